@@ -1,0 +1,227 @@
+"""Channel labels: how the kernel and plugins describe coupling while tracing.
+
+Every prunable channel of a producer (a conv's output channel, a bare parameter's
+column...) is an *atom*, an integer. A traced tensor carries at most one labelled
+dimension: a vector of atom ids, one per index of that dimension. Plugins map labels
+through operations; when two tensors must shrink together they *union* atoms; when a
+tensor cannot shrink they *freeze* atoms. After tracing, atoms joined by unions form
+*units* (the smallest thing that can be pruned) and units touching the same slices
+form a :class:`~cleanai_core.graph.groups.Group`.
+
+A *slice* is one dimension of one module's tensors that shrinks with channels, e.g.
+``("layer1.0.conv1", "out")``; it keeps, for each of its indices, the atom it belongs to
+(the root index). After pruning, the kept indices of a slice are the positions whose
+unit survived.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import attrs
+import torch
+
+from cleanai_core.graph.trace import TRef
+
+__all__ = ["Label", "SliceSpec", "TraceContext"]
+
+
+@attrs.define(slots=True)
+class Label:
+    """The labelled dimension of a traced tensor."""
+
+    dim: int
+    atoms: torch.Tensor  # int64, one atom per index of ``dim``
+    origin: tuple[int, int, tuple[int, ...]] | None = None  # (event, chosen, candidates) of a reshape split
+
+
+@attrs.define(slots=True, eq=False)
+class SliceSpec:
+    """One dimension of one module's tensors that shrinks with channels.
+
+    ``kind``: ``"out"`` (a producer's channels), ``"in"`` (a consumer's input
+    channels; ``arg``/``dim`` say where the consumer reads them, for calibration),
+    or ``"param"`` (a tensor that follows channels: norm affine, bare parameters).
+    """
+
+    module: str
+    name: str
+    kind: str
+    atoms: torch.Tensor
+    arg: int | str | None = None
+    dim: int | None = None
+    normalizes: bool = False  # the module normalises across this slice (LayerNorm, GroupNorm)
+    pruner: Any = None
+
+
+class TraceContext:
+    """What a :class:`LayerPruner` or :class:`IndexMapper` sees while tracing."""
+
+    def __init__(self, split_choices: dict[int, int] | None = None) -> None:
+        self.n_atoms = 0
+        self._unions: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._frozen: list[tuple[torch.Tensor, str]] = []
+        self._labels: dict[int, Label] = {}
+        self.slices: dict[tuple[str, str], SliceSpec] = {}
+        self.split_choices = split_choices or {}
+        self.split_requests: dict[int, int] = {}
+        self.unknown_ops: Counter[str] = Counter()
+        self.event: Any = None  # the event being traced (for messages and split origins)
+        self._consumed: set[int] = set()
+        self.param_dims: dict[str, int | bool | None] = {}
+        self.param_owner: dict[str, str] = {}
+
+    # -- atoms ---------------------------------------------------------------
+    def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
+        """``n`` fresh atoms; frozen with ``frozen`` as the reason when given."""
+        atoms = torch.arange(self.n_atoms, self.n_atoms + n)
+        self.n_atoms += n
+        if frozen:
+            self.freeze(atoms, frozen)
+        return atoms
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Atoms ``a[i]`` and ``b[i]`` must be pruned together."""
+        a, b = a.reshape(-1), b.reshape(-1)
+        if a.numel() != b.numel():
+            raise ValueError(f"union of {a.numel()} and {b.numel()} atoms")
+        if a.numel():
+            self._unions.append((a, b))
+
+    def freeze(self, atoms: torch.Tensor, reason: str) -> None:
+        """These atoms (and every unit they join) are never pruned."""
+        if atoms.numel():
+            self._frozen.append((atoms.reshape(-1), reason))
+
+    def tie(self, atoms: torch.Tensor, shape: tuple[int, ...], keep_dim: int) -> torch.Tensor:
+        """View ``atoms`` as ``shape`` and union along every dimension but ``keep_dim``;
+        return one representative atom per index of ``keep_dim``."""
+        grid = atoms.reshape(shape).movedim(keep_dim, 0).reshape(shape[keep_dim], -1)
+        rep = grid[:, :1].expand_as(grid)
+        self.union(rep, grid)
+        return grid[:, 0].clone()
+
+    def request_split(self, origin: tuple | None, choice: int) -> bool:
+        """Ask the kernel to trace again with reshape split ``origin`` keeping the
+        sub-dimension ``choice`` instead. Returns ``False`` when that cannot help."""
+        if origin is None or origin[1] == choice or choice < 0:
+            return False
+        event = origin[0]
+        if self.split_choices.get(event) == choice:
+            return False
+        self.split_requests[event] = choice
+        return True
+
+    # -- tensors -------------------------------------------------------------
+    def label_of(self, ref: Any) -> Label | None:
+        """The label of a traced tensor (``None`` when it carries no channels)."""
+        if not isinstance(ref, TRef):
+            return None
+        self._consumed.add(ref.key)
+        lab = self._labels.get(ref.key)
+        if lab is None and ref.param is not None:
+            lab = self._param_label(ref)
+        return lab
+
+    def labels(self, ref: Any, dim: int) -> torch.Tensor:
+        """Atoms along ``dim`` of ``ref``. When ``ref`` carries channels elsewhere, those
+        are frozen; when it carries none along ``dim``, fresh frozen atoms are returned."""
+        size = ref.shape[dim]
+        dim = dim % ref.ndim
+        lab = self.label_of(ref)
+        if lab is not None and lab.dim == dim:
+            return lab.atoms
+        if lab is not None:
+            self.freeze(lab.atoms, f"channels reach dim {dim} of a consumer reading dim {lab.dim} ({self.where()})")
+        return self.new_atoms(size, frozen=f"input without traced channels ({self.where()})")
+
+    def set_label(self, ref: Any, dim: int, atoms: torch.Tensor, origin: Any = None) -> None:
+        if not isinstance(ref, TRef):
+            return
+        dim = dim % ref.ndim
+        if ref.shape[dim] != atoms.numel():
+            raise ValueError(
+                f"{self.where()}: label of {atoms.numel()} atoms for dim {dim} of shape {ref.shape}"
+            )
+        self._labels[ref.key] = Label(dim, atoms, origin)
+
+    def copy_label(self, src: Any, dst: Any, dim_shift: int = 0) -> None:
+        """Give ``dst`` the label of ``src`` (its dimension moved by ``dim_shift``)."""
+        lab = self.label_of(src)
+        if lab is not None and isinstance(dst, TRef):
+            self.set_label(dst, lab.dim + dim_shift, lab.atoms, lab.origin)
+
+    def freeze_tensor(self, ref: Any, reason: str) -> None:
+        lab = self.label_of(ref)
+        if lab is not None:
+            self.freeze(lab.atoms, reason)
+
+    # -- slices --------------------------------------------------------------
+    def bind(self, module: str, name: str, atoms: torch.Tensor, kind: str, **meta: Any) -> None:
+        """Register (or, on another call of the same module, couple) a slice."""
+        key = (module, name)
+        old = self.slices.get(key)
+        if old is None:
+            self.slices[key] = SliceSpec(module, name, kind, atoms, **meta)
+        elif old.atoms.numel() == atoms.numel():
+            self.union(old.atoms, atoms)
+        else:
+            self.freeze(old.atoms, f"{module} called with {atoms.numel()} and {old.atoms.numel()} channels")
+            self.freeze(atoms, f"{module} called with {atoms.numel()} and {old.atoms.numel()} channels")
+
+    def produce(self, module: str, name: str, n: int, **meta: Any) -> torch.Tensor:
+        """Atoms of a producer slice: fresh on the first call of the module, the same on
+        later calls (shared weights produce the same channels)."""
+        old = self.slices.get((module, name))
+        if old is not None and old.atoms.numel() == n:
+            return old.atoms
+        atoms = self.new_atoms(n)
+        self.bind(module, name, atoms, "out", **meta)
+        return atoms
+
+    def _param_label(self, ref: TRef) -> Label | None:
+        dim = self.param_dims.get(ref.param)
+        if dim is False or not ref.shape:
+            return None
+        if dim is None:
+            big = [i for i, s in enumerate(ref.shape) if s > 1]
+            dim = big[0] if len(big) == 1 else len(ref.shape) - 1
+        dim = int(dim) % len(ref.shape)
+        key = ("", ref.param)
+        atoms = self.produce("", ref.param, ref.shape[dim], dim=dim)
+        self.slices[key].kind = "param"
+        owner = self.param_owner.get(ref.param)
+        if owner is not None:
+            self.freeze(atoms, f"{ref.param} is used outside its module {owner}, which a plugin claims")
+        lab = Label(dim, atoms)
+        self._labels[ref.key] = lab
+        return lab
+
+    # -- bookkeeping used by the kernel ---------------------------------------
+    def where(self) -> str:
+        ev = self.event
+        if ev is None:
+            return "?"
+        op = getattr(ev, "op", None)
+        if op is not None:
+            return f"op {op} in {ev.scope or 'model'}"
+        return f"module {ev.name}"
+
+    def begin(self, event: Any) -> None:
+        self.event = event
+        self._consumed = set()
+
+    def end(self, event: Any) -> None:
+        """Freeze labelled inputs the handler never looked at."""
+        for ref in event.inputs:
+            if ref.key not in self._consumed and ref.key in self._labels:
+                self.freeze(self._labels[ref.key].atoms, f"channels reach {self.where()}, which ignored them")
+
+    @property
+    def unions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self._unions
+
+    @property
+    def frozen(self) -> list[tuple[torch.Tensor, str]]:
+        return self._frozen

@@ -1,0 +1,254 @@
+"""DependencyGraph: trace a model once and find every tensor slice that shrinks together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from cleanai_core.errors import TraceError
+from cleanai_core.graph.context import SliceSpec, TraceContext
+from cleanai_core.graph.groups import Group, components, make_groups
+from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
+from cleanai_core.interfaces import LayerPruner
+from cleanai_core.plugins import get_plugin_manager
+
+__all__ = ["DependencyGraph", "Node", "resolve_modules"]
+
+
+@attrs.define(eq=False)
+class Node:
+    """A claimed module: its name, the pruner that slices it and the plugin that claimed it."""
+
+    name: str
+    module: nn.Module
+    pruner: LayerPruner
+    plugin: str
+
+
+class OpaquePruner(LayerPruner):
+    """For leaf modules that nobody claims: every channel through them is frozen."""
+
+    name = "opaque"
+
+    def trace(self, module, call, ctx):
+        return None  # inputs are never read, so the kernel freezes them; outputs carry no channels
+
+    def prune(self, module, keep):
+        return None
+
+
+def _plugin_name(pm, pruner: Any) -> str:
+    mod = type(pruner).__module__
+    for name, plugin in pm.list_name_plugin():
+        if getattr(plugin, "__name__", None) == mod or name == mod:
+            return name
+    return mod
+
+
+def resolve_modules(model: nn.Module, pm=None) -> dict[str, Node]:
+    """Ask the claim hook once per module, top-down; a claimed module's children are
+    not entered. Leaf modules declared by plugins become opaque nodes."""
+    pm = pm or get_plugin_manager()
+    leaf_specs: list[Any] = []
+    for res in pm.hook.cleanai_leaf_modules(model=model):
+        leaf_specs.extend(res or ())
+    leaf_types = tuple(s for s in leaf_specs if isinstance(s, type))
+    leaf_ids = {id(s) for s in leaf_specs if isinstance(s, nn.Module)}
+    nodes: dict[str, Node] = {}
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in skip):
+            continue
+        if module is model and name == "":
+            pruner = pm.hook.cleanai_layer_pruner(module=module, name=name)
+            if pruner is None:
+                continue
+        elif (leaf_types and isinstance(module, leaf_types)) or id(module) in leaf_ids:
+            nodes[name] = Node(name, module, OpaquePruner(), "leaf_modules")
+            skip.append(name)
+            continue
+        else:
+            pruner = pm.hook.cleanai_layer_pruner(module=module, name=name)
+        if pruner is not None:
+            nodes[name] = Node(name, module, pruner, _plugin_name(pm, pruner))
+            skip.append(name)
+    return nodes
+
+
+class DependencyGraph:
+    """The coupling structure of a model, from one traced forward pass.
+
+    Example::
+
+        graph = DependencyGraph(model, torch.randn(1, 3, 224, 224))
+        for group in graph.groups():
+            print(group.describe())
+        print(graph.explain())
+
+    :param model: the model (not modified; traced in its current train/eval mode).
+    :param example_inputs: a tensor, a tuple of positional inputs or a dict of keywords.
+    :param forward_fn: ``forward_fn(model, example_inputs)`` for unusual call signatures.
+    :param output_transform: maps the output to its tensors (e.g. ``lambda o: o.logits``).
+    :param ignored_layers: modules (or names) whose output channels are kept.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        output_transform: Callable[[Any], Any] | None = None,
+        ignored_layers: Iterable[nn.Module | str] = (),
+        pm: Any = None,
+    ) -> None:
+        self.model = model
+        self.pm = pm or get_plugin_manager()
+        self.nodes = resolve_modules(model, self.pm)
+        self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self.ignored = {self._name_of(m) for m in ignored_layers}
+        self._mappers: dict[Any, Any] = {}
+        claimed = {node.module: name for name, node in self.nodes.items()}
+        try:
+            self.recording: Recording = record(model, example_inputs, claimed, forward_fn, output_transform)
+        except Exception as exc:
+            raise TraceError(
+                f"the model failed to run on the example inputs while tracing: {type(exc).__name__}: {exc}. "
+                "Check that example_inputs match what the model's forward expects "
+                "(a tensor, a tuple of positional inputs, or a dict of keyword inputs)."
+            ) from exc
+        self.output_shapes = [r.shape for r in tree_flatten(self.recording.output)[0] if hasattr(r, "shape")]
+        self.ctx = self._propagate()
+        self._build_groups()
+
+    # -- building -------------------------------------------------------------
+    def _name_of(self, m: nn.Module | str) -> str:
+        if isinstance(m, str):
+            return m
+        name = self.module_names.get(id(m))
+        if name is None:
+            raise ValueError(f"ignored layer {type(m).__name__} is not a module of this model")
+        return name
+
+    def mapper_for(self, op: Any) -> Any:
+        if op not in self._mappers:
+            self._mappers[op] = self.pm.hook.cleanai_index_mapper(op=op)
+        return self._mappers[op]
+
+    def _propagate(self) -> TraceContext:
+        choices: dict[int, int] = {}
+        for _ in range(4):
+            ctx = TraceContext(choices)
+            self._setup_params(ctx)
+            self._run(ctx)
+            if not ctx.split_requests:
+                break
+            choices = {**choices, **ctx.split_requests}
+        return ctx
+
+    def _setup_params(self, ctx: TraceContext) -> None:
+        owned = {}
+        for name, node in self.nodes.items():
+            for pname, _ in node.module.named_parameters(prefix=name):
+                owned[pname] = name
+            for bname, _ in node.module.named_buffers(prefix=name):
+                owned[bname] = name
+        ctx.param_owner = owned
+        seen = {r.param for e in self.recording.events if isinstance(e, OpCall) for r in e.inputs if r.param}
+        tensors = dict(self.model.named_parameters(remove_duplicate=False))
+        tensors.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        for pname in seen:
+            ctx.param_dims[pname] = self.pm.hook.cleanai_unwrapped_parameter(
+                name=pname, parameter=tensors[pname], model=self.model
+            )
+
+    def _run(self, ctx: TraceContext) -> None:
+        from cleanai_core.graph.elementwise import elementwise, is_pointwise
+
+        for event in self.recording.events:
+            ctx.begin(event)
+            try:
+                if isinstance(event, ModuleCall):
+                    self.nodes[event.name].pruner.trace(event.module, event, ctx)
+                else:
+                    mapper = self.mapper_for(event.op)
+                    if mapper is not None:
+                        mapper.trace(event, ctx)
+                    elif is_pointwise(event.op):
+                        elementwise(event, ctx)
+                    elif any(ctx._labels.get(r.key) is not None for r in event.inputs):
+                        ctx.unknown_ops[str(event.op)] += 1
+            except Exception as exc:
+                who = (
+                    f"module {event.name} ({type(event.module).__name__}, pruner "
+                    f"{self.nodes[event.name].plugin})"
+                    if isinstance(event, ModuleCall)
+                    else f"op {event.op} in {event.scope or 'model'} (mapper {type(self.mapper_for(event.op)).__name__})"
+                )
+                raise TraceError(f"tracing failed at {who}: {type(exc).__name__}: {exc}") from exc
+            ctx.end(event)
+        ctx.event = None
+        for ref in tree_flatten(self.recording.output)[0]:
+            ctx.freeze_tensor(ref, "model output")
+        for key, spec in ctx.slices.items():
+            if spec.module in self.ignored and spec.kind != "in":
+                ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
+
+    def _build_groups(self) -> None:
+        ctx = self.ctx
+        self.root = components(ctx.n_atoms, ctx.unions)
+        frozen = torch.cat([a for a, _ in ctx.frozen]) if ctx.frozen else torch.zeros(0, dtype=torch.int64)
+        reasons: dict[int, list[str]] = {}
+        for atoms, why in ctx.frozen:
+            for u in torch.unique(self.root[atoms])[:256].tolist():
+                lst = reasons.setdefault(u, [])
+                if len(lst) < 3 and why not in lst:
+                    lst.append(why)
+        self.slices: list[SliceSpec] = list(ctx.slices.values())
+        for s in self.slices:
+            node = self.nodes.get(s.module)
+            s.pruner = node.pruner if node is not None else None
+        self._groups = make_groups(self.root, frozen, self.slices, reasons)
+
+    # -- queries ----------------------------------------------------------------
+    def groups(self, prunable_only: bool = False) -> list[Group]:
+        """All groups (or only those with at least one prunable unit)."""
+        if prunable_only:
+            return [g for g in self._groups if g.prunable > 0]
+        return list(self._groups)
+
+    def unit_of(self, spec: SliceSpec) -> torch.Tensor:
+        """The unit (root atom) of every index of a slice."""
+        return self.root[spec.atoms]
+
+    def keep_indices(self, pruned_units: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+        """For a boolean mask over units, the kept indices of every slice that shrinks."""
+        out = {}
+        for s in self.slices:
+            gone = pruned_units[self.root[s.atoms]]
+            if bool(gone.any()):
+                out[(s.module, s.name)] = (~gone).nonzero().squeeze(1)
+        return out
+
+    def explain(self, max_groups: int | None = 50) -> str:
+        """A readable account: who claims each module, the groups, and what was frozen."""
+        lines = ["Modules and the plugins that claim them:"]
+        for name, node in self.nodes.items():
+            lines.append(f"  {name or '<model>'}: {type(node.module).__name__} -> {node.plugin}")
+        groups = self.groups()
+        lines.append(f"\n{len(groups)} groups ({sum(g.prunable > 0 for g in groups)} prunable):")
+        for g in groups[:max_groups]:
+            lines.append("  " + g.describe())
+            for r in g.reasons:
+                lines.append(f"      frozen: {r}")
+        if max_groups is not None and len(groups) > max_groups:
+            lines.append(f"  ... {len(groups) - max_groups} more")
+        if self.ctx.unknown_ops:
+            lines.append("\nOperations not understood (their channels are frozen):")
+            for op, n in self.ctx.unknown_ops.most_common():
+                lines.append(f"  {op} x{n}")
+        return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""The kernel's default for element-wise operations: labels follow broadcasting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cleanai_core.graph.context import TraceContext
+from cleanai_core.graph.trace import TRef
+
+__all__ = ["broadcast", "elementwise", "is_pointwise"]
+
+
+def is_pointwise(op: Any) -> bool:
+    """ATen's ``pointwise`` tag; in-place variants (``relu_``) follow their functional op."""
+    if torch.Tag.pointwise in getattr(op, "tags", ()):
+        return True
+    name = getattr(getattr(op, "overloadpacket", None), "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):
+        functional = getattr(torch.ops.aten, name[:-1], None)
+        overload = getattr(functional, getattr(op, "_overloadname", "default"), None) if functional else None
+        return overload is not None and torch.Tag.pointwise in overload.tags
+    return False
+
+
+def broadcast(ctx: TraceContext, inputs: list[Any], out: Any) -> None:
+    """Couple tensors that broadcast together into ``out`` and label ``out``.
+
+    Inputs labelled on the same output dimension are unioned index by index; an input
+    that is not labelled there but has size > 1 freezes those channels (it cannot
+    shrink with them); labels on any other dimension are frozen.
+    """
+    if not isinstance(out, TRef):
+        for ref in inputs:
+            ctx.freeze_tensor(ref, f"{ctx.where()} has no single tensor output")
+        return
+    nd = out.ndim
+    refs = [r for r in inputs if isinstance(r, TRef)]
+    labelled = []
+    for r in refs:
+        lab = ctx.label_of(r)
+        if lab is None:
+            continue
+        if r.shape[lab.dim] == 1 and out.shape[lab.dim + nd - r.ndim] != 1:
+            ctx.freeze(lab.atoms, f"a single channel is broadcast by {ctx.where()}")
+            continue
+        labelled.append((lab.dim + nd - r.ndim, lab, r))
+    if not labelled:
+        return
+    dim = labelled[0][0]
+    first = labelled[0][1]
+    for d, lab, _ in labelled[1:]:
+        if d == dim and lab.atoms.numel() == first.atoms.numel():
+            ctx.union(first.atoms, lab.atoms)
+        else:
+            ctx.freeze(lab.atoms, f"channels on different dimensions meet in {ctx.where()}")
+    for r in refs:
+        if any(rr is r for _, _, rr in labelled):
+            continue
+        local = dim - (nd - r.ndim)
+        if local >= 0 and r.shape[local] > 1:
+            ctx.freeze(first.atoms, f"{ctx.where()} combines channels with a tensor that cannot shrink")
+    if out.shape[dim] == first.atoms.numel():
+        ctx.set_label(out, dim, first.atoms, first.origin)
+
+
+def elementwise(call: Any, ctx: TraceContext) -> None:
+    """Element-wise op: every tensor argument broadcasts into every output."""
+    inputs = call.inputs
+    for out in call.outputs:
+        broadcast(ctx, inputs, out)

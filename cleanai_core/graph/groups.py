@@ -1,0 +1,115 @@
+"""Units and groups: the result of coupling.
+
+A *unit* is a connected set of atoms (the smallest thing that can be removed). A
+:class:`Group` is the set of units that touch exactly the same slices, e.g. the 64
+output channels of ``conv1`` together with ``bn1`` and the input columns of ``conv2``.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from cleanai_core.graph.context import SliceSpec
+
+__all__ = ["Group", "components", "make_groups"]
+
+
+def components(n: int, unions: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Root (smallest atom id) of each atom's connected component, vectorised."""
+    parent = torch.arange(n)
+    if not unions or n == 0:
+        return parent
+    a = torch.cat([u[0] for u in unions])
+    b = torch.cat([u[1] for u in unions])
+    while True:
+        pa, pb = parent[a], parent[b]
+        low = torch.minimum(pa, pb)
+        new = parent.clone()
+        new.scatter_reduce_(0, pa, low, reduce="amin")
+        new.scatter_reduce_(0, pb, low, reduce="amin")
+        while True:  # pointer jumping until every atom points at its root
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
+        if torch.equal(new, parent):
+            return parent
+        parent = new
+
+
+@attrs.define(eq=False)
+class Group:
+    """Units that shrink the same slices.
+
+    ``units``: root atom ids, sorted. ``frozen``: per unit, whether it must be kept.
+    ``slices``: every slice the units touch. ``reasons``: why frozen units are frozen.
+    """
+
+    id: int
+    units: torch.Tensor
+    frozen: torch.Tensor
+    slices: list[SliceSpec]
+    reasons: list[str] = attrs.field(factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(self.units.numel())
+
+    @property
+    def prunable(self) -> int:
+        return int((~self.frozen).sum())
+
+    def modules(self) -> list[str]:
+        return sorted({s.module or s.name for s in self.slices})
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{s.module or '<param>'}:{s.name}({s.kind})" for s in self.slices)
+        return f"group {self.id}: {self.size} units ({self.prunable} prunable) -> {parts}"
+
+
+def make_groups(
+    root: torch.Tensor,
+    frozen_atoms: torch.Tensor,
+    slices: list[SliceSpec],
+    reasons: dict[int, list[str]],
+) -> list[Group]:
+    """Group the units of ``root`` by the set of slices they touch."""
+    n = root.numel()
+    frozen_unit = torch.zeros(n, dtype=torch.bool)
+    frozen_unit[root[frozen_atoms]] = True
+    gen = torch.Generator().manual_seed(0)
+    salt = torch.randint(1, 2**62, (max(len(slices), 1),), generator=gen)
+    sig = torch.zeros(n, dtype=torch.int64)
+    unit_lists = []
+    for i, s in enumerate(slices):
+        u = torch.unique(root[s.atoms])
+        unit_lists.append(u)
+        sig.index_add_(0, u, salt[i].expand(u.numel()))
+    touched = torch.zeros(n, dtype=torch.bool)
+    for u in unit_lists:
+        touched[u] = True
+    units = touched.nonzero().squeeze(1)
+    if units.numel() == 0:
+        return []
+    keys, inverse = torch.unique(sig[units], return_inverse=True)
+    order = torch.argsort(inverse, stable=True)
+    counts = torch.bincount(inverse, minlength=keys.numel())
+    per_group = torch.split(units[order], counts.tolist())
+    group_of = torch.full((n,), -1, dtype=torch.int64)
+    group_of[units] = inverse
+    members: list[list[SliceSpec]] = [[] for _ in per_group]
+    for i, u in enumerate(unit_lists):
+        for g in torch.unique(group_of[u]).tolist():
+            members[g].append(slices[i])
+    groups = []
+    for g, us in enumerate(per_group):
+        fz = frozen_unit[us]
+        why = sorted({r for u in us[fz].tolist()[:64] for r in reasons.get(u, [])})[:5]
+        groups.append(Group(g, us, fz, members[g], why))
+    # deterministic order: by first slice appearance
+    first = {id(s): i for i, s in enumerate(slices)}
+    groups.sort(key=lambda gr: min(first[id(s)] for s in gr.slices))
+    for i, gr in enumerate(groups):
+        gr.id = i
+    return groups

@@ -1,0 +1,200 @@
+"""Record one forward pass: every ATen operation and every claimed-module call.
+
+The recorder runs the model once under a ``TorchDispatchMode``. Each tensor that
+flows gets a *key*; an operation's outputs always get fresh keys (so in-place ops
+create a new version). Calls of claimed modules are recorded as one event and the
+operations inside them are not, so a plugin can claim a composite module.
+
+Tracing happens below autograd, at the ATen dispatcher: it needs no gradients, works
+under ``torch.no_grad()`` / ``inference_mode`` and sees exact shapes and arguments of
+every operation, including those on integer tensors and constants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["ModuleCall", "OpCall", "Recording", "TRef", "record"]
+
+
+@attrs.define(slots=True, eq=False)
+class TRef:
+    """A traced tensor: its key, shape and, for a model parameter or buffer, its name."""
+
+    key: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    param: str | None = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+@attrs.define(slots=True, eq=False)
+class OpCall:
+    """One ATen operation outside claimed modules."""
+
+    index: int
+    op: Any  # torch._ops.OpOverload
+    args: tuple
+    kwargs: dict
+    out: Any
+    scope: str  # the innermost module (by name) the op ran in
+
+    @property
+    def inputs(self) -> list[TRef]:
+        return [a for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, TRef)]
+
+    @property
+    def outputs(self) -> list[TRef]:
+        return [a for a in tree_flatten(self.out)[0] if isinstance(a, TRef)]
+
+
+@attrs.define(slots=True, eq=False)
+class ModuleCall:
+    """One call of a claimed module."""
+
+    index: int
+    name: str
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    out: Any
+
+    @property
+    def inputs(self) -> list[TRef]:
+        return [a for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, TRef)]
+
+    @property
+    def outputs(self) -> list[TRef]:
+        return [a for a in tree_flatten(self.out)[0] if isinstance(a, TRef)]
+
+
+@attrs.define(eq=False)
+class Recording:
+    events: list[OpCall | ModuleCall]
+    inputs: list[TRef]
+    output: Any  # pytree of TRef
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, tensor_names: dict[int, str]) -> None:
+        super().__init__()
+        self.tensor_names = tensor_names
+        self.keys: dict[int, int] = {}
+        self.alive: list[torch.Tensor] = []  # keeps ids unique during the trace
+        self.events: list[OpCall | ModuleCall] = []
+        self.depth = 0
+        self.scope: list[str] = [""]
+
+    def ref(self, t: torch.Tensor, new: bool = False) -> TRef:
+        ident = id(t)
+        key = self.keys.get(ident)
+        if key is None or new:
+            key = len(self.alive)
+            self.alive.append(t)
+            self.keys[ident] = key
+        return TRef(key, tuple(t.shape), t.dtype, self.tensor_names.get(ident))
+
+    def refs(self, tree: Any, new: bool = False) -> Any:
+        return tree_map(lambda a: self.ref(a, new) if isinstance(a, torch.Tensor) else a, tree)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth:
+            return func(*args, **kwargs)
+        rargs, rkwargs = self.refs(args), self.refs(kwargs)
+        out = func(*args, **kwargs)
+        self.events.append(OpCall(len(self.events), func, rargs, rkwargs, self.refs(out, new=True), self.scope[-1]))
+        return out
+
+
+def record(
+    model: nn.Module,
+    example_inputs: Any,
+    claimed: dict[nn.Module, str],
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    output_transform: Callable[[Any], Any] | None = None,
+    names: Iterable[tuple[str, nn.Module]] | None = None,
+) -> Recording:
+    """Run ``model`` once on ``example_inputs`` and record its dataflow.
+
+    :param claimed: modules traced as one event (claimed by a layer pruner or opaque).
+    :param forward_fn: ``forward_fn(model, example_inputs)``; default calls the model
+        with a tensor, a tuple (positional) or a dict (keywords).
+    :param output_transform: maps the model output to the tensors that matter
+        (e.g. ``lambda out: out.logits``).
+    """
+    tensor_names: dict[int, str] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        tensor_names.setdefault(id(p), pname)
+    for bname, b in model.named_buffers(remove_duplicate=False):
+        tensor_names.setdefault(id(b), bname)
+    rec = _Recorder(tensor_names)
+    handles = []
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict, name: str) -> None:
+        rec.scope.append(name)
+        if module in claimed:
+            if rec.depth == 0:
+                rec.events.append(ModuleCall(len(rec.events), name, module, rec.refs(args), rec.refs(kwargs), None))
+            rec.depth += 1
+
+    def post(module: nn.Module, args: tuple, kwargs: dict, out: Any, name: str) -> None:
+        rec.scope.pop()
+        if module in claimed:
+            rec.depth -= 1
+            if rec.depth == 0:
+                call = next(e for e in reversed(rec.events) if isinstance(e, ModuleCall) and e.module is module)
+                call.out = rec.refs(out, new=True)
+
+    for name, module in names if names is not None else model.named_modules():
+        handles.append(
+            module.register_forward_pre_hook(lambda m, a, k, n=name: pre(m, a, k, n), with_kwargs=True)
+        )
+        handles.append(
+            module.register_forward_hook(lambda m, a, k, o, n=name: post(m, a, k, o, n), with_kwargs=True)
+        )
+    try:
+        with torch.no_grad():
+            leaves = tree_flatten(example_inputs)[0]
+            input_refs = [rec.ref(t) for t in leaves if isinstance(t, torch.Tensor)]
+            with rec:
+                if forward_fn is not None:
+                    out = forward_fn(model, example_inputs)
+                elif isinstance(example_inputs, dict):
+                    out = model(**example_inputs)
+                elif isinstance(example_inputs, (tuple, list)):
+                    out = model(*example_inputs)
+                else:
+                    out = model(example_inputs)
+            if output_transform is not None:
+                out = output_transform(out)
+            elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+                out = out.logits
+            out_refs = tree_map(
+                lambda a: rec.ref(a) if isinstance(a, torch.Tensor) else a, _plain(out)
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    return Recording(rec.events, input_refs, out_refs)
+
+
+def _plain(out: Any) -> Any:
+    """Dataclass-like outputs (HuggingFace ``ModelOutput``) as tuples of their tensors."""
+    if isinstance(out, (torch.Tensor, tuple, list, dict)) or out is None:
+        return out
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()
+    if hasattr(out, "__dataclass_fields__"):
+        return tuple(getattr(out, f) for f in out.__dataclass_fields__)
+    return out

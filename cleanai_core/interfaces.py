@@ -1,0 +1,119 @@
+"""What plugins implement: layer pruners, index mappers, importance criteria, reducers.
+
+Call tree of a :class:`LayerPruner` (kernel -> pruner)::
+
+    DependencyGraph(model, x)
+      `- trace(module, call, ctx)              once per forward call of the module:
+                                               read input labels, bind slices, label outputs
+    StructuredPruner.prune()  /  PruningHistory.replay()
+      |- prune(module, keep)                   keep = {slice name: kept indices}
+      `- hook cleanai_after_prune(module)      attributes outside tensors
+    scoring
+      `- weight_energy(module, slice)          per index: sum of squared weights touching it
+    compensation (optional)
+      `- compensate(module, slice, removed, mean)
+
+An :class:`IndexMapper` only has ``trace(call, ctx)``: it maps labels from the inputs
+of one ATen operation to its outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from cleanai_core.graph.context import TraceContext
+    from cleanai_core.graph.groups import Group
+    from cleanai_core.graph.trace import ModuleCall, OpCall
+
+__all__ = ["Importance", "IndexMapper", "LayerPruner", "Reducer", "slice_tensor"]
+
+
+class LayerPruner:
+    """Traces and slices one kind of module. Subclass and override what you need.
+
+    Slices are named per pruner, conventionally ``"out"`` (the channels the module
+    produces) and ``"in"`` (the channels it consumes). ``prune`` receives the kept
+    indices of every slice of this module that shrinks.
+    """
+
+    #: printed by ``cleanai plugins`` / ``explain``
+    name: str = "layer"
+
+    def trace(self, module: nn.Module, call: ModuleCall, ctx: TraceContext) -> None:
+        raise NotImplementedError
+
+    def prune(self, module: nn.Module, keep: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def weight_energy(self, module: nn.Module, slice_name: str) -> torch.Tensor | None:
+        """Per index of the slice, the sum of squared weights that read or write it
+        (for an ``"in"`` slice: the consumer's input columns). ``None``: no weights."""
+        return None
+
+    def compensate(self, module: nn.Module, slice_name: str, removed: torch.Tensor, mean: torch.Tensor) -> bool:
+        """Fold the mean contribution of removed input channels into the bias, before
+        slicing. ``mean`` is the mean of each removed channel at this module's input.
+        Return ``True`` when done."""
+        return False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+
+@runtime_checkable
+class IndexMapper(Protocol):
+    """Maps channel labels through one ATen operation (see :mod:`cleanai_core.graph.context`)."""
+
+    def trace(self, call: OpCall, ctx: TraceContext) -> None: ...
+
+
+@runtime_checkable
+class Importance(Protocol):
+    """Scores the units of a group: higher means more important.
+
+    ``__call__`` returns one score per unit of ``group`` (a float tensor, same order as
+    ``group.units``). ``stats`` holds calibration statistics (may be empty).
+    ``needs_activations`` tells the pruner whether calibration data is required.
+    """
+
+    needs_activations: bool
+
+    def __call__(self, group: Group, stats: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Reducer(Protocol):
+    """Folds per-slice scores ``(n_slices, n_units)`` into ``(n_units,)``."""
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor: ...
+
+
+def slice_tensor(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
+    """``t`` restricted to ``keep`` along ``dim``, as a new contiguous tensor."""
+    return t.index_select(dim, keep.to(t.device)).contiguous()
+
+
+def replace_param(module: nn.Module, attr: str, dim: int, keep: torch.Tensor) -> None:
+    """Slice parameter or buffer ``module.<attr>`` along ``dim`` in place of the old one,
+    keeping its ``requires_grad`` flag."""
+    t = getattr(module, attr, None)
+    if t is None:
+        return
+    new = slice_tensor(t.data, dim, keep)
+    if isinstance(t, nn.Parameter):
+        setattr(module, attr, nn.Parameter(new, requires_grad=t.requires_grad))
+    else:
+        module._buffers[attr] = new
+
+
+def slice_params(module: nn.Module, keep: Mapping[str, torch.Tensor], plan: Mapping[str, Any]) -> None:
+    """Slice several tensors of ``module``: ``plan`` maps a slice name to
+    ``[(attr, dim), ...]``."""
+    for slice_name, idx in keep.items():
+        for attr, dim in plan.get(slice_name, ()):
+            replace_param(module, attr, dim, idx)

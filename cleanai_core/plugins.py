@@ -1,0 +1,202 @@
+"""The plugin manager: built-ins by import, then the ``cleanai`` entry-point group.
+
+Environment:
+
+- ``CLEANAI_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points (built-ins still load).
+- ``CLEANAI_DISABLED_PLUGINS=a,b`` blocks plugins by name (entry-point name or
+  built-in module name); the CLI's ``--disable-plugin`` does the same.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+import pluggy
+
+from cleanai_core import hookspecs
+from cleanai_core.hookspecs import PROJECT
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "PluginFailure",
+    "PluginInfo",
+    "get_plugin_manager",
+    "list_plugins",
+    "make_plugin_manager",
+    "temporary_plugin",
+]
+
+log = logging.getLogger("cleanai")
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "cleanai_plugins.layers.conv",
+    "cleanai_plugins.layers.linear",
+    "cleanai_plugins.layers.norm",
+    "cleanai_plugins.layers.embedding",
+    "cleanai_plugins.layers.activation",
+    "cleanai_plugins.layers.attention",
+    "cleanai_plugins.layers.recurrent",
+    "cleanai_plugins.layers.parameters",
+    "cleanai_plugins.mappers.shape",
+    "cleanai_plugins.mappers.join",
+    "cleanai_plugins.mappers.matmul",
+    "cleanai_plugins.mappers.spatial",
+    "cleanai_plugins.mappers.norm_ops",
+    "cleanai_plugins.importance.criteria",
+    "cleanai_plugins.reducers",
+    "cleanai_plugins.zoo.timm",
+    "cleanai_plugins.zoo.torchvision",
+    "cleanai_plugins.io.loaders",
+)
+
+
+@attrs.frozen
+class PluginFailure:
+    """An entry point that could not be loaded; start-up went on without it."""
+
+    name: str
+    distribution: str
+    error: str
+
+
+@attrs.frozen
+class PluginInfo:
+    """One registered plugin, as ``cleanai plugins`` prints it."""
+
+    name: str
+    source: str  # "built-in" or "<distribution> <version>"
+    hooks: tuple[str, ...]
+
+
+class CleanAIPluginManager(pluggy.PluginManager):
+    """A pluggy manager that only looks at ``cleanai_*`` attributes of plugins and
+    remembers which entry points failed to load."""
+
+    def __init__(self) -> None:
+        super().__init__(PROJECT)
+        self.add_hookspecs(hookspecs)
+        self.failures: list[PluginFailure] = []
+        self.distributions: dict[str, str] = {}
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        if not name.startswith("cleanai_"):
+            return None
+        return super().parse_hookimpl_opts(plugin, name)
+
+
+def _disabled_from_env() -> set[str]:
+    raw = os.environ.get("CLEANAI_DISABLED_PLUGINS", "")
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _load_entry_points(pm: CleanAIPluginManager) -> None:
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != PROJECT or pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+                continue
+            dist_name = dist.metadata["name"] or "?"
+            try:
+                plugin = ep.load()
+                pm.register(plugin, name=ep.name)
+                pm.check_pending()
+            except Exception as exc:  # one broken plugin must not abort start-up
+                if pm.has_plugin(ep.name):
+                    pm.unregister(name=ep.name)
+                failure = PluginFailure(ep.name, dist_name, f"{type(exc).__name__}: {exc}")
+                pm.failures.append(failure)
+                warnings.warn(
+                    f"cleanai: plugin {ep.name!r} from {dist_name} failed to load and was skipped "
+                    f"({failure.error}). Fix or uninstall it, or block it with "
+                    f"CLEANAI_DISABLED_PLUGINS={ep.name}.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
+            pm.distributions[ep.name] = f"{dist_name} {dist.version}"
+
+
+def make_plugin_manager(
+    load_entrypoints: bool | None = None,
+    disabled: Iterable[str] = (),
+    builtins: Iterable[str] = BUILTIN_PLUGINS,
+) -> CleanAIPluginManager:
+    """Create a fresh plugin manager.
+
+    Built-ins are registered first by import; entry points of the ``cleanai`` group
+    after them, so an installed plugin's claim wins (pluggy calls later registrations
+    first). ``check_pending`` rejects implementations of hooks that do not exist.
+
+    Example::
+
+        pm = make_plugin_manager(load_entrypoints=False)
+        pruner = pm.hook.cleanai_layer_pruner(module=torch.nn.Linear(2, 3), name="fc")
+    """
+    pm = CleanAIPluginManager()
+    for name in set(disabled) | _disabled_from_env():
+        pm.set_blocked(name)
+    for modname in builtins:
+        if pm.is_blocked(modname):
+            continue
+        pm.register(importlib.import_module(modname), name=modname)
+    pm.check_pending()
+    if load_entrypoints is None:
+        load_entrypoints = os.environ.get("CLEANAI_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
+    if load_entrypoints:
+        _load_entry_points(pm)
+    return pm
+
+
+_PM: CleanAIPluginManager | None = None
+
+
+def get_plugin_manager() -> CleanAIPluginManager:
+    """The process-wide manager, created on first use."""
+    global _PM
+    if _PM is None:
+        _PM = make_plugin_manager()
+    return _PM
+
+
+def set_plugin_manager(pm: CleanAIPluginManager | None) -> None:
+    """Replace the process-wide manager (``None``: rebuild on next use)."""
+    global _PM
+    _PM = pm
+
+
+@contextmanager
+def temporary_plugin(plugin: Any, name: str | None = None, pm: pluggy.PluginManager | None = None) -> Iterator[Any]:
+    """Register ``plugin`` for the duration of a ``with`` block (tests, notebooks).
+
+    Example::
+
+        with temporary_plugin(MyPlugin(), name="mine"):
+            graph = DependencyGraph(model, x)
+    """
+    pm = pm or get_plugin_manager()
+    registered = pm.register(plugin, name=name)
+    try:
+        pm.check_pending()
+        yield plugin
+    finally:
+        pm.unregister(name=registered)
+
+
+def list_plugins(pm: CleanAIPluginManager | None = None) -> list[PluginInfo]:
+    """Every registered plugin with where it came from and the hooks it implements."""
+    pm = pm or get_plugin_manager()
+    out = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks = tuple(sorted(caller.name for caller in pm.get_hookcallers(plugin) or ()))
+        source = pm.distributions.get(name, "built-in" if name in BUILTIN_PLUGINS else "registered at run time")
+        out.append(PluginInfo(name=name, source=source, hooks=hooks))
+    return out

@@ -1,0 +1,103 @@
+"""Conv1d/2d/3d and ConvTranspose1d/2d/3d, plain, grouped and depthwise."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cleanai_core import hookimpl
+from cleanai_core.interfaces import LayerPruner, replace_param
+
+__all__ = ["ConvPruner"]
+
+
+def _channel_dim(module: nn.Module, ref) -> int:
+    spatial = len(module.kernel_size)
+    return 0 if ref.ndim == spatial + 1 else 1  # unbatched input
+
+
+class ConvPruner(LayerPruner):
+    """Slices ``"in"`` and ``"out"`` channels of a convolution.
+
+    Grouped convolutions keep their group count: the j-th channel of every group is
+    one unit. A depthwise convolution (``groups == in_channels``) passes its input
+    channels through: its output channels are the input channels, so pruning one
+    removes the filter too and ``groups`` follows.
+    """
+
+    name = "conv"
+
+    def trace(self, module, call, ctx):
+        x = call.args[0]
+        cdim = _channel_dim(module, x)
+        cin, cout, g = module.in_channels, module.out_channels, module.groups
+        atoms_in = ctx.labels(x, cdim)
+        if g > 1 and g == cin:
+            atoms_out = atoms_in.repeat_interleave(cout // cin)
+            ctx.bind(call.name, "in", atoms_in, "in", arg=0, dim=cdim)
+            ctx.bind(call.name, "out", atoms_out, "out", dim=cdim)
+        else:
+            if g > 1:
+                ctx.tie(atoms_in, (g, cin // g), 1)
+            ctx.bind(call.name, "in", atoms_in, "in", arg=0, dim=cdim)
+            atoms_out = ctx.produce(call.name, "out", cout, dim=cdim)
+            if g > 1:
+                ctx.tie(atoms_out, (g, cout // g), 1)
+        ctx.set_label(call.outputs[0], cdim, atoms_out)
+
+    def prune(self, module, keep):
+        g, cin, cout, t = module.groups, module.in_channels, module.out_channels, module.transposed
+        depthwise = g > 1 and g == cin
+        if "out" in keep:
+            k = keep["out"]
+            if not t:
+                replace_param(module, "weight", 0, k)
+            elif not depthwise:
+                replace_param(module, "weight", 1, _within(k, g, cout))
+            replace_param(module, "bias", 0, k)
+            module.out_channels = k.numel()
+        if "in" in keep:
+            k = keep["in"]
+            if t:
+                replace_param(module, "weight", 0, k)
+            elif not depthwise:
+                replace_param(module, "weight", 1, _within(k, g, cin))
+            if depthwise:
+                module.groups = k.numel()
+            module.in_channels = k.numel()
+
+    def weight_energy(self, module, slice_name):
+        w = module.weight.detach().float() ** 2
+        g = module.groups
+        per = w.sum(dim=list(range(2, w.ndim))) if w.ndim > 2 else w  # (out, in/g) or (in, out/g)
+        if module.transposed:
+            if slice_name == "in":
+                return per.sum(1)
+            return per.reshape(g, -1, per.shape[1]).sum(1).reshape(-1)
+        if slice_name == "out":
+            return per.sum(1)
+        return per.reshape(g, -1, per.shape[1]).sum(1).reshape(-1)
+
+    def compensate(self, module, slice_name, removed, mean):
+        if slice_name != "in" or module.transposed or module.groups != 1:
+            return False
+        w = module.weight.detach()
+        contrib = (w[:, removed].sum(dim=list(range(2, w.ndim))) * mean.to(w.dtype)).sum(1)
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(module.out_channels, dtype=w.dtype, device=w.device))
+        module.bias.data += contrib
+        return True
+
+
+def _within(k: torch.Tensor, g: int, c: int) -> torch.Tensor:
+    """Kept indices inside one group (the same in every group) from global indices."""
+    if g == 1:
+        return k
+    return k[: k.numel() // g] % (c // g)
+
+
+@hookimpl(trylast=True)
+def cleanai_layer_pruner(module):
+    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return ConvPruner()
+    return None

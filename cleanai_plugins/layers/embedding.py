@@ -1,0 +1,34 @@
+"""nn.Embedding: the embedding dimension is a producer of channels."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cleanai_core import hookimpl
+from cleanai_core.interfaces import LayerPruner, replace_param
+
+__all__ = ["EmbeddingPruner"]
+
+
+class EmbeddingPruner(LayerPruner):
+    name = "embedding"
+
+    def trace(self, module, call, ctx):
+        ctx.label_of(call.args[0])  # indices carry no channels
+        atoms = ctx.produce(call.name, "out", module.embedding_dim, dim=-1)
+        ctx.set_label(call.outputs[0], -1, atoms)
+
+    def prune(self, module, keep):
+        if "out" in keep:
+            replace_param(module, "weight", 1, keep["out"])
+            module.embedding_dim = keep["out"].numel()
+
+    def weight_energy(self, module, slice_name):
+        return (module.weight.detach().float() ** 2).sum(0)
+
+
+@hookimpl(trylast=True)
+def cleanai_layer_pruner(module):
+    if isinstance(module, nn.Embedding):
+        return EmbeddingPruner()
+    return None

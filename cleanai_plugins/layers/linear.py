@@ -1,0 +1,54 @@
+"""nn.Linear (and subclasses such as ``NonDynamicallyQuantizableLinear``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cleanai_core import hookimpl
+from cleanai_core.interfaces import LayerPruner, replace_param
+
+__all__ = ["LinearPruner"]
+
+
+class LinearPruner(LayerPruner):
+    """Slices ``"in"`` (columns, read on the last input dim) and ``"out"`` (rows)."""
+
+    name = "linear"
+
+    def trace(self, module, call, ctx):
+        x = call.args[0] if call.args else call.kwargs.get("input")
+        atoms_in = ctx.labels(x, -1)
+        ctx.bind(call.name, "in", atoms_in, "in", arg=0, dim=-1)
+        atoms_out = ctx.produce(call.name, "out", module.out_features, dim=-1)
+        ctx.set_label(call.outputs[0], -1, atoms_out)
+
+    def prune(self, module, keep):
+        if "out" in keep:
+            replace_param(module, "weight", 0, keep["out"])
+            replace_param(module, "bias", 0, keep["out"])
+            module.out_features = keep["out"].numel()
+        if "in" in keep:
+            replace_param(module, "weight", 1, keep["in"])
+            module.in_features = keep["in"].numel()
+
+    def weight_energy(self, module, slice_name):
+        w = module.weight.detach().float() ** 2
+        return w.sum(1) if slice_name == "out" else w.sum(0)
+
+    def compensate(self, module, slice_name, removed, mean):
+        if slice_name != "in":
+            return False
+        w = module.weight.detach()
+        contrib = w[:, removed] @ mean.to(w.dtype)
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=w.dtype, device=w.device))
+        module.bias.data += contrib
+        return True
+
+
+@hookimpl(trylast=True)
+def cleanai_layer_pruner(module):
+    if isinstance(module, nn.Linear) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return LinearPruner()
+    return None

@@ -1,0 +1,55 @@
+"""Concatenation and stacking."""
+
+from __future__ import annotations
+
+import torch
+
+from cleanai_core import hookimpl
+from cleanai_plugins.mappers._registry import MapperTable, arg
+
+table = MapperTable()
+
+
+def _atoms_at(ctx, ref, dim):
+    """Labels of ``ref`` along ``dim``: fresh frozen atoms when it carries none there."""
+    return ctx.labels(ref, dim)
+
+
+@table.register("cat", "concat", "concatenate", "_cat")
+def cat(call, ctx):
+    tensors = [t for t in arg(call, 0, "tensors") if t.shape != (0,)]
+    out = call.outputs[0]
+    if not tensors:
+        return
+    dim = arg(call, 1, "dim", 0) % out.ndim
+    labs = [ctx.label_of(t) for t in tensors]
+    if all(lab is None for lab in labs):
+        return
+    if any(lab is not None and lab.dim == dim for lab in labs):
+        ctx.set_label(out, dim, torch.cat([_atoms_at(ctx, t, dim) for t in tensors]))
+        return
+    ldim = next(lab.dim for lab in labs if lab is not None)
+    first = _atoms_at(ctx, tensors[0], ldim)
+    for t in tensors[1:]:
+        ctx.union(first, _atoms_at(ctx, t, ldim))
+    ctx.set_label(out, ldim, first)
+
+
+@table.register("stack")
+def stack(call, ctx):
+    tensors = arg(call, 0, "tensors")
+    out = call.outputs[0]
+    dim = arg(call, 1, "dim", 0) % out.ndim
+    labs = [ctx.label_of(t) for t in tensors]
+    if all(lab is None for lab in labs):
+        return
+    ldim = next(lab.dim for lab in labs if lab is not None)
+    first = _atoms_at(ctx, tensors[0], ldim)
+    for t in tensors[1:]:
+        ctx.union(first, _atoms_at(ctx, t, ldim))
+    ctx.set_label(out, ldim + (dim <= ldim), first)
+
+
+@hookimpl(trylast=True)
+def cleanai_index_mapper(op):
+    return table.lookup(op)

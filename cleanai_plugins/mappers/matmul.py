@@ -1,0 +1,123 @@
+"""Matrix products and attention: mm, bmm, addmm, baddbmm, matmul, scaled dot-product attention."""
+
+from __future__ import annotations
+
+from cleanai_core import hookimpl
+from cleanai_core.graph.elementwise import broadcast
+from cleanai_plugins.mappers._registry import MapperTable, arg
+
+table = MapperTable()
+
+
+def _product(ctx, a, b, out) -> None:
+    """``out = a @ b`` with ``a: (..., n, k)``, ``b: (..., k, m)``."""
+    la, lb = ctx.label_of(a), ctx.label_of(b)
+    if la is None and lb is None:
+        return
+    na, nb, no = a.ndim, b.ndim, out.ndim
+    a_k, b_k = na - 1, max(nb - 2, 0)
+    # contraction dimension: both sides must shrink together
+    if (la is not None and la.dim == a_k) or (lb is not None and lb.dim == b_k and nb > 1):
+        ka = ctx.labels(a, a_k) if la is not None and la.dim == a_k else None
+        kb = ctx.labels(b, b_k) if lb is not None and lb.dim == b_k and nb > 1 else None
+        if ka is not None and kb is not None:
+            ctx.union(ka, kb)
+        else:
+            ctx.freeze(ka if ka is not None else kb, f"{ctx.where()} contracts channels with a tensor that cannot shrink")
+        return
+    if la is not None and na >= 2 and la.dim == na - 2:
+        if lb is not None:
+            ctx.freeze(lb.atoms, f"{ctx.where()}: both operands carry channels")
+        ctx.set_label(out, no - 2, la.atoms, la.origin)
+        return
+    if lb is not None and nb >= 2 and lb.dim == nb - 1:
+        if la is not None:
+            ctx.freeze(la.atoms, f"{ctx.where()}: both operands carry channels")
+        ctx.set_label(out, no - 1, lb.atoms, lb.origin)
+        return
+    # batch dimensions broadcast like an element-wise op
+    batch_a = [r for r, lab in ((a, la), (b, lb)) if lab is not None]
+    for r in batch_a:
+        lab = ctx.label_of(r)
+        d = lab.dim + no - r.ndim
+        other = b if r is a else a
+        od = lab.dim + other.ndim - r.ndim
+        olab = ctx.label_of(other)
+        if olab is not None and olab.dim == od:
+            ctx.union(lab.atoms, olab.atoms)
+        elif 0 <= od < other.ndim - 2 and other.shape[od] > 1:
+            ctx.freeze(lab.atoms, f"{ctx.where()} pairs channels with a batch that cannot shrink")
+            continue
+        ctx.set_label(out, d, lab.atoms, lab.origin)
+
+
+@table.register("mm", "bmm", "matmul", "_unsafe_mm")
+def mm(call, ctx):
+    _product(ctx, call.args[0], call.args[1], call.outputs[0])
+
+
+@table.register("addmm", "baddbmm", "addbmm")
+def addmm(call, ctx):
+    out = call.outputs[0]
+    _product(ctx, call.args[1], call.args[2], out)
+    bias = call.args[0]
+    if ctx.label_of(bias) is not None or ctx.label_of(out) is not None:
+        broadcast(ctx, [bias, out], out)
+
+
+class _SDPA:
+    """``softmax(q k^T * scale) v``. Heads (a batch dimension) may shrink on q, k and v
+    together; the head dimension may shrink only when ``scale`` is given, since the
+    default scale depends on it: if a reshape split chose it, the kernel is asked to
+    re-trace preferring the heads."""
+
+    def trace(self, call, ctx):
+        q, k, v = call.args[0], call.args[1], call.args[2]
+        out = call.outputs[0]
+        lq, lk, lv = ctx.label_of(q), ctx.label_of(k), ctx.label_of(v)
+        scale = call.kwargs.get("scale")
+        mask = call.kwargs.get("attn_mask", arg(call, 3, "attn_mask") if "flash" not in str(call.op) else None)
+        if mask is not None and hasattr(mask, "key"):
+            ctx.freeze_tensor(mask, f"{ctx.where()}: attention mask")
+        nd = q.ndim
+        for lab in (lq, lk):
+            if lab is not None and lab.dim == nd - 1 and scale is None and lab.origin is not None:
+                ctx.request_split(lab.origin, lab.origin[1] - 1)
+        head = None
+        for ref, lab in ((q, lq), (k, lk), (v, lv)):
+            if lab is None:
+                continue
+            if lab.dim < nd - 2:
+                if head is None:
+                    head = lab
+                elif head.atoms.numel() == lab.atoms.numel() and head.dim == lab.dim:
+                    ctx.union(head.atoms, lab.atoms)
+                else:
+                    ctx.freeze(lab.atoms, f"{ctx.where()}: heads do not line up")
+            elif lab.dim == nd - 1 and ref is not v:
+                pass
+            elif ref is not v:
+                ctx.freeze(lab.atoms, f"{ctx.where()}: sequence dimension carries channels")
+        if lq is not None and lq.dim == nd - 1 or lk is not None and lk.dim == nd - 1:
+            if lq is None or lk is None or lq.dim != lk.dim or scale is None:
+                for lab in (lq, lk):
+                    if lab is not None and lab.dim == nd - 1:
+                        ctx.freeze(lab.atoms, f"{ctx.where()}: head dimension with the default scale")
+            else:
+                ctx.union(lq.atoms, lk.atoms)
+        if head is not None:
+            for ref in (q, k, v):
+                if ctx.label_of(ref) is None and ref.shape[head.dim] > 1:
+                    ctx.freeze(head.atoms, f"{ctx.where()}: heads meet a tensor that cannot shrink")
+            ctx.set_label(out, head.dim, head.atoms, head.origin)
+            if lv is not None and lv.dim == nd - 1:
+                ctx.freeze(lv.atoms, f"{ctx.where()}: both heads and value dims carry channels")
+        elif lv is not None and lv.dim == nd - 1:
+            ctx.set_label(out, nd - 1, lv.atoms, lv.origin)
+
+
+@hookimpl(trylast=True)
+def cleanai_index_mapper(op):
+    if "scaled_dot_product" in str(op):
+        return _SDPA()
+    return table.lookup(op)

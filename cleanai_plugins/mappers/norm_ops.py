@@ -1,0 +1,128 @@
+"""Functional norms (layer/batch/group/rms norm ops) and reductions."""
+
+from __future__ import annotations
+
+from cleanai_core import hookimpl
+from cleanai_core.graph.elementwise import elementwise, is_pointwise
+from cleanai_plugins.mappers._registry import MapperTable, arg
+
+table = MapperTable()
+
+
+def _couple_affine(ctx, atoms, params) -> None:
+    for p in params:
+        if p is None or not hasattr(p, "key"):
+            continue
+        if p.ndim == 1 and p.shape[0] == atoms.numel():
+            ctx.union(atoms, ctx.labels(p, 0))
+        else:
+            ctx.freeze_tensor(p, f"{ctx.where()}: affine tensor of unexpected shape")
+
+
+@table.register("native_layer_norm", "layer_norm", "rms_norm", "_fused_rms_norm")
+def layer_norm(call, ctx):
+    x = call.args[0]
+    shape = list(arg(call, 1, "normalized_shape"))
+    params = [arg(call, 2, "weight"), arg(call, 3, "bias") if "rms" not in str(call.op) else None]
+    lab = ctx.label_of(x)
+    if lab is None or len(shape) != 1 or lab.dim != x.ndim - 1:
+        if lab is not None:
+            ctx.freeze(lab.atoms, f"{ctx.where()} normalises over the channels in a way that cannot shrink")
+        for p in params:
+            ctx.freeze_tensor(p, f"{ctx.where()}: affine of a frozen norm")
+        return
+    _couple_affine(ctx, lab.atoms, params)
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register(
+    "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+    "batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm", "miopen_batch_norm",
+    "_native_batch_norm_legit_functional", "instance_norm",
+)
+def batch_norm(call, ctx):
+    x = call.args[0]
+    params = [a for a in call.args[1:5]]
+    lab = ctx.label_of(x)
+    if lab is None or lab.dim != min(1, x.ndim - 1):
+        if lab is not None:
+            ctx.freeze(lab.atoms, f"{ctx.where()}: channels on an unexpected dimension")
+        for p in params:
+            ctx.freeze_tensor(p, f"{ctx.where()}: statistics of a frozen norm")
+        return
+    _couple_affine(ctx, lab.atoms, params)
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("native_group_norm", "group_norm")
+def group_norm(call, ctx):
+    x = call.args[0]
+    params = [arg(call, 1, "weight"), arg(call, 2, "bias")]
+    groups = arg(call, 6, "group") if "native" in str(call.op) else arg(call, 1, "num_groups")
+    lab = ctx.label_of(x)
+    if lab is None or lab.dim != 1 or not isinstance(groups, int):
+        if lab is not None:
+            ctx.freeze(lab.atoms, f"{ctx.where()}: channels on an unexpected dimension")
+        return
+    if groups > 1:
+        ctx.tie(lab.atoms, (groups, lab.atoms.numel() // groups), 1)
+    _couple_affine(ctx, lab.atoms, params)
+    ctx.set_label(call.outputs[0], 1, lab.atoms, lab.origin)
+
+
+@table.register(
+    "sum", "mean", "amax", "amin", "var", "std", "var_mean", "std_mean", "logsumexp", "norm",
+    "linalg_vector_norm", "max", "min", "argmax", "argmin", "prod", "nansum", "nanmean", "any", "all",
+    "count_nonzero",
+)
+def reduce(call, ctx):
+    """Reducing over the channel dimension drops the label (a sum over fewer channels
+    has the same shape); reducing elsewhere keeps it."""
+    if is_pointwise(call.op):  # aten.max.other and friends
+        elementwise(call, ctx)
+        return
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    name = call.op.overloadpacket.__name__
+    dims = arg(call, 2 if name in ("norm", "linalg_vector_norm") else 1, "dim")
+    keep = arg(call, 3 if name in ("norm", "linalg_vector_norm") else 2, "keepdim", False)
+    if name in ("var", "std", "var_mean", "std_mean") and not isinstance(dims, (list, tuple, int)):
+        dims = call.kwargs.get("dim")
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        return  # a full reduction: no channel dimension is left
+    if not isinstance(dims, (list, tuple, int)):
+        ctx.freeze(lab.atoms, f"{ctx.where()}: reduction over unknown dimensions")
+        return
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    dims = [x % src.ndim for x in dims]
+    if lab.dim in dims:
+        return
+    d = lab.dim if keep is True else lab.dim - sum(x < lab.dim for x in dims)
+    for out in call.outputs:
+        if out.ndim > d and out.shape[d] == lab.atoms.numel():
+            ctx.set_label(out, d, lab.atoms, lab.origin)
+
+
+@table.register("topk", "sort", "kthvalue", "median", "mode")
+def sort_like(call, ctx):
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dim = call.kwargs.get("dim", -1)
+    for a in call.args[1:]:
+        if isinstance(a, int) and not isinstance(a, bool):
+            dim = a if "topk" not in str(call.op) else dim
+    if dim % src.ndim == lab.dim:
+        ctx.freeze(lab.atoms, f"{ctx.where()} orders channels")
+        return
+    for out in call.outputs:
+        if out.ndim == src.ndim:
+            ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+
+
+@hookimpl(trylast=True)
+def cleanai_index_mapper(op):
+    return table.lookup(op)

@@ -1,0 +1,268 @@
+"""Views and shape changes: view/reshape/flatten, permute/transpose, (un)squeeze,
+expand/repeat, select/slice/narrow, split/chunk/unbind, copies and ``*_like``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cleanai_core import hookimpl
+from cleanai_core.graph.trace import TRef
+from cleanai_plugins.mappers._registry import MapperTable, arg
+
+__all__ = ["reshape_label"]
+
+table = MapperTable()
+
+
+def _prod(xs) -> int:
+    return math.prod(xs) if xs else 1
+
+
+@table.register(
+    "clone", "alias", "detach", "_to_copy", "lift_fresh", "lift_fresh_copy", "contiguous", "_conj",
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "resolve_conj",
+    "resolve_neg", "to", "_reshape_alias", "native_dropout", "dropout", "feature_dropout", "alpha_dropout",
+    "cumsum", "cumprod", "logcumsumexp", "_softmax", "softmax", "_log_softmax", "log_softmax",
+    "_safe_softmax", "special_softmax",
+)
+def identity(call, ctx):
+    """Output ``i`` has the label of the first tensor argument."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    placed = False
+    for out in call.outputs:
+        if out.shape == src.shape:
+            ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+            placed = True
+    if not placed:
+        ctx.freeze(lab.atoms, f"{ctx.where()} changes the shape")
+
+
+def reshape_label(ctx, src: TRef, out: TRef) -> None:
+    """Map the label of ``src`` onto ``out`` of another shape with the same numel.
+
+    The labelled dimension of ``src`` lands on the output dimensions whose positions
+    in the flat layout it spans. One dimension: labels are gathered (flatten repeats a
+    channel over its spatial positions). Several (a split, e.g. ``3C -> (3, h, d)``):
+    they are tied so that pruning stays rectangular, keeping the dimension chosen by
+    the kernel's split choice (default: the cheapest tie, larger dims first).
+    """
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    d, c = lab.dim, src.shape[lab.dim]
+    inner = _prod(src.shape[d + 1 :])
+    so = out.shape
+    strides = [_prod(so[k + 1 :]) for k in range(len(so))]
+    dims = [k for k in range(len(so)) if so[k] > 1 and strides[k] * so[k] > inner and strides[k] < inner * c]
+    if not dims or _prod([so[k] for k in dims]) > 50_000_000:
+        ctx.freeze(lab.atoms, f"{ctx.where()} reshapes channels in a way that cannot be followed")
+        return
+    offset = torch.zeros((), dtype=torch.int64)
+    for i, k in enumerate(dims):
+        shape = [1] * len(dims)
+        shape[i] = so[k]
+        offset = offset + torch.arange(so[k]).reshape(shape) * strides[k]
+    grid = lab.atoms[(offset // inner) % c]
+    if len(dims) == 1:
+        ctx.set_label(out, dims[0], grid.reshape(-1), lab.origin)
+        return
+    event = ctx.event.index
+    choice = ctx.split_choices.get(event)
+    if choice is None:
+        costs = []
+        for i in range(len(dims)):
+            g = grid.movedim(i, 0).reshape(grid.shape[i], -1)
+            costs.append((int((g != g[:, :1]).sum()), -grid.shape[i], -i))
+        choice = min(range(len(dims)), key=lambda i: costs[i])
+    rep = ctx.tie(grid, tuple(grid.shape), choice)
+    ctx.set_label(out, dims[choice], rep, (event, choice, tuple(grid.shape)))
+
+
+@table.register("view", "_unsafe_view", "reshape", "view_copy", "_reshape_copy", "unflatten", "flatten")
+def view(call, ctx):
+    src, out = call.args[0], call.outputs[0]
+    if src.shape == out.shape:
+        ctx.copy_label(src, out)
+    else:
+        reshape_label(ctx, src, out)
+
+
+@table.register("permute", "permute_copy")
+def permute(call, ctx):
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    perm = [p % src.ndim for p in arg(call, 1, "dims")]
+    ctx.set_label(call.outputs[0], perm.index(lab.dim), lab.atoms, lab.origin)
+
+
+@table.register("transpose", "transpose_copy", "swapaxes", "swapdims")
+def transpose(call, ctx):
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if src.ndim == 0:
+        return
+    a, b = arg(call, 1, "dim0") % src.ndim, arg(call, 2, "dim1") % src.ndim
+    d = b if lab.dim == a else a if lab.dim == b else lab.dim
+    ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin)
+
+
+@table.register("t", "numpy_T")
+def t(call, ctx):
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    d = lab.dim if src.ndim < 2 else src.ndim - 1 - lab.dim
+    ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin)
+
+
+@table.register("unsqueeze", "unsqueeze_copy")
+def unsqueeze(call, ctx):
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dim = arg(call, 1, "dim") % out.ndim
+    ctx.set_label(out, lab.dim + (dim <= lab.dim), lab.atoms, lab.origin)
+
+
+@table.register("squeeze", "squeeze_copy")
+def squeeze(call, ctx):
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dims = arg(call, 1, "dim")
+    if dims is None:
+        dims = [i for i, s in enumerate(src.shape) if s == 1]
+    elif isinstance(dims, int):
+        dims = [dims]
+    dims = [x % max(src.ndim, 1) for x in dims if src.shape[x % src.ndim] == 1]
+    if lab.dim in dims:
+        ctx.freeze(lab.atoms, f"{ctx.where()} squeezes away a single-channel dimension")
+        return
+    ctx.set_label(out, lab.dim - sum(x < lab.dim for x in dims), lab.atoms, lab.origin)
+
+
+@table.register("expand", "expand_copy", "expand_as", "broadcast_to")
+def expand(call, ctx):
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    shift = out.ndim - src.ndim
+    if src.shape[lab.dim] != out.shape[lab.dim + shift]:
+        ctx.freeze(lab.atoms, f"{ctx.where()} broadcasts a single channel")
+        return
+    ctx.set_label(out, lab.dim + shift, lab.atoms, lab.origin)
+
+
+@table.register("repeat")
+def repeat(call, ctx):
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    shift = out.ndim - src.ndim
+    d = lab.dim + shift
+    factor = out.shape[d] // src.shape[lab.dim]
+    ctx.set_label(out, d, lab.atoms.repeat(factor), lab.origin)
+
+
+@table.register("select", "select_copy")
+def select(call, ctx):
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dim = arg(call, 1, "dim") % src.ndim
+    if dim == lab.dim:
+        ctx.freeze(lab.atoms, f"{ctx.where()} picks one channel by index")
+        return
+    ctx.set_label(out, lab.dim - (dim < lab.dim), lab.atoms, lab.origin)
+
+
+@table.register("slice", "slice_copy", "narrow", "narrow_copy")
+def slice_(call, ctx):
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dim = arg(call, 1, "dim", 0) % src.ndim
+    if dim == lab.dim and out.shape[dim] != src.shape[dim]:
+        ctx.freeze(lab.atoms, f"{ctx.where()} takes a fixed range of channels")
+        return
+    ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "split_copy", "tensor_split")
+def split(call, ctx):
+    src = call.args[0]
+    outs = call.outputs
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dim = arg(call, 2, "dim", 0) % src.ndim
+    if dim != lab.dim:
+        for o in outs:
+            ctx.set_label(o, lab.dim, lab.atoms, lab.origin)
+        return
+    sizes = [o.shape[dim] for o in outs]
+    if len(set(sizes)) != 1:
+        ctx.freeze(lab.atoms, f"{ctx.where()} splits channels into unequal parts")
+        return
+    ctx.tie(lab.atoms, (len(sizes), sizes[0]), 1)
+    start = 0
+    for o, s in zip(outs, sizes, strict=True):
+        ctx.set_label(o, dim, lab.atoms[start : start + s])
+        start += s
+
+
+@table.register("unbind", "unbind_copy")
+def unbind(call, ctx):
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dim = arg(call, 1, "dim", 0) % src.ndim
+    if dim == lab.dim:
+        ctx.freeze(lab.atoms, f"{ctx.where()} unbinds the channel dimension")
+        return
+    for o in call.outputs:
+        ctx.set_label(o, lab.dim - (dim < lab.dim), lab.atoms, lab.origin)
+
+
+@table.register("roll", "flip")
+def roll(call, ctx):
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dims = arg(call, 2, "dims") if "roll" in str(call.op) else arg(call, 1, "dims")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not dims or lab.dim in [x % src.ndim for x in dims]:
+        ctx.freeze(lab.atoms, f"{ctx.where()} moves channels")
+        return
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("copy_", "copy")
+def copy(call, ctx):
+    dst, src = call.args[0], call.args[1]
+    from cleanai_core.graph.elementwise import broadcast
+
+    broadcast(ctx, [dst, src], call.outputs[0])
+
+
+@hookimpl(trylast=True)
+def cleanai_index_mapper(op):
+    return table.lookup(op)

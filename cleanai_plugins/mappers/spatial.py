@@ -1,0 +1,140 @@
+"""Pooling, interpolation, padding and pixel (un)shuffle: channels pass, space changes."""
+
+from __future__ import annotations
+
+import torch
+
+from cleanai_core import hookimpl
+from cleanai_plugins.mappers._registry import MapperTable, arg
+
+table = MapperTable()
+
+_SPATIAL = {
+    "avg_pool1d": 1, "avg_pool2d": 2, "avg_pool3d": 3,
+    "max_pool1d": 1, "max_pool2d": 2, "max_pool3d": 3,
+    "max_pool1d_with_indices": 1, "max_pool2d_with_indices": 2, "max_pool3d_with_indices": 3,
+    "adaptive_avg_pool1d": 1, "adaptive_avg_pool2d": 2, "adaptive_avg_pool3d": 3,
+    "_adaptive_avg_pool2d": 2, "_adaptive_avg_pool3d": 3,
+    "adaptive_max_pool1d": 1, "adaptive_max_pool2d": 2, "adaptive_max_pool3d": 3,
+    "upsample_nearest1d": 1, "upsample_nearest2d": 2, "upsample_nearest3d": 3,
+    "_upsample_nearest_exact1d": 1, "_upsample_nearest_exact2d": 2, "_upsample_nearest_exact3d": 3,
+    "upsample_linear1d": 1, "upsample_bilinear2d": 2, "upsample_trilinear3d": 3, "upsample_bicubic2d": 2,
+    "_upsample_bilinear2d_aa": 2, "_upsample_bicubic2d_aa": 2,
+    "reflection_pad1d": 1, "reflection_pad2d": 2, "reflection_pad3d": 3,
+    "replication_pad1d": 1, "replication_pad2d": 2, "replication_pad3d": 3,
+    "lp_pool2d": 2, "fractional_max_pool2d": 2,
+}
+
+
+def _spatial(call, ctx):
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    n = _SPATIAL[call.op.overloadpacket.__name__]
+    if lab.dim >= src.ndim - n:
+        ctx.freeze(lab.atoms, f"{ctx.where()} mixes the labelled (spatial) dimension")
+        return
+    out = call.outputs[0]
+    ctx.set_label(out, lab.dim + out.ndim - src.ndim, lab.atoms, lab.origin)
+
+
+table.register(*_SPATIAL)(_spatial)
+
+
+@table.register("constant_pad_nd", "pad")
+def pad(call, ctx):
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    p = list(arg(call, 1, "pad"))
+    padded = {src.ndim - 1 - i // 2 for i, v in enumerate(p) if v}
+    if lab.dim in padded:
+        ctx.freeze(lab.atoms, f"{ctx.where()} pads the channel dimension")
+        return
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("pixel_shuffle")
+def pixel_shuffle(call, ctx):
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    r = arg(call, 1, "upscale_factor")
+    if lab.dim != src.ndim - 3:
+        ctx.freeze(lab.atoms, f"{ctx.where()} shuffles a spatial dimension")
+        return
+    rep = ctx.tie(lab.atoms, (out.shape[-3], r * r), 0)
+    ctx.set_label(out, out.ndim - 3, rep)
+
+
+@table.register("pixel_unshuffle")
+def pixel_unshuffle(call, ctx):
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    r = arg(call, 1, "downscale_factor")
+    if lab.dim != src.ndim - 3:
+        ctx.freeze(lab.atoms, f"{ctx.where()} unshuffles a spatial dimension")
+        return
+    ctx.set_label(out, out.ndim - 3, lab.atoms.repeat_interleave(r * r))
+
+
+@table.register("im2col")
+def im2col(call, ctx):
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if lab.dim != src.ndim - 3:
+        ctx.freeze(lab.atoms, f"{ctx.where()} unfolds a spatial dimension")
+        return
+    k = out.shape[-2] // src.shape[lab.dim]
+    ctx.set_label(out, out.ndim - 2, lab.atoms.repeat_interleave(k))
+
+
+@table.register("index")
+def index(call, ctx):
+    """``x[idx]`` with index tensors before the channel dimension (e.g. gathering a
+    relative-position table by an index buffer): channels pass."""
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    idx = list(arg(call, 1, "indices"))
+    used = [i for i, t in enumerate(idx) if t is not None]
+    if not used or lab.dim <= max(used) or used != list(range(len(used))):
+        ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
+        return
+    shift = out.ndim - src.ndim
+    ctx.set_label(out, lab.dim + shift, lab.atoms, lab.origin)
+
+
+@table.register("index_select", "gather", "embedding")
+def index_select(call, ctx):
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    name = call.op.overloadpacket.__name__
+    if name == "embedding":
+        if lab.dim == src.ndim - 1:
+            ctx.set_label(out, out.ndim - 1, lab.atoms)
+            return
+    else:
+        dim = arg(call, 1, "dim") % src.ndim
+        if dim != lab.dim and out.ndim == src.ndim and out.shape[lab.dim] == src.shape[lab.dim]:
+            ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+            return
+    ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
+
+
+del torch
+
+
+@hookimpl(trylast=True)
+def cleanai_index_mapper(op):
+    return table.lookup(op)
