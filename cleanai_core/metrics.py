@@ -1,0 +1,56 @@
+"""Measurements: parameters, FLOPs, latency, accuracy."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_flops", "count_params", "measure_latency"]
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _call(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:
+    if forward_fn is not None:
+        return forward_fn(model, inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def count_flops(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> int:
+    """FLOPs of one forward pass, by PyTorch's own counter (FLOPs = 2 x MACs).
+
+    Attention is counted through the math backend, since fused CPU kernels are not
+    seen by the counter."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _call(model, inputs, forward_fn)
+    return int(counter.get_total_flops())
+
+
+def measure_latency(model: nn.Module, inputs: Any, repeats: int = 20, warmup: int = 3,
+                    forward_fn: Callable | None = None) -> float:
+    """Median wall-clock milliseconds of one forward pass (no gradients)."""
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            _call(model, inputs, forward_fn)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000.0)
+    return statistics.median(times)
