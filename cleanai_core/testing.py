@@ -67,7 +67,9 @@ def random_units(graph: DependencyGraph, ratio: float = 0.5, generator: torch.Ge
 def masked_forward(graph: DependencyGraph, pruned: torch.Tensor, inputs: Any,
                    forward_fn: Callable | None = None) -> list[torch.Tensor]:
     """Outputs of the *unpruned* model with the pruned channels zeroed at every slice
-    (module outputs, module inputs, norm affines, bare tensors)."""
+    (module outputs, module inputs, norm affines, bare tensors). A pruner of a composite
+    module (attention, recurrent) may define ``mask(module, slice_name, idx)``: it zeroes
+    the weights of those indices in the copy and returns ``True`` to skip the default hooks."""
     model = copy.deepcopy(graph.model)
     handles = []
     for spec in graph.slices:
@@ -81,6 +83,11 @@ def masked_forward(graph: DependencyGraph, pruned: torch.Tensor, inputs: Any,
                 getattr(owner, attr).data.index_fill_(spec.dim, idx, 0.0)
             continue
         module = model.get_submodule(spec.module)
+        mask = getattr(spec.pruner, "mask", None)  # composite modules zero their own weights
+        if mask is not None:
+            with torch.no_grad():
+                if mask(module, spec.name, idx):
+                    continue
         if spec.kind == "in":
             def pre(m, args, kwargs, idx=idx, spec=spec):
                 args = list(args)

@@ -1,1 +1,168 @@
-"""Placeholder while the kernel lands."""
+"""nn.RNN / nn.LSTM / nn.GRU, multi-layer and bidirectional, LSTM with ``proj_size``.
+
+Coupling (decided here):
+
+- ``hidden_size`` H is one attribute for every layer and direction, so hidden unit ``j``
+  of every layer and both directions is one unit (slice ``"hidden"``, H atoms). Pruning
+  it removes row ``j`` of every gate block (4 for LSTM, 3 for GRU, 1 for RNN) of
+  ``weight_ih``/``weight_hh``/biases, column ``j`` of ``weight_hh`` (or of ``weight_hr``
+  with a projection) and, without a projection, the matching output channels.
+- With ``proj_size`` P > 0 (LSTM), the output and ``h`` carry P channels (slice
+  ``"proj"``, tied across layers and directions the same way): rows of ``weight_hr``,
+  columns of ``weight_hh``; the cell units H (slice ``"hidden"``) are then internal.
+- The output concatenates both directions, ``[forward, backward]``; its label is the
+  output atoms repeated per direction, and layer ``k > 0`` reads them in its
+  ``weight_ih`` columns.
+- ``input_size``: slice ``"in"`` (columns of ``weight_ih_l0*``) from the input's label.
+- An initial state ``hx`` (``h_0``, LSTM ``(h_0, c_0)``) must shrink with the units: its
+  last-dim label is unioned with them (an unlabelled ``hx`` freezes them).
+- ``h_n``/``c_n`` get labels too. A ``PackedSequence`` input freezes everything.
+
+Masking oracle: zeroing the weights of a hidden unit makes its gates' pre-activations
+zero, hence (with a zero initial state) its ``h`` and ``c`` stay exactly zero, which is
+what removing it does. ``mask`` zeroes them in the oracle's copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cleanai_core import hookimpl
+from cleanai_core.graph.trace import TRef
+from cleanai_core.interfaces import LayerPruner, replace_param
+
+__all__ = ["RecurrentPruner"]
+
+
+def _gates(module) -> int:
+    return {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+
+
+def _suffixes(module) -> list[str]:
+    return ["", "_reverse"] if module.bidirectional else [""]
+
+
+def _rows(k: torch.Tensor, h: int, g: int) -> torch.Tensor:
+    return torch.cat([k + i * h for i in range(g)])
+
+
+class RecurrentPruner(LayerPruner):
+    name = "recurrent"
+
+    def trace(self, module, call, ctx):
+        x = call.args[0] if call.args else call.kwargs.get("input")
+        hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+        h, p = module.hidden_size, module.proj_size
+        hidden = ctx.produce(call.name, "hidden", h, **({} if p > 0 else {"dim": -1}))
+        proj = ctx.produce(call.name, "proj", p, dim=-1) if p > 0 else hidden
+        if not isinstance(x, TRef):
+            ctx.freeze(hidden, f"{ctx.where()}: input is not a plain tensor (PackedSequence?)")
+            ctx.freeze(proj, f"{ctx.where()}: input is not a plain tensor (PackedSequence?)")
+            for ref in call.inputs:
+                ctx.freeze_tensor(ref, f"{ctx.where()}: PackedSequence input")
+            return
+        ctx.bind(call.name, "in", ctx.labels(x, -1), "in", arg=0, dim=-1)
+        states = [hx] if isinstance(hx, TRef) else list(hx) if isinstance(hx, (tuple, list)) else []
+        for i, s in enumerate(states):
+            if isinstance(s, TRef):
+                ctx.union(ctx.labels(s, -1), proj if i == 0 else hidden)
+        d = 2 if module.bidirectional else 1
+        outs = call.outputs
+        if outs:
+            ctx.set_label(outs[0], -1, proj.repeat(d))
+        for i, o in enumerate(outs[1:]):
+            ctx.set_label(o, -1, proj if i == 0 else hidden)
+
+    # -- slicing ---------------------------------------------------------------
+    def prune(self, module, keep):
+        g, h, p = _gates(module), module.hidden_size, module.proj_size
+        out_w = p if p > 0 else h
+        d = 2 if module.bidirectional else 1
+        kin, kh = keep.get("in"), keep.get("hidden")
+        kp = keep.get("proj") if p > 0 else kh
+        for layer in range(module.num_layers):
+            for sfx in _suffixes(module):
+                wih, whh = f"weight_ih_l{layer}{sfx}", f"weight_hh_l{layer}{sfx}"
+                if layer == 0 and kin is not None:
+                    replace_param(module, wih, 1, kin)
+                if layer > 0 and kp is not None:
+                    replace_param(module, wih, 1, torch.cat([kp + i * out_w for i in range(d)]))
+                if kh is not None:
+                    rows = _rows(kh, h, g)
+                    for name in (wih, whh, f"bias_ih_l{layer}{sfx}", f"bias_hh_l{layer}{sfx}"):
+                        if hasattr(module, name):
+                            replace_param(module, name, 0, rows)
+                    if p > 0:
+                        replace_param(module, f"weight_hr_l{layer}{sfx}", 1, kh)
+                if kp is not None:
+                    replace_param(module, whh, 1, kp)
+                    if p > 0:
+                        replace_param(module, f"weight_hr_l{layer}{sfx}", 0, kp)
+        if kin is not None:
+            module.input_size = kin.numel()
+        if kh is not None:
+            module.hidden_size = kh.numel()
+        if p > 0 and kp is not None:
+            module.proj_size = kp.numel()
+        module._init_flat_weights()
+
+    def mask(self, module, slice_name, idx):
+        """Zero, in the masking oracle's copy, every weight of the pruned units."""
+        g, h, p = _gates(module), module.hidden_size, module.proj_size
+        out_w = p if p > 0 else h
+        d = 2 if module.bidirectional else 1
+        for layer in range(module.num_layers):
+            for sfx in _suffixes(module):
+                w = lambda n: getattr(module, f"{n}_l{layer}{sfx}", None)  # noqa: E731
+                if slice_name == "in" and layer == 0:
+                    w("weight_ih").data[:, idx] = 0
+                if slice_name == "hidden":
+                    rows = _rows(idx, h, g)
+                    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                        if w(name) is not None:
+                            w(name).data[rows] = 0
+                    if p > 0:
+                        w("weight_hr").data[:, idx] = 0
+                if slice_name == ("proj" if p > 0 else "hidden"):
+                    w("weight_hh").data[:, idx] = 0
+                    if p > 0:
+                        w("weight_hr").data[idx] = 0
+                    if layer > 0:
+                        w("weight_ih").data[:, torch.cat([idx + i * out_w for i in range(d)])] = 0
+        return True
+
+    def weight_energy(self, module, slice_name):
+        g, h, p = _gates(module), module.hidden_size, module.proj_size
+        out_w = p if p > 0 else h
+        d = 2 if module.bidirectional else 1
+        n = {"in": module.input_size, "hidden": h, "proj": p}[slice_name]
+        e = torch.zeros(n)
+        for layer in range(module.num_layers):
+            for sfx in _suffixes(module):
+
+                def sq(name):
+                    t = getattr(module, f"{name}_l{layer}{sfx}", None)
+                    return None if t is None else t.detach().float() ** 2
+
+                if slice_name == "in" and layer == 0:
+                    e += sq("weight_ih").sum(0)
+                if slice_name == "hidden":
+                    for name in ("weight_ih", "weight_hh"):
+                        e += sq(name).sum(1).reshape(g, h).sum(0)
+                    if p > 0:
+                        e += sq("weight_hr").sum(0)
+                if slice_name == ("proj" if p > 0 else "hidden"):
+                    e += sq("weight_hh").sum(0)
+                    if p > 0:
+                        e += sq("weight_hr").sum(1)
+                    if layer > 0:
+                        e += sq("weight_ih").sum(0).reshape(d, out_w).sum(0)
+        return e
+
+
+@hookimpl(trylast=True)
+def cleanai_layer_pruner(module):
+    if isinstance(module, nn.modules.rnn.RNNBase):
+        return RecurrentPruner()
+    return None
