@@ -1,0 +1,57 @@
+"""Shared fixtures: fake installed distributions, so entry points are tested offline.
+
+A distribution is visible to ``importlib.metadata`` when a ``<name>-<version>.dist-info``
+folder holding ``METADATA`` (and ``entry_points.txt``) sits in a folder on ``sys.path``.
+:func:`write_dist` writes such a folder next to the plugin's source; nothing is
+downloaded or installed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cleanai_core.plugins import set_plugin_manager
+
+EXAMPLE_PLUGIN = Path(__file__).parent / "example_plugin"
+
+
+def write_dist(
+    root: Path, name: str, version: str, entry_points: dict[str, str], modules: dict[str, str] | None = None
+) -> Path:
+    """Make ``root`` hold distribution ``name`` with ``[cleanai]`` entry points and the
+    given module sources (``{"pkg/mod.py": "source"}``); returns ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    info = root / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    lines = ["[cleanai]"] + [f"{ep} = {target}" for ep, target in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    for rel, source in (modules or {}).items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+    return root
+
+
+@pytest.fixture(scope="session")
+def example_dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder that looks like site-packages with ``cleanai-example 0.1`` installed."""
+    root = tmp_path_factory.mktemp("site")
+    shutil.copytree(
+        EXAMPLE_PLUGIN / "cleanai_example", root / "cleanai_example", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return write_dist(root, "cleanai-example", "0.1", {"example": "cleanai_example.plugin"})
+
+
+@pytest.fixture
+def with_example(example_dist: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``cleanai-example`` on ``sys.path`` for this test (and the global manager rebuilt)."""
+    monkeypatch.syspath_prepend(str(example_dist))
+    monkeypatch.delenv("CLEANAI_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    monkeypatch.delenv("CLEANAI_DISABLED_PLUGINS", raising=False)
+    set_plugin_manager(None)
+    yield example_dist
+    set_plugin_manager(None)
