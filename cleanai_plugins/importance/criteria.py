@@ -1,1 +1,127 @@
-"""Placeholder while the kernel lands."""
+"""Built-in importance criteria: weight_activation (default), magnitude, bn_scale,
+taylor, random, lamp."""
+
+from __future__ import annotations
+
+import torch
+
+from cleanai_core import hookimpl
+from cleanai_core.errors import UserError
+from cleanai_core.scoring import ScoringContext, WeightActivationImportance, _norm
+
+__all__ = ["BNScaleImportance", "LAMPImportance", "MagnitudeImportance", "RandomImportance", "TaylorImportance"]
+
+
+class MagnitudeImportance:
+    """Group weight magnitude: the Lp norm of every weight that touches the unit
+    (producer filters, consumer columns, norm affines), each slice normalised by its
+    mean. Data-free. ``p=2`` (default) or ``p=1``."""
+
+    needs_activations = False
+
+    def __init__(self, p: int = 2) -> None:
+        if p not in (1, 2):
+            raise UserError(f"magnitude p={p}: use 1 or 2")
+        self.p = p
+
+    def __call__(self, group, ctx: ScoringContext) -> torch.Tensor:
+        model = ctx.model if self.p == 2 else ctx.extra.setdefault("_l1_model", _transformed(ctx.model, _sqrt_abs))
+        terms = []
+        for spec in group.slices:
+            e = ctx.energy(spec, model)
+            if e is not None:
+                terms.append(_norm(ctx.per_unit(group, spec, e)))
+        if not terms:
+            return torch.ones(group.size, dtype=torch.float64)
+        return torch.stack(terms).mean(0)
+
+
+class BNScaleImportance:
+    """``|gamma|`` of the norm layers in the group (network slimming). Groups without
+    a norm fall back to magnitude."""
+
+    needs_activations = False
+
+    def __call__(self, group, ctx):
+        terms = [
+            ctx.per_unit(group, s, ctx.energy(s).sqrt())
+            for s in group.slices
+            if s.kind == "param" and s.module and ctx.energy(s) is not None
+        ]
+        if not terms:
+            return MagnitudeImportance()(group, ctx)
+        return torch.stack([_norm(t) for t in terms]).mean(0)
+
+
+class TaylorImportance:
+    """First-order Taylor: ``sum (w * dL/dw)^2`` over the weights touching the unit,
+    with gradients of the loss on labelled calibration data (``collect_activations``
+    accumulates them when this criterion is used). Needs labels or a ``loss_fn``."""
+
+    needs_activations = True
+    needs_gradients = True
+
+    def __call__(self, group, ctx):
+        grads = ctx.extra.get("gradients")
+        if not grads:
+            raise UserError("taylor importance needs gradients: call collect_activations with labelled data first")
+        model = ctx.extra.setdefault("_taylor_model", _transformed(ctx.model, lambda name, p: p * grads.get(name, 0)))
+        terms = []
+        for spec in group.slices:
+            e = ctx.energy(spec, model)
+            if e is not None:
+                terms.append(ctx.per_unit(group, spec, e))
+        if not terms:
+            return torch.ones(group.size, dtype=torch.float64)
+        return torch.stack(terms).sum(0)
+
+
+class RandomImportance:
+    """Random scores (a baseline). Seeded."""
+
+    needs_activations = False
+
+    def __init__(self, seed: int = 0) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, group, ctx):
+        return torch.rand(group.size, generator=self.gen, dtype=torch.float64)
+
+
+class LAMPImportance(MagnitudeImportance):
+    """Magnitude rescaled LAMP-style: ``s_u^2 / sum_{v: s_v >= s_u} s_v^2``, which makes
+    scores comparable across groups for global pruning."""
+
+    def __call__(self, group, ctx):
+        s = super().__call__(group, ctx)
+        from cleanai_plugins.reducers import lamp
+
+        return lamp(s)
+
+
+def _sqrt_abs(name, p):
+    return p.abs().sqrt()
+
+
+def _transformed(model, fn):
+    """A copy of ``model`` whose float parameters are ``fn(name, p)``."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in clone.named_parameters():
+            if p.is_floating_point():
+                p.copy_(fn(name, p))
+    return clone
+
+
+@hookimpl(trylast=True)
+def cleanai_importances():
+    return {
+        "weight_activation": WeightActivationImportance,
+        "magnitude": MagnitudeImportance,
+        "bn_scale": BNScaleImportance,
+        "taylor": TaylorImportance,
+        "random": RandomImportance,
+        "lamp": LAMPImportance,
+    }

@@ -1,0 +1,85 @@
+"""PruningHistory: a replayable, serialisable record of every slicing step."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import attrs
+from torch import nn
+
+from cleanai_core.errors import UserError
+from cleanai_core.slicing import SliceEdit, apply_edits
+
+__all__ = ["PruningHistory", "atomic_write_text"]
+
+FORMAT = "cleanai-history/1"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@attrs.define(eq=False)
+class PruningHistory:
+    """Steps of slice edits, in order. Replaying them on a freshly built model of the
+    same architecture reproduces the pruned architecture exactly; the weights then
+    load from the pruned model's ``state_dict``.
+
+    Example::
+
+        history.save("history.json")
+        fresh = build_model()
+        PruningHistory.load("history.json").replay(fresh)
+        fresh.load_state_dict(torch.load("model.pt"))
+    """
+
+    steps: list[list[SliceEdit]] = attrs.field(factory=list)
+    meta: dict[str, Any] = attrs.field(factory=dict)
+
+    def record(self, edits: list[SliceEdit]) -> None:
+        self.steps.append(list(edits))
+
+    def replay(self, model: nn.Module, pm: Any = None) -> nn.Module:
+        """Apply every step to ``model`` in place and return it."""
+        for step in self.steps:
+            apply_edits(model, step, pm)
+        return model
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "meta": self.meta, "steps": [[e.to_json() for e in step] for step in self.steps]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PruningHistory:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UserError(f"not a CleanAI pruning history (expected format {FORMAT!r})")
+        return cls([[SliceEdit.from_json(e) for e in step] for step in data["steps"]], dict(data.get("meta", {})))
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PruningHistory:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"history file {path} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"history file {path} is not valid JSON ({exc}); it may be truncated") from None
+        return cls.from_json(data)
+
+    def __len__(self) -> int:
+        return len(self.steps)

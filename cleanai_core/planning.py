@@ -1,0 +1,170 @@
+"""From scores to a PruningPlan: pure data, a dry run that changes nothing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import attrs
+import torch
+
+from cleanai_core.graph.groups import Group
+
+__all__ = ["GroupPlan", "PruningPlan", "make_plan"]
+
+
+@attrs.define(eq=False)
+class GroupPlan:
+    """The decision for one group: a score and a verdict per unit."""
+
+    group: Group
+    scores: torch.Tensor
+    pruned: torch.Tensor  # bool per unit
+    ratio: float
+
+    @property
+    def n_pruned(self) -> int:
+        return int(self.pruned.sum())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "group": self.group.id,
+            "modules": self.group.modules(),
+            "units": self.group.size,
+            "pruned": self.n_pruned,
+            "ratio": self.ratio,
+            "frozen": int(self.group.frozen.sum()),
+        }
+
+
+@attrs.define(eq=False)
+class PruningPlan:
+    """Which units go. ``pruned_units()`` is a mask over the graph's units."""
+
+    groups: list[GroupPlan]
+    n_atoms: int
+
+    def pruned_units(self) -> torch.Tensor:
+        mask = torch.zeros(self.n_atoms, dtype=torch.bool)
+        for gp in self.groups:
+            mask[gp.group.units[gp.pruned]] = True
+        return mask
+
+    @property
+    def n_pruned(self) -> int:
+        return sum(gp.n_pruned for gp in self.groups)
+
+    def summary(self, max_rows: int = 40) -> str:
+        total = sum(gp.group.size for gp in self.groups)
+        lines = [f"{self.n_pruned} of {total} units pruned across {sum(gp.n_pruned > 0 for gp in self.groups)} groups"]
+        for gp in self.groups[:max_rows]:
+            mods = gp.group.modules()
+            lines.append(
+                f"  group {gp.group.id:>3}: {gp.n_pruned:>5}/{gp.group.size:<5} {', '.join(mods[:3])}"
+                + (f" (+{len(mods) - 3})" if len(mods) > 3 else "")
+            )
+        if len(self.groups) > max_rows:
+            lines.append(f"  ... {len(self.groups) - max_rows} more groups")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pruned_units": self.n_pruned, "groups": [gp.to_json() for gp in self.groups]}
+
+
+def _multiplicity(group: Group) -> int:
+    spec = next((s for s in group.slices if s.kind == "out"), group.slices[0])
+    return max(1, spec.atoms.numel() // max(group.size, 1))
+
+
+def _limit(group: Group, n: int, round_to: int | None, min_units: int) -> int:
+    n = max(0, min(n, group.prunable, group.size - max(1, min_units)))
+    if round_to and round_to > 1 and n > 0:
+        m = _multiplicity(group)
+        kept = (group.size - n) * m
+        kept = math.ceil(kept / round_to) * round_to
+        n = max(0, group.size - math.ceil(kept / m))
+        n = min(n, group.prunable)
+    return n
+
+
+def _lowest(scores: torch.Tensor, frozen: torch.Tensor, n: int) -> torch.Tensor:
+    pruned = torch.zeros(scores.numel(), dtype=torch.bool)
+    if n <= 0:
+        return pruned
+    s = scores.clone().to(torch.float64)
+    s[frozen] = math.inf
+    order = torch.argsort(s, stable=True)
+    pruned[order[:n]] = True
+    return pruned
+
+
+def make_plan(
+    groups: list[Group],
+    scores: dict[int, torch.Tensor],
+    n_atoms: int,
+    ratio: float,
+    group_ratios: dict[int, float] | None = None,
+    global_pruning: bool = False,
+    max_layer_ratio: float = 0.9,
+    round_to: int | None = None,
+    min_units: int = 1,
+    normalizer: Any = None,
+) -> PruningPlan:
+    """Decide, per group, which units to prune.
+
+    Uniform (default): each group loses ``ratio`` of its units (or its entry in
+    ``group_ratios``), the lowest-scoring first. Global: scores normalised per group
+    are ranked together and the lowest ``ratio`` of all units go, at most
+    ``max_layer_ratio`` of any group. Frozen units are never pruned; at least
+    ``min_units`` units stay in every group; ``round_to`` rounds kept channel counts
+    up to a multiple.
+    """
+    group_ratios = group_ratios or {}
+    plans = []
+    if not global_pruning:
+        for g in groups:
+            r = group_ratios.get(g.id, ratio)
+            n = _limit(g, int(math.floor(r * g.size + 1e-9)), round_to, min_units)
+            plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), r))
+        return PruningPlan(plans, n_atoms)
+
+    fixed = [g for g in groups if g.id in group_ratios]
+    free = [g for g in groups if g.id not in group_ratios]
+    for g in fixed:
+        n = _limit(g, int(math.floor(group_ratios[g.id] * g.size + 1e-9)), round_to, min_units)
+        plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), group_ratios[g.id]))
+    norm = normalizer or (lambda s: s / s.mean() if float(s.mean()) > 0 else s)
+    pool_s, pool_g, pool_i = [], [], []
+    for g in free:
+        if g.prunable == 0:
+            continue
+        s = norm(scores[g.id].to(torch.float64))
+        idx = (~g.frozen).nonzero().squeeze(1)
+        pool_s.append(s[idx])
+        pool_g.append(torch.full((idx.numel(),), g.id))
+        pool_i.append(idx)
+    budget = int(math.floor(ratio * sum(g.size for g in free)))
+    counts = {g.id: 0 for g in free}
+    caps = {g.id: _limit(g, int(math.floor(max_layer_ratio * g.size)), None, min_units) for g in free}
+    chosen: dict[int, list[int]] = {g.id: [] for g in free}
+    if pool_s:
+        s_all, g_all, i_all = torch.cat(pool_s), torch.cat(pool_g), torch.cat(pool_i)
+        taken = 0
+        for k in torch.argsort(s_all, stable=True).tolist():
+            if taken >= budget:
+                break
+            gid = int(g_all[k])
+            if counts[gid] < caps[gid]:
+                counts[gid] += 1
+                chosen[gid].append(int(i_all[k]))
+                taken += 1
+    for g in free:
+        pruned = torch.zeros(g.size, dtype=torch.bool)
+        n = _limit(g, counts[g.id], round_to, min_units)
+        if n:
+            pruned = _lowest(scores[g.id], g.frozen, n) if n != counts[g.id] else pruned
+            if n == counts[g.id]:
+                pruned[torch.tensor(chosen[g.id], dtype=torch.int64)] = True
+        plans.append(GroupPlan(g, scores[g.id], pruned, n / max(g.size, 1)))
+    plans.sort(key=lambda gp: gp.group.id)
+    return PruningPlan(plans, n_atoms)

@@ -1,0 +1,500 @@
+"""StructuredPruner: trace -> calibrate -> score -> plan -> slice -> verify -> report."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from cleanai_core.calibration import StatsCollector, iterate, move_to, split_batch, total_batches
+from cleanai_core.errors import PruningError, UserError
+from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.history import PruningHistory
+from cleanai_core.metrics import count_flops, count_params
+from cleanai_core.planning import PruningPlan, make_plan
+from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, get_normalizer
+from cleanai_core.slicing import SliceEdit, apply_edits
+from cleanai_core.testing import run_model
+
+__all__ = ["StructuredPruner", "match_modules"]
+
+log = logging.getLogger("cleanai")
+
+ModuleSpec = nn.Module | str | type
+
+
+def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, Any]:
+    """Names of the modules of ``model`` matched by modules, names, globs or types.
+    Returns ``{name: spec}``; raises :class:`UserError` for a spec that matches nothing."""
+    named = list(model.named_modules())
+    ids = {id(m): n for n, m in named}
+    out: dict[str, Any] = {}
+    for spec in specs:
+        hits: list[str]
+        if isinstance(spec, nn.Module):
+            hits = [ids[id(spec)]] if id(spec) in ids else []
+        elif isinstance(spec, type):
+            hits = [n for n, m in named if isinstance(m, spec)]
+        elif isinstance(spec, str):
+            hits = [n for n, _ in named if n == spec or fnmatch.fnmatchcase(n, spec)]
+        else:
+            raise UserError(f"cannot match layers with {spec!r}: give a module, a name, a glob or a type")
+        if not hits:
+            raise UserError(f"{spec!r} matches no layer of the model; check the name with `cleanai explain`")
+        for h in hits:
+            out.setdefault(h, spec)
+    return out
+
+
+class StructuredPruner:
+    """Prune a trained model by real slicing, scoring units on your data.
+
+    Example::
+
+        importance = WeightActivationImportance(weight_ratio=0.5, activation_ratio=0.5)
+        pruner = StructuredPruner(model, example_inputs, importance, pruning_ratio=0.3,
+                                  ignored_layers=[model.fc])
+        pruner.collect_activations(test_loader, num_batches=10)
+        pruned_model = pruner.prune()
+        print(pruner.report()["params_after"])
+
+    :param model: the trained model; not modified unless ``inplace=True``.
+    :param example_inputs: one batch of inputs (tensor, tuple or dict) for tracing.
+    :param importance: a criterion object or a registered name; default
+        :class:`WeightActivationImportance`.
+    :param pruning_ratio: share of each group's units to remove (0 < r < 1).
+    :param layer_pruning_ratios: ``{module | name | glob | type: ratio}``.
+    :param ignored_layers: modules, names, globs or types whose output channels are kept
+        (plus the classifier heads the ``cleanai_default_ignores`` hook names).
+    :param global_pruning: rank units of all groups together (scores normalised per group).
+    :param max_layer_ratio: with global pruning, the most any group may lose.
+    :param round_to: kept channel counts rounded up to a multiple (e.g. 8).
+    :param min_channels: units every group keeps at least.
+    :param target_flops: instead of ``pruning_ratio``, keep this share of the FLOPs.
+    :param iterative_steps: prune in this many steps, re-collecting statistics in between.
+    :param bias_compensation: fold removed channels' mean into consumers' bias.
+    :param recalibrate_bn: recompute BatchNorm statistics on the calibration data.
+    :param inplace: slice ``model`` itself (rolled back if anything fails).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        importance: Any = None,
+        pruning_ratio: float = 0.3,
+        layer_pruning_ratios: Mapping[ModuleSpec, float] | None = None,
+        ignored_layers: Iterable[ModuleSpec] | None = None,
+        global_pruning: bool = False,
+        max_layer_ratio: float = 0.9,
+        round_to: int | None = None,
+        min_channels: int = 1,
+        target_flops: float | None = None,
+        iterative_steps: int = 1,
+        bias_compensation: bool = True,
+        recalibrate_bn: bool = True,
+        inplace: bool = False,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        output_transform: Callable[[Any], Any] | None = None,
+        normalizer: str = "mean",
+        verify: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_ratio("pruning_ratio", pruning_ratio)
+        if target_flops is not None and not 0.0 < float(target_flops) < 1.0:
+            raise UserError(f"target_flops={target_flops}: give the share of FLOPs to keep, between 0 and 1")
+        if not 0.0 < max_layer_ratio < 1.0:
+            raise UserError(f"max_layer_ratio={max_layer_ratio} must be between 0 and 1")
+        if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+            raise UserError(f"round_to={round_to} must be a positive integer")
+        if not isinstance(iterative_steps, int) or iterative_steps < 1:
+            raise UserError(f"iterative_steps={iterative_steps} must be a positive integer")
+        self.model = model
+        self.example_inputs = example_inputs
+        self.importance = get_importance(importance) if isinstance(importance, str) else (
+            importance if importance is not None else WeightActivationImportance()
+        )
+        self.pruning_ratio = float(pruning_ratio)
+        self.global_pruning = global_pruning
+        self.max_layer_ratio = max_layer_ratio
+        self.round_to = round_to
+        self.min_channels = min_channels
+        self.target_flops = target_flops
+        self.iterative_steps = iterative_steps
+        self.bias_compensation = bias_compensation
+        self.recalibrate_bn = recalibrate_bn
+        self.inplace = inplace
+        self.forward_fn = forward_fn
+        self.output_transform = output_transform
+        self.normalizer = get_normalizer(normalizer)
+        self.verify = verify
+        self.layer_ratios: dict[str, float] = {}
+        for spec, r in (layer_pruning_ratios or {}).items():
+            _check_ratio(f"layer_pruning_ratios[{spec!r}]", r)
+            for name in match_modules(model, [spec]):
+                self.layer_ratios.setdefault(name, float(r))
+        self.ignored = set(match_modules(model, ignored_layers or ()))
+        from cleanai_core.plugins import get_plugin_manager
+
+        for res in get_plugin_manager().hook.cleanai_default_ignores(model=model):
+            for m in res or ():
+                self.ignored.update(match_modules(model, [m]))
+        self.history = PruningHistory()
+        self.stats: dict = {}
+        self.gradients: dict[str, torch.Tensor] = {}
+        self._calibration: tuple[Any, int | None] | None = None
+        self._plan: PruningPlan | None = None
+        self.pruned_model: nn.Module | None = None
+        self.skipped_groups: list[str] = []
+        self._before: dict[str, Any] = {}
+        self._layers: list[dict[str, Any]] = []
+        self.graph = self._build_graph(model)
+
+    # -- graph ---------------------------------------------------------------------
+    def _build_graph(self, model: nn.Module) -> DependencyGraph:
+        graph = DependencyGraph(model, self.example_inputs, self.forward_fn, self.output_transform,
+                                ignored_layers=sorted(self.ignored))
+        if not graph.groups(prunable_only=True):
+            why = " (every layer is ignored)" if self.ignored and all(
+                s.module in self.ignored for s in graph.slices if s.kind == "out") else ""
+            raise UserError(
+                f"nothing in this model can be pruned{why}: no group of coupled channels is free to shrink. "
+                "Run `cleanai explain` to see which operations froze them, or ignore fewer layers."
+            )
+        return graph
+
+    # -- calibration -----------------------------------------------------------------
+    def collect_activations(self, loader: Iterable[Any], num_batches: int | None = None,
+                            progress: bool = True) -> StructuredPruner:
+        """Stream per-channel statistics at every consumer's input over ``loader``
+        (tensors, ``(x, y)`` pairs or dicts). Memory is bounded by the channel count."""
+        if num_batches is not None and num_batches < 1:
+            raise UserError(f"num_batches={num_batches} must be at least 1")
+        from tqdm.auto import tqdm
+
+        device = _device_of(self.model)
+        collector = StatsCollector(self.model, self.graph.slices)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with collector.hooks(), torch.no_grad():
+                batches = iterate(loader, num_batches)
+                for batch in tqdm(batches, total=total_batches(loader, num_batches), disable=not progress,
+                                  desc="calibrating", unit="batch", leave=False):
+                    inputs, _ = split_batch(batch)
+                    self._forward(self.model, move_to(inputs, device))
+            if getattr(self.importance, "needs_gradients", False):
+                self.gradients = self._accumulate_gradients(loader, num_batches, device)
+        finally:
+            self.model.train(was_training)
+        self.stats = collector.stats
+        self._calibration = (loader, num_batches)
+        self._plan = None
+        return self
+
+    def _forward(self, model: nn.Module, inputs: Any) -> Any:
+        if self.forward_fn is not None:
+            return self.forward_fn(model, inputs)
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
+
+    def _accumulate_gradients(self, loader, num_batches, device) -> dict[str, torch.Tensor]:
+        clone = copy.deepcopy(self.model).eval()
+        for p in clone.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        seen = False
+        for batch in iterate(loader, num_batches):
+            inputs, target = split_batch(batch)
+            if target is None:
+                raise UserError("taylor importance needs labels: the data yields inputs only")
+            out = self._forward(clone, move_to(inputs, device))
+            out = self.output_transform(out) if self.output_transform else getattr(out, "logits", out)
+            loss = nn.functional.cross_entropy(out, move_to(target, device))
+            loss.backward()
+            seen = True
+        if not seen:
+            raise UserError("the calibration data is empty")
+        return {n: p.grad.detach().clone() for n, p in clone.named_parameters() if p.grad is not None}
+
+    # -- planning -------------------------------------------------------------------
+    def _scores(self, graph: DependencyGraph, model: nn.Module, stats: dict) -> dict[int, torch.Tensor]:
+        if getattr(self.importance, "needs_activations", False) and not stats:
+            raise UserError(
+                f"{type(self.importance).__name__} scores activations: call "
+                "pruner.collect_activations(loader) first, or choose a data-free importance such as 'magnitude'"
+            )
+        ctx = ScoringContext(graph, stats, model,
+                             extra={"bias_compensation": self.bias_compensation, "gradients": self.gradients})
+        out = {}
+        for g in graph.groups(prunable_only=True):
+            s = torch.as_tensor(self.importance(g, ctx), dtype=torch.float64).reshape(-1)
+            if s.numel() != g.size:
+                raise PruningError(f"{type(self.importance).__name__} returned {s.numel()} scores for {g.size} units")
+            out[g.id] = torch.nan_to_num(s, nan=0.0)
+        return out
+
+    def _group_ratios(self, graph: DependencyGraph) -> dict[int, float]:
+        ratios = {}
+        for g in graph.groups(prunable_only=True):
+            for s in g.slices:
+                if s.kind != "in" and s.module in self.layer_ratios:
+                    ratios[g.id] = self.layer_ratios[s.module]
+                    break
+        return ratios
+
+    def _make_plan(self, graph, model, stats, ratio: float) -> PruningPlan:
+        scores = self._scores(graph, model, stats)
+        return make_plan(
+            graph.groups(prunable_only=True), scores, graph.root.numel(), ratio,
+            group_ratios=self._group_ratios(graph), global_pruning=self.global_pruning,
+            max_layer_ratio=self.max_layer_ratio, round_to=self.round_to, min_units=self.min_channels,
+            normalizer=self.normalizer,
+        )
+
+    def plan(self) -> PruningPlan:
+        """The dry run: which units would go. Changes nothing."""
+        if self._plan is None:
+            ratio = self.pruning_ratio
+            if self.target_flops is not None:
+                ratio = self._solve_flops()
+            self._plan = self._make_plan(self.graph, self.model, self.stats, ratio)
+        return self._plan
+
+    def _solve_flops(self) -> float:
+        base = count_flops(self.model, self.example_inputs, self.forward_fn)
+        scores = self._scores(self.graph, self.model, self.stats)
+        lo, hi = 0.0, 0.95
+        for _ in range(10):
+            mid = (lo + hi) / 2
+            plan = make_plan(self.graph.groups(prunable_only=True), scores, self.graph.root.numel(), mid,
+                             group_ratios=self._group_ratios(self.graph), global_pruning=self.global_pruning,
+                             max_layer_ratio=self.max_layer_ratio, round_to=self.round_to,
+                             min_units=self.min_channels, normalizer=self.normalizer)
+            small = copy.deepcopy(self.model)
+            apply_edits(small, self._edits(self.graph, plan.pruned_units()), self.graph.pm)
+            if count_flops(small, self.example_inputs, self.forward_fn) / base > self.target_flops:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    # -- slicing ---------------------------------------------------------------------
+    @staticmethod
+    def _edits(graph: DependencyGraph, pruned: torch.Tensor) -> list[SliceEdit]:
+        return [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in graph.keep_indices(pruned).items()]
+
+    def _build(self, source: nn.Module, graph: DependencyGraph, stats: dict, pruned: torch.Tensor,
+               ) -> tuple[nn.Module, list[SliceEdit]]:
+        model = copy.deepcopy(source)
+        edits = self._edits(graph, pruned)
+        if self.bias_compensation and stats:
+            self._compensate(model, graph, stats, pruned)
+        apply_edits(model, edits, graph.pm)
+        if self.verify:
+            self._verify(model, graph)
+        return model, edits
+
+    def _compensate(self, model: nn.Module, graph: DependencyGraph, stats: dict, pruned: torch.Tensor) -> None:
+        with torch.no_grad():
+            for spec in graph.slices:
+                st = stats.get((spec.module, spec.name))
+                if spec.kind != "in" or st is None or st.mean is None or spec.pruner is None:
+                    continue
+                gone = pruned[graph.root[spec.atoms]]
+                if bool(gone.any()):
+                    idx = gone.nonzero().squeeze(1)
+                    spec.pruner.compensate(model.get_submodule(spec.module), spec.name, idx, st.mean[idx])
+
+    def _verify(self, model: nn.Module, graph: DependencyGraph) -> None:
+        was = model.training
+        model.eval()
+        try:
+            outs = run_model(model, self.example_inputs, self.forward_fn)
+        except Exception as exc:
+            raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
+        finally:
+            model.train(was)
+        shapes = [tuple(o.shape) for o in outs]
+        if shapes != [tuple(s) for s in graph.output_shapes]:
+            raise PruningError(f"the pruned model's output shapes {shapes} differ from {graph.output_shapes}")
+
+    def _safe_build(self, source, graph, stats, plan: PruningPlan) -> tuple[nn.Module, list[SliceEdit]]:
+        """Build; if the result does not run, find the groups at fault by bisection,
+        skip them with a warning naming group, modules and plugins, and build again."""
+        pruned = plan.pruned_units()
+        try:
+            return self._build(source, graph, stats, pruned)
+        except PruningError as first:
+            active = [gp for gp in plan.groups if gp.n_pruned]
+
+            def mask(gps):
+                m = torch.zeros_like(pruned)
+                for gp in gps:
+                    m[gp.group.units[gp.pruned]] = True
+                return m
+
+            def ok(gps) -> bool:
+                try:
+                    self._build(source, graph, stats, mask(gps))
+                    return True
+                except PruningError:
+                    return False
+
+            def bad(gps):
+                if ok(gps):
+                    return []
+                if len(gps) == 1:
+                    return gps
+                half = len(gps) // 2
+                found = bad(gps[:half]) + bad(gps[half:])
+                return found or gps
+
+            culprits = bad(active)
+            for gp in culprits:
+                plugins = sorted({type(s.pruner).__name__ for s in gp.group.slices if s.pruner is not None})
+                msg = (f"skipped group {gp.group.id} ({', '.join(gp.group.modules()[:4])}; pruners "
+                       f"{', '.join(plugins) or 'none'}): pruning it breaks the model ({first})")
+                self.skipped_groups.append(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+                gp.pruned[:] = False
+            remaining = [gp for gp in active if gp not in culprits]
+            return self._build(source, graph, stats, mask(remaining))
+
+    def prune(self) -> nn.Module:
+        """Slice the model; return the pruned model (a copy unless ``inplace=True``)."""
+        self._before = {"params": count_params(self.model),
+                        "flops": count_flops(self.model, self.example_inputs, self.forward_fn)}
+        self._layers = []
+        current, graph, stats = self.model, self.graph, self.stats
+        steps = self.iterative_steps
+        for step in range(steps):
+            if step == 0 and steps == 1:
+                plan = self.plan()
+            else:
+                keep_share = (1 - self.pruning_ratio) ** ((step + 1) / steps) if self.target_flops is None else None
+                prev = 1.0 if step == 0 else (1 - self.pruning_ratio) ** (step / steps)
+                r = 1 - keep_share / prev if keep_share is not None else self.pruning_ratio / steps
+                if step > 0:
+                    graph = self._build_graph(current)
+                    stats = self._recollect(current, graph)
+                plan = self._make_plan(graph, current, stats, r)
+                if step == 0:
+                    self._plan = plan
+            pruned_model, edits = self._safe_build(current, graph, stats, plan)
+            self._record_layers(graph, plan)
+            self.history.record(edits)
+            current = pruned_model
+        if self.recalibrate_bn and self._calibration is not None:
+            self._recalibrate(current)
+        current.train(self.model.training)
+        if self.inplace:
+            self._transplant(current)
+            current = self.model
+        self.pruned_model = current
+        return current
+
+    def _recollect(self, model: nn.Module, graph: DependencyGraph) -> dict:
+        if self._calibration is None:
+            return {}
+        loader, n = self._calibration
+        collector = StatsCollector(model, graph.slices)
+        model.eval()
+        with collector.hooks(), torch.no_grad():
+            for batch in iterate(loader, n):
+                self._forward(model, move_to(split_batch(batch)[0], _device_of(model)))
+        return collector.stats
+
+    def _recalibrate(self, model: nn.Module) -> None:
+        """BatchNorm statistics recomputed on the calibration data (cumulative average)."""
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not bns:
+            return
+        loader, n = self._calibration
+        saved = [(m, m.momentum) for m in bns]
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        try:
+            with torch.no_grad():
+                for batch in iterate(loader, n):
+                    self._forward(model, move_to(split_batch(batch)[0], _device_of(model)))
+        finally:
+            for m, mom in saved:
+                m.momentum = mom
+                m.eval()
+
+    def _transplant(self, pruned: nn.Module) -> None:
+        """Make ``self.model`` the pruned model, module by module (for ``inplace``)."""
+        mine = dict(self.model.named_modules())
+        for name, m in pruned.named_modules():
+            target = mine.get(name)
+            if target is None:
+                continue
+            for key, value in m.__dict__.items():
+                if key != "_modules":
+                    target.__dict__[key] = value
+
+    # -- report ---------------------------------------------------------------------------
+    def _record_layers(self, graph: DependencyGraph, plan: PruningPlan) -> None:
+        unit_score = torch.zeros(graph.root.numel(), dtype=torch.float64)
+        for gp in plan.groups:
+            unit_score[gp.group.units] = gp.scores.to(torch.float64)
+        pruned = plan.pruned_units()
+        for spec in graph.slices:
+            if spec.kind == "in":
+                continue
+            units = graph.root[spec.atoms]
+            gone = pruned[units]
+            scores = unit_score[units]
+            self._layers.append({
+                "name": spec.module or spec.name,
+                "slice": spec.name if spec.module else "tensor",
+                "channels_before": int(spec.atoms.numel()),
+                "channels_after": int((~gone).sum()),
+                "pruned_indices": gone.nonzero().squeeze(1).tolist(),
+                "importance_scores": {
+                    "pruned": [round(float(v), 6) for v in scores[gone]],
+                    "kept": [round(float(v), 6) for v in scores[~gone]],
+                },
+            })
+
+    def report(self) -> dict[str, Any]:
+        """Per layer: channels before/after, pruned indices, importance scores of pruned and
+        kept units; plus params and FLOPs before/after. Call after :meth:`prune`."""
+        if self.pruned_model is None:
+            raise UserError("nothing pruned yet: call pruner.prune() before pruner.report()")
+        return {
+            "params_before": self._before.get("params"),
+            "params_after": count_params(self.pruned_model),
+            "flops_before": self._before.get("flops"),
+            "flops_after": count_flops(self.pruned_model, self.example_inputs, self.forward_fn),
+            "importance": repr(self.importance),
+            "pruning_ratio": self.pruning_ratio,
+            "skipped_groups": list(self.skipped_groups),
+            "groups": self._plan.to_json()["groups"] if self._plan else [],
+            "layers": list(self._layers),
+        }
+
+
+def _check_ratio(name: str, r: Any) -> None:
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0.0 < float(r) < 1.0) or math.isnan(r):
+        raise UserError(f"{name}={r!r} must be a number strictly between 0 and 1 (e.g. 0.3 removes 30%)")
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else None
