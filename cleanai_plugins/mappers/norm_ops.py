@@ -70,6 +70,18 @@ def group_norm(call, ctx):
     ctx.set_label(call.outputs[0], 1, lab.atoms, lab.origin)
 
 
+# reductions whose value over masked (zeroed) channels equals that over the kept ones
+_MASK_INVARIANT = {"sum", "nansum", "norm", "linalg_vector_norm", "any", "count_nonzero"}
+
+
+def _reduce_channels(call, ctx, lab, name) -> None:
+    """A reduction across the channels: the label is dropped when zeroed channels do not
+    change the result (a sum over fewer channels); otherwise (mean, max, var...) the
+    result depends on how many channels there are, so they are frozen."""
+    if name not in _MASK_INVARIANT:
+        ctx.freeze(lab.atoms, f"{ctx.where()}: {name} across channels depends on their number")
+
+
 @table.register(
     "sum", "mean", "amax", "amin", "var", "std", "var_mean", "std_mean", "logsumexp", "norm",
     "linalg_vector_norm", "max", "min", "argmax", "argmin", "prod", "nansum", "nanmean", "any", "all",
@@ -91,13 +103,15 @@ def reduce(call, ctx):
     if name in ("var", "std", "var_mean", "std_mean") and not isinstance(dims, (list, tuple, int)):
         dims = call.kwargs.get("dim")
     if dims is None or (isinstance(dims, (list, tuple)) and not dims):
-        return  # a full reduction: no channel dimension is left
+        _reduce_channels(call, ctx, lab, name)  # a full reduction: no channel dimension is left
+        return
     if not isinstance(dims, (list, tuple, int)):
         ctx.freeze(lab.atoms, f"{ctx.where()}: reduction over unknown dimensions")
         return
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [x % src.ndim for x in dims]
     if lab.dim in dims:
+        _reduce_channels(call, ctx, lab, name)
         return
     d = lab.dim if keep is True else lab.dim - sum(x < lab.dim for x in dims)
     for out in call.outputs:

@@ -20,6 +20,11 @@ def _prod(xs) -> int:
     return math.prod(xs) if xs else 1
 
 
+# along the channel dimension these are not the same over masked (zeroed) and kept channels
+_ACROSS = {"cumprod", "logcumsumexp", "_softmax", "softmax", "_log_softmax", "log_softmax", "_safe_softmax",
+           "special_softmax"}
+
+
 @table.register(
     "clone", "alias", "detach", "_to_copy", "lift_fresh", "lift_fresh_copy", "contiguous", "_conj",
     "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "resolve_conj",
@@ -32,6 +37,10 @@ def identity(call, ctx):
     src = call.args[0]
     lab = ctx.label_of(src)
     if lab is None:
+        return
+    name = getattr(call.op, "overloadpacket", call.op).__name__
+    if name in _ACROSS and arg(call, 1, "dim") is not None and arg(call, 1, "dim") % max(src.ndim, 1) == lab.dim:
+        ctx.freeze(lab.atoms, f"{ctx.where()}: {name} across channels depends on their number")
         return
     placed = False
     for out in call.outputs:
