@@ -202,12 +202,11 @@ class DependencyGraph:
         ctx = self.ctx
         self.root = components(ctx.n_atoms, ctx.unions)
         frozen = torch.cat([a for a, _ in ctx.frozen]) if ctx.frozen else torch.zeros(0, dtype=torch.int64)
-        reasons: dict[int, list[str]] = {}
-        for atoms, why in ctx.frozen:
-            for u in torch.unique(self.root[atoms])[:256].tolist():
-                lst = reasons.setdefault(u, [])
-                if len(lst) < 3 and why not in lst:
-                    lst.append(why)
+        texts = sorted({why for _, why in ctx.frozen})
+        ids = {t: i for i, t in enumerate(texts)}
+        why_cat = torch.cat([torch.full((a.numel(),), ids[w]) for a, w in ctx.frozen]) if ctx.frozen else frozen
+        pairs = torch.unique(self.root[frozen] * max(len(texts), 1) + why_cat)
+        reasons = (pairs // max(len(texts), 1), pairs % max(len(texts), 1), texts)
         self.slices: list[SliceSpec] = list(ctx.slices.values())
         for s in self.slices:
             node = self.nodes.get(s.module)

@@ -12,11 +12,17 @@ from cleanai_core.graph.trace import TRef
 __all__ = ["broadcast", "elementwise", "is_pointwise"]
 
 
+# element-wise ops ATen does not tag ``pointwise`` (for every overload)
+_UNTAGGED = {"hardswish", "where", "masked_fill", "log_sigmoid_forward", "_prelu_kernel", "prelu", "rrelu_with_noise"}
+
+
 def is_pointwise(op: Any) -> bool:
     """ATen's ``pointwise`` tag; in-place variants (``relu_``) follow their functional op."""
     if torch.Tag.pointwise in getattr(op, "tags", ()):
         return True
     name = getattr(getattr(op, "overloadpacket", None), "__name__", "")
+    if name in _UNTAGGED or name.rstrip("_") in _UNTAGGED:
+        return True
     if name.endswith("_") and not name.startswith("_"):
         functional = getattr(torch.ops.aten, name[:-1], None)
         overload = getattr(functional, getattr(op, "_overloadname", "default"), None) if functional else None

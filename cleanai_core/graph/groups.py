@@ -72,24 +72,25 @@ def make_groups(
     root: torch.Tensor,
     frozen_atoms: torch.Tensor,
     slices: list[SliceSpec],
-    reasons: dict[int, list[str]],
+    reasons: tuple[torch.Tensor, torch.Tensor, list[str]],
 ) -> list[Group]:
     """Group the units of ``root`` by the set of slices they touch."""
     n = root.numel()
     frozen_unit = torch.zeros(n, dtype=torch.bool)
     frozen_unit[root[frozen_atoms]] = True
     gen = torch.Generator().manual_seed(0)
-    salt = torch.randint(1, 2**62, (max(len(slices), 1),), generator=gen)
+    n_slices = max(len(slices), 1)
+    salt = torch.randint(1, 2**62, (n_slices,), generator=gen)
+    if not slices:
+        return []
+    # every (unit, slice) pair once, in one vectorised pass
+    units_cat = torch.cat([root[s.atoms] for s in slices])
+    slice_cat = torch.cat([torch.full((s.atoms.numel(),), i, dtype=torch.int64) for i, s in enumerate(slices)])
+    pairs = torch.unique(units_cat * n_slices + slice_cat)
+    pair_unit, pair_slice = pairs // n_slices, pairs % n_slices
     sig = torch.zeros(n, dtype=torch.int64)
-    unit_lists = []
-    for i, s in enumerate(slices):
-        u = torch.unique(root[s.atoms])
-        unit_lists.append(u)
-        sig.index_add_(0, u, salt[i].expand(u.numel()))
-    touched = torch.zeros(n, dtype=torch.bool)
-    for u in unit_lists:
-        touched[u] = True
-    units = touched.nonzero().squeeze(1)
+    sig.index_add_(0, pair_unit, salt[pair_slice])
+    units = torch.unique(pair_unit)
     if units.numel() == 0:
         return []
     keys, inverse = torch.unique(sig[units], return_inverse=True)
@@ -99,13 +100,17 @@ def make_groups(
     group_of = torch.full((n,), -1, dtype=torch.int64)
     group_of[units] = inverse
     members: list[list[SliceSpec]] = [[] for _ in per_group]
-    for i, u in enumerate(unit_lists):
-        for g in torch.unique(group_of[u]).tolist():
-            members[g].append(slices[i])
+    gs_pairs = torch.unique(group_of[pair_unit] * n_slices + pair_slice)
+    for g, i in zip((gs_pairs // n_slices).tolist(), (gs_pairs % n_slices).tolist(), strict=True):
+        members[g].append(slices[i])
     groups = []
     for g, us in enumerate(per_group):
         fz = frozen_unit[us]
-        why = sorted({r for u in us[fz].tolist()[:64] for r in reasons.get(u, [])})[:5]
+        why = []
+        if bool(fz.any()):
+            r_unit, r_text, texts = reasons
+            hit = torch.isin(r_unit, us[fz][:64])
+            why = [texts[i] for i in torch.unique(r_text[hit]).tolist()[:5]]
         groups.append(Group(g, us, fz, members[g], why))
     # deterministic order: by first slice appearance
     first = {id(s): i for i, s in enumerate(slices)}
