@@ -125,7 +125,8 @@ def record(
     output_transform: Callable[[Any], Any] | None = None,
     names: Iterable[tuple[str, nn.Module]] | None = None,
 ) -> Recording:
-    """Run ``model`` once on ``example_inputs`` and record its dataflow.
+    """Run ``model`` once on ``example_inputs`` (in eval mode, restored afterwards) and
+    record its dataflow.
 
     :param claimed: modules traced as one event (claimed by a layer pruner or opaque).
     :param forward_fn: ``forward_fn(model, example_inputs)``; default calls the model
@@ -163,6 +164,8 @@ def record(
         handles.append(
             module.register_forward_hook(lambda m, a, k, o, n=name: post(m, a, k, o, n), with_kwargs=True)
         )
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # a traced train-mode forward would update BatchNorm statistics of the user's model
     try:
         with torch.no_grad():
             leaves = tree_flatten(example_inputs)[0]
@@ -186,6 +189,8 @@ def record(
     finally:
         for h in handles:
             h.remove()
+        for m, mode in modes:
+            m.training = mode
     return Recording(rec.events, input_refs, out_refs)
 
 
