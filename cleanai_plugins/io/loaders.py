@@ -1,1 +1,473 @@
-"""Placeholder while the kernel lands."""
+"""Built-in loaders for the command line: models, data sets and a classification evaluator.
+
+Model specs (``--model``):
+
+- ``timm:NAME`` and ``torchvision:NAME`` (architecture; weights from ``--weights FILE``),
+- ``package.module:factory`` (a callable returning an ``nn.Module``),
+- a whole pickled model file (``torch.save(model, path)``), only with ``--trust-model``,
+  because unpickling runs code stored in the file.
+
+Data specs (``--data``):
+
+- an image folder with one sub-folder per class (torchvision's ``ImageFolder``),
+- a ``.pt`` tensor file: ``(x, y)``, ``{"x": ..., "y": ...}``, a tensor, or a ``TensorDataset``,
+- an ``.npz`` file with arrays ``x`` (and optionally ``y``),
+- ``package.module:function`` returning a ``torch.utils.data.Dataset``.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import logging
+import os
+import re
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from cleanai_core import hookimpl
+from cleanai_core.errors import UserError
+
+__all__ = [
+    "LabelledTensors",
+    "build_model",
+    "load_dataset",
+    "load_state_dict_file",
+    "read_npz",
+]
+
+log = logging.getLogger("cleanai")
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+MODEL_FORMS = (
+    "timm:NAME, torchvision:NAME (add --weights FILE with a state_dict), package.module:factory, "
+    "or a whole-model file saved with torch.save(model, path) (needs --trust-model)"
+)
+DATA_FORMS = (
+    "an image folder with one sub-folder per class, a .pt file holding (x, y) / {'x', 'y'} / a tensor / "
+    "a TensorDataset, an .npz file with arrays x and y, or package.module:function returning a Dataset"
+)
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
+def _import_attr(spec: str, what: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(
+            f"cannot import module {module_name!r} for {what} {spec!r}: {exc}. "
+            "Check the spelling and that the package is installed in this Python environment."
+        ) from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"module {module_name!r} has no attribute {attr!r} (from {what} {spec!r}).")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(f"{what} {spec!r} names {type(obj).__name__}, not a callable.")
+    return obj
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``state_dict`` safely (``weights_only=True``); unwrap ``{"state_dict": ...}``
+    and ``{"model": ...}`` checkpoints and a ``module.`` prefix from DataParallel."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {str(path)!r} does not exist.")
+    if _is_torchscript(path):
+        raise UserError(
+            f"{str(path)!r} is a TorchScript archive, not a state_dict. Pass a file saved with "
+            "torch.save(model.state_dict(), path)."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(
+            f"cannot read weights from {str(path)!r} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Save them with torch.save(model.state_dict(), path)."
+        ) from exc
+    for key in ("state_dict", "model_state_dict", "model", "state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{str(path)!r} does not hold a state_dict (a dict of parameter names to tensors).")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
+    state = load_state_dict_file(weights)
+    result = model.load_state_dict(state, strict=False)
+    mismatched = []
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape:
+            mismatched.append(f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}")
+    if result.missing_keys or result.unexpected_keys or mismatched:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing {len(result.missing_keys)} (e.g. {result.missing_keys[:3]})")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {len(result.unexpected_keys)} (e.g. {result.unexpected_keys[:3]})")
+        if mismatched:
+            parts.append(f"shape mismatch: {mismatched[:3]}")
+        raise UserError(
+            f"the weights in {weights!r} do not fit {spec!r}: " + "; ".join(parts) + ". "
+            "Use the architecture the weights were trained with (and --num-classes if the head differs)."
+        )
+
+
+def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
+    suffix = path.suffix.lower()
+    if suffix in (".onnx", ".tflite", ".pb", ".h5", ".keras", ".safetensors", ".engine"):
+        raise UserError(
+            f"{str(path)!r}: {suffix} models are not supported; CleanAI prunes PyTorch nn.Modules. "
+            f"Give the model as {MODEL_FORMS}."
+        )
+    if _is_torchscript(path):
+        raise UserError(
+            f"{str(path)!r} is a TorchScript archive. Pruning needs the Python model to slice its layers; "
+            "give the architecture as timm:NAME, torchvision:NAME or package.module:factory and the weights "
+            "with --weights FILE (a state_dict)."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        obj = None  # holds Python objects (a pickled module): needs --trust-model
+    else:
+        if isinstance(obj, dict):
+            raise UserError(
+                f"{str(path)!r} holds a state_dict (weights only, no architecture). Give the architecture "
+                f"with --model timm:NAME / torchvision:NAME / package.module:factory and pass this file "
+                f"as --weights {path}."
+            )
+    if not options.get("trust_model"):
+        raise UserError(
+            f"{str(path)!r} is a pickled model. Loading it runs Python code stored in the file, which can do "
+            "anything on this machine. If you trust where it came from, add --trust-model; otherwise give the "
+            "architecture (timm:NAME, torchvision:NAME, package.module:factory) and a state_dict with --weights."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(
+            f"cannot unpickle {str(path)!r} ({type(exc).__name__}: {str(exc)[:300]}). A pickled model needs its "
+            "class importable here: install the package that defines it, or use package.module:factory."
+        ) from exc
+    if not isinstance(obj, nn.Module):
+        raise UserError(f"{str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module.")
+    return obj
+
+
+def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
+    """Build the model named by ``spec`` (see the module docstring), or ``None`` if the
+    spec is none of the built-in forms."""
+    num_classes = options.get("num_classes")
+    kwargs = dict(options.get("model_kwargs") or {})
+    if num_classes is not None:
+        kwargs["num_classes"] = int(num_classes)
+    path = Path(spec)
+    if spec.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as exc:
+            raise UserError("timm:NAME needs timm: pip install timm") from exc
+        name = spec[len("timm:") :]
+        pretrained = bool(options.get("pretrained", False))
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise UserError(f"timm has no model {name!r}; list them with timm.list_models('*pattern*').") from exc
+            raise UserError(f"timm could not build {name!r}: {exc}") from exc
+    elif spec.startswith("torchvision:"):
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise UserError("torchvision:NAME needs torchvision: pip install torchvision") from exc
+        name = spec[len("torchvision:") :]
+        if name not in torchvision.models.list_models():
+            raise UserError(f"torchvision has no model {name!r}; see torchvision.models.list_models().")
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    elif path.exists():
+        if path.is_dir():
+            raise UserError(f"--model {spec!r} is a folder; give a model file or a spec ({MODEL_FORMS}).")
+        model = _load_model_file(path, options)
+        if options.get("weights"):
+            _apply_weights(model, options["weights"], spec)
+        return model
+    elif _FACTORY_RE.match(spec) and not spec.startswith(("timm:", "torchvision:")):
+        factory = _import_attr(spec, "model factory")
+        try:
+            model = factory(**kwargs)
+        except TypeError as exc:
+            raise UserError(f"calling {spec}({', '.join(f'{k}=...' for k in kwargs)}) failed: {exc}") from exc
+        if not isinstance(model, nn.Module):
+            raise UserError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module.")
+    else:
+        return None
+    if options.get("weights"):
+        _apply_weights(model, options["weights"], spec)
+    elif options.get("warn_random_weights", True) and not options.get("pretrained"):
+        log.warning("note: %s was built without --weights, so it has random weights.", spec)
+    return model
+
+
+@hookimpl(trylast=True)
+def cleanai_load_model(spec, options):
+    return build_model(spec, options)
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+class Unlabelled(Dataset):
+    """Items are single tensors (no labels)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+class LabelledTensors(TensorDataset):
+    """``(x, y)`` pairs from two tensors."""
+
+
+_NPY_DTYPES = {
+    "u1": torch.uint8,
+    "i1": torch.int8,
+    "i2": torch.int16,
+    "i4": torch.int32,
+    "i8": torch.int64,
+    "f2": torch.float16,
+    "f4": torch.float32,
+    "f8": torch.float64,
+    "b1": torch.bool,
+}
+
+
+def _read_npy(data: bytes, name: str) -> torch.Tensor:
+    if data[:6] != b"\x93NUMPY":
+        raise UserError(f"array {name!r} in the .npz is not in .npy format.")
+    major = data[6]
+    if major == 1:
+        (hlen,) = struct.unpack("<H", data[8:10])
+        start = 10
+    else:
+        (hlen,) = struct.unpack("<I", data[8:12])
+        start = 12
+    header = ast.literal_eval(data[start : start + hlen].decode("latin1"))
+    descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+    kind = descr[1:] if descr[0] in "<>|=" else descr
+    if kind not in _NPY_DTYPES or descr[0] == ">":
+        raise UserError(f"array {name!r} has dtype {descr!r}; use numeric (little-endian) arrays.")
+    buf = bytearray(data[start + hlen :])
+    t = torch.frombuffer(buf, dtype=_NPY_DTYPES[kind]) if buf else torch.empty(0, dtype=_NPY_DTYPES[kind])
+    if fortran:
+        return t.reshape(tuple(reversed(shape))).permute(*reversed(range(len(shape)))).contiguous()
+    return t.reshape(shape).clone()
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Arrays of an ``.npz`` file as tensors (numeric dtypes; no numpy needed, no pickles)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {n[:-4] if n.endswith(".npy") else n: _read_npy(zf.read(n), n) for n in zf.namelist()}
+    except zipfile.BadZipFile as exc:
+        raise UserError(f"{str(path)!r} is not a valid .npz file (numpy.savez output).") from exc
+
+
+def _as_inputs(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1]; NHWC (last dim 1 or 3) -> NCHW; NHW -> N1HW."""
+    if x.dtype == torch.uint8:
+        if x.dim() == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+            x = x.permute(0, 3, 1, 2)
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        return x.float().div_(255.0)
+    if x.dtype in (torch.float16, torch.float64, torch.bfloat16):
+        return x.float()
+    return x
+
+
+def _from_tensors(x: Any, y: Any, source: str) -> Dataset:
+    if not isinstance(x, torch.Tensor):
+        raise UserError(f"{source}: the inputs are a {type(x).__name__}, expected a tensor.")
+    x = _as_inputs(x)
+    if y is None:
+        return Unlabelled(x)
+    if not isinstance(y, torch.Tensor):
+        y = torch.as_tensor(y)
+    if len(y) != len(x):
+        raise UserError(f"{source}: {len(x)} inputs but {len(y)} labels; they must have the same length.")
+    if not y.is_floating_point():
+        y = y.long()
+    return LabelledTensors(x, y)
+
+
+def _load_pt(path: Path) -> Dataset:
+    try:
+        with torch.serialization.safe_globals([TensorDataset]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(
+            f"cannot read {str(path)!r} safely ({type(exc).__name__}: {str(exc)[:200]}). Save plain tensors: "
+            "torch.save((x, y), path) or torch.save({'x': x, 'y': y}, path)."
+        ) from exc
+    if isinstance(obj, TensorDataset):
+        tensors = obj.tensors
+        return _from_tensors(tensors[0], tensors[1] if len(tensors) > 1 else None, str(path))
+    if isinstance(obj, torch.Tensor):
+        return _from_tensors(obj, None, str(path))
+    if isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 2:
+        return _from_tensors(obj[0], obj[1] if len(obj) > 1 else None, str(path))
+    if isinstance(obj, dict):
+        for xk, yk in (("x", "y"), ("inputs", "labels"), ("data", "targets"), ("images", "labels")):
+            if xk in obj:
+                return _from_tensors(obj[xk], obj.get(yk), str(path))
+        raise UserError(f"{str(path)!r} holds a dict with keys {sorted(obj)[:10]}; expected keys 'x' and 'y'.")
+    raise UserError(f"{str(path)!r} holds a {type(obj).__name__}; expected {DATA_FORMS}.")
+
+
+def _image_transform(options: dict[str, Any]):
+    from torchvision import transforms
+
+    model = options.get("model")
+    image_size = options.get("image_size")
+    cfg = getattr(model, "pretrained_cfg", None) if model is not None else None
+    if cfg:
+        try:
+            import timm.data
+
+            data_cfg = timm.data.resolve_data_config({}, model=model)
+            if image_size:
+                data_cfg["input_size"] = (data_cfg["input_size"][0], int(image_size), int(image_size))
+            return timm.data.create_transform(**data_cfg, is_training=False)
+        except ImportError:
+            pass
+    size = int(image_size or 224)
+    return transforms.Compose(
+        [
+            transforms.Resize(int(round(size / 0.875))),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+
+
+def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
+    try:
+        from torchvision.datasets import ImageFolder
+    except ImportError as exc:
+        raise UserError(
+            f"{str(path)!r} is a folder; reading image folders needs torchvision (pip install torchvision). "
+            "Or save the images as tensors: torch.save((x, y), 'data.pt')."
+        ) from exc
+    if not any(p.is_dir() for p in path.iterdir()):
+        raise UserError(
+            f"image folder {str(path)!r} has no class sub-folders. Put images in one sub-folder per class "
+            "(data/cat/1.jpg, data/dog/2.jpg), in the order the model's classes were trained."
+        )
+    try:
+        return ImageFolder(str(path), transform=_image_transform(options))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserError(f"cannot read image folder {str(path)!r}: {exc}") from exc
+
+
+def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
+    """Build the data set named by ``spec`` (see the module docstring), or ``None``."""
+    path = Path(spec)
+    if path.is_dir():
+        return _load_image_folder(path, options)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".pt", ".pth"):
+            return _load_pt(path)
+        if suffix == ".npz":
+            arrays = read_npz(path)
+            if "x" not in arrays:
+                raise UserError(f"{spec!r} has arrays {sorted(arrays)}; it needs 'x' (inputs) and optionally 'y'.")
+            return _from_tensors(arrays["x"], arrays.get("y"), spec)
+        raise UserError(f"data file {spec!r}: {suffix or 'no extension'} is not supported; give {DATA_FORMS}.")
+    if _FACTORY_RE.match(spec):
+        fn = _import_attr(spec, "data function")
+        ds = fn()
+        if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+            raise UserError(f"{spec} returned a {type(ds).__name__}, not a map-style torch Dataset.")
+        return ds
+    return None
+
+
+@hookimpl(trylast=True)
+def cleanai_load_dataset(spec, options):
+    return load_dataset(spec, options)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+def _logits(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict):
+        return out.get("logits", next((v for v in out.values() if isinstance(v, torch.Tensor)), None))
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+@hookimpl(trylast=True)
+def cleanai_evaluate(model, loader, device):
+    """Top-1 accuracy for classifiers on ``(x, y)`` batches with integer labels."""
+    from tqdm import tqdm
+
+    correct = total = 0
+    model.eval()
+    quiet = not log.isEnabledFor(logging.INFO)
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="evaluating", unit="batch", disable=quiet, leave=False):
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                return None
+            x, y = batch[0], batch[1]
+            if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dim() != 1:
+                return None
+            logits = _logits(model(x.to(device)))
+            if logits is None or logits.dim() != 2:
+                return None
+            correct += int((logits.argmax(1).cpu() == y).sum())
+            total += len(y)
+    if total == 0:
+        return None
+    return {"accuracy": correct / total, "evaluated": total}

@@ -1,0 +1,79 @@
+"""``cleanai explain``: print which channels are coupled and what freezes them."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from cleanai_core.errors import UserError
+
+__all__ = ["add_parser", "parse_shape", "run"]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "explain",
+        help="show the model's groups of coupled channels and what cannot be pruned",
+        description="Trace the model once and print its dependency graph: the groups of channels that must be "
+        "pruned together and the operations that freeze channels.",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        metavar="M",
+        help="timm:NAME, torchvision:NAME, package.module:factory, or a pickled model file",
+    )
+    p.add_argument("--weights", metavar="FILE", help="state_dict to load (not needed to explain the structure)")
+    p.add_argument("--num-classes", type=int, metavar="N", help="classes of the model's head")
+    p.add_argument("--trust-model", action="store_true", help="allow loading a pickled model file (runs its code)")
+    p.add_argument(
+        "--input-shape",
+        default=None,
+        metavar="N,C,H,W",
+        help="example input shape (default: the model's own, else 1,3,224,224)",
+    )
+    p.add_argument("--max-groups", type=int, default=50, metavar="N", help="groups to list (default 50)")
+    return p
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--input-shape {text!r}: give integers separated by commas, e.g. 1,3,224,224.") from None
+    if not shape or any(d < 1 for d in shape):
+        raise UserError(f"--input-shape {text!r}: every dimension must be a positive integer.")
+    return shape
+
+
+def _default_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if size:
+        return (1, *size)
+    return (1, 3, 224, 224)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cleanai_core.graph.dependency import DependencyGraph
+    from cleanai_core.plugins import get_plugin_manager
+    from cleanai_plugins.io.loaders import MODEL_FORMS
+
+    options = {
+        "weights": args.weights,
+        "trust_model": args.trust_model,
+        "num_classes": args.num_classes,
+        "pretrained": False,
+        "warn_random_weights": False,
+    }
+    model = get_plugin_manager().hook.cleanai_load_model(spec=args.model, options=options)
+    if model is None:
+        raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {MODEL_FORMS}.")
+    model.eval()
+    shape = parse_shape(args.input_shape) if args.input_shape else _default_shape(model)
+    graph = DependencyGraph(model, torch.randn(*shape))
+    print(graph.explain(max_groups=args.max_groups))
+    return 0

@@ -1,0 +1,575 @@
+"""``cleanai prune``: load a trained model and test data, score channels on part of the
+data, prune by slicing, evaluate on the held-out rest, and write the results.
+
+Options come from (lowest to highest priority) the defaults, ``--config FILE.toml`` and the
+command line. The resolved options are written to ``DIR/config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cleanai_core.errors import UserError
+
+__all__ = ["DEFAULTS", "add_parser", "execute", "resolve_config", "run"]
+
+log = logging.getLogger("cleanai")
+
+DEFAULTS: dict[str, Any] = {
+    "model": None,
+    "data": None,
+    "out": None,
+    "ratio": None,  # 0.3 unless target_flops is given
+    "target_flops": None,
+    "importance": "weight_activation",
+    "alpha": None,
+    "beta": None,
+    "ignore": [],
+    "layer_ratio": {},
+    "global_pruning": False,
+    "round_to": None,
+    "calib_batches": None,
+    "calib_fraction": 0.5,
+    "batch_size": 32,
+    "device": "cpu",
+    "seed": 0,
+    "dry_run": False,
+    "bias_compensation": True,
+    "bn_recalibration": True,
+    "trust_model": False,
+    "weights": None,
+    "num_classes": None,
+    "image_size": None,
+    "save_pickle": False,
+    "overwrite": False,
+    "quiet": False,
+    "latency_repeats": 20,
+}
+DEFAULT_RATIO = 0.3
+
+# TOML spellings: key as in DEFAULTS, with "-" or "_"; plus the CLI's flag names
+_ALIASES = {"global": "global_pruning", "layer_ratios": "layer_ratio", "ignored_layers": "ignore"}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "prune",
+        help="prune a trained model, scoring channels on your data",
+        description="Prune a trained model by slicing channels, scored by weights and activations on your data. "
+        "Part of the data (--calib-fraction) chooses the channels; accuracy is measured on the rest.",
+        argument_default=argparse.SUPPRESS,
+    )
+    S = argparse.SUPPRESS
+    g = p.add_argument_group("inputs")
+    g.add_argument(
+        "--model",
+        "-m",
+        metavar="M",
+        help="timm:NAME, torchvision:NAME, package.module:factory, or a pickled model file",
+    )
+    g.add_argument("--weights", metavar="FILE", help="state_dict to load into the model (torch.save(sd, FILE))")
+    g.add_argument("--num-classes", type=int, metavar="N", help="classes of the model's head (timm/torchvision)")
+    g.add_argument(
+        "--trust-model",
+        action="store_true",
+        default=S,
+        help="allow loading a pickled model file (unpickling runs code from the file)",
+    )
+    g.add_argument(
+        "--data",
+        "-d",
+        metavar="D",
+        help="image folder (class sub-folders), .pt tensor file, .npz (x, y), or package.module:function",
+    )
+    g.add_argument("--image-size", type=int, metavar="PX", help="image side for image folders")
+    g.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file (command line wins)")
+    g = p.add_argument_group("pruning")
+    g.add_argument(
+        "--ratio",
+        "-r",
+        type=float,
+        metavar="R",
+        help=f"share of channels to remove per group (default {DEFAULT_RATIO})",
+    )
+    g.add_argument("--target-flops", type=float, metavar="F", help="instead of --ratio: keep this share of FLOPs")
+    g.add_argument(
+        "--importance", metavar="NAME", help="weight_activation (default), magnitude, bn_scale, taylor, random, lamp"
+    )
+    g.add_argument("--alpha", type=float, metavar="A", help="weight_activation: weight of the weight term")
+    g.add_argument("--beta", type=float, metavar="B", help="weight_activation: weight of the activation term")
+    g.add_argument(
+        "--ignore",
+        action="append",
+        metavar="PATTERN",
+        help="layer name, glob or class name whose output channels are kept (repeatable)",
+    )
+    g.add_argument("--layer-ratio", action="append", metavar="PATTERN=R", help="per-layer ratio (repeatable)")
+    g.add_argument(
+        "--global", dest="global_pruning", action="store_true", default=S, help="rank channels of all layers together"
+    )
+    g.add_argument("--round-to", type=int, metavar="N", help="keep channel counts multiples of N")
+    g.add_argument(
+        "--no-bias-compensation",
+        dest="bias_compensation",
+        action="store_false",
+        default=S,
+        help="do not fold removed channels' mean output into the next layer's bias",
+    )
+    g.add_argument(
+        "--no-bn-recalibration",
+        dest="bn_recalibration",
+        action="store_false",
+        default=S,
+        help="do not recompute BatchNorm statistics after pruning",
+    )
+    g = p.add_argument_group("data use")
+    g.add_argument(
+        "--calib-fraction",
+        type=float,
+        metavar="F",
+        help="share of the data used to score channels; the rest measures accuracy (default 0.5)",
+    )
+    g.add_argument("--calib-batches", type=int, metavar="N", help="use at most N calibration batches")
+    g.add_argument("--batch-size", type=int, metavar="B", help="batch size (default 32)")
+    g.add_argument("--device", metavar="DEV", help="cpu (default), cuda, cuda:1...")
+    g.add_argument("--seed", type=int, metavar="S", help="seed of the data split (default 0)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", "-o", metavar="DIR", help="output folder (must not exist or be empty)")
+    g.add_argument("--overwrite", action="store_true", default=S, help="replace an existing --out folder")
+    g.add_argument(
+        "--save-pickle", action="store_true", default=S, help="also write model_full.pt, the whole module pickled"
+    )
+    g.add_argument("--dry-run", action="store_true", default=S, help="print the plan; write and change nothing")
+    g.add_argument("--quiet", "-q", action="store_true", default=S, help="no progress bars or info logs")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+def _parse_layer_ratios(items: Any, source: str) -> dict[str, float]:
+    if isinstance(items, dict):
+        pairs = list(items.items())
+    else:
+        pairs = []
+        for item in items or []:
+            if not isinstance(item, str) or "=" not in item:
+                raise UserError(f"{source}: {item!r} is not PATTERN=R (e.g. 'layer4.*=0.5').")
+            pat, _, r = item.rpartition("=")
+            pairs.append((pat, r))
+    out = {}
+    for pat, r in pairs:
+        try:
+            out[str(pat)] = float(r)
+        except (TypeError, ValueError):
+            raise UserError(f"{source}: ratio {r!r} for {pat!r} is not a number.") from None
+    return out
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise UserError("--config needs Python 3.11+ (tomllib) or the tomli package on 3.10.") from None
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path!r} does not exist.")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path!r} is not valid TOML: {exc}") from exc
+    if isinstance(data.get("prune"), dict) and len(data) == 1:
+        data = data["prune"]
+    out = {}
+    unknown = []
+    for key, value in data.items():
+        k = key.replace("-", "_")
+        k = _ALIASES.get(k, k)
+        if k not in DEFAULTS or k in ("config",):
+            unknown.append(key)
+            continue
+        out[k] = value
+    if unknown:
+        valid = ", ".join(k.replace("_", "-") for k in DEFAULTS)
+        raise UserError(f"config file {path!r}: unknown key(s) {', '.join(map(repr, unknown))}. Valid keys: {valid}.")
+    return out
+
+
+def _check_number(
+    cfg: dict,
+    key: str,
+    kind: type,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = True,
+    hi_open: bool = True,
+) -> None:
+    v = cfg.get(key)
+    if v is None:
+        return
+    flag = "--" + key.replace("_", "-")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise UserError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {v!r}.")
+    if isinstance(v, float) and math.isnan(v):
+        raise UserError(f"{flag} is NaN.")
+    bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
+    bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
+    if bad_lo or bad_hi:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}" if hi is not None else f"> {lo}"
+        raise UserError(f"{flag}={v} is out of range: it must be in {rng}.")
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then ``--config``, then the command line; validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    given = dict(vars(args))
+    for k in ("command", "_run", "disable_plugin"):
+        given.pop(k, None)
+    config_file = given.pop("config", None)
+    if config_file:
+        cfg.update(_read_toml(config_file))
+        cfg["config"] = str(Path(config_file).resolve())
+    cfg["layer_ratio"] = _parse_layer_ratios(cfg.get("layer_ratio"), "layer_ratio in the config")
+    if "layer_ratio" in given:
+        cfg["layer_ratio"].update(_parse_layer_ratios(given.pop("layer_ratio"), "--layer-ratio"))
+    if "ignore" in given:
+        cfg["ignore"] = list(cfg.get("ignore") or []) + list(given.pop("ignore"))
+    cfg.update(given)
+    # ratio vs target flops: the most specific source wins, both at once from one source is an error
+    if "ratio" in given and "target_flops" in given:
+        raise UserError("give either --ratio or --target-flops, not both.")
+    if "ratio" in given:
+        cfg["target_flops"] = None
+    elif "target_flops" in given:
+        cfg["ratio"] = None
+    elif cfg.get("ratio") is not None and cfg.get("target_flops") is not None:
+        raise UserError("the config sets both ratio and target-flops; keep one.")
+    if cfg.get("ratio") is None and cfg.get("target_flops") is None:
+        cfg["ratio"] = DEFAULT_RATIO
+    for key in ("model", "data") + (() if cfg.get("dry_run") else ("out",)):
+        if not cfg.get(key):
+            raise UserError(f"--{key} is required (on the command line or in --config).")
+    _check_number(cfg, "ratio", float, 0.0, 1.0)
+    _check_number(cfg, "target_flops", float, 0.0, 1.0)
+    _check_number(cfg, "calib_fraction", float, 0.0, 1.0, hi_open=False)
+    for key in ("alpha", "beta"):
+        _check_number(cfg, key, float, 0.0, None, lo_open=False)
+    for key in ("round_to", "calib_batches", "batch_size", "num_classes", "image_size", "latency_repeats"):
+        _check_number(cfg, key, int, 1, None, lo_open=False)
+    for pat, r in cfg["layer_ratio"].items():
+        if not 0.0 < r < 1.0:
+            raise UserError(f"--layer-ratio {pat}={r}: the ratio must be strictly between 0 and 1.")
+    if (cfg.get("alpha") is not None or cfg.get("beta") is not None) and cfg["importance"] != "weight_activation":
+        raise UserError(f"--alpha/--beta apply to the weight_activation importance, not {cfg['importance']!r}.")
+    if not isinstance(cfg.get("ignore"), list):
+        raise UserError("ignore must be a list of layer patterns.")
+    try:
+        torch.device(cfg["device"])
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"--device {cfg['device']!r} is not a device (try cpu or cuda).") from exc
+    if str(cfg["device"]).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg['device']} was asked for but CUDA is not available; use --device cpu.")
+    return cfg
+
+
+# ---------------------------------------------------------------------------
+# Output folder
+# ---------------------------------------------------------------------------
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_marker: str | None = None) -> None:
+    """Refuse an existing non-empty folder unless ``overwrite``; never one holding inputs."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a file; give a folder path.")
+    for item in inputs:
+        if not item or not Path(item).exists():
+            continue
+        if _is_within(Path(item), out):
+            raise UserError(f"--out {str(out)!r} contains your input {item!r}; choose another folder.")
+        if Path(item).is_dir() and _is_within(out, Path(item)):
+            raise UserError(f"--out {str(out)!r} is inside your input folder {item!r}; choose another folder.")
+    if out.is_dir() and any(out.iterdir()):
+        if own_marker and (out / own_marker).is_file():
+            return
+        if not overwrite:
+            raise UserError(f"--out {str(out)!r} exists and is not empty; choose a new folder or add --overwrite.")
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path):
+    """Yield a temporary folder next to ``out``; on success it replaces ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------
+
+
+def _first_input(dataset: Any) -> Any:
+    item = dataset[0]
+    if isinstance(item, dict):
+        return {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
+    if isinstance(item, (tuple, list)):
+        item = item[0]
+    if not isinstance(item, torch.Tensor):
+        raise UserError(f"data items must be tensors or (input, label) pairs; got {type(item).__name__}.")
+    return item.unsqueeze(0)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _has_labels(dataset: Any) -> bool:
+    item = dataset[0]
+    return isinstance(item, (tuple, list)) and len(item) >= 2
+
+
+def _evaluate(pm: Any, model: Any, loader: Any, device: torch.device) -> dict[str, float] | None:
+    if loader is None:
+        return None
+    return pm.hook.cleanai_evaluate(model=model, loader=loader, device=device)
+
+
+def _latency(model: Any, example: Any, repeats: int) -> float:
+    from cleanai_core.metrics import measure_latency
+
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    return round(measure_latency(cpu_model, _to(example, torch.device("cpu")), repeats=repeats), 4)
+
+
+def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "weights": cfg.get("weights"),
+        "trust_model": bool(cfg.get("trust_model")),
+        "num_classes": cfg.get("num_classes"),
+        "pretrained": False,
+    }
+
+
+def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Model (eval mode, on the device), data set and the plugin manager."""
+    from cleanai_core.plugins import get_plugin_manager
+    from cleanai_plugins.io.loaders import DATA_FORMS, MODEL_FORMS
+
+    pm = get_plugin_manager()
+    model = pm.hook.cleanai_load_model(spec=cfg["model"], options=_model_options(cfg))
+    if model is None:
+        hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
+        raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {MODEL_FORMS}.")
+    model = model.eval().to(cfg["device"])
+    dataset = pm.hook.cleanai_load_dataset(
+        spec=cfg["data"], options={"model": model, "image_size": cfg.get("image_size")}
+    )
+    if dataset is None:
+        raise UserError(
+            f"--data {cfg['data']!r}: no such file or folder, or not a form this tool reads. Give {DATA_FORMS}."
+        )
+    if len(dataset) < 2:
+        raise UserError(f"--data {cfg['data']!r} has {len(dataset)} item(s); at least 2 are needed.")
+    return model, dataset, pm
+
+
+def split_dataset(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """Seeded random split into (calibration, held-out evaluation); evaluation is ``None``
+    when ``fraction`` is 1."""
+    from torch.utils.data import Subset
+
+    n = len(dataset)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_cal = n if fraction >= 1.0 else min(max(1, int(round(n * fraction))), n - 1)
+    calib = Subset(dataset, perm[:n_cal])
+    held = Subset(dataset, perm[n_cal:]) if n_cal < n else None
+    return calib, held
+
+
+def execute(
+    cfg: dict[str, Any], model: Any = None, dataset: Any = None, spec_options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Run the whole job for a resolved config. Returns the report (``None`` for a dry run).
+
+    ``model``/``dataset`` may be given directly (``cleanai demo``); ``cfg['model']`` must
+    then still be a spec that rebuilds the architecture."""
+    from torch.utils.data import DataLoader
+
+    from cleanai_core import io as cio
+    from cleanai_core.metrics import count_flops, count_params
+    from cleanai_core.plugins import get_plugin_manager
+    from cleanai_core.pruner import StructuredPruner
+    from cleanai_core.report import headline_text, write_report
+    from cleanai_core.scoring import get_importance
+
+    quiet = bool(cfg.get("quiet"))
+    logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
+    out = Path(cfg["out"]) if cfg.get("out") else None
+    user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config")]
+    if out is not None and not cfg.get("dry_run"):
+        check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
+    torch.manual_seed(int(cfg["seed"]))
+    device = torch.device(cfg["device"])
+    t0 = time.time()
+    if model is None or dataset is None:
+        model, dataset, pm = load_inputs(cfg)
+    else:
+        pm = get_plugin_manager()
+        model = model.eval().to(device)
+    calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))
+    bs = int(cfg["batch_size"])
+    calib_loader = DataLoader(calib, batch_size=bs, shuffle=False)
+    eval_loader = DataLoader(held, batch_size=bs, shuffle=False) if held is not None and _has_labels(held) else None
+    if held is None:
+        log.warning("--calib-fraction 1: all data scores channels, so no accuracy is reported.")
+    elif eval_loader is None:
+        log.info("the data has no labels: accuracy is not measured.")
+    example = _to(_first_input(calib), device)
+    try:
+        with torch.no_grad():
+            model(example) if not isinstance(example, dict) else model(**example)
+    except Exception as exc:
+        shape = tuple(example.shape) if isinstance(example, torch.Tensor) else "dict"
+        raise UserError(
+            f"the model failed on an input from --data (shape {shape}): {type(exc).__name__}: {str(exc)[:300]}. "
+            "Check that the data matches what the model expects (channels, image size, --num-classes)."
+        ) from exc
+
+    importance_opts: dict[str, Any] = {}
+    if cfg.get("alpha") is not None:
+        importance_opts["weight_ratio"] = float(cfg["alpha"])
+    if cfg.get("beta") is not None:
+        importance_opts["activation_ratio"] = float(cfg["beta"])
+    importance = get_importance(cfg["importance"], **importance_opts)
+    pruner = StructuredPruner(
+        model,
+        example,
+        importance=importance,
+        pruning_ratio=float(cfg["ratio"]) if cfg.get("ratio") is not None else DEFAULT_RATIO,
+        layer_pruning_ratios=cfg.get("layer_ratio") or None,
+        ignored_layers=list(cfg.get("ignore") or []) or None,
+        global_pruning=bool(cfg.get("global_pruning")),
+        round_to=cfg.get("round_to"),
+        target_flops=cfg.get("target_flops"),
+        bias_compensation=bool(cfg.get("bias_compensation")),
+        recalibrate_bn=bool(cfg.get("bn_recalibration")),
+    )
+    pruner.collect_activations(calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet)
+    if cfg.get("dry_run"):
+        print(pruner.plan().summary())
+        return None
+
+    before_acc = _evaluate(pm, model, eval_loader, device)
+    params_before, flops_before = count_params(model), count_flops(model, example)
+    repeats = int(cfg.get("latency_repeats") or 20)
+    lat_before = _latency(model, example, repeats)
+    pruned = pruner.prune()
+    after_acc = _evaluate(pm, pruned, eval_loader, device)
+    lat_after = _latency(pruned, example, repeats)
+
+    report = {
+        "model": cfg["model"],
+        "data": cfg["data"],
+        "params_before": params_before,
+        "params_after": count_params(pruned),
+        "flops_before": flops_before,
+        "flops_after": count_flops(pruned, example),
+        "flops_note": "FLOPs of one forward pass on one input (FLOPs = 2 x MACs)",
+        "latency_before_ms": lat_before,
+        "latency_after_ms": lat_after,
+        "latency": {
+            "device": "cpu",
+            "batch_size": 1,
+            "repeats": repeats,
+            "statistic": "median",
+            "threads": torch.get_num_threads(),
+        },
+        "accuracy_before": before_acc.get("accuracy") if before_acc else None,
+        "accuracy_after": after_acc.get("accuracy") if after_acc else None,
+        "calibration_samples": len(calib),
+        "evaluation_samples": len(held) if held is not None else 0,
+        "input_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
+    }
+    lib = pruner.report()
+    for key in ("importance", "pruning_ratio", "skipped_groups", "groups", "layers"):
+        report[key] = lib.get(key)
+    report["target_flops"] = cfg.get("target_flops")
+    if cfg.get("target_flops") is not None:
+        report["pruning_ratio"] = None
+    report["seconds"] = round(time.time() - t0, 2)
+
+    arch_options = dict(spec_options or {})
+    if cfg.get("num_classes") is not None:
+        arch_options.setdefault("num_classes", cfg["num_classes"])
+    resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    with staged_dir(out) as tmp:
+        cio.save_pruned(
+            tmp,
+            pruned.cpu(),
+            pruner.history,
+            cfg["model"],
+            options=arch_options,
+            save_pickle=bool(cfg.get("save_pickle")),
+            example_input_shape=report["input_shape"],
+        )
+        cio.atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
+        if cfg.get("_own_marker"):
+            cio.atomic_write_text(tmp / cfg["_own_marker"], "written by cleanai demo\n")
+        report = write_report(tmp, report)
+    if True:
+        print(headline_text(report))
+        print(
+            f"wrote {out}/: model.pt, history.json, architecture.json, config.json, report.json, report.md, "
+            f"{report['plot']}" + (", model_full.pt" if cfg.get("save_pickle") else "")
+        )
+    return report
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    execute(cfg)
+    return 0

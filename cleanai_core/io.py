@@ -1,0 +1,165 @@
+"""Saving a pruned model in the safe form and loading it back.
+
+An output directory holds:
+
+- ``model.pt``: the pruned ``state_dict`` (tensors only; loads with ``weights_only=True``),
+- ``history.json``: every slicing step, replayable on the unpruned architecture,
+- ``architecture.json``: how to rebuild the unpruned architecture (the ``--model`` spec and
+  the options that shape it, such as ``num_classes``),
+- optionally ``model_full.pt``: the whole module pickled (a convenience; loading it runs code).
+
+:func:`load_pruned` rebuilds the architecture through the ``cleanai_load_model`` hook
+(without pretrained weights), replays the history, and loads the ``state_dict`` strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cleanai_core import __version__
+from cleanai_core.errors import UserError
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "load_pruned", "save_pruned"]
+
+FORMAT_VERSION = 1
+# options that shape the architecture (everything else, like data paths, is left out)
+ARCH_OPTIONS = ("num_classes", "model_kwargs")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
+    _atomic(Path(path), lambda fh: fh.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, (Path, torch.device, torch.dtype)):
+        return str(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def save_pruned(
+    out_dir: str | os.PathLike,
+    model: nn.Module,
+    history: Any,
+    spec: str,
+    options: dict[str, Any] | None = None,
+    save_pickle: bool = False,
+    example_input_shape: list[int] | tuple[int, ...] | None = None,
+) -> Path:
+    """Write ``model.pt``, ``history.json`` and ``architecture.json`` (and ``model_full.pt``
+    with ``save_pickle``) into ``out_dir`` (created if missing), each file atomically.
+
+    :param spec: how to rebuild the unpruned architecture: a ``--model`` spec such as
+        ``timm:resnet18``, ``torchvision:resnet18`` or ``package.module:factory``.
+    :param options: loader options that shape the architecture (``num_classes``...).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic(out / "model.pt", lambda fh: torch.save(state, fh))
+    hist = history.to_json() if hasattr(history, "to_json") else history
+    atomic_write_text(out / "history.json", _json(hist))
+    arch = {
+        "format": FORMAT_VERSION,
+        "cleanai_version": __version__,
+        "spec": spec,
+        "options": options,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "example_input_shape": list(example_input_shape) if example_input_shape is not None else None,
+    }
+    atomic_write_text(out / "architecture.json", _json(arch))
+    if save_pickle:
+        _atomic(out / "model_full.pt", lambda fh: torch.save(model, fh))
+    return out
+
+
+def _add_missing_parameters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Create parameters that exist in ``state`` but not in ``model`` (a ``bias`` that
+    bias compensation added to a layer built with ``bias=False``)."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own:
+            continue
+        mod_name, _, attr = key.rpartition(".")
+        try:
+            module = model.get_submodule(mod_name) if mod_name else model
+        except AttributeError:
+            continue
+        if getattr(module, attr, None) is None and (attr in module._parameters or attr == "bias"):
+            module.register_parameter(attr, nn.Parameter(torch.zeros_like(value)))
+
+
+def load_pruned(
+    out_dir: str | os.PathLike, map_location: str | torch.device = "cpu", trust_model: bool = False
+) -> nn.Module:
+    """Rebuild a pruned model saved by :func:`save_pruned` (or ``cleanai prune``).
+
+    Rebuilds the unpruned architecture from ``architecture.json`` (no pretrained weights are
+    downloaded), replays ``history.json`` on it, then loads ``model.pt`` strictly. The model
+    is returned in eval mode. ``trust_model`` is only needed when the architecture came from
+    a pickled model file (rebuilding it unpickles that file again).
+    """
+    from cleanai_core.history import PruningHistory
+    from cleanai_core.plugins import get_plugin_manager
+
+    out = Path(out_dir)
+    for name in ("architecture.json", "history.json", "model.pt"):
+        if not (out / name).is_file():
+            raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")
+    arch = json.loads((out / "architecture.json").read_text())
+    if arch.get("format", 1) > FORMAT_VERSION:
+        raise UserError(f"{str(out)!r} was written by a newer CleanAI (format {arch['format']}); upgrade CleanAI.")
+    spec = arch["spec"]
+    options = dict(arch.get("options") or {})
+    options.update(pretrained=False, weights=None, trust_model=trust_model, warn_random_weights=False)
+    model = get_plugin_manager().hook.cleanai_load_model(spec=spec, options=options)
+    if model is None:
+        raise UserError(f"no installed loader can rebuild {spec!r}; install the plugin or package that provides it.")
+    history = PruningHistory.load(out / "history.json")
+    history.replay(model)
+    state = torch.load(out / "model.pt", map_location=map_location, weights_only=True)
+    _add_missing_parameters(model, state)
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval()

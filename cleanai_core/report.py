@@ -1,0 +1,217 @@
+"""Rendering a pruning report: ``report.json``, ``report.md`` and a plot.
+
+The plot is ``report.png`` when matplotlib is installed (it is not a dependency) and
+otherwise ``report.svg``, drawn here as plain SVG: channels per layer before and after
+(bars) and the importance scores of each layer, pruned units in red, kept in blue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+from cleanai_core.io import atomic_write_bytes, atomic_write_text
+
+__all__ = ["render_markdown", "render_svg", "write_report"]
+
+MAX_PLOT_LAYERS = 60
+
+
+def _fmt_int(n: Any) -> str:
+    if n is None:
+        return "n/a"
+    n = float(n)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _pct(after: Any, before: Any) -> str:
+    if not before or after is None:
+        return ""
+    return f" ({100.0 * (after - before) / before:+.1f}%)"
+
+
+def _headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows = [
+        (
+            "Parameters",
+            _fmt_int(report.get("params_before")),
+            _fmt_int(report.get("params_after")),
+            _pct(report.get("params_after"), report.get("params_before")).strip(" ()"),
+        ),
+        (
+            "FLOPs (1 input)",
+            _fmt_int(report.get("flops_before")),
+            _fmt_int(report.get("flops_after")),
+            _pct(report.get("flops_after"), report.get("flops_before")).strip(" ()"),
+        ),
+    ]
+    lb, la = report.get("latency_before_ms"), report.get("latency_after_ms")
+    if lb is not None and la is not None:
+        rows.append(("Latency, CPU (ms)", f"{lb:.3f}", f"{la:.3f}", _pct(la, lb).strip(" ()")))
+    ab, aa = report.get("accuracy_before"), report.get("accuracy_after")
+    if ab is not None and aa is not None:
+        rows.append(("Accuracy (held-out)", f"{100 * ab:.2f}%", f"{100 * aa:.2f}%", f"{100 * (aa - ab):+.2f} pt"))
+    return rows
+
+
+def headline_text(report: dict[str, Any]) -> str:
+    """A few plain-text lines with the headline numbers (for the terminal)."""
+    rows = _headline_rows(report)
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{name:<{width}}  {b:>10} -> {a:<10} {c}".rstrip() for name, b, a, c in rows)
+
+
+def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]] = ()) -> str:
+    lines = ["# CleanAI pruning report", ""]
+    lines += ["| | before | after | change |", "|---|---:|---:|---:|"]
+    lines += [f"| {n} | {b} | {a} | {c} |" for n, b, a, c in _headline_rows(report)]
+    lines.append("")
+    notes = []
+    if report.get("model"):
+        notes.append(f"Model `{report['model']}`")
+    if report.get("pruning_ratio") is not None:
+        notes.append(f"pruning ratio {report['pruning_ratio']}")
+    if report.get("target_flops") is not None:
+        notes.append(f"target FLOPs {report['target_flops']}")
+    if report.get("importance"):
+        notes.append(f"importance `{report['importance']}`")
+    if report.get("calibration_samples") is not None:
+        notes.append(f"{report['calibration_samples']} calibration samples")
+    if report.get("evaluation_samples") is not None:
+        notes.append(f"{report['evaluation_samples']} held-out evaluation samples")
+    lat = report.get("latency")
+    if lat:
+        notes.append(
+            f"latency: median of {lat.get('repeats')} runs, batch size {lat.get('batch_size')}, "
+            f"{lat.get('threads')} CPU threads"
+        )
+    if notes:
+        lines += ["; ".join(notes) + ".", ""]
+    layers = report.get("layers") or []
+    lines += ["## Layers", "", "| layer | channels before | after | pruned |", "|---|---:|---:|---:|"]
+    for layer in layers:
+        b, a = layer.get("channels_before"), layer.get("channels_after")
+        lines.append(f"| `{layer.get('name')}` | {b} | {a} | {(b or 0) - (a or 0)} |")
+    lines.append("")
+    for title, body in extra_sections:
+        lines += [f"## {title}", "", body.rstrip(), ""]
+    return "\n".join(lines)
+
+
+def _scores(layer: dict[str, Any]) -> tuple[list[float], list[float]]:
+    s = layer.get("importance_scores") or {}
+    return [float(v) for v in s.get("pruned") or []], [float(v) for v in s.get("kept") or []]
+
+
+def render_svg(report: dict[str, Any]) -> str:
+    """Channels per layer (before: grey, after: blue) and per-layer score strips
+    (scores min-max scaled per layer; pruned red, kept blue)."""
+    layers = (report.get("layers") or [])[:MAX_PLOT_LAYERS]
+    row, label_w, bar_w, gap, strip_w = 16, 220, 300, 40, 300
+    top = 50
+    height = top + row * max(len(layers), 1) + 40
+    width = label_w + bar_w + gap + strip_w + 20
+    max_c = max([layer.get("channels_before") or 0 for layer in layers] + [1])
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+        f'font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{label_w}" y="20" font-size="13">Channels per layer (grey: before, blue: after)</text>',
+        f'<text x="{label_w + bar_w + gap}" y="20" font-size="13">Importance scores (red: pruned, blue: kept)</text>',
+        f'<text x="{label_w + bar_w + gap}" y="36" fill="#555">scaled per layer, low to high</text>',
+    ]
+    for i, layer in enumerate(layers):
+        y = top + i * row
+        name = str(layer.get("name"))
+        if len(name) > 34:
+            name = "..." + name[-31:]
+        b, a = layer.get("channels_before") or 0, layer.get("channels_after") or 0
+        out.append(f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{escape(name)}</text>')
+        out.append(f'<rect x="{label_w}" y="{y + 2}" width="{bar_w * b / max_c:.1f}" height="12" fill="#cccccc"/>')
+        out.append(f'<rect x="{label_w}" y="{y + 2}" width="{bar_w * a / max_c:.1f}" height="12" fill="#3b75af"/>')
+        out.append(f'<text x="{label_w + bar_w * b / max_c + 3:.1f}" y="{y + 11}" fill="#333">{a}/{b}</text>')
+        pruned, kept = _scores(layer)
+        allv = pruned + kept
+        if allv:
+            lo, hi = min(allv), max(allv)
+            span = (hi - lo) or 1.0
+            x0 = label_w + bar_w + gap
+            out.append(f'<line x1="{x0}" x2="{x0 + strip_w}" y1="{y + 8}" y2="{y + 8}" stroke="#eee"/>')
+            for vals, color in ((kept, "#3b75af"), (pruned, "#d62728")):
+                for v in vals:
+                    out.append(
+                        f'<line x1="{x0 + strip_w * (v - lo) / span:.1f}" x2="{x0 + strip_w * (v - lo) / span:.1f}" '
+                        f'y1="{y + 3}" y2="{y + 13}" stroke="{color}" stroke-opacity="0.6"/>'
+                    )
+    if len(report.get("layers") or []) > MAX_PLOT_LAYERS:
+        out.append(
+            f'<text x="{label_w}" y="{height - 12}" fill="#555">first {MAX_PLOT_LAYERS} of '
+            f"{len(report['layers'])} layers shown; all are in report.json</text>"
+        )
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _render_png(report: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import io
+
+    layers = (report.get("layers") or [])[:MAX_PLOT_LAYERS]
+    n = max(len(layers), 1)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 1 + 0.25 * n), sharey=True)
+    names = [str(layer.get("name")) for layer in layers]
+    ys = list(range(len(layers)))
+    ax1.barh(ys, [layer.get("channels_before") or 0 for layer in layers], color="#cccccc", label="before")
+    ax1.barh(ys, [layer.get("channels_after") or 0 for layer in layers], color="#3b75af", label="after")
+    ax1.set_yticks(ys, names, fontsize=7)
+    ax1.invert_yaxis()
+    ax1.set_xlabel("channels")
+    ax1.legend()
+    for y, layer in zip(ys, layers, strict=True):
+        pruned, kept = _scores(layer)
+        allv = pruned + kept
+        if not allv:
+            continue
+        lo, hi = min(allv), max(allv)
+        span = (hi - lo) or 1.0
+        ax2.scatter([(v - lo) / span for v in kept], [y] * len(kept), s=4, color="#3b75af")
+        ax2.scatter([(v - lo) / span for v in pruned], [y] * len(pruned), s=4, color="#d62728")
+    ax2.set_xlabel("importance (scaled per layer); red pruned, blue kept")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` and the plot into ``out_dir``. Extra Markdown
+    sections come from the ``cleanai_report_sections`` hook. Returns the report with a
+    ``"plot"`` entry naming the plot file."""
+    from cleanai_core.plugins import get_plugin_manager
+
+    out = Path(out_dir)
+    report = dict(report)
+    png = _render_png(report, out / "report.png")
+    if not png:
+        atomic_write_text(out / "report.svg", render_svg(report))
+    report["plot"] = "report.png" if png else "report.svg"
+    sections: list[tuple[str, str]] = []
+    for result in get_plugin_manager().hook.cleanai_report_sections(report=dict(report)):
+        sections.extend(result or [])
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(out / "report.md", render_markdown(report, sections))
+    return report
