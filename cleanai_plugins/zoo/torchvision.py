@@ -1,1 +1,67 @@
-"""Placeholder while the kernel lands."""
+"""torchvision models: attribute fix-ups after slicing.
+
+MaxViT's ``RelativePositionalMultiHeadAttention`` keeps ``n_heads`` / ``head_dim`` and
+reshapes its attention output back to the *input* width ``D``; once heads are pruned
+that width differs from ``n_heads * head_dim``, so the pruned module's class is swapped
+for a subclass whose ``forward`` reshapes with the pruned width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleanai_core import hookimpl
+
+try:  # torchvision is optional
+    from torchvision.models import maxvit as _maxvit
+except Exception:  # pragma: no cover
+    _maxvit = None
+
+
+def _heads_from_keep(keep: torch.Tensor, heads: int, head_dim: int, stacks: int) -> tuple[int, int]:
+    """New (heads, head_dim) from the kept output rows of a stacked (q, k, v) projection."""
+    total = heads * head_dim
+    q_keep = keep[keep < total]
+    kept_heads = int((q_keep // head_dim).unique().numel())
+    if q_keep.numel() == kept_heads * head_dim:
+        return kept_heads, head_dim
+    return heads, q_keep.numel() // heads
+
+
+if _maxvit is not None:
+
+    class PrunedRelativePositionalMultiHeadAttention(_maxvit.RelativePositionalMultiHeadAttention):
+        """Same computation; the output is reshaped to ``n_heads * head_dim``."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            B, G, P, _ = x.shape
+            H, DH = self.n_heads, self.head_dim
+            q, k, v = torch.chunk(self.to_qkv(x), 3, dim=-1)
+            q = q.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4)
+            k = k.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4)
+            v = v.reshape(B, G, P, H, DH).permute(0, 1, 3, 2, 4)
+            k = k * self.scale_factor
+            dot_prod = torch.einsum("B G H I D, B G H J D -> B G H I J", q, k)
+            dot_prod = F.softmax(dot_prod + self.get_relative_positional_bias(), dim=-1)
+            out = torch.einsum("B G H I J, B G H J D -> B G H I D", dot_prod, v)
+            out = out.permute(0, 1, 3, 2, 4).reshape(B, G, P, H * DH)
+            return self.merge(out)
+
+
+def fix_maxvit_attention(module: nn.Module, name: str, edits) -> None:
+    if _maxvit is None or not isinstance(module, _maxvit.RelativePositionalMultiHeadAttention):
+        return
+    keep = edits.get((f"{name}.to_qkv" if name else "to_qkv", "out"))
+    if keep is not None:
+        module.n_heads, module.head_dim = _heads_from_keep(keep, module.n_heads, module.head_dim, 3)
+    if type(module) is _maxvit.RelativePositionalMultiHeadAttention and (
+        keep is not None or (f"{name}.merge" if name else "merge", "in") in edits
+    ):
+        module.__class__ = PrunedRelativePositionalMultiHeadAttention
+
+
+@hookimpl(trylast=True)
+def cleanai_after_prune(module, name, edits):
+    fix_maxvit_attention(module, name, edits)

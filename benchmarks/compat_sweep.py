@@ -1,0 +1,445 @@
+"""Compatibility sweep: prune torchvision / timm models at a uniform ratio and check them.
+
+Every model is built with random weights (``pretrained=False``, ``num_classes=10``),
+traced, and a random ``--ratio`` of every prunable group is pruned (the classifier's
+outputs are kept: model outputs are always frozen). The pruned model must run, keep its
+output shape and match the masking oracle (:func:`cleanai_core.testing.check_pruner`'s
+comparison, step by step so that the failing stage is known).
+
+Each model runs in its own subprocess with a time limit; results are appended to a
+JSON-lines cache so a sweep can be resumed or extended, and ``docs/compatibility.md``
+is rendered from the cache.
+
+Examples::
+
+    python benchmarks/compat_sweep.py --set torchvision --jobs 2
+    python benchmarks/compat_sweep.py --set timm-families --jobs 2
+    python benchmarks/compat_sweep.py --set timm --filter 'convnext*' --limit 20
+    python benchmarks/compat_sweep.py --render-only
+
+Statuses: ``pass``, ``fail-trace`` (building the dependency graph raised),
+``fail-prune`` (slicing raised), ``fail-forward`` (the pruned model does not run),
+``fail-shape`` (output shape changed), ``fail-oracle`` (output differs from the masked
+original), ``fail-noprune`` (nothing could be pruned), ``skipped-too-big`` (more than
+``--max-params`` parameters), ``skipped-too-slow`` (time limit), ``skipped-unsupported``
+(the unpruned model cannot be built or run on CPU at this input size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = ROOT / "benchmarks" / "compat_results.jsonl"
+DEFAULT_DOC = ROOT / "docs" / "compatibility.md"
+SIZES_CACHE = ROOT / "benchmarks" / "timm_param_counts.json"
+MAX_SIDE = 224
+STATUSES = (
+    "pass",
+    "fail-trace",
+    "fail-prune",
+    "fail-forward",
+    "fail-shape",
+    "fail-oracle",
+    "fail-noprune",
+    "skipped-too-big",
+    "skipped-too-slow",
+    "skipped-unsupported",
+)
+
+
+# ---------------------------------------------------------------------------
+# Building models (also used by tests/test_corpus.py)
+# ---------------------------------------------------------------------------
+def build(spec: str, max_side: int = MAX_SIDE, device: str | None = None):
+    """``(model, input_size)`` for ``tv:<name>`` or ``timm:<name>`` (random weights,
+    10 classes, eval mode). Input side capped at ``max_side`` where the model allows it."""
+    import torch
+
+    lib, name = spec.split(":", 1)
+    ctx = torch.device(device) if device else _nullcontext()
+    if lib == "tv":
+        import torchvision
+
+        size = 299 if name == "inception_v3" else 224
+        kwargs = {"num_classes": 10}
+        if name in ("googlenet", "inception_v3"):
+            kwargs["aux_logits"] = False
+            kwargs["init_weights"] = False
+        with ctx:
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
+        return model.eval(), (3, size, size)
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name)
+    size = tuple(getattr(cfg, "input_size", None) or (3, 224, 224)) if cfg is not None else (3, 224, 224)
+    kwargs = {"pretrained": False, "num_classes": 10}
+    if max(size[1:]) > max_side:
+        scaled = (size[0], min(size[1], max_side), min(size[2], max_side))
+        try:
+            with ctx:
+                model = timm.create_model(name, img_size=scaled[1:], **kwargs)
+            return model.eval(), scaled
+        except Exception:
+            try:
+                with ctx:
+                    model = timm.create_model(name, img_size=scaled[1], **kwargs)
+                return model.eval(), scaled
+            except Exception:
+                pass
+        # fully convolutional models run at any size
+        with ctx:
+            model = timm.create_model(name, **kwargs)
+        return model.eval(), size if "vit" in name or "deit" in name else scaled
+    with ctx:
+        model = timm.create_model(name, **kwargs)
+    return model.eval(), size
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def count_params(spec: str) -> int:
+    model, _ = build(spec, device="meta")
+    return sum(p.numel() for p in model.parameters())
+
+
+def oracle_tolerance(expected) -> float:
+    scale = max((float(t.abs().max()) for t in expected if t.numel()), default=1.0)
+    return 1e-3 * max(1.0, scale)
+
+
+# ---------------------------------------------------------------------------
+# One model (runs in a subprocess)
+# ---------------------------------------------------------------------------
+def check_one(spec: str, ratio: float = 0.5, batch: int = 2, max_params: int = 150_000_000, seed: int = 0) -> dict:
+    import copy
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rec: dict = {"model": spec, "status": None, "error": "", "params_before": None, "params_after": None}
+    t0 = time.time()
+
+    def err(exc: BaseException) -> str:
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" [{Path(tb[-1].filename).name}:{tb[-1].lineno}]" if tb else ""
+        return f"{type(exc).__name__}: {str(exc)[:400]}{where}"
+
+    try:
+        n = count_params(spec)
+    except Exception as exc:
+        n = None
+        rec.update(status="skipped-unsupported", error="build: " + err(exc))
+        return rec
+    rec["params_before"] = n
+    if n > max_params:
+        rec.update(status="skipped-too-big", error=f"{n / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M")
+        return rec
+    try:
+        model, size = build(spec)
+        x = torch.randn(batch, *size)
+        from cleanai_core.testing import run_model
+
+        ref = run_model(model, x)
+    except Exception as exc:
+        rec.update(status="skipped-unsupported", error="unpruned forward: " + err(exc))
+        return rec
+    rec["input"] = list(size)
+    from cleanai_core.graph.dependency import DependencyGraph
+    from cleanai_core.slicing import SliceEdit, apply_edits
+    from cleanai_core.testing import masked_forward, random_units
+
+    try:
+        graph = DependencyGraph(model, x)
+    except Exception as exc:
+        rec.update(status="fail-trace", error=err(exc))
+        return rec
+    groups = graph.groups()
+    rec["groups"] = len(groups)
+    rec["prunable_groups"] = sum(g.prunable > 0 for g in groups)
+    rec["unknown_ops"] = dict(graph.ctx.unknown_ops)
+    pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed), exclude_normalized=True)
+    all_pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed))
+    rec["pruned_units"] = int(pruned.sum())
+    try:
+        expected = masked_forward(graph, pruned, x)
+        small = copy.deepcopy(model)
+        edits = [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in graph.keep_indices(pruned).items()]
+        apply_edits(small, edits, graph.pm)
+        # the uniform-ratio model (normalising groups pruned too): what a user gets
+        full = copy.deepcopy(model)
+        edits_full = [
+            SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in graph.keep_indices(all_pruned).items()
+        ]
+        apply_edits(full, edits_full, graph.pm)
+    except Exception as exc:
+        rec.update(status="fail-prune", error=err(exc))
+        return rec
+    rec["params_after"] = sum(p.numel() for p in full.parameters())
+    try:
+        got = run_model(small, x)
+        got_full = run_model(full, x)
+    except Exception as exc:
+        rec.update(status="fail-forward", error=err(exc))
+        return rec
+    shapes = [tuple(t.shape) for t in ref]
+    if [tuple(t.shape) for t in got] != shapes or [tuple(t.shape) for t in got_full] != shapes:
+        rec.update(
+            status="fail-shape",
+            error=f"{shapes} -> {[tuple(t.shape) for t in got_full]}",
+        )
+        return rec
+    diff = max((float((a - b).abs().max()) for a, b in zip(got, expected, strict=True)), default=0.0)
+    tol = oracle_tolerance(expected)
+    rec["max_abs_diff"] = diff
+    rec["tolerance"] = tol
+    rec["seconds"] = round(time.time() - t0, 1)
+    if not diff <= tol:
+        rec.update(status="fail-oracle", error=f"max |pruned - masked| = {diff:.3g} > {tol:.3g}")
+        return rec
+    if int(all_pruned.sum()) == 0:
+        rec.update(status="fail-noprune", error="no prunable group")
+        return rec
+    rec["status"] = "pass"
+    return rec
+
+
+# ---------------------------------------------------------------------------
+# Model lists
+# ---------------------------------------------------------------------------
+def torchvision_models() -> list[str]:
+    import torchvision
+
+    return [f"tv:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+
+
+def timm_models() -> list[str]:
+    import timm
+
+    return [f"timm:{n}" for n in timm.list_models()]
+
+
+def timm_param_counts() -> dict[str, int]:
+    """Parameter counts of every timm model (built on the meta device; cached)."""
+    import timm
+
+    counts = json.loads(SIZES_CACHE.read_text()) if SIZES_CACHE.exists() else {}
+    missing = [n for n in timm.list_models() if n not in counts]
+    for n in missing:
+        try:
+            counts[n] = count_params(f"timm:{n}")
+        except Exception:
+            counts[n] = -1
+    if missing:
+        SIZES_CACHE.write_text(json.dumps(counts, indent=0, sort_keys=True))
+    return counts
+
+
+def timm_families() -> list[str]:
+    """The smallest model (by parameters) of every module under ``timm.models``."""
+    import timm
+
+    counts = timm_param_counts()
+    out = []
+    for mod in timm.list_modules():
+        names = [n for n in timm.list_models(module=mod) if counts.get(n, -1) > 0]
+        if names:
+            out.append("timm:" + min(names, key=lambda n: (counts[n], n)))
+    return out
+
+
+def family_of(spec: str) -> str:
+    lib, name = spec.split(":", 1)
+    if lib == "tv":
+        return "torchvision"
+    from timm.models import _registry
+
+    return _registry._model_to_module.get(name, "?")
+
+
+# ---------------------------------------------------------------------------
+# Cache and report
+# ---------------------------------------------------------------------------
+def load_cache(path: Path) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out[rec["model"]] = rec
+    return out
+
+
+def run_subprocess(spec: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", spec, "--ratio", str(args.ratio), "--max-params", str(args.max_params)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"model": spec, "status": "skipped-too-slow", "error": f"over {args.timeout}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        return {"model": spec, "status": "skipped-unsupported", "error": "worker crashed: " + tail[0][:300]}
+    rec = json.loads(lines[-1])
+    rec["wall_s"] = round(time.time() - t0, 1)
+    return rec
+
+
+def render(cache: dict[str, dict], doc: Path, note: str = "") -> None:
+    recs = sorted(cache.values(), key=lambda r: (not r["model"].startswith("tv:"), r["model"]))
+    try:
+        families = {r["model"]: family_of(r["model"]) for r in recs}
+    except Exception:
+        families = {r["model"]: "?" for r in recs}
+    fam_sample = set()
+    try:
+        fam_sample = set(timm_families()) if SIZES_CACHE.exists() else set()
+    except Exception:
+        pass
+
+    def summary(rows: list[dict]) -> list[str]:
+        counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+        ran = [r for r in rows if not r["status"].startswith("skipped")]
+        passed = counts["pass"]
+        pct = f"{100 * passed / len(ran):.1f}%" if ran else "-"
+        cells = " | ".join(str(counts[s]) for s in STATUSES)
+        return [f"| {len(rows)} | {len(ran)} | {passed} | {pct} | {cells} |"]
+
+    head = "| models | ran | pass | pass % of ran | " + " | ".join(STATUSES) + " |"
+    sep = "|" + "---|" * (4 + len(STATUSES))
+    lines = [
+        "# Compatibility",
+        "",
+        "Generated by `benchmarks/compat_sweep.py` (do not edit by hand). Every model is built with random",
+        "weights (`pretrained=False`, 10 classes), traced on a random input (batch 2, the model's default",
+        f"input size capped at {MAX_SIDE} where the model allows it), then a random 50% of every prunable",
+        "group is pruned (model outputs, hence the classifier's, are kept). A model passes when the pruned",
+        "model runs, keeps its output shape and matches the masking oracle within 1e-3 x max(1, |output|)",
+        "(groups that normalise across channels, LayerNorm/GroupNorm, are pruned for the parameter count",
+        "but left out of the oracle comparison, as in `cleanai_core.testing.check_pruner`).",
+        "",
+        "`pass %` is over the models that ran (built and ran unpruned on CPU, not too big or too slow).",
+        "",
+    ]
+    if note:
+        lines += [note, ""]
+    lines += ["## Summary", "", "| set " + head, "|---" + sep]
+    sets = [
+        ("torchvision classification", [r for r in recs if r["model"].startswith("tv:")]),
+        ("timm, one model per family", [r for r in recs if r["model"] in fam_sample]),
+        ("timm, all models run", [r for r in recs if r["model"].startswith("timm:")]),
+    ]
+    for title, rows in sets:
+        if rows:
+            lines.append(f"| {title} " + summary(rows)[0])
+    lines += ["", "## Failures by cause", ""]
+    causes: dict[str, list[str]] = {}
+    for r in recs:
+        if r["status"] != "pass":
+            key = f"{r['status']}: {_short(r.get('error', ''))}"
+            causes.setdefault(key, []).append(r["model"])
+    for key, models in sorted(causes.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(models[:12]) + (f" ... (+{len(models) - 12})" if len(models) > 12 else "")
+        lines.append(f"- **{len(models)}** {key.replace('|', '/')} - {shown}")
+    lines += [
+        "",
+        "## Models",
+        "",
+        "| model | family | status | params before | params after (uniform 0.5) | kept | oracle diff | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        pb, pa = r.get("params_before"), r.get("params_after")
+        kept = f"{pa / pb:.2f}" if pb and pa else ""
+        diff = f"{r['max_abs_diff']:.1e}" if r.get("max_abs_diff") is not None else ""
+        note = r.get("error", "") if r["status"] != "pass" else ""
+        note = note.replace("|", "/").replace("\n", " ")[:300]
+        lines.append(
+            f"| {r['model']} | {families.get(r['model'], '')} | {r['status']} | {_m(pb)} | {_m(pa)} | {kept} "
+            f"| {diff} | {note} |"
+        )
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines) + "\n")
+
+
+def _short(msg: str) -> str:
+    msg = msg.split(" [")[0]
+    for sep in (" in ", " at "):
+        pass
+    return msg[:160]
+
+
+def _m(n) -> str:
+    return f"{n / 1e6:.2f}M" if n else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--set", choices=["torchvision", "timm", "timm-families", "all"], default="torchvision")
+    p.add_argument("--filter", default=None, help="fnmatch pattern(s) on model names, comma separated")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--timeout", type=int, default=180, help="seconds per model")
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--max-params", type=int, default=150_000_000)
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--doc", type=Path, default=DEFAULT_DOC)
+    p.add_argument("--rerun", default=None, help="rerun cached models with these statuses (comma separated, or 'all')")
+    p.add_argument("--render-only", action="store_true")
+    p.add_argument("--note", default="", help="text placed above the summary (which models were run)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        rec = check_one(args.worker, args.ratio, max_params=args.max_params)
+        print(json.dumps(rec))
+        return 0
+    cache = load_cache(args.cache)
+    if not args.render_only:
+        if args.set == "torchvision":
+            models = torchvision_models()
+        elif args.set == "timm":
+            models = timm_models()
+        elif args.set == "timm-families":
+            models = timm_families()
+        else:
+            models = torchvision_models() + timm_models()
+        if args.filter:
+            pats = args.filter.split(",")
+            models = [m for m in models if any(fnmatch.fnmatch(m.split(":", 1)[1], q) for q in pats)]
+        rerun = set((args.rerun or "").split(",")) if args.rerun else set()
+        todo = [m for m in models if m not in cache or "all" in rerun or cache[m]["status"] in rerun][args.offset :]
+        if args.limit is not None:
+            todo = todo[: args.limit]
+        print(f"{len(todo)} models to run ({len(models)} selected, {len(cache)} cached)", flush=True)
+        with ThreadPoolExecutor(args.jobs) as pool, open(args.cache, "a") as fh:
+            for i, rec in enumerate(pool.map(lambda m: run_subprocess(m, args), todo)):
+                cache[rec["model"]] = rec
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                print(f"[{i + 1}/{len(todo)}] {rec['model']}: {rec['status']} {rec.get('error', '')[:200]}", flush=True)
+    render(cache, args.doc, args.note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
