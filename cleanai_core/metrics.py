@@ -4,19 +4,33 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "count_params", "measure_latency"]
+__all__ = ["count_flops", "count_params", "eval_mode", "measure_latency"]
 
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run in eval mode and restore every module's own mode afterwards (a train-mode
+    forward would update BatchNorm statistics of the user's model)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _call(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:
@@ -36,16 +50,17 @@ def count_flops(model: nn.Module, inputs: Any, forward_fn: Callable | None = Non
     seen by the counter."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         _call(model, inputs, forward_fn)
     return int(counter.get_total_flops())
 
 
-def measure_latency(model: nn.Module, inputs: Any, repeats: int = 20, warmup: int = 3,
-                    forward_fn: Callable | None = None) -> float:
+def measure_latency(
+    model: nn.Module, inputs: Any, repeats: int = 20, warmup: int = 3, forward_fn: Callable | None = None
+) -> float:
     """Median wall-clock milliseconds of one forward pass (no gradients)."""
     times = []
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for i in range(warmup + repeats):
             t0 = time.perf_counter()
             _call(model, inputs, forward_fn)

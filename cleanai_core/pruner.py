@@ -117,10 +117,21 @@ class StructuredPruner:
             raise UserError(f"round_to={round_to} must be a positive integer")
         if not isinstance(iterative_steps, int) or iterative_steps < 1:
             raise UserError(f"iterative_steps={iterative_steps} must be a positive integer")
+        from torch.utils._pytree import tree_flatten
+
+        leaves = [t for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
+        if not leaves:
+            raise UserError(
+                "example_inputs holds no tensor: give one batch of inputs, e.g. torch.randn(1, 3, 224, 224)"
+            )
+        if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves):
+            raise UserError("example_inputs contain NaN or inf values; give finite inputs")
         self.model = model
         self.example_inputs = example_inputs
-        self.importance = get_importance(importance) if isinstance(importance, str) else (
-            importance if importance is not None else WeightActivationImportance()
+        self.importance = (
+            get_importance(importance)
+            if isinstance(importance, str)
+            else (importance if importance is not None else WeightActivationImportance())
         )
         self.pruning_ratio = float(pruning_ratio)
         self.global_pruning = global_pruning
@@ -160,11 +171,15 @@ class StructuredPruner:
 
     # -- graph ---------------------------------------------------------------------
     def _build_graph(self, model: nn.Module) -> DependencyGraph:
-        graph = DependencyGraph(model, self.example_inputs, self.forward_fn, self.output_transform,
-                                ignored_layers=sorted(self.ignored))
+        graph = DependencyGraph(
+            model, self.example_inputs, self.forward_fn, self.output_transform, ignored_layers=sorted(self.ignored)
+        )
         if not graph.groups(prunable_only=True):
-            why = " (every layer is ignored)" if self.ignored and all(
-                s.module in self.ignored for s in graph.slices if s.kind == "out") else ""
+            why = (
+                " (every layer is ignored)"
+                if self.ignored and all(s.module in self.ignored for s in graph.slices if s.kind == "out")
+                else ""
+            )
             raise UserError(
                 f"nothing in this model can be pruned{why}: no group of coupled channels is free to shrink. "
                 "Run `cleanai explain` to see which operations froze them, or ignore fewer layers."
@@ -172,8 +187,9 @@ class StructuredPruner:
         return graph
 
     # -- calibration -----------------------------------------------------------------
-    def collect_activations(self, loader: Iterable[Any], num_batches: int | None = None,
-                            progress: bool = True) -> StructuredPruner:
+    def collect_activations(
+        self, loader: Iterable[Any], num_batches: int | None = None, progress: bool = True
+    ) -> StructuredPruner:
         """Stream per-channel statistics at every consumer's input over ``loader``
         (tensors, ``(x, y)`` pairs or dicts). Memory is bounded by the channel count."""
         if num_batches is not None and num_batches < 1:
@@ -187,8 +203,14 @@ class StructuredPruner:
         try:
             with collector.hooks(), torch.no_grad():
                 batches = iterate(loader, num_batches)
-                for batch in tqdm(batches, total=total_batches(loader, num_batches), disable=not progress,
-                                  desc="calibrating", unit="batch", leave=False):
+                for batch in tqdm(
+                    batches,
+                    total=total_batches(loader, num_batches),
+                    disable=not progress,
+                    desc="calibrating",
+                    unit="batch",
+                    leave=False,
+                ):
                     inputs, _ = split_batch(batch)
                     self._forward(self.model, move_to(inputs, device))
             if getattr(self.importance, "needs_gradients", False):
@@ -235,8 +257,9 @@ class StructuredPruner:
                 f"{type(self.importance).__name__} scores activations: call "
                 "pruner.collect_activations(loader) first, or choose a data-free importance such as 'magnitude'"
             )
-        ctx = ScoringContext(graph, stats, model,
-                             extra={"bias_compensation": self.bias_compensation, "gradients": self.gradients})
+        ctx = ScoringContext(
+            graph, stats, model, extra={"bias_compensation": self.bias_compensation, "gradients": self.gradients}
+        )
         out = {}
         for g in graph.groups(prunable_only=True):
             s = torch.as_tensor(self.importance(g, ctx), dtype=torch.float64).reshape(-1)
@@ -257,9 +280,15 @@ class StructuredPruner:
     def _make_plan(self, graph, model, stats, ratio: float) -> PruningPlan:
         scores = self._scores(graph, model, stats)
         return make_plan(
-            graph.groups(prunable_only=True), scores, graph.root.numel(), ratio,
-            group_ratios=self._group_ratios(graph), global_pruning=self.global_pruning,
-            max_layer_ratio=self.max_layer_ratio, round_to=self.round_to, min_units=self.min_channels,
+            graph.groups(prunable_only=True),
+            scores,
+            graph.root.numel(),
+            ratio,
+            group_ratios=self._group_ratios(graph),
+            global_pruning=self.global_pruning,
+            max_layer_ratio=self.max_layer_ratio,
+            round_to=self.round_to,
+            min_units=self.min_channels,
             normalizer=self.normalizer,
         )
 
@@ -278,10 +307,18 @@ class StructuredPruner:
         lo, hi = 0.0, 0.95
         for _ in range(10):
             mid = (lo + hi) / 2
-            plan = make_plan(self.graph.groups(prunable_only=True), scores, self.graph.root.numel(), mid,
-                             group_ratios=self._group_ratios(self.graph), global_pruning=self.global_pruning,
-                             max_layer_ratio=self.max_layer_ratio, round_to=self.round_to,
-                             min_units=self.min_channels, normalizer=self.normalizer)
+            plan = make_plan(
+                self.graph.groups(prunable_only=True),
+                scores,
+                self.graph.root.numel(),
+                mid,
+                group_ratios=self._group_ratios(self.graph),
+                global_pruning=self.global_pruning,
+                max_layer_ratio=self.max_layer_ratio,
+                round_to=self.round_to,
+                min_units=self.min_channels,
+                normalizer=self.normalizer,
+            )
             small = copy.deepcopy(self.model)
             apply_edits(small, self._edits(self.graph, plan.pruned_units()), self.graph.pm)
             if count_flops(small, self.example_inputs, self.forward_fn) / base > self.target_flops:
@@ -295,8 +332,13 @@ class StructuredPruner:
     def _edits(graph: DependencyGraph, pruned: torch.Tensor) -> list[SliceEdit]:
         return [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in graph.keep_indices(pruned).items()]
 
-    def _build(self, source: nn.Module, graph: DependencyGraph, stats: dict, pruned: torch.Tensor,
-               ) -> tuple[nn.Module, list[SliceEdit]]:
+    def _build(
+        self,
+        source: nn.Module,
+        graph: DependencyGraph,
+        stats: dict,
+        pruned: torch.Tensor,
+    ) -> tuple[nn.Module, list[SliceEdit]]:
         model = copy.deepcopy(source)
         edits = self._edits(graph, pruned)
         if self.bias_compensation and stats:
@@ -364,8 +406,10 @@ class StructuredPruner:
             culprits = bad(active)
             for gp in culprits:
                 plugins = sorted({type(s.pruner).__name__ for s in gp.group.slices if s.pruner is not None})
-                msg = (f"skipped group {gp.group.id} ({', '.join(gp.group.modules()[:4])}; pruners "
-                       f"{', '.join(plugins) or 'none'}): pruning it breaks the model ({first})")
+                msg = (
+                    f"skipped group {gp.group.id} ({', '.join(gp.group.modules()[:4])}; pruners "
+                    f"{', '.join(plugins) or 'none'}): pruning it breaks the model ({first})"
+                )
                 self.skipped_groups.append(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=3)
                 gp.pruned[:] = False
@@ -374,8 +418,10 @@ class StructuredPruner:
 
     def prune(self) -> nn.Module:
         """Slice the model; return the pruned model (a copy unless ``inplace=True``)."""
-        self._before = {"params": count_params(self.model),
-                        "flops": count_flops(self.model, self.example_inputs, self.forward_fn)}
+        self._before = {
+            "params": count_params(self.model),
+            "flops": count_flops(self.model, self.example_inputs, self.forward_fn),
+        }
         self._layers = []
         current, graph, stats = self.model, self.graph, self.stats
         steps = self.iterative_steps
@@ -460,17 +506,19 @@ class StructuredPruner:
             units = graph.root[spec.atoms]
             gone = pruned[units]
             scores = unit_score[units]
-            self._layers.append({
-                "name": spec.module or spec.name,
-                "slice": spec.name if spec.module else "tensor",
-                "channels_before": int(spec.atoms.numel()),
-                "channels_after": int((~gone).sum()),
-                "pruned_indices": gone.nonzero().squeeze(1).tolist(),
-                "importance_scores": {
-                    "pruned": [round(float(v), 6) for v in scores[gone]],
-                    "kept": [round(float(v), 6) for v in scores[~gone]],
-                },
-            })
+            self._layers.append(
+                {
+                    "name": spec.module or spec.name,
+                    "slice": spec.name if spec.module else "tensor",
+                    "channels_before": int(spec.atoms.numel()),
+                    "channels_after": int((~gone).sum()),
+                    "pruned_indices": gone.nonzero().squeeze(1).tolist(),
+                    "importance_scores": {
+                        "pruned": [round(float(v), 6) for v in scores[gone]],
+                        "kept": [round(float(v), 6) for v in scores[~gone]],
+                    },
+                }
+            )
 
     def report(self) -> dict[str, Any]:
         """Per layer: channels before/after, pruned indices, importance scores of pruned and

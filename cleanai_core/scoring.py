@@ -135,8 +135,13 @@ class WeightActivationImportance:
 
     needs_activations = True
 
-    def __init__(self, weight_ratio: float = 0.5, activation_ratio: float = 0.5, form: str = "multiplicative",
-                 statistic: str = "auto") -> None:
+    def __init__(
+        self,
+        weight_ratio: float = 0.5,
+        activation_ratio: float = 0.5,
+        form: str = "multiplicative",
+        statistic: str = "auto",
+    ) -> None:
         if weight_ratio < 0 or activation_ratio < 0 or weight_ratio + activation_ratio <= 0:
             raise UserError(
                 f"weight_ratio={weight_ratio} and activation_ratio={activation_ratio}: both must be >= 0 "
@@ -149,8 +154,9 @@ class WeightActivationImportance:
         self.alpha, self.beta, self.form, self.statistic = weight_ratio, activation_ratio, form, statistic
 
     def __repr__(self) -> str:
-        return (f"WeightActivationImportance(weight_ratio={self.alpha}, activation_ratio={self.beta}, "
-                f"form={self.form!r})")
+        return (
+            f"WeightActivationImportance(weight_ratio={self.alpha}, activation_ratio={self.beta}, form={self.form!r})"
+        )
 
     def __call__(self, group: Group, ctx: ScoringContext) -> torch.Tensor:
         terms = ctx.consumer_terms(group)

@@ -31,8 +31,11 @@ __all__ = ["OracleReport", "check_pruner", "masked_forward", "random_units", "ru
 
 
 def run_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> list[torch.Tensor]:
-    """Call ``model`` like the tracer does and return the flat list of output tensors."""
-    with torch.no_grad():
+    """Call ``model`` (in eval mode, restored after) like the tracer does and return the
+    flat list of output tensors."""
+    from cleanai_core.metrics import eval_mode
+
+    with eval_mode(model), torch.no_grad():
         if forward_fn is not None:
             out = forward_fn(model, inputs)
         elif isinstance(inputs, dict):
@@ -46,8 +49,12 @@ def run_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None)
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 
 
-def random_units(graph: DependencyGraph, ratio: float = 0.5, generator: torch.Generator | None = None,
-                 exclude_normalized: bool = False) -> torch.Tensor:
+def random_units(
+    graph: DependencyGraph,
+    ratio: float = 0.5,
+    generator: torch.Generator | None = None,
+    exclude_normalized: bool = False,
+) -> torch.Tensor:
     """A boolean mask over units: ``ratio`` of each group's prunable units, at random,
     never all of them."""
     gen = generator or torch.Generator().manual_seed(0)
@@ -64,8 +71,9 @@ def random_units(graph: DependencyGraph, ratio: float = 0.5, generator: torch.Ge
     return pruned
 
 
-def masked_forward(graph: DependencyGraph, pruned: torch.Tensor, inputs: Any,
-                   forward_fn: Callable | None = None) -> list[torch.Tensor]:
+def masked_forward(
+    graph: DependencyGraph, pruned: torch.Tensor, inputs: Any, forward_fn: Callable | None = None
+) -> list[torch.Tensor]:
     """Outputs of the *unpruned* model with the pruned channels zeroed at every slice
     (module outputs, module inputs, norm affines, bare tensors). A pruner of a composite
     module (attention, recurrent) may define ``mask(module, slice_name, idx)``: it zeroes
@@ -89,11 +97,13 @@ def masked_forward(graph: DependencyGraph, pruned: torch.Tensor, inputs: Any,
                 if mask(module, spec.name, idx):
                     continue
         if spec.kind == "in":
+
             def pre(m, args, kwargs, idx=idx, spec=spec):
                 args = list(args)
                 x = args[spec.arg]
                 args[spec.arg] = x.index_fill(spec.dim % x.ndim, idx.to(x.device), 0.0)
                 return tuple(args), kwargs
+
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         else:
             dim = spec.dim
@@ -106,9 +116,11 @@ def masked_forward(graph: DependencyGraph, pruned: torch.Tensor, inputs: Any,
                     if t.ndim <= d % max(t.ndim, 1):
                         return t
                     return t.index_fill(d % t.ndim if d >= 0 else d + t.ndim, idx.to(t.device), 0.0)
+
                 if isinstance(out, torch.Tensor):
                     return zero(out)
                 return out
+
             handles.append(module.register_forward_hook(post))
     try:
         return run_model(model, inputs, forward_fn)
@@ -128,8 +140,14 @@ class OracleReport:
     pruned_units: int
 
 
-def check_pruner(model: nn.Module, inputs: Any, ratio: float = 0.5, seed: int = 0,
-                 forward_fn: Callable | None = None, **graph_kwargs: Any) -> OracleReport:
+def check_pruner(
+    model: nn.Module,
+    inputs: Any,
+    ratio: float = 0.5,
+    seed: int = 0,
+    forward_fn: Callable | None = None,
+    **graph_kwargs: Any,
+) -> OracleReport:
     """Prune ``ratio`` of every group at random on a copy of ``model`` and compare the
     pruned model's output with the masked original (normalising groups excluded).
     ``model`` must be in eval mode for a meaningful comparison."""
@@ -141,8 +159,10 @@ def check_pruner(model: nn.Module, inputs: Any, ratio: float = 0.5, seed: int = 
     apply_edits(small, edits, graph.pm)
     got = run_model(small, inputs, forward_fn)
     same = [a.shape for a in got] == [b.shape for b in expected]
-    diff = max((float((a - b).abs().max()) for a, b in zip(got, expected, strict=False) if a.shape == b.shape),
-               default=float("inf"))
+    diff = max(
+        (float((a - b).abs().max()) for a, b in zip(got, expected, strict=False) if a.shape == b.shape),
+        default=float("inf"),
+    )
     return OracleReport(
         max_abs_diff=diff if same else float("inf"),
         params_before=sum(p.numel() for p in model.parameters()),

@@ -141,9 +141,7 @@ class TraceContext:
             return
         dim = dim % ref.ndim
         if ref.shape[dim] != atoms.numel():
-            raise ValueError(
-                f"{self.where()}: label of {atoms.numel()} atoms for dim {dim} of shape {ref.shape}"
-            )
+            raise ValueError(f"{self.where()}: label of {atoms.numel()} atoms for dim {dim} of shape {ref.shape}")
         self._labels[ref.key] = Label(dim, atoms, origin)
 
     def copy_label(self, src: Any, dst: Any, dim_shift: int = 0) -> None:

@@ -122,6 +122,11 @@ class DependencyGraph:
                 "(a tensor, a tuple of positional inputs, or a dict of keyword inputs)."
             ) from exc
         self.output_shapes = [r.shape for r in tree_flatten(self.recording.output)[0] if hasattr(r, "shape")]
+        if not self.output_shapes:
+            raise TraceError(
+                f"the model's output ({type(self.recording.output).__name__}) holds no tensors, so CleanAI cannot "
+                "check that pruning keeps it; pass output_transform=lambda out: <the output tensor(s)>"
+            )
         self.ctx = self._propagate()
         self._build_groups()
 
@@ -184,8 +189,7 @@ class DependencyGraph:
                         ctx.unknown_ops[str(event.op)] += 1
             except Exception as exc:
                 who = (
-                    f"module {event.name} ({type(event.module).__name__}, pruner "
-                    f"{self.nodes[event.name].plugin})"
+                    f"module {event.name} ({type(event.module).__name__}, pruner {self.nodes[event.name].plugin})"
                     if isinstance(event, ModuleCall)
                     else f"op {event.op} in {event.scope or 'model'} (mapper {type(self.mapper_for(event.op)).__name__})"
                 )

@@ -158,12 +158,8 @@ def record(
                 call.out = rec.refs(out, new=True)
 
     for name, module in names if names is not None else model.named_modules():
-        handles.append(
-            module.register_forward_pre_hook(lambda m, a, k, n=name: pre(m, a, k, n), with_kwargs=True)
-        )
-        handles.append(
-            module.register_forward_hook(lambda m, a, k, o, n=name: post(m, a, k, o, n), with_kwargs=True)
-        )
+        handles.append(module.register_forward_pre_hook(lambda m, a, k, n=name: pre(m, a, k, n), with_kwargs=True))
+        handles.append(module.register_forward_hook(lambda m, a, k, o, n=name: post(m, a, k, o, n), with_kwargs=True))
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # a traced train-mode forward would update BatchNorm statistics of the user's model
     try:
@@ -183,9 +179,7 @@ def record(
                 out = output_transform(out)
             elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
                 out = out.logits
-            out_refs = tree_map(
-                lambda a: rec.ref(a) if isinstance(a, torch.Tensor) else a, _plain(out)
-            )
+            out_refs = tree_map(lambda a: rec.ref(a) if isinstance(a, torch.Tensor) else a, _plain(out))
     finally:
         for h in handles:
             h.remove()

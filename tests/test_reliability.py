@@ -1,0 +1,183 @@
+"""Library-level safety: clear errors, the user's model untouched, never a broken model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import DependencyGraph, PruningHistory, StructuredPruner
+from cleanai_core.errors import TraceError, UserError
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class HardcodedReshape(nn.Module):
+    """Reshapes with a constant channel count: pruning conv2 breaks it, conv1 does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+        self.c = 16
+
+    def forward(self, x):
+        x = self.conv2(torch.relu(self.conv1(x)))
+        return self.fc(x.reshape(x.shape[0], self.c * 4 * 4))
+
+
+def _x(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 4, 4)
+
+
+def test_user_model_untouched_even_in_train_mode():
+    model = Net().train()
+    for p in model.conv2.parameters():
+        p.requires_grad_(False)
+    before = copy.deepcopy(model.state_dict())
+    ids = [id(p) for p in model.parameters()]
+    pruner = StructuredPruner(model, _x(), pruning_ratio=0.5)
+    pruner.collect_activations([_x(4) for _ in range(3)], progress=False)
+    pruned = pruner.prune()
+    assert pruned is not model
+    assert model.training and all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.conv2.parameters()] == [False, False]
+    assert [id(p) for p in model.parameters()] == ids
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert pruned.conv1.out_channels == 8 and pruned.conv2.out_channels == 16
+
+
+def test_hooks_removed_when_calibration_fails():
+    model = Net().eval()
+    pruner = StructuredPruner(model, _x(), pruning_ratio=0.5)
+
+    def bad_loader():
+        yield _x(2)
+        raise RuntimeError("disk went away")
+
+    with pytest.raises(RuntimeError, match="disk went away"):
+        pruner.collect_activations(bad_loader(), progress=False)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_nan_activations_are_reported():
+    model = Net().eval()
+    pruner = StructuredPruner(model, _x(), pruning_ratio=0.5)
+    bad = _x(2)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match="NaN or inf"):
+        pruner.collect_activations([bad], progress=False)
+
+
+def test_nan_example_inputs_rejected():
+    x = _x()
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(UserError, match="NaN or inf"):
+        StructuredPruner(Net().eval(), x, pruning_ratio=0.5)
+
+
+def test_wrong_input_shape_names_the_problem():
+    with pytest.raises(TraceError, match="failed to run on the example inputs"):
+        DependencyGraph(Net().eval(), torch.randn(2, 5, 4, 4))
+
+
+def test_output_without_tensors_needs_transform():
+    class Weird(Net):
+        def forward(self, x):
+            return object()
+
+    with pytest.raises(TraceError, match="output_transform"):
+        DependencyGraph(Weird().eval(), _x())
+
+
+def test_every_layer_ignored():
+    model = Net().eval()
+    with pytest.raises(UserError, match="nothing in this model can be pruned"):
+        StructuredPruner(model, _x(), "magnitude", pruning_ratio=0.5, ignored_layers=[nn.Conv2d])
+
+
+def test_breaking_group_is_skipped_with_a_warning():
+    model = HardcodedReshape().eval()
+    pruner = StructuredPruner(model, _x(), "magnitude", pruning_ratio=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = pruner.prune()
+    msgs = [str(w.message) for w in caught if "skipped group" in str(w.message)]
+    assert len(msgs) == 1 and "conv2" in msgs[0] and "ConvPruner" in msgs[0]
+    assert pruned.conv1.out_channels == 4  # the safe group was still pruned
+    assert pruned.conv2.out_channels == 16
+    assert pruned(_x()).shape == (2, 10)
+    assert len(pruner.report()["skipped_groups"]) == 1
+
+
+def test_inplace_prunes_the_model_itself():
+    model = Net().eval()
+    x = _x()
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, inplace=True)
+    out = pruner.prune()
+    assert out is model
+    assert model.conv1.weight.shape == (8, 3, 3, 3)
+    assert model(x).shape == (2, 10)
+
+
+def test_corrupt_history_is_a_clear_error(tmp_path):
+    path = tmp_path / "history.json"
+    pruner = StructuredPruner(Net().eval(), _x(), "magnitude", pruning_ratio=0.5)
+    pruner.prune()
+    pruner.history.save(path)
+    text = path.read_text()
+    assert PruningHistory.load(path).to_json() == json.loads(text)
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(UserError, match="not valid JSON"):
+        PruningHistory.load(path)
+    path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(UserError, match="not a CleanAI pruning history"):
+        PruningHistory.load(path)
+
+
+def test_history_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "history.json"
+    path.write_text("previous")
+    pruner = StructuredPruner(Net().eval(), _x(), "magnitude", pruning_ratio=0.5)
+    pruner.prune()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cleanai_core.history.os.replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pruner.history.save(path)
+    assert path.read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["history.json"]
+
+
+def test_report_before_prune_is_a_clear_error():
+    pruner = StructuredPruner(Net().eval(), _x(), "magnitude", pruning_ratio=0.5)
+    with pytest.raises(UserError, match="call pruner.prune"):
+        pruner.report()
+
+
+def test_activation_importance_without_data_is_a_clear_error():
+    pruner = StructuredPruner(Net().eval(), _x(), pruning_ratio=0.5)
+    with pytest.raises(UserError, match="collect_activations"):
+        pruner.prune()
