@@ -57,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "overwrite": False,
     "quiet": False,
     "latency_repeats": 20,
+    "threads": None,
 }
 DEFAULT_RATIO = 0.3
 
@@ -146,6 +147,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, metavar="B", help="batch size (default 32)")
     g.add_argument("--device", metavar="DEV", help="cpu (default), cuda, cuda:1...")
     g.add_argument("--seed", type=int, metavar="S", help="seed of the data split (default 0)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--latency-repeats", type=int, metavar="N", help="timed runs per latency figure (default 20)")
     g = p.add_argument_group("output")
     g.add_argument("--out", "-o", metavar="DIR", help="output folder (must not exist or be empty)")
     g.add_argument("--overwrite", action="store_true", default=S, help="replace an existing --out folder")
@@ -272,7 +275,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     _check_number(cfg, "calib_fraction", float, 0.0, 1.0, hi_open=False)
     for key in ("alpha", "beta"):
         _check_number(cfg, key, float, 0.0, None, lo_open=False)
-    for key in ("round_to", "calib_batches", "batch_size", "num_classes", "image_size", "latency_repeats"):
+    for key in ("round_to", "calib_batches", "batch_size", "num_classes", "image_size", "latency_repeats", "threads"):
         _check_number(cfg, key, int, 1, None, lo_open=False)
     for pat, r in cfg["layer_ratio"].items():
         if not 0.0 < r < 1.0:
@@ -453,6 +456,8 @@ def execute(
     if out is not None and not cfg.get("dry_run"):
         check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
     torch.manual_seed(int(cfg["seed"]))
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
     device = torch.device(cfg["device"])
     t0 = time.time()
     if model is None or dataset is None:

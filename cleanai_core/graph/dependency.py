@@ -191,14 +191,15 @@ class DependencyGraph:
                 who = (
                     f"module {event.name} ({type(event.module).__name__}, pruner {self.nodes[event.name].plugin})"
                     if isinstance(event, ModuleCall)
-                    else f"op {event.op} in {event.scope or 'model'} (mapper {type(self.mapper_for(event.op)).__name__})"
+                    else f"op {event.op} in {event.scope or 'model'} "
+                    f"(mapper {type(self.mapper_for(event.op)).__name__})"
                 )
                 raise TraceError(f"tracing failed at {who}: {type(exc).__name__}: {exc}") from exc
             ctx.end(event)
         ctx.event = None
         for ref in tree_flatten(self.recording.output)[0]:
             ctx.freeze_tensor(ref, "model output")
-        for key, spec in ctx.slices.items():
+        for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":
                 ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
 
