@@ -418,10 +418,9 @@ class StructuredPruner:
 
     def prune(self) -> nn.Module:
         """Slice the model; return the pruned model (a copy unless ``inplace=True``)."""
-        self._before = {
-            "params": count_params(self.model),
-            "flops": count_flops(self.model, self.example_inputs, self.forward_fn),
-        }
+        self._before = {"params": count_params(self.model)}
+        if self.inplace:  # the original is about to change: measure it now
+            self._before["flops"] = count_flops(self.model, self.example_inputs, self.forward_fn)
         self._layers = []
         current, graph, stats = self.model, self.graph, self.stats
         steps = self.iterative_steps
@@ -528,7 +527,7 @@ class StructuredPruner:
         return {
             "params_before": self._before.get("params"),
             "params_after": count_params(self.pruned_model),
-            "flops_before": self._before.get("flops"),
+            "flops_before": self._before.get("flops") or count_flops(self.model, self.example_inputs, self.forward_fn),
             "flops_after": count_flops(self.pruned_model, self.example_inputs, self.forward_fn),
             "importance": repr(self.importance),
             "pruning_ratio": self.pruning_ratio,
