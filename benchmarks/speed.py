@@ -157,7 +157,7 @@ def render(rows: list[dict]) -> str:
         "",
         "## Payoff: latency (ms) before -> after, speed-up, against the FLOPs reduction",
         "",
-        "| model | round_to | FLOPs reduction | batch 1 | speed-up b1 | batch 32 | speed-up b32 | b32 speed-up / FLOPs |",
+        "| model | round_to | FLOPs x | batch 1 | speed-up b1 | batch 32 | speed-up b32 | b32 speed-up / FLOPs x |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
