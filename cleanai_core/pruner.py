@@ -513,8 +513,8 @@ class StructuredPruner:
                     "channels_after": int((~gone).sum()),
                     "pruned_indices": gone.nonzero().squeeze(1).tolist(),
                     "importance_scores": {
-                        "pruned": [round(float(v), 6) for v in scores[gone]],
-                        "kept": [round(float(v), 6) for v in scores[~gone]],
+                        "pruned": scores[gone].round(decimals=6).tolist(),
+                        "kept": scores[~gone].round(decimals=6).tolist(),
                     },
                 }
             )
