@@ -74,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {MODEL_FORMS}.")
     model.eval()
     shape = parse_shape(args.input_shape) if args.input_shape else _default_shape(model)
-    graph = DependencyGraph(model, torch.randn(*shape))
+    from cleanai_core.errors import TraceError
+
+    try:
+        graph = DependencyGraph(model, torch.randn(*shape))
+    except TraceError as exc:
+        raise UserError(f"{exc} Tried --input-shape {','.join(map(str, shape))}; pass the right one.") from exc
     print(graph.explain(max_groups=args.max_groups))
     return 0

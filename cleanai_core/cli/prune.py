@@ -552,11 +552,12 @@ def execute(
         arch_options.setdefault("num_classes", cfg["num_classes"])
     resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
     with staged_dir(out) as tmp:
+        spec = str(Path(cfg["model"]).resolve()) if Path(cfg["model"]).is_file() else cfg["model"]
         cio.save_pruned(
             tmp,
             pruned.cpu(),
             pruner.history,
-            cfg["model"],
+            spec,
             options=arch_options,
             save_pickle=bool(cfg.get("save_pickle")),
             example_input_shape=report["input_shape"],
