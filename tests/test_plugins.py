@@ -24,6 +24,8 @@ from cleanai_core.testing import check_pruner, masked_forward, random_units, run
 from cleanai_plugins.layers.linear import LinearPruner
 
 REPO = Path(__file__).resolve().parents[1]
+# the console script installed with the package (``pip install -e .``), next to this Python
+CLEANAI = Path(sys.executable).parent / "cleanai"
 
 
 def mlp() -> nn.Module:
@@ -374,12 +376,11 @@ def cli(*args: str, extra_path: list[Path] = (), **env: str) -> subprocess.Compl
     environ = {k: v for k, v in os.environ.items() if not k.startswith("CLEANAI_")}
     environ["PYTHONPATH"] = os.pathsep.join([*map(str, extra_path), str(REPO)])
     environ.update(env)
-    return subprocess.run(
-        [sys.executable, "-m", "cleanai_core.cli", *args], capture_output=True, text=True, env=environ, timeout=300
-    )
+    return subprocess.run([str(CLEANAI), *args], capture_output=True, text=True, env=environ, timeout=300)
 
 
 def test_cli_version():
+    assert CLEANAI.is_file(), f"no cleanai console script next to {sys.executable}: pip install -e ."
     out = cli("--version")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"cleanai {__version__}"
