@@ -117,24 +117,27 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
     state = load_state_dict_file(weights)
-    result = model.load_state_dict(state, strict=False)
-    mismatched = []
     own = model.state_dict()
-    for k, v in state.items():
-        if k in own and own[k].shape != v.shape:
-            mismatched.append(f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}")
-    if result.missing_keys or result.unexpected_keys or mismatched:
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
         parts = []
-        if result.missing_keys:
-            parts.append(f"missing {len(result.missing_keys)} (e.g. {result.missing_keys[:3]})")
-        if result.unexpected_keys:
-            parts.append(f"unexpected {len(result.unexpected_keys)} (e.g. {result.unexpected_keys[:3]})")
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
         if mismatched:
             parts.append(f"shape mismatch: {mismatched[:3]}")
         raise UserError(
             f"the weights in {weights!r} do not fit {spec!r}: " + "; ".join(parts) + ". "
             "Use the architecture the weights were trained with (and --num-classes if the head differs)."
         )
+    model.load_state_dict(state, strict=True)
 
 
 def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
