@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--epochs={args.epochs} must be at least 1.")
     out = Path(args.out)
     if out.is_dir() and (out / MARKER).is_file():
-        print(f"note: replacing the previous demo output in {out}/")
+        print(f"note: replacing the previous demo output in {out}/", file=sys.stderr)
     check_out_dir(out, args.overwrite, [], own_marker=MARKER)
     logging.getLogger("cleanai").setLevel(logging.WARNING if args.quiet else logging.INFO)
 

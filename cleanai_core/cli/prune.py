@@ -566,7 +566,7 @@ def execute(
         if cfg.get("_own_marker"):
             cio.atomic_write_text(tmp / cfg["_own_marker"], "written by cleanai demo\n")
         report = write_report(tmp, report)
-    if True:
+    if True:  # the headline is the result: printed even with --quiet
         print(headline_text(report))
         print(
             f"wrote {out}/: model.pt, history.json, architecture.json, config.json, report.json, report.md, "
