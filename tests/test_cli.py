@@ -83,6 +83,7 @@ def test_resnet_outputs(resnet_run):
     # nothing the user gave was touched
     assert {p.name: digest(p) for p in tmp.iterdir() if p.is_file()} == hashes
     assert "Parameters" in proc.stdout and "->" in proc.stdout
+    assert "calibrating" not in proc.stderr and "evaluating" not in proc.stderr  # --quiet
 
 
 def test_resnet_report_numbers(resnet_run):
@@ -259,6 +260,31 @@ def test_out_dir_inside_input_folder_refused(small_inputs, capsys):
     )
     assert rc == 2 and "inside your input folder" in err
     assert not (small_inputs / "sub").exists()
+
+
+def test_out_dir_is_current_folder_refused(small_inputs, capsys):
+    rc, err = run_main(
+        ["prune", "--model", "model.pth", "--trust-model", "--data", "data.npz", "--out", ".", "--overwrite"],
+        small_inputs,
+        capsys,
+    )
+    assert rc == 2 and "current folder" in err
+    assert sorted(p.name for p in small_inputs.iterdir()) == ["data.npz", "model.pth"]
+
+
+def test_unlabelled_data_no_accuracy(small_inputs, capsys):
+    torch.save(torch.rand(12, 1, 8, 8), small_inputs / "x.pt")
+    rc, err = run_main(
+        ["prune", "--model", "model.pth", "--trust-model", "--data", "x.pt", "--out", "o", "--calib-fraction",
+         "0.25", *FAST],
+        small_inputs,
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    report = json.loads((small_inputs / "o" / "report.json").read_text())
+    assert report["accuracy_before"] is None and report["accuracy_after"] is None
+    assert report["calibration_samples"] == 3 and report["evaluation_samples"] == 9
+    assert "Accuracy" not in (small_inputs / "o" / "report.md").read_text()
 
 
 def test_model_file_errors(small_inputs, capsys):

@@ -238,3 +238,18 @@ def test_write_report_files(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(["report.json", "report.md", out["plot"]])
     assert json.loads((tmp_path / "report.json").read_text())["params_after"] == 400
+
+
+def test_report_sections_hook(tmp_path):
+    from cleanai_core import hookimpl
+    from cleanai_core.plugins import temporary_plugin
+
+    class Extra:
+        @hookimpl
+        def cleanai_report_sections(self, report):
+            return [("Energy", f"params after: {report['params_after']}")]
+
+    with temporary_plugin(Extra(), name="extra-section"):
+        write_report(tmp_path, REPORT)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Energy" in md and "params after: 400" in md

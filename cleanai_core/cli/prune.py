@@ -310,6 +310,8 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_mark
     """Refuse an existing non-empty folder unless ``overwrite``; never one holding inputs."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a folder path.")
+    if out.exists() and (_is_within(Path.cwd(), out) or out.resolve() == Path.home().resolve()):
+        raise UserError(f"--out {str(out)!r} is the current folder, a parent of it or your home; give a new folder.")
     for item in inputs:
         if not item or not Path(item).exists():
             continue
