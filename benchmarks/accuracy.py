@@ -1,0 +1,250 @@
+"""Retraining-free accuracy benchmark (issue #4).
+
+Trains three small models on the UCI digits bundled with scikit-learn (seeded, CPU),
+then prunes each at several FLOPs targets WITHOUT retraining, with every criterion,
+with and without compensation (bias compensation + BatchNorm recalibration), and
+reports accuracy on a held-out half of the test split. Calibration (activation
+statistics, compensation means, BN recalibration) uses the other half only.
+
+Run::
+
+    python benchmarks/accuracy.py                 # full table -> docs/accuracy.md
+    python benchmarks/accuracy.py --quick         # one target, fewer configs
+    python benchmarks/accuracy.py --global        # adds global ranking rows
+
+Needs scikit-learn (the ``test`` extra) for ``sklearn.datasets.load_digits``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cleanai_core import StructuredPruner, WeightActivationImportance
+from cleanai_core.metrics import count_flops, count_params
+from cleanai_core.scoring import get_importance
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = (0.75, 0.5, 0.35)
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+def load_data(seed: int = 0):
+    """Digits split 1200 train / 597 test; the test split is halved into calibration
+    (298) and evaluation (299). Images in [0, 1]; CNNs get a 16x16 bilinear upsample."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    tr, te = perm[:1200], perm[1200:]
+    cal, ev = te[: len(te) // 2], te[len(te) // 2 :]
+    return (x[tr], y[tr]), (x[cal], y[cal]), (x[ev], y[ev])
+
+
+# -- models -----------------------------------------------------------------------------
+
+
+def cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class PlainCNN(nn.Module):
+    """conv-bn-relu stacks on the native 8x8 images: 8x8 -> 4x4 -> 2x2, global pool, linear head."""
+
+    def __init__(self, w: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            cbr(1, w),
+            cbr(w, w),
+            nn.MaxPool2d(2),
+            cbr(w, 2 * w),
+            cbr(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            cbr(2 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.fc = nn.Linear(4 * w, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.short is None else self.short(x)))
+
+
+class ResCNN(nn.Module):
+    """A small ResNet: stem, two stages of two basic blocks (residual adds + BN)."""
+
+    def __init__(self, w: int = 16) -> None:
+        super().__init__()
+        self.stem = cbr(1, w)
+        self.layer1 = nn.Sequential(Block(w, w), Block(w, w))
+        self.layer2 = nn.Sequential(Block(w, 2 * w, 2), Block(2 * w, 2 * w))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * w, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 256), nn.Linear(256, 128), nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+MODELS = {"plain_cnn": PlainCNN, "res_cnn": ResCNN, "mlp": MLP}
+
+
+def train(name: str, data, epochs: int = 12, seed: int = 0) -> nn.Module:
+    """Seeded training; the weights are cached under ``benchmarks/.cache`` (delete to retrain)."""
+    torch.manual_seed(seed)
+    model = MODELS[name]()
+    cache = ROOT / "benchmarks" / ".cache" / f"{name}_e{epochs}_s{seed}.pt"
+    if cache.exists():
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        return model.eval()
+    x, y = data
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    for _ in range(epochs):
+        model.train()
+        for xb, yb in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+        sched.step()
+    cache.parent.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), cache)
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data) -> float:
+    model.eval()
+    x, y = data
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+# -- pruning ------------------------------------------------------------------------------
+
+
+def criteria() -> dict:
+    return {
+        "wa_mult": lambda: WeightActivationImportance(),
+        "wa_add": lambda: WeightActivationImportance(form="additive"),
+        "magnitude": lambda: get_importance("magnitude"),
+        "random": lambda: get_importance("random", seed=0),
+    }
+
+
+def prune_one(model, example, cal_loader, crit, comp: bool, target: float, global_pruning: bool = False):
+    pruner = StructuredPruner(
+        model,
+        example,
+        crit(),
+        target_flops=target,
+        ignored_layers=[model.fc if not isinstance(model, MLP) else model.fc3],
+        bias_compensation=comp,
+        recalibrate_bn=comp,
+        global_pruning=global_pruning,
+    )
+    pruner.collect_activations(cal_loader, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pruner.prune()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="only the 0.5 FLOPs target")
+    ap.add_argument("--global", dest="glob", action="store_true", help="also global ranking (default criterion)")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "accuracy_table.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    t_start = time.time()
+    train_d, cal_d, ev_d = load_data()
+    cal_loader = DataLoader(TensorDataset(*cal_d), batch_size=64)
+    targets = (0.5,) if args.quick else TARGETS
+    rows = []
+    header = (
+        "| model | criterion | ranking | compensation | FLOPs target | FLOPs kept | params kept | accuracy "
+        "| % of baseline |"
+    )
+    sep = "|---|---|---|---|---|---|---|---|---|"
+    print(header)
+    print(sep)
+    for name in args.models.split(","):
+        t0 = time.time()
+        model = train(name, train_d)
+        example = cal_d[0][:2]
+        base_acc = accuracy(model, ev_d)
+        base_flops = count_flops(model, example)
+        base_params = count_params(model)
+        line = (
+            f"| {name} | (unpruned, trained {time.time() - t0:.0f} s) | - | - | 1.00 | 1.000 | 1.000 "
+            f"| {base_acc:.4f} | 100.0 |"
+        )
+        print(line, flush=True)
+        rows.append(line)
+        configs = [(c, comp, False) for c in criteria() for comp in (True, False)]
+        if args.glob:
+            configs += [("wa_mult", True, True), ("wa_mult", False, True), ("magnitude", True, True)]
+        for target in targets:
+            for cname, comp, glob in configs:
+                pruned = prune_one(model, example, cal_loader, criteria()[cname], comp, target, glob)
+                fl = count_flops(pruned, example) / base_flops
+                pa = count_params(pruned) / base_params
+                acc = accuracy(pruned, ev_d)
+                line = (
+                    f"| {name} | {cname} | {'global' if glob else 'uniform'} | {'on' if comp else 'off'} | "
+                    f"{target:.2f} | {fl:.3f} | {pa:.3f} | {acc:.4f} | {100 * acc / base_acc:.1f} |"
+                )
+                print(line, flush=True)
+                rows.append(line)
+    elapsed = time.time() - t_start
+    meta = (
+        f"Machine: {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; total {elapsed:.0f} s."
+    )
+    print(meta)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join([header, sep, *rows, "", meta, ""]))
+
+
+if __name__ == "__main__":
+    main()

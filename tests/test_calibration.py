@@ -1,0 +1,210 @@
+"""Streaming activation statistics (cleanai_core.calibration) and collect_activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cleanai_core import StructuredPruner
+from cleanai_core.calibration import ChannelStats
+from cleanai_core.errors import UserError
+
+
+class Net(nn.Module):
+    """conv -> bn -> relu -> conv -> pool -> linear -> relu -> linear (conv and linear consumers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = self.conv2(torch.relu(self.bn(self.conv1(x))))
+        x = x.mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def make_net() -> Net:
+    torch.manual_seed(0)
+    net = Net()
+    with torch.no_grad():  # non-trivial BN so that post-BN activations are not standardised
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+        net.bn.weight.uniform_(0.5, 2.0)
+        net.bn.bias.uniform_(-1.0, 1.0)
+    return net
+
+
+def batches(sizes=(3, 7, 1, 5)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(n, 3, 6, 6, generator=g) * 2 + 0.5 for n in sizes]
+
+
+def test_channel_stats_match_full_data_float64():
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, 5, 4, generator=g, dtype=torch.float64) * 3 + 7 for n in (1, 2, 9, 4, 13)]
+    st = ChannelStats()
+    for c in chunks:
+        st.update(c, dim=1)
+    full = torch.cat(chunks).movedim(1, -1).reshape(-1, 5)
+    assert st.count == full.shape[0] == 29 * 4
+    torch.testing.assert_close(st.mean, full.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st.var, full.var(0, unbiased=False), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(st.second_moment, (full**2).mean(0), rtol=1e-10, atol=1e-12)
+
+
+def _consumer_inputs(net: Net, data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full-data inputs each consumer sees, channels last, flattened."""
+    seen: dict[str, list[torch.Tensor]] = {"conv2": [], "fc1": [], "fc2": []}
+    hs = [getattr(net, n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach())) for n in seen]
+    net.eval()
+    with torch.no_grad():
+        for x in data:
+            net(x)
+    for h in hs:
+        h.remove()
+    out = {}
+    for n, xs in seen.items():
+        t = torch.cat(xs).to(torch.float64)
+        out[n] = t.movedim(1, -1).reshape(-1, t.shape[1])
+    return out
+
+
+def test_collect_activations_equals_full_data_mean_and_variance():
+    net = make_net()
+    data = batches()
+    ref = _consumer_inputs(net, data)
+    pruner = StructuredPruner(net, data[0], pruning_ratio=0.3)
+    pruner.collect_activations(data, progress=False)
+    for name in ("conv2", "fc1", "fc2"):
+        st = [v for (m, _), v in pruner.stats.items() if m == name]
+        assert len(st) == 1, name
+        st = st[0]
+        assert st.mean.dtype == torch.float64
+        assert st.count == ref[name].shape[0]
+        torch.testing.assert_close(st.mean, ref[name].mean(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(st.var, ref[name].var(0, unbiased=False), rtol=1e-5, atol=1e-6)
+    # post-ReLU input to fc2: some channel means must be positive (statistics are not trivially zero)
+    assert float(ref["fc2"].mean(0).abs().max()) > 0
+
+
+def test_memory_does_not_grow_with_batches():
+    net = make_net()
+    x = torch.randn(2, 3, 6, 6)
+    pruner = StructuredPruner(net, x, pruning_ratio=0.3)
+    pruner.collect_activations([x], progress=False)
+    sizes1 = {k: (v.mean.numel(), v.m2.numel()) for k, v in pruner.stats.items()}
+    pruner.collect_activations([torch.randn(2, 3, 6, 6) for _ in range(50)], progress=False)
+    sizes50 = {k: (v.mean.numel(), v.m2.numel()) for k, v in pruner.stats.items()}
+    assert sizes1 == sizes50
+    channels = {"conv1": 3, "conv2": 8, "fc1": 6, "fc2": 12}
+    for (m, _), (nm, n2) in sizes50.items():
+        assert nm == n2 == channels[m]
+    assert {m for m, _ in sizes50} == set(channels)
+    assert all(v.count == 50 * 2 * (36 if m.startswith("conv") else 1) for (m, _), v in pruner.stats.items())
+
+
+def _n_hooks(net: nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in net.modules())
+
+
+def test_hooks_removed_and_mode_restored_when_loader_raises():
+    net = make_net()
+    x = torch.randn(2, 3, 6, 6)
+    pruner = StructuredPruner(net, x, pruning_ratio=0.3)
+    net.train()
+    net.fc2.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    before = _n_hooks(net)
+
+    def bad_loader():
+        yield x
+        yield x
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        pruner.collect_activations(bad_loader(), progress=False)
+    assert _n_hooks(net) == before == 0
+    assert net.training and all(m.training for m in net.modules())
+    assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+
+
+def test_mode_and_flags_restored_after_success():
+    net = make_net().eval()
+    x = torch.randn(2, 3, 6, 6)
+    pruner = StructuredPruner(net, x, pruning_ratio=0.3)
+    net.conv1.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    bn_mean = net.bn.running_mean.clone()
+    pruner.collect_activations([x, x], progress=False)
+    assert not net.training
+    assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+    assert _n_hooks(net) == 0
+    torch.testing.assert_close(net.bn.running_mean, bn_mean)  # ran in eval: BN stats untouched
+    net.train()
+    pruner.collect_activations([x], progress=False)
+    assert net.training and net.bn.training
+    torch.testing.assert_close(net.bn.running_mean, bn_mean)
+
+
+def _means(pruner) -> dict:
+    return {k: v.mean.clone() for k, v in pruner.stats.items()}
+
+
+def test_loader_formats_tensor_pair_dict_agree():
+    net = make_net()
+    xs = batches((4, 4, 4))
+    ys = [torch.zeros(4, dtype=torch.long)] * 3
+    pruner = StructuredPruner(net, xs[0], pruning_ratio=0.3)
+    ref = _means(pruner.collect_activations(xs, progress=False))
+    assert ref
+    for loader in (
+        list(zip(xs, ys, strict=True)),
+        DataLoader(TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=4),
+        DataLoader(TensorDataset(torch.cat(xs)), batch_size=4),
+    ):
+        got = _means(pruner.collect_activations(loader, progress=False))
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-9, atol=1e-9)
+
+    class DictNet(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            return self.inner(pixel_values)
+
+    dnet = DictNet(net)
+    dp = StructuredPruner(dnet, {"pixel_values": xs[0]}, pruning_ratio=0.3)
+    dict_batches = [{"pixel_values": x, "labels": y} for x, y in zip(xs, ys, strict=True)]
+    got = _means(dp.collect_activations(dict_batches, progress=False))
+    assert {m.removeprefix("inner.") for m, _ in got} == {m for m, _ in ref}
+    for (m, s), v in got.items():
+        torch.testing.assert_close(v, ref[(m.removeprefix("inner."), s.removeprefix("inner."))], rtol=1e-9, atol=1e-9)
+
+
+def test_num_batches_limits_the_stream():
+    net = make_net()
+    xs = batches((2, 2, 2, 2))
+    pruner = StructuredPruner(net, xs[0], pruning_ratio=0.3)
+    pruner.collect_activations(xs, num_batches=2, progress=False)
+    assert all(v.count == 4 for (m, _), v in pruner.stats.items() if m.startswith("fc"))
+
+
+def test_empty_loader_is_a_clear_user_error():
+    net = make_net()
+    pruner = StructuredPruner(net, torch.randn(1, 3, 6, 6), pruning_ratio=0.3)
+    with pytest.raises(UserError, match="empty"):
+        pruner.collect_activations([], progress=False)
+    with pytest.raises(UserError, match="empty"):
+        pruner.collect_activations(DataLoader(TensorDataset(torch.empty(0, 3, 6, 6)), batch_size=2), progress=False)
+    assert _n_hooks(net) == 0
+    with pytest.raises(UserError, match="num_batches"):
+        pruner.collect_activations([torch.randn(1, 3, 6, 6)], num_batches=0, progress=False)
