@@ -94,7 +94,7 @@ def test_resnet_report_numbers(resnet_run):
     assert report["params_after"] < 0.35 * report["params_before"]
     kept = report["flops_after"] / report["flops_before"]
     assert 0.2 < kept < 0.35, kept  # ratio 0.5 on both sides of most convs -> about (1 - 0.5)^2
-    assert report["latency"]["repeats"] == 2 and report["latency"]["batch_size"] == 1
+    assert report["latency"]["repeats"] == 5 and report["latency"]["batch_size"] == 1  # 5 rounds of 1
     assert report["latency_before_ms"] > 0 and report["latency_after_ms"] > 0
     assert report["calibration_samples"] == 8 and report["evaluation_samples"] == 8
     assert 0.0 <= report["accuracy_before"] <= 1.0 and 0.0 <= report["accuracy_after"] <= 1.0
@@ -287,6 +287,7 @@ def test_unlabelled_data_no_accuracy(small_inputs, capsys):
     assert "Accuracy" not in (small_inputs / "o" / "report.md").read_text()
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_model_file_errors(small_inputs, capsys):
     torch.save(nn.Linear(2, 3).state_dict(), small_inputs / "sd.pt")
     rc, err = run_main(["prune", "--model", "sd.pt", "--data", "data.npz", "--out", "o"], small_inputs, capsys)
@@ -342,7 +343,7 @@ def test_demo(tmp_path):
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["accuracy_before"] > 0.95  # the trained CNN is good on held-out digits
     assert report["accuracy_after"] > 0.5
-    assert report["params_after"] < 0.3 * report["params_before"]  # ratio 0.5
+    assert 0.45 < report["params_after"] / report["params_before"] < 0.55  # ratio 0.3 on both sides: ~(1 - 0.3)^2
     assert report["calibration_samples"] + report["evaluation_samples"] == 797
     assert "Accuracy (held-out)" in proc.stdout and "load_pruned" in proc.stdout
     model = load_pruned(tmp_path / "demo")

@@ -383,11 +383,27 @@ def _evaluate(pm: Any, model: Any, loader: Any, device: torch.device) -> dict[st
     return pm.hook.cleanai_evaluate(model=model, loader=loader, device=device)
 
 
-def _latency(model: Any, example: Any, repeats: int) -> float:
+LATENCY_ROUNDS = 5
+
+
+def _latencies(before: Any, after: Any, example: Any, repeats: int) -> tuple[float, float, int]:
+    """Median CPU milliseconds of one forward pass of each model, measured in alternating
+    rounds so that a change in machine load hits both alike. Returns (before, after,
+    timed runs per model)."""
+    import statistics
+
     from cleanai_core.metrics import measure_latency
 
-    cpu_model = copy.deepcopy(model).cpu().eval()
-    return round(measure_latency(cpu_model, _to(example, torch.device("cpu")), repeats=repeats), 4)
+    cpu = torch.device("cpu")
+    x = _to(example, cpu)
+    models = [copy.deepcopy(m).cpu().eval() for m in (before, after)]
+    per_round = max(1, math.ceil(repeats / LATENCY_ROUNDS))
+    times: list[list[float]] = [[], []]
+    for _ in range(LATENCY_ROUNDS):
+        for k, m in enumerate(models):
+            times[k].append(measure_latency(m, x, repeats=per_round, warmup=1))
+    return (round(statistics.median(times[0]), 4), round(statistics.median(times[1]), 4),
+            per_round * LATENCY_ROUNDS)  # fmt: skip
 
 
 def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -513,10 +529,9 @@ def execute(
     before_acc = _evaluate(pm, model, eval_loader, device)
     params_before, flops_before = count_params(model), count_flops(model, example)
     repeats = int(cfg.get("latency_repeats") or 20)
-    lat_before = _latency(model, example, repeats)
     pruned = pruner.prune()
     after_acc = _evaluate(pm, pruned, eval_loader, device)
-    lat_after = _latency(pruned, example, repeats)
+    lat_before, lat_after, repeats = _latencies(model, pruned, example, repeats)
 
     report = {
         "model": cfg["model"],
@@ -532,6 +547,7 @@ def execute(
             "device": "cpu",
             "batch_size": 1,
             "repeats": repeats,
+            "method": f"median over {LATENCY_ROUNDS} alternating rounds of before/after",
             "statistic": "median",
             "threads": torch.get_num_threads(),
         },
