@@ -87,9 +87,10 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         notes.append(f"{report['evaluation_samples']} held-out evaluation samples")
     lat = report.get("latency")
     if lat:
+        how = f"{lat['method']}, " if lat.get("method") else ""
         notes.append(
-            f"latency: median of {lat.get('repeats')} runs, batch size {lat.get('batch_size')}, "
-            f"{lat.get('threads')} CPU threads"
+            f"latency: {how}{lat.get('repeats')} timed runs per model, batch size {lat.get('batch_size')}, "
+            f"{lat.get('threads')} CPU thread(s)"
         )
     if notes:
         lines += ["; ".join(notes) + ".", ""]
