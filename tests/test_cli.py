@@ -262,6 +262,31 @@ def test_out_dir_inside_input_folder_refused(small_inputs, capsys):
     assert not (small_inputs / "sub").exists()
 
 
+def test_layer_options(small_inputs, capsys):
+    rc, err = run_main(
+        ["prune", "--model", "model.pth", "--trust-model", "--data", "data.npz", "--out", "o", "--ignore", "0",
+         "--layer-ratio", "2=0.5", "--ratio", "0.1", "--importance", "magnitude", "--no-bias-compensation", *FAST],
+        small_inputs,
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    layers = {x["name"]: x for x in json.loads((small_inputs / "o" / "report.json").read_text())["layers"]}
+    assert (layers["0"]["channels_before"], layers["0"]["channels_after"]) == (8, 8)  # ignored
+    assert (layers["2"]["channels_before"], layers["2"]["channels_after"]) == (16, 8)  # its own ratio
+    state = torch.load(small_inputs / "o" / "model.pt", weights_only=True)
+    assert state["2.weight"].shape == (8, 8, 3, 3) and state["6.weight"].shape == (10, 8)
+    rc, err = run_main(
+        ["prune", "--model", "model.pth", "--trust-model", "--data", "data.npz", "--out", "g", "--global",
+         "--round-to", "4", "--ratio", "0.4", *FAST],
+        small_inputs,
+        capsys,
+    )  # fmt: skip
+    assert rc == 0, err
+    layers = {x["name"]: x for x in json.loads((small_inputs / "g" / "report.json").read_text())["layers"]}
+    assert layers["0"]["channels_after"] % 4 == 0 and layers["2"]["channels_after"] % 4 == 0
+    assert layers["0"]["channels_after"] + layers["2"]["channels_after"] < 24
+
+
 def test_out_dir_is_current_folder_refused(small_inputs, capsys):
     rc, err = run_main(
         ["prune", "--model", "model.pth", "--trust-model", "--data", "data.npz", "--out", ".", "--overwrite"],

@@ -421,6 +421,9 @@ def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
     from cleanai_plugins.io.loaders import DATA_FORMS, MODEL_FORMS
 
     pm = get_plugin_manager()
+    data = cfg["data"]
+    if not Path(data).exists() and (Path(data).suffix or "/" in data or os.sep in data) and ":" not in data:
+        raise UserError(f"--data {data!r}: no such file or folder. Give {DATA_FORMS}.")
     model = pm.hook.cleanai_load_model(spec=cfg["model"], options=_model_options(cfg))
     if model is None:
         hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
