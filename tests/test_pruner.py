@@ -1,0 +1,280 @@
+"""StructuredPruner: planning options, dry runs, copies vs inplace, compensation,
+history round trip, report consistency, argument errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.errors import UserError
+from cleanai_core.history import PruningHistory
+from cleanai_core.metrics import count_flops
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(32)
+        self.fc1 = nn.Linear(32, 24)
+        self.fc2 = nn.Linear(24, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x))).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+SIZES = {"conv1": 16, "conv2": 16, "conv3": 32, "fc1": 24}
+
+
+def make_net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    net = Net()
+    with torch.no_grad():
+        for bn in (net.bn1, net.bn2, net.bn3):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def loader(n: int = 3, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, 8, 8, generator=g) for _ in range(n)]
+
+
+X = loader(1, seed=9)[0]
+
+
+def pruner(model=None, calibrate=True, **kw) -> StructuredPruner:
+    model = model if model is not None else make_net()
+    kw.setdefault("pruning_ratio", 0.3)
+    p = StructuredPruner(model, X[:2], **kw)
+    if calibrate:
+        p.collect_activations(loader(), progress=False)
+    return p
+
+
+def widths(model: nn.Module) -> dict[str, int]:
+    return {n: getattr(model, n).weight.shape[0] for n in SIZES}
+
+
+def group_of(plan, module: str):
+    return next(gp for gp in plan.groups if any(s.kind == "out" and s.module == module for s in gp.group.slices))
+
+
+# -- planning ---------------------------------------------------------------------------
+
+
+def test_uniform_prunes_floor_ratio_per_group():
+    p = pruner(pruning_ratio=0.3)
+    plan = p.plan()
+    for name, n in SIZES.items():
+        assert group_of(plan, name).n_pruned == math.floor(0.3 * n)
+    assert widths(p.prune()) == {n: c - math.floor(0.3 * c) for n, c in SIZES.items()}
+
+
+def test_global_respects_max_layer_ratio():
+    p = pruner(pruning_ratio=0.6, global_pruning=True, max_layer_ratio=0.5)
+    plan = p.plan()
+    counts = {n: group_of(plan, n).n_pruned for n in SIZES}
+    caps = {n: math.floor(0.5 * c) for n, c in SIZES.items()}
+    assert all(counts[n] <= caps[n] for n in SIZES)
+    # 60% of all units exceeds the sum of the 50% caps: every group is capped
+    assert counts == caps
+    p2 = pruner(pruning_ratio=0.3, global_pruning=True, max_layer_ratio=0.5)
+    plan2 = p2.plan()
+    assert sum(group_of(plan2, n).n_pruned for n in SIZES) == math.floor(0.3 * sum(SIZES.values()))
+
+
+def test_layer_pruning_ratios_by_module_name_glob():
+    net = make_net()
+    p = pruner(net, pruning_ratio=0.25, layer_pruning_ratios={net.conv1: 0.5, "conv2": 0.75, "c*3": 0.125})
+    w = widths(p.prune())
+    assert w == {"conv1": 8, "conv2": 4, "conv3": 28, "fc1": 18}
+
+
+@pytest.mark.parametrize("spec", ["module", "conv2", "conv[2]", "type"])
+def test_ignored_layers_keep_their_output_channels(spec):
+    net = make_net()
+    ignored = {"module": [net.conv2], "type": [nn.Conv2d]}.get(spec, [spec])
+    w = widths(pruner(net, pruning_ratio=0.5, ignored_layers=ignored).prune())
+    assert w["conv2"] == 16
+    assert w["fc1"] == 12
+    if spec == "type":
+        assert w["conv1"] == 16 and w["conv3"] == 32
+    else:
+        assert w["conv1"] == 8 and w["conv3"] == 16
+
+
+def test_round_to_gives_multiples():
+    w = widths(pruner(pruning_ratio=0.4, round_to=8).prune())
+    assert all(c % 8 == 0 for c in w.values()), w
+    assert w["conv3"] < 32 and w["fc1"] < 24  # something was pruned (32 -> 24, 24 -> 16)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_target_flops_is_met_within_a_few_percent(target):
+    p = pruner(target_flops=target)
+    small = p.prune()
+    ratio = count_flops(small, X[:2]) / count_flops(p.model, X[:2])
+    assert abs(ratio - target) < 0.05, ratio
+    rep = p.report()
+    assert rep["flops_after"] / rep["flops_before"] == pytest.approx(ratio)
+
+
+def test_iterative_steps():
+    p = pruner(pruning_ratio=0.5, iterative_steps=2)
+    small = p.prune()
+    w = widths(small)
+    # two steps of 1 - sqrt(0.5) each: 16 -> 12 -> 9, 32 -> 23 -> 17, 24 -> 17 -> 13
+    assert w == {"conv1": 9, "conv2": 9, "conv3": 17, "fc1": 13}
+    assert small(X).shape == (8, 4)
+    assert len(p.history) == 2
+
+
+# -- copies, dry run, inplace -----------------------------------------------------------
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [id(p) for p in model.parameters()]
+
+
+def test_plan_is_a_dry_run():
+    net = make_net()
+    sd, ids = _snapshot(net)
+    p = pruner(net)
+    plan = p.plan()
+    assert plan.n_pruned > 0
+    sd2, ids2 = _snapshot(net)
+    assert ids2 == ids
+    assert sd2.keys() == sd.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert widths(net) == SIZES
+
+
+def test_prune_returns_a_copy_unless_inplace():
+    net = make_net()
+    sd, ids = _snapshot(net)
+    ref = net(X)
+    small = pruner(net, pruning_ratio=0.5).prune()
+    assert small is not net
+    assert widths(small)["conv1"] == 8
+    sd2, ids2 = _snapshot(net)
+    assert ids2 == ids and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    torch.testing.assert_close(net(X), ref, rtol=0, atol=0)
+
+    net2 = make_net()
+    out = pruner(net2, pruning_ratio=0.5, inplace=True).prune()
+    assert out is net2
+    assert widths(net2) == {n: c // 2 for n, c in SIZES.items()}
+    assert net2(X).shape == (8, 4)
+
+
+def test_bias_compensation_brings_output_closer():
+    """Post-ReLU activations have non-zero mean: folding the removed channels' mean into
+    the consumers' bias must reduce the output error (BN recalibration off in both)."""
+    net = make_net()
+    xs = loader(4, seed=5)
+    ref = torch.cat([net(x) for x in xs]).detach()
+
+    def err(comp: bool) -> float:
+        small = pruner(net, pruning_ratio=0.5, bias_compensation=comp, recalibrate_bn=False).prune()
+        with torch.no_grad():
+            return float(((torch.cat([small(x) for x in xs]) - ref) ** 2).mean())
+
+    on, off = err(True), err(False)
+    assert on < 0.7 * off, (on, off)
+
+
+# -- history, report --------------------------------------------------------------------
+
+
+def test_history_round_trip_replay_reproduces_outputs(tmp_path):
+    net = make_net()
+    p = pruner(net, pruning_ratio=0.4, bias_compensation=False)
+    small = p.prune()
+    text = json.dumps(p.history.to_json())
+    hist = PruningHistory.from_json(json.loads(text))
+    fresh = hist.replay(make_net(seed=123))
+    assert widths(fresh) == widths(small)
+    fresh.load_state_dict(small.state_dict())
+    fresh.eval()
+    torch.testing.assert_close(fresh(X), small(X), rtol=0, atol=0)
+    p.history.save(tmp_path / "h.json")
+    again = PruningHistory.load(tmp_path / "h.json").replay(make_net(seed=7))
+    again.load_state_dict(small.state_dict())
+    torch.testing.assert_close(again.eval()(X), small(X), rtol=0, atol=0)
+
+
+def test_history_with_compensation_needs_bias_created_first():
+    net = make_net()
+    p = pruner(net, pruning_ratio=0.4, bias_compensation=True)
+    small = p.prune()
+    assert small.conv2.bias is not None  # compensation added a bias to a bias-free conv
+    fresh = PruningHistory.from_json(json.loads(json.dumps(p.history.to_json()))).replay(make_net(seed=1))
+    for name in ("conv1", "conv2", "conv3"):
+        mod = getattr(fresh, name)
+        if getattr(small, name).bias is not None and mod.bias is None:
+            mod.bias = nn.Parameter(torch.zeros(mod.out_channels))
+    fresh.load_state_dict(small.state_dict())
+    torch.testing.assert_close(fresh.eval()(X), small(X), rtol=0, atol=0)
+
+
+def test_report_is_consistent_with_the_pruned_model():
+    p = pruner(pruning_ratio=0.3)
+    with pytest.raises(UserError, match="prune"):
+        p.report()
+    small = p.prune()
+    rep = p.report()
+    by_name = {(e["name"], e["slice"]): e for e in rep["layers"]}
+    for name, n in SIZES.items():
+        e = by_name[(name, "out")]
+        after = getattr(small, name).weight.shape[0]
+        assert e["channels_before"] == n and e["channels_after"] == after
+        idx = e["pruned_indices"]
+        assert len(idx) == len(set(idx)) == n - after and all(0 <= i < n for i in idx)
+        assert len(e["importance_scores"]["pruned"]) == len(idx)
+        assert len(e["importance_scores"]["kept"]) == after
+        # pruned units score no higher than kept ones (uniform plan, lowest first)
+        assert max(e["importance_scores"]["pruned"]) <= min(e["importance_scores"]["kept"])
+    # the kept rows are the original rows minus the pruned indices
+    keep = [i for i in range(16) if i not in by_name[("conv1", "out")]["pruned_indices"]]
+    torch.testing.assert_close(small.conv1.weight, p.model.conv1.weight[keep])
+    assert rep["params_after"] < rep["params_before"]
+
+
+# -- argument errors --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0, 1, -0.1, "x", 1.5, float("nan")])
+def test_bad_ratio(ratio):
+    with pytest.raises(UserError, match="between 0 and 1"):
+        StructuredPruner(make_net(), X[:2], "magnitude", pruning_ratio=ratio)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        StructuredPruner(make_net(), X[:2], "magnitude", layer_pruning_ratios={"conv1": ratio})
+
+
+def test_bad_arguments():
+    with pytest.raises(UserError, match="unknown importance 'nope'.*magnitude"):
+        StructuredPruner(make_net(), X[:2], "nope")
+    with pytest.raises(UserError, match="every layer is ignored"):
+        StructuredPruner(make_net(), X[:2], "magnitude", ignored_layers=[nn.Conv2d, nn.Linear])
+    with pytest.raises(UserError, match="matches no layer"):
+        StructuredPruner(make_net(), X[:2], "magnitude", ignored_layers=["nonexistent"])
+    with pytest.raises(UserError, match="target_flops"):
+        StructuredPruner(make_net(), X[:2], "magnitude", target_flops=1.2)
+    with pytest.raises(UserError, match="must be a torch.nn.Module"):
+        StructuredPruner(copy.deepcopy, X[:2])
