@@ -137,7 +137,7 @@ class RecurrentPruner(LayerPruner):
         out_w = p if p > 0 else h
         d = 2 if module.bidirectional else 1
         n = {"in": module.input_size, "hidden": h, "proj": p}[slice_name]
-        e = torch.zeros(n)
+        e = torch.zeros(n, device=module.weight_ih_l0.device)
         for layer in range(module.num_layers):
             for sfx in _suffixes(module):
 
