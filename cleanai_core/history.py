@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 from torch import nn
 
 from cleanai_core.errors import UserError
@@ -54,9 +55,16 @@ class PruningHistory:
         self.steps.append(list(edits))
 
     def replay(self, model: nn.Module, pm: Any = None) -> nn.Module:
-        """Apply every step to ``model`` in place and return it."""
+        """Apply every step to ``model`` in place and return it. Biases that bias
+        compensation created (``meta["added_biases"]``) are created too (as zeros), so the
+        pruned ``state_dict`` loads with ``strict=True``."""
         for step in self.steps:
             apply_edits(model, step, pm)
+        for name in self.meta.get("added_biases", ()):
+            module = model.get_submodule(name)
+            if getattr(module, "bias", None) is None:
+                w = module.weight
+                module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
         return model
 
     def to_json(self) -> dict[str, Any]:

@@ -440,6 +440,12 @@ class StructuredPruner:
             pruned_model, edits = self._safe_build(current, graph, stats, plan)
             self._record_layers(graph, plan)
             self.history.record(edits)
+            before = dict(current.named_modules())
+            added = self.history.meta.setdefault("added_biases", [])
+            for name, m in pruned_model.named_modules():
+                old = before.get(name)
+                if isinstance(getattr(m, "bias", None), torch.Tensor) and old is not None and old.bias is None:
+                    added.append(name)
             current = pruned_model
         if self.recalibrate_bn and self._calibration is not None:
             self._recalibrate(current)

@@ -23,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cleanai {__version__}")
     parser.add_argument(
-        "--disable-plugin", action="append", default=[], metavar="NAME",
+        "--disable-plugin",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="block a plugin by name (repeatable); also CLEANAI_DISABLED_PLUGINS=a,b",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -35,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["--version"]:  # fast path: no subcommand (and no torch) import
+        print(f"cleanai {__version__}")
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
