@@ -301,27 +301,38 @@ class StructuredPruner:
             self._plan = self._make_plan(self.graph, self.model, self.stats, ratio)
         return self._plan
 
-    def _solve_flops(self) -> float:
-        base = count_flops(self.model, self.example_inputs, self.forward_fn)
-        scores = self._scores(self.graph, self.model, self.stats)
+    def _solve_flops(
+        self,
+        graph: DependencyGraph | None = None,
+        model: nn.Module | None = None,
+        stats: dict | None = None,
+        target: float | None = None,
+    ) -> float:
+        """The ratio whose plan keeps ``target`` (default ``target_flops``) of ``model``'s FLOPs."""
+        graph = graph if graph is not None else self.graph
+        model = model if model is not None else self.model
+        stats = stats if stats is not None else self.stats
+        target = target if target is not None else self.target_flops
+        base = count_flops(model, self.example_inputs, self.forward_fn)
+        scores = self._scores(graph, model, stats)
         lo, hi = 0.0, 0.95
         for _ in range(10):
             mid = (lo + hi) / 2
             plan = make_plan(
-                self.graph.groups(prunable_only=True),
+                graph.groups(prunable_only=True),
                 scores,
-                self.graph.root.numel(),
+                graph.root.numel(),
                 mid,
-                group_ratios=self._group_ratios(self.graph),
+                group_ratios=self._group_ratios(graph),
                 global_pruning=self.global_pruning,
                 max_layer_ratio=self.max_layer_ratio,
                 round_to=self.round_to,
                 min_units=self.min_channels,
                 normalizer=self.normalizer,
             )
-            small = copy.deepcopy(self.model)
-            apply_edits(small, self._edits(self.graph, plan.pruned_units()), self.graph.pm)
-            if count_flops(small, self.example_inputs, self.forward_fn) / base > self.target_flops:
+            small = copy.deepcopy(model)
+            apply_edits(small, self._edits(graph, plan.pruned_units()), graph.pm)
+            if count_flops(small, self.example_inputs, self.forward_fn) / base > target:
                 lo = mid
             else:
                 hi = mid
@@ -424,16 +435,26 @@ class StructuredPruner:
         self._layers = []
         current, graph, stats = self.model, self.graph, self.stats
         steps = self.iterative_steps
+        base_flops = None
         for step in range(steps):
             if step == 0 and steps == 1:
                 plan = self.plan()
             else:
-                keep_share = (1 - self.pruning_ratio) ** ((step + 1) / steps) if self.target_flops is None else None
-                prev = 1.0 if step == 0 else (1 - self.pruning_ratio) ** (step / steps)
-                r = 1 - keep_share / prev if keep_share is not None else self.pruning_ratio / steps
                 if step > 0:
                     graph = self._build_graph(current)
                     stats = self._recollect(current, graph)
+                if self.target_flops is not None:
+                    # step k ends at target ** (k / steps) of the original FLOPs
+                    if base_flops is None:
+                        base_flops = self._before.get("flops") or count_flops(
+                            self.model, self.example_inputs, self.forward_fn
+                        )
+                    share = count_flops(current, self.example_inputs, self.forward_fn) / base_flops
+                    r = self._solve_flops(graph, current, stats, self.target_flops ** ((step + 1) / steps) / share)
+                else:
+                    keep_share = (1 - self.pruning_ratio) ** ((step + 1) / steps)
+                    prev = (1 - self.pruning_ratio) ** (step / steps)
+                    r = 1 - keep_share / prev
                 plan = self._make_plan(graph, current, stats, r)
                 if step == 0:
                     self._plan = plan

@@ -146,6 +146,15 @@ def test_iterative_steps():
     assert len(p.history) == 2
 
 
+def test_iterative_steps_with_target_flops():
+    """Regression: with target_flops, iterative pruning used pruning_ratio / steps and missed the target."""
+    p = pruner(target_flops=0.5, iterative_steps=2)
+    small = p.prune()
+    ratio = count_flops(small, X[:2]) / count_flops(p.model, X[:2])
+    assert abs(ratio - 0.5) < 0.05, ratio
+    assert len(p.history) == 2
+
+
 # -- copies, dry run, inplace -----------------------------------------------------------
 
 
