@@ -168,6 +168,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _parse_layer_ratios(items: Any, source: str) -> dict[str, float]:
     if isinstance(items, dict):
         pairs = list(items.items())
+    elif not isinstance(items, (list, tuple)) and items is not None:
+        raise UserError(f"{source}: give layer ratios as a table (pattern = ratio) or a list of 'PATTERN=R' strings.")
     else:
         pairs = []
         for item in items or []:
