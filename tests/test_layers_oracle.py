@@ -616,3 +616,32 @@ def test_check_pruner_on_resnet18_math():
     r = check_pruner(m, torch.randn(2, 3, 32, 32))
     assert r.output_shapes_equal and r.max_abs_diff < 1e-4 and r.params_after < r.params_before * 0.5
     assert math.isfinite(r.max_abs_diff)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (MHABlock(kdim=12), torch.randn(2, 5, 8)),
+        lambda: (MHABlock(add_bias_kv=True), torch.randn(2, 5, 8)),
+        lambda: (RNNBlock(nn.LSTM, num_layers=2, bidirectional=True, proj_size=5), torch.randn(7, 3, 6)),
+        lambda: (RNNBlock(nn.GRU, num_layers=2, bidirectional=True), torch.randn(7, 3, 6)),
+        lambda: (TokenNet(), torch.randn(2, 3, 8, 8)),
+        lambda: (copy.deepcopy(MAPPER_CASES["pixel_shuffle"]), X),
+    ],
+    ids=["mha_kdim", "mha_bias_kv", "lstm_proj", "gru", "tokens", "pixel_shuffle"],
+)
+def test_weight_energy_matches_slices(make):
+    """Every pruner gives one energy per index of each of its slices, all non-negative."""
+    model, x = make()
+    g = DependencyGraph(model.eval(), x)
+    checked = 0
+    for spec in g.slices:
+        if spec.pruner is None:
+            continue
+        e = spec.pruner.weight_energy(g.model.get_submodule(spec.module), spec.name)
+        if e is None:
+            continue
+        assert e.shape == (spec.atoms.numel(),), (spec.module, spec.name)
+        assert bool((e >= 0).all()) and float(e.sum()) > 0
+        checked += 1
+    assert checked >= 3
