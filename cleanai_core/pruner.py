@@ -468,6 +468,8 @@ class StructuredPruner:
                 if isinstance(getattr(m, "bias", None), torch.Tensor) and old is not None and old.bias is None:
                     added.append(name)
             current = pruned_model
+            if step < steps - 1 and self.recalibrate_bn and self._calibration is not None:
+                self._recalibrate(current)  # the next step's statistics come from a consistent model
         if self.recalibrate_bn and self._calibration is not None:
             self._recalibrate(current)
         current.train(self.model.training)
