@@ -193,7 +193,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only the 0.5 FLOPs target")
     ap.add_argument("--global", dest="glob", action="store_true", help="also global ranking (default criterion)")
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--out", default=str(ROOT / "docs" / "accuracy_table.md"))
+    ap.add_argument(
+        "--out",
+        default=str(ROOT / "docs" / "accuracy.md"),
+        help="Markdown file; the table replaces the part between the table markers (or the file is created)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     t_start = time.time()
@@ -216,7 +220,7 @@ def main() -> None:
         base_flops = count_flops(model, example)
         base_params = count_params(model)
         line = (
-            f"| {name} | (unpruned, trained {time.time() - t0:.0f} s) | - | - | 1.00 | 1.000 | 1.000 "
+            f"| {name} | (unpruned; {time.time() - t0:.0f} s to train or load) | - | - | 1.00 | 1.000 | 1.000 "
             f"| {base_acc:.4f} | 100.0 |"
         )
         print(line, flush=True)
@@ -242,8 +246,22 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; total {elapsed:.0f} s."
     )
     print(meta)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join([header, sep, *rows, "", meta, ""]))
+    write_table(Path(args.out), "\n".join([header, sep, *rows, "", meta]))
+
+
+START, END = "<!-- table:start -->", "<!-- table:end -->"
+
+
+def write_table(path: Path, table: str) -> None:
+    """Put ``table`` between the markers of ``path`` (keeping the prose around it)."""
+    block = f"{START}\n{table}\n{END}"
+    text = path.read_text() if path.exists() else ""
+    if START in text and END in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = (text + "\n\n" if text else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 if __name__ == "__main__":
