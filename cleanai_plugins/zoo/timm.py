@@ -105,6 +105,62 @@ def fix_width_attention(module: nn.Module, name: str, edits) -> None:
         return
 
 
+def _out_channels(module: nn.Module | None) -> int | None:
+    """Output channels of a conv / linear, or of a conv-norm-act wrapper's conv."""
+    if module is None:
+        return None
+    for m in (module, getattr(module, "conv", None)):
+        n = getattr(m, "out_channels", None) or getattr(m, "out_features", None)
+        if isinstance(n, int):
+            return n
+    return None
+
+
+def fix_split_widths(module: nn.Module, name: str, edits) -> None:
+    """Modules that split their channels by a stored width (``torch.split(x, self.width)``)."""
+    scale, width = getattr(module, "scale", None), getattr(module, "width", None)
+    if isinstance(scale, int) and isinstance(width, int) and hasattr(module, "convs"):
+        n = _out_channels(getattr(module, "conv1", None))
+        if n is not None and n % scale == 0:  # Res2Net / DLA Bottle2neck
+            module.width = n // scale
+    exp = getattr(module, "expand_chs", None)
+    if isinstance(exp, int):  # CSPNet stages: ``x.split(self.expand_chs // 2)``
+        n = _out_channels(getattr(module, "conv_exp", None))
+        if n is not None:
+            module.expand_chs = n
+
+
+def fix_headmajor_attention(module: nn.Module, name: str, edits) -> None:
+    """(heads, keys, head_dim) projections, e.g. CPUBone's ``pwise``."""
+    keys, heads, head_dim = (getattr(module, a, None) for a in ("num_keys", "num_heads", "head_dim"))
+    if not all(isinstance(v, int) for v in (keys, heads, head_dim)):
+        return
+    keep = edits.get((f"{name}.pwise" if name else "pwise", "out"))
+    if keep is None:
+        return
+    kept_heads = int((keep // (keys * head_dim)).unique().numel())
+    if keep.numel() == kept_heads * keys * head_dim:
+        module.num_heads = kept_heads
+    else:
+        module.head_dim = keep.numel() // (heads * keys)
+    if isinstance(getattr(module, "o_proj_inpdim", None), int):
+        module.o_proj_inpdim = module.num_heads * module.head_dim
+
+
+def fix_bias_attention(module: nn.Module, name: str, edits) -> None:
+    """LeViT / EfficientFormer-V2 style: heads follow ``attention_biases``; cached biases
+    are stale after slicing; ``dh`` is the value projection's width."""
+    if isinstance(getattr(module, "attention_bias_cache", None), dict):
+        module.attention_bias_cache = {}
+    biases = getattr(module, "attention_biases", None)
+    if isinstance(biases, nn.Parameter) and isinstance(getattr(module, "num_heads", None), int) and biases.ndim == 2:
+        module.num_heads = biases.shape[0]
+    if isinstance(getattr(module, "dh", None), int):
+        n = _out_channels(getattr(module, "v", None))
+        if n is not None:
+            module.dh = n
+
+
 @hookimpl
 def cleanai_leaf_modules(model):
     _scan_width_attention(model)
@@ -123,6 +179,9 @@ def cleanai_layer_pruner(module, name):
 def cleanai_after_prune(module, name, edits):
     fix_attention(module, name, edits)
     fix_width_attention(module, name, edits)
+    fix_split_widths(module, name, edits)
+    fix_headmajor_attention(module, name, edits)
+    fix_bias_attention(module, name, edits)
 
 
 @hookimpl(trylast=True)

@@ -1,0 +1,97 @@
+"""Model corpus: prune real torchvision / timm architectures at 0.5 and check the oracle.
+
+The default run covers a fast representative set (small inputs, small variants). The
+wide sweep (every torchvision classification model and the smallest timm model of every
+family) is marked ``corpus``: ``pytest -m corpus tests/test_corpus.py``. The same checks
+run in ``benchmarks/compat_sweep.py``, which writes ``docs/compatibility.md``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+
+from cleanai_core.testing import check_pruner, run_model  # noqa: E402
+
+_SWEEP_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "compat_sweep.py"
+_spec = importlib.util.spec_from_file_location("compat_sweep", _SWEEP_PATH)
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+# (spec, input side): small inputs where the architecture allows them
+FAST = [
+    ("tv:resnet18", 64),
+    ("tv:mobilenet_v3_small", 64),
+    ("tv:shufflenet_v2_x0_5", 64),
+    ("tv:squeezenet1_1", 64),
+    ("tv:densenet121", 64),
+    ("tv:regnet_y_400mf", 64),
+    ("tv:mnasnet0_5", 64),
+    ("tv:efficientnet_b0", 64),
+    ("tv:convnext_tiny", 64),
+    ("tv:swin_t", 64),
+    ("tv:googlenet", 64),
+    ("timm:vit_tiny_patch16_224", 224),
+    ("timm:deit_tiny_distilled_patch16_224", 224),
+    ("timm:convnext_atto", 64),
+    ("timm:resnet18d", 64),
+    ("timm:efficientnet_b0", 64),
+    ("timm:mobilenetv3_small_050", 64),
+    ("timm:regnetx_002", 64),
+    ("timm:dla34", 64),
+    ("timm:ghostnet_050", 64),
+    ("timm:res2net50_14w_8s", 64),
+    ("timm:cspresnet50", 64),
+    ("timm:poolformer_s12", 64),
+    ("timm:levit_128s", 224),
+    ("timm:swin_tiny_patch4_window7_224", 224),
+]
+
+
+def _model(spec: str):
+    torch.manual_seed(0)
+    model, _ = sweep.build(spec)
+    return model
+
+
+def _check(model, size: int, batch: int = 2):
+    x = torch.randn(batch, 3, size, size)
+    expected = run_model(model, x)
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal
+    tol = sweep.oracle_tolerance(expected)
+    assert report.max_abs_diff < tol, (report.max_abs_diff, tol)
+    assert report.pruned_units > 0
+    return report
+
+
+@pytest.mark.parametrize("spec,size", FAST, ids=[s for s, _ in FAST])
+def test_fast_corpus(spec, size):
+    model = _model(spec)
+    report = _check(model, size)
+    kept = report.params_after / report.params_before
+    # half of every prunable group is gone: most weights scale with (kept channels)^2
+    assert 0.05 < kept < 0.85, kept
+
+
+def _wide_set() -> list[str]:
+    try:
+        return sweep.torchvision_models() + sweep.timm_families()
+    except Exception:  # pragma: no cover - listing needs timm/torchvision
+        return []
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("spec", _wide_set())
+def test_wide_corpus(spec):
+    rec = sweep.check_one(spec, 0.5)
+    if rec["status"].startswith("skipped"):
+        pytest.skip(f"{rec['status']}: {rec['error']}")
+    assert rec["status"] == "pass", rec["error"]
+    assert rec["params_after"] < rec["params_before"]
