@@ -123,6 +123,19 @@ def fix_split_widths(module: nn.Module, name: str, edits) -> None:
         n = _out_channels(getattr(module, "conv1", None))
         if n is not None and n % scale == 0:  # Res2Net / DLA Bottle2neck
             module.width = n // scale
+    qkvs = getattr(module, "qkvs", None)
+    kd, vd = getattr(module, "key_dim", None), getattr(module, "val_dim", None)
+    if isinstance(qkvs, nn.ModuleList) and isinstance(kd, int) and kd == vd and len(qkvs):
+        n = _out_channels(qkvs[0])  # EfficientViT (MSRA): split([key_dim, key_dim, val_dim])
+        if n is not None and n % 3 == 0:
+            module.key_dim = module.val_dim = n // 3
+    if isinstance(getattr(module, "d_inner", None), int) and isinstance(getattr(module, "state_dim", None), int):
+        n = _out_channels(getattr(module, "hz_proj", None))  # EfficientViM: split([d_inner] * 2)
+        if n is not None and n % 2 == 0:
+            module.d_inner = n // 2
+        a = getattr(module, "A", None)
+        if isinstance(a, nn.Parameter) and a.ndim == 1:  # split([state_dim] * 3)
+            module.state_dim = a.shape[0]
     exp = getattr(module, "expand_chs", None)
     if isinstance(exp, int):  # CSPNet stages: ``x.split(self.expand_chs // 2)``
         n = _out_channels(getattr(module, "conv_exp", None))
