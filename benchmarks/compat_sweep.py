@@ -260,10 +260,18 @@ def timm_param_counts() -> dict[str, int]:
     return counts
 
 
-def timm_families() -> list[str]:
-    """The smallest model (by parameters) of every module under ``timm.models``."""
+def timm_families(measure: bool = True) -> list[str]:
+    """The smallest model (by parameters) of every module under ``timm.models``.
+
+    Parameter counts are measured once (a few minutes) and cached in
+    ``benchmarks/timm_param_counts.json``; with ``measure=False`` and no cache, the first
+    model name of every module is taken instead."""
     import timm
 
+    if not measure and not SIZES_CACHE.exists():
+        return [
+            "timm:" + sorted(timm.list_models(module=m))[0] for m in timm.list_modules() if timm.list_models(module=m)
+        ]
     counts = timm_param_counts()
     out = []
     for mod in timm.list_modules():
