@@ -9,6 +9,9 @@ removed (``num_heads`` shrinks) or the same dims removed from every head
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
 import weakref
 
 from torch import nn
@@ -48,9 +51,10 @@ def fix_attention(module: nn.Module, name: str, edits) -> None:
 
 # Attention blocks that reshape their projections with ``C // self.num_heads``, ``C``
 # being the width of their *input* (CaiT, CoaT, ConViT, CrossViT, DaViT, NesT, Twins,
-# VOLO, XCiT, Swin-V2-CR...): the projection width must stay equal to the input width,
-# so each such projection's input channels are coupled with each (q, k, v) part of its
-# output channels. Recognised by an int ``num_heads`` and no int ``head_dim``.
+# VOLO, XCiT, Swin-V2-CR...) or reshape their output to ``(B, N, C)`` (GCViT): the
+# projection width must stay equal to the input width, so each such projection's input
+# channels are coupled with each (q, k, v) part of its output channels. Recognised by an
+# int ``num_heads`` and either no int ``head_dim`` or such a reshape in ``forward``.
 _PROJ_CHILDREN = ("qkv", "q", "k", "v", "qk", "kv", "wq", "wk", "wv")
 _TIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (stacks, width)
 _WIDTH_ATTN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention -> {child: (stacks, width)}
@@ -69,10 +73,25 @@ class TiedLinearPruner(LinearPruner):
         ctx.union(parts, ctx.slices[(call.name, "in")].atoms)
 
 
+_WIDTH_RE = re.compile(r"reshape\(\s*B_?,\s*N,\s*C\s*\)|C // self\.num_heads")
+
+
+@functools.cache
+def _reshapes_to_input_width(cls: type) -> bool:
+    """The class's ``forward`` reshapes its attention output to the input width ``C``
+    (``.reshape(B, N, C)``), e.g. GCViT's window attention."""
+    try:
+        return bool(_WIDTH_RE.search(inspect.getsource(cls.forward)))
+    except (OSError, TypeError):
+        return False
+
+
 def _scan_width_attention(model: nn.Module) -> None:
     for module in model.modules():
         heads = getattr(module, "num_heads", None)
-        if not isinstance(heads, int) or heads < 1 or isinstance(getattr(module, "head_dim", None), int):
+        if not isinstance(heads, int) or heads < 1:
+            continue
+        if isinstance(getattr(module, "head_dim", None), int) and not _reshapes_to_input_width(type(module)):
             continue
         found = {}
         for child in _PROJ_CHILDREN:
