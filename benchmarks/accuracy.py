@@ -171,15 +171,18 @@ def criteria() -> dict:
     }
 
 
-def prune_one(model, example, cal_loader, crit, comp: bool, target: float, global_pruning: bool = False):
+def prune_one(model, example, cal_loader, crit, comp: str, target: float, global_pruning: bool = False):
+    """``comp``: "ls" (least-squares reconstruction + BN recalibration, the default),
+    "mean" (mean/bias compensation + BN recalibration) or "off"."""
     pruner = StructuredPruner(
         model,
         example,
         crit(),
         target_flops=target,
         ignored_layers=[model.fc if not isinstance(model, MLP) else model.fc3],
-        bias_compensation=comp,
-        recalibrate_bn=comp,
+        bias_compensation=comp != "off",
+        reconstruction=comp == "ls",
+        recalibrate_bn=comp != "off",
         global_pruning=global_pruning,
     )
     pruner.collect_activations(cal_loader, progress=False)
@@ -225,9 +228,9 @@ def main() -> None:
         )
         print(line, flush=True)
         rows.append(line)
-        configs = [(c, comp, False) for c in criteria() for comp in (True, False)]
+        configs = [(c, comp, False) for c in criteria() for comp in ("ls", "mean", "off")]
         if args.glob:
-            configs += [("wa_mult", True, True), ("wa_mult", False, True), ("magnitude", True, True)]
+            configs += [("wa_mult", "ls", True), ("wa_mult", "mean", True), ("magnitude", "ls", True)]
         for target in targets:
             for cname, comp, glob in configs:
                 pruned = prune_one(model, example, cal_loader, criteria()[cname], comp, target, glob)
@@ -235,7 +238,7 @@ def main() -> None:
                 pa = count_params(pruned) / base_params
                 acc = accuracy(pruned, ev_d)
                 line = (
-                    f"| {name} | {cname} | {'global' if glob else 'uniform'} | {'on' if comp else 'off'} | "
+                    f"| {name} | {cname} | {'global' if glob else 'uniform'} | {comp} | "
                     f"{target:.2f} | {fl:.3f} | {pa:.3f} | {acc:.4f} | {100 * acc / base_acc:.1f} |"
                 )
                 print(line, flush=True)

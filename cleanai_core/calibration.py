@@ -21,14 +21,22 @@ from cleanai_core.errors import UserError
 
 __all__ = ["ChannelStats", "StatsCollector", "move_to", "split_batch"]
 
+#: layers with more input channels than this keep no covariance (memory is C^2 float64)
+MAX_COVARIANCE_CHANNELS = 4096
+#: total memory for covariance matrices; the widest consumers go without beyond it
+COVARIANCE_BUDGET_BYTES = 1 << 30
+
 
 @attrs.define(eq=False)
 class ChannelStats:
-    """Running per-channel statistics (float64): count per channel, mean, M2."""
+    """Running per-channel statistics (float64): count per channel, mean, M2; with
+    ``covariance=True`` also the channel co-moment matrix (C x C, for reconstruction)."""
 
     count: float = 0.0
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None
+    covariance: bool = False
+    comoment: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, dim: int) -> None:
         x = x.detach()
@@ -45,9 +53,11 @@ class ChannelStats:
                 "check the data for NaN/inf values and that the model's weights are finite"
             )
         mean_b = flat.mean(0)
-        m2_b = ((flat - mean_b) ** 2).sum(0)
+        centred = flat - mean_b
+        m2_b = (centred**2).sum(0)
+        cross_b = (centred.T @ centred).cpu() if self.covariance and c <= MAX_COVARIANCE_CHANNELS else None
         if self.mean is None:
-            self.count, self.mean, self.m2 = float(n_b), mean_b.cpu(), m2_b.cpu()
+            self.count, self.mean, self.m2, self.comoment = float(n_b), mean_b.cpu(), m2_b.cpu(), cross_b
             return
         if self.mean.numel() != c:
             raise UserError(f"a layer saw {c} channels after {self.mean.numel()} earlier in calibration")
@@ -57,7 +67,14 @@ class ChannelStats:
         delta = mean_b - self.mean
         self.mean = self.mean + delta * (n_b / total)
         self.m2 = self.m2 + m2_b + delta**2 * (n * n_b / total)
+        if self.comoment is not None and cross_b is not None:
+            self.comoment = self.comoment + cross_b + torch.outer(delta, delta) * (n * n_b / total)
         self.count = total
+
+    @property
+    def cov(self) -> torch.Tensor | None:
+        """Channel covariance matrix, when collected."""
+        return None if self.comoment is None else self.comoment / max(self.count, 1.0)
 
     @property
     def var(self) -> torch.Tensor:
@@ -105,17 +122,34 @@ def move_to(x: Any, device: torch.device | None) -> Any:
 class StatsCollector:
     """Collects :class:`ChannelStats` for the given consumer slices of ``model``."""
 
-    def __init__(self, model: nn.Module, slices: Iterable[Any]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        slices: Iterable[Any],
+        covariance: bool = False,
+        covariance_budget: int = COVARIANCE_BUDGET_BYTES,
+    ) -> None:
         self.model = model
         self.stats: dict[tuple[str, str], ChannelStats] = {}
-        self._targets = [(s.module, s.name, s.arg, s.dim) for s in slices if s.kind == "in" and s.module]
+        consumers = [s for s in slices if s.kind == "in" and s.module]
+        self._targets = [(s.module, s.name, s.arg, s.dim) for s in consumers]
+        # covariance for the narrowest consumers first, within the memory budget
+        self.with_covariance: set[tuple[str, str]] = set()
+        used = 0
+        for s in sorted(consumers, key=lambda s: s.atoms.numel()) if covariance else ():
+            size = s.atoms.numel() ** 2 * 8
+            if s.atoms.numel() > MAX_COVARIANCE_CHANNELS or used + size > covariance_budget:
+                break
+            used += size
+            self.with_covariance.add((s.module, s.name))
 
     @contextmanager
     def hooks(self) -> Iterator[StatsCollector]:
         handles = []
         for module_name, slice_name, argpos, dim in self._targets:
             module = self.model.get_submodule(module_name)
-            stats = self.stats.setdefault((module_name, slice_name), ChannelStats())
+            key = (module_name, slice_name)
+            stats = self.stats.setdefault(key, ChannelStats(covariance=key in self.with_covariance))
 
             def pre(m, args, kwargs, stats=stats, argpos=argpos, dim=dim):
                 x = args[argpos] if isinstance(argpos, int) and argpos < len(args) else kwargs.get(argpos)

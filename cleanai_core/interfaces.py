@@ -11,7 +11,8 @@ Call tree of a :class:`LayerPruner` (kernel -> pruner)::
     scoring
       `- weight_energy(module, slice)          per index: sum of squared weights touching it
     compensation (optional)
-      `- compensate(module, slice, removed, mean)
+      |- reconstruct(module, slice, removed, kept, coef, shift)   least squares, when covariance was collected
+      `- compensate(module, slice, removed, mean)                 mean only
 
 An :class:`IndexMapper` only has ``trace(call, ctx)``: it maps labels from the inputs
 of one ATen operation to its outputs.
@@ -59,6 +60,22 @@ class LayerPruner:
         """Fold the mean contribution of removed input channels into the bias, before
         slicing. ``mean`` is the mean of each removed channel at this module's input.
         Return ``True`` when done."""
+        return False
+
+    def reconstruct(
+        self,
+        module: nn.Module,
+        slice_name: str,
+        removed: torch.Tensor,
+        kept: torch.Tensor,
+        coef: torch.Tensor,
+        shift: torch.Tensor,
+    ) -> bool:
+        """Fold removed input channels into the kept ones, before slicing: calibration
+        regressed each removed channel on the kept ones, ``x[removed] ~ shift + coef @
+        x[kept]`` (``coef``: removed x kept), so the weights of kept columns absorb
+        ``W[:, removed] @ coef`` and the bias absorbs ``W[:, removed] @ shift``. Return
+        ``True`` when done (then :meth:`compensate` is not called)."""
         return False
 
     def __repr__(self) -> str:

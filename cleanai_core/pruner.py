@@ -80,6 +80,11 @@ class StructuredPruner:
     :param target_flops: instead of ``pruning_ratio``, keep this share of the FLOPs.
     :param iterative_steps: prune in this many steps, re-collecting statistics in between.
     :param bias_compensation: fold removed channels' mean into consumers' bias.
+    :param reconstruction: also collect each consumer's channel covariance during
+        calibration and fold removed channels into the kept ones by least squares
+        (``x_removed ~ shift + coef @ x_kept``); needs ``bias_compensation``. Memory is
+        C^2 float64 per consumer, at most 1 GiB in all (narrowest consumers first; the
+        others, and layers above 4096 channels, fall back to mean compensation).
     :param recalibrate_bn: recompute BatchNorm statistics on the calibration data.
     :param inplace: slice ``model`` itself (rolled back if anything fails).
     """
@@ -99,6 +104,7 @@ class StructuredPruner:
         target_flops: float | None = None,
         iterative_steps: int = 1,
         bias_compensation: bool = True,
+        reconstruction: bool = True,
         recalibrate_bn: bool = True,
         inplace: bool = False,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
@@ -141,6 +147,7 @@ class StructuredPruner:
         self.target_flops = target_flops
         self.iterative_steps = iterative_steps
         self.bias_compensation = bias_compensation
+        self.reconstruction = reconstruction and bias_compensation
         self.recalibrate_bn = recalibrate_bn
         self.inplace = inplace
         self.forward_fn = forward_fn
@@ -197,7 +204,7 @@ class StructuredPruner:
         from tqdm.auto import tqdm
 
         device = _device_of(self.model)
-        collector = StatsCollector(self.model, self.graph.slices)
+        collector = StatsCollector(self.model, self.graph.slices, covariance=self.reconstruction)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -366,9 +373,16 @@ class StructuredPruner:
                 if spec.kind != "in" or st is None or st.mean is None or spec.pruner is None:
                     continue
                 gone = pruned[graph.root[spec.atoms]]
-                if bool(gone.any()):
-                    idx = gone.nonzero().squeeze(1)
-                    spec.pruner.compensate(model.get_submodule(spec.module), spec.name, idx, st.mean[idx])
+                if not bool(gone.any()):
+                    continue
+                idx = gone.nonzero().squeeze(1)
+                module = model.get_submodule(spec.module)
+                if self.reconstruction and st.cov is not None and not bool(gone.all()):
+                    kept = (~gone).nonzero().squeeze(1)
+                    coef, shift = _regress(st.cov, st.mean, idx, kept)
+                    if spec.pruner.reconstruct(module, spec.name, idx, kept, coef, shift):
+                        continue
+                spec.pruner.compensate(module, spec.name, idx, st.mean[idx])
 
     def _verify(self, model: nn.Module, graph: DependencyGraph) -> None:
         was = model.training
@@ -483,7 +497,7 @@ class StructuredPruner:
         if self._calibration is None:
             return {}
         loader, n = self._calibration
-        collector = StatsCollector(model, graph.slices)
+        collector = StatsCollector(model, graph.slices, covariance=self.reconstruction)
         model.eval()
         with collector.hooks(), torch.no_grad():
             for batch in iterate(loader, n):
@@ -564,6 +578,20 @@ class StructuredPruner:
             "groups": self._plan.to_json()["groups"] if self._plan else [],
             "layers": list(self._layers),
         }
+
+
+def _regress(
+    cov: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor, damping: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge regression of the removed channels on the kept ones from their covariance:
+    ``x_removed ~ shift + coef @ x_kept`` (coef: removed x kept)."""
+    c_kk = cov[kept][:, kept]
+    c_kr = cov[kept][:, removed]
+    lam = damping * float(c_kk.diagonal().mean().clamp(min=1e-12))
+    eye = torch.eye(c_kk.shape[0], dtype=cov.dtype)
+    coef = torch.linalg.solve(c_kk + lam * eye, c_kr).T
+    shift = mean[removed] - coef @ mean[kept]
+    return coef, shift
 
 
 def _check_ratio(name: str, r: Any) -> None:

@@ -88,6 +88,17 @@ class ConvPruner(LayerPruner):
         module.bias.data += contrib
         return True
 
+    def reconstruct(self, module, slice_name, removed, kept, coef, shift):
+        if slice_name != "in" or module.transposed or module.groups != 1:
+            return False
+        w = module.weight.detach()
+        w_removed = w[:, removed]  # (out, removed, *k)
+        w[:, kept] += torch.einsum("or...,rk->ok...", w_removed, coef.to(w.dtype))
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(module.out_channels, dtype=w.dtype, device=w.device))
+        module.bias.data += torch.einsum("or...,r->o", w_removed, shift.to(w.dtype))
+        return True
+
 
 def _within(k: torch.Tensor, g: int, c: int) -> torch.Tensor:
     """Kept indices inside one group (the same in every group) from global indices."""

@@ -46,6 +46,17 @@ class LinearPruner(LayerPruner):
         module.bias.data += contrib
         return True
 
+    def reconstruct(self, module, slice_name, removed, kept, coef, shift):
+        if slice_name != "in":
+            return False
+        w = module.weight.detach()
+        w_removed = w[:, removed]
+        w[:, kept] += w_removed @ coef.to(w.dtype)
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=w.dtype, device=w.device))
+        module.bias.data += w_removed @ shift.to(w.dtype)
+        return True
+
 
 @hookimpl(trylast=True)
 def cleanai_layer_pruner(module):

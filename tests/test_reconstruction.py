@@ -1,0 +1,87 @@
+"""Least-squares reconstruction: covariance streaming and exact folding of removed channels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.calibration import ChannelStats, StatsCollector
+from cleanai_core.graph.dependency import DependencyGraph
+
+
+def test_streamed_covariance_equals_full_data():
+    torch.manual_seed(0)
+    chunks = [torch.randn(n, 5) * torch.tensor([1.0, 2, 3, 4, 5]) + 3 for n in (7, 1, 30, 12)]
+    st = ChannelStats(covariance=True)
+    for c in chunks:
+        st.update(c, 1)
+    full = torch.cat(chunks).double()
+    expected = torch.cov(full.T, correction=0)
+    assert torch.allclose(st.cov, expected, atol=1e-10)
+    assert st.cov.shape == (5, 5)
+
+
+class Dependent(nn.Module):
+    """Hidden unit 3 is exactly 2*h0 - h1 + 0.5, so removing it loses nothing."""
+
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        self.conv = conv
+        layer = (lambda i, o: nn.Conv2d(i, o, 3, padding=1)) if conv else nn.Linear
+        self.l1 = layer(4, 6)
+        self.l2 = layer(6, 3)
+        with torch.no_grad():
+            self.l1.weight[3] = 2 * self.l1.weight[0] - self.l1.weight[1]
+            self.l1.bias[3] = 2 * self.l1.bias[0] - self.l1.bias[1] + 0.5
+
+    def forward(self, x):
+        return self.l2(self.l1(x))
+
+
+def _prune_unit3(model, x, reconstruction):
+    pruner = StructuredPruner(
+        model, x, "magnitude", pruning_ratio=0.1, reconstruction=reconstruction, recalibrate_bn=False
+    )
+    pruner.collect_activations([x], progress=False)
+    plan = pruner.plan()
+    gp = next(gp for gp in plan.groups if any(s.module == "l1" and s.name == "out" for s in gp.group.slices))
+    gp.pruned[:] = False
+    l1_out = pruner.graph.ctx.slices[("l1", "out")]
+    unit3 = pruner.graph.root[l1_out.atoms[3]]
+    gp.pruned[(gp.group.units == unit3).nonzero().squeeze(1)] = True
+    for other in plan.groups:
+        if other is not gp:
+            other.pruned[:] = False
+    return pruner.prune()
+
+
+def test_reconstruction_folds_a_dependent_channel_exactly():
+    for conv in (False, True):
+        torch.manual_seed(1)
+        model = Dependent(conv).eval()
+        x = torch.randn(64, 4, 5, 5) if conv else torch.randn(256, 4)
+        ref = model(x)
+        exact = _prune_unit3(model, x, reconstruction=True)
+        mean_only = _prune_unit3(model, x, reconstruction=False)
+        assert exact.l2.weight.shape[1] == 5 and mean_only.l2.weight.shape[1] == 5
+        err_ls = float((exact(x) - ref).detach().abs().max())
+        err_mean = float((mean_only(x) - ref).detach().abs().max())
+        if conv:  # zero padding breaks the linear relation at the borders: interior must be exact
+            err_ls = float((exact(x) - ref)[..., 1:-1, 1:-1].detach().abs().max())
+        scale = float(ref.detach().abs().mean())
+        # exact up to the ridge damping (1e-3 of the mean variance)
+        assert err_ls < 5e-3 * scale, (conv, err_ls, scale)
+        assert err_mean > 20 * err_ls, (conv, err_mean, err_ls)
+
+
+def test_covariance_budget_prefers_narrow_consumers():
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 2)).eval()
+    graph = DependencyGraph(model, torch.randn(2, 3))
+    budget = 8 * 8 * 8 + 3 * 3 * 8  # room for the 3- and 8-channel consumers, not the 64-channel one
+    collector = StatsCollector(model, graph.slices, covariance=True, covariance_budget=budget)
+    assert collector.with_covariance == {("0", "in"), ("2", "in")}
+    with collector.hooks():
+        model(torch.randn(5, 3))
+    assert collector.stats[("2", "in")].cov.shape == (8, 8)
+    assert collector.stats[("4", "in")].cov is None
