@@ -23,7 +23,19 @@ def _product(ctx, a, b, out) -> None:
         if ka is not None and kb is not None:
             ctx.union(ka, kb)
         else:
-            ctx.freeze(ka if ka is not None else kb, f"{ctx.where()} contracts channels with a tensor that cannot shrink")
+            why = f"{ctx.where()} contracts channels with a tensor that cannot shrink"
+            ctx.freeze(ka if ka is not None else kb, why)
+        # the other operand's label (rows of a, columns of b) still reaches the output
+        if ka is None and la is not None:
+            if na >= 2 and la.dim == na - 2:
+                ctx.set_label(out, no - 2, la.atoms, la.origin)
+            else:
+                ctx.freeze(la.atoms, f"{ctx.where()}: channels on a batch dimension meet a contraction")
+        if kb is None and lb is not None:
+            if nb >= 2 and lb.dim == nb - 1:
+                ctx.set_label(out, no - 1, lb.atoms, lb.origin)
+            else:
+                ctx.freeze(lb.atoms, f"{ctx.where()}: channels on a batch dimension meet a contraction")
         return
     if la is not None and na >= 2 and la.dim == na - 2:
         if lb is not None:
