@@ -35,7 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "CNN trained on them in seconds. Writes the same outputs as `cleanai prune`.",
     )
     p.add_argument("--out", "-o", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})")
-    p.add_argument("--ratio", "-r", type=float, default=0.3, metavar="R", help="pruning ratio (default 0.3)")
+    p.add_argument("--ratio", "-r", type=float, default=0.5, metavar="R", help="pruning ratio (default 0.5)")
     p.add_argument("--epochs", type=int, default=8, metavar="N", help="training epochs (default 8)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-demo --out folder")

@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "dry_run": False,
     "bias_compensation": True,
+    "reconstruction": True,
     "bn_recalibration": True,
     "trust_model": False,
     "weights": None,
@@ -128,6 +129,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_false",
         default=S,
         help="do not fold removed channels' mean output into the next layer's bias",
+    )
+    g.add_argument(
+        "--no-reconstruction",
+        dest="reconstruction",
+        action="store_false",
+        default=S,
+        help="fold removed channels by their mean only, not by least squares on the kept ones",
     )
     g.add_argument(
         "--no-bn-recalibration",
@@ -524,6 +532,7 @@ def execute(
         round_to=cfg.get("round_to"),
         target_flops=cfg.get("target_flops"),
         bias_compensation=bool(cfg.get("bias_compensation")),
+        reconstruction=bool(cfg.get("reconstruction")),
         recalibrate_bn=bool(cfg.get("bn_recalibration")),
     )
     pruner.collect_activations(calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet)
