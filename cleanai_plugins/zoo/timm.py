@@ -24,9 +24,10 @@ _QUERY_PROJECTIONS = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q"
 
 
 def fix_attention(module: nn.Module, name: str, edits) -> None:
-    heads = getattr(module, "num_heads", None)
+    heads_attr = "num_heads" if isinstance(getattr(module, "num_heads", None), int) else "heads"
+    heads = getattr(module, heads_attr, None)
     head_dim = getattr(module, "head_dim", None)
-    if not isinstance(heads, int) or not isinstance(head_dim, int):
+    if not isinstance(heads, int) or isinstance(heads, bool) or not isinstance(head_dim, int):
         return
     for child, _stacks in _QUERY_PROJECTIONS:
         keep = edits.get((f"{name}.{child}" if name else child, "out"))
@@ -36,17 +37,16 @@ def fix_attention(module: nn.Module, name: str, edits) -> None:
         q_keep = keep[keep < total]
         kept_heads = (q_keep // head_dim).unique().numel()
         if q_keep.numel() == kept_heads * head_dim:
-            module.num_heads = kept_heads
+            setattr(module, heads_attr, kept_heads)
         else:
             module.head_dim = q_keep.numel() // heads
         break
     else:
         return
-    if isinstance(getattr(module, "attn_dim", None), int):
-        module.attn_dim = module.num_heads * module.head_dim
-    for attr in ("all_head_dim", "inner_dim", "attn_dim_total"):
+    width = getattr(module, heads_attr) * module.head_dim
+    for attr in ("attn_dim", "all_head_dim", "inner_dim", "attn_dim_total", "dim_out"):
         if isinstance(getattr(module, attr, None), int):
-            setattr(module, attr, module.num_heads * module.head_dim)
+            setattr(module, attr, width)
 
 
 # Attention blocks that reshape their projections with ``C // self.num_heads``, ``C``
@@ -155,6 +155,11 @@ def fix_split_widths(module: nn.Module, name: str, edits) -> None:
         a = getattr(module, "A", None)
         if isinstance(a, nn.Parameter) and a.ndim == 1:  # split([state_dim] * 3)
             module.state_dim = a.shape[0]
+    idx = getattr(module, "split_indexes", None)
+    if isinstance(idx, (tuple, list)) and len(set(idx)) == 1:  # InceptionNeXt: equal parts were tied
+        n = _out_channels(getattr(module, "dwconv_hw", None))
+        if n is not None:
+            module.split_indexes = type(idx)([n] * len(idx))
     exp = getattr(module, "expand_chs", None)
     if isinstance(exp, int):  # CSPNet stages: ``x.split(self.expand_chs // 2)``
         n = _out_channels(getattr(module, "conv_exp", None))
