@@ -16,8 +16,15 @@ from cleanai_core import hookimpl
 
 try:  # torchvision is optional
     from torchvision.models import maxvit as _maxvit
+    from torchvision.models import vision_transformer as _vit
 except Exception:  # pragma: no cover
-    _maxvit = None
+    _maxvit = _vit = None
+
+
+def fix_vit(module: nn.Module, name: str, edits) -> None:
+    """``VisionTransformer._process_input`` reshapes patches to ``self.hidden_dim``."""
+    if _vit is not None and isinstance(module, _vit.VisionTransformer):
+        module.hidden_dim = module.conv_proj.out_channels
 
 
 def _heads_from_keep(keep: torch.Tensor, heads: int, head_dim: int, stacks: int) -> tuple[int, int]:
@@ -65,3 +72,4 @@ def fix_maxvit_attention(module: nn.Module, name: str, edits) -> None:
 @hookimpl(trylast=True)
 def cleanai_after_prune(module, name, edits):
     fix_maxvit_attention(module, name, edits)
+    fix_vit(module, name, edits)
