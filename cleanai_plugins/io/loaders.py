@@ -153,6 +153,13 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
             "give the architecture as timm:NAME, torchvision:NAME or package.module:factory and the weights "
             "with --weights FILE (a state_dict)."
         )
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        raise UserError(
+            f"{str(path)!r} is not a file written by torch.save (neither a zip archive nor a pickle); it may be "
+            f"truncated or of another format. Give the model as {MODEL_FORMS}."
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -466,9 +473,16 @@ def cleanai_evaluate(model, loader, device):
             x, y = batch[0], batch[1]
             if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dim() != 1:
                 return None
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise UserError("the evaluation data contains NaN or inf values; clean the data and run again")
             logits = _logits(model(x.to(device)))
             if logits is None or logits.dim() != 2:
                 return None
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+                raise UserError(
+                    f"labels go from {int(y.min())} to {int(y.max())} but the model has {logits.shape[1]} outputs; "
+                    "give labels 0..N-1 matching the model's classes (or --num-classes)"
+                )
             correct += int((logits.argmax(1).cpu() == y).sum())
             total += len(y)
     if total == 0:
