@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "count_params", "eval_mode", "measure_latency"]
+__all__ = ["call_model", "count_flops", "count_params", "eval_mode", "measure_latency"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -33,7 +33,10 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
-def _call(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:
+def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:
+    """Call ``model`` on ``inputs`` the way every part of CleanAI does: ``forward_fn(model,
+    inputs)`` when given, else a tensor positionally, a tuple/list as positional arguments,
+    a dict as keywords."""
     if forward_fn is not None:
         return forward_fn(model, inputs)
     if isinstance(inputs, dict):
@@ -51,7 +54,7 @@ def count_flops(model: nn.Module, inputs: Any, forward_fn: Callable | None = Non
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        _call(model, inputs, forward_fn)
+        call_model(model, inputs, forward_fn)
     return int(counter.get_total_flops())
 
 
@@ -63,7 +66,7 @@ def measure_latency(
     with eval_mode(model), torch.no_grad():
         for i in range(warmup + repeats):
             t0 = time.perf_counter()
-            _call(model, inputs, forward_fn)
+            call_model(model, inputs, forward_fn)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             if i >= warmup:

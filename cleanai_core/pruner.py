@@ -17,7 +17,7 @@ from cleanai_core.calibration import StatsCollector, iterate, move_to, split_bat
 from cleanai_core.errors import PruningError, UserError
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.history import PruningHistory
-from cleanai_core.metrics import count_flops, count_params
+from cleanai_core.metrics import call_model, count_flops, count_params
 from cleanai_core.planning import PruningPlan, make_plan
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, get_normalizer
 from cleanai_core.slicing import SliceEdit, apply_edits
@@ -230,13 +230,7 @@ class StructuredPruner:
         return self
 
     def _forward(self, model: nn.Module, inputs: Any) -> Any:
-        if self.forward_fn is not None:
-            return self.forward_fn(model, inputs)
-        if isinstance(inputs, dict):
-            return model(**inputs)
-        if isinstance(inputs, (tuple, list)):
-            return model(*inputs)
-        return model(inputs)
+        return call_model(model, inputs, self.forward_fn)
 
     def _accumulate_gradients(self, loader, num_batches, device) -> dict[str, torch.Tensor]:
         clone = copy.deepcopy(self.model).eval()
@@ -284,8 +278,8 @@ class StructuredPruner:
                     break
         return ratios
 
-    def _make_plan(self, graph, model, stats, ratio: float) -> PruningPlan:
-        scores = self._scores(graph, model, stats)
+    def _make_plan(self, graph, model, stats, ratio: float, scores: dict | None = None) -> PruningPlan:
+        scores = scores if scores is not None else self._scores(graph, model, stats)
         return make_plan(
             graph.groups(prunable_only=True),
             scores,
@@ -325,18 +319,7 @@ class StructuredPruner:
         lo, hi = 0.0, 0.95
         for _ in range(10):
             mid = (lo + hi) / 2
-            plan = make_plan(
-                graph.groups(prunable_only=True),
-                scores,
-                graph.root.numel(),
-                mid,
-                group_ratios=self._group_ratios(graph),
-                global_pruning=self.global_pruning,
-                max_layer_ratio=self.max_layer_ratio,
-                round_to=self.round_to,
-                min_units=self.min_channels,
-                normalizer=self.normalizer,
-            )
+            plan = self._make_plan(graph, model, stats, mid, scores)
             small = copy.deepcopy(model)
             apply_edits(small, self._edits(graph, plan.pruned_units()), graph.pm)
             if count_flops(small, self.example_inputs, self.forward_fn) / base > target:

@@ -33,17 +33,10 @@ __all__ = ["OracleReport", "check_pruner", "masked_forward", "random_units", "ru
 def run_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> list[torch.Tensor]:
     """Call ``model`` (in eval mode, restored after) like the tracer does and return the
     flat list of output tensors."""
-    from cleanai_core.metrics import eval_mode
+    from cleanai_core.metrics import call_model, eval_mode
 
     with eval_mode(model), torch.no_grad():
-        if forward_fn is not None:
-            out = forward_fn(model, inputs)
-        elif isinstance(inputs, dict):
-            out = model(**inputs)
-        elif isinstance(inputs, (tuple, list)):
-            out = model(*inputs)
-        else:
-            out = model(inputs)
+        out = call_model(model, inputs, forward_fn)
     if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
         out = out.logits
     return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]

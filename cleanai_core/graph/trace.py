@@ -21,6 +21,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from cleanai_core.metrics import call_model
+
 __all__ = ["ModuleCall", "OpCall", "Recording", "TRef", "record"]
 
 
@@ -38,8 +40,22 @@ class TRef:
         return len(self.shape)
 
 
+class _Flow:
+    """Flat lists of the traced tensors an event reads and writes."""
+
+    __slots__ = ()
+
+    @property
+    def inputs(self) -> list[TRef]:
+        return [a for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, TRef)]
+
+    @property
+    def outputs(self) -> list[TRef]:
+        return [a for a in tree_flatten(self.out)[0] if isinstance(a, TRef)]
+
+
 @attrs.define(slots=True, eq=False)
-class OpCall:
+class OpCall(_Flow):
     """One ATen operation outside claimed modules."""
 
     index: int
@@ -49,17 +65,9 @@ class OpCall:
     out: Any
     scope: str  # the innermost module (by name) the op ran in
 
-    @property
-    def inputs(self) -> list[TRef]:
-        return [a for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, TRef)]
-
-    @property
-    def outputs(self) -> list[TRef]:
-        return [a for a in tree_flatten(self.out)[0] if isinstance(a, TRef)]
-
 
 @attrs.define(slots=True, eq=False)
-class ModuleCall:
+class ModuleCall(_Flow):
     """One call of a claimed module."""
 
     index: int
@@ -68,14 +76,6 @@ class ModuleCall:
     args: tuple
     kwargs: dict
     out: Any
-
-    @property
-    def inputs(self) -> list[TRef]:
-        return [a for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, TRef)]
-
-    @property
-    def outputs(self) -> list[TRef]:
-        return [a for a in tree_flatten(self.out)[0] if isinstance(a, TRef)]
 
 
 @attrs.define(eq=False)
@@ -167,14 +167,7 @@ def record(
             leaves = tree_flatten(example_inputs)[0]
             input_refs = [rec.ref(t) for t in leaves if isinstance(t, torch.Tensor)]
             with rec:
-                if forward_fn is not None:
-                    out = forward_fn(model, example_inputs)
-                elif isinstance(example_inputs, dict):
-                    out = model(**example_inputs)
-                elif isinstance(example_inputs, (tuple, list)):
-                    out = model(*example_inputs)
-                else:
-                    out = model(example_inputs)
+                out = call_model(model, example_inputs, forward_fn)
             if output_transform is not None:
                 out = output_transform(out)
             elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
