@@ -31,7 +31,8 @@ ModuleSpec = nn.Module | str | type
 
 
 def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, Any]:
-    """Names of the modules of ``model`` matched by modules, names, globs or types.
+    """Names of the modules of ``model`` matched by modules, names, globs or types, with
+    every descendant of a matched container (``model.layer4`` covers ``layer4.0.conv1``).
     Returns ``{name: spec}``; raises :class:`UserError` for a spec that matches nothing."""
     named = list(model.named_modules())
     ids = {id(m): n for n, m in named}
@@ -50,6 +51,9 @@ def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, An
             raise UserError(f"{spec!r} matches no layer of the model; check the name with `cleanai explain`")
         for h in hits:
             out.setdefault(h, spec)
+            for n, _ in named:
+                if h and n.startswith(h + "."):
+                    out.setdefault(n, spec)
     return out
 
 
