@@ -287,3 +287,17 @@ def test_bad_arguments():
         StructuredPruner(make_net(), X[:2], "magnitude", target_flops=1.2)
     with pytest.raises(UserError, match="must be a torch.nn.Module"):
         StructuredPruner(copy.deepcopy, X[:2])
+
+
+def test_container_ratio_applies_to_its_layers():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    pruner = StructuredPruner(
+        model, torch.randn(1, 3, 32, 32), "magnitude", pruning_ratio=0.3,
+        layer_pruning_ratios={model.layer4: 0.5}, ignored_layers=[model.layer1],
+    )  # fmt: skip
+    pruned = pruner.prune()
+    assert pruned.layer4[0].conv1.out_channels == 256  # 512 * (1 - 0.5)
+    assert pruned.layer3[0].conv1.out_channels == 180  # 256 * (1 - 0.3), rounded down removal
+    assert pruned.layer1[0].conv1.out_channels == 64  # ignored container
