@@ -62,7 +62,7 @@ def broadcast(ctx: TraceContext, inputs: list[Any], out: Any) -> None:
         else:
             ctx.freeze(lab.atoms, f"channels on different dimensions meet in {ctx.where()}")
     for r in refs:
-        if any(rr is r for _, _, rr in labelled):
+        if any(rr is r and d == dim for d, _, rr in labelled):
             continue
         local = dim - (nd - r.ndim)
         if local >= 0 and r.shape[local] > 1:

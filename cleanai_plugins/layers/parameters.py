@@ -1,7 +1,8 @@
 """Bare parameters and buffers used by operations outside claimed modules.
 
 Which dimension carries channels: ``cls_token`` / ``pos_embed`` / ``dist_token`` /
-``reg_token`` and layer-scale vectors the last one (the embedding), relative-position
+``reg_token`` and layer-scale vectors the last one (the embedding), except positional maps
+laid out ``(1, C, H, W)`` (dim 1), relative-position
 bias tables the last one (heads), LeViT ``attention_biases`` the first one (heads).
 Integer and boolean buffers (index tables, masks, counters) never carry channels.
 """
@@ -14,6 +15,15 @@ _LAST = ("cls_token", "dist_token", "reg_token", "pos_embed", "relative_position
 _FIRST = ("attention_biases", "attention_bias_cache")
 
 
+def _is_nchw_map(leaf: str, parameter) -> bool:
+    """A positional map laid out like a feature map, ``(1, C, H, W)`` (PiT, Visformer,
+    ``pos_embed1``...): channels on dim 1 when the two last dimensions look spatial."""
+    if parameter.ndim != 4 or parameter.shape[0] != 1 or not ("pos" in leaf or leaf in _LAST):
+        return False
+    _, c, h, w = parameter.shape
+    return h == w and c != h
+
+
 @hookimpl(trylast=True)
 def cleanai_unwrapped_parameter(name, parameter, model):
     if not (parameter.is_floating_point() or parameter.is_complex()):
@@ -21,6 +31,8 @@ def cleanai_unwrapped_parameter(name, parameter, model):
     leaf = name.rpartition(".")[2]
     if leaf in _FIRST and parameter.ndim >= 1:
         return 0
+    if _is_nchw_map(leaf, parameter):
+        return 1
     if leaf in _LAST and parameter.ndim >= 1:
         return -1
     return None

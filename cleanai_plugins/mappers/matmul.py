@@ -89,8 +89,7 @@ class _SDPA:
         lq, lk, lv = ctx.label_of(q), ctx.label_of(k), ctx.label_of(v)
         scale = call.kwargs.get("scale")
         mask = call.kwargs.get("attn_mask", arg(call, 3, "attn_mask") if "flash" not in str(call.op) else None)
-        if mask is not None and hasattr(mask, "key"):
-            ctx.freeze_tensor(mask, f"{ctx.where()}: attention mask")
+        mask = mask if hasattr(mask, "key") else None
         nd = q.ndim
         for lab in (lq, lk):
             if lab is not None and lab.dim == nd - 1 and scale is None and lab.origin is not None:
@@ -121,11 +120,20 @@ class _SDPA:
             for ref in (q, k, v):
                 if ctx.label_of(ref) is None and ref.shape[head.dim] > 1:
                     ctx.freeze(head.atoms, f"{ctx.where()}: heads meet a tensor that cannot shrink")
+            if mask is not None:  # an additive bias / mask per head (relative position bias) shrinks with the heads
+                ml, md = ctx.label_of(mask), head.dim - (nd - mask.ndim)
+                if ml is not None and ml.dim == md and ml.atoms.numel() == head.atoms.numel():
+                    ctx.union(head.atoms, ml.atoms)
+                    mask = None
+                elif md >= 0 and mask.shape[md] > 1:
+                    ctx.freeze(head.atoms, f"{ctx.where()}: heads meet an attention mask that cannot shrink")
             ctx.set_label(out, head.dim, head.atoms, head.origin)
             if lv is not None and lv.dim == nd - 1:
                 ctx.freeze(lv.atoms, f"{ctx.where()}: both heads and value dims carry channels")
         elif lv is not None and lv.dim == nd - 1:
             ctx.set_label(out, nd - 1, lv.atoms, lv.origin)
+        if mask is not None:
+            ctx.freeze_tensor(mask, f"{ctx.where()}: attention mask")
 
 
 @hookimpl(trylast=True)

@@ -17,6 +17,8 @@ import weakref
 from torch import nn
 
 from cleanai_core import hookimpl
+from cleanai_core.interfaces import replace_param
+from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.layers.linear import LinearPruner
 
 # child projection -> how many stacked (q, k, v) copies its output holds
@@ -160,6 +162,11 @@ def fix_split_widths(module: nn.Module, name: str, edits) -> None:
         n = _out_channels(getattr(module, "dwconv_hw", None))
         if n is not None:
             module.split_indexes = type(idx)([n] * len(idx))
+    paths = getattr(module, "paths", None)
+    if getattr(module, "split_input", False) is True and isinstance(paths, nn.ModuleList) and len(paths):
+        conv = getattr(paths[0], "conv", paths[0])  # SelectiveKernel: split(x, in_channels // num_paths)
+        if isinstance(getattr(conv, "in_channels", None), int) and isinstance(module.in_channels, int):
+            module.in_channels = conv.in_channels * len(paths)
     exp = getattr(module, "expand_chs", None)
     if isinstance(exp, int):  # CSPNet stages: ``x.split(self.expand_chs // 2)``
         n = _out_channels(getattr(module, "conv_exp", None))
@@ -192,10 +199,61 @@ def fix_bias_attention(module: nn.Module, name: str, edits) -> None:
     biases = getattr(module, "attention_biases", None)
     if isinstance(biases, nn.Parameter) and isinstance(getattr(module, "num_heads", None), int) and biases.ndim == 2:
         module.num_heads = biases.shape[0]
+    kd, vd, qkv = getattr(module, "key_dim", None), getattr(module, "val_dim", None), getattr(module, "qkv", None)
+    heads = getattr(module, "num_heads", None)
+    if isinstance(kd, int) and kd == vd and isinstance(qkv, nn.Linear) and isinstance(heads, int) and heads > 0:
+        per = qkv.out_features // heads  # TinyViT: view(B, N, heads, -1).split([kd, kd, vd])
+        if per != 2 * kd + vd and per % 3 == 0 and qkv.out_features % heads == 0:
+            module.key_dim = module.val_dim = per // 3
+        if isinstance(getattr(module, "out_dim", None), int):
+            module.out_dim = module.val_dim * heads
     if isinstance(getattr(module, "dh", None), int):
         n = _out_channels(getattr(module, "v", None))
         if n is not None:
             module.dh = n
+
+
+def fix_rel_pos(module: nn.Module, name: str, edits) -> None:
+    """Relative position bias modules (``RelPosBias``, ``RelPosMlp``) view their table as
+    ``bias_shape = (..., num_heads)``: follow the table's (or the MLP's) kept heads."""
+    shape = getattr(module, "bias_shape", None)
+    if not isinstance(shape, tuple) or not shape or not all(isinstance(v, int) for v in shape):
+        return
+    table = getattr(module, "relative_position_bias_table", None)
+    fc2 = getattr(getattr(module, "mlp", None), "fc2", None)
+    if isinstance(table, nn.Parameter) and table.ndim == 2:
+        n = table.shape[-1]
+    elif isinstance(fc2, nn.Linear):
+        n = fc2.out_features
+    else:
+        return
+    if shape[-1] == n:
+        return
+    heads = getattr(module, "num_heads", None)
+    if isinstance(heads, int) and heads == shape[-1]:
+        module.num_heads = n
+    module.bias_shape = (*shape[:-1], n)
+
+
+class StdConvPruner(ConvPruner):
+    """Weight-standardised convolutions (timm ``StdConv2d``, ``ScaledStdConv2d``, NFNets,
+    BiT): each filter is standardised over its fan-in, so removing input channels changes
+    the statistics of the kept weights and no slicing matches the original. Input channels
+    are frozen (depthwise ones excepted: there a channel is a whole filter); output
+    channels shrink with the per-filter ``gain``."""
+
+    name = "stdconv"
+
+    def trace(self, module, call, ctx):
+        super().trace(module, call, ctx)
+        if not (module.groups > 1 and module.groups == module.in_channels):
+            ctx.freeze(ctx.slices[(call.name, "in")].atoms, f"{call.name}: weight standardisation over input channels")
+
+    def prune(self, module, keep):
+        super().prune(module, keep)
+        gain = getattr(module, "gain", None)
+        if "out" in keep and isinstance(gain, nn.Parameter) and gain.ndim >= 1:
+            replace_param(module, "gain", 0, keep["out"])
 
 
 @hookimpl
@@ -206,6 +264,8 @@ def cleanai_leaf_modules(model):
 
 @hookimpl
 def cleanai_layer_pruner(module, name):
+    if isinstance(module, nn.modules.conv._ConvNd) and "StdConv" in type(module).__name__:
+        return StdConvPruner()
     info = _TIED.get(module)
     if info is not None and isinstance(module, nn.Linear):
         return TiedLinearPruner(info[0])
@@ -219,6 +279,7 @@ def cleanai_after_prune(module, name, edits):
     fix_split_widths(module, name, edits)
     fix_headmajor_attention(module, name, edits)
     fix_bias_attention(module, name, edits)
+    fix_rel_pos(module, name, edits)
 
 
 @hookimpl(trylast=True)
