@@ -74,24 +74,35 @@ def bench(key: str, repeats: int, calib_batches: int, batch: int) -> dict:
     def make():
         return StructuredPruner(model, x1, "magnitude", pruning_ratio=0.5)
 
-    pruner = make()
-    row["plan_s"], _ = median_time(lambda: (setattr(pruner, "_plan", None), pruner.plan()), repeats)
-    row["apply_s"], _ = median_time(lambda: make_and_prune(make), repeats)
-    row["apply_s"] = max(row["apply_s"] - row["graph_s"] - row["plan_s"], 0.0)
+    plans, applies = [], []
+    for _ in range(repeats):
+        pruner = make()
+        t0 = time.perf_counter()
+        pruner.plan()
+        t1 = time.perf_counter()
+        pruner.prune()
+        t2 = time.perf_counter()
+        plans.append(t1 - t0)
+        applies.append(t2 - t1)
+    row["plan_s"], row["apply_s"] = statistics.median(plans), statistics.median(applies)
     row["total_s"] = row["graph_s"] + row["plan_s"] + row["apply_s"]
 
     # activation collection vs plain inference over the same batches
     batches = [torch.randn(batch, 3, size, size) for _ in range(calib_batches)]
     wa = StructuredPruner(model, x1, pruning_ratio=0.5)
+    stats_only = StructuredPruner(model, x1, pruning_ratio=0.5, reconstruction=False)
 
     def plain():
         with torch.no_grad():
             for b in batches:
                 model(b)
 
-    t_plain, _ = median_time(plain, max(1, repeats // 2))
-    t_coll, _ = median_time(lambda: wa.collect_activations(batches, progress=False), max(1, repeats // 2))
+    n = max(1, repeats // 2)
+    t_plain, _ = median_time(plain, n)
+    t_coll, _ = median_time(lambda: wa.collect_activations(batches, progress=False), n)
+    t_stats, _ = median_time(lambda: stats_only.collect_activations(batches, progress=False), n)
     row["collect_ratio"] = t_coll / t_plain
+    row["collect_ratio_stats"] = t_stats / t_plain
 
     # memory of the statistics as batches grow
     mem = []
@@ -118,10 +129,6 @@ def bench(key: str, repeats: int, calib_batches: int, batch: int) -> dict:
     return row
 
 
-def make_and_prune(make):
-    return make().prune()
-
-
 def render(rows: list[dict]) -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
@@ -133,19 +140,20 @@ def render(rows: list[dict]) -> str:
         "",
         "## Cost: graph, plan, apply (seconds, batch-1 example input)",
         "",
-        "| model | groups | graph | plan | apply | total | peer total | activation collection / inference |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | groups | graph | plan | apply | total | peer total | collection / inference "
+        "(means + covariance, default) | collection / inference (means only) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peer = PEER.get(r["model"])
         peer_s = f"{peer['graph'] + peer['prune']:.2f}" if peer else "-"
         lines.append(
             f"| {r['model']} | {r['groups']} | {r['graph_s']:.3f} | {r['plan_s']:.3f} | {r['apply_s']:.3f} | "
-            f"{r['total_s']:.3f} | {peer_s} | {r['collect_ratio']:.2f}x |"
+            f"{r['total_s']:.3f} | {peer_s} | {r['collect_ratio']:.2f}x | {r['collect_ratio_stats']:.2f}x |"
         )
     lines += [
         "",
-        "## Memory of the statistics (bytes after 1 / 10 / 50 calibration batches)",
+        "## Memory of the statistics, covariance included (bytes after 1 / 10 / 50 calibration batches)",
         "",
         "| model | 1 | 10 | 50 |",
         "|---|---|---|---|",
