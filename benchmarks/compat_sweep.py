@@ -15,6 +15,7 @@ Examples::
     python benchmarks/compat_sweep.py --set torchvision --jobs 2
     python benchmarks/compat_sweep.py --set timm-families --jobs 2
     python benchmarks/compat_sweep.py --set timm --filter 'convnext*' --limit 20
+    python benchmarks/compat_sweep.py --set timm --stride 9 --limit 150 --jobs 1 --batch 1
     python benchmarks/compat_sweep.py --render-only
 
 Statuses: ``pass``, ``fail-trace`` (building the dependency graph raised),
@@ -414,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filter", default=None, help="fnmatch pattern(s) on model names, comma separated")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--stride", type=int, default=1, help="every n-th selected model (a spread-out sample)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=int, default=180, help="seconds per model")
     p.add_argument("--ratio", type=float, default=0.5)
@@ -444,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.filter:
             pats = args.filter.split(",")
             models = [m for m in models if any(fnmatch.fnmatch(m.split(":", 1)[1], q) for q in pats)]
+        models = models[:: max(args.stride, 1)]
         rerun = set((args.rerun or "").split(",")) if args.rerun else set()
         todo = [m for m in models if m not in cache or "all" in rerun or cache[m]["status"] in rerun][args.offset :]
         if args.limit is not None:

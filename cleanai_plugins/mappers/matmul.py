@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from cleanai_core import hookimpl
-from cleanai_core.graph.elementwise import broadcast
+from cleanai_core.graph.elementwise import broadcast, elementwise
 from cleanai_plugins.mappers._registry import MapperTable, arg
 
 table = MapperTable()
@@ -75,6 +77,24 @@ def addmm(call, ctx):
     bias = call.args[0]
     if ctx.label_of(bias) is not None or ctx.label_of(out) is not None:
         broadcast(ctx, [bias, out], out)
+
+
+@table.register("mul")
+def mul(call, ctx):
+    """Element-wise, except the scale of a decomposed scaled dot-product attention.
+
+    When ATen runs SDPA through its math path (e.g. non-contiguous inputs), the trace sees
+    ``q * E ** -0.25`` and ``k^T * E ** -0.25``, ``E`` being the head size: that scalar
+    changes with ``E``, so the head dimension must not shrink (keep whole heads instead)."""
+    src, scalar = call.args[0], arg(call, 1, "other")
+    if isinstance(scalar, float) and hasattr(src, "key") and src.ndim >= 2:
+        lab = ctx.label_of(src)
+        n = src.shape[lab.dim] if lab is not None else 0
+        if lab is not None and lab.dim >= src.ndim - 2 and n > 1 and math.isclose(scalar, n**-0.25, rel_tol=1e-5):
+            if lab.origin is not None:
+                ctx.request_split(lab.origin, lab.origin[1] - 1)
+            ctx.freeze(lab.atoms, f"{ctx.where()}: attention scale depends on the head size")
+    elementwise(call, ctx)
 
 
 class _SDPA:

@@ -231,8 +231,8 @@ def split(call, ctx):
         return
     ctx.tie(lab.atoms, (len(sizes), sizes[0]), 1)
     start = 0
-    for o, s in zip(outs, sizes, strict=True):
-        ctx.set_label(o, dim, lab.atoms[start : start + s])
+    for o, s in zip(outs, sizes, strict=True):  # keeps the origin: attention can still ask for whole heads
+        ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)
         start += s
 
 

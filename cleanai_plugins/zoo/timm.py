@@ -22,30 +22,39 @@ from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.layers.linear import LinearPruner
 
 # child projection -> how many stacked (q, k, v) copies its output holds
-_QUERY_PROJECTIONS = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q", 1), ("qkv_proj", 3))
+_QUERY_PROJECTIONS = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q", 1), ("qkv_proj", 3), ("qk", 2))
 
 
 def fix_attention(module: nn.Module, name: str, edits) -> None:
     heads_attr = "num_heads" if isinstance(getattr(module, "num_heads", None), int) else "heads"
     heads = getattr(module, heads_attr, None)
-    head_dim = getattr(module, "head_dim", None)
+    dim_attr = "dim_head" if isinstance(getattr(module, "dim_head", None), int) else "head_dim"  # MaxViT: dim_head
+    head_dim = getattr(module, dim_attr, None)
     if not isinstance(heads, int) or isinstance(heads, bool) or not isinstance(head_dim, int):
         return
-    for child, _stacks in _QUERY_PROJECTIONS:
+    for child, stacks in _QUERY_PROJECTIONS:
         keep = edits.get((f"{name}.{child}" if name else child, "out"))
         if keep is None:
             continue
+        if getattr(module, "head_first", False) is True:  # MaxViT: (heads, stacks * head_dim) layout
+            block = stacks * head_dim
+            kept_heads = int((keep // block).unique().numel())
+            if keep.numel() == kept_heads * block:
+                setattr(module, heads_attr, kept_heads)
+            else:
+                setattr(module, dim_attr, keep.numel() // (heads * stacks))
+            break
         total = heads * head_dim
         q_keep = keep[keep < total]
         kept_heads = (q_keep // head_dim).unique().numel()
         if q_keep.numel() == kept_heads * head_dim:
             setattr(module, heads_attr, kept_heads)
         else:
-            module.head_dim = q_keep.numel() // heads
+            setattr(module, dim_attr, q_keep.numel() // heads)
         break
     else:
         return
-    width = getattr(module, heads_attr) * module.head_dim
+    width = getattr(module, heads_attr) * getattr(module, dim_attr)
     for attr in ("attn_dim", "all_head_dim", "inner_dim", "attn_dim_total", "dim_out"):
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, width)
@@ -167,6 +176,10 @@ def fix_split_widths(module: nn.Module, name: str, edits) -> None:
         conv = getattr(paths[0], "conv", paths[0])  # SelectiveKernel: split(x, in_channels // num_paths)
         if isinstance(getattr(conv, "in_channels", None), int) and isinstance(module.in_channels, int):
             module.in_channels = conv.in_channels * len(paths)
+    if isinstance(getattr(module, "in_dim", None), int) and isinstance(getattr(module, "unfold", None), nn.Unfold):
+        n = _out_channels(getattr(module, "proj", None))  # TNT PixelEmbed: reshape(B * patches, in_dim, ...)
+        if n is not None:
+            module.in_dim = n
     exp = getattr(module, "expand_chs", None)
     if isinstance(exp, int):  # CSPNet stages: ``x.split(self.expand_chs // 2)``
         n = _out_channels(getattr(module, "conv_exp", None))
@@ -256,6 +269,25 @@ class StdConvPruner(ConvPruner):
             replace_param(module, "gain", 0, keep["out"])
 
 
+def fix_multi_query_attention(module: nn.Module, name: str, edits) -> None:
+    """MobileNetV4/V5 ``MultiQueryAttention2d``: one shared key/value head, queries
+    reshaped with ``num_heads`` and ``key_dim``; widths follow the projections."""
+    if not all(isinstance(getattr(module, a, None), int) for a in ("num_heads", "key_dim", "value_dim")):
+        return
+    q, k, v = (_out_channels(getattr(getattr(module, a, None), "proj", None)) for a in ("query", "key", "value"))
+    if q is None or k is None or v is None or k == 0 or q % k:
+        return
+    module.key_dim, module.value_dim, module.num_heads = k, v, q // k
+
+
+def fix_scale_shape(module: nn.Module, name: str, edits) -> None:
+    """MetaFormer ``Scale``: ``x * self.scale.view(self.shape)`` with ``shape = (dim, 1, 1)``."""
+    scale, shape = getattr(module, "scale", None), getattr(module, "shape", None)
+    if isinstance(scale, nn.Parameter) and scale.ndim == 1 and isinstance(shape, tuple) and shape:
+        if all(isinstance(v, int) for v in shape) and all(v == 1 for v in shape[1:]):
+            module.shape = (scale.numel(), *shape[1:])
+
+
 @hookimpl
 def cleanai_leaf_modules(model):
     _scan_width_attention(model)
@@ -280,6 +312,8 @@ def cleanai_after_prune(module, name, edits):
     fix_headmajor_attention(module, name, edits)
     fix_bias_attention(module, name, edits)
     fix_rel_pos(module, name, edits)
+    fix_multi_query_attention(module, name, edits)
+    fix_scale_shape(module, name, edits)
 
 
 @hookimpl(trylast=True)
