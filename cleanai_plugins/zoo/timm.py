@@ -288,9 +288,32 @@ def fix_scale_shape(module: nn.Module, name: str, edits) -> None:
             module.shape = (scale.numel(), *shape[1:])
 
 
+_GROUP_SIZE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # EvoNorm-S -> channels per group
+
+
+def _scan_group_norms(model: nn.Module) -> None:
+    for module in model.modules():
+        groups, weight = getattr(module, "groups", None), getattr(module, "weight", None)
+        if type(module).__name__.startswith("EvoNorm") and isinstance(groups, int) and groups > 0:
+            if isinstance(weight, nn.Parameter) and weight.numel() % groups == 0:
+                _GROUP_SIZE[module] = weight.numel() // groups
+
+
+def fix_group_count(module: nn.Module, name: str, edits) -> None:
+    """EvoNorm-S ``group_std(x, self.groups)``: whole groups removed -> fewer groups."""
+    size = _GROUP_SIZE.get(module)
+    keep = edits.get(("", f"{name}.weight" if name else "weight"))
+    if size is None or keep is None:
+        return
+    kept = int((keep // size).unique().numel())
+    if keep.numel() == kept * size:
+        module.groups = kept
+
+
 @hookimpl
 def cleanai_leaf_modules(model):
     _scan_width_attention(model)
+    _scan_group_norms(model)
     return None
 
 
@@ -314,6 +337,7 @@ def cleanai_after_prune(module, name, edits):
     fix_rel_pos(module, name, edits)
     fix_multi_query_attention(module, name, edits)
     fix_scale_shape(module, name, edits)
+    fix_group_count(module, name, edits)
 
 
 @hookimpl(trylast=True)
