@@ -310,6 +310,25 @@ def fix_group_count(module: nn.Module, name: str, edits) -> None:
         module.groups = kept
 
 
+def fix_bottleneck_attention(module: nn.Module, name: str, edits) -> None:
+    """BoTNet ``BottleneckAttn``: ``split(qkv(x), [dim_out_qk, dim_out_qk, dim_out_v])`` then
+    per-head reshapes with ``dim_head_qk`` / ``dim_head_v``."""
+    names = ("num_heads", "dim_head_qk", "dim_head_v", "dim_out_qk", "dim_out_v")
+    if not all(isinstance(getattr(module, a, None), int) for a in names):
+        return
+    heads, dqk, dv, oqk, ov = (getattr(module, a) for a in names)
+    keep = edits.get((f"{name}.qkv" if name else "qkv", "out"))
+    if keep is None or oqk != ov or dqk != dv:
+        return
+    q_keep = keep[keep < oqk]
+    kept = int((q_keep // dqk).unique().numel())
+    if q_keep.numel() == kept * dqk:
+        module.num_heads = kept
+    else:
+        module.dim_head_qk = module.dim_head_v = q_keep.numel() // heads
+    module.dim_out_qk = module.dim_out_v = module.num_heads * module.dim_head_qk
+
+
 @hookimpl
 def cleanai_leaf_modules(model):
     _scan_width_attention(model)
@@ -338,6 +357,7 @@ def cleanai_after_prune(module, name, edits):
     fix_multi_query_attention(module, name, edits)
     fix_scale_shape(module, name, edits)
     fix_group_count(module, name, edits)
+    fix_bottleneck_attention(module, name, edits)
 
 
 @hookimpl(trylast=True)
