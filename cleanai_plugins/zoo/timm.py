@@ -250,17 +250,19 @@ def fix_rel_pos(module: nn.Module, name: str, edits) -> None:
 
 class StdConvPruner(ConvPruner):
     """Weight-standardised convolutions (timm ``StdConv2d``, ``ScaledStdConv2d``, NFNets,
-    BiT): each filter is standardised over its fan-in, so removing input channels changes
-    the statistics of the kept weights and no slicing matches the original. Input channels
-    are frozen (depthwise ones excepted: there a channel is a whole filter); output
-    channels shrink with the per-filter ``gain``."""
+    BiT): each filter is standardised over its fan-in, so removing input channels
+    re-standardises the kept weights, like a LayerNorm over fewer channels: no slicing
+    matches the original exactly. The input slice is marked ``normalizes`` (as LayerNorm
+    and GroupNorm slices are: prunable, approximate, left out of the exact oracle;
+    depthwise convolutions excepted, there a channel is a whole filter). Output channels
+    shrink with the per-filter ``gain``."""
 
     name = "stdconv"
 
     def trace(self, module, call, ctx):
         super().trace(module, call, ctx)
         if not (module.groups > 1 and module.groups == module.in_channels):
-            ctx.freeze(ctx.slices[(call.name, "in")].atoms, f"{call.name}: weight standardisation over input channels")
+            ctx.slices[(call.name, "in")].normalizes = True
 
     def prune(self, module, keep):
         super().prune(module, keep)
