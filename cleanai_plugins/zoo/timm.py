@@ -62,7 +62,8 @@ def fix_attention(module: nn.Module, name: str, edits) -> None:
 
 # Attention blocks that reshape their projections with ``C // self.num_heads``, ``C``
 # being the width of their *input* (CaiT, CoaT, ConViT, CrossViT, DaViT, NesT, Twins,
-# VOLO, XCiT, Swin-V2-CR...) or reshape their output to ``(B, N, C)`` (GCViT): the
+# VOLO, XCiT, Swin-V2-CR...) or reshape their output to ``(B, N, C)`` (GCViT, timm's latent
+# attention pooling: ``(B, latent_len, C)``): the
 # projection width must stay equal to the input width, so each such projection's input
 # channels are coupled with each (q, k, v) part of its output channels. Recognised by an
 # int ``num_heads`` and either no int ``head_dim`` or such a reshape in ``forward``.
@@ -84,7 +85,7 @@ class TiedLinearPruner(LinearPruner):
         ctx.union(parts, ctx.slices[(call.name, "in")].atoms)
 
 
-_WIDTH_RE = re.compile(r"reshape\(\s*B_?,\s*N,\s*C\s*\)|C // self\.num_heads")
+_WIDTH_RE = re.compile(r"reshape\(\s*B_?,\s*(N|self\.latent_len),\s*C\s*\)|C // self\.num_heads")
 
 
 @functools.cache
