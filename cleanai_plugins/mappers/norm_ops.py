@@ -36,9 +36,15 @@ def layer_norm(call, ctx):
 
 
 @table.register(
-    "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
-    "batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm", "miopen_batch_norm",
-    "_native_batch_norm_legit_functional", "instance_norm",
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training",
+    "batch_norm",
+    "_batch_norm_impl_index",
+    "cudnn_batch_norm",
+    "miopen_batch_norm",
+    "_native_batch_norm_legit_functional",
+    "instance_norm",
 )
 def batch_norm(call, ctx):
     x = call.args[0]
@@ -83,8 +89,26 @@ def _reduce_channels(call, ctx, lab, name) -> None:
 
 
 @table.register(
-    "sum", "mean", "amax", "amin", "var", "std", "var_mean", "std_mean", "logsumexp", "norm",
-    "linalg_vector_norm", "max", "min", "argmax", "argmin", "prod", "nansum", "nanmean", "any", "all",
+    "sum",
+    "mean",
+    "amax",
+    "amin",
+    "var",
+    "std",
+    "var_mean",
+    "std_mean",
+    "logsumexp",
+    "norm",
+    "linalg_vector_norm",
+    "max",
+    "min",
+    "argmax",
+    "argmin",
+    "prod",
+    "nansum",
+    "nanmean",
+    "any",
+    "all",
     "count_nonzero",
 )
 def reduce(call, ctx):

@@ -21,16 +21,50 @@ def _prod(xs) -> int:
 
 
 # along the channel dimension these are not the same over masked (zeroed) and kept channels
-_ACROSS = {"cumprod", "logcumsumexp", "_softmax", "softmax", "_log_softmax", "log_softmax", "_safe_softmax",
-           "special_softmax"}
+_ACROSS = {
+    "cumprod",
+    "logcumsumexp",
+    "_softmax",
+    "softmax",
+    "_log_softmax",
+    "log_softmax",
+    "_safe_softmax",
+    "special_softmax",
+}
 
 
 @table.register(
-    "clone", "alias", "detach", "_to_copy", "lift_fresh", "lift_fresh_copy", "contiguous", "_conj",
-    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "resolve_conj",
-    "resolve_neg", "to", "_reshape_alias", "native_dropout", "dropout", "feature_dropout", "alpha_dropout",
-    "cumsum", "cumprod", "logcumsumexp", "_softmax", "softmax", "_log_softmax", "log_softmax",
-    "_safe_softmax", "special_softmax",
+    "clone",
+    "alias",
+    "detach",
+    "_to_copy",
+    "lift_fresh",
+    "lift_fresh_copy",
+    "contiguous",
+    "_conj",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "rand_like",
+    "randn_like",
+    "resolve_conj",
+    "resolve_neg",
+    "to",
+    "_reshape_alias",
+    "native_dropout",
+    "dropout",
+    "feature_dropout",
+    "alpha_dropout",
+    "cumsum",
+    "cumprod",
+    "logcumsumexp",
+    "_softmax",
+    "softmax",
+    "_log_softmax",
+    "log_softmax",
+    "_safe_softmax",
+    "special_softmax",
 )
 def identity(call, ctx):
     """Output ``i`` has the label of the first tensor argument."""
