@@ -107,8 +107,8 @@ def bench(key: str, repeats: int, calib_batches: int, batch: int) -> dict:
     # memory of the statistics as batches grow
     mem = []
     for n in (1, 10, 50):
-        small = [torch.randn(2, 3, 64, 64)] * n if size > 64 else [torch.randn(2, 3, size, size)] * n
-        p = StructuredPruner(model, torch.randn(1, 3, 64, 64) if size > 64 else x1, pruning_ratio=0.5)
+        small = [torch.randn(1, 3, size, size)] * n
+        p = StructuredPruner(model, x1, pruning_ratio=0.5)
         p.collect_activations(small, progress=False)
         mem.append(stats_bytes(p))
     row["stats_bytes"] = mem
