@@ -57,14 +57,7 @@ _ACROSS = {
     "feature_dropout",
     "alpha_dropout",
     "cumsum",
-    "cumprod",
-    "logcumsumexp",
-    "_softmax",
-    "softmax",
-    "_log_softmax",
-    "log_softmax",
-    "_safe_softmax",
-    "special_softmax",
+    *sorted(_ACROSS),
 )
 def identity(call, ctx):
     """Output ``i`` has the label of the first tensor argument."""
