@@ -36,6 +36,17 @@ def _pct(after: Any, before: Any) -> str:
     return f" ({100.0 * (after - before) / before:+.1f}%)"
 
 
+# (report key, how it reads in the notes line under the headline table)
+_NOTES = (
+    ("model", "Model `{}`"),
+    ("pruning_ratio", "pruning ratio {}"),
+    ("target_flops", "target FLOPs {}"),
+    ("importance", "importance `{}`"),
+    ("calibration_samples", "{} calibration samples"),
+    ("evaluation_samples", "{} held-out evaluation samples"),
+)
+
+
 def _headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows = [
         (
@@ -72,19 +83,11 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
     lines += ["| | before | after | change |", "|---|---:|---:|---:|"]
     lines += [f"| {n} | {b} | {a} | {c} |" for n, b, a, c in _headline_rows(report)]
     lines.append("")
-    notes = []
-    if report.get("model"):
-        notes.append(f"Model `{report['model']}`")
-    if report.get("pruning_ratio") is not None:
-        notes.append(f"pruning ratio {report['pruning_ratio']}")
-    if report.get("target_flops") is not None:
-        notes.append(f"target FLOPs {report['target_flops']}")
-    if report.get("importance"):
-        notes.append(f"importance `{report['importance']}`")
-    if report.get("calibration_samples") is not None:
-        notes.append(f"{report['calibration_samples']} calibration samples")
-    if report.get("evaluation_samples") is not None:
-        notes.append(f"{report['evaluation_samples']} held-out evaluation samples")
+    notes = [
+        template.format(report[key])
+        for key, template in _NOTES
+        if report.get(key) is not None and (report.get(key) or key not in ("model", "importance"))
+    ]
     lat = report.get("latency")
     if lat:
         how = f"{lat['method']}, " if lat.get("method") else ""
