@@ -6,7 +6,9 @@ outputs are kept: model outputs are always frozen). The pruned model must run, k
 output shape and match the masking oracle (:func:`cleanai_core.testing.check_pruner`'s
 comparison, step by step so that the failing stage is known).
 
-Each model runs in its own subprocess with a time limit; results are appended to a
+Models run in long-lived worker subprocesses (``--jobs`` of them) with a time limit per
+model; a model that crashes its worker or runs too long is recorded and the worker is
+replaced (``--fresh-process`` starts one process per model instead). Results are appended to a
 JSON-lines cache so a sweep can be resumed or extended, and ``docs/compatibility.md``
 is rendered from the cache.
 
@@ -32,9 +34,11 @@ import argparse
 import fnmatch
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -304,6 +308,76 @@ def load_cache(path: Path) -> dict[str, dict]:
     return out
 
 
+class Worker:
+    """A long-lived worker process that checks models one after another.
+
+    Importing torch and timm costs about 6 s, as long as checking a typical model, so a
+    worker is reused until a model crashes it or runs past ``--timeout`` (then the
+    worker is killed, the model recorded, and a fresh worker started for the next one).
+    """
+
+    def __init__(self, args):
+        self.args = args
+        self.proc = None
+
+    def _start(self):
+        cmd = [sys.executable, __file__, "--worker", "-", "--ratio", str(self.args.ratio)]
+        cmd += ["--max-params", str(self.args.max_params), "--batch", str(self.args.batch)]
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        )
+        self.errors: list[str] = []
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True).start()
+        threading.Thread(target=self._pump_err, args=(self.proc.stderr, self.errors), daemon=True).start()
+        try:  # the per-model clock starts once the imports are done
+            self.lines.get(timeout=300)
+        except queue.Empty:
+            pass
+
+    @staticmethod
+    def _pump(stream, q):
+        for line in stream:
+            q.put(line)
+        q.put(None)
+
+    @staticmethod
+    def _pump_err(stream, sink):
+        for line in stream:
+            sink.append(line)
+            del sink[:-20]
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def check(self, spec: str) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        t0 = time.time()
+        self.proc.stdin.write(spec + "\n")
+        self.proc.stdin.flush()
+        deadline = t0 + self.args.timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.time(), 0.01))
+            except queue.Empty:
+                self.stop()
+                return {"model": spec, "status": "skipped-too-slow", "error": f"over {self.args.timeout}s"}
+            if line is None:  # the worker died on this model
+                self.proc.wait()
+                tail = [ln.strip() for ln in self.errors if ln.strip()][-1:] or [f"exit code {self.proc.returncode}"]
+                self.proc = None
+                return {"model": spec, "status": "skipped-unsupported", "error": "worker crashed: " + tail[0][:300]}
+            if line.startswith("{"):
+                rec = json.loads(line)
+                rec["wall_s"] = round(time.time() - t0, 1)
+                return rec
+
+
 def run_subprocess(spec: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", spec, "--ratio", str(args.ratio), "--max-params", str(args.max_params)]
     cmd += ["--batch", str(args.batch)]
@@ -426,10 +500,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=Path, default=DEFAULT_DOC)
     p.add_argument("--rerun", default=None, help="rerun cached models with these statuses (comma separated, or 'all')")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--fresh-process", action="store_true", help="one new process per model (slower, fully isolated)")
     p.add_argument("--note", default="", help="text placed above the summary (which models were run)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.worker == "-":  # a long-lived worker: one model name per line on stdin
+        import gc
+
+        import timm  # noqa: F401  (imported before the clock of the first model starts)
+
+        import cleanai_core.testing  # noqa: F401
+
+        print("ready", flush=True)
+        for line in sys.stdin:
+            rec = check_one(line.strip(), args.ratio, batch=args.batch, max_params=args.max_params)
+            print(json.dumps(rec), flush=True)
+            gc.collect()
+        return 0
     if args.worker:
         rec = check_one(args.worker, args.ratio, batch=args.batch, max_params=args.max_params)
         print(json.dumps(rec))
@@ -453,12 +541,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None:
             todo = todo[: args.limit]
         print(f"{len(todo)} models to run ({len(models)} selected, {len(cache)} cached)", flush=True)
+        sizes = json.loads(SIZES_CACHE.read_text()) if SIZES_CACHE.exists() else {}
+        workers: queue.Queue = queue.Queue()
+        for _ in range(args.jobs):
+            workers.put(Worker(args))
+
+        def run(spec: str) -> dict:
+            n = sizes.get(spec.split(":", 1)[1], 0) if spec.startswith("timm:") else 0
+            if n > args.max_params:  # known from the cached counts: no need to start a worker
+                msg = f"{n / 1e6:.0f}M parameters > {args.max_params / 1e6:.0f}M"
+                return {"model": spec, "status": "skipped-too-big", "error": msg, "params_before": n}
+            if args.fresh_process:
+                return run_subprocess(spec, args)
+            w = workers.get()
+            try:
+                return w.check(spec)
+            finally:
+                workers.put(w)
+
         with ThreadPoolExecutor(args.jobs) as pool, open(args.cache, "a") as fh:
-            for i, rec in enumerate(pool.map(lambda m: run_subprocess(m, args), todo)):
+            for i, rec in enumerate(pool.map(run, todo)):
                 cache[rec["model"]] = rec
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
                 print(f"[{i + 1}/{len(todo)}] {rec['model']}: {rec['status']} {rec.get('error', '')[:200]}", flush=True)
+        while not workers.empty():
+            workers.get().stop()
     render(cache, args.doc, args.note)
     return 0
 
