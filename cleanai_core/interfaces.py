@@ -62,6 +62,12 @@ class LayerPruner:
         Return ``True`` when done."""
         return False
 
+    def can_reconstruct(self, module: nn.Module, slice_name: str) -> bool:
+        """Whether :meth:`reconstruct` can fold removed channels of this slice; calibration
+        collects the (costly) channel covariance only where it can. By default: whether
+        the class overrides :meth:`reconstruct`."""
+        return slice_name == "in" and type(self).reconstruct is not LayerPruner.reconstruct
+
     def reconstruct(
         self,
         module: nn.Module,

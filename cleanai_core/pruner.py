@@ -88,7 +88,11 @@ class StructuredPruner:
         calibration and fold removed channels into the kept ones by least squares
         (``x_removed ~ shift + coef @ x_kept``); needs ``bias_compensation``. Memory is
         C^2 float64 per consumer, at most 1 GiB in all (narrowest consumers first; the
-        others, and layers above 4096 channels, fall back to mean compensation).
+        others, and layers above 4096 channels, fall back to mean compensation). Only
+        layers that can fold (ungrouped convs, linears) collect it.
+    :param covariance_rows: positions per calibration batch, drawn at random, that feed
+        each covariance (its cost per batch is rows x C^2); ``0`` uses every position.
+        Means and variances always use every position.
     :param recalibrate_bn: recompute BatchNorm statistics on the calibration data.
     :param inplace: slice ``model`` itself (rolled back if anything fails).
     """
@@ -109,6 +113,7 @@ class StructuredPruner:
         iterative_steps: int = 1,
         bias_compensation: bool = True,
         reconstruction: bool = True,
+        covariance_rows: int = 256,
         recalibrate_bn: bool = True,
         inplace: bool = False,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
@@ -152,6 +157,9 @@ class StructuredPruner:
         self.iterative_steps = iterative_steps
         self.bias_compensation = bias_compensation
         self.reconstruction = reconstruction and bias_compensation
+        if covariance_rows < 0:
+            raise UserError(f"covariance_rows={covariance_rows} must be 0 (every position) or positive")
+        self.covariance_rows = covariance_rows
         self.recalibrate_bn = recalibrate_bn
         self.inplace = inplace
         self.forward_fn = forward_fn
@@ -208,7 +216,9 @@ class StructuredPruner:
         from tqdm.auto import tqdm
 
         device = _device_of(self.model)
-        collector = StatsCollector(self.model, self.graph.slices, covariance=self.reconstruction)
+        collector = StatsCollector(
+            self.model, self.graph.slices, covariance=self.reconstruction, covariance_rows=self.covariance_rows
+        )
         was_training = self.model.training
         self.model.eval()
         try:
@@ -484,7 +494,9 @@ class StructuredPruner:
         if self._calibration is None:
             return {}
         loader, n = self._calibration
-        collector = StatsCollector(model, graph.slices, covariance=self.reconstruction)
+        collector = StatsCollector(
+            model, graph.slices, covariance=self.reconstruction, covariance_rows=self.covariance_rows
+        )
         model.eval()
         with collector.hooks(), torch.no_grad():
             for batch in iterate(loader, n):

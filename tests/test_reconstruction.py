@@ -85,3 +85,50 @@ def test_covariance_budget_prefers_narrow_consumers():
         model(torch.randn(5, 3))
     assert collector.stats[("2", "in")].cov.shape == (8, 8)
     assert collector.stats[("4", "in")].cov is None
+
+
+def test_covariance_only_where_the_layer_can_fold_it():
+    """A depthwise conv's input channel feeds only its own output: no covariance there."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 4, 1)
+    ).eval()
+    graph = DependencyGraph(model, torch.randn(1, 3, 6, 6))
+    collector = StatsCollector(model, graph.slices, covariance=True)
+    assert collector.with_covariance == {("0", "in"), ("4", "in")}
+    with collector.hooks():
+        model(torch.randn(2, 3, 6, 6))
+    assert collector.stats[("2", "in")].cov is None
+    assert collector.stats[("2", "in")].count == 2 * 36
+    assert collector.stats[("4", "in")].cov.shape == (8, 8)
+
+
+def test_subsampled_covariance_is_bounded_and_close():
+    """With ``covariance_rows`` the co-moment sees that many random positions per batch
+    (its own count), the means and variances still see every position."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    chunks = [(torch.randn(4000, 6, generator=g, dtype=torch.float64) @ mix + 2.0) for _ in range(5)]
+    st = ChannelStats(covariance=True, covariance_rows=500)
+    for c in chunks:
+        st.update(c, 1)
+    full = torch.cat(chunks)
+    assert st.count == 20000 and st.cov_count == 2500
+    torch.testing.assert_close(st.mean, full.mean(0), rtol=1e-12, atol=1e-12)
+    expected = torch.cov(full.T, correction=0)
+    rel = float((st.cov - expected).abs().max() / expected.abs().max())
+    assert 0 < rel < 0.15, rel  # an estimate from 2500 of 20000 rows, not the exact value
+
+
+def test_float32_moments_keep_the_second_moment_exact():
+    """Reductions run in the activation's precision; E[x^2] stays within float32 rounding
+    even for channels with a large mean (where the variance alone loses digits)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 5, 30, 30, generator=g) * torch.tensor([0.01, 1, 3, 10, 0.1]).view(1, 5, 1, 1) + 50
+    st = ChannelStats()
+    st.update(x, 1)
+    ref = x.double().movedim(1, -1).reshape(-1, 5)
+    torch.testing.assert_close(st.second_moment, (ref**2).mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(st.mean, ref.mean(0), rtol=1e-6, atol=0)
+    # the variance of channels with std >= 0.1 x mean / 500 is good to a few percent
+    torch.testing.assert_close(st.var[1:4], ref.var(0, unbiased=False)[1:4], rtol=0.05, atol=0)
+    assert bool((st.var >= 0).all())

@@ -88,8 +88,12 @@ class ConvPruner(LayerPruner):
         module.bias.data += contrib
         return True
 
+    def can_reconstruct(self, module, slice_name):
+        # a grouped/depthwise input channel only feeds its own group: nothing to fold into
+        return slice_name == "in" and not module.transposed and module.groups == 1
+
     def reconstruct(self, module, slice_name, removed, kept, coef, shift):
-        if slice_name != "in" or module.transposed or module.groups != 1:
+        if not self.can_reconstruct(module, slice_name):
             return False
         w = module.weight.detach()
         w_removed = w[:, removed]  # (out, removed, *k)
