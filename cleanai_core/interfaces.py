@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 if TYPE_CHECKING:
     from cleanai_core.graph.context import TraceContext
     from cleanai_core.graph.groups import Group
     from cleanai_core.graph.trace import ModuleCall, OpCall
 
-__all__ = ["Importance", "IndexMapper", "LayerPruner", "Reducer", "slice_tensor"]
+__all__ = ["Importance", "IndexMapper", "LayerPruner", "Reducer", "slice_tensor", "squared_weight"]
 
 
 class LayerPruner:
@@ -114,6 +115,30 @@ class Reducer(Protocol):
     """Folds per-slice scores ``(n_slices, n_units)`` into ``(n_units,)``."""
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor: ...
+
+
+_SQUARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def squared_weight(weight: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energies of a weight ``(dim0, dim1, *k)``: ``weight**2`` summed per index of dim 0,
+    and per index of dim 1 where dim 1 is ``groups`` blocks (grouped convs: one block per
+    group of dim 0), so ``(dim0,)`` and ``(groups * dim1,)``, float32.
+
+    Scoring asks for a layer's input and output energies separately; both come from one
+    pass over the weight, cached until the weight changes (only the two vectors are kept)."""
+    hit = _SQUARED.get(weight)
+    if hit is not None and hit[0] == (weight._version, groups):
+        return hit[1]
+    w = weight.detach().float()
+    if w.ndim > 2:
+        per = torch.linalg.vector_norm(w.reshape(w.shape[0], w.shape[1], -1), dim=2).square()
+    else:
+        per = w.reshape(w.shape[0], -1).square()
+    rows = per.sum(1)
+    cols = per.reshape(groups, -1, per.shape[1]).sum(1).reshape(-1)
+    _SQUARED[weight] = ((weight._version, groups), (rows, cols))
+    return rows, cols
 
 
 def slice_tensor(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:

@@ -60,9 +60,10 @@ def resolve_modules(model: nn.Module, pm=None) -> dict[str, Node]:
     leaf_types = tuple(s for s in leaf_specs if isinstance(s, type))
     leaf_ids = {id(s) for s in leaf_specs if isinstance(s, nn.Module)}
     nodes: dict[str, Node] = {}
-    skip: list[str] = []
+    skip: set[str] = set()  # claimed or opaque modules and, transitively, their children
     for name, module in model.named_modules():
-        if any(name.startswith(p + ".") for p in skip):
+        if name and name.rpartition(".")[0] in skip:
+            skip.add(name)
             continue
         if module is model and name == "":
             pruner = pm.hook.cleanai_layer_pruner(module=module, name=name)
@@ -70,13 +71,13 @@ def resolve_modules(model: nn.Module, pm=None) -> dict[str, Node]:
                 continue
         elif (leaf_types and isinstance(module, leaf_types)) or id(module) in leaf_ids:
             nodes[name] = Node(name, module, OpaquePruner(), "leaf_modules")
-            skip.append(name)
+            skip.add(name)
             continue
         else:
             pruner = pm.hook.cleanai_layer_pruner(module=module, name=name)
         if pruner is not None:
             nodes[name] = Node(name, module, pruner, _plugin_name(pm, pruner))
-            skip.append(name)
+            skip.add(name)
     return nodes
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_core.interfaces import LayerPruner, replace_param
+from cleanai_core.interfaces import LayerPruner, replace_param, squared_weight
 
 __all__ = ["ConvPruner"]
 
@@ -67,16 +67,9 @@ class ConvPruner(LayerPruner):
             module.in_channels = k.numel()
 
     def weight_energy(self, module, slice_name):
-        w = module.weight.detach().float() ** 2
-        g = module.groups
-        per = w.sum(dim=list(range(2, w.ndim))) if w.ndim > 2 else w  # (out, in/g) or (in, out/g)
-        if module.transposed:
-            if slice_name == "in":
-                return per.sum(1)
-            return per.reshape(g, -1, per.shape[1]).sum(1).reshape(-1)
-        if slice_name == "out":
-            return per.sum(1)
-        return per.reshape(g, -1, per.shape[1]).sum(1).reshape(-1)
+        # weight: (out, in/g, *k), or (in, out/g, *k) when transposed
+        rows, cols = squared_weight(module.weight, module.groups)
+        return rows if (slice_name == "in") == module.transposed else cols
 
     def compensate(self, module, slice_name, removed, mean):
         if slice_name != "in" or module.transposed or module.groups != 1:

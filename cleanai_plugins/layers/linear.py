@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_core.interfaces import LayerPruner, replace_param
+from cleanai_core.interfaces import LayerPruner, replace_param, squared_weight
 
 __all__ = ["LinearPruner"]
 
@@ -33,8 +33,8 @@ class LinearPruner(LayerPruner):
             module.in_features = keep["in"].numel()
 
     def weight_energy(self, module, slice_name):
-        w = module.weight.detach().float() ** 2
-        return w.sum(1) if slice_name == "out" else w.sum(0)
+        rows, cols = squared_weight(module.weight)
+        return rows if slice_name == "out" else cols
 
     def compensate(self, module, slice_name, removed, mean):
         if slice_name != "in":
