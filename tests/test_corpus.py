@@ -41,6 +41,7 @@ FAST = [
     ("timm:convnext_atto", 64),
     ("timm:resnet18d", 64),
     ("timm:efficientnet_b0", 64),
+    ("timm:mixnet_s", 64),
     ("timm:mobilenetv3_small_050", 64),
     ("timm:regnetx_002", 64),
     ("timm:dla34", 64),

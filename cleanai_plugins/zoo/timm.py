@@ -181,6 +181,17 @@ def fix_split_widths(module: nn.Module, name: str, edits) -> None:
         n = _out_channels(getattr(module, "proj", None))  # TNT PixelEmbed: reshape(B * patches, in_dim, ...)
         if n is not None:
             module.in_dim = n
+    splits = getattr(module, "splits", None)
+    if isinstance(splits, list) and splits and all(isinstance(v, int) for v in splits):
+        convs = list(module.children())  # MixConv: split(x, self.splits) feeds one conv per part
+        ins = [getattr(c, "in_channels", None) for c in convs]
+        if len(convs) == len(splits) and all(isinstance(v, int) for v in ins):
+            module.splits = ins
+            if isinstance(getattr(module, "in_channels", None), int):
+                module.in_channels = sum(ins)
+            outs = [getattr(c, "out_channels", None) for c in convs]
+            if isinstance(getattr(module, "out_channels", None), int) and all(isinstance(v, int) for v in outs):
+                module.out_channels = sum(outs)
     exp = getattr(module, "expand_chs", None)
     if isinstance(exp, int):  # CSPNet stages: ``x.split(self.expand_chs // 2)``
         n = _out_channels(getattr(module, "conv_exp", None))
