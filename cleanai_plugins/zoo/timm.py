@@ -343,9 +343,51 @@ def fix_bottleneck_attention(module: nn.Module, name: str, edits) -> None:
     module.dim_out_qk = module.dim_out_v = module.num_heads * module.dim_head_qk
 
 
+_LAMBDA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # qkv conv -> (heads, dim_qk, dim_v)
+
+
+def _scan_lambda_layers(model: nn.Module) -> None:
+    for module in model.modules():
+        heads, dqk, dv = (getattr(module, a, None) for a in ("num_heads", "dim_qk", "dim_v"))
+        qkv = getattr(module, "qkv", None)
+        if not all(isinstance(v, int) for v in (heads, dqk, dv)) or not isinstance(qkv, nn.Conv2d):
+            continue
+        if qkv.groups == 1 and qkv.out_channels == heads * dqk + dqk + dv and qkv.in_channels == heads * dv:
+            _LAMBDA[qkv] = (heads, dqk, dv)
+
+
+class LambdaQKVPruner(ConvPruner):
+    """LambdaNetworks ``LambdaLayer``: ``split(qkv(x), [heads * dim_qk, dim_qk, dim_v])``, the
+    output ``(B, heads, M, dim_v)`` reshaped to ``(B, C, H, W)`` with ``C`` the *input*
+    width. Input channel ``h * dim_v + j`` is tied with value channel ``j``: removing a
+    value channel removes one input channel per head, so ``C == heads * dim_v`` holds."""
+
+    def trace(self, module, call, ctx):
+        super().trace(module, call, ctx)
+        heads, dqk, dv = _LAMBDA[module]
+        out = ctx.slices[(call.name, "out")].atoms
+        v = out[heads * dqk + dqk :]
+        ctx.union(ctx.slices[(call.name, "in")].atoms, v.repeat(heads))
+
+
+def fix_lambda_layer(module: nn.Module, name: str, edits) -> None:
+    """``LambdaLayer`` widths follow its norms: ``norm_q`` (heads * dim_qk), ``norm_v`` (dim_v)."""
+    qkv = getattr(module, "qkv", None)
+    if qkv not in _LAMBDA:
+        return
+    nq, nv = getattr(module, "norm_q", None), getattr(module, "norm_v", None)
+    if not isinstance(nq, nn.BatchNorm2d) or not isinstance(nv, nn.BatchNorm2d):
+        return
+    module.dim_v = nv.num_features
+    module.dim_qk = qkv.out_channels - nq.num_features - module.dim_v
+    if module.dim_qk > 0 and nq.num_features % module.dim_qk == 0:
+        module.num_heads = nq.num_features // module.dim_qk
+
+
 @hookimpl
 def cleanai_leaf_modules(model):
     _scan_width_attention(model)
+    _scan_lambda_layers(model)
     _scan_group_norms(model)
     return None
 
@@ -354,6 +396,8 @@ def cleanai_leaf_modules(model):
 def cleanai_layer_pruner(module, name):
     if isinstance(module, nn.modules.conv._ConvNd) and "StdConv" in type(module).__name__:
         return StdConvPruner()
+    if module in _LAMBDA:
+        return LambdaQKVPruner()
     info = _TIED.get(module)
     if info is not None and isinstance(module, nn.Linear):
         return TiedLinearPruner(info[0])
@@ -372,6 +416,7 @@ def cleanai_after_prune(module, name, edits):
     fix_scale_shape(module, name, edits)
     fix_group_count(module, name, edits)
     fix_bottleneck_attention(module, name, edits)
+    fix_lambda_layer(module, name, edits)
 
 
 @hookimpl(trylast=True)
