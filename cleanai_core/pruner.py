@@ -155,6 +155,7 @@ class StructuredPruner:
         self.min_channels = min_channels
         self.target_flops = target_flops
         self.iterative_steps = iterative_steps
+        self._step = (0, 1)  # (step, steps) while prune() runs iteratively
         self.bias_compensation = bias_compensation
         self.reconstruction = reconstruction and bias_compensation
         if covariance_rows < 0:
@@ -284,11 +285,14 @@ class StructuredPruner:
         return out
 
     def _group_ratios(self, graph: DependencyGraph) -> dict[int, float]:
+        """Per-layer ratios by group; with iterative pruning, the share of this step, so
+        that the steps together remove the requested ratio (not the ratio per step)."""
+        step, steps = self._step
         ratios = {}
         for g in graph.groups(prunable_only=True):
             for s in g.slices:
                 if s.kind != "in" and s.module in self.layer_ratios:
-                    ratios[g.id] = self.layer_ratios[s.module]
+                    ratios[g.id] = _step_ratio(self.layer_ratios[s.module], step, steps)
                     break
         return ratios
 
@@ -448,6 +452,7 @@ class StructuredPruner:
         steps = self.iterative_steps
         base_flops = None
         for step in range(steps):
+            self._step = (step, steps)
             if step == 0 and steps == 1:
                 plan = self.plan()
             else:
@@ -463,9 +468,7 @@ class StructuredPruner:
                     share = count_flops(current, self.example_inputs, self.forward_fn) / base_flops
                     r = self._solve_flops(graph, current, stats, self.target_flops ** ((step + 1) / steps) / share)
                 else:
-                    keep_share = (1 - self.pruning_ratio) ** ((step + 1) / steps)
-                    prev = (1 - self.pruning_ratio) ** (step / steps)
-                    r = 1 - keep_share / prev
+                    r = _step_ratio(self.pruning_ratio, step, steps)
                 plan = self._make_plan(graph, current, stats, r)
                 if step == 0:
                     self._plan = plan
@@ -481,6 +484,7 @@ class StructuredPruner:
             current = pruned_model
             if step < steps - 1 and self.recalibrate_bn and self._calibration is not None:
                 self._recalibrate(current)  # the next step's statistics come from a consistent model
+        self._step = (0, 1)
         if self.recalibrate_bn and self._calibration is not None:
             self._recalibrate(current)
         current.train(self.model.training)
@@ -591,6 +595,14 @@ def _regress(
     coef = torch.linalg.solve(c_kk + lam * eye, c_kr).T
     shift = mean[removed] - coef @ mean[kept]
     return coef, shift
+
+
+def _step_ratio(ratio: float, step: int, steps: int) -> float:
+    """The ratio to remove at ``step`` of ``steps`` so that the steps together remove
+    ``ratio`` (each keeps the same share: ``(1 - ratio) ** (1 / steps)``)."""
+    keep_before = (1 - ratio) ** (step / steps)
+    keep_after = (1 - ratio) ** ((step + 1) / steps)
+    return 1 - keep_after / keep_before
 
 
 def _check_ratio(name: str, r: Any) -> None:

@@ -146,6 +146,17 @@ def test_iterative_steps():
     assert len(p.history) == 2
 
 
+def test_iterative_steps_do_not_compound_layer_ratios():
+    """Regression: each step applied the full per-layer ratio, so two steps of
+    ``conv3: 0.5`` kept a quarter of conv3 instead of half."""
+    one = widths(pruner(pruning_ratio=0.25, layer_pruning_ratios={"conv3": 0.5}).prune())
+    two = widths(pruner(pruning_ratio=0.25, layer_pruning_ratios={"conv3": 0.5}, iterative_steps=2).prune())
+    assert one["conv3"] == 16
+    # 1 - sqrt(0.5) = 29.3% per step, whole channels rounded down: 32 -> 23 -> 17 (not 8)
+    assert two["conv3"] == 17, two
+    assert abs(two["conv1"] - one["conv1"]) <= 1 and abs(two["fc1"] - one["fc1"]) <= 1, (one, two)
+
+
 def test_iterative_steps_with_target_flops():
     """Regression: with target_flops, iterative pruning used pruning_ratio / steps and missed the target."""
     p = pruner(target_flops=0.5, iterative_steps=2)

@@ -138,8 +138,14 @@ class _SDPA:
                 ctx.union(lq.atoms, lk.atoms)
         if head is not None:
             for ref in (q, k, v):
-                if ctx.label_of(ref) is None and ref.shape[head.dim] > 1:
+                lab = ctx.label_of(ref)
+                if lab is None and ref.shape[head.dim] > 1:
                     ctx.freeze(head.atoms, f"{ctx.where()}: heads meet a tensor that cannot shrink")
+                elif lab is not None and lab.dim != head.dim and ref.shape[head.dim] > 1:
+                    # e.g. v split keeping its head dim while q, k keep heads: ask for whole heads
+                    if lab.origin is not None:
+                        ctx.request_split(lab.origin, lab.origin[1] - 1)
+                    ctx.freeze(head.atoms, f"{ctx.where()}: heads of q, k, v do not line up")
             if mask is not None:  # an additive bias / mask per head (relative position bias) shrinks with the heads
                 ml, md = ctx.label_of(mask), head.dim - (nd - mask.ndim)
                 if ml is not None and ml.dim == md and ml.atoms.numel() == head.atoms.numel():
