@@ -11,6 +11,7 @@ are removed on exit, also on error or Ctrl-C; the model's train/eval mode is res
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -234,8 +235,13 @@ class StatsCollector:
                 key, ChannelStats(covariance=key in self.with_covariance, covariance_rows=self.covariance_rows)
             )
 
-            def pre(m, args, kwargs, stats=stats, argpos=argpos, dim=dim):
-                x = args[argpos] if isinstance(argpos, int) and argpos < len(args) else kwargs.get(argpos)
+            keyword = _parameter_name(module, argpos)
+
+            def pre(m, args, kwargs, stats=stats, argpos=argpos, dim=dim, keyword=keyword):
+                if isinstance(argpos, int) and argpos < len(args):
+                    x = args[argpos]
+                else:  # passed by keyword, e.g. mha(q, key=k, value=v)
+                    x = kwargs.get(keyword)
                 if isinstance(x, torch.Tensor) and x.ndim > 0:
                     stats.update(x, dim % x.ndim)
 
@@ -245,6 +251,19 @@ class StatsCollector:
         finally:
             for h in handles:
                 h.remove()
+
+
+def _parameter_name(module: nn.Module, arg: int | str) -> str | None:
+    """The keyword of ``module.forward``'s positional parameter ``arg`` (or ``arg`` itself)."""
+    if not isinstance(arg, int):
+        return arg
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if arg < len(params) and params[arg].kind in (params[arg].POSITIONAL_ONLY, params[arg].POSITIONAL_OR_KEYWORD):
+        return params[arg].name
+    return None
 
 
 def iterate(loader: Iterable[Any], num_batches: int | None) -> Iterator[Any]:

@@ -208,3 +208,28 @@ def test_empty_loader_is_a_clear_user_error():
     assert _n_hooks(net) == 0
     with pytest.raises(UserError, match="num_batches"):
         pruner.collect_activations([torch.randn(1, 3, 6, 6)], num_batches=0, progress=False)
+
+
+def test_consumer_inputs_passed_by_keyword_are_collected():
+    """Regression: a consumer called with its input as a keyword (``mha(query=q, ...)``,
+    ``fc(input=x)``) got no statistics: the hook read the input only by position."""
+
+    class KW(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 16)
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.o = nn.Linear(16, 3)
+
+        def forward(self, x):
+            q = self.a(input=x)
+            return self.o(input=self.mha(query=q, key=q, value=q)[0])
+
+    torch.manual_seed(0)
+    model = KW().eval()
+    pruner = StructuredPruner(model, torch.randn(2, 5, 8), pruning_ratio=0.5)
+    data = [torch.randn(4, 5, 8) for _ in range(2)]
+    pruner.collect_activations(data, progress=False)
+    assert {k: v.count for k, v in pruner.stats.items()} == {("a", "in"): 40, ("mha", "embed"): 40, ("o", "in"): 40}
+    x = torch.cat(data).reshape(-1, 8).double()
+    torch.testing.assert_close(pruner.stats[("a", "in")].mean, x.mean(0), rtol=1e-5, atol=1e-6)
