@@ -67,7 +67,7 @@ def fix_attention(module: nn.Module, name: str, edits) -> None:
 # projection width must stay equal to the input width, so each such projection's input
 # channels are coupled with each (q, k, v) part of its output channels. Recognised by an
 # int ``num_heads`` and either no int ``head_dim`` or such a reshape in ``forward``.
-_PROJ_CHILDREN = ("qkv", "q", "k", "v", "qk", "kv", "wq", "wk", "wv")
+_PROJ_CHILDREN = ("qkv", "q", "k", "v", "qk", "kv", "wq", "wk", "wv", "q_proj", "k_proj", "v_proj")
 _TIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (stacks, width)
 _WIDTH_ATTN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention -> {child: (stacks, width)}
 
