@@ -228,7 +228,8 @@ def run_main(args: list[str], cwd: Path, capsys) -> tuple[int, str]:
         (["--ratio", "0.5", "--target-flops", "0.5"], "not both"),
         (["--alpha", "1", "--importance", "magnitude"], "--alpha/--beta"),
         (["--layer-ratio", "0"], "PATTERN=R"),
-        (["--batch-size", "0"], "--batch-size"),
+        (["--batch-size", "0"], "--batch-size=0 is out of range: it must be >= 1"),
+        (["--covariance-rows", "-3"], "--covariance-rows=-3 is out of range: it must be >= 0"),
     ],
 )
 def test_bad_options(small_inputs, capsys, extra, message):

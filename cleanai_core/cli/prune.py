@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "dry_run": False,
     "bias_compensation": True,
     "reconstruction": True,
+    "covariance_rows": 256,
     "bn_recalibration": True,
     "trust_model": False,
     "weights": None,
@@ -136,6 +137,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_false",
         default=S,
         help="fold removed channels by their mean only, not by least squares on the kept ones",
+    )
+    g.add_argument(
+        "--covariance-rows",
+        type=int,
+        metavar="N",
+        help="positions per calibration batch, drawn at random, that feed each layer's channel covariance for "
+        "reconstruction (default 256; 0 = every position, slower)",
     )
     g.add_argument(
         "--no-bn-recalibration",
@@ -246,8 +254,11 @@ def _check_number(
     bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
     bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
     if bad_lo or bad_hi:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}" if hi is not None else f"> {lo}"
-        raise UserError(f"{flag}={v} is out of range: it must be in {rng}.")
+        if hi is not None:
+            rng = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        else:
+            rng = f"{'>' if lo_open else '>='} {lo}"
+        raise UserError(f"{flag}={v} is out of range: it must be {rng}.")
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -287,6 +298,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         _check_number(cfg, key, float, 0.0, None, lo_open=False)
     for key in ("round_to", "calib_batches", "batch_size", "num_classes", "image_size", "latency_repeats", "threads"):
         _check_number(cfg, key, int, 1, None, lo_open=False)
+    _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)
     for pat, r in cfg["layer_ratio"].items():
         if not 0.0 < r < 1.0:
             raise UserError(f"--layer-ratio {pat}={r}: the ratio must be strictly between 0 and 1.")
@@ -533,6 +545,7 @@ def execute(
         target_flops=cfg.get("target_flops"),
         bias_compensation=bool(cfg.get("bias_compensation")),
         reconstruction=bool(cfg.get("reconstruction")),
+        covariance_rows=int(cfg.get("covariance_rows", 256) or 0),
         recalibrate_bn=bool(cfg.get("bn_recalibration")),
     )
     pruner.collect_activations(calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet)
