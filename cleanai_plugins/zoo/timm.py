@@ -54,10 +54,28 @@ def fix_attention(module: nn.Module, name: str, edits) -> None:
         break
     else:
         return
+    _fix_kv_heads(module, name, edits, getattr(module, dim_attr))
     width = getattr(module, heads_attr) * getattr(module, dim_attr)
     for attr in ("attn_dim", "all_head_dim", "inner_dim", "attn_dim_total", "dim_out"):
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, width)
+
+
+def _fix_kv_heads(module: nn.Module, name: str, edits, head_dim: int) -> None:
+    """Grouped-query attention (``num_kv_heads``, ``num_kv_groups``, ``kv_dim``): the key
+    heads follow the key projection's width."""
+    kv_heads = getattr(module, "num_kv_heads", None)
+    k = getattr(module, "k_proj", None)
+    if not isinstance(kv_heads, int) or not isinstance(k, nn.Linear) or head_dim <= 0:
+        return
+    if k.out_features % head_dim:
+        return
+    module.num_kv_heads = k.out_features // head_dim
+    if isinstance(getattr(module, "kv_dim", None), int):
+        module.kv_dim = k.out_features
+    heads = getattr(module, "num_heads", None)
+    if isinstance(getattr(module, "num_kv_groups", None), int) and isinstance(heads, int) and module.num_kv_heads:
+        module.num_kv_groups = heads // module.num_kv_heads
 
 
 # Attention blocks that reshape their projections with ``C // self.num_heads``, ``C``
