@@ -4,6 +4,7 @@ expand/repeat, select/slice/narrow, split/chunk/unbind, copies and ``*_like``.""
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -11,9 +12,20 @@ from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
 from cleanai_plugins.mappers._registry import MapperTable, arg
 
-__all__ = ["reshape_label"]
+__all__ = ["allow_unequal_split", "reshape_label"]
 
 table = MapperTable()
+
+# tensors a layer pruner vouches for: splitting their channels into unequal parts is fine,
+# because the module's fix-up rewrites the split sizes after slicing (ctx -> tensor keys)
+_FREE_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def allow_unequal_split(ctx, ref) -> None:
+    """``ref``'s channels may be split into parts of different sizes, each part shrinking
+    on its own (the caller ties parts that must stay equal)."""
+    if isinstance(ref, TRef):
+        _FREE_SPLITS.setdefault(ctx, set()).add(ref.key)
 
 
 def _prod(xs) -> int:
@@ -254,6 +266,12 @@ def split(call, ctx):
         return
     sizes = [o.shape[dim] for o in outs]
     if len(set(sizes)) != 1:
+        if src.key in _FREE_SPLITS.get(ctx, ()):
+            start = 0
+            for o, s in zip(outs, sizes, strict=True):
+                ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)
+                start += s
+            return
         ctx.freeze(lab.atoms, f"{ctx.where()} splits channels into unequal parts")
         return
     ctx.tie(lab.atoms, (len(sizes), sizes[0]), 1)

@@ -20,6 +20,7 @@ from cleanai_core import hookimpl
 from cleanai_core.interfaces import replace_param
 from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.layers.linear import LinearPruner
+from cleanai_plugins.mappers.shape import allow_unequal_split
 
 # child projection -> how many stacked (q, k, v) copies its output holds
 _QUERY_PROJECTIONS = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q", 1), ("qkv_proj", 3), ("qk", 2))
@@ -402,8 +403,57 @@ def fix_lambda_layer(module: nn.Module, name: str, edits) -> None:
         module.num_heads = nq.num_features // module.dim_qk
 
 
+_PARALLEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # in_proj -> (mlp width, dim)
+
+
+def _scan_parallel_blocks(model: nn.Module) -> None:
+    """Parallel blocks (``ParallelScalingBlock``): ``split(in_proj(x), [hidden, dim, dim, dim])``
+    into (mlp, q, k, v), the attention output reshaped to the input width ``C``."""
+    for module in model.modules():
+        split, proj = getattr(module, "in_split", None), getattr(module, "in_proj", None)
+        if not isinstance(split, list) or len(split) != 4 or not isinstance(proj, nn.Linear):
+            continue
+        hidden, d = split[0], split[1]
+        ints = all(isinstance(getattr(module, a, None), int) for a in ("num_heads", "head_dim"))
+        if ints and split[1:] == [d] * 3 and proj.in_features == d and proj.out_features == hidden + 3 * d:
+            _PARALLEL[proj] = (hidden, d)
+
+
+class ParallelInProjPruner(LinearPruner):
+    """The (q, k, v) parts of a parallel block's ``in_proj`` shrink with its input channels."""
+
+    def trace(self, module, call, ctx):
+        super().trace(module, call, ctx)
+        hidden, d = _PARALLEL[module]
+        out = ctx.slices[(call.name, "out")].atoms
+        ctx.union(ctx.tie(out[hidden:], (3, d), 1), ctx.slices[(call.name, "in")].atoms)
+        allow_unequal_split(ctx, call.outputs[0])  # fix_parallel_block rewrites ``in_split``
+
+
+def fix_parallel_block(module: nn.Module, name: str, edits) -> None:
+    proj = getattr(module, "in_proj", None)
+    info = _PARALLEL.get(proj) if isinstance(proj, nn.Linear) else None
+    if info is None:
+        return
+    hidden, d = info
+    heads, head_dim = module.num_heads, module.head_dim
+    keep = edits.get((f"{name}.in_proj" if name else "in_proj", "out"))
+    n = proj.in_features
+    module.in_split = [proj.out_features - 3 * n, n, n, n]
+    if keep is None or heads * head_dim == 0 or d % (heads * head_dim):
+        return
+    block = head_dim * (d // (heads * head_dim))  # one head's q width (DiffAttention: two half heads)
+    q_keep = keep[(keep >= hidden) & (keep < hidden + d)] - hidden
+    kept = int((q_keep // block).unique().numel())
+    if q_keep.numel() == kept * block:
+        module.num_heads = kept
+    else:
+        module.head_dim = q_keep.numel() * head_dim // (heads * block)
+
+
 @hookimpl
 def cleanai_leaf_modules(model):
+    _scan_parallel_blocks(model)
     _scan_width_attention(model)
     _scan_lambda_layers(model)
     _scan_group_norms(model)
@@ -414,6 +464,8 @@ def cleanai_leaf_modules(model):
 def cleanai_layer_pruner(module, name):
     if isinstance(module, nn.modules.conv._ConvNd) and "StdConv" in type(module).__name__:
         return StdConvPruner()
+    if module in _PARALLEL:
+        return ParallelInProjPruner()
     if module in _LAMBDA:
         return LambdaQKVPruner()
     info = _TIED.get(module)
@@ -435,6 +487,7 @@ def cleanai_after_prune(module, name, edits):
     fix_group_count(module, name, edits)
     fix_bottleneck_attention(module, name, edits)
     fix_lambda_layer(module, name, edits)
+    fix_parallel_block(module, name, edits)
 
 
 @hookimpl(trylast=True)
