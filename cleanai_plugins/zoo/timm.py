@@ -104,7 +104,7 @@ class TiedLinearPruner(LinearPruner):
         ctx.union(parts, ctx.slices[(call.name, "in")].atoms)
 
 
-_WIDTH_RE = re.compile(r"reshape\(\s*B_?,\s*(N|self\.latent_len),\s*C\s*\)|C // self\.num_heads")
+_WIDTH_RE = re.compile(r"reshape\(\s*B_?,\s*(N|self\.latent_len),\s*C\s*\)|C // self\.(num_heads|groups)")
 
 
 @functools.cache
@@ -117,9 +117,25 @@ def _reshapes_to_input_width(cls: type) -> bool:
         return False
 
 
+@functools.cache
+def _heads_named_groups(cls: type) -> bool:
+    """DaViT ``ChannelAttentionV2``: heads kept in ``groups`` (``C // self.groups``)."""
+    try:
+        return "C // self.groups" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _heads_attr(module: nn.Module) -> str:
+    if not isinstance(getattr(module, "num_heads", None), int) and isinstance(getattr(module, "groups", None), int):
+        if isinstance(module, nn.Module) and _heads_named_groups(type(module)):
+            return "groups"
+    return "num_heads"
+
+
 def _scan_width_attention(model: nn.Module) -> None:
     for module in model.modules():
-        heads = getattr(module, "num_heads", None)
+        heads = getattr(module, _heads_attr(module), None)
         if not isinstance(heads, int) or heads < 1:
             continue
         if isinstance(getattr(module, "head_dim", None), int) and not _reshapes_to_input_width(type(module)):
@@ -142,7 +158,8 @@ def fix_width_attention(module: nn.Module, name: str, edits) -> None:
     info = _WIDTH_ATTN.get(module)
     if not info:
         return
-    heads = module.num_heads
+    heads_attr = _heads_attr(module)
+    heads = getattr(module, heads_attr)
     for child, (_, width) in info.items():
         keep = edits.get((f"{name}.{child}" if name else child, "out"))
         if keep is None:
@@ -151,7 +168,9 @@ def fix_width_attention(module: nn.Module, name: str, edits) -> None:
         q_keep = keep[keep < width]
         kept_heads = int((q_keep // head_dim).unique().numel())
         if q_keep.numel() == kept_heads * head_dim:
-            module.num_heads = kept_heads
+            setattr(module, heads_attr, kept_heads)
+        if getattr(module, "head_dim", None) == head_dim:  # e.g. DaViT's scale without dynamic_scale
+            module.head_dim = q_keep.numel() // getattr(module, heads_attr)
         return
 
 
