@@ -89,6 +89,7 @@ def _fix_kv_heads(module: nn.Module, name: str, edits, head_dim: int) -> None:
 _PROJ_CHILDREN = ("qkv", "q", "k", "v", "qk", "kv", "wq", "wk", "wv", "q_proj", "k_proj", "v_proj")
 _TIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (stacks, width)
 _WIDTH_ATTN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention -> {child: (stacks, width)}
+_WIDTH_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention -> heads before pruning
 
 
 class TiedLinearPruner(LinearPruner):
@@ -150,6 +151,7 @@ def _scan_width_attention(model: nn.Module) -> None:
                 found[child] = (stacks, lin.in_features)
         if found:
             _WIDTH_ATTN[module] = found
+            _WIDTH_HEADS[module] = heads
             for child, info in found.items():
                 _TIED[getattr(module, child)] = info
 
@@ -159,7 +161,7 @@ def fix_width_attention(module: nn.Module, name: str, edits) -> None:
     if not info:
         return
     heads_attr = _heads_attr(module)
-    heads = getattr(module, heads_attr)
+    heads = _WIDTH_HEADS.get(module, getattr(module, heads_attr))  # fix_attention may have set it already
     for child, (_, width) in info.items():
         keep = edits.get((f"{name}.{child}" if name else child, "out"))
         if keep is None:
