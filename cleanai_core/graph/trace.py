@@ -41,17 +41,22 @@ class TRef:
 
 
 class _Flow:
-    """Flat lists of the traced tensors an event reads and writes."""
+    """Flat lists of the traced tensors an event reads and writes (computed once, after
+    the recording is complete: propagation asks for them many times)."""
 
     __slots__ = ()
 
     @property
     def inputs(self) -> list[TRef]:
-        return [a for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, TRef)]
+        if self._inputs is None:
+            self._inputs = [a for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, TRef)]
+        return self._inputs
 
     @property
     def outputs(self) -> list[TRef]:
-        return [a for a in tree_flatten(self.out)[0] if isinstance(a, TRef)]
+        if self._outputs is None:
+            self._outputs = [a for a in tree_flatten(self.out)[0] if isinstance(a, TRef)]
+        return self._outputs
 
 
 @attrs.define(slots=True, eq=False)
@@ -64,6 +69,8 @@ class OpCall(_Flow):
     kwargs: dict
     out: Any
     scope: str  # the innermost module (by name) the op ran in
+    _inputs: list[TRef] | None = attrs.field(default=None, init=False, repr=False)
+    _outputs: list[TRef] | None = attrs.field(default=None, init=False, repr=False)
 
 
 @attrs.define(slots=True, eq=False)
@@ -76,6 +83,8 @@ class ModuleCall(_Flow):
     args: tuple
     kwargs: dict
     out: Any
+    _inputs: list[TRef] | None = attrs.field(default=None, init=False, repr=False)
+    _outputs: list[TRef] | None = attrs.field(default=None, init=False, repr=False)
 
 
 @attrs.define(eq=False)
@@ -156,6 +165,7 @@ def record(
             if rec.depth == 0:
                 call = next(e for e in reversed(rec.events) if isinstance(e, ModuleCall) and e.module is module)
                 call.out = rec.refs(out, new=True)
+                call._outputs = None
 
     for name, module in names if names is not None else model.named_modules():
         handles.append(module.register_forward_pre_hook(lambda m, a, k, n=name: pre(m, a, k, n), with_kwargs=True))
