@@ -157,9 +157,11 @@ class _SDPA:
             if lv is not None and lv.dim == nd - 1:
                 ctx.freeze(lv.atoms, f"{ctx.where()}: both heads and value dims carry channels")
         elif lv is not None and lv.dim == nd - 1:
-            # v split keeping its head dim on its own: modules reshape q and v with one
-            # ``head_dim``, so v loses whole heads as q and k do
-            if nd >= 3 and v.shape[nd - 3] > 1 and lv.origin is not None:
+            # v split keeping its head dim on its own (not the split of a fused qkv that q
+            # and k come from): modules reshape q and v with one ``head_dim``, so v loses
+            # whole heads as q and k do
+            fused = {lab.origin[0] for lab in (lq, lk) if lab is not None and lab.origin is not None}
+            if nd >= 3 and v.shape[nd - 3] > 1 and lv.origin is not None and lv.origin[0] not in fused:
                 ctx.request_split(lv.origin, lv.origin[1] - 1)
             ctx.set_label(out, nd - 1, lv.atoms, lv.origin)
         if mask is not None:
