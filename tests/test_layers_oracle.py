@@ -58,7 +58,9 @@ def oracle(model, x, ratio=0.5, seed=0, forward_fn=None, must_prune=True, tol=1e
     got = run_model(small, x, forward_fn)
     assert [g.shape for g in got] == [b.shape for b in base], "output shape changed"
     diff = max(float((g - e).abs().max()) for g, e in zip(got, expected, strict=True))
-    assert diff < tol, f"pruned model differs from the masked original by {diff}"
+    # float32 rounding grows with the outputs' size (vit_b_16's logits reach ~10)
+    scale = max(1.0, max(float(e.abs().max()) for e in expected))
+    assert diff < tol * scale, f"pruned model differs from the masked original by {diff} (outputs up to {scale})"
     if must_prune:
         assert int(pruned.sum()) > 0, graph.explain()
         assert n_params(small) < n_params(model)
@@ -645,3 +647,23 @@ def test_weight_energy_matches_slices(make):
         assert bool((e >= 0).all()) and float(e.sum()) > 0
         checked += 1
     assert checked >= 3
+
+
+class NewZerosMask(nn.Module):
+    """Swin-style: a mask built with ``x.new_zeros(...)`` reads only x's dtype/device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        mask = h.new_zeros((h.shape[-2], h.shape[-1]))
+        return self.conv2(h) + mask
+
+
+def test_new_zeros_carries_no_channels():
+    r = oracle(NewZerosMask(), torch.randn(2, 3, 6, 6))
+    assert group_of(r.graph, "conv1", "out").prunable == 8
+    assert r.small.conv1.out_channels == 4 and r.small.conv2.in_channels == 4

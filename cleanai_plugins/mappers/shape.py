@@ -45,6 +45,13 @@ _ACROSS = {
 }
 
 
+@table.register("new_zeros", "new_ones", "new_empty", "new_full", "new_empty_strided")
+def fresh_tensor(call, ctx):
+    """``x.new_zeros(size)`` reads only ``x``'s dtype and device: no channel flows, and the
+    new tensor carries none (combined with channels later, it freezes them there)."""
+    ctx.label_of(call.args[0])  # looked at, deliberately not carried
+
+
 @table.register(
     "clone",
     "alias",
