@@ -457,8 +457,8 @@ def render(cache: dict[str, dict], doc: Path, note: str = "") -> None:
         "",
         "## Models",
         "",
-        "| model | family | status | params before | params after (uniform 0.5) | kept | oracle diff | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | family | status | params before | params after (uniform 0.5) | kept | oracle diff | run | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
         pb, pa = r.get("params_before"), r.get("params_after")
@@ -468,7 +468,7 @@ def render(cache: dict[str, dict], doc: Path, note: str = "") -> None:
         note = note.replace("|", "/").replace("\n", " ")[:300]
         lines.append(
             f"| {r['model']} | {families.get(r['model'], '')} | {r['status']} | {_m(pb)} | {_m(pa)} | {kept} "
-            f"| {diff} | {note} |"
+            f"| {diff} | {r.get('run', '')} | {note} |"
         )
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines) + "\n")
