@@ -495,20 +495,28 @@ def cleanai_layer_pruner(module, name):
     return None
 
 
+#: attribute fix-ups run after slicing, in this order; each returns early when the module
+#: does not have its pattern
+FIXUPS = (
+    fix_attention,
+    fix_width_attention,
+    fix_split_widths,
+    fix_headmajor_attention,
+    fix_bias_attention,
+    fix_rel_pos,
+    fix_multi_query_attention,
+    fix_scale_shape,
+    fix_group_count,
+    fix_bottleneck_attention,
+    fix_lambda_layer,
+    fix_parallel_block,
+)
+
+
 @hookimpl(trylast=True)
 def cleanai_after_prune(module, name, edits):
-    fix_attention(module, name, edits)
-    fix_width_attention(module, name, edits)
-    fix_split_widths(module, name, edits)
-    fix_headmajor_attention(module, name, edits)
-    fix_bias_attention(module, name, edits)
-    fix_rel_pos(module, name, edits)
-    fix_multi_query_attention(module, name, edits)
-    fix_scale_shape(module, name, edits)
-    fix_group_count(module, name, edits)
-    fix_bottleneck_attention(module, name, edits)
-    fix_lambda_layer(module, name, edits)
-    fix_parallel_block(module, name, edits)
+    for fix in FIXUPS:
+        fix(module, name, edits)
 
 
 @hookimpl(trylast=True)
