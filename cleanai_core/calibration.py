@@ -12,6 +12,7 @@ are removed on exit, also on error or Ctrl-C; the model's train/eval mode is res
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -99,11 +100,7 @@ class ChannelStats:
 
 def _as_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``x`` viewed as ``(before, C, after)`` around the channel dim (a view when contiguous)."""
-    c = x.shape[dim]
-    pre = 1
-    for s in x.shape[:dim]:
-        pre *= s
-    return x.reshape(pre, c, -1)
+    return x.reshape(math.prod(x.shape[:dim]), x.shape[dim], -1)
 
 
 def batch_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch.Tensor] | None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cleanai_core.calibration import StatsCollector, iterate, move_to, split_batch, total_batches
+from cleanai_core.calibration import COVARIANCE_ROWS, StatsCollector, iterate, move_to, split_batch, total_batches
 from cleanai_core.errors import PruningError, UserError
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.history import PruningHistory
@@ -113,7 +113,7 @@ class StructuredPruner:
         iterative_steps: int = 1,
         bias_compensation: bool = True,
         reconstruction: bool = True,
-        covariance_rows: int = 256,
+        covariance_rows: int = COVARIANCE_ROWS,
         recalibrate_bn: bool = True,
         inplace: bool = False,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from cleanai_core.calibration import COVARIANCE_ROWS
 from cleanai_core.errors import UserError
 
 __all__ = ["DEFAULTS", "add_parser", "execute", "resolve_config", "run"]
@@ -49,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "dry_run": False,
     "bias_compensation": True,
     "reconstruction": True,
-    "covariance_rows": 256,
+    "covariance_rows": COVARIANCE_ROWS,
     "bn_recalibration": True,
     "trust_model": False,
     "weights": None,
@@ -545,7 +546,7 @@ def execute(
         target_flops=cfg.get("target_flops"),
         bias_compensation=bool(cfg.get("bias_compensation")),
         reconstruction=bool(cfg.get("reconstruction")),
-        covariance_rows=int(cfg.get("covariance_rows", 256) or 0),
+        covariance_rows=int(cfg["covariance_rows"]),
         recalibrate_bn=bool(cfg.get("bn_recalibration")),
     )
     pruner.collect_activations(calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet)
