@@ -50,11 +50,15 @@ def count_flops(model: nn.Module, inputs: Any, forward_fn: Callable | None = Non
     """FLOPs of one forward pass, by PyTorch's own counter (FLOPs = 2 x MACs).
 
     Attention is counted through the math backend, since fused CPU kernels are not
-    seen by the counter."""
+    seen by the counter. Counting needs shapes only, so the heavy ops run on the meta
+    device (:class:`~cleanai_core.shapes.ShapeOnlyMode`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        call_model(model, inputs, forward_fn)
+    from cleanai_core.shapes import ShapeOnlyMode
+
+    with eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ShapeOnlyMode():
+        with FlopCounterMode(display=False) as counter:
+            call_model(model, inputs, forward_fn)
     return int(counter.get_total_flops())
 
 

@@ -20,6 +20,7 @@ from cleanai_core.history import PruningHistory
 from cleanai_core.metrics import call_model, count_flops, count_params
 from cleanai_core.planning import PruningPlan, make_plan
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, get_normalizer
+from cleanai_core.shapes import ShapeOnlyMode
 from cleanai_core.slicing import SliceEdit, apply_edits
 from cleanai_core.testing import run_model
 
@@ -389,7 +390,8 @@ class StructuredPruner:
         was = model.training
         model.eval()
         try:
-            outs = run_model(model, self.example_inputs, self.forward_fn)
+            with ShapeOnlyMode():  # the check needs shapes and argument checks, not numbers
+                outs = run_model(model, self.example_inputs, self.forward_fn)
         except Exception as exc:
             raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
         finally:

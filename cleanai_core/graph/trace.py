@@ -7,7 +7,9 @@ operations inside them are not, so a plugin can claim a composite module.
 
 Tracing happens below autograd, at the ATen dispatcher: it needs no gradients, works
 under ``torch.no_grad()`` / ``inference_mode`` and sees exact shapes and arguments of
-every operation, including those on integer tensors and constants.
+every operation, including those on integer tensors and constants. Convolutions and
+matrix products run on the meta device (:mod:`cleanai_core.shapes`): the recording needs
+their shapes, not their numbers.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from cleanai_core.metrics import call_model
+from cleanai_core.shapes import ShapeOnlyMode
 
 __all__ = ["ModuleCall", "OpCall", "Recording", "TRef", "record"]
 
@@ -94,7 +96,7 @@ class Recording:
     output: Any  # pytree of TRef
 
 
-class _Recorder(TorchDispatchMode):
+class _Recorder(ShapeOnlyMode):
     def __init__(self, tensor_names: dict[int, str]) -> None:
         super().__init__()
         self.tensor_names = tensor_names
@@ -119,9 +121,9 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.depth:
-            return func(*args, **kwargs)
+            return self.run(func, args, kwargs)
         rargs, rkwargs = self.refs(args), self.refs(kwargs)
-        out = func(*args, **kwargs)
+        out = self.run(func, args, kwargs)
         self.events.append(OpCall(len(self.events), func, rargs, rkwargs, self.refs(out, new=True), self.scope[-1]))
         return out
 
