@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import logging
 import math
 import warnings
@@ -21,7 +22,7 @@ from cleanai_core.metrics import call_model, count_flops, count_params
 from cleanai_core.planning import PruningPlan, make_plan
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, get_normalizer
 from cleanai_core.shapes import ShapeOnlyMode
-from cleanai_core.slicing import SliceEdit, apply_edits
+from cleanai_core.slicing import SliceEdit, run_after_prune, slice_tensors
 from cleanai_core.testing import run_model
 
 __all__ = ["StructuredPruner", "match_modules"]
@@ -187,7 +188,7 @@ class StructuredPruner:
         self.pruned_model: nn.Module | None = None
         self.skipped_groups: list[str] = []
         self._before: dict[str, Any] = {}
-        self._layers: list[dict[str, Any]] = []
+        self._pruned_plans: list[tuple[DependencyGraph, PruningPlan]] = []  # per step, for the report
         self.graph = self._build_graph(model)
 
     # -- graph ---------------------------------------------------------------------
@@ -339,8 +340,7 @@ class StructuredPruner:
         for _ in range(10):
             mid = (lo + hi) / 2
             plan = self._make_plan(graph, model, stats, mid, scores)
-            small = copy.deepcopy(model)
-            apply_edits(small, self._edits(graph, plan.pruned_units()), graph.pm)
+            small = _sliced_copy(model, self._edits(graph, plan.pruned_units()), graph.pm)
             if count_flops(small, self.example_inputs, self.forward_fn) / base > target:
                 lo = mid
             else:
@@ -359,16 +359,20 @@ class StructuredPruner:
         stats: dict,
         pruned: torch.Tensor,
     ) -> tuple[nn.Module, list[SliceEdit]]:
-        model = copy.deepcopy(source)
         edits = self._edits(graph, pruned)
+        compensate = None
         if self.bias_compensation and stats:
-            self._compensate(model, graph, stats, pruned)
-        apply_edits(model, edits, graph.pm)
+            compensate = functools.partial(self._compensate, graph=graph, stats=stats, pruned=pruned)
+        model = _sliced_copy(source, edits, graph.pm, compensate)
         if self.verify:
             self._verify(model, graph)
         return model, edits
 
-    def _compensate(self, model: nn.Module, graph: DependencyGraph, stats: dict, pruned: torch.Tensor) -> None:
+    def _compensate(
+        self, model: nn.Module, graph: DependencyGraph, stats: dict, pruned: torch.Tensor, own: Callable
+    ) -> None:
+        """Fold what the removed input channels carried into the kept ones; ``own(module)``
+        gives the module tensors of its own before a plugin writes to them in place."""
         with torch.no_grad():
             for spec in graph.slices:
                 st = stats.get((spec.module, spec.name))
@@ -378,7 +382,7 @@ class StructuredPruner:
                 if not bool(gone.any()):
                     continue
                 idx = gone.nonzero().squeeze(1)
-                module = model.get_submodule(spec.module)
+                module = own(model.get_submodule(spec.module))
                 if self.reconstruction and st.cov is not None and not bool(gone.all()):
                     kept = (~gone).nonzero().squeeze(1)
                     coef, shift = _regress(st.cov, st.mean, idx, kept)
@@ -449,7 +453,7 @@ class StructuredPruner:
         self._before = {"params": count_params(self.model)}
         if self.inplace:  # the original is about to change: measure it now
             self._before["flops"] = count_flops(self.model, self.example_inputs, self.forward_fn)
-        self._layers = []
+        self._pruned_plans = []
         current, graph, stats = self.model, self.graph, self.stats
         steps = self.iterative_steps
         base_flops = None
@@ -475,7 +479,7 @@ class StructuredPruner:
                 if step == 0:
                     self._plan = plan
             pruned_model, edits = self._safe_build(current, graph, stats, plan)
-            self._record_layers(graph, plan)
+            self._pruned_plans.append((graph, plan))
             self.history.record(edits)
             before = dict(current.named_modules())
             added = self.history.meta.setdefault("added_biases", [])
@@ -542,7 +546,11 @@ class StructuredPruner:
                     target.__dict__[key] = value
 
     # -- report ---------------------------------------------------------------------------
-    def _record_layers(self, graph: DependencyGraph, plan: PruningPlan) -> None:
+    @staticmethod
+    def _layer_records(graph: DependencyGraph, plan: PruningPlan) -> list[dict[str, Any]]:
+        """Per pruned layer: channels before/after, pruned indices and scores (built when
+        the report asks, not while pruning)."""
+        layers = []
         unit_score = torch.zeros(graph.root.numel(), dtype=torch.float64)
         for gp in plan.groups:
             unit_score[gp.group.units] = gp.scores.to(torch.float64)
@@ -553,7 +561,7 @@ class StructuredPruner:
             units = graph.root[spec.atoms]
             gone = pruned[units]
             scores = unit_score[units]
-            self._layers.append(
+            layers.append(
                 {
                     "name": spec.module or spec.name,
                     "slice": spec.name if spec.module else "tensor",
@@ -566,6 +574,7 @@ class StructuredPruner:
                     },
                 }
             )
+        return layers
 
     def report(self) -> dict[str, Any]:
         """Per layer: channels before/after, pruned indices, importance scores of pruned and
@@ -581,7 +590,7 @@ class StructuredPruner:
             "pruning_ratio": self.pruning_ratio,
             "skipped_groups": list(self.skipped_groups),
             "groups": self._plan.to_json()["groups"] if self._plan else [],
-            "layers": list(self._layers),
+            "layers": [rec for graph, plan in self._pruned_plans for rec in self._layer_records(graph, plan)],
         }
 
 
@@ -597,6 +606,37 @@ def _regress(
     coef = torch.linalg.solve(c_kk + lam * eye, c_kr).T
     shift = mean[removed] - coef @ mean[kept]
     return coef, shift
+
+
+def _sliced_copy(source: nn.Module, edits: list[SliceEdit], pm: Any, compensate: Callable | None = None) -> nn.Module:
+    """A pruned copy of ``source``; ``source`` and its tensors are never written to.
+
+    The copy starts out sharing ``source``'s parameters and buffers: slicing makes new,
+    smaller tensors anyway, so cloning every weight first (what ``copy.deepcopy`` does)
+    would copy most of the model only to throw it away. A tensor is copied only where it
+    is about to be written in place (``compensate(model, own)`` calls ``own(module)``
+    before touching a module) or is left unsliced; one memo keeps tied tensors tied.
+    Fix-up hooks run after every tensor is the copy's own.
+    """
+    originals = list(source.parameters()) + list(source.buffers())
+    model = copy.deepcopy(source, {id(t): t for t in originals})
+    shared = {id(t) for t in originals}
+    memo: dict[int, Any] = {}
+
+    def own(module: nn.Module) -> nn.Module:
+        for m in module.modules():
+            for table in (m._parameters, m._buffers):
+                for key, t in table.items():
+                    if t is not None and id(t) in shared:
+                        table[key] = copy.deepcopy(t, memo)
+        return module
+
+    if compensate is not None:
+        compensate(model, own=own)
+    slice_tensors(model, edits, pm)
+    own(model)
+    run_after_prune(model, edits, pm)
+    return model
 
 
 def _step_ratio(ratio: float, step: int, steps: int) -> float:

@@ -13,7 +13,7 @@ from cleanai_core.graph.dependency import resolve_modules
 from cleanai_core.interfaces import replace_param
 from cleanai_core.plugins import get_plugin_manager
 
-__all__ = ["SliceEdit", "apply_edits", "get_submodule_and_attr"]
+__all__ = ["SliceEdit", "apply_edits", "get_submodule_and_attr", "run_after_prune", "slice_tensors"]
 
 
 @attrs.frozen
@@ -47,6 +47,13 @@ def apply_edits(model: nn.Module, edits: Iterable[SliceEdit], pm=None) -> list[s
     """
     edits = list(edits)
     pm = pm or get_plugin_manager()
+    changed = slice_tensors(model, edits, pm)
+    run_after_prune(model, edits, pm)
+    return changed
+
+
+def slice_tensors(model: nn.Module, edits: list[SliceEdit], pm) -> list[str]:
+    """The slicing half of :func:`apply_edits` (no after-prune fix-ups)."""
     nodes = resolve_modules(model, pm)
     per_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     bare = []
@@ -56,7 +63,6 @@ def apply_edits(model: nn.Module, edits: Iterable[SliceEdit], pm=None) -> list[s
         else:
             per_module[e.module][e.slice] = e.keep
     changed = []
-    edits_by_key = {(e.module, e.slice): e.keep for e in edits}
     for name, keep in per_module.items():
         node = nodes.get(name)
         if node is None:
@@ -67,7 +73,12 @@ def apply_edits(model: nn.Module, edits: Iterable[SliceEdit], pm=None) -> list[s
         owner, attr = get_submodule_and_attr(model, e.slice)
         replace_param(owner, attr, int(e.dim), e.keep)
         changed.append(e.slice)
+    return changed
+
+
+def run_after_prune(model: nn.Module, edits: list[SliceEdit], pm) -> None:
+    """The ``cleanai_after_prune`` half of :func:`apply_edits`: attribute fix-ups."""
+    edits_by_key = {(e.module, e.slice): e.keep for e in edits}
     with torch.no_grad():
         for name, module in model.named_modules():
             pm.hook.cleanai_after_prune(module=module, name=name, edits=edits_by_key)
-    return changed

@@ -67,6 +67,35 @@ def test_user_model_untouched_even_in_train_mode():
     assert pruned.conv1.out_channels == 8 and pruned.conv2.out_channels == 16
 
 
+class TiedHead(Net):
+    """Net with two extra 10x10 layers sharing one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(10, 10)
+        self.b = nn.Linear(10, 10)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(super().forward(x)))
+
+
+def test_pruned_copy_shares_no_tensor_with_the_model():
+    # compensation writes in place and some tensors stay unsliced: neither may reach the user's model
+    model = TiedHead().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = StructuredPruner(model, _x(), pruning_ratio=0.5, ignored_layers=["fc", "a"])
+    pruner.collect_activations([_x(4) for _ in range(3)], progress=False)
+    pruned = pruner.prune()
+    assert pruned.conv2.out_channels == 16 and pruned.fc.in_features == 16
+    assert pruned.a.weight.shape == (10, 10) and pruned.b.weight is pruned.a.weight  # the tie survives
+    mine = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    assert not [n for n, t in [*pruned.named_parameters(), *pruned.named_buffers()] if t.data_ptr() in mine]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(pruned.fc.bias, model.fc.bias)  # compensation did write, to the copy
+
+
 def test_hooks_removed_when_calibration_fails():
     model = Net().eval()
     pruner = StructuredPruner(model, _x(), pruning_ratio=0.5)
