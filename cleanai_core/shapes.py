@@ -18,13 +18,13 @@ with the real kernel's message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["HEAVY_OPS", "ShapeOnlyMode", "run_for_shape"]
+__all__ = ["HEAVY_OPS", "ShapeOnlyMode", "map_tensors", "run_for_shape"]
 
 _aten = torch.ops.aten
 
@@ -47,25 +47,30 @@ HEAVY_OPS = frozenset(
 )
 
 
-def _to_meta(a: Any) -> Any:
-    return a.to("meta") if isinstance(a, torch.Tensor) else a
+def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
+    """``fn`` applied to every tensor in the arguments or results of an ATen op (tensors,
+    scalars, and tuples / lists / dicts of them): a lean ``tree_map`` for the per-op path."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)([map_tensors(fn, a) for a in obj])
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    return obj
+
+
+def _to_meta(t: torch.Tensor) -> torch.Tensor:
+    return t.to("meta")
 
 
 def run_for_shape(func: Any, args: tuple, kwargs: dict) -> Any:
     """``func(*args, **kwargs)`` for a heavy op: shapes from the meta kernel, zeros for values."""
     try:
-        out = func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
+        out = func(*map_tensors(_to_meta, args), **map_tensors(_to_meta, kwargs))
     except Exception:  # no meta kernel, or a mismatch: let the real kernel speak
         return func(*args, **kwargs)
-    device = next(a.device for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor))
-    return tree_map(
-        lambda m: (
-            torch.empty_strided(m.size(), m.stride(), dtype=m.dtype, device=device).zero_()
-            if isinstance(m, torch.Tensor)
-            else m
-        ),
-        out,
-    )
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))  # heavy ops take a tensor first
+    return map_tensors(lambda m: torch.empty_strided(m.size(), m.stride(), dtype=m.dtype, device=device).zero_(), out)
 
 
 class ShapeOnlyMode(TorchDispatchMode):

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from cleanai_core.metrics import call_model
-from cleanai_core.shapes import ShapeOnlyMode
+from cleanai_core.shapes import ShapeOnlyMode, map_tensors
 
 __all__ = ["ModuleCall", "OpCall", "Recording", "TRef", "record"]
 
@@ -51,14 +51,18 @@ class _Flow:
     @property
     def inputs(self) -> list[TRef]:
         if self._inputs is None:
-            self._inputs = [a for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, TRef)]
+            self._inputs = self._refs_in((self.args, self.kwargs))
         return self._inputs
 
     @property
     def outputs(self) -> list[TRef]:
         if self._outputs is None:
-            self._outputs = [a for a in tree_flatten(self.out)[0] if isinstance(a, TRef)]
+            self._outputs = self._refs_in(self.out)
         return self._outputs
+
+    @staticmethod
+    def _refs_in(tree: Any) -> list[TRef]:
+        return [a for a in tree_flatten(tree)[0] if isinstance(a, TRef)]
 
 
 @attrs.define(slots=True, eq=False)
@@ -74,6 +78,12 @@ class OpCall(_Flow):
     _inputs: list[TRef] | None = attrs.field(default=None, init=False, repr=False)
     _outputs: list[TRef] | None = attrs.field(default=None, init=False, repr=False)
 
+    @staticmethod
+    def _refs_in(tree: Any) -> list[TRef]:  # ATen arguments: no pytree machinery needed
+        acc: list[TRef] = []
+        _collect_refs(tree, acc)
+        return acc
+
 
 @attrs.define(slots=True, eq=False)
 class ModuleCall(_Flow):
@@ -87,6 +97,17 @@ class ModuleCall(_Flow):
     out: Any
     _inputs: list[TRef] | None = attrs.field(default=None, init=False, repr=False)
     _outputs: list[TRef] | None = attrs.field(default=None, init=False, repr=False)
+
+
+def _collect_refs(obj: Any, acc: list[TRef]) -> None:
+    if isinstance(obj, TRef):
+        acc.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for a in obj:
+            _collect_refs(a, acc)
+    elif isinstance(obj, dict):
+        for a in obj.values():
+            _collect_refs(a, acc)
 
 
 @attrs.define(eq=False)
@@ -116,16 +137,21 @@ class _Recorder(ShapeOnlyMode):
         return TRef(key, tuple(t.shape), t.dtype, self.tensor_names.get(ident))
 
     def refs(self, tree: Any, new: bool = False) -> Any:
+        """Module arguments (any pytree: namedtuples, dataclasses...) as references."""
         return tree_map(lambda a: self.ref(a, new) if isinstance(a, torch.Tensor) else a, tree)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.depth:
             return self.run(func, args, kwargs)
-        rargs, rkwargs = self.refs(args), self.refs(kwargs)
+        rargs, rkwargs = map_tensors(self.ref, args), map_tensors(self.ref, kwargs)
         out = self.run(func, args, kwargs)
-        self.events.append(OpCall(len(self.events), func, rargs, rkwargs, self.refs(out, new=True), self.scope[-1]))
+        rout = map_tensors(self._new_ref, out)
+        self.events.append(OpCall(len(self.events), func, rargs, rkwargs, rout, self.scope[-1]))
         return out
+
+    def _new_ref(self, t: torch.Tensor) -> TRef:
+        return self.ref(t, new=True)
 
 
 def record(
