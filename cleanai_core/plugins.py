@@ -50,10 +50,12 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "cleanai_plugins.mappers.matmul",
     "cleanai_plugins.mappers.spatial",
     "cleanai_plugins.mappers.norm_ops",
+    "cleanai_plugins.mappers.restride",
     "cleanai_plugins.importance.criteria",
     "cleanai_plugins.reducers",
     "cleanai_plugins.zoo.timm",
     "cleanai_plugins.zoo.torchvision",
+    "cleanai_plugins.zoo.torchvision_swin",
     "cleanai_plugins.io.loaders",
 )
 

@@ -1,0 +1,218 @@
+"""torchvision Swin (v1 and v2): the window attention claimed as one composite module.
+
+``ShiftedWindowAttention`` (and ``ShiftedWindowAttentionV2``) never call their ``qkv`` and
+``proj`` linears: ``forward`` hands their weights to the function
+``torchvision.models.swin_transformer.shifted_window_attention``, which applies them with
+``F.linear``. Traced op by op, those parameters are used outside the modules that own
+them, which freezes the whole residual stream. Claimed whole, the module has two slices:
+
+- ``"in"``: the input width C (the columns of ``qkv.weight``), read on the last dim of the
+  ``(B, H, W, C)`` input;
+- ``"out"``: the output width (the rows of ``proj.weight`` and ``proj.bias``), on the last
+  dim of the output.
+
+The internal width (``num_heads x head_dim`` of q, k, v; the columns of ``proj``) is not
+pruned: that is the simplest safe choice, it keeps the attention scale and the per-head
+tables as they are, and slicing is exactly equivalent to masking. The relative position
+bias table (v1), ``cpb_mlp`` and ``logit_scale`` (v2) are per head and do not depend on C.
+
+torchvision's function derives the head size and the output width from the *input*
+width C, so a pruned module's class is swapped for a subclass whose ``forward`` reads the
+internal width from ``qkv`` and the output width from ``proj`` (same computation
+otherwise; an unpruned module keeps its own class).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleanai_core import hookimpl
+from cleanai_core.interfaces import LayerPruner, replace_param, squared_weight
+
+try:  # torchvision is optional
+    from torchvision.models import swin_transformer as _swin
+except Exception:  # pragma: no cover
+    _swin = None
+
+__all__ = ["ShiftedWindowAttentionPruner", "shifted_window_attention"]
+
+
+def _shift_mask(x: torch.Tensor, pad_hw: tuple[int, int], window_size, shift_size) -> torch.Tensor:
+    """torchvision's attention mask for shifted windows: ``(num_windows, N, N)``."""
+    pad_h, pad_w = pad_hw
+    attn_mask = x.new_zeros((pad_h, pad_w))
+    h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
+    w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
+    count = 0
+    for h in h_slices:
+        for w in w_slices:
+            attn_mask[h[0] : h[1], w[0] : w[1]] = count
+            count += 1
+    num_windows = (pad_h // window_size[0]) * (pad_w // window_size[1])
+    attn_mask = attn_mask.view(pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1])
+    attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
+    attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
+    return attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(attn_mask == 0, 0.0)
+
+
+def shifted_window_attention(
+    input: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    proj_weight: torch.Tensor,
+    relative_position_bias: torch.Tensor,
+    window_size: list[int],
+    num_heads: int,
+    shift_size: list[int],
+    attention_dropout: float = 0.0,
+    dropout: float = 0.0,
+    qkv_bias: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+    logit_scale: torch.Tensor | None = None,
+    training: bool = True,
+) -> torch.Tensor:
+    """torchvision's ``shifted_window_attention`` where the input width (columns of
+    ``qkv_weight``), the internal width (``qkv_weight.shape[0] // 3``) and the output width
+    (rows of ``proj_weight``) may differ. With all three equal it computes the same."""
+    B, H, W, c_in = input.shape
+    pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
+    x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+    _, pad_h, pad_w, _ = x.shape
+    shift_size = shift_size.copy()
+    if window_size[0] >= pad_h:
+        shift_size[0] = 0
+    if window_size[1] >= pad_w:
+        shift_size[1] = 0
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    num_windows = (pad_h // window_size[0]) * (pad_w // window_size[1])
+    x = x.view(B, pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1], c_in)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], c_in)
+
+    inner = qkv_weight.shape[0] // 3
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = qkv_bias.clone()
+        qkv_bias[inner : 2 * inner].zero_()
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    qkv = qkv.reshape(x.size(0), x.size(1), 3, num_heads, inner // num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:  # v2: cosine attention
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * (inner // num_heads) ** -0.5).matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    if sum(shift_size) > 0:
+        mask = _shift_mask(x, (pad_h, pad_w), window_size, shift_size)
+        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
+        attn = attn + mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, x.size(1), x.size(1))
+    attn = F.softmax(attn, dim=-1)
+    attn = F.dropout(attn, p=attention_dropout, training=training)
+
+    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), inner)
+    x = F.linear(x, proj_weight, proj_bias)
+    x = F.dropout(x, p=dropout, training=training)
+    c_out = x.shape[-1]
+    x = x.view(B, pad_h // window_size[0], pad_w // window_size[1], window_size[0], window_size[1], c_out)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_h, pad_w, c_out)
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+    return x[:, :H, :W, :].contiguous()
+
+
+class _PrunedForward:
+    """``forward`` of a pruned window attention: the widths come from the weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return shifted_window_attention(
+            x,
+            self.qkv.weight,
+            self.proj.weight,
+            self.get_relative_position_bias(),
+            self.window_size,
+            self.num_heads,
+            shift_size=self.shift_size,
+            attention_dropout=self.attention_dropout,
+            dropout=self.dropout,
+            qkv_bias=self.qkv.bias,
+            proj_bias=self.proj.bias,
+            logit_scale=getattr(self, "logit_scale", None),
+            training=self.training,
+        )
+
+
+_PRUNED_CLASS: dict[type, type] = {}  # claimed class -> class of the pruned module
+
+if _swin is not None:
+
+    class PrunedShiftedWindowAttention(_PrunedForward, _swin.ShiftedWindowAttention):
+        """A pruned ``ShiftedWindowAttention``: input, internal and output widths may differ."""
+
+    class PrunedShiftedWindowAttentionV2(_PrunedForward, _swin.ShiftedWindowAttentionV2):
+        """A pruned ``ShiftedWindowAttentionV2``: input, internal and output widths may differ."""
+
+    _PRUNED_CLASS = {
+        _swin.ShiftedWindowAttention: PrunedShiftedWindowAttention,
+        _swin.ShiftedWindowAttentionV2: PrunedShiftedWindowAttentionV2,
+        PrunedShiftedWindowAttention: PrunedShiftedWindowAttention,
+        PrunedShiftedWindowAttentionV2: PrunedShiftedWindowAttentionV2,
+    }
+
+
+class ShiftedWindowAttentionPruner(LayerPruner):
+    """Slices ``"in"`` (``qkv`` columns) and ``"out"`` (``proj`` rows) of torchvision's
+    window attention; q/k/v, heads and ``proj`` columns keep their width (see the module
+    docstring)."""
+
+    name = "swin_window_attention"
+
+    def trace(self, module, call, ctx):
+        x = call.args[0] if call.args else call.kwargs.get("x")
+        ctx.bind(call.name, "in", ctx.labels(x, -1), "in", arg=0, dim=-1)
+        atoms_out = ctx.produce(call.name, "out", module.proj.out_features, dim=-1)
+        ctx.set_label(call.outputs[0], -1, atoms_out)
+
+    def prune(self, module, keep):
+        if "in" in keep:
+            replace_param(module.qkv, "weight", 1, keep["in"])
+            module.qkv.in_features = keep["in"].numel()
+        if "out" in keep:
+            replace_param(module.proj, "weight", 0, keep["out"])
+            replace_param(module.proj, "bias", 0, keep["out"])
+            module.proj.out_features = keep["out"].numel()
+        if keep:
+            module.__class__ = _PRUNED_CLASS[type(module)]
+
+    def weight_energy(self, module, slice_name):
+        if slice_name == "in":
+            return squared_weight(module.qkv.weight)[1]
+        return squared_weight(module.proj.weight)[0]
+
+    def compensate(self, module, slice_name, removed, mean):
+        """``qkv.bias += W[:, removed] @ mean``. In v2 the forward zeroes the key part of
+        the bias (and cosine attention would not ignore a shift of the keys), so that
+        part stays zero: the removed channels' mean contribution to the keys is dropped."""
+        if slice_name != "in":
+            return False
+        qkv = module.qkv
+        w = qkv.weight.detach()
+        contrib = w[:, removed] @ mean.to(w.dtype)
+        if getattr(module, "logit_scale", None) is not None:
+            inner = qkv.out_features // 3
+            contrib[inner : 2 * inner] = 0
+        if qkv.bias is None:
+            qkv.bias = nn.Parameter(torch.zeros(qkv.out_features, dtype=w.dtype, device=w.device))
+        qkv.bias.data += contrib
+        return True
+
+
+@hookimpl
+def cleanai_layer_pruner(module):
+    if type(module) in _PRUNED_CLASS:
+        return ShiftedWindowAttentionPruner()
+    return None
