@@ -7,12 +7,17 @@ running totals with Chan's parallel formula. With covariance (for reconstruction
 bounded number of randomly drawn positions per batch feeds a C x C co-moment. Memory is
 O(channels) (O(C^2) with covariance), never O(data); nothing is stored per sample. Hooks
 are removed on exit, also on error or Ctrl-C; the model's train/eval mode is restored.
+
+Consumers that read the very same tensor (a ResNet block's conv1 and its downsample conv,
+parallel branches) share one reduction of it per batch: the tensor is reduced once, on
+its first hook, and every reader merges that :class:`BatchReduction` into its own totals.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +28,7 @@ from torch import nn
 
 from cleanai_core.errors import UserError
 
-__all__ = ["ChannelStats", "StatsCollector", "move_to", "split_batch"]
+__all__ = ["BatchReduction", "ChannelStats", "StatsCollector", "move_to", "split_batch"]
 
 #: layers with more input channels than this keep no covariance (memory is C^2 float64)
 MAX_COVARIANCE_CHANNELS = 4096
@@ -32,6 +37,8 @@ COVARIANCE_BUDGET_BYTES = 1 << 30
 #: positions per batch (per consumer) drawn at random for the covariance; 0 = all.
 #: On the digits benchmark 256 x 5 batches matched every position (1,280 vs ~19,000 rows).
 COVARIANCE_ROWS = 256
+#: elements per block of the blocked loops below (4 MiB of float32: stays in cache)
+_BLOCK_ELEMENTS = 1 << 20
 
 
 @attrs.define(eq=False)
@@ -51,38 +58,59 @@ class ChannelStats:
     cov_mean: torch.Tensor | None = None
     generator: torch.Generator | None = None
 
-    def update(self, x: torch.Tensor, dim: int) -> None:
-        moments = batch_moments(x, dim)
-        if moments is None:
+    def update(self, x: torch.Tensor, dim: int, reduction: BatchReduction | None = None) -> None:
+        """Merge one batch ``x`` (channels along ``dim``); ``reduction``, when given, is
+        ``x``'s reduction shared with other consumers of the same tensor."""
+        if reduction is None:
+            reduction = BatchReduction(x, dim)
+        if reduction.moments is None:
             return
-        n_b, mean_b, m2_b = moments
+        n_b, mean_b, m2_b = reduction.moments
         c = mean_b.numel()
         if self.mean is not None and self.mean.numel() != c:
             raise UserError(f"a layer saw {c} channels after {self.mean.numel()} earlier in calibration")
         self.count, self.mean, self.m2 = _chan_merge(self.count, self.mean, self.m2, n_b, mean_b, m2_b)
         if self.covariance and c <= MAX_COVARIANCE_CHANNELS:
-            rows = self._sample_rows(x, dim)
-            if rows.dtype in (torch.float16, torch.bfloat16):
-                rows = rows.float()
-            n_r = rows.shape[0]
-            mean_r = rows.mean(0)
-            centred = rows - mean_r
-            cross = (centred.T @ centred).cpu()
-            self.cov_count, self.cov_mean, self.comoment = _chan_merge(
-                self.cov_count, self.cov_mean, self.comoment, n_r, mean_r.to(torch.float64).cpu(), cross
-            )
+            if reduction.sample is None or reduction.sample[0] != self.covariance_rows:
+                reduction.sample = (self.covariance_rows, self._sample_comoment(x, reduction.dim))
+            self._merge_comoment(*reduction.sample[1])
+
+    def _sample_comoment(self, x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """``(rows, mean, co-moment)`` of the positions drawn from one batch: the mean in
+        float64, the ``C x C`` co-moment as one matrix product in the activation's precision
+        (float32 at least), moved to the CPU."""
+        rows = self._sample_rows(x, dim)
+        if rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.float()
+        mean_r = rows.mean(0)
+        centred = rows - mean_r
+        return float(rows.shape[0]), mean_r.to(torch.float64).cpu(), (centred.T @ centred).cpu()
+
+    def _merge_comoment(self, n_r: float, mean_r: torch.Tensor, cross: torch.Tensor) -> None:
+        if self.comoment is None:
+            # a copy: ``cross`` may be shared with other consumers and the total grows in place
+            self.cov_count, self.cov_mean, self.comoment = n_r, mean_r, cross.to(torch.float64, copy=True)
+            return
+        total = self.cov_count + n_r
+        delta = mean_r - self.cov_mean
+        _add_comoment(self.comoment, cross, delta, self.cov_count * n_r / total)
+        self.cov_count, self.cov_mean = total, self.cov_mean + delta * (n_r / total)
 
     def _sample_rows(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """``(rows, C)``: every position of the batch, or ``covariance_rows`` drawn at random."""
-        x3 = _as_rows(x.detach(), dim)
-        pre, c, post = x3.shape
-        n = pre * post
+        x = x.detach()
+        c = x.shape[dim]
+        n = x.numel() // c
+        last = _channels_last(x, dim)
         if self.covariance_rows and n > self.covariance_rows:
             if self.generator is None:
                 self.generator = torch.Generator().manual_seed(0)
             idx = torch.randint(n, (self.covariance_rows,), generator=self.generator).to(x.device)
-            return x3[idx // post, :, idx % post]
-        return x3.transpose(1, 2).reshape(n, c)
+            if last is not None:
+                return last[idx]
+            x3 = _as_rows(x, dim)
+            return x3[idx // x3.shape[2], :, idx % x3.shape[2]]
+        return last if last is not None else _as_rows(x, dim).transpose(1, 2).reshape(n, c)
 
     @property
     def cov(self) -> torch.Tensor | None:
@@ -114,23 +142,23 @@ def batch_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch
     x = x.detach()
     if not x.is_floating_point():
         return None
-    x3 = _as_rows(x, dim)
-    n = x3.shape[0] * x3.shape[2]
-    if n == 0:
+    if x.numel() == 0:
         return None
-    if x3.dtype in (torch.float16, torch.bfloat16):
-        x3 = x3.float()
-    # reducing the contiguous trailing dim first is several times faster than one
-    # reduction over (0, 2) on CPU
-    if x3.shape[2] > 1:
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    n = x.numel() // x.shape[dim]
+    last = _channels_last(x, dim)
+    if last is not None:
+        total, squares = _column_sums(last)
+    else:
+        # reducing the contiguous trailing dim first is several times faster than one
+        # reduction over (0, 2) on CPU
+        x3 = _as_rows(x, dim)
         total = x3.sum(2).sum(0)
         squares = torch.linalg.vector_norm(x3, dim=2).square().sum(0)
-    else:
-        x2 = x3[:, :, 0]
-        total = x2.sum(0)
-        squares = (x2 * x2).sum(0)
     total, squares = total.to(torch.float64), squares.to(torch.float64)
-    if not (bool(torch.isfinite(total).all()) and bool(torch.isfinite(squares).all())):
+    # a NaN or inf anywhere, or a sum too large, makes the sum of squares non-finite too
+    if not bool(torch.isfinite(squares).all()):
         raise UserError(
             "non-finite activations (NaN or inf, or values too large for the model's precision) reached a layer "
             "during calibration; check the data for NaN/inf values and that the model's weights are finite"
@@ -140,19 +168,51 @@ def batch_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch
     return float(n), mean.cpu(), m2.cpu()
 
 
+def _channels_last(x: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """``x`` as a ``(positions, C)`` view when its channels are innermost in memory (a
+    linear's input, a channels-last conv input, a permuted NHWC tensor), else None."""
+    last = x.movedim(dim, -1)
+    if not last.is_contiguous():
+        return None
+    return last.view(-1, x.shape[dim])
+
+
+def _column_sums(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum and sum of squares of each column of ``(rows, C)`` (channels last), in
+    cache-sized blocks of rows: squaring the whole matrix at once allocates and writes a
+    copy as large as the activation, which costs several times the two reductions."""
+    rows, c = x2.shape
+    step = max(1, _BLOCK_ELEMENTS // c)
+    if rows <= step:
+        return x2.sum(0), (x2 * x2).sum(0)
+    total = x2.new_zeros(c)
+    squares = x2.new_zeros(c)
+    scratch = x2.new_empty(step, c)
+    for i in range(0, rows, step):
+        block = x2[i : i + step]
+        total += block.sum(0)
+        squares += torch.mul(block, block, out=scratch[: block.shape[0]]).sum(0)
+    return total, squares
+
+
+def _add_comoment(m2: torch.Tensor, cross: torch.Tensor, delta: torch.Tensor, weight: float) -> None:
+    """``m2 += cross + weight * delta delta^T`` (Chan's merge of a co-moment matrix), in
+    blocks of rows: an in-place float32 -> float64 add over a whole large matrix is several
+    times slower than the same add over cache-sized blocks."""
+    step = max(1, _BLOCK_ELEMENTS // (2 * m2.shape[1]))
+    for i in range(0, m2.shape[0], step):
+        m2[i : i + step].add_(cross[i : i + step]).addr_(delta[i : i + step], delta, alpha=weight)
+
+
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al.'s parallel merge of two (count, mean, co-moment) summaries, updating
-    the running ``m2_a`` in place. ``m2`` is per-channel (a vector) or a co-moment matrix."""
+    """Chan et al.'s parallel merge of two per-channel (count, mean, M2) summaries,
+    updating the running ``m2_a`` in place (so it starts as a copy of a shared ``m2_b``)."""
     if mean_a is None:
-        return float(n_b), mean_b, m2_b.to(torch.float64)
+        return float(n_b), mean_b, m2_b.to(torch.float64, copy=True)
     total = n_a + n_b
     delta = mean_b - mean_a
-    weight = n_a * n_b / total
     m2_a += m2_b
-    if m2_a.ndim == 2:
-        m2_a.addr_(delta, delta, alpha=weight)
-    else:
-        m2_a.addcmul_(delta, delta, value=weight)
+    m2_a.addcmul_(delta, delta, value=n_a * n_b / total)
     return total, mean_a + delta * (n_b / total), m2_a
 
 
@@ -190,6 +250,28 @@ def move_to(x: Any, device: torch.device | None) -> Any:
     return x
 
 
+class BatchReduction:
+    """One batch's tensor at a consumer's input, reduced once: its per-channel moments
+    (computed on creation) and the covariance sample (drawn by the first consumer that
+    wants one). Kept per distinct tensor, so consumers reading the same tensor share it."""
+
+    __slots__ = ("dim", "moments", "sample", "version")
+
+    def __init__(self, x: torch.Tensor, dim: int) -> None:
+        self.dim = dim
+        self.version = _version(x)
+        self.moments = batch_moments(x, dim)
+        self.sample: tuple[int, tuple[float, torch.Tensor, torch.Tensor]] | None = None
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """``x``'s in-place modification counter (shared with its views); None where it has none."""
+    try:
+        return x._version
+    except RuntimeError:  # inference-mode tensors do not count versions
+        return None
+
+
 class StatsCollector:
     """Collects :class:`ChannelStats` for the given consumer slices of ``model``."""
 
@@ -225,22 +307,41 @@ class StatsCollector:
     @contextmanager
     def hooks(self) -> Iterator[StatsCollector]:
         handles = []
+        # id(tensor) -> (weak reference, its reduction); an entry leaves when its tensor dies
+        seen: dict[int, tuple[weakref.ref, BatchReduction]] = {}
+
+        def reduce(x: torch.Tensor, dim: int) -> BatchReduction:
+            key = id(x)
+            hit = seen.get(key)
+            if hit is not None and hit[0]() is x:
+                red = hit[1]
+                if red.dim == dim and red.version is not None and red.version == _version(x):
+                    return red
+            red = BatchReduction(x, dim)
+            if red.version is not None:
+                try:
+                    seen[key] = (weakref.ref(x, lambda _, key=key: seen.pop(key, None)), red)
+                except TypeError:  # a tensor type without weak references: not shared
+                    pass
+            return red
+
         for module_name, slice_name, argpos, dim in self._targets:
             module = self.model.get_submodule(module_name)
             key = (module_name, slice_name)
             stats = self.stats.setdefault(
                 key, ChannelStats(covariance=key in self.with_covariance, covariance_rows=self.covariance_rows)
             )
-
             keyword = _parameter_name(module, argpos)
+            positional = isinstance(argpos, int)
 
-            def pre(m, args, kwargs, stats=stats, argpos=argpos, dim=dim, keyword=keyword):
-                if isinstance(argpos, int) and argpos < len(args):
+            def pre(m, args, kwargs, stats=stats, argpos=argpos, dim=dim, keyword=keyword, positional=positional):
+                if positional and argpos < len(args):
                     x = args[argpos]
                 else:  # passed by keyword, e.g. mha(q, key=k, value=v)
                     x = kwargs.get(keyword)
                 if isinstance(x, torch.Tensor) and x.ndim > 0:
-                    stats.update(x, dim % x.ndim)
+                    d = dim % x.ndim
+                    stats.update(x, d, reduce(x, d))
 
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         try:
@@ -248,6 +349,7 @@ class StatsCollector:
         finally:
             for h in handles:
                 h.remove()
+            seen.clear()
 
 
 def _parameter_name(module: nn.Module, arg: int | str) -> str | None:

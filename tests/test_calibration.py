@@ -233,3 +233,85 @@ def test_consumer_inputs_passed_by_keyword_are_collected():
     assert {k: v.count for k, v in pruner.stats.items()} == {("a", "in"): 40, ("mha", "embed"): 40, ("o", "in"): 40}
     x = torch.cat(data).reshape(-1, 8).double()
     torch.testing.assert_close(pruner.stats[("a", "in")].mean, x.mean(0), rtol=1e-5, atol=1e-6)
+
+
+class Shared(nn.Module):
+    """Two convs read the same tensor (like a ResNet conv1 and its downsample conv); a
+    third reads it only after an in-place ReLU changed it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.a = nn.Conv2d(6, 4, 1)
+        self.b = nn.Conv2d(6, 4, 3, padding=1)
+        self.c = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.a(h) + self.b(h)
+        return y + self.c(torch.relu_(h))
+
+
+def test_consumers_of_one_tensor_share_its_reduction(monkeypatch):
+    """``a`` and ``b`` read the same tensor: it is reduced once per batch, and both end up
+    with exactly the statistics (covariance included) a separate collection gives. ``c``
+    reads it after an in-place change and gets the changed tensor's own statistics."""
+    from cleanai_core import calibration
+    from cleanai_core.graph.dependency import DependencyGraph
+
+    torch.manual_seed(0)
+    model = Shared().eval()
+    data = [torch.randn(n, 3, 5, 5) for n in (2, 3, 1)]
+    graph = DependencyGraph(model, data[0])
+    reduced = []
+    real = calibration.batch_moments
+    monkeypatch.setattr(calibration, "batch_moments", lambda x, d: reduced.append(x.shape) or real(x, d))
+    collector = calibration.StatsCollector(model, graph.slices, covariance=True, covariance_rows=16)
+    with collector.hooks(), torch.no_grad():
+        for x in data:
+            model(x)
+    # per batch: the input, h (once for a and b), relu(h)
+    assert len(reduced) == 3 * len(data)
+    got = {m: st for (m, _), st in collector.stats.items()}
+    assert set(got) == {"stem", "a", "b", "c"}
+    assert got["a"] is not got["b"]
+
+    h = [model.stem(x).detach() for x in data]
+    for name, inputs in (("a", h), ("b", h), ("c", [t.relu() for t in h])):
+        ref = ChannelStats(covariance=True, covariance_rows=16)
+        for t in inputs:
+            ref.update(t, 1)
+        st = got[name]
+        assert st.count == ref.count == 6 * 25 and st.cov_count == ref.cov_count == 3 * 16
+        for field in ("mean", "m2", "cov_mean", "comoment"):
+            torch.testing.assert_close(getattr(st, field), getattr(ref, field), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["c"].mean, torch.cat(h).relu().double().mean((0, 2, 3)), rtol=1e-6, atol=1e-7)
+
+
+def test_blocked_paths_match_float64_reference(monkeypatch):
+    """Channels-last inputs (a linear's, a permuted NHWC tensor) are reduced and merged in
+    cache-sized blocks; with tiny blocks every loop runs many times and the mean, variance
+    and covariance still equal the float64 full-data values."""
+    from cleanai_core import calibration
+
+    monkeypatch.setattr(calibration, "_BLOCK_ELEMENTS", 40)
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(7, 7, generator=g)
+    chunks = [(torch.randn(n, 4, 5, 7, generator=g) @ mix + 3).permute(0, 3, 1, 2) for n in (2, 5, 1)]
+    assert not chunks[0].is_contiguous() and chunks[0].stride(1) == 1  # NCHW shape, NHWC memory
+    st = ChannelStats(covariance=True, covariance_rows=0)
+    for c in chunks:
+        st.update(c, 1)
+    full = torch.cat([c.movedim(1, -1).reshape(-1, 7) for c in chunks]).double()
+    assert st.count == st.cov_count == 8 * 20
+    torch.testing.assert_close(st.mean, full.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(st.var, full.var(0, unbiased=False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.cov, torch.cov(full.T, correction=0), rtol=1e-5, atol=1e-5)
+    # the same positions drawn from the NCHW-contiguous copy give the same sample
+    a = ChannelStats(covariance=True, covariance_rows=9)
+    b = ChannelStats(covariance=True, covariance_rows=9)
+    for c in chunks:
+        a.update(c, 1)
+        b.update(c.contiguous(), 1)
+    torch.testing.assert_close(a.comoment, b.comoment, rtol=1e-5, atol=1e-5)
+    assert a.cov_count == b.cov_count == 27
