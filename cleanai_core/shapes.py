@@ -69,7 +69,7 @@ def run_for_shape(func: Any, args: tuple, kwargs: dict) -> Any:
         out = func(*map_tensors(_to_meta, args), **map_tensors(_to_meta, kwargs))
     except Exception:  # no meta kernel, or a mismatch: let the real kernel speak
         return func(*args, **kwargs)
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))  # heavy ops take a tensor first
+    device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
     return map_tensors(lambda m: torch.empty_strided(m.size(), m.stride(), dtype=m.dtype, device=device).zero_(), out)
 
 

@@ -96,3 +96,9 @@ def test_pruned_model_check_still_catches_a_broken_conv():
     conv.weight = nn.Parameter(conv.weight[:, :-1].clone())  # one input channel short
     with pytest.raises(PruningError, match="fails to run.*channels"):
         pruner._verify(pruned, pruner.graph)
+
+
+def test_heavy_op_called_with_keywords_only():
+    a, b = torch.randn(3, 4), torch.randn(4, 5)
+    out = shapes_mod.run_for_shape(torch.ops.aten.mm.default, (), {"self": a, "mat2": b})
+    assert out.shape == (3, 5) and out.device == a.device and torch.count_nonzero(out) == 0
