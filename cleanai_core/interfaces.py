@@ -50,6 +50,11 @@ class LayerPruner:
         raise NotImplementedError
 
     def prune(self, module: nn.Module, keep: Mapping[str, torch.Tensor]) -> None:
+        """Slice ``module`` to the kept indices of each of its shrinking slices.
+
+        Replace tensors with sliced copies (:func:`replace_param`); never write into them
+        (no ``weight.data = ...``, no in-place ops): the pruned copy shares its tensors
+        with the user's model until they are sliced."""
         raise NotImplementedError
 
     def weight_energy(self, module: nn.Module, slice_name: str) -> torch.Tensor | None:
@@ -60,7 +65,8 @@ class LayerPruner:
     def compensate(self, module: nn.Module, slice_name: str, removed: torch.Tensor, mean: torch.Tensor) -> bool:
         """Fold the mean contribution of removed input channels into the bias, before
         slicing. ``mean`` is the mean of each removed channel at this module's input.
-        Return ``True`` when done."""
+        Return ``True`` when done. The module's tensors are its own here (copied before
+        the call), so in-place writes are fine."""
         return False
 
     def can_reconstruct(self, module: nn.Module, slice_name: str) -> bool:
