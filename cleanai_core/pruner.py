@@ -541,6 +541,8 @@ class StructuredPruner:
             target = mine.get(name)
             if target is None:
                 continue
+            if type(target) is not type(m):  # a plugin may swap a pruned module's class
+                target.__class__ = type(m)
             for key, value in m.__dict__.items():
                 if key != "_modules":
                     target.__dict__[key] = value

@@ -200,3 +200,13 @@ def test_restride_that_moves_elements_freezes():
         (8, 0),
         (4, 0),
     ]
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_inplace_prune_gives_the_model_the_pruned_class(v2):
+    model = small_swin(v2)
+    expected = run_model(StructuredPruner(small_swin(v2), X, "magnitude", pruning_ratio=0.5).prune(), X)[0]
+    out = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5, inplace=True).prune()
+    assert out is model and model.features[0][0].out_channels == 8
+    assert type(model.features[1][0].attn).__name__.startswith("PrunedShiftedWindowAttention")
+    assert torch.allclose(run_model(model, X)[0], expected, atol=1e-6)
