@@ -87,14 +87,9 @@ class ChannelStats:
         return float(rows.shape[0]), mean_r.to(torch.float64).cpu(), (centred.T @ centred).cpu()
 
     def _merge_comoment(self, n_r: float, mean_r: torch.Tensor, cross: torch.Tensor) -> None:
-        if self.comoment is None:
-            # a copy: ``cross`` may be shared with other consumers and the total grows in place
-            self.cov_count, self.cov_mean, self.comoment = n_r, mean_r, cross.to(torch.float64, copy=True)
-            return
-        total = self.cov_count + n_r
-        delta = mean_r - self.cov_mean
-        _add_comoment(self.comoment, cross, delta, self.cov_count * n_r / total)
-        self.cov_count, self.cov_mean = total, self.cov_mean + delta * (n_r / total)
+        self.cov_count, self.cov_mean, self.comoment = _chan_merge(
+            self.cov_count, self.cov_mean, self.comoment, n_r, mean_r, cross
+        )
 
     def _sample_rows(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """``(rows, C)``: every position of the batch, or ``covariance_rows`` drawn at random."""
@@ -205,14 +200,18 @@ def _add_comoment(m2: torch.Tensor, cross: torch.Tensor, delta: torch.Tensor, we
 
 
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al.'s parallel merge of two per-channel (count, mean, M2) summaries,
-    updating the running ``m2_a`` in place (so it starts as a copy of a shared ``m2_b``)."""
+    """Chan et al.'s parallel merge of two (count, mean, M2) summaries: per-channel M2
+    vectors, or ``C x C`` co-moment matrices. The running ``m2_a`` is updated in place (so
+    it starts as a copy: ``m2_b`` may be shared with other consumers)."""
     if mean_a is None:
         return float(n_b), mean_b, m2_b.to(torch.float64, copy=True)
     total = n_a + n_b
     delta = mean_b - mean_a
-    m2_a += m2_b
-    m2_a.addcmul_(delta, delta, value=n_a * n_b / total)
+    if m2_a.ndim == 2:
+        _add_comoment(m2_a, m2_b, delta, n_a * n_b / total)
+    else:
+        m2_a += m2_b
+        m2_a.addcmul_(delta, delta, value=n_a * n_b / total)
     return total, mean_a + delta * (n_b / total), m2_a
 
 

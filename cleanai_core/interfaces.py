@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from cleanai_core.graph.groups import Group
     from cleanai_core.graph.trace import ModuleCall, OpCall
 
-__all__ = ["Importance", "IndexMapper", "LayerPruner", "Reducer", "slice_tensor", "squared_weight"]
+__all__ = ["Importance", "IndexMapper", "LayerPruner", "Reducer", "add_to_bias", "slice_tensor", "squared_weight"]
 
 
 class LayerPruner:
@@ -163,6 +163,14 @@ def replace_param(module: nn.Module, attr: str, dim: int, keep: torch.Tensor) ->
         setattr(module, attr, nn.Parameter(new, requires_grad=t.requires_grad))
     else:
         module._buffers[attr] = new
+
+
+def add_to_bias(module: nn.Module, delta: torch.Tensor) -> None:
+    """``module.bias += delta`` in place, creating a zero bias first where the module has
+    none (compensation and reconstruction fold removed inputs into it)."""
+    if module.bias is None:
+        module.bias = nn.Parameter(torch.zeros_like(delta))
+    module.bias.data += delta
 
 
 def slice_params(module: nn.Module, keep: Mapping[str, torch.Tensor], plan: Mapping[str, Any]) -> None:

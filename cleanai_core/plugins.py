@@ -50,7 +50,6 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "cleanai_plugins.mappers.matmul",
     "cleanai_plugins.mappers.spatial",
     "cleanai_plugins.mappers.norm_ops",
-    "cleanai_plugins.mappers.restride",
     "cleanai_plugins.importance.criteria",
     "cleanai_plugins.reducers",
     "cleanai_plugins.zoo.timm",

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_core.interfaces import LayerPruner, replace_param, squared_weight
+from cleanai_core.interfaces import LayerPruner, add_to_bias, replace_param, squared_weight
 
 __all__ = ["ConvPruner"]
 
@@ -75,10 +75,7 @@ class ConvPruner(LayerPruner):
         if slice_name != "in" or module.transposed or module.groups != 1:
             return False
         w = module.weight.detach()
-        contrib = (w[:, removed].sum(dim=list(range(2, w.ndim))) * mean.to(w.dtype)).sum(1)
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros(module.out_channels, dtype=w.dtype, device=w.device))
-        module.bias.data += contrib
+        add_to_bias(module, (w[:, removed].sum(dim=list(range(2, w.ndim))) * mean.to(w.dtype)).sum(1))
         return True
 
     def can_reconstruct(self, module, slice_name):
@@ -91,9 +88,7 @@ class ConvPruner(LayerPruner):
         w = module.weight.detach()
         w_removed = w[:, removed]  # (out, removed, *k)
         w[:, kept] += torch.einsum("or...,rk->ok...", w_removed, coef.to(w.dtype))
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros(module.out_channels, dtype=w.dtype, device=w.device))
-        module.bias.data += torch.einsum("or...,r->o", w_removed, shift.to(w.dtype))
+        add_to_bias(module, torch.einsum("or...,r->o", w_removed, shift.to(w.dtype)))
         return True
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_core.interfaces import LayerPruner, replace_param, squared_weight
+from cleanai_core.interfaces import LayerPruner, add_to_bias, replace_param, squared_weight
 
 __all__ = ["LinearPruner"]
 
@@ -40,10 +39,7 @@ class LinearPruner(LayerPruner):
         if slice_name != "in":
             return False
         w = module.weight.detach()
-        contrib = w[:, removed] @ mean.to(w.dtype)
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=w.dtype, device=w.device))
-        module.bias.data += contrib
+        add_to_bias(module, w[:, removed] @ mean.to(w.dtype))
         return True
 
     def reconstruct(self, module, slice_name, removed, kept, coef, shift):
@@ -52,9 +48,7 @@ class LinearPruner(LayerPruner):
         w = module.weight.detach()
         w_removed = w[:, removed]
         w[:, kept] += w_removed @ coef.to(w.dtype)
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=w.dtype, device=w.device))
-        module.bias.data += w_removed @ shift.to(w.dtype)
+        add_to_bias(module, w_removed @ shift.to(w.dtype))
         return True
 
 

@@ -324,6 +324,25 @@ def copy(call, ctx):
     broadcast(ctx, [dst, src], call.outputs[0])
 
 
+@table.register("as_strided_.default")
+def restride_size_one(call, ctx):
+    """``as_strided_`` that only changes the strides of size-1 dimensions: ATen's
+    ``adaptive_avg_pool2d`` to 1x1 on a channels-last input (torchvision Swin's head)
+    restrides its fresh, contiguous result so. Labels pass when the size is the input's,
+    the offset 0 and every dimension larger than 1 keeps its contiguous stride. Any other
+    ``as_strided`` stays unclaimed (its channels freeze): the trace does not record input
+    strides, so a real reinterpretation of memory could not be told apart."""
+    src = call.args[0]
+    size, stride = list(arg(call, 1, "size")), list(arg(call, 2, "stride"))
+    if tuple(size) != tuple(src.shape) or arg(call, 3, "storage_offset") not in (None, 0):
+        return
+    if any(stride[k] != _prod(size[k + 1 :]) for k in range(len(size)) if size[k] > 1):
+        return
+    lab = ctx.label_of(src)
+    if lab is not None:
+        ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
 @hookimpl(trylast=True)
 def cleanai_index_mapper(op):
     return table.lookup(op)

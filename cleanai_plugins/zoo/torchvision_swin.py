@@ -28,10 +28,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_core.interfaces import LayerPruner, replace_param, squared_weight
+from cleanai_core.interfaces import LayerPruner, add_to_bias, replace_param, squared_weight
 
 try:  # torchvision is optional
     from torchvision.models import swin_transformer as _swin
@@ -205,9 +204,7 @@ class ShiftedWindowAttentionPruner(LayerPruner):
         if getattr(module, "logit_scale", None) is not None:
             inner = qkv.out_features // 3
             contrib[inner : 2 * inner] = 0
-        if qkv.bias is None:
-            qkv.bias = nn.Parameter(torch.zeros(qkv.out_features, dtype=w.dtype, device=w.device))
-        qkv.bias.data += contrib
+        add_to_bias(qkv, contrib)
         return True
 
 
