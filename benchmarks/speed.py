@@ -62,12 +62,7 @@ def median_time(fn, repeats: int) -> tuple[float, object]:
 
 
 def stats_bytes(pruner: StructuredPruner) -> int:
-    return sum(
-        t.numel() * t.element_size()
-        for s in pruner.stats.values()
-        for t in (s.mean, s.m2, s.comoment, s.cov_mean)
-        if t is not None
-    )
+    return sum(s.nbytes for s in pruner.stats.values())
 
 
 def bench(key: str, repeats: int, calib_batches: int, batch: int) -> dict:

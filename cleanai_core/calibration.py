@@ -4,7 +4,8 @@ For every ``"in"`` slice of the graph (a conv's, a linear's input channels), a f
 pre-hook reduces the batch to per-channel count, mean and sum of squared deviations
 (two reductions in the activation's precision, combined in float64) and merges them into
 running totals with Chan's parallel formula. With covariance (for reconstruction), a
-bounded number of randomly drawn positions per batch feeds a C x C co-moment. Memory is
+bounded number of randomly drawn positions per batch feeds a C x C co-moment (one matrix
+product per batch, added in place). Memory is
 O(channels) (O(C^2) with covariance), never O(data); nothing is stored per sample. Hooks
 are removed on exit, also on error or Ctrl-C; the model's train/eval mode is restored.
 
@@ -30,13 +31,15 @@ from cleanai_core.errors import UserError
 
 __all__ = ["BatchReduction", "ChannelStats", "StatsCollector", "move_to", "split_batch"]
 
-#: layers with more input channels than this keep no covariance (memory is C^2 float64)
+#: layers with more input channels than this keep no covariance (it holds two C x C matrices)
 MAX_COVARIANCE_CHANNELS = 4096
 #: total memory for covariance matrices; the widest consumers go without beyond it
 COVARIANCE_BUDGET_BYTES = 1 << 30
 #: positions per batch (per consumer) drawn at random for the covariance; 0 = all.
 #: On the digits benchmark 256 x 5 batches matched every position (1,280 vs ~19,000 rows).
 COVARIANCE_ROWS = 256
+#: sample batches summed in one block of the co-moment before it joins the running total
+FLUSH_BATCHES = 32
 #: elements per block of the blocked loops below (4 MiB of float32: stays in cache)
 _BLOCK_ELEMENTS = 1 << 20
 
@@ -44,18 +47,29 @@ _BLOCK_ELEMENTS = 1 << 20
 @attrs.define(eq=False)
 class ChannelStats:
     """Running per-channel statistics (float64): count, mean and M2 per channel; with
-    ``covariance=True`` also the channel co-moment matrix (C x C, for reconstruction),
-    streamed from at most ``covariance_rows`` randomly drawn positions of every batch
-    (with its own count and mean), so its cost per batch stays bounded."""
+    ``covariance=True`` also the channel covariance (C x C, for reconstruction), streamed
+    from at most ``covariance_rows`` randomly drawn positions of every batch (with its own
+    count), so its cost per batch stays bounded.
+
+    The covariance sample is accumulated about a fixed per-channel reference (the first
+    sample's mean), so no cancellation occurs and each batch costs one matrix product
+    added in place, in the activation's precision (float32 at least) and on its device:
+    ``S += (x - ref)^T (x - ref)``. Every ``FLUSH_BATCHES`` batches the running block is
+    added into a second accumulator, so rounding grows with ``FLUSH_BATCHES + batches /
+    FLUSH_BATCHES`` additions rather than with the number of batches. The covariance is
+    ``S / n - d d^T`` with ``d`` the mean offset from the reference, formed in float64."""
 
     count: float = 0.0
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None
     covariance: bool = False
-    comoment: torch.Tensor | None = None
     covariance_rows: int = 0
     cov_count: float = 0.0
-    cov_mean: torch.Tensor | None = None
+    cov_ref: torch.Tensor | None = None
+    cov_offset: torch.Tensor | None = None
+    cov_block: torch.Tensor | None = None
+    cov_total: torch.Tensor | None = None
+    cov_batches: int = 0
     generator: torch.Generator | None = None
 
     def update(self, x: torch.Tensor, dim: int, reduction: BatchReduction | None = None) -> None:
@@ -71,25 +85,38 @@ class ChannelStats:
             raise UserError(f"a layer saw {c} channels after {self.mean.numel()} earlier in calibration")
         self.count, self.mean, self.m2 = _chan_merge(self.count, self.mean, self.m2, n_b, mean_b, m2_b)
         if self.covariance and c <= MAX_COVARIANCE_CHANNELS:
-            if reduction.sample is None or reduction.sample[0] != self.covariance_rows:
-                reduction.sample = (self.covariance_rows, self._sample_comoment(x, reduction.dim))
-            self._merge_comoment(*reduction.sample[1])
+            self._add_sample(x, reduction)
 
-    def _sample_comoment(self, x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """``(rows, mean, co-moment)`` of the positions drawn from one batch: the mean in
-        float64, the ``C x C`` co-moment as one matrix product in the activation's precision
-        (float32 at least), moved to the CPU."""
-        rows = self._sample_rows(x, dim)
-        if rows.dtype in (torch.float16, torch.bfloat16):
-            rows = rows.float()
-        mean_r = rows.mean(0)
-        centred = rows - mean_r
-        return float(rows.shape[0]), mean_r.to(torch.float64).cpu(), (centred.T @ centred).cpu()
-
-    def _merge_comoment(self, n_r: float, mean_r: torch.Tensor, cross: torch.Tensor) -> None:
-        self.cov_count, self.cov_mean, self.comoment = _chan_merge(
-            self.cov_count, self.cov_mean, self.comoment, n_r, mean_r, cross
-        )
+    def _add_sample(self, x: torch.Tensor, reduction: BatchReduction) -> None:
+        """Add this batch's drawn positions, centred on the reference, to the co-moment.
+        The centred sample is kept on ``reduction`` for the other consumers of ``x`` with
+        the same reference (any reference is exact; a consumer without one adopts it)."""
+        sample = reduction.sample
+        if (
+            sample is None
+            or sample[0] != self.covariance_rows
+            or (self.cov_ref is not None and sample[1] is not self.cov_ref)
+        ):
+            rows = self._sample_rows(x, reduction.dim)
+            if rows.dtype in (torch.float16, torch.bfloat16):
+                rows = rows.float()
+            ref = rows.mean(0) if self.cov_ref is None else self.cov_ref
+            centred = rows - ref
+            sample = reduction.sample = (self.covariance_rows, ref, centred, centred.sum(0, dtype=torch.float64))
+        _, ref, centred, offset = sample
+        if self.cov_ref is None:
+            self.cov_ref = ref
+            self.cov_offset = offset.clone()
+            self.cov_block = centred.T @ centred
+            self.cov_total = torch.zeros_like(self.cov_block)
+        else:
+            self.cov_offset += offset
+            self.cov_block.addmm_(centred.T, centred)
+        self.cov_count += centred.shape[0]
+        self.cov_batches += 1
+        if self.cov_batches % FLUSH_BATCHES == 0:
+            self.cov_total += self.cov_block
+            self.cov_block.zero_()
 
     def _sample_rows(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """``(rows, C)``: every position of the batch, or ``covariance_rows`` drawn at random."""
@@ -109,8 +136,26 @@ class ChannelStats:
 
     @property
     def cov(self) -> torch.Tensor | None:
-        """Channel covariance matrix, when collected."""
-        return None if self.comoment is None else self.comoment / max(self.cov_count, 1.0)
+        """Channel covariance matrix (float64, CPU), when collected."""
+        if self.cov_block is None:
+            return None
+        n = max(self.cov_count, 1.0)
+        d = (self.cov_offset / n).cpu()
+        s = self.cov_total.to("cpu", torch.float64) + self.cov_block.to("cpu", torch.float64)
+        return s.div_(n).sub_(torch.outer(d, d))
+
+    @property
+    def cov_mean(self) -> torch.Tensor | None:
+        """Mean of the covariance sample (float64, CPU), when collected."""
+        if self.cov_ref is None:
+            return None
+        return self.cov_ref.to("cpu", torch.float64) + (self.cov_offset / max(self.cov_count, 1.0)).cpu()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by these statistics."""
+        held = (self.mean, self.m2, self.cov_ref, self.cov_offset, self.cov_block, self.cov_total)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     @property
     def var(self) -> torch.Tensor:
@@ -190,28 +235,16 @@ def _column_sums(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return total, squares
 
 
-def _add_comoment(m2: torch.Tensor, cross: torch.Tensor, delta: torch.Tensor, weight: float) -> None:
-    """``m2 += cross + weight * delta delta^T`` (Chan's merge of a co-moment matrix), in
-    blocks of rows: an in-place float32 -> float64 add over a whole large matrix is several
-    times slower than the same add over cache-sized blocks."""
-    step = max(1, _BLOCK_ELEMENTS // (2 * m2.shape[1]))
-    for i in range(0, m2.shape[0], step):
-        m2[i : i + step].add_(cross[i : i + step]).addr_(delta[i : i + step], delta, alpha=weight)
-
-
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al.'s parallel merge of two (count, mean, M2) summaries: per-channel M2
-    vectors, or ``C x C`` co-moment matrices. The running ``m2_a`` is updated in place (so
-    it starts as a copy: ``m2_b`` may be shared with other consumers)."""
+    """Chan et al.'s parallel merge of two per-channel (count, mean, M2) summaries. The
+    running ``m2_a`` is updated in place (so it starts as a copy: ``m2_b`` may be shared
+    with other consumers)."""
     if mean_a is None:
         return float(n_b), mean_b, m2_b.to(torch.float64, copy=True)
     total = n_a + n_b
     delta = mean_b - mean_a
-    if m2_a.ndim == 2:
-        _add_comoment(m2_a, m2_b, delta, n_a * n_b / total)
-    else:
-        m2_a += m2_b
-        m2_a.addcmul_(delta, delta, value=n_a * n_b / total)
+    m2_a += m2_b
+    m2_a.addcmul_(delta, delta, value=n_a * n_b / total)
     return total, mean_a + delta * (n_b / total), m2_a
 
 
@@ -260,7 +293,8 @@ class BatchReduction:
         self.dim = dim
         self.version = _version(x)
         self.moments = batch_moments(x, dim)
-        self.sample: tuple[int, tuple[float, torch.Tensor, torch.Tensor]] | None = None
+        # (rows drawn, reference, centred sample, its column sums in float64)
+        self.sample: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 def _version(x: torch.Tensor) -> int | None:
@@ -297,7 +331,7 @@ class StatsCollector:
             if covariance and s.pruner is not None and s.pruner.can_reconstruct(model.get_submodule(s.module), s.name)
         ]
         for s in sorted(foldable, key=lambda s: s.atoms.numel()):
-            size = s.atoms.numel() ** 2 * 8
+            size = s.atoms.numel() ** 2 * 8  # two float32 matrices (twice that for float64 models)
             if s.atoms.numel() > MAX_COVARIANCE_CHANNELS or used + size > covariance_budget:
                 break
             used += size

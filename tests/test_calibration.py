@@ -283,7 +283,7 @@ def test_consumers_of_one_tensor_share_its_reduction(monkeypatch):
             ref.update(t, 1)
         st = got[name]
         assert st.count == ref.count == 6 * 25 and st.cov_count == ref.cov_count == 3 * 16
-        for field in ("mean", "m2", "cov_mean", "comoment"):
+        for field in ("mean", "m2", "cov_mean", "cov"):
             torch.testing.assert_close(getattr(st, field), getattr(ref, field), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got["c"].mean, torch.cat(h).relu().double().mean((0, 2, 3)), rtol=1e-6, atol=1e-7)
 
@@ -313,5 +313,5 @@ def test_blocked_paths_match_float64_reference(monkeypatch):
     for c in chunks:
         a.update(c, 1)
         b.update(c.contiguous(), 1)
-    torch.testing.assert_close(a.comoment, b.comoment, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.cov, b.cov, rtol=1e-5, atol=1e-5)
     assert a.cov_count == b.cov_count == 27

@@ -22,6 +22,52 @@ def test_streamed_covariance_equals_full_data():
     assert st.cov.shape == (5, 5)
 
 
+def test_streamed_covariance_far_from_zero_and_across_flushes(monkeypatch):
+    """float32 activations with a large mean and unit spread: the co-moment is summed
+    about a reference (the first sample's mean), so the float32 products lose nothing to
+    cancellation; with a tiny flush interval the block -> total hand-over runs many times.
+    Summed about zero instead, float32 would leave errors of ~1e-1 on these unit
+    variances."""
+    from cleanai_core import calibration
+
+    monkeypatch.setattr(calibration, "FLUSH_BATCHES", 3)
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 6, generator=g)
+    chunks = [torch.randn(n, 6, generator=g) @ mix + 1000.0 for n in (5, 40, 9, 33, 17, 2, 64, 8, 21, 12)]
+    st = ChannelStats(covariance=True)
+    for c in chunks:
+        st.update(c, 1)
+    assert st.cov_batches == 10 and st.cov_count == sum(c.shape[0] for c in chunks)
+    full = torch.cat(chunks).double()
+    expected = torch.cov(full.T, correction=0)
+    torch.testing.assert_close(st.cov, expected, rtol=0, atol=2e-4 * float(expected.abs().max()))
+    torch.testing.assert_close(st.cov_mean, full.mean(0), rtol=1e-9, atol=1e-9)
+
+
+def test_consumers_with_different_references_agree():
+    """Consumers of one tensor share its centred sample only when they share a reference:
+    one starting a batch later adopts the shared sample's reference if it comes second in
+    the batch, and makes its own if it comes first (the one already running then draws
+    its own). Every one gives the covariance of what it saw."""
+    from cleanai_core.calibration import BatchReduction
+
+    g = torch.Generator().manual_seed(1)
+    chunks = [torch.randn(30, 4, generator=g) * 3 + 5 for _ in range(4)]
+    early, late_first, late_second = (ChannelStats(covariance=True) for _ in range(3))
+    for i, c in enumerate(chunks):
+        red = BatchReduction(c, 1)
+        if i > 0:
+            late_first.update(c, 1, red)
+        early.update(c, 1, red)
+        if i > 0:
+            late_second.update(c, 1, red)
+    assert late_second.cov_ref is early.cov_ref and late_first.cov_ref is not early.cov_ref
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(early.cov, torch.cov(torch.cat(chunks).double().T, correction=0), **tol)
+    for st in (late_first, late_second):
+        torch.testing.assert_close(st.cov, torch.cov(torch.cat(chunks[1:]).double().T, correction=0), **tol)
+
+
 class Dependent(nn.Module):
     """Hidden unit 3 is exactly 2*h0 - h1 + 0.5, so removing it loses nothing."""
 
