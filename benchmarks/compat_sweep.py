@@ -426,7 +426,7 @@ def render(cache: dict[str, dict], doc: Path, note: str = "") -> None:
         f"input size capped at {MAX_SIDE} where the model allows it), then a random 50% of every prunable",
         "group is pruned (model outputs, hence the classifier's, are kept). A model passes when the pruned",
         "model runs, keeps its output shape and matches the masking oracle within 1e-3 x max(1, |output|)",
-        "(groups that normalise across channels, LayerNorm/GroupNorm and the inputs of weight-standardised",
+        "(groups that normalise across channels, LayerNorm/GroupNorm/RMS norms and the inputs of weight-standardised",
         "convolutions, are pruned for the parameter count but left out of the oracle comparison, as in",
         "`cleanai_core.testing.check_pruner`).",
         "",

@@ -212,6 +212,83 @@ def test_groupnorm_ties_channels_across_groups():
     assert small(torch.randn(2, 3, 6, 6)).shape == (2, 4, 6, 6)
 
 
+class RMSResidual(nn.Module):
+    """A pre-norm residual stream of ``c`` channels (tokens ``(N, T, C)``, or ``(N, C, H, W)``
+    with 1x1 convolutions when ``nchw``), normalised by ``norm(c)`` before the MLP and the head."""
+
+    def __init__(self, norm, nchw=False, c=8, hidden=16):
+        super().__init__()
+        lin = (lambda i, o: nn.Conv2d(i, o, 1)) if nchw else nn.Linear
+        self.embed, self.fc1, self.fc2, self.head = lin(3, c), lin(c, hidden), lin(hidden, c), lin(c, 4)
+        self.norm1, self.norm2 = norm(c), norm(c)
+        for n in (self.norm1, self.norm2):
+            if n.weight is not None:
+                nn.init.uniform_(n.weight, 0.5, 2.0)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.fc2(F.gelu(self.fc1(self.norm1(h))))
+        return self.head(self.norm2(h))
+
+
+def _timm_norm(name):
+    return lambda c: getattr(pytest.importorskip("timm.layers"), name)(c)
+
+
+@pytest.mark.parametrize(
+    "norm,nchw",
+    [
+        (nn.RMSNorm, False),
+        (lambda c: nn.RMSNorm(c, elementwise_affine=False), False),
+        *((_timm_norm(n), False) for n in ("RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32")),
+        *((_timm_norm(n), True) for n in ("RmsNorm2d", "RmsNorm2dFp32", "SimpleNorm2d", "SimpleNorm2dFp32")),
+        (_timm_norm("RmsNormAct2d"), True),
+    ],
+    ids=[
+        "torch",
+        "torch-no-affine",
+        "RmsNorm",
+        "RmsNormFp32",
+        "SimpleNorm",
+        "SimpleNormFp32",
+        "RmsNorm2d",
+        "RmsNorm2dFp32",
+        "SimpleNorm2d",
+        "SimpleNorm2dFp32",
+        "RmsNormAct2d",
+    ],
+)
+def test_rmsnorm_residual_stream_is_normalising_but_prunable(norm, nchw):
+    m = RMSResidual(norm, nchw)
+    x = torch.randn(2, 3, 5, 5) if nchw else torch.randn(2, 5, 3)
+    r = oracle(m, x)  # the MLP hidden group is exact: 8 of 16 go from fc1's rows and fc2's columns
+    assert r.after == r.before - 8 * (8 + 1) - 8 * 8
+    stream = group_of(r.graph, "norm1", "channels")
+    names = {(s.module, s.name) for s in stream.slices}
+    assert {("embed", "out"), ("norm2", "channels"), ("fc2", "out"), ("head", "in")} <= names
+    assert stream.size == stream.prunable == 8 and any(s.normalizes for s in stream.slices)
+    assert type(r.graph.nodes["norm1"].pruner).__name__ == "RMSNormPruner"
+    # pruning the normalising stream too: half of its 8 channels and of the 16 hidden ones
+    pruned = random_units(r.graph, 0.5)
+    keep = r.graph.keep_indices(pruned)[("norm1", "channels")]
+    small = prune_with(r.graph, pruned)
+    affine = 8 if m.norm1.weight is not None else 0
+    # embed 3*8+8, norms 8 each, fc1 8*16+16, fc2 16*8+8, head 8*4+4 -> widths 4 and 8
+    assert n_params(m) == 32 + 2 * affine + 144 + 136 + 36
+    assert n_params(small) == 16 + affine + 40 + 36 + 20
+    assert small.norm1.normalized_shape == small.norm2.normalized_shape == (4,) and keep.numel() == 4
+    if affine:
+        assert torch.equal(small.norm1.weight, m.norm1.weight[keep])
+        assert torch.equal(small.norm2.weight, m.norm2.weight[keep])
+    else:
+        assert small.norm1.weight is None
+    # the pruned model is the same network built at width 4 with the kept weights
+    narrow = RMSResidual(norm, nchw, c=4, hidden=8).eval()
+    narrow.load_state_dict(small.state_dict())
+    got = small(x)
+    assert got.shape == m(x).shape and torch.equal(got, narrow(x))
+
+
 def test_instancenorm_affine():
     m = seq(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU(), nn.Conv2d(8, 4, 1))
     with torch.no_grad():

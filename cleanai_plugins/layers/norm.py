@@ -1,5 +1,6 @@
-"""BatchNorm, LayerNorm (also channels-last use), GroupNorm, InstanceNorm, and the timm
-norm layers that subclass them (``BatchNormAct2d``, ``LayerNorm2d``...)."""
+"""BatchNorm, LayerNorm (also channels-last use), GroupNorm, InstanceNorm, RMS norms
+(``nn.RMSNorm`` and timm's ``RmsNorm``/``SimpleNorm`` families), and the timm norm layers
+that subclass them (``BatchNormAct2d``, ``LayerNorm2d``, ``RmsNormAct2d``...)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_core.interfaces import LayerPruner, slice_params
 
-__all__ = ["BatchNormPruner", "GroupNormPruner", "LayerNormPruner"]
+__all__ = ["BatchNormPruner", "GroupNormPruner", "LayerNormPruner", "RMSNormPruner"]
 
 _AFFINE = [("weight", 0), ("bias", 0)]
 _STATS = [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]
+# timm's RMS norms (x / rms(x)) and SimpleNorms (x / std(x)), matched by class name so
+# timm need not be imported; the "2d" forms normalise dim 1 of NCHW tensors
+_TIMM_RMS_NORMS = frozenset({"RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32"})
+_TIMM_RMS_NORMS_2D = frozenset({"RmsNorm2d", "RmsNorm2dFp32", "SimpleNorm2d", "SimpleNorm2dFp32"})
 
 
 class _PassThrough(LayerPruner):
@@ -75,6 +80,33 @@ class LayerNormPruner(_PassThrough):
         module.normalized_shape = (n,)
 
 
+class RMSNormPruner(LayerNormPruner):
+    """RMS norm over one channel dimension: ``nn.RMSNorm`` and timm's ``RmsNorm``,
+    ``SimpleNorm`` (last dimension) and ``RmsNorm2d``, ``SimpleNorm2d`` (dim 1), their
+    ``Fp32`` forms and subclasses (``RmsNormAct2d``). A weight (or none), no bias.
+    Normalises across channels, like LayerNorm."""
+
+    name = "rmsnorm"
+
+    def channel_dim(self, module, x) -> int:
+        return 1 if _timm_rms_norm(module) in _TIMM_RMS_NORMS_2D else x.ndim - 1
+
+
+def _timm_rms_norm(module: nn.Module) -> str | None:
+    """The name of the timm RMS-norm class ``module`` is or subclasses, provided it
+    normalises one dimension and its weight (if any) has that shape; else None."""
+    shape = getattr(module, "normalized_shape", None)
+    if shape is None or len(shape) != 1:
+        return None
+    weight = getattr(module, "weight", None)
+    if weight is not None and tuple(weight.shape) != tuple(shape):
+        return None
+    for cls in type(module).__mro__:
+        if cls.__name__ in _TIMM_RMS_NORMS | _TIMM_RMS_NORMS_2D:
+            return cls.__name__
+    return None
+
+
 class GroupNormPruner(_PassThrough):
     """GroupNorm keeps ``num_groups``: the j-th channel of every group is one unit."""
 
@@ -101,4 +133,8 @@ def cleanai_layer_pruner(module):
         return LayerNormPruner()
     if isinstance(module, nn.GroupNorm):
         return GroupNormPruner()
+    if isinstance(module, nn.RMSNorm):
+        return RMSNormPruner() if len(module.normalized_shape) == 1 else None
+    if _timm_rms_norm(module) is not None:
+        return RMSNormPruner()
     return None
