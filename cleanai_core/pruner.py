@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import functools
+import itertools
 import logging
 import math
 import warnings
@@ -16,7 +17,7 @@ from torch import nn
 
 from cleanai_core.calibration import COVARIANCE_ROWS, StatsCollector, iterate, move_to, split_batch, total_batches
 from cleanai_core.errors import PruningError, UserError
-from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.graph.dependency import DependencyGraph, resolve_modules
 from cleanai_core.history import PruningHistory
 from cleanai_core.metrics import call_model, count_flops, count_params
 from cleanai_core.planning import PruningPlan, make_plan
@@ -619,8 +620,14 @@ def _sliced_copy(source: nn.Module, edits: list[SliceEdit], pm: Any, compensate:
     is about to be written in place (``compensate(model, own)`` calls ``own(module)``
     before touching a module) or is left unsliced; one memo keeps tied tensors tied.
     Fix-up hooks run after every tensor is the copy's own.
+
+    A plugin that writes into a tensor it was handed instead of replacing it would change
+    the user's model through the sharing: every shared tensor's version counter, storage
+    and shape are compared afterwards, and such a write raises, naming the tensor and the
+    plugin that claimed its module.
     """
     originals = list(source.parameters()) + list(source.buffers())
+    before = [_fingerprint(t) for t in originals]
     model = copy.deepcopy(source, {id(t): t for t in originals})
     shared = {id(t) for t in originals}
     memo: dict[int, Any] = {}
@@ -636,9 +643,41 @@ def _sliced_copy(source: nn.Module, edits: list[SliceEdit], pm: Any, compensate:
     if compensate is not None:
         compensate(model, own=own)
     slice_tensors(model, edits, pm)
+    _check_untouched(source, originals, before, pm)
     own(model)
     run_after_prune(model, edits, pm)
     return model
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """What an in-place write or a ``.data`` swap changes: version, storage, shape. (A
+    write through ``t.data`` bumps no counter; reading every weight to catch it would cost
+    more than the whole slicing.)"""
+    try:
+        version = t._version
+    except RuntimeError:  # inference-mode tensors count no versions
+        version = None
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # no storage (e.g. an uninitialised lazy parameter)
+        ptr = None
+    return version, ptr, tuple(t.shape)
+
+
+def _check_untouched(source: nn.Module, originals: list[torch.Tensor], before: list[tuple], pm: Any) -> None:
+    changed = {id(t) for t, fp in zip(originals, before, strict=True) if _fingerprint(t) != fp}
+    if not changed:
+        return
+    names = [n for n, t in itertools.chain(source.named_parameters(), source.named_buffers()) if id(t) in changed]
+    owners = {n.rpartition(".")[0] for n in names}
+    nodes = resolve_modules(source, pm)
+    claimed = sorted({f"{type(nodes[o].pruner).__name__} ({o or 'root'})" for o in owners if o in nodes})
+    raise RuntimeError(
+        f"a layer pruner wrote into {', '.join(names)} in place while slicing a copy, which changed your model "
+        f"(it shares those tensors with the copy). Pruners involved: {', '.join(claimed) or 'unknown'}. "
+        "LayerPruner.prune must replace a module's tensors (slice_params / replace_param), never write into "
+        "them; report this to the plugin's author, or prune with inplace=True."
+    )
 
 
 def _step_ratio(ratio: float, step: int, steps: int) -> float:

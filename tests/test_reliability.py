@@ -96,6 +96,39 @@ def test_pruned_copy_shares_no_tensor_with_the_model():
     assert not torch.equal(pruned.fc.bias, model.fc.bias)  # compensation did write, to the copy
 
 
+@pytest.mark.parametrize("how", ["in_place", "data_swap"])
+def test_a_pruner_writing_into_shared_tensors_is_named(how):
+    """The pruned copy shares the user's tensors until they are sliced: a third-party
+    pruner that writes into one (instead of replacing it) is caught and named."""
+    from cleanai_core import hookimpl
+    from cleanai_core.plugins import temporary_plugin
+    from cleanai_plugins.layers.conv import ConvPruner
+
+    class CarelessConvPruner(ConvPruner):
+        def prune(self, module, keep):
+            if how == "in_place":
+                with torch.no_grad():
+                    module.weight.mul_(2.0)
+            else:
+                module.weight.data = module.weight.data.clone()  # swaps the storage under the shared Parameter
+            super().prune(module, keep)
+
+    class Careless:
+        @hookimpl(tryfirst=True)
+        def cleanai_layer_pruner(self, module):
+            return CarelessConvPruner() if isinstance(module, nn.Conv2d) else None
+
+    model = Net().eval()
+    expected = r"wrote into conv1\.weight, conv2\.weight .*CarelessConvPruner \(conv1\), CarelessConvPruner \(conv2\)"
+    with temporary_plugin(Careless(), name="careless"), pytest.raises(RuntimeError, match=expected):
+        StructuredPruner(model, _x(), "magnitude", pruning_ratio=0.5).prune()
+    # the default pruners replace tensors: the same model prunes cleanly and stays as it was
+    model = Net().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert StructuredPruner(model, _x(), "magnitude", pruning_ratio=0.5).prune().conv1.out_channels == 8
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_hooks_removed_when_calibration_fails():
     model = Net().eval()
     pruner = StructuredPruner(model, _x(), pruning_ratio=0.5)
