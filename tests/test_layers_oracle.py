@@ -243,6 +243,7 @@ def _timm_norm(name):
         *((_timm_norm(n), False) for n in ("RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32")),
         *((_timm_norm(n), True) for n in ("RmsNorm2d", "RmsNorm2dFp32", "SimpleNorm2d", "SimpleNorm2dFp32")),
         (_timm_norm("RmsNormAct2d"), True),
+        *((_timm_norm(n), True) for n in ("LayerNorm2d", "LayerNorm2dFp32", "LayerNormAct2d", "LayerNormAct2dFp32")),
     ],
     ids=[
         "torch",
@@ -256,9 +257,14 @@ def _timm_norm(name):
         "SimpleNorm2d",
         "SimpleNorm2dFp32",
         "RmsNormAct2d",
+        "LayerNorm2d",
+        "LayerNorm2dFp32",
+        "LayerNormAct2d",
+        "LayerNormAct2dFp32",
     ],
 )
-def test_rmsnorm_residual_stream_is_normalising_but_prunable(norm, nchw):
+def test_channel_norm_residual_stream_is_normalising_but_prunable(norm, nchw):
+    """RMS norms, and timm's LayerNorms over dim 1 of NCHW tensors."""
     m = RMSResidual(norm, nchw)
     x = torch.randn(2, 3, 5, 5) if nchw else torch.randn(2, 5, 3)
     r = oracle(m, x)  # the MLP hidden group is exact: 8 of 16 go from fc1's rows and fc2's columns
@@ -267,19 +273,22 @@ def test_rmsnorm_residual_stream_is_normalising_but_prunable(norm, nchw):
     names = {(s.module, s.name) for s in stream.slices}
     assert {("embed", "out"), ("norm2", "channels"), ("fc2", "out"), ("head", "in")} <= names
     assert stream.size == stream.prunable == 8 and any(s.normalizes for s in stream.slices)
-    assert type(r.graph.nodes["norm1"].pruner).__name__ == "RMSNormPruner"
+    rms = "LayerNorm" not in type(m.norm1).__name__
+    assert type(r.graph.nodes["norm1"].pruner).__name__ == ("RMSNormPruner" if rms else "LayerNormPruner")
     # pruning the normalising stream too: half of its 8 channels and of the 16 hidden ones
     pruned = random_units(r.graph, 0.5)
     keep = r.graph.keep_indices(pruned)[("norm1", "channels")]
     small = prune_with(r.graph, pruned)
-    affine = 8 if m.norm1.weight is not None else 0
-    # embed 3*8+8, norms 8 each, fc1 8*16+16, fc2 16*8+8, head 8*4+4 -> widths 4 and 8
+    # 8 per norm for each of a weight and a bias
+    affine = 8 * sum(getattr(m.norm1, t, None) is not None for t in ("weight", "bias"))
+    # embed 3*8+8, norms, fc1 8*16+16, fc2 16*8+8, head 8*4+4 -> widths 4 and 8
     assert n_params(m) == 32 + 2 * affine + 144 + 136 + 36
     assert n_params(small) == 16 + affine + 40 + 36 + 20
     assert small.norm1.normalized_shape == small.norm2.normalized_shape == (4,) and keep.numel() == 4
     if affine:
-        assert torch.equal(small.norm1.weight, m.norm1.weight[keep])
-        assert torch.equal(small.norm2.weight, m.norm2.weight[keep])
+        for t in ("weight", "bias")[: affine // 8]:
+            assert torch.equal(getattr(small.norm1, t), getattr(m.norm1, t)[keep])
+            assert torch.equal(getattr(small.norm2, t), getattr(m.norm2, t)[keep])
     else:
         assert small.norm1.weight is None
     # the pruned model is the same network built at width 4 with the kept weights

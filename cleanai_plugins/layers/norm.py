@@ -17,6 +17,8 @@ _STATS = [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]
 # timm need not be imported; the "2d" forms normalise dim 1 of NCHW tensors
 _TIMM_RMS_NORMS = frozenset({"RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32"})
 _TIMM_RMS_NORMS_2D = frozenset({"RmsNorm2d", "RmsNorm2dFp32", "SimpleNorm2d", "SimpleNorm2dFp32"})
+#: timm's nn.LayerNorm subclasses that normalise NCHW tensors over dim 1
+_TIMM_LAYER_NORMS_2D = frozenset({"LayerNorm2d", "LayerNorm2dFp32", "LayerNormAct2d", "LayerNormAct2dFp32"})
 
 
 class _PassThrough(LayerPruner):
@@ -72,7 +74,8 @@ class LayerNormPruner(_PassThrough):
     normalizes = True
 
     def channel_dim(self, module, x) -> int:
-        if type(module).__name__ == "LayerNorm2d" or getattr(module, "_channels_first", False):
+        channels_first = any(c.__name__ in _TIMM_LAYER_NORMS_2D for c in type(module).__mro__)
+        if channels_first or getattr(module, "_channels_first", False):
             return 1
         return x.ndim - 1
 
