@@ -40,6 +40,9 @@ COVARIANCE_BUDGET_BYTES = 1 << 30
 COVARIANCE_ROWS = 256
 #: sample batches summed in one block of the co-moment before it joins the running total
 FLUSH_BATCHES = 32
+#: the co-moment product is split into column blocks about this wide from this width on
+_GRAM_BLOCK = 768
+_GRAM_MIN_SPLIT = 1024
 #: elements per block of the blocked loops below (4 MiB of float32: stays in cache)
 _BLOCK_ELEMENTS = 1 << 20
 
@@ -54,10 +57,11 @@ class ChannelStats:
     The covariance sample is accumulated about a fixed per-channel reference (the first
     sample's mean), so no cancellation occurs and each batch costs one matrix product
     added in place, in the activation's precision (float32 at least) and on its device:
-    ``S += (x - ref)^T (x - ref)``. Every ``FLUSH_BATCHES`` batches the running block is
-    added into a second accumulator, so rounding grows with ``FLUSH_BATCHES + batches /
-    FLUSH_BATCHES`` additions rather than with the number of batches. The covariance is
-    ``S / n - d d^T`` with ``d`` the mean offset from the reference, formed in float64."""
+    ``S += (x - ref)^T (x - ref)`` (for wide layers only its blocks on and above the
+    diagonal). Every ``FLUSH_BATCHES`` batches the running block is added into a second
+    accumulator, so rounding grows with ``FLUSH_BATCHES + batches / FLUSH_BATCHES``
+    additions rather than with the number of batches. The covariance is ``S / n - d d^T``
+    with ``d`` the mean offset from the reference, formed in float64."""
 
     count: float = 0.0
     mean: torch.Tensor | None = None
@@ -107,11 +111,12 @@ class ChannelStats:
         if self.cov_ref is None:
             self.cov_ref = ref
             self.cov_offset = offset.clone()
-            self.cov_block = centred.T @ centred
-            self.cov_total = torch.zeros_like(self.cov_block)
+            c = centred.shape[1]
+            self.cov_block = centred.new_zeros(c, c)
+            self.cov_total = centred.new_zeros(c, c)
         else:
             self.cov_offset += offset
-            self.cov_block.addmm_(centred.T, centred)
+        _add_gram(self.cov_block, centred)
         self.cov_count += centred.shape[0]
         self.cov_batches += 1
         if self.cov_batches % FLUSH_BATCHES == 0:
@@ -142,6 +147,8 @@ class ChannelStats:
         n = max(self.cov_count, 1.0)
         d = (self.cov_offset / n).cpu()
         s = self.cov_total.to("cpu", torch.float64) + self.cov_block.to("cpu", torch.float64)
+        s = s.triu_()  # the blocks above the diagonal (see _add_gram), mirrored
+        s += s.triu(1).T
         return s.div_(n).sub_(torch.outer(d, d))
 
     @property
@@ -233,6 +240,19 @@ def _column_sums(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         total += block.sum(0)
         squares += torch.mul(block, block, out=scratch[: block.shape[0]]).sum(0)
     return total, squares
+
+
+def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += x^T x`` on and above the diagonal only: ``x^T x`` is symmetric, so for wide
+    ``x`` the column blocks ``i <= j`` are multiplied (about half the work; on 2 cores
+    C=2048 takes 11-13 ms instead of 17); blocks below the diagonal are left untouched."""
+    c = x.shape[1]
+    k = 1 if c < _GRAM_MIN_SPLIT else math.ceil(c / _GRAM_BLOCK)
+    edges = [c * i // k for i in range(k + 1)]
+    cols = [slice(edges[i], edges[i + 1]) for i in range(k)]
+    for i, a in enumerate(cols):
+        for b in cols[i:]:
+            acc[a, b].addmm_(x[:, a].T, x[:, b])
 
 
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
