@@ -298,6 +298,61 @@ def test_channel_norm_residual_stream_is_normalising_but_prunable(norm, nchw):
     assert got.shape == m(x).shape and torch.equal(got, narrow(x))
 
 
+@pytest.mark.parametrize("norm", ["LayerNorm", "RmsNorm"])
+def test_qk_norm_lets_whole_heads_prune(norm):
+    """A qk-norm normalises each head's q and k over the head dim with one weight shared by
+    every head: heads prune through it (exactly), the head dim and the norm's weight stay.
+    Without it the heads of every block and the stream they feed were frozen."""
+    vit = pytest.importorskip("timm.models.vision_transformer")
+    layers = pytest.importorskip("timm.layers")
+
+    def make(qk_norm):
+        torch.manual_seed(0)
+        return vit.VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10,
+            qk_norm=qk_norm, norm_layer=getattr(layers, norm),
+        ).eval()  # fmt: skip
+
+    x = torch.randn(2, 3, 32, 32)
+    plain = group_of(DependencyGraph(make(False), x), "blocks.0.attn.proj", "in")
+    m = make(True)
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.q_norm.weight.uniform_(0.5, 2.0)
+    r = oracle(m, x)
+    heads = group_of(r.graph, "blocks.0.attn.proj", "in")
+    assert heads.size == plain.size == 4 and heads.prunable == 4  # whole heads of 16
+    assert r.small.blocks[0].attn.proj.in_features < 64 and r.small.blocks[0].attn.proj.in_features % 16 == 0
+    for blk, old in zip(r.small.blocks, m.blocks, strict=True):
+        assert torch.equal(blk.attn.q_norm.weight, old.attn.q_norm.weight)  # 16 wide, per head, unsliced
+    assert "normalises dim 3 alike for every channel on dim" in r.graph.explain()
+
+
+class FunctionalQKNorm(nn.Module):
+    """Self-attention whose q and k go through a functional norm over the head dim."""
+
+    def __init__(self, op, heads=4, hd=8):
+        super().__init__()
+        self.op, self.heads, self.hd = op, heads, hd
+        self.qkv, self.proj = nn.Linear(16, 3 * heads * hd), nn.Linear(heads * hd, 16)
+        self.gain = nn.Parameter(torch.rand(hd) + 0.5)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, -1, self.hd).unbind(2)
+        q, k = (getattr(F, self.op)(t, (self.hd,), self.gain) for t in (q, k))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.proj(y.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_functional_qk_norm_lets_whole_heads_prune(op):
+    r = oracle(FunctionalQKNorm(op), torch.randn(2, 5, 16))
+    heads = group_of(r.graph, "proj", "in")
+    assert heads.size == heads.prunable == 4 and r.small.proj.in_features == 16  # 2 of 4 heads of 8
+    assert r.small.qkv.out_features == 48 and r.small.gain.shape == (8,)
+
+
 def test_instancenorm_affine():
     m = seq(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU(), nn.Conv2d(8, 4, 1))
     with torch.no_grad():

@@ -26,6 +26,8 @@ class _PassThrough(LayerPruner):
 
     tensors = _STATS
     normalizes = False
+    #: normalises along its channel dim only, every other dim indexing independent positions
+    positionwise = False
 
     def channel_dim(self, module, x) -> int:
         return 1 if x.ndim > 1 else 0
@@ -33,12 +35,27 @@ class _PassThrough(LayerPruner):
     def trace(self, module, call, ctx):
         x = call.args[0] if call.args else next(iter(call.kwargs.values()))
         dim = self.channel_dim(module, x)
+        lab = ctx.label_of(x)
+        if self.positionwise and lab is not None and lab.dim != dim:
+            # channels on another dim (the heads of q under a per-head qk-norm): every
+            # position along it is normalised alike, so they pass through untouched
+            atoms = ctx.new_atoms(
+                x.shape[dim], frozen=f"{ctx.where()} normalises dim {dim} alike for every channel on dim {lab.dim}"
+            )
+            ctx.bind(call.name, "channels", atoms, "param", dim=dim, normalizes=self.normalizes)
+            for out in call.outputs:
+                if out.shape == x.shape:
+                    ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+            return
         atoms = ctx.labels(x, dim)
         self.constrain(module, atoms, ctx)
         ctx.bind(call.name, "channels", atoms, "param", dim=dim, normalizes=self.normalizes)
+        # the origin (a reshape's split of heads and head dims) goes along, so attention
+        # after the norm can still ask for the other split
+        origin = lab.origin if lab is not None and lab.dim == dim else None
         for out in call.outputs:
             if out.shape == x.shape:
-                ctx.set_label(out, dim, atoms)
+                ctx.set_label(out, dim, atoms, origin)
 
     def constrain(self, module, atoms, ctx) -> None:
         return None
@@ -72,6 +89,7 @@ class LayerNormPruner(_PassThrough):
     name = "layernorm"
     tensors = _AFFINE
     normalizes = True
+    positionwise = True
 
     def channel_dim(self, module, x) -> int:
         channels_first = any(c.__name__ in _TIMM_LAYER_NORMS_2D for c in type(module).__mro__)

@@ -25,6 +25,11 @@ def layer_norm(call, ctx):
     shape = list(arg(call, 1, "normalized_shape"))
     params = [arg(call, 2, "weight"), arg(call, 3, "bias") if "rms" not in str(call.op) else None]
     lab = ctx.label_of(x)
+    if lab is not None and lab.dim < x.ndim - len(shape):
+        # channels outside the normalised dims (the heads of q under a per-head qk-norm):
+        # every position along them is normalised alike, so they pass through untouched
+        ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+        return
     if lab is None or len(shape) != 1 or lab.dim != x.ndim - 1:
         if lab is not None:
             ctx.freeze(lab.atoms, f"{ctx.where()} normalises over the channels in a way that cannot shrink")
