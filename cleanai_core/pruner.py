@@ -455,6 +455,21 @@ class StructuredPruner:
         if self.inplace:  # the original is about to change: measure it now
             self._before["flops"] = count_flops(self.model, self.example_inputs, self.forward_fn)
         self._pruned_plans = []
+        try:
+            current = self._prune_steps()
+        finally:
+            self._step = (0, 1)  # also when a step fails: a later plan() must not see a stale step
+        if self.recalibrate_bn and self._calibration is not None:
+            self._recalibrate(current)
+        current.train(self.model.training)
+        if self.inplace:
+            self._transplant(current)
+            current = self.model
+        self.pruned_model = current
+        return current
+
+    def _prune_steps(self) -> nn.Module:
+        """The pruning steps (one unless ``iterative_steps``): plan, build, record."""
         current, graph, stats = self.model, self.graph, self.stats
         steps = self.iterative_steps
         base_flops = None
@@ -491,14 +506,6 @@ class StructuredPruner:
             current = pruned_model
             if step < steps - 1 and self.recalibrate_bn and self._calibration is not None:
                 self._recalibrate(current)  # the next step's statistics come from a consistent model
-        self._step = (0, 1)
-        if self.recalibrate_bn and self._calibration is not None:
-            self._recalibrate(current)
-        current.train(self.model.training)
-        if self.inplace:
-            self._transplant(current)
-            current = self.model
-        self.pruned_model = current
         return current
 
     def _recollect(self, model: nn.Module, graph: DependencyGraph) -> dict:
