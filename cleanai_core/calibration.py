@@ -5,9 +5,9 @@ pre-hook reduces the batch to per-channel count, mean and sum of squared deviati
 (two reductions in the activation's precision, combined in float64) and merges them into
 running totals with Chan's parallel formula. With covariance (for reconstruction), a
 bounded number of randomly drawn positions per batch feeds a C x C co-moment (one matrix
-product per batch, added in place). Memory is
-O(channels) (O(C^2) with covariance), never O(data); nothing is stored per sample. Hooks
-are removed on exit, also on error or Ctrl-C; the model's train/eval mode is restored.
+product per batch, added in place). Memory is O(channels) (O(C^2) with covariance),
+never O(data); nothing is stored per sample. Hooks are removed on exit, also on error or
+Ctrl-C; the model's train/eval mode is restored.
 
 Consumers that read the very same tensor (a ResNet block's conv1 and its downsample conv,
 parallel branches) share one reduction of it per batch: the tensor is reduced once, on
