@@ -10,6 +10,9 @@ For a fixed set of torchvision and timm models (``pretrained=False``), median of
   ``round_to=8``, next to the FLOPs reduction (equal speed-up and FLOPs reduction is the
   physical limit).
 
+Ratios (collection / inference, speed-ups) are medians of per-repeat ratios of runs timed
+back to back, so a change in the machine's speed between phases cancels.
+
 Usage: ``python benchmarks/speed.py [--models resnet50,vit_small] [--repeats 5] [--out docs/benchmarks.md]``
 """
 
@@ -99,12 +102,19 @@ def bench(key: str, repeats: int, calib_batches: int, batch: int) -> dict:
             for b in batches:
                 model(b)
 
-    n = max(1, repeats // 2)
-    t_plain, _ = median_time(plain, n)
-    t_coll, _ = median_time(lambda: wa.collect_activations(batches, progress=False), n)
-    t_stats, _ = median_time(lambda: stats_only.collect_activations(batches, progress=False), n)
-    row["collect_ratio"] = t_coll / t_plain
-    row["collect_ratio_stats"] = t_stats / t_plain
+    # interleaved: each repeat times inference and both collections back to back, and the
+    # ratios of each repeat are taken before the median, so drift in the machine's speed
+    # between phases does not land on one side of a ratio
+    plain()
+    ratios, ratios_stats = [], []
+    for _ in range(repeats):
+        t_plain, _ = median_time(plain, 1)
+        t_coll, _ = median_time(lambda: wa.collect_activations(batches, progress=False), 1)
+        t_stats, _ = median_time(lambda: stats_only.collect_activations(batches, progress=False), 1)
+        ratios.append(t_coll / t_plain)
+        ratios_stats.append(t_stats / t_plain)
+    row["collect_ratio"] = statistics.median(ratios)
+    row["collect_ratio_stats"] = statistics.median(ratios_stats)
 
     # memory of the statistics as batches grow
     mem = []
@@ -128,11 +138,18 @@ def bench(key: str, repeats: int, calib_batches: int, batch: int) -> dict:
             reps = 10 if bs == 1 else 3
             torch.set_num_threads(nt)
             try:
-                before = measure_latency(model, xb, repeats=reps, warmup=2)
-                after = measure_latency(pruned, xb, repeats=reps, warmup=2)
+                measure_latency(model, xb, repeats=1, warmup=1)  # warm-up
+                measure_latency(pruned, xb, repeats=1, warmup=1)
+                # pairs timed back to back; the speed-up is the median of the pairs' ratios
+                pairs = [
+                    (measure_latency(model, xb, repeats=1, warmup=0), measure_latency(pruned, xb, repeats=1, warmup=0))
+                    for _ in range(reps)
+                ]
             finally:
                 torch.set_num_threads(threads)
-            row[f"lat_{key}_{tag}"] = (before, after, before / after)
+            before = statistics.median(b for b, _ in pairs)
+            after = statistics.median(a for _, a in pairs)
+            row[f"lat_{key}_{tag}"] = (before, after, statistics.median(b / a for b, a in pairs))
     return row
 
 
