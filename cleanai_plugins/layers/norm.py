@@ -17,6 +17,7 @@ _STATS = [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]
 # timm need not be imported; the "2d" forms normalise dim 1 of NCHW tensors
 _TIMM_RMS_NORMS = frozenset({"RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32"})
 _TIMM_RMS_NORMS_2D = frozenset({"RmsNorm2d", "RmsNorm2dFp32", "SimpleNorm2d", "SimpleNorm2dFp32"})
+_TIMM_RMS_NORMS_ALL = _TIMM_RMS_NORMS | _TIMM_RMS_NORMS_2D
 #: timm's nn.LayerNorm subclasses that normalise NCHW tensors over dim 1
 _TIMM_LAYER_NORMS_2D = frozenset({"LayerNorm2d", "LayerNorm2dFp32", "LayerNormAct2d", "LayerNormAct2dFp32"})
 
@@ -123,7 +124,7 @@ def _timm_rms_norm(module: nn.Module) -> str | None:
     if weight is not None and tuple(weight.shape) != tuple(shape):
         return None
     for cls in type(module).__mro__:
-        if cls.__name__ in _TIMM_RMS_NORMS | _TIMM_RMS_NORMS_2D:
+        if cls.__name__ in _TIMM_RMS_NORMS_ALL:
             return cls.__name__
     return None
 
