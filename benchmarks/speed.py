@@ -3,7 +3,9 @@
 For a fixed set of torchvision and timm models (``pretrained=False``), median of repeats:
 
 - time to build the dependency graph, to plan and to apply (ratio 0.5, magnitude);
-- activation collection time as a ratio to plain inference over the same batches;
+- activation collection time as a ratio to plain inference over the same batches, with
+  calibration batches of 8 and of 32 images (the covariance sample is a fixed number of
+  positions per batch, so its share falls as batches grow);
 - bytes held by the statistics after 1, 10 and 50 calibration batches (must stay flat);
 - latency of the pruned model against the original at batch 1 and 32 (and batch 32 on
   one thread), with and without
@@ -64,15 +66,70 @@ def median_time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def paired_latency(model, pruned, xb, repeats: int) -> tuple[float, float, float]:
+    """(ms before, ms after, speed-up): medians over pairs timed back to back; the speed-up
+    is the median of the pairs' ratios."""
+    measure_latency(model, xb, repeats=1, warmup=1)  # warm-up
+    measure_latency(pruned, xb, repeats=1, warmup=1)
+    pairs = [
+        (measure_latency(model, xb, repeats=1, warmup=0), measure_latency(pruned, xb, repeats=1, warmup=0))
+        for _ in range(repeats)
+    ]
+    before = statistics.median(b for b, _ in pairs)
+    after = statistics.median(a for _, a in pairs)
+    return before, after, statistics.median(b / a for b, a in pairs)
+
+
+class Frozen(torch.nn.Module):
+    """``model`` traced, frozen and optimised for inference by TorchScript; the graph is
+    held outside the module tree, which a frozen graph cannot join (no train/eval)."""
+
+    def __init__(self, model: torch.nn.Module, x1: torch.Tensor) -> None:
+        super().__init__()
+        with torch.no_grad():
+            graph = torch.jit.freeze(torch.jit.trace(model.eval(), x1, check_trace=False))
+            self.graph = [torch.jit.optimize_for_inference(graph)]
+
+    def forward(self, x: torch.Tensor):
+        return self.graph[0](x)
+
+
 def stats_bytes(pruner: StructuredPruner) -> int:
     return sum(s.nbytes for s in pruner.stats.values())
 
 
-def bench(key: str, repeats: int, calib_batches: int, batch: int) -> dict:
+def collection_ratios(
+    model: torch.nn.Module, x1: torch.Tensor, batches: list[torch.Tensor], repeats: int
+) -> tuple[float, float]:
+    """Collection time over ``batches`` / plain inference over them, with the covariance
+    (the default) and means only: medians of per-repeat ratios."""
+    wa = StructuredPruner(model, x1, pruning_ratio=0.5)
+    stats_only = StructuredPruner(model, x1, pruning_ratio=0.5, reconstruction=False)
+
+    def plain():
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+
+    # interleaved: each repeat times inference and both collections back to back, and the
+    # ratios of each repeat are taken before the median, so drift in the machine's speed
+    # between phases does not land on one side of a ratio
+    plain()
+    ratios, ratios_stats = [], []
+    for _ in range(repeats):
+        t_plain, _ = median_time(plain, 1)
+        t_coll, _ = median_time(lambda: wa.collect_activations(batches, progress=False), 1)
+        t_stats, _ = median_time(lambda: stats_only.collect_activations(batches, progress=False), 1)
+        ratios.append(t_coll / t_plain)
+        ratios_stats.append(t_stats / t_plain)
+    return statistics.median(ratios), statistics.median(ratios_stats)
+
+
+def bench(key: str, repeats: int, calib_batches: int, batch: int, large_batch: int) -> dict:
     kind, name, size = MODELS[key]
     model = build(kind, name)
     x1 = torch.randn(1, 3, size, size)
-    row: dict = {"model": key}
+    row: dict = {"model": key, "batch": batch, "large_batch": large_batch}
     row["graph_s"], graph = median_time(lambda: DependencyGraph(model, x1), repeats)
     row["groups"] = len(graph.groups(prunable_only=True))
 
@@ -94,27 +151,14 @@ def bench(key: str, repeats: int, calib_batches: int, batch: int) -> dict:
 
     # activation collection vs plain inference over the same batches
     batches = [torch.randn(batch, 3, size, size) for _ in range(calib_batches)]
-    wa = StructuredPruner(model, x1, pruning_ratio=0.5)
-    stats_only = StructuredPruner(model, x1, pruning_ratio=0.5, reconstruction=False)
-
-    def plain():
-        with torch.no_grad():
-            for b in batches:
-                model(b)
-
-    # interleaved: each repeat times inference and both collections back to back, and the
-    # ratios of each repeat are taken before the median, so drift in the machine's speed
-    # between phases does not land on one side of a ratio
-    plain()
-    ratios, ratios_stats = [], []
-    for _ in range(repeats):
-        t_plain, _ = median_time(plain, 1)
-        t_coll, _ = median_time(lambda: wa.collect_activations(batches, progress=False), 1)
-        t_stats, _ = median_time(lambda: stats_only.collect_activations(batches, progress=False), 1)
-        ratios.append(t_coll / t_plain)
-        ratios_stats.append(t_stats / t_plain)
-    row["collect_ratio"] = statistics.median(ratios)
-    row["collect_ratio_stats"] = statistics.median(ratios_stats)
+    row["collect_ratio"], row["collect_ratio_stats"] = collection_ratios(model, x1, batches, repeats)
+    if large_batch:
+        # fewer, larger batches (the same number of images as 8 small ones at most)
+        n = max(1, min(calib_batches, (8 * batch) // large_batch))
+        large = [torch.randn(large_batch, 3, size, size) for _ in range(n)]
+        row["collect_ratio_large"], row["collect_ratio_large_stats"] = collection_ratios(
+            model, x1, large, max(3, repeats // 2)
+        )
 
     # memory of the statistics as batches grow
     mem = []
@@ -133,27 +177,99 @@ def bench(key: str, repeats: int, calib_batches: int, batch: int) -> dict:
         tag = "rt8" if rt else "rt1"
         row[f"flops_x_{tag}"] = flops_ratio
         threads = torch.get_num_threads()
-        for bs, nt, key in ((1, threads, "b1"), (32, threads, "b32"), (32, 1, "b32t1")):
+        for bs, nt, cell in ((1, threads, "b1"), (32, threads, "b32"), (32, 1, "b32t1")):
             xb = torch.randn(bs, 3, size, size)
-            reps = 10 if bs == 1 else 3
             torch.set_num_threads(nt)
             try:
-                measure_latency(model, xb, repeats=1, warmup=1)  # warm-up
-                measure_latency(pruned, xb, repeats=1, warmup=1)
-                # pairs timed back to back; the speed-up is the median of the pairs' ratios
-                pairs = [
-                    (measure_latency(model, xb, repeats=1, warmup=0), measure_latency(pruned, xb, repeats=1, warmup=0))
-                    for _ in range(reps)
-                ]
+                row[f"lat_{cell}_{tag}"] = paired_latency(model, pruned, xb, 10 if bs == 1 else 3)
             finally:
                 torch.set_num_threads(threads)
-            before = statistics.median(b for b, _ in pairs)
-            after = statistics.median(a for _, a in pairs)
-            row[f"lat_{key}_{tag}"] = (before, after, statistics.median(b / a for b, a in pairs))
+        if rt is None:
+            # the same two models as a deployed CPU graph would run them: traced, frozen
+            # (BatchNorm folded into the convolutions, conv + ReLU fused, weights packed)
+            xb = torch.randn(32, 3, size, size)
+            try:
+                row["lat_b32_frozen"] = paired_latency(Frozen(model, x1), Frozen(pruned, x1), xb, 3)
+            except Exception as exc:  # noqa: BLE001 - a model the tracer cannot take gets "-"
+                print(f"  {row['model']}: no frozen graph ({type(exc).__name__}: {exc})", file=sys.stderr)
+                row["lat_b32_frozen"] = None
     return row
 
 
-def render(rows: list[dict]) -> str:
+def layer_intensity(key: str, batch: int = 32, repeats: int = 3) -> list[dict]:
+    """Every conv and linear of ``key`` timed alone, before and after a uniform 0.5 prune, on
+    inputs of the shapes it sees at ``batch``; bucketed by arithmetic intensity (FLOPs per
+    byte of input, output and weight in float32) of the original layer.
+
+    Shows where the FLOPs reduction becomes speed-up: a layer with few FLOPs per byte is
+    bound by memory traffic, which falls only with the width (2x at half width), while
+    its FLOPs fall with in x out channels (4x)."""
+    kind, name, size = MODELS[key]
+    model = build(kind, name)
+    x1 = torch.randn(1, 3, size, size)
+    pruned = StructuredPruner(model, x1, "magnitude", pruning_ratio=0.5).prune()
+    xb = torch.randn(batch, 3, size, size)
+    kinds = (torch.nn.Conv2d, torch.nn.Linear)
+
+    def shapes(m):
+        seen: dict[str, tuple[torch.Size, torch.Size]] = {}
+
+        def record(mod, args, out, n):
+            seen.setdefault(n, (args[0].shape, out.shape))  # returns None: the output stays
+
+        hooks = [
+            mod.register_forward_hook(lambda mod, a, out, n=n: record(mod, a, out, n))
+            for n, mod in m.named_modules()
+            if isinstance(mod, kinds)
+        ]
+        try:
+            with torch.no_grad():
+                m(xb)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
+    def cost(mod, shp):
+        (xs, ys), w = shp, mod.weight
+        flops = 2 * ys.numel() * w[0].numel()  # every output element: one dot product over a filter
+        return flops, 4 * (xs.numel() + ys.numel() + w.numel())
+
+    def time_ms(mod, shp):
+        x = torch.randn(shp[0])
+        with torch.no_grad():
+            mod(x)
+            return 1000 * median_time(lambda: mod(x), repeats)[0]
+
+    s0, s1 = shapes(model), shapes(pruned)
+    buckets: dict[str, list[float]] = {}
+    for n, shp in s0.items():
+        if n not in s1:
+            continue
+        m0, m1 = model.get_submodule(n), pruned.get_submodule(n)
+        (f0, b0), (f1, b1) = cost(m0, shp), cost(m1, s1[n])
+        intensity = f0 / b0
+        label = "< 50" if intensity < 50 else ("50-150" if intensity < 150 else ">= 150")
+        acc = buckets.setdefault(label, [0, 0.0, 0.0, 0, 0, 0, 0])
+        for i, v in enumerate((1, time_ms(m0, shp), time_ms(m1, s1[n]), f0, f1, b0, b1)):
+            acc[i] += v
+    total = sum(a[1] for a in buckets.values())
+    return [
+        {
+            "model": key,
+            "intensity": label,
+            "layers": a[0],
+            "share": a[1] / total,
+            "speed_up": a[1] / a[2],
+            "flops_x": a[3] / a[4],
+            "bytes_x": a[5] / a[6],
+        }
+        for label in ("< 50", "50-150", ">= 150")
+        if (a := buckets.get(label))
+    ]
+
+
+def render(rows: list[dict], layers: list[dict] | None = None) -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
         "# Benchmarks",
@@ -164,17 +280,33 @@ def render(rows: list[dict]) -> str:
         "",
         "## Cost: graph, plan, apply (seconds, batch-1 example input)",
         "",
-        "| model | groups | graph | plan | apply | total | peer total | collection / inference "
-        "(means + covariance, default) | collection / inference (means only) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | groups | graph | plan | apply | total | peer total |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         peer = PEER.get(r["model"])
         peer_s = f"{peer['graph'] + peer['prune']:.2f}" if peer else "-"
         lines.append(
             f"| {r['model']} | {r['groups']} | {r['graph_s']:.3f} | {r['plan_s']:.3f} | {r['apply_s']:.3f} | "
-            f"{r['total_s']:.3f} | {peer_s} | {r['collect_ratio']:.2f}x | {r['collect_ratio_stats']:.2f}x |"
+            f"{r['total_s']:.3f} | {peer_s} |"
         )
+    large = next((r["large_batch"] for r in rows if r.get("large_batch")), None)
+    lines += [
+        "",
+        "## Activation collection: time / plain inference over the same batches",
+        "",
+        "Default = means and variances plus the covariance sample for least-squares "
+        "reconstruction; means only = `reconstruction=False` (all the weight-activation score needs).",
+        "",
+        f"| model | batch {rows[0]['batch']}: default | batch {rows[0]['batch']}: means only |"
+        + (f" batch {large}: default | batch {large}: means only |" if large else ""),
+        "|---|---|---|" + ("---|---|" if large else ""),
+    ]
+    for r in rows:
+        cells = f"| {r['model']} | {r['collect_ratio']:.2f}x | {r['collect_ratio_stats']:.2f}x |"
+        if large:
+            cells += f" {r['collect_ratio_large']:.2f}x | {r['collect_ratio_large_stats']:.2f}x |"
+        lines.append(cells)
     lines += [
         "",
         "## Memory of the statistics, covariance included (bytes after 1 / 10 / 50 calibration batches)",
@@ -205,6 +337,38 @@ def render(rows: list[dict]) -> str:
                 f"{b32[0]:.0f} -> {b32[1]:.0f} | {b32[2]:.2f}x | {b32[2] / f:.2f} | "
                 f"{t1[0]:.0f} -> {t1[1]:.0f} | {t1[2]:.2f}x | {t1[2] / f:.2f} |"
             )
+    lines += [
+        "",
+        "## Payoff in a deployed CPU graph: eager vs TorchScript-frozen, batch 32, round_to=1",
+        "",
+        "Frozen = `torch.jit.trace` + `torch.jit.freeze` + `optimize_for_inference` (BatchNorm folded into "
+        "the convolutions, conv + ReLU fused, weights pre-packed), for the original and the pruned model alike.",
+        "",
+        "| model | FLOPs x | eager b32 | speed-up | / FLOPs x | frozen b32 | speed-up | / FLOPs x |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        f, e, z = r["flops_x_rt1"], r["lat_b32_rt1"], r.get("lat_b32_frozen")
+        frozen_cells = f"{z[0]:.0f} -> {z[1]:.0f} | {z[2]:.2f}x | {z[2] / f:.2f}" if z else "- | - | -"
+        lines.append(
+            f"| {r['model']} | {f:.2f}x | {e[0]:.0f} -> {e[1]:.0f} | {e[2]:.2f}x | {e[2] / f:.2f} | {frozen_cells} |"
+        )
+    if layers:
+        lines += [
+            "",
+            f"## Where FLOPs become speed-up: {layers[0]['model']}, batch 32, every conv and linear timed alone",
+            "",
+            "Layers bucketed by arithmetic intensity of the original layer (FLOPs per byte of input, output "
+            "and weight, float32). Time share is of the original layers' summed time.",
+            "",
+            "| intensity (FLOP/byte) | layers | time share | speed-up | FLOPs x | bytes x |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in layers:
+            lines.append(
+                f"| {r['intensity']} | {r['layers']} | {r['share']:.2f} | {r['speed_up']:.2f}x | "
+                f"{r['flops_x']:.2f}x | {r['bytes_x']:.2f}x |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -216,14 +380,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--calib-batches", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="images per calibration batch")
+    ap.add_argument("--large-batch", type=int, default=32, help="also time collection at this batch size (0 = skip)")
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
+    ap.add_argument("--layers", default="resnet50", help="model for the per-layer intensity table ('' = skip)")
     args = ap.parse_args(argv)
     rows = []
     for key in args.models.split(","):
         print(f"benchmarking {key} ...", file=sys.stderr, flush=True)
-        rows.append(bench(key, args.repeats, args.calib_batches, args.batch))
-    text = render(rows)
+        rows.append(bench(key, args.repeats, args.calib_batches, args.batch, args.large_batch))
+    layers = layer_intensity(args.layers) if args.layers else None
+    text = render(rows, layers)
     print(text)
     if args.out:
         path = Path(args.out)
