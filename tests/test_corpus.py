@@ -8,6 +8,7 @@ run in ``benchmarks/compat_sweep.py``, which writes ``docs/compatibility.md``.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import torch
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
-from cleanai_core.testing import check_pruner, run_model  # noqa: E402
+from cleanai_core.graph.dependency import DependencyGraph  # noqa: E402
+from cleanai_core.slicing import SliceEdit, apply_edits  # noqa: E402
+from cleanai_core.testing import check_pruner, random_units, run_model  # noqa: E402
 
 _SWEEP_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "compat_sweep.py"
 _spec = importlib.util.spec_from_file_location("compat_sweep", _SWEEP_PATH)
@@ -98,3 +101,27 @@ def test_wide_corpus(spec):
         pytest.skip(f"{rec['status']}: {rec['error']}")
     assert rec["status"] == "pass", rec["error"]
     assert rec["params_after"] < rec["params_before"]
+
+
+# families where a layer scale, a norm or a functional projection once froze most
+# channels (share of parameters kept at 0.5 before: fastvit_t8 0.56): a uniform 0.5
+# now keeps about a quarter of them, like their neighbours
+COVERAGE = [("timm:fastvit_t8", 64)]
+
+
+@pytest.mark.parametrize("spec,size", COVERAGE, ids=[s for s, _ in COVERAGE])
+def test_uniform_half_reaches_the_whole_family(spec, size):
+    with torch.random.fork_rng():
+        model = _model(spec)
+        x = torch.randn(2, 3, size, size)
+        # the exact (non-normalising) groups against the masking oracle
+        report = check_pruner(model, x, ratio=0.5)
+        assert report.max_abs_diff < sweep.oracle_tolerance(run_model(model, x))
+        graph = DependencyGraph(model, x)
+        pruned = random_units(graph, 0.5)  # normalising groups too: what a user gets
+    small = copy.deepcopy(model)
+    edits = [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in graph.keep_indices(pruned).items()]
+    apply_edits(small, edits, graph.pm)
+    assert [t.shape for t in run_model(small, x)] == [t.shape for t in run_model(model, x)]
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (model, small))
+    assert after / before < 0.3, (before, after)

@@ -576,6 +576,31 @@ def test_bare_parameters_follow_channels():
     assert s.patch.out_channels == 8 and s.mlp.weight.shape == (8, 8) and s.head.in_features == 8
 
 
+class LayerScale2dNet(nn.Module):
+    """A residual conv block scaled by a FastViT-style layer scale ``gamma`` of shape
+    ``(C, 1, 1)``, broadcast over NCHW feature maps."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.gamma * self.conv(x)
+        return self.head(x)
+
+
+def test_layer_scale_shaped_for_nchw_follows_channels():
+    r = oracle(LayerScale2dNet(), X)
+    assert group_of(r.graph, "", "gamma").prunable == 8
+    assert r.small.gamma.shape == (4, 1, 1) and r.small.stem.out_channels == 4
+    # stem 3*8*9+8, conv 8*8*9+8, gamma 8, head 8*4+4 -> half of the 8 channels kept
+    assert (r.before, r.after) == (852, 3 * 4 * 9 + 4 + 4 * 4 * 9 + 4 + 4 + 4 * 4 + 4)
+
+
 # -- mappers ---------------------------------------------------------------------------------------
 class Fn(nn.Module):
     """A model from a function of (self, x) and named submodules."""
