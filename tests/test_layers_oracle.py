@@ -202,6 +202,49 @@ def test_layernorm_channels_last_is_normalising_but_prunable():
     assert small(torch.randn(2, 3, 5, 5)).shape == (2, 5, 5, 4)
 
 
+class GRNMlp(nn.Module):
+    """A ConvNeXt-V2 MLP: ``fc1``, GELU, timm's ``GlobalResponseNorm`` over the hidden
+    channels (channels-last tokens ``(N, H, W, C)``, or NCHW with 1x1 convolutions), ``fc2``."""
+
+    def __init__(self, nchw=False, c=4, hidden=16):
+        super().__init__()
+        grn = pytest.importorskip("timm.layers.grn").GlobalResponseNorm
+        lin = (lambda i, o: nn.Conv2d(i, o, 1)) if nchw else nn.Linear
+        self.fc1, self.fc2 = lin(c, hidden), lin(hidden, c)
+        self.grn = grn(hidden, channels_last=not nchw)
+        nn.init.uniform_(self.grn.weight, 0.5, 2.0)
+        nn.init.uniform_(self.grn.bias, -0.5, 0.5)
+
+    def forward(self, x):
+        return x + self.fc2(self.grn(F.gelu(self.fc1(x))))
+
+
+@pytest.mark.parametrize("nchw", [False, True], ids=["channels-last", "nchw"])
+def test_global_response_norm_hidden_group_is_normalising_but_prunable(nchw):
+    """GRN divides by the mean over channels of their L2 norms: like a LayerNorm, its
+    channels prune approximately (the exact oracle leaves them alone)."""
+    m = GRNMlp(nchw).eval()
+    x = torch.randn(2, 4, 5, 5) if nchw else torch.randn(2, 5, 5, 4)
+    g = DependencyGraph(m, x)
+    hidden = group_of(g, "grn", "channels")
+    names = {(s.module, s.name) for s in hidden.slices}
+    assert names == {("fc1", "out"), ("grn", "channels"), ("fc2", "in")}
+    assert hidden.size == hidden.prunable == 16 and any(s.normalizes for s in hidden.slices)
+    assert type(g.nodes["grn"].pruner).__name__ == "GlobalResponseNormPruner"
+    pruned = random_units(g, 0.5)
+    keep = g.keep_indices(pruned)[("grn", "channels")]
+    small = prune_with(g, pruned)
+    # fc1 4*16+16, grn 16+16, fc2 16*4+4 -> hidden width 8
+    assert (n_params(m), n_params(small)) == (80 + 32 + 68, 40 + 16 + 36)
+    assert keep.numel() == 8 and torch.equal(small.grn.weight, m.grn.weight[keep])
+    assert torch.equal(small.grn.bias, m.grn.bias[keep])
+    # the pruned model is the same MLP built with 8 hidden channels and the kept weights
+    narrow = GRNMlp(nchw, hidden=8).eval()
+    narrow.load_state_dict(small.state_dict())
+    got = small(x)
+    assert got.shape == m(x).shape and torch.equal(got, narrow(x))
+
+
 def test_groupnorm_ties_channels_across_groups():
     m = seq(nn.Conv2d(3, 12, 3, padding=1), nn.GroupNorm(3, 12), nn.ReLU(), nn.Conv2d(12, 4, 1))
     g = DependencyGraph(m.eval(), torch.randn(2, 3, 6, 6))
