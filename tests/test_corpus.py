@@ -103,16 +103,19 @@ def test_wide_corpus(spec):
     assert rec["params_after"] < rec["params_before"]
 
 
-# families where a layer scale, a norm or a functional projection once froze most
-# channels (share of parameters kept at 0.5 before: fastvit_t8 0.56, convnextv2_atto
-# 0.48): a uniform 0.5 now keeps about a quarter of them, like their neighbours
-COVERAGE = [("timm:fastvit_t8", 64), ("timm:convnextv2_atto", 64)]
+# timm families where a layer scale, a norm or a functional projection once froze most
+# channels: (name, input side, most of the parameters a uniform 0.5 may keep: about a
+# quarter, as for their neighbours). Before: fastvit_t8 0.56, convnextv2_atto 0.48,
+# eva02_tiny 0.68 (after: its 3 heads of 64 tie the 192-channel stream, one third goes)
+COVERAGE = [("fastvit_t8", 64, 0.3), ("convnextv2_atto", 64, 0.3), ("eva02_tiny_patch14_224", 56, 0.4)]
 
 
-@pytest.mark.parametrize("spec,size", COVERAGE, ids=[s for s, _ in COVERAGE])
-def test_uniform_half_reaches_the_whole_family(spec, size):
+@pytest.mark.parametrize("name,size,most", COVERAGE, ids=[n for n, _, _ in COVERAGE])
+def test_uniform_half_reaches_the_whole_family(name, size, most):
     with torch.random.fork_rng():
-        model = _model(spec)
+        torch.manual_seed(0)
+        kwargs = {"img_size": size} if name.startswith("eva") else {}  # 16 tokens instead of 256
+        model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
         x = torch.randn(2, 3, size, size)
         # the exact (non-normalising) groups against the masking oracle
         report = check_pruner(model, x, ratio=0.5)
@@ -124,4 +127,4 @@ def test_uniform_half_reaches_the_whole_family(spec, size):
     apply_edits(small, edits, graph.pm)
     assert [t.shape for t in run_model(small, x)] == [t.shape for t in run_model(model, x)]
     before, after = (sum(p.numel() for p in m.parameters()) for m in (model, small))
-    assert after / before < 0.3, (before, after)
+    assert after / before < most, (before, after)

@@ -517,6 +517,93 @@ def test_small_vit_without_layernorm_prunes_head_dims():
     assert r.small.encoder.pos_embedding.shape == (1, 17, 16)
 
 
+class FunctionalBiasAttention(nn.Module):
+    """EVA / BEiT style self-attention: the fused ``qkv`` linear has no bias and is never
+    called; ``forward`` runs ``F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))``
+    with ``k_bias`` a zero buffer. Residual stream of 16 channels, 4 heads of 8."""
+
+    def __init__(self, c=16, heads=4, hd=8):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, hd
+        self.embed = nn.Linear(3, c)
+        self.qkv = nn.Linear(c, 3 * heads * hd, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(heads * hd))
+        self.register_buffer("k_bias", torch.zeros(heads * hd), persistent=False)
+        self.v_bias = nn.Parameter(torch.randn(heads * hd))
+        self.proj = nn.Linear(heads * hd, c)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, n, _ = h.shape
+        qkv = F.linear(h, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.head(h + self.proj(y))
+
+
+def test_weight_read_outside_its_linear_prunes_heads_and_inputs():
+    r = oracle(FunctionalBiasAttention(), torch.randn(2, 5, 3))
+    heads = group_of(r.graph, "qkv", "out")
+    names = {(s.module, s.name) for s in heads.slices}
+    assert names == {("qkv", "out"), ("", "q_bias"), ("", "k_bias"), ("", "v_bias"), ("proj", "in")}
+    assert heads.size == heads.prunable == 4  # whole heads of 8 (the default SDPA scale)
+    stream = group_of(r.graph, "qkv", "in")
+    assert {("embed", "out"), ("proj", "out"), ("head", "in")} <= {(s.module, s.name) for s in stream.slices}
+    assert stream.size == stream.prunable == 16
+    s = r.small
+    assert s.qkv.weight.shape == (48, 8) and s.q_bias.shape == s.k_bias.shape == s.v_bias.shape == (16,)
+    assert s.num_heads == 2 and s.proj.weight.shape == (8, 16)
+    # embed 3*16+16, qkv 96*16, q/v bias 2*32, proj 32*16+16, head 16*4+4 -> 8 channels, 2 heads
+    assert (r.before, r.after) == (64 + 1536 + 64 + 528 + 68, 32 + 384 + 32 + 136 + 36)
+
+
+def test_eva_attention_ties_heads_to_the_stream():
+    """timm's ``EvaAttention`` reshapes its output to the input width (``reshape(B, N, C)``):
+    the q, k and v parts of ``qkv`` shrink with the stream, so whole heads go with it."""
+    eva = pytest.importorskip("timm.models.eva")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(3, 16)
+            self.attn = eva.EvaAttention(16, num_heads=4, qkv_bias=True, scale_norm=False)
+            self.head = nn.Linear(16, 4)
+            with torch.no_grad():
+                self.attn.q_bias.normal_()
+                self.attn.v_bias.normal_()
+
+        def forward(self, x):
+            h = self.embed(x)
+            return self.head(h + self.attn(h))
+
+    r = oracle(Block(), torch.randn(2, 5, 3))
+    stream = group_of(r.graph, "attn.qkv", "out")
+    names = {(s.module, s.name) for s in stream.slices}
+    assert {("attn.qkv", "in"), ("embed", "out"), ("", "attn.q_bias"), ("attn.proj", "in")} <= names
+    assert stream.size == stream.prunable == 4  # 16 channels, tied into the 4 heads of 4
+    a = r.small.attn
+    assert a.num_heads == 2 and a.qkv.weight.shape == (24, 8) and a.q_bias.shape == a.k_bias.shape == (8,)
+
+
+class TwiceScaledWeight(nn.Module):
+    """``F.linear(x, 2 * self.fc.weight)``: the scaled copy has no columns' label."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Linear(3, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(F.linear(self.embed(x), 2 * self.fc.weight, self.fc.bias)))
+
+
+def test_weight_read_outside_its_linear_freezes_columns_it_cannot_follow():
+    r = oracle(TwiceScaledWeight(), torch.randn(4, 3))
+    assert group_of(r.graph, "fc", "in").prunable == 0  # the multiplication drops the columns' label
+    assert "the second dimension of fc.weight reaches an operation" in r.graph.explain()
+    assert group_of(r.graph, "fc", "out").prunable == 6 and r.small.fc.weight.shape == (3, 8)
+
+
 # -- recurrent --------------------------------------------------------------------------------
 class RNNBlock(nn.Module):
     def __init__(self, cls, hidden=12, **kw):
