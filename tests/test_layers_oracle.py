@@ -558,32 +558,42 @@ def test_weight_read_outside_its_linear_prunes_heads_and_inputs():
     assert (r.before, r.after) == (64 + 1536 + 64 + 528 + 68, 32 + 384 + 32 + 136 + 36)
 
 
-def test_eva_attention_ties_heads_to_the_stream():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-qkv", "q-k-v-projections"])
+def test_eva_attention_ties_heads_to_the_stream(fused):
     """timm's ``EvaAttention`` reshapes its output to the input width (``reshape(B, N, C)``):
-    the q, k and v parts of ``qkv`` shrink with the stream, so whole heads go with it."""
+    the q, k and v parts shrink with the stream, so whole heads go with it. Rotary
+    embeddings (on all tokens but the first, joined back by ``cat``) keep the head size."""
     eva = pytest.importorskip("timm.models.eva")
+    rope = pytest.importorskip("timm.layers").RotaryEmbeddingCat
 
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
             self.embed = nn.Linear(3, 16)
-            self.attn = eva.EvaAttention(16, num_heads=4, qkv_bias=True, scale_norm=False)
+            self.attn = eva.EvaAttention(16, num_heads=4, qkv_bias=True, qkv_fused=fused, scale_norm=False)
+            self.rope = rope(4, in_pixels=False, feat_shape=[2, 2])
             self.head = nn.Linear(16, 4)
             with torch.no_grad():
-                self.attn.q_bias.normal_()
-                self.attn.v_bias.normal_()
+                for p in self.attn.parameters():
+                    if p.ndim == 1:
+                        p.normal_()
 
         def forward(self, x):
             h = self.embed(x)
-            return self.head(h + self.attn(h))
+            return self.head(h + self.attn(h, rope=self.rope.get_embed()))
 
     r = oracle(Block(), torch.randn(2, 5, 3))
-    stream = group_of(r.graph, "attn.qkv", "out")
+    q = "attn.qkv" if fused else "attn.q_proj"
+    stream = group_of(r.graph, q, "out")
     names = {(s.module, s.name) for s in stream.slices}
-    assert {("attn.qkv", "in"), ("embed", "out"), ("", "attn.q_bias"), ("attn.proj", "in")} <= names
+    assert {(q, "in"), ("embed", "out"), ("attn.proj", "in")} <= names
     assert stream.size == stream.prunable == 4  # 16 channels, tied into the 4 heads of 4
     a = r.small.attn
-    assert a.num_heads == 2 and a.qkv.weight.shape == (24, 8) and a.q_bias.shape == a.k_bias.shape == (8,)
+    assert a.num_heads == 2 and a.proj.weight.shape == (8, 8)
+    if fused:
+        assert ("", "attn.q_bias") in names and a.qkv.weight.shape == (24, 8) and a.k_bias.shape == (8,)
+    else:
+        assert a.q_proj.weight.shape == a.k_proj.weight.shape == a.v_proj.weight.shape == (8, 8)
 
 
 class TwiceScaledWeight(nn.Module):
