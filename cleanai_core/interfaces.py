@@ -3,8 +3,10 @@
 Call tree of a :class:`LayerPruner` (kernel -> pruner)::
 
     DependencyGraph(model, x)
-      `- trace(module, call, ctx)              once per forward call of the module:
-                                               read input labels, bind slices, label outputs
+      |- trace(module, call, ctx)              once per forward call of the module:
+      |                                        read input labels, bind slices, label outputs
+      `- trace_param(module, name, param, ctx) a parameter of the module read by an op
+                                               outside its calls (``F.linear(x, m.weight)``)
     StructuredPruner.prune()  /  PruningHistory.replay()
       |- prune(module, keep)                   keep = {slice name: kept indices}
       `- hook cleanai_after_prune(module)      attributes outside tensors
@@ -28,7 +30,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 if TYPE_CHECKING:
-    from cleanai_core.graph.context import TraceContext
+    from cleanai_core.graph.context import Label, TraceContext
     from cleanai_core.graph.groups import Group
     from cleanai_core.graph.trace import ModuleCall, OpCall
 
@@ -48,6 +50,16 @@ class LayerPruner:
 
     def trace(self, module: nn.Module, call: ModuleCall, ctx: TraceContext) -> None:
         raise NotImplementedError
+
+    def trace_param(self, module: nn.Module, name: str, param: str, ctx: TraceContext) -> Label | None:
+        """``module.<param>`` is read by an operation outside the module's own calls
+        (timm's EVA attention: ``F.linear(x, self.qkv.weight, qkv_bias)``). Bind the slices
+        of ``module`` (named ``name``) that the tensor's dimensions follow and return its
+        :class:`~cleanai_core.graph.context.Label`; a second labelled dimension goes in
+        ``Label.cross``, and its atoms are frozen unless a mapper contracts them
+        (:meth:`~cleanai_core.graph.context.TraceContext.take_cross`). ``None`` (the
+        default): the tensor's channels are frozen."""
+        return None
 
     def prune(self, module: nn.Module, keep: Mapping[str, torch.Tensor]) -> None:
         """Slice ``module`` to the kept indices of each of its shrinking slices.

@@ -202,6 +202,49 @@ def test_layernorm_channels_last_is_normalising_but_prunable():
     assert small(torch.randn(2, 3, 5, 5)).shape == (2, 5, 5, 4)
 
 
+class GRNMlp(nn.Module):
+    """A ConvNeXt-V2 MLP: ``fc1``, GELU, timm's ``GlobalResponseNorm`` over the hidden
+    channels (channels-last tokens ``(N, H, W, C)``, or NCHW with 1x1 convolutions), ``fc2``."""
+
+    def __init__(self, nchw=False, c=4, hidden=16):
+        super().__init__()
+        grn = pytest.importorskip("timm.layers.grn").GlobalResponseNorm
+        lin = (lambda i, o: nn.Conv2d(i, o, 1)) if nchw else nn.Linear
+        self.fc1, self.fc2 = lin(c, hidden), lin(hidden, c)
+        self.grn = grn(hidden, channels_last=not nchw)
+        nn.init.uniform_(self.grn.weight, 0.5, 2.0)
+        nn.init.uniform_(self.grn.bias, -0.5, 0.5)
+
+    def forward(self, x):
+        return x + self.fc2(self.grn(F.gelu(self.fc1(x))))
+
+
+@pytest.mark.parametrize("nchw", [False, True], ids=["channels-last", "nchw"])
+def test_global_response_norm_hidden_group_is_normalising_but_prunable(nchw):
+    """GRN divides by the mean over channels of their L2 norms: like a LayerNorm, its
+    channels prune approximately (the exact oracle leaves them alone)."""
+    m = GRNMlp(nchw).eval()
+    x = torch.randn(2, 4, 5, 5) if nchw else torch.randn(2, 5, 5, 4)
+    g = DependencyGraph(m, x)
+    hidden = group_of(g, "grn", "channels")
+    names = {(s.module, s.name) for s in hidden.slices}
+    assert names == {("fc1", "out"), ("grn", "channels"), ("fc2", "in")}
+    assert hidden.size == hidden.prunable == 16 and any(s.normalizes for s in hidden.slices)
+    assert type(g.nodes["grn"].pruner).__name__ == "GlobalResponseNormPruner"
+    pruned = random_units(g, 0.5)
+    keep = g.keep_indices(pruned)[("grn", "channels")]
+    small = prune_with(g, pruned)
+    # fc1 4*16+16, grn 16+16, fc2 16*4+4 -> hidden width 8
+    assert (n_params(m), n_params(small)) == (80 + 32 + 68, 40 + 16 + 36)
+    assert keep.numel() == 8 and torch.equal(small.grn.weight, m.grn.weight[keep])
+    assert torch.equal(small.grn.bias, m.grn.bias[keep])
+    # the pruned model is the same MLP built with 8 hidden channels and the kept weights
+    narrow = GRNMlp(nchw, hidden=8).eval()
+    narrow.load_state_dict(small.state_dict())
+    got = small(x)
+    assert got.shape == m(x).shape and torch.equal(got, narrow(x))
+
+
 def test_groupnorm_ties_channels_across_groups():
     m = seq(nn.Conv2d(3, 12, 3, padding=1), nn.GroupNorm(3, 12), nn.ReLU(), nn.Conv2d(12, 4, 1))
     g = DependencyGraph(m.eval(), torch.randn(2, 3, 6, 6))
@@ -474,6 +517,103 @@ def test_small_vit_without_layernorm_prunes_head_dims():
     assert r.small.encoder.pos_embedding.shape == (1, 17, 16)
 
 
+class FunctionalBiasAttention(nn.Module):
+    """EVA / BEiT style self-attention: the fused ``qkv`` linear has no bias and is never
+    called; ``forward`` runs ``F.linear(x, self.qkv.weight, cat(q_bias, k_bias, v_bias))``
+    with ``k_bias`` a zero buffer. Residual stream of 16 channels, 4 heads of 8."""
+
+    def __init__(self, c=16, heads=4, hd=8):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, hd
+        self.embed = nn.Linear(3, c)
+        self.qkv = nn.Linear(c, 3 * heads * hd, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(heads * hd))
+        self.register_buffer("k_bias", torch.zeros(heads * hd), persistent=False)
+        self.v_bias = nn.Parameter(torch.randn(heads * hd))
+        self.proj = nn.Linear(heads * hd, c)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, n, _ = h.shape
+        qkv = F.linear(h, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+        return self.head(h + self.proj(y))
+
+
+def test_weight_read_outside_its_linear_prunes_heads_and_inputs():
+    r = oracle(FunctionalBiasAttention(), torch.randn(2, 5, 3))
+    heads = group_of(r.graph, "qkv", "out")
+    names = {(s.module, s.name) for s in heads.slices}
+    assert names == {("qkv", "out"), ("", "q_bias"), ("", "k_bias"), ("", "v_bias"), ("proj", "in")}
+    assert heads.size == heads.prunable == 4  # whole heads of 8 (the default SDPA scale)
+    stream = group_of(r.graph, "qkv", "in")
+    assert {("embed", "out"), ("proj", "out"), ("head", "in")} <= {(s.module, s.name) for s in stream.slices}
+    assert stream.size == stream.prunable == 16
+    s = r.small
+    assert s.qkv.weight.shape == (48, 8) and s.q_bias.shape == s.k_bias.shape == s.v_bias.shape == (16,)
+    assert s.num_heads == 2 and s.proj.weight.shape == (8, 16)
+    # embed 3*16+16, qkv 96*16, q/v bias 2*32, proj 32*16+16, head 16*4+4 -> 8 channels, 2 heads
+    assert (r.before, r.after) == (64 + 1536 + 64 + 528 + 68, 32 + 384 + 32 + 136 + 36)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-qkv", "q-k-v-projections"])
+def test_eva_attention_ties_heads_to_the_stream(fused):
+    """timm's ``EvaAttention`` reshapes its output to the input width (``reshape(B, N, C)``):
+    the q, k and v parts shrink with the stream, so whole heads go with it. Rotary
+    embeddings (on all tokens but the first, joined back by ``cat``) keep the head size."""
+    eva = pytest.importorskip("timm.models.eva")
+    rope = pytest.importorskip("timm.layers").RotaryEmbeddingCat
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(3, 16)
+            self.attn = eva.EvaAttention(16, num_heads=4, qkv_bias=True, qkv_fused=fused, scale_norm=False)
+            self.rope = rope(4, in_pixels=False, feat_shape=[2, 2])
+            self.head = nn.Linear(16, 4)
+            with torch.no_grad():
+                for p in self.attn.parameters():
+                    if p.ndim == 1:
+                        p.normal_()
+
+        def forward(self, x):
+            h = self.embed(x)
+            return self.head(h + self.attn(h, rope=self.rope.get_embed()))
+
+    r = oracle(Block(), torch.randn(2, 5, 3))
+    q = "attn.qkv" if fused else "attn.q_proj"
+    stream = group_of(r.graph, q, "out")
+    names = {(s.module, s.name) for s in stream.slices}
+    assert {(q, "in"), ("embed", "out"), ("attn.proj", "in")} <= names
+    assert stream.size == stream.prunable == 4  # 16 channels, tied into the 4 heads of 4
+    a = r.small.attn
+    assert a.num_heads == 2 and a.proj.weight.shape == (8, 8)
+    if fused:
+        assert ("", "attn.q_bias") in names and a.qkv.weight.shape == (24, 8) and a.k_bias.shape == (8,)
+    else:
+        assert a.q_proj.weight.shape == a.k_proj.weight.shape == a.v_proj.weight.shape == (8, 8)
+
+
+class TwiceScaledWeight(nn.Module):
+    """``F.linear(x, 2 * self.fc.weight)``: the scaled copy has no columns' label."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Linear(3, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(F.linear(self.embed(x), 2 * self.fc.weight, self.fc.bias)))
+
+
+def test_weight_read_outside_its_linear_freezes_columns_it_cannot_follow():
+    r = oracle(TwiceScaledWeight(), torch.randn(4, 3))
+    assert group_of(r.graph, "fc", "in").prunable == 0  # the multiplication drops the columns' label
+    assert "the second dimension of fc.weight reaches an operation" in r.graph.explain()
+    assert group_of(r.graph, "fc", "out").prunable == 6 and r.small.fc.weight.shape == (3, 8)
+
+
 # -- recurrent --------------------------------------------------------------------------------
 class RNNBlock(nn.Module):
     def __init__(self, cls, hidden=12, **kw):
@@ -574,6 +714,31 @@ def test_bare_parameters_follow_channels():
     s = r.small
     assert s.cls.shape == (1, 1, 8) and s.pos.shape == (1, 5, 8) and s.gamma.shape == (8,)
     assert s.patch.out_channels == 8 and s.mlp.weight.shape == (8, 8) and s.head.in_features == 8
+
+
+class LayerScale2dNet(nn.Module):
+    """A residual conv block scaled by a FastViT-style layer scale ``gamma`` of shape
+    ``(C, 1, 1)``, broadcast over NCHW feature maps."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.gamma * self.conv(x)
+        return self.head(x)
+
+
+def test_layer_scale_shaped_for_nchw_follows_channels():
+    r = oracle(LayerScale2dNet(), X)
+    assert group_of(r.graph, "", "gamma").prunable == 8
+    assert r.small.gamma.shape == (4, 1, 1) and r.small.stem.out_channels == 4
+    # stem 3*8*9+8, conv 8*8*9+8, gamma 8, head 8*4+4 -> half of the 8 channels kept
+    assert (r.before, r.after) == (852, 3 * 4 * 9 + 4 + 4 * 4 * 9 + 4 + 4 + 4 * 4 + 4)
 
 
 # -- mappers ---------------------------------------------------------------------------------------

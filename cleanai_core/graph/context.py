@@ -34,6 +34,9 @@ class Label:
     dim: int
     atoms: torch.Tensor  # int64, one atom per index of ``dim``
     origin: tuple[int, int, tuple[int, ...]] | None = None  # (event, chosen, candidates) of a reshape split
+    #: a second labelled dimension ``(dim, atoms)``: a 2-D weight read outside its module
+    #: (rows and columns both follow channels); only ``t`` and matrix products carry it
+    cross: tuple[int, torch.Tensor] | None = None
 
 
 @attrs.define(slots=True, eq=False)
@@ -71,6 +74,9 @@ class TraceContext:
         self._consumed: set[int] = set()
         self.param_dims: dict[str, int | bool | None] = {}
         self.param_owner: dict[str, str] = {}
+        self.owners: dict[str, tuple[Any, Any]] = {}  # claimed module name -> (module, pruner)
+        self._cross: list[tuple[torch.Tensor, str]] = []  # second labels handed out, with their tensor
+        self._cross_taken: set[int] = set()
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
@@ -136,13 +142,29 @@ class TraceContext:
             self.freeze(lab.atoms, f"channels reach dim {dim} of a consumer reading dim {lab.dim} ({self.where()})")
         return self.new_atoms(size, frozen=f"input without traced channels ({self.where()})")
 
-    def set_label(self, ref: Any, dim: int, atoms: torch.Tensor, origin: Any = None) -> None:
+    def set_label(
+        self, ref: Any, dim: int, atoms: torch.Tensor, origin: Any = None, cross: tuple[int, torch.Tensor] | None = None
+    ) -> None:
         if not isinstance(ref, TRef):
             return
         dim = dim % ref.ndim
         if ref.shape[dim] != atoms.numel():
             raise ValueError(f"{self.where()}: label of {atoms.numel()} atoms for dim {dim} of shape {ref.shape}")
-        self._labels[ref.key] = Label(dim, atoms, origin)
+        if cross is not None and ref.shape[cross[0] % ref.ndim] != cross[1].numel():
+            raise ValueError(f"{self.where()}: cross label of {cross[1].numel()} atoms for shape {ref.shape}")
+        self._labels[ref.key] = Label(dim, atoms, origin, cross)
+
+    def take_cross(self, lab: Label) -> torch.Tensor:
+        """The atoms of ``lab``'s second labelled dimension, for a mapper that couples them
+        (a matrix product contracting them); those nobody takes are frozen after tracing."""
+        assert lab.cross is not None
+        self._cross_taken.add(id(lab.cross[1]))
+        return lab.cross[1]
+
+    def freeze_untaken_cross(self) -> None:
+        for atoms, param in self._cross:
+            if id(atoms) not in self._cross_taken:
+                self.freeze(atoms, f"the second dimension of {param} reaches an operation that does not contract it")
 
     def copy_label(self, src: Any, dst: Any, dim_shift: int = 0) -> None:
         """Give ``dst`` the label of ``src`` (its dimension moved by ``dim_shift``)."""
@@ -182,6 +204,15 @@ class TraceContext:
         dim = self.param_dims.get(ref.param)
         if dim is False or not ref.shape:
             return None
+        owner = self.param_owner.get(ref.param)
+        if owner is not None and owner in self.owners:  # read outside its claimed module: ask its pruner
+            module, pruner = self.owners[owner]
+            lab = pruner.trace_param(module, owner, ref.param[len(owner) + 1 :] if owner else ref.param, self)
+            if lab is not None:
+                if lab.cross is not None:
+                    self._cross.append((lab.cross[1], ref.param))
+                self._labels[ref.key] = lab
+                return lab
         if dim is None:
             big = [i for i, s in enumerate(ref.shape) if s > 1]
             dim = big[0] if len(big) == 1 else len(ref.shape) - 1

@@ -164,6 +164,7 @@ class DependencyGraph:
             for bname, _ in node.module.named_buffers(prefix=name):
                 owned[bname] = name
         ctx.param_owner = owned
+        ctx.owners = {name: (node.module, node.pruner) for name, node in self.nodes.items()}
         seen = {r.param for e in self.recording.events if isinstance(e, OpCall) for r in e.inputs if r.param}
         tensors = dict(self.model.named_parameters(remove_duplicate=False))
         tensors.update(dict(self.model.named_buffers(remove_duplicate=False)))
@@ -198,6 +199,7 @@ class DependencyGraph:
                 raise TraceError(f"tracing failed at {who}: {type(exc).__name__}: {exc}") from exc
             ctx.end(event)
         ctx.event = None
+        ctx.freeze_untaken_cross()
         for ref in tree_flatten(self.recording.output)[0]:
             ctx.freeze_tensor(ref, "model output")
         for spec in ctx.slices.values():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from cleanai_core import hookimpl
+from cleanai_core.graph.context import Label
 from cleanai_core.interfaces import LayerPruner, add_to_bias, replace_param, squared_weight
 
 __all__ = ["LinearPruner"]
@@ -21,6 +22,23 @@ class LinearPruner(LayerPruner):
         ctx.bind(call.name, "in", atoms_in, "in", arg=0, dim=-1)
         atoms_out = ctx.produce(call.name, "out", module.out_features, dim=-1)
         ctx.set_label(call.outputs[0], -1, atoms_out)
+
+    def trace_param(self, module, name, param, ctx):
+        """``F.linear(x, module.weight, bias)`` outside the module (timm's EVA, BEiT and
+        Swin-V2 attention, with a bias built from ``q_bias`` / ``v_bias``): rows are the
+        module's ``"out"`` channels, columns its ``"in"`` channels, which the matrix
+        product couples with ``x``; a bias follows the rows. A subclass that couples more
+        in ``trace`` must say so here too, else the tensor stays frozen."""
+        if type(self).trace is not LinearPruner.trace and type(self).trace_param is LinearPruner.trace_param:
+            return None
+        if param == "bias" and module.bias is not None and module.bias.ndim == 1:
+            return Label(0, ctx.produce(name, "out", module.out_features, dim=-1))
+        if param != "weight" or module.weight.ndim != 2:
+            return None
+        atoms_out = ctx.produce(name, "out", module.out_features, dim=-1)
+        atoms_in = ctx.new_atoms(module.in_features)
+        ctx.bind(name, "in", atoms_in, "in", arg=0, dim=-1)
+        return Label(0, atoms_out, cross=(1, ctx.slices[(name, "in")].atoms))
 
     def prune(self, module, keep):
         if "out" in keep:

@@ -1,6 +1,7 @@
 """BatchNorm, LayerNorm (also channels-last use), GroupNorm, InstanceNorm, RMS norms
-(``nn.RMSNorm`` and timm's ``RmsNorm``/``SimpleNorm`` families), and the timm norm layers
-that subclass them (``BatchNormAct2d``, ``LayerNorm2d``, ``RmsNormAct2d``...)."""
+(``nn.RMSNorm`` and timm's ``RmsNorm``/``SimpleNorm`` families), timm's global response
+norm (ConvNeXt-V2 ``GlobalResponseNorm``), and the timm norm layers that subclass them
+(``BatchNormAct2d``, ``LayerNorm2d``, ``RmsNormAct2d``...)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_core.interfaces import LayerPruner, slice_params
 
-__all__ = ["BatchNormPruner", "GroupNormPruner", "LayerNormPruner", "RMSNormPruner"]
+__all__ = ["BatchNormPruner", "GlobalResponseNormPruner", "GroupNormPruner", "LayerNormPruner", "RMSNormPruner"]
 
 _AFFINE = [("weight", 0), ("bias", 0)]
 _STATS = [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]
@@ -145,6 +146,34 @@ class GroupNormPruner(_PassThrough):
         module.num_channels = n
 
 
+class GlobalResponseNormPruner(_PassThrough):
+    """timm's ``GlobalResponseNorm`` (ConvNeXt-V2), matched by class name:
+    ``x + bias + weight * x * g / mean_c(g)`` with ``g`` the per-channel L2 norm over the
+    spatial dims. The mean over channels changes when channels go, so, like LayerNorm,
+    the slice normalises: prunable, approximate, left out of the exact oracle. Channels
+    on ``module.channel_dim`` (-1 channels-last, 1 for NCHW); ``weight`` and ``bias``
+    follow them."""
+
+    name = "grn"
+    tensors = _AFFINE
+    normalizes = True
+
+    def channel_dim(self, module, x) -> int:
+        return module.channel_dim % x.ndim
+
+    def fix(self, module, n):
+        return None  # the affine is viewed with ``wb_shape`` (a -1 for the channels)
+
+
+def _timm_grn(module: nn.Module) -> bool:
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not any(c.__name__ == "GlobalResponseNorm" for c in type(module).__mro__):
+        return False
+    if not isinstance(weight, nn.Parameter) or not isinstance(bias, nn.Parameter) or weight.ndim != 1:
+        return False
+    return getattr(module, "channel_dim", None) in (1, -1) and bias.shape == weight.shape
+
+
 @hookimpl(trylast=True)
 def cleanai_layer_pruner(module):
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
@@ -159,4 +188,6 @@ def cleanai_layer_pruner(module):
         return RMSNormPruner() if len(module.normalized_shape) == 1 else None
     if _timm_rms_norm(module) is not None:
         return RMSNormPruner()
+    if _timm_grn(module):
+        return GlobalResponseNormPruner()
     return None

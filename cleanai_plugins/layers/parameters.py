@@ -2,7 +2,8 @@
 
 Which dimension carries channels: ``cls_token`` / ``pos_embed`` / ``dist_token`` /
 ``reg_token`` and layer-scale vectors the last one (the embedding), except positional maps
-laid out ``(1, C, H, W)`` (dim 1), relative-position
+laid out ``(1, C, H, W)`` (dim 1) and layer scales shaped ``(C, 1, 1)`` to broadcast over
+NCHW tensors (FastViT's ``gamma``: dim 0), relative-position
 bias tables the last one (heads), LeViT ``attention_biases`` the first one (heads).
 Integer and boolean buffers (index tables, masks, counters) never carry channels.
 """
@@ -33,6 +34,8 @@ def cleanai_unwrapped_parameter(name, parameter, model):
         return 0
     if _is_nchw_map(leaf, parameter):
         return 1
+    if leaf == "gamma" and parameter.ndim > 1 and all(s == 1 for s in parameter.shape[1:]):
+        return 0
     if leaf in _LAST and parameter.ndim >= 1:
         return -1
     return None

@@ -32,7 +32,10 @@ def cat(call, ctx):
     first = _atoms_at(ctx, tensors[0], ldim)
     for t in tensors[1:]:
         ctx.union(first, _atoms_at(ctx, t, ldim))
-    ctx.set_label(out, ldim, first)
+    # pieces of one reshape split (EVA's rope: cat(q[:, :, :1], rope(q[:, :, 1:]), dim=2))
+    # keep its origin, so attention after the cat can still ask for the other split
+    origins = {lab.origin if lab is not None else None for lab in labs}
+    ctx.set_label(out, ldim, first, origins.pop() if len(origins) == 1 else None)
 
 
 @table.register("stack")

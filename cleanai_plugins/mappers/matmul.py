@@ -18,6 +18,12 @@ def _product(ctx, a, b, out) -> None:
         return
     na, nb, no = a.ndim, b.ndim, out.ndim
     a_k, b_k = na - 1, max(nb - 2, 0)
+    if lb is not None and lb.cross is not None and nb == 2 and lb.dim == 1 and lb.cross[0] == 0:
+        # b is a claimed module's weight read outside it, transposed (``F.linear(x,
+        # m.weight, bias)``): its rows contract with a's channels, its columns label out
+        ctx.union(ctx.labels(a, a_k), ctx.take_cross(lb))
+        ctx.set_label(out, no - 1, lb.atoms, lb.origin)
+        return
     # contraction dimension: both sides must shrink together
     if (la is not None and la.dim == a_k) or (lb is not None and lb.dim == b_k and nb > 1):
         ka = ctx.labels(a, a_k) if la is not None and la.dim == a_k else None

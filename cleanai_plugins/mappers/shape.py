@@ -177,7 +177,8 @@ def t(call, ctx):
     if lab is None:
         return
     d = lab.dim if src.ndim < 2 else src.ndim - 1 - lab.dim
-    ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin)
+    cross = (1 - lab.cross[0], lab.cross[1]) if lab.cross is not None and src.ndim == 2 else None
+    ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin, cross)
 
 
 @table.register("unsqueeze", "unsqueeze_copy")

@@ -100,9 +100,18 @@ class TiedLinearPruner(LinearPruner):
 
     def trace(self, module, call, ctx):
         super().trace(module, call, ctx)
-        out = ctx.slices[(call.name, "out")].atoms
+        self._tie(module, call.name, ctx)
+
+    def trace_param(self, module, name, param, ctx):
+        lab = super().trace_param(module, name, param, ctx)  # EVA: F.linear(x, self.qkv.weight, qkv_bias)
+        if lab is not None and param == "weight":
+            self._tie(module, name, ctx)
+        return lab
+
+    def _tie(self, module, name, ctx):
+        out = ctx.slices[(name, "out")].atoms
         parts = ctx.tie(out, (self.stacks, module.in_features), 1) if self.stacks > 1 else out
-        ctx.union(parts, ctx.slices[(call.name, "in")].atoms)
+        ctx.union(parts, ctx.slices[(name, "in")].atoms)
 
 
 _WIDTH_RE = re.compile(r"reshape\(\s*B_?,\s*(N|self\.latent_len),\s*C\s*\)|C // self\.(num_heads|groups)")
