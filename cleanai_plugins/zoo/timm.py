@@ -472,12 +472,52 @@ def fix_parallel_block(module: nn.Module, name: str, edits) -> None:
         module.head_dim = q_keep.numel() * head_dim // (heads * block)
 
 
+_GATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fc1 -> True
+
+
+def _scan_gated_conv_blocks(model: nn.Module) -> None:
+    """MambaOut ``GatedConvBlock``: ``g, i, c = split(fc1(x), split_indices)`` with
+    ``split_indices = (hidden, hidden - conv, conv)``, then ``fc2(act(g) * cat(i, dwconv(c)))``.
+    The product pairs gate ``j`` with channel ``j`` of ``cat(i, c)``; the depthwise conv
+    keeps ``c``'s channels apart."""
+    for module in model.modules():
+        idx = getattr(module, "split_indices", None)
+        fc1, conv, fc2 = (getattr(module, a, None) for a in ("fc1", "conv", "fc2"))
+        if not isinstance(idx, tuple) or len(idx) != 3 or not all(isinstance(v, int) for v in idx):
+            continue
+        if not isinstance(fc1, nn.Linear) or not isinstance(conv, nn.Conv2d) or not isinstance(fc2, nn.Linear):
+            continue
+        hidden, _, n = idx
+        depthwise = conv.groups == conv.in_channels == conv.out_channels == n
+        if depthwise and idx[1] == hidden - n and fc1.out_features == 2 * hidden and fc2.in_features == hidden:
+            _GATED[fc1] = True
+
+
+class GatedFc1Pruner(LinearPruner):
+    """A gated block's ``fc1``: its output may be split into unequal parts
+    (``fix_gated_conv_block`` rewrites ``split_indices``)."""
+
+    def trace(self, module, call, ctx):
+        super().trace(module, call, ctx)
+        allow_unequal_split(ctx, call.outputs[0])
+
+
+def fix_gated_conv_block(module: nn.Module, name: str, edits) -> None:
+    """``split_indices`` follow ``fc2``'s input (gate pairs) and the depthwise conv's width."""
+    fc1, conv, fc2 = (getattr(module, a, None) for a in ("fc1", "conv", "fc2"))
+    if fc1 not in _GATED or not isinstance(conv, nn.Conv2d) or not isinstance(fc2, nn.Linear):
+        return
+    hidden, n = fc2.in_features, conv.in_channels
+    module.split_indices = (hidden, hidden - n, n)
+
+
 @hookimpl
 def cleanai_leaf_modules(model):
     _scan_parallel_blocks(model)
     _scan_width_attention(model)
     _scan_lambda_layers(model)
     _scan_group_norms(model)
+    _scan_gated_conv_blocks(model)
     return None
 
 
@@ -489,6 +529,8 @@ def cleanai_layer_pruner(module, name):
         return ParallelInProjPruner()
     if module in _LAMBDA:
         return LambdaQKVPruner()
+    if module in _GATED:
+        return GatedFc1Pruner()
     info = _TIED.get(module)
     if info is not None and isinstance(module, nn.Linear):
         return TiedLinearPruner(info[0])
@@ -510,6 +552,7 @@ FIXUPS = (
     fix_bottleneck_attention,
     fix_lambda_layer,
     fix_parallel_block,
+    fix_gated_conv_block,
 )
 
 
