@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from cleanai_core import hookimpl
 from cleanai_core.graph.dependency import DependencyGraph
-from cleanai_core.testing import check_pruner
+from cleanai_core.testing import check_pruner, masked_forward, random_units, run_model, temporary_plugin
+from cleanai_plugins.mappers.shape import allow_channel_ranges
 
 
 def groups_with(graph: DependencyGraph, module: str, slice_name: str):
@@ -90,3 +92,131 @@ def test_mambaout_femto_hidden_units_prune():
     # the residual stream is LayerNorm-normalised, left out of the exact oracle: before the
     # gated hidden units could prune, nothing else did (6,163,066 kept)
     assert report.params_after == 3_618_730
+
+
+def moved_by_masking(graph: DependencyGraph, x: torch.Tensor) -> float:
+    """How far check_pruner's masking moves the output: the oracle proves something."""
+    pruned = random_units(graph, 0.5, torch.Generator().manual_seed(0), exclude_normalized=True)
+    masked, base = masked_forward(graph, pruned, x), run_model(graph.model, x)
+    return max(float((a - b).abs().max()) for a, b in zip(masked, base, strict=True))
+
+
+class DualPath(nn.Module):
+    """The pattern of timm's DPN ``DualPathBlock``: the first ``num_1x1_c`` channels of the
+    input (or its projection) and of ``c1x1_c``'s output are a residual part, added; the
+    rest are dense parts, concatenated."""
+
+    def __init__(self, cin: int, c: int, inc: int, proj: bool) -> None:
+        super().__init__()
+        self.num_1x1_c = c
+        self.c1x1_w = nn.Conv2d(cin, c + 2 * inc, 1) if proj else None
+        self.c1x1_a = nn.Conv2d(cin, 5, 1)
+        self.c3x3_b = nn.Conv2d(5, 5, 3, padding=1)
+        self.c1x1_c = nn.Conv2d(5, c + inc, 1)
+
+    def forward(self, x):
+        x_s = x if self.c1x1_w is None else self.c1x1_w(x)
+        x_s1, x_s2 = x_s[:, : self.num_1x1_c], x_s[:, self.num_1x1_c :]
+        x = self.c1x1_c(torch.relu(self.c3x3_b(torch.relu(self.c1x1_a(x)))))
+        out1, out2 = x[:, : self.num_1x1_c], x[:, self.num_1x1_c :]
+        return torch.cat([x_s1 + out1, x_s2, out2], dim=1)
+
+
+class DualPathNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block1 = DualPath(8, 6, 2, proj=True)  # out: 6 residual + 2 * 2 + 2 dense = 12
+        self.block2 = DualPath(12, 6, 2, proj=False)  # out: 6 + 6 + 2 = 14
+        self.head = nn.Linear(14, 3)
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(self.stem(x))).mean((2, 3)))
+
+
+def test_dual_path_block_residual_and_dense_parts_prune():
+    torch.manual_seed(0)
+    model, x = DualPathNet().eval(), torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    assert not [r for _, r in graph.ctx.frozen if "fixed range" in r]
+    # the residual part: both projections' first 6 channels and both c1x1_c's, added together
+    residual = next(g for g in groups_with(graph, "block2.c1x1_c", "out") if g.size == 6)
+    assert residual.prunable == 6
+    assert {(s.module, s.name) for s in residual.slices} >= {("block1.c1x1_w", "out"), ("block1.c1x1_c", "out")}
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    assert moved_by_masking(graph, x) > 1e-3
+    # stem 8 -> 4, residual 6 -> 3, dense parts 4 -> 2 (block1's projection) and 2 -> 1 (each c1x1_c), inner 5 -> 3
+    stem, b1 = 4 * 3 * 9 + 4, (5 * 4 + 5) + (3 * 4 + 3) + (3 * 3 * 9 + 3) + (4 * 3 + 4)
+    b2, head = (3 * 6 + 3) + (3 * 3 * 9 + 3) + (4 * 3 + 4), 7 * 3 + 3
+    assert report.params_after == stem + b1 + b2 + head == 397
+
+
+def test_dual_path_block_bounds_follow_the_slicing():
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    model, x = DualPathNet().eval(), torch.randn(2, 3, 6, 6)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    for block in (small.block1, small.block2):
+        assert block.num_1x1_c == block.c1x1_c.out_channels - 1 == 3  # residual 6 -> 3, dense 2 -> 1
+    assert small.block1.c1x1_w.out_channels == 3 + 2
+    assert small.head.in_features == 3 + (2 + 1) + 1  # residual, block1's dense parts, block2's
+    assert small(x).shape == (2, 3)
+
+
+def test_dpn68_residual_and_dense_parts_prune():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, x = timm.create_model("dpn68", num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+    graph = DependencyGraph(model, x)
+    assert not [r for _, r in graph.ctx.frozen if "fixed range" in r]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-7  # random-init outputs are ~0.04
+    assert moved_by_masking(graph, x) > 1e-3
+    assert report.params_before == 11_786_932
+    assert report.params_after == 2_965_167  # was 5.7M with the fixed slices frozen
+
+
+class Halves(nn.Module):
+    """Fixed channel ranges taken with ``narrow`` and a slice, bounds in ``self.n``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 4
+        self.a = nn.Conv2d(3, 10, 1)
+        self.b = nn.Conv2d(4, 5, 1)
+        self.c = nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y.narrow(1, 0, self.n)) + self.c(y[:, self.n :])
+
+
+class HalvesFixup:
+    """A plugin that vouches for ``Halves``' slices and rewrites ``n`` after slicing."""
+
+    @hookimpl
+    def cleanai_leaf_modules(self, model):
+        for m in model.modules():
+            if isinstance(m, Halves):
+                allow_channel_ranges(m)
+
+    @hookimpl
+    def cleanai_after_prune(self, module, name, edits):
+        keep = edits.get((f"{name}.a" if name else "a", "out"))
+        if isinstance(module, Halves) and keep is not None:
+            module.n = int((keep < module.n).sum())
+
+
+def test_allow_channel_ranges_needs_the_module_to_vouch():
+    torch.manual_seed(0)
+    model, x = Halves().eval(), torch.randn(2, 3, 4, 4)
+    assert [g.prunable for g in groups_with(DependencyGraph(model, x), "a", "out")] == [0]
+    with temporary_plugin(HalvesFixup(), name="halves"):
+        graph = DependencyGraph(model, x)
+        assert [(g.size, g.prunable) for g in groups_with(graph, "a", "out")] == [(4, 4), (6, 6)]
+        report = check_pruner(model, x, ratio=0.5)
+        assert moved_by_masking(graph, x) > 1e-3
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    assert report.params_after == (5 * 3 + 5) + (5 * 2 + 5) + (5 * 3 + 5)  # a: 4 -> 2, 6 -> 3 (b, c make the output)

@@ -71,6 +71,7 @@ class TraceContext:
         self._consumed: set[int] = set()
         self.param_dims: dict[str, int | bool | None] = {}
         self.param_owner: dict[str, str] = {}
+        self.modules: dict[str, Any] = {}  # the model's modules by name (see scope_module)
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
@@ -205,6 +206,11 @@ class TraceContext:
         if op is not None:
             return f"op {op} in {ev.scope or 'model'}"
         return f"module {ev.name}"
+
+    def scope_module(self) -> Any:
+        """The module whose ``forward`` runs the op being traced (``None`` for a module
+        call): a mapper may trust what that module's fix-up repairs."""
+        return self.modules.get(getattr(self.event, "scope", None))
 
     def begin(self, event: Any) -> None:
         self.event = event

@@ -20,7 +20,7 @@ from cleanai_core import hookimpl
 from cleanai_core.interfaces import replace_param
 from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.layers.linear import LinearPruner
-from cleanai_plugins.mappers.shape import allow_unequal_split
+from cleanai_plugins.mappers.shape import allow_channel_ranges, allow_unequal_split
 
 # child projection -> how many stacked (q, k, v) copies its output holds
 _QUERY_PROJECTIONS = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q", 1), ("qkv_proj", 3), ("qk", 2))
@@ -511,6 +511,38 @@ def fix_gated_conv_block(module: nn.Module, name: str, edits) -> None:
     module.split_indices = (hidden, hidden - n, n)
 
 
+_DUAL_PATH: weakref.WeakSet = weakref.WeakSet()
+
+
+def _scan_dual_path_blocks(model: nn.Module) -> None:
+    """DPN ``DualPathBlock``: ``x[:, : self.num_1x1_c]`` is the residual part of its input (or
+    projection) and of ``c1x1_c``'s output, ``x[:, self.num_1x1_c :]`` the dense part."""
+    for module in model.modules():
+        bound, c = getattr(module, "num_1x1_c", None), getattr(module, "c1x1_c", None)
+        if isinstance(bound, int) and isinstance(c, nn.Module):
+            _DUAL_PATH.add(module)
+            allow_channel_ranges(module)  # fix_dual_path_block rewrites ``num_1x1_c``
+
+
+def fix_dual_path_block(module: nn.Module, name: str, edits) -> None:
+    """The residual part keeps the channels below ``num_1x1_c`` that survived: ``c1x1_c1``'s
+    width (DPN-b) or the kept outputs of ``c1x1_c`` below the bound (its residual part is
+    tied with the input's by the addition)."""
+    if module not in _DUAL_PATH:
+        return
+    c1 = getattr(module, "c1x1_c1", None)
+    if isinstance(c1, nn.Module):
+        n = _out_channels(c1)
+    else:
+        conv = f"{name}.c1x1_c" if name else "c1x1_c"
+        if isinstance(getattr(module.c1x1_c, "conv", None), nn.Module):
+            conv += ".conv"
+        keep = edits.get((conv, "out"))
+        n = None if keep is None else int((keep < module.num_1x1_c).sum())
+    if n is not None:
+        module.num_1x1_c = n
+
+
 @hookimpl
 def cleanai_leaf_modules(model):
     _scan_parallel_blocks(model)
@@ -518,6 +550,7 @@ def cleanai_leaf_modules(model):
     _scan_lambda_layers(model)
     _scan_group_norms(model)
     _scan_gated_conv_blocks(model)
+    _scan_dual_path_blocks(model)
     return None
 
 
@@ -553,6 +586,7 @@ FIXUPS = (
     fix_lambda_layer,
     fix_parallel_block,
     fix_gated_conv_block,
+    fix_dual_path_block,
 )
 
 
