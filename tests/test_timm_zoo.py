@@ -220,3 +220,110 @@ def test_allow_channel_ranges_needs_the_module_to_vouch():
         assert moved_by_masking(graph, x) > 1e-3
     assert report.output_shapes_equal and report.max_abs_diff < 1e-6
     assert report.params_after == (5 * 3 + 5) + (5 * 2 + 5) + (5 * 3 + 5)  # a: 4 -> 2, 6 -> 3 (b, c make the output)
+
+
+class FactorAttention(nn.Module):
+    """CoaT's factorised attention with a conv relative position encoding, in small:
+    ``q @ (softmax(k)^T @ v)`` (both operands of ``k^T @ v`` carry head dims), plus
+    ``q * dwconv(v)`` with the heads split into unequal groups, one conv per group."""
+
+    def __init__(self, dim: int = 12, heads: int = 3, splits: tuple[int, ...] = (1, 2)) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.crpe = RelPosConv(self.head_dim, splits)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        factor = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)
+        x = (0.5 * factor + self.crpe(q, v)).transpose(1, 2).reshape(B, N, -1)
+        return self.proj(x)
+
+
+class RelPosConv(nn.Module):
+    def __init__(self, head_dim: int, splits: tuple[int, ...]) -> None:
+        super().__init__()
+        self.head_splits = list(splits)
+        self.channel_splits = [s * head_dim for s in splits]
+        self.conv_list = nn.ModuleList(nn.Conv2d(n, n, 3, padding=1, groups=n) for n in self.channel_splits)
+
+    def forward(self, q, v):
+        B, h, N, C = q.shape
+        side = int(N**0.5)
+        v = v.transpose(-1, -2).reshape(B, h * C, side, side)
+        parts = torch.split(v, self.channel_splits, dim=1)
+        v = torch.cat([conv(p) for conv, p in zip(self.conv_list, parts, strict=True)], dim=1)
+        return q * v.reshape(B, h, C, N).transpose(-1, -2)
+
+
+class FactorNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 12)
+        self.attn = FactorAttention()
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(self.embed(x)))
+
+
+def test_factorised_attention_and_conv_rel_pos_prune_whole_heads():
+    torch.manual_seed(0)
+    model, x = FactorNet().eval(), torch.randn(2, 16, 5)
+    graph = DependencyGraph(model, x)
+    assert not [r for _, r in graph.ctx.frozen if "both operands" in r or "unequal" in r]
+    # whole heads (4 dims each) through qkv, each window group's conv, and proj
+    assert [(g.size, g.prunable) for g in groups_with(graph, "attn.qkv", "out")] == [(1, 1), (2, 2)]
+    assert [(g.size, g.prunable) for g in groups_with(graph, "attn.crpe.conv_list.1", "in")] == [(2, 2)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    assert moved_by_masking(graph, x) > 1e-3
+    # embed and proj outputs 12 -> 6; heads 3 -> 2 (the first window group keeps its only head)
+    embed, qkv, convs, proj, head = 5 * 6 + 6, 6 * 24 + 24, 2 * (4 * 9 + 4), 8 * 6 + 6, 6 * 3 + 3
+    assert (report.params_before, report.params_after) == (855, embed + qkv + convs + proj + head) == (855, 359)
+
+
+def test_conv_rel_pos_splits_follow_the_slicing():
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    model, x = FactorNet().eval(), torch.randn(2, 16, 5)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    crpe = small.attn.crpe
+    assert crpe.channel_splits == [c.in_channels for c in crpe.conv_list]
+    assert sum(crpe.channel_splits) == small.attn.qkv.out_features // 3 < 12
+    assert small(x).shape == (2, 16, 3)
+
+
+class SeparateHeads(nn.Module):
+    """EfficientFormer-V2's attention, in small: q, k and v reshaped apart with one
+    ``num_heads``, a talking-heads conv between ``q @ k`` and ``attn @ v``."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.q, self.k, self.v = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)
+        self.talking_head = nn.Conv2d(heads, heads, 1)
+        self.proj = nn.Conv2d(dim, 3, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q = self.q(x).reshape(B, self.num_heads, -1, H * W).permute(0, 1, 3, 2)
+        k = self.k(x).reshape(B, self.num_heads, -1, H * W)
+        v = self.v(x).reshape(B, self.num_heads, -1, H * W).permute(0, 1, 3, 2)
+        attn = self.talking_head(q @ k).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(2, 3).reshape(B, -1, H, W))
+
+
+def test_value_split_alone_keeps_its_head_count():
+    """``attn @ v`` with heads on ``attn`` and head dims on ``v``: v's own split must not
+    switch to whole heads while q and k (reshaped elsewhere with the same ``num_heads``)
+    keep theirs, or the pruned model's reshapes disagree."""
+    torch.manual_seed(0)
+    model, x = SeparateHeads().eval(), torch.randn(2, 8, 3, 3)
+    graph = DependencyGraph(model, x)
+    assert [(g.size, g.prunable) for g in groups_with(graph, "v", "out")] == [(4, 4)]  # head dims, tied over heads
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5

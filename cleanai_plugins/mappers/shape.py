@@ -34,9 +34,9 @@ _FREE_RANGES: weakref.WeakSet = weakref.WeakSet()
 
 def allow_channel_ranges(module) -> None:
     """Ops run directly in ``module``'s ``forward`` may take a fixed range of channels
-    (``x[:, : self.n]``): the caller's fix-up rewrites the bounds after slicing (a kept
-    range keeps its channels in order, so a bound ``n`` becomes the number of kept
-    channels below ``n``)."""
+    (``x[:, : self.n]``) or split them into unequal parts: the caller's fix-up rewrites
+    the bounds after slicing (a kept range keeps its channels in order, so a bound ``n``
+    becomes the number of kept channels below ``n``)."""
     _FREE_RANGES.add(module)
 
 
@@ -303,7 +303,7 @@ def split(call, ctx):
         return
     sizes = [o.shape[dim] for o in outs]
     if len(set(sizes)) != 1:
-        if src.key in _FREE_SPLITS.get(ctx, ()):
+        if src.key in _FREE_SPLITS.get(ctx, ()) or ctx.scope_module() in _FREE_RANGES:
             start = 0
             for o, s in zip(outs, sizes, strict=True):
                 ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)

@@ -543,6 +543,26 @@ def fix_dual_path_block(module: nn.Module, name: str, edits) -> None:
         module.num_1x1_c = n
 
 
+_CONV_REL_POS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _scan_conv_rel_pos(model: nn.Module) -> None:
+    """CoaT ``ConvRelPosEnc``: ``split(v, self.channel_splits)``, one depthwise conv per part
+    (heads grouped by window size)."""
+    for module in model.modules():
+        splits, convs = getattr(module, "channel_splits", None), getattr(module, "conv_list", None)
+        if isinstance(splits, list) and isinstance(convs, nn.ModuleList) and len(splits) == len(convs):
+            if all(isinstance(c, nn.Conv2d) and c.in_channels == n for c, n in zip(convs, splits, strict=True)):
+                _CONV_REL_POS.add(module)
+                allow_channel_ranges(module)  # fix_conv_rel_pos rewrites ``channel_splits``
+
+
+def fix_conv_rel_pos(module: nn.Module, name: str, edits) -> None:
+    """``channel_splits`` follow the convs' widths (``head_splits`` is not read by ``forward``)."""
+    if module in _CONV_REL_POS:
+        module.channel_splits = [c.in_channels for c in module.conv_list]
+
+
 @hookimpl
 def cleanai_leaf_modules(model):
     _scan_parallel_blocks(model)
@@ -551,6 +571,7 @@ def cleanai_leaf_modules(model):
     _scan_group_norms(model)
     _scan_gated_conv_blocks(model)
     _scan_dual_path_blocks(model)
+    _scan_conv_rel_pos(model)
     return None
 
 
@@ -587,6 +608,7 @@ FIXUPS = (
     fix_parallel_block,
     fix_gated_conv_block,
     fix_dual_path_block,
+    fix_conv_rel_pos,
 )
 
 
