@@ -77,6 +77,7 @@ class TraceContext:
         self.owners: dict[str, tuple[Any, Any]] = {}  # claimed module name -> (module, pruner)
         self._cross: list[tuple[torch.Tensor, str]] = []  # second labels handed out, with their tensor
         self._cross_taken: set[int] = set()
+        self.modules: dict[str, Any] = {}  # the model's modules by name (see scope_module)
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
@@ -236,6 +237,11 @@ class TraceContext:
         if op is not None:
             return f"op {op} in {ev.scope or 'model'}"
         return f"module {ev.name}"
+
+    def scope_module(self) -> Any:
+        """The module whose ``forward`` runs the op being traced (``None`` for a module
+        call): a mapper may trust what that module's fix-up repairs."""
+        return self.modules.get(getattr(self.event, "scope", None))
 
     def begin(self, event: Any) -> None:
         self.event = event

@@ -147,8 +147,10 @@ class DependencyGraph:
 
     def _propagate(self) -> TraceContext:
         choices: dict[int, int] = {}
+        modules = dict(self.model.named_modules())
         for _ in range(4):
             ctx = TraceContext(choices)
+            ctx.modules = modules
             self._setup_params(ctx)
             self._run(ctx)
             if not ctx.split_requests:

@@ -47,12 +47,12 @@ def _product(ctx, a, b, out) -> None:
         return
     if la is not None and na >= 2 and la.dim == na - 2:
         if lb is not None:
-            ctx.freeze(lb.atoms, f"{ctx.where()}: both operands carry channels")
+            _both_carry(ctx, la, lb)
         ctx.set_label(out, no - 2, la.atoms, la.origin)
         return
     if lb is not None and nb >= 2 and lb.dim == nb - 1:
         if la is not None:
-            ctx.freeze(la.atoms, f"{ctx.where()}: both operands carry channels")
+            _both_carry(ctx, lb, la)
         ctx.set_label(out, no - 1, lb.atoms, lb.origin)
         return
     # batch dimensions broadcast like an element-wise op
@@ -69,6 +69,19 @@ def _product(ctx, a, b, out) -> None:
             ctx.freeze(lab.atoms, f"{ctx.where()} pairs channels with a batch that cannot shrink")
             continue
         ctx.set_label(out, d, lab.atoms, lab.origin)
+
+
+def _both_carry(ctx, kept, other) -> None:
+    """Rows of ``a`` and columns of ``b`` both carry channels: ``other`` freezes. When both
+    come from one reshape split of a fused projection (CoaT's factorised attention
+    ``k^T @ v``, XCiT's and DaViT's channel attention ``q^T @ k``, all head dims of one
+    ``qkv``), ask for the dimension before (the heads: a batch dimension here); q, k and v
+    switch together, so their heads stay equal. Operands split apart (CaiT's talking heads,
+    GCViT's global query, EfficientFormer-V2's ``v``) are left alone: switching one split
+    would leave the others' heads behind."""
+    if kept.origin is not None and other.origin is not None and kept.origin[0] == other.origin[0]:
+        ctx.request_split(kept.origin, kept.origin[1] - 1)
+    ctx.freeze(other.atoms, f"{ctx.where()}: both operands carry channels")
 
 
 @table.register("mm", "bmm", "matmul", "_unsafe_mm")

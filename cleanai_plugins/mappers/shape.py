@@ -12,7 +12,7 @@ from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
 from cleanai_plugins.mappers._registry import MapperTable, arg
 
-__all__ = ["allow_unequal_split", "reshape_label"]
+__all__ = ["allow_channel_ranges", "allow_unequal_split", "reshape_label"]
 
 table = MapperTable()
 
@@ -26,6 +26,18 @@ def allow_unequal_split(ctx, ref) -> None:
     on its own (the caller ties parts that must stay equal)."""
     if isinstance(ref, TRef):
         _FREE_SPLITS.setdefault(ctx, set()).add(ref.key)
+
+
+# modules whose fix-up rewrites the channel bounds their ``forward`` slices with
+_FREE_RANGES: weakref.WeakSet = weakref.WeakSet()
+
+
+def allow_channel_ranges(module) -> None:
+    """Ops run directly in ``module``'s ``forward`` may take a fixed range of channels
+    (``x[:, : self.n]``) or split them into unequal parts: the caller's fix-up rewrites
+    the bounds after slicing (a kept range keeps its channels in order, so a bound ``n``
+    becomes the number of kept channels below ``n``)."""
+    _FREE_RANGES.add(module)
 
 
 def _prod(xs) -> int:
@@ -255,9 +267,27 @@ def slice_(call, ctx):
         return
     dim = arg(call, 1, "dim", 0) % src.ndim
     if dim == lab.dim and out.shape[dim] != src.shape[dim]:
-        ctx.freeze(lab.atoms, f"{ctx.where()} takes a fixed range of channels")
+        idx = _slice_positions(call, src.shape[dim]) if ctx.scope_module() in _FREE_RANGES else None
+        if idx is None or len(idx) != out.shape[dim]:
+            ctx.freeze(lab.atoms, f"{ctx.where()} takes a fixed range of channels")
+            return
+        ctx.set_label(out, dim, lab.atoms[idx.start : idx.stop : idx.step], lab.origin)
         return
     ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+
+
+def _slice_positions(call, size: int) -> range | None:
+    """The positions ``slice`` / ``narrow`` keep along a dimension of ``size``."""
+    if "narrow" in str(call.op):
+        start, length = arg(call, 2, "start"), arg(call, 3, "length")
+        if not isinstance(start, int) or not isinstance(length, int):
+            return None
+        start = start % size if size else 0
+        return range(start, start + length)
+    start, end, step = arg(call, 2, "start"), arg(call, 3, "end"), arg(call, 4, "step", 1)
+    if not all(isinstance(v, int) or v is None for v in (start, end)) or not isinstance(step, int):
+        return None
+    return range(size)[slice(start, end, step)]
 
 
 @table.register("split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "split_copy", "tensor_split")
@@ -274,7 +304,7 @@ def split(call, ctx):
         return
     sizes = [o.shape[dim] for o in outs]
     if len(set(sizes)) != 1:
-        if src.key in _FREE_SPLITS.get(ctx, ()):
+        if src.key in _FREE_SPLITS.get(ctx, ()) or ctx.scope_module() in _FREE_RANGES:
             start = 0
             for o, s in zip(outs, sizes, strict=True):
                 ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)

@@ -20,7 +20,7 @@ from cleanai_core import hookimpl
 from cleanai_core.interfaces import replace_param
 from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.layers.linear import LinearPruner
-from cleanai_plugins.mappers.shape import allow_unequal_split
+from cleanai_plugins.mappers.shape import allow_channel_ranges, allow_unequal_split
 
 # child projection -> how many stacked (q, k, v) copies its output holds
 _QUERY_PROJECTIONS = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q", 1), ("qkv_proj", 3), ("qk", 2))
@@ -481,12 +481,106 @@ def fix_parallel_block(module: nn.Module, name: str, edits) -> None:
         module.head_dim = q_keep.numel() * head_dim // (heads * block)
 
 
+_GATED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fc1 -> True
+
+
+def _scan_gated_conv_blocks(model: nn.Module) -> None:
+    """MambaOut ``GatedConvBlock``: ``g, i, c = split(fc1(x), split_indices)`` with
+    ``split_indices = (hidden, hidden - conv, conv)``, then ``fc2(act(g) * cat(i, dwconv(c)))``.
+    The product pairs gate ``j`` with channel ``j`` of ``cat(i, c)``; the depthwise conv
+    keeps ``c``'s channels apart."""
+    for module in model.modules():
+        idx = getattr(module, "split_indices", None)
+        fc1, conv, fc2 = (getattr(module, a, None) for a in ("fc1", "conv", "fc2"))
+        if not isinstance(idx, tuple) or len(idx) != 3 or not all(isinstance(v, int) for v in idx):
+            continue
+        if not isinstance(fc1, nn.Linear) or not isinstance(conv, nn.Conv2d) or not isinstance(fc2, nn.Linear):
+            continue
+        hidden, _, n = idx
+        depthwise = conv.groups == conv.in_channels == conv.out_channels == n
+        if depthwise and idx[1] == hidden - n and fc1.out_features == 2 * hidden and fc2.in_features == hidden:
+            _GATED[fc1] = True
+
+
+class GatedFc1Pruner(LinearPruner):
+    """A gated block's ``fc1``: its output may be split into unequal parts
+    (``fix_gated_conv_block`` rewrites ``split_indices``)."""
+
+    def trace(self, module, call, ctx):
+        super().trace(module, call, ctx)
+        allow_unequal_split(ctx, call.outputs[0])
+
+
+def fix_gated_conv_block(module: nn.Module, name: str, edits) -> None:
+    """``split_indices`` follow ``fc2``'s input (gate pairs) and the depthwise conv's width."""
+    fc1, conv, fc2 = (getattr(module, a, None) for a in ("fc1", "conv", "fc2"))
+    if fc1 not in _GATED or not isinstance(conv, nn.Conv2d) or not isinstance(fc2, nn.Linear):
+        return
+    hidden, n = fc2.in_features, conv.in_channels
+    module.split_indices = (hidden, hidden - n, n)
+
+
+_DUAL_PATH: weakref.WeakSet = weakref.WeakSet()
+
+
+def _scan_dual_path_blocks(model: nn.Module) -> None:
+    """DPN ``DualPathBlock``: ``x[:, : self.num_1x1_c]`` is the residual part of its input (or
+    projection) and of ``c1x1_c``'s output, ``x[:, self.num_1x1_c :]`` the dense part."""
+    for module in model.modules():
+        bound, c = getattr(module, "num_1x1_c", None), getattr(module, "c1x1_c", None)
+        if isinstance(bound, int) and isinstance(c, nn.Module):
+            _DUAL_PATH.add(module)
+            allow_channel_ranges(module)  # fix_dual_path_block rewrites ``num_1x1_c``
+
+
+def fix_dual_path_block(module: nn.Module, name: str, edits) -> None:
+    """The residual part keeps the channels below ``num_1x1_c`` that survived: ``c1x1_c1``'s
+    width (DPN-b) or the kept outputs of ``c1x1_c`` below the bound (its residual part is
+    tied with the input's by the addition)."""
+    if module not in _DUAL_PATH:
+        return
+    c1 = getattr(module, "c1x1_c1", None)
+    if isinstance(c1, nn.Module):
+        n = _out_channels(c1)
+    else:
+        conv = f"{name}.c1x1_c" if name else "c1x1_c"
+        if isinstance(getattr(module.c1x1_c, "conv", None), nn.Module):
+            conv += ".conv"
+        keep = edits.get((conv, "out"))
+        n = None if keep is None else int((keep < module.num_1x1_c).sum())
+    if n is not None:
+        module.num_1x1_c = n
+
+
+_CONV_REL_POS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _scan_conv_rel_pos(model: nn.Module) -> None:
+    """CoaT ``ConvRelPosEnc``: ``split(v, self.channel_splits)``, one depthwise conv per part
+    (heads grouped by window size)."""
+    for module in model.modules():
+        splits, convs = getattr(module, "channel_splits", None), getattr(module, "conv_list", None)
+        if isinstance(splits, list) and isinstance(convs, nn.ModuleList) and len(splits) == len(convs):
+            if all(isinstance(c, nn.Conv2d) and c.in_channels == n for c, n in zip(convs, splits, strict=True)):
+                _CONV_REL_POS.add(module)
+                allow_channel_ranges(module)  # fix_conv_rel_pos rewrites ``channel_splits``
+
+
+def fix_conv_rel_pos(module: nn.Module, name: str, edits) -> None:
+    """``channel_splits`` follow the convs' widths (``head_splits`` is not read by ``forward``)."""
+    if module in _CONV_REL_POS:
+        module.channel_splits = [c.in_channels for c in module.conv_list]
+
+
 @hookimpl
 def cleanai_leaf_modules(model):
     _scan_parallel_blocks(model)
     _scan_width_attention(model)
     _scan_lambda_layers(model)
     _scan_group_norms(model)
+    _scan_gated_conv_blocks(model)
+    _scan_dual_path_blocks(model)
+    _scan_conv_rel_pos(model)
     return None
 
 
@@ -498,6 +592,8 @@ def cleanai_layer_pruner(module, name):
         return ParallelInProjPruner()
     if module in _LAMBDA:
         return LambdaQKVPruner()
+    if module in _GATED:
+        return GatedFc1Pruner()
     info = _TIED.get(module)
     if info is not None and isinstance(module, nn.Linear):
         return TiedLinearPruner(info[0])
@@ -519,6 +615,9 @@ FIXUPS = (
     fix_bottleneck_attention,
     fix_lambda_layer,
     fix_parallel_block,
+    fix_gated_conv_block,
+    fix_dual_path_block,
+    fix_conv_rel_pos,
 )
 
 

@@ -1,0 +1,329 @@
+"""timm model patterns that need the zoo plugin (``cleanai_plugins/zoo/timm.py``): a
+hand-written module with the pattern, then the smallest timm model that has it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import hookimpl
+from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.testing import check_pruner, masked_forward, random_units, run_model, temporary_plugin
+from cleanai_plugins.mappers.shape import allow_channel_ranges
+
+
+def groups_with(graph: DependencyGraph, module: str, slice_name: str):
+    return [g for g in graph.groups() if any(s.module == module and s.name == slice_name for s in g.slices)]
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+class GatedConv(nn.Module):
+    """The pattern of timm's MambaOut ``GatedConvBlock``: ``fc1`` split into unequal parts
+    ``(hidden, hidden - conv, conv)``, a depthwise conv on the last part."""
+
+    def __init__(self, dim: int = 8, hidden: int = 21, conv: int = 8) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.split_indices = (hidden, hidden - conv, conv)
+        self.conv = nn.Conv2d(conv, conv, 3, padding=1, groups=conv)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):  # (B, H, W, C)
+        g, i, c = torch.split(self.fc1(x), self.split_indices, dim=-1)
+        c = self.conv(c.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
+
+
+class GatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.block = GatedConv()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_gated_conv_block_prunes_gate_pairs_and_conv_channels():
+    torch.manual_seed(0)
+    model, x = GatedNet().eval(), torch.randn(2, 5, 5, 4)
+    graph = DependencyGraph(model, x)
+    gated = groups_with(graph, "block.fc1", "out")
+    # gate j goes with channel j of cat(i, conv(c)): 13 plain pairs, 8 through the depthwise conv
+    assert sorted((g.size, g.prunable) for g in gated) == [(8, 8), (13, 13)]  # (units, prunable units)
+    conv_group = next(g for g in gated if g.size == 8)
+    assert {(s.module, s.name) for s in conv_group.slices} >= {("block.conv", "in"), ("block.conv", "out")}
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    # stream 8 -> 4, hidden 21 -> 11 (13 -> 7 plain, 8 -> 4 conv)
+    d, h, c = 4, 11, 4
+    expected = (4 * d + d) + (d * 2 * h + 2 * h) + (c * 9 + c) + (h * d + d) + (d * 3 + 3)
+    assert report.params_after == expected
+
+
+def test_gated_conv_block_split_sizes_follow_the_slicing():
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    model, x = GatedNet().eval(), torch.randn(2, 5, 5, 4)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    block = small.block
+    assert block.split_indices == (block.fc2.in_features, block.fc2.in_features - block.conv.in_channels, 4)
+    assert block.fc1.out_features == 2 * block.fc2.in_features < 42
+    assert small(x).shape == (2, 5, 5, 3)
+
+
+def test_mambaout_femto_hidden_units_prune():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, x = timm.create_model("mambaout_femto", num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    graph = DependencyGraph(model, x)
+    gated = groups_with(graph, "stages.3.blocks.2.fc1", "out")
+    assert [(g.size, g.prunable) for g in gated] == [(288, 288), (480, 480)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-4
+    assert report.params_before == n_params(model) == 6_163_066
+    # the residual stream is LayerNorm-normalised, left out of the exact oracle: before the
+    # gated hidden units could prune, nothing else did (6,163,066 kept)
+    assert report.params_after == 3_618_730
+
+
+def moved_by_masking(graph: DependencyGraph, x: torch.Tensor) -> float:
+    """How far check_pruner's masking moves the output: the oracle proves something."""
+    pruned = random_units(graph, 0.5, torch.Generator().manual_seed(0), exclude_normalized=True)
+    masked, base = masked_forward(graph, pruned, x), run_model(graph.model, x)
+    return max(float((a - b).abs().max()) for a, b in zip(masked, base, strict=True))
+
+
+class DualPath(nn.Module):
+    """The pattern of timm's DPN ``DualPathBlock``: the first ``num_1x1_c`` channels of the
+    input (or its projection) and of ``c1x1_c``'s output are a residual part, added; the
+    rest are dense parts, concatenated."""
+
+    def __init__(self, cin: int, c: int, inc: int, proj: bool) -> None:
+        super().__init__()
+        self.num_1x1_c = c
+        self.c1x1_w = nn.Conv2d(cin, c + 2 * inc, 1) if proj else None
+        self.c1x1_a = nn.Conv2d(cin, 5, 1)
+        self.c3x3_b = nn.Conv2d(5, 5, 3, padding=1)
+        self.c1x1_c = nn.Conv2d(5, c + inc, 1)
+
+    def forward(self, x):
+        x_s = x if self.c1x1_w is None else self.c1x1_w(x)
+        x_s1, x_s2 = x_s[:, : self.num_1x1_c], x_s[:, self.num_1x1_c :]
+        x = self.c1x1_c(torch.relu(self.c3x3_b(torch.relu(self.c1x1_a(x)))))
+        out1, out2 = x[:, : self.num_1x1_c], x[:, self.num_1x1_c :]
+        return torch.cat([x_s1 + out1, x_s2, out2], dim=1)
+
+
+class DualPathNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block1 = DualPath(8, 6, 2, proj=True)  # out: 6 residual + 2 * 2 + 2 dense = 12
+        self.block2 = DualPath(12, 6, 2, proj=False)  # out: 6 + 6 + 2 = 14
+        self.head = nn.Linear(14, 3)
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(self.stem(x))).mean((2, 3)))
+
+
+def test_dual_path_block_residual_and_dense_parts_prune():
+    torch.manual_seed(0)
+    model, x = DualPathNet().eval(), torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    assert not [r for _, r in graph.ctx.frozen if "fixed range" in r]
+    # the residual part: both projections' first 6 channels and both c1x1_c's, added together
+    residual = next(g for g in groups_with(graph, "block2.c1x1_c", "out") if g.size == 6)
+    assert residual.prunable == 6
+    assert {(s.module, s.name) for s in residual.slices} >= {("block1.c1x1_w", "out"), ("block1.c1x1_c", "out")}
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    assert moved_by_masking(graph, x) > 1e-3
+    # stem 8 -> 4, residual 6 -> 3, dense parts 4 -> 2 (block1's projection) and 2 -> 1 (each c1x1_c), inner 5 -> 3
+    stem, b1 = 4 * 3 * 9 + 4, (5 * 4 + 5) + (3 * 4 + 3) + (3 * 3 * 9 + 3) + (4 * 3 + 4)
+    b2, head = (3 * 6 + 3) + (3 * 3 * 9 + 3) + (4 * 3 + 4), 7 * 3 + 3
+    assert report.params_after == stem + b1 + b2 + head == 397
+
+
+def test_dual_path_block_bounds_follow_the_slicing():
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    model, x = DualPathNet().eval(), torch.randn(2, 3, 6, 6)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    for block in (small.block1, small.block2):
+        assert block.num_1x1_c == block.c1x1_c.out_channels - 1 == 3  # residual 6 -> 3, dense 2 -> 1
+    assert small.block1.c1x1_w.out_channels == 3 + 2
+    assert small.head.in_features == 3 + (2 + 1) + 1  # residual, block1's dense parts, block2's
+    assert small(x).shape == (2, 3)
+
+
+def test_dpn68_residual_and_dense_parts_prune():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, x = timm.create_model("dpn68", num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+    graph = DependencyGraph(model, x)
+    assert not [r for _, r in graph.ctx.frozen if "fixed range" in r]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-7  # random-init outputs are ~0.04
+    assert moved_by_masking(graph, x) > 1e-3
+    assert report.params_before == 11_786_932
+    assert report.params_after == 2_965_167  # was 5.7M with the fixed slices frozen
+
+
+class Halves(nn.Module):
+    """Fixed channel ranges taken with ``narrow`` and a slice, bounds in ``self.n``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 4
+        self.a = nn.Conv2d(3, 10, 1)
+        self.b = nn.Conv2d(4, 5, 1)
+        self.c = nn.Conv2d(6, 5, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y.narrow(1, 0, self.n)) + self.c(y[:, self.n :])
+
+
+class HalvesFixup:
+    """A plugin that vouches for ``Halves``' slices and rewrites ``n`` after slicing."""
+
+    @hookimpl
+    def cleanai_leaf_modules(self, model):
+        for m in model.modules():
+            if isinstance(m, Halves):
+                allow_channel_ranges(m)
+
+    @hookimpl
+    def cleanai_after_prune(self, module, name, edits):
+        keep = edits.get((f"{name}.a" if name else "a", "out"))
+        if isinstance(module, Halves) and keep is not None:
+            module.n = int((keep < module.n).sum())
+
+
+def test_allow_channel_ranges_needs_the_module_to_vouch():
+    torch.manual_seed(0)
+    model, x = Halves().eval(), torch.randn(2, 3, 4, 4)
+    assert [g.prunable for g in groups_with(DependencyGraph(model, x), "a", "out")] == [0]
+    with temporary_plugin(HalvesFixup(), name="halves"):
+        graph = DependencyGraph(model, x)
+        assert [(g.size, g.prunable) for g in groups_with(graph, "a", "out")] == [(4, 4), (6, 6)]
+        report = check_pruner(model, x, ratio=0.5)
+        assert moved_by_masking(graph, x) > 1e-3
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    assert report.params_after == (5 * 3 + 5) + (5 * 2 + 5) + (5 * 3 + 5)  # a: 4 -> 2, 6 -> 3 (b, c make the output)
+
+
+class FactorAttention(nn.Module):
+    """CoaT's factorised attention with a conv relative position encoding, in small:
+    ``q @ (softmax(k)^T @ v)`` (both operands of ``k^T @ v`` carry head dims), plus
+    ``q * dwconv(v)`` with the heads split into unequal groups, one conv per group."""
+
+    def __init__(self, dim: int = 12, heads: int = 3, splits: tuple[int, ...] = (1, 2)) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.crpe = RelPosConv(self.head_dim, splits)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        factor = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)
+        x = (0.5 * factor + self.crpe(q, v)).transpose(1, 2).reshape(B, N, -1)
+        return self.proj(x)
+
+
+class RelPosConv(nn.Module):
+    def __init__(self, head_dim: int, splits: tuple[int, ...]) -> None:
+        super().__init__()
+        self.head_splits = list(splits)
+        self.channel_splits = [s * head_dim for s in splits]
+        self.conv_list = nn.ModuleList(nn.Conv2d(n, n, 3, padding=1, groups=n) for n in self.channel_splits)
+
+    def forward(self, q, v):
+        B, h, N, C = q.shape
+        side = int(N**0.5)
+        v = v.transpose(-1, -2).reshape(B, h * C, side, side)
+        parts = torch.split(v, self.channel_splits, dim=1)
+        v = torch.cat([conv(p) for conv, p in zip(self.conv_list, parts, strict=True)], dim=1)
+        return q * v.reshape(B, h, C, N).transpose(-1, -2)
+
+
+class FactorNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 12)
+        self.attn = FactorAttention()
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(self.embed(x)))
+
+
+def test_factorised_attention_and_conv_rel_pos_prune_whole_heads():
+    torch.manual_seed(0)
+    model, x = FactorNet().eval(), torch.randn(2, 16, 5)
+    graph = DependencyGraph(model, x)
+    assert not [r for _, r in graph.ctx.frozen if "both operands" in r or "unequal" in r]
+    # whole heads (4 dims each) through qkv, each window group's conv, and proj
+    assert [(g.size, g.prunable) for g in groups_with(graph, "attn.qkv", "out")] == [(1, 1), (2, 2)]
+    assert [(g.size, g.prunable) for g in groups_with(graph, "attn.crpe.conv_list.1", "in")] == [(2, 2)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    assert moved_by_masking(graph, x) > 1e-3
+    # embed and proj outputs 12 -> 6; heads 3 -> 2 (the first window group keeps its only head)
+    embed, qkv, convs, proj, head = 5 * 6 + 6, 6 * 24 + 24, 2 * (4 * 9 + 4), 8 * 6 + 6, 6 * 3 + 3
+    assert (report.params_before, report.params_after) == (855, embed + qkv + convs + proj + head) == (855, 359)
+
+
+def test_conv_rel_pos_splits_follow_the_slicing():
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    model, x = FactorNet().eval(), torch.randn(2, 16, 5)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    crpe = small.attn.crpe
+    assert crpe.channel_splits == [c.in_channels for c in crpe.conv_list]
+    assert sum(crpe.channel_splits) == small.attn.qkv.out_features // 3 < 12
+    assert small(x).shape == (2, 16, 3)
+
+
+class SeparateHeads(nn.Module):
+    """EfficientFormer-V2's attention, in small: q, k and v reshaped apart with one
+    ``num_heads``, a talking-heads conv between ``q @ k`` and ``attn @ v``."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.q, self.k, self.v = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 1)
+        self.talking_head = nn.Conv2d(heads, heads, 1)
+        self.proj = nn.Conv2d(dim, 3, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q = self.q(x).reshape(B, self.num_heads, -1, H * W).permute(0, 1, 3, 2)
+        k = self.k(x).reshape(B, self.num_heads, -1, H * W)
+        v = self.v(x).reshape(B, self.num_heads, -1, H * W).permute(0, 1, 3, 2)
+        attn = self.talking_head(q @ k).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(2, 3).reshape(B, -1, H, W))
+
+
+def test_value_split_alone_keeps_its_head_count():
+    """``attn @ v`` with heads on ``attn`` and head dims on ``v``: v's own split must not
+    switch to whole heads while q and k (reshaped elsewhere with the same ``num_heads``)
+    keep theirs, or the pruned model's reshapes disagree."""
+    torch.manual_seed(0)
+    model, x = SeparateHeads().eval(), torch.randn(2, 8, 3, 3)
+    graph = DependencyGraph(model, x)
+    assert [(g.size, g.prunable) for g in groups_with(graph, "v", "out")] == [(4, 4)]  # head dims, tied over heads
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
