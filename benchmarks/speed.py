@@ -10,7 +10,9 @@ For a fixed set of torchvision and timm models (``pretrained=False``), median of
 - latency of the pruned model against the original at batch 1 and 32 (and batch 32 on
   one thread), with and without
   ``round_to=8``, next to the FLOPs reduction (equal speed-up and FLOPs reduction is the
-  physical limit).
+  limit where all work scales with FLOPs; element-wise work only scales with the width),
+  eager and frozen by TorchScript;
+- every conv and linear of one model timed alone, before and after, by arithmetic intensity.
 
 Ratios (collection / inference, speed-ups) are medians of per-repeat ratios of runs timed
 back to back, so a change in the machine's speed between phases cancels.
