@@ -3,6 +3,8 @@ hand-written module with the pattern, then the smallest timm model that has it."
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 from torch import nn
@@ -39,15 +41,13 @@ class GatedConv(nn.Module):
         return x + self.fc2(self.act(g) * torch.cat((i, c), dim=-1))
 
 
-class GatedNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Linear(4, 8)
-        self.block = GatedConv()
-        self.head = nn.Linear(8, 3)
+def between(**layers: nn.Module) -> nn.Sequential:
+    """``layers`` in a row, under their names (``stem``, ``block``, ``head``...)."""
+    return nn.Sequential(OrderedDict(layers))
 
-    def forward(self, x):
-        return self.head(self.block(self.stem(x)))
+
+def GatedNet() -> nn.Sequential:  # noqa: N802 - used like the classes around it
+    return between(stem=nn.Linear(4, 8), block=GatedConv(), head=nn.Linear(8, 3))
 
 
 def test_gated_conv_block_prunes_gate_pairs_and_conv_channels():
@@ -258,15 +258,8 @@ class RelPosConv(nn.Module):
         return q * v.reshape(B, h, C, N).transpose(-1, -2)
 
 
-class FactorNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Linear(5, 12)
-        self.attn = FactorAttention()
-        self.head = nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.head(self.attn(self.embed(x)))
+def FactorNet() -> nn.Sequential:  # noqa: N802 - used like the classes around it
+    return between(embed=nn.Linear(5, 12), attn=FactorAttention(), head=nn.Linear(12, 3))
 
 
 def test_factorised_attention_and_conv_rel_pos_prune_whole_heads():
