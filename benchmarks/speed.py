@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -203,9 +204,9 @@ def layer_intensity(key: str, batch: int = 32, repeats: int = 3) -> list[dict]:
     inputs of the shapes it sees at ``batch``; bucketed by arithmetic intensity (FLOPs per
     byte of input, output and weight in float32) of the original layer.
 
-    Shows where the FLOPs reduction becomes speed-up: a layer with few FLOPs per byte is
-    bound by memory traffic, which falls only with the width (2x at half width), while
-    its FLOPs fall with in x out channels (4x)."""
+    Separates the layers' own speed-up from the rest of the model: FLOPs fall with in x out
+    channels (4x at half width), bytes only with the width (2x), so a layer bound by memory
+    traffic would speed up by ``bytes_x`` rather than ``flops_x``."""
     kind, name, size = MODELS[key]
     model = build(kind, name)
     x1 = torch.randn(1, 3, size, size)
@@ -244,7 +245,7 @@ def layer_intensity(key: str, batch: int = 32, repeats: int = 3) -> list[dict]:
             return 1000 * median_time(lambda: mod(x), repeats)[0]
 
     s0, s1 = shapes(model), shapes(pruned)
-    buckets: dict[str, list[float]] = {}
+    buckets: dict[str, Counter] = {}  # sums per intensity bucket
     for n, shp in s0.items():
         if n not in s1:
             continue
@@ -252,19 +253,19 @@ def layer_intensity(key: str, batch: int = 32, repeats: int = 3) -> list[dict]:
         (f0, b0), (f1, b1) = cost(m0, shp), cost(m1, s1[n])
         intensity = f0 / b0
         label = "< 50" if intensity < 50 else ("50-150" if intensity < 150 else ">= 150")
-        acc = buckets.setdefault(label, [0, 0.0, 0.0, 0, 0, 0, 0])
-        for i, v in enumerate((1, time_ms(m0, shp), time_ms(m1, s1[n]), f0, f1, b0, b1)):
-            acc[i] += v
-    total = sum(a[1] for a in buckets.values())
+        buckets.setdefault(label, Counter()).update(
+            layers=1, ms0=time_ms(m0, shp), ms1=time_ms(m1, s1[n]), f0=f0, f1=f1, b0=b0, b1=b1
+        )
+    total = sum(a["ms0"] for a in buckets.values())
     return [
         {
             "model": key,
             "intensity": label,
-            "layers": a[0],
-            "share": a[1] / total,
-            "speed_up": a[1] / a[2],
-            "flops_x": a[3] / a[4],
-            "bytes_x": a[5] / a[6],
+            "layers": a["layers"],
+            "share": a["ms0"] / total,
+            "speed_up": a["ms0"] / a["ms1"],
+            "flops_x": a["f0"] / a["f1"],
+            "bytes_x": a["b0"] / a["b1"],
         }
         for label in ("< 50", "50-150", ">= 150")
         if (a := buckets.get(label))
