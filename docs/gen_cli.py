@@ -16,12 +16,22 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
+
+# document the checkout this file belongs to, also when cleanai is not installed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MARKER = re.compile(r"^<!-- cli-reference(?: lang=(\w+))? -->$", re.MULTILINE)
 WIDTH = 88
 
 HEADINGS = {
-    "en": {"usage": "Usage", "option": "option", "meaning": "meaning", "default": "default", "global": "Global options"},
+    "en": {
+        "usage": "Usage",
+        "option": "option",
+        "meaning": "meaning",
+        "default": "default",
+        "global": "Global options",
+    },
     "tr": {
         "usage": "Kullanım",
         "option": "seçenek",
