@@ -63,6 +63,7 @@ def main() -> None:
     x, y = digits_tensors()  # (1797, 1, 8, 8) floats in [0, 1], labels 0..9
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     train_idx, calib_idx, eval_idx = perm[:1000], perm[1000:1400], perm[1400:]
+    torch.manual_seed(0)  # the initial weights
     model = train_digits_cnn(x[train_idx], y[train_idx], args.epochs, model=SmallResCNN())
     print(f"[1] trained SmallResCNN: accuracy {accuracy(model, x[eval_idx], y[eval_idx]):.4f}")
 
