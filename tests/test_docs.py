@@ -98,5 +98,17 @@ def test_every_page_is_in_the_navigation_and_every_turkish_page_has_its_english_
     assert {p.name for p in (DOCS / "tr").glob("*.md")} == set(TRANSLATED)
 
 
+@pytest.mark.parametrize("name", ["README.md", "CONTRIBUTING.md"])
+def test_links_outside_the_site_point_at_files_that_exist(name):
+    """The site's links are checked by ``mkdocs build --strict``; these pages are read on
+    the repository host, outside it."""
+    page = ROOT / name
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8"))
+    local = [t for t in targets if not re.match(r"[a-z]+://", t)]
+    assert local, f"{name} links nothing"
+    missing = [t for t in local if not (page.parent / t).exists()]
+    assert not missing, f"{name} links to missing files: {missing}"
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
