@@ -4,7 +4,7 @@ Uses only what ships with CleanAI: the UCI handwritten digits (1797 grey 8x8 ima
 CC BY 4.0, embedded in ``cleanai_plugins/io/data/``) and ``DigitsCNN``, a three-layer CNN
 that trains in seconds on a CPU. Run it from the repository root:
 
-    python examples/quick_start.py              # about 20 s on a laptop CPU
+    python examples/quick_start.py              # about 10 s on one CPU core
     python examples/quick_start.py --ratio 0.3  # remove less, keep more accuracy
 
 It prints the parameter count, FLOPs and held-out accuracy before and after pruning.
