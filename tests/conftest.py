@@ -15,7 +15,7 @@ import pytest
 
 from cleanai_core.plugins import set_plugin_manager
 
-EXAMPLE_PLUGIN = Path(__file__).parent / "example_plugin"
+EXAMPLE_PLUGIN = Path(__file__).parent.parent / "examples" / "example_plugin"
 
 
 def write_dist(

@@ -1,5 +1,5 @@
 """The plugin system: entry points, claim priorities, blocking, failures, and a
-third-party plugin (tests/example_plugin) pruning a layer the built-ins do not know."""
+third-party plugin (examples/example_plugin) pruning a layer the built-ins do not know."""
 
 from __future__ import annotations
 

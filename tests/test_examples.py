@@ -1,0 +1,87 @@
+"""Every example in examples/ runs, with small settings, and prints the numbers it promises.
+
+Each example runs as its own process, the way a user runs it (``python examples/X.py``),
+with the repository root on ``PYTHONPATH`` so the checkout (not an installed copy) is used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(*args: str, extra_path: list[Path] = (), timeout: int = 120) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *map(str, extra_path)])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["CLEANAI_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # no plugins of the machine running the tests
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, f"{args} exited {done.returncode}:\n{done.stdout}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def numbers(pattern: str, text: str) -> tuple[float, ...]:
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in the output:\n{text}"
+    return tuple(float(g) for g in match.groups())
+
+
+@pytest.mark.slow
+def test_quick_start_halves_the_channels_and_keeps_the_accuracy():
+    out = run_example("examples/quick_start.py", "--epochs", "4")
+    before, after = numbers(r"params:\s+(\d+) -> (\d+)", out)
+    assert (before, after) == (56554, 14522)  # DigitsCNN 32/64/64 channels -> 16/32/32
+    flops_before, flops_after = numbers(r"flops:\s+(\d+) -> (\d+)", out)
+    assert flops_after < 0.3 * flops_before
+    acc_before, acc_after = numbers(r"accuracy: ([\d.]+) -> ([\d.]+)", out)
+    assert acc_before > 0.9 and acc_after > 0.8
+    assert "Conv2d(1, 16," in out
+
+
+@pytest.mark.slow
+def test_basic_example_walks_every_step():
+    out = run_example("examples/example_basic.py", "--epochs", "4")
+    assert numbers(r"\[2\] (\d+) groups, (\d+) prunable", out) == (4, 2)
+    # the residual add joins stem, conv1's input, conv2's output, bn2 and the head's input
+    assert "stem.0:out(out), stem.1:channels(param), conv1:in(in), conv2:out(out), bn2:channels(param)" in out
+    assert numbers(r"\[3\] calibrated on (\d+) positions", out) == (400,)
+    assert numbers(r"\[5\] plan: (\d+) of (\d+) units pruned", out) == (9 + 19, 24 + 48)  # floor(0.4 * n) per group
+    before, after = numbers(r"params: (\d+) -> (\d+)", out)
+    assert before == 21394 and after < 0.5 * before
+    assert numbers(r"conv1\s+out\s+(\d+) -> (\d+)", out) == (48, 29)
+    acc_before, acc_after = numbers(r"accuracy: ([\d.]+) -> ([\d.]+)", out)
+    assert acc_before > 0.9 and acc_after > 0.85
+    assert "outputs identical: True" in out
+
+
+@pytest.mark.slow
+def test_resnet_example_cli_and_api_agree():
+    out = run_example("examples/example_resnet.py", "--per-class", "4", "--epochs", "1", "--train-samples", "200")
+    assert numbers(r"\[1\] wrote (\d+) images", out) == (40,)
+    cli = numbers(r"CLI params: (\d+) -> (\d+)", out)
+    api = numbers(r"API params: (\d+) -> (\d+)", out)
+    assert cli[0] == 11181642  # resnet18 with a 10-class head
+    assert cli == api and api[1] < 0.6 * api[0]  # the same ratio removes the same channels' worth
+    assert re.search(r"Accuracy \(held-out\)\s+[\d.]+% -> [\d.]+%", out)
+    assert numbers(r"layer1.0.conv1: (\d+) -> (\d+)", out) == (64, 45)
+    assert "outputs equal: True" in out
+
+
+@pytest.mark.slow
+def test_example_plugin_package_passes_its_own_tests():
+    plugin = EXAMPLES / "example_plugin"
+    out = run_example(
+        "-m", "pytest", str(plugin / "tests"), "-q", "-p", "no:cacheprovider", "-o", "addopts=", extra_path=[plugin]
+    )
+    assert numbers(r"(\d+) passed", out) == (3,)
+    assert "failed" not in out
