@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cleanai_core import distributed
 from cleanai_core.calibration import COVARIANCE_ROWS, StatsCollector, iterate, move_to, split_batch, total_batches
 from cleanai_core.errors import PruningError, UserError
 from cleanai_core.graph.dependency import DependencyGraph, resolve_modules
@@ -210,6 +211,7 @@ class StructuredPruner:
         return graph
 
     # -- calibration -----------------------------------------------------------------
+    @distributed.stage("calibration", then=distributed.combine_pruner)
     def collect_activations(
         self, loader: Iterable[Any], num_batches: int | None = None, progress: bool = True
     ) -> StructuredPruner:
@@ -265,7 +267,7 @@ class StructuredPruner:
             loss = nn.functional.cross_entropy(out, move_to(target, device))
             loss.backward()
             seen = True
-        if not seen:
+        if not seen and not distributed.is_distributed():
             raise UserError("the calibration data is empty")
         return {n: p.grad.detach().clone() for n, p in clone.named_parameters() if p.grad is not None}
 
@@ -321,6 +323,7 @@ class StructuredPruner:
             if self.target_flops is not None:
                 ratio = self._solve_flops()
             self._plan = self._make_plan(self.graph, self.model, self.stats, ratio)
+            distributed.check_same_plan(self._plan.pruned_units())
         return self._plan
 
     def _solve_flops(
@@ -409,6 +412,7 @@ class StructuredPruner:
         """Build; if the result does not run, find the groups at fault by bisection,
         skip them with a warning naming group, modules and plugins, and build again."""
         pruned = plan.pruned_units()
+        distributed.check_same_plan(pruned)
         try:
             return self._build(source, graph, stats, pruned)
         except PruningError as first:
@@ -508,6 +512,7 @@ class StructuredPruner:
                 self._recalibrate(current)  # the next step's statistics come from a consistent model
         return current
 
+    @distributed.stage("re-calibration", then=distributed.combine_returned_stats)
     def _recollect(self, model: nn.Module, graph: DependencyGraph) -> dict:
         if self._calibration is None:
             return {}
@@ -521,6 +526,7 @@ class StructuredPruner:
                 self._forward(model, move_to(split_batch(batch)[0], _device_of(model)))
         return collector.stats
 
+    @distributed.stage("BatchNorm recalibration", then=distributed.combine_model_batchnorm)
     def _recalibrate(self, model: nn.Module) -> None:
         """BatchNorm statistics recomputed on the calibration data (cumulative average)."""
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from cleanai_core import distributed
 from cleanai_core.calibration import COVARIANCE_ROWS
 from cleanai_core.errors import UserError
 
@@ -497,7 +498,7 @@ def execute(
     logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
     out = Path(cfg["out"]) if cfg.get("out") else None
     user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config")]
-    if out is not None and not cfg.get("dry_run"):
+    if out is not None and not cfg.get("dry_run") and distributed.is_writer():
         check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
     torch.manual_seed(int(cfg["seed"]))
     if cfg.get("threads"):
@@ -511,7 +512,7 @@ def execute(
         model = model.eval().to(device)
     calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))
     bs = int(cfg["batch_size"])
-    calib_loader = DataLoader(calib, batch_size=bs, shuffle=False)
+    calib_loader = distributed.shard(DataLoader(calib, batch_size=bs, shuffle=False))  # this rank's share
     eval_loader = DataLoader(held, batch_size=bs, shuffle=False) if held is not None and _has_labels(held) else None
     if held is None:
         log.warning("--calib-fraction 1: all data scores channels, so no accuracy is reported.")
@@ -551,7 +552,12 @@ def execute(
     )
     pruner.collect_activations(calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet)
     if cfg.get("dry_run"):
-        print(pruner.plan().summary())
+        summary = pruner.plan().summary()
+        if distributed.is_writer():
+            print(summary)
+        return None
+    if not distributed.is_writer():  # rank 0 evaluates and writes; the others take part in pruning
+        pruner.prune()
         return None
 
     before_acc = _evaluate(pm, model, eval_loader, device)
@@ -623,5 +629,12 @@ def execute(
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
-    execute(cfg)
+    cfg["device"], started = distributed.init_from_env(cfg["device"])
+    try:
+        execute(cfg)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
