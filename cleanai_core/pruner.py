@@ -434,12 +434,14 @@ class StructuredPruner:
                     continue
                 idx = gone.nonzero().squeeze(1)
                 module = own(model.get_submodule(spec.module))
+                dev = _device_of(module) or torch.device("cpu")  # the statistics live on the CPU
                 if self.reconstruction and st.cov is not None and not bool(gone.all()):
                     kept = (~gone).nonzero().squeeze(1)
                     coef, shift = _regress(st.cov, st.mean, idx, kept)
-                    if spec.pruner.reconstruct(module, spec.name, idx, kept, coef, shift):
+                    moved = (t.to(dev) for t in (idx, kept, coef, shift))
+                    if spec.pruner.reconstruct(module, spec.name, *moved):
                         continue
-                spec.pruner.compensate(module, spec.name, idx, st.mean[idx])
+                spec.pruner.compensate(module, spec.name, idx.to(dev), st.mean[idx].to(dev))
 
     def _verify(self, model: nn.Module, graph: DependencyGraph) -> None:
         was = model.training
