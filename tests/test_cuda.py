@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from conftest import small_convnet, tiny_llama
 from torch import nn
 
 from cleanai_core import StructuredPruner
@@ -23,20 +24,7 @@ pytestmark = [
 
 
 def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2),
-        nn.BatchNorm2d(32),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(32, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
+    return small_convnet(16, 32, 64, 10, stride=2)
 
 
 def _batches(device, dtype=torch.float32, n: int = 3):
@@ -106,18 +94,7 @@ def test_cuda_cli_end_to_end(tmp_path):
 
 
 def test_cuda_sequential_calibration():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=64,
-        max_position_embeddings=32,
-    )
-    model = transformers.LlamaForCausalLM(cfg).to(DEVICE).eval()
+    model = tiny_llama(64, 128, 64).to(DEVICE)
     batches = [{"input_ids": torch.randint(0, 64, (2, 8), device=DEVICE)} for _ in range(2)]
     pruner = StructuredPruner(model, batches[0], pruning_ratio=0.3, output_transform=lambda o: o.logits)
     pruner.collect_activations(batches, progress=False, sequential=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_convnet
 from torch import nn
 
 from cleanai_core import StructuredPruner
@@ -26,20 +27,7 @@ SCENARIOS = [
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 32),
-        nn.ReLU(),
-        nn.Linear(32, 5),
-    ).double()
+    return small_convnet(8, 16, 32, 5).double()
 
 
 def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

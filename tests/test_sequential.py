@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
 from cleanai_core import StructuredPruner
@@ -76,18 +77,7 @@ def test_block_by_block_equals_whole_model_and_prunes_alike():
 
 
 def test_hf_llama_block_by_block_equals_whole_model():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=50,
-        max_position_embeddings=32,
-    )
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(32, 64, 50)
     batches = [{"input_ids": torch.randint(0, 50, (2, 8))} for _ in range(2)]
     pruner = StructuredPruner(model, batches[0], pruning_ratio=0.3, output_transform=lambda o: o.logits)
     pruner.collect_activations(batches, progress=False)
