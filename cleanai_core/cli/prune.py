@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cleanai_core import distributed
-from cleanai_core.calibration import COVARIANCE_ROWS
+from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
 from cleanai_core.errors import UserError
 
 __all__ = ["DEFAULTS", "add_parser", "execute", "resolve_config", "run"]
@@ -52,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "bias_compensation": True,
     "reconstruction": True,
     "covariance_rows": COVARIANCE_ROWS,
+    "stats_budget_mib": COVARIANCE_BUDGET_BYTES >> 20,
+    "sequential": False,
     "bn_recalibration": True,
     "trust_model": False,
     "weights": None,
@@ -146,6 +148,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="positions per calibration batch, drawn at random, that feed each layer's channel covariance for "
         "reconstruction (default 256; 0 = every position, slower)",
+    )
+    g.add_argument(
+        "--stats-budget-mib",
+        type=int,
+        metavar="MIB",
+        help="memory for the covariance matrices of reconstruction (default 1024); the narrowest layers get one "
+        "until it is spent, the others fold by the mean only",
+    )
+    g.add_argument(
+        "--sequential",
+        action="store_true",
+        default=S,
+        help="calibrate block by block (decoder layers, ViT blocks): one block's activations and hooks at a time",
     )
     g.add_argument(
         "--no-bn-recalibration",
@@ -301,6 +316,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("round_to", "calib_batches", "batch_size", "num_classes", "image_size", "latency_repeats", "threads"):
         _check_number(cfg, key, int, 1, None, lo_open=False)
     _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)
+    _check_number(cfg, "stats_budget_mib", int, 0, None, lo_open=False)
     for pat, r in cfg["layer_ratio"].items():
         if not 0.0 < r < 1.0:
             raise UserError(f"--layer-ratio {pat}={r}: the ratio must be strictly between 0 and 1.")
@@ -548,9 +564,12 @@ def execute(
         bias_compensation=bool(cfg.get("bias_compensation")),
         reconstruction=bool(cfg.get("reconstruction")),
         covariance_rows=int(cfg["covariance_rows"]),
+        stats_budget_bytes=int(cfg["stats_budget_mib"]) << 20,
         recalibrate_bn=bool(cfg.get("bn_recalibration")),
     )
-    pruner.collect_activations(calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet)
+    pruner.collect_activations(
+        calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet, sequential=bool(cfg.get("sequential"))
+    )
     if cfg.get("dry_run"):
         summary = pruner.plan().summary()
         if distributed.is_writer():
