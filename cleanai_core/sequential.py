@@ -9,8 +9,8 @@ consumers, the head) are collected on the way in and, for those after the blocks
 last pass whose blocks replay the cached final outputs instead of computing.
 
 What this bounds: live activations are one block's on one batch; hooks and reductions
-exist for one block at a time; the covariance budget is spent block by block (the
-narrowest consumers of every block first, until ``budget`` is spent). What it costs: the
+exist for one block at a time; the same consumers get a covariance as in a whole-model
+pass (the narrowest of the model first, until ``budget`` is spent). What it costs: the
 cached hidden states of every batch (batches x tokens x width) and one extra pass of
 the layers outside the blocks. A block's hidden state must be its first argument and
 its first output (or the output itself); its other arguments (masks, position
@@ -79,13 +79,15 @@ def collect_sequential(
     inside = [[s for s in consumers if _under(s.module, f"{prefix}.{i}")] for i in range(len(block_list))]
     outside = [s for s in consumers if not _under(s.module, prefix)]
     options = {"covariance": covariance, "covariance_rows": covariance_rows}
-    left = [COVARIANCE_BUDGET_BYTES if budget is None else budget]
+    # the consumers a whole-model pass would give a covariance, granted block by block
+    chosen = StatsCollector(
+        model, consumers, covariance_budget=COVARIANCE_BUDGET_BYTES if budget is None else budget, **options
+    ).with_covariance
     stats: dict = {}
 
     def collector(group: list) -> StatsCollector:
-        c = StatsCollector(model, group, covariance_budget=left[0], **options)
-        left[0] -= sum(_cov_bytes(s) for s in group if (s.module, s.name) in c.with_covariance)
-        return c
+        granted = sum(_cov_bytes(s) for s in group if (s.module, s.name) in chosen)
+        return StatsCollector(model, group, covariance_budget=granted, **options)
 
     was_training = model.training
     model.eval()
@@ -106,9 +108,8 @@ def collect_sequential(
                 stats.update(col.stats)
                 del col
             unseen = [s for s in outside if stats[(s.module, s.name)].mean is None]
-            if unseen:  # with the covariances the first pass granted them
-                granted = sum(_cov_bytes(s) for s in unseen if (s.module, s.name) in outer.with_covariance)
-                tail = StatsCollector(model, unseen, covariance_budget=granted, **options)
+            if unseen:
+                tail = collector(unseen)
                 stats.update(_run_after_blocks(model, block_list, finals, loader, num_batches, forward, tail))
     finally:
         model.train(was_training)
