@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=args.vocab,
         max_position_embeddings=max(2048, args.seq),
     )
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    torch.set_default_dtype(dtype)  # built in its dtype: no float32 copy of the weights first
+    try:
+        model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
     for p in model.parameters():
         p.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
