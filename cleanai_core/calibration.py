@@ -27,6 +27,7 @@ import attrs
 import torch
 from torch import nn
 
+from cleanai_core.distributed import is_distributed
 from cleanai_core.errors import UserError
 
 __all__ = ["BatchReduction", "ChannelStats", "StatsCollector", "move_to", "split_batch"]
@@ -425,7 +426,7 @@ def iterate(loader: Iterable[Any], num_batches: int | None) -> Iterator[Any]:
             break
         n += 1
         yield batch
-    if n == 0:
+    if n == 0 and not is_distributed():  # one rank's shard may be empty: checked over all ranks
         raise UserError("the calibration data is empty; give at least one batch")
 
 

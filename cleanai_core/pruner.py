@@ -15,7 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from cleanai_core.calibration import COVARIANCE_ROWS, StatsCollector, iterate, move_to, split_batch, total_batches
+from cleanai_core import distributed
+from cleanai_core.calibration import (
+    COVARIANCE_BUDGET_BYTES,
+    COVARIANCE_ROWS,
+    StatsCollector,
+    iterate,
+    move_to,
+    split_batch,
+    total_batches,
+)
 from cleanai_core.errors import PruningError, UserError
 from cleanai_core.graph.dependency import DependencyGraph, resolve_modules
 from cleanai_core.history import PruningHistory
@@ -97,6 +106,9 @@ class StructuredPruner:
         each covariance (its cost per batch is rows x C^2); ``0`` uses every position.
         Means and variances always use every position.
     :param recalibrate_bn: recompute BatchNorm statistics on the calibration data.
+    :param stats_budget_bytes: memory for covariance matrices (reconstruction), default
+        1 GiB: the narrowest consumers get one until it is spent; the others fall back to
+        mean compensation. ``0`` collects none.
     :param inplace: slice ``model`` itself (rolled back if anything fails).
     """
 
@@ -123,6 +135,7 @@ class StructuredPruner:
         output_transform: Callable[[Any], Any] | None = None,
         normalizer: str = "mean",
         verify: bool = True,
+        stats_budget_bytes: int = COVARIANCE_BUDGET_BYTES,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -164,6 +177,9 @@ class StructuredPruner:
         if covariance_rows < 0:
             raise UserError(f"covariance_rows={covariance_rows} must be 0 (every position) or positive")
         self.covariance_rows = covariance_rows
+        if not isinstance(stats_budget_bytes, int) or stats_budget_bytes < 0:
+            raise UserError(f"stats_budget_bytes={stats_budget_bytes!r} must be a whole number of bytes, 0 or more")
+        self.stats_budget_bytes = stats_budget_bytes
         self.recalibrate_bn = recalibrate_bn
         self.inplace = inplace
         self.forward_fn = forward_fn
@@ -210,18 +226,51 @@ class StructuredPruner:
         return graph
 
     # -- calibration -----------------------------------------------------------------
+    @distributed.stage("calibration", then=distributed.combine_pruner)
     def collect_activations(
-        self, loader: Iterable[Any], num_batches: int | None = None, progress: bool = True
+        self,
+        loader: Iterable[Any],
+        num_batches: int | None = None,
+        progress: bool = True,
+        sequential: bool | str = False,
     ) -> StructuredPruner:
         """Stream per-channel statistics at every consumer's input over ``loader``
-        (tensors, ``(x, y)`` pairs or dicts). Memory is bounded by the channel count."""
+        (tensors, ``(x, y)`` pairs or dicts). Memory is bounded by the channel count.
+        ``sequential=True`` (or the name of the block list, e.g. ``"model.layers"``) runs
+        the batches through one block at a time (:mod:`cleanai_core.sequential`).
+        Under an initialised ``torch.distributed`` group, ``loader`` is this rank's
+        shard (:func:`cleanai_core.distributed.shard`) and the statistics are summed
+        over ranks."""
         if num_batches is not None and num_batches < 1:
             raise UserError(f"num_batches={num_batches} must be at least 1")
+        if sequential:
+            from cleanai_core.sequential import collect_sequential
+
+            self.stats = collect_sequential(
+                self.model,
+                self.graph.slices,
+                loader,
+                num_batches,
+                self._forward,
+                blocks=sequential if isinstance(sequential, str) else None,
+                covariance=self.reconstruction,
+                covariance_rows=self.covariance_rows,
+                budget=self.stats_budget_bytes,
+            )
+            if getattr(self.importance, "needs_gradients", False):
+                self.gradients = self._accumulate_gradients(loader, num_batches, _device_of(self.model))
+            self._calibration = (loader, num_batches)
+            self._plan = None
+            return self
         from tqdm.auto import tqdm
 
         device = _device_of(self.model)
         collector = StatsCollector(
-            self.model, self.graph.slices, covariance=self.reconstruction, covariance_rows=self.covariance_rows
+            self.model,
+            self.graph.slices,
+            covariance=self.reconstruction,
+            covariance_budget=self.stats_budget_bytes,
+            covariance_rows=self.covariance_rows,
         )
         was_training = self.model.training
         self.model.eval()
@@ -265,7 +314,7 @@ class StructuredPruner:
             loss = nn.functional.cross_entropy(out, move_to(target, device))
             loss.backward()
             seen = True
-        if not seen:
+        if not seen and not distributed.is_distributed():
             raise UserError("the calibration data is empty")
         return {n: p.grad.detach().clone() for n, p in clone.named_parameters() if p.grad is not None}
 
@@ -321,6 +370,7 @@ class StructuredPruner:
             if self.target_flops is not None:
                 ratio = self._solve_flops()
             self._plan = self._make_plan(self.graph, self.model, self.stats, ratio)
+            distributed.check_same_plan(self._plan.pruned_units())
         return self._plan
 
     def _solve_flops(
@@ -384,12 +434,14 @@ class StructuredPruner:
                     continue
                 idx = gone.nonzero().squeeze(1)
                 module = own(model.get_submodule(spec.module))
+                dev = _device_of(module) or torch.device("cpu")  # the statistics live on the CPU
                 if self.reconstruction and st.cov is not None and not bool(gone.all()):
                     kept = (~gone).nonzero().squeeze(1)
                     coef, shift = _regress(st.cov, st.mean, idx, kept)
-                    if spec.pruner.reconstruct(module, spec.name, idx, kept, coef, shift):
+                    moved = (t.to(dev) for t in (idx, kept, coef, shift))
+                    if spec.pruner.reconstruct(module, spec.name, *moved):
                         continue
-                spec.pruner.compensate(module, spec.name, idx, st.mean[idx])
+                spec.pruner.compensate(module, spec.name, idx.to(dev), st.mean[idx].to(dev))
 
     def _verify(self, model: nn.Module, graph: DependencyGraph) -> None:
         was = model.training
@@ -409,6 +461,7 @@ class StructuredPruner:
         """Build; if the result does not run, find the groups at fault by bisection,
         skip them with a warning naming group, modules and plugins, and build again."""
         pruned = plan.pruned_units()
+        distributed.check_same_plan(pruned)
         try:
             return self._build(source, graph, stats, pruned)
         except PruningError as first:
@@ -508,12 +561,17 @@ class StructuredPruner:
                 self._recalibrate(current)  # the next step's statistics come from a consistent model
         return current
 
+    @distributed.stage("re-calibration", then=distributed.combine_returned_stats)
     def _recollect(self, model: nn.Module, graph: DependencyGraph) -> dict:
         if self._calibration is None:
             return {}
         loader, n = self._calibration
         collector = StatsCollector(
-            model, graph.slices, covariance=self.reconstruction, covariance_rows=self.covariance_rows
+            model,
+            graph.slices,
+            covariance=self.reconstruction,
+            covariance_budget=self.stats_budget_bytes,
+            covariance_rows=self.covariance_rows,
         )
         model.eval()
         with collector.hooks(), torch.no_grad():
@@ -521,6 +579,7 @@ class StructuredPruner:
                 self._forward(model, move_to(split_batch(batch)[0], _device_of(model)))
         return collector.stats
 
+    @distributed.stage("BatchNorm recalibration", then=distributed.combine_model_batchnorm)
     def _recalibrate(self, model: nn.Module) -> None:
         """BatchNorm statistics recomputed on the calibration data (cumulative average)."""
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]

@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from cleanai_core.plugins import set_plugin_manager
 
@@ -55,3 +57,37 @@ def with_example(example_dist: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     set_plugin_manager(None)
     yield example_dist
     set_plugin_manager(None)
+
+
+def small_convnet(c1: int, c2: int, hidden: int, classes: int, stride: int = 1) -> nn.Module:
+    """conv-BN-ReLU twice, pooled, then a two-layer MLP head (seeded)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, c1, 3, padding=1),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1, stride=stride),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c2, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    )
+
+
+def tiny_llama(hidden: int, intermediate: int, vocab: int, layers: int = 2) -> nn.Module:
+    """A random-weight multi-head (not grouped-query) Llama from a config; skips without transformers."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()

@@ -230,6 +230,7 @@ def run_main(args: list[str], cwd: Path, capsys) -> tuple[int, str]:
         (["--layer-ratio", "0"], "PATTERN=R"),
         (["--batch-size", "0"], "--batch-size=0 is out of range: it must be >= 1"),
         (["--covariance-rows", "-3"], "--covariance-rows=-3 is out of range: it must be >= 0"),
+        (["--stats-budget-mib", "-1"], "--stats-budget-mib=-1 is out of range: it must be >= 0"),
     ],
 )
 def test_bad_options(small_inputs, capsys, extra, message):

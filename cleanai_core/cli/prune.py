@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from cleanai_core.calibration import COVARIANCE_ROWS
+from cleanai_core import distributed
+from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
 from cleanai_core.errors import UserError
 
 __all__ = ["DEFAULTS", "add_parser", "execute", "resolve_config", "run"]
@@ -51,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "bias_compensation": True,
     "reconstruction": True,
     "covariance_rows": COVARIANCE_ROWS,
+    "stats_budget_mib": COVARIANCE_BUDGET_BYTES >> 20,
+    "sequential": False,
     "bn_recalibration": True,
     "trust_model": False,
     "weights": None,
@@ -145,6 +148,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="N",
         help="positions per calibration batch, drawn at random, that feed each layer's channel covariance for "
         "reconstruction (default 256; 0 = every position, slower)",
+    )
+    g.add_argument(
+        "--stats-budget-mib",
+        type=int,
+        metavar="MIB",
+        help="memory for the covariance matrices of reconstruction (default 1024); the narrowest layers get one "
+        "until it is spent, the others fold by the mean only",
+    )
+    g.add_argument(
+        "--sequential",
+        action="store_true",
+        default=S,
+        help="calibrate block by block (decoder layers, ViT blocks): one block's activations and hooks at a time",
     )
     g.add_argument(
         "--no-bn-recalibration",
@@ -300,6 +316,7 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("round_to", "calib_batches", "batch_size", "num_classes", "image_size", "latency_repeats", "threads"):
         _check_number(cfg, key, int, 1, None, lo_open=False)
     _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)
+    _check_number(cfg, "stats_budget_mib", int, 0, None, lo_open=False)
     for pat, r in cfg["layer_ratio"].items():
         if not 0.0 < r < 1.0:
             raise UserError(f"--layer-ratio {pat}={r}: the ratio must be strictly between 0 and 1.")
@@ -497,7 +514,7 @@ def execute(
     logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
     out = Path(cfg["out"]) if cfg.get("out") else None
     user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config")]
-    if out is not None and not cfg.get("dry_run"):
+    if out is not None and not cfg.get("dry_run") and distributed.is_writer():
         check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
     torch.manual_seed(int(cfg["seed"]))
     if cfg.get("threads"):
@@ -511,7 +528,7 @@ def execute(
         model = model.eval().to(device)
     calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))
     bs = int(cfg["batch_size"])
-    calib_loader = DataLoader(calib, batch_size=bs, shuffle=False)
+    calib_loader = distributed.shard(DataLoader(calib, batch_size=bs, shuffle=False))  # this rank's share
     eval_loader = DataLoader(held, batch_size=bs, shuffle=False) if held is not None and _has_labels(held) else None
     if held is None:
         log.warning("--calib-fraction 1: all data scores channels, so no accuracy is reported.")
@@ -547,11 +564,19 @@ def execute(
         bias_compensation=bool(cfg.get("bias_compensation")),
         reconstruction=bool(cfg.get("reconstruction")),
         covariance_rows=int(cfg["covariance_rows"]),
+        stats_budget_bytes=int(cfg["stats_budget_mib"]) << 20,
         recalibrate_bn=bool(cfg.get("bn_recalibration")),
     )
-    pruner.collect_activations(calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet)
+    pruner.collect_activations(
+        calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet, sequential=bool(cfg.get("sequential"))
+    )
     if cfg.get("dry_run"):
-        print(pruner.plan().summary())
+        summary = pruner.plan().summary()
+        if distributed.is_writer():
+            print(summary)
+        return None
+    if not distributed.is_writer():  # rank 0 evaluates and writes; the others take part in pruning
+        pruner.prune()
         return None
 
     before_acc = _evaluate(pm, model, eval_loader, device)
@@ -623,5 +648,12 @@ def execute(
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
-    execute(cfg)
+    cfg["device"], started = distributed.init_from_env(cfg["device"])
+    try:
+        execute(cfg)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0

@@ -1,0 +1,420 @@
+"""Calibration on ``torch.distributed``: each rank streams its own shard of the data, and
+the additive float64 statistics of all ranks are summed with ``all_reduce(SUM)``.
+
+Nothing here starts a process group: it uses the one the user (or ``torchrun``) set up,
+gloo on CPU or NCCL on GPUs. With no group, or a group of one, every function is a no-op.
+
+Exactness. Per-channel moments are combined in two steps: counts and sums first (giving
+the global mean), then each rank's M2 moved to that global mean (Chan's formula,
+``M2_r + n_r (mean_r - mean)^2``) and summed. Covariance co-moments are accumulated on
+each rank about its own reference (its first sample's mean); each rank moves its
+co-moment to the global covariance mean before the sum. In float64 the result equals a
+single process on the union of the shards up to round-off. Covariance rows drawn at
+random (``covariance_rows`` smaller than a batch's positions) are drawn per rank, so the
+sample differs from a single process's draw (same distribution, not the same rows); with
+``covariance_rows=0``, or batches with fewer positions, the sums are the same.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from cleanai_core.errors import UserError
+
+__all__ = [
+    "check_same_plan",
+    "collectively",
+    "combine_batchnorm",
+    "combine_gradients",
+    "combine_stats",
+    "init_from_env",
+    "is_distributed",
+    "is_writer",
+    "rank_and_world",
+    "shard",
+    "stage",
+]
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    """True when an initialised process group has more than one rank."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    if not is_distributed():
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_writer() -> bool:
+    """Whether this process writes outputs (rank 0, or a single process)."""
+    return rank_and_world()[0] == 0
+
+
+#: seconds a rank waits in a collective before the job fails (``CLEANAI_DIST_TIMEOUT``)
+DEFAULT_TIMEOUT_S = 1800
+
+
+def init_from_env(device: str) -> tuple[str, bool]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) with no process group
+    yet, start one from the environment: NCCL for a CUDA device (each rank on
+    ``cuda:LOCAL_RANK`` when the device is plain ``cuda``), else gloo, with a timeout so a
+    rank that dies cannot leave the others waiting forever. Returns ``(device, started)``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return device, False
+    cuda = str(device).startswith("cuda")
+    if str(device) == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if cuda:
+        torch.cuda.set_device(torch.device(device))
+    timeout = datetime.timedelta(seconds=float(os.environ.get("CLEANAI_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    return device, True
+
+
+def shard(data: Any, rank: int | None = None, world: int | None = None) -> Any:
+    """This rank's disjoint share of ``data``, with no padding and no duplicates (unlike
+    ``DistributedSampler``): shards may differ in size by one item, or be empty.
+
+    - a map-style dataset (``len`` and indexing): the contiguous block
+      ``[n * rank // world, n * (rank + 1) // world)`` as a ``Subset``;
+    - a ``DataLoader`` over such a dataset without a custom sampler: the same loader
+      rebuilt over that block (batch size, collate, workers kept);
+    - any other iterable of batches: every ``world``-th batch, from the ``rank``-th.
+    """
+    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.sampler import SequentialSampler
+
+    if rank is None or world is None:
+        rank, world = rank_and_world()
+    if not 0 <= rank < world:
+        raise UserError(f"rank {rank} is outside a world of {world} processes")
+    if world == 1:
+        return data
+    if isinstance(data, DataLoader):
+        sampler = getattr(data, "sampler", None)
+        if _sized(data.dataset) and isinstance(sampler, SequentialSampler) and data.batch_size is not None:
+            return DataLoader(
+                shard(data.dataset, rank, world),
+                batch_size=data.batch_size,
+                shuffle=False,
+                collate_fn=data.collate_fn,
+                num_workers=data.num_workers,
+                drop_last=data.drop_last,
+                pin_memory=data.pin_memory,
+            )
+        return _EveryNth(data, rank, world)
+    if _sized(data) and hasattr(data, "__getitem__"):
+        n = len(data)
+        return Subset(data, range(n * rank // world, n * (rank + 1) // world))
+    if isinstance(data, Iterable):
+        return _EveryNth(data, rank, world)
+    raise UserError(f"cannot shard a {type(data).__name__}: give a dataset, a DataLoader or an iterable of batches")
+
+
+def _sized(x: Any) -> bool:
+    try:
+        len(x)
+    except TypeError:
+        return False
+    return True
+
+
+class _EveryNth:
+    """Every ``world``-th item of an iterable, from the ``rank``-th (re-iterable)."""
+
+    def __init__(self, data: Iterable[Any], rank: int, world: int) -> None:
+        self.data, self.rank, self.world = data, rank, world
+
+    def __iter__(self):
+        for i, item in enumerate(self.data):
+            if i % self.world == self.rank:
+                yield item
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over all ranks (float64, on the communication device; result on CPU)."""
+    import torch.distributed as dist
+
+    buf = t.to(_comm_device(), torch.float64).contiguous()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.cpu()
+
+
+def collectively(fn: Callable[[], T], what: str) -> T:
+    """Run ``fn`` on every rank; if it raises on any rank, raise on every rank (the failing
+    rank its own error, the others a :class:`UserError` naming the rank), so no rank is
+    left waiting in a collective. A no-op wrapper without a process group."""
+    if not is_distributed():
+        return fn()
+
+    error: BaseException | None = None
+    result = None
+    try:
+        result = fn()
+    except BaseException as exc:  # also KeyboardInterrupt: the other ranks must not hang
+        error = exc
+    rank, world = rank_and_world()
+    flags = torch.zeros(world, dtype=torch.float64)
+    flags[rank] = 1.0 if error is not None else 0.0
+    flags = _sum(flags)
+    if error is not None:
+        raise error
+    failed = [r for r in range(world) if flags[r] > 0]
+    if failed:
+        raise UserError(f"{what} failed on rank(s) {failed}; see that rank's error above. Every rank stops.")
+    return result  # type: ignore[return-value]
+
+
+def stage(what: str, then: Callable[..., Any] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorate a pipeline stage: run it :func:`collectively`, then (with a process group)
+    ``then(result, *args, **kwargs)`` combines what it produced; its return value replaces
+    the stage's result."""
+
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> T:
+            result = collectively(lambda: fn(*args, **kwargs), what)
+            if then is not None and is_distributed():
+                result = then(result, *args, **kwargs)
+            return result
+
+        return wrapper
+
+    return decorate
+
+
+def combine_pruner(result: Any, pruner: Any, *args: Any, **kwargs: Any) -> Any:
+    """After ``collect_activations``: the pruner's statistics (and taylor gradients) summed
+    over ranks."""
+    pruner.stats = combine_stats(pruner.stats)
+    if getattr(pruner.importance, "needs_gradients", False):
+        pruner.gradients = combine_gradients(pruner.model, pruner.gradients)
+    return result
+
+
+def combine_returned_stats(stats: dict, *args: Any, **kwargs: Any) -> dict:
+    return combine_stats(stats)
+
+
+def combine_model_batchnorm(result: Any, pruner: Any, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    combine_batchnorm(
+        [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    )
+    return result
+
+
+def combine_stats(stats: dict, channels: dict | None = None) -> dict:
+    """Sum every rank's :class:`~cleanai_core.calibration.ChannelStats` in place, so all
+    ranks hold the statistics of the union of their shards. ``channels`` (key -> channel
+    count) gives the size of a consumer a rank never saw; otherwise it comes from the
+    ranks that did. Raises on every rank when no rank saw any data."""
+    if not is_distributed():
+        return stats
+    keys = sorted(stats)
+    # channel counts (and whether a covariance was collected), agreed by max over ranks
+    meta = torch.zeros(2 * len(keys), dtype=torch.float64)
+    for i, k in enumerate(keys):
+        st = stats[k]
+        meta[2 * i] = st.mean.numel() if st.mean is not None else (channels or {}).get(k, 0)
+        meta[2 * i + 1] = st.cov_ref.numel() if st.cov_ref is not None else 0
+    agreed = _max(meta)
+    # step 1: counts and sums (moments and covariance sample), one reduction
+    parts = []
+    for i, k in enumerate(keys):
+        st, c, cc = stats[k], int(agreed[2 * i]), int(agreed[2 * i + 1])
+        parts += [_tensor([st.count]), _sum_of(st.count, st.mean, c)]
+        if cc:
+            parts += [_tensor([st.cov_count]), _cov_sum(st, cc)]
+    totals = _split(_sum(torch.cat(parts)), parts)
+    if sum(float(totals[j][0]) for j in _count_slots(keys, agreed)) == 0:
+        raise UserError("the calibration data is empty on every rank; give at least one batch")
+    # step 2: M2 about the global means, one reduction; co-moments about the global
+    # covariance means, one reduction each
+    j = 0
+    m2_parts, means = [], {}
+    for i, k in enumerate(keys):
+        st, c, cc = stats[k], int(agreed[2 * i]), int(agreed[2 * i + 1])
+        n, total = float(totals[j][0]), totals[j + 1]
+        j += 2
+        mean = total / max(n, 1.0)
+        means[k] = (n, mean)
+        m2_parts.append(_moved_m2(st, mean, c))
+        if cc:
+            cn, ctotal = float(totals[j][0]), totals[j + 1]
+            j += 2
+            cmean = ctotal / max(cn, 1.0)
+            _set_cov(st, _sum(_moved_comoment(st, cmean, cc)), cn, cmean)
+    m2s = _split(_sum(torch.cat(m2_parts)), m2_parts)
+    for k, m2 in zip(keys, m2s, strict=True):
+        st = stats[k]
+        n, mean = means[k]
+        if n == 0 or mean.numel() == 0:
+            st.count, st.mean, st.m2 = 0.0, None, None
+        else:
+            st.count, st.mean, st.m2 = n, mean, m2
+    return stats
+
+
+def _count_slots(keys: list, agreed: torch.Tensor) -> list[int]:
+    """Positions of the moment counts in the step-1 list of parts."""
+    slots, j = [], 0
+    for i in range(len(keys)):
+        slots.append(j)
+        j += 2 + (2 if int(agreed[2 * i + 1]) else 0)
+    return slots
+
+
+def _max(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    buf = t.to(_comm_device(), torch.float64)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.cpu()
+
+
+def _tensor(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return list(flat.split([p.numel() for p in like]))
+
+
+def _sum_of(n: float, mean: torch.Tensor | None, c: int) -> torch.Tensor:
+    if mean is None:
+        return torch.zeros(c, dtype=torch.float64)
+    if mean.numel() != c:
+        raise UserError(f"a layer saw {mean.numel()} channels on this rank and {c} on another")
+    return mean.to(torch.float64) * n
+
+
+def _moved_m2(st: Any, mean: torch.Tensor, c: int) -> torch.Tensor:
+    """This rank's sum of squared deviations about the global ``mean``."""
+    if st.mean is None:
+        return torch.zeros(c, dtype=torch.float64)
+    d = st.mean.to(torch.float64) - mean
+    return st.m2.to(torch.float64) + st.count * d * d
+
+
+def _cov_sum(st: Any, cc: int) -> torch.Tensor:
+    """Sum of this rank's covariance sample (float64)."""
+    if st.cov_ref is None:
+        return torch.zeros(cc, dtype=torch.float64)
+    return st.cov_ref.to("cpu", torch.float64) * st.cov_count + st.cov_offset.to("cpu", torch.float64)
+
+
+def _moved_comoment(st: Any, g: torch.Tensor, cc: int) -> torch.Tensor:
+    """``sum (x - g)(x - g)^T`` of this rank's covariance sample, full and symmetric
+    (float64): ``S + e o^T + o e^T + n e e^T`` with ``e = ref - g`` and ``o`` the sum of
+    ``x - ref``."""
+    if st.cov_ref is None:
+        return torch.zeros(cc, cc, dtype=torch.float64)
+    s = st.cov_total.to("cpu", torch.float64) + st.cov_block.to("cpu", torch.float64)
+    s = s.triu_()  # the accumulators fill the blocks on and above the diagonal
+    s += s.triu(1).T
+    e = st.cov_ref.to("cpu", torch.float64) - g
+    o = st.cov_offset.to("cpu", torch.float64)
+    s += torch.outer(e, o) + torch.outer(o, e) + st.cov_count * torch.outer(e, e)
+    return s
+
+
+def _set_cov(st: Any, comoment: torch.Tensor, n: float, g: torch.Tensor) -> None:
+    """Make ``st``'s covariance accumulators hold the combined co-moment about ``g``."""
+    if n == 0:
+        st.cov_ref = st.cov_offset = st.cov_block = st.cov_total = None
+        st.cov_count = 0.0
+        return
+    st.cov_count = n
+    st.cov_ref = g
+    st.cov_offset = torch.zeros_like(g)  # the sample's sum about its own mean
+    st.cov_total = comoment
+    st.cov_block = torch.zeros_like(comoment)
+
+
+def combine_gradients(model: nn.Module, gradients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank's summed gradients (taylor importance) summed over ranks; a parameter
+    with no gradient on one rank counts as zero there."""
+    if not is_distributed():
+        return gradients
+    names = [n for n, _ in model.named_parameters()]
+    has = _sum(torch.tensor([n in gradients for n in names], dtype=torch.float64))
+    params = dict(model.named_parameters())
+    out = {}
+    for name, h in zip(names, has, strict=True):
+        if h > 0:
+            g = gradients.get(name)
+            local = g if g is not None else torch.zeros_like(params[name])
+            out[name] = _sum(local).to(local.device, local.dtype)
+    return out
+
+
+def combine_batchnorm(bns: list[nn.Module]) -> None:
+    """BatchNorm running statistics recomputed with ``momentum=None`` (the average of the
+    per-batch means and variances) on each rank, made the average over all ranks' batches,
+    weighted by each rank's batch count."""
+    if not is_distributed() or not bns:
+        return
+    parts = []
+    for m in bns:
+        n = float(m.num_batches_tracked)
+        parts += [_tensor([n]), m.running_mean.double() * n, m.running_var.double() * n]
+    totals = _split(_sum(torch.cat(parts)), parts)
+    for i, m in enumerate(bns):
+        n, rm, rv = totals[3 * i : 3 * i + 3]
+        n = float(n[0])
+        if n > 0:
+            m.running_mean.copy_(rm / n)
+            m.running_var.copy_(rv / n)
+            m.num_batches_tracked.fill_(int(n))
+
+
+def plan_digest(pruned: torch.Tensor) -> int:
+    """A 63-bit hash of a plan's pruned-unit mask."""
+    data = bytes(pruned.to(torch.uint8).cpu().tolist())
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
+
+
+def check_same_plan(pruned: torch.Tensor) -> None:
+    """Raise on every rank unless all ranks planned to prune the very same units."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    rank, world = rank_and_world()
+    mine = torch.tensor([plan_digest(pruned)], dtype=torch.int64, device=_comm_device())
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    digests = [int(t.item()) for t in every]
+    if len(set(digests)) > 1:
+        raise UserError(
+            f"the ranks computed different pruning plans (plan hashes {digests}); every rank must load the same "
+            "model weights and use the same options, and the statistics must be combined before planning"
+        )

@@ -1,0 +1,127 @@
+"""Calibration on torch.distributed: two gloo processes on CPU give the same pruned model
+as one process on the union of their shards (unequal shards, and an empty one)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_convnet
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.distributed import rank_and_world, shard
+
+WORLD = 2
+#: the scenarios every worker runs: (name, pruner options, number of union batches)
+SCENARIOS = [
+    # 5 batches: rank 0 streams batches 0, 2, 4 and rank 1 batches 1, 3; two steps re-collect
+    ("unequal", {"iterative_steps": 2}, 5),
+    # 1 batch: rank 1's shard is empty
+    ("empty", {}, 1),
+    # gradients (taylor) summed over ranks
+    ("taylor", {"importance": "taylor"}, 3),
+]
+
+
+def _model() -> nn.Module:
+    return small_convnet(8, 16, 32, 5).double()
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` batches of 3 float64 images (6 x 6: 108 positions per batch, under the
+    covariance row sample, so every position is used) with shifted means and labels."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(3, 3, 6, 6, generator=g, dtype=torch.float64) * 2 + i, torch.randint(0, 5, (3,), generator=g))
+        for i in range(n)
+    ]
+
+
+def _prune(options: dict, batches: list) -> tuple[dict, list]:
+    model = _model().eval()
+    pruner = StructuredPruner(model, torch.randn(1, 3, 6, 6, dtype=torch.float64), pruning_ratio=0.4, **options)
+    pruner.collect_activations(batches, progress=False)
+    pruned = pruner.prune()
+    indices = [(rec["name"], rec["pruned_indices"]) for rec in pruner.report()["layers"]]
+    return pruned.state_dict(), indices
+
+
+def _worker(rank: int, init_file: str, out: str) -> None:
+    """Every scenario on this rank's shard; then one where rank 1's data is broken, after
+    which both ranks must raise (no hang)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        assert rank_and_world() == (rank, WORLD)
+        for name, options, n in SCENARIOS:
+            mine = shard(_batches(n))
+            torch.save(_prune(options, mine), Path(out) / f"{name}-{rank}.pt")
+        batches = _batches(2)
+        if rank == 1:
+            batches = [(torch.full((3, 3, 6, 6), float("nan"), dtype=torch.float64), batches[0][1])]
+        try:
+            _prune({}, batches)
+        except Exception as exc:
+            (Path(out) / f"error-{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder where two spawned gloo ranks left their results."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("ranks")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_equal_one_process_on_the_union(ranks_out: Path):
+    tmp_path = ranks_out
+    worst = 0.0
+    for name, options, n in SCENARIOS:
+        ref_state, ref_indices = _prune(options, _batches(n))
+        assert any(idx for _, idx in ref_indices), "the reference prunes nothing: the test would prove nothing"
+        for rank in range(WORLD):
+            state, indices = torch.load(tmp_path / f"{name}-{rank}.pt")
+            assert indices == ref_indices, (name, rank)
+            assert state.keys() == ref_state.keys()
+            for key, ref in ref_state.items():
+                assert state[key].shape == ref.shape, (name, key)
+                if ref.is_floating_point():
+                    diff = float((state[key] - ref).abs().max()) if ref.numel() else 0.0
+                    worst = max(worst, diff / max(1.0, float(ref.abs().max())))
+                else:
+                    assert torch.equal(state[key], ref), (name, key)
+    print(f"largest relative difference to one process: {worst:.3g}")
+    assert worst < 1e-12
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_rank_stops_every_rank(ranks_out: Path):
+    errors = {r: (ranks_out / f"error-{r}.txt").read_text() for r in range(WORLD)}
+    assert "non-finite activations" in errors[1]
+    assert "failed on rank(s) [1]" in errors[0]
+
+
+def test_shard_is_disjoint_and_unpadded():
+    data = list(range(7))
+    dataset = torch.utils.data.TensorDataset(torch.arange(7))
+    for world in (1, 2, 3, 9):
+        parts = [list(shard(data, r, world)) for r in range(world)]
+        assert sorted(x for p in parts for x in p) == data
+        blocks = [[int(x[0]) for x in shard(dataset, r, world)] for r in range(world)]
+        assert sum(blocks, []) == data  # contiguous, in order, nothing repeated
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+    assert [len(list(shard(data, r, 9))) for r in range(9)].count(0) == 2  # empty shards, no padding
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2)
+    got = [torch.cat([b[0] for b in shard(loader, r, 2)]).tolist() for r in range(2)]
+    assert got == [[0, 1, 2], [3, 4, 5, 6]]

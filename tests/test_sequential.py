@@ -1,0 +1,116 @@
+"""Sequential (block-by-block) calibration gives the statistics of a whole-model pass;
+the statistics budget bounds the covariance memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.errors import UserError
+from cleanai_core.sequential import find_blocks
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x)))) * scale
+
+
+class Deep(nn.Module):
+    """Stem -> a ModuleList of residual blocks (with a keyword argument) -> head."""
+
+    def __init__(self, width: int = 12, depth: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Linear(5, width)
+        self.blocks = nn.ModuleList(Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for b in self.blocks:
+            h = b(h, scale=torch.tensor(0.5))
+        return self.head(h)
+
+
+def _data(n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(6, 5, generator=g) + i for i in range(n)]
+
+
+def _stats(pruner: StructuredPruner, **kw) -> dict:
+    pruner.collect_activations(_data(), progress=False, **kw)
+    return {k: (v.count, v.mean, v.m2, v.cov) for k, v in pruner.stats.items()}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][0] == b[k][0], k
+        for x, y in zip(a[k][1:], b[k][1:], strict=True):
+            assert (x is None) == (y is None), k
+            if x is not None:
+                torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_block_by_block_equals_whole_model_and_prunes_alike():
+    torch.manual_seed(0)
+    model = Deep().train()
+    pruner = StructuredPruner(model, torch.randn(2, 5), pruning_ratio=0.4)
+    whole = _stats(pruner)
+    plan = pruner.plan().pruned_units().clone()
+    by_block = _stats(pruner, sequential=True)
+    _assert_same(whole, by_block)
+    assert any(v[3] is not None for v in by_block.values())  # covariances were compared too
+    assert torch.equal(pruner.plan().pruned_units(), plan) and bool(plan.any())
+    assert model.training  # mode restored
+    assert all("forward" not in b.__dict__ for b in model.blocks)  # the replay forwards are gone
+    pruned = pruner.prune()
+    assert pruned(torch.randn(2, 5)).shape == (2, 3)
+
+
+def test_hf_llama_block_by_block_equals_whole_model():
+    model = tiny_llama(32, 64, 50)
+    batches = [{"input_ids": torch.randint(0, 50, (2, 8))} for _ in range(2)]
+    pruner = StructuredPruner(model, batches[0], pruning_ratio=0.3, output_transform=lambda o: o.logits)
+    pruner.collect_activations(batches, progress=False)
+    whole = {k: (v.count, v.mean, v.m2, v.cov) for k, v in pruner.stats.items()}
+    pruner.collect_activations(batches, progress=False, sequential="model.layers")
+    by_block = {k: (v.count, v.mean, v.m2, v.cov) for k, v in pruner.stats.items()}
+    _assert_same(whole, by_block)
+    assert by_block[("lm_head", "in")][0] == 2 * 2 * 8  # the head, after the blocks, was collected
+    pruned = pruner.prune()
+    assert pruned(**batches[0]).logits.shape == (2, 8, 50)
+
+
+def test_stats_budget_bounds_covariance_alike_in_both_modes():
+    """The budget picks the narrowest consumers of the whole model, block by block or not."""
+    torch.manual_seed(0)
+    model = Deep()
+    chosen = {}
+    for budget in (0, 2 * 12 * 12 * 8, 1 << 30):
+        for sequential in (False, True):
+            pruner = StructuredPruner(model, torch.randn(2, 5), stats_budget_bytes=budget)
+            pruner.collect_activations(_data(), progress=False, sequential=sequential)
+            held = {k: v.mean.numel() for k, v in pruner.stats.items() if v.cov is not None}
+            assert sum(c * c * 8 for c in held.values()) <= budget
+            chosen[budget, sequential] = held
+        assert chosen[budget, False] == chosen[budget, True]
+    assert [len(chosen[b, True]) for b in (0, 2 * 12 * 12 * 8, 1 << 30)] == [0, 2, 10]
+
+
+def test_find_blocks_errors():
+    assert find_blocks(Deep())[0] == "blocks"
+    with pytest.raises(UserError, match="nn.ModuleList"):
+        find_blocks(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(UserError, match="no such submodule"):
+        find_blocks(Deep(), "layers")
+    with pytest.raises(UserError, match="must be a whole number"):
+        StructuredPruner(Deep(), torch.randn(2, 5), stats_budget_bytes=-1)
