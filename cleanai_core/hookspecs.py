@@ -170,15 +170,21 @@ def cleanai_importances() -> dict[str, Any] | None:
     """Register importance criteria by name: ``{"magnitude": factory, ...}``.
 
     A factory is called with keyword options and returns an object implementing
-    :class:`~cleanai_core.interfaces.Importance`. Names must be unique across plugins;
+    :class:`~cleanai_core.interfaces.Importance`: ``needs_activations``,
+    ``needs_gradients`` and ``__call__(group, ctx)`` with ``ctx`` a
+    :class:`~cleanai_core.scoring.ScoringContext`. Names must be unique across plugins;
     a duplicate is an error naming both plugins.
     """
 
 
 @hookspec
 def cleanai_reducers() -> dict[str, Any] | None:
-    """Register reducers by name: functions folding a stack of per-slice scores
-    ``(n_slices, n_units)`` into one score per unit (``sum``, ``mean``, ``max``...)."""
+    """Register reducers by name: functions folding a stack of per-term scores
+    ``(n_terms, n_units)`` into one score per unit (``sum``, ``mean``, ``max``...).
+
+    Criteria take a reducer by name as their ``reducer`` option and resolve it with
+    :func:`cleanai_core.scoring.get_reducer` when they are built (the built-ins fold
+    their per-slice or per-consumer terms with ``"mean"``, Taylor with ``"sum"``)."""
 
 
 @hookspec
