@@ -128,6 +128,8 @@ def cleanai_default_ignores(model: nn.Module) -> list[nn.Module] | None:
 def cleanai_leaf_modules(model: nn.Module) -> list[type | nn.Module] | None:
     """Modules (types or instances) not to enter while tracing and not to prune: every
     channel that flows into or out of them is frozen. For code the tracer cannot follow.
+    (To find patterns in a model for your claims or fix-ups, use
+    :func:`cleanai_prepare_model`, not this hook.)
 
     :returns: types or module instances (results of all plugins are joined).
     """
