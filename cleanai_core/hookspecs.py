@@ -9,7 +9,11 @@ Claim hooks (``firstresult``) stop at the first non-``None`` result. Built-in pl
 implement them with ``trylast=True``, so an installed plugin's claim wins over the
 built-in one, and an implementation marked ``tryfirst=True`` wins over both.
 
-All hooks appeared in version 0.1.
+All hooks appeared in version 0.1, except where a docstring says otherwise.
+
+Arguments with a default (``findings=None``) were added after 0.1: a caller that does not
+pass them (code written for 0.1) makes pluggy pass the default, so old callers keep
+working (this needs pluggy 1.7 or later).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from cleanai_core.graph.findings import ModelFindings
     from cleanai_core.interfaces import IndexMapper, LayerPruner
 
 PROJECT = "cleanai"
@@ -35,8 +40,33 @@ __all__ = ["PROJECT", "hookimpl", "hookspec"]
 # ---------------------------------------------------------------------------
 
 
+@hookspec
+def cleanai_prepare_model(model: nn.Module) -> dict[str, Any] | None:
+    """Scan a model once, before any of its modules is claimed, and return what you found.
+
+    For patterns visible only from above a module (this ``Linear`` is the ``qkv`` of an
+    attention block that reshapes to its input width; this block slices a fixed range of
+    channels that a fix-up will rewrite). The kernel calls it once per model it is about
+    to claim: when a :class:`~cleanai_core.DependencyGraph` is built, before a model (or
+    its copy) is sliced, and when a history is replayed. The answers of all plugins are
+    joined into one :class:`~cleanai_core.graph.findings.ModelFindings`, handed to
+    :func:`cleanai_layer_pruner` and :func:`cleanai_after_prune` as ``findings`` and to
+    pruners and mappers while tracing as ``ctx.findings``. Findings describe the model as
+    scanned, before slicing. Do not keep them anywhere else (no module-level tables): the
+    kernel hands them to you where you need them.
+
+    Appeared in version 0.2.
+
+    :param model: the model about to be claimed (the user's model, a copy, or a rebuilt
+        model during replay).
+    :returns: ``{key: finding}`` under keys of your own (e.g. your plugin's name), or
+        ``None``. A key answered by two plugins is an error, unless both answers are sets
+        (modules several plugins vouch for): those are joined.
+    """
+
+
 @hookspec(firstresult=True)
-def cleanai_layer_pruner(module: nn.Module, name: str) -> LayerPruner | None:
+def cleanai_layer_pruner(module: nn.Module, name: str, findings: ModelFindings | None = None) -> LayerPruner | None:
     """Claim a module: return the :class:`~cleanai_core.interfaces.LayerPruner` that
     traces and slices it, or ``None`` to let other plugins decide.
 
@@ -47,6 +77,9 @@ def cleanai_layer_pruner(module: nn.Module, name: str) -> LayerPruner | None:
 
     :param module: the module instance (claims may depend on attributes, not only type).
     :param name: its qualified name in the model (``"layer1.0.conv1"``).
+    :param findings: what :func:`cleanai_prepare_model` found in the model that holds
+        ``module``; ``None`` when the hook is called outside a model scan (a direct
+        call). Added in version 0.2.
     :returns: a pruner, or ``None``. Stops at first non-None result.
     """
 
@@ -95,6 +128,8 @@ def cleanai_default_ignores(model: nn.Module) -> list[nn.Module] | None:
 def cleanai_leaf_modules(model: nn.Module) -> list[type | nn.Module] | None:
     """Modules (types or instances) not to enter while tracing and not to prune: every
     channel that flows into or out of them is frozen. For code the tracer cannot follow.
+    (To find patterns in a model for your claims or fix-ups, use
+    :func:`cleanai_prepare_model`, not this hook.)
 
     :returns: types or module instances (results of all plugins are joined).
     """
@@ -106,7 +141,12 @@ def cleanai_leaf_modules(model: nn.Module) -> list[type | nn.Module] | None:
 
 
 @hookspec
-def cleanai_after_prune(module: nn.Module, name: str, edits: dict[tuple[str, str], torch.Tensor]) -> None:
+def cleanai_after_prune(
+    module: nn.Module,
+    name: str,
+    edits: dict[tuple[str, str], torch.Tensor],
+    findings: ModelFindings | None = None,
+) -> None:
     """Fix attributes that live outside tensors once slicing is done (``num_heads``,
     ``head_dim``, ``attn_dim``...). Called for every module of the pruned model, after
     every slice was applied, in module order; also during replay.
@@ -116,6 +156,9 @@ def cleanai_after_prune(module: nn.Module, name: str, edits: dict[tuple[str, str
     :param edits: the kept indices of every slice that changed, keyed by
         ``(module name, slice name)`` (e.g. ``("blocks.0.attn.qkv", "out")``), in the
         index space *before* slicing. Attributes of ``module`` itself are not yet updated.
+    :param findings: what :func:`cleanai_prepare_model` found in the model *before* it
+        was sliced (widths, head counts as they were); ``None`` when called outside a
+        slicing. Added in version 0.2.
     """
 
 
@@ -129,15 +172,21 @@ def cleanai_importances() -> dict[str, Any] | None:
     """Register importance criteria by name: ``{"magnitude": factory, ...}``.
 
     A factory is called with keyword options and returns an object implementing
-    :class:`~cleanai_core.interfaces.Importance`. Names must be unique across plugins;
+    :class:`~cleanai_core.interfaces.Importance`: ``needs_activations``,
+    ``needs_gradients`` and ``__call__(group, ctx)`` with ``ctx`` a
+    :class:`~cleanai_core.scoring.ScoringContext`. Names must be unique across plugins;
     a duplicate is an error naming both plugins.
     """
 
 
 @hookspec
 def cleanai_reducers() -> dict[str, Any] | None:
-    """Register reducers by name: functions folding a stack of per-slice scores
-    ``(n_slices, n_units)`` into one score per unit (``sum``, ``mean``, ``max``...)."""
+    """Register reducers by name: functions folding a stack of per-term scores
+    ``(n_terms, n_units)`` into one score per unit (``sum``, ``mean``, ``max``...).
+
+    Criteria take a reducer by name as their ``reducer`` option and resolve it with
+    :func:`cleanai_core.scoring.get_reducer` when they are built (the built-ins fold
+    their per-slice or per-consumer terms with ``"mean"``, Taylor with ``"sum"``)."""
 
 
 @hookspec

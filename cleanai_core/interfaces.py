@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from cleanai_core.graph.context import Label, TraceContext
     from cleanai_core.graph.groups import Group
     from cleanai_core.graph.trace import ModuleCall, OpCall
+    from cleanai_core.scoring import ScoringContext
 
 __all__ = ["Importance", "IndexMapper", "LayerPruner", "Reducer", "add_to_bias", "slice_tensor", "squared_weight"]
 
@@ -118,19 +119,38 @@ class IndexMapper(Protocol):
 class Importance(Protocol):
     """Scores the units of a group: higher means more important.
 
-    ``__call__`` returns one score per unit of ``group`` (a float tensor, same order as
-    ``group.units``). ``stats`` holds calibration statistics (may be empty).
-    ``needs_activations`` tells the pruner whether calibration data is required.
+    Call tree (kernel -> criterion)::
+
+        StructuredPruner.collect_activations(loader)
+          |- needs_activations    statistics at every consumer's input -> ctx.stats
+          `- needs_gradients      loss gradients on labelled data     -> ctx.gradients
+        planning, once per prunable group
+          `- __call__(group, ctx)  -> one score per unit of group
+
+    ``ctx`` is a :class:`~cleanai_core.scoring.ScoringContext`: the graph, the model,
+    the statistics, ``bias_compensation``, ``gradients``, and helpers that turn
+    per-index quantities of a slice into per-unit terms (``per_unit``, ``energy``,
+    ``weight_terms``, ``consumer_terms``, ``transformed``). ``__call__`` returns a float
+    tensor of ``group.size`` scores, in the order of ``group.units``. A criterion that
+    combines several terms per unit folds them with a :class:`Reducer` it takes as its
+    ``reducer`` option (``get_reducer(name)``).
+
+    ``needs_activations``: calibration data is required (``collect_activations`` before
+    ``prune``). ``needs_gradients``: calibration also accumulates loss gradients, which
+    needs labelled data.
     """
 
     needs_activations: bool
+    needs_gradients: bool
 
-    def __call__(self, group: Group, stats: Any) -> torch.Tensor: ...
+    def __call__(self, group: Group, ctx: ScoringContext) -> torch.Tensor: ...
 
 
 @runtime_checkable
 class Reducer(Protocol):
-    """Folds per-slice scores ``(n_slices, n_units)`` into ``(n_units,)``."""
+    """Folds stacked per-term scores ``(n_terms, n_units)`` into ``(n_units,)``: how a
+    criterion combines its terms for one unit (one per slice or consumer). Registered by
+    name with ``cleanai_reducers``; criteria take the name as their ``reducer`` option."""
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor: ...
 

@@ -32,7 +32,7 @@ from cleanai_core.metrics import call_model, count_flops, count_params
 from cleanai_core.planning import PruningPlan, make_plan
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, get_normalizer
 from cleanai_core.shapes import ShapeOnlyMode
-from cleanai_core.slicing import SliceEdit, run_after_prune, slice_tensors
+from cleanai_core.slicing import SliceEdit, prepare_model, run_after_prune, slice_tensors
 from cleanai_core.testing import run_model
 
 __all__ = ["StructuredPruner", "match_modules"]
@@ -708,10 +708,11 @@ def _sliced_copy(source: nn.Module, edits: list[SliceEdit], pm: Any, compensate:
 
     if compensate is not None:
         compensate(model, own=own)
-    slice_tensors(model, edits, pm)
+    findings = prepare_model(model, pm)  # the copy as it is before slicing: its fix-ups read this
+    slice_tensors(model, edits, pm, findings)
     _check_untouched(source, originals, before, pm)
     own(model)
-    run_after_prune(model, edits, pm)
+    run_after_prune(model, edits, pm, findings)
     return model
 
 

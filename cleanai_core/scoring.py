@@ -1,14 +1,18 @@
 """Scoring units: the Weight Magnitude - Activation rule and the registry of criteria.
 
-A criterion gets a :class:`Group` and a :class:`ScoringContext` and returns one score
-per unit (higher = more important). The context turns per-index quantities of every
-slice (squared weights from the layer pruners, activation statistics from
-calibration) into per-unit sums.
+A criterion (:class:`~cleanai_core.interfaces.Importance`) gets a :class:`Group` and a
+:class:`ScoringContext` and returns one score per unit (higher = more important). The
+context turns per-index quantities of every slice (squared weights from the layer
+pruners, activation statistics from calibration, loss gradients) into per-unit terms,
+one per slice; the criterion's *reducer* (registry ``cleanai_reducers``: ``mean``,
+``sum``, ``max``...) folds the stacked terms ``(n_terms, n_units)`` into one score per
+unit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -29,18 +33,62 @@ __all__ = [
     "get_normalizer",
     "get_reducer",
     "list_importances",
+    "mean_normalized",
 ]
 
 
 @attrs.define(eq=False)
 class ScoringContext:
-    """What a criterion may read: the graph, calibration statistics, and helpers."""
+    """Everything a criterion receives with each group, for one scoring pass.
+
+    Data:
+
+    - ``graph``: the :class:`DependencyGraph` (``graph.root`` maps atoms to units);
+    - ``stats``: calibration statistics per ``(module, slice)`` (empty when the
+      criterion is data-free);
+    - ``model``: the model being scored (read only);
+    - ``bias_compensation``: whether the removed channels' mean will be folded into the
+      consumers' biases (then the variance, not the second moment, is what is lost);
+    - ``gradients``: loss gradients per parameter name, accumulated over labelled
+      calibration data when the criterion ``needs_gradients`` (else ``None``).
+
+    Helpers: :meth:`per_unit`, :meth:`energy`, :meth:`weight_terms`,
+    :meth:`consumer_terms` and :meth:`transformed` (a copy of the model with mapped
+    weights, made once per context).
+
+    ``extra`` is the old untyped way in (``{"bias_compensation": ..., "gradients": ...}``,
+    what ``StructuredPruner`` passes until the pruner split): its keys fill the typed
+    fields; criteria never read it.
+    """
 
     graph: DependencyGraph
     stats: Mapping[tuple[str, str], ChannelStats]
     model: nn.Module
-    extra: dict[str, Any] = attrs.field(factory=dict)
-    _energy: dict[tuple[str, str], torch.Tensor | None] = attrs.field(factory=dict)
+    extra: Mapping[str, Any] = attrs.field(factory=dict, kw_only=True)
+    bias_compensation: bool = attrs.field(default=False, kw_only=True)
+    gradients: Mapping[str, torch.Tensor] | None = attrs.field(default=None, kw_only=True)
+    _energy: dict[tuple[str, str], torch.Tensor | None] = attrs.field(factory=dict, init=False)
+    _transformed: dict[str, nn.Module] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        unknown = set(self.extra) - {"bias_compensation", "gradients"}
+        if unknown:
+            raise TypeError(f"ScoringContext(extra=...) has no field(s) {sorted(unknown)}")
+        self.bias_compensation = bool(self.extra.get("bias_compensation", self.bias_compensation))
+        self.gradients = self.extra.get("gradients", self.gradients)
+
+    def transformed(self, key: str, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> nn.Module:
+        """A copy of :attr:`model` whose float parameters are ``fn(name, p)``, made on the
+        first call with ``key`` and reused for every group of this pass (e.g. ``|w|^(1/2)``
+        for an L1 magnitude, ``w * dL/dw`` for Taylor), so :meth:`energy` can read it."""
+        if key not in self._transformed:
+            clone = copy.deepcopy(self.model)
+            with torch.no_grad():
+                for name, p in clone.named_parameters():
+                    if p.is_floating_point():
+                        p.copy_(fn(name, p))
+            self._transformed[key] = clone
+        return self._transformed[key]
 
     def per_unit(self, group: Group, spec: SliceSpec, values: torch.Tensor) -> torch.Tensor:
         """Sum ``values`` (one per index of ``spec``) over the indices of each unit."""
@@ -105,7 +153,9 @@ def _get_tensor(model: nn.Module, qualified: str) -> torch.Tensor:
     return getattr(model.get_submodule(owner) if owner else model, attr)
 
 
-def _norm(x: torch.Tensor) -> torch.Tensor:
+def mean_normalized(x: torch.Tensor) -> torch.Tensor:
+    """``x`` divided by its mean (all ones when the mean is not positive): makes terms of
+    different scales (weights, activations, slices) comparable within a group."""
     m = x.mean()
     return x / m if float(m) > 0 else torch.ones_like(x)
 
@@ -131,9 +181,12 @@ class WeightActivationImportance:
     :param form: ``"multiplicative"`` or ``"additive"``.
     :param statistic: ``"auto"`` (variance with bias compensation, else second
         moment), ``"second_moment"`` or ``"variance"``.
+    :param reducer: how the per-consumer scores fold into one (a registered reducer,
+        default ``"mean"``, the ``mean_k`` above).
     """
 
     needs_activations = True
+    needs_gradients = False
 
     def __init__(
         self,
@@ -141,6 +194,7 @@ class WeightActivationImportance:
         activation_ratio: float = 0.5,
         form: str = "multiplicative",
         statistic: str = "auto",
+        reducer: str = "mean",
     ) -> None:
         if weight_ratio < 0 or activation_ratio < 0 or weight_ratio + activation_ratio <= 0:
             raise UserError(
@@ -152,6 +206,7 @@ class WeightActivationImportance:
         if statistic not in ("auto", "second_moment", "variance"):
             raise UserError(f"statistic={statistic!r}: use 'auto', 'second_moment' or 'variance'")
         self.alpha, self.beta, self.form, self.statistic = weight_ratio, activation_ratio, form, statistic
+        self.reducer, self.reduce = reducer, get_reducer(reducer)
 
     def __repr__(self) -> str:
         return (
@@ -164,17 +219,17 @@ class WeightActivationImportance:
             w = ctx.weight_terms(group)
             if not w:
                 return torch.ones(group.size, dtype=torch.float64)
-            return torch.stack([_norm(t) for t in w]).mean(0)
-        use_var = self.statistic == "variance" or (self.statistic == "auto" and ctx.extra.get("bias_compensation"))
+            return self.reduce(torch.stack([mean_normalized(t) for t in w]))
+        use_var = self.statistic == "variance" or (self.statistic == "auto" and ctx.bias_compensation)
         scores = []
         for w, second, var, count in terms:
             a = (var if use_var else second) / count.clamp(min=1)
-            w_t, a_t = _norm(w), _norm(a)
+            w_t, a_t = mean_normalized(w), mean_normalized(a)
             if self.form == "multiplicative":
                 scores.append(w_t.clamp(min=0) ** self.alpha * a_t.clamp(min=0) ** self.beta)
             else:
                 scores.append(self.alpha * w_t + self.beta * a_t)
-        return torch.stack(scores).mean(0)
+        return self.reduce(torch.stack(scores))
 
 
 # -- registries ---------------------------------------------------------------
@@ -206,6 +261,8 @@ def get_importance(name: str, **options: Any) -> Any:
 
 
 def get_reducer(name: str) -> Any:
+    """A reducer by registered name: folds stacked per-term scores ``(n_terms, n_units)``
+    into ``(n_units,)``; criteria take it as their ``reducer`` option."""
     table = _collect("cleanai_reducers")
     if name not in table:
         raise UserError(f"unknown reducer {name!r}; choose one of: {', '.join(sorted(table))}")

@@ -1,4 +1,4 @@
-"""timm model patterns that need the zoo plugin (``cleanai_plugins/zoo/timm.py``): a
+"""timm model patterns that need the zoo plugin (``cleanai_plugins/zoo/timm/``): a
 hand-written module with the pattern, then the smallest timm model that has it."""
 
 from __future__ import annotations
@@ -197,10 +197,8 @@ class HalvesFixup:
     """A plugin that vouches for ``Halves``' slices and rewrites ``n`` after slicing."""
 
     @hookimpl
-    def cleanai_leaf_modules(self, model):
-        for m in model.modules():
-            if isinstance(m, Halves):
-                allow_channel_ranges(m)
+    def cleanai_prepare_model(self, model):
+        return allow_channel_ranges(*(m for m in model.modules() if isinstance(m, Halves)))
 
     @hookimpl
     def cleanai_after_prune(self, module, name, edits):

@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import torch
 
+from cleanai_core.graph.findings import ModelFindings
 from cleanai_core.graph.trace import TRef
 
 __all__ = ["Label", "SliceSpec", "TraceContext"]
@@ -61,7 +62,7 @@ class SliceSpec:
 class TraceContext:
     """What a :class:`LayerPruner` or :class:`IndexMapper` sees while tracing."""
 
-    def __init__(self, split_choices: dict[int, int] | None = None) -> None:
+    def __init__(self, split_choices: dict[int, int] | None = None, findings: ModelFindings | None = None) -> None:
         self.n_atoms = 0
         self._unions: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._frozen: list[tuple[torch.Tensor, str]] = []
@@ -78,6 +79,12 @@ class TraceContext:
         self._cross: list[tuple[torch.Tensor, str]] = []  # second labels handed out, with their tensor
         self._cross_taken: set[int] = set()
         self.modules: dict[str, Any] = {}  # the model's modules by name (see scope_module)
+        #: what ``cleanai_prepare_model`` found in the traced model (see graph/findings.py)
+        self.findings: ModelFindings = findings if findings is not None else ModelFindings()
+        #: keys of traced tensors whose channels may be split into unequal parts, each part
+        #: shrinking on its own: a pruner vouches for them while tracing because a fix-up
+        #: rewrites the split sizes after slicing (the split mapper reads this)
+        self.unequal_splits: set[int] = set()
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:

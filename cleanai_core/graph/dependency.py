@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_flatten
 
 from cleanai_core.errors import TraceError
 from cleanai_core.graph.context import SliceSpec, TraceContext
+from cleanai_core.graph.findings import ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
 from cleanai_core.interfaces import LayerPruner
@@ -50,10 +51,15 @@ def _plugin_name(pm, pruner: Any) -> str:
     return mod
 
 
-def resolve_modules(model: nn.Module, pm=None) -> dict[str, Node]:
+def resolve_modules(model: nn.Module, pm=None, findings: ModelFindings | None = None) -> dict[str, Node]:
     """Ask the claim hook once per module, top-down; a claimed module's children are
-    not entered. Leaf modules declared by plugins become opaque nodes."""
+    not entered. Leaf modules declared by plugins become opaque nodes.
+
+    ``findings``: the model's :class:`ModelFindings`, handed to every claim; when not
+    given, ``model`` is scanned here (:func:`prepare_model`)."""
     pm = pm or get_plugin_manager()
+    if findings is None:
+        findings = prepare_model(model, pm)
     leaf_specs: list[Any] = []
     for res in pm.hook.cleanai_leaf_modules(model=model):
         leaf_specs.extend(res or ())
@@ -66,7 +72,7 @@ def resolve_modules(model: nn.Module, pm=None) -> dict[str, Node]:
             skip.add(name)
             continue
         if module is model and name == "":
-            pruner = pm.hook.cleanai_layer_pruner(module=module, name=name)
+            pruner = pm.hook.cleanai_layer_pruner(module=module, name=name, findings=findings)
             if pruner is None:
                 continue
         elif (leaf_types and isinstance(module, leaf_types)) or id(module) in leaf_ids:
@@ -74,7 +80,7 @@ def resolve_modules(model: nn.Module, pm=None) -> dict[str, Node]:
             skip.add(name)
             continue
         else:
-            pruner = pm.hook.cleanai_layer_pruner(module=module, name=name)
+            pruner = pm.hook.cleanai_layer_pruner(module=module, name=name, findings=findings)
         if pruner is not None:
             nodes[name] = Node(name, module, pruner, _plugin_name(pm, pruner))
             skip.add(name)
@@ -109,7 +115,8 @@ class DependencyGraph:
     ) -> None:
         self.model = model
         self.pm = pm or get_plugin_manager()
-        self.nodes = resolve_modules(model, self.pm)
+        self.findings = prepare_model(model, self.pm)
+        self.nodes = resolve_modules(model, self.pm, self.findings)
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self.ignored = {self._name_of(m) for m in ignored_layers}
         self._mappers: dict[Any, Any] = {}
@@ -149,7 +156,7 @@ class DependencyGraph:
         choices: dict[int, int] = {}
         modules = dict(self.model.named_modules())
         for _ in range(4):
-            ctx = TraceContext(choices)
+            ctx = TraceContext(choices, self.findings)
             ctx.modules = modules
             self._setup_params(ctx)
             self._run(ctx)

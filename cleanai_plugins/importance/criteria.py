@@ -7,7 +7,7 @@ import torch
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.scoring import ScoringContext, WeightActivationImportance, _norm
+from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_reducer, mean_normalized
 
 __all__ = ["BNScaleImportance", "LAMPImportance", "MagnitudeImportance", "RandomImportance", "TaylorImportance"]
 
@@ -15,57 +15,69 @@ __all__ = ["BNScaleImportance", "LAMPImportance", "MagnitudeImportance", "Random
 class MagnitudeImportance:
     """Group weight magnitude: the Lp norm of every weight that touches the unit
     (producer filters, consumer columns, norm affines), each slice normalised by its
-    mean. Data-free. ``p=2`` (default) or ``p=1``."""
+    mean, folded by ``reducer`` (default ``"mean"``). Data-free. ``p=2`` (default) or ``p=1``."""
 
     needs_activations = False
+    needs_gradients = False
 
-    def __init__(self, p: int = 2) -> None:
+    def __init__(self, p: int = 2, reducer: str = "mean") -> None:
         if p not in (1, 2):
             raise UserError(f"magnitude p={p}: use 1 or 2")
         self.p = p
+        self.reducer, self.reduce = reducer, get_reducer(reducer)
 
     def __call__(self, group, ctx: ScoringContext) -> torch.Tensor:
-        model = ctx.model if self.p == 2 else ctx.extra.setdefault("_l1_model", _transformed(ctx.model, _sqrt_abs))
+        model = ctx.model if self.p == 2 else ctx.transformed("l1", _sqrt_abs)
         terms = []
         for spec in group.slices:
             e = ctx.energy(spec, model)
             if e is not None:
-                terms.append(_norm(ctx.per_unit(group, spec, e)))
+                terms.append(mean_normalized(ctx.per_unit(group, spec, e)))
         if not terms:
             return torch.ones(group.size, dtype=torch.float64)
-        return torch.stack(terms).mean(0)
+        return self.reduce(torch.stack(terms))
 
 
 class BNScaleImportance:
     """``|gamma|`` of the norm layers in the group (network slimming). Groups without
-    a norm fall back to magnitude."""
+    a norm fall back to magnitude. Terms folded by ``reducer`` (default ``"mean"``)."""
 
     needs_activations = False
+    needs_gradients = False
 
-    def __call__(self, group, ctx):
+    def __init__(self, reducer: str = "mean") -> None:
+        self.reducer, self.reduce = reducer, get_reducer(reducer)
+        self.fallback = MagnitudeImportance(reducer=reducer)
+
+    def __call__(self, group, ctx: ScoringContext) -> torch.Tensor:
         terms = [
             ctx.per_unit(group, s, ctx.energy(s).sqrt())
             for s in group.slices
             if s.kind == "param" and s.module and ctx.energy(s) is not None
         ]
         if not terms:
-            return MagnitudeImportance()(group, ctx)
-        return torch.stack([_norm(t) for t in terms]).mean(0)
+            return self.fallback(group, ctx)
+        return self.reduce(torch.stack([mean_normalized(t) for t in terms]))
 
 
 class TaylorImportance:
     """First-order Taylor: ``sum (w * dL/dw)^2`` over the weights touching the unit,
-    with gradients of the loss on labelled calibration data (``collect_activations``
-    accumulates them when this criterion is used). Needs labels or a ``loss_fn``."""
+    with gradients of the cross-entropy loss on labelled calibration data
+    (``collect_activations`` accumulates them into ``ctx.gradients`` because
+    ``needs_gradients`` is set). Needs labelled data. Terms folded by ``reducer`` (default
+    ``"sum"``)."""
 
     needs_activations = True
     needs_gradients = True
 
-    def __call__(self, group, ctx):
-        grads = ctx.extra.get("gradients")
+    def __init__(self, reducer: str = "sum") -> None:
+        self.reducer, self.reduce = reducer, get_reducer(reducer)
+
+    def __call__(self, group, ctx: ScoringContext) -> torch.Tensor:
+        grads = ctx.gradients
         if not grads:
             raise UserError("taylor importance needs gradients: call collect_activations with labelled data first")
-        model = ctx.extra.setdefault("_taylor_model", _transformed(ctx.model, lambda name, p: p * grads.get(name, 0)))
+        model = ctx.transformed("taylor", lambda name, p: p * grads.get(name, 0))
         terms = []
         for spec in group.slices:
             e = ctx.energy(spec, model)
@@ -73,13 +85,14 @@ class TaylorImportance:
                 terms.append(ctx.per_unit(group, spec, e))
         if not terms:
             return torch.ones(group.size, dtype=torch.float64)
-        return torch.stack(terms).sum(0)
+        return self.reduce(torch.stack(terms))
 
 
 class RandomImportance:
     """Random scores (a baseline). Seeded."""
 
     needs_activations = False
+    needs_gradients = False
 
     def __init__(self, seed: int = 0) -> None:
         self.gen = torch.Generator().manual_seed(seed)
@@ -101,18 +114,6 @@ class LAMPImportance(MagnitudeImportance):
 
 def _sqrt_abs(name, p):
     return p.abs().sqrt()
-
-
-def _transformed(model, fn):
-    """A copy of ``model`` whose float parameters are ``fn(name, p)``."""
-    import copy
-
-    clone = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in clone.named_parameters():
-            if p.is_floating_point():
-                p.copy_(fn(name, p))
-    return clone
 
 
 @hookimpl(trylast=True)

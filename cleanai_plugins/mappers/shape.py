@@ -4,7 +4,6 @@ expand/repeat, select/slice/narrow, split/chunk/unbind, copies and ``*_like``.""
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
@@ -12,32 +11,36 @@ from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
 from cleanai_plugins.mappers._registry import MapperTable, arg
 
-__all__ = ["allow_channel_ranges", "allow_unequal_split", "reshape_label"]
+__all__ = ["CHANNEL_RANGES", "allow_channel_ranges", "allow_unequal_split", "reshape_label"]
 
 table = MapperTable()
-
-# tensors a layer pruner vouches for: splitting their channels into unequal parts is fine,
-# because the module's fix-up rewrites the split sizes after slicing (ctx -> tensor keys)
-_FREE_SPLITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def allow_unequal_split(ctx, ref) -> None:
     """``ref``'s channels may be split into parts of different sizes, each part shrinking
-    on its own (the caller ties parts that must stay equal)."""
+    on its own (the caller ties parts that must stay equal). Called by a layer pruner
+    while tracing, when its module's fix-up rewrites the split sizes after slicing."""
     if isinstance(ref, TRef):
-        _FREE_SPLITS.setdefault(ctx, set()).add(ref.key)
+        ctx.unequal_splits.add(ref.key)
 
 
-# modules whose fix-up rewrites the channel bounds their ``forward`` slices with
-_FREE_RANGES: weakref.WeakSet = weakref.WeakSet()
+#: findings key (``cleanai_prepare_model``): the set of modules whose fix-up rewrites the
+#: channel bounds their ``forward`` slices with
+CHANNEL_RANGES = "channel_ranges"
 
 
-def allow_channel_ranges(module) -> None:
-    """Ops run directly in ``module``'s ``forward`` may take a fixed range of channels
-    (``x[:, : self.n]``) or split them into unequal parts: the caller's fix-up rewrites
-    the bounds after slicing (a kept range keeps its channels in order, so a bound ``n``
-    becomes the number of kept channels below ``n``)."""
-    _FREE_RANGES.add(module)
+def allow_channel_ranges(*modules) -> dict[str, set]:
+    """The findings that let ops run directly in each of ``modules``' ``forward`` take a
+    fixed range of channels (``x[:, : self.n]``) or split them into unequal parts: return
+    it from ``cleanai_prepare_model``; the caller's fix-up rewrites the bounds after
+    slicing (a kept range keeps its channels in order, so a bound ``n`` becomes the number
+    of kept channels below ``n``)."""
+    return {CHANNEL_RANGES: set(modules)}
+
+
+def _free_ranges(ctx) -> bool:
+    """The module whose ``forward`` runs the current op vouched for its channel ranges."""
+    return ctx.scope_module() in ctx.findings.get(CHANNEL_RANGES, ())
 
 
 def _prod(xs) -> int:
@@ -267,7 +270,7 @@ def slice_(call, ctx):
         return
     dim = arg(call, 1, "dim", 0) % src.ndim
     if dim == lab.dim and out.shape[dim] != src.shape[dim]:
-        idx = _slice_positions(call, src.shape[dim]) if ctx.scope_module() in _FREE_RANGES else None
+        idx = _slice_positions(call, src.shape[dim]) if _free_ranges(ctx) else None
         if idx is None or len(idx) != out.shape[dim]:
             ctx.freeze(lab.atoms, f"{ctx.where()} takes a fixed range of channels")
             return
@@ -304,7 +307,7 @@ def split(call, ctx):
         return
     sizes = [o.shape[dim] for o in outs]
     if len(set(sizes)) != 1:
-        if src.key in _FREE_SPLITS.get(ctx, ()) or ctx.scope_module() in _FREE_RANGES:
+        if src.key in ctx.unequal_splits or _free_ranges(ctx):
             start = 0
             for o, s in zip(outs, sizes, strict=True):
                 ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)

@@ -1,0 +1,112 @@
+"""timm (and timm-style) models: attention attributes, stored split sizes, classifier heads.
+
+The plugin in three steps, each a hook:
+
+1. ``cleanai_prepare_model`` scans the model once (``scan.py``) and files a
+   :class:`~cleanai_plugins.zoo.timm.scan.TimmScan` in the model's findings, plus the
+   modules that may slice fixed channel ranges (DPN, CoaT).
+2. ``cleanai_layer_pruner`` claims, from that scan, the projections that need coupling
+   beyond a plain linear or conv (width-bound attention, LambdaNetworks, parallel blocks,
+   MambaOut), and weight-standardised convs by type.
+3. ``cleanai_after_prune`` runs :data:`FIXUPS`: attributes outside tensors (head counts,
+   head sizes, split sizes) follow the sliced widths, read against the scan taken before
+   slicing.
+
+Where a new pattern goes: attention attributes in ``attention.py`` or
+``width_attention.py``, stored split sizes in ``blocks.py`` or ``widths.py``,
+normalisations in ``norms.py``; a pattern that needs a scan adds a field to ``TimmScan``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cleanai_core import hookimpl
+from cleanai_plugins.mappers.shape import allow_channel_ranges
+from cleanai_plugins.zoo.timm.attention import (
+    fix_attention,
+    fix_bias_attention,
+    fix_bottleneck_attention,
+    fix_headmajor_attention,
+    fix_multi_query_attention,
+    fix_rel_pos,
+)
+from cleanai_plugins.zoo.timm.blocks import (
+    GatedFc1Pruner,
+    LambdaQKVPruner,
+    ParallelInProjPruner,
+    fix_conv_rel_pos,
+    fix_dual_path_block,
+    fix_gated_conv_block,
+    fix_lambda_layer,
+    fix_parallel_block,
+)
+from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
+from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
+from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner, fix_width_attention
+from cleanai_plugins.zoo.timm.widths import fix_scale_shape, fix_split_widths
+
+__all__ = ["FIXUPS"]
+
+#: attribute fix-ups run after slicing, in this order; each returns early when the module
+#: does not have its pattern
+FIXUPS = (
+    fix_attention,
+    fix_width_attention,
+    fix_split_widths,
+    fix_headmajor_attention,
+    fix_bias_attention,
+    fix_rel_pos,
+    fix_multi_query_attention,
+    fix_scale_shape,
+    fix_group_count,
+    fix_bottleneck_attention,
+    fix_lambda_layer,
+    fix_parallel_block,
+    fix_gated_conv_block,
+    fix_dual_path_block,
+    fix_conv_rel_pos,
+)
+
+
+@hookimpl
+def cleanai_prepare_model(model):
+    scan = scan_model(model)
+    return {KEY: scan, **allow_channel_ranges(*scan.dual_path, *scan.conv_rel_pos)}
+
+
+@hookimpl
+def cleanai_layer_pruner(module, findings):
+    if is_std_conv(module):
+        return StdConvPruner()
+    scan = scan_of(findings)
+    if module in scan.parallel:
+        return ParallelInProjPruner(*scan.parallel[module])
+    if module in scan.lambda_qkv:
+        return LambdaQKVPruner(*scan.lambda_qkv[module])
+    if module in scan.gated_fc1:
+        return GatedFc1Pruner()
+    info = scan.tied.get(module)
+    if info is not None and isinstance(module, nn.Linear):
+        return TiedLinearPruner(info[0])
+    return None
+
+
+@hookimpl(trylast=True)
+def cleanai_after_prune(module, name, edits, findings):
+    scan = scan_of(findings)
+    for fix in FIXUPS:
+        fix(module, name, edits, scan)
+
+
+@hookimpl(trylast=True)
+def cleanai_default_ignores(model):
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:
+            return None
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return [head]
+    return None

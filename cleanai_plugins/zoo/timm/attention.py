@@ -1,0 +1,175 @@
+"""Attention blocks whose head count and head size live in attributes.
+
+Attention blocks keep their head count and head size in attributes (``num_heads``,
+``head_dim``, ``attn_dim``) that their ``forward`` uses in reshapes. After slicing, the
+kept output indices of the block's query projection tell what happened: whole heads
+removed (``num_heads`` shrinks) or the same dims removed from every head
+(``head_dim`` shrinks). The pruned model runs without the user patching anything.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from cleanai_plugins.zoo.timm.widths import out_channels
+
+if TYPE_CHECKING:
+    from cleanai_plugins.zoo.timm.scan import TimmScan
+
+__all__ = [
+    "fix_attention",
+    "fix_bias_attention",
+    "fix_bottleneck_attention",
+    "fix_headmajor_attention",
+    "fix_multi_query_attention",
+    "fix_rel_pos",
+]
+
+# child projection -> how many stacked (q, k, v) copies its output holds
+_QUERY_PROJECTIONS = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q", 1), ("qkv_proj", 3), ("qk", 2))
+
+
+def fix_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    heads_attr = "num_heads" if isinstance(getattr(module, "num_heads", None), int) else "heads"
+    heads = getattr(module, heads_attr, None)
+    dim_attr = "dim_head" if isinstance(getattr(module, "dim_head", None), int) else "head_dim"  # MaxViT: dim_head
+    head_dim = getattr(module, dim_attr, None)
+    if not isinstance(heads, int) or isinstance(heads, bool) or not isinstance(head_dim, int):
+        return
+    for child, stacks in _QUERY_PROJECTIONS:
+        keep = edits.get((f"{name}.{child}" if name else child, "out"))
+        if keep is None:
+            continue
+        if getattr(module, "head_first", False) is True:  # MaxViT: (heads, stacks * head_dim) layout
+            block = stacks * head_dim
+            kept_heads = int((keep // block).unique().numel())
+            if keep.numel() == kept_heads * block:
+                setattr(module, heads_attr, kept_heads)
+            else:
+                setattr(module, dim_attr, keep.numel() // (heads * stacks))
+            break
+        total = heads * head_dim
+        q_keep = keep[keep < total]
+        kept_heads = (q_keep // head_dim).unique().numel()
+        if q_keep.numel() == kept_heads * head_dim:
+            setattr(module, heads_attr, kept_heads)
+        else:
+            setattr(module, dim_attr, q_keep.numel() // heads)
+        break
+    else:
+        return
+    _fix_kv_heads(module, name, edits, getattr(module, dim_attr))
+    width = getattr(module, heads_attr) * getattr(module, dim_attr)
+    for attr in ("attn_dim", "all_head_dim", "inner_dim", "attn_dim_total", "dim_out"):
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, width)
+
+
+def _fix_kv_heads(module: nn.Module, name: str, edits, head_dim: int) -> None:
+    """Grouped-query attention (``num_kv_heads``, ``num_kv_groups``, ``kv_dim``): the key
+    heads follow the key projection's width."""
+    kv_heads = getattr(module, "num_kv_heads", None)
+    k = getattr(module, "k_proj", None)
+    if not isinstance(kv_heads, int) or not isinstance(k, nn.Linear) or head_dim <= 0:
+        return
+    if k.out_features % head_dim:
+        return
+    module.num_kv_heads = k.out_features // head_dim
+    if isinstance(getattr(module, "kv_dim", None), int):
+        module.kv_dim = k.out_features
+    heads = getattr(module, "num_heads", None)
+    if isinstance(getattr(module, "num_kv_groups", None), int) and isinstance(heads, int) and module.num_kv_heads:
+        module.num_kv_groups = heads // module.num_kv_heads
+
+
+def fix_headmajor_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """(heads, keys, head_dim) projections, e.g. CPUBone's ``pwise``."""
+    keys, heads, head_dim = (getattr(module, a, None) for a in ("num_keys", "num_heads", "head_dim"))
+    if not all(isinstance(v, int) for v in (keys, heads, head_dim)):
+        return
+    keep = edits.get((f"{name}.pwise" if name else "pwise", "out"))
+    if keep is None:
+        return
+    kept_heads = int((keep // (keys * head_dim)).unique().numel())
+    if keep.numel() == kept_heads * keys * head_dim:
+        module.num_heads = kept_heads
+    else:
+        module.head_dim = keep.numel() // (heads * keys)
+    if isinstance(getattr(module, "o_proj_inpdim", None), int):
+        module.o_proj_inpdim = module.num_heads * module.head_dim
+
+
+def fix_bias_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """LeViT / EfficientFormer-V2 style: heads follow ``attention_biases``; cached biases
+    are stale after slicing; ``dh`` is the value projection's width."""
+    if isinstance(getattr(module, "attention_bias_cache", None), dict):
+        module.attention_bias_cache = {}
+    biases = getattr(module, "attention_biases", None)
+    if isinstance(biases, nn.Parameter) and isinstance(getattr(module, "num_heads", None), int) and biases.ndim == 2:
+        module.num_heads = biases.shape[0]
+    kd, vd, qkv = getattr(module, "key_dim", None), getattr(module, "val_dim", None), getattr(module, "qkv", None)
+    heads = getattr(module, "num_heads", None)
+    if isinstance(kd, int) and kd == vd and isinstance(qkv, nn.Linear) and isinstance(heads, int) and heads > 0:
+        per = qkv.out_features // heads  # TinyViT: view(B, N, heads, -1).split([kd, kd, vd])
+        if per != 2 * kd + vd and per % 3 == 0 and qkv.out_features % heads == 0:
+            module.key_dim = module.val_dim = per // 3
+        if isinstance(getattr(module, "out_dim", None), int):
+            module.out_dim = module.val_dim * heads
+    if isinstance(getattr(module, "dh", None), int):
+        n = out_channels(getattr(module, "v", None))
+        if n is not None:
+            module.dh = n
+
+
+def fix_rel_pos(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """Relative position bias modules (``RelPosBias``, ``RelPosMlp``) view their table as
+    ``bias_shape = (..., num_heads)``: follow the table's (or the MLP's) kept heads."""
+    shape = getattr(module, "bias_shape", None)
+    if not isinstance(shape, tuple) or not shape or not all(isinstance(v, int) for v in shape):
+        return
+    table = getattr(module, "relative_position_bias_table", None)
+    fc2 = getattr(getattr(module, "mlp", None), "fc2", None)
+    if isinstance(table, nn.Parameter) and table.ndim == 2:
+        n = table.shape[-1]
+    elif isinstance(fc2, nn.Linear):
+        n = fc2.out_features
+    else:
+        return
+    if shape[-1] == n:
+        return
+    heads = getattr(module, "num_heads", None)
+    if isinstance(heads, int) and heads == shape[-1]:
+        module.num_heads = n
+    module.bias_shape = (*shape[:-1], n)
+
+
+def fix_multi_query_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """MobileNetV4/V5 ``MultiQueryAttention2d``: one shared key/value head, queries
+    reshaped with ``num_heads`` and ``key_dim``; widths follow the projections."""
+    if not all(isinstance(getattr(module, a, None), int) for a in ("num_heads", "key_dim", "value_dim")):
+        return
+    q, k, v = (out_channels(getattr(getattr(module, a, None), "proj", None)) for a in ("query", "key", "value"))
+    if q is None or k is None or v is None or k == 0 or q % k:
+        return
+    module.key_dim, module.value_dim, module.num_heads = k, v, q // k
+
+
+def fix_bottleneck_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """BoTNet ``BottleneckAttn``: ``split(qkv(x), [dim_out_qk, dim_out_qk, dim_out_v])`` then
+    per-head reshapes with ``dim_head_qk`` / ``dim_head_v``."""
+    names = ("num_heads", "dim_head_qk", "dim_head_v", "dim_out_qk", "dim_out_v")
+    if not all(isinstance(getattr(module, a, None), int) for a in names):
+        return
+    heads, dqk, dv, oqk, ov = (getattr(module, a) for a in names)
+    keep = edits.get((f"{name}.qkv" if name else "qkv", "out"))
+    if keep is None or oqk != ov or dqk != dv:
+        return
+    q_keep = keep[keep < oqk]
+    kept = int((q_keep // dqk).unique().numel())
+    if q_keep.numel() == kept * dqk:
+        module.num_heads = kept
+    else:
+        module.dim_head_qk = module.dim_head_v = q_keep.numel() // heads
+    module.dim_out_qk = module.dim_out_v = module.num_heads * module.dim_head_qk

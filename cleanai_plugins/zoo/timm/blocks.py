@@ -1,0 +1,220 @@
+"""timm blocks whose ``forward`` splits channels by stored sizes: LambdaNetworks, parallel
+blocks, MambaOut, DPN, CoaT.
+
+Each pattern has a scan (``scan_*``, run once per model by ``scan.scan_model``), possibly
+a layer pruner for the projection that feeds the split (claimed through the scan), and a
+fix-up that rewrites the stored sizes after slicing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from cleanai_plugins.layers.conv import ConvPruner
+from cleanai_plugins.layers.linear import LinearPruner
+from cleanai_plugins.mappers.shape import allow_unequal_split
+from cleanai_plugins.zoo.timm.widths import out_channels
+
+if TYPE_CHECKING:
+    from cleanai_plugins.zoo.timm.scan import TimmScan
+
+__all__ = [
+    "GatedFc1Pruner",
+    "LambdaQKVPruner",
+    "ParallelInProjPruner",
+    "fix_conv_rel_pos",
+    "fix_dual_path_block",
+    "fix_gated_conv_block",
+    "fix_lambda_layer",
+    "fix_parallel_block",
+    "scan_conv_rel_pos",
+    "scan_dual_path_blocks",
+    "scan_gated_conv_blocks",
+    "scan_lambda_layers",
+    "scan_parallel_blocks",
+]
+
+
+def scan_lambda_layers(modules: list[nn.Module]) -> dict[nn.Module, tuple[int, int, int]]:
+    """LambdaLayers' ``qkv`` convs -> (heads, dim_qk, dim_v)."""
+    found = {}
+    for module in modules:
+        heads, dqk, dv = (getattr(module, a, None) for a in ("num_heads", "dim_qk", "dim_v"))
+        qkv = getattr(module, "qkv", None)
+        if not all(isinstance(v, int) for v in (heads, dqk, dv)) or not isinstance(qkv, nn.Conv2d):
+            continue
+        if qkv.groups == 1 and qkv.out_channels == heads * dqk + dqk + dv and qkv.in_channels == heads * dv:
+            found[qkv] = (heads, dqk, dv)
+    return found
+
+
+class LambdaQKVPruner(ConvPruner):
+    """LambdaNetworks ``LambdaLayer``: ``split(qkv(x), [heads * dim_qk, dim_qk, dim_v])``, the
+    output ``(B, heads, M, dim_v)`` reshaped to ``(B, C, H, W)`` with ``C`` the *input*
+    width. Input channel ``h * dim_v + j`` is tied with value channel ``j``: removing a
+    value channel removes one input channel per head, so ``C == heads * dim_v`` holds."""
+
+    def __init__(self, heads: int, dim_qk: int, dim_v: int) -> None:
+        self.heads, self.dim_qk, self.dim_v = heads, dim_qk, dim_v
+
+    def trace(self, module, call, ctx):
+        super().trace(module, call, ctx)
+        heads, dqk = self.heads, self.dim_qk
+        out = ctx.slices[(call.name, "out")].atoms
+        v = out[heads * dqk + dqk :]
+        ctx.union(ctx.slices[(call.name, "in")].atoms, v.repeat(heads))
+
+
+def fix_lambda_layer(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """``LambdaLayer`` widths follow its norms: ``norm_q`` (heads * dim_qk), ``norm_v`` (dim_v)."""
+    qkv = getattr(module, "qkv", None)
+    if qkv not in scan.lambda_qkv:
+        return
+    nq, nv = getattr(module, "norm_q", None), getattr(module, "norm_v", None)
+    if not isinstance(nq, nn.BatchNorm2d) or not isinstance(nv, nn.BatchNorm2d):
+        return
+    module.dim_v = nv.num_features
+    module.dim_qk = qkv.out_channels - nq.num_features - module.dim_v
+    if module.dim_qk > 0 and nq.num_features % module.dim_qk == 0:
+        module.num_heads = nq.num_features // module.dim_qk
+
+
+def scan_parallel_blocks(modules: list[nn.Module]) -> dict[nn.Module, tuple[int, int]]:
+    """Parallel blocks (``ParallelScalingBlock``): ``split(in_proj(x), [hidden, dim, dim, dim])``
+    into (mlp, q, k, v), the attention output reshaped to the input width ``C``: their
+    ``in_proj`` -> (mlp width, dim)."""
+    found = {}
+    for module in modules:
+        split, proj = getattr(module, "in_split", None), getattr(module, "in_proj", None)
+        if not isinstance(split, list) or len(split) != 4 or not isinstance(proj, nn.Linear):
+            continue
+        hidden, d = split[0], split[1]
+        ints = all(isinstance(getattr(module, a, None), int) for a in ("num_heads", "head_dim"))
+        if ints and split[1:] == [d] * 3 and proj.in_features == d and proj.out_features == hidden + 3 * d:
+            found[proj] = (hidden, d)
+    return found
+
+
+class ParallelInProjPruner(LinearPruner):
+    """The (q, k, v) parts of a parallel block's ``in_proj`` shrink with its input channels."""
+
+    def __init__(self, hidden: int, dim: int) -> None:
+        self.hidden, self.dim = hidden, dim
+
+    def trace(self, module, call, ctx):
+        super().trace(module, call, ctx)
+        hidden, d = self.hidden, self.dim
+        out = ctx.slices[(call.name, "out")].atoms
+        ctx.union(ctx.tie(out[hidden:], (3, d), 1), ctx.slices[(call.name, "in")].atoms)
+        allow_unequal_split(ctx, call.outputs[0])  # fix_parallel_block rewrites ``in_split``
+
+
+def fix_parallel_block(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    proj = getattr(module, "in_proj", None)
+    info = scan.parallel.get(proj) if isinstance(proj, nn.Linear) else None
+    if info is None:
+        return
+    hidden, d = info
+    heads, head_dim = module.num_heads, module.head_dim
+    keep = edits.get((f"{name}.in_proj" if name else "in_proj", "out"))
+    n = proj.in_features
+    module.in_split = [proj.out_features - 3 * n, n, n, n]
+    if keep is None or heads * head_dim == 0 or d % (heads * head_dim):
+        return
+    block = head_dim * (d // (heads * head_dim))  # one head's q width (DiffAttention: two half heads)
+    q_keep = keep[(keep >= hidden) & (keep < hidden + d)] - hidden
+    kept = int((q_keep // block).unique().numel())
+    if q_keep.numel() == kept * block:
+        module.num_heads = kept
+    else:
+        module.head_dim = q_keep.numel() * head_dim // (heads * block)
+
+
+def scan_gated_conv_blocks(modules: list[nn.Module]) -> set[nn.Module]:
+    """MambaOut ``GatedConvBlock``: ``g, i, c = split(fc1(x), split_indices)`` with
+    ``split_indices = (hidden, hidden - conv, conv)``, then ``fc2(act(g) * cat(i, dwconv(c)))``.
+    The product pairs gate ``j`` with channel ``j`` of ``cat(i, c)``; the depthwise conv
+    keeps ``c``'s channels apart. Returns the blocks' ``fc1``."""
+    found = set()
+    for module in modules:
+        idx = getattr(module, "split_indices", None)
+        fc1, conv, fc2 = (getattr(module, a, None) for a in ("fc1", "conv", "fc2"))
+        if not isinstance(idx, tuple) or len(idx) != 3 or not all(isinstance(v, int) for v in idx):
+            continue
+        if not isinstance(fc1, nn.Linear) or not isinstance(conv, nn.Conv2d) or not isinstance(fc2, nn.Linear):
+            continue
+        hidden, _, n = idx
+        depthwise = conv.groups == conv.in_channels == conv.out_channels == n
+        if depthwise and idx[1] == hidden - n and fc1.out_features == 2 * hidden and fc2.in_features == hidden:
+            found.add(fc1)
+    return found
+
+
+class GatedFc1Pruner(LinearPruner):
+    """A gated block's ``fc1``: its output may be split into unequal parts
+    (``fix_gated_conv_block`` rewrites ``split_indices``)."""
+
+    def trace(self, module, call, ctx):
+        super().trace(module, call, ctx)
+        allow_unequal_split(ctx, call.outputs[0])
+
+
+def fix_gated_conv_block(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """``split_indices`` follow ``fc2``'s input (gate pairs) and the depthwise conv's width."""
+    fc1, conv, fc2 = (getattr(module, a, None) for a in ("fc1", "conv", "fc2"))
+    if fc1 not in scan.gated_fc1 or not isinstance(conv, nn.Conv2d) or not isinstance(fc2, nn.Linear):
+        return
+    hidden, n = fc2.in_features, conv.in_channels
+    module.split_indices = (hidden, hidden - n, n)
+
+
+def scan_dual_path_blocks(modules: list[nn.Module]) -> set[nn.Module]:
+    """DPN ``DualPathBlock``: ``x[:, : self.num_1x1_c]`` is the residual part of its input (or
+    projection) and of ``c1x1_c``'s output, ``x[:, self.num_1x1_c :]`` the dense part. The
+    blocks take channel ranges: ``fix_dual_path_block`` rewrites ``num_1x1_c``."""
+    found = set()
+    for module in modules:
+        bound, c = getattr(module, "num_1x1_c", None), getattr(module, "c1x1_c", None)
+        if isinstance(bound, int) and isinstance(c, nn.Module):
+            found.add(module)
+    return found
+
+
+def fix_dual_path_block(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """The residual part keeps the channels below ``num_1x1_c`` that survived: ``c1x1_c1``'s
+    width (DPN-b) or the kept outputs of ``c1x1_c`` below the bound (its residual part is
+    tied with the input's by the addition)."""
+    if module not in scan.dual_path:
+        return
+    c1 = getattr(module, "c1x1_c1", None)
+    if isinstance(c1, nn.Module):
+        n = out_channels(c1)
+    else:
+        conv = f"{name}.c1x1_c" if name else "c1x1_c"
+        if isinstance(getattr(module.c1x1_c, "conv", None), nn.Module):
+            conv += ".conv"
+        keep = edits.get((conv, "out"))
+        n = None if keep is None else int((keep < module.num_1x1_c).sum())
+    if n is not None:
+        module.num_1x1_c = n
+
+
+def scan_conv_rel_pos(modules: list[nn.Module]) -> set[nn.Module]:
+    """CoaT ``ConvRelPosEnc``: ``split(v, self.channel_splits)``, one depthwise conv per part
+    (heads grouped by window size). They split into unequal parts: ``fix_conv_rel_pos``
+    rewrites ``channel_splits``."""
+    found = set()
+    for module in modules:
+        splits, convs = getattr(module, "channel_splits", None), getattr(module, "conv_list", None)
+        if isinstance(splits, list) and isinstance(convs, nn.ModuleList) and len(splits) == len(convs):
+            if all(isinstance(c, nn.Conv2d) and c.in_channels == n for c, n in zip(convs, splits, strict=True)):
+                found.add(module)
+    return found
+
+
+def fix_conv_rel_pos(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """``channel_splits`` follow the convs' widths (``head_splits`` is not read by ``forward``)."""
+    if module in scan.conv_rel_pos:
+        module.channel_splits = [c.in_channels for c in module.conv_list]

@@ -1,0 +1,65 @@
+"""Normalisations inside timm layers: weight-standardised convolutions, EvoNorm-S groups."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from cleanai_core.interfaces import replace_param
+from cleanai_plugins.layers.conv import ConvPruner
+
+if TYPE_CHECKING:
+    from cleanai_plugins.zoo.timm.scan import TimmScan
+
+__all__ = ["StdConvPruner", "fix_group_count", "is_std_conv", "scan_group_norms"]
+
+
+def is_std_conv(module: nn.Module) -> bool:
+    """timm ``StdConv2d``, ``ScaledStdConv2d`` and their kin."""
+    return isinstance(module, nn.modules.conv._ConvNd) and "StdConv" in type(module).__name__
+
+
+class StdConvPruner(ConvPruner):
+    """Weight-standardised convolutions (timm ``StdConv2d``, ``ScaledStdConv2d``, NFNets,
+    BiT): each filter is standardised over its fan-in, so removing input channels
+    re-standardises the kept weights, like a LayerNorm over fewer channels: no slicing
+    matches the original exactly. The input slice is marked ``normalizes`` (as LayerNorm
+    and GroupNorm slices are: prunable, approximate, left out of the exact oracle;
+    depthwise convolutions excepted, there a channel is a whole filter). Output channels
+    shrink with the per-filter ``gain``."""
+
+    name = "stdconv"
+
+    def trace(self, module, call, ctx):
+        super().trace(module, call, ctx)
+        if not (module.groups > 1 and module.groups == module.in_channels):
+            ctx.slices[(call.name, "in")].normalizes = True
+
+    def prune(self, module, keep):
+        super().prune(module, keep)
+        gain = getattr(module, "gain", None)
+        if "out" in keep and isinstance(gain, nn.Parameter) and gain.ndim >= 1:
+            replace_param(module, "gain", 0, keep["out"])
+
+
+def scan_group_norms(modules: list[nn.Module]) -> dict[nn.Module, int]:
+    """EvoNorm-S norms -> channels per group."""
+    found = {}
+    for module in modules:
+        groups, weight = getattr(module, "groups", None), getattr(module, "weight", None)
+        if type(module).__name__.startswith("EvoNorm") and isinstance(groups, int) and groups > 0:
+            if isinstance(weight, nn.Parameter) and weight.numel() % groups == 0:
+                found[module] = weight.numel() // groups
+    return found
+
+
+def fix_group_count(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """EvoNorm-S ``group_std(x, self.groups)``: whole groups removed -> fewer groups."""
+    size = scan.group_size.get(module)
+    keep = edits.get(("", f"{name}.weight" if name else "weight"))
+    if size is None or keep is None:
+        return
+    kept = int((keep // size).unique().numel())
+    if keep.numel() == kept * size:
+        module.groups = kept

@@ -1,0 +1,72 @@
+"""The masking oracle for embeddings and bare parameters (``layers/embedding.py``,
+``layers/parameters.py``): tokens, position embeddings, layer scales.
+
+See ``layer_oracle.py`` for what the oracle checks."""
+
+from __future__ import annotations
+
+import torch
+from layer_oracle import group_of, oracle, seq
+from test_oracle_mappers import X
+from torch import nn
+
+torch.manual_seed(0)
+
+
+def test_embedding():
+    m = seq(nn.Embedding(50, 16), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    r = oracle(m, torch.randint(0, 50, (2, 5)))
+    assert r.small[0].embedding_dim == 8 and r.small[0].weight.shape == (50, 8)
+    assert r.after == 50 * 8 + (4 * 8 + 4) + (3 * 4 + 3)
+
+
+# -- bare parameters ----------------------------------------------------------------------------
+class TokenNet(nn.Module):
+    """Patchify, prepend a cls token, add pos_embed, layer-scale gamma, linear head."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, c, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, c))
+        self.pos = nn.Parameter(torch.randn(1, 5, c))
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.mlp = nn.Linear(c, c)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
+        t = t + self.gamma * self.mlp(t)
+        return self.head(t[:, 0])
+
+
+def test_bare_parameters_follow_channels():
+    r = oracle(TokenNet(), torch.randn(2, 3, 8, 8))
+    s = r.small
+    assert s.cls.shape == (1, 1, 8) and s.pos.shape == (1, 5, 8) and s.gamma.shape == (8,)
+    assert s.patch.out_channels == 8 and s.mlp.weight.shape == (8, 8) and s.head.in_features == 8
+
+
+class LayerScale2dNet(nn.Module):
+    """A residual conv block scaled by a FastViT-style layer scale ``gamma`` of shape
+    ``(C, 1, 1)``, broadcast over NCHW feature maps."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.head = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.gamma * self.conv(x)
+        return self.head(x)
+
+
+def test_layer_scale_shaped_for_nchw_follows_channels():
+    r = oracle(LayerScale2dNet(), X)
+    assert group_of(r.graph, "", "gamma").prunable == 8
+    assert r.small.gamma.shape == (4, 1, 1) and r.small.stem.out_channels == 4
+    # stem 3*8*9+8, conv 8*8*9+8, gamma 8, head 8*4+4 -> half of the 8 channels kept
+    assert (r.before, r.after) == (852, 3 * 4 * 9 + 4 + 4 * 4 * 9 + 4 + 4 + 4 * 4 + 4)
