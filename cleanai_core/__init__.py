@@ -24,6 +24,7 @@ __all__ = [
     "__version__",
     "hookimpl",
     "load_pruned",
+    "recover",
 ]
 
 _LAZY = {
@@ -33,6 +34,7 @@ _LAZY = {
     "StructuredPruner": "cleanai_core.pruner",
     "WeightActivationImportance": "cleanai_core.scoring",
     "load_pruned": "cleanai_core.io",
+    "recover": "cleanai_core.recovery",
 }
 
 

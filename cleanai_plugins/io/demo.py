@@ -53,10 +53,10 @@ def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     return x, arrays["y"].long()
 
 
-def train_digits_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int = 8, seed: int = 0) -> DigitsCNN:
+def train_digits_cnn(x: torch.Tensor, y: torch.Tensor, epochs: int = 8, seed: int = 0, width: int = 32) -> DigitsCNN:
     """Train a :class:`DigitsCNN` (seeded, a few seconds on two CPU cores)."""
     torch.manual_seed(seed)
-    model = DigitsCNN()
+    model = DigitsCNN(width=width)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=gen)
