@@ -401,7 +401,7 @@ def recover(
                 running += float(loss.detach())
                 count += 1
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{running / count:.4f}", **{metric: f"{best:.4f}"})
+                bar.set_postfix(epoch=epoch, loss=f"{running / count:.4f}", **{metric: f"{best:.4f}"}, refresh=False)
             losses.append(running / max(count, 1))
             _, value = evaluate_held_out(student, held_loader, device, task, teacher, forward_fn)
             history.append(value)
