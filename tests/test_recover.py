@@ -142,3 +142,20 @@ def test_bad_arguments_raise_user_errors(kwargs, words):
     model = trained_cnn()
     with pytest.raises(UserError, match=words):
         recover(model, model, TensorDataset(*splits()[0]), **kwargs)
+
+
+@pytest.mark.slow  # imports BERT from transformers
+def test_recover_a_hugging_face_sequence_classifier_from_dict_batches_with_labels():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, num_labels=2,
+    )  # fmt: skip
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 16, (320, 6), generator=torch.Generator().manual_seed(2))
+    labels = (ids[:, 0] >= 8).long()  # the class is in the first token
+    data = [{"input_ids": ids[i : i + 32], "labels": labels[i : i + 32]} for i in range(0, 320, 32)]
+    recovered, result = recover(model, None, data[:8], val_data=data[8:], epochs=6, lr=1e-2, progress=False)
+    assert result.task == "classification" and result.metric == "accuracy"
+    assert result.initial < 0.7 < 0.9 < result.best
