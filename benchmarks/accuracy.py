@@ -284,7 +284,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--recovery", action="store_true", help="only the recovery table (issue 17)")
     ap.add_argument("--epochs", type=int, default=10, help="--recovery: training epochs after pruning")
-    ap.add_argument("--lr", type=float, default=1e-3, help="--recovery: AdamW learning rate")
+    ap.add_argument("--lr", type=float, default=3e-3, help="--recovery: AdamW learning rate (default 3e-3)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a crowded machine)")
     ap.add_argument(
         "--out",
