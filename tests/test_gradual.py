@@ -113,3 +113,16 @@ def test_gradual_pruning_reaches_the_target_and_training_goes_on_without_restart
     assert last < 0.8 * first, (first, last)
     assert accuracy(model, eval_d) > pruned_acc + 0.05
     assert all(float(s["step"]) > len(batches) * 4 for s in opt.state.values())  # one optimizer throughout
+
+
+def test_a_ratio_schedule_removes_its_share_of_each_groups_channels_step_by_step():
+    model = trained_cnn()  # convs of 8, 16 and 16 channels
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    schedule = PruningSchedule(final=0.5, steps=2, kind="linear")  # 25% removed, then 50%
+    gp = GradualPruner(model, splits()[1][0][:2], opt, schedule, by="ratio", ignored_layers=[model.fc])
+    convs = [model.features[i] for i in (0, 3, 7)]
+    gp.step(_calibration())
+    assert [c.out_channels for c in convs] == [6, 12, 12]
+    gp.step(_calibration())
+    assert [c.out_channels for c in convs] == [4, 8, 8] and model.fc.in_features == 8
+    assert gp.done
