@@ -56,7 +56,7 @@ class RecoveryResult:
     stopped_early: bool
     seconds: float
     task: str
-    train_samples: int
+    train_samples: int  # len() of the training part: samples of a data set, batches of a list of batches
     held_out_samples: int
 
     def to_json(self) -> dict[str, Any]:

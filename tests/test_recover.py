@@ -100,6 +100,7 @@ def _counting_sequences(n: int, length: int = 12) -> torch.Tensor:
     return (start + torch.arange(length)) % 32
 
 
+@pytest.mark.slow  # the first transformers import takes seconds
 def test_causal_lm_loss_and_perplexity_match_hugging_face_shifted_labels():
     model = _tiny_llama(0)
     ids = _counting_sequences(4)
@@ -159,3 +160,17 @@ def test_recover_a_hugging_face_sequence_classifier_from_dict_batches_with_label
     recovered, result = recover(model, None, data[:8], val_data=data[8:], epochs=6, lr=1e-2, progress=False)
     assert result.task == "classification" and result.metric == "accuracy"
     assert result.initial < 0.7 < 0.9 < result.best
+
+
+def test_a_dataloader_is_split_into_disjoint_train_and_held_out_parts_keeping_its_batch_size():
+    from cleanai_core.recovery import split_train_data
+
+    data = TensorDataset(torch.arange(200).float()[:, None], torch.arange(200) % 10)
+    train, held, n_train, n_held = split_train_data(DataLoader(data, batch_size=50), None, 0.1, 64, seed=0)
+    assert (n_train, n_held) == (180, 20) and train.batch_size == held.batch_size == 50
+    seen_train = torch.cat([x[:, 0] for x, _ in train]).long().tolist()
+    seen_held = torch.cat([x[:, 0] for x, _ in held]).long().tolist()
+    assert len(set(seen_train)) == 180 and len(set(seen_held)) == 20
+    assert not set(seen_train) & set(seen_held)
+    with pytest.raises(UserError, match="val_fraction"):
+        split_train_data(data, None, 1.0, 64, seed=0)
