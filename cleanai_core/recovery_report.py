@@ -17,8 +17,17 @@ def _pct(v: Any) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
+def _no_accuracy(rec: dict[str, Any]) -> bool:
+    return all(rec.get(k) is None for k in ("accuracy_original", "accuracy_pruned", "accuracy_recovered"))
+
+
 def recovery_summary(rec: dict[str, Any]) -> str:
     """One line for the terminal."""
+    if _no_accuracy(rec):
+        return (
+            f"Recovery: held-out {rec['metric']} {rec['initial']:.4f} -> {rec['best']:.4f} "
+            f"({rec['epochs']} epochs, {rec['seconds']:.1f} s)"
+        )
     gap = rec.get("gap_recovered")
     gap_text = f", {100 * gap:.0f}% of the gap recovered" if gap is not None else ""
     return (
@@ -38,6 +47,8 @@ def recovery_markdown(rec: dict[str, Any], plot: str | None) -> str:
         f"| after recovery | {_pct(rec.get('accuracy_recovered'))} |",
         "",
     ]
+    if _no_accuracy(rec):
+        lines = ["The data has no labels, so accuracy is not measured; the metric below is from training.", ""]
     gap = rec.get("gap_recovered")
     if gap is not None:
         lines.append(f"Fraction of the accuracy gap recovered: **{100 * gap:.1f}%**.")

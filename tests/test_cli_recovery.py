@@ -80,3 +80,14 @@ def test_recovery_without_train_data_trains_on_the_calibration_part_only(inputs,
 def test_bad_recovery_options_are_refused(inputs, capsys, flag, value):
     assert _prune(flag, value) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_recovery_on_unlabelled_data_distils_and_reports_agreement_with_the_original(inputs, capsys):
+    np.savez(inputs / "unl.npz", x=np.load("test.npz")["x"])
+    base = ["prune", "--model", "tiny_digits:model", "--weights", "w.pt", "--data", "unl.npz", "--out", "o"]
+    assert main([*base, *FAST, "--recover-epochs", "2"]) == 0
+    rec = json.loads((inputs / "o" / "report.json").read_text())["recovery"]
+    assert rec["metric"] == "teacher_agreement" and rec["accuracy_recovered"] is None and rec["gap_recovered"] is None
+    assert rec["best"] > rec["initial"]  # the pruned model agrees more with the original after distillation
+    assert "no labels" in (inputs / "o" / "report.md").read_text()
+    assert "Recovery: held-out teacher_agreement" in capsys.readouterr().out
