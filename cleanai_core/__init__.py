@@ -17,22 +17,28 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DependencyGraph",
+    "GradualPruner",
     "PruningHistory",
     "PruningPlan",
+    "PruningSchedule",
     "StructuredPruner",
     "WeightActivationImportance",
     "__version__",
     "hookimpl",
     "load_pruned",
+    "recover",
 ]
 
 _LAZY = {
     "DependencyGraph": "cleanai_core.graph.dependency",
+    "GradualPruner": "cleanai_core.gradual",
     "PruningHistory": "cleanai_core.history",
     "PruningPlan": "cleanai_core.planning",
+    "PruningSchedule": "cleanai_core.gradual",
     "StructuredPruner": "cleanai_core.pruner",
     "WeightActivationImportance": "cleanai_core.scoring",
     "load_pruned": "cleanai_core.io",
+    "recover": "cleanai_core.recovery",
 }
 
 

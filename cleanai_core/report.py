@@ -75,7 +75,12 @@ def headline_text(report: dict[str, Any]) -> str:
     """A few plain-text lines with the headline numbers (for the terminal)."""
     rows = _headline_rows(report)
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{name:<{width}}  {b:>10} -> {a:<10} {c}".rstrip() for name, b, a, c in rows)
+    text = "\n".join(f"{name:<{width}}  {b:>10} -> {a:<10} {c}".rstrip() for name, b, a, c in rows)
+    if report.get("recovery"):
+        from cleanai_core.recovery_report import recovery_summary
+
+        text += "\n" + recovery_summary(report["recovery"])
+    return text
 
 
 def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]] = ()) -> str:
@@ -214,6 +219,11 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str
         atomic_write_text(out / "report.svg", render_svg(report))
     report["plot"] = "report.png" if png else "report.svg"
     sections: list[tuple[str, str]] = []
+    if report.get("recovery"):
+        from cleanai_core.recovery_report import recovery_markdown, write_recovery_plot
+
+        report["recovery_plot"] = write_recovery_plot(out, report["recovery"])
+        sections.append(("Recovery", recovery_markdown(report["recovery"], report["recovery_plot"])))
     for result in get_plugin_manager().hook.cleanai_report_sections(report=dict(report)):
         sections.extend(result or [])
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")

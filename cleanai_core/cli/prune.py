@@ -64,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
     "quiet": False,
     "latency_repeats": 20,
     "threads": None,
+    "recover_epochs": 0,
+    "train_data": None,
+    "recover_lr": 1e-3,
 }
 DEFAULT_RATIO = 0.3
 
@@ -182,6 +185,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, metavar="S", help="seed of the data split (default 0)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--latency-repeats", type=int, metavar="N", help="timed runs per latency figure (default 20)")
+    g = p.add_argument_group("recovery")
+    g.add_argument(
+        "--recover-epochs", type=int, metavar="N", help="after pruning, distil from the original for N epochs"
+    )
+    g.add_argument(
+        "--train-data",
+        metavar="D",
+        help="training data for recovery (same forms as --data); default: the calibration part of --data",
+    )
+    g.add_argument("--recover-lr", type=float, metavar="LR", help="AdamW learning rate for recovery (default 1e-3)")
     g = p.add_argument_group("output")
     g.add_argument("--out", "-o", metavar="DIR", help="output folder (must not exist or be empty)")
     g.add_argument("--overwrite", action="store_true", default=S, help="replace an existing --out folder")
@@ -317,6 +330,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         _check_number(cfg, key, int, 1, None, lo_open=False)
     _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)
     _check_number(cfg, "stats_budget_mib", int, 0, None, lo_open=False)
+    _check_number(cfg, "recover_epochs", int, 0, None, lo_open=False)
+    _check_number(cfg, "recover_lr", float, 0.0, None)
     for pat, r in cfg["layer_ratio"].items():
         if not 0.0 < r < 1.0:
             raise UserError(f"--layer-ratio {pat}={r}: the ratio must be strictly between 0 and 1.")
@@ -513,7 +528,7 @@ def execute(
     quiet = bool(cfg.get("quiet"))
     logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
     out = Path(cfg["out"]) if cfg.get("out") else None
-    user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config")]
+    user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config"), cfg.get("train_data")]
     if out is not None and not cfg.get("dry_run") and distributed.is_writer():
         check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
     torch.manual_seed(int(cfg["seed"]))
@@ -584,6 +599,14 @@ def execute(
     repeats = int(cfg.get("latency_repeats") or 20)
     pruned = pruner.prune()
     after_acc = _evaluate(pm, pruned, eval_loader, device)
+    recovery = None
+    if cfg.get("recover_epochs"):
+        from cleanai_core.cli.recovery import recover_for_report
+
+        acc = lambda m: (_evaluate(pm, m, eval_loader, device) or {}).get("accuracy")
+        accs = (before_acc or {}).get("accuracy"), (after_acc or {}).get("accuracy")
+        pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, acc, *accs)
+        after_acc = {"accuracy": recovery["accuracy_recovered"]} if eval_loader is not None else None
     lat_before, lat_after, repeats = _latencies(model, pruned, example, repeats)
 
     report = {
@@ -609,6 +632,7 @@ def execute(
         "calibration_samples": len(calib),
         "evaluation_samples": len(held) if held is not None else 0,
         "input_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
+        "recovery": recovery,
     }
     lib = pruner.report()
     for key in ("importance", "pruning_ratio", "skipped_groups", "groups", "layers"):
@@ -641,7 +665,9 @@ def execute(
         print(headline_text(report))
         print(
             f"wrote {out}/: model.pt, history.json, architecture.json, config.json, report.json, report.md, "
-            f"{report['plot']}" + (", model_full.pt" if cfg.get("save_pickle") else "")
+            f"{report['plot']}"
+            + (", model_full.pt" if cfg.get("save_pickle") else "")
+            + (f", {report['recovery_plot']}" if recovery else "")
         )
     return report
 

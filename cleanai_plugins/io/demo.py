@@ -54,12 +54,17 @@ def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_digits_cnn(
-    x: torch.Tensor, y: torch.Tensor, epochs: int = 8, seed: int = 0, model: nn.Module | None = None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int = 8,
+    seed: int = 0,
+    model: nn.Module | None = None,
+    width: int = 32,
 ) -> nn.Module:
-    """Train a :class:`DigitsCNN`, or the given ``model``, on the digits (seeded, a few seconds
-    on two CPU cores); returns it in eval mode."""
+    """Train a :class:`DigitsCNN` of the given ``width``, or the given ``model``, on the
+    digits (seeded, a few seconds on two CPU cores); returns it in eval mode."""
     torch.manual_seed(seed)
-    model = DigitsCNN() if model is None else model
+    model = DigitsCNN(width=width) if model is None else model
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=gen)

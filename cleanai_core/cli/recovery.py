@@ -1,0 +1,75 @@
+"""``cleanai prune --recover-epochs N``: distillation fine-tuning of the pruned model from
+the original, on training data that never overlaps the split measuring the report's
+accuracy. Called by :mod:`cleanai_core.cli.prune`; returns the recovered model and the
+report's ``"recovery"`` entry (rendered by :mod:`cleanai_core.recovery_report`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from cleanai_core.errors import UserError
+
+__all__ = ["recover_for_report"]
+
+log = logging.getLogger("cleanai")
+
+
+def _training_data(cfg: dict[str, Any], pm: Any, model: nn.Module, calib: Any) -> tuple[Any, str]:
+    spec = cfg.get("train_data")
+    if not spec:
+        return calib, (
+            f"no --train-data: trained on the {len(calib)} calibration samples of --data (10% of them held out for "
+            "early stopping), never on the held-out evaluation samples"
+        )
+    data = pm.hook.cleanai_load_dataset(spec=spec, options={"model": model, "image_size": cfg.get("image_size")})
+    if data is None:
+        raise UserError(f"--train-data {spec!r}: no such file or folder, or not a form this tool reads.")
+    if len(data) < 2:
+        raise UserError(f"--train-data {spec!r} has {len(data)} item(s); at least 2 are needed.")
+    return data, f"--train-data {spec} ({len(data)} samples, 10% held out for early stopping)"
+
+
+def recover_for_report(
+    cfg: dict[str, Any],
+    pm: Any,
+    model: nn.Module,
+    pruned: nn.Module,
+    calib: Any,
+    evaluate: Any,
+    acc_before: float | None,
+    acc_pruned: float | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Recover ``pruned`` (teacher ``model``); ``evaluate(m)`` gives the report's
+    held-out accuracy (or ``None``)."""
+    from cleanai_core.recovery import recover
+
+    data, source = _training_data(cfg, pm, model, calib)
+    log.info("recovery: %s", source)
+    recovered, result = recover(
+        pruned,
+        model,
+        data,
+        epochs=int(cfg["recover_epochs"]),
+        lr=float(cfg["recover_lr"]),
+        batch_size=int(cfg["batch_size"]),
+        device=torch.device(cfg["device"]),
+        seed=int(cfg["seed"]),
+        progress=not cfg.get("quiet"),
+    )
+    acc_rec = evaluate(recovered)
+    gap = None
+    if None not in (acc_before, acc_pruned, acc_rec) and acc_before - acc_pruned > 1e-12:
+        gap = (acc_rec - acc_pruned) / (acc_before - acc_pruned)
+    entry = {
+        "accuracy_original": acc_before,
+        "accuracy_pruned": acc_pruned,
+        "accuracy_recovered": acc_rec,
+        "gap_recovered": gap,
+        "training_data": source,
+        **result.to_json(),
+    }
+    return recovered, entry

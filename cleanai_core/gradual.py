@@ -1,0 +1,247 @@
+"""Gradual pruning inside the user's own training loop.
+
+Glossary:
+
+- *schedule*: the share removed after each of ``steps`` pruning steps, rising from
+  ``start`` to ``final`` along a ``"cubic"`` curve (Zhu & Gupta 2017: fast at first,
+  slow near the end, when the network has less slack) or a ``"linear"`` one. The share
+  is of FLOPs (``by="flops"``, the default) or of each group's channels (``by="ratio"``).
+- *increment*: what one :meth:`GradualPruner.step` removes from the current model so that
+  the total removed matches the schedule.
+- *kept indices*: for each parameter, per dimension, which old indices survive a step;
+  read off by replaying the step's slice edits on a copy whose entries hold their own
+  flat positions, so no layer type needs to be known here.
+- *carried state*: the optimizer's per-parameter state (SGD momentum, Adam ``exp_avg`` /
+  ``exp_avg_sq``, ...) and each parameter's ``.grad``, sliced with the parameter so that
+  training goes on without a restart.
+
+Example::
+
+    schedule = PruningSchedule(final=0.75, steps=4)           # 4x fewer FLOPs in 4 steps
+    gp = GradualPruner(model, x[:2], optimizer, schedule, ignored_layers=[model.fc])
+    for epoch in range(epochs):
+        train_one_epoch(model, optimizer)
+        if not gp.done:
+            model, optimizer = gp.step(calibration_loader)     # same objects, smaller tensors
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from cleanai_core.errors import UserError
+from cleanai_core.metrics import count_flops
+from cleanai_core.slicing import SliceEdit, apply_edits
+
+__all__ = ["GradualPruner", "PruningSchedule", "kept_indices", "position_tagged_copy", "slice_optimizer"]
+
+KINDS = ("cubic", "linear")
+
+
+def _check_schedule(instance: PruningSchedule, _attr: Any, _value: Any) -> None:
+    if instance.kind not in KINDS:
+        raise UserError(f"schedule kind={instance.kind!r}: choose 'cubic' or 'linear'")
+    if isinstance(instance.steps, bool) or not isinstance(instance.steps, int) or instance.steps < 1:
+        raise UserError(f"schedule steps={instance.steps!r} must be a positive integer")
+    if not 0.0 <= instance.start < instance.final < 1.0:
+        raise UserError(
+            f"schedule start={instance.start}, final={instance.final}: need 0 <= start < final < 1 "
+            "(the share removed, e.g. final=0.75 for 4x fewer FLOPs)"
+        )
+
+
+@attrs.frozen
+class PruningSchedule:
+    """Share removed after step ``k`` (1..``steps``), from ``start`` (before step 1) to
+    ``final`` (after the last step)."""
+
+    final: float = attrs.field(validator=_check_schedule)
+    steps: int = 4
+    start: float = 0.0
+    kind: str = "cubic"
+
+    def removed_after(self, step: int) -> float:
+        """The cumulative share removed after ``step`` (0 = none yet: ``start``)."""
+        t = min(max(step, 0), self.steps) / self.steps
+        if self.kind == "linear":
+            return self.start + (self.final - self.start) * t
+        return self.final + (self.start - self.final) * (1.0 - t) ** 3
+
+
+# -- kept indices and optimizer state ---------------------------------------------------------
+
+
+def position_tagged_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` whose parameters hold their own flat positions."""
+    tagged = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for p in tagged.parameters():
+            p.copy_(torch.arange(p.numel(), dtype=torch.float64).reshape(p.shape))
+    return tagged
+
+
+def kept_indices(tagged: nn.Module, edits: list[SliceEdit], pm: Any = None) -> dict[str, list[torch.Tensor | None]]:
+    """For each parameter of a :func:`position_tagged_copy` (by name), the old indices
+    that ``edits`` keep along each dimension (``None``: the dimension is untouched).
+    The edits are applied to ``tagged`` (it is consumed)."""
+    shapes = {name: tuple(p.shape) for name, p in tagged.named_parameters()}
+    apply_edits(tagged, edits, pm)
+    out: dict[str, list[torch.Tensor | None]] = {}
+    for name, tag in tagged.named_parameters():
+        old = shapes.get(name)
+        if old is None:
+            continue  # a parameter the edits created (e.g. a compensation bias)
+        if tuple(tag.shape) == old:
+            out[name] = [None] * len(old)
+            continue
+        flat = tag.detach().to(torch.float64)
+        if not bool((flat == flat.round()).all()) or flat.numel() and (flat.min() < 0 or flat.max() >= math.prod(old)):
+            raise RuntimeError(f"slicing {name} changed its values, not only its shape; cannot map optimizer state")
+        coords = torch.unravel_index(flat.long(), old)
+        dims: list[torch.Tensor | None] = []
+        for d, c in enumerate(coords):
+            rows = c.movedim(d, 0).reshape(c.shape[d], -1)
+            idx = rows[:, 0] if rows.shape[1] else torch.arange(c.shape[d])
+            if not bool((rows == idx[:, None]).all()):
+                raise RuntimeError(f"slicing {name} is not a selection of whole slices along dim {d}")
+            dims.append(None if c.shape[d] == old[d] and bool((idx == torch.arange(old[d])).all()) else idx)
+        out[name] = dims
+    return out
+
+
+def _slice_like(t: Any, old_shape: torch.Size, dims: list[torch.Tensor | None], where: str) -> Any:
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t  # step counters and other scalars
+    if t.shape != old_shape:
+        raise UserError(
+            f"{where} has shape {tuple(t.shape)}, not its parameter's {tuple(old_shape)}: this optimizer keeps "
+            "state that cannot be sliced with the parameter; use SGD, Adam(W) or a similar per-element optimizer"
+        )
+    for d, idx in enumerate(dims):
+        if idx is not None:
+            t = t.index_select(d, idx.to(t.device))
+    return t
+
+
+def slice_optimizer(
+    optimizer: torch.optim.Optimizer,
+    old_params: dict[str, nn.Parameter],
+    new_params: dict[str, nn.Parameter],
+    kept: dict[str, list[torch.Tensor | None]],
+) -> None:
+    """Point ``optimizer`` at the new parameters, slicing each one's state and ``.grad``
+    by ``kept``. Parameters new in ``new_params`` (compensation biases) join the group of
+    their module's weight with fresh state."""
+    name_of = {id(p): n for n, p in old_params.items()}
+    placed: set[str] = set()
+    for group in optimizer.param_groups:
+        fresh = []
+        for p in group["params"]:
+            name = name_of.get(id(p))
+            if name is None or name not in new_params:
+                fresh.append(p)
+                continue
+            q = new_params[name]
+            placed.add(name)
+            dims = kept.get(name, [None] * p.dim())
+            state = optimizer.state.pop(p, None)
+            if state:
+                optimizer.state[q] = {k: _slice_like(v, p.shape, dims, f"optimizer state {k!r} of {name}")
+                                      for k, v in state.items()}  # fmt: skip
+            if p.grad is not None and q is not p:
+                q.grad = _slice_like(p.grad, p.shape, dims, f"the gradient of {name}").clone()
+            fresh.append(q)
+        group["params"] = fresh
+    for name, q in new_params.items():
+        if name in old_params or name in placed or not q.requires_grad:
+            continue
+        sibling = name.rpartition(".")[0] + ".weight"
+        for group in optimizer.param_groups:
+            if any(r is new_params.get(sibling) for r in group["params"]):
+                group["params"].append(q)
+                break
+
+
+# -- the training-loop API ---------------------------------------------------------------------------
+
+
+class GradualPruner:
+    """Prune ``model`` in place, one increment per :meth:`step`, keeping ``optimizer``.
+
+    :param model: the model being trained; sliced in place (the same object throughout).
+    :param example_inputs: one batch of inputs for tracing.
+    :param optimizer: its optimizer; after each step it holds the new parameters with
+        their state and gradients sliced (the same object: LR schedulers keep working).
+    :param schedule: a :class:`PruningSchedule`.
+    :param by: ``"flops"`` (the schedule is the share of FLOPs removed) or ``"ratio"``
+        (the share of each group's channels).
+    :param pruner_options: passed to :class:`~cleanai_core.pruner.StructuredPruner`
+        (``importance``, ``ignored_layers``, ``bias_compensation``, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        optimizer: torch.optim.Optimizer,
+        schedule: PruningSchedule,
+        *,
+        by: str = "flops",
+        **pruner_options: Any,
+    ) -> None:
+        if not isinstance(schedule, PruningSchedule):
+            raise UserError(f"schedule must be a PruningSchedule, got {type(schedule).__name__}")
+        if by not in ("flops", "ratio"):
+            raise UserError(f"by={by!r}: choose 'flops' or 'ratio'")
+        for key in ("inplace", "pruning_ratio", "target_flops", "iterative_steps"):
+            if key in pruner_options:
+                raise UserError(f"GradualPruner sets {key} itself from the schedule; remove it from the options")
+        self.model, self.example_inputs, self.optimizer = model, example_inputs, optimizer
+        self.schedule, self.by, self.options = schedule, by, pruner_options
+        self.steps_done = 0
+        self.base_flops = count_flops(model, example_inputs, pruner_options.get("forward_fn"))
+        self.histories: list[Any] = []
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.schedule.steps
+
+    def _increment(self) -> dict[str, float]:
+        removed = self.schedule.removed_after(self.steps_done + 1)
+        if self.by == "flops":
+            share = count_flops(self.model, self.example_inputs, self.options.get("forward_fn")) / self.base_flops
+            return {"target_flops": min(max((1.0 - removed) / share, 1e-6), 1.0 - 1e-6)}
+        before = self.schedule.removed_after(self.steps_done) if self.steps_done else 0.0
+        return {"pruning_ratio": 1.0 - (1.0 - removed) / (1.0 - before)}
+
+    def step(self, data: Any, num_batches: int | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Prune the next increment, scoring on ``data`` (a loader of batches), and
+        return ``(model, optimizer)`` — the same objects, sliced. After the last step it
+        changes nothing."""
+        from cleanai_core.pruner import StructuredPruner
+
+        if self.done:
+            return self.model, self.optimizer
+        training = self.model.training
+        pruner = StructuredPruner(self.model, self.example_inputs, inplace=True, **self._increment(), **self.options)
+        pruner.collect_activations(data, num_batches=num_batches, progress=False)
+        old_params = dict(self.model.named_parameters())
+        tagged = position_tagged_copy(self.model)  # the step's edits replay on it: the kept indices
+        pruner.prune()
+        kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
+        del tagged
+        slice_optimizer(self.optimizer, old_params, dict(self.model.named_parameters()), kept)
+        self.model.train(training)
+        self.histories.append(pruner.history)
+        self.steps_done += 1
+        return self.model, self.optimizer
+
+    def flops_share(self) -> float:
+        """FLOPs of the current model over those of the model given at the start."""
+        return count_flops(self.model, self.example_inputs, self.options.get("forward_fn")) / self.base_flops

@@ -1,0 +1,437 @@
+"""Recovery after pruning: distillation fine-tuning of the pruned model from the original.
+
+Glossary:
+
+- *student*: the pruned model being trained (a copy unless ``inplace=True``).
+- *teacher*: the original model. It runs in eval mode under ``no_grad``; its weights,
+  flags and modes are never changed (a copy is moved when it sits on another device).
+- *held-out part*: a share of the training data (or ``val_data``) that decides early
+  stopping and the best epoch. It is never the split that measures a report's accuracy:
+  the caller passes training data separately.
+- *task*: ``"classification"`` (logits ``(N, C)``) or ``"causal_lm"`` (logits
+  ``(N, T, V)``: token-level KL, next-token cross-entropy on shifted labels, perplexity).
+
+The loss is ``kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight * CE(labels)``;
+the cross-entropy term is used only when the batch has labels (a causal LM's labels are
+its own input ids, shifted).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from cleanai_core.calibration import move_to, split_batch
+from cleanai_core.errors import UserError
+from cleanai_core.metrics import call_model, eval_mode
+
+__all__ = ["RecoveryResult", "distillation_loss", "evaluate_held_out", "logits_of", "recover", "split_train_data"]
+
+TASKS = ("auto", "classification", "causal_lm")
+
+
+@attrs.frozen
+class RecoveryResult:
+    """What :func:`recover` did. ``history[k]`` is the held-out metric after epoch
+    ``k + 1``; ``initial`` is the pruned model's, before training. ``best_epoch`` 0 means
+    no epoch beat the pruned model, which is then returned unchanged."""
+
+    metric: str  # "accuracy", "perplexity" or "teacher_agreement"
+    higher_is_better: bool
+    initial: float
+    history: tuple[float, ...]
+    train_loss: tuple[float, ...]
+    best_epoch: int
+    best: float
+    epochs: int
+    stopped_early: bool
+    seconds: float
+    task: str
+    train_samples: int  # len() of the training part: samples of a data set, batches of a list of batches
+    held_out_samples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self, value_serializer=lambda _i, _a, v: list(v) if isinstance(v, tuple) else v)
+
+
+# -- model outputs ---------------------------------------------------------------------------
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model output: a tensor, an object with ``.logits`` (Hugging Face),
+    a dict with ``"logits"``, or the first element of a tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        return out.logits
+    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise UserError(
+        f"cannot find logits in the model's output ({type(out).__name__}); return a tensor, an object with "
+        "`.logits`, or pass forward_fn= that returns the logits"
+    )
+
+
+def _lm_targets(inputs: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token targets and their mask ``(N, T-1)`` for a causal LM: the labels if the
+    batch has them (``-100`` ignored), else the input ids; padding masked out."""
+    ids = target if isinstance(target, torch.Tensor) else None
+    if ids is None:
+        ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        raise UserError("a causal LM needs integer input_ids (N, T) in its batches to measure next-token loss")
+    mask = ids != -100
+    if isinstance(inputs, dict) and isinstance(inputs.get("attention_mask"), torch.Tensor):
+        mask = mask & inputs["attention_mask"].bool()
+    return ids[:, 1:], mask[:, 1:]
+
+
+def _task_of(logits: torch.Tensor, task: str) -> str:
+    if task != "auto":
+        return task
+    if logits.dim() == 2:
+        return "classification"
+    if logits.dim() == 3:
+        return "causal_lm"
+    raise UserError(f"logits of shape {tuple(logits.shape)}: give task='classification' or 'causal_lm'")
+
+
+# -- loss ----------------------------------------------------------------------------------------
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    target: Any = None,
+    *,
+    task: str = "classification",
+    inputs: Any = None,
+    temperature: float = 2.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+) -> torch.Tensor:
+    """``kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight * CE``, averaged over
+    samples (classification) or over valid tokens (causal LM, logits shifted by one).
+    ``teacher_logits=None`` or ``kd_weight=0`` drops the KL term; no labels drops CE."""
+    s = student_logits.float()
+    if task == "causal_lm":
+        tgt, mask = _lm_targets(inputs, target)
+        s = s[:, :-1]
+        keep = mask.reshape(-1)
+        s = s.reshape(-1, s.shape[-1])[keep]
+        t = teacher_logits.float()[:, :-1].reshape(-1, s.shape[-1])[keep] if teacher_logits is not None else None
+        labels = tgt.reshape(-1)[keep]
+    else:
+        t = teacher_logits.float() if teacher_logits is not None else None
+        labels = target if isinstance(target, torch.Tensor) and not target.is_floating_point() else None
+    loss = s.new_zeros(())
+    if t is not None and kd_weight:
+        per = F.kl_div(
+            F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="none"
+        )
+        loss = loss + kd_weight * temperature**2 * per.sum(-1).mean()
+    if labels is not None and ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(s, labels.to(s.device))
+    return loss
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def split_train_data(
+    train_data: Any, val_data: Any, val_fraction: float, batch_size: int, seed: int
+) -> tuple[DataLoader | Any, DataLoader | Any, int, int]:
+    """``(train loader, held-out loader, train samples, held-out samples)``. A data set
+    or a DataLoader over a map-style data set is split (seeded) when no ``val_data`` is
+    given; a DataLoader keeps its batch size and collate function."""
+    if val_data is not None:
+        return _loader(train_data, batch_size, True, seed), _loader(val_data, batch_size, False, seed), \
+            _size(train_data), _size(val_data)  # fmt: skip
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (the held-out share of train_data)")
+    dataset = train_data.dataset if isinstance(train_data, DataLoader) else train_data
+    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
+        raise UserError(
+            "train_data must be a data set or a DataLoader over one (with len()), so that a held-out part can be "
+            "split from it; or pass val_data= (never the split that measures your accuracy)"
+        )
+    n = len(dataset)
+    n_val = max(1, int(round(n * val_fraction)))
+    if n - n_val < 1:
+        raise UserError(f"train_data has {n} sample(s): too few to hold out {val_fraction:.0%} for early stopping")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    train, held = Subset(dataset, perm[n_val:]), Subset(dataset, perm[:n_val])
+    bs = train_data.batch_size if isinstance(train_data, DataLoader) and train_data.batch_size else batch_size
+    collate = train_data.collate_fn if isinstance(train_data, DataLoader) else None
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        DataLoader(train, batch_size=bs, shuffle=True, generator=gen, collate_fn=collate),
+        DataLoader(held, batch_size=bs, shuffle=False, collate_fn=collate),
+        len(train),
+        len(held),
+    )
+
+
+def _loader(data: Any, batch_size: int, shuffle: bool, seed: int) -> Any:
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None)
+    return data
+
+
+def _size(data: Any) -> int:
+    data = data.dataset if isinstance(data, DataLoader) else data
+    try:
+        return len(data)
+    except TypeError:
+        return 0
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+
+
+def evaluate_held_out(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    task: str,
+    teacher: nn.Module | None = None,
+    forward_fn: Callable | None = None,
+) -> tuple[str, float]:
+    """``(metric name, value)`` of ``model`` on ``loader`` in eval mode (modes restored):
+    top-1 accuracy where labels exist, perplexity for a causal LM, else top-1 agreement
+    with ``teacher``."""
+    hits = total = 0
+    nll = tokens = 0.0
+    metric = None
+    with eval_mode(model), torch.no_grad():
+        for batch in loader:
+            inputs, target = split_batch(batch)
+            inputs = move_to(inputs, device)
+            logits = logits_of(call_model(model, inputs, forward_fn)).float()
+            if task == "causal_lm":
+                tgt, mask = _lm_targets(inputs, move_to(target, device))
+                ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), tgt.clamp(min=0), reduction="none")
+                nll += float((ce * mask).sum())
+                tokens += float(mask.sum())
+                metric = "perplexity"
+                continue
+            if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dim() == 1:
+                ref, metric = target.to(device), "accuracy"
+            elif teacher is not None:
+                with eval_mode(teacher):
+                    ref = logits_of(call_model(teacher, inputs, forward_fn)).argmax(-1)
+                metric = "teacher_agreement"
+            else:
+                raise UserError("the held-out data has no labels and there is no teacher to compare with")
+            hits += int((logits.argmax(-1) == ref).sum())
+            total += int(ref.numel())
+    if metric is None:
+        raise UserError("the held-out data is empty; give more training data or a larger val_fraction")
+    if metric == "perplexity":
+        return metric, math.exp(nll / max(tokens, 1.0))
+    return metric, hits / max(total, 1)
+
+
+# -- training ---------------------------------------------------------------------------------------------
+
+
+def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _amp_dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def recover(
+    pruned: nn.Module,
+    teacher: nn.Module | None,
+    train_data: Any,
+    *,
+    epochs: int,
+    val_data: Any = None,
+    val_fraction: float = 0.1,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    warmup_fraction: float = 0.05,
+    temperature: float = 2.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    patience: int | None = 3,
+    max_grad_norm: float | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = True,
+    task: str = "auto",
+    forward_fn: Callable | None = None,
+    inplace: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[nn.Module, RecoveryResult]:
+    """Fine-tune ``pruned`` on ``train_data``, distilling from ``teacher`` (the original).
+
+    Example::
+
+        pruned = StructuredPruner(model, x, target_flops=0.25).prune()  # after collect_activations
+        recovered, result = recover(pruned, model, train_set, epochs=10)
+        print(result.initial, "->", result.best, "at epoch", result.best_epoch)
+
+    :param pruned: the student; copied unless ``inplace=True``. Its modes are restored.
+    :param teacher: the original model; never modified. ``None``: plain fine-tuning.
+    :param train_data: a data set or DataLoader of ``(x, y)``, ``x`` or dict batches.
+        Never pass the split that measures your reported accuracy.
+    :param val_data: held-out data for early stopping; default: ``val_fraction`` of
+        ``train_data`` (seeded split, disjoint from the samples trained on).
+    :param epochs: at most this many passes over the training part.
+    :param lr, weight_decay, warmup_fraction: AdamW, linear warm-up over that share of
+        the steps, then cosine decay to zero.
+    :param temperature, kd_weight, ce_weight: the loss (see the module docstring).
+    :param patience: stop after this many epochs without a better held-out metric
+        (``None``: never). The best epoch's weights are returned.
+    :param device: default: where ``pruned`` is. On CUDA, ``amp`` runs the forward passes
+        under ``torch.autocast`` (bfloat16 where supported, else float16 with a scaler).
+    :param task: ``"auto"`` (from the logits' shape), ``"classification"``, ``"causal_lm"``.
+    :param forward_fn: ``forward_fn(model, inputs)`` when the model is not called as
+        ``model(x)`` / ``model(**x)``.
+    :returns: the recovered model and a :class:`RecoveryResult`.
+    """
+    if not isinstance(pruned, nn.Module):
+        raise UserError(f"pruned must be a torch.nn.Module, got {type(pruned).__name__}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise UserError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise UserError(f"epochs={epochs!r} must be a positive integer")
+    if task not in TASKS:
+        raise UserError(f"task={task!r}: choose one of {', '.join(TASKS)}")
+    if not lr > 0:
+        raise UserError(f"lr={lr} must be positive")
+    if temperature <= 0:
+        raise UserError(f"temperature={temperature} must be positive")
+    device = torch.device(device) if device is not None else _device_of(pruned)
+    torch.manual_seed(seed)
+    train_loader, held_loader, n_train, n_held = split_train_data(train_data, val_data, val_fraction, batch_size, seed)
+    student = pruned if inplace else copy.deepcopy(pruned)
+    student_modes = [(m, m.training) for m in student.modules()]
+    student.to(device)
+    if teacher is not None and _device_of(teacher) != device:
+        teacher = copy.deepcopy(teacher).to(device)  # the user's teacher stays where it is
+    use_amp = bool(amp) and device.type == "cuda"
+    amp_dtype = _amp_dtype() if use_amp else torch.float32
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    steps_per_epoch = len(train_loader)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(round(warmup_fraction * total))))
+
+    t0 = time.time()
+    if task == "auto":
+        first = split_batch(next(iter(held_loader)))[0]
+        with eval_mode(student), torch.no_grad():
+            task = _task_of(logits_of(call_model(student, move_to(first, device), forward_fn)), task)
+    metric, initial = evaluate_held_out(student, held_loader, device, task, teacher, forward_fn)
+    higher = metric != "perplexity"
+    best, best_epoch = initial, 0
+    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    history: list[float] = []
+    losses: list[float] = []
+    stale = 0
+    stopped_early = False
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="recovering", unit="step", disable=not progress, leave=False)
+    teacher_modes = [(m, m.training) for m in teacher.modules()] if teacher is not None else []
+    if teacher is not None:
+        teacher.eval()  # BN and dropout in inference mode; restored at the end
+    try:
+        for epoch in range(1, epochs + 1):
+            student.train()
+            running, count = 0.0, 0
+            for batch in train_loader:
+                inputs, target = split_batch(batch)
+                inputs, target = move_to(inputs, device), move_to(target, device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    t_logits = None
+                    if teacher is not None and kd_weight:
+                        with torch.no_grad():
+                            t_logits = logits_of(call_model(teacher, inputs, forward_fn))
+                    s_logits = logits_of(call_model(student, inputs, forward_fn))
+                loss = distillation_loss(
+                    s_logits, t_logits, target, task=task, inputs=inputs, temperature=temperature,
+                    kd_weight=kd_weight, ce_weight=ce_weight,
+                )  # fmt: skip
+                if not loss.requires_grad:
+                    raise UserError("nothing to train on: the batches have no labels and there is no teacher")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if max_grad_norm is not None:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(params, max_grad_norm)
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                running += float(loss.detach())
+                count += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{running / count:.4f}", **{metric: f"{best:.4f}"}, refresh=False)
+            losses.append(running / max(count, 1))
+            _, value = evaluate_held_out(student, held_loader, device, task, teacher, forward_fn)
+            history.append(value)
+            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", **{metric: f"{value:.4f}"})
+            better = (value > best) if higher else (value < best)
+            stale = 0 if better else stale + 1
+            if better or value == best:  # a tie takes the later, longer-trained epoch
+                best, best_epoch = value, epoch
+                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            if patience is not None and stale >= patience and epoch < epochs:
+                stopped_early = True
+                break
+    finally:
+        bar.close()
+        for m, mode in student_modes + teacher_modes:
+            m.training = mode
+    student.load_state_dict(best_state)
+    result = RecoveryResult(
+        metric=metric,
+        higher_is_better=higher,
+        initial=initial,
+        history=tuple(history),
+        train_loss=tuple(losses),
+        best_epoch=best_epoch,
+        best=best,
+        epochs=len(history),
+        stopped_early=stopped_early,
+        seconds=round(time.time() - t0, 3),
+        task=task,
+        train_samples=n_train,
+        held_out_samples=n_held,
+    )
+    return student, result

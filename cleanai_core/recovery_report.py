@@ -1,0 +1,122 @@
+"""The report's recovery story: Markdown section and a plot of the held-out metric per
+epoch (``recovery.png`` with matplotlib, else ``recovery.svg`` drawn here), for the
+``"recovery"`` entry that ``cleanai prune --recover-epochs`` adds to the report."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from cleanai_core.io import atomic_write_bytes, atomic_write_text
+
+__all__ = ["recovery_markdown", "recovery_summary", "write_recovery_plot"]
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _no_accuracy(rec: dict[str, Any]) -> bool:
+    return all(rec.get(k) is None for k in ("accuracy_original", "accuracy_pruned", "accuracy_recovered"))
+
+
+def recovery_summary(rec: dict[str, Any]) -> str:
+    """One line for the terminal."""
+    if _no_accuracy(rec):
+        return (
+            f"Recovery: held-out {rec['metric']} {rec['initial']:.4f} -> {rec['best']:.4f} "
+            f"({rec['epochs']} epochs, {rec['seconds']:.1f} s)"
+        )
+    gap = rec.get("gap_recovered")
+    gap_text = f", {100 * gap:.0f}% of the gap recovered" if gap is not None else ""
+    return (
+        f"Recovery: accuracy {_pct(rec.get('accuracy_original'))} original, {_pct(rec.get('accuracy_pruned'))} "
+        f"pruned, {_pct(rec.get('accuracy_recovered'))} recovered{gap_text} ({rec['epochs']} epochs, "
+        f"{rec['seconds']:.1f} s)"
+    )
+
+
+def recovery_markdown(rec: dict[str, Any], plot: str | None) -> str:
+    metric = rec["metric"]
+    lines = [
+        "| | held-out accuracy |",
+        "|---|---:|",
+        f"| original | {_pct(rec.get('accuracy_original'))} |",
+        f"| right after pruning | {_pct(rec.get('accuracy_pruned'))} |",
+        f"| after recovery | {_pct(rec.get('accuracy_recovered'))} |",
+        "",
+    ]
+    if _no_accuracy(rec):
+        lines = ["The data has no labels, so accuracy is not measured; the metric below is from training.", ""]
+    gap = rec.get("gap_recovered")
+    if gap is not None:
+        lines.append(f"Fraction of the accuracy gap recovered: **{100 * gap:.1f}%**.")
+    lines += [
+        f"Distillation from the original model for {rec['epochs']} epoch(s) in {rec['seconds']:.1f} s"
+        + (" (stopped early: no better held-out result for the patience window)" if rec.get("stopped_early") else "")
+        + f"; best epoch {rec['best_epoch']} (0 = the pruned model itself). Training data: {rec['training_data']}.",
+        "",
+        f"| epoch | training loss | {metric} on the training data's held-out part |",
+        "|---:|---:|---:|",
+        f"| 0 | | {rec['initial']:.4f} |",
+    ]
+    lines += [
+        f"| {k} | {loss:.4f} | {v:.4f} |"
+        for k, (loss, v) in enumerate(zip(rec["train_loss"], rec["history"], strict=True), start=1)
+    ]
+    if plot:
+        lines += ["", f"![held-out {metric} per epoch]({plot})"]
+    return "\n".join(lines)
+
+
+def _svg(rec: dict[str, Any]) -> str:
+    values = [rec["initial"], *rec["history"]]
+    w, h, left, top, bottom = 480, 260, 60, 30, 40
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    n = max(len(values) - 1, 1)
+    pts = [
+        (left + (w - left - 20) * k / n, top + (h - top - bottom) * (1 - (v - lo) / span)) for k, v in enumerate(values)
+    ]
+    path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{left}" y="18" font-size="13">Held-out {rec["metric"]} per epoch (0 = right after pruning)</text>',
+        f'<line x1="{left}" x2="{left}" y1="{top}" y2="{h - bottom}" stroke="#999"/>',
+        f'<line x1="{left}" x2="{w - 20}" y1="{h - bottom}" y2="{h - bottom}" stroke="#999"/>',
+        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{hi:.4g}</text>',
+        f'<text x="{left - 4}" y="{h - bottom}" text-anchor="end">{lo:.4g}</text>',
+        f'<text x="{(w + left) / 2}" y="{h - 10}" text-anchor="middle">epoch</text>',
+        f'<polyline points="{path}" fill="none" stroke="#3b75af" stroke-width="2"/>',
+    ]
+    out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#3b75af"/>' for x, y in pts]
+    bx, by = pts[rec["best_epoch"]]
+    out.append(f'<circle cx="{bx:.1f}" cy="{by:.1f}" r="5" fill="none" stroke="#d62728" stroke-width="2"/>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def write_recovery_plot(out_dir: Path, rec: dict[str, Any]) -> str:
+    """Write the plot into ``out_dir``; returns its file name."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        atomic_write_text(Path(out_dir) / "recovery.svg", _svg(rec))
+        return "recovery.svg"
+    values = [rec["initial"], *rec["history"]]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(range(len(values)), values, marker="o", color="#3b75af")
+    ax.plot([rec["best_epoch"]], [values[rec["best_epoch"]]], marker="o", ms=12, mfc="none", color="#d62728")
+    ax.set_xlabel("epoch (0 = right after pruning)")
+    ax.set_ylabel(f"held-out {rec['metric']}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(Path(out_dir) / "recovery.png", buf.getvalue())
+    return "recovery.png"

@@ -1,0 +1,128 @@
+"""Gradual pruning in the user's training loop (issue 17): the schedule, and the
+optimizer state and gradients sliced with the parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from digits_setup import accuracy, splits, trained_cnn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cleanai_core.errors import UserError
+from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+
+def test_linear_and_cubic_schedules_reach_the_final_share():
+    lin = PruningSchedule(final=0.75, steps=4, kind="linear")
+    cub = PruningSchedule(final=0.75, steps=4, start=0.1)
+    assert [lin.removed_after(k) for k in range(5)] == [0.0, 0.1875, 0.375, 0.5625, 0.75]
+    assert cub.removed_after(0) == pytest.approx(0.1)
+    assert cub.removed_after(1) == pytest.approx(0.75 - 0.65 * 0.75**3)  # fast first ...
+    assert cub.removed_after(3) == pytest.approx(0.75 - 0.65 * 0.25**3)  # ... slow last
+    assert cub.removed_after(4) == cub.removed_after(9) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("kwargs", [{"final": 1.0}, {"final": 0.5, "start": 0.6}, {"final": 0.5, "kind": "exp"},
+                                    {"final": 0.5, "steps": 0}])  # fmt: skip
+def test_bad_schedules_raise_user_errors(kwargs):
+    with pytest.raises(UserError, match="schedule"):
+        PruningSchedule(**kwargs)
+
+
+def _batches(n: int = 4):
+    x, y = splits()[0]
+    return [(x[i * 64 : (i + 1) * 64], y[i * 64 : (i + 1) * 64]) for i in range(n)]
+
+
+def _train(model, opt, batches) -> float:
+    model.train()
+    total = 0.0
+    for xb, yb in batches:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    return total / len(batches)
+
+
+def _calibration():
+    return DataLoader(TensorDataset(*splits()[1]), batch_size=100)
+
+
+@pytest.mark.parametrize(
+    ("make_opt", "keys"),
+    [
+        (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9), ("momentum_buffer",)),
+        (lambda ps: torch.optim.Adam(ps, lr=1e-3), ("exp_avg", "exp_avg_sq")),
+    ],
+)
+def test_a_step_slices_every_state_tensor_and_grad_exactly_like_its_parameter(make_opt, keys):
+    model = trained_cnn()
+    opt = make_opt(model.parameters())
+    batches = _batches()
+    _train(model, opt, batches)
+    F.cross_entropy(model(batches[0][0]), batches[0][1]).backward()  # leave gradients in place
+    # mark every state tensor and gradient as a known function of its parameter: after slicing,
+    # the same function must hold element by element on the smaller tensors
+    with torch.no_grad():
+        for p in model.parameters():
+            for i, k in enumerate(keys):
+                opt.state[p][k].copy_(p * (i + 2) + 1)
+            p.grad.copy_(p * 3 - 1)
+    steps_before = {n: opt.state[p].get("step") for n, p in model.named_parameters()}
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    gp = GradualPruner(
+        model, splits()[1][0][:2], opt, PruningSchedule(final=0.5, steps=2), ignored_layers=[model.fc],
+        bias_compensation=False, recalibrate_bn=False,  # kept parameter values stay exactly the old ones
+    )  # fmt: skip
+    same_model, same_opt = gp.step(_calibration())
+    assert same_model is model and same_opt is opt
+    params = dict(model.named_parameters())
+    assert any(params[n].shape != s for n, s in shapes.items())  # something did shrink
+    assert [id(p) for g in opt.param_groups for p in g["params"]] == [id(p) for p in params.values()]
+    for name, p in params.items():
+        state = opt.state[p]
+        for i, k in enumerate(keys):
+            assert state[k].shape == p.shape, (name, k)
+            assert torch.allclose(state[k], p * (i + 2) + 1), (name, k)
+        assert p.grad.shape == p.shape and torch.allclose(p.grad, p * 3 - 1), name
+        if steps_before[name] is not None:
+            assert float(state["step"]) == float(steps_before[name]) == 4.0  # Adam's count goes on
+    assert opt.state_dict()["state"]  # the optimizer still serialises
+
+
+def test_gradual_pruning_reaches_the_target_and_training_goes_on_without_restart():
+    torch.manual_seed(0)
+    model = trained_cnn()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    eval_d = splits()[2]
+    batches = _batches(15)
+    schedule = PruningSchedule(final=0.75, steps=3)
+    gp = GradualPruner(model, splits()[1][0][:2], opt, schedule, ignored_layers=[model.fc])
+    for _ in range(schedule.steps):
+        _train(model, opt, batches)
+        gp.step(_calibration())
+    assert gp.done and gp.flops_share() == pytest.approx(0.25, abs=0.03)
+    assert gp.step(_calibration())[0] is model and gp.steps_done == 3  # nothing more to prune
+    pruned_acc = accuracy(model, eval_d)
+    first = _train(model, opt, batches)
+    for _ in range(3):
+        last = _train(model, opt, batches)
+    assert last < 0.8 * first, (first, last)
+    assert accuracy(model, eval_d) > pruned_acc + 0.05
+    assert all(float(s["step"]) > len(batches) * 4 for s in opt.state.values())  # one optimizer throughout
+
+
+def test_a_ratio_schedule_removes_its_share_of_each_groups_channels_step_by_step():
+    model = trained_cnn()  # convs of 8, 16 and 16 channels
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    schedule = PruningSchedule(final=0.5, steps=2, kind="linear")  # 25% removed, then 50%
+    gp = GradualPruner(model, splits()[1][0][:2], opt, schedule, by="ratio", ignored_layers=[model.fc])
+    convs = [model.features[i] for i in (0, 3, 7)]
+    gp.step(_calibration())
+    assert [c.out_channels for c in convs] == [6, 12, 12]
+    gp.step(_calibration())
+    assert [c.out_channels for c in convs] == [4, 8, 8] and model.fc.in_features == 8
+    assert gp.done
