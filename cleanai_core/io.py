@@ -26,11 +26,10 @@ from torch import nn
 from cleanai_core import __version__
 from cleanai_core.errors import UserError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "load_pruned", "save_pruned"]
-
-FORMAT_VERSION = 1
 # options that shape the architecture (everything else, like data paths, is left out)
-ARCH_OPTIONS = ("num_classes", "model_kwargs")
+from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "load_pruned", "save_pruned"]
 
 
 def _umask() -> int:
@@ -115,51 +114,53 @@ def save_pruned(
     return out
 
 
-def _add_missing_parameters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Create parameters that exist in ``state`` but not in ``model`` (a ``bias`` that
-    bias compensation added to a layer built with ``bias=False``)."""
-    own = model.state_dict()
-    for key, value in state.items():
-        if key in own:
-            continue
-        mod_name, _, attr = key.rpartition(".")
-        try:
-            module = model.get_submodule(mod_name) if mod_name else model
-        except AttributeError:
-            continue
-        if getattr(module, attr, None) is None and (attr in module._parameters or attr == "bias"):
-            module.register_parameter(attr, nn.Parameter(torch.zeros_like(value)))
-
-
 def load_pruned(
-    out_dir: str | os.PathLike, map_location: str | torch.device = "cpu", trust_model: bool = False
+    out_dir: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    trust_model: bool = False,
+    trust_code: bool = False,
 ) -> nn.Module:
     """Rebuild a pruned model saved by :func:`save_pruned` (or ``cleanai prune``).
 
     Rebuilds the unpruned architecture from ``architecture.json`` (no pretrained weights are
     downloaded), replays ``history.json`` on it, then loads ``model.pt`` strictly. The model
-    is returned in eval mode. ``trust_model`` is only needed when the architecture came from
-    a pickled model file (rebuilding it unpickles that file again).
+    is returned in eval mode. Every file is checked first; a tampered or foreign folder
+    raises :class:`UserError` naming the file and the problem.
+
+    Nothing in the folder runs code unless you say so: the architecture comes from a
+    registered model source (``timm:``, ``torchvision:``, installed loader plugins).
+    ``trust_code`` allows an import spec (``package.module:factory``) and its keyword
+    arguments; ``trust_model`` allows a pickled model file (rebuilding unpickles it again).
     """
-    from cleanai_core.history import PruningHistory
     from cleanai_core.plugins import get_plugin_manager
+    from cleanai_core.saved_folder import read_architecture, read_history, read_state, replay_history
 
     out = Path(out_dir)
     for name in ("architecture.json", "history.json", "model.pt"):
         if not (out / name).is_file():
             raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")
-    arch = json.loads((out / "architecture.json").read_text())
-    if arch.get("format", 1) > FORMAT_VERSION:
-        raise UserError(f"{str(out)!r} was written by a newer CleanAI (format {arch['format']}); upgrade CleanAI.")
-    spec = arch["spec"]
-    options = dict(arch.get("options") or {})
-    options.update(pretrained=False, weights=None, trust_model=trust_model, warn_random_weights=False)
-    model = get_plugin_manager().hook.cleanai_load_model(spec=spec, options=options)
+    spec, options = read_architecture(out / "architecture.json", trust_code=trust_code)
+    history = read_history(out / "history.json")
+    options.update(
+        pretrained=False,
+        weights=None,
+        trust_model=trust_model,
+        trust_code=trust_code,
+        spec_source=str(out / "architecture.json"),
+        warn_random_weights=False,
+    )
+    pm = get_plugin_manager()
+    try:
+        model = pm.hook.cleanai_load_model(spec=spec, options=options)
+    except UserError as exc:
+        where = str(out / "architecture.json")
+        raise (exc if where in str(exc) else UserError(f"{where!r}: {exc}")) from None
     if model is None:
-        raise UserError(f"no installed loader can rebuild {spec!r}; install the plugin or package that provides it.")
-    history = PruningHistory.load(out / "history.json")
-    history.replay(model)
-    state = torch.load(out / "model.pt", map_location=map_location, weights_only=True)
-    _add_missing_parameters(model, state)
+        raise UserError(
+            f"{str(out / 'architecture.json')!r}: no installed loader can rebuild {spec!r}; install the plugin or "
+            "package that provides it."
+        )
+    replay_history(history, model, out / "history.json", pm)
+    state = read_state(out / "model.pt", model, map_location)
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval()

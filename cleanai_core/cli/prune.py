@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "covariance_rows": COVARIANCE_ROWS,
     "bn_recalibration": True,
     "trust_model": False,
+    "trust_code": False,
     "weights": None,
     "num_classes": None,
     "image_size": None,
@@ -66,6 +67,8 @@ DEFAULT_RATIO = 0.3
 
 # TOML spellings: key as in DEFAULTS, with "-" or "_"; plus the CLI's flag names
 _ALIASES = {"global": "global_pruning", "layer_ratios": "layer_ratio", "ignored_layers": "ignore"}
+# consent switches: only the command line (or an API argument) can turn them on
+TRUST_KEYS = ("trust_model", "trust_code")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -91,6 +94,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         default=S,
         help="allow loading a pickled model file (unpickling runs code from the file)",
+    )
+    g.add_argument(
+        "--trust-code",
+        action="store_true",
+        default=S,
+        help="allow package.module:callable specs read from --config (importing and calling them runs code); "
+        "specs typed on the command line need no flag",
     )
     g.add_argument(
         "--data",
@@ -225,6 +235,12 @@ def _read_toml(path: str) -> dict[str, Any]:
     for key, value in data.items():
         k = key.replace("-", "_")
         k = _ALIASES.get(k, k)
+        if k in TRUST_KEYS or k.startswith("trust"):
+            flag = "--" + k.replace("_", "-")
+            raise UserError(
+                f"config file {path!r} sets {key!r}: a config file cannot grant trust (it may come from someone "
+                f"else). Remove the key and pass {flag} on the command line if you trust the model and code it names."
+            )
         if k not in DEFAULTS or k in ("config",):
             unknown.append(key)
             continue
@@ -269,9 +285,12 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for k in ("command", "_run", "disable_plugin"):
         given.pop(k, None)
     config_file = given.pop("config", None)
+    from_config: set[str] = set()
     if config_file:
-        cfg.update(_read_toml(config_file))
+        from_file = _read_toml(config_file)
+        cfg.update(from_file)
         cfg["config"] = str(Path(config_file).resolve())
+        from_config = set(from_file) - set(given)
     cfg["layer_ratio"] = _parse_layer_ratios(cfg.get("layer_ratio"), "layer_ratio in the config")
     if "layer_ratio" in given:
         cfg["layer_ratio"].update(_parse_layer_ratios(given.pop("layer_ratio"), "--layer-ratio"))
@@ -289,6 +308,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("the config sets both ratio and target-flops; keep one.")
     if cfg.get("ratio") is None and cfg.get("target_flops") is None:
         cfg["ratio"] = DEFAULT_RATIO
+    # specs read from the config file run code only with --trust-code (see _spec_options)
+    cfg["_from_config"] = sorted(from_config & {"model", "data"})
     for key in ("model", "data") + (() if cfg.get("dry_run") else ("out",)):
         if not cfg.get(key):
             raise UserError(f"--{key} is required (on the command line or in --config).")
@@ -429,12 +450,21 @@ def _latencies(before: Any, after: Any, example: Any, repeats: int) -> tuple[flo
             per_round * LATENCY_ROUNDS)  # fmt: skip
 
 
+def _spec_options(cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    """Consent for ``--model``/``--data``: a spec typed on the command line may name code to
+    import and call; one read from ``--config`` only with ``--trust-code``."""
+    from_config = key in (cfg.get("_from_config") or ())
+    source = f"{key} in config file {cfg.get('config')!r}" if from_config else f"--{key}"
+    return {"trust_code": bool(cfg.get("trust_code")) or not from_config, "spec_source": source}
+
+
 def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "weights": cfg.get("weights"),
         "trust_model": bool(cfg.get("trust_model")),
         "num_classes": cfg.get("num_classes"),
         "pretrained": False,
+        **_spec_options(cfg, "model"),
     }
 
 
@@ -453,7 +483,7 @@ def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
         raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {MODEL_FORMS}.")
     model = model.eval().to(cfg["device"])
     dataset = pm.hook.cleanai_load_dataset(
-        spec=cfg["data"], options={"model": model, "image_size": cfg.get("image_size")}
+        spec=cfg["data"], options={"model": model, "image_size": cfg.get("image_size"), **_spec_options(cfg, "data")}
     )
     if dataset is None:
         raise UserError(

@@ -3,7 +3,10 @@
 Model specs (``--model``):
 
 - ``timm:NAME`` and ``torchvision:NAME`` (architecture; weights from ``--weights FILE``),
-- ``package.module:factory`` (a callable returning an ``nn.Module``),
+- ``package.module:factory`` (a callable returning an ``nn.Module``), only when
+  ``options["trust_code"]`` is true: importing and calling it runs code. The command line
+  sets it for a spec typed there; a spec read from a config file or a saved folder needs
+  ``--trust-code`` / ``trust_code=True``,
 - a whole pickled model file (``torch.save(model, path)``), only with ``--trust-model``,
   because unpickling runs code stored in the file.
 
@@ -12,7 +15,8 @@ Data specs (``--data``):
 - an image folder with one sub-folder per class (torchvision's ``ImageFolder``),
 - a ``.pt`` tensor file: ``(x, y)``, ``{"x": ..., "y": ...}``, a tensor, or a ``TensorDataset``,
 - an ``.npz`` file with arrays ``x`` (and optionally ``y``),
-- ``package.module:function`` returning a ``torch.utils.data.Dataset``.
+- ``package.module:function`` returning a ``torch.utils.data.Dataset`` (only with
+  ``options["trust_code"]``, as for models).
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
+from cleanai_core.saved_folder import state_dict_problems
 
 __all__ = [
     "LabelledTensors",
     "build_model",
+    "call_spec",
+    "finish_model",
     "load_dataset",
     "load_state_dict_file",
     "read_npz",
@@ -78,6 +85,36 @@ def _import_attr(spec: str, what: str) -> Any:
     return obj
 
 
+def _require_trust(spec: str, what: str, options: dict[str, Any], kwargs: dict[str, Any] | None = None) -> None:
+    """Refuse to import and call ``spec`` unless the caller said it trusts code."""
+    if options.get("trust_code"):
+        return
+    source = f" (from {options['spec_source']})" if options.get("spec_source") else ""
+    extra = f" with keyword arguments {sorted(kwargs)}" if kwargs else ""
+    raise UserError(
+        f"{what} {spec!r}{source} is an import spec: using it imports {spec.partition(':')[0]!r} and calls "
+        f"{spec.partition(':')[2]!r}{extra}, which runs code. Only registered sources (timm:NAME, torchvision:NAME, "
+        "installed loader plugins) are used without consent. If you trust it, pass trust_code=True (command line: "
+        "--trust-code)."
+    )
+
+
+def call_spec(spec: str, what: str, kwargs: dict[str, Any], options: dict[str, Any]) -> Any:
+    """Import ``package.module:callable`` and call it with ``kwargs``, after checking
+    ``options["trust_code"]``. Errors in the call (and ``sys.exit``) become a ``UserError``."""
+    _require_trust(spec, what, options, kwargs)
+    fn = _import_attr(spec, what)
+    args = ", ".join(f"{k}=..." for k in kwargs)
+    try:
+        return fn(**kwargs)
+    except UserError:
+        raise
+    except SystemExit as exc:
+        raise UserError(f"{what} {spec}({args}) called sys.exit({exc.code!r}) instead of returning a value.") from None
+    except Exception as exc:
+        raise UserError(f"calling {what} {spec}({args}) failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -117,22 +154,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
     state = load_state_dict_file(weights)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and own[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
-        if mismatched:
-            parts.append(f"shape mismatch: {mismatched[:3]}")
+    parts = state_dict_problems(model.state_dict(), state)
+    if parts:
         raise UserError(
             f"the weights in {weights!r} do not fit {spec!r}: " + "; ".join(parts) + ". "
             "Use the architecture the weights were trained with (and --num-classes if the head differs)."
@@ -227,15 +250,17 @@ def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
             _apply_weights(model, options["weights"], spec)
         return model
     elif _FACTORY_RE.match(spec) and not spec.startswith(("timm:", "torchvision:")):
-        factory = _import_attr(spec, "model factory")
-        try:
-            model = factory(**kwargs)
-        except TypeError as exc:
-            raise UserError(f"calling {spec}({', '.join(f'{k}=...' for k in kwargs)}) failed: {exc}") from exc
+        model = call_spec(spec, "model factory", kwargs, options)
         if not isinstance(model, nn.Module):
             raise UserError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module.")
     else:
         return None
+    return finish_model(model, spec, options)
+
+
+def finish_model(model: nn.Module, spec: str, options: dict[str, Any]) -> nn.Module:
+    """Load ``options["weights"]`` into a freshly built model (or warn that its weights
+    are random); shared by every model source."""
     if options.get("weights"):
         _apply_weights(model, options["weights"], spec)
     elif options.get("warn_random_weights", True) and not options.get("pretrained"):
@@ -428,8 +453,7 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
             return _from_tensors(arrays["x"], arrays.get("y"), spec)
         raise UserError(f"data file {spec!r}: {suffix or 'no extension'} is not supported; give {DATA_FORMS}.")
     if _FACTORY_RE.match(spec):
-        fn = _import_attr(spec, "data function")
-        ds = fn()
+        ds = call_spec(spec, "data function", {}, options)
         if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
             raise UserError(f"{spec} returned a {type(ds).__name__}, not a map-style torch Dataset.")
         return ds
