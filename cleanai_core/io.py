@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from torch import nn
 
 from cleanai_core import __version__
 from cleanai_core.errors import UserError
+from cleanai_core.out_folder import TrackedWriter, current_umask, snapshot, staged_folder, target_of
 
 # options that shape the architecture (everything else, like data paths, is left out)
 from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION
@@ -32,21 +34,21 @@ from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION
 __all__ = ["atomic_write_bytes", "atomic_write_text", "load_pruned", "save_pruned"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            write(fh)
+            writer = TrackedWriter(fh)
+            try:
+                write(writer)
+            except RuntimeError:
+                if writer.error is not None:  # torch.save wraps the real error (ENOSPC, an interrupt)
+                    raise writer.error from None
+                raise
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -77,6 +79,9 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
+OWN_FILES = ("model.pt", "history.json", "architecture.json", "model_full.pt")
+
+
 def save_pruned(
     out_dir: str | os.PathLike,
     model: nn.Module,
@@ -87,31 +92,64 @@ def save_pruned(
     example_input_shape: list[int] | tuple[int, ...] | None = None,
 ) -> Path:
     """Write ``model.pt``, ``history.json`` and ``architecture.json`` (and ``model_full.pt``
-    with ``save_pickle``) into ``out_dir`` (created if missing), each file atomically.
+    with ``save_pickle``) into ``out_dir``, atomically as a whole: the files are written to a
+    staged folder that then replaces ``out_dir`` (created if missing). Other files already in
+    ``out_dir`` are kept; an interrupt or a full disk leaves ``out_dir`` as it was.
 
     :param spec: how to rebuild the unpruned architecture: a ``--model`` spec such as
         ``timm:resnet18``, ``torchvision:resnet18`` or ``package.module:factory``.
     :param options: loader options that shape the architecture (``num_classes``...).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    options = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(out / "model.pt", lambda fh: torch.save(state, fh))
-    hist = history.to_json() if hasattr(history, "to_json") else history
-    atomic_write_text(out / "history.json", _json(hist))
-    arch = {
-        "format": FORMAT_VERSION,
-        "cleanai_version": __version__,
-        "spec": spec,
-        "options": options,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "example_input_shape": list(example_input_shape) if example_input_shape is not None else None,
-    }
-    atomic_write_text(out / "architecture.json", _json(arch))
-    if save_pickle:
-        _atomic(out / "model_full.pt", lambda fh: torch.save(model, fh))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{str(out)!r} is a file; give a folder path to save_pruned().")
+    target = target_of(out)
+    before = snapshot(target)
+
+    def unchanged() -> None:
+        if snapshot(target) != before:
+            raise UserError(f"{str(out)!r} changed while the model was being saved; nothing was replaced. Save again.")
+
+    with staged_folder(out, check=unchanged) as tmp:
+        options = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        _atomic(tmp / "model.pt", lambda fh: torch.save(state, fh))
+        hist = history.to_json() if hasattr(history, "to_json") else history
+        atomic_write_text(tmp / "history.json", _json(hist))
+        arch = {
+            "format": FORMAT_VERSION,
+            "cleanai_version": __version__,
+            "spec": spec,
+            "options": options,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "example_input_shape": list(example_input_shape) if example_input_shape is not None else None,
+        }
+        atomic_write_text(tmp / "architecture.json", _json(arch))
+        if save_pickle:
+            _atomic(tmp / "model_full.pt", lambda fh: torch.save(model, fh))
+        if before:
+            _carry_over(target, tmp, skip=OWN_FILES)
     return out
+
+
+def _carry_over(src: Path, dst: Path, skip: tuple[str, ...]) -> None:
+    """Hard-link (or copy) every entry of ``src`` except ``skip`` into ``dst``."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    for p in src.iterdir():
+        if p.name in skip:
+            continue
+        if p.is_symlink():
+            os.symlink(os.readlink(p), dst / p.name)
+        elif p.is_dir():
+            shutil.copytree(p, dst / p.name, symlinks=True, copy_function=link)
+        else:
+            link(str(p), str(dst / p.name))
 
 
 def load_pruned(

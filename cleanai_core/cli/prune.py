@@ -14,8 +14,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -350,13 +348,32 @@ def _is_within(path: Path, folder: Path) -> bool:
         return False
 
 
+def _spec_sources(spec: str | None) -> list[str]:
+    """Files an import spec ``package.module:callable`` would be imported from, found on
+    ``sys.path`` without importing anything."""
+    import re
+    import sys
+
+    if not spec or not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", spec):
+        return []
+    top = spec.partition(":")[0].split(".")[0]
+    found = []
+    for entry in sys.path:
+        base = Path(entry or ".")
+        for cand in (base / top, base / f"{top}.py"):
+            if cand.exists():
+                found.append(str(cand))
+    return found
+
+
 def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_marker: str | None = None) -> None:
-    """Refuse an existing non-empty folder unless ``overwrite``; never one holding inputs."""
+    """Refuse an existing non-empty folder unless ``overwrite``; never one holding inputs
+    (files, folders, or the source of a ``package.module:factory`` spec)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a folder path.")
     if out.exists() and (_is_within(Path.cwd(), out) or out.resolve() == Path.home().resolve()):
         raise UserError(f"--out {str(out)!r} is the current folder, a parent of it or your home; give a new folder.")
-    for item in inputs:
+    for item in [p for spec in inputs for p in [spec, *_spec_sources(spec)]]:
         if not item or not Path(item).exists():
             continue
         if _is_within(Path(item), out):
@@ -370,26 +387,37 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_mark
             raise UserError(f"--out {str(out)!r} exists and is not empty; choose a new folder or add --overwrite.")
 
 
-@contextlib.contextmanager
-def staged_dir(out: Path):
-    """Yield a temporary folder next to ``out``; on success it replaces ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _guard_out(out: Path, stack: contextlib.ExitStack) -> Any:
+    """Lock ``out``, probe that it can be written and remember what it holds; returns the
+    check to run at the moment of the commit."""
+    from cleanai_core.out_folder import folder_lock, snapshot, target_of, write_probe
+
+    stack.enter_context(folder_lock(out))
+    write_probe(out)
+    target = target_of(out)
+    start = snapshot(target)
+
+    def check() -> None:
+        import sys
+
+        now = snapshot(target)
+        if now != start:
+            changed = sorted(set(now or {}) ^ set(start or {})) or sorted(now or {})
+            raise UserError(
+                f"while this run was going, --out {str(out)!r} changed ({', '.join(changed[:5]) or 'replaced'}); "
+                "nothing in it was deleted and the result was not written. Use a folder nobody else writes to, "
+                "and run again."
+            )
+        if start:
+            used = [m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
+            inside = [f for f in used if _is_within(Path(f), target)]
+            if inside:
+                raise UserError(
+                    f"--out {str(out)!r} holds code this run imported ({inside[0]!r}); replacing the folder would "
+                    "delete it. Choose another --out."
+                )
+
+    return check
 
 
 # ---------------------------------------------------------------------------
@@ -514,21 +542,32 @@ def execute(
 
     ``model``/``dataset`` may be given directly (``cleanai demo``); ``cfg['model']`` must
     then still be a spec that rebuilds the architecture."""
+    quiet = bool(cfg.get("quiet"))
+    logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
+    out = Path(cfg["out"]) if cfg.get("out") else None
+    user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config")]
+    with contextlib.ExitStack() as guard:
+        check_at_commit = None
+        if out is not None and not cfg.get("dry_run"):
+            check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
+            check_at_commit = _guard_out(out, guard)
+        return _execute(cfg, model, dataset, spec_options, out, check_at_commit)
+
+
+def _execute(
+    cfg: dict[str, Any], model: Any, dataset: Any, spec_options: dict[str, Any] | None, out: Path | None, check: Any
+) -> dict[str, Any] | None:
     from torch.utils.data import DataLoader
 
     from cleanai_core import io as cio
     from cleanai_core.metrics import count_flops, count_params
+    from cleanai_core.out_folder import staged_folder
     from cleanai_core.plugins import get_plugin_manager
     from cleanai_core.pruner import StructuredPruner
     from cleanai_core.report import headline_text, write_report
     from cleanai_core.scoring import get_importance
 
     quiet = bool(cfg.get("quiet"))
-    logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
-    out = Path(cfg["out"]) if cfg.get("out") else None
-    user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config")]
-    if out is not None and not cfg.get("dry_run"):
-        check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
     torch.manual_seed(int(cfg["seed"]))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -627,7 +666,7 @@ def execute(
     if cfg.get("num_classes") is not None:
         arch_options.setdefault("num_classes", cfg["num_classes"])
     resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    with staged_dir(out) as tmp:
+    with staged_folder(out, check=check) as tmp:
         spec = str(Path(cfg["model"]).resolve()) if Path(cfg["model"]).is_file() else cfg["model"]
         cio.save_pruned(
             tmp,
