@@ -449,6 +449,14 @@ def _has_labels(dataset: Any) -> bool:
     return isinstance(item, (tuple, list)) and len(item) >= 2
 
 
+def _accuracy_note(note: str | None, *results: dict[str, Any] | None) -> str | None:
+    """Why the report has no accuracy (``None`` when it has one)."""
+    if note or all(r and r.get("accuracy") is not None for r in results):
+        return note
+    notes = [r.get("accuracy_note") for r in results if r and r.get("accuracy_note")]
+    return notes[0] if notes else "no installed evaluator measures this model's output"
+
+
 def _evaluate(pm: Any, model: Any, loader: Any, device: torch.device) -> dict[str, float] | None:
     if loader is None:
         return None
@@ -582,10 +590,11 @@ def _execute(
     bs = int(cfg["batch_size"])
     calib_loader = DataLoader(calib, batch_size=bs, shuffle=False)
     eval_loader = DataLoader(held, batch_size=bs, shuffle=False) if held is not None and _has_labels(held) else None
+    accuracy_note = None
     if held is None:
-        log.warning("--calib-fraction 1: all data scores channels, so no accuracy is reported.")
+        accuracy_note = "--calib-fraction 1: all data scores channels, none is left to measure accuracy"
     elif eval_loader is None:
-        log.info("the data has no labels: accuracy is not measured.")
+        accuracy_note = "the data has no labels"
     example = _to(_first_input(calib), device)
     try:
         with torch.no_grad():
@@ -650,6 +659,7 @@ def _execute(
         },
         "accuracy_before": before_acc.get("accuracy") if before_acc else None,
         "accuracy_after": after_acc.get("accuracy") if after_acc else None,
+        "accuracy_note": _accuracy_note(accuracy_note, before_acc, after_acc),
         "calibration_samples": len(calib),
         "evaluation_samples": len(held) if held is not None else 0,
         "input_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
@@ -683,6 +693,8 @@ def _execute(
         report = write_report(tmp, report)
     if True:  # the headline is the result: printed even with --quiet
         print(headline_text(report))
+        if report["accuracy_note"]:
+            print(f"Accuracy not measured: {report['accuracy_note']}.")
         print(
             f"wrote {out}/: model.pt, history.json, architecture.json, config.json, report.json, report.md, "
             f"{report['plot']}" + (", model_full.pt" if cfg.get("save_pickle") else "")
