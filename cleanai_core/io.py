@@ -26,7 +26,7 @@ from torch import nn
 
 from cleanai_core import __version__
 from cleanai_core.errors import UserError
-from cleanai_core.out_folder import TrackedWriter, current_umask, snapshot, staged_folder, target_of
+from cleanai_core.out_folder import INSIDE, TrackedWriter, current_umask, snapshot, staged_folder, target_of
 
 # options that shape the architecture (everything else, like data paths, is left out)
 from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION
@@ -142,7 +142,7 @@ def _carry_over(src: Path, dst: Path, skip: tuple[str, ...]) -> None:
             shutil.copy2(a, b)
 
     for p in src.iterdir():
-        if p.name in skip:
+        if p.name in skip or p.name.startswith(INSIDE):
             continue
         if p.is_symlink():
             os.symlink(os.readlink(p), dst / p.name)

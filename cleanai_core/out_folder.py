@@ -39,6 +39,8 @@ __all__ = [
     "commit_folder",
     "current_umask",
     "folder_lock",
+    "home_of",
+    "is_mount",
     "os_error",
     "signals_deferred",
     "snapshot",
@@ -49,6 +51,7 @@ __all__ = [
 
 Snapshot = dict[str, tuple[int, int, int]] | None
 _HELD = (signal.SIGINT, signal.SIGTERM)
+INSIDE = ".cleanai."  # prefix of our own entries inside a mount-point target
 
 _CAUSES = {
     errno.ENOSPC: "the disk is full",
@@ -70,6 +73,21 @@ def os_error(exc: OSError, folder: Path, doing: str = "write the result to") -> 
         f"cannot {doing} {str(folder)!r}: {cause}{where}. Nothing was changed there; free space, fix the "
         "permissions or choose another folder with --out."
     )
+
+
+def is_mount(target: Path) -> bool:
+    """Whether ``target`` is a folder on another device than its parent (a mount point,
+    such as a container volume): it cannot be renamed, so work happens inside it."""
+    try:
+        return target.is_dir() and target.stat().st_dev != target.parent.stat().st_dev
+    except OSError:
+        return False
+
+
+def home_of(target: Path) -> tuple[Path, str]:
+    """Where the staged folder, the probe and the lock go, and their name prefix: next to
+    ``target`` (``.NAME.``), or inside it when it is a mount point (``.cleanai.``)."""
+    return (target, INSIDE) if is_mount(target) else (target.parent, f".{target.name}.")
 
 
 def target_of(out: Path) -> Path:
@@ -106,6 +124,9 @@ def snapshot(folder: Path) -> Snapshot:
         return None
     out: dict[str, tuple[int, int, int]] = {}
     for root, dirs, files in os.walk(folder):
+        if Path(root) == folder:
+            dirs[:] = [d for d in dirs if not d.startswith(INSIDE)]
+            files = [f for f in files if not f.startswith(INSIDE)]
         for name in dirs + files:
             p = Path(root) / name
             st = p.lstat()
@@ -132,7 +153,8 @@ def write_probe(out: Path) -> None:
     created: list[Path] = []
     try:
         created = _made_parents(target)
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.probe-", dir=target.parent)
+        home, prefix = home_of(target)
+        fd, probe = tempfile.mkstemp(prefix=f"{prefix}probe-", dir=home)
         try:
             os.write(fd, b"\0" * 4096)
             os.fsync(fd)
@@ -155,7 +177,8 @@ def folder_lock(out: Path) -> Iterator[None]:
     import fcntl
 
     target = target_of(out)
-    lock = target.parent / f".{target.name}.lock"
+    home, prefix = home_of(target)
+    lock = home / f"{prefix}lock"
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -201,14 +224,14 @@ def _replace_contents(staged: Path, target: Path) -> None:
     for name in sorted(new):
         src, dst = staged / name, target / name
         if src.is_dir() and dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{name}.swap.old-", dir=target))
+            old = Path(tempfile.mkdtemp(prefix=f"{INSIDE}swap.old-", dir=target))
             os.replace(dst, old / "x")
             os.replace(src, dst)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(src, dst)
     for p in list(target.iterdir()):
-        if p.name not in new:
+        if p.name not in new and not p.name.startswith(INSIDE):
             _remove(p)
     staged.rmdir()
 
@@ -219,6 +242,9 @@ def commit_folder(staged: Path, out: Path) -> None:
     The target keeps its permissions. On any failure the target is as before and the
     staged folder is left for the caller to remove."""
     target = target_of(out)
+    if staged.parent == target:  # staged inside a mount point
+        _replace_contents(staged, target)
+        return
     if not target.exists():
         os.rename(staged, target)  # an empty folder created meanwhile is replaced; a full one: ENOTEMPTY
         return
@@ -255,7 +281,8 @@ def staged_folder(out: Path, check: Callable[[], None] | None = None, mode: int 
         tmp = None
         try:
             _made_parents(target)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            home, prefix = home_of(target)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}tmp-", dir=home))
             os.chmod(tmp, 0o777 & ~current_umask() if mode is None else mode)
         except BaseException as exc:
             if tmp is not None:

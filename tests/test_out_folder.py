@@ -223,6 +223,28 @@ def test_a_symlinked_out_stays_a_link_and_an_existing_folder_keeps_its_mode(ws):
     assert litter(ws) == []
 
 
+@pytest.mark.parametrize("previous", [True, False])
+def test_a_mount_point_out_is_filled_in_place(ws, monkeypatch, previous):
+    """A container volume as --out: it cannot be renamed and its parent may be another
+    file system, so the staged folder and the lock live inside it."""
+    (ws / "out").mkdir()
+    if previous:
+        assert prune("--overwrite") == 0
+    inode = (ws / "out").stat().st_ino
+    monkeypatch.setattr(out_folder, "is_mount", lambda target: Path(target) == ws / "out")
+    real = os.rename
+
+    def rename(src, dst, *a, **k):
+        assert Path(src) != ws / "out", "renamed the mount point"
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "rename", rename)
+    assert prune("--overwrite", "--ratio", "0.5") == 0
+    assert (ws / "out").stat().st_ino == inode and set(tree(ws / "out")) == RESULT
+    assert '"pruning_ratio": 0.5' in (ws / "out" / "report.json").read_text()
+    assert litter(ws) == []
+
+
 # ---------------------------------------------------------------------------
 # save_pruned and the commit, with faults injected at every write step
 # ---------------------------------------------------------------------------
