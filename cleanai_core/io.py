@@ -110,7 +110,7 @@ def save_pruned(
         if snapshot(target) != before:
             raise UserError(f"{str(out)!r} changed while the model was being saved; nothing was replaced. Save again.")
 
-    with staged_folder(out, check=unchanged) as tmp:
+    with staged_folder(out, check=unchanged, expected=before) as tmp:
         options = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         _atomic(tmp / "model.pt", lambda fh: torch.save(state, fh))

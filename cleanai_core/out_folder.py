@@ -52,6 +52,7 @@ __all__ = [
 Snapshot = dict[str, tuple[int, int, int]] | None
 _HELD = (signal.SIGINT, signal.SIGTERM)
 INSIDE = ".cleanai."  # prefix of our own entries inside a mount-point target
+UNCHECKED = object()  # commit without comparing the old content with a snapshot
 
 _CAUSES = {
     errno.ENOSPC: "the disk is full",
@@ -216,11 +217,13 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def _replace_contents(staged: Path, target: Path) -> None:
+def _replace_contents(staged: Path, target: Path, expected: Any = UNCHECKED) -> None:
     """Fallback commit for a target that cannot be renamed (a mount point): move each
     entry of ``staged`` into ``target`` with ``os.replace`` and drop entries that are not
-    in ``staged``. The folder itself (and its permissions) stays."""
+    in ``staged`` (only those in ``expected``, the snapshot taken at the start, when one is
+    given). The folder itself (and its permissions) stays."""
     new = {p.name for p in staged.iterdir()}
+    ours = None if expected is UNCHECKED else {k.split(os.sep)[0] for k in expected or {}}
     for name in sorted(new):
         src, dst = staged / name, target / name
         if src.is_dir() and dst.exists():
@@ -231,19 +234,20 @@ def _replace_contents(staged: Path, target: Path) -> None:
         else:
             os.replace(src, dst)
     for p in list(target.iterdir()):
-        if p.name not in new and not p.name.startswith(INSIDE):
+        if p.name not in new and not p.name.startswith(INSIDE) and (ours is None or p.name in ours):
             _remove(p)
     staged.rmdir()
 
 
-def commit_folder(staged: Path, out: Path) -> None:
+def commit_folder(staged: Path, out: Path, expected: Any = UNCHECKED) -> None:
     """Make ``staged`` the content of ``out``'s target (call under :func:`signals_deferred`).
 
-    The target keeps its permissions. On any failure the target is as before and the
-    staged folder is left for the caller to remove."""
+    The target keeps its permissions. With ``expected`` (a :func:`snapshot`), the old
+    content is compared once it is moved aside, and put back if it changed since. On any
+    failure the target is as before and the staged folder is left for the caller to remove."""
     target = target_of(out)
     if staged.parent == target:  # staged inside a mount point
-        _replace_contents(staged, target)
+        _replace_contents(staged, target, expected)
         return
     if not target.exists():
         os.rename(staged, target)  # an empty folder created meanwhile is replaced; a full one: ENOTEMPTY
@@ -256,9 +260,15 @@ def commit_folder(staged: Path, out: Path) -> None:
         except OSError as exc:
             if exc.errno in (errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES, errno.EINVAL):
                 old.rmdir()
-                _replace_contents(staged, target)
+                _replace_contents(staged, target, expected)
                 return
             raise
+        if expected is not UNCHECKED and snapshot(old / "x") != expected:
+            os.rename(old / "x", target)  # written to after the last check: put back, untouched
+            raise UserError(
+                f"{str(out)!r} changed at the moment the result was to replace it; nothing in it was deleted and "
+                "the result was not written. Use a folder nobody else writes to, and run again."
+            )
         try:
             os.rename(staged, target)
         except BaseException:
@@ -272,10 +282,13 @@ def commit_folder(staged: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, check: Callable[[], None] | None = None, mode: int | None = None) -> Iterator[Path]:
+def staged_folder(
+    out: Path, check: Callable[[], None] | None = None, mode: int | None = None, expected: Any = UNCHECKED
+) -> Iterator[Path]:
     """Yield a new staged folder next to ``out``'s target; when the block succeeds, run
-    ``check`` (which may refuse) and commit. On any failure or interrupt the staged folder
-    is removed and the target is left as it was; an ``OSError`` becomes a :class:`UserError`."""
+    ``check`` (which may refuse) and commit (``expected``: see :func:`commit_folder`). On
+    any failure or interrupt the staged folder is removed and the target is left as it
+    was; an ``OSError`` becomes a :class:`UserError`."""
     target = target_of(out)
     with signals_deferred():
         tmp = None
@@ -296,7 +309,7 @@ def staged_folder(out: Path, check: Callable[[], None] | None = None, mode: int 
         with signals_deferred():
             if check is not None:
                 check()
-            commit_folder(tmp, out)
+            commit_folder(tmp, out, expected)
             committed = True
     except BaseException as exc:
         if committed:  # an interrupt held back during the commit: the result is complete

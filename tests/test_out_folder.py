@@ -153,10 +153,10 @@ def test_a_signal_during_the_run_leaves_the_previous_result_and_no_litter(ws, mo
     else:
         real = out_folder.commit_folder
 
-        def commit(staged, out):
+        def commit(staged, out, expected=out_folder.UNCHECKED):
             if Path(out).name != "out":
                 os.kill(os.getpid(), signum)
-            real(staged, out)
+            real(staged, out, expected)
 
         monkeypatch.setattr(out_folder, "commit_folder", commit)
     rc = prune("--overwrite", "--ratio", "0.5")
@@ -169,16 +169,42 @@ def test_a_signal_during_the_swap_is_held_until_the_result_is_complete(ws, monke
     assert prune() == 0
     real = out_folder.commit_folder
 
-    def commit(staged, out):
+    def commit(staged, out, expected=out_folder.UNCHECKED):
         if Path(out).name == "out":  # the swap into --out (not save_pruned's into the staged folder)
             os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the swap
-        real(staged, out)
+        real(staged, out, expected)
 
     monkeypatch.setattr(out_folder, "commit_folder", commit)
     assert prune("--overwrite", "--ratio", "0.5") == 143
     assert "complete result was written" in capsys.readouterr().err
     report = (ws / "out" / "report.json").read_text()
     assert '"pruning_ratio": 0.5' in report and set(tree(ws / "out")) == RESULT
+    assert litter(ws) == []
+
+
+@pytest.mark.parametrize("mount", [False, True])
+def test_a_file_added_after_the_last_check_is_put_back_not_deleted(ws, monkeypatch, capsys, mount):
+    """The race between the final check and the swap: the old folder is compared again
+    once it is moved aside (or, in a mount point, only entries it held at the start go)."""
+    assert prune() == 0
+    old = tree(ws / "out")
+    if mount:
+        monkeypatch.setattr(out_folder, "is_mount", lambda target: Path(target) == ws / "out")
+    real = out_folder.commit_folder
+
+    def commit(staged, out, expected=out_folder.UNCHECKED):
+        if Path(out).name == "out":
+            (ws / "out" / "late.txt").write_text("just in time")
+        real(staged, out, expected)
+
+    monkeypatch.setattr(out_folder, "commit_folder", commit)
+    rc = prune("--overwrite", "--ratio", "0.5")
+    now = tree(ws / "out")
+    assert now.pop("late.txt") == hashlib.sha256(b"just in time").hexdigest()
+    if mount:  # filled in place: the new result, and the late file kept beside it
+        assert rc == 0 and set(now) == RESULT
+    else:
+        assert rc == 2 and now == old and "changed at the moment" in capsys.readouterr().err
     assert litter(ws) == []
 
 

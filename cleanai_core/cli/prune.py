@@ -387,9 +387,9 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_mark
             raise UserError(f"--out {str(out)!r} exists and is not empty; choose a new folder or add --overwrite.")
 
 
-def _guard_out(out: Path, stack: contextlib.ExitStack) -> Any:
+def _guard_out(out: Path, stack: contextlib.ExitStack) -> tuple[Any, Any]:
     """Lock ``out``, probe that it can be written and remember what it holds; returns the
-    check to run at the moment of the commit."""
+    check to run at the moment of the commit and the snapshot it compares with."""
     from cleanai_core.out_folder import folder_lock, snapshot, target_of, write_probe
 
     stack.enter_context(folder_lock(out))
@@ -417,7 +417,7 @@ def _guard_out(out: Path, stack: contextlib.ExitStack) -> Any:
                     "delete it. Choose another --out."
                 )
 
-    return check
+    return check, start
 
 
 # ---------------------------------------------------------------------------
@@ -555,15 +555,20 @@ def execute(
     out = Path(cfg["out"]) if cfg.get("out") else None
     user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config")]
     with contextlib.ExitStack() as guard:
-        check_at_commit = None
+        at_commit = (None, None)
         if out is not None and not cfg.get("dry_run"):
             check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
-            check_at_commit = _guard_out(out, guard)
-        return _execute(cfg, model, dataset, spec_options, out, check_at_commit)
+            at_commit = _guard_out(out, guard)
+        return _execute(cfg, model, dataset, spec_options, out, at_commit)
 
 
 def _execute(
-    cfg: dict[str, Any], model: Any, dataset: Any, spec_options: dict[str, Any] | None, out: Path | None, check: Any
+    cfg: dict[str, Any],
+    model: Any,
+    dataset: Any,
+    spec_options: dict[str, Any] | None,
+    out: Path | None,
+    at_commit: tuple[Any, Any],
 ) -> dict[str, Any] | None:
     from torch.utils.data import DataLoader
 
@@ -676,7 +681,7 @@ def _execute(
     if cfg.get("num_classes") is not None:
         arch_options.setdefault("num_classes", cfg["num_classes"])
     resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    with staged_folder(out, check=check) as tmp:
+    with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:
         spec = str(Path(cfg["model"]).resolve()) if Path(cfg["model"]).is_file() else cfg["model"]
         cio.save_pruned(
             tmp,
