@@ -206,8 +206,14 @@ def cleanai_load_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
     when the spec is not yours. Raise :class:`cleanai_core.errors.UserError` with a clear
     message when it is yours but wrong. Stops at first non-None result.
 
-    :param spec: the ``--model`` string.
+    :param spec: the ``--model`` string (or the ``spec`` of a saved folder's
+        ``architecture.json``).
     :param options: resolved CLI options (``weights``, ``trust_model``, ``num_classes``...).
+        ``trust_code`` is true only when the caller consents to importing and calling code
+        that the spec names (a spec typed on the command line, ``--trust-code``,
+        ``load_pruned(..., trust_code=True)``); ``spec_source`` says where the spec came
+        from, for messages. A loader that resolves names it registered itself needs no
+        consent; one that imports what the spec names must refuse without ``trust_code``.
     """
 
 
@@ -218,14 +224,16 @@ def cleanai_load_dataset(spec: str, options: dict[str, Any]) -> Any | None:
     ``None`` when the spec is not yours. Stops at first non-None result.
 
     :param spec: the ``--data`` string.
-    :param options: resolved CLI options (``model``, ``image_size``...).
+    :param options: resolved CLI options (``model``, ``image_size``, ``trust_code`` and
+        ``spec_source`` as for :func:`cleanai_load_model`).
     """
 
 
 @hookspec(firstresult=True)
 def cleanai_evaluate(model: nn.Module, loader: Any, device: torch.device) -> dict[str, float] | None:
-    """Evaluate a model on labelled data; return metrics such as ``{"accuracy": 0.93}``
-    or ``None`` when not applicable. Stops at first non-None result."""
+    """Evaluate a model on labelled data; return metrics such as ``{"accuracy": 0.93}``,
+    ``{"accuracy_note": "why accuracy does not apply"}`` (shown to the user and kept in
+    ``report.json``), or ``None`` when not yours. Stops at first non-None result."""
 
 
 @hookspec

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,18 +26,12 @@ from torch import nn
 
 from cleanai_core import __version__
 from cleanai_core.errors import UserError
+from cleanai_core.out_folder import INSIDE, TrackedWriter, current_umask, snapshot, staged_folder, target_of
+
+# options that shape the architecture (everything else, like data paths, is left out)
+from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "load_pruned", "save_pruned"]
-
-FORMAT_VERSION = 1
-# options that shape the architecture (everything else, like data paths, is left out)
-ARCH_OPTIONS = ("num_classes", "model_kwargs")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _atomic(path: Path, write) -> None:
@@ -44,10 +39,16 @@ def _atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            write(fh)
+            writer = TrackedWriter(fh)
+            try:
+                write(writer)
+            except RuntimeError:
+                if writer.error is not None:  # torch.save wraps the real error (ENOSPC, an interrupt)
+                    raise writer.error from None
+                raise
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -78,6 +79,9 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
+OWN_FILES = ("model.pt", "history.json", "architecture.json", "model_full.pt")
+
+
 def save_pruned(
     out_dir: str | os.PathLike,
     model: nn.Module,
@@ -88,78 +92,113 @@ def save_pruned(
     example_input_shape: list[int] | tuple[int, ...] | None = None,
 ) -> Path:
     """Write ``model.pt``, ``history.json`` and ``architecture.json`` (and ``model_full.pt``
-    with ``save_pickle``) into ``out_dir`` (created if missing), each file atomically.
+    with ``save_pickle``) into ``out_dir``, atomically as a whole: the files are written to a
+    staged folder that then replaces ``out_dir`` (created if missing). Other files already in
+    ``out_dir`` are kept; an interrupt or a full disk leaves ``out_dir`` as it was.
 
     :param spec: how to rebuild the unpruned architecture: a ``--model`` spec such as
         ``timm:resnet18``, ``torchvision:resnet18`` or ``package.module:factory``.
     :param options: loader options that shape the architecture (``num_classes``...).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    options = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(out / "model.pt", lambda fh: torch.save(state, fh))
-    hist = history.to_json() if hasattr(history, "to_json") else history
-    atomic_write_text(out / "history.json", _json(hist))
-    arch = {
-        "format": FORMAT_VERSION,
-        "cleanai_version": __version__,
-        "spec": spec,
-        "options": options,
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "example_input_shape": list(example_input_shape) if example_input_shape is not None else None,
-    }
-    atomic_write_text(out / "architecture.json", _json(arch))
-    if save_pickle:
-        _atomic(out / "model_full.pt", lambda fh: torch.save(model, fh))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{str(out)!r} is a file; give a folder path to save_pruned().")
+    target = target_of(out)
+    before = snapshot(target)
+
+    def unchanged() -> None:
+        if snapshot(target) != before:
+            raise UserError(f"{str(out)!r} changed while the model was being saved; nothing was replaced. Save again.")
+
+    with staged_folder(out, check=unchanged, expected=before) as tmp:
+        options = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        _atomic(tmp / "model.pt", lambda fh: torch.save(state, fh))
+        hist = history.to_json() if hasattr(history, "to_json") else history
+        atomic_write_text(tmp / "history.json", _json(hist))
+        arch = {
+            "format": FORMAT_VERSION,
+            "cleanai_version": __version__,
+            "spec": spec,
+            "options": options,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "example_input_shape": list(example_input_shape) if example_input_shape is not None else None,
+        }
+        atomic_write_text(tmp / "architecture.json", _json(arch))
+        if save_pickle:
+            _atomic(tmp / "model_full.pt", lambda fh: torch.save(model, fh))
+        if before:
+            _carry_over(target, tmp, skip=OWN_FILES)
     return out
 
 
-def _add_missing_parameters(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Create parameters that exist in ``state`` but not in ``model`` (a ``bias`` that
-    bias compensation added to a layer built with ``bias=False``)."""
-    own = model.state_dict()
-    for key, value in state.items():
-        if key in own:
-            continue
-        mod_name, _, attr = key.rpartition(".")
+def _carry_over(src: Path, dst: Path, skip: tuple[str, ...]) -> None:
+    """Hard-link (or copy) every entry of ``src`` except ``skip`` into ``dst``."""
+
+    def link(a: str, b: str) -> None:
         try:
-            module = model.get_submodule(mod_name) if mod_name else model
-        except AttributeError:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    for p in src.iterdir():
+        if p.name in skip or p.name.startswith(INSIDE):
             continue
-        if getattr(module, attr, None) is None and (attr in module._parameters or attr == "bias"):
-            module.register_parameter(attr, nn.Parameter(torch.zeros_like(value)))
+        if p.is_symlink():
+            os.symlink(os.readlink(p), dst / p.name)
+        elif p.is_dir():
+            shutil.copytree(p, dst / p.name, symlinks=True, copy_function=link)
+        else:
+            link(str(p), str(dst / p.name))
 
 
 def load_pruned(
-    out_dir: str | os.PathLike, map_location: str | torch.device = "cpu", trust_model: bool = False
+    out_dir: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    trust_model: bool = False,
+    trust_code: bool = False,
 ) -> nn.Module:
     """Rebuild a pruned model saved by :func:`save_pruned` (or ``cleanai prune``).
 
     Rebuilds the unpruned architecture from ``architecture.json`` (no pretrained weights are
     downloaded), replays ``history.json`` on it, then loads ``model.pt`` strictly. The model
-    is returned in eval mode. ``trust_model`` is only needed when the architecture came from
-    a pickled model file (rebuilding it unpickles that file again).
+    is returned in eval mode. Every file is checked first; a tampered or foreign folder
+    raises :class:`UserError` naming the file and the problem.
+
+    Nothing in the folder runs code unless you say so: the architecture comes from a
+    registered model source (``timm:``, ``torchvision:``, installed loader plugins).
+    ``trust_code`` allows an import spec (``package.module:factory``) and its keyword
+    arguments; ``trust_model`` allows a pickled model file (rebuilding unpickles it again).
     """
-    from cleanai_core.history import PruningHistory
     from cleanai_core.plugins import get_plugin_manager
+    from cleanai_core.saved_folder import read_architecture, read_history, read_state, replay_history
 
     out = Path(out_dir)
     for name in ("architecture.json", "history.json", "model.pt"):
         if not (out / name).is_file():
             raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")
-    arch = json.loads((out / "architecture.json").read_text())
-    if arch.get("format", 1) > FORMAT_VERSION:
-        raise UserError(f"{str(out)!r} was written by a newer CleanAI (format {arch['format']}); upgrade CleanAI.")
-    spec = arch["spec"]
-    options = dict(arch.get("options") or {})
-    options.update(pretrained=False, weights=None, trust_model=trust_model, warn_random_weights=False)
-    model = get_plugin_manager().hook.cleanai_load_model(spec=spec, options=options)
+    spec, options = read_architecture(out / "architecture.json", trust_code=trust_code)
+    history = read_history(out / "history.json")
+    options.update(
+        pretrained=False,
+        weights=None,
+        trust_model=trust_model,
+        trust_code=trust_code,
+        spec_source=str(out / "architecture.json"),
+        warn_random_weights=False,
+    )
+    pm = get_plugin_manager()
+    try:
+        model = pm.hook.cleanai_load_model(spec=spec, options=options)
+    except UserError as exc:
+        where = str(out / "architecture.json")
+        raise (exc if where in str(exc) else UserError(f"{where!r}: {exc}")) from None
     if model is None:
-        raise UserError(f"no installed loader can rebuild {spec!r}; install the plugin or package that provides it.")
-    history = PruningHistory.load(out / "history.json")
-    history.replay(model)
-    state = torch.load(out / "model.pt", map_location=map_location, weights_only=True)
-    _add_missing_parameters(model, state)
+        raise UserError(
+            f"{str(out / 'architecture.json')!r}: no installed loader can rebuild {spec!r}; install the plugin or "
+            "package that provides it."
+        )
+    replay_history(history, model, out / "history.json", pm)
+    state = read_state(out / "model.pt", model, map_location)
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval()

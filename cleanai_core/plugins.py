@@ -56,6 +56,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "cleanai_plugins.zoo.torchvision",
     "cleanai_plugins.zoo.torchvision_swin",
     "cleanai_plugins.io.loaders",
+    "cleanai_plugins.io.demo",
 )
 
 

@@ -44,6 +44,7 @@ _NOTES = (
     ("importance", "importance `{}`"),
     ("calibration_samples", "{} calibration samples"),
     ("evaluation_samples", "{} held-out evaluation samples"),
+    ("accuracy_note", "accuracy not measured: {}"),
 )
 
 

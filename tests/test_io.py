@@ -132,15 +132,15 @@ def test_data_errors(tmp_path):
 
 
 def test_factory_and_weights(tmp_path):
-    m = build_model(MODEL_SPEC, {"num_classes": 3})
+    m = build_model(MODEL_SPEC, {"num_classes": 3, "trust_code": True})
     assert m.fc.out_features == 3
     torch.save({"state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}}, tmp_path / "w.pt")
-    m2 = build_model(MODEL_SPEC, {"num_classes": 3, "weights": str(tmp_path / "w.pt")})
+    m2 = build_model(MODEL_SPEC, {"num_classes": 3, "trust_code": True, "weights": str(tmp_path / "w.pt")})
     assert torch.equal(m2.fc.weight, m.fc.weight)
     with pytest.raises(UserError, match="do not fit"):
-        build_model(MODEL_SPEC, {"num_classes": 5, "weights": str(tmp_path / "w.pt")})
+        build_model(MODEL_SPEC, {"num_classes": 5, "trust_code": True, "weights": str(tmp_path / "w.pt")})
     with pytest.raises(UserError, match="cannot import module"):
-        build_model("no_such_pkg.mod:f", {})
+        build_model("no_such_pkg.mod:f", {"trust_code": True})
 
 
 def test_split_is_seeded_and_disjoint():

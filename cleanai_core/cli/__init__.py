@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 from cleanai_core import __version__
 from cleanai_core.errors import CleanAIError, UserError
@@ -37,11 +42,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every clean-up runs."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``cleanai``; returns the exit code (130 after Ctrl-C, 143 after SIGTERM)."""
     args_list = sys.argv[1:] if argv is None else argv
     if args_list[:1] == ["--version"]:  # fast path: no subcommand (and no torch) import
         print(f"cleanai {__version__}")
         return 0
+    command = next((a for a in args_list if a in COMMANDS), "")
+    try:
+        with _sigterm_raises():
+            return _main(argv)
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        detail = str(exc) or "nothing was written"
+        print(f"cleanai{' ' + command if command else ''}: {what}; {detail}.", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -60,9 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     except CleanAIError as exc:
         print(f"cleanai {args.command}: failed: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"cleanai {args.command}: interrupted; nothing was written.", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

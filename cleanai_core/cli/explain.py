@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         "num_classes": args.num_classes,
         "pretrained": False,
         "warn_random_weights": False,
+        "trust_code": True,  # typed on the command line
+        "spec_source": "--model",
     }
     model = get_plugin_manager().hook.cleanai_load_model(spec=args.model, options=options)
     if model is None:

@@ -14,8 +14,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "sequential": False,
     "bn_recalibration": True,
     "trust_model": False,
+    "trust_code": False,
     "weights": None,
     "num_classes": None,
     "image_size": None,
@@ -72,6 +71,8 @@ DEFAULT_RATIO = 0.3
 
 # TOML spellings: key as in DEFAULTS, with "-" or "_"; plus the CLI's flag names
 _ALIASES = {"global": "global_pruning", "layer_ratios": "layer_ratio", "ignored_layers": "ignore"}
+# consent switches: only the command line (or an API argument) can turn them on
+TRUST_KEYS = ("trust_model", "trust_code")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -97,6 +98,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         default=S,
         help="allow loading a pickled model file (unpickling runs code from the file)",
+    )
+    g.add_argument(
+        "--trust-code",
+        action="store_true",
+        default=S,
+        help="allow package.module:callable specs read from --config (importing and calling them runs code); "
+        "specs typed on the command line need no flag",
     )
     g.add_argument(
         "--data",
@@ -254,6 +262,12 @@ def _read_toml(path: str) -> dict[str, Any]:
     for key, value in data.items():
         k = key.replace("-", "_")
         k = _ALIASES.get(k, k)
+        if k in TRUST_KEYS or k.startswith("trust"):
+            flag = "--" + k.replace("_", "-")
+            raise UserError(
+                f"config file {path!r} sets {key!r}: a config file cannot grant trust (it may come from someone "
+                f"else). Remove the key and pass {flag} on the command line if you trust the model and code it names."
+            )
         if k not in DEFAULTS or k in ("config",):
             unknown.append(key)
             continue
@@ -298,9 +312,12 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     for k in ("command", "_run", "disable_plugin"):
         given.pop(k, None)
     config_file = given.pop("config", None)
+    from_config: set[str] = set()
     if config_file:
-        cfg.update(_read_toml(config_file))
+        from_file = _read_toml(config_file)
+        cfg.update(from_file)
         cfg["config"] = str(Path(config_file).resolve())
+        from_config = set(from_file) - set(given)
     cfg["layer_ratio"] = _parse_layer_ratios(cfg.get("layer_ratio"), "layer_ratio in the config")
     if "layer_ratio" in given:
         cfg["layer_ratio"].update(_parse_layer_ratios(given.pop("layer_ratio"), "--layer-ratio"))
@@ -318,6 +335,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("the config sets both ratio and target-flops; keep one.")
     if cfg.get("ratio") is None and cfg.get("target_flops") is None:
         cfg["ratio"] = DEFAULT_RATIO
+    # specs read from the config file run code only with --trust-code (see _spec_options)
+    cfg["_from_config"] = sorted(from_config & {"model", "data", "train_data"})
     for key in ("model", "data") + (() if cfg.get("dry_run") else ("out",)):
         if not cfg.get(key):
             raise UserError(f"--{key} is required (on the command line or in --config).")
@@ -361,13 +380,32 @@ def _is_within(path: Path, folder: Path) -> bool:
         return False
 
 
+def _spec_sources(spec: str | None) -> list[str]:
+    """Files an import spec ``package.module:callable`` would be imported from, found on
+    ``sys.path`` without importing anything."""
+    import re
+    import sys
+
+    if not spec or not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", spec):
+        return []
+    top = spec.partition(":")[0].split(".")[0]
+    found = []
+    for entry in sys.path:
+        base = Path(entry or ".")
+        for cand in (base / top, base / f"{top}.py"):
+            if cand.exists():
+                found.append(str(cand))
+    return found
+
+
 def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_marker: str | None = None) -> None:
-    """Refuse an existing non-empty folder unless ``overwrite``; never one holding inputs."""
+    """Refuse an existing non-empty folder unless ``overwrite``; never one holding inputs
+    (files, folders, or the source of a ``package.module:factory`` spec)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a folder path.")
     if out.exists() and (_is_within(Path.cwd(), out) or out.resolve() == Path.home().resolve()):
         raise UserError(f"--out {str(out)!r} is the current folder, a parent of it or your home; give a new folder.")
-    for item in inputs:
+    for item in [p for spec in inputs for p in [spec, *_spec_sources(spec)]]:
         if not item or not Path(item).exists():
             continue
         if _is_within(Path(item), out):
@@ -381,26 +419,37 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_mark
             raise UserError(f"--out {str(out)!r} exists and is not empty; choose a new folder or add --overwrite.")
 
 
-@contextlib.contextmanager
-def staged_dir(out: Path):
-    """Yield a temporary folder next to ``out``; on success it replaces ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _guard_out(out: Path, stack: contextlib.ExitStack) -> tuple[Any, Any]:
+    """Lock ``out``, probe that it can be written and remember what it holds; returns the
+    check to run at the moment of the commit and the snapshot it compares with."""
+    from cleanai_core.out_folder import folder_lock, snapshot, target_of, write_probe
+
+    stack.enter_context(folder_lock(out))
+    write_probe(out)
+    target = target_of(out)
+    start = snapshot(target)
+
+    def check() -> None:
+        import sys
+
+        now = snapshot(target)
+        if now != start:
+            changed = sorted(set(now or {}) ^ set(start or {})) or sorted(now or {})
+            raise UserError(
+                f"while this run was going, --out {str(out)!r} changed ({', '.join(changed[:5]) or 'replaced'}); "
+                "nothing in it was deleted and the result was not written. Use a folder nobody else writes to, "
+                "and run again."
+            )
+        if start:
+            used = [m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
+            inside = [f for f in used if _is_within(Path(f), target)]
+            if inside:
+                raise UserError(
+                    f"--out {str(out)!r} holds code this run imported ({inside[0]!r}); replacing the folder would "
+                    "delete it. Choose another --out."
+                )
+
+    return check, start
 
 
 # ---------------------------------------------------------------------------
@@ -432,6 +481,14 @@ def _has_labels(dataset: Any) -> bool:
     return isinstance(item, (tuple, list)) and len(item) >= 2
 
 
+def _accuracy_note(note: str | None, *results: dict[str, Any] | None) -> str | None:
+    """Why the report has no accuracy (``None`` when it has one)."""
+    if note or all(r and r.get("accuracy") is not None for r in results):
+        return note
+    notes = [r.get("accuracy_note") for r in results if r and r.get("accuracy_note")]
+    return notes[0] if notes else "no installed evaluator measures this model's output"
+
+
 def _evaluate(pm: Any, model: Any, loader: Any, device: torch.device) -> dict[str, float] | None:
     if loader is None:
         return None
@@ -461,12 +518,21 @@ def _latencies(before: Any, after: Any, example: Any, repeats: int) -> tuple[flo
             per_round * LATENCY_ROUNDS)  # fmt: skip
 
 
+def _spec_options(cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    """Consent for ``--model``/``--data``: a spec typed on the command line may name code to
+    import and call; one read from ``--config`` only with ``--trust-code``."""
+    from_config = key in (cfg.get("_from_config") or ())
+    source = f"{key} in config file {cfg.get('config')!r}" if from_config else f"--{key}"
+    return {"trust_code": bool(cfg.get("trust_code")) or not from_config, "spec_source": source}
+
+
 def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         "weights": cfg.get("weights"),
         "trust_model": bool(cfg.get("trust_model")),
         "num_classes": cfg.get("num_classes"),
         "pretrained": False,
+        **_spec_options(cfg, "model"),
     }
 
 
@@ -485,7 +551,7 @@ def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
         raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {MODEL_FORMS}.")
     model = model.eval().to(cfg["device"])
     dataset = pm.hook.cleanai_load_dataset(
-        spec=cfg["data"], options={"model": model, "image_size": cfg.get("image_size")}
+        spec=cfg["data"], options={"model": model, "image_size": cfg.get("image_size"), **_spec_options(cfg, "data")}
     )
     if dataset is None:
         raise UserError(
@@ -516,21 +582,37 @@ def execute(
 
     ``model``/``dataset`` may be given directly (``cleanai demo``); ``cfg['model']`` must
     then still be a spec that rebuilds the architecture."""
+    quiet = bool(cfg.get("quiet"))
+    logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
+    out = Path(cfg["out"]) if cfg.get("out") else None
+    user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config"), cfg.get("train_data")]
+    with contextlib.ExitStack() as guard:
+        at_commit = (None, None)
+        if out is not None and not cfg.get("dry_run") and distributed.is_writer():
+            check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
+            at_commit = _guard_out(out, guard)
+        return _execute(cfg, model, dataset, spec_options, out, at_commit)
+
+
+def _execute(
+    cfg: dict[str, Any],
+    model: Any,
+    dataset: Any,
+    spec_options: dict[str, Any] | None,
+    out: Path | None,
+    at_commit: tuple[Any, Any],
+) -> dict[str, Any] | None:
     from torch.utils.data import DataLoader
 
     from cleanai_core import io as cio
     from cleanai_core.metrics import count_flops, count_params
+    from cleanai_core.out_folder import staged_folder
     from cleanai_core.plugins import get_plugin_manager
     from cleanai_core.pruner import StructuredPruner
     from cleanai_core.report import headline_text, write_report
     from cleanai_core.scoring import get_importance
 
     quiet = bool(cfg.get("quiet"))
-    logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
-    out = Path(cfg["out"]) if cfg.get("out") else None
-    user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config"), cfg.get("train_data")]
-    if out is not None and not cfg.get("dry_run") and distributed.is_writer():
-        check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
     torch.manual_seed(int(cfg["seed"]))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -545,10 +627,11 @@ def execute(
     bs = int(cfg["batch_size"])
     calib_loader = distributed.shard(DataLoader(calib, batch_size=bs, shuffle=False))  # this rank's share
     eval_loader = DataLoader(held, batch_size=bs, shuffle=False) if held is not None and _has_labels(held) else None
+    accuracy_note = None
     if held is None:
-        log.warning("--calib-fraction 1: all data scores channels, so no accuracy is reported.")
+        accuracy_note = "--calib-fraction 1: all data scores channels, none is left to measure accuracy"
     elif eval_loader is None:
-        log.info("the data has no labels: accuracy is not measured.")
+        accuracy_note = "the data has no labels"
     example = _to(_first_input(calib), device)
     try:
         with torch.no_grad():
@@ -629,6 +712,7 @@ def execute(
         },
         "accuracy_before": before_acc.get("accuracy") if before_acc else None,
         "accuracy_after": after_acc.get("accuracy") if after_acc else None,
+        "accuracy_note": _accuracy_note(accuracy_note, before_acc, after_acc),
         "calibration_samples": len(calib),
         "evaluation_samples": len(held) if held is not None else 0,
         "input_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
@@ -646,7 +730,7 @@ def execute(
     if cfg.get("num_classes") is not None:
         arch_options.setdefault("num_classes", cfg["num_classes"])
     resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    with staged_dir(out) as tmp:
+    with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:
         spec = str(Path(cfg["model"]).resolve()) if Path(cfg["model"]).is_file() else cfg["model"]
         cio.save_pruned(
             tmp,
@@ -663,6 +747,8 @@ def execute(
         report = write_report(tmp, report)
     if True:  # the headline is the result: printed even with --quiet
         print(headline_text(report))
+        if report["accuracy_note"]:
+            print(f"Accuracy not measured: {report['accuracy_note']}.")
         print(
             f"wrote {out}/: model.pt, history.json, architecture.json, config.json, report.json, report.md, "
             f"{report['plot']}"

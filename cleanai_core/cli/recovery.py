@@ -25,7 +25,10 @@ def _training_data(cfg: dict[str, Any], pm: Any, model: nn.Module, calib: Any) -
             f"no --train-data: trained on the {len(calib)} calibration samples of --data (10% of them held out for "
             "early stopping), never on the held-out evaluation samples"
         )
-    data = pm.hook.cleanai_load_dataset(spec=spec, options={"model": model, "image_size": cfg.get("image_size")})
+    from cleanai_core.cli.prune import _spec_options
+
+    options = {"model": model, "image_size": cfg.get("image_size"), **_spec_options(cfg, "train_data")}
+    data = pm.hook.cleanai_load_dataset(spec=spec, options=options)
     if data is None:
         raise UserError(f"--train-data {spec!r}: no such file or folder, or not a form this tool reads.")
     if len(data) < 2:

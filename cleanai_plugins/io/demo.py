@@ -1,8 +1,9 @@
 """The embedded default for ``cleanai demo``: the UCI handwritten digits (8x8 grey images,
 CC BY 4.0, see ``data/README.md``) and a small CNN trained on them in seconds on a CPU.
 
-``DigitsCNN`` is importable so that ``cleanai_core.io.load_pruned`` can rebuild it from the
-spec ``cleanai_plugins.io.demo:DigitsCNN``.
+The spec ``cleanai_plugins.io.demo:DigitsCNN`` is a registered model source (this module's
+``cleanai_load_model``), so ``cleanai_core.io.load_pruned`` rebuilds a demo result without
+``trust_code``: the spec names this one class, nothing is imported by name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cleanai_plugins.io.loaders import read_npz
+from cleanai_core import hookimpl
+from cleanai_plugins.io.loaders import finish_model, read_npz
 
 __all__ = ["DATA_PATH", "DigitsCNN", "digits_tensors", "train_digits_cnn"]
 
@@ -75,3 +77,12 @@ def train_digits_cnn(
             nn.functional.cross_entropy(model(xb), yb).backward()
             opt.step()
     return model.eval()
+
+
+@hookimpl
+def cleanai_load_model(spec, options):
+    """The demo's own architecture, by its exact spec (no import by name)."""
+    if spec != MODEL_SPEC:
+        return None
+    num_classes = options.get("num_classes")
+    return finish_model(DigitsCNN(num_classes=int(num_classes) if num_classes is not None else 10), spec, options)

@@ -3,7 +3,10 @@
 Model specs (``--model``):
 
 - ``timm:NAME`` and ``torchvision:NAME`` (architecture; weights from ``--weights FILE``),
-- ``package.module:factory`` (a callable returning an ``nn.Module``),
+- ``package.module:factory`` (a callable returning an ``nn.Module``), only when
+  ``options["trust_code"]`` is true: importing and calling it runs code. The command line
+  sets it for a spec typed there; a spec read from a config file or a saved folder needs
+  ``--trust-code`` / ``trust_code=True``,
 - a whole pickled model file (``torch.save(model, path)``), only with ``--trust-model``,
   because unpickling runs code stored in the file.
 
@@ -12,7 +15,8 @@ Data specs (``--data``):
 - an image folder with one sub-folder per class (torchvision's ``ImageFolder``),
 - a ``.pt`` tensor file: ``(x, y)``, ``{"x": ..., "y": ...}``, a tensor, or a ``TensorDataset``,
 - an ``.npz`` file with arrays ``x`` (and optionally ``y``),
-- ``package.module:function`` returning a ``torch.utils.data.Dataset``.
+- ``package.module:function`` returning a ``torch.utils.data.Dataset`` (only with
+  ``options["trust_code"]``, as for models).
 """
 
 from __future__ import annotations
@@ -33,10 +37,15 @@ from torch.utils.data import Dataset, TensorDataset
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
+from cleanai_core.saved_folder import state_dict_problems
 
 __all__ = [
     "LabelledTensors",
     "build_model",
+    "call_spec",
+    "class_labels",
+    "label_indices",
+    "finish_model",
     "load_dataset",
     "load_state_dict_file",
     "read_npz",
@@ -78,6 +87,36 @@ def _import_attr(spec: str, what: str) -> Any:
     return obj
 
 
+def _require_trust(spec: str, what: str, options: dict[str, Any], kwargs: dict[str, Any] | None = None) -> None:
+    """Refuse to import and call ``spec`` unless the caller said it trusts code."""
+    if options.get("trust_code"):
+        return
+    source = f" (from {options['spec_source']})" if options.get("spec_source") else ""
+    extra = f" with keyword arguments {sorted(kwargs)}" if kwargs else ""
+    raise UserError(
+        f"{what} {spec!r}{source} is an import spec: using it imports {spec.partition(':')[0]!r} and calls "
+        f"{spec.partition(':')[2]!r}{extra}, which runs code. Only registered sources (timm:NAME, torchvision:NAME, "
+        "installed loader plugins) are used without consent. If you trust it, pass trust_code=True (command line: "
+        "--trust-code)."
+    )
+
+
+def call_spec(spec: str, what: str, kwargs: dict[str, Any], options: dict[str, Any]) -> Any:
+    """Import ``package.module:callable`` and call it with ``kwargs``, after checking
+    ``options["trust_code"]``. Errors in the call (and ``sys.exit``) become a ``UserError``."""
+    _require_trust(spec, what, options, kwargs)
+    fn = _import_attr(spec, what)
+    args = ", ".join(f"{k}=..." for k in kwargs)
+    try:
+        return fn(**kwargs)
+    except UserError:
+        raise
+    except SystemExit as exc:
+        raise UserError(f"{what} {spec}({args}) called sys.exit({exc.code!r}) instead of returning a value.") from None
+    except Exception as exc:
+        raise UserError(f"calling {what} {spec}({args}) failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -117,22 +156,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
     state = load_state_dict_file(weights)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and own[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
-        if mismatched:
-            parts.append(f"shape mismatch: {mismatched[:3]}")
+    parts = state_dict_problems(model.state_dict(), state)
+    if parts:
         raise UserError(
             f"the weights in {weights!r} do not fit {spec!r}: " + "; ".join(parts) + ". "
             "Use the architecture the weights were trained with (and --num-classes if the head differs)."
@@ -227,15 +252,17 @@ def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
             _apply_weights(model, options["weights"], spec)
         return model
     elif _FACTORY_RE.match(spec) and not spec.startswith(("timm:", "torchvision:")):
-        factory = _import_attr(spec, "model factory")
-        try:
-            model = factory(**kwargs)
-        except TypeError as exc:
-            raise UserError(f"calling {spec}({', '.join(f'{k}=...' for k in kwargs)}) failed: {exc}") from exc
+        model = call_spec(spec, "model factory", kwargs, options)
         if not isinstance(model, nn.Module):
             raise UserError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module.")
     else:
         return None
+    return finish_model(model, spec, options)
+
+
+def finish_model(model: nn.Module, spec: str, options: dict[str, Any]) -> nn.Module:
+    """Load ``options["weights"]`` into a freshly built model (or warn that its weights
+    are random); shared by every model source."""
     if options.get("weights"):
         _apply_weights(model, options["weights"], spec)
     elif options.get("warn_random_weights", True) and not options.get("pretrained"):
@@ -296,6 +323,12 @@ def _read_npy(data: bytes, name: str) -> torch.Tensor:
     header = ast.literal_eval(data[start : start + hlen].decode("latin1"))
     descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
     kind = descr[1:] if descr[0] in "<>|=" else descr
+    if kind[:1] in ("U", "S") or kind == "O":
+        what = "Python objects (a pickle)" if kind == "O" else "text"
+        raise UserError(
+            f"array {name!r} holds {what} (dtype {descr!r}); CleanAI reads numeric arrays only and never unpickles. "
+            "Store inputs as numbers and labels as integer class indices 0..N-1 (np.savez(path, x=x, y=y))."
+        )
     if kind not in _NPY_DTYPES or descr[0] == ">":
         raise UserError(f"array {name!r} has dtype {descr!r}; use numeric (little-endian) arrays.")
     buf = bytearray(data[start + hlen :])
@@ -305,13 +338,30 @@ def _read_npy(data: bytes, name: str) -> torch.Tensor:
     return t.reshape(shape).clone()
 
 
+_NPZ_ERRORS = (ValueError, SyntaxError, KeyError, TypeError, IndexError, RuntimeError, struct.error, EOFError)
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Arrays of an ``.npz`` file as tensors (numeric dtypes; no numpy needed, no pickles)."""
+    """Arrays of an ``.npz`` file as tensors (numeric dtypes; no numpy needed, no pickles).
+    A truncated, corrupt or foreign file is a :class:`UserError` naming the array."""
+    import zlib
+
+    out = {}
     try:
         with zipfile.ZipFile(path) as zf:
-            return {n[:-4] if n.endswith(".npy") else n: _read_npy(zf.read(n), n) for n in zf.namelist()}
-    except zipfile.BadZipFile as exc:
-        raise UserError(f"{str(path)!r} is not a valid .npz file (numpy.savez output).") from exc
+            for n in zf.namelist():
+                try:
+                    out[n[:-4] if n.endswith(".npy") else n] = _read_npy(zf.read(n), n)
+                except UserError:
+                    raise
+                except (*_NPZ_ERRORS, zlib.error, zipfile.BadZipFile) as exc:
+                    raise UserError(
+                        f"{str(path)!r}: array {n!r} is damaged or not a .npy array ({type(exc).__name__}: "
+                        f"{str(exc)[:120]}). Write the file again with numpy.savez(path, x=x, y=y)."
+                    ) from None
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise UserError(f"{str(path)!r} is not a valid .npz file (numpy.savez output): {exc}.") from None
+    return out
 
 
 def _as_inputs(x: torch.Tensor) -> torch.Tensor:
@@ -330,16 +380,64 @@ def _as_inputs(x: torch.Tensor) -> torch.Tensor:
 def _from_tensors(x: Any, y: Any, source: str) -> Dataset:
     if not isinstance(x, torch.Tensor):
         raise UserError(f"{source}: the inputs are a {type(x).__name__}, expected a tensor.")
+    if x.dim() == 0:
+        raise UserError(f"{source}: the inputs are a single number; give a tensor with one row per sample.")
     x = _as_inputs(x)
     if y is None:
         return Unlabelled(x)
-    if not isinstance(y, torch.Tensor):
-        y = torch.as_tensor(y)
+    y = class_labels(y, source)
     if len(y) != len(x):
         raise UserError(f"{source}: {len(x)} inputs but {len(y)} labels; they must have the same length.")
-    if not y.is_floating_point():
-        y = y.long()
     return LabelledTensors(x, y)
+
+
+def class_labels(y: Any, source: str) -> torch.Tensor:
+    """Labels as class indices where they are class labels: integers as they are, one-hot
+    rows by their argmax, whole-number floats as integers. Anything else (fractions,
+    several columns that are not one-hot) is kept, with a warning that accuracy cannot be
+    measured on it. Text labels are an error: their order of classes is unknown."""
+    if isinstance(y, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in y):
+        raise UserError(
+            f"{source}: the labels are text (e.g. {next(v for v in y if isinstance(v, (str, bytes)))!r}); give integer "
+            "class indices 0..N-1 in the order of the model's outputs (e.g. [classes.index(label) for label in y])."
+        )
+    if not isinstance(y, torch.Tensor):
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(
+                f"{source}: the labels are not numbers ({exc}); give integer class indices 0..N-1."
+            ) from None
+    if y.dim() == 0:
+        raise UserError(f"{source}: the labels are a single number; give one label per sample.")
+    idx = label_indices(y)
+    if idx is None:
+        log.warning("%s: %s: accuracy is not measured.", source, not_class_labels(y))
+        return y
+    if y.dim() == 2:
+        log.info("%s: one-hot labels read as class indices (argmax of each row).", source)
+    return idx
+
+
+def label_indices(y: torch.Tensor) -> torch.Tensor | None:
+    """``y`` as class indices (int64): integers and booleans as they are, whole-number
+    floats, one-hot rows by their argmax; ``None`` when ``y`` is none of these."""
+    if y.dim() == 2 and len(y) and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all()):
+        return y.argmax(1)
+    if y.dim() != 1:
+        return None
+    if y.is_floating_point():
+        return y.long() if bool(torch.isfinite(y).all()) and bool((y == y.round()).all()) else None
+    return y.long()
+
+
+def not_class_labels(y: torch.Tensor) -> str:
+    """Why ``y`` is not class labels, and what to give instead."""
+    what = "fractional or non-finite numbers" if y.is_floating_point() else "several columns that are not one-hot"
+    return (
+        f"the labels are not class indices ({what}, dtype {str(y.dtype).replace('torch.', '')}, shape "
+        f"{tuple(y.shape)}); for accuracy give integer labels 0..N-1 or one-hot rows"
+    )
 
 
 def _load_pt(path: Path) -> Dataset:
@@ -428,8 +526,7 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
             return _from_tensors(arrays["x"], arrays.get("y"), spec)
         raise UserError(f"data file {spec!r}: {suffix or 'no extension'} is not supported; give {DATA_FORMS}.")
     if _FACTORY_RE.match(spec):
-        fn = _import_attr(spec, "data function")
-        ds = fn()
+        ds = call_spec(spec, "data function", {}, options)
         if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
             raise UserError(f"{spec} returned a {type(ds).__name__}, not a map-style torch Dataset.")
         return ds
@@ -460,7 +557,9 @@ def _logits(out: Any) -> torch.Tensor | None:
 
 @hookimpl(trylast=True)
 def cleanai_evaluate(model, loader, device):
-    """Top-1 accuracy for classifiers on ``(x, y)`` batches with integer labels."""
+    """Top-1 accuracy for classifiers on ``(x, y)`` batches with class labels (integers,
+    whole-number floats or one-hot rows). When accuracy does not apply, returns
+    ``{"accuracy_note": why}``."""
     from tqdm import tqdm
 
     correct = total = 0
@@ -469,15 +568,19 @@ def cleanai_evaluate(model, loader, device):
     with torch.no_grad():
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=quiet, leave=False):
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                return None
+                return {"accuracy_note": "the data has no labels"}
             x, y = batch[0], batch[1]
-            if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dim() != 1:
-                return None
+            if not isinstance(y, torch.Tensor):
+                return {"accuracy_note": f"the labels are a {type(y).__name__}, not a tensor of class indices"}
+            y = label_indices(y) if y.dim() >= 1 else None
+            if y is None:
+                return {"accuracy_note": not_class_labels(batch[1])}
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise UserError("the evaluation data contains NaN or inf values; clean the data and run again")
             logits = _logits(model(x.to(device)))
             if logits is None or logits.dim() != 2:
-                return None
+                shape = tuple(logits.shape) if logits is not None else "no tensor"
+                return {"accuracy_note": f"the model's output ({shape}) is not one row of class scores per sample"}
             if len(y) and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
                 raise UserError(
                     f"labels go from {int(y.min())} to {int(y.max())} but the model has {logits.shape[1]} outputs; "
@@ -486,5 +589,5 @@ def cleanai_evaluate(model, loader, device):
             correct += int((logits.argmax(1).cpu() == y).sum())
             total += len(y)
     if total == 0:
-        return None
+        return {"accuracy_note": "the evaluation data is empty"}
     return {"accuracy": correct / total, "evaluated": total}

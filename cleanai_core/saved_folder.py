@@ -1,0 +1,253 @@
+"""Reading a saved pruned-model folder without trusting it.
+
+Terms:
+
+- *saved folder*: what :func:`cleanai_core.io.save_pruned` (or ``cleanai prune``) writes:
+  ``architecture.json``, ``history.json``, ``model.pt``.
+- *registered source*: a model spec that an installed loader plugin claims by name
+  (``timm:NAME``, ``torchvision:NAME``, the demo's architecture). Resolving it imports nothing
+  the file names.
+- *import spec*: ``package.module:callable``. Rebuilding from it imports and calls code, so it
+  needs ``trust_code=True``; so do keyword arguments for the architecture (``model_kwargs``).
+
+Every reader checks the whole file before anything is built or replayed, and raises
+:class:`UserError` naming the file and the problem: a folder someone hands you can be
+truncated, of another version, or tampered with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cleanai_core.errors import UserError
+from cleanai_core.history import FORMAT as HISTORY_FORMAT
+from cleanai_core.history import PruningHistory
+from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
+
+__all__ = [
+    "FORMAT_VERSION",
+    "read_architecture",
+    "read_history",
+    "read_state",
+    "replay_history",
+    "state_dict_problems",
+]
+
+FORMAT_VERSION = 1
+ARCH_OPTIONS = ("num_classes", "model_kwargs")
+_REPLAY_ERRORS = (IndexError, KeyError, RuntimeError, ValueError, TypeError, AttributeError)
+
+
+def _bad(path: Path, problem: str) -> UserError:
+    return UserError(
+        f"{str(path)!r}: {problem}. The folder is damaged, tampered with or not written by this CleanAI; "
+        "save the pruned model again (cleanai prune or save_pruned)."
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise UserError(
+            f"{str(path)!r} does not exist; give a folder written by `cleanai prune` or save_pruned()."
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"not valid JSON ({exc}); it may be truncated") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {str(path)!r}: {exc.strerror or exc}.") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_architecture(path: Path, trust_code: bool = False) -> tuple[str, dict[str, Any]]:
+    """The model spec and its options from ``architecture.json``, checked."""
+    arch = _read_json(path)
+    if not isinstance(arch, dict):
+        raise _bad(path, f"holds a {type(arch).__name__}, expected an object with 'format' and 'spec'")
+    fmt = arch.get("format", 1)
+    if not _is_int(fmt):
+        raise _bad(path, f"format {fmt!r} is not a CleanAI format number")
+    if fmt > FORMAT_VERSION:
+        raise UserError(f"{str(path)!r} was written by a newer CleanAI (format {fmt}); upgrade CleanAI to load it.")
+    if fmt != FORMAT_VERSION:
+        raise _bad(path, f"format {fmt} is not one this CleanAI reads (it reads format {FORMAT_VERSION})")
+    spec = arch.get("spec")
+    if not isinstance(spec, str) or not spec.strip():
+        raise _bad(path, f"'spec' is {spec!r}, expected a model spec such as 'timm:resnet18'")
+    options = arch.get("options") or {}
+    if not isinstance(options, dict):
+        raise _bad(path, f"'options' is a {type(options).__name__}, expected an object")
+    unknown = sorted(set(options) - set(ARCH_OPTIONS))
+    if unknown:
+        raise _bad(path, f"unknown option(s) {unknown}; known: {list(ARCH_OPTIONS)}")
+    num_classes = options.get("num_classes")
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
+        raise _bad(path, f"'num_classes' is {num_classes!r}, expected a positive integer")
+    kwargs = options.get("model_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise _bad(path, f"'model_kwargs' is a {type(kwargs).__name__}, expected an object")
+    if kwargs and not trust_code:
+        raise UserError(
+            f"{str(path)!r} passes keyword arguments {sorted(kwargs)} to the architecture {spec!r}; they reach "
+            "code that the folder chooses. If you trust the folder, pass trust_code=True (command line: --trust-code)."
+        )
+    return spec, dict(options)
+
+
+def _check_edit(path: Path, where: str, e: Any) -> SliceEdit:
+    if not isinstance(e, dict):
+        raise _bad(path, f"{where} is a {type(e).__name__}, expected an object")
+    missing = [k for k in ("module", "slice", "keep") if k not in e]
+    if missing:
+        raise _bad(path, f"{where} has no {missing}")
+    if not isinstance(e["module"], str) or not isinstance(e["slice"], str):
+        raise _bad(path, f"{where}: 'module' and 'slice' must be strings")
+    keep = e["keep"]
+    if not isinstance(keep, list) or not keep or not all(_is_int(i) and i >= 0 for i in keep):
+        raise _bad(path, f"{where}: 'keep' must be a non-empty list of channel indices >= 0")
+    if len(set(keep)) != len(keep):
+        raise _bad(path, f"{where}: 'keep' repeats channel indices")
+    dim = e.get("dim")
+    if dim is not None and not _is_int(dim):
+        raise _bad(path, f"{where}: 'dim' is {dim!r}, expected an integer")
+    if e["module"] == "" and dim is None:
+        raise _bad(path, f"{where}: a bare tensor edit needs 'dim'")
+    return SliceEdit.from_json(e)
+
+
+def read_history(path: Path) -> PruningHistory:
+    """``history.json`` as a :class:`PruningHistory`, every edit checked for type and form."""
+    data = _read_json(path)
+    if not isinstance(data, dict) or data.get("format") != HISTORY_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise _bad(path, f"not a CleanAI pruning history (format {got!r}, expected {HISTORY_FORMAT!r})")
+    steps, meta = data.get("steps"), data.get("meta", {})
+    if not isinstance(steps, list) or not all(isinstance(s, list) for s in steps):
+        raise _bad(path, "'steps' must be a list of lists of edits")
+    if not isinstance(meta, dict):
+        raise _bad(path, "'meta' must be an object")
+    added = meta.get("added_biases", [])
+    if not isinstance(added, list) or not all(isinstance(n, str) for n in added):
+        raise _bad(path, "'meta.added_biases' must be a list of module names")
+    edits = [[_check_edit(path, f"step {i} edit {j}", e) for j, e in enumerate(step)] for i, step in enumerate(steps)]
+    return PruningHistory(edits, dict(meta))
+
+
+def _check_targets(path: Path, model: nn.Module, step: list[SliceEdit], where: str) -> None:
+    names = dict(model.named_modules())
+    for e in step:
+        if e.module:
+            if e.module not in names:
+                raise _bad(
+                    path,
+                    f"{where} names module {e.module!r}, which the architecture in architecture.json does not have",
+                )
+            continue
+        try:
+            owner, attr = get_submodule_and_attr(model, e.slice)
+        except AttributeError:
+            owner, attr = None, ""
+        t = getattr(owner, attr, None) if owner is not None else None
+        if not isinstance(t, torch.Tensor):
+            raise _bad(
+                path, f"{where} names tensor {e.slice!r}, which the architecture in architecture.json does not have"
+            )
+        if not -t.dim() <= int(e.dim) < t.dim():
+            raise _bad(path, f"{where}: dim {e.dim} is out of range for {e.slice!r} of shape {tuple(t.shape)}")
+        size = t.shape[int(e.dim)]
+        if int(e.keep.max()) >= size:
+            raise _bad(path, f"{where}: channel {int(e.keep.max())} is out of range for {e.slice!r} ({size} channels)")
+
+
+def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: Any = None) -> None:
+    """Replay ``history`` on a freshly built ``model``; any failure is a :class:`UserError`
+    naming ``path`` and the step."""
+    for i, step in enumerate(history.steps):
+        where = f"step {i}"
+        _check_targets(path, model, step, where)
+        try:
+            apply_edits(model, step, pm)
+        except UserError:
+            raise
+        except _REPLAY_ERRORS as exc:
+            raise _bad(
+                path,
+                f"{where} cannot be replayed on the architecture in architecture.json ({type(exc).__name__}: {exc})",
+            ) from None
+    names = dict(model.named_modules())
+    for name in history.meta.get("added_biases", ()):
+        module = names.get(name)
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or not hasattr(module, "bias"):
+            raise _bad(path, f"'added_biases' names {name!r}, which is not a layer with a weight and a bias")
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+
+
+def read_state(path: Path, model: nn.Module, map_location: Any = "cpu") -> dict:
+    """``model.pt`` read with ``weights_only=True`` and checked against ``model``'s
+    ``state_dict``: the same keys, shapes and kinds of dtype."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise _bad(path, f"cannot be read as plain tensors ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise _bad(path, "does not hold a state_dict (a dict of names to tensors)")
+    _add_missing_biases(model, state)
+    problems = state_dict_problems(model.state_dict(), state)
+    if problems:
+        raise _bad(
+            path, "does not fit the model rebuilt from architecture.json and history.json: " + "; ".join(problems)
+        )
+    return state
+
+
+def state_dict_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """How ``state`` fails to fit a model whose ``state_dict`` is ``own``: missing and
+    unexpected keys, shapes, integer-vs-float dtypes (empty when it fits)."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    kinds = [k for k, v in state.items() if k in own and v.is_floating_point() != own[k].is_floating_point()]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s) of the model (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) (e.g. {unexpected[:3]})")
+    if shapes:
+        problems.append(f"shape mismatch: {shapes[:3]}")
+    if kinds:
+        problems.append(f"integer/float dtypes that do not fit: {kinds[:3]}")
+    return problems
+
+
+def _add_missing_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A ``bias`` in ``state`` that bias compensation added to a layer built without one
+    (folders written before ``added_biases`` was recorded). Only a 1-d bias that fits the
+    layer's weight is created."""
+    own = model.state_dict()
+    for key, value in state.items():
+        mod_name, _, attr = key.rpartition(".")
+        if key in own or attr != "bias" or value.dim() != 1:
+            continue
+        try:
+            module = model.get_submodule(mod_name) if mod_name else model
+        except AttributeError:
+            continue
+        w = getattr(module, "weight", None)
+        if hasattr(module, "bias") and module.bias is None and isinstance(w, torch.Tensor) and w.shape[0] == len(value):
+            module.register_parameter("bias", nn.Parameter(torch.zeros_like(value, dtype=w.dtype)))

@@ -1,0 +1,161 @@
+"""Bad or unusual data on the command line: labels that are not class indices, malformed
+.npz files, Ctrl-C during start-up (docs/reliability.md). Every case either works with a
+stated reading of the data, or exits non-zero with a message naming the problem and the fix."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from cleanai_core import cli as cli_pkg
+from cleanai_core.cli import main
+from cleanai_plugins.io.demo import MODEL_SPEC
+
+N = 24
+
+
+@pytest.fixture()
+def ws(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(N, 1, 8, 8, generator=g), torch.randint(0, 10, (N,), generator=g)
+
+
+def prune(data_file: str, out: str = "out") -> int:
+    return main(
+        ["prune", "--model", MODEL_SPEC, "--data", data_file, "--out", out, "--quiet", "--latency-repeats", "1"]
+    )
+
+
+def report(ws, out: str = "out") -> dict:
+    return json.loads((ws / out / "report.json").read_text())
+
+
+def test_one_hot_and_whole_number_float_labels_give_the_same_accuracy_as_indices(ws, data, capsys):
+    x, y = data
+    torch.save((x, y), ws / "int.pt")
+    torch.save((x, torch.nn.functional.one_hot(y, 10).float()), ws / "onehot.pt")
+    torch.save((x, y.double()), ws / "float.pt")
+    np.savez(ws / "onehot.npz", x=x.numpy(), y=np.eye(10, dtype=np.uint8)[y.numpy()])
+    accs = {}
+    for name in ("int.pt", "onehot.pt", "float.pt", "onehot.npz"):
+        assert prune(name, out=name + ".out") == 0, capsys.readouterr().err
+        r = report(ws, name + ".out")
+        accs[name] = (r["accuracy_before"], r["accuracy_after"])
+        assert r["accuracy_note"] is None
+    assert accs["int.pt"][0] is not None
+    assert len(set(accs.values())) == 1, accs
+
+
+@pytest.mark.parametrize(
+    ("labels", "why"),
+    [
+        (lambda y: y.float() + 0.5, "fractional"),
+        (lambda y: torch.rand(len(y), 3), "fractional"),
+        (lambda y: torch.stack([y, y], 1), "several columns"),
+    ],
+    ids=["fractional floats", "soft labels", "two integer columns"],
+)
+def test_labels_that_are_not_class_indices_say_why_accuracy_is_absent(ws, data, capsys, labels, why):
+    x, y = data
+    torch.save((x, labels(y)), ws / "d.pt")
+    assert prune("d.pt") == 0
+    out = capsys.readouterr().out
+    r = report(ws)
+    assert r["accuracy_before"] is None and r["accuracy_after"] is None
+    assert "not class indices" in r["accuracy_note"] and why in r["accuracy_note"]
+    assert "Accuracy not measured: the labels are not class indices" in out
+    assert "accuracy not measured" in (ws / "out" / "report.md").read_text()
+
+
+def test_unlabelled_data_says_why_accuracy_is_absent(ws, data, capsys):
+    torch.save(data[0], ws / "x.pt")
+    assert prune("x.pt") == 0
+    assert report(ws)["accuracy_note"] == "the data has no labels"
+    assert "Accuracy not measured: the data has no labels." in capsys.readouterr().out
+
+
+def _npz_with(ws, name: str, members: dict[str, bytes]) -> str:
+    with zipfile.ZipFile(ws / name, "w") as zf:
+        for k, v in members.items():
+            zf.writestr(k, v)
+    return name
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+def _truncated(ws, x, y) -> str:
+    np.savez(ws / "d.npz", x=x.numpy(), y=y.numpy())
+    (ws / "d.npz").write_bytes((ws / "d.npz").read_bytes()[:300])
+    return "d.npz"
+
+
+BAD_DATA = {
+    "text labels in a .pt": (lambda ws, x, y: torch.save((x, [str(int(v)) for v in y]), ws / "d.pt") or "d.pt", "text"),
+    "text labels in an .npz": (
+        lambda ws, x, y: np.savez(ws / "d.npz", x=x.numpy(), y=np.array(["cat"] * len(y))) or "d.npz",
+        "text",
+    ),
+    "object array (pickle) in an .npz": (
+        lambda ws, x, y: (
+            np.savez(ws / "d.npz", x=x.numpy(), y=np.array([1, "a"] * (len(y) // 2), dtype=object)) or "d.npz"
+        ),
+        "never unpickles",
+    ),
+    "no x array": (lambda ws, x, y: np.savez(ws / "d.npz", inputs=x.numpy()) or "d.npz", "needs 'x'"),
+    "empty zip": (lambda ws, x, y: _npz_with(ws, "d.npz", {}), "needs 'x'"),
+    "truncated .npz": (_truncated, "not a valid .npz"),
+    "array not .npy": (lambda ws, x, y: _npz_with(ws, "d.npz", {"x.npy": b"hello"}), "not in .npy format"),
+    "header cut short": (lambda ws, x, y: _npz_with(ws, "d.npz", {"x.npy": _npy(x.numpy())[:30]}), "damaged"),
+    "data shorter than its shape": (
+        lambda ws, x, y: _npz_with(ws, "d.npz", {"x.npy": _npy(x.numpy())[:400]}),
+        "damaged",
+    ),
+    "header without shape": (
+        lambda ws, x, y: _npz_with(ws, "d.npz", {"x.npy": b"\x93NUMPY\x01\x00\x20\x00{'descr': '<f4'}" + b" " * 16}),
+        "damaged",
+    ),
+    "complex numbers": (lambda ws, x, y: np.savez(ws / "d.npz", x=x.numpy().astype(np.complex64)) or "d.npz", "dtype"),
+    "a scalar x": (lambda ws, x, y: np.savez(ws / "d.npz", x=np.float32(3.0)) or "d.npz", "single number"),
+    "a scalar y": (lambda ws, x, y: torch.save((x, torch.tensor(3)), ws / "d.pt") or "d.pt", "single number"),
+    "labels of another length": (
+        lambda ws, x, y: np.savez(ws / "d.npz", x=x.numpy(), y=y[:5].numpy()) or "d.npz",
+        "labels",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_malformed_data_is_a_user_error_naming_the_problem(ws, data, capsys, case):
+    make, message = BAD_DATA[case]
+    name = make(ws, *data)
+    rc = prune(name)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (ws / "out").exists()
+
+
+def test_ctrl_c_during_start_up_imports_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(name, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_pkg.importlib, "import_module", interrupted)
+    assert main(["prune", "--model", "x", "--data", "y"]) == 130
+    err = capsys.readouterr().err
+    assert err == "cleanai prune: interrupted; nothing was written.\n"
