@@ -10,6 +10,7 @@ under a minute on a laptop CPU::
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -52,4 +53,8 @@ def main(epochs: int = 10, prune_from: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
+    ap.add_argument("--prune-from", type=int, default=3, help="first epoch that ends with a pruning step (default 3)")
+    args = ap.parse_args()
+    main(args.epochs, args.prune_from)

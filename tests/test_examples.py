@@ -49,6 +49,20 @@ def test_quick_start_halves_the_channels_and_keeps_the_accuracy():
 
 
 @pytest.mark.slow
+def test_gradual_example_shrinks_to_a_quarter_of_the_flops_while_training():
+    out = run_example("examples/gradual_pruning.py", "--epochs", "6", "--prune-from", "2")
+    lines = [
+        numbers(r"FLOPs ([\d.]+) of the start, +(\d+) parameters, test accuracy ([\d.]+)", line)
+        for line in out.splitlines()
+        if line.startswith("epoch")
+    ]
+    assert len(lines) == 6
+    assert lines[0][0] == 1.0 and lines[-1][0] <= 0.26  # four cubic steps to 4x fewer FLOPs
+    assert lines[-1][1] < lines[0][1] / 3
+    assert lines[-1][2] > 0.9
+
+
+@pytest.mark.slow
 def test_basic_example_walks_every_step():
     out = run_example("examples/example_basic.py", "--epochs", "4")
     assert numbers(r"\[2\] (\d+) groups, (\d+) prunable", out) == (4, 2)
