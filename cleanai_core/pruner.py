@@ -20,6 +20,7 @@ from cleanai_core.errors import PruningError, UserError
 from cleanai_core.graph.dependency import DependencyGraph, resolve_modules
 from cleanai_core.history import PruningHistory
 from cleanai_core.metrics import call_model, count_flops, count_params
+from cleanai_core.model_state import HOOK_ATTRIBUTES, preserved
 from cleanai_core.planning import PruningPlan, make_plan
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, get_normalizer
 from cleanai_core.shapes import ShapeOnlyMode
@@ -223,9 +224,7 @@ class StructuredPruner:
         collector = StatsCollector(
             self.model, self.graph.slices, covariance=self.reconstruction, covariance_rows=self.covariance_rows
         )
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with preserved(self.model):  # every module's mode and buffers (BN, observers) put back
             with collector.hooks(), torch.no_grad():
                 batches = iterate(loader, num_batches)
                 for batch in tqdm(
@@ -240,8 +239,6 @@ class StructuredPruner:
                     self._forward(self.model, move_to(inputs, device))
             if getattr(self.importance, "needs_gradients", False):
                 self.gradients = self._accumulate_gradients(loader, num_batches, device)
-        finally:
-            self.model.train(was_training)
         self.stats = collector.stats
         self._calibration = (loader, num_batches)
         self._plan = None
@@ -461,7 +458,7 @@ class StructuredPruner:
             self._step = (0, 1)  # also when a step fails: a later plan() must not see a stale step
         if self.recalibrate_bn and self._calibration is not None:
             self._recalibrate(current)
-        current.train(self.model.training)
+        _copy_modes(self.model, current)
         if self.inplace:
             self._transplant(current)
             current = self.model
@@ -552,7 +549,8 @@ class StructuredPruner:
             if type(target) is not type(m):  # a plugin may swap a pruned module's class
                 target.__class__ = type(m)
             for key, value in m.__dict__.items():
-                if key != "_modules":
+                # the user's hook handles point at the target's own hook tables: keep them
+                if key != "_modules" and key not in HOOK_ATTRIBUTES:
                     target.__dict__[key] = value
 
     # -- report ---------------------------------------------------------------------------
@@ -698,6 +696,14 @@ def _step_ratio(ratio: float, step: int, steps: int) -> float:
 def _check_ratio(name: str, r: Any) -> None:
     if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0.0 < float(r) < 1.0) or math.isnan(r):
         raise UserError(f"{name}={r!r} must be a number strictly between 0 and 1 (e.g. 0.3 removes 30%)")
+
+
+def _copy_modes(source: nn.Module, target: nn.Module) -> None:
+    """Give every module of ``target`` the train/eval mode of its namesake in ``source``
+    (a frozen BatchNorm inside a training model stays frozen)."""
+    modes = {name: m.training for name, m in source.named_modules()}
+    for name, m in target.named_modules():
+        m.training = modes.get(name, source.training)
 
 
 def _device_of(model: nn.Module) -> torch.device | None:
