@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cleanai_core.bn_correction import Moments, correct_batchnorm, norms_with_running_stats, recording
 from cleanai_core.calibration import COVARIANCE_ROWS, StatsCollector, iterate, move_to, split_batch, total_batches
 from cleanai_core.errors import PruningError, UserError
 from cleanai_core.graph.dependency import DependencyGraph, resolve_modules
@@ -22,6 +23,7 @@ from cleanai_core.history import PruningHistory
 from cleanai_core.metrics import call_model, count_flops, count_params
 from cleanai_core.model_state import HOOK_ATTRIBUTES, preserved
 from cleanai_core.planning import PruningPlan, make_plan
+from cleanai_core.replay import CalibrationData
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, get_normalizer
 from cleanai_core.shapes import ShapeOnlyMode
 from cleanai_core.slicing import SliceEdit, run_after_prune, slice_tensors
@@ -97,7 +99,9 @@ class StructuredPruner:
     :param covariance_rows: positions per calibration batch, drawn at random, that feed
         each covariance (its cost per batch is rows x C^2); ``0`` uses every position.
         Means and variances always use every position.
-    :param recalibrate_bn: recompute BatchNorm statistics on the calibration data.
+    :param recalibrate_bn: correct BatchNorm running statistics by what pruning changed at
+        their inputs on the calibration data (eval mode, any batch size; statistics stay as
+        trained where pruning changed nothing; see :mod:`cleanai_core.bn_correction`).
     :param inplace: slice ``model`` itself (rolled back if anything fails).
     """
 
@@ -185,7 +189,8 @@ class StructuredPruner:
         self.history = PruningHistory()
         self.stats: dict = {}
         self.gradients: dict[str, torch.Tensor] = {}
-        self._calibration: tuple[Any, int | None] | None = None
+        self._calibration: CalibrationData | None = None
+        self._bn_moments: Moments = {}  # BatchNorm input moments of the original model, per call
         self._plan: PruningPlan | None = None
         self.pruned_model: nn.Module | None = None
         self.skipped_groups: list[str] = []
@@ -224,8 +229,10 @@ class StructuredPruner:
         collector = StatsCollector(
             self.model, self.graph.slices, covariance=self.reconstruction, covariance_rows=self.covariance_rows
         )
+        data = CalibrationData(loader, num_batches)
+        moments: Moments = {}
         with preserved(self.model):  # every module's mode and buffers (BN, observers) put back
-            with collector.hooks(), torch.no_grad():
+            with collector.hooks(), recording(self.model, moments), torch.no_grad():
                 batches = iterate(loader, num_batches)
                 for batch in tqdm(
                     batches,
@@ -235,25 +242,27 @@ class StructuredPruner:
                     unit="batch",
                     leave=False,
                 ):
+                    data.keep(batch)
                     inputs, _ = split_batch(batch)
                     self._forward(self.model, move_to(inputs, device))
             if getattr(self.importance, "needs_gradients", False):
-                self.gradients = self._accumulate_gradients(loader, num_batches, device)
+                self.gradients = self._accumulate_gradients(self.model, data.replay(), device)
         self.stats = collector.stats
-        self._calibration = (loader, num_batches)
+        self._calibration = data
+        self._bn_moments = moments
         self._plan = None
         return self
 
     def _forward(self, model: nn.Module, inputs: Any) -> Any:
         return call_model(model, inputs, self.forward_fn)
 
-    def _accumulate_gradients(self, loader, num_batches, device) -> dict[str, torch.Tensor]:
-        clone = copy.deepcopy(self.model).eval()
+    def _accumulate_gradients(self, model: nn.Module, batches: Iterable[Any], device) -> dict[str, torch.Tensor]:
+        clone = copy.deepcopy(model).eval()
         for p in clone.parameters():
             p.requires_grad_(True)
             p.grad = None
         seen = False
-        for batch in iterate(loader, num_batches):
+        for batch in batches:
             inputs, target = split_batch(batch)
             if target is None:
                 raise UserError("taylor importance needs labels: the data yields inputs only")
@@ -456,8 +465,6 @@ class StructuredPruner:
             current = self._prune_steps()
         finally:
             self._step = (0, 1)  # also when a step fails: a later plan() must not see a stale step
-        if self.recalibrate_bn and self._calibration is not None:
-            self._recalibrate(current)
         _copy_modes(self.model, current)
         if self.inplace:
             self._transplant(current)
@@ -467,7 +474,7 @@ class StructuredPruner:
 
     def _prune_steps(self) -> nn.Module:
         """The pruning steps (one unless ``iterative_steps``): plan, build, record."""
-        current, graph, stats = self.model, self.graph, self.stats
+        current, graph, stats, moments = self.model, self.graph, self.stats, self._bn_moments
         steps = self.iterative_steps
         base_flops = None
         for step in range(steps):
@@ -477,7 +484,7 @@ class StructuredPruner:
             else:
                 if step > 0:
                     graph = self._build_graph(current)
-                    stats = self._recollect(current, graph)
+                    stats, moments = self._recollect(current, graph)
                 if self.target_flops is not None:
                     # step k ends at target ** (k / steps) of the original FLOPs
                     if base_flops is None:
@@ -500,44 +507,56 @@ class StructuredPruner:
                 old = before.get(name)
                 if isinstance(getattr(m, "bias", None), torch.Tensor) and old is not None and old.bias is None:
                     added.append(name)
+            if self.recalibrate_bn and self._calibration is not None:
+                self._correct_bn(current, pruned_model, moments, edits)
             current = pruned_model
-            if step < steps - 1 and self.recalibrate_bn and self._calibration is not None:
-                self._recalibrate(current)  # the next step's statistics come from a consistent model
         return current
 
-    def _recollect(self, model: nn.Module, graph: DependencyGraph) -> dict:
+    def _recollect(self, model: nn.Module, graph: DependencyGraph) -> tuple[dict, Moments]:
+        """Statistics (and BatchNorm input moments) of ``model``, an intermediate step's result."""
         if self._calibration is None:
-            return {}
-        loader, n = self._calibration
+            return {}, {}
         collector = StatsCollector(
             model, graph.slices, covariance=self.reconstruction, covariance_rows=self.covariance_rows
         )
+        moments: Moments = {}
         model.eval()
-        with collector.hooks(), torch.no_grad():
-            for batch in iterate(loader, n):
+        with collector.hooks(), recording(model, moments), torch.no_grad():
+            for batch in self._calibration.replay():
                 self._forward(model, move_to(split_batch(batch)[0], _device_of(model)))
-        return collector.stats
+        if getattr(self.importance, "needs_gradients", False):  # gradients of this step's model
+            self.gradients = self._accumulate_gradients(model, self._calibration.replay(), _device_of(model))
+        return collector.stats, moments
 
-    def _recalibrate(self, model: nn.Module) -> None:
-        """BatchNorm statistics recomputed on the calibration data (cumulative average)."""
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not bns:
+    def _correct_bn(self, source: nn.Module, pruned: nn.Module, moments: Moments, edits: list[SliceEdit]) -> None:
+        """Move ``pruned``'s BatchNorm statistics by what pruning changed at their inputs
+        (:mod:`cleanai_core.bn_correction`): on the kept calibration batches, else on the
+        loader read again beside ``source``; skipped with a warning where neither can be."""
+        data = self._calibration
+        norms = norms_with_running_stats(pruned)
+        keep = {e.module: e.keep for e in edits if e.module in norms}
+
+        def run(model: nn.Module, batch: Any) -> None:
+            self._forward(model, move_to(split_batch(batch)[0], _device_of(model)))
+
+        if data.cached:
+            correct_batchnorm(pruned, {k: list(v) for k, v in moments.items()}, keep, data.replay, run)
             return
-        loader, n = self._calibration
-        saved = [(m, m.momentum) for m in bns]
-        model.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        try:
-            with torch.no_grad():
-                for batch in iterate(loader, n):
-                    self._forward(model, move_to(split_batch(batch)[0], _device_of(model)))
-        finally:
-            for m, mom in saved:
-                m.momentum = mom
-                m.eval()
+        if data.one_shot:
+            warnings.warn(
+                "BatchNorm statistics were not corrected: the calibration data was an iterator too large to keep, "
+                "so it cannot be read again; give a re-iterable loader (a list or a DataLoader)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        fresh: Moments = {}
+
+        def run_original(batch: Any) -> None:  # the loader may shuffle: measure both on each batch
+            with preserved(source), recording(source, fresh), torch.no_grad():
+                run(source, batch)
+
+        correct_batchnorm(pruned, fresh, keep, data.replay, run, run_original)
 
     def _transplant(self, pruned: nn.Module) -> None:
         """Make ``self.model`` the pruned model, module by module (for ``inplace``)."""
