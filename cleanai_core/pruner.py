@@ -27,6 +27,7 @@ from cleanai_core.replay import CalibrationData
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, get_normalizer
 from cleanai_core.shapes import ShapeOnlyMode
 from cleanai_core.slicing import SliceEdit, run_after_prune, slice_tensors
+from cleanai_core.steps import Targets, final_counts, step_group_ratios, step_ratio
 from cleanai_core.testing import run_model
 
 __all__ = ["StructuredPruner", "match_modules"]
@@ -164,6 +165,7 @@ class StructuredPruner:
         self.target_flops = target_flops
         self.iterative_steps = iterative_steps
         self._step = (0, 1)  # (step, steps) while prune() runs iteratively
+        self._targets: Targets = {}  # iterative: each group's original and final unit counts
         self.bias_compensation = bias_compensation
         self.reconstruction = reconstruction and bias_compensation
         if covariance_rows < 0:
@@ -297,13 +299,24 @@ class StructuredPruner:
         """Per-layer ratios by group; with iterative pruning, the share of this step, so
         that the steps together remove the requested ratio (not the ratio per step)."""
         step, steps = self._step
+        groups = graph.groups(prunable_only=True)
+        if steps > 1 and self._targets:
+            ratios = step_group_ratios(groups, self._targets, step, steps)
+            if not self.global_pruning:
+                return ratios
+            fixed = {gid for gid in ratios if self._has_layer_ratio(graph, gid)}
+            return {gid: r for gid, r in ratios.items() if gid in fixed}
         ratios = {}
-        for g in graph.groups(prunable_only=True):
+        for g in groups:
             for s in g.slices:
                 if s.kind != "in" and s.module in self.layer_ratios:
-                    ratios[g.id] = _step_ratio(self.layer_ratios[s.module], step, steps)
+                    ratios[g.id] = self.layer_ratios[s.module]
                     break
         return ratios
+
+    def _has_layer_ratio(self, graph: DependencyGraph, gid: int) -> bool:
+        g = next(g for g in graph.groups(prunable_only=True) if g.id == gid)
+        return any(s.kind != "in" and s.module in self.layer_ratios for s in g.slices)
 
     def _make_plan(self, graph, model, stats, ratio: float, scores: dict | None = None) -> PruningPlan:
         scores = scores if scores is not None else self._scores(graph, model, stats)
@@ -465,6 +478,7 @@ class StructuredPruner:
             current = self._prune_steps()
         finally:
             self._step = (0, 1)  # also when a step fails: a later plan() must not see a stale step
+            self._targets = {}
         _copy_modes(self.model, current)
         if self.inplace:
             self._transplant(current)
@@ -477,6 +491,9 @@ class StructuredPruner:
         current, graph, stats, moments = self.model, self.graph, self.stats, self._bn_moments
         steps = self.iterative_steps
         base_flops = None
+        if steps > 1 and self.target_flops is None:  # every step aims at a count from the original widths
+            self._targets = final_counts(self._make_plan(graph, current, stats, self.pruning_ratio))
+            units = sum(g.size for g in graph.groups(prunable_only=True))
         for step in range(steps):
             self._step = (step, steps)
             if step == 0 and steps == 1:
@@ -494,7 +511,8 @@ class StructuredPruner:
                     share = count_flops(current, self.example_inputs, self.forward_fn) / base_flops
                     r = self._solve_flops(graph, current, stats, self.target_flops ** ((step + 1) / steps) / share)
                 else:
-                    r = _step_ratio(self.pruning_ratio, step, steps)
+                    now = sum(g.size for g in graph.groups(prunable_only=True))
+                    r = step_ratio(self.pruning_ratio, units, now, step, steps)
                 plan = self._make_plan(graph, current, stats, r)
                 if step == 0:
                     self._plan = plan
@@ -702,14 +720,6 @@ def _check_untouched(source: nn.Module, originals: list[torch.Tensor], before: l
         "LayerPruner.prune must replace a module's tensors (slice_params / replace_param), never write into "
         "them; report this to the plugin's author, or prune with inplace=True."
     )
-
-
-def _step_ratio(ratio: float, step: int, steps: int) -> float:
-    """The ratio to remove at ``step`` of ``steps`` so that the steps together remove
-    ``ratio`` (each keeps the same share: ``(1 - ratio) ** (1 / steps)``)."""
-    keep_before = (1 - ratio) ** (step / steps)
-    keep_after = (1 - ratio) ** ((step + 1) / steps)
-    return 1 - keep_after / keep_before
 
 
 def _check_ratio(name: str, r: Any) -> None:
