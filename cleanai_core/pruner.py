@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from cleanai_core.bn_correction import Moments, correct_batchnorm, norms_with_running_stats, recording
 from cleanai_core.calibration import COVARIANCE_ROWS, StatsCollector, iterate, move_to, split_batch, total_batches
@@ -25,10 +26,9 @@ from cleanai_core.model_state import HOOK_ATTRIBUTES, preserved
 from cleanai_core.planning import PruningPlan, make_plan
 from cleanai_core.replay import CalibrationData
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, get_normalizer
-from cleanai_core.shapes import ShapeOnlyMode
 from cleanai_core.slicing import SliceEdit, run_after_prune, slice_tensors
 from cleanai_core.steps import Targets, final_counts, step_group_ratios, step_ratio
-from cleanai_core.testing import run_model
+from cleanai_core.verify import Reference, check_outputs, reference
 
 __all__ = ["StructuredPruner", "match_modules"]
 
@@ -132,6 +132,11 @@ class StructuredPruner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UserError(
+                "the model is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes the Python "
+                "nn.Module. Prune the original model, then script the pruned one"
+            )
         _check_ratio("pruning_ratio", pruning_ratio)
         if target_flops is not None and not 0.0 < float(target_flops) < 1.0:
             raise UserError(f"target_flops={target_flops}: give the share of FLOPs to keep, between 0 and 1")
@@ -147,6 +152,11 @@ class StructuredPruner:
         if not leaves:
             raise UserError(
                 "example_inputs holds no tensor: give one batch of inputs, e.g. torch.randn(1, 3, 224, 224)"
+            )
+        if any(t.is_meta for t in leaves):
+            raise UserError(
+                "example_inputs are on the meta device (shapes without data): give real tensors on the model's "
+                "device, e.g. torch.randn(1, 3, 224, 224)"
             )
         if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves):
             raise UserError("example_inputs contain NaN or inf values; give finite inputs")
@@ -197,6 +207,7 @@ class StructuredPruner:
         self.pruned_model: nn.Module | None = None
         self.skipped_groups: list[str] = []
         self._before: dict[str, Any] = {}
+        self._reference: Reference | None = None  # the original's outputs, for verification
         self._pruned_plans: list[tuple[DependencyGraph, PruningPlan]] = []  # per step, for the report
         self.graph = self._build_graph(model)
 
@@ -246,7 +257,7 @@ class StructuredPruner:
                 ):
                     data.keep(batch)
                     inputs, _ = split_batch(batch)
-                    self._forward(self.model, move_to(inputs, device))
+                    self._forward(self.model, _inputs_for(self.model, inputs))
             if getattr(self.importance, "needs_gradients", False):
                 self.gradients = self._accumulate_gradients(self.model, data.replay(), device)
         self.stats = collector.stats
@@ -268,9 +279,9 @@ class StructuredPruner:
             inputs, target = split_batch(batch)
             if target is None:
                 raise UserError("taylor importance needs labels: the data yields inputs only")
-            out = self._forward(clone, move_to(inputs, device))
+            out = self._forward(clone, _inputs_for(clone, inputs))
             out = self.output_transform(out) if self.output_transform else getattr(out, "logits", out)
-            loss = nn.functional.cross_entropy(out, move_to(target, device))
+            loss = nn.functional.cross_entropy(out, _check_labels(out, move_to(target, device)))
             loss.backward()
             seen = True
         if not seen:
@@ -411,18 +422,11 @@ class StructuredPruner:
                 spec.pruner.compensate(module, spec.name, idx, st.mean[idx])
 
     def _verify(self, model: nn.Module, graph: DependencyGraph) -> None:
-        was = model.training
-        model.eval()
-        try:
-            with ShapeOnlyMode():  # the check needs shapes and argument checks, not numbers
-                outs = run_model(model, self.example_inputs, self.forward_fn)
-        except Exception as exc:
-            raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
-        finally:
-            model.train(was)
-        shapes = [tuple(o.shape) for o in outs]
-        if shapes != [tuple(s) for s in graph.output_shapes]:
-            raise PruningError(f"the pruned model's output shapes {shapes} differ from {graph.output_shapes}")
+        """Shapes and finiteness of ``model``'s outputs against the original's
+        (:mod:`cleanai_core.verify`); raises :class:`PruningError`."""
+        if self._reference is None:
+            self._reference = reference(self.model, self.example_inputs, self.forward_fn, self.output_transform)
+        check_outputs(model, self.example_inputs, self._reference, self.forward_fn, self.output_transform)
 
     def _safe_build(self, source, graph, stats, plan: PruningPlan) -> tuple[nn.Module, list[SliceEdit]]:
         """Build; if the result does not run, find the groups at fault by bisection,
@@ -541,7 +545,7 @@ class StructuredPruner:
         model.eval()
         with collector.hooks(), recording(model, moments), torch.no_grad():
             for batch in self._calibration.replay():
-                self._forward(model, move_to(split_batch(batch)[0], _device_of(model)))
+                self._forward(model, _inputs_for(model, split_batch(batch)[0]))
         if getattr(self.importance, "needs_gradients", False):  # gradients of this step's model
             self.gradients = self._accumulate_gradients(model, self._calibration.replay(), _device_of(model))
         return collector.stats, moments
@@ -555,7 +559,7 @@ class StructuredPruner:
         keep = {e.module: e.keep for e in edits if e.module in norms}
 
         def run(model: nn.Module, batch: Any) -> None:
-            self._forward(model, move_to(split_batch(batch)[0], _device_of(model)))
+            self._forward(model, _inputs_for(model, split_batch(batch)[0]))
 
         if data.cached:
             correct_batchnorm(pruned, {k: list(v) for k, v in moments.items()}, keep, data.replay, run)
@@ -733,6 +737,42 @@ def _copy_modes(source: nn.Module, target: nn.Module) -> None:
     modes = {name: m.training for name, m in source.named_modules()}
     for name, m in target.named_modules():
         m.training = modes.get(name, source.training)
+
+
+def _inputs_for(model: nn.Module, inputs: Any) -> Any:
+    """``inputs`` on ``model``'s device; float64 tensors cast to the model's floating dtype
+    when it is another (numpy arrays default to float64, models to float32)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is None:
+        return inputs
+    inputs = move_to(inputs, p.device)
+    if p.dtype == torch.float64:
+        return inputs
+    return tree_map(lambda t: t.to(p.dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else t, inputs)
+
+
+def _check_labels(out: Any, target: Any) -> torch.Tensor:
+    """Labels a classification loss can use for gradient criteria, or a :class:`UserError`."""
+    if not isinstance(out, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise UserError(
+            "taylor importance needs a tensor of logits and a tensor of labels; pass output_transform=lambda out: "
+            "<the logits> for models that return something else"
+        )
+    if target.is_floating_point() or target.is_complex():
+        if target.shape == out.shape:  # class probabilities (soft labels)
+            return target.to(out.dtype)
+        raise UserError(
+            f"taylor importance needs integer class labels, got {target.dtype} labels of shape {tuple(target.shape)}; "
+            "give class indices 0..N-1 (e.g. labels.long())"
+        )
+    if target.ndim == 0 or out.ndim == 0 or target.shape[0] != out.shape[0]:
+        n_in = out.shape[0] if out.ndim else 1
+        n_lab = target.shape[0] if target.ndim else 1
+        raise UserError(
+            f"the calibration batch has {n_in} inputs but {n_lab} labels; "
+            "give one label per input for taylor importance"
+        )
+    return target
 
 
 def _device_of(model: nn.Module) -> torch.device | None:
