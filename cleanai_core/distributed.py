@@ -32,7 +32,7 @@ from cleanai_core.errors import UserError
 __all__ = [
     "check_same_plan",
     "collectively",
-    "combine_batchnorm",
+    "combine_moments",
     "combine_gradients",
     "combine_stats",
     "init_from_env",
@@ -220,15 +220,11 @@ def combine_pruner(result: Any, pruner: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-def combine_returned_stats(stats: dict, *args: Any, **kwargs: Any) -> dict:
-    return combine_stats(stats)
-
-
-def combine_model_batchnorm(result: Any, pruner: Any, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    combine_batchnorm(
-        [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    )
-    return result
+def combine_returned_stats(result: Any, *args: Any, **kwargs: Any) -> Any:
+    """``combine_stats`` of a stage's statistics (the first item when it returns a tuple)."""
+    if isinstance(result, tuple):
+        return (combine_stats(result[0]), *result[1:])
+    return combine_stats(result)
 
 
 def combine_stats(stats: dict, channels: dict | None = None) -> dict:
@@ -376,24 +372,29 @@ def combine_gradients(model: nn.Module, gradients: dict[str, torch.Tensor]) -> d
     return out
 
 
-def combine_batchnorm(bns: list[nn.Module]) -> None:
-    """BatchNorm running statistics recomputed with ``momentum=None`` (the average of the
-    per-batch means and variances) on each rank, made the average over all ranks' batches,
-    weighted by each rank's batch count."""
-    if not is_distributed() or not bns:
+def combine_moments(totals: list[list], channels: list[int]) -> None:
+    """Per-channel moment totals ``[count, mean, M2]`` (one list per entry, ``mean`` None
+    where this rank saw nothing), summed over all ranks in place: counts and sums first,
+    then the squared deviations moved to the global mean."""
+    if not is_distributed() or not totals:
         return
     parts = []
-    for m in bns:
-        n = float(m.num_batches_tracked)
-        parts += [_tensor([n]), m.running_mean.double() * n, m.running_var.double() * n]
-    totals = _split(_sum(torch.cat(parts)), parts)
-    for i, m in enumerate(bns):
-        n, rm, rv = totals[3 * i : 3 * i + 3]
-        n = float(n[0])
-        if n > 0:
-            m.running_mean.copy_(rm / n)
-            m.running_var.copy_(rv / n)
-            m.num_batches_tracked.fill_(int(n))
+    for (n, mean, _), c in zip(totals, channels, strict=True):
+        parts += [_tensor([n if mean is not None else 0.0]), _sum_of(n, mean, c)]
+    summed = _split(_sum(torch.cat(parts)), parts)
+    means = []
+    for i, c in enumerate(channels):
+        n_all = float(summed[2 * i][0])
+        means.append((n_all, summed[2 * i + 1] / n_all if n_all > 0 else torch.zeros(c, dtype=torch.float64)))
+    parts = []
+    for (n, mean, m2), (_, mu), c in zip(totals, means, strict=True):
+        if mean is None:
+            parts.append(torch.zeros(c, dtype=torch.float64))
+        else:
+            parts.append(m2.to(torch.float64) + n * (mean.to(torch.float64) - mu) ** 2)
+    m2s = _split(_sum(torch.cat(parts)), parts)
+    for t, (n_all, mu), m2 in zip(totals, means, m2s, strict=True):
+        t[:] = [n_all, mu, m2] if n_all > 0 else [0.0, None, None]
 
 
 def plan_digest(pruned: torch.Tensor) -> int:

@@ -199,9 +199,12 @@ def replace_param(module: nn.Module, attr: str, dim: int, keep: torch.Tensor) ->
 
 def add_to_bias(module: nn.Module, delta: torch.Tensor) -> None:
     """``module.bias += delta`` in place, creating a zero bias first where the module has
-    none (compensation and reconstruction fold removed inputs into it)."""
+    none (compensation and reconstruction fold removed inputs into it). A new bias follows
+    the weight's ``requires_grad``: a frozen layer does not get a trainable bias."""
     if module.bias is None:
-        module.bias = nn.Parameter(torch.zeros_like(delta))
+        weight = getattr(module, "weight", None)
+        trainable = weight.requires_grad if isinstance(weight, torch.Tensor) else True
+        module.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=trainable)
     module.bias.data += delta
 
 

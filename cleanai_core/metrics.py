@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from cleanai_core.model_state import preserved
+
 __all__ = ["call_model", "count_flops", "count_params", "eval_mode", "measure_latency"]
 
 
@@ -22,15 +24,10 @@ def count_params(model: nn.Module) -> int:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run in eval mode and restore every module's own mode afterwards (a train-mode
-    forward would update BatchNorm statistics of the user's model)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    """Run in eval mode and restore every module's own mode, buffers and attributes
+    afterwards (see :mod:`cleanai_core.model_state`)."""
+    with preserved(model):
         yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:

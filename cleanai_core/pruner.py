@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from cleanai_core import distributed
+from cleanai_core.bn_correction import Moments, correct_batchnorm, norms_with_running_stats, recording
 from cleanai_core.calibration import (
     COVARIANCE_BUDGET_BYTES,
     COVARIANCE_ROWS,
@@ -29,11 +31,13 @@ from cleanai_core.errors import PruningError, UserError
 from cleanai_core.graph.dependency import DependencyGraph, resolve_modules
 from cleanai_core.history import PruningHistory
 from cleanai_core.metrics import call_model, count_flops, count_params
+from cleanai_core.model_state import HOOK_ATTRIBUTES, preserved
 from cleanai_core.planning import PruningPlan, make_plan
+from cleanai_core.replay import CalibrationData
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, get_normalizer
-from cleanai_core.shapes import ShapeOnlyMode
 from cleanai_core.slicing import SliceEdit, prepare_model, run_after_prune, slice_tensors
-from cleanai_core.testing import run_model
+from cleanai_core.steps import Targets, final_counts, step_group_ratios, step_ratio
+from cleanai_core.verify import Reference, check_outputs, reference
 
 __all__ = ["StructuredPruner", "match_modules"]
 
@@ -105,7 +109,9 @@ class StructuredPruner:
     :param covariance_rows: positions per calibration batch, drawn at random, that feed
         each covariance (its cost per batch is rows x C^2); ``0`` uses every position.
         Means and variances always use every position.
-    :param recalibrate_bn: recompute BatchNorm statistics on the calibration data.
+    :param recalibrate_bn: correct BatchNorm running statistics by what pruning changed at
+        their inputs on the calibration data (eval mode, any batch size; statistics stay as
+        trained where pruning changed nothing; see :mod:`cleanai_core.bn_correction`).
     :param stats_budget_bytes: memory for covariance matrices (reconstruction), default
         1 GiB: the narrowest consumers get one until it is spent; the others fall back to
         mean compensation. ``0`` collects none.
@@ -139,6 +145,11 @@ class StructuredPruner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UserError(
+                "the model is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes the Python "
+                "nn.Module. Prune the original model, then script the pruned one"
+            )
         _check_ratio("pruning_ratio", pruning_ratio)
         if target_flops is not None and not 0.0 < float(target_flops) < 1.0:
             raise UserError(f"target_flops={target_flops}: give the share of FLOPs to keep, between 0 and 1")
@@ -154,6 +165,11 @@ class StructuredPruner:
         if not leaves:
             raise UserError(
                 "example_inputs holds no tensor: give one batch of inputs, e.g. torch.randn(1, 3, 224, 224)"
+            )
+        if any(t.is_meta for t in leaves):
+            raise UserError(
+                "example_inputs are on the meta device (shapes without data): give real tensors on the model's "
+                "device, e.g. torch.randn(1, 3, 224, 224)"
             )
         if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves):
             raise UserError("example_inputs contain NaN or inf values; give finite inputs")
@@ -172,6 +188,7 @@ class StructuredPruner:
         self.target_flops = target_flops
         self.iterative_steps = iterative_steps
         self._step = (0, 1)  # (step, steps) while prune() runs iteratively
+        self._targets: Targets = {}  # iterative: each group's original and final unit counts
         self.bias_compensation = bias_compensation
         self.reconstruction = reconstruction and bias_compensation
         if covariance_rows < 0:
@@ -200,11 +217,13 @@ class StructuredPruner:
         self.history = PruningHistory()
         self.stats: dict = {}
         self.gradients: dict[str, torch.Tensor] = {}
-        self._calibration: tuple[Any, int | None] | None = None
+        self._calibration: CalibrationData | None = None
+        self._bn_moments: Moments = {}  # BatchNorm input moments of the original model, per call
         self._plan: PruningPlan | None = None
         self.pruned_model: nn.Module | None = None
         self.skipped_groups: list[str] = []
         self._before: dict[str, Any] = {}
+        self._reference: Reference | None = None  # the original's outputs, for verification
         self._pruned_plans: list[tuple[DependencyGraph, PruningPlan]] = []  # per step, for the report
         self.graph = self._build_graph(model)
 
@@ -272,10 +291,10 @@ class StructuredPruner:
             covariance_budget=self.stats_budget_bytes,
             covariance_rows=self.covariance_rows,
         )
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with collector.hooks(), torch.no_grad():
+        data = CalibrationData(loader, num_batches)
+        moments: Moments = {}
+        with preserved(self.model):  # every module's mode and buffers (BN, observers) put back
+            with collector.hooks(), recording(self.model, moments), torch.no_grad():
                 batches = iterate(loader, num_batches)
                 for batch in tqdm(
                     batches,
@@ -285,33 +304,33 @@ class StructuredPruner:
                     unit="batch",
                     leave=False,
                 ):
+                    data.keep(batch)
                     inputs, _ = split_batch(batch)
-                    self._forward(self.model, move_to(inputs, device))
+                    self._forward(self.model, _inputs_for(self.model, inputs))
             if getattr(self.importance, "needs_gradients", False):
-                self.gradients = self._accumulate_gradients(loader, num_batches, device)
-        finally:
-            self.model.train(was_training)
+                self.gradients = self._accumulate_gradients(self.model, data.replay(), device)
         self.stats = collector.stats
-        self._calibration = (loader, num_batches)
+        self._calibration = data
+        self._bn_moments = moments
         self._plan = None
         return self
 
     def _forward(self, model: nn.Module, inputs: Any) -> Any:
         return call_model(model, inputs, self.forward_fn)
 
-    def _accumulate_gradients(self, loader, num_batches, device) -> dict[str, torch.Tensor]:
-        clone = copy.deepcopy(self.model).eval()
+    def _accumulate_gradients(self, model: nn.Module, batches: Iterable[Any], device) -> dict[str, torch.Tensor]:
+        clone = copy.deepcopy(model).eval()
         for p in clone.parameters():
             p.requires_grad_(True)
             p.grad = None
         seen = False
-        for batch in iterate(loader, num_batches):
+        for batch in batches:
             inputs, target = split_batch(batch)
             if target is None:
                 raise UserError("taylor importance needs labels: the data yields inputs only")
-            out = self._forward(clone, move_to(inputs, device))
+            out = self._forward(clone, _inputs_for(clone, inputs))
             out = self.output_transform(out) if self.output_transform else getattr(out, "logits", out)
-            loss = nn.functional.cross_entropy(out, move_to(target, device))
+            loss = nn.functional.cross_entropy(out, _check_labels(out, move_to(target, device)))
             loss.backward()
             seen = True
         if not seen and not distributed.is_distributed():
@@ -340,13 +359,24 @@ class StructuredPruner:
         """Per-layer ratios by group; with iterative pruning, the share of this step, so
         that the steps together remove the requested ratio (not the ratio per step)."""
         step, steps = self._step
+        groups = graph.groups(prunable_only=True)
+        if steps > 1 and self._targets:
+            ratios = step_group_ratios(groups, self._targets, step, steps)
+            if not self.global_pruning:
+                return ratios
+            fixed = {gid for gid in ratios if self._has_layer_ratio(graph, gid)}
+            return {gid: r for gid, r in ratios.items() if gid in fixed}
         ratios = {}
-        for g in graph.groups(prunable_only=True):
+        for g in groups:
             for s in g.slices:
                 if s.kind != "in" and s.module in self.layer_ratios:
-                    ratios[g.id] = _step_ratio(self.layer_ratios[s.module], step, steps)
+                    ratios[g.id] = self.layer_ratios[s.module]
                     break
         return ratios
+
+    def _has_layer_ratio(self, graph: DependencyGraph, gid: int) -> bool:
+        g = next(g for g in graph.groups(prunable_only=True) if g.id == gid)
+        return any(s.kind != "in" and s.module in self.layer_ratios for s in g.slices)
 
     def _make_plan(self, graph, model, stats, ratio: float, scores: dict | None = None) -> PruningPlan:
         scores = scores if scores is not None else self._scores(graph, model, stats)
@@ -444,18 +474,11 @@ class StructuredPruner:
                 spec.pruner.compensate(module, spec.name, idx.to(dev), st.mean[idx].to(dev))
 
     def _verify(self, model: nn.Module, graph: DependencyGraph) -> None:
-        was = model.training
-        model.eval()
-        try:
-            with ShapeOnlyMode():  # the check needs shapes and argument checks, not numbers
-                outs = run_model(model, self.example_inputs, self.forward_fn)
-        except Exception as exc:
-            raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
-        finally:
-            model.train(was)
-        shapes = [tuple(o.shape) for o in outs]
-        if shapes != [tuple(s) for s in graph.output_shapes]:
-            raise PruningError(f"the pruned model's output shapes {shapes} differ from {graph.output_shapes}")
+        """Shapes and finiteness of ``model``'s outputs against the original's
+        (:mod:`cleanai_core.verify`); raises :class:`PruningError`."""
+        if self._reference is None:
+            self._reference = reference(self.model, self.example_inputs, self.forward_fn, self.output_transform)
+        check_outputs(model, self.example_inputs, self._reference, self.forward_fn, self.output_transform)
 
     def _safe_build(self, source, graph, stats, plan: PruningPlan) -> tuple[nn.Module, list[SliceEdit]]:
         """Build; if the result does not run, find the groups at fault by bisection,
@@ -512,9 +535,8 @@ class StructuredPruner:
             current = self._prune_steps()
         finally:
             self._step = (0, 1)  # also when a step fails: a later plan() must not see a stale step
-        if self.recalibrate_bn and self._calibration is not None:
-            self._recalibrate(current)
-        current.train(self.model.training)
+            self._targets = {}
+        _copy_modes(self.model, current)
         if self.inplace:
             self._transplant(current)
             current = self.model
@@ -523,9 +545,12 @@ class StructuredPruner:
 
     def _prune_steps(self) -> nn.Module:
         """The pruning steps (one unless ``iterative_steps``): plan, build, record."""
-        current, graph, stats = self.model, self.graph, self.stats
+        current, graph, stats, moments = self.model, self.graph, self.stats, self._bn_moments
         steps = self.iterative_steps
         base_flops = None
+        if steps > 1 and self.target_flops is None:  # every step aims at a count from the original widths
+            self._targets = final_counts(self._make_plan(graph, current, stats, self.pruning_ratio))
+            units = sum(g.size for g in graph.groups(prunable_only=True))
         for step in range(steps):
             self._step = (step, steps)
             if step == 0 and steps == 1:
@@ -533,7 +558,7 @@ class StructuredPruner:
             else:
                 if step > 0:
                     graph = self._build_graph(current)
-                    stats = self._recollect(current, graph)
+                    stats, moments = self._recollect(current, graph)
                 if self.target_flops is not None:
                     # step k ends at target ** (k / steps) of the original FLOPs
                     if base_flops is None:
@@ -543,7 +568,8 @@ class StructuredPruner:
                     share = count_flops(current, self.example_inputs, self.forward_fn) / base_flops
                     r = self._solve_flops(graph, current, stats, self.target_flops ** ((step + 1) / steps) / share)
                 else:
-                    r = _step_ratio(self.pruning_ratio, step, steps)
+                    now = sum(g.size for g in graph.groups(prunable_only=True))
+                    r = step_ratio(self.pruning_ratio, units, now, step, steps)
                 plan = self._make_plan(graph, current, stats, r)
                 if step == 0:
                     self._plan = plan
@@ -556,16 +582,16 @@ class StructuredPruner:
                 old = before.get(name)
                 if isinstance(getattr(m, "bias", None), torch.Tensor) and old is not None and old.bias is None:
                     added.append(name)
+            if self.recalibrate_bn and self._calibration is not None:
+                self._correct_bn(current, pruned_model, moments, edits)
             current = pruned_model
-            if step < steps - 1 and self.recalibrate_bn and self._calibration is not None:
-                self._recalibrate(current)  # the next step's statistics come from a consistent model
         return current
 
     @distributed.stage("re-calibration", then=distributed.combine_returned_stats)
-    def _recollect(self, model: nn.Module, graph: DependencyGraph) -> dict:
+    def _recollect(self, model: nn.Module, graph: DependencyGraph) -> tuple[dict, Moments]:
+        """Statistics (and BatchNorm input moments) of ``model``, an intermediate step's result."""
         if self._calibration is None:
-            return {}
-        loader, n = self._calibration
+            return {}, {}
         collector = StatsCollector(
             model,
             graph.slices,
@@ -573,33 +599,45 @@ class StructuredPruner:
             covariance_budget=self.stats_budget_bytes,
             covariance_rows=self.covariance_rows,
         )
+        moments: Moments = {}
         model.eval()
-        with collector.hooks(), torch.no_grad():
-            for batch in iterate(loader, n):
-                self._forward(model, move_to(split_batch(batch)[0], _device_of(model)))
-        return collector.stats
+        with collector.hooks(), recording(model, moments), torch.no_grad():
+            for batch in self._calibration.replay():
+                self._forward(model, _inputs_for(model, split_batch(batch)[0]))
+        if getattr(self.importance, "needs_gradients", False):  # gradients of this step's model
+            self.gradients = self._accumulate_gradients(model, self._calibration.replay(), _device_of(model))
+        return collector.stats, moments
 
-    @distributed.stage("BatchNorm recalibration", then=distributed.combine_model_batchnorm)
-    def _recalibrate(self, model: nn.Module) -> None:
-        """BatchNorm statistics recomputed on the calibration data (cumulative average)."""
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not bns:
+    @distributed.stage("BatchNorm correction")
+    def _correct_bn(self, source: nn.Module, pruned: nn.Module, moments: Moments, edits: list[SliceEdit]) -> None:
+        """Move ``pruned``'s BatchNorm statistics by what pruning changed at their inputs
+        (:mod:`cleanai_core.bn_correction`): on the kept calibration batches, else on the
+        loader read again beside ``source``; skipped with a warning where neither can be."""
+        data = self._calibration
+        norms = norms_with_running_stats(pruned)
+        keep = {e.module: e.keep for e in edits if e.module in norms}
+
+        def run(model: nn.Module, batch: Any) -> None:
+            self._forward(model, _inputs_for(model, split_batch(batch)[0]))
+
+        if data.cached:
+            correct_batchnorm(pruned, {k: list(v) for k, v in moments.items()}, keep, data.replay, run)
             return
-        loader, n = self._calibration
-        saved = [(m, m.momentum) for m in bns]
-        model.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        try:
-            with torch.no_grad():
-                for batch in iterate(loader, n):
-                    self._forward(model, move_to(split_batch(batch)[0], _device_of(model)))
-        finally:
-            for m, mom in saved:
-                m.momentum = mom
-                m.eval()
+        if data.one_shot:
+            warnings.warn(
+                "BatchNorm statistics were not corrected: the calibration data was an iterator too large to keep, "
+                "so it cannot be read again; give a re-iterable loader (a list or a DataLoader)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return
+        fresh: Moments = {}
+
+        def run_original(batch: Any) -> None:  # the loader may shuffle: measure both on each batch
+            with preserved(source), recording(source, fresh), torch.no_grad():
+                run(source, batch)
+
+        correct_batchnorm(pruned, fresh, keep, data.replay, run, run_original)
 
     def _transplant(self, pruned: nn.Module) -> None:
         """Make ``self.model`` the pruned model, module by module (for ``inplace``)."""
@@ -611,7 +649,8 @@ class StructuredPruner:
             if type(target) is not type(m):  # a plugin may swap a pruned module's class
                 target.__class__ = type(m)
             for key, value in m.__dict__.items():
-                if key != "_modules":
+                # the user's hook handles point at the target's own hook tables: keep them
+                if key != "_modules" and key not in HOOK_ATTRIBUTES:
                     target.__dict__[key] = value
 
     # -- report ---------------------------------------------------------------------------
@@ -747,17 +786,53 @@ def _check_untouched(source: nn.Module, originals: list[torch.Tensor], before: l
     )
 
 
-def _step_ratio(ratio: float, step: int, steps: int) -> float:
-    """The ratio to remove at ``step`` of ``steps`` so that the steps together remove
-    ``ratio`` (each keeps the same share: ``(1 - ratio) ** (1 / steps)``)."""
-    keep_before = (1 - ratio) ** (step / steps)
-    keep_after = (1 - ratio) ** ((step + 1) / steps)
-    return 1 - keep_after / keep_before
-
-
 def _check_ratio(name: str, r: Any) -> None:
     if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0.0 < float(r) < 1.0) or math.isnan(r):
         raise UserError(f"{name}={r!r} must be a number strictly between 0 and 1 (e.g. 0.3 removes 30%)")
+
+
+def _copy_modes(source: nn.Module, target: nn.Module) -> None:
+    """Give every module of ``target`` the train/eval mode of its namesake in ``source``
+    (a frozen BatchNorm inside a training model stays frozen)."""
+    modes = {name: m.training for name, m in source.named_modules()}
+    for name, m in target.named_modules():
+        m.training = modes.get(name, source.training)
+
+
+def _inputs_for(model: nn.Module, inputs: Any) -> Any:
+    """``inputs`` on ``model``'s device; float64 tensors cast to the model's floating dtype
+    when it is another (numpy arrays default to float64, models to float32)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is None:
+        return inputs
+    inputs = move_to(inputs, p.device)
+    if p.dtype == torch.float64:
+        return inputs
+    return tree_map(lambda t: t.to(p.dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else t, inputs)
+
+
+def _check_labels(out: Any, target: Any) -> torch.Tensor:
+    """Labels a classification loss can use for gradient criteria, or a :class:`UserError`."""
+    if not isinstance(out, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise UserError(
+            "taylor importance needs a tensor of logits and a tensor of labels; pass output_transform=lambda out: "
+            "<the logits> for models that return something else"
+        )
+    if target.is_floating_point() or target.is_complex():
+        if target.shape == out.shape:  # class probabilities (soft labels)
+            return target.to(out.dtype)
+        raise UserError(
+            f"taylor importance needs integer class labels, got {target.dtype} labels of shape {tuple(target.shape)}; "
+            "give class indices 0..N-1 (e.g. labels.long())"
+        )
+    if target.ndim == 0 or out.ndim == 0 or target.shape[0] != out.shape[0]:
+        n_in = out.shape[0] if out.ndim else 1
+        n_lab = target.shape[0] if target.ndim else 1
+        raise UserError(
+            f"the calibration batch has {n_in} inputs but {n_lab} labels; "
+            "give one label per input for taylor importance"
+        )
+    return target
 
 
 def _device_of(model: nn.Module) -> torch.device | None:

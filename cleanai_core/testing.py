@@ -21,25 +21,22 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.plugins import temporary_plugin
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
+from cleanai_core.verify import model_outputs
 
 __all__ = ["OracleReport", "check_pruner", "masked_forward", "random_units", "run_model", "temporary_plugin"]
 
 
-def run_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> list[torch.Tensor]:
+def run_model(
+    model: nn.Module, inputs: Any, forward_fn: Callable | None = None, output_transform: Callable | None = None
+) -> list[torch.Tensor]:
     """Call ``model`` (in eval mode, restored after) like the tracer does and return the
-    flat list of output tensors."""
-    from cleanai_core.metrics import call_model, eval_mode
-
-    with eval_mode(model), torch.no_grad():
-        out = call_model(model, inputs, forward_fn)
-    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
-        out = out.logits
-    return [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    flat list of output tensors (after ``output_transform``; dataclass and ``ModelOutput``
+    fields included)."""
+    return model_outputs(model, inputs, forward_fn, output_transform)
 
 
 def random_units(
@@ -65,7 +62,11 @@ def random_units(
 
 
 def masked_forward(
-    graph: DependencyGraph, pruned: torch.Tensor, inputs: Any, forward_fn: Callable | None = None
+    graph: DependencyGraph,
+    pruned: torch.Tensor,
+    inputs: Any,
+    forward_fn: Callable | None = None,
+    output_transform: Callable | None = None,
 ) -> list[torch.Tensor]:
     """Outputs of the *unpruned* model with the pruned channels zeroed at every slice
     (module outputs, module inputs, norm affines, bare tensors). A pruner of a composite
@@ -116,7 +117,7 @@ def masked_forward(
 
             handles.append(module.register_forward_hook(post))
     try:
-        return run_model(model, inputs, forward_fn)
+        return run_model(model, inputs, forward_fn, output_transform)
     finally:
         for h in handles:
             h.remove()
@@ -146,11 +147,12 @@ def check_pruner(
     ``model`` must be in eval mode for a meaningful comparison."""
     graph = DependencyGraph(model, inputs, forward_fn=forward_fn, **graph_kwargs)
     pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed), exclude_normalized=True)
-    expected = masked_forward(graph, pruned, inputs, forward_fn)
+    transform = graph_kwargs.get("output_transform")
+    expected = masked_forward(graph, pruned, inputs, forward_fn, transform)
     small = copy.deepcopy(model)
     edits = [SliceEdit(m, s, k, _dim(graph, m, s)) for (m, s), k in graph.keep_indices(pruned).items()]
     apply_edits(small, edits, graph.pm)
-    got = run_model(small, inputs, forward_fn)
+    got = run_model(small, inputs, forward_fn, transform)
     same = [a.shape for a in got] == [b.shape for b in expected]
     diff = max(
         (float((a - b).abs().max()) for a, b in zip(got, expected, strict=False) if a.shape == b.shape),

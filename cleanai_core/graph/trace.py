@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from cleanai_core.metrics import call_model
+from cleanai_core.model_state import preserved
 from cleanai_core.shapes import ShapeOnlyMode, map_tensors
 
 __all__ = ["ModuleCall", "OpCall", "Recording", "TRef", "record"]
@@ -198,10 +199,10 @@ def record(
     for name, module in names if names is not None else model.named_modules():
         handles.append(module.register_forward_pre_hook(lambda m, a, k, n=name: pre(m, a, k, n), with_kwargs=True))
         handles.append(module.register_forward_hook(lambda m, a, k, o, n=name: post(m, a, k, o, n), with_kwargs=True))
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # a traced train-mode forward would update BatchNorm statistics of the user's model
     try:
-        with torch.no_grad():
+        # eval mode, and every module's mode, buffers (BatchNorm, quantization observers) and
+        # attributes put back afterwards: tracing leaves the user's model as it was
+        with preserved(model), torch.no_grad():
             leaves = tree_flatten(example_inputs)[0]
             input_refs = [rec.ref(t) for t in leaves if isinstance(t, torch.Tensor)]
             with rec:
@@ -214,8 +215,6 @@ def record(
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     return Recording(rec.events, input_refs, out_refs)
 
 

@@ -1,0 +1,80 @@
+"""Leave the user's model exactly as it was after CleanAI ran it.
+
+Glossary:
+
+- *mode*: a module's own ``training`` flag. A frozen BatchNorm (eval) inside a model in
+  training mode has its own mode, and so does every module inside ``nn.DataParallel``.
+- *state*: what a forward pass may change besides the output: buffers written in place
+  (BatchNorm running statistics in train mode, quantization observers' ``min_val`` /
+  ``max_val`` / histograms and fake-quant ``scale`` / ``zero_point``, which update even in
+  eval mode), buffers replaced by new tensors, and plain attributes a forward sets.
+
+:func:`preserved` runs a block with the model in eval mode and puts every module's mode,
+buffers and plain attributes back afterwards, also when the block raises. Buffers are
+restored into the very tensor objects the user holds (their values, and their shape where
+an observer resized one), so references to them stay valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["HOOK_ATTRIBUTES", "preserved"]
+
+#: a module's hook tables (``_forward_hooks``, ``_forward_pre_hooks``, ...): the user's
+#: ``RemovableHandle`` objects point at these very dicts
+HOOK_ATTRIBUTES = frozenset(k for k in nn.Module().__dict__ if "hook" in k)
+_TABLES = frozenset({"_parameters", "_buffers", "_modules"}) | HOOK_ATTRIBUTES
+
+
+class _Snapshot:
+    """Modes, buffers (object and a copy of its values) and plain attributes of every module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = list(model.modules())
+        self.buffers = [
+            {k: (b, b.detach().clone()) for k, b in m._buffers.items() if isinstance(b, torch.Tensor)}
+            for m in self.modules
+        ]
+        self.attrs = [{k: v for k, v in m.__dict__.items() if k not in _TABLES} for m in self.modules]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for m, bufs, attrs in zip(self.modules, self.buffers, self.attrs, strict=True):
+                for key in [k for k in m.__dict__ if k not in _TABLES and k not in attrs]:
+                    del m.__dict__[key]  # set by a forward
+                for key, value in attrs.items():
+                    if m.__dict__.get(key, _MISSING) is not value:
+                        m.__dict__[key] = value  # includes ``training``
+                for key, (obj, saved) in bufs.items():
+                    _put_back(obj, saved)
+                    m._buffers[key] = obj
+
+
+_MISSING = object()
+
+
+def _put_back(obj: torch.Tensor, saved: torch.Tensor) -> None:
+    """Write ``saved`` into ``obj`` where they differ (values, or the shape an observer
+    resized); an untouched buffer is not written (its version counter stays)."""
+    if obj.shape != saved.shape or obj.device != saved.device:
+        obj.set_(saved.to(obj.device))
+    elif not bool(((obj == saved) | (torch.isnan(obj) & torch.isnan(saved))).all()):
+        obj.copy_(saved)
+
+
+@contextmanager
+def preserved(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
+    """Run the block (in eval mode unless ``eval_mode=False``) and restore every module's
+    mode, buffers and attributes afterwards, also on error or Ctrl-C."""
+    snap = _Snapshot(model)
+    if eval_mode:
+        model.eval()
+    try:
+        yield model
+    finally:
+        snap.restore()

@@ -1,0 +1,65 @@
+"""Calibration data kept for the passes after the first one.
+
+BatchNorm correction, iterative pruning and gradient criteria read the calibration data
+again. Reading the loader twice fails for a one-shot generator and gives other batches
+for a shuffled loader, so the batches seen during calibration are kept as yielded while
+they fit in :data:`CACHE_BYTES` (calibration sets are a few batches). Beyond that the
+loader is read again, where it can be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from cleanai_core.calibration import iterate
+from cleanai_core.errors import UserError
+
+__all__ = ["CACHE_BYTES", "CalibrationData"]
+
+#: the most bytes of calibration batches kept in memory
+CACHE_BYTES = 256 << 20
+
+
+class CalibrationData:
+    """The calibration loader, and its batches while they fit in ``budget`` bytes."""
+
+    def __init__(self, loader: Iterable[Any], num_batches: int | None, budget: int | None = None) -> None:
+        self.loader = loader
+        self.num_batches = num_batches
+        self.budget = CACHE_BYTES if budget is None else budget
+        self.batches: list[Any] | None = []
+        self._bytes = 0
+
+    def keep(self, batch: Any) -> None:
+        """Remember ``batch`` (one the first pass saw) unless the budget is spent."""
+        if self.batches is None:
+            return
+        self._bytes += sum(t.numel() * t.element_size() for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor))
+        if self._bytes > self.budget:
+            self.batches = None  # too large to keep: later passes read the loader again
+        else:
+            self.batches.append(batch)
+
+    @property
+    def cached(self) -> bool:
+        return self.batches is not None
+
+    @property
+    def one_shot(self) -> bool:
+        """The loader is an iterator: a second read yields nothing."""
+        return isinstance(self.loader, Iterator)
+
+    def replay(self) -> Iterator[Any]:
+        """The same batches again: from memory, else from the loader (re-iterable only)."""
+        if self.batches is not None:
+            return iter(self.batches)
+        if self.one_shot:
+            raise UserError(
+                "the calibration data can be read only once (an iterator or generator) and is too large to keep "
+                f"in memory (over {self.budget >> 20} MiB): give a re-iterable loader such as a list or a DataLoader"
+            )
+        return iterate(self.loader, self.num_batches)

@@ -1,0 +1,117 @@
+"""Verification: does a pruned model still give what the user would use?
+
+Glossary:
+
+- *outputs*: the tensor leaves of what the model returns after ``output_transform``
+  (default: ``.logits`` where the output has it), found in tensors, tuples, lists, dicts,
+  dataclasses and ``ModelOutput``-like objects, in order.
+- *reference*: the original model's outputs on the example inputs, computed once: their
+  shapes, and which of them are finite.
+
+:func:`check_outputs` runs the pruned model on the example inputs and raises
+:class:`~cleanai_core.errors.PruningError` when it fails to run, when its outputs' shapes
+differ from the reference, or when an output holds NaN or inf where the original's was
+finite. The pruner's failing-group search then names and skips the groups at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from cleanai_core.errors import PruningError
+from cleanai_core.metrics import call_model
+from cleanai_core.model_state import preserved
+
+__all__ = ["Reference", "check_outputs", "model_outputs", "output_leaves", "reference"]
+
+
+def output_leaves(out: Any) -> list[torch.Tensor]:
+    """Every tensor in ``out``, in order (see the glossary)."""
+    leaves: list[torch.Tensor] = []
+    _collect(out, leaves)
+    return leaves
+
+
+def _collect(obj: Any, acc: list[torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        acc.append(obj)
+    elif isinstance(obj, dict):  # also ModelOutput (an OrderedDict of its set fields)
+        for v in obj.values():
+            _collect(v, acc)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            _collect(v, acc)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _collect(getattr(obj, f.name), acc)
+    elif attrs.has(type(obj)):
+        for f in attrs.fields(type(obj)):
+            _collect(getattr(obj, f.name), acc)
+    elif hasattr(obj, "to_tuple"):
+        _collect(obj.to_tuple(), acc)
+
+
+def model_outputs(
+    model: nn.Module,
+    inputs: Any,
+    forward_fn: Callable | None = None,
+    output_transform: Callable[[Any], Any] | None = None,
+) -> list[torch.Tensor]:
+    """Call ``model`` (eval mode, its state put back after, no gradients) and return its
+    outputs' tensor leaves, after ``output_transform`` (default: ``.logits`` where present)."""
+    with preserved(model), torch.no_grad():
+        out = call_model(model, inputs, forward_fn)
+    if output_transform is not None:
+        out = output_transform(out)
+    elif isinstance(getattr(out, "logits", None), torch.Tensor):
+        out = out.logits
+    return output_leaves(out)
+
+
+@attrs.frozen
+class Reference:
+    """The original model's output shapes and which outputs are finite."""
+
+    shapes: list[tuple[int, ...]]
+    finite: list[bool]
+
+
+def reference(
+    model: nn.Module, inputs: Any, forward_fn: Callable | None = None, output_transform: Callable | None = None
+) -> Reference:
+    outs = model_outputs(model, inputs, forward_fn, output_transform)
+    return Reference([tuple(o.shape) for o in outs], [_finite(o) for o in outs])
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return (not t.is_floating_point() and not t.is_complex()) or bool(torch.isfinite(t).all())
+
+
+def check_outputs(
+    model: nn.Module,
+    inputs: Any,
+    ref: Reference,
+    forward_fn: Callable | None = None,
+    output_transform: Callable | None = None,
+) -> None:
+    """Raise :class:`PruningError` unless ``model`` runs on ``inputs`` with the reference's
+    output shapes and finite outputs wherever the reference's are finite."""
+    try:
+        outs = model_outputs(model, inputs, forward_fn, output_transform)
+    except Exception as exc:
+        raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
+    shapes = [tuple(o.shape) for o in outs]
+    if shapes != ref.shapes:
+        raise PruningError(f"the pruned model's output shapes {shapes} differ from {ref.shapes}")
+    bad = [i for i, (o, was) in enumerate(zip(outs, ref.finite, strict=True)) if was and not _finite(o)]
+    if bad:
+        raise PruningError(
+            f"the pruned model's output{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} hold NaN or inf "
+            "where the original model's are finite"
+        )

@@ -1,0 +1,163 @@
+"""BatchNorm correction: eval mode at any batch size, no change where pruning changed
+nothing, running statistics moved by the measured difference, data read once."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner, replay
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(c, c // 2, 1)
+        self.bn = nn.BatchNorm2d(c // 2)  # sees one value per channel at batch size 1
+        self.expand = nn.Conv2d(c // 2, c, 1)
+
+    def forward(self, x):
+        w = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.expand(torch.relu(self.bn(self.reduce(w)))))
+
+
+class Net(nn.Module):
+    """conv-BN twice, squeeze-excite, global pooling, then BN after a linear (BN1d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.se = SqueezeExcite(16)
+        self.pooled_bn = nn.BatchNorm1d(16)  # BN after global pooling
+        self.fc, self.bnf = nn.Linear(16, 32), nn.BatchNorm1d(32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.se(torch.relu(self.bn2(self.conv2(x))))
+        x = self.pooled_bn(x.mean((2, 3)))
+        return self.head(torch.relu(self.bnf(self.fc(x))))
+
+
+def _trained(seed: int = 0) -> Net:
+    """Random weights, running statistics from a train-mode pass on data unlike the
+    calibration data (shifted and scaled), as for a model trained elsewhere."""
+    torch.manual_seed(seed)
+    model = Net().train()
+    with torch.no_grad():
+        for _ in range(30):
+            model(torch.randn(16, 3, 8, 8) * 2.0 + 0.5)
+    return model.eval()
+
+
+def _plant_dead_units(model: Net) -> None:
+    """Half the units of every prunable group carry nothing: zero weights and biases in
+    the producer and its BN, so their activations are exactly zero."""
+    with torch.no_grad():
+        for conv, bn, n in ((model.conv1, model.bn1, 8), (model.fc, model.bnf, 16), (model.se.reduce, model.se.bn, 4)):
+            conv.weight[:n] = 0
+            conv.bias[:n] = 0
+            bn.weight[:n] = 0
+            bn.bias[:n] = 0
+
+
+def _data(n: int, batch: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 8, 8, generator=g) for _ in range(n)]
+
+
+def _prune(model, data, **kw):
+    pruner = StructuredPruner(
+        model, data[0] if isinstance(data, list) else torch.randn(1, 3, 8, 8), ignored_layers=[model.head], **kw
+    )
+    pruner.collect_activations(data, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pruner, pruner.prune()
+
+
+def test_pruning_planted_dead_units_leaves_outputs_unchanged():
+    model = _trained()
+    _plant_dead_units(model)
+    # conv2's outputs are all alive: only groups holding dead units are cut
+    pruner = StructuredPruner(
+        model, torch.randn(2, 3, 8, 8), pruning_ratio=0.5, ignored_layers=[model.head, model.conv2]
+    )
+    pruner.collect_activations(_data(4, 8), progress=False)
+    pruned = pruner.prune()
+    assert pruned.conv1.out_channels == 8 and pruned.fc.out_features == 16 and pruned.se.reduce.out_channels == 4
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected, got = model(x), pruned(x)
+    assert float(expected.abs().max()) > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # the running statistics stay as trained on the kept channels
+    torch.testing.assert_close(pruned.bn1.running_var, model.bn1.running_var[8:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(pruned.bnf.running_mean, model.bnf.running_mean[16:], atol=1e-6, rtol=1e-5)
+
+
+def test_batch_size_one_with_bn_after_pooling_squeeze_excite_and_linear():
+    model = _trained()
+    data = _data(5, 1)
+    _, pruned = _prune(model, data, pruning_ratio=0.3)
+    assert pruned.se.bn.num_features < 8 and pruned.bnf.num_features < 32
+    with torch.no_grad():
+        out = pruned(torch.randn(4, 3, 8, 8))
+    assert out.shape == (4, 10) and bool(torch.isfinite(out).all())
+    for m in pruned.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert not m.training and bool((m.running_var >= 0).all()) and bool(torch.isfinite(m.running_mean).all())
+
+
+def test_running_mean_moves_by_the_measured_difference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    model[3].running_mean.uniform_(-1, 1)
+    model[3].running_var.uniform_(0.5, 2)
+    model.eval()
+    data = _data(3, 4)
+    pruner = StructuredPruner(
+        model, data[0], "magnitude", pruning_ratio=0.5, ignored_layers=[model[2]], bias_compensation=False
+    )
+    pruner.collect_activations(data, progress=False)
+    pruned = pruner.prune()
+    # what the BN sees, measured by hand in both models over all calibration batches
+    x = torch.cat(data)
+    with torch.no_grad():
+        a = model[:3](x).transpose(0, 1).reshape(4, -1).double()
+        b = pruned[:3](x).transpose(0, 1).reshape(4, -1).double()
+    assert float((a.mean(1) - b.mean(1)).abs().max()) > 1e-3  # pruning changed the BN input (no compensation)
+    want_mean = model[3].running_mean.double() + b.mean(1) - a.mean(1)
+    want_var = model[3].running_var.double() * b.var(1, correction=0) / a.var(1, correction=0)
+    torch.testing.assert_close(pruned[3].running_mean.double(), want_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pruned[3].running_var.double(), want_var, atol=1e-5, rtol=1e-4)
+
+
+def test_one_shot_generator_is_read_once_and_corrected_alike():
+    model = _trained()
+    data = _data(4, 2)
+    _, from_list = _prune(model, data, pruning_ratio=0.4)
+    _, from_generator = _prune(model, (b for b in data), pruning_ratio=0.4)
+    for a, b in zip(from_list.state_dict().values(), from_generator.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_data_too_large_to_keep_is_read_again_beside_the_original(monkeypatch):
+    model = _trained()
+    data = _data(4, 2)
+    _, kept = _prune(model, data, pruning_ratio=0.4)
+    monkeypatch.setattr(replay, "CACHE_BYTES", 0)
+    reads = []
+
+    class Loader:  # re-iterable, counts its reads
+        def __iter__(self):
+            reads.append(1)
+            return iter(data)
+
+    _, reread = _prune(model, Loader(), pruning_ratio=0.4)
+    assert len(reads) == 3  # calibration, then two correction passes (original and pruned side by side)
+    for a, b in zip(kept.state_dict().values(), reread.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

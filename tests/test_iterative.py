@@ -1,0 +1,77 @@
+"""Iterative pruning reaches the asked ratio, and gradient criteria work at every step."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+
+
+def _chain() -> nn.Sequential:
+    torch.manual_seed(0)
+    widths = [3, 10, 20, 30, 60]
+    layers: list[nn.Module] = []
+    for cin, cout in zip(widths, widths[1:], strict=False):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(60, 5)).eval()
+
+
+def _data(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
+
+
+def _widths(model: nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _prune(model, importance="weight_activation", **kw) -> nn.Module:
+    pruner = StructuredPruner(model, torch.randn(2, 3, 8, 8), importance, ignored_layers=[model[-1]], **kw)
+    pruner.collect_activations(_data(), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pruner.prune()
+
+
+@pytest.mark.parametrize("steps", [2, 3, 5])
+def test_iterative_steps_keep_what_one_step_keeps(steps):
+    one = _widths(_prune(_chain(), pruning_ratio=0.5))
+    assert one == [5, 10, 15, 30]
+    assert _widths(_prune(_chain(), pruning_ratio=0.5, iterative_steps=steps)) == one
+
+
+def test_iterative_steps_with_layer_ratios_and_round_to():
+    kw = dict(pruning_ratio=0.3, layer_pruning_ratios={"6": 0.6}, round_to=4)
+    one = _widths(_prune(_chain(), **kw))
+    assert one == [8, 16, 12, 44]
+    assert _widths(_prune(_chain(), iterative_steps=4, **kw)) == one
+
+
+def test_iterative_global_pruning_removes_the_asked_share():
+    one = sum(_widths(_prune(_chain(), pruning_ratio=0.5, global_pruning=True)))
+    many = sum(_widths(_prune(_chain(), pruning_ratio=0.5, global_pruning=True, iterative_steps=4)))
+    assert one == 60 and many == 60
+
+
+def test_taylor_refreshes_gradients_at_every_step():
+    model = _chain()
+    pruned = _prune(model, "taylor", pruning_ratio=0.5, iterative_steps=3)
+    assert _widths(pruned) == [5, 10, 15, 30]
+    assert pruned(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
+@pytest.mark.slow
+def test_resnet18_conv1_ends_at_half_after_five_steps():
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, iterative_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = pruner.prune()
+    assert pruned.conv1.out_channels == 32
+    assert pruned.layer4[0].conv1.out_channels == 256

@@ -1,0 +1,140 @@
+"""The user's model object is left exactly as it was: every module's own mode, every
+buffer (quantization observers included), hook handles, and ``requires_grad`` of new biases."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+
+torch.ao.quantization = pytest.importorskip("torch.ao.quantization")
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+def _x(n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(n))
+
+
+def _prune(model: nn.Module, **kw) -> nn.Module:
+    pruner = StructuredPruner(model, _x(), pruning_ratio=0.5, **kw)
+    pruner.collect_activations([_x(4), _x(6)], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pruner.prune()
+
+
+def _modes(model: nn.Module) -> dict[str, bool]:
+    return {n: m.training for n, m in model.named_modules()}
+
+
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
+
+
+def _assert_bit_identical(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = dict(model.named_buffers())
+    assert sorted(after) == sorted(before)
+    changed = [
+        n for n, b in before.items() if after[n].shape != b.shape or not torch.equal(after[n].view(-1), b.view(-1))
+    ]
+    assert changed == []
+
+
+def test_frozen_batchnorm_inside_a_training_model_stays_frozen():
+    model = _net().train()
+    model[1].eval()  # a frozen BN, as in detection backbones
+    modes = _modes(model)
+    pruned = _prune(model)
+    assert _modes(model) == modes
+    assert model[1].training is False and model[4].training is True
+    assert _modes(pruned) == modes  # the pruned copy keeps each module's mode too
+
+
+def test_data_parallel_of_an_eval_model_stays_eval():
+    model = nn.DataParallel(_net().eval())
+    modes = _modes(model)
+    assert modes["module"] is False and modes[""] is True
+    _prune(model)
+    assert _modes(model) == modes
+
+
+@pytest.mark.parametrize("qat", [False, True], ids=["prepare", "prepare_qat"])
+def test_quantization_observers_are_not_updated(qat):
+    tq = torch.ao.quantization
+    model = _net().train() if qat else _net().eval()
+    model.qconfig = tq.get_default_qat_qconfig("x86") if qat else tq.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (tq.prepare_qat if qat else tq.prepare)(model, inplace=True)
+    before = _buffers(model)
+    assert any("activation_post_process" in n for n in before)
+    modes = _modes(model)
+    pruner = StructuredPruner(model, _x(), pruning_ratio=0.5)
+    _assert_bit_identical(model, before)  # tracing
+    pruner.collect_activations([_x(4), _x(6)], progress=False)
+    _assert_bit_identical(model, before)  # calibration
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.prune()
+    pruner.report()
+    _assert_bit_identical(model, before)  # slicing, verification, FLOPs
+    assert _modes(model) == modes
+
+
+def test_batchnorm_statistics_untouched_in_train_mode():
+    model = _net().train()
+    before = _buffers(model)
+    _prune(model)
+    _assert_bit_identical(model, before)
+
+
+def test_inplace_keeps_the_users_hook_handles_valid():
+    model = _net().eval()
+    calls: list[int] = []
+    handle = model[3].register_forward_hook(lambda m, a, o: calls.append(1))
+    pre = model[0].register_forward_pre_hook(lambda m, a: calls.append(2))
+    pruned = _prune(model, inplace=True)
+    assert pruned is model
+    calls.clear()
+    model(_x())
+    assert sorted(calls) == [1, 2]  # the hooks still run on the pruned model
+    handle.remove()
+    pre.remove()
+    calls.clear()
+    model(_x())
+    assert calls == []  # and remove() still removes them
+
+
+def test_compensation_gives_a_frozen_layer_a_frozen_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 1, bias=False),
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model[4].weight.requires_grad_(True)  # a trainable head gets a trainable bias
+    pruned = _prune(model)
+    biases = {n: p.requires_grad for n, p in pruned.named_parameters() if n.endswith("bias")}
+    assert biases == {"2.bias": False, "4.bias": True}

@@ -1,0 +1,119 @@
+"""Verification catches what users would hit: NaN/inf outputs, and it honours
+``output_transform`` and dataclass outputs (also in ``check_pruner``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.testing import check_pruner
+
+
+class Body(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+        self.aux = nn.Linear(16, 3)
+
+    def features(self, x):
+        return torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3))
+
+
+class DividesByWidthMinusEight(Body):
+    """Finite as trained; infinite once conv2 keeps 8 channels (as a model with a
+    width-dependent normaliser would be)."""
+
+    def forward(self, x):
+        y = self.features(x)
+        return self.fc(y) / torch.tensor(float(y.shape[1] - 8))
+
+
+class TwoHeads(Body):
+    def forward(self, x):
+        y = self.features(x)
+        return {"out": self.fc(y), "aux": self.aux(y)}
+
+
+@dataclasses.dataclass
+class Output:
+    logits_main: torch.Tensor
+    extra: torch.Tensor
+
+
+class DataclassHeads(Body):
+    def forward(self, x):
+        y = self.features(x)
+        return Output(self.fc(y), self.aux(y))
+
+
+def _x(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 6, 6, generator=torch.Generator().manual_seed(n))
+
+
+def _prune(model, **kw):
+    pruner = StructuredPruner(model.eval(), _x(), pruning_ratio=0.5, **kw)
+    pruner.collect_activations([_x(4)], progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = pruner.prune()
+    return pruner, pruned, [str(w.message) for w in caught if "skipped group" in str(w.message)]
+
+
+def test_non_finite_output_of_a_pruned_model_is_caught_and_its_group_skipped():
+    model = DividesByWidthMinusEight()
+    assert bool(torch.isfinite(model(_x())).all())
+    pruner, pruned, skipped = _prune(model, ignored_layers=["fc", "aux"])
+    assert len(skipped) == 1 and "conv2" in skipped[0] and "NaN or inf" in skipped[0]
+    assert pruned.conv2.out_channels == 16 and pruned.conv1.out_channels == 8  # the rest is pruned
+    assert bool(torch.isfinite(pruned(_x())).all())
+    assert pruner.report()["skipped_groups"] == skipped
+
+
+def test_non_finite_outputs_where_the_original_is_non_finite_are_not_blamed():
+    model = DividesByWidthMinusEight()
+    with torch.no_grad():
+        model.fc.bias.fill_(float("inf"))
+    _, pruned, skipped = _prune(model, ignored_layers=["fc", "aux", "conv2"])
+    assert skipped == [] and pruned.conv1.out_channels == 8
+
+
+def test_output_transform_that_drops_an_output_is_honoured():
+    _, pruned, skipped = _prune(TwoHeads(), output_transform=lambda o: o["out"], ignored_layers=["fc"])
+    assert skipped == []
+    assert pruned.conv1.out_channels == 8 and pruned.conv2.out_channels == 8
+    assert pruned(_x())["out"].shape == (2, 10)
+
+
+def test_dataclass_outputs_are_compared_on_every_field():
+    _, pruned, skipped = _prune(DataclassHeads(), ignored_layers=["fc", "aux"])
+    assert skipped == [] and pruned.conv2.out_channels == 8
+    out = pruned(_x())
+    assert out.logits_main.shape == (2, 10) and out.extra.shape == (2, 3)
+
+
+def test_check_pruner_honours_output_transform_and_dataclasses():
+    two = check_pruner(TwoHeads().eval(), _x(), output_transform=lambda o: o["out"])
+    assert two.output_shapes_equal and two.max_abs_diff < 1e-5 and two.pruned_units > 0
+    both = check_pruner(DataclassHeads().eval(), _x())
+    assert both.output_shapes_equal and both.max_abs_diff < 1e-5 and both.params_after < both.params_before
+
+
+def test_every_group_that_makes_outputs_non_finite_is_skipped():
+    class InfOncePruned(Body):
+        def forward(self, x):
+            y = self.features(x)
+            return self.fc(y) * (torch.inf if y.shape[1] < 16 or self.conv1.out_channels < 16 else 1.0)
+
+    model = InfOncePruned()
+    assert bool(torch.isfinite(model(_x())).all())
+    _, pruned, skipped = _prune(model, ignored_layers=["fc", "aux"])
+    assert len(skipped) == 2 and all("NaN or inf" in m for m in skipped)
+    assert pruned.conv1.out_channels == 16 and pruned.conv2.out_channels == 16
+    assert bool(torch.isfinite(pruned(_x())).all())
