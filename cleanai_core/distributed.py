@@ -387,7 +387,7 @@ def combine_moments(totals: list[list], channels: list[int]) -> None:
         n_all = float(summed[2 * i][0])
         means.append((n_all, summed[2 * i + 1] / n_all if n_all > 0 else torch.zeros(c, dtype=torch.float64)))
     parts = []
-    for (n, mean, m2), (_, mu), c in zip(totals, means, strict=True):
+    for (n, mean, m2), (_, mu), c in zip(totals, means, channels, strict=True):
         if mean is None:
             parts.append(torch.zeros(c, dtype=torch.float64))
         else:

@@ -276,9 +276,12 @@ class StructuredPruner:
                 covariance_rows=self.covariance_rows,
                 budget=self.stats_budget_bytes,
             )
+            data = CalibrationData(loader, num_batches)
+            data.batches = None  # not kept: the BatchNorm correction reads the loader again beside the original
             if getattr(self.importance, "needs_gradients", False):
-                self.gradients = self._accumulate_gradients(loader, num_batches, _device_of(self.model))
-            self._calibration = (loader, num_batches)
+                self.gradients = self._accumulate_gradients(self.model, data.replay(), _device_of(self.model))
+            self._calibration = data
+            self._bn_moments = {}
             self._plan = None
             return self
         from tqdm.auto import tqdm

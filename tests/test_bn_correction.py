@@ -158,6 +158,6 @@ def test_data_too_large_to_keep_is_read_again_beside_the_original(monkeypatch):
             return iter(data)
 
     _, reread = _prune(model, Loader(), pruning_ratio=0.4)
-    assert len(reads) == 3  # calibration, then two correction passes (original and pruned side by side)
+    assert len(reads) == 4  # calibration, then three correction passes (original and pruned side by side)
     for a, b in zip(kept.state_dict().values(), reread.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
