@@ -78,6 +78,7 @@ class TraceContext:
         self._cross: list[tuple[torch.Tensor, str]] = []  # second labels handed out, with their tensor
         self._cross_taken: set[int] = set()
         self.modules: dict[str, Any] = {}  # the model's modules by name (see scope_module)
+        self.whole_heads: set[str] = set()  # attention modules whose reshape splits keep the heads
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
@@ -242,6 +243,11 @@ class TraceContext:
         """The module whose ``forward`` runs the op being traced (``None`` for a module
         call): a mapper may trust what that module's fix-up repairs."""
         return self.modules.get(getattr(self.event, "scope", None))
+
+    def keeps_whole_heads(self) -> bool:
+        """Whether the op being traced runs directly in an attention module whose heads
+        must stay whole (the ``cleanai_whole_heads`` hook)."""
+        return getattr(self.event, "scope", None) in self.whole_heads
 
     def begin(self, event: Any) -> None:
         self.event = event

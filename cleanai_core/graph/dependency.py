@@ -148,9 +148,12 @@ class DependencyGraph:
     def _propagate(self) -> TraceContext:
         choices: dict[int, int] = {}
         modules = dict(self.model.named_modules())
+        heads = {id(m) for res in self.pm.hook.cleanai_whole_heads(model=self.model) for m in res or ()}
+        whole_heads = {name for name, m in modules.items() if id(m) in heads}
         for _ in range(4):
             ctx = TraceContext(choices)
             ctx.modules = modules
+            ctx.whole_heads = whole_heads
             self._setup_params(ctx)
             self._run(ctx)
             if not ctx.split_requests:

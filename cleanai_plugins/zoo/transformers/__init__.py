@@ -1,0 +1,69 @@
+"""Hugging Face transformers models: they prune, and stay transformers models.
+
+- every transformers attention module keeps whole heads (``cleanai_whole_heads``),
+  whichever attention implementation runs (eager, sdpa, flex); grouped-query attention
+  loses whole key/value groups (the SDPA mapper and ``repeat_kv``'s expand/reshape tie a
+  KV head to its query heads);
+- ``Conv1D`` (GPT-2) has a layer pruner (:mod:`.conv1d`); RMS norms are claimed like
+  ``nn.RMSNorm``, so the hidden size can shrink;
+- after slicing, attention attributes (:mod:`.attention`) and ``config``
+  (:mod:`.config`) are rewritten from the modules, so ``save_pretrained`` ->
+  ``from_pretrained`` rebuilds the pruned model when every layer kept the same widths.
+
+transformers is optional: without it this plugin claims nothing.
+"""
+
+from __future__ import annotations
+
+from cleanai_core import hookimpl
+
+try:  # guarded: transformers is an optional extra
+    from transformers import PreTrainedModel
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - exercised only without transformers
+    PreTrainedModel = Conv1D = None
+
+from cleanai_plugins.layers.norm import RMSNormPruner
+from cleanai_plugins.zoo.transformers.attention import fix_attention, is_attention
+from cleanai_plugins.zoo.transformers.config import fix_config
+from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
+
+__all__ = ["Conv1DPruner", "is_rms_norm"]
+
+
+def is_rms_norm(module) -> bool:
+    """A transformers RMS norm (``LlamaRMSNorm``, ``GemmaRMSNorm``, ``T5LayerNorm``...):
+    one weight vector over the last dimension, no bias."""
+    cls = type(module)
+    if not cls.__module__.startswith("transformers.") or not (
+        cls.__name__.endswith("RMSNorm") or cls.__name__ == "T5LayerNorm"
+    ):
+        return False
+    weight = getattr(module, "weight", None)
+    return weight is not None and weight.ndim == 1 and getattr(module, "bias", None) is None
+
+
+@hookimpl(trylast=True)
+def cleanai_whole_heads(model):
+    if PreTrainedModel is None:
+        return None
+    return [m for m in model.modules() if is_attention(m)]
+
+
+@hookimpl(trylast=True)
+def cleanai_after_prune(module, name, edits):
+    if PreTrainedModel is None or not edits:
+        return
+    if is_attention(module):
+        fix_attention(module)
+    if isinstance(module, PreTrainedModel):
+        fix_config(module)
+
+
+@hookimpl(trylast=True)
+def cleanai_layer_pruner(module):
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return Conv1DPruner()
+    if is_rms_norm(module):
+        return RMSNormPruner()
+    return None

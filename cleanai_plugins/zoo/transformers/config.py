@@ -1,0 +1,141 @@
+"""A pruned transformers model's ``config`` rewritten to agree with its modules.
+
+After slicing, the widths live in the tensors; ``save_pretrained`` writes ``config``,
+and ``from_pretrained`` builds the model from it before loading the weights, so every
+width the config names must be the pruned one. Read from the modules:
+
+- ``hidden_size``: the most common width of the normalisation layers the config owns;
+- ``num_attention_heads`` / ``num_key_value_heads`` (``encoder_`` / ``decoder_``
+  variants for encoder-decoder models): from the attention projections; ``head_dim``
+  is written explicitly where the config has the key;
+- the MLP width (``intermediate_size``, ``n_inner``, ``ffn_dim``, ``d_ff``,
+  ``hidden_dim``, ``ffn_hidden_size``, ``encoder_ffn_dim``...): from the first MLP
+  projection of every layer.
+
+A config holds one value per key, so it describes the model only when every layer
+kept the same widths (*uniform* pruning), and only the widths the family reads from it
+(BERT and GPT-2 derive the head size from ``hidden_size / num_attention_heads``, so
+fewer heads cannot be written). The model is rebuilt from the rewritten config on the
+meta device and compared tensor by tensor; ``config.cleanai_pruning`` records what the
+user got: ``{"uniform": true, "from_pretrained": true}``; or ``"uniform": false`` with
+``"per_layer": {key: [widths]}``; or ``"from_pretrained": false`` with the first
+``"mismatched"`` tensors. Without ``from_pretrained``, reload through
+``cleanai_core.load_pruned`` (which replays the history on the original architecture).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter, defaultdict
+
+import torch
+from torch import nn
+
+from cleanai_plugins.zoo.transformers.attention import head_counts, is_attention, proj_width
+
+__all__ = ["fix_config"]
+
+# the first projection of an MLP (its output width is the MLP width), and its stacked parts
+_MLP_UP = re.compile(
+    r"(^|\.)(mlp\.(gate_proj|c_fc|dense_h_to_4h|fc1)|intermediate\.dense|ffn\.lin1|DenseReluDense\.wi(_0)?|"
+    r"fc1|ffn|mlp\.gate_up_proj)$"
+)
+_MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size")
+
+
+def _owner(names: dict[str, nn.Module], name: str) -> tuple[str, object] | None:
+    """The nearest module (itself or an ancestor) holding a transformers config."""
+    while True:
+        config = getattr(names.get(name), "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            return name, config
+        if not name:
+            return None
+        name = name.rpartition(".")[0]
+
+
+def _side(name: str) -> str:
+    """``encoder_`` / ``decoder_`` for the halves of an encoder-decoder model."""
+    parts = name.split(".")
+    return "decoder_" if "decoder" in parts else "encoder_" if "encoder" in parts else ""
+
+
+def _set(config, key: str, values: list[int], record: dict) -> None:
+    if not values or not hasattr(config, key):
+        return
+    if len(set(values)) > 1:
+        record[key] = values
+    setattr(config, key, values[0])
+
+
+def fix_config(model: nn.Module) -> None:
+    """Rewrite the config of every transformers (sub)model of ``model`` from its modules."""
+    names = dict(model.named_modules())
+    found: dict[int, dict] = {}
+    for name, module in names.items():
+        owner = _owner(names, name)
+        if owner is None:
+            continue
+        entry = found.setdefault(id(owner[1]), {"config": owner[1], "norms": Counter(), "values": defaultdict(list)})
+        values = entry["values"]
+        side = _side(name[len(owner[0]) :]) if hasattr(owner[1], "encoder_ffn_dim") else ""
+        if isinstance(module, nn.LayerNorm) or (type(module).__name__.endswith("RMSNorm")):
+            w = getattr(module, "weight", None)
+            if w is not None and w.ndim == 1:
+                entry["norms"][int(w.shape[0])] += 1
+        if is_attention(module):
+            counts = head_counts(module)
+            if counts is not None:
+                heads, kv, hd = counts
+                values[f"{side}attention_heads" if side else "num_attention_heads"].append(heads)
+                if kv is not None:
+                    values["num_key_value_heads"].append(kv)
+                values["head_dim"].append(hd)
+        if _MLP_UP.search(name):
+            width = proj_width(module)
+            if width is not None:
+                if name.endswith("gate_up_proj"):
+                    width //= 2
+                values[f"{side}ffn_dim" if side else "mlp"].append(width)
+    for entry in found.values():
+        config, values = entry["config"], entry["values"]
+        record: dict = {}
+        if entry["norms"]:
+            _set(config, "hidden_size", [entry["norms"].most_common(1)[0][0]], record)
+        for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
+            _set(config, key, values.get(key, []), record)
+        if values.get("head_dim"):  # explicit: families that read it need no hidden_size / heads division
+            config.head_dim = values["head_dim"][0]
+        if values.get("num_key_value_heads") and getattr(config, "num_key_value_heads", None) is not None:
+            _set(config, "num_key_value_heads", values["num_key_value_heads"], record)
+        if values.get("num_key_value_heads") and getattr(config, "num_kv_heads", None) is not None:
+            _set(config, "num_kv_heads", values["num_key_value_heads"], record)
+        for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
+            _set(config, key, values.get(key, []), record)
+        if not hasattr(config, "encoder_ffn_dim"):
+            key = next((k for k in _MLP_KEYS if hasattr(config, k)), None)
+            if key is not None:
+                _set(config, key, values.get("mlp", []), record)
+        config.cleanai_pruning = {"uniform": not record, **({"per_layer": record} if record else {})}
+    if hasattr(model, "config"):
+        mismatched = rebuild_mismatches(model)
+        model.config.cleanai_pruning = {
+            **getattr(model.config, "cleanai_pruning", {"uniform": True}),
+            "from_pretrained": not mismatched,
+            **({"mismatched": mismatched[:5]} if mismatched else {}),
+        }
+
+
+def rebuild_mismatches(model: nn.Module) -> list[str]:
+    """Tensors of ``model`` whose shape the model rebuilt from its config (on the meta
+    device, so nothing is allocated) does not have: empty when ``from_pretrained`` can
+    rebuild it. Families that derive the head size from ``hidden_size /
+    num_attention_heads`` (BERT, GPT-2, ...) cannot express fewer heads."""
+    try:
+        with torch.device("meta"):
+            ref = type(model)(copy.deepcopy(model.config))
+    except Exception as exc:  # a family whose __init__ cannot run on meta: say so
+        return [f"<rebuild failed: {type(exc).__name__}>"]
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    return [k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape)]

@@ -1,0 +1,162 @@
+"""Hugging Face transformers corpus: tiny random models of each family prune, pass the
+masking oracle under eager and sdpa attention, keep a config that agrees with their
+modules, save and reload with identical logits, and generate with a KV cache.
+
+The families are built in ``tests/hf_families.py``. A fast subset (Llama with GQA,
+GPT-2, BERT, ViT) runs by default; the whole list is marked ``corpus``
+(``pytest -m corpus tests/test_hf_corpus.py``). ``python tests/test_hf_corpus.py``
+prints the per-family table of docs/compatibility.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_families import FAMILIES, build  # noqa: E402
+
+from cleanai_core import DependencyGraph  # noqa: E402
+from cleanai_core.slicing import SliceEdit, apply_edits  # noqa: E402
+from cleanai_core.testing import check_pruner, random_units, run_model  # noqa: E402
+
+FAST = ["llama-gqa", "gpt2", "bert", "vit"]
+ATTN = ["eager", "sdpa"]
+
+
+def structure(graph: DependencyGraph) -> list[tuple]:
+    """The groups as comparable data: their slices, sizes and prunable counts."""
+    return sorted((tuple(sorted(f"{s.module}:{s.name}" for s in g.slices)), g.size, g.prunable) for g in graph.groups())
+
+
+def prune_uniform(model, inputs, ratio: float = 0.5, seed: int = 0):
+    """``ratio`` of every group at random (the same count in groups of the same size: the
+    uniform mode) sliced on a copy, fix-ups included; returns ``(pruned, graph)``."""
+    graph = DependencyGraph(model, inputs)
+    pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed), exclude_normalized=True)
+    small = copy.deepcopy(model)
+    keep = graph.keep_indices(pruned)
+    apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()], graph.pm)
+    return small, graph
+
+
+def logits(model, inputs) -> torch.Tensor:
+    return run_model(model, inputs)[0]
+
+
+def check_oracle(name: str, attn: str) -> float:
+    model, inputs, _ = build(name, attn)
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.output_shapes_equal
+    assert report.pruned_units > 0
+    assert report.params_after < report.params_before
+    return report.max_abs_diff
+
+
+def check_reload(name: str, tmp_path: Path) -> tuple[torch.Tensor, torch.Tensor, object]:
+    model, inputs, _ = build(name)
+    small, _ = prune_uniform(model, inputs)
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    return logits(small, inputs), logits(again, inputs), small
+
+
+def check_generate(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    model, inputs, kind = build(name)
+    small, _ = prune_uniform(model, inputs)
+    kwargs = dict(inputs) if isinstance(inputs, dict) else {"input_ids": inputs[0]}
+    kwargs.pop("decoder_input_ids", None)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = small.generate(**kwargs, **gen, use_cache=True)
+        plain = small.generate(**kwargs, **gen, use_cache=False)
+    return cached, plain
+
+
+# -- the fast subset -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_graph_does_not_depend_on_the_attention_implementation(name):
+    graphs = [structure(DependencyGraph(*build(name, attn)[:2])) for attn in ATTN]
+    assert graphs[0] == graphs[1]
+    assert sum(p for _, _, p in graphs[0]) > 0
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("name", FAST)
+def test_pruned_model_equals_the_masked_original(name, attn):
+    assert check_oracle(name, attn) < 1e-4
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_save_pretrained_then_from_pretrained_gives_identical_logits(name, tmp_path):
+    before, after, small = check_reload(name, tmp_path)
+    assert before.shape == after.shape
+    assert torch.equal(before, after)
+    assert small.config.cleanai_pruning == {"uniform": True}
+
+
+# -- the whole list --------------------------------------------------------------------
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_corpus_oracle(name, attn):
+    assert check_oracle(name, attn) < 1e-4
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_corpus_reload(name, tmp_path):
+    before, after, _ = check_reload(name, tmp_path)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", sorted(n for n, (_, kind) in FAMILIES.items() if kind != "encoder"))
+def test_corpus_generate(name):
+    cached, plain = check_generate(name)
+    assert torch.equal(cached, plain)
+
+
+def _table() -> None:  # pragma: no cover - the compatibility table, by hand
+    import tempfile
+    import traceback
+
+    names = sys.argv[1:] or sorted(FAMILIES)
+    for name in names:
+        row = [name]
+        for attn in ATTN:
+            try:
+                row.append(f"{attn} {check_oracle(name, attn):.1e}")
+            except Exception as exc:
+                row.append(f"{attn} FAIL {type(exc).__name__}: {str(exc)[:200]}")
+                traceback.print_exc(limit=-3)
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                before, after, small = check_reload(name, Path(d))
+                row.append(f"reload {'equal' if torch.equal(before, after) else (before - after).abs().max()}")
+                row.append(f"cfg {small.config.cleanai_pruning}")
+        except Exception as exc:
+            row.append(f"reload FAIL {type(exc).__name__}: {str(exc)[:200]}")
+            traceback.print_exc(limit=-3)
+        if FAMILIES[name][1] != "encoder":
+            try:
+                cached, plain = check_generate(name)
+                row.append(f"generate {'same' if torch.equal(cached, plain) else 'DIFFERENT'}")
+            except Exception as exc:
+                row.append(f"generate FAIL {type(exc).__name__}: {str(exc)[:200]}")
+                traceback.print_exc(limit=-3)
+        print(" | ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    _table()
