@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -13,7 +14,15 @@ from cleanai_core.graph.dependency import resolve_modules
 from cleanai_core.interfaces import replace_param
 from cleanai_core.plugins import get_plugin_manager
 
-__all__ = ["SliceEdit", "apply_edits", "get_submodule_and_attr", "run_after_prune", "slice_tensors"]
+__all__ = [
+    "SliceEdit",
+    "apply_edits",
+    "get_submodule_and_attr",
+    "retie",
+    "run_after_prune",
+    "shared_tensors",
+    "slice_tensors",
+]
 
 
 @attrs.frozen
@@ -52,8 +61,49 @@ def apply_edits(model: nn.Module, edits: Iterable[SliceEdit], pm=None) -> list[s
     return changed
 
 
+def shared_tensors(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Parameters held by several modules (or attributes): for each, its holders as
+    ``(module, attribute)`` pairs. Tied input and output embeddings are one."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                holders[id(p)].append((module, attr))
+    return [h for h in holders.values() if len(h) > 1]
+
+
+def retie(shared: list[list[tuple[nn.Module, str]]]) -> None:
+    """Tie again what :func:`shared_tensors` found before slicing: when every holder of a
+    shared parameter now has an equal sliced tensor, they all get the first one (each
+    pruner sliced its own copy; the model should keep one)."""
+    for holders in shared:
+        first = getattr(holders[0][0], holders[0][1])
+        rest = [getattr(m, a) for m, a in holders[1:]]
+        if all(t is first for t in rest):
+            continue
+        if all(t.shape == first.shape and torch.equal(t.data, first.data) for t in rest):
+            for m, a in holders[1:]:
+                setattr(m, a, first)
+        else:
+            names = ", ".join(f"{type(m).__name__}.{a}" for m, a in holders)
+            warnings.warn(
+                f"a parameter shared by {names} was sliced differently by its holders, so they no longer share it; "
+                "keep the channels of one of them (ignored_layers) to keep it tied",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
 def slice_tensors(model: nn.Module, edits: list[SliceEdit], pm) -> list[str]:
-    """The slicing half of :func:`apply_edits` (no after-prune fix-ups)."""
+    """The slicing half of :func:`apply_edits` (no after-prune fix-ups). A parameter
+    shared by several modules (tied embeddings) is shared again afterwards."""
+    shared = shared_tensors(model)
+    changed = _slice(model, edits, pm)
+    retie(shared)
+    return changed
+
+
+def _slice(model: nn.Module, edits: list[SliceEdit], pm) -> list[str]:
     nodes = resolve_modules(model, pm)
     per_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     bare = []

@@ -37,7 +37,8 @@ def _make(cls_name: str, config_name: str, inputs: Callable[[], Any], **kw) -> C
         import transformers
 
         config = getattr(transformers, config_name)(**kw)
-        return getattr(transformers, cls_name)(config), inputs()
+        x = inputs()
+        return getattr(transformers, cls_name)(config), (x,) if isinstance(x, torch.Tensor) else x
 
     return build
 

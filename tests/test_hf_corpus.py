@@ -35,10 +35,24 @@ def structure(graph: DependencyGraph) -> list[tuple]:
     return sorted((tuple(sorted(f"{s.module}:{s.name}" for s in g.slices)), g.size, g.prunable) for g in graph.groups())
 
 
-def prune_uniform(model, inputs, ratio: float = 0.5, seed: int = 0):
+QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "query_proj", "c_attn", "query_key_value", "qkv_proj")
+
+
+def query_projections(model) -> list[str]:
+    """Names of the query projections of every attention module: ignoring them keeps
+    every head (for families whose config cannot say that heads are gone)."""
+    names = dict(model.named_modules())
+    return [
+        n
+        for n in names
+        if n.rpartition(".")[2] in QUERY_NAMES and "Attention" in type(names[n.rpartition(".")[0]]).__name__
+    ]
+
+
+def prune_uniform(model, inputs, ratio: float = 0.5, seed: int = 0, keep_heads: bool = False):
     """``ratio`` of every group at random (the same count in groups of the same size: the
     uniform mode) sliced on a copy, fix-ups included; returns ``(pruned, graph)``."""
-    graph = DependencyGraph(model, inputs)
+    graph = DependencyGraph(model, inputs, ignored_layers=query_projections(model) if keep_heads else ())
     pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed), exclude_normalized=True)
     small = copy.deepcopy(model)
     keep = graph.keep_indices(pruned)
@@ -59,9 +73,9 @@ def check_oracle(name: str, attn: str) -> float:
     return report.max_abs_diff
 
 
-def check_reload(name: str, tmp_path: Path) -> tuple[torch.Tensor, torch.Tensor, object]:
+def check_reload(name: str, tmp_path: Path, keep_heads: bool = False) -> tuple[torch.Tensor, torch.Tensor, object]:
     model, inputs, _ = build(name)
-    small, _ = prune_uniform(model, inputs)
+    small, _ = prune_uniform(model, inputs, keep_heads=keep_heads)
     small.save_pretrained(tmp_path)
     again = type(small).from_pretrained(tmp_path).eval()
     return logits(small, inputs), logits(again, inputs), small
@@ -140,14 +154,20 @@ def _table() -> None:  # pragma: no cover - the compatibility table, by hand
             except Exception as exc:
                 row.append(f"{attn} FAIL {type(exc).__name__}: {str(exc)[:200]}")
                 traceback.print_exc(limit=-3)
-        try:
-            with tempfile.TemporaryDirectory() as d:
-                before, after, small = check_reload(name, Path(d))
-                row.append(f"reload {'equal' if torch.equal(before, after) else (before - after).abs().max()}")
-                row.append(f"cfg {small.config.cleanai_pruning}")
-        except Exception as exc:
-            row.append(f"reload FAIL {type(exc).__name__}: {str(exc)[:200]}")
-            traceback.print_exc(limit=-3)
+        for keep_heads in (False, True):
+            try:
+                with tempfile.TemporaryDirectory() as d:
+                    model, inputs, _ = build(name)
+                    small, _ = prune_uniform(model, inputs, keep_heads=keep_heads)
+                    row.append(f"cfg{'(heads kept)' if keep_heads else ''} {small.config.cleanai_pruning}")
+                    if not small.config.cleanai_pruning["from_pretrained"]:
+                        continue
+                    before, after, small = check_reload(name, Path(d), keep_heads)
+                    row.append(f"reload {'equal' if torch.equal(before, after) else (before - after).abs().max()}")
+                    break
+            except Exception as exc:
+                row.append(f"reload FAIL {type(exc).__name__}: {str(exc)[:200]}")
+                traceback.print_exc(limit=-3)
         if FAMILIES[name][1] != "encoder":
             try:
                 cached, plain = check_generate(name)

@@ -43,6 +43,16 @@ def is_rms_norm(module) -> bool:
     return weight is not None and weight.ndim == 1 and getattr(module, "bias", None) is None
 
 
+def outermost(root, cls) -> list:
+    """``(name, module)`` of the modules of ``root`` that are ``cls`` instances and not
+    inside another one."""
+    found: list = []
+    for name, module in root.named_modules():
+        if isinstance(module, cls) and not any(name.startswith(f"{n}.") or n == "" for n, _ in found):
+            found.append((name, module))
+    return found
+
+
 @hookimpl(trylast=True)
 def cleanai_whole_heads(model):
     if PreTrainedModel is None:
@@ -56,8 +66,9 @@ def cleanai_after_prune(module, name, edits):
         return
     if is_attention(module):
         fix_attention(module)
-    if isinstance(module, PreTrainedModel):
-        fix_config(module)
+    if name == "":  # once, at the root: every outermost transformers model in it
+        for _, model in outermost(module, PreTrainedModel):
+            fix_config(model)
 
 
 @hookimpl(trylast=True)

@@ -69,8 +69,8 @@ def _set(config, key: str, values: list[int], record: dict) -> None:
     setattr(config, key, values[0])
 
 
-def fix_config(model: nn.Module) -> None:
-    """Rewrite the config of every transformers (sub)model of ``model`` from its modules."""
+def _collect(model: nn.Module) -> dict[int, dict]:
+    """Per config object: the widths its modules show (norms, heads, MLP widths)."""
     names = dict(model.named_modules())
     found: dict[int, dict] = {}
     for name, module in names.items():
@@ -79,7 +79,7 @@ def fix_config(model: nn.Module) -> None:
             continue
         entry = found.setdefault(id(owner[1]), {"config": owner[1], "norms": Counter(), "values": defaultdict(list)})
         values = entry["values"]
-        side = _side(name[len(owner[0]) :]) if hasattr(owner[1], "encoder_ffn_dim") else ""
+        side = _side(name) if hasattr(owner[1], "encoder_ffn_dim") else ""
         if isinstance(module, nn.LayerNorm) or (type(module).__name__.endswith("RMSNorm")):
             w = getattr(module, "weight", None)
             if w is not None and w.ndim == 1:
@@ -92,39 +92,62 @@ def fix_config(model: nn.Module) -> None:
                 if kv is not None:
                     values["num_key_value_heads"].append(kv)
                 values["head_dim"].append(hd)
+                if isinstance(getattr(module, "attention_head_size", None), int):  # DeBERTa-v2 reads it
+                    values["attention_head_size"].append(hd)
         if _MLP_UP.search(name):
             width = proj_width(module)
             if width is not None:
                 if name.endswith("gate_up_proj"):
                     width //= 2
                 values[f"{side}ffn_dim" if side else "mlp"].append(width)
+    return found
+
+
+def _write(entry: dict) -> dict:
+    """Write one config's widths; returns the keys whose layers disagree."""
+    config, values = entry["config"], entry["values"]
+    record: dict = {}
+    if entry["norms"]:
+        _set(config, "hidden_size", [entry["norms"].most_common(1)[0][0]], record)
+    for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
+        _set(config, key, values.get(key, []), record)
+    for key in ("head_dim", "attention_head_size"):  # explicit: no hidden_size / heads division
+        if values.get(key):
+            setattr(config, key, values[key][0])
+    for key in ("num_key_value_heads", "num_kv_heads"):
+        if values.get("num_key_value_heads") and getattr(config, key, None) is not None:
+            _set(config, key, values["num_key_value_heads"], record)
+    for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
+        _set(config, key, values.get(key, []), record)
+    if not hasattr(config, "encoder_ffn_dim"):
+        key = next((k for k in _MLP_KEYS if hasattr(config, k)), None)
+        if key is not None:
+            _set(config, key, values.get("mlp", []), record)
+    return record
+
+
+def fix_config(model: nn.Module) -> None:
+    """Rewrite the config of a transformers model (and of its sub-configs) from its
+    modules, then check that the model rebuilt from it has the pruned shapes."""
+    found = _collect(model)
+    root = model.config
+    mine = found.setdefault(id(root), {"config": root, "norms": Counter(), "values": defaultdict(list)})
+    for entry in list(found.values()):
+        # a submodel built from a copy of the model's config (T5's encoder and decoder stacks)
+        if entry is not mine and type(entry["config"]) is type(root):
+            mine["norms"].update(entry["norms"])
+            for key, widths in entry["values"].items():
+                mine["values"][key].extend(widths)
+    record = {}
     for entry in found.values():
-        config, values = entry["config"], entry["values"]
-        record: dict = {}
-        if entry["norms"]:
-            _set(config, "hidden_size", [entry["norms"].most_common(1)[0][0]], record)
-        for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
-            _set(config, key, values.get(key, []), record)
-        if values.get("head_dim"):  # explicit: families that read it need no hidden_size / heads division
-            config.head_dim = values["head_dim"][0]
-        if values.get("num_key_value_heads") and getattr(config, "num_key_value_heads", None) is not None:
-            _set(config, "num_key_value_heads", values["num_key_value_heads"], record)
-        if values.get("num_key_value_heads") and getattr(config, "num_kv_heads", None) is not None:
-            _set(config, "num_kv_heads", values["num_key_value_heads"], record)
-        for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
-            _set(config, key, values.get(key, []), record)
-        if not hasattr(config, "encoder_ffn_dim"):
-            key = next((k for k in _MLP_KEYS if hasattr(config, k)), None)
-            if key is not None:
-                _set(config, key, values.get("mlp", []), record)
-        config.cleanai_pruning = {"uniform": not record, **({"per_layer": record} if record else {})}
-    if hasattr(model, "config"):
-        mismatched = rebuild_mismatches(model)
-        model.config.cleanai_pruning = {
-            **getattr(model.config, "cleanai_pruning", {"uniform": True}),
-            "from_pretrained": not mismatched,
-            **({"mismatched": mismatched[:5]} if mismatched else {}),
-        }
+        record.update(_write(entry))
+    mismatched = rebuild_mismatches(model)
+    root.cleanai_pruning = {
+        "uniform": not record,
+        "from_pretrained": not mismatched,
+        **({"per_layer": record} if record else {}),
+        **({"mismatched": mismatched[:5]} if mismatched else {}),
+    }
 
 
 def rebuild_mismatches(model: nn.Module) -> list[str]:
