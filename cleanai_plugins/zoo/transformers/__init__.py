@@ -24,7 +24,8 @@ except ImportError:  # pragma: no cover - exercised only without transformers
     PreTrainedModel = Conv1D = None
 
 from cleanai_plugins.layers.norm import RMSNormPruner
-from cleanai_plugins.zoo.transformers.attention import fix_attention, is_attention
+from cleanai_plugins.mappers.shape import allow_channel_ranges
+from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_qkv, is_attention
 from cleanai_plugins.zoo.transformers.config import fix_config
 from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
 
@@ -57,7 +58,11 @@ def outermost(root, cls) -> list:
 def cleanai_whole_heads(model):
     if PreTrainedModel is None:
         return None
-    return [m for m in model.modules() if is_attention(m)]
+    found = [m for m in model.modules() if is_attention(m)]
+    for m in found:
+        if has_fused_qkv(m):
+            allow_channel_ranges(m)  # q, k, v ranges of qkv_proj: the fix-ups rewrite their bounds
+    return found
 
 
 @hookimpl(trylast=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["fix_attention", "head_counts", "is_attention", "proj_width"]
+__all__ = ["fix_attention", "has_fused_qkv", "head_counts", "is_attention", "proj_width"]
 
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
@@ -21,6 +21,15 @@ KV_HEADS_ATTRS = ("num_key_value_heads", "num_kv_heads")
 # child -> how many stacked (q, k, v) parts of equal width its output holds
 QUERY_PROJS = (("q_proj", 1), ("query", 1), ("q", 1), ("q_lin", 1), ("query_proj", 1), ("c_attn", 3))
 KEY_PROJS = ("k_proj", "key", "k", "k_lin", "key_proj")
+
+
+def has_fused_qkv(module: nn.Module) -> bool:
+    """An attention module that slices one fused ``qkv_proj`` by channel ranges computed
+    from its head counts (Phi-3), which :func:`fix_attention` and the config fix-up
+    rewrite after slicing."""
+    return proj_width(getattr(module, "qkv_proj", None)) is not None and isinstance(
+        getattr(module, "num_key_value_groups", None), int
+    )
 
 
 def is_attention(module: nn.Module) -> bool:
@@ -55,6 +64,12 @@ def head_counts(module: nn.Module) -> tuple[int, int | None, int] | None:
         return None
     hd = getattr(module, hd_attr)
     width = None
+    fused = proj_width(getattr(module, "qkv_proj", None))
+    groups = getattr(module, "num_key_value_groups", None)
+    if fused is not None and isinstance(groups, int) and fused % (hd * (groups + 2)) == 0:
+        # Phi-3: rows [q (kv * groups heads), k (kv heads), v (kv heads)]; whole KV groups go
+        kv = fused // (hd * (groups + 2))
+        return kv * groups, kv, hd
     for child, stacks in QUERY_PROJS:
         w = proj_width(getattr(module, child, None))
         if w is not None:
