@@ -172,6 +172,7 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
             _pixels,
             num_channels=3,
             hidden_sizes=[16, 32],
+            num_stages=2,
             depths=[1, 1],
             image_size=32,
         ),

@@ -204,8 +204,8 @@ class TraceContext:
 
     def _param_label(self, ref: TRef) -> Label | None:
         dim = self.param_dims.get(ref.param)
-        if dim is False or not ref.shape:
-            return None
+        if dim is False or not ref.shape or not (ref.dtype.is_floating_point or ref.dtype.is_complex):
+            return None  # an integer buffer (CLIP's ``position_ids``) holds indices, not channels
         owner = self.param_owner.get(ref.param)
         if owner is not None and owner in self.owners:  # read outside its claimed module: ask its pruner
             module, pruner = self.owners[owner]
