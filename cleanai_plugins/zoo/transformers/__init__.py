@@ -28,6 +28,7 @@ from cleanai_plugins.mappers.shape import allow_channel_ranges
 from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_qkv, is_attention
 from cleanai_plugins.zoo.transformers.config import fix_config
 from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
+from cleanai_plugins.zoo.transformers.fills import FILLS, HeadsFill
 
 __all__ = ["Conv1DPruner", "is_rms_norm"]
 
@@ -82,4 +83,12 @@ def cleanai_layer_pruner(module):
         return Conv1DPruner()
     if is_rms_norm(module):
         return RMSNormPruner()
+    return None
+
+
+@hookimpl(trylast=True)
+def cleanai_index_mapper(op):
+    packet = getattr(op, "overloadpacket", None)
+    if getattr(packet, "__name__", None) in FILLS and str(op).startswith("aten."):
+        return HeadsFill()
     return None
