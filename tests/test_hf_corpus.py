@@ -38,21 +38,23 @@ def structure(graph: DependencyGraph) -> list[tuple]:
 QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "query_proj", "c_attn", "query_key_value", "qkv_proj")
 
 
-def query_projections(model) -> list[str]:
-    """Names of the query projections of every attention module: ignoring them keeps
-    every head (for families whose config cannot say that heads are gone)."""
+def reload_keeps(model) -> list[str]:
+    """What to keep so that a family's config can describe the pruned model: every head
+    (ignoring the query projections), where the family derives the head size from
+    ``hidden_size / num_attention_heads``, and Whisper's convolution stem."""
     names = dict(model.named_modules())
     return [
         n
         for n in names
-        if n.rpartition(".")[2] in QUERY_NAMES and "Attention" in type(names[n.rpartition(".")[0]]).__name__
+        if n.endswith("encoder.conv1")
+        or (n.rpartition(".")[2] in QUERY_NAMES and "Attention" in type(names[n.rpartition(".")[0]]).__name__)
     ]
 
 
 def prune_uniform(model, inputs, ratio: float = 0.5, seed: int = 0, keep_heads: bool = False):
     """``ratio`` of every group at random (the same count in groups of the same size: the
     uniform mode) sliced on a copy, fix-ups included; returns ``(pruned, graph)``."""
-    graph = DependencyGraph(model, inputs, ignored_layers=query_projections(model) if keep_heads else ())
+    graph = DependencyGraph(model, inputs, ignored_layers=reload_keeps(model) if keep_heads else ())
     pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed), exclude_normalized=True)
     small = copy.deepcopy(model)
     keep = graph.keep_indices(pruned)

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["fix_attention", "has_fused_qkv", "head_counts", "is_attention", "proj_width"]
+__all__ = [
+    "INPUT_PROJS",
+    "fix_attention",
+    "has_fused_qkv",
+    "head_counts",
+    "is_attention",
+    "proj_in_width",
+    "proj_width",
+]
 
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
@@ -21,6 +29,7 @@ KV_HEADS_ATTRS = ("num_key_value_heads", "num_kv_heads")
 # child -> how many stacked (q, k, v) parts of equal width its output holds
 QUERY_PROJS = (("q_proj", 1), ("query", 1), ("q", 1), ("q_lin", 1), ("query_proj", 1), ("c_attn", 3))
 KEY_PROJS = ("k_proj", "key", "k", "k_lin", "key_proj")
+INPUT_PROJS = (*(c for c, _ in QUERY_PROJS), "qkv_proj", "query_key_value")
 
 
 def has_fused_qkv(module: nn.Module) -> bool:
@@ -45,6 +54,16 @@ def proj_width(module: nn.Module | None) -> int | None:
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
         return int(weight.shape[1])
+    return None
+
+
+def proj_in_width(module: nn.Module | None) -> int | None:
+    """Input width of a projection: ``nn.Linear`` or transformers' ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
+        return int(weight.shape[0])
     return None
 
 

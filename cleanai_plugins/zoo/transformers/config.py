@@ -4,7 +4,8 @@ After slicing, the widths live in the tensors; ``save_pretrained`` writes ``conf
 and ``from_pretrained`` builds the model from it before loading the weights, so every
 width the config names must be the pruned one. Read from the modules:
 
-- ``hidden_size``: the most common width of the normalisation layers the config owns;
+- ``hidden_size``: the most common input width of the attention projections the config
+  owns (of its normalisation layers, for a model without attention);
 - ``num_attention_heads`` / ``num_key_value_heads`` (``encoder_`` / ``decoder_``
   variants for encoder-decoder models): from the attention projections; ``head_dim``
   is written explicitly where the config has the key;
@@ -32,7 +33,7 @@ from collections import Counter, defaultdict
 import torch
 from torch import nn
 
-from cleanai_plugins.zoo.transformers.attention import head_counts, is_attention, proj_width
+from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 
 __all__ = ["fix_config"]
 
@@ -77,7 +78,9 @@ def _collect(model: nn.Module) -> dict[int, dict]:
         owner = _owner(names, name)
         if owner is None:
             continue
-        entry = found.setdefault(id(owner[1]), {"config": owner[1], "norms": Counter(), "values": defaultdict(list)})
+        entry = found.setdefault(
+            id(owner[1]), {"config": owner[1], "norms": Counter(), "inputs": Counter(), "values": defaultdict(list)}
+        )
         values = entry["values"]
         side = _side(name) if hasattr(owner[1], "encoder_ffn_dim") else ""
         if isinstance(module, nn.LayerNorm) or (type(module).__name__.endswith("RMSNorm")):
@@ -86,6 +89,9 @@ def _collect(model: nn.Module) -> dict[int, dict]:
                 entry["norms"][int(w.shape[0])] += 1
         if is_attention(module):
             counts = head_counts(module)
+            width = next((proj_in_width(getattr(module, c, None)) for c in INPUT_PROJS if hasattr(module, c)), None)
+            if width is not None:
+                entry["inputs"][width] += 1  # the residual stream the attention reads
             if counts is not None:
                 heads, kv, hd = counts
                 values[f"{side}attention_heads" if side else "num_attention_heads"].append(heads)
@@ -107,8 +113,9 @@ def _write(entry: dict) -> dict:
     """Write one config's widths; returns the keys whose layers disagree."""
     config, values = entry["config"], entry["values"]
     record: dict = {}
-    if entry["norms"]:
-        _set(config, "hidden_size", [entry["norms"].most_common(1)[0][0]], record)
+    widths = entry["inputs"] or entry["norms"]
+    if widths:
+        _set(config, "hidden_size", [widths.most_common(1)[0][0]], record)
     for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
         _set(config, key, values.get(key, []), record)
     for key in ("head_dim", "attention_head_size"):  # explicit: no hidden_size / heads division
@@ -131,11 +138,14 @@ def fix_config(model: nn.Module) -> None:
     modules, then check that the model rebuilt from it has the pruned shapes."""
     found = _collect(model)
     root = model.config
-    mine = found.setdefault(id(root), {"config": root, "norms": Counter(), "values": defaultdict(list)})
+    mine = found.setdefault(
+        id(root), {"config": root, "norms": Counter(), "inputs": Counter(), "values": defaultdict(list)}
+    )
     for entry in list(found.values()):
         # a submodel built from a copy of the model's config (T5's encoder and decoder stacks)
         if entry is not mine and type(entry["config"]) is type(root):
             mine["norms"].update(entry["norms"])
+            mine["inputs"].update(entry["inputs"])
             for key, widths in entry["values"].items():
                 mine["values"][key].extend(widths)
     record = {}
