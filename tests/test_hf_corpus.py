@@ -183,6 +183,16 @@ def test_gpt2_conv1d_layers_prune():
     assert attn.c_attn.weight.shape == (64, 96) and (attn.num_heads, attn.split_size) == (2, 32)
 
 
+def test_mixtral_experts_prune_each_expert_and_keep_the_router():
+    model, inputs, _ = build("mixtral")
+    assert check_oracle("mixtral", "sdpa") < 1e-5
+    small, _ = prune_uniform(model, inputs)
+    moe = small.model.layers[0].mlp
+    assert moe.experts.gate_up_proj.shape == (4, 96, 64) and moe.experts.down_proj.shape == (4, 64, 48)
+    assert moe.gate.weight.shape == (4, 64)  # the router: every expert stays
+    assert small.config.intermediate_size == 48 and small.config.cleanai_pruning["from_pretrained"]
+
+
 # -- the whole list --------------------------------------------------------------------
 
 

@@ -4,6 +4,8 @@
   whichever attention implementation runs (eager, sdpa, flex); grouped-query attention
   loses whole key/value groups (the SDPA mapper and ``repeat_kv``'s expand/reshape tie a
   KV head to its query heads);
+- mixture-of-experts MLPs (Mixtral's 3-D expert tensors) prune each expert's width
+  (:mod:`.experts`); the router is untouched;
 - ``Conv1D`` (GPT-2) has a layer pruner (:mod:`.conv1d`); RMS norms are claimed like
   ``nn.RMSNorm``, so the hidden size can shrink;
 - after slicing, attention attributes (:mod:`.attention`) and ``config``
@@ -28,6 +30,7 @@ from cleanai_plugins.mappers.shape import allow_channel_ranges
 from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_qkv, is_attention
 from cleanai_plugins.zoo.transformers.config import fix_config
 from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
+from cleanai_plugins.zoo.transformers.experts import ExpertsPruner, is_experts
 from cleanai_plugins.zoo.transformers.fills import FILLS, HeadsFill
 
 __all__ = ["Conv1DPruner", "is_rms_norm"]
@@ -83,6 +86,8 @@ def cleanai_layer_pruner(module):
         return Conv1DPruner()
     if is_rms_norm(module):
         return RMSNormPruner()
+    if is_experts(module):
+        return ExpertsPruner()
     return None
 
 

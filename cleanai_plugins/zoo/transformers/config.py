@@ -100,6 +100,9 @@ def _collect(model: nn.Module) -> dict[int, dict]:
                 values["head_dim"].append(hd)
                 if isinstance(getattr(module, "attention_head_size", None), int):  # DeBERTa-v2 reads it
                     values["attention_head_size"].append(hd)
+        experts = getattr(module, "gate_up_proj", None)
+        if isinstance(experts, nn.Parameter) and experts.ndim == 3:  # Mixtral's 3-D expert MLPs
+            values["mlp"].append(int(experts.shape[1]) // 2)
         if _MLP_UP.search(name):
             width = proj_width(module)
             if width is not None:
