@@ -92,6 +92,7 @@ def check_generate(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         cached = small.generate(**kwargs, **gen, use_cache=True)
         plain = small.generate(**kwargs, **gen, use_cache=False)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     return cached, plain
 
 

@@ -153,14 +153,44 @@ def fix_config(model: nn.Module) -> None:
                 mine["values"][key].extend(widths)
     record = {}
     for entry in found.values():
+        old = getattr(entry["config"], "hidden_size", None)
         record.update(_write(entry))
+        _fix_hidden_attrs(model, entry["config"], old)
     mismatched = rebuild_mismatches(model)
+    mismatched += _scale_mismatches(model)
     root.cleanai_pruning = {
         "uniform": not record,
         "from_pretrained": not mismatched,
         **({"per_layer": record} if record else {}),
         **({"mismatched": mismatched[:5]} if mismatched else {}),
     }
+
+
+def _fix_hidden_attrs(model: nn.Module, config, old: int | None) -> None:
+    """Modules that keep the hidden size in an attribute (Mixtral's MoE block views its
+    input with ``hidden_dim``) follow the pruned ``hidden_size``."""
+    new = getattr(config, "hidden_size", None)
+    if not isinstance(old, int) or not isinstance(new, int) or old == new:
+        return
+    for module in model.modules():
+        if getattr(module, "config", config) is config and not is_attention(module):
+            for attr in ("hidden_dim", "hidden_size"):
+                if getattr(module, attr, None) == old and not isinstance(getattr(type(module), attr, None), property):
+                    setattr(module, attr, new)
+
+
+def _scale_mismatches(model: nn.Module) -> list[str]:
+    """Scales derived from the config at construction and not saved (Gemma's
+    ``embed_scale = sqrt(hidden_size)``, a non-persistent buffer): a smaller hidden size
+    would rebuild them differently, so ``from_pretrained`` would not give the same model."""
+    out = []
+    for name, module in model.named_modules():
+        scale, config = getattr(module, "scalar_embed_scale", None), getattr(model, "config", None)
+        hidden = getattr(config, "hidden_size", None)
+        if isinstance(scale, float) and isinstance(hidden, int) and abs(scale - hidden**0.5) > 1e-6 * scale:
+            if abs(scale - 1.0) > 1e-12:
+                out.append(f"{name}.embed_scale (sqrt of the original hidden size)")
+    return out
 
 
 def rebuild_mismatches(model: nn.Module) -> list[str]:
