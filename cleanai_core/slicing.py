@@ -72,17 +72,20 @@ def shared_tensors(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [h for h in holders.values() if len(h) > 1]
 
 
-def retie(shared: list[list[tuple[nn.Module, str]]]) -> None:
-    """Tie again what :func:`shared_tensors` found before slicing: when every holder of a
-    shared parameter now has an equal sliced tensor, they all get the first one (each
-    pruner sliced its own copy; the model should keep one)."""
-    for holders in shared:
-        first = getattr(holders[0][0], holders[0][1])
-        rest = [getattr(m, a) for m, a in holders[1:]]
-        if all(t is first for t in rest):
+def retie(shared: list[list[tuple[nn.Module, str]]], originals: list[torch.Tensor] | None = None) -> None:
+    """Tie again what :func:`shared_tensors` found before slicing: when every holder that
+    sliced a shared parameter made the same tensor, all holders get that one (each pruner
+    sliced its own copy; the model should keep one; a holder the model never called, as
+    T5's ``shared`` embedding, follows). ``originals``: the parameters before slicing."""
+    for i, holders in enumerate(shared):
+        tensors = [getattr(m, a) for m, a in holders]
+        orig = originals[i] if originals is not None else None
+        sliced = [t for t in tensors if t is not orig] if orig is not None else tensors
+        if not sliced or all(t is sliced[0] for t in tensors):
             continue
-        if all(t.shape == first.shape and torch.equal(t.data, first.data) for t in rest):
-            for m, a in holders[1:]:
+        first = sliced[0]
+        if all(t.shape == first.shape and torch.equal(t.data, first.data) for t in sliced[1:]):
+            for m, a in holders:
                 setattr(m, a, first)
         else:
             names = ", ".join(f"{type(m).__name__}.{a}" for m, a in holders)
@@ -98,8 +101,9 @@ def slice_tensors(model: nn.Module, edits: list[SliceEdit], pm) -> list[str]:
     """The slicing half of :func:`apply_edits` (no after-prune fix-ups). A parameter
     shared by several modules (tied embeddings) is shared again afterwards."""
     shared = shared_tensors(model)
+    originals = [getattr(h[0][0], h[0][1]) for h in shared]
     changed = _slice(model, edits, pm)
-    retie(shared)
+    retie(shared, originals)
     return changed
 
 

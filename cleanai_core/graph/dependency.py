@@ -204,12 +204,34 @@ class DependencyGraph:
                 raise TraceError(f"tracing failed at {who}: {type(exc).__name__}: {exc}") from exc
             ctx.end(event)
         ctx.event = None
+        self._couple_shared_parameters(ctx)
         ctx.freeze_untaken_cross()
         for ref in tree_flatten(self.recording.output)[0]:
             ctx.freeze_tensor(ref, "model output")
         for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":
                 ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
+
+    def _couple_shared_parameters(self, ctx: TraceContext) -> None:
+        """Modules claimed by the same kind of pruner that hold one parameter under the same
+        name (T5's encoder and decoder embeddings share one weight) slice it alike: their
+        slices of the same name are one set of channels."""
+        holders: dict[int, dict[tuple[str, type], list[str]]] = {}
+        for name, node in self.nodes.items():
+            for attr, p in node.module._parameters.items():
+                if p is not None:
+                    holders.setdefault(id(p), {}).setdefault((attr, type(node.pruner)), []).append(name)
+        by_module: dict[str, list[Any]] = {}
+        for spec in ctx.slices.values():
+            by_module.setdefault(spec.module, []).append(spec)
+        for kinds in holders.values():
+            for names in kinds.values():
+                first: dict[str, Any] = {}
+                for name in names:
+                    for spec in by_module.get(name, ()):
+                        seen = first.setdefault(spec.name, spec)
+                        if seen is not spec and seen.atoms.numel() == spec.atoms.numel():
+                            ctx.union(seen.atoms, spec.atoms)
 
     def _build_groups(self) -> None:
         ctx = self.ctx

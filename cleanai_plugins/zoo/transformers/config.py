@@ -181,7 +181,8 @@ def _fix_hidden_attrs(model: nn.Module, config, old: int | None) -> None:
 
 def _scale_mismatches(model: nn.Module) -> list[str]:
     """Scales derived from the config at construction and not saved (Gemma's
-    ``embed_scale = sqrt(hidden_size)``, a non-persistent buffer): a smaller hidden size
+    ``embed_scale = sqrt(hidden_size)``, a non-persistent buffer; T5's ``model_dim``
+    scaling tied logits): a smaller hidden size
     would rebuild them differently, so ``from_pretrained`` would not give the same model."""
     out = []
     for name, module in model.named_modules():
@@ -190,6 +191,9 @@ def _scale_mismatches(model: nn.Module) -> list[str]:
         if isinstance(scale, float) and isinstance(hidden, int) and abs(scale - hidden**0.5) > 1e-6 * scale:
             if abs(scale - 1.0) > 1e-12:
                 out.append(f"{name}.embed_scale (sqrt of the original hidden size)")
+        dim = getattr(module, "model_dim", None)  # T5 scales tied logits by model_dim ** -0.5
+        if isinstance(dim, int) and isinstance(hidden, int) and dim != hidden:
+            out.append(f"{name or type(module).__name__}.model_dim (the original hidden size scales the logits)")
     return out
 
 
