@@ -194,6 +194,21 @@ def test_mixtral_experts_prune_each_expert_and_keep_the_router():
     assert small.config.intermediate_size == 48 and small.config.cleanai_pruning["from_pretrained"]
 
 
+@pytest.mark.slow
+def test_t5_shared_embedding_stays_one_parameter_when_the_hidden_size_shrinks():
+    model, inputs, _ = build("t5")
+    graph = DependencyGraph(model, inputs)
+    pruned = random_units(graph, 0.5, torch.Generator().manual_seed(0))
+    small = copy.deepcopy(model)
+    keep = graph.keep_indices(pruned)
+    apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()], graph.pm)
+    shared = small.shared.weight
+    assert shared.shape == (100, 32)
+    assert small.encoder.embed_tokens.weight is shared and small.decoder.embed_tokens.weight is shared
+    assert small.lm_head.weight is shared
+    assert small.config.cleanai_pruning["from_pretrained"] is False  # T5 scales tied logits by the old d_model
+
+
 # -- the whole list --------------------------------------------------------------------
 
 
