@@ -46,6 +46,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / "benchmarks" / "compat_results.jsonl"
 DEFAULT_DOC = ROOT / "docs" / "compatibility.md"
+# written by hand from ``python tests/test_hf_corpus.py``; a sweep keeps it as it is
+HF_SECTION = "## Hugging Face transformers"
+
+
+def _kept_section(doc: Path) -> list[str]:
+    """The lines of the Hugging Face section of ``doc`` (empty when there is none)."""
+    text = doc.read_text() if doc.exists() else ""
+    start = text.find(HF_SECTION)
+    if start < 0:
+        return []
+    end = text.find("\n## ", start + len(HF_SECTION))
+    return [*text[start : end if end >= 0 else len(text)].rstrip("\n").split("\n"), ""]
+
+
 SIZES_CACHE = ROOT / "benchmarks" / "timm_param_counts.json"
 MAX_SIDE = 224
 STATUSES = (
@@ -453,8 +467,8 @@ def render(cache: dict[str, dict], doc: Path, note: str = "") -> None:
     for key, models in sorted(causes.items(), key=lambda kv: -len(kv[1])):
         shown = ", ".join(models[:12]) + (f" ... (+{len(models) - 12})" if len(models) > 12 else "")
         lines.append(f"- **{len(models)}** {key.replace('|', '/')} - {shown}")
+    lines += ["", *_kept_section(doc)]
     lines += [
-        "",
         "## Models",
         "",
         "| model | family | status | params before | params after (uniform 0.5) | kept | oracle diff | run | note |",

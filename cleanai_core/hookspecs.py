@@ -135,6 +135,20 @@ def cleanai_leaf_modules(model: nn.Module) -> list[type | nn.Module] | None:
     """
 
 
+@hookspec
+def cleanai_whole_heads(model: nn.Module) -> list[nn.Module] | None:
+    """Attention modules whose heads must stay whole: a reshape run directly in their
+    ``forward`` that splits a channel dimension into several (``(heads, head_dim)``,
+    ``(heads, 3, head_dim)``) keeps the outermost sub-dimension (the heads, or the key/value
+    heads of a grouped ``(kv, group, head_dim)`` view) and ties the others, whatever the
+    attention implementation does next. For code that derives the head count from the
+    tensor (``view(b, s, -1, head_dim)``) and rotary embeddings that pair dimensions of a
+    head.
+
+    :returns: a list of modules of ``model`` (results of all plugins are joined).
+    """
+
+
 # ---------------------------------------------------------------------------
 # After slicing
 # ---------------------------------------------------------------------------

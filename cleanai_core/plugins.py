@@ -55,6 +55,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "cleanai_plugins.zoo.timm",
     "cleanai_plugins.zoo.torchvision",
     "cleanai_plugins.zoo.torchvision_swin",
+    "cleanai_plugins.zoo.transformers",
     "cleanai_plugins.io.loaders",
     "cleanai_plugins.io.demo",
 )

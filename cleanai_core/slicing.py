@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -20,7 +21,9 @@ __all__ = [
     "apply_edits",
     "get_submodule_and_attr",
     "prepare_model",
+    "retie",
     "run_after_prune",
+    "shared_tensors",
     "slice_tensors",
 ]
 
@@ -63,10 +66,55 @@ def apply_edits(model: nn.Module, edits: Iterable[SliceEdit], pm=None) -> list[s
     return changed
 
 
+def shared_tensors(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Parameters held by several modules (or attributes): for each, its holders as
+    ``(module, attribute)`` pairs. Tied input and output embeddings are one."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                holders[id(p)].append((module, attr))
+    return [h for h in holders.values() if len(h) > 1]
+
+
+def retie(shared: list[list[tuple[nn.Module, str]]], originals: list[torch.Tensor] | None = None) -> None:
+    """Tie again what :func:`shared_tensors` found before slicing: when every holder that
+    sliced a shared parameter made the same tensor, all holders get that one (each pruner
+    sliced its own copy; the model should keep one; a holder the model never called, as
+    T5's ``shared`` embedding, follows). ``originals``: the parameters before slicing."""
+    for i, holders in enumerate(shared):
+        tensors = [getattr(m, a) for m, a in holders]
+        orig = originals[i] if originals is not None else None
+        sliced = [t for t in tensors if t is not orig] if orig is not None else tensors
+        if not sliced or all(t is sliced[0] for t in tensors):
+            continue
+        first = sliced[0]
+        if all(t.shape == first.shape and torch.equal(t.data, first.data) for t in sliced[1:]):
+            for m, a in holders:
+                setattr(m, a, first)
+        else:
+            names = ", ".join(f"{type(m).__name__}.{a}" for m, a in holders)
+            warnings.warn(
+                f"a parameter shared by {names} was sliced differently by its holders, so they no longer share it; "
+                "keep the channels of one of them (ignored_layers) to keep it tied",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
 def slice_tensors(model: nn.Module, edits: list[SliceEdit], pm, findings: ModelFindings | None = None) -> list[str]:
     """The slicing half of :func:`apply_edits` (no after-prune fix-ups). ``findings``:
     the scan of ``model`` before slicing (scanned here when not given); pass the same
-    object to :func:`run_after_prune`."""
+    object to :func:`run_after_prune`. A parameter shared by several modules (tied
+    embeddings) is shared again afterwards."""
+    shared = shared_tensors(model)
+    originals = [getattr(h[0][0], h[0][1]) for h in shared]
+    changed = _slice(model, edits, pm, findings)
+    retie(shared, originals)
+    return changed
+
+
+def _slice(model: nn.Module, edits: list[SliceEdit], pm, findings: ModelFindings | None) -> list[str]:
     nodes = resolve_modules(model, pm, findings)
     per_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     bare = []

@@ -85,6 +85,7 @@ class TraceContext:
         #: shrinking on its own: a pruner vouches for them while tracing because a fix-up
         #: rewrites the split sizes after slicing (the split mapper reads this)
         self.unequal_splits: set[int] = set()
+        self.whole_heads: set[str] = set()  # attention modules whose reshape splits keep the heads
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
@@ -210,8 +211,8 @@ class TraceContext:
 
     def _param_label(self, ref: TRef) -> Label | None:
         dim = self.param_dims.get(ref.param)
-        if dim is False or not ref.shape:
-            return None
+        if dim is False or not ref.shape or not (ref.dtype.is_floating_point or ref.dtype.is_complex):
+            return None  # an integer buffer (CLIP's ``position_ids``) holds indices, not channels
         owner = self.param_owner.get(ref.param)
         if owner is not None and owner in self.owners:  # read outside its claimed module: ask its pruner
             module, pruner = self.owners[owner]
@@ -249,6 +250,11 @@ class TraceContext:
         """The module whose ``forward`` runs the op being traced (``None`` for a module
         call): a mapper may trust what that module's fix-up repairs."""
         return self.modules.get(getattr(self.event, "scope", None))
+
+    def keeps_whole_heads(self) -> bool:
+        """Whether the op being traced runs directly in an attention module whose heads
+        must stay whole (the ``cleanai_whole_heads`` hook)."""
+        return getattr(self.event, "scope", None) in self.whole_heads
 
     def begin(self, event: Any) -> None:
         self.event = event

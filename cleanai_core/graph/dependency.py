@@ -155,9 +155,12 @@ class DependencyGraph:
     def _propagate(self) -> TraceContext:
         choices: dict[int, int] = {}
         modules = dict(self.model.named_modules())
+        heads = {id(m) for res in self.pm.hook.cleanai_whole_heads(model=self.model) for m in res or ()}
+        whole_heads = {name for name, m in modules.items() if id(m) in heads}
         for _ in range(4):
             ctx = TraceContext(choices, self.findings)
             ctx.modules = modules
+            ctx.whole_heads = whole_heads
             self._setup_params(ctx)
             self._run(ctx)
             if not ctx.split_requests:
@@ -208,12 +211,34 @@ class DependencyGraph:
                 raise TraceError(f"tracing failed at {who}: {type(exc).__name__}: {exc}") from exc
             ctx.end(event)
         ctx.event = None
+        self._couple_shared_parameters(ctx)
         ctx.freeze_untaken_cross()
         for ref in tree_flatten(self.recording.output)[0]:
             ctx.freeze_tensor(ref, "model output")
         for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":
                 ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
+
+    def _couple_shared_parameters(self, ctx: TraceContext) -> None:
+        """Modules claimed by the same kind of pruner that hold one parameter under the same
+        name (T5's encoder and decoder embeddings share one weight) slice it alike: their
+        slices of the same name are one set of channels."""
+        holders: dict[int, dict[tuple[str, type], list[str]]] = {}
+        for name, node in self.nodes.items():
+            for attr, p in node.module._parameters.items():
+                if p is not None:
+                    holders.setdefault(id(p), {}).setdefault((attr, type(node.pruner)), []).append(name)
+        by_module: dict[str, list[Any]] = {}
+        for spec in ctx.slices.values():
+            by_module.setdefault(spec.module, []).append(spec)
+        for kinds in holders.values():
+            for names in kinds.values():
+                first: dict[str, Any] = {}
+                for name in names:
+                    for spec in by_module.get(name, ()):
+                        seen = first.setdefault(spec.name, spec)
+                        if seen is not spec and seen.atoms.numel() == spec.atoms.numel():
+                            ctx.union(seen.atoms, spec.atoms)
 
     def _build_groups(self) -> None:
         ctx = self.ctx

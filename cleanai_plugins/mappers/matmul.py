@@ -116,11 +116,24 @@ def mul(call, ctx):
     elementwise(call, ctx)
 
 
+def _grouped(ctx, a, b) -> bool:
+    """Grouped-query attention (``enable_gqa``): the side with ``n`` heads serves
+    ``m / n`` consecutive heads of the side with ``m``; a key/value head and its query
+    heads go together (whole KV groups). ``False`` when the counts do not divide."""
+    big, small = (a, b) if a.atoms.numel() > b.atoms.numel() else (b, a)
+    n, m = small.atoms.numel(), big.atoms.numel()
+    if m % n:
+        return False
+    ctx.union(big.atoms.reshape(n, m // n), small.atoms[:, None].expand(n, m // n))
+    return True
+
+
 class _SDPA:
     """``softmax(q k^T * scale) v``. Heads (a batch dimension) may shrink on q, k and v
     together; the head dimension may shrink only when ``scale`` is given, since the
     default scale depends on it: if a reshape split chose it, the kernel is asked to
-    re-trace preferring the heads."""
+    re-trace preferring the heads. With grouped-query attention (k and v with fewer
+    heads than q) each key/value head is pruned with the query heads it serves."""
 
     def trace(self, call, ctx):
         q, k, v = call.args[0], call.args[1], call.args[2]
@@ -142,6 +155,8 @@ class _SDPA:
                     head = lab
                 elif head.atoms.numel() == lab.atoms.numel() and head.dim == lab.dim:
                     ctx.union(head.atoms, lab.atoms)
+                elif head.dim == lab.dim and _grouped(ctx, head, lab):
+                    pass
                 else:
                     ctx.freeze(lab.atoms, f"{ctx.where()}: heads do not line up")
             elif lab.dim == nd - 1 and ref is not v:
@@ -172,7 +187,10 @@ class _SDPA:
                     mask = None
                 elif md >= 0 and mask.shape[md] > 1:
                     ctx.freeze(head.atoms, f"{ctx.where()}: heads meet an attention mask that cannot shrink")
-            ctx.set_label(out, head.dim, head.atoms, head.origin)
+            atoms = head.atoms
+            if atoms.numel() != out.shape[head.dim]:  # only k / v carried heads, fewer than q's
+                atoms = atoms.repeat_interleave(out.shape[head.dim] // atoms.numel())
+            ctx.set_label(out, head.dim, atoms, head.origin)
             if lv is not None and lv.dim == nd - 1:
                 ctx.freeze(lv.atoms, f"{ctx.where()}: both heads and value dims carry channels")
         elif lv is not None and lv.dim == nd - 1:

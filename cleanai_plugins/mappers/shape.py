@@ -119,7 +119,8 @@ def reshape_label(ctx, src: TRef, out: TRef) -> None:
     in the flat layout it spans. One dimension: labels are gathered (flatten repeats a
     channel over its spatial positions). Several (a split, e.g. ``3C -> (3, h, d)``):
     they are tied so that pruning stays rectangular, keeping the dimension chosen by
-    the kernel's split choice (default: the cheapest tie, larger dims first).
+    the kernel's split choice (default: the cheapest tie, larger dims first; in an
+    attention module named by the ``cleanai_whole_heads`` hook, the outermost: the heads).
     """
     lab = ctx.label_of(src)
     if lab is None:
@@ -139,11 +140,17 @@ def reshape_label(ctx, src: TRef, out: TRef) -> None:
         offset = offset + torch.arange(so[k]).reshape(shape) * strides[k]
     grid = lab.atoms[(offset // inner) % c]
     if len(dims) == 1:
+        if ctx.keeps_whole_heads() and dims[0] == len(so) - 1 and len(so) > 1 and so[-2] == 1 < so[-1]:
+            # (..., 1, head_dim): a single head (multi-query attention's key and value)
+            ctx.set_label(out, len(so) - 2, ctx.tie(grid.reshape(-1), (1, so[-1]), 0), lab.origin)
+            return
         ctx.set_label(out, dims[0], grid.reshape(-1), lab.origin)
         return
     event = ctx.event.index
     choice = ctx.split_choices.get(event)
-    if choice is None:
+    if choice is None and ctx.keeps_whole_heads():
+        choice = 0  # (heads, head_dim), (heads, 3, head_dim), (kv, group, head_dim): the heads
+    elif choice is None:
         costs = []
         for i in range(len(dims)):
             g = grid.movedim(i, 0).reshape(grid.shape[i], -1)

@@ -1,0 +1,105 @@
+"""Hugging Face transformers models: they prune, and stay transformers models.
+
+- every transformers attention module keeps whole heads (``cleanai_whole_heads``),
+  whichever attention implementation runs (eager, sdpa, flex); grouped-query attention
+  loses whole key/value groups (the SDPA mapper and ``repeat_kv``'s expand/reshape tie a
+  KV head to its query heads);
+- mixture-of-experts MLPs (Mixtral's 3-D expert tensors) prune each expert's width
+  (:mod:`.experts`); the router is untouched;
+- ``Conv1D`` (GPT-2) has a layer pruner (:mod:`.conv1d`); RMS norms are claimed like
+  ``nn.RMSNorm``, so the hidden size can shrink;
+- after slicing, attention attributes (:mod:`.attention`) and ``config``
+  (:mod:`.config`) are rewritten from the modules, so ``save_pretrained`` ->
+  ``from_pretrained`` rebuilds the pruned model when every layer kept the same widths.
+
+transformers is optional: without it this plugin claims nothing.
+"""
+
+from __future__ import annotations
+
+from cleanai_core import hookimpl
+
+try:  # guarded: transformers is an optional extra
+    from transformers import PreTrainedModel
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - exercised only without transformers
+    PreTrainedModel = Conv1D = None
+
+from cleanai_plugins.layers.norm import RMSNormPruner
+from cleanai_plugins.mappers.shape import allow_channel_ranges
+from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_qkv, is_attention
+from cleanai_plugins.zoo.transformers.config import fix_config
+from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
+from cleanai_plugins.zoo.transformers.experts import ExpertsPruner, is_experts
+from cleanai_plugins.zoo.transformers.fills import FILLS, HeadsFill
+
+__all__ = ["Conv1DPruner", "is_rms_norm"]
+
+
+def is_rms_norm(module) -> bool:
+    """A transformers RMS norm (``LlamaRMSNorm``, ``GemmaRMSNorm``, ``T5LayerNorm``...):
+    one weight vector over the last dimension, no bias."""
+    cls = type(module)
+    if not cls.__module__.startswith("transformers.") or not (
+        cls.__name__.endswith("RMSNorm") or cls.__name__ == "T5LayerNorm"
+    ):
+        return False
+    weight = getattr(module, "weight", None)
+    return weight is not None and weight.ndim == 1 and getattr(module, "bias", None) is None
+
+
+def outermost(root, cls) -> list:
+    """``(name, module)`` of the modules of ``root`` that are ``cls`` instances and not
+    inside another one."""
+    found: list = []
+    for name, module in root.named_modules():
+        if isinstance(module, cls) and not any(name.startswith(f"{n}.") or n == "" for n, _ in found):
+            found.append((name, module))
+    return found
+
+
+@hookimpl(trylast=True)
+def cleanai_whole_heads(model):
+    if PreTrainedModel is None:
+        return None
+    return [m for m in model.modules() if is_attention(m)]
+
+
+@hookimpl
+def cleanai_prepare_model(model):
+    """The q, k, v ranges of a fused ``qkv_proj`` are taken by fixed bounds: the
+    attention fix-ups rewrite them after slicing."""
+    if PreTrainedModel is None:
+        return None
+    fused = [m for m in model.modules() if is_attention(m) and has_fused_qkv(m)]
+    return allow_channel_ranges(*fused) if fused else None
+
+
+@hookimpl(trylast=True)
+def cleanai_after_prune(module, name, edits):
+    if PreTrainedModel is None or not edits:
+        return
+    if is_attention(module):
+        fix_attention(module)
+    if name == "":  # once, at the root: every outermost transformers model in it
+        for _, model in outermost(module, PreTrainedModel):
+            fix_config(model)
+
+
+@hookimpl(trylast=True)
+def cleanai_layer_pruner(module):
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return Conv1DPruner()
+    if is_rms_norm(module):
+        return RMSNormPruner()
+    if is_experts(module):
+        return ExpertsPruner()
+    return None
+
+
+@hookimpl(trylast=True)
+def cleanai_index_mapper(op):
+    packet = getattr(op, "overloadpacket", None)
+    if getattr(packet, "__name__", None) in FILLS and str(op).startswith("aten."):
+        return HeadsFill()
+    return None

@@ -1,0 +1,125 @@
+"""Attention modules of Hugging Face transformers: which they are, and their attributes
+after whole heads were pruned.
+
+CleanAI keeps heads whole in every transformers attention module (the
+``cleanai_whole_heads`` hook), so ``head_dim`` never changes and neither does the
+attention scale; a pruned module has fewer query heads and, with grouped-query
+attention, fewer key/value heads (a KV head goes with the query heads it serves, so the
+group size stays). The counts are read back from the projections' widths, so the fix-up
+gives the same answer however often it runs.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = [
+    "INPUT_PROJS",
+    "fix_attention",
+    "has_fused_qkv",
+    "head_counts",
+    "is_attention",
+    "proj_in_width",
+    "proj_width",
+]
+
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
+HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+KV_HEADS_ATTRS = ("num_key_value_heads", "num_kv_heads")
+# child -> how many stacked (q, k, v) parts of equal width its output holds
+QUERY_PROJS = (("q_proj", 1), ("query", 1), ("q", 1), ("q_lin", 1), ("query_proj", 1), ("c_attn", 3))
+KEY_PROJS = ("k_proj", "key", "k", "k_lin", "key_proj")
+INPUT_PROJS = (*(c for c, _ in QUERY_PROJS), "qkv_proj", "query_key_value")
+
+
+def has_fused_qkv(module: nn.Module) -> bool:
+    """An attention module that slices one fused ``qkv_proj`` by channel ranges computed
+    from its head counts (Phi-3), which :func:`fix_attention` and the config fix-up
+    rewrite after slicing."""
+    return proj_width(getattr(module, "qkv_proj", None)) is not None and isinstance(
+        getattr(module, "num_key_value_groups", None), int
+    )
+
+
+def is_attention(module: nn.Module) -> bool:
+    """A transformers attention module (``LlamaAttention``, ``BertSelfAttention``, ...)."""
+    cls = type(module)
+    return cls.__module__.startswith("transformers.") and "Attention" in cls.__name__
+
+
+def proj_width(module: nn.Module | None) -> int | None:
+    """Output width of a projection: ``nn.Linear`` or transformers' ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
+        return int(weight.shape[1])
+    return None
+
+
+def proj_in_width(module: nn.Module | None) -> int | None:
+    """Input width of a projection: ``nn.Linear`` or transformers' ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
+        return int(weight.shape[0])
+    return None
+
+
+def _int_attr(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return name
+    return None
+
+
+def head_counts(module: nn.Module) -> tuple[int, int | None, int] | None:
+    """``(query heads, key/value heads or None, head_dim)`` of an attention module, read
+    from its projections' widths; ``None`` when they cannot be read."""
+    hd_attr = _int_attr(module, HEAD_DIM_ATTRS)
+    if hd_attr is None:
+        return None
+    hd = getattr(module, hd_attr)
+    width = None
+    fused = proj_width(getattr(module, "qkv_proj", None))
+    groups = getattr(module, "num_key_value_groups", None)
+    if fused is not None and isinstance(groups, int) and fused % (hd * (groups + 2)) == 0:
+        # Phi-3: rows [q (kv * groups heads), k (kv heads), v (kv heads)]; whole KV groups go
+        kv = fused // (hd * (groups + 2))
+        return kv * groups, kv, hd
+    for child, stacks in QUERY_PROJS:
+        w = proj_width(getattr(module, child, None))
+        if w is not None:
+            if child == "c_attn" and getattr(module, "is_cross_attention", False):
+                w, stacks = proj_width(getattr(module, "q_attn", None)), 1
+            width = w // stacks
+            break
+    if width is None or hd <= 0 or width % hd:
+        return None
+    kv_width = next((proj_width(getattr(module, c, None)) for c in KEY_PROJS if hasattr(module, c)), None)
+    kv = kv_width // hd if kv_width is not None and kv_width % hd == 0 else None
+    return width // hd, kv, hd
+
+
+def fix_attention(module: nn.Module) -> None:
+    """Set the head counts and widths of a pruned attention module from its projections."""
+    counts = head_counts(module)
+    if counts is None:
+        return
+    heads, kv, hd = counts
+    heads_attr = _int_attr(module, HEADS_ATTRS)
+    if heads_attr is not None:
+        old = getattr(module, heads_attr)
+        for name in HEADS_ATTRS:
+            if getattr(module, name, None) == old:
+                setattr(module, name, heads)
+    kv_attr = _int_attr(module, KV_HEADS_ATTRS)
+    if kv is not None and kv_attr is not None:
+        setattr(module, kv_attr, kv)
+    if kv and isinstance(getattr(module, "num_key_value_groups", None), int):
+        module.num_key_value_groups = max(1, heads // kv)
+    for name in ("all_head_size", "inner_dim", "split_size", "embed_dim"):
+        if isinstance(getattr(module, name, None), int):
+            setattr(module, name, heads * hd)

@@ -1,0 +1,211 @@
+"""A pruned transformers model's ``config`` rewritten to agree with its modules.
+
+After slicing, the widths live in the tensors; ``save_pretrained`` writes ``config``,
+and ``from_pretrained`` builds the model from it before loading the weights, so every
+width the config names must be the pruned one. Read from the modules:
+
+- ``hidden_size``: the most common input width of the attention projections the config
+  owns (of its normalisation layers, for a model without attention);
+- ``num_attention_heads`` / ``num_key_value_heads`` (``encoder_`` / ``decoder_``
+  variants for encoder-decoder models): from the attention projections; ``head_dim``
+  is written explicitly where the config has the key;
+- the MLP width (``intermediate_size``, ``n_inner``, ``ffn_dim``, ``d_ff``,
+  ``hidden_dim``, ``ffn_hidden_size``, ``encoder_ffn_dim``...): from the first MLP
+  projection of every layer.
+
+A config holds one value per key, so it describes the model only when every layer
+kept the same widths (*uniform* pruning), and only the widths the family reads from it
+(BERT and GPT-2 derive the head size from ``hidden_size / num_attention_heads``, so
+fewer heads cannot be written). The model is rebuilt from the rewritten config on the
+meta device and compared tensor by tensor; ``config.cleanai_pruning`` records what the
+user got: ``{"uniform": true, "from_pretrained": true}``; or ``"uniform": false`` with
+``"per_layer": {key: [widths]}``; or ``"from_pretrained": false`` with the first
+``"mismatched"`` tensors. Without ``from_pretrained``, reload through
+``cleanai_core.load_pruned`` (which replays the history on the original architecture).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter, defaultdict
+
+import torch
+from torch import nn
+
+from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
+
+__all__ = ["fix_config"]
+
+# the first projection of an MLP (its output width is the MLP width), and its stacked parts
+_MLP_UP = re.compile(
+    r"(^|\.)(mlp\.(gate_proj|c_fc|dense_h_to_4h|fc1)|intermediate\.dense|ffn\.lin1|DenseReluDense\.wi(_0)?|"
+    r"fc1|ffn|mlp\.gate_up_proj)$"
+)
+_MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size")
+
+
+def _owner(names: dict[str, nn.Module], name: str) -> tuple[str, object] | None:
+    """The nearest module (itself or an ancestor) holding a transformers config."""
+    while True:
+        config = getattr(names.get(name), "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            return name, config
+        if not name:
+            return None
+        name = name.rpartition(".")[0]
+
+
+def _side(name: str) -> str:
+    """``encoder_`` / ``decoder_`` for the halves of an encoder-decoder model."""
+    parts = name.split(".")
+    return "decoder_" if "decoder" in parts else "encoder_" if "encoder" in parts else ""
+
+
+def _set(config, key: str, values: list[int], record: dict) -> None:
+    if not values or not hasattr(config, key):
+        return
+    if len(set(values)) > 1:
+        record[key] = values
+    setattr(config, key, values[0])
+
+
+def _collect(model: nn.Module) -> dict[int, dict]:
+    """Per config object: the widths its modules show (norms, heads, MLP widths)."""
+    names = dict(model.named_modules())
+    found: dict[int, dict] = {}
+    for name, module in names.items():
+        owner = _owner(names, name)
+        if owner is None:
+            continue
+        entry = found.setdefault(
+            id(owner[1]), {"config": owner[1], "norms": Counter(), "inputs": Counter(), "values": defaultdict(list)}
+        )
+        values = entry["values"]
+        side = _side(name) if hasattr(owner[1], "encoder_ffn_dim") else ""
+        if isinstance(module, nn.LayerNorm) or (type(module).__name__.endswith("RMSNorm")):
+            w = getattr(module, "weight", None)
+            if w is not None and w.ndim == 1:
+                entry["norms"][int(w.shape[0])] += 1
+        if is_attention(module):
+            counts = head_counts(module)
+            width = next((proj_in_width(getattr(module, c, None)) for c in INPUT_PROJS if hasattr(module, c)), None)
+            if width is not None:
+                entry["inputs"][width] += 1  # the residual stream the attention reads
+            if counts is not None:
+                heads, kv, hd = counts
+                values[f"{side}attention_heads" if side else "num_attention_heads"].append(heads)
+                if kv is not None:
+                    values["num_key_value_heads"].append(kv)
+                values["head_dim"].append(hd)
+                if isinstance(getattr(module, "attention_head_size", None), int):  # DeBERTa-v2 reads it
+                    values["attention_head_size"].append(hd)
+        experts = getattr(module, "gate_up_proj", None)
+        if isinstance(experts, nn.Parameter) and experts.ndim == 3:  # Mixtral's 3-D expert MLPs
+            values["mlp"].append(int(experts.shape[1]) // 2)
+        if _MLP_UP.search(name):
+            width = proj_width(module)
+            if width is not None:
+                if name.endswith("gate_up_proj"):
+                    width //= 2
+                values[f"{side}ffn_dim" if side else "mlp"].append(width)
+    return found
+
+
+def _write(entry: dict) -> dict:
+    """Write one config's widths; returns the keys whose layers disagree."""
+    config, values = entry["config"], entry["values"]
+    record: dict = {}
+    widths = entry["inputs"] or entry["norms"]
+    if widths:
+        _set(config, "hidden_size", [widths.most_common(1)[0][0]], record)
+    for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
+        _set(config, key, values.get(key, []), record)
+    for key in ("head_dim", "attention_head_size"):  # explicit: no hidden_size / heads division
+        if values.get(key):
+            setattr(config, key, values[key][0])
+    for key in ("num_key_value_heads", "num_kv_heads"):
+        if values.get("num_key_value_heads") and getattr(config, key, None) is not None:
+            _set(config, key, values["num_key_value_heads"], record)
+    for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
+        _set(config, key, values.get(key, []), record)
+    if not hasattr(config, "encoder_ffn_dim"):
+        key = next((k for k in _MLP_KEYS if hasattr(config, k)), None)
+        if key is not None:
+            _set(config, key, values.get("mlp", []), record)
+    return record
+
+
+def fix_config(model: nn.Module) -> None:
+    """Rewrite the config of a transformers model (and of its sub-configs) from its
+    modules, then check that the model rebuilt from it has the pruned shapes."""
+    found = _collect(model)
+    root = model.config
+    mine = found.setdefault(
+        id(root), {"config": root, "norms": Counter(), "inputs": Counter(), "values": defaultdict(list)}
+    )
+    for entry in list(found.values()):
+        # a submodel built from a copy of the model's config (T5's encoder and decoder stacks)
+        if entry is not mine and type(entry["config"]) is type(root):
+            mine["norms"].update(entry["norms"])
+            mine["inputs"].update(entry["inputs"])
+            for key, widths in entry["values"].items():
+                mine["values"][key].extend(widths)
+    record = {}
+    for entry in found.values():
+        old = getattr(entry["config"], "hidden_size", None)
+        record.update(_write(entry))
+        _fix_hidden_attrs(model, entry["config"], old)
+    mismatched = rebuild_mismatches(model)
+    mismatched += _scale_mismatches(model)
+    root.cleanai_pruning = {
+        "uniform": not record,
+        "from_pretrained": not mismatched,
+        **({"per_layer": record} if record else {}),
+        **({"mismatched": mismatched[:5]} if mismatched else {}),
+    }
+
+
+def _fix_hidden_attrs(model: nn.Module, config, old: int | None) -> None:
+    """Modules that keep the hidden size in an attribute (Mixtral's MoE block views its
+    input with ``hidden_dim``) follow the pruned ``hidden_size``."""
+    new = getattr(config, "hidden_size", None)
+    if not isinstance(old, int) or not isinstance(new, int) or old == new:
+        return
+    for module in model.modules():
+        if getattr(module, "config", config) is config and not is_attention(module):
+            for attr in ("hidden_dim", "hidden_size"):
+                if getattr(module, attr, None) == old and not isinstance(getattr(type(module), attr, None), property):
+                    setattr(module, attr, new)
+
+
+def _scale_mismatches(model: nn.Module) -> list[str]:
+    """Scales derived from the config at construction and not saved (Gemma's
+    ``embed_scale = sqrt(hidden_size)``, a non-persistent buffer; T5's ``model_dim``
+    scaling tied logits): a smaller hidden size
+    would rebuild them differently, so ``from_pretrained`` would not give the same model."""
+    out = []
+    for name, module in model.named_modules():
+        scale, config = getattr(module, "scalar_embed_scale", None), getattr(model, "config", None)
+        hidden = getattr(config, "hidden_size", None)
+        if isinstance(scale, float) and isinstance(hidden, int) and abs(scale - hidden**0.5) > 1e-6 * scale:
+            if abs(scale - 1.0) > 1e-12:
+                out.append(f"{name}.embed_scale (sqrt of the original hidden size)")
+        dim = getattr(module, "model_dim", None)  # T5 scales tied logits by model_dim ** -0.5
+        if isinstance(dim, int) and isinstance(hidden, int) and dim != hidden:
+            out.append(f"{name or type(module).__name__}.model_dim (the original hidden size scales the logits)")
+    return out
+
+
+def rebuild_mismatches(model: nn.Module) -> list[str]:
+    """Tensors of ``model`` whose shape the model rebuilt from its config (on the meta
+    device, so nothing is allocated) does not have: empty when ``from_pretrained`` can
+    rebuild it. Families that derive the head size from ``hidden_size /
+    num_attention_heads`` (BERT, GPT-2, ...) cannot express fewer heads."""
+    try:
+        with torch.device("meta"):
+            ref = type(model)(copy.deepcopy(model.config))
+    except Exception as exc:  # a family whose __init__ cannot run on meta: say so
+        return [f"<rebuild failed: {type(exc).__name__}>"]
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    return [k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape)]

@@ -1,0 +1,234 @@
+"""Tiny random Hugging Face transformers models, one per family, for the HF corpus test
+(``tests/test_hf_corpus.py``). Built from configs (no download): 2 layers, hidden 64,
+4 heads, vocab 100."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+V = 100  # vocabulary
+COMMON = {"vocab_size": V, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96}
+LM = {**COMMON, "num_attention_heads": 4, "max_position_embeddings": 64, "pad_token_id": 0}
+
+
+def _ids(n: int = 8) -> torch.Tensor:
+    return torch.randint(3, V, (1, n), generator=torch.Generator().manual_seed(1))
+
+
+def _pixels(size: int = 32, channels: int = 3) -> torch.Tensor:
+    return torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _causal(cls_name: str, config_name: str, **kw) -> Callable[[], tuple[Any, Any]]:
+    def build():
+        import transformers
+
+        config = getattr(transformers, config_name)(**{**LM, **kw})
+        return getattr(transformers, cls_name)(config), (_ids(),)
+
+    return build
+
+
+def _make(cls_name: str, config_name: str, inputs: Callable[[], Any], **kw) -> Callable[[], tuple[Any, Any]]:
+    def build():
+        import transformers
+
+        config = getattr(transformers, config_name)(**kw)
+        x = inputs()
+        return getattr(transformers, cls_name)(config), (x,) if isinstance(x, torch.Tensor) else x
+
+    return build
+
+
+def _seq2seq_inputs() -> dict:
+    return {"input_ids": _ids(), "decoder_input_ids": _ids(5)}
+
+
+def _clip_inputs() -> dict:
+    return {"input_ids": _ids(), "pixel_values": _pixels()}
+
+
+def _whisper_inputs() -> dict:
+    feats = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(1))
+    return {"input_features": feats, "decoder_input_ids": _ids(5)}
+
+
+ENC = {"vocab_size": V, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
+VIT = {"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
+BART = dict(
+    vocab_size=V,
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=96,
+    decoder_ffn_dim=96,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    decoder_start_token_id=1,
+)
+
+#: name -> (builder, kind): kind "causal" (generate), "seq2seq" (generate), "encoder"
+FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
+    "llama-mha": (_causal("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=4), "causal"),
+    "llama-gqa": (_causal("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2), "causal"),
+    "qwen2": (_causal("Qwen2ForCausalLM", "Qwen2Config", num_key_value_heads=2), "causal"),
+    "qwen3": (_causal("Qwen3ForCausalLM", "Qwen3Config", num_key_value_heads=2, head_dim=16), "causal"),
+    "mistral": (_causal("MistralForCausalLM", "MistralConfig", num_key_value_heads=2), "causal"),
+    "mixtral": (
+        _causal(
+            "MixtralForCausalLM", "MixtralConfig", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2
+        ),
+        "causal",
+    ),
+    "gemma": (_causal("GemmaForCausalLM", "GemmaConfig", num_key_value_heads=2, head_dim=16), "causal"),
+    "gemma2": (_causal("Gemma2ForCausalLM", "Gemma2Config", num_key_value_heads=2, head_dim=16), "causal"),
+    "phi3": (_causal("Phi3ForCausalLM", "Phi3Config", num_key_value_heads=2), "causal"),
+    "gpt2": (
+        _make("GPT2LMHeadModel", "GPT2Config", _ids, vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64),
+        "causal",
+    ),
+    "gpt-neox": (_causal("GPTNeoXForCausalLM", "GPTNeoXConfig"), "causal"),
+    "opt": (
+        _make(
+            "OPTForCausalLM",
+            "OPTConfig",
+            _ids,
+            vocab_size=V,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=96,
+            word_embed_proj_dim=64,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        ),
+        "causal",
+    ),
+    "falcon": (
+        _make(
+            "FalconForCausalLM",
+            "FalconConfig",
+            _ids,
+            vocab_size=V,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        ),
+        "causal",
+    ),
+    "bloom": (
+        _make("BloomForCausalLM", "BloomConfig", _ids, vocab_size=V, hidden_size=64, n_layer=2, n_head=4),
+        "causal",
+    ),
+    "bert": (_make("BertForMaskedLM", "BertConfig", _ids, **ENC, intermediate_size=96), "encoder"),
+    "roberta": (
+        _make("RobertaForMaskedLM", "RobertaConfig", _ids, **ENC, intermediate_size=96, pad_token_id=1),
+        "encoder",
+    ),
+    "distilbert": (
+        _make(
+            "DistilBertForMaskedLM",
+            "DistilBertConfig",
+            _ids,
+            vocab_size=V,
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=96,
+        ),
+        "encoder",
+    ),
+    "albert": (
+        _make("AlbertForMaskedLM", "AlbertConfig", _ids, **ENC, intermediate_size=96, embedding_size=32),
+        "encoder",
+    ),
+    "deberta-v2": (_make("DebertaV2ForMaskedLM", "DebertaV2Config", _ids, **ENC, intermediate_size=96), "encoder"),
+    "vit": (_make("ViTForImageClassification", "ViTConfig", _pixels, **VIT, intermediate_size=96), "encoder"),
+    "swin": (
+        _make(
+            "SwinForImageClassification",
+            "SwinConfig",
+            _pixels,
+            image_size=32,
+            patch_size=4,
+            embed_dim=16,
+            depths=[1, 1],
+            num_heads=[2, 4],
+            window_size=4,
+        ),
+        "encoder",
+    ),
+    "convnext": (
+        _make(
+            "ConvNextForImageClassification",
+            "ConvNextConfig",
+            _pixels,
+            num_channels=3,
+            hidden_sizes=[16, 32],
+            num_stages=2,
+            depths=[1, 1],
+            image_size=32,
+        ),
+        "encoder",
+    ),
+    "t5": (
+        _make(
+            "T5ForConditionalGeneration",
+            "T5Config",
+            _seq2seq_inputs,
+            vocab_size=V,
+            d_model=64,
+            d_kv=16,
+            d_ff=96,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+        ),
+        "seq2seq",
+    ),
+    "bart": (_make("BartForConditionalGeneration", "BartConfig", _seq2seq_inputs, **BART), "seq2seq"),
+    "whisper": (
+        _make(
+            "WhisperForConditionalGeneration",
+            "WhisperConfig",
+            _whisper_inputs,
+            **{
+                **{k: v for k, v in BART.items() if k != "max_position_embeddings"},
+                "num_mel_bins": 16,
+                "max_source_positions": 16,
+                "max_target_positions": 32,
+            },
+        ),
+        "seq2seq",
+    ),
+    "clip": (
+        _make(
+            "CLIPModel",
+            "CLIPConfig",
+            _clip_inputs,
+            text_config={**ENC, "intermediate_size": 96, "max_position_embeddings": 32},
+            vision_config={**VIT, "intermediate_size": 96},
+        ),
+        "encoder",
+    ),
+}
+
+
+def build(name: str, attn: str = "sdpa") -> tuple[Any, Any, str]:
+    """``(model in eval mode, inputs, kind)`` of a family, with weights seeded so that every
+    attention implementation gets the same model."""
+    builder, kind = FAMILIES[name]
+    torch.manual_seed(0)
+    model, inputs = builder()
+    try:
+        model.set_attn_implementation(attn)
+    except (ValueError, AttributeError, ImportError):  # the family has one implementation only
+        pass
+    return model.eval(), inputs, kind

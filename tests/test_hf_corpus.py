@@ -1,0 +1,280 @@
+"""Hugging Face transformers corpus: tiny random models of each family prune, pass the
+masking oracle under eager and sdpa attention, keep a config that agrees with their
+modules, save and reload with identical logits, and generate with a KV cache.
+
+The families are built in ``tests/hf_families.py``. A fast subset (Llama with GQA,
+GPT-2, BERT, ViT) runs by default; the whole list is marked ``corpus``
+(``pytest -m corpus tests/test_hf_corpus.py``). ``python tests/test_hf_corpus.py``
+prints the per-family table of docs/compatibility.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_families import FAMILIES, build  # noqa: E402
+
+from cleanai_core import DependencyGraph  # noqa: E402
+from cleanai_core.slicing import SliceEdit, apply_edits  # noqa: E402
+from cleanai_core.testing import check_pruner, random_units, run_model  # noqa: E402
+
+FAST = ["llama-gqa", "gpt2", "bert", "vit"]
+ATTN = ["eager", "sdpa"]
+
+
+def structure(graph: DependencyGraph) -> list[tuple]:
+    """The groups as comparable data: their slices, sizes and prunable counts."""
+    return sorted((tuple(sorted(f"{s.module}:{s.name}" for s in g.slices)), g.size, g.prunable) for g in graph.groups())
+
+
+QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "query_proj", "c_attn", "query_key_value", "qkv_proj")
+
+
+def reload_keeps(model) -> list[str]:
+    """What to keep so that a family's config can describe the pruned model: every head
+    (ignoring the query projections), where the family derives the head size from
+    ``hidden_size / num_attention_heads``, and Whisper's convolution stem."""
+    names = dict(model.named_modules())
+    return [
+        n
+        for n in names
+        if n.endswith("encoder.conv1")
+        or (n.rpartition(".")[2] in QUERY_NAMES and "Attention" in type(names[n.rpartition(".")[0]]).__name__)
+    ]
+
+
+def prune_uniform(model, inputs, ratio: float = 0.5, seed: int = 0, keep_heads: bool = False):
+    """``ratio`` of every group at random (the same count in groups of the same size: the
+    uniform mode) sliced on a copy, fix-ups included; returns ``(pruned, graph)``."""
+    graph = DependencyGraph(model, inputs, ignored_layers=reload_keeps(model) if keep_heads else ())
+    pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed), exclude_normalized=True)
+    small = copy.deepcopy(model)
+    keep = graph.keep_indices(pruned)
+    apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()], graph.pm)
+    return small, graph
+
+
+def logits(model, inputs) -> torch.Tensor:
+    return run_model(model, inputs)[0]
+
+
+def check_oracle(name: str, attn: str) -> float:
+    model, inputs, _ = build(name, attn)
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.output_shapes_equal
+    assert report.pruned_units > 0
+    assert report.params_after < report.params_before
+    return report.max_abs_diff
+
+
+def check_reload(name: str, tmp_path: Path, keep_heads: bool = False) -> tuple[torch.Tensor, torch.Tensor, object]:
+    model, inputs, _ = build(name)
+    small, _ = prune_uniform(model, inputs, keep_heads=keep_heads)
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    return logits(small, inputs), logits(again, inputs), small
+
+
+def check_generate(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    model, inputs, kind = build(name)
+    small, _ = prune_uniform(model, inputs)
+    kwargs = dict(inputs) if isinstance(inputs, dict) else {"input_ids": inputs[0]}
+    kwargs.pop("decoder_input_ids", None)
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = small.generate(**kwargs, **gen, use_cache=True)
+        plain = small.generate(**kwargs, **gen, use_cache=False)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    return cached, plain
+
+
+# -- the fast subset -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_graph_does_not_depend_on_the_attention_implementation(name):
+    graphs = [structure(DependencyGraph(*build(name, attn)[:2])) for attn in ATTN]
+    assert graphs[0] == graphs[1]
+    assert sum(p for _, _, p in graphs[0]) > 0
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("name", FAST)
+def test_pruned_model_equals_the_masked_original(name, attn):
+    assert check_oracle(name, attn) < 1e-4
+
+
+#: families whose config can say that heads are gone (``head_dim`` / ``d_kv`` read from it)
+HEADS_IN_CONFIG = {
+    "llama-mha",
+    "llama-gqa",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "mixtral",
+    "gemma",
+    "gemma2",
+    "phi3",
+    "vit",
+    "t5",
+}
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_save_pretrained_then_from_pretrained_gives_identical_logits(name, tmp_path):
+    keep_heads = name not in HEADS_IN_CONFIG
+    before, after, small = check_reload(name, tmp_path, keep_heads=keep_heads)
+    assert before.shape == after.shape
+    assert torch.equal(before, after)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in build(name)[0].parameters())
+
+
+def test_llama_gqa_config_agrees_with_the_pruned_modules():
+    model, inputs, _ = build("llama-gqa")
+    small, _ = prune_uniform(model, inputs)
+    config, attn = small.config, small.model.layers[0].self_attn
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 16)
+    assert config.intermediate_size == 48 == small.model.layers[1].mlp.up_proj.out_features
+    assert attn.q_proj.out_features == 32 and attn.k_proj.out_features == 16 and attn.num_key_value_groups == 2
+    assert attn.scaling == 16**-0.5  # head_dim unchanged: the scale stays the original one
+
+
+def test_config_that_cannot_describe_fewer_heads_says_so():
+    """BERT derives its head size from hidden_size / num_attention_heads."""
+    model, inputs, _ = build("bert")
+    small, _ = prune_uniform(model, inputs)
+    record = small.config.cleanai_pruning
+    assert record["uniform"] is True and record["from_pretrained"] is False
+    assert record["mismatched"][0] == "bert.encoder.layer.0.attention.self.query.weight"
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_generate_with_kv_cache_matches_greedy_decoding_without_it(name):
+    cached, plain = check_generate(name)
+    assert cached.shape == (1, 8 + 6)
+    assert torch.equal(cached, plain)
+
+
+def test_gpt2_tied_embeddings_stay_tied_when_the_hidden_size_shrinks():
+    model, inputs, _ = build("gpt2")
+    graph = DependencyGraph(model, inputs)
+    pruned = random_units(graph, 0.5, torch.Generator().manual_seed(0))  # normalised groups too: the hidden size
+    small = copy.deepcopy(model)
+    keep = graph.keep_indices(pruned)
+    apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()], graph.pm)
+    assert small.transformer.wte.weight.shape == (100, 32)
+    assert small.lm_head.weight is small.transformer.wte.weight
+    assert logits(small, inputs).shape == (1, 8, 100)
+
+
+def test_gpt2_conv1d_layers_prune():
+    model, inputs, _ = build("gpt2")
+    small, _ = prune_uniform(model, inputs)
+    mlp, attn = small.transformer.h[0].mlp, small.transformer.h[0].attn
+    assert mlp.c_fc.weight.shape == (64, 128) and mlp.c_proj.weight.shape == (128, 64)
+    assert attn.c_attn.weight.shape == (64, 96) and (attn.num_heads, attn.split_size) == (2, 32)
+
+
+def test_mixtral_experts_prune_each_expert_and_keep_the_router():
+    model, inputs, _ = build("mixtral")
+    assert check_oracle("mixtral", "sdpa") < 1e-5
+    small, _ = prune_uniform(model, inputs)
+    moe = small.model.layers[0].mlp
+    assert moe.experts.gate_up_proj.shape == (4, 96, 64) and moe.experts.down_proj.shape == (4, 64, 48)
+    assert moe.gate.weight.shape == (4, 64)  # the router: every expert stays
+    assert small.config.intermediate_size == 48 and small.config.cleanai_pruning["from_pretrained"]
+
+
+@pytest.mark.slow
+def test_t5_shared_embedding_stays_one_parameter_when_the_hidden_size_shrinks():
+    model, inputs, _ = build("t5")
+    graph = DependencyGraph(model, inputs)
+    pruned = random_units(graph, 0.5, torch.Generator().manual_seed(0))
+    small = copy.deepcopy(model)
+    keep = graph.keep_indices(pruned)
+    apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()], graph.pm)
+    shared = small.shared.weight
+    assert shared.shape == (100, 32)
+    assert small.encoder.embed_tokens.weight is shared and small.decoder.embed_tokens.weight is shared
+    assert small.lm_head.weight is shared
+    assert small.config.cleanai_pruning["from_pretrained"] is False  # T5 scales tied logits by the old d_model
+
+
+# -- the whole list --------------------------------------------------------------------
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_corpus_oracle(name, attn):
+    assert check_oracle(name, attn) < 1e-4
+
+
+#: families whose config cannot describe some width at all (per-stage lists, fixed 4x MLPs)
+NO_RELOAD = {"swin": "per-stage head counts", "convnext": "MLP width fixed at 4x", "bloom": "MLP width fixed at 4x"}
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_corpus_reload(name, tmp_path):
+    if name in NO_RELOAD:
+        pytest.skip(NO_RELOAD[name])
+    before, after, _ = check_reload(name, tmp_path, keep_heads=name not in HEADS_IN_CONFIG)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", sorted(n for n, (_, kind) in FAMILIES.items() if kind != "encoder"))
+def test_corpus_generate(name):
+    cached, plain = check_generate(name)
+    assert torch.equal(cached, plain)
+
+
+def _table() -> None:  # pragma: no cover - the compatibility table, by hand
+    import tempfile
+    import traceback
+
+    names = sys.argv[1:] or sorted(FAMILIES)
+    for name in names:
+        row = [name]
+        for attn in ATTN:
+            try:
+                row.append(f"{attn} {check_oracle(name, attn):.1e}")
+            except Exception as exc:
+                row.append(f"{attn} FAIL {type(exc).__name__}: {str(exc)[:200]}")
+                traceback.print_exc(limit=-3)
+        for keep_heads in (False, True):
+            try:
+                with tempfile.TemporaryDirectory() as d:
+                    model, inputs, _ = build(name)
+                    small, _ = prune_uniform(model, inputs, keep_heads=keep_heads)
+                    row.append(f"cfg{'(heads kept)' if keep_heads else ''} {small.config.cleanai_pruning}")
+                    if not small.config.cleanai_pruning["from_pretrained"]:
+                        continue
+                    before, after, small = check_reload(name, Path(d), keep_heads)
+                    row.append(f"reload {'equal' if torch.equal(before, after) else (before - after).abs().max()}")
+                    break
+            except Exception as exc:
+                row.append(f"reload FAIL {type(exc).__name__}: {str(exc)[:200]}")
+                traceback.print_exc(limit=-3)
+        if FAMILIES[name][1] != "encoder":
+            try:
+                cached, plain = check_generate(name)
+                row.append(f"generate {'same' if torch.equal(cached, plain) else 'DIFFERENT'}")
+            except Exception as exc:
+                row.append(f"generate FAIL {type(exc).__name__}: {str(exc)[:200]}")
+                traceback.print_exc(limit=-3)
+        print(" | ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    _table()

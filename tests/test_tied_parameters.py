@@ -1,0 +1,48 @@
+"""A parameter shared by several modules (tied input and output embeddings) is sliced
+once per holder and shared again afterwards."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from cleanai_core import DependencyGraph
+from cleanai_core.slicing import SliceEdit, apply_edits
+from cleanai_core.testing import check_pruner, random_units
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        return self.head(x + self.mix(torch.relu(x)))  # the residual stream: one group
+
+
+def test_tied_embeddings_are_one_parameter_after_pruning():
+    model = TiedLM().eval()
+    ids = torch.randint(0, 20, (2, 5))
+    graph = DependencyGraph(model, ids)
+    pruned = random_units(graph, 0.5)
+    small = copy.deepcopy(model)
+    keep = graph.keep_indices(pruned)
+    assert ("embed", "out") in keep and ("head", "in") in keep
+    apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()])
+    assert small.embed.weight.shape == (20, 4)
+    assert small.head.weight is small.embed.weight
+    assert sum(p.numel() for p in small.parameters()) == 20 * 4 + (4 * 4 + 4)
+    assert torch.equal(small.embed.weight, model.embed.weight[:, keep[("embed", "out")]])
+    assert model.head.weight is model.embed.weight and model.embed.weight.shape == (20, 8)  # the original is intact
+
+
+def test_tied_model_prunes_exactly():
+    report = check_pruner(TiedLM().eval(), torch.randint(0, 20, (2, 5)))
+    assert report.max_abs_diff < 1e-6
+    assert report.params_after < report.params_before
