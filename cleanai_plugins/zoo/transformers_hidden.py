@@ -8,7 +8,7 @@ width only, and published magnitude pruning of the hidden size collapses (Llama-
 freezes that group; heads and MLP widths still prune.
 
 To prune the hidden size anyway, disable this plugin:
-``cleanai prune --disable-plugin cleanai_plugins.zoo.transformers_hidden ...`` or
+``cleanai --disable-plugin cleanai_plugins.zoo.transformers_hidden prune ...`` or
 ``CLEANAI_DISABLED_PLUGINS=cleanai_plugins.zoo.transformers_hidden``.
 """
 
