@@ -53,7 +53,8 @@ from cleanai_plugins.io.hf import cleanai_evaluate  # noqa: E402
 
 CALIB_BLOCKS, EVAL_BLOCKS, BATCH = 64, 96, 16
 FRACTIONS = (0.2, 0.5)
-HEAD_MLP = ("*q_proj", "*k_proj", "*v_proj", "*gate_proj", "*up_proj")
+ATTENTION = ("*q_proj", "*k_proj", "*v_proj")
+HEAD_MLP = (*ATTENTION, "*gate_proj", "*up_proj")
 
 
 def _wa(**kw):
@@ -95,9 +96,9 @@ def perplexity(model, blocks: torch.Tensor) -> float:
     return cleanai_evaluate(model.eval(), loader, torch.device("cpu"))["perplexity"]
 
 
-def prune(model, calib: torch.Tensor, importance, options: dict, **target) -> torch.nn.Module:
+def prune(model, calib: torch.Tensor, importance, options: dict, ignore=(), **target) -> torch.nn.Module:
     imp = importance() if callable(importance) else importance
-    pruner = StructuredPruner(model, calib[:2], imp, ignored_layers=[model.lm_head], **options, **target)
+    pruner = StructuredPruner(model, calib[:2], imp, ignored_layers=[model.lm_head, *ignore], **options, **target)
     pruner.collect_activations(DataLoader(calib, batch_size=BATCH), progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -108,6 +109,7 @@ def run_model(kind: str, names: tuple[str, ...], hidden: bool, log) -> list[dict
     model = corpus.trained(kind, log=log)
     data = corpus.splits()
     calib, held = corpus.blocks(data["calib"], CALIB_BLOCKS), corpus.blocks(data["heldout"], EVAL_BLOCKS)
+    ignore = attention_ignores(model, calib, kind, log)
     total, block = count_params(model), block_params(model)
     dense = perplexity(model, held)
     log(f"[{kind}] dense perplexity {dense:.3f}; {block} block params of {total}")
@@ -133,7 +135,7 @@ def run_model(kind: str, names: tuple[str, ...], hidden: bool, log) -> list[dict
         keep = 1 - frac * block / total  # the block share, as a share of all parameters
         for name in names:
             imp, opts = CONFIGS[name]
-            record(name, frac, lambda: prune(model, calib, imp, opts, target_params=keep))
+            record(name, frac, lambda: prune(model, calib, imp, opts, ignore, target_params=keep))
     if hidden:
         for frac in FRACTIONS:
             for name, (imp, opts) in HIDDEN.items():
@@ -144,6 +146,20 @@ def run_model(kind: str, names: tuple[str, ...], hidden: bool, log) -> list[dict
                     lambda: _prune_hidden(model, calib, imp, ignore, frac),
                 )
     return rows
+
+
+def attention_ignores(model, calib, kind: str, log) -> tuple[str, ...]:
+    """``()`` when the attention traces and its heads can be pruned; otherwise (grouped-query
+    attention before the graph side of issue #15 lands) switch to eager attention and keep
+    the attention projections, so that the MLPs alone carry the block-parameter target."""
+    try:
+        StructuredPruner(model, calib[:1])
+        return ()
+    except Exception as exc:
+        log(f"[{kind}] attention does not trace ({type(exc).__name__}: {str(exc)[:120]}); MLP-only pruning")
+    model.set_attn_implementation("eager")
+    StructuredPruner(model, calib[:1], ignored_layers=[model.lm_head, *ATTENTION])
+    return ATTENTION
 
 
 def _prune_hidden(model, calib, importance, options, frac):
