@@ -34,6 +34,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -206,7 +207,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="mha only, fewer configurations, no hidden-size rows")
     ap.add_argument("--models", default="mha,gqa", help="comma-separated: mha, gqa")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
+    ap.add_argument("--merge", nargs="+", metavar="FILE", help="only print one table from rows written by --json")
     args = ap.parse_args()
+    if args.merge:
+        print(table([r for f in args.merge for r in json.loads(Path(f).read_text())]))
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     log = lambda s: print(s, file=sys.stderr, flush=True)
@@ -217,6 +223,8 @@ def main() -> None:
     for kind in kinds:
         rows += run_model(kind, names, hidden=not args.quick, log=log)
     print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     print(f"\n{time.time() - t0:.0f} s, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     if any(r["ppl"] is not None and not math.isfinite(r["ppl"]) for r in rows):
         print("note: some perplexities are not finite")
