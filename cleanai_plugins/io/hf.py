@@ -217,6 +217,11 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
     except Exception as exc:  # any failure: the folder must not mislead, the job goes on
         shutil.rmtree(folder, ignore_errors=True)
         why = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if "mismatched_sizes" in str(exc):
+            why = (
+                "the saved config does not describe the pruned tensor shapes (intermediate_size, "
+                "num_attention_heads, head_dim...), so from_pretrained rebuilds the unpruned shapes"
+            )
         log.warning("hf/ not written: save_pretrained -> from_pretrained does not reproduce the pruned model (%s)", why)
         return {"hf_folder": None, "hf_reload": f"failed: {why}"}
     return {"hf_folder": folder.name, "hf_reload": f"identical logits (max relative error {err:.1e})"}
