@@ -56,6 +56,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "cleanai_plugins.zoo.torchvision",
     "cleanai_plugins.zoo.torchvision_swin",
     "cleanai_plugins.zoo.transformers",
+    "cleanai_plugins.zoo.transformers_hidden",
+    "cleanai_plugins.io.hf",  # before loaders: built-in claims are asked in this order
+    "cleanai_plugins.io.text",
     "cleanai_plugins.io.loaders",
     "cleanai_plugins.io.demo",
 )

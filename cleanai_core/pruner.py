@@ -98,6 +98,8 @@ class StructuredPruner:
     :param round_to: kept channel counts rounded up to a multiple (e.g. 8).
     :param min_channels: units every group keeps at least.
     :param target_flops: instead of ``pruning_ratio``, keep this share of the FLOPs.
+    :param target_params: instead of ``pruning_ratio``, keep this share of the parameters
+        (searched like ``target_flops``; not with ``iterative_steps``).
     :param iterative_steps: prune in this many steps, re-collecting statistics in between.
     :param bias_compensation: fold removed channels' mean into consumers' bias.
     :param reconstruction: also collect each consumer's channel covariance during
@@ -131,6 +133,7 @@ class StructuredPruner:
         round_to: int | None = None,
         min_channels: int = 1,
         target_flops: float | None = None,
+        target_params: float | None = None,
         iterative_steps: int = 1,
         bias_compensation: bool = True,
         reconstruction: bool = True,
@@ -153,6 +156,10 @@ class StructuredPruner:
         _check_ratio("pruning_ratio", pruning_ratio)
         if target_flops is not None and not 0.0 < float(target_flops) < 1.0:
             raise UserError(f"target_flops={target_flops}: give the share of FLOPs to keep, between 0 and 1")
+        if target_params is not None and not 0.0 < float(target_params) < 1.0:
+            raise UserError(f"target_params={target_params}: give the share of parameters to keep, between 0 and 1")
+        if target_params is not None and (target_flops is not None or iterative_steps != 1):
+            raise UserError("target_params works alone: not with target_flops, and with iterative_steps=1")
         if not 0.0 < max_layer_ratio < 1.0:
             raise UserError(f"max_layer_ratio={max_layer_ratio} must be between 0 and 1")
         if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
@@ -186,6 +193,7 @@ class StructuredPruner:
         self.round_to = round_to
         self.min_channels = min_channels
         self.target_flops = target_flops
+        self.target_params = target_params
         self.iterative_steps = iterative_steps
         self._step = (0, 1)  # (step, steps) while prune() runs iteratively
         self._targets: Targets = {}  # iterative: each group's original and final unit counts
@@ -402,6 +410,8 @@ class StructuredPruner:
             ratio = self.pruning_ratio
             if self.target_flops is not None:
                 ratio = self._solve_flops()
+            elif self.target_params is not None:
+                ratio = self._solve_flops(target=self.target_params, measure=count_params)
             self._plan = self._make_plan(self.graph, self.model, self.stats, ratio)
             distributed.check_same_plan(self._plan.pruned_units())
         return self._plan
@@ -412,20 +422,23 @@ class StructuredPruner:
         model: nn.Module | None = None,
         stats: dict | None = None,
         target: float | None = None,
+        measure: Callable[[nn.Module], int] | None = None,
     ) -> float:
-        """The ratio whose plan keeps ``target`` (default ``target_flops``) of ``model``'s FLOPs."""
+        """The ratio whose plan keeps ``target`` (default ``target_flops``) of ``model``'s FLOPs,
+        or of another ``measure`` of a model (``count_params``)."""
         graph = graph if graph is not None else self.graph
         model = model if model is not None else self.model
         stats = stats if stats is not None else self.stats
         target = target if target is not None else self.target_flops
-        base = count_flops(model, self.example_inputs, self.forward_fn)
+        measure = measure or (lambda m: count_flops(m, self.example_inputs, self.forward_fn))
+        base = measure(model)
         scores = self._scores(graph, model, stats)
         lo, hi = 0.0, 0.95
         for _ in range(10):
             mid = (lo + hi) / 2
             plan = self._make_plan(graph, model, stats, mid, scores)
             small = _sliced_copy(model, self._edits(graph, plan.pruned_units()), graph.pm)
-            if count_flops(small, self.example_inputs, self.forward_fn) / base > target:
+            if measure(small) / base > target:
                 lo = mid
             else:
                 hi = mid

@@ -66,6 +66,9 @@ def _headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     lb, la = report.get("latency_before_ms"), report.get("latency_after_ms")
     if lb is not None and la is not None:
         rows.append(("Latency, CPU (ms)", f"{lb:.3f}", f"{la:.3f}", _pct(la, lb).strip(" ()")))
+    pb, pa = report.get("perplexity_before"), report.get("perplexity_after")
+    if pb is not None and pa is not None:
+        rows.append(("Perplexity (held-out)", f"{pb:.3f}", f"{pa:.3f}", _pct(pa, pb).strip(" ()")))
     ab, aa = report.get("accuracy_before"), report.get("accuracy_after")
     if ab is not None and aa is not None:
         rows.append(("Accuracy (held-out)", f"{100 * ab:.2f}%", f"{100 * aa:.2f}%", f"{100 * (aa - ab):+.2f} pt"))

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "weights": None,
     "num_classes": None,
     "image_size": None,
+    "seq_len": None,
     "save_pickle": False,
     "overwrite": False,
     "quiet": False,
@@ -89,7 +90,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--model",
         "-m",
         metavar="M",
-        help="timm:NAME, torchvision:NAME, package.module:factory, or a pickled model file",
+        help="timm:NAME, torchvision:NAME, hf:FOLDER_OR_NAME (transformers, no download), package.module:factory, "
+        "or a pickled model file",
     )
     g.add_argument("--weights", metavar="FILE", help="state_dict to load into the model (torch.save(sd, FILE))")
     g.add_argument("--num-classes", type=int, metavar="N", help="classes of the model's head (timm/torchvision)")
@@ -110,9 +112,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--data",
         "-d",
         metavar="D",
-        help="image folder (class sub-folders), .pt tensor file, .npz (x, y), or package.module:function",
+        help="image folder (class sub-folders), .pt tensor file, .npz (x, y), package.module:function; "
+        "for hf: models also .txt (a document per line), .jsonl (text, label) or tokenized .pt",
     )
     g.add_argument("--image-size", type=int, metavar="PX", help="image side for image folders")
+    g.add_argument("--seq-len", type=int, metavar="N", help="tokens per text block or document (default 128)")
     g.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file (command line wins)")
     g = p.add_argument_group("pruning")
     g.add_argument(
@@ -345,7 +349,16 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     _check_number(cfg, "calib_fraction", float, 0.0, 1.0, hi_open=False)
     for key in ("alpha", "beta"):
         _check_number(cfg, key, float, 0.0, None, lo_open=False)
-    for key in ("round_to", "calib_batches", "batch_size", "num_classes", "image_size", "latency_repeats", "threads"):
+    for key in (
+        "round_to",
+        "calib_batches",
+        "batch_size",
+        "num_classes",
+        "image_size",
+        "seq_len",
+        "latency_repeats",
+        "threads",
+    ):
         _check_number(cfg, key, int, 1, None, lo_open=False)
     _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)
     _check_number(cfg, "stats_budget_mib", int, 0, None, lo_open=False)
@@ -458,9 +471,11 @@ def _guard_out(out: Path, stack: contextlib.ExitStack) -> tuple[Any, Any]:
 
 
 def _first_input(dataset: Any) -> Any:
+    from cleanai_core.calibration import split_batch
+
     item = dataset[0]
-    if isinstance(item, dict):
-        return {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
+    if isinstance(item, dict):  # labels are not inputs
+        return {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else v) for k, v in split_batch(item)[0].items()}
     if isinstance(item, (tuple, list)):
         item = item[0]
     if not isinstance(item, torch.Tensor):
@@ -477,7 +492,11 @@ def _to(x: Any, device: torch.device) -> Any:
 
 
 def _has_labels(dataset: Any) -> bool:
+    from cleanai_core.calibration import split_batch
+
     item = dataset[0]
+    if isinstance(item, dict):
+        return split_batch(item)[1] is not None
     return isinstance(item, (tuple, list)) and len(item) >= 2
 
 
@@ -551,7 +570,13 @@ def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
         raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {MODEL_FORMS}.")
     model = model.eval().to(cfg["device"])
     dataset = pm.hook.cleanai_load_dataset(
-        spec=cfg["data"], options={"model": model, "image_size": cfg.get("image_size"), **_spec_options(cfg, "data")}
+        spec=cfg["data"],
+        options={
+            "model": model,
+            "image_size": cfg.get("image_size"),
+            "seq_len": cfg.get("seq_len"),
+            **_spec_options(cfg, "data"),
+        },
     )
     if dataset is None:
         raise UserError(
@@ -713,6 +738,9 @@ def _execute(
         "accuracy_before": before_acc.get("accuracy") if before_acc else None,
         "accuracy_after": after_acc.get("accuracy") if after_acc else None,
         "accuracy_note": _accuracy_note(accuracy_note, before_acc, after_acc),
+        "perplexity_before": before_acc.get("perplexity") if before_acc else None,
+        "perplexity_after": after_acc.get("perplexity") if after_acc else None,
+        "evaluation_tokens": after_acc.get("tokens") if after_acc else None,
         "calibration_samples": len(calib),
         "evaluation_samples": len(held) if held is not None else 0,
         "input_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
@@ -744,6 +772,10 @@ def _execute(
         cio.atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
         if cfg.get("_own_marker"):
             cio.atomic_write_text(tmp / cfg["_own_marker"], "written by cleanai demo\n")
+        for extra in pm.hook.cleanai_save_outputs(
+            model=pruned.cpu().eval(), folder=tmp, options={"example": example, "model_spec": cfg["model"]}
+        ):
+            report.update(extra or {})
         report = write_report(tmp, report)
     if True:  # the headline is the result: printed even with --quiet
         print(headline_text(report))
@@ -754,6 +786,7 @@ def _execute(
             f"{report['plot']}"
             + (", model_full.pt" if cfg.get("save_pickle") else "")
             + (f", {report['recovery_plot']}" if recovery else "")
+            + (f", {report['hf_folder']}/" if report.get("hf_folder") else "")
         )
     return report
 

@@ -1,0 +1,258 @@
+"""Hugging Face ``transformers`` models for the command line: ``--model hf:PATH``.
+
+``PATH`` is a local folder written by ``save_pretrained`` or a model name already in the
+Hugging Face cache. Nothing is downloaded: every load passes ``local_files_only=True``.
+The class follows the config's ``architectures``: ``...ForCausalLM`` loads with
+``AutoModelForCausalLM``, ``...ForSequenceClassification`` with
+``AutoModelForSequenceClassification``, anything else with ``AutoModel``.
+
+This module also gives the job, for these models:
+
+- an evaluator: held-out **perplexity** for causal LMs (token-weighted mean negative
+  log-likelihood of the next token, exponentiated), **accuracy** for sequence
+  classifiers, on dict batches (``input_ids``, ``attention_mask``, ``labels``);
+- the ``hf/`` output folder: the pruned model through ``save_pretrained`` (plus the
+  tokenizer), kept only when ``from_pretrained`` reloads it with the same logits;
+- a report section saying which of these the user got.
+
+``transformers`` is an optional extra: ``pip install cleanai[hf]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cleanai_core import hookimpl
+from cleanai_core.calibration import split_batch
+from cleanai_core.errors import UserError
+
+__all__ = ["auto_class", "is_hf_model", "load_hf_model", "load_tokenizer"]
+
+log = logging.getLogger("cleanai")
+
+PREFIX = "hf:"
+#: largest relative difference of logits for a reload to count as identical
+RELOAD_RTOL = 1e-4
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise UserError(
+            "hf:PATH models need the transformers package: pip install 'cleanai[hf]' (or pip install transformers)."
+        ) from exc
+    return transformers
+
+
+def is_hf_model(model: Any) -> bool:
+    """A ``transformers`` model: a module with a ``config`` carrying a ``model_type``."""
+    return isinstance(model, nn.Module) and hasattr(getattr(model, "config", None), "model_type")
+
+
+def auto_class(config: Any) -> Any:
+    """The ``AutoModel*`` class for a config, from its ``architectures``."""
+    tf = _transformers()
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    if arch.endswith(("ForCausalLM", "LMHeadModel")):
+        return tf.AutoModelForCausalLM
+    if arch.endswith("ForSequenceClassification"):
+        return tf.AutoModelForSequenceClassification
+    return tf.AutoModel
+
+
+def _source(spec: str) -> str:
+    src = spec[len(PREFIX) :].strip()
+    if not src:
+        raise UserError("--model hf: needs a folder or a model name, e.g. hf:./my-model or hf:gpt2.")
+    return src
+
+
+def load_hf_model(spec: str) -> nn.Module:
+    """Load ``hf:PATH`` from a local folder or the Hugging Face cache (never the network)."""
+    tf = _transformers()
+    src = _source(spec)
+    path = Path(src).expanduser()
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(
+            f"--model {spec!r}: {str(path)!r} has no config.json; give a folder written by save_pretrained."
+        )
+    try:
+        config = tf.AutoConfig.from_pretrained(str(path) if path.exists() else src, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"--model {spec!r}: no such local folder, and {src!r} is not in the Hugging Face cache "
+            f"(nothing is downloaded). Download it first (huggingface-cli download {src}) or give a folder "
+            f"written by save_pretrained. ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
+    cls = auto_class(config)
+    try:
+        model = cls.from_pretrained(
+            str(path) if path.exists() else src, config=config, local_files_only=True, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"--model {spec!r}: transformers could not load the weights with {cls.__name__} "
+            f"({type(exc).__name__}: {str(exc)[:300]})."
+        ) from exc
+    return model.eval()
+
+
+def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
+    """The tokenizer saved next to ``model`` (its ``config.name_or_path``)."""
+    tf = _transformers()
+    where = getattr(model.config, "name_or_path", "") or ""
+    try:
+        return tf.AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        if not required:
+            return None
+        raise UserError(
+            f"no tokenizer next to the model ({where!r}): text data needs one. Save it with "
+            "tokenizer.save_pretrained(model_folder), or give already tokenized data as a .pt file "
+            f"(a LongTensor of ids (N, L) or a dict with input_ids). ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
+
+
+@hookimpl(trylast=True)
+def cleanai_load_model(spec, options):
+    if not spec.startswith(PREFIX):
+        return None
+    if options.get("weights"):
+        raise UserError("--weights does not apply to hf:PATH models: the weights are read from the folder.")
+    return load_hf_model(spec)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation: perplexity (causal LMs) and accuracy (sequence classifiers)
+# ---------------------------------------------------------------------------
+
+
+def _next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed negative log-likelihood of each next token, and the number of tokens."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
+    nll = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return float(nll), int((labels != -100).sum())
+
+
+@hookimpl(trylast=True)
+def cleanai_evaluate(model, loader, device):
+    """Perplexity for causal LMs, accuracy for classifiers, on dict batches."""
+    from cleanai_core.calibration import move_to
+
+    if not is_hf_model(model):
+        return None
+    nll = 0.0
+    tokens = correct = total = 0
+    with torch.no_grad():
+        for batch in loader:
+            inputs, labels = split_batch(batch)
+            if labels is None:
+                return None
+            if isinstance(inputs, torch.Tensor):
+                inputs = {"input_ids": inputs}
+            logits = model(**move_to(inputs, device)).logits
+            if logits.dim() == 3 and labels.dim() == 2:
+                s, n = _next_token_nll(logits, labels)
+                nll, tokens = nll + s, tokens + n
+            elif logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
+                correct += int((logits.argmax(-1).cpu() == labels).sum())
+                total += len(labels)
+            else:
+                return None
+    if tokens:
+        return {"perplexity": math.exp(nll / tokens), "loss": nll / tokens, "tokens": tokens}
+    if total:
+        return {"accuracy": correct / total, "evaluated": total}
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Output: a save_pretrained folder, verified by reloading it
+# ---------------------------------------------------------------------------
+
+
+def _quiet_reload(config: Any, folder: Path) -> nn.Module:
+    """``from_pretrained`` without transformers' load report (a mismatch raises anyway)."""
+    tf_logging = _transformers().utils.logging
+    level = tf_logging.get_verbosity()
+    tf_logging.set_verbosity_error()
+    try:
+        return auto_class(config).from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    finally:
+        tf_logging.set_verbosity(level)
+
+
+def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, Any]:
+    """``save_pretrained`` into ``folder`` and reload it with ``from_pretrained``; keep the
+    folder only if the reloaded model gives the same logits on ``example``. Returns the
+    report entries (``hf_folder``: the folder name or ``None``; ``hf_reload``: what happened)."""
+    from cleanai_core.calibration import move_to
+
+    model = model.cpu().eval()
+    try:
+        model.save_pretrained(folder)
+        tokenizer = load_tokenizer(model, required=False)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        reloaded = _quiet_reload(model.config, folder)
+        with torch.no_grad():
+            inputs = move_to(example, torch.device("cpu"))
+            inputs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
+            a, b = model(**inputs).logits, reloaded(**inputs).logits
+        if a.shape != b.shape:
+            raise ValueError(f"reloaded logits have shape {tuple(b.shape)}, the pruned model's {tuple(a.shape)}")
+        err = float((a - b).abs().max() / a.abs().max().clamp(min=1e-12))
+        if err > RELOAD_RTOL:
+            raise ValueError(f"reloaded logits differ from the pruned model's (max relative error {err:.3g})")
+    except Exception as exc:  # any failure: the folder must not mislead, the job goes on
+        shutil.rmtree(folder, ignore_errors=True)
+        why = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if "mismatched_sizes" in str(exc):
+            why = (
+                "the saved config does not describe the pruned tensor shapes (intermediate_size, "
+                "num_attention_heads, head_dim...), so from_pretrained rebuilds the unpruned shapes"
+            )
+        log.warning("hf/ not written: save_pretrained -> from_pretrained does not reproduce the pruned model (%s)", why)
+        return {"hf_folder": None, "hf_reload": f"failed: {why}"}
+    return {"hf_folder": folder.name, "hf_reload": f"identical logits (max relative error {err:.1e})"}
+
+
+@hookimpl(trylast=True)
+def cleanai_save_outputs(model, folder, options):
+    if not is_hf_model(model) or not hasattr(model, "save_pretrained"):
+        return None
+    return save_and_verify(model, Path(folder) / "hf", options.get("example"))
+
+
+@hookimpl(trylast=True)
+def cleanai_report_sections(report):
+    if "hf_reload" not in report and report.get("perplexity_before") is None:
+        return None
+    lines = []
+    pb, pa = report.get("perplexity_before"), report.get("perplexity_after")
+    if pb is not None and pa is not None:
+        lines.append(
+            f"Held-out perplexity {pb:.3f} -> {pa:.3f} ({100 * (pa - pb) / pb:+.1f}%), "
+            f"over {report.get('evaluation_tokens') or '?'} predicted tokens, without retraining."
+        )
+    if report.get("hf_folder"):
+        lines.append(
+            f"`{report['hf_folder']}/` holds the pruned model as a Hugging Face folder: "
+            f"`AutoModel*.from_pretrained('{report['hf_folder']}')` reloads it ({report['hf_reload']})."
+        )
+    elif "hf_reload" in report:
+        lines.append(
+            "No `hf/` folder: `save_pretrained` -> `from_pretrained` did not reproduce the pruned model "
+            f"({report['hf_reload']}). Reload it with `cleanai_core.io.load_pruned(out_dir)`."
+        )
+    return [("Hugging Face", "\n\n".join(lines))]
