@@ -37,7 +37,7 @@ from cleanai_core.errors import PruningError, UserError
 from cleanai_core.metrics import call_model, count_flops, count_params, eval_mode, measure_latency
 from cleanai_core.planning import make_plan
 
-__all__ = ["GroupCurve", "SensitivityResult", "allocate_ratios", "analyse_sensitivity"]
+__all__ = ["Allocation", "GroupCurve", "SensitivityResult", "allocate_ratios", "analyse_sensitivity"]
 
 DEFAULT_RATIOS = (0.25, 0.5, 0.75)
 
@@ -68,8 +68,9 @@ class GroupCurve:
         return values[0]
 
     @property
-    def worst_kl(self) -> float:
-        return max(self.kl)
+    def mean_kl(self) -> float:
+        """The area under the curve per ratio measured: one number for ranking."""
+        return sum(self.kl) / max(len(self.kl) - 1, 1)
 
 
 @attrs.define
@@ -83,10 +84,11 @@ class SensitivityResult:
     base_accuracy: float | None
     samples: int
     seconds: float
+    evaluator: _Evaluator | None = attrs.field(default=None, repr=False)
 
     def ranked(self) -> list[GroupCurve]:
-        """Most sensitive first (largest fidelity loss at the largest ratio)."""
-        return sorted(self.curves, key=lambda c: -c.worst_kl)
+        """Most sensitive first (largest mean fidelity loss over the ratios)."""
+        return sorted(self.curves, key=lambda c: -c.mean_kl)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -152,6 +154,36 @@ def _layer_keys(groups: list) -> dict[int, str | None]:
     return keys
 
 
+@attrs.define(eq=False)
+class _Evaluator:
+    """The evaluation batches, the original model's outputs on them, and how to compare."""
+
+    batches: list[tuple[Any, Any]]
+    forward_fn: Any
+    output_transform: Any
+    ref: list[torch.Tensor] = attrs.field(factory=list)
+
+    def outputs(self, m: nn.Module) -> list[torch.Tensor]:
+        with eval_mode(m), torch.no_grad():
+            return [_logits(call_model(m, x, self.forward_fn), self.output_transform) for x, _ in self.batches]
+
+    @property
+    def samples(self) -> int:
+        return sum(o.shape[0] for o in self.ref)
+
+    def accuracy(self, outs: list[torch.Tensor]) -> float | None:
+        hits = [_correct(o, y) for o, (_, y) in zip(outs, self.batches, strict=True)]
+        if any(h is None for h in hits):
+            return None
+        return 100.0 * sum(hits) / self.samples
+
+    def fidelity(self, m: nn.Module) -> tuple[float, float | None]:
+        """(mean KL to the original output, accuracy or None) of model ``m``."""
+        outs = self.outputs(m)
+        kl = sum(float(_fidelity(a, b).sum()) for a, b in zip(self.ref, outs, strict=True)) / self.samples
+        return kl, self.accuracy(outs)
+
+
 def analyse_sensitivity(
     pruner: Any,
     data: Iterable[Any],
@@ -164,8 +196,9 @@ def analyse_sensitivity(
 
     Call after :meth:`StructuredPruner.collect_activations` (criteria that read
     activations need it). ``data`` yields inputs or ``(inputs, labels)``: the evaluation
-    batches (at most ``num_batches``), kept in memory for the trials, so a few batches
-    of a held-out split are the right size. Nothing of the user's model changes.
+    batches (at most ``num_batches``), kept in memory for the trials (and for
+    :func:`allocate_ratios`), so a few batches are the right size. Nothing of the
+    user's model changes.
     """
     ratios = sorted({float(r) for r in ratios})
     if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
@@ -178,20 +211,9 @@ def analyse_sensitivity(
     batches = [(move_to(x, device), y) for x, y in (split_batch(b) for b in iterate(data, num_batches))]
     if not batches:
         raise UserError("the sensitivity data is empty: give at least one batch")
-
-    def outputs(m: nn.Module) -> list[torch.Tensor]:
-        with eval_mode(m), torch.no_grad():
-            return [_logits(call_model(m, x, pruner.forward_fn), pruner.output_transform) for x, _ in batches]
-
-    def accuracy(outs: list[torch.Tensor]) -> float | None:
-        hits = [_correct(o, y) for o, (_, y) in zip(outs, batches, strict=True)]
-        if any(h is None for h in hits):
-            return None
-        return 100.0 * sum(hits) / sum(o.shape[0] for o in outs)
-
-    ref = outputs(model)
-    samples = sum(o.shape[0] for o in ref)
-    base_acc = accuracy(ref)
+    ev = _Evaluator(batches, pruner.forward_fn, pruner.output_transform)
+    ev.ref = ev.outputs(model)
+    base_acc = ev.accuracy(ev.ref)
     base_flops = count_flops(model, pruner.example_inputs, pruner.forward_fn)
     base_params = count_params(model)
     groups = graph.groups(prunable_only=True)
@@ -202,15 +224,7 @@ def analyse_sensitivity(
     for g in groups:
         curve = GroupCurve(g.id, keys[g.id], g.modules(), g.size, [0.0], [0.0], [base_acc], [0], [0])
         for r in ratios:
-            plan = make_plan(
-                groups,
-                scores,
-                graph.root.numel(),
-                0.0,
-                group_ratios={g.id: r},
-                round_to=pruner.round_to,
-                min_units=pruner.min_channels,
-            )
+            plan = _plan(pruner, scores, {g.id: r}, 0.0)
             trials.update(1)
             if plan.n_pruned == 0 and len(curve.ratios) > 1:  # the group is too small to lose more
                 break
@@ -218,16 +232,50 @@ def analyse_sensitivity(
                 trial, _ = pruner._build(model, graph, pruner.stats, plan.pruned_units())
             except PruningError:
                 break  # this group cannot be pruned this far: the curve ends here
-            outs = outputs(trial)
-            kl = sum(float(_fidelity(a, b).sum()) for a, b in zip(ref, outs, strict=True)) / samples
+            kl, acc = ev.fidelity(trial)
             curve.ratios.append(r)
             curve.kl.append(kl)
-            curve.accuracy.append(accuracy(outs))
+            curve.accuracy.append(acc)
             curve.flops_saved.append(base_flops - count_flops(trial, pruner.example_inputs, pruner.forward_fn))
             curve.params_saved.append(base_params - count_params(trial))
         curves.append(curve)
     trials.close()
-    return SensitivityResult(curves, ratios, base_flops, base_params, base_acc, samples, time.perf_counter() - t0)
+    return SensitivityResult(
+        curves, ratios, base_flops, base_params, base_acc, ev.samples, time.perf_counter() - t0, evaluator=ev
+    )
+
+
+def _plan(pruner: Any, scores: dict, group_ratios: dict[int, float], others: float) -> Any:
+    graph = pruner.graph
+    return make_plan(
+        graph.groups(prunable_only=True),
+        scores,
+        graph.root.numel(),
+        others,
+        group_ratios=group_ratios,
+        round_to=pruner.round_to,
+        min_units=pruner.min_channels,
+    )
+
+
+@attrs.define
+class Allocation:
+    """Per-layer ratios meeting a target, how they were chosen, and what they measured.
+
+    ``layer_ratios`` goes to ``StructuredPruner(layer_pruning_ratios=...)`` (with the
+    same ``pruning_ratio``: groups no single layer names keep it). ``method`` is
+    ``"sensitivity"`` (the curves' allocation) or ``"uniform"`` (one ratio for all, kept
+    when it measured a lower fidelity loss on the evaluation batches, since the curves
+    assume that groups add up)."""
+
+    layer_ratios: dict[str, float]
+    method: str
+    target: str
+    cost: float
+    kl: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
 
 
 def allocate_ratios(
@@ -238,29 +286,33 @@ def allocate_ratios(
     target_latency: float | None = None,
     step: float = 0.05,
     iterations: int = 30,
-) -> dict[str, float]:
-    """Per-layer ratios (``{module name: ratio}``, for ``layer_pruning_ratios``) that keep
-    the given share of FLOPs, parameters or measured latency (one of them, between 0 and
-    1) at the least summed fidelity loss. The cost of each candidate allocation is
-    measured on the sliced model, not estimated; the result meets the target or, when
-    no allocation within the measured curves can, is the most the curves allow."""
+) -> Allocation:
+    """Per-layer ratios that keep the given share of FLOPs, parameters or measured latency
+    (one of them, between 0 and 1) at the least summed fidelity loss. The cost of each
+    candidate is measured on the sliced model, not estimated; the result meets the target
+    or, when nothing within the measured curves can, is the most the curves allow. The
+    allocation is checked against one uniform ratio at the same target on the evaluation
+    batches of ``result``, and the better of the two is returned."""
     given = [(n, t) for n, t in (("flops", target_flops), ("params", target_params), ("latency", target_latency)) if t]
     if len(given) != 1:
         raise UserError("give exactly one of target_flops, target_params or target_latency (a share to keep, 0-1)")
     kind, target = given[0]
     if not 0.0 < float(target) < 1.0:
         raise UserError(f"target_{kind}={target}: give the share to keep, strictly between 0 and 1")
+    from cleanai_core.pruner import _sliced_copy
+
     graph, model = pruner.graph, pruner.model
-    groups = {g.id: g for g in graph.groups(prunable_only=True)}
-    curves = [c for c in result.curves if c.layer is not None and c.group in groups and len(c.ratios) > 1]
+    live = {g.id for g in graph.groups(prunable_only=True)}
+    curves = [c for c in result.curves if c.layer is not None and c.group in live]
+    stuck = {c.layer: 0.0 for c in curves if len(c.ratios) == 1}
+    curves = [c for c in curves if len(c.ratios) > 1]
     if not curves:
         raise UserError("no group has a sensitivity curve: nothing to allocate")
     saved_of = (lambda c: c.flops_saved) if kind != "params" else (lambda c: c.params_saved)
     base = result.base_flops if kind != "params" else result.base_params
     grids = {}
     for c in curves:
-        n = int(round(c.ratios[-1] / step))
-        pts = [round(i * step, 6) for i in range(n + 1)]
+        pts = [round(i * step, 6) for i in range(int(round(c.ratios[-1] / step)) + 1)]
         if pts[-1] < c.ratios[-1]:
             pts.append(c.ratios[-1])
         grids[c.group] = [(r, c.at(r, c.kl), c.at(r, saved_of(c)) / base) for r in pts]
@@ -268,22 +320,13 @@ def allocate_ratios(
     def choose(lam: float) -> dict[int, float]:
         return {gid: min(pts, key=lambda p: (p[1] - lam * p[2], p[0]))[0] for gid, pts in grids.items()}
 
-    from cleanai_core.pruner import _sliced_copy
-
     scores = pruner._scores(graph, model, pruner.stats)
     ex, fwd = pruner.example_inputs, pruner.forward_fn
     base_latency = measure_latency(model, ex, forward_fn=fwd) if kind == "latency" else None
+    others = pruner.pruning_ratio
 
     def cost(ratios: dict[int, float]) -> float:
-        plan = make_plan(
-            list(groups.values()),
-            scores,
-            graph.root.numel(),
-            0.0,
-            group_ratios=ratios,
-            round_to=pruner.round_to,
-            min_units=pruner.min_channels,
-        )
+        plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
         small = _sliced_copy(model, pruner._edits(graph, plan.pruned_units()), graph.pm)
         if kind == "flops":
             return count_flops(small, ex, fwd) / result.base_flops
@@ -291,26 +334,50 @@ def allocate_ratios(
             return count_params(small) / result.base_params
         return measure_latency(small, ex, forward_fn=fwd) / base_latency
 
+    candidates = {
+        "sensitivity": _back_off(_search(choose, cost, target, iterations), grids, target, cost),
+        "uniform": _search(lambda r: dict.fromkeys(grids, min(r, 0.95)), cost, target, iterations, linear=True),
+    }
+    kl: dict[str, float] = {}
+    if result.evaluator is not None:
+        for name, ratios in candidates.items():
+            plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
+            try:
+                trial, _ = pruner._build(model, graph, pruner.stats, plan.pruned_units())
+            except PruningError:
+                continue  # this candidate does not build: the other one wins
+            kl[name] = result.evaluator.fidelity(trial)[0]
+    method = min(kl, key=kl.get) if kl else "sensitivity"
+    best = candidates[method]
+    by_group = {c.group: c.layer for c in curves}
+    return Allocation({**stuck, **{by_group[gid]: r for gid, r in sorted(best.items())}}, method, kind, cost(best), kl)
+
+
+def _search(choose: Any, cost: Any, target: float, iterations: int, linear: bool = False) -> dict[int, float]:
+    """The smallest parameter of ``choose`` (a multiplier, or with ``linear`` a ratio in
+    [0, 1]) whose choice meets ``target``, by bisection on the measured cost."""
     lo, hi = 0.0, 1.0
-    while cost(choose(hi)) > target and hi < 1e12:
-        hi *= 10.0
+    if not linear:
+        while cost(choose(hi)) > target and hi < 1e12:
+            hi *= 10.0
     best = choose(hi)
     for _ in range(iterations):
-        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
+        if linear:
+            mid = (lo + hi) / 2
+        else:
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
         pick = choose(mid)
         if cost(pick) <= target:
             hi, best = mid, pick
         else:
             lo = mid
-        if hi / max(lo, 1e-300) < 1.0001:
+        if (hi - lo < 1e-3) if linear else (lo > 0 and hi / lo < 1.0001):
             break
-    best = _back_off(best, grids, target, cost, step)
-    by_group = {c.group: c.layer for c in curves}
-    return {by_group[gid]: r for gid, r in sorted(best.items())}
+    return best
 
 
 def _back_off(
-    ratios: dict[int, float], grids: dict[int, list[tuple[float, float, float]]], target: float, cost: Any, step: float
+    ratios: dict[int, float], grids: dict[int, list[tuple[float, float, float]]], target: float, cost: Any
 ) -> dict[int, float]:
     """The multiplier search lands on curve vertices and can overshoot the target; give
     back one grid step at a time where it buys the most fidelity per unit of cost, as

@@ -86,3 +86,22 @@ def test_layer_ratio_zero_keeps_the_layer_and_negative_is_refused():
     assert pruned.conv2.out_channels == 16 and pruned.conv1.out_channels == 8
     with pytest.raises(UserError, match="from 0"):
         StructuredPruner(net, X[:1], "magnitude", layer_pruning_ratios={"conv2": -0.1})
+
+
+def test_report_md_lists_removed_channels_with_scores_and_the_dead_units(tmp_path):
+    from cleanai_core.report import write_report
+
+    p = collected(planted(), pruning_ratio=0.25)
+    p.prune()
+    rep = p.report()
+    write_report(tmp_path, rep)
+    md = (tmp_path / "report.md").read_text()
+    conv1 = next(layer for layer in rep["layers"] if layer["name"] == "conv1")
+    first = conv1["pruned_indices"][0]
+    score = conv1["importance_scores"]["pruned"][0]
+    kept = conv1["importance_scores"]["kept"]
+    row = next(line for line in md.splitlines() if line.startswith("| `conv1` |"))
+    assert f"{first} ({score:.3g})" in row
+    assert f"{min(kept):.3g} - {max(kept):.3g}" in row
+    dead_row = next(line for line in md.split("## Dead and redundant units")[1].splitlines() if "`conv2`" in line)
+    assert "3: 1, 4, 9" in dead_row and "2: 6, 12" in dead_row
