@@ -53,8 +53,8 @@ def main() -> None:
     torch.set_num_threads(2)
     train_d, cal_d, ev_d = load_data()
     cal_loader = DataLoader(TensorDataset(*cal_d), batch_size=64)
-    print("| model | FLOPs target | uniform | global | auto | auto FLOPs kept | sensitivity (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | FLOPs target | uniform | global | auto | auto chose | auto FLOPs kept | sensitivity (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         model = train(name, train_d)
         example = cal_d[0][:2]
@@ -69,12 +69,12 @@ def main() -> None:
                 warnings.simplefilter("ignore")
                 uni = make(model, example, cal_loader, target_flops=target).prune()
                 glob = make(model, example, cal_loader, target_flops=target, global_pruning=True).prune()
-                ratios = allocate_ratios(sens_pruner, result, target_flops=target)
-                auto = make(model, example, cal_loader, layer_pruning_ratios=ratios).prune()
+                alloc = allocate_ratios(sens_pruner, result, target_flops=target)
+                auto = make(model, example, cal_loader, layer_pruning_ratios=alloc.layer_ratios).prune()
             accs = [100 * accuracy(m, ev_d) / base_acc for m in (uni, glob, auto)]
             print(
                 f"| {name} ({100 * base_acc:.2f}%) | {target:.2f} | {accs[0]:.1f} | {accs[1]:.1f} | {accs[2]:.1f} "
-                f"| {count_flops(auto, example) / base:.3f} | {t_sens:.1f} |",
+                f"| {alloc.method} | {count_flops(auto, example) / base:.3f} | {t_sens:.1f} |",
                 flush=True,
             )
 

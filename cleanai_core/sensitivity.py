@@ -245,16 +245,21 @@ def analyse_sensitivity(
     )
 
 
-def _plan(pruner: Any, scores: dict, group_ratios: dict[int, float], others: float) -> Any:
+def _plan(pruner: Any, scores: dict, group_ratios: dict[int, float], others: float, ranked: bool = False) -> Any:
+    """A plan with ``group_ratios`` where given and ``others`` elsewhere; ``ranked``:
+    instead, ``others`` of all units ranked together (global pruning)."""
     graph = pruner.graph
     return make_plan(
         graph.groups(prunable_only=True),
         scores,
         graph.root.numel(),
         others,
-        group_ratios=group_ratios,
+        group_ratios={} if ranked else group_ratios,
+        global_pruning=ranked,
+        max_layer_ratio=pruner.max_layer_ratio,
         round_to=pruner.round_to,
         min_units=pruner.min_channels,
+        normalizer=pruner.normalizer,
     )
 
 
@@ -263,10 +268,12 @@ class Allocation:
     """Per-layer ratios meeting a target, how they were chosen, and what they measured.
 
     ``layer_ratios`` goes to ``StructuredPruner(layer_pruning_ratios=...)`` (with the
-    same ``pruning_ratio``: groups no single layer names keep it). ``method`` is
-    ``"sensitivity"`` (the curves' allocation) or ``"uniform"`` (one ratio for all, kept
-    when it measured a lower fidelity loss on the evaluation batches, since the curves
-    assume that groups add up)."""
+    same ``pruning_ratio``: groups no single layer names keep it). ``method`` says which
+    candidate measured the lowest fidelity loss (``kl``) on the evaluation batches:
+    ``"sensitivity"`` (the curves' allocation), ``"uniform"`` (one ratio for all) or
+    ``"global"`` (scores ranked across groups). The curves assume that the losses of
+    groups add up; where pruning several groups together compounds, a simpler
+    allocation can measure better, and then it is the one returned."""
 
     layer_ratios: dict[str, float]
     method: str
@@ -291,8 +298,8 @@ def allocate_ratios(
     (one of them, between 0 and 1) at the least summed fidelity loss. The cost of each
     candidate is measured on the sliced model, not estimated; the result meets the target
     or, when nothing within the measured curves can, is the most the curves allow. The
-    allocation is checked against one uniform ratio at the same target on the evaluation
-    batches of ``result``, and the better of the two is returned."""
+    allocation is checked against a uniform ratio and global ranking at the same target
+    on the evaluation batches of ``result``, and the best of the three is returned."""
     given = [(n, t) for n, t in (("flops", target_flops), ("params", target_params), ("latency", target_latency)) if t]
     if len(given) != 1:
         raise UserError("give exactly one of target_flops, target_params or target_latency (a share to keep, 0-1)")
@@ -334,9 +341,14 @@ def allocate_ratios(
             return count_params(small) / result.base_params
         return measure_latency(small, ex, forward_fn=fwd) / base_latency
 
+    def ranked(r: float) -> dict[int, float]:  # global ranking at ratio r, as per-group ratios
+        plan = _plan(pruner, scores, {}, min(r, 0.95), ranked=True)
+        return {gp.group.id: gp.n_pruned / max(gp.group.size, 1) for gp in plan.groups if gp.group.id in grids}
+
     candidates = {
         "sensitivity": _back_off(_search(choose, cost, target, iterations), grids, target, cost),
         "uniform": _search(lambda r: dict.fromkeys(grids, min(r, 0.95)), cost, target, iterations, linear=True),
+        "global": _search(ranked, cost, target, iterations, linear=True),
     }
     kl: dict[str, float] = {}
     if result.evaluator is not None:
@@ -345,7 +357,7 @@ def allocate_ratios(
             try:
                 trial, _ = pruner._build(model, graph, pruner.stats, plan.pruned_units())
             except PruningError:
-                continue  # this candidate does not build: the other one wins
+                continue  # this candidate does not build: another one wins
             kl[name] = result.evaluator.fidelity(trial)[0]
     method = min(kl, key=kl.get) if kl else "sensitivity"
     best = candidates[method]

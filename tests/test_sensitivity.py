@@ -91,7 +91,7 @@ def test_a_curve_point_is_what_pruning_that_layer_alone_gives(analysed):
 def test_allocation_meets_the_flops_target_and_beats_uniform(analysed, target):
     net, p, result = analysed
     alloc = allocate_ratios(p, result, target_flops=target)
-    assert alloc.target == "flops" and set(alloc.kl) == {"sensitivity", "uniform"}
+    assert alloc.target == "flops" and set(alloc.kl) == {"sensitivity", "uniform", "global"}
     assert alloc.method == min(alloc.kl, key=alloc.kl.get)
     ratios = alloc.layer_ratios
     if alloc.method == "sensitivity":
