@@ -27,12 +27,13 @@ from cleanai_core.calibration import (
     split_batch,
     total_batches,
 )
+from cleanai_core.dead_units import find_dead_units, removable_units
 from cleanai_core.errors import PruningError, UserError
 from cleanai_core.graph.dependency import DependencyGraph, resolve_modules
 from cleanai_core.history import PruningHistory
 from cleanai_core.metrics import call_model, count_flops, count_params
 from cleanai_core.model_state import HOOK_ATTRIBUTES, preserved
-from cleanai_core.planning import PruningPlan, make_plan
+from cleanai_core.planning import GroupPlan, PruningPlan, make_plan
 from cleanai_core.replay import CalibrationData
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, get_normalizer
 from cleanai_core.slicing import SliceEdit, prepare_model, run_after_prune, slice_tensors
@@ -118,6 +119,9 @@ class StructuredPruner:
         1 GiB: the narrowest consumers get one until it is spent; the others fall back to
         mean compensation. ``0`` collects none.
     :param inplace: slice ``model`` itself (rolled back if anything fails).
+    :param prune_dead_only: remove exactly the units that never activate on the
+        calibration data, whatever the ratio; the outputs on that data do not change.
+        See :mod:`cleanai_core.dead_units`.
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class StructuredPruner:
         normalizer: str = "mean",
         verify: bool = True,
         stats_budget_bytes: int = COVARIANCE_BUDGET_BYTES,
+        prune_dead_only: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -211,9 +216,10 @@ class StructuredPruner:
         self.output_transform = output_transform
         self.normalizer = get_normalizer(normalizer)
         self.verify = verify
+        self.prune_dead_only = prune_dead_only
         self.layer_ratios: dict[str, float] = {}
         for spec, r in (layer_pruning_ratios or {}).items():
-            _check_ratio(f"layer_pruning_ratios[{spec!r}]", r)
+            _check_ratio(f"layer_pruning_ratios[{spec!r}]", r, allow_zero=True)
             for name in match_modules(model, [spec]):
                 self.layer_ratios.setdefault(name, float(r))
         self.ignored = set(match_modules(model, ignored_layers or ()))
@@ -406,6 +412,8 @@ class StructuredPruner:
 
     def plan(self) -> PruningPlan:
         """The dry run: which units would go. Changes nothing."""
+        if self._plan is None and self.prune_dead_only:
+            self._plan = self._dead_plan()
         if self._plan is None:
             ratio = self.pruning_ratio
             if self.target_flops is not None:
@@ -415,6 +423,21 @@ class StructuredPruner:
             self._plan = self._make_plan(self.graph, self.model, self.stats, ratio)
             distributed.check_same_plan(self._plan.pruned_units())
         return self._plan
+
+    def _dead_plan(self) -> PruningPlan:
+        if not self.stats:
+            raise UserError(
+                "prune_dead_only needs activation statistics: call pruner.collect_activations(loader) first"
+            )
+        gone = removable_units(self.graph, self.stats)
+        scores = self._scores(self.graph, self.model, self.stats)
+        plans = []
+        for g in self.graph.groups(prunable_only=True):
+            pruned = gone[g.units] & ~g.frozen
+            if int(pruned.sum()) >= g.size:  # a group keeps at least one unit
+                pruned[int(torch.argmax(scores[g.id]))] = False
+            plans.append(GroupPlan(g, scores[g.id], pruned, int(pruned.sum()) / max(g.size, 1)))
+        return PruningPlan(plans, self.graph.root.numel())
 
     def _solve_flops(
         self,
@@ -715,6 +738,7 @@ class StructuredPruner:
             "skipped_groups": list(self.skipped_groups),
             "groups": self._plan.to_json()["groups"] if self._plan else [],
             "layers": [rec for graph, plan in self._pruned_plans for rec in self._layer_records(graph, plan)],
+            "dead_units": [f.to_json() for f in find_dead_units(self.graph, self.stats)] if self.stats else None,
         }
 
 
@@ -802,9 +826,12 @@ def _check_untouched(source: nn.Module, originals: list[torch.Tensor], before: l
     )
 
 
-def _check_ratio(name: str, r: Any) -> None:
+def _check_ratio(name: str, r: Any, allow_zero: bool = False) -> None:
+    if isinstance(r, (int, float)) and not isinstance(r, bool) and allow_zero and float(r) == 0.0:
+        return
     if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0.0 < float(r) < 1.0) or math.isnan(r):
-        raise UserError(f"{name}={r!r} must be a number strictly between 0 and 1 (e.g. 0.3 removes 30%)")
+        low = "from 0 (keep the layer whole)" if allow_zero else "strictly between 0"
+        raise UserError(f"{name}={r!r} must be a number {low} and 1 (e.g. 0.3 removes 30%)")
 
 
 def _copy_modes(source: nn.Module, target: nn.Module) -> None:

@@ -15,9 +15,11 @@ from xml.sax.saxutils import escape
 
 from cleanai_core.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["render_markdown", "render_svg", "write_report"]
+__all__ = ["render_markdown", "render_sensitivity_svg", "render_svg", "write_report"]
 
 MAX_PLOT_LAYERS = 60
+#: removed channels listed per layer in report.md
+MAX_LISTED = 16
 
 
 def _fmt_int(n: Any) -> str:
@@ -107,14 +109,101 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
     if notes:
         lines += ["; ".join(notes) + ".", ""]
     layers = report.get("layers") or []
-    lines += ["## Layers", "", "| layer | channels before | after | pruned |", "|---|---:|---:|---:|"]
+    lines += [
+        "## Layers",
+        "",
+        "Removed channels with their importance scores, next to the range of the kept ones' scores "
+        f"(at most {MAX_LISTED} listed per layer; all are in `report.json`).",
+        "",
+        "| layer | channels before | after | pruned | removed: index (score) | kept scores |",
+        "|---|---:|---:|---:|---|---|",
+    ]
     for layer in layers:
         b, a = layer.get("channels_before"), layer.get("channels_after")
-        lines.append(f"| `{layer.get('name')}` | {b} | {a} | {(b or 0) - (a or 0)} |")
+        lines.append(
+            f"| `{layer.get('name')}` | {b} | {a} | {(b or 0) - (a or 0)} | {_removed(layer)} | {_kept_range(layer)} |"
+        )
     lines.append("")
+    lines += _dead_unit_lines(report.get("dead_units"))
+    lines += _sensitivity_lines(report.get("sensitivity"))
     for title, body in extra_sections:
         lines += [f"## {title}", "", body.rstrip(), ""]
     return "\n".join(lines)
+
+
+def _removed(layer: dict[str, Any]) -> str:
+    idx = layer.get("pruned_indices") or []
+    if not idx:
+        return "-"
+    pruned, _ = _scores(layer)
+    cells = [f"{i} ({pruned[k]:.3g})" if k < len(pruned) else str(i) for k, i in enumerate(idx[:MAX_LISTED])]
+    return ", ".join(cells) + (f", ... +{len(idx) - MAX_LISTED}" if len(idx) > MAX_LISTED else "")
+
+
+def _kept_range(layer: dict[str, Any]) -> str:
+    _, kept = _scores(layer)
+    return f"{min(kept):.3g} - {max(kept):.3g}" if kept else "-"
+
+
+def _dead_unit_lines(findings: list[dict[str, Any]] | None) -> list[str]:
+    if findings is None:
+        return []
+    lines = ["## Dead and redundant units", ""]
+    if not findings:
+        return lines + ["No consumer saw a dead, constant or near-duplicate input channel on the calibration data.", ""]
+    lines += [
+        "Channels at each layer's input that never activated (dead), took one value (constant) or were "
+        "near-duplicates of another (correlation >= 0.99) on the calibration data. "
+        "`prune_dead_only=True` (`--prune-dead-only`) removes exactly the dead ones.",
+        "",
+        "| layer input | channels | dead | constant | near-duplicate pairs |",
+        "|---|---:|---|---|---|",
+    ]
+    for f in findings:
+        pairs = ", ".join(f"{i}~{j} ({c:.3f})" for i, j, c in f.get("duplicates", [])[:5])
+        n = f.get("duplicate_pairs", 0)
+        pairs = f"{n}: {pairs}" + (", ..." if n > 5 else "") if n else "-"
+        lines.append(
+            f"| `{f['layer']}` | {f['channels']} | {_listed(f['dead'])} | {_listed(f['constant'])} | {pairs} |"
+        )
+    return lines + [""]
+
+
+def _listed(idx: list[int]) -> str:
+    if not idx:
+        return "-"
+    text = ", ".join(map(str, idx[:MAX_LISTED]))
+    return f"{len(idx)}: {text}" + (", ..." if len(idx) > MAX_LISTED else "")
+
+
+def _sensitivity_lines(sens: dict[str, Any] | None) -> list[str]:
+    if not sens:
+        return []
+    ratios = sens["ratios"]
+    lines = [
+        "## Sensitivity",
+        "",
+        f"Each group pruned alone at each ratio, measured on {sens['samples']} samples "
+        f"({sens['seconds']} s): mean KL divergence of the output distribution from the original's "
+        "(0 = unchanged), most sensitive first"
+        + (", with accuracy in brackets." if sens.get("base_accuracy") else "."),
+        "",
+        "![sensitivity curves](sensitivity.svg)",
+        "",
+        "| group (layer) | units | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+        "|---|---:|" + "---:|" * len(ratios),
+    ]
+    for g in sens["groups"]:
+        cells = []
+        for r in ratios:
+            k = g["ratios"].index(r) if r in g["ratios"] else None
+            if k is None:
+                cells.append("n/a")
+                continue
+            acc = g["accuracy"][k]
+            cells.append(f"{g['kl'][k]:.3g}" + (f" ({acc:.1f}%)" if acc is not None else ""))
+        lines.append(f"| `{g['layer'] or g['modules'][0]}` | {g['size']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _scores(layer: dict[str, Any]) -> tuple[list[float], list[float]]:
@@ -171,6 +260,38 @@ def render_svg(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_sensitivity_svg(sens: dict[str, Any], max_curves: int = 12) -> str:
+    """Fidelity loss (mean KL) against ratio, one line per group, the most sensitive
+    ``max_curves`` labelled at their end (the rest drawn grey)."""
+    groups = sens["groups"]
+    w, h, left, top, right, bottom = 640, 400, 60, 30, 200, 40
+    xmax = max([r for g in groups for r in g["ratios"]] + [1e-9])
+    ymax = max([k for g in groups for k in g["kl"]] + [1e-12])
+    px = lambda r: left + (w - left - right) * r / xmax
+    py = lambda k: top + (h - top - bottom) * (1 - k / ymax)
+    palette = ["#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{left}" y="18" font-size="13">Sensitivity: mean KL to the original output vs ratio pruned</text>',
+        f'<line x1="{left}" y1="{py(0)}" x2="{px(xmax)}" y2="{py(0)}" stroke="#333"/>',
+        f'<line x1="{left}" y1="{py(0)}" x2="{left}" y2="{py(ymax)}" stroke="#333"/>',
+        f'<text x="{left - 4}" y="{py(ymax) + 4}" text-anchor="end">{ymax:.3g}</text>',
+        f'<text x="{left - 4}" y="{py(0) + 4}" text-anchor="end">0</text>',
+    ]
+    for r in sorted({r for g in groups for r in g["ratios"]}):
+        out.append(f'<text x="{px(r):.1f}" y="{py(0) + 16}" text-anchor="middle">{r:g}</text>')
+    for rank, g in reversed(list(enumerate(groups))):
+        pts = " ".join(f"{px(r):.1f},{py(k):.1f}" for r, k in zip(g["ratios"], g["kl"], strict=True))
+        color = palette[rank % len(palette)] if rank < max_curves else "#cccccc"
+        out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        if rank < max_curves:
+            name = escape(str(g["layer"] or g["modules"][0]))[-28:]
+            out.append(f'<text x="{w - right + 8}" y="{top + 14 * rank + 10}" fill="{color}">{name}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def _render_png(report: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
@@ -222,6 +343,8 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str
     if not png:
         atomic_write_text(out / "report.svg", render_svg(report))
     report["plot"] = "report.png" if png else "report.svg"
+    if report.get("sensitivity"):
+        atomic_write_text(out / "sensitivity.svg", render_sensitivity_svg(report["sensitivity"]))
     sections: list[tuple[str, str]] = []
     if report.get("recovery"):
         from cleanai_core.recovery_report import recovery_markdown, write_recovery_plot

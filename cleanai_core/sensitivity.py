@@ -1,0 +1,416 @@
+"""Sensitivity analysis and automatic per-layer ratios.
+
+Glossary:
+
+- **trial**: the model with one group pruned at one ratio and every other group whole,
+  built exactly as :meth:`StructuredPruner.prune` builds it (same scores, the same
+  compensation and reconstruction), then run on the evaluation batches.
+- **fidelity loss**: the mean KL divergence ``KL(p_original || p_trial)`` of the model's
+  output distribution per sample (softmax over the last dimension), 0 when the trial
+  changes nothing; with labels, also the trial's accuracy.
+- **curve**: one group's fidelity loss, FLOPs and parameters saved at each ratio of a grid.
+- **allocation**: one ratio per group, chosen so that a target (FLOPs, parameters or
+  measured latency) is met at the least summed fidelity loss. Each group picks the point
+  of its curve that minimises ``loss - lam * saved``; one multiplier ``lam`` is searched
+  by bisection until the *measured* cost of the whole plan meets the target (the
+  Lagrangian relaxation of the knapsack over the curves; curves are interpolated linearly
+  between measured ratios).
+
+The trials reuse the statistics the pruner already streamed: the only new work is one
+sliced copy and one forward pass over the evaluation batches per (group, ratio).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleanai_core.calibration import iterate, move_to, split_batch
+from cleanai_core.errors import PruningError, UserError
+from cleanai_core.metrics import call_model, count_flops, count_params, eval_mode, measure_latency
+from cleanai_core.planning import make_plan
+
+__all__ = ["Allocation", "GroupCurve", "SensitivityResult", "allocate_ratios", "analyse_sensitivity"]
+
+DEFAULT_RATIOS = (0.25, 0.5, 0.75)
+
+
+@attrs.define
+class GroupCurve:
+    """One group's response to pruning, ratio by ratio (ratio 0 is the unpruned model)."""
+
+    group: int
+    layer: str | None  # the module whose entry in ``layer_pruning_ratios`` sets this group's ratio
+    modules: list[str]
+    size: int
+    ratios: list[float]
+    kl: list[float]
+    accuracy: list[float | None]
+    flops_saved: list[int]
+    params_saved: list[int]
+
+    def at(self, ratio: float, values: Sequence[float]) -> float:
+        """``values`` interpolated linearly at ``ratio`` (beyond the last ratio: infinite)."""
+        if ratio > self.ratios[-1] + 1e-9:
+            return math.inf
+        for i in range(len(self.ratios) - 1):
+            r0, r1 = self.ratios[i], self.ratios[i + 1]
+            if r0 - 1e-9 <= ratio <= r1 + 1e-9:
+                t = 0.0 if r1 == r0 else (ratio - r0) / (r1 - r0)
+                return values[i] + t * (values[i + 1] - values[i])
+        return values[0]
+
+    @property
+    def mean_kl(self) -> float:
+        """The area under the curve per ratio measured: one number for ranking."""
+        return sum(self.kl) / max(len(self.kl) - 1, 1)
+
+
+@attrs.define
+class SensitivityResult:
+    """Curves for every prunable group, plus the reference numbers they are relative to."""
+
+    curves: list[GroupCurve]
+    ratios: list[float]
+    base_flops: int
+    base_params: int
+    base_accuracy: float | None
+    samples: int
+    seconds: float
+    evaluator: _Evaluator | None = attrs.field(default=None, repr=False)
+
+    def ranked(self) -> list[GroupCurve]:
+        """Most sensitive first (largest mean fidelity loss over the ratios)."""
+        return sorted(self.curves, key=lambda c: -c.mean_kl)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ratios": self.ratios,
+            "base_flops": self.base_flops,
+            "base_params": self.base_params,
+            "base_accuracy": self.base_accuracy,
+            "samples": self.samples,
+            "seconds": round(self.seconds, 2),
+            "groups": [attrs.asdict(c) for c in self.ranked()],
+        }
+
+
+def _logits(out: Any, transform: Any) -> torch.Tensor:
+    """The tensor whose last dimension is the output distribution's logits."""
+    if transform is not None:
+        out = transform(out)
+    out = getattr(out, "logits", out)
+    if isinstance(out, dict):
+        out = next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if isinstance(out, (tuple, list)):
+        out = next(v for v in out if isinstance(v, torch.Tensor))
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        raise UserError(
+            "sensitivity analysis compares floating-point outputs; give an output_transform that picks the logits"
+        )
+    return out.detach().float()
+
+
+def _fidelity(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(p_ref || p_out) over the last dimension, summed over other positions;
+    for a single output per sample (regression), the squared error instead."""
+    if ref.shape[-1] == 1 or ref.dim() == 1:
+        return ((out - ref) ** 2).reshape(ref.shape[0], -1).sum(1)
+    lp, lq = F.log_softmax(ref, -1), F.log_softmax(out, -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    if not bool(torch.isfinite(out).all()):
+        kl = torch.full_like(kl, math.inf)
+    return kl.reshape(ref.shape[0], -1).sum(1)
+
+
+def _correct(out: torch.Tensor, target: Any) -> int | None:
+    if not isinstance(target, torch.Tensor) or out.dim() != 2 or target.shape[:1] != out.shape[:1]:
+        return None
+    if target.dtype.is_floating_point or target.dim() != 1:
+        return None
+    return int((out.argmax(1) == target.to(out.device)).sum())
+
+
+def _layer_keys(groups: list) -> dict[int, str | None]:
+    """For each group, a leaf module producing its channels that no other group produces:
+    its name in ``layer_pruning_ratios`` sets that group's ratio and nothing else."""
+    owners: dict[str, set[int]] = {}
+    for g in groups:
+        for s in g.slices:
+            if s.kind != "in" and s.module:
+                owners.setdefault(s.module, set()).add(g.id)
+    keys: dict[int, str | None] = {}
+    for g in groups:
+        names = [s.module for s in g.slices if s.kind != "in" and s.module]
+        unique = [n for n in names if owners[n] == {g.id} and not any(o.startswith(n + ".") for o in owners)]
+        keys[g.id] = unique[0] if unique else None
+    return keys
+
+
+@attrs.define(eq=False)
+class _Evaluator:
+    """The evaluation batches, the original model's outputs on them, and how to compare."""
+
+    batches: list[tuple[Any, Any]]
+    forward_fn: Any
+    output_transform: Any
+    ref: list[torch.Tensor] = attrs.field(factory=list)
+
+    def outputs(self, m: nn.Module) -> list[torch.Tensor]:
+        with eval_mode(m), torch.no_grad():
+            return [_logits(call_model(m, x, self.forward_fn), self.output_transform) for x, _ in self.batches]
+
+    @property
+    def samples(self) -> int:
+        return sum(o.shape[0] for o in self.ref)
+
+    def accuracy(self, outs: list[torch.Tensor]) -> float | None:
+        hits = [_correct(o, y) for o, (_, y) in zip(outs, self.batches, strict=True)]
+        if any(h is None for h in hits):
+            return None
+        return 100.0 * sum(hits) / self.samples
+
+    def fidelity(self, m: nn.Module) -> tuple[float, float | None]:
+        """(mean KL to the original output, accuracy or None) of model ``m``."""
+        outs = self.outputs(m)
+        kl = sum(float(_fidelity(a, b).sum()) for a, b in zip(self.ref, outs, strict=True)) / self.samples
+        return kl, self.accuracy(outs)
+
+
+def analyse_sensitivity(
+    pruner: Any,
+    data: Iterable[Any],
+    num_batches: int | None = None,
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    progress: bool = True,
+) -> SensitivityResult:
+    """Measure, for every prunable group of ``pruner``, how the model's output moves when
+    that group alone is pruned at each of ``ratios``.
+
+    Call after :meth:`StructuredPruner.collect_activations` (criteria that read
+    activations need it). ``data`` yields inputs or ``(inputs, labels)``: the evaluation
+    batches (at most ``num_batches``), kept in memory for the trials (and for
+    :func:`allocate_ratios`), so a few batches are the right size. Nothing of the
+    user's model changes.
+    """
+    ratios = sorted({float(r) for r in ratios})
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise UserError(f"ratios={list(ratios)}: give ratios strictly between 0 and 1, e.g. 0.25,0.5,0.75")
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    model, graph = pruner.model, pruner.graph
+    device = next((p.device for p in model.parameters()), None)
+    batches = [(move_to(x, device), y) for x, y in (split_batch(b) for b in iterate(data, num_batches))]
+    if not batches:
+        raise UserError("the sensitivity data is empty: give at least one batch")
+    ev = _Evaluator(batches, pruner.forward_fn, pruner.output_transform)
+    ev.ref = ev.outputs(model)
+    base_acc = ev.accuracy(ev.ref)
+    base_flops = count_flops(model, pruner.example_inputs, pruner.forward_fn)
+    base_params = count_params(model)
+    groups = graph.groups(prunable_only=True)
+    keys = _layer_keys(groups)
+    scores = pruner._scores(graph, model, pruner.stats)
+    curves = []
+    trials = tqdm(total=len(groups) * len(ratios), disable=not progress, desc="sensitivity", unit="trial", leave=False)
+    for g in groups:
+        curve = GroupCurve(g.id, keys[g.id], g.modules(), g.size, [0.0], [0.0], [base_acc], [0], [0])
+        for r in ratios:
+            plan = _plan(pruner, scores, {g.id: r}, 0.0)
+            trials.update(1)
+            if plan.n_pruned == 0 and len(curve.ratios) > 1:  # the group is too small to lose more
+                break
+            try:
+                trial, _ = pruner._build(model, graph, pruner.stats, plan.pruned_units())
+            except PruningError:
+                break  # this group cannot be pruned this far: the curve ends here
+            kl, acc = ev.fidelity(trial)
+            curve.ratios.append(r)
+            curve.kl.append(kl)
+            curve.accuracy.append(acc)
+            curve.flops_saved.append(base_flops - count_flops(trial, pruner.example_inputs, pruner.forward_fn))
+            curve.params_saved.append(base_params - count_params(trial))
+        curves.append(curve)
+    trials.close()
+    return SensitivityResult(
+        curves, ratios, base_flops, base_params, base_acc, ev.samples, time.perf_counter() - t0, evaluator=ev
+    )
+
+
+def _plan(pruner: Any, scores: dict, group_ratios: dict[int, float], others: float, ranked: bool = False) -> Any:
+    """A plan with ``group_ratios`` where given and ``others`` elsewhere; ``ranked``:
+    instead, ``others`` of all units ranked together (global pruning)."""
+    graph = pruner.graph
+    return make_plan(
+        graph.groups(prunable_only=True),
+        scores,
+        graph.root.numel(),
+        others,
+        group_ratios={} if ranked else group_ratios,
+        global_pruning=ranked,
+        max_layer_ratio=pruner.max_layer_ratio,
+        round_to=pruner.round_to,
+        min_units=pruner.min_channels,
+        normalizer=pruner.normalizer,
+    )
+
+
+@attrs.define
+class Allocation:
+    """Per-layer ratios meeting a target, how they were chosen, and what they measured.
+
+    ``layer_ratios`` goes to ``StructuredPruner(layer_pruning_ratios=...)`` (with the
+    same ``pruning_ratio``: groups no single layer names keep it). ``method`` says which
+    candidate measured the lowest fidelity loss (``kl``) on the evaluation batches:
+    ``"sensitivity"`` (the curves' allocation), ``"uniform"`` (one ratio for all) or
+    ``"global"`` (scores ranked across groups). The curves assume that the losses of
+    groups add up; where pruning several groups together compounds, a simpler
+    allocation can measure better, and then it is the one returned."""
+
+    layer_ratios: dict[str, float]
+    method: str
+    target: str
+    cost: float
+    kl: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def allocate_ratios(
+    pruner: Any,
+    result: SensitivityResult,
+    target_flops: float | None = None,
+    target_params: float | None = None,
+    target_latency: float | None = None,
+    step: float = 0.05,
+    iterations: int = 30,
+) -> Allocation:
+    """Per-layer ratios that keep the given share of FLOPs, parameters or measured latency
+    (one of them, between 0 and 1) at the least summed fidelity loss. The cost of each
+    candidate is measured on the sliced model, not estimated; the result meets the target
+    or, when nothing within the measured curves can, is the most the curves allow. The
+    allocation is checked against a uniform ratio and global ranking at the same target
+    on the evaluation batches of ``result``, and the best of the three is returned."""
+    given = [(n, t) for n, t in (("flops", target_flops), ("params", target_params), ("latency", target_latency)) if t]
+    if len(given) != 1:
+        raise UserError("give exactly one of target_flops, target_params or target_latency (a share to keep, 0-1)")
+    kind, target = given[0]
+    if not 0.0 < float(target) < 1.0:
+        raise UserError(f"target_{kind}={target}: give the share to keep, strictly between 0 and 1")
+    from cleanai_core.pruner import _sliced_copy
+
+    graph, model = pruner.graph, pruner.model
+    live = {g.id for g in graph.groups(prunable_only=True)}
+    curves = [c for c in result.curves if c.layer is not None and c.group in live]
+    stuck = {c.layer: 0.0 for c in curves if len(c.ratios) == 1}
+    curves = [c for c in curves if len(c.ratios) > 1]
+    if not curves:
+        raise UserError("no group has a sensitivity curve: nothing to allocate")
+    saved_of = (lambda c: c.flops_saved) if kind != "params" else (lambda c: c.params_saved)
+    base = result.base_flops if kind != "params" else result.base_params
+    grids = {}
+    for c in curves:
+        pts = [round(i * step, 6) for i in range(int(round(c.ratios[-1] / step)) + 1)]
+        if pts[-1] < c.ratios[-1]:
+            pts.append(c.ratios[-1])
+        grids[c.group] = [(r, c.at(r, c.kl), c.at(r, saved_of(c)) / base) for r in pts]
+
+    def choose(lam: float) -> dict[int, float]:
+        return {gid: min(pts, key=lambda p: (p[1] - lam * p[2], p[0]))[0] for gid, pts in grids.items()}
+
+    scores = pruner._scores(graph, model, pruner.stats)
+    ex, fwd = pruner.example_inputs, pruner.forward_fn
+    base_latency = measure_latency(model, ex, forward_fn=fwd) if kind == "latency" else None
+    others = pruner.pruning_ratio
+
+    def cost(ratios: dict[int, float]) -> float:
+        plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
+        small = _sliced_copy(model, pruner._edits(graph, plan.pruned_units()), graph.pm)
+        if kind == "flops":
+            return count_flops(small, ex, fwd) / result.base_flops
+        if kind == "params":
+            return count_params(small) / result.base_params
+        return measure_latency(small, ex, forward_fn=fwd) / base_latency
+
+    def ranked(r: float) -> dict[int, float]:  # global ranking at ratio r, as per-group ratios
+        plan = _plan(pruner, scores, {}, min(r, 0.95), ranked=True)
+        return {gp.group.id: gp.n_pruned / max(gp.group.size, 1) for gp in plan.groups if gp.group.id in grids}
+
+    candidates = {
+        "sensitivity": _back_off(_search(choose, cost, target, iterations), grids, target, cost),
+        "uniform": _search(lambda r: dict.fromkeys(grids, min(r, 0.95)), cost, target, iterations, linear=True),
+        "global": _search(ranked, cost, target, iterations, linear=True),
+    }
+    kl: dict[str, float] = {}
+    if result.evaluator is not None:
+        for name, ratios in candidates.items():
+            plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
+            try:
+                trial, _ = pruner._build(model, graph, pruner.stats, plan.pruned_units())
+            except PruningError:
+                continue  # this candidate does not build: another one wins
+            kl[name] = result.evaluator.fidelity(trial)[0]
+    method = min(kl, key=kl.get) if kl else "sensitivity"
+    best = candidates[method]
+    by_group = {c.group: c.layer for c in curves}
+    return Allocation({**stuck, **{by_group[gid]: r for gid, r in sorted(best.items())}}, method, kind, cost(best), kl)
+
+
+def _search(choose: Any, cost: Any, target: float, iterations: int, linear: bool = False) -> dict[int, float]:
+    """The smallest parameter of ``choose`` (a multiplier, or with ``linear`` a ratio in
+    [0, 1]) whose choice meets ``target``, by bisection on the measured cost."""
+    lo, hi = 0.0, 1.0
+    if not linear:
+        while cost(choose(hi)) > target and hi < 1e12:
+            hi *= 10.0
+    best = choose(hi)
+    for _ in range(iterations):
+        if linear:
+            mid = (lo + hi) / 2
+        else:
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
+        pick = choose(mid)
+        if cost(pick) <= target:
+            hi, best = mid, pick
+        else:
+            lo = mid
+        if (hi - lo < 1e-3) if linear else (lo > 0 and hi / lo < 1.0001):
+            break
+    return best
+
+
+def _back_off(
+    ratios: dict[int, float], grids: dict[int, list[tuple[float, float, float]]], target: float, cost: Any
+) -> dict[int, float]:
+    """The multiplier search lands on curve vertices and can overshoot the target; give
+    back one grid step at a time where it buys the most fidelity per unit of cost, as
+    long as the measured cost stays within the target."""
+    ratios = dict(ratios)
+    done: set[int] = set()
+    while True:
+        moves = []
+        for gid, pts in grids.items():
+            i = next(k for k, p in enumerate(pts) if p[0] == ratios[gid])
+            if gid in done or i == 0:
+                continue
+            gain, lost = pts[i][1] - pts[i - 1][1], pts[i][2] - pts[i - 1][2]
+            if gain <= 0:
+                continue
+            moves.append((-(gain / lost) if lost > 0 else -math.inf, gid, pts[i - 1][0]))
+        if not moves:
+            return ratios
+        _, gid, r = min(moves)
+        trial = {**ratios, gid: r}
+        if cost(trial) <= target:
+            ratios = trial
+        else:
+            done.add(gid)

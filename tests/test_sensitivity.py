@@ -1,0 +1,152 @@
+"""Sensitivity analysis (one group pruned at a time, fidelity measured on data) and the
+automatic per-layer ratios allocated from its curves to meet a FLOPs/params target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.errors import UserError
+from cleanai_core.metrics import count_flops, count_params
+from cleanai_core.sensitivity import allocate_ratios, analyse_sensitivity
+
+DEAD = list(range(12))  # a quarter of fc2's outputs never activate
+
+
+def planted():
+    torch.manual_seed(3)
+    net = nn.Sequential()
+    net.fc1, net.act1 = nn.Linear(16, 64), nn.ReLU()
+    net.fc2, net.act2 = nn.Linear(64, 48), nn.ReLU()
+    net.fc3, net.act3 = nn.Linear(48, 32), nn.ReLU()
+    net.head = nn.Linear(32, 5)
+    with torch.no_grad():
+        for m in (net.fc1, net.fc2, net.fc3, net.head):
+            m.weight.mul_(2.5)
+        net.fc2.weight[DEAD] = 0.0
+        net.fc2.bias[DEAD] = -1.0
+    return net.eval()
+
+
+def loader(n: int = 3, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 16, generator=g) for _ in range(n)]
+
+
+X = loader(1, seed=9)[0]
+
+
+def labelled(n: int = 3):
+    return [(x, torch.arange(x.shape[0]) % 5) for x in loader(n)]
+
+
+def pruner_for(net, **options):
+    p = StructuredPruner(net, X[:1], ignored_layers=[net.head], **options)
+    p.collect_activations(loader(), progress=False)
+    return p
+
+
+def kl(a, b) -> float:
+    a, b = a.detach(), b.detach()
+    return float(F.kl_div(F.log_softmax(b, 1), F.log_softmax(a, 1), log_target=True, reduction="batchmean"))
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    net = planted()
+    p = pruner_for(net)
+    return net, p, analyse_sensitivity(p, labelled(), progress=False)
+
+
+def test_curves_cover_every_group_and_find_the_dead_half(analysed):
+    net, p, result = analysed
+    by_layer = {c.layer: c for c in result.curves}
+    assert set(by_layer) == {"fc1", "fc2", "fc3"}
+    for c in result.curves:
+        assert c.ratios == [0.0, 0.25, 0.5, 0.75]
+        assert c.kl[0] == 0.0 and c.flops_saved[0] == 0
+        assert c.flops_saved == sorted(c.flops_saved) and c.flops_saved[-1] > 0
+    dead = by_layer["fc2"]
+    assert dead.kl[1] < 1e-9  # the dead quarter goes first, exactly
+    assert dead.kl[3] > 1e-3
+    assert by_layer["fc1"].kl[1] > 1e-4
+    assert result.ranked()[-1].layer == "fc2"
+    assert result.base_accuracy is not None and dead.accuracy[1] == result.base_accuracy
+
+
+def test_a_curve_point_is_what_pruning_that_layer_alone_gives(analysed):
+    net, p, result = analysed
+    c = next(c for c in result.curves if c.layer == "fc1")
+    alone = pruner_for(net, layer_pruning_ratios={"fc1": 0.5, "fc2": 0.0, "fc3": 0.0}).prune()
+    assert c.flops_saved[2] == result.base_flops - count_flops(alone, X[:1])
+    assert c.params_saved[2] == result.base_params - count_params(alone)
+    x = torch.cat(loader())
+    assert c.kl[2] == pytest.approx(kl(net(x), alone(x)), rel=1e-3)
+
+
+@pytest.mark.parametrize("target", [0.4, 0.6])
+def test_allocation_meets_the_flops_target_and_beats_uniform(analysed, target):
+    net, p, result = analysed
+    alloc = allocate_ratios(p, result, target_flops=target)
+    assert alloc.target == "flops" and set(alloc.kl) == {"sensitivity", "uniform", "global"}
+    assert alloc.method == min(alloc.kl, key=alloc.kl.get)
+    ratios = alloc.layer_ratios
+    if alloc.method == "sensitivity":
+        assert ratios["fc2"] >= 0.25  # the dead quarter is free
+    auto = pruner_for(net, layer_pruning_ratios=ratios).prune()
+    uniform = pruner_for(net, target_flops=target).prune()
+    base = count_flops(net, X[:1])
+    kept = count_flops(auto, X[:1]) / base
+    assert target - 0.1 < kept <= target and kept == pytest.approx(alloc.cost)
+    x = torch.cat(loader())
+    assert kl(net(x), auto(x)) == pytest.approx(alloc.kl[alloc.method], rel=1e-3)
+    assert kl(net(x), auto(x)) <= kl(net(x), uniform(x)) * 1.02
+
+
+def test_allocation_meets_a_params_target(analysed):
+    net, p, result = analysed
+    ratios = allocate_ratios(p, result, target_params=0.5).layer_ratios
+    auto = pruner_for(net, layer_pruning_ratios=ratios).prune()
+    assert count_params(auto) / count_params(net) <= 0.5
+
+
+def test_the_users_model_is_untouched():
+    net = planted()
+    net.fc1 = nn.Sequential(net.fc1, nn.BatchNorm1d(64))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    p = pruner_for(net)
+    analyse_sensitivity(p, loader(2), ratios=(0.5,), progress=False)
+    assert net.training and all(m.training for m in net.modules())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_bad_arguments_say_what_to_give(analysed):
+    net, p, result = analysed
+    with pytest.raises(UserError, match="strictly between 0 and 1"):
+        analyse_sensitivity(p, loader(1), ratios=(0.5, 1.0), progress=False)
+    with pytest.raises(UserError, match="empty"):
+        analyse_sensitivity(p, [], progress=False)
+    with pytest.raises(UserError, match="exactly one"):
+        allocate_ratios(p, result, target_flops=0.5, target_params=0.5)
+    with pytest.raises(UserError, match="share to keep"):
+        allocate_ratios(p, result, target_flops=1.5)
+
+
+def test_the_report_shows_the_curves_most_sensitive_first(analysed, tmp_path):
+    from cleanai_core.report import write_report
+
+    net, p, result = analysed
+    write_report(tmp_path, {"layers": [], "sensitivity": result.to_json()})
+    md = (tmp_path / "report.md").read_text()
+    section = md.split("## Sensitivity")[1]
+    order = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
+    assert order == [c.layer for c in result.ranked()]
+    fc2 = next(c for c in result.curves if c.layer == "fc2")
+    assert f"{fc2.kl[3]:.3g} ({fc2.accuracy[3]:.1f}%)" in section
+    svg = (tmp_path / "sensitivity.svg").read_text()
+    assert svg.count("<polyline") == len(result.curves)
