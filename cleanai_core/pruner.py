@@ -218,10 +218,7 @@ class StructuredPruner:
         self.verify = verify
         self.prune_dead_only = prune_dead_only
         self.layer_ratios: dict[str, float] = {}
-        for spec, r in (layer_pruning_ratios or {}).items():
-            _check_ratio(f"layer_pruning_ratios[{spec!r}]", r, allow_zero=True)
-            for name in match_modules(model, [spec]):
-                self.layer_ratios.setdefault(name, float(r))
+        self.set_layer_ratios(layer_pruning_ratios or {})
         self.ignored = set(match_modules(model, ignored_layers or ()))
         from cleanai_core.plugins import get_plugin_manager
 
@@ -409,6 +406,18 @@ class StructuredPruner:
             min_units=self.min_channels,
             normalizer=self.normalizer,
         )
+
+    def set_layer_ratios(self, ratios: Mapping[ModuleSpec, float]) -> None:
+        """Replace the per-layer ratios (``{module | name | glob | type: ratio}``, 0 keeps
+        a layer whole; the first entry matching a layer wins), e.g. with the ones
+        :func:`cleanai_core.sensitivity.allocate_ratios` chose. Forgets any plan made."""
+        layer_ratios: dict[str, float] = {}
+        for spec, r in ratios.items():
+            _check_ratio(f"layer_pruning_ratios[{spec!r}]", r, allow_zero=True)
+            for name in match_modules(self.model, [spec]):
+                layer_ratios.setdefault(name, float(r))
+        self.layer_ratios = layer_ratios
+        self._plan = None
 
     def plan(self) -> PruningPlan:
         """The dry run: which units would go. Changes nothing."""

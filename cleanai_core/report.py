@@ -125,7 +125,7 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         )
     lines.append("")
     lines += _dead_unit_lines(report.get("dead_units"))
-    lines += _sensitivity_lines(report.get("sensitivity"))
+    lines += _sensitivity_lines(report.get("sensitivity"), report.get("allocation"))
     for title, body in extra_sections:
         lines += [f"## {title}", "", body.rstrip(), ""]
     return "\n".join(lines)
@@ -176,7 +176,7 @@ def _listed(idx: list[int]) -> str:
     return f"{len(idx)}: {text}" + (", ..." if len(idx) > MAX_LISTED else "")
 
 
-def _sensitivity_lines(sens: dict[str, Any] | None) -> list[str]:
+def _sensitivity_lines(sens: dict[str, Any] | None, alloc: dict[str, Any] | None = None) -> list[str]:
     if not sens:
         return []
     ratios = sens["ratios"]
@@ -203,7 +203,19 @@ def _sensitivity_lines(sens: dict[str, Any] | None) -> list[str]:
             acc = g["accuracy"][k]
             cells.append(f"{g['kl'][k]:.3g}" + (f" ({acc:.1f}%)" if acc is not None else ""))
         lines.append(f"| `{g['layer'] or g['modules'][0]}` | {g['size']} | " + " | ".join(cells) + " |")
-    return lines + [""]
+    lines.append("")
+    if alloc:
+        losses = ", ".join(f"{name} {kl:.3g}" for name, kl in sorted(alloc["kl"].items(), key=lambda kv: kv[1]))
+        lines += [
+            f"Automatic ratios (`--auto`): the **{alloc['method']}** allocation, keeping {alloc['cost']:.3f} of the "
+            f"{alloc['target']}; mean KL of each candidate on the sensitivity batches: {losses}.",
+            "",
+            "| layer | ratio |",
+            "|---|---:|",
+            *[f"| `{name}` | {r:.2f} |" for name, r in alloc["layer_ratios"].items()],
+            "",
+        ]
+    return lines
 
 
 def _scores(layer: dict[str, Any]) -> tuple[list[float], list[float]]:

@@ -34,6 +34,12 @@ DEFAULTS: dict[str, Any] = {
     "out": None,
     "ratio": None,  # 0.3 unless target_flops is given
     "target_flops": None,
+    "target_params": None,
+    "auto": False,
+    "sensitivity": False,
+    "sensitivity_batches": 2,
+    "sensitivity_ratios": [0.25, 0.5, 0.75],
+    "prune_dead_only": False,
     "importance": "weight_activation",
     "alpha": None,
     "beta": None,
@@ -127,6 +133,37 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"share of channels to remove per group (default {DEFAULT_RATIO})",
     )
     g.add_argument("--target-flops", type=float, metavar="F", help="instead of --ratio: keep this share of FLOPs")
+    g.add_argument(
+        "--target-params", type=float, metavar="P", help="instead of --ratio: keep this share of the parameters"
+    )
+    g.add_argument(
+        "--auto",
+        action="store_true",
+        default=S,
+        help="with --target-flops or --target-params: per-layer ratios from a sensitivity analysis (each layer "
+        "pruned alone, measured on part of the calibration data), instead of one ratio for all",
+    )
+    g.add_argument(
+        "--sensitivity",
+        action="store_true",
+        default=S,
+        help="measure every layer's sensitivity and add it (table and curves) to the report",
+    )
+    g.add_argument(
+        "--sensitivity-batches",
+        type=int,
+        metavar="N",
+        help="calibration batches set aside for the sensitivity trials (default 2); the rest stream the statistics",
+    )
+    g.add_argument(
+        "--sensitivity-ratios", metavar="R,R,...", help="ratios each layer is tried at (default 0.25,0.5,0.75)"
+    )
+    g.add_argument(
+        "--prune-dead-only",
+        action="store_true",
+        default=S,
+        help="remove exactly the units that never activate on the calibration data (outputs unchanged)",
+    )
     g.add_argument(
         "--importance", metavar="NAME", help="weight_activation (default), magnitude, bn_scale, taylor, random, lamp"
     )
@@ -282,6 +319,20 @@ def _read_toml(path: str) -> dict[str, Any]:
     return out
 
 
+def _parse_ratios(value: Any) -> list[float]:
+    """``--sensitivity-ratios``: a comma-separated string or a list of numbers in (0, 1)."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        ratios = sorted({float(r) for r in items})
+    except (TypeError, ValueError):
+        raise UserError(
+            f"--sensitivity-ratios {value!r}: give numbers separated by commas, e.g. 0.25,0.5,0.75"
+        ) from None
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise UserError(f"--sensitivity-ratios {value!r}: every ratio must be strictly between 0 and 1")
+    return ratios
+
+
 def _check_number(
     cfg: dict,
     key: str,
@@ -328,17 +379,22 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     if "ignore" in given:
         cfg["ignore"] = list(cfg.get("ignore") or []) + list(given.pop("ignore"))
     cfg.update(given)
-    # ratio vs target flops: the most specific source wins, both at once from one source is an error
-    if "ratio" in given and "target_flops" in given:
-        raise UserError("give either --ratio or --target-flops, not both.")
-    if "ratio" in given:
-        cfg["target_flops"] = None
-    elif "target_flops" in given:
-        cfg["ratio"] = None
-    elif cfg.get("ratio") is not None and cfg.get("target_flops") is not None:
-        raise UserError("the config sets both ratio and target-flops; keep one.")
-    if cfg.get("ratio") is None and cfg.get("target_flops") is None:
+    # ratio vs the targets: the most specific source wins, two at once from one source is an error
+    amounts = ("ratio", "target_flops", "target_params")
+    named = [k for k in amounts if k in given]
+    if len(named) > 1:
+        raise UserError(f"give one of --ratio, --target-flops and --target-params, not {' and '.join(named)}.")
+    if named:
+        for k in amounts:
+            if k != named[0]:
+                cfg[k] = None
+    elif sum(cfg.get(k) is not None for k in amounts) > 1:
+        raise UserError("the config sets more than one of ratio, target-flops and target-params; keep one.")
+    if all(cfg.get(k) is None for k in amounts):
         cfg["ratio"] = DEFAULT_RATIO
+    if cfg.get("auto") and cfg.get("target_flops") is None and cfg.get("target_params") is None:
+        raise UserError("--auto allocates ratios to a target: give --target-flops F or --target-params P with it.")
+    cfg["sensitivity_ratios"] = _parse_ratios(cfg.get("sensitivity_ratios"))
     # specs read from the config file run code only with --trust-code (see _spec_options)
     cfg["_from_config"] = sorted(from_config & {"model", "data", "train_data"})
     for key in ("model", "data") + (() if cfg.get("dry_run") else ("out",)):
@@ -346,6 +402,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--{key} is required (on the command line or in --config).")
     _check_number(cfg, "ratio", float, 0.0, 1.0)
     _check_number(cfg, "target_flops", float, 0.0, 1.0)
+    _check_number(cfg, "target_params", float, 0.0, 1.0)
+    _check_number(cfg, "sensitivity_batches", int, 1, None, lo_open=False)
     _check_number(cfg, "calib_fraction", float, 0.0, 1.0, hi_open=False)
     for key in ("alpha", "beta"):
         _check_number(cfg, key, float, 0.0, None, lo_open=False)
@@ -365,8 +423,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     _check_number(cfg, "recover_epochs", int, 0, None, lo_open=False)
     _check_number(cfg, "recover_lr", float, 0.0, None)
     for pat, r in cfg["layer_ratio"].items():
-        if not 0.0 < r < 1.0:
-            raise UserError(f"--layer-ratio {pat}={r}: the ratio must be strictly between 0 and 1.")
+        if not 0.0 <= r < 1.0:
+            raise UserError(f"--layer-ratio {pat}={r}: the ratio must be from 0 (keep the layer whole) to below 1.")
     if (cfg.get("alpha") is not None or cfg.get("beta") is not None) and cfg["importance"] != "weight_activation":
         raise UserError(f"--alpha/--beta apply to the weight_activation importance, not {cfg['importance']!r}.")
     if not isinstance(cfg.get("ignore"), list):
@@ -650,7 +708,16 @@ def _execute(
         model = model.eval().to(device)
     calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))
     bs = int(cfg["batch_size"])
-    calib_loader = distributed.shard(DataLoader(calib, batch_size=bs, shuffle=False))  # this rank's share
+    stats_part, sens_loader = calib, None
+    if cfg.get("auto") or cfg.get("sensitivity"):  # trials on batches the statistics (and compensation) never saw
+        from torch.utils.data import Subset
+
+        n_sens = min(int(cfg["sensitivity_batches"]) * bs, len(calib) // 3)
+        if n_sens < 1:
+            raise UserError(f"--auto/--sensitivity need at least 3 calibration samples; there are {len(calib)}.")
+        stats_part = Subset(calib, range(len(calib) - n_sens))
+        sens_loader = DataLoader(Subset(calib, range(len(calib) - n_sens, len(calib))), batch_size=bs)
+    calib_loader = distributed.shard(DataLoader(stats_part, batch_size=bs, shuffle=False))  # this rank's share
     eval_loader = DataLoader(held, batch_size=bs, shuffle=False) if held is not None and _has_labels(held) else None
     accuracy_note = None
     if held is None:
@@ -683,7 +750,9 @@ def _execute(
         ignored_layers=list(cfg.get("ignore") or []) or None,
         global_pruning=bool(cfg.get("global_pruning")),
         round_to=cfg.get("round_to"),
-        target_flops=cfg.get("target_flops"),
+        target_flops=None if cfg.get("auto") else cfg.get("target_flops"),
+        target_params=None if cfg.get("auto") else cfg.get("target_params"),
+        prune_dead_only=bool(cfg.get("prune_dead_only")),
         bias_compensation=bool(cfg.get("bias_compensation")),
         reconstruction=bool(cfg.get("reconstruction")),
         covariance_rows=int(cfg["covariance_rows"]),
@@ -693,6 +762,11 @@ def _execute(
     pruner.collect_activations(
         calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet, sequential=bool(cfg.get("sequential"))
     )
+    sensitivity = None
+    if cfg.get("auto") or cfg.get("sensitivity"):
+        from cleanai_core.cli.auto import sensitivity_and_ratios
+
+        sensitivity = sensitivity_and_ratios(cfg, pruner, sens_loader, progress=not quiet)
     if cfg.get("dry_run"):
         summary = pruner.plan().summary()
         if distributed.is_writer():
@@ -747,11 +821,13 @@ def _execute(
         "recovery": recovery,
     }
     lib = pruner.report()
-    for key in ("importance", "pruning_ratio", "skipped_groups", "groups", "layers"):
+    for key in ("importance", "pruning_ratio", "skipped_groups", "groups", "layers", "dead_units"):
         report[key] = lib.get(key)
     report["target_flops"] = cfg.get("target_flops")
     if cfg.get("target_flops") is not None:
         report["pruning_ratio"] = None
+    if sensitivity is not None:
+        report.update(sensitivity)
     report["seconds"] = round(time.time() - t0, 2)
 
     arch_options = dict(spec_options or {})
