@@ -839,8 +839,9 @@ def _check_ratio(name: str, r: Any, allow_zero: bool = False) -> None:
     if isinstance(r, (int, float)) and not isinstance(r, bool) and allow_zero and float(r) == 0.0:
         return
     if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0.0 < float(r) < 1.0) or math.isnan(r):
-        low = "from 0 (keep the layer whole)" if allow_zero else "strictly between 0"
-        raise UserError(f"{name}={r!r} must be a number {low} and 1 (e.g. 0.3 removes 30%)")
+        if allow_zero:
+            raise UserError(f"{name}={r!r} must be a number between 0 and 1, below 1 (0 keeps the layer whole)")
+        raise UserError(f"{name}={r!r} must be a number strictly between 0 and 1 (e.g. 0.3 removes 30%)")
 
 
 def _copy_modes(source: nn.Module, target: nn.Module) -> None:

@@ -84,7 +84,7 @@ def test_layer_ratio_zero_keeps_the_layer_and_negative_is_refused():
     p = StructuredPruner(net, X[:1], "magnitude", pruning_ratio=0.5, layer_pruning_ratios={"conv2": 0.0})
     pruned = p.prune()
     assert pruned.conv2.out_channels == 16 and pruned.conv1.out_channels == 8
-    with pytest.raises(UserError, match="from 0"):
+    with pytest.raises(UserError, match="0 keeps the layer whole"):
         StructuredPruner(net, X[:1], "magnitude", layer_pruning_ratios={"conv2": -0.1})
 
 

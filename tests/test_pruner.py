@@ -282,6 +282,9 @@ def test_report_is_consistent_with_the_pruned_model():
 def test_bad_ratio(ratio):
     with pytest.raises(UserError, match="between 0 and 1"):
         StructuredPruner(make_net(), X[:2], "magnitude", pruning_ratio=ratio)
+    if ratio == 0:  # a layer ratio of 0 keeps that layer whole
+        assert StructuredPruner(make_net(), X[:2], "magnitude", layer_pruning_ratios={"conv1": 0}).layer_ratios
+        return
     with pytest.raises(UserError, match="between 0 and 1"):
         StructuredPruner(make_net(), X[:2], "magnitude", layer_pruning_ratios={"conv1": ratio})
 
