@@ -92,3 +92,17 @@ def test_a_family_without_a_bias_switch_keeps_the_honest_record():
     assert record["from_pretrained"] is False and "biases_declared" not in record
     assert any(k.endswith("o_proj.bias") for k in record["mismatched"])
     assert small.model.layers[0].self_attn.q_proj.bias is None  # no zero biases added for nothing
+
+
+def test_a_switch_for_some_of_the_biases_only_changes_nothing():
+    """Qwen3 reads ``attention_bias`` but builds its MLP with ``bias=False``: declaring the
+    attention biases would not make ``from_pretrained`` work, so no zero bias is added."""
+    model = _tiny(transformers.Qwen3Config, transformers.Qwen3ForCausalLM)
+    small = _prune(model)
+    record = small.config.cleanai_pruning
+    assert record["from_pretrained"] is False and "biases_declared" not in record
+    assert record["mismatched"] == [
+        f"model.layers.{i}.{p}.bias" for i in (0, 1) for p in ("self_attn.o_proj", "mlp.down_proj")
+    ]
+    assert small.config.attention_bias is False and small.model.layers[0].self_attn.q_proj.bias is None
+    assert small.model.layers[0].self_attn.o_proj.bias.abs().max() > 0  # compensation's bias stays

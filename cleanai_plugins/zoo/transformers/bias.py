@@ -8,9 +8,9 @@ those layers, the switch is set and every layer it controls gets a zero bias whe
 has none: the outputs do not change and the rebuilt model has the same tensors.
 
 Which switch controls which layers is measured, not listed: the model is rebuilt on the
-meta device with the switch off and on. A family without such a switch (Qwen2, Mistral:
-``bias=False`` in the code) is left as it is, and the rebuild check records
-``from_pretrained: false``.
+meta device with the switch off and on. A family without such a switch for every new bias (Qwen2, Mistral,
+Mixtral, Phi-3: ``bias=False`` in the code; Qwen3, Gemma: ``attention_bias`` only) is left
+as it is, and the rebuild check records ``from_pretrained: false``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def _add_zero_bias(module: nn.Module) -> bool:
 def declare_biases(model: nn.Module) -> list[str]:
     """Set the config switches (``attention_bias``, ``mlp_bias``) whose layers carry
     biases the config does not declare, and give every layer a switch controls a zero
-    bias. Returns the switches set."""
+    bias. All or nothing: when some of the new biases have no switch (Qwen3 and Gemma
+    have ``attention_bias`` but build their MLPs with ``bias=False``), ``from_pretrained``
+    could not rebuild the model anyway, and nothing is changed. Returns the switches set."""
     config = model.config
     candidates = [f for f in FLAGS if getattr(config, f, None) is False]
     if not candidates:
@@ -75,7 +77,7 @@ def declare_biases(model: nn.Module) -> list[str]:
         if controlled & have and all(proj_width(m) is not None for m in owners):
             flipped.append(flag)
             wanted |= controlled
-    if not flipped:
+    if not flipped or (have - base) - wanted:  # a bias no switch declares: zero biases would buy nothing
         return []
     for key in sorted(wanted - have):
         _add_zero_bias(names[key.rpartition(".")[0]])
