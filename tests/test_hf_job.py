@@ -79,8 +79,12 @@ def test_causal_lm_prunes_heads_and_mlp_but_keeps_the_hidden_size(causal_run):
     assert state["model.layers.0.mlp.gate_proj.weight"].shape == (32, 32)  # 64 -> 32 MLP units
     assert state["model.layers.0.self_attn.q_proj.weight"].shape == (16, 32)  # 4 -> 2 heads of 8
     assert state["model.embed_tokens.weight"].shape == (259, 32)  # hidden size kept by default
-    assert report["params_before"] - report["params_after"] == 2 * (3 * 32 * 32 + 4 * 16 * 32) - 2 * 2 * 32
-    # (minus the biases that compensation added to o_proj and down_proj of both layers)
+    biases = 2 * (3 * 16 + 4 * 32)  # per layer: q, k, v (16 each), o (32); gate, up (32 each), down (32)
+    assert report["params_before"] - report["params_after"] == 2 * (3 * 32 * 32 + 4 * 16 * 32) - biases
+    # compensation added biases to o_proj and down_proj; attention_bias / mlp_bias declare them, with zero
+    # biases on q, k, v, gate and up, so that from_pretrained rebuilds the same model
+    assert state["model.layers.0.self_attn.o_proj.bias"].abs().max() > 0
+    assert state["model.layers.0.mlp.up_proj.bias"].abs().max() == 0
 
 
 def test_causal_lm_output_reloads(causal_run):
@@ -91,14 +95,13 @@ def test_causal_lm_output_reloads(causal_run):
     with torch.no_grad():
         logits = model(input_ids=x).logits
     assert logits.shape == (2, 32, 259) and bool(torch.isfinite(logits).all())
-    assert "hf_reload" in report
-    if report["hf_folder"]:  # written only when from_pretrained reproduces the model
-        again = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", local_files_only=True)
-        with torch.no_grad():
-            torch.testing.assert_close(again(input_ids=x).logits, logits, rtol=1e-4, atol=1e-4)
-    else:
-        assert not (out / "hf").exists()
-        assert "failed" in report["hf_reload"]
+    # compensation's biases are declared in the config (attention_bias, mlp_bias): the hf/ folder is kept
+    assert report["hf_folder"] == "hf" and report["hf_reload"].startswith("identical logits"), report["hf_reload"]
+    config = json.loads((out / "hf" / "config.json").read_text())
+    assert config["attention_bias"] is True and config["mlp_bias"] is True
+    again = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", local_files_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=x).logits, logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

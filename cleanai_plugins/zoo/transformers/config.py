@@ -20,7 +20,8 @@ fewer heads cannot be written). The model is rebuilt from the rewritten config o
 meta device and compared tensor by tensor; ``config.cleanai_pruning`` records what the
 user got: ``{"uniform": true, "from_pretrained": true}``; or ``"uniform": false`` with
 ``"per_layer": {key: [widths]}``; or ``"from_pretrained": false`` with the first
-``"mismatched"`` tensors. Without ``from_pretrained``, reload through
+``"mismatched"`` tensors; ``"biases_declared"`` names the config switches set for the
+biases bias compensation created (:mod:`.bias`). Without ``from_pretrained``, reload through
 ``cleanai_core.load_pruned`` (which replays the history on the original architecture).
 """
 
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
+from cleanai_plugins.zoo.transformers.bias import declare_biases
 
 __all__ = ["fix_config"]
 
@@ -156,12 +158,14 @@ def fix_config(model: nn.Module) -> None:
         old = getattr(entry["config"], "hidden_size", None)
         record.update(_write(entry))
         _fix_hidden_attrs(model, entry["config"], old)
+    declared = declare_biases(model)  # compensation's biases, where a config switch allows them
     mismatched = rebuild_mismatches(model)
     mismatched += _scale_mismatches(model)
     root.cleanai_pruning = {
         "uniform": not record,
         "from_pretrained": not mismatched,
         **({"per_layer": record} if record else {}),
+        **({"biases_declared": declared} if declared else {}),
         **({"mismatched": mismatched[:5]} if mismatched else {}),
     }
 
