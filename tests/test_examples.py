@@ -99,3 +99,15 @@ def test_example_plugin_package_passes_its_own_tests():
     )
     assert numbers(r"(\d+) passed", out) == (3,)
     assert "failed" not in out
+
+
+@pytest.mark.slow
+def test_recover_example_wins_back_the_accuracy_lost_at_4x_fewer_flops():
+    out = run_example("examples/example_recover.py", "--epochs", "3")
+    flops_before, flops_after = numbers(r"flops:\s+(\d+) -> (\d+)", out)
+    assert flops_after <= 0.26 * flops_before
+    (original,) = numbers(r"accuracy original:\s+([\d.]+)", out)
+    (pruned,) = numbers(r"accuracy after pruning:\s+([\d.]+)", out)
+    (recovered,) = numbers(r"accuracy after recovery:\s+([\d.]+)", out)
+    assert original > 0.95
+    assert recovered > pruned and recovered > original - 0.02  # most of the gap won back
