@@ -111,3 +111,16 @@ def test_recover_example_wins_back_the_accuracy_lost_at_4x_fewer_flops():
     (recovered,) = numbers(r"accuracy after recovery:\s+([\d.]+)", out)
     assert original > 0.95
     assert recovered > pruned and recovered > original - 0.02  # most of the gap won back
+
+
+@pytest.mark.slow
+def test_llm_example_reloads_with_from_pretrained_and_generates():
+    pytest.importorskip("transformers")
+    out = run_example("examples/example_llm.py", "--steps", "20")
+    before, after = numbers(r"params: (\d+) -> (\d+)", out)
+    assert before == 459392 and after < 0.6 * before
+    assert numbers(r"heads: (\d+)/(\d+) -> (\d+)/(\d+)", out) == (8, 4, 4, 2)  # whole KV groups, GQA kept
+    assert numbers(r"mlp: (\d+) -> (\d+)", out) == (384, 192)
+    assert numbers(r"max logit difference after reload: ([\d.e+-]+)", out) == (0.0,)
+    assert "cleanai_pruning: {'from_pretrained': True, 'uniform': True}" in out
+    assert re.search(r"generated: b'Return the .{12}'", out)
