@@ -110,7 +110,7 @@ def main() -> None:
     print(f"held-out loss: {loss_before:.3f} -> {loss_after:.3f} (nats per byte)")
     print(f"max logit difference after reload: {diff:.3g}")
     print(f"cleanai_pruning: {c.cleanai_pruning}")
-    print(f"generated: {bytes(out[0].tolist())!r}")
+    print(f"generated {out.shape[1] - prompt.shape[1]} tokens: {bytes(out[0].tolist())!r}")
 
 
 if __name__ == "__main__":
