@@ -6,8 +6,10 @@ with the repository root on ``PYTHONPATH`` so the checkout (not an installed cop
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +101,59 @@ def test_example_plugin_package_passes_its_own_tests():
     )
     assert numbers(r"(\d+) passed", out) == (3,)
     assert "failed" not in out
+
+
+@pytest.mark.slow
+def test_recover_example_wins_back_the_accuracy_lost_at_4x_fewer_flops():
+    out = run_example("examples/example_recover.py", "--epochs", "3")
+    flops_before, flops_after = numbers(r"flops:\s+(\d+) -> (\d+)", out)
+    assert flops_after <= 0.26 * flops_before
+    (original,) = numbers(r"accuracy original:\s+([\d.]+)", out)
+    (pruned,) = numbers(r"accuracy after pruning:\s+([\d.]+)", out)
+    (recovered,) = numbers(r"accuracy after recovery:\s+([\d.]+)", out)
+    assert original > 0.95
+    assert recovered > pruned and recovered > original - 0.02  # most of the gap won back
+
+
+@pytest.mark.slow
+def test_llm_example_reloads_with_from_pretrained_and_generates():
+    pytest.importorskip("transformers")
+    out = run_example("examples/example_llm.py", "--steps", "20")
+    before, after = numbers(r"params: (\d+) -> (\d+)", out)
+    assert before == 459392 and after < 0.6 * before
+    assert numbers(r"heads: (\d+)/(\d+) -> (\d+)/(\d+)", out) == (8, 4, 4, 2)  # whole KV groups, GQA kept
+    assert numbers(r"mlp: (\d+) -> (\d+)", out) == (384, 192)
+    assert numbers(r"max logit difference after reload: ([\d.e+-]+)", out) == (0.0,)
+    assert "cleanai_pruning: {'from_pretrained': True, 'uniform': True}" in out
+    assert numbers(r"generated (\d+) tokens: b'Return the ", out) == (12,)
+
+
+@pytest.mark.slow
+def test_distributed_example_prunes_under_torchrun(tmp_path):
+    bindir = str(Path(sys.executable).parent)
+    if shutil.which("torchrun", path=os.pathsep.join([bindir, os.environ.get("PATH", "")])) is None:
+        pytest.skip("torchrun is not on PATH")
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(ROOT),
+        PATH=os.pathsep.join([bindir, env.get("PATH", "")]),  # the venv's torchrun and python
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        CLEANAI_DISABLE_PLUGIN_AUTOLOAD="1",
+    )
+    done = subprocess.run(
+        ["bash", "examples/example_distributed.sh", str(tmp_path / "out")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-3000:]}"
+    report = json.loads((tmp_path / "out" / "pruned" / "report.json").read_text())
+    assert report["params_after"] < report["params_before"]
+    assert report["flops_after"] <= 0.5 * report["flops_before"]
+    assert report["accuracy_after"] > 0.9  # held-out half of the 797 test images, rank 0 measured it
+    before, after = numbers(r"params: (\d+) -> (\d+)", done.stdout)
+    assert (before, after) == (report["params_before"], report["params_after"])
