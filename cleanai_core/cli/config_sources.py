@@ -77,7 +77,7 @@ _FALSE = ("0", "false", "no", "off")
 def preset_options(name: Any, where: str) -> dict[str, Any]:
     if name is None:
         return {}
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise UserError(f"{where}: unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
     return dict(PRESETS[name])
 
