@@ -1,8 +1,10 @@
 """``cleanai prune``: load a trained model and test data, score channels on part of the
 data, prune by slicing, evaluate on the held-out rest, and write the results.
 
-Options come from (lowest to highest priority) the defaults, ``--config FILE.toml`` and the
-command line. The resolved options are written to ``DIR/config.json``.
+Options come from (lowest to highest priority) the defaults, ``--preset``, ``--config FILE``
+(TOML, YAML or JSON), ``CLEANAI_<OPTION>`` environment variables and the command line (see
+:mod:`cleanai_core.cli.config_sources`). The resolved options, with where each came from
+(``_sources``), are written to ``DIR/config.json``, which ``--config`` reads back.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from cleanai_core import distributed
 from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
+from cleanai_core.cli.config_sources import ENV_PREFIX, PRESETS, env_options, preset_options, read_config_file
 from cleanai_core.errors import UserError
 
 __all__ = ["DEFAULTS", "add_parser", "execute", "resolve_config", "run"]
@@ -32,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "model": None,
     "data": None,
     "out": None,
+    "preset": None,
     "ratio": None,  # 0.3 unless target_flops is given
     "target_flops": None,
     "target_params": None,
@@ -76,10 +80,17 @@ DEFAULTS: dict[str, Any] = {
 }
 DEFAULT_RATIO = 0.3
 
-# TOML spellings: key as in DEFAULTS, with "-" or "_"; plus the CLI's flag names
-_ALIASES = {"global": "global_pruning", "layer_ratios": "layer_ratio", "ignored_layers": "ignore"}
-# consent switches: only the command line (or an API argument) can turn them on
-TRUST_KEYS = ("trust_model", "trust_code")
+AMOUNTS = ("ratio", "target_flops", "target_params")
+
+
+def _preset_help() -> str:
+    def show(v: Any) -> str:
+        return "on" if v is True else "off" if v is False else "none" if v is None else str(v)
+
+    return "; ".join(
+        f"{name}: " + ", ".join(f"{k.replace('_', '-')} {show(v)}" for k, v in values.items())
+        for name, values in PRESETS.items()
+    )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -123,8 +134,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument("--image-size", type=int, metavar="PX", help="image side for image folders")
     g.add_argument("--seq-len", type=int, metavar="N", help="tokens per text block or document (default 128)")
-    g.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file (command line wins)")
+    g.add_argument(
+        "--config",
+        metavar="FILE",
+        help="read options from a .toml, .yaml/.yml or .json file (a config.json of an earlier run reproduces "
+        f"it); precedence: command line > {ENV_PREFIX}<OPTION> environment variables > config file > "
+        "--preset > defaults",
+    )
     g = p.add_argument_group("pruning")
+    g.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help=f"a starting point the other sources override ({_preset_help()})",
+    )
     g.add_argument(
         "--ratio",
         "-r",
@@ -281,44 +303,6 @@ def _parse_layer_ratios(items: Any, source: str) -> dict[str, float]:
     return out
 
 
-def _read_toml(path: str) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore[no-redef]
-        except ImportError:
-            raise UserError("--config needs Python 3.11+ (tomllib) or the tomli package on 3.10.") from None
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file {path!r} does not exist.")
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"config file {path!r} is not valid TOML: {exc}") from exc
-    if isinstance(data.get("prune"), dict) and len(data) == 1:
-        data = data["prune"]
-    out = {}
-    unknown = []
-    for key, value in data.items():
-        k = key.replace("-", "_")
-        k = _ALIASES.get(k, k)
-        if k in TRUST_KEYS or k.startswith("trust"):
-            flag = "--" + k.replace("_", "-")
-            raise UserError(
-                f"config file {path!r} sets {key!r}: a config file cannot grant trust (it may come from someone "
-                f"else). Remove the key and pass {flag} on the command line if you trust the model and code it names."
-            )
-        if k not in DEFAULTS or k in ("config",):
-            unknown.append(key)
-            continue
-        out[k] = value
-    if unknown:
-        valid = ", ".join(k.replace("_", "-") for k in DEFAULTS)
-        raise UserError(f"config file {path!r}: unknown key(s) {', '.join(map(repr, unknown))}. Valid keys: {valid}.")
-    return out
-
-
 def _parse_ratios(value: Any) -> list[float]:
     """``--sensitivity-ratios``: a comma-separated string or a list of numbers in (0, 1)."""
     items = value.split(",") if isinstance(value, str) else value
@@ -360,43 +344,65 @@ def _check_number(
         raise UserError(f"{flag}={v} is out of range: it must be {rng}.")
 
 
-def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults, then ``--config``, then the command line; validated."""
+def _apply(cfg: dict[str, Any], sources: dict[str, str], layer: dict[str, Any], source: str) -> None:
+    """Lay one source over ``cfg``. A source that names one of ratio/target-flops/target-params
+    clears the others from the sources below it; naming two at once is an error."""
+    named = [k for k in AMOUNTS if layer.get(k) is not None]
+    if len(named) > 1:
+        raise UserError(f"the {source} sets more than one of ratio, target-flops and target-params; keep one.")
+    for k in AMOUNTS if named else ():
+        if k != named[0]:
+            cfg[k] = None
+            sources[k] = source
+    cfg.update(layer)
+    sources.update(dict.fromkeys(layer, source))
+
+
+def resolve_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Defaults < ``--preset`` < ``--config`` < ``CLEANAI_<OPTION>`` variables < command line;
+    validated. ``cfg["_sources"]`` says where each option came from."""
     cfg = copy.deepcopy(DEFAULTS)
+    sources = dict.fromkeys(DEFAULTS, "default")
     given = dict(vars(args))
     for k in ("command", "_run", "disable_plugin"):
         given.pop(k, None)
     config_file = given.pop("config", None)
-    from_config: set[str] = set()
+    from_file = read_config_file(config_file, DEFAULTS) if config_file else {}
+    from_env = env_options(os.environ if environ is None else environ, DEFAULTS)
+    preset, where = next(
+        ((src.get("preset"), name) for src, name in ((given, "--preset"), (from_env, f"{ENV_PREFIX}PRESET"),
+                                                     (from_file, f"preset in {config_file!r}"))
+         if src.get("preset") is not None),
+        (None, ""),
+    )  # fmt: skip
+    _apply(cfg, sources, preset_options(preset, where), "preset")
+    _apply(cfg, sources, from_file, "config file")
     if config_file:
-        from_file = _read_toml(config_file)
-        cfg.update(from_file)
         cfg["config"] = str(Path(config_file).resolve())
-        from_config = set(from_file) - set(given)
-    cfg["layer_ratio"] = _parse_layer_ratios(cfg.get("layer_ratio"), "layer_ratio in the config")
+    _apply(cfg, sources, from_env, "environment")
+    cfg["layer_ratio"] = _parse_layer_ratios(cfg.get("layer_ratio"), f"layer_ratio from the {sources['layer_ratio']}")
     if "layer_ratio" in given:
         cfg["layer_ratio"].update(_parse_layer_ratios(given.pop("layer_ratio"), "--layer-ratio"))
+        sources["layer_ratio"] = "command line"
     if "ignore" in given:
         cfg["ignore"] = list(cfg.get("ignore") or []) + list(given.pop("ignore"))
-    cfg.update(given)
-    # ratio vs the targets: the most specific source wins, two at once from one source is an error
-    amounts = ("ratio", "target_flops", "target_params")
-    named = [k for k in amounts if k in given]
+        sources["ignore"] = "command line"
+    # the command line names its amount by flag, so two flags are an error even when one is None
+    named = [k for k in AMOUNTS if k in given]
     if len(named) > 1:
         raise UserError(f"give one of --ratio, --target-flops and --target-params, not {' and '.join(named)}.")
-    if named:
-        for k in amounts:
-            if k != named[0]:
-                cfg[k] = None
-    elif sum(cfg.get(k) is not None for k in amounts) > 1:
-        raise UserError("the config sets more than one of ratio, target-flops and target-params; keep one.")
-    if all(cfg.get(k) is None for k in amounts):
+    _apply(cfg, sources, given, "command line")
+    if all(cfg.get(k) is None for k in AMOUNTS):
         cfg["ratio"] = DEFAULT_RATIO
+        sources["ratio"] = "default"
     if cfg.get("auto") and cfg.get("target_flops") is None and cfg.get("target_params") is None:
         raise UserError("--auto allocates ratios to a target: give --target-flops F or --target-params P with it.")
+    preset_options(cfg.get("preset"), "preset")  # a known name, whichever source gave it
     cfg["sensitivity_ratios"] = _parse_ratios(cfg.get("sensitivity_ratios"))
-    # specs read from the config file run code only with --trust-code (see _spec_options)
-    cfg["_from_config"] = sorted(from_config & {"model", "data", "train_data"})
+    # specs read from a config file or the environment run code only with --trust-code (see _spec_options)
+    untrusted = ("config file", "environment")
+    cfg["_from_config"] = sorted(k for k in ("model", "data", "train_data") if sources.get(k) in untrusted)
+    cfg["_sources"] = sources
     for key in ("model", "data") + (() if cfg.get("dry_run") else ("out",)):
         if not cfg.get(key):
             raise UserError(f"--{key} is required (on the command line or in --config).")
@@ -599,7 +605,11 @@ def _spec_options(cfg: dict[str, Any], key: str) -> dict[str, Any]:
     """Consent for ``--model``/``--data``: a spec typed on the command line may name code to
     import and call; one read from ``--config`` only with ``--trust-code``."""
     from_config = key in (cfg.get("_from_config") or ())
-    source = f"{key} in config file {cfg.get('config')!r}" if from_config else f"--{key}"
+    source = f"--{key}"
+    if from_config and (cfg.get("_sources") or {}).get(key) == "environment":
+        source = f"{ENV_PREFIX}{key.upper()} in the environment"
+    elif from_config:
+        source = f"{key} in config file {cfg.get('config')!r}"
     return {"trust_code": bool(cfg.get("trust_code")) or not from_config, "spec_source": source}
 
 
@@ -833,7 +843,9 @@ def _execute(
     arch_options = dict(spec_options or {})
     if cfg.get("num_classes") is not None:
         arch_options.setdefault("num_classes", cfg["num_classes"])
+    # the options, then where each came from; --config reads it back and skips the "_" keys
     resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    resolved["_sources"] = cfg.get("_sources") or {}
     with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:
         spec = str(Path(cfg["model"]).resolve()) if Path(cfg["model"]).is_file() else cfg["model"]
         cio.save_pruned(

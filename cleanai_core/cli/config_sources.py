@@ -1,0 +1,198 @@
+"""Where ``cleanai prune`` options come from besides the command line: presets, config
+files (TOML, YAML, JSON) and ``CLEANAI_<OPTION>`` environment variables.
+
+Precedence, lowest to highest: defaults < ``--preset`` < ``--config`` file <
+environment < command line. Trust (``trust_model``/``trust_code``) is never granted by
+any of these: only the command line or an API argument can turn it on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cleanai_core.errors import UserError
+
+__all__ = ["ENV_PREFIX", "PRESETS", "SOURCES", "env_options", "preset_options", "read_config_file"]
+
+log = logging.getLogger("cleanai")
+
+# every preset sets the same keys, so switching presets never leaves one half-applied
+PRESETS: dict[str, dict[str, Any]] = {
+    "conservative": {
+        "ratio": 0.2,
+        "global_pruning": False,
+        "round_to": None,
+        "bias_compensation": True,
+        "reconstruction": True,
+        "bn_recalibration": True,
+    },
+    "balanced": {  # today's defaults
+        "ratio": 0.3,
+        "global_pruning": False,
+        "round_to": None,
+        "bias_compensation": True,
+        "reconstruction": True,
+        "bn_recalibration": True,
+    },
+    "aggressive": {
+        "ratio": 0.5,
+        "global_pruning": True,  # ranks all layers together; no group loses more than 90%
+        "round_to": 8,
+        "bias_compensation": True,
+        "reconstruction": True,
+        "bn_recalibration": True,
+    },
+}
+
+SOURCES = ("default", "preset", "config file", "environment", "command line")
+ENV_PREFIX = "CLEANAI_"
+# key spellings besides the option name with "-" or "_": the CLI's flag names
+ALIASES = {"global": "global_pruning", "layer_ratios": "layer_ratio", "ignored_layers": "ignore"}
+# consent switches: only the command line (or an API argument) can turn them on
+TRUST_KEYS = ("trust_model", "trust_code")
+# keys a config.json of an earlier run records that are not options to set again
+RECORD_ONLY = ("config",)
+# the value type of options whose default is None (environment variables are strings)
+_NONE_TYPES = {
+    "ratio": float,
+    "target_flops": float,
+    "target_params": float,
+    "alpha": float,
+    "beta": float,
+    "round_to": int,
+    "calib_batches": int,
+    "num_classes": int,
+    "image_size": int,
+    "seq_len": int,
+    "threads": int,
+}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def preset_options(name: Any, where: str) -> dict[str, Any]:
+    if name is None:
+        return {}
+    if not isinstance(name, str) or name not in PRESETS:
+        raise UserError(f"{where}: unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+    return dict(PRESETS[name])
+
+
+def _load(path: str) -> tuple[Any, str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path!r} does not exist.")
+    suffix = p.suffix.lower()
+    text = p.read_text(encoding="utf-8")
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise UserError(
+                f"config file {path!r} is YAML, which needs PyYAML: pip install 'cleanai[yaml]' (or pyyaml), "
+                "or write the file as TOML or JSON."
+            ) from None
+        try:
+            return yaml.safe_load(text), "YAML"
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path!r} is not valid YAML: {exc}") from exc
+    if suffix == ".json":
+        try:
+            return json.loads(text), "JSON"
+        except json.JSONDecodeError as exc:
+            raise UserError(f"config file {path!r} is not valid JSON: {exc}") from exc
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise UserError("a TOML --config needs Python 3.11+ (tomllib) or the tomli package on 3.10.") from None
+    try:
+        return tomllib.loads(text), "TOML"
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"config file {path!r} is not valid TOML: {exc}") from exc
+
+
+def read_config_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
+    """The options in a TOML, YAML (``.yaml``/``.yml``) or JSON (``.json``) file, keys
+    normalised to the names in ``known``. A single ``[prune]`` table is unwrapped; keys
+    starting with ``_`` (what a ``config.json`` records about its run) are skipped."""
+    data, kind = _load(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(
+            f"config file {path!r}: the {kind} must be a table of option = value, not a {type(data).__name__}."
+        )
+    if isinstance(data.get("prune"), dict) and len(data) == 1:
+        data = data["prune"]
+    recorded = "_sources" in data  # a config.json written by cleanai prune
+    out: dict[str, Any] = {}
+    unknown = []
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        k = ALIASES.get(k, k)
+        if k.startswith("_"):
+            continue
+        if k in TRUST_KEYS or k.startswith("trust"):
+            if recorded or value is False:
+                if value:
+                    log.warning("%s records %s = %r; trust is not taken from a file: pass --%s again if you trust it",
+                                path, k, value, k.replace("_", "-"))  # fmt: skip
+                continue
+            flag = "--" + k.replace("_", "-")
+            raise UserError(
+                f"config file {path!r} sets {key!r}: a config file cannot grant trust (it may come from someone "
+                f"else). Remove the key and pass {flag} on the command line if you trust the model and code it names."
+            )
+        if k in RECORD_ONLY:
+            continue
+        if k not in known:
+            unknown.append(key)
+            continue
+        out[k] = value
+    if unknown:
+        valid = ", ".join(k.replace("_", "-") for k in known)
+        raise UserError(f"config file {path!r}: unknown key(s) {', '.join(map(repr, unknown))}. Valid keys: {valid}.")
+    return out
+
+
+def _parse_env(name: str, key: str, text: str, default: Any) -> Any:
+    kind = type(default) if default is not None else _NONE_TYPES.get(key, str)
+    if kind is bool:
+        low = text.strip().lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+        raise UserError(f"{name}={text!r}: give 1/0, true/false or yes/no.")
+    if kind in (list, dict):  # ignore, sensitivity_ratios; layer_ratio as PATTERN=R items
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise UserError(f"{name}={text!r} is not {'an integer' if kind is int else 'a number'}.") from None
+    return text
+
+
+def env_options(environ: Mapping[str, str], known: Mapping[str, Any]) -> dict[str, Any]:
+    """Options from ``CLEANAI_<OPTION>`` variables: only names that match an option
+    (``CLEANAI_BATCH_SIZE`` for ``batch_size``); other ``CLEANAI_*`` variables are left alone.
+    Empty values are ignored."""
+    out: dict[str, Any] = {}
+    for key, default in known.items():
+        name = ENV_PREFIX + key.upper()
+        text = environ.get(name)
+        if text is None or text.strip() == "":
+            continue
+        if key in TRUST_KEYS:
+            raise UserError(
+                f"{name} is set: the environment cannot grant trust. Unset it and pass --{key.replace('_', '-')} "
+                "on the command line if you trust the model and code it names."
+            )
+        out[key] = _parse_env(name, key, text, default)
+    return out
