@@ -61,7 +61,7 @@ def test_prune_dead_only_keeps_the_accuracy_and_target_params_meets_its_share(tr
     ("args", "message"),
     [
         (["--auto", "--ratio", "0.3"], "--auto allocates ratios to a target"),
-        (["--ratio", "0.3", "--target-params", "0.5"], "give one of --ratio, --target-flops and --target-params"),
+        (["--ratio", "0.3", "--target-params", "0.5"], "not both --ratio and --target-params"),
         (["--sensitivity", "--sensitivity-ratios", "0.5,1.2"], "strictly between 0 and 1"),
         (["--sensitivity-batches", "0"], "--sensitivity-batches"),
     ],

@@ -187,8 +187,10 @@ def test_config_defaults_and_validation():
         resolve_config(parse(["--model", "m", "--data", "d"]))
     with pytest.raises(UserError, match="--calib-fraction=0.0"):
         resolve_config(parse(["--model", "m", "--data", "d", "--out", "o", "--calib-fraction", "0"]))
-    with pytest.raises(UserError, match="strictly between 0 and 1"):
+    with pytest.raises(UserError, match="not including, 1"):
         resolve_config(parse(["--model", "m", "--data", "d", "--out", "o", "--layer-ratio", "x=1.0"]))
+    cfg = resolve_config(parse(["--model", "m", "--data", "d", "--out", "o", "--layer-ratio", "x=0"]))
+    assert cfg["layer_ratio"] == {"x": 0.0}  # 0 keeps that layer whole
 
 
 # ---------------------------------------------------------------------------

@@ -390,7 +390,9 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str] | None = No
     # the command line names its amount by flag, so two flags are an error even when one is None
     named = [k for k in AMOUNTS if k in given]
     if len(named) > 1:
-        raise UserError(f"give one of --ratio, --target-flops and --target-params, not {' and '.join(named)}.")
+        flags = [f"--{k.replace('_', '-')}" for k in named]
+        both = f"both {flags[0]} and {flags[1]}" if len(flags) == 2 else "all three"
+        raise UserError(f"give one of --ratio, --target-flops and --target-params, not {both}.")
     _apply(cfg, sources, given, "command line")
     if all(cfg.get(k) is None for k in AMOUNTS):
         cfg["ratio"] = DEFAULT_RATIO
@@ -430,7 +432,9 @@ def resolve_config(args: argparse.Namespace, environ: dict[str, str] | None = No
     _check_number(cfg, "recover_lr", float, 0.0, None)
     for pat, r in cfg["layer_ratio"].items():
         if not 0.0 <= r < 1.0:
-            raise UserError(f"--layer-ratio {pat}={r}: the ratio must be from 0 (keep the layer whole) to below 1.")
+            raise UserError(
+                f"--layer-ratio {pat}={r}: the ratio must be from 0 (keeps the layer whole) up to, not including, 1."
+            )
     if (cfg.get("alpha") is not None or cfg.get("beta") is not None) and cfg["importance"] != "weight_activation":
         raise UserError(f"--alpha/--beta apply to the weight_activation importance, not {cfg['importance']!r}.")
     if not isinstance(cfg.get("ignore"), list):
