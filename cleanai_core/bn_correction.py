@@ -100,7 +100,7 @@ def recording(model: nn.Module, moments: Moments) -> Iterator[Moments]:
 
 
 class _Correction:
-    """The running totals and the in-flight update of one norm of the pruned model."""
+    """The running totals of one norm of the pruned model over a pass, and the update they give."""
 
     def __init__(self, module: nn.Module, calls: list, keep: torch.Tensor | None) -> None:
         self.module = module
@@ -109,15 +109,13 @@ class _Correction:
         self.base_mean = module.running_mean.detach().clone()
         self.base_var = module.running_var.detach().clone()
         self.broken = False
-        self.live = True
         self.restart()
 
-    def restart(self, live: bool = True) -> None:
-        """Start the totals afresh; ``live=False`` holds the statistics fixed during the pass."""
+    def restart(self) -> None:
+        """Start the totals afresh for a pass (the statistics stay fixed while it runs)."""
         self.i = 0
         self.pruned: list = [0.0, None, None]
         self.orig: list = [0.0, None, None]
-        self.live = live
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if self.broken:
@@ -137,8 +135,6 @@ class _Correction:
             return
         self.pruned[:] = _chan_merge(*self.pruned, *got)
         self.orig[:] = _chan_merge(*self.orig, n, mean, m2)
-        if self.live:
-            self.apply()
 
     def apply(self) -> None:
         n_p, mean_p, m2_p = self.pruned
@@ -193,7 +189,7 @@ def correct_batchnorm(
         with torch.no_grad():
             for i in range(passes):
                 for f in fixes.values():  # every norm held at the last pass's estimate while this one measures
-                    f.restart(live=False)
+                    f.restart()
                 if i > 0 and run_original is not None:  # measured afresh beside the pruned model
                     for calls in original_moments.values():
                         calls.clear()
