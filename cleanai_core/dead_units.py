@@ -27,7 +27,7 @@ import torch
 
 from cleanai_core.calibration import ChannelStats
 
-__all__ = ["LayerFindings", "find_dead_units", "removable_units"]
+__all__ = ["LayerFindings", "dead_plan", "find_dead_units", "removable_units"]
 
 #: a channel counts as dead below this share of its layer's mean energy
 RELATIVE_TOLERANCE = 1e-10
@@ -123,3 +123,21 @@ def removable_units(graph: Any, stats: Mapping[tuple[str, str], ChannelStats]) -
         seen[units] = True
         live[units[~dead]] = True
     return seen & ~live
+
+
+def dead_plan(graph: Any, stats: Mapping[tuple[str, str], ChannelStats], score: Any) -> Any:
+    """The plan that removes exactly the removable dead units (:func:`removable_units`);
+    a group keeps at least its best-scored unit. ``score()`` gives the groups' scores."""
+    from cleanai_core.errors import UserError
+    from cleanai_core.planning import GroupPlan, PruningPlan
+
+    if not stats:
+        raise UserError("prune_dead_only needs activation statistics: call pruner.collect_activations(loader) first")
+    gone, scores = removable_units(graph, stats), score()
+    plans = []
+    for g in graph.groups(prunable_only=True):
+        pruned = gone[g.units] & ~g.frozen
+        if int(pruned.sum()) >= g.size:  # a group keeps at least one unit
+            pruned[int(torch.argmax(scores[g.id]))] = False
+        plans.append(GroupPlan(g, scores[g.id], pruned, int(pruned.sum()) / max(g.size, 1)))
+    return PruningPlan(plans, graph.root.numel())

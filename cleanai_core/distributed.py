@@ -211,22 +211,6 @@ def stage(what: str, then: Callable[..., Any] | None = None) -> Callable[[Callab
     return decorate
 
 
-def combine_pruner(result: Any, pruner: Any, *args: Any, **kwargs: Any) -> Any:
-    """After ``collect_activations``: the pruner's statistics (and taylor gradients) summed
-    over ranks."""
-    pruner.stats = combine_stats(pruner.stats)
-    if getattr(pruner.importance, "needs_gradients", False):
-        pruner.gradients = combine_gradients(pruner.model, pruner.gradients)
-    return result
-
-
-def combine_returned_stats(result: Any, *args: Any, **kwargs: Any) -> Any:
-    """``combine_stats`` of a stage's statistics (the first item when it returns a tuple)."""
-    if isinstance(result, tuple):
-        return (combine_stats(result[0]), *result[1:])
-    return combine_stats(result)
-
-
 def combine_stats(stats: dict, channels: dict | None = None) -> dict:
     """Sum every rank's :class:`~cleanai_core.calibration.ChannelStats` in place, so all
     ranks hold the statistics of the union of their shards. ``channels`` (key -> channel

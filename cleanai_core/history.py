@@ -51,8 +51,18 @@ class PruningHistory:
     steps: list[list[SliceEdit]] = attrs.field(factory=list)
     meta: dict[str, Any] = attrs.field(factory=dict)
 
-    def record(self, edits: list[SliceEdit]) -> None:
+    def record(self, edits: list[SliceEdit], before: nn.Module | None = None, after: nn.Module | None = None) -> None:
+        """One step's edits; with the models ``before`` and ``after`` it, also the modules
+        that compensation gave a bias they lacked (``meta["added_biases"]``)."""
         self.steps.append(list(edits))
+        if before is None or after is None:
+            return
+        old = dict(before.named_modules())
+        added = self.meta.setdefault("added_biases", [])
+        for name, m in after.named_modules():
+            o = old.get(name)
+            if isinstance(getattr(m, "bias", None), torch.Tensor) and o is not None and o.bias is None:
+                added.append(name)
 
     def replay(self, model: nn.Module, pm: Any = None) -> nn.Module:
         """Apply every step to ``model`` in place and return it. Biases that bias

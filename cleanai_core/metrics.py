@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cleanai_core.model_state import preserved
+from cleanai_core.runtime import call_model
 
 __all__ = ["call_model", "count_flops", "count_params", "eval_mode", "measure_latency"]
 
@@ -28,19 +29,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     afterwards (see :mod:`cleanai_core.model_state`)."""
     with preserved(model):
         yield model
-
-
-def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:
-    """Call ``model`` on ``inputs`` the way every part of CleanAI does: ``forward_fn(model,
-    inputs)`` when given, else a tensor positionally, a tuple/list as positional arguments,
-    a dict as keywords."""
-    if forward_fn is not None:
-        return forward_fn(model, inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def count_flops(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> int:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["HOOK_ATTRIBUTES", "preserved"]
+__all__ = ["HOOK_ATTRIBUTES", "preserved", "transplant"]
 
 #: a module's hook tables (``_forward_hooks``, ``_forward_pre_hooks``, ...): the user's
 #: ``RemovableHandle`` objects point at these very dicts
@@ -78,3 +78,19 @@ def preserved(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
         yield model
     finally:
         snap.restore()
+
+
+def transplant(target: nn.Module, source: nn.Module) -> None:
+    """Make ``target`` the model ``source`` is, module by module (for in-place pruning):
+    each module of ``target`` takes the state of its namesake in ``source``, keeping its
+    own hook tables, so the user's hook handles stay valid."""
+    mine = dict(target.named_modules())
+    for name, m in source.named_modules():
+        t = mine.get(name)
+        if t is None:
+            continue
+        if type(t) is not type(m):  # a plugin may swap a pruned module's class
+            t.__class__ = type(m)
+        for key, value in m.__dict__.items():
+            if key != "_modules" and key not in HOOK_ATTRIBUTES:
+                t.__dict__[key] = value

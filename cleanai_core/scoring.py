@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cleanai_core.calibration import ChannelStats
-from cleanai_core.errors import UserError
+from cleanai_core.errors import PruningError, UserError
 from cleanai_core.graph.context import SliceSpec
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.graph.groups import Group
@@ -274,3 +274,19 @@ def get_normalizer(name: str) -> Any:
     if name not in table:
         raise UserError(f"unknown normaliser {name!r}; choose one of: {', '.join(sorted(table))}")
     return table[name]
+
+
+def score_groups(importance: Any, graph: DependencyGraph, ctx: ScoringContext) -> dict[int, torch.Tensor]:
+    """Every prunable group's unit scores (float64, NaN as 0) by ``importance``."""
+    if getattr(importance, "needs_activations", False) and not ctx.stats:
+        raise UserError(
+            f"{type(importance).__name__} scores activations: call "
+            "pruner.collect_activations(loader) first, or choose a data-free importance such as 'magnitude'"
+        )
+    out = {}
+    for g in graph.groups(prunable_only=True):
+        s = torch.as_tensor(importance(g, ctx), dtype=torch.float64).reshape(-1)
+        if s.numel() != g.size:
+            raise PruningError(f"{type(importance).__name__} returned {s.numel()} scores for {g.size} units")
+        out[g.id] = torch.nan_to_num(s, nan=0.0)
+    return out

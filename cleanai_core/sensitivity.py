@@ -35,7 +35,7 @@ from torch import nn
 from cleanai_core.calibration import iterate, move_to, split_batch
 from cleanai_core.errors import PruningError, UserError
 from cleanai_core.metrics import call_model, count_flops, count_params, eval_mode, measure_latency
-from cleanai_core.planning import make_plan
+from cleanai_core.targets import flops_measure, params_measure, pruned_size
 
 __all__ = ["Allocation", "GroupCurve", "SensitivityResult", "allocate_ratios", "analyse_sensitivity"]
 
@@ -218,7 +218,7 @@ def analyse_sensitivity(
     base_params = count_params(model)
     groups = graph.groups(prunable_only=True)
     keys = _layer_keys(groups)
-    scores = pruner._scores(graph, model, pruner.stats)
+    scores = pruner.score()
     curves = []
     trials = tqdm(total=len(groups) * len(ratios), disable=not progress, desc="sensitivity", unit="trial", leave=False)
     for g in groups:
@@ -229,7 +229,7 @@ def analyse_sensitivity(
             if plan.n_pruned == 0 and len(curve.ratios) > 1:  # the group is too small to lose more
                 break
             try:
-                trial, _ = pruner._build(model, graph, pruner.stats, plan.pruned_units())
+                trial, _ = pruner.build(plan.pruned_units())
             except PruningError:
                 break  # this group cannot be pruned this far: the curve ends here
             kl, acc = ev.fidelity(trial)
@@ -248,19 +248,7 @@ def analyse_sensitivity(
 def _plan(pruner: Any, scores: dict, group_ratios: dict[int, float], others: float, ranked: bool = False) -> Any:
     """A plan with ``group_ratios`` where given and ``others`` elsewhere; ``ranked``:
     instead, ``others`` of all units ranked together (global pruning)."""
-    graph = pruner.graph
-    return make_plan(
-        graph.groups(prunable_only=True),
-        scores,
-        graph.root.numel(),
-        others,
-        group_ratios={} if ranked else group_ratios,
-        global_pruning=ranked,
-        max_layer_ratio=pruner.max_layer_ratio,
-        round_to=pruner.round_to,
-        min_units=pruner.min_channels,
-        normalizer=pruner.normalizer,
-    )
+    return pruner.make_plan(others, scores, ratios={} if ranked else group_ratios, ranked=ranked)
 
 
 @attrs.define
@@ -306,8 +294,6 @@ def allocate_ratios(
     kind, target = given[0]
     if not 0.0 < float(target) < 1.0:
         raise UserError(f"target_{kind}={target}: give the share to keep, strictly between 0 and 1")
-    from cleanai_core.pruner import _sliced_copy
-
     graph, model = pruner.graph, pruner.model
     live = {g.id for g in graph.groups(prunable_only=True)}
     curves = [c for c in result.curves if c.layer is not None and c.group in live]
@@ -327,19 +313,18 @@ def allocate_ratios(
     def choose(lam: float) -> dict[int, float]:
         return {gid: min(pts, key=lambda p: (p[1] - lam * p[2], p[0]))[0] for gid, pts in grids.items()}
 
-    scores = pruner._scores(graph, model, pruner.stats)
+    scores = pruner.score()
     ex, fwd = pruner.example_inputs, pruner.forward_fn
     base_latency = measure_latency(model, ex, forward_fn=fwd) if kind == "latency" else None
     others = pruner.pruning_ratio
 
     def cost(ratios: dict[int, float]) -> float:
         plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
-        small = _sliced_copy(model, pruner._edits(graph, plan.pruned_units()), graph.pm)
         if kind == "flops":
-            return count_flops(small, ex, fwd) / result.base_flops
+            return pruned_size(model, graph, plan, flops_measure(ex, fwd)) / result.base_flops
         if kind == "params":
-            return count_params(small) / result.base_params
-        return measure_latency(small, ex, forward_fn=fwd) / base_latency
+            return pruned_size(model, graph, plan, params_measure) / result.base_params
+        return pruned_size(model, graph, plan, lambda m: measure_latency(m, ex, forward_fn=fwd)) / base_latency
 
     def ranked(r: float) -> dict[int, float]:  # global ranking at ratio r, as per-group ratios
         plan = _plan(pruner, scores, {}, min(r, 0.95), ranked=True)
@@ -355,7 +340,7 @@ def allocate_ratios(
         for name, ratios in candidates.items():
             plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
             try:
-                trial, _ = pruner._build(model, graph, pruner.stats, plan.pruned_units())
+                trial, _ = pruner.build(plan.pruned_units())
             except PruningError:
                 continue  # this candidate does not build: another one wins
             kl[name] = result.evaluator.fidelity(trial)[0]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 import torch
@@ -19,12 +22,14 @@ __all__ = [
     "ModelFindings",
     "SliceEdit",
     "apply_edits",
+    "edits_for",
     "get_submodule_and_attr",
     "prepare_model",
     "retie",
     "run_after_prune",
     "shared_tensors",
     "slice_tensors",
+    "sliced_copy",
 ]
 
 
@@ -146,3 +151,78 @@ def run_after_prune(model: nn.Module, edits: list[SliceEdit], pm, findings: Mode
     with torch.no_grad():
         for name, module in model.named_modules():
             pm.hook.cleanai_after_prune(module=module, name=name, edits=edits_by_key, findings=findings)
+
+
+def edits_for(graph, pruned: torch.Tensor) -> list[SliceEdit]:
+    """The slice edits that remove the ``pruned`` units of ``graph`` (a boolean mask over its root units)."""
+    return [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in graph.keep_indices(pruned).items()]
+
+
+def sliced_copy(source: nn.Module, edits: list[SliceEdit], pm: Any, compensate: Callable | None = None) -> nn.Module:
+    """A pruned copy of ``source``; ``source`` and its tensors are never written to.
+
+    The copy starts out sharing ``source``'s parameters and buffers: slicing makes new,
+    smaller tensors anyway, so cloning every weight first (what ``copy.deepcopy`` does)
+    would copy most of the model only to throw it away. A tensor is copied only where it
+    is about to be written in place (``compensate(model, own)`` calls ``own(module)``
+    before touching a module) or is left unsliced; one memo keeps tied tensors tied.
+    Fix-up hooks run after every tensor is the copy's own.
+
+    A plugin that writes into a tensor it was handed instead of replacing it would change
+    the user's model through the sharing: every shared tensor's version counter, storage
+    and shape are compared afterwards, and such a write raises, naming the tensor and the
+    plugin that claimed its module.
+    """
+    originals = list(source.parameters()) + list(source.buffers())
+    before = [_fingerprint(t) for t in originals]
+    model = copy.deepcopy(source, {id(t): t for t in originals})
+    shared = {id(t) for t in originals}
+    memo: dict[int, Any] = {}
+
+    def own(module: nn.Module) -> nn.Module:
+        for m in module.modules():
+            for table in (m._parameters, m._buffers):
+                for key, t in table.items():
+                    if t is not None and id(t) in shared:
+                        table[key] = copy.deepcopy(t, memo)
+        return module
+
+    if compensate is not None:
+        compensate(model, own=own)
+    findings = prepare_model(model, pm)  # the copy as it is before slicing: its fix-ups read this
+    slice_tensors(model, edits, pm, findings)
+    _check_untouched(source, originals, before, pm)
+    own(model)
+    run_after_prune(model, edits, pm, findings)
+    return model
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """What an in-place write or a ``.data`` swap changes: version, storage, shape. (A
+    write through ``t.data`` bumps no counter; reading every weight to catch it would cost
+    more than the whole slicing.)"""
+    try:
+        version = t._version
+    except RuntimeError:  # inference-mode tensors count no versions
+        version = None
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # no storage (e.g. an uninitialised lazy parameter)
+        ptr = None
+    return version, ptr, tuple(t.shape)
+
+
+def _check_untouched(source: nn.Module, originals: list[torch.Tensor], before: list[tuple], pm: Any) -> None:
+    changed = {id(t) for t, fp in zip(originals, before, strict=True) if _fingerprint(t) != fp}
+    if not changed:
+        return
+    names = [n for n, t in itertools.chain(source.named_parameters(), source.named_buffers()) if id(t) in changed]
+    owners = {n.rpartition(".")[0] for n in names}
+    nodes = resolve_modules(source, pm)
+    claimed = sorted({f"{type(nodes[o].pruner).__name__} ({o or 'root'})" for o in owners if o in nodes})
+    raise RuntimeError(
+        f"a layer pruner wrote into {', '.join(names)} in place while slicing a copy, which changed your model "
+        f"(it shares those tensors with the copy). Pruners involved: {', '.join(claimed) or 'unknown'}. "
+        "LayerPruner.prune must replace a module's tensors (slice_params / replace_param), never write into "
+        "them; report this to the plugin's author, or prune with inplace=True."
+    )

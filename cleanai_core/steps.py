@@ -15,10 +15,14 @@ producing slices (module and slice name), which slicing keeps.
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
+
 from cleanai_core.graph.groups import Group
 from cleanai_core.planning import PruningPlan
 
-__all__ = ["Targets", "final_counts", "step_group_ratios", "step_ratio"]
+__all__ = ["Targets", "final_counts", "group_ratios", "prune_in_steps", "step_group_ratios", "step_ratio"]
 
 #: per producing slice ``(module, slice)``: (original units, units kept at the end)
 Targets = dict[tuple[str, str], tuple[int, int]]
@@ -61,3 +65,71 @@ def step_ratio(ratio: float, original_units: int, current_units: int, step: int,
     goal = int(ratio * original_units * (step + 1) / steps + 1e-9)
     removed = original_units - current_units
     return min(max(goal - removed, 0) / max(current_units, 1), 0.99)
+
+
+def group_ratios(
+    groups: list[Group],
+    layer_ratios: dict[str, float],
+    step: int = 0,
+    steps: int = 1,
+    targets: Targets | None = None,
+    global_pruning: bool = False,
+) -> dict[int, float]:
+    """Per group id, the ratio that overrides the global one: the ratio of a layer named in
+    ``layer_ratios`` that produces the group's channels; with iterative pruning, this
+    step's share of each group's target (under global ranking only for the groups with a
+    layer ratio), so that the steps together remove the requested ratio."""
+
+    def named(g: Group) -> float | None:
+        return next((layer_ratios[s.module] for s in g.slices if s.kind != "in" and s.module in layer_ratios), None)
+
+    if steps > 1 and targets:
+        ratios = step_group_ratios(groups, targets, step, steps)
+        if not global_pruning:
+            return ratios
+        fixed = {g.id for g in groups if named(g) is not None}
+        return {gid: r for gid, r in ratios.items() if gid in fixed}
+    return {g.id: r for g in groups if (r := named(g)) is not None}
+
+
+def prune_in_steps(pruner: Any) -> nn.Module:
+    """The pruning steps of a :class:`~cleanai_core.pruner.StructuredPruner` (one unless
+    ``iterative_steps``), each: re-trace and re-calibrate the previous step's model (after
+    the first), plan, build (slice, compensate, verify; groups that break the model are
+    skipped), record the edits, correct BatchNorm statistics. Returns the last model."""
+    from cleanai_core import distributed
+    from cleanai_core.collect import CalibrationSetup, correct_batchnorm_after, recalibrate
+    from cleanai_core.metrics import count_flops
+    from cleanai_core.verify import build_skipping_breakers
+
+    p = pruner
+    current, graph, cal, steps = p.model, p.graph, p.calibration, p.iterative_steps
+    if steps > 1 and p.target_flops is None:  # every step aims at a count from the original widths
+        p._targets = final_counts(p.make_plan(p.pruning_ratio, p.score()))
+        units = sum(g.size for g in graph.groups(prunable_only=True))
+    for step in range(steps):
+        p._step = (step, steps)
+        if step > 0:
+            graph = p._build_graph(current)
+            cal = recalibrate(current, graph.slices, p.calibration.data, CalibrationSetup.of(p))
+        if steps == 1:
+            plan = p.plan()
+        elif p.target_flops is not None:  # step k ends at target ** (k / steps) of the original FLOPs
+            share = count_flops(current, p.example_inputs, p.forward_fn) / p.flops_before()
+            plan = p.plan_for(graph, current, cal, p.target_flops ** ((step + 1) / steps) / share)
+        else:
+            now = sum(g.size for g in graph.groups(prunable_only=True))
+            ratio = step_ratio(p.pruning_ratio, units, now, step, steps)
+            plan = p.make_plan(ratio, p.score(graph, current, cal), graph)
+        if step == 0:
+            p._plan = plan
+        distributed.check_same_plan(plan.pruned_units())
+        build = lambda pruned, c=current, g=graph, s=cal.stats: p.build(pruned, c, g, s)  # noqa: E731
+        pruned_model, edits = build_skipping_breakers(plan, build, p._skip)
+        p._pruned_plans.append((graph, plan))
+        p.history.record(edits, before=current, after=pruned_model)
+        if p.recalibrate_bn and p.calibration.data is not None:
+            keep = {e.module: e.keep for e in edits}
+            correct_batchnorm_after(current, pruned_model, cal.moments, keep, cal.data, p.forward_fn)
+        current = pruned_model
+    return current

@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import torch
 from torch import nn
 
 from cleanai_core.errors import PruningError
-from cleanai_core.metrics import call_model
 from cleanai_core.model_state import preserved
+from cleanai_core.runtime import call_model
 
-__all__ = ["Reference", "check_outputs", "model_outputs", "output_leaves", "reference"]
+__all__ = ["Reference", "build_skipping_breakers", "check_outputs", "model_outputs", "output_leaves", "reference"]
+
+
+T = TypeVar("T")
 
 
 def output_leaves(out: Any) -> list[torch.Tensor]:
@@ -115,3 +118,47 @@ def check_outputs(
             f"the pruned model's output{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} hold NaN or inf "
             "where the original model's are finite"
         )
+
+
+def build_skipping_breakers(plan: Any, build: Callable[[torch.Tensor], T], on_skip: Callable[[str], None]) -> T:
+    """``build(pruned_units)`` for ``plan`` (a :class:`~cleanai_core.planning.PruningPlan`);
+    when the result fails verification (:class:`PruningError`), find the groups at fault by
+    bisection, drop them from the plan (``on_skip`` gets a message naming each group, its
+    modules and plugins) and build without them."""
+    pruned = plan.pruned_units()
+    try:
+        return build(pruned)
+    except PruningError as first:
+        active = [gp for gp in plan.groups if gp.n_pruned]
+
+        def mask(gps: list) -> torch.Tensor:
+            m = torch.zeros_like(pruned)
+            for gp in gps:
+                m[gp.group.units[gp.pruned]] = True
+            return m
+
+        def ok(gps: list) -> bool:
+            try:
+                build(mask(gps))
+                return True
+            except PruningError:
+                return False
+
+        def bad(gps: list) -> list:
+            if ok(gps):
+                return []
+            if len(gps) == 1:
+                return gps
+            half = len(gps) // 2
+            found = bad(gps[:half]) + bad(gps[half:])
+            return found or gps
+
+        culprits = bad(active)
+        for gp in culprits:
+            plugins = sorted({type(s.pruner).__name__ for s in gp.group.slices if s.pruner is not None})
+            on_skip(
+                f"skipped group {gp.group.id} ({', '.join(gp.group.modules()[:4])}; pruners "
+                f"{', '.join(plugins) or 'none'}): pruning it breaks the model ({first})"
+            )
+            gp.pruned[:] = False
+        return build(mask([gp for gp in active if gp not in culprits]))

@@ -18,7 +18,7 @@ from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.plugins import get_plugin_manager
 
-__all__ = ["DependencyGraph", "Node", "resolve_modules"]
+__all__ = ["DependencyGraph", "Node", "prunable_graph", "resolve_modules"]
 
 
 @attrs.define(eq=False)
@@ -293,3 +293,25 @@ class DependencyGraph:
             for op, n in self.ctx.unknown_ops.most_common():
                 lines.append(f"  {op} x{n}")
         return "\n".join(lines)
+
+
+def prunable_graph(
+    model: nn.Module,
+    example_inputs: Any,
+    forward_fn: Any = None,
+    output_transform: Any = None,
+    ignored: Any = (),
+) -> DependencyGraph:
+    """The graph of ``model``, or a :class:`UserError` when no group can be pruned."""
+    from cleanai_core.errors import UserError
+
+    ignored = set(ignored)
+    graph = DependencyGraph(model, example_inputs, forward_fn, output_transform, ignored_layers=sorted(ignored))
+    if not graph.groups(prunable_only=True):
+        everything = ignored and all(s.module in ignored for s in graph.slices if s.kind == "out")
+        raise UserError(
+            f"nothing in this model can be pruned{' (every layer is ignored)' if everything else ''}: no group "
+            "of coupled channels is free to shrink. Run `cleanai explain` to see which operations froze them, or "
+            "ignore fewer layers."
+        )
+    return graph

@@ -1,0 +1,226 @@
+"""Stage 2, calibration: the loops over the user's data.
+
+One pass over the calibration batches streams every consumer's channel statistics
+(:class:`~cleanai_core.calibration.StatsCollector`) and the BatchNorm input moments of
+the original model (:mod:`cleanai_core.bn_correction`), keeps the batches for later
+passes (:class:`~cleanai_core.replay.CalibrationData`), and, for gradient criteria,
+accumulates gradients on them. After slicing, :func:`correct_batchnorm_after` reads the
+same batches to move BatchNorm statistics. Under ``torch.distributed`` each function is a
+collective stage whose sums are combined over ranks (:mod:`cleanai_core.distributed`).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from cleanai_core import distributed
+from cleanai_core.bn_correction import Moments, correct_batchnorm, norms_with_running_stats, recording
+from cleanai_core.calibration import (
+    COVARIANCE_BUDGET_BYTES,
+    COVARIANCE_ROWS,
+    StatsCollector,
+    iterate,
+    move_to,
+    split_batch,
+    total_batches,
+)
+from cleanai_core.errors import UserError
+from cleanai_core.model_state import preserved
+from cleanai_core.replay import CalibrationData
+from cleanai_core.runtime import check_labels, device_of, logits_of, run_batch
+
+__all__ = [
+    "Calibration",
+    "CalibrationSetup",
+    "accumulate_gradients",
+    "calibrate",
+    "correct_batchnorm_after",
+    "recalibrate",
+]
+
+
+@attrs.frozen
+class CalibrationSetup:
+    """How to run the model (``forward_fn``; ``output_transform`` for the loss of gradient
+    criteria) and what to collect: covariances (for reconstruction) within ``budget``
+    bytes, sampled at ``rows`` positions per batch, and ``gradients``."""
+
+    covariance: bool = True
+    rows: int = COVARIANCE_ROWS
+    budget: int = COVARIANCE_BUDGET_BYTES
+    forward_fn: Callable | None = None
+    output_transform: Callable | None = None
+    gradients: bool = False
+
+    @classmethod
+    def of(cls, pruner: Any) -> CalibrationSetup:
+        """The setup of a :class:`~cleanai_core.pruner.StructuredPruner`'s options."""
+        needs = bool(getattr(pruner.importance, "needs_gradients", False))
+        return cls(pruner.reconstruction, pruner.covariance_rows, pruner.stats_budget_bytes, pruner.forward_fn,
+                   pruner.output_transform, needs)  # fmt: skip
+
+
+@attrs.define
+class Calibration:
+    """What one pass over the calibration data produced."""
+
+    stats: dict = attrs.field(factory=dict)
+    moments: Moments = attrs.field(factory=dict)  # BatchNorm input moments, per call
+    data: CalibrationData | None = None
+    gradients: dict[str, torch.Tensor] = attrs.field(factory=dict)
+
+
+def _combine(result: Calibration, model: nn.Module, *args: Any, **kwargs: Any) -> Calibration:
+    """The statistics (and gradients) of every rank's shard, summed."""
+    result.stats = distributed.combine_stats(result.stats)
+    if result.gradients:
+        result.gradients = distributed.combine_gradients(model, result.gradients)
+    return result
+
+
+@distributed.stage("calibration", then=_combine)
+def calibrate(
+    model: nn.Module,
+    slices: Any,
+    loader: Iterable[Any],
+    num_batches: int | None,
+    setup: CalibrationSetup,
+    progress: bool = True,
+    sequential: bool | str = False,
+) -> Calibration:
+    """Stream statistics at the inputs of ``slices``' consumers over ``loader``; ``model``'s
+    modes and buffers come back as they were. ``sequential``: one block at a time
+    (:mod:`cleanai_core.sequential`; the batches are not kept)."""
+    if num_batches is not None and num_batches < 1:
+        raise UserError(f"num_batches={num_batches} must be at least 1")
+    data = CalibrationData(loader, num_batches)
+    out = Calibration(data=data)
+    if sequential:
+        from cleanai_core.sequential import collect_sequential
+
+        forward = lambda m, x: run_batch(m, x, setup.forward_fn)  # noqa: E731
+        out.stats = collect_sequential(
+            model,
+            slices,
+            loader,
+            num_batches,
+            forward,
+            blocks=sequential if isinstance(sequential, str) else None,
+            covariance=setup.covariance,
+            covariance_rows=setup.rows,
+            budget=setup.budget,
+        )
+        data.batches = None  # not kept: the BatchNorm correction reads the loader again beside the original
+    else:
+        from tqdm.auto import tqdm
+
+        collector = StatsCollector(
+            model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
+        )
+        with preserved(model):  # every module's mode and buffers (BN, observers) put back
+            with collector.hooks(), recording(model, out.moments), torch.no_grad():
+                batches = iterate(loader, num_batches)
+                total = total_batches(loader, num_batches)
+                for batch in tqdm(batches, total=total, disable=not progress, desc="calibrating", unit="batch",
+                                  leave=False):  # fmt: skip
+                    data.keep(batch)
+                    run_batch(model, split_batch(batch)[0], setup.forward_fn)
+        out.stats = collector.stats
+    if setup.gradients:
+        out.gradients = accumulate_gradients(model, data.replay(), setup.forward_fn, setup.output_transform)
+    return out
+
+
+@distributed.stage("re-calibration", then=_combine)
+def recalibrate(
+    model: nn.Module,
+    slices: Any,
+    data: CalibrationData | None,
+    setup: CalibrationSetup,
+) -> Calibration:
+    """Statistics, BatchNorm input moments (and gradients) of ``model``, an intermediate
+    step's result, on the kept calibration batches; empty without calibration data."""
+    if data is None:
+        return Calibration()
+    out = Calibration(data=data)
+    collector = StatsCollector(
+        model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
+    )
+    model.eval()
+    with collector.hooks(), recording(model, out.moments), torch.no_grad():
+        for batch in data.replay():
+            run_batch(model, split_batch(batch)[0], setup.forward_fn)
+    out.stats = collector.stats
+    if setup.gradients:
+        out.gradients = accumulate_gradients(model, data.replay(), setup.forward_fn, setup.output_transform)
+    return out
+
+
+def accumulate_gradients(
+    model: nn.Module, batches: Iterable[Any], forward_fn: Callable | None, output_transform: Callable | None
+) -> dict[str, torch.Tensor]:
+    """Parameter gradients of the cross-entropy summed over ``batches`` (labelled), taken
+    on a copy of ``model`` in eval mode."""
+    clone = copy.deepcopy(model).eval()
+    device = device_of(model)
+    for p in clone.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    seen = False
+    for batch in batches:
+        inputs, target = split_batch(batch)
+        if target is None:
+            raise UserError("taylor importance needs labels: the data yields inputs only")
+        out = logits_of(run_batch(clone, inputs, forward_fn), output_transform)
+        loss = nn.functional.cross_entropy(out, check_labels(out, move_to(target, device)))
+        loss.backward()
+        seen = True
+    if not seen and not distributed.is_distributed():
+        raise UserError("the calibration data is empty")
+    return {n: p.grad.detach().clone() for n, p in clone.named_parameters() if p.grad is not None}
+
+
+@distributed.stage("BatchNorm correction")
+def correct_batchnorm_after(
+    source: nn.Module,
+    pruned: nn.Module,
+    moments: Moments,
+    keep: dict[str, torch.Tensor],
+    data: CalibrationData,
+    forward_fn: Callable | None = None,
+) -> None:
+    """Move ``pruned``'s BatchNorm statistics by what pruning changed at their inputs
+    (:mod:`cleanai_core.bn_correction`): on the kept calibration batches, else on the
+    loader read again beside ``source``; skipped with a warning where neither can be.
+    ``keep``: the kept channels of each sliced module."""
+    norms = norms_with_running_stats(pruned)
+    keep = {name: k for name, k in keep.items() if name in norms}
+
+    def run(model: nn.Module, batch: Any) -> None:
+        run_batch(model, split_batch(batch)[0], forward_fn)
+
+    if data.cached:
+        correct_batchnorm(pruned, {k: list(v) for k, v in moments.items()}, keep, data.replay, run)
+        return
+    if data.one_shot:
+        warnings.warn(
+            "BatchNorm statistics were not corrected: the calibration data was an iterator too large to keep, "
+            "so it cannot be read again; give a re-iterable loader (a list or a DataLoader)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return
+    fresh: Moments = {}
+
+    def run_original(batch: Any) -> None:  # the loader may shuffle: measure both on each batch
+        with preserved(source), recording(source, fresh), torch.no_grad():
+            run(source, batch)
+
+    correct_batchnorm(pruned, fresh, keep, data.replay, run, run_original)

@@ -1,0 +1,85 @@
+"""Stage 6b, compensation: fold what removed input channels carried into what is kept.
+
+Runs on the pruned copy before its tensors are sliced (:func:`cleanai_core.slicing.sliced_copy`
+calls it with ``own``). Per consumer, from its calibration statistics:
+
+- reconstruction (when a covariance was collected): a ridge regression of the removed
+  channels on the kept ones, ``x_removed ~ shift + coef @ x_kept``, folded by the layer
+  pruner's ``reconstruct``;
+- otherwise, or where the pruner cannot fold it: the removed channels' mean, folded into
+  the bias by the layer pruner's ``compensate``.
+
+A new compensation method goes here.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.runtime import device_of
+
+__all__ = ["compensate", "compensated_copy", "regress"]
+
+
+def regress(
+    cov: torch.Tensor, mean: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor, damping: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge regression of the removed channels on the kept ones from their covariance:
+    ``x_removed ~ shift + coef @ x_kept`` (coef: removed x kept)."""
+    c_kk = cov[kept][:, kept]
+    c_kr = cov[kept][:, removed]
+    lam = damping * float(c_kk.diagonal().mean().clamp(min=1e-12))
+    eye = torch.eye(c_kk.shape[0], dtype=cov.dtype)
+    coef = torch.linalg.solve(c_kk + lam * eye, c_kr).T
+    shift = mean[removed] - coef @ mean[kept]
+    return coef, shift
+
+
+def compensate(
+    model: nn.Module,
+    graph: DependencyGraph,
+    stats: dict,
+    pruned: torch.Tensor,
+    own: Callable[[nn.Module], nn.Module],
+    reconstruction: bool = True,
+) -> None:
+    """Fold what the removed input channels carried into the kept ones; ``own(module)``
+    gives the module tensors of its own before a plugin writes to them in place."""
+    with torch.no_grad():
+        for spec in graph.slices:
+            st = stats.get((spec.module, spec.name))
+            if spec.kind != "in" or st is None or st.mean is None or spec.pruner is None:
+                continue
+            gone = pruned[graph.root[spec.atoms]]
+            if not bool(gone.any()):
+                continue
+            idx = gone.nonzero().squeeze(1)
+            module = own(model.get_submodule(spec.module))
+            dev = device_of(module) or torch.device("cpu")  # the statistics live on the CPU
+            if reconstruction and st.cov is not None and not bool(gone.all()):
+                kept = (~gone).nonzero().squeeze(1)
+                coef, shift = regress(st.cov, st.mean, idx, kept)
+                moved = (t.to(dev) for t in (idx, kept, coef, shift))
+                if spec.pruner.reconstruct(module, spec.name, *moved):
+                    continue
+            spec.pruner.compensate(module, spec.name, idx.to(dev), st.mean[idx].to(dev))
+
+
+def compensated_copy(
+    source: nn.Module, graph: DependencyGraph, pruned: torch.Tensor, stats: dict, reconstruction: bool = True
+) -> tuple[nn.Module, list]:
+    """A copy of ``source`` without the ``pruned`` units of ``graph``, with what they
+    carried folded into the kept ones (:func:`compensate`; none without ``stats``).
+    Returns the model and its slice edits; ``source`` is not written to."""
+    from cleanai_core.slicing import edits_for, sliced_copy
+
+    edits = edits_for(graph, pruned)
+    fold = None
+    if stats:
+        fold = functools.partial(compensate, graph=graph, stats=stats, pruned=pruned, reconstruction=reconstruction)
+    return sliced_copy(source, edits, graph.pm, fold), edits

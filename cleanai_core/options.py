@@ -1,0 +1,135 @@
+"""Stage 1, arguments: checks of :class:`~cleanai_core.pruner.StructuredPruner`'s options
+and the selection of layers by module, name, glob or type."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from cleanai_core.errors import UserError
+
+__all__ = [
+    "ModuleSpec",
+    "check_example_inputs",
+    "check_model",
+    "check_options",
+    "check_ratio",
+    "check_targets",
+    "ignored_modules",
+    "layer_ratios",
+    "match_modules",
+]
+
+ModuleSpec = nn.Module | str | type
+
+
+def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, Any]:
+    """Names of the modules of ``model`` matched by modules, names, globs or types, with
+    every descendant of a matched container (``model.layer4`` covers ``layer4.0.conv1``).
+    Returns ``{name: spec}``; raises :class:`UserError` for a spec that matches nothing."""
+    named = list(model.named_modules())
+    ids = {id(m): n for n, m in named}
+    out: dict[str, Any] = {}
+    for spec in specs:
+        hits: list[str]
+        if isinstance(spec, nn.Module):
+            hits = [ids[id(spec)]] if id(spec) in ids else []
+        elif isinstance(spec, type):
+            hits = [n for n, m in named if isinstance(m, spec)]
+        elif isinstance(spec, str):
+            hits = [n for n, _ in named if n == spec or fnmatch.fnmatchcase(n, spec)]
+        else:
+            raise UserError(f"cannot match layers with {spec!r}: give a module, a name, a glob or a type")
+        if not hits:
+            raise UserError(f"{spec!r} matches no layer of the model; check the name with `cleanai explain`")
+        for h in hits:
+            out.setdefault(h, spec)
+            for n, _ in named:
+                if h and n.startswith(h + "."):
+                    out.setdefault(n, spec)
+    return out
+
+
+def ignored_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> set[str]:
+    """Names of the modules whose output channels are kept: those ``specs`` match, and
+    the classifier heads the ``cleanai_default_ignores`` hook names."""
+    from cleanai_core.plugins import get_plugin_manager
+
+    out = set(match_modules(model, specs))
+    for res in get_plugin_manager().hook.cleanai_default_ignores(model=model):
+        out.update(match_modules(model, list(res or ())))
+    return out
+
+
+def layer_ratios(model: nn.Module, ratios: Mapping[ModuleSpec, float]) -> dict[str, float]:
+    """``{module name: ratio}`` from ``{module | name | glob | type: ratio}`` (0 keeps a
+    layer whole; the first entry matching a layer wins)."""
+    out: dict[str, float] = {}
+    for spec, r in ratios.items():
+        check_ratio(f"layer_pruning_ratios[{spec!r}]", r, allow_zero=True)
+        for name in match_modules(model, [spec]):
+            out.setdefault(name, float(r))
+    return out
+
+
+def check_ratio(name: str, r: Any, allow_zero: bool = False) -> None:
+    """``r`` is a ratio strictly between 0 and 1 (or 0 with ``allow_zero``)."""
+    if isinstance(r, (int, float)) and not isinstance(r, bool) and allow_zero and float(r) == 0.0:
+        return
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or not (0.0 < float(r) < 1.0) or math.isnan(r):
+        if allow_zero:
+            raise UserError(f"{name}={r!r} must be a number between 0 and 1, below 1 (0 keeps the layer whole)")
+        raise UserError(f"{name}={r!r} must be a number strictly between 0 and 1 (e.g. 0.3 removes 30%)")
+
+
+def check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UserError(
+            "the model is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes the Python "
+            "nn.Module. Prune the original model, then script the pruned one"
+        )
+
+
+def check_targets(pruning_ratio: Any, target_flops: Any, target_params: Any, iterative_steps: Any) -> None:
+    """How much to prune: a ratio, or a FLOPs or parameter share, in steps."""
+    check_ratio("pruning_ratio", pruning_ratio)
+    if target_flops is not None and not 0.0 < float(target_flops) < 1.0:
+        raise UserError(f"target_flops={target_flops}: give the share of FLOPs to keep, between 0 and 1")
+    if target_params is not None and not 0.0 < float(target_params) < 1.0:
+        raise UserError(f"target_params={target_params}: give the share of parameters to keep, between 0 and 1")
+    if target_params is not None and (target_flops is not None or iterative_steps != 1):
+        raise UserError("target_params works alone: not with target_flops, and with iterative_steps=1")
+    if not isinstance(iterative_steps, int) or iterative_steps < 1:
+        raise UserError(f"iterative_steps={iterative_steps} must be a positive integer")
+
+
+def check_options(max_layer_ratio: Any, round_to: Any, covariance_rows: Any, stats_budget_bytes: Any) -> None:
+    if not 0.0 < max_layer_ratio < 1.0:
+        raise UserError(f"max_layer_ratio={max_layer_ratio} must be between 0 and 1")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise UserError(f"round_to={round_to} must be a positive integer")
+    if covariance_rows < 0:
+        raise UserError(f"covariance_rows={covariance_rows} must be 0 (every position) or positive")
+    if not isinstance(stats_budget_bytes, int) or stats_budget_bytes < 0:
+        raise UserError(f"stats_budget_bytes={stats_budget_bytes!r} must be a whole number of bytes, 0 or more")
+
+
+def check_example_inputs(example_inputs: Any) -> None:
+    leaves = [t for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
+    if not leaves:
+        raise UserError("example_inputs holds no tensor: give one batch of inputs, e.g. torch.randn(1, 3, 224, 224)")
+    if any(t.is_meta for t in leaves):
+        raise UserError(
+            "example_inputs are on the meta device (shapes without data): give real tensors on the model's "
+            "device, e.g. torch.randn(1, 3, 224, 224)"
+        )
+    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves):
+        raise UserError("example_inputs contain NaN or inf values; give finite inputs")

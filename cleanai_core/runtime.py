@@ -1,0 +1,96 @@
+"""Stage 0, the runtime: calling the user's model.
+
+Every stage that runs the model goes through here: how inputs are passed (tensor,
+tuple, dict or ``forward_fn``), which device and dtype they go to, what the logits of an
+output are (``output_transform``, else ``.logits``), and module modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from cleanai_core.calibration import move_to
+from cleanai_core.errors import UserError
+
+__all__ = ["call_model", "check_labels", "copy_modes", "device_of", "inputs_for", "logits_of", "run_batch"]
+
+
+def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:
+    """Call ``model`` on ``inputs`` the way every part of CleanAI does: ``forward_fn(model,
+    inputs)`` when given, else a tensor positionally, a tuple/list as positional arguments,
+    a dict as keywords."""
+    if forward_fn is not None:
+        return forward_fn(model, inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def device_of(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter (``None`` without parameters)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else None
+
+
+def inputs_for(model: nn.Module, inputs: Any) -> Any:
+    """``inputs`` on ``model``'s device; float64 tensors cast to the model's floating dtype
+    when it is another (numpy arrays default to float64, models to float32)."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is None:
+        return inputs
+    inputs = move_to(inputs, p.device)
+    if p.dtype == torch.float64:
+        return inputs
+    return tree_map(lambda t: t.to(p.dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else t, inputs)
+
+
+def run_batch(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:
+    """Call ``model`` on a batch's inputs, moved and cast for it (:func:`inputs_for`)."""
+    return call_model(model, inputs_for(model, inputs), forward_fn)
+
+
+def logits_of(out: Any, output_transform: Callable[[Any], Any] | None = None) -> Any:
+    """What a loss reads from a model output: ``output_transform(out)`` when given, else
+    ``out.logits`` where the output has it (Hugging Face), else ``out``."""
+    if output_transform is not None:
+        return output_transform(out)
+    return getattr(out, "logits", out)
+
+
+def copy_modes(source: nn.Module, target: nn.Module) -> None:
+    """Give every module of ``target`` the train/eval mode of its namesake in ``source``
+    (a frozen BatchNorm inside a training model stays frozen)."""
+    modes = {name: m.training for name, m in source.named_modules()}
+    for name, m in target.named_modules():
+        m.training = modes.get(name, source.training)
+
+
+def check_labels(out: Any, target: Any) -> torch.Tensor:
+    """Labels a classification loss can use for gradient criteria, or a :class:`UserError`."""
+    if not isinstance(out, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise UserError(
+            "taylor importance needs a tensor of logits and a tensor of labels; pass output_transform=lambda out: "
+            "<the logits> for models that return something else"
+        )
+    if target.is_floating_point() or target.is_complex():
+        if target.shape == out.shape:  # class probabilities (soft labels)
+            return target.to(out.dtype)
+        raise UserError(
+            f"taylor importance needs integer class labels, got {target.dtype} labels of shape {tuple(target.shape)}; "
+            "give class indices 0..N-1 (e.g. labels.long())"
+        )
+    if target.ndim == 0 or out.ndim == 0 or target.shape[0] != out.shape[0]:
+        n_in = out.shape[0] if out.ndim else 1
+        n_lab = target.shape[0] if target.ndim else 1
+        raise UserError(
+            f"the calibration batch has {n_in} inputs but {n_lab} labels; "
+            "give one label per input for taylor importance"
+        )
+    return target

@@ -1,0 +1,54 @@
+"""Stage 5, targets: the ratio whose plan meets a budget (FLOPs, parameters).
+
+The search is a bisection over one uniform ratio: every trial plans with the scores
+computed once, slices a copy without compensation (only sizes matter) and measures it.
+A new stopping target is a new ``measure`` here (and an option that names it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.metrics import count_flops, count_params
+from cleanai_core.planning import PruningPlan
+from cleanai_core.slicing import edits_for, sliced_copy
+
+__all__ = ["flops_measure", "params_measure", "pruned_size", "ratio_for_target"]
+
+Measure = Callable[[nn.Module], float]
+
+
+def flops_measure(example_inputs: Any, forward_fn: Callable | None = None) -> Measure:
+    """FLOPs of one forward pass on ``example_inputs``."""
+    return lambda m: count_flops(m, example_inputs, forward_fn)
+
+
+params_measure: Measure = count_params
+
+
+def pruned_size(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, measure: Measure) -> float:
+    """``measure`` of ``model`` sliced as ``plan`` says (a copy; no compensation)."""
+    return measure(sliced_copy(model, edits_for(graph, plan.pruned_units()), graph.pm))
+
+
+def ratio_for_target(
+    target: float,
+    size_at: Callable[[float], float],
+    base: float,
+    iterations: int = 10,
+    highest: float = 0.95,
+) -> float:
+    """The smallest ratio (to ``highest / 2**iterations``) whose pruned model keeps at most
+    ``target`` of ``base``; ``size_at(ratio)`` measures the model pruned at ``ratio``."""
+    lo, hi = 0.0, highest
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if size_at(mid) / base > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
