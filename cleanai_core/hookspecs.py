@@ -269,3 +269,18 @@ def cleanai_save_outputs(model: nn.Module, folder: Any, options: dict[str, Any])
 def cleanai_report_sections(report: dict[str, Any]) -> list[tuple[str, str]] | None:
     """Add sections to ``report.md``: a list of ``(title, markdown)``. ``report`` is the
     JSON report as a dict, read-only."""
+
+
+@hookspec
+def cleanai_input_forms() -> dict[str, str] | None:
+    """Describe the ``--model`` and ``--data`` specs your loaders accept, for the messages
+    that tell a user what to give: ``{"model": "timm:NAME, ...", "data": "an image folder,
+    ..."}`` (either key may be left out). Results of all plugins are joined."""
+
+
+@hookspec
+def cleanai_commands() -> list[Any] | None:
+    """Contribute ``cleanai`` subcommands: objects (modules, typically) with ``NAME``
+    (the command word), ``add_parser(subparsers)`` returning its ``argparse`` parser, and
+    ``run(args) -> int`` (the exit code). Results of all plugins are merged; a name the
+    kernel already has (``prune``, ``explain``, ``plugins``) is an error."""

@@ -59,7 +59,9 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "cleanai_plugins.zoo.transformers_hidden",
     "cleanai_plugins.io.hf",  # before loaders: built-in claims are asked in this order
     "cleanai_plugins.io.text",
-    "cleanai_plugins.io.loaders",
+    "cleanai_plugins.io.models",
+    "cleanai_plugins.io.datasets",
+    "cleanai_plugins.io.evaluation",
     "cleanai_plugins.io.demo",
 )
 
@@ -169,6 +171,14 @@ def get_plugin_manager() -> CleanAIPluginManager:
     if _PM is None:
         _PM = make_plugin_manager()
     return _PM
+
+
+def input_forms(kind: str, pm: Any = None) -> str:
+    """What the installed loaders accept as ``kind`` (``"model"`` or ``"data"``), joined
+    from the ``cleanai_input_forms`` hook, for messages."""
+    pm = pm or get_plugin_manager()
+    forms = [f[kind] for f in pm.hook.cleanai_input_forms() if f and f.get(kind)]
+    return "; or ".join(forms) if forms else f"a {kind} spec an installed loader plugin reads"
 
 
 def set_plugin_manager(pm: CleanAIPluginManager | None) -> None:

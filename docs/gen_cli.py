@@ -108,8 +108,9 @@ def render(lang: str = "en") -> str:
             lines += [_escape(sub.description), ""]
         lines += [f"{words['usage']}:", "", "```text", sub.format_usage().strip(), "```", ""]
         # a command whose options default to SUPPRESS (so a config file can fill them) keeps
-        # the real defaults in its module's DEFAULTS
-        defaults = getattr(importlib.import_module(f"cleanai_core.cli.{name}"), "DEFAULTS", {})
+        # the real defaults in its module's DEFAULTS (the module of its ``run``, a plugin's too)
+        run = sub.get_default("_run")
+        defaults = getattr(importlib.import_module(run.__module__), "DEFAULTS", {}) if run else {}
         lines += _groups(sub, words, defaults)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from cleanai_core.cli import build_parser, main
-from cleanai_core.cli.config_sources import PRESETS
-from cleanai_core.cli.prune import DEFAULTS, resolve_config
+from cleanai_core.config_sources import PRESETS
 from cleanai_core.errors import UserError
+from cleanai_core.job import DEFAULTS, resolve_config
 from cleanai_plugins.io.demo import MODEL_SPEC
 
 BASE = ["--model", "m", "--data", "d", "--out", "o"]
@@ -207,7 +207,7 @@ def test_environment_values_are_parsed_by_the_option_type():
 def test_specs_from_the_environment_need_trust_code():
     cfg = resolve(["--out", "o"], {"CLEANAI_MODEL": "evil:model", "CLEANAI_DATA": "d.pt"})
     assert cfg["_from_config"] == ["data", "model"] and cfg["_sources"]["model"] == "environment"
-    from cleanai_core.cli.prune import _spec_options
+    from cleanai_core.job.inputs import spec_options as _spec_options
 
     assert _spec_options(cfg, "model") == {"trust_code": False, "spec_source": "CLEANAI_MODEL in the environment"}
     cfg = resolve(["--out", "o", "--trust-code"], {"CLEANAI_MODEL": "evil:model", "CLEANAI_DATA": "d.pt"})

@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from cleanai_core.cli import build_parser
-from cleanai_core.cli.prune import resolve_config, split_dataset
 from cleanai_core.errors import UserError
 from cleanai_core.io import atomic_write_text, load_pruned, save_pruned
+from cleanai_core.job.config import resolve_config
+from cleanai_core.job.inputs import split_dataset
 from cleanai_core.report import render_markdown, render_svg, write_report
 from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
 from cleanai_plugins.io.loaders import build_model, load_dataset, read_npz

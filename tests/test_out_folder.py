@@ -21,10 +21,10 @@ from torch import nn
 
 from cleanai_core import out_folder
 from cleanai_core.cli import main
-from cleanai_core.cli import prune as prune_cli
 from cleanai_core.errors import UserError
 from cleanai_core.history import PruningHistory
 from cleanai_core.io import save_pruned
+from cleanai_core.job import run as prune_cli
 from cleanai_core.out_folder import folder_lock
 from cleanai_plugins.io.demo import MODEL_SPEC
 

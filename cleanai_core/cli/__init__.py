@@ -1,5 +1,6 @@
 """The ``cleanai`` command. One module per subcommand, each exposing
-``add_parser(subparsers)`` (returns its parser) and ``run(args) -> int``."""
+``add_parser(subparsers)`` (returns its parser) and ``run(args) -> int``; plugins add
+theirs (``cleanai demo`` among them) through the ``cleanai_commands`` hook."""
 
 from __future__ import annotations
 
@@ -18,10 +19,24 @@ from cleanai_core.errors import CleanAIError, UserError
 
 __all__ = ["main"]
 
-COMMANDS = ("prune", "demo", "plugins", "explain")
+COMMANDS = ("prune", "plugins", "explain")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def plugin_commands(disabled: list[str] | None = None) -> list[Any]:
+    """The subcommands plugins contribute (``cleanai_commands``), with ``--disable-plugin``
+    applied first."""
+    from cleanai_core.plugins import get_plugin_manager, make_plugin_manager, set_plugin_manager
+
+    if disabled:
+        set_plugin_manager(make_plugin_manager(disabled=disabled))
+    commands = [c for found in get_plugin_manager().hook.cleanai_commands() for c in found or ()]
+    for c in commands:
+        if c.NAME in COMMANDS:
+            raise CleanAIError(f"a plugin adds the command {c.NAME!r}, which cleanai has already; rename it")
+    return commands
+
+
+def build_parser(disabled: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cleanai",
         description="Structured pruning of trained PyTorch models, scored on your test data.",
@@ -35,10 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="block a plugin by name (repeatable); also CLEANAI_DISABLED_PLUGINS=a,b",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        module = importlib.import_module(f"cleanai_core.cli.{name}")
-        p = module.add_parser(sub)
-        p.set_defaults(_run=module.run)
+    for module in [importlib.import_module(f"cleanai_core.cli.{name}") for name in COMMANDS]:
+        module.add_parser(sub).set_defaults(_run=module.run)
+    for module in plugin_commands(disabled):
+        module.add_parser(sub).set_defaults(_run=module.run)
     return parser
 
 
@@ -68,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["--version"]:  # fast path: no subcommand (and no torch) import
         print(f"cleanai {__version__}")
         return 0
-    command = next((a for a in args_list if a in COMMANDS), "")
+    command = next((a for a in args_list if not a.startswith("-")), "")
     try:
         with _sigterm_raises():
             return _main(argv)
@@ -80,13 +95,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--disable-plugin", action="append", default=[])
+    parser = build_parser(pre.parse_known_args(argv)[0].disable_plugin)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.disable_plugin:
-        from cleanai_core.plugins import make_plugin_manager, set_plugin_manager
-
-        set_plugin_manager(make_plugin_manager(disabled=args.disable_plugin))
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

@@ -59,8 +59,7 @@ def _default_shape(model: torch.nn.Module) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from cleanai_core.graph.dependency import DependencyGraph
-    from cleanai_core.plugins import get_plugin_manager
-    from cleanai_plugins.io.loaders import MODEL_FORMS
+    from cleanai_core.plugins import get_plugin_manager, input_forms
 
     options = {
         "weights": args.weights,
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     }
     model = get_plugin_manager().hook.cleanai_load_model(spec=args.model, options=options)
     if model is None:
-        raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {MODEL_FORMS}.")
+        raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {input_forms('model')}.")
     model.eval()
     shape = parse_shape(args.input_shape) if args.input_shape else _default_shape(model)
     from cleanai_core.errors import TraceError

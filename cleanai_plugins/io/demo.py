@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cleanai_core import hookimpl
-from cleanai_plugins.io.loaders import finish_model, read_npz
+from cleanai_plugins.io.datasets import load_dataset
+from cleanai_plugins.io.models import finish_model
 
 __all__ = ["DATA_PATH", "DigitsCNN", "digits_tensors", "train_digits_cnn"]
 
@@ -49,10 +50,10 @@ class DigitsCNN(nn.Module):
 
 
 def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1797 images as float ``(N, 1, 8, 8)`` in [0, 1] (pixel / 16) and labels ``(N,)``."""
-    arrays = read_npz(DATA_PATH)
-    x = arrays["x"].float().div_(16.0).unsqueeze(1)
-    return x, arrays["y"].long()
+    """All 1797 images as float ``(N, 1, 8, 8)`` in [0, 1] (pixel / 16) and labels ``(N,)``,
+    read as ``--data`` reads the file (so a model trained on these takes it directly)."""
+    ds = load_dataset(str(DATA_PATH), {})
+    return ds.tensors[0], ds.tensors[1].long()
 
 
 def train_digits_cnn(
@@ -86,3 +87,11 @@ def cleanai_load_model(spec, options):
         return None
     num_classes = options.get("num_classes")
     return finish_model(DigitsCNN(num_classes=int(num_classes) if num_classes is not None else 10), spec, options)
+
+
+@hookimpl
+def cleanai_commands():
+    """``cleanai demo``: the whole job on the embedded digits."""
+    from cleanai_plugins.io import demo_command
+
+    return [demo_command]

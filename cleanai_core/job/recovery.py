@@ -1,6 +1,6 @@
 """``cleanai prune --recover-epochs N``: distillation fine-tuning of the pruned model from
 the original, on training data that never overlaps the split measuring the report's
-accuracy. Called by :mod:`cleanai_core.cli.prune`; returns the recovered model and the
+accuracy. Called by :mod:`cleanai_core.job.run`; returns the recovered model and the
 report's ``"recovery"`` entry (rendered by :mod:`cleanai_core.recovery_report`)."""
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ def _training_data(cfg: dict[str, Any], pm: Any, model: nn.Module, calib: Any) -
             f"no --train-data: trained on the {len(calib)} calibration samples of --data (10% of them held out for "
             "early stopping), never on the held-out evaluation samples"
         )
-    from cleanai_core.cli.prune import _spec_options
+    from cleanai_core.job.inputs import spec_options
 
-    options = {"model": model, "image_size": cfg.get("image_size"), **_spec_options(cfg, "train_data")}
+    options = {"model": model, "image_size": cfg.get("image_size"), **spec_options(cfg, "train_data")}
     data = pm.hook.cleanai_load_dataset(spec=spec, options=options)
     if data is None:
         raise UserError(f"--train-data {spec!r}: no such file or folder, or not a form this tool reads.")

@@ -51,7 +51,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 SOURCES = ("default", "preset", "config file", "environment", "command line")
 ENV_PREFIX = "CLEANAI_"
 # key spellings besides the option name with "-" or "_": the CLI's flag names
-ALIASES = {"global": "global_pruning", "layer_ratios": "layer_ratio", "ignored_layers": "ignore"}
+ALIASES = {
+    "global": "global_pruning",
+    "layer_ratios": "layer_ratio",
+    "ignored_layers": "ignore",
+    # StructuredPruner's spellings (cleanai_core.job.config.API_NAMES)
+    "pruning_ratio": "ratio",
+    "layer_pruning_ratios": "layer_ratio",
+    "recalibrate_bn": "bn_recalibration",
+}
 # consent switches: only the command line (or an API argument) can turn them on
 TRUST_KEYS = ("trust_model", "trust_code")
 # keys a config.json of an earlier run records that are not options to set again

@@ -18,10 +18,11 @@ import torch
 
 from cleanai_core.errors import UserError
 
-__all__ = ["DEFAULT_OUT", "add_parser", "run"]
+__all__ = ["DEFAULT_OUT", "NAME", "add_parser", "run"]
 
 log = logging.getLogger("cleanai")
 
+NAME = "demo"
 DEFAULT_OUT = "cleanai-demo-out"
 MARKER = ".cleanai-demo"
 TRAIN_SAMPLES = 1000
@@ -29,7 +30,7 @@ TRAIN_SAMPLES = 1000
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "demo",
+        NAME,
         help="train a small CNN on the embedded digits data and prune it (no arguments needed)",
         description="Run the whole job on an embedded default: the UCI handwritten digits (CC BY 4.0) and a small "
         "CNN trained on them in seconds. Writes the same outputs as `cleanai prune`.",
@@ -46,7 +47,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from torch.utils.data import TensorDataset
 
-    from cleanai_core.cli.prune import DEFAULTS, check_out_dir, execute
+    from cleanai_core.job import DEFAULTS, execute
+    from cleanai_core.job.outputs import check_out_dir
     from cleanai_plugins.io.demo import DATA_PATH, MODEL_SPEC, digits_tensors, train_digits_cnn
 
     if not 0.0 < args.ratio < 1.0:

@@ -1,0 +1,370 @@
+"""The options of a pruning job, documented once.
+
+:class:`PruneConfig` lists every option of ``cleanai prune`` / :func:`cleanai_core.job.run_job`:
+its name is the config-file key (TOML, YAML, JSON), the ``config.json`` key, the
+``CLEANAI_<NAME>`` environment variable and, with ``-`` for ``_``, the command-line flag
+(the parser is generated from these fields, see :mod:`cleanai_core.cli.prune`). Where
+:class:`~cleanai_core.pruner.StructuredPruner` spells an option differently, its name is
+an alias everywhere (``pruning_ratio`` for ``ratio``, ``ignored_layers`` for ``ignore``,
+``layer_pruning_ratios`` for ``layer_ratio``, ``recalibrate_bn`` for ``bn_recalibration``)
+and :func:`pruner_options` is the one place that maps them.
+
+Options come from (lowest to highest priority) the defaults, ``--preset``, ``--config FILE``,
+``CLEANAI_<OPTION>`` variables and the command line (:func:`resolve_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
+from cleanai_core.config_sources import ENV_PREFIX, PRESETS, env_options, preset_options, read_config_file
+from cleanai_core.errors import UserError
+
+__all__ = [
+    "API_NAMES",
+    "DEFAULTS",
+    "DEFAULT_RATIO",
+    "PruneConfig",
+    "option_fields",
+    "pruner_options",
+    "resolve_config",
+]
+
+DEFAULT_RATIO = 0.3
+
+#: job option -> StructuredPruner keyword, where they differ
+API_NAMES = {
+    "ratio": "pruning_ratio",
+    "ignore": "ignored_layers",
+    "layer_ratio": "layer_pruning_ratios",
+    "bn_recalibration": "recalibrate_bn",
+}
+
+
+def _opt(default: Any, help: str, group: str, *flags: str, **parser: Any) -> Any:
+    """A field with its command-line help, group and flags (``flags`` besides ``--name``;
+    ``parser``: argparse keywords such as ``type``, ``metavar``, ``choices``)."""
+    return attrs.field(default=default, metadata={"help": help, "group": group, "flags": flags, "parser": parser})
+
+
+def _preset_help() -> str:
+    def show(v: Any) -> str:
+        return "on" if v is True else "off" if v is False else "none" if v is None else str(v)
+
+    return "; ".join(
+        f"{name}: " + ", ".join(f"{k.replace('_', '-')} {show(v)}" for k, v in values.items())
+        for name, values in PRESETS.items()
+    )
+
+
+@attrs.define(kw_only=True)
+class PruneConfig:
+    """Every option of a pruning job (see the module docstring for how they are named).
+    ``PruneConfig(model="timm:resnet18", data="imgs/", out="out/")``; :func:`run_job`
+    takes it (or the same keys as a dict)."""
+
+    # inputs
+    model: str | None = _opt(None, "timm:NAME, torchvision:NAME, hf:FOLDER_OR_NAME (transformers, no download), "
+                             "package.module:factory, or a pickled model file", "inputs", "-m",
+                             metavar="M")  # fmt: skip
+    weights: str | None = _opt(None, "state_dict to load into the model (torch.save(sd, FILE))", "inputs",
+                               metavar="FILE")  # fmt: skip
+    num_classes: int | None = _opt(None, "classes of the model's head (timm/torchvision)", "inputs", type=int,
+                                   metavar="N")  # fmt: skip
+    trust_model: bool = _opt(False, "allow loading a pickled model file (unpickling runs code from the file)", "inputs")
+    trust_code: bool = _opt(False, "allow package.module:callable specs read from --config (importing and calling "
+                            "them runs code); specs typed on the command line need no flag", "inputs")  # fmt: skip
+    data: str | None = _opt(None, "image folder (class sub-folders), .pt tensor file, .npz (x, y), "
+                            "package.module:function; for hf: models also .txt (a document per line), .jsonl "
+                            "(text, label) or tokenized .pt", "inputs", "-d", metavar="D")  # fmt: skip
+    image_size: int | None = _opt(None, "image side for image folders", "inputs", type=int, metavar="PX")
+    seq_len: int | None = _opt(None, "tokens per text block or document (default 128)", "inputs", type=int,
+                               metavar="N")  # fmt: skip
+    # pruning
+    preset: str | None = _opt(None, f"a starting point the other sources override ({_preset_help()})", "pruning",
+                              choices=tuple(PRESETS))  # fmt: skip
+    ratio: float | None = _opt(None, f"share of channels to remove per group (default {DEFAULT_RATIO})", "pruning",
+                               "-r", "--pruning-ratio", type=float, metavar="R")  # fmt: skip
+    target_flops: float | None = _opt(None, "instead of --ratio: keep this share of FLOPs", "pruning", type=float,
+                                      metavar="F")  # fmt: skip
+    target_params: float | None = _opt(None, "instead of --ratio: keep this share of the parameters", "pruning",
+                                       type=float, metavar="P")  # fmt: skip
+    auto: bool = _opt(False, "with --target-flops or --target-params: per-layer ratios from a sensitivity analysis "
+                      "(each layer pruned alone, measured on part of the calibration data), instead of one ratio "
+                      "for all", "pruning")  # fmt: skip
+    sensitivity: bool = _opt(False, "measure every layer's sensitivity and add it (table and curves) to the report",
+                             "pruning")  # fmt: skip
+    sensitivity_batches: int = _opt(2, "calibration batches set aside for the sensitivity trials (default 2); the "
+                                    "rest stream the statistics", "pruning", type=int, metavar="N")  # fmt: skip
+    sensitivity_ratios: list = _opt(attrs.Factory(lambda: [0.25, 0.5, 0.75]), "ratios each layer is tried at "
+                                    "(default 0.25,0.5,0.75)", "pruning", metavar="R,R,...")  # fmt: skip
+    prune_dead_only: bool = _opt(False, "remove exactly the units that never activate on the calibration data "
+                                 "(outputs unchanged)", "pruning")  # fmt: skip
+    importance: str = _opt("weight_activation", "weight_activation (default), magnitude, bn_scale, taylor, random, "
+                           "lamp", "pruning", metavar="NAME")  # fmt: skip
+    alpha: float | None = _opt(None, "weight_activation: weight of the weight term", "pruning", type=float,
+                               metavar="A")  # fmt: skip
+    beta: float | None = _opt(None, "weight_activation: weight of the activation term", "pruning", type=float,
+                              metavar="B")  # fmt: skip
+    ignore: list = _opt(attrs.Factory(list), "layer name, glob or class name whose output channels are kept "
+                        "(repeatable)", "pruning", "--ignored-layers", action="append",
+                        metavar="PATTERN")  # fmt: skip
+    layer_ratio: dict = _opt(attrs.Factory(dict), "per-layer ratio (repeatable)", "pruning",
+                             "--layer-pruning-ratios", action="append", metavar="PATTERN=R")  # fmt: skip
+    global_pruning: bool = _opt(False, "rank channels of all layers together", "pruning", "--global")
+    round_to: int | None = _opt(None, "keep channel counts multiples of N", "pruning", type=int, metavar="N")
+    bias_compensation: bool = _opt(True, "do not fold removed channels' mean output into the next layer's bias",
+                                   "pruning")  # fmt: skip
+    reconstruction: bool = _opt(True, "fold removed channels by their mean only, not by least squares on the kept "
+                                "ones", "pruning")  # fmt: skip
+    covariance_rows: int = _opt(COVARIANCE_ROWS, "positions per calibration batch, drawn at random, that feed each "
+                                "layer's channel covariance for reconstruction (default 256; 0 = every position, "
+                                "slower)", "pruning", type=int, metavar="N")  # fmt: skip
+    stats_budget_mib: int = _opt(COVARIANCE_BUDGET_BYTES >> 20, "memory for the covariance matrices of "
+                                 "reconstruction (default 1024); the narrowest layers get one until it is spent, the "
+                                 "others fold by the mean only", "pruning", type=int, metavar="MIB")  # fmt: skip
+    sequential: bool = _opt(False, "calibrate block by block (decoder layers, ViT blocks): one block's activations "
+                            "and hooks at a time", "pruning")  # fmt: skip
+    bn_recalibration: bool = _opt(True, "do not correct BatchNorm statistics after pruning", "pruning",
+                                  "--no-recalibrate-bn")  # fmt: skip
+    # data use
+    calib_fraction: float = _opt(0.5, "share of the data used to score channels; the rest measures accuracy "
+                                 "(default 0.5)", "data use", type=float, metavar="F")  # fmt: skip
+    calib_batches: int | None = _opt(None, "use at most N calibration batches", "data use", type=int, metavar="N")
+    batch_size: int = _opt(32, "batch size (default 32)", "data use", type=int, metavar="B")
+    device: str = _opt("cpu", "cpu (default), cuda, cuda:1...", "data use", metavar="DEV")
+    seed: int = _opt(0, "seed of the data split (default 0)", "data use", type=int, metavar="S")
+    threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice)", "data use", type=int,
+                               metavar="N")  # fmt: skip
+    latency_repeats: int = _opt(20, "timed runs per latency figure (default 20)", "data use", type=int, metavar="N")
+    # recovery
+    recover_epochs: int = _opt(0, "after pruning, distil from the original for N epochs", "recovery", type=int,
+                               metavar="N")  # fmt: skip
+    train_data: str | None = _opt(None, "training data for recovery (same forms as --data); default: the "
+                                  "calibration part of --data", "recovery", metavar="D")  # fmt: skip
+    recover_lr: float = _opt(1e-3, "AdamW learning rate for recovery (default 1e-3)", "recovery", type=float,
+                             metavar="LR")  # fmt: skip
+    # output
+    out: str | None = _opt(None, "output folder (must not exist or be empty)", "output", "-o", metavar="DIR")
+    overwrite: bool = _opt(False, "replace an existing --out folder", "output")
+    save_pickle: bool = _opt(False, "also write model_full.pt, the whole module pickled", "output")
+    dry_run: bool = _opt(False, "print the plan; write and change nothing", "output")
+    quiet: bool = _opt(False, "no progress bars or info logs", "output", "-q")
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def option_fields() -> tuple[attrs.Attribute, ...]:
+    return attrs.fields(PruneConfig)
+
+
+DEFAULTS: dict[str, Any] = PruneConfig().to_dict()
+
+CONFIG_HELP = (
+    "read options from a .toml, .yaml/.yml or .json file (a config.json of an earlier run reproduces it); "
+    f"precedence: command line > {ENV_PREFIX}<OPTION> environment variables > config file > --preset > defaults"
+)
+
+
+def pruner_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """:class:`~cleanai_core.pruner.StructuredPruner` keywords for a resolved job config
+    (``--auto`` leaves the targets to the allocation)."""
+    auto = bool(cfg.get("auto"))
+    return {
+        API_NAMES["ratio"]: float(cfg["ratio"]) if cfg.get("ratio") is not None else DEFAULT_RATIO,
+        API_NAMES["layer_ratio"]: cfg.get("layer_ratio") or None,
+        API_NAMES["ignore"]: list(cfg.get("ignore") or []) or None,
+        "global_pruning": bool(cfg.get("global_pruning")),
+        "round_to": cfg.get("round_to"),
+        "target_flops": None if auto else cfg.get("target_flops"),
+        "target_params": None if auto else cfg.get("target_params"),
+        "prune_dead_only": bool(cfg.get("prune_dead_only")),
+        "bias_compensation": bool(cfg.get("bias_compensation")),
+        "reconstruction": bool(cfg.get("reconstruction")),
+        "covariance_rows": int(cfg["covariance_rows"]),
+        "stats_budget_bytes": int(cfg["stats_budget_mib"]) << 20,
+        API_NAMES["bn_recalibration"]: bool(cfg.get("bn_recalibration")),
+    }
+
+
+AMOUNTS = ("ratio", "target_flops", "target_params")
+
+
+def _parse_layer_ratios(items: Any, source: str) -> dict[str, float]:
+    if isinstance(items, dict):
+        pairs = list(items.items())
+    elif not isinstance(items, (list, tuple)) and items is not None:
+        raise UserError(f"{source}: give layer ratios as a table (pattern = ratio) or a list of 'PATTERN=R' strings.")
+    else:
+        pairs = []
+        for item in items or []:
+            if not isinstance(item, str) or "=" not in item:
+                raise UserError(f"{source}: {item!r} is not PATTERN=R (e.g. 'layer4.*=0.5').")
+            pat, _, r = item.rpartition("=")
+            pairs.append((pat, r))
+    out = {}
+    for pat, r in pairs:
+        try:
+            out[str(pat)] = float(r)
+        except (TypeError, ValueError):
+            raise UserError(f"{source}: ratio {r!r} for {pat!r} is not a number.") from None
+    return out
+
+
+def _parse_ratios(value: Any) -> list[float]:
+    """``--sensitivity-ratios``: a comma-separated string or a list of numbers in (0, 1)."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        ratios = sorted({float(r) for r in items})
+    except (TypeError, ValueError):
+        raise UserError(
+            f"--sensitivity-ratios {value!r}: give numbers separated by commas, e.g. 0.25,0.5,0.75"
+        ) from None
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise UserError(f"--sensitivity-ratios {value!r}: every ratio must be strictly between 0 and 1")
+    return ratios
+
+
+def _check_number(
+    cfg: dict,
+    key: str,
+    kind: type,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = True,
+    hi_open: bool = True,
+) -> None:
+    v = cfg.get(key)
+    if v is None:
+        return
+    flag = "--" + key.replace("_", "-")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
+        raise UserError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {v!r}.")
+    if isinstance(v, float) and math.isnan(v):
+        raise UserError(f"{flag} is NaN.")
+    bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
+    bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
+    if bad_lo or bad_hi:
+        if hi is not None:
+            rng = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        else:
+            rng = f"{'>' if lo_open else '>='} {lo}"
+        raise UserError(f"{flag}={v} is out of range: it must be {rng}.")
+
+
+def _apply(cfg: dict[str, Any], sources: dict[str, str], layer: dict[str, Any], source: str) -> None:
+    """Lay one source over ``cfg``. A source that names one of ratio/target-flops/target-params
+    clears the others from the sources below it; naming two at once is an error."""
+    named = [k for k in AMOUNTS if layer.get(k) is not None]
+    if len(named) > 1:
+        raise UserError(f"the {source} sets more than one of ratio, target-flops and target-params; keep one.")
+    for k in AMOUNTS if named else ():
+        if k != named[0]:
+            cfg[k] = None
+            sources[k] = source
+    cfg.update(layer)
+    sources.update(dict.fromkeys(layer, source))
+
+
+def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Defaults < ``--preset`` < ``--config`` < ``CLEANAI_<OPTION>`` variables < ``args``
+    (the command line: an argparse namespace, or a dict or :class:`PruneConfig` of the
+    options given); validated. ``cfg["_sources"]`` says where each option came from."""
+    cfg = copy.deepcopy(DEFAULTS)
+    sources = dict.fromkeys(DEFAULTS, "default")
+    if isinstance(args, PruneConfig):  # only what differs from the defaults counts as given
+        given = {k: v for k, v in args.to_dict().items() if v != DEFAULTS[k]}
+    else:
+        given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+    for k in ("command", "_run", "disable_plugin"):
+        given.pop(k, None)
+    config_file = given.pop("config", None)
+    from_file = read_config_file(config_file, DEFAULTS) if config_file else {}
+    from_env = env_options(os.environ if environ is None else environ, DEFAULTS)
+    preset, where = next(
+        ((src.get("preset"), name) for src, name in ((given, "--preset"), (from_env, f"{ENV_PREFIX}PRESET"),
+                                                     (from_file, f"preset in {config_file!r}"))
+         if src.get("preset") is not None),
+        (None, ""),
+    )  # fmt: skip
+    _apply(cfg, sources, preset_options(preset, where), "preset")
+    _apply(cfg, sources, from_file, "config file")
+    if config_file:
+        cfg["config"] = str(Path(config_file).resolve())
+    _apply(cfg, sources, from_env, "environment")
+    cfg["layer_ratio"] = _parse_layer_ratios(cfg.get("layer_ratio"), f"layer_ratio from the {sources['layer_ratio']}")
+    if "layer_ratio" in given:
+        cfg["layer_ratio"].update(_parse_layer_ratios(given.pop("layer_ratio"), "--layer-ratio"))
+        sources["layer_ratio"] = "command line"
+    if "ignore" in given:
+        cfg["ignore"] = list(cfg.get("ignore") or []) + list(given.pop("ignore"))
+        sources["ignore"] = "command line"
+    # the command line names its amount by flag, so two flags are an error even when one is None
+    named = [k for k in AMOUNTS if k in given]
+    if len(named) > 1:
+        flags = [f"--{k.replace('_', '-')}" for k in named]
+        both = f"both {flags[0]} and {flags[1]}" if len(flags) == 2 else "all three"
+        raise UserError(f"give one of --ratio, --target-flops and --target-params, not {both}.")
+    _apply(cfg, sources, given, "command line")
+    if all(cfg.get(k) is None for k in AMOUNTS):
+        cfg["ratio"] = DEFAULT_RATIO
+        sources["ratio"] = "default"
+    if cfg.get("auto") and cfg.get("target_flops") is None and cfg.get("target_params") is None:
+        raise UserError("--auto allocates ratios to a target: give --target-flops F or --target-params P with it.")
+    preset_options(cfg.get("preset"), "preset")  # a known name, whichever source gave it
+    cfg["sensitivity_ratios"] = _parse_ratios(cfg.get("sensitivity_ratios"))
+    # specs read from a config file or the environment run code only with --trust-code (see _spec_options)
+    untrusted = ("config file", "environment")
+    cfg["_from_config"] = sorted(k for k in ("model", "data", "train_data") if sources.get(k) in untrusted)
+    cfg["_sources"] = sources
+    for key in ("model", "data") + (() if cfg.get("dry_run") else ("out",)):
+        if not cfg.get(key):
+            raise UserError(f"--{key} is required (on the command line or in --config).")
+    _check_number(cfg, "ratio", float, 0.0, 1.0)
+    _check_number(cfg, "target_flops", float, 0.0, 1.0)
+    _check_number(cfg, "target_params", float, 0.0, 1.0)
+    _check_number(cfg, "sensitivity_batches", int, 1, None, lo_open=False)
+    _check_number(cfg, "calib_fraction", float, 0.0, 1.0, hi_open=False)
+    for key in ("alpha", "beta"):
+        _check_number(cfg, key, float, 0.0, None, lo_open=False)
+    for key in (
+        "round_to",
+        "calib_batches",
+        "batch_size",
+        "num_classes",
+        "image_size",
+        "seq_len",
+        "latency_repeats",
+        "threads",
+    ):
+        _check_number(cfg, key, int, 1, None, lo_open=False)
+    _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)
+    _check_number(cfg, "stats_budget_mib", int, 0, None, lo_open=False)
+    _check_number(cfg, "recover_epochs", int, 0, None, lo_open=False)
+    _check_number(cfg, "recover_lr", float, 0.0, None)
+    for pat, r in cfg["layer_ratio"].items():
+        if not 0.0 <= r < 1.0:
+            raise UserError(
+                f"--layer-ratio {pat}={r}: the ratio must be from 0 (keeps the layer whole) up to, not including, 1."
+            )
+    if (cfg.get("alpha") is not None or cfg.get("beta") is not None) and cfg["importance"] != "weight_activation":
+        raise UserError(f"--alpha/--beta apply to the weight_activation importance, not {cfg['importance']!r}.")
+    if not isinstance(cfg.get("ignore"), list):
+        raise UserError("ignore must be a list of layer patterns.")
+    try:
+        torch.device(cfg["device"])
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"--device {cfg['device']!r} is not a device (try cpu or cuda).") from exc
+    if str(cfg["device"]).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg['device']} was asked for but CUDA is not available; use --device cpu.")
+    return cfg

@@ -1,0 +1,114 @@
+"""The job's inputs: the model and data set from their specs (through the loader hooks),
+the split into calibration and held-out evaluation parts, and what can be read off a
+data set (its first input, whether it has labels)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cleanai_core.config_sources import ENV_PREFIX
+from cleanai_core.errors import UserError
+
+__all__ = ["first_input", "has_labels", "load_inputs", "spec_options", "split_dataset", "to_device"]
+
+
+def first_input(dataset: Any) -> Any:
+    from cleanai_core.calibration import split_batch
+
+    item = dataset[0]
+    if isinstance(item, dict):  # labels are not inputs
+        return {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else v) for k, v in split_batch(item)[0].items()}
+    if isinstance(item, (tuple, list)):
+        item = item[0]
+    if not isinstance(item, torch.Tensor):
+        raise UserError(f"data items must be tensors or (input, label) pairs; got {type(item).__name__}.")
+    return item.unsqueeze(0)
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def has_labels(dataset: Any) -> bool:
+    from cleanai_core.calibration import split_batch
+
+    item = dataset[0]
+    if isinstance(item, dict):
+        return split_batch(item)[1] is not None
+    return isinstance(item, (tuple, list)) and len(item) >= 2
+
+
+def spec_options(cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    """Consent for ``--model``/``--data``: a spec typed on the command line may name code to
+    import and call; one read from ``--config`` only with ``--trust-code``."""
+    from_config = key in (cfg.get("_from_config") or ())
+    source = f"--{key}"
+    if from_config and (cfg.get("_sources") or {}).get(key) == "environment":
+        source = f"{ENV_PREFIX}{key.upper()} in the environment"
+    elif from_config:
+        source = f"{key} in config file {cfg.get('config')!r}"
+    return {"trust_code": bool(cfg.get("trust_code")) or not from_config, "spec_source": source}
+
+
+def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "weights": cfg.get("weights"),
+        "trust_model": bool(cfg.get("trust_model")),
+        "num_classes": cfg.get("num_classes"),
+        "pretrained": False,
+        **spec_options(cfg, "model"),
+    }
+
+
+def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Model (eval mode, on the device), data set and the plugin manager."""
+    from cleanai_core.plugins import get_plugin_manager, input_forms
+
+    pm = get_plugin_manager()
+    data = cfg["data"]
+    if not Path(data).exists() and (Path(data).suffix or "/" in data or os.sep in data) and ":" not in data:
+        raise UserError(f"--data {data!r}: no such file or folder. Give {input_forms('data', pm)}.")
+    model = pm.hook.cleanai_load_model(spec=cfg["model"], options=_model_options(cfg))
+    if model is None:
+        hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
+        forms = input_forms("model", pm)
+        raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {forms}.")
+    model = model.eval().to(cfg["device"])
+    dataset = pm.hook.cleanai_load_dataset(
+        spec=cfg["data"],
+        options={
+            "model": model,
+            "image_size": cfg.get("image_size"),
+            "seq_len": cfg.get("seq_len"),
+            **spec_options(cfg, "data"),
+        },
+    )
+    if dataset is None:
+        raise UserError(
+            f"--data {cfg['data']!r}: no such file or folder, or not a form this tool reads. "
+            f"Give {input_forms('data', pm)}."
+        )
+    if len(dataset) < 2:
+        raise UserError(f"--data {cfg['data']!r} has {len(dataset)} item(s); at least 2 are needed.")
+    return model, dataset, pm
+
+
+def split_dataset(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    """Seeded random split into (calibration, held-out evaluation); evaluation is ``None``
+    when ``fraction`` is 1."""
+    from torch.utils.data import Subset
+
+    n = len(dataset)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_cal = n if fraction >= 1.0 else min(max(1, int(round(n * fraction))), n - 1)
+    calib = Subset(dataset, perm[:n_cal])
+    held = Subset(dataset, perm[n_cal:]) if n_cal < n else None
+    return calib, held

@@ -1,0 +1,256 @@
+"""The job behind ``cleanai prune``: load, split, calibrate, (analyse sensitivity,) prune,
+(recover,) evaluate, measure and write the output folder. :func:`run_job` is the library
+entry point; the command line only parses options into a :class:`PruneConfig`."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cleanai_core import distributed
+from cleanai_core.errors import UserError
+from cleanai_core.job.config import PruneConfig, pruner_options, resolve_config
+from cleanai_core.job.inputs import first_input, has_labels, load_inputs, split_dataset, to_device
+from cleanai_core.job.outputs import check_out_dir, guard_out
+
+__all__ = ["execute", "run_job"]
+
+log = logging.getLogger("cleanai")
+
+
+def run_job(config: PruneConfig | dict[str, Any], model: Any = None, dataset: Any = None) -> dict[str, Any] | None:
+    """Run a pruning job: ``config`` as a :class:`PruneConfig` or a dict of its options
+    (resolved with ``--preset``, ``config`` file and ``CLEANAI_*`` variables as on the
+    command line). Returns the report (``None`` for a dry run)."""
+    return execute(resolve_config(config), model=model, dataset=dataset)
+
+
+def _accuracy_note(note: str | None, *results: dict[str, Any] | None) -> str | None:
+    """Why the report has no accuracy (``None`` when it has one)."""
+    if note or all(r and r.get("accuracy") is not None for r in results):
+        return note
+    notes = [r.get("accuracy_note") for r in results if r and r.get("accuracy_note")]
+    return notes[0] if notes else "no installed evaluator measures this model's output"
+
+
+def _evaluate(pm: Any, model: Any, loader: Any, device: torch.device) -> dict[str, float] | None:
+    if loader is None:
+        return None
+    return pm.hook.cleanai_evaluate(model=model, loader=loader, device=device)
+
+
+LATENCY_ROUNDS = 5
+
+
+def _latencies(before: Any, after: Any, example: Any, repeats: int) -> tuple[float, float, int]:
+    """Median CPU milliseconds of one forward pass of each model, measured in alternating
+    rounds so that a change in machine load hits both alike. Returns (before, after,
+    timed runs per model)."""
+    import statistics
+
+    from cleanai_core.metrics import measure_latency
+
+    cpu = torch.device("cpu")
+    x = to_device(example, cpu)
+    models = [copy.deepcopy(m).cpu().eval() for m in (before, after)]
+    per_round = max(1, math.ceil(repeats / LATENCY_ROUNDS))
+    times: list[list[float]] = [[], []]
+    for _ in range(LATENCY_ROUNDS):
+        for k, m in enumerate(models):
+            times[k].append(measure_latency(m, x, repeats=per_round, warmup=1))
+    return (round(statistics.median(times[0]), 4), round(statistics.median(times[1]), 4),
+            per_round * LATENCY_ROUNDS)  # fmt: skip
+
+
+def execute(
+    cfg: dict[str, Any], model: Any = None, dataset: Any = None, spec_options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Run the whole job for a resolved config. Returns the report (``None`` for a dry run).
+
+    ``model``/``dataset`` may be given directly (``cleanai demo``); ``cfg['model']`` must
+    then still be a spec that rebuilds the architecture."""
+    quiet = bool(cfg.get("quiet"))
+    logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
+    out = Path(cfg["out"]) if cfg.get("out") else None
+    user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config"), cfg.get("train_data")]
+    with contextlib.ExitStack() as guard:
+        at_commit = (None, None)
+        if out is not None and not cfg.get("dry_run") and distributed.is_writer():
+            check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
+            at_commit = guard_out(out, guard)
+        return _execute(cfg, model, dataset, spec_options, out, at_commit)
+
+
+def _execute(
+    cfg: dict[str, Any],
+    model: Any,
+    dataset: Any,
+    spec_options: dict[str, Any] | None,
+    out: Path | None,
+    at_commit: tuple[Any, Any],
+) -> dict[str, Any] | None:
+    from torch.utils.data import DataLoader
+
+    from cleanai_core import io as cio
+    from cleanai_core.out_folder import staged_folder
+    from cleanai_core.plugins import get_plugin_manager
+    from cleanai_core.pruner import StructuredPruner
+    from cleanai_core.report import headline_text, write_report
+    from cleanai_core.scoring import get_importance
+
+    quiet = bool(cfg.get("quiet"))
+    torch.manual_seed(int(cfg["seed"]))
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    device = torch.device(cfg["device"])
+    t0 = time.time()
+    if model is None or dataset is None:
+        model, dataset, pm = load_inputs(cfg)
+    else:
+        pm = get_plugin_manager()
+        model = model.eval().to(device)
+    calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))
+    bs = int(cfg["batch_size"])
+    stats_part, sens_loader = calib, None
+    if cfg.get("auto") or cfg.get("sensitivity"):  # trials on batches the statistics (and compensation) never saw
+        from torch.utils.data import Subset
+
+        n_sens = min(int(cfg["sensitivity_batches"]) * bs, len(calib) // 3)
+        if n_sens < 1:
+            raise UserError(f"--auto/--sensitivity need at least 3 calibration samples; there are {len(calib)}.")
+        stats_part = Subset(calib, range(len(calib) - n_sens))
+        sens_loader = DataLoader(Subset(calib, range(len(calib) - n_sens, len(calib))), batch_size=bs)
+    calib_loader = distributed.shard(DataLoader(stats_part, batch_size=bs, shuffle=False))  # this rank's share
+    eval_loader = DataLoader(held, batch_size=bs, shuffle=False) if held is not None and has_labels(held) else None
+    accuracy_note = None
+    if held is None:
+        accuracy_note = "--calib-fraction 1: all data scores channels, none is left to measure accuracy"
+    elif eval_loader is None:
+        accuracy_note = "the data has no labels"
+    example = to_device(first_input(calib), device)
+    try:
+        with torch.no_grad():
+            model(example) if not isinstance(example, dict) else model(**example)
+    except Exception as exc:
+        shape = tuple(example.shape) if isinstance(example, torch.Tensor) else "dict"
+        raise UserError(
+            f"the model failed on an input from --data (shape {shape}): {type(exc).__name__}: {str(exc)[:300]}. "
+            "Check that the data matches what the model expects (channels, image size, --num-classes)."
+        ) from exc
+
+    importance_opts: dict[str, Any] = {}
+    if cfg.get("alpha") is not None:
+        importance_opts["weight_ratio"] = float(cfg["alpha"])
+    if cfg.get("beta") is not None:
+        importance_opts["activation_ratio"] = float(cfg["beta"])
+    importance = get_importance(cfg["importance"], **importance_opts)
+    pruner = StructuredPruner(model, example, importance=importance, **pruner_options(cfg))
+    pruner.collect_activations(
+        calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet, sequential=bool(cfg.get("sequential"))
+    )
+    sensitivity = None
+    if cfg.get("auto") or cfg.get("sensitivity"):
+        from cleanai_core.job.auto import sensitivity_and_ratios
+
+        sensitivity = sensitivity_and_ratios(cfg, pruner, sens_loader, progress=not quiet)
+    if cfg.get("dry_run"):
+        summary = pruner.plan().summary()
+        if distributed.is_writer():
+            print(summary)
+        return None
+    if not distributed.is_writer():  # rank 0 evaluates and writes; the others take part in pruning
+        pruner.prune()
+        return None
+
+    before_acc = _evaluate(pm, model, eval_loader, device)
+    repeats = int(cfg.get("latency_repeats") or 20)
+    pruned = pruner.prune()
+    after_acc = _evaluate(pm, pruned, eval_loader, device)
+    recovery = None
+    if cfg.get("recover_epochs"):
+        from cleanai_core.job.recovery import recover_for_report
+
+        acc = lambda m: (_evaluate(pm, m, eval_loader, device) or {}).get("accuracy")
+        accs = (before_acc or {}).get("accuracy"), (after_acc or {}).get("accuracy")
+        pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, acc, *accs)
+        after_acc = {"accuracy": recovery["accuracy_recovered"]} if eval_loader is not None else None
+    lat_before, lat_after, repeats = _latencies(model, pruned, example, repeats)
+
+    report = {
+        "model": cfg["model"],
+        "data": cfg["data"],
+        **pruner.report(),  # params, FLOPs, plan, layers, dead units: counted once, by the library
+        "target_flops": cfg.get("target_flops"),
+        "flops_note": "FLOPs of one forward pass on one input (FLOPs = 2 x MACs)",
+        "latency_before_ms": lat_before,
+        "latency_after_ms": lat_after,
+        "latency": {
+            "device": "cpu",
+            "batch_size": 1,
+            "repeats": repeats,
+            "method": f"median over {LATENCY_ROUNDS} alternating rounds of before/after",
+            "statistic": "median",
+            "threads": torch.get_num_threads(),
+        },
+        "accuracy_before": before_acc.get("accuracy") if before_acc else None,
+        "accuracy_after": after_acc.get("accuracy") if after_acc else None,
+        "accuracy_note": _accuracy_note(accuracy_note, before_acc, after_acc),
+        "perplexity_before": before_acc.get("perplexity") if before_acc else None,
+        "perplexity_after": after_acc.get("perplexity") if after_acc else None,
+        "evaluation_tokens": after_acc.get("tokens") if after_acc else None,
+        "calibration_samples": len(calib),
+        "evaluation_samples": len(held) if held is not None else 0,
+        "input_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
+        "recovery": recovery,
+    }
+    if cfg.get("target_flops") is not None:
+        report["pruning_ratio"] = None
+    if sensitivity is not None:
+        report.update(sensitivity)
+    report["seconds"] = round(time.time() - t0, 2)
+
+    arch_options = dict(spec_options or {})
+    if cfg.get("num_classes") is not None:
+        arch_options.setdefault("num_classes", cfg["num_classes"])
+    # the options, then where each came from; --config reads it back and skips the "_" keys
+    resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    resolved["_sources"] = cfg.get("_sources") or {}
+    with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:
+        spec = str(Path(cfg["model"]).resolve()) if Path(cfg["model"]).is_file() else cfg["model"]
+        cio.save_pruned(
+            tmp,
+            pruned.cpu(),
+            pruner.history,
+            spec,
+            options=arch_options,
+            save_pickle=bool(cfg.get("save_pickle")),
+            example_input_shape=report["input_shape"],
+        )
+        cio.atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
+        if cfg.get("_own_marker"):
+            cio.atomic_write_text(tmp / cfg["_own_marker"], "written by cleanai demo\n")
+        for extra in pm.hook.cleanai_save_outputs(
+            model=pruned.cpu().eval(), folder=tmp, options={"example": example, "model_spec": cfg["model"]}
+        ):
+            report.update(extra or {})
+        report = write_report(tmp, report)
+    if True:  # the headline is the result: printed even with --quiet
+        print(headline_text(report))
+        if report["accuracy_note"]:
+            print(f"Accuracy not measured: {report['accuracy_note']}.")
+        print(
+            f"wrote {out}/: model.pt, history.json, architecture.json, config.json, report.json, report.md, "
+            f"{report['plot']}"
+            + (", model_full.pt" if cfg.get("save_pickle") else "")
+            + (f", {report['recovery_plot']}" if recovery else "")
+            + (f", {report['hf_folder']}/" if report.get("hf_folder") else "")
+        )
+    return report

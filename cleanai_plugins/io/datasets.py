@@ -1,0 +1,312 @@
+"""Built-in data loaders for the command line (``--data``):
+
+- an image folder with one sub-folder per class (torchvision's ``ImageFolder``),
+- a ``.pt`` tensor file: ``(x, y)``, ``{"x": ..., "y": ...}``, a tensor, or a ``TensorDataset``,
+- an ``.npz`` file with arrays ``x`` (and optionally ``y``); uint8 inputs are divided by
+  255, or by the scalar array ``x_max`` when the file holds one (the packaged digits are
+  0-16 and say so),
+- ``package.module:function`` returning a ``torch.utils.data.Dataset`` (only with
+  ``options["trust_code"]``, as for models).
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from cleanai_core import hookimpl
+from cleanai_core.errors import UserError
+from cleanai_plugins.io.models import _FACTORY_RE, call_spec
+
+log = logging.getLogger("cleanai")
+
+DATA_FORMS = (
+    "an image folder with one sub-folder per class, a .pt file holding (x, y) / {'x', 'y'} / a tensor / "
+    "a TensorDataset, an .npz file with arrays x and y, or package.module:function returning a Dataset"
+)
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+class Unlabelled(Dataset):
+    """Items are single tensors (no labels)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+class LabelledTensors(TensorDataset):
+    """``(x, y)`` pairs from two tensors."""
+
+
+_NPY_DTYPES = {
+    "u1": torch.uint8,
+    "i1": torch.int8,
+    "i2": torch.int16,
+    "i4": torch.int32,
+    "i8": torch.int64,
+    "f2": torch.float16,
+    "f4": torch.float32,
+    "f8": torch.float64,
+    "b1": torch.bool,
+}
+
+
+def _read_npy(data: bytes, name: str) -> torch.Tensor:
+    if data[:6] != b"\x93NUMPY":
+        raise UserError(f"array {name!r} in the .npz is not in .npy format.")
+    major = data[6]
+    if major == 1:
+        (hlen,) = struct.unpack("<H", data[8:10])
+        start = 10
+    else:
+        (hlen,) = struct.unpack("<I", data[8:12])
+        start = 12
+    header = ast.literal_eval(data[start : start + hlen].decode("latin1"))
+    descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+    kind = descr[1:] if descr[0] in "<>|=" else descr
+    if kind[:1] in ("U", "S") or kind == "O":
+        what = "Python objects (a pickle)" if kind == "O" else "text"
+        raise UserError(
+            f"array {name!r} holds {what} (dtype {descr!r}); CleanAI reads numeric arrays only and never unpickles. "
+            "Store inputs as numbers and labels as integer class indices 0..N-1 (np.savez(path, x=x, y=y))."
+        )
+    if kind not in _NPY_DTYPES or descr[0] == ">":
+        raise UserError(f"array {name!r} has dtype {descr!r}; use numeric (little-endian) arrays.")
+    buf = bytearray(data[start + hlen :])
+    t = torch.frombuffer(buf, dtype=_NPY_DTYPES[kind]) if buf else torch.empty(0, dtype=_NPY_DTYPES[kind])
+    if fortran:
+        return t.reshape(tuple(reversed(shape))).permute(*reversed(range(len(shape)))).contiguous()
+    return t.reshape(shape).clone()
+
+
+_NPZ_ERRORS = (ValueError, SyntaxError, KeyError, TypeError, IndexError, RuntimeError, struct.error, EOFError)
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Arrays of an ``.npz`` file as tensors (numeric dtypes; no numpy needed, no pickles).
+    A truncated, corrupt or foreign file is a :class:`UserError` naming the array."""
+    import zlib
+
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for n in zf.namelist():
+                try:
+                    out[n[:-4] if n.endswith(".npy") else n] = _read_npy(zf.read(n), n)
+                except UserError:
+                    raise
+                except (*_NPZ_ERRORS, zlib.error, zipfile.BadZipFile) as exc:
+                    raise UserError(
+                        f"{str(path)!r}: array {n!r} is damaged or not a .npy array ({type(exc).__name__}: "
+                        f"{str(exc)[:120]}). Write the file again with numpy.savez(path, x=x, y=y)."
+                    ) from None
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise UserError(f"{str(path)!r} is not a valid .npz file (numpy.savez output): {exc}.") from None
+    return out
+
+
+def _as_inputs(x: torch.Tensor, x_max: float = 255.0) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] (divided by ``x_max``); NHWC (last dim 1 or 3) ->
+    NCHW; NHW -> N1HW."""
+    if x.dtype == torch.uint8:
+        if x.dim() == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+            x = x.permute(0, 3, 1, 2)
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        return x.float().div_(x_max)
+    if x.dtype in (torch.float16, torch.float64, torch.bfloat16):
+        return x.float()
+    return x
+
+
+def _from_tensors(x: Any, y: Any, source: str, x_max: float = 255.0) -> Dataset:
+    if not isinstance(x, torch.Tensor):
+        raise UserError(f"{source}: the inputs are a {type(x).__name__}, expected a tensor.")
+    if x.dim() == 0:
+        raise UserError(f"{source}: the inputs are a single number; give a tensor with one row per sample.")
+    x = _as_inputs(x, x_max)
+    if y is None:
+        return Unlabelled(x)
+    y = class_labels(y, source)
+    if len(y) != len(x):
+        raise UserError(f"{source}: {len(x)} inputs but {len(y)} labels; they must have the same length.")
+    return LabelledTensors(x, y)
+
+
+def class_labels(y: Any, source: str) -> torch.Tensor:
+    """Labels as class indices where they are class labels: integers as they are, one-hot
+    rows by their argmax, whole-number floats as integers. Anything else (fractions,
+    several columns that are not one-hot) is kept, with a warning that accuracy cannot be
+    measured on it. Text labels are an error: their order of classes is unknown."""
+    if isinstance(y, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in y):
+        raise UserError(
+            f"{source}: the labels are text (e.g. {next(v for v in y if isinstance(v, (str, bytes)))!r}); give integer "
+            "class indices 0..N-1 in the order of the model's outputs (e.g. [classes.index(label) for label in y])."
+        )
+    if not isinstance(y, torch.Tensor):
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise UserError(
+                f"{source}: the labels are not numbers ({exc}); give integer class indices 0..N-1."
+            ) from None
+    if y.dim() == 0:
+        raise UserError(f"{source}: the labels are a single number; give one label per sample.")
+    idx = label_indices(y)
+    if idx is None:
+        log.warning("%s: %s: accuracy is not measured.", source, not_class_labels(y))
+        return y
+    if y.dim() == 2:
+        log.info("%s: one-hot labels read as class indices (argmax of each row).", source)
+    return idx
+
+
+def label_indices(y: torch.Tensor) -> torch.Tensor | None:
+    """``y`` as class indices (int64): integers and booleans as they are, whole-number
+    floats, one-hot rows by their argmax; ``None`` when ``y`` is none of these."""
+    if y.dim() == 2 and len(y) and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all()):
+        return y.argmax(1)
+    if y.dim() != 1:
+        return None
+    if y.is_floating_point():
+        return y.long() if bool(torch.isfinite(y).all()) and bool((y == y.round()).all()) else None
+    return y.long()
+
+
+def not_class_labels(y: torch.Tensor) -> str:
+    """Why ``y`` is not class labels, and what to give instead."""
+    what = "fractional or non-finite numbers" if y.is_floating_point() else "several columns that are not one-hot"
+    return (
+        f"the labels are not class indices ({what}, dtype {str(y.dtype).replace('torch.', '')}, shape "
+        f"{tuple(y.shape)}); for accuracy give integer labels 0..N-1 or one-hot rows"
+    )
+
+
+def _load_pt(path: Path) -> Dataset:
+    try:
+        with torch.serialization.safe_globals([TensorDataset]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(
+            f"cannot read {str(path)!r} safely ({type(exc).__name__}: {str(exc)[:200]}). Save plain tensors: "
+            "torch.save((x, y), path) or torch.save({'x': x, 'y': y}, path)."
+        ) from exc
+    if isinstance(obj, TensorDataset):
+        tensors = obj.tensors
+        return _from_tensors(tensors[0], tensors[1] if len(tensors) > 1 else None, str(path))
+    if isinstance(obj, torch.Tensor):
+        return _from_tensors(obj, None, str(path))
+    if isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 2:
+        return _from_tensors(obj[0], obj[1] if len(obj) > 1 else None, str(path))
+    if isinstance(obj, dict):
+        for xk, yk in (("x", "y"), ("inputs", "labels"), ("data", "targets"), ("images", "labels")):
+            if xk in obj:
+                return _from_tensors(obj[xk], obj.get(yk), str(path))
+        raise UserError(f"{str(path)!r} holds a dict with keys {sorted(obj)[:10]}; expected keys 'x' and 'y'.")
+    raise UserError(f"{str(path)!r} holds a {type(obj).__name__}; expected {DATA_FORMS}.")
+
+
+def _image_transform(options: dict[str, Any]):
+    from torchvision import transforms
+
+    model = options.get("model")
+    image_size = options.get("image_size")
+    cfg = getattr(model, "pretrained_cfg", None) if model is not None else None
+    if cfg:
+        try:
+            import timm.data
+
+            data_cfg = timm.data.resolve_data_config({}, model=model)
+            if image_size:
+                data_cfg["input_size"] = (data_cfg["input_size"][0], int(image_size), int(image_size))
+            return timm.data.create_transform(**data_cfg, is_training=False)
+        except ImportError:
+            pass
+    size = int(image_size or 224)
+    return transforms.Compose(
+        [
+            transforms.Resize(int(round(size / 0.875))),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
+
+
+def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
+    try:
+        from torchvision.datasets import ImageFolder
+    except ImportError as exc:
+        raise UserError(
+            f"{str(path)!r} is a folder; reading image folders needs torchvision (pip install torchvision). "
+            "Or save the images as tensors: torch.save((x, y), 'data.pt')."
+        ) from exc
+    if not any(p.is_dir() for p in path.iterdir()):
+        raise UserError(
+            f"image folder {str(path)!r} has no class sub-folders. Put images in one sub-folder per class "
+            "(data/cat/1.jpg, data/dog/2.jpg), in the order the model's classes were trained."
+        )
+    try:
+        return ImageFolder(str(path), transform=_image_transform(options))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserError(f"cannot read image folder {str(path)!r}: {exc}") from exc
+
+
+def _x_max(arrays: dict[str, torch.Tensor], spec: str) -> float:
+    """The scale of uint8 inputs: the file's scalar ``x_max`` where it has one, else 255."""
+    if "x_max" not in arrays:
+        return 255.0
+    m = arrays["x_max"]
+    if m.numel() != 1 or not float(m.reshape(-1)[0]) > 0:
+        raise UserError(f"{spec!r}: x_max must be one positive number (the largest input value), got {m.tolist()}")
+    return float(m.reshape(-1)[0])
+
+
+def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
+    """Build the data set named by ``spec`` (see the module docstring), or ``None``."""
+    path = Path(spec)
+    if path.is_dir():
+        return _load_image_folder(path, options)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".pt", ".pth"):
+            return _load_pt(path)
+        if suffix == ".npz":
+            arrays = read_npz(path)
+            if "x" not in arrays:
+                raise UserError(f"{spec!r} has arrays {sorted(arrays)}; it needs 'x' (inputs) and optionally 'y'.")
+            return _from_tensors(arrays["x"], arrays.get("y"), spec, _x_max(arrays, spec))
+        raise UserError(f"data file {spec!r}: {suffix or 'no extension'} is not supported; give {DATA_FORMS}.")
+    if _FACTORY_RE.match(spec):
+        ds = call_spec(spec, "data function", {}, options)
+        if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+            raise UserError(f"{spec} returned a {type(ds).__name__}, not a map-style torch Dataset.")
+        return ds
+    return None
+
+
+@hookimpl(trylast=True)
+def cleanai_load_dataset(spec, options):
+    return load_dataset(spec, options)
+
+
+@hookimpl(trylast=True)
+def cleanai_input_forms():
+    return {"data": DATA_FORMS}

@@ -1,0 +1,68 @@
+"""Built-in evaluator: top-1 accuracy of classifiers on labelled batches."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from cleanai_core import hookimpl
+from cleanai_core.errors import UserError
+from cleanai_plugins.io.datasets import label_indices, not_class_labels
+
+log = logging.getLogger("cleanai")
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+def _logits(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict):
+        return out.get("logits", next((v for v in out.values() if isinstance(v, torch.Tensor)), None))
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+@hookimpl(trylast=True)
+def cleanai_evaluate(model, loader, device):
+    """Top-1 accuracy for classifiers on ``(x, y)`` batches with class labels (integers,
+    whole-number floats or one-hot rows). When accuracy does not apply, returns
+    ``{"accuracy_note": why}``."""
+    from tqdm import tqdm
+
+    correct = total = 0
+    model.eval()
+    quiet = not log.isEnabledFor(logging.INFO)
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="evaluating", unit="batch", disable=quiet, leave=False):
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                return {"accuracy_note": "the data has no labels"}
+            x, y = batch[0], batch[1]
+            if not isinstance(y, torch.Tensor):
+                return {"accuracy_note": f"the labels are a {type(y).__name__}, not a tensor of class indices"}
+            y = label_indices(y) if y.dim() >= 1 else None
+            if y is None:
+                return {"accuracy_note": not_class_labels(batch[1])}
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise UserError("the evaluation data contains NaN or inf values; clean the data and run again")
+            logits = _logits(model(x.to(device)))
+            if logits is None or logits.dim() != 2:
+                shape = tuple(logits.shape) if logits is not None else "no tensor"
+                return {"accuracy_note": f"the model's output ({shape}) is not one row of class scores per sample"}
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+                raise UserError(
+                    f"labels go from {int(y.min())} to {int(y.max())} but the model has {logits.shape[1]} outputs; "
+                    "give labels 0..N-1 matching the model's classes (or --num-classes)"
+                )
+            correct += int((logits.argmax(1).cpu() == y).sum())
+            total += len(y)
+    if total == 0:
+        return {"accuracy_note": "the evaluation data is empty"}
+    return {"accuracy": correct / total, "evaluated": total}

@@ -1,0 +1,249 @@
+"""Built-in model loaders for the command line and saved folders (``--model``):
+
+- ``timm:NAME`` and ``torchvision:NAME`` (architecture; weights from ``--weights FILE``),
+- ``package.module:factory`` (a callable returning an ``nn.Module``), only when
+  ``options["trust_code"]`` is true: importing and calling it runs code. The command line
+  sets it for a spec typed there; a spec read from a config file or a saved folder needs
+  ``--trust-code`` / ``trust_code=True``,
+- a whole pickled model file (``torch.save(model, path)``), only with ``--trust-model``,
+  because unpickling runs code stored in the file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cleanai_core import hookimpl
+from cleanai_core.errors import UserError
+from cleanai_core.saved_folder import state_dict_problems
+
+log = logging.getLogger("cleanai")
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+MODEL_FORMS = (
+    "timm:NAME, torchvision:NAME (add --weights FILE with a state_dict), package.module:factory, "
+    "or a whole-model file saved with torch.save(model, path) (needs --trust-model)"
+)
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+
+def _import_attr(spec: str, what: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(
+            f"cannot import module {module_name!r} for {what} {spec!r}: {exc}. "
+            "Check the spelling and that the package is installed in this Python environment."
+        ) from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"module {module_name!r} has no attribute {attr!r} (from {what} {spec!r}).")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(f"{what} {spec!r} names {type(obj).__name__}, not a callable.")
+    return obj
+
+
+def _require_trust(spec: str, what: str, options: dict[str, Any], kwargs: dict[str, Any] | None = None) -> None:
+    """Refuse to import and call ``spec`` unless the caller said it trusts code."""
+    if options.get("trust_code"):
+        return
+    source = f" (from {options['spec_source']})" if options.get("spec_source") else ""
+    extra = f" with keyword arguments {sorted(kwargs)}" if kwargs else ""
+    raise UserError(
+        f"{what} {spec!r}{source} is an import spec: using it imports {spec.partition(':')[0]!r} and calls "
+        f"{spec.partition(':')[2]!r}{extra}, which runs code. Only registered sources (timm:NAME, torchvision:NAME, "
+        "installed loader plugins) are used without consent. If you trust it, pass trust_code=True (command line: "
+        "--trust-code)."
+    )
+
+
+def call_spec(spec: str, what: str, kwargs: dict[str, Any], options: dict[str, Any]) -> Any:
+    """Import ``package.module:callable`` and call it with ``kwargs``, after checking
+    ``options["trust_code"]``. Errors in the call (and ``sys.exit``) become a ``UserError``."""
+    _require_trust(spec, what, options, kwargs)
+    fn = _import_attr(spec, what)
+    args = ", ".join(f"{k}=..." for k in kwargs)
+    try:
+        return fn(**kwargs)
+    except UserError:
+        raise
+    except SystemExit as exc:
+        raise UserError(f"{what} {spec}({args}) called sys.exit({exc.code!r}) instead of returning a value.") from None
+    except Exception as exc:
+        raise UserError(f"calling {what} {spec}({args}) failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``state_dict`` safely (``weights_only=True``); unwrap ``{"state_dict": ...}``
+    and ``{"model": ...}`` checkpoints and a ``module.`` prefix from DataParallel."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {str(path)!r} does not exist.")
+    if _is_torchscript(path):
+        raise UserError(
+            f"{str(path)!r} is a TorchScript archive, not a state_dict. Pass a file saved with "
+            "torch.save(model.state_dict(), path)."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(
+            f"cannot read weights from {str(path)!r} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Save them with torch.save(model.state_dict(), path)."
+        ) from exc
+    for key in ("state_dict", "model_state_dict", "model", "state"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{str(path)!r} does not hold a state_dict (a dict of parameter names to tensors).")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
+    state = load_state_dict_file(weights)
+    parts = state_dict_problems(model.state_dict(), state)
+    if parts:
+        raise UserError(
+            f"the weights in {weights!r} do not fit {spec!r}: " + "; ".join(parts) + ". "
+            "Use the architecture the weights were trained with (and --num-classes if the head differs)."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
+    suffix = path.suffix.lower()
+    if suffix in (".onnx", ".tflite", ".pb", ".h5", ".keras", ".safetensors", ".engine"):
+        raise UserError(
+            f"{str(path)!r}: {suffix} models are not supported; CleanAI prunes PyTorch nn.Modules. "
+            f"Give the model as {MODEL_FORMS}."
+        )
+    if _is_torchscript(path):
+        raise UserError(
+            f"{str(path)!r} is a TorchScript archive. Pruning needs the Python model to slice its layers; "
+            "give the architecture as timm:NAME, torchvision:NAME or package.module:factory and the weights "
+            "with --weights FILE (a state_dict)."
+        )
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        raise UserError(
+            f"{str(path)!r} is not a file written by torch.save (neither a zip archive nor a pickle); it may be "
+            f"truncated or of another format. Give the model as {MODEL_FORMS}."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        obj = None  # holds Python objects (a pickled module): needs --trust-model
+    else:
+        if isinstance(obj, dict):
+            raise UserError(
+                f"{str(path)!r} holds a state_dict (weights only, no architecture). Give the architecture "
+                f"with --model timm:NAME / torchvision:NAME / package.module:factory and pass this file "
+                f"as --weights {path}."
+            )
+    if not options.get("trust_model"):
+        raise UserError(
+            f"{str(path)!r} is a pickled model. Loading it runs Python code stored in the file, which can do "
+            "anything on this machine. If you trust where it came from, add --trust-model; otherwise give the "
+            "architecture (timm:NAME, torchvision:NAME, package.module:factory) and a state_dict with --weights."
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(
+            f"cannot unpickle {str(path)!r} ({type(exc).__name__}: {str(exc)[:300]}). A pickled model needs its "
+            "class importable here: install the package that defines it, or use package.module:factory."
+        ) from exc
+    if not isinstance(obj, nn.Module):
+        raise UserError(f"{str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module.")
+    return obj
+
+
+def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
+    """Build the model named by ``spec`` (see the module docstring), or ``None`` if the
+    spec is none of the built-in forms."""
+    num_classes = options.get("num_classes")
+    kwargs = dict(options.get("model_kwargs") or {})
+    if num_classes is not None:
+        kwargs["num_classes"] = int(num_classes)
+    path = Path(spec)
+    if spec.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as exc:
+            raise UserError("timm:NAME needs timm: pip install timm") from exc
+        name = spec[len("timm:") :]
+        pretrained = bool(options.get("pretrained", False))
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise UserError(f"timm has no model {name!r}; list them with timm.list_models('*pattern*').") from exc
+            raise UserError(f"timm could not build {name!r}: {exc}") from exc
+    elif spec.startswith("torchvision:"):
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise UserError("torchvision:NAME needs torchvision: pip install torchvision") from exc
+        name = spec[len("torchvision:") :]
+        if name not in torchvision.models.list_models():
+            raise UserError(f"torchvision has no model {name!r}; see torchvision.models.list_models().")
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    elif path.exists():
+        if path.is_dir():
+            raise UserError(f"--model {spec!r} is a folder; give a model file or a spec ({MODEL_FORMS}).")
+        model = _load_model_file(path, options)
+        if options.get("weights"):
+            _apply_weights(model, options["weights"], spec)
+        return model
+    elif _FACTORY_RE.match(spec) and not spec.startswith(("timm:", "torchvision:")):
+        model = call_spec(spec, "model factory", kwargs, options)
+        if not isinstance(model, nn.Module):
+            raise UserError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module.")
+    else:
+        return None
+    return finish_model(model, spec, options)
+
+
+def finish_model(model: nn.Module, spec: str, options: dict[str, Any]) -> nn.Module:
+    """Load ``options["weights"]`` into a freshly built model (or warn that its weights
+    are random); shared by every model source."""
+    if options.get("weights"):
+        _apply_weights(model, options["weights"], spec)
+    elif options.get("warn_random_weights", True) and not options.get("pretrained"):
+        log.warning("note: %s was built without --weights, so it has random weights.", spec)
+    return model
+
+
+@hookimpl(trylast=True)
+def cleanai_load_model(spec, options):
+    return build_model(spec, options)
+
+
+@hookimpl(trylast=True)
+def cleanai_input_forms():
+    return {"model": MODEL_FORMS}
