@@ -9,6 +9,7 @@ import torch
 
 from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
+from cleanai_plugins.mappers.gqa import expand_group_dim
 from cleanai_plugins.mappers._registry import MapperTable, arg
 
 __all__ = ["CHANNEL_RANGES", "allow_channel_ranges", "allow_unequal_split", "reshape_label"]
@@ -240,6 +241,8 @@ def expand(call, ctx):
     shift = out.ndim - src.ndim
     if src.shape[lab.dim] != out.shape[lab.dim + shift]:
         ctx.freeze(lab.atoms, f"{ctx.where()} broadcasts a single channel")
+        return
+    if expand_group_dim(ctx, src, out, lab):  # repeat_kv, query heads per group
         return
     ctx.set_label(out, lab.dim + shift, lab.atoms, lab.origin)
 

@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - exercised only without transformers
 
 from cleanai_plugins.layers.linear import no_new_bias
 from cleanai_plugins.layers.norm import RMSNormPruner
+from cleanai_plugins.mappers.gqa import GQA_QUERY_HEADS
 from cleanai_plugins.mappers.shape import allow_channel_ranges
 from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_qkv, is_attention
 from cleanai_plugins.zoo.transformers.bias import undeclarable
@@ -84,13 +85,17 @@ def cleanai_prepare_model(model):
 
 
 @hookimpl(trylast=True)
-def cleanai_after_prune(module, name, edits):
+def cleanai_after_prune(module, name, edits, findings=None):
     if PreTrainedModel is None or not edits:
         return
+    kept = (findings or {}).get(GQA_QUERY_HEADS, ())  # attention that kept its key/value heads
     if is_attention(module):
-        fix_attention(module)
-    if name == "":  # once, at the root: every outermost transformers model in it
+        fix_attention(module, module in kept)
+    if name == "":  # once, at the root (before its children): every outermost transformers model in it
         for _, model in outermost(module, PreTrainedModel):
+            for attn in model.modules():
+                if is_attention(attn):
+                    fix_attention(attn, attn in kept)
             fix_config(model)
 
 

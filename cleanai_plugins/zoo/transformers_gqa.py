@@ -1,0 +1,42 @@
+"""Grouped-query attention of ``transformers`` models: prune the same query heads in
+every key/value group, keeping every key/value head.
+
+Without this plugin, grouped-query attention (Llama, Qwen2/3, Mistral, Mixtral, Gemma,
+Phi-3 with fewer key/value heads than query heads) loses whole key/value groups: a KV
+head with the query heads it serves. With it, the KV heads (and the KV cache) stay and
+each group loses the same number of query heads (``num_key_value_groups`` shrinks); see
+:mod:`cleanai_plugins.mappers.gqa`. Both modes reload with ``from_pretrained``.
+
+Turn it on for one run::
+
+    import cleanai_plugins.zoo.transformers_gqa as gqa
+    from cleanai_core.plugins import temporary_plugin
+
+    with temporary_plugin(gqa, name="gqa"):
+        pruner = StructuredPruner(model, x)  # the graph is built here
+        ...
+
+or for the command line, ``CLEANAI_GQA=query_heads`` (``kv_groups``, the default,
+switches it off).
+"""
+
+from __future__ import annotations
+
+import os
+
+from cleanai_core import hookimpl
+from cleanai_plugins.mappers.gqa import prune_query_heads_per_group
+from cleanai_plugins.zoo.transformers.attention import is_attention
+
+__all__ = ["grouped_attention"]
+
+
+def grouped_attention(model) -> list:
+    """The transformers attention modules of ``model`` with more query than KV heads."""
+    return [m for m in model.modules() if is_attention(m) and getattr(m, "num_key_value_groups", 1) > 1]
+
+
+@hookimpl
+def cleanai_prepare_model(model):
+    found = grouped_attention(model)
+    return prune_query_heads_per_group(*found) if found else None
