@@ -98,7 +98,8 @@ def run(kind: str, log) -> list[dict]:
             new = [n for n, _ in pruned.named_parameters() if n.endswith(".bias")]
             removed, ppl = 1 - llm.block_params(pruned) / block, llm.perplexity(pruned, held)
             log(
-                f"[{kind}] {name} @ {frac:.0%}: removed {removed:.1%}, ppl {ppl:.3f}, {len(new)} biases ({time.time() - t0:.0f}s)"
+                f"[{kind}] {name} @ {frac:.0%}: removed {removed:.1%}, ppl {ppl:.3f}, "
+                f"{len(new)} biases ({time.time() - t0:.0f}s)"
             )
             rows.append(dict(model=kind, method=name, fraction=frac, removed=removed, ppl=ppl))
     return rows

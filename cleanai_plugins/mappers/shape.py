@@ -9,8 +9,8 @@ import torch
 
 from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
-from cleanai_plugins.mappers.gqa import expand_group_dim
 from cleanai_plugins.mappers._registry import MapperTable, arg
+from cleanai_plugins.mappers.gqa import expand_group_dim
 
 __all__ = ["CHANNEL_RANGES", "allow_channel_ranges", "allow_unequal_split", "reshape_label"]
 

@@ -22,8 +22,6 @@ switches it off).
 
 from __future__ import annotations
 
-import os
-
 from cleanai_core import hookimpl
 from cleanai_plugins.mappers.gqa import prune_query_heads_per_group
 from cleanai_plugins.zoo.transformers.attention import is_attention
