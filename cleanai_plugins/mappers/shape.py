@@ -113,6 +113,11 @@ def identity(call, ctx):
         ctx.freeze(lab.atoms, f"{ctx.where()} changes the shape")
 
 
+def _repeats_along(grid: torch.Tensor, dim: int) -> bool:
+    """Whether every slice of ``grid`` along ``dim`` holds the same atoms."""
+    return grid.shape[dim] > 1 and bool((grid == grid.narrow(dim, 0, 1)).all())
+
+
 def reshape_label(ctx, src: TRef, out: TRef) -> None:
     """Map the label of ``src`` onto ``out`` of another shape with the same numel.
 
@@ -150,7 +155,10 @@ def reshape_label(ctx, src: TRef, out: TRef) -> None:
     event = ctx.event.index
     choice = ctx.split_choices.get(event)
     if choice is None and ctx.keeps_whole_heads():
-        choice = 0  # (heads, head_dim), (heads, 3, head_dim), (kv, group, head_dim): the heads
+        # (heads, head_dim), (heads, 3, head_dim), (kv, group, head_dim): the heads, the
+        # outermost dimension that is not a copy (eager attention's bmm folds the batch
+        # into the heads, ``(b * heads) -> (b, heads)``: the batch repeats the same atoms)
+        choice = next((i for i in range(len(dims) - 1) if not _repeats_along(grid, i)), len(dims) - 1)
     elif choice is None:
         costs = []
         for i in range(len(dims)):

@@ -7,17 +7,17 @@ head with the query heads it serves. With it, the KV heads (and the KV cache) st
 each group loses the same number of query heads (``num_key_value_groups`` shrinks); see
 :mod:`cleanai_plugins.mappers.gqa`. Both modes reload with ``from_pretrained``.
 
-Turn it on for one run::
+It is not a built-in: whole KV groups stay the default (they shrink the KV cache too,
+and on ``benchmarks/llm.py``'s GQA Llama they are as good or better at equal parameter
+count, see ``docs/benchmarks.md``). Register it for the runs that want the other mode::
 
     import cleanai_plugins.zoo.transformers_gqa as gqa
     from cleanai_core.plugins import temporary_plugin
 
-    with temporary_plugin(gqa, name="gqa"):
+    with temporary_plugin(gqa, name="transformers_gqa"):
         pruner = StructuredPruner(model, x)  # the graph is built here
-        ...
-
-or for the command line, ``CLEANAI_GQA=query_heads`` (``kv_groups``, the default,
-switches it off).
+        pruner.collect_activations(batches)
+        small = pruner.prune()
 """
 
 from __future__ import annotations
