@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="block a plugin by name (repeatable); also CLEANAI_DISABLED_PLUGINS=a,b",
     )
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="register a plugin module by import name for this run (repeatable), e.g. "
+        "cleanai_plugins.zoo.transformers_gqa (grouped-query attention: query heads per group)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"cleanai_core.cli.{name}")
@@ -83,10 +91,21 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.disable_plugin:
+    extra = vars(args).pop("plugin", [])  # not a command option
+    if args.disable_plugin or extra:
         from cleanai_core.plugins import make_plugin_manager, set_plugin_manager
 
-        set_plugin_manager(make_plugin_manager(disabled=args.disable_plugin))
+        pm = make_plugin_manager(disabled=args.disable_plugin)
+        for name in extra:
+            try:
+                pm.register(importlib.import_module(name), name=name)
+            except (ImportError, ValueError) as exc:  # ValueError: already registered (a built-in)
+                print(
+                    f"cleanai: error: --plugin {name}: {exc}; give the import name of a plugin module", file=sys.stderr
+                )
+                return 2
+        pm.check_pending()
+        set_plugin_manager(pm)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
