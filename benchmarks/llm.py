@@ -18,7 +18,11 @@ layers) without retraining and reports held-out perplexity for:
   variance), z-scored per group and ranked globally (adaptive per layer), bias
   compensation;
 - hidden-size (embedding dimension) pruning alone, magnitude vs ours, at the same shares
-  of the hidden size.
+  of the hidden size;
+- on ``gqa`` only, the two ways to shrink grouped-query attention at the same parameter
+  count: whole KV groups (the default rows) and ``ours, query heads per group`` (the
+  ``cleanai_plugins.zoo.transformers_gqa`` plugin: every KV head kept, each group loses
+  the same query heads), uniform and adaptive.
 
 Every configuration is expressed with StructuredPruner options; the block-parameter
 share is hit with ``target_params``. Calibration: 64 blocks of 128 bytes from the
@@ -49,8 +53,9 @@ import llm_corpus as corpus  # noqa: E402
 
 from cleanai_core import StructuredPruner, WeightActivationImportance  # noqa: E402
 from cleanai_core.metrics import count_params  # noqa: E402
-from cleanai_core.plugins import make_plugin_manager, set_plugin_manager  # noqa: E402
+from cleanai_core.plugins import make_plugin_manager, set_plugin_manager, temporary_plugin  # noqa: E402
 from cleanai_plugins.io.hf import cleanai_evaluate  # noqa: E402
+from cleanai_plugins.zoo import transformers_gqa  # noqa: E402
 
 CALIB_BLOCKS, EVAL_BLOCKS, BATCH = 64, 96, 16
 FRACTIONS = (0.2, 0.5)
@@ -79,6 +84,8 @@ CONFIGS = {
     ),
 }
 QUICK = ("ours (default)", "ours, no LS", "magnitude", "Wanda-sp-like", "FLAP-like")
+#: grouped-query attention only: the same configurations with query heads per group
+PER_GROUP = ("ours (default)", "ours, adaptive")
 HIDDEN = {
     "magnitude": ("magnitude", dict(bias_compensation=False, reconstruction=False)),
     "ours (default)": (_wa, dict(bias_compensation=True, reconstruction=True)),
@@ -137,6 +144,13 @@ def run_model(kind: str, names: tuple[str, ...], hidden: bool, log) -> list[dict
         for name in names:
             imp, opts = CONFIGS[name]
             record(name, frac, lambda: prune(model, calib, imp, opts, ignore, target_params=keep))
+        for name in [n for n in PER_GROUP if n in names] if kind == "gqa" else []:
+            imp, opts = CONFIGS[name]
+            record(
+                f"{name.replace(' (default)', '')}, query heads per group",
+                frac,
+                lambda: _per_group(model, calib, imp, opts, keep),
+            )
     if hidden:
         for frac in FRACTIONS:
             for name, (imp, opts) in HIDDEN.items():
@@ -161,6 +175,12 @@ def attention_ignores(model, calib, kind: str, log) -> tuple[str, ...]:
     model.set_attn_implementation("eager")
     StructuredPruner(model, calib[:1], ignored_layers=[model.lm_head, *ATTENTION])
     return ATTENTION
+
+
+def _per_group(model, calib, importance, options, keep):
+    """Grouped-query attention keeps its KV heads; each group loses the same query heads."""
+    with temporary_plugin(transformers_gqa, name="transformers_gqa"):
+        return prune(model, calib, importance, options, target_params=keep)
 
 
 def _prune_hidden(model, calib, importance, options, frac):

@@ -7,7 +7,9 @@ calls it with ``own``). Per consumer, from its calibration statistics:
   channels on the kept ones, ``x_removed ~ shift + coef @ x_kept``, folded by the layer
   pruner's ``reconstruct``;
 - otherwise, or where the pruner cannot fold it: the removed channels' mean, folded into
-  the bias by the layer pruner's ``compensate``.
+  the bias by the layer pruner's ``compensate``;
+- a layer whose pruner says ``new_bias = False`` and that has no bias gets none: the
+  regression is made through the origin (on second moments) and the mean is not folded.
 
 A new compensation method goes here.
 """
@@ -61,13 +63,18 @@ def compensate(
             idx = gone.nonzero().squeeze(1)
             module = own(model.get_submodule(spec.module))
             dev = device_of(module) or torch.device("cpu")  # the statistics live on the CPU
+            no_bias = not getattr(spec.pruner, "new_bias", True) and getattr(module, "bias", None) is None
             if reconstruction and st.cov is not None and not bool(gone.all()):
                 kept = (~gone).nonzero().squeeze(1)
-                coef, shift = regress(st.cov, st.mean, idx, kept)
+                if no_bias:  # no constant to fold into: regress through the origin (second moments, no intercept)
+                    coef, shift = regress(st.cov + torch.outer(st.mean, st.mean), torch.zeros_like(st.mean), idx, kept)
+                else:
+                    coef, shift = regress(st.cov, st.mean, idx, kept)
                 moved = (t.to(dev) for t in (idx, kept, coef, shift))
                 if spec.pruner.reconstruct(module, spec.name, *moved):
                     continue
-            spec.pruner.compensate(module, spec.name, idx.to(dev), st.mean[idx].to(dev))
+            if not no_bias:
+                spec.pruner.compensate(module, spec.name, idx.to(dev), st.mean[idx].to(dev))
 
 
 def compensated_copy(

@@ -48,6 +48,9 @@ class LayerPruner:
 
     #: printed by ``cleanai plugins`` / ``explain``
     name: str = "layer"
+    #: ``False``: compensation must not give the module a bias it lacks (its saved form
+    #: cannot hold one); the least-squares fold is then made without an intercept
+    new_bias: bool = True
 
     def trace(self, module: nn.Module, call: ModuleCall, ctx: TraceContext) -> None:
         raise NotImplementedError

@@ -72,17 +72,15 @@ def main() -> None:
     held_out = batches(data, 1, 16, seed=1)[0]
 
     # Prune: calibration on a few token batches. Heads go in whole KV groups, head_dim stays.
-    # bias_compensation=False: compensation folds the removed channels' mean into new biases
-    # that Llama's config cannot declare, so plain from_pretrained would drop them (the logits
-    # would differ: measured 0.03 here, cleanai_pruning then says from_pretrained: False and names
-    # the biases; cleanai_core.io.load_pruned keeps them); without it the pruned model is a plain
-    # Llama that from_pretrained rebuilds exactly.
+    # The defaults fold the removed channels into the kept ones (least squares) and their mean
+    # into new o_proj / down_proj biases, which the config declares (attention_bias, mlp_bias:
+    # cleanai_pruning lists them), so plain from_pretrained rebuilds the model exactly. In a
+    # family without such switches (Qwen2, Mistral, ...) no bias is created instead.
     # ignored embed_tokens: the hidden size (the most sensitive width) stays.
     pruner = StructuredPruner(
         model,
         (held_out[:1],),
         pruning_ratio=args.ratio,
-        bias_compensation=False,
         ignored_layers=["model.embed_tokens"],
     )
     pruner.collect_activations(batches(data, 4, 8, seed=2))

@@ -124,7 +124,8 @@ def test_llm_example_reloads_with_from_pretrained_and_generates():
     assert numbers(r"heads: (\d+)/(\d+) -> (\d+)/(\d+)", out) == (8, 4, 4, 2)  # whole KV groups, GQA kept
     assert numbers(r"mlp: (\d+) -> (\d+)", out) == (384, 192)
     assert numbers(r"max logit difference after reload: ([\d.e+-]+)", out) == (0.0,)
-    assert "cleanai_pruning: {'from_pretrained': True, 'uniform': True}" in out
+    declared = "'biases_declared': ['attention_bias', 'mlp_bias']"
+    assert f"cleanai_pruning: {{{declared}, 'from_pretrained': True, 'uniform': True}}" in out
     assert numbers(r"generated (\d+) tokens: b'Return the ", out) == (12,)
 
 

@@ -33,11 +33,10 @@ def tiny_llama(**kw):
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
         max_position_embeddings=64,
         tie_word_embeddings=False,
         attn_implementation="sdpa",
-        **kw,
+        **{"num_key_value_heads": 4, **kw},
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
@@ -190,3 +189,20 @@ def test_target_params_keeps_the_asked_share_of_parameters():
     pruner.collect_activations([x], progress=False)
     share = count_params(pruner.prune()) / count_params(model)
     assert 0.78 < share <= 0.8
+
+
+def test_plugin_option_prunes_query_heads_per_group_on_the_command_line(tmp_path, capsys):
+    """``cleanai --plugin cleanai_plugins.zoo.transformers_gqa prune ...``: grouped-query
+    attention keeps its 2 KV heads and each group loses one of its 2 query heads; the
+    saved ``hf/`` folder reloads with ``from_pretrained``."""
+    model = save(tiny_llama(num_key_value_heads=2), tmp_path / "model")
+    (tmp_path / "docs.txt").write_text(TEXT)
+    args = ["prune", "--model", f"hf:{model}", "--data", str(tmp_path / "docs.txt"), "--ratio", "0.5", *FAST]
+    try:
+        assert main(["--plugin", "cleanai_plugins.zoo.transformers_gqa", *args, "--out", str(tmp_path / "o")]) == 0
+    finally:
+        set_plugin_manager(None)
+    config = json.loads((tmp_path / "o" / "hf" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 2)
+    assert main(["--plugin", "no_such_plugin_module", *args, "--out", str(tmp_path / "p")]) == 2
+    assert "--plugin no_such_plugin_module" in capsys.readouterr().err

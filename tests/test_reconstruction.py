@@ -182,3 +182,48 @@ def test_float32_moments_keep_the_second_moment_exact():
     # the variance of channels with std >= 0.1 x mean / 500 is good to a few percent
     torch.testing.assert_close(st.var[1:4], ref.var(0, unbiased=False)[1:4], rtol=0.05, atol=0)
     assert bool((st.var >= 0).all())
+
+
+class _NoNewBias:
+    """A test plugin filing the second layer under the ``no_new_bias`` finding."""
+
+    @staticmethod
+    def prepare(model):
+        from cleanai_plugins.layers.linear import no_new_bias
+
+        return no_new_bias(model[2])
+
+
+def test_a_layer_filed_under_no_new_bias_gets_the_least_squares_slope_and_no_bias():
+    """Removed inputs correlated with the kept ones (tanh features, moderate means): the
+    layer keeps no bias and its kept columns absorb the regression slope, which beats no
+    compensation; with a bias allowed the intercept goes to the bias, better still. (With
+    ReLU features, whose means are large, the slope alone can be worse than nothing: the
+    intercept it drops is big. A fit without intercept needs the kernel's statistics.)"""
+    from cleanai_core import hookimpl
+    from cleanai_core.plugins import temporary_plugin
+
+    class Plugin:
+        @hookimpl
+        def cleanai_prepare_model(self, model):
+            return _NoNewBias.prepare(model)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4, bias=False)).eval()
+    data = [torch.randn(64, 8) for _ in range(4)]
+    x = torch.randn(256, 8)
+
+    def prune(**options):
+        pruner = StructuredPruner(model, data[0], pruning_ratio=0.5, **options)
+        pruner.collect_activations(data, progress=False)
+        return pruner.prune()
+
+    with temporary_plugin(Plugin(), name="no-new-bias"):
+        ruled = prune()
+    free, plain = prune(), prune(bias_compensation=False)
+    assert ruled[2].bias is None and free[2].bias is not None and plain[2].bias is None
+    with torch.no_grad():
+        ref = model(x)
+        err = {k: float((m(x) - ref).square().mean()) for k, m in (("ruled", ruled), ("free", free), ("plain", plain))}
+    assert ruled[2].in_features == 8
+    assert err["free"] < err["ruled"] < 0.5 * err["plain"], err

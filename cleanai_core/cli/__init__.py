@@ -22,13 +22,28 @@ __all__ = ["main"]
 COMMANDS = ("prune", "plugins", "explain")
 
 
-def plugin_commands(disabled: list[str] | None = None) -> list[Any]:
-    """The subcommands plugins contribute (``cleanai_commands``), with ``--disable-plugin``
-    applied first."""
-    from cleanai_core.plugins import get_plugin_manager, make_plugin_manager, set_plugin_manager
+def use_plugins(disabled: list[str], extra: list[str]) -> None:
+    """The process's plugin manager without the ``--disable-plugin`` ones and with the
+    ``--plugin`` modules registered (a module typed on the command line: importing it is
+    the user's choice, as for ``--model package.module:factory``)."""
+    if not disabled and not extra:
+        return
+    from cleanai_core.plugins import make_plugin_manager, set_plugin_manager
 
-    if disabled:
-        set_plugin_manager(make_plugin_manager(disabled=disabled))
+    pm = make_plugin_manager(disabled=disabled)
+    for name in extra:
+        try:
+            pm.register(importlib.import_module(name), name=name)
+        except (ImportError, ValueError) as exc:  # ValueError: already registered (a built-in)
+            raise UserError(f"--plugin {name}: {exc}; give the import name of a plugin module") from None
+    pm.check_pending()
+    set_plugin_manager(pm)
+
+
+def plugin_commands() -> list[Any]:
+    """The subcommands plugins contribute (``cleanai_commands``)."""
+    from cleanai_core.plugins import get_plugin_manager
+
     commands = [c for found in get_plugin_manager().hook.cleanai_commands() for c in found or ()]
     for c in commands:
         if c.NAME in COMMANDS:
@@ -36,7 +51,7 @@ def plugin_commands(disabled: list[str] | None = None) -> list[Any]:
     return commands
 
 
-def build_parser(disabled: list[str] | None = None) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cleanai",
         description="Structured pruning of trained PyTorch models, scored on your test data.",
@@ -49,10 +64,18 @@ def build_parser(disabled: list[str] | None = None) -> argparse.ArgumentParser:
         metavar="NAME",
         help="block a plugin by name (repeatable); also CLEANAI_DISABLED_PLUGINS=a,b",
     )
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="register a plugin module by import name for this run (repeatable), e.g. "
+        "cleanai_plugins.zoo.transformers_gqa (grouped-query attention: query heads per group)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in [importlib.import_module(f"cleanai_core.cli.{name}") for name in COMMANDS]:
         module.add_parser(sub).set_defaults(_run=module.run)
-    for module in plugin_commands(disabled):
+    for module in plugin_commands():
         module.add_parser(sub).set_defaults(_run=module.run)
     return parser
 
@@ -95,10 +118,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False)  # the plugins decide which commands exist
     pre.add_argument("--disable-plugin", action="append", default=[])
-    parser = build_parser(pre.parse_known_args(argv)[0].disable_plugin)
+    pre.add_argument("--plugin", action="append", default=[])
+    known = pre.parse_known_args(argv)[0]
+    try:
+        use_plugins(known.disable_plugin, known.plugin)
+    except UserError as exc:
+        print(f"cleanai: error: {exc}", file=sys.stderr)
+        return 2
+    parser = build_parser()
     args = parser.parse_args(argv)
+    vars(args).pop("plugin", None)  # not a command option
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -1,4 +1,13 @@
-"""nn.Linear (and subclasses such as ``NonDynamicallyQuantizableLinear``)."""
+"""nn.Linear (and subclasses such as ``NonDynamicallyQuantizableLinear``).
+
+Compensation folds removed input channels into the layer: their mean into the bias,
+their least-squares prediction from the kept channels into the kept columns. A layer
+that has no bias gets one, unless a plugin filed it under the model finding
+:data:`NO_NEW_BIAS` (``cleanai_prepare_model``): a layer whose saved form cannot hold a
+bias (a Hugging Face config with no switch for it, so ``from_pretrained`` would rebuild
+it without). Such a layer keeps the least-squares fold into its kept columns and drops
+the constant part (mean compensation, the regression's intercept).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +17,31 @@ from cleanai_core import hookimpl
 from cleanai_core.graph.context import Label
 from cleanai_core.interfaces import LayerPruner, add_to_bias, replace_param, squared_weight
 
-__all__ = ["LinearPruner"]
+__all__ = ["NO_NEW_BIAS", "LinearPruner", "no_new_bias"]
+
+#: model findings key: modules (a set, joined across plugins) that compensation must not give a bias
+NO_NEW_BIAS = "no_new_bias"
+
+
+def no_new_bias(*modules) -> dict[str, set]:
+    """The findings that keep compensation from creating a bias in each of ``modules``:
+    return it from ``cleanai_prepare_model``."""
+    return {NO_NEW_BIAS: set(modules)}
 
 
 class LinearPruner(LayerPruner):
-    """Slices ``"in"`` (columns, read on the last input dim) and ``"out"`` (rows)."""
+    """Slices ``"in"`` (columns, read on the last input dim) and ``"out"`` (rows).
+
+    ``new_bias=False``: compensation never creates a bias (:data:`NO_NEW_BIAS`)."""
 
     name = "linear"
+    new_bias: bool = True
+
+    def __init__(self, new_bias: bool = True) -> None:
+        self.new_bias = new_bias
+
+    def _may_add_bias(self, module) -> bool:
+        return self.new_bias or module.bias is not None
 
     def trace(self, module, call, ctx):
         x = call.args[0] if call.args else call.kwargs.get("input")
@@ -54,7 +81,7 @@ class LinearPruner(LayerPruner):
         return rows if slice_name == "out" else cols
 
     def compensate(self, module, slice_name, removed, mean):
-        if slice_name != "in":
+        if slice_name != "in" or not self._may_add_bias(module):
             return False
         w = module.weight.detach()
         add_to_bias(module, w[:, removed] @ mean.to(w.dtype))
@@ -66,12 +93,13 @@ class LinearPruner(LayerPruner):
         w = module.weight.detach()
         w_removed = w[:, removed]
         w[:, kept] += w_removed @ coef.to(w.dtype)
-        add_to_bias(module, w_removed @ shift.to(w.dtype))
+        if self._may_add_bias(module):
+            add_to_bias(module, w_removed @ shift.to(w.dtype))
         return True
 
 
 @hookimpl(trylast=True)
-def cleanai_layer_pruner(module):
+def cleanai_layer_pruner(module, findings=None):
     if isinstance(module, nn.Linear) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
-        return LinearPruner()
+        return LinearPruner(new_bias=module not in (findings or {}).get(NO_NEW_BIAS, ()))
     return None

@@ -7,6 +7,7 @@ import math
 from cleanai_core import hookimpl
 from cleanai_core.graph.elementwise import broadcast, elementwise
 from cleanai_plugins.mappers._registry import MapperTable, arg
+from cleanai_plugins.mappers.gqa import couple_groups
 
 table = MapperTable()
 
@@ -119,12 +120,13 @@ def mul(call, ctx):
 def _grouped(ctx, a, b) -> bool:
     """Grouped-query attention (``enable_gqa``): the side with ``n`` heads serves
     ``m / n`` consecutive heads of the side with ``m``; a key/value head and its query
-    heads go together (whole KV groups). ``False`` when the counts do not divide."""
+    heads go together (whole KV groups), or, in a module filed for it, the KV heads stay
+    and each group loses the same query heads (:mod:`~cleanai_plugins.mappers.gqa`).
+    ``False`` when the counts do not divide."""
     big, small = (a, b) if a.atoms.numel() > b.atoms.numel() else (b, a)
-    n, m = small.atoms.numel(), big.atoms.numel()
-    if m % n:
+    if big.atoms.numel() % small.atoms.numel():
         return False
-    ctx.union(big.atoms.reshape(n, m // n), small.atoms[:, None].expand(n, m // n))
+    couple_groups(ctx, big.atoms, small.atoms)
     return True
 
 

@@ -10,6 +10,7 @@ import torch
 from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
 from cleanai_plugins.mappers._registry import MapperTable, arg
+from cleanai_plugins.mappers.gqa import expand_group_dim
 
 __all__ = ["CHANNEL_RANGES", "allow_channel_ranges", "allow_unequal_split", "reshape_label"]
 
@@ -112,6 +113,11 @@ def identity(call, ctx):
         ctx.freeze(lab.atoms, f"{ctx.where()} changes the shape")
 
 
+def _repeats_along(grid: torch.Tensor, dim: int) -> bool:
+    """Whether every slice of ``grid`` along ``dim`` holds the same atoms."""
+    return grid.shape[dim] > 1 and bool((grid == grid.narrow(dim, 0, 1)).all())
+
+
 def reshape_label(ctx, src: TRef, out: TRef) -> None:
     """Map the label of ``src`` onto ``out`` of another shape with the same numel.
 
@@ -149,7 +155,10 @@ def reshape_label(ctx, src: TRef, out: TRef) -> None:
     event = ctx.event.index
     choice = ctx.split_choices.get(event)
     if choice is None and ctx.keeps_whole_heads():
-        choice = 0  # (heads, head_dim), (heads, 3, head_dim), (kv, group, head_dim): the heads
+        # (heads, head_dim), (heads, 3, head_dim), (kv, group, head_dim): the heads, the
+        # outermost dimension that is not a copy (eager attention's bmm folds the batch
+        # into the heads, ``(b * heads) -> (b, heads)``: the batch repeats the same atoms)
+        choice = next((i for i in range(len(dims) - 1) if not _repeats_along(grid, i)), len(dims) - 1)
     elif choice is None:
         costs = []
         for i in range(len(dims)):
@@ -240,6 +249,8 @@ def expand(call, ctx):
     shift = out.ndim - src.ndim
     if src.shape[lab.dim] != out.shape[lab.dim + shift]:
         ctx.freeze(lab.atoms, f"{ctx.where()} broadcasts a single channel")
+        return
+    if expand_group_dim(ctx, src, out, lab):  # repeat_kv, query heads per group
         return
     ctx.set_label(out, lab.dim + shift, lab.atoms, lab.origin)
 

@@ -8,6 +8,9 @@
   (:mod:`.experts`); the router is untouched;
 - ``Conv1D`` (GPT-2) has a layer pruner (:mod:`.conv1d`); RMS norms are claimed like
   ``nn.RMSNorm``, so the hidden size can shrink;
+- layers whose config cannot declare a bias (Qwen2's ``o_proj``, Mistral's ``down_proj``)
+  are filed under ``no_new_bias`` (:mod:`.bias`): compensation folds into their kept
+  columns and creates no bias, so the default options still reload;
 - after slicing, attention attributes (:mod:`.attention`) and ``config``
   (:mod:`.config`) are rewritten from the modules, so ``save_pretrained`` ->
   ``from_pretrained`` rebuilds the pruned model when every layer kept the same widths.
@@ -25,9 +28,12 @@ try:  # guarded: transformers is an optional extra
 except ImportError:  # pragma: no cover - exercised only without transformers
     PreTrainedModel = Conv1D = None
 
+from cleanai_plugins.layers.linear import no_new_bias
 from cleanai_plugins.layers.norm import RMSNormPruner
+from cleanai_plugins.mappers.gqa import GQA_QUERY_HEADS
 from cleanai_plugins.mappers.shape import allow_channel_ranges
 from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_qkv, is_attention
+from cleanai_plugins.zoo.transformers.bias import undeclarable
 from cleanai_plugins.zoo.transformers.config import fix_config
 from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
 from cleanai_plugins.zoo.transformers.experts import ExpertsPruner, is_experts
@@ -68,21 +74,28 @@ def cleanai_whole_heads(model):
 @hookimpl
 def cleanai_prepare_model(model):
     """The q, k, v ranges of a fused ``qkv_proj`` are taken by fixed bounds: the
-    attention fix-ups rewrite them after slicing."""
+    attention fix-ups rewrite them after slicing. Layers whose bias no config switch
+    can declare get none from compensation."""
     if PreTrainedModel is None:
         return None
     fused = [m for m in model.modules() if is_attention(m) and has_fused_qkv(m)]
-    return allow_channel_ranges(*fused) if fused else None
+    bare = [m for _, hf in outermost(model, PreTrainedModel) for m in undeclarable(hf)]
+    found = {**(allow_channel_ranges(*fused) if fused else {}), **(no_new_bias(*bare) if bare else {})}
+    return found or None
 
 
 @hookimpl(trylast=True)
-def cleanai_after_prune(module, name, edits):
+def cleanai_after_prune(module, name, edits, findings=None):
     if PreTrainedModel is None or not edits:
         return
+    kept = (findings or {}).get(GQA_QUERY_HEADS, ())  # attention that kept its key/value heads
     if is_attention(module):
-        fix_attention(module)
-    if name == "":  # once, at the root: every outermost transformers model in it
+        fix_attention(module, module in kept)
+    if name == "":  # once, at the root (before its children): every outermost transformers model in it
         for _, model in outermost(module, PreTrainedModel):
+            for attn in model.modules():
+                if is_attention(attn):
+                    fix_attention(attn, attn in kept)
             fix_config(model)
 
 

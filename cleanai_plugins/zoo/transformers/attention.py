@@ -75,9 +75,12 @@ def _int_attr(module: nn.Module, names: tuple[str, ...]) -> str | None:
     return None
 
 
-def head_counts(module: nn.Module) -> tuple[int, int | None, int] | None:
+def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | None, int] | None:
     """``(query heads, key/value heads or None, head_dim)`` of an attention module, read
-    from its projections' widths; ``None`` when they cannot be read."""
+    from its projections' widths; ``None`` when they cannot be read. ``kv_kept``: the
+    module pruned query heads per group and kept its key/value heads
+    (:mod:`cleanai_plugins.mappers.gqa`), which a fused ``qkv_proj``'s width alone
+    cannot tell from whole groups gone."""
     hd_attr = _int_attr(module, HEAD_DIM_ATTRS)
     if hd_attr is None:
         return None
@@ -85,6 +88,9 @@ def head_counts(module: nn.Module) -> tuple[int, int | None, int] | None:
     width = None
     fused = proj_width(getattr(module, "qkv_proj", None))
     groups = getattr(module, "num_key_value_groups", None)
+    kv_heads = getattr(module, "num_key_value_heads", None)
+    if fused is not None and kv_kept and isinstance(kv_heads, int) and fused // hd > 2 * kv_heads:
+        return fused // hd - 2 * kv_heads, kv_heads, hd
     if fused is not None and isinstance(groups, int) and fused % (hd * (groups + 2)) == 0:
         # Phi-3: rows [q (kv * groups heads), k (kv heads), v (kv heads)]; whole KV groups go
         kv = fused // (hd * (groups + 2))
@@ -103,9 +109,10 @@ def head_counts(module: nn.Module) -> tuple[int, int | None, int] | None:
     return width // hd, kv, hd
 
 
-def fix_attention(module: nn.Module) -> None:
-    """Set the head counts and widths of a pruned attention module from its projections."""
-    counts = head_counts(module)
+def fix_attention(module: nn.Module, kv_kept: bool = False) -> None:
+    """Set the head counts and widths of a pruned attention module from its projections
+    (``kv_kept``: see :func:`head_counts`)."""
+    counts = head_counts(module, kv_kept)
     if counts is None:
         return
     heads, kv, hd = counts

@@ -8,9 +8,13 @@ those layers, the switch is set and every layer it controls gets a zero bias whe
 has none: the outputs do not change and the rebuilt model has the same tensors.
 
 Which switch controls which layers is measured, not listed: the model is rebuilt on the
-meta device with the switch off and on. A family without such a switch for every new bias (Qwen2, Mistral,
-Mixtral, Phi-3: ``bias=False`` in the code; Qwen3, Gemma: ``attention_bias`` only) is left
-as it is, and the rebuild check records ``from_pretrained: false``.
+meta device with the switch off and on. Layers no switch can give a bias (Qwen2, Mistral,
+Mixtral, Phi-3: ``bias=False`` in the code; Qwen3, Gemma: ``attention_bias`` only, the
+MLP has no switch) are found before pruning (:func:`undeclarable`) and filed under the
+``no_new_bias`` finding, so compensation folds into their kept columns only and never
+creates a bias ``from_pretrained`` could not rebuild. A bias that still has no switch
+(another plugin's) is left as it is, and the rebuild check records
+``from_pretrained: false``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 
 from cleanai_plugins.zoo.transformers.attention import proj_width
 
-__all__ = ["declare_biases"]
+__all__ = ["declare_biases", "undeclarable"]
 
 FLAGS = ("attention_bias", "mlp_bias")
 
@@ -42,6 +46,35 @@ def _with(config, flags: list[str]):
     for flag in flags:
         setattr(config, flag, True)
     return config
+
+
+def _switches(model: nn.Module, config, base: set[str], flags) -> dict[str, set[str]]:
+    """``{flag: bias keys it adds}`` for each flag whose every layer can take a bias."""
+    names = dict(model.named_modules())
+    usable = {}
+    for flag in flags:
+        controlled = (_bias_keys(model, _with(config, [flag])) or set()) - base
+        if controlled and all(proj_width(names.get(k.rpartition(".")[0])) is not None for k in controlled):
+            usable[flag] = controlled
+    return usable
+
+
+def undeclarable(model: nn.Module) -> list[nn.Module]:
+    """The ``nn.Linear`` layers of a transformers model that have no bias and that no
+    config switch can give one: a bias compensation created there would not survive
+    ``save_pretrained`` -> ``from_pretrained``."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return []
+    bare = {f"{n}.bias": m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is None}
+    if not bare:
+        return []
+    base = _bias_keys(model, copy.deepcopy(config))
+    if base is None:
+        return []
+    flags = [f for f in FLAGS if getattr(config, f, None) is False]
+    declarable = set().union(*_switches(model, config, base, flags).values())
+    return [m for k, m in bare.items() if k not in declarable]
 
 
 def _add_zero_bias(module: nn.Module) -> bool:
@@ -70,11 +103,8 @@ def declare_biases(model: nn.Module) -> list[str]:
         return []
     names = dict(model.named_modules())
     flipped, wanted = [], set()
-    for flag in candidates:
-        controlled = (_bias_keys(model, _with(config, [flag])) or set()) - base
-        owners = [names.get(k.rpartition(".")[0]) for k in controlled]
-        # every layer the switch controls must be able to take a bias
-        if controlled & have and all(proj_width(m) is not None for m in owners):
+    for flag, controlled in _switches(model, config, base, candidates).items():
+        if controlled & have:
             flipped.append(flag)
             wanted |= controlled
     if not flipped or (have - base) - wanted:  # a bias no switch declares: zero biases would buy nothing
