@@ -178,9 +178,12 @@ def criteria() -> dict:
     }
 
 
-def prune_one(model, example, cal_loader, crit, comp: str, target: float, global_pruning: bool = False):
-    """``comp``: "ls" (least-squares reconstruction + BN recalibration, the default),
-    "mean" (mean/bias compensation + BN recalibration) or "off"."""
+def prune_one(
+    model, example, cal_loader, crit, comp: str, target: float, global_pruning: bool = False, bn: bool | None = None
+):
+    """``comp``: "ls" (least-squares reconstruction + BN correction, the default),
+    "mean" (mean/bias compensation + BN correction) or "off". ``bn`` overrides whether
+    the BN correction runs (default: with the compensation)."""
     pruner = StructuredPruner(
         model,
         example,
@@ -189,13 +192,73 @@ def prune_one(model, example, cal_loader, crit, comp: str, target: float, global
         ignored_layers=[model.fc if not isinstance(model, MLP) else model.fc3],
         bias_compensation=comp != "off",
         reconstruction=comp == "ls",
-        recalibrate_bn=comp != "off",
+        recalibrate_bn=comp != "off" if bn is None else bn,
         global_pruning=global_pruning,
     )
     pruner.collect_activations(cal_loader, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return pruner.prune()
+
+
+# -- BatchNorm statistics after pruning (issue 14) ---------------------------------------
+
+
+@torch.no_grad()
+def train_mode_recalibration(model: nn.Module, loader) -> nn.Module:
+    """The recalibration the BN correction replaced, kept here only as a baseline: every
+    BN's running statistics reset and re-estimated in train mode (cumulative average,
+    ``momentum=None``) over the calibration batches, then eval."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for xb, _ in loader:
+        model(xb)
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+BN_MODES = ("correction", "none", "train-mode")
+
+
+def bn_table(names, train_d, cal_d, ev_d) -> list[str]:
+    """At each FLOPs target: today's BN correction, no BN statistics update at all, and
+    the old train-mode recalibration, with the default criterion and both compensations."""
+    cal_loader = DataLoader(TensorDataset(*cal_d), batch_size=64)
+    rows = [
+        "| model | compensation | FLOPs target | FLOPs kept | BN correction (today) | s | no BN update | s "
+        "| train-mode recalibration | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(rows), flush=True)
+    for name in names:
+        model = train(name, train_d)
+        example = cal_d[0][:2]
+        base_flops = count_flops(model, example)
+        for comp in ("ls", "mean"):
+            for target in TARGETS:
+                cells = []
+                for mode in BN_MODES:
+                    t0 = time.time()
+                    pruned = prune_one(
+                        model, example, cal_loader, criteria()["wa_mult"], comp, target, bn=mode == "correction"
+                    )
+                    if mode == "train-mode":
+                        train_mode_recalibration(pruned, cal_loader)
+                    cells.append((accuracy(pruned, ev_d), time.time() - t0))
+                fl = count_flops(pruned, example) / base_flops
+                line = (
+                    f"| {name} | {comp} | {target:.2f} | {fl:.3f} | "
+                    + " | ".join(f"{a:.4f} | {s:.1f}" for a, s in cells)
+                    + " |"
+                )
+                print(line, flush=True)
+                rows.append(line)
+    return rows
 
 
 # -- recovery (issue 17) ---------------------------------------------------------------------
@@ -283,6 +346,7 @@ def main() -> None:
     ap.add_argument("--global", dest="glob", action="store_true", help="also global ranking (default criterion)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--recovery", action="store_true", help="only the recovery table (issue 17)")
+    ap.add_argument("--bn", action="store_true", help="only the BatchNorm table: correction, none, train mode (#14)")
     ap.add_argument("--epochs", type=int, default=10, help="--recovery: training epochs after pruning")
     ap.add_argument("--lr", type=float, default=3e-3, help="--recovery: AdamW learning rate (default 3e-3)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a crowded machine)")
@@ -295,6 +359,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.time()
     train_d, cal_d, ev_d = load_data()
+    if args.bn:
+        rows = bn_table([n for n in args.models.split(",") if n != "mlp"], train_d, cal_d, ev_d)
+        meta = (
+            f"Machine: {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; total {time.time() - t_start:.0f} s."
+        )
+        print(meta)
+        write_table(Path(args.out), "\n".join([*rows, "", meta]), BN_MARKERS)
+        return
     if args.recovery:
         rows = recovery_table(args.models.split(","), train_d, cal_d, ev_d, args.epochs, args.lr)
         meta = (
@@ -354,6 +427,7 @@ def main() -> None:
 
 START, END = "<!-- table:start -->", "<!-- table:end -->"
 RECOVERY_MARKERS = ("<!-- recovery:start -->", "<!-- recovery:end -->")
+BN_MARKERS = ("<!-- bn:start -->", "<!-- bn:end -->")
 
 
 def write_table(path: Path, table: str, markers: tuple[str, str] = (START, END)) -> None:
