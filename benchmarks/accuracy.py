@@ -12,12 +12,13 @@ Run::
     python benchmarks/accuracy.py --quick         # one target, fewer configs
     python benchmarks/accuracy.py --global        # adds global ranking rows
     python benchmarks/accuracy.py --recovery      # issue 17: retraining at 2x and 4x fewer FLOPs
+    python benchmarks/accuracy.py --bn            # issue 14: BN correction vs none vs train mode
 
 ``--recovery`` trains after pruning on the train split only (its own 10% held out for
 early stopping): distillation from the original (``cleanai_core.recover``), plain
 fine-tuning without a teacher for the same epochs, and gradual pruning inside a training
-loop (``GradualPruner``) with the same loss and epochs. Accuracy is still measured on the
-evaluation half of the test split.
+loop (``GradualPruner``) with the same loss, epochs and held-out split, each over
+``--seeds`` seeds. Accuracy is still measured on the evaluation half of the test split.
 
 Needs scikit-learn (the ``test`` extra) for ``sklearn.datasets.load_digits``.
 """
