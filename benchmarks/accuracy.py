@@ -210,16 +210,16 @@ def train_mode_recalibration(model: nn.Module, loader) -> nn.Module:
     """The recalibration the BN correction replaced, kept here only as a baseline: every
     BN's running statistics reset and re-estimated in train mode (cumulative average,
     ``momentum=None``) over the calibration batches, then eval."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [(m, m.momentum) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     model.eval()
-    for m in bns:
+    for m, _ in bns:
         m.reset_running_stats()
         m.momentum = None
         m.train()
     for xb, _ in loader:
         model(xb)
-    for m in bns:
-        m.momentum = 0.1
+    for m, momentum in bns:
+        m.momentum = momentum
     return model.eval()
 
 
