@@ -12,12 +12,13 @@ Run::
     python benchmarks/accuracy.py --quick         # one target, fewer configs
     python benchmarks/accuracy.py --global        # adds global ranking rows
     python benchmarks/accuracy.py --recovery      # issue 17: retraining at 2x and 4x fewer FLOPs
+    python benchmarks/accuracy.py --bn            # issue 14: BN correction vs none vs train mode
 
 ``--recovery`` trains after pruning on the train split only (its own 10% held out for
 early stopping): distillation from the original (``cleanai_core.recover``), plain
 fine-tuning without a teacher for the same epochs, and gradual pruning inside a training
-loop (``GradualPruner``) with the same loss and epochs. Accuracy is still measured on the
-evaluation half of the test split.
+loop (``GradualPruner``) with the same loss, epochs and held-out split, each over
+``--seeds`` seeds. Accuracy is still measured on the evaluation half of the test split.
 
 Needs scikit-learn (the ``test`` extra) for ``sklearn.datasets.load_digits``.
 """
@@ -178,9 +179,12 @@ def criteria() -> dict:
     }
 
 
-def prune_one(model, example, cal_loader, crit, comp: str, target: float, global_pruning: bool = False):
-    """``comp``: "ls" (least-squares reconstruction + BN recalibration, the default),
-    "mean" (mean/bias compensation + BN recalibration) or "off"."""
+def prune_one(
+    model, example, cal_loader, crit, comp: str, target: float, global_pruning: bool = False, bn: bool | None = None
+):
+    """``comp``: "ls" (least-squares reconstruction + BN correction, the default),
+    "mean" (mean/bias compensation + BN correction) or "off". ``bn`` overrides whether
+    the BN correction runs (default: with the compensation)."""
     pruner = StructuredPruner(
         model,
         example,
@@ -189,7 +193,7 @@ def prune_one(model, example, cal_loader, crit, comp: str, target: float, global
         ignored_layers=[model.fc if not isinstance(model, MLP) else model.fc3],
         bias_compensation=comp != "off",
         reconstruction=comp == "ls",
-        recalibrate_bn=comp != "off",
+        recalibrate_bn=comp != "off" if bn is None else bn,
         global_pruning=global_pruning,
     )
     pruner.collect_activations(cal_loader, progress=False)
@@ -198,57 +202,158 @@ def prune_one(model, example, cal_loader, crit, comp: str, target: float, global
         return pruner.prune()
 
 
+# -- BatchNorm statistics after pruning (issue 14) ---------------------------------------
+
+
+@torch.no_grad()
+def train_mode_recalibration(model: nn.Module, loader) -> nn.Module:
+    """The recalibration the BN correction replaced, kept here only as a baseline: every
+    BN's running statistics reset and re-estimated in train mode (cumulative average,
+    ``momentum=None``) over the calibration batches, then eval."""
+    bns = [(m, m.momentum) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model.eval()
+    for m, _ in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for xb, _ in loader:
+        model(xb)
+    for m, momentum in bns:
+        m.momentum = momentum
+    return model.eval()
+
+
+BN_MODES = ("correction", "none", "train-mode")
+
+
+def bn_table(names, train_d, cal_d, ev_d) -> list[str]:
+    """At each FLOPs target: today's BN correction, no BN statistics update at all, and
+    the old train-mode recalibration, with the default criterion and both compensations."""
+    cal_loader = DataLoader(TensorDataset(*cal_d), batch_size=64)
+    rows = [
+        "| model | compensation | FLOPs target | FLOPs kept | BN correction (today) | s | no BN update | s "
+        "| train-mode recalibration | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(rows), flush=True)
+    for name in names:
+        model = train(name, train_d)
+        example = cal_d[0][:2]
+        base_flops = count_flops(model, example)
+        for comp in ("ls", "mean"):
+            for target in TARGETS:
+                cells = []
+                for mode in BN_MODES:
+                    t0 = time.time()
+                    pruned = prune_one(
+                        model, example, cal_loader, criteria()["wa_mult"], comp, target, bn=mode == "correction"
+                    )
+                    if mode == "train-mode":
+                        train_mode_recalibration(pruned, cal_loader)
+                    cells.append((accuracy(pruned, ev_d), time.time() - t0))
+                fl = count_flops(pruned, example) / base_flops
+                line = (
+                    f"| {name} | {comp} | {target:.2f} | {fl:.3f} | "
+                    + " | ".join(f"{a:.4f} | {s:.1f}" for a, s in cells)
+                    + " |"
+                )
+                print(line, flush=True)
+                rows.append(line)
+    return rows
+
+
 # -- recovery (issue 17) ---------------------------------------------------------------------
 
 
 RECOVERY_TARGETS = (0.5, 0.25)
+VAL_FRACTION = 0.1  # recover()'s default held-out share of the train split
 
 
-def gradual_run(model, example, cal_loader, train_part, target: float, epochs: int, steps: int, **kw):
-    """One optimizer from start to end: ``steps`` pruning steps (cubic, to ``target`` of the
-    FLOPs) at the ends of the first ``steps`` epochs, distilling from the original all along."""
+def held_out_split(train_d, seed: int):
+    """The ``(train part, held-out part)`` that ``recover(..., seed=seed)`` splits off."""
+    n = len(train_d[1])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(n * VAL_FRACTION))
+    return tuple(t[perm[n_val:]] for t in train_d), tuple(t[perm[:n_val]] for t in train_d)
+
+
+def gradual_run(model, example, cal_loader, train_d, target: float, epochs: int, steps: int, lr: float, seed: int):
+    """The protocol of one-shot + ``recover`` with the pruning spread out: one AdamW
+    optimizer (no decay on 1-D parameters), warm-up and cosine decay over all epochs, the
+    distillation loss, the same train / held-out split. A ``GradualPruner`` step (cubic
+    schedule to ``target`` of the FLOPs) opens each of the first ``steps`` epochs (the
+    first on the trained model, as the one-shot pruning does); among the epochs at the
+    final size the best on the held-out part is kept."""
     import copy
 
     from cleanai_core.gradual import GradualPruner, PruningSchedule
     from cleanai_core.recovery import _lr_lambda, distillation_loss
 
-    teacher = model
+    torch.manual_seed(seed)
+    train_part, held = held_out_split(train_d, seed)
     student = copy.deepcopy(model)
-    opt = torch.optim.AdamW(student.parameters(), lr=kw["lr"], weight_decay=0.01)
-    loader = DataLoader(train_part, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(epochs * len(loader), round(0.05 * epochs * len(loader))))
+    params = list(student.parameters())
+    opt = torch.optim.AdamW(
+        [
+            {"params": [q for q in params if q.dim() > 1], "weight_decay": 0.01},
+            {"params": [q for q in params if q.dim() <= 1], "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(TensorDataset(*train_part), batch_size=64, shuffle=True, generator=gen)
+    total = epochs * len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, round(0.05 * total)))
     gp = GradualPruner(
         student, example, opt, PruningSchedule(final=1 - target, steps=steps),
         ignored_layers=[student.fc if not isinstance(student, MLP) else student.fc3],
     )  # fmt: skip
-    for epoch in range(epochs):
+    best, best_state = -1.0, None
+    for _ in range(epochs):
+        if not gp.done:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gp.step(cal_loader)
         student.train()
         for xb, yb in loader:
             with torch.no_grad():
-                t_logits = teacher(xb)
+                t_logits = model(xb)
             loss = distillation_loss(student(xb), t_logits, yb)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-        if epoch < steps:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                gp.step(cal_loader)
+        if gp.done and (score := accuracy(student, held)) >= best:  # a tie takes the later epoch, as recover()
+            best, best_state = score, copy.deepcopy(student.state_dict())
+    student.load_state_dict(best_state)
     return student.eval()
 
 
-def recovery_table(names, train_d, cal_d, ev_d, epochs: int, lr: float) -> list[str]:
+def nll(model: nn.Module, data) -> float:
+    with torch.no_grad():
+        return float(F.cross_entropy(model.eval()(data[0]), data[1]))
+
+
+def spread(values) -> str:
+    """``mean ± standard deviation`` (population, over the seeds) in percent."""
+    t = torch.tensor(values, dtype=torch.float64) * 100
+    return f"{float(t.mean()):.2f} ± {float(t.std(correction=0)):.2f}"
+
+
+def recovery_table(names, train_d, cal_d, ev_d, epochs: int, lr: float, seeds: int) -> list[str]:
+    """Per model and FLOPs target, over ``seeds`` seeds (each its own held-out split and
+    shuffling, shared by the three methods): distillation, fine-tuning without a teacher,
+    gradual pruning. Accuracy in % as mean ± spread, the paired difference teacher − no
+    teacher in evaluation images per seed, and the evaluation cross-entropy (NLL)."""
     from cleanai_core.recovery import recover
 
     cal_loader = DataLoader(TensorDataset(*cal_d), batch_size=64)
-    n = len(train_d[1])
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    train_part = TensorDataset(*(t[perm[n // 10 :]] for t in train_d))  # what recover() trains on, too
+    steps = max(2, epochs // 3)
     rows = [
-        "| model | FLOPs target | FLOPs kept | original | no retraining | recovered (teacher) | s | "
-        "% of original | fine-tuned (no teacher) | s | gradual (FLOPs kept) | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | FLOPs target | FLOPs kept | original | no retraining | recovered (teacher) | NLL | s "
+        "| % of original | fine-tuned (no teacher) | NLL | s | teacher − none (images per seed) "
+        "| gradual (FLOPs kept) | NLL | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(rows), flush=True)
     for name in names:
@@ -259,22 +364,40 @@ def recovery_table(names, train_d, cal_d, ev_d, epochs: int, lr: float) -> list[
         for target in RECOVERY_TARGETS:
             pruned = prune_one(model, example, cal_loader, criteria()["wa_mult"], "ls", target)
             fl = count_flops(pruned, example) / base_flops
-            cells = {}
-            for key, teacher in (("kd", model), ("ft", None)):
+            runs = {"kd": [], "ft": [], "gradual": []}  # (accuracy, nll, seconds) per seed
+            g_flops = []
+            for seed in range(seeds):
+                for key, teacher in (("kd", model), ("ft", None)):
+                    t0 = time.time()
+                    out, _ = recover(
+                        pruned, teacher, TensorDataset(*train_d), epochs=epochs, lr=lr, seed=seed, progress=False
+                    )
+                    runs[key].append((accuracy(out, ev_d), nll(out, ev_d), time.time() - t0))
                 t0 = time.time()
-                out, _ = recover(pruned, teacher, TensorDataset(*train_d), epochs=epochs, lr=lr, progress=False)
-                cells[key] = (accuracy(out, ev_d), time.time() - t0)
-            t0 = time.time()
-            g = gradual_run(model, example, cal_loader, train_part, target, epochs, steps=max(2, epochs // 3), lr=lr)
-            g_s, g_fl, g_acc = time.time() - t0, count_flops(g, example) / base_flops, accuracy(g, ev_d)
+                g = gradual_run(model, example, cal_loader, train_d, target, epochs, steps, lr, seed)
+                runs["gradual"].append((accuracy(g, ev_d), nll(g, ev_d), time.time() - t0))
+                g_flops.append(count_flops(g, example) / base_flops)
+            cell = {k: (spread([r[0] for r in v]), sum(r[1] for r in v) / seeds, sum(r[2] for r in v) / seeds)
+                    for k, v in runs.items()}  # fmt: skip
+            kd_mean = sum(r[0] for r in runs["kd"]) / seeds
+            pairs = zip(runs["kd"], runs["ft"], strict=True)
+            diff = " ".join(f"{round((a[0] - b[0]) * len(ev_d[1])):+d}" for a, b in pairs)
             line = (
-                f"| {name} | {target:.2f} | {fl:.3f} | {base:.4f} | {accuracy(pruned, ev_d):.4f} "
-                f"| **{cells['kd'][0]:.4f}** | {cells['kd'][1]:.0f} | {100 * cells['kd'][0] / base:.1f} "
-                f"| {cells['ft'][0]:.4f} | {cells['ft'][1]:.0f} | {g_acc:.4f} ({g_fl:.3f}) | {g_s:.0f} |"
+                f"| {name} | {target:.2f} | {fl:.3f} | {100 * base:.2f} | {100 * accuracy(pruned, ev_d):.2f} "
+                f"| {cell['kd'][0]} | {cell['kd'][1]:.4f} | {cell['kd'][2]:.1f} | {100 * kd_mean / base:.1f} "
+                f"| {cell['ft'][0]} | {cell['ft'][1]:.4f} | {cell['ft'][2]:.1f} | {diff} "
+                f"| {cell['gradual'][0]} ({max(g_flops):.3f}) | {cell['gradual'][1]:.4f} | {cell['gradual'][2]:.1f} |"
             )
             print(line, flush=True)
             rows.append(line)
     return rows
+
+
+def machine_line(t_start: float, extra: str = "") -> str:
+    return (
+        f"Machine: {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {extra}total {time.time() - t_start:.0f} s."
+    )
 
 
 def main() -> None:
@@ -283,7 +406,9 @@ def main() -> None:
     ap.add_argument("--global", dest="glob", action="store_true", help="also global ranking (default criterion)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--recovery", action="store_true", help="only the recovery table (issue 17)")
+    ap.add_argument("--bn", action="store_true", help="only the BatchNorm table: correction, none, train mode (#14)")
     ap.add_argument("--epochs", type=int, default=10, help="--recovery: training epochs after pruning")
+    ap.add_argument("--seeds", type=int, default=3, help="--recovery: seeds per cell (mean ± spread)")
     ap.add_argument("--lr", type=float, default=3e-3, help="--recovery: AdamW learning rate (default 3e-3)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a crowded machine)")
     ap.add_argument(
@@ -295,15 +420,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.time()
     train_d, cal_d, ev_d = load_data()
-    if args.recovery:
-        rows = recovery_table(args.models.split(","), train_d, cal_d, ev_d, args.epochs, args.lr)
-        meta = (
-            f"Machine: {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; {args.epochs} epochs, lr {args.lr}; "
-            f"total {time.time() - t_start:.0f} s."
-        )
+    if args.bn:
+        rows = bn_table([n for n in args.models.split(",") if n != "mlp"], train_d, cal_d, ev_d)
+        meta = machine_line(t_start)
         print(meta)
-        write_table(Path(args.out), "\n".join([*rows, "", meta]), RECOVERY_MARKERS)
+        write_table(Path(args.out), "\n".join([*rows, "", meta]), BN_MARKERS)
+        return
+    if args.recovery:
+        rows = recovery_table(args.models.split(","), train_d, cal_d, ev_d, args.epochs, args.lr, args.seeds)
+        meta = machine_line(t_start, f"{args.epochs} epochs, lr {args.lr}, {args.seeds} seeds; ")
+        print(meta)
+        markers = RECOVERY_MARKERS if args.epochs == 10 else tuple(m.replace("recovery", f"recovery-e{args.epochs}")
+                                                                   for m in RECOVERY_MARKERS)  # fmt: skip
+        write_table(Path(args.out), "\n".join([*rows, "", meta]), markers)
         return
     cal_loader = DataLoader(TensorDataset(*cal_d), batch_size=64)
     targets = (0.5,) if args.quick else TARGETS
@@ -343,17 +472,14 @@ def main() -> None:
                 )
                 print(line, flush=True)
                 rows.append(line)
-    elapsed = time.time() - t_start
-    meta = (
-        f"Machine: {platform.processor() or platform.machine()}, {platform.system()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; total {elapsed:.0f} s."
-    )
+    meta = machine_line(t_start)
     print(meta)
     write_table(Path(args.out), "\n".join([header, sep, *rows, "", meta]))
 
 
 START, END = "<!-- table:start -->", "<!-- table:end -->"
 RECOVERY_MARKERS = ("<!-- recovery:start -->", "<!-- recovery:end -->")
+BN_MARKERS = ("<!-- bn:start -->", "<!-- bn:end -->")
 
 
 def write_table(path: Path, table: str, markers: tuple[str, str] = (START, END)) -> None:

@@ -25,12 +25,15 @@ The correction (eval mode throughout; any batch size, also one value per channel
    ``var_orig`` is below the norm's ``eps``; clamped at 0)
 
    where ``base_*`` are the statistics the model was trained with, sliced to the kept
-   channels. During a pass every norm holds the estimate of the pass before (the trained
-   statistics in the first), so a pass's result does not depend on the order or the
-   sharding of the batches; each pass carries the correction one norm deeper into the
-   chain of norms that feed each other. Where pruning changed nothing (dead units: zero
-   weights, zero activations), both moments agree and the statistics stay as trained, to
-   float tolerance.
+   channels. In the first pass each call normalises with the statistics moved by that
+   call's own difference (as train mode normalises with each batch's statistics), so the
+   norms below already see a corrected input: one pass corrects a chain of any depth. In
+   later passes every norm holds the estimate of the pass before, which refines it toward
+   the fixed point (each such pass alone would carry the correction only one norm deeper:
+   three of them left 10 chained norms of a small ResNet far off, 42% instead of 94%
+   accuracy at half the FLOPs). No pass depends on the order or the sharding of the
+   batches. Where pruning changed nothing (dead units: zero weights, zero activations),
+   both moments agree and the statistics stay as trained, to float tolerance.
 
 The trained statistics are never replaced by estimates from the (small) calibration set,
 and nothing runs in train mode, so a norm that sees one value per channel (after global
@@ -99,6 +102,19 @@ def recording(model: nn.Module, moments: Moments) -> Iterator[Moments]:
             h.remove()
 
 
+def _shifted(
+    base_mean: torch.Tensor, base_var: torch.Tensor, eps: float, pruned: tuple, orig: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trained statistics moved by the difference between the pruned and the original
+    moments ``(count, mean, M2)`` (see the module doc), in float64 on the CPU."""
+    (n_p, mean_p, m2_p), (n_o, mean_o, m2_o) = pruned, orig
+    var_p, var_o = m2_p / n_p, m2_o / n_o
+    ratio = torch.where(var_o > eps, var_p / var_o.clamp_min(eps), torch.ones_like(var_o))
+    base_var = base_var.to(torch.float64).cpu()
+    new_var = torch.where(var_o > eps, base_var * ratio, base_var + (var_p - var_o)).clamp_min(0.0)
+    return base_mean.to(torch.float64).cpu() + (mean_p - mean_o), new_var
+
+
 class _Correction:
     """The running totals of one norm of the pruned model over a pass, and the update they give."""
 
@@ -108,14 +124,25 @@ class _Correction:
         self.keep = keep
         self.base_mean = module.running_mean.detach().clone()
         self.base_var = module.running_var.detach().clone()
+        self.eps = float(getattr(module, "eps", 1e-5))
         self.broken = False
-        self.restart()
+        self.restart(batchwise=False)
 
-    def restart(self) -> None:
-        """Start the totals afresh for a pass (the statistics stay fixed while it runs)."""
+    def restart(self, batchwise: bool) -> None:
+        """Start the totals afresh for a pass. ``batchwise``: each call normalises with the
+        statistics shifted by that call's own difference (as train mode uses each batch's
+        statistics), so the norms below see a corrected input within the same pass; else
+        the statistics stay fixed while the pass runs."""
         self.i = 0
+        self.batchwise = batchwise
+        self.held = (self.module.running_mean.detach().clone(), self.module.running_var.detach().clone())
         self.pruned: list = [0.0, None, None]
         self.orig: list = [0.0, None, None]
+
+    def _hold(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.module.running_mean.copy_(mean.to(self.module.running_mean))
+            self.module.running_var.copy_(var.to(self.module.running_var))
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if self.broken:
@@ -126,6 +153,8 @@ class _Correction:
         orig, self.i = self.calls[self.i], self.i + 1
         got = _moments(args[0])
         if orig is None or got is None:
+            if self.batchwise:
+                self._hold(*self.held)
             return
         n, mean, m2 = orig
         if self.keep is not None:
@@ -135,21 +164,14 @@ class _Correction:
             return
         self.pruned[:] = _chan_merge(*self.pruned, *got)
         self.orig[:] = _chan_merge(*self.orig, n, mean, m2)
+        if self.batchwise:
+            self._hold(*_shifted(self.base_mean, self.base_var, self.eps, got, (n, mean, m2)))
 
     def apply(self) -> None:
-        n_p, mean_p, m2_p = self.pruned
-        n_o, mean_o, m2_o = self.orig
-        if mean_p is None:
+        if self.pruned[1] is None:
+            self._hold(*self.held)
             return
-        var_p, var_o = m2_p / n_p, m2_o / n_o
-        eps = float(getattr(self.module, "eps", 1e-5))
-        ratio = torch.where(var_o > eps, var_p / var_o.clamp_min(eps), torch.ones_like(var_o))
-        base_var = self.base_var.to(torch.float64).cpu()
-        new_var = torch.where(var_o > eps, base_var * ratio, base_var + (var_p - var_o)).clamp_min(0.0)
-        new_mean = self.base_mean.to(torch.float64).cpu() + (mean_p - mean_o)
-        with torch.no_grad():
-            self.module.running_mean.copy_(new_mean.to(self.module.running_mean))
-            self.module.running_var.copy_(new_var.to(self.module.running_var))
+        self._hold(*_shifted(self.base_mean, self.base_var, self.eps, tuple(self.pruned), tuple(self.orig)))
 
 
 def correct_batchnorm(
@@ -188,8 +210,8 @@ def correct_batchnorm(
     try:
         with torch.no_grad():
             for i in range(passes):
-                for f in fixes.values():  # every norm held at the last pass's estimate while this one measures
-                    f.restart()
+                for f in fixes.values():  # the first pass batch by batch; then held at the last pass's estimate
+                    f.restart(batchwise=i == 0)
                 if i > 0 and run_original is not None:  # measured afresh beside the pruned model
                     for calls in original_moments.values():
                         calls.clear()

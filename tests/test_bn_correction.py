@@ -161,3 +161,42 @@ def test_data_too_large_to_keep_is_read_again_beside_the_original(monkeypatch):
     assert len(reads) == 4  # calibration, then three correction passes (original and pruned side by side)
     for a, b in zip(kept.state_dict().values(), reread.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _deep_chain(depth: int = 7) -> nn.Sequential:
+    """conv-BN-ReLU ``depth`` times, running statistics from train-mode passes."""
+    torch.manual_seed(3)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).train()
+    with torch.no_grad():
+        for _ in range(20):
+            model(torch.randn(16, 3, 8, 8))
+    return model.eval()
+
+
+def test_every_norm_of_a_deep_chain_ends_at_its_measured_shift():
+    """The correction's fixed point, at every depth: with the pruned model's statistics
+    held, each norm's running mean is its trained mean moved by the difference between
+    what it sees in the pruned and in the original model (a pass that holds every norm
+    at the last estimate carries the correction only one norm deeper per pass)."""
+    model = _deep_chain()
+    data = _data(4, 8)
+    pruner = StructuredPruner(model, data[0], "magnitude", pruning_ratio=0.5, ignored_layers=[model[-1]],
+                              bias_compensation=False, reconstruction=False)  # fmt: skip
+    pruner.collect_activations(data, progress=False)
+    pruned = pruner.prune()
+    x = torch.cat(data)
+    norms = [i for i, m in enumerate(model) if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 7 and all(pruned[i].num_features == 4 for i in norms)
+    kept = {i: pruner.history.steps[0] for i in norms}
+    with torch.no_grad():
+        for i in norms:
+            keep = next(e.keep for e in kept[i] if e.module == str(i))
+            a = model[:i](x).transpose(0, 1).reshape(8, -1).double()[keep]
+            b = pruned[:i](x).transpose(0, 1).reshape(4, -1).double()
+            want = model[i].running_mean.double()[keep] + b.mean(1) - a.mean(1)
+            if i != norms[0]:  # the first norm's input is only selected, every later one moved
+                assert float((b.mean(1) - a.mean(1)).abs().max()) > 1e-2
+            torch.testing.assert_close(pruned[i].running_mean.double(), want, atol=3e-3, rtol=0)

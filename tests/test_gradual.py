@@ -126,3 +126,32 @@ def test_a_ratio_schedule_removes_its_share_of_each_groups_channels_step_by_step
     gp.step(_calibration())
     assert [c.out_channels for c in convs] == [4, 8, 8] and model.fc.in_features == 8
     assert gp.done
+
+
+def _with_stale_statistics():
+    """The trained CNN with the BatchNorm statistics a fast-moving training leaves behind
+    (shifted and widened): in eval mode it is at chance."""
+    model = trained_cnn()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.mul_(3)
+    return model
+
+
+@pytest.mark.parametrize("refresh", [True, False])
+def test_a_step_measures_the_batchnorm_statistics_afresh_before_scoring(refresh):
+    model = _with_stale_statistics()
+    assert accuracy(model, splits()[2]) < 0.2
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    options = {} if refresh else {"refresh_bn": False}  # on by default
+    gp = GradualPruner(model, splits()[1][0][:2], opt, PruningSchedule(final=0.5, steps=2), ignored_layers=[model.fc],
+                       **options)  # fmt: skip
+    gp.step(iter(list(_calibration())))  # a one-shot iterator is read for the refresh and the step alike
+    assert gp.flops_share() == pytest.approx(0.5, abs=0.05)
+    if refresh:  # scored, compensated and corrected on the model as its weights are
+        assert accuracy(model, splits()[2]) > 0.85
+    else:
+        assert accuracy(model, splits()[2]) < 0.2
