@@ -21,12 +21,14 @@ __all__ = [
     "PruningHistory",
     "PruningPlan",
     "PruningSchedule",
+    "PruneConfig",
     "StructuredPruner",
     "WeightActivationImportance",
     "__version__",
     "hookimpl",
     "load_pruned",
     "recover",
+    "run_job",
 ]
 
 _LAZY = {
@@ -35,10 +37,12 @@ _LAZY = {
     "PruningHistory": "cleanai_core.history",
     "PruningPlan": "cleanai_core.planning",
     "PruningSchedule": "cleanai_core.gradual",
+    "PruneConfig": "cleanai_core.job",
     "StructuredPruner": "cleanai_core.pruner",
     "WeightActivationImportance": "cleanai_core.scoring",
     "load_pruned": "cleanai_core.io",
     "recover": "cleanai_core.recovery",
+    "run_job": "cleanai_core.job",
 }
 
 
