@@ -11,6 +11,8 @@ calls it with ``own``). Per consumer, from its calibration statistics:
 - a layer whose pruner says ``new_bias = False`` and that has no bias gets none: the
   regression is made through the origin (on second moments) and the mean is not folded.
 
+Under ``torch.distributed`` each solve runs on one rank and is broadcast to the others.
+
 A new compensation method goes here.
 """
 
@@ -18,10 +20,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from cleanai_core import distributed
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.runtime import device_of
 
@@ -51,30 +55,48 @@ def compensate(
     reconstruction: bool = True,
 ) -> None:
     """Fold what the removed input channels carried into the kept ones; ``own(module)``
-    gives the module tensors of its own before a plugin writes to them in place."""
+    gives the module tensors of its own before a plugin writes to them in place. Under
+    ``torch.distributed`` the least-squares solves are shared out among the ranks
+    (:func:`cleanai_core.distributed.share_out`) and every rank folds the same results."""
+    folds = []  # (spec, removed, kept or None, no_bias)
+    for spec in graph.slices:
+        st = stats.get((spec.module, spec.name))
+        if spec.kind != "in" or st is None or st.mean is None or spec.pruner is None:
+            continue
+        gone = pruned[graph.root[spec.atoms]]
+        if not bool(gone.any()):
+            continue
+        module = model.get_submodule(spec.module)
+        no_bias = not getattr(spec.pruner, "new_bias", True) and getattr(module, "bias", None) is None
+        solve = reconstruction and st.cov is not None and not bool(gone.all())
+        folds.append((spec, gone.nonzero().squeeze(1), (~gone).nonzero().squeeze(1) if solve else None, no_bias))
+    jobs = [(_solver(stats[(spec.module, spec.name)], idx, kept, no_bias), [(len(idx), len(kept)), (len(idx),)])
+            for spec, idx, kept, no_bias in folds if kept is not None]  # fmt: skip
+    solutions = iter(distributed.share_out(jobs))
     with torch.no_grad():
-        for spec in graph.slices:
-            st = stats.get((spec.module, spec.name))
-            if spec.kind != "in" or st is None or st.mean is None or spec.pruner is None:
-                continue
-            gone = pruned[graph.root[spec.atoms]]
-            if not bool(gone.any()):
-                continue
-            idx = gone.nonzero().squeeze(1)
+        for spec, idx, kept, no_bias in folds:
+            st = stats[(spec.module, spec.name)]
             module = own(model.get_submodule(spec.module))
             dev = device_of(module) or torch.device("cpu")  # the statistics live on the CPU
-            no_bias = not getattr(spec.pruner, "new_bias", True) and getattr(module, "bias", None) is None
-            if reconstruction and st.cov is not None and not bool(gone.all()):
-                kept = (~gone).nonzero().squeeze(1)
-                if no_bias:  # no constant to fold into: regress through the origin (second moments, no intercept)
-                    coef, shift = regress(st.cov + torch.outer(st.mean, st.mean), torch.zeros_like(st.mean), idx, kept)
-                else:
-                    coef, shift = regress(st.cov, st.mean, idx, kept)
-                moved = (t.to(dev) for t in (idx, kept, coef, shift))
+            if kept is not None:
+                coef, shift = next(solutions)
+                moved = (t.to(dev) for t in (idx, kept, coef.to(st.cov.dtype), shift.to(st.cov.dtype)))
                 if spec.pruner.reconstruct(module, spec.name, *moved):
                     continue
             if not no_bias:
                 spec.pruner.compensate(module, spec.name, idx.to(dev), st.mean[idx].to(dev))
+
+
+def _solver(st: Any, idx: torch.Tensor, kept: torch.Tensor, no_bias: bool) -> Callable[[], list[torch.Tensor]]:
+    """The regression of one consumer's removed channels on its kept ones; without a bias
+    to fold a constant into, through the origin (second moments, no intercept)."""
+
+    def solve() -> list[torch.Tensor]:
+        if no_bias:
+            return list(regress(st.cov + torch.outer(st.mean, st.mean), torch.zeros_like(st.mean), idx, kept))
+        return list(regress(st.cov, st.mean, idx, kept))
+
+    return solve
 
 
 def compensated_copy(

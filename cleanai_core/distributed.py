@@ -168,6 +168,31 @@ def _sum(t: torch.Tensor) -> torch.Tensor:
     return buf.cpu()
 
 
+def share_out(jobs: list[tuple[Callable[[], list[torch.Tensor]], list[tuple[int, ...]]]]) -> list[list[torch.Tensor]]:
+    """Run a list of independent computations once across the ranks instead of on every
+    rank: job ``i`` (a function returning tensors of the given shapes) runs on rank
+    ``i % world`` and its float64 results are broadcast to the others. Every rank must
+    call this with the same jobs in the same order (the plan is the same on every rank).
+    Without a process group, every job runs here."""
+    if not is_distributed():
+        return [[t.to(torch.float64) for t in fn()] for fn, _ in jobs]
+    import torch.distributed as dist
+
+    rank, world = rank_and_world()
+    dev = _comm_device()
+    out = []
+    for i, (fn, shapes) in enumerate(jobs):
+        owner = i % world
+        if rank == owner:
+            tensors = [t.to(dev, torch.float64).contiguous() for t in fn()]
+        else:
+            tensors = [torch.empty(shape, dtype=torch.float64, device=dev) for shape in shapes]
+        for t in tensors:
+            dist.broadcast(t, src=owner)
+        out.append([t.cpu() for t in tensors])
+    return out
+
+
 def collectively(fn: Callable[[], T], what: str) -> T:
     """Run ``fn`` on every rank; if it raises on any rank, raise on every rank (the failing
     rank its own error, the others a :class:`UserError` naming the rank), so no rank is

@@ -49,6 +49,21 @@ def _prune(options: dict, batches: list) -> tuple[dict, list]:
     return pruned.state_dict(), indices
 
 
+def _count_solves() -> list:
+    """Count the least-squares solves this process makes (compensation's ``regress``)."""
+    from cleanai_core import compensation
+
+    calls: list = []
+    real = compensation.regress
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    compensation.regress = counting
+    return calls
+
+
 def _worker(rank: int, init_file: str, out: str) -> None:
     """Every scenario on this rank's shard; then one where rank 1's data is broken, after
     which both ranks must raise (no hang)."""
@@ -56,11 +71,14 @@ def _worker(rank: int, init_file: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    solves = _count_solves()
     try:
         assert rank_and_world() == (rank, WORLD)
         for name, options, n in SCENARIOS:
             mine = shard(_batches(n))
+            solves.clear()
             torch.save(_prune(options, mine), Path(out) / f"{name}-{rank}.pt")
+            (Path(out) / f"{name}-{rank}.solves").write_text(str(len(solves)))
         batches = _batches(2)
         if rank == 1:
             batches = [(torch.full((3, 3, 6, 6), float("nan"), dtype=torch.float64), batches[0][1])]
@@ -103,6 +121,25 @@ def test_two_gloo_ranks_equal_one_process_on_the_union(ranks_out: Path):
                     assert torch.equal(state[key], ref), (name, key)
     print(f"largest relative difference to one process: {worst:.3g}")
     assert worst < 1e-12
+
+
+@pytest.mark.slow
+def test_the_least_squares_solves_are_shared_out_among_the_ranks(ranks_out: Path):
+    from cleanai_core import compensation
+
+    real = compensation.regress
+    try:
+        solves = _count_solves()
+        for name, options, n in SCENARIOS:
+            solves.clear()
+            _prune(options, _batches(n))
+            per_rank = [int((ranks_out / f"{name}-{r}.solves").read_text()) for r in range(WORLD)]
+            if len(solves) > 1:  # one process solves them all; two ranks split them
+                assert sum(per_rank) == len(solves) and all(0 < k < len(solves) for k in per_rank), (name, per_rank)
+            else:
+                assert sum(per_rank) == len(solves), (name, per_rank)
+    finally:
+        compensation.regress = real
 
 
 @pytest.mark.slow
