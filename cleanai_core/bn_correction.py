@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cleanai_core.calibration import _chan_merge
+from cleanai_core.calibration import _chan_merge, finite_moments
 
 __all__ = ["Moments", "correct_batchnorm", "norms_with_running_stats", "recording"]
 
@@ -66,18 +66,15 @@ def norms_with_running_stats(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _moments(x: Any) -> tuple[float, torch.Tensor, torch.Tensor] | None:
-    """``(count, mean, M2)`` per channel (dim 1, or 0 for a 1-D input), reduced in float64:
-    the original's and the pruned model's moments of an unchanged input then agree to
-    float64 rounding, not to the float32 rounding of a differently shaped reduction."""
-    if not isinstance(x, torch.Tensor) or x.ndim == 0 or not x.is_floating_point() or x.numel() == 0:
+    """``(count, mean, M2)`` per channel (dim 1, or 0 for a 1-D input), float64; None where
+    a value is not finite (nothing to learn from this call). Reduced in the activation's
+    precision per channel, in a way that does not depend on the other channels, so the
+    original's and the pruned model's moments of an unchanged channel agree bit for bit
+    (:func:`~cleanai_core.calibration.finite_moments`; a float64 ``var_mean`` of the same
+    input cost 15-20x more and was half of the default path's time on ResNet-50)."""
+    if not isinstance(x, torch.Tensor) or x.ndim == 0:
         return None
-    x = x.detach().to(torch.float64)
-    dims = [d for d in range(x.ndim) if d != (1 if x.ndim > 1 else 0)]
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
-    if not bool(torch.isfinite(var).all() and torch.isfinite(mean).all()):
-        return None  # non-finite: nothing to learn from this call
-    n = x.numel() // mean.numel()
-    return float(n), mean.cpu(), (var * n).cpu()
+    return finite_moments(x, 1 if x.ndim > 1 else 0)
 
 
 @contextmanager

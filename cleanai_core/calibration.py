@@ -30,7 +30,15 @@ from torch import nn
 from cleanai_core.distributed import is_distributed
 from cleanai_core.errors import UserError
 
-__all__ = ["BatchReduction", "ChannelStats", "StatsCollector", "move_to", "split_batch"]
+__all__ = [
+    "BatchReduction",
+    "ChannelStats",
+    "StatsCollector",
+    "batch_moments",
+    "finite_moments",
+    "move_to",
+    "split_batch",
+]
 
 #: layers with more input channels than this keep no covariance (it holds two C x C matrices)
 MAX_COVARIANCE_CHANNELS = 4096
@@ -180,17 +188,32 @@ def _as_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def batch_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch.Tensor] | None:
-    """``(count, mean, M2)`` per channel of one batch, float64.
+    """``(count, mean, M2)`` per channel of one batch, float64; None for a tensor that is
+    not floating point or empty; raises :class:`UserError` for non-finite activations.
 
     Two reductions in the activation's own precision (a sum and a sum of squares; no
     upcast copy of the whole tensor), combined in float64. M2 = sum(x^2) - n mean^2 loses
     relative precision only for channels whose variance is tiny next to their squared
     mean (it is clamped at 0); the second moment E[x^2] the criteria use is exact to
     the activation's precision."""
+    moments = finite_moments(x, dim)
+    if moments is None and x.is_floating_point() and x.numel() > 0:
+        raise UserError(
+            "non-finite activations (NaN or inf, or values too large for the model's precision) reached a layer "
+            "during calibration; check the data for NaN/inf values and that the model's weights are finite"
+        )
+    return moments
+
+
+def finite_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+    """:func:`batch_moments` without the error: None also where a value is not finite.
+
+    Each channel's sums are reduced the same way whatever the other channels hold, so a
+    channel that pruning left unchanged gets bit-identical moments in the original and in
+    the pruned model (what :mod:`cleanai_core.bn_correction` relies on); 15-20x faster on
+    CPU than ``var_mean`` over a float64 copy."""
     x = x.detach()
-    if not x.is_floating_point():
-        return None
-    if x.numel() == 0:
+    if not x.is_floating_point() or x.numel() == 0:
         return None
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
@@ -207,10 +230,7 @@ def batch_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch
     total, squares = total.to(torch.float64), squares.to(torch.float64)
     # a NaN or inf anywhere, or a sum too large, makes the sum of squares non-finite too
     if not bool(torch.isfinite(squares).all()):
-        raise UserError(
-            "non-finite activations (NaN or inf, or values too large for the model's precision) reached a layer "
-            "during calibration; check the data for NaN/inf values and that the model's weights are finite"
-        )
+        return None
     mean = total / n
     m2 = (squares - n * mean**2).clamp_min(0.0)
     return float(n), mean.cpu(), m2.cpu()
