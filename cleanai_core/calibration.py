@@ -56,6 +56,10 @@ _GRAM_MIN_SPLIT = 1024
 _BLOCK_ELEMENTS = 1 << 20
 
 
+#: the covariance :attr:`ChannelStats.cov` formed last: (its statistics, their totals' versions, the matrix)
+_LAST_COV: list[tuple[weakref.ref, tuple, torch.Tensor] | None] = [None]
+
+
 @attrs.define(eq=False)
 class ChannelStats:
     """Running per-channel statistics (float64): count, mean and M2 per channel; with
@@ -150,9 +154,21 @@ class ChannelStats:
 
     @property
     def cov(self) -> torch.Tensor | None:
-        """Channel covariance matrix (float64, CPU), when collected."""
+        """Channel covariance matrix (float64, CPU), when collected. The last one formed is
+        kept (one matrix, for all statistics together) until its totals change, so reading
+        it twice in a row costs one (a caller must not write into it)."""
         if self.cov_block is None:
             return None
+        key = tuple((id(t), _version(t)) for t in (self.cov_total, self.cov_block, self.cov_offset))
+        key += (self.cov_count,)
+        last = _LAST_COV[0]
+        if last is not None and last[0]() is self and last[1] == key:
+            return last[2]
+        cov = self._form_cov()
+        _LAST_COV[0] = (weakref.ref(self), key, cov)
+        return cov
+
+    def _form_cov(self) -> torch.Tensor:
         n = max(self.cov_count, 1.0)
         d = (self.cov_offset / n).cpu()
         s = self.cov_total.to("cpu", torch.float64) + self.cov_block.to("cpu", torch.float64)
