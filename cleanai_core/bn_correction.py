@@ -133,20 +133,27 @@ class _Correction:
         self.pruned[:] = _chan_merge(*self.pruned, *got)
         self.orig[:] = _chan_merge(*self.orig, n, mean, m2)
 
-    def apply(self) -> None:
+    def apply(self) -> float:
+        """Set the statistics from the pass's totals; returns how far they moved: the
+        largest change of a channel's mean in its standard deviations, or of its variance
+        relative to it (0 when the pass measured nothing)."""
         n_p, mean_p, m2_p = self.pruned
         n_o, mean_o, m2_o = self.orig
         if mean_p is None:
-            return
+            return 0.0
         var_p, var_o = m2_p / n_p, m2_o / n_o
         eps = float(getattr(self.module, "eps", 1e-5))
         ratio = torch.where(var_o > eps, var_p / var_o.clamp_min(eps), torch.ones_like(var_o))
         base_var = self.base_var.to(torch.float64).cpu()
         new_var = torch.where(var_o > eps, base_var * ratio, base_var + (var_p - var_o)).clamp_min(0.0)
         new_mean = self.base_mean.to(torch.float64).cpu() + (mean_p - mean_o)
+        old_mean = self.module.running_mean.to(torch.float64).cpu()
+        old_var = self.module.running_var.to(torch.float64).cpu() + eps
         with torch.no_grad():
             self.module.running_mean.copy_(new_mean.to(self.module.running_mean))
             self.module.running_var.copy_(new_var.to(self.module.running_var))
+        moved = torch.maximum((new_mean - old_mean).abs() / old_var.sqrt(), (new_var + eps - old_var).abs() / old_var)
+        return float(moved.max()) if moved.numel() else 0.0
 
 
 def correct_batchnorm(
@@ -157,9 +164,10 @@ def correct_batchnorm(
     run: Callable[[nn.Module, Any], Any],
     run_original: Callable[[Any], None] | None = None,
     passes: int = 3,
+    tol: float = 1e-3,
 ) -> int:
     """Correct the running statistics of ``pruned``'s norms (see the module doc) with one
-    eval-mode pass over ``batches``; returns how many norms were corrected.
+    eval-mode passes over ``batches``; returns how many norms were corrected.
 
     :param original_moments: the original model's norm input moments on the same batches,
         in the same order (:func:`recording`); with ``run_original`` it is filled batch by
@@ -172,6 +180,11 @@ def correct_batchnorm(
         unless ``run_original`` is given.
     :param passes: each pass measures every norm's input with the norms above it held at
         their estimate from the pass before (the trained statistics in the first).
+    :param tol: passes stop early once one moves no norm's statistics by more than this
+        (a mean by ``tol`` standard deviations, a variance by ``tol`` of itself): the next
+        pass would measure the same inputs to within that. Where pruning changed no norm's
+        input (dead units, pruning below the last norm) that is after the first pass; where
+        no corrected norm feeds another, after the second. ``0`` runs every pass.
     """
     from cleanai_core.distributed import combine_moments
 
@@ -198,8 +211,9 @@ def correct_batchnorm(
                 sizes = [f.module.running_mean.numel() for f in ordered]
                 combine_moments([f.pruned for f in ordered], sizes)
                 combine_moments([f.orig for f in ordered], sizes)
-                for f in ordered:
-                    f.apply()
+                moved = max(f.apply() for f in ordered)
+                if moved <= tol:  # the same on every rank: the totals were summed over ranks
+                    break
     finally:
         for h in handles:
             h.remove()
