@@ -14,15 +14,16 @@ For each model, every repeat runs back to back over the same calibration batches
 - *data-free*: graph + ``prune()`` with ``importance="magnitude", bias_compensation=False``.
 
 Stages are timed by wrapping the pruner's private methods for the duration of one call
-(``_scores``, ``_compensate``, ``_verify``, ``_correct_bn`` and the module functions
-``make_plan`` and ``_sliced_copy``); a name the pruner no longer has is reported as "-"
-(the stage's time then lands in *other*). Wall time and process CPU time are both kept:
+or the stage modules' functions (see ``_WRAPPED``: the names before and after the kernel's
+stage split are both listed); a stage none of whose names exist is reported as "-" (its
+time then lands in *other*). Wall time and process CPU time are both kept:
 on a shared machine CPU time is the steadier measure of what a stage costs.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import statistics
 import time
@@ -31,7 +32,6 @@ from contextlib import contextmanager
 
 import torch
 
-import cleanai_core.pruner as pruner_module
 from cleanai_core import StructuredPruner
 
 __all__ = ["STAGE_MODELS", "STAGES", "render_stages", "stage_costs"]
@@ -47,13 +47,16 @@ STAGE_MODELS = {
 PEER_TOTAL = {"resnet50": 0.57, "efficientnet_b0": 0.22}
 #: stages of prune(), in the order they run
 STAGES = ("scoring", "planning", "compensation", "slicing", "verification", "bn_correction")
-_WRAPPED = {  # stage -> (where, attribute); compensation runs inside slicing and is taken out of it
-    "scoring": ("pruner", "_scores"),
-    "planning": ("module", "make_plan"),
-    "compensation": ("pruner", "_compensate"),
-    "slicing": ("module", "_sliced_copy"),
-    "verification": ("pruner", "_verify"),
-    "bn_correction": ("pruner", "_correct_bn"),
+#: stage -> where its time is taken: ``("pruner", method)`` of the instance or ``(module, function)``
+#: looked up at call time; both the pruner before the stage split (#16) and after it are listed,
+#: and the names one of them lacks are skipped. Compensation runs inside slicing and is taken out of it.
+_WRAPPED = {
+    "scoring": [("pruner", "_scores"), ("cleanai_core.pruner", "score_groups")],
+    "planning": [("cleanai_core.pruner", "make_plan")],
+    "compensation": [("pruner", "_compensate"), ("cleanai_core.compensation", "compensate")],
+    "slicing": [("cleanai_core.pruner", "_sliced_copy"), ("cleanai_core.pruner", "compensated_copy")],
+    "verification": [("pruner", "_verify")],
+    "bn_correction": [("pruner", "_correct_bn"), ("cleanai_core.collect", "correct_batchnorm_after")],
 }
 
 
@@ -86,17 +89,21 @@ def _timed_stages(pruner: StructuredPruner, acc: dict[str, list[float]]) -> Iter
 
         return timed
 
-    for stage, (where, attr) in _WRAPPED.items():
-        owner = pruner if where == "pruner" else pruner_module
-        fn = getattr(owner, attr, None)
-        if fn is None:
-            continue
-        setattr(owner, attr, wrap(stage, fn))
-        undo.append((owner, attr, fn, where))
+    for stage, places in _WRAPPED.items():
+        for where, attr in places:
+            try:
+                owner = pruner if where == "pruner" else importlib.import_module(where)
+            except ImportError:
+                continue
+            fn = getattr(owner, attr, None)
+            if fn is None:
+                continue
+            setattr(owner, attr, wrap(stage, fn))
+            undo.append((owner, attr, fn, where))
     try:
         yield
     finally:
-        for owner, attr, fn, where in undo:
+        for owner, attr, fn, where in reversed(undo):
             if where == "pruner":
                 delattr(owner, attr)  # the instance attribute goes; the class method shows again
             else:
@@ -208,9 +215,9 @@ def render_stages(rows: list[dict], calib_batches: int, batch: int) -> list[str]
     return lines
 
 
-if __name__ == "__main__":  # one model's row as JSON: to compare two checkouts (PYTHONPATH=<checkout>)
+if __name__ == "__main__":  # `stages.py MODEL [REPEATS [THREADS]]`: one row as JSON, to compare checkouts
     import json
     import sys
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 2)
     print(json.dumps(stage_costs(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)))

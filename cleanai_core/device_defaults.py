@@ -6,14 +6,18 @@ Glossary:
   it keeps a few more channels than the ratio asks, so it pays only where the kernels run
   multiples faster than the counts around them.
 
-Measured for CPU (``benchmarks/round_to.py``, 2 threads, AVX-512 Xeon, PyTorch's oneDNN /
-MKL kernels, float32; docs/benchmarks.md): a 3x3 convolution and a linear timed at every
-channel count from 58 to 70 and 122 to 134 cost the same per multiply-add at multiples of
-8 or 16 as at the counts between (within the machine's noise), and the four timm models
-pruned with ``round_to`` 8 or 16 ran no faster per FLOP than with the counts the ratio
-gives. So on CPU nothing is rounded. On CUDA, tensor-core kernels for half precision need
-channel counts that are multiples of 8 (NVIDIA's performance guide for cuDNN / cuBLAS), so
-counts are rounded to 8 there; not measured on this project's machines (no GPU).
+Measured for CPU (2 threads, AVX-512 Xeon, PyTorch's oneDNN / MKL kernels, float32;
+docs/benchmarks.md, 2026-11-30 notes): ``benchmarks/round_to.py`` timed a 3x3 convolution
+and a linear at every channel count from 58 to 70 and from 122 to 134; multiples of 8 and
+16 cost the same per multiply-add as the counts between them, within the machine's noise
+(64: 205 against 203-249 ns per million MACs for its neighbours; 128: 120 against 112-149).
+The seven benchmark models pruned at ratio 0.5 (``benchmarks/speed.py``, idle machine,
+session 5) gave a batch-32 speed-up per FLOPs reduction of 0.81 on average with the counts
+as the ratio gives them and 0.80 with ``round_to=8``, model by model within +-0.08 either
+way. Rounding up keeps more channels for no faster kernel, so on CPU nothing is rounded.
+On CUDA, tensor-core kernels for half precision want channel counts that are multiples of
+8 (NVIDIA's performance guide for cuDNN / cuBLAS), so counts are rounded to 8 there; not
+measured on this project's machines (no GPU).
 """
 
 from __future__ import annotations
