@@ -3,7 +3,7 @@
 Two measurements, 2 threads:
 
 1. *Layers*: a 3x3 convolution (batch 32, 28x28, C -> C) and a linear (batch 32 x 197
-   tokens, C -> 4C) timed at every channel count C of a window, as nanoseconds per
+   tokens, C -> 4C) timed at every channel count C of a window, as microseconds per
    million multiply-adds: a count the kernels like shows as a dip. Counts are timed
    interleaved (every count once per round, median over rounds), so a change in the
    machine's load lands on all of them.
@@ -36,7 +36,7 @@ def _ms(fn, reps: int = 3) -> float:
 
 
 def layer_table(counts: list[int], rounds: int) -> list[tuple[int, float, float]]:
-    """Per channel count: (C, conv ns per M MACs, linear ns per M MACs), medians over rounds."""
+    """Per channel count: (C, conv us per M MACs, linear us per M MACs), medians over rounds."""
     convs = {c: (torch.nn.Conv2d(c, c, 3, padding=1).eval(), torch.randn(32, c, 28, 28)) for c in counts}
     lins = {c: (torch.nn.Linear(c, 4 * c).eval(), torch.randn(32 * 197, c)) for c in counts}
     times: dict[int, list[tuple[float, float]]] = {c: [] for c in counts}
@@ -46,7 +46,7 @@ def layer_table(counts: list[int], rounds: int) -> list[tuple[int, float, float]
             lin, t = lins[c]
             conv_macs = 32 * 28 * 28 * c * c * 9 / 1e6
             lin_macs = 32 * 197 * c * 4 * c / 1e6
-            times[c].append((_ms(lambda: conv(x)) * 1e6 / conv_macs, _ms(lambda: lin(t)) * 1e6 / lin_macs))
+            times[c].append((_ms(lambda: conv(x)) * 1e3 / conv_macs, _ms(lambda: lin(t)) * 1e3 / lin_macs))
     return [(c, statistics.median(a for a, _ in times[c]), statistics.median(b for _, b in times[c])) for c in counts]
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in args.counts.split(","):
         lo, hi = map(int, part.split("-"))
         counts += list(range(lo, hi + 1))
-    print("| C | conv 3x3 ns / M MACs | linear ns / M MACs |\n|---|---|---|")
+    print("| C | conv 3x3 us / M MACs | linear us / M MACs |\n|---|---|---|")
     for c, conv, lin in layer_table(counts, args.rounds):
         mark = " (x16)" if c % 16 == 0 else (" (x8)" if c % 8 == 0 else "")
         print(f"| {c}{mark} | {conv:.1f} | {lin:.1f} |", flush=True)

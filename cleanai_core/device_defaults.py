@@ -10,7 +10,7 @@ Measured for CPU (2 threads, AVX-512 Xeon, PyTorch's oneDNN / MKL kernels, float
 docs/benchmarks.md, 2026-11-30 notes): ``benchmarks/round_to.py`` timed a 3x3 convolution
 and a linear at every channel count from 58 to 70 and from 122 to 134; multiples of 8 and
 16 cost the same per multiply-add as the counts between them, within the machine's noise
-(64: 205 against 203-249 ns per million MACs for its neighbours; 128: 120 against 112-149).
+(64: 205 against 203-249 µs per million MACs for its neighbours; 128: 120 against 112-149).
 The seven benchmark models pruned at ratio 0.5 (``benchmarks/speed.py``, idle machine,
 session 5) gave a batch-32 speed-up per FLOPs reduction of 0.81 on average with the counts
 as the ratio gives them and 0.80 with ``round_to=8``, model by model within +-0.08 either
