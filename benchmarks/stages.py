@@ -184,7 +184,7 @@ def render_stages(rows: list[dict], calib_batches: int, batch: int) -> list[str]
         "",
         f"timm models, `pretrained=False`, {calib_batches} calibration batches of {batch} images (224x224), "
         f"ratio 0.5, default criterion (weight-activation, bias compensation + least squares, BatchNorm "
-        f"correction), {torch.get_num_threads()} threads; medians of repeats. Machine load (1-min average "
+        f"correction), torch threads: {torch.get_num_threads()}; medians of repeats. Machine load (1-min average "
         f"while the rows ran): {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores.",
         "",
         "Process CPU seconds per stage (steadier than wall time on a shared machine):",
