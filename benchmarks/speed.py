@@ -17,7 +17,11 @@ For a fixed set of torchvision and timm models (``pretrained=False``), median of
 Ratios (collection / inference, speed-ups) are medians of per-repeat ratios of runs timed
 back to back, so a change in the machine's speed between phases cancels.
 
-Usage: ``python benchmarks/speed.py [--models resnet50,vit_small] [--repeats 5] [--out docs/benchmarks.md]``
+The default path (activation statistics, compensation, BatchNorm correction) is timed stage
+by stage on four timm models (``--stages``, :mod:`stages`), with its ratios to plain inference.
+
+Usage: ``python benchmarks/speed.py [--models resnet50,vit_small] [--stages resnet50] [--repeats 5]
+[--payoff-only] [--out docs/benchmarks.md]``
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ import torch
 
 from cleanai_core import DependencyGraph, StructuredPruner
 from cleanai_core.metrics import count_flops, measure_latency
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stages import STAGE_MODELS, render_stages, stage_costs  # noqa: E402
 
 MODELS = {
     "resnet18": ("torchvision", "resnet18", 224),
@@ -172,12 +179,24 @@ def bench(key: str, repeats: int, calib_batches: int, batch: int, large_batch: i
         mem.append(stats_bytes(p))
     row["stats_bytes"] = mem
 
-    # latency payoff
-    for rt in (None, 8):
+    row.update(payoff(model, x1, size))
+    return row
+
+
+#: round_to settings whose payoff is measured (None = channel counts as the ratio gives them)
+ROUND_TOS = (None, 8, 16)
+
+
+def payoff(model: torch.nn.Module, x1: torch.Tensor, size: int, round_tos=ROUND_TOS, frozen: bool = True) -> dict:
+    """Latency of the pruned model (magnitude, ratio 0.5) against ``model`` at batch 1 and 32
+    (and 32 on one thread) for each ``round_to``, next to the FLOPs reduction; with
+    ``frozen``, also both models frozen by TorchScript (round_to None)."""
+    row: dict = {}
+    for rt in round_tos:
         pr = StructuredPruner(model, x1, "magnitude", pruning_ratio=0.5, round_to=rt)
         pruned = pr.prune()
         flops_ratio = count_flops(model, x1) / count_flops(pruned, x1)
-        tag = "rt8" if rt else "rt1"
+        tag = f"rt{rt or 1}"
         row[f"flops_x_{tag}"] = flops_ratio
         threads = torch.get_num_threads()
         for bs, nt, cell in ((1, threads, "b1"), (32, threads, "b32"), (32, 1, "b32t1")):
@@ -187,14 +206,14 @@ def bench(key: str, repeats: int, calib_batches: int, batch: int, large_batch: i
                 row[f"lat_{cell}_{tag}"] = paired_latency(model, pruned, xb, 10 if bs == 1 else 3)
             finally:
                 torch.set_num_threads(threads)
-        if rt is None:
+        if rt is None and frozen:
             # the same two models as a deployed CPU graph would run them: traced, frozen
             # (BatchNorm folded into the convolutions, conv + ReLU fused, weights packed)
             xb = torch.randn(32, 3, size, size)
             try:
                 row["lat_b32_frozen"] = paired_latency(Frozen(model, x1), Frozen(pruned, x1), xb, 3)
             except Exception as exc:  # noqa: BLE001 - a model the tracer cannot take gets "-"
-                print(f"  {row['model']}: no frozen graph ({type(exc).__name__}: {exc})", file=sys.stderr)
+                print(f"  no frozen graph ({type(exc).__name__}: {exc})", file=sys.stderr)
                 row["lat_b32_frozen"] = None
     return row
 
@@ -272,6 +291,35 @@ def layer_intensity(key: str, batch: int = 32, repeats: int = 3) -> list[dict]:
     ]
 
 
+def render_payoff(rows: list[dict]) -> list[str]:
+    """The payoff table: latency before -> after per round_to, against the FLOPs reduction."""
+    lines: list[str] = []
+    lines += [
+        "",
+        "## Payoff: latency (ms) before -> after, speed-up, against the FLOPs reduction",
+        "",
+        f"Batch 1 and batch 32 with {torch.get_num_threads()} threads, and batch 32 with 1 thread "
+        "(one core per request, as in many serving setups).",
+        "",
+        "| model | round_to | FLOPs x | batch 1 | speed-up b1 | batch 32 | speed-up b32 | b32 speed-up / FLOPs x "
+        "| batch 32, 1 thread | speed-up | / FLOPs x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for rt in ROUND_TOS:
+            tag, label = f"rt{rt or 1}", str(rt or 1)
+            if f"flops_x_{tag}" not in r:
+                continue
+            f = r[f"flops_x_{tag}"]
+            b1, b32, t1 = r[f"lat_b1_{tag}"], r[f"lat_b32_{tag}"], r[f"lat_b32t1_{tag}"]
+            lines.append(
+                f"| {r['model']} | {label} | {f:.2f}x | {b1[0]:.1f} -> {b1[1]:.1f} | {b1[2]:.2f}x | "
+                f"{b32[0]:.0f} -> {b32[1]:.0f} | {b32[2]:.2f}x | {b32[2] / f:.2f} | "
+                f"{t1[0]:.0f} -> {t1[1]:.0f} | {t1[2]:.2f}x | {t1[2] / f:.2f} |"
+            )
+    return lines
+
+
 def render(rows: list[dict], layers: list[dict] | None = None) -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
@@ -320,26 +368,7 @@ def render(rows: list[dict], layers: list[dict] | None = None) -> str:
     for r in rows:
         a, b, c = r["stats_bytes"]
         lines.append(f"| {r['model']} | {a} | {b} | {c} |")
-    lines += [
-        "",
-        "## Payoff: latency (ms) before -> after, speed-up, against the FLOPs reduction",
-        "",
-        f"Batch 1 and batch 32 with {torch.get_num_threads()} threads, and batch 32 with 1 thread "
-        "(one core per request, as in many serving setups).",
-        "",
-        "| model | round_to | FLOPs x | batch 1 | speed-up b1 | batch 32 | speed-up b32 | b32 speed-up / FLOPs x "
-        "| batch 32, 1 thread | speed-up | / FLOPs x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        for tag, label in (("rt1", "1"), ("rt8", "8")):
-            f = r[f"flops_x_{tag}"]
-            b1, b32, t1 = r[f"lat_b1_{tag}"], r[f"lat_b32_{tag}"], r[f"lat_b32t1_{tag}"]
-            lines.append(
-                f"| {r['model']} | {label} | {f:.2f}x | {b1[0]:.1f} -> {b1[1]:.1f} | {b1[2]:.2f}x | "
-                f"{b32[0]:.0f} -> {b32[1]:.0f} | {b32[2]:.2f}x | {b32[2] / f:.2f} | "
-                f"{t1[0]:.0f} -> {t1[1]:.0f} | {t1[2]:.2f}x | {t1[2] / f:.2f} |"
-            )
+    lines += render_payoff(rows)
     lines += [
         "",
         "## Payoff in a deployed CPU graph: eager vs TorchScript-frozen, batch 32, round_to=1",
@@ -382,18 +411,40 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the issue measures with 2)")
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8, help="images per calibration batch")
     ap.add_argument("--large-batch", type=int, default=32, help="also time collection at this batch size (0 = skip)")
     ap.add_argument("--out", default=None, help="also write the Markdown table here")
     ap.add_argument("--layers", default="resnet50", help="model for the per-layer intensity table ('' = skip)")
+    ap.add_argument(
+        "--stages",
+        default=",".join(STAGE_MODELS),
+        help="timm models for the per-stage table of the default path ('' = skip)",
+    )
+    ap.add_argument("--payoff-only", action="store_true", help="of the --models, measure the payoff table only")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    text = ""
+    if args.stages:
+        stage_rows = []
+        for key in args.stages.split(","):
+            print(f"stages of {key} ...", file=sys.stderr, flush=True)
+            stage_rows.append(stage_costs(key, args.repeats, args.calib_batches, args.batch))
+        text += "\n".join(render_stages(stage_rows, args.calib_batches, args.batch)) + "\n\n"
     rows = []
-    for key in args.models.split(","):
+    for key in args.models.split(",") if args.models else ():
         print(f"benchmarking {key} ...", file=sys.stderr, flush=True)
-        rows.append(bench(key, args.repeats, args.calib_batches, args.batch, args.large_batch))
-    layers = layer_intensity(args.layers) if args.layers else None
-    text = render(rows, layers)
+        if args.payoff_only:
+            kind, name, size = MODELS[key]
+            rows.append({"model": key, **payoff(build(kind, name), torch.randn(1, 3, size, size), size, frozen=False)})
+        else:
+            rows.append(bench(key, args.repeats, args.calib_batches, args.batch, args.large_batch))
+    if args.payoff_only:
+        text += "\n".join(render_payoff(rows)) + "\n"
+    elif rows:
+        layers = layer_intensity(args.layers) if args.layers else None
+        text = render(rows, layers) + "\n" + text
     print(text)
     if args.out:
         path = Path(args.out)

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cleanai_core.calibration import _chan_merge
+from cleanai_core.calibration import _chan_merge, finite_moments
 
 __all__ = ["Moments", "correct_batchnorm", "norms_with_running_stats", "recording"]
 
@@ -69,18 +69,15 @@ def norms_with_running_stats(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _moments(x: Any) -> tuple[float, torch.Tensor, torch.Tensor] | None:
-    """``(count, mean, M2)`` per channel (dim 1, or 0 for a 1-D input), reduced in float64:
-    the original's and the pruned model's moments of an unchanged input then agree to
-    float64 rounding, not to the float32 rounding of a differently shaped reduction."""
-    if not isinstance(x, torch.Tensor) or x.ndim == 0 or not x.is_floating_point() or x.numel() == 0:
+    """``(count, mean, M2)`` per channel (dim 1, or 0 for a 1-D input), float64; None where
+    a value is not finite (nothing to learn from this call). Reduced in the activation's
+    precision per channel, in a way that does not depend on the other channels, so the
+    original's and the pruned model's moments of an unchanged channel agree bit for bit
+    (:func:`~cleanai_core.calibration.finite_moments`; a float64 ``var_mean`` of the same
+    input cost 15-20x more and was half of the default path's time on ResNet-50)."""
+    if not isinstance(x, torch.Tensor) or x.ndim == 0:
         return None
-    x = x.detach().to(torch.float64)
-    dims = [d for d in range(x.ndim) if d != (1 if x.ndim > 1 else 0)]
-    var, mean = torch.var_mean(x, dim=dims, correction=0)
-    if not bool(torch.isfinite(var).all() and torch.isfinite(mean).all()):
-        return None  # non-finite: nothing to learn from this call
-    n = x.numel() // mean.numel()
-    return float(n), mean.cpu(), (var * n).cpu()
+    return finite_moments(x, 1 if x.ndim > 1 else 0)
 
 
 @contextmanager
@@ -167,11 +164,21 @@ class _Correction:
         if self.batchwise:
             self._hold(*_shifted(self.base_mean, self.base_var, self.eps, got, (n, mean, m2)))
 
-    def apply(self) -> None:
+    def apply(self) -> float:
+        """Set the statistics from the pass's totals; returns how far they moved from where
+        the pass started: the largest change of a channel's mean in its standard deviations,
+        or of its variance relative to it (0 when the pass measured nothing)."""
         if self.pruned[1] is None:
             self._hold(*self.held)
-            return
-        self._hold(*_shifted(self.base_mean, self.base_var, self.eps, tuple(self.pruned), tuple(self.orig)))
+            return 0.0
+        new_mean, new_var = _shifted(self.base_mean, self.base_var, self.eps, tuple(self.pruned), tuple(self.orig))
+        self._hold(new_mean, new_var)
+        old_mean = self.held[0].to(torch.float64).cpu()
+        old_var = self.held[1].to(torch.float64).cpu() + self.eps
+        moved = torch.maximum(
+            (new_mean - old_mean).abs() / old_var.sqrt(), (new_var + self.eps - old_var).abs() / old_var
+        )
+        return float(moved.max()) if moved.numel() else 0.0
 
 
 def correct_batchnorm(
@@ -182,9 +189,10 @@ def correct_batchnorm(
     run: Callable[[nn.Module, Any], Any],
     run_original: Callable[[Any], None] | None = None,
     passes: int = 3,
+    tol: float = 1e-3,
 ) -> int:
     """Correct the running statistics of ``pruned``'s norms (see the module doc) with one
-    eval-mode pass over ``batches``; returns how many norms were corrected.
+    eval-mode passes over ``batches``; returns how many norms were corrected.
 
     :param original_moments: the original model's norm input moments on the same batches,
         in the same order (:func:`recording`); with ``run_original`` it is filled batch by
@@ -195,8 +203,14 @@ def correct_batchnorm(
     :param run: ``run(model, batch)`` calls the model on one batch's inputs.
     :param batches: ``batches()`` yields the calibration batches, in the same order each time
         unless ``run_original`` is given.
-    :param passes: each pass measures every norm's input with the norms above it held at
-        their estimate from the pass before (the trained statistics in the first).
+    :param passes: the first pass corrects each call by its own measured difference as it
+        runs, so the norms below see corrected inputs within the pass; each later pass
+        measures every norm's input with the norms above it held at the last pass's estimate.
+    :param tol: passes stop early once one moves no norm's statistics by more than this
+        (a mean by ``tol`` standard deviations, a variance by ``tol`` of itself): the next
+        pass would measure the same inputs to within that. Where pruning changed no norm's
+        input (dead units, pruning below the last norm) that is after the first pass; where
+        no corrected norm feeds another, after the second. ``0`` runs every pass.
     """
     from cleanai_core.distributed import combine_moments
 
@@ -223,8 +237,9 @@ def correct_batchnorm(
                 sizes = [f.module.running_mean.numel() for f in ordered]
                 combine_moments([f.pruned for f in ordered], sizes)
                 combine_moments([f.orig for f in ordered], sizes)
-                for f in ordered:
-                    f.apply()
+                moved = max(f.apply() for f in ordered)
+                if moved <= tol:  # the same on every rank: the totals were summed over ranks
+                    break
     finally:
         for h in handles:
             h.remove()

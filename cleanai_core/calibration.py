@@ -30,7 +30,15 @@ from torch import nn
 from cleanai_core.distributed import is_distributed
 from cleanai_core.errors import UserError
 
-__all__ = ["BatchReduction", "ChannelStats", "StatsCollector", "move_to", "split_batch"]
+__all__ = [
+    "BatchReduction",
+    "ChannelStats",
+    "StatsCollector",
+    "batch_moments",
+    "finite_moments",
+    "move_to",
+    "split_batch",
+]
 
 #: layers with more input channels than this keep no covariance (it holds two C x C matrices)
 MAX_COVARIANCE_CHANNELS = 4096
@@ -46,6 +54,10 @@ _GRAM_BLOCK = 768
 _GRAM_MIN_SPLIT = 1024
 #: elements per block of the blocked loops below (4 MiB of float32: stays in cache)
 _BLOCK_ELEMENTS = 1 << 20
+
+
+#: the covariance :attr:`ChannelStats.cov` formed last: (its statistics, their totals' versions, the matrix)
+_LAST_COV: list[tuple[weakref.ref, tuple, torch.Tensor] | None] = [None]
 
 
 @attrs.define(eq=False)
@@ -142,15 +154,35 @@ class ChannelStats:
 
     @property
     def cov(self) -> torch.Tensor | None:
-        """Channel covariance matrix (float64, CPU), when collected."""
+        """Channel covariance matrix (float64, CPU), when collected. The last one formed is
+        kept (one matrix, for all statistics together) until its totals change, so reading
+        it twice in a row costs one (a caller must not write into it)."""
         if self.cov_block is None:
             return None
+        key = tuple((id(t), _version(t)) for t in (self.cov_total, self.cov_block, self.cov_offset))
+        key += (self.cov_count,)
+        last = _LAST_COV[0]
+        if last is not None and last[0]() is self and last[1] == key:
+            return last[2]
+        cov = self._form_cov()
+        _LAST_COV[0] = (weakref.ref(self), key, cov)
+        return cov
+
+    def _form_cov(self) -> torch.Tensor:
+        """``S / n - d d^T`` in float64 with ``S`` mirrored from its blocks on and above the
+        diagonal (see :func:`_add_gram`): four passes over the C x C matrix (C=3072: 130 ms
+        on one core, 300 ms with a whole-matrix ``triu`` and mirror)."""
         n = max(self.cov_count, 1.0)
         d = (self.cov_offset / n).cpu()
-        s = self.cov_total.to("cpu", torch.float64) + self.cov_block.to("cpu", torch.float64)
-        s = s.triu_()  # the blocks above the diagonal (see _add_gram), mirrored
-        s += s.triu(1).T
-        return s.div_(n).sub_(torch.outer(d, d))
+        s = self.cov_total.to("cpu", torch.float64, copy=True)
+        s.add_(self.cov_block.to("cpu"))
+        cols = _gram_blocks(s.shape[0])
+        for i, a in enumerate(cols):
+            diag = s[a, a]
+            diag.copy_(diag.triu() + diag.triu(1).T)  # exactly symmetric, like the mirrored blocks
+            for b in cols[i + 1 :]:
+                s[b, a] = s[a, b].T
+        return s.addr_(d, d, beta=1.0 / n, alpha=-1.0)
 
     @property
     def cov_mean(self) -> torch.Tensor | None:
@@ -180,17 +212,32 @@ def _as_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def batch_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch.Tensor] | None:
-    """``(count, mean, M2)`` per channel of one batch, float64.
+    """``(count, mean, M2)`` per channel of one batch, float64; None for a tensor that is
+    not floating point or empty; raises :class:`UserError` for non-finite activations.
 
     Two reductions in the activation's own precision (a sum and a sum of squares; no
     upcast copy of the whole tensor), combined in float64. M2 = sum(x^2) - n mean^2 loses
     relative precision only for channels whose variance is tiny next to their squared
     mean (it is clamped at 0); the second moment E[x^2] the criteria use is exact to
     the activation's precision."""
+    moments = finite_moments(x, dim)
+    if moments is None and x.is_floating_point() and x.numel() > 0:
+        raise UserError(
+            "non-finite activations (NaN or inf, or values too large for the model's precision) reached a layer "
+            "during calibration; check the data for NaN/inf values and that the model's weights are finite"
+        )
+    return moments
+
+
+def finite_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+    """:func:`batch_moments` without the error: None also where a value is not finite.
+
+    Each channel's sums are reduced the same way whatever the other channels hold, so a
+    channel that pruning left unchanged gets bit-identical moments in the original and in
+    the pruned model (what :mod:`cleanai_core.bn_correction` relies on); 15-20x faster on
+    CPU than ``var_mean`` over a float64 copy."""
     x = x.detach()
-    if not x.is_floating_point():
-        return None
-    if x.numel() == 0:
+    if not x.is_floating_point() or x.numel() == 0:
         return None
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
@@ -207,10 +254,7 @@ def batch_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch
     total, squares = total.to(torch.float64), squares.to(torch.float64)
     # a NaN or inf anywhere, or a sum too large, makes the sum of squares non-finite too
     if not bool(torch.isfinite(squares).all()):
-        raise UserError(
-            "non-finite activations (NaN or inf, or values too large for the model's precision) reached a layer "
-            "during calibration; check the data for NaN/inf values and that the model's weights are finite"
-        )
+        return None
     mean = total / n
     m2 = (squares - n * mean**2).clamp_min(0.0)
     return float(n), mean.cpu(), m2.cpu()
@@ -243,14 +287,18 @@ def _column_sums(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return total, squares
 
 
+def _gram_blocks(c: int) -> list[slice]:
+    """The column blocks of a C x C co-moment (one below ``_GRAM_MIN_SPLIT`` channels)."""
+    k = 1 if c < _GRAM_MIN_SPLIT else math.ceil(c / _GRAM_BLOCK)
+    edges = [c * i // k for i in range(k + 1)]
+    return [slice(edges[i], edges[i + 1]) for i in range(k)]
+
+
 def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     """``acc += x^T x`` on and above the diagonal only: ``x^T x`` is symmetric, so for wide
     ``x`` the column blocks ``i <= j`` are multiplied (about half the work; on 2 cores
     C=2048 takes 11-13 ms instead of 17); blocks below the diagonal are left untouched."""
-    c = x.shape[1]
-    k = 1 if c < _GRAM_MIN_SPLIT else math.ceil(c / _GRAM_BLOCK)
-    edges = [c * i // k for i in range(k + 1)]
-    cols = [slice(edges[i], edges[i + 1]) for i in range(k)]
+    cols = _gram_blocks(x.shape[1])
     for i, a in enumerate(cols):
         for b in cols[i:]:
             acc[a, b].addmm_(x[:, a].T, x[:, b])

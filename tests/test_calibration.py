@@ -315,3 +315,33 @@ def test_blocked_paths_match_float64_reference(monkeypatch):
         b.update(c.contiguous(), 1)
     torch.testing.assert_close(a.cov, b.cov, rtol=1e-5, atol=1e-5)
     assert a.cov_count == b.cov_count == 27
+
+
+def test_covariance_read_twice_is_formed_once_and_follows_new_batches():
+    torch.manual_seed(0)
+    a, b = torch.randn(40, 6, dtype=torch.float64), torch.randn(30, 6, dtype=torch.float64) * 2 + 1
+    st = ChannelStats(covariance=True, covariance_rows=0)
+    st.update(a, 1)
+    first = st.cov
+    assert st.cov is first  # the second read is the same matrix, not formed again
+    assert torch.allclose(first, torch.cov(a.T, correction=0), atol=1e-12)
+    st.update(b, 1)
+    both = torch.cat([a, b])
+    assert torch.allclose(st.cov, torch.cov(both.T, correction=0), atol=1e-12)  # not the stale matrix
+    other = ChannelStats(covariance=True, covariance_rows=0)
+    other.update(b, 1)
+    assert torch.allclose(other.cov, torch.cov(b.T, correction=0), atol=1e-12)
+    assert torch.allclose(st.cov, torch.cov(both.T, correction=0), atol=1e-12)  # one slot, keyed by the stats
+
+
+def test_bn_moments_of_unchanged_channels_agree_bit_for_bit_with_the_full_tensor():
+    from cleanai_core.bn_correction import _moments
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 10, 7, 9) * 3 + 1
+    full, kept = _moments(x), _moments(x[:, ::2].contiguous())
+    assert torch.equal(full[1][::2], kept[1]) and torch.equal(full[2][::2], kept[2])
+    x64 = x.double()
+    assert torch.allclose(full[1], x64.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(full[2] / full[0], x64.var((0, 2, 3), correction=0), rtol=1e-5)
+    assert _moments(torch.tensor([[1.0, float("nan")]])) is None

@@ -1,0 +1,223 @@
+"""Where the default (activation-aware) path spends its time, stage by stage (issue #21).
+
+For each model, every repeat runs back to back over the same calibration batches:
+
+- *plain*: inference over the batches (``torch.no_grad``), the unit of the ratios;
+- *graph*: ``StructuredPruner(...)`` (trace and groups, batch-1 example input);
+- *collection*: ``collect_activations`` (channel statistics, covariance sample, BatchNorm
+  input moments of the original);
+- *prune()*, split into: *scoring* (criterion over every group), *planning* (ranking and
+  ratios), *compensation* (covariance formed, least squares, bias folding), *slicing* (the
+  copy and the layer pruners, without compensation), *verification* (original and pruned
+  on the example input), *BN correction* (passes of the pruned model over the batches),
+  and *other* (the rest: counts, bookkeeping);
+- *data-free*: graph + ``prune()`` with ``importance="magnitude", bias_compensation=False``.
+
+Stages are timed by wrapping the pruner's private methods for the duration of one call
+or the stage modules' functions (see ``_WRAPPED``: the names before and after the kernel's
+stage split are both listed); a stage none of whose names exist is reported as "-" (its
+time then lands in *other*). Wall time and process CPU time are both kept:
+on a shared machine CPU time is the steadier measure of what a stage costs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from cleanai_core import StructuredPruner
+
+__all__ = ["STAGE_MODELS", "STAGES", "render_stages", "stage_costs"]
+
+#: the issue's four timm models: key -> (timm name, input size)
+STAGE_MODELS = {
+    "resnet50": ("resnet50", 224),
+    "efficientnet_b0": ("efficientnet_b0", 224),
+    "vit_small": ("vit_small_patch16_224", 224),
+    "convnext_tiny": ("convnext_tiny", 224),
+}
+#: the peer's (Torch-Pruning 1.6.1) graph + prune seconds for the same criterion on this machine
+PEER_TOTAL = {"resnet50": 0.57, "efficientnet_b0": 0.22}
+#: stages of prune(), in the order they run
+STAGES = ("scoring", "planning", "compensation", "slicing", "verification", "bn_correction")
+#: stage -> where its time is taken: ``("pruner", method)`` of the instance or ``(module, function)``
+#: looked up at call time; both the pruner before the stage split (#16) and after it are listed,
+#: and the names one of them lacks are skipped. Compensation runs inside slicing and is taken out of it.
+_WRAPPED = {
+    "scoring": [("pruner", "_scores"), ("cleanai_core.pruner", "score_groups")],
+    "planning": [("cleanai_core.pruner", "make_plan")],
+    "compensation": [("pruner", "_compensate"), ("cleanai_core.compensation", "compensate")],
+    "slicing": [("cleanai_core.pruner", "_sliced_copy"), ("cleanai_core.pruner", "compensated_copy")],
+    "verification": [("pruner", "_verify")],
+    "bn_correction": [("pruner", "_correct_bn"), ("cleanai_core.collect", "correct_batchnorm_after")],
+}
+
+
+class _Clock:
+    """Wall and CPU seconds of one interval."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+@contextmanager
+def _timed_stages(pruner: StructuredPruner, acc: dict[str, list[float]]) -> Iterator[None]:
+    """Add each stage's (wall, cpu) seconds into ``acc`` while the block runs."""
+    undo = []
+
+    def wrap(stage: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            clock = _Clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                wall, cpu = clock.read()
+                acc.setdefault(stage, [0.0, 0.0])
+                acc[stage][0] += wall
+                acc[stage][1] += cpu
+
+        return timed
+
+    for stage, places in _WRAPPED.items():
+        for where, attr in places:
+            try:
+                owner = pruner if where == "pruner" else importlib.import_module(where)
+            except ImportError:
+                continue
+            fn = getattr(owner, attr, None)
+            if fn is None:
+                continue
+            setattr(owner, attr, wrap(stage, fn))
+            undo.append((owner, attr, fn, where))
+    try:
+        yield
+    finally:
+        for owner, attr, fn, where in reversed(undo):
+            if where == "pruner":
+                delattr(owner, attr)  # the instance attribute goes; the class method shows again
+            else:
+                setattr(owner, attr, fn)
+
+
+def _build(name: str) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def stage_costs(key: str, repeats: int = 3, calib_batches: int = 4, batch: int = 8) -> dict:
+    """Median per-stage seconds (wall and CPU) and the issue's ratios for one model."""
+    name, size = STAGE_MODELS[key]
+    model = _build(name)
+    x1 = torch.randn(1, 3, size, size)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(batch, 3, size, size, generator=gen) for _ in range(calib_batches)]
+
+    def plain() -> None:
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+
+    plain()  # warm-up
+    runs = []
+    for _ in range(repeats):
+        run: dict[str, tuple[float, float]] = {}
+        clock = _Clock()
+        plain()
+        run["plain"] = clock.read()
+        clock = _Clock()
+        pr = StructuredPruner(model, x1, pruning_ratio=0.5)
+        run["graph"] = clock.read()
+        clock = _Clock()
+        pr.collect_activations(batches, progress=False)
+        run["collection"] = clock.read()
+        acc: dict[str, list[float]] = {}
+        clock = _Clock()
+        with _timed_stages(pr, acc):
+            pr.prune()
+        run["prune"] = clock.read()
+        for stage in STAGES:
+            if stage in acc:
+                run[stage] = tuple(acc[stage])
+        if "slicing" in run and "compensation" in run:
+            run["slicing"] = tuple(a - b for a, b in zip(run["slicing"], run["compensation"], strict=True))
+        known = [run[s] for s in STAGES if s in run]
+        run["other"] = tuple(p - sum(k[i] for k in known) for i, p in enumerate(run["prune"]))
+        clock = _Clock()
+        StructuredPruner(model, x1, "magnitude", pruning_ratio=0.5, bias_compensation=False).prune()
+        run["data_free"] = clock.read()
+        runs.append(run)
+    row: dict = {"model": key, "load": os.getloadavg()[0]}
+    for i, kind in enumerate(("wall", "cpu")):
+        for stage in ("plain", "graph", "collection", "prune", *STAGES, "other", "data_free"):
+            vals = [r[stage][i] for r in runs if stage in r]
+            row[f"{stage}_{kind}"] = statistics.median(vals) if vals else None
+        # ratios per repeat (back to back), then the median: drift between repeats cancels
+        row[f"collect_x_{kind}"] = statistics.median(r["collection"][i] / r["plain"][i] for r in runs)
+        row[f"total_x_{kind}"] = statistics.median((r["collection"][i] + r["prune"][i]) / r["plain"][i] for r in runs)
+    peer = PEER_TOTAL.get(key)
+    row["peer_s"] = peer
+    row["data_free_x_peer"] = row["data_free_wall"] / peer if peer else None
+    return row
+
+
+def _cell(v: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def render_stages(rows: list[dict], calib_batches: int, batch: int) -> list[str]:
+    """Markdown: per-stage CPU seconds, then the issue's ratios (wall and CPU)."""
+    loads = [r["load"] for r in rows]
+    lines = [
+        "## The default path, stage by stage (issue #21)",
+        "",
+        f"timm models, `pretrained=False`, {calib_batches} calibration batches of {batch} images (224x224), "
+        f"ratio 0.5, default criterion (weight-activation, bias compensation + least squares, BatchNorm "
+        f"correction), torch threads: {torch.get_num_threads()}; medians of repeats. Machine load (1-min average "
+        f"while the rows ran): {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores.",
+        "",
+        "Process CPU seconds per stage (steadier than wall time on a shared machine):",
+        "",
+        "| model | plain inference | graph | collection | scoring | planning | compensation | slicing "
+        "| verification | BN correction | other | prune() total | data-free |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [r[f"{s}_cpu"] for s in ("plain", "graph", "collection", *STAGES, "other", "prune", "data_free")]
+        lines.append(f"| {r['model']} | " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += [
+        "",
+        "Ratios to plain inference over the same batches (medians of per-repeat ratios; goal: collection "
+        "<= 1.15x, collection + prune() <= 1.5x), and the data-free path (magnitude, no compensation: graph + "
+        "prune(), wall seconds) against the peer (goal <= 0.5x):",
+        "",
+        "| model | collection (wall) | collection (CPU) | + prune() (wall) | + prune() (CPU) | data-free s "
+        "| peer s | data-free / peer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['collect_x_wall']:.2f}x | {r['collect_x_cpu']:.2f}x | {r['total_x_wall']:.2f}x "
+            f"| {r['total_x_cpu']:.2f}x | {r['data_free_wall']:.3f} | {_cell(r['peer_s'])} "
+            f"| {_cell(r['data_free_x_peer'])} |"
+        )
+    return lines
+
+
+if __name__ == "__main__":  # `stages.py MODEL [REPEATS [THREADS]]`: one row as JSON, to compare checkouts
+    import json
+    import sys
+
+    torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+    print(json.dumps(stage_costs(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)))

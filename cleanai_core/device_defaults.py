@@ -1,0 +1,37 @@
+"""Defaults that depend on the device a pruned model will run on.
+
+Glossary:
+
+- *round_to*: kept channel counts rounded up to a multiple (``StructuredPruner(round_to=)``);
+  it keeps a few more channels than the ratio asks, so it pays only where the kernels run
+  multiples faster than the counts around them.
+
+Measured for CPU (2 threads, AVX-512 Xeon, PyTorch's oneDNN / MKL kernels, float32;
+docs/benchmarks.md, 2026-11-30 notes): ``benchmarks/round_to.py`` timed a 3x3 convolution
+and a linear at every channel count from 58 to 70 and from 122 to 134; multiples of 8 and
+16 cost the same per multiply-add as the counts between them, within the machine's noise
+(64: 205 against 203-249 µs per million MACs for its neighbours; 128: 120 against 112-149).
+The seven benchmark models pruned at ratio 0.5 (``benchmarks/speed.py``, idle machine,
+session 5) gave a batch-32 speed-up per FLOPs reduction of 0.81 on average with the counts
+as the ratio gives them and 0.80 with ``round_to=8``, model by model within +-0.08 either
+way. Rounding up keeps more channels for no faster kernel, so on CPU nothing is rounded.
+On CUDA, tensor-core kernels for half precision want channel counts that are multiples of
+8 (NVIDIA's performance guide for cuDNN / cuBLAS), so counts are rounded to 8 there; not
+measured on this project's machines (no GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["ROUND_TO", "default_round_to"]
+
+#: device type -> the round_to that pays there (None: keep the counts the ratio gives)
+ROUND_TO: dict[str, int | None] = {"cpu": None, "cuda": 8}
+
+
+def default_round_to(device: torch.device | str | None) -> int | None:
+    """The ``round_to`` that pays on ``device`` (a device, its name, or None for the CPU);
+    None (no rounding) for a device type without a measurement."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    return ROUND_TO.get(kind)
