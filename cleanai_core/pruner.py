@@ -1,6 +1,5 @@
-"""StructuredPruner: the pipeline's sequencer. It holds the state between stages and
-calls them in order; each stage is a module of free functions (the list, and where a new
-thing goes: ``docs/architecture.md``)."""
+"""StructuredPruner: the pipeline's sequencer. It holds the state between stages and calls them
+in order; each stage is a module of free functions (the list: ``docs/architecture.md``)."""
 
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
 from cleanai_core.collect import Calibration, CalibrationSetup, calibrate
 from cleanai_core.compensation import compensated_copy
 from cleanai_core.dead_units import dead_plan
+from cleanai_core.device_defaults import default_round_to
 from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
 from cleanai_core.history import PruningHistory
 from cleanai_core.metrics import count_flops, count_params
@@ -23,7 +23,7 @@ from cleanai_core.model_state import transplant
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan
 from cleanai_core.pruning_report import pruner_report
-from cleanai_core.runtime import copy_modes
+from cleanai_core.runtime import copy_modes, device_of
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, prune_in_steps
@@ -55,7 +55,8 @@ class StructuredPruner:
         (plus the classifier heads the ``cleanai_default_ignores`` hook names).
     :param global_pruning: rank units of all groups together (scores normalised per group).
     :param max_layer_ratio: with global pruning, the most any group may lose.
-    :param round_to: kept channel counts rounded up to a multiple (e.g. 8).
+    :param round_to: kept channel counts rounded up to a multiple (e.g. 8); ``"auto"``: what
+        pays on the model's device (:mod:`cleanai_core.device_defaults`: none on CPU, 8 on CUDA).
     :param min_channels: units every group keeps at least.
     :param target_flops: instead of ``pruning_ratio``, keep this share of the FLOPs.
     :param target_params: instead of ``pruning_ratio``, keep this share of the parameters
@@ -90,7 +91,7 @@ class StructuredPruner:
         ignored_layers: Iterable[ModuleSpec] | None = None,
         global_pruning: bool = False,
         max_layer_ratio: float = 0.9,
-        round_to: int | None = None,
+        round_to: int | str | None = "auto",
         min_channels: int = 1,
         target_flops: float | None = None,
         target_params: float | None = None,
@@ -108,6 +109,7 @@ class StructuredPruner:
         prune_dead_only: bool = False,
     ) -> None:
         options.check_model(model)
+        round_to = default_round_to(device_of(model)) if round_to == "auto" else round_to
         options.check_targets(pruning_ratio, target_flops, target_params, iterative_steps)
         options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes)
         options.check_example_inputs(example_inputs)
@@ -147,7 +149,7 @@ class StructuredPruner:
         return self.calibration.stats
 
     @property
-    def gradients(self) -> dict[str, torch.Tensor]:
+    def gradients(self) -> dict[str, torch.Tensor]:  # loss gradients per parameter, for gradient criteria
         return self.calibration.gradients
 
     def _build_graph(self, model: nn.Module) -> DependencyGraph:

@@ -38,10 +38,21 @@ def _batches(device, dtype=torch.float32, n: int = 3):
 def _prune(device, importance=None, dtype=torch.float64, **collect):
     model = _net().to(device, dtype).eval()
     example = torch.randn(1, 3, 12, 12).to(device, dtype)
-    pruner = StructuredPruner(model, example, importance=importance, pruning_ratio=0.4)
+    # round_to=None on both devices (its default depends on the device): the same units go
+    pruner = StructuredPruner(model, example, importance=importance, pruning_ratio=0.4, round_to=None)
     pruner.collect_activations(_batches(device, dtype), progress=False, **collect)
     pruned = pruner.prune()
     return pruner, pruned
+
+
+def test_round_to_defaults_to_what_pays_on_the_device():
+    model = _net().to(DEVICE).eval()
+    pruner = StructuredPruner(model, torch.randn(1, 3, 12, 12).to(DEVICE), "magnitude", pruning_ratio=0.3)
+    assert pruner.round_to == (8 if DEVICE.startswith("cuda") else None)
+    pruner.prune()
+    layers = [(r["channels_before"], r["channels_after"]) for r in pruner.report()["layers"]]
+    assert any(after < before for before, after in layers)
+    assert all(after % (pruner.round_to or 1) == 0 or after == before for before, after in layers)
 
 
 @pytest.mark.parametrize("importance", [None, "taylor"])
