@@ -37,8 +37,8 @@ def regress(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge regression of the removed channels on the kept ones from their covariance:
     ``x_removed ~ shift + coef @ x_kept`` (coef: removed x kept)."""
-    c_kk = cov[kept][:, kept]
-    c_kr = cov[kept][:, removed]
+    c_kk = cov[kept[:, None], kept]  # one gather each, not a K x C copy first
+    c_kr = cov[kept[:, None], removed]
     lam = damping * float(c_kk.diagonal().mean().clamp(min=1e-12))
     eye = torch.eye(c_kk.shape[0], dtype=cov.dtype)
     coef = torch.linalg.solve(c_kk + lam * eye, c_kr).T
