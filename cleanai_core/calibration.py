@@ -27,8 +27,8 @@ import attrs
 import torch
 from torch import nn
 
-from cleanai_core.distributed import is_distributed
 from cleanai_core.errors import UserError
+from cleanai_core.runtime import iterate, move_to, split_batch, total_batches  # re-exported
 
 __all__ = [
     "BatchReduction",
@@ -38,6 +38,8 @@ __all__ = [
     "finite_moments",
     "move_to",
     "split_batch",
+    "iterate",
+    "total_batches",
 ]
 
 #: layers with more input channels than this keep no covariance (it holds two C x C matrices)
@@ -317,40 +319,6 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     return total, mean_a + delta * (n_b / total), m2_a
 
 
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, target)`` from a batch: a tensor, an ``(x, y)`` pair or a dict."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 0:
-            raise UserError("the data loader yielded an empty batch")
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    if isinstance(batch, dict):
-        target = None
-        inputs = {}
-        for k, v in batch.items():
-            if k in ("label", "labels", "y", "target", "targets"):
-                target = v
-            else:
-                inputs[k] = v
-        return inputs, target
-    raise UserError(
-        f"the data loader yielded a {type(batch).__name__}; expected tensors, (input, label) pairs or dicts"
-    )
-
-
-def move_to(x: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: move_to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(move_to(v, device) for v in x)
-    return x
-
-
 class BatchReduction:
     """One batch's tensor at a consumer's input, reduced once: its per-channel moments
     (computed on creation) and the covariance sample (drawn by the first consumer that
@@ -465,24 +433,3 @@ def _parameter_name(module: nn.Module, arg: int | str) -> str | None:
     if arg < len(params) and params[arg].kind in (params[arg].POSITIONAL_ONLY, params[arg].POSITIONAL_OR_KEYWORD):
         return params[arg].name
     return None
-
-
-def iterate(loader: Iterable[Any], num_batches: int | None) -> Iterator[Any]:
-    n = 0
-    for batch in loader:
-        if num_batches is not None and n >= num_batches:
-            break
-        n += 1
-        yield batch
-    if n == 0 and not is_distributed():  # one rank's shard may be empty: checked over all ranks
-        raise UserError("the calibration data is empty; give at least one batch")
-
-
-def total_batches(loader: Any, num_batches: int | None) -> int | None:
-    try:
-        n = len(loader)
-    except TypeError:
-        n = None
-    if num_batches is None:
-        return n
-    return num_batches if n is None else min(n, num_batches)

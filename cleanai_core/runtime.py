@@ -7,17 +7,28 @@ output are (``output_transform``, else ``.logits``), and module modes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from cleanai_core.calibration import move_to
 from cleanai_core.errors import UserError
 
-__all__ = ["call_model", "check_labels", "copy_modes", "device_of", "inputs_for", "logits_of", "run_batch"]
+__all__ = [
+    "call_model",
+    "check_labels",
+    "copy_modes",
+    "device_of",
+    "inputs_for",
+    "iterate",
+    "logits_of",
+    "move_to",
+    "run_batch",
+    "split_batch",
+    "total_batches",
+]
 
 
 def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:
@@ -94,3 +105,63 @@ def check_labels(out: Any, target: Any) -> torch.Tensor:
             "give one label per input for taylor importance"
         )
     return target
+
+
+# -- batches ---------------------------------------------------------------------------------
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, target)`` from a batch: a tensor, an ``(x, y)`` pair or a dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise UserError("the data loader yielded an empty batch")
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, dict):
+        target = None
+        inputs = {}
+        for k, v in batch.items():
+            if k in ("label", "labels", "y", "target", "targets"):
+                target = v
+            else:
+                inputs[k] = v
+        return inputs, target
+    raise UserError(
+        f"the data loader yielded a {type(batch).__name__}; expected tensors, (input, label) pairs or dicts"
+    )
+
+
+def move_to(x: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: move_to(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(move_to(v, device) for v in x)
+    return x
+
+
+def iterate(loader: Iterable[Any], num_batches: int | None) -> Iterator[Any]:
+    n = 0
+    for batch in loader:
+        if num_batches is not None and n >= num_batches:
+            break
+        n += 1
+        yield batch
+    from cleanai_core.distributed import is_distributed
+
+    if n == 0 and not is_distributed():  # one rank's shard may be empty: checked over all ranks
+        raise UserError("the calibration data is empty; give at least one batch")
+
+
+def total_batches(loader: Any, num_batches: int | None) -> int | None:
+    try:
+        n = len(loader)
+    except TypeError:
+        n = None
+    if num_batches is None:
+        return n
+    return num_batches if n is None else min(n, num_batches)
