@@ -148,13 +148,16 @@ class PrefixCache:
             return None
         spans, base = self.spans, dict(self.base.named_modules())
         names = dict(trial.named_modules())
-        changed = [n for n in names if n not in base or not _same(base[n], names[n])]
-        changed += [n for n in base if n not in names]
-        if any(n not in spans for n in changed if n):
-            return None
-        first = min((spans[n].start for n in changed if n), default=None) if "" not in changed else 0
-        if first is None:
-            first = max(s.end for s in spans.values()) + 1
+        # a module added or removed shows as a change of its parent's children
+        unseen = [n for n in names if n not in spans and n in base and n]
+        if any(not _same(base[n], names[n]) for n in unseen):
+            return None  # changed, never ran as a module (its tensors may be used elsewhere)
+        end = max((s.end for s in spans.values()), default=0) + 1
+        first = 0 if not _same(base[""], names[""]) else end
+        for n in sorted(spans, key=lambda n: spans[n].start) if first else ():
+            if n not in names or n not in base or not _same(base[n], names[n]):
+                first = spans[n].start  # the earliest-starting changed module
+                break
         keep: list[str] = []
 
         def walk(m: nn.Module, prefix: str) -> None:
