@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -357,13 +357,19 @@ def allocate_ratios(
     target_latency: float | None = None,
     step: float = 0.05,
     iterations: int = 30,
+    latency_measure: Callable[[nn.Module], float] | None = None,
 ) -> Allocation:
     """Per-layer ratios that keep the given share of FLOPs, parameters or measured latency
     (one of them, between 0 and 1) at the least summed fidelity loss. The cost of each
     candidate is measured on the sliced model, not estimated; the result meets the target
     or, when nothing within the measured curves can, is the most the curves allow. The
     allocation is checked against a uniform ratio and global ranking at the same target
-    on the evaluation batches of ``result``, and the best of the three is returned."""
+    on the evaluation batches of ``result``, and the best of the three is returned.
+
+    ``target_latency`` is a share of the original's latency as ``latency_measure(model)``
+    gives it (default: median milliseconds of a forward pass on the pruner's example
+    inputs, :func:`~cleanai_core.metrics.measure_latency`, on the model's device). Each
+    candidate's cost is measured once; ``Allocation.cost`` is that measurement's share."""
     given = [(n, t) for n, t in (("flops", target_flops), ("params", target_params), ("latency", target_latency)) if t]
     if len(given) != 1:
         raise UserError("give exactly one of target_flops, target_params or target_latency (a share to keep, 0-1)")
@@ -391,16 +397,21 @@ def allocate_ratios(
 
     scores = pruner.score()
     ex, fwd = pruner.example_inputs, pruner.forward_fn
-    base_latency = measure_latency(model, ex, forward_fn=fwd) if kind == "latency" else None
+    measure, base_size = {
+        "flops": (flops_measure(ex, fwd), result.base_flops),
+        "params": (params_measure, result.base_params),
+        "latency": (latency_measure or (lambda m: measure_latency(m, ex, forward_fn=fwd)), None),
+    }[kind]
+    base_size = measure(model) if base_size is None else base_size
     others = pruner.pruning_ratio
+    measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
 
     def cost(ratios: dict[int, float]) -> float:
-        plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
-        if kind == "flops":
-            return pruned_size(model, graph, plan, flops_measure(ex, fwd)) / result.base_flops
-        if kind == "params":
-            return pruned_size(model, graph, plan, params_measure) / result.base_params
-        return pruned_size(model, graph, plan, lambda m: measure_latency(m, ex, forward_fn=fwd)) / base_latency
+        key = tuple(sorted(ratios.items()))
+        if key not in measured:
+            plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
+            measured[key] = pruned_size(model, graph, plan, measure) / base_size
+        return measured[key]
 
     def ranked(r: float) -> dict[int, float]:  # global ranking at ratio r, as per-group ratios
         plan = _plan(pruner, scores, {}, min(r, 0.95), ranked=True)

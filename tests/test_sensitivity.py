@@ -203,3 +203,18 @@ def test_the_fast_trials_give_the_curves_of_whole_verified_runs():
     assert all(c.kl[-1] > 1e-5 for c in fast.curves)  # not all trivially 0
     assert fast.base_accuracy == slow.base_accuracy
     assert len(convs) < 0.75 * slow_convs  # the trials ran only what pruning changed
+
+
+def test_allocation_meets_a_latency_target_as_the_given_measure_sees_it(analysed):
+    net, p, result = analysed
+
+    def latency(m):  # deterministic stand-in for a timer: a fixed overhead plus work per FLOP
+        return 2000.0 + count_flops(m, X[:1]) / 10.0
+
+    alloc = allocate_ratios(p, result, target_latency=0.7, latency_measure=latency)
+    assert alloc.target == "latency" and alloc.method == min(alloc.kl, key=alloc.kl.get)
+    auto = pruner_for(net, layer_pruning_ratios=alloc.layer_ratios).prune()
+    kept = latency(auto) / latency(net)
+    assert kept == pytest.approx(alloc.cost, rel=1e-9) and 0.6 < kept <= 0.7
+    flops_kept = count_flops(auto, X[:1]) / count_flops(net, X[:1])
+    assert flops_kept < 0.7 - 0.05  # the fixed overhead makes the latency share the harder one to cut
