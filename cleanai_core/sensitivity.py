@@ -17,7 +17,9 @@ Glossary:
   between measured ratios).
 
 The trials reuse the statistics the pruner already streamed: the only new work is one
-sliced copy and one forward pass over the evaluation batches per (group, ratio).
+sliced copy per (group, ratio) and a forward pass over the evaluation batches from the
+first module the pruning changed (:mod:`cleanai_core.prefix_cache`; what runs before it
+is the original's, cached), which also stands in for the pruner's verification pass.
 """
 
 from __future__ import annotations
