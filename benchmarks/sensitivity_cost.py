@@ -2,6 +2,8 @@
 sensitivity trials and allocation, timed separately, with the machine's load beside them.
 
 Random weights and random images (the cost does not depend on what the model learned).
+On a shared machine the wall-clock seconds grow with the load; the CPU seconds (all
+threads of this process) much less.
 Run::
 
     python benchmarks/sensitivity_cost.py                       # ResNet-50, 256 + 32 images, 224 px
@@ -42,13 +44,14 @@ def main() -> None:
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)(weights=None).eval()
     example = torch.randn(1, 3, args.size, args.size)
-    times, loads = {}, {}
+    times, cpu, loads = {}, {}, {}
 
     def timed(name, fn):
         loads[name] = os.getloadavg()[0]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        times[name] = time.perf_counter() - t0
+        times[name], cpu[name] = time.perf_counter() - t0, time.process_time() - c0
+        loads[name] = (loads[name] + os.getloadavg()[0]) / 2
         return out
 
     pruner = StructuredPruner(model, example, ignored_layers=[model.fc])
@@ -73,7 +76,7 @@ def main() -> None:
     trials = sum(len(c.ratios) - 1 for c in result.curves)
     print(f"{args.model}, {args.size} px, {args.threads} threads; {len(result.curves)} groups, {trials} trials")
     for name, t in times.items():
-        print(f"{name}: {t:.1f} s (load average at start {loads[name]:.1f})")
+        print(f"{name}: {t:.1f} s wall, {cpu[name]:.1f} s CPU (load average, start and end: {loads[name]:.1f})")
     print(f"total: {sum(times.values()):.1f} s; allocation: {alloc.method}, keeps {alloc.cost:.3f} of the FLOPs")
 
 
