@@ -17,14 +17,17 @@ Glossary:
   between measured ratios).
 
 The trials reuse the statistics the pruner already streamed: the only new work is one
-sliced copy and one forward pass over the evaluation batches per (group, ratio).
+sliced copy per (group, ratio) and a forward pass over the evaluation batches from the
+first module the pruning changed (:mod:`cleanai_core.prefix_cache`; what runs before it
+is the original's, cached), which also stands in for the pruner's verification pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -35,6 +38,7 @@ from torch import nn
 from cleanai_core.calibration import iterate, move_to, split_batch
 from cleanai_core.errors import PruningError, UserError
 from cleanai_core.metrics import call_model, count_flops, count_params, eval_mode, measure_latency
+from cleanai_core.prefix_cache import PrefixCache
 from cleanai_core.targets import flops_measure, params_measure, pruned_size
 
 __all__ = ["Allocation", "GroupCurve", "SensitivityResult", "allocate_ratios", "analyse_sensitivity"]
@@ -156,16 +160,49 @@ def _layer_keys(groups: list) -> dict[int, str | None]:
 
 @attrs.define(eq=False)
 class _Evaluator:
-    """The evaluation batches, the original model's outputs on them, and how to compare."""
+    """The evaluation batches, the original model's outputs on them, and how to compare.
+    With a :class:`PrefixCache`, a trial runs only from its first changed module on."""
 
     batches: list[tuple[Any, Any]]
     forward_fn: Any
     output_transform: Any
     ref: list[torch.Tensor] = attrs.field(factory=list)
+    cache: PrefixCache | None = None
 
     def outputs(self, m: nn.Module) -> list[torch.Tensor]:
         with eval_mode(m), torch.no_grad():
             return [_logits(call_model(m, x, self.forward_fn), self.output_transform) for x, _ in self.batches]
+
+    def reference(self, m: nn.Module) -> list[torch.Tensor]:
+        """The original's outputs (``m``), recording its spans when there is a cache."""
+        if self.cache is None:
+            return self.outputs(m)
+        return [_logits(o, self.output_transform) for o in self.cache.reference()]
+
+    def trial_outputs(self, m: nn.Module) -> list[torch.Tensor]:
+        """The outputs of a trial built without verification: raises :class:`PruningError`
+        where verification would (it fails to run, other output shapes, NaN or inf where
+        the original's outputs are finite)."""
+        try:
+            names = self.cache.prefix(m) if self.cache is not None else None
+            if names is None:
+                outs = self.outputs(m)
+            else:
+                names = self.cache.fill(names)
+                with eval_mode(m), torch.no_grad():
+                    outs = [
+                        _logits(self.cache.run(m, names, i), self.output_transform) for i in range(len(self.batches))
+                    ]
+        except UserError:
+            raise
+        except Exception as exc:
+            raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
+        for a, b in zip(self.ref, outs, strict=True):
+            if a.shape != b.shape:
+                raise PruningError(f"the pruned model's output shape {tuple(b.shape)} differs from {tuple(a.shape)}")
+            if bool(torch.isfinite(a).all()) and not bool(torch.isfinite(b).all()):
+                raise PruningError("the pruned model's output holds NaN or inf where the original model's is finite")
+        return outs
 
     @property
     def samples(self) -> int:
@@ -177,11 +214,22 @@ class _Evaluator:
             return None
         return 100.0 * sum(hits) / self.samples
 
-    def fidelity(self, m: nn.Module) -> tuple[float, float | None]:
-        """(mean KL to the original output, accuracy or None) of model ``m``."""
-        outs = self.outputs(m)
+    def fidelity(self, m: nn.Module, outs: list[torch.Tensor] | None = None) -> tuple[float, float | None]:
+        """(mean KL to the original output, accuracy or None) of model ``m`` (or of its ``outs``)."""
+        outs = self.outputs(m) if outs is None else outs
         kl = sum(float(_fidelity(a, b).sum()) for a, b in zip(self.ref, outs, strict=True)) / self.samples
         return kl, self.accuracy(outs)
+
+
+@contextlib.contextmanager
+def _unverified(pruner: Any) -> Iterator[None]:
+    """``pruner.build`` without its verification pass (the trial's own run checks the same)."""
+    was = pruner.verify
+    pruner.verify = False
+    try:
+        yield
+    finally:
+        pruner.verify = was
 
 
 def analyse_sensitivity(
@@ -190,6 +238,7 @@ def analyse_sensitivity(
     num_batches: int | None = None,
     ratios: Sequence[float] = DEFAULT_RATIOS,
     progress: bool = True,
+    fast: bool = True,
 ) -> SensitivityResult:
     """Measure, for every prunable group of ``pruner``, how the model's output moves when
     that group alone is pruned at each of ``ratios``.
@@ -199,6 +248,11 @@ def analyse_sensitivity(
     batches (at most ``num_batches``), kept in memory for the trials (and for
     :func:`allocate_ratios`), so a few batches are the right size. Nothing of the
     user's model changes.
+
+    ``fast`` (the default) runs each trial only from the first module the pruning changed
+    (:mod:`cleanai_core.prefix_cache`), and lets that run stand in for the pruner's
+    verification pass; ``fast=False`` builds every trial with :meth:`StructuredPruner.build`
+    (verified) and runs the whole model. Both give the same curves, to float rounding.
     """
     ratios = sorted({float(r) for r in ratios})
     if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
@@ -211,17 +265,18 @@ def analyse_sensitivity(
     batches = [(move_to(x, device), y) for x, y in (split_batch(b) for b in iterate(data, num_batches))]
     if not batches:
         raise UserError("the sensitivity data is empty: give at least one batch")
-    ev = _Evaluator(batches, pruner.forward_fn, pruner.output_transform)
-    ev.ref = ev.outputs(model)
+    cache = PrefixCache(model, [x for x, _ in batches], pruner.forward_fn) if fast else None
+    ev = _Evaluator(batches, pruner.forward_fn, pruner.output_transform, cache=cache)
+    ev.ref = ev.reference(model)
     base_acc = ev.accuracy(ev.ref)
     base_flops = count_flops(model, pruner.example_inputs, pruner.forward_fn)
     base_params = count_params(model)
     groups = graph.groups(prunable_only=True)
     keys = _layer_keys(groups)
     scores = pruner.score()
-    curves = []
+    curves = {}
     trials = tqdm(total=len(groups) * len(ratios), disable=not progress, desc="sensitivity", unit="trial", leave=False)
-    for g in groups:
+    for g in _in_running_order(groups, cache):
         curve = GroupCurve(g.id, keys[g.id], g.modules(), g.size, [0.0], [0.0], [base_acc], [0], [0])
         for r in ratios:
             plan = _plan(pruner, scores, {g.id: r}, 0.0)
@@ -229,20 +284,43 @@ def analyse_sensitivity(
             if plan.n_pruned == 0 and len(curve.ratios) > 1:  # the group is too small to lose more
                 break
             try:
-                trial, _ = pruner.build(plan.pruned_units())
+                if fast:
+                    with _unverified(pruner):
+                        trial, _ = pruner.build(plan.pruned_units())
+                    kl, acc = ev.fidelity(trial, ev.trial_outputs(trial))
+                else:
+                    trial, _ = pruner.build(plan.pruned_units())
+                    kl, acc = ev.fidelity(trial)
             except PruningError:
                 break  # this group cannot be pruned this far: the curve ends here
-            kl, acc = ev.fidelity(trial)
             curve.ratios.append(r)
             curve.kl.append(kl)
             curve.accuracy.append(acc)
             curve.flops_saved.append(base_flops - count_flops(trial, pruner.example_inputs, pruner.forward_fn))
             curve.params_saved.append(base_params - count_params(trial))
-        curves.append(curve)
+        curves[g.id] = curve
     trials.close()
+    ev.cache = None  # the cached outputs are large; the allocation runs whole models
     return SensitivityResult(
-        curves, ratios, base_flops, base_params, base_acc, ev.samples, time.perf_counter() - t0, evaluator=ev
+        [curves[g.id] for g in groups],
+        ratios,
+        base_flops,
+        base_params,
+        base_acc,
+        ev.samples,
+        time.perf_counter() - t0,
+        evaluator=ev,
     )
+
+
+def _in_running_order(groups: list, cache: PrefixCache | None) -> list:
+    """``groups`` by when their first module runs: consecutive trials then share most of
+    their prefix, and the cache grows by a short run of the original at a time."""
+    if cache is None or cache.spans is None:
+        return groups
+    spans = cache.spans
+    end = max((s.end for s in spans.values()), default=0) + 1
+    return sorted(groups, key=lambda g: min((spans[n].start for n in g.modules() if n in spans), default=end))
 
 
 def _plan(pruner: Any, scores: dict, group_ratios: dict[int, float], others: float, ranked: bool = False) -> Any:
@@ -281,13 +359,19 @@ def allocate_ratios(
     target_latency: float | None = None,
     step: float = 0.05,
     iterations: int = 30,
+    latency_measure: Callable[[nn.Module], float] | None = None,
 ) -> Allocation:
     """Per-layer ratios that keep the given share of FLOPs, parameters or measured latency
     (one of them, between 0 and 1) at the least summed fidelity loss. The cost of each
     candidate is measured on the sliced model, not estimated; the result meets the target
     or, when nothing within the measured curves can, is the most the curves allow. The
     allocation is checked against a uniform ratio and global ranking at the same target
-    on the evaluation batches of ``result``, and the best of the three is returned."""
+    on the evaluation batches of ``result``, and the best of the three is returned.
+
+    ``target_latency`` is a share of the original's latency as ``latency_measure(model)``
+    gives it (default: median milliseconds of a forward pass on the pruner's example
+    inputs, :func:`~cleanai_core.metrics.measure_latency`, on the model's device). Each
+    candidate's cost is measured once; ``Allocation.cost`` is that measurement's share."""
     given = [(n, t) for n, t in (("flops", target_flops), ("params", target_params), ("latency", target_latency)) if t]
     if len(given) != 1:
         raise UserError("give exactly one of target_flops, target_params or target_latency (a share to keep, 0-1)")
@@ -315,16 +399,21 @@ def allocate_ratios(
 
     scores = pruner.score()
     ex, fwd = pruner.example_inputs, pruner.forward_fn
-    base_latency = measure_latency(model, ex, forward_fn=fwd) if kind == "latency" else None
+    measure, base_size = {
+        "flops": (flops_measure(ex, fwd), result.base_flops),
+        "params": (params_measure, result.base_params),
+        "latency": (latency_measure or (lambda m: measure_latency(m, ex, forward_fn=fwd)), None),
+    }[kind]
+    base_size = measure(model) if base_size is None else base_size
     others = pruner.pruning_ratio
+    measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
 
     def cost(ratios: dict[int, float]) -> float:
-        plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
-        if kind == "flops":
-            return pruned_size(model, graph, plan, flops_measure(ex, fwd)) / result.base_flops
-        if kind == "params":
-            return pruned_size(model, graph, plan, params_measure) / result.base_params
-        return pruned_size(model, graph, plan, lambda m: measure_latency(m, ex, forward_fn=fwd)) / base_latency
+        key = tuple(sorted(ratios.items()))
+        if key not in measured:
+            plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
+            measured[key] = pruned_size(model, graph, plan, measure) / base_size
+        return measured[key]
 
     def ranked(r: float) -> dict[int, float]:  # global ranking at ratio r, as per-group ratios
         plan = _plan(pruner, scores, {}, min(r, 0.95), ranked=True)

@@ -150,3 +150,71 @@ def test_the_report_shows_the_curves_most_sensitive_first(analysed, tmp_path):
     assert f"{fc2.kl[3]:.3g} ({fc2.accuracy[3]:.1f}%)" in section
     svg = (tmp_path / "sensitivity.svg").read_text()
     assert svg.count("<polyline") == len(result.curves)
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)  # called twice per pass, writes into its input
+
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def residual_cnn():
+    torch.manual_seed(5)
+    net = nn.Sequential()
+    net.stem, net.bn, net.act = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+    net.block1, net.block2 = Block(8), Block(8)
+    net.down = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+    net.block3 = Block(12)
+    net.pool, net.flat, net.head = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 5)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.normal_(m.bias, 0.0, 0.2)
+    with torch.no_grad():
+        net.head.weight.mul_(30.0)  # confident outputs: pruning moves them measurably
+    return net.eval()
+
+
+def test_the_fast_trials_give_the_curves_of_whole_verified_runs():
+    net = residual_cnn()
+    g = torch.Generator().manual_seed(4)
+    images = [torch.randn(6, 3, 10, 10, generator=g) for _ in range(3)]
+    p = StructuredPruner(net, images[0][:1], ignored_layers=[net.head])
+    p.collect_activations(images, progress=False)
+    data = [(x, torch.arange(6) % 5) for x in images[:2]]
+    convs = []
+    count = lambda m, *_: convs.append(m) if isinstance(m, nn.Conv2d) else None  # noqa: E731
+    with torch.nn.modules.module.register_module_forward_hook(count):
+        slow = analyse_sensitivity(p, data, progress=False, fast=False)
+        slow_convs = len(convs)
+        convs.clear()
+        fast = analyse_sensitivity(p, data, progress=False)
+    assert len(fast.curves) == len(slow.curves) >= 5
+    for a, b in zip(fast.curves, slow.curves, strict=True):
+        assert (a.group, a.layer, a.ratios) == (b.group, b.layer, b.ratios)
+        assert a.kl == pytest.approx(b.kl, rel=1e-4, abs=1e-9)
+        assert a.accuracy == b.accuracy
+        assert (a.flops_saved, a.params_saved) == (b.flops_saved, b.params_saved)
+    assert all(c.kl[-1] > 1e-5 for c in fast.curves)  # not all trivially 0
+    assert fast.base_accuracy == slow.base_accuracy
+    assert len(convs) < 0.75 * slow_convs  # the trials ran only what pruning changed
+
+
+def test_allocation_meets_a_latency_target_as_the_given_measure_sees_it(analysed):
+    net, p, result = analysed
+
+    def latency(m):  # deterministic stand-in for a timer: a fixed overhead plus work per FLOP
+        return 2000.0 + count_flops(m, X[:1]) / 10.0
+
+    alloc = allocate_ratios(p, result, target_latency=0.7, latency_measure=latency)
+    assert alloc.target == "latency" and alloc.method == min(alloc.kl, key=alloc.kl.get)
+    auto = pruner_for(net, layer_pruning_ratios=alloc.layer_ratios).prune()
+    kept = latency(auto) / latency(net)
+    assert kept == pytest.approx(alloc.cost, rel=1e-9) and 0.6 < kept <= 0.7
+    flops_kept = count_flops(auto, X[:1]) / count_flops(net, X[:1])
+    assert flops_kept < 0.7 - 0.05  # the fixed overhead makes the latency share the harder one to cut
