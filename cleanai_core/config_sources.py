@@ -69,6 +69,7 @@ _NONE_TYPES = {
     "ratio": float,
     "target_flops": float,
     "target_params": float,
+    "target_latency": float,
     "alpha": float,
     "beta": float,
     "round_to": int,

@@ -133,8 +133,7 @@ class StructuredPruner:
         self.prune_dead_only = prune_dead_only
         self.set_layer_ratios(layer_pruning_ratios or {})
         self.ignored = options.ignored_modules(model, ignored_layers or ())
-        self.history = PruningHistory()
-        self.calibration = Calibration()
+        self.history, self.calibration = PruningHistory(), Calibration()
         self._plan: PruningPlan | None = None
         self.pruned_model: nn.Module | None = None
         self.skipped_groups: list[str] = []
@@ -248,15 +247,16 @@ class StructuredPruner:
         source: nn.Module | None = None,
         graph: DependencyGraph | None = None,
         stats: dict | None = None,
+        verify: bool | None = None,
     ) -> tuple[nn.Module, list[SliceEdit]]:
-        """A sliced, compensated and verified copy of ``source`` (the original model) without
-        the ``pruned`` units (a mask over ``graph.root``); raises ``PruningError``."""
+        """A sliced, compensated and (unless ``verify`` or the pruner's ``verify`` says not)
+        verified copy of ``source`` (the original model) without the ``pruned`` units (a mask
+        over ``graph.root``); raises ``PruningError``."""
         source = self.model if source is None else source
         graph = self.graph if graph is None else graph
-        stats = self.stats if stats is None else stats
-        stats = stats if self.bias_compensation else {}
+        stats = (self.stats if stats is None else stats) if self.bias_compensation else {}
         model, edits = compensated_copy(source, graph, pruned, stats, self.reconstruction)
-        if self.verify:
+        if self.verify if verify is None else verify:
             self._verify(model)
         return model, edits
 

@@ -71,3 +71,29 @@ def test_bad_automation_options_say_what_to_give(trained, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not (trained / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target-latency", "0.7"], "--target-latency needs --auto"),
+        (
+            ["--auto", "--target-latency", "0.7", "--target-flops", "0.5"],
+            "not both --target-flops and --target-latency",
+        ),
+        (["--auto", "--target-latency", "1.5"], "--target-latency=1.5 is out of range"),
+    ],
+)
+def test_bad_latency_targets_say_what_to_give(trained, args, message):
+    proc = run(trained, *args, "--out", "bad")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (trained / "bad").exists()
+
+
+def test_auto_allocates_to_a_measured_latency_target(trained):
+    proc = run(trained, "--auto", "--target-latency", "0.9", "--latency-repeats", "3", "--out", "lat")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((trained / "lat" / "report.json").read_text())
+    alloc = report["allocation"]
+    assert alloc["target"] == "latency" and alloc["method"] in alloc["kl"] and alloc["cost"] > 0
+    assert report["params_after"] < report["params_before"]  # ratios were allocated and applied

@@ -96,6 +96,9 @@ class PruneConfig:
                                "-r", "--pruning-ratio", type=float, metavar="R")  # fmt: skip
     target_flops: float | None = _opt(None, "instead of --ratio: keep this share of FLOPs", "pruning", type=float,
                                       metavar="F")  # fmt: skip
+    target_latency: float | None = _opt(None, "with --auto, instead of --ratio: keep this share of the measured "
+                                        "latency (batch 1, on --device)", "pruning", type=float,
+                                        metavar="L")  # fmt: skip
     target_params: float | None = _opt(None, "instead of --ratio: keep this share of the parameters", "pruning",
                                        type=float, metavar="P")  # fmt: skip
     auto: bool = _opt(False, "with --target-flops or --target-params: per-layer ratios from a sensitivity analysis "
@@ -198,7 +201,7 @@ def pruner_options(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-AMOUNTS = ("ratio", "target_flops", "target_params")
+AMOUNTS = ("ratio", "target_flops", "target_params", "target_latency")
 
 
 def _parse_layer_ratios(items: Any, source: str) -> dict[str, float]:
@@ -268,7 +271,9 @@ def _apply(cfg: dict[str, Any], sources: dict[str, str], layer: dict[str, Any], 
     clears the others from the sources below it; naming two at once is an error."""
     named = [k for k in AMOUNTS if layer.get(k) is not None]
     if len(named) > 1:
-        raise UserError(f"the {source} sets more than one of ratio, target-flops and target-params; keep one.")
+        raise UserError(
+            f"the {source} sets more than one of ratio, target-flops, target-params and target-latency; keep one."
+        )
     for k in AMOUNTS if named else ():
         if k != named[0]:
             cfg[k] = None
@@ -314,14 +319,20 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
     named = [k for k in AMOUNTS if k in given]
     if len(named) > 1:
         flags = [f"--{k.replace('_', '-')}" for k in named]
-        both = f"both {flags[0]} and {flags[1]}" if len(flags) == 2 else "all three"
-        raise UserError(f"give one of --ratio, --target-flops and --target-params, not {both}.")
+        both = f"both {flags[0]} and {flags[1]}" if len(flags) == 2 else " and ".join(flags)
+        raise UserError(f"give one of --ratio, --target-flops, --target-params and --target-latency, not {both}.")
     _apply(cfg, sources, given, "command line")
     if all(cfg.get(k) is None for k in AMOUNTS):
         cfg["ratio"] = DEFAULT_RATIO
         sources["ratio"] = "default"
-    if cfg.get("auto") and cfg.get("target_flops") is None and cfg.get("target_params") is None:
-        raise UserError("--auto allocates ratios to a target: give --target-flops F or --target-params P with it.")
+    targets = ("target_flops", "target_params", "target_latency")
+    if cfg.get("auto") and all(cfg.get(k) is None for k in targets):
+        raise UserError(
+            "--auto allocates ratios to a target: give --target-flops F, --target-params P or --target-latency L "
+            "with it."
+        )
+    if cfg.get("target_latency") is not None and not cfg.get("auto"):
+        raise UserError("--target-latency needs --auto: the per-layer ratios are chosen by measuring the latency.")
     preset_options(cfg.get("preset"), "preset")  # a known name, whichever source gave it
     cfg["sensitivity_ratios"] = _parse_ratios(cfg.get("sensitivity_ratios"))
     # specs read from a config file or the environment run code only with --trust-code (see _spec_options)
@@ -334,6 +345,7 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
     _check_number(cfg, "ratio", float, 0.0, 1.0)
     _check_number(cfg, "target_flops", float, 0.0, 1.0)
     _check_number(cfg, "target_params", float, 0.0, 1.0)
+    _check_number(cfg, "target_latency", float, 0.0, 1.0)
     _check_number(cfg, "sensitivity_batches", int, 1, None, lo_open=False)
     _check_number(cfg, "calib_fraction", float, 0.0, 1.0, hi_open=False)
     for key in ("alpha", "beta"):

@@ -1,0 +1,197 @@
+"""Automatic per-layer ratios from sensitivity curves (:mod:`cleanai_core.sensitivity`).
+
+Glossary:
+
+- **allocation**: one ratio per group, chosen so that a target (FLOPs, parameters or
+  measured latency) is met at the least summed fidelity loss. Each group picks the point
+  of its curve that minimises ``loss - lam * saved``; one multiplier ``lam`` is searched
+  by bisection until the *measured* cost of the whole plan meets the target (the
+  Lagrangian relaxation of the knapsack over the curves; curves are interpolated linearly
+  between measured ratios). The result is checked against a uniform ratio and global
+  ranking at the same target, and the best of the three is returned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from torch import nn
+
+from cleanai_core.errors import PruningError, UserError
+from cleanai_core.metrics import measure_latency
+from cleanai_core.targets import flops_measure, params_measure, pruned_size
+
+if TYPE_CHECKING:
+    from cleanai_core.sensitivity import SensitivityResult
+
+__all__ = ["Allocation", "allocate_ratios"]
+
+
+def _plan(pruner: Any, scores: dict, group_ratios: dict[int, float], others: float, ranked: bool = False) -> Any:
+    """A plan with ``group_ratios`` where given and ``others`` elsewhere; ``ranked``:
+    instead, ``others`` of all units ranked together (global pruning)."""
+    return pruner.make_plan(others, scores, ratios={} if ranked else group_ratios, ranked=ranked)
+
+
+@attrs.define
+class Allocation:
+    """Per-layer ratios meeting a target, how they were chosen, and what they measured.
+
+    ``layer_ratios`` goes to ``StructuredPruner(layer_pruning_ratios=...)`` (with the
+    same ``pruning_ratio``: groups no single layer names keep it). ``method`` says which
+    candidate measured the lowest fidelity loss (``kl``) on the evaluation batches:
+    ``"sensitivity"`` (the curves' allocation), ``"uniform"`` (one ratio for all) or
+    ``"global"`` (scores ranked across groups). The curves assume that the losses of
+    groups add up; where pruning several groups together compounds, a simpler
+    allocation can measure better, and then it is the one returned."""
+
+    layer_ratios: dict[str, float]
+    method: str
+    target: str
+    cost: float
+    kl: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def allocate_ratios(
+    pruner: Any,
+    result: SensitivityResult,
+    target_flops: float | None = None,
+    target_params: float | None = None,
+    target_latency: float | None = None,
+    step: float = 0.05,
+    iterations: int = 30,
+    latency_measure: Callable[[nn.Module], float] | None = None,
+) -> Allocation:
+    """Per-layer ratios that keep the given share of FLOPs, parameters or measured latency
+    (one of them, between 0 and 1) at the least summed fidelity loss. The cost of each
+    candidate is measured on the sliced model, not estimated; the result meets the target
+    or, when nothing within the measured curves can, is the most the curves allow. The
+    allocation is checked against a uniform ratio and global ranking at the same target
+    on the evaluation batches of ``result``, and the best of the three is returned.
+
+    ``target_latency`` is a share of the original's latency as ``latency_measure(model)``
+    gives it (default: median milliseconds of a forward pass on the pruner's example
+    inputs, :func:`~cleanai_core.metrics.measure_latency`, on the model's device). Each
+    candidate's cost is measured once; ``Allocation.cost`` is that measurement's share."""
+    given = [(n, t) for n, t in (("flops", target_flops), ("params", target_params), ("latency", target_latency)) if t]
+    if len(given) != 1:
+        raise UserError("give exactly one of target_flops, target_params or target_latency (a share to keep, 0-1)")
+    kind, target = given[0]
+    if not 0.0 < float(target) < 1.0:
+        raise UserError(f"target_{kind}={target}: give the share to keep, strictly between 0 and 1")
+    graph, model = pruner.graph, pruner.model
+    live = {g.id for g in graph.groups(prunable_only=True)}
+    curves = [c for c in result.curves if c.layer is not None and c.group in live]
+    stuck = {c.layer: 0.0 for c in curves if len(c.ratios) == 1}
+    curves = [c for c in curves if len(c.ratios) > 1]
+    if not curves:
+        raise UserError("no group has a sensitivity curve: nothing to allocate")
+    saved_of = (lambda c: c.flops_saved) if kind != "params" else (lambda c: c.params_saved)
+    base = result.base_flops if kind != "params" else result.base_params
+    grids = {}
+    for c in curves:
+        pts = [round(i * step, 6) for i in range(int(round(c.ratios[-1] / step)) + 1)]
+        if pts[-1] < c.ratios[-1]:
+            pts.append(c.ratios[-1])
+        grids[c.group] = [(r, c.at(r, c.kl), c.at(r, saved_of(c)) / base) for r in pts]
+
+    def choose(lam: float) -> dict[int, float]:
+        return {gid: min(pts, key=lambda p: (p[1] - lam * p[2], p[0]))[0] for gid, pts in grids.items()}
+
+    scores = pruner.score()
+    ex, fwd = pruner.example_inputs, pruner.forward_fn
+    measure, base_size = {
+        "flops": (flops_measure(ex, fwd), result.base_flops),
+        "params": (params_measure, result.base_params),
+        "latency": (latency_measure or (lambda m: measure_latency(m, ex, forward_fn=fwd)), None),
+    }[kind]
+    base_size = measure(model) if base_size is None else base_size
+    others = pruner.pruning_ratio
+    measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
+
+    def cost(ratios: dict[int, float]) -> float:
+        key = tuple(sorted(ratios.items()))
+        if key not in measured:
+            plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
+            measured[key] = pruned_size(model, graph, plan, measure) / base_size
+        return measured[key]
+
+    def ranked(r: float) -> dict[int, float]:  # global ranking at ratio r, as per-group ratios
+        plan = _plan(pruner, scores, {}, min(r, 0.95), ranked=True)
+        return {gp.group.id: gp.n_pruned / max(gp.group.size, 1) for gp in plan.groups if gp.group.id in grids}
+
+    candidates = {
+        "sensitivity": _back_off(_search(choose, cost, target, iterations), grids, target, cost),
+        "uniform": _search(lambda r: dict.fromkeys(grids, min(r, 0.95)), cost, target, iterations, linear=True),
+        "global": _search(ranked, cost, target, iterations, linear=True),
+    }
+    kl: dict[str, float] = {}
+    if result.evaluator is not None:
+        for name, ratios in candidates.items():
+            plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
+            try:
+                trial, _ = pruner.build(plan.pruned_units())
+            except PruningError:
+                continue  # this candidate does not build: another one wins
+            kl[name] = result.evaluator.fidelity(trial)[0]
+    method = min(kl, key=kl.get) if kl else "sensitivity"
+    best = candidates[method]
+    by_group = {c.group: c.layer for c in curves}
+    return Allocation({**stuck, **{by_group[gid]: r for gid, r in sorted(best.items())}}, method, kind, cost(best), kl)
+
+
+def _search(choose: Any, cost: Any, target: float, iterations: int, linear: bool = False) -> dict[int, float]:
+    """The smallest parameter of ``choose`` (a multiplier, or with ``linear`` a ratio in
+    [0, 1]) whose choice meets ``target``, by bisection on the measured cost."""
+    lo, hi = 0.0, 1.0
+    if not linear:
+        while cost(choose(hi)) > target and hi < 1e12:
+            hi *= 10.0
+    best = choose(hi)
+    for _ in range(iterations):
+        if linear:
+            mid = (lo + hi) / 2
+        else:
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
+        pick = choose(mid)
+        if cost(pick) <= target:
+            hi, best = mid, pick
+        else:
+            lo = mid
+        if (hi - lo < 1e-3) if linear else (lo > 0 and hi / lo < 1.0001):
+            break
+    return best
+
+
+def _back_off(
+    ratios: dict[int, float], grids: dict[int, list[tuple[float, float, float]]], target: float, cost: Any
+) -> dict[int, float]:
+    """The multiplier search lands on curve vertices and can overshoot the target; give
+    back one grid step at a time where it buys the most fidelity per unit of cost, as
+    long as the measured cost stays within the target."""
+    ratios = dict(ratios)
+    done: set[int] = set()
+    while True:
+        moves = []
+        for gid, pts in grids.items():
+            i = next(k for k, p in enumerate(pts) if p[0] == ratios[gid])
+            if gid in done or i == 0:
+                continue
+            gain, lost = pts[i][1] - pts[i - 1][1], pts[i][2] - pts[i - 1][2]
+            if gain <= 0:
+                continue
+            moves.append((-(gain / lost) if lost > 0 else -math.inf, gid, pts[i - 1][0]))
+        if not moves:
+            return ratios
+        _, gid, r = min(moves)
+        trial = {**ratios, gid: r}
+        if cost(trial) <= target:
+            ratios = trial
+        else:
+            done.add(gid)
