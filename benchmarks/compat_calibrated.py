@@ -189,6 +189,15 @@ def render_calibrated(
             rows = [r for m, r in cache.items() if m in names]
             if rows:
                 lines.append(f"| {title} | {b} " + summary(rows))
+    for b, cache in sorted(caches.items()):
+        big = sorted(
+            r["model"]
+            for r in cache.values()
+            if r["status"] == "pass" and r.get("max_abs_change", 0.0) > 10 * max(r.get("output_scale", 0.0), 1.0)
+        )
+        if big:
+            shown = ", ".join(big[:12]) + (f" ... (+{len(big) - 12})" if len(big) > 12 else "")
+            lines += ["", f"Batch {b}: {len(big)} passing models' outputs moved by more than 10x their scale: {shown}."]
     lines += ["", "Failures by cause:", ""]
     any_fail = False
     for b, cache in sorted(caches.items()):
