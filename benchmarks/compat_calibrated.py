@@ -94,6 +94,7 @@ def check_calibrated(
         rec.update(status="skipped-unsupported", error="unpruned forward: " + _err(exc))
         return rec
     rec["input"] = [calib_batch, *size]
+    rec["calib_batches"] = num_batches
     from cleanai_core import StructuredPruner
     from cleanai_core.testing import run_model
 
@@ -103,7 +104,7 @@ def check_calibrated(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            pruner = StructuredPruner(model, batches[0], pruning_ratio=ratio)
+            pruner = StructuredPruner(model, batches[0][:2], pruning_ratio=ratio)  # traced on 2 inputs at most
         except Exception as exc:
             rec.update(status="fail-trace", error=_err(exc))
             return rec
