@@ -45,18 +45,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = ROOT / "benchmarks" / "compat_results.jsonl"
+RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DOC = ROOT / "docs" / "compatibility.md"
+# written by ``--calibrate`` runs (compat_calibrated.py); the oracle sweep keeps it as it is
+CALIB_SECTION = "## Default pruning with calibration batches"
 # written by hand from ``python tests/test_hf_corpus.py``; a sweep keeps it as it is
 HF_SECTION = "## Hugging Face transformers"
 
 
-def _kept_section(doc: Path) -> list[str]:
-    """The lines of the Hugging Face section of ``doc`` (empty when there is none)."""
+def _kept_section(doc: Path, title: str = HF_SECTION) -> list[str]:
+    """The lines of the section ``title`` of ``doc`` (empty when there is none)."""
     text = doc.read_text() if doc.exists() else ""
-    start = text.find(HF_SECTION)
+    start = text.find(title)
     if start < 0:
         return []
-    end = text.find("\n## ", start + len(HF_SECTION))
+    end = text.find("\n## ", start + len(title))
     return [*text[start : end if end >= 0 else len(text)].rstrip("\n").split("\n"), ""]
 
 
@@ -89,11 +92,13 @@ def build(spec: str, max_side: int = MAX_SIDE, device: str | None = None):
     if lib == "tv":
         import torchvision
 
-        size = 299 if name == "inception_v3" else 224
+        size = min(299 if name == "inception_v3" else 224, max_side)
         kwargs = {"num_classes": 10}
         if name in ("googlenet", "inception_v3"):
             kwargs["aux_logits"] = False
             kwargs["init_weights"] = False
+        if size < 224 and name.startswith("vit_"):  # positional embeddings sized for the input
+            kwargs["image_size"] = size
         with ctx:
             model = torchvision.models.get_model(name, weights=None, **kwargs)
         return model.eval(), (3, size, size)
@@ -140,6 +145,30 @@ def count_params(spec: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def error_text(exc: BaseException) -> str:
+    """``Type: message [file:line]`` of an exception, for a record."""
+    import traceback
+
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" [{Path(tb[-1].filename).name}:{tb[-1].lineno}]" if tb else ""
+    return f"{type(exc).__name__}: {str(exc)[:400]}{where}"
+
+
+def sized(spec: str, max_params: int, rec: dict) -> bool:
+    """Put the parameter count of ``spec`` into ``rec``; false (with the status set) when
+    the model cannot be built or has more than ``max_params`` parameters."""
+    try:
+        n = count_params(spec)
+    except Exception as exc:
+        rec.update(status="skipped-unsupported", error="build: " + error_text(exc))
+        return False
+    rec["params_before"] = n
+    if n > max_params:
+        rec.update(status="skipped-too-big", error=f"{n / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M")
+        return False
+    return True
+
+
 def oracle_tolerance(expected) -> float:
     scale = max((float(t.abs().max()) for t in expected if t.numel()), default=1.0)
     return 1e-3 * max(1.0, scale)
@@ -150,7 +179,6 @@ def oracle_tolerance(expected) -> float:
 # ---------------------------------------------------------------------------
 def check_one(spec: str, ratio: float = 0.5, batch: int = 2, max_params: int = 150_000_000, seed: int = 0) -> dict:
     import copy
-    import traceback
 
     import torch
 
@@ -159,20 +187,8 @@ def check_one(spec: str, ratio: float = 0.5, batch: int = 2, max_params: int = 1
     rec: dict = {"model": spec, "status": None, "error": "", "params_before": None, "params_after": None}
     t0 = time.time()
 
-    def err(exc: BaseException) -> str:
-        tb = traceback.extract_tb(exc.__traceback__)
-        where = f" [{Path(tb[-1].filename).name}:{tb[-1].lineno}]" if tb else ""
-        return f"{type(exc).__name__}: {str(exc)[:400]}{where}"
-
-    try:
-        n = count_params(spec)
-    except Exception as exc:
-        n = None
-        rec.update(status="skipped-unsupported", error="build: " + err(exc))
-        return rec
-    rec["params_before"] = n
-    if n > max_params:
-        rec.update(status="skipped-too-big", error=f"{n / 1e6:.0f}M parameters > {max_params / 1e6:.0f}M")
+    err = error_text
+    if not sized(spec, max_params, rec):
         return rec
     from cleanai_core.testing import run_model
 
@@ -335,8 +351,7 @@ class Worker:
         self.proc = None
 
     def _start(self):
-        cmd = [sys.executable, __file__, "--worker", "-", "--ratio", str(self.args.ratio)]
-        cmd += ["--max-params", str(self.args.max_params), "--batch", str(self.args.batch)]
+        cmd = [sys.executable, __file__, "--worker", "-", *_worker_args(self.args)]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
@@ -392,9 +407,52 @@ class Worker:
                 return rec
 
 
+def _worker_args(args) -> list[str]:
+    out = ["--ratio", str(args.ratio), "--max-params", str(args.max_params), "--batch", str(args.batch)]
+    return out + [
+        "--calibrate",
+        str(args.calibrate),
+        "--calib-batch",
+        str(args.calib_batch),
+        "--calib-side",
+        str(args.calib_side),
+    ]
+
+
+def _check(spec: str, args) -> dict:
+    """One model: the oracle check, or the default path with ``--calibrate`` batches."""
+    if args.calibrate:
+        from compat_calibrated import check_calibrated
+
+        return check_calibrated(
+            spec, args.calib_batch, args.calibrate, args.calib_side, args.ratio, max_params=args.max_params
+        )
+    return check_one(spec, args.ratio, batch=args.batch, max_params=args.max_params)
+
+
+def compare(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
+    """What changed between two sweeps of the same models: status, parameters kept, and an
+    oracle difference that moved past its tolerance (one line per model; empty when none)."""
+    out = []
+    for m in sorted(old.keys() & new.keys()):
+        a, b = old[m], new[m]
+        what = []
+        if a["status"] != b["status"]:
+            what.append(f"status {a['status']} -> {b['status']} ({b.get('error', '')[:120]})")
+        if a.get("params_after") != b.get("params_after") and a["status"] == b["status"] == "pass":
+            what.append(f"params after {a.get('params_after')} -> {b.get('params_after')}")
+        da, db = a.get("max_abs_diff"), b.get("max_abs_diff")
+        if da is not None and db is not None and (db > b.get("tolerance", 0) or db > 10 * max(da, 1e-6)):
+            what.append(f"oracle diff {da:.2e} -> {db:.2e}")
+        if what:
+            out.append(f"{m}: " + "; ".join(what))
+    for m in sorted(old.keys() - new.keys()):
+        out.append(f"{m}: not in the new sweep")
+    return out
+
+
 def run_subprocess(spec: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", spec, "--ratio", str(args.ratio), "--max-params", str(args.max_params)]
-    cmd += ["--batch", str(args.batch)]
+    cmd = [sys.executable, __file__, "--worker", spec, *_worker_args(args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t0 = time.time()
     try:
@@ -467,7 +525,7 @@ def render(cache: dict[str, dict], doc: Path, note: str = "") -> None:
     for key, models in sorted(causes.items(), key=lambda kv: -len(kv[1])):
         shown = ", ".join(models[:12]) + (f" ... (+{len(models) - 12})" if len(models) > 12 else "")
         lines.append(f"- **{len(models)}** {key.replace('|', '/')} - {shown}")
-    lines += ["", *_kept_section(doc)]
+    lines += ["", *_kept_section(doc, CALIB_SECTION), *_kept_section(doc)]
     lines += [
         "## Models",
         "",
@@ -516,8 +574,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--fresh-process", action="store_true", help="one new process per model (slower, fully isolated)")
     p.add_argument("--note", default="", help="text placed above the summary (which models were run)")
+    p.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the default user path instead of the oracle: StructuredPruner defaults, collect_activations on N "
+        "random batches, prune() (see benchmarks/compat_calibrated.py; cache benchmarks/results/calib_bB.jsonl)",
+    )
+    p.add_argument("--calib-batch", type=int, default=1, metavar="B", help="inputs per calibration batch")
+    p.add_argument("--calib-side", type=int, default=64, help="input side where the model runs at it")
+    p.add_argument("--compare", type=Path, default=None, help="print what changed from this cache to --cache; no run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.calibrate and args.cache == DEFAULT_CACHE:
+        args.cache = RESULTS / f"calib_b{args.calib_batch}.jsonl"
 
     if args.worker == "-":  # a long-lived worker: one model name per line on stdin
         import gc
@@ -528,14 +599,18 @@ def main(argv: list[str] | None = None) -> int:
 
         print("ready", flush=True)
         for line in sys.stdin:
-            rec = check_one(line.strip(), args.ratio, batch=args.batch, max_params=args.max_params)
+            rec = _check(line.strip(), args)
             print(json.dumps(rec), flush=True)
             gc.collect()
         return 0
     if args.worker:
-        rec = check_one(args.worker, args.ratio, batch=args.batch, max_params=args.max_params)
+        rec = _check(args.worker, args)
         print(json.dumps(rec))
         return 0
+    if args.compare:
+        changes = compare(load_cache(args.compare), load_cache(args.cache))
+        print("\n".join(changes) or f"no change from {args.compare} to {args.cache}")
+        return 1 if changes else 0
     cache = load_cache(args.cache)
     if not args.render_only:
         if args.set == "torchvision":
@@ -581,8 +656,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i + 1}/{len(todo)}] {rec['model']}: {rec['status']} {rec.get('error', '')[:200]}", flush=True)
         while not workers.empty():
             workers.get().stop()
-    render(cache, args.doc, args.note)
+    if args.calibrate:
+        _render_calibrated(args)
+    else:
+        render(cache, args.doc, args.note)
     return 0
+
+
+def _render_calibrated(args) -> None:
+    """The calibration section of ``--doc`` from every ``calib_b*.jsonl`` beside ``--cache``."""
+    from compat_calibrated import render_calibrated
+
+    caches = {int(f.stem[len("calib_b") :]): load_cache(f) for f in args.cache.parent.glob("calib_b*.jsonl")}
+    names = {m for c in caches.values() for m in c}
+    fams = set(timm_families())
+    sets = [
+        ("torchvision classification", {m for m in names if m.startswith("tv:")}),
+        ("timm, one model per family", names & fams),
+        ("timm, other models (sample)", {m for m in names if m.startswith("timm:")} - fams),
+    ]
+    render_calibrated(caches, args.doc, sets, args.note)
 
 
 if __name__ == "__main__":

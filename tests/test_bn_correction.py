@@ -42,11 +42,11 @@ class Net(nn.Module):
         return self.head(torch.relu(self.bnf(self.fc(x))))
 
 
-def _trained(seed: int = 0) -> Net:
+def _trained(seed: int = 0, cls: type[nn.Module] = Net) -> nn.Module:
     """Random weights, running statistics from a train-mode pass on data unlike the
     calibration data (shifted and scaled), as for a model trained elsewhere."""
     torch.manual_seed(seed)
-    model = Net().train()
+    model = cls().train()
     with torch.no_grad():
         for _ in range(30):
             model(torch.randn(16, 3, 8, 8) * 2.0 + 0.5)
@@ -200,3 +200,47 @@ def test_every_norm_of_a_deep_chain_ends_at_its_measured_shift():
             if i != norms[0]:  # the first norm's input is only selected, every later one moved
                 assert float((b.mean(1) - a.mean(1)).abs().max()) > 1e-2
             torch.testing.assert_close(pruned[i].running_mean.double(), want, atol=3e-3, rtol=0)
+
+
+class Chain(nn.Module):
+    """Ten conv-BN-ReLU layers in a row: each norm's input depends on every norm above it."""
+
+    def __init__(self, depth: int = 10, c: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.layers = nn.Sequential(
+            *(nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()) for _ in range(depth))
+        )
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.head(self.layers(self.stem(x)).mean((2, 3)))
+
+
+def test_every_norm_of_a_deep_chain_sees_its_input_as_the_original_did():
+    """On the calibration batch, each pruned norm's input, measured with every correction
+    in place, stands to its running statistics as the original's did (kept channels): the
+    correction reaches the tenth norm of a chain, not only the first few."""
+    from cleanai_core.bn_correction import recording
+
+    model = _trained(cls=Chain)
+    data = _data(1, 8)
+    pruner, pruned = _prune(model, data, pruning_ratio=0.5)
+    orig, got = {}, {}
+    with torch.no_grad(), recording(model, orig), recording(pruned, got):
+        model(data[0])
+        pruned(data[0])
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    keep = {e.module: e.keep for e in pruner.history.steps[0] if e.module in norms}
+    assert len(keep) == 10
+    pruned_modules = dict(pruned.named_modules())
+    for name, k in keep.items():
+        (n_o, mean_o, m2_o), (n_p, mean_p, m2_p) = orig[name][0], got[name][0]
+        a, b = norms[name], pruned_modules[name]
+        assert mean_p.shape == (8,)
+        torch.testing.assert_close(
+            mean_p - b.running_mean.double(), (mean_o - a.running_mean.double())[k], atol=1e-4, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            (m2_p / n_p) / b.running_var.double(), (m2_o / n_o / a.running_var.double())[k], rtol=1e-3, atol=1e-5
+        )

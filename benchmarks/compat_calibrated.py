@@ -1,0 +1,243 @@
+"""The default user path on one model, for ``compat_sweep.py --calibrate N --calib-batch B``.
+
+Glossary:
+
+- *default path*: ``StructuredPruner(model, example, pruning_ratio=r)`` with every default
+  (weight-magnitude x activation importance, bias compensation, reconstruction, BatchNorm
+  correction), ``collect_activations`` on ``N`` random batches of ``B`` inputs, ``prune()``.
+- *calibration side*: the input side used (``--calib-side``, 64 px by default) where the
+  model runs at it, else the model's default size (capped at 224 px where it allows).
+
+A model passes when every step runs, the pruned model's output on a fresh batch is finite
+(where the original's is) and has the original's shape, parameters went down, and the
+user's model is left as it was. Statuses (beside the oracle sweep's ``skipped-*``):
+``fail-trace`` (the pruner could not be built), ``fail-calibrate`` (``collect_activations``
+raised), ``fail-prune``, ``fail-forward``, ``fail-shape``, ``fail-nonfinite``,
+``fail-noprune`` (no parameter removed), ``fail-modified`` (the user's model changed).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+__all__ = ["STATUSES", "check_calibrated", "render_calibrated"]
+
+STATUSES = (
+    "pass",
+    "fail-trace",
+    "fail-calibrate",
+    "fail-prune",
+    "fail-forward",
+    "fail-shape",
+    "fail-nonfinite",
+    "fail-noprune",
+    "fail-modified",
+    "skipped-too-big",
+    "skipped-too-slow",
+    "skipped-unsupported",
+)
+
+
+def _built(spec: str, side: int, batch: int):
+    """``(model, size, x, ref)``: the model at the smallest of ``side``, its default size
+    capped at 224 px, or its full default size that runs on ``batch`` random inputs."""
+    import torch
+    from compat_sweep import MAX_SIDE, build
+
+    from cleanai_core.testing import run_model
+
+    last: Exception | None = None
+    for cap in (side, MAX_SIDE, 100_000):
+        try:
+            model, size = build(spec, max_side=cap)
+            x = torch.randn(batch, *size)
+            return model, size, x, run_model(model, x)
+        except Exception as exc:  # too small for this model: try the next size
+            last = exc
+    raise last  # type: ignore[misc]
+
+
+def _fingerprint(model) -> list:
+    return [
+        (n, float(t.double().sum()), tuple(t.shape)) for n, t in model.state_dict().items() if t.is_floating_point()
+    ]
+
+
+def check_calibrated(
+    spec: str,
+    calib_batch: int = 1,
+    num_batches: int = 2,
+    side: int = 64,
+    ratio: float = 0.5,
+    max_params: int = 150_000_000,
+    seed: int = 0,
+) -> dict:
+    """Prune ``spec`` by the default path with ``num_batches`` calibration batches of
+    ``calib_batch`` random inputs; the record of what happened (``status`` first)."""
+    import torch
+    from compat_sweep import error_text as _err
+    from compat_sweep import sized
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rec: dict = {"model": spec, "calib_batch": calib_batch, "status": None, "error": ""}
+    rec.update(params_before=None, params_after=None)
+    t0 = time.time()
+    if not sized(spec, max_params, rec):
+        return rec
+    n = rec["params_before"]
+    try:
+        model, size, x, ref = _built(spec, side, 2)
+    except Exception as exc:
+        rec.update(status="skipped-unsupported", error="unpruned forward: " + _err(exc))
+        return rec
+    rec["input"] = [calib_batch, *size]
+    rec["calib_batches"] = num_batches
+    from cleanai_core import StructuredPruner
+    from cleanai_core.testing import run_model
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(calib_batch, *size, generator=gen) for _ in range(num_batches)]
+    before = _fingerprint(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pruner = StructuredPruner(model, batches[0][:2], pruning_ratio=ratio)  # traced on 2 inputs at most
+        except Exception as exc:
+            rec.update(status="fail-trace", error=_err(exc))
+            return rec
+        try:
+            pruner.collect_activations(batches, progress=False)
+        except Exception as exc:
+            rec.update(status="fail-calibrate", error=_err(exc))
+            return rec
+        try:
+            pruned = pruner.prune()
+        except Exception as exc:
+            rec.update(status="fail-prune", error=_err(exc))
+            return rec
+    rec["warnings"] = sorted({str(w.message)[:200] for w in caught})[:5]
+    rec["params_after"] = sum(p.numel() for p in pruned.parameters())
+    rec["skipped_groups"] = len(pruner.skipped_groups)
+    try:
+        got = run_model(pruned, x)
+    except Exception as exc:
+        rec.update(status="fail-forward", error=_err(exc))
+        return rec
+    rec["seconds"] = round(time.time() - t0, 1)
+    shapes = [tuple(t.shape) for t in ref]
+    if [tuple(t.shape) for t in got] != shapes:
+        rec.update(status="fail-shape", error=f"{shapes} -> {[tuple(t.shape) for t in got]}")
+        return rec
+    finite = [bool(torch.isfinite(a).all()) for a in ref]
+    if any(f and not bool(torch.isfinite(b).all()) for f, b in zip(finite, got, strict=True)):
+        rec.update(
+            status="fail-nonfinite", error="the pruned model's output has NaN/inf where the original's is finite"
+        )
+        return rec
+    scale = max((float(a.abs().max()) for a in ref if a.numel()), default=0.0)
+    rec["max_abs_change"] = max((float((a - b).abs().max()) for a, b in zip(ref, got, strict=True)), default=0.0)
+    rec["output_scale"] = scale
+    if _fingerprint(model) != before:
+        rec.update(status="fail-modified", error="the user's model changed (parameters or buffers)")
+        return rec
+    if rec["params_after"] >= n:
+        rec.update(status="fail-noprune", error="no parameter removed")
+        return rec
+    rec["status"] = "pass"
+    return rec
+
+
+# ---------------------------------------------------------------------------
+# The section of docs/compatibility.md
+# ---------------------------------------------------------------------------
+def render_calibrated(
+    caches: dict[int, dict[str, dict]], doc: Path, sets: list[tuple[str, set[str]]], how: str
+) -> None:
+    """Write (or replace) the calibration section of ``doc`` from ``{batch: {model: rec}}``;
+    the rest of the document stays as it is. ``sets`` are ``(title, models)`` rows of the
+    summary; ``how`` says how the run was made."""
+    from compat_sweep import CALIB_SECTION as SECTION
+    from compat_sweep import _m, _short
+
+    def summary(rows: list[dict]) -> str:
+        counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+        ran = [r for r in rows if not r["status"].startswith("skipped")]
+        pct = f"{100 * counts['pass'] / len(ran):.1f}%" if ran else "-"
+        cells = " | ".join(str(counts[s]) for s in STATUSES)
+        return f"| {len(rows)} | {len(ran)} | {counts['pass']} | {pct} | {cells} |"
+
+    lines = [
+        SECTION,
+        "",
+        "Generated by `benchmarks/compat_sweep.py --calibrate N --calib-batch B` (do not edit by hand): the",
+        "default user path, `StructuredPruner(model, example, pruning_ratio=0.5)` with every default (weight",
+        "magnitude x activation importance, bias compensation, reconstruction, BatchNorm correction),",
+        "`collect_activations` on N random batches of B inputs, `prune()`. A model passes when every step runs,",
+        "the pruned model's output on a fresh batch has the original's shape and is finite where the",
+        "original's is, parameters went down and the user's model is unchanged. Random weights, so the outputs'",
+        "change says nothing about accuracy (see `docs/accuracy.md`).",
+        "",
+        how,
+        "",
+        "| set | batch " + "| models | ran | pass | pass % of ran | " + " | ".join(STATUSES) + " |",
+        "|---|---" + "|---" * (4 + len(STATUSES)) + "|",
+    ]
+    for title, names in sets:
+        for b, cache in sorted(caches.items()):
+            rows = [r for m, r in cache.items() if m in names]
+            if rows:
+                lines.append(f"| {title} | {b} " + summary(rows))
+    for b, cache in sorted(caches.items()):
+        big = sorted(
+            r["model"]
+            for r in cache.values()
+            if r["status"] == "pass" and r.get("max_abs_change", 0.0) > 10 * max(r.get("output_scale", 0.0), 1.0)
+        )
+        if big:
+            shown = ", ".join(big[:12]) + (f" ... (+{len(big) - 12})" if len(big) > 12 else "")
+            lines += ["", f"Batch {b}: {len(big)} passing models' outputs moved by more than 10x their scale: {shown}."]
+    lines += ["", "Failures by cause:", ""]
+    any_fail = False
+    for b, cache in sorted(caches.items()):
+        causes: dict[str, list[str]] = {}
+        for r in sorted(cache.values(), key=lambda r: r["model"]):
+            if r["status"] != "pass" and r["status"] != "skipped-too-big":
+                causes.setdefault(f"{r['status']}: {_short(r.get('error', ''))}", []).append(r["model"])
+        for key, models in sorted(causes.items(), key=lambda kv: -len(kv[1])):
+            any_fail = True
+            shown = ", ".join(models[:12]) + (f" ... (+{len(models) - 12})" if len(models) > 12 else "")
+            lines.append(f"- batch {b}: **{len(models)}** {key.replace('|', '/')} - {shown}")
+    if not any_fail:
+        lines.append("- none (beside models over the parameter limit)")
+    batches = sorted(caches)
+    lines += [
+        "",
+        "| model | input | " + " | ".join(f"batch {b}" for b in batches) + " | params before | params after | note |",
+        "|---|---|" + "---|" * len(batches) + "---|---|---|",
+    ]
+    names = sorted({m for c in caches.values() for m in c}, key=lambda m: (not m.startswith("tv:"), m))
+    for m in names:
+        recs = [caches[b].get(m) for b in batches]
+        first = next(r for r in recs if r)
+        size = "x".join(str(s) for s in (first.get("input") or [])[2:])
+        notes = [
+            f"B={b}: {r.get('error', '')}" for b, r in zip(batches, recs, strict=True) if r and r["status"] != "pass"
+        ]
+        note = "; ".join(notes).replace("|", "/").replace("\n", " ")[:300]
+        cells = " | ".join(r["status"] if r else "" for r in recs)
+        after = next((r.get("params_after") for r in recs if r and r.get("params_after")), None)
+        lines.append(f"| {m} | {size} | {cells} | {_m(first.get('params_before'))} | {_m(after)} | {note} |")
+    lines.append("")
+    text = doc.read_text() if doc.exists() else "# Compatibility\n"
+    start = text.find(SECTION)
+    if start >= 0:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + "\n".join(lines) + (text[end + 1 :] if end >= 0 else "")
+    else:  # before the hand-written sections, after the oracle sweep's failures
+        at = text.find("\n## Hugging Face")
+        at = text.find("\n## Models") if at < 0 else at
+        text = text + "\n" + "\n".join(lines) if at < 0 else text[: at + 1] + "\n".join(lines) + "\n" + text[at + 1 :]
+    doc.write_text(text)
