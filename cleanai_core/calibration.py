@@ -244,22 +244,27 @@ def finite_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torc
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     n = x.numel() // x.shape[dim]
+    # the sums are taken about one value of each channel (its first), not about 0: a sum of
+    # squares about 0 in float32 loses the variance to cancellation when |mean| >> std
     last = _channels_last(x, dim)
     if last is not None:
-        total, squares = _column_sums(last)
+        shift = last[0].clone()
+        total, squares = _column_sums(last - shift)
     else:
         # reducing the contiguous trailing dim first is several times faster than one
         # reduction over (0, 2) on CPU
         x3 = _as_rows(x, dim)
+        shift = x3[0, :, 0].clone()
+        x3 = x3 - shift[None, :, None]
         total = x3.sum(2).sum(0)
         squares = torch.linalg.vector_norm(x3, dim=2).square().sum(0)
     total, squares = total.to(torch.float64), squares.to(torch.float64)
     # a NaN or inf anywhere, or a sum too large, makes the sum of squares non-finite too
-    if not bool(torch.isfinite(squares).all()):
+    if not bool(torch.isfinite(squares).all() and torch.isfinite(shift).all()):
         return None
-    mean = total / n
-    m2 = (squares - n * mean**2).clamp_min(0.0)
-    return float(n), mean.cpu(), m2.cpu()
+    offset = total / n
+    m2 = (squares - n * offset**2).clamp_min(0.0)
+    return float(n), (shift.to(torch.float64) + offset).cpu(), m2.cpu()
 
 
 def _channels_last(x: torch.Tensor, dim: int) -> torch.Tensor | None:

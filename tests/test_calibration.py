@@ -345,3 +345,18 @@ def test_bn_moments_of_unchanged_channels_agree_bit_for_bit_with_the_full_tensor
     assert torch.allclose(full[1], x64.mean((0, 2, 3)), rtol=1e-6, atol=1e-6)
     assert torch.allclose(full[2] / full[0], x64.var((0, 2, 3), correction=0), rtol=1e-5)
     assert _moments(torch.tensor([[1.0, float("nan")]])) is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_moments_keep_the_variance_of_a_channel_far_from_zero(channels_last):
+    """A sum of squares about 0 in float32 loses a small spread around a large mean to
+    cancellation; the moments are taken about each channel's first value instead."""
+    from cleanai_core.calibration import finite_moments
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 7, 7, 5).permute(0, 3, 1, 2) if channels_last else torch.randn(8, 5, 7, 7)
+    x = x * 0.01 + 100.0
+    n, mean, m2 = finite_moments(x, 1)
+    var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, ref_mean, atol=1e-9, rtol=0)
+    torch.testing.assert_close(m2 / n, var, rtol=1e-4, atol=0)
