@@ -235,7 +235,7 @@ def render_calibrated(
     start = text.find(SECTION)
     if start >= 0:
         end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + "\n".join(lines) + (text[end + 1 :] if end >= 0 else "")
+        text = text[:start] + "\n".join(lines) + ("\n" + text[end + 1 :] if end >= 0 else "")  # a blank line ends it
     else:  # before the hand-written sections, after the oracle sweep's failures
         at = text.find("\n## Hugging Face")
         at = text.find("\n## Models") if at < 0 else at
