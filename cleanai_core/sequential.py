@@ -27,6 +27,7 @@ from torch import nn
 
 from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, StatsCollector, iterate, move_to, split_batch
 from cleanai_core.errors import UserError
+from cleanai_core.runtime import device_of
 
 __all__ = ["collect_sequential", "find_blocks"]
 
@@ -134,7 +135,7 @@ def _run_to_first_block(model, first, loader, num_batches, forward, outer: Stats
         raise _Stop
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    device = _device_of(model)
+    device = device_of(model)
     try:
         with outer.hooks():
             for batch in iterate(loader, num_batches):
@@ -155,7 +156,7 @@ def _run_after_blocks(model, block_list, finals, loader, num_batches, forward, t
     originals = [b.__dict__.get("forward") for b in block_list]  # a forward set on the instance, if any
     for b in block_list:
         b.forward = lambda *a, **k: current[0]
-    device = _device_of(model)
+    device = device_of(model)
     try:
         with tail.hooks():
             for batch, out in zip(iterate(loader, num_batches), finals, strict=False):
@@ -167,8 +168,3 @@ def _run_after_blocks(model, block_list, finals, loader, num_batches, forward, t
             if f is not None:
                 b.forward = f
     return tail.stats
-
-
-def _device_of(model: nn.Module) -> torch.device | None:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else None
