@@ -52,7 +52,7 @@ from torch import nn
 
 from cleanai_core.calibration import _chan_merge, finite_moments
 
-__all__ = ["Moments", "correct_batchnorm", "norms_with_running_stats", "recording"]
+__all__ = ["Moments", "correct_batchnorm", "norms_with_running_stats", "recording", "set_running_stats"]
 
 #: per norm name: the moments ``(count, mean, M2)`` of its input, one entry per call
 Moments = dict[str, list[tuple[float, torch.Tensor, torch.Tensor] | None]]
@@ -112,6 +112,13 @@ def _shifted(
     return base_mean.to(torch.float64).cpu() + (mean_p - mean_o), new_var
 
 
+def set_running_stats(module: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Write ``mean`` and ``var`` into a norm's running statistics (their dtype and device)."""
+    with torch.no_grad():
+        module.running_mean.copy_(mean.to(module.running_mean))
+        module.running_var.copy_(var.to(module.running_var))
+
+
 class _Correction:
     """The running totals of one norm of the pruned model over a pass, and the update they give."""
 
@@ -137,9 +144,7 @@ class _Correction:
         self.orig: list = [0.0, None, None]
 
     def _hold(self, mean: torch.Tensor, var: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.module.running_mean.copy_(mean.to(self.module.running_mean))
-            self.module.running_var.copy_(var.to(self.module.running_var))
+        set_running_stats(self.module, mean, var)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if self.broken:

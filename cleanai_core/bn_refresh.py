@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cleanai_core.bn_correction import _moments, norms_with_running_stats
+from cleanai_core.bn_correction import _moments, norms_with_running_stats, set_running_stats
 from cleanai_core.calibration import _chan_merge
 from cleanai_core.distributed import combine_moments
 
@@ -45,9 +45,7 @@ class _Estimate:
         self.total: list = [0.0, None, None]
 
     def _set(self, mean: torch.Tensor, var: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.module.running_mean.copy_(mean.to(self.module.running_mean))
-            self.module.running_var.copy_(var.to(self.module.running_var))
+        set_running_stats(self.module, mean, var)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         got = _moments(args[0]) if args else None

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, eval_mode
+from cleanai_core.runtime import find_logits
 
 __all__ = ["RecoveryResult", "distillation_loss", "evaluate_held_out", "logits_of", "recover", "split_train_data"]
 
@@ -67,16 +68,11 @@ class RecoveryResult:
 
 
 def logits_of(out: Any) -> torch.Tensor:
-    """The logits of a model output: a tensor, an object with ``.logits`` (Hugging Face),
-    a dict with ``"logits"``, or the first element of a tuple."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(getattr(out, "logits", None), torch.Tensor):
-        return out.logits
-    if isinstance(out, dict) and isinstance(out.get("logits"), torch.Tensor):
-        return out["logits"]
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
+    """The logits of a model output (:func:`cleanai_core.runtime.find_logits`), or a
+    :class:`UserError` saying what to give."""
+    logits = find_logits(out)
+    if isinstance(logits, torch.Tensor):
+        return logits
     raise UserError(
         f"cannot find logits in the model's output ({type(out).__name__}); return a tensor, an object with "
         "`.logits`, or pass forward_fn= that returns the logits"

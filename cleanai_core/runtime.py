@@ -21,6 +21,7 @@ __all__ = [
     "check_labels",
     "copy_modes",
     "device_of",
+    "find_logits",
     "inputs_for",
     "iterate",
     "logits_of",
@@ -73,6 +74,20 @@ def logits_of(out: Any, output_transform: Callable[[Any], Any] | None = None) ->
     if output_transform is not None:
         return output_transform(out)
     return getattr(out, "logits", out)
+
+
+def find_logits(out: Any) -> torch.Tensor | None:
+    """The class scores in a model output: a tensor, ``.logits`` (Hugging Face), a dict's
+    ``"logits"`` (else its first tensor), or a tuple's first element; ``None`` if none."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, dict):
+        return out.get("logits", next((v for v in out.values() if isinstance(v, torch.Tensor)), None))
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
 
 
 def copy_modes(source: nn.Module, target: nn.Module) -> None:

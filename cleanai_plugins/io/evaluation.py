@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
+from cleanai_core.runtime import find_logits
 from cleanai_plugins.io.datasets import label_indices, not_class_labels
 
 log = logging.getLogger("cleanai")
@@ -16,18 +16,6 @@ log = logging.getLogger("cleanai")
 # ---------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------
-
-
-def _logits(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, dict):
-        return out.get("logits", next((v for v in out.values() if isinstance(v, torch.Tensor)), None))
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    return None
 
 
 @hookimpl(trylast=True)
@@ -52,7 +40,7 @@ def cleanai_evaluate(model, loader, device):
                 return {"accuracy_note": not_class_labels(batch[1])}
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise UserError("the evaluation data contains NaN or inf values; clean the data and run again")
-            logits = _logits(model(x.to(device)))
+            logits = find_logits(model(x.to(device)))
             if logits is None or logits.dim() != 2:
                 shape = tuple(logits.shape) if logits is not None else "no tensor"
                 return {"accuracy_note": f"the model's output ({shape}) is not one row of class scores per sample"}
