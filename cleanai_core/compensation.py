@@ -40,8 +40,11 @@ def regress(
     c_kk = cov[kept[:, None], kept]  # one gather each, not a K x C copy first
     c_kr = cov[kept[:, None], removed]
     lam = damping * float(c_kk.diagonal().mean().clamp(min=1e-12))
-    eye = torch.eye(c_kk.shape[0], dtype=cov.dtype)
-    coef = torch.linalg.solve(c_kk + lam * eye, c_kr).T
+    c_kk.diagonal().add_(lam)  # c_kk is a fresh gather: damped in place
+    # the damped covariance is symmetric positive definite: Cholesky costs half of LU; a
+    # matrix that is not (non-finite or degenerate statistics) falls back to the LU solve
+    factor, info = torch.linalg.cholesky_ex(c_kk)
+    coef = (torch.cholesky_solve(c_kr, factor) if int(info) == 0 else torch.linalg.solve(c_kk, c_kr)).T
     shift = mean[removed] - coef @ mean[kept]
     return coef, shift
 
