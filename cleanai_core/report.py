@@ -15,7 +15,7 @@ from xml.sax.saxutils import escape
 
 from cleanai_core.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["render_markdown", "render_sensitivity_svg", "render_svg", "write_report"]
+__all__ = ["render_markdown", "render_sensitivity_svg", "render_svg", "sensitivity_markdown", "write_report"]
 
 MAX_PLOT_LAYERS = 60
 #: removed channels listed per layer in report.md
@@ -174,6 +174,13 @@ def _listed(idx: list[int]) -> str:
         return "-"
     text = ", ".join(map(str, idx[:MAX_LISTED]))
     return f"{len(idx)}: {text}" + (", ..." if len(idx) > MAX_LISTED else "")
+
+
+def sensitivity_markdown(report: dict[str, Any]) -> str:
+    """The report of ``cleanai sensitivity``: what was analysed, then the sensitivity section."""
+    lines = ["# CleanAI sensitivity report", ""]
+    lines += [f"model: `{report['model']}`; data: `{report['data']}`; nothing was pruned.", ""]
+    return "\n".join(lines + _sensitivity_lines(report["sensitivity"]))
 
 
 def _sensitivity_lines(sens: dict[str, Any] | None, alloc: dict[str, Any] | None = None) -> list[str]:

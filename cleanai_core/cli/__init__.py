@@ -19,7 +19,7 @@ from cleanai_core.errors import CleanAIError, UserError
 
 __all__ = ["main"]
 
-COMMANDS = ("prune", "plugins", "explain")
+COMMANDS = ("prune", "sensitivity", "plugins", "explain")
 
 
 def use_plugins(disabled: list[str], extra: list[str]) -> None:

@@ -18,19 +18,25 @@ from cleanai_core import distributed
 from cleanai_core.job.config import CONFIG_HELP, DEFAULTS, option_fields, resolve_config
 from cleanai_core.job.run import execute
 
-__all__ = ["DEFAULTS", "add_parser", "run"]
+__all__ = ["DEFAULTS", "add_options", "add_parser", "run"]
 
 GROUPS = ("inputs", "pruning", "data use", "recovery", "output")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "prune",
-        help="prune a trained model, scoring channels on your data",
-        description="Prune a trained model by slicing channels, scored by weights and activations on your data. "
-        "Part of the data (--calib-fraction) chooses the channels; accuracy is measured on the rest.",
-        argument_default=argparse.SUPPRESS,
+    return add_options(
+        subparsers.add_parser(
+            "prune",
+            help="prune a trained model, scoring channels on your data",
+            description="Prune a trained model by slicing channels, scored by weights and activations on your "
+            "data. Part of the data (--calib-fraction) chooses the channels; accuracy is measured on the rest.",
+            argument_default=argparse.SUPPRESS,
+        )
     )
+
+
+def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Every :class:`~cleanai_core.job.config.PruneConfig` option as a flag of ``p``."""
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     for field in option_fields():
         meta = field.metadata
@@ -47,8 +53,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = resolve_config(args)
+def run(args: argparse.Namespace, **fixed: Any) -> int:
+    """Run the job for the parsed ``args``; ``fixed`` options override them (another
+    command's own settings, e.g. ``cleanai sensitivity``)."""
+    cfg = {**resolve_config(args), **fixed}
     cfg["device"], started = distributed.init_from_env(cfg["device"])
     try:
         execute(cfg)

@@ -161,6 +161,11 @@ def _execute(
         from cleanai_core.job.auto import sensitivity_and_ratios
 
         sensitivity = sensitivity_and_ratios(cfg, pruner, sens_loader, progress=not quiet)
+        if cfg.get("_analysis_only"):  # cleanai sensitivity: the analysis is the result
+            from cleanai_core.job.auto import write_analysis
+
+            report = {"model": cfg["model"], "data": cfg["data"], **sensitivity, "seconds": round(time.time() - t0, 2)}
+            return write_analysis(cfg, out, at_commit, report) if distributed.is_writer() else None
     if cfg.get("dry_run"):
         summary = pruner.plan().summary()
         if distributed.is_writer():
