@@ -58,9 +58,14 @@ def is_hf_model(model: Any) -> bool:
 
 
 def auto_class(config: Any) -> Any:
-    """The ``AutoModel*`` class for a config, from its ``architectures``."""
+    """The class for a config, from its ``architectures``: the named transformers class
+    when transformers has it (``BertForMaskedLM``, ``SwinForImageClassification``: the
+    saved weights carry its head and prefixes), else the ``AutoModel*`` class."""
     tf = _transformers()
     arch = (getattr(config, "architectures", None) or [""])[0]
+    named = getattr(tf, arch, None) if arch.isidentifier() else None
+    if isinstance(named, type) and hasattr(named, "from_pretrained") and hasattr(named, "config_class"):
+        return named
     if arch.endswith(("ForCausalLM", "LMHeadModel")):
         return tf.AutoModelForCausalLM
     if arch.endswith("ForSequenceClassification"):
