@@ -159,7 +159,7 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
             image_size=32,
             patch_size=4,
             embed_dim=16,
-            depths=[1, 1],
+            depths=[2, 2],
             num_heads=[2, 4],
             window_size=4,
         ),

@@ -36,6 +36,7 @@ from torch import nn
 
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 from cleanai_plugins.zoo.transformers.bias import declare_biases
+from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
 __all__ = ["fix_config"]
 
@@ -65,8 +66,8 @@ def _side(name: str) -> str:
 
 
 def _set(config, key: str, values: list[int], record: dict) -> None:
-    if not values or not hasattr(config, key):
-        return
+    if not values or not hasattr(config, key) or isinstance(getattr(config, key), (list, tuple)):
+        return  # a per-stage list (Swin's ``num_heads``) is written by :mod:`.staged`
     if len(set(values)) > 1:
         record[key] = values
     setattr(config, key, values[0])
@@ -124,7 +125,7 @@ def _write(entry: dict) -> dict:
     for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
         _set(config, key, values.get(key, []), record)
     for key in ("head_dim", "attention_head_size"):  # explicit: no hidden_size / heads division
-        if values.get(key):
+        if values.get(key) and not is_staged(config):  # Swin derives it per stage, and validates it against lists
             setattr(config, key, values[key][0])
     for key in ("num_key_value_heads", "num_kv_heads"):
         if values.get("num_key_value_heads") and getattr(config, key, None) is not None:
@@ -157,6 +158,8 @@ def fix_config(model: nn.Module) -> None:
     for entry in found.values():
         old = getattr(entry["config"], "hidden_size", None)
         record.update(_write(entry))
+        if is_staged(entry["config"]):
+            record.update(write_stages(model, entry["config"]))
         _fix_hidden_attrs(model, entry["config"], old)
     declared = declare_biases(model)  # compensation's biases, where a config switch allows them
     mismatched = rebuild_mismatches(model)
