@@ -20,9 +20,11 @@ fewer heads cannot be written). The model is rebuilt from the rewritten config o
 meta device and compared tensor by tensor; ``config.cleanai_pruning`` records what the
 user got: ``{"uniform": true, "from_pretrained": true}``; or ``"uniform": false`` with
 ``"per_layer": {key: [widths]}``; or ``"from_pretrained": false`` with the first
-``"mismatched"`` tensors; ``"biases_declared"`` names the config switches set for the
-biases bias compensation created (:mod:`.bias`). Without ``from_pretrained``, reload through
-``cleanai_core.load_pruned`` (which replays the history on the original architecture).
+``"mismatched"`` tensors, ``"reload": "load_pruned"`` and ``"why"`` (:mod:`.reload_path`:
+heads, an MLP width tied to the hidden width, a width with no key); ``"biases_declared"``
+names the config switches set for the biases bias compensation created (:mod:`.bias`).
+Without ``from_pretrained``, reload through ``cleanai_core.load_pruned`` (which replays the
+history on the original architecture). Per-stage configs (Swin, ConvNeXt): :mod:`.staged`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import nn
 
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 from cleanai_plugins.zoo.transformers.bias import declare_biases
+from cleanai_plugins.zoo.transformers.reload_path import reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
 __all__ = ["fix_config"]
@@ -170,6 +173,7 @@ def fix_config(model: nn.Module) -> None:
         **({"per_layer": record} if record else {}),
         **({"biases_declared": declared} if declared else {}),
         **({"mismatched": mismatched[:5]} if mismatched else {}),
+        **({"reload": "load_pruned", "why": reasons(model, mismatched)} if mismatched else {}),
     }
 
 
