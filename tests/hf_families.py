@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -78,6 +79,7 @@ BART = dict(
 FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
     "llama-mha": (_causal("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=4), "causal"),
     "llama-gqa": (_causal("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2), "causal"),
+    "llama-mqa": (_causal("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=1), "causal"),
     "qwen2": (_causal("Qwen2ForCausalLM", "Qwen2Config", num_key_value_heads=2), "causal"),
     "qwen3": (_causal("Qwen3ForCausalLM", "Qwen3Config", num_key_value_heads=2, head_dim=16), "causal"),
     "mistral": (_causal("MistralForCausalLM", "MistralConfig", num_key_value_heads=2), "causal"),
@@ -231,4 +233,12 @@ def build(name: str, attn: str = "sdpa") -> tuple[Any, Any, str]:
         model.set_attn_implementation(attn)
     except (ValueError, AttributeError, ImportError):  # the family has one implementation only
         pass
+    if getattr(model.config, "_attn_implementation", attn) != attn:  # chosen at construction only (Falcon)
+        config = copy.deepcopy(model.config)
+        config._attn_implementation = attn
+        torch.manual_seed(0)
+        try:
+            model = type(model)(config)
+        except ValueError:  # one implementation only (Bloom, DeBERTa-v2: eager)
+            pass
     return model.eval(), inputs, kind

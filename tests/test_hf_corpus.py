@@ -184,6 +184,28 @@ def test_gpt2_conv1d_layers_prune():
     assert attn.c_attn.weight.shape == (64, 96) and (attn.num_heads, attn.split_size) == (2, 32)
 
 
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("name", ["falcon", "llama-mqa"])
+def test_multi_query_attention_prunes_query_heads_and_keeps_its_key_value_head(name, attn):
+    """One key/value head for 4 query heads: the query heads prune one by one (pruning
+    the one KV group would empty the attention). Falcon fuses them in one
+    ``query_key_value`` of 6 heads and picks the key and value with ``[-2]``, ``[-1]``."""
+    assert check_oracle(name, attn) < 1e-4
+    model, inputs, _ = build(name, attn)
+    small, _ = prune_uniform(model, inputs)
+    if name == "falcon":
+        attn_module = small.transformer.h[1].self_attention
+        assert attn_module.query_key_value.weight.shape == ((2 + 2) * 16, 64) and attn_module.num_heads == 2
+        assert attn_module.dense.weight.shape == (64, 32)
+    else:
+        attn_module = small.model.layers[1].self_attn
+        assert attn_module.q_proj.weight.shape == (32, 64) and attn_module.k_proj.weight.shape == (16, 64)
+        assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+        assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
+    cached, plain = check_generate(name)
+    assert torch.equal(cached, plain)
+
+
 def test_mixtral_experts_prune_each_expert_and_keep_the_router():
     model, inputs, _ = build("mixtral")
     assert check_oracle("mixtral", "sdpa") < 1e-5

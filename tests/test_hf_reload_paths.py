@@ -62,7 +62,7 @@ def greedy(model, inputs) -> torch.Tensor:
         return model.generate(**kwargs, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
 
 
-FAST = ["gpt2", "bert", "bloom", "swin", "convnext"]
+FAST = ["gpt2", "bert", "bloom", "swin", "convnext", "falcon"]
 #: families whose config cannot describe a 50% prune of heads or MLP, and why
 WHY = {"gpt2": HEADS, "bert": HEADS, "bloom": MLP, "swin": HEADS, "convnext": MLP, "falcon": HEADS}
 

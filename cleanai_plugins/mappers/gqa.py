@@ -45,7 +45,7 @@ def couple_groups(ctx, query: torch.Tensor, kv: torch.Tensor) -> None:
     module's mode says."""
     n, m = kv.numel(), query.numel()
     grid = query.reshape(n, m // n)
-    if per_group(ctx):
+    if per_group(ctx) or n == 1:  # multi-query: one KV group; losing it would empty the attention
         ctx.freeze(kv, f"{ctx.where()}: grouped-query attention keeps its key/value heads (query heads per group)")
         ctx.union(grid[:1].expand_as(grid), grid)
     else:
@@ -59,7 +59,12 @@ def expand_group_dim(ctx, src, out, lab) -> bool:
     reshape to ``(b, n * g, s, d)``. Returns whether it labelled ``out``."""
     shift = out.ndim - src.ndim
     d = lab.dim + shift
-    if not per_group(ctx) or d + 1 >= out.ndim or src.shape[lab.dim + 1] != 1 or out.shape[d + 1] <= 1:
+    if (
+        not (per_group(ctx) or lab.atoms.numel() == 1)
+        or d + 1 >= out.ndim
+        or src.shape[lab.dim + 1] != 1
+        or out.shape[d + 1] <= 1
+    ):
         return False
     ctx.freeze(lab.atoms, f"{ctx.where()}: grouped-query attention keeps its key/value heads (query heads per group)")
     ctx.set_label(out, d + 1, ctx.new_atoms(out.shape[d + 1]))

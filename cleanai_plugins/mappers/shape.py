@@ -249,6 +249,10 @@ def expand(call, ctx):
     shift = out.ndim - src.ndim
     if src.shape[lab.dim] != out.shape[lab.dim + shift]:
         ctx.freeze(lab.atoms, f"{ctx.where()} broadcasts a single channel")
+        if src.shape[lab.dim] == 1 and ctx.keeps_whole_heads():
+            # multi-query attention: the one key/value head is broadcast to the query heads
+            # (eager ``q @ k^T``); it stays, and its copies shrink with the query heads
+            ctx.set_label(out, lab.dim + shift, ctx.new_atoms(out.shape[lab.dim + shift]))
         return
     if expand_group_dim(ctx, src, out, lab):  # repeat_kv, query heads per group
         return

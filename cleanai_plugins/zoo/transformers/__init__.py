@@ -32,7 +32,7 @@ from cleanai_plugins.layers.linear import no_new_bias
 from cleanai_plugins.layers.norm import RMSNormPruner
 from cleanai_plugins.mappers.gqa import GQA_QUERY_HEADS
 from cleanai_plugins.mappers.shape import allow_channel_ranges
-from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_qkv, is_attention
+from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_mqa, has_fused_qkv, is_attention
 from cleanai_plugins.zoo.transformers.bias import undeclarable
 from cleanai_plugins.zoo.transformers.config import fix_config
 from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
@@ -78,7 +78,7 @@ def cleanai_prepare_model(model):
     can declare get none from compensation."""
     if PreTrainedModel is None:
         return None
-    fused = [m for m in model.modules() if is_attention(m) and has_fused_qkv(m)]
+    fused = [m for m in model.modules() if is_attention(m) and (has_fused_qkv(m) or has_fused_mqa(m))]
     bare = [m for _, hf in outermost(model, PreTrainedModel) for m in undeclarable(hf)]
     found = {**(allow_channel_ranges(*fused) if fused else {}), **(no_new_bias(*bare) if bare else {})}
     return found or None

@@ -128,8 +128,8 @@ def _write(entry: dict) -> dict:
     for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
         _set(config, key, values.get(key, []), record)
     for key in ("head_dim", "attention_head_size"):  # explicit: no hidden_size / heads division
-        if values.get(key) and not is_staged(config):  # Swin derives it per stage, and validates it against lists
-            setattr(config, key, values[key][0])
+        if values.get(key) and not is_staged(config) and not isinstance(getattr(type(config), key, None), property):
+            setattr(config, key, values[key][0])  # (Swin derives it per stage; Falcon's is a read-only property)
     for key in ("num_key_value_heads", "num_kv_heads"):
         if values.get("num_key_value_heads") and getattr(config, key, None) is not None:
             _set(config, key, values["num_key_value_heads"], record)
