@@ -206,6 +206,24 @@ def test_multi_query_attention_prunes_query_heads_and_keeps_its_key_value_head(n
     assert torch.equal(cached, plain)
 
 
+def test_bart_hidden_size_prunes_and_reloads(tmp_path):
+    """``BartEncoder`` reads ``inputs_embeds[:, :, -1]`` for its shape: only that last
+    hidden channel stays; every group (hidden too) at 50% reloads with from_pretrained."""
+    model, inputs, _ = build("bart")
+    graph = DependencyGraph(model, inputs)
+    hidden = next(g for g in graph.groups() if any(s.module == "model.encoder.embed_tokens" for s in g.slices))
+    assert (hidden.size, hidden.prunable) == (64, 63)
+    pruned = random_units(graph, 0.5, torch.Generator().manual_seed(0))
+    small = copy.deepcopy(model)
+    keep = graph.keep_indices(pruned)
+    apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()], graph.pm)
+    assert small.config.d_model == 32 == small.model.shared.weight.shape[1]
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(small, inputs), logits(again, inputs))
+
+
 def test_mixtral_experts_prune_each_expert_and_keep_the_router():
     model, inputs, _ = build("mixtral")
     assert check_oracle("mixtral", "sdpa") < 1e-5

@@ -279,6 +279,12 @@ def select(call, ctx):
         return
     dim = arg(call, 1, "dim") % src.ndim
     if dim == lab.dim:
+        index = arg(call, 2, "index")
+        if isinstance(index, int) and -src.shape[dim] <= index < 0:
+            # a constant counted from the end (BART's ``inputs_embeds[:, :, -1]``, read for its
+            # shape): the picked channel and those after it stay, so it picks the same one
+            ctx.freeze(lab.atoms[src.shape[dim] + index :], f"{ctx.where()} picks a channel counted from the end")
+            return
         ctx.freeze(lab.atoms, f"{ctx.where()} picks one channel by index")
         return
     ctx.set_label(out, lab.dim - (dim < lab.dim), lab.atoms, lab.origin)
