@@ -306,6 +306,17 @@ def _table() -> None:  # pragma: no cover - the compatibility table, by hand
             except Exception as exc:
                 row.append(f"reload FAIL {type(exc).__name__}: {str(exc)[:200]}")
                 traceback.print_exc(limit=-3)
+        try:
+            from test_hf_reload_paths import greedy, reload_through_load_pruned
+
+            with tempfile.TemporaryDirectory() as d:
+                small, again, inputs, kind = reload_through_load_pruned(name, Path(d))
+                same = torch.equal(logits(small, inputs), logits(again, inputs))
+                gen = kind == "encoder" or torch.equal(greedy(small, inputs), greedy(again, inputs))
+                row.append(f"load_pruned {'equal' if same else 'DIFFERENT'}{'' if gen else ', generate DIFFERENT'}")
+        except Exception as exc:
+            row.append(f"load_pruned FAIL {type(exc).__name__}: {str(exc)[:200]}")
+            traceback.print_exc(limit=-3)
         if FAMILIES[name][1] != "encoder":
             try:
                 cached, plain = check_generate(name)

@@ -11,6 +11,9 @@ a grouped-query attention:
   ``n`` stays). The choice is by position, not by score: the ``j``-th heads of different
   groups go together.
 
+Multi-query attention (one KV head, ``n = 1``) always takes the second mode: its one
+group is the whole attention, so its query heads prune one by one and the KV head stays.
+
 A plugin picks the second mode for an attention module by filing it under the model
 finding :data:`GQA_QUERY_HEADS` from ``cleanai_prepare_model``
 (:func:`prune_query_heads_per_group`); the SDPA mapper (``enable_gqa``) and the
