@@ -125,6 +125,19 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    "falcon-mha": (
+        _make(
+            "FalconForCausalLM",
+            "FalconConfig",
+            _ids,
+            vocab_size=V,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            multi_query=False,
+        ),
+        "causal",
+    ),
     "bloom": (
         _make("BloomForCausalLM", "BloomConfig", _ids, vocab_size=V, hidden_size=64, n_layer=2, n_head=4),
         "causal",

@@ -206,6 +206,20 @@ def test_multi_query_attention_prunes_query_heads_and_keeps_its_key_value_head(n
     assert torch.equal(cached, plain)
 
 
+@pytest.mark.parametrize("attn", ATTN)
+def test_falcon_without_multi_query_prunes_heads_of_its_fused_qkv(attn):
+    """``query_key_value`` viewed as ``(num_heads, 3, head_dim)``: ``num_heads`` and
+    ``num_kv_heads`` follow the kept heads (the pruned model failed to run before)."""
+    assert check_oracle("falcon-mha", attn) < 1e-4
+    model, inputs, _ = build("falcon-mha", attn)
+    small, _ = prune_uniform(model, inputs)
+    attn_module = small.transformer.h[0].self_attention
+    assert attn_module.query_key_value.weight.shape == (2 * 3 * 16, 64)
+    assert (attn_module.num_heads, attn_module.num_kv_heads) == (2, 2)
+    cached, plain = check_generate("falcon-mha")
+    assert torch.equal(cached, plain)
+
+
 def test_bart_hidden_size_prunes_and_reloads(tmp_path):
     """``BartEncoder`` reads ``inputs_embeds[:, :, -1]`` for its shape: only that last
     hidden channel stays; every group (hidden too) at 50% reloads with from_pretrained."""

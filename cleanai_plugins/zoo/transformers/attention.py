@@ -52,6 +52,16 @@ def has_fused_mqa(module: nn.Module) -> bool:
     )
 
 
+def _falcon_per_head(module: nn.Module) -> bool:
+    """Falcon without multi-query: ``query_key_value`` holds q, k, v per head, viewed as
+    ``(num_heads, 3, head_dim)`` with ``num_heads`` read from the module."""
+    return (
+        proj_width(getattr(module, "query_key_value", None)) is not None
+        and getattr(module, "multi_query", None) is False
+        and getattr(module, "new_decoder_architecture", None) is False
+    )
+
+
 def is_attention(module: nn.Module) -> bool:
     """A transformers attention module (``LlamaAttention``, ``BertSelfAttention``, ...)."""
     cls = type(module)
@@ -104,6 +114,9 @@ def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | No
         return fused // hd - 2 * kv_heads, kv_heads, hd
     if has_fused_mqa(module):
         return proj_width(module.query_key_value) // hd - 2, 1, hd
+    if _falcon_per_head(module):  # (heads, 3, head_dim) rows, like GPT-NeoX
+        heads = proj_width(module.query_key_value) // (3 * hd)
+        return heads, heads, hd
     if fused is not None and isinstance(groups, int) and fused % (hd * (groups + 2)) == 0:
         # Phi-3: rows [q (kv * groups heads), k (kv heads), v (kv heads)]; whole KV groups go
         kv = fused // (hd * (groups + 2))
