@@ -57,6 +57,7 @@ def _whisper_inputs() -> dict:
     return {"input_features": feats, "decoder_input_ids": _ids(5)}
 
 
+FALCON = {"vocab_size": V, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 ENC = {"vocab_size": V, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
 VIT = {"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
 BART = dict(
@@ -113,31 +114,8 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
-    "falcon": (
-        _make(
-            "FalconForCausalLM",
-            "FalconConfig",
-            _ids,
-            vocab_size=V,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
-        "causal",
-    ),
-    "falcon-mha": (
-        _make(
-            "FalconForCausalLM",
-            "FalconConfig",
-            _ids,
-            vocab_size=V,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            multi_query=False,
-        ),
-        "causal",
-    ),
+    "falcon": (_make("FalconForCausalLM", "FalconConfig", _ids, **FALCON), "causal"),
+    "falcon-mha": (_make("FalconForCausalLM", "FalconConfig", _ids, **FALCON, multi_query=False), "causal"),
     "bloom": (
         _make("BloomForCausalLM", "BloomConfig", _ids, vocab_size=V, hidden_size=64, n_layer=2, n_head=4),
         "causal",
