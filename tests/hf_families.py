@@ -116,6 +116,10 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
     ),
     "falcon": (_make("FalconForCausalLM", "FalconConfig", _ids, **FALCON), "causal"),
     "falcon-mha": (_make("FalconForCausalLM", "FalconConfig", _ids, **FALCON, multi_query=False), "causal"),
+    "falcon-gqa": (
+        _make("FalconForCausalLM", "FalconConfig", _ids, **FALCON, new_decoder_architecture=True, num_kv_heads=2),
+        "causal",
+    ),
     "bloom": (
         _make("BloomForCausalLM", "BloomConfig", _ids, vocab_size=V, hidden_size=64, n_layer=2, n_head=4),
         "causal",

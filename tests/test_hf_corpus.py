@@ -207,16 +207,22 @@ def test_multi_query_attention_prunes_query_heads_and_keeps_its_key_value_head(n
 
 
 @pytest.mark.parametrize("attn", ATTN)
-def test_falcon_without_multi_query_prunes_heads_of_its_fused_qkv(attn):
-    """``query_key_value`` viewed as ``(num_heads, 3, head_dim)``: ``num_heads`` and
-    ``num_kv_heads`` follow the kept heads (the pruned model failed to run before)."""
-    assert check_oracle("falcon-mha", attn) < 1e-4
-    model, inputs, _ = build("falcon-mha", attn)
+@pytest.mark.parametrize(
+    ("name", "rows", "heads"), [("falcon-mha", 2 * 3 * 16, (2, 2)), ("falcon-gqa", 4 * 16, (2, 1))]
+)
+def test_falcon_without_multi_query_prunes_heads_of_its_fused_qkv(name, rows, heads, attn):
+    """``query_key_value`` viewed as ``(num_heads, 3, head_dim)`` (``falcon-mha``; the
+    pruned model failed to run before) or, Falcon-40B's layout, as ``(kv groups, group + 2,
+    head_dim)`` with the key and value picked by ``[-2]``, ``[-1]`` inside each group
+    (``falcon-gqa``: whole KV groups go; frozen before): ``num_heads`` and ``num_kv_heads``
+    follow the kept heads."""
+    assert check_oracle(name, attn) < 1e-4
+    model, inputs, _ = build(name, attn)
     small, _ = prune_uniform(model, inputs)
     attn_module = small.transformer.h[0].self_attention
-    assert attn_module.query_key_value.weight.shape == (2 * 3 * 16, 64)
-    assert (attn_module.num_heads, attn_module.num_kv_heads) == (2, 2)
-    cached, plain = check_generate("falcon-mha")
+    assert attn_module.query_key_value.weight.shape == (rows, 64)
+    assert (attn_module.num_heads, attn_module.num_kv_heads) == heads
+    cached, plain = check_generate(name)
     assert torch.equal(cached, plain)
 
 

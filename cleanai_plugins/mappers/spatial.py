@@ -132,6 +132,9 @@ def index(call, ctx):
     used = [i for i, t in enumerate(idx) if t is not None]
     if used == [lab.dim] and _fixed_positions(call, ctx, src, lab, idx[lab.dim]):
         return
+    if len(used) == 1 and used[0] > lab.dim:  # one index tensor after the channels: they stay in place
+        ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+        return
     if not used or lab.dim <= max(used) or used != list(range(len(used))):
         ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
         return

@@ -114,6 +114,11 @@ def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | No
         return fused // hd - 2 * kv_heads, kv_heads, hd
     if has_fused_mqa(module):
         return proj_width(module.query_key_value) // hd - 2, 1, hd
+    if getattr(module, "new_decoder_architecture", None) is True and isinstance(module.num_kv_heads, int):
+        # Falcon-40B: rows (kv groups, group + 2, head_dim); whole KV groups go, the group size stays
+        group = module.num_heads // module.num_kv_heads
+        kv = proj_width(module.query_key_value) // ((group + 2) * hd)
+        return kv * group, kv, hd
     if _falcon_per_head(module):  # (heads, 3, head_dim) rows, like GPT-NeoX
         heads = proj_width(module.query_key_value) // (3 * hd)
         return heads, heads, hd
