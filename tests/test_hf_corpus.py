@@ -226,6 +226,27 @@ def test_falcon_without_multi_query_prunes_heads_of_its_fused_qkv(name, rows, he
     assert torch.equal(cached, plain)
 
 
+def test_bloom_heads_prune_and_keep_their_alibi_slopes():
+    """Bloom builds one ALiBi tensor for all layers from ``n_head``; each pruned attention
+    takes its kept heads' rows of it (a forward pre-hook), so different layers may keep
+    different heads. Checked with a padded batch of 3 (the other ALiBi path)."""
+    model, inputs, _ = build("bloom")
+    ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :2] = 0
+    for x in (inputs, {"input_ids": ids, "attention_mask": mask}):
+        report = check_pruner(model, x, ratio=0.5)
+        assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 128 + 2 * 2
+    small, _ = prune_uniform(model, inputs)
+    layers = [small.transformer.h[i].self_attention for i in range(2)]
+    assert [a.query_key_value.weight.shape[0] for a in layers] == [2 * 3 * 16] * 2
+    assert [a.num_heads for a in layers] == [2, 2]
+    assert layers[0].cleanai_kept_heads != layers[1].cleanai_kept_heads  # per layer, numbered as in the original
+    assert small.config.cleanai_pruning["why"][-1].startswith("ALiBi: ")
+    cached, plain = check_generate("bloom")
+    assert torch.equal(cached, plain)
+
+
 def test_bart_hidden_size_prunes_and_reloads(tmp_path):
     """``BartEncoder`` reads ``inputs_embeds[:, :, -1]`` for its shape: only that last
     hidden channel stays; every group (hidden too) at 50% reloads with from_pretrained."""

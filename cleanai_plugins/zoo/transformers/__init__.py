@@ -31,7 +31,9 @@ except ImportError:  # pragma: no cover - exercised only without transformers
 from cleanai_plugins.layers.linear import no_new_bias
 from cleanai_plugins.layers.norm import RMSNormPruner
 from cleanai_plugins.mappers.gqa import GQA_QUERY_HEADS
+from cleanai_plugins.mappers.matmul import slices_head_inputs
 from cleanai_plugins.mappers.shape import allow_channel_ranges
+from cleanai_plugins.zoo.transformers.alibi import fix_alibi_heads, is_alibi_attention
 from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_mqa, has_fused_qkv, is_attention
 from cleanai_plugins.zoo.transformers.bias import undeclarable
 from cleanai_plugins.zoo.transformers.config import fix_config
@@ -80,7 +82,12 @@ def cleanai_prepare_model(model):
         return None
     fused = [m for m in model.modules() if is_attention(m) and (has_fused_qkv(m) or has_fused_mqa(m))]
     bare = [m for _, hf in outermost(model, PreTrainedModel) for m in undeclarable(hf)]
-    found = {**(allow_channel_ranges(*fused) if fused else {}), **(no_new_bias(*bare) if bare else {})}
+    alibi = [m for m in model.modules() if is_alibi_attention(m)]
+    found = {
+        **(allow_channel_ranges(*fused) if fused else {}),
+        **(no_new_bias(*bare) if bare else {}),
+        **(slices_head_inputs(*alibi) if alibi else {}),
+    }
     return found or None
 
 
@@ -92,6 +99,9 @@ def cleanai_after_prune(module, name, edits, findings=None):
     if is_attention(module):
         fix_attention(module, module in kept)
     if name == "":  # once, at the root (before its children): every outermost transformers model in it
+        for sub, attn in module.named_modules():  # Bloom: the kept heads' ALiBi rows (once per slicing)
+            if is_alibi_attention(attn):
+                fix_alibi_heads(attn, sub, edits)
         for _, model in outermost(module, PreTrainedModel):
             for attn in model.modules():
                 if is_attention(attn):

@@ -52,13 +52,13 @@ def has_fused_mqa(module: nn.Module) -> bool:
     )
 
 
-def _falcon_per_head(module: nn.Module) -> bool:
-    """Falcon without multi-query: ``query_key_value`` holds q, k, v per head, viewed as
-    ``(num_heads, 3, head_dim)`` with ``num_heads`` read from the module."""
+def _per_head_fused(module: nn.Module) -> bool:
+    """``query_key_value`` holding q, k, v per head, viewed as ``(num_heads, 3, head_dim)``
+    (Falcon without multi-query, Bloom, GPT-NeoX)."""
     return (
         proj_width(getattr(module, "query_key_value", None)) is not None
-        and getattr(module, "multi_query", None) is False
-        and getattr(module, "new_decoder_architecture", None) is False
+        and getattr(module, "multi_query", False) is not True
+        and getattr(module, "new_decoder_architecture", False) is not True
     )
 
 
@@ -119,7 +119,7 @@ def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | No
         group = module.num_heads // module.num_kv_heads
         kv = proj_width(module.query_key_value) // ((group + 2) * hd)
         return kv * group, kv, hd
-    if _falcon_per_head(module):  # (heads, 3, head_dim) rows, like GPT-NeoX
+    if _per_head_fused(module) and proj_width(module.query_key_value) % (3 * hd) == 0:
         heads = proj_width(module.query_key_value) // (3 * hd)
         return heads, heads, hd
     if fused is not None and isinstance(groups, int) and fused % (hd * (groups + 2)) == 0:

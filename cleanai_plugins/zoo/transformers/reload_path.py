@@ -26,6 +26,7 @@ _MLP = re.compile(
 )
 HEADS = "heads: this family's config derives the head size from the width and the head count, so fewer heads of the "
 HEADS += "same size cannot be written"
+ALIBI = "ALiBi: each pruned attention takes its kept heads' slopes through a hook that only load_pruned restores"
 MLP = "MLP width: this family's config has no key for it (it is a fixed multiple of the hidden or stage width)"
 
 
@@ -49,4 +50,6 @@ def reasons(model: nn.Module, mismatched: list[str]) -> list[str]:
                 why = f"{module}: its width is not a key of the config"
         if why not in found:
             found.append(why)
+    if any(getattr(m, "cleanai_kept_heads", None) is not None for m in names.values()):
+        found.append(ALIBI)
     return found
