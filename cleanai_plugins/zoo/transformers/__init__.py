@@ -11,9 +11,14 @@
 - layers whose config cannot declare a bias (Qwen2's ``o_proj``, Mistral's ``down_proj``)
   are filed under ``no_new_bias`` (:mod:`.bias`): compensation folds into their kept
   columns and creates no bias, so the default options still reload;
+- multi-query attention (Falcon's fused ``query_key_value``, one KV head) prunes its
+  query heads and keeps the KV head; Bloom's pruned attention takes its kept heads' rows
+  of the model-wide ALiBi tensor (:mod:`.alibi`);
 - after slicing, attention attributes (:mod:`.attention`) and ``config``
-  (:mod:`.config`) are rewritten from the modules, so ``save_pretrained`` ->
-  ``from_pretrained`` rebuilds the pruned model when every layer kept the same widths.
+  (:mod:`.config`, per-stage lists: :mod:`.staged`) are rewritten from the modules, so
+  ``save_pretrained`` -> ``from_pretrained`` rebuilds the pruned model when every layer
+  kept the same widths and the config can say them; otherwise ``config.cleanai_pruning``
+  says ``"reload": "load_pruned"`` and why (:mod:`.reload_path`).
 
 transformers is optional: without it this plugin claims nothing.
 """
