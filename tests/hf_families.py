@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +57,7 @@ def _whisper_inputs() -> dict:
     return {"input_features": feats, "decoder_input_ids": _ids(5)}
 
 
+FALCON = {"vocab_size": V, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 ENC = {"vocab_size": V, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
 VIT = {"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
 BART = dict(
@@ -78,6 +80,7 @@ BART = dict(
 FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
     "llama-mha": (_causal("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=4), "causal"),
     "llama-gqa": (_causal("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=2), "causal"),
+    "llama-mqa": (_causal("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=1), "causal"),
     "qwen2": (_causal("Qwen2ForCausalLM", "Qwen2Config", num_key_value_heads=2), "causal"),
     "qwen3": (_causal("Qwen3ForCausalLM", "Qwen3Config", num_key_value_heads=2, head_dim=16), "causal"),
     "mistral": (_causal("MistralForCausalLM", "MistralConfig", num_key_value_heads=2), "causal"),
@@ -111,16 +114,10 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
-    "falcon": (
-        _make(
-            "FalconForCausalLM",
-            "FalconConfig",
-            _ids,
-            vocab_size=V,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-        ),
+    "falcon": (_make("FalconForCausalLM", "FalconConfig", _ids, **FALCON), "causal"),
+    "falcon-mha": (_make("FalconForCausalLM", "FalconConfig", _ids, **FALCON, multi_query=False), "causal"),
+    "falcon-gqa": (
+        _make("FalconForCausalLM", "FalconConfig", _ids, **FALCON, new_decoder_architecture=True, num_kv_heads=2),
         "causal",
     ),
     "bloom": (
@@ -159,7 +156,7 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
             image_size=32,
             patch_size=4,
             embed_dim=16,
-            depths=[1, 1],
+            depths=[2, 2],
             num_heads=[2, 4],
             window_size=4,
         ),
@@ -231,4 +228,12 @@ def build(name: str, attn: str = "sdpa") -> tuple[Any, Any, str]:
         model.set_attn_implementation(attn)
     except (ValueError, AttributeError, ImportError):  # the family has one implementation only
         pass
+    if getattr(model.config, "_attn_implementation", attn) != attn:  # chosen at construction only (Falcon)
+        config = copy.deepcopy(model.config)
+        config._attn_implementation = attn
+        torch.manual_seed(0)
+        try:
+            model = type(model)(config)
+        except ValueError:  # one implementation only (Bloom, DeBERTa-v2: eager)
+            pass
     return model.eval(), inputs, kind

@@ -184,6 +184,87 @@ def test_gpt2_conv1d_layers_prune():
     assert attn.c_attn.weight.shape == (64, 96) and (attn.num_heads, attn.split_size) == (2, 32)
 
 
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("name", ["falcon", "llama-mqa"])
+def test_multi_query_attention_prunes_query_heads_and_keeps_its_key_value_head(name, attn):
+    """One key/value head for 4 query heads: the query heads prune one by one (pruning
+    the one KV group would empty the attention). Falcon fuses them in one
+    ``query_key_value`` of 6 heads and picks the key and value with ``[-2]``, ``[-1]``."""
+    assert check_oracle(name, attn) < 1e-4
+    model, inputs, _ = build(name, attn)
+    small, _ = prune_uniform(model, inputs)
+    if name == "falcon":
+        attn_module = small.transformer.h[1].self_attention
+        assert attn_module.query_key_value.weight.shape == ((2 + 2) * 16, 64) and attn_module.num_heads == 2
+        assert attn_module.dense.weight.shape == (64, 32)
+    else:
+        attn_module = small.model.layers[1].self_attn
+        assert attn_module.q_proj.weight.shape == (32, 64) and attn_module.k_proj.weight.shape == (16, 64)
+        assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+        assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
+    cached, plain = check_generate(name)
+    assert torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize(
+    ("name", "rows", "heads"), [("falcon-mha", 2 * 3 * 16, (2, 2)), ("falcon-gqa", 4 * 16, (2, 1))]
+)
+def test_falcon_without_multi_query_prunes_heads_of_its_fused_qkv(name, rows, heads, attn):
+    """``query_key_value`` viewed as ``(num_heads, 3, head_dim)`` (``falcon-mha``; the
+    pruned model failed to run before) or, Falcon-40B's layout, as ``(kv groups, group + 2,
+    head_dim)`` with the key and value picked by ``[-2]``, ``[-1]`` inside each group
+    (``falcon-gqa``: whole KV groups go; frozen before): ``num_heads`` and ``num_kv_heads``
+    follow the kept heads."""
+    assert check_oracle(name, attn) < 1e-4
+    model, inputs, _ = build(name, attn)
+    small, _ = prune_uniform(model, inputs)
+    attn_module = small.transformer.h[0].self_attention
+    assert attn_module.query_key_value.weight.shape == (rows, 64)
+    assert (attn_module.num_heads, attn_module.num_kv_heads) == heads
+    cached, plain = check_generate(name)
+    assert torch.equal(cached, plain)
+
+
+def test_bloom_heads_prune_and_keep_their_alibi_slopes():
+    """Bloom builds one ALiBi tensor for all layers from ``n_head``; each pruned attention
+    takes its kept heads' rows of it (a forward pre-hook), so different layers may keep
+    different heads. Checked with a padded batch of 3 (the other ALiBi path)."""
+    model, inputs, _ = build("bloom")
+    ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :2] = 0
+    for x in (inputs, {"input_ids": ids, "attention_mask": mask}):
+        report = check_pruner(model, x, ratio=0.5)
+        assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 128 + 2 * 2
+    small, _ = prune_uniform(model, inputs)
+    layers = [small.transformer.h[i].self_attention for i in range(2)]
+    assert [a.query_key_value.weight.shape[0] for a in layers] == [2 * 3 * 16] * 2
+    assert [a.num_heads for a in layers] == [2, 2]
+    assert layers[0].cleanai_kept_heads != layers[1].cleanai_kept_heads  # per layer, numbered as in the original
+    assert small.config.cleanai_pruning["why"][-1].startswith("ALiBi: ")
+    cached, plain = check_generate("bloom")
+    assert torch.equal(cached, plain)
+
+
+def test_bart_hidden_size_prunes_and_reloads(tmp_path):
+    """``BartEncoder`` reads ``inputs_embeds[:, :, -1]`` for its shape: only that last
+    hidden channel stays; every group (hidden too) at 50% reloads with from_pretrained."""
+    model, inputs, _ = build("bart")
+    graph = DependencyGraph(model, inputs)
+    hidden = next(g for g in graph.groups() if any(s.module == "model.encoder.embed_tokens" for s in g.slices))
+    assert (hidden.size, hidden.prunable) == (64, 63)
+    pruned = random_units(graph, 0.5, torch.Generator().manual_seed(0))
+    small = copy.deepcopy(model)
+    keep = graph.keep_indices(pruned)
+    apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()], graph.pm)
+    assert small.config.d_model == 32 == small.model.shared.weight.shape[1]
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(small, inputs), logits(again, inputs))
+
+
 def test_mixtral_experts_prune_each_expert_and_keep_the_router():
     model, inputs, _ = build("mixtral")
     assert check_oracle("mixtral", "sdpa") < 1e-5
@@ -219,8 +300,9 @@ def test_corpus_oracle(name, attn):
     assert check_oracle(name, attn) < 1e-4
 
 
-#: families whose config cannot describe some width at all (per-stage lists, fixed 4x MLPs)
-NO_RELOAD = {"swin": "per-stage head counts", "convnext": "MLP width fixed at 4x", "bloom": "MLP width fixed at 4x"}
+#: families whose config cannot describe a pruned MLP alone (fixed 4x MLPs): they reload through
+#: ``load_pruned`` (tests/test_hf_reload_paths.py); ConvNeXt also when its stages shrink with the MLP
+NO_RELOAD = {"convnext": "MLP width fixed at 4x the stage width", "bloom": "MLP width fixed at 4x hidden"}
 
 
 @pytest.mark.corpus
@@ -266,6 +348,17 @@ def _table() -> None:  # pragma: no cover - the compatibility table, by hand
             except Exception as exc:
                 row.append(f"reload FAIL {type(exc).__name__}: {str(exc)[:200]}")
                 traceback.print_exc(limit=-3)
+        try:
+            from test_hf_reload_paths import greedy, reload_through_load_pruned
+
+            with tempfile.TemporaryDirectory() as d:
+                small, again, inputs, kind = reload_through_load_pruned(name, Path(d))
+                same = torch.equal(logits(small, inputs), logits(again, inputs))
+                gen = kind == "encoder" or torch.equal(greedy(small, inputs), greedy(again, inputs))
+                row.append(f"load_pruned {'equal' if same else 'DIFFERENT'}{'' if gen else ', generate DIFFERENT'}")
+        except Exception as exc:
+            row.append(f"load_pruned FAIL {type(exc).__name__}: {str(exc)[:200]}")
+            traceback.print_exc(limit=-3)
         if FAMILIES[name][1] != "encoder":
             try:
                 cached, plain = check_generate(name)

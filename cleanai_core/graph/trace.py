@@ -26,7 +26,11 @@ from cleanai_core.metrics import call_model
 from cleanai_core.model_state import preserved
 from cleanai_core.shapes import ShapeOnlyMode, map_tensors
 
-__all__ = ["ModuleCall", "OpCall", "Recording", "TRef", "record"]
+__all__ = ["VALUE_NUMEL", "ModuleCall", "OpCall", "Recording", "TRef", "record"]
+
+#: integer tensors up to this many elements keep their values in :attr:`TRef.value`
+VALUE_NUMEL = 8
+_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
 
 
 @attrs.define(slots=True, eq=False)
@@ -37,6 +41,9 @@ class TRef:
     shape: tuple[int, ...]
     dtype: torch.dtype
     param: str | None = None
+    #: the values of a small integer tensor (at most :data:`VALUE_NUMEL` elements: index
+    #: lists such as Falcon's ``[-2]``), flattened; ``None`` for any other tensor
+    value: tuple[int, ...] | None = None
 
     @property
     def ndim(self) -> int:
@@ -135,7 +142,10 @@ class _Recorder(ShapeOnlyMode):
             key = len(self.alive)
             self.alive.append(t)
             self.keys[ident] = key
-        return TRef(key, tuple(t.shape), t.dtype, self.tensor_names.get(ident))
+        value = None
+        if t.numel() <= VALUE_NUMEL and t.dtype in _INT_DTYPES and t.device.type != "meta":
+            value = tuple(t.reshape(-1).tolist())
+        return TRef(key, tuple(t.shape), t.dtype, self.tensor_names.get(ident), value)
 
     def refs(self, tree: Any, new: bool = False) -> Any:
         """Module arguments (any pytree: namedtuples, dataclasses...) as references."""

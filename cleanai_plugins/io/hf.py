@@ -58,9 +58,14 @@ def is_hf_model(model: Any) -> bool:
 
 
 def auto_class(config: Any) -> Any:
-    """The ``AutoModel*`` class for a config, from its ``architectures``."""
+    """The class for a config, from its ``architectures``: the named transformers class
+    when transformers has it (``BertForMaskedLM``, ``SwinForImageClassification``: the
+    saved weights carry its head and prefixes), else the ``AutoModel*`` class."""
     tf = _transformers()
     arch = (getattr(config, "architectures", None) or [""])[0]
+    named = getattr(tf, arch, None) if arch.isidentifier() else None
+    if isinstance(named, type) and hasattr(named, "from_pretrained") and hasattr(named, "config_class"):
+        return named
     if arch.endswith(("ForCausalLM", "LMHeadModel")):
         return tf.AutoModelForCausalLM
     if arch.endswith("ForSequenceClassification"):
@@ -199,6 +204,11 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
     from cleanai_core.calibration import move_to
 
     model = model.cpu().eval()
+    record = getattr(model.config, "cleanai_pruning", None) or {}
+    if record.get("from_pretrained") is False and record.get("why"):  # the config cannot describe it: say why
+        why = "; ".join(record["why"])
+        log.warning("hf/ not written: the config cannot describe the pruned model (%s)", why)
+        return {"hf_folder": None, "hf_reload": f"not possible: {why}", "hf_reload_path": "load_pruned"}
     try:
         model.save_pretrained(folder)
         tokenizer = load_tokenizer(model, required=False)
@@ -223,8 +233,12 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
                 "num_attention_heads, head_dim...), so from_pretrained rebuilds the unpruned shapes"
             )
         log.warning("hf/ not written: save_pretrained -> from_pretrained does not reproduce the pruned model (%s)", why)
-        return {"hf_folder": None, "hf_reload": f"failed: {why}"}
-    return {"hf_folder": folder.name, "hf_reload": f"identical logits (max relative error {err:.1e})"}
+        return {"hf_folder": None, "hf_reload": f"failed: {why}", "hf_reload_path": "load_pruned"}
+    return {
+        "hf_folder": folder.name,
+        "hf_reload": f"identical logits (max relative error {err:.1e})",
+        "hf_reload_path": "from_pretrained",
+    }
 
 
 @hookimpl(trylast=True)
@@ -252,7 +266,8 @@ def cleanai_report_sections(report):
         )
     elif "hf_reload" in report:
         lines.append(
-            "No `hf/` folder: `save_pretrained` -> `from_pretrained` did not reproduce the pruned model "
-            f"({report['hf_reload']}). Reload it with `cleanai_core.io.load_pruned(out_dir)`."
+            "No `hf/` folder: `save_pretrained` -> `from_pretrained` cannot reproduce the pruned model "
+            f"({report['hf_reload']}). Reload it with `cleanai_core.io.load_pruned(out_dir)`, which replays "
+            "the history on the original architecture (identical logits)."
         )
     return [("Hugging Face", "\n\n".join(lines))]

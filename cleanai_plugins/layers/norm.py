@@ -95,6 +95,7 @@ class LayerNormPruner(_PassThrough):
 
     def channel_dim(self, module, x) -> int:
         channels_first = any(c.__name__ in _TIMM_LAYER_NORMS_2D for c in type(module).__mro__)
+        channels_first = channels_first or getattr(module, "data_format", None) == "channels_first"  # HF ConvNeXt
         if channels_first or getattr(module, "_channels_first", False):
             return 1
         return x.ndim - 1

@@ -11,6 +11,9 @@ a grouped-query attention:
   ``n`` stays). The choice is by position, not by score: the ``j``-th heads of different
   groups go together.
 
+Multi-query attention (one KV head, ``n = 1``) always takes the second mode: its one
+group is the whole attention, so its query heads prune one by one and the KV head stays.
+
 A plugin picks the second mode for an attention module by filing it under the model
 finding :data:`GQA_QUERY_HEADS` from ``cleanai_prepare_model``
 (:func:`prune_query_heads_per_group`); the SDPA mapper (``enable_gqa``) and the
@@ -45,7 +48,7 @@ def couple_groups(ctx, query: torch.Tensor, kv: torch.Tensor) -> None:
     module's mode says."""
     n, m = kv.numel(), query.numel()
     grid = query.reshape(n, m // n)
-    if per_group(ctx):
+    if per_group(ctx) or n == 1:  # multi-query: one KV group; losing it would empty the attention
         ctx.freeze(kv, f"{ctx.where()}: grouped-query attention keeps its key/value heads (query heads per group)")
         ctx.union(grid[:1].expand_as(grid), grid)
     else:
@@ -59,7 +62,12 @@ def expand_group_dim(ctx, src, out, lab) -> bool:
     reshape to ``(b, n * g, s, d)``. Returns whether it labelled ``out``."""
     shift = out.ndim - src.ndim
     d = lab.dim + shift
-    if not per_group(ctx) or d + 1 >= out.ndim or src.shape[lab.dim + 1] != 1 or out.shape[d + 1] <= 1:
+    if (
+        not (per_group(ctx) or lab.atoms.numel() == 1)
+        or d + 1 >= out.ndim
+        or src.shape[lab.dim + 1] != 1
+        or out.shape[d + 1] <= 1
+    ):
         return False
     ctx.freeze(lab.atoms, f"{ctx.where()}: grouped-query attention keeps its key/value heads (query heads per group)")
     ctx.set_label(out, d + 1, ctx.new_atoms(out.shape[d + 1]))

@@ -90,12 +90,34 @@ def mm(call, ctx):
     _product(ctx, call.args[0], call.args[1], call.outputs[0])
 
 
+#: model findings key (``cleanai_prepare_model``): attention modules whose fix-up slices an
+#: additive per-head input they are handed (Bloom's ALiBi, built once for every layer) to
+#: the heads they kept, at every call
+HEAD_INPUTS = "head_inputs"
+
+
+def slices_head_inputs(*modules) -> dict[str, set]:
+    """The findings that let the per-head additive input of each of ``modules`` (an
+    unlabelled ``baddbmm`` bias, one row per head) shrink with the heads: return it from
+    ``cleanai_prepare_model``; the caller's fix-up must slice that input at run time."""
+    return {HEAD_INPUTS: set(modules)}
+
+
 @table.register("addmm", "baddbmm", "addbmm")
 def addmm(call, ctx):
     out = call.outputs[0]
     _product(ctx, call.args[1], call.args[2], out)
     bias = call.args[0]
-    if ctx.label_of(bias) is not None or ctx.label_of(out) is not None:
+    lab = ctx.label_of(out)
+    if (
+        lab is not None
+        and ctx.label_of(bias) is None
+        and ctx.scope_module() in ctx.findings.get(HEAD_INPUTS, ())
+        and getattr(bias, "ndim", 0) == out.ndim
+        and bias.shape[lab.dim] == out.shape[lab.dim]
+    ):
+        return  # a per-head input the module slices to its kept heads (Bloom's ALiBi)
+    if ctx.label_of(bias) is not None or lab is not None:
         broadcast(ctx, [bias, out], out)
 
 

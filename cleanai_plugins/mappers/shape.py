@@ -249,6 +249,10 @@ def expand(call, ctx):
     shift = out.ndim - src.ndim
     if src.shape[lab.dim] != out.shape[lab.dim + shift]:
         ctx.freeze(lab.atoms, f"{ctx.where()} broadcasts a single channel")
+        if src.shape[lab.dim] == 1 and ctx.keeps_whole_heads():
+            # multi-query attention: the one key/value head is broadcast to the query heads
+            # (eager ``q @ k^T``); it stays, and its copies shrink with the query heads
+            ctx.set_label(out, lab.dim + shift, ctx.new_atoms(out.shape[lab.dim + shift]))
         return
     if expand_group_dim(ctx, src, out, lab):  # repeat_kv, query heads per group
         return
@@ -275,6 +279,12 @@ def select(call, ctx):
         return
     dim = arg(call, 1, "dim") % src.ndim
     if dim == lab.dim:
+        index = arg(call, 2, "index")
+        if isinstance(index, int) and -src.shape[dim] <= index < 0:
+            # a constant counted from the end (BART's ``inputs_embeds[:, :, -1]``, read for its
+            # shape): the picked channel and those after it stay, so it picks the same one
+            ctx.freeze(lab.atoms[src.shape[dim] + index :], f"{ctx.where()} picks a channel counted from the end")
+            return
         ctx.freeze(lab.atoms, f"{ctx.where()} picks one channel by index")
         return
     ctx.set_label(out, lab.dim - (dim < lab.dim), lab.atoms, lab.origin)

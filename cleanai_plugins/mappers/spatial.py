@@ -130,11 +130,37 @@ def index(call, ctx):
         return
     idx = list(arg(call, 1, "indices"))
     used = [i for i, t in enumerate(idx) if t is not None]
+    if used == [lab.dim] and _fixed_positions(call, ctx, src, lab, idx[lab.dim]):
+        return
+    if len(used) == 1 and used[0] > lab.dim:  # one index tensor after the channels: they stay in place
+        ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+        return
     if not used or lab.dim <= max(used) or used != list(range(len(used))):
         ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
         return
     shift = out.ndim - src.ndim
     ctx.set_label(out, lab.dim + shift, lab.atoms, lab.origin)
+
+
+def _fixed_positions(call, ctx, src, lab, positions) -> bool:
+    """``x[..., [-2], :]`` in an attention module that keeps whole heads (Falcon's
+    multi-query ``qkv[..., [-2], :]``, the key head after the query heads): the picked
+    positions are constants, so they must not move when other positions go. Everything
+    from the picked positions to the nearer end (the end for negative positions, the
+    start otherwise) is frozen; the positions before them (the query heads) stay free.
+    Returns whether it labelled the output."""
+    value = getattr(positions, "value", None)
+    size = src.shape[lab.dim]
+    if value is None or not value or not ctx.keeps_whole_heads() or positions.ndim != 1:
+        return False
+    if not all(-size <= v < size for v in value) or (min(value) < 0) != (max(value) < 0):
+        return False
+    if min(value) < 0:
+        ctx.freeze(lab.atoms[size + min(value) :], f"{ctx.where()} picks heads counted from the end")
+    else:
+        ctx.freeze(lab.atoms[: max(value) + 1], f"{ctx.where()} picks heads counted from the start")
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms[list(value)], lab.origin)
+    return True
 
 
 @table.register("index_select", "gather", "embedding")

@@ -11,9 +11,14 @@
 - layers whose config cannot declare a bias (Qwen2's ``o_proj``, Mistral's ``down_proj``)
   are filed under ``no_new_bias`` (:mod:`.bias`): compensation folds into their kept
   columns and creates no bias, so the default options still reload;
+- multi-query attention (Falcon's fused ``query_key_value``, one KV head) prunes its
+  query heads and keeps the KV head; Bloom's pruned attention takes its kept heads' rows
+  of the model-wide ALiBi tensor (:mod:`.alibi`);
 - after slicing, attention attributes (:mod:`.attention`) and ``config``
-  (:mod:`.config`) are rewritten from the modules, so ``save_pretrained`` ->
-  ``from_pretrained`` rebuilds the pruned model when every layer kept the same widths.
+  (:mod:`.config`, per-stage lists: :mod:`.staged`) are rewritten from the modules, so
+  ``save_pretrained`` -> ``from_pretrained`` rebuilds the pruned model when every layer
+  kept the same widths and the config can say them; otherwise ``config.cleanai_pruning``
+  says ``"reload": "load_pruned"`` and why (:mod:`.reload_path`).
 
 transformers is optional: without it this plugin claims nothing.
 """
@@ -31,8 +36,10 @@ except ImportError:  # pragma: no cover - exercised only without transformers
 from cleanai_plugins.layers.linear import no_new_bias
 from cleanai_plugins.layers.norm import RMSNormPruner
 from cleanai_plugins.mappers.gqa import GQA_QUERY_HEADS
+from cleanai_plugins.mappers.matmul import slices_head_inputs
 from cleanai_plugins.mappers.shape import allow_channel_ranges
-from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_qkv, is_attention
+from cleanai_plugins.zoo.transformers.alibi import fix_alibi_heads, is_alibi_attention
+from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_mqa, has_fused_qkv, is_attention
 from cleanai_plugins.zoo.transformers.bias import undeclarable
 from cleanai_plugins.zoo.transformers.config import fix_config
 from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
@@ -78,9 +85,14 @@ def cleanai_prepare_model(model):
     can declare get none from compensation."""
     if PreTrainedModel is None:
         return None
-    fused = [m for m in model.modules() if is_attention(m) and has_fused_qkv(m)]
+    fused = [m for m in model.modules() if is_attention(m) and (has_fused_qkv(m) or has_fused_mqa(m))]
     bare = [m for _, hf in outermost(model, PreTrainedModel) for m in undeclarable(hf)]
-    found = {**(allow_channel_ranges(*fused) if fused else {}), **(no_new_bias(*bare) if bare else {})}
+    alibi = [m for m in model.modules() if is_alibi_attention(m)]
+    found = {
+        **(allow_channel_ranges(*fused) if fused else {}),
+        **(no_new_bias(*bare) if bare else {}),
+        **(slices_head_inputs(*alibi) if alibi else {}),
+    }
     return found or None
 
 
@@ -92,6 +104,9 @@ def cleanai_after_prune(module, name, edits, findings=None):
     if is_attention(module):
         fix_attention(module, module in kept)
     if name == "":  # once, at the root (before its children): every outermost transformers model in it
+        for sub, attn in module.named_modules():  # Bloom: the kept heads' ALiBi rows (once per slicing)
+            if is_alibi_attention(attn):
+                fix_alibi_heads(attn, sub, edits)
         for _, model in outermost(module, PreTrainedModel):
             for attn in model.modules():
                 if is_attention(attn):

@@ -16,6 +16,7 @@ from torch import nn
 __all__ = [
     "INPUT_PROJS",
     "fix_attention",
+    "has_fused_mqa",
     "has_fused_qkv",
     "head_counts",
     "is_attention",
@@ -38,6 +39,26 @@ def has_fused_qkv(module: nn.Module) -> bool:
     rewrite after slicing."""
     return proj_width(getattr(module, "qkv_proj", None)) is not None and isinstance(
         getattr(module, "num_key_value_groups", None), int
+    )
+
+
+def has_fused_mqa(module: nn.Module) -> bool:
+    """Falcon's multi-query attention: one ``query_key_value`` of ``heads + 2`` heads, the
+    query heads first, then the one key and value head (picked with ``[-2]``, ``[-1]``)."""
+    return (
+        proj_width(getattr(module, "query_key_value", None)) is not None
+        and getattr(module, "multi_query", False) is True
+        and not getattr(module, "new_decoder_architecture", False)
+    )
+
+
+def _per_head_fused(module: nn.Module) -> bool:
+    """``query_key_value`` holding q, k, v per head, viewed as ``(num_heads, 3, head_dim)``
+    (Falcon without multi-query, Bloom, GPT-NeoX)."""
+    return (
+        proj_width(getattr(module, "query_key_value", None)) is not None
+        and getattr(module, "multi_query", False) is not True
+        and getattr(module, "new_decoder_architecture", False) is not True
     )
 
 
@@ -91,6 +112,16 @@ def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | No
     kv_heads = getattr(module, "num_key_value_heads", None)
     if fused is not None and kv_kept and isinstance(kv_heads, int) and fused // hd > 2 * kv_heads:
         return fused // hd - 2 * kv_heads, kv_heads, hd
+    if has_fused_mqa(module):
+        return proj_width(module.query_key_value) // hd - 2, 1, hd
+    if getattr(module, "new_decoder_architecture", None) is True and isinstance(module.num_kv_heads, int):
+        # Falcon-40B: rows (kv groups, group + 2, head_dim); whole KV groups go, the group size stays
+        group = module.num_heads // module.num_kv_heads
+        kv = proj_width(module.query_key_value) // ((group + 2) * hd)
+        return kv * group, kv, hd
+    if _per_head_fused(module) and proj_width(module.query_key_value) % (3 * hd) == 0:
+        heads = proj_width(module.query_key_value) // (3 * hd)
+        return heads, heads, hd
     if fused is not None and isinstance(groups, int) and fused % (hd * (groups + 2)) == 0:
         # Phi-3: rows [q (kv * groups heads), k (kv heads), v (kv heads)]; whole KV groups go
         kv = fused // (hd * (groups + 2))

@@ -20,9 +20,11 @@ fewer heads cannot be written). The model is rebuilt from the rewritten config o
 meta device and compared tensor by tensor; ``config.cleanai_pruning`` records what the
 user got: ``{"uniform": true, "from_pretrained": true}``; or ``"uniform": false`` with
 ``"per_layer": {key: [widths]}``; or ``"from_pretrained": false`` with the first
-``"mismatched"`` tensors; ``"biases_declared"`` names the config switches set for the
-biases bias compensation created (:mod:`.bias`). Without ``from_pretrained``, reload through
-``cleanai_core.load_pruned`` (which replays the history on the original architecture).
+``"mismatched"`` tensors, ``"reload": "load_pruned"`` and ``"why"`` (:mod:`.reload_path`:
+heads, an MLP width tied to the hidden width, a width with no key); ``"biases_declared"``
+names the config switches set for the biases bias compensation created (:mod:`.bias`).
+Without ``from_pretrained``, reload through ``cleanai_core.load_pruned`` (which replays the
+history on the original architecture). Per-stage configs (Swin, ConvNeXt): :mod:`.staged`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from torch import nn
 
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 from cleanai_plugins.zoo.transformers.bias import declare_biases
+from cleanai_plugins.zoo.transformers.reload_path import reasons
+from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
 __all__ = ["fix_config"]
 
@@ -65,8 +69,8 @@ def _side(name: str) -> str:
 
 
 def _set(config, key: str, values: list[int], record: dict) -> None:
-    if not values or not hasattr(config, key):
-        return
+    if not values or not hasattr(config, key) or isinstance(getattr(config, key), (list, tuple)):
+        return  # a per-stage list (Swin's ``num_heads``) is written by :mod:`.staged`
     if len(set(values)) > 1:
         record[key] = values
     setattr(config, key, values[0])
@@ -124,8 +128,8 @@ def _write(entry: dict) -> dict:
     for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
         _set(config, key, values.get(key, []), record)
     for key in ("head_dim", "attention_head_size"):  # explicit: no hidden_size / heads division
-        if values.get(key):
-            setattr(config, key, values[key][0])
+        if values.get(key) and not is_staged(config) and not isinstance(getattr(type(config), key, None), property):
+            setattr(config, key, values[key][0])  # (Swin derives it per stage; Falcon's is a read-only property)
     for key in ("num_key_value_heads", "num_kv_heads"):
         if values.get("num_key_value_heads") and getattr(config, key, None) is not None:
             _set(config, key, values["num_key_value_heads"], record)
@@ -157,6 +161,8 @@ def fix_config(model: nn.Module) -> None:
     for entry in found.values():
         old = getattr(entry["config"], "hidden_size", None)
         record.update(_write(entry))
+        if is_staged(entry["config"]):
+            record.update(write_stages(model, entry["config"]))
         _fix_hidden_attrs(model, entry["config"], old)
     declared = declare_biases(model)  # compensation's biases, where a config switch allows them
     mismatched = rebuild_mismatches(model)
@@ -167,6 +173,7 @@ def fix_config(model: nn.Module) -> None:
         **({"per_layer": record} if record else {}),
         **({"biases_declared": declared} if declared else {}),
         **({"mismatched": mismatched[:5]} if mismatched else {}),
+        **({"reload": "load_pruned", "why": reasons(model, mismatched)} if mismatched else {}),
     }
 
 
