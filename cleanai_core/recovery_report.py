@@ -37,6 +37,10 @@ def recovery_summary(rec: dict[str, Any]) -> str:
     )
 
 
+def _num(value: float | None) -> str:
+    return f"{value:.4f}" if isinstance(value, float) and value == value else ""
+
+
 def recovery_markdown(rec: dict[str, Any], plot: str | None) -> str:
     metric = rec["metric"]
     lines = [
@@ -57,13 +61,14 @@ def recovery_markdown(rec: dict[str, Any], plot: str | None) -> str:
         + (" (stopped early: no better held-out result for the patience window)" if rec.get("stopped_early") else "")
         + f"; best epoch {rec['best_epoch']} (0 = the pruned model itself). Training data: {rec['training_data']}.",
         "",
-        f"| epoch | training loss | {metric} on the training data's held-out part |",
-        "|---:|---:|---:|",
-        f"| 0 | | {rec['initial']:.4f} |",
+        f"| epoch | training loss | {metric} on the training data's held-out part | held-out loss (breaks ties) |",
+        "|---:|---:|---:|---:|",
+        f"| 0 | | {rec['initial']:.4f} | {_num(rec.get('initial_loss'))} |",
     ]
+    held_losses = list(rec.get("held_out_loss") or []) + [None] * len(rec["history"])
     lines += [
-        f"| {k} | {loss:.4f} | {v:.4f} |"
-        for k, (loss, v) in enumerate(zip(rec["train_loss"], rec["history"], strict=True), start=1)
+        f"| {k} | {loss:.4f} | {v:.4f} | {_num(held)} |"
+        for k, (loss, v, held) in enumerate(zip(rec["train_loss"], rec["history"], held_losses, strict=False), start=1)
     ]
     if plot:
         lines += ["", f"![held-out {metric} per epoch]({plot})"]

@@ -55,6 +55,11 @@ def test_recovery_with_train_data_reports_original_pruned_and_recovered_accuracy
     assert rec["train_samples"] == 900 and rec["held_out_samples"] == 100 and "train.npz" in rec["training_data"]
     md = (inputs / "o" / "report.md").read_text()
     assert "## Recovery" in md and "right after pruning" in md and "gap recovered" in md
+    assert len(rec["held_out_loss"]) == rec["epochs"] and rec["initial_loss"] > 0
+    assert (
+        f"| {rec['epochs']} | {rec['train_loss'][-1]:.4f} | {rec['history'][-1]:.4f} | {rec['held_out_loss'][-1]:.4f} |"
+        in md
+    )
     assert (inputs / "o" / report["recovery_plot"]).stat().st_size > 500
     assert "Recovery: accuracy" in capsys.readouterr().out
     # the saved model is the recovered one: its accuracy on the CLI's evaluation split is the report's
