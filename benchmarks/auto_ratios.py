@@ -1,7 +1,8 @@
 """Automatic per-layer ratios against uniform and global ranking at the same FLOPs (issue #18).
 
-Uses the models, data and splits of ``benchmarks/accuracy.py`` (digits; calibration half
-for statistics *and* sensitivity, the other half for accuracy), the default criterion and
+Uses the models, data and splits of ``benchmarks/accuracy.py`` (digits; the calibration
+half split again: 200 images for the statistics of every method, the other 98 for the
+sensitivity trials; the evaluation half for accuracy), the default criterion and
 compensation, no retraining. For each FLOPs target, three allocations:
 
 - ``uniform``: one ratio for every group, searched to the target (``target_flops``);
@@ -49,10 +50,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)))
+    ap.add_argument("--stats", type=int, default=200, help="calibration images for the statistics; the rest: trials")
     args = ap.parse_args()
     torch.set_num_threads(2)
     train_d, cal_d, ev_d = load_data()
-    cal_loader = DataLoader(TensorDataset(*cal_d), batch_size=64)
+    # the statistics' batches for every method; the trials' batches, disjoint, for auto's
+    # sensitivity trials and choice of candidate (as ``cleanai prune --auto`` sets them aside)
+    cal_loader = DataLoader(TensorDataset(*(t[: args.stats] for t in cal_d)), batch_size=64)
+    trial_loader = DataLoader(TensorDataset(*(t[args.stats :] for t in cal_d)), batch_size=64)
     print("| model | FLOPs target | uniform | global | auto | auto chose | auto FLOPs kept | sensitivity (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
@@ -62,7 +67,7 @@ def main() -> None:
         base = count_flops(model, example)
         t0 = time.perf_counter()
         sens_pruner = make(model, example, cal_loader)
-        result = analyse_sensitivity(sens_pruner, cal_loader, progress=False)
+        result = analyse_sensitivity(sens_pruner, trial_loader, progress=False)
         t_sens = time.perf_counter() - t0
         for target in map(float, args.targets.split(",")):
             with warnings.catch_warnings():

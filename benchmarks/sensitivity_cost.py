@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--target-flops", type=float, default=0.5)
     ap.add_argument("--slow", action="store_true", help="every trial runs the whole model (fast=False)")
+    ap.add_argument("--bn-passes", type=int, default=1, help="BatchNorm correction passes per trial (0: none)")
     ap.add_argument("--profile", action="store_true", help="cProfile the sensitivity trials")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,7 +60,7 @@ def main() -> None:
     data = batches(args.images, args.size, 2)
 
     def sensitivity():
-        return analyse_sensitivity(pruner, data, progress=False, fast=not args.slow)
+        return analyse_sensitivity(pruner, data, progress=False, fast=not args.slow, bn_passes=args.bn_passes)
 
     if args.profile:
         import cProfile

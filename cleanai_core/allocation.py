@@ -88,6 +88,10 @@ def allocate_ratios(
     graph, model = pruner.graph, pruner.model
     live = {g.id for g in graph.groups(prunable_only=True)}
     curves = [c for c in result.curves if c.layer is not None and c.group in live]
+    # what the prune with ``layer_ratios`` does to the groups the allocation cannot name:
+    # they keep the pruner's ratio (``others``); the named groups without a curve stay whole
+    others = pruner.pruning_ratio
+    fixed = {g: (0.0 if g in {c.group for c in curves} else others) for g in live}
     stuck = {c.layer: 0.0 for c in curves if len(c.ratios) == 1}
     curves = [c for c in curves if len(c.ratios) > 1]
     if not curves:
@@ -112,13 +116,12 @@ def allocate_ratios(
         "latency": (latency_measure or (lambda m: measure_latency(m, ex, forward_fn=fwd)), None),
     }[kind]
     base_size = measure(model) if base_size is None else base_size
-    others = pruner.pruning_ratio
     measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
 
     def cost(ratios: dict[int, float]) -> float:
         key = tuple(sorted(ratios.items()))
         if key not in measured:
-            plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
+            plan = _plan(pruner, scores, {**fixed, **ratios}, others)
             measured[key] = pruned_size(model, graph, plan, measure) / base_size
         return measured[key]
 
@@ -134,11 +137,13 @@ def allocate_ratios(
     kl: dict[str, float] = {}
     if result.evaluator is not None:
         for name, ratios in candidates.items():
-            plan = _plan(pruner, scores, {**{g: 0.0 for g in live}, **ratios}, others)
+            plan = _plan(pruner, scores, {**fixed, **ratios}, others)
             try:
-                trial, _ = pruner.build(plan.pruned_units())
+                trial, edits = pruner.build(plan.pruned_units())
             except PruningError:
                 continue  # this candidate does not build: another one wins
+            if result.norms is not None:  # as the prune will, on the trials' few correction batches
+                result.norms(trial, edits)
             kl[name] = result.evaluator.fidelity(trial)[0]
     method = min(kl, key=kl.get) if kl else "sensitivity"
     best = candidates[method]

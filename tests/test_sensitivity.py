@@ -3,6 +3,7 @@ automatic per-layer ratios allocated from its curves to meet a FLOPs/params targ
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 import torch.nn.functional as F
@@ -218,3 +219,18 @@ def test_allocation_meets_a_latency_target_as_the_given_measure_sees_it(analysed
     assert kept == pytest.approx(alloc.cost, rel=1e-9) and 0.6 < kept <= 0.7
     flops_kept = count_flops(auto, X[:1]) / count_flops(net, X[:1])
     assert flops_kept < 0.7 - 0.05  # the fixed overhead makes the latency share the harder one to cut
+
+
+def test_a_group_the_allocation_cannot_name_is_costed_as_the_prune_treats_it(analysed):
+    """``layer_ratios`` cannot reach a group without a layer of its own: the prune gives it
+    ``pruning_ratio``, and so must the allocation's cost, or the target is missed."""
+    net, p, result = analysed
+    unnamed = attrs.evolve(
+        result, curves=[attrs.evolve(c, layer=None) if c.layer == "fc3" else c for c in result.curves]
+    )
+    alloc = allocate_ratios(p, unnamed, target_flops=0.6)
+    assert "fc3" not in alloc.layer_ratios
+    auto = pruner_for(net, layer_pruning_ratios=alloc.layer_ratios).prune()  # fc3's group at pruning_ratio 0.3
+    assert auto.fc3.out_features == 32 - int(0.3 * 32)
+    kept = count_flops(auto, X[:1]) / count_flops(net, X[:1])
+    assert kept == pytest.approx(alloc.cost) and kept <= 0.6
