@@ -207,7 +207,7 @@ def correct_batchnorm_after(
         run_batch(model, split_batch(batch)[0], forward_fn)
 
     if data.cached:
-        correct_batchnorm(pruned, {k: list(v) for k, v in moments.items()}, keep, data.replay, run)
+        correct_batchnorm(pruned, {k: list(v) for k, v in moments.items()}, keep, data.replay, run, original=source)
         return
     if data.one_shot:
         warnings.warn(
@@ -223,4 +223,4 @@ def correct_batchnorm_after(
         with preserved(source), recording(source, fresh), torch.no_grad():
             run(source, batch)
 
-    correct_batchnorm(pruned, fresh, keep, data.replay, run, run_original)
+    correct_batchnorm(pruned, fresh, keep, data.replay, run, run_original, original=source)
