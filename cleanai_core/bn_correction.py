@@ -54,7 +54,20 @@ from cleanai_core.bn_estimate import Estimate, Pair, estimate, merge_pair, pair_
 from cleanai_core.calibration import _chan_merge, finite_moments
 from cleanai_core.model_state import preserved
 
-__all__ = ["Moments", "correct_batchnorm", "norms_with_running_stats", "recording", "set_running_stats"]
+__all__ = [
+    "SAMPLE_BYTES",
+    "Moments",
+    "Samples",
+    "correct_batchnorm",
+    "norms_with_running_stats",
+    "recording",
+    "sampling",
+    "set_running_stats",
+]
+
+#: the most bytes of the original's paired samples kept from calibration; beyond it the
+#: original runs again beside the pruned model in the correction's first pass
+SAMPLE_BYTES = 64 << 20
 
 #: per norm name: the moments ``(count, mean, M2)`` of its input, one entry per call
 Moments = dict[str, list[tuple[float, torch.Tensor, torch.Tensor] | None]]
@@ -101,16 +114,36 @@ def recording(model: nn.Module, moments: Moments) -> Iterator[Moments]:
             h.remove()
 
 
+class Samples:
+    """The original's norm inputs at the paired positions, per norm one entry per call
+    (:func:`~cleanai_core.bn_estimate.sample_rows`), kept while they fit in ``budget``
+    bytes; beyond it :attr:`complete` is False and none are kept."""
+
+    def __init__(self, budget: int = SAMPLE_BYTES) -> None:
+        self.calls: dict[str, list] = {}
+        self.budget = budget
+        self.bytes = 0
+        self.complete = True
+
+    def add(self, name: str, x: Any) -> None:
+        if not self.complete:
+            return
+        rows = sample_rows(x)
+        self.bytes += rows.numel() * rows.element_size() if rows is not None else 0
+        if self.bytes > self.budget:
+            self.complete, self.calls = False, {}
+        else:
+            self.calls.setdefault(name, []).append(rows)
+
+
 @contextmanager
-def sampling(model: nn.Module, samples: dict[str, list]) -> Iterator[dict[str, list]]:
-    """Append the input of every call of every norm of ``model``, at the paired positions
-    (:func:`~cleanai_core.bn_estimate.sample_rows`), to ``samples`` while the block runs."""
+def sampling(model: nn.Module, samples: Samples) -> Iterator[Samples]:
+    """Add the input of every call of every norm of ``model`` to ``samples`` while the block runs."""
     handles = []
     for name, m in norms_with_running_stats(model).items():
-        calls = samples.setdefault(name, [])
 
-        def pre(module, args, calls=calls):
-            calls.append(sample_rows(args[0]) if args else None)
+        def pre(module, args, name=name):
+            samples.add(name, args[0] if args else None)
 
         handles.append(m.register_forward_pre_hook(pre))
     try:
@@ -139,7 +172,8 @@ class _Correction:
         self.eps = float(getattr(module, "eps", 1e-5))
         self.broken = False
         self.uncertain = False
-        self.samples: list | None = None  # the original's paired samples of this batch, while pairing
+        self.samples: list | None = None  # the original's paired samples, while pairing
+        self.sample_offset = 0  # the pass's calls before the first entry of :attr:`samples`
         self.pair: Pair | None = None  # the pair's totals (pairing pass), kept for the later passes
         self.restart(batchwise=False)
 
@@ -149,7 +183,7 @@ class _Correction:
         statistics), so the norms below see a corrected input within the same pass; else
         the statistics stay fixed while the pass runs. ``pairing``: the original runs
         beside on each batch (its samples in :attr:`samples`) and the pair is measured."""
-        self.i = self.batch_call = 0
+        self.i = 0
         self.batchwise = batchwise
         self.held = (self.module.running_mean.detach().clone(), self.module.running_var.detach().clone())
         self.pruned: list = [0.0, None, None]
@@ -163,11 +197,12 @@ class _Correction:
     def _estimate(self, pruned: tuple, orig: tuple, pair: Pair | None) -> Estimate:
         return estimate(self.base_mean, self.base_var, self.eps, pruned, orig, pair)
 
-    def _paired(self, x: Any, n_calls: int) -> Pair | None:
+    def _paired(self, x: Any) -> Pair | None:
         """The pair of this call (the original's sample beside ``x``'s), merged into the totals."""
         if self.samples is None:
             return None
-        sample = self.samples[n_calls] if n_calls < len(self.samples) else None
+        k = self.i - 1 - self.sample_offset
+        sample = self.samples[k] if 0 <= k < len(self.samples) else None
         mine = sample_rows(x)
         if sample is None or mine is None:
             return None
@@ -196,8 +231,7 @@ class _Correction:
         if mean.shape != got[1].shape:
             self.broken = True
             return
-        pair = self._paired(args[0], self.batch_call)
-        self.batch_call += 1
+        pair = self._paired(args[0])
         self.pruned[:] = _chan_merge(*self.pruned, *got)
         self.orig[:] = _chan_merge(*self.orig, n, mean, m2)
         if self.batchwise:
@@ -233,6 +267,7 @@ def correct_batchnorm(
     passes: int = 3,
     tol: float = 1e-3,
     original: nn.Module | None = None,
+    original_samples: Samples | None = None,
 ) -> int:
     """Correct the running statistics of ``pruned``'s norms (see the module doc) with up to
     ``passes`` eval-mode passes over ``batches``; returns how many norms were corrected.
@@ -258,6 +293,8 @@ def correct_batchnorm(
         on each batch (in eval mode, left as it was), and the two models' norm inputs are
         paired (:mod:`cleanai_core.bn_estimate`). Without it the statistics are moved by
         the difference and the ratio of the moments alone.
+    :param original_samples: the original's samples on the same batches in the same order
+        (:func:`sampling`, while calibrating): paired with them instead of running it again.
     """
     from cleanai_core.distributed import combine_moments
 
@@ -268,18 +305,20 @@ def correct_batchnorm(
     handles = [m.register_forward_pre_hook(fixes[name]) for name, m in norms.items() if name in fixes]
     modes = [(m, m.training) for m in pruned.modules()]
     pruned.eval()
-    samples: dict[str, list] = {}
+    stored = original_samples is not None and original_samples.complete and run_original is None
     try:
         with torch.no_grad():
             for i in range(passes):
                 pairing = i == 0 and original is not None
-                for f in fixes.values():  # the first pass batch by batch; then held at the last pass's estimate
+                for name, f in fixes.items():  # the first pass batch by batch; then held at the last pass's estimate
                     f.restart(batchwise=i == 0, pairing=pairing)
+                    if pairing and stored:
+                        f.samples = original_samples.calls.get(name, [])
                 if i > 0 and run_original is not None:  # measured afresh beside the pruned model
                     for calls in original_moments.values():
                         calls.clear()
                 for batch in batches():
-                    _run_beside(batch, original if pairing else None, run_original, run, samples, fixes)
+                    _run_beside(batch, original if pairing and not stored else None, run_original, run, fixes)
                     run(pruned, batch)
                 ordered = [fixes[name] for name in sorted(fixes)]
                 sizes = [f.module.running_mean.numel() for f in ordered]
@@ -306,25 +345,22 @@ def _run_beside(
     original: nn.Module | None,
     run_original: Callable[[Any], None] | None,
     run: Callable[[nn.Module, Any], Any],
-    samples: dict[str, list],
     fixes: dict[str, _Correction],
 ) -> None:
     """Before the pruned model runs on ``batch``: the original, where its moments are
     measured afresh (``run_original``) or its inputs paired (``original``)."""
-    for f in fixes.values():
-        f.batch_call = 0
     if original is None:
         if run_original is not None:
             run_original(batch)
         return
-    samples.clear()
+    samples = Samples(budget=1 << 62)  # one batch's
     with preserved(original), sampling(original, samples):
         if run_original is not None:
             run_original(batch)
         else:
             run(original, batch)
     for name, f in fixes.items():
-        f.samples = samples.get(name, [])
+        f.samples, f.sample_offset = samples.calls.get(name, []), f.i
 
 
 def _finish(fixes: dict[str, _Correction]) -> int:

@@ -56,7 +56,7 @@ from cleanai_core.calibration import _chan_merge
 __all__ = ["SAMPLE_ROWS", "Estimate", "correlation", "estimate", "merge_pair", "pair_moments", "sample_rows"]
 
 #: positions per call at which the original's and the pruned model's norm inputs are paired
-SAMPLE_ROWS = 1024
+SAMPLE_ROWS = 256
 
 #: a norm is reported uncertain where most of its change is noise and that noise is at
 #: least this (the variance of a change of the mean in trained standard deviations, or of

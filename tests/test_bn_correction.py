@@ -117,19 +117,28 @@ def _channels(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(x.shape[1], -1).double()
 
 
-def _by_hand(base_mean, base_var, eps, a: torch.Tensor, b: torch.Tensor):
+def _by_hand(base_mean, base_var, eps, a: torch.Tensor, b: torch.Tensor, paired: tuple | None = None):
     """The estimate (:func:`cleanai_core.bn_estimate.estimate`) from the original's (``a``)
     and the pruned model's (``b``) input values at a norm, (channels, values), measured
-    here rather than by the correction's hooks."""
+    here rather than by the correction's hooks; ``paired``: the two at the paired
+    positions, (channels, rows) each (default: all values)."""
     from cleanai_core.bn_estimate import estimate
 
     def triple(x):
         return float(x.shape[1]), x.mean(1), x.var(1, correction=0) * x.shape[1]
 
+    pa, pb = paired if paired is not None else (a, b)
     e = estimate(
-        base_mean, base_var, eps, triple(b), triple(a), [list(triple(a)), list(triple(b)), list(triple(b - a))]
+        base_mean, base_var, eps, triple(b), triple(a), [list(triple(pa)), list(triple(pb)), list(triple(pb - pa))]
     )
     return e.mean, e.var
+
+
+def _paired(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The paired positions of each call's input (:func:`~cleanai_core.bn_estimate.sample_rows`), (channels, rows)."""
+    from cleanai_core.bn_estimate import sample_rows
+
+    return torch.cat([sample_rows(x) for x in inputs]).T.double()
 
 
 def test_statistics_follow_the_regression_on_the_original_input():
@@ -228,13 +237,15 @@ def test_every_norm_of_a_deep_chain_ends_at_its_measured_estimate():
             keep = next(e.keep for e in kept[i] if e.module == str(i))
             a = model[:i](x).transpose(0, 1).reshape(8, -1).double()[keep]
             b = pruned[:i](x).transpose(0, 1).reshape(4, -1).double()
-            want_mean, want_var = _by_hand(model[i].running_mean[keep], model[i].running_var[keep], 1e-5, a, b)
+            paired = _paired([model[:i](d) for d in data])[keep], _paired([pruned[:i](d) for d in data])
+            m_t, v_t = model[i].running_mean[keep], model[i].running_var[keep]
+            want_mean, want_var = _by_hand(m_t, v_t, 1e-5, a, b, paired)
             if i != norms[0]:  # the first norm's input is only selected, every later one moved
                 assert float((b.mean(1) - a.mean(1)).abs().max()) > 1e-2
-            # three passes leave the deepest norms within 0.012 of the fixed point (each further
+            # three passes leave the deepest norms within 0.017 of the fixed point (each further
             # pass about 4x closer); holding each pass's estimate alone left them 0.06 off
-            torch.testing.assert_close(pruned[i].running_mean.double(), want_mean, atol=1.5e-2, rtol=0)
-            torch.testing.assert_close(pruned[i].running_var.double(), want_var, atol=1.5e-2, rtol=1e-2)
+            torch.testing.assert_close(pruned[i].running_mean.double(), want_mean, atol=2e-2, rtol=0)
+            torch.testing.assert_close(pruned[i].running_var.double(), want_var, atol=2e-2, rtol=1e-2)
 
 
 class Chain(nn.Module):
@@ -278,6 +289,7 @@ def test_every_norm_of_a_deep_chain_holds_the_estimate_of_what_it_sees():
         a, b = norms[name], pruned_modules[name]
         assert b.num_features == 8
         x_o, x_p = _channels(inputs[(name, "o")])[k], _channels(inputs[(name, "p")])
-        want_mean, want_var = _by_hand(a.running_mean[k], a.running_var[k], a.eps, x_o, x_p)
+        paired = _paired([inputs[(name, "o")]])[k], _paired([inputs[(name, "p")]])
+        want_mean, want_var = _by_hand(a.running_mean[k], a.running_var[k], a.eps, x_o, x_p, paired)
         torch.testing.assert_close(b.running_mean.double(), want_mean, atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(b.running_var.double(), want_var, atol=2e-3, rtol=3e-3)
