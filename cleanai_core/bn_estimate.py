@@ -34,14 +34,19 @@ relates the two, and the statistics are moved by the difference: ``m_t + m_p - m
 ``v_t + v_p - v_o``.
 
 **Few values per channel** (a norm after global pooling at batch size 1 sees one value per
-channel per batch): the part of the estimate not predicted by the original has sampling
-noise, ``var(e) / n`` for the mean and about ``2 (var(e) / var)^2 / (n - 1)`` for the log
-variance, ``n`` values per channel. Each norm's changes from the trained statistics are
-shrunk toward 0 (empirical Bayes, as James-Stein): a channel's change ``d`` with noise
-``s^2`` becomes ``d t^2 / (t^2 + s^2)``, where ``t^2`` is the spread of the true changes
-over the norm's channels, estimated as the mean of ``d^2 - s^2`` (at least 0). A change
+channel per batch): the estimate has sampling noise ``s^2`` per channel. For the mean it is
+the regression's at the trained mean, ``var(e) / n (1 + (m_t - m_o)^2 / v_o)``; for the
+log variance, ``2 trigamma((n - 1) / 2)`` (the variance of the log of a sample variance
+from ``n`` values, twice for a ratio) times the share of ``v_p`` the original does not
+explain. ``r`` itself is taken one standard error (Fisher's z) toward 0, so that three
+points that happen to lie on a line are not believed. Each norm's changes from the trained
+statistics are shrunk toward 0 (empirical Bayes, as James-Stein): a channel's change ``d``
+becomes ``d t^2 / (t^2 + s^2)``, where ``t^2`` is the spread of the true changes over the
+norm's channels, estimated as the mean of ``d^2 - s^2`` over all channels but the one
+where it is largest (at least 0), so that one wild channel does not set it. A change
 measured without noise (``r = 1``) is kept whole; a norm whose changes are within their
-noise stays as trained. A norm whose mean noise exceeds ``t^2`` is reported *uncertain*.
+noise stays as trained. A norm where most of the change is noise of at least
+:data:`UNRESOLVED` is reported *uncertain*.
 """
 
 from __future__ import annotations
@@ -62,8 +67,6 @@ SAMPLE_ROWS = 256
 #: least this (the variance of a change of the mean in trained standard deviations, or of
 #: the log variance): changes of half a standard deviation or a factor 1.65 cannot be told
 UNRESOLVED = 0.25
-#: the median of a chi-square variable with one degree of freedom
-_CHI2_MEDIAN = 0.454936
 
 #: per channel: (count, mean, M2) of the original's sample, of the pruned's, of their difference
 Pair = list
@@ -131,8 +134,9 @@ def _shrinkage(change: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor,
         return torch.ones_like(change), False
     known = noisy & torch.isfinite(noise) & torch.isfinite(change)
     spread = 0.0
-    if bool(known.any()):  # robust: the median of change^2 (a chi-square of 1 has median 0.4549)
-        spread = float(change[known].square().median()) / _CHI2_MEDIAN - float(noise[known].median())
+    if bool(known.any()):  # the mean of change^2 - noise without the largest channel: one wild channel does not set it
+        excess = (change[known].square() - noise[known]).sort().values
+        spread = float(excess[:-1].mean()) if excess.numel() > 1 else float(excess[0])
     spread = spread if math.isfinite(spread) and spread > 0 else 0.0
     factor = torch.where(noisy, spread / (spread + noise), torch.ones_like(noise))
     factor = torch.where(torch.isfinite(factor), factor, torch.zeros_like(factor))  # inf noise: no trust
