@@ -50,9 +50,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from cleanai_core.bn_estimate import Estimate, Pair, estimate, merge_pair, pair_moments, sample_rows
 from cleanai_core.calibration import _chan_merge, finite_moments
+from cleanai_core.model_state import preserved
 
-__all__ = ["Moments", "correct_batchnorm", "norms_with_running_stats", "recording", "set_running_stats"]
+__all__ = [
+    "SAMPLE_BYTES",
+    "Moments",
+    "Samples",
+    "correct_batchnorm",
+    "norms_with_running_stats",
+    "recording",
+    "sampling",
+    "set_running_stats",
+]
+
+#: the most bytes of the original's paired samples kept from calibration; beyond it the
+#: original runs again beside the pruned model in the correction's first pass
+SAMPLE_BYTES = 64 << 20
 
 #: per norm name: the moments ``(count, mean, M2)`` of its input, one entry per call
 Moments = dict[str, list[tuple[float, torch.Tensor, torch.Tensor] | None]]
@@ -99,17 +114,43 @@ def recording(model: nn.Module, moments: Moments) -> Iterator[Moments]:
             h.remove()
 
 
-def _shifted(
-    base_mean: torch.Tensor, base_var: torch.Tensor, eps: float, pruned: tuple, orig: tuple
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trained statistics moved by the difference between the pruned and the original
-    moments ``(count, mean, M2)`` (see the module doc), in float64 on the CPU."""
-    (n_p, mean_p, m2_p), (n_o, mean_o, m2_o) = pruned, orig
-    var_p, var_o = m2_p / n_p, m2_o / n_o
-    ratio = torch.where(var_o > eps, var_p / var_o.clamp_min(eps), torch.ones_like(var_o))
-    base_var = base_var.to(torch.float64).cpu()
-    new_var = torch.where(var_o > eps, base_var * ratio, base_var + (var_p - var_o)).clamp_min(0.0)
-    return base_mean.to(torch.float64).cpu() + (mean_p - mean_o), new_var
+class Samples:
+    """The original's norm inputs at the paired positions, per norm one entry per call
+    (:func:`~cleanai_core.bn_estimate.sample_rows`), kept while they fit in ``budget``
+    bytes; beyond it :attr:`complete` is False and none are kept."""
+
+    def __init__(self, budget: int = SAMPLE_BYTES) -> None:
+        self.calls: dict[str, list] = {}
+        self.budget = budget
+        self.bytes = 0
+        self.complete = True
+
+    def add(self, name: str, x: Any) -> None:
+        if not self.complete:
+            return
+        rows = sample_rows(x)
+        self.bytes += rows.numel() * rows.element_size() if rows is not None else 0
+        if self.bytes > self.budget:
+            self.complete, self.calls = False, {}
+        else:
+            self.calls.setdefault(name, []).append(rows)
+
+
+@contextmanager
+def sampling(model: nn.Module, samples: Samples) -> Iterator[Samples]:
+    """Add the input of every call of every norm of ``model`` to ``samples`` while the block runs."""
+    handles = []
+    for name, m in norms_with_running_stats(model).items():
+
+        def pre(module, args, name=name):
+            samples.add(name, args[0] if args else None)
+
+        handles.append(m.register_forward_pre_hook(pre))
+    try:
+        yield samples
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def set_running_stats(module: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
@@ -130,21 +171,47 @@ class _Correction:
         self.base_var = module.running_var.detach().clone()
         self.eps = float(getattr(module, "eps", 1e-5))
         self.broken = False
+        self.uncertain = False
+        self.samples: list | None = None  # the original's paired samples, while pairing
+        self.sample_offset = 0  # the pass's calls before the first entry of :attr:`samples`
+        self.pair: Pair | None = None  # the pair's totals (pairing pass), kept for the later passes
         self.restart(batchwise=False)
 
-    def restart(self, batchwise: bool) -> None:
+    def restart(self, batchwise: bool, pairing: bool = False) -> None:
         """Start the totals afresh for a pass. ``batchwise``: each call normalises with the
-        statistics shifted by that call's own difference (as train mode uses each batch's
+        statistics estimated from that call alone (as train mode uses each batch's
         statistics), so the norms below see a corrected input within the same pass; else
-        the statistics stay fixed while the pass runs."""
+        the statistics stay fixed while the pass runs. ``pairing``: the original runs
+        beside on each batch (its samples in :attr:`samples`) and the pair is measured."""
         self.i = 0
         self.batchwise = batchwise
         self.held = (self.module.running_mean.detach().clone(), self.module.running_var.detach().clone())
         self.pruned: list = [0.0, None, None]
         self.orig: list = [0.0, None, None]
+        if pairing:
+            self.pair = [[0.0, None, None] for _ in range(3)]
 
     def _hold(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         set_running_stats(self.module, mean, var)
+
+    def _estimate(self, pruned: tuple, orig: tuple, pair: Pair | None) -> Estimate:
+        return estimate(self.base_mean, self.base_var, self.eps, pruned, orig, pair)
+
+    def _paired(self, x: Any) -> Pair | None:
+        """The pair of this call (the original's sample beside ``x``'s), merged into the totals."""
+        if self.samples is None:
+            return None
+        k = self.i - 1 - self.sample_offset
+        sample = self.samples[k] if 0 <= k < len(self.samples) else None
+        mine = sample_rows(x)
+        if sample is None or mine is None:
+            return None
+        if self.keep is not None:
+            sample = sample[:, self.keep.to(sample.device)]
+        got = pair_moments(sample, mine)
+        if got is not None:
+            self.pair = merge_pair(self.pair, got)
+        return got
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if self.broken:
@@ -164,10 +231,12 @@ class _Correction:
         if mean.shape != got[1].shape:
             self.broken = True
             return
+        pair = self._paired(args[0])
         self.pruned[:] = _chan_merge(*self.pruned, *got)
         self.orig[:] = _chan_merge(*self.orig, n, mean, m2)
         if self.batchwise:
-            self._hold(*_shifted(self.base_mean, self.base_var, self.eps, got, (n, mean, m2)))
+            e = self._estimate(got, (n, mean, m2), pair)
+            self._hold(e.mean, e.var)
 
     def apply(self) -> float:
         """Set the statistics from the pass's totals; returns how far they moved from where
@@ -176,7 +245,9 @@ class _Correction:
         if self.pruned[1] is None:
             self._hold(*self.held)
             return 0.0
-        new_mean, new_var = _shifted(self.base_mean, self.base_var, self.eps, tuple(self.pruned), tuple(self.orig))
+        e = self._estimate(tuple(self.pruned), tuple(self.orig), self.pair)
+        new_mean, new_var = e.mean, e.var
+        self.uncertain = e.uncertain
         self._hold(new_mean, new_var)
         old_mean = self.held[0].to(torch.float64).cpu()
         old_var = self.held[1].to(torch.float64).cpu() + self.eps
@@ -195,9 +266,11 @@ def correct_batchnorm(
     run_original: Callable[[Any], None] | None = None,
     passes: int = 3,
     tol: float = 1e-3,
+    original: nn.Module | None = None,
+    original_samples: Samples | None = None,
 ) -> int:
-    """Correct the running statistics of ``pruned``'s norms (see the module doc) with one
-    eval-mode passes over ``batches``; returns how many norms were corrected.
+    """Correct the running statistics of ``pruned``'s norms (see the module doc) with up to
+    ``passes`` eval-mode passes over ``batches``; returns how many norms were corrected.
 
     :param original_moments: the original model's norm input moments on the same batches,
         in the same order (:func:`recording`); with ``run_original`` it is filled batch by
@@ -216,6 +289,12 @@ def correct_batchnorm(
         pass would measure the same inputs to within that. Where pruning changed no norm's
         input (dead units, pruning below the last norm) that is after the first pass; where
         no corrected norm feeds another, after the second. ``0`` runs every pass.
+    :param original: the original model: in the first pass it runs beside the pruned one
+        on each batch (in eval mode, left as it was), and the two models' norm inputs are
+        paired (:mod:`cleanai_core.bn_estimate`). Without it the statistics are moved by
+        the difference and the ratio of the moments alone.
+    :param original_samples: the original's samples on the same batches in the same order
+        (:func:`sampling`, while calibrating): paired with them instead of running it again.
     """
     from cleanai_core.distributed import combine_moments
 
@@ -226,22 +305,30 @@ def correct_batchnorm(
     handles = [m.register_forward_pre_hook(fixes[name]) for name, m in norms.items() if name in fixes]
     modes = [(m, m.training) for m in pruned.modules()]
     pruned.eval()
+    stored = original_samples is not None and original_samples.complete and run_original is None
     try:
         with torch.no_grad():
             for i in range(passes):
-                for f in fixes.values():  # the first pass batch by batch; then held at the last pass's estimate
-                    f.restart(batchwise=i == 0)
+                pairing = i == 0 and original is not None
+                for name, f in fixes.items():  # the first pass batch by batch; then held at the last pass's estimate
+                    f.restart(batchwise=i == 0, pairing=pairing)
+                    if pairing and stored:
+                        f.samples = original_samples.calls.get(name, [])
                 if i > 0 and run_original is not None:  # measured afresh beside the pruned model
                     for calls in original_moments.values():
                         calls.clear()
                 for batch in batches():
-                    if run_original is not None:
-                        run_original(batch)
+                    _run_beside(batch, original if pairing and not stored else None, run_original, run, fixes)
                     run(pruned, batch)
                 ordered = [fixes[name] for name in sorted(fixes)]
                 sizes = [f.module.running_mean.numel() for f in ordered]
                 combine_moments([f.pruned for f in ordered], sizes)
                 combine_moments([f.orig for f in ordered], sizes)
+                if pairing:
+                    for k in range(3):
+                        combine_moments([f.pair[k] for f in ordered], sizes)
+                    for f in ordered:
+                        f.samples = None
                 moved = max(f.apply() for f in ordered)
                 if moved <= tol:  # the same on every rank: the totals were summed over ranks
                     break
@@ -250,6 +337,35 @@ def correct_batchnorm(
             h.remove()
         for m, mode in modes:
             m.training = mode
+    return _finish(fixes)
+
+
+def _run_beside(
+    batch: Any,
+    original: nn.Module | None,
+    run_original: Callable[[Any], None] | None,
+    run: Callable[[nn.Module, Any], Any],
+    fixes: dict[str, _Correction],
+) -> None:
+    """Before the pruned model runs on ``batch``: the original, where its moments are
+    measured afresh (``run_original``) or its inputs paired (``original``)."""
+    if original is None:
+        if run_original is not None:
+            run_original(batch)
+        return
+    samples = Samples(budget=1 << 62)  # one batch's
+    with preserved(original), sampling(original, samples):
+        if run_original is not None:
+            run_original(batch)
+        else:
+            run(original, batch)
+    for name, f in fixes.items():
+        f.samples, f.sample_offset = samples.calls.get(name, []), f.i
+
+
+def _finish(fixes: dict[str, _Correction]) -> int:
+    """Put back the trained statistics of norms whose calls did not match, warn about them
+    and about uncertain estimates; the number of norms corrected."""
     broken = sorted(name for name, f in fixes.items() if f.broken)
     for name in broken:  # calls did not match: keep the statistics as trained
         f = fixes[name]
@@ -261,6 +377,16 @@ def correct_batchnorm(
             f"BatchNorm correction skipped for {', '.join(broken[:5])}: the pruned model calls them differently from "
             "the original on the calibration data; their statistics stay as trained",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
+        )
+    uncertain = sorted(name for name, f in fixes.items() if f.uncertain and not f.broken)
+    if uncertain:
+        more = f" and {len(uncertain) - 5} more" if len(uncertain) > 5 else ""
+        warnings.warn(
+            f"BatchNorm correction uncertain for {', '.join(uncertain[:5])}{more}: the calibration data gives them "
+            "too few values per channel to tell a change from noise, so their statistics were moved only part of "
+            "the way (or not at all) from the trained ones; calibrate on more or larger batches",
+            RuntimeWarning,
+            stacklevel=4,
         )
     return len(fixes) - len(broken)

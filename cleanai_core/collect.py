@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from cleanai_core import distributed
-from cleanai_core.bn_correction import Moments, correct_batchnorm, norms_with_running_stats, recording
+from cleanai_core.bn_correction import (
+    Moments,
+    Samples,
+    correct_batchnorm,
+    norms_with_running_stats,
+    recording,
+    sampling,
+)
 from cleanai_core.calibration import (
     COVARIANCE_BUDGET_BYTES,
     COVARIANCE_ROWS,
@@ -73,6 +80,7 @@ class Calibration:
 
     stats: dict = attrs.field(factory=dict)
     moments: Moments = attrs.field(factory=dict)  # BatchNorm input moments, per call
+    samples: Samples = attrs.field(factory=Samples)  # BatchNorm inputs at the paired positions, per call
     data: CalibrationData | None = None
     gradients: dict[str, torch.Tensor] = attrs.field(factory=dict)
 
@@ -125,7 +133,7 @@ def calibrate(
             model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
         )
         with preserved(model):  # every module's mode and buffers (BN, observers) put back
-            with collector.hooks(), recording(model, out.moments), torch.no_grad():
+            with collector.hooks(), recording(model, out.moments), sampling(model, out.samples), torch.no_grad():
                 batches = iterate(loader, num_batches)
                 total = total_batches(loader, num_batches)
                 for batch in tqdm(batches, total=total, disable=not progress, desc="calibrating", unit="batch",
@@ -154,7 +162,7 @@ def recalibrate(
         model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
     )
     model.eval()
-    with collector.hooks(), recording(model, out.moments), torch.no_grad():
+    with collector.hooks(), recording(model, out.moments), sampling(model, out.samples), torch.no_grad():
         for batch in data.replay():
             run_batch(model, split_batch(batch)[0], setup.forward_fn)
     out.stats = collector.stats
@@ -195,11 +203,13 @@ def correct_batchnorm_after(
     keep: dict[str, torch.Tensor],
     data: CalibrationData,
     forward_fn: Callable | None = None,
+    samples: Samples | None = None,
 ) -> None:
     """Move ``pruned``'s BatchNorm statistics by what pruning changed at their inputs
     (:mod:`cleanai_core.bn_correction`): on the kept calibration batches, else on the
     loader read again beside ``source``; skipped with a warning where neither can be.
-    ``keep``: the kept channels of each sliced module."""
+    ``keep``: the kept channels of each sliced module; ``samples``: the original's norm
+    inputs at the paired positions, from calibration (else it runs again beside)."""
     norms = norms_with_running_stats(pruned)
     keep = {name: k for name, k in keep.items() if name in norms}
 
@@ -207,7 +217,15 @@ def correct_batchnorm_after(
         run_batch(model, split_batch(batch)[0], forward_fn)
 
     if data.cached:
-        correct_batchnorm(pruned, {k: list(v) for k, v in moments.items()}, keep, data.replay, run)
+        correct_batchnorm(
+            pruned,
+            {k: list(v) for k, v in moments.items()},
+            keep,
+            data.replay,
+            run,
+            original=source,
+            original_samples=samples,
+        )
         return
     if data.one_shot:
         warnings.warn(
@@ -223,4 +241,4 @@ def correct_batchnorm_after(
         with preserved(source), recording(source, fresh), torch.no_grad():
             run(source, batch)
 
-    correct_batchnorm(pruned, fresh, keep, data.replay, run, run_original)
+    correct_batchnorm(pruned, fresh, keep, data.replay, run, run_original, original=source)

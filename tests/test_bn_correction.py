@@ -112,28 +112,69 @@ def test_batch_size_one_with_bn_after_pooling_squeeze_excite_and_linear():
             assert not m.training and bool((m.running_var >= 0).all()) and bool(torch.isfinite(m.running_mean).all())
 
 
-def test_running_mean_moves_by_the_measured_difference():
+def _channels(x: torch.Tensor) -> torch.Tensor:
+    """A norm input as (channels, values), float64."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1).double()
+
+
+def _by_hand(base_mean, base_var, eps, a: torch.Tensor, b: torch.Tensor, paired: tuple | None = None):
+    """The estimate (:func:`cleanai_core.bn_estimate.estimate`) from the original's (``a``)
+    and the pruned model's (``b``) input values at a norm, (channels, values), measured
+    here rather than by the correction's hooks; ``paired``: the two at the paired
+    positions, (channels, rows) each (default: all values)."""
+    from cleanai_core.bn_estimate import estimate
+
+    def triple(x):
+        return float(x.shape[1]), x.mean(1), x.var(1, correction=0) * x.shape[1]
+
+    pa, pb = paired if paired is not None else (a, b)
+    e = estimate(
+        base_mean, base_var, eps, triple(b), triple(a), [list(triple(pa)), list(triple(pb)), list(triple(pb - pa))]
+    )
+    return e.mean, e.var
+
+
+def _paired(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The paired positions of each call's input (:func:`~cleanai_core.bn_estimate.sample_rows`), (channels, rows)."""
+    from cleanai_core.bn_estimate import sample_rows
+
+    return torch.cat([sample_rows(x) for x in inputs]).T.double()
+
+
+def test_statistics_follow_the_regression_on_the_original_input():
+    """The BN's statistics, measured by hand in both models: the trained ones carried by
+    the regression of the pruned input on the original's (shrinkage negligible here)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
-    model[3].running_mean.uniform_(-1, 1)
-    model[3].running_var.uniform_(0.5, 2)
-    model.eval()
     data = _data(3, 4)
+    with torch.no_grad():  # trained statistics near (not at) the calibration data's
+        h = _channels(model[:3](torch.cat(data)))
+        model[3].running_mean.copy_(h.mean(1) + 0.2 * h.std(1))
+        model[3].running_var.copy_(h.var(1) * 1.2)
+    model.eval()
     pruner = StructuredPruner(
         model, data[0], "magnitude", pruning_ratio=0.5, ignored_layers=[model[2]], bias_compensation=False
     )
     pruner.collect_activations(data, progress=False)
     pruned = pruner.prune()
-    # what the BN sees, measured by hand in both models over all calibration batches
     x = torch.cat(data)
     with torch.no_grad():
-        a = model[:3](x).transpose(0, 1).reshape(4, -1).double()
-        b = pruned[:3](x).transpose(0, 1).reshape(4, -1).double()
-    assert float((a.mean(1) - b.mean(1)).abs().max()) > 1e-3  # pruning changed the BN input (no compensation)
-    want_mean = model[3].running_mean.double() + b.mean(1) - a.mean(1)
-    want_var = model[3].running_var.double() * b.var(1, correction=0) / a.var(1, correction=0)
-    torch.testing.assert_close(pruned[3].running_mean.double(), want_mean, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(pruned[3].running_var.double(), want_var, atol=1e-5, rtol=1e-4)
+        a, b = _channels(model[:3](x)), _channels(pruned[:3](x))
+    assert float((a.mean(1) - b.mean(1)).abs().max()) > 1e-2  # pruning changed the BN input (no compensation)
+    r = ((a - a.mean(1, keepdim=True)) * (b - b.mean(1, keepdim=True))).mean(1) / (
+        a.std(1, correction=0) * b.std(1, correction=0)
+    )
+    assert float(r.abs().max()) < 0.98  # not an affine change: the regression differs from the shift
+    m_t, v_t = model[3].running_mean.double(), model[3].running_var.double()
+    slope = r * b.std(1, correction=0) / a.std(1, correction=0)
+    regression_mean = b.mean(1) + slope * (m_t - a.mean(1))
+    shift_mean = m_t + b.mean(1) - a.mean(1)
+    got = pruned[3].running_mean.double()
+    # between the two, nearer the regression (the trained statistics are 0.2 sd / 20% off the data's)
+    assert float((got - regression_mean).abs().max()) < 0.2 * float((shift_mean - regression_mean).abs().max())
+    want_mean, want_var = _by_hand(m_t, v_t, model[3].eps, a, b)
+    torch.testing.assert_close(got, want_mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pruned[3].running_var.double(), want_var, atol=1e-4, rtol=1e-3)
 
 
 def test_one_shot_generator_is_read_once_and_corrected_alike():
@@ -176,11 +217,11 @@ def _deep_chain(depth: int = 7) -> nn.Sequential:
     return model.eval()
 
 
-def test_every_norm_of_a_deep_chain_ends_at_its_measured_shift():
+def test_every_norm_of_a_deep_chain_ends_at_its_measured_estimate():
     """The correction's fixed point, at every depth: with the pruned model's statistics
-    held, each norm's running mean is its trained mean moved by the difference between
-    what it sees in the pruned and in the original model (a pass that holds every norm
-    at the last estimate carries the correction only one norm deeper per pass)."""
+    held, each norm's statistics are the estimate from what it sees in the pruned and in
+    the original model (a pass that holds every norm at the last estimate carries the
+    correction only one norm deeper per pass)."""
     model = _deep_chain()
     data = _data(4, 8)
     pruner = StructuredPruner(model, data[0], "magnitude", pruning_ratio=0.5, ignored_layers=[model[-1]],
@@ -196,10 +237,15 @@ def test_every_norm_of_a_deep_chain_ends_at_its_measured_shift():
             keep = next(e.keep for e in kept[i] if e.module == str(i))
             a = model[:i](x).transpose(0, 1).reshape(8, -1).double()[keep]
             b = pruned[:i](x).transpose(0, 1).reshape(4, -1).double()
-            want = model[i].running_mean.double()[keep] + b.mean(1) - a.mean(1)
+            paired = _paired([model[:i](d) for d in data])[keep], _paired([pruned[:i](d) for d in data])
+            m_t, v_t = model[i].running_mean[keep], model[i].running_var[keep]
+            want_mean, want_var = _by_hand(m_t, v_t, 1e-5, a, b, paired)
             if i != norms[0]:  # the first norm's input is only selected, every later one moved
                 assert float((b.mean(1) - a.mean(1)).abs().max()) > 1e-2
-            torch.testing.assert_close(pruned[i].running_mean.double(), want, atol=3e-3, rtol=0)
+            # three passes leave the deepest norms within 0.017 of the fixed point (each further
+            # pass about 4x closer); holding each pass's estimate alone left them 0.06 off
+            torch.testing.assert_close(pruned[i].running_mean.double(), want_mean, atol=2e-2, rtol=0)
+            torch.testing.assert_close(pruned[i].running_var.double(), want_var, atol=2e-2, rtol=1e-2)
 
 
 class Chain(nn.Module):
@@ -217,30 +263,33 @@ class Chain(nn.Module):
         return self.head(self.layers(self.stem(x)).mean((2, 3)))
 
 
-def test_every_norm_of_a_deep_chain_sees_its_input_as_the_original_did():
-    """On the calibration batch, each pruned norm's input, measured with every correction
-    in place, stands to its running statistics as the original's did (kept channels): the
-    correction reaches the tenth norm of a chain, not only the first few."""
-    from cleanai_core.bn_correction import recording
-
+def test_every_norm_of_a_deep_chain_holds_the_estimate_of_what_it_sees():
+    """On the calibration batch, each pruned norm's statistics are the estimate from its
+    input and the original's, measured with every correction in place (kept channels):
+    the correction reaches the tenth norm of a chain, not only the first few."""
     model = _trained(cls=Chain)
     data = _data(1, 8)
     pruner, pruned = _prune(model, data, pruning_ratio=0.5)
-    orig, got = {}, {}
-    with torch.no_grad(), recording(model, orig), recording(pruned, got):
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    pruned_modules = dict(pruned.named_modules())
+    inputs, handles = {}, []
+    for name in norms:
+        for side, m in (("o", norms[name]), ("p", pruned_modules[name])):
+            handles.append(
+                m.register_forward_pre_hook(lambda mod, args, key=(name, side): inputs.update({key: args[0]}))
+            )
+    with torch.no_grad():
         model(data[0])
         pruned(data[0])
-    norms = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for h in handles:
+        h.remove()
     keep = {e.module: e.keep for e in pruner.history.steps[0] if e.module in norms}
     assert len(keep) == 10
-    pruned_modules = dict(pruned.named_modules())
     for name, k in keep.items():
-        (n_o, mean_o, m2_o), (n_p, mean_p, m2_p) = orig[name][0], got[name][0]
         a, b = norms[name], pruned_modules[name]
-        assert mean_p.shape == (8,)
-        torch.testing.assert_close(
-            mean_p - b.running_mean.double(), (mean_o - a.running_mean.double())[k], atol=1e-4, rtol=1e-4
-        )
-        torch.testing.assert_close(
-            (m2_p / n_p) / b.running_var.double(), (m2_o / n_o / a.running_var.double())[k], rtol=1e-3, atol=1e-5
-        )
+        assert b.num_features == 8
+        x_o, x_p = _channels(inputs[(name, "o")])[k], _channels(inputs[(name, "p")])
+        paired = _paired([inputs[(name, "o")]])[k], _paired([inputs[(name, "p")]])
+        want_mean, want_var = _by_hand(a.running_mean[k], a.running_var[k], a.eps, x_o, x_p, paired)
+        torch.testing.assert_close(b.running_mean.double(), want_mean, atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(b.running_var.double(), want_var, atol=2e-3, rtol=3e-3)

@@ -1,0 +1,223 @@
+"""The BatchNorm correction's estimate of a pruned norm's running statistics, per channel.
+
+Glossary:
+
+- *trained statistics* ``m_t, v_t``: the running mean and variance the model was trained
+  with (kept channels), the statistics of the original model's norm input on the data it
+  was trained for.
+- *calibration moments*: mean and variance of the norm input on the calibration data, in
+  the original (``m_o, v_o``) and in the pruned model (``m_p, v_p``), all values of a channel.
+- *pair*: the original's and the pruned model's input at the same positions of the same
+  batches (a fixed, evenly spaced sample of at most :data:`SAMPLE_ROWS` positions per
+  call), from which their correlation ``r`` per channel is measured.
+
+**The estimate is the regression (control-variate) estimator of survey sampling.** The
+original's input ``x_o`` is an auxiliary variable whose statistics on the target data are
+known (the trained ones); the pruned input ``x_p`` is regressed on it,
+``x_p = a + b x_o + e`` with ``b = r sqrt(v_p / v_o)`` and ``var(e) = (1 - r^2) v_p``, and
+the target statistics of ``x_p`` follow from the known ones of ``x_o``:
+
+``mean = m_p + b (m_t - m_o)``
+``var  = (1 - r^2) v_p + b^2 v_t``
+
+- Where pruning changed nothing (dead units), ``x_p = x_o``: ``r = 1``, ``b = 1``, and the
+  estimate is the trained statistics exactly.
+- Where pruning rescaled and shifted a channel (``r = 1``), it is the trained statistics
+  carried through that affine map, so the norm's output is the original's
+  (``var = v_t v_p / v_o``, the ratio the shift used before).
+- Where pruning left a channel unrelated to what it was (``r -> 0``), the trained
+  statistics say nothing about it and the estimate goes to the calibration data's own
+  (``m_p, v_p``, what train-mode recalibration measured).
+
+Where the original's channel is constant on the calibration data (``v_o <= eps``) nothing
+relates the two, and the statistics are moved by the difference: ``m_t + m_p - m_o``,
+``v_t + v_p - v_o``.
+
+**Few values per channel** (a norm after global pooling at batch size 1 sees one value per
+channel per batch): the estimate has sampling noise ``s^2`` per channel. For the mean it is
+the regression's at the trained mean, ``var(e) / n (1 + (m_t - m_o)^2 / v_o)``; for the
+log variance, ``2 trigamma((n - 1) / 2)`` (the variance of the log of a sample variance
+from ``n`` values, twice for a ratio) times the share of ``v_p`` the original does not
+explain. ``r`` itself is taken one standard error (Fisher's z) toward 0, so that three
+points that happen to lie on a line are not believed. Each norm's changes from the trained
+statistics are shrunk toward 0 (empirical Bayes, as James-Stein): a channel's change ``d``
+becomes ``d t^2 / (t^2 + s^2)``, where ``t^2`` is the spread of the true changes over the
+norm's channels, estimated as the mean of ``d^2 - s^2`` over all channels but the one
+where it is largest (at least 0), so that one wild channel does not set it. A change
+measured without noise (``r = 1``) is kept whole; a norm whose changes are within their
+noise stays as trained. A norm where most of the change is noise of at least
+:data:`UNRESOLVED` is reported *uncertain*.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from cleanai_core.calibration import _chan_merge
+
+__all__ = ["SAMPLE_ROWS", "Estimate", "correlation", "estimate", "merge_pair", "pair_moments", "sample_rows"]
+
+#: positions per call at which the original's and the pruned model's norm inputs are paired
+SAMPLE_ROWS = 256
+
+#: a norm is reported uncertain where most of its change is noise and that noise is at
+#: least this (the variance of a change of the mean in trained standard deviations, or of
+#: the log variance): changes of half a standard deviation or a factor 1.65 cannot be told
+UNRESOLVED = 0.25
+
+#: per channel: (count, mean, M2) of the original's sample, of the pruned's, of their difference
+Pair = list
+
+
+def sample_rows(x: Any) -> torch.Tensor | None:
+    """A norm input as ``(rows, C)`` float32 at fixed positions: every position when there
+    are at most :data:`SAMPLE_ROWS`, else that many evenly spaced (the same for every
+    tensor of the same shape); None where there is nothing to pair."""
+    if not isinstance(x, torch.Tensor) or x.ndim == 0 or not x.is_floating_point() or x.numel() == 0:
+        return None
+    x = x.detach()
+    if x.ndim == 1:
+        return x.reshape(1, -1).float()
+    n, c = x.shape[:2]
+    x3 = x.reshape(n, c, -1)
+    s = x3.shape[2]
+    if n * s <= SAMPLE_ROWS:
+        return x3.transpose(1, 2).reshape(n * s, c).float()
+    idx = torch.linspace(0, n * s - 1, SAMPLE_ROWS, device=x.device).long()
+    return x3[idx // s, :, idx % s].float()
+
+
+def _triple(rows: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    mean = rows.mean(0)
+    return float(rows.shape[0]), mean.double().cpu(), (rows - mean).square().sum(0).double().cpu()
+
+
+def pair_moments(orig: torch.Tensor, pruned: torch.Tensor) -> Pair | None:
+    """The pair's moments from the two samples of one call (the original's restricted to
+    the kept channels); None where they do not match or a value is not finite."""
+    if orig.shape != pruned.shape or not bool(torch.isfinite(orig).all() and torch.isfinite(pruned).all()):
+        return None
+    return [_triple(orig), _triple(pruned), _triple(pruned - orig)]
+
+
+def merge_pair(total: Pair, got: Pair) -> Pair:
+    """Two pairs' moments merged (Chan et al.); ``total`` holds ``[0.0, None, None]`` triples when empty."""
+    return [list(_chan_merge(*t, *g)) for t, g in zip(total, got, strict=True)]
+
+
+def correlation(pair: Pair) -> torch.Tensor:
+    """The signed correlation of the original's and the pruned input per channel: 1 where
+    they were equal at every paired position, 0 where either is constant but they differ."""
+    (_, _, m2_o), (_, _, m2_p), (_, _, m2_d) = pair
+    co = (m2_o + m2_p - m2_d) / 2  # the co-moment; exactly m2_o where the difference is 0
+    both = (m2_o > 0) & (m2_p > 0)
+    r = torch.where(both, co / (m2_o * m2_p).clamp_min(1e-300).sqrt(), torch.zeros_like(co)).clamp(-1.0, 1.0)
+    return torch.where(m2_d == 0, torch.ones_like(r), r)
+
+
+class Estimate:
+    """One norm's estimated statistics (float64, CPU) and whether they were uncertain."""
+
+    def __init__(self, mean: torch.Tensor, var: torch.Tensor, uncertain: bool = False) -> None:
+        self.mean, self.var, self.uncertain = mean, var, uncertain
+
+
+def _shrinkage(change: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Per channel the factor ``t^2 / (t^2 + noise)`` for ``change`` (1 where the noise is
+    0, 0 where it is unknown: infinite), and whether the norm's mean noise exceeds ``t^2``
+    (see the module doc)."""
+    noisy = noise > 0
+    if not bool(noisy.any()):
+        return torch.ones_like(change), False
+    known = noisy & torch.isfinite(noise) & torch.isfinite(change)
+    spread = 0.0
+    if bool(known.any()):  # the mean of change^2 - noise without the largest channel: one wild channel does not set it
+        excess = (change[known].square() - noise[known]).sort().values
+        spread = float(excess[:-1].mean()) if excess.numel() > 1 else float(excess[0])
+    spread = spread if math.isfinite(spread) and spread > 0 else 0.0
+    factor = torch.where(noisy, spread / (spread + noise), torch.ones_like(noise))
+    factor = torch.where(torch.isfinite(factor), factor, torch.zeros_like(factor))  # inf noise: no trust
+    moved = change != 0
+    unresolved = float(noise[moved].clamp_max(1e300).mean()) if bool(moved.any()) else 0.0
+    return factor, bool(moved.any() and factor[moved].mean() < 0.5 and unresolved >= UNRESOLVED)
+
+
+def _trigamma(x: float) -> float:
+    """The trigamma function (the variance of the log of a gamma variable of shape ``x``)."""
+    acc = 0.0
+    while x < 6:
+        acc, x = acc + 1 / x**2, x + 1
+    return acc + 1 / x + 1 / (2 * x**2) + 1 / (6 * x**3) - 1 / (30 * x**5) + 1 / (42 * x**7)
+
+
+def _lower_correlation(r: torch.Tensor, n: float) -> torch.Tensor:
+    """The correlation one standard error closer to 0 (Fisher's z, ``1 / sqrt(n - 3)``; 0 for
+    ``n <= 3``), keeping its sign; an exact 1 stays 1 (the inputs were equal)."""
+    if n <= 3:
+        return torch.where(r.abs() == 1, r, torch.zeros_like(r)) if n > 1 else torch.zeros_like(r)
+    z = torch.atanh(r.abs().clamp_max(1.0))
+    return torch.sign(r) * torch.tanh((z - 1 / math.sqrt(n - 3)).clamp_min(0.0))
+
+
+def _regression(base_mean, base_var, eps, mean_p, var_p, mean_o, var_o, r):
+    """The regression estimate where the original's channel varies (module doc): mean,
+    variance, residual variance and slope, per channel."""
+    slope = r * (var_p / var_o.clamp_min(eps)).sqrt()
+    resid = (1 - r.square()).clamp_min(0.0) * var_p  # what the original does not predict
+    return mean_p + slope * (base_mean - mean_o), resid + slope.square() * base_var, resid, slope
+
+
+def _divergence(base_mean, base_var, mean_o, var_o, eps):
+    """The symmetric Kullback-Leibler divergence (Jeffreys) between normals with the trained
+    statistics and with the original's calibration moments, per channel (nats)."""
+    v_t, v_o = base_var + eps, var_o + eps
+    return 0.5 * (v_t / v_o + v_o / v_t - 2 + (base_mean - mean_o).square() * (1 / v_t + 1 / v_o))
+
+
+def estimate(
+    base_mean: torch.Tensor, base_var: torch.Tensor, eps: float, pruned: tuple, orig: tuple, pair: Pair | None
+) -> Estimate:
+    """The statistics of a pruned norm from the trained ones, the pruned and original
+    moments ``(count, mean, M2)`` on the same data and the ``pair``'s moments (see the
+    module doc). ``pair`` None (not paired): the statistics are moved by the difference
+    (mean) and the ratio (variance), unshrunk."""
+    (n, mean_p, m2_p), (n_o, mean_o, m2_o) = pruned, orig
+    var_p, var_o = m2_p / n, m2_o / n_o
+    base_mean = base_mean.to(torch.float64).cpu()
+    base_var = base_var.to(torch.float64).cpu()
+    related = var_o > eps
+    shift_mean = base_mean + (mean_p - mean_o)
+    ratio = torch.where(related, var_p / var_o.clamp_min(eps), torch.ones_like(var_o))
+    shift_var = torch.where(related, base_var * ratio, base_var + (var_p - var_o)).clamp_min(0.0)
+    if pair is None or pair[0][1] is None:
+        return Estimate(shift_mean, shift_var)
+    r = torch.where(related, correlation(pair), torch.zeros_like(var_o))
+    reg_mean, reg_var, resid, slope = _regression(base_mean, base_var, eps, mean_p, var_p, mean_o, var_o, r)
+    w = torch.where(related, 1 / (1 + _divergence(base_mean, base_var, mean_o, var_o, eps)), torch.zeros_like(r))
+    mean = shift_mean + w * (reg_mean - shift_mean)
+    var = torch.where(w == 0, shift_var, shift_var + w * (reg_var - shift_var))
+    # the sampling noise of the changes from the trained statistics, in the trained units
+    scale = base_var + eps
+    d_mean = (mean - base_mean) / scale.sqrt()
+    d_var = torch.log((var + eps) / scale)
+    if n > 1:  # of the fitted line at the trained mean: residual / n times (1 + leverage)
+        n_d, _, m2_d = pair[2]
+        r_low = _lower_correlation(r, n_d)
+        resid = torch.where(related, (1 - r_low.square()) * var_p, m2_d / n_d)
+        lever = torch.where(related, (base_mean - mean_o).square() / var_o.clamp_min(eps), torch.zeros_like(r))
+        noise_mean = resid / n * (1 + lever) / scale
+        # the log of a variance from n values varies by trigamma((n - 1) / 2); a ratio of two, twice that
+        noise_var = 2 * _trigamma((n - 1) / 2) * (resid / var_p.clamp_min(eps)).clamp_max(1.0)
+    else:  # one value per channel: no measure of the noise, so no change is trusted
+        noise_mean = torch.where(d_mean == 0, 0.0, math.inf).to(torch.float64)
+        noise_var = torch.where(d_var == 0, 0.0, math.inf).to(torch.float64)
+    k_mean, u_mean = _shrinkage(d_mean, noise_mean)
+    k_var, u_var = _shrinkage(d_var, noise_var)
+    # a change too large for float64 (a model whose activations overflow) is left unshrunk
+    keep_mean, keep_var = (k_mean == 1) | ~torch.isfinite(d_mean), (k_var == 1) | ~torch.isfinite(d_var)
+    new_mean = torch.where(keep_mean, mean, base_mean + k_mean * (mean - base_mean))
+    new_var = torch.where(keep_var, var, (scale * (k_var * d_var).exp() - eps).clamp_min(0.0))
+    return Estimate(new_mean, new_var, u_mean or u_var)
