@@ -27,7 +27,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from cleanai_core.bn_correction import Moments, correct_batchnorm, norms_with_running_stats, recording
+from cleanai_core.bn_correction import (
+    Moments,
+    Samples,
+    correct_batchnorm,
+    norms_with_running_stats,
+    recording,
+    sampling,
+)
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import PruningError
 from cleanai_core.prefix_cache import PrefixCache
@@ -55,6 +62,10 @@ class TrialNorms:
     forward_fn: Any
     passes: int
     cache: PrefixCache | None = None
+    #: the original model and its norm inputs at the paired positions on the batches: the
+    #: trial's norms get the estimate the prune gives them (:mod:`cleanai_core.bn_estimate`)
+    original: nn.Module | None = None
+    samples: Samples | None = None
 
     @classmethod
     def of(cls, pruner: Any, samples: int, passes: int = 1, fast: bool = True) -> TrialNorms | None:
@@ -76,9 +87,10 @@ class TrialNorms:
                 break
         cache = PrefixCache(model, batches, pruner.forward_fn)
         moments: Moments = {}
-        with recording(cache.base, moments), torch.no_grad():
+        samples = Samples()
+        with recording(cache.base, moments), sampling(cache.base, samples), torch.no_grad():
             cache.reference()
-        return cls(batches, moments, pruner.forward_fn, passes, cache if fast else None)
+        return cls(batches, moments, pruner.forward_fn, passes, cache if fast else None, model, samples)
 
     def __call__(self, trial: nn.Module, edits: list) -> None:
         """Correct ``trial``'s norm statistics in place (``edits``: its build's slice edits)."""
@@ -94,6 +106,15 @@ class TrialNorms:
         )
         moments = {k: list(v) for k, v in self.moments.items()}
         try:
-            correct_batchnorm(trial, moments, keep, lambda: range(len(self.batches)), run, passes=self.passes)
+            correct_batchnorm(
+                trial,
+                moments,
+                keep,
+                lambda: range(len(self.batches)),
+                run,
+                passes=self.passes,
+                original=self.original,
+                original_samples=self.samples,
+            )
         except Exception as exc:
             raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
