@@ -96,22 +96,28 @@ def _moments(x: Any) -> tuple[float, torch.Tensor, torch.Tensor] | None:
 
 
 @contextmanager
-def recording(model: nn.Module, moments: Moments) -> Iterator[Moments]:
-    """Append the input moments of every call of every norm of ``model`` to ``moments``
-    while the block runs (hooks removed on exit, also on error)."""
-    handles = []
-    for name, m in norms_with_running_stats(model).items():
-        calls = moments.setdefault(name, [])
-
-        def pre(module, args, calls=calls):
-            calls.append(_moments(args[0]) if args else None)
-
-        handles.append(m.register_forward_pre_hook(pre))
+def _on_norm_inputs(model: nn.Module, fn: Callable[[str, Any], None]) -> Iterator[None]:
+    """Call ``fn(norm name, input)`` on every call of every norm of ``model`` while the
+    block runs (hooks removed on exit, also on error)."""
+    handles = [
+        m.register_forward_pre_hook(lambda module, args, name=name: fn(name, args[0] if args else None))
+        for name, m in norms_with_running_stats(model).items()
+    ]
     try:
-        yield moments
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def recording(model: nn.Module, moments: Moments) -> Iterator[Moments]:
+    """Append the input moments of every call of every norm of ``model`` to ``moments``
+    while the block runs (hooks removed on exit, also on error)."""
+    for name in norms_with_running_stats(model):
+        moments.setdefault(name, [])
+    with _on_norm_inputs(model, lambda name, x: moments[name].append(None if x is None else _moments(x))):
+        yield moments
 
 
 class Samples:
@@ -139,18 +145,8 @@ class Samples:
 @contextmanager
 def sampling(model: nn.Module, samples: Samples) -> Iterator[Samples]:
     """Add the input of every call of every norm of ``model`` to ``samples`` while the block runs."""
-    handles = []
-    for name, m in norms_with_running_stats(model).items():
-
-        def pre(module, args, name=name):
-            samples.add(name, args[0] if args else None)
-
-        handles.append(m.register_forward_pre_hook(pre))
-    try:
+    with _on_norm_inputs(model, samples.add):
         yield samples
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def set_running_stats(module: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
