@@ -111,10 +111,10 @@ def allocate_ratios(
     scores = pruner.score()
     ex, fwd = pruner.example_inputs, pruner.forward_fn
     measure, base_size = {
-        "flops": (flops_measure(ex, fwd), result.base_flops),
-        "params": (params_measure, result.base_params),
-        "latency": (latency_measure or (lambda m: measure_latency(m, ex, forward_fn=fwd)), None),
-    }[kind]
+        "flops": lambda: (flops_measure(ex, fwd, model), result.base_flops),
+        "params": lambda: (params_measure, result.base_params),
+        "latency": lambda: (latency_measure or (lambda m: measure_latency(m, ex, forward_fn=fwd)), None),
+    }[kind]()
     base_size = measure(model) if base_size is None else base_size
     measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
 
@@ -139,7 +139,7 @@ def allocate_ratios(
         for name, ratios in candidates.items():
             plan = _plan(pruner, scores, {**fixed, **ratios}, others)
             try:
-                trial, edits = pruner.build(plan.pruned_units())
+                trial, edits = pruner.build(plan.pruned_units(), share=True)  # measured, then dropped
             except PruningError:
                 continue  # this candidate does not build: another one wins
             if result.norms is not None:  # as the prune will, on the trials' few correction batches

@@ -184,6 +184,8 @@ class _Correction:
         self.held = (self.module.running_mean.detach().clone(), self.module.running_var.detach().clone())
         self.pruned: list = [0.0, None, None]
         self.orig: list = [0.0, None, None]
+        self.merged = 0  # calls merged into the totals this pass
+        self.last: Estimate | None = None  # the batchwise estimate of the last call
         if pairing:
             self.pair = [[0.0, None, None] for _ in range(3)]
 
@@ -230,18 +232,23 @@ class _Correction:
         pair = self._paired(args[0])
         self.pruned[:] = _chan_merge(*self.pruned, *got)
         self.orig[:] = _chan_merge(*self.orig, n, mean, m2)
+        self.merged += 1
         if self.batchwise:
-            e = self._estimate(got, (n, mean, m2), pair)
-            self._hold(e.mean, e.var)
+            self.last = self._estimate(got, (n, mean, m2), pair)
+            self._hold(self.last.mean, self.last.var)
 
-    def apply(self) -> float:
-        """Set the statistics from the pass's totals; returns how far they moved from where
-        the pass started: the largest change of a channel's mean in its standard deviations,
-        or of its variance relative to it (0 when the pass measured nothing)."""
+    def apply(self, summed: bool = False) -> float:
+        """Set the statistics from the pass's totals (``summed``: totals summed over ranks);
+        returns how far they moved from where the pass started: the largest change of a
+        channel's mean in its standard deviations, or of its variance relative to it (0
+        when the pass measured nothing)."""
         if self.pruned[1] is None:
             self._hold(*self.held)
             return 0.0
-        e = self._estimate(tuple(self.pruned), tuple(self.orig), self.pair)
+        if self.merged == 1 and self.last is not None and not summed:
+            e = self.last  # one call on one rank: the totals are that call's, and so is the estimate
+        else:
+            e = self._estimate(tuple(self.pruned), tuple(self.orig), self.pair)
         new_mean, new_var = e.mean, e.var
         self.uncertain = e.uncertain
         self._hold(new_mean, new_var)
@@ -292,7 +299,7 @@ def correct_batchnorm(
     :param original_samples: the original's samples on the same batches in the same order
         (:func:`sampling`, while calibrating): paired with them instead of running it again.
     """
-    from cleanai_core.distributed import combine_moments
+    from cleanai_core.distributed import combine_moments, is_distributed
 
     norms = norms_with_running_stats(pruned)
     fixes = {name: _Correction(m, original_moments.setdefault(name, []), keep.get(name)) for name, m in norms.items()}
@@ -325,7 +332,7 @@ def correct_batchnorm(
                         combine_moments([f.pair[k] for f in ordered], sizes)
                     for f in ordered:
                         f.samples = None
-                moved = max(f.apply() for f in ordered)
+                moved = max(f.apply(summed=is_distributed()) for f in ordered)
                 if moved <= tol:  # the same on every rank: the totals were summed over ranks
                     break
     finally:

@@ -90,17 +90,21 @@ def sample_rows(x: Any) -> torch.Tensor | None:
     return x3[idx // s, :, idx % s].float()
 
 
-def _triple(rows: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-    mean = rows.mean(0)
-    return float(rows.shape[0]), mean.double().cpu(), (rows - mean).square().sum(0).double().cpu()
-
-
 def pair_moments(orig: torch.Tensor, pruned: torch.Tensor) -> Pair | None:
     """The pair's moments from the two samples of one call (the original's restricted to
-    the kept channels); None where they do not match or a value is not finite."""
-    if orig.shape != pruned.shape or not bool(torch.isfinite(orig).all() and torch.isfinite(pruned).all()):
+    the kept channels); None where they do not match or a value is not finite (a NaN or
+    inf in either sample makes its column's mean or M2 non-finite). The three samples
+    are reduced as one stacked tensor: 2 reductions instead of 6 small ones per call."""
+    if orig.shape != pruned.shape:
         return None
-    return [_triple(orig), _triple(pruned), _triple(pruned - orig)]
+    rows = torch.stack((orig, pruned, pruned - orig))
+    mean = rows.mean(1)
+    m2 = (rows - mean[:, None]).square().sum(1)
+    if not bool(torch.isfinite(m2).all() and torch.isfinite(mean).all()):
+        return None
+    n = float(rows.shape[1])
+    mean, m2 = mean.double().cpu(), m2.double().cpu()
+    return [(n, mean[k], m2[k]) for k in range(3)]
 
 
 def merge_pair(total: Pair, got: Pair) -> Pair:

@@ -103,15 +103,21 @@ def _solver(st: Any, idx: torch.Tensor, kept: torch.Tensor, no_bias: bool) -> Ca
 
 
 def compensated_copy(
-    source: nn.Module, graph: DependencyGraph, pruned: torch.Tensor, stats: dict, reconstruction: bool = True
+    source: nn.Module,
+    graph: DependencyGraph,
+    pruned: torch.Tensor,
+    stats: dict,
+    reconstruction: bool = True,
+    share: bool = False,
 ) -> tuple[nn.Module, list]:
     """A copy of ``source`` without the ``pruned`` units of ``graph``, with what they
     carried folded into the kept ones (:func:`compensate`; none without ``stats``).
-    Returns the model and its slice edits; ``source`` is not written to."""
+    Returns the model and its slice edits; ``source`` is not written to. ``share``: see
+    :func:`~cleanai_core.slicing.sliced_copy`."""
     from cleanai_core.slicing import edits_for, sliced_copy
 
     edits = edits_for(graph, pruned)
     fold = None
     if stats:
         fold = functools.partial(compensate, graph=graph, stats=stats, pruned=pruned, reconstruction=reconstruction)
-    return sliced_copy(source, edits, graph.pm, fold), edits
+    return sliced_copy(source, edits, graph.pm, fold, share), edits

@@ -74,6 +74,8 @@ def _same(a: nn.Module, b: nn.Module) -> bool:
             return False
         for k, x in ta.items():
             y = tb[k]
+            if x is y:  # shared with the original (a trial built with ``share``)
+                continue
             if (x is None) != (y is None) or (x is not None and (x.shape != y.shape or not torch.equal(x, y))):
                 return False
     return True

@@ -231,7 +231,7 @@ class StructuredPruner:
         model = self.model if model is None else model
         scores = self.score(graph, model, cal)
         target = target if target is not None else self.target_flops
-        measure = flops_measure(self.example_inputs, self.forward_fn)
+        measure = flops_measure(self.example_inputs, self.forward_fn, model)
         if target is None and self.target_params is not None:
             target, measure = self.target_params, params_measure
         ratio = self.pruning_ratio
@@ -248,14 +248,16 @@ class StructuredPruner:
         graph: DependencyGraph | None = None,
         stats: dict | None = None,
         verify: bool | None = None,
+        share: bool = False,
     ) -> tuple[nn.Module, list[SliceEdit]]:
         """A sliced, compensated and (unless ``verify`` or the pruner's ``verify`` says not)
         verified copy of ``source`` (the original model) without the ``pruned`` units (a mask
-        over ``graph.root``); raises ``PruningError``."""
+        over ``graph.root``); raises ``PruningError``. ``share``: the copy shares the
+        parameters it left unsliced with ``source`` (a trial to run and throw away)."""
         source = self.model if source is None else source
         graph = self.graph if graph is None else graph
         stats = (self.stats if stats is None else stats) if self.bias_compensation else {}
-        model, edits = compensated_copy(source, graph, pruned, stats, self.reconstruction)
+        model, edits = compensated_copy(source, graph, pruned, stats, self.reconstruction, share)
         if self.verify if verify is None else verify:
             self._verify(model)
         return model, edits

@@ -34,7 +34,7 @@ from torch import nn
 from cleanai_core.allocation import Allocation, _plan, allocate_ratios  # the allocation, importable from here
 from cleanai_core.calibration import iterate, move_to, split_batch
 from cleanai_core.errors import PruningError, UserError
-from cleanai_core.metrics import call_model, count_flops, count_params, eval_mode
+from cleanai_core.metrics import FlopsOfCopies, call_model, count_params, eval_mode
 from cleanai_core.prefix_cache import PrefixCache
 from cleanai_core.trial_norms import TrialNorms
 
@@ -265,7 +265,8 @@ def analyse_sensitivity(
     ev = _Evaluator(batches, pruner.forward_fn, pruner.output_transform, cache=cache)
     ev.ref = ev.reference(model)
     base_acc = ev.accuracy(ev.ref)
-    base_flops = count_flops(model, pruner.example_inputs, pruner.forward_fn)
+    flops = FlopsOfCopies(model, pruner.example_inputs, pruner.forward_fn)
+    base_flops = flops.total
     base_params = count_params(model)
     groups = graph.groups(prunable_only=True)
     keys = _layer_keys(groups)
@@ -281,7 +282,7 @@ def analyse_sensitivity(
             if plan.n_pruned == 0 and len(curve.ratios) > 1:  # the group is too small to lose more
                 break
             try:
-                trial, edits = pruner.build(plan.pruned_units(), verify=False if fast else None)
+                trial, edits = pruner.build(plan.pruned_units(), verify=False if fast else None, share=True)
                 if norms is not None:
                     norms(trial, edits)
                 kl, acc = ev.fidelity(trial, ev.trial_outputs(trial) if fast else None)
@@ -290,7 +291,7 @@ def analyse_sensitivity(
             curve.ratios.append(r)
             curve.kl.append(kl)
             curve.accuracy.append(acc)
-            curve.flops_saved.append(base_flops - count_flops(trial, pruner.example_inputs, pruner.forward_fn))
+            curve.flops_saved.append(base_flops - flops(trial))
             curve.params_saved.append(base_params - count_params(trial))
         curves[g.id] = curve
     trials.close()

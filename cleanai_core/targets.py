@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from cleanai_core.graph.dependency import DependencyGraph
-from cleanai_core.metrics import count_flops, count_params
+from cleanai_core.metrics import FlopsOfCopies, count_flops, count_params
 from cleanai_core.planning import PruningPlan
 from cleanai_core.slicing import edits_for, sliced_copy
 
@@ -22,8 +22,11 @@ __all__ = ["flops_measure", "params_measure", "pruned_size", "ratio_for_target"]
 Measure = Callable[[nn.Module], float]
 
 
-def flops_measure(example_inputs: Any, forward_fn: Callable | None = None) -> Measure:
-    """FLOPs of one forward pass on ``example_inputs``."""
+def flops_measure(example_inputs: Any, forward_fn: Callable | None = None, model: nn.Module | None = None) -> Measure:
+    """FLOPs of one forward pass on ``example_inputs``; with ``model``, of pruned copies of
+    it (:class:`~cleanai_core.metrics.FlopsOfCopies`: from the layers' sizes where it can)."""
+    if model is not None:
+        return FlopsOfCopies(model, example_inputs, forward_fn)
     return lambda m: count_flops(m, example_inputs, forward_fn)
 
 
@@ -31,8 +34,9 @@ params_measure: Measure = count_params
 
 
 def pruned_size(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, measure: Measure) -> float:
-    """``measure`` of ``model`` sliced as ``plan`` says (a copy; no compensation)."""
-    return measure(sliced_copy(model, edits_for(graph, plan.pruned_units()), graph.pm))
+    """``measure`` of ``model`` sliced as ``plan`` says (a copy, sharing what it left
+    unsliced; no compensation)."""
+    return measure(sliced_copy(model, edits_for(graph, plan.pruned_units()), graph.pm, share=True))
 
 
 def ratio_for_target(
