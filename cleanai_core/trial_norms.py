@@ -20,6 +20,7 @@ Glossary:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import attrs
@@ -68,10 +69,12 @@ class TrialNorms:
     samples: Samples | None = None
 
     @classmethod
-    def of(cls, pruner: Any, samples: int, passes: int = 1, fast: bool = True) -> TrialNorms | None:
+    def of(cls, pruner: Any, samples: int, passes: int = 1, fast: bool = True, layout: Any = None) -> TrialNorms | None:
         """For ``pruner``'s trials, on calibration batches holding at least ``samples``
-        samples; ``None`` where the prune corrects nothing (``recalibrate_bn`` off, no
-        norm with running statistics, calibration data that cannot be read again)."""
+        samples, laid out by ``layout`` (:func:`~cleanai_core.runtime.channels_last_layout`,
+        as the trials' evaluation batches); ``None`` where the prune corrects nothing
+        (``recalibrate_bn`` off, no norm with running statistics, calibration data that
+        cannot be read again)."""
         data, model = pruner.calibration.data, pruner.model
         if not pruner.recalibrate_bn or data is None or data.one_shot or not norms_with_running_stats(model):
             return None
@@ -81,7 +84,7 @@ class TrialNorms:
             size = _samples(x)
             if n + size > samples:  # as many samples as the trials run on, no more
                 x = tree_map(lambda t: t[: samples - n] if _batched(t, size) else t, x)
-            batches.append(move_to(x, device_of(model)))
+            batches.append(move_to(x, device_of(model)) if layout is None else layout(move_to(x, device_of(model))))
             n += _samples(batches[-1])
             if n >= samples:
                 break
@@ -106,15 +109,19 @@ class TrialNorms:
         )
         moments = {k: list(v) for k, v in self.moments.items()}
         try:
-            correct_batchnorm(
-                trial,
-                moments,
-                keep,
-                lambda: range(len(self.batches)),
-                run,
-                passes=self.passes,
-                original=self.original,
-                original_samples=self.samples,
-            )
+            with warnings.catch_warnings():
+                # its warnings (uncertain estimates, norms left as trained) would repeat for
+                # every trial; the prune gives them once, for the model it builds
+                warnings.simplefilter("ignore", RuntimeWarning)
+                correct_batchnorm(
+                    trial,
+                    moments,
+                    keep,
+                    lambda: range(len(self.batches)),
+                    run,
+                    passes=self.passes,
+                    original=self.original,
+                    original_samples=self.samples,
+                )
         except Exception as exc:
             raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
