@@ -34,8 +34,13 @@ relates the two, and the statistics are moved by the difference: ``m_t + m_p - m
 ``v_t + v_p - v_o``.
 
 **Few values per channel** (a norm after global pooling at batch size 1 sees one value per
-channel per batch): the estimate has sampling noise ``s^2`` per channel. For the mean it is
-the regression's at the trained mean, ``var(e) / n (1 + (m_t - m_o)^2 / v_o)``; for the
+channel per batch): the estimate has sampling noise ``s^2`` per channel. For the mean it
+blends, by the same weight ``w`` as the estimate (the weight of the regression against the
+plain shift, ``1 / (1 + J)`` with ``J`` the divergence of the trained statistics from the
+original's calibration moments), the shift's ``var(x_p - x_o) / n`` and the regression's
+at the trained mean, ``var(e) / n (1 + (m_t - m_o)^2 / v_o)``, in standard deviations
+(the leverage alone made a random-weight RegNet, whose trained statistics describe nothing,
+shrink every late norm back to them: its output blew up by 1e8); for the
 log variance, ``2 trigamma((n - 1) / 2)`` (the variance of the log of a sample variance
 from ``n`` values, twice for a ratio) times the share of ``v_p`` the original does not
 explain. ``r`` itself is taken one standard error (Fisher's z) toward 0, so that three
@@ -51,6 +56,7 @@ noise stays as trained. A norm where most of the change is noise of at least
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -67,6 +73,12 @@ SAMPLE_ROWS = 256
 #: least this (the variance of a change of the mean in trained standard deviations, or of
 #: the log variance): changes of half a standard deviation or a factor 1.65 cannot be told
 UNRESOLVED = 0.25
+
+#: a divergence (nats, beyond sampling's) from which the trained statistics are taken not to
+#: describe the calibration data (a mean 1 standard deviation off, or a variance 3.7x):
+#: below it, shrinking toward them is trusted fully (a trained model on its own kind of
+#: data, also at three values per channel, where the trained statistics are 1-2.3x off)
+FOREIGN = 1.0
 
 #: per channel: (count, mean, M2) of the original's sample, of the pruned's, of their difference
 Pair = list
@@ -187,6 +199,40 @@ def _divergence(base_mean, base_var, mean_o, var_o, eps):
     return 0.5 * (v_t / v_o + v_o / v_t - 2 + (base_mean - mean_o).square() * (1 / v_t + 1 / v_o))
 
 
+@functools.cache
+def _null_divergence(n: int, channels: int) -> float:
+    """What sampling alone gives for the median over ``channels`` channels of the divergence
+    (:func:`_divergence`) of ``n`` values' moments from the statistics they were drawn
+    from: its 90th percentile (large for a few values over a few channels, about ``1.5 / n``
+    for many). Drawn once per ``(n, channels)`` from a fixed seed, the moments sampled
+    directly (the mean normal, the variance chi-square), at most 256 channels (the
+    median of more varies less: the threshold stays on the safe side)."""
+    if n <= 1:
+        return math.inf
+    g = torch.Generator().manual_seed(0)
+    shape = (1001, max(1, min(channels, 256)))
+    mean = torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(n)
+    chi2 = torch._standard_gamma(torch.full(shape, (n - 1) / 2, dtype=torch.float64), generator=g) * 2
+    one = torch.ones((), dtype=torch.float64)
+    medians = _divergence(torch.zeros((), dtype=torch.float64), one, mean, chi2 / n, 0.0).median(1).values
+    return float(medians.quantile(0.9))
+
+
+def _trust(divergence: torch.Tensor, n: float) -> float:
+    """How far one norm's trained statistics describe the calibration data (1: as well as
+    ``n`` values per channel can tell, toward 0: not at all), from the median over its
+    channels of the divergence beyond what sampling alone gives, once that excess passes
+    :data:`FOREIGN`. Changes are shrunk toward
+    the trained statistics only by this much: a random-weight model's trained statistics
+    (0 and 1) describe nothing (a median divergence of 3-75 on a RegNet at batch size 1,
+    where sampling gives 0.01-0.2), and shrinking toward them compounded down its chain
+    of norms until its output was off by 1e9."""
+    if divergence.numel() == 0:
+        return 0.0
+    excess = float(divergence.median()) - _null_divergence(int(n), divergence.numel())
+    return 1.0 / (1.0 + max(excess - FOREIGN, 0.0)) if math.isfinite(excess) else 1.0
+
+
 def estimate(
     base_mean: torch.Tensor, base_var: torch.Tensor, eps: float, pruned: tuple, orig: tuple, pair: Pair | None
 ) -> Estimate:
@@ -218,7 +264,14 @@ def estimate(
         r_low = _lower_correlation(r, n_d)
         resid = torch.where(related, (1 - r_low.square()) * var_p, m2_d / n_d)
         lever = torch.where(related, (base_mean - mean_o).square() / var_o.clamp_min(eps), torch.zeros_like(r))
-        noise_mean = resid / n * (1 + lever) / scale
+        # the mean blends the shift (noise: the paired difference's variance / n) and the
+        # regression (its residual / n times 1 + leverage) by ``w``; so does its noise (in
+        # standard deviations: the two errors share ``m_p``'s). Where the trained statistics
+        # do not describe the calibration data (``w`` -> 0) the regression's leverage at
+        # the trained mean is large but the estimate does not rely on it.
+        sd_shift = (m2_d / n_d / n / scale).sqrt()
+        sd_reg = (resid / n * (1 + lever) / scale).sqrt()
+        noise_mean = ((1 - w) * sd_shift + w * sd_reg).square()
         # the log of a variance from n values varies by trigamma((n - 1) / 2); a ratio of two, twice that
         noise_var = 2 * _trigamma((n - 1) / 2) * (resid / var_p.clamp_min(eps)).clamp_max(1.0)
     else:  # one value per channel: no measure of the noise, so no change is trusted
@@ -226,6 +279,9 @@ def estimate(
         noise_var = torch.where(d_var == 0, 0.0, math.inf).to(torch.float64)
     k_mean, u_mean = _shrinkage(d_mean, noise_mean)
     k_var, u_var = _shrinkage(d_var, noise_var)
+    # shrink toward the trained statistics only as far as they describe the calibration data
+    trust = _trust(_divergence(base_mean, base_var, mean_o, var_o, eps)[related], n_o)
+    k_mean, k_var = 1 - trust * (1 - k_mean), 1 - trust * (1 - k_var)
     # a change too large for float64 (a model whose activations overflow) is left unshrunk
     keep_mean, keep_var = (k_mean == 1) | ~torch.isfinite(d_mean), (k_var == 1) | ~torch.isfinite(d_var)
     new_mean = torch.where(keep_mean, mean, base_mean + k_mean * (mean - base_mean))

@@ -12,6 +12,7 @@ collective stage whose sums are combined over ranks (:mod:`cleanai_core.distribu
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -41,7 +42,7 @@ from cleanai_core.calibration import (
 from cleanai_core.errors import UserError
 from cleanai_core.model_state import preserved
 from cleanai_core.replay import CalibrationData
-from cleanai_core.runtime import check_labels, device_of, logits_of, run_batch
+from cleanai_core.runtime import channels_last_layout, check_labels, device_of, inputs_for, logits_of, run_batch
 
 __all__ = [
     "Calibration",
@@ -133,13 +134,17 @@ def calibrate(
             model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
         )
         with preserved(model):  # every module's mode and buffers (BN, observers) put back
+            batches = iter(iterate(loader, num_batches))
+            first = next(batches, None)
+            if first is not None:  # decided before the hooks go on: its probe runs are not statistics
+                data.layout = channels_last_layout(model, inputs_for(model, split_batch(first)[0]), setup.forward_fn)
+                batches = itertools.chain([first], batches)
             with collector.hooks(), recording(model, out.moments), sampling(model, out.samples), torch.no_grad():
-                batches = iterate(loader, num_batches)
                 total = total_batches(loader, num_batches)
                 for batch in tqdm(batches, total=total, disable=not progress, desc="calibrating", unit="batch",
                                   leave=False):  # fmt: skip
                     data.keep(batch)
-                    run_batch(model, split_batch(batch)[0], setup.forward_fn)
+                    run_batch(model, data.layout(split_batch(batch)[0]), setup.forward_fn)
         out.stats = collector.stats
     if setup.gradients:
         out.gradients = accumulate_gradients(model, data.replay(), setup.forward_fn, setup.output_transform)
@@ -164,7 +169,7 @@ def recalibrate(
     model.eval()
     with collector.hooks(), recording(model, out.moments), sampling(model, out.samples), torch.no_grad():
         for batch in data.replay():
-            run_batch(model, split_batch(batch)[0], setup.forward_fn)
+            run_batch(model, data.layout(split_batch(batch)[0]), setup.forward_fn)
     out.stats = collector.stats
     if setup.gradients:
         out.gradients = accumulate_gradients(model, data.replay(), setup.forward_fn, setup.output_transform)
@@ -213,8 +218,8 @@ def correct_batchnorm_after(
     norms = norms_with_running_stats(pruned)
     keep = {name: k for name, k in keep.items() if name in norms}
 
-    def run(model: nn.Module, batch: Any) -> None:
-        run_batch(model, split_batch(batch)[0], forward_fn)
+    def run(model: nn.Module, batch: Any) -> None:  # in the layout the original's moments were measured in
+        run_batch(model, data.layout(split_batch(batch)[0]), forward_fn)
 
     if data.cached:
         correct_batchnorm(

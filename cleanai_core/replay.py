@@ -9,7 +9,7 @@ loader is read again, where it can be.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from cleanai_core.calibration import iterate
 from cleanai_core.errors import UserError
+from cleanai_core.runtime import same_layout
 
 __all__ = ["CACHE_BYTES", "CalibrationData"]
 
@@ -33,6 +34,10 @@ class CalibrationData:
         self.budget = CACHE_BYTES if budget is None else budget
         self.batches: list[Any] | None = []
         self._bytes = 0
+        #: how the batches' inputs are laid out for the model, in every pass over them: set
+        #: by the first pass (:func:`~cleanai_core.runtime.channels_last_layout`), so the
+        #: original and a pruned model see the same layout (their norm inputs are paired)
+        self.layout: Callable[[Any], Any] = same_layout
 
     def keep(self, batch: Any) -> None:
         """Remember ``batch`` (one the first pass saw) unless the budget is spent."""

@@ -28,6 +28,7 @@ __all__ = [
     "logits_of",
     "move_to",
     "run_batch",
+    "same_layout",
     "split_batch",
     "total_batches",
 ]
@@ -73,7 +74,7 @@ def channels_last_layout(model: nn.Module, inputs: Any, forward_fn: Callable | N
     images = [t for t in leaves if t.dim() == 4 and t.is_floating_point()]
     on_cpu = all(t.device.type == "cpu" for t in leaves) and (device_of(model) or torch.device("cpu")).type == "cpu"
     if not images or not on_cpu:
-        return _same_layout
+        return same_layout
     n = images[0].shape[0]
     few = tree_map(lambda t: t[:2] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t, inputs)
     from cleanai_core.model_state import preserved
@@ -83,12 +84,13 @@ def channels_last_layout(model: nn.Module, inputs: Any, forward_fn: Callable | N
             plain = tree_flatten(call_model(model, few, forward_fn))[0]
             last = tree_flatten(call_model(model, _to_channels_last(few), forward_fn))[0]
     except Exception:
-        return _same_layout
+        return same_layout
     same = len(plain) == len(last) and all(_agree(a, b) for a, b in zip(plain, last, strict=False))
-    return _to_channels_last if same else _same_layout
+    return _to_channels_last if same else same_layout
 
 
-def _same_layout(inputs: Any) -> Any:
+def same_layout(inputs: Any) -> Any:
+    """The inputs as they are (the layout where channels-last is not used)."""
     return inputs
 
 
