@@ -110,12 +110,13 @@ def allocate_ratios(
 
     scores = pruner.score()
     ex, fwd = pruner.example_inputs, pruner.forward_fn
-    measure, base_size = {
-        "flops": lambda: (flops_measure(ex, fwd, model), result.base_flops),
-        "params": lambda: (params_measure, result.base_params),
-        "latency": lambda: (latency_measure or (lambda m: measure_latency(m, ex, forward_fn=fwd)), None),
-    }[kind]()
-    base_size = measure(model) if base_size is None else base_size
+    if kind == "flops":
+        measure, base_size = flops_measure(ex, fwd, model), result.base_flops
+    elif kind == "params":
+        measure, base_size = params_measure, result.base_params
+    else:
+        measure = latency_measure or (lambda m: measure_latency(m, ex, forward_fn=fwd))
+        base_size = measure(model)
     measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
 
     def cost(ratios: dict[int, float]) -> float:

@@ -94,18 +94,14 @@ def sample_rows(x: Any) -> torch.Tensor | None:
     if x.ndim == 1:
         return x.reshape(1, -1).float()
     n, c = x.shape[:2]
-    s = x[0, 0].numel() if n else 0
+    s = x[0, 0].numel()
+    idx = None if n * s <= SAMPLE_ROWS else torch.linspace(0, n * s - 1, SAMPLE_ROWS, device=x.device).long()
     last = x.movedim(1, -1)
     if last.is_contiguous():  # channels innermost (channels-last): positions are rows of a view
         rows = last.view(n * s, c)
-        if n * s <= SAMPLE_ROWS:
-            return rows.float()
-        return rows[torch.linspace(0, n * s - 1, SAMPLE_ROWS, device=x.device).long()].float()
-    x3 = x.reshape(n, c, -1)
-    if n * s <= SAMPLE_ROWS:
-        return x3.transpose(1, 2).reshape(n * s, c).float()
-    idx = torch.linspace(0, n * s - 1, SAMPLE_ROWS, device=x.device).long()
-    return x3[idx // s, :, idx % s].float()
+        return (rows if idx is None else rows[idx]).float()
+    x3 = x.reshape(n, c, -1)  # channels first: index positions without transposing the whole input
+    return (x3.transpose(1, 2).reshape(n * s, c) if idx is None else x3[idx // s, :, idx % s]).float()
 
 
 def pair_moments(orig: torch.Tensor, pruned: torch.Tensor) -> Pair | None:
@@ -222,11 +218,11 @@ def _trust(divergence: torch.Tensor, n: float) -> float:
     """How far one norm's trained statistics describe the calibration data (1: as well as
     ``n`` values per channel can tell, toward 0: not at all), from the median over its
     channels of the divergence beyond what sampling alone gives, once that excess passes
-    :data:`FOREIGN`. Changes are shrunk toward
-    the trained statistics only by this much: a random-weight model's trained statistics
-    (0 and 1) describe nothing (a median divergence of 3-75 on a RegNet at batch size 1,
-    where sampling gives 0.01-0.2), and shrinking toward them compounded down its chain
-    of norms until its output was off by 1e9."""
+    :data:`FOREIGN`. Changes are shrunk toward the trained statistics only by this much:
+    a random-weight model's trained statistics (0 and 1) describe nothing (a median
+    divergence of 3-75 on a RegNet at batch size 1, where sampling gives 0.01-0.2), and
+    shrinking toward them compounded down its chain of norms until its output was off by
+    1e9."""
     if divergence.numel() == 0:
         return 0.0
     excess = float(divergence.median()) - _null_divergence(int(n), divergence.numel())
@@ -252,7 +248,8 @@ def estimate(
         return Estimate(shift_mean, shift_var)
     r = torch.where(related, correlation(pair), torch.zeros_like(var_o))
     reg_mean, reg_var, resid, slope = _regression(base_mean, base_var, eps, mean_p, var_p, mean_o, var_o, r)
-    w = torch.where(related, 1 / (1 + _divergence(base_mean, base_var, mean_o, var_o, eps)), torch.zeros_like(r))
+    divergence = _divergence(base_mean, base_var, mean_o, var_o, eps)
+    w = torch.where(related, 1 / (1 + divergence), torch.zeros_like(r))
     mean = shift_mean + w * (reg_mean - shift_mean)
     var = torch.where(w == 0, shift_var, shift_var + w * (reg_var - shift_var))
     # the sampling noise of the changes from the trained statistics, in the trained units
@@ -280,7 +277,7 @@ def estimate(
     k_mean, u_mean = _shrinkage(d_mean, noise_mean)
     k_var, u_var = _shrinkage(d_var, noise_var)
     # shrink toward the trained statistics only as far as they describe the calibration data
-    trust = _trust(_divergence(base_mean, base_var, mean_o, var_o, eps)[related], n_o)
+    trust = _trust(divergence[related], n_o)
     k_mean, k_var = 1 - trust * (1 - k_mean), 1 - trust * (1 - k_var)
     # a change too large for float64 (a model whose activations overflow) is left unshrunk
     keep_mean, keep_var = (k_mean == 1) | ~torch.isfinite(d_mean), (k_var == 1) | ~torch.isfinite(d_var)

@@ -37,21 +37,33 @@ def count_flops(model: nn.Module, inputs: Any, forward_fn: Callable | None = Non
     Attention is counted through the math backend, since fused CPU kernels are not
     seen by the counter. Counting needs shapes only, so the heavy ops run on the meta
     device (:class:`~cleanai_core.shapes.ShapeOnlyMode`)."""
+    counter = FlopCounterMode(display=False)
+    _count_into(counter, model, inputs, forward_fn)
+    return int(counter.get_total_flops())
+
+
+def _count_into(counter: FlopCounterMode, model: nn.Module, inputs: Any, forward_fn: Callable | None) -> None:
+    """One shape-only forward pass of ``model`` under ``counter`` (see :func:`count_flops`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from cleanai_core.shapes import ShapeOnlyMode
 
-    with eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ShapeOnlyMode():
-        with FlopCounterMode(display=False) as counter:
-            call_model(model, inputs, forward_fn)
-    return int(counter.get_total_flops())
+    with eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ShapeOnlyMode(), counter:
+        call_model(model, inputs, forward_fn)
 
 
 #: leaf modules whose FLOPs (as PyTorch's counter counts them) are the number of positions
 #: they run at times their weight's elements, times 2: a channel-pruned copy's FLOPs follow
 #: from its weight's size (pruning channels never changes the positions)
-_WEIGHT_PROPORTIONAL = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
-_WEIGHT_PROPORTIONAL += (nn.ConvTranspose3d,)
+_WEIGHT_PROPORTIONAL = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 
 
 class FlopsOfCopies:
@@ -75,10 +87,6 @@ class FlopsOfCopies:
         self.total = self._count(model)
 
     def _count(self, model: nn.Module) -> int:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        from cleanai_core.shapes import ShapeOnlyMode
-
         ran: dict[str, int] = {}
         counter = FlopCounterMode(display=False)
         start: dict[str, int] = {}
@@ -95,8 +103,7 @@ class FlopsOfCopies:
         for name, m in leaves.items():
             handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post(name))]
         try:
-            with eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ShapeOnlyMode(), counter:
-                call_model(model, self.inputs, self.forward_fn)
+            _count_into(counter, model, self.inputs, self.forward_fn)
         finally:
             for h in handles:
                 h.remove()

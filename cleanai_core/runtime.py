@@ -77,12 +77,12 @@ def channels_last_layout(model: nn.Module, inputs: Any, forward_fn: Callable | N
         return same_layout
     n = images[0].shape[0]
     few = tree_map(lambda t: t[:2] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t, inputs)
-    from cleanai_core.model_state import preserved
+    from cleanai_core.verify import model_outputs
 
+    every = lambda out: out  # noqa: E731  (all outputs, not only the logits)
     try:
-        with preserved(model), torch.no_grad():
-            plain = tree_flatten(call_model(model, few, forward_fn))[0]
-            last = tree_flatten(call_model(model, _to_channels_last(few), forward_fn))[0]
+        plain = model_outputs(model, few, forward_fn, every)
+        last = model_outputs(model, _to_channels_last(few), forward_fn, every)
     except Exception:
         return same_layout
     same = len(plain) == len(last) and all(_agree(a, b) for a, b in zip(plain, last, strict=False))
@@ -94,12 +94,10 @@ def same_layout(inputs: Any) -> Any:
     return inputs
 
 
-def _agree(a: Any, b: Any) -> bool:
+def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Two outputs of one model on the same inputs in two memory layouts: equal to float
     rounding (a tenth of a percent of the largest value)."""
-    if not isinstance(a, torch.Tensor):
-        return not isinstance(b, torch.Tensor)
-    if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+    if a.shape != b.shape or a.dtype != b.dtype:
         return False
     if not a.is_floating_point():
         return bool(torch.equal(a, b))

@@ -39,7 +39,7 @@ from cleanai_core.bn_correction import (
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import PruningError
 from cleanai_core.prefix_cache import PrefixCache
-from cleanai_core.runtime import device_of, run_batch
+from cleanai_core.runtime import device_of, run_batch, same_layout
 
 __all__ = ["TrialNorms"]
 
@@ -69,7 +69,9 @@ class TrialNorms:
     samples: Samples | None = None
 
     @classmethod
-    def of(cls, pruner: Any, samples: int, passes: int = 1, fast: bool = True, layout: Any = None) -> TrialNorms | None:
+    def of(
+        cls, pruner: Any, samples: int, passes: int = 1, fast: bool = True, layout: Any = same_layout
+    ) -> TrialNorms | None:
         """For ``pruner``'s trials, on calibration batches holding at least ``samples``
         samples, laid out by ``layout`` (:func:`~cleanai_core.runtime.channels_last_layout`,
         as the trials' evaluation batches); ``None`` where the prune corrects nothing
@@ -84,7 +86,7 @@ class TrialNorms:
             size = _samples(x)
             if n + size > samples:  # as many samples as the trials run on, no more
                 x = tree_map(lambda t: t[: samples - n] if _batched(t, size) else t, x)
-            batches.append(move_to(x, device_of(model)) if layout is None else layout(move_to(x, device_of(model))))
+            batches.append(layout(move_to(x, device_of(model))))
             n += _samples(batches[-1])
             if n >= samples:
                 break
