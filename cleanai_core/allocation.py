@@ -8,7 +8,8 @@ Glossary:
   by bisection until the *measured* cost of the whole plan meets the target (the
   Lagrangian relaxation of the knapsack over the curves; curves are interpolated linearly
   between measured ratios). The result is checked against a uniform ratio and global
-  ranking at the same target, and the best of the three is returned.
+  ranking at the same target, and replaced by one of them only where it measures
+  clearly better on the evaluation batches.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import torch
 from torch import nn
 
 from cleanai_core.errors import PruningError, UserError
@@ -42,11 +44,12 @@ class Allocation:
 
     ``layer_ratios`` goes to ``StructuredPruner(layer_pruning_ratios=...)`` (with the
     same ``pruning_ratio``: groups no single layer names keep it). ``method`` says which
-    candidate measured the lowest fidelity loss (``kl``) on the evaluation batches:
-    ``"sensitivity"`` (the curves' allocation), ``"uniform"`` (one ratio for all) or
-    ``"global"`` (scores ranked across groups). The curves assume that the losses of
-    groups add up; where pruning several groups together compounds, a simpler
-    allocation can measure better, and then it is the one returned."""
+    candidate was chosen: ``"sensitivity"`` (the curves' allocation), ``"uniform"`` (one
+    ratio for all) or ``"global"`` (scores ranked across groups); ``kl`` holds each
+    candidate's mean fidelity loss on the evaluation batches. The curves assume that the
+    losses of groups add up; where pruning several groups together compounds, a simpler
+    allocation can measure clearly better (beyond the sampling noise of the evaluation
+    batches, see :func:`_choose`), and then it is the one returned."""
 
     layer_ratios: dict[str, float]
     method: str
@@ -73,7 +76,8 @@ def allocate_ratios(
     candidate is measured on the sliced model, not estimated; the result meets the target
     or, when nothing within the measured curves can, is the most the curves allow. The
     allocation is checked against a uniform ratio and global ranking at the same target
-    on the evaluation batches of ``result``, and the best of the three is returned.
+    on the evaluation batches of ``result``, and replaced by one of them only where that
+    one is better beyond the batches' sampling noise (:func:`_choose`).
 
     ``target_latency`` is a share of the original's latency as ``latency_measure(model)``
     gives it (default: median milliseconds of a forward pass on the pruner's example
@@ -135,8 +139,10 @@ def allocate_ratios(
         "uniform": _search(lambda r: dict.fromkeys(grids, min(r, 0.95)), cost, target, iterations, linear=True),
         "global": _search(ranked, cost, target, iterations, linear=True),
     }
-    kl: dict[str, float] = {}
-    if result.evaluator is not None:
+    losses: dict[str, torch.Tensor] = {}
+    hits: dict[str, float | None] = {}
+    ev = result.evaluator
+    if ev is not None:
         for name, ratios in candidates.items():
             plan = _plan(pruner, scores, {**fixed, **ratios}, others)
             try:
@@ -145,11 +151,37 @@ def allocate_ratios(
                 continue  # this candidate does not build: another one wins
             if result.norms is not None:  # as the prune will, on the trials' few correction batches
                 result.norms(trial, edits)
-            kl[name] = result.evaluator.fidelity(trial)[0]
-    method = min(kl, key=kl.get) if kl else "sensitivity"
+            outs = ev.outputs(trial)
+            losses[name], hits[name] = ev.per_sample(outs), ev.accuracy(outs)
+    method = _choose(losses, hits)
     best = candidates[method]
+    kl = {name: float(v.mean()) for name, v in losses.items()}
     by_group = {c.group: c.layer for c in curves}
     return Allocation({**stuck, **{by_group[gid]: r for gid, r in sorted(best.items())}}, method, kind, cost(best), kl)
+
+
+def _choose(losses: dict[str, torch.Tensor], hits: dict[str, float | None], z: float = 2.0) -> str:
+    """The curves' allocation, unless another candidate measured clearly better on the
+    evaluation batches: a lower mean KL by more than ``z`` standard errors of the paired
+    per-sample differences and, where labels give an accuracy, not a lower accuracy.
+    A few dozen samples cannot rank candidates a few hundredths of a nat apart, and the
+    curves' allocation is the one built for the target; a simpler allocation replaces it
+    where the groups' losses compound beyond doubt (#18)."""
+    if "sensitivity" not in losses:
+        return min(losses, key=lambda n: float(losses[n].mean())) if losses else "sensitivity"
+    own = losses["sensitivity"]
+    better = {}
+    for name, loss in losses.items():
+        gain = own - loss
+        if name == "sensitivity" or not bool(torch.isfinite(gain).all()):
+            if name != "sensitivity" and bool(torch.isfinite(loss).all()):
+                better[name] = float(loss.mean())  # the curves' allocation broke the output
+            continue
+        se = float(gain.std()) / math.sqrt(gain.numel()) if gain.numel() > 1 else math.inf
+        worse_acc = hits[name] is not None and hits["sensitivity"] is not None and hits[name] < hits["sensitivity"]
+        if float(gain.mean()) > z * se and not worse_acc:
+            better[name] = float(loss.mean())
+    return min(better, key=better.get) if better else "sensitivity"
 
 
 def _search(choose: Any, cost: Any, target: float, iterations: int, linear: bool = False) -> dict[int, float]:

@@ -215,7 +215,8 @@ def _sensitivity_lines(sens: dict[str, Any] | None, alloc: dict[str, Any] | None
         losses = ", ".join(f"{name} {kl:.3g}" for name, kl in sorted(alloc["kl"].items(), key=lambda kv: kv[1]))
         lines += [
             f"Automatic ratios (`--auto`): the **{alloc['method']}** allocation, keeping {alloc['cost']:.3f} of the "
-            f"{alloc['target']}; mean KL of each candidate on the sensitivity batches: {losses}.",
+            f"{alloc['target']}; mean KL of each candidate on the sensitivity batches: {losses} (the curves' "
+            "allocation unless another is lower beyond two standard errors and no less accurate).",
             "",
             "| layer | ratio |",
             "|---|---:|",

@@ -216,8 +216,11 @@ class _Evaluator:
     def fidelity(self, m: nn.Module, outs: list[torch.Tensor] | None = None) -> tuple[float, float | None]:
         """(mean KL to the original output, accuracy or None) of model ``m`` (or of its ``outs``)."""
         outs = self.outputs(m) if outs is None else outs
-        kl = sum(float(_fidelity(a, b).sum()) for a, b in zip(self.ref, outs, strict=True)) / self.samples
-        return kl, self.accuracy(outs)
+        return float(self.per_sample(outs).mean()), self.accuracy(outs)
+
+    def per_sample(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        """Each evaluation sample's KL to the original output (float64, in batch order)."""
+        return torch.cat([_fidelity(a, b).double().cpu() for a, b in zip(self.ref, outs, strict=True)])
 
 
 def analyse_sensitivity(

@@ -93,7 +93,7 @@ def test_allocation_meets_the_flops_target_and_beats_uniform(analysed, target):
     net, p, result = analysed
     alloc = allocate_ratios(p, result, target_flops=target)
     assert alloc.target == "flops" and set(alloc.kl) == {"sensitivity", "uniform", "global"}
-    assert alloc.method == min(alloc.kl, key=alloc.kl.get)
+    assert alloc.kl[alloc.method] <= alloc.kl["sensitivity"]  # replaced only by a lower loss
     ratios = alloc.layer_ratios
     if alloc.method == "sensitivity":
         assert ratios["fc2"] >= 0.25  # the dead quarter is free
@@ -104,7 +104,14 @@ def test_allocation_meets_the_flops_target_and_beats_uniform(analysed, target):
     assert target - 0.1 < kept <= target and kept == pytest.approx(alloc.cost)
     x = torch.cat(loader())
     assert kl(net(x), auto(x)) == pytest.approx(alloc.kl[alloc.method], rel=1e-3)
-    assert kl(net(x), auto(x)) <= kl(net(x), uniform(x)) * 1.02
+    # never clearly worse than uniform: within two standard errors of the paired differences
+    ref = F.log_softmax(net(x).detach(), 1)
+
+    def each(m):
+        return (ref.exp() * (ref - F.log_softmax(m(x).detach(), 1))).sum(1)
+
+    diff = each(auto) - each(uniform)
+    assert float(diff.mean()) <= 2 * float(diff.std()) / diff.numel() ** 0.5
 
 
 def test_allocation_meets_a_params_target(analysed):
@@ -213,7 +220,7 @@ def test_allocation_meets_a_latency_target_as_the_given_measure_sees_it(analysed
         return 2000.0 + count_flops(m, X[:1]) / 10.0
 
     alloc = allocate_ratios(p, result, target_latency=0.7, latency_measure=latency)
-    assert alloc.target == "latency" and alloc.method == min(alloc.kl, key=alloc.kl.get)
+    assert alloc.target == "latency" and alloc.kl[alloc.method] <= alloc.kl["sensitivity"]
     auto = pruner_for(net, layer_pruning_ratios=alloc.layer_ratios).prune()
     kept = latency(auto) / latency(net)
     assert kept == pytest.approx(alloc.cost, rel=1e-9) and 0.6 < kept <= 0.7
@@ -234,3 +241,28 @@ def test_a_group_the_allocation_cannot_name_is_costed_as_the_prune_treats_it(ana
     assert auto.fc3.out_features == 32 - int(0.3 * 32)
     kept = count_flops(auto, X[:1]) / count_flops(net, X[:1])
     assert kept == pytest.approx(alloc.cost) and kept <= 0.6
+
+
+def test_the_choice_keeps_the_curves_allocation_within_the_noise():
+    from cleanai_core.allocation import _choose
+
+    g = torch.Generator().manual_seed(0)
+    own = torch.rand(100, generator=g, dtype=torch.float64)
+    noisy = own + 0.3 * (torch.rand(100, generator=g, dtype=torch.float64) - 0.52)  # 0.006 lower on average
+    clear = own * 0.5
+    assert float(noisy.mean()) < float(own.mean())
+    assert _choose({"sensitivity": own, "global": noisy}, {"sensitivity": None, "global": None}) == "sensitivity"
+    assert (
+        _choose(
+            {"sensitivity": own, "global": noisy, "uniform": clear}, dict.fromkeys(("sensitivity", "global", "uniform"))
+        )
+        == "uniform"
+    )
+    # clearly lower KL, but fewer labels right: the curves' allocation stays
+    assert _choose({"sensitivity": own, "uniform": clear}, {"sensitivity": 90.0, "uniform": 89.0}) == "sensitivity"
+    assert _choose({"sensitivity": own, "uniform": clear}, {"sensitivity": 90.0, "uniform": 90.0}) == "uniform"
+    # the curves' allocation did not build, or broke the output
+    assert _choose({"uniform": own, "global": clear}, {"uniform": None, "global": None}) == "global"
+    broken = own.clone()
+    broken[3] = float("inf")
+    assert _choose({"sensitivity": broken, "uniform": own}, {"sensitivity": None, "uniform": None}) == "uniform"

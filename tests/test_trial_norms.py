@@ -76,7 +76,7 @@ def test_the_trial_correction_leaves_the_users_model_alone(exact):
 def test_the_candidates_are_measured_as_the_prune_builds_them(exact):
     net, p, result = exact
     alloc = allocate_ratios(p, result, target_flops=0.5)
-    assert alloc.method == min(alloc.kl, key=alloc.kl.get)
+    assert alloc.kl[alloc.method] <= alloc.kl["sensitivity"]
     auto = pruner_for(net, layer_pruning_ratios=alloc.layer_ratios).prune()
     assert count_flops(auto, CAL[0][:1]) / count_flops(net, CAL[0][:1]) == pytest.approx(alloc.cost)
     assert alloc.kl[alloc.method] == pytest.approx(result.evaluator.fidelity(auto)[0], rel=1e-3)
