@@ -27,12 +27,17 @@ The correction (eval mode throughout; any batch size, also one value per channel
    where ``base_*`` are the statistics the model was trained with, sliced to the kept
    channels. In the first pass each call normalises with the statistics moved by that
    call's own difference (as train mode normalises with each batch's statistics), so the
-   norms below already see a corrected input: one pass corrects a chain of any depth. In
-   later passes every norm holds the estimate of the pass before, which refines it toward
-   the fixed point (each such pass alone would carry the correction only one norm deeper:
-   three of them left 10 chained norms of a small ResNet far off, 42% instead of 94%
-   accuracy at half the FLOPs). No pass depends on the order or the sharding of the
-   batches. Where pruning changed nothing (dead units: zero weights, zero activations),
+   norms below already see a corrected input: one pass corrects a chain of any depth, and
+   it is the only pass by default. Later passes (``passes=``) hold every norm at the
+   estimate of the pass before and move it by the plain difference of the moments, without
+   the pairing of the first: on the digits benchmark 1, 2 or 3 passes gave the same mean
+   accuracy over 36 pruned models (86.15, 86.07, 86.08%), and on random-weight models at
+   half the channels the later passes moved the outputs further from the original's
+   (ResNet-50 at batches of 8: mean output change 0.85 after one pass, 7.0 after three,
+   output scale 9.4; RegNetX-8GF at batch 1: 0.055 against 0.24, scale 0.26), at the cost
+   of a pass of the pruned model each (issue 21). (Passes without the batchwise first one
+   would each carry the correction only one norm deeper.) No pass depends on the order or
+   the sharding of the batches. Where pruning changed nothing (dead units: zero weights, zero activations),
    both moments agree and the statistics stay as trained, to float tolerance.
 
 The trained statistics are never replaced by estimates from the (small) calibration set,
@@ -267,7 +272,7 @@ def correct_batchnorm(
     batches: Callable[[], Iterable[Any]],
     run: Callable[[nn.Module, Any], Any],
     run_original: Callable[[Any], None] | None = None,
-    passes: int = 3,
+    passes: int = 1,
     tol: float = 1e-3,
     original: nn.Module | None = None,
     original_samples: Samples | None = None,
@@ -286,7 +291,8 @@ def correct_batchnorm(
         unless ``run_original`` is given.
     :param passes: the first pass corrects each call by its own measured difference as it
         runs, so the norms below see corrected inputs within the pass; each later pass
-        measures every norm's input with the norms above it held at the last pass's estimate.
+        measures every norm's input with the norms above it held at the last pass's
+        estimate (without pairing; one pass, the default, measured as well or better).
     :param tol: passes stop early once one moves no norm's statistics by more than this
         (a mean by ``tol`` standard deviations, a variance by ``tol`` of itself): the next
         pass would measure the same inputs to within that. Where pruning changed no norm's
