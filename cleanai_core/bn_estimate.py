@@ -195,18 +195,31 @@ def _divergence(base_mean, base_var, mean_o, var_o, eps):
     return 0.5 * (v_t / v_o + v_o / v_t - 2 + (base_mean - mean_o).square() * (1 / v_t + 1 / v_o))
 
 
-@functools.cache
+#: up to this many values per channel the null divergence is simulated at the count itself;
+#: beyond it, scaled from this count (it falls as ``1 / n``: both of its terms are squared
+#: standardised sampling errors)
+NULL_SIMULATED_UP_TO = 1024
+
+
 def _null_divergence(n: int, channels: int) -> float:
     """What sampling alone gives for the median over ``channels`` channels of the divergence
     (:func:`_divergence`) of ``n`` values' moments from the statistics they were drawn
     from: its 90th percentile (large for a few values over a few channels, about ``1.5 / n``
-    for many). Drawn once per ``(n, channels)`` from a fixed seed, the moments sampled
-    directly (the mean normal, the variance chi-square), at most 256 channels (the
-    median of more varies less: the threshold stays on the safe side)."""
+    for many). Simulated once per ``(n, channels)`` from a fixed seed (:func:`_simulated_null`),
+    at most 256 channels (the median of more varies less: the threshold stays on the safe
+    side) and :data:`NULL_SIMULATED_UP_TO` values, scaled by ``1 / n`` beyond."""
     if n <= 1:
         return math.inf
+    top = NULL_SIMULATED_UP_TO
+    return _simulated_null(min(n, top), max(1, min(channels, 256))) * (top / n if n > top else 1.0)
+
+
+@functools.cache
+def _simulated_null(n: int, channels: int) -> float:
+    """:func:`_null_divergence` drawn: the moments sampled directly (the mean normal, the
+    variance chi-square), 1001 times."""
     g = torch.Generator().manual_seed(0)
-    shape = (1001, max(1, min(channels, 256)))
+    shape = (1001, channels)
     mean = torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(n)
     chi2 = torch._standard_gamma(torch.full(shape, (n - 1) / 2, dtype=torch.float64), generator=g) * 2
     one = torch.ones((), dtype=torch.float64)

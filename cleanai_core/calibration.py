@@ -155,6 +155,11 @@ class ChannelStats:
         return last if last is not None else _as_rows(x, dim).transpose(1, 2).reshape(n, c)
 
     @property
+    def has_cov(self) -> bool:
+        """Whether a covariance was collected (without forming the matrix, as :attr:`cov` does)."""
+        return self.cov_block is not None
+
+    @property
     def cov(self) -> torch.Tensor | None:
         """Channel covariance matrix (float64, CPU), when collected. The last one formed is
         kept (one matrix, for all statistics together) until its totals change, so reading

@@ -71,7 +71,7 @@ def compensate(
             continue
         module = model.get_submodule(spec.module)
         no_bias = not getattr(spec.pruner, "new_bias", True) and getattr(module, "bias", None) is None
-        solve = reconstruction and st.cov is not None and not bool(gone.all())
+        solve = reconstruction and st.has_cov and not bool(gone.all())  # the matrix is formed once, by the solve
         folds.append((spec, gone.nonzero().squeeze(1), (~gone).nonzero().squeeze(1) if solve else None, no_bias))
     jobs = [(_solver(stats[(spec.module, spec.name)], idx, kept, no_bias), [(len(idx), len(kept)), (len(idx),)])
             for spec, idx, kept, no_bias in folds if kept is not None]  # fmt: skip
@@ -83,7 +83,7 @@ def compensate(
             dev = device_of(module) or torch.device("cpu")  # the statistics live on the CPU
             if kept is not None:
                 coef, shift = next(solutions)
-                moved = (t.to(dev) for t in (idx, kept, coef.to(st.cov.dtype), shift.to(st.cov.dtype)))
+                moved = (t.to(dev) for t in (idx, kept, coef.to(torch.float64), shift.to(torch.float64)))
                 if spec.pruner.reconstruct(module, spec.name, *moved):
                     continue
             if not no_bias:

@@ -6,8 +6,10 @@ change within its noise (a norm after a linear at calibration batch size 1)."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -96,3 +98,12 @@ def test_identical_input_keeps_the_trained_statistics_at_batch_size_one():
         correct_batchnorm(pruned, moments, {}, lambda: iter(data), lambda m, b: m(b), original=model)
     assert torch.equal(pruned[1].running_mean, model[1].running_mean)
     assert torch.equal(pruned[1].running_var, model[1].running_var)
+
+
+def test_the_null_divergence_beyond_the_simulated_counts_falls_as_one_over_n():
+    from cleanai_core.bn_estimate import NULL_SIMULATED_UP_TO, _null_divergence, _simulated_null
+
+    for n in (2 * NULL_SIMULATED_UP_TO, 8 * NULL_SIMULATED_UP_TO):
+        assert _null_divergence(n, 2048) == pytest.approx(_simulated_null(n, 256), rel=5e-3)
+    assert _null_divergence(100, 64) == _simulated_null(100, 64) > _null_divergence(100, 256)
+    assert _null_divergence(1, 64) == math.inf
