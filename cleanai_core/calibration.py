@@ -56,6 +56,9 @@ _GRAM_BLOCK = 768
 _GRAM_MIN_SPLIT = 1024
 #: elements per block of the blocked loops below (4 MiB of float32: stays in cache)
 _BLOCK_ELEMENTS = 1 << 20
+#: the block of :func:`_column_sums` (channels innermost): 256K elements measured fastest
+#: against 64K and 1M on 8x{32,96,144,256}x{112,56} and 8x2048x7x7 inputs
+_COLUMN_BLOCK_ELEMENTS = 1 << 18
 
 
 #: the covariance :attr:`ChannelStats.cov` formed last: (its statistics, their totals' versions, the matrix)
@@ -239,10 +242,12 @@ def batch_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch
 def finite_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torch.Tensor] | None:
     """:func:`batch_moments` without the error: None also where a value is not finite.
 
-    Each channel's sums are reduced the same way whatever the other channels hold, so a
-    channel that pruning left unchanged gets bit-identical moments in the original and in
-    the pruned model (what :mod:`cleanai_core.bn_correction` relies on); 15-20x faster on
-    CPU than ``var_mean`` over a float64 copy."""
+    Channels first, each channel's sums are reduced the same way whatever the other
+    channels hold, so a channel that pruning left unchanged gets bit-identical moments in
+    the original and in the pruned model; channels last (a matrix-vector product per
+    block), equal to float32 rounding (what :mod:`cleanai_core.bn_correction` relies on:
+    an unchanged channel's statistics move by rounding only). 15-20x faster on CPU than
+    ``var_mean`` over a float64 copy."""
     x = x.detach()
     if not x.is_floating_point() or x.numel() == 0:
         return None
@@ -283,14 +288,18 @@ def _column_sums(x2: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, t
     once allocates and writes a copy as large as the activation, which costs several times
     the two reductions."""
     rows, c = x2.shape
-    step = max(1, _BLOCK_ELEMENTS // c)
+    step = max(1, _COLUMN_BLOCK_ELEMENTS // c)
     total = x2.new_zeros(c)
     squares = x2.new_zeros(c)
     scratch = x2.new_empty(min(step, rows), c)
+    ones = x2.new_ones(min(step, rows))
     for i in range(0, rows, step):
-        block = torch.sub(x2[i : i + step], shift, out=scratch[: min(step, rows - i)])
-        total += block.sum(0)
-        squares += block.mul_(block).sum(0)
+        k = min(step, rows - i)
+        block = torch.sub(x2[i : i + k], shift, out=scratch[:k])
+        # column sums as a product with ones: the BLAS kernel reads the block once, where a
+        # sum over dim 0 of a (rows, C) block took twice as long (ResNet/EfficientNet shapes)
+        total.addmv_(block.T, ones[:k])
+        squares.addmv_(block.mul_(block).T, ones[:k])
     return total, squares
 
 

@@ -360,3 +360,18 @@ def test_moments_keep_the_variance_of_a_channel_far_from_zero(channels_last):
     var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean, ref_mean, atol=1e-9, rtol=0)
     torch.testing.assert_close(m2 / n, var, rtol=1e-4, atol=0)
+
+
+def test_channels_last_moments_of_a_kept_channel_agree_to_rounding_and_with_float64():
+    from cleanai_core.calibration import finite_moments
+
+    torch.manual_seed(0)
+    x = (torch.randn(4, 40, 30, 30) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    kept = x[:, ::2].contiguous(memory_format=torch.channels_last)
+    (n, mean, m2), (n_k, mean_k, m2_k) = finite_moments(x, 1), finite_moments(kept, 1)
+    assert n == n_k == 4 * 30 * 30
+    torch.testing.assert_close(mean[::2], mean_k, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m2[::2], m2_k, rtol=1e-6, atol=0)
+    var, ref = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(m2 / n, var, rtol=1e-5, atol=0)
