@@ -169,17 +169,16 @@ def _choose(losses: dict[str, torch.Tensor], hits: dict[str, float | None], z: f
     where the groups' losses compound beyond doubt (#18)."""
     if "sensitivity" not in losses:
         return min(losses, key=lambda n: float(losses[n].mean())) if losses else "sensitivity"
-    own = losses["sensitivity"]
+    own, own_hits = losses["sensitivity"], hits["sensitivity"]
+    broken = not bool(torch.isfinite(own).all())  # the curves' allocation broke the output
     better = {}
     for name, loss in losses.items():
-        gain = own - loss
-        if name == "sensitivity" or not bool(torch.isfinite(gain).all()):
-            if name != "sensitivity" and bool(torch.isfinite(loss).all()):
-                better[name] = float(loss.mean())  # the curves' allocation broke the output
+        if name == "sensitivity" or not bool(torch.isfinite(loss).all()):
             continue
+        gain = own - loss
         se = float(gain.std()) / math.sqrt(gain.numel()) if gain.numel() > 1 else math.inf
-        worse_acc = hits[name] is not None and hits["sensitivity"] is not None and hits[name] < hits["sensitivity"]
-        if float(gain.mean()) > z * se and not worse_acc:
+        less_accurate = hits[name] is not None and own_hits is not None and hits[name] < own_hits
+        if broken or (float(gain.mean()) > z * se and not less_accurate):
             better[name] = float(loss.mean())
     return min(better, key=better.get) if better else "sensitivity"
 

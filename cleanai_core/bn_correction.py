@@ -37,8 +37,9 @@ The correction (eval mode throughout; any batch size, also one value per channel
    output scale 9.4; RegNetX-8GF at batch 1: 0.055 against 0.24, scale 0.26), at the cost
    of a pass of the pruned model each (issue 21). (Passes without the batchwise first one
    would each carry the correction only one norm deeper.) No pass depends on the order or
-   the sharding of the batches. Where pruning changed nothing (dead units: zero weights, zero activations),
-   both moments agree and the statistics stay as trained, to float tolerance.
+   the sharding of the batches. Where pruning changed nothing (dead units: zero weights,
+   zero activations), both moments agree and the statistics stay as trained, to float
+   tolerance.
 
 The trained statistics are never replaced by estimates from the (small) calibration set,
 and nothing runs in train mode, so a norm that sees one value per channel (after global
