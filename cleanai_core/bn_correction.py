@@ -61,7 +61,6 @@ from cleanai_core.calibration import _chan_merge, finite_moments
 from cleanai_core.model_state import preserved
 
 __all__ = [
-    "MAX_STRIDE",
     "SAMPLE_BYTES",
     "Moments",
     "Samples",
@@ -72,13 +71,12 @@ __all__ = [
     "set_running_stats",
 ]
 
-#: the most bytes of the original's paired samples kept from calibration: past it every
-#: call's sample is thinned (every other row), down to :data:`MAX_STRIDE`; past that the
-#: original runs again beside the pruned model in the correction's pass
-SAMPLE_BYTES = 64 << 20
-#: the sparsest thinning of the kept samples (of :data:`~cleanai_core.bn_estimate.SAMPLE_ROWS`
-#: positions per call, one in this many is kept)
-MAX_STRIDE = 16
+#: the most bytes of the original's paired samples kept from calibration; beyond it the
+#: original runs again beside the pruned model in the correction's pass. 256 MiB holds 256
+#: positions per norm call of ResNet-50 for 9 batches (27 MB per batch); thinning the
+#: samples to stay within a smaller budget was tried and dropped: a random-weight
+#: ResNet-152 paired on a quarter of the rows moved its outputs 14x further
+SAMPLE_BYTES = 256 << 20
 
 #: per norm name: the moments ``(count, mean, M2)`` of its input, one entry per call
 Moments = dict[str, list[tuple[float, torch.Tensor, torch.Tensor] | None]]
@@ -133,46 +131,25 @@ def recording(model: nn.Module, moments: Moments) -> Iterator[Moments]:
 
 class Samples:
     """The original's norm inputs at the paired positions, per norm one entry per call
-    (:func:`~cleanai_core.bn_estimate.sample_rows`, every :attr:`stride`-th row), in at
-    most ``budget`` bytes: each time they outgrow it, every kept sample drops every other
-    row and the stride doubles, so the memory stays bounded however many batches stream
-    and the pairing still covers every batch (the rows are evenly spaced positions; every
-    other one of them is too). Past :data:`MAX_STRIDE` :attr:`complete` is False and none
-    are kept. The pruned model's sample of a call is thinned by the same stride
-    (:meth:`thin`), so the two stay paired row for row."""
+    (:func:`~cleanai_core.bn_estimate.sample_rows`), kept while they fit in ``budget``
+    bytes (default :data:`SAMPLE_BYTES`); beyond it :attr:`complete` is False and none
+    are kept."""
 
     def __init__(self, budget: int | None = None) -> None:
         self.calls: dict[str, list] = {}
         self.budget = SAMPLE_BYTES if budget is None else budget
         self.bytes = 0
-        self.stride = 1
         self.complete = True
-
-    def thin(self, rows: torch.Tensor | None) -> torch.Tensor | None:
-        """``rows`` (one call's :func:`sample_rows`) at this sample's stride."""
-        return _thinned(rows, self.stride)
 
     def add(self, name: str, x: Any) -> None:
         if not self.complete:
             return
-        rows = self.thin(sample_rows(x))
-        self.calls.setdefault(name, []).append(rows)
-        self.bytes += _size(rows)
-        while self.bytes > self.budget:
-            if self.stride * 2 > MAX_STRIDE:
-                self.complete, self.calls = False, {}
-                return
-            self.stride *= 2
-            self.calls = {n: [None if r is None else r[::2].clone() for r in calls] for n, calls in self.calls.items()}
-            self.bytes = sum(_size(r) for calls in self.calls.values() for r in calls)
-
-
-def _thinned(rows: torch.Tensor | None, stride: int) -> torch.Tensor | None:
-    return rows if rows is None or stride == 1 else rows[::stride]
-
-
-def _size(rows: torch.Tensor | None) -> int:
-    return 0 if rows is None else rows.numel() * rows.element_size()
+        rows = sample_rows(x)
+        self.bytes += rows.numel() * rows.element_size() if rows is not None else 0
+        if self.bytes > self.budget:
+            self.complete, self.calls = False, {}
+        else:
+            self.calls.setdefault(name, []).append(rows)
 
 
 @contextmanager
@@ -202,7 +179,6 @@ class _Correction:
         self.broken = False
         self.uncertain = False
         self.samples: list | None = None  # the original's paired samples, while pairing
-        self.stride = 1  # of the original's samples: every stride-th row of sample_rows
         self.sample_offset = 0  # the pass's calls before the first entry of :attr:`samples`
         self.pair: Pair | None = None  # the pair's totals (pairing pass), kept for the later passes
         self.restart(batchwise=False)
@@ -235,7 +211,7 @@ class _Correction:
             return None
         k = self.i - 1 - self.sample_offset
         sample = self.samples[k] if 0 <= k < len(self.samples) else None
-        mine = _thinned(sample_rows(x), self.stride)
+        mine = sample_rows(x)
         if sample is None or mine is None:
             return None
         if self.keep is not None:
@@ -351,7 +327,7 @@ def correct_batchnorm(
                 for name, f in fixes.items():  # the first pass batch by batch; then held at the last pass's estimate
                     f.restart(batchwise=i == 0, pairing=pairing)
                     if pairing and stored:
-                        f.samples, f.stride = original_samples.calls.get(name, []), original_samples.stride
+                        f.samples = original_samples.calls.get(name, [])
                 if i > 0 and run_original is not None:  # measured afresh beside the pruned model
                     for calls in original_moments.values():
                         calls.clear()
@@ -398,7 +374,7 @@ def _run_beside(
         else:
             run(original, batch)
     for name, f in fixes.items():
-        f.samples, f.sample_offset, f.stride = samples.calls.get(name, []), f.i, 1
+        f.samples, f.sample_offset = samples.calls.get(name, []), f.i
 
 
 def _finish(fixes: dict[str, _Correction]) -> int:
