@@ -12,7 +12,7 @@ compensation, no retraining. For each FLOPs target, three allocations:
 
 Run::
 
-    python benchmarks/auto_ratios.py            # -> prints the table; --out docs/accuracy.md section
+    python benchmarks/auto_ratios.py            # -> prints the table (--seed N: models trained with seed N)
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)))
     ap.add_argument("--stats", type=int, default=200, help="calibration images for the statistics; the rest: trials")
+    ap.add_argument("--seed", type=int, default=0, help="the models' training seed (accuracy.py's --seeds)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     train_d, cal_d, ev_d = load_data()
@@ -61,7 +62,7 @@ def main() -> None:
     print("| model | FLOPs target | uniform | global | auto | auto chose | auto FLOPs kept | sensitivity (s) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        model = train(name, train_d)
+        model = train(name, train_d, seed=args.seed)
         example = cal_d[0][:2]
         base_acc = accuracy(model, ev_d)
         base = count_flops(model, example)

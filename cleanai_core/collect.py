@@ -11,10 +11,10 @@ collective stage whose sums are combined over ranks (:mod:`cleanai_core.distribu
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import itertools
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -42,7 +42,18 @@ from cleanai_core.calibration import (
 from cleanai_core.errors import UserError
 from cleanai_core.model_state import preserved
 from cleanai_core.replay import CalibrationData
-from cleanai_core.runtime import channels_last_layout, check_labels, device_of, inputs_for, logits_of, run_batch
+from cleanai_core.runtime import (
+    check_labels,
+    device_of,
+    inputs_for,
+    logits_of,
+    may_run_channels_last,
+    run_batch,
+    runs_the_same,
+    same_layout,
+    to_channels_last,
+)
+from cleanai_core.verify import output_leaves
 
 __all__ = [
     "Calibration",
@@ -130,21 +141,48 @@ def calibrate(
     else:
         from tqdm.auto import tqdm
 
-        collector = StatsCollector(
-            model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
-        )
-        with preserved(model):  # every module's mode and buffers (BN, observers) put back
+        def fresh() -> StatsCollector:
+            out.moments, out.samples = {}, Samples()
+            return StatsCollector(
+                model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
+            )
+
+        collector = fresh()
+
+        @contextlib.contextmanager
+        def collecting() -> Iterator[None]:
+            with collector.hooks(), recording(model, out.moments), sampling(model, out.samples):
+                yield
+
+        total = total_batches(loader, num_batches)
+        bar = tqdm(total=total, disable=not progress, desc="calibrating", unit="batch", leave=False)
+        with preserved(model), torch.no_grad(), bar:  # every module's mode and buffers (BN, observers) put back
             batches = iter(iterate(loader, num_batches))
             first = next(batches, None)
-            if first is not None:  # decided before the hooks go on: its probe runs are not statistics
-                data.layout = channels_last_layout(model, inputs_for(model, split_batch(first)[0]), setup.forward_fn)
-                batches = itertools.chain([first], batches)
-            with collector.hooks(), recording(model, out.moments), sampling(model, out.samples), torch.no_grad():
-                total = total_batches(loader, num_batches)
-                for batch in tqdm(batches, total=total, disable=not progress, desc="calibrating", unit="batch",
-                                  leave=False):  # fmt: skip
+            if first is not None:
+                data.keep(first)
+                inputs = inputs_for(model, split_batch(first)[0])
+                if may_run_channels_last(model, inputs):
+                    # the first batch channels-last, then its first samples as they are: the
+                    # layout is kept where the outputs agree (:func:`channels_last_layout`)
+                    data.layout = to_channels_last
+                    try:
+                        with preserved(model), collecting():
+                            reference = output_leaves(run_batch(model, to_channels_last(inputs), setup.forward_fn))
+                        fits = runs_the_same(model, inputs, setup.forward_fn, reference)
+                    except Exception:
+                        fits = False
+                    if not fits:  # the statistics start again, from the inputs as they are
+                        data.layout, collector = same_layout, fresh()
+                if data.layout is same_layout:
+                    with collecting():
+                        run_batch(model, inputs, setup.forward_fn)
+                bar.update()
+            with collecting():
+                for batch in batches:
                     data.keep(batch)
                     run_batch(model, data.layout(split_batch(batch)[0]), setup.forward_fn)
+                    bar.update()
         out.stats = collector.stats
     if setup.gradients:
         out.gradients = accumulate_gradients(model, data.replay(), setup.forward_fn, setup.output_transform)

@@ -19,6 +19,9 @@ from cleanai_core.errors import UserError
 __all__ = [
     "call_model",
     "channels_last_layout",
+    "may_run_channels_last",
+    "output_leaves_of",
+    "runs_the_same",
     "check_labels",
     "copy_modes",
     "device_of",
@@ -30,6 +33,7 @@ __all__ = [
     "run_batch",
     "same_layout",
     "split_batch",
+    "to_channels_last",
     "total_batches",
 ]
 
@@ -47,7 +51,8 @@ def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None
     return model(inputs)
 
 
-def _to_channels_last(inputs: Any) -> Any:
+def to_channels_last(inputs: Any) -> Any:
+    """``inputs`` with every 4-D float tensor in channels-last memory order (the same values)."""
     return tree_map(
         lambda t: (
             t.contiguous(memory_format=torch.channels_last)
@@ -69,24 +74,64 @@ def channels_last_layout(model: nn.Module, inputs: Any, forward_fn: Callable | N
     model's own code may not accept the layout (``.view`` on a conv output) or may read
     memory directly: the first two samples of ``inputs`` run both ways first, and the
     layout is used only where that raises nothing and the outputs agree to float
-    rounding. Not on other devices (GPU convolutions in float32 gain little or lose)."""
+    rounding (:func:`runs_the_same`). Not on other devices (GPU convolutions in float32
+    gain little or lose)."""
+    if not may_run_channels_last(model, inputs):
+        return same_layout
+    few = _first_samples(inputs)
+    try:
+        last = output_leaves_of(model, to_channels_last(few), forward_fn)
+    except Exception:
+        return same_layout
+    return to_channels_last if runs_the_same(model, few, forward_fn, last) else same_layout
+
+
+def may_run_channels_last(model: nn.Module, inputs: Any) -> bool:
+    """Whether ``inputs`` hold images (4-D float tensors) and the model and they are on the CPU."""
     leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
     images = [t for t in leaves if t.dim() == 4 and t.is_floating_point()]
     on_cpu = all(t.device.type == "cpu" for t in leaves) and (device_of(model) or torch.device("cpu")).type == "cpu"
-    if not images or not on_cpu:
-        return same_layout
-    n = images[0].shape[0]
-    few = tree_map(lambda t: t[:2] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t, inputs)
+    return bool(images) and on_cpu
+
+
+def runs_the_same(model: nn.Module, inputs: Any, forward_fn: Callable | None, outputs: list[torch.Tensor]) -> bool:
+    """Whether ``model`` gives ``outputs`` (its output leaves on ``inputs`` laid out
+    channels-last) on ``inputs`` as they are, to float rounding: the first two samples run
+    as they are and are compared with the same rows of ``outputs`` (one sample's outputs
+    do not depend on the others' in eval mode); where an output has no batch dimension,
+    the two samples run channels-last again for the comparison. False where the model
+    raises."""
+    n = _batch_size(inputs)
+    few = _first_samples(inputs)
+    k = _batch_size(few)
+    try:
+        if k != n and not all(o.dim() > 0 and o.shape[0] == n for o in outputs):
+            outputs = output_leaves_of(model, to_channels_last(few), forward_fn)
+        elif k != n:
+            outputs = [o[:k] for o in outputs]
+        plain = output_leaves_of(model, few, forward_fn)
+    except Exception:
+        return False
+    return len(plain) == len(outputs) and all(_agree(a, b) for a, b in zip(plain, outputs, strict=False))
+
+
+def output_leaves_of(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> list[torch.Tensor]:
+    """Every tensor ``model`` outputs on ``inputs`` (eval state kept, no gradients)."""
     from cleanai_core.verify import model_outputs
 
-    every = lambda out: out  # noqa: E731  (all outputs, not only the logits)
-    try:
-        plain = model_outputs(model, few, forward_fn, every)
-        last = model_outputs(model, _to_channels_last(few), forward_fn, every)
-    except Exception:
-        return same_layout
-    same = len(plain) == len(last) and all(_agree(a, b) for a, b in zip(plain, last, strict=False))
-    return _to_channels_last if same else same_layout
+    return model_outputs(model, inputs, forward_fn, lambda out: out)  # all outputs, not only the logits
+
+
+def _batch_size(inputs: Any) -> int:
+    """The batch size of the images in ``inputs`` (a 4-D float tensor's first dimension)."""
+    leaves = tree_flatten(inputs)[0]
+    return next(t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point())
+
+
+def _first_samples(inputs: Any, k: int = 2) -> Any:
+    """The first ``k`` samples of a batch (tensors whose first dimension is the images' batch size)."""
+    n = _batch_size(inputs)
+    return tree_map(lambda t: t[:k] if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n else t, inputs)
 
 
 def same_layout(inputs: Any) -> Any:

@@ -90,3 +90,61 @@ def test_sensitivity_curves_are_the_same_in_either_layout(monkeypatch):
         assert a.flops_saved == b.flops_saved
         assert a.kl == pytest.approx(b.kl, rel=1e-2, abs=1e-5)
     assert max(c.kl[-1] for c in fast) > 1e-3  # the trials measured something
+
+
+class ReadsMemoryInside(nn.Module):
+    """Reinterprets a conv output's memory as contiguous before the next conv (after a
+    prunable conv pair)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv1(torch.relu(self.conv0(x)))
+        n, c, h, w = y.shape
+        return self.conv2(y.as_strided(y.shape, (c * h * w, h * w, w, 1))).mean((2, 3))
+
+
+class ViewsInside(ReadsMemoryInside):
+    """``.view`` of a conv output to a flat shape and back: raises on a channels-last tensor."""
+
+    def forward(self, x):
+        y = self.conv1(torch.relu(self.conv0(x)))
+        return self.conv2(y.view(y.shape[0], -1).view(y.shape)).mean((2, 3))
+
+
+@pytest.mark.parametrize("cls", [ReadsMemoryInside, ViewsInside, lambda: torchvision.models.resnet18(num_classes=4)])
+def test_calibration_statistics_are_those_of_the_inputs_as_they_are(cls):
+    """The first batch runs channels-last with the statistics on; where the model then
+    disagrees with itself as it is (or raises), the statistics start again: every
+    consumer's moments equal those of the contiguous inputs, batch by batch."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    pruner = StructuredPruner(model, batches[0][:1])
+    pruner.collect_activations(batches, progress=False)
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, name=name: seen.setdefault(name, []).append(a[0].detach()))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+    checked = 0
+    for (module, _), stats in pruner.stats.items():
+        if module in seen:
+            x = torch.cat(seen[module]).double()
+            assert stats.count == x.numel() // x.shape[1]  # each batch once
+            torch.testing.assert_close(stats.mean, x.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(stats.var, x.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-6)
+            checked += 1
+    assert checked >= 1
+    channels_last = pruner.calibration.data.layout(batches[0]) is not batches[0]
+    assert channels_last == (not isinstance(model, ReadsMemoryInside | ViewsInside))
