@@ -51,10 +51,10 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)))
     ap.add_argument("--stats", type=int, default=200, help="calibration images for the statistics; the rest: trials")
-    ap.add_argument("--seed", type=int, default=0, help="the models' training seed (accuracy.py's --seeds)")
+    ap.add_argument("--seed", type=int, default=0, help="the data split and training seed (as accuracy.py --seeds)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    train_d, cal_d, ev_d = load_data()
+    train_d, cal_d, ev_d = load_data(args.seed)
     # the statistics' batches for every method; the trials' batches, disjoint, for auto's
     # sensitivity trials and choice of candidate (as ``cleanai prune --auto`` sets them aside)
     cal_loader = DataLoader(TensorDataset(*(t[: args.stats] for t in cal_d)), batch_size=64)
