@@ -109,6 +109,7 @@ def make_plan(
     round_to: int | None = None,
     min_units: int = 1,
     normalizer: Any = None,
+    caps: dict[int, int] | None = None,
 ) -> PruningPlan:
     """Decide, per group, which units to prune.
 
@@ -117,7 +118,9 @@ def make_plan(
     are ranked together and the lowest ``ratio`` of all units go, at most
     ``max_layer_ratio`` of any group. Frozen units are never pruned; at least
     ``min_units`` units stay in every group; ``round_to`` rounds kept channel counts
-    up to a multiple.
+    up to a multiple. ``caps``: per group id, the most units global ranking may take from
+    it, instead of ``max_layer_ratio`` of its current size (iterative pruning caps by the
+    original width, so the steps together never take more than ``max_layer_ratio``).
     """
     group_ratios = group_ratios or {}
     plans = []
@@ -145,7 +148,10 @@ def make_plan(
         pool_i.append(idx)
     budget = int(math.floor(ratio * sum(g.size for g in free)))
     counts = {g.id: 0 for g in free}
-    caps = {g.id: _limit(g, int(math.floor(max_layer_ratio * g.size)), None, min_units) for g in free}
+    caps = {
+        g.id: _limit(g, (caps or {}).get(g.id, int(math.floor(max_layer_ratio * g.size))), None, min_units)
+        for g in free
+    }
     chosen: dict[int, list[int]] = {g.id: [] for g in free}
     if pool_s:
         s_all, g_all, i_all = torch.cat(pool_s), torch.cat(pool_g), torch.cat(pool_i)

@@ -26,7 +26,7 @@ from cleanai_core.pruning_report import pruner_report
 from cleanai_core.runtime import copy_modes, device_of
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
 from cleanai_core.slicing import SliceEdit
-from cleanai_core.steps import group_ratios, prune_in_steps
+from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
 from cleanai_core.targets import flops_measure, params_measure, pruned_size, ratio_for_target
 from cleanai_core.verify import Reference, check_outputs, reference
 
@@ -117,6 +117,7 @@ class StructuredPruner:
         if isinstance(importance, str):
             importance = get_importance(importance)
         self.importance = importance if importance is not None else WeightActivationImportance()
+        options.check_importance(self.importance)
         self.pruning_ratio = float(pruning_ratio)
         self.global_pruning, self.max_layer_ratio = global_pruning, max_layer_ratio
         self.round_to, self.min_channels = round_to, min_channels
@@ -124,6 +125,7 @@ class StructuredPruner:
         self.iterative_steps = iterative_steps
         # while prune() runs iteratively: (step, steps), and each group's original and final unit counts
         self._step, self._targets = (0, 1), {}
+        self._widths: dict[tuple[str, str], int] = {}  # while prune() runs iteratively: original group widths
         self.bias_compensation = bias_compensation
         self.reconstruction = reconstruction and bias_compensation
         self.covariance_rows, self.stats_budget_bytes = covariance_rows, stats_budget_bytes
@@ -194,6 +196,7 @@ class StructuredPruner:
         if ratios is None:
             ratios = group_ratios(groups, self.layer_ratios, *self._step, self._targets, self.global_pruning)
         ranked = self.global_pruning if ranked is None else ranked
+        caps = step_caps(groups, self._widths, self.max_layer_ratio) if ranked and self._widths else None
         return make_plan(
             groups,
             scores,
@@ -205,6 +208,7 @@ class StructuredPruner:
             round_to=self.round_to,
             min_units=self.min_channels,
             normalizer=self.normalizer,
+            caps=caps,
         )
 
     def set_layer_ratios(self, ratios: Mapping[ModuleSpec, float]) -> None:
@@ -288,7 +292,8 @@ class StructuredPruner:
         try:
             current = prune_in_steps(self)
         finally:
-            self._step, self._targets = (0, 1), {}  # also when a step fails: a later plan() must not see a stale step
+            # also when a step fails: a later plan() must not see a stale step
+            self._step, self._targets, self._widths = (0, 1), {}, {}
         copy_modes(self.model, current)
         if self.inplace:
             transplant(self.model, current)

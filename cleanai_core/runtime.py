@@ -225,6 +225,21 @@ def check_labels(out: Any, target: Any) -> torch.Tensor:
             f"the calibration batch has {n_in} inputs but {n_lab} labels; "
             "give one label per input for taylor importance"
         )
+    if out.ndim >= 2:  # cross-entropy: classes along dim 1, one label per remaining position
+        want = (out.shape[0], *out.shape[2:])
+        if tuple(target.shape) != want:
+            raise UserError(
+                f"taylor importance scores with cross-entropy over dim 1 of the output, which has shape "
+                f"{tuple(out.shape)}, so it needs integer labels of shape {want}; got labels of shape "
+                f"{tuple(target.shape)}. Give labels that match the output, or pass output_transform=lambda out: "
+                "<the logits, shape (N, classes)>"
+            )
+        bad = (target >= out.shape[1]) | ((target < 0) & (target != -100))
+        if bool(bad.any()):
+            raise UserError(
+                f"taylor importance got class label {int(target[bad][0])} but the output has {out.shape[1]} "
+                f"classes (dim 1 of shape {tuple(out.shape)}); give labels 0..{out.shape[1] - 1}"
+            )
     return target
 
 

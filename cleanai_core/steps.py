@@ -9,12 +9,17 @@ Glossary:
   exactly the final count. (A per-step ratio applied to the shrinking widths rounds down
   at every step and compounds: 5 steps at 0.5 would keep 7 of 10 channels, not 5.)
 
+Under global ranking, ``max_layer_ratio`` caps what a group loses over all the steps together,
+counted from its original width (a cap on the current width would compound: 5 steps at 0.5
+could leave 1 of 16 channels).
+
 Groups of a later step's graph are matched to the original groups through their
 producing slices (module and slice name), which slicing keeps.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -22,7 +27,16 @@ from torch import nn
 from cleanai_core.graph.groups import Group
 from cleanai_core.planning import PruningPlan
 
-__all__ = ["Targets", "final_counts", "group_ratios", "prune_in_steps", "step_group_ratios", "step_ratio"]
+__all__ = [
+    "Targets",
+    "final_counts",
+    "group_ratios",
+    "original_widths",
+    "prune_in_steps",
+    "step_caps",
+    "step_group_ratios",
+    "step_ratio",
+]
 
 #: per producing slice ``(module, slice)``: (original units, units kept at the end)
 Targets = dict[tuple[str, str], tuple[int, int]]
@@ -40,6 +54,26 @@ def final_counts(plan: PruningPlan) -> Targets:
     for gp in plan.groups:
         for key in _keys(gp.group):
             out.setdefault(key, (gp.group.size, gp.group.size - gp.n_pruned))
+    return out
+
+
+def original_widths(groups: list[Group]) -> dict[tuple[str, str], int]:
+    """Every group's unit count, under each of its producing slices."""
+    out: dict[tuple[str, str], int] = {}
+    for g in groups:
+        for key in _keys(g):
+            out.setdefault(key, g.size)
+    return out
+
+
+def step_caps(groups: list[Group], widths: dict[tuple[str, str], int], max_layer_ratio: float) -> dict[int, int]:
+    """Per group id: the units global ranking may still take from it, so that it loses at
+    most ``max_layer_ratio`` of its original width over all steps."""
+    out = {}
+    for g in groups:
+        original = next((widths[k] for k in _keys(g) if k in widths), None)
+        if original is not None:
+            out[g.id] = max(0, math.floor(max_layer_ratio * original + 1e-9) - (original - g.size))
     return out
 
 
@@ -104,6 +138,8 @@ def prune_in_steps(pruner: Any) -> nn.Module:
 
     p = pruner
     current, graph, cal, steps = p.model, p.graph, p.calibration, p.iterative_steps
+    if steps > 1:
+        p._widths = original_widths(graph.groups(prunable_only=True))
     if steps > 1 and p.target_flops is None:  # every step aims at a count from the original widths
         p._targets = final_counts(p.make_plan(p.pruning_ratio, p.score()))
         units = sum(g.size for g in graph.groups(prunable_only=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -47,6 +48,9 @@ def _plugin_name(pm, pruner: Any) -> str:
     mod = type(pruner).__module__
     for name, plugin in pm.list_name_plugin():
         if getattr(plugin, "__name__", None) == mod or name == mod:
+            return name
+    for name, plugin in pm.list_name_plugin():  # a plugin object defined beside its pruner class
+        if not isinstance(plugin, types.ModuleType) and type(plugin).__module__ == mod:
             return name
     return mod
 
@@ -309,9 +313,21 @@ def prunable_graph(
     graph = DependencyGraph(model, example_inputs, forward_fn, output_transform, ignored_layers=sorted(ignored))
     if not graph.groups(prunable_only=True):
         everything = ignored and all(s.module in ignored for s in graph.slices if s.kind == "out")
+        reasons: dict[str, None] = {}
+        for g in graph.groups():  # the groups some layer produces (a model input's group is frozen anyway)
+            if any(s.kind != "in" for s in g.slices):
+                reasons.update(dict.fromkeys(g.reasons))
+        why = "; ".join(list(reasons)[:5])
+        outputs = any(r.startswith("model output") for r in reasons)
         raise UserError(
             f"nothing in this model can be pruned{' (every layer is ignored)' if everything else ''}: no group "
-            "of coupled channels is free to shrink. Run `cleanai explain` to see which operations froze them, or "
-            "ignore fewer layers."
+            f"of coupled channels is free to shrink{f' (frozen by: {why})' if why else ''}. "
+            + (
+                "Channels that reach the model's output are kept so that its output shapes stay the same; "
+                "pass output_transform=lambda out: <only the outputs to keep> if the others may shrink. "
+                if outputs
+                else ""
+            )
+            + "Run `cleanai explain` to see which operations froze them, or ignore fewer layers."
         )
     return graph
