@@ -120,6 +120,19 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         _make("FalconForCausalLM", "FalconConfig", _ids, **FALCON, new_decoder_architecture=True, num_kv_heads=2),
         "causal",
     ),
+    "gpt-bigcode": (  # multi-query (SantaCoder, StarCoder): one fused c_attn of embed_dim + 2 * head_dim
+        _make(
+            "GPTBigCodeForCausalLM",
+            "GPTBigCodeConfig",
+            _ids,
+            vocab_size=V,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+        ),
+        "causal",
+    ),
     "bloom": (
         _make("BloomForCausalLM", "BloomConfig", _ids, vocab_size=V, hidden_size=64, n_layer=2, n_head=4),
         "causal",

@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_families import FAMILIES, build  # noqa: E402
 
-from cleanai_core import DependencyGraph  # noqa: E402
+from cleanai_core import DependencyGraph, StructuredPruner  # noqa: E402
 from cleanai_core.slicing import SliceEdit, apply_edits  # noqa: E402
 from cleanai_core.testing import check_pruner, random_units, run_model  # noqa: E402
 
@@ -224,6 +224,38 @@ def test_falcon_without_multi_query_prunes_heads_of_its_fused_qkv(name, rows, he
     assert (attn_module.num_heads, attn_module.num_kv_heads) == heads
     cached, plain = check_generate(name)
     assert torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_gpt_bigcode_multi_query_prunes_query_heads_of_its_fused_c_attn(attn):
+    """GPT-BigCode's default (SantaCoder, StarCoder): one ``c_attn`` of ``embed_dim + 2 *
+    kv_dim`` split into ``(embed_dim, kv_dim, kv_dim)``, the one key/value head carrying its
+    channels on the head dimension. The fix-up read 3 equal q, k, v parts from ``c_attn``
+    (GPT-2's layout) and halved ``embed_dim``, so every pruned model failed to run and the
+    pruner skipped every group (nothing pruned); eager attention tied the head dims of all
+    query heads instead of whole heads."""
+    model, inputs, _ = build("gpt-bigcode", attn)
+    ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :2] = 0
+    for x in (inputs, {"input_ids": ids, "attention_mask": mask}):
+        report = check_pruner(model, x, ratio=0.5)
+        assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 128 + 2 * 2
+    small, _ = prune_uniform(model, inputs)
+    attn_module = small.transformer.h[0].attn
+    assert attn_module.c_attn.weight.shape == ((2 + 2) * 16, 64) and attn_module.c_proj.weight.shape == (64, 32)
+    assert (attn_module.num_heads, attn_module.embed_dim, attn_module.kv_dim) == (2, 32, 16)
+    cached, plain = check_generate("gpt-bigcode")
+    assert torch.equal(cached, plain)
+
+
+def test_gpt_bigcode_prunes_with_the_default_pruner():
+    model, inputs, _ = build("gpt-bigcode")
+    pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert pruner.skipped_groups == []
+    assert small.transformer.h[1].attn.c_attn.out_features == 64 and small.transformer.h[1].mlp.c_fc.out_features == 128
+    assert logits(small, inputs).shape == (1, 8, 100)
 
 
 def test_bloom_heads_prune_and_keep_their_alibi_slopes():
