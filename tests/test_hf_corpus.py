@@ -138,6 +138,26 @@ def test_save_pretrained_then_from_pretrained_gives_identical_logits(name, tmp_p
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in build(name)[0].parameters())
 
 
+@pytest.mark.parametrize(
+    ("name", "keys"),
+    [
+        ("gpt-j", {"n_inner": 48}),  # mlp.fc_in
+        ("modernbert", {"intermediate_size": 48}),  # mlp.Wi: gate and up stacked, 2 x 96 wide
+        ("qwen2-moe", {"moe_intermediate_size": 16, "shared_expert_intermediate_size": 24, "intermediate_size": 96}),
+        ("dinov2", {"mlp_ratio": 1}),  # no width key: int(hidden_size * mlp_ratio), hidden 64, MLP 128 -> 64
+    ],
+)
+def test_mlp_width_is_written_to_the_family_config_key(name, keys, tmp_path):
+    """MLP widths the config fix-up did not find (GPT-J's ``fc_in``, ModernBERT's stacked
+    ``Wi``), wrote to the wrong key (Qwen-MoE's experts into ``intermediate_size``, the
+    dense MLP's key; the shared expert nowhere) or could not write (DINOv2's
+    ``mlp_ratio``): each reloaded only through ``load_pruned``, said to have no key."""
+    before, after, small = check_reload(name, tmp_path, keep_heads=name == "gpt-j")
+    assert {k: getattr(small.config, k) for k in keys} == keys
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(before, after)
+
+
 def test_llama_gqa_config_agrees_with_the_pruned_modules():
     model, inputs, _ = build("llama-gqa")
     small, _ = prune_uniform(model, inputs)
