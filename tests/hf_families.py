@@ -93,6 +93,7 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
     "gemma": (_causal("GemmaForCausalLM", "GemmaConfig", num_key_value_heads=2, head_dim=16), "causal"),
     "gemma2": (_causal("Gemma2ForCausalLM", "Gemma2Config", num_key_value_heads=2, head_dim=16), "causal"),
     "phi3": (_causal("Phi3ForCausalLM", "Phi3Config", num_key_value_heads=2), "causal"),
+    "olmo": (_causal("OlmoForCausalLM", "OlmoConfig", num_key_value_heads=2), "causal"),
     "gpt2": (
         _make("GPT2LMHeadModel", "GPT2Config", _ids, vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64),
         "causal",

@@ -196,6 +196,26 @@ def test_gpt2_tied_embeddings_stay_tied_when_the_hidden_size_shrinks():
     assert logits(small, inputs).shape == (1, 8, 100)
 
 
+def test_olmo_weightless_layer_norms_shrink_with_the_hidden_size(tmp_path):
+    """``OlmoLayerNorm`` has no parameters and calls ``F.layer_norm(x, self.normalized_shape)``:
+    pruning the hidden size left it at 64 and the pruned model failed to run."""
+    model, inputs, _ = build("olmo")
+    graph = DependencyGraph(model, inputs)
+    hidden = next(g for g in graph.groups() if any(s.module == "model.embed_tokens" for s in g.slices))
+    assert hidden.prunable == 64 and any(s.normalizes for s in hidden.slices)  # the oracle leaves it out
+    pruned = random_units(graph, 0.5, torch.Generator().manual_seed(0))  # normalised groups too: the hidden size
+    small = copy.deepcopy(model)
+    keep = graph.keep_indices(pruned)
+    apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()], graph.pm)
+    assert small.model.embed_tokens.weight.shape == (100, 32)
+    assert small.model.layers[0].input_layernorm.normalized_shape == (32,) == small.model.norm.normalized_shape
+    assert small.config.hidden_size == 32 and small.config.cleanai_pruning["from_pretrained"] is True
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    assert logits(small, inputs).shape == (1, 8, 100)
+    assert torch.equal(logits(small, inputs), logits(again, inputs))
+
+
 def test_gpt2_conv1d_layers_prune():
     model, inputs, _ = build("gpt2")
     small, _ = prune_uniform(model, inputs)
