@@ -199,6 +199,7 @@ def fix_config(model: nn.Module) -> None:
         if is_staged(entry["config"]):
             record.update(write_stages(model, entry["config"]))
         _fix_hidden_attrs(model, entry["config"], old)
+    _write_embedding_width(model, root, record)
     declared = declare_biases(model)  # compensation's biases, where a config switch allows them
     mismatched = rebuild_mismatches(model)
     mismatched += _scale_mismatches(model)
@@ -210,6 +211,22 @@ def fix_config(model: nn.Module) -> None:
         **({"mismatched": mismatched[:5]} if mismatched else {}),
         **({"reload": "load_pruned", "why": reasons(model, mismatched)} if mismatched else {}),
     }
+
+
+#: config keys of an input embedding narrower than the hidden size (ALBERT, ELECTRA; OPT-350m)
+_EMBEDDING_KEYS = ("embedding_size", "word_embed_proj_dim")
+
+
+def _write_embedding_width(model: nn.Module, config, record: dict) -> None:
+    """The input embeddings' width, where the config names it apart from the hidden size."""
+    key = next((k for k in _EMBEDDING_KEYS if isinstance(getattr(config, k, None), int)), None)
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    width = getattr(emb, "embedding_dim", None)
+    if key is not None and isinstance(width, int):
+        _set(config, key, [width], record)
 
 
 def _fix_hidden_attrs(model: nn.Module, config, old: int | None) -> None:
