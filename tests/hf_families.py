@@ -142,6 +142,23 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    "opt-350m": (  # embeddings narrower than the hidden size: project_in / project_out
+        _make(
+            "OPTForCausalLM",
+            "OPTConfig",
+            _ids,
+            vocab_size=V,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=96,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            pad_token_id=0,
+            do_layer_norm_before=False,
+        ),
+        "causal",
+    ),
     "falcon": (_make("FalconForCausalLM", "FalconConfig", _ids, **FALCON), "causal"),
     "falcon-mha": (_make("FalconForCausalLM", "FalconConfig", _ids, **FALCON, multi_query=False), "causal"),
     "falcon-gqa": (
@@ -185,6 +202,10 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
     ),
     "albert": (
         _make("AlbertForMaskedLM", "AlbertConfig", _ids, **ENC, intermediate_size=96, embedding_size=32),
+        "encoder",
+    ),
+    "electra": (
+        _make("ElectraForMaskedLM", "ElectraConfig", _ids, **ENC, intermediate_size=96, embedding_size=32),
         "encoder",
     ),
     "deberta-v2": (_make("DebertaV2ForMaskedLM", "DebertaV2Config", _ids, **ENC, intermediate_size=96), "encoder"),

@@ -158,6 +158,19 @@ def test_mlp_width_is_written_to_the_family_config_key(name, keys, tmp_path):
     assert torch.equal(before, after)
 
 
+def test_opt_350m_tied_embeddings_shrink_with_the_output_projection(tmp_path):
+    """OPT-350m's embeddings (32) are projected into the hidden size (64) and back; the tied
+    ``lm_head`` reads ``project_out``'s output. Only the shared weight joins the two widths
+    of 32: they were two groups, so pruning either untied the weight (and broke the model
+    or its reload); now one group, and ``word_embed_proj_dim`` is written."""
+    before, after, small = check_reload("opt-350m", tmp_path, keep_heads=True)
+    assert small.model.decoder.embed_tokens.weight.shape == (100, 16) and small.config.word_embed_proj_dim == 16
+    assert small.lm_head.weight is small.model.decoder.embed_tokens.weight
+    assert small.model.decoder.project_out.out_features == 16 and small.model.decoder.project_in.in_features == 16
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(before, after)
+
+
 def test_llama_gqa_config_agrees_with_the_pruned_modules():
     model, inputs, _ = build("llama-gqa")
     small, _ = prune_uniform(model, inputs)
@@ -182,6 +195,23 @@ def test_generate_with_kv_cache_matches_greedy_decoding_without_it(name):
     cached, plain = check_generate(name)
     assert cached.shape == (1, 8 + 6)
     assert torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize(("name", "entry"), [("albert", "albert.encoder.embedding_hidden_mapping_in"),
+                                             ("electra", "electra.embeddings_project"),
+                                             ("opt-350m", "model.decoder.project_in")])  # fmt: skip
+def test_hidden_size_is_kept_by_default_behind_narrower_embeddings(name, entry):
+    """Embeddings of 32 projected into a hidden size of 64: freezing the embeddings' group
+    (the default ignore) left the residual stream free, so the default pruner halved the
+    hidden size it promises to keep (and ELECTRA no longer reloaded: at 32 = embedding_size
+    its config builds no ``embeddings_project``)."""
+    model, inputs, _ = build(name)
+    pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5)
+    hidden = next(g for g in pruner.graph.groups() if any(s.module == entry and s.name == "out" for s in g.slices))
+    assert (hidden.size, hidden.prunable) == (64, 0)
+    small = pruner.prune()
+    assert dict(small.named_modules())[entry].out_features == 64 and small.config.hidden_size == 64
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())  # heads, MLP
 
 
 def test_gpt2_tied_embeddings_stay_tied_when_the_hidden_size_shrinks():
