@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_families import FAMILIES, build  # noqa: E402
 
-from cleanai_core import DependencyGraph  # noqa: E402
+from cleanai_core import DependencyGraph, StructuredPruner  # noqa: E402
 from cleanai_core.slicing import SliceEdit, apply_edits  # noqa: E402
 from cleanai_core.testing import check_pruner, random_units, run_model  # noqa: E402
 
@@ -138,6 +138,39 @@ def test_save_pretrained_then_from_pretrained_gives_identical_logits(name, tmp_p
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in build(name)[0].parameters())
 
 
+@pytest.mark.parametrize(
+    ("name", "keys"),
+    [
+        ("gpt-j", {"n_inner": 48}),  # mlp.fc_in
+        ("modernbert", {"intermediate_size": 48}),  # mlp.Wi: gate and up stacked, 2 x 96 wide
+        ("qwen2-moe", {"moe_intermediate_size": 16, "shared_expert_intermediate_size": 24, "intermediate_size": 96}),
+        ("dinov2", {"mlp_ratio": 1}),  # no width key: int(hidden_size * mlp_ratio), hidden 64, MLP 128 -> 64
+    ],
+)
+def test_mlp_width_is_written_to_the_family_config_key(name, keys, tmp_path):
+    """MLP widths the config fix-up did not find (GPT-J's ``fc_in``, ModernBERT's stacked
+    ``Wi``), wrote to the wrong key (Qwen-MoE's experts into ``intermediate_size``, the
+    dense MLP's key; the shared expert nowhere) or could not write (DINOv2's
+    ``mlp_ratio``): each reloaded only through ``load_pruned``, said to have no key."""
+    before, after, small = check_reload(name, tmp_path, keep_heads=name == "gpt-j")
+    assert {k: getattr(small.config, k) for k in keys} == keys
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(before, after)
+
+
+def test_opt_350m_tied_embeddings_shrink_with_the_output_projection(tmp_path):
+    """OPT-350m's embeddings (32) are projected into the hidden size (64) and back; the tied
+    ``lm_head`` reads ``project_out``'s output. Only the shared weight joins the two widths
+    of 32: they were two groups, so pruning either untied the weight (and broke the model
+    or its reload); now one group, and ``word_embed_proj_dim`` is written."""
+    before, after, small = check_reload("opt-350m", tmp_path, keep_heads=True)
+    assert small.model.decoder.embed_tokens.weight.shape == (100, 16) and small.config.word_embed_proj_dim == 16
+    assert small.lm_head.weight is small.model.decoder.embed_tokens.weight
+    assert small.model.decoder.project_out.out_features == 16 and small.model.decoder.project_in.in_features == 16
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(before, after)
+
+
 def test_llama_gqa_config_agrees_with_the_pruned_modules():
     model, inputs, _ = build("llama-gqa")
     small, _ = prune_uniform(model, inputs)
@@ -164,6 +197,23 @@ def test_generate_with_kv_cache_matches_greedy_decoding_without_it(name):
     assert torch.equal(cached, plain)
 
 
+@pytest.mark.parametrize(("name", "entry"), [("albert", "albert.encoder.embedding_hidden_mapping_in"),
+                                             ("electra", "electra.embeddings_project"),
+                                             ("opt-350m", "model.decoder.project_in")])  # fmt: skip
+def test_hidden_size_is_kept_by_default_behind_narrower_embeddings(name, entry):
+    """Embeddings of 32 projected into a hidden size of 64: freezing the embeddings' group
+    (the default ignore) left the residual stream free, so the default pruner halved the
+    hidden size it promises to keep (and ELECTRA no longer reloaded: at 32 = embedding_size
+    its config builds no ``embeddings_project``)."""
+    model, inputs, _ = build(name)
+    pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5)
+    hidden = next(g for g in pruner.graph.groups() if any(s.module == entry and s.name == "out" for s in g.slices))
+    assert (hidden.size, hidden.prunable) == (64, 0)
+    small = pruner.prune()
+    assert dict(small.named_modules())[entry].out_features == 64 and small.config.hidden_size == 64
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())  # heads, MLP
+
+
 def test_gpt2_tied_embeddings_stay_tied_when_the_hidden_size_shrinks():
     model, inputs, _ = build("gpt2")
     graph = DependencyGraph(model, inputs)
@@ -174,6 +224,26 @@ def test_gpt2_tied_embeddings_stay_tied_when_the_hidden_size_shrinks():
     assert small.transformer.wte.weight.shape == (100, 32)
     assert small.lm_head.weight is small.transformer.wte.weight
     assert logits(small, inputs).shape == (1, 8, 100)
+
+
+def test_olmo_weightless_layer_norms_shrink_with_the_hidden_size(tmp_path):
+    """``OlmoLayerNorm`` has no parameters and calls ``F.layer_norm(x, self.normalized_shape)``:
+    pruning the hidden size left it at 64 and the pruned model failed to run."""
+    model, inputs, _ = build("olmo")
+    graph = DependencyGraph(model, inputs)
+    hidden = next(g for g in graph.groups() if any(s.module == "model.embed_tokens" for s in g.slices))
+    assert hidden.prunable == 64 and any(s.normalizes for s in hidden.slices)  # the oracle leaves it out
+    pruned = random_units(graph, 0.5, torch.Generator().manual_seed(0))  # normalised groups too: the hidden size
+    small = copy.deepcopy(model)
+    keep = graph.keep_indices(pruned)
+    apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()], graph.pm)
+    assert small.model.embed_tokens.weight.shape == (100, 32)
+    assert small.model.layers[0].input_layernorm.normalized_shape == (32,) == small.model.norm.normalized_shape
+    assert small.config.hidden_size == 32 and small.config.cleanai_pruning["from_pretrained"] is True
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    assert logits(small, inputs).shape == (1, 8, 100)
+    assert torch.equal(logits(small, inputs), logits(again, inputs))
 
 
 def test_gpt2_conv1d_layers_prune():
@@ -224,6 +294,38 @@ def test_falcon_without_multi_query_prunes_heads_of_its_fused_qkv(name, rows, he
     assert (attn_module.num_heads, attn_module.num_kv_heads) == heads
     cached, plain = check_generate(name)
     assert torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+def test_gpt_bigcode_multi_query_prunes_query_heads_of_its_fused_c_attn(attn):
+    """GPT-BigCode's default (SantaCoder, StarCoder): one ``c_attn`` of ``embed_dim + 2 *
+    kv_dim`` split into ``(embed_dim, kv_dim, kv_dim)``, the one key/value head carrying its
+    channels on the head dimension. The fix-up read 3 equal q, k, v parts from ``c_attn``
+    (GPT-2's layout) and halved ``embed_dim``, so every pruned model failed to run and the
+    pruner skipped every group (nothing pruned); eager attention tied the head dims of all
+    query heads instead of whole heads."""
+    model, inputs, _ = build("gpt-bigcode", attn)
+    ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :2] = 0
+    for x in (inputs, {"input_ids": ids, "attention_mask": mask}):
+        report = check_pruner(model, x, ratio=0.5)
+        assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 128 + 2 * 2
+    small, _ = prune_uniform(model, inputs)
+    attn_module = small.transformer.h[0].attn
+    assert attn_module.c_attn.weight.shape == ((2 + 2) * 16, 64) and attn_module.c_proj.weight.shape == (64, 32)
+    assert (attn_module.num_heads, attn_module.embed_dim, attn_module.kv_dim) == (2, 32, 16)
+    cached, plain = check_generate("gpt-bigcode")
+    assert torch.equal(cached, plain)
+
+
+def test_gpt_bigcode_prunes_with_the_default_pruner():
+    model, inputs, _ = build("gpt-bigcode")
+    pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert pruner.skipped_groups == []
+    assert small.transformer.h[1].attn.c_attn.out_features == 64 and small.transformer.h[1].mlp.c_fc.out_features == 128
+    assert logits(small, inputs).shape == (1, 8, 100)
 
 
 def test_bloom_heads_prune_and_keep_their_alibi_slopes():

@@ -243,6 +243,28 @@ def test_functional_qk_norm_lets_whole_heads_prune(op):
     assert r.small.qkv.out_features == 48 and r.small.gain.shape == (8,)
 
 
+class StoredShapeNorm(nn.Module):
+    """A weightless layer norm that keeps its width in an attribute (OLMo's layer norm),
+    claimed by no layer pruner: nothing would rewrite ``normalized_shape`` after slicing."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.normalized_shape = (n,)
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape)
+
+
+def test_functional_norm_over_a_stored_width_freezes_its_channels():
+    m = seq(nn.Linear(10, 16), StoredShapeNorm(16), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    graph = DependencyGraph(m, torch.randn(3, 10))
+    stored = group_of(graph, "0", "out")
+    assert (stored.size, stored.prunable) == (16, 0)
+    assert any("normalized_shape" in r for r in stored.reasons)
+    r = oracle(m, torch.randn(3, 10))  # the pruned model runs: only the 12 after the norm shrink
+    assert r.small[1].normalized_shape == (16,) and r.small[2].out_features == 6
+
+
 def test_instancenorm_affine():
     m = seq(nn.Conv2d(3, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True), nn.ReLU(), nn.Conv2d(8, 4, 1))
     with torch.no_grad():

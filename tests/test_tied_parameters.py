@@ -46,3 +46,38 @@ def test_tied_model_prunes_exactly():
     report = check_pruner(TiedLM().eval(), torch.randint(0, 20, (2, 5)))
     assert report.max_abs_diff < 1e-6
     assert report.params_after < report.params_before
+
+
+class ProjectedTiedLM(nn.Module):
+    """Embeddings of 8 projected into a hidden size of 16 and back (ALBERT, ELECTRA,
+    OPT-350m): the tied head reads the projection's output, not the embeddings, so only
+    the shared weight joins the two widths of 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.proj_in, self.mix, self.proj_out = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.proj_in(self.embed(ids))
+        return self.head(self.proj_out(h + self.mix(torch.relu(h))))
+
+
+def test_tied_weight_joins_the_widths_of_its_holders_of_different_kinds():
+    model = ProjectedTiedLM().eval()
+    ids = torch.randint(0, 20, (2, 5))
+    graph = DependencyGraph(model, ids)
+    group = next(g for g in graph.groups() if any(s.module == "embed" for s in g.slices))
+    assert {(s.module, s.name) for s in group.slices} == {("embed", "out"), ("proj_in", "in"), ("proj_out", "out"),
+                                                          ("head", "in")}  # fmt: skip
+    assert (group.size, group.prunable) == (8, 8)
+    report = check_pruner(model, ids)
+    assert report.max_abs_diff < 1e-6
+    pruned = random_units(graph, 0.5)
+    small = copy.deepcopy(model)
+    keep = graph.keep_indices(pruned)
+    apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()])
+    assert small.embed.weight.shape == (20, 4) and small.head.weight is small.embed.weight
+    assert small(ids).shape == (2, 5, 20)

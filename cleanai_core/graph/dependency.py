@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -243,6 +244,26 @@ class DependencyGraph:
                         seen = first.setdefault(spec.name, spec)
                         if seen is not spec and seen.atoms.numel() == spec.atoms.numel():
                             ctx.union(seen.atoms, spec.atoms)
+            if len(kinds) > 1:  # different pruners (an embedding tied to an output projection)
+                self._couple_by_dimension(ctx, kinds, by_module)
+
+    def _couple_by_dimension(self, ctx: TraceContext, kinds: dict, by_module: dict[str, list[Any]]) -> None:
+        """One parameter held by modules of different pruners (ALBERT's, OPT-350m's input
+        embedding tied to an output projection that reads a narrower width than the hidden
+        size): the slices that cut the same dimension of it are one set of channels. Which
+        dimension a slice cuts is found by slicing a copy of the module on the meta device."""
+        cutting: dict[int, list[Any]] = {}
+        for (attr, _), names in kinds.items():
+            for name in names:
+                node = self.nodes[name]
+                for spec in by_module.get(name, ()):
+                    dim = _cut_dim(node.module, node.pruner, spec, attr)
+                    if dim is not None:
+                        cutting.setdefault(dim, []).append(spec)
+        for specs in cutting.values():
+            for spec in specs[1:]:
+                if spec.atoms.numel() == specs[0].atoms.numel():
+                    ctx.union(specs[0].atoms, spec.atoms)
 
     def _build_groups(self) -> None:
         ctx = self.ctx
@@ -331,3 +352,26 @@ def prunable_graph(
             + "Run `cleanai explain` to see which operations froze them, or ignore fewer layers."
         )
     return graph
+
+
+def _cut_dim(module: nn.Module, pruner: Any, spec: SliceSpec, attr: str) -> int | None:
+    """The dimension of ``module.<attr>`` that pruning slice ``spec`` shortens, found by
+    pruning its first index on a shallow copy whose tensors live on the meta device."""
+    n, tensor = spec.atoms.numel(), getattr(module, attr, None)
+    if n < 2 or not isinstance(tensor, torch.Tensor):
+        return None
+    probe = copy.copy(module)
+    probe._parameters = {
+        k: None if v is None else nn.Parameter(torch.empty_like(v, device="meta"), requires_grad=v.requires_grad)
+        for k, v in module._parameters.items()
+    }
+    probe._buffers = {k: None if v is None else torch.empty_like(v, device="meta") for k, v in module._buffers.items()}
+    try:
+        pruner.prune(probe, {spec.name: torch.arange(1, n)})
+    except Exception:  # noqa: BLE001 - a pruner that cannot slice one slice alone: no coupling found
+        return None
+    after = getattr(probe, attr, None)
+    if not isinstance(after, torch.Tensor) or after.ndim != tensor.ndim:
+        return None
+    dims = [d for d in range(tensor.ndim) if after.shape[d] != tensor.shape[d]]
+    return dims[0] if len(dims) == 1 and after.shape[dims[0]] == tensor.shape[dims[0]] - 1 else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from cleanai_core import hookimpl
 from cleanai_core.graph.elementwise import elementwise, is_pointwise
 from cleanai_plugins.mappers._registry import MapperTable, arg
@@ -19,6 +21,14 @@ def _couple_affine(ctx, atoms, params) -> None:
             ctx.freeze_tensor(p, f"{ctx.where()}: affine tensor of unexpected shape")
 
 
+def _stored_shape(ctx, shape: list) -> bool:
+    """The norm runs in the ``forward`` of a module (no layer pruner claimed it) that
+    passes its own ``normalized_shape`` attribute: after slicing it would still hold the
+    old width, so the pruned model would fail to run."""
+    stored = getattr(ctx.scope_module(), "normalized_shape", None)
+    return isinstance(stored, (tuple, list, torch.Size)) and [int(n) for n in stored] == [int(n) for n in shape]
+
+
 @table.register("native_layer_norm", "layer_norm", "rms_norm", "_fused_rms_norm")
 def layer_norm(call, ctx):
     x = call.args[0]
@@ -29,6 +39,12 @@ def layer_norm(call, ctx):
         # channels outside the normalised dims (the heads of q under a per-head qk-norm):
         # every position along them is normalised alike, so they pass through untouched
         ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+        return
+    if lab is not None and _stored_shape(ctx, shape):
+        why = f"{ctx.where()} normalises over a width stored in its module's normalized_shape, which no plugin rewrites"
+        ctx.freeze(lab.atoms, why)
+        for p in params:
+            ctx.freeze_tensor(p, f"{ctx.where()}: affine of a frozen norm")
         return
     if lab is None or len(shape) != 1 or lab.dim != x.ndim - 1:
         if lab is not None:

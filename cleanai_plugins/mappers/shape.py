@@ -256,7 +256,27 @@ def expand(call, ctx):
         return
     if expand_group_dim(ctx, src, out, lab):  # repeat_kv, query heads per group
         return
+    if ctx.keeps_whole_heads() and _broadcasts_one_head(ctx, src, out, lab):
+        return
     ctx.set_label(out, lab.dim + shift, lab.atoms, lab.origin)
+
+
+def _broadcasts_one_head(ctx, src, out, lab) -> bool:
+    """Multi-query attention whose one key/value head carries its channels on the head
+    dimension (GPT-BigCode's ``c_attn(x).unsqueeze(1).split(...)``: no reshape into heads),
+    broadcast by eager ``repeat_kv`` (``(b, 1, 1, s, d) -> (b, 1, g, s, d)``) to the query
+    heads: the key/value head stays, and its copies get fresh atoms that shrink with the
+    query heads they meet, as when the one head is labelled on its heads dimension.
+    Returns whether it labelled ``out``."""
+    shift = out.ndim - src.ndim
+    if lab.dim != src.ndim - 1:
+        return False
+    grown = [d for d in range(shift, out.ndim - 1) if src.shape[d - shift] == 1 and out.shape[d] > 1]
+    if len(grown) != 1 or grown[0] - shift < 1 or src.shape[grown[0] - shift - 1] != 1:
+        return False  # not one new group dimension right after a single key/value head
+    ctx.freeze(lab.atoms, f"{ctx.where()}: multi-query attention keeps its key/value head")
+    ctx.set_label(out, grown[0], ctx.new_atoms(out.shape[grown[0]]))
+    return True
 
 
 @table.register("repeat")

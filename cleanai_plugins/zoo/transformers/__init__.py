@@ -7,7 +7,8 @@
 - mixture-of-experts MLPs (Mixtral's 3-D expert tensors) prune each expert's width
   (:mod:`.experts`); the router is untouched;
 - ``Conv1D`` (GPT-2) has a layer pruner (:mod:`.conv1d`); RMS norms are claimed like
-  ``nn.RMSNorm``, so the hidden size can shrink;
+  ``nn.RMSNorm`` and weightless layer norms (OLMo's) like ``nn.LayerNorm``, so the hidden
+  size can shrink;
 - layers whose config cannot declare a bias (Qwen2's ``o_proj``, Mistral's ``down_proj``)
   are filed under ``no_new_bias`` (:mod:`.bias`): compensation folds into their kept
   columns and creates no bias, so the default options still reload;
@@ -34,7 +35,7 @@ except ImportError:  # pragma: no cover - exercised only without transformers
     PreTrainedModel = Conv1D = None
 
 from cleanai_plugins.layers.linear import no_new_bias
-from cleanai_plugins.layers.norm import RMSNormPruner
+from cleanai_plugins.layers.norm import LayerNormPruner, RMSNormPruner
 from cleanai_plugins.mappers.gqa import GQA_QUERY_HEADS
 from cleanai_plugins.mappers.matmul import slices_head_inputs
 from cleanai_plugins.mappers.shape import allow_channel_ranges
@@ -46,7 +47,7 @@ from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
 from cleanai_plugins.zoo.transformers.experts import ExpertsPruner, is_experts
 from cleanai_plugins.zoo.transformers.fills import FILLS, HeadsFill
 
-__all__ = ["Conv1DPruner", "is_rms_norm"]
+__all__ = ["Conv1DPruner", "is_rms_norm", "is_weightless_layer_norm"]
 
 
 def is_rms_norm(module) -> bool:
@@ -59,6 +60,21 @@ def is_rms_norm(module) -> bool:
         return False
     weight = getattr(module, "weight", None)
     return weight is not None and weight.ndim == 1 and getattr(module, "bias", None) is None
+
+
+def is_weightless_layer_norm(module) -> bool:
+    """A transformers layer norm with no parameters that keeps its width in
+    ``normalized_shape`` (``OlmoLayerNorm``: ``F.layer_norm(x, self.normalized_shape)``)."""
+    cls = type(module)
+    shape = getattr(module, "normalized_shape", None)
+    return (
+        cls.__module__.startswith("transformers.")
+        and cls.__name__.endswith("LayerNorm")
+        and isinstance(shape, (tuple, list))
+        and len(shape) == 1
+        and next(module.parameters(), None) is None
+        and next(module.children(), None) is None
+    )
 
 
 def outermost(root, cls) -> list:
@@ -120,6 +136,8 @@ def cleanai_layer_pruner(module):
         return Conv1DPruner()
     if is_rms_norm(module):
         return RMSNormPruner()
+    if is_weightless_layer_norm(module):
+        return LayerNormPruner()
     if is_experts(module):
         return ExpertsPruner()
     return None

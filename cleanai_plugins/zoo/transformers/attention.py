@@ -43,13 +43,25 @@ def has_fused_qkv(module: nn.Module) -> bool:
 
 
 def has_fused_mqa(module: nn.Module) -> bool:
-    """Falcon's multi-query attention: one ``query_key_value`` of ``heads + 2`` heads, the
-    query heads first, then the one key and value head (picked with ``[-2]``, ``[-1]``)."""
-    return (
-        proj_width(getattr(module, "query_key_value", None)) is not None
-        and getattr(module, "multi_query", False) is True
-        and not getattr(module, "new_decoder_architecture", False)
-    )
+    """Multi-query attention with one fused projection: the query heads first, then the
+    one key and value head. Falcon's ``query_key_value`` of ``heads + 2`` heads (the key
+    and value picked with ``[-2]``, ``[-1]``), GPT-BigCode's (SantaCoder, StarCoder)
+    ``c_attn`` of ``embed_dim + 2 * kv_dim`` split into ``(embed_dim, kv_dim, kv_dim)``."""
+    return _mqa_query_width(module) is not None
+
+
+def _mqa_query_width(module: nn.Module) -> int | None:
+    """The query part's width of a fused multi-query projection (:func:`has_fused_mqa`)."""
+    if getattr(module, "multi_query", False) is not True:
+        return None
+    falcon = proj_width(getattr(module, "query_key_value", None))
+    hd = getattr(module, "head_dim", None)
+    if falcon is not None and not getattr(module, "new_decoder_architecture", False) and isinstance(hd, int):
+        return falcon - 2 * hd
+    fused, kv_dim = proj_width(getattr(module, "c_attn", None)), getattr(module, "kv_dim", None)
+    if fused is not None and isinstance(kv_dim, int) and not getattr(module, "is_cross_attention", False):
+        return fused - 2 * kv_dim
+    return None
 
 
 def _per_head_fused(module: nn.Module) -> bool:
@@ -113,7 +125,7 @@ def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | No
     if fused is not None and kv_kept and isinstance(kv_heads, int) and fused // hd > 2 * kv_heads:
         return fused // hd - 2 * kv_heads, kv_heads, hd
     if has_fused_mqa(module):
-        return proj_width(module.query_key_value) // hd - 2, 1, hd
+        return _mqa_query_width(module) // hd, 1, hd
     if getattr(module, "new_decoder_architecture", None) is True and isinstance(module.num_kv_heads, int):
         # Falcon-40B: rows (kv groups, group + 2, head_dim); whole KV groups go, the group size stays
         group = module.num_heads // module.num_kv_heads

@@ -30,6 +30,7 @@ history on the original architecture). Per-stage configs (Swin, ConvNeXt): :mod:
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections import Counter, defaultdict
 
@@ -45,9 +46,13 @@ __all__ = ["fix_config"]
 
 # the first projection of an MLP (its output width is the MLP width), and its stacked parts
 _MLP_UP = re.compile(
-    r"(^|\.)(mlp\.(gate_proj|c_fc|dense_h_to_4h|fc1)|intermediate\.dense|ffn\.lin1|DenseReluDense\.wi(_0)?|"
-    r"fc1|ffn|mlp\.gate_up_proj)$"
+    r"(^|\.)(mlp\.(gate_proj|c_fc|dense_h_to_4h|fc1|fc_in)|intermediate\.dense|ffn\.lin1|DenseReluDense\.wi(_0)?|"
+    r"fc1|ffn|mlp\.gate_up_proj|mlp\.Wi)$"
 )
+#: MLP projections whose output stacks two halves (gate and up) of the MLP width
+_MLP_STACKED = ("gate_up_proj", ".Wi")
+#: a shared expert beside the routed ones (Qwen2-MoE): its own config key
+_SHARED_UP = re.compile(r"(^|\.)mlp\.shared_expert\.(gate_proj|gate_up_proj)$")
 _MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size")
 
 
@@ -107,14 +112,15 @@ def _collect(model: nn.Module) -> dict[int, dict]:
                 if isinstance(getattr(module, "attention_head_size", None), int):  # DeBERTa-v2 reads it
                     values["attention_head_size"].append(hd)
         experts = getattr(module, "gate_up_proj", None)
-        if isinstance(experts, nn.Parameter) and experts.ndim == 3:  # Mixtral's 3-D expert MLPs
-            values["mlp"].append(int(experts.shape[1]) // 2)
-        if _MLP_UP.search(name):
+        if isinstance(experts, nn.Parameter) and experts.ndim == 3:  # Mixtral's, Qwen3-MoE's 3-D expert MLPs
+            values["experts"].append(int(experts.shape[1]) // 2)
+        shared = _SHARED_UP.search(name)
+        if _MLP_UP.search(name) or shared:
             width = proj_width(module)
             if width is not None:
-                if name.endswith("gate_up_proj"):
+                if name.endswith(_MLP_STACKED):
                     width //= 2
-                values[f"{side}ffn_dim" if side else "mlp"].append(width)
+                values["shared_expert" if shared else f"{side}ffn_dim" if side else "mlp"].append(width)
     return found
 
 
@@ -136,10 +142,39 @@ def _write(entry: dict) -> dict:
     for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
         _set(config, key, values.get(key, []), record)
     if not hasattr(config, "encoder_ffn_dim"):
+        experts, mlp = values.get("experts", []), values.get("mlp", [])
+        if hasattr(config, "moe_intermediate_size"):  # the experts' own key (Qwen3-MoE, DeepSeek)
+            _set(config, "moe_intermediate_size", experts, record)
+        else:  # the experts are the MLP (Mixtral)
+            mlp = mlp + experts
+        _set(config, "shared_expert_intermediate_size", values.get("shared_expert", []), record)
         key = next((k for k in _MLP_KEYS if hasattr(config, k)), None)
         if key is not None:
-            _set(config, key, values.get("mlp", []), record)
+            _set(config, key, mlp, record)
+        elif mlp and not is_staged(config):  # (Swin's per-stage ratio is written by :mod:`.staged`)
+            _set_mlp_ratio(config, mlp, record)
     return record
+
+
+def _set_mlp_ratio(config, mlp: list[int], record: dict) -> None:
+    """A config whose MLP width is ``int(hidden_size * mlp_ratio)`` (DINOv2): the ratio
+    that gives the kept width (the rebuild check says whether the family reads it so)."""
+    hidden, ratio = getattr(config, "hidden_size", None), getattr(config, "mlp_ratio", None)
+    if not isinstance(hidden, int) or hidden <= 0 or not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+        return
+    if len(set(mlp)) > 1:
+        record["mlp_ratio"] = [m / hidden for m in mlp]
+    width = mlp[0]
+    if width % hidden == 0:
+        ratio = width // hidden
+    else:
+        ratio = width / hidden
+        if int(hidden * ratio) < width:  # a float just below the width: step up to it
+            ratio = math.nextafter(ratio, math.inf)
+    try:
+        config.mlp_ratio = ratio
+    except Exception:  # noqa: BLE001 - a config typed to whole ratios (DINOv2's strict dataclass): the rebuild
+        pass  # check then reports the width it cannot say
 
 
 def fix_config(model: nn.Module) -> None:
@@ -164,6 +199,7 @@ def fix_config(model: nn.Module) -> None:
         if is_staged(entry["config"]):
             record.update(write_stages(model, entry["config"]))
         _fix_hidden_attrs(model, entry["config"], old)
+    _write_embedding_width(model, root, record)
     declared = declare_biases(model)  # compensation's biases, where a config switch allows them
     mismatched = rebuild_mismatches(model)
     mismatched += _scale_mismatches(model)
@@ -175,6 +211,22 @@ def fix_config(model: nn.Module) -> None:
         **({"mismatched": mismatched[:5]} if mismatched else {}),
         **({"reload": "load_pruned", "why": reasons(model, mismatched)} if mismatched else {}),
     }
+
+
+#: config keys of an input embedding narrower than the hidden size (ALBERT, ELECTRA; OPT-350m)
+_EMBEDDING_KEYS = ("embedding_size", "word_embed_proj_dim")
+
+
+def _write_embedding_width(model: nn.Module, config, record: dict) -> None:
+    """The input embeddings' width, where the config names it apart from the hidden size."""
+    key = next((k for k in _EMBEDDING_KEYS if isinstance(getattr(config, k, None), int)), None)
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    width = getattr(emb, "embedding_dim", None)
+    if key is not None and isinstance(width, int):
+        _set(config, key, [width], record)
 
 
 def _fix_hidden_attrs(model: nn.Module, config, old: int | None) -> None:
