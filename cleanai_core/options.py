@@ -20,6 +20,7 @@ __all__ = [
     "check_importance",
     "check_model",
     "check_options",
+    "check_ranking",
     "check_ratio",
     "check_targets",
     "ignored_modules",
@@ -135,6 +136,18 @@ def check_options(max_layer_ratio: Any, round_to: Any, covariance_rows: Any, sta
         raise UserError(f"covariance_rows={covariance_rows} must be 0 (every position) or positive")
     if not isinstance(stats_budget_bytes, int) or stats_budget_bytes < 0:
         raise UserError(f"stats_budget_bytes={stats_budget_bytes!r} must be a whole number of bytes, 0 or more")
+
+
+def check_ranking(global_pruning: Any, isomorphic: Any) -> None:
+    """``isomorphic`` refines global ranking, so it needs ``global_pruning``."""
+    if not isinstance(isomorphic, bool):
+        raise UserError(f"isomorphic={isomorphic!r} must be True or False")
+    if isomorphic and not global_pruning:
+        raise UserError(
+            "isomorphic=True ranks units across the groups of each isomorphic set, a kind of global pruning: "
+            "pass global_pruning=True with it (on the command line: --global --isomorphic); uniform pruning "
+            "already ranks every group on its own"
+        )
 
 
 def check_example_inputs(example_inputs: Any) -> None:

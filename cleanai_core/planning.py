@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import attrs
@@ -98,6 +99,38 @@ def _lowest(scores: torch.Tensor, frozen: torch.Tensor, n: int) -> torch.Tensor:
     return pruned
 
 
+def _rank(
+    groups: list[Group],
+    scores: dict[int, torch.Tensor],
+    norm: Any,
+    budget: int,
+    caps: dict[int, int],
+    chosen: dict[int, list[int]],
+) -> None:
+    """Global ranking of ``groups``: their unfrozen units, scores normalised per group, go
+    lowest first into ``chosen`` until ``budget`` units are taken (at most ``caps`` per group)."""
+    pool_s, pool_g, pool_i = [], [], []
+    for g in groups:
+        if g.prunable == 0:
+            continue
+        s = norm(scores[g.id].to(torch.float64))
+        idx = (~g.frozen).nonzero().squeeze(1)
+        pool_s.append(s[idx])
+        pool_g.append(torch.full((idx.numel(),), g.id))
+        pool_i.append(idx)
+    if not pool_s:
+        return
+    s_all, g_all, i_all = torch.cat(pool_s), torch.cat(pool_g), torch.cat(pool_i)
+    taken = 0
+    for k in torch.argsort(s_all, stable=True).tolist():
+        if taken >= budget:
+            break
+        gid = int(g_all[k])
+        if len(chosen[gid]) < caps[gid]:
+            chosen[gid].append(int(i_all[k]))
+            taken += 1
+
+
 def make_plan(
     groups: list[Group],
     scores: dict[int, torch.Tensor],
@@ -110,6 +143,8 @@ def make_plan(
     min_units: int = 1,
     normalizer: Any = None,
     caps: dict[int, int] | None = None,
+    scopes: Mapping[int, Hashable] | None = None,
+    scope_ratios: Mapping[Hashable, float] | None = None,
 ) -> PruningPlan:
     """Decide, per group, which units to prune.
 
@@ -121,6 +156,10 @@ def make_plan(
     up to a multiple. ``caps``: per group id, the most units global ranking may take from
     it, instead of ``max_layer_ratio`` of its current size (iterative pruning caps by the
     original width, so the steps together never take more than ``max_layer_ratio``).
+    ``scopes``: per group id, its ranking scope (isomorphic pruning,
+    :mod:`cleanai_core.isomorphic`): global ranking runs within each scope on its own, and
+    each loses ``ratio`` of its units (or its entry in ``scope_ratios``); groups not named
+    rank in one scope together.
     """
     group_ratios = group_ratios or {}
     plans = []
@@ -137,33 +176,19 @@ def make_plan(
         n = _limit(g, int(math.floor(group_ratios[g.id] * g.size + 1e-9)), round_to, min_units)
         plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), group_ratios[g.id]))
     norm = normalizer or (lambda s: s / s.mean() if float(s.mean()) > 0 else s)
-    pool_s, pool_g, pool_i = [], [], []
-    for g in free:
-        if g.prunable == 0:
-            continue
-        s = norm(scores[g.id].to(torch.float64))
-        idx = (~g.frozen).nonzero().squeeze(1)
-        pool_s.append(s[idx])
-        pool_g.append(torch.full((idx.numel(),), g.id))
-        pool_i.append(idx)
-    budget = int(math.floor(ratio * sum(g.size for g in free)))
-    counts = {g.id: 0 for g in free}
     caps = {
         g.id: _limit(g, (caps or {}).get(g.id, int(math.floor(max_layer_ratio * g.size))), None, min_units)
         for g in free
     }
     chosen: dict[int, list[int]] = {g.id: [] for g in free}
-    if pool_s:
-        s_all, g_all, i_all = torch.cat(pool_s), torch.cat(pool_g), torch.cat(pool_i)
-        taken = 0
-        for k in torch.argsort(s_all, stable=True).tolist():
-            if taken >= budget:
-                break
-            gid = int(g_all[k])
-            if counts[gid] < caps[gid]:
-                counts[gid] += 1
-                chosen[gid].append(int(i_all[k]))
-                taken += 1
+    members: dict[Hashable, list[Group]] = {}
+    for g in free:
+        members.setdefault((scopes or {}).get(g.id), []).append(g)
+    for scope, in_scope in members.items():
+        r = (scope_ratios or {}).get(scope, ratio)
+        budget = int(math.floor(r * sum(g.size for g in in_scope) + 1e-9))
+        _rank(in_scope, scores, norm, budget, caps, chosen)
+    counts = {gid: len(units) for gid, units in chosen.items()}
     for g in free:
         pruned = torch.zeros(g.size, dtype=torch.bool)
         n = _limit(g, counts[g.id], round_to, min_units)

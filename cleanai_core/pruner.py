@@ -4,7 +4,7 @@ in order; each stage is a module of free functions (the list: ``docs/architectur
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -17,7 +17,9 @@ from cleanai_core.compensation import compensated_copy
 from cleanai_core.dead_units import dead_plan
 from cleanai_core.device_defaults import default_round_to
 from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
+from cleanai_core.graph.groups import Group
 from cleanai_core.history import PruningHistory
+from cleanai_core.isomorphic import Signatures, scopes_of, signatures
 from cleanai_core.metrics import count_flops, count_params
 from cleanai_core.model_state import transplant
 from cleanai_core.options import ModuleSpec, match_modules
@@ -54,6 +56,11 @@ class StructuredPruner:
     :param ignored_layers: modules, names, globs or types whose output channels are kept
         (plus the classifier heads the ``cleanai_default_ignores`` hook names).
     :param global_pruning: rank units of all groups together (scores normalised per group).
+    :param isomorphic: with ``global_pruning``: rank units only among groups of the same
+        structure (:mod:`cleanai_core.isomorphic`: same module types, slices and shapes apart
+        from the pruned width, e.g. all attention-heads groups of a ViT, all its MLP groups),
+        each such set losing ``pruning_ratio`` of its units. Without ``global_pruning`` it is
+        a :class:`UserError` (uniform pruning already ranks every group alone).
     :param max_layer_ratio: with global pruning, the most any group may lose.
     :param round_to: kept channel counts rounded up to a multiple (e.g. 8); ``"auto"``: what
         pays on the model's device (:mod:`cleanai_core.device_defaults`: none on CPU, 8 on CUDA).
@@ -91,6 +98,7 @@ class StructuredPruner:
         ignored_layers: Iterable[ModuleSpec] | None = None,
         global_pruning: bool = False,
         max_layer_ratio: float = 0.9,
+        isomorphic: bool = False,
         round_to: int | str | None = "auto",
         min_channels: int = 1,
         target_flops: float | None = None,
@@ -112,6 +120,7 @@ class StructuredPruner:
         round_to = default_round_to(device_of(model)) if round_to == "auto" else round_to
         options.check_targets(pruning_ratio, target_flops, target_params, iterative_steps)
         options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes)
+        options.check_ranking(global_pruning, isomorphic)
         options.check_example_inputs(example_inputs)
         self.model, self.example_inputs = model, example_inputs
         if isinstance(importance, str):
@@ -120,6 +129,8 @@ class StructuredPruner:
         options.check_importance(self.importance)
         self.pruning_ratio = float(pruning_ratio)
         self.global_pruning, self.max_layer_ratio = global_pruning, max_layer_ratio
+        self.isomorphic = isomorphic
+        self._sets: Signatures | None = None  # with isomorphic: the original groups' signatures
         self.round_to, self.min_channels = round_to, min_channels
         self.target_flops, self.target_params = target_flops, target_params
         self.iterative_steps = iterative_steps
@@ -187,16 +198,26 @@ class StructuredPruner:
         )
         return score_groups(self.importance, graph, ctx)
 
-    def make_plan(self, ratio: float, scores: dict, graph: Any = None, ratios: Any = None, ranked: Any = None) -> Any:
+    def make_plan(
+        self,
+        ratio: float,
+        scores: dict,
+        graph: Any = None,
+        ratios: Any = None,
+        ranked: Any = None,
+        set_ratios: Mapping[Hashable, float] | None = None,
+    ) -> Any:
         """A :class:`PruningPlan` at ``ratio`` with this pruner's options. ``ratios``: per group
         id, instead of the layer ratios (and this step's share of them); ``ranked``: global
-        ranking, instead of ``global_pruning``."""
+        ranking, instead of ``global_pruning``; ``set_ratios``: with ``isomorphic``, per
+        isomorphic set, instead of ``ratio``."""
         graph = self.graph if graph is None else graph
         groups = graph.groups(prunable_only=True)
         if ratios is None:
             ratios = group_ratios(groups, self.layer_ratios, *self._step, self._targets, self.global_pruning)
         ranked = self.global_pruning if ranked is None else ranked
         caps = step_caps(groups, self._widths, self.max_layer_ratio) if ranked and self._widths else None
+        scopes = self.isomorphic_scopes(groups) if ranked and self.isomorphic else None
         return make_plan(
             groups,
             scores,
@@ -209,7 +230,18 @@ class StructuredPruner:
             min_units=self.min_channels,
             normalizer=self.normalizer,
             caps=caps,
+            scopes=scopes,
+            scope_ratios=set_ratios,
         )
+
+    def isomorphic_scopes(self, groups: list[Group]) -> dict[int, Hashable]:
+        """Per group id, the signature of its isomorphic set (:mod:`cleanai_core.isomorphic`),
+        read on the original model and matched through producing slices, so the groups of
+        a later iterative step stay in their original sets; a group that matches none ranks
+        alone."""
+        if self._sets is None:
+            self._sets = signatures(self.graph.model, self.graph.groups(prunable_only=True))
+        return scopes_of(groups, self._sets)
 
     def set_layer_ratios(self, ratios: Mapping[ModuleSpec, float]) -> None:
         """Replace the per-layer ratios (``{module | name | glob | type: ratio}``, 0 keeps

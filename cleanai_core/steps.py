@@ -13,6 +13,9 @@ Under global ranking, ``max_layer_ratio`` caps what a group loses over all the s
 counted from its original width (a cap on the current width would compound: 5 steps at 0.5
 could leave 1 of 16 channels).
 
+Under isomorphic pruning every isomorphic set reaches the ratio on its own: each step's
+ratio is computed per set from the set's original and current units.
+
 Groups of a later step's graph are matched to the original groups through their
 producing slices (module and slice name), which slicing keeps.
 """
@@ -20,6 +23,7 @@ producing slices (module and slice name), which slicing keeps.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from typing import Any
 
 from torch import nn
@@ -33,6 +37,8 @@ __all__ = [
     "group_ratios",
     "original_widths",
     "prune_in_steps",
+    "set_step_ratios",
+    "slice_keys",
     "step_caps",
     "step_group_ratios",
     "step_ratio",
@@ -42,7 +48,7 @@ __all__ = [
 Targets = dict[tuple[str, str], tuple[int, int]]
 
 
-def _keys(group: Group) -> list[tuple[str, str]]:
+def slice_keys(group: Group) -> list[tuple[str, str]]:
     """The slices that identify a group across steps: its producers (outputs, parameters)."""
     own = [(s.module, s.name) for s in group.slices if s.kind != "in"]
     return own or [(s.module, s.name) for s in group.slices]
@@ -52,7 +58,7 @@ def final_counts(plan: PruningPlan) -> Targets:
     """The final count of every group of a one-step ``plan`` made on the original graph."""
     out: Targets = {}
     for gp in plan.groups:
-        for key in _keys(gp.group):
+        for key in slice_keys(gp.group):
             out.setdefault(key, (gp.group.size, gp.group.size - gp.n_pruned))
     return out
 
@@ -61,7 +67,7 @@ def original_widths(groups: list[Group]) -> dict[tuple[str, str], int]:
     """Every group's unit count, under each of its producing slices."""
     out: dict[tuple[str, str], int] = {}
     for g in groups:
-        for key in _keys(g):
+        for key in slice_keys(g):
             out.setdefault(key, g.size)
     return out
 
@@ -71,7 +77,7 @@ def step_caps(groups: list[Group], widths: dict[tuple[str, str], int], max_layer
     most ``max_layer_ratio`` of its original width over all steps."""
     out = {}
     for g in groups:
-        original = next((widths[k] for k in _keys(g) if k in widths), None)
+        original = next((widths[k] for k in slice_keys(g) if k in widths), None)
         if original is not None:
             out[g.id] = max(0, math.floor(max_layer_ratio * original + 1e-9) - (original - g.size))
     return out
@@ -86,7 +92,7 @@ def step_group_ratios(groups: list[Group], targets: Targets, step: int, steps: i
     step target (groups not found in ``targets`` are left out)."""
     out = {}
     for g in groups:
-        hit = next((targets[k] for k in _keys(g) if k in targets), None)
+        hit = next((targets[k] for k in slice_keys(g) if k in targets), None)
         if hit is None or g.size == 0:
             continue
         out[g.id] = max(0, g.size - kept_at_step(*hit, step, steps)) / g.size
@@ -99,6 +105,26 @@ def step_ratio(ratio: float, original_units: int, current_units: int, step: int,
     goal = int(ratio * original_units * (step + 1) / steps + 1e-9)
     removed = original_units - current_units
     return min(max(goal - removed, 0) / max(current_units, 1), 0.99)
+
+
+def set_step_ratios(
+    groups: list[Group],
+    scopes: dict[int, Hashable],
+    widths: dict[tuple[str, str], int],
+    ratio: float,
+    step: int,
+    steps: int,
+) -> dict[Hashable, float]:
+    """Per isomorphic set (``scopes``: per group id): :func:`step_ratio` of its own units,
+    so that every set has lost ``ratio`` of its original units after the last step."""
+    original: dict[Hashable, int] = {}
+    current: dict[Hashable, int] = {}
+    for g in groups:
+        scope = scopes[g.id]
+        width = next((widths[k] for k in slice_keys(g) if k in widths), g.size)
+        original[scope] = original.get(scope, 0) + width
+        current[scope] = current.get(scope, 0) + g.size
+    return {k: step_ratio(ratio, original[k], current[k], step, steps) for k in original}
 
 
 def group_ratios(
@@ -124,6 +150,18 @@ def group_ratios(
         fixed = {g.id for g in groups if named(g) is not None}
         return {gid: r for gid, r in ratios.items() if gid in fixed}
     return {g.id: r for g in groups if (r := named(g)) is not None}
+
+
+def _set_ratios(pruner: Any, graph: Any, step: int) -> dict[Hashable, float] | None:
+    """With isomorphic pruning: this step's ratio of every isomorphic set (its groups with
+    no layer ratio)."""
+    p = pruner
+    if not (p.isomorphic and p.global_pruning):
+        return None
+    groups = graph.groups(prunable_only=True)
+    fixed = group_ratios(groups, p.layer_ratios, step, p.iterative_steps, p._targets, True)
+    free = [g for g in groups if g.id not in fixed]
+    return set_step_ratios(free, p.isomorphic_scopes(free), p._widths, p.pruning_ratio, step, p.iterative_steps)
 
 
 def prune_in_steps(pruner: Any) -> nn.Module:
@@ -156,7 +194,7 @@ def prune_in_steps(pruner: Any) -> nn.Module:
         else:
             now = sum(g.size for g in graph.groups(prunable_only=True))
             ratio = step_ratio(p.pruning_ratio, units, now, step, steps)
-            plan = p.make_plan(ratio, p.score(graph, current, cal), graph)
+            plan = p.make_plan(ratio, p.score(graph, current, cal), graph, set_ratios=_set_ratios(p, graph, step))
         if step == 0:
             p._plan = plan
         distributed.check_same_plan(plan.pruned_units())

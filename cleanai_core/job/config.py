@@ -124,6 +124,9 @@ class PruneConfig:
     layer_ratio: dict = _opt(attrs.Factory(dict), "per-layer ratio (repeatable)", "pruning",
                              "--layer-pruning-ratios", action="append", metavar="PATTERN=R")  # fmt: skip
     global_pruning: bool = _opt(False, "rank channels of all layers together", "pruning", "--global")
+    isomorphic: bool = _opt(False, "with --global: rank channels only among groups of the same structure (all "
+                            "attention-head groups, all MLP groups, convs of one shape), each set losing the "
+                            "ratio", "pruning")  # fmt: skip
     round_to: int | None = _opt(None, "keep channel counts multiples of N (default: what pays on --device: none on "
                                 "cpu, 8 on cuda; 1 = no rounding)", "pruning", type=int, metavar="N")  # fmt: skip
     bias_compensation: bool = _opt(True, "do not fold removed channels' mean output into the next layer's bias",
@@ -189,6 +192,7 @@ def pruner_options(cfg: dict[str, Any]) -> dict[str, Any]:
         API_NAMES["layer_ratio"]: cfg.get("layer_ratio") or None,
         API_NAMES["ignore"]: list(cfg.get("ignore") or []) or None,
         "global_pruning": bool(cfg.get("global_pruning")),
+        "isomorphic": bool(cfg.get("isomorphic")),
         "round_to": cfg.get("round_to") if cfg.get("round_to") is not None else "auto",
         "target_flops": None if auto else cfg.get("target_flops"),
         "target_params": None if auto else cfg.get("target_params"),
@@ -330,6 +334,11 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
         raise UserError(
             "--auto allocates ratios to a target: give --target-flops F, --target-params P or --target-latency L "
             "with it."
+        )
+    if cfg.get("isomorphic") and not cfg.get("global_pruning"):
+        raise UserError(
+            f"--isomorphic ({sources['isomorphic']}) refines global ranking, but global pruning is off "
+            f"({sources['global_pruning']}): add --global (global = true in a config file)."
         )
     if cfg.get("target_latency") is not None and not cfg.get("auto"):
         raise UserError("--target-latency needs --auto: the per-layer ratios are chosen by measuring the latency.")
