@@ -39,7 +39,7 @@ from cleanai_core.calibration import (
     split_batch,
     total_batches,
 )
-from cleanai_core.errors import UserError
+from cleanai_core.errors import CleanAIError, UserError
 from cleanai_core.model_state import preserved
 from cleanai_core.replay import CalibrationData
 from cleanai_core.runtime import (
@@ -157,9 +157,9 @@ def calibrate(
         total = total_batches(loader, num_batches)
         bar = tqdm(total=total, disable=not progress, desc="calibrating", unit="batch", leave=False)
         with preserved(model), torch.no_grad(), bar:  # every module's mode and buffers (BN, observers) put back
-            batches = iter(iterate(loader, num_batches))
-            first = next(batches, None)
-            if first is not None:
+            batches = iter(iterate(check_iterable(loader), num_batches))
+            first = next(batches, _NO_BATCH)
+            if first is not _NO_BATCH:
                 data.keep(first)
                 inputs = inputs_for(model, split_batch(first)[0])
                 if may_run_channels_last(model, inputs):
@@ -175,18 +175,71 @@ def calibrate(
                     if not fits:  # the statistics start again, from the inputs as they are
                         data.layout, collector = same_layout, fresh()
                 if data.layout is same_layout:
-                    with collecting():
+                    with collecting(), model_failure(0, inputs):
                         run_batch(model, inputs, setup.forward_fn)
                 bar.update()
             with collecting():
-                for batch in batches:
+                for i, batch in enumerate(batches, 1):
                     data.keep(batch)
-                    run_batch(model, data.layout(split_batch(batch)[0]), setup.forward_fn)
+                    inputs = split_batch(batch)[0]
+                    with model_failure(i, inputs):
+                        run_batch(model, data.layout(inputs), setup.forward_fn)
                     bar.update()
         out.stats = collector.stats
+    check_samples_seen(out.stats)
     if setup.gradients:
         out.gradients = accumulate_gradients(model, data.replay(), setup.forward_fn, setup.output_transform)
     return out
+
+
+_NO_BATCH = object()
+
+
+def check_iterable(loader: Any) -> Any:
+    """``loader`` if it can be iterated (a DataLoader, a list of batches, a generator)."""
+    try:
+        iter(loader)
+    except TypeError:
+        raise UserError(
+            f"the calibration data is a {type(loader).__name__}, which cannot be iterated; give a DataLoader or "
+            "a list of batches (tensors, (input, label) pairs or dicts)"
+        ) from None
+    return loader
+
+
+def _shapes(inputs: Any) -> str:
+    from torch.utils._pytree import tree_flatten
+
+    shapes = [tuple(t.shape) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    return ", ".join(map(str, shapes[:4])) or f"no tensor ({type(inputs).__name__})"
+
+
+@contextlib.contextmanager
+def model_failure(index: int, inputs: Any) -> Iterator[None]:
+    """An error of the model on a calibration batch becomes a :class:`UserError` naming the
+    batch and its shapes (the loader's own errors pass through unchanged)."""
+    try:
+        yield
+    except (UserError, KeyboardInterrupt):
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+        if isinstance(exc, CleanAIError):
+            raise
+        raise UserError(
+            f"the model failed on calibration batch {index} (input shape {_shapes(inputs)}): "
+            f"{type(exc).__name__}: {str(exc)[:300]}. Give calibration batches shaped like example_inputs, with "
+            "the batch as the first dimension (a DataLoader over the dataset, not the dataset itself)"
+        ) from exc
+
+
+def check_samples_seen(stats: dict) -> None:
+    """Calibration that measured nothing (every batch empty) is an error, not zero scores."""
+    if distributed.is_distributed() or not stats:
+        return
+    if all(getattr(s, "count", 1) == 0 for s in stats.values()):
+        raise UserError(
+            "the calibration data holds no samples (every batch is empty); give batches with at least one sample"
+        )
 
 
 @distributed.stage("re-calibration", then=_combine)

@@ -93,10 +93,27 @@ def preset_options(name: Any, where: str) -> dict[str, Any]:
 
 def _load(path: str) -> tuple[Any, str]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file {path!r} is a folder; give a .toml, .yaml/.yml or .json file.")
     if not p.is_file():
         raise UserError(f"config file {path!r} does not exist.")
     suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the file
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"config file {path!r} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start : exc.start + 1]!r}); "
+            "save it as UTF-8."
+        ) from None
+    try:
+        return _parse(path, suffix, text)
+    except RecursionError:
+        raise UserError(
+            f"config file {path!r} is nested too deeply to be a config; write option = value pairs."
+        ) from None
+
+
+def _parse(path: str, suffix: str, text: str) -> tuple[Any, str]:
     if suffix in (".yaml", ".yml"):
         try:
             import yaml
@@ -107,12 +124,12 @@ def _load(path: str) -> tuple[Any, str]:
             ) from None
         try:
             return yaml.safe_load(text), "YAML"
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: a number too long to convert
             raise UserError(f"config file {path!r} is not valid YAML: {exc}") from exc
     if suffix == ".json":
         try:
             return json.loads(text), "JSON"
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or a number too long to convert
             raise UserError(f"config file {path!r} is not valid JSON: {exc}") from exc
     try:
         import tomllib
@@ -123,7 +140,7 @@ def _load(path: str) -> tuple[Any, str]:
             raise UserError("a TOML --config needs Python 3.11+ (tomllib) or the tomli package on 3.10.") from None
     try:
         return tomllib.loads(text), "TOML"
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or a number too long to convert
         raise UserError(f"config file {path!r} is not valid TOML: {exc}") from exc
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -67,14 +68,38 @@ class PruningHistory:
     def replay(self, model: nn.Module, pm: Any = None) -> nn.Module:
         """Apply every step to ``model`` in place and return it. Biases that bias
         compensation created (``meta["added_biases"]``) are created too (as zeros), so the
-        pruned ``state_dict`` loads with ``strict=True``."""
-        for step in self.steps:
-            apply_edits(model, step, pm)
+        pruned ``state_dict`` loads with ``strict=True``.
+
+        All or nothing: the steps run on a copy, which replaces ``model``'s state only when
+        every step applied. A history that does not fit ``model`` (another architecture,
+        or a model already pruned) raises :class:`UserError` and leaves ``model`` as it was."""
+        from cleanai_core.model_state import transplant
+
+        if not isinstance(model, nn.Module):
+            raise UserError(f"replay needs the unpruned torch.nn.Module, got {type(model).__name__}")
+        work = copy.deepcopy(model)
+        for i, step in enumerate(self.steps):
+            try:
+                apply_edits(work, step, pm)
+            except UserError:
+                raise
+            except (IndexError, KeyError, RuntimeError, ValueError, TypeError, AttributeError) as exc:
+                raise UserError(
+                    f"this history does not fit the model: step {i} of {len(self.steps)} failed "
+                    f"({type(exc).__name__}: {str(exc)[:200]}). Replay it on a fresh, unpruned model of the "
+                    "architecture it was recorded on; the model was not changed."
+                ) from None
         for name in self.meta.get("added_biases", ()):
-            module = model.get_submodule(name)
+            try:
+                module = work.get_submodule(name)
+            except AttributeError:
+                raise UserError(
+                    f"this history adds a bias to {name!r}, which the model does not have; the model was not changed."
+                ) from None
             if getattr(module, "bias", None) is None:
                 w = module.weight
                 module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        transplant(model, work)
         return model
 
     def to_json(self) -> dict[str, Any]:

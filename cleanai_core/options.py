@@ -16,6 +16,10 @@ from cleanai_core.errors import UserError
 
 __all__ = [
     "ModuleSpec",
+    "as_importance",
+    "as_ratio_table",
+    "as_specs",
+    "check_switches",
     "check_example_inputs",
     "check_importance",
     "check_model",
@@ -45,6 +49,11 @@ def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, An
         elif isinstance(spec, type):
             hits = [n for n, m in named if isinstance(m, spec)]
         elif isinstance(spec, str):
+            if not spec.strip():  # "" names the whole model, whose own outputs are never pruned: a slip
+                raise UserError(
+                    f"an empty layer pattern ({spec!r}) names no layer; give a layer name, a glob such as "
+                    "'layer4.*' or a class name (see `cleanai explain`)"
+                )
             hits = [n for n, _ in named if n == spec or fnmatch.fnmatchcase(n, spec)]
         else:
             raise UserError(f"cannot match layers with {spec!r}: give a module, a name, a glob or a type")
@@ -90,9 +99,66 @@ def check_ratio(name: str, r: Any, allow_zero: bool = False) -> None:
         raise UserError(f"{name}={r!r} must be a number strictly between 0 and 1 (e.g. 0.3 removes 30%)")
 
 
+def check_switches(**switches: Any) -> None:
+    """On/off options are booleans: ``inplace="no"`` would otherwise read as true."""
+    for name, v in switches.items():
+        if isinstance(v, str) or v not in (True, False):
+            raise UserError(f"{name}={v!r} must be True or False")
+
+
+def as_specs(specs: Any, name: str) -> list[Any]:
+    """A list of layer specs; one name, module or type alone counts as a list of one
+    (``ignored_layers="fc"`` is the layer ``fc``, not the layers ``f`` and ``c``)."""
+    if specs is None:
+        return []
+    if isinstance(specs, (str, nn.Module, type)):
+        return [specs]
+    try:
+        return list(specs)
+    except TypeError:
+        raise UserError(f"{name}={specs!r}: give a list of modules, names, globs or types") from None
+
+
+def as_ratio_table(ratios: Any) -> Mapping[Any, float]:
+    """``layer_pruning_ratios`` as a mapping (a list of ``(spec, ratio)`` pairs is accepted)."""
+    if ratios is None or isinstance(ratios, Mapping):
+        return ratios or {}
+    try:
+        return dict(ratios)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"layer_pruning_ratios={ratios!r}: give a dict {{module, name, glob or type: ratio}}, "
+            "e.g. {'layer4.*': 0.5}"
+        ) from None
+
+
+def as_importance(importance: Any) -> Any:
+    """``importance`` as a criterion: ``None`` (the default), a registered name or an
+    instance; a class is refused with the call to make."""
+    if importance is None or isinstance(importance, str):
+        return importance
+    if isinstance(importance, type):
+        raise UserError(
+            f"importance={importance.__name__} is a class; pass an instance, e.g. {importance.__name__}(), "
+            "or a registered name such as 'weight_activation'"
+        )
+    if not callable(importance):
+        raise UserError(
+            f"importance={importance!r} is not a criterion: give a registered name (e.g. 'magnitude') or an "
+            "object called as importance(group, ctx)"
+        )
+    return importance
+
+
 def check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise UserError(
+            f"the model's tensors are on the meta device (e.g. {meta!r}: a shape without values); load its weights "
+            "first (model.to_empty(device='cpu') then model.load_state_dict(...))"
+        )
     if isinstance(model, torch.jit.ScriptModule):
         raise UserError(
             "the model is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes the Python "

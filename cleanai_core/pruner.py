@@ -117,6 +117,18 @@ class StructuredPruner:
         prune_dead_only: bool = False,
     ) -> None:
         options.check_model(model)
+        options.check_switches(
+            global_pruning=global_pruning,
+            bias_compensation=bias_compensation,
+            reconstruction=reconstruction,
+            recalibrate_bn=recalibrate_bn,
+            inplace=inplace,
+            verify=verify,
+            prune_dead_only=prune_dead_only,
+        )
+        ignored_layers = options.as_specs(ignored_layers, "ignored_layers")
+        layer_pruning_ratios = options.as_ratio_table(layer_pruning_ratios)
+        importance = options.as_importance(importance)
         round_to = default_round_to(device_of(model)) if round_to == "auto" else round_to
         options.check_targets(pruning_ratio, target_flops, target_params, iterative_steps)
         options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes)

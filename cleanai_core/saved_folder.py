@@ -223,7 +223,13 @@ def state_dict_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Ten
         if k in own and v.shape != own[k].shape
     ]
     kinds = [k for k, v in state.items() if k in own and v.is_floating_point() != own[k].is_floating_point()]
+    empty = [k for k, v in state.items() if v.is_meta]
+    odd = [k for k, v in state.items() if not v.is_meta and (v.layout != torch.strided or v.is_complex())]
     problems = []
+    if empty:
+        problems.append(f"{len(empty)} tensor(s) on the meta device, shapes without values (e.g. {empty[:3]})")
+    if odd:
+        problems.append(f"sparse, complex or other non-dense tensors: {odd[:3]}")
     if missing:
         problems.append(f"missing {len(missing)} tensor(s) of the model (e.g. {missing[:3]})")
     if unexpected:

@@ -12,6 +12,8 @@ unit.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -196,6 +198,9 @@ class WeightActivationImportance:
         statistic: str = "auto",
         reducer: str = "mean",
     ) -> None:
+        for name, v in (("weight_ratio", weight_ratio), ("activation_ratio", activation_ratio)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise UserError(f"{name}={v!r} must be a finite number >= 0 (e.g. 0.5)")
         if weight_ratio < 0 or activation_ratio < 0 or weight_ratio + activation_ratio <= 0:
             raise UserError(
                 f"weight_ratio={weight_ratio} and activation_ratio={activation_ratio}: both must be >= 0 "
@@ -255,7 +260,7 @@ def list_importances() -> list[str]:
 def get_importance(name: str, **options: Any) -> Any:
     """An importance criterion by registered name, e.g. ``get_importance("magnitude", p=1)``."""
     table = _collect("cleanai_importances")
-    if name not in table:
+    if not isinstance(name, str) or name not in table:
         raise UserError(f"unknown importance {name!r}; choose one of: {', '.join(sorted(table))}")
     return table[name](**options)
 

@@ -57,6 +57,14 @@ def ws(tmp_path):
     torch.save(nn.Linear(3, 3).state_dict(), tmp_path / "otherweights.pt")
     (tmp_path / "bad.toml").write_text("ratio = = 0.3\n")
     (tmp_path / "notes.txt").write_text("hello")
+    torch.save((x.to("meta"), y), tmp_path / "meta.pt")
+    torch.save((x.to(torch.complex64), y), tmp_path / "complex.pt")
+    state = DigitsCNN().state_dict()
+    torch.save({k: v.to("meta") for k, v in state.items()}, tmp_path / "metaweights.pt")
+    torch.save({k: v.to_sparse() if v.dim() > 1 else v for k, v in state.items()}, tmp_path / "sparseweights.pt")
+    torch.save(DigitsCNN(), tmp_path / "pickled.pt")
+    (tmp_path / "latin1.toml").write_bytes("ratio = 0.3 # caf\xe9\n".encode("latin-1"))
+    (tmp_path / "strbool.toml").write_text("overwrite = 'false'\n")
     return tmp_path
 
 
@@ -84,6 +92,21 @@ CASES = [
     ("malformed config", ["--model", DEMO, "--data", "data.pt", "--config", "bad.toml"], "not valid TOML"),
     ("missing config", ["--model", DEMO, "--data", "data.pt", "--config", "none.toml"], "none.toml"),
     ("layer pattern matches nothing", ["--model", DEMO, "--data", "data.pt", "--layer-ratio", "zzz=0.5"], "zzz"),
+    ("data on the meta device", ["--model", DEMO, "--data", "meta.pt"], "meta device"),
+    ("complex data", ["--model", DEMO, "--data", "complex.pt"], "give real numbers"),
+    ("weights on the meta device", ["--model", DEMO, "--weights", "metaweights.pt", "--data", "data.pt"], "meta"),
+    ("sparse weights", ["--model", DEMO, "--weights", "sparseweights.pt", "--data", "data.pt"], "sparse"),
+    ("pickled model as --weights", ["--model", DEMO, "--weights", "pickled.pt", "--data", "data.pt"], "--trust-model"),
+    ("plain data as --model", ["--model", "data.pt", "--data", "data.pt"], "not a model"),
+    ("a state_dict as --data", ["--model", DEMO, "--data", "weights.pt"], "pass it as --weights"),
+    ("config not UTF-8", ["--model", DEMO, "--data", "data.pt", "--config", "latin1.toml"], "not UTF-8"),
+    ("switch as text in a config", ["--model", DEMO, "--data", "data.pt", "--config", "strbool.toml"], "true or false"),
+    ("path too long", ["--model", DEMO, "--data", "y" * 300 + ".pt"], "File name too long"),
+    ("seed out of range", ["--model", DEMO, "--data", "data.pt", "--seed", "9" * 25], "--seed"),
+    ("too many threads", ["--model", DEMO, "--data", "data.pt", "--threads", "100000"], "--threads=100000"),
+    ("device meta", ["--model", DEMO, "--data", "data.pt", "--device", "meta"], "--device meta"),
+    ("empty layer pattern", ["--model", DEMO, "--data", "data.pt", "--ignore", ""], "empty layer pattern"),
+    ("infinite alpha", ["--model", DEMO, "--data", "data.pt", "--alpha", "inf"], "not a finite number"),
 ]
 
 

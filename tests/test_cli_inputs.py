@@ -136,6 +136,24 @@ BAD_DATA = {
         lambda ws, x, y: np.savez(ws / "d.npz", x=x.numpy(), y=y[:5].numpy()) or "d.npz",
         "labels",
     ),
+    "structured array": (
+        lambda ws, x, y: np.savez(ws / "d.npz", x=np.zeros(len(y), dtype=[("a", "f4"), ("b", "i4")])) or "d.npz",
+        "structured dtype (fields ['a', 'b'])",
+    ),
+    "big-endian array": (
+        lambda ws, x, y: np.savez(ws / "d.npz", x=x.numpy().astype(">f4")) or "d.npz",
+        "big-endian dtype '>f4'",
+    ),
+    "uint64 labels of 2**63 or more": (
+        lambda ws, x, y: np.savez(ws / "d.npz", x=x.numpy(), y=np.full(len(y), 2**63, np.uint64)) or "d.npz",
+        "2**63",
+    ),
+    "inputs on the meta device": (lambda ws, x, y: torch.save((x.to("meta"), y), ws / "d.pt") or "d.pt", "meta"),
+    "labels on the meta device": (lambda ws, x, y: torch.save((x, y.to("meta")), ws / "d.pt") or "d.pt", "meta"),
+    "complex inputs in a .pt": (
+        lambda ws, x, y: torch.save((x.to(torch.complex64), y), ws / "d.pt") or "d.pt",
+        "complex64 numbers",
+    ),
 }
 
 
@@ -159,3 +177,43 @@ def test_ctrl_c_during_start_up_imports_is_one_line_and_exit_130(monkeypatch, ca
     assert main(["prune", "--model", "x", "--data", "y"]) == 130
     err = capsys.readouterr().err
     assert err == "cleanai prune: interrupted; nothing was written.\n"
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_unsigned_labels_in_an_npz_give_the_accuracy_of_int64_labels(ws, data, capsys, dtype):
+    x, y = data
+    np.savez(ws / "int.npz", x=x.numpy(), y=y.numpy())
+    np.savez(ws / "u.npz", x=x.numpy(), y=y.numpy().astype(dtype))
+    assert prune("int.npz", out="a") == 0, capsys.readouterr().err
+    assert prune("u.npz", out="b") == 0, capsys.readouterr().err
+    assert report(ws, "a")["accuracy_before"] == report(ws, "b")["accuracy_before"] is not None
+
+
+def test_sparse_inputs_are_read_as_dense(ws, data, capsys):
+    x, y = data
+    torch.save((x, y), ws / "dense.pt")
+    torch.save((x.to_sparse(), y), ws / "sparse.pt")
+    assert prune("dense.pt", out="a") == 0, capsys.readouterr().err
+    assert prune("sparse.pt", out="b") == 0, capsys.readouterr().err
+    assert report(ws, "a")["accuracy_before"] == report(ws, "b")["accuracy_before"]
+
+
+def test_an_unreadable_image_in_an_image_folder_names_the_file(ws, capsys):
+    pytest.importorskip("torchvision")
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (ws / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), color=40 * i).save(ws / "imgs" / cls / f"{i}.png")
+    (ws / "imgs" / "b" / "9.png").write_bytes(b"not an image")
+    before = {p: p.read_bytes() for p in (ws / "imgs").rglob("*.png")}
+    argv = ["--model", "torchvision:resnet18", "--num-classes", "2", "--data", "imgs", "--image-size", "32"]
+    rc = main(["prune", *argv, "--out", "out", "--quiet", "--latency-repeats", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "cannot read image 'imgs/b/9.png' in --data 'imgs'" in err and "remove or replace the file" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (ws / "out").exists()
+    assert {p: p.read_bytes() for p in (ws / "imgs").rglob("*.png")} == before

@@ -157,6 +157,81 @@ def test_unknown_keys_are_refused_in_every_format(tmp_path, ext):
         resolve([*BASE, "--config", str(tmp_path / f"c.{ext}")])
 
 
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("latin1.toml", "ratio = 0.4 # caf\xe9\n".encode("latin-1"), r"not UTF-8 text \(byte 17 is b'\\xe9'\)"),
+        ("deep.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        ("long.json", b'{"seed": ' + b"9" * 5000 + b"}", "is not valid JSON"),
+        ("long.toml", b"seed = " + b"9" * 5000 + b"\n", "is not valid TOML"),
+    ],
+)
+def test_an_unreadable_config_file_is_a_user_error(tmp_path, name, data, message):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(UserError, match=message):
+        resolve([*BASE, "--config", str(tmp_path / name)])
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
+    (tmp_path / "c.toml").write_bytes("\ufeffratio = 0.4\n".encode())
+    assert resolve([*BASE, "--config", str(tmp_path / "c.toml")])["ratio"] == 0.4
+
+
+def test_a_folder_as_config_says_so(tmp_path):
+    with pytest.raises(UserError, match="is a folder"):
+        resolve([*BASE, "--config", str(tmp_path)])
+
+
+@pytest.mark.parametrize("text", ["false", "no", "0"])
+def test_a_switch_given_as_text_in_a_config_is_refused(tmp_path, text):
+    """overwrite = "false" used to read as true: an existing --out would be replaced."""
+    (tmp_path / "c.toml").write_text(f"overwrite = '{text}'\nglobal = true\n")
+    with pytest.raises(UserError, match=f"--overwrite is a switch: give true or false, not '{text}'.*config file"):
+        resolve([*BASE, "--config", str(tmp_path / "c.toml")])
+    (tmp_path / "c.json").write_text('{"overwrite": 0, "quiet": 1}')
+    cfg = resolve([*BASE, "--config", str(tmp_path / "c.json")])
+    assert cfg["overwrite"] is False and cfg["quiet"] is True
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("device = 5", "--device must be text"),
+        ("importance = {name = 'x'}", "--importance must be text"),
+        ("out = ['a', 'b']", "--out must be text"),
+        ("seed = 1.5", "--seed must be an integer"),
+        ("seed = 99999999999999999999", r"--seed=99999999999999999999 is out of range"),
+        ("alpha = inf", "--alpha=inf is not a finite number"),
+        ("recover-lr = inf", "--recover-lr=inf is not a finite number"),
+        ("threads = 100000", r"--threads=100000 is out of range: it must be in \[1, "),
+        ("device = 'meta'", "--device meta holds shapes without data"),
+    ],
+)
+def test_config_values_of_the_wrong_kind_are_user_errors(tmp_path, text, message):
+    (tmp_path / "c.toml").write_text(text + "\n")
+    with pytest.raises(UserError, match=message):
+        given = {k: v for k, v in {"model": "m", "data": "d", "out": "o"}.items() if not text.startswith(k)}
+        resolve_config({"config": str(tmp_path / "c.toml"), **given}, environ={})
+
+
+def test_paths_as_path_objects_are_text():
+    cfg = resolve_config({"model": "m", "data": Path("d"), "out": Path("o")}, environ={})
+    assert cfg["data"] == "d" and cfg["out"] == "o"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("CLEANAI_SEED", "1" * 30, "--seed=1+ is out of range"),
+        ("CLEANAI_ALPHA", "inf", "--alpha=inf is not a finite number"),
+        ("CLEANAI_THREADS", "100000", "--threads=100000 is out of range"),
+    ],
+)
+def test_environment_values_out_of_range_are_user_errors(var, value, message):
+    with pytest.raises(UserError, match=message):
+        resolve(BASE, env={var: value})
+
+
 # ---------------------------------------------------------------------------
 # Environment
 # ---------------------------------------------------------------------------

@@ -67,3 +67,59 @@ def test_taylor_with_float_labels_is_refused():
 def test_taylor_with_integer_labels_works():
     p = _taylor(torch.tensor([0, 1, 2, 3]))
     assert p.gradients and all(bool(torch.isfinite(g).all()) for g in p.gradients.values())
+
+
+def test_a_model_on_the_meta_device_is_refused():
+    with pytest.raises(UserError, match="model's tensors are on the meta device.*'0.weight'.*load its weights"):
+        StructuredPruner(_net().to("meta"), _x())
+
+
+@pytest.mark.parametrize("switch", ["inplace", "global_pruning", "bias_compensation", "verify", "prune_dead_only"])
+def test_a_switch_given_as_text_is_refused_and_the_model_is_untouched(switch):
+    model = _net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match=f"{switch}='no' must be True or False"):
+        StructuredPruner(model, _x(), "magnitude", pruning_ratio=0.5, **{switch: "no"})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_one_ignored_layer_name_is_that_layer_not_its_letters():
+    p = StructuredPruner(_net(), _x(), "magnitude", pruning_ratio=0.5, ignored_layers="2*")  # not "2" and "*"
+    assert p.ignored == {"2"}
+    assert p.prune()[2].out_channels == 8
+
+
+def test_layer_ratios_as_a_list_of_pairs():
+    p = StructuredPruner(_net(), _x(), "magnitude", pruning_ratio=0.5, layer_pruning_ratios=[("0", 0.25)])
+    assert p.layer_ratios["0"] == 0.25
+    with pytest.raises(UserError, match="give a dict"):
+        StructuredPruner(_net(), _x(), "magnitude", layer_pruning_ratios=[1, 2])
+
+
+@pytest.mark.parametrize("pattern", ["", "  "])
+def test_an_empty_layer_pattern_is_refused(pattern):
+    with pytest.raises(UserError, match="empty layer pattern"):
+        StructuredPruner(_net(), _x(), "magnitude", ignored_layers=[pattern])
+    with pytest.raises(UserError, match="empty layer pattern"):
+        StructuredPruner(_net(), _x(), "magnitude", layer_pruning_ratios={pattern: 0.5})
+
+
+def test_an_importance_class_or_object_that_is_no_criterion_is_refused():
+    from cleanai_core import WeightActivationImportance
+
+    with pytest.raises(UserError, match=r"is a class; pass an instance, e.g. WeightActivationImportance\(\)"):
+        StructuredPruner(_net(), _x(), WeightActivationImportance)
+    with pytest.raises(UserError, match="is not a criterion"):
+        StructuredPruner(_net(), _x(), 42)
+    with pytest.raises(UserError, match="unknown importance"):
+        from cleanai_core.scoring import get_importance
+
+        get_importance({"name": "x"})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.5", None])
+def test_weight_activation_ratios_must_be_finite_numbers(value):
+    from cleanai_core import WeightActivationImportance
+
+    with pytest.raises(UserError, match="weight_ratio=.* must be a finite number >= 0"):
+        WeightActivationImportance(weight_ratio=value)

@@ -243,3 +243,74 @@ def test_activation_importance_without_data_is_a_clear_error():
     pruner = StructuredPruner(Net().eval(), _x(), pruning_ratio=0.5)
     with pytest.raises(UserError, match="collect_activations"):
         pruner.prune()
+
+
+def _two_step_history() -> PruningHistory:
+    pruner = StructuredPruner(Net().eval(), _x(), "magnitude", pruning_ratio=0.5, iterative_steps=2)
+    pruner.prune()
+    assert len(pruner.history.steps) == 2
+    return pruner.history
+
+
+def test_replay_of_a_history_that_does_not_fit_changes_nothing():
+    data = _two_step_history().to_json()
+    data["steps"][1][0]["keep"] = [999]  # step 0 fits; step 1 does not
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match="step 1 of 2 failed.*the model was not changed"):
+        PruningHistory.from_json(data).replay(model)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in before.items()}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.conv1.out_channels == 16
+
+
+@pytest.mark.parametrize("target", ["already pruned", "another architecture", "not a module"])
+def test_replay_on_the_wrong_model_is_a_user_error(target):
+    history = _two_step_history()
+    if target == "already pruned":
+        model = history.replay(Net())
+    elif target == "another architecture":
+        model = nn.Sequential(nn.Conv2d(3, 4, 1))
+    else:
+        model = None
+    shapes = None if model is None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match="does not fit the model|unpruned torch.nn.Module"):
+        history.replay(model)
+    if model is not None:
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
+
+
+def test_replay_keeps_the_users_hooks_and_prunes_in_place():
+    history = _two_step_history()
+    model = Net()
+    seen = []
+    handle = model.conv2.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    assert history.replay(model) is model
+    model(_x())
+    assert seen == [model.conv2.out_channels] and model.conv2.out_channels < 32
+    handle.remove()
+    model(_x())
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("loader", "message"),
+    [
+        ([None], "yielded a NoneType"),
+        ([torch.randn(0, 3, 4, 4), torch.randn(0, 3, 4, 4)], "holds no samples"),
+        (5, "cannot be iterated"),
+        ([torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4)], r"calibration batch 1 \(input shape \(2, 3, 4\)\)"),
+        (torch.randn(4, 3, 4, 4), r"calibration batch 0 \(input shape \(3, 4, 4\)\).*batch as the first dimension"),
+    ],
+    ids=["None batch", "only empty batches", "not iterable", "a batch of the wrong shape", "a tensor, not batches"],
+)
+def test_calibration_data_the_model_cannot_use_is_a_user_error(loader, message):
+    model = Net().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = StructuredPruner(model, _x(), pruning_ratio=0.5)
+    with pytest.raises(UserError, match=message):
+        pruner.collect_activations(loader, progress=False)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(UserError, match="collect_activations"):  # nothing half-collected to prune on
+        pruner.prune()

@@ -142,6 +142,21 @@ def _main(argv: list[str] | None) -> int:
     except CleanAIError as exc:
         print(f"cleanai {args.command}: failed: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a path the OS refuses (name too long, a loop of links, no permission, I/O error)
+        print(f"cleanai {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an operating-system error on a file the user named: the path, the
+    OS's reason and what to do."""
+    path = exc.filename if exc.filename is not None else ""
+    shown = str(path) if len(str(path)) <= 120 else str(path)[:100] + "..." + str(path)[-16:]
+    where = f" {shown!r}" if path != "" else ""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return (
+        f"cannot use{where}: {reason}. Check the path (its length, links and permissions) and the disk, then run again."
+    )
 
 
 if __name__ == "__main__":

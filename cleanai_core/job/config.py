@@ -243,6 +243,36 @@ def _parse_ratios(value: Any) -> list[float]:
     return ratios
 
 
+# options whose value is text (a path, a spec, a name); the rest of the non-numbers are switches
+_TEXT = ("model", "weights", "data", "preset", "importance", "device", "train_data", "out")
+
+
+def max_threads() -> int:
+    """The most ``--threads`` accepted: 4 per CPU (far more threads than CPUs only slows
+    torch down, and tens of thousands make OpenMP abort the process)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def _check_kinds(cfg: dict, sources: dict[str, str]) -> None:
+    """Switches are true or false and text options are text, whatever source gave them: a
+    config file's ``overwrite = "false"`` is refused rather than read as true."""
+    for key, default in DEFAULTS.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        flag, where = "--" + key.replace("_", "-"), sources.get(key, "default")
+        if isinstance(default, bool):
+            if isinstance(v, int) and v in (0, 1):  # bool, or 0/1 from JSON
+                cfg[key] = bool(v)
+                continue
+            raise UserError(f"{flag} is a switch: give true or false, not {v!r} (from the {where}).")
+        if key in _TEXT:
+            if isinstance(v, os.PathLike):
+                cfg[key] = os.fspath(v)
+            elif not isinstance(v, str):
+                raise UserError(f"{flag} must be text (a name or a path), not {v!r} (from the {where}).")
+
+
 def _check_number(
     cfg: dict,
     key: str,
@@ -260,6 +290,8 @@ def _check_number(
         raise UserError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {v!r}.")
     if isinstance(v, float) and math.isnan(v):
         raise UserError(f"{flag} is NaN.")
+    if isinstance(v, float) and math.isinf(v):
+        raise UserError(f"{flag}={v} is not a finite number.")
     bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
     bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
     if bad_lo or bad_hi:
@@ -348,6 +380,7 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
     untrusted = ("config file", "environment")
     cfg["_from_config"] = sorted(k for k in ("model", "data", "train_data") if sources.get(k) in untrusted)
     cfg["_sources"] = sources
+    _check_kinds(cfg, sources)
     for key in ("model", "data") + (() if cfg.get("dry_run") else ("out",)):
         if not cfg.get(key):
             raise UserError(f"--{key} is required (on the command line or in --config).")
@@ -367,13 +400,14 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
         "image_size",
         "seq_len",
         "latency_repeats",
-        "threads",
     ):
         _check_number(cfg, key, int, 1, None, lo_open=False)
     _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)
     _check_number(cfg, "stats_budget_mib", int, 0, None, lo_open=False)
     _check_number(cfg, "recover_epochs", int, 0, None, lo_open=False)
     _check_number(cfg, "recover_lr", float, 0.0, None)
+    _check_number(cfg, "seed", int, -(2**63), 2**64, lo_open=False)  # what torch.Generator.manual_seed takes
+    _check_number(cfg, "threads", int, 1, max_threads(), lo_open=False, hi_open=False)
     for pat, r in cfg["layer_ratio"].items():
         if not 0.0 <= r < 1.0:
             raise UserError(
@@ -384,9 +418,11 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
     if not isinstance(cfg.get("ignore"), list):
         raise UserError("ignore must be a list of layer patterns.")
     try:
-        torch.device(cfg["device"])
+        device = torch.device(cfg["device"])
     except (RuntimeError, TypeError) as exc:
         raise UserError(f"--device {cfg['device']!r} is not a device (try cpu or cuda).") from exc
+    if device.type == "meta":
+        raise UserError("--device meta holds shapes without data, so nothing can be measured; use cpu or cuda.")
     if str(cfg["device"]).startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg['device']} was asked for but CUDA is not available; use --device cpu.")
     return cfg

@@ -66,6 +66,12 @@ _NPY_DTYPES = {
     "f8": torch.float64,
     "b1": torch.bool,
 }
+# unsigned arrays: read as the signed dtype of the same width, widened, masked to the unsigned value
+_NPY_WIDER = {
+    "u2": (torch.int16, torch.int32, 0xFFFF),
+    "u4": (torch.int32, torch.int64, 0xFFFFFFFF),
+    "u8": (torch.int64, torch.int64, None),
+}
 
 
 def _read_npy(data: bytes, name: str) -> torch.Tensor:
@@ -80,6 +86,11 @@ def _read_npy(data: bytes, name: str) -> torch.Tensor:
         start = 12
     header = ast.literal_eval(data[start : start + hlen].decode("latin1"))
     descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+    if not isinstance(descr, str):
+        raise UserError(
+            f"array {name!r} has a structured dtype (fields {[f[0] for f in descr][:5]}); store plain numeric "
+            "arrays: inputs x and integer labels y (np.savez(path, x=x, y=y))."
+        )
     kind = descr[1:] if descr[0] in "<>|=" else descr
     if kind[:1] in ("U", "S") or kind == "O":
         what = "Python objects (a pickle)" if kind == "O" else "text"
@@ -87,8 +98,23 @@ def _read_npy(data: bytes, name: str) -> torch.Tensor:
             f"array {name!r} holds {what} (dtype {descr!r}); CleanAI reads numeric arrays only and never unpickles. "
             "Store inputs as numbers and labels as integer class indices 0..N-1 (np.savez(path, x=x, y=y))."
         )
+    if kind in _NPY_WIDER and descr[0] != ">":  # unsigned integers torch barely computes with: widened
+        signed, wide, mask = _NPY_WIDER[kind]
+        raw = bytearray(data[start + hlen :])
+        t = torch.frombuffer(raw, dtype=signed) if raw else torch.empty(0, dtype=signed)
+        if kind == "u8":
+            if bool((t < 0).any()):
+                raise UserError(f"array {name!r} (uint64) holds values of 2**63 or more; store labels as int64.")
+        else:
+            t = t.to(wide) & mask
+        t = t.reshape(tuple(reversed(shape))).permute(*reversed(range(len(shape)))) if fortran else t.reshape(shape)
+        return t.contiguous().clone()
     if kind not in _NPY_DTYPES or descr[0] == ">":
-        raise UserError(f"array {name!r} has dtype {descr!r}; use numeric (little-endian) arrays.")
+        order = "big-endian " if descr[0] == ">" else ""
+        raise UserError(
+            f"array {name!r} has {order}dtype {descr!r}, which CleanAI does not read; store little-endian "
+            "bool, int8-64, uint8-64 or float16/32/64 arrays (e.g. x.astype('float32'), y.astype('int64'))."
+        )
     buf = bytearray(data[start + hlen :])
     t = torch.frombuffer(buf, dtype=_NPY_DTYPES[kind]) if buf else torch.empty(0, dtype=_NPY_DTYPES[kind])
     if fortran:
@@ -136,14 +162,34 @@ def _as_inputs(x: torch.Tensor, x_max: float = 255.0) -> torch.Tensor:
     return x
 
 
+def _plain(t: torch.Tensor, what: str, source: str) -> torch.Tensor:
+    """``t`` as an ordinary dense tensor of real numbers: a sparse tensor is made dense;
+    meta tensors (shapes without values), complex and quantized tensors are refused."""
+    if t.is_meta:
+        raise UserError(
+            f"{source}: the {what} are on the meta device (shapes without values); save the real tensors "
+            "(torch.save((x, y), path) with x and y on the cpu)."
+        )
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    if t.is_complex() or t.is_quantized:
+        raise UserError(
+            f"{source}: the {what} are {str(t.dtype).replace('torch.', '')} numbers; give real numbers "
+            "(float inputs, integer labels)."
+        )
+    return t
+
+
 def _from_tensors(x: Any, y: Any, source: str, x_max: float = 255.0) -> Dataset:
     if not isinstance(x, torch.Tensor):
         raise UserError(f"{source}: the inputs are a {type(x).__name__}, expected a tensor.")
     if x.dim() == 0:
         raise UserError(f"{source}: the inputs are a single number; give a tensor with one row per sample.")
-    x = _as_inputs(x, x_max)
+    x = _as_inputs(_plain(x, "inputs", source), x_max)
     if y is None:
         return Unlabelled(x)
+    if isinstance(y, torch.Tensor):
+        y = _plain(y, "labels", source)
     y = class_labels(y, source)
     if len(y) != len(x):
         raise UserError(f"{source}: {len(x)} inputs but {len(y)} labels; they must have the same length.")
@@ -219,7 +265,17 @@ def _load_pt(path: Path) -> Dataset:
         for xk, yk in (("x", "y"), ("inputs", "labels"), ("data", "targets"), ("images", "labels")):
             if xk in obj:
                 return _from_tensors(obj[xk], obj.get(yk), str(path))
-        raise UserError(f"{str(path)!r} holds a dict with keys {sorted(obj)[:10]}; expected keys 'x' and 'y'.")
+        if (
+            obj
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+            and any(k.endswith((".weight", ".bias")) for k in obj)
+        ):
+            raise UserError(
+                f"{str(path)!r} holds a model's state_dict (weights), not data; pass it as --weights and give the "
+                "data as (x, y) tensors: torch.save((x, y), path)."
+            )
+        keys = sorted(map(str, obj))[:10]
+        raise UserError(f"{str(path)!r} holds a dict with keys {keys}; expected keys 'x' and 'y'.")
     raise UserError(f"{str(path)!r} holds a {type(obj).__name__}; expected {DATA_FORMS}.")
 
 
@@ -263,8 +319,22 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
             f"image folder {str(path)!r} has no class sub-folders. Put images in one sub-folder per class "
             "(data/cat/1.jpg, data/dog/2.jpg), in the order the model's classes were trained."
         )
+
+    class CheckedImageFolder(ImageFolder):
+        """An image that cannot be read names its file (``--data`` is the user's input)."""
+
+        def __getitem__(self, index: int) -> Any:
+            try:
+                return super().__getitem__(index)
+            except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError, truncated files
+                file = self.samples[index][0]
+                raise UserError(
+                    f"cannot read image {file!r} in --data {str(path)!r} ({type(exc).__name__}: {str(exc)[:150]}); "
+                    "remove or replace the file and run again."
+                ) from None
+
     try:
-        return ImageFolder(str(path), transform=_image_transform(options))
+        return CheckedImageFolder(str(path), transform=_image_transform(options))
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserError(f"cannot read image folder {str(path)!r}: {exc}") from exc
 

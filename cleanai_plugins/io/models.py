@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -107,6 +108,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise UserError(f"cannot read weights from {str(path)!r}: it is damaged ({str(exc)[:200]}).") from exc
+        raise UserError(
+            f"{str(path)!r} holds Python objects (a pickled model or checkpoint), not a plain state_dict; reading "
+            "it would run code from the file. Give the model itself as --model with --trust-model if you trust the "
+            "file, or save the weights with torch.save(model.state_dict(), path)."
+        ) from None
     except Exception as exc:
         raise UserError(
             f"cannot read weights from {str(path)!r} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}). "
@@ -131,7 +140,13 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
             f"the weights in {weights!r} do not fit {spec!r}: " + "; ".join(parts) + ". "
             "Use the architecture the weights were trained with (and --num-classes if the head differs)."
         )
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(
+            f"the weights in {weights!r} do not load into {spec!r}: {str(exc)[:300]}. Save them again with "
+            "torch.save(model.state_dict(), path)."
+        ) from None
 
 
 def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
@@ -156,8 +171,13 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
+    except pickle.UnpicklingError:
         obj = None  # holds Python objects (a pickled module): needs --trust-model
+    except Exception as exc:  # not even a pickle torch can walk: truncated, or a zip of something else
+        raise UserError(
+            f"cannot read {str(path)!r} as a file written by torch.save ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"it may be truncated or of another format. Give the model as {MODEL_FORMS}."
+        ) from None
     else:
         if isinstance(obj, dict):
             raise UserError(
@@ -165,6 +185,9 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
                 f"with --model timm:NAME / torchvision:NAME / package.module:factory and pass this file "
                 f"as --weights {path}."
             )
+        raise UserError(
+            f"{str(path)!r} holds a {type(obj).__name__} (plain data), not a model. Give the model as {MODEL_FORMS}."
+        )
     if not options.get("trust_model"):
         raise UserError(
             f"{str(path)!r} is a pickled model. Loading it runs Python code stored in the file, which can do "
