@@ -220,7 +220,7 @@ def model_failure(index: int, inputs: Any) -> Iterator[None]:
     batch and its shapes (the loader's own errors pass through unchanged)."""
     try:
         yield
-    except (UserError, KeyboardInterrupt):
+    except (UserError, KeyboardInterrupt, torch.OutOfMemoryError):  # out of memory: not the batch's shape
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
         if isinstance(exc, CleanAIError):

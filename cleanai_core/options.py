@@ -21,7 +21,6 @@ __all__ = [
     "as_specs",
     "check_switches",
     "check_example_inputs",
-    "check_importance",
     "check_model",
     "check_options",
     "check_ranking",
@@ -163,20 +162,6 @@ def check_model(model: Any) -> None:
         raise UserError(
             "the model is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes the Python "
             "nn.Module. Prune the original model, then script the pruned one"
-        )
-
-
-def check_importance(importance: Any) -> None:
-    """A criterion object (called as ``importance(group, ctx)``), not its class."""
-    if isinstance(importance, type):
-        raise UserError(
-            f"importance={importance.__name__} is a class; pass an instance, e.g. importance={importance.__name__}(), "
-            "or a registered name such as 'magnitude'"
-        )
-    if not callable(importance):
-        raise UserError(
-            f"importance must be a registered name (e.g. 'magnitude') or a criterion object called as "
-            f"importance(group, ctx); got a {type(importance).__name__}"
         )
 
 

@@ -138,7 +138,6 @@ class StructuredPruner:
         if isinstance(importance, str):
             importance = get_importance(importance)
         self.importance = importance if importance is not None else WeightActivationImportance()
-        options.check_importance(self.importance)
         self.pruning_ratio = float(pruning_ratio)
         self.global_pruning, self.max_layer_ratio = global_pruning, max_layer_ratio
         self.isomorphic = isomorphic
