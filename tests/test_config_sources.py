@@ -191,6 +191,10 @@ def test_a_switch_given_as_text_in_a_config_is_refused(tmp_path, text):
     (tmp_path / "c.json").write_text('{"overwrite": 0, "quiet": 1}')
     cfg = resolve([*BASE, "--config", str(tmp_path / "c.json")])
     assert cfg["overwrite"] is False and cfg["quiet"] is True
+    # a switch that other checks read first (isomorphic needs global) gets the same answer
+    (tmp_path / "i.toml").write_text(f"isomorphic = '{text}'\n")
+    with pytest.raises(UserError, match=f"--isomorphic is a switch: give true or false, not '{text}'"):
+        resolve([*BASE, "--config", str(tmp_path / "i.toml")])
 
 
 @pytest.mark.parametrize(

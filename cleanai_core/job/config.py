@@ -358,6 +358,7 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
         both = f"both {flags[0]} and {flags[1]}" if len(flags) == 2 else " and ".join(flags)
         raise UserError(f"give one of --ratio, --target-flops, --target-params and --target-latency, not {both}.")
     _apply(cfg, sources, given, "command line")
+    _check_kinds(cfg, sources)  # before any switch is read: a config's "false" is not true
     if all(cfg.get(k) is None for k in AMOUNTS):
         cfg["ratio"] = DEFAULT_RATIO
         sources["ratio"] = "default"
@@ -380,7 +381,6 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
     untrusted = ("config file", "environment")
     cfg["_from_config"] = sorted(k for k in ("model", "data", "train_data") if sources.get(k) in untrusted)
     cfg["_sources"] = sources
-    _check_kinds(cfg, sources)
     for key in ("model", "data") + (() if cfg.get("dry_run") else ("out",)):
         if not cfg.get(key):
             raise UserError(f"--{key} is required (on the command line or in --config).")
