@@ -125,6 +125,25 @@ def cleanai_default_ignores(model: nn.Module) -> list[nn.Module] | None:
 
 
 @hookspec
+def cleanai_default_freezes(graph: Any) -> list[tuple[torch.Tensor, str]] | None:
+    """Units of a built graph to keep unless the user says otherwise, each with a reason:
+    for defaults that depend on the coupling, not on one module (a transformers config
+    that can describe only some widths). Called by the pruner once per graph it builds,
+    after the default ignores, and by ``cleanai explain``; the kernel freezes what the
+    plugins return and regroups, so :meth:`DependencyGraph.explain` shows the reasons.
+    A plain :class:`~cleanai_core.DependencyGraph` (the masking oracle) does not call it.
+    To prune those units anyway, disable the plugin that names them.
+
+    Added in version 0.2.
+
+    :param graph: the :class:`~cleanai_core.DependencyGraph`; read ``graph.groups()``,
+        ``graph.model``; do not modify it.
+    :returns: ``[(units, reason)]``: root atom ids (``Group.units``) and why they stay,
+        or ``None``. The results of all plugins are joined.
+    """
+
+
+@hookspec
 def cleanai_leaf_modules(model: nn.Module) -> list[type | nn.Module] | None:
     """Modules (types or instances) not to enter while tracing and not to prune: every
     channel that flows into or out of them is frozen. For code the tracer cannot follow.

@@ -324,7 +324,9 @@ def test_gpt_bigcode_prunes_with_the_default_pruner():
     pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5)
     small = pruner.prune()
     assert pruner.skipped_groups == []
-    assert small.transformer.h[1].attn.c_attn.out_features == 64 and small.transformer.h[1].mlp.c_fc.out_features == 128
+    # heads kept by default: the config derives the head size from n_embd / n_head (tests/test_hf_describable.py)
+    assert small.transformer.h[1].attn.c_attn.out_features == 96 and small.transformer.h[1].mlp.c_fc.out_features == 128
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert logits(small, inputs).shape == (1, 8, 100)
 
 

@@ -59,6 +59,7 @@ def _default_shape(model: torch.nn.Module) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from cleanai_core.graph.dependency import DependencyGraph
+    from cleanai_core.options import ignored_modules
     from cleanai_core.plugins import get_plugin_manager, input_forms
 
     options = {
@@ -78,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
     from cleanai_core.errors import TraceError
 
     try:
-        graph = DependencyGraph(model, torch.randn(*shape))
+        # what the pruner sees: the default ignores and the coupling-dependent defaults kept
+        graph = DependencyGraph(model, torch.randn(*shape), ignored_layers=sorted(ignored_modules(model, ())))
+        graph.apply_default_freezes()
     except TraceError as exc:
         raise UserError(f"{exc} Tried --input-shape {','.join(map(str, shape))}; pass the right one.") from exc
     print(graph.explain(max_groups=args.max_groups))

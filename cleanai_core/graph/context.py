@@ -86,6 +86,9 @@ class TraceContext:
         #: rewrites the split sizes after slicing (the split mapper reads this)
         self.unequal_splits: set[int] = set()
         self.whole_heads: set[str] = set()  # attention modules whose reshape splits keep the heads
+        #: ``(owner, attribute, reason)`` of tensors read outside their claimed module that no
+        #: pruner labelled: the owner's slices that cut them are frozen after tracing
+        self.outside_reads: list[tuple[str, str, str]] = []
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
@@ -230,8 +233,10 @@ class TraceContext:
         atoms = self.produce("", ref.param, ref.shape[dim], dim=dim)
         self.slices[key].kind = "param"
         owner = self.param_owner.get(ref.param)
-        if owner is not None:
-            self.freeze(atoms, f"{ref.param} is used outside its module {owner}, which a plugin claims")
+        if owner is not None:  # its pruner did not say how the tensor follows the module's slices
+            why = f"{ref.param} is used outside its module {owner}, which a plugin claims"
+            self.freeze(atoms, why)
+            self.outside_reads.append((owner, ref.param[len(owner) + 1 :] if owner else ref.param, why))
         lab = Label(dim, atoms)
         self._labels[ref.key] = lab
         return lab

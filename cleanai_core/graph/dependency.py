@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,6 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from cleanai_core.errors import TraceError
 from cleanai_core.graph.context import SliceSpec, TraceContext
+from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
@@ -217,12 +217,31 @@ class DependencyGraph:
             ctx.end(event)
         ctx.event = None
         self._couple_shared_parameters(ctx)
+        self._freeze_outside_reads(ctx)
         ctx.freeze_untaken_cross()
         for ref in tree_flatten(self.recording.output)[0]:
             ctx.freeze_tensor(ref, "model output")
         for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":
                 ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
+
+    def _freeze_outside_reads(self, ctx: TraceContext) -> None:
+        """A tensor of a claimed module read outside it, that its pruner did not label
+        (:meth:`~cleanai_core.interfaces.LayerPruner.trace_param` answered ``None``), got
+        frozen atoms of its own: the operations that read it keep its shape only if the
+        module's own slices that cut it are frozen too (MobileBERT's MLM head concatenates
+        the tied embedding weight with another layer's weight; pruning the embedding width
+        broke it). A slice whose cut cannot be told is frozen as well."""
+        by_module: dict[str, list[Any]] = {}
+        for spec in ctx.slices.values():
+            by_module.setdefault(spec.module, []).append(spec)
+        for owner, attr, why in ctx.outside_reads:
+            node = self.nodes.get(owner)
+            if node is None:
+                continue
+            for spec in by_module.get(owner, ()):
+                if "." in attr or cut_dims(node.module, node.pruner, spec, attr) != {}:
+                    ctx.freeze(spec.atoms, why)
 
     def _couple_shared_parameters(self, ctx: TraceContext) -> None:
         """Modules claimed by the same kind of pruner that hold one parameter under the same
@@ -280,6 +299,15 @@ class DependencyGraph:
             s.pruner = node.pruner if node is not None else None
         self._groups = make_groups(self.root, frozen, self.slices, reasons)
 
+    def apply_default_freezes(self) -> None:
+        """Freeze what the ``cleanai_default_freezes`` hook names (the pruner's defaults
+        that depend on the coupling) and regroup; the reasons show in :meth:`explain`."""
+        found = [item for res in self.pm.hook.cleanai_default_freezes(graph=self) for item in res or ()]
+        for units, why in found:
+            self.ctx.freeze(torch.as_tensor(units, dtype=torch.int64), why)
+        if found:
+            self._build_groups()
+
     # -- queries ----------------------------------------------------------------
     def groups(self, prunable_only: bool = False) -> list[Group]:
         """All groups (or only those with at least one prunable unit)."""
@@ -327,11 +355,14 @@ def prunable_graph(
     output_transform: Any = None,
     ignored: Any = (),
 ) -> DependencyGraph:
-    """The graph of ``model``, or a :class:`UserError` when no group can be pruned."""
+    """The graph of ``model`` as the pruner sees it (``ignored`` kept, the
+    ``cleanai_default_freezes`` hook applied), or a :class:`UserError` when no group can
+    be pruned."""
     from cleanai_core.errors import UserError
 
     ignored = set(ignored)
     graph = DependencyGraph(model, example_inputs, forward_fn, output_transform, ignored_layers=sorted(ignored))
+    graph.apply_default_freezes()
     if not graph.groups(prunable_only=True):
         everything = ignored and all(s.module in ignored for s in graph.slices if s.kind == "out")
         reasons: dict[str, None] = {}
@@ -355,23 +386,10 @@ def prunable_graph(
 
 
 def _cut_dim(module: nn.Module, pruner: Any, spec: SliceSpec, attr: str) -> int | None:
-    """The dimension of ``module.<attr>`` that pruning slice ``spec`` shortens, found by
-    pruning its first index on a shallow copy whose tensors live on the meta device."""
-    n, tensor = spec.atoms.numel(), getattr(module, attr, None)
-    if n < 2 or not isinstance(tensor, torch.Tensor):
+    """The one dimension of ``module.<attr>`` that pruning slice ``spec`` shortens by one
+    index when its first index goes (:func:`~cleanai_core.graph.cut.cut_dims`), else ``None``."""
+    dims = cut_dims(module, pruner, spec, attr)
+    if not dims or len(dims) != 1:
         return None
-    probe = copy.copy(module)
-    probe._parameters = {
-        k: None if v is None else nn.Parameter(torch.empty_like(v, device="meta"), requires_grad=v.requires_grad)
-        for k, v in module._parameters.items()
-    }
-    probe._buffers = {k: None if v is None else torch.empty_like(v, device="meta") for k, v in module._buffers.items()}
-    try:
-        pruner.prune(probe, {spec.name: torch.arange(1, n)})
-    except Exception:  # noqa: BLE001 - a pruner that cannot slice one slice alone: no coupling found
-        return None
-    after = getattr(probe, attr, None)
-    if not isinstance(after, torch.Tensor) or after.ndim != tensor.ndim:
-        return None
-    dims = [d for d in range(tensor.ndim) if after.shape[d] != tensor.shape[d]]
-    return dims[0] if len(dims) == 1 and after.shape[dims[0]] == tensor.shape[dims[0]] - 1 else None
+    ((dim, removed),) = dims.items()
+    return dim if removed == 1 else None

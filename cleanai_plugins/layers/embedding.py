@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from cleanai_core import hookimpl
+from cleanai_core.graph.context import Label
 from cleanai_core.interfaces import LayerPruner, replace_param
 
 __all__ = ["EmbeddingPruner"]
@@ -17,6 +18,14 @@ class EmbeddingPruner(LayerPruner):
         ctx.label_of(call.args[0])  # indices carry no channels
         atoms = ctx.produce(call.name, "out", module.embedding_dim, dim=-1)
         ctx.set_label(call.outputs[0], -1, atoms)
+
+    def trace_param(self, module, name, param, ctx):
+        """The weight read outside the module (MobileBERT's MLM head concatenates the tied
+        ``decoder.weight.t()`` with another layer's weight): its columns are the
+        module's ``"out"`` channels; its rows (the vocabulary) carry none."""
+        if param != "weight" or module.weight.ndim != 2:
+            return None
+        return Label(1, ctx.produce(name, "out", module.embedding_dim, dim=-1))
 
     def prune(self, module, keep):
         if "out" in keep:

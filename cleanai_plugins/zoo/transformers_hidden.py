@@ -11,7 +11,16 @@ than the hidden size and a projection maps them into it (ALBERT's
 ``project_in``), that projection is named too: the embeddings' group is not the residual
 stream there.
 
-To prune the hidden size anyway, disable this plugin:
+The hidden size kept, every other width that the model's config cannot describe is kept
+too (``cleanai_default_freezes``, :mod:`cleanai_plugins.zoo.transformers.describable`):
+a sequence classifier's pooler (``hidden_size`` wide, no key of its own), the heads where
+the head size is ``hidden_size / num_attention_heads`` (BERT), MobileBERT's bottlenecks;
+so the pruned model is one ``from_pretrained`` loads (uniform pruning: the same ratio for
+every group). The entry projection may read several embeddings side by side (MobileBERT's
+trigram input: 3 x ``embedding_size``).
+
+To prune the hidden size and those widths anyway, disable this plugin (then reload the
+pruned model with ``cleanai_core.load_pruned``):
 ``cleanai --disable-plugin cleanai_plugins.zoo.transformers_hidden prune ...`` or
 ``CLEANAI_DISABLED_PLUGINS=cleanai_plugins.zoo.transformers_hidden``.
 """
@@ -37,8 +46,9 @@ def _width(config, names: tuple[str, ...]) -> int | None:
 
 
 def entry_projections(model: nn.Module, emb: nn.Module) -> list[nn.Module]:
-    """The linear layers that map the embeddings' width into a wider or narrower hidden
-    size, outside the stack of layers."""
+    """The linear layers that map the embeddings' width (or several embeddings side by
+    side: MobileBERT's trigram input) into a wider or narrower hidden size, outside the
+    stack of layers."""
     config = model.config
     hidden = _width(config, ("hidden_size", "d_model", "n_embd", "dim"))
     width = getattr(emb, "embedding_dim", None)
@@ -48,7 +58,8 @@ def entry_projections(model: nn.Module, emb: nn.Module) -> list[nn.Module]:
         m
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear)
-        and (m.in_features, m.out_features) == (width, hidden)
+        and m.out_features == hidden != m.in_features
+        and m.in_features % width == 0
         and not _IN_LAYER.search(name)
     ]
 
@@ -62,3 +73,14 @@ def cleanai_default_ignores(model):
     except (NotImplementedError, AttributeError):
         return None
     return [emb, *entry_projections(model, emb)] if emb is not None else None
+
+
+@hookimpl
+def cleanai_default_freezes(graph):
+    if not hasattr(getattr(graph.model, "config", None), "model_type") and not any(
+        hasattr(getattr(m, "config", None), "model_type") for m in graph.model.children()
+    ):
+        return None
+    from cleanai_plugins.zoo.transformers.describable import undescribable
+
+    return undescribable(graph) or None

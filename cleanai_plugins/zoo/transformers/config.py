@@ -42,7 +42,7 @@ from cleanai_plugins.zoo.transformers.bias import declare_biases
 from cleanai_plugins.zoo.transformers.reload_path import reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
-__all__ = ["fix_config"]
+__all__ = ["fix_config", "rebuild_mismatches", "rebuilt_shapes"]
 
 # the first projection of an MLP (its output width is the MLP width), and its stacked parts
 _MLP_UP = re.compile(
@@ -193,9 +193,12 @@ def fix_config(model: nn.Module) -> None:
             for key, widths in entry["values"].items():
                 mine["values"][key].extend(widths)
     record = {}
+    entry_width = _entry_width(model)
     for entry in found.values():
         old = getattr(entry["config"], "hidden_size", None)
         record.update(_write(entry))
+        if entry is mine and entry_width is not None and isinstance(old, int):
+            root.hidden_size = entry_width
         if is_staged(entry["config"]):
             record.update(write_stages(model, entry["config"]))
         _fix_hidden_attrs(model, entry["config"], old)
@@ -215,6 +218,24 @@ def fix_config(model: nn.Module) -> None:
 
 #: config keys of an input embedding narrower than the hidden size (ALBERT, ELECTRA; OPT-350m)
 _EMBEDDING_KEYS = ("embedding_size", "word_embed_proj_dim")
+
+
+def _entry_width(model: nn.Module) -> int | None:
+    """The hidden size where the input embeddings are projected into it (ALBERT,
+    ELECTRA, OPT-350m, MobileBERT): the output width of that projection. The attention
+    inputs cannot tell it there: MobileBERT's queries and keys read a bottleneck."""
+    from cleanai_plugins.zoo.transformers_hidden import entry_projections
+
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if emb is None or not hasattr(getattr(model, "config", None), "hidden_size"):
+        return None
+    # the projections of the *unpruned* widths: read them from the config before it is rewritten
+    entries = entry_projections(model, emb)
+    widths = {m.out_features for m in entries}
+    return widths.pop() if len(widths) == 1 else None
 
 
 def _write_embedding_width(model: nn.Module, config, record: dict) -> None:
@@ -265,10 +286,18 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
     device, so nothing is allocated) does not have: empty when ``from_pretrained`` can
     rebuild it. Families that derive the head size from ``hidden_size /
     num_attention_heads`` (BERT, GPT-2, ...) cannot express fewer heads."""
+    shapes = rebuilt_shapes(model)
+    if isinstance(shapes, str):
+        return [f"<rebuild failed: {shapes}>"]
+    return [k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape)]
+
+
+def rebuilt_shapes(model: nn.Module) -> dict[str, tuple[int, ...]] | str:
+    """``{state_dict key: shape}`` of the model rebuilt from ``model.config`` on the meta
+    device, or the name of the exception its ``__init__`` raised there."""
     try:
         with torch.device("meta"):
             ref = type(model)(copy.deepcopy(model.config))
-    except Exception as exc:  # a family whose __init__ cannot run on meta: say so
-        return [f"<rebuild failed: {type(exc).__name__}>"]
-    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    return [k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape)]
+    except Exception as exc:  # noqa: BLE001 - a family whose __init__ cannot run on meta: say so
+        return type(exc).__name__
+    return {k: tuple(v.shape) for k, v in ref.state_dict().items()}

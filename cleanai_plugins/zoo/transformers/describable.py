@@ -1,0 +1,157 @@
+"""The widths a transformers config cannot describe, found before pruning.
+
+``from_pretrained`` builds the model from its config before it loads the weights, so a
+pruned width reloads only where the config fix-up (:mod:`.config`) can write it into a
+key the family reads: the MLP width (``intermediate_size``), the head count where the
+head size is a key of its own (Llama's ``head_dim``)... Other widths have no key: the
+pooler of a sequence classifier (``BertPooler.dense``, RoBERTa's ``classifier.dense``,
+DeBERTa-v2's ``ContextPooler``: all ``hidden_size`` wide), BERT's heads (head size
+``hidden_size / num_attention_heads``), MobileBERT's bottlenecks. Which ones, is asked of
+the config itself rather than listed per family: every free group of the graph is pruned
+by half (the same count in groups of the same size, as a uniform prune does) on a copy
+whose tensors live on the meta device, the config fix-up runs, the model is rebuilt from
+the rewritten config (on the meta device too), and every group that cut a tensor whose
+shape the rebuilt model does not have is kept, with the reason
+(:mod:`.reload_path`). Again until the rest rebuilds (a few rounds at most).
+
+Used by :mod:`cleanai_plugins.zoo.transformers_hidden` (``cleanai_default_freezes``), so
+the one opt-out of that plugin prunes these widths too (reload with ``load_pruned``).
+A prune that is not uniform (global ranking, per-layer ratios) can still leave layers
+with different widths that one config key cannot hold: ``config.cleanai_pruning`` says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import warnings
+
+import torch
+from torch import nn
+
+from cleanai_core.graph.cut import cut_dims
+from cleanai_core.slicing import apply_edits, edits_for
+from cleanai_plugins.zoo.transformers.config import rebuild_mismatches, rebuilt_shapes
+from cleanai_plugins.zoo.transformers.reload_path import reasons
+
+__all__ = ["KEPT", "meta_copy", "undescribable"]
+
+#: the end of every reason this module gives
+KEPT = (
+    "kept so that from_pretrained rebuilds the pruned model (cleanai_plugins.zoo.transformers_hidden; "
+    "disable it to prune this too, then reload with load_pruned)"
+)
+_ROUNDS = 4
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are empty tensors on the meta
+    device (tied tensors stay tied): slicing it costs no memory."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
+def _mismatched_dims(model: nn.Module) -> dict[str, set[int]] | None:
+    """``{state_dict key: dimensions}`` of the tensors whose shape the model rebuilt from
+    its config does not have; ``None`` when it cannot be rebuilt at all."""
+    shapes = rebuilt_shapes(model)
+    if isinstance(shapes, str):
+        return None
+    out: dict[str, set[int]] = {}
+    for key, tensor in model.state_dict().items():
+        ref, shape = shapes.get(key), tuple(tensor.shape)
+        if ref == shape:
+            continue
+        if ref is None or len(ref) != len(shape):
+            out[key] = set(range(len(shape)))
+        else:
+            out[key] = {d for d in range(len(shape)) if shape[d] != ref[d]}
+    return out
+
+
+def _owner(nodes: dict, key: str) -> tuple[str, str] | None:
+    """``(claimed module, attribute path)`` of a state_dict key."""
+    module, attr = key, ""
+    while module:
+        module, _, last = module.rpartition(".")
+        attr = f"{last}.{attr}" if attr else last
+        if module in nodes:
+            return module, attr
+    return None
+
+
+def _touching(graph, groups: list, bad: dict[str, set[int]]) -> dict[int, str]:
+    """``{group id: first mismatched key}`` of the groups that cut a mismatched tensor."""
+    per_module: dict[str, list[tuple[str, str, set[int]]]] = {}
+    for key, dims in bad.items():
+        owner = _owner(graph.nodes, key)
+        if owner is not None:
+            per_module.setdefault(owner[0], []).append((key, owner[1], dims))
+    hit: dict[int, str] = {}
+    for group in groups:
+        for spec in group.slices:
+            if spec.module == "":
+                if spec.name in bad:
+                    hit.setdefault(group.id, spec.name)
+                continue
+            node = graph.nodes.get(spec.module)
+            for key, attr, dims in per_module.get(spec.module, ()):
+                cut = cut_dims(node.module, node.pruner, spec, attr) if "." not in attr else None
+                if cut is None or set(cut) & dims:
+                    hit.setdefault(group.id, key)
+    return hit
+
+
+def undescribable(graph) -> list[tuple[torch.Tensor, str]]:
+    """``[(units, reason)]``: the free units of every group of ``graph`` whose pruning
+    the config of the transformers model(s) in ``graph.model`` cannot describe."""
+    from transformers import PreTrainedModel
+
+    from cleanai_plugins.zoo.transformers import outermost
+
+    model = graph.model
+    hf = [name for name, sub in outermost(model, PreTrainedModel) if not rebuild_mismatches(sub)]
+    if not hf:  # no transformers model, or one its config cannot rebuild even unpruned: nothing to keep
+        return []
+    found: list[tuple[torch.Tensor, str]] = []
+    kept: set[int] = set()
+    for _ in range(_ROUNDS):
+        groups = [g for g in graph.groups(prunable_only=True) if g.id not in kept]
+        pruned = torch.zeros(graph.root.numel(), dtype=torch.bool)
+        for g in groups:
+            free = g.units[~g.frozen]
+            n = min(max(g.size // 2, 1), free.numel(), g.size - 1)
+            pruned[free[:n]] = True
+        if not bool(pruned.any()):
+            break
+        small = meta_copy(model)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                apply_edits(small, edits_for(graph, pruned), graph.pm)
+        except Exception as exc:  # noqa: BLE001 - a pruner or fix-up that cannot run on meta tensors
+            warnings.warn(
+                f"cleanai_plugins.zoo.transformers_hidden could not check which widths the config describes "
+                f"({type(exc).__name__}: {exc}); nothing more is kept, and the pruned model may need load_pruned",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            break
+        bad: dict[str, set[int]] = {}
+        for name in hf:
+            dims = _mismatched_dims(small.get_submodule(name))
+            if dims is None:  # the pruned config no longer builds a model: cannot tell which group
+                return found
+            bad.update({f"{name}.{k}" if name else k: d for k, d in dims.items()})
+        hit = _touching(graph, groups, bad) if bad else {}
+        if not hit:
+            break
+        by_id = {g.id: g for g in groups}
+        for gid, key in hit.items():
+            kept.add(gid)
+            why = reasons(model, [key])[0]
+            found.append((by_id[gid].units[~by_id[gid].frozen], f"{why}: {KEPT}"))
+    return found
