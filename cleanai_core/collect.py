@@ -197,13 +197,13 @@ _NO_BATCH = object()
 
 def check_iterable(loader: Any) -> Any:
     """``loader`` if it can be iterated (a DataLoader, a list of batches, a generator)."""
-    try:
-        iter(loader)
-    except TypeError:
+    # by type, not by calling iter(): that would read a loader once more (start a
+    # DataLoader's workers, advance a one-shot generator's source)
+    if not isinstance(loader, Iterable) and not hasattr(type(loader), "__getitem__"):
         raise UserError(
             f"the calibration data is a {type(loader).__name__}, which cannot be iterated; give a DataLoader or "
             "a list of batches (tensors, (input, label) pairs or dicts)"
-        ) from None
+        )
     return loader
 
 
