@@ -51,6 +51,8 @@ DEFAULT_DOC = ROOT / "docs" / "compatibility.md"
 CALIB_SECTION = "## Default pruning with calibration batches"
 # written by hand from ``python tests/test_hf_corpus.py``; a sweep keeps it as it is
 HF_SECTION = "## Hugging Face transformers"
+# written by hand (segmentation, detection, video, optical flow and hand-written operations); kept as it is
+OTHER_SECTION = "## Other torchvision tasks and hand-written operations"
 
 
 def _kept_section(doc: Path, title: str = HF_SECTION) -> list[str]:
@@ -525,7 +527,7 @@ def render(cache: dict[str, dict], doc: Path, note: str = "") -> None:
     for key, models in sorted(causes.items(), key=lambda kv: -len(kv[1])):
         shown = ", ".join(models[:12]) + (f" ... (+{len(models) - 12})" if len(models) > 12 else "")
         lines.append(f"- **{len(models)}** {key.replace('|', '/')} - {shown}")
-    lines += ["", *_kept_section(doc, CALIB_SECTION), *_kept_section(doc)]
+    lines += ["", *_kept_section(doc, CALIB_SECTION), *_kept_section(doc), *_kept_section(doc, OTHER_SECTION)]
     lines += [
         "## Models",
         "",

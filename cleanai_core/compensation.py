@@ -27,6 +27,7 @@ from torch import nn
 
 from cleanai_core import distributed
 from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.parametrized import is_parametrized
 from cleanai_core.runtime import device_of
 
 __all__ = ["compensate", "compensated_copy", "regress"]
@@ -84,7 +85,8 @@ def compensate(
             if kept is not None:
                 coef, shift = next(solutions)
                 moved = (t.to(dev) for t in (idx, kept, coef.to(torch.float64), shift.to(torch.float64)))
-                if spec.pruner.reconstruct(module, spec.name, *moved):
+                # a parametrized weight is recomputed from its originals: an edit of it is lost
+                if not is_parametrized(module) and spec.pruner.reconstruct(module, spec.name, *moved):
                     continue
             if not no_bias:
                 spec.pruner.compensate(module, spec.name, idx.to(dev), st.mean[idx].to(dev))

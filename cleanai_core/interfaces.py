@@ -189,7 +189,12 @@ def slice_tensor(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
 
 def replace_param(module: nn.Module, attr: str, dim: int, keep: torch.Tensor) -> None:
     """Slice parameter or buffer ``module.<attr>`` along ``dim`` in place of the old one,
-    keeping its ``requires_grad`` flag."""
+    keeping its ``requires_grad`` flag. A parametrized tensor (``weight_norm``,
+    ``spectral_norm``) is sliced through its originals (:mod:`cleanai_core.parametrized`)."""
+    from cleanai_core.parametrized import slice_parametrized
+
+    if slice_parametrized(module, attr, dim, keep):
+        return
     t = getattr(module, attr, None)
     if t is None:
         return

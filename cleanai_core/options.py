@@ -163,6 +163,19 @@ def check_model(model: Any) -> None:
             "the model is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes the Python "
             "nn.Module. Prune the original model, then script the pruned one"
         )
+    old_norm = next((n for n, m in model.named_modules() for h in m._forward_pre_hooks.values() if _old_norm(h)), None)
+    if old_norm is not None:
+        raise UserError(
+            f"module {old_norm or type(model).__name__!r} uses torch.nn.utils.weight_norm/spectral_norm (deprecated): "
+            "its weight is recomputed into a plain attribute, so the model cannot be copied (torch refuses to deepcopy "
+            "it). Re-apply the norm with torch.nn.utils.parametrizations.weight_norm/spectral_norm (CleanAI prunes "
+            "those), or remove it first (torch.nn.utils.remove_weight_norm)"
+        )
+
+
+def _old_norm(hook: Any) -> bool:
+    """A forward pre-hook of the deprecated ``torch.nn.utils.weight_norm``/``spectral_norm``."""
+    return type(hook).__name__ in ("WeightNorm", "SpectralNorm") and type(hook).__module__.startswith("torch.nn.utils")
 
 
 def check_targets(pruning_ratio: Any, target_flops: Any, target_params: Any, iterative_steps: Any) -> None:

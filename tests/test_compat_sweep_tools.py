@@ -71,3 +71,13 @@ def test_compare_names_status_parameter_and_oracle_changes(tools):
     assert [ln.split(":")[0] for ln in lines] == ["b", "c", "d", "e"]
     assert "pass -> fail-oracle" in lines[0] and "1.00e-06 -> 5.00e-03" in lines[1] and "5 -> 6" in lines[2]
     assert lines[3] == "e: not in the new sweep"
+
+
+def test_render_keeps_the_other_tasks_section_before_the_models(tools, tmp_path):
+    sweep, _ = tools
+    doc = tmp_path / "compatibility.md"
+    doc.write_text(f"# Compatibility\n\n{sweep.OTHER_SECTION}\n\n| tv:fcn_resnet50 | pass |\n\n## Models\n\nold\n")
+    sweep.render({"tv:b": _rec("tv:b", params_before=10, params_after=5, max_abs_diff=0.0)}, doc)
+    text = doc.read_text()
+    assert text.count(sweep.OTHER_SECTION) == 1 and "| tv:fcn_resnet50 | pass |" in text
+    assert text.index(sweep.OTHER_SECTION) < text.index("## Models") < text.index("| tv:b |")

@@ -192,12 +192,14 @@ class DependencyGraph:
 
     def _run(self, ctx: TraceContext) -> None:
         from cleanai_core.graph.elementwise import elementwise, is_pointwise
+        from cleanai_core.parametrized import trace_parametrized
 
         for event in self.recording.events:
             ctx.begin(event)
             try:
                 if isinstance(event, ModuleCall):
                     self.nodes[event.name].pruner.trace(event.module, event, ctx)
+                    trace_parametrized(event.name, event.module, self.nodes[event.name].pruner, ctx)
                 else:
                     mapper = self.mapper_for(event.op)
                     if mapper is not None:
