@@ -138,3 +138,33 @@ def test_relative_hf_folder_reloads_from_any_working_directory(tmp_path, llama, 
     model = load_pruned(work / "rel_out")
     state = torch.load(work / "rel_out" / "model.pt", weights_only=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_config_that_cannot_rebuild_says_why():
+    """BERT at 3 of 4 heads: the report named only 'rebuild failed: ValueError'."""
+    from cleanai_plugins.zoo.transformers.config import rebuild_mismatches
+
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)  # fmt: skip
+    model = transformers.BertModel(cfg)
+    model.config.num_attention_heads = 3  # what slicing one of four heads writes
+    (why,) = rebuild_mismatches(model)
+    assert why == (
+        "<rebuild failed: ValueError: The hidden size (32) is not a multiple of the number of attention heads (3)>"
+    )
+
+
+def test_without_an_hf_folder_the_tokenizer_is_kept_in_out(tmp_path, capsys):
+    """GPT-2 derives its head size from the hidden size: no hf/ folder, and the tokenizer
+    (which hf/ would hold) was nowhere in --out."""
+    cfg = transformers.GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    folder = save(transformers.GPT2LMHeadModel(cfg).eval(), tmp_path / "gpt2")
+    (tmp_path / "d.txt").write_text(TEXT)
+    assert prune(folder, tmp_path / "d.txt", tmp_path / "o", "--ratio", "0.5") == 0
+    assert "tokenizer/" in capsys.readouterr().out
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["hf_folder"] is None and report["tokenizer_folder"] == "tokenizer"
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "o" / "tokenizer", local_files_only=True)
+    assert tok("ab")["input_ids"][:2] == [100, 101]  # ByT5: byte + 3
+    assert "`tokenizer/`" in (tmp_path / "o" / "report.md").read_text()

@@ -261,5 +261,6 @@ def _execute(
             + (", model_full.pt" if cfg.get("save_pickle") else "")
             + (f", {report['recovery_plot']}" if recovery else "")
             + (f", {report['hf_folder']}/" if report.get("hf_folder") else "")
+            + (f", {report['tokenizer_folder']}/" if report.get("tokenizer_folder") else "")
         )
     return report

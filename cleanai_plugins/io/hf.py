@@ -256,7 +256,13 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
 def cleanai_save_outputs(model, folder, options):
     if not is_hf_model(model) or not hasattr(model, "save_pretrained"):
         return None
-    return save_and_verify(model, Path(folder) / "hf", options.get("example"))
+    result = save_and_verify(model, Path(folder) / "hf", options.get("example"))
+    if not result.get("hf_folder"):  # no hf/ (which holds it): keep the tokenizer beside model.pt
+        tokenizer = load_tokenizer(model, required=False)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(Path(folder) / "tokenizer")
+            result["tokenizer_folder"] = "tokenizer"
+    return result
 
 
 @hookimpl(trylast=True)
@@ -280,5 +286,11 @@ def cleanai_report_sections(report):
             "No `hf/` folder: `save_pretrained` -> `from_pretrained` cannot reproduce the pruned model "
             f"({report['hf_reload']}). Reload it with `cleanai_core.io.load_pruned(out_dir)`, which replays "
             "the history on the original architecture (identical logits)."
+            + (
+                f" The tokenizer is in `{report['tokenizer_folder']}/` "
+                f"(`AutoTokenizer.from_pretrained('{report['tokenizer_folder']}')`)."
+                if report.get("tokenizer_folder")
+                else ""
+            )
         )
     return [("Hugging Face", "\n\n".join(lines))]

@@ -269,6 +269,7 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
         with torch.device("meta"):
             ref = type(model)(copy.deepcopy(model.config))
     except Exception as exc:  # a family whose __init__ cannot run on meta: say so
-        return [f"<rebuild failed: {type(exc).__name__}>"]
+        why = " ".join(str(exc).split())[:200]  # the family's own words (e.g. hidden size not a multiple of heads)
+        return [f"<rebuild failed: {type(exc).__name__}{': ' + why if why else ''}>"]
     shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     return [k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape)]
