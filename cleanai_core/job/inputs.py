@@ -76,12 +76,15 @@ def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
     data = cfg["data"]
     if not Path(data).exists() and (Path(data).suffix or "/" in data or os.sep in data) and ":" not in data:
         raise UserError(f"--data {data!r}: no such file or folder. Give {input_forms('data', pm)}.")
-    model = pm.hook.cleanai_load_model(spec=cfg["model"], options=_model_options(cfg))
+    model_options = _model_options(cfg)
+    model = pm.hook.cleanai_load_model(spec=cfg["model"], options=model_options)
     if model is None:
         hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
         forms = input_forms("model", pm)
         raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {forms}.")
     model = model.eval().to(cfg["device"])
+    if model_options.get("resolved_spec"):  # a loader's spec that works from any folder (a relative path made absolute)
+        cfg["_model_spec"] = model_options["resolved_spec"]
     dataset = pm.hook.cleanai_load_dataset(
         spec=cfg["data"],
         options={

@@ -27,7 +27,12 @@ def _training_data(cfg: dict[str, Any], pm: Any, model: nn.Module, calib: Any) -
         )
     from cleanai_core.job.inputs import spec_options
 
-    options = {"model": model, "image_size": cfg.get("image_size"), **spec_options(cfg, "train_data")}
+    options = {
+        "model": model,
+        "image_size": cfg.get("image_size"),
+        "seq_len": cfg.get("seq_len"),
+        **spec_options(cfg, "train_data"),
+    }
     data = pm.hook.cleanai_load_dataset(spec=spec, options=options)
     if data is None:
         raise UserError(f"--train-data {spec!r}: no such file or folder, or not a form this tool reads.")

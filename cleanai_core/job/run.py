@@ -186,7 +186,10 @@ def _execute(
         acc = lambda m: (_evaluate(pm, m, eval_loader, device) or {}).get("accuracy")
         accs = (before_acc or {}).get("accuracy"), (after_acc or {}).get("accuracy")
         pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, acc, *accs)
-        after_acc = {"accuracy": recovery["accuracy_recovered"]} if eval_loader is not None else None
+        if recovery["accuracy_recovered"] is not None:
+            after_acc = {"accuracy": recovery["accuracy_recovered"]}
+        else:  # another metric (a causal LM's perplexity): the recovered model's, on the same held-out split
+            after_acc = _evaluate(pm, pruned, eval_loader, device)
     lat_before, lat_after, repeats = _latencies(model, pruned, example, repeats)
 
     report = {
@@ -230,6 +233,7 @@ def _execute(
     resolved["_sources"] = cfg.get("_sources") or {}
     with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:
         spec = str(Path(cfg["model"]).resolve()) if Path(cfg["model"]).is_file() else cfg["model"]
+        spec = cfg.get("_model_spec") or spec
         cio.save_pruned(
             tmp,
             pruned.cpu(),
@@ -257,5 +261,6 @@ def _execute(
             + (", model_full.pt" if cfg.get("save_pickle") else "")
             + (f", {report['recovery_plot']}" if recovery else "")
             + (f", {report['hf_folder']}/" if report.get("hf_folder") else "")
+            + (f", {report['tokenizer_folder']}/" if report.get("tokenizer_folder") else "")
         )
     return report

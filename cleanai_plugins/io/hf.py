@@ -110,6 +110,10 @@ def load_hf_model(spec: str) -> nn.Module:
     return model.eval()
 
 
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    return " ".join(str(exc).split())[:limit]
+
+
 def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
     """The tokenizer saved next to ``model`` (its ``config.name_or_path``)."""
     tf = _transformers()
@@ -122,7 +126,7 @@ def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
         raise UserError(
             f"no tokenizer next to the model ({where!r}): text data needs one. Save it with "
             "tokenizer.save_pretrained(model_folder), or give already tokenized data as a .pt file "
-            f"(a LongTensor of ids (N, L) or a dict with input_ids). ({type(exc).__name__}: {str(exc)[:200]})"
+            f"(a LongTensor of ids (N, L) or a dict with input_ids). ({type(exc).__name__}: {_one_line(exc)})"
         ) from exc
 
 
@@ -132,6 +136,9 @@ def cleanai_load_model(spec, options):
         return None
     if options.get("weights"):
         raise UserError("--weights does not apply to hf:PATH models: the weights are read from the folder.")
+    path = Path(_source(spec)).expanduser()
+    if path.is_dir():  # the saved architecture.json must rebuild it from any working directory
+        options["resolved_spec"] = PREFIX + str(path.resolve())
     return load_hf_model(spec)
 
 
@@ -163,9 +170,8 @@ def cleanai_evaluate(model, loader, device):
             inputs, labels = split_batch(batch)
             if labels is None:
                 return None
-            if isinstance(inputs, torch.Tensor):
-                inputs = {"input_ids": inputs}
-            logits = model(**move_to(inputs, device)).logits
+            inputs = move_to(inputs, device)  # a tensor goes in first place: input_ids, or pixel_values for ViT
+            logits = (model(**inputs) if isinstance(inputs, dict) else model(inputs)).logits
             if logits.dim() == 3 and labels.dim() == 2:
                 s, n = _next_token_nll(logits, labels)
                 nll, tokens = nll + s, tokens + n
@@ -175,7 +181,12 @@ def cleanai_evaluate(model, loader, device):
             else:
                 return None
     if tokens:
-        return {"perplexity": math.exp(nll / tokens), "loss": nll / tokens, "tokens": tokens}
+        return {
+            "perplexity": math.exp(nll / tokens),
+            "loss": nll / tokens,
+            "tokens": tokens,
+            "accuracy_note": "a causal language model: the held-out perplexity is reported instead",
+        }
     if total:
         return {"accuracy": correct / total, "evaluated": total}
     return None
@@ -217,8 +228,8 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
         reloaded = _quiet_reload(model.config, folder)
         with torch.no_grad():
             inputs = move_to(example, torch.device("cpu"))
-            inputs = inputs if isinstance(inputs, dict) else {"input_ids": inputs}
-            a, b = model(**inputs).logits, reloaded(**inputs).logits
+            call = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))
+            a, b = call(model).logits, call(reloaded).logits
         if a.shape != b.shape:
             raise ValueError(f"reloaded logits have shape {tuple(b.shape)}, the pruned model's {tuple(a.shape)}")
         err = float((a - b).abs().max() / a.abs().max().clamp(min=1e-12))
@@ -245,7 +256,13 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
 def cleanai_save_outputs(model, folder, options):
     if not is_hf_model(model) or not hasattr(model, "save_pretrained"):
         return None
-    return save_and_verify(model, Path(folder) / "hf", options.get("example"))
+    result = save_and_verify(model, Path(folder) / "hf", options.get("example"))
+    if not result.get("hf_folder"):  # no hf/ (which holds it): keep the tokenizer beside model.pt
+        tokenizer = load_tokenizer(model, required=False)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(Path(folder) / "tokenizer")
+            result["tokenizer_folder"] = "tokenizer"
+    return result
 
 
 @hookimpl(trylast=True)
@@ -269,5 +286,11 @@ def cleanai_report_sections(report):
             "No `hf/` folder: `save_pretrained` -> `from_pretrained` cannot reproduce the pruned model "
             f"({report['hf_reload']}). Reload it with `cleanai_core.io.load_pruned(out_dir)`, which replays "
             "the history on the original architecture (identical logits)."
+            + (
+                f" The tokenizer is in `{report['tokenizer_folder']}/` "
+                f"(`AutoTokenizer.from_pretrained('{report['tokenizer_folder']}')`)."
+                if report.get("tokenizer_folder")
+                else ""
+            )
         )
     return [("Hugging Face", "\n\n".join(lines))]

@@ -3,12 +3,20 @@
 Used when ``--model`` is a ``transformers`` model (``hf:PATH``); otherwise these files fall
 through to the other loaders.
 
-- ``.txt``: one document per line (blank lines skipped).
+- ``.txt``: one document per line (blank lines skipped); a **folder** of ``.txt`` files
+  reads every ``*.txt`` in it (sorted by name, not recursive) the same way.
 - ``.jsonl``: one JSON object per line with a ``text`` field, and an optional ``label``
   (an integer, or a name from the config's ``label2id``) for sequence classifiers.
 - ``.pt``: already tokenized, so no tokenizer is needed: a ``LongTensor`` of ids
   ``(N, L)``, or a dict with ``input_ids`` (and optionally ``attention_mask``,
-  ``labels``).
+  ``labels``). ``.npz``: the same, as integer arrays ``input_ids`` (or ``x``), optionally
+  ``attention_mask`` and ``labels`` (or ``y``). Rows are used as they are (``--seq-len``
+  does not cut them); ids must lie in ``0..vocab_size-1`` and rows must fit the model's
+  context.
+
+Text files must be UTF-8. Only models that read token ids take text data: causal LMs,
+sequence classifiers and plain encoders; an encoder-decoder (T5, BART) or a model without
+a vocabulary (ViT) is refused with a message.
 
 For a **causal LM** the documents are tokenized, joined and cut into blocks of
 ``--seq-len`` tokens (default 128, at most the model's context); every item is
@@ -31,7 +39,7 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_plugins.io.hf import is_hf_model, load_tokenizer
 
-__all__ = ["TextItems", "blocks_of", "load_text_dataset", "read_jsonl"]
+__all__ = ["TextItems", "blocks_of", "load_text_dataset", "read_jsonl", "read_text"]
 
 DEFAULT_SEQ_LEN = 128
 
@@ -60,7 +68,7 @@ def _is_causal(model: Any) -> bool:
 
 
 def _seq_len(model: Any, asked: int | None) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = _context(model)
     n = int(asked or DEFAULT_SEQ_LEN)
     if limit and n > int(limit):
         if asked:
@@ -69,10 +77,25 @@ def _seq_len(model: Any, asked: int | None) -> int:
     return n
 
 
+def read_text(path: Path) -> str:
+    """The file as UTF-8 text (a byte-order mark is dropped), or a :class:`UserError` naming
+    the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bad = data[exc.start : exc.start + 1]
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{str(path)!r} is not UTF-8 text (byte {exc.start}, line {line}, is {bad!r}); save it as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8 in.txt > out.txt)."
+        ) from None
+
+
 def read_jsonl(path: Path) -> tuple[list[str], list[Any] | None]:
     """Texts and labels (``None`` when no line has one) of a ``.jsonl`` file."""
     texts, labels = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -137,25 +160,66 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
     return TextItems(items)
 
 
-def _tokenized_pt(path: Path, model: Any) -> TextItems | None:
+def vocab_size(model: Any) -> int | None:
+    """Rows of the model's input embedding: the token ids it reads are ``0..V-1``; ``None``
+    for a model that reads no token ids (ViT, audio)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None  # not plain tensors: the other .pt readers explain
-    if isinstance(obj, torch.Tensor):
-        obj = {"input_ids": obj}
-    if not isinstance(obj, dict) or not isinstance(obj.get("input_ids"), torch.Tensor):
-        return None
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    if isinstance(emb, torch.nn.Embedding):
+        return int(emb.num_embeddings)
+    return None
+
+
+def _context(model: Any) -> int | None:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    return int(limit) if limit else None
+
+
+def _check_text_model(model: Any, spec: str) -> None:
+    """Refuse, with the reason, a model that the text items cannot drive."""
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise UserError(
+            f"--data {spec!r}: the model is {arch}, an encoder-decoder (sequence-to-sequence) model; text data "
+            "drives causal LMs (...ForCausalLM), sequence classifiers and plain encoders, not a decoder that "
+            "needs decoder_input_ids. Give a causal LM or encoder folder, or prune it from Python with "
+            "StructuredPruner and example inputs that include decoder_input_ids."
+        )
+
+
+def _check_ids(ids: torch.Tensor, model: Any, source: str) -> None:
+    """Token ids within the vocabulary, rows within the context."""
+    v = vocab_size(model)
+    lo, hi = int(ids.min()), int(ids.max())
+    if v is not None and (lo < 0 or hi >= v):
+        raise UserError(
+            f"{source}: token ids go from {lo} to {hi}, but the model's vocabulary has {v} entries (ids 0..{v - 1}); "
+            "tokenize the text with this model's own tokenizer."
+        )
+    limit = _context(model)
+    if limit and ids.shape[1] > limit:
+        raise UserError(
+            f"{source}: rows of {ids.shape[1]} tokens are longer than the model's context ({limit} positions); "
+            f"cut them to at most {limit} tokens (or give text and --seq-len)."
+        )
+
+
+def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
     ids = obj["input_ids"]
-    if ids.dim() != 2 or ids.is_floating_point():
-        raise UserError(f"{str(path)!r}: input_ids must be integer token ids of shape (N, L), not {tuple(ids.shape)}.")
+    if ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise UserError(
+            f"{source}: input_ids must be integer token ids of shape (N, L), not {ids.dtype} {tuple(ids.shape)}."
+        )
+    if ids.numel() == 0:
+        raise UserError(f"{source}: input_ids {tuple(ids.shape)} hold no tokens.")
+    _check_ids(ids, model, source)
     items = {"input_ids": ids.long()}
     mask = obj.get("attention_mask")
     if mask is not None:
         if tuple(mask.shape) != tuple(ids.shape):
-            raise UserError(
-                f"{str(path)!r}: attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}."
-            )
+            raise UserError(f"{source}: attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}.")
         items["attention_mask"] = mask.long()
     labels = obj.get("labels")
     if labels is None and _is_causal(model):
@@ -165,23 +229,77 @@ def _tokenized_pt(path: Path, model: Any) -> TextItems | None:
     return TextItems(items)
 
 
+def _tokenized_pt(path: Path, model: Any) -> TextItems | None:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # not plain tensors: the other .pt readers explain
+    if isinstance(obj, torch.Tensor):
+        obj = {"input_ids": obj}
+    if not isinstance(obj, dict) or not isinstance(obj.get("input_ids"), torch.Tensor):
+        return None
+    return _token_items(obj, model, repr(str(path)))
+
+
+def _tokenized_npz(path: Path, model: Any) -> TextItems:
+    from cleanai_plugins.io.datasets import read_npz
+
+    arrays = read_npz(path)
+    key = "input_ids" if "input_ids" in arrays else "x" if "x" in arrays else None
+    if key is None:
+        raise UserError(
+            f"{str(path)!r} has arrays {sorted(arrays)}; token data needs 'input_ids' (or 'x'), and optionally "
+            "'attention_mask' and 'labels' (or 'y')."
+        )
+    obj = {"input_ids": arrays[key], "attention_mask": arrays.get("attention_mask")}
+    labels = arrays.get("labels", arrays.get("y"))
+    if labels is not None:
+        obj["labels"] = labels
+    return _token_items(obj, model, repr(str(path)))
+
+
+def _text_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".txt" and p.is_file())
+
+
 def load_text_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
     """Text data for a ``transformers`` model (see the module docstring), or ``None``."""
     model = options.get("model")
     path = Path(spec)
     suffix = path.suffix.lower()
-    if not is_hf_model(model) or not path.is_file() or suffix not in (".txt", ".jsonl", ".pt", ".pth"):
+    if not is_hf_model(model):
         return None
+    files = _text_files(path) if path.is_dir() else []
+    if vocab_size(model) is None:  # not a model that reads token ids: images, tensors, .npz go to the other loaders
+        if files or (path.is_file() and suffix in (".txt", ".jsonl")):
+            arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+            raise UserError(
+                f"--data {spec!r} is text, but the model ({arch}) reads no token ids (it has no token embedding: "
+                "a vision or audio model). Give its own kind of data (an image folder, a .pt or .npz of input "
+                "tensors), or a text model."
+            )
+        return None
+    if path.is_dir() and not files:
+        raise UserError(
+            f"--data {spec!r} is a folder without .txt files; for a text model give a .txt file, a folder of .txt "
+            "files (one document per line), a .jsonl file, or token ids in a .pt or .npz file."
+        )
+    if not files and not (path.is_file() and suffix in (".txt", ".jsonl", ".pt", ".pth", ".npz")):
+        return None
+    _check_text_model(model, spec)
     if suffix in (".pt", ".pth"):
         return _tokenized_pt(path, model)
+    if suffix == ".npz":
+        return _tokenized_npz(path, model)
     seq_len = _seq_len(model, options.get("seq_len"))
-    if suffix == ".txt":
-        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not texts:
-            raise UserError(f"{spec!r} holds no text.")
-        return _tokenize(texts, None, model, seq_len, spec)
-    texts, labels = read_jsonl(path)
-    return _tokenize(texts, labels, model, seq_len, spec)
+    if suffix == ".jsonl":
+        texts, labels = read_jsonl(path)
+        return _tokenize(texts, labels, model, seq_len, spec)
+    texts = [line for f in (files or [path]) for line in read_text(f).splitlines() if line.strip()]
+    if not texts:
+        what = f"the {len(files)} .txt file(s) in {spec!r} hold" if files else f"{spec!r} holds"
+        raise UserError(f"{what} no text (only empty lines); give at least a few lines of text.")
+    return _tokenize(texts, None, model, seq_len, spec)
 
 
 @hookimpl(trylast=True)

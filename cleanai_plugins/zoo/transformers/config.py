@@ -294,10 +294,11 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
 
 def rebuilt_shapes(model: nn.Module) -> dict[str, tuple[int, ...]] | str:
     """``{state_dict key: shape}`` of the model rebuilt from ``model.config`` on the meta
-    device, or the name of the exception its ``__init__`` raised there."""
+    device, or the exception its ``__init__`` raised there (its name and message)."""
     try:
         with torch.device("meta"):
             ref = type(model)(copy.deepcopy(model.config))
     except Exception as exc:  # noqa: BLE001 - a family whose __init__ cannot run on meta: say so
-        return type(exc).__name__
+        why = " ".join(str(exc).split())[:200]  # the family's own words (e.g. hidden size not a multiple of heads)
+        return f"{type(exc).__name__}{': ' + why if why else ''}"
     return {k: tuple(v.shape) for k, v in ref.state_dict().items()}

@@ -1,0 +1,170 @@
+"""Text data forms and bad text inputs of ``cleanai prune --model hf:PATH``: tiny
+``transformers`` models built from configs (nothing downloaded), data written by the test."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from cleanai_core.cli import main  # noqa: E402
+from cleanai_core.io import load_pruned  # noqa: E402
+from cleanai_plugins.io.text import load_text_dataset  # noqa: E402
+from tests.test_hf_job import FAST, TEXT, save, tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save(tiny_llama(), tmp_path_factory.mktemp("hf_text") / "llama")
+
+
+def prune(model, data, out, *extra):
+    return main(["prune", "--model", f"hf:{model}", "--data", str(data), "--out", str(out), *FAST, *extra])
+
+
+def refused(capsys, code, out, *words):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and all(w in err for w in words), err
+    assert not out.exists()
+    return err
+
+
+def test_text_that_is_not_utf8_is_refused_with_the_byte(tmp_path, llama, capsys):
+    data = tmp_path / "latin1.txt"
+    data.write_bytes(("caf\xe9 " * 200 + "\n").encode("latin-1"))
+    before = data.read_bytes()
+    code = prune(llama, data, tmp_path / "o")
+    refused(capsys, code, tmp_path / "o", "is not UTF-8 text (byte 3, line 1, is b'\\xe9')", "save it as UTF-8")
+    assert data.read_bytes() == before
+
+
+def test_token_ids_outside_the_vocabulary_or_context_are_refused(tmp_path, llama, capsys):
+    torch.save(torch.randint(300, 400, (8, 32)), tmp_path / "big.pt")
+    code = prune(llama, tmp_path / "big.pt", tmp_path / "o")
+    refused(capsys, code, tmp_path / "o", "token ids go from 3", "vocabulary has 259 entries (ids 0..258)")
+    torch.save(torch.full((8, 32), -1), tmp_path / "neg.pt")
+    code = prune(llama, tmp_path / "neg.pt", tmp_path / "o")
+    refused(capsys, code, tmp_path / "o", "token ids go from -1 to -1")
+    torch.save(torch.randint(3, 259, (8, 80)), tmp_path / "long.pt")  # context: 64 positions
+    code = prune(llama, tmp_path / "long.pt", tmp_path / "o")
+    refused(capsys, code, tmp_path / "o", "rows of 80 tokens are longer than the model's context (64 positions)")
+
+
+def test_seq2seq_and_vision_models_refuse_text_and_vit_takes_pixels(tmp_path, capsys):
+    torch.manual_seed(0)
+    t5 = transformers.T5Config(vocab_size=259, d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8)
+    t5_dir = save(transformers.T5ForConditionalGeneration(t5).eval(), tmp_path / "t5")
+    vit = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                 image_size=16, patch_size=8, num_labels=3)  # fmt: skip
+    vit_dir = save(transformers.ViTForImageClassification(vit).eval(), tmp_path / "vit", tokenizer=False)
+    (tmp_path / "d.txt").write_text(TEXT)
+    code = prune(t5_dir, tmp_path / "d.txt", tmp_path / "o")
+    refused(capsys, code, tmp_path / "o", "T5ForConditionalGeneration, an encoder-decoder")
+    code = prune(vit_dir, tmp_path / "d.txt", tmp_path / "o")
+    refused(capsys, code, tmp_path / "o", "ViTForImageClassification) reads no token ids")
+    # pixel tensors in a .pt reach ViT as pixel_values (they were read as input_ids, or passed by that name)
+    torch.save((torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])), tmp_path / "pix.pt")
+    assert prune(vit_dir, tmp_path / "pix.pt", tmp_path / "o") == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["accuracy_before"] in (0.0, 0.25, 0.5, 0.75, 1.0) and report["evaluation_samples"] == 4
+
+
+def test_a_folder_of_txt_and_npz_ids_read_like_one_txt_and_pt(tmp_path, llama, capsys):
+    lines = TEXT.splitlines()
+    (tmp_path / "all.txt").write_text(TEXT)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("\n".join(lines[:18]) + "\n")
+    (tmp_path / "docs" / "b.txt").write_text("\n\n" + "\n".join(lines[18:]) + "\n")
+    (tmp_path / "docs" / "notes.md").write_text("not read")
+    reports = {}
+    for name in ("all.txt", "docs"):
+        assert prune(llama, tmp_path / name, tmp_path / f"o_{name}") == 0
+        reports[name] = json.loads((tmp_path / f"o_{name}" / "report.json").read_text())
+    assert reports["docs"]["evaluation_tokens"] == reports["all.txt"]["evaluation_tokens"] > 0
+    assert reports["docs"]["perplexity_before"] == reports["all.txt"]["perplexity_before"]
+    ids = torch.randint(3, 259, (8, 32))
+    torch.save(ids, tmp_path / "ids.pt")
+    with open(tmp_path / "ids.npz", "wb") as fh:  # numpy.savez layout, written without numpy
+        import io
+        import zipfile
+
+        buf = io.BytesIO()
+        header = "{'descr': '<i8', 'fortran_order': False, 'shape': (8, 32), }"
+        header = header + " " * (63 - len(header) % 64) + "\n"
+        buf.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + ids.numpy().tobytes())
+        with zipfile.ZipFile(fh, "w") as z:
+            z.writestr("input_ids.npy", buf.getvalue())
+    for name in ("ids.pt", "ids.npz"):
+        assert prune(llama, tmp_path / name, tmp_path / f"o_{name}") == 0
+        reports[name] = json.loads((tmp_path / f"o_{name}" / "report.json").read_text())
+    assert reports["ids.npz"]["evaluation_tokens"] == reports["ids.pt"]["evaluation_tokens"] == 4 * 31
+    assert reports["ids.npz"]["perplexity_after"] == reports["ids.pt"]["perplexity_after"]
+    (tmp_path / "empty").mkdir()
+    code = prune(llama, tmp_path / "empty", tmp_path / "o")
+    refused(capsys, code, tmp_path / "o", "is a folder without .txt files")
+
+
+def test_causal_lm_report_says_why_no_accuracy_and_keeps_perplexity_after_recovery(tmp_path, llama, capsys):
+    (tmp_path / "d.txt").write_text(TEXT)
+    (tmp_path / "train.txt").write_text(TEXT.upper())
+    out = tmp_path / "o"
+    assert prune(llama, tmp_path / "d.txt", out, "--ratio", "0.5", "--recover-epochs", "1",
+                 "--train-data", str(tmp_path / "train.txt")) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy_note"] == "a causal language model: the held-out perplexity is reported instead"
+    assert "no installed evaluator" not in (out / "report.md").read_text()
+    assert math.isfinite(report["perplexity_after"]) and report["evaluation_tokens"] > 0
+    assert f"{report['perplexity_after']:.3f}" in (out / "report.md").read_text()
+    # --train-data is cut into blocks of --seq-len (32), not the default 128
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama, local_files_only=True)
+    train = load_text_dataset(str(tmp_path / "train.txt"), {"model": model, "seq_len": 32})
+    rec = report["recovery"]
+    assert rec["train_samples"] + rec["held_out_samples"] == len(train) > 20
+
+
+def test_relative_hf_folder_reloads_from_any_working_directory(tmp_path, llama, monkeypatch):
+    work = llama.parent
+    (work / "d.txt").write_text(TEXT)
+    monkeypatch.chdir(work)
+    assert main(["prune", "--model", "hf:llama", "--data", "d.txt", "--out", "rel_out", *FAST]) == 0
+    spec = json.loads((work / "rel_out" / "architecture.json").read_text())["spec"]
+    assert spec == f"hf:{llama.resolve()}"
+    monkeypatch.chdir(tmp_path)
+    model = load_pruned(work / "rel_out")
+    state = torch.load(work / "rel_out" / "model.pt", weights_only=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_a_config_that_cannot_rebuild_says_why():
+    """BERT at 3 of 4 heads: the report named only 'rebuild failed: ValueError'."""
+    from cleanai_plugins.zoo.transformers.config import rebuild_mismatches
+
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32)  # fmt: skip
+    model = transformers.BertModel(cfg)
+    model.config.num_attention_heads = 3  # what slicing one of four heads writes
+    (why,) = rebuild_mismatches(model)
+    assert why == (
+        "<rebuild failed: ValueError: The hidden size (32) is not a multiple of the number of attention heads (3)>"
+    )
+
+
+def test_without_an_hf_folder_the_tokenizer_is_kept_in_out(tmp_path, capsys):
+    """GPT-2 derives its head size from the hidden size: no hf/ folder, and the tokenizer
+    (which hf/ would hold) was nowhere in --out."""
+    cfg = transformers.GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    folder = save(transformers.GPT2LMHeadModel(cfg).eval(), tmp_path / "gpt2")
+    (tmp_path / "d.txt").write_text(TEXT)
+    assert prune(folder, tmp_path / "d.txt", tmp_path / "o", "--ratio", "0.5") == 0
+    assert "tokenizer/" in capsys.readouterr().out
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["hf_folder"] is None and report["tokenizer_folder"] == "tokenizer"
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "o" / "tokenizer", local_files_only=True)
+    assert tok("ab")["input_ids"][:2] == [100, 101]  # ByT5: byte + 3
+    assert "`tokenizer/`" in (tmp_path / "o" / "report.md").read_text()
