@@ -155,13 +155,16 @@ def test_a_config_that_cannot_rebuild_says_why():
 
 
 def test_without_an_hf_folder_the_tokenizer_is_kept_in_out(tmp_path, capsys):
-    """GPT-2 derives its head size from the hidden size: no hf/ folder, and the tokenizer
-    (which hf/ would hold) was nowhere in --out."""
+    """GPT-2 derives its head size from the hidden size: with the default that keeps what
+    its config cannot describe switched off and the hidden size kept, the heads prune and
+    there is no hf/ folder; the tokenizer (which hf/ would hold) was nowhere in --out."""
     cfg = transformers.GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=4, n_positions=64)
     torch.manual_seed(0)
     folder = save(transformers.GPT2LMHeadModel(cfg).eval(), tmp_path / "gpt2")
     (tmp_path / "d.txt").write_text(TEXT)
-    assert prune(folder, tmp_path / "d.txt", tmp_path / "o", "--ratio", "0.5") == 0
+    argv = ["prune", "--model", f"hf:{folder}", "--data", str(tmp_path / "d.txt"), "--out", str(tmp_path / "o")]
+    off = ["--disable-plugin", "cleanai_plugins.zoo.transformers_hidden"]
+    assert main([*off, *argv, *FAST, "--ratio", "0.5", "--ignore", "transformer.wte"]) == 0  # hidden kept, heads cut
     assert "tokenizer/" in capsys.readouterr().out
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["hf_folder"] is None and report["tokenizer_folder"] == "tokenizer"
