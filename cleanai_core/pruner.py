@@ -277,15 +277,26 @@ class StructuredPruner:
         graph = self.graph if graph is None else graph
         model = self.model if model is None else model
         scores = self.score(graph, model, cal)
+        final = target is None  # the user's own target (a step of iterative pruning passes its own)
         target = target if target is not None else self.target_flops
+        kind = "flops"
         if target is None and self.target_params is not None:
-            target, measure = self.target_params, params_measure
+            target, measure, kind = self.target_params, params_measure, "params"
         elif target is not None:  # counted only where a target asks (a count runs the model)
             measure = flops_measure(self.example_inputs, self.forward_fn, model)
         ratio = self.pruning_ratio
         if target is not None:
-            size_at = lambda r: pruned_size(model, graph, self.make_plan(r, scores, graph), measure)  # noqa: E731
-            ratio = ratio_for_target(target, size_at, measure(model))
+            sizes: dict[float, float] = {}
+
+            def size_at(r: float) -> float:
+                if r not in sizes:
+                    sizes[r] = pruned_size(model, graph, self.make_plan(r, scores, graph), measure)
+                return sizes[r]
+
+            base = measure(model)
+            ratio = ratio_for_target(target, size_at, base)
+            if final:
+                _warn_if_far(kind, target, size_at(ratio) / base, [v / base for v in sizes.values()])
         return self.make_plan(ratio, scores, graph)
 
     # -- slicing and verification ---------------------------------------------------------
@@ -349,3 +360,24 @@ class StructuredPruner:
         kept units; plus params and FLOPs before/after (:mod:`cleanai_core.pruning_report`).
         Call after :meth:`prune`."""
         return pruner_report(self)
+
+
+#: a target met further below than this (a share of the original) is reported
+TARGET_SLACK = 0.05
+
+
+def _warn_if_far(kind: str, target: float, kept: float, seen: list[float]) -> None:
+    """Warn where the ratio meeting ``target`` keeps much less than it asks: one ratio for
+    every group moves in steps as large as its coarsest groups (two key-value heads of a
+    small LLM: 0 or 1 of them go), so the next ratio down may keep far more than the target."""
+    if target - kept <= TARGET_SLACK:
+        return
+    above = [v for v in seen if v > target]
+    nearest = f" (the next ratio down keeps {min(above):.2f})" if above else ""
+    warnings.warn(
+        f"target_{kind}={target:g}: the pruned model keeps {kept:.2f} of the original's {kind}{nearest}. One ratio "
+        "for every group moves in steps as large as its coarsest groups (e.g. a few attention or key-value heads); "
+        "per-layer ratios land closer: `cleanai prune --auto`, or allocate_ratios() in Python",
+        RuntimeWarning,
+        stacklevel=4,
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -134,6 +135,28 @@ def test_target_flops_is_met_within_a_few_percent(target):
     assert abs(ratio - target) < 0.05, ratio
     rep = p.report()
     assert rep["flops_after"] / rep["flops_before"] == pytest.approx(ratio)
+
+
+@pytest.mark.parametrize(("target", "warned"), [(0.8, True), (0.54, False)])
+def test_a_target_met_far_below_is_reported(target, warned):
+    """One group of two units: one ratio for all keeps all of it or half, nothing between,
+    so a FLOPs target of 0.8 lands at about half the FLOPs; the pruner says so (and what
+    lands closer) instead of overshooting silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 2), nn.ReLU(), nn.Linear(2, 4)).eval()
+    x = torch.randn(2, 16)
+    p = StructuredPruner(model, x, "magnitude", target_flops=target, ignored_layers=[model[2]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = p.prune()
+    kept = count_flops(small, x) / count_flops(model, x)
+    assert small[0].out_features == 1 and kept == pytest.approx(0.5)
+    far = [w for w in caught if "the pruned model keeps" in str(w.message)]
+    assert bool(far) == warned
+    if warned:
+        msg = str(far[0].message)
+        assert f"target_flops=0.8: the pruned model keeps {kept:.2f}" in msg and "next ratio down keeps 1.00" in msg
+        assert "--auto" in msg
 
 
 def test_iterative_steps():
