@@ -14,11 +14,16 @@ from cleanai_core.planning import PruningPlan
 __all__ = ["layer_records", "pruner_report"]
 
 
-def layer_records(graph: DependencyGraph, plan: PruningPlan) -> list[dict[str, Any]]:
+def layer_records(
+    graph: DependencyGraph, plan: PruningPlan, origin: dict[tuple[str, str], list[int]] | None = None
+) -> list[dict[str, Any]]:
     """Per pruned layer: channels before/after, pruned indices and scores of pruned and
-    kept units."""
+    kept units. A unit of no group in ``plan`` (an ignored layer, a width kept whole) was
+    never scored: its score is ``None``. ``origin`` (a later step of iterative pruning):
+    per ``(module, slice)``, the original index of each of the step's channels; the
+    records then also list ``original_indices``."""
     layers = []
-    unit_score = torch.zeros(graph.root.numel(), dtype=torch.float64)
+    unit_score = torch.full((graph.root.numel(),), float("nan"), dtype=torch.float64)
     for gp in plan.groups:
         unit_score[gp.group.units] = gp.scores.to(torch.float64)
     pruned = plan.pruned_units()
@@ -28,20 +33,48 @@ def layer_records(graph: DependencyGraph, plan: PruningPlan) -> list[dict[str, A
         units = graph.root[spec.atoms]
         gone = pruned[units]
         scores = unit_score[units]
-        layers.append(
-            {
-                "name": spec.module or spec.name,
-                "slice": spec.name if spec.module else "tensor",
-                "channels_before": int(spec.atoms.numel()),
-                "channels_after": int((~gone).sum()),
-                "pruned_indices": gone.nonzero().squeeze(1).tolist(),
-                "importance_scores": {
-                    "pruned": scores[gone].round(decimals=6).tolist(),
-                    "kept": scores[~gone].round(decimals=6).tolist(),
-                },
-            }
-        )
+        name = spec.module or spec.name
+        record = {
+            "name": name,
+            "slice": spec.name if spec.module else "tensor",
+            "channels_before": int(spec.atoms.numel()),
+            "channels_after": int((~gone).sum()),
+            "pruned_indices": gone.nonzero().squeeze(1).tolist(),
+            "importance_scores": {"pruned": _scores(scores[gone]), "kept": _scores(scores[~gone])},
+        }
+        if origin is not None:
+            where = origin.get((name, record["slice"]))
+            record["original_indices"] = [where[i] for i in record["pruned_indices"]] if where else None
+        layers.append(record)
     return layers
+
+
+def _scores(scores: torch.Tensor) -> list[float | None]:
+    return [None if v != v else v for v in scores.round(decimals=6).tolist()]
+
+
+def _step_records(pruner: Any) -> list[dict[str, Any]]:
+    """The layer records of every step. With several steps each record names its
+    ``step`` (1-based) and the ``original_indices`` of the channels it removed, traced
+    back through the earlier steps' edits (a later step's indices are its own model's)."""
+    steps = pruner._pruned_plans
+    if len(steps) <= 1:
+        return [rec for graph, plan in steps for rec in layer_records(graph, plan)]
+    origin: dict[tuple[str, str], list[int]] = {}
+    out = []
+    for k, (graph, plan) in enumerate(steps):
+        for spec in graph.slices:  # channels no earlier step touched keep their own index
+            if spec.kind != "in":
+                key = (spec.module or spec.name, spec.name if spec.module else "tensor")
+                origin.setdefault(key, list(range(int(spec.atoms.numel()))))
+        for rec in layer_records(graph, plan, origin):
+            out.append({**rec, "step": k + 1})
+        edits = pruner.history.steps[k] if k < len(pruner.history.steps) else []
+        for e in edits:
+            key = (e.module or e.slice, e.slice if e.module else "tensor")
+            if key in origin:
+                origin[key] = [origin[key][i] for i in e.keep.tolist()]
+    return out
 
 
 def pruner_report(pruner: Any) -> dict[str, Any]:
@@ -66,6 +99,6 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "pruning_ratio": pruner.pruning_ratio,
         "skipped_groups": list(pruner.skipped_groups),
         "groups": pruner._plan.to_json()["groups"] if pruner._plan else [],
-        "layers": [rec for graph, plan in pruner._pruned_plans for rec in layer_records(graph, plan)],
+        "layers": _step_records(pruner),
         "dead_units": [f.to_json() for f in find_dead_units(pruner.graph, pruner.stats)] if pruner.stats else None,
     }

@@ -99,6 +99,10 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         for key, template in _NOTES
         if report.get(key) is not None and (report.get(key) or key not in ("model", "importance"))
     ]
+    shape = report.get("input_shape")
+    if shape:
+        text = ", ".join(f"`{k}` {v}" for k, v in shape.items()) if isinstance(shape, dict) else str(shape)
+        notes.append(f"FLOPs and latency of one input of shape {text}")
     lat = report.get("latency")
     if lat:
         how = f"{lat['method']}, " if lat.get("method") else ""
@@ -118,10 +122,20 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         "| layer | channels before | after | pruned | removed: index (score) | kept scores |",
         "|---|---:|---:|---:|---|---|",
     ]
+    if any(layer.get("step") for layer in layers):
+        lines[-4:-2] = [
+            "Iterative pruning: one row per layer and step, channel counts of that step's model; removed "
+            "channels by their index in the original model, with the score they had at that step "
+            f"(at most {MAX_LISTED} listed per layer; all are in `report.json`, where `pruned_indices` "
+            "index the step's own model and `original_indices` the original).",
+            "",
+        ]
     for layer in layers:
         b, a = layer.get("channels_before"), layer.get("channels_after")
+        step = f" (step {layer['step']})" if layer.get("step") else ""
         lines.append(
-            f"| `{layer.get('name')}` | {b} | {a} | {(b or 0) - (a or 0)} | {_removed(layer)} | {_kept_range(layer)} |"
+            f"| `{layer.get('name')}`{step} | {b} | {a} | {(b or 0) - (a or 0)} | {_removed(layer)} "
+            f"| {_kept_range(layer)} |"
         )
     lines.append("")
     lines += _dead_unit_lines(report.get("dead_units"))
@@ -135,14 +149,22 @@ def _removed(layer: dict[str, Any]) -> str:
     idx = layer.get("pruned_indices") or []
     if not idx:
         return "-"
-    pruned, _ = _scores(layer)
-    cells = [f"{i} ({pruned[k]:.3g})" if k < len(pruned) else str(i) for k, i in enumerate(idx[:MAX_LISTED])]
+    if layer.get("original_indices"):
+        idx = layer["original_indices"]
+    pruned = _raw_scores(layer)[0]
+    cells = [
+        f"{i} ({pruned[k]:.3g})" if k < len(pruned) and pruned[k] is not None else str(i)
+        for k, i in enumerate(idx[:MAX_LISTED])
+    ]
     return ", ".join(cells) + (f", ... +{len(idx) - MAX_LISTED}" if len(idx) > MAX_LISTED else "")
 
 
 def _kept_range(layer: dict[str, Any]) -> str:
+    raw = _raw_scores(layer)[1]
     _, kept = _scores(layer)
-    return f"{min(kept):.3g} - {max(kept):.3g}" if kept else "-"
+    if not kept:
+        return "not scored" if raw else "-"
+    return f"{min(kept):.3g} - {max(kept):.3g}" + (" (some not scored)" if len(kept) < len(raw) else "")
 
 
 def _dead_unit_lines(findings: list[dict[str, Any]] | None) -> list[str]:
@@ -226,9 +248,17 @@ def _sensitivity_lines(sens: dict[str, Any] | None, alloc: dict[str, Any] | None
     return lines
 
 
-def _scores(layer: dict[str, Any]) -> tuple[list[float], list[float]]:
+def _raw_scores(layer: dict[str, Any]) -> tuple[list[float | None], list[float | None]]:
+    """The scores as recorded: ``None`` for a unit that was never scored (no group in the plan)."""
     s = layer.get("importance_scores") or {}
-    return [float(v) for v in s.get("pruned") or []], [float(v) for v in s.get("kept") or []]
+    as_float = lambda vs: [None if v is None else float(v) for v in vs or []]  # noqa: E731
+    return as_float(s.get("pruned")), as_float(s.get("kept"))
+
+
+def _scores(layer: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """The scores of the scored units (pruned, kept)."""
+    pruned, kept = _raw_scores(layer)
+    return [v for v in pruned if v is not None], [v for v in kept if v is not None]
 
 
 def render_svg(report: dict[str, Any]) -> str:

@@ -69,6 +69,9 @@ def test_causal_lm_reports_finite_perplexity_before_and_after(causal_run):
     assert report["evaluation_tokens"] > 0 and report["accuracy_before"] is None
     md = (tmp / "out" / "report.md").read_text()
     assert "Perplexity (held-out)" in md and f"{before:.3f}" in md
+    # FLOPs depend on the sequence length: the report names the input they were counted on
+    assert report["input_shape"] == {"input_ids": [1, 32]}
+    assert "FLOPs and latency of one input of shape `input_ids` [1, 32]" in md
 
 
 def test_causal_lm_prunes_heads_and_mlp_but_keeps_the_hidden_size(causal_run):

@@ -75,3 +75,38 @@ def test_resnet18_conv1_ends_at_half_after_five_steps():
         pruned = pruner.prune()
     assert pruned.conv1.out_channels == 32
     assert pruned.layer4[0].conv1.out_channels == 256
+
+
+def test_iterative_report_traces_removed_channels_to_the_original_model():
+    """Each step's records index that step's model; the report names the step and the
+    removed channels' original indices, which together are exactly the channels missing
+    from the final model (read off the BatchNorm weights, which no step changes)."""
+    from cleanai_core.report import render_markdown
+
+    model = _chain()
+    with torch.no_grad():
+        for i in (1, 4, 7, 10):  # distinct values, to tell the kept channels apart
+            model[i].weight.copy_(torch.randperm(len(model[i].weight)) / 10 + 0.5)
+    pruner = StructuredPruner(model, torch.randn(2, 3, 8, 8), ignored_layers=[model[-1]], pruning_ratio=0.5,
+                              iterative_steps=3)  # fmt: skip
+    pruner.collect_activations(_data(), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = pruner.prune()
+    rep = pruner.report()
+    for i in (1, 4, 7, 10):
+        name = str(i)
+        w0, w1 = model[i].weight.detach(), small[i].weight.detach()
+        kept = [int((w0 == v).nonzero()[0]) for v in w1]
+        missing = sorted(set(range(len(w0))) - set(kept))
+        records = [r for r in rep["layers"] if r["name"] == name]
+        assert [r["step"] for r in records] == [1, 2, 3]
+        assert sorted(i for r in records for i in r["original_indices"]) == missing
+        assert len(missing) == len(w0) // 2
+        assert records[1]["channels_before"] == records[0]["channels_after"]
+        for r in records:
+            assert len(r["original_indices"]) == len(r["pruned_indices"]) == r["channels_before"] - r["channels_after"]
+    last = [r for r in rep["layers"] if r["name"] == "4"][-1]
+    md = render_markdown(rep)
+    row = next(line for line in md.splitlines() if line.startswith("| `4` (step 3) |"))
+    assert row.split("|")[5].strip().startswith(f"{last['original_indices'][0]} (")

@@ -337,3 +337,28 @@ def test_container_ratio_applies_to_its_layers():
     assert pruned.layer4[0].conv1.out_channels == 256  # 512 * (1 - 0.5)
     assert pruned.layer3[0].conv1.out_channels == 180  # 256 * (1 - 0.3), rounded down removal
     assert pruned.layer1[0].conv1.out_channels == 64  # ignored container
+
+
+def test_report_gives_no_score_to_units_that_were_never_scored():
+    """fc2's outputs (the classifier head, kept whole) belong to no group of the plan: the
+    report once gave them a score of 0.0 each and report.md a kept range of "0 - 0"."""
+    from cleanai_core.report import render_markdown
+
+    p = pruner(pruning_ratio=0.3)
+    p.prune()
+    rep = p.report()
+    by_name = {(e["name"], e["slice"]): e for e in rep["layers"]}
+    head = by_name[("fc2", "out")]
+    assert head["channels_before"] == head["channels_after"] == 4 and head["pruned_indices"] == []
+    assert head["importance_scores"] == {"pruned": [], "kept": [None] * 4}
+    scores = p.score()
+    conv1 = by_name[("conv1", "out")]  # a scored layer keeps its real scores
+    group = next(gp for gp in p.plan().groups if "conv1" in gp.group.modules())
+    assert sorted(conv1["importance_scores"]["kept"]) == sorted(
+        scores[group.group.id][~group.pruned].double().round(decimals=6).tolist()
+    )
+    md = render_markdown(rep)
+    assert "| `fc2` | 4 | 4 | 0 | - | not scored |" in md
+    low, high = min(conv1["importance_scores"]["kept"]), max(conv1["importance_scores"]["kept"])
+    assert f"| {low:.3g} - {high:.3g} |" in md
+    json.dumps(rep)  # None is valid JSON (null)

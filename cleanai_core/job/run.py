@@ -50,6 +50,16 @@ def _evaluate(pm: Any, model: Any, loader: Any, device: torch.device) -> dict[st
 LATENCY_ROUNDS = 5
 
 
+def _input_shape(example: Any) -> list[int] | dict[str, list[int]] | None:
+    """The shape of the one input that FLOPs and latency are measured on; per key for a
+    dict of tensors (a text model's ``input_ids``: its length sets the FLOPs)."""
+    if isinstance(example, torch.Tensor):
+        return list(example.shape)
+    if isinstance(example, dict):
+        return {k: list(v.shape) for k, v in example.items() if isinstance(v, torch.Tensor)} or None
+    return None
+
+
 def _latencies(before: Any, after: Any, example: Any, repeats: int) -> tuple[float, float, int]:
     """Median CPU milliseconds of one forward pass of each model, measured in alternating
     rounds so that a change in machine load hits both alike. Returns (before, after,
@@ -216,7 +226,7 @@ def _execute(
         "evaluation_tokens": after_acc.get("tokens") if after_acc else None,
         "calibration_samples": len(calib),
         "evaluation_samples": len(held) if held is not None else 0,
-        "input_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
+        "input_shape": _input_shape(example),
         "recovery": recovery,
     }
     if cfg.get("target_flops") is not None:
@@ -241,7 +251,7 @@ def _execute(
             spec,
             options=arch_options,
             save_pickle=bool(cfg.get("save_pickle")),
-            example_input_shape=report["input_shape"],
+            example_input_shape=report["input_shape"] if isinstance(report["input_shape"], list) else None,
         )
         cio.atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
         if cfg.get("_own_marker"):
