@@ -77,6 +77,7 @@ class RecoveryResult:
     held_out_samples: int
     initial_loss: float = math.nan  # the held-out loss (the training loss on the held-out part) before training
     held_out_loss: tuple[float, ...] = ()  # ... after each epoch: breaks ties of the metric
+    diverged: bool = False  # stopped at a NaN / inf training loss (the best epoch's weights are returned)
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self, value_serializer=lambda _i, _a, v: list(v) if isinstance(v, tuple) else v)
@@ -536,7 +537,7 @@ def recover(
                     f"too high, or NaN/inf in a batch); returning the best epoch's weights (epoch {best_epoch}, "
                     f"held-out {metric} {best:.4f}; 0 = the pruned model)",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=4,  # the caller's line: past the inference_mode and enable_grad wrappers
                 )
                 break
             if patience is not None and stale >= patience and epoch < epochs:
@@ -563,5 +564,6 @@ def recover(
         held_out_samples=n_held,
         initial_loss=initial_loss,
         held_out_loss=tuple(held_losses),
+        diverged=diverged,
     )
     return student, result

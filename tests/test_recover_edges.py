@@ -74,11 +74,12 @@ def test_a_nan_loss_stops_at_once_with_a_warning_and_returns_the_best_weights():
     bad[3, 0, 0, 0] = math.nan  # one broken sample in the first training batch
     train = [(bad, y[:50]), (x[50:100], y[50:100])]
     model, teacher = _linear(0), _linear(1)
-    with pytest.warns(RuntimeWarning, match=r"recovery stopped in epoch 1: the training loss became nan"):
+    with pytest.warns(RuntimeWarning, match=r"recovery stopped in epoch 1: the training loss became nan") as caught:
         student, result = recover(model, teacher, train, val_data=[(x[200:], y[200:])], epochs=5, patience=None,
                                   progress=False)  # fmt: skip
+    assert caught[0].filename == __file__  # points at the caller, not at torch's decorator wrappers
     # before: five epochs of NaN steps (train_loss nan x 5), no word about it
-    assert result.stopped_early and result.epochs == 1 and math.isnan(result.train_loss[0])
+    assert result.diverged and result.stopped_early and result.epochs == 1 and math.isnan(result.train_loss[0])
     assert result.history == (result.initial,)  # no step was taken on the NaN loss
     assert _same(student, model) and all(torch.isfinite(p).all() for p in student.parameters())
 
