@@ -237,11 +237,29 @@ class GradualPruner:
         """Prune the next increment, scoring on ``data`` (a loader of batches), and
         return ``(model, optimizer)`` — the same objects, sliced. After the last step it
         changes nothing."""
-        from cleanai_core.pruner import StructuredPruner
-
         if self.done:
             return self.model, self.optimizer
-        training = self.model.training
+        # each module's own mode (a frozen BatchNorm inside a training model stays in eval mode;
+        # model.train(training) switched it back to train mode); the step under the user's
+        # inference_mode made the parameters inference tensors, which training cannot use
+        modes = {name: m.training for name, m in self.model.named_modules()}
+        with torch.inference_mode(False):
+            self._step(data, num_batches)
+        for name, m in self.model.named_modules():
+            m.training = modes.get(name, self.model.training)
+        return self.model, self.optimizer
+
+    def _step(self, data: Any, num_batches: int | None) -> None:
+        from cleanai_core.history import PruningHistory
+        from cleanai_core.pruner import StructuredPruner
+
+        keep = 1.0 - self.schedule.removed_after(self.steps_done + 1)
+        if self.by == "flops" and self.flops_share() <= keep + 0.005:
+            # an earlier step landed at or below this one's share (channels come in whole units): the
+            # clamped target of 1 - 1e-6 still removed a unit, ending up further below the schedule
+            self.histories.append(PruningHistory())
+            self.steps_done += 1
+            return
         if self.refresh_bn and norms_with_running_stats(self.model):
             if iter(data) is data:  # a one-shot iterator: keep its batches for both reads
                 data, num_batches = list(iterate(data, num_batches)), None
@@ -254,10 +272,62 @@ class GradualPruner:
         kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
         del tagged
         slice_optimizer(self.optimizer, old_params, dict(self.model.named_parameters()), kept)
-        self.model.train(training)
         self.histories.append(pruner.history)
         self.steps_done += 1
-        return self.model, self.optimizer
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What resuming needs besides the model's and the optimizer's own state dicts:
+        the steps done, the original FLOPs the schedule is a share of, each step's slice
+        edits and the resulting parameter shapes (plain Python values: ``torch.save`` and
+        ``json`` both take it)."""
+        return {
+            "steps_done": self.steps_done,
+            "base_flops": self.base_flops,
+            "schedule": attrs.asdict(self.schedule),
+            "by": self.by,
+            "histories": [h.to_json() for h in self.histories],
+            "shapes": {n: list(p.shape) for n, p in self.model.named_parameters()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`. Build the model as at the start (unpruned), its
+        optimizer and this pruner as at the start, call this, then load the model's and the
+        optimizer's state dicts: the model is pruned to the checkpoint's shapes (the steps'
+        edits replayed, the optimizer pointed at the new parameters) and the schedule goes
+        on from the step it had reached. A model already at the checkpoint's shapes (e.g.
+        unpickled) is left as it is."""
+        from cleanai_core.history import PruningHistory
+
+        if not isinstance(state, dict) or not {"steps_done", "base_flops", "histories", "shapes"} <= set(state):
+            raise UserError("not a GradualPruner state (give what GradualPruner.state_dict() returned)")
+        if state.get("schedule") != attrs.asdict(self.schedule) or state.get("by") != self.by:
+            raise UserError(
+                f"the checkpoint was taken with schedule {state.get('schedule')} by={state.get('by')!r}, "
+                f"this pruner has {attrs.asdict(self.schedule)} by={self.by!r}; build it as it was"
+            )
+        histories = [PruningHistory.from_json(h) for h in state["histories"]]
+        want = {n: tuple(v) for n, v in state["shapes"].items()}
+        shapes = lambda: {n: tuple(p.shape) for n, p in self.model.named_parameters()}  # noqa: E731
+        if shapes() != want:
+            if self.steps_done:
+                raise UserError("load_state_dict needs the pruner as built (no step taken yet)")
+            with torch.inference_mode(False):
+                for history in histories:
+                    old_params = dict(self.model.named_parameters())
+                    tagged = position_tagged_copy(self.model)
+                    history.replay(self.model)
+                    kept = kept_indices(tagged, [e for step in history.steps for e in step])
+                    del tagged
+                    slice_optimizer(self.optimizer, old_params, dict(self.model.named_parameters()), kept)
+            if shapes() != want:
+                raise UserError(
+                    "the checkpoint's pruning steps do not bring this model to the checkpoint's shapes: build the "
+                    "same architecture, unpruned, with the same ignored layers"
+                )
+        self.steps_done, self.base_flops = int(state["steps_done"]), state["base_flops"]
+        self.histories = histories
 
     def _run(self, model: nn.Module, batch: Any) -> Any:
         p = next(iter(model.parameters()), None)

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,8 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError
@@ -75,6 +77,7 @@ class RecoveryResult:
     held_out_samples: int
     initial_loss: float = math.nan  # the held-out loss (the training loss on the held-out part) before training
     held_out_loss: tuple[float, ...] = ()  # ... after each epoch: breaks ties of the metric
+    diverged: bool = False  # stopped at a NaN / inf training loss (the best epoch's weights are returned)
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self, value_serializer=lambda _i, _a, v: list(v) if isinstance(v, tuple) else v)
@@ -149,10 +152,12 @@ def distillation_loss(
         labels = target if isinstance(target, torch.Tensor) and not target.is_floating_point() else None
     loss = s.new_zeros(())
     if t is not None and kd_weight:
+        # above T = 100 float32 log-softmaxes of logits / T cancel: at T = 1e4 the loss was 2% off, at 1e6 negative
+        ks, kt = (s.double(), t.double()) if temperature > 100 else (s, t)
         per = F.kl_div(
-            F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="none"
+            F.log_softmax(ks / temperature, -1), F.log_softmax(kt / temperature, -1), log_target=True, reduction="none"
         )
-        loss = loss + kd_weight * temperature**2 * per.sum(-1).mean()
+        loss = loss + (kd_weight * temperature**2 * per.sum(-1).mean()).to(s.dtype)
     if labels is not None and ce_weight:
         loss = loss + ce_weight * F.cross_entropy(s, labels.to(s.device))
     return loss
@@ -168,7 +173,7 @@ def split_train_data(
     or a DataLoader over a map-style data set is split (seeded) when no ``val_data`` is
     given; a DataLoader keeps its batch size and collate function."""
     if val_data is not None:
-        return _loader(train_data, batch_size, True, seed), _loader(val_data, batch_size, False, seed), \
+        return _loader(train_data, batch_size, True, seed), _loader(val_data, batch_size, False, seed, "val_data"), \
             _size(train_data), _size(val_data)  # fmt: skip
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (the held-out share of train_data)")
@@ -195,11 +200,35 @@ def split_train_data(
     )
 
 
-def _loader(data: Any, batch_size: int, shuffle: bool, seed: int) -> Any:
+def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, what: str = "train_data") -> Any:
+    if isinstance(data, IterableDataset):  # yields samples, like a map-style data set: batched here
+        return DataLoader(data, batch_size=batch_size)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         gen = torch.Generator().manual_seed(seed)
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None)
+    try:
+        one_shot = iter(data) is data
+    except TypeError:
+        raise UserError(f"{what} is a {type(data).__name__}, which cannot be iterated; give a data set, a DataLoader "
+                        "or a list of batches") from None  # fmt: skip
+    if one_shot:  # a generator: empty from its second pass on (it raised TypeError on len())
+        raise UserError(
+            f"{what} is a one-shot iterator ({type(data).__name__}): it is read once per epoch and would be empty "
+            "after the first; give a list of batches, a data set or a DataLoader"
+        )
     return data
+
+
+def _steps_per_epoch(loader: Any) -> int:
+    """Batches in one pass over ``loader``: ``len()``, else counted by one pass (a
+    DataLoader over an IterableDataset has no length; the cosine schedule needs it)."""
+    try:
+        n = len(loader)
+    except TypeError:
+        n = sum(1 for _ in loader)
+    if n == 0:
+        raise UserError("the training part of train_data is empty: give at least one batch to train on")
+    return n
 
 
 def _size(data: Any) -> int:
@@ -249,8 +278,10 @@ def held_out_metric_and_loss(
         for batch in loader:
             inputs, target = split_batch(batch)
             inputs, target = move_to(inputs, device), move_to(target, device)
-            logits = logits_of(call_model(model, inputs, forward_fn)).float()
-            t_logits = logits_of(call_model(teacher, inputs, forward_fn)) if teacher is not None else None
+            logits = logits_of(call_model(model, _cast_for(model, inputs), forward_fn)).float()
+            t_logits = None
+            if teacher is not None:
+                t_logits = logits_of(call_model(teacher, _cast_for(teacher, inputs), forward_fn))
             loss_sum += float(distillation_loss(logits, t_logits, target, task=task, inputs=inputs, **opts))
             batches += 1
             if task == "causal_lm":
@@ -289,6 +320,26 @@ def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
     return f
 
 
+def _cast_for(model: nn.Module, inputs: Any) -> Any:
+    """``inputs`` with every floating tensor in ``model``'s floating dtype (a float64 or
+    bfloat16 model fed float32 data raised a dtype mismatch); integer ids untouched."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is None:
+        return inputs
+    return tree_map(lambda t: t.to(p.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, inputs)
+
+
+def _check_number(name: str, value: Any, *, positive: bool = False, at_most: float | None = None) -> None:
+    """A :class:`UserError` unless ``value`` is a finite number ``>= 0`` (``> 0`` with
+    ``positive``; ``<= at_most`` when given): ``temperature=inf`` or ``kd_weight=nan``
+    made every loss NaN, a negative ``ce_weight`` trained towards wrong answers."""
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{name}={value!r} must be a finite number {bound}")
+    if (value <= 0 if positive else value < 0) or (at_most is not None and value > at_most):
+        raise UserError(f"{name}={value!r} must be {bound}" + (f" and <= {at_most}" if at_most is not None else ""))
+
+
 def _device_of(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
@@ -298,6 +349,8 @@ def _amp_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+@torch.inference_mode(False)  # called under no_grad or inference_mode, it trained nothing ("no labels")
+@torch.enable_grad()
 def recover(
     pruned: nn.Module,
     teacher: nn.Module | None,
@@ -331,6 +384,10 @@ def recover(
         recovered, result = recover(pruned, model, train_set, epochs=10)
         print(result.initial, "->", result.best, "at epoch", result.best_epoch)
 
+    Floating inputs are cast to each model's dtype (a float64 or bfloat16 student, a
+    float32 teacher); training runs with gradients on also when called under
+    ``torch.no_grad()`` or ``torch.inference_mode()``.
+
     :param pruned: the student; copied unless ``inplace=True``. Its modes are restored.
     :param teacher: the original model; never modified. ``None``: plain fine-tuning.
     :param train_data: a data set or DataLoader of ``(x, y)``, ``x`` or dict batches.
@@ -341,9 +398,14 @@ def recover(
     :param lr, weight_decay, warmup_fraction: AdamW, linear warm-up over that share of
         the steps, then cosine decay to zero.
     :param temperature, kd_weight, ce_weight: the loss (see the module docstring).
-    :param patience: stop after this many epochs without a better epoch (see the
+    :param patience: stop after this many epochs (>= 1) without a better epoch (see the
         glossary: the metric, ties broken by the held-out loss; ``None``: never). The
-        best epoch's weights are returned.
+        best epoch's weights are returned. A NaN or inf training loss stops at once
+        (a ``RuntimeWarning``; no step is taken on it), also with ``patience=None``.
+    :param batch_size: for a data set (map-style or iterable); a DataLoader keeps its own.
+        Data without ``len()`` (a DataLoader over an IterableDataset) is counted by one
+        pass for the schedule; a one-shot iterator is refused (it would be empty from the
+        second epoch on).
     :param device: default: where ``pruned`` is. On CUDA, ``amp`` runs the forward passes
         under ``torch.autocast`` (bfloat16 where supported, else float16 with a scaler).
     :param task: ``"auto"`` (from the logits' shape), ``"classification"``, ``"causal_lm"``.
@@ -359,10 +421,20 @@ def recover(
         raise UserError(f"epochs={epochs!r} must be a positive integer")
     if task not in TASKS:
         raise UserError(f"task={task!r}: choose one of {', '.join(TASKS)}")
-    if not lr > 0:
-        raise UserError(f"lr={lr} must be positive")
-    if temperature <= 0:
-        raise UserError(f"temperature={temperature} must be positive")
+    _check_number("lr", lr, positive=True)
+    _check_number("temperature", temperature, positive=True)
+    _check_number("weight_decay", weight_decay)
+    _check_number("kd_weight", kd_weight)
+    _check_number("ce_weight", ce_weight)
+    if not kd_weight and not ce_weight:
+        raise UserError("kd_weight and ce_weight are both 0: the loss would be zero and nothing would train")
+    _check_number("warmup_fraction", warmup_fraction, at_most=1.0)
+    if max_grad_norm is not None:
+        _check_number("max_grad_norm", max_grad_norm, positive=True)
+    for name, value, low in (("batch_size", batch_size, 1), ("patience", patience, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            tail = " or None" if name == "patience" else ""
+            raise UserError(f"{name}={value!r} must be an integer >= {low}{tail}")
     device = torch.device(device) if device is not None else _device_of(pruned)
     torch.manual_seed(seed)
     train_loader, held_loader, n_train, n_held = split_train_data(train_data, val_data, val_fraction, batch_size, seed)
@@ -376,20 +448,22 @@ def recover(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
     params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("every parameter of the pruned model has requires_grad=False: there is nothing to train")
     decay = [p for p in params if p.dim() > 1]
     no_decay = [p for p in params if p.dim() <= 1]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = _steps_per_epoch(train_loader)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(round(warmup_fraction * total))))
 
     t0 = time.time()
     if task == "auto":
-        first = split_batch(next(iter(held_loader)))[0]
+        first = _cast_for(student, move_to(split_batch(next(iter(held_loader)))[0], device))
         with eval_mode(student), torch.no_grad():
-            task = _task_of(logits_of(call_model(student, move_to(first, device), forward_fn)), task)
+            task = _task_of(logits_of(call_model(student, first, forward_fn)), task)
     loss_options = {"temperature": temperature, "kd_weight": kd_weight, "ce_weight": ce_weight}
     metric, initial, initial_loss = held_out_metric_and_loss(
         student, held_loader, device, task, teacher, forward_fn, loss_options
@@ -401,7 +475,7 @@ def recover(
     held_losses: list[float] = []
     losses: list[float] = []
     stale = 0
-    stopped_early = False
+    stopped_early = diverged = False
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc="recovering", unit="step", disable=not progress, leave=False)
@@ -419,14 +493,18 @@ def recover(
                     t_logits = None
                     if teacher is not None and kd_weight:
                         with torch.no_grad():
-                            t_logits = logits_of(call_model(teacher, inputs, forward_fn))
-                    s_logits = logits_of(call_model(student, inputs, forward_fn))
+                            t_logits = logits_of(call_model(teacher, _cast_for(teacher, inputs), forward_fn))
+                    s_logits = logits_of(call_model(student, _cast_for(student, inputs), forward_fn))
                 loss = distillation_loss(
                     s_logits, t_logits, target, task=task, inputs=inputs, temperature=temperature,
                     kd_weight=kd_weight, ce_weight=ce_weight,
                 )  # fmt: skip
                 if not loss.requires_grad:
                     raise UserError("nothing to train on: the batches have no labels and there is no teacher")
+                if not scaler.is_enabled() and not math.isfinite(float(loss.detach())):
+                    diverged = True  # NaN or inf: every later step would be too (with a float16 scaler: skipped)
+                    running, count = math.nan, count + 1
+                    break
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if max_grad_norm is not None:
@@ -452,6 +530,16 @@ def recover(
             if better:
                 best, best_epoch, best_loss = value, epoch, held_loss
                 best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            if diverged:
+                stopped_early = True
+                warnings.warn(
+                    f"recovery stopped in epoch {epoch}: the training loss became {float(loss.detach())} (lr={lr} "
+                    f"too high, or NaN/inf in a batch); returning the best epoch's weights (epoch {best_epoch}, "
+                    f"held-out {metric} {best:.4f}; 0 = the pruned model)",
+                    RuntimeWarning,
+                    stacklevel=4,  # the caller's line: past the inference_mode and enable_grad wrappers
+                )
+                break
             if patience is not None and stale >= patience and epoch < epochs:
                 stopped_early = True
                 break
@@ -476,5 +564,6 @@ def recover(
         held_out_samples=n_held,
         initial_loss=initial_loss,
         held_out_loss=tuple(held_losses),
+        diverged=diverged,
     )
     return student, result

@@ -5,6 +5,7 @@ epoch (``recovery.png`` with matplotlib, else ``recovery.svg`` drawn here), for 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +24,30 @@ def _no_accuracy(rec: dict[str, Any]) -> bool:
 
 def recovery_summary(rec: dict[str, Any]) -> str:
     """One line for the terminal."""
+    stop = "; stopped at a NaN/inf training loss: lower --recover-lr" if rec.get("diverged") else ""
     if _no_accuracy(rec):
         return (
             f"Recovery: held-out {rec['metric']} {rec['initial']:.4f} -> {rec['best']:.4f} "
-            f"({rec['epochs']} epochs, {rec['seconds']:.1f} s)"
+            f"({rec['epochs']} epochs, {rec['seconds']:.1f} s{stop})"
         )
     gap = rec.get("gap_recovered")
     gap_text = f", {100 * gap:.0f}% of the gap recovered" if gap is not None else ""
     return (
         f"Recovery: accuracy {_pct(rec.get('accuracy_original'))} original, {_pct(rec.get('accuracy_pruned'))} "
         f"pruned, {_pct(rec.get('accuracy_recovered'))} recovered{gap_text} ({rec['epochs']} epochs, "
-        f"{rec['seconds']:.1f} s)"
+        f"{rec['seconds']:.1f} s{stop})"
     )
 
 
 def _num(value: float | None) -> str:
-    return f"{value:.4f}" if isinstance(value, float) and value == value else ""
+    """Four decimals; empty for a missing value, ``nan`` / ``inf`` for a diverged one
+    (the report's JSON holds those as ``null``)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) and value == value else ""
+
+
+def _values(rec: dict[str, Any]) -> list[float]:
+    """The plotted metric: epoch 0 then each epoch, ``None`` (a diverged epoch) as NaN."""
+    return [math.nan if v is None else float(v) for v in [rec["initial"], *rec["history"]]]
 
 
 def recovery_markdown(rec: dict[str, Any], plot: str | None) -> str:
@@ -58,16 +67,23 @@ def recovery_markdown(rec: dict[str, Any], plot: str | None) -> str:
         lines.append(f"Fraction of the accuracy gap recovered: **{100 * gap:.1f}%**.")
     lines += [
         f"Distillation from the original model for {rec['epochs']} epoch(s) in {rec['seconds']:.1f} s"
-        + (" (stopped early: no better held-out result for the patience window)" if rec.get("stopped_early") else "")
+        + (
+            " (stopped: the training loss became NaN or inf, a learning rate too high or NaN/inf in the training "
+            "data; the best epoch's weights are kept)"
+            if rec.get("diverged")
+            else " (stopped early: no better held-out result for the patience window)"
+            if rec.get("stopped_early")
+            else ""
+        )
         + f"; best epoch {rec['best_epoch']} (0 = the pruned model itself). Training data: {rec['training_data']}.",
         "",
         f"| epoch | training loss | {metric} on the training data's held-out part | held-out loss (breaks ties) |",
         "|---:|---:|---:|---:|",
-        f"| 0 | | {rec['initial']:.4f} | {_num(rec.get('initial_loss'))} |",
+        f"| 0 | | {_num(rec['initial'])} | {_num(rec.get('initial_loss'))} |",
     ]
     held_losses = list(rec.get("held_out_loss") or []) + [None] * len(rec["history"])
     lines += [
-        f"| {k} | {loss:.4f} | {v:.4f} | {_num(held)} |"
+        f"| {k} | {_num(loss) or 'NaN/inf'} | {_num(v) or 'NaN/inf'} | {_num(held)} |"
         for k, (loss, v, held) in enumerate(zip(rec["train_loss"], rec["history"], held_losses, strict=False), start=1)
     ]
     if plot:
@@ -76,14 +92,18 @@ def recovery_markdown(rec: dict[str, Any], plot: str | None) -> str:
 
 
 def _svg(rec: dict[str, Any]) -> str:
-    values = [rec["initial"], *rec["history"]]
+    values = _values(rec)
+    finite = [v for v in values if math.isfinite(v)] or [0.0]
     w, h, left, top, bottom = 480, 260, 60, 30, 40
-    lo, hi = min(values), max(values)
+    lo, hi = min(finite), max(finite)
     span = (hi - lo) or 1.0
     n = max(len(values) - 1, 1)
-    pts = [
-        (left + (w - left - 20) * k / n, top + (h - top - bottom) * (1 - (v - lo) / span)) for k, v in enumerate(values)
-    ]
+    at = {  # epochs whose value is finite (a diverged one is left out, not drawn at "nan")
+        k: (left + (w - left - 20) * k / n, top + (h - top - bottom) * (1 - (v - lo) / span))
+        for k, v in enumerate(values)
+        if math.isfinite(v)
+    }
+    pts = list(at.values())
     path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
@@ -97,8 +117,9 @@ def _svg(rec: dict[str, Any]) -> str:
         f'<polyline points="{path}" fill="none" stroke="#3b75af" stroke-width="2"/>',
     ]
     out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="#3b75af"/>' for x, y in pts]
-    bx, by = pts[rec["best_epoch"]]
-    out.append(f'<circle cx="{bx:.1f}" cy="{by:.1f}" r="5" fill="none" stroke="#d62728" stroke-width="2"/>')
+    if rec["best_epoch"] in at:
+        bx, by = at[rec["best_epoch"]]
+        out.append(f'<circle cx="{bx:.1f}" cy="{by:.1f}" r="5" fill="none" stroke="#d62728" stroke-width="2"/>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -113,7 +134,7 @@ def write_recovery_plot(out_dir: Path, rec: dict[str, Any]) -> str:
     except ImportError:
         atomic_write_text(Path(out_dir) / "recovery.svg", _svg(rec))
         return "recovery.svg"
-    values = [rec["initial"], *rec["history"]]
+    values = _values(rec)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(range(len(values)), values, marker="o", color="#3b75af")
     ax.plot([rec["best_epoch"]], [values[rec["best_epoch"]]], marker="o", ms=12, mfc="none", color="#d62728")

@@ -96,3 +96,27 @@ def test_recovery_on_unlabelled_data_distils_and_reports_agreement_with_the_orig
     assert rec["best"] > rec["initial"]  # the pruned model agrees more with the original after distillation
     assert "no labels" in (inputs / "o" / "report.md").read_text()
     assert "Recovery: held-out teacher_agreement" in capsys.readouterr().out
+
+
+def _strict(text: str):
+    """JSON as strict parsers (jq, JavaScript) read it: NaN / Infinity are refused."""
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"report.json holds {c}, which is not JSON"))
+
+
+def test_a_diverging_recovery_says_so_keeps_the_pruned_model_and_writes_strict_json(inputs, capsys):
+    rc = _prune("--recover-epochs", "3", "--train-data", "train.npz", "--recover-lr", "1e4")
+    assert rc == 0, capsys.readouterr().err
+    report = _strict((inputs / "o" / "report.json").read_text())  # before: "train_loss": [NaN, NaN, NaN]
+    rec = report["recovery"]
+    assert rec["diverged"] and rec["stopped_early"] and rec["epochs"] == 1 and rec["train_loss"] == [None]
+    assert rec["best_epoch"] == 0 and rec["accuracy_recovered"] == rec["accuracy_pruned"] == report["accuracy_after"]
+    md = (inputs / "o" / "report.md").read_text()
+    assert "the training loss became NaN or inf" in md and "no better held-out result" not in md
+    assert "| 1 | NaN/inf |" in md
+    assert "stopped at a NaN/inf training loss: lower --recover-lr" in capsys.readouterr().out
+
+
+def test_train_data_without_recover_epochs_is_refused(inputs, capsys):
+    assert _prune("--train-data", "train.npz") == 2  # before: exit 0, the training data read by nothing
+    assert "--train-data is read only for recovery: add --recover-epochs N" in capsys.readouterr().err
+    assert not (inputs / "o").exists()

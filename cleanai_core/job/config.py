@@ -413,6 +413,10 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
             raise UserError(
                 f"--layer-ratio {pat}={r}: the ratio must be from 0 (keeps the layer whole) up to, not including, 1."
             )
+    if cfg.get("train_data") and not cfg.get("recover_epochs"):  # it was read by nothing, without a word
+        raise UserError(
+            "--train-data is read only for recovery: add --recover-epochs N (N >= 1), or leave --train-data out."
+        )
     if (cfg.get("alpha") is not None or cfg.get("beta") is not None) and cfg["importance"] != "weight_activation":
         raise UserError(f"--alpha/--beta apply to the weight_activation importance, not {cfg['importance']!r}.")
     if not isinstance(cfg.get("ignore"), list):

@@ -6,6 +6,7 @@ report's ``"recovery"`` entry (rendered by :mod:`cleanai_core.recovery_report`).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -78,6 +79,16 @@ def recover_for_report(
         "accuracy_recovered": acc_rec,
         "gap_recovered": gap,
         "training_data": source,
-        **result.to_json(),
+        **{k: _finite_or_none(v) for k, v in result.to_json().items()},
     }
     return recovered, entry
+
+
+def _finite_or_none(value: Any) -> Any:
+    """NaN / inf as ``None``: ``json`` wrote a diverged run's losses as ``NaN``, which is not
+    JSON (strict parsers, ``jq``, JavaScript refuse report.json)."""
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,147 @@
+"""recover() on what a demanding user passes: bad loss and schedule numbers, huge
+temperatures, a loss that turns NaN, float64 / bfloat16 models, a call under no_grad or
+inference_mode, data without len()."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from cleanai_core import recover
+from cleanai_core.errors import UserError
+from cleanai_core.recovery import distillation_loss
+from cleanai_plugins.io.demo import digits_tensors
+
+
+def _digits(n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = digits_tensors()
+    return x[:n], y[:n]
+
+
+def _linear(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"temperature": math.inf}, "temperature=inf must be a finite number > 0"),
+        ({"temperature": math.nan}, "temperature=nan"),
+        ({"kd_weight": math.nan}, "kd_weight=nan"),
+        ({"kd_weight": -1.0}, "kd_weight=-1.0 must be >= 0"),
+        ({"ce_weight": -0.5}, "ce_weight=-0.5 must be >= 0"),
+        ({"kd_weight": 0, "ce_weight": 0}, "both 0"),
+        ({"lr": math.inf}, "lr=inf"),
+        ({"patience": 0}, "patience=0 must be an integer >= 1 or None"),
+        ({"batch_size": 0}, "batch_size=0 must be an integer >= 1"),
+        ({"warmup_fraction": 1.5}, "warmup_fraction=1.5 must be >= 0 and <= 1.0"),
+        ({"max_grad_norm": math.nan}, "max_grad_norm=nan"),
+    ],
+)
+def test_numbers_that_made_every_loss_nan_or_trained_backwards_are_refused(kwargs, words):
+    # before: inf/nan temperatures and weights trained on NaN losses without a word, a negative
+    # ce_weight pushed towards wrong answers, patience=0 stopped after epoch 1 although it improved,
+    # batch_size=0 raised a bare ValueError from DataLoader
+    model = _linear()
+    with pytest.raises(UserError, match=words):
+        recover(model, model, TensorDataset(*_digits()), epochs=1, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e4, 1e6])
+def test_a_huge_temperature_gives_the_exact_kl_term(temperature):
+    torch.manual_seed(0)
+    s, t = torch.randn(64, 10) * 5, torch.randn(64, 10) * 5
+    p, q = F.log_softmax(t.double() / temperature, -1), F.log_softmax(s.double() / temperature, -1)
+    exact = float((p.exp() * (p - q)).sum(-1).mean()) * temperature**2  # -> the logit-matching limit, ~23.29
+    got = float(distillation_loss(s, t, None, temperature=temperature))
+    # float32 gave 22.89 at T=1e4 and -2805.8 at T=1e6
+    assert got == pytest.approx(exact, rel=1e-4) and 23.0 < got < 23.6
+
+
+def test_a_nan_loss_stops_at_once_with_a_warning_and_returns_the_best_weights():
+    x, y = _digits()
+    bad = x[:50].clone()
+    bad[3, 0, 0, 0] = math.nan  # one broken sample in the first training batch
+    train = [(bad, y[:50]), (x[50:100], y[50:100])]
+    model, teacher = _linear(0), _linear(1)
+    with pytest.warns(RuntimeWarning, match=r"recovery stopped in epoch 1: the training loss became nan") as caught:
+        student, result = recover(model, teacher, train, val_data=[(x[200:], y[200:])], epochs=5, patience=None,
+                                  progress=False)  # fmt: skip
+    assert caught[0].filename == __file__  # points at the caller, not at torch's decorator wrappers
+    # before: five epochs of NaN steps (train_loss nan x 5), no word about it
+    assert result.diverged and result.stopped_early and result.epochs == 1 and math.isnan(result.train_loss[0])
+    assert result.history == (result.initial,)  # no step was taken on the NaN loss
+    assert _same(student, model) and all(torch.isfinite(p).all() for p in student.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_float64_and_bfloat16_students_train_on_float32_data_from_a_float32_teacher(dtype):
+    x, y = _digits()
+    model = _linear().to(dtype)
+    # before: RuntimeError: Input type (torch.FloatTensor) and weight type (...) should be the same
+    student, result = recover(model, _linear(1), TensorDataset(x, y), epochs=2, lr=1e-2, progress=False)
+    assert all(p.dtype == dtype for p in student.parameters())
+    assert result.metric == "accuracy" and result.best > result.initial + 0.2, result
+    assert not _same(student, model)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_recover_called_under_no_grad_or_inference_mode_still_trains(context):
+    x, y = _digits()
+    model = _linear()
+    with context():  # e.g. right after the user's own evaluation block
+        student, result = recover(model, None, TensorDataset(x, y), epochs=2, lr=1e-2, progress=False)
+    # before: UserError "nothing to train on: the batches have no labels and there is no teacher"
+    assert result.best > result.initial + 0.2 and not _same(student, model)
+    loss = F.cross_entropy(student(x), y)
+    loss.backward()  # the returned model trains on (no inference tensors)
+    assert student[1].weight.grad is not None
+
+
+class _Samples(IterableDataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        yield from zip(self.x, self.y, strict=True)
+
+
+def test_data_without_len_trains_or_is_refused_with_a_reason():
+    x, y = _digits()
+    held = TensorDataset(x[300:], y[300:])
+    # an IterableDataset of samples is batched like a map-style one; a DataLoader over it is counted
+    # (before: TypeError: object of type '_Samples' has no len())
+    for data in (_Samples(x[:300], y[:300]), DataLoader(_Samples(x[:300], y[:300]), batch_size=64)):
+        student, result = recover(_linear(), None, data, val_data=held, epochs=2, lr=1e-2, progress=False)
+        assert result.epochs == 2 and result.best > result.initial + 0.2
+    gen = ((x[i : i + 50], y[i : i + 50]) for i in range(0, 300, 50))
+    with pytest.raises(UserError, match="one-shot iterator"):
+        recover(_linear(), None, gen, val_data=held, epochs=2, progress=False)
+    with pytest.raises(UserError, match="the training part of train_data is empty"):
+        recover(_linear(), None, [], val_data=held, epochs=1, progress=False)  # trained nothing, reported success
+
+
+def test_frozen_parameters_stay_put_and_a_model_with_every_parameter_frozen_is_refused():
+    x, y = _digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    student, result = recover(model, None, TensorDataset(x, y), epochs=3, lr=5e-2, progress=False)
+    assert result.best > result.initial + 0.2
+    assert torch.equal(student[1].weight, model[1].weight) and not student[1].weight.requires_grad
+    assert not torch.equal(student[3].weight, model[3].weight) and student[3].weight.requires_grad
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(UserError, match="requires_grad=False: there is nothing to train"):
+        recover(model, None, TensorDataset(x, y), epochs=1, progress=False)  # was "no labels and no teacher"
