@@ -11,10 +11,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from test_hf_job import FAST, TEXT, save, tiny_llama  # noqa: E402
+
 from cleanai_core.cli import main  # noqa: E402
 from cleanai_core.io import load_pruned  # noqa: E402
 from cleanai_plugins.io.text import load_text_dataset  # noqa: E402
-from tests.test_hf_job import FAST, TEXT, save, tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
