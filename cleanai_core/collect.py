@@ -100,9 +100,17 @@ class Calibration:
 def _combine(result: Calibration, model: nn.Module, *args: Any, **kwargs: Any) -> Calibration:
     """The statistics (and gradients) of every rank's shard, summed."""
     result.stats = distributed.combine_stats(result.stats)
-    if result.gradients:
+    if _setup_of(args, kwargs).gradients:  # on every rank, also one whose shard gave no gradients
         result.gradients = distributed.combine_gradients(model, result.gradients)
     return result
+
+
+def _setup_of(args: tuple, kwargs: dict) -> CalibrationSetup:
+    """The :class:`CalibrationSetup` among a stage's arguments (the same on every rank)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, CalibrationSetup):
+            return value
+    raise TypeError("a calibration stage was called without its CalibrationSetup")
 
 
 @distributed.stage("calibration", then=_combine)

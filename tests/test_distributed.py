@@ -23,6 +23,8 @@ SCENARIOS = [
     ("empty", {}, 1),
     # gradients (taylor) summed over ranks
     ("taylor", {"importance": "taylor"}, 3),
+    # taylor with rank 1's shard empty: that rank has no gradients, but takes part in the sum
+    ("empty-taylor", {"importance": "taylor"}, 1),
 ]
 
 
