@@ -191,8 +191,8 @@ class StructuredPruner:
         ``sequential=True`` (or the name of the block list, e.g. ``"model.layers"``) runs
         the batches through one block at a time (:mod:`cleanai_core.sequential`).
         Under an initialised ``torch.distributed`` group, ``loader`` is this rank's
-        shard (:func:`cleanai_core.distributed.shard`) and the statistics are summed
-        over ranks."""
+        shard (:func:`cleanai_core.distributed.shard`), ``num_batches`` counts this rank's
+        batches, and the statistics are summed over ranks."""
         setup = CalibrationSetup.of(self)
         self.calibration = calibrate(self.model, self.graph.slices, loader, num_batches, setup, progress, sequential)
         self._plan = None

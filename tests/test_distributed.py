@@ -26,6 +26,36 @@ SCENARIOS = [
     # taylor with rank 1's shard empty: that rank has no gradients, but takes part in the sum
     ("empty-taylor", {"importance": "taylor"}, 1),
 ]
+#: the command line on 12 samples in batches of 2, at most 3 batches for the whole job
+CLI_ARGS = [
+    *("--model", "model.pth", "--trust-model", "--data", "data.npz", "--batch-size", "2", "--calib-batches", "3"),
+    *("--calib-fraction", "0.6", "--ratio", "0.5", "--threads", "1", "--latency-repeats", "1", "--quiet"),
+]
+
+
+def _cli_inputs(folder: Path) -> None:
+    """A small pickled CNN and 12 grey 8 x 8 images with labels (``--data data.npz``)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    torch.save(model, folder / "model.pth")
+    rng = np.random.default_rng(0)
+    np.savez(folder / "data.npz", x=rng.integers(0, 255, (12, 8, 8), dtype=np.uint8), y=rng.integers(0, 10, 12))
+
+
+def _cli(folder: Path, out: str) -> None:
+    from cleanai_core.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        assert main(["prune", *CLI_ARGS, "--out", out]) == 0
+    finally:
+        os.chdir(cwd)
 
 
 def _model() -> nn.Module:
@@ -81,6 +111,8 @@ def _worker(rank: int, init_file: str, out: str) -> None:
             solves.clear()
             torch.save(_prune(options, mine), Path(out) / f"{name}-{rank}.pt")
             (Path(out) / f"{name}-{rank}.solves").write_text(str(len(solves)))
+        dist.barrier()
+        _cli(Path(out), "cli")  # the command line inside the process group: rank 0 writes cli/
         batches = _batches(2)
         if rank == 1:
             batches = [(torch.full((3, 3, 6, 6), float("nan"), dtype=torch.float64), batches[0][1])]
@@ -98,6 +130,7 @@ def ranks_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("ranks")
+    _cli_inputs(out)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
     return out
@@ -164,3 +197,18 @@ def test_shard_is_disjoint_and_unpadded():
     loader = torch.utils.data.DataLoader(dataset, batch_size=2)
     got = [torch.cat([b[0] for b in shard(loader, r, 2)]).tolist() for r in range(2)]
     assert got == [[0, 1, 2], [3, 4, 5, 6]]
+
+
+@pytest.mark.slow
+def test_calib_batches_counts_the_batches_of_the_whole_job(ranks_out: Path):
+    """``--calib-batches 3`` on two ranks reads the 3 batches one process reads, shared
+    between the ranks (not 3 per rank): the same pruned model, written once, by rank 0."""
+    os.environ.setdefault("CLEANAI_DISABLE_PLUGIN_AUTOLOAD", "1")
+    _cli(ranks_out, "cli-one")
+    ranks = torch.load(ranks_out / "cli" / "model.pt", weights_only=False)
+    one = torch.load(ranks_out / "cli-one" / "model.pt", weights_only=False)
+    assert ranks.keys() == one.keys()
+    for key, ref in one.items():
+        if isinstance(ref, torch.Tensor):
+            assert ranks[key].shape == ref.shape, key
+            assert torch.allclose(ranks[key].double(), ref.double(), atol=1e-4), key

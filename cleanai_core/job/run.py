@@ -138,6 +138,14 @@ def _execute(
             raise UserError(f"--auto/--sensitivity need at least 3 calibration samples; there are {len(calib)}.")
         stats_part = Subset(calib, range(len(calib) - n_sens))
         sens_loader = DataLoader(Subset(calib, range(len(calib) - n_sens, len(calib))), batch_size=bs)
+    num_batches = cfg.get("calib_batches")
+    if num_batches is not None and int(num_batches) >= 1 and distributed.is_distributed():
+        # --calib-batches counts batches of the whole job, not of each rank: the ranks share
+        # the first N batches (the ones one process would read) instead of reading N each
+        from torch.utils.data import Subset
+
+        stats_part = Subset(stats_part, range(min(len(stats_part), int(num_batches) * bs)))
+        num_batches = None
     calib_loader = distributed.shard(DataLoader(stats_part, batch_size=bs, shuffle=False))  # this rank's share
     eval_loader = DataLoader(held, batch_size=bs, shuffle=False) if held is not None and has_labels(held) else None
     accuracy_note = None
@@ -164,7 +172,7 @@ def _execute(
     importance = get_importance(cfg["importance"], **importance_opts)
     pruner = StructuredPruner(model, example, importance=importance, **pruner_options(cfg))
     pruner.collect_activations(
-        calib_loader, num_batches=cfg.get("calib_batches"), progress=not quiet, sequential=bool(cfg.get("sequential"))
+        calib_loader, num_batches=num_batches, progress=not quiet, sequential=bool(cfg.get("sequential"))
     )
     sensitivity = None
     if cfg.get("auto") or cfg.get("sensitivity"):
