@@ -296,6 +296,14 @@ def test_falcon_without_multi_query_prunes_heads_of_its_fused_qkv(name, rows, he
     assert torch.equal(cached, plain)
 
 
+def _padded_batch() -> dict[str, torch.Tensor]:
+    """A batch of 3 token sequences, the second left-padded by 2 (attention paths for padding)."""
+    ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 @pytest.mark.parametrize("attn", ATTN)
 def test_gpt_bigcode_multi_query_prunes_query_heads_of_its_fused_c_attn(attn):
     """GPT-BigCode's default (SantaCoder, StarCoder): one ``c_attn`` of ``embed_dim + 2 *
@@ -305,10 +313,7 @@ def test_gpt_bigcode_multi_query_prunes_query_heads_of_its_fused_c_attn(attn):
     pruner skipped every group (nothing pruned); eager attention tied the head dims of all
     query heads instead of whole heads."""
     model, inputs, _ = build("gpt-bigcode", attn)
-    ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones(3, 8, dtype=torch.long)
-    mask[1, :2] = 0
-    for x in (inputs, {"input_ids": ids, "attention_mask": mask}):
+    for x in (inputs, _padded_batch()):
         report = check_pruner(model, x, ratio=0.5)
         assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 128 + 2 * 2
     small, _ = prune_uniform(model, inputs)
@@ -335,10 +340,7 @@ def test_bloom_heads_prune_and_keep_their_alibi_slopes():
     takes its kept heads' rows of it (a forward pre-hook), so different layers may keep
     different heads. Checked with a padded batch of 3 (the other ALiBi path)."""
     model, inputs, _ = build("bloom")
-    ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(2))
-    mask = torch.ones(3, 8, dtype=torch.long)
-    mask[1, :2] = 0
-    for x in (inputs, {"input_ids": ids, "attention_mask": mask}):
+    for x in (inputs, _padded_batch()):
         report = check_pruner(model, x, ratio=0.5)
         assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 128 + 2 * 2
     small, _ = prune_uniform(model, inputs)
