@@ -81,3 +81,35 @@ def test_tied_weight_joins_the_widths_of_its_holders_of_different_kinds():
     apply_edits(small, [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in keep.items()])
     assert small.embed.weight.shape == (20, 4) and small.head.weight is small.embed.weight
     assert small(ids).shape == (2, 5, 20)
+
+
+def test_finding_the_cut_dimension_leaves_the_module_and_its_submodules_alone():
+    """The probe slices a copy with meta tensors; a pruner that slices a submodule too (an
+    attention's out_proj) must not reach the user's submodule through the copy."""
+    from types import SimpleNamespace
+
+    from cleanai_core.graph.cut import cut_dims
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+            self.w = nn.Parameter(torch.randn(6, 4))
+
+    class SlicesBoth:  # cuts dim 1 of ``w`` and the inner layer's rows
+        def prune(self, module, idx):
+            keep = idx["out"]
+            module.w = nn.Parameter(module.w[:, keep])
+            module.inner.weight = nn.Parameter(module.inner.weight[keep])
+            module.inner.bias = nn.Parameter(module.inner.bias[keep])
+
+    torch.manual_seed(0)
+    outer = Outer()
+    before = {k: v.clone() for k, v in outer.state_dict().items()}
+    spec = SimpleNamespace(atoms=torch.arange(4), name="out")
+    assert cut_dims(outer, SlicesBoth(), spec, "w") == {1: 1}
+    assert cut_dims(outer, SlicesBoth(), spec, "inner") is None  # not a tensor
+    after = outer.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert not after[k].is_meta and torch.equal(after[k], v), k

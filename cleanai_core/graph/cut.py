@@ -16,18 +16,20 @@ __all__ = ["cut_dims"]
 def cut_dims(module: nn.Module, pruner: Any, spec: SliceSpec, attr: str) -> dict[int, int] | None:
     """The dimensions of ``module.<attr>`` that pruning slice ``spec`` shortens, each with
     how many of its indices one channel takes (empty when it leaves that tensor alone),
-    found by pruning its first index on a shallow copy whose tensors live on the meta
-    device; ``None`` when it cannot be told (a slice of one channel, a pruner that cannot
-    slice one slice alone, a tensor that changes rank)."""
+    found by pruning its first index on a copy whose tensors live on the meta device;
+    ``None`` when it cannot be told (a slice of one channel, a pruner that cannot slice one
+    slice alone, a tensor that changes rank). ``module`` is not written to."""
     n, tensor = spec.atoms.numel(), getattr(module, attr, None)
     if n < 2 or not isinstance(tensor, torch.Tensor):
         return None
-    probe = copy.copy(module)
-    probe._parameters = {
-        k: None if v is None else nn.Parameter(torch.empty_like(v, device="meta"), requires_grad=v.requires_grad)
-        for k, v in module._parameters.items()
-    }
-    probe._buffers = {k: None if v is None else torch.empty_like(v, device="meta") for k, v in module._buffers.items()}
+    # a deep copy whose tensors are meta stand-ins (no data copied): a shallow copy would
+    # share the submodules, and a pruner that slices one (an attention's out_proj) would
+    # write into the user's model
+    memo: dict[int, Any] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    probe = copy.deepcopy(module, memo)
     try:
         pruner.prune(probe, {spec.name: torch.arange(1, n)})
     except Exception:  # noqa: BLE001 - a pruner that cannot slice one slice alone
