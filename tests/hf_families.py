@@ -57,6 +57,8 @@ def _whisper_inputs() -> dict:
     return {"input_features": feats, "decoder_input_ids": _ids(5)}
 
 
+OPT = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
+           max_position_embeddings=64, pad_token_id=0)  # fmt: skip
 FALCON = {"vocab_size": V, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 ENC = {"vocab_size": V, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
 VIT = {"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
@@ -99,22 +101,7 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         "causal",
     ),
     "gpt-neox": (_causal("GPTNeoXForCausalLM", "GPTNeoXConfig"), "causal"),
-    "opt": (
-        _make(
-            "OPTForCausalLM",
-            "OPTConfig",
-            _ids,
-            vocab_size=V,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            ffn_dim=96,
-            word_embed_proj_dim=64,
-            max_position_embeddings=64,
-            pad_token_id=0,
-        ),
-        "causal",
-    ),
+    "opt": (_make("OPTForCausalLM", "OPTConfig", _ids, **OPT, word_embed_proj_dim=64), "causal"),
     "gpt-j": (
         _make(
             "GPTJForCausalLM",
@@ -143,20 +130,7 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         "causal",
     ),
     "opt-350m": (  # embeddings narrower than the hidden size: project_in / project_out
-        _make(
-            "OPTForCausalLM",
-            "OPTConfig",
-            _ids,
-            vocab_size=V,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            ffn_dim=96,
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
-            pad_token_id=0,
-            do_layer_norm_before=False,
-        ),
+        _make("OPTForCausalLM", "OPTConfig", _ids, **OPT, word_embed_proj_dim=32, do_layer_norm_before=False),
         "causal",
     ),
     "falcon": (_make("FalconForCausalLM", "FalconConfig", _ids, **FALCON), "causal"),
