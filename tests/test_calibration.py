@@ -288,13 +288,10 @@ def test_consumers_of_one_tensor_share_its_reduction(monkeypatch):
     torch.testing.assert_close(got["c"].mean, torch.cat(h).relu().double().mean((0, 2, 3)), rtol=1e-6, atol=1e-7)
 
 
-def test_blocked_paths_match_float64_reference(monkeypatch):
-    """Channels-last inputs (a linear's, a permuted NHWC tensor) are reduced and merged in
-    cache-sized blocks; with tiny blocks every loop runs many times and the mean, variance
-    and covariance still equal the float64 full-data values."""
-    from cleanai_core import calibration
-
-    monkeypatch.setattr(calibration, "_BLOCK_ELEMENTS", 40)
+def test_channels_last_batches_merge_to_the_float64_reference():
+    """Channels-last inputs (a linear's, a permuted NHWC tensor) of several batch sizes,
+    reduced and merged: the mean, variance and covariance equal the float64 full-data
+    values."""
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(7, 7, generator=g)
     chunks = [(torch.randn(n, 4, 5, 7, generator=g) @ mix + 3).permute(0, 3, 1, 2) for n in (2, 5, 1)]
@@ -350,7 +347,8 @@ def test_bn_moments_of_unchanged_channels_agree_bit_for_bit_with_the_full_tensor
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_moments_keep_the_variance_of_a_channel_far_from_zero(channels_last):
     """A sum of squares about 0 in float32 loses a small spread around a large mean to
-    cancellation; the moments are taken about each channel's first value instead."""
+    cancellation (here entirely: the variance would read 0 or noise); the squares are
+    taken about each channel's mean instead. The mean itself is exact to float32 rounding."""
     from cleanai_core.calibration import finite_moments
 
     torch.manual_seed(0)
@@ -358,8 +356,31 @@ def test_moments_keep_the_variance_of_a_channel_far_from_zero(channels_last):
     x = x * 0.01 + 100.0
     n, mean, m2 = finite_moments(x, 1)
     var, ref_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
-    torch.testing.assert_close(mean, ref_mean, atol=1e-9, rtol=0)
+    torch.testing.assert_close(mean, ref_mean, atol=0, rtol=1e-6)
     torch.testing.assert_close(m2 / n, var, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_moments_without_the_batch_norm_kernel_equal_the_float64_ones(monkeypatch, channels_last):
+    """A device without the batch-norm statistics kernel falls back to one ``var_mean``."""
+    from cleanai_core import calibration
+
+    def missing(*args):
+        raise NotImplementedError("no kernel on this device")
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 9, 5, 4) * 2 + 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = calibration.finite_moments(x, 1)
+    monkeypatch.setattr(calibration, "_STATS_KERNEL", missing)
+    n, mean, m2 = calibration.finite_moments(x, 1)
+    var, ref = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    assert n == expected[0] == 6 * 5 * 4
+    torch.testing.assert_close(mean, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m2 / n, var, rtol=1e-5, atol=0)
+    torch.testing.assert_close(m2, expected[2], rtol=1e-5, atol=0)
+    assert calibration.finite_moments(torch.tensor([[1.0, float("inf")]]), 1) is None
 
 
 def test_channels_last_moments_of_a_kept_channel_agree_to_rounding_and_with_float64():
