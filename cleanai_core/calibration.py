@@ -259,10 +259,11 @@ def finite_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torc
         mean, var = _STATS_KERNEL(rows, None, None, 0.0)
     except (NotImplementedError, RuntimeError):  # a device without the kernel
         var, mean = torch.var_mean(rows, dim=[d for d in range(rows.ndim) if d != 1], correction=0)
-    # a NaN or inf anywhere, or squares too large for the precision, make these non-finite
-    if not bool(torch.isfinite(var).all() and torch.isfinite(mean).all()):
-        return None
     mean, var = mean.to(torch.float64), var.to(torch.float64)
+    # a NaN or inf anywhere, or squares too large for the precision, make these non-finite
+    # (and so their float64 sum: one check)
+    if not math.isfinite(float(mean.sum() + var.sum())):
+        return None
     return float(n), mean.cpu(), (var * n).cpu()
 
 
