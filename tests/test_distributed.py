@@ -4,6 +4,7 @@ as one process on the union of their shards (unequal shards, and an empty one)."
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,23 @@ def _cli(folder: Path, out: str) -> None:
         os.chdir(cwd)
 
 
+def _cli_refused(folder: Path, out: str, rank: int) -> None:
+    """The command line with an ``--out`` that exists: its exit code and what it said, per rank."""
+    import contextlib
+    import io
+
+    from cleanai_core.cli import main
+
+    cwd, said = os.getcwd(), io.StringIO()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stderr(said):
+            code = main(["prune", *CLI_ARGS, "--out", out])
+    finally:
+        os.chdir(cwd)
+    (folder / f"refused-{rank}.txt").write_text(f"{code}\n{said.getvalue()}")
+
+
 def _model() -> nn.Module:
     return small_convnet(8, 16, 32, 5).double()
 
@@ -102,7 +120,10 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # a short timeout: a rank left waiting fails the test in minutes rather than hanging it
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
     solves = _count_solves()
     try:
         assert rank_and_world() == (rank, WORLD)
@@ -113,6 +134,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
             (Path(out) / f"{name}-{rank}.solves").write_text(str(len(solves)))
         dist.barrier()
         _cli(Path(out), "cli")  # the command line inside the process group: rank 0 writes cli/
+        _cli_refused(Path(out), "cli", rank)  # again: cli/ exists, and rank 0 refuses it
         batches = _batches(2)
         if rank == 1:
             batches = [(torch.full((3, 3, 6, 6), float("nan"), dtype=torch.float64), batches[0][1])]
@@ -175,6 +197,15 @@ def test_the_least_squares_solves_are_shared_out_among_the_ranks(ranks_out: Path
                 assert sum(per_rank) == len(solves), (name, per_rank)
     finally:
         compensation.regress = real
+
+
+@pytest.mark.slow
+def test_an_out_folder_rank_0_refuses_stops_every_rank(ranks_out: Path):
+    """Only rank 0 checks ``--out`` (it writes there); its refusal must reach rank 1, which
+    would otherwise wait in the first collective until the process group's timeout."""
+    said = {r: (ranks_out / f"refused-{r}.txt").read_text() for r in range(WORLD)}
+    assert said[0].splitlines()[0] == "2" and "exists and is not empty" in said[0]
+    assert said[1].splitlines()[0] == "2" and "checking --out failed on rank(s) [0]" in said[1]
 
 
 @pytest.mark.slow

@@ -93,9 +93,16 @@ def execute(
     user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config"), cfg.get("train_data")]
     with contextlib.ExitStack() as guard:
         at_commit = (None, None)
-        if out is not None and not cfg.get("dry_run") and distributed.is_writer():
-            check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
-            at_commit = guard_out(out, guard)
+        if out is not None and not cfg.get("dry_run"):
+            # rank 0 checks the folder it will write; a refusal stops every rank (the others
+            # would wait in the first collective until the timeout)
+            def check() -> None:
+                if distributed.is_writer():
+                    check_out_dir(out, bool(cfg.get("overwrite")), user_inputs, own_marker=cfg.get("_own_marker"))
+
+            distributed.collectively(check, "checking --out")
+            if distributed.is_writer():
+                at_commit = guard_out(out, guard)
         return _execute(cfg, model, dataset, spec_options, out, at_commit)
 
 
