@@ -16,6 +16,7 @@ its first hook, and every reader merges that :class:`BatchReduction` into its ow
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import weakref
@@ -255,16 +256,36 @@ def finite_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torc
     # (positions, C) when channels are innermost, else (before, C, after): both are the
     # (N, C, ...) layout the kernel reduces over all but dim 1
     rows = last if last is not None else _as_rows(x, dim)
-    try:
+    if _kernel_agrees(rows.device.type, rows.dtype):
         mean, var = _STATS_KERNEL(rows, None, None, 0.0)
-    except (NotImplementedError, RuntimeError):  # a device without the kernel
-        var, mean = torch.var_mean(rows, dim=[d for d in range(rows.ndim) if d != 1], correction=0)
+    else:
+        var, mean = _var_mean(rows)
     mean, var = mean.to(torch.float64), var.to(torch.float64)
     # a NaN or inf anywhere, or squares too large for the precision, make these non-finite
     # (and so their float64 sum: one check)
     if not math.isfinite(float(mean.sum() + var.sum())):
         return None
     return float(n), mean.cpu(), (var * n).cpu()
+
+
+def _var_mean(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased variance and mean of ``rows`` (N, C, ...) per channel (dim 1)."""
+    return torch.var_mean(rows, dim=[d for d in range(rows.ndim) if d != 1], correction=0)
+
+
+@functools.cache
+def _kernel_agrees(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the statistics kernel runs on this device and dtype and gives the mean and
+    biased variance (checked once against ``var_mean`` on a small tensor: a device that
+    lacks it, or returns another statistic, gets the ``var_mean`` path)."""
+    g = torch.Generator().manual_seed(0)
+    probe = (torch.randn(4, 3, 5, generator=g, dtype=torch.float64) * 3 + 2).to(device_type, dtype)
+    try:
+        mean, var = _STATS_KERNEL(probe, None, None, 0.0)
+    except (NotImplementedError, RuntimeError):
+        return False
+    ref_var, ref_mean = _var_mean(probe)
+    return bool(torch.allclose(mean, ref_mean, rtol=1e-4, atol=1e-5) and torch.allclose(var, ref_var, rtol=1e-4))
 
 
 def _channels_last(x: torch.Tensor, dim: int) -> torch.Tensor | None:

@@ -374,6 +374,8 @@ def test_moments_without_the_batch_norm_kernel_equal_the_float64_ones(monkeypatc
         x = x.contiguous(memory_format=torch.channels_last)
     expected = calibration.finite_moments(x, 1)
     monkeypatch.setattr(calibration, "_STATS_KERNEL", missing)
+    calibration._kernel_agrees.cache_clear()
+    assert not calibration._kernel_agrees("cpu", torch.float32)
     n, mean, m2 = calibration.finite_moments(x, 1)
     var, ref = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     assert n == expected[0] == 6 * 5 * 4
@@ -381,6 +383,12 @@ def test_moments_without_the_batch_norm_kernel_equal_the_float64_ones(monkeypatc
     torch.testing.assert_close(m2 / n, var, rtol=1e-5, atol=0)
     torch.testing.assert_close(m2, expected[2], rtol=1e-5, atol=0)
     assert calibration.finite_moments(torch.tensor([[1.0, float("inf")]]), 1) is None
+    # a kernel that returns another statistic (say the inverse standard deviation) is not used
+    monkeypatch.setattr(calibration, "_STATS_KERNEL", lambda x, *a: (x.mean((0, 2)), 1 / x.std((0, 2))))
+    calibration._kernel_agrees.cache_clear()
+    torch.testing.assert_close(calibration.finite_moments(x, 1)[2], m2)
+    monkeypatch.undo()
+    calibration._kernel_agrees.cache_clear()
 
 
 def test_channels_last_moments_of_a_kept_channel_agree_to_rounding_and_with_float64():
