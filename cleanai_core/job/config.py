@@ -405,7 +405,7 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
     _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)
     _check_number(cfg, "stats_budget_mib", int, 0, None, lo_open=False)
     _check_number(cfg, "recover_epochs", int, 0, None, lo_open=False)
-    _check_number(cfg, "recover_lr", float, 0.0, None)
+    _check_number(cfg, "recover_lr", float, 0.0, None, lo_open=False)
     _check_number(cfg, "seed", int, -(2**63), 2**64, lo_open=False)  # what torch.Generator.manual_seed takes
     _check_number(cfg, "threads", int, 1, max_threads(), lo_open=False, hi_open=False)
     for pat, r in cfg["layer_ratio"].items():
