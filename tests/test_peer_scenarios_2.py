@@ -314,3 +314,355 @@ def test_report_counts_params_and_flops_as_the_metrics_do():
     assert (rep["params_before"], rep["params_after"]) == (count_params(model), count_params(small))
     assert (rep["flops_before"], rep["flops_after"]) == (count_flops(model, X32), count_flops(small, X32))
     assert 0.24 < rep["flops_after"] / rep["flops_before"] < 0.30  # half the channels: about a quarter of the FLOPs
+
+
+# -- recurrent layers and cells, embeddings, norms in odd places ------------------------------------
+
+
+class BiGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 16, padding_idx=0)
+        self.gru = nn.GRU(16, 12, num_layers=2, bidirectional=True, batch_first=True)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, t):
+        y, _ = self.gru(self.emb(t))
+        return self.fc(y[:, -1])
+
+
+class RNNThenLSTM(nn.Module):
+    """Sequence-first RNN (relu), a Linear between, an LSTM whose last ``h_n`` is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.mid = nn.RNN(8, 16, nonlinearity="relu"), nn.Linear(16, 16)
+        self.lstm, self.fc = nn.LSTM(16, 10), nn.Linear(10, 3)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        _, (h, _) = self.lstm(torch.tanh(self.mid(y)))
+        return self.fc(h[-1])
+
+
+class ProjectedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.lstm, self.fc = nn.Linear(6, 16), nn.LSTM(16, 20, proj_size=8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(self.fc0(x))
+        return self.fc(y.mean(1))
+
+
+class CellLoop(nn.Module):
+    """A decoder that steps a cell itself, ``hx=None`` first (the cell makes the zeros)."""
+
+    def __init__(self, cell: type[nn.Module]) -> None:
+        super().__init__()
+        self.fc0, self.cell, self.fc = nn.Linear(6, 16), cell(16, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = None
+        for t in range(x.shape[1]):
+            h = self.cell(self.fc0(x[:, t]), h)
+        return self.fc(h[0] if isinstance(h, tuple) else h)
+
+
+class LiteralState(nn.Module):
+    """The user builds the state with a literal width: that width cannot shrink."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.cell, self.fc = nn.Linear(6, 16), nn.GRUCell(16, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 12)
+        for t in range(x.shape[1]):
+            h = self.cell(self.fc0(x[:, t]), h)
+        return self.fc(h)
+
+
+class Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag, self.fc, self.out = nn.EmbeddingBag(30, 16, mode="sum"), nn.Linear(16, 8), nn.Linear(8, 2)
+
+    def forward(self, tokens, offsets):
+        return self.out(F.relu(self.fc(self.bag(tokens, offsets))))
+
+
+class OddNorms(nn.Module):
+    """LayerNorm over (C, H, W), GroupNorm with one group, InstanceNorm with running stats."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.ln = nn.Conv2d(3, 16, 3, padding=1), nn.LayerNorm([16, 8, 8])
+        self.c2, self.gn = nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(1, 16)
+        self.c3, self.inorm = nn.Conv2d(16, 8, 1), nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.ln(self.c1(x)))
+        x = F.relu(self.gn(self.c2(x)))
+        return self.fc(self.inorm(self.c3(x)).mean((2, 3)))
+
+
+class SequenceNorms(nn.Module):
+    """Conv1d + BatchNorm1d, GroupNorm on (N, C, L), LayerNorm after a transpose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.bn, self.gn = nn.Conv1d(4, 16, 3, padding=1), nn.BatchNorm1d(16), nn.GroupNorm(4, 16)
+        self.c2, self.ln, self.fc = nn.Conv1d(16, 16, 1), nn.LayerNorm(16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        y = self.c2(self.gn(F.relu(self.bn(self.c(x)))))
+        return self.fc(self.ln(y.transpose(1, 2)).mean(1))
+
+
+class BareMatrix(nn.Module):
+    """``x @ W * s`` with bare parameters: W's rows follow fc1, its columns and s follow fc2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(12, 3)
+        self.proj, self.scale = nn.Parameter(torch.randn(16, 12)), nn.Parameter(torch.rand(12) + 0.5)
+
+    def forward(self, x):
+        return self.fc2(F.relu(F.relu(self.fc1(x)) @ self.proj * self.scale))
+
+
+class TinyViT(nn.Module):
+    """A class token, position embeddings and a layer scale: bare parameters on the stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, 4)
+        self.cls_token, self.pos_embed = nn.Parameter(torch.randn(1, 1, 16)), nn.Parameter(torch.randn(1, 5, 16))
+        self.gamma = nn.Parameter(torch.full((16,), 0.1))
+        self.ln, self.fc1, self.fc2, self.head = (
+            nn.LayerNorm(16),
+            nn.Linear(16, 32),
+            nn.Linear(32, 16),
+            nn.Linear(16, 4),
+        )
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), t], 1) + self.pos_embed
+        t = t + self.gamma * self.fc2(F.gelu(self.fc1(self.ln(t))))
+        return self.head(t[:, 0])
+
+
+class SpatialGate(nn.Module):
+    """A one-channel attention map multiplies the features: it cannot shrink, they can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.att, self.c2 = (
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.Conv2d(16, 1, 7, padding=3),
+            nn.Conv2d(16, 8, 3, padding=1),
+        )
+
+    def forward(self, x):
+        f = F.relu(self.c1(x))
+        return self.c2(f * torch.sigmoid(self.att(f)))
+
+
+class ChunkNest(nn.Module):
+    """Four chunks, two processed, concatenated back in another order, in two levels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.a, self.b, self.c2 = (
+            nn.Conv2d(3, 16, 1),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Conv2d(4, 6, 1),
+            nn.Conv2d(18, 8, 1),
+        )
+
+    def forward(self, x):
+        p, q, r, u = torch.chunk(self.c1(x), 4, dim=1)
+        return self.c2(torch.cat([torch.cat([u, self.a(p)], 1), torch.cat([self.b(q), r], 1)], 1))
+
+
+class Siamese(nn.Module):
+    """One trunk on two inputs: its channels are one group however often it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)
+        )
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, a, b):
+        return self.head(torch.cat([self.trunk(a).mean((2, 3)), self.trunk(b).mean((2, 3))], 1))
+
+
+class DictInOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.img, self.txt, self.fuse, self.cls, self.box = (
+            nn.Linear(12, 16),
+            nn.Embedding(20, 8),
+            nn.Linear(24, 32),
+            nn.Linear(32, 5),
+            nn.Linear(32, 4),
+        )
+
+    def forward(self, image, tokens):
+        h = F.relu(self.fuse(torch.cat([F.relu(self.img(image)), self.txt(tokens).mean(1)], 1)))
+        return {"logits": self.cls(h), "boxes": self.box(h)}
+
+
+def _seeded(cls, *args):
+    torch.manual_seed(0)
+    return cls(*args).eval()
+
+
+def test_bidirectional_two_layer_gru_after_an_embedding_with_padding():
+    t = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1))
+    _exact(_seeded(BiGRU), t)
+    small = _prune(_seeded(BiGRU), t)
+    assert (small.emb.embedding_dim, small.gru.input_size, small.gru.hidden_size) == (8, 8, 6)
+    assert small.gru.weight_ih_l1.shape == (3 * 6, 2 * 6) and small.fc.in_features == 12  # both directions
+    assert small.emb.padding_idx == 0 and small(t).shape == (3, 5)
+
+
+def test_sequence_first_rnn_then_lstm_read_through_its_last_state():
+    x = torch.randn(5, 3, 8, generator=torch.Generator().manual_seed(1))
+    _exact(_seeded(RNNThenLSTM), x)
+    small = _prune(_seeded(RNNThenLSTM), x)
+    assert (small.rnn.hidden_size, small.mid.in_features, small.mid.out_features) == (8, 8, 8)
+    assert (small.lstm.input_size, small.lstm.hidden_size, small.fc.in_features) == (8, 5, 5)
+    assert small(x).shape == (3, 3)
+
+
+def test_lstm_with_a_projection_prunes_cells_and_projection_apart():
+    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(1))
+    _exact(_seeded(ProjectedLSTM), x)
+    small = _prune(_seeded(ProjectedLSTM), x)
+    assert (small.lstm.input_size, small.lstm.hidden_size, small.lstm.proj_size) == (8, 10, 4)
+    assert small.lstm.weight_hr_l0.shape == (4, 10) and small.fc.in_features == 4 and small(x).shape == (3, 3)
+
+
+@pytest.mark.parametrize(("cell", "gates"), [(nn.GRUCell, 3), (nn.LSTMCell, 4), (nn.RNNCell, 1)])
+def test_a_cell_stepped_in_a_loop_prunes_its_inputs_and_hidden_units(cell, gates):
+    # before: the cells had no pruner; their weights were traced as bare tensors and the
+    # hidden units froze ("op aten.addmm.default in cell combines channels with a tensor that
+    # cannot shrink"): only fc0 pruned (1231 -> 887 parameters for the GRU cell)
+    x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(1))
+    _exact(_seeded(CellLoop, cell), x)
+    small = _prune(_seeded(CellLoop, cell), x)
+    assert (small.fc0.out_features, small.cell.input_size, small.cell.hidden_size, small.fc.in_features) == (8, 8, 6, 6)
+    assert small.cell.weight_ih.shape == (gates * 6, 8) and small.cell.weight_hh.shape == (gates * 6, 6)
+    assert small(x).shape == (3, 3)
+
+
+def test_a_state_built_with_a_literal_width_keeps_the_cells_hidden_units():
+    x = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(1))
+    graph = DependencyGraph(_seeded(LiteralState), x)
+    g = _group(graph, "cell", "out")
+    assert g.prunable == 0 and g.reasons == ["input without traced channels (module cell)"]  # the zeros
+    small = _prune(_seeded(LiteralState), x)
+    assert (small.fc0.out_features, small.cell.input_size, small.cell.hidden_size) == (8, 8, 12)
+
+
+def test_embedding_bag_with_offsets_prunes_its_dimension():
+    # before: nn.EmbeddingBag had no pruner; the dimensions it feeds froze ("input without traced channels")
+    inputs = (torch.randint(0, 30, (10,), generator=torch.Generator().manual_seed(1)), torch.tensor([0, 3, 7]))
+    _exact(_seeded(Bag), inputs)
+    small = _prune(_seeded(Bag), inputs)
+    assert (small.bag.embedding_dim, small.bag.weight.shape, small.fc.in_features, small.fc.out_features) == (
+        8,
+        (30, 8),
+        8,
+        4,
+    )
+    assert small(*inputs).shape == (3, 2)
+
+
+def test_norms_over_channels_and_space_are_kept_and_say_why():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    graph = DependencyGraph(_seeded(OddNorms), x)
+    g = _group(graph, "c1")
+    assert g.prunable == 0 and any("normalized_shape" in r for r in g.reasons)
+    small = _prune(_seeded(OddNorms), x)
+    assert (small.c1.out_channels, small.ln.normalized_shape) == (16, (16, 8, 8))
+    assert (small.c2.out_channels, small.gn.num_channels, small.gn.num_groups) == (8, 8, 1)
+    assert (small.c3.out_channels, small.inorm.num_features, small.inorm.running_mean.shape) == (4, 4, (4,))
+    assert small(x).shape == (2, 4)
+
+
+def test_group_norm_loses_the_same_number_of_channels_in_every_group():
+    x = torch.randn(2, 4, 10, generator=torch.Generator().manual_seed(1))
+    pruner = StructuredPruner(_seeded(SequenceNorms), x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    kept = next(e.keep for e in pruner.history.steps[0] if (e.module, e.slice) == ("gn", "channels"))
+    assert torch.bincount(kept // 4, minlength=4).tolist() == [2, 2, 2, 2]  # GroupNorm(4, 16): 4 per group
+    assert (small.c.out_channels, small.bn.num_features, small.gn.num_channels, small.gn.num_groups) == (8, 8, 8, 4)
+    assert (small.c2.out_channels, small.ln.normalized_shape, small.fc.in_features) == (8, (8,), 8)
+
+
+def test_bare_parameters_in_forward_follow_the_channels_they_meet():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    _exact(_seeded(TinyViT), x)
+    small = _prune(_seeded(TinyViT), x)
+    assert (small.cls_token.shape, small.pos_embed.shape, small.gamma.shape) == ((1, 1, 8), (1, 5, 8), (8,))
+    assert (small.patch.out_channels, small.fc1.out_features, small.head.in_features) == (8, 16, 8)
+    y = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    _exact(_seeded(BareMatrix), y)
+    small = _prune(_seeded(BareMatrix), y)
+    assert (small.proj.shape, small.scale.shape, small.fc2.in_features) == ((16, 6), (6,), 6)
+    # the matrix's rows meet fc1's channels in a contraction a bare tensor cannot follow on both sides
+    graph = DependencyGraph(_seeded(BareMatrix), y)
+    assert any("contracts channels with a tensor that cannot shrink" in r for r in _group(graph, "fc1").reasons)
+    assert small.fc1.out_features == 16
+
+
+def test_a_one_channel_gate_stays_while_the_features_it_gates_shrink():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    _exact(_seeded(SpatialGate), x)
+    graph = DependencyGraph(_seeded(SpatialGate), x)
+    assert _group(graph, "att").size == 1 and _group(graph, "att").prunable == 0
+    small = _prune(_seeded(SpatialGate), x)
+    assert (small.c1.out_channels, small.att.weight.shape, small.c2.in_channels, small.c2.out_channels) == (
+        8,
+        (1, 8, 7, 7),
+        8,
+        8,
+    )
+
+
+def test_chunks_concatenated_back_in_another_order_in_two_levels():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    _exact(_seeded(ChunkNest), x)
+    small = _prune(_seeded(ChunkNest), x)
+    assert (small.c1.out_channels, small.a.in_channels, small.a.out_channels, small.b.in_channels) == (8, 2, 2, 2)
+    assert (small.b.out_channels, small.c2.in_channels) == (3, 2 + 2 + 3 + 2)
+    assert small(x).shape == (2, 8, 8, 8)
+
+
+def test_a_module_shared_by_two_inputs_is_one_group():
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    _exact(_seeded(Siamese), (a, b))
+    small = _prune(_seeded(Siamese), (a, b))
+    assert (small.trunk[0].out_channels, small.trunk[1].num_features, small.trunk[3].out_channels) == (8, 8, 8)
+    assert small.head.in_features == 16 and small(a, b).shape == (2, 2)
+
+
+def test_dict_inputs_and_dict_outputs():
+    inputs = {"image": torch.randn(3, 12), "tokens": torch.randint(0, 20, (3, 5))}
+    _exact(_seeded(DictInOut), inputs)
+    small = _prune(_seeded(DictInOut), inputs)
+    assert (small.img.out_features, small.txt.embedding_dim, small.fuse.in_features, small.fuse.out_features) == (
+        8,
+        4,
+        12,
+        16,
+    )
+    out = small(**inputs)
+    assert (out["logits"].shape, out["boxes"].shape) == ((3, 5), (3, 4))
