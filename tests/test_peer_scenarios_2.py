@@ -666,3 +666,109 @@ def test_dict_inputs_and_dict_outputs():
     )
     out = small(**inputs)
     assert (out["logits"].shape, out["boxes"].shape) == ((3, 5), (3, 4))
+
+
+# -- the torchvision families of the peer's lists ----------------------------------------------------
+
+
+def _seg(builder):
+    return lambda: builder(weights=None, weights_backbone=None, num_classes=4, aux_loss=False)
+
+
+TORCHVISION = {
+    # name: (factory, input size, output transform); the peer lists ShuffleNetV2 as failing
+    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(), 32, None),
+    "regnet_x_400mf": (lambda: torchvision.models.regnet_x_400mf(), 32, None),
+    "regnet_y_400mf": (lambda: torchvision.models.regnet_y_400mf(), 32, None),
+    "googlenet": (lambda: torchvision.models.googlenet(aux_logits=False, init_weights=True), 64, None),
+    "inception_v3": (lambda: torchvision.models.inception_v3(aux_logits=False, init_weights=False), 75, None),
+    "mnasnet0_5": (lambda: torchvision.models.mnasnet0_5(), 32, None),
+    "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(), 32, None),
+    "squeezenet1_1": (lambda: torchvision.models.squeezenet1_1(), 64, None),
+    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(), 32, None),
+    "lraspp_mobilenet_v3_large": (
+        lambda: torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None),
+        64,
+        lambda out: out["out"],
+    ),
+    "deeplabv3_mobilenet_v3_large": (
+        _seg(torchvision.models.segmentation.deeplabv3_mobilenet_v3_large),
+        64,
+        lambda out: out["out"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+def test_torchvision_family_prunes_exactly_and_keeps_its_output(name):
+    factory, size, transform = TORCHVISION[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    kw = {"output_transform": transform} if transform else {}
+    _exact(model, x, **kw)
+    small = _prune(model, x, **kw)
+    before, after = model(x), small(x)
+    if transform:
+        assert set(after) == set(before) and transform(after).shape == transform(before).shape
+    else:
+        assert after.shape == before.shape == (2, 1000)
+    assert count_params(small) < 0.6 * count_params(model)
+
+
+def test_convnext_layer_scales_follow_the_channels_over_five_steps():
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    model = ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    _exact(model, x)
+    small = _prune(model, x, iterative_steps=5)
+    blocks = [m for m in small.modules() if type(m).__name__ == "CNBlock"]
+    assert [tuple(b.layer_scale.shape) for b in blocks] == [(8, 1, 1)] * 2 + [(16, 1, 1)] * 2
+    assert [b.block[0].out_channels for b in blocks] == [8, 8, 16, 16]  # the depthwise convs
+    assert small.classifier[2].in_features == 16 and small(x).shape == (2, 10)
+
+
+def test_convnext_every_conv_pruned_by_hand_in_turn():
+    """The peer's random per-layer loop: for each conv, a random half (at most 10) of its
+    group goes, the graph traced afresh each time."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    model = ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10).eval()
+    x, gen = torch.randn(1, 3, 32, 32), torch.Generator().manual_seed(0)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    for name in names:
+        pruner = StructuredPruner(model, x, "magnitude", bias_compensation=False, recalibrate_bn=False)
+        g = _group(pruner.graph, name)
+        free = (~g.frozen).nonzero().squeeze(1)
+        if free.numel() < 2:
+            continue
+        pick = free[torch.randperm(free.numel(), generator=gen)[: min(free.numel() // 2, 10)]]
+        before = model.get_submodule(name).out_channels
+        model, _ = pruner.build(_mask(pruner.graph, [(g, pick.tolist())]))
+        assert model.get_submodule(name).out_channels == before - pick.numel()
+    assert model(x).shape == (1, 10)
+    assert count_params(model) < 0.7 * 29370 - 1  # the 2-stage ConvNeXt had 29370 parameters
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "bn_scale", "lamp", "taylor"])
+def test_densenet_global_ranking_under_each_criterion(importance):
+    """The peer's DenseNet-121 loop over criteria, on a two-block DenseNet."""
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=10)
+    model.eval()
+    gen = torch.Generator().manual_seed(2)
+    data = [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)) for _ in range(2)]
+    x = data[0][0]
+    _exact(model, x)
+    pruner = StructuredPruner(model, x, importance, pruning_ratio=0.5, global_pruning=True, iterative_steps=2)
+    pruner.collect_activations(data, progress=False)
+    plan = pruner.plan()
+    total = sum(gp.group.size for gp in plan.groups)
+    small = pruner.prune()
+    assert total == 16 + 2 * (2 * (32 + 8)) + 16 and len(pruner.history) == 2  # stem, blocks, transition
+    kept = sum(m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d))
+    assert kept == sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)) - total // 2
+    assert small(x).shape == (4, 10)
