@@ -12,7 +12,6 @@ collective stage whose sums are combined over ranks (:mod:`cleanai_core.distribu
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -40,7 +39,7 @@ from cleanai_core.calibration import (
     total_batches,
 )
 from cleanai_core.errors import CleanAIError, UserError
-from cleanai_core.model_state import preserved
+from cleanai_core.model_state import copy_model, preserved
 from cleanai_core.replay import CalibrationData
 from cleanai_core.runtime import (
     check_labels,
@@ -280,7 +279,7 @@ def accumulate_gradients(
 ) -> dict[str, torch.Tensor]:
     """Parameter gradients of the cross-entropy summed over ``batches`` (labelled), taken
     on a copy of ``model`` in eval mode."""
-    clone = copy.deepcopy(model).eval()
+    clone = copy_model(model).eval()
     device = device_of(model)
     for p in clone.parameters():
         p.requires_grad_(True)

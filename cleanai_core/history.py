@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
@@ -73,11 +72,11 @@ class PruningHistory:
         All or nothing: the steps run on a copy, which replaces ``model``'s state only when
         every step applied. A history that does not fit ``model`` (another architecture,
         or a model already pruned) raises :class:`UserError` and leaves ``model`` as it was."""
-        from cleanai_core.model_state import transplant
+        from cleanai_core.model_state import copy_model, transplant
 
         if not isinstance(model, nn.Module):
             raise UserError(f"replay needs the unpruned torch.nn.Module, got {type(model).__name__}")
-        work = copy.deepcopy(model)
+        work = copy_model(model)
         for i, step in enumerate(self.steps):
             try:
                 apply_edits(work, step, pm)

@@ -24,7 +24,6 @@ its own input ids, shifted).
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import math
 import time
@@ -42,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, eval_mode
+from cleanai_core.model_state import copy_model
 from cleanai_core.runtime import find_logits
 
 __all__ = [
@@ -485,12 +485,12 @@ def recover(
     device = torch.device(device) if device is not None else _device_of(pruned)
     torch.manual_seed(seed)  # on the fork made by _private_rng: the caller's RNG state is restored after
     train_loader, held_loader, n_train, n_held = split_train_data(train_data, val_data, val_fraction, batch_size, seed)
-    student = pruned if inplace else copy.deepcopy(pruned)
+    student = pruned if inplace else copy_model(pruned)
     student_modes = [(m, m.training) for m in student.modules()]
     training = _train_modes(student)
     student.to(device)
     if teacher is not None and _device_of(teacher) != device:
-        teacher = copy.deepcopy(teacher).to(device)  # the user's teacher stays where it is
+        teacher = copy_model(teacher).to(device)  # the user's teacher stays where it is
     use_amp = bool(amp) and device.type == "cuda"
     amp_dtype = _amp_dtype() if use_amp else torch.float32
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)

@@ -772,3 +772,46 @@ def test_densenet_global_ranking_under_each_criterion(importance):
     kept = sum(m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d))
     assert kept == sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)) - total // 2
     assert small(x).shape == (4, 10)
+
+
+def test_raft_keeps_its_correlation_scale_when_its_features_shrink():
+    """The peer lists RAFT as failing. RAFT's correlation divides by the square root of the
+    feature width read at run time; the pruned model must keep the trained width's scale."""
+    from torchvision.models.optical_flow import raft_small
+
+    torch.manual_seed(0)
+    model = raft_small(weights=None).eval()
+    images = (torch.randn(1, 3, 128, 128), torch.randn(1, 3, 128, 128))
+    last = lambda flows: flows[-1]  # noqa: E731  the final of the iterative flow estimates
+    _exact(model, images, output_transform=last)  # before: 0.76 off (it divided by the pruned width's root)
+    small = _prune(model, images, output_transform=last)
+    assert small.feature_encoder.conv.out_channels == 64 and small.corr_block.channels == 128
+    assert last(small(*images)).shape == (1, 2, 128, 128)
+    again = _prune(small, images, output_transform=last)  # a second cut keeps the first scale
+    assert again.feature_encoder.conv.out_channels == 32 and again.corr_block.channels == 128
+
+
+class KeepsItsActivations(nn.Module):
+    """Keeps the last activations on itself, as models that plot attention maps do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        self.seen = [h, {"h": h}]
+        return self.fc2(h)
+
+
+def test_a_model_called_with_gradients_before_pruning_prunes_and_replays():
+    # before: prune() raised "Only Tensors created explicitly by the user (graph leaves) support
+    # the deepcopy protocol" for the activations the user's own forward had kept on the model
+    model, x = _seeded(KeepsItsActivations), torch.randn(3, 8)
+    model(x).sum().backward()
+    assert model.seen[0].grad_fn is not None
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert small.fc1.out_features == small.fc2.in_features == 8 and small(x).shape == (3, 4)
+    assert pruner.history.replay(model).fc1.out_features == 8  # replay copies the model too
