@@ -815,3 +815,55 @@ def test_a_model_called_with_gradients_before_pruning_prunes_and_replays():
     small = pruner.prune()
     assert small.fc1.out_features == small.fc2.in_features == 8 and small(x).shape == (3, 4)
     assert pruner.history.replay(model).fc1.out_features == 8  # replay copies the model too
+
+
+class TransposeModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.ConvTranspose2d(16, 64, 2, stride=2), nn.BatchNorm2d(64)
+        self.conv3, self.bn3 = nn.Conv2d(64, 8, 3, 1, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn3(self.conv3(F.relu(self.bn2(self.conv2(x))))))
+
+
+@pytest.mark.parametrize("importance", ["taylor", "magnitude", "lamp", "bn_scale"])
+def test_isomorphic_global_ranking_halves_each_structure_of_a_transposed_conv_model(importance):
+    """The peer's ``isomorphic=True`` loop: conv1's group and the transposed conv's group
+    differ in structure, so each is ranked apart and loses half, whatever the criterion."""
+    torch.manual_seed(0)
+    model = TransposeModel().eval()
+    with torch.no_grad():
+        model.bn1.weight.mul_(0.01)  # plain global ranking would take conv1's channels first
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    data = [(x, torch.randint(0, 8, (2, 32, 32), generator=torch.Generator().manual_seed(8)))]
+    kw = {"pruning_ratio": 0.5, "iterative_steps": 5, "global_pruning": True}
+    iso = StructuredPruner(model, x, importance, isomorphic=True, **kw)
+    iso.collect_activations(data, progress=False)
+    small = iso.prune()
+    assert (small.conv1.out_channels, small.conv2.out_channels, small.conv3.out_channels) == (8, 32, 8)
+    assert small(x).shape == (2, 8, 32, 32)
+    if importance == "bn_scale":
+        plain = StructuredPruner(model, x, importance, **kw)
+        plain.collect_activations(data, progress=False)
+        assert plain.prune().conv1.out_channels < 8  # without isomorphic sets the scaled-down group goes first
+
+
+def test_timm_vision_transformer_prunes_heads_mlp_and_the_stream_with_its_tokens():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    _exact(model, x)
+    small = _prune(model, x)
+    attn = small.blocks[0].attn
+    assert (small.cls_token.shape, small.pos_embed.shape) == ((1, 1, 32), (1, 17, 32))
+    assert (attn.num_heads, attn.head_dim, attn.qkv.weight.shape) == (2, 16, (3 * 2 * 16, 32))
+    assert (small.blocks[1].mlp.fc1.out_features, small.head.in_features, small.head.out_features) == (128, 32, 10)
+    block = 2 * 32 + (32 * 96 + 96) + (32 * 32 + 32) + 2 * 32 + (32 * 128 + 128) + (128 * 32 + 32)
+    expected = (3 * 8 * 8 * 32 + 32) + 32 + 17 * 32 + 2 * block + 2 * 32 + (32 * 10 + 10)
+    assert count_params(small) == expected == 32554 and small(x).shape == (2, 10)
