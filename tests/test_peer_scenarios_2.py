@@ -292,8 +292,46 @@ def test_taylor_on_resnet18_in_five_steps_with_labelled_batches():
         256,
     ]
     assert small.fc.out_features == 1000 and small(X32).shape == (2, 1000)
-    with pytest.raises(UserError, match="needs labels"):
+    with pytest.raises(UserError, match=r"gradient criteria \(taylor, hessian\) need labels"):
         StructuredPruner(model, X32, "taylor").collect_activations([X32], progress=False)
+
+
+def test_hessian_scores_are_squared_weights_times_per_sample_squared_gradients():
+    """The peer's OBD criterion: ``imp.accumulate_grad(model)`` after each sample's own backward."""
+    torch.manual_seed(0)
+    model, gen = MLP().eval(), torch.Generator().manual_seed(1)
+    data = [(torch.randn(5, 8, generator=gen), torch.randint(0, 4, (5,), generator=gen)) for _ in range(2)]
+    pruner = StructuredPruner(model, data[0][0], "hessian", pruning_ratio=0.5)
+    pruner.collect_activations(data, progress=False)
+    got = pruner.score()[_group(pruner.graph, "fc1").id]
+    ref = copy.deepcopy(model)
+    fisher = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    for x, y in data:
+        for i in range(len(y)):  # one sample at a time
+            ref.zero_grad()
+            F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]).backward()
+            for n, p in ref.named_parameters():
+                fisher[n] += p.grad**2
+    w1, w2 = ref.fc1.weight.detach(), ref.fc2.weight.detach()
+    expected = (w1**2 * fisher["fc1.weight"]).sum(1) + (w2**2 * fisher["fc2.weight"]).sum(0)
+    assert torch.allclose(got, expected.double(), rtol=1e-4)
+    taylor = StructuredPruner(model, data[0][0], "taylor", pruning_ratio=0.5)
+    taylor.collect_activations(data, progress=False)
+    assert not torch.allclose(taylor.score()[_group(taylor.graph, "fc1").id], got)  # summed gradients cancel
+
+
+def test_hessian_on_resnet18_only_on_the_target_layers():
+    """The peer's ``test_manual_prune``: OBD scores, a 0.5 ratio on two target layers only."""
+    model = _resnet18()
+    gen = torch.Generator().manual_seed(4)
+    data = [(torch.randn(5, 3, 16, 16, generator=gen), torch.randint(0, 1000, (5,), generator=gen))]
+    ratios = {model.layer1[0].conv1: 0.5, model.layer3[0].conv1: 0.5, "*": 0.0}
+    pruner = StructuredPruner(model, X32, "hessian", layer_pruning_ratios=ratios)
+    pruner.collect_activations(data, progress=False)
+    small = pruner.prune()
+    assert small.layer1[0].conv1.out_channels == small.layer1[0].conv2.in_channels == 32
+    assert small.layer3[0].conv1.out_channels == small.layer3[0].conv2.in_channels == 128
+    assert _widths(small)[:1] == [64] and small.layer4[1].conv1.out_channels == 512
 
 
 def test_ignoring_the_producers_keeps_a_consumers_inputs():

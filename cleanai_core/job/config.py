@@ -112,8 +112,8 @@ class PruneConfig:
                                     "(default 0.25,0.5,0.75)", "pruning", metavar="R,R,...")  # fmt: skip
     prune_dead_only: bool = _opt(False, "remove exactly the units that never activate on the calibration data "
                                  "(outputs unchanged)", "pruning")  # fmt: skip
-    importance: str = _opt("weight_activation", "weight_activation (default), magnitude, bn_scale, taylor, random, "
-                           "lamp", "pruning", metavar="NAME")  # fmt: skip
+    importance: str = _opt("weight_activation", "weight_activation (default), magnitude, bn_scale, taylor, hessian, "
+                           "random, lamp", "pruning", metavar="NAME")  # fmt: skip
     alpha: float | None = _opt(None, "weight_activation: weight of the weight term", "pruning", type=float,
                                metavar="A")  # fmt: skip
     beta: float | None = _opt(None, "weight_activation: weight of the activation term", "pruning", type=float,
