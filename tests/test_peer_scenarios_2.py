@@ -623,16 +623,33 @@ def test_embedding_bag_with_offsets_prunes_its_dimension():
     assert small(*inputs).shape == (3, 2)
 
 
-def test_norms_over_channels_and_space_are_kept_and_say_why():
+class SpatialNorm(nn.Module):
+    """LayerNorm over (H, W) only: every channel is normalised on its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.ln, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.LayerNorm([8, 8]), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.ln(self.c1(x))))
+
+
+def test_layer_norms_over_several_dims_prune_with_their_affine():
+    # before: LayerNorm((C, H, W)) had no pruner; its channels froze ("normalises over a width
+    # stored in its module's normalized_shape, which no plugin rewrites") and c1 kept all 16
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     graph = DependencyGraph(_seeded(OddNorms), x)
     g = _group(graph, "c1")
-    assert g.prunable == 0 and any("normalized_shape" in r for r in g.reasons)
+    assert g.prunable == 16 and g.modules() == ["c1", "c2", "ln"]
+    _exact(_seeded(OddNorms), x)  # the groups without a cross-channel norm
     small = _prune(_seeded(OddNorms), x)
-    assert (small.c1.out_channels, small.ln.normalized_shape) == (16, (16, 8, 8))
+    assert (small.c1.out_channels, small.ln.normalized_shape, small.ln.weight.shape) == (8, (8, 8, 8), (8, 8, 8))
     assert (small.c2.out_channels, small.gn.num_channels, small.gn.num_groups) == (8, 8, 1)
     assert (small.c3.out_channels, small.inorm.num_features, small.inorm.running_mean.shape) == (4, 4, (4,))
-    assert small(x).shape == (2, 4)
+    assert count_params(small) == 1912 and small(x).shape == (2, 4)
+    _exact(_seeded(SpatialNorm), x)  # LayerNorm((H, W)): channels pass through, exactly
+    small = _prune(_seeded(SpatialNorm), x)
+    assert (small.c1.out_channels, small.ln.normalized_shape, small.c2.in_channels) == (8, (8, 8), 8)
 
 
 def test_group_norm_loses_the_same_number_of_channels_in_every_group():
