@@ -922,3 +922,40 @@ def test_timm_vision_transformer_prunes_heads_mlp_and_the_stream_with_its_tokens
     block = 2 * 32 + (32 * 96 + 96) + (32 * 32 + 32) + 2 * 32 + (32 * 128 + 128) + (128 * 32 + 32)
     expected = (3 * 8 * 8 * 32 + 32) + 32 + 17 * 32 + 2 * block + 2 * 32 + (32 * 10 + 10)
     assert count_params(small) == expected == 32554 and small(x).shape == (2, 10)
+
+
+# -- single layers by hand, per-unit metrics in the report ---------------------------------------
+
+
+def test_one_layer_sliced_by_hand_without_the_graph():
+    """The peer's ``prune_conv_out_channels(features[0], idxs)`` then
+    ``prune_conv_in_channels(features[3], idxs)``: slice edits applied directly."""
+    from cleanai_core.slicing import SliceEdit, apply_edits
+
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet(weights=None).eval()
+    w0, w3 = model.features[0].weight.detach().clone(), model.features[3].weight.detach().clone()
+    keep = torch.tensor([i for i in range(64) if i not in (0, 1, 3, 4)])
+    changed = apply_edits(model, [SliceEdit("features.0", "out", keep), SliceEdit("features.3", "in", keep)])
+    assert sorted(changed) == ["features.0", "features.3"]
+    assert model.features[0].weight.shape == (60, 3, 11, 11) and model.features[0].out_channels == 60
+    assert model.features[3].weight.shape == (192, 60, 5, 5) and model.features[3].in_channels == 60
+    assert torch.equal(model.features[0].weight, w0[keep]) and torch.equal(model.features[3].weight, w3[:, keep])
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_report_lists_each_layers_pruned_indices_and_their_scores():
+    """The peer's per-index metrics (``reduction='none'``): the report keeps every pruned
+    unit's index and score, and those scores are the lowest of the layer's group."""
+    model = _resnet18()
+    pruner = StructuredPruner(model, X32, "magnitude", pruning_ratio=0.25)
+    plan = pruner.plan()
+    pruner.prune()
+    stem = next(r for r in pruner.report()["layers"] if (r["name"], r["slice"]) == ("conv1", "out"))
+    gp = next(gp for gp in plan.groups if "conv1" in gp.group.modules())
+    assert (stem["channels_before"], stem["channels_after"]) == (64, 48)
+    assert stem["pruned_indices"] == gp.pruned.nonzero().squeeze(1).tolist()
+    scores = stem["importance_scores"]
+    assert len(scores["pruned"]) == 16 and len(scores["kept"]) == 48
+    assert max(scores["pruned"]) <= min(scores["kept"])
+    assert scores["pruned"] == pytest.approx(gp.scores[gp.pruned].tolist(), abs=1e-6)
