@@ -141,7 +141,37 @@ def test_pruning_a_pruned_model_again_and_replaying_both_histories():
     fresh = second.history.replay(first.history.replay(torchvision.models.resnet18(weights=None)))
     fresh.load_state_dict(twice.state_dict(), strict=True)
     assert torch.equal(fresh.eval()(X32), twice(X32))
-    assert len(first.history) == len(second.history) == 1
+    both = first.history.then(second.history)
+    assert len(first.history) == len(second.history) == 1 and len(both) == 2
+    fresh = both.replay(torchvision.models.resnet18(weights=None))
+    fresh.load_state_dict(twice.state_dict(), strict=True)
+    assert torch.equal(fresh.eval()(X32), twice(X32))
+    # before: the second history alone sliced a fresh model without a word
+    with pytest.raises(UserError, match=r"step 0 of 1 was recorded on conv1.weight of shape \(32, 3, 7, 7\)"):
+        second.history.replay(torchvision.models.resnet18(weights=None))
+
+
+def test_a_vit_pruned_twice_replays_only_through_both_histories():
+    """The second history alone counted the heads from the wrong layout: the state_dict
+    loaded, and the forward failed ("shape '[2, 17, 3, 2, 16]' is invalid")."""
+    timm = pytest.importorskip("timm")
+
+    def vit() -> nn.Module:
+        torch.manual_seed(0)
+        return timm.models.vision_transformer.VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10
+        ).eval()
+
+    x = torch.randn(2, 3, 32, 32)
+    first = StructuredPruner(vit(), x, "magnitude", pruning_ratio=0.5)
+    second = StructuredPruner(first.prune(), x, "magnitude", pruning_ratio=0.5)
+    twice = second.prune()
+    assert (twice.blocks[0].attn.num_heads, twice.blocks[0].attn.head_dim, twice.head.in_features) == (1, 16, 16)
+    fresh = first.history.then(second.history).replay(vit())
+    fresh.load_state_dict(twice.state_dict(), strict=True)
+    assert fresh.blocks[0].attn.num_heads == 1 and torch.equal(fresh(x), twice(x))
+    with pytest.raises(UserError, match="replays after the earlier histories"):
+        second.history.replay(vit())
 
 
 def _vit() -> nn.Module:
