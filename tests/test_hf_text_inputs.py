@@ -198,3 +198,24 @@ def test_explain_traces_hugging_face_text_models_with_token_ids(tmp_path, capsys
     plain = nn.Sequential(nn.Embedding(30, 8), nn.Flatten(), nn.Linear(8 * 4, 2))
     assert example_input(plain, (2, 4)).dtype == torch.long  # a hand-written text model too
     assert example_input(nn.Linear(3, 2), (2, 3)).dtype == torch.float32
+
+
+def test_explain_falls_back_to_floats_when_a_leading_embedding_does_not_read_the_input(capsys, monkeypatch):
+    from torch import nn
+
+    class QueriesFirst(nn.Module):  # a learned query table declared before the layers that read the image
+        def __init__(self) -> None:
+            super().__init__()
+            self.queries, self.conv = nn.Embedding(4, 8), nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3)) + self.queries.weight.sum(0)
+
+    import sys
+    import types
+
+    module = types.ModuleType("qfirst")
+    module.QueriesFirst = QueriesFirst
+    monkeypatch.setitem(sys.modules, "qfirst", module)
+    assert main(["explain", "--model", "qfirst:QueriesFirst", "--input-shape", "1,3,8,8"]) == 0
+    assert "conv: Conv2d" in capsys.readouterr().out

@@ -110,11 +110,17 @@ def run(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input_shape) if args.input_shape else _default_shape(model)
     from cleanai_core.errors import TraceError
 
-    try:
-        # what the pruner sees: the default ignores and the coupling-dependent defaults kept
-        graph = DependencyGraph(model, example_input(model, shape), ignored_layers=sorted(ignored_modules(model, ())))
-        graph.apply_default_freezes()
-    except TraceError as exc:
-        raise UserError(f"{exc} Tried --input-shape {','.join(map(str, shape))}; pass the right one.") from exc
+    ignored = sorted(ignored_modules(model, ()))
+    first = example_input(model, shape)
+    tries = [first] if isinstance(first, torch.Tensor) and first.is_floating_point() else [first, torch.randn(*shape)]
+    for i, inputs in enumerate(tries):  # token ids first for a model that seems to read them, then floats
+        try:
+            # what the pruner sees: the default ignores and the coupling-dependent defaults kept
+            graph = DependencyGraph(model, inputs, ignored_layers=ignored)
+            graph.apply_default_freezes()
+            break
+        except TraceError as exc:
+            if i == len(tries) - 1:
+                raise UserError(f"{exc} Tried --input-shape {','.join(map(str, shape))}; pass the right one.") from exc
     print(graph.explain(max_groups=args.max_groups))
     return 0
