@@ -12,7 +12,6 @@ collective stage whose sums are combined over ranks (:mod:`cleanai_core.distribu
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -40,7 +39,7 @@ from cleanai_core.calibration import (
     total_batches,
 )
 from cleanai_core.errors import CleanAIError, UserError
-from cleanai_core.model_state import preserved
+from cleanai_core.model_state import copy_model, preserved
 from cleanai_core.replay import CalibrationData
 from cleanai_core.runtime import (
     check_labels,
@@ -69,19 +68,23 @@ __all__ = [
 class CalibrationSetup:
     """How to run the model (``forward_fn``; ``output_transform`` for the loss of gradient
     criteria) and what to collect: covariances (for reconstruction) within ``budget``
-    bytes, sampled at ``rows`` positions per batch, and ``gradients``."""
+    bytes, sampled at ``rows`` positions per batch, and ``gradients``: ``True`` for the
+    loss gradients summed over the batches, ``"squared"`` for the squares of every
+    sample's own gradients, summed (a criterion's ``needs_squared_gradients``)."""
 
     covariance: bool = True
     rows: int = COVARIANCE_ROWS
     budget: int = COVARIANCE_BUDGET_BYTES
     forward_fn: Callable | None = None
     output_transform: Callable | None = None
-    gradients: bool = False
+    gradients: bool | str = False
 
     @classmethod
     def of(cls, pruner: Any) -> CalibrationSetup:
         """The setup of a :class:`~cleanai_core.pruner.StructuredPruner`'s options."""
-        needs = bool(getattr(pruner.importance, "needs_gradients", False))
+        needs: bool | str = bool(getattr(pruner.importance, "needs_gradients", False))
+        if needs and getattr(pruner.importance, "needs_squared_gradients", False):
+            needs = "squared"
         return cls(pruner.reconstruction, pruner.covariance_rows, pruner.stats_budget_bytes, pruner.forward_fn,
                    pruner.output_transform, needs)  # fmt: skip
 
@@ -196,7 +199,9 @@ def calibrate(
         out.stats = collector.stats
     check_samples_seen(out.stats)
     if setup.gradients:
-        out.gradients = accumulate_gradients(model, data.replay(), setup.forward_fn, setup.output_transform)
+        out.gradients = accumulate_gradients(
+            model, data.replay(), setup.forward_fn, setup.output_transform, squared=setup.gradients == "squared"
+        )
     return out
 
 
@@ -271,32 +276,55 @@ def recalibrate(
             run_batch(model, data.layout(split_batch(batch)[0]), setup.forward_fn)
     out.stats = collector.stats
     if setup.gradients:
-        out.gradients = accumulate_gradients(model, data.replay(), setup.forward_fn, setup.output_transform)
+        out.gradients = accumulate_gradients(
+            model, data.replay(), setup.forward_fn, setup.output_transform, squared=setup.gradients == "squared"
+        )
     return out
 
 
 def accumulate_gradients(
-    model: nn.Module, batches: Iterable[Any], forward_fn: Callable | None, output_transform: Callable | None
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward_fn: Callable | None,
+    output_transform: Callable | None,
+    squared: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Parameter gradients of the cross-entropy summed over ``batches`` (labelled), taken
-    on a copy of ``model`` in eval mode."""
-    clone = copy.deepcopy(model).eval()
+    on a copy of ``model`` in eval mode. ``squared``: instead, the squares of each
+    sample's own gradient (its loss averaged over its positions), summed: the diagonal of
+    the empirical Fisher, times the number of samples; one backward pass per sample."""
+    clone = copy_model(model).eval()
     device = device_of(model)
-    for p in clone.parameters():
+    named = list(clone.named_parameters())
+    for _, p in named:
         p.requires_grad_(True)
         p.grad = None
+    sums: dict[str, torch.Tensor] = {}
     seen = False
     for batch in batches:
         inputs, target = split_batch(batch)
         if target is None:
-            raise UserError("taylor importance needs labels: the data yields inputs only")
+            raise UserError("gradient criteria (taylor, hessian) need labels: the data yields inputs only")
         out = logits_of(run_batch(clone, inputs, forward_fn), output_transform)
-        loss = nn.functional.cross_entropy(out, check_labels(out, move_to(target, device)))
-        loss.backward()
+        labels = check_labels(out, move_to(target, device))
+        if not squared:
+            nn.functional.cross_entropy(out, labels).backward()
+        else:
+            per = nn.functional.cross_entropy(out, labels, reduction="none")
+            per = per.reshape(per.shape[0], -1).mean(1) if per.dim() > 0 else per.reshape(1)
+            for i, loss in enumerate(per):
+                grads = torch.autograd.grad(
+                    loss, [p for _, p in named], retain_graph=i < per.numel() - 1, allow_unused=True
+                )
+                for (name, _), g in zip(named, grads, strict=True):
+                    if g is not None:
+                        sums[name] = sums[name] + g.detach() ** 2 if name in sums else g.detach() ** 2
         seen = True
     if not seen and not distributed.is_distributed():
         raise UserError("the calibration data is empty")
-    return {n: p.grad.detach().clone() for n, p in clone.named_parameters() if p.grad is not None}
+    if squared:
+        return sums
+    return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
 
 
 @distributed.stage("BatchNorm correction")

@@ -32,7 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -45,6 +44,7 @@ from cleanai_core.bn_refresh import reestimate_batchnorm
 from cleanai_core.calibration import iterate, move_to, split_batch
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, count_flops
+from cleanai_core.model_state import copy_model
 from cleanai_core.slicing import SliceEdit, apply_edits
 
 __all__ = ["GradualPruner", "PruningSchedule", "kept_indices", "position_tagged_copy", "slice_optimizer"]
@@ -87,7 +87,7 @@ class PruningSchedule:
 
 def position_tagged_copy(model: nn.Module) -> nn.Module:
     """A float64 copy of ``model`` whose parameters hold their own flat positions."""
-    tagged = copy.deepcopy(model).double()
+    tagged = copy_model(model).double()
     with torch.no_grad():
         for p in tagged.parameters():
             p.copy_(torch.arange(p.numel(), dtype=torch.float64).reshape(p.shape))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
@@ -14,9 +13,9 @@ import torch
 from torch import nn
 
 from cleanai_core.errors import UserError
-from cleanai_core.slicing import SliceEdit, apply_edits
+from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 
-__all__ = ["PruningHistory", "atomic_write_text"]
+__all__ = ["PruningHistory", "atomic_write_text", "check_shapes", "shapes_sliced"]
 
 FORMAT = "cleanai-history/1"
 
@@ -54,8 +53,13 @@ class PruningHistory:
 
     def record(self, edits: list[SliceEdit], before: nn.Module | None = None, after: nn.Module | None = None) -> None:
         """One step's edits; with the models ``before`` and ``after`` it, also the modules
-        that compensation gave a bias they lacked (``meta["added_biases"]``)."""
+        that compensation gave a bias they lacked (``meta["added_biases"]``) and the shapes
+        the step slices from (``meta["shapes"]``, checked on replay)."""
         self.steps.append(list(edits))
+        if before is not None:
+            shapes = self.meta.setdefault("shapes", [])
+            shapes.extend([None] * (len(self.steps) - 1 - len(shapes)))
+            shapes.append(shapes_sliced(before, edits))
         if before is None or after is None:
             return
         old = dict(before.named_modules())
@@ -73,12 +77,13 @@ class PruningHistory:
         All or nothing: the steps run on a copy, which replaces ``model``'s state only when
         every step applied. A history that does not fit ``model`` (another architecture,
         or a model already pruned) raises :class:`UserError` and leaves ``model`` as it was."""
-        from cleanai_core.model_state import transplant
+        from cleanai_core.model_state import copy_model, transplant
 
         if not isinstance(model, nn.Module):
             raise UserError(f"replay needs the unpruned torch.nn.Module, got {type(model).__name__}")
-        work = copy.deepcopy(model)
+        work = copy_model(model)
         for i, step in enumerate(self.steps):
+            check_shapes(self, i, work)
             try:
                 apply_edits(work, step, pm)
             except UserError:
@@ -126,3 +131,66 @@ class PruningHistory:
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    def then(self, later: PruningHistory) -> PruningHistory:
+        """One history of this one's steps followed by ``later``'s: the history of a
+        model pruned twice (``later`` recorded by a second pruner on this one's output),
+        to replay on a fresh model or to pass to ``save_pruned``.
+
+        Example::
+
+            once = first.prune()
+            twice = StructuredPruner(once, x, pruning_ratio=0.3).prune()  # its history starts at `once`
+            save_pruned("out/", twice, first.history.then(second.history), "timm:vit_small_patch16_224")
+        """
+        meta: dict[str, Any] = {}
+        shapes = [*self._shapes(), *later._shapes()]
+        if any(s is not None for s in shapes):
+            meta["shapes"] = shapes
+        added = [*self.meta.get("added_biases", ()), *later.meta.get("added_biases", ())]
+        if added:
+            meta["added_biases"] = list(dict.fromkeys(added))
+        return PruningHistory([*self.steps, *later.steps], meta)
+
+    def _shapes(self) -> list[Any]:
+        recorded = self.meta.get("shapes")
+        recorded = list(recorded) if isinstance(recorded, list) else []
+        return (recorded + [None] * len(self.steps))[: len(self.steps)]
+
+
+def shapes_sliced(model: nn.Module, edits: list[SliceEdit]) -> dict[str, list[int]]:
+    """The shapes of the tensors a step slices, as ``model`` has them before it: every
+    parameter under each edited module, and each edited bare tensor."""
+    out: dict[str, list[int]] = {}
+    for e in edits:
+        if e.module == "":
+            owner, attr = get_submodule_and_attr(model, e.slice)
+            out[e.slice] = list(getattr(owner, attr).shape)
+            continue
+        for n, p in model.get_submodule(e.module).named_parameters():
+            out[f"{e.module}.{n}"] = list(p.shape)
+    return out
+
+
+def check_shapes(history: PruningHistory, step: int, model: nn.Module) -> None:
+    """A :class:`UserError` unless ``model`` has the shapes ``step`` was recorded on. The
+    kept indices alone fix the new widths, so the history of a second ``StructuredPruner``
+    (run on the first one's output) replayed on a fresh model sliced it without a word:
+    the ``state_dict`` loaded, and a ViT whose heads the fix-ups counted from the wrong
+    layout failed in its forward (or computed something else)."""
+    recorded = history.meta.get("shapes")
+    expected = recorded[step] if isinstance(recorded, list) and step < len(recorded) else None
+    if not isinstance(expected, dict):
+        return  # recorded without the model (or by an older version): nothing to compare
+    try:
+        actual = shapes_sliced(model, history.steps[step])
+    except AttributeError:
+        return  # a missing module: the slicing itself says which
+    for name, shape in expected.items():
+        if isinstance(shape, list) and name in actual and actual[name] != shape:
+            raise UserError(
+                f"this history does not fit the model: step {step} of {len(history.steps)} was recorded on "
+                f"{name} of shape {tuple(shape)}, this model has {tuple(actual[name])}. A history recorded on an "
+                "already pruned model (a second StructuredPruner on the first one's output) replays after the "
+                "earlier histories, in order, on a fresh model; the model was not changed."
+            )

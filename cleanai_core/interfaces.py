@@ -140,7 +140,9 @@ class Importance(Protocol):
 
     ``needs_activations``: calibration data is required (``collect_activations`` before
     ``prune``). ``needs_gradients``: calibration also accumulates loss gradients, which
-    needs labelled data.
+    needs labelled data; with ``needs_squared_gradients = True`` as well (optional,
+    ``hessian``), ``ctx.gradients`` holds the squares of every sample's own gradient,
+    summed, instead of the summed gradient.
     """
 
     needs_activations: bool

@@ -13,17 +13,23 @@ Glossary:
 buffers and plain attributes back afterwards, also when the block raises. Buffers are
 restored into the very tensor objects the user holds (their values, and their shape where
 an observer resized one), so references to them stay valid.
+
+:func:`copy_model` is ``copy.deepcopy`` for models a forward pass ran on with gradients:
+tensors the forward left on a module (RAFT's ``corr_pyramid``, attention maps kept for
+plotting) are not graph leaves, and ``deepcopy`` refuses them.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["HOOK_ATTRIBUTES", "preserved", "transplant"]
+__all__ = ["HOOK_ATTRIBUTES", "copy_model", "preserved", "transplant"]
 
 #: a module's hook tables (``_forward_hooks``, ``_forward_pre_hooks``, ...): the user's
 #: ``RemovableHandle`` objects point at these very dicts
@@ -94,3 +100,30 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
         for key, value in m.__dict__.items():
             if key != "_modules" and key not in HOOK_ATTRIBUTES:
                 t.__dict__[key] = value
+
+
+def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """``copy.deepcopy(model, memo)``, with every tensor that carries autograd history in a
+    module's plain attributes (or in a list, tuple or dict there) copied detached. Such
+    tensors are what a forward under gradients left behind (RAFT's correlation pyramid
+    after ``model(a, b)``); ``deepcopy`` raised "Only Tensors created explicitly by the user
+    (graph leaves) support the deepcopy protocol" for them, so a model that had been called
+    once could not be pruned."""
+    memo = dict(memo or {})
+    for m in model.modules():
+        for key, value in m.__dict__.items():
+            if key not in _TABLES:
+                _detached_into(value, memo, 3)
+    return copy.deepcopy(model, memo)
+
+
+def _detached_into(value: Any, memo: dict[int, Any], depth: int) -> None:
+    if isinstance(value, torch.Tensor):
+        if not value.is_leaf and id(value) not in memo:
+            memo[id(value)] = value.detach().clone()
+    elif depth > 0 and isinstance(value, (list, tuple)):
+        for v in value:
+            _detached_into(v, memo, depth - 1)
+    elif depth > 0 and isinstance(value, dict):
+        for v in value.values():
+            _detached_into(v, memo, depth - 1)

@@ -26,7 +26,6 @@ Outputs are cloned when stored and when handed out, so an in-place operation dow
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from cleanai_core.model_state import copy_model
 from cleanai_core.runtime import call_model
 
 __all__ = ["PrefixCache", "Span"]
@@ -100,7 +100,7 @@ class PrefixCache:
     ``model`` is never touched: hooks go on a copy sharing its tensors."""
 
     def __init__(self, model: nn.Module, batches: list[Any], forward_fn: Callable | None) -> None:
-        self.base = copy.deepcopy(model, {id(t): t for t in list(model.parameters()) + list(model.buffers())})
+        self.base = copy_model(model, {id(t): t for t in list(model.parameters()) + list(model.buffers())})
         self.batches, self.forward_fn = batches, forward_fn
         self.spans: dict[str, Span] | None = None
         self.outputs: dict[str, list[Any]] = {}  # module name -> its output on every batch

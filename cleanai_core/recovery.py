@@ -24,7 +24,7 @@ its own input ids, shifted).
 from __future__ import annotations
 
 import contextlib
-import copy
+import functools
 import math
 import time
 import warnings
@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, eval_mode
+from cleanai_core.model_state import copy_model
 from cleanai_core.runtime import find_logits
 
 __all__ = [
@@ -349,6 +350,46 @@ def _amp_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _private_rng(fn: Callable) -> Callable:
+    """Run ``fn`` on a fork of the global RNG (CPU and the training CUDA device): its
+    ``seed`` makes shuffling and dropout reproducible without resetting the caller's
+    random state (``torch.manual_seed(seed)`` on the global generator did, so a user's
+    own random draws after ``recover()`` repeated from ``seed``)."""
+
+    @functools.wraps(fn)
+    def wrapper(pruned: Any, *args: Any, **kwargs: Any) -> Any:
+        dev = kwargs.get("device")
+        dev = torch.device(dev) if dev is not None else (
+            _device_of(pruned) if isinstance(pruned, nn.Module) else torch.device("cpu")
+        )  # fmt: skip
+        cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            return fn(pruned, *args, **kwargs)
+
+    return wrapper
+
+
+def _is_frozen_norm(module: nn.Module, was_training: bool, root_was_training: bool) -> bool:
+    """A norm with running statistics that the user froze: its parameters all have
+    ``requires_grad=False``, or it was in eval mode inside a model in train mode."""
+    if not isinstance(getattr(module, "running_mean", None), torch.Tensor):
+        return False
+    own = list(module.parameters(recurse=False))
+    return (root_was_training and not was_training) or (bool(own) and not any(p.requires_grad for p in own))
+
+
+def _train_modes(model: nn.Module) -> list[nn.Module]:
+    """The modules that train in train mode. A model handed over in train mode keeps
+    every module's own mode (the user set them: frozen BatchNorm, disabled dropout); a
+    model in eval mode (as pruning returns it) trains whole, except norms whose
+    parameters are all frozen, whose running statistics must stay as they are."""
+    root = model.training
+    if root:
+        return [m for m in model.modules() if m.training]
+    return [m for m in model.modules() if not _is_frozen_norm(m, m.training, root)]
+
+
+@_private_rng
 @torch.inference_mode(False)  # called under no_grad or inference_mode, it trained nothing ("no labels")
 @torch.enable_grad()
 def recover(
@@ -389,6 +430,10 @@ def recover(
     ``torch.no_grad()`` or ``torch.inference_mode()``.
 
     :param pruned: the student; copied unless ``inplace=True``. Its modes are restored.
+        In train mode it keeps every module's own mode (BatchNorm you put in eval mode
+        stays frozen); in eval mode (as pruning returns it) it trains whole, except norms
+        whose parameters all have ``requires_grad=False``: their running statistics stay.
+        The global RNG is not touched: ``seed`` drives a fork of it.
     :param teacher: the original model; never modified. ``None``: plain fine-tuning.
     :param train_data: a data set or DataLoader of ``(x, y)``, ``x`` or dict batches.
         Never pass the split that measures your reported accuracy.
@@ -396,7 +441,9 @@ def recover(
         ``train_data`` (seeded split, disjoint from the samples trained on).
     :param epochs: at most this many passes over the training part.
     :param lr, weight_decay, warmup_fraction: AdamW, linear warm-up over that share of
-        the steps, then cosine decay to zero.
+        the steps, then cosine decay to zero. ``lr=0`` is a legal control run (as for
+        PyTorch's optimizers and schedulers): no weight moves, while BatchNorm running
+        statistics still adapt to the pruned model in train mode.
     :param temperature, kd_weight, ce_weight: the loss (see the module docstring).
     :param patience: stop after this many epochs (>= 1) without a better epoch (see the
         glossary: the metric, ties broken by the held-out loss; ``None``: never). The
@@ -421,7 +468,7 @@ def recover(
         raise UserError(f"epochs={epochs!r} must be a positive integer")
     if task not in TASKS:
         raise UserError(f"task={task!r}: choose one of {', '.join(TASKS)}")
-    _check_number("lr", lr, positive=True)
+    _check_number("lr", lr)  # 0: a control run; weights stay, train-mode BatchNorm statistics still adapt
     _check_number("temperature", temperature, positive=True)
     _check_number("weight_decay", weight_decay)
     _check_number("kd_weight", kd_weight)
@@ -436,13 +483,14 @@ def recover(
             tail = " or None" if name == "patience" else ""
             raise UserError(f"{name}={value!r} must be an integer >= {low}{tail}")
     device = torch.device(device) if device is not None else _device_of(pruned)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # on the fork made by _private_rng: the caller's RNG state is restored after
     train_loader, held_loader, n_train, n_held = split_train_data(train_data, val_data, val_fraction, batch_size, seed)
-    student = pruned if inplace else copy.deepcopy(pruned)
+    student = pruned if inplace else copy_model(pruned)
     student_modes = [(m, m.training) for m in student.modules()]
+    training = _train_modes(student)
     student.to(device)
     if teacher is not None and _device_of(teacher) != device:
-        teacher = copy.deepcopy(teacher).to(device)  # the user's teacher stays where it is
+        teacher = copy_model(teacher).to(device)  # the user's teacher stays where it is
     use_amp = bool(amp) and device.type == "cuda"
     amp_dtype = _amp_dtype() if use_amp else torch.float32
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -484,7 +532,8 @@ def recover(
         teacher.eval()  # BN and dropout in inference mode; restored at the end
     try:
         for epoch in range(1, epochs + 1):
-            student.train()
+            for m in training:
+                m.training = True  # this module only: the frozen norms inside stay in eval mode
             running, count = 0.0, 0
             for batch in train_loader:
                 inputs, target = split_batch(batch)
@@ -537,7 +586,7 @@ def recover(
                     f"too high, or NaN/inf in a batch); returning the best epoch's weights (epoch {best_epoch}, "
                     f"held-out {metric} {best:.4f}; 0 = the pruned model)",
                     RuntimeWarning,
-                    stacklevel=4,  # the caller's line: past the inference_mode and enable_grad wrappers
+                    stacklevel=5,  # the caller's line: past the _private_rng, inference_mode and enable_grad wrappers
                 )
                 break
             if patience is not None and stale >= patience and epoch < epochs:

@@ -11,7 +11,6 @@ unit.
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from cleanai_core.errors import PruningError, UserError
 from cleanai_core.graph.context import SliceSpec
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.graph.groups import Group
+from cleanai_core.model_state import copy_model
 from cleanai_core.plugins import get_plugin_manager
 
 __all__ = [
@@ -84,7 +84,7 @@ class ScoringContext:
         first call with ``key`` and reused for every group of this pass (e.g. ``|w|^(1/2)``
         for an L1 magnitude, ``w * dL/dw`` for Taylor), so :meth:`energy` can read it."""
         if key not in self._transformed:
-            clone = copy.deepcopy(self.model)
+            clone = copy_model(self.model)
             with torch.no_grad():
                 for name, p in clone.named_parameters():
                     if p.is_floating_point():

@@ -16,6 +16,7 @@ from torch import nn
 from cleanai_core.graph.dependency import resolve_modules
 from cleanai_core.graph.findings import ModelFindings, prepare_model
 from cleanai_core.interfaces import replace_param
+from cleanai_core.model_state import copy_model
 from cleanai_core.plugins import get_plugin_manager
 
 __all__ = [
@@ -182,7 +183,7 @@ def sliced_copy(
     """
     originals = list(source.parameters()) + list(source.buffers())
     before = [_fingerprint(t) for t in originals]
-    model = copy.deepcopy(source, {id(t): t for t in originals})
+    model = copy_model(source, {id(t): t for t in originals})
     shared = {id(t) for t in originals}
     memo: dict[int, Any] = {}
 

@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.model_state import copy_model
 from cleanai_core.plugins import temporary_plugin
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 from cleanai_core.verify import model_outputs
@@ -72,7 +72,7 @@ def masked_forward(
     (module outputs, module inputs, norm affines, bare tensors). A pruner of a composite
     module (attention, recurrent) may define ``mask(module, slice_name, idx)``: it zeroes
     the weights of those indices in the copy and returns ``True`` to skip the default hooks."""
-    model = copy.deepcopy(graph.model)
+    model = copy_model(graph.model)
     handles = []
     for spec in graph.slices:
         gone = pruned[graph.root[spec.atoms]]
@@ -149,7 +149,7 @@ def check_pruner(
     pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed), exclude_normalized=True)
     transform = graph_kwargs.get("output_transform")
     expected = masked_forward(graph, pruned, inputs, forward_fn, transform)
-    small = copy.deepcopy(model)
+    small = copy_model(model)
     edits = [SliceEdit(m, s, k, _dim(graph, m, s)) for (m, s), k in graph.keep_indices(pruned).items()]
     apply_edits(small, edits, graph.pm)
     got = run_model(small, inputs, forward_fn, transform)

@@ -35,6 +35,8 @@ NORMALIZERS = {
     "max": lambda s: _safe_div(s, s.max()),
     "sum": lambda s: _safe_div(s, s.sum()),
     "gaussian": lambda s: (s - s.mean()) / (s.std() + 1e-12) if s.numel() > 1 else torch.zeros_like(s),
+    # min-max onto [0, 1] (the name Torch-Pruning users pass); a constant group scores all 0
+    "standardization": lambda s: _safe_div(s - s.min(), s.max() - s.min()),
     "lamp": lamp,
 }
 

@@ -81,7 +81,7 @@ def test_recovery_without_train_data_trains_on_the_calibration_part_only(inputs,
     assert "calibration samples of --data" in rec["training_data"] and "never on the held-out" in rec["training_data"]
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--recover-epochs", "-1"), ("--recover-lr", "0")])
+@pytest.mark.parametrize(("flag", "value"), [("--recover-epochs", "-1"), ("--recover-lr", "-0.001")])
 def test_bad_recovery_options_are_refused(inputs, capsys, flag, value):
     assert _prune(flag, value) == 2
     assert flag in capsys.readouterr().err

@@ -172,3 +172,50 @@ def test_without_an_hf_folder_the_tokenizer_is_kept_in_out(tmp_path, capsys):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "o" / "tokenizer", local_files_only=True)
     assert tok("ab")["input_ids"][:2] == [100, 101]  # ByT5: byte + 3
     assert "`tokenizer/`" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_explain_traces_hugging_face_text_models_with_token_ids(tmp_path, capsys):
+    # before: explain fed a float (1, 3, 224, 224) tensor, and every text model failed in its
+    # embedding ("Expected tensor for argument #1 'indices' to have one of the following scalar types")
+    from torch import nn
+
+    from cleanai_core.cli.explain import example_input
+
+    save(tiny_llama(), tmp_path / "llama", tokenizer=False)
+    assert main(["explain", "--model", f"hf:{tmp_path / 'llama'}", "--max-groups", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "model.embed_tokens: Embedding" in out and "groups (" in out
+    cfg = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, num_labels=2,
+    )  # fmt: skip
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
+    assert main(["explain", "--model", f"hf:{tmp_path / 'bert'}", "--input-shape", "2,5", "--max-groups", "2"]) == 0
+    assert "bert.embeddings.word_embeddings: Embedding" in capsys.readouterr().out
+    bert = transformers.BertForSequenceClassification(cfg)
+    ids = example_input(bert, (1, 16))  # BERT's own limit (8 positions) is not checked for a given shape
+    assert ids.dtype == torch.long and ids.shape == (1, 16) and int(ids.max()) < 40
+    plain = nn.Sequential(nn.Embedding(30, 8), nn.Flatten(), nn.Linear(8 * 4, 2))
+    assert example_input(plain, (2, 4)).dtype == torch.long  # a hand-written text model too
+    assert example_input(nn.Linear(3, 2), (2, 3)).dtype == torch.float32
+
+
+def test_explain_falls_back_to_floats_when_a_leading_embedding_does_not_read_the_input(capsys, monkeypatch):
+    from torch import nn
+
+    class QueriesFirst(nn.Module):  # a learned query table declared before the layers that read the image
+        def __init__(self) -> None:
+            super().__init__()
+            self.queries, self.conv = nn.Embedding(4, 8), nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.conv(x).mean((2, 3)) + self.queries.weight.sum(0)
+
+    import sys
+    import types
+
+    module = types.ModuleType("qfirst")
+    module.QueriesFirst = QueriesFirst
+    monkeypatch.setitem(sys.modules, "qfirst", module)
+    assert main(["explain", "--model", "qfirst:QueriesFirst", "--input-shape", "1,3,8,8"]) == 0
+    assert "conv: Conv2d" in capsys.readouterr().out

@@ -137,7 +137,11 @@ def test_recover_a_causal_lm_lowers_held_out_perplexity_by_distillation():
 
 @pytest.mark.parametrize(
     ("kwargs", "words"),
-    [({"epochs": 0}, "epochs=0"), ({"epochs": 1, "task": "vision"}, "task='vision'"), ({"epochs": 1, "lr": 0}, "lr")],
+    [
+        ({"epochs": 0}, "epochs=0"),
+        ({"epochs": 1, "task": "vision"}, "task='vision'"),
+        ({"epochs": 1, "lr": -1e-3}, "lr=-0.001 must be >= 0"),  # 0 is a legal control run
+    ],
 )
 def test_bad_arguments_raise_user_errors(kwargs, words):
     model = trained_cnn()

@@ -145,3 +145,62 @@ def test_frozen_parameters_stay_put_and_a_model_with_every_parameter_frozen_is_r
         p.requires_grad_(False)
     with pytest.raises(UserError, match="requires_grad=False: there is nothing to train"):
         recover(model, None, TensorDataset(x, y), epochs=1, progress=False)  # was "no labels and no teacher"
+
+
+class _BnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn = nn.Linear(64, 32), nn.BatchNorm1d(32)
+        self.drop, self.fc2 = nn.Dropout(0.5), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(self.drop(F.relu(self.bn(self.fc1(x.flatten(1))))))
+
+
+def _bn_net() -> _BnNet:
+    torch.manual_seed(0)
+    return _BnNet().eval()
+
+
+def test_recover_leaves_the_callers_global_rng_state_alone():
+    # before: recover() called torch.manual_seed(seed) on the global generator, so the caller's
+    # next random draws repeated from seed 0 whatever their own seed was
+    model, data = _bn_net(), TensorDataset(*_digits(200))
+    torch.manual_seed(1234)
+    expected = torch.rand(5)
+    torch.manual_seed(1234)
+    recover(model, None, data, epochs=1, progress=False)
+    assert torch.equal(torch.rand(5), expected)
+    a, _ = recover(_bn_net(), None, TensorDataset(*_digits(200)), epochs=1, seed=3, progress=False)
+    b, _ = recover(_bn_net(), None, TensorDataset(*_digits(200)), epochs=1, seed=3, progress=False)
+    assert _same(a, b)  # the seed still makes shuffling and dropout reproducible
+
+
+def test_zero_learning_rate_is_a_control_run_that_moves_no_weight():
+    # before: lr=0 was refused, though PyTorch's optimizers and schedulers take it (a sweep's control)
+    model = _bn_net()
+    student, result = recover(model, None, TensorDataset(*_digits(200)), epochs=2, lr=0.0, progress=False)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(p, params[n]) for n, p in student.named_parameters())
+    assert result.epochs == 2 and len(result.history) == 2
+    assert not torch.equal(student.bn.running_mean, model.bn.running_mean)  # train-mode statistics did adapt
+
+
+@pytest.mark.parametrize("how", ["requires_grad", "eval_mode"])
+def test_batchnorm_frozen_by_the_user_stays_frozen_while_recovering(how):
+    # before: student.train() put every module in train mode, so a frozen BatchNorm's running
+    # statistics drifted towards the recovery data
+    model = _bn_net()
+    if how == "requires_grad":
+        model.bn.requires_grad_(False)  # model in eval mode, as pruning returns it
+    else:
+        model.train()
+        model.bn.eval()  # the user's own training setup: everything trains but this norm
+    student, _ = recover(model, None, TensorDataset(*_digits(200)), epochs=2, lr=1e-2, progress=False)
+    assert torch.equal(student.bn.running_mean, model.bn.running_mean)
+    assert torch.equal(student.bn.running_var, model.bn.running_var)
+    assert int(student.bn.num_batches_tracked) == 0
+    assert not torch.equal(student.fc1.weight, model.fc1.weight)  # the rest did train
+    assert student.training == model.training and not student.bn.training  # the modes are restored
+    unfrozen, _ = recover(_bn_net(), None, TensorDataset(*_digits(200)), epochs=1, progress=False)
+    assert int(unfrozen.bn.num_batches_tracked) > 0  # an ordinary BatchNorm does update

@@ -9,7 +9,7 @@ import torch
 
 from cleanai_core.errors import UserError
 
-__all__ = ["add_parser", "parse_shape", "run"]
+__all__ = ["add_parser", "example_input", "parse_shape", "run", "token_vocabulary"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -33,7 +33,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--input-shape",
         default=None,
         metavar="N,C,H,W",
-        help="example input shape (default: the model's own, else 1,3,224,224)",
+        help="example input shape (default: the model's own; 1,16 token ids for a model that reads tokens, "
+        "e.g. a Hugging Face text model; else 1,3,224,224)",
     )
     p.add_argument("--max-groups", type=int, default=50, metavar="N", help="groups to list (default 50)")
     return p
@@ -50,11 +51,42 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def _default_shape(model: torch.nn.Module) -> tuple[int, ...]:
+    if token_vocabulary(model) is not None:
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        return (1, min(TEXT_LENGTH, int(limit))) if isinstance(limit, int) and limit > 0 else (1, TEXT_LENGTH)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     if size:
         return (1, *size)
     return (1, 3, 224, 224)
+
+
+TEXT_LENGTH = 16  # tokens in the default example of a text model
+
+
+def token_vocabulary(model: torch.nn.Module) -> int | None:
+    """How many token ids the model reads (``0..V-1``), or ``None`` when its input is not
+    token ids: the rows of its input embedding, found by the Hugging Face convention
+    ``get_input_embeddings()`` or as the model's first module with parameters."""
+    try:
+        emb = model.get_input_embeddings()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError, TypeError):
+        emb = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+    return int(emb.num_embeddings) if isinstance(emb, torch.nn.Embedding) else None
+
+
+def example_input(model: torch.nn.Module, shape: tuple[int, ...]) -> Any:
+    """What ``explain`` traces with: random token ids of ``shape`` for a model that reads
+    tokens (floats made Hugging Face text models fail in their embedding: "Expected tensor
+    for argument #1 'indices' to have one of the following scalar types: Long, Int"), a
+    dict with ``decoder_input_ids`` too for an encoder-decoder, else a float tensor."""
+    vocab = token_vocabulary(model)
+    if vocab is None:
+        return torch.randn(*shape)
+    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return {"input_ids": ids, "decoder_input_ids": ids}
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,11 +110,17 @@ def run(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input_shape) if args.input_shape else _default_shape(model)
     from cleanai_core.errors import TraceError
 
-    try:
-        # what the pruner sees: the default ignores and the coupling-dependent defaults kept
-        graph = DependencyGraph(model, torch.randn(*shape), ignored_layers=sorted(ignored_modules(model, ())))
-        graph.apply_default_freezes()
-    except TraceError as exc:
-        raise UserError(f"{exc} Tried --input-shape {','.join(map(str, shape))}; pass the right one.") from exc
+    ignored = sorted(ignored_modules(model, ()))
+    first = example_input(model, shape)
+    tries = [first] if isinstance(first, torch.Tensor) and first.is_floating_point() else [first, torch.randn(*shape)]
+    for i, inputs in enumerate(tries):  # token ids first for a model that seems to read them, then floats
+        try:
+            # what the pruner sees: the default ignores and the coupling-dependent defaults kept
+            graph = DependencyGraph(model, inputs, ignored_layers=ignored)
+            graph.apply_default_freezes()
+            break
+        except TraceError as exc:
+            if i == len(tries) - 1:
+                raise UserError(f"{exc} Tried --input-shape {','.join(map(str, shape))}; pass the right one.") from exc
     print(graph.explain(max_groups=args.max_groups))
     return 0

@@ -112,8 +112,8 @@ class PruneConfig:
                                     "(default 0.25,0.5,0.75)", "pruning", metavar="R,R,...")  # fmt: skip
     prune_dead_only: bool = _opt(False, "remove exactly the units that never activate on the calibration data "
                                  "(outputs unchanged)", "pruning")  # fmt: skip
-    importance: str = _opt("weight_activation", "weight_activation (default), magnitude, bn_scale, taylor, random, "
-                           "lamp", "pruning", metavar="NAME")  # fmt: skip
+    importance: str = _opt("weight_activation", "weight_activation (default), magnitude, bn_scale, taylor, hessian, "
+                           "random, lamp", "pruning", metavar="NAME")  # fmt: skip
     alpha: float | None = _opt(None, "weight_activation: weight of the weight term", "pruning", type=float,
                                metavar="A")  # fmt: skip
     beta: float | None = _opt(None, "weight_activation: weight of the activation term", "pruning", type=float,
@@ -405,7 +405,7 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
     _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)
     _check_number(cfg, "stats_budget_mib", int, 0, None, lo_open=False)
     _check_number(cfg, "recover_epochs", int, 0, None, lo_open=False)
-    _check_number(cfg, "recover_lr", float, 0.0, None)
+    _check_number(cfg, "recover_lr", float, 0.0, None, lo_open=False)
     _check_number(cfg, "seed", int, -(2**63), 2**64, lo_open=False)  # what torch.Generator.manual_seed takes
     _check_number(cfg, "threads", int, 1, max_threads(), lo_open=False, hi_open=False)
     for pat, r in cfg["layer_ratio"].items():

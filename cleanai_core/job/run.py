@@ -5,7 +5,6 @@ entry point; the command line only parses options into a :class:`PruneConfig`.""
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -20,6 +19,7 @@ from cleanai_core.errors import UserError
 from cleanai_core.job.config import PruneConfig, pruner_options, resolve_config
 from cleanai_core.job.inputs import first_input, has_labels, load_inputs, split_dataset, to_device
 from cleanai_core.job.outputs import check_out_dir, guard_out
+from cleanai_core.model_state import copy_model
 
 __all__ = ["execute", "run_job"]
 
@@ -70,7 +70,7 @@ def _latencies(before: Any, after: Any, example: Any, repeats: int) -> tuple[flo
 
     cpu = torch.device("cpu")
     x = to_device(example, cpu)
-    models = [copy.deepcopy(m).cpu().eval() for m in (before, after)]
+    models = [copy_model(m).cpu().eval() for m in (before, after)]
     per_round = max(1, math.ceil(repeats / LATENCY_ROUNDS))
     times: list[list[float]] = [[], []]
     for _ in range(LATENCY_ROUNDS):

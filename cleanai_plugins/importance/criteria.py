@@ -1,5 +1,5 @@
 """Built-in importance criteria: weight_activation (default), magnitude, bn_scale,
-taylor, random, lamp."""
+taylor, hessian, random, lamp."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_reducer, mean_normalized
 
-__all__ = ["BNScaleImportance", "LAMPImportance", "MagnitudeImportance", "RandomImportance", "TaylorImportance"]
+__all__ = [
+    "BNScaleImportance",
+    "HessianImportance",
+    "LAMPImportance",
+    "MagnitudeImportance",
+    "RandomImportance",
+    "TaylorImportance",
+]
 
 
 class MagnitudeImportance:
@@ -88,6 +95,32 @@ class TaylorImportance:
         return self.reduce(torch.stack(terms))
 
 
+class HessianImportance:
+    """Optimal Brain Damage with the empirical Fisher as the Hessian's diagonal:
+    ``sum w^2 * sum_s g_s^2`` over the weights touching the unit, ``g_s`` the gradient of
+    sample ``s``'s own cross-entropy on labelled calibration data (calibration takes one
+    backward pass per sample). Where Taylor squares the gradient summed over the data,
+    gradients of opposite sign in different samples do not cancel here. Terms folded by
+    ``reducer`` (default ``"sum"``)."""
+
+    needs_activations = True
+    needs_gradients = True
+    needs_squared_gradients = True
+
+    def __init__(self, reducer: str = "sum") -> None:
+        self.reducer, self.reduce = reducer, get_reducer(reducer)
+
+    def __call__(self, group, ctx: ScoringContext) -> torch.Tensor:
+        fisher = ctx.gradients
+        if not fisher:
+            raise UserError("hessian importance needs gradients: call collect_activations with labelled data first")
+        model = ctx.transformed("hessian", lambda name, p: p * fisher[name].sqrt() if name in fisher else p * 0)
+        terms = [ctx.per_unit(group, s, e) for s in group.slices if (e := ctx.energy(s, model)) is not None]
+        if not terms:
+            return torch.ones(group.size, dtype=torch.float64)
+        return self.reduce(torch.stack(terms))
+
+
 class RandomImportance:
     """Random scores (a baseline). Seeded."""
 
@@ -123,6 +156,7 @@ def cleanai_importances():
         "magnitude": MagnitudeImportance,
         "bn_scale": BNScaleImportance,
         "taylor": TaylorImportance,
+        "hessian": HessianImportance,
         "random": RandomImportance,
         "lamp": LAMPImportance,
     }

@@ -1,4 +1,4 @@
-"""nn.Embedding: the embedding dimension is a producer of channels."""
+"""nn.Embedding and nn.EmbeddingBag: the embedding dimension is a producer of channels."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ class EmbeddingPruner(LayerPruner):
     name = "embedding"
 
     def trace(self, module, call, ctx):
-        ctx.label_of(call.args[0])  # indices carry no channels
+        for ref in call.inputs:  # indices (EmbeddingBag: offsets, per-sample weights) carry no channels
+            ctx.label_of(ref)
         atoms = ctx.produce(call.name, "out", module.embedding_dim, dim=-1)
         ctx.set_label(call.outputs[0], -1, atoms)
 
@@ -38,6 +39,6 @@ class EmbeddingPruner(LayerPruner):
 
 @hookimpl(trylast=True)
 def cleanai_layer_pruner(module):
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return EmbeddingPruner()
     return None

@@ -1,4 +1,4 @@
-"""BatchNorm, LayerNorm (also channels-last use), GroupNorm, InstanceNorm, RMS norms
+"""BatchNorm, LayerNorm (also channels-last use, and over several dims), GroupNorm, InstanceNorm, RMS norms
 (``nn.RMSNorm`` and timm's ``RmsNorm``/``SimpleNorm`` families), timm's global response
 norm (ConvNeXt-V2 ``GlobalResponseNorm``), and the timm norm layers that subclass them
 (``BatchNormAct2d``, ``LayerNorm2d``, ``RmsNormAct2d``...)."""
@@ -10,7 +10,14 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_core.interfaces import LayerPruner, slice_params
 
-__all__ = ["BatchNormPruner", "GlobalResponseNormPruner", "GroupNormPruner", "LayerNormPruner", "RMSNormPruner"]
+__all__ = [
+    "BatchNormPruner",
+    "GlobalResponseNormPruner",
+    "GroupNormPruner",
+    "LayerNormPruner",
+    "RMSNormPruner",
+    "SpatialLayerNormPruner",
+]
 
 _AFFINE = [("weight", 0), ("bias", 0)]
 _STATS = [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]
@@ -104,6 +111,29 @@ class LayerNormPruner(_PassThrough):
         module.normalized_shape = (n,)
 
 
+class SpatialLayerNormPruner(LayerNormPruner):
+    """``nn.LayerNorm`` over several trailing dimensions, e.g. ``LayerNorm((C, H, W))`` on
+    NCHW tensors: the channels are the first normalised dimension, and the affine tensors
+    ``(C, H, W)`` follow them along their dim 0 (``normalized_shape`` becomes
+    ``(C', H, W)``). Normalises across channels (and space): prunable, approximate, left
+    out of the exact oracle. Channels on a dimension before the normalised ones (a
+    ``LayerNorm((H, W))``) pass through: every channel is normalised on its own."""
+
+    name = "layernorm_nd"
+
+    def channel_dim(self, module, x) -> int:
+        return x.ndim - len(module.normalized_shape)
+
+    def fix(self, module, n):
+        module.normalized_shape = (n, *module.normalized_shape[1:])
+
+    def weight_energy(self, module, slice_name):
+        w = getattr(module, "weight", None)
+        if w is None:
+            return None
+        return (w.detach().float() ** 2).reshape(w.shape[0], -1).sum(1)
+
+
 class RMSNormPruner(LayerNormPruner):
     """RMS norm over one channel dimension: ``nn.RMSNorm`` and timm's ``RmsNorm``,
     ``SimpleNorm`` (last dimension) and ``RmsNorm2d``, ``SimpleNorm2d`` (dim 1), their
@@ -183,6 +213,8 @@ def cleanai_layer_pruner(module):
         return InstanceNormPruner()
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
         return LayerNormPruner()
+    if type(module) is nn.LayerNorm and (module.weight is None or module.weight.shape == module.normalized_shape):
+        return SpatialLayerNormPruner()
     if isinstance(module, nn.GroupNorm):
         return GroupNormPruner()
     if isinstance(module, nn.RMSNorm):

@@ -1,4 +1,5 @@
-"""nn.RNN / nn.LSTM / nn.GRU, multi-layer and bidirectional, LSTM with ``proj_size``.
+"""nn.RNN / nn.LSTM / nn.GRU, multi-layer and bidirectional, LSTM with ``proj_size``; and
+the cells nn.RNNCell / nn.LSTMCell / nn.GRUCell that users step through a loop themselves.
 
 Coupling (decided here):
 
@@ -17,6 +18,11 @@ Coupling (decided here):
 - An initial state ``hx`` (``h_0``, LSTM ``(h_0, c_0)``) must shrink with the units: its
   last-dim label is unioned with them (an unlabelled ``hx`` freezes them).
 - ``h_n``/``c_n`` get labels too. A ``PackedSequence`` input freezes everything.
+- A cell (:class:`RecurrentCellPruner`) has the same ``"in"`` and ``"hidden"`` slices for
+  its one layer; its state ``hx`` (LSTM ``(h, c)``) and its outputs carry the hidden
+  units, so a loop that feeds a step's output back as the next ``hx`` couples nothing
+  new. ``hx=None`` makes the cell create zeros of ``hidden_size`` itself, which follows
+  the pruned width (a zero tensor the user's own code builds with a literal size cannot).
 
 Masking oracle: zeroing the weights of a hidden unit makes its gates' pre-activations
 zero, hence (with a zero initial state) its ``h`` and ``c`` stay exactly zero, which is
@@ -32,7 +38,7 @@ from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
 from cleanai_core.interfaces import LayerPruner, replace_param
 
-__all__ = ["RecurrentPruner"]
+__all__ = ["RecurrentCellPruner", "RecurrentPruner"]
 
 
 def _gates(module) -> int:
@@ -161,8 +167,67 @@ class RecurrentPruner(LayerPruner):
         return e
 
 
+class RecurrentCellPruner(LayerPruner):
+    """nn.RNNCell / nn.LSTMCell / nn.GRUCell: one layer, one direction, no projection."""
+
+    name = "recurrent_cell"
+
+    def trace(self, module, call, ctx):
+        x = call.args[0] if call.args else call.kwargs.get("input")
+        hx = call.args[1] if len(call.args) > 1 else call.kwargs.get("hx")
+        hidden = ctx.produce(call.name, "hidden", module.hidden_size, dim=-1)
+        ctx.bind(call.name, "in", ctx.labels(x, -1), "in", arg=0, dim=-1)
+        for s in [hx] if isinstance(hx, TRef) else list(hx) if isinstance(hx, (tuple, list)) else []:
+            if isinstance(s, TRef):
+                ctx.union(ctx.labels(s, -1), hidden)
+        for o in call.outputs:
+            ctx.set_label(o, -1, hidden)
+
+    def prune(self, module, keep):
+        g, h = _cell_gates(module), module.hidden_size
+        kin, kh = keep.get("in"), keep.get("hidden")
+        if kin is not None:
+            replace_param(module, "weight_ih", 1, kin)
+            module.input_size = kin.numel()
+        if kh is not None:
+            rows = _rows(kh, h, g)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                if getattr(module, name, None) is not None:
+                    replace_param(module, name, 0, rows)
+            replace_param(module, "weight_hh", 1, kh)
+            module.hidden_size = kh.numel()
+
+    def mask(self, module, slice_name, idx):
+        """Zero the pruned units' weights: with a zero state their gates' pre-activations
+        are zero and their ``h`` (and ``c``) stay exactly zero, as removing them does."""
+        if slice_name == "in":
+            module.weight_ih.data[:, idx] = 0
+            return True
+        rows = _rows(idx, module.hidden_size, _cell_gates(module))
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            if getattr(module, name, None) is not None:
+                getattr(module, name).data[rows] = 0
+        module.weight_hh.data[:, idx] = 0
+        return True
+
+    def weight_energy(self, module, slice_name):
+        g, h = _cell_gates(module), module.hidden_size
+        if slice_name == "in":
+            return (module.weight_ih.detach().float() ** 2).sum(0)
+        e = torch.zeros(h, device=module.weight_hh.device)
+        for name in ("weight_ih", "weight_hh"):
+            e += (getattr(module, name).detach().float() ** 2).sum(1).reshape(g, h).sum(0)
+        return e + (module.weight_hh.detach().float() ** 2).sum(0)
+
+
+def _cell_gates(module) -> int:
+    return 4 if isinstance(module, nn.LSTMCell) else 3 if isinstance(module, nn.GRUCell) else 1
+
+
 @hookimpl(trylast=True)
 def cleanai_layer_pruner(module):
     if isinstance(module, nn.modules.rnn.RNNBase):
         return RecurrentPruner()
+    if isinstance(module, nn.modules.rnn.RNNCellBase):
+        return RecurrentCellPruner()
     return None
