@@ -120,6 +120,14 @@ def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
     where = getattr(model.config, "name_or_path", "") or ""
     try:
         return tf.AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except ImportError as exc:  # the family's tokenizer class needs a package (BioGPT's: sacremoses)
+        if not required:
+            return None
+        raise UserError(
+            f"the tokenizer of the model ({where!r}) needs a package that is not installed: {_one_line(exc)} "
+            "Install it, or give already tokenized data as a .pt file (a LongTensor of ids (N, L) or a dict "
+            "with input_ids)."
+        ) from exc
     except (OSError, ValueError, TypeError) as exc:
         if not required:
             return None
