@@ -172,3 +172,30 @@ def test_without_an_hf_folder_the_tokenizer_is_kept_in_out(tmp_path, capsys):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "o" / "tokenizer", local_files_only=True)
     assert tok("ab")["input_ids"][:2] == [100, 101]  # ByT5: byte + 3
     assert "`tokenizer/`" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_a_tokenizer_that_makes_no_tokens_is_refused_before_the_model_runs(tmp_path, capsys, monkeypatch):
+    """A folder whose tokenizer is not the model's own (transformers 5 builds an empty
+    ``Qwen2Tokenizer`` from a Qwen2 config next to other tokenizer files) tokenized every
+    text to nothing: zero-length rows reached the model and failed inside it with
+    "cannot reshape tensor of 0 elements", which named neither the tokenizer nor the data."""
+    cfg = transformers.BertConfig(vocab_size=259, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=2)  # fmt: skip
+    torch.manual_seed(0)
+    folder = save(transformers.BertForSequenceClassification(cfg).eval(), tmp_path / "bert")
+    byt5 = transformers.ByT5Tokenizer(extra_ids=0)
+
+    def drops_words(texts, **kwargs):  # keeps only the texts that start with "keep"
+        return byt5([t if t.startswith("keep") else "" for t in texts], add_special_tokens=False, **kwargs)
+
+    class Blank:
+        pad_token_id = 0
+        __call__ = staticmethod(drops_words)
+
+    monkeypatch.setattr("cleanai_plugins.io.text.load_tokenizer", lambda model: Blank())
+    lines = [json.dumps({"text": f"{'keep' if i % 4 else 'drop'} {i}", "label": i % 2}) for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    code = prune(folder, tmp_path / "d.jsonl", tmp_path / "o")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "o").exists()
+    assert "the tokenizer (Blank) made no tokens of 5 of 20 texts (the first: 'drop 0')" in err
