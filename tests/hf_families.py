@@ -266,6 +266,10 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "encoder",
     ),
+    "convbert": (  # its attention has num_attention_heads // head_ratio heads (2 of 4)
+        _make("ConvBertForMaskedLM", "ConvBertConfig", _ids, **ENC, intermediate_size=96, embedding_size=64),
+        "encoder",
+    ),
     "funnel": (  # the MLP width is d_inner, its first layer ffn.linear_1
         _make(
             "FunnelForMaskedLM",

@@ -421,6 +421,7 @@ NO_RELOAD = {
     "convnext": "MLP width fixed at 4x the stage width",
     "bloom": "MLP width fixed at 4x hidden",
     "deberta": "relative position embeddings: their width has no key (the default pruner keeps it)",
+    "convbert": "span-based convolution heads: their count has no key (the default pruner keeps them)",
 }
 
 

@@ -149,6 +149,21 @@ def test_mlp_width_of_families_without_a_known_first_layer_prunes_by_default(nam
     assert torch.equal(run_model(small, inputs)[0], run_model(reloaded(small, tmp_path), inputs)[0])
 
 
+def test_config_keeps_a_count_the_modules_derive_from_it(tmp_path):
+    """ConvBERT's attention has ``num_attention_heads // head_ratio`` heads: the config
+    fix-up wrote the module's 2 into the config's 4, so a model whose heads were all kept
+    (the default pruned only its MLP) could not be rebuilt, and reloaded only through
+    ``load_pruned``. The old value is put back where it rebuilds more of the model."""
+    model, inputs, small = default_prune("convbert")
+    assert (
+        small.config.num_attention_heads == 4
+        and small.convbert.encoder.layer[0].attention.self.num_attention_heads == 2
+    )
+    assert small.config.intermediate_size == 48 and params(small) == params(model) - 2 * 48 * (64 + 1 + 64)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(run_model(small, inputs)[0], run_model(reloaded(small, tmp_path), inputs)[0])
+
+
 def test_tokenizer_that_needs_a_missing_package_is_a_user_error(monkeypatch):
     """BioGPT's tokenizer class needs ``sacremoses``: its ImportError escaped the loader, so
     ``cleanai prune`` of a BioGPT folder failed with a traceback even on token-id data."""

@@ -194,6 +194,7 @@ def fix_config(model: nn.Module) -> None:
                 mine["values"][key].extend(widths)
     record = {}
     entry_width = _entry_width(model)
+    before = [(entry["config"], dict(vars(entry["config"]))) for entry in found.values()]
     for entry in found.values():
         old = getattr(entry["config"], "hidden_size", None)
         record.update(_write(entry))
@@ -204,7 +205,7 @@ def fix_config(model: nn.Module) -> None:
         _fix_hidden_attrs(model, entry["config"], old)
     _write_embedding_width(model, root, record)
     declared = declare_biases(model)  # compensation's biases, where a config switch allows them
-    mismatched = rebuild_mismatches(model)
+    mismatched = _keep_what_rebuilds(model, before, rebuild_mismatches(model))
     root.cleanai_pruning = {
         "uniform": not record,
         "from_pretrained": not mismatched,
@@ -213,6 +214,28 @@ def fix_config(model: nn.Module) -> None:
         **({"mismatched": mismatched[:5]} if mismatched else {}),
         **({"reload": "load_pruned", "why": reasons(model, mismatched)} if mismatched else {}),
     }
+
+
+def _keep_what_rebuilds(model: nn.Module, before: list[tuple[object, dict]], mismatched: list[str]) -> list[str]:
+    """Where the rewritten config does not rebuild the model, put back each rewritten
+    number whose old value rebuilds more of it, and return what still mismatches. A
+    module's count is not always the config's: ConvBERT's attention has
+    ``num_attention_heads // head_ratio`` heads, so writing its 2 heads into the config's
+    4 broke the rebuild of a model whose heads were all kept (only its MLP was pruned)."""
+    for config, old in before:
+        for key, value in old.items():
+            new = getattr(config, key, None)
+            if not mismatched:
+                return mismatched
+            if new == value or type(value) not in (int, float) or type(new) not in (int, float):
+                continue
+            setattr(config, key, value)
+            again = rebuild_mismatches(model)
+            if len(again) < len(mismatched):
+                mismatched = again
+            else:
+                setattr(config, key, new)
+    return mismatched
 
 
 #: config keys of an input embedding narrower than the hidden size (ALBERT, ELECTRA; OPT-350m)
