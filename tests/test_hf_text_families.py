@@ -177,3 +177,31 @@ def test_tokenizer_that_needs_a_missing_package_is_a_user_error(monkeypatch):
     assert load_tokenizer(model, required=False) is None
     with pytest.raises(UserError, match="needs a package that is not installed: You need to install sacremoses"):
         load_tokenizer(model)
+
+
+def test_padded_positions_do_not_count_in_the_activation_statistics():
+    """A padded batch counted its padding tokens' activations in every consumer's
+    statistics (a classifier's jsonl pads every text to the longest one). Right padding
+    leaves the real tokens' activations of a causal model unchanged, so the statistics of
+    the padded batch equal those of its two rows run apart: 8 + 5 positions, not 16."""
+    from cleanai_core.calibration import StatsCollector
+
+    model, inputs, _ = build("llama-gqa")
+    slices = list(DependencyGraph(model, inputs).ctx.slices.values())
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+
+    def stats(batches):
+        collector = StatsCollector(model, slices)
+        with collector.hooks(), torch.no_grad():
+            for batch in batches:
+                model(**batch)
+        return collector.stats
+
+    padded = stats([{"input_ids": ids, "attention_mask": mask}])
+    apart = stats([{"input_ids": ids[:1]}, {"input_ids": ids[1:, :5]}])
+    assert len(padded) == 15 and {s.count for s in padded.values()} == {13.0}
+    for key, s in padded.items():
+        torch.testing.assert_close(s.mean, apart[key].mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s.var, apart[key].var, rtol=1e-5, atol=1e-5)
