@@ -201,6 +201,16 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    "granitemoe": (
+        _causal(
+            "GraniteMoeForCausalLM",
+            "GraniteMoeConfig",
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
+        "causal",
+    ),
     "codegen": (
         _make(
             "CodeGenForCausalLM",
@@ -416,6 +426,10 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
             text_config={**ENC, "intermediate_size": 96, "max_position_embeddings": 32},
             vision_config={**VIT, "intermediate_size": 96},
         ),
+        "encoder",
+    ),
+    "siglip-text": (
+        _make("SiglipTextModel", "SiglipTextConfig", _ids, **ENC, intermediate_size=96, max_position_embeddings=32),
         "encoder",
     ),
 }
