@@ -144,6 +144,8 @@ def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | No
         return kv * groups, kv, hd
     for child, stacks in QUERY_PROJS:
         w = proj_width(getattr(module, child, None))
+        if w is not None and stacks == 3 and isinstance(groups, int) and groups > 1:
+            return None  # a fused projection of grouped-query attention (DBRX's Wqkv): no equal thirds
         if w is not None:
             if child == "c_attn" and getattr(module, "is_cross_attention", False):
                 w, stacks = proj_width(getattr(module, "q_attn", None)), 1

@@ -116,10 +116,12 @@ def _nearest_cutters(groups: list, key: str) -> list[int]:
     a tensor no group cut whose rebuilt shape changed is sized from a count the config
     fix-up wrote for its neighbours (Phi's and Persimmon's ``q_layernorm`` of
     ``hidden_size / num_attention_heads``: the heads went in the attention around it).
-    No further: a mismatch that no pruning nearby explains blames nothing."""
+    No further (and not the whole model, for a tensor of a top-level module): a mismatch
+    that no pruning nearby explains blames nothing."""
     scope = key.rpartition(".")[0].rpartition(".")[0]
-    prefix = f"{scope}." if scope else ""
-    return [g.id for g in groups if any(s.module and s.module.startswith(prefix) for s in g.slices)]
+    if not scope:
+        return []
+    return [g.id for g in groups if any(s.module.startswith(f"{scope}.") for s in g.slices)]
 
 
 def undescribable(graph) -> list[tuple[torch.Tensor, str]]:
