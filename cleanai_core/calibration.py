@@ -16,6 +16,7 @@ its first hook, and every reader merges that :class:`BatchReduction` into its ow
 A padded text batch (the model called with an ``attention_mask`` that hides positions)
 counts only its real tokens: a consumer's input shaped ``(batch, sequence, ...,
 channels)`` loses the padded positions before it is reduced (:func:`real_positions`).
+Not for an encoder-decoder model, whose decoder positions the mask does not describe.
 """
 
 from __future__ import annotations
@@ -441,7 +442,11 @@ class StatsCollector:
         def mask_of_batch(m, args, kwargs):
             mask = kwargs.get("attention_mask")
             hides = isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask.all())
-            padding[0] = mask.bool() if hides else None
+            # one token stream only: an encoder-decoder's decoder positions are not the mask's
+            two_streams = getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True or any(
+                k.startswith("decoder_") for k in kwargs
+            )
+            padding[0] = mask.bool() if hides and not two_streams else None
 
         handles.append(self.model.register_forward_pre_hook(mask_of_batch, with_kwargs=True))
 

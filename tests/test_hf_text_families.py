@@ -205,3 +205,21 @@ def test_padded_positions_do_not_count_in_the_activation_statistics():
     for key, s in padded.items():
         torch.testing.assert_close(s.mean, apart[key].mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(s.var, apart[key].var, rtol=1e-5, atol=1e-5)
+
+
+def test_an_encoder_decoder_batch_keeps_every_position_in_the_statistics():
+    """The encoder's attention mask does not describe the decoder's positions, even when
+    both streams have the same length (8 here): an encoder-decoder batch is not masked."""
+    from cleanai_core.calibration import StatsCollector
+
+    model, inputs, _ = build("bart")
+    slices = list(DependencyGraph(model, inputs).ctx.slices.values())
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    batch = {"input_ids": torch.randint(3, 100, (2, 8)), "attention_mask": mask,
+             "decoder_input_ids": torch.randint(3, 100, (2, 8))}  # fmt: skip
+    collector = StatsCollector(model, slices)
+    with collector.hooks(), torch.no_grad():
+        model(**batch)
+    assert {s.count for s in collector.stats.values()} == {16.0}
+    assert any(k[0].startswith("model.decoder.layers.0.fc") for k in collector.stats)
