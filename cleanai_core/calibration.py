@@ -12,6 +12,11 @@ Ctrl-C; the model's train/eval mode is restored.
 Consumers that read the very same tensor (a ResNet block's conv1 and its downsample conv,
 parallel branches) share one reduction of it per batch: the tensor is reduced once, on
 its first hook, and every reader merges that :class:`BatchReduction` into its own totals.
+
+A padded text batch (the model called with an ``attention_mask`` that hides positions)
+counts only its real tokens: a consumer's input shaped ``(batch, sequence, ...,
+channels)`` loses the padded positions before it is reduced (:func:`real_positions`).
+Not for an encoder-decoder model, whose decoder positions the mask does not describe.
 """
 
 from __future__ import annotations
@@ -385,23 +390,38 @@ class StatsCollector:
     @contextmanager
     def hooks(self) -> Iterator[StatsCollector]:
         handles = []
-        # id(tensor) -> (weak reference, its reduction); an entry leaves when its tensor dies
-        seen: dict[int, tuple[weakref.ref, BatchReduction]] = {}
+        # id(tensor) -> (weak reference, dim, its reduction, the positions reduced); an entry
+        # leaves when its tensor dies
+        seen: dict[int, tuple[weakref.ref, int, BatchReduction, torch.Tensor]] = {}
+        padding: list[torch.Tensor | None] = [None]  # this batch's attention mask, where it hides positions
 
-        def reduce(x: torch.Tensor, dim: int) -> BatchReduction:
+        def reduce(x: torch.Tensor, dim: int) -> tuple[BatchReduction, torch.Tensor]:
             key = id(x)
             hit = seen.get(key)
             if hit is not None and hit[0]() is x:
-                red = hit[1]
-                if red.dim == dim and red.version is not None and red.version == _version(x):
-                    return red
-            red = BatchReduction(x, dim)
+                _, d, red, rows = hit
+                if d == dim and red.version is not None and red.version == _version(x):
+                    return red, rows
+            rows, d = real_positions(x, dim, padding[0])
+            red = BatchReduction(rows, d)
+            red.version = _version(x)
             if red.version is not None:
                 try:
-                    seen[key] = (weakref.ref(x, lambda _, key=key: seen.pop(key, None)), red)
+                    seen[key] = (weakref.ref(x, lambda _, key=key: seen.pop(key, None)), dim, red, rows)
                 except TypeError:  # a tensor type without weak references: not shared
                     pass
-            return red
+            return red, rows
+
+        def mask_of_batch(m, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            hides = isinstance(mask, torch.Tensor) and mask.ndim == 2 and not bool(mask.all())
+            # one token stream only: an encoder-decoder's decoder positions are not the mask's
+            two_streams = getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True or any(
+                k.startswith("decoder_") for k in kwargs
+            )
+            padding[0] = mask.bool() if hides and not two_streams else None
+
+        handles.append(self.model.register_forward_pre_hook(mask_of_batch, with_kwargs=True))
 
         for module_name, slice_name, argpos, dim in self._targets:
             module = self.model.get_submodule(module_name)
@@ -418,8 +438,8 @@ class StatsCollector:
                 else:  # passed by keyword, e.g. mha(q, key=k, value=v)
                     x = kwargs.get(keyword)
                 if isinstance(x, torch.Tensor) and x.ndim > 0:
-                    d = dim % x.ndim
-                    stats.update(x, d, reduce(x, d))
+                    red, rows = reduce(x, dim % x.ndim)
+                    stats.update(rows, red.dim, red)
 
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         try:
@@ -428,6 +448,16 @@ class StatsCollector:
             for h in handles:
                 h.remove()
             seen.clear()
+
+
+def real_positions(x: torch.Tensor, dim: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """``(x, dim)`` without the positions a batch's attention mask hides: a consumer's
+    input of shape ``(batch, sequence, ..., channels)`` whose first two dimensions are the
+    mask's loses its padded positions (``x[mask]``, channels one dimension earlier), so
+    padding tokens do not count in the statistics of a padded text batch."""
+    if mask is None or x.ndim < 3 or dim < 2 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x, dim
+    return x[mask.to(x.device)], dim - 1
 
 
 def _parameter_name(module: nn.Module, arg: int | str) -> str | None:

@@ -48,8 +48,27 @@ def _count_into(counter: FlopCounterMode, model: nn.Module, inputs: Any, forward
 
     from cleanai_core.shapes import ShapeOnlyMode
 
-    with eval_mode(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ShapeOnlyMode(), counter:
-        call_model(model, inputs, forward_fn)
+    with eval_mode(model), _params_without_grad(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ShapeOnlyMode():
+        with counter:
+            call_model(model, inputs, forward_fn)
+
+
+@contextmanager
+def _params_without_grad(model: nn.Module) -> Iterator[None]:
+    """Parameters with ``requires_grad`` off while the FLOP counter runs, then back on.
+    The counter's module tracker hooks the gradients of every module input that requires
+    them, and a view of a parameter taken under ``no_grad`` (DeBERTa's relative position
+    embeddings, ``weight.unsqueeze(0)``, handed to ``pos_proj``) requires grad with no
+    gradient function: the tracker raised ``AssertionError: Expected gradient function
+    to be set``. Nothing here needs gradients."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 #: leaf modules whose FLOPs (as PyTorch's counter counts them) are the number of positions

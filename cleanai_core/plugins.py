@@ -31,6 +31,7 @@ __all__ = [
     "get_plugin_manager",
     "list_plugins",
     "make_plugin_manager",
+    "process_plugin_manager_restored",
     "temporary_plugin",
 ]
 
@@ -185,6 +186,19 @@ def set_plugin_manager(pm: CleanAIPluginManager | None) -> None:
     """Replace the process-wide manager (``None``: rebuild on next use)."""
     global _PM
     _PM = pm
+
+
+@contextmanager
+def process_plugin_manager_restored() -> Iterator[None]:
+    """The process-wide manager put back after the block: what one command line chose
+    (``--disable-plugin``, ``--plugin``) lasts that command, not the rest of a process that
+    calls ``cleanai_core.cli.main`` (a notebook, a test run)."""
+    global _PM
+    saved = _PM
+    try:
+        yield
+    finally:
+        _PM = saved
 
 
 @contextmanager

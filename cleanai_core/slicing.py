@@ -95,7 +95,7 @@ def retie(shared: list[list[tuple[nn.Module, str]]], originals: list[torch.Tenso
         if not sliced or all(t is sliced[0] for t in tensors):
             continue
         first = sliced[0]
-        if all(t.shape == first.shape and torch.equal(t.data, first.data) for t in sliced[1:]):
+        if all(_same(t, first) for t in sliced[1:]):
             for m, a in holders:
                 setattr(m, a, first)
         else:
@@ -106,6 +106,13 @@ def retie(shared: list[list[tuple[nn.Module, str]]], originals: list[torch.Tenso
                 RuntimeWarning,
                 stacklevel=3,
             )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and values; on the meta device (a dry run: no values) the same shape."""
+    if a.shape != b.shape:
+        return False
+    return a.is_meta or b.is_meta or bool(torch.equal(a.data, b.data))
 
 
 def slice_tensors(model: nn.Module, edits: list[SliceEdit], pm, findings: ModelFindings | None = None) -> list[str]:

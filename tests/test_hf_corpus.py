@@ -35,7 +35,7 @@ def structure(graph: DependencyGraph) -> list[tuple]:
     return sorted((tuple(sorted(f"{s.module}:{s.name}" for s in g.slices)), g.size, g.prunable) for g in graph.groups())
 
 
-QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "query_proj", "c_attn", "query_key_value", "qkv_proj")
+QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "query_proj", "c_attn", "query_key_value", "qkv_proj", "in_proj")
 
 
 def reload_keeps(model) -> list[str]:
@@ -125,6 +125,15 @@ HEADS_IN_CONFIG = {
     "phi3",
     "vit",
     "t5",
+    "mt5",
+    "phi",
+    "starcoder2",
+    "cohere",
+    "granite",
+    "nemotron",
+    "gemma3-text",
+    "olmo2",
+    "qwen3-moe",
 }
 
 
@@ -408,7 +417,12 @@ def test_corpus_oracle(name, attn):
 
 #: families whose config cannot describe a pruned MLP alone (fixed 4x MLPs): they reload through
 #: ``load_pruned`` (tests/test_hf_reload_paths.py); ConvNeXt also when its stages shrink with the MLP
-NO_RELOAD = {"convnext": "MLP width fixed at 4x the stage width", "bloom": "MLP width fixed at 4x hidden"}
+NO_RELOAD = {
+    "convnext": "MLP width fixed at 4x the stage width",
+    "bloom": "MLP width fixed at 4x hidden",
+    "deberta": "relative position embeddings: their width has no key (the default pruner keeps it)",
+    "convbert": "span-based convolution heads: their count has no key (the default pruner keeps them)",
+}
 
 
 @pytest.mark.corpus

@@ -219,3 +219,49 @@ def test_explain_falls_back_to_floats_when_a_leading_embedding_does_not_read_the
     monkeypatch.setitem(sys.modules, "qfirst", module)
     assert main(["explain", "--model", "qfirst:QueriesFirst", "--input-shape", "1,3,8,8"]) == 0
     assert "conv: Conv2d" in capsys.readouterr().out
+
+
+def test_a_tokenizer_that_makes_no_tokens_is_refused_before_the_model_runs(tmp_path, capsys, monkeypatch):
+    """A folder whose tokenizer is not the model's own (transformers 5 builds an empty
+    ``Qwen2Tokenizer`` from a Qwen2 config next to other tokenizer files) tokenized every
+    text to nothing: zero-length rows reached the model and failed inside it with
+    "cannot reshape tensor of 0 elements", which named neither the tokenizer nor the data."""
+    cfg = transformers.BertConfig(vocab_size=259, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=2)  # fmt: skip
+    torch.manual_seed(0)
+    folder = save(transformers.BertForSequenceClassification(cfg).eval(), tmp_path / "bert")
+    byt5 = transformers.ByT5Tokenizer(extra_ids=0)
+
+    def drops_words(texts, **kwargs):  # keeps only the texts that start with "keep"
+        return byt5([t if t.startswith("keep") else "" for t in texts], add_special_tokens=False, **kwargs)
+
+    class Blank:
+        pad_token_id = 0
+        __call__ = staticmethod(drops_words)
+
+    monkeypatch.setattr("cleanai_plugins.io.text.load_tokenizer", lambda model: Blank())
+    lines = [json.dumps({"text": f"{'keep' if i % 4 else 'drop'} {i}", "label": i % 2}) for i in range(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    code = prune(folder, tmp_path / "d.jsonl", tmp_path / "o")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "o").exists()
+    assert "the tokenizer (Blank) made no tokens of 5 of 20 texts (the first: 'drop 0')" in err
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_the_tokenizer_the_folder_declares_reads_the_text(family, tmp_path):
+    """transformers 5 picks Qwen2's and Mistral's tokenizer from the model's config, not
+    from the folder: beside a byte-level tokenizer it built an empty ``Qwen2Tokenizer``
+    (every text made no tokens) or failed (Mistral: "no tokenizer next to the model"). The
+    class ``tokenizer_config.json`` names is used when AutoTokenizer's makes no tokens."""
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = save(getattr(transformers, f"{family}ForCausalLM")(cfg).eval(), tmp_path / "m")
+    (tmp_path / "d.txt").write_text(TEXT)
+    assert prune(folder, tmp_path / "d.txt", tmp_path / "o", "--ratio", "0.5") == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert 1.0 < report["perplexity_before"] < 1000 and math.isfinite(report["perplexity_after"])
+    assert report["evaluation_tokens"] > 0 and report["params_after"] < report["params_before"]

@@ -414,3 +414,16 @@ def test_cli_plugins_blocking_and_autoload(example_dist):
     data = json.loads(cli("plugins", "--json", extra_path=[example_dist], CLEANAI_DISABLE_PLUGIN_AUTOLOAD="1").stdout)
     assert "example" not in {p["name"] for p in data["plugins"]}
     assert data["blocked"] == []
+
+
+def test_a_command_lines_plugin_choices_last_that_command_only():
+    """``main(["--disable-plugin", ...])`` replaced the process-wide plugin manager for
+    good: a later StructuredPruner in the same process (a notebook, the test run) still
+    had the plugin disabled (tests/test_hf_job.py failed after tests/test_hf_text_inputs.py:
+    the hidden size pruned by default)."""
+    from cleanai_core.cli import main
+
+    before = get_plugin_manager()
+    assert main(["--disable-plugin", "cleanai_plugins.zoo.transformers_hidden", "plugins"]) == 0
+    assert get_plugin_manager() is before
+    assert before.get_plugin("cleanai_plugins.zoo.transformers_hidden") is not None

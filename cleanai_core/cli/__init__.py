@@ -118,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from cleanai_core.plugins import process_plugin_manager_restored
+
+    with process_plugin_manager_restored():  # --disable-plugin / --plugin: this command only
+        return _run_command(argv)
+
+
+def _run_command(argv: list[str] | None) -> int:
     pre = argparse.ArgumentParser(add_help=False)  # the plugins decide which commands exist
     pre.add_argument("--disable-plugin", action="append", default=[])
     pre.add_argument("--plugin", action="append", default=[])

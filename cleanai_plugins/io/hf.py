@@ -20,6 +20,7 @@ This module also gives the job, for these models:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -115,12 +116,31 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
-    """The tokenizer saved next to ``model`` (its ``config.name_or_path``)."""
+    """The tokenizer saved next to ``model`` (its ``config.name_or_path``). Where
+    ``AutoTokenizer`` cannot build one, or builds one that makes no tokens, the class the
+    folder's ``tokenizer_config.json`` names: transformers 5 picks the tokenizer of some
+    model types from the model's config (Qwen2's, Mistral's, Phi-3's) whatever the folder
+    holds, and from a folder holding another tokenizer (a byte-level one) made an empty
+    ``Qwen2Tokenizer`` or failed."""
     tf = _transformers()
     where = getattr(model.config, "name_or_path", "") or ""
     try:
-        return tf.AutoTokenizer.from_pretrained(where, local_files_only=True)
+        tok = tf.AutoTokenizer.from_pretrained(where, local_files_only=True)
+        if _makes_tokens(tok):
+            return tok
+        return _declared_tokenizer(tf, where) or tok
+    except ImportError as exc:  # the family's tokenizer class needs a package (BioGPT's: sacremoses)
+        if not required:
+            return None
+        raise UserError(
+            f"the tokenizer of the model ({where!r}) needs a package that is not installed: {_one_line(exc)} "
+            "Install it, or give already tokenized data as a .pt file (a LongTensor of ids (N, L) or a dict "
+            "with input_ids)."
+        ) from exc
     except (OSError, ValueError, TypeError) as exc:
+        declared = _declared_tokenizer(tf, where)
+        if declared is not None:
+            return declared
         if not required:
             return None
         raise UserError(
@@ -128,6 +148,30 @@ def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
             "tokenizer.save_pretrained(model_folder), or give already tokenized data as a .pt file "
             f"(a LongTensor of ids (N, L) or a dict with input_ids). ({type(exc).__name__}: {_one_line(exc)})"
         ) from exc
+
+
+def _makes_tokens(tok: Any) -> bool:
+    try:
+        return len(tok("a b c")["input_ids"]) > 0
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot even tokenize a probe
+        return False
+
+
+def _declared_tokenizer(tf: Any, where: str) -> Any | None:
+    """The tokenizer of the class ``where/tokenizer_config.json`` names, if it loads and
+    makes tokens; else ``None``."""
+    try:
+        name = json.loads((Path(where) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+    cls = getattr(tf, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        return None
+    try:
+        tok = cls.from_pretrained(where, local_files_only=True)
+    except (OSError, ValueError, TypeError, ImportError):
+        return None
+    return tok if _makes_tokens(tok) else None
 
 
 @hookimpl(trylast=True)

@@ -154,6 +154,12 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
     if tok.pad_token_id is None:
         raise UserError(f"the tokenizer of {model.config.name_or_path!r} has no pad token; set one and save it.")
     enc = tok(texts, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
+    empty = (enc["attention_mask"].sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:  # a zero-length row fails inside the model with a reshape error that names nothing
+        raise UserError(
+            f"{source}: the tokenizer ({type(tok).__name__}) made no tokens of {len(empty)} of {len(texts)} texts "
+            f"(the first: {texts[empty[0]][:60]!r}); check that the model folder holds this model's own tokenizer."
+        )
     items = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     if labels is not None:
         items["labels"] = _label_ids(labels, model, source)

@@ -4,7 +4,9 @@ Every decoder or encoder layer reads and writes the residual stream, so its widt
 group coupled across the whole model, with outlier channels that no per-channel score
 judges well: the retraining-free methods that work (FLAP, Wanda-sp) prune heads and MLP
 width only, and published magnitude pruning of the hidden size collapses (Llama-2-7B at
-50%: perplexity 8,479). This plugin names the input embeddings as a default ignore, which
+50%: perplexity 8,479). This plugin names the input embeddings as a default ignore (and the
+other embedding modules tied to their weight: the encoder's and decoder's
+``embed_tokens`` of BART-like models, whose ``shared`` embedding is never called), which
 freezes that group; heads and MLP widths still prune. Where the embeddings are narrower
 than the hidden size and a projection maps them into it (ALBERT's
 ``embedding_hidden_mapping_in``, ELECTRA's ``embeddings_project``, OPT-350m's
@@ -72,7 +74,20 @@ def cleanai_default_ignores(model):
         emb = model.get_input_embeddings()
     except (NotImplementedError, AttributeError):
         return None
-    return [emb, *entry_projections(model, emb)] if emb is not None else None
+    if emb is None:
+        return None
+    return [emb, *tied_copies(model, emb), *entry_projections(model, emb)]
+
+
+def tied_copies(model: nn.Module, emb: nn.Module) -> list[nn.Module]:
+    """Other embedding modules holding the input embeddings' weight: an encoder-decoder
+    model's ``get_input_embeddings()`` is its ``shared`` embedding, which its forward never
+    calls; the encoder's and decoder's ``embed_tokens`` (BART, mBART, M2M100, Pegasus: a
+    scaled embedding, another module on the same weight) read the tokens instead."""
+    weight = getattr(emb, "weight", None)
+    if weight is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, nn.Embedding) and m is not emb and m.weight is weight]
 
 
 @hookimpl

@@ -27,8 +27,12 @@ __all__ = [
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KV_HEADS_ATTRS = ("num_key_value_heads", "num_kv_heads")
-# child -> how many stacked (q, k, v) parts of equal width its output holds
-QUERY_PROJS = (("q_proj", 1), ("query", 1), ("q", 1), ("q_lin", 1), ("query_proj", 1), ("c_attn", 3))
+# child -> how many (q, k, v) parts of equal width its output holds, stacked or per head
+# (DeBERTa's ``in_proj`` viewed as ``(heads, 3 * head_dim)``, ModernBERT's ``Wqkv``)
+QUERY_PROJS = (
+    ("q_proj", 1), ("query", 1), ("q", 1), ("q_lin", 1), ("query_proj", 1),
+    ("c_attn", 3), ("qkv", 3), ("Wqkv", 3), ("in_proj", 3),
+)  # fmt: skip
 KEY_PROJS = ("k_proj", "key", "k", "k_lin", "key_proj")
 INPUT_PROJS = (*(c for c, _ in QUERY_PROJS), "qkv_proj", "query_key_value")
 
@@ -140,6 +144,8 @@ def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | No
         return kv * groups, kv, hd
     for child, stacks in QUERY_PROJS:
         w = proj_width(getattr(module, child, None))
+        if w is not None and stacks == 3 and isinstance(groups, int) and groups > 1:
+            return None  # a fused projection of grouped-query attention (DBRX's Wqkv): no equal thirds
         if w is not None:
             if child == "c_attn" and getattr(module, "is_cross_attention", False):
                 w, stacks = proj_width(getattr(module, "q_attn", None)), 1

@@ -10,7 +10,7 @@ width the config names must be the pruned one. Read from the modules:
   variants for encoder-decoder models): from the attention projections; ``head_dim``
   is written explicitly where the config has the key;
 - the MLP width (``intermediate_size``, ``n_inner``, ``ffn_dim``, ``d_ff``,
-  ``hidden_dim``, ``ffn_hidden_size``, ``encoder_ffn_dim``...): from the first MLP
+  ``hidden_dim``, ``ffn_hidden_size``, ``d_inner``, ``encoder_ffn_dim``...): from the first MLP
   projection of every layer.
 
 A config holds one value per key, so it describes the model only when every layer
@@ -46,14 +46,14 @@ __all__ = ["fix_config", "rebuild_mismatches", "rebuilt_shapes"]
 
 # the first projection of an MLP (its output width is the MLP width), and its stacked parts
 _MLP_UP = re.compile(
-    r"(^|\.)(mlp\.(gate_proj|c_fc|dense_h_to_4h|fc1|fc_in)|intermediate\.dense|ffn\.lin1|DenseReluDense\.wi(_0)?|"
-    r"fc1|ffn|mlp\.gate_up_proj|mlp\.Wi)$"
-)
+    r"(^|\.)(mlp\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in)|intermediate\.dense|ffn\.lin1|DenseReluDense\.wi(_0)?|"
+    r"fc1|ffn|mlp\.gate_up_proj|mlp\.Wi|ffn\.linear_1|ff\.layer_1)$"
+)  # up_proj alone: an MLP without a gate (Nemotron); ffn.linear_1: Funnel; ff.layer_1: XLNet
 #: MLP projections whose output stacks two halves (gate and up) of the MLP width
 _MLP_STACKED = ("gate_up_proj", ".Wi")
 #: a shared expert beside the routed ones (Qwen2-MoE): its own config key
 _SHARED_UP = re.compile(r"(^|\.)mlp\.shared_expert\.(gate_proj|gate_up_proj)$")
-_MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size")
+_MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner")
 
 
 def _owner(names: dict[str, nn.Module], name: str) -> tuple[str, object] | None:
@@ -194,6 +194,7 @@ def fix_config(model: nn.Module) -> None:
                 mine["values"][key].extend(widths)
     record = {}
     entry_width = _entry_width(model)
+    before = [(entry["config"], dict(vars(entry["config"]))) for entry in found.values()]
     for entry in found.values():
         old = getattr(entry["config"], "hidden_size", None)
         record.update(_write(entry))
@@ -204,8 +205,7 @@ def fix_config(model: nn.Module) -> None:
         _fix_hidden_attrs(model, entry["config"], old)
     _write_embedding_width(model, root, record)
     declared = declare_biases(model)  # compensation's biases, where a config switch allows them
-    mismatched = rebuild_mismatches(model)
-    mismatched += _scale_mismatches(model)
+    mismatched = _keep_what_rebuilds(model, before, rebuild_mismatches(model))
     root.cleanai_pruning = {
         "uniform": not record,
         "from_pretrained": not mismatched,
@@ -214,6 +214,28 @@ def fix_config(model: nn.Module) -> None:
         **({"mismatched": mismatched[:5]} if mismatched else {}),
         **({"reload": "load_pruned", "why": reasons(model, mismatched)} if mismatched else {}),
     }
+
+
+def _keep_what_rebuilds(model: nn.Module, before: list[tuple[object, dict]], mismatched: list[str]) -> list[str]:
+    """Where the rewritten config does not rebuild the model, put back each rewritten
+    number whose old value rebuilds more of it, and return what still mismatches. A
+    module's count is not always the config's: ConvBERT's attention has
+    ``num_attention_heads // head_ratio`` heads, so writing its 2 heads into the config's
+    4 broke the rebuild of a model whose heads were all kept (only its MLP was pruned)."""
+    for config, old in before:
+        for key, value in old.items():
+            new = getattr(config, key, None)
+            if not mismatched:
+                return mismatched
+            if new == value or type(value) not in (int, float) or type(new) not in (int, float):
+                continue
+            setattr(config, key, value)
+            again = rebuild_mismatches(model)
+            if len(again) < len(mismatched):
+                mismatched = again
+            else:
+                setattr(config, key, new)
+    return mismatched
 
 
 #: config keys of an input embedding narrower than the hidden size (ALBERT, ELECTRA; OPT-350m)
@@ -263,20 +285,25 @@ def _fix_hidden_attrs(model: nn.Module, config, old: int | None) -> None:
                     setattr(module, attr, new)
 
 
-def _scale_mismatches(model: nn.Module) -> list[str]:
-    """Scales derived from the config at construction and not saved (Gemma's
-    ``embed_scale = sqrt(hidden_size)``, a non-persistent buffer; T5's ``model_dim``
-    scaling tied logits): a smaller hidden size
-    would rebuild them differently, so ``from_pretrained`` would not give the same model."""
+def _scale_mismatches(model: nn.Module, ref: nn.Module) -> list[str]:
+    """Scales derived from the config at construction and not saved: float attributes of
+    ``model``'s modules that the model rebuilt from its config (``ref``) computes anew
+    (M2M100's, mBART's, Gemma's embedding scale ``sqrt(hidden_size)``; an attention's
+    ``scaling``), and T5's ``model_dim`` that scales tied logits. A smaller hidden size
+    rebuilds them differently, so ``from_pretrained`` would not give the same model."""
     out = []
+    built = dict(ref.named_modules())
     for name, module in model.named_modules():
-        scale, config = getattr(module, "scalar_embed_scale", None), getattr(model, "config", None)
-        hidden = getattr(config, "hidden_size", None)
-        if isinstance(scale, float) and isinstance(hidden, int) and abs(scale - hidden**0.5) > 1e-6 * scale:
-            if abs(scale - 1.0) > 1e-12:
-                out.append(f"{name}.embed_scale (sqrt of the original hidden size)")
-        dim = getattr(module, "model_dim", None)  # T5 scales tied logits by model_dim ** -0.5
-        if isinstance(dim, int) and isinstance(hidden, int) and dim != hidden:
+        other = built.get(name)
+        if other is None:
+            continue
+        for attr, value in vars(module).items():
+            again = vars(other).get(attr)
+            if type(value) is float and type(again) is float and not math.isclose(value, again, rel_tol=1e-6):
+                out.append(f"{name or type(module).__name__}.{attr} ({value:g} from the original config, {again:g} "
+                           "from the pruned one)")  # fmt: skip
+        dim, hidden = getattr(module, "model_dim", None), getattr(model.config, "hidden_size", None)
+        if isinstance(dim, int) and isinstance(hidden, int) and dim != hidden:  # T5 scales tied logits by it
             out.append(f"{name or type(module).__name__}.model_dim (the original hidden size scales the logits)")
     return out
 
@@ -285,20 +312,30 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
     """Tensors of ``model`` whose shape the model rebuilt from its config (on the meta
     device, so nothing is allocated) does not have: empty when ``from_pretrained`` can
     rebuild it. Families that derive the head size from ``hidden_size /
-    num_attention_heads`` (BERT, GPT-2, ...) cannot express fewer heads."""
-    shapes = rebuilt_shapes(model)
-    if isinstance(shapes, str):
-        return [f"<rebuild failed: {shapes}>"]
-    return [k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape)]
+    num_attention_heads`` (BERT, GPT-2, ...) cannot express fewer heads. When every shape
+    agrees, the scales the rebuilt model computes differently (:func:`_scale_mismatches`),
+    in words (with shapes wrong, a scale derived from them would only repeat the reason)."""
+    ref = _rebuilt(model)
+    if isinstance(ref, str):
+        return [f"<rebuild failed: {ref}>"]
+    shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    out = [k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape)]
+    return out or _scale_mismatches(model, ref)
 
 
 def rebuilt_shapes(model: nn.Module) -> dict[str, tuple[int, ...]] | str:
     """``{state_dict key: shape}`` of the model rebuilt from ``model.config`` on the meta
     device, or the exception its ``__init__`` raised there (its name and message)."""
+    ref = _rebuilt(model)
+    return ref if isinstance(ref, str) else {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
+
+def _rebuilt(model: nn.Module) -> nn.Module | str:
+    """The model rebuilt from ``model.config`` on the meta device, or the exception its
+    ``__init__`` raised there (its name and message)."""
     try:
         with torch.device("meta"):
-            ref = type(model)(copy.deepcopy(model.config))
+            return type(model)(copy.deepcopy(model.config))
     except Exception as exc:  # noqa: BLE001 - a family whose __init__ cannot run on meta: say so
         why = " ".join(str(exc).split())[:200]  # the family's own words (e.g. hidden size not a multiple of heads)
         return f"{type(exc).__name__}{': ' + why if why else ''}"
-    return {k: tuple(v.shape) for k, v in ref.state_dict().items()}

@@ -91,18 +91,37 @@ def _touching(graph, groups: list, bad: dict[str, set[int]]) -> dict[int, str]:
         if owner is not None:
             per_module.setdefault(owner[0], []).append((key, owner[1], dims))
     hit: dict[int, str] = {}
+    explained: set[str] = set()
     for group in groups:
         for spec in group.slices:
             if spec.module == "":
                 if spec.name in bad:
                     hit.setdefault(group.id, spec.name)
+                    explained.add(spec.name)
                 continue
             node = graph.nodes.get(spec.module)
             for key, attr, dims in per_module.get(spec.module, ()):
                 cut = cut_dims(node.module, node.pruner, spec, attr) if "." not in attr else None
                 if cut is None or set(cut) & dims:
                     hit.setdefault(group.id, key)
+                    explained.add(key)
+    for key in sorted(set(bad) - explained):  # no group cut it: sized from a count that changed
+        for gid in _nearest_cutters(groups, key):
+            hit.setdefault(gid, key)
     return hit
+
+
+def _nearest_cutters(groups: list, key: str) -> list[int]:
+    """The groups that cut tensors beside ``key``'s holder (inside the holder's parent):
+    a tensor no group cut whose rebuilt shape changed is sized from a count the config
+    fix-up wrote for its neighbours (Phi's and Persimmon's ``q_layernorm`` of
+    ``hidden_size / num_attention_heads``: the heads went in the attention around it).
+    No further (and not the whole model, for a tensor of a top-level module): a mismatch
+    that no pruning nearby explains blames nothing."""
+    scope = key.rpartition(".")[0].rpartition(".")[0]
+    if not scope:
+        return []
+    return [g.id for g in groups if any(s.module.startswith(f"{scope}.") for s in g.slices)]
 
 
 def undescribable(graph) -> list[tuple[torch.Tensor, str]]:

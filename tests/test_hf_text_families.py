@@ -1,0 +1,225 @@
+"""Text families of Hugging Face transformers outside the fast corpus subset, one bug
+each: the default pruner keeps what it promises, the config says what reloads, and the
+pruned model equals the masked original. Families are built in ``tests/hf_families.py``
+(tiny, random, nothing downloaded); the full sweep is ``pytest -m corpus
+tests/test_hf_corpus.py``."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_families import build  # noqa: E402
+
+from cleanai_core import DependencyGraph, StructuredPruner  # noqa: E402
+from cleanai_core.errors import UserError  # noqa: E402
+from cleanai_core.metrics import count_flops  # noqa: E402
+from cleanai_core.shapes import ShapeOnlyMode  # noqa: E402
+from cleanai_core.slicing import apply_edits, edits_for  # noqa: E402
+from cleanai_core.testing import check_pruner, random_units, run_model  # noqa: E402
+from cleanai_plugins.zoo.transformers.describable import meta_copy  # noqa: E402
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def default_prune(name: str):
+    model, inputs, _ = build(name)
+    pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5)
+    return model, inputs, pruner.prune()
+
+
+def reloaded(small, tmp_path):
+    small.save_pretrained(tmp_path)
+    return type(small).from_pretrained(tmp_path).eval()
+
+
+def test_deberta_fused_in_proj_prunes_whole_heads_and_its_head_count_follows():
+    """DeBERTa's one ``in_proj`` (viewed as ``(heads, 3 * head_dim)``) was not read as a
+    query projection, so ``num_attention_heads`` stayed 4 after 2 heads went: the pruned
+    model split its 144 rows into 4 heads of 36 and ran, wrong (4e-3 off the masked
+    original; 0.39 on a padded batch)."""
+    model, inputs, _ = build("deberta")
+    ids = torch.randint(3, 100, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :2] = 0
+    for x in (inputs, {"input_ids": ids, "attention_mask": mask}):
+        report = check_pruner(model, x, ratio=0.5)
+        # heads, MLP widths, and the relative position embeddings' width (read by pos_proj, pos_q_proj)
+        assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 2 + 2 * 48 + 32
+    graph = DependencyGraph(model, inputs)
+    small = copy.deepcopy(model)
+    apply_edits(
+        small, edits_for(graph, random_units(graph, 0.5, torch.Generator().manual_seed(0), exclude_normalized=True))
+    )
+    attn = small.deberta.encoder.layer[0].attention.self
+    assert attn.in_proj.out_features == 2 * 3 * 16 and attn.q_bias.shape == (32,)
+    assert (attn.num_attention_heads, attn.attention_head_size, attn.all_head_size) == (2, 16, 32)
+
+
+def test_flops_of_a_model_that_hands_a_parameter_view_to_a_module():
+    """DeBERTa with relative attention passes a view of ``rel_embeddings.weight`` (taken
+    under ``no_grad``) to ``pos_proj``: PyTorch's FLOP counter hooked its gradient and
+    raised ``Expected gradient function to be set``, so ``cleanai prune`` failed at the
+    report. The count equals the one made with gradients on; parameters keep requiring grad."""
+    model, inputs, _ = build("deberta")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), ShapeOnlyMode(), counter:  # gradients on: the tracker works
+        model(*inputs)
+    assert count_flops(model, inputs) == counter.get_total_flops() > 1_000_000
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["bart", "m2m100"])
+def test_encoder_decoder_default_pruner_keeps_the_hidden_size_behind_a_shared_embedding(name, tmp_path):
+    """``get_input_embeddings()`` is the ``shared`` embedding, which the forward never
+    calls (the encoder's and decoder's ``embed_tokens`` hold its weight): naming it as the
+    default ignore froze nothing, the default pruner halved ``d_model`` (166k -> 46k
+    parameters), and M2M100 reloaded with another embedding scale (logits 0.34 off)."""
+    model, inputs, small = default_prune(name)
+    assert small.model.shared.weight.shape == (100, 64) and small.config.d_model == 64
+    assert small.model.encoder.embed_tokens.weight is small.model.shared.weight
+    assert small.model.encoder.layers[0].fc1.out_features == 48
+    assert params(small) < params(model)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(run_model(small, inputs)[0], run_model(reloaded(small, tmp_path), inputs)[0])
+
+
+def test_embedding_scale_the_config_derives_says_from_pretrained_cannot_rebuild_it():
+    """M2M100 scales its embeddings by ``sqrt(d_model)``, a float computed at construction:
+    with the hidden size pruned the config said ``from_pretrained`` rebuilds the model, and
+    the reloaded one scaled by sqrt(32) instead of 8."""
+    model, inputs, _ = build("m2m100")
+    graph = DependencyGraph(model, inputs)
+    small = copy.deepcopy(model)
+    apply_edits(small, edits_for(graph, random_units(graph, 0.5, torch.Generator().manual_seed(0))))
+    assert small.model.shared.weight.shape == (100, 32) and small.config.d_model == 32
+    record = small.config.cleanai_pruning
+    assert record["from_pretrained"] is False and record["reload"] == "load_pruned"
+    assert record["mismatched"][0].startswith("model.shared.embed_scale (8 from the original config, 5.65685")
+
+
+def test_tied_embeddings_slice_on_the_meta_device():
+    """The dry run that finds what a config cannot describe slices a meta copy: re-tying
+    BART's shared embedding compared values with ``torch.equal`` (no meta kernel), so the
+    check gave up with a warning and kept nothing."""
+    model, inputs, _ = build("bart")
+    graph = DependencyGraph(model, inputs)
+    small = meta_copy(model)
+    apply_edits(small, edits_for(graph, random_units(graph, 0.5, torch.Generator().manual_seed(0))))
+    assert small.model.shared.weight.shape == (100, 32) and small.model.shared.weight.is_meta
+    assert small.model.encoder.embed_tokens.weight is small.model.shared.weight is small.lm_head.weight
+
+
+def test_a_width_sized_from_the_head_count_keeps_those_heads_by_default(tmp_path):
+    """Phi's ``q_layernorm`` is ``hidden_size / num_attention_heads`` wide: no group cuts
+    it, so the check of what the config describes blamed no group for its mismatch, and
+    the default pruner cut heads that ``from_pretrained`` could not rebuild."""
+    model, inputs, small = default_prune("phi-qk-norm")
+    attn = small.model.layers[0].self_attn
+    assert attn.q_proj.out_features == 64 and attn.q_layernorm.normalized_shape == (16,)
+    assert small.model.layers[0].mlp.fc1.out_features == 48 and params(small) == params(model) - 2 * 48 * (64 + 1 + 64)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(run_model(small, inputs)[0], run_model(reloaded(small, tmp_path), inputs)[0])
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "up"),
+    [("nemotron", "intermediate_size", "model.layers.1.mlp.up_proj"),  # no gate_proj
+     ("funnel", "d_inner", "funnel.encoder.blocks.1.0.ffn.linear_1")],
+)  # fmt: skip
+def test_mlp_width_of_families_without_a_known_first_layer_prunes_by_default(name, key, up, tmp_path):
+    """The config fix-up knew no MLP of these families (Nemotron's ``up_proj`` without a
+    gate, Funnel's ``ffn.linear_1`` and ``d_inner``): their MLP widths were said to have no
+    key and kept (Funnel: nothing left to prune, the default pruner refused)."""
+    model, inputs, small = default_prune(name)
+    assert dict(small.named_modules())[up].out_features == 48 and getattr(small.config, key) == 48
+    assert params(small) < params(model)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(run_model(small, inputs)[0], run_model(reloaded(small, tmp_path), inputs)[0])
+
+
+def test_config_keeps_a_count_the_modules_derive_from_it(tmp_path):
+    """ConvBERT's attention has ``num_attention_heads // head_ratio`` heads: the config
+    fix-up wrote the module's 2 into the config's 4, so a model whose heads were all kept
+    (the default pruned only its MLP) could not be rebuilt, and reloaded only through
+    ``load_pruned``. The old value is put back where it rebuilds more of the model."""
+    model, inputs, small = default_prune("convbert")
+    assert (
+        small.config.num_attention_heads == 4
+        and small.convbert.encoder.layer[0].attention.self.num_attention_heads == 2
+    )
+    assert small.config.intermediate_size == 48 and params(small) == params(model) - 2 * 48 * (64 + 1 + 64)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(run_model(small, inputs)[0], run_model(reloaded(small, tmp_path), inputs)[0])
+
+
+def test_tokenizer_that_needs_a_missing_package_is_a_user_error(monkeypatch):
+    """BioGPT's tokenizer class needs ``sacremoses``: its ImportError escaped the loader, so
+    ``cleanai prune`` of a BioGPT folder failed with a traceback even on token-id data."""
+    from cleanai_plugins.io.hf import load_tokenizer
+
+    def needs_package(*args, **kwargs):
+        raise ImportError("You need to install sacremoses to use BioGptTokenizer.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", needs_package)
+    model, _, _ = build("llama-gqa")
+    assert load_tokenizer(model, required=False) is None
+    with pytest.raises(UserError, match="needs a package that is not installed: You need to install sacremoses"):
+        load_tokenizer(model)
+
+
+def test_padded_positions_do_not_count_in_the_activation_statistics():
+    """A padded batch counted its padding tokens' activations in every consumer's
+    statistics (a classifier's jsonl pads every text to the longest one). Right padding
+    leaves the real tokens' activations of a causal model unchanged, so the statistics of
+    the padded batch equal those of its two rows run apart: 8 + 5 positions, not 16."""
+    from cleanai_core.calibration import StatsCollector
+
+    model, inputs, _ = build("llama-gqa")
+    slices = list(DependencyGraph(model, inputs).ctx.slices.values())
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+
+    def stats(batches):
+        collector = StatsCollector(model, slices)
+        with collector.hooks(), torch.no_grad():
+            for batch in batches:
+                model(**batch)
+        return collector.stats
+
+    padded = stats([{"input_ids": ids, "attention_mask": mask}])
+    apart = stats([{"input_ids": ids[:1]}, {"input_ids": ids[1:, :5]}])
+    assert len(padded) == 15 and {s.count for s in padded.values()} == {13.0}
+    for key, s in padded.items():
+        torch.testing.assert_close(s.mean, apart[key].mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(s.var, apart[key].var, rtol=1e-5, atol=1e-5)
+
+
+def test_an_encoder_decoder_batch_keeps_every_position_in_the_statistics():
+    """The encoder's attention mask does not describe the decoder's positions, even when
+    both streams have the same length (8 here): an encoder-decoder batch is not masked."""
+    from cleanai_core.calibration import StatsCollector
+
+    model, inputs, _ = build("bart")
+    slices = list(DependencyGraph(model, inputs).ctx.slices.values())
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    batch = {"input_ids": torch.randint(3, 100, (2, 8)), "attention_mask": mask,
+             "decoder_input_ids": torch.randint(3, 100, (2, 8))}  # fmt: skip
+    collector = StatsCollector(model, slices)
+    with collector.hooks(), torch.no_grad():
+        model(**batch)
+    assert {s.count for s in collector.stats.values()} == {16.0}
+    assert any(k[0].startswith("model.decoder.layers.0.fc") for k in collector.stats)
