@@ -10,10 +10,9 @@ Glossary:
   normalises by when it shrinks, so no masking reproduces it: it is left out of the
   comparison.
 
-:func:`masked_outputs` runs the masked model; the verification stage
-(:func:`cleanai_core.verify.check_exact`) compares it with the sliced model, and the
-plugin authors' helper :func:`cleanai_core.testing.check_pruner` does the same on a random
-pruning.
+:func:`masked_outputs` runs the masked model; :func:`check_exact` compares it with the
+sliced model (the pruner's verification, on the units it prunes), and the plugin authors'
+helper :func:`cleanai_core.testing.check_pruner` does the same on a random pruning.
 """
 
 from __future__ import annotations
@@ -50,13 +49,12 @@ def masked_outputs(
 ) -> list[torch.Tensor]:
     """Outputs of ``graph.model`` with the ``pruned`` channels zeroed at every slice.
 
-    The masked model is a copy that shares ``graph.model``'s tensors, except the ones it
+    The masked model is a copy that shares ``graph.model``'s parameters, except the ones it
     zeroes (bare tensors, and the weights of modules whose pruner defines ``mask(module,
     slice_name, idx)``, which zeroes them and returns ``True`` to skip the default hooks):
     those are the copy's own. ``graph.model`` is never written to."""
     source = graph.model
-    originals = list(source.parameters()) + list(source.buffers())
-    model = copy.deepcopy(source, {id(t): t for t in originals})
+    model = copy.deepcopy(source, {id(t): t for t in source.parameters()})  # buffers: its own
     handles = []
     for spec in graph.slices:
         gone = pruned[graph.root[spec.atoms]]
