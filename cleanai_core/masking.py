@@ -67,7 +67,7 @@ def masked_outputs(
             zeroed = t.detach().index_fill(spec.dim, idx.to(t.device), 0.0)
             if isinstance(t, nn.Parameter):
                 zeroed = nn.Parameter(zeroed, requires_grad=t.requires_grad)
-            setattr(owner, attr, zeroed)
+            _replace(model, t, zeroed)
             continue
         module = model.get_submodule(spec.module)
         mask = getattr(spec.pruner, "mask", None)  # composite modules zero their own weights
@@ -85,6 +85,15 @@ def masked_outputs(
     finally:
         for h in handles:
             h.remove()
+
+
+def _replace(model: nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Put ``new`` wherever ``model`` holds ``old`` (a tied tensor has several names)."""
+    for m in model.modules():
+        for table in (m._parameters, m._buffers):
+            for key, t in table.items():
+                if t is old:
+                    table[key] = new
 
 
 def _own(module: nn.Module) -> None:
