@@ -8,6 +8,7 @@ import dataclasses
 import math
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -146,3 +147,25 @@ def test_the_default_path_with_compensation_skips_a_group_that_differs_from_mask
     _, pruned, skipped = _prune(ScalesByWidth())
     assert len(skipped) == 1 and "conv2" in skipped[0]
     assert pruned.conv2.out_channels == 16 and pruned.conv1.out_channels == 8
+
+
+@pytest.mark.corpus
+def test_torchvision_raft_small_keeps_its_feature_encoder_width_and_warns():
+    """The real model behind ``ScalesByWidth``: RAFT's correlation divides by
+    ``sqrt(num_channels)`` of the feature maps (about 30 s on one CPU thread)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.optical_flow.raft_small(weights=None).eval()
+    g = torch.Generator().manual_seed(0)
+    pair = lambda: (torch.randn(1, 3, 128, 128, generator=g), torch.randn(1, 3, 128, 128, generator=g))  # noqa: E731
+    example = pair()
+    pruner = StructuredPruner(model, example, pruning_ratio=0.5, forward_fn=lambda m, x: m(*x, num_flow_updates=2)[-1])
+    pruner.collect_activations([(example,), (pair(),)], progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = pruner.prune()
+    skipped = [str(w.message) for w in caught if "skipped group" in str(w.message)]
+    assert len(skipped) == 1 and "feature_encoder.conv" in skipped[0] and "zeroed" in skipped[0]
+    assert pruned.feature_encoder.conv.out_channels == 128
+    assert sum(p.numel() for p in pruned.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())
+    assert bool(torch.isfinite(pruned(*example, num_flow_updates=2)[-1]).all())
