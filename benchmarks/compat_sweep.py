@@ -53,6 +53,8 @@ CALIB_SECTION = "## Default pruning with calibration batches"
 HF_SECTION = "## Hugging Face transformers"
 # written by hand (segmentation, detection, video, optical flow and hand-written operations); kept as it is
 OTHER_SECTION = "## Other torchvision tasks and hand-written operations"
+# written by hand: dated sample sweeps (``--filter`` lists, ``--cache``/``--doc`` elsewhere); kept as it is
+SAMPLE_SECTION = "## Sample sweeps"
 
 
 def _kept_section(doc: Path, title: str = HF_SECTION) -> list[str]:
@@ -527,7 +529,9 @@ def render(cache: dict[str, dict], doc: Path, note: str = "") -> None:
     for key, models in sorted(causes.items(), key=lambda kv: -len(kv[1])):
         shown = ", ".join(models[:12]) + (f" ... (+{len(models) - 12})" if len(models) > 12 else "")
         lines.append(f"- **{len(models)}** {key.replace('|', '/')} - {shown}")
-    lines += ["", *_kept_section(doc, CALIB_SECTION), *_kept_section(doc), *_kept_section(doc, OTHER_SECTION)]
+    lines += [""]
+    for title in (SAMPLE_SECTION, CALIB_SECTION, HF_SECTION, OTHER_SECTION):
+        lines += _kept_section(doc, title)
     lines += [
         "## Models",
         "",

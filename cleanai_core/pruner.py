@@ -20,6 +20,7 @@ from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
 from cleanai_core.graph.groups import Group
 from cleanai_core.history import PruningHistory
 from cleanai_core.isomorphic import Signatures, scopes_of, signatures
+from cleanai_core.masking import check_exact, exact_units
 from cleanai_core.metrics import count_flops, count_params
 from cleanai_core.model_state import transplant
 from cleanai_core.options import ModuleSpec, match_modules
@@ -83,7 +84,10 @@ class StructuredPruner:
     :param forward_fn: ``forward_fn(model, inputs)`` calls the model (default: by input type).
     :param output_transform: maps the model's output to what verification compares.
     :param normalizer: how scores are normalised per group for global ranking (``"mean"``).
-    :param verify: check that every pruned model runs, with the original's output shapes.
+    :param verify: check that every pruned model runs, with the original's output shapes and
+        finite outputs, and that slicing alone matches the masking oracle on the example inputs
+        (groups that normalise across channels aside); groups that fail are found, skipped and
+        named in a warning.
     :param prune_dead_only: remove exactly the units that never activate on the calibration
         data (:mod:`cleanai_core.dead_units`); the outputs on that data do not change.
     """
@@ -308,23 +312,40 @@ class StructuredPruner:
         stats: dict | None = None,
         verify: bool | None = None,
         share: bool = False,
+        exact: bool = False,
     ) -> tuple[nn.Module, list[SliceEdit]]:
         """A sliced, compensated and (unless ``verify`` or the pruner's ``verify`` says not)
         verified copy of ``source`` (the original model) without the ``pruned`` units (a mask
         over ``graph.root``); raises ``PruningError``. ``share``: the copy shares the
-        parameters it left unsliced with ``source`` (a trial to run and throw away)."""
+        parameters it left unsliced with ``source`` (a trial to run and throw away).
+        ``exact``: verification also compares the slicing alone with the masking oracle
+        (:func:`~cleanai_core.masking.check_exact`; two more forward passes)."""
         source = self.model if source is None else source
         graph = self.graph if graph is None else graph
         stats = (self.stats if stats is None else stats) if self.bias_compensation else {}
         model, edits = compensated_copy(source, graph, pruned, stats, self.reconstruction, share)
         if self.verify if verify is None else verify:
             self._verify(model)
+            if exact:
+                self._verify_exact(model if not stats else None, source, graph, pruned)
         return model, edits
 
     def _verify(self, model: nn.Module, graph: DependencyGraph | None = None) -> None:
         if self._reference is None:
             self._reference = reference(self.model, self.example_inputs, self.forward_fn, self.output_transform)
         check_outputs(model, self.example_inputs, self._reference, self.forward_fn, self.output_transform)
+
+    def _verify_exact(
+        self, sliced: nn.Module | None, source: nn.Module, graph: DependencyGraph, pruned: torch.Tensor
+    ) -> None:
+        """The masking oracle on the exact groups' units of ``pruned`` (``sliced``: ``source``
+        sliced without ``pruned`` and nothing compensated, when there is one to reuse)."""
+        units = exact_units(graph, pruned)
+        if not bool(units.any()):
+            return
+        if sliced is None or not torch.equal(units, pruned):
+            sliced, _ = compensated_copy(source, graph, units, {}, False, share=True)
+        check_exact(sliced, graph, units, self.example_inputs, self.forward_fn, self.output_transform)
 
     def _skip(self, msg: str) -> None:
         self.skipped_groups.append(msg)

@@ -198,7 +198,7 @@ def prune_in_steps(pruner: Any) -> nn.Module:
         if step == 0:
             p._plan = plan
         distributed.check_same_plan(plan.pruned_units())
-        build = lambda pruned, c=current, g=graph, s=cal.stats: p.build(pruned, c, g, s)  # noqa: E731
+        build = lambda pruned, c=current, g=graph, s=cal.stats: p.build(pruned, c, g, s, exact=True)  # noqa: E731
         pruned_model, edits = build_skipping_breakers(plan, build, p._skip)
         p._pruned_plans.append((graph, plan))
         p.history.record(edits, before=current, after=pruned_model)

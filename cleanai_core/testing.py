@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +23,9 @@ import torch
 from torch import nn
 
 from cleanai_core.graph.dependency import DependencyGraph
-from cleanai_core.model_state import copy_model
+from cleanai_core.masking import masked_outputs
 from cleanai_core.plugins import temporary_plugin
-from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
+from cleanai_core.slicing import SliceEdit, apply_edits
 from cleanai_core.verify import model_outputs
 
 __all__ = ["OracleReport", "check_pruner", "masked_forward", "random_units", "run_model", "temporary_plugin"]
@@ -71,56 +72,9 @@ def masked_forward(
     """Outputs of the *unpruned* model with the pruned channels zeroed at every slice
     (module outputs, module inputs, norm affines, bare tensors). A pruner of a composite
     module (attention, recurrent) may define ``mask(module, slice_name, idx)``: it zeroes
-    the weights of those indices in the copy and returns ``True`` to skip the default hooks."""
-    model = copy_model(graph.model)
-    handles = []
-    for spec in graph.slices:
-        gone = pruned[graph.root[spec.atoms]]
-        if not bool(gone.any()):
-            continue
-        idx = gone.nonzero().squeeze(1)
-        if spec.module == "":
-            owner, attr = get_submodule_and_attr(model, spec.name)
-            with torch.no_grad():
-                getattr(owner, attr).data.index_fill_(spec.dim, idx, 0.0)
-            continue
-        module = model.get_submodule(spec.module)
-        mask = getattr(spec.pruner, "mask", None)  # composite modules zero their own weights
-        if mask is not None:
-            with torch.no_grad():
-                if mask(module, spec.name, idx):
-                    continue
-        if spec.kind == "in":
-
-            def pre(m, args, kwargs, idx=idx, spec=spec):
-                args = list(args)
-                x = args[spec.arg]
-                args[spec.arg] = x.index_fill(spec.dim % x.ndim, idx.to(x.device), 0.0)
-                return tuple(args), kwargs
-
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        else:
-            dim = spec.dim
-
-            def post(m, args, out, idx=idx, dim=dim):
-                def zero(t):
-                    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                        return t
-                    d = 1 if dim is None else dim
-                    if t.ndim <= d % max(t.ndim, 1):
-                        return t
-                    return t.index_fill(d % t.ndim if d >= 0 else d + t.ndim, idx.to(t.device), 0.0)
-
-                if isinstance(out, torch.Tensor):
-                    return zero(out)
-                return out
-
-            handles.append(module.register_forward_hook(post))
-    try:
-        return run_model(model, inputs, forward_fn, output_transform)
-    finally:
-        for h in handles:
-            h.remove()
+    the weights of those indices in the copy and returns ``True`` to skip the default hooks
+    (:func:`cleanai_core.masking.masked_outputs`)."""
+    return masked_outputs(graph, pruned, inputs, forward_fn, output_transform)
 
 
 @attrs.frozen
@@ -149,7 +103,7 @@ def check_pruner(
     pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed), exclude_normalized=True)
     transform = graph_kwargs.get("output_transform")
     expected = masked_forward(graph, pruned, inputs, forward_fn, transform)
-    small = copy_model(model)
+    small = copy.deepcopy(model)
     edits = [SliceEdit(m, s, k, _dim(graph, m, s)) for (m, s), k in graph.keep_indices(pruned).items()]
     apply_edits(small, edits, graph.pm)
     got = run_model(small, inputs, forward_fn, transform)

@@ -81,3 +81,15 @@ def test_render_keeps_the_other_tasks_section_before_the_models(tools, tmp_path)
     text = doc.read_text()
     assert text.count(sweep.OTHER_SECTION) == 1 and "| tv:fcn_resnet50 | pass |" in text
     assert text.index(sweep.OTHER_SECTION) < text.index("## Models") < text.index("| tv:b |")
+
+
+def test_render_keeps_the_dated_sample_sweeps_after_the_failures(tools, tmp_path):
+    sweep, _ = tools
+    doc = tmp_path / "compatibility.md"
+    sample = f"{sweep.SAMPLE_SECTION}\n\n### 2026-12-01\n\n| timm:a | pass |\n\n### 2026-11-01\n\nolder\n"
+    doc.write_text(f"# Compatibility\n\n{sample}\n{sweep.OTHER_SECTION}\n\nby hand\n\n## Models\n\nold\n")
+    sweep.render({"tv:b": _rec("tv:b", params_before=10, params_after=5, max_abs_diff=0.0)}, doc)
+    text = doc.read_text()
+    assert text.count(sweep.SAMPLE_SECTION) == 1 and "| timm:a | pass |" in text and "older" in text
+    assert text.index("## Failures by cause") < text.index(sweep.SAMPLE_SECTION) < text.index(sweep.OTHER_SECTION)
+    assert text.index("older") < text.index(sweep.OTHER_SECTION) < text.index("| tv:b |")

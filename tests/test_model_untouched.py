@@ -138,3 +138,45 @@ def test_compensation_gives_a_frozen_layer_a_frozen_bias():
     pruned = _prune(model)
     biases = {n: p.requires_grad for n, p in pruned.named_parameters() if n.endswith("bias")}
     assert biases == {"2.bias": False, "4.bias": True}
+
+
+class _AttentionWithToken(nn.Module):
+    """A bare parameter (zeroed in place by the old oracle copy) and an attention module
+    whose pruner zeroes its own weights (``mask``), next to BatchNorm buffers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(6, 16)
+        self.token = nn.Parameter(torch.randn(1, 1, 16))
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.bn = nn.BatchNorm1d(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x) + self.token
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(self.bn(h.transpose(1, 2)).mean(2))
+
+
+def test_the_masking_oracle_in_verification_leaves_the_users_tensors_alone():
+    from cleanai_core.graph.dependency import DependencyGraph
+    from cleanai_core.masking import masked_outputs
+    from cleanai_core.testing import random_units
+
+    model = _AttentionWithToken().eval()
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph = DependencyGraph(model, x)
+    pruned = random_units(graph, 0.5)
+    assert int(pruned.sum()) > 0
+    out = masked_outputs(graph, pruned, x)[0]
+    assert not torch.allclose(out, model(x))  # something was zeroed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    pruner.collect_activations([x, 2 * x], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = pruner.prune()
+    assert small.attn.embed_dim < 16 or small.embed.out_features < 16
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

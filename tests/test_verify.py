@@ -1,16 +1,19 @@
-"""Verification catches what users would hit: NaN/inf outputs, and it honours
-``output_transform`` and dataclass outputs (also in ``check_pruner``)."""
+"""Verification catches what users would hit: NaN/inf outputs, slicing that is not the
+masking oracle (a channel count read at run time), and it honours ``output_transform`` and
+dataclass outputs (also in ``check_pruner``)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
 from cleanai_core import StructuredPruner
-from cleanai_core.testing import check_pruner
+from cleanai_core.testing import check_pruner, masked_forward
 
 
 class Body(nn.Module):
@@ -117,3 +120,53 @@ def test_every_group_that_makes_outputs_non_finite_is_skipped():
     assert len(skipped) == 2 and all("NaN or inf" in m for m in skipped)
     assert pruned.conv1.out_channels == 16 and pruned.conv2.out_channels == 16
     assert bool(torch.isfinite(pruned(_x())).all())
+
+
+class ScalesByWidth(Body):
+    """A correlation scaled by ``1 / sqrt(channels)`` read at run time (torchvision RAFT):
+    zeroing conv2's channels keeps the scale, slicing them changes it. Finite either way."""
+
+    def forward(self, x):
+        f = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return ((f * f.flip(-1)).sum(1) / math.sqrt(f.shape[1])).flatten(1)
+
+
+def test_slicing_that_differs_from_masking_is_caught_and_its_group_skipped():
+    model = ScalesByWidth().eval()
+    assert check_pruner(model, _x()).max_abs_diff > 5e-3  # the oracle sees it (tolerance 1e-3)
+    pruner, pruned, skipped = _prune(model, bias_compensation=False, recalibrate_bn=False)
+    assert len(skipped) == 1 and "conv2" in skipped[0] and "zeroed" in skipped[0]
+    assert pruned.conv2.out_channels == 16 and pruned.conv1.out_channels == 8  # the rest is pruned
+    # what is left is exact: the pruned model is the original with conv1's pruned channels zeroed
+    expected = masked_forward(pruner.graph, pruner.plan().pruned_units(), _x())[0]
+    assert torch.allclose(pruned(_x()), expected, atol=1e-5)
+    assert pruner.report()["skipped_groups"] == skipped
+
+
+def test_the_default_path_with_compensation_skips_a_group_that_differs_from_masking():
+    _, pruned, skipped = _prune(ScalesByWidth())
+    assert len(skipped) == 1 and "conv2" in skipped[0]
+    assert pruned.conv2.out_channels == 16 and pruned.conv1.out_channels == 8
+
+
+@pytest.mark.corpus
+def test_torchvision_raft_small_prunes_its_feature_encoder_exactly():
+    """The real model behind ``ScalesByWidth``: RAFT's correlation divides by
+    ``sqrt(num_channels)`` of the feature maps. The torchvision plugin keeps the trained
+    width in that scale, so verification's masking comparison passes and nothing is
+    skipped (about 30 s on one CPU thread)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.optical_flow.raft_small(weights=None).eval()
+    g = torch.Generator().manual_seed(0)
+    pair = lambda: (torch.randn(1, 3, 128, 128, generator=g), torch.randn(1, 3, 128, 128, generator=g))  # noqa: E731
+    example = pair()
+    pruner = StructuredPruner(model, example, pruning_ratio=0.5, forward_fn=lambda m, x: m(*x, num_flow_updates=2)[-1])
+    pruner.collect_activations([(example,), (pair(),)], progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = pruner.prune()
+    assert not [str(w.message) for w in caught if "skipped group" in str(w.message)]
+    assert pruned.feature_encoder.conv.out_channels < 128
+    assert sum(p.numel() for p in pruned.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())
+    assert bool(torch.isfinite(pruned(*example, num_flow_updates=2)[-1]).all())

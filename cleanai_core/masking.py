@@ -1,0 +1,169 @@
+"""The masking oracle (DESIGN.md section 5): the original model with pruned channels zeroed.
+
+Glossary:
+
+- *masked model*: the unpruned model with every pruned channel zeroed at every slice
+  (module outputs, module inputs, norm affines, bare tensors). Slicing is exact when the
+  sliced model's outputs equal the masked model's.
+- *exact units*: the pruned units of groups that normalise across no slice. A group with
+  a LayerNorm/GroupNorm (or a weight-standardised input) changes the statistics it
+  normalises by when it shrinks, so no masking reproduces it: it is left out of the
+  comparison.
+
+:func:`masked_outputs` runs the masked model; :func:`check_exact` compares it with the
+sliced model (the pruner's verification, on the units it prunes), and the plugin authors'
+helper :func:`cleanai_core.testing.check_pruner` does the same on a random pruning.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from cleanai_core.errors import PruningError
+from cleanai_core.model_state import copy_model
+from cleanai_core.slicing import get_submodule_and_attr
+from cleanai_core.verify import model_outputs
+
+__all__ = ["check_exact", "exact_tolerance", "exact_units", "masked_outputs"]
+
+
+def exact_units(graph: Any, pruned: torch.Tensor) -> torch.Tensor:
+    """``pruned`` (a mask over ``graph.root``) without the units of normalising groups."""
+    out = pruned.clone()
+    for g in graph.groups(prunable_only=True):
+        if any(s.normalizes for s in g.slices):
+            out[g.units] = False
+    return out
+
+
+def masked_outputs(
+    graph: Any,
+    pruned: torch.Tensor,
+    inputs: Any,
+    forward_fn: Callable | None = None,
+    output_transform: Callable | None = None,
+) -> list[torch.Tensor]:
+    """Outputs of ``graph.model`` with the ``pruned`` channels zeroed at every slice.
+
+    The masked model is a copy that shares ``graph.model``'s parameters, except the ones it
+    zeroes (bare tensors, and the weights of modules whose pruner defines ``mask(module,
+    slice_name, idx)``, which zeroes them and returns ``True`` to skip the default hooks):
+    those are the copy's own. ``graph.model`` is never written to."""
+    source = graph.model
+    model = copy_model(source, {id(t): t for t in source.parameters()})  # buffers: its own
+    handles = []
+    for spec in graph.slices:
+        gone = pruned[graph.root[spec.atoms]]
+        if not bool(gone.any()):
+            continue
+        idx = gone.nonzero().squeeze(1)
+        if spec.module == "":
+            owner, attr = get_submodule_and_attr(model, spec.name)
+            t = getattr(owner, attr)
+            zeroed = t.detach().index_fill(spec.dim, idx.to(t.device), 0.0)
+            if isinstance(t, nn.Parameter):
+                zeroed = nn.Parameter(zeroed, requires_grad=t.requires_grad)
+            _replace(model, t, zeroed)
+            continue
+        module = model.get_submodule(spec.module)
+        mask = getattr(spec.pruner, "mask", None)  # composite modules zero their own weights
+        if mask is not None:
+            _own(module)
+            with torch.no_grad():
+                if mask(module, spec.name, idx):
+                    continue
+        if spec.kind == "in":
+            handles.append(module.register_forward_pre_hook(_zero_input(spec, idx), with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(_zero_output(spec.dim, idx)))
+    try:
+        return model_outputs(model, inputs, forward_fn, output_transform)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _replace(model: nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Put ``new`` wherever ``model`` holds ``old`` (a tied tensor has several names)."""
+    for m in model.modules():
+        for table in (m._parameters, m._buffers):
+            for key, t in table.items():
+                if t is old:
+                    table[key] = new
+
+
+def _own(module: nn.Module) -> None:
+    """Give ``module`` (in the masked copy) its own parameters and buffers, once."""
+    memo: dict[int, Any] = {}
+    for m in module.modules():
+        for table in (m._parameters, m._buffers):
+            for key, t in table.items():
+                if t is not None:
+                    table[key] = copy.deepcopy(t, memo)
+
+
+def _zero_input(spec: Any, idx: torch.Tensor) -> Callable:
+    def pre(m, args, kwargs):
+        args = list(args)
+        x = args[spec.arg]
+        args[spec.arg] = x.index_fill(spec.dim % x.ndim, idx.to(x.device), 0.0)
+        return tuple(args), kwargs
+
+    return pre
+
+
+def _zero_output(dim: int | None, idx: torch.Tensor) -> Callable:
+    def post(m, args, out):
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return out
+        d = 1 if dim is None else dim
+        if out.ndim <= d % max(out.ndim, 1):
+            return out
+        return out.index_fill(d % out.ndim if d >= 0 else d + out.ndim, idx.to(out.device), 0.0)
+
+    return post
+
+
+def exact_tolerance(expected: list[torch.Tensor]) -> float:
+    """How far a sliced model's outputs may be from the masked model's: 1e-3 of the outputs'
+    scale (at least 1e-3) in float32/64, 3e-2 of it where an output is a 16-bit float."""
+    floats = [t for t in expected if t.is_floating_point() and t.numel()]
+    scale = max((float(t.detach().abs().max()) for t in floats), default=1.0)
+    rel = 3e-2 if any(t.element_size() < 4 for t in floats) else 1e-3
+    return rel * max(1.0, scale)
+
+
+def check_exact(
+    sliced: nn.Module,
+    graph: Any,
+    pruned: torch.Tensor,
+    inputs: Any,
+    forward_fn: Callable | None = None,
+    output_transform: Callable | None = None,
+) -> None:
+    """Raise :class:`~cleanai_core.errors.PruningError` when ``sliced`` (``graph.model``
+    sliced without ``pruned``, nothing compensated) gives other outputs on ``inputs`` than
+    the masked model. Such a model computes something the graph did not see: e.g. it reads
+    a channel count at run time (``x / sqrt(x.shape[1])``), which zeroing channels keeps
+    and slicing changes. Outputs whose shapes differ (a variable number of detections) or
+    that are not finite in the masked model are not compared."""
+    expected = masked_outputs(graph, pruned, inputs, forward_fn, output_transform)
+    got = model_outputs(sliced, inputs, forward_fn, output_transform)
+    pairs = [
+        (a, b)
+        for a, b in zip(got, expected, strict=False)
+        if a.shape == b.shape and a.is_floating_point() and b.is_floating_point() and bool(torch.isfinite(b).all())
+    ]
+    diff = max((float((a.detach().float() - b.detach().float()).abs().max()) for a, b in pairs), default=0.0)
+    tol = exact_tolerance([b for _, b in pairs])
+    if not diff <= tol:
+        raise PruningError(
+            f"the sliced model's outputs differ from the original's with those channels zeroed by {diff:.3g} "
+            f"(tolerance {tol:.3g}): slicing them is not the same as zeroing them, e.g. the model reads a channel "
+            "count at run time (x / sqrt(x.shape[1]))"
+        )
