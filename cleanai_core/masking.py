@@ -140,6 +140,7 @@ def exact_tolerance(expected: list[torch.Tensor]) -> float:
 
 def check_exact(
     sliced: nn.Module,
+    got: list[torch.Tensor] | None,
     graph: Any,
     pruned: torch.Tensor,
     inputs: Any,
@@ -151,9 +152,11 @@ def check_exact(
     the masked model. Such a model computes something the graph did not see: e.g. it reads
     a channel count at run time (``x / sqrt(x.shape[1])``), which zeroing channels keeps
     and slicing changes. Outputs whose shapes differ (a variable number of detections) or
-    that are not finite in the masked model are not compared."""
+    that are not finite in the masked model are not compared. ``got``: ``sliced``'s
+    outputs on ``inputs`` where they were just computed (None: run it)."""
     expected = masked_outputs(graph, pruned, inputs, forward_fn, output_transform)
-    got = model_outputs(sliced, inputs, forward_fn, output_transform)
+    if got is None:
+        got = model_outputs(sliced, inputs, forward_fn, output_transform)
     pairs = [
         (a, b)
         for a, b in zip(got, expected, strict=False)

@@ -325,27 +325,34 @@ class StructuredPruner:
         stats = (self.stats if stats is None else stats) if self.bias_compensation else {}
         model, edits = compensated_copy(source, graph, pruned, stats, self.reconstruction, share)
         if self.verify if verify is None else verify:
-            self._verify(model)
-            if exact:
-                self._verify_exact(model if not stats else None, source, graph, pruned)
+            outputs = self._verify(model)
+            if exact:  # nothing compensated: the model just run is the slicing alone
+                self._verify_exact((model, outputs) if not stats else None, source, graph, pruned)
         return model, edits
 
-    def _verify(self, model: nn.Module, graph: DependencyGraph | None = None) -> None:
+    def _verify(self, model: nn.Module, graph: DependencyGraph | None = None) -> list[torch.Tensor]:
         if self._reference is None:
             self._reference = reference(self.model, self.example_inputs, self.forward_fn, self.output_transform)
-        check_outputs(model, self.example_inputs, self._reference, self.forward_fn, self.output_transform)
+        return check_outputs(model, self.example_inputs, self._reference, self.forward_fn, self.output_transform)
 
     def _verify_exact(
-        self, sliced: nn.Module | None, source: nn.Module, graph: DependencyGraph, pruned: torch.Tensor
+        self,
+        sliced: tuple[nn.Module, list[torch.Tensor]] | None,
+        source: nn.Module,
+        graph: DependencyGraph,
+        pruned: torch.Tensor,
     ) -> None:
         """The masking oracle on the exact groups' units of ``pruned`` (``sliced``: ``source``
-        sliced without ``pruned`` and nothing compensated, when there is one to reuse)."""
+        sliced without ``pruned`` and nothing compensated, with its outputs on the example
+        inputs, when there is one to reuse)."""
         units = exact_units(graph, pruned)
         if not bool(units.any()):
             return
         if sliced is None or not torch.equal(units, pruned):
-            sliced, _ = compensated_copy(source, graph, units, {}, False, share=True)
-        check_exact(sliced, graph, units, self.example_inputs, self.forward_fn, self.output_transform)
+            model, _ = compensated_copy(source, graph, units, {}, False, share=True)
+            check_exact(model, None, graph, units, self.example_inputs, self.forward_fn, self.output_transform)
+        else:
+            check_exact(*sliced, graph, units, self.example_inputs, self.forward_fn, self.output_transform)
 
     def _skip(self, msg: str) -> None:
         self.skipped_groups.append(msg)

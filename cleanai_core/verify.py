@@ -102,9 +102,9 @@ def check_outputs(
     ref: Reference,
     forward_fn: Callable | None = None,
     output_transform: Callable | None = None,
-) -> None:
+) -> list[torch.Tensor]:
     """Raise :class:`PruningError` unless ``model`` runs on ``inputs`` with the reference's
-    output shapes and finite outputs wherever the reference's are finite."""
+    output shapes and finite outputs wherever the reference's are finite; returns the outputs."""
     try:
         outs = model_outputs(model, inputs, forward_fn, output_transform)
     except Exception as exc:
@@ -118,6 +118,7 @@ def check_outputs(
             f"the pruned model's output{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} hold NaN or inf "
             "where the original model's are finite"
         )
+    return outs
 
 
 def build_skipping_breakers(plan: Any, build: Callable[[torch.Tensor], T], on_skip: Callable[[str], None]) -> T:
