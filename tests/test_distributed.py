@@ -120,9 +120,11 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    # a short timeout: a rank left waiting fails the test in minutes rather than hanging it
+    # a rank left waiting fails the test in minutes rather than hanging it for the default 30;
+    # not shorter: rank 1 waits in a collective while rank 0 writes the CLI outputs (120 s
+    # aborted a rank on a loaded machine)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120)
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=600)
     )
     solves = _count_solves()
     try:
