@@ -126,12 +126,13 @@ class StructuredPruner:
             verify=verify,
             prune_dead_only=prune_dead_only,
         )
+        options.check_callables(forward_fn=forward_fn, output_transform=output_transform)
         ignored_layers = options.as_specs(ignored_layers, "ignored_layers")
         layer_pruning_ratios = options.as_ratio_table(layer_pruning_ratios)
         importance = options.as_importance(importance)
         round_to = default_round_to(device_of(model)) if round_to == "auto" else round_to
         options.check_targets(pruning_ratio, target_flops, target_params, iterative_steps)
-        options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes)
+        options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes, min_channels)
         options.check_ranking(global_pruning, isomorphic)
         options.check_example_inputs(example_inputs)
         self.model, self.example_inputs = model, example_inputs
@@ -269,7 +270,22 @@ class StructuredPruner:
                 dead_plan(self.graph, self.stats, self.score) if dead else self.plan_for(self.graph, self.model)
             )
             distributed.check_same_plan(self._plan.pruned_units())
+            if not dead and self._plan.n_pruned == 0 and self._plan.groups:
+                warnings.warn(f"{self.why_nothing_pruned()}; the pruned model equals the original", RuntimeWarning, 3)
         return self._plan
+
+    def why_nothing_pruned(self) -> str:
+        """Why a plan removes no unit although groups can shrink: the rounding, the minimum
+        width or a ratio too small for the widths (the run used to succeed silently)."""
+        sizes = [gp.group.size for gp in self.plan().groups]
+        widths = f"groups of {min(sizes)}..{max(sizes)} units" if min(sizes) != max(sizes) else f"{sizes[0]} units"
+        if self.round_to and self.round_to > 1 and self.round_to >= min(sizes):
+            cause = f"round_to={self.round_to} rounds every kept count up to the whole group ({widths}); lower round_to"
+        elif self.min_channels >= max(sizes):
+            cause = f"min_channels={self.min_channels} keeps every unit ({widths}); lower min_channels"
+        else:
+            cause = f"the ratio leaves less than one unit to remove in every group ({widths}); raise the ratio"
+        return f"the plan removes no unit: {cause}"
 
     def plan_for(self, graph: Any = None, model: Any = None, cal: Any = None, target: Any = None) -> PruningPlan:
         """The plan for ``model``: at the pruning ratio, or at the ratio meeting ``target``

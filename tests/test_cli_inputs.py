@@ -217,3 +217,13 @@ def test_an_unreadable_image_in_an_image_folder_names_the_file(ws, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (ws / "out").exists()
     assert {p: p.read_bytes() for p in (ws / "imgs").rglob("*.png")} == before
+
+
+@pytest.mark.parametrize("options", [["--round-to", "1000"], ["--ratio", "0.01"]])
+def test_a_run_that_would_remove_nothing_fails_and_writes_nothing(ws, data, capsys, options):
+    # before: exit 0 and an "pruned" model identical to the input, the headline saying +0.0%
+    torch.save(data, ws / "d.pt")
+    argv = ["prune", "--model", MODEL_SPEC, "--data", "d.pt", "--out", "out", "--quiet", *options]
+    assert main(argv) == 2
+    assert "the plan removes no unit" in capsys.readouterr().err
+    assert not (ws / "out").exists()

@@ -123,3 +123,48 @@ def test_weight_activation_ratios_must_be_finite_numbers(value):
 
     with pytest.raises(UserError, match="weight_ratio=.* must be a finite number >= 0"):
         WeightActivationImportance(weight_ratio=value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"target_flops": "abc"}, "target_flops='abc': give the share of FLOPs to keep"),
+        ({"target_flops": "0.5"}, "target_flops='0.5'"),
+        ({"target_flops": [0.5]}, r"target_flops=\[0.5\]"),
+        ({"target_params": "x"}, "target_params='x': give the share of parameters"),
+        ({"iterative_steps": True}, "iterative_steps=True must be a positive integer"),
+        ({"max_layer_ratio": "a", "global_pruning": True}, "max_layer_ratio='a' must be a number between 0 and 1"),
+        ({"max_layer_ratio": None}, "max_layer_ratio=None"),
+        ({"round_to": True}, "round_to=True must be a positive integer"),
+        ({"min_channels": "2"}, "min_channels='2' must be an integer >= 1"),
+        ({"min_channels": 2.5}, "min_channels=2.5"),
+        ({"min_channels": -1}, "min_channels=-1"),
+        ({"covariance_rows": "a"}, "covariance_rows='a' must be an integer"),
+        ({"covariance_rows": None}, "covariance_rows=None"),
+        ({"covariance_rows": 2.5}, "covariance_rows=2.5"),
+        ({"forward_fn": 5}, "forward_fn=5 is not a function"),
+        ({"output_transform": "logits"}, "output_transform='logits' is not a function"),
+    ],
+)
+def test_an_option_of_the_wrong_type_is_refused_by_name(kwargs, words):
+    # before: TypeError/ValueError tracebacks from comparisons deep in planning ('<' between float
+    # and str), a TraceError blaming the example inputs, or the value silently read as a number
+    # (round_to=True as 1, min_channels=2.5 as a fractional count)
+    with pytest.raises(UserError, match=words):
+        StructuredPruner(_net(), _x(), "magnitude", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "cause"),
+    [
+        ({"round_to": 1000}, "round_to=1000 rounds every kept count up to the whole group"),
+        ({"min_channels": 100}, "min_channels=100 keeps every unit"),
+        ({"pruning_ratio": 0.01}, "the ratio leaves less than one unit to remove in every group"),
+    ],
+)
+def test_a_plan_that_removes_nothing_says_why(kwargs, cause):
+    # before: the "pruned" model was the original, without a word
+    p = StructuredPruner(_net(), _x(), "magnitude", **{"pruning_ratio": 0.3, **kwargs})
+    with pytest.warns(RuntimeWarning, match=f"the plan removes no unit: {cause}"):
+        pruned = p.prune()
+    assert sum(q.numel() for q in pruned.parameters()) == sum(q.numel() for q in _net().parameters())

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,11 @@ def _execute(
         pruner.prune()
         return None
 
+    with warnings.catch_warnings():  # said once, as the error below
+        warnings.filterwarnings("ignore", message="the plan removes no unit")
+        removed = pruner.plan().n_pruned
+    if not cfg.get("prune_dead_only") and removed == 0:  # a copy of the input would be written as the result
+        raise UserError(f"{pruner.why_nothing_pruned()} (--round-to, --ratio); nothing was written.")
     before_acc = _evaluate(pm, model, eval_loader, device)
     repeats = int(cfg.get("latency_repeats") or 20)
     pruned = pruner.prune()
