@@ -307,3 +307,22 @@ def test_trust_code_from_the_command_line_allows_a_config_model_factory(ws, caps
     assert (ws / "ran").exists()
     cfg = json.loads((ws / "out" / "config.json").read_text())
     assert cfg["trust_code"] is True and "_from_config" not in cfg
+
+
+def test_save_pruned_refuses_what_it_could_not_load_back(tmp_path):
+    # before: a history given as text was written as history.json ('"nope"') and a missing spec as
+    # null, giving a folder that load_pruned refuses; a model that is no module raised AttributeError
+    from cleanai_core import PruningHistory
+
+    model = DigitsCNN(width=8)
+    with pytest.raises(UserError, match="needs the PruningHistory of the prune"):
+        save_pruned(tmp_path / "a", model, "nope", MODEL_SPEC)
+    with pytest.raises(UserError, match="needs the spec that rebuilds"):
+        save_pruned(tmp_path / "b", model, PruningHistory(), None)
+    with pytest.raises(UserError, match="needs the pruned torch.nn.Module, got int"):
+        save_pruned(tmp_path / "c", 5, PruningHistory(), MODEL_SPEC)
+    with pytest.raises(UserError, match="needs a folder path"):
+        save_pruned(None, model, PruningHistory(), MODEL_SPEC)
+    with pytest.raises(UserError, match="needs a folder path"):
+        load_pruned(None)
+    assert list(tmp_path.iterdir()) == []
