@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -227,3 +228,78 @@ def test_a_run_that_would_remove_nothing_fails_and_writes_nothing(ws, data, caps
     assert main(argv) == 2
     assert "the plan removes no unit" in capsys.readouterr().err
     assert not (ws / "out").exists()
+
+
+def _write_module(ws, text: str) -> None:
+    (ws / "faultmods.py").write_text(text)
+
+
+FAULT_MODULES = """
+import torch
+from torch.utils.data import Dataset
+from cleanai_plugins.io.demo import DigitsCNN
+
+
+class Mixed(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        s = 8 if i % 2 else 6
+        return torch.rand(1, s, s), i % 10
+
+
+class NegativeLength(Mixed):
+    def __len__(self):
+        return -1
+
+
+def mixed():
+    return Mixed()
+
+
+def negative_length():
+    return NegativeLength()
+
+
+def half():
+    return DigitsCNN().half()
+
+
+def bfloat16():
+    return DigitsCNN().to(torch.bfloat16)
+"""
+
+
+@pytest.mark.parametrize(
+    ("data_spec", "words"),
+    [
+        ("faultmods:mixed", r"cannot be put in one batch \(shapes \(1, 6, 6\), \(1, 8, 8\)\)"),
+        ("faultmods:negative_length", r"len\(\) of the data set failed \(ValueError"),
+    ],
+)
+def test_a_data_set_whose_items_cannot_be_batched_or_counted_is_named(ws, capsys, monkeypatch, data_spec, words):
+    # before: a RuntimeError traceback from torch.stack inside the DataLoader / a ValueError from len()
+    _write_module(ws, FAULT_MODULES)
+    monkeypatch.syspath_prepend(str(ws))
+    argv = ["prune", "--model", MODEL_SPEC, "--data", data_spec, "--out", "out", "--quiet"]
+    assert main(argv) == 2
+    assert re.search(words, capsys.readouterr().err)
+    assert not (ws / "out").exists()
+
+
+@pytest.mark.parametrize("factory", ["half", "bfloat16"])
+def test_a_half_precision_model_prunes_on_float32_data(ws, data, monkeypatch, factory):
+    # before: exit 2, "the model failed on an input from --data: expected scalar type Float but found Half"
+    _write_module(ws, FAULT_MODULES)
+    monkeypatch.syspath_prepend(str(ws))
+    torch.save(data, ws / "d.pt")
+    argv = ["prune", "--model", f"faultmods:{factory}", "--data", "d.pt", "--out", "out", "--quiet"]
+    assert main([*argv, "--latency-repeats", "1"]) == 0
+    rep = report(ws)
+    assert rep["params_after"] < rep["params_before"]
+    assert rep["accuracy_after"] is not None
+    state = torch.load(ws / "out" / "model.pt", weights_only=True)
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {
+        getattr(torch, "float16" if factory == "half" else factory)
+    }

@@ -19,7 +19,15 @@ import torch
 from cleanai_core import distributed
 from cleanai_core.errors import UserError
 from cleanai_core.job.config import PruneConfig, pruner_options, resolve_config
-from cleanai_core.job.inputs import first_input, has_labels, load_inputs, split_dataset, to_device
+from cleanai_core.job.inputs import (
+    CheckedDataset,
+    checked_collate,
+    first_input,
+    has_labels,
+    load_inputs,
+    split_dataset,
+    to_device,
+)
 from cleanai_core.job.outputs import check_out_dir, guard_out
 
 __all__ = ["execute", "run_job"]
@@ -128,6 +136,7 @@ def _execute(
     else:
         pm = get_plugin_manager()
         model = model.eval().to(device)
+        dataset = CheckedDataset(dataset, model, str(cfg["data"]))
     calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))
     bs = int(cfg["batch_size"])
     stats_part, sens_loader = calib, None
@@ -138,7 +147,9 @@ def _execute(
         if n_sens < 1:
             raise UserError(f"--auto/--sensitivity need at least 3 calibration samples; there are {len(calib)}.")
         stats_part = Subset(calib, range(len(calib) - n_sens))
-        sens_loader = DataLoader(Subset(calib, range(len(calib) - n_sens, len(calib))), batch_size=bs)
+        sens_loader = DataLoader(
+            Subset(calib, range(len(calib) - n_sens, len(calib))), batch_size=bs, collate_fn=checked_collate
+        )
     num_batches = cfg.get("calib_batches")
     if num_batches is not None and int(num_batches) >= 1 and distributed.is_distributed():
         # --calib-batches counts batches of the whole job, not of each rank: the ranks share
@@ -147,8 +158,14 @@ def _execute(
 
         stats_part = Subset(stats_part, range(min(len(stats_part), int(num_batches) * bs)))
         num_batches = None
-    calib_loader = distributed.shard(DataLoader(stats_part, batch_size=bs, shuffle=False))  # this rank's share
-    eval_loader = DataLoader(held, batch_size=bs, shuffle=False) if held is not None and has_labels(held) else None
+    calib_loader = distributed.shard(
+        DataLoader(stats_part, batch_size=bs, shuffle=False, collate_fn=checked_collate)
+    )  # this rank's share
+    eval_loader = (
+        DataLoader(held, batch_size=bs, shuffle=False, collate_fn=checked_collate)
+        if held is not None and has_labels(held)
+        else None
+    )
     accuracy_note = None
     if held is None:
         accuracy_note = "--calib-fraction 1: all data scores channels, none is left to measure accuracy"
