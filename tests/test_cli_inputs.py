@@ -303,3 +303,32 @@ def test_a_half_precision_model_prunes_on_float32_data(ws, data, monkeypatch, fa
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {
         getattr(torch, "float16" if factory == "half" else factory)
     }
+
+
+def test_a_column_of_labels_is_read_as_class_indices(ws, data, capsys):
+    # before: (N, 1) labels were "several columns that are not one-hot" (no accuracy), and a column
+    # of ones passed as one-hot rows of a single class: every label read as class 0
+    from cleanai_plugins.io.datasets import label_indices
+
+    x, y = data
+    torch.save((x, y), ws / "int.pt")
+    torch.save((x, y[:, None]), ws / "column.pt")
+    accs = []
+    for name in ("int.pt", "column.pt"):
+        assert prune(name, out=name + ".out") == 0, capsys.readouterr().err
+        r = report(ws, name + ".out")
+        assert r["accuracy_note"] is None
+        accs.append((r["accuracy_before"], r["accuracy_after"]))
+    assert accs[0] == accs[1]
+    assert label_indices(torch.ones(4, 1, dtype=torch.long)).tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(("content", "words"), [(b"", "is empty (0 bytes)"), (None, "may be truncated or damaged")])
+def test_an_empty_or_truncated_data_file_says_so(ws, data, capsys, content, words):
+    # before: "cannot read 'd.pt' safely (EOFError: )" / "(OSError: [Errno 22] Invalid argument)"
+    torch.save(data, ws / "full.pt")
+    raw = (ws / "full.pt").read_bytes()
+    (ws / "d.pt").write_bytes(raw[: len(raw) // 2] if content is None else content)
+    assert prune("d.pt") == 2
+    assert words in capsys.readouterr().err
+    assert not (ws / "out").exists()
