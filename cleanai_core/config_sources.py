@@ -221,4 +221,26 @@ def env_options(environ: Mapping[str, str], known: Mapping[str, Any]) -> dict[st
                 "on the command line if you trust the model and code it names."
             )
         out[key] = _parse_env(name, key, text, default)
+    _warn_near_misses(environ, known)
     return out
+
+
+# CLEANAI_* variables that are not options (plugins, distributed runs, the test suite)
+OTHER_VARIABLES = ("DISABLED_PLUGINS", "DISABLE_PLUGIN_AUTOLOAD", "DIST_TIMEOUT", "CUDA_TEST_DEVICE", "FUZZ_EXAMPLES",
+                   "PRINT_CATALOGUE")  # fmt: skip
+
+
+def _warn_near_misses(environ: Mapping[str, str], known: Mapping[str, Any]) -> None:
+    """A ``CLEANAI_*`` variable that is no option but close to one (``CLEANAI_RATIOO``) was
+    ignored without a word: say which option it looks like."""
+    import difflib
+
+    names = [k.upper() for k in known]
+    for var, text in environ.items():
+        rest = var[len(ENV_PREFIX) :] if var.startswith(ENV_PREFIX) else None
+        if not rest or rest in names or rest in OTHER_VARIABLES or not str(text).strip():
+            continue
+        alias = ALIASES.get(rest.lower())  # CLEANAI_PRUNING_RATIO: the API's spelling, not read from the environment
+        close = [alias.upper()] if alias else difflib.get_close_matches(rest, names, n=1, cutoff=0.75)
+        if close:
+            log.warning("warning: %s is not an option and was ignored; did you mean %s%s?", var, ENV_PREFIX, close[0])

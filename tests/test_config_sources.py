@@ -376,3 +376,16 @@ def test_config_json_of_a_run_reproduces_it(tmp_path, monkeypatch, capsys):
     rep1, rep2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert rep1["params_after"] == rep2["params_after"] < rep1["params_before"]
     assert [la["pruned_indices"] for la in rep1["layers"]] == [la["pruned_indices"] for la in rep2["layers"]]
+
+
+def test_a_misspelt_environment_variable_is_named_with_the_option_it_looks_like(caplog):
+    # before: CLEANAI_RATIOO=0.5 (or the API's spelling CLEANAI_PRUNING_RATIO) was ignored without a
+    # word and the run pruned at the default ratio
+    env = {"CLEANAI_RATIOO": "0.5", "CLEANAI_PRUNING_RATIO": "0.4", "CLEANAI_DIST_TIMEOUT": "5", "CLEANAI_XYZ": "1"}
+    with caplog.at_level("WARNING", logger="cleanai"):
+        cfg = resolve(BASE, env)
+    assert cfg["ratio"] == 0.3  # the default, not 0.5 nor 0.4
+    said = [r.getMessage() for r in caplog.records]
+    assert "warning: CLEANAI_RATIOO is not an option and was ignored; did you mean CLEANAI_RATIO?" in said
+    assert "warning: CLEANAI_PRUNING_RATIO is not an option and was ignored; did you mean CLEANAI_RATIO?" in said
+    assert not any("DIST_TIMEOUT" in m or "XYZ" in m for m in said)  # other variables and unrelated names: quiet
