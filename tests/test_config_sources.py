@@ -389,3 +389,11 @@ def test_a_misspelt_environment_variable_is_named_with_the_option_it_looks_like(
     assert "warning: CLEANAI_RATIOO is not an option and was ignored; did you mean CLEANAI_RATIO?" in said
     assert "warning: CLEANAI_PRUNING_RATIO is not an option and was ignored; did you mean CLEANAI_RATIO?" in said
     assert not any("DIST_TIMEOUT" in m or "XYZ" in m for m in said)  # other variables and unrelated names: quiet
+
+
+def test_one_layer_pattern_given_twice_with_two_ratios_is_refused(tmp_path):
+    # before: the later value won without a word (features.3 pruned at 0.1, not 0.5)
+    with pytest.raises(UserError, match="'features.3' is given twice, with ratios 0.5 and 0.1; give it once"):
+        resolve([*BASE, "--layer-ratio", "features.3=0.5", "--layer-ratio", "features.3=0.1"])
+    cfg = resolve([*BASE, "--layer-ratio", "features.3=0.5", "--layer-ratio", "features.3=0.5"])
+    assert cfg["layer_ratio"] == {"features.3": 0.5}

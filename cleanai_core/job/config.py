@@ -220,12 +220,17 @@ def _parse_layer_ratios(items: Any, source: str) -> dict[str, float]:
                 raise UserError(f"{source}: {item!r} is not PATTERN=R (e.g. 'layer4.*=0.5').")
             pat, _, r = item.rpartition("=")
             pairs.append((pat, r))
-    out = {}
+    out: dict[str, float] = {}
     for pat, r in pairs:
         try:
-            out[str(pat)] = float(r)
+            value = float(r)
         except (TypeError, ValueError):
             raise UserError(f"{source}: ratio {r!r} for {pat!r} is not a number.") from None
+        if str(pat) in out and out[str(pat)] != value:  # the later one silently won
+            raise UserError(
+                f"{source}: {str(pat)!r} is given twice, with ratios {out[str(pat)]:g} and {value:g}; give it once."
+            )
+        out[str(pat)] = value
     return out
 
 
