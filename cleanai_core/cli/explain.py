@@ -74,15 +74,27 @@ def run(args: argparse.Namespace) -> int:
     model = get_plugin_manager().hook.cleanai_load_model(spec=args.model, options=options)
     if model is None:
         raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {input_forms('model')}.")
+    if args.max_groups < 0:  # -1 listed all groups but one, then "... 6 more"
+        raise UserError(f"--max-groups={args.max_groups} is out of range: it must be >= 0.")
     model.eval()
     shape = parse_shape(args.input_shape) if args.input_shape else _default_shape(model)
+    tried = ",".join(map(str, shape))
+    # the example in the model's floating dtype: a float16 model failed on float32 noise
+    dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
     from cleanai_core.errors import TraceError
 
     try:
+        example = torch.randn(*shape, dtype=dtype)
+    except (RuntimeError, MemoryError) as exc:  # --input-shape 1,1,100000,100000: 40 GB of noise
+        raise UserError(
+            f"--input-shape {tried}: cannot allocate an example input of that size ({type(exc).__name__}); give the "
+            "shape of one real input, e.g. 1,3,224,224."
+        ) from None
+    try:
         # what the pruner sees: the default ignores and the coupling-dependent defaults kept
-        graph = DependencyGraph(model, torch.randn(*shape), ignored_layers=sorted(ignored_modules(model, ())))
+        graph = DependencyGraph(model, example, ignored_layers=sorted(ignored_modules(model, ())))
         graph.apply_default_freezes()
     except TraceError as exc:
-        raise UserError(f"{exc} Tried --input-shape {','.join(map(str, shape))}; pass the right one.") from exc
+        raise UserError(f"{str(exc).rstrip('.')}. Tried --input-shape {tried}; pass the right one.") from exc
     print(graph.explain(max_groups=args.max_groups))
     return 0
