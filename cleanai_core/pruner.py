@@ -16,6 +16,7 @@ from cleanai_core.collect import Calibration, CalibrationSetup, calibrate
 from cleanai_core.compensation import compensated_copy
 from cleanai_core.dead_units import dead_plan
 from cleanai_core.device_defaults import default_round_to
+from cleanai_core.errors import UserError
 from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
 from cleanai_core.graph.groups import Group
 from cleanai_core.history import PruningHistory
@@ -354,7 +355,15 @@ class StructuredPruner:
 
     # -- the pipeline ----------------------------------------------------------------------
     def prune(self) -> nn.Module:
-        """Slice the model; return the pruned model (a copy unless ``inplace=True``)."""
+        """Slice the model; return the pruned model (a copy unless ``inplace=True``). Called
+        again, it prunes the original again, with a fresh :attr:`history` (the steps of an
+        earlier call were kept, so the saved history replayed both and did not load)."""
+        if self.inplace and self.pruned_model is not None:  # the graph and statistics describe the unpruned model
+            raise UserError(
+                "this pruner already pruned the model in place; to prune further, build a new StructuredPruner on "
+                "the pruned model (and collect activations again)"
+            )
+        self.history = PruningHistory()
         self._before = {"params": count_params(self.model)}
         if self.inplace:  # the original is about to change: measure it now
             self.flops_before()

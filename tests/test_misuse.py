@@ -168,3 +168,35 @@ def test_a_plan_that_removes_nothing_says_why(kwargs, cause):
     with pytest.warns(RuntimeWarning, match=f"the plan removes no unit: {cause}"):
         pruned = p.prune()
     assert sum(q.numel() for q in pruned.parameters()) == sum(q.numel() for q in _net().parameters())
+
+
+def test_prune_called_twice_gives_a_history_that_replays_to_the_same_model():
+    # before: the second call appended its steps to the first's, so the saved history replayed two
+    # prunes of the original ("step 1 of 2 failed (IndexError ...)") and the folder did not load
+    from cleanai_core import PruningHistory
+
+    p = StructuredPruner(_net(), _x(), "magnitude", pruning_ratio=0.5)
+    p.prune()
+    again = p.prune()
+    assert len(p.history.steps) == 1
+    fresh = PruningHistory.from_json(p.history.to_json()).replay(_net())
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in again.state_dict().items()}
+
+
+def test_a_second_in_place_prune_is_refused_and_leaves_the_model_as_pruned():
+    # before: IndexError: index out of range in self (the graph described the unpruned model)
+    model = _net()
+    p = StructuredPruner(model, _x(), "magnitude", pruning_ratio=0.5, inplace=True)
+    p.prune()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match="already pruned the model in place; to prune further, build a new"):
+        p.prune()
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+
+
+@pytest.mark.parametrize("n", ["2", 2.0, True])
+def test_num_batches_of_the_wrong_type_is_refused(n):
+    # before: TypeError: '<' not supported between instances of 'str' and 'int' (2.0 and True passed)
+    p = StructuredPruner(_net(), _x(), pruning_ratio=0.5)
+    with pytest.raises(UserError, match=f"num_batches={n!r} must be an integer"):
+        p.collect_activations([_x()], num_batches=n, progress=False)
