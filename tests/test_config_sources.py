@@ -397,3 +397,29 @@ def test_one_layer_pattern_given_twice_with_two_ratios_is_refused(tmp_path):
         resolve([*BASE, "--layer-ratio", "features.3=0.5", "--layer-ratio", "features.3=0.1"])
     cfg = resolve([*BASE, "--layer-ratio", "features.3=0.5", "--layer-ratio", "features.3=0.5"])
     assert cfg["layer_ratio"] == {"features.3": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "words"),
+    [
+        ("c.json", '{"ratio": 0.3, "ratio": 0.5}', "is not valid JSON: key 'ratio' appears twice"),
+        ("c.yaml", "ratio: 0.3\nratio: 0.5\n", "is not valid YAML: key 'ratio' appears twice"),
+        ("c.toml", "ratio = 0.3\npruning-ratio = 0.5\n", r"sets ratio twice \(as 'ratio' and 'pruning-ratio'\)"),
+        ("c.yaml", "global: true\nglobal_pruning: false\n", "sets global-pruning twice"),
+    ],
+)
+def test_an_option_set_twice_in_one_config_file_is_refused(tmp_path, name, text, words):
+    # before: the last value won without a word (JSON and YAML keep the last of a repeated key; two
+    # spellings of one option overwrote each other)
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=words):
+        resolve([*BASE, "--config", str(tmp_path / name)])
+
+
+def test_yaml_still_refuses_python_tags(tmp_path):
+    pytest.importorskip("yaml")
+    (tmp_path / "c.yaml").write_text('ratio: !!python/object/apply:os.system ["echo x"]\n')
+    with pytest.raises(UserError, match="could not determine a constructor"):
+        resolve([*BASE, "--config", str(tmp_path / "c.yaml")])
