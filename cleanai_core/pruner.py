@@ -135,6 +135,11 @@ class StructuredPruner:
         options.check_targets(pruning_ratio, target_flops, target_params, iterative_steps)
         options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes, min_channels)
         options.check_ranking(global_pruning, isomorphic)
+        if prune_dead_only and (target_flops is not None or target_params is not None or layer_pruning_ratios):
+            raise UserError(  # they were ignored: the dead units alone set what goes
+                "prune_dead_only=True removes exactly the units that never activate; target_flops, target_params "
+                "and layer_pruning_ratios do not apply: drop them or prune_dead_only"
+            )
         options.check_example_inputs(example_inputs)
         self.model, self.example_inputs = model, example_inputs
         if isinstance(importance, str):

@@ -423,3 +423,11 @@ def test_yaml_still_refuses_python_tags(tmp_path):
     (tmp_path / "c.yaml").write_text('ratio: !!python/object/apply:os.system ["echo x"]\n')
     with pytest.raises(UserError, match="could not determine a constructor"):
         resolve([*BASE, "--config", str(tmp_path / "c.yaml")])
+
+
+@pytest.mark.parametrize("extra", [["--ratio", "0.5"], ["--target-flops", "0.5"], ["--layer-ratio", "fc=0.2"]])
+def test_prune_dead_only_with_an_amount_on_the_command_line_is_refused(extra):
+    # before: exit 0, the ratio or target ignored without a word
+    with pytest.raises(UserError, match=f"--prune-dead-only removes exactly .* so {extra[0]} \\(command line\\)"):
+        resolve([*BASE, "--prune-dead-only", *extra])
+    assert resolve([*BASE, "--prune-dead-only", "--preset", "aggressive"])["prune_dead_only"] is True

@@ -200,3 +200,12 @@ def test_num_batches_of_the_wrong_type_is_refused(n):
     p = StructuredPruner(_net(), _x(), pruning_ratio=0.5)
     with pytest.raises(UserError, match=f"num_batches={n!r} must be an integer"):
         p.collect_activations([_x()], num_batches=n, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"target_flops": 0.5}, {"target_params": 0.5}, {"layer_pruning_ratios": {"0": 0.5}}]
+)
+def test_prune_dead_only_with_an_amount_is_refused(kwargs):
+    # before: the target or layer ratios were ignored without a word
+    with pytest.raises(UserError, match="prune_dead_only=True removes exactly the units that never activate"):
+        StructuredPruner(_net(), _x(), prune_dead_only=True, **kwargs)

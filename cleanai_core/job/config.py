@@ -378,6 +378,14 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
             f"--isomorphic ({sources['isomorphic']}) refines global ranking, but global pruning is off "
             f"({sources['global_pruning']}): add --global (global = true in a config file)."
         )
+    if cfg.get("prune_dead_only"):  # the amount is the dead units: a ratio or target given with it was ignored
+        asked = [k for k in (*AMOUNTS, "layer_ratio") if cfg.get(k) and sources.get(k) not in ("default", "preset")]
+        if asked:
+            flag = f"--{asked[0].replace('_', '-')}"
+            raise UserError(
+                f"--prune-dead-only removes exactly the units that never activate, so {flag} ({sources[asked[0]]}) "
+                f"does not apply; drop one of them."
+            )
     if cfg.get("target_latency") is not None and not cfg.get("auto"):
         raise UserError("--target-latency needs --auto: the per-layer ratios are chosen by measuring the latency.")
     preset_options(cfg.get("preset"), "preset")  # a known name, whichever source gave it
