@@ -188,10 +188,14 @@ def load_pruned(
     ``trust_code`` allows an import spec (``package.module:factory``) and its keyword
     arguments; ``trust_model`` allows a pickled model file (rebuilding unpickles it again).
     """
-    from cleanai_core.plugins import get_plugin_manager
+    from cleanai_core.plugins import get_plugin_manager, load_model
     from cleanai_core.saved_folder import read_architecture, read_history, read_state, replay_history
 
     out = _folder_arg(out_dir, "load_pruned")
+    try:  # a bad map_location read as a damaged model.pt
+        torch.device(map_location) if not isinstance(map_location, torch.device) else None
+    except (RuntimeError, TypeError):
+        raise UserError(f"map_location={map_location!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
     for name in ("architecture.json", "history.json", "model.pt"):
         if not (out / name).is_file():
             raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")
@@ -207,7 +211,7 @@ def load_pruned(
     )
     pm = get_plugin_manager()
     try:
-        model = pm.hook.cleanai_load_model(spec=spec, options=options)
+        model = load_model(pm, spec, options)
     except UserError as exc:
         where = str(out / "architecture.json")
         raise (exc if where in str(exc) else UserError(f"{where!r}: {exc}")) from None

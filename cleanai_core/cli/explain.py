@@ -60,7 +60,7 @@ def _default_shape(model: torch.nn.Module) -> tuple[int, ...]:
 def run(args: argparse.Namespace) -> int:
     from cleanai_core.graph.dependency import DependencyGraph
     from cleanai_core.options import ignored_modules
-    from cleanai_core.plugins import get_plugin_manager, input_forms
+    from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
 
     options = {
         "weights": args.weights,
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         "trust_code": True,  # typed on the command line
         "spec_source": "--model",
     }
-    model = get_plugin_manager().hook.cleanai_load_model(spec=args.model, options=options)
+    model = load_model(get_plugin_manager(), args.model, options)
     if model is None:
         raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {input_forms('model')}.")
     if args.max_groups < 0:  # -1 listed all groups but one, then "... 6 more"

@@ -79,14 +79,14 @@ def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
     """Model (eval mode, on the device), data set and the plugin manager."""
-    from cleanai_core.plugins import get_plugin_manager, input_forms
+    from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
 
     pm = get_plugin_manager()
     data = cfg["data"]
     if not Path(data).exists() and (Path(data).suffix or "/" in data or os.sep in data) and ":" not in data:
         raise UserError(f"--data {data!r}: no such file or folder. Give {input_forms('data', pm)}.")
     model_options = _model_options(cfg)
-    model = pm.hook.cleanai_load_model(spec=cfg["model"], options=model_options)
+    model = load_model(pm, cfg["model"], model_options)
     if model is None:
         hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
         forms = input_forms("model", pm)
