@@ -348,3 +348,18 @@ def test_history_paths_that_are_folders_missing_or_none_are_refused(tmp_path):
     with pytest.raises(UserError, match="the folder .*nodir' does not exist"):
         history.save(tmp_path / "nodir" / "h.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_job_refuses_a_misspelt_option_and_what_is_not_a_dict(tmp_path):
+    # before: run_job({"ratioo": 0.5, ...}) ignored the key and pruned at the default ratio, writing
+    # the result; run_job(None) was a TypeError; DependencyGraph(5, x) an AttributeError
+    from cleanai_core import run_job
+
+    base = {"model": "cleanai_plugins.io.demo:DigitsCNN", "data": str(tmp_path / "d.pt"), "out": str(tmp_path / "o")}
+    with pytest.raises(UserError, match=r"unknown option\(s\) 'ratioo' \(did you mean 'ratio'\?\)"):
+        run_job({**base, "ratioo": 0.5})
+    with pytest.raises(UserError, match="run_job needs a PruneConfig or a dict of options, got NoneType"):
+        run_job(None)
+    with pytest.raises(UserError, match="DependencyGraph needs a torch.nn.Module, got int"):
+        DependencyGraph(5, _x())
+    assert list(tmp_path.iterdir()) == []

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +325,30 @@ def _apply(cfg: dict[str, Any], sources: dict[str, str], layer: dict[str, Any], 
     sources.update(dict.fromkeys(layer, source))
 
 
+def _options_dict(args: Any) -> dict[str, Any]:
+    """``run_job``'s dict of options, keys spelt as in a config file (``pruning_ratio``,
+    ``calib-fraction``); an unknown key is refused (``ratioo`` was ignored and the job ran
+    at the default ratio)."""
+    from cleanai_core.config_sources import ALIASES
+
+    if not isinstance(args, Mapping):
+        raise UserError(f"run_job needs a PruneConfig or a dict of options, got {type(args).__name__}")
+    given: dict[str, Any] = {}
+    unknown = []
+    for key, value in args.items():
+        k = str(key).replace("-", "_")
+        k = ALIASES.get(k, k)
+        if k in DEFAULTS or k == "config" or k.startswith("_"):
+            given[k] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        close = {u: difflib.get_close_matches(str(u).replace("-", "_"), list(DEFAULTS), n=1) for u in unknown}
+        hints = "; ".join(f"{u!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for u, c in close.items())
+        raise UserError(f"unknown option(s) {hints}; see PruneConfig for the valid names.")
+    return given
+
+
 def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Defaults < ``--preset`` < ``--config`` < ``CLEANAI_<OPTION>`` variables < ``args``
     (the command line: an argparse namespace, or a dict or :class:`PruneConfig` of the
@@ -331,8 +357,10 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
     sources = dict.fromkeys(DEFAULTS, "default")
     if isinstance(args, PruneConfig):  # only what differs from the defaults counts as given
         given = {k: v for k, v in args.to_dict().items() if v != DEFAULTS[k]}
+    elif isinstance(args, argparse.Namespace):
+        given = dict(vars(args))
     else:
-        given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+        given = _options_dict(args)
     for k in ("command", "_run", "disable_plugin"):
         given.pop(k, None)
     config_file = given.pop("config", None)
