@@ -265,7 +265,7 @@ class StructuredPruner:
         """Replace the per-layer ratios (``{module | name | glob | type: ratio}``, 0 keeps
         a layer whole; the first entry matching a layer wins), e.g. with the ones
         :func:`cleanai_core.sensitivity.allocate_ratios` chose. Forgets any plan made."""
-        self.layer_ratios = options.layer_ratios(self.model, ratios)
+        self.layer_ratios = options.layer_ratios(self.model, options.as_ratio_table(ratios))  # None: no ratios
         self._plan = None
 
     def plan(self) -> PruningPlan:

@@ -209,3 +209,14 @@ def test_prune_dead_only_with_an_amount_is_refused(kwargs):
     # before: the target or layer ratios were ignored without a word
     with pytest.raises(UserError, match="prune_dead_only=True removes exactly the units that never activate"):
         StructuredPruner(_net(), _x(), prune_dead_only=True, **kwargs)
+
+
+def test_set_layer_ratios_takes_none_and_pairs_like_the_constructor():
+    # before: AttributeError: 'NoneType' object has no attribute 'items' (the constructor took both)
+    p = StructuredPruner(_net(), _x(), "magnitude", pruning_ratio=0.5, layer_pruning_ratios={"0": 0.25})
+    p.set_layer_ratios(None)
+    assert p.layer_ratios == {}
+    p.set_layer_ratios([("0", 0.25)])
+    assert p.layer_ratios == {"0": 0.25}
+    with pytest.raises(UserError, match="layer_pruning_ratios=5: give a dict"):
+        p.set_layer_ratios(5)
