@@ -332,3 +332,13 @@ def test_an_empty_or_truncated_data_file_says_so(ws, data, capsys, content, word
     assert prune("d.pt") == 2
     assert words in capsys.readouterr().err
     assert not (ws / "out").exists()
+
+
+def test_data_that_is_all_inf_names_the_data_not_example_inputs(ws, data, capsys):
+    # before: "example_inputs contain NaN or inf values", an argument the command line does not have
+    x, y = data
+    np.savez(ws / "inf.npz", x=np.full(tuple(x.shape), np.inf, np.float32), y=y.numpy())
+    assert prune("inf.npz") == 2
+    err = capsys.readouterr().err
+    assert "--data 'inf.npz' contains NaN or inf values" in err and "example_inputs" not in err
+    assert not (ws / "out").exists()

@@ -172,6 +172,13 @@ def _execute(
     elif eval_loader is None:
         accuracy_note = "the data has no labels"
     example = to_device(first_input(calib), device)
+    tensors = [example] if isinstance(example, torch.Tensor) else [v for v in dict(example).values()]
+    if any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors
+    ):
+        # said "example_inputs contain NaN or inf values", an argument the command line has not
+        raise UserError(f"--data {cfg['data']!r} contains NaN or inf values (in the first calibration sample); clean "
+                        "the data and run again.")  # fmt: skip
     try:
         with torch.no_grad():
             model(example) if not isinstance(example, dict) else model(**example)
