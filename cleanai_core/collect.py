@@ -129,8 +129,10 @@ def calibrate(
     """Stream statistics at the inputs of ``slices``' consumers over ``loader``; ``model``'s
     modes and buffers come back as they were. ``sequential``: one block at a time
     (:mod:`cleanai_core.sequential`; the batches are not kept)."""
-    if num_batches is not None and num_batches < 1:
-        raise UserError(f"num_batches={num_batches} must be at least 1")
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):  # "2" raised TypeError comparing str and int
+        raise UserError(f"num_batches={num_batches!r} must be an integer, at least 1 (or None: every batch)")
     data = CalibrationData(loader, num_batches)
     out = Calibration(data=data)
     if sequential:

@@ -123,12 +123,12 @@ def _parse(path: str, suffix: str, text: str) -> tuple[Any, str]:
                 "or write the file as TOML or JSON."
             ) from None
         try:
-            return yaml.safe_load(text), "YAML"
+            return yaml.load(text, Loader=_yaml_loader(yaml)), "YAML"
         except (yaml.YAMLError, ValueError) as exc:  # ValueError: a number too long to convert
             raise UserError(f"config file {path!r} is not valid YAML: {exc}") from exc
     if suffix == ".json":
         try:
-            return json.loads(text), "JSON"
+            return json.loads(text, object_pairs_hook=_unique_keys), "JSON"
         except ValueError as exc:  # JSONDecodeError, or a number too long to convert
             raise UserError(f"config file {path!r} is not valid JSON: {exc}") from exc
     try:
@@ -142,6 +142,35 @@ def _parse(path: str, suffix: str, text: str) -> tuple[Any, str]:
         return tomllib.loads(text), "TOML"
     except ValueError as exc:  # TOMLDecodeError, or a number too long to convert
         raise UserError(f"config file {path!r} is not valid TOML: {exc}") from exc
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (a repeated key silently took the last value)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice; give each option once")
+        seen[key] = value
+    return seen
+
+
+def _yaml_loader(yaml: Any) -> Any:
+    """PyYAML's safe loader, refusing a mapping that repeats a key (it kept the last value)."""
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.value != "<<"]
+        twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if twice is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {twice!r} appears twice; give each option once", node.start_mark
+            )
+        return loader.construct_mapping(node, deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeyLoader
 
 
 def read_config_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
@@ -181,6 +210,11 @@ def read_config_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
         if k not in known:
             unknown.append(key)
             continue
+        if k in out:  # two spellings of one option (ratio and pruning-ratio): the later won silently
+            first = next(str(o) for o in data if ALIASES.get(str(o).replace("-", "_"), str(o).replace("-", "_")) == k)
+            raise UserError(
+                f"config file {path!r} sets {k.replace('_', '-')} twice (as {first!r} and {key!r}); keep one of them."
+            )
         out[k] = value
     if unknown:
         valid = ", ".join(k.replace("_", "-") for k in known)
@@ -221,4 +255,26 @@ def env_options(environ: Mapping[str, str], known: Mapping[str, Any]) -> dict[st
                 "on the command line if you trust the model and code it names."
             )
         out[key] = _parse_env(name, key, text, default)
+    _warn_near_misses(environ, known)
     return out
+
+
+# CLEANAI_* variables that are not options (plugins, distributed runs, the test suite)
+OTHER_VARIABLES = ("DISABLED_PLUGINS", "DISABLE_PLUGIN_AUTOLOAD", "DIST_TIMEOUT", "CUDA_TEST_DEVICE", "FUZZ_EXAMPLES",
+                   "PRINT_CATALOGUE")  # fmt: skip
+
+
+def _warn_near_misses(environ: Mapping[str, str], known: Mapping[str, Any]) -> None:
+    """A ``CLEANAI_*`` variable that is no option but close to one (``CLEANAI_RATIOO``) was
+    ignored without a word: say which option it looks like."""
+    import difflib
+
+    names = [k.upper() for k in known]
+    for var, text in environ.items():
+        rest = var[len(ENV_PREFIX) :] if var.startswith(ENV_PREFIX) else None
+        if not rest or rest in names or rest in OTHER_VARIABLES or not str(text).strip():
+            continue
+        alias = ALIASES.get(rest.lower())  # CLEANAI_PRUNING_RATIO: the API's spelling, not read from the environment
+        close = [alias.upper()] if alias else difflib.get_close_matches(rest, names, n=1, cutoff=0.75)
+        if close:
+            log.warning("warning: %s is not an option and was ignored; did you mean %s%s?", var, ENV_PREFIX, close[0])

@@ -53,6 +53,10 @@ KINDS = ("cubic", "linear")
 
 
 def _check_schedule(instance: PruningSchedule, _attr: Any, _value: Any) -> None:
+    for name in ("final", "start"):
+        v = getattr(instance, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):  # "0.5" raised TypeError comparing float and str
+            raise UserError(f"schedule {name}={v!r} must be a number (the share removed, e.g. final=0.75)")
     if instance.kind not in KINDS:
         raise UserError(f"schedule kind={instance.kind!r}: choose 'cubic' or 'linear'")
     if isinstance(instance.steps, bool) or not isinstance(instance.steps, int) or instance.steps < 1:
@@ -207,6 +211,25 @@ class GradualPruner:
         refresh_bn: bool = True,
         **pruner_options: Any,
     ) -> None:
+        import inspect
+
+        from cleanai_core.pruner import StructuredPruner
+
+        if not isinstance(model, nn.Module):
+            raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UserError(f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {optimizer!r}")
+        own = {id(q) for q in model.parameters()}
+        if not any(id(q) in own for g in optimizer.param_groups for q in g["params"]):
+            # training would then step tensors the model no longer uses, and the model would never change
+            raise UserError(
+                "the optimizer holds none of the model's parameters; build it over this model "
+                "(e.g. torch.optim.SGD(model.parameters(), lr=...)) before GradualPruner"
+            )
+        known = set(inspect.signature(StructuredPruner.__init__).parameters) - {"self", "model", "example_inputs"}
+        unknown = sorted(set(pruner_options) - known)
+        if unknown:  # found only at the first step, after the training set-up, before
+            raise UserError(f"unknown pruner option(s) {unknown}; valid: {', '.join(sorted(known))}")
         if not isinstance(schedule, PruningSchedule):
             raise UserError(f"schedule must be a PruningSchedule, got {type(schedule).__name__}")
         if by not in ("flops", "ratio"):
@@ -218,7 +241,15 @@ class GradualPruner:
         self.schedule, self.by, self.options = schedule, by, pruner_options
         self.refresh_bn = refresh_bn
         self.steps_done = 0
-        self.base_flops = count_flops(model, example_inputs, pruner_options.get("forward_fn"))
+        try:
+            self.base_flops = count_flops(model, example_inputs, pruner_options.get("forward_fn"))
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            if isinstance(exc, UserError):
+                raise
+            raise UserError(
+                f"the model failed on example_inputs ({type(exc).__name__}: {str(exc)[:200]}); give one batch of "
+                "inputs as the model takes them"
+            ) from None
         self.histories: list[Any] = []
 
     @property

@@ -34,6 +34,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def _file_path(path: Any, verb: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise UserError(f"PruningHistory.{verb} needs a file path (str or Path), got {path!r}")
+    return Path(path)
+
+
 @attrs.define(eq=False)
 class PruningHistory:
     """Steps of slice edits, in order. Replaying them on a freshly built model of the
@@ -112,22 +118,32 @@ class PruningHistory:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PruningHistory:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise UserError(f"not a CleanAI pruning history (expected format {FORMAT!r})")
-        return cls([[SliceEdit.from_json(e) for e in step] for step in data["steps"]], dict(data.get("meta", {})))
+        """A history from :meth:`to_json`'s form, every edit checked for type and form (a
+        missing ``steps``, an edit without ``slice`` or a ``meta`` list raised ``KeyError`` /
+        ``TypeError``)."""
+        from cleanai_core.saved_folder import history_from_json
+
+        return history_from_json(data, "PruningHistory.from_json")
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the history as JSON to the file ``path`` (atomically)."""
+        path = _file_path(path, "save")
+        if path.is_dir():
+            raise UserError(f"history file {str(path)!r} is a folder; give a file path such as 'history.json'")
+        if not path.parent.is_dir():
+            raise UserError(f"cannot save the history to {str(path)!r}: the folder {str(path.parent)!r} does not exist")
         atomic_write_text(path, json.dumps(self.to_json()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PruningHistory:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(f"history file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"history file {path} is not valid JSON ({exc}); it may be truncated") from None
-        return cls.from_json(data)
+        """Read a history written by :meth:`save` (or a saved folder's ``history.json``),
+        checked like :func:`cleanai_core.io.load_pruned` checks it."""
+        from cleanai_core.saved_folder import read_history
+
+        path = _file_path(path, "load")
+        if path.is_dir():
+            raise UserError(f"history file {str(path)!r} is a folder; give the history.json inside it")
+        return read_history(path)
 
     def __len__(self) -> int:
         return len(self.steps)

@@ -100,7 +100,20 @@ def save_pruned(
         ``timm:resnet18``, ``torchvision:resnet18`` or ``package.module:factory``.
     :param options: loader options that shape the architecture (``num_classes``...).
     """
-    out = Path(out_dir)
+    from cleanai_core.history import PruningHistory
+
+    out = _folder_arg(out_dir, "save_pruned")
+    if not isinstance(model, nn.Module):
+        raise UserError(f"save_pruned needs the pruned torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(history, PruningHistory):  # "nope" was written as history.json, a folder nothing could load
+        raise UserError(
+            f"save_pruned needs the PruningHistory of the prune (pruner.history), got {type(history).__name__}"
+        )
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(
+            f"save_pruned needs the spec that rebuilds the unpruned architecture (e.g. 'torchvision:resnet18' or "
+            f"'package.module:factory'), got {spec!r}"
+        )
     if out.exists() and not out.is_dir():
         raise UserError(f"{str(out)!r} is a file; give a folder path to save_pruned().")
     target = target_of(out)
@@ -114,8 +127,7 @@ def save_pruned(
         options = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         _atomic(tmp / "model.pt", lambda fh: torch.save(state, fh))
-        hist = history.to_json() if hasattr(history, "to_json") else history
-        atomic_write_text(tmp / "history.json", _json(hist))
+        atomic_write_text(tmp / "history.json", _json(history.to_json()))
         arch = {
             "format": FORMAT_VERSION,
             "cleanai_version": __version__,
@@ -130,6 +142,12 @@ def save_pruned(
         if before:
             _carry_over(target, tmp, skip=OWN_FILES)
     return out
+
+
+def _folder_arg(path: Any, verb: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise UserError(f"{verb} needs a folder path (str or Path), got {path!r}")
+    return Path(path)
 
 
 def _carry_over(src: Path, dst: Path, skip: tuple[str, ...]) -> None:
@@ -170,10 +188,14 @@ def load_pruned(
     ``trust_code`` allows an import spec (``package.module:factory``) and its keyword
     arguments; ``trust_model`` allows a pickled model file (rebuilding unpickles it again).
     """
-    from cleanai_core.plugins import get_plugin_manager
+    from cleanai_core.plugins import get_plugin_manager, load_model
     from cleanai_core.saved_folder import read_architecture, read_history, read_state, replay_history
 
-    out = Path(out_dir)
+    out = _folder_arg(out_dir, "load_pruned")
+    try:  # a bad map_location read as a damaged model.pt
+        torch.device(map_location) if not isinstance(map_location, torch.device) else None
+    except (RuntimeError, TypeError):
+        raise UserError(f"map_location={map_location!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
     for name in ("architecture.json", "history.json", "model.pt"):
         if not (out / name).is_file():
             raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")
@@ -189,7 +211,7 @@ def load_pruned(
     )
     pm = get_plugin_manager()
     try:
-        model = pm.hook.cleanai_load_model(spec=spec, options=options)
+        model = load_model(pm, spec, options)
     except UserError as exc:
         where = str(out / "architecture.json")
         raise (exc if where in str(exc) else UserError(f"{where!r}: {exc}")) from None

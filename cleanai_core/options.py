@@ -19,6 +19,7 @@ __all__ = [
     "as_importance",
     "as_ratio_table",
     "as_specs",
+    "check_callables",
     "check_switches",
     "check_example_inputs",
     "check_model",
@@ -105,6 +106,14 @@ def check_switches(**switches: Any) -> None:
             raise UserError(f"{name}={v!r} must be True or False")
 
 
+def check_callables(**functions: Any) -> None:
+    """Hooks into the model call are functions or ``None`` (``forward_fn=5`` failed in tracing
+    as if the example inputs were wrong)."""
+    for name, f in functions.items():
+        if f is not None and not callable(f):
+            raise UserError(f"{name}={f!r} is not a function; give a callable or None")
+
+
 def as_specs(specs: Any, name: str) -> list[Any]:
     """A list of layer specs; one name, module or type alone counts as a list of one
     (``ignored_layers="fc"`` is the layer ``fc``, not the layers ``f`` and ``c``)."""
@@ -178,27 +187,41 @@ def _old_norm(hook: Any) -> bool:
     return type(hook).__name__ in ("WeightNorm", "SpectralNorm") and type(hook).__module__.startswith("torch.nn.utils")
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def check_targets(pruning_ratio: Any, target_flops: Any, target_params: Any, iterative_steps: Any) -> None:
     """How much to prune: a ratio, or a FLOPs or parameter share, in steps."""
     check_ratio("pruning_ratio", pruning_ratio)
-    if target_flops is not None and not 0.0 < float(target_flops) < 1.0:
-        raise UserError(f"target_flops={target_flops}: give the share of FLOPs to keep, between 0 and 1")
-    if target_params is not None and not 0.0 < float(target_params) < 1.0:
-        raise UserError(f"target_params={target_params}: give the share of parameters to keep, between 0 and 1")
+    for name, v, what in (("target_flops", target_flops, "FLOPs"), ("target_params", target_params, "parameters")):
+        if v is not None and (not _is_number(v) or not 0.0 < float(v) < 1.0):  # "0.5" compared as text, "abc" raised
+            raise UserError(f"{name}={v!r}: give the share of {what} to keep, a number between 0 and 1 (e.g. 0.5)")
     if target_params is not None and (target_flops is not None or iterative_steps != 1):
         raise UserError("target_params works alone: not with target_flops, and with iterative_steps=1")
-    if not isinstance(iterative_steps, int) or iterative_steps < 1:
-        raise UserError(f"iterative_steps={iterative_steps} must be a positive integer")
+    if not _is_count(iterative_steps) or iterative_steps < 1:
+        raise UserError(f"iterative_steps={iterative_steps!r} must be a positive integer")
 
 
-def check_options(max_layer_ratio: Any, round_to: Any, covariance_rows: Any, stats_budget_bytes: Any) -> None:
-    if not 0.0 < max_layer_ratio < 1.0:
-        raise UserError(f"max_layer_ratio={max_layer_ratio} must be between 0 and 1")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise UserError(f"round_to={round_to} must be a positive integer")
-    if covariance_rows < 0:
-        raise UserError(f"covariance_rows={covariance_rows} must be 0 (every position) or positive")
-    if not isinstance(stats_budget_bytes, int) or stats_budget_bytes < 0:
+def check_options(
+    max_layer_ratio: Any, round_to: Any, covariance_rows: Any, stats_budget_bytes: Any, min_channels: Any = 1
+) -> None:
+    """The numeric options of planning and reconstruction, by type and range: text, ``None``,
+    ``True`` or a fraction where a count belongs raised a ``TypeError`` deep in planning or
+    was silently read as a number."""
+    if not _is_number(max_layer_ratio) or not 0.0 < max_layer_ratio < 1.0:
+        raise UserError(f"max_layer_ratio={max_layer_ratio!r} must be a number between 0 and 1")
+    if round_to is not None and (not _is_count(round_to) or round_to < 1):
+        raise UserError(f"round_to={round_to!r} must be a positive integer (or None: no rounding)")
+    if not _is_count(min_channels) or min_channels < 1:
+        raise UserError(f"min_channels={min_channels!r} must be an integer >= 1 (the units every group keeps)")
+    if not _is_count(covariance_rows) or covariance_rows < 0:
+        raise UserError(f"covariance_rows={covariance_rows!r} must be an integer: 0 (every position) or positive")
+    if not _is_count(stats_budget_bytes) or stats_budget_bytes < 0:
         raise UserError(f"stats_budget_bytes={stats_budget_bytes!r} must be a whole number of bytes, 0 or more")
 
 

@@ -26,6 +26,7 @@ from cleanai_core.hookspecs import PROJECT
 
 __all__ = [
     "BUILTIN_PLUGINS",
+    "load_model",
     "PluginFailure",
     "PluginInfo",
     "get_plugin_manager",
@@ -230,3 +231,28 @@ def list_plugins(pm: CleanAIPluginManager | None = None) -> list[PluginInfo]:
         source = pm.distributions.get(name, "built-in" if name in BUILTIN_PLUGINS else "registered at run time")
         out.append(PluginInfo(name=name, source=source, hooks=hooks))
     return out
+
+
+def load_model(pm: Any, spec: str, options: dict[str, Any]) -> Any:
+    """``cleanai_load_model`` for ``spec``; a model too large to allocate (``--num-classes``
+    in the trillions, from the command line or a tampered ``architecture.json``) is a
+    :class:`UserError` instead of the allocator's ``RuntimeError``."""
+    from cleanai_core.errors import UserError
+
+    try:
+        return pm.hook.cleanai_load_model(spec=spec, options=options)
+    except MemoryError:
+        raise UserError(f"building the model {spec!r} ran out of memory; check --num-classes and the spec.") from None
+    except RuntimeError as exc:
+        if "allocate" not in str(exc):
+            raise
+        num = options.get("num_classes")
+        hint = f" (num_classes={num})" if num is not None else ""
+        import re
+
+        size = re.search(r"allocate (\d+) bytes", str(exc))
+        asked = f" ({int(size.group(1)) / 2**30:,.0f} GiB for one tensor)" if size else ""
+        raise UserError(
+            f"building the model {spec!r}{hint} needs more memory than there is{asked}; check --num-classes and the "
+            "spec."
+        ) from None

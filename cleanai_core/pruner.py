@@ -16,6 +16,7 @@ from cleanai_core.collect import Calibration, CalibrationSetup, calibrate
 from cleanai_core.compensation import compensated_copy
 from cleanai_core.dead_units import dead_plan
 from cleanai_core.device_defaults import default_round_to
+from cleanai_core.errors import UserError
 from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
 from cleanai_core.graph.groups import Group
 from cleanai_core.history import PruningHistory
@@ -130,13 +131,19 @@ class StructuredPruner:
             verify=verify,
             prune_dead_only=prune_dead_only,
         )
+        options.check_callables(forward_fn=forward_fn, output_transform=output_transform)
         ignored_layers = options.as_specs(ignored_layers, "ignored_layers")
         layer_pruning_ratios = options.as_ratio_table(layer_pruning_ratios)
         importance = options.as_importance(importance)
         round_to = default_round_to(device_of(model)) if round_to == "auto" else round_to
         options.check_targets(pruning_ratio, target_flops, target_params, iterative_steps)
-        options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes)
+        options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes, min_channels)
         options.check_ranking(global_pruning, isomorphic)
+        if prune_dead_only and (target_flops is not None or target_params is not None or layer_pruning_ratios):
+            raise UserError(  # they were ignored: the dead units alone set what goes
+                "prune_dead_only=True removes exactly the units that never activate; target_flops, target_params "
+                "and layer_pruning_ratios do not apply: drop them or prune_dead_only"
+            )
         options.check_example_inputs(example_inputs)
         self.model, self.example_inputs = model, example_inputs
         if isinstance(importance, str):
@@ -262,7 +269,7 @@ class StructuredPruner:
         """Replace the per-layer ratios (``{module | name | glob | type: ratio}``, 0 keeps
         a layer whole; the first entry matching a layer wins), e.g. with the ones
         :func:`cleanai_core.sensitivity.allocate_ratios` chose. Forgets any plan made."""
-        self.layer_ratios = options.layer_ratios(self.model, ratios)
+        self.layer_ratios = options.layer_ratios(self.model, options.as_ratio_table(ratios))  # None: no ratios
         self._plan = None
 
     def plan(self) -> PruningPlan:
@@ -273,7 +280,22 @@ class StructuredPruner:
                 dead_plan(self.graph, self.stats, self.score) if dead else self.plan_for(self.graph, self.model)
             )
             distributed.check_same_plan(self._plan.pruned_units())
+            if not dead and self._plan.n_pruned == 0 and self._plan.groups:
+                warnings.warn(f"{self.why_nothing_pruned()}; the pruned model equals the original", RuntimeWarning, 3)
         return self._plan
+
+    def why_nothing_pruned(self) -> str:
+        """Why a plan removes no unit although groups can shrink: the rounding, the minimum
+        width or a ratio too small for the widths (the run used to succeed silently)."""
+        sizes = [gp.group.size for gp in self.plan().groups]
+        widths = f"groups of {min(sizes)}..{max(sizes)} units" if min(sizes) != max(sizes) else f"{sizes[0]} units"
+        if self.round_to and self.round_to > 1 and self.round_to >= min(sizes):
+            cause = f"round_to={self.round_to} rounds every kept count up to the whole group ({widths}); lower round_to"
+        elif self.min_channels >= max(sizes):
+            cause = f"min_channels={self.min_channels} keeps every unit ({widths}); lower min_channels"
+        else:
+            cause = f"the ratio leaves less than one unit to remove in every group ({widths}); raise the ratio"
+        return f"the plan removes no unit: {cause}"
 
     def plan_for(self, graph: Any = None, model: Any = None, cal: Any = None, target: Any = None) -> PruningPlan:
         """The plan for ``model``: at the pruning ratio, or at the ratio meeting ``target``
@@ -366,7 +388,15 @@ class StructuredPruner:
 
     # -- the pipeline ----------------------------------------------------------------------
     def prune(self) -> nn.Module:
-        """Slice the model; return the pruned model (a copy unless ``inplace=True``)."""
+        """Slice the model; return the pruned model (a copy unless ``inplace=True``). Called
+        again, it prunes the original again, with a fresh :attr:`history` (the steps of an
+        earlier call were kept, so the saved history replayed both and did not load)."""
+        if self.inplace and self.pruned_model is not None:  # the graph and statistics describe the unpruned model
+            raise UserError(
+                "this pruner already pruned the model in place; to prune further, build a new StructuredPruner on "
+                "the pruned model (and collect activations again)"
+            )
+        self.history = PruningHistory()
         self._before = {"params": count_params(self.model)}
         if self.inplace:  # the original is about to change: measure it now
             self.flops_before()

@@ -35,7 +35,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from cleanai_core.calibration import move_to, split_batch
@@ -151,6 +151,7 @@ def distillation_loss(
     else:
         t = teacher_logits.float() if teacher_logits is not None else None
         labels = target if isinstance(target, torch.Tensor) and not target.is_floating_point() else None
+    _check_logits(s, t, labels if ce_weight else None)
     loss = s.new_zeros(())
     if t is not None and kd_weight:
         # above T = 100 float32 log-softmaxes of logits / T cancel: at T = 1e4 the loss was 2% off, at 1e6 negative
@@ -162,6 +163,37 @@ def distillation_loss(
     if labels is not None and ce_weight:
         loss = loss + ce_weight * F.cross_entropy(s, labels.to(s.device))
     return loss
+
+
+def _check_logits(s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+    """A :class:`UserError` for a teacher whose outputs differ from the student's, or class
+    labels outside the student's classes (were a bare ``RuntimeError`` / ``IndexError``)."""
+    if t is not None and t.shape != s.shape:
+        raise UserError(
+            f"the teacher's outputs have shape {tuple(t.shape)} but the pruned model's {tuple(s.shape)}; give the "
+            "original model the pruned one was made from as teacher (same classes), or teacher=None"
+        )
+    if labels is not None and labels.numel() and s.dim() >= 1:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= s.shape[-1]:
+            raise UserError(
+                f"labels go from {low} to {high} but the model has {s.shape[-1]} outputs; give class indices "
+                f"0..{s.shape[-1] - 1} matching the model's classes"
+            )
+
+
+def _forward(model: nn.Module, inputs: Any, forward_fn: Callable | None, what: str) -> Any:
+    """``model`` on a batch (cast for it); an error from the model names the batch's shapes."""
+    try:
+        return logits_of(call_model(model, _cast_for(model, inputs), forward_fn))
+    except UserError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        shapes = [tuple(t.shape) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+        raise UserError(
+            f"the {what} failed on a batch (input shape(s) {shapes}): {type(exc).__name__}: {str(exc)[:200]}. "
+            "Give training and held-out batches shaped like the model's inputs, all of one shape"
+        ) from None
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -279,10 +311,10 @@ def held_out_metric_and_loss(
         for batch in loader:
             inputs, target = split_batch(batch)
             inputs, target = move_to(inputs, device), move_to(target, device)
-            logits = logits_of(call_model(model, _cast_for(model, inputs), forward_fn)).float()
+            logits = _forward(model, inputs, forward_fn, "pruned model").float()
             t_logits = None
             if teacher is not None:
-                t_logits = logits_of(call_model(teacher, _cast_for(teacher, inputs), forward_fn))
+                t_logits = _forward(teacher, inputs, forward_fn, "teacher")
             loss_sum += float(distillation_loss(logits, t_logits, target, task=task, inputs=inputs, **opts))
             batches += 1
             if task == "causal_lm":
@@ -359,9 +391,12 @@ def _private_rng(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(pruned: Any, *args: Any, **kwargs: Any) -> Any:
         dev = kwargs.get("device")
-        dev = torch.device(dev) if dev is not None else (
-            _device_of(pruned) if isinstance(pruned, nn.Module) else torch.device("cpu")
-        )  # fmt: skip
+        try:
+            dev = torch.device(dev) if dev is not None else (
+                _device_of(pruned) if isinstance(pruned, nn.Module) else torch.device("cpu")
+            )  # fmt: skip
+        except (RuntimeError, TypeError):  # not a device: ``fn`` says so
+            dev = torch.device("cpu")
         cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             return fn(pruned, *args, **kwargs)
@@ -482,7 +517,14 @@ def recover(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             tail = " or None" if name == "patience" else ""
             raise UserError(f"{name}={value!r} must be an integer >= {low}{tail}")
-    device = torch.device(device) if device is not None else _device_of(pruned)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
+        raise UserError(f"val_fraction={val_fraction!r} must be a number between 0 and 1")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed={seed!r} must be an integer")
+    try:
+        device = torch.device(device) if device is not None else _device_of(pruned)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device={device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
     torch.manual_seed(seed)  # on the fork made by _private_rng: the caller's RNG state is restored after
     train_loader, held_loader, n_train, n_held = split_train_data(train_data, val_data, val_fraction, batch_size, seed)
     student = pruned if inplace else copy_model(pruned)
@@ -509,9 +551,12 @@ def recover(
 
     t0 = time.time()
     if task == "auto":
-        first = _cast_for(student, move_to(split_batch(next(iter(held_loader)))[0], device))
+        batch = next(iter(held_loader), None)
+        if batch is None:
+            raise UserError("the held-out data (val_data) is empty; give at least one batch, or leave val_data out")
+        first = move_to(split_batch(batch)[0], device)
         with eval_mode(student), torch.no_grad():
-            task = _task_of(logits_of(call_model(student, first, forward_fn)), task)
+            task = _task_of(_forward(student, first, forward_fn, "pruned model"), task)
     loss_options = {"temperature": temperature, "kd_weight": kd_weight, "ce_weight": ce_weight}
     metric, initial, initial_loss = held_out_metric_and_loss(
         student, held_loader, device, task, teacher, forward_fn, loss_options
@@ -542,8 +587,8 @@ def recover(
                     t_logits = None
                     if teacher is not None and kd_weight:
                         with torch.no_grad():
-                            t_logits = logits_of(call_model(teacher, _cast_for(teacher, inputs), forward_fn))
-                    s_logits = logits_of(call_model(student, _cast_for(student, inputs), forward_fn))
+                            t_logits = _forward(teacher, inputs, forward_fn, "teacher")
+                    s_logits = _forward(student, inputs, forward_fn, "pruned model")
                 loss = distillation_loss(
                     s_logits, t_logits, target, task=task, inputs=inputs, temperature=temperature,
                     kd_weight=kd_weight, ce_weight=ce_weight,

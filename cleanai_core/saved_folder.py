@@ -32,6 +32,7 @@ from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 __all__ = [
     "FORMAT_VERSION",
     "read_architecture",
+    "history_from_json",
     "read_history",
     "read_state",
     "replay_history",
@@ -43,9 +44,10 @@ ARCH_OPTIONS = ("num_classes", "model_kwargs")
 _REPLAY_ERRORS = (IndexError, KeyError, RuntimeError, ValueError, TypeError, AttributeError)
 
 
-def _bad(path: Path, problem: str) -> UserError:
+def _bad(path: Path | str, problem: str) -> UserError:
+    where = repr(str(path)) if isinstance(path, Path) else path  # a file, or words for data given in memory
     return UserError(
-        f"{str(path)!r}: {problem}. The folder is damaged, tampered with or not written by this CleanAI; "
+        f"{where}: {problem}. The folder is damaged, tampered with or not written by this CleanAI; "
         "save the pruned model again (cleanai prune or save_pruned)."
     )
 
@@ -125,7 +127,12 @@ def _check_edit(path: Path, where: str, e: Any) -> SliceEdit:
 
 def read_history(path: Path) -> PruningHistory:
     """``history.json`` as a :class:`PruningHistory`, every edit checked for type and form."""
-    data = _read_json(path)
+    return history_from_json(_read_json(path), path)
+
+
+def history_from_json(data: Any, path: Path | str) -> PruningHistory:
+    """A :class:`PruningHistory` from its JSON form; :class:`UserError` naming ``path`` (a file,
+    or a description of where the data came from) for anything out of form."""
     if not isinstance(data, dict) or data.get("format") != HISTORY_FORMAT:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise _bad(path, f"not a CleanAI pruning history (format {got!r}, expected {HISTORY_FORMAT!r})")

@@ -359,6 +359,33 @@ def test_explain(capsys):
     assert rc == 2 and "--input-shape" in capsys.readouterr().err
 
 
+def half_digits_cnn() -> nn.Module:
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    return DigitsCNN().half()
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--input-shape", "1,1,8,8", "--max-groups", "-1"], "--max-groups=-1 is out of range: it must be >= 0."),
+        (["--input-shape", "1,1,100000,100000"], "cannot allocate an example input of that size"),
+    ],
+)
+def test_explain_refuses_a_negative_group_count_and_an_input_too_large(capsys, argv, words):
+    # before: --max-groups -1 listed every group but one, then "... 6 more", with exit 0; a huge shape
+    # was a RuntimeError traceback from the allocator (exit 1)
+    assert main(["explain", "--model", "cleanai_plugins.io.demo:DigitsCNN", *argv]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_explain_traces_a_half_precision_model(capsys):
+    # before: exit 2, "mixed dtype (CPU): expect parameter to have scalar type of Float" (float32 noise)
+    rc = main(["explain", "--model", f"{__name__}:half_digits_cnn", "--input-shape", "1,1,8,8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "features.3: Conv2d" in out and "group 3: 64 units (64 prunable)" in out
+
+
 # ---------------------------------------------------------------------------
 # the demo
 # ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 
 import numpy as np
@@ -217,3 +218,127 @@ def test_an_unreadable_image_in_an_image_folder_names_the_file(ws, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (ws / "out").exists()
     assert {p: p.read_bytes() for p in (ws / "imgs").rglob("*.png")} == before
+
+
+@pytest.mark.parametrize("options", [["--round-to", "1000"], ["--ratio", "0.01"]])
+def test_a_run_that_would_remove_nothing_fails_and_writes_nothing(ws, data, capsys, options):
+    # before: exit 0 and an "pruned" model identical to the input, the headline saying +0.0%
+    torch.save(data, ws / "d.pt")
+    argv = ["prune", "--model", MODEL_SPEC, "--data", "d.pt", "--out", "out", "--quiet", *options]
+    assert main(argv) == 2
+    assert "the plan removes no unit" in capsys.readouterr().err
+    assert not (ws / "out").exists()
+
+
+def _write_module(ws, text: str) -> None:
+    (ws / "faultmods.py").write_text(text)
+
+
+FAULT_MODULES = """
+import torch
+from torch.utils.data import Dataset
+from cleanai_plugins.io.demo import DigitsCNN
+
+
+class Mixed(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        s = 8 if i % 2 else 6
+        return torch.rand(1, s, s), i % 10
+
+
+class NegativeLength(Mixed):
+    def __len__(self):
+        return -1
+
+
+def mixed():
+    return Mixed()
+
+
+def negative_length():
+    return NegativeLength()
+
+
+def half():
+    return DigitsCNN().half()
+
+
+def bfloat16():
+    return DigitsCNN().to(torch.bfloat16)
+"""
+
+
+@pytest.mark.parametrize(
+    ("data_spec", "words"),
+    [
+        ("faultmods:mixed", r"cannot be put in one batch \(shapes \(1, 6, 6\), \(1, 8, 8\)\)"),
+        ("faultmods:negative_length", r"len\(\) of the data set failed \(ValueError"),
+    ],
+)
+def test_a_data_set_whose_items_cannot_be_batched_or_counted_is_named(ws, capsys, monkeypatch, data_spec, words):
+    # before: a RuntimeError traceback from torch.stack inside the DataLoader / a ValueError from len()
+    _write_module(ws, FAULT_MODULES)
+    monkeypatch.syspath_prepend(str(ws))
+    argv = ["prune", "--model", MODEL_SPEC, "--data", data_spec, "--out", "out", "--quiet"]
+    assert main(argv) == 2
+    assert re.search(words, capsys.readouterr().err)
+    assert not (ws / "out").exists()
+
+
+@pytest.mark.parametrize("factory", ["half", "bfloat16"])
+def test_a_half_precision_model_prunes_on_float32_data(ws, data, monkeypatch, factory):
+    # before: exit 2, "the model failed on an input from --data: expected scalar type Float but found Half"
+    _write_module(ws, FAULT_MODULES)
+    monkeypatch.syspath_prepend(str(ws))
+    torch.save(data, ws / "d.pt")
+    argv = ["prune", "--model", f"faultmods:{factory}", "--data", "d.pt", "--out", "out", "--quiet"]
+    assert main([*argv, "--latency-repeats", "1"]) == 0
+    rep = report(ws)
+    assert rep["params_after"] < rep["params_before"]
+    assert rep["accuracy_after"] is not None
+    state = torch.load(ws / "out" / "model.pt", weights_only=True)
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {
+        getattr(torch, "float16" if factory == "half" else factory)
+    }
+
+
+def test_a_column_of_labels_is_read_as_class_indices(ws, data, capsys):
+    # before: (N, 1) labels were "several columns that are not one-hot" (no accuracy), and a column
+    # of ones passed as one-hot rows of a single class: every label read as class 0
+    from cleanai_plugins.io.datasets import label_indices
+
+    x, y = data
+    torch.save((x, y), ws / "int.pt")
+    torch.save((x, y[:, None]), ws / "column.pt")
+    accs = []
+    for name in ("int.pt", "column.pt"):
+        assert prune(name, out=name + ".out") == 0, capsys.readouterr().err
+        r = report(ws, name + ".out")
+        assert r["accuracy_note"] is None
+        accs.append((r["accuracy_before"], r["accuracy_after"]))
+    assert accs[0] == accs[1]
+    assert label_indices(torch.ones(4, 1, dtype=torch.long)).tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(("content", "words"), [(b"", "is empty (0 bytes)"), (None, "may be truncated or damaged")])
+def test_an_empty_or_truncated_data_file_says_so(ws, data, capsys, content, words):
+    # before: "cannot read 'd.pt' safely (EOFError: )" / "(OSError: [Errno 22] Invalid argument)"
+    torch.save(data, ws / "full.pt")
+    raw = (ws / "full.pt").read_bytes()
+    (ws / "d.pt").write_bytes(raw[: len(raw) // 2] if content is None else content)
+    assert prune("d.pt") == 2
+    assert words in capsys.readouterr().err
+    assert not (ws / "out").exists()
+
+
+def test_data_that_is_all_inf_names_the_data_not_example_inputs(ws, data, capsys):
+    # before: "example_inputs contain NaN or inf values", an argument the command line does not have
+    x, y = data
+    np.savez(ws / "inf.npz", x=np.full(tuple(x.shape), np.inf, np.float32), y=y.numpy())
+    assert prune("inf.npz") == 2
+    err = capsys.readouterr().err
+    assert "--data 'inf.npz' contains NaN or inf values" in err and "example_inputs" not in err
+    assert not (ws / "out").exists()

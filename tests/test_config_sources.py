@@ -376,3 +376,58 @@ def test_config_json_of_a_run_reproduces_it(tmp_path, monkeypatch, capsys):
     rep1, rep2 = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert rep1["params_after"] == rep2["params_after"] < rep1["params_before"]
     assert [la["pruned_indices"] for la in rep1["layers"]] == [la["pruned_indices"] for la in rep2["layers"]]
+
+
+def test_a_misspelt_environment_variable_is_named_with_the_option_it_looks_like(caplog):
+    # before: CLEANAI_RATIOO=0.5 (or the API's spelling CLEANAI_PRUNING_RATIO) was ignored without a
+    # word and the run pruned at the default ratio
+    env = {"CLEANAI_RATIOO": "0.5", "CLEANAI_PRUNING_RATIO": "0.4", "CLEANAI_DIST_TIMEOUT": "5", "CLEANAI_XYZ": "1"}
+    with caplog.at_level("WARNING", logger="cleanai"):
+        cfg = resolve(BASE, env)
+    assert cfg["ratio"] == 0.3  # the default, not 0.5 nor 0.4
+    said = [r.getMessage() for r in caplog.records]
+    assert "warning: CLEANAI_RATIOO is not an option and was ignored; did you mean CLEANAI_RATIO?" in said
+    assert "warning: CLEANAI_PRUNING_RATIO is not an option and was ignored; did you mean CLEANAI_RATIO?" in said
+    assert not any("DIST_TIMEOUT" in m or "XYZ" in m for m in said)  # other variables and unrelated names: quiet
+
+
+def test_one_layer_pattern_given_twice_with_two_ratios_is_refused(tmp_path):
+    # before: the later value won without a word (features.3 pruned at 0.1, not 0.5)
+    with pytest.raises(UserError, match="'features.3' is given twice, with ratios 0.5 and 0.1; give it once"):
+        resolve([*BASE, "--layer-ratio", "features.3=0.5", "--layer-ratio", "features.3=0.1"])
+    cfg = resolve([*BASE, "--layer-ratio", "features.3=0.5", "--layer-ratio", "features.3=0.5"])
+    assert cfg["layer_ratio"] == {"features.3": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "words"),
+    [
+        ("c.json", '{"ratio": 0.3, "ratio": 0.5}', "is not valid JSON: key 'ratio' appears twice"),
+        ("c.yaml", "ratio: 0.3\nratio: 0.5\n", "is not valid YAML: key 'ratio' appears twice"),
+        ("c.toml", "ratio = 0.3\npruning-ratio = 0.5\n", r"sets ratio twice \(as 'ratio' and 'pruning-ratio'\)"),
+        ("c.yaml", "global: true\nglobal_pruning: false\n", "sets global-pruning twice"),
+    ],
+)
+def test_an_option_set_twice_in_one_config_file_is_refused(tmp_path, name, text, words):
+    # before: the last value won without a word (JSON and YAML keep the last of a repeated key; two
+    # spellings of one option overwrote each other)
+    if name.endswith(".yaml"):
+        pytest.importorskip("yaml")
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=words):
+        resolve([*BASE, "--config", str(tmp_path / name)])
+
+
+def test_yaml_still_refuses_python_tags(tmp_path):
+    pytest.importorskip("yaml")
+    (tmp_path / "c.yaml").write_text('ratio: !!python/object/apply:os.system ["echo x"]\n')
+    with pytest.raises(UserError, match="could not determine a constructor"):
+        resolve([*BASE, "--config", str(tmp_path / "c.yaml")])
+
+
+@pytest.mark.parametrize("extra", [["--ratio", "0.5"], ["--target-flops", "0.5"], ["--layer-ratio", "fc=0.2"]])
+def test_prune_dead_only_with_an_amount_on_the_command_line_is_refused(extra):
+    # before: exit 0, the ratio or target ignored without a word
+    with pytest.raises(UserError, match=f"--prune-dead-only removes exactly .* so {extra[0]} \\(command line\\)"):
+        resolve([*BASE, "--prune-dead-only", *extra])
+    assert resolve([*BASE, "--prune-dead-only", "--preset", "aggressive"])["prune_dead_only"] is True

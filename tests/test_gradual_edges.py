@@ -86,7 +86,8 @@ def test_a_checkpoint_taken_mid_way_resumes_to_exactly_the_uninterrupted_run():
         _train(model2, opt2)
     assert gp2.done and gp2.flops_share() == gp.flops_share()
     assert all(torch.equal(v, model2.state_dict()[k]) for k, v in model.state_dict().items())
-    other = _gradual(trained_cnn(), torch.optim.Adam(trained_cnn().parameters()), PruningSchedule(final=0.5))
+    fresh = trained_cnn()  # with its own optimizer: one over another model's parameters is refused
+    other = _gradual(fresh, torch.optim.Adam(fresh.parameters()), PruningSchedule(final=0.5))
     with pytest.raises(UserError, match="the checkpoint was taken with schedule"):
         other.load_state_dict(ckpt["gradual"])
 
@@ -103,3 +104,43 @@ def test_a_step_whose_share_an_earlier_step_already_reached_removes_nothing():
     # step 1 lands at 0.40 (the next coarser width); before, steps 2 and 3 still removed a unit each
     # (a target clamped to 1 - 1e-6): 0.352 and 0.305, below the 0.4 the schedule promises
     assert got == [(0.4, 1575)] * 3 and gp.done and len(gp.histories) == 3
+
+
+def _small():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 64, 10)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"final": "0.5"}, "schedule final='0.5' must be a number"),
+        ({"final": 0.5, "start": None}, "schedule start=None must be a number"),
+    ],
+)
+def test_a_schedule_of_text_is_refused(kwargs, words):
+    # before: TypeError: '<' not supported between instances of 'float' and 'str'
+    with pytest.raises(UserError, match=words):
+        PruningSchedule(**kwargs)
+
+
+def test_gradual_pruner_arguments_are_checked_when_it_is_built():
+    # before: AttributeError ('NoneType' has no 'param_groups', 'int' has no 'modules'), a bare
+    # RuntimeError from conv2d, an unknown option found only at the first step; an optimizer over
+    # another model was accepted and trained tensors the model does not use
+    x, sched = torch.rand(2, 1, 8, 8), PruningSchedule(final=0.5, steps=2)
+    model = _small()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UserError, match="model must be a torch.nn.Module, got int"):
+        GradualPruner(5, x, opt, sched)
+    with pytest.raises(UserError, match="optimizer must be a torch.optim.Optimizer"):
+        GradualPruner(model, x, None, sched)
+    with pytest.raises(UserError, match="the optimizer holds none of the model's parameters"):
+        GradualPruner(model, x, torch.optim.SGD(_small().parameters(), lr=0.1), sched)
+    with pytest.raises(UserError, match=r"unknown pruner option\(s\) \['bogus'\]"):
+        GradualPruner(model, x, opt, sched, bogus=1)
+    with pytest.raises(UserError, match="the model failed on example_inputs"):
+        GradualPruner(model, torch.rand(2, 5), opt, sched)
+    assert model[0].out_channels == 8

@@ -123,3 +123,100 @@ def test_weight_activation_ratios_must_be_finite_numbers(value):
 
     with pytest.raises(UserError, match="weight_ratio=.* must be a finite number >= 0"):
         WeightActivationImportance(weight_ratio=value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"target_flops": "abc"}, "target_flops='abc': give the share of FLOPs to keep"),
+        ({"target_flops": "0.5"}, "target_flops='0.5'"),
+        ({"target_flops": [0.5]}, r"target_flops=\[0.5\]"),
+        ({"target_params": "x"}, "target_params='x': give the share of parameters"),
+        ({"iterative_steps": True}, "iterative_steps=True must be a positive integer"),
+        ({"max_layer_ratio": "a", "global_pruning": True}, "max_layer_ratio='a' must be a number between 0 and 1"),
+        ({"max_layer_ratio": None}, "max_layer_ratio=None"),
+        ({"round_to": True}, "round_to=True must be a positive integer"),
+        ({"min_channels": "2"}, "min_channels='2' must be an integer >= 1"),
+        ({"min_channels": 2.5}, "min_channels=2.5"),
+        ({"min_channels": -1}, "min_channels=-1"),
+        ({"covariance_rows": "a"}, "covariance_rows='a' must be an integer"),
+        ({"covariance_rows": None}, "covariance_rows=None"),
+        ({"covariance_rows": 2.5}, "covariance_rows=2.5"),
+        ({"forward_fn": 5}, "forward_fn=5 is not a function"),
+        ({"output_transform": "logits"}, "output_transform='logits' is not a function"),
+    ],
+)
+def test_an_option_of_the_wrong_type_is_refused_by_name(kwargs, words):
+    # before: TypeError/ValueError tracebacks from comparisons deep in planning ('<' between float
+    # and str), a TraceError blaming the example inputs, or the value silently read as a number
+    # (round_to=True as 1, min_channels=2.5 as a fractional count)
+    with pytest.raises(UserError, match=words):
+        StructuredPruner(_net(), _x(), "magnitude", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "cause"),
+    [
+        ({"round_to": 1000}, "round_to=1000 rounds every kept count up to the whole group"),
+        ({"min_channels": 100}, "min_channels=100 keeps every unit"),
+        ({"pruning_ratio": 0.01}, "the ratio leaves less than one unit to remove in every group"),
+    ],
+)
+def test_a_plan_that_removes_nothing_says_why(kwargs, cause):
+    # before: the "pruned" model was the original, without a word
+    p = StructuredPruner(_net(), _x(), "magnitude", **{"pruning_ratio": 0.3, **kwargs})
+    with pytest.warns(RuntimeWarning, match=f"the plan removes no unit: {cause}"):
+        pruned = p.prune()
+    assert sum(q.numel() for q in pruned.parameters()) == sum(q.numel() for q in _net().parameters())
+
+
+def test_prune_called_twice_gives_a_history_that_replays_to_the_same_model():
+    # before: the second call appended its steps to the first's, so the saved history replayed two
+    # prunes of the original ("step 1 of 2 failed (IndexError ...)") and the folder did not load
+    from cleanai_core import PruningHistory
+
+    p = StructuredPruner(_net(), _x(), "magnitude", pruning_ratio=0.5)
+    p.prune()
+    again = p.prune()
+    assert len(p.history.steps) == 1
+    fresh = PruningHistory.from_json(p.history.to_json()).replay(_net())
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in again.state_dict().items()}
+
+
+def test_a_second_in_place_prune_is_refused_and_leaves_the_model_as_pruned():
+    # before: IndexError: index out of range in self (the graph described the unpruned model)
+    model = _net()
+    p = StructuredPruner(model, _x(), "magnitude", pruning_ratio=0.5, inplace=True)
+    p.prune()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match="already pruned the model in place; to prune further, build a new"):
+        p.prune()
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+
+
+@pytest.mark.parametrize("n", ["2", 2.0, True])
+def test_num_batches_of_the_wrong_type_is_refused(n):
+    # before: TypeError: '<' not supported between instances of 'str' and 'int' (2.0 and True passed)
+    p = StructuredPruner(_net(), _x(), pruning_ratio=0.5)
+    with pytest.raises(UserError, match=f"num_batches={n!r} must be an integer"):
+        p.collect_activations([_x()], num_batches=n, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"target_flops": 0.5}, {"target_params": 0.5}, {"layer_pruning_ratios": {"0": 0.5}}]
+)
+def test_prune_dead_only_with_an_amount_is_refused(kwargs):
+    # before: the target or layer ratios were ignored without a word
+    with pytest.raises(UserError, match="prune_dead_only=True removes exactly the units that never activate"):
+        StructuredPruner(_net(), _x(), prune_dead_only=True, **kwargs)
+
+
+def test_set_layer_ratios_takes_none_and_pairs_like_the_constructor():
+    # before: AttributeError: 'NoneType' object has no attribute 'items' (the constructor took both)
+    p = StructuredPruner(_net(), _x(), "magnitude", pruning_ratio=0.5, layer_pruning_ratios={"0": 0.25})
+    p.set_layer_ratios(None)
+    assert p.layer_ratios == {}
+    p.set_layer_ratios([("0", 0.25)])
+    assert p.layer_ratios == {"0": 0.25}
+    with pytest.raises(UserError, match="layer_pruning_ratios=5: give a dict"):
+        p.set_layer_ratios(5)

@@ -204,3 +204,50 @@ def test_batchnorm_frozen_by_the_user_stays_frozen_while_recovering(how):
     assert student.training == model.training and not student.bn.training  # the modes are restored
     unfrozen, _ = recover(_bn_net(), None, TensorDataset(*_digits(200)), epochs=1, progress=False)
     assert int(unfrozen.bn.num_batches_tracked) > 0  # an ordinary BatchNorm does update
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"val_fraction": "0.1"}, "val_fraction='0.1' must be a number"),
+        ({"seed": "a"}, "seed='a' must be an integer"),
+        ({"device": "gpu"}, "device='gpu' is not a device"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_refused_by_name(kwargs, words):
+    # before: TypeError ('<' between float and str), ValueError from int(), RuntimeError from torch.device
+    model = _linear()
+    with pytest.raises(UserError, match=words):
+        recover(model, model, TensorDataset(*_digits()), epochs=1, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("shift", [10, -10])
+def test_labels_outside_the_models_classes_are_refused(shift):
+    # before: IndexError: Target 11 is out of bounds (from cross_entropy, deep in the loop)
+    x, y = _digits(40)
+    model = _linear()
+    with pytest.raises(UserError, match=r"labels go from .* but the model has 10 outputs"):
+        recover(model, None, TensorDataset(x, y + shift), epochs=1, progress=False)
+    assert _same(model, _linear())
+
+
+def test_a_teacher_with_other_outputs_is_refused():
+    # before: RuntimeError: The size of tensor a (7) must match the size of tensor b (10)
+    torch.manual_seed(1)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 7))
+    with pytest.raises(UserError, match=r"teacher's outputs have shape \(\d+, 7\) but the pruned model's \(\d+, 10\)"):
+        recover(_linear(), teacher, TensorDataset(*_digits(40)), epochs=1, progress=False)
+
+
+def test_a_batch_of_another_shape_names_the_shape():
+    # before: RuntimeError: mat1 and mat2 shapes cannot be multiplied, from the middle of training
+    x, y = _digits(16)
+    train = [(x[:8], y[:8]), (x[8:, :, :4, :4], y[8:])]
+    with pytest.raises(UserError, match=r"input shape\(s\) \[\(8, 1, 4, 4\)\].*all of one shape"):
+        recover(_linear(), None, train, val_data=[(x[:8], y[:8])], epochs=1, progress=False)
+
+
+def test_an_empty_val_data_is_refused():
+    # before: a bare StopIteration
+    with pytest.raises(UserError, match=r"held-out data \(val_data\) is empty"):
+        recover(_linear(), None, TensorDataset(*_digits(40)), val_data=[], epochs=1, progress=False)

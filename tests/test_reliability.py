@@ -314,3 +314,52 @@ def test_calibration_data_the_model_cannot_use_is_a_user_error(loader, message):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(UserError, match="collect_activations"):  # nothing half-collected to prune on
         pruner.prune()
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ({"format": "cleanai-history/1"}, "'steps' must be a list of lists of edits"),
+        ({"format": "cleanai-history/1", "steps": "abc"}, "'steps' must be a list"),
+        ({"format": "cleanai-history/1", "steps": [[{"module": "conv1"}]]}, r"edit 0 has no \['slice', 'keep'\]"),
+        ({"format": "cleanai-history/1", "steps": [], "meta": [1, 2]}, "'meta' must be an object"),
+        ({"format": "cleanai-history/1", "steps": [[{"module": "conv1", "slice": "out", "keep": [-1]}]]}, "'keep'"),
+    ],
+)
+def test_a_history_out_of_form_is_refused_by_from_json_and_load(tmp_path, data, words):
+    # before: KeyError: 'steps' / 'slice', TypeError (string indices, dict update sequence); load()
+    # and from_json() skipped the checks that load_pruned makes on a saved folder's history.json
+    with pytest.raises(UserError, match=words):
+        PruningHistory.from_json(data)
+    (tmp_path / "h.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=words):
+        PruningHistory.load(tmp_path / "h.json")
+
+
+def test_history_paths_that_are_folders_missing_or_none_are_refused(tmp_path):
+    # before: IsADirectoryError, FileNotFoundError from the temporary file, TypeError for None
+    history = _two_step_history()
+    with pytest.raises(UserError, match="is a folder; give the history.json inside it"):
+        PruningHistory.load(tmp_path)
+    with pytest.raises(UserError, match="needs a file path"):
+        PruningHistory.load(None)
+    with pytest.raises(UserError, match="is a folder; give a file path"):
+        history.save(tmp_path)
+    with pytest.raises(UserError, match="the folder .*nodir' does not exist"):
+        history.save(tmp_path / "nodir" / "h.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_job_refuses_a_misspelt_option_and_what_is_not_a_dict(tmp_path):
+    # before: run_job({"ratioo": 0.5, ...}) ignored the key and pruned at the default ratio, writing
+    # the result; run_job(None) was a TypeError; DependencyGraph(5, x) an AttributeError
+    from cleanai_core import run_job
+
+    base = {"model": "cleanai_plugins.io.demo:DigitsCNN", "data": str(tmp_path / "d.pt"), "out": str(tmp_path / "o")}
+    with pytest.raises(UserError, match=r"unknown option\(s\) 'ratioo' \(did you mean 'ratio'\?\)"):
+        run_job({**base, "ratioo": 0.5})
+    with pytest.raises(UserError, match="run_job needs a PruneConfig or a dict of options, got NoneType"):
+        run_job(None)
+    with pytest.raises(UserError, match="DependencyGraph needs a torch.nn.Module, got int"):
+        DependencyGraph(5, _x())
+    assert list(tmp_path.iterdir()) == []

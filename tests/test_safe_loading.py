@@ -307,3 +307,46 @@ def test_trust_code_from_the_command_line_allows_a_config_model_factory(ws, caps
     assert (ws / "ran").exists()
     cfg = json.loads((ws / "out" / "config.json").read_text())
     assert cfg["trust_code"] is True and "_from_config" not in cfg
+
+
+def test_save_pruned_refuses_what_it_could_not_load_back(tmp_path):
+    # before: a history given as text was written as history.json ('"nope"') and a missing spec as
+    # null, giving a folder that load_pruned refuses; a model that is no module raised AttributeError
+    from cleanai_core import PruningHistory
+
+    model = DigitsCNN(width=8)
+    with pytest.raises(UserError, match="needs the PruningHistory of the prune"):
+        save_pruned(tmp_path / "a", model, "nope", MODEL_SPEC)
+    with pytest.raises(UserError, match="needs the spec that rebuilds"):
+        save_pruned(tmp_path / "b", model, PruningHistory(), None)
+    with pytest.raises(UserError, match="needs the pruned torch.nn.Module, got int"):
+        save_pruned(tmp_path / "c", 5, PruningHistory(), MODEL_SPEC)
+    with pytest.raises(UserError, match="needs a folder path"):
+        save_pruned(None, model, PruningHistory(), MODEL_SPEC)
+    with pytest.raises(UserError, match="needs a folder path"):
+        load_pruned(None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_num_classes_too_large_to_build_is_a_clear_error(folder, ws_cli_data):
+    # before: RuntimeError from the allocator ("can't allocate memory: you tried to allocate 256000000000000
+    # bytes"), from load_pruned of a tampered folder and from cleanai prune --num-classes alike
+    _edit_json(folder / "architecture.json", lambda a: a["options"].update(num_classes=10**12))
+    with pytest.raises(UserError, match=r"architecture.json.*num_classes=1000000000000\) needs more memory"):
+        load_pruned(folder)
+    argv = ["prune", "--model", MODEL_SPEC, "--num-classes", str(10**12), "--data", str(ws_cli_data), "--quiet"]
+    assert main([*argv, "--out", str(folder.parent / "o")]) == 2
+    assert not (folder.parent / "o").exists()
+
+
+def test_a_bad_map_location_is_named_not_blamed_on_the_folder(folder):
+    # before: "'.../model.pt': cannot be read as plain tensors (...). The folder is damaged, tampered with ..."
+    with pytest.raises(UserError, match="map_location='gpu' is not a device"):
+        load_pruned(folder, map_location="gpu")
+
+
+@pytest.fixture()
+def ws_cli_data(tmp_path):
+    torch.manual_seed(0)
+    torch.save((torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))), tmp_path / "d.pt")
+    return tmp_path / "d.pt"

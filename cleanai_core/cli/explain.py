@@ -75,14 +75,14 @@ def token_vocabulary(model: torch.nn.Module) -> int | None:
     return int(emb.num_embeddings) if isinstance(emb, torch.nn.Embedding) else None
 
 
-def example_input(model: torch.nn.Module, shape: tuple[int, ...]) -> Any:
+def example_input(model: torch.nn.Module, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Any:
     """What ``explain`` traces with: random token ids of ``shape`` for a model that reads
     tokens (floats made Hugging Face text models fail in their embedding: "Expected tensor
     for argument #1 'indices' to have one of the following scalar types: Long, Int"), a
-    dict with ``decoder_input_ids`` too for an encoder-decoder, else a float tensor."""
+    dict with ``decoder_input_ids`` too for an encoder-decoder, else a float tensor of ``dtype``."""
     vocab = token_vocabulary(model)
     if vocab is None:
-        return torch.randn(*shape)
+        return torch.randn(*shape, dtype=dtype)
     ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return {"input_ids": ids, "decoder_input_ids": ids}
@@ -92,7 +92,7 @@ def example_input(model: torch.nn.Module, shape: tuple[int, ...]) -> Any:
 def run(args: argparse.Namespace) -> int:
     from cleanai_core.graph.dependency import DependencyGraph
     from cleanai_core.options import ignored_modules
-    from cleanai_core.plugins import get_plugin_manager, input_forms
+    from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
 
     options = {
         "weights": args.weights,
@@ -103,16 +103,28 @@ def run(args: argparse.Namespace) -> int:
         "trust_code": True,  # typed on the command line
         "spec_source": "--model",
     }
-    model = get_plugin_manager().hook.cleanai_load_model(spec=args.model, options=options)
+    model = load_model(get_plugin_manager(), args.model, options)
     if model is None:
         raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {input_forms('model')}.")
+    if args.max_groups < 0:  # -1 listed all groups but one, then "... 6 more"
+        raise UserError(f"--max-groups={args.max_groups} is out of range: it must be >= 0.")
     model.eval()
     shape = parse_shape(args.input_shape) if args.input_shape else _default_shape(model)
+    tried = ",".join(map(str, shape))
+    # the example in the model's floating dtype: a float16 model failed on float32 noise
+    dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
     from cleanai_core.errors import TraceError
 
     ignored = sorted(ignored_modules(model, ()))
-    first = example_input(model, shape)
-    tries = [first] if isinstance(first, torch.Tensor) and first.is_floating_point() else [first, torch.randn(*shape)]
+    try:
+        first = example_input(model, shape, dtype)
+        floats = isinstance(first, torch.Tensor) and first.is_floating_point()
+        tries = [first] if floats else [first, torch.randn(*shape, dtype=dtype)]
+    except (RuntimeError, MemoryError) as exc:  # --input-shape 1,1,100000,100000: 40 GB of noise
+        raise UserError(
+            f"--input-shape {tried}: cannot allocate an example input of that size ({type(exc).__name__}); give the "
+            "shape of one real input, e.g. 1,3,224,224."
+        ) from None
     for i, inputs in enumerate(tries):  # token ids first for a model that seems to read them, then floats
         try:
             # what the pruner sees: the default ignores and the coupling-dependent defaults kept
@@ -121,6 +133,6 @@ def run(args: argparse.Namespace) -> int:
             break
         except TraceError as exc:
             if i == len(tries) - 1:
-                raise UserError(f"{exc} Tried --input-shape {','.join(map(str, shape))}; pass the right one.") from exc
+                raise UserError(f"{str(exc).rstrip('.')}. Tried --input-shape {tried}; pass the right one.") from exc
     print(graph.explain(max_groups=args.max_groups))
     return 0

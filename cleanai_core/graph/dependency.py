@@ -118,6 +118,10 @@ class DependencyGraph:
         ignored_layers: Iterable[nn.Module | str] = (),
         pm: Any = None,
     ) -> None:
+        if not isinstance(model, nn.Module):  # an AttributeError from deep in the trace before
+            from cleanai_core.errors import UserError
+
+            raise UserError(f"DependencyGraph needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.pm = pm or get_plugin_manager()
         self.findings = prepare_model(model, self.pm)

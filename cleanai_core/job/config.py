@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -220,12 +222,17 @@ def _parse_layer_ratios(items: Any, source: str) -> dict[str, float]:
                 raise UserError(f"{source}: {item!r} is not PATTERN=R (e.g. 'layer4.*=0.5').")
             pat, _, r = item.rpartition("=")
             pairs.append((pat, r))
-    out = {}
+    out: dict[str, float] = {}
     for pat, r in pairs:
         try:
-            out[str(pat)] = float(r)
+            value = float(r)
         except (TypeError, ValueError):
             raise UserError(f"{source}: ratio {r!r} for {pat!r} is not a number.") from None
+        if str(pat) in out and out[str(pat)] != value:  # the later one silently won
+            raise UserError(
+                f"{source}: {str(pat)!r} is given twice, with ratios {out[str(pat)]:g} and {value:g}; give it once."
+            )
+        out[str(pat)] = value
     return out
 
 
@@ -318,6 +325,30 @@ def _apply(cfg: dict[str, Any], sources: dict[str, str], layer: dict[str, Any], 
     sources.update(dict.fromkeys(layer, source))
 
 
+def _options_dict(args: Any) -> dict[str, Any]:
+    """``run_job``'s dict of options, keys spelt as in a config file (``pruning_ratio``,
+    ``calib-fraction``); an unknown key is refused (``ratioo`` was ignored and the job ran
+    at the default ratio)."""
+    from cleanai_core.config_sources import ALIASES
+
+    if not isinstance(args, Mapping):
+        raise UserError(f"run_job needs a PruneConfig or a dict of options, got {type(args).__name__}")
+    given: dict[str, Any] = {}
+    unknown = []
+    for key, value in args.items():
+        k = str(key).replace("-", "_")
+        k = ALIASES.get(k, k)
+        if k in DEFAULTS or k == "config" or k.startswith("_"):
+            given[k] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        close = {u: difflib.get_close_matches(str(u).replace("-", "_"), list(DEFAULTS), n=1) for u in unknown}
+        hints = "; ".join(f"{u!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for u, c in close.items())
+        raise UserError(f"unknown option(s) {hints}; see PruneConfig for the valid names.")
+    return given
+
+
 def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Defaults < ``--preset`` < ``--config`` < ``CLEANAI_<OPTION>`` variables < ``args``
     (the command line: an argparse namespace, or a dict or :class:`PruneConfig` of the
@@ -326,8 +357,10 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
     sources = dict.fromkeys(DEFAULTS, "default")
     if isinstance(args, PruneConfig):  # only what differs from the defaults counts as given
         given = {k: v for k, v in args.to_dict().items() if v != DEFAULTS[k]}
+    elif isinstance(args, argparse.Namespace):
+        given = dict(vars(args))
     else:
-        given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+        given = _options_dict(args)
     for k in ("command", "_run", "disable_plugin"):
         given.pop(k, None)
     config_file = given.pop("config", None)
@@ -373,6 +406,14 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
             f"--isomorphic ({sources['isomorphic']}) refines global ranking, but global pruning is off "
             f"({sources['global_pruning']}): add --global (global = true in a config file)."
         )
+    if cfg.get("prune_dead_only"):  # the amount is the dead units: a ratio or target given with it was ignored
+        asked = [k for k in (*AMOUNTS, "layer_ratio") if cfg.get(k) and sources.get(k) not in ("default", "preset")]
+        if asked:
+            flag = f"--{asked[0].replace('_', '-')}"
+            raise UserError(
+                f"--prune-dead-only removes exactly the units that never activate, so {flag} ({sources[asked[0]]}) "
+                f"does not apply; drop one of them."
+            )
     if cfg.get("target_latency") is not None and not cfg.get("auto"):
         raise UserError("--target-latency needs --auto: the per-layer ratios are chosen by measuring the latency.")
     preset_options(cfg.get("preset"), "preset")  # a known name, whichever source gave it

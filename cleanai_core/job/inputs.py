@@ -13,7 +13,16 @@ import torch
 from cleanai_core.config_sources import ENV_PREFIX
 from cleanai_core.errors import UserError
 
-__all__ = ["first_input", "has_labels", "load_inputs", "spec_options", "split_dataset", "to_device"]
+__all__ = [
+    "CheckedDataset",
+    "checked_collate",
+    "first_input",
+    "has_labels",
+    "load_inputs",
+    "spec_options",
+    "split_dataset",
+    "to_device",
+]
 
 
 def first_input(dataset: Any) -> Any:
@@ -70,14 +79,14 @@ def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
     """Model (eval mode, on the device), data set and the plugin manager."""
-    from cleanai_core.plugins import get_plugin_manager, input_forms
+    from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
 
     pm = get_plugin_manager()
     data = cfg["data"]
     if not Path(data).exists() and (Path(data).suffix or "/" in data or os.sep in data) and ":" not in data:
         raise UserError(f"--data {data!r}: no such file or folder. Give {input_forms('data', pm)}.")
     model_options = _model_options(cfg)
-    model = pm.hook.cleanai_load_model(spec=cfg["model"], options=model_options)
+    model = load_model(pm, cfg["model"], model_options)
     if model is None:
         hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
         forms = input_forms("model", pm)
@@ -99,6 +108,7 @@ def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
             f"--data {cfg['data']!r}: no such file or folder, or not a form this tool reads. "
             f"Give {input_forms('data', pm)}."
         )
+    dataset = CheckedDataset(dataset, model, str(data))
     if len(dataset) < 2:
         raise UserError(f"--data {cfg['data']!r} has {len(dataset)} item(s); at least 2 are needed.")
     return model, dataset, pm
@@ -115,3 +125,74 @@ def split_dataset(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     calib = Subset(dataset, perm[:n_cal])
     held = Subset(dataset, perm[n_cal:]) if n_cal < n else None
     return calib, held
+
+
+def _cast_inputs(item: Any, dtype: torch.dtype | None) -> Any:
+    """An item's floating inputs in ``dtype`` (labels, integer ids and masks untouched)."""
+    if dtype is None:
+        return item
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    if isinstance(item, torch.Tensor):
+        return cast(item)
+    if isinstance(item, (tuple, list)) and item:
+        return type(item)([cast(item[0]), *item[1:]]) if isinstance(item, tuple) else [cast(item[0]), *item[1:]]
+    if isinstance(item, dict):
+        return {k: (v if k in ("labels", "label") else cast(v)) for k, v in item.items()}
+    return item
+
+
+class CheckedDataset(torch.utils.data.Dataset):
+    """The job's view of ``--data``: its length checked once, an item that fails to load
+    named by index, and floating inputs in the model's floating dtype (a float16 or bfloat16
+    model was fed the file's float32 and failed with a dtype mismatch)."""
+
+    def __init__(self, dataset: Any, model: Any, spec: str) -> None:
+        try:
+            n = len(dataset)
+        except Exception as exc:  # a data function's own __len__ (e.g. a negative length)
+            raise UserError(f"--data {spec!r}: len() of the data set failed ({type(exc).__name__}: {exc}).") from None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise UserError(f"--data {spec!r}: the data set's len() is {n!r}, not a count of items.")
+        p = next((p for p in model.parameters() if p.is_floating_point()), None)
+        self.dataset, self.n, self.spec = dataset, n, spec
+        self.dtype = p.dtype if p is not None and p.dtype != torch.float32 else None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            item = self.dataset[index]
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(
+                f"--data {self.spec!r}: reading item {index} failed ({type(exc).__name__}: {str(exc)[:200]})."
+            ) from None
+        return _cast_inputs(item, self.dtype)
+
+
+def checked_collate(items: list[Any]) -> Any:
+    """``default_collate``, with items of different shapes (images of several sizes, token rows
+    of several lengths) named instead of a ``RuntimeError`` from ``torch.stack``."""
+    from torch.utils.data import default_collate
+
+    try:
+        return default_collate(items)
+    except (RuntimeError, TypeError) as exc:
+        shapes = sorted({str(tuple(_first_tensor(it).shape)) for it in items if _first_tensor(it) is not None})
+        detail = f"shapes {', '.join(shapes[:4])}" if len(shapes) > 1 else f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise UserError(
+            f"the items of --data cannot be put in one batch ({detail}); give items of one shape and type "
+            "(for an image folder, --image-size N resizes them), or --batch-size 1"
+        ) from None
+
+
+def _first_tensor(item: Any) -> torch.Tensor | None:
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, (tuple, list)) and item:
+        return _first_tensor(item[0])
+    if isinstance(item, dict):
+        return next((v for v in item.values() if isinstance(v, torch.Tensor)), None)
+    return None

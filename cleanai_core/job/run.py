@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,15 @@ import torch
 from cleanai_core import distributed
 from cleanai_core.errors import UserError
 from cleanai_core.job.config import PruneConfig, pruner_options, resolve_config
-from cleanai_core.job.inputs import first_input, has_labels, load_inputs, split_dataset, to_device
+from cleanai_core.job.inputs import (
+    CheckedDataset,
+    checked_collate,
+    first_input,
+    has_labels,
+    load_inputs,
+    split_dataset,
+    to_device,
+)
 from cleanai_core.job.outputs import check_out_dir, guard_out
 from cleanai_core.model_state import copy_model
 
@@ -134,6 +143,7 @@ def _execute(
     else:
         pm = get_plugin_manager()
         model = model.eval().to(device)
+        dataset = CheckedDataset(dataset, model, str(cfg["data"]))
     calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))
     bs = int(cfg["batch_size"])
     stats_part, sens_loader = calib, None
@@ -144,7 +154,9 @@ def _execute(
         if n_sens < 1:
             raise UserError(f"--auto/--sensitivity need at least 3 calibration samples; there are {len(calib)}.")
         stats_part = Subset(calib, range(len(calib) - n_sens))
-        sens_loader = DataLoader(Subset(calib, range(len(calib) - n_sens, len(calib))), batch_size=bs)
+        sens_loader = DataLoader(
+            Subset(calib, range(len(calib) - n_sens, len(calib))), batch_size=bs, collate_fn=checked_collate
+        )
     num_batches = cfg.get("calib_batches")
     if num_batches is not None and int(num_batches) >= 1 and distributed.is_distributed():
         # --calib-batches counts batches of the whole job, not of each rank: the ranks share
@@ -153,14 +165,27 @@ def _execute(
 
         stats_part = Subset(stats_part, range(min(len(stats_part), int(num_batches) * bs)))
         num_batches = None
-    calib_loader = distributed.shard(DataLoader(stats_part, batch_size=bs, shuffle=False))  # this rank's share
-    eval_loader = DataLoader(held, batch_size=bs, shuffle=False) if held is not None and has_labels(held) else None
+    calib_loader = distributed.shard(
+        DataLoader(stats_part, batch_size=bs, shuffle=False, collate_fn=checked_collate)
+    )  # this rank's share
+    eval_loader = (
+        DataLoader(held, batch_size=bs, shuffle=False, collate_fn=checked_collate)
+        if held is not None and has_labels(held)
+        else None
+    )
     accuracy_note = None
     if held is None:
         accuracy_note = "--calib-fraction 1: all data scores channels, none is left to measure accuracy"
     elif eval_loader is None:
         accuracy_note = "the data has no labels"
     example = to_device(first_input(calib), device)
+    tensors = [example] if isinstance(example, torch.Tensor) else [v for v in dict(example).values()]
+    if any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors
+    ):
+        # said "example_inputs contain NaN or inf values", an argument the command line has not
+        raise UserError(f"--data {cfg['data']!r} contains NaN or inf values (in the first calibration sample); clean "
+                        "the data and run again.")  # fmt: skip
     try:
         with torch.no_grad():
             model(example) if not isinstance(example, dict) else model(**example)
@@ -200,6 +225,11 @@ def _execute(
         pruner.prune()
         return None
 
+    with warnings.catch_warnings():  # said once, as the error below
+        warnings.filterwarnings("ignore", message="the plan removes no unit")
+        removed = pruner.plan().n_pruned
+    if not cfg.get("prune_dead_only") and removed == 0:  # a copy of the input would be written as the result
+        raise UserError(f"{pruner.why_nothing_pruned()} (--round-to, --ratio); nothing was written.")
     before_acc = _evaluate(pm, model, eval_loader, device)
     repeats = int(cfg.get("latency_repeats") or 20)
     pruned = pruner.prune()

@@ -226,7 +226,11 @@ def class_labels(y: Any, source: str) -> torch.Tensor:
 
 def label_indices(y: torch.Tensor) -> torch.Tensor | None:
     """``y`` as class indices (int64): integers and booleans as they are, whole-number
-    floats, one-hot rows by their argmax; ``None`` when ``y`` is none of these."""
+    floats, one-hot rows by their argmax; ``None`` when ``y`` is none of these. A single
+    column ``(N, 1)`` is a column of indices (it read as one-hot rows of one class: every
+    label 0)."""
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
     if y.dim() == 2 and len(y) and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all()):
         return y.argmax(1)
     if y.dim() != 1:
@@ -250,8 +254,11 @@ def _load_pt(path: Path) -> Dataset:
         with torch.serialization.safe_globals([TensorDataset]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if path.stat().st_size == 0:
+            raise UserError(f"--data {str(path)!r} is empty (0 bytes); write the data again.") from None
         raise UserError(
-            f"cannot read {str(path)!r} safely ({type(exc).__name__}: {str(exc)[:200]}). Save plain tensors: "
+            f"cannot read {str(path)!r} safely ({type(exc).__name__}: {str(exc)[:200]}); it may be truncated or "
+            "damaged. Save plain tensors: "
             "torch.save((x, y), path) or torch.save({'x': x, 'y': y}, path)."
         ) from exc
     if isinstance(obj, TensorDataset):
