@@ -341,7 +341,8 @@ class StructuredPruner:
         over ``graph.root``); raises ``PruningError``. ``share``: the copy shares the
         parameters it left unsliced with ``source`` (a trial to run and throw away).
         ``exact``: verification also compares the slicing alone with the masking oracle
-        (:func:`~cleanai_core.masking.check_exact`; two more forward passes)."""
+        (:func:`~cleanai_core.masking.check_exact`: the masked original runs, and with compensation
+        the slicing alone is built and runs too)."""
         source = self.model if source is None else source
         graph = self.graph if graph is None else graph
         stats = (self.stats if stats is None else stats) if self.bias_compensation else {}
