@@ -62,6 +62,7 @@ OPT = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_head
 FALCON = {"vocab_size": V, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 ENC = {"vocab_size": V, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
 VIT = {"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
+T5 = dict(vocab_size=V, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, decoder_start_token_id=0)
 BART = dict(
     vocab_size=V,
     d_model=64,
@@ -367,18 +368,7 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         "encoder",
     ),
     "t5": (
-        _make(
-            "T5ForConditionalGeneration",
-            "T5Config",
-            _seq2seq_inputs,
-            vocab_size=V,
-            d_model=64,
-            d_kv=16,
-            d_ff=96,
-            num_layers=2,
-            num_heads=4,
-            decoder_start_token_id=0,
-        ),
+        _make("T5ForConditionalGeneration", "T5Config", _seq2seq_inputs, **T5),
         "seq2seq",
     ),
     "bart": (_make("BartForConditionalGeneration", "BartConfig", _seq2seq_inputs, **BART), "seq2seq"),
@@ -390,18 +380,7 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
     "pegasus": (_make("PegasusForConditionalGeneration", "PegasusConfig", _seq2seq_inputs, **BART), "seq2seq"),
     "marian": (_make("MarianMTModel", "MarianConfig", _seq2seq_inputs, **BART), "seq2seq"),
     "mt5": (
-        _make(
-            "MT5ForConditionalGeneration",
-            "MT5Config",
-            _seq2seq_inputs,
-            vocab_size=V,
-            d_model=64,
-            d_kv=16,
-            d_ff=96,
-            num_layers=2,
-            num_heads=4,
-            decoder_start_token_id=0,
-        ),
+        _make("MT5ForConditionalGeneration", "MT5Config", _seq2seq_inputs, **T5),
         "seq2seq",
     ),
     "whisper": (

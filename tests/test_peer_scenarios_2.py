@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from test_peer_scenarios import X32, _resnet18
 from torch import nn
 
 from cleanai_core import DependencyGraph, PruningHistory, StructuredPruner, hookimpl
@@ -53,12 +54,6 @@ def _mask(graph: DependencyGraph, picks) -> torch.Tensor:
     return pruned
 
 
-def _resnet18() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None).eval()
-
-
-X32 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 
 
 def _widths(model: nn.Module) -> list[int]:
