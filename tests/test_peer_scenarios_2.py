@@ -54,8 +54,6 @@ def _mask(graph: DependencyGraph, picks) -> torch.Tensor:
     return pruned
 
 
-
-
 def _widths(model: nn.Module) -> list[int]:
     return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
 
