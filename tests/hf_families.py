@@ -62,6 +62,8 @@ OPT = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_head
 FALCON = {"vocab_size": V, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 ENC = {"vocab_size": V, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
 VIT = {"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
+#: GPT-J's config keys, which CodeGen shares
+GPTJ = dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8, n_inner=96)
 T5 = dict(vocab_size=V, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, decoder_start_token_id=0)
 BART = dict(
     vocab_size=V,
@@ -104,18 +106,7 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
     "gpt-neox": (_causal("GPTNeoXForCausalLM", "GPTNeoXConfig"), "causal"),
     "opt": (_make("OPTForCausalLM", "OPTConfig", _ids, **OPT, word_embed_proj_dim=64), "causal"),
     "gpt-j": (
-        _make(
-            "GPTJForCausalLM",
-            "GPTJConfig",
-            _ids,
-            vocab_size=V,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            rotary_dim=8,
-            n_inner=96,
-        ),
+        _make("GPTJForCausalLM", "GPTJConfig", _ids, **GPTJ),
         "causal",
     ),
     "qwen2-moe": (
@@ -213,18 +204,7 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         "causal",
     ),
     "codegen": (
-        _make(
-            "CodeGenForCausalLM",
-            "CodeGenConfig",
-            _ids,
-            vocab_size=V,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            rotary_dim=8,
-            n_inner=96,
-        ),
+        _make("CodeGenForCausalLM", "CodeGenConfig", _ids, **GPTJ),
         "causal",
     ),
     "gpt-neo": (

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from test_peer_scenarios import X32, _resnet18
+from test_peer_scenarios import X32, TransposeModel, _resnet18
 from torch import nn
 
 from cleanai_core import DependencyGraph, PruningHistory, StructuredPruner, hookimpl
@@ -893,18 +893,6 @@ def test_a_model_called_with_gradients_before_pruning_prunes_and_replays():
     small = pruner.prune()
     assert small.fc1.out_features == small.fc2.in_features == 8 and small(x).shape == (3, 4)
     assert pruner.history.replay(model).fc1.out_features == 8  # replay copies the model too
-
-
-class TransposeModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16)
-        self.conv2, self.bn2 = nn.ConvTranspose2d(16, 64, 2, stride=2), nn.BatchNorm2d(64)
-        self.conv3, self.bn3 = nn.Conv2d(64, 8, 3, 1, 1), nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn3(self.conv3(F.relu(self.bn2(self.conv2(x))))))
 
 
 @pytest.mark.parametrize("importance", ["taylor", "magnitude", "lamp", "bn_scale"])
