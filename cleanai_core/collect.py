@@ -40,7 +40,7 @@ from cleanai_core.calibration import (
 )
 from cleanai_core.errors import CleanAIError, UserError
 from cleanai_core.model_state import copy_model, preserved
-from cleanai_core.replay import CalibrationData
+from cleanai_core.replay import CalibrationData, spread
 from cleanai_core.runtime import (
     check_labels,
     device_of,
@@ -98,6 +98,13 @@ class Calibration:
     samples: Samples = attrs.field(factory=Samples)  # BatchNorm inputs at the paired positions, per call
     data: CalibrationData | None = None
     gradients: dict[str, torch.Tensor] = attrs.field(factory=dict)
+    #: after each batch, how many calls of each norm :attr:`moments` holds (to take the
+    #: calls of some batches: :func:`correct_batchnorm_after`'s ``samples_cap``)
+    batch_calls: list[dict[str, int]] = attrs.field(factory=list)
+
+    def end_batch(self) -> None:
+        """Mark the end of one batch's calls in :attr:`moments`."""
+        self.batch_calls.append({name: len(calls) for name, calls in self.moments.items()})
 
 
 def _combine(result: Calibration, model: nn.Module, *args: Any, **kwargs: Any) -> Calibration:
@@ -155,7 +162,7 @@ def calibrate(
         from tqdm.auto import tqdm
 
         def fresh() -> StatsCollector:
-            out.moments, out.samples = {}, Samples()
+            out.moments, out.samples, out.batch_calls = {}, Samples(), []
             return StatsCollector(
                 model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
             )
@@ -190,6 +197,7 @@ def calibrate(
                 if data.layout is same_layout:
                     with collecting(), model_failure(0, inputs):
                         run_batch(model, inputs, setup.forward_fn)
+                out.end_batch()
                 bar.update()
             with collecting():
                 for i, batch in enumerate(batches, 1):
@@ -197,6 +205,7 @@ def calibrate(
                     inputs = split_batch(batch)[0]
                     with model_failure(i, inputs):
                         run_batch(model, data.layout(inputs), setup.forward_fn)
+                    out.end_batch()
                     bar.update()
         out.stats = collector.stats
     check_samples_seen(out.stats)
@@ -276,6 +285,7 @@ def recalibrate(
     with collector.hooks(), recording(model, out.moments), sampling(model, out.samples), torch.no_grad():
         for batch in data.replay():
             run_batch(model, data.layout(split_batch(batch)[0]), setup.forward_fn)
+            out.end_batch()
     out.stats = collector.stats
     if setup.gradients:
         out.gradients = accumulate_gradients(
@@ -338,28 +348,42 @@ def correct_batchnorm_after(
     data: CalibrationData,
     forward_fn: Callable | None = None,
     samples: Samples | None = None,
+    batch_calls: list[dict[str, int]] | None = None,
+    samples_cap: int | None = None,
 ) -> None:
     """Move ``pruned``'s BatchNorm statistics by what pruning changed at their inputs
     (:mod:`cleanai_core.bn_correction`): on the kept calibration batches, else on the
     loader read again beside ``source``; skipped with a warning where neither can be.
     ``keep``: the kept channels of each sliced module; ``samples``: the original's norm
-    inputs at the paired positions, from calibration (else it runs again beside)."""
+    inputs at the paired positions, from calibration (else it runs again beside).
+    ``samples_cap``: the correction reads batches spread evenly over the calibration data
+    that hold at least this many samples (:func:`~cleanai_core.replay.spread`), not all of
+    them; ``batch_calls`` (:attr:`Calibration.batch_calls`) says which of ``moments``'
+    calls each batch made. Under ``torch.distributed`` the cap is per rank."""
     norms = norms_with_running_stats(pruned)
     keep = {name: k for name, k in keep.items() if name in norms}
+    chosen = spread(data.sizes, samples_cap)
+    if chosen is not None and data.cached and (batch_calls is None or len(batch_calls) != len(data.sizes)):
+        chosen = None  # which calls each batch made is not known: every batch
 
     def run(model: nn.Module, batch: Any) -> None:  # in the layout the original's moments were measured in
         run_batch(model, data.layout(split_batch(batch)[0]), forward_fn)
 
+    def batches() -> Iterator[Any]:
+        if chosen is None:
+            return data.replay()
+        wanted = set(chosen)
+        return (b for i, b in enumerate(data.replay()) if i in wanted)
+
     if data.cached:
-        correct_batchnorm(
-            pruned,
-            {k: list(v) for k, v in moments.items()},
-            keep,
-            data.replay,
-            run,
-            original=source,
-            original_samples=samples,
-        )
+        calls = {k: list(v) for k, v in moments.items()}
+        if chosen is not None:
+            calls = {k: _calls_of(v, k, batch_calls, chosen) for k, v in calls.items()}
+            if samples is not None and samples.complete:
+                taken = Samples(budget=samples.budget)
+                taken.calls = {k: _calls_of(v, k, batch_calls, chosen) for k, v in samples.calls.items()}
+                samples = taken
+        correct_batchnorm(pruned, calls, keep, batches, run, original=source, original_samples=samples)
         return
     if data.one_shot:
         warnings.warn(
@@ -375,4 +399,14 @@ def correct_batchnorm_after(
         with preserved(source), recording(source, fresh), torch.no_grad():
             run(source, batch)
 
-    correct_batchnorm(pruned, fresh, keep, data.replay, run, run_original, original=source)
+    correct_batchnorm(pruned, fresh, keep, batches, run, run_original, original=source)
+
+
+def _calls_of(calls: list, name: str, batch_calls: list[dict[str, int]], chosen: list[int]) -> list:
+    """The entries of one norm's ``calls`` (one per call, every batch's in order) that the
+    ``chosen`` batches made; ``batch_calls[i]``: the calls of each norm after batch ``i``."""
+    out = []
+    for i in chosen:
+        start = batch_calls[i - 1].get(name, 0) if i > 0 else 0
+        out.extend(calls[start : batch_calls[i].get(name, 0)])
+    return out

@@ -208,7 +208,12 @@ def check_targets(pruning_ratio: Any, target_flops: Any, target_params: Any, ite
 
 
 def check_options(
-    max_layer_ratio: Any, round_to: Any, covariance_rows: Any, stats_budget_bytes: Any, min_channels: Any = 1
+    max_layer_ratio: Any,
+    round_to: Any,
+    covariance_rows: Any,
+    stats_budget_bytes: Any,
+    min_channels: Any = 1,
+    bn_samples: Any = 0,
 ) -> None:
     """The numeric options of planning and reconstruction, by type and range: text, ``None``,
     ``True`` or a fraction where a count belongs raised a ``TypeError`` deep in planning or
@@ -223,6 +228,8 @@ def check_options(
         raise UserError(f"covariance_rows={covariance_rows!r} must be an integer: 0 (every position) or positive")
     if not _is_count(stats_budget_bytes) or stats_budget_bytes < 0:
         raise UserError(f"stats_budget_bytes={stats_budget_bytes!r} must be a whole number of bytes, 0 or more")
+    if not _is_count(bn_samples) or bn_samples < 0:
+        raise UserError(f"bn_samples={bn_samples!r} must be an integer: 0 (every calibration sample) or positive")
 
 
 def check_ranking(global_pruning: Any, isomorphic: Any) -> None:

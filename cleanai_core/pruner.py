@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cleanai_core import distributed, options, scoring
+from cleanai_core.bn_correction import BN_SAMPLES
 from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
 from cleanai_core.collect import Calibration, CalibrationSetup, calibrate
 from cleanai_core.compensation import compensated_copy
@@ -81,6 +82,10 @@ class StructuredPruner:
         first; the others (and layers above 4096 channels) fall back to mean compensation.
     :param recalibrate_bn: correct BatchNorm running statistics by what pruning changed at
         their inputs on the calibration data (:mod:`cleanai_core.bn_correction`).
+    :param bn_samples: the BatchNorm correction runs the pruned model on calibration batches
+        spread evenly over the data that hold at least this many samples (default 256;
+        ``0``: every batch). Its cost stops growing with the calibration set, which still
+        feeds every statistic of scoring and compensation.
     :param inplace: slice ``model`` itself (rolled back if anything fails).
     :param forward_fn: ``forward_fn(model, inputs)`` calls the model (default: by input type).
     :param output_transform: maps the model's output to what verification compares.
@@ -120,6 +125,7 @@ class StructuredPruner:
         verify: bool = True,
         stats_budget_bytes: int = COVARIANCE_BUDGET_BYTES,
         prune_dead_only: bool = False,
+        bn_samples: int = BN_SAMPLES,
     ) -> None:
         options.check_model(model)
         options.check_switches(
@@ -137,7 +143,7 @@ class StructuredPruner:
         importance = options.as_importance(importance)
         round_to = default_round_to(device_of(model)) if round_to == "auto" else round_to
         options.check_targets(pruning_ratio, target_flops, target_params, iterative_steps)
-        options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes, min_channels)
+        options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes, min_channels, bn_samples)
         options.check_ranking(global_pruning, isomorphic)
         if prune_dead_only and (target_flops is not None or target_params is not None or layer_pruning_ratios):
             raise UserError(  # they were ignored: the dead units alone set what goes
@@ -163,6 +169,7 @@ class StructuredPruner:
         self.reconstruction = reconstruction and bias_compensation
         self.covariance_rows, self.stats_budget_bytes = covariance_rows, stats_budget_bytes
         self.recalibrate_bn, self.inplace, self.verify = recalibrate_bn, inplace, verify
+        self.bn_samples = bn_samples
         self.forward_fn, self.output_transform = forward_fn, output_transform
         self.normalizer = scoring.get_normalizer(normalizer)
         self.prune_dead_only = prune_dead_only

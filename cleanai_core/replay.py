@@ -19,7 +19,7 @@ from cleanai_core.calibration import iterate
 from cleanai_core.errors import UserError
 from cleanai_core.runtime import same_layout
 
-__all__ = ["CACHE_BYTES", "CalibrationData"]
+__all__ = ["CACHE_BYTES", "CalibrationData", "samples_in", "spread"]
 
 #: the most bytes of calibration batches kept in memory
 CACHE_BYTES = 256 << 20
@@ -33,6 +33,8 @@ class CalibrationData:
         self.num_batches = num_batches
         self.budget = CACHE_BYTES if budget is None else budget
         self.batches: list[Any] | None = []
+        #: samples in each batch the first pass saw, kept or not (:func:`samples_in`)
+        self.sizes: list[int] = []
         self._bytes = 0
         #: how the batches' inputs are laid out for the model, in every pass over them: set
         #: by the first pass (:func:`~cleanai_core.runtime.channels_last_layout`), so the
@@ -41,6 +43,7 @@ class CalibrationData:
 
     def keep(self, batch: Any) -> None:
         """Remember ``batch`` (one the first pass saw) unless the budget is spent."""
+        self.sizes.append(samples_in(batch))
         if self.batches is None:
             return
         self._bytes += sum(t.numel() * t.element_size() for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor))
@@ -68,3 +71,25 @@ class CalibrationData:
                 f"in memory (over {self.budget >> 20} MiB): give a re-iterable loader such as a list or a DataLoader"
             )
         return iterate(self.loader, self.num_batches)
+
+
+def samples_in(batch: Any) -> int:
+    """The samples in one batch: the first dimension of its first tensor with one (1 for
+    a batch without)."""
+    return next((t.shape[0] for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
+
+
+def spread(sizes: list[int], samples: int | None) -> list[int] | None:
+    """Indices of batches (of ``sizes`` samples each) spread evenly over them that hold at
+    least ``samples`` samples together: the fewest batches, at evenly spaced positions, that
+    reach it, so a loader ordered by class still gives every part of the data. None
+    (all of them) where they hold no more, or ``samples`` is None or 0."""
+    total = sum(sizes)
+    if not samples or total <= samples:
+        return None
+    n = len(sizes)
+    for m in range(1, n + 1):
+        chosen = sorted({i * n // m for i in range(m)})
+        if sum(sizes[i] for i in chosen) >= samples:
+            return chosen if len(chosen) < n else None
+    return None

@@ -204,6 +204,9 @@ def prune_in_steps(pruner: Any) -> nn.Module:
         p.history.record(edits, before=current, after=pruned_model)
         if p.recalibrate_bn and p.calibration.data is not None:
             keep = {e.module: e.keep for e in edits}
-            correct_batchnorm_after(current, pruned_model, cal.moments, keep, cal.data, p.forward_fn, cal.samples)
+            correct_batchnorm_after(
+                current, pruned_model, cal.moments, keep, cal.data, p.forward_fn, cal.samples, cal.batch_calls,
+                p.bn_samples,
+            )  # fmt: skip
         current = pruned_model
     return current

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -326,3 +327,55 @@ def test_samples_within_the_budget_spare_the_original_a_second_run(monkeypatch):
     monkeypatch.setattr(bn_correction, "SAMPLE_BYTES", kept.bytes - 1)  # one byte short: runs again
     again = _original_runs(model, data)
     assert again == fits + len(data)
+
+
+def _bn_stats(model: nn.Module) -> list[torch.Tensor]:
+    return [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for t in (m.running_mean, m.running_var)]  # fmt: skip
+
+
+def _corrected(model: nn.Module, batches: list, bn_samples: int) -> nn.Module:
+    """Pruned by magnitude without compensation, so the plan and the slicing do not
+    depend on the data: only the BatchNorm correction reads it."""
+    pr = StructuredPruner(
+        model, torch.randn(2, 3, 8, 8), "magnitude", pruning_ratio=0.5, bias_compensation=False, bn_samples=bn_samples
+    )
+    pr.collect_activations(batches, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pr.prune()
+
+
+def test_spread_takes_the_fewest_batches_evenly_spaced():
+    assert replay.spread([4] * 6, 8) == [0, 3]
+    assert replay.spread([4] * 6, 9) == [0, 2, 4]
+    assert replay.spread([4] * 6, 24) is None and replay.spread([4] * 6, 0) is None
+    assert replay.spread([1, 1, 10, 1], 11) == [0, 2]  # sizes count, not batches
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_bn_samples_corrects_on_the_spread_batches_alone(cached, monkeypatch):
+    """With ``bn_samples`` below the calibration set, the correction equals one calibrated
+    on the chosen batches alone (0 and 3 of 6 here): the original's recorded moments and
+    paired samples of those batches are the ones used, also where the batches are not
+    kept and the loader is read again."""
+    if not cached:
+        monkeypatch.setattr(replay, "CACHE_BYTES", 0)
+    model = _trained()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 8, 8, generator=g) * (1 + i) for i in range(6)]
+    capped = _corrected(model, batches, bn_samples=8)
+    alone = _corrected(model, [batches[0], batches[3]], bn_samples=0)
+    every = _corrected(model, batches, bn_samples=0)
+    for a, b in zip(_bn_stats(capped), _bn_stats(alone), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    moved = max(float((a - b).abs().max()) for a, b in zip(_bn_stats(capped), _bn_stats(every), strict=True))
+    assert moved > 1e-3  # the other batches (scaled differently) would have changed it
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "64", True])
+def test_bn_samples_must_be_a_count(bad):
+    from cleanai_core.errors import UserError
+
+    with pytest.raises(UserError, match="bn_samples"):
+        StructuredPruner(_trained(), torch.randn(2, 3, 8, 8), bn_samples=bad)

@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 import torch
 
+from cleanai_core.bn_correction import BN_SAMPLES
 from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
 from cleanai_core.config_sources import ENV_PREFIX, PRESETS, env_options, preset_options, read_config_file
 from cleanai_core.errors import UserError
@@ -143,6 +144,9 @@ class PruneConfig:
                                  "others fold by the mean only", "pruning", type=int, metavar="MIB")  # fmt: skip
     sequential: bool = _opt(False, "calibrate block by block (decoder layers, ViT blocks): one block's activations "
                             "and hooks at a time", "pruning")  # fmt: skip
+    bn_samples: int = _opt(BN_SAMPLES, "calibration samples the BatchNorm correction reads, in batches spread over "
+                           "the data (default 256; 0 = all): its cost stops growing with the calibration set",
+                           "pruning", type=int, metavar="N")  # fmt: skip
     bn_recalibration: bool = _opt(True, "do not correct BatchNorm statistics after pruning", "pruning",
                                   "--no-recalibrate-bn")  # fmt: skip
     # data use
@@ -204,6 +208,7 @@ def pruner_options(cfg: dict[str, Any]) -> dict[str, Any]:
         "covariance_rows": int(cfg["covariance_rows"]),
         "stats_budget_bytes": int(cfg["stats_budget_mib"]) << 20,
         API_NAMES["bn_recalibration"]: bool(cfg.get("bn_recalibration")),
+        "bn_samples": int(cfg["bn_samples"]),
     }
 
 
@@ -445,6 +450,7 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
         _check_number(cfg, key, int, 1, None, lo_open=False)
     _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)
     _check_number(cfg, "stats_budget_mib", int, 0, None, lo_open=False)
+    _check_number(cfg, "bn_samples", int, 0, None, lo_open=False)
     _check_number(cfg, "recover_epochs", int, 0, None, lo_open=False)
     _check_number(cfg, "recover_lr", float, 0.0, None, lo_open=False)
     _check_number(cfg, "seed", int, -(2**63), 2**64, lo_open=False)  # what torch.Generator.manual_seed takes
