@@ -181,11 +181,20 @@ def criteria() -> dict:
 
 
 def prune_one(
-    model, example, cal_loader, crit, comp: str, target: float, global_pruning: bool = False, bn: bool | None = None
+    model,
+    example,
+    cal_loader,
+    crit,
+    comp: str,
+    target: float,
+    global_pruning: bool = False,
+    bn: bool | None = None,
+    bn_samples: int | None = None,
 ):
     """``comp``: "ls" (least-squares reconstruction + BN correction, the default),
     "mean" (mean/bias compensation + BN correction) or "off". ``bn`` overrides whether
-    the BN correction runs (default: with the compensation)."""
+    the BN correction runs (default: with the compensation); ``bn_samples``, how many
+    calibration samples it reads (default: the pruner's)."""
     pruner = StructuredPruner(
         model,
         example,
@@ -196,6 +205,7 @@ def prune_one(
         reconstruction=comp == "ls",
         recalibrate_bn=comp != "off" if bn is None else bn,
         global_pruning=global_pruning,
+        **({} if bn_samples is None else {"bn_samples": bn_samples}),
     )
     pruner.collect_activations(cal_loader, progress=False)
     with warnings.catch_warnings():
@@ -260,6 +270,41 @@ def bn_table(names, train_d, cal_d, ev_d) -> list[str]:
                 )
                 print(line, flush=True)
                 rows.append(line)
+    return rows
+
+
+def bn_samples_table(names, seeds: int, batch: int, caps: list[int]) -> list[str]:
+    """Mean accuracy over every model, compensation, FLOPs target and seed with the BN
+    correction reading ``caps`` calibration samples (``bn_samples``; the first cap is the
+    reference, e.g. 0 = all), in calibration batches of ``batch``: the mean difference to
+    the reference, its standard error over the paired cells, and cells ahead / behind."""
+    import statistics
+
+    cells: list[list[float]] = []
+    for seed in range(seeds):
+        train_d, cal_d, ev_d = load_data(seed)
+        cal_loader = DataLoader(TensorDataset(*cal_d), batch_size=batch)
+        for name in names:
+            model = train(name, train_d, seed=seed)
+            for comp in ("ls", "mean"):
+                for target in TARGETS:
+                    cells.append([
+                        accuracy(prune_one(model, cal_d[0][:2], cal_loader, criteria()["wa_mult"], comp, target,
+                                           bn_samples=cap), ev_d)
+                        for cap in caps
+                    ])  # fmt: skip
+                    print(seed, name, comp, target, cells[-1], flush=True)
+    rows = [
+        f"| samples read (batches of {batch}) | mean accuracy | vs {caps[0] or 'all'} (points) | standard error "
+        "| ahead | behind |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, cap in enumerate(caps):
+        diff = [100 * (c[i] - c[0]) for c in cells]
+        se = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
+        mean = statistics.mean(c[i] for c in cells)
+        ahead, behind = sum(d > 0 for d in diff), sum(d < 0 for d in diff)
+        rows.append(f"| {cap or 'all'} | {mean:.4f} | {statistics.mean(diff):+.2f} | {se:.2f} | {ahead} | {behind} |")
     return rows
 
 
@@ -430,6 +475,13 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--recovery", action="store_true", help="only the recovery table (issue 17)")
     ap.add_argument("--bn", action="store_true", help="only the BatchNorm table: correction, none, train mode (#14)")
+    ap.add_argument(
+        "--bn-samples",
+        default=None,
+        help="only the table of the BN correction's bn_samples: comma-separated counts, the first the reference "
+        "(e.g. 0,256,128,64,32; 0 = all), over --seeds seeds in calibration batches of --bn-batch",
+    )
+    ap.add_argument("--bn-batch", type=int, default=16, help="--bn-samples: calibration batch size")
     ap.add_argument("--epochs", type=int, default=10, help="--recovery: training epochs after pruning")
     ap.add_argument("--seeds", type=int, default=3, help="--recovery: seeds per cell (mean ± spread)")
     ap.add_argument("--lr", type=float, default=3e-3, help="--recovery: AdamW learning rate (default 3e-3)")
@@ -446,6 +498,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.time()
     train_d, cal_d, ev_d = load_data()
+    if args.bn_samples:
+        caps = [int(c) for c in args.bn_samples.split(",")]
+        names = [n for n in args.models.split(",") if n != "mlp"]
+        rows = bn_samples_table(names, args.seeds, args.bn_batch, caps)
+        meta = machine_line(t_start, f"{args.seeds} seeds; ")
+        print("\n".join([*rows, "", meta]))
+        write_table(Path(args.out), "\n".join([*rows, "", meta]), BN_SAMPLES_MARKERS)
+        return
     if args.bn:
         rows = bn_table([n for n in args.models.split(",") if n != "mlp"], train_d, cal_d, ev_d)
         meta = machine_line(t_start)
@@ -509,6 +569,7 @@ def main() -> None:
 START, END = "<!-- table:start -->", "<!-- table:end -->"
 RECOVERY_MARKERS = ("<!-- recovery:start -->", "<!-- recovery:end -->")
 BN_MARKERS = ("<!-- bn:start -->", "<!-- bn:end -->")
+BN_SAMPLES_MARKERS = ("<!-- bn-samples:start -->", "<!-- bn-samples:end -->")
 
 
 def write_table(path: Path, table: str, markers: tuple[str, str] = (START, END)) -> None:

@@ -18,7 +18,8 @@ Ratios (collection / inference, speed-ups) are medians of per-repeat ratios of r
 back to back, so a change in the machine's speed between phases cancels.
 
 The default path (activation statistics, compensation, BatchNorm correction) is timed stage
-by stage on four timm models (``--stages``, :mod:`stages`), with its ratios to plain inference.
+by stage on the seven benchmark models as timm builds them (``--stages``, :mod:`stages`; the
+issue's goals are on the first four), with its ratios to plain inference.
 
 Usage: ``python benchmarks/speed.py [--models resnet50,vit_small] [--stages resnet50] [--repeats 5]
 [--payoff-only] [--out docs/benchmarks.md]``
