@@ -379,3 +379,37 @@ def test_bn_samples_must_be_a_count(bad):
 
     with pytest.raises(UserError, match="bn_samples"):
         StructuredPruner(_trained(), torch.randn(2, 3, 8, 8), bn_samples=bad)
+
+
+class Repeats(nn.Module):
+    """A norm called once per batch of even size and twice per batch of odd size: the
+    calls of each batch are told apart by where the batch ended, not by division."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        for _ in range(1 + x.shape[0] % 2):
+            x = torch.relu(self.bn(self.conv(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_bn_samples_takes_the_chosen_batches_calls_where_calls_per_batch_vary():
+    torch.manual_seed(0)
+    model = Repeats().train()
+    with torch.no_grad():
+        for _ in range(10):
+            model(torch.randn(6, 3, 8, 8) * 2 + 0.5)
+    model.eval()
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(3 + i % 2, 3, 8, 8, generator=g) * (1 + i) for i in range(6)]  # 3, 4, 3, 4, 3, 4
+    chosen = replay.spread([b.shape[0] for b in batches], 7)
+    assert chosen == [0, 3]  # one batch of each kind: 2 calls, then 1
+    capped = _corrected(model, batches, bn_samples=7)
+    alone = _corrected(model, [batches[i] for i in chosen], bn_samples=0)
+    for a, b in zip(_bn_stats(capped), _bn_stats(alone), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
