@@ -106,8 +106,8 @@ def identity(call, ctx):
         return
     placed = False
     for out in call.outputs:
-        if out.shape == src.shape:
-            ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+        if out.shape == src.shape:  # a matrix's second label too (``self.proj.to(x.dtype)``)
+            ctx.set_label(out, lab.dim, lab.atoms, lab.origin, lab.cross if name not in _ACROSS else None)
             placed = True
     if not placed:
         ctx.freeze(lab.atoms, f"{ctx.where()} changes the shape")
@@ -198,7 +198,8 @@ def transpose(call, ctx):
         return
     a, b = arg(call, 1, "dim0") % src.ndim, arg(call, 2, "dim1") % src.ndim
     d = b if lab.dim == a else a if lab.dim == b else lab.dim
-    ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin)
+    cross = (1 - lab.cross[0], lab.cross[1]) if lab.cross is not None and src.ndim == 2 and a != b else lab.cross
+    ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin, cross)
 
 
 @table.register("t", "numpy_T")

@@ -5,8 +5,10 @@ being the width of their *input* (CaiT, CoaT, ConViT, CrossViT, DaViT, NesT, Twi
 VOLO, XCiT, Swin-V2-CR...) or reshape their output to ``(B, N, C)`` (GCViT, timm's latent
 attention pooling: ``(B, latent_len, C)``): the projection width must stay equal to the
 input width, so each such projection's input channels are coupled with each (q, k, v)
-part of its output channels. Recognised by an int ``num_heads`` and either no int
-``head_dim`` or such a reshape in ``forward``.
+part of its output channels. Recognised by an int ``num_heads`` and such a reshape in
+``forward``: a projection only 3x its input width by chance (TinyViT's per-head
+``qkv.view(B, N, heads, -1).split([key_dim, key_dim, val_dim])``) is not width-bound, and
+tying it so made its whole residual stream one unit.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ class TiedLinearPruner(LinearPruner):
         ctx.union(parts, ctx.slices[(name, "in")].atoms)
 
 
-_WIDTH_RE = re.compile(r"reshape\(\s*B_?,\s*(N|self\.latent_len),\s*C\s*\)|C // self\.(num_heads|groups)")
+_WIDTH_RE = re.compile(
+    r"reshape\(\s*B_?,\s*(N|self\.latent_len),\s*C\s*\)|C // self\.(num_heads|groups)", re.IGNORECASE
+)
 
 
 @functools.cache
@@ -89,7 +93,7 @@ def scan_width_attention(
         heads = getattr(module, _heads_attr(module), None)
         if not isinstance(heads, int) or heads < 1:
             continue
-        if isinstance(getattr(module, "head_dim", None), int) and not _reshapes_to_input_width(type(module)):
+        if not _reshapes_to_input_width(type(module)):
             continue
         found = {}
         for child in _PROJ_CHILDREN:
