@@ -101,6 +101,10 @@ class TraceContext:
         #: ``(owner, attribute, reason)`` of tensors read outside their claimed module that no
         #: pruner labelled: the owner's slices that cut them are frozen after tracing
         self.outside_reads: list[tuple[str, str, str]] = []
+        #: keys of unlabelled traced tensors that repeat one value along some dimensions (a
+        #: size-1 dimension expanded: ``F.normalize``'s ``norm(x, keepdim=True).expand_as(x)``),
+        #: with those dimensions: combined with channels there, they shrink with them
+        self.spread: dict[int, set[int]] = {}
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:

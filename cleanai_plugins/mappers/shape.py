@@ -245,9 +245,12 @@ def squeeze(call, ctx):
 def expand(call, ctx):
     src, out = call.args[0], call.outputs[0]
     lab = ctx.label_of(src)
-    if lab is None:
-        return
     shift = out.ndim - src.ndim
+    if lab is None:  # one value repeated along the grown dimensions: it may meet channels there
+        grown = {d for d in range(out.ndim) if out.shape[d] > 1 and (d < shift or src.shape[d - shift] == 1)}
+        if grown and isinstance(out, TRef) and isinstance(src, TRef):
+            ctx.spread[out.key] = grown | {d + shift for d in ctx.spread.get(src.key, ())}
+        return
     if src.shape[lab.dim] != out.shape[lab.dim + shift]:
         ctx.freeze(lab.atoms, f"{ctx.where()} broadcasts a single channel")
         if src.shape[lab.dim] == 1 and ctx.keeps_whole_heads():
@@ -306,9 +309,18 @@ def select(call, ctx):
             # shape): the picked channel and those after it stay, so it picks the same one
             ctx.freeze(lab.atoms[src.shape[dim] + index :], f"{ctx.where()} picks a channel counted from the end")
             return
+        _ask_inner_split(ctx, lab)
         ctx.freeze(lab.atoms, f"{ctx.where()} picks one channel by index")
         return
     ctx.set_label(out, lab.dim - (dim < lab.dim), lab.atoms, lab.origin)
+
+
+def _ask_inner_split(ctx, lab) -> None:
+    """Picking along a reshape split's kept part (q, k and v of ``(3, heads, head_dim)``
+    when the heads must stay whole and the three parts are tied): ask the kernel to keep
+    the part inside it instead."""
+    if lab.origin is not None and lab.origin[1] + 1 < len(lab.origin[2]):
+        ctx.request_split(lab.origin, lab.origin[1] + 1)
 
 
 @table.register("slice", "slice_copy", "narrow", "narrow_copy")
@@ -379,6 +391,7 @@ def unbind(call, ctx):
         return
     dim = arg(call, 1, "dim", 0) % src.ndim
     if dim == lab.dim:
+        _ask_inner_split(ctx, lab)
         ctx.freeze(lab.atoms, f"{ctx.where()} unbinds the channel dimension")
         return
     for o in call.outputs:

@@ -25,7 +25,7 @@ from cleanai_plugins.layers.linear import LinearPruner
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
 
-__all__ = ["TiedLinearPruner", "fix_width_attention", "scan_width_attention"]
+__all__ = ["TiedLinearPruner", "fix_width_attention", "mixes_heads", "scan_width_attention"]
 
 _PROJ_CHILDREN = ("qkv", "q", "k", "v", "qk", "kv", "wq", "wk", "wv", "q_proj", "k_proj", "v_proj")
 
@@ -81,6 +81,20 @@ def _heads_attr(module: nn.Module) -> str:
         if isinstance(module, nn.Module) and _heads_named_groups(type(module)):
             return "groups"
     return "num_heads"
+
+
+def mixes_heads(module: nn.Module) -> bool:
+    """A width-bound attention whose heads a linear layer mixes (CaiT's talking heads,
+    ``proj_l`` and ``proj_w`` over the heads): its heads must stay whole. Otherwise its
+    reshape keeps the head dimension (nothing asks for the heads), which, tied to the
+    input width, unites channel ``j`` of every head, while the class-attention blocks after
+    it keep whole heads: the two together made CaiT's whole stream one unit."""
+    heads = getattr(module, "num_heads", None)
+    if not isinstance(heads, int) or heads < 2 or not _reshapes_to_input_width(type(module)):
+        return False
+    return any(
+        isinstance(child, nn.Linear) and child.in_features == child.out_features == heads for child in module.children()
+    )
 
 
 def scan_width_attention(
