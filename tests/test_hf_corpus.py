@@ -255,6 +255,19 @@ def test_olmo_weightless_layer_norms_shrink_with_the_hidden_size(tmp_path):
     assert torch.equal(logits(small, inputs), logits(again, inputs))
 
 
+def test_led_decoder_heads_shrink_only_with_the_width_they_are_reshaped_to():
+    """LED's decoder attention reshapes its output to ``hidden_states.size()``'s width: its
+    heads were pruned alone and the pruned model failed to run (``shape '[1, 5, 64]' is
+    invalid``). Its query projection's output now goes with its input (the hidden size, which
+    the longformer encoder's heads keep), so the heads stay and the MLPs prune."""
+    model, inputs, _ = build("led")
+    graph = DependencyGraph(model, inputs)
+    q = "led.decoder.layers.0.self_attn.q_proj"
+    heads = next(g for g in graph.groups() if any(s.module == q and s.name == "out" for s in g.slices))
+    assert any(s.module == q and s.name == "in" for s in heads.slices) and heads.prunable == 0
+    assert check_oracle("led", "eager") < 1e-4
+
+
 def test_gpt2_conv1d_layers_prune():
     model, inputs, _ = build("gpt2")
     small, _ = prune_uniform(model, inputs)
