@@ -35,7 +35,7 @@ def structure(graph: DependencyGraph) -> list[tuple]:
     return sorted((tuple(sorted(f"{s.module}:{s.name}" for s in g.slices)), g.size, g.prunable) for g in graph.groups())
 
 
-QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "query_proj", "c_attn", "query_key_value", "qkv_proj", "in_proj")
+QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "query_proj", "c_attn", "query_key_value", "qkv_proj", "in_proj", "Wqkv")
 
 
 def reload_keeps(model) -> list[str]:
@@ -161,7 +161,7 @@ def test_mlp_width_is_written_to_the_family_config_key(name, keys, tmp_path):
     ``Wi``), wrote to the wrong key (Qwen-MoE's experts into ``intermediate_size``, the
     dense MLP's key; the shared expert nowhere) or could not write (DINOv2's
     ``mlp_ratio``): each reloaded only through ``load_pruned``, said to have no key."""
-    before, after, small = check_reload(name, tmp_path, keep_heads=name == "gpt-j")
+    before, after, small = check_reload(name, tmp_path, keep_heads=name in ("gpt-j", "modernbert"))
     assert {k: getattr(small.config, k) for k in keys} == keys
     assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert torch.equal(before, after)
