@@ -35,7 +35,18 @@ def structure(graph: DependencyGraph) -> list[tuple]:
     return sorted((tuple(sorted(f"{s.module}:{s.name}" for s in g.slices)), g.size, g.prunable) for g in graph.groups())
 
 
-QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "query_proj", "c_attn", "query_key_value", "qkv_proj", "in_proj", "Wqkv")
+QUERY_NAMES = (
+    "q_proj",
+    "query",
+    "q",
+    "q_lin",
+    "query_proj",
+    "c_attn",
+    "query_key_value",
+    "qkv_proj",
+    "in_proj",
+    "Wqkv",
+)
 
 
 def reload_keeps(model) -> list[str]:
