@@ -27,6 +27,7 @@ from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.graph.groups import Group
 from cleanai_core.model_state import copy_model
 from cleanai_core.plugins import get_plugin_manager
+from cleanai_core.slicing import get_submodule_and_attr
 
 __all__ = [
     "ScoringContext",
@@ -151,8 +152,8 @@ class ScoringContext:
 
 
 def _get_tensor(model: nn.Module, qualified: str) -> torch.Tensor:
-    owner, _, attr = qualified.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, attr)
+    owner, attr = get_submodule_and_attr(model, qualified)
+    return getattr(owner, attr)
 
 
 def mean_normalized(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import attrs
 import torch
 from torch import nn
 
+from cleanai_core.graph.context import tensor_name
 from cleanai_core.graph.dependency import resolve_modules
 from cleanai_core.graph.findings import ModelFindings, prepare_model
 from cleanai_core.interfaces import replace_param
@@ -53,7 +54,9 @@ class SliceEdit:
 
 
 def get_submodule_and_attr(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
-    owner, _, attr = qualified.rpartition(".")
+    """The module holding a bare tensor and its attribute name; ``qualified`` may be the
+    name of the tensor's second slice (``"proj#0"``, :data:`~cleanai_core.graph.context.CROSS_MARK`)."""
+    owner, _, attr = tensor_name(qualified).rpartition(".")
     return (model.get_submodule(owner) if owner else model), attr
 
 

@@ -357,6 +357,18 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         _make("M2M100ForConditionalGeneration", "M2M100Config", _seq2seq_inputs, **BART),
         "seq2seq",
     ),
+    "led": (  # longformer encoder (local window of 4); its decoder attention reshapes to its input width
+        _make(
+            "LEDForConditionalGeneration",
+            "LEDConfig",
+            _seq2seq_inputs,
+            **{k: v for k, v in BART.items() if k != "max_position_embeddings"},
+            max_encoder_position_embeddings=64,
+            max_decoder_position_embeddings=64,
+            attention_window=4,
+        ),
+        "seq2seq",
+    ),
     "pegasus": (_make("PegasusForConditionalGeneration", "PegasusConfig", _seq2seq_inputs, **BART), "seq2seq"),
     "marian": (_make("MarianMTModel", "MarianConfig", _seq2seq_inputs, **BART), "seq2seq"),
     "mt5": (

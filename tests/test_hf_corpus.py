@@ -35,7 +35,18 @@ def structure(graph: DependencyGraph) -> list[tuple]:
     return sorted((tuple(sorted(f"{s.module}:{s.name}" for s in g.slices)), g.size, g.prunable) for g in graph.groups())
 
 
-QUERY_NAMES = ("q_proj", "query", "q", "q_lin", "query_proj", "c_attn", "query_key_value", "qkv_proj", "in_proj")
+QUERY_NAMES = (
+    "q_proj",
+    "query",
+    "q",
+    "q_lin",
+    "query_proj",
+    "c_attn",
+    "query_key_value",
+    "qkv_proj",
+    "in_proj",
+    "Wqkv",
+)
 
 
 def reload_keeps(model) -> list[str]:
@@ -161,7 +172,7 @@ def test_mlp_width_is_written_to_the_family_config_key(name, keys, tmp_path):
     ``Wi``), wrote to the wrong key (Qwen-MoE's experts into ``intermediate_size``, the
     dense MLP's key; the shared expert nowhere) or could not write (DINOv2's
     ``mlp_ratio``): each reloaded only through ``load_pruned``, said to have no key."""
-    before, after, small = check_reload(name, tmp_path, keep_heads=name == "gpt-j")
+    before, after, small = check_reload(name, tmp_path, keep_heads=name in ("gpt-j", "modernbert"))
     assert {k: getattr(small.config, k) for k in keys} == keys
     assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert torch.equal(before, after)
@@ -253,6 +264,19 @@ def test_olmo_weightless_layer_norms_shrink_with_the_hidden_size(tmp_path):
     again = type(small).from_pretrained(tmp_path).eval()
     assert logits(small, inputs).shape == (1, 8, 100)
     assert torch.equal(logits(small, inputs), logits(again, inputs))
+
+
+def test_led_decoder_heads_shrink_only_with_the_width_they_are_reshaped_to():
+    """LED's decoder attention reshapes its output to ``hidden_states.size()``'s width: its
+    heads were pruned alone and the pruned model failed to run (``shape '[1, 5, 64]' is
+    invalid``). Its query projection's output now goes with its input (the hidden size, which
+    the longformer encoder's heads keep), so the heads stay and the MLPs prune."""
+    model, inputs, _ = build("led")
+    graph = DependencyGraph(model, inputs)
+    q = "led.decoder.layers.0.self_attn.q_proj"
+    heads = next(g for g in graph.groups() if any(s.module == q and s.name == "out" for s in g.slices))
+    assert any(s.module == q and s.name == "in" for s in heads.slices) and heads.prunable == 0
+    assert check_oracle("led", "eager") < 1e-4
 
 
 def test_gpt2_conv1d_layers_prune():

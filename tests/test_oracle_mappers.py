@@ -172,3 +172,29 @@ def test_new_zeros_carries_no_channels():
     r = oracle(NewZerosMask(), torch.randn(2, 3, 6, 6))
     assert group_of(r.graph, "conv1", "out").prunable == 8
     assert r.small.conv1.out_channels == 4 and r.small.conv2.in_channels == 4
+
+
+def test_channels_divided_by_their_norm_shrink():
+    """``F.normalize`` divides by ``norm(x, keepdim=True).expand_as(x)``: one value repeated
+    along the channels, which shrinks with them (zeroed channels do not change a norm)."""
+    m = Fn(lambda s, x: s.c(F.normalize(s.a(x), dim=1)), a=conv(3, 6), c=conv(6, 2))
+    r = oracle(m, X)
+    assert (group_of(r.graph, "a", "out").size, group_of(r.graph, "a", "out").prunable) == (6, 6)
+    assert r.small.a.out_channels == 3 and r.small.c.in_channels == 3
+
+
+def _group_std(h, size=4):
+    """EvoNorm-S's ``group_std``, with the group size fixed (the group count follows)."""
+    b, c, hh, ww = h.shape
+    std = h.reshape(b, -1, size, hh, ww).var(dim=(2, 3, 4), unbiased=False, keepdim=True).add(1e-5).sqrt()
+    return std.expand(b, c // size, size, hh, ww).reshape(b, c, hh, ww)
+
+
+def test_a_variance_over_channel_groups_prunes_whole_groups():
+    """The variance runs over the inner part of a ``(groups, size)`` split: the kernel traces
+    again keeping the groups, so whole groups go (they were all frozen)."""
+    m = Fn(lambda s, x: s.c(s.a(x) / _group_std(s.a(x))), a=conv(3, 12), c=conv(12, 2))
+    r = oracle(m, X)
+    group = group_of(r.graph, "a", "out")
+    assert (group.size, group.prunable) == (3, 3)  # 3 groups of 4 channels
+    assert r.small.a.out_channels in (4, 8) and r.small.c.in_channels == r.small.a.out_channels

@@ -5,6 +5,7 @@ See ``layer_oracle.py`` for what the oracle checks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from layer_oracle import group_of, oracle, seq
 from test_oracle_mappers import X
@@ -70,3 +71,67 @@ def test_layer_scale_shaped_for_nchw_follows_channels():
     assert r.small.gamma.shape == (4, 1, 1) and r.small.stem.out_channels == 4
     # stem 3*8*9+8, conv 8*8*9+8, gamma 8, head 8*4+4 -> half of the 8 channels kept
     assert (r.before, r.after) == (852, 3 * 4 * 9 + 4 + 4 * 4 * 9 + 4 + 4 + 4 * 4 + 4)
+
+
+# -- a bare 2-D parameter used as a matrix ------------------------------------------------------
+class BareMatrixNet(nn.Module):
+    """A hidden layer of 16 channels read by a bare 2-D parameter used as a matrix, in one
+    of the ways models write it; 12 output columns then a linear head."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.fc = nn.Linear(6, 16)
+        shape = (12, 16) if form in ("linear", "left") else (16, 12)
+        self.proj = nn.Parameter(torch.randn(shape))
+        self.bias = nn.Parameter(torch.randn(12)) if form == "linear" else None
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.form == "at":
+            y = h @ self.proj
+        elif self.form == "linear":
+            y = nn.functional.linear(h, self.proj, self.bias)
+        elif self.form == "matmul3d":
+            y = torch.matmul(h.unsqueeze(1).expand(-1, 5, -1), self.proj.to(h.dtype)).mean(1)
+        else:  # "left": columns of the matrix contract
+            y = (self.proj @ h.T).T
+        return self.head(torch.relu(y))
+
+
+@pytest.mark.parametrize("form", ["at", "linear", "matmul3d", "left"])
+def test_a_bare_matrix_shrinks_along_both_of_its_dimensions(form):
+    torch.manual_seed(0)
+    r = oracle(BareMatrixNet(form), torch.randn(4, 6))
+    contracted, columns = (1, 0) if form in ("linear", "left") else (0, 1)
+    assert r.small.fc.out_features == 8 and r.small.proj.shape[contracted] == 8
+    assert r.small.proj.shape[columns] == 6 and r.small.head.in_features == 6
+    assert r.after == (6 * 8 + 8) + 8 * 6 + (6 if form == "linear" else 0) + (3 * 6 + 3)
+
+
+def test_a_bare_matrix_read_also_element_wise_keeps_its_rows():
+    """``x @ W`` contracts the rows, ``+ W.sum(1)`` reads them uncontracted: they stay."""
+
+    class Net(BareMatrixNet):
+        def forward(self, x):
+            h = self.fc(x)
+            return self.head(torch.relu(h @ self.proj)) + self.proj.sum(1)[:3]
+
+    r = oracle(Net("at"), torch.randn(4, 6), must_prune=False)
+    assert r.small.proj.shape[0] == 16 and r.small.fc.out_features == 16
+
+
+def test_a_pruned_bare_matrix_replays_from_its_history():
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    model, x = BareMatrixNet("at").eval(), torch.randn(8, 6)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    pruner.collect_activations([x])
+    small = pruner.prune()
+    assert small.proj.shape == (8, 6) and model.proj.shape == (16, 12)
+    again = type(pruner.history).from_json(pruner.history.to_json()).replay(BareMatrixNet("at"))
+    assert again.proj.shape == (8, 6) and again.fc.out_features == 8
+    again.load_state_dict(small.state_dict())
+    torch.testing.assert_close(again(x), small(x))

@@ -694,11 +694,11 @@ def test_bare_parameters_in_forward_follow_the_channels_they_meet():
     y = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     _exact(_seeded(BareMatrix), y)
     small = _prune(_seeded(BareMatrix), y)
-    assert (small.proj.shape, small.scale.shape, small.fc2.in_features) == ((16, 6), (6,), 6)
-    # the matrix's rows meet fc1's channels in a contraction a bare tensor cannot follow on both sides
+    # the matrix's rows shrink with fc1's channels (they froze before 2026-12-02), its columns with fc2's
+    assert (small.proj.shape, small.scale.shape, small.fc2.in_features) == ((8, 6), (6,), 6)
     graph = DependencyGraph(_seeded(BareMatrix), y)
-    assert any("contracts channels with a tensor that cannot shrink" in r for r in _group(graph, "fc1").reasons)
-    assert small.fc1.out_features == 16
+    assert (_group(graph, "fc1").size, _group(graph, "fc1").prunable) == (16, 16)
+    assert small.fc1.out_features == 8
 
 
 def test_a_one_channel_gate_stays_while_the_features_it_gates_shrink():

@@ -25,7 +25,16 @@ import torch
 from cleanai_core.graph.findings import ModelFindings
 from cleanai_core.graph.trace import TRef
 
-__all__ = ["Label", "SliceSpec", "TraceContext"]
+__all__ = ["CROSS_MARK", "Label", "SliceSpec", "TraceContext", "tensor_name"]
+
+#: a bare 2-D tensor used as a matrix (``x @ self.proj``) shrinks along both dimensions:
+#: its second slice is named ``"<tensor>#<dim>"`` (the first one keeps the tensor's name)
+CROSS_MARK = "#"
+
+
+def tensor_name(slice_name: str) -> str:
+    """The qualified tensor name of a bare tensor's slice (``"proj#0"`` -> ``"proj"``)."""
+    return slice_name.partition(CROSS_MARK)[0]
 
 
 @attrs.define(slots=True)
@@ -78,6 +87,9 @@ class TraceContext:
         self.owners: dict[str, tuple[Any, Any]] = {}  # claimed module name -> (module, pruner)
         self._cross: list[tuple[torch.Tensor, str]] = []  # second labels handed out, with their tensor
         self._cross_taken: set[int] = set()
+        #: a bare matrix's second labels, by ``id``: (tensor name, dimension), bound as a slice when taken
+        self._bare_cross: dict[int, tuple[str, int]] = {}
+        self._cross_used: set[int] = set()  # second labels the event being traced took or passed on
         self.modules: dict[str, Any] = {}  # the model's modules by name (see scope_module)
         #: what ``cleanai_prepare_model`` found in the traced model (see graph/findings.py)
         self.findings: ModelFindings = findings if findings is not None else ModelFindings()
@@ -89,6 +101,10 @@ class TraceContext:
         #: ``(owner, attribute, reason)`` of tensors read outside their claimed module that no
         #: pruner labelled: the owner's slices that cut them are frozen after tracing
         self.outside_reads: list[tuple[str, str, str]] = []
+        #: keys of unlabelled traced tensors that repeat one value along some dimensions (a
+        #: size-1 dimension expanded: ``F.normalize``'s ``norm(x, keepdim=True).expand_as(x)``),
+        #: with those dimensions: combined with channels there, they shrink with them
+        self.spread: dict[int, set[int]] = {}
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
@@ -165,17 +181,28 @@ class TraceContext:
         if cross is not None and ref.shape[cross[0] % ref.ndim] != cross[1].numel():
             raise ValueError(f"{self.where()}: cross label of {cross[1].numel()} atoms for shape {ref.shape}")
         self._labels[ref.key] = Label(dim, atoms, origin, cross)
+        if cross is not None:
+            self._cross_used.add(id(cross[1]))
 
     def take_cross(self, lab: Label) -> torch.Tensor:
         """The atoms of ``lab``'s second labelled dimension, for a mapper that couples them
         (a matrix product contracting them); those nobody takes are frozen after tracing."""
         assert lab.cross is not None
-        self._cross_taken.add(id(lab.cross[1]))
-        return lab.cross[1]
+        atoms = lab.cross[1]
+        self._cross_taken.add(id(atoms))
+        self._cross_used.add(id(atoms))
+        bare = self._bare_cross.get(id(atoms))
+        if bare is not None:
+            self.bind("", f"{bare[0]}{CROSS_MARK}{bare[1]}", atoms, "param", dim=bare[1])
+        return atoms
 
     def freeze_untaken_cross(self) -> None:
         for atoms, param in self._cross:
             if id(atoms) not in self._cross_taken:
+                bare = self._bare_cross.get(id(atoms))
+                spec = self.slices.get(("", f"{bare[0]}{CROSS_MARK}{bare[1]}")) if bare is not None else None
+                if spec is not None:  # another read contracted it: this one keeps it whole
+                    self.union(spec.atoms, atoms)
                 self.freeze(atoms, f"the second dimension of {param} reaches an operation that does not contract it")
 
     def copy_label(self, src: Any, dst: Any, dim_shift: int = 0) -> None:
@@ -225,9 +252,12 @@ class TraceContext:
                     self._cross.append((lab.cross[1], ref.param))
                 self._labels[ref.key] = lab
                 return lab
+        cross = None
         if dim is None:
             big = [i for i, s in enumerate(ref.shape) if s > 1]
             dim = big[0] if len(big) == 1 else len(ref.shape) - 1
+            if len(big) == 2 and ref.ndim == 2:  # a matrix (``x @ self.proj``): rows may shrink too
+                cross = (0, self.new_atoms(ref.shape[0]))
         dim = int(dim) % len(ref.shape)
         key = ("", ref.param)
         atoms = self.produce("", ref.param, ref.shape[dim], dim=dim)
@@ -237,7 +267,11 @@ class TraceContext:
             why = f"{ref.param} is used outside its module {owner}, which a plugin claims"
             self.freeze(atoms, why)
             self.outside_reads.append((owner, ref.param[len(owner) + 1 :] if owner else ref.param, why))
-        lab = Label(dim, atoms)
+            cross = None
+        if cross is not None:  # fresh per read; a slice only once a matrix product contracts it
+            self._bare_cross[id(cross[1])] = (ref.param, 0)
+            self._cross.append((cross[1], ref.param))
+        lab = Label(dim, atoms, cross=cross)
         self._labels[ref.key] = lab
         return lab
 
@@ -264,12 +298,19 @@ class TraceContext:
     def begin(self, event: Any) -> None:
         self.event = event
         self._consumed = set()
+        self._cross_used = set()
 
     def end(self, event: Any) -> None:
-        """Freeze labelled inputs the handler never looked at."""
+        """Freeze labelled inputs the handler never looked at, and the second labelled
+        dimension of an input that the handler neither contracted nor passed on."""
         for ref in event.inputs:
-            if ref.key not in self._consumed and ref.key in self._labels:
-                self.freeze(self._labels[ref.key].atoms, f"channels reach {self.where()}, which ignored them")
+            lab = self._labels.get(ref.key)
+            if lab is None:
+                continue
+            if ref.key not in self._consumed:
+                self.freeze(lab.atoms, f"channels reach {self.where()}, which ignored them")
+            if lab.cross is not None and id(lab.cross[1]) not in self._cross_used:
+                self.freeze(lab.cross[1], f"the second dimension of a matrix reaches {self.where()}, which ignored it")
 
     @property
     def unions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

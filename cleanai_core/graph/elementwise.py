@@ -65,7 +65,7 @@ def broadcast(ctx: TraceContext, inputs: list[Any], out: Any) -> None:
         if any(rr is r and d == dim for d, _, rr in labelled):
             continue
         local = dim - (nd - r.ndim)
-        if local >= 0 and r.shape[local] > 1:
+        if local >= 0 and r.shape[local] > 1 and local not in ctx.spread.get(r.key, ()):
             ctx.freeze(first.atoms, f"{ctx.where()} combines channels with a tensor that cannot shrink")
     if out.shape[dim] == first.atoms.numel():
         ctx.set_label(out, dim, first.atoms, first.origin)

@@ -101,12 +101,18 @@ def group_norm(call, ctx):
 _MASK_INVARIANT = {"sum", "nansum", "norm", "linalg_vector_norm", "any", "count_nonzero"}
 
 
-def _reduce_channels(call, ctx, lab, name) -> None:
+def _reduce_channels(call, ctx, lab, name, dims: list[int] | None = None) -> None:
     """A reduction across the channels: the label is dropped when zeroed channels do not
     change the result (a sum over fewer channels); otherwise (mean, max, var...) the
-    result depends on how many channels there are, so they are frozen."""
-    if name not in _MASK_INVARIANT:
-        ctx.freeze(lab.atoms, f"{ctx.where()}: {name} across channels depends on their number")
+    result depends on how many channels there are, so they are frozen. When the label
+    came from a reshape split whose outer part is not reduced (timm EvoNorm-S
+    ``x.reshape(B, groups, C // groups, H, W).var(dim=(2, 3, 4))``), the kernel is asked
+    to trace again with the outer part carrying the channels: whole groups then go."""
+    if name in _MASK_INVARIANT:
+        return
+    if dims is not None and lab.origin is not None and lab.origin[1] > 0 and lab.dim - 1 not in dims:
+        ctx.request_split(lab.origin, lab.origin[1] - 1)
+    ctx.freeze(lab.atoms, f"{ctx.where()}: {name} across channels depends on their number")
 
 
 @table.register(
@@ -156,7 +162,7 @@ def reduce(call, ctx):
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [x % src.ndim for x in dims]
     if lab.dim in dims:
-        _reduce_channels(call, ctx, lab, name)
+        _reduce_channels(call, ctx, lab, name, dims)
         return
     d = lab.dim if keep is True else lab.dim - sum(x < lab.dim for x in dims)
     for out in call.outputs:

@@ -106,8 +106,8 @@ def identity(call, ctx):
         return
     placed = False
     for out in call.outputs:
-        if out.shape == src.shape:
-            ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+        if out.shape == src.shape:  # a matrix's second label too (``self.proj.to(x.dtype)``)
+            ctx.set_label(out, lab.dim, lab.atoms, lab.origin, lab.cross if name not in _ACROSS else None)
             placed = True
     if not placed:
         ctx.freeze(lab.atoms, f"{ctx.where()} changes the shape")
@@ -198,7 +198,8 @@ def transpose(call, ctx):
         return
     a, b = arg(call, 1, "dim0") % src.ndim, arg(call, 2, "dim1") % src.ndim
     d = b if lab.dim == a else a if lab.dim == b else lab.dim
-    ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin)
+    cross = (1 - lab.cross[0], lab.cross[1]) if lab.cross is not None and src.ndim == 2 and a != b else lab.cross
+    ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin, cross)
 
 
 @table.register("t", "numpy_T")
@@ -244,9 +245,12 @@ def squeeze(call, ctx):
 def expand(call, ctx):
     src, out = call.args[0], call.outputs[0]
     lab = ctx.label_of(src)
-    if lab is None:
-        return
     shift = out.ndim - src.ndim
+    if lab is None:  # one value repeated along the grown dimensions: it may meet channels there
+        grown = {d for d in range(out.ndim) if out.shape[d] > 1 and (d < shift or src.shape[d - shift] == 1)}
+        if grown and isinstance(out, TRef) and isinstance(src, TRef):
+            ctx.spread[out.key] = grown | {d + shift for d in ctx.spread.get(src.key, ())}
+        return
     if src.shape[lab.dim] != out.shape[lab.dim + shift]:
         ctx.freeze(lab.atoms, f"{ctx.where()} broadcasts a single channel")
         if src.shape[lab.dim] == 1 and ctx.keeps_whole_heads():
@@ -305,9 +309,18 @@ def select(call, ctx):
             # shape): the picked channel and those after it stay, so it picks the same one
             ctx.freeze(lab.atoms[src.shape[dim] + index :], f"{ctx.where()} picks a channel counted from the end")
             return
+        _ask_inner_split(ctx, lab)
         ctx.freeze(lab.atoms, f"{ctx.where()} picks one channel by index")
         return
     ctx.set_label(out, lab.dim - (dim < lab.dim), lab.atoms, lab.origin)
+
+
+def _ask_inner_split(ctx, lab) -> None:
+    """Picking along a reshape split's kept part (q, k and v of ``(3, heads, head_dim)``
+    when the heads must stay whole and the three parts are tied): ask the kernel to keep
+    the part inside it instead."""
+    if lab.origin is not None and lab.origin[1] + 1 < len(lab.origin[2]):
+        ctx.request_split(lab.origin, lab.origin[1] + 1)
 
 
 @table.register("slice", "slice_copy", "narrow", "narrow_copy")
@@ -378,6 +391,7 @@ def unbind(call, ctx):
         return
     dim = arg(call, 1, "dim", 0) % src.ndim
     if dim == lab.dim:
+        _ask_inner_split(ctx, lab)
         ctx.freeze(lab.atoms, f"{ctx.where()} unbinds the channel dimension")
         return
     for o in call.outputs:

@@ -43,7 +43,7 @@ from cleanai_plugins.zoo.timm.blocks import (
 )
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
-from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner, fix_width_attention
+from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner, fix_width_attention, mixes_heads
 from cleanai_plugins.zoo.timm.widths import fix_scale_shape, fix_split_widths
 
 __all__ = ["FIXUPS"]
@@ -73,6 +73,11 @@ FIXUPS = (
 def cleanai_prepare_model(model):
     scan = scan_model(model)
     return {KEY: scan, **allow_channel_ranges(*scan.dual_path, *scan.conv_rel_pos)}
+
+
+@hookimpl
+def cleanai_whole_heads(model):
+    return [m for m in model.modules() if mixes_heads(m)] or None
 
 
 @hookimpl

@@ -5,8 +5,10 @@ being the width of their *input* (CaiT, CoaT, ConViT, CrossViT, DaViT, NesT, Twi
 VOLO, XCiT, Swin-V2-CR...) or reshape their output to ``(B, N, C)`` (GCViT, timm's latent
 attention pooling: ``(B, latent_len, C)``): the projection width must stay equal to the
 input width, so each such projection's input channels are coupled with each (q, k, v)
-part of its output channels. Recognised by an int ``num_heads`` and either no int
-``head_dim`` or such a reshape in ``forward``.
+part of its output channels. Recognised by an int ``num_heads`` and such a reshape in
+``forward``: a projection only 3x its input width by chance (TinyViT's per-head
+``qkv.view(B, N, heads, -1).split([key_dim, key_dim, val_dim])``) is not width-bound, and
+tying it so made its whole residual stream one unit.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from cleanai_plugins.layers.linear import LinearPruner
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
 
-__all__ = ["TiedLinearPruner", "fix_width_attention", "scan_width_attention"]
+__all__ = ["TiedLinearPruner", "fix_width_attention", "mixes_heads", "scan_width_attention"]
 
 _PROJ_CHILDREN = ("qkv", "q", "k", "v", "qk", "kv", "wq", "wk", "wv", "q_proj", "k_proj", "v_proj")
 
@@ -50,7 +52,9 @@ class TiedLinearPruner(LinearPruner):
         ctx.union(parts, ctx.slices[(name, "in")].atoms)
 
 
-_WIDTH_RE = re.compile(r"reshape\(\s*B_?,\s*(N|self\.latent_len),\s*C\s*\)|C // self\.(num_heads|groups)")
+_WIDTH_RE = re.compile(
+    r"reshape\(\s*B_?,\s*(N|self\.latent_len),\s*C\s*\)|C // self\.(num_heads|groups)", re.IGNORECASE
+)
 
 
 @functools.cache
@@ -79,6 +83,20 @@ def _heads_attr(module: nn.Module) -> str:
     return "num_heads"
 
 
+def mixes_heads(module: nn.Module) -> bool:
+    """A width-bound attention whose heads a linear layer mixes (CaiT's talking heads,
+    ``proj_l`` and ``proj_w`` over the heads): its heads must stay whole. Otherwise its
+    reshape keeps the head dimension (nothing asks for the heads), which, tied to the
+    input width, unites channel ``j`` of every head, while the class-attention blocks after
+    it keep whole heads: the two together made CaiT's whole stream one unit."""
+    heads = getattr(module, "num_heads", None)
+    if not isinstance(heads, int) or heads < 2 or not _reshapes_to_input_width(type(module)):
+        return False
+    return any(
+        isinstance(child, nn.Linear) and child.in_features == child.out_features == heads for child in module.children()
+    )
+
+
 def scan_width_attention(
     modules: list[nn.Module],
 ) -> tuple[dict[nn.Module, dict[str, tuple[int, int]]], dict[nn.Module, int], dict[nn.Module, tuple[int, int]]]:
@@ -89,7 +107,7 @@ def scan_width_attention(
         heads = getattr(module, _heads_attr(module), None)
         if not isinstance(heads, int) or heads < 1:
             continue
-        if isinstance(getattr(module, "head_dim", None), int) and not _reshapes_to_input_width(type(module)):
+        if not _reshapes_to_input_width(type(module)):
             continue
         found = {}
         for child in _PROJ_CHILDREN:

@@ -39,8 +39,15 @@ from cleanai_plugins.layers.norm import LayerNormPruner, RMSNormPruner
 from cleanai_plugins.mappers.gqa import GQA_QUERY_HEADS
 from cleanai_plugins.mappers.matmul import slices_head_inputs
 from cleanai_plugins.mappers.shape import allow_channel_ranges
+from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner
 from cleanai_plugins.zoo.transformers.alibi import fix_alibi_heads, is_alibi_attention
-from cleanai_plugins.zoo.transformers.attention import fix_attention, has_fused_mqa, has_fused_qkv, is_attention
+from cleanai_plugins.zoo.transformers.attention import (
+    fix_attention,
+    has_fused_mqa,
+    has_fused_qkv,
+    input_width_query,
+    is_attention,
+)
 from cleanai_plugins.zoo.transformers.bias import undeclarable
 from cleanai_plugins.zoo.transformers.config import fix_config
 from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
@@ -48,6 +55,11 @@ from cleanai_plugins.zoo.transformers.experts import ExpertsPruner, is_experts
 from cleanai_plugins.zoo.transformers.fills import FILLS, HeadsFill
 
 __all__ = ["Conv1DPruner", "is_rms_norm", "is_weightless_layer_norm"]
+
+#: model findings key: query projections of attention modules that reshape their output to
+#: their input's width (LED's decoder attention): claimed by a pruner that ties their output
+#: channels to their input channels
+INPUT_WIDTH_QUERIES = "input_width_queries"
 
 
 def is_rms_norm(module) -> bool:
@@ -104,10 +116,12 @@ def cleanai_prepare_model(model):
     fused = [m for m in model.modules() if is_attention(m) and (has_fused_qkv(m) or has_fused_mqa(m))]
     bare = [m for _, hf in outermost(model, PreTrainedModel) for m in undeclarable(hf)]
     alibi = [m for m in model.modules() if is_alibi_attention(m)]
+    tied = {q for q in map(input_width_query, model.modules()) if q is not None}
     found = {
         **(allow_channel_ranges(*fused) if fused else {}),
         **(no_new_bias(*bare) if bare else {}),
         **(slices_head_inputs(*alibi) if alibi else {}),
+        **({INPUT_WIDTH_QUERIES: tied} if tied else {}),
     }
     return found or None
 
@@ -130,8 +144,10 @@ def cleanai_after_prune(module, name, edits, findings=None):
             fix_config(model)
 
 
-@hookimpl(trylast=True)
-def cleanai_layer_pruner(module):
+@hookimpl  # not trylast: a query projection bound to its input width goes before the plain linear pruner
+def cleanai_layer_pruner(module, findings=None):
+    if module in (findings or {}).get(INPUT_WIDTH_QUERIES, ()):
+        return TiedLinearPruner(1)
     if Conv1D is not None and isinstance(module, Conv1D):
         return Conv1DPruner()
     if is_rms_norm(module):

@@ -11,11 +11,16 @@ gives the same answer however often it runs.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import re
+
 from torch import nn
 
 __all__ = [
     "INPUT_PROJS",
     "fix_attention",
+    "input_width_query",
     "has_fused_mqa",
     "has_fused_qkv",
     "head_counts",
@@ -76,6 +81,35 @@ def _per_head_fused(module: nn.Module) -> bool:
         and getattr(module, "multi_query", False) is not True
         and getattr(module, "new_decoder_architecture", False) is not True
     )
+
+
+_INPUT_WIDTH = re.compile(r"\w+\s*,\s*\w+\s*,\s*(\w+)\s*=\s*hidden_states\.(?:size\(\)|shape)")
+
+
+@functools.cache
+def _reshapes_to_input_width(cls: type) -> bool:
+    """``forward`` reads the width of ``hidden_states`` (``bsz, tgt_len, embed_dim =
+    hidden_states.size()``) and reshapes its attention output to it (LED's decoder
+    attention: ``attn_output.reshape(bsz, tgt_len, embed_dim)``)."""
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    found = _INPUT_WIDTH.search(src)
+    return found is not None and re.search(rf"(?:reshape|view)\([^)]*\b{found.group(1)}\s*\)", src) is not None
+
+
+def input_width_query(module: nn.Module) -> nn.Module | None:
+    """The query projection of an attention module whose output is reshaped to the width
+    of its input (:func:`_reshapes_to_input_width`): its heads shrink only with that input
+    width, so the projection's output channels go with its input channels."""
+    if not is_attention(module) or not _reshapes_to_input_width(type(module)):
+        return None
+    for child, stacks in QUERY_PROJS:
+        proj = getattr(module, child, None)
+        if stacks == 1 and isinstance(proj, nn.Linear) and proj.in_features == proj.out_features:
+            return proj
+    return None
 
 
 def is_attention(module: nn.Module) -> bool:
