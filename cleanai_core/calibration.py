@@ -206,7 +206,11 @@ class ChannelStats:
         ``addr_``. Each call returns new tensors."""
         if self.cov_block is None:
             return None
-        parts = [t for t in (self.cov_total, self.cov_block) if not _all_zero(t)] or [self.cov_block]
+        # the running total stays zero until the first flush, the block right after one: a
+        # part that is all zero adds nothing (exactly) and is not gathered
+        parts = [] if _all_zero(self.cov_total) else [self.cov_total]
+        if not parts or not _all_zero(self.cov_block):
+            parts.append(self.cov_block)
         dev = self.cov_block.device
         r, c = rows.to(dev), cols.to(dev)
         rows, cols = rows.cpu(), cols.cpu()
@@ -333,8 +337,7 @@ def _channels_last(x: torch.Tensor, dim: int) -> torch.Tensor | None:
 
 
 def _all_zero(t: torch.Tensor) -> bool:
-    """Whether every entry of ``t`` is zero (one min/max pass; ``any`` is 3-4x slower on CPU).
-    The running total stays zero until the first flush, the block right after one."""
+    """Whether every entry of ``t`` is zero (one min/max pass; ``any`` is 3-4x slower on CPU)."""
     if t.numel() == 0:
         return True
     lo, hi = torch.aminmax(t)

@@ -83,6 +83,30 @@ def test_regress_from_blocks_matches_a_float64_solve(condition, damping, tol):
     assert torch.equal(full_coef, coef) and torch.equal(full_shift, shift)
 
 
+@pytest.mark.parametrize("k", [1, 120, 248, 256, 376, 512])
+def test_regress_solves_every_size_of_kept_block(k):
+    """The damped kept block is factored with identity rows appended (8 or 16, so that its
+    size is no multiple of 128): sizes around and at those multiples."""
+    c = k + 40
+    cov = _covariance(c, 1e4, k)
+    mean = torch.linspace(-1, 2, c, dtype=torch.float64)
+    kept, removed = torch.arange(k), torch.arange(k, c)
+    c_kk, c_kr = cov[:k, :k], cov[:k, k:]
+    damped = c_kk + 1e-3 * float(c_kk.diagonal().mean()) * torch.eye(k, dtype=torch.float64)
+    ref = torch.linalg.solve(damped, c_kr).T
+    coef, shift = compensation.regress((c_kk, c_kr), mean, removed, kept)
+    assert coef.shape == (40, k) and float((coef - ref).norm() / ref.norm()) < 1e-12
+
+
+def test_regress_falls_back_to_lu_where_the_damped_block_is_not_positive_definite():
+    c_kk = torch.diag(torch.tensor([4.0, -1.0, 2.0], dtype=torch.float64)) + 0.1
+    c_kr = torch.tensor([[1.0, 0.5], [2.0, -1.0], [0.0, 3.0]], dtype=torch.float64)
+    mean = torch.tensor([0.5, 1.0, -1.0, 2.0, 0.0], dtype=torch.float64)
+    coef, _ = compensation.regress((c_kk, c_kr), mean, torch.tensor([3, 4]), torch.tensor([0, 1, 2]))
+    damped = c_kk + 1e-3 * float(c_kk.diagonal().mean()) * torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(coef, torch.linalg.solve(damped, c_kr).T, rtol=1e-14, atol=0)
+
+
 class _TwoReaders(nn.Module):
     """A stem read by two 1x1 convs (a ResNet block's first conv and downsample conv)."""
 
