@@ -120,12 +120,14 @@ def compensate(
         folds.append((spec, st, idx, job, no_bias))
     jobs = [(_solver(*p), [(len(p[1]), len(p[2])), (len(p[1]),)]) for p in problems]
     solutions = distributed.share_out(jobs)
+    handed: set[int] = set()  # solves already given to a pruner: the next consumer gets copies
     with torch.no_grad():
         for spec, st, idx, job, no_bias in folds:
             module = own(model.get_submodule(spec.module))
             dev = device_of(module) or torch.device("cpu")  # the statistics live on the CPU
             if job is not None:
-                coef, shift = solutions[job]
+                coef, shift = (t.clone() for t in solutions[job]) if job in handed else solutions[job]
+                handed.add(job)
                 kept = problems[job][2]
                 moved = (t.to(dev) for t in (idx, kept, coef, shift))
                 # a parametrized weight is recomputed from its originals: an edit of it is lost
