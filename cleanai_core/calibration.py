@@ -197,6 +197,40 @@ class ChannelStats:
                 s[b, a] = s[a, b].T
         return s.addr_(d, d, beta=1.0 / n, alpha=-1.0)
 
+    def cov_blocks(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(cov[rows][:, rows], cov[rows][:, cols])`` (float64, CPU), when collected: the
+        two blocks of :attr:`cov` that a regression of the ``cols`` channels on the ``rows``
+        channels reads, formed from those entries of the co-moment only (no C x C float64
+        matrix). Entry for entry the numbers of :attr:`cov`: each entry is read from the
+        co-moment's block on or above the diagonal, and ``S / n - d d^T`` is the same
+        ``addr_``. Each call returns new tensors."""
+        if self.cov_block is None:
+            return None
+        # the running total stays zero until the first flush, the block right after one: a
+        # part that is all zero adds nothing (exactly) and is not gathered
+        parts = [] if _all_zero(self.cov_total) else [self.cov_total]
+        if not parts or not _all_zero(self.cov_block):
+            parts.append(self.cov_block)
+        dev = self.cov_block.device
+        r, c = rows.to(dev), cols.to(dev)
+        rows, cols = rows.cpu(), cols.cpu()
+        upper_kk = (rows[:, None] <= rows[None, :]).to(dev)  # entry (i, j) is read at S[min, max]
+        upper_kr = (rows[:, None] <= cols[None, :]).to(dev)
+        kk = kr = None
+        for t in parts:  # the running total and the running block, summed in float64
+            by_rows = t.index_select(0, r)  # whole rows first: contiguous copies
+            part_kk = by_rows.index_select(1, r)
+            part_kk = torch.where(upper_kk, part_kk, part_kk.T.contiguous()).to("cpu", torch.float64)
+            part_kr = t.index_select(0, c).index_select(1, r).T.contiguous()
+            part_kr = torch.where(upper_kr, by_rows.index_select(1, c), part_kr).to("cpu", torch.float64)
+            kk, kr = (part_kk, part_kr) if kk is None else (kk.add_(part_kk), kr.add_(part_kr))
+        n = max(self.cov_count, 1.0)
+        d = (self.cov_offset / n).cpu()
+        d_rows = d[rows]
+        kk.addr_(d_rows, d_rows, beta=1.0 / n, alpha=-1.0)
+        kr.addr_(d_rows, d[cols], beta=1.0 / n, alpha=-1.0)
+        return kk, kr
+
     @property
     def cov_mean(self) -> torch.Tensor | None:
         """Mean of the covariance sample (float64, CPU), when collected."""
@@ -300,6 +334,14 @@ def _channels_last(x: torch.Tensor, dim: int) -> torch.Tensor | None:
     if not last.is_contiguous():
         return None
     return last.view(-1, x.shape[dim])
+
+
+def _all_zero(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is zero (one min/max pass; ``any`` is 3-4x slower on CPU)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(lo == 0) and bool(hi == 0)
 
 
 def _gram_blocks(c: int) -> list[slice]:

@@ -86,8 +86,8 @@ class ConvPruner(LayerPruner):
         if not self.can_reconstruct(module, slice_name):
             return False
         w = module.weight.detach()
-        w_removed = w[:, removed]  # (out, removed, *k)
-        w[:, kept] += torch.einsum("or...,rk->ok...", w_removed, coef.to(w.dtype))
+        w_removed = w.index_select(1, removed)  # (out, removed, *k)
+        w.index_add_(1, kept, torch.einsum("or...,rk->ok...", w_removed, coef.to(w.dtype)))
         add_to_bias(module, torch.einsum("or...,r->o", w_removed, shift.to(w.dtype)))
         return True
 

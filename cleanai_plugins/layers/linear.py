@@ -91,8 +91,8 @@ class LinearPruner(LayerPruner):
         if slice_name != "in":
             return False
         w = module.weight.detach()
-        w_removed = w[:, removed]
-        w[:, kept] += w_removed @ coef.to(w.dtype)
+        w_removed = w.index_select(1, removed)
+        w.index_add_(1, kept, w_removed @ coef.to(w.dtype))
         if self._may_add_bias(module):
             add_to_bias(module, w_removed @ shift.to(w.dtype))
         return True
