@@ -243,7 +243,7 @@ class StructuredPruner:
         graph = self.graph if graph is None else graph
         groups = graph.groups(prunable_only=True)
         if ratios is None:
-            ratios = group_ratios(groups, self.layer_ratios, *self._step, self._targets, self.global_pruning)
+            ratios = group_ratios(groups, self.layer_ratios, *self._step, self._targets, self.global_pruning, graph)
         ranked = self.global_pruning if ranked is None else ranked
         caps = step_caps(groups, self._widths, self.max_layer_ratio) if ranked and self._widths else None
         scopes = self.isomorphic_scopes(groups) if ranked and self.isomorphic else None
