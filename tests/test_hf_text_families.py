@@ -223,3 +223,26 @@ def test_an_encoder_decoder_batch_keeps_every_position_in_the_statistics():
         model(**batch)
     assert {s.count for s in collector.stats.values()} == {16.0}
     assert any(k[0].startswith("model.decoder.layers.0.fc") for k in collector.stats)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_widths_keep_the_grouped_matmul_alignment(dtype, tmp_path):
+    """transformers runs Mixtral's 3-D experts through torch's grouped matmul, which needs
+    rows of 16 bytes. At 0.4, 96 expert units kept 58 (232 bytes in float32): the pruned
+    model failed (``strides should be multiple of 16 bytes``), the bisection skipped two of
+    the four experts, and slicing the others refused the uneven experts (``ValueError:
+    experts would keep [58, 58, 96, 96] units``). The plan rounds the kept count up to a
+    multiple of 4 units (float32; 8 in bfloat16)."""
+    model, inputs, _ = build("mixtral")
+    model = model.to(dtype)
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    inter = 60 if dtype == torch.float32 else 64
+    for layer in small.model.layers:
+        assert layer.mlp.experts.down_proj.shape == (4, 64, inter)
+    assert small.config.intermediate_size == inter
+    logits = small(*inputs).logits
+    assert logits.shape == (1, 8, 100) and bool(logits.isfinite().all())
+    again = reloaded(small, tmp_path)
+    assert again.model.layers[0].mlp.experts.down_proj.shape == (4, 64, inter)
+    if dtype == torch.float32:  # model.to(bfloat16) casts the rotary buffer; a fresh bfloat16 model does not
+        assert torch.equal(again(*inputs).logits, logits)

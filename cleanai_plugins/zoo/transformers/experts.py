@@ -46,13 +46,16 @@ class ExpertsPruner(LayerPruner):
     def trace(self, module, call, ctx):
         x = call.args[0] if call.args else call.kwargs.get("hidden_states")
         experts, hidden, inter = module.down_proj.shape
-        ctx.bind(call.name, "hidden_in", ctx.labels(x, -1), "in", arg=0, dim=-1)
+        # torch's grouped matmul (transformers' default experts path) needs every row
+        # stride, of the weights and of the tokens, a multiple of 16 bytes
+        multiple = max(1, 16 // module.down_proj.element_size())
+        ctx.bind(call.name, "hidden_in", ctx.labels(x, -1), "in", arg=0, dim=-1, multiple=multiple)
         for ref in (*call.args[1:], *call.kwargs.values()):
             ctx.label_of(ref)  # routing indices and weights carry no channels
         for e in range(experts):
             if (call.name, f"inter.{e}") not in ctx.slices:
-                ctx.bind(call.name, f"inter.{e}", ctx.new_atoms(inter), "param")
-        atoms = ctx.produce(call.name, "hidden_out", hidden, dim=-1)
+                ctx.bind(call.name, f"inter.{e}", ctx.new_atoms(inter), "param", multiple=multiple)
+        atoms = ctx.produce(call.name, "hidden_out", hidden, dim=-1, multiple=multiple)
         ctx.set_label(call.outputs[0], -1, atoms)
 
     def prune(self, module, keep):
