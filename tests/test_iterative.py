@@ -128,7 +128,8 @@ def test_grouped_query_attention_left_with_one_kv_head_keeps_its_query_heads(nam
     shapes = []
     for steps in (1, 3):
         model, inputs, _ = build(name)
-        small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5, iterative_steps=steps).prune()
+        pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5, iterative_steps=steps)
+        small = pruner.prune()
         attn = small.model.layers[0].self_attn
         shapes.append((attn.q_proj.weight.shape, attn.k_proj.weight.shape, small.config.num_attention_heads))
     assert shapes[0] == shapes[1] == ((32, 64), (16, 64), 2)
