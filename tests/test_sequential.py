@@ -90,6 +90,25 @@ def test_hf_llama_block_by_block_equals_whole_model():
     assert pruned(**batches[0]).logits.shape == (2, 8, 50)
 
 
+def test_padded_batches_count_only_real_tokens_block_by_block():
+    """The blocks were called alone, so the model's attention mask never reached the
+    statistics: the padded positions counted (32 rows per consumer, not 26)."""
+    model = tiny_llama(32, 64, 50)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, :3] = 0  # left padding
+        batches.append({"input_ids": torch.randint(0, 50, (2, 8), generator=g), "attention_mask": mask})
+    pruner = StructuredPruner(model, batches[0], pruning_ratio=0.3, output_transform=lambda o: o.logits)
+    pruner.collect_activations(batches, progress=False)
+    whole = {k: (v.count, v.mean, v.m2, v.cov) for k, v in pruner.stats.items()}
+    pruner.collect_activations(batches, progress=False, sequential=True)
+    by_block = {k: (v.count, v.mean, v.m2, v.cov) for k, v in pruner.stats.items()}
+    assert by_block[("model.layers.1.mlp.down_proj", "in")][0] == 2 * (8 + 5)
+    _assert_same(whole, by_block)
+
+
 def test_stats_budget_bounds_covariance_alike_in_both_modes():
     """The budget picks the narrowest consumers of the whole model, block by block or not."""
     torch.manual_seed(0)
