@@ -134,6 +134,14 @@ HEADS_IN_CONFIG = {
     "gemma3-text",
     "olmo2",
     "qwen3-moe",
+    "phimoe",
+    "olmoe",
+    "deepseek-v3",
+    "glm",
+    "exaone4",
+    "cohere2",
+    "jamba",
+    "bamba",
 }
 
 

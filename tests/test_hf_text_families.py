@@ -246,3 +246,30 @@ def test_expert_widths_keep_the_grouped_matmul_alignment(dtype, tmp_path):
     assert again.model.layers[0].mlp.experts.down_proj.shape == (4, 64, inter)
     if dtype == torch.float32:  # model.to(bfloat16) casts the rotary buffer; a fresh bfloat16 model does not
         assert torch.equal(again(*inputs).logits, logits)
+
+
+def test_a_linear_subclass_that_routes_inside_its_forward_keeps_its_rows():
+    """PhiMoE's router is an ``nn.Linear`` subclass whose forward picks the experts from its
+    logits and returns the picks: claimed as a plain linear layer, its 4 rows (one per
+    expert) were free, and pruning them made it pick among the kept experts only (0.087
+    off the masked original). Its rows stay; its input columns prune with the hidden size."""
+    model, inputs, _ = build("phimoe")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5
+    graph = DependencyGraph(model, inputs)
+    router = [g for g in graph.groups() if "model.layers.0.mlp.router" in g.modules() and g.size == 4]
+    assert len(router) == 1 and router[0].prunable == 0
+    assert "returns more than its linear output" in router[0].reasons[0]
+
+
+@pytest.mark.parametrize("name", ["bamba", "jamba"])
+def test_feed_forward_mlp_width_is_written_and_the_default_prunes_it(name, tmp_path):
+    """The hybrid Mamba models name their MLP ``feed_forward``: the config fix-up looked for
+    ``mlp.*`` only, so ``intermediate_size`` stayed 96, and the default pruner, finding that
+    the rebuilt model would not match, kept every MLP (Bamba 88,988 -> 82,844 parameters)."""
+    model, inputs, pruned = default_prune(name)
+    mlp = next(m for n, m in pruned.named_modules() if n.endswith("feed_forward") and hasattr(m, "up_proj"))
+    assert mlp.up_proj.out_features == 48 and pruned.config.intermediate_size == 48
+    assert pruned.config.cleanai_pruning["from_pretrained"] is True
+    assert params(pruned) < params(model)
+    assert torch.equal(reloaded(pruned, tmp_path)(*inputs).logits, pruned(*inputs).logits)
