@@ -102,7 +102,9 @@ def collect_sequential(
     model.eval()
     try:
         with torch.no_grad():
-            stats.update(_run_blocks(model, block_list, inside, outside, loader, num_batches, forward, collector))
+            stats.update(
+                _run_blocks(model, prefix, block_list, inside, outside, loader, num_batches, forward, collector)
+            )
     finally:
         model.train(was_training)
     return stats
@@ -130,7 +132,7 @@ def _split(out: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
     return out[0], lambda h: out
 
 
-def _run_blocks(model, block_list, inside, outside, loader, num_batches, forward, collector) -> dict:
+def _run_blocks(model, prefix, block_list, inside, outside, loader, num_batches, forward, collector) -> dict:
     """One pass of the model per block: the blocks before it return their recorded
     outputs, it runs with its consumers' hooks, the next block stops the pass."""
     stats: dict = {}
@@ -164,7 +166,13 @@ def _run_blocks(model, block_list, inside, outside, loader, num_batches, forward
                             forward(model, move_to(split_batch(inputs)[0], device))
                         except _Stop:
                             pass
-                        if len(produced) != seen:
+                        if len(produced) > seen:
+                            raise UserError(
+                                f"sequential calibration: block {i} of {prefix!r} ran more than once in one forward "
+                                "(one layer applied several times, as ALBERT shares its layers); calibrate without "
+                                "sequential="
+                            )
+                        if len(produced) < seen:
                             raise UserError(
                                 f"sequential calibration: the model ran without calling block {i} of its blocks: "
                                 "they are not on the main path; calibrate without sequential="

@@ -185,3 +185,19 @@ def test_data_read_once_per_block_must_give_the_same_batches():
         pruner.collect_activations(iter(_data()), progress=False, sequential=True)
     with pytest.raises(UserError, match="it gave 4 batch\\(es\\) for block 0 but 3 for block 1"):
         pruner.collect_activations(Shrinking(), progress=False, sequential=True)
+
+
+def test_a_block_applied_several_times_is_refused():
+    """ALBERT applies its one layer group at every depth: block by block, its later
+    applications were never calibrated (the statistics said one application per batch)."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_families import build
+
+    model, inputs, _ = build("albert")
+    pruner = StructuredPruner(model, inputs, importance="magnitude")
+    with pytest.raises(UserError, match="block 0 of 'albert.encoder.albert_layer_groups' ran more than once"):
+        pruner.collect_activations([inputs], progress=False, sequential="albert.encoder.albert_layer_groups")
