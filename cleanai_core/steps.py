@@ -237,4 +237,10 @@ def prune_in_steps(pruner: Any) -> nn.Module:
                 p.bn_samples,
             )  # fmt: skip
         current = pruned_model
+    if steps > 1 and p.target_flops is not None:  # each step's plan_for checked its own aim only
+        from cleanai_core.pruner import _warn_if_far
+
+        _warn_if_far(
+            "flops", p.target_flops, count_flops(current, p.example_inputs, p.forward_fn) / p.flops_before(), []
+        )
     return current
