@@ -220,6 +220,18 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    "gpt-oss": (  # experts transposed, gate and up interleaved, with biases; sinks, sliding window
+        _causal(
+            "GptOssForCausalLM",
+            "GptOssConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+        "causal",
+    ),
     "glm": (_causal("GlmForCausalLM", "GlmConfig", num_key_value_heads=2, head_dim=16), "causal"),
     "helium": (_causal("HeliumForCausalLM", "HeliumConfig", num_key_value_heads=2, head_dim=16), "causal"),
     "exaone4": (_causal("Exaone4ForCausalLM", "Exaone4Config", num_key_value_heads=2, head_dim=16), "causal"),

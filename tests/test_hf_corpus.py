@@ -136,6 +136,7 @@ HEADS_IN_CONFIG = {
     "qwen3-moe",
     "phimoe",
     "olmoe",
+    "gpt-oss",
     "deepseek-v3",
     "glm",
     "exaone4",

@@ -273,3 +273,18 @@ def test_feed_forward_mlp_width_is_written_and_the_default_prunes_it(name, tmp_p
     assert pruned.config.cleanai_pruning["from_pretrained"] is True
     assert params(pruned) < params(model)
     assert torch.equal(reloaded(pruned, tmp_path)(*inputs).logits, pruned(*inputs).logits)
+
+
+def test_gpt_oss_transposed_interleaved_experts_with_biases_prune(tmp_path):
+    """GPT-OSS stores its experts transposed, gate and up interleaved, with biases: no
+    pruner claimed them, so the default pruned the attention only (188,112 -> 175,692
+    parameters). Each expert's width now prunes with its gate/up pairs and biases."""
+    model, inputs, _ = build("gpt-oss")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 386
+    pruned = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    experts = pruned.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (4, 64, 96) and experts.gate_up_proj_bias.shape == (4, 96)
+    assert experts.down_proj.shape == (4, 48, 64) and pruned.config.intermediate_size == 48
+    assert params(pruned) == 101_196
+    assert torch.equal(reloaded(pruned, tmp_path)(*inputs).logits, pruned(*inputs).logits)

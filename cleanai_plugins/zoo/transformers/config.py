@@ -39,6 +39,7 @@ from torch import nn
 
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 from cleanai_plugins.zoo.transformers.bias import declare_biases
+from cleanai_plugins.zoo.transformers.experts import expert_width
 from cleanai_plugins.zoo.transformers.reload_path import reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
@@ -112,9 +113,9 @@ def _collect(model: nn.Module) -> dict[int, dict]:
                 values["head_dim"].append(hd)
                 if isinstance(getattr(module, "attention_head_size", None), int):  # DeBERTa-v2 reads it
                     values["attention_head_size"].append(hd)
-        experts = getattr(module, "gate_up_proj", None)
-        if isinstance(experts, nn.Parameter) and experts.ndim == 3:  # Mixtral's, Qwen3-MoE's 3-D expert MLPs
-            values["experts"].append(int(experts.shape[1]) // 2)
+        width = expert_width(module)
+        if width is not None:  # Mixtral's, Qwen3-MoE's, GPT-OSS's 3-D expert MLPs
+            values["experts"].append(width)
         shared = _SHARED_UP.search(name)
         if _MLP_UP.search(name) or shared:
             width = proj_width(module)
