@@ -77,6 +77,17 @@ def _multiplicity(group: Group) -> int:
     return max(1, spec.atoms.numel() // max(group.size, 1))
 
 
+def _alignment(group: Group) -> int:
+    """The kept units must be a multiple of this, so that every slice keeps a multiple of
+    its ``multiple`` channels."""
+    out = 1
+    for s in group.slices:
+        if s.multiple > 1:
+            per_unit = max(1, s.atoms.numel() // max(group.size, 1))
+            out = math.lcm(out, s.multiple // math.gcd(s.multiple, per_unit))
+    return out
+
+
 def _limit(group: Group, n: int, round_to: int | None, min_units: int) -> int:
     n = max(0, min(n, group.prunable, group.size - max(1, min_units)))
     if round_to and round_to > 1 and n > 0:
@@ -85,6 +96,9 @@ def _limit(group: Group, n: int, round_to: int | None, min_units: int) -> int:
         kept = math.ceil(kept / round_to) * round_to
         n = max(0, group.size - math.ceil(kept / m))
         n = min(n, group.prunable)
+    align = _alignment(group)
+    if align > 1 and n > 0:
+        n = min(max(0, group.size - math.ceil((group.size - n) / align) * align), group.prunable)
     return n
 
 

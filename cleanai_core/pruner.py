@@ -32,7 +32,7 @@ from cleanai_core.runtime import copy_modes, device_of
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
-from cleanai_core.targets import flops_measure, params_measure, pruned_size, ratio_for_target
+from cleanai_core.targets import flops_measure, params_measure, pruned_size, ratio_for_target, unshrunk_params
 from cleanai_core.verify import Reference, check_outputs, reference
 
 __all__ = ["StructuredPruner", "match_modules"]
@@ -243,7 +243,7 @@ class StructuredPruner:
         graph = self.graph if graph is None else graph
         groups = graph.groups(prunable_only=True)
         if ratios is None:
-            ratios = group_ratios(groups, self.layer_ratios, *self._step, self._targets, self.global_pruning)
+            ratios = group_ratios(groups, self.layer_ratios, *self._step, self._targets, self.global_pruning, graph)
         ranked = self.global_pruning if ranked is None else ranked
         caps = step_caps(groups, self._widths, self.max_layer_ratio) if ranked and self._widths else None
         scopes = self.isomorphic_scopes(groups) if ranked and self.isomorphic else None
@@ -329,7 +329,12 @@ class StructuredPruner:
             base = measure(model)
             ratio = ratio_for_target(target, size_at, base)
             if final:
-                _warn_if_far(kind, target, size_at(ratio) / base, [v / base for v in sizes.values()])
+                kept = size_at(ratio) / base
+                _warn_if_far(kind, target, kept, [v / base for v in sizes.values()])
+                if kept - target > TARGET_SLACK:
+                    _warn_unreachable(
+                        kind, target, kept, ratio, unshrunk_params(model, graph, self.make_plan(ratio, scores, graph))
+                    )
         return self.make_plan(ratio, scores, graph)
 
     # -- slicing and verification ---------------------------------------------------------
@@ -430,6 +435,20 @@ class StructuredPruner:
 
 #: a target met further below than this (a share of the original) is reported
 TARGET_SLACK = 0.05
+
+
+def _warn_unreachable(kind: str, target: float, kept: float, ratio: float, whole: list[tuple[str, int]]) -> None:
+    """Warn where even the highest ratio keeps more than ``target`` asks (a small LLM whose
+    vocabulary embedding and head, kept with the hidden size, hold most parameters)."""
+    total = sum(n for _, n in whole)
+    largest = ", ".join(f"{name} ({n:,})" for name, n in whole[:3])
+    warnings.warn(
+        f"target_{kind}={target:g} cannot be reached: pruning {ratio:.0%} of every group keeps {kept:.2f} of the "
+        f"original's {kind}. {total:,} parameters do not shrink, the largest {largest}: they are frozen or in no "
+        "prunable group (`cleanai explain` says why). Ask for a target above that, or free them",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _warn_if_far(kind: str, target: float, kept: float, seen: list[float]) -> None:

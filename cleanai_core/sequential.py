@@ -1,25 +1,28 @@
 """Sequential, block-by-block calibration for deep models (as large-model quantisers do).
 
-The calibration batches are run to the first block of the model's block list (an
-``nn.ModuleList`` of layers: HF decoder layers, ViT blocks) and the block's inputs are
-cached. Then one block at a time: its consumers' hooks are installed, the cached inputs
-are run through that block alone, its statistics are kept, its outputs become the next
-block's cached inputs, and its hooks go. Consumers outside the blocks (an embedding's
-consumers, the head) are collected on the way in and, for those after the blocks, in a
-last pass whose blocks replay the cached final outputs instead of computing.
+The block list is an ``nn.ModuleList`` of layers (HF decoder layers, ViT blocks). The
+batches run through the model once per block: block ``i`` runs with its consumers' hooks,
+the blocks before it return what they returned on the same batch in the previous passes
+(their hidden state replaced by the last one computed, the rest, such as T5's position
+bias, kept), and block ``i + 1`` stops the pass. So every block gets the arguments the
+model's own loop gives it: per-layer masks and position embeddings (sliding-window and
+global layers of Gemma, ModernBERT, GPT-Neo), a position bias the first block computes
+(T5), the encoder's states (cross-attention). Consumers before the blocks are collected in
+the first pass, those after them in the last.
 
 What this bounds: live activations are one block's on one batch; hooks and reductions
 exist for one block at a time; the same consumers get a covariance as in a whole-model
 pass (the narrowest of the model first, until ``budget`` is spent). What it costs: the
-cached hidden states of every batch (batches x tokens x width) and one extra pass of
-the layers outside the blocks. A block's hidden state must be its first argument and
-its first output (or the output itself); its other arguments (masks, position
-embeddings) are reused unchanged for every block.
+last hidden state of every batch (batches x tokens x width), and the layers outside the
+blocks run once per block (embeddings and masks of a decoder; the encoder of an
+encoder-decoder whose decoder layers are the blocks). The data is read once per block: a
+list or a ``DataLoader``, not a one-shot iterator. A block's hidden state must be its
+first output (or the output itself).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -75,6 +78,11 @@ def collect_sequential(
     """Statistics of every consumer in ``slices``, collected block by block (see the
     module's docstring). ``forward(model, inputs)`` runs the whole model; the model is
     run in eval mode and its mode restored."""
+    if isinstance(loader, Iterator):
+        raise UserError(
+            f"sequential calibration reads the data once per block, and a {type(loader).__name__} can be read "
+            "only once: give a list or a DataLoader"
+        )
     prefix, block_list = find_blocks(model, blocks if isinstance(blocks, str) else None)
     consumers = [s for s in slices if s.kind == "in" and s.module]
     inside = [[s for s in consumers if _under(s.module, f"{prefix}.{i}")] for i in range(len(block_list))]
@@ -94,24 +102,9 @@ def collect_sequential(
     model.eval()
     try:
         with torch.no_grad():
-            cache, outer = _run_to_first_block(model, block_list[0], loader, num_batches, forward, collector(outside))
-            stats.update(outer.stats)
-            finals = []
-            for i, block in enumerate(block_list):
-                col = collector(inside[i])
-                with col.hooks():
-                    for j, (args, kwargs) in enumerate(cache):
-                        out = block(*args, **kwargs)
-                        hidden = out if isinstance(out, torch.Tensor) else out[0]
-                        cache[j] = ((hidden, *args[1:]), kwargs)
-                        if i == len(block_list) - 1:
-                            finals.append(out)
-                stats.update(col.stats)
-                del col
-            unseen = [s for s in outside if stats[(s.module, s.name)].mean is None]
-            if unseen:
-                tail = collector(unseen)
-                stats.update(_run_after_blocks(model, block_list, finals, loader, num_batches, forward, tail))
+            stats.update(
+                _run_blocks(model, prefix, block_list, inside, outside, loader, num_batches, forward, collector)
+            )
     finally:
         model.train(was_training)
     return stats
@@ -126,45 +119,86 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def _run_to_first_block(model, first, loader, num_batches, forward, outer: StatsCollector):
-    """Each batch run up to ``first`` (with ``outer``'s hooks); ``first``'s inputs cached."""
-    cache: list[tuple[tuple, dict]] = []
+def _split(out: Any) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """A block's output as its hidden state and a function that puts another hidden state
+    in its place (the rest, e.g. T5's position bias, kept as it was)."""
+    if isinstance(out, torch.Tensor):
+        return out, lambda h: h
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        rest, kind = list(out[1:]), type(out)
+        if hasattr(out, "_fields"):  # a named tuple
+            return out[0], lambda h: kind(h, *rest)
+        return out[0], lambda h: kind([h, *rest])
+    return out[0], lambda h: out
 
-    def grab(module, args, kwargs):
-        cache.append((tuple(args), dict(kwargs)))
-        raise _Stop
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+def _run_blocks(model, prefix, block_list, inside, outside, loader, num_batches, forward, collector) -> dict:
+    """One pass of the model per block: the blocks before it return their recorded
+    outputs, it runs with its consumers' hooks, the next block stops the pass."""
+    stats: dict = {}
     device = device_of(model)
-    try:
-        with outer.hooks():
-            for batch in iterate(loader, num_batches):
-                try:
-                    forward(model, move_to(split_batch(batch)[0], device))
-                except _Stop:
-                    continue
-                raise UserError("the model ran without calling its first block: its blocks are not on the main path")
-    finally:
-        handle.remove()
-    return cache, outer
-
-
-def _run_after_blocks(model, block_list, finals, loader, num_batches, forward, tail: StatsCollector) -> dict:
-    """One more pass for the consumers after the blocks: every block returns the cached
-    final output of the batch instead of computing."""
-    current: list[Any] = [None]
+    outputs: list[list[Callable[[torch.Tensor], Any]]] = []  # per block before this one, per batch
+    hidden: list[torch.Tensor] = []  # per batch: the last computed block's hidden state
+    batch = [0]
     originals = [b.__dict__.get("forward") for b in block_list]  # a forward set on the instance, if any
-    for b in block_list:
-        b.forward = lambda *a, **k: current[0]
-    device = device_of(model)
+    n_batches = None
     try:
-        with tail.hooks():
-            for batch, out in zip(iterate(loader, num_batches), finals, strict=False):
-                current[0] = out
-                forward(model, move_to(split_batch(batch)[0], device))
+        for i, block in enumerate(block_list):
+            group = list(inside[i])
+            if i == 0:
+                group += outside
+            elif i == len(block_list) - 1:  # the consumers after the blocks
+                group += [s for s in outside if stats[(s.module, s.name)].mean is None]
+            col = collector(group)
+            produced: list[Any] = []
+            handles = [block.register_forward_hook(lambda m, a, out: produced.append(out))]
+            if i + 1 < len(block_list):
+                handles.append(block_list[i + 1].register_forward_pre_hook(_stop))
+            if i > 0:  # the previous blocks replay what they returned on this batch
+                replays = outputs[i - 1]
+                block_list[i - 1].forward = lambda *a, _r=replays, **k: _r[batch[0]](hidden[batch[0]])
+            seen = 0
+            try:
+                with col.hooks():
+                    for seen, inputs in enumerate(iterate(loader, num_batches), 1):
+                        batch[0] = seen - 1
+                        try:
+                            forward(model, move_to(split_batch(inputs)[0], device))
+                        except _Stop:
+                            pass
+                        if len(produced) > seen:
+                            raise UserError(
+                                f"sequential calibration: block {i} of {prefix!r} ran more than once in one forward "
+                                "(one layer applied several times, as ALBERT shares its layers); calibrate without "
+                                "sequential="
+                            )
+                        if len(produced) < seen:
+                            raise UserError(
+                                f"sequential calibration: the model ran without calling block {i} of its blocks: "
+                                "they are not on the main path; calibrate without sequential="
+                            )
+            finally:
+                for h in handles:
+                    h.remove()
+            if n_batches is not None and seen != n_batches:
+                raise UserError(
+                    f"sequential calibration reads the data once per block: it gave {n_batches} batch(es) for "
+                    f"block 0 but {seen} for block {i}; give data that gives the same batches each time"
+                )
+            n_batches = seen
+            stats.update(col.stats)
+            del col
+            split = [_split(out) for out in produced]
+            hidden = [h for h, _ in split]
+            outputs.append([put for _, put in split])
+            del split
     finally:
         for b, f in zip(block_list, originals, strict=True):
-            del b.forward
+            b.__dict__.pop("forward", None)
             if f is not None:
                 b.forward = f
-    return tail.stats
+    return stats
+
+
+def _stop(module, args):
+    raise _Stop

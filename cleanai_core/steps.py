@@ -17,7 +17,11 @@ Under isomorphic pruning every isomorphic set reaches the ratio on its own: each
 ratio is computed per set from the set's original and current units.
 
 Groups of a later step's graph are matched to the original groups through their
-producing slices (module and slice name), which slicing keeps.
+producing slices (module and slice name), which slicing keeps. Where a unit of the later
+graph holds another number of that slice's channels than the original unit did (a grouped-
+query attention left with one key/value head prunes query heads one by one, where it
+pruned whole key/value groups), the target is counted in channels: the step keeps the
+units that hold its share of the channels.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 from collections.abc import Hashable
 from typing import Any
 
+import torch
 from torch import nn
 
 from cleanai_core.graph.groups import Group
@@ -44,8 +49,9 @@ __all__ = [
     "step_ratio",
 ]
 
-#: per producing slice ``(module, slice)``: (original units, units kept at the end)
-Targets = dict[tuple[str, str], tuple[int, int]]
+#: per producing slice ``(module, slice)``: (original units, units kept at the end, the
+#: slice's channels per unit)
+Targets = dict[tuple[str, str], tuple[int, int, float]]
 
 
 def slice_keys(group: Group) -> list[tuple[str, str]]:
@@ -54,12 +60,23 @@ def slice_keys(group: Group) -> list[tuple[str, str]]:
     return own or [(s.module, s.name) for s in group.slices]
 
 
-def final_counts(plan: PruningPlan) -> Targets:
-    """The final count of every group of a one-step ``plan`` made on the original graph."""
+def channels_per_unit(graph: Any, group: Group) -> dict[tuple[str, str], float]:
+    """Per producing slice of ``group``: how many of the slice's channels one unit holds."""
+    keys = set(slice_keys(group))
+    return {
+        (s.module, s.name): int(torch.isin(graph.unit_of(s), group.units).sum()) / group.size
+        for s in group.slices
+        if (s.module, s.name) in keys
+    }
+
+
+def final_counts(plan: PruningPlan, graph: Any) -> Targets:
+    """The final count of every group of a one-step ``plan`` made on the original ``graph``."""
     out: Targets = {}
     for gp in plan.groups:
+        per_unit = channels_per_unit(graph, gp.group)
         for key in slice_keys(gp.group):
-            out.setdefault(key, (gp.group.size, gp.group.size - gp.n_pruned))
+            out.setdefault(key, (gp.group.size, gp.group.size - gp.n_pruned, per_unit[key]))
     return out
 
 
@@ -87,15 +104,25 @@ def kept_at_step(original: int, final: int, step: int, steps: int) -> int:
     return original - round((original - final) * (step + 1) / steps)
 
 
-def step_group_ratios(groups: list[Group], targets: Targets, step: int, steps: int) -> dict[int, float]:
+def step_group_ratios(
+    groups: list[Group], targets: Targets, step: int, steps: int, graph: Any = None
+) -> dict[int, float]:
     """Per group id: the share of its current units to remove at ``step`` to reach its
-    step target (groups not found in ``targets`` are left out)."""
+    step target (groups not found in ``targets`` are left out). With ``graph``, a group
+    whose units hold another number of channels than the original's is counted in channels."""
     out = {}
     for g in groups:
-        hit = next((targets[k] for k in slice_keys(g) if k in targets), None)
-        if hit is None or g.size == 0:
+        key = next((k for k in slice_keys(g) if k in targets), None)
+        if key is None or g.size == 0:
             continue
-        out[g.id] = max(0, g.size - kept_at_step(*hit, step, steps)) / g.size
+        original, final, per_unit = targets[key]
+        now = channels_per_unit(graph, g)[key] if graph is not None else per_unit
+        if abs(now - per_unit) < 1e-9:
+            kept = kept_at_step(original, final, step, steps)
+        else:  # the units changed meaning: keep the units that hold the step's channels
+            channels = kept_at_step(round(original * per_unit), round(final * per_unit), step, steps)
+            kept = math.ceil(channels / now - 1e-9)
+        out[g.id] = max(0, g.size - kept) / g.size
     return out
 
 
@@ -134,6 +161,7 @@ def group_ratios(
     steps: int = 1,
     targets: Targets | None = None,
     global_pruning: bool = False,
+    graph: Any = None,
 ) -> dict[int, float]:
     """Per group id, the ratio that overrides the global one: the ratio of a layer named in
     ``layer_ratios`` that produces the group's channels; with iterative pruning, this
@@ -144,7 +172,7 @@ def group_ratios(
         return next((layer_ratios[s.module] for s in g.slices if s.kind != "in" and s.module in layer_ratios), None)
 
     if steps > 1 and targets:
-        ratios = step_group_ratios(groups, targets, step, steps)
+        ratios = step_group_ratios(groups, targets, step, steps, graph)
         if not global_pruning:
             return ratios
         fixed = {g.id for g in groups if named(g) is not None}
@@ -159,7 +187,7 @@ def _set_ratios(pruner: Any, graph: Any, step: int) -> dict[Hashable, float] | N
     if not (p.isomorphic and p.global_pruning):
         return None
     groups = graph.groups(prunable_only=True)
-    fixed = group_ratios(groups, p.layer_ratios, step, p.iterative_steps, p._targets, True)
+    fixed = group_ratios(groups, p.layer_ratios, step, p.iterative_steps, p._targets, True, graph)
     free = [g for g in groups if g.id not in fixed]
     return set_step_ratios(free, p.isomorphic_scopes(free), p._widths, p.pruning_ratio, step, p.iterative_steps)
 
@@ -179,7 +207,7 @@ def prune_in_steps(pruner: Any) -> nn.Module:
     if steps > 1:
         p._widths = original_widths(graph.groups(prunable_only=True))
     if steps > 1 and p.target_flops is None:  # every step aims at a count from the original widths
-        p._targets = final_counts(p.make_plan(p.pruning_ratio, p.score()))
+        p._targets = final_counts(p.make_plan(p.pruning_ratio, p.score()), graph)
         units = sum(g.size for g in graph.groups(prunable_only=True))
     for step in range(steps):
         p._step = (step, steps)
@@ -209,4 +237,10 @@ def prune_in_steps(pruner: Any) -> nn.Module:
                 p.bn_samples,
             )  # fmt: skip
         current = pruned_model
+    if steps > 1 and p.target_flops is not None:  # each step's plan_for checked its own aim only
+        from cleanai_core.pruner import _warn_if_far
+
+        _warn_if_far(
+            "flops", p.target_flops, count_flops(current, p.example_inputs, p.forward_fn) / p.flops_before(), []
+        )
     return current

@@ -17,7 +17,7 @@ from cleanai_core.metrics import FlopsOfCopies, count_flops, count_params
 from cleanai_core.planning import PruningPlan
 from cleanai_core.slicing import edits_for, sliced_copy
 
-__all__ = ["flops_measure", "params_measure", "pruned_size", "ratio_for_target"]
+__all__ = ["flops_measure", "params_measure", "pruned_size", "ratio_for_target", "unshrunk_params"]
 
 Measure = Callable[[nn.Module], float]
 
@@ -37,6 +37,15 @@ def pruned_size(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, mea
     """``measure`` of ``model`` sliced as ``plan`` says (a copy, sharing what it left
     unsliced; no compensation)."""
     return measure(sliced_copy(model, edits_for(graph, plan.pruned_units()), graph.pm, share=True))
+
+
+def unshrunk_params(model: nn.Module, graph: DependencyGraph, plan: PruningPlan) -> list[tuple[str, int]]:
+    """The parameters of ``model`` that ``plan`` leaves at their full size, largest first
+    (each tensor once, under its first name)."""
+    small = sliced_copy(model, edits_for(graph, plan.pruned_units()), graph.pm, share=True)
+    after = {name: p.shape for name, p in small.named_parameters()}
+    out = [(name, p.numel()) for name, p in model.named_parameters() if after.get(name) == p.shape]
+    return sorted(out, key=lambda item: -item[1])
 
 
 def ratio_for_target(

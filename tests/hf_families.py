@@ -193,6 +193,78 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    "phimoe": (  # its router is an nn.Linear subclass that picks the experts inside its forward
+        _causal("PhimoeForCausalLM", "PhimoeConfig", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+        "causal",
+    ),
+    "olmoe": (
+        _causal("OlmoeForCausalLM", "OlmoeConfig", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+        "causal",
+    ),  # fmt: skip
+    "deepseek-v3": (  # multi-head latent attention, routed and shared experts, a dense first layer
+        _causal(
+            "DeepseekV3ForCausalLM",
+            "DeepseekV3Config",
+            num_key_value_heads=4,  # latent attention: as many key/value heads as heads
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            n_group=1,
+            topk_group=1,
+        ),
+        "causal",
+    ),
+    "gpt-oss": (  # experts transposed, gate and up interleaved, with biases; sinks, sliding window
+        _causal(
+            "GptOssForCausalLM",
+            "GptOssConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+        "causal",
+    ),
+    "glm": (_causal("GlmForCausalLM", "GlmConfig", num_key_value_heads=2, head_dim=16), "causal"),
+    "helium": (_causal("HeliumForCausalLM", "HeliumConfig", num_key_value_heads=2, head_dim=16), "causal"),
+    "exaone4": (_causal("Exaone4ForCausalLM", "Exaone4Config", num_key_value_heads=2, head_dim=16), "causal"),
+    "cohere2": (_causal("Cohere2ForCausalLM", "Cohere2Config", num_key_value_heads=2, sliding_window=4), "causal"),
+    "jamba": (  # Mamba and attention layers, experts every other layer
+        _causal(
+            "JambaForCausalLM",
+            "JambaConfig",
+            num_key_value_heads=2,
+            num_experts=2,
+            num_experts_per_tok=1,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            mamba_d_state=4,
+            use_mamba_kernels=False,
+        ),
+        "causal",
+    ),
+    "bamba": (
+        _causal(
+            "BambaForCausalLM",
+            "BambaConfig",
+            num_key_value_heads=2,
+            attn_layer_indices=[1],
+            mamba_n_heads=4,
+            mamba_d_head=32,
+            mamba_d_state=8,
+            mamba_n_groups=1,
+        ),
+        "causal",
+    ),
     "granitemoe": (
         _causal(
             "GraniteMoeForCausalLM",

@@ -145,6 +145,15 @@ HEADS_IN_CONFIG = {
     "gemma3-text",
     "olmo2",
     "qwen3-moe",
+    "phimoe",
+    "olmoe",
+    "gpt-oss",
+    "deepseek-v3",
+    "glm",
+    "exaone4",
+    "cohere2",
+    "jamba",
+    "bamba",
 }
 
 

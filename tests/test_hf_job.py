@@ -218,3 +218,45 @@ def test_plugin_option_prunes_query_heads_per_group_on_the_command_line(tmp_path
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, 2)
     assert main(["--plugin", "no_such_plugin_module", *args, "--out", str(tmp_path / "p")]) == 2
     assert "--plugin no_such_plugin_module" in capsys.readouterr().err
+
+
+def _pair_classifier(folder):
+    cfg = transformers.BertConfig(
+        vocab_size=259, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=3, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    return model, save(model, folder, tokenizer=False)
+
+
+def test_tokenized_token_type_ids_reach_the_model(tmp_path, capsys):
+    """A sentence-pair classifier's ``token_type_ids`` in a tokenized ``.pt`` were dropped:
+    calibration and accuracy ran on segment 0 only (accuracy 0.2 on labels the model gets
+    all right with its segments). Keys the model does not take, and token types outside
+    its ``type_vocab_size``, are refused."""
+    model, folder = _pair_classifier(tmp_path / "bert")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 259, (40, 16), generator=g)
+    types = torch.zeros_like(ids)
+    types[:, :8] = 1  # the first half as segment 1: the pooled first position reads it
+    with torch.no_grad():
+        labels = model(input_ids=ids, token_type_ids=types).logits.argmax(-1)
+        blind = model(input_ids=ids).logits.argmax(-1)
+    assert (blind != labels).sum() >= 10  # the segments change the answer
+    torch.save({"input_ids": ids, "token_type_ids": types, "labels": labels}, tmp_path / "pairs.pt")
+    out = tmp_path / "out"
+    code = main(["prune", "--model", f"hf:{folder}", "--data", str(tmp_path / "pairs.pt"), "--out", str(out),
+                 "--ratio", "0.3", *FAST])  # fmt: skip
+    assert code == 0
+    assert json.loads((out / "report.json").read_text())["accuracy_before"] == 1.0
+    torch.save({"input_ids": ids, "segment": types}, tmp_path / "other.pt")
+    code = main(["prune", "--model", f"hf:{folder}", "--data", str(tmp_path / "other.pt"), "--out",
+                 str(tmp_path / "o2"), *FAST])  # fmt: skip
+    assert code == 2 and "BertForSequenceClassification takes no 'segment'" in capsys.readouterr().err
+    torch.save({"input_ids": ids, "token_type_ids": types + 1}, tmp_path / "types.pt")
+    code = main(["prune", "--model", f"hf:{folder}", "--data", str(tmp_path / "types.pt"), "--out",
+                 str(tmp_path / "o3"), *FAST])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "token_type_ids go from 1 to 2; the model has 2 token types (0..1)" in err
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

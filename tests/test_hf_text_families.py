@@ -223,3 +223,68 @@ def test_an_encoder_decoder_batch_keeps_every_position_in_the_statistics():
         model(**batch)
     assert {s.count for s in collector.stats.values()} == {16.0}
     assert any(k[0].startswith("model.decoder.layers.0.fc") for k in collector.stats)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_widths_keep_the_grouped_matmul_alignment(dtype, tmp_path):
+    """transformers runs Mixtral's 3-D experts through torch's grouped matmul, which needs
+    rows of 16 bytes. At 0.4, 96 expert units kept 58 (232 bytes in float32): the pruned
+    model failed (``strides should be multiple of 16 bytes``), the bisection skipped two of
+    the four experts, and slicing the others refused the uneven experts (``ValueError:
+    experts would keep [58, 58, 96, 96] units``). The plan rounds the kept count up to a
+    multiple of 4 units (float32; 8 in bfloat16)."""
+    model, inputs, _ = build("mixtral")
+    model = model.to(dtype)
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    inter = 60 if dtype == torch.float32 else 64
+    for layer in small.model.layers:
+        assert layer.mlp.experts.down_proj.shape == (4, 64, inter)
+    assert small.config.intermediate_size == inter
+    logits = small(*inputs).logits
+    assert logits.shape == (1, 8, 100) and bool(logits.isfinite().all())
+    again = reloaded(small, tmp_path)
+    assert again.model.layers[0].mlp.experts.down_proj.shape == (4, 64, inter)
+    if dtype == torch.float32:  # model.to(bfloat16) casts the rotary buffer; a fresh bfloat16 model does not
+        assert torch.equal(again(*inputs).logits, logits)
+
+
+def test_a_linear_subclass_that_routes_inside_its_forward_keeps_its_rows():
+    """PhiMoE's router is an ``nn.Linear`` subclass whose forward picks the experts from its
+    logits and returns the picks: claimed as a plain linear layer, its 4 rows (one per
+    expert) were free, and pruning them made it pick among the kept experts only (0.087
+    off the masked original). Its rows stay; its input columns prune with the hidden size."""
+    model, inputs, _ = build("phimoe")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5
+    graph = DependencyGraph(model, inputs)
+    router = [g for g in graph.groups() if "model.layers.0.mlp.router" in g.modules() and g.size == 4]
+    assert len(router) == 1 and router[0].prunable == 0
+    assert "returns more than its linear output" in router[0].reasons[0]
+
+
+@pytest.mark.parametrize("name", ["bamba", "jamba"])
+def test_feed_forward_mlp_width_is_written_and_the_default_prunes_it(name, tmp_path):
+    """The hybrid Mamba models name their MLP ``feed_forward``: the config fix-up looked for
+    ``mlp.*`` only, so ``intermediate_size`` stayed 96, and the default pruner, finding that
+    the rebuilt model would not match, kept every MLP (Bamba 88,988 -> 82,844 parameters)."""
+    model, inputs, pruned = default_prune(name)
+    mlp = next(m for n, m in pruned.named_modules() if n.endswith("feed_forward") and hasattr(m, "up_proj"))
+    assert mlp.up_proj.out_features == 48 and pruned.config.intermediate_size == 48
+    assert pruned.config.cleanai_pruning["from_pretrained"] is True
+    assert params(pruned) < params(model)
+    assert torch.equal(reloaded(pruned, tmp_path)(*inputs).logits, pruned(*inputs).logits)
+
+
+def test_gpt_oss_transposed_interleaved_experts_with_biases_prune(tmp_path):
+    """GPT-OSS stores its experts transposed, gate and up interleaved, with biases: no
+    pruner claimed them, so the default pruned the attention only (188,112 -> 175,692
+    parameters). Each expert's width now prunes with its gate/up pairs and biases."""
+    model, inputs, _ = build("gpt-oss")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 386
+    pruned = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    experts = pruned.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (4, 64, 96) and experts.gate_up_proj_bias.shape == (4, 96)
+    assert experts.down_proj.shape == (4, 48, 64) and pruned.config.intermediate_size == 48
+    assert params(pruned) == 101_196
+    assert torch.equal(reloaded(pruned, tmp_path)(*inputs).logits, pruned(*inputs).logits)

@@ -110,3 +110,49 @@ def test_iterative_report_traces_removed_channels_to_the_original_model():
     md = render_markdown(rep)
     row = next(line for line in md.splitlines() if line.startswith("| `4` (step 3) |"))
     assert row.split("|")[5].strip().startswith(f"{last['original_indices'][0]} (")
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3"])
+def test_grouped_query_attention_left_with_one_kv_head_keeps_its_query_heads(name):
+    """Once a step leaves one key/value head, the next step's graph prunes query heads one
+    by one (multi-query), where the original pruned whole key/value groups. The target was
+    counted in units, so 3 steps at 0.5 kept 1 query head of 4 (a unit was a group of 2
+    heads); counted in channels, they keep the 2 heads (32 query rows) one step keeps."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_families import build
+
+    shapes = []
+    for steps in (1, 3):
+        model, inputs, _ = build(name)
+        pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5, iterative_steps=steps)
+        small = pruner.prune()
+        attn = small.model.layers[0].self_attn
+        shapes.append((attn.q_proj.weight.shape, attn.k_proj.weight.shape, small.config.num_attention_heads))
+    assert shapes[0] == shapes[1] == ((32, 64), (16, 64), 2)
+
+
+@pytest.mark.corpus  # 3 traced steps with a FLOPs search each: 7 s
+def test_iterative_flops_target_overshot_is_reported():
+    """Each step checked only its own aim: 3 steps at target_flops=0.5 on a Llama with 2
+    key/value groups ended at 0.44 of the FLOPs without a word (one step: 0.50)."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_families import build
+
+    from cleanai_core.metrics import count_flops
+
+    model, inputs, _ = build("llama-gqa")
+    pruner = StructuredPruner(model, inputs, importance="magnitude", target_flops=0.5, iterative_steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = pruner.prune()
+    kept = count_flops(small, inputs) / count_flops(model, inputs)
+    assert kept == pytest.approx(0.441, abs=0.005)
+    assert any(f"target_flops=0.5: the pruned model keeps {kept:.2f}" in str(w.message) for w in caught)

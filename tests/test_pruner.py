@@ -159,6 +159,32 @@ def test_a_target_met_far_below_is_reported(target, warned):
         assert "--auto" in msg
 
 
+@pytest.mark.parametrize(
+    ("kind", "target", "warned"), [("params", 0.3, True), ("flops", 0.3, True), ("params", 0.97, False)]
+)
+def test_a_target_out_of_reach_is_reported_with_what_does_not_shrink(kind, target, warned):
+    """A model whose frozen embedding and head hold most parameters (a small LLM with its
+    hidden size kept): the search stopped at its highest ratio and pruned to 0.6 of the
+    parameters without a word for a target of 0.3."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(500, 16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 500))
+    x = torch.randint(0, 500, (2, 5))
+    p = StructuredPruner(
+        model.eval(), x, "magnitude", ignored_layers=[model[0], model[3]], **{f"target_{kind}": target}
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = p.prune()
+    kept = sum(t.numel() for t in small.parameters()) / sum(t.numel() for t in model.parameters())
+    assert small[1].out_features < 32 and (kept > 0.9 if warned else kept <= 0.97)
+    out = [str(w.message) for w in caught if "cannot be reached" in str(w.message)]
+    assert bool(out) == warned
+    if warned:
+        assert out[0].startswith(f"target_{kind}={target:g} cannot be reached: pruning 95% of every group keeps")
+        # all but the first linear layer (its output units prune) and the second's input columns
+        assert "16,516 parameters do not shrink, the largest 0.weight (8,000), 4.weight (8,000), 4.bias (500)" in out[0]
+
+
 def test_iterative_steps():
     p = pruner(pruning_ratio=0.5, iterative_steps=2)
     small = p.prune()

@@ -90,6 +90,25 @@ def test_hf_llama_block_by_block_equals_whole_model():
     assert pruned(**batches[0]).logits.shape == (2, 8, 50)
 
 
+def test_padded_batches_count_only_real_tokens_block_by_block():
+    """The blocks were called alone, so the model's attention mask never reached the
+    statistics: the padded positions counted (32 rows per consumer, not 26)."""
+    model = tiny_llama(32, 64, 50)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(2):
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, :3] = 0  # left padding
+        batches.append({"input_ids": torch.randint(0, 50, (2, 8), generator=g), "attention_mask": mask})
+    pruner = StructuredPruner(model, batches[0], pruning_ratio=0.3, output_transform=lambda o: o.logits)
+    pruner.collect_activations(batches, progress=False)
+    whole = {k: (v.count, v.mean, v.m2, v.cov) for k, v in pruner.stats.items()}
+    pruner.collect_activations(batches, progress=False, sequential=True)
+    by_block = {k: (v.count, v.mean, v.m2, v.cov) for k, v in pruner.stats.items()}
+    assert by_block[("model.layers.1.mlp.down_proj", "in")][0] == 2 * (8 + 5)
+    _assert_same(whole, by_block)
+
+
 def test_stats_budget_bounds_covariance_alike_in_both_modes():
     """The budget picks the narrowest consumers of the whole model, block by block or not."""
     torch.manual_seed(0)
@@ -114,3 +133,71 @@ def test_find_blocks_errors():
         find_blocks(Deep(), "layers")
     with pytest.raises(UserError, match="must be a whole number"):
         StructuredPruner(Deep(), torch.randn(2, 5), stats_budget_bytes=-1)
+
+
+def _hf_batches(inputs: dict) -> list[dict]:
+    g = torch.Generator().manual_seed(3)
+    return [{k: torch.randint(3, 100, (2, v.shape[1]), generator=g) for k, v in inputs.items()} for _ in range(2)]
+
+
+@pytest.mark.parametrize("name", ["t5", "modernbert"])
+def test_hf_blocks_get_their_own_arguments(name):
+    """Each block gets what the model's loop gives it, not the first block's arguments: T5's
+    later blocks read the position bias the first block computes (they got none, so their
+    attention had no relative positions), ModernBERT's global layers a full mask and their
+    own rotary embeddings (they got the first, local layer's window mask)."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_families import build
+
+    model, inputs, _ = build(name)
+    batches = _hf_batches(inputs if isinstance(inputs, dict) else {"input_ids": inputs[0]})
+    pruner = StructuredPruner(model, batches[0], importance="magnitude", pruning_ratio=0.3)
+    pruner.collect_activations(batches, progress=False)
+    whole = {k: (v.count, v.mean, v.m2, v.cov) for k, v in pruner.stats.items()}
+    pruner.collect_activations(batches, progress=False, sequential=True)
+    by_block = {k: (v.count, v.mean, v.m2, v.cov) for k, v in pruner.stats.items()}
+    for k in whole:  # float sums in another order: close, not bit-equal
+        assert whole[k][0] == by_block[k][0], k
+        for x, y in zip(whole[k][1:], by_block[k][1:], strict=True):
+            assert (x is None) == (y is None), k
+            if x is not None:
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+class Shrinking:
+    """A data set that gives one batch fewer each time it is read."""
+
+    def __init__(self) -> None:
+        self.batches = _data()
+
+    def __iter__(self):
+        yield from list(self.batches)
+        self.batches.pop()
+
+
+def test_data_read_once_per_block_must_give_the_same_batches():
+    pruner = StructuredPruner(Deep(), torch.randn(2, 5))
+    with pytest.raises(UserError, match="a list_iterator can be read only once: give a list or a DataLoader"):
+        pruner.collect_activations(iter(_data()), progress=False, sequential=True)
+    with pytest.raises(UserError, match="it gave 4 batch\\(es\\) for block 0 but 3 for block 1"):
+        pruner.collect_activations(Shrinking(), progress=False, sequential=True)
+
+
+def test_a_block_applied_several_times_is_refused():
+    """ALBERT applies its one layer group at every depth: block by block, its later
+    applications were never calibrated (the statistics said one application per batch)."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_families import build
+
+    model, inputs, _ = build("albert")
+    pruner = StructuredPruner(model, inputs, importance="magnitude")
+    with pytest.raises(UserError, match="block 0 of 'albert.encoder.albert_layer_groups' ran more than once"):
+        pruner.collect_activations([inputs], progress=False, sequential="albert.encoder.albert_layer_groups")

@@ -56,6 +56,9 @@ class SliceSpec:
     ``kind``: ``"out"`` (a producer's channels), ``"in"`` (a consumer's input
     channels; ``arg``/``dim`` say where the consumer reads them, for calibration),
     or ``"param"`` (a tensor that follows channels: norm affine, bare parameters).
+    ``multiple``: the slice's kept channels must be a multiple of it (a kernel's
+    alignment: transformers' grouped expert matmul needs rows of 16 bytes); the plan
+    rounds the kept count up.
     """
 
     module: str
@@ -66,6 +69,7 @@ class SliceSpec:
     dim: int | None = None
     normalizes: bool = False  # the module normalises across this slice (LayerNorm, GroupNorm)
     pruner: Any = None
+    multiple: int = 1
 
 
 class TraceContext:

@@ -9,7 +9,8 @@ through to the other loaders.
   (an integer, or a name from the config's ``label2id``) for sequence classifiers.
 - ``.pt``: already tokenized, so no tokenizer is needed: a ``LongTensor`` of ids
   ``(N, L)``, or a dict with ``input_ids`` (and optionally ``attention_mask``,
-  ``labels``). ``.npz``: the same, as integer arrays ``input_ids`` (or ``x``), optionally
+  ``labels``, and the per-token inputs the model's forward takes, such as
+  ``token_type_ids``). ``.npz``: the same, as integer arrays ``input_ids`` (or ``x``), optionally
   ``attention_mask`` and ``labels`` (or ``y``). Rows are used as they are (``--seq-len``
   does not cut them); ids must lie in ``0..vocab_size-1`` and rows must fit the model's
   context.
@@ -227,12 +228,44 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
         if tuple(mask.shape) != tuple(ids.shape):
             raise UserError(f"{source}: attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}.")
         items["attention_mask"] = mask.long()
+    items.update(_per_token_inputs(obj, ids, model, source))
     labels = obj.get("labels")
     if labels is None and _is_causal(model):
         labels = ids.long().masked_fill(items["attention_mask"] == 0, -100) if mask is not None else ids.long()
     if labels is not None:
         items["labels"] = torch.as_tensor(labels).long()
     return TextItems(items)
+
+
+_TOKEN_KEYS = ("input_ids", "x", "attention_mask", "labels", "y")
+
+
+def _per_token_inputs(obj: dict[str, Any], ids: torch.Tensor, model: Any, source: str) -> dict[str, torch.Tensor]:
+    """The other inputs of tokenized data (``token_type_ids`` of a sentence pair,
+    ``position_ids``): integer tensors shaped like ``input_ids`` that the model's forward
+    takes. They were dropped without a word, so a pair classifier ran on segment 0 only."""
+    import inspect
+
+    takes = inspect.signature(model.forward).parameters
+    out = {}
+    for key, value in obj.items():
+        if key in _TOKEN_KEYS or value is None:
+            continue
+        if key not in takes:
+            raise UserError(
+                f"{source}: {type(model).__name__} takes no {key!r}; give input_ids, attention_mask, labels "
+                "and the per-token inputs its forward takes (e.g. token_type_ids), or leave the key out."
+            )
+        t = torch.as_tensor(value)
+        if tuple(t.shape) != tuple(ids.shape) or t.is_floating_point() or t.is_complex():
+            raise UserError(f"{source}: {key} must be integers shaped like input_ids {tuple(ids.shape)}, not "
+                            f"{t.dtype} {tuple(t.shape)}.")  # fmt: skip
+        types = getattr(model.config, "type_vocab_size", None) if key == "token_type_ids" else None
+        if isinstance(types, int) and t.numel() and (int(t.min()) < 0 or int(t.max()) >= types):
+            raise UserError(f"{source}: token_type_ids go from {int(t.min())} to {int(t.max())}; the model has "
+                            f"{types} token types (0..{types - 1}).")  # fmt: skip
+        out[key] = t.long()
+    return out
 
 
 def _tokenized_pt(path: Path, model: Any) -> TextItems | None:
@@ -257,10 +290,12 @@ def _tokenized_npz(path: Path, model: Any) -> TextItems:
             f"{str(path)!r} has arrays {sorted(arrays)}; token data needs 'input_ids' (or 'x'), and optionally "
             "'attention_mask' and 'labels' (or 'y')."
         )
-    obj = {"input_ids": arrays[key], "attention_mask": arrays.get("attention_mask")}
+    obj = {**arrays, "input_ids": arrays[key], "attention_mask": arrays.get("attention_mask")}
+    obj.pop("x", None)
     labels = arrays.get("labels", arrays.get("y"))
     if labels is not None:
         obj["labels"] = labels
+    obj.pop("y", None)
     return _token_items(obj, model, repr(str(path)))
 
 

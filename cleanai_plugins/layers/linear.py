@@ -48,7 +48,13 @@ class LinearPruner(LayerPruner):
         atoms_in = ctx.labels(x, -1)
         ctx.bind(call.name, "in", atoms_in, "in", arg=0, dim=-1)
         atoms_out = ctx.produce(call.name, "out", module.out_features, dim=-1)
-        ctx.set_label(call.outputs[0], -1, atoms_out)
+        outs = call.outputs
+        if len(outs) != 1 or not outs[0].shape or outs[0].shape[-1] != module.out_features:
+            # a subclass whose forward does more (PhiMoE's router picks experts from its
+            # logits inside and returns the picks): its rows are not free to go
+            ctx.freeze(atoms_out, f"{call.name} ({type(module).__name__}) returns more than its linear output")
+        if outs and outs[0].shape and outs[0].shape[-1] == module.out_features:
+            ctx.set_label(outs[0], -1, atoms_out)
 
     def trace_param(self, module, name, param, ctx):
         """``F.linear(x, module.weight, bias)`` outside the module (timm's EVA, BEiT and

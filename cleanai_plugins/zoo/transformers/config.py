@@ -39,6 +39,7 @@ from torch import nn
 
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 from cleanai_plugins.zoo.transformers.bias import declare_biases
+from cleanai_plugins.zoo.transformers.experts import expert_width
 from cleanai_plugins.zoo.transformers.reload_path import reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
@@ -46,9 +47,10 @@ __all__ = ["fix_config", "rebuild_mismatches", "rebuilt_shapes"]
 
 # the first projection of an MLP (its output width is the MLP width), and its stacked parts
 _MLP_UP = re.compile(
-    r"(^|\.)(mlp\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in)|intermediate\.dense|ffn\.lin1|DenseReluDense\.wi(_0)?|"
-    r"fc1|ffn|mlp\.gate_up_proj|mlp\.Wi|ffn\.linear_1|ff\.layer_1)$"
-)  # up_proj alone: an MLP without a gate (Nemotron); ffn.linear_1: Funnel; ff.layer_1: XLNet
+    r"(^|\.)((mlp|feed_forward)\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in|gate_up_proj)|intermediate\.dense|"
+    r"ffn\.lin1|DenseReluDense\.wi(_0)?|fc1|ffn|mlp\.Wi|ffn\.linear_1|ff\.layer_1)$"
+)  # up_proj alone: an MLP without a gate (Nemotron); ffn.linear_1: Funnel; ff.layer_1: XLNet;
+#  feed_forward: the hybrid Mamba models (Bamba, Jamba, Zamba)
 #: MLP projections whose output stacks two halves (gate and up) of the MLP width
 _MLP_STACKED = ("gate_up_proj", ".Wi")
 #: a shared expert beside the routed ones (Qwen2-MoE): its own config key
@@ -111,9 +113,9 @@ def _collect(model: nn.Module) -> dict[int, dict]:
                 values["head_dim"].append(hd)
                 if isinstance(getattr(module, "attention_head_size", None), int):  # DeBERTa-v2 reads it
                     values["attention_head_size"].append(hd)
-        experts = getattr(module, "gate_up_proj", None)
-        if isinstance(experts, nn.Parameter) and experts.ndim == 3:  # Mixtral's, Qwen3-MoE's 3-D expert MLPs
-            values["experts"].append(int(experts.shape[1]) // 2)
+        width = expert_width(module)
+        if width is not None:  # Mixtral's, Qwen3-MoE's, GPT-OSS's 3-D expert MLPs
+            values["experts"].append(width)
         shared = _SHARED_UP.search(name)
         if _MLP_UP.search(name) or shared:
             width = proj_width(module)

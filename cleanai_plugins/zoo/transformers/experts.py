@@ -1,14 +1,21 @@
 """Mixture-of-experts MLPs stored as 3-D tensors (transformers' ``MixtralExperts`` and
-its copies): ``gate_up_proj`` ``(experts, 2 * inter, hidden)`` and ``down_proj``
-``(experts, hidden, inter)``, run per expert or through ``torch._grouped_mm``.
+its copies, GPT-OSS's): one ``gate_up_proj`` and one ``down_proj`` for all experts, run
+per expert or through ``torch._grouped_mm``.
 
-Claimed as one composite. Slices: ``"hidden_in"`` (the columns of ``gate_up_proj``, read
-on the input's last dim), ``"hidden_out"`` (the rows of ``down_proj``, the output's
-channels) and one ``"inter.<e>"`` per expert: each expert's MLP width prunes on its own
-units (its own gate/up rows and down columns). The tensors stay 3-D, so every expert
-must keep the same number of units: the uniform plan gives that (every expert's group
-has the same size); a plan that does not is refused when slicing. The router (a
-separate module) is untouched: no expert is removed.
+The layout is what transformers' ``use_experts_implementation`` decorator writes on the
+module: ``is_transposed`` (GPT-OSS: ``gate_up_proj`` ``(experts, hidden, 2 * inter)``,
+``down_proj`` ``(experts, inter, hidden)``; else ``(experts, 2 * inter, hidden)`` and
+``(experts, hidden, inter)``), ``is_concatenated`` (the gate and up halves one after the
+other; else interleaved, gate ``0::2`` and up ``1::2``), and ``has_bias``
+(``gate_up_proj_bias`` ``(experts, 2 * inter)``, ``down_proj_bias`` ``(experts, hidden)``).
+
+Claimed as one composite. Slices: ``"hidden_in"`` (``gate_up_proj``'s hidden dimension,
+read on the input's last dim), ``"hidden_out"`` (``down_proj``'s hidden dimension and its
+bias: the output's channels) and one ``"inter.<e>"`` per expert: each expert's MLP width
+prunes on its own units (its own gate/up pair and down rows). The tensors stay 3-D, so
+every expert must keep the same number of units: the uniform plan gives that (every
+expert's group has the same size); a plan that does not is refused when slicing. The
+router (a separate module) is untouched: no expert is removed.
 """
 
 from __future__ import annotations
@@ -18,21 +25,38 @@ from torch import nn
 
 from cleanai_core.interfaces import LayerPruner
 
-__all__ = ["ExpertsPruner", "is_experts"]
+__all__ = ["ExpertsPruner", "expert_width", "is_experts"]
+
+
+def _layout(module: nn.Module) -> tuple[int, int, int, int] | None:
+    """``(experts, hidden, inter, transposed)`` of a 3-D experts module, else None."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
+        return None
+    if gate_up.ndim != 3 or down.ndim != 3 or gate_up.shape[0] != down.shape[0]:
+        return None
+    t = int(getattr(module, "is_transposed", False) is True)
+    inter, hidden = (down.shape[1], down.shape[2]) if t else (down.shape[2], down.shape[1])
+    if gate_up.shape[1 + t] != 2 * inter or gate_up.shape[2 - t] != hidden:
+        return None
+    return down.shape[0], hidden, inter, t
 
 
 def is_experts(module: nn.Module) -> bool:
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return (
-        type(module).__module__.startswith("transformers.")
-        and isinstance(gate_up, nn.Parameter)
-        and isinstance(down, nn.Parameter)
-        and gate_up.ndim == 3
-        and down.ndim == 3
-        and gate_up.shape[0] == down.shape[0]
-        and gate_up.shape[1] == 2 * down.shape[2]
-        and gate_up.shape[2] == down.shape[1]
-    )
+    return type(module).__module__.startswith("transformers.") and _layout(module) is not None
+
+
+def expert_width(module: nn.Module) -> int | None:
+    """Each expert's MLP width, for the config (None: not a 3-D experts module)."""
+    layout = _layout(module)
+    return None if layout is None else layout[2]
+
+
+def _pairs(module: nn.Module, keep: torch.Tensor, inter: int) -> torch.Tensor:
+    """The gate/up positions of the units ``keep``, in the module's order."""
+    if getattr(module, "is_concatenated", True) is False:  # interleaved: gate 2k, up 2k + 1
+        return torch.stack([2 * keep, 2 * keep + 1], 1).reshape(-1)
+    return torch.cat([keep, keep + inter])
 
 
 def _set(module: nn.Module, attr: str, value: torch.Tensor) -> None:
@@ -40,28 +64,39 @@ def _set(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     setattr(module, attr, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
 
 
+def _bias(module: nn.Module, attr: str) -> torch.Tensor | None:
+    b = getattr(module, attr, None)
+    return b if isinstance(b, nn.Parameter) and b.ndim == 2 else None
+
+
 class ExpertsPruner(LayerPruner):
     name = "transformers_experts"
 
     def trace(self, module, call, ctx):
         x = call.args[0] if call.args else call.kwargs.get("hidden_states")
-        experts, hidden, inter = module.down_proj.shape
-        ctx.bind(call.name, "hidden_in", ctx.labels(x, -1), "in", arg=0, dim=-1)
+        experts, hidden, inter, _ = _layout(module)
+        # torch's grouped matmul (transformers' default experts path) needs every row
+        # stride, of the weights and of the tokens, a multiple of 16 bytes
+        multiple = max(1, 16 // module.down_proj.element_size())
+        ctx.bind(call.name, "hidden_in", ctx.labels(x, -1), "in", arg=0, dim=-1, multiple=multiple)
         for ref in (*call.args[1:], *call.kwargs.values()):
             ctx.label_of(ref)  # routing indices and weights carry no channels
         for e in range(experts):
             if (call.name, f"inter.{e}") not in ctx.slices:
-                ctx.bind(call.name, f"inter.{e}", ctx.new_atoms(inter), "param")
-        atoms = ctx.produce(call.name, "hidden_out", hidden, dim=-1)
+                ctx.bind(call.name, f"inter.{e}", ctx.new_atoms(inter), "param", multiple=multiple)
+        atoms = ctx.produce(call.name, "hidden_out", hidden, dim=-1, multiple=multiple)
         ctx.set_label(call.outputs[0], -1, atoms)
 
     def prune(self, module, keep):
+        experts, hidden, inter, t = _layout(module)
         gate_up, down = module.gate_up_proj.data, module.down_proj.data
-        experts, _, inter = down.shape
+        up_bias, down_bias = _bias(module, "gate_up_proj_bias"), _bias(module, "down_proj_bias")
         if "hidden_in" in keep:
-            gate_up = gate_up[:, :, keep["hidden_in"]]
+            gate_up = gate_up.index_select(2 - t, keep["hidden_in"])
         if "hidden_out" in keep:
-            down = down[:, keep["hidden_out"], :]
+            down = down.index_select(1 + t, keep["hidden_out"])
+            if down_bias is not None:
+                _set(module, "down_proj_bias", down_bias.data[:, keep["hidden_out"]])
         kept = [keep.get(f"inter.{e}", torch.arange(inter)) for e in range(experts)]
         if len({k.numel() for k in kept}) > 1:
             raise ValueError(
@@ -69,33 +104,50 @@ class ExpertsPruner(LayerPruner):
                 "tensors need one count for all (use the uniform plan: global_pruning=False)"
             )
         if any(f"inter.{e}" in keep for e in range(experts)):
-            gate_up = torch.stack([gate_up[e][torch.cat([k, k + inter])] for e, k in enumerate(kept)])
-            down = torch.stack([down[e][:, k] for e, k in enumerate(kept)])
+            pairs = [_pairs(module, k, inter) for k in kept]
+            gate_up = torch.stack([gate_up[e].index_select(t, p) for e, p in enumerate(pairs)])
+            down = torch.stack([down[e].index_select(1 - t, k) for e, k in enumerate(kept)])
+            if up_bias is not None:
+                _set(module, "gate_up_proj_bias", torch.stack([up_bias.data[e][p] for e, p in enumerate(pairs)]))
         _set(module, "gate_up_proj", gate_up)
         _set(module, "down_proj", down)
-        if isinstance(getattr(module, "intermediate_dim", None), int):
-            module.intermediate_dim = down.shape[2]
-        if isinstance(getattr(module, "hidden_dim", None), int):
-            module.hidden_dim = down.shape[1]
+        _, hidden, inter, _ = _layout(module)
+        for attr, value in (("intermediate_dim", inter), ("intermediate_size", inter), ("hidden_dim", hidden),
+                            ("hidden_size", hidden)):  # fmt: skip
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, value)
 
     def mask(self, module, slice_name, idx):
-        """Zero, in the masking oracle's copy, every weight that reads or writes ``idx``."""
-        inter = module.down_proj.shape[2]
+        """Zero, in the masking oracle's copy, every weight (and bias) that reads or writes ``idx``."""
+        _, _, inter, t = _layout(module)
+        up_bias, down_bias = _bias(module, "gate_up_proj_bias"), _bias(module, "down_proj_bias")
         if slice_name == "hidden_in":
-            module.gate_up_proj.data[:, :, idx] = 0
+            module.gate_up_proj.data.index_fill_(2 - t, idx, 0)
         elif slice_name == "hidden_out":
-            module.down_proj.data[:, idx, :] = 0
+            module.down_proj.data.index_fill_(1 + t, idx, 0)
+            if down_bias is not None:
+                down_bias.data[:, idx] = 0
         else:
-            e = int(slice_name.split(".")[1])
-            module.gate_up_proj.data[e, torch.cat([idx, idx + inter])] = 0
-            module.down_proj.data[e, :, idx] = 0
+            e, pairs = int(slice_name.split(".")[1]), _pairs(module, idx, inter)
+            module.gate_up_proj.data[e].index_fill_(t, pairs, 0)
+            module.down_proj.data[e].index_fill_(1 - t, idx, 0)
+            if up_bias is not None:
+                up_bias.data[e, pairs] = 0
         return True
 
     def weight_energy(self, module, slice_name):
+        _, _, inter, t = _layout(module)
         gate_up, down = module.gate_up_proj.detach().float() ** 2, module.down_proj.detach().float() ** 2
+        if t:  # to the (experts, 2 * inter, hidden) and (experts, hidden, inter) layout
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         if slice_name == "hidden_in":
             return gate_up.sum((0, 1))
         if slice_name == "hidden_out":
             return down.sum((0, 2))
-        e, inter = int(slice_name.split(".")[1]), down.shape[2]
-        return gate_up[e].reshape(2, inter, -1).sum((0, 2)) + down[e].sum(0)
+        e = int(slice_name.split(".")[1])
+        rows = gate_up[e].sum(1)
+        if getattr(module, "is_concatenated", True) is False:
+            pair = rows.reshape(inter, 2).sum(1)
+        else:
+            pair = rows.reshape(2, inter).sum(0)
+        return pair + down[e].sum(0)
