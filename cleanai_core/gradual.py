@@ -39,6 +39,7 @@ import attrs
 import torch
 from torch import nn
 
+from cleanai_core import options
 from cleanai_core.bn_correction import norms_with_running_stats
 from cleanai_core.bn_refresh import reestimate_batchnorm
 from cleanai_core.calibration import iterate, move_to, split_batch
@@ -232,6 +233,8 @@ class GradualPruner:
             raise UserError(f"unknown pruner option(s) {unknown}; valid: {', '.join(sorted(known))}")
         if not isinstance(schedule, PruningSchedule):
             raise UserError(f"schedule must be a PruningSchedule, got {type(schedule).__name__}")
+        options.check_switches(refresh_bn=refresh_bn)  # "no" read as true
+        options.check_example_inputs(example_inputs)
         if by not in ("flops", "ratio"):
             raise UserError(f"by={by!r}: choose 'flops' or 'ratio'")
         for key in ("inplace", "pruning_ratio", "target_flops", "iterative_steps"):

@@ -15,7 +15,7 @@ from torch import nn
 from cleanai_core.errors import UserError
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 
-__all__ = ["PruningHistory", "atomic_write_text", "check_shapes", "shapes_sliced"]
+__all__ = ["PruningHistory", "atomic_write_text", "check_shapes", "shape_mismatch", "shapes_sliced"]
 
 FORMAT = "cleanai-history/1"
 
@@ -194,19 +194,32 @@ def check_shapes(history: PruningHistory, step: int, model: nn.Module) -> None:
     (run on the first one's output) replayed on a fresh model sliced it without a word:
     the ``state_dict`` loaded, and a ViT whose heads the fix-ups counted from the wrong
     layout failed in its forward (or computed something else)."""
+    found = shape_mismatch(history, step, model)
+    if found is not None:
+        name, shape, actual = found
+        raise UserError(
+            f"this history does not fit the model: step {step} of {len(history.steps)} was recorded on "
+            f"{name} of shape {shape}, this model has {actual}. A history recorded on an "
+            "already pruned model (a second StructuredPruner on the first one's output) replays after the "
+            "earlier histories, in order, on a fresh model; the model was not changed."
+        )
+
+
+def shape_mismatch(
+    history: PruningHistory, step: int, model: nn.Module
+) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+    """The first tensor that ``step`` was recorded on with another shape than ``model``
+    has it: ``(name, recorded shape, model's shape)``; ``None`` when all fit or nothing
+    was recorded."""
     recorded = history.meta.get("shapes")
     expected = recorded[step] if isinstance(recorded, list) and step < len(recorded) else None
     if not isinstance(expected, dict):
-        return  # recorded without the model (or by an older version): nothing to compare
+        return None  # recorded without the model (or by an older version): nothing to compare
     try:
         actual = shapes_sliced(model, history.steps[step])
     except AttributeError:
-        return  # a missing module: the slicing itself says which
+        return None  # a missing module: the slicing itself says which
     for name, shape in expected.items():
         if isinstance(shape, list) and name in actual and actual[name] != shape:
-            raise UserError(
-                f"this history does not fit the model: step {step} of {len(history.steps)} was recorded on "
-                f"{name} of shape {tuple(shape)}, this model has {tuple(actual[name])}. A history recorded on an "
-                "already pruned model (a second StructuredPruner on the first one's output) replays after the "
-                "earlier histories, in order, on a fresh model; the model was not changed."
-            )
+            return name, tuple(shape), tuple(actual[name])
+    return None

@@ -101,8 +101,10 @@ def save_pruned(
     :param options: loader options that shape the architecture (``num_classes``...).
     """
     from cleanai_core.history import PruningHistory
+    from cleanai_core.options import check_switches
 
     out = _folder_arg(out_dir, "save_pruned")
+    check_switches(save_pickle=save_pickle)  # "no" pickled the model
     if not isinstance(model, nn.Module):
         raise UserError(f"save_pruned needs the pruned torch.nn.Module, got {type(model).__name__}")
     if not isinstance(history, PruningHistory):  # "nope" was written as history.json, a folder nothing could load
@@ -188,14 +190,15 @@ def load_pruned(
     ``trust_code`` allows an import spec (``package.module:factory``) and its keyword
     arguments; ``trust_model`` allows a pickled model file (rebuilding unpickles it again).
     """
+    from cleanai_core.options import check_switches
     from cleanai_core.plugins import get_plugin_manager, load_model
+    from cleanai_core.runtime import checked_device
     from cleanai_core.saved_folder import read_architecture, read_history, read_state, replay_history
 
     out = _folder_arg(out_dir, "load_pruned")
-    try:  # a bad map_location read as a damaged model.pt
-        torch.device(map_location) if not isinstance(map_location, torch.device) else None
-    except (RuntimeError, TypeError):
-        raise UserError(f"map_location={map_location!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    check_switches(trust_model=trust_model, trust_code=trust_code)  # trust_code="false" ran the folder's code
+    # a bad map_location, or cuda on a machine without one, was blamed on a damaged model.pt
+    map_location = checked_device(map_location, "map_location=")
     for name in ("architecture.json", "history.json", "model.pt"):
         if not (out / name).is_file():
             raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")
@@ -222,5 +225,19 @@ def load_pruned(
         )
     replay_history(history, model, out / "history.json", pm)
     state = read_state(out / "model.pt", model, map_location)
+    model.to(map_location)
+    take_dtypes(model, state)
     model.load_state_dict(state, strict=True)
-    return model.to(map_location).eval()
+    return model.eval()
+
+
+def take_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every parameter and buffer of ``model`` the dtype of its tensor in ``state``:
+    the architecture is rebuilt in float32, and ``load_state_dict`` copies into it, so a
+    float16, bfloat16 or float64 model came back as float32 (other outputs, twice the size).
+    The parameter objects stay (tied weights stay tied)."""
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            saved = state.get(name)
+            if saved is not None and saved.dtype != t.dtype:
+                t.data = t.data.to(saved.dtype)

@@ -246,5 +246,12 @@ def check_example_inputs(example_inputs: Any) -> None:
             "example_inputs are on the meta device (shapes without data): give real tensors on the model's "
             "device, e.g. torch.randn(1, 3, 224, 224)"
         )
+    if leaves[0].numel() == 0 or all(t.numel() == 0 for t in leaves):
+        # a batch of 0 samples: nothing to measure, and the check against the masking oracle
+        # raised "max(): Expected reduction dim to be specified for input.numel() == 0"
+        raise UserError(
+            f"example_inputs hold no values (the input has shape {tuple(leaves[0].shape)}): give one batch of at "
+            "least one sample, e.g. torch.randn(1, 3, 224, 224)"
+        )
     if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves):
         raise UserError("example_inputs contain NaN or inf values; give finite inputs")

@@ -239,6 +239,10 @@ def load_model(pm: Any, spec: str, options: dict[str, Any]) -> Any:
     :class:`UserError` instead of the allocator's ``RuntimeError``."""
     from cleanai_core.errors import UserError
 
+    num = options.get("num_classes")
+    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
+        # cleanai explain --num-classes -3: "Trying to create tensor with negative dimension" (exit 1)
+        raise UserError(f"--num-classes={num!r} is out of range: it must be an integer >= 1 (the model's classes).")
     try:
         return pm.hook.cleanai_load_model(spec=spec, options=options)
     except MemoryError:

@@ -18,6 +18,7 @@ truncated, of another version, or tampered with.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from cleanai_core.errors import UserError
 from cleanai_core.history import FORMAT as HISTORY_FORMAT
-from cleanai_core.history import PruningHistory
+from cleanai_core.history import PruningHistory, shape_mismatch
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 
 __all__ = [
@@ -180,6 +181,17 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
     for i, step in enumerate(history.steps):
         where = f"step {i}"
         _check_targets(path, model, step, where)
+        found = shape_mismatch(history, i, model)
+        if found is not None:  # e.g. the history of a second pruner alone: it loaded without a word
+            name, shape, actual = found
+            warnings.warn(
+                f"{str(path)!r}: {where} was recorded on {name} of shape {shape}, but the architecture in "
+                f"architecture.json has {actual} there; the weights fit, so the model loads, but settings that "
+                "follow a layer's width (attention heads) may be wrong. Save a model pruned twice with "
+                "first.history.then(second.history), with the spec and options of the model that was pruned.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         try:
             apply_edits(model, step, pm)
         except UserError:

@@ -28,7 +28,8 @@ from cleanai_core.job.inputs import (
     to_device,
 )
 from cleanai_core.job.outputs import check_out_dir, guard_out
-from cleanai_core.model_state import copy_model
+from cleanai_core.model_state import copy_model, preserved
+from cleanai_core.runtime import device_of
 
 __all__ = ["execute", "run_job"]
 
@@ -102,6 +103,10 @@ def execute(
     user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config"), cfg.get("train_data")]
     with contextlib.ExitStack() as guard:
         at_commit = (None, None)
+        if isinstance(model, torch.nn.Module):
+            # run_job(model=...): its modes, buffers and attributes come back as they were (the
+            # job puts it in eval mode; a model in training mode was left in eval mode)
+            guard.enter_context(preserved(model))
         if out is not None and not cfg.get("dry_run"):
             # rank 0 checks the folder it will write; a refusal stops every rank (the others
             # would wait in the first collective until the timeout)
@@ -142,6 +147,8 @@ def _execute(
         model, dataset, pm = load_inputs(cfg)
     else:
         pm = get_plugin_manager()
+        if device_of(model) not in (None, device):  # the user's model stays where it is
+            model = copy_model(model)
         model = model.eval().to(device)
         dataset = CheckedDataset(dataset, model, str(cfg["data"]))
     calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))

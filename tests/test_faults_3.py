@@ -1,0 +1,167 @@
+"""Third round of bad input and edge cases (docs/reliability.md): empty example inputs,
+saved folders that come back in another dtype or with a history that does not describe
+them, devices the machine lacks, ``--num-classes`` below 1, switches given as text, and
+``run_job(model=...)`` leaving the user's model as it was."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from cleanai_core import GradualPruner, PruningSchedule, StructuredPruner, recover, run_job
+from cleanai_core.cli import main
+from cleanai_core.errors import UserError
+from cleanai_core.io import load_pruned, save_pruned
+from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
+
+
+def _digits(dtype: torch.dtype = torch.float32) -> DigitsCNN:
+    torch.manual_seed(0)
+    return DigitsCNN().eval().to(dtype)  # the width MODEL_SPEC rebuilds
+
+
+def _pruned(model: DigitsCNN, x: torch.Tensor, ratio: float = 0.5) -> tuple[torch.nn.Module, StructuredPruner]:
+    pruner = StructuredPruner(model, x, importance="magnitude", pruning_ratio=ratio)
+    return pruner.prune(), pruner
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    x = torch.rand(4, 1, 8, 8)
+    pruned, pruner = _pruned(_digits(), x)
+    out = tmp_path_factory.mktemp("f") / "o"
+    save_pruned(out, pruned, pruner.history, MODEL_SPEC)
+    return out
+
+
+# -- example inputs without values ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "example", [torch.rand(0, 1, 8, 8), (torch.rand(0, 1, 8, 8),), {"x": torch.rand(0, 1, 8, 8)}], ids=str
+)
+def test_example_inputs_of_zero_samples_are_refused_by_name(example):
+    # was RuntimeError: max(): Expected reduction dim to be specified for input.numel() == 0
+    model = _digits()
+    with pytest.raises(UserError, match=r"example_inputs hold no values \(the input has shape \(0, 1, 8, 8\)\)"):
+        StructuredPruner(model, example, importance="magnitude", pruning_ratio=0.5).prune()
+
+
+def test_gradual_pruner_checks_its_example_inputs_when_built():
+    model = _digits()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UserError, match="example_inputs hold no values"):
+        GradualPruner(model, torch.rand(0, 1, 8, 8), opt, PruningSchedule(final=0.5, steps=2))
+    with pytest.raises(UserError, match=r"refresh_bn='no' must be True or False"):
+        GradualPruner(model, torch.rand(2, 1, 8, 8), opt, PruningSchedule(final=0.5, steps=2), refresh_bn="no")
+
+
+# -- saved folders ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_load_pruned_gives_back_the_saved_dtype_and_outputs(tmp_path, dtype):
+    # the architecture is rebuilt in float32 and load_state_dict copied into it: a float16 or
+    # float64 model came back as float32 (and a float64 input then failed in its forward)
+    x = torch.rand(4, 1, 8, 8, dtype=dtype)
+    pruned, pruner = _pruned(_digits(dtype), x)
+    save_pruned(tmp_path / "o", pruned, pruner.history, MODEL_SPEC)
+    loaded = load_pruned(tmp_path / "o")
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    assert [tuple(p.shape) for p in loaded.parameters()] == [tuple(p.shape) for p in pruned.parameters()]
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in pruned.parameters())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+
+
+def test_a_second_pruners_history_alone_loads_with_a_warning(tmp_path):
+    # saved with the second pruner's history only: every width fits, so the folder loaded without
+    # a word, though the history does not describe how the model was pruned (fix-ups such as
+    # attention heads then count from the wrong widths)
+    x = torch.rand(4, 1, 8, 8)
+    once, first = _pruned(_digits(), x)
+    twice, second = _pruned(once, x)
+    save_pruned(tmp_path / "alone", twice, second.history, MODEL_SPEC)
+    with pytest.warns(
+        RuntimeWarning, match=r"step 0 was recorded on features\.0\.weight of shape \(16, 1, 3, 3\).*then"
+    ):
+        load_pruned(tmp_path / "alone")
+    save_pruned(tmp_path / "both", twice, first.history.then(second.history), MODEL_SPEC)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "both")(x), twice(x))
+
+
+def test_a_device_the_machine_lacks_is_named_not_blamed_on_the_folder(folder):
+    # map_location="cuda" on a machine without CUDA said the folder was "damaged, tampered with"
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = f"cuda:{n}" if n else "cuda"
+    expected = f"has {n} cuda device" if n else "this machine has no cuda device"
+    with pytest.raises(UserError, match=f"map_location='{missing}'.*{expected}") as err:
+        load_pruned(folder, map_location=missing)
+    assert "damaged" not in str(err.value)
+    with pytest.raises(UserError, match="map_location='meta' holds shapes without data"):
+        load_pruned(folder, map_location="meta")
+    data = TensorDataset(torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,)))
+    with pytest.raises(UserError, match=f"device='{missing}'.*{expected}"):  # was the driver's RuntimeError
+        recover(load_pruned(folder), None, data, epochs=1, device=missing, progress=False)
+
+
+def test_trust_given_as_text_is_refused_and_runs_nothing(folder, tmp_path):
+    marker = tmp_path / "ran"
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    arch = json.loads((copy / "architecture.json").read_text())
+    arch.update(spec="subprocess:run", options={"model_kwargs": {"args": ["touch", str(marker)]}})
+    (copy / "architecture.json").write_text(json.dumps(arch))
+    for switches in ({"trust_code": "false"}, {"trust_code": "no", "trust_model": 0.0}):
+        with pytest.raises(UserError, match="must be True or False"):
+            load_pruned(copy, **switches)  # "false" is a true value: the folder's command ran
+    assert not marker.exists()
+
+
+def test_save_pickle_given_as_text_writes_nothing(tmp_path):
+    pruned, pruner = _pruned(_digits(), torch.rand(2, 1, 8, 8))
+    with pytest.raises(UserError, match="save_pickle='no' must be True or False"):
+        save_pruned(tmp_path / "o", pruned, pruner.history, MODEL_SPEC, save_pickle="no")
+    assert not (tmp_path / "o").exists()
+
+
+def test_recover_inplace_given_as_text_leaves_the_model_alone():
+    x, y = torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,))
+    pruned, _ = _pruned(_digits(), x[:2])
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    for bad in ({"inplace": "no"}, {"amp": "off"}):
+        with pytest.raises(UserError, match="must be True or False"):
+            recover(pruned, None, TensorDataset(x, y), epochs=1, progress=False, **bad)
+    assert all(torch.equal(before[k], v) for k, v in pruned.state_dict().items())
+
+
+# -- the command line and run_job ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", ["-3", "0"])
+def test_explain_with_num_classes_below_one_exits_2(capsys, n):
+    # -3: "RuntimeError: Trying to create tensor with negative dimension -3" and exit 1
+    code = main(["explain", "--model", MODEL_SPEC, "--num-classes", n, "--input-shape", "1,1,8,8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--num-classes={n} is out of range: it must be an integer >= 1" in err
+    assert "Traceback" not in err
+
+
+def test_run_job_leaves_the_given_model_in_its_own_modes(tmp_path):
+    # the job put the model in eval mode and left it there
+    model = _digits().train()
+    model.features[1].eval()  # a frozen BatchNorm inside a training model
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    data = TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,)))
+    cfg = {"model": MODEL_SPEC, "data": "memory", "ratio": 0.5, "out": str(tmp_path / "o"), "quiet": True}
+    report = run_job(cfg, model=model, dataset=data)
+    assert report["params_after"] < report["params_before"]
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
