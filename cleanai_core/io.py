@@ -181,8 +181,8 @@ def load_pruned(
     """Rebuild a pruned model saved by :func:`save_pruned` (or ``cleanai prune``).
 
     Rebuilds the unpruned architecture from ``architecture.json`` (no pretrained weights are
-    downloaded), replays ``history.json`` on it, then loads ``model.pt`` strictly. The model
-    is returned in eval mode. Every file is checked first; a tampered or foreign folder
+    downloaded), replays ``history.json`` on it, then loads ``model.pt`` strictly, in the
+    dtypes it was saved in. The model is returned in eval mode on ``map_location``. Every file is checked first; a tampered or foreign folder
     raises :class:`UserError` naming the file and the problem.
 
     Nothing in the folder runs code unless you say so: the architecture comes from a
