@@ -29,7 +29,7 @@ from cleanai_core.errors import UserError
 from cleanai_core.out_folder import INSIDE, TrackedWriter, current_umask, snapshot, staged_folder, target_of
 
 # options that shape the architecture (everything else, like data paths, is left out)
-from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION
+from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION, module_settings
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "load_pruned", "save_pruned"]
 
@@ -137,6 +137,7 @@ def save_pruned(
             "options": options,
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "example_input_shape": list(example_input_shape) if example_input_shape is not None else None,
+            "settings": module_settings(model),  # bn.eps set after building was lost on reload
         }
         atomic_write_text(tmp / "architecture.json", _json(arch))
         if save_pickle:
@@ -182,8 +183,10 @@ def load_pruned(
 
     Rebuilds the unpruned architecture from ``architecture.json`` (no pretrained weights are
     downloaded), replays ``history.json`` on it, then loads ``model.pt`` strictly, in the
-    dtypes it was saved in. The model is returned in eval mode on ``map_location``. Every file is checked first; a tampered or foreign folder
-    raises :class:`UserError` naming the file and the problem.
+    dtypes it was saved in, and gives the modules their saved settings (plain attributes such
+    as a BatchNorm's ``eps``). The model is returned in eval mode on ``map_location``. Every
+    file is checked first; a tampered or foreign folder raises :class:`UserError` naming the
+    file and the problem.
 
     Nothing in the folder runs code unless you say so: the architecture comes from a
     registered model source (``timm:``, ``torchvision:``, installed loader plugins).
@@ -193,7 +196,14 @@ def load_pruned(
     from cleanai_core.options import check_switches
     from cleanai_core.plugins import get_plugin_manager, load_model
     from cleanai_core.runtime import checked_device
-    from cleanai_core.saved_folder import read_architecture, read_history, read_state, replay_history
+    from cleanai_core.saved_folder import (
+        apply_settings,
+        read_architecture,
+        read_history,
+        read_settings,
+        read_state,
+        replay_history,
+    )
 
     out = _folder_arg(out_dir, "load_pruned")
     check_switches(trust_model=trust_model, trust_code=trust_code)  # trust_code="false" ran the folder's code
@@ -228,6 +238,7 @@ def load_pruned(
     model.to(map_location)
     take_dtypes(model, state)
     model.load_state_dict(state, strict=True)
+    apply_settings(model, read_settings(out / "architecture.json"))
     return model.eval()
 
 

@@ -32,6 +32,9 @@ from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 
 __all__ = [
     "FORMAT_VERSION",
+    "apply_settings",
+    "module_settings",
+    "read_settings",
     "read_architecture",
     "history_from_json",
     "read_history",
@@ -276,3 +279,76 @@ def _add_missing_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
         w = getattr(module, "weight", None)
         if hasattr(module, "bias") and module.bias is None and isinstance(w, torch.Tensor) and w.shape[0] == len(value):
             module.register_parameter("bias", nn.Parameter(torch.zeros_like(value, dtype=w.dtype)))
+
+
+# -- module settings ---------------------------------------------------------------------------
+#
+# *settings*: a module's public plain attributes (numbers, text, flags, short tuples of them):
+# a BatchNorm's ``eps`` and ``momentum``, a dropout's ``p``, an attention's head count. The
+# architecture is rebuilt with its defaults, so one the user changed after building the model
+# (``bn.eps = 1e-3``) was lost on reload: other outputs, without a word.
+
+_SCALARS = (bool, int, float, str, type(None))
+_MAX_ITEMS = 64  # longer sequences are data, not a setting
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, float):
+        return value == value and abs(value) != float("inf")  # JSON has no NaN or inf
+    if isinstance(value, _SCALARS):
+        return True
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) <= _MAX_ITEMS
+        and all(isinstance(v, _SCALARS) and _plain(v) for v in value)
+    )
+
+
+def module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module's settings (see above), by module name, for ``architecture.json``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        found = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training" and _plain(v)}
+        if found:
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in found.items()}
+    return out
+
+
+def read_settings(path: Path) -> dict[str, dict[str, Any]]:
+    """The ``settings`` of ``architecture.json`` (none in folders written before they were
+    saved), checked for form."""
+    settings = _read_json(path).get("settings") or {}
+    if not isinstance(settings, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) and all(isinstance(a, str) and _plain(x) for a, x in v.items())
+        for k, v in settings.items()
+    ):
+        raise _bad(path, "'settings' must map module names to objects of numbers, text and flags")
+    return settings
+
+
+def _same_kind(old: Any, new: Any) -> bool:
+    numbers = (int, float, type(None))
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, numbers) and isinstance(new, numbers):
+        return True
+    if isinstance(old, (tuple, list)):
+        return isinstance(new, list) and len(new) == len(old)
+    return type(old) is type(new)
+
+
+def apply_settings(model: nn.Module, settings: dict[str, dict[str, Any]]) -> None:
+    """Give ``model``'s modules the saved settings. Only an attribute the rebuilt module has,
+    of the same kind, is set (values only: nothing is imported or called); others, e.g. from
+    another version of the model's library, are left as the architecture builds them."""
+    modules = dict(model.named_modules())
+    for name, values in settings.items():
+        m = modules.get(name)
+        if m is None:
+            continue
+        own = vars(m)
+        for key, value in values.items():
+            if key.startswith("_") or key == "training" or key not in own or not _plain(own[key]):
+                continue
+            if _same_kind(own[key], value) and own[key] != value:
+                own[key] = tuple(value) if isinstance(own[key], tuple) else value

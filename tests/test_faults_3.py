@@ -165,3 +165,61 @@ def test_run_job_leaves_the_given_model_in_its_own_modes(tmp_path):
     assert report["params_after"] < report["params_before"]
     assert [m.training for m in model.modules()] == modes
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+# -- module settings survive the reload ---------------------------------------------------------
+
+
+def test_settings_changed_after_building_survive_save_and_load(tmp_path):
+    # the architecture is rebuilt with its defaults: bn.eps = 0.5 came back as 1e-05 and the
+    # loaded model's outputs differed from the saved one's by 8e-4
+    model = _digits()
+    model.features[1].eps = 0.5
+    model.features[4].momentum = None
+    model.features[6].ceil_mode = True
+    x = torch.rand(4, 1, 8, 8)
+    pruned, pruner = _pruned(model, x)
+    save_pruned(tmp_path / "o", pruned, pruner.history, MODEL_SPEC)
+    loaded = load_pruned(tmp_path / "o")
+    assert (loaded.features[1].eps, loaded.features[4].momentum, loaded.features[6].ceil_mode) == (0.5, None, True)
+    assert loaded.features[0].padding == (1, 1)  # tuples stay tuples
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"features.1": {"eps": "__import__('os').system('x')"}},  # text where the module has a number
+        {"features.1": {"forward": "x", "__class__": "x", "_modules": 1}},  # methods and internals
+        {"nope": {"eps": 1.0}, "features.1": {"no_such_attribute": 2}},
+        {"features.0": {"padding": [1, 1, 1]}},  # another length
+    ],
+    ids=["text-for-number", "internals", "unknown", "length"],
+)
+def test_saved_settings_set_only_existing_attributes_of_the_same_kind(folder, tmp_path, settings):
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    arch = json.loads((copy / "architecture.json").read_text())
+    arch["settings"] = settings
+    (copy / "architecture.json").write_text(json.dumps(arch))
+    loaded = load_pruned(copy)
+    reference = load_pruned(folder)
+    for (name, m), (_, r) in zip(loaded.named_modules(), reference.named_modules(), strict=True):
+        assert type(m) is type(r)
+        assert {k: v for k, v in vars(m).items() if not k.startswith("_")} == {
+            k: v for k, v in vars(r).items() if not k.startswith("_")
+        }, name
+
+
+@pytest.mark.parametrize(
+    "settings", [["eps"], {"features.1": {"eps": {"a": 1}}}, {"features.1": {"eps": float("nan")}}]
+)
+def test_settings_out_of_form_are_a_damaged_folder(folder, tmp_path, settings):
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    arch = json.loads((copy / "architecture.json").read_text())
+    arch["settings"] = settings
+    (copy / "architecture.json").write_text(json.dumps(arch))
+    with pytest.raises(UserError, match="'settings' must map module names to objects of numbers, text and flags"):
+        load_pruned(copy)
