@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,12 @@ FORMAT = "cleanai-history/1"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename
+    (:func:`cleanai_core.io.atomic_write_text`: synced, with the permissions the umask gives;
+    this copy left ``history.save()``'s file readable by its owner only, mode 0600)."""
+    from cleanai_core.io import atomic_write_text as write
+
+    write(path, text)
 
 
 def _file_path(path: Any, verb: str) -> Path:

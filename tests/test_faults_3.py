@@ -223,3 +223,19 @@ def test_settings_out_of_form_are_a_damaged_folder(folder, tmp_path, settings):
     (copy / "architecture.json").write_text(json.dumps(arch))
     with pytest.raises(UserError, match="'settings' must map module names to objects of numbers, text and flags"):
         load_pruned(copy)
+
+
+def test_history_save_writes_with_the_permissions_the_umask_gives(tmp_path):
+    # history.save() wrote through mkstemp and kept its mode 0600: readable by its owner only
+    import os
+
+    from cleanai_core import PruningHistory
+
+    _, pruner = _pruned(_digits(), torch.rand(2, 1, 8, 8))
+    old = os.umask(0o022)
+    try:
+        pruner.history.save(tmp_path / "h.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "h.json").stat().st_mode & 0o777 == 0o644
+    assert len(PruningHistory.load(tmp_path / "h.json").steps) == len(pruner.history.steps) == 1
