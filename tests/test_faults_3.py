@@ -239,3 +239,54 @@ def test_history_save_writes_with_the_permissions_the_umask_gives(tmp_path):
         os.umask(old)
     assert (tmp_path / "h.json").stat().st_mode & 0o777 == 0o644
     assert len(PruningHistory.load(tmp_path / "h.json").steps) == len(pruner.history.steps) == 1
+
+
+MARKER_MODEL = """
+import torch
+from cleanai_plugins.io.demo import DigitsCNN
+
+class Marker(DigitsCNN):
+    def forward(self, x):
+        if bool((x == 0.5).any()):
+            raise ValueError("cannot handle a 0.5 pixel")
+        return super().forward(x)
+
+def build():
+    return Marker(width=8)
+"""
+
+
+def test_a_model_that_fails_on_a_held_out_batch_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    # the evaluation of the original model raised the model's own ValueError: a traceback, exit 1
+    (tmp_path / "markmod.py").write_text(MARKER_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8) * 0.4, torch.randint(0, 10, (16,))
+    x[0, 0, 0, 0] = 0.5  # a sample of the held-out half (split seed 0)
+    torch.save((x, y), tmp_path / "d.pt")
+    before = (tmp_path / "d.pt").read_bytes()
+    code = main(["prune", "--model", "markmod:build", "--data", str(tmp_path / "d.pt"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "the model failed on the held-out part of --data, which measures accuracy (ValueError: cannot handle" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists() and (tmp_path / "d.pt").read_bytes() == before
+
+
+def test_a_pruned_model_that_fails_where_the_original_ran_is_a_pruning_error():
+    from cleanai_core.errors import PruningError
+    from cleanai_core.job.run import _evaluate
+
+    class Hook:
+        @staticmethod
+        def cleanai_evaluate(model, loader, device):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x10)")
+
+    class PM:
+        hook = Hook()
+
+    with pytest.raises(PruningError, match=r"the pruned model failed on the held-out part of --data, where the orig"):
+        _evaluate(PM(), None, [], torch.device("cpu"), pruned=True)
+    with pytest.raises(UserError, match=r"the model failed on the held-out part of --data, .*\(RuntimeError: mat1"):
+        _evaluate(PM(), None, [], torch.device("cpu"))
+    assert _evaluate(PM(), None, None, torch.device("cpu")) is None
