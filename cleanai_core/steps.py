@@ -26,6 +26,7 @@ import math
 from collections.abc import Hashable
 from typing import Any
 
+import torch
 from torch import nn
 
 from cleanai_core.graph.groups import Group
@@ -171,6 +172,7 @@ def prune_in_steps(pruner: Any) -> nn.Module:
     skipped), record the edits, correct BatchNorm statistics. Returns the last model."""
     from cleanai_core import distributed
     from cleanai_core.collect import CalibrationSetup, correct_batchnorm_after, recalibrate
+    from cleanai_core.errors import CleanAIError, PruningError
     from cleanai_core.metrics import count_flops
     from cleanai_core.verify import build_skipping_breakers
 
@@ -204,6 +206,17 @@ def prune_in_steps(pruner: Any) -> nn.Module:
         p.history.record(edits, before=current, after=pruned_model)
         if p.recalibrate_bn and p.calibration.data is not None:
             keep = {e.module: e.keep for e in edits}
-            correct_batchnorm_after(current, pruned_model, cal.moments, keep, cal.data, p.forward_fn, cal.samples)
+            try:
+                correct_batchnorm_after(current, pruned_model, cal.moments, keep, cal.data, p.forward_fn, cal.samples)
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+                if isinstance(exc, (CleanAIError, torch.OutOfMemoryError)):
+                    raise
+                # was the model's own traceback: the pruned model ran on the example, not on this batch
+                raise PruningError(
+                    f"the pruned model failed on a calibration batch during the BatchNorm correction, where the "
+                    f"original ran ({type(exc).__name__}: {str(exc)[:300]}). It was checked on the example input "
+                    "only; ignore the layers whose width the model reads (or pass recalibrate_bn=False, command "
+                    "line: --no-bn-recalibration), and report it."
+                ) from exc
         current = pruned_model
     return current

@@ -290,3 +290,28 @@ def test_a_pruned_model_that_fails_where_the_original_ran_is_a_pruning_error():
     with pytest.raises(UserError, match=r"the model failed on the held-out part of --data, .*\(RuntimeError: mat1"):
         _evaluate(PM(), None, [], torch.device("cpu"))
     assert _evaluate(PM(), None, None, torch.device("cpu")) is None
+
+
+class _FailsWhenPrunedAndBatched(DigitsCNN):
+    """Runs unpruned, and pruned on one sample (the example), but not on a batch of several."""
+
+    def forward(self, x):
+        if self.features[0].out_channels < 32 and x.shape[0] > 1:
+            raise ValueError("pruned and batched")
+        return super().forward(x)
+
+
+def test_a_pruned_model_failing_in_the_batchnorm_correction_is_a_pruning_error():
+    # was the model's own ValueError from inside the BatchNorm correction
+    from cleanai_core.errors import PruningError
+
+    torch.manual_seed(0)
+    model = _FailsWhenPrunedAndBatched().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(8, 1, 8, 8)
+    pruner = StructuredPruner(model, x[:1], pruning_ratio=0.5)
+    pruner.collect_activations([x[:4], x[4:]], progress=False)
+    with pytest.raises(PruningError, match=r"during the BatchNorm correction, where the original ran \(ValueError"):
+        pruner.prune()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model.features[0].out_channels == 32
