@@ -161,7 +161,27 @@ def make_plugin_manager(
         load_entrypoints = os.environ.get("CLEANAI_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
     if load_entrypoints:
         _load_entry_points(pm)
+    _warn_unknown_blocked(set(disabled) | _disabled_from_env(), list(builtins))
     return pm
+
+
+def _warn_unknown_blocked(names: set[str], builtins: list[str]) -> None:
+    """A blocked name that is no plugin blocks nothing: a misspelt ``--disable-plugin``
+    left the plugin it meant active, without a word."""
+    known = builtins + [
+        ep.name for dist in importlib.metadata.distributions() for ep in dist.entry_points if ep.group == PROJECT
+    ]
+    for name in sorted(names - set(known)):
+        import difflib
+
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        warnings.warn(
+            f"cleanai: the blocked plugin {name!r} (--disable-plugin or CLEANAI_DISABLED_PLUGINS) is not a plugin, so "
+            f"it blocks nothing; {hint}`cleanai plugins` lists them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 _PM: CleanAIPluginManager | None = None

@@ -315,3 +315,20 @@ def test_a_pruned_model_failing_in_the_batchnorm_correction_is_a_pruning_error()
         pruner.prune()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert model.features[0].out_channels == 32
+
+
+def test_a_misspelt_blocked_plugin_is_said_and_blocks_nothing(monkeypatch):
+    # --disable-plugin cleanai_plugins.io.demoo left the demo active without a word
+    from cleanai_core.plugins import make_plugin_manager
+
+    monkeypatch.delenv("CLEANAI_DISABLED_PLUGINS", raising=False)
+    with pytest.warns(RuntimeWarning, match=r"'cleanai_plugins\.io\.demoo' .* blocks nothing; did you mean 'cleanai_p"):
+        pm = make_plugin_manager(load_entrypoints=False, disabled=["cleanai_plugins.io.demoo"])
+    assert pm.has_plugin("cleanai_plugins.io.demo")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a real name: no warning
+        assert not make_plugin_manager(load_entrypoints=False, disabled=["cleanai_plugins.io.demo"]).has_plugin(
+            "cleanai_plugins.io.demo"
+        )
