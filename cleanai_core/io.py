@@ -29,7 +29,7 @@ from cleanai_core.errors import UserError
 from cleanai_core.out_folder import INSIDE, TrackedWriter, current_umask, snapshot, staged_folder, target_of
 
 # options that shape the architecture (everything else, like data paths, is left out)
-from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION, module_settings
+from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION, arch_option_problem, module_settings
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "load_pruned", "save_pruned"]
 
@@ -118,6 +118,12 @@ def save_pruned(
         )
     if out.exists() and not out.is_dir():
         raise UserError(f"{str(out)!r} is a file; give a folder path to save_pruned().")
+    options = _checked_options(options)
+    if example_input_shape is not None and (
+        not isinstance(example_input_shape, (list, tuple))
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in example_input_shape)
+    ):
+        raise UserError(f"example_input_shape={example_input_shape!r} must be a list of sizes (e.g. [1, 3, 224, 224])")
     target = target_of(out)
     before = snapshot(target)
 
@@ -126,7 +132,6 @@ def save_pruned(
             raise UserError(f"{str(out)!r} changed while the model was being saved; nothing was replaced. Save again.")
 
     with staged_folder(out, check=unchanged, expected=before) as tmp:
-        options = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         _atomic(tmp / "model.pt", lambda fh: torch.save(state, fh))
         atomic_write_text(tmp / "history.json", _json(history.to_json()))
@@ -145,6 +150,25 @@ def save_pruned(
         if before:
             _carry_over(target, tmp, skip=OWN_FILES)
     return out
+
+
+def _checked_options(options: Any) -> dict[str, Any]:
+    """The architecture options of ``options`` (others are left out), as ``load_pruned``
+    will accept them: a folder with ``num_classes="10"`` was written, then refused."""
+    if options is not None and not isinstance(options, dict):
+        raise UserError(f"save_pruned options must be a dict such as {{'num_classes': 10}}, got {options!r}")
+    kept = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
+    problem = arch_option_problem(kept)
+    if problem is None:
+        try:
+            json.dumps(kept, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            problem = f"the options cannot be written as JSON ({exc})"
+    if problem:
+        raise UserError(
+            f"save_pruned: {problem}; load_pruned could not rebuild the model from it. Nothing was written."
+        )
+    return kept
 
 
 def _folder_arg(path: Any, verb: str) -> Path:

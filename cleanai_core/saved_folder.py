@@ -32,6 +32,7 @@ from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 
 __all__ = [
     "FORMAT_VERSION",
+    "arch_option_problem",
     "apply_settings",
     "module_settings",
     "read_settings",
@@ -94,18 +95,28 @@ def read_architecture(path: Path, trust_code: bool = False) -> tuple[str, dict[s
     unknown = sorted(set(options) - set(ARCH_OPTIONS))
     if unknown:
         raise _bad(path, f"unknown option(s) {unknown}; known: {list(ARCH_OPTIONS)}")
-    num_classes = options.get("num_classes")
-    if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
-        raise _bad(path, f"'num_classes' is {num_classes!r}, expected a positive integer")
+    problem = arch_option_problem(options)
+    if problem:
+        raise _bad(path, problem)
     kwargs = options.get("model_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise _bad(path, f"'model_kwargs' is a {type(kwargs).__name__}, expected an object")
     if kwargs and not trust_code:
         raise UserError(
             f"{str(path)!r} passes keyword arguments {sorted(kwargs)} to the architecture {spec!r}; they reach "
             "code that the folder chooses. If you trust the folder, pass trust_code=True (command line: --trust-code)."
         )
     return spec, dict(options)
+
+
+def arch_option_problem(options: dict[str, Any]) -> str | None:
+    """What is wrong with the architecture options (``num_classes``, ``model_kwargs``), or
+    ``None``: checked when a folder is read, and by ``save_pruned`` before it writes one."""
+    num_classes = options.get("num_classes")
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
+        return f"'num_classes' is {num_classes!r}, expected a positive integer"
+    kwargs = options.get("model_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        return f"'model_kwargs' is a {type(kwargs).__name__}, expected an object"
+    return None
 
 
 def _check_edit(path: Path, where: str, e: Any) -> SliceEdit:

@@ -332,3 +332,24 @@ def test_a_misspelt_blocked_plugin_is_said_and_blocks_nothing(monkeypatch):
         assert not make_plugin_manager(load_entrypoints=False, disabled=["cleanai_plugins.io.demo"]).has_plugin(
             "cleanai_plugins.io.demo"
         )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_classes": "10"}, r"'num_classes' is '10', expected a positive integer"),
+        ({"num_classes": 0}, r"'num_classes' is 0, expected a positive integer"),
+        ({"model_kwargs": "w"}, r"'model_kwargs' is a str, expected an object"),
+        ({"model_kwargs": {"a": object()}}, r"cannot be written as JSON"),
+        ("abc", r"options must be a dict"),
+    ],
+)
+def test_save_pruned_refuses_options_load_pruned_would_refuse(tmp_path, options, message):
+    # num_classes="10" was written, and load_pruned then called the folder damaged or tampered with;
+    # "abc" and an object in model_kwargs raised AttributeError / TypeError
+    pruned, pruner = _pruned(_digits(), torch.rand(2, 1, 8, 8))
+    with pytest.raises(UserError, match=message):
+        save_pruned(tmp_path / "o", pruned, pruner.history, MODEL_SPEC, options=options)
+    assert not (tmp_path / "o").exists()
+    save_pruned(tmp_path / "ok", pruned, pruner.history, MODEL_SPEC, options={"num_classes": 10})
+    assert [p.shape for p in load_pruned(tmp_path / "ok").parameters()] == [p.shape for p in pruned.parameters()]
