@@ -262,7 +262,9 @@ def check_labels(out: Any, target: Any) -> torch.Tensor:
                 f"taylor importance got class label {int(target[bad][0])} but the output has {out.shape[1]} "
                 f"classes (dim 1 of shape {tuple(out.shape)}); give labels 0..{out.shape[1] - 1}"
             )
-    return target
+    # cross-entropy takes int64 class indices only: bool, int32 and int16 labels raised "expected
+    # target dtype to be Long"
+    return target.long()
 
 
 # -- batches ---------------------------------------------------------------------------------

@@ -353,3 +353,21 @@ def test_save_pruned_refuses_options_load_pruned_would_refuse(tmp_path, options,
     assert not (tmp_path / "o").exists()
     save_pruned(tmp_path / "ok", pruned, pruner.history, MODEL_SPEC, options={"num_classes": 10})
     assert [p.shape for p in load_pruned(tmp_path / "ok").parameters()] == [p.shape for p in pruned.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.bool])
+@pytest.mark.parametrize("importance", ["taylor", "hessian"])
+def test_gradient_criteria_take_integer_labels_of_any_width(importance, dtype):
+    # int32 / int16 / bool labels raised "expected target dtype to be Long or Byte" from cross-entropy
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 8, 8)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1])
+    scores = []
+    for lab in (labels.to(dtype), labels):
+        pruner = StructuredPruner(_digits(), x[:1], importance=importance, pruning_ratio=0.5)
+        pruner.collect_activations([(x[:4], lab[:4]), (x[4:], lab[4:])], progress=False)
+        pruned = pruner.prune()
+        scores.append([tuple(p.shape) for p in pruned.parameters()])
+        scores.append(pruned(x))
+    assert scores[0] == scores[2]  # the same channels kept as with int64 labels
+    assert torch.equal(scores[1], scores[3])
