@@ -162,7 +162,7 @@ def distillation_loss(
         )
         loss = loss + (kd_weight * temperature**2 * per.sum(-1).mean()).to(s.dtype)
     if labels is not None and ce_weight:
-        loss = loss + ce_weight * F.cross_entropy(s, labels.to(s.device))
+        loss = loss + ce_weight * F.cross_entropy(s, labels.to(s.device).long())  # int32 / bool labels raised
     return loss
 
 

@@ -371,3 +371,15 @@ def test_gradient_criteria_take_integer_labels_of_any_width(importance, dtype):
         scores.append(pruned(x))
     assert scores[0] == scores[2]  # the same channels kept as with int64 labels
     assert torch.equal(scores[1], scores[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_recover_takes_integer_labels_of_any_width(dtype):
+    # cross-entropy raised "expected target dtype to be Long or Byte, but got Int"
+    torch.manual_seed(0)
+    x, y = torch.rand(40, 1, 8, 8), torch.randint(0, 2, (40,))
+    pruned, _ = _pruned(_digits(), x[:2])
+    runs = [recover(pruned, None, TensorDataset(x, lab), epochs=2, progress=False) for lab in (y.to(dtype), y)]
+    (a, ra), (b, rb) = runs
+    assert ra.best == rb.best and ra.history == rb.history
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
