@@ -383,3 +383,14 @@ def test_recover_takes_integer_labels_of_any_width(dtype):
     (a, ra), (b, rb) = runs
     assert ra.best == rb.best and ra.history == rb.history
     assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_example_inputs_the_model_cannot_run_are_named_though_the_trace_passed():
+    # the trace runs convolutions on the meta device, so float16 inputs to a float32 model passed it;
+    # prune() then raised the model's own RuntimeError from the verification
+    model = _digits()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = StructuredPruner(model, torch.rand(2, 1, 8, 8).half(), importance="magnitude", pruning_ratio=0.5)
+    with pytest.raises(UserError, match=r"the model failed on example_inputs \(RuntimeError: Input type \(torch\.Half"):
+        pruner.prune()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
