@@ -315,11 +315,17 @@ def _plain(value: Any) -> bool:
     )
 
 
+def _setting(key: str) -> bool:
+    """Whether attribute ``key`` is a setting: not private, not the mode, not where the model
+    ran (``self.device = "cuda"`` would follow the folder to a machine without one)."""
+    return not key.startswith("_") and key != "training" and "device" not in key
+
+
 def module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every module's settings (see above), by module name, for ``architecture.json``."""
     out: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
-        found = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training" and _plain(v)}
+        found = {k: v for k, v in vars(m).items() if _setting(k) and _plain(v)}
         if found:
             out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in found.items()}
     return out
@@ -359,7 +365,7 @@ def apply_settings(model: nn.Module, settings: dict[str, dict[str, Any]]) -> Non
             continue
         own = vars(m)
         for key, value in values.items():
-            if key.startswith("_") or key == "training" or key not in own or not _plain(own[key]):
+            if not _setting(key) or key not in own or not _plain(own[key]):
                 continue
             if _same_kind(own[key], value) and own[key] != value:
                 own[key] = tuple(value) if isinstance(own[key], tuple) else value

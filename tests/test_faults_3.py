@@ -182,6 +182,8 @@ def test_settings_changed_after_building_survive_save_and_load(tmp_path):
     save_pruned(tmp_path / "o", pruned, pruner.history, MODEL_SPEC)
     loaded = load_pruned(tmp_path / "o")
     assert (loaded.features[1].eps, loaded.features[4].momentum, loaded.features[6].ceil_mode) == (0.5, None, True)
+    settings = json.loads((tmp_path / "o" / "architecture.json").read_text())["settings"]
+    assert settings["features.1"]["eps"] == 0.5 and settings["features.0"]["out_channels"] == 16
     assert loaded.features[0].padding == (1, 1)  # tuples stay tuples
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned(x))
@@ -191,7 +193,7 @@ def test_settings_changed_after_building_survive_save_and_load(tmp_path):
     "settings",
     [
         {"features.1": {"eps": "__import__('os').system('x')"}},  # text where the module has a number
-        {"features.1": {"forward": "x", "__class__": "x", "_modules": 1}},  # methods and internals
+        {"features.1": {"forward": "x", "__class__": "x", "_modules": 1, "training": True}},  # internals, mode
         {"nope": {"eps": 1.0}, "features.1": {"no_such_attribute": 2}},
         {"features.0": {"padding": [1, 1, 1]}},  # another length
     ],
@@ -394,3 +396,14 @@ def test_example_inputs_the_model_cannot_run_are_named_though_the_trace_passed()
     with pytest.raises(UserError, match=r"the model failed on example_inputs \(RuntimeError: Input type \(torch\.Half"):
         pruner.prune()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_where_the_model_ran_is_not_a_saved_setting():
+    from cleanai_core.saved_folder import module_settings
+
+    model = _digits()
+    model.features[1].device, model.features[1].compute_device = "cuda:0", "cuda:0"  # would follow the folder
+    model.features[1].training_note = "kept"
+    found = module_settings(model)["features.1"]
+    assert "device" not in found and "compute_device" not in found and "training" not in found
+    assert found["training_note"] == "kept" and found["eps"] == 1e-05
