@@ -184,6 +184,10 @@ def slice_optimizer(
 # -- the training-loop API ---------------------------------------------------------------------------
 
 
+def _is_size(d: Any) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
+
+
 class GradualPruner:
     """Prune ``model`` in place, one increment per :meth:`step`, keeping ``optimizer``.
 
@@ -336,6 +340,9 @@ class GradualPruner:
 
         if not isinstance(state, dict) or not {"steps_done", "base_flops", "histories", "shapes"} <= set(state):
             raise UserError("not a GradualPruner state (give what GradualPruner.state_dict() returned)")
+        problem = self._state_problem(state)
+        if problem:  # were AttributeError / ValueError here, or ZeroDivisionError / TypeError at the next step
+            raise UserError(f"the GradualPruner checkpoint is damaged: {problem}; give what state_dict() returned")
         if state.get("schedule") != attrs.asdict(self.schedule) or state.get("by") != self.by:
             raise UserError(
                 f"the checkpoint was taken with schedule {state.get('schedule')} by={state.get('by')!r}, "
@@ -362,6 +369,22 @@ class GradualPruner:
                 )
         self.steps_done, self.base_flops = int(state["steps_done"]), state["base_flops"]
         self.histories = histories
+
+    def _state_problem(self, state: dict[str, Any]) -> str | None:
+        """What is out of form in a :meth:`state_dict` (``None`` when nothing is)."""
+        done, flops, histories, shapes = (state[k] for k in ("steps_done", "base_flops", "histories", "shapes"))
+        if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= self.schedule.steps:
+            return f"'steps_done' is {done!r}, expected a whole number from 0 to {self.schedule.steps}"
+        if not isinstance(histories, list) or len(histories) != done:
+            return f"'histories' must be a list of one pruning history per step done ({done})"
+        if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops < math.inf:
+            return f"'base_flops' is {flops!r}, expected a positive number"
+        if not isinstance(shapes, dict) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and all(_is_size(d) for d in v)
+            for k, v in shapes.items()
+        ):
+            return "'shapes' must map parameter names to lists of sizes"
+        return None
 
     def _run(self, model: nn.Module, batch: Any) -> Any:
         p = next(iter(model.parameters()), None)

@@ -161,13 +161,11 @@ def _checked_options(options: Any) -> dict[str, Any]:
     problem = arch_option_problem(kept)
     if problem is None:
         try:
-            json.dumps(kept, allow_nan=False)
+            json.dumps(kept, default=_json_default, allow_nan=False)
         except (TypeError, ValueError) as exc:
             problem = f"the options cannot be written as JSON ({exc})"
     if problem:
-        raise UserError(
-            f"save_pruned: {problem}; load_pruned could not rebuild the model from it. Nothing was written."
-        )
+        raise UserError(f"save_pruned: {problem}; load_pruned could not rebuild the model. Nothing was written.")
     return kept
 
 

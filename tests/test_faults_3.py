@@ -407,3 +407,32 @@ def test_where_the_model_ran_is_not_a_saved_setting():
     found = module_settings(model)["features.1"]
     assert "device" not in found and "compute_device" not in found and "training" not in found
     assert found["training_note"] == "kept" and found["eps"] == 1e-05
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"shapes": [1]}, "'shapes' must map parameter names to lists of sizes"),
+        ({"steps_done": "x"}, "'steps_done' is 'x', expected a whole number from 0 to 2"),
+        ({"steps_done": 99}, "'steps_done' is 99"),
+        ({"steps_done": 0}, r"'histories' must be a list of one pruning history per step done \(0\)"),
+        ({"base_flops": 0}, "'base_flops' is 0, expected a positive number"),
+        ({"base_flops": "x"}, "'base_flops' is 'x'"),
+    ],
+)
+def test_a_damaged_gradual_checkpoint_is_refused_before_anything_changes(change, message):
+    # were AttributeError / ValueError, or accepted and ZeroDivisionError / TypeError at the next step
+    def fresh():
+        model = _digits().train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, GradualPruner(model, torch.rand(2, 1, 8, 8), opt, PruningSchedule(final=0.5, steps=2))
+
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    _, gp = fresh()
+    gp.step([(x, y)])
+    state = {**gp.state_dict(), **change}
+    model, resumed = fresh()
+    widths = [tuple(p.shape) for p in model.parameters()]
+    with pytest.raises(UserError, match=message):
+        resumed.load_state_dict(state)
+    assert [tuple(p.shape) for p in model.parameters()] == widths and resumed.steps_done == 0
