@@ -23,6 +23,7 @@ __all__ = [
     "check_switches",
     "check_example_inputs",
     "check_model",
+    "check_not_meta",
     "check_options",
     "check_ranking",
     "check_ratio",
@@ -161,12 +162,7 @@ def as_importance(importance: Any) -> Any:
 def check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
-    if meta is not None:
-        raise UserError(
-            f"the model's tensors are on the meta device (e.g. {meta!r}: a shape without values); load its weights "
-            "first (model.to_empty(device='cpu') then model.load_state_dict(...))"
-        )
+    check_not_meta(model)
     if isinstance(model, torch.jit.ScriptModule):
         raise UserError(
             "the model is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes the Python "
@@ -234,6 +230,18 @@ def check_ranking(global_pruning: Any, isomorphic: Any) -> None:
             "isomorphic=True ranks units across the groups of each isomorphic set, a kind of global pruning: "
             "pass global_pruning=True with it (on the command line: --global --isomorphic); uniform pruning "
             "already ranks every group on its own"
+        )
+
+
+def check_not_meta(model: nn.Module, name: str = "model", var: str | None = None) -> None:
+    """A :class:`UserError` for a module whose tensors are shapes without values (``recover``
+    and ``GradualPruner`` raised "Tensor.item() cannot be called on meta tensors" or blamed the
+    example inputs)."""
+    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise UserError(
+            f"the {name}'s tensors are on the meta device (e.g. {meta!r}: a shape without values); load its weights "
+            f"first ({var or name}.to_empty(device='cpu') then {var or name}.load_state_dict(...))"
         )
 
 

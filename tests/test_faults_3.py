@@ -436,3 +436,16 @@ def test_a_damaged_gradual_checkpoint_is_refused_before_anything_changes(change,
     with pytest.raises(UserError, match=message):
         resumed.load_state_dict(state)
     assert [tuple(p.shape) for p in model.parameters()] == widths and resumed.steps_done == 0
+
+
+def test_recover_and_gradual_pruning_refuse_a_model_on_the_meta_device():
+    # recover raised "Tensor.item() cannot be called on meta tensors" (a meta teacher: "Cannot copy out of
+    # meta tensor"); GradualPruner blamed the example inputs
+    meta = _digits().to("meta")
+    data = TensorDataset(torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,)))
+    with pytest.raises(UserError, match=r"the pruned model's tensors are on the meta device .*pruned\.to_empty"):
+        recover(meta, None, data, epochs=1, progress=False)
+    with pytest.raises(UserError, match=r"the teacher's tensors are on the meta device \(e\.g\. 'features\.0\.weight'"):
+        recover(_digits(), meta, data, epochs=1, progress=False)
+    with pytest.raises(UserError, match=r"the model's tensors are on the meta device"):
+        GradualPruner(meta, torch.rand(2, 1, 8, 8), torch.optim.SGD(meta.parameters(), lr=0.1), PruningSchedule(0.5))
