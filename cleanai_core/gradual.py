@@ -39,6 +39,7 @@ import attrs
 import torch
 from torch import nn
 
+from cleanai_core import options
 from cleanai_core.bn_correction import norms_with_running_stats
 from cleanai_core.bn_refresh import reestimate_batchnorm
 from cleanai_core.calibration import iterate, move_to, split_batch
@@ -183,6 +184,10 @@ def slice_optimizer(
 # -- the training-loop API ---------------------------------------------------------------------------
 
 
+def _is_size(d: Any) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d >= 0
+
+
 class GradualPruner:
     """Prune ``model`` in place, one increment per :meth:`step`, keeping ``optimizer``.
 
@@ -217,6 +222,7 @@ class GradualPruner:
 
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        options.check_not_meta(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {optimizer!r}")
         own = {id(q) for q in model.parameters()}
@@ -232,6 +238,8 @@ class GradualPruner:
             raise UserError(f"unknown pruner option(s) {unknown}; valid: {', '.join(sorted(known))}")
         if not isinstance(schedule, PruningSchedule):
             raise UserError(f"schedule must be a PruningSchedule, got {type(schedule).__name__}")
+        options.check_switches(refresh_bn=refresh_bn)  # "no" read as true
+        options.check_example_inputs(example_inputs)
         if by not in ("flops", "ratio"):
             raise UserError(f"by={by!r}: choose 'flops' or 'ratio'")
         for key in ("inplace", "pruning_ratio", "target_flops", "iterative_steps"):
@@ -333,6 +341,9 @@ class GradualPruner:
 
         if not isinstance(state, dict) or not {"steps_done", "base_flops", "histories", "shapes"} <= set(state):
             raise UserError("not a GradualPruner state (give what GradualPruner.state_dict() returned)")
+        problem = self._state_problem(state)
+        if problem:  # were AttributeError / ValueError here, or ZeroDivisionError / TypeError at the next step
+            raise UserError(f"the GradualPruner checkpoint is damaged: {problem}; give what state_dict() returned")
         if state.get("schedule") != attrs.asdict(self.schedule) or state.get("by") != self.by:
             raise UserError(
                 f"the checkpoint was taken with schedule {state.get('schedule')} by={state.get('by')!r}, "
@@ -359,6 +370,22 @@ class GradualPruner:
                 )
         self.steps_done, self.base_flops = int(state["steps_done"]), state["base_flops"]
         self.histories = histories
+
+    def _state_problem(self, state: dict[str, Any]) -> str | None:
+        """What is out of form in a :meth:`state_dict` (``None`` when nothing is)."""
+        done, flops, histories, shapes = (state[k] for k in ("steps_done", "base_flops", "histories", "shapes"))
+        if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= self.schedule.steps:
+            return f"'steps_done' is {done!r}, expected a whole number from 0 to {self.schedule.steps}"
+        if not isinstance(histories, list) or len(histories) != done:
+            return f"'histories' must be a list of one pruning history per step done ({done})"
+        if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops < math.inf:
+            return f"'base_flops' is {flops!r}, expected a positive number"
+        if not isinstance(shapes, dict) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and all(_is_size(d) for d in v)
+            for k, v in shapes.items()
+        ):
+            return "'shapes' must map parameter names to lists of sizes"
+        return None
 
     def _run(self, model: nn.Module, batch: Any) -> Any:
         p = next(iter(model.parameters()), None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +14,18 @@ from torch import nn
 from cleanai_core.errors import UserError
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 
-__all__ = ["PruningHistory", "atomic_write_text", "check_shapes", "shapes_sliced"]
+__all__ = ["PruningHistory", "atomic_write_text", "check_shapes", "shape_mismatch", "shapes_sliced"]
 
 FORMAT = "cleanai-history/1"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename
+    (:func:`cleanai_core.io.atomic_write_text`: synced, with the permissions the umask gives;
+    this copy left ``history.save()``'s file readable by its owner only, mode 0600)."""
+    from cleanai_core.io import atomic_write_text as write
+
+    write(path, text)
 
 
 def _file_path(path: Any, verb: str) -> Path:
@@ -194,19 +188,32 @@ def check_shapes(history: PruningHistory, step: int, model: nn.Module) -> None:
     (run on the first one's output) replayed on a fresh model sliced it without a word:
     the ``state_dict`` loaded, and a ViT whose heads the fix-ups counted from the wrong
     layout failed in its forward (or computed something else)."""
+    found = shape_mismatch(history, step, model)
+    if found is not None:
+        name, shape, actual = found
+        raise UserError(
+            f"this history does not fit the model: step {step} of {len(history.steps)} was recorded on "
+            f"{name} of shape {shape}, this model has {actual}. A history recorded on an "
+            "already pruned model (a second StructuredPruner on the first one's output) replays after the "
+            "earlier histories, in order, on a fresh model; the model was not changed."
+        )
+
+
+def shape_mismatch(
+    history: PruningHistory, step: int, model: nn.Module
+) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+    """The first tensor that ``step`` was recorded on with another shape than ``model``
+    has it: ``(name, recorded shape, model's shape)``; ``None`` when all fit or nothing
+    was recorded."""
     recorded = history.meta.get("shapes")
     expected = recorded[step] if isinstance(recorded, list) and step < len(recorded) else None
     if not isinstance(expected, dict):
-        return  # recorded without the model (or by an older version): nothing to compare
+        return None  # recorded without the model (or by an older version): nothing to compare
     try:
         actual = shapes_sliced(model, history.steps[step])
     except AttributeError:
-        return  # a missing module: the slicing itself says which
+        return None  # a missing module: the slicing itself says which
     for name, shape in expected.items():
         if isinstance(shape, list) and name in actual and actual[name] != shape:
-            raise UserError(
-                f"this history does not fit the model: step {step} of {len(history.steps)} was recorded on "
-                f"{name} of shape {tuple(shape)}, this model has {tuple(actual[name])}. A history recorded on an "
-                "already pruned model (a second StructuredPruner on the first one's output) replays after the "
-                "earlier histories, in order, on a fresh model; the model was not changed."
-            )
+            return name, tuple(shape), tuple(actual[name])
+    return None

@@ -29,7 +29,7 @@ from cleanai_core.errors import UserError
 from cleanai_core.out_folder import INSIDE, TrackedWriter, current_umask, snapshot, staged_folder, target_of
 
 # options that shape the architecture (everything else, like data paths, is left out)
-from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION
+from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION, arch_option_problem, module_settings
 
 __all__ = ["atomic_write_bytes", "atomic_write_text", "load_pruned", "save_pruned"]
 
@@ -101,8 +101,10 @@ def save_pruned(
     :param options: loader options that shape the architecture (``num_classes``...).
     """
     from cleanai_core.history import PruningHistory
+    from cleanai_core.options import check_switches
 
     out = _folder_arg(out_dir, "save_pruned")
+    check_switches(save_pickle=save_pickle)  # "no" pickled the model
     if not isinstance(model, nn.Module):
         raise UserError(f"save_pruned needs the pruned torch.nn.Module, got {type(model).__name__}")
     if not isinstance(history, PruningHistory):  # "nope" was written as history.json, a folder nothing could load
@@ -116,6 +118,12 @@ def save_pruned(
         )
     if out.exists() and not out.is_dir():
         raise UserError(f"{str(out)!r} is a file; give a folder path to save_pruned().")
+    options = _checked_options(options)
+    if example_input_shape is not None and (
+        not isinstance(example_input_shape, (list, tuple))
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in example_input_shape)
+    ):
+        raise UserError(f"example_input_shape={example_input_shape!r} must be a list of sizes (e.g. [1, 3, 224, 224])")
     target = target_of(out)
     before = snapshot(target)
 
@@ -124,7 +132,6 @@ def save_pruned(
             raise UserError(f"{str(out)!r} changed while the model was being saved; nothing was replaced. Save again.")
 
     with staged_folder(out, check=unchanged, expected=before) as tmp:
-        options = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         _atomic(tmp / "model.pt", lambda fh: torch.save(state, fh))
         atomic_write_text(tmp / "history.json", _json(history.to_json()))
@@ -135,6 +142,7 @@ def save_pruned(
             "options": options,
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "example_input_shape": list(example_input_shape) if example_input_shape is not None else None,
+            "settings": module_settings(model),  # bn.eps set after building was lost on reload
         }
         atomic_write_text(tmp / "architecture.json", _json(arch))
         if save_pickle:
@@ -142,6 +150,23 @@ def save_pruned(
         if before:
             _carry_over(target, tmp, skip=OWN_FILES)
     return out
+
+
+def _checked_options(options: Any) -> dict[str, Any]:
+    """The architecture options of ``options`` (others are left out), as ``load_pruned``
+    will accept them: a folder with ``num_classes="10"`` was written, then refused."""
+    if options is not None and not isinstance(options, dict):
+        raise UserError(f"save_pruned options must be a dict such as {{'num_classes': 10}}, got {options!r}")
+    kept = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
+    problem = arch_option_problem(kept)
+    if problem is None:
+        try:
+            json.dumps(kept, default=_json_default, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            problem = f"the options cannot be written as JSON ({exc})"
+    if problem:
+        raise UserError(f"save_pruned: {problem}; load_pruned could not rebuild the model. Nothing was written.")
+    return kept
 
 
 def _folder_arg(path: Any, verb: str) -> Path:
@@ -179,23 +204,33 @@ def load_pruned(
     """Rebuild a pruned model saved by :func:`save_pruned` (or ``cleanai prune``).
 
     Rebuilds the unpruned architecture from ``architecture.json`` (no pretrained weights are
-    downloaded), replays ``history.json`` on it, then loads ``model.pt`` strictly. The model
-    is returned in eval mode. Every file is checked first; a tampered or foreign folder
-    raises :class:`UserError` naming the file and the problem.
+    downloaded), replays ``history.json`` on it, then loads ``model.pt`` strictly, in the
+    dtypes it was saved in, and gives the modules their saved settings (plain attributes such
+    as a BatchNorm's ``eps``). The model is returned in eval mode on ``map_location``. Every
+    file is checked first; a tampered or foreign folder raises :class:`UserError` naming the
+    file and the problem.
 
     Nothing in the folder runs code unless you say so: the architecture comes from a
     registered model source (``timm:``, ``torchvision:``, installed loader plugins).
     ``trust_code`` allows an import spec (``package.module:factory``) and its keyword
     arguments; ``trust_model`` allows a pickled model file (rebuilding unpickles it again).
     """
+    from cleanai_core.options import check_switches
     from cleanai_core.plugins import get_plugin_manager, load_model
-    from cleanai_core.saved_folder import read_architecture, read_history, read_state, replay_history
+    from cleanai_core.runtime import checked_device
+    from cleanai_core.saved_folder import (
+        apply_settings,
+        read_architecture,
+        read_history,
+        read_settings,
+        read_state,
+        replay_history,
+    )
 
     out = _folder_arg(out_dir, "load_pruned")
-    try:  # a bad map_location read as a damaged model.pt
-        torch.device(map_location) if not isinstance(map_location, torch.device) else None
-    except (RuntimeError, TypeError):
-        raise UserError(f"map_location={map_location!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    check_switches(trust_model=trust_model, trust_code=trust_code)  # trust_code="false" ran the folder's code
+    # a bad map_location, or cuda on a machine without one, was blamed on a damaged model.pt
+    map_location = checked_device(map_location, "map_location=")
     for name in ("architecture.json", "history.json", "model.pt"):
         if not (out / name).is_file():
             raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")
@@ -222,5 +257,20 @@ def load_pruned(
         )
     replay_history(history, model, out / "history.json", pm)
     state = read_state(out / "model.pt", model, map_location)
+    model.to(map_location)
+    take_dtypes(model, state)
     model.load_state_dict(state, strict=True)
-    return model.to(map_location).eval()
+    apply_settings(model, read_settings(out / "architecture.json"))
+    return model.eval()
+
+
+def take_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every parameter and buffer of ``model`` the dtype of its tensor in ``state``:
+    the architecture is rebuilt in float32, and ``load_state_dict`` copies into it, so a
+    float16, bfloat16 or float64 model came back as float32 (other outputs, twice the size).
+    The parameter objects stay (tied weights stay tied)."""
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            saved = state.get(name)
+            if saved is not None and saved.dtype != t.dtype:
+                t.data = t.data.to(saved.dtype)

@@ -23,6 +23,7 @@ __all__ = [
     "check_switches",
     "check_example_inputs",
     "check_model",
+    "check_not_meta",
     "check_options",
     "check_ranking",
     "check_ratio",
@@ -161,12 +162,7 @@ def as_importance(importance: Any) -> Any:
 def check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
-    if meta is not None:
-        raise UserError(
-            f"the model's tensors are on the meta device (e.g. {meta!r}: a shape without values); load its weights "
-            "first (model.to_empty(device='cpu') then model.load_state_dict(...))"
-        )
+    check_not_meta(model)
     if isinstance(model, torch.jit.ScriptModule):
         raise UserError(
             "the model is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes the Python "
@@ -244,6 +240,18 @@ def check_ranking(global_pruning: Any, isomorphic: Any) -> None:
         )
 
 
+def check_not_meta(model: nn.Module, name: str = "model", var: str | None = None) -> None:
+    """A :class:`UserError` for a module whose tensors are shapes without values (``recover``
+    and ``GradualPruner`` raised "Tensor.item() cannot be called on meta tensors" or blamed the
+    example inputs)."""
+    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise UserError(
+            f"the {name}'s tensors are on the meta device (e.g. {meta!r}: a shape without values); load its weights "
+            f"first ({var or name}.to_empty(device='cpu') then {var or name}.load_state_dict(...))"
+        )
+
+
 def check_example_inputs(example_inputs: Any) -> None:
     leaves = [t for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
     if not leaves:
@@ -252,6 +260,13 @@ def check_example_inputs(example_inputs: Any) -> None:
         raise UserError(
             "example_inputs are on the meta device (shapes without data): give real tensors on the model's "
             "device, e.g. torch.randn(1, 3, 224, 224)"
+        )
+    if leaves[0].numel() == 0 or all(t.numel() == 0 for t in leaves):
+        # a batch of 0 samples: nothing to measure, and the check against the masking oracle
+        # raised "max(): Expected reduction dim to be specified for input.numel() == 0"
+        raise UserError(
+            f"example_inputs hold no values (the input has shape {tuple(leaves[0].shape)}): give one batch of at "
+            "least one sample, e.g. torch.randn(1, 3, 224, 224)"
         )
     if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves):
         raise UserError("example_inputs contain NaN or inf values; give finite inputs")

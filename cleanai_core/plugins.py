@@ -161,7 +161,27 @@ def make_plugin_manager(
         load_entrypoints = os.environ.get("CLEANAI_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
     if load_entrypoints:
         _load_entry_points(pm)
+    _warn_unknown_blocked(set(disabled) | _disabled_from_env(), list(builtins))
     return pm
+
+
+def _warn_unknown_blocked(names: set[str], builtins: list[str]) -> None:
+    """A blocked name that is no plugin blocks nothing: a misspelt ``--disable-plugin``
+    left the plugin it meant active, without a word."""
+    known = builtins + [
+        ep.name for dist in importlib.metadata.distributions() for ep in dist.entry_points if ep.group == PROJECT
+    ]
+    for name in sorted(names - set(known)):
+        import difflib
+
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        warnings.warn(
+            f"cleanai: the blocked plugin {name!r} (--disable-plugin or CLEANAI_DISABLED_PLUGINS) is not a plugin, so "
+            f"it blocks nothing; {hint}`cleanai plugins` lists them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 _PM: CleanAIPluginManager | None = None
@@ -239,6 +259,10 @@ def load_model(pm: Any, spec: str, options: dict[str, Any]) -> Any:
     :class:`UserError` instead of the allocator's ``RuntimeError``."""
     from cleanai_core.errors import UserError
 
+    num = options.get("num_classes")
+    if num is not None and (isinstance(num, bool) or not isinstance(num, int) or num < 1):
+        # cleanai explain --num-classes -3: "Trying to create tensor with negative dimension" (exit 1)
+        raise UserError(f"--num-classes={num!r} is out of range: it must be an integer >= 1 (the model's classes).")
     try:
         return pm.hook.cleanai_load_model(spec=spec, options=options)
     except MemoryError:

@@ -17,7 +17,7 @@ from cleanai_core.collect import Calibration, CalibrationSetup, calibrate
 from cleanai_core.compensation import compensated_copy
 from cleanai_core.dead_units import dead_plan
 from cleanai_core.device_defaults import default_round_to
-from cleanai_core.errors import UserError
+from cleanai_core.errors import CleanAIError, UserError
 from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
 from cleanai_core.graph.groups import Group
 from cleanai_core.history import PruningHistory
@@ -367,7 +367,19 @@ class StructuredPruner:
 
     def _verify(self, model: nn.Module, graph: DependencyGraph | None = None) -> list[torch.Tensor]:
         if self._reference is None:
-            self._reference = reference(self.model, self.example_inputs, self.forward_fn, self.output_transform)
+            try:
+                self._reference = reference(self.model, self.example_inputs, self.forward_fn, self.output_transform)
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+                if isinstance(exc, (CleanAIError, torch.OutOfMemoryError)):
+                    raise
+                # the trace runs on the meta device (shapes only): float16 inputs to a float32 model passed
+                # it and then raised the model's own RuntimeError here
+                p = next((q for q in self.model.parameters() if q.is_floating_point()), None)
+                want = f" (dtype {p.dtype}, device {p.device})" if p is not None else ""
+                raise UserError(
+                    f"the model failed on example_inputs ({type(exc).__name__}: {str(exc)[:300]}); give them as the "
+                    f"model takes them{want}"
+                ) from exc
         return check_outputs(model, self.example_inputs, self._reference, self.forward_fn, self.output_transform)
 
     def _verify_exact(

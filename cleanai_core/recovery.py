@@ -42,7 +42,8 @@ from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, eval_mode
 from cleanai_core.model_state import copy_model
-from cleanai_core.runtime import find_logits
+from cleanai_core.options import check_not_meta, check_switches
+from cleanai_core.runtime import checked_device, find_logits
 
 __all__ = [
     "RecoveryResult",
@@ -161,7 +162,7 @@ def distillation_loss(
         )
         loss = loss + (kd_weight * temperature**2 * per.sum(-1).mean()).to(s.dtype)
     if labels is not None and ce_weight:
-        loss = loss + ce_weight * F.cross_entropy(s, labels.to(s.device))
+        loss = loss + ce_weight * F.cross_entropy(s, labels.to(s.device).long())  # int32 / bool labels raised
     return loss
 
 
@@ -392,10 +393,10 @@ def _private_rng(fn: Callable) -> Callable:
     def wrapper(pruned: Any, *args: Any, **kwargs: Any) -> Any:
         dev = kwargs.get("device")
         try:
-            dev = torch.device(dev) if dev is not None else (
+            dev = checked_device(dev, "device=") if dev is not None else (
                 _device_of(pruned) if isinstance(pruned, nn.Module) else torch.device("cpu")
             )  # fmt: skip
-        except (RuntimeError, TypeError):  # not a device: ``fn`` says so
+        except UserError:  # not a device here: ``fn`` says so
             dev = torch.device("cpu")
         cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
@@ -499,10 +500,14 @@ def recover(
         raise UserError(f"pruned must be a torch.nn.Module, got {type(pruned).__name__}")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise UserError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
+    check_not_meta(pruned, "pruned model", "pruned")
+    if teacher is not None:
+        check_not_meta(teacher, "teacher")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise UserError(f"epochs={epochs!r} must be a positive integer")
     if task not in TASKS:
         raise UserError(f"task={task!r}: choose one of {', '.join(TASKS)}")
+    check_switches(inplace=inplace, amp=amp)  # inplace="no" trained the user's model in place
     _check_number("lr", lr)  # 0: a control run; weights stay, train-mode BatchNorm statistics still adapt
     _check_number("temperature", temperature, positive=True)
     _check_number("weight_decay", weight_decay)
@@ -521,10 +526,7 @@ def recover(
         raise UserError(f"val_fraction={val_fraction!r} must be a number between 0 and 1")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed={seed!r} must be an integer")
-    try:
-        device = torch.device(device) if device is not None else _device_of(pruned)
-    except (RuntimeError, TypeError):
-        raise UserError(f"device={device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    device = checked_device(device, "device=") if device is not None else _device_of(pruned)
     torch.manual_seed(seed)  # on the fork made by _private_rng: the caller's RNG state is restored after
     train_loader, held_loader, n_train, n_held = split_train_data(train_data, val_data, val_fraction, batch_size, seed)
     student = pruned if inplace else copy_model(pruned)

@@ -23,6 +23,7 @@ __all__ = [
     "output_leaves_of",
     "runs_the_same",
     "check_labels",
+    "checked_device",
     "copy_modes",
     "device_of",
     "find_logits",
@@ -151,6 +152,27 @@ def _agree(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * scale, equal_nan=True))
 
 
+def checked_device(value: Any, name: str) -> torch.device:
+    """``value`` as a device this machine has, else a :class:`UserError` naming the option
+    ``name`` (``"--device"``, ``"map_location="``): ``cuda`` without a GPU raised the driver's
+    ``RuntimeError`` in the middle of a run, or was blamed on the file being loaded."""
+    shown = f"{name} {value}" if name.startswith("--") else f"{name}{value!r}"
+    try:
+        device = value if isinstance(value, torch.device) else torch.device(value)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{shown} is not a device; use cpu, cuda or cuda:N.") from None
+    if device.type == "meta":
+        raise UserError(f"{shown} holds shapes without data, so nothing can be measured or loaded; use cpu or cuda.")
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise UserError(f"{shown} was asked for, but this machine has no {device.type} device; use cpu.")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise UserError(f"{shown}: this machine has {count()} {device.type} device(s) (0..{count() - 1}).")
+    return device
+
+
 def device_of(model: nn.Module) -> torch.device | None:
     """The device of ``model``'s first parameter (``None`` without parameters)."""
     p = next(iter(model.parameters()), None)
@@ -240,7 +262,9 @@ def check_labels(out: Any, target: Any) -> torch.Tensor:
                 f"taylor importance got class label {int(target[bad][0])} but the output has {out.shape[1]} "
                 f"classes (dim 1 of shape {tuple(out.shape)}); give labels 0..{out.shape[1] - 1}"
             )
-    return target
+    # cross-entropy takes int64 class indices only: bool, int32 and int16 labels raised "expected
+    # target dtype to be Long"
+    return target.long()
 
 
 # -- batches ---------------------------------------------------------------------------------

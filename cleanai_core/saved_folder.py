@@ -18,6 +18,7 @@ truncated, of another version, or tampered with.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,15 @@ from torch import nn
 
 from cleanai_core.errors import UserError
 from cleanai_core.history import FORMAT as HISTORY_FORMAT
-from cleanai_core.history import PruningHistory
+from cleanai_core.history import PruningHistory, shape_mismatch
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 
 __all__ = [
     "FORMAT_VERSION",
+    "arch_option_problem",
+    "apply_settings",
+    "module_settings",
+    "read_settings",
     "read_architecture",
     "history_from_json",
     "read_history",
@@ -90,18 +95,28 @@ def read_architecture(path: Path, trust_code: bool = False) -> tuple[str, dict[s
     unknown = sorted(set(options) - set(ARCH_OPTIONS))
     if unknown:
         raise _bad(path, f"unknown option(s) {unknown}; known: {list(ARCH_OPTIONS)}")
-    num_classes = options.get("num_classes")
-    if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
-        raise _bad(path, f"'num_classes' is {num_classes!r}, expected a positive integer")
+    problem = arch_option_problem(options)
+    if problem:
+        raise _bad(path, problem)
     kwargs = options.get("model_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise _bad(path, f"'model_kwargs' is a {type(kwargs).__name__}, expected an object")
     if kwargs and not trust_code:
         raise UserError(
             f"{str(path)!r} passes keyword arguments {sorted(kwargs)} to the architecture {spec!r}; they reach "
             "code that the folder chooses. If you trust the folder, pass trust_code=True (command line: --trust-code)."
         )
     return spec, dict(options)
+
+
+def arch_option_problem(options: dict[str, Any]) -> str | None:
+    """What is wrong with the architecture options (``num_classes``, ``model_kwargs``), or
+    ``None``: checked when a folder is read, and by ``save_pruned`` before it writes one."""
+    num_classes = options.get("num_classes")
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
+        return f"'num_classes' is {num_classes!r}, expected a positive integer"
+    kwargs = options.get("model_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        return f"'model_kwargs' is a {type(kwargs).__name__}, expected an object"
+    return None
 
 
 def _check_edit(path: Path, where: str, e: Any) -> SliceEdit:
@@ -180,6 +195,17 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
     for i, step in enumerate(history.steps):
         where = f"step {i}"
         _check_targets(path, model, step, where)
+        found = shape_mismatch(history, i, model)
+        if found is not None:  # e.g. the history of a second pruner alone: it loaded without a word
+            name, shape, actual = found
+            warnings.warn(
+                f"{str(path)!r}: {where} was recorded on {name} of shape {shape}, but the architecture in "
+                f"architecture.json has {actual} there; the weights fit, so the model loads, but settings that "
+                "follow a layer's width (attention heads) may be wrong. Save a model pruned twice with "
+                "first.history.then(second.history), with the spec and options of the model that was pruned.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         try:
             apply_edits(model, step, pm)
         except UserError:
@@ -264,3 +290,82 @@ def _add_missing_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
         w = getattr(module, "weight", None)
         if hasattr(module, "bias") and module.bias is None and isinstance(w, torch.Tensor) and w.shape[0] == len(value):
             module.register_parameter("bias", nn.Parameter(torch.zeros_like(value, dtype=w.dtype)))
+
+
+# -- module settings ---------------------------------------------------------------------------
+#
+# *settings*: a module's public plain attributes (numbers, text, flags, short tuples of them):
+# a BatchNorm's ``eps`` and ``momentum``, a dropout's ``p``, an attention's head count. The
+# architecture is rebuilt with its defaults, so one the user changed after building the model
+# (``bn.eps = 1e-3``) was lost on reload: other outputs, without a word.
+
+_SCALARS = (bool, int, float, str, type(None))
+_MAX_ITEMS = 64  # longer sequences are data, not a setting
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, float):
+        return value == value and abs(value) != float("inf")  # JSON has no NaN or inf
+    if isinstance(value, _SCALARS):
+        return True
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) <= _MAX_ITEMS
+        and all(isinstance(v, _SCALARS) and _plain(v) for v in value)
+    )
+
+
+def _setting(key: str) -> bool:
+    """Whether attribute ``key`` is a setting: not private, not the mode, not where the model
+    ran (``self.device = "cuda"`` would follow the folder to a machine without one)."""
+    return not key.startswith("_") and key != "training" and "device" not in key
+
+
+def module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module's settings (see above), by module name, for ``architecture.json``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        found = {k: v for k, v in vars(m).items() if _setting(k) and _plain(v)}
+        if found:
+            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in found.items()}
+    return out
+
+
+def read_settings(path: Path) -> dict[str, dict[str, Any]]:
+    """The ``settings`` of ``architecture.json`` (none in folders written before they were
+    saved), checked for form."""
+    settings = _read_json(path).get("settings") or {}
+    if not isinstance(settings, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) and all(isinstance(a, str) and _plain(x) for a, x in v.items())
+        for k, v in settings.items()
+    ):
+        raise _bad(path, "'settings' must map module names to objects of numbers, text and flags")
+    return settings
+
+
+def _same_kind(old: Any, new: Any) -> bool:
+    numbers = (int, float, type(None))
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, numbers) and isinstance(new, numbers):
+        return True
+    if isinstance(old, (tuple, list)):
+        return isinstance(new, list) and len(new) == len(old)
+    return type(old) is type(new)
+
+
+def apply_settings(model: nn.Module, settings: dict[str, dict[str, Any]]) -> None:
+    """Give ``model``'s modules the saved settings. Only an attribute the rebuilt module has,
+    of the same kind, is set (values only: nothing is imported or called); others, e.g. from
+    another version of the model's library, are left as the architecture builds them."""
+    modules = dict(model.named_modules())
+    for name, values in settings.items():
+        m = modules.get(name)
+        if m is None:
+            continue
+        own = vars(m)
+        for key, value in values.items():
+            if not _setting(key) or key not in own or not _plain(own[key]):
+                continue
+            if _same_kind(own[key], value) and own[key] != value:
+                own[key] = tuple(value) if isinstance(own[key], tuple) else value

@@ -199,6 +199,7 @@ def prune_in_steps(pruner: Any) -> nn.Module:
     skipped), record the edits, correct BatchNorm statistics. Returns the last model."""
     from cleanai_core import distributed
     from cleanai_core.collect import CalibrationSetup, correct_batchnorm_after, recalibrate
+    from cleanai_core.errors import CleanAIError, PruningError
     from cleanai_core.metrics import count_flops
     from cleanai_core.verify import build_skipping_breakers
 
@@ -232,10 +233,21 @@ def prune_in_steps(pruner: Any) -> nn.Module:
         p.history.record(edits, before=current, after=pruned_model)
         if p.recalibrate_bn and p.calibration.data is not None:
             keep = {e.module: e.keep for e in edits}
-            correct_batchnorm_after(
-                current, pruned_model, cal.moments, keep, cal.data, p.forward_fn, cal.samples, cal.batch_calls,
-                p.bn_samples,
-            )  # fmt: skip
+            try:
+                correct_batchnorm_after(
+                    current, pruned_model, cal.moments, keep, cal.data, p.forward_fn, cal.samples, cal.batch_calls,
+                    p.bn_samples,
+                )  # fmt: skip
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+                if isinstance(exc, (CleanAIError, torch.OutOfMemoryError)):
+                    raise
+                # was the model's own traceback: the pruned model ran on the example, not on this batch
+                raise PruningError(
+                    f"the pruned model failed on a calibration batch during the BatchNorm correction, where the "
+                    f"original ran ({type(exc).__name__}: {str(exc)[:300]}). It was checked on the example input "
+                    "only; ignore the layers whose width the model reads (or pass recalibrate_bn=False, command "
+                    "line: --no-bn-recalibration), and report it."
+                ) from exc
         current = pruned_model
     if steps > 1 and p.target_flops is not None:  # each step's plan_for checked its own aim only
         from cleanai_core.pruner import _warn_if_far

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import torch
 
 from cleanai_core.bn_correction import BN_SAMPLES
 from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
 from cleanai_core.config_sources import ENV_PREFIX, PRESETS, env_options, preset_options, read_config_file
 from cleanai_core.errors import UserError
+from cleanai_core.runtime import checked_device
 
 __all__ = [
     "API_NAMES",
@@ -468,12 +468,5 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
         raise UserError(f"--alpha/--beta apply to the weight_activation importance, not {cfg['importance']!r}.")
     if not isinstance(cfg.get("ignore"), list):
         raise UserError("ignore must be a list of layer patterns.")
-    try:
-        device = torch.device(cfg["device"])
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(f"--device {cfg['device']!r} is not a device (try cpu or cuda).") from exc
-    if device.type == "meta":
-        raise UserError("--device meta holds shapes without data, so nothing can be measured; use cpu or cuda.")
-    if str(cfg["device"]).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {cfg['device']} was asked for but CUDA is not available; use --device cpu.")
+    checked_device(cfg["device"], "--device")
     return cfg

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cleanai_core import distributed
-from cleanai_core.errors import UserError
+from cleanai_core.errors import CleanAIError, PruningError, UserError
 from cleanai_core.job.config import PruneConfig, pruner_options, resolve_config
 from cleanai_core.job.inputs import (
     CheckedDataset,
@@ -28,7 +28,8 @@ from cleanai_core.job.inputs import (
     to_device,
 )
 from cleanai_core.job.outputs import check_out_dir, guard_out
-from cleanai_core.model_state import copy_model
+from cleanai_core.model_state import copy_model, preserved
+from cleanai_core.runtime import device_of
 
 __all__ = ["execute", "run_job"]
 
@@ -50,10 +51,27 @@ def _accuracy_note(note: str | None, *results: dict[str, Any] | None) -> str | N
     return notes[0] if notes else "no installed evaluator measures this model's output"
 
 
-def _evaluate(pm: Any, model: Any, loader: Any, device: torch.device) -> dict[str, float] | None:
+def _evaluate(pm: Any, model: Any, loader: Any, device: torch.device, pruned: bool = False) -> dict[str, float] | None:
+    """The evaluators' result for ``model`` on the held-out batches. The model failing on one
+    is a :class:`UserError` (the original: the data) or a :class:`PruningError` (the pruned
+    model, where the original ran); it was a traceback with exit code 1."""
     if loader is None:
         return None
-    return pm.hook.cleanai_evaluate(model=model, loader=loader, device=device)
+    try:
+        return pm.hook.cleanai_evaluate(model=model, loader=loader, device=device)
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+        if isinstance(exc, (CleanAIError, torch.OutOfMemoryError)):
+            raise
+        what = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if pruned:
+            raise PruningError(
+                f"the pruned model failed on the held-out part of --data, where the original model ran ({what}); "
+                "nothing was written. Please report this with the model; --ignore the layers named above meanwhile."
+            ) from exc
+        raise UserError(
+            f"the model failed on the held-out part of --data, which measures accuracy ({what}); the first sample "
+            "ran. Check that every sample of --data fits the model (shape, dtype, values); nothing was written."
+        ) from exc
 
 
 LATENCY_ROUNDS = 5
@@ -102,6 +120,10 @@ def execute(
     user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config"), cfg.get("train_data")]
     with contextlib.ExitStack() as guard:
         at_commit = (None, None)
+        if isinstance(model, torch.nn.Module):
+            # run_job(model=...): its modes, buffers and attributes come back as they were (the
+            # job puts it in eval mode; a model in training mode was left in eval mode)
+            guard.enter_context(preserved(model))
         if out is not None and not cfg.get("dry_run"):
             # rank 0 checks the folder it will write; a refusal stops every rank (the others
             # would wait in the first collective until the timeout)
@@ -142,6 +164,8 @@ def _execute(
         model, dataset, pm = load_inputs(cfg)
     else:
         pm = get_plugin_manager()
+        if device_of(model) not in (None, device):  # the user's model stays where it is
+            model = copy_model(model)
         model = model.eval().to(device)
         dataset = CheckedDataset(dataset, model, str(cfg["data"]))
     calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))
@@ -233,18 +257,18 @@ def _execute(
     before_acc = _evaluate(pm, model, eval_loader, device)
     repeats = int(cfg.get("latency_repeats") or 20)
     pruned = pruner.prune()
-    after_acc = _evaluate(pm, pruned, eval_loader, device)
+    after_acc = _evaluate(pm, pruned, eval_loader, device, pruned=True)
     recovery = None
     if cfg.get("recover_epochs"):
         from cleanai_core.job.recovery import recover_for_report
 
-        acc = lambda m: (_evaluate(pm, m, eval_loader, device) or {}).get("accuracy")
+        acc = lambda m: (_evaluate(pm, m, eval_loader, device, pruned=True) or {}).get("accuracy")
         accs = (before_acc or {}).get("accuracy"), (after_acc or {}).get("accuracy")
         pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, acc, *accs)
         if recovery["accuracy_recovered"] is not None:
             after_acc = {"accuracy": recovery["accuracy_recovered"]}
         else:  # another metric (a causal LM's perplexity): the recovered model's, on the same held-out split
-            after_acc = _evaluate(pm, pruned, eval_loader, device)
+            after_acc = _evaluate(pm, pruned, eval_loader, device, pruned=True)
     lat_before, lat_after, repeats = _latencies(model, pruned, example, repeats)
 
     report = {
