@@ -146,6 +146,7 @@ def check_exact(
     inputs: Any,
     forward_fn: Callable | None = None,
     output_transform: Callable | None = None,
+    expected: list[torch.Tensor] | None = None,
 ) -> None:
     """Raise :class:`~cleanai_core.errors.PruningError` when ``sliced`` (``graph.model``
     sliced without ``pruned``, nothing compensated) gives other outputs on ``inputs`` than
@@ -153,8 +154,10 @@ def check_exact(
     a channel count at run time (``x / sqrt(x.shape[1])``), which zeroing channels keeps
     and slicing changes. Outputs whose shapes differ (a variable number of detections) or
     that are not finite in the masked model are not compared. ``got``: ``sliced``'s
-    outputs on ``inputs`` where they were just computed (None: run it)."""
-    expected = masked_outputs(graph, pruned, inputs, forward_fn, output_transform)
+    outputs on ``inputs`` where they were just computed (None: run it); ``expected``: the
+    masked model's (:func:`masked_outputs`), where they were."""
+    if expected is None:
+        expected = masked_outputs(graph, pruned, inputs, forward_fn, output_transform)
     if got is None:
         got = model_outputs(sliced, inputs, forward_fn, output_transform)
     pairs = [
