@@ -53,11 +53,12 @@ class _Snapshot:
     def restore(self) -> None:
         with torch.no_grad():
             for m, bufs, attrs in zip(self.modules, self.buffers, self.attrs, strict=True):
-                for key in [k for k in m.__dict__ if k not in _TABLES and k not in attrs]:
-                    del m.__dict__[key]  # set by a forward
+                state = m.__dict__
+                for key in state.keys() - attrs.keys() - _TABLES:
+                    del state[key]  # set by a forward
                 for key, value in attrs.items():
-                    if m.__dict__.get(key, _MISSING) is not value:
-                        m.__dict__[key] = value  # includes ``training``
+                    if state.get(key, _MISSING) is not value:
+                        state[key] = value  # includes ``training``
                 for key, (obj, saved) in bufs.items():
                     _put_back(obj, saved)
                     m._buffers[key] = obj
@@ -71,6 +72,8 @@ def _put_back(obj: torch.Tensor, saved: torch.Tensor) -> None:
     resized); an untouched buffer is not written (its version counter stays)."""
     if obj.shape != saved.shape or obj.device != saved.device:
         obj.set_(saved.to(obj.device))
+    elif torch.equal(obj, saved):  # one call for what is nearly always so
+        return
     elif not bool(((obj == saved) | (torch.isnan(obj) & torch.isnan(saved))).all()):
         obj.copy_(saved)
 

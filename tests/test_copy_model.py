@@ -1,6 +1,6 @@
 """``copy_model`` is ``copy.deepcopy`` for models, without deepcopy's per-object dispatch on
-the modules that copy the default way; the data-free path runs the original model only to
-trace it (the masked original's outputs stand in for the reference where they settle it)."""
+the modules that copy the default way; the data-free path runs the original model twice: to
+trace it, and masked (its outputs stand in for the reference where they settle it)."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ class CountsCalls(nn.Module):
         return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
 
 
-def test_the_data_free_path_runs_the_original_only_to_trace_it():
+def test_the_data_free_path_runs_the_original_twice_in_all():
     model = CountsCalls().eval()
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append(m is model))  # copies carry the hook too
@@ -146,7 +146,10 @@ def test_the_data_free_path_runs_the_original_only_to_trace_it():
     pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, bias_compensation=False)
     assert calls == [True]  # the trace
     pruned = pruner.prune()
-    assert calls == [True, False, False]  # the pruned model and the masked original (a copy)
+    # the pruned model (a copy), then the masked original: the original itself with zeroing
+    # hooks; no forward of the original for reference (it was one more)
+    assert calls == [True, False, True]
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == [1, 0, 0, 0]
     assert pruned.conv1.out_channels == 8 and pruned.conv2.out_channels == 8
 
 
@@ -190,3 +193,59 @@ def test_the_check_without_masked_outputs_still_runs_the_original(bad):
     assert asked == [1]
     assert check_outputs(model, x, ref, outputs=[torch.ones(1, 10)], like=like)[0].shape == (1, 10)
     assert asked == [1]  # settled by the masked outputs: the original did not run
+
+
+class AddsInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+        self.armed = False
+
+    def forward(self, x):
+        y = self.conv1(x)
+        if self.armed and bool((y[:, 0] == 0).all()):
+            raise RuntimeError("channel 0 is all zeros")
+        y.add_(1.0)  # after the zeroing at conv1's output: conv2's input must be zeroed again
+        return self.conv2(y)
+
+
+def _conv1_group(graph) -> torch.Tensor:
+    pruned = torch.zeros(graph.root.numel(), dtype=torch.bool)
+    (group,) = [g for g in graph.groups(prunable_only=True) if "conv1" in g.modules()]
+    pruned[group.units[[0, 3, 5]]] = True
+    return pruned
+
+
+def test_the_masked_original_zeroes_an_input_written_since_its_producer_was_zeroed():
+    from cleanai_core import DependencyGraph
+    from cleanai_core.testing import masked_forward
+
+    model = AddsInPlace().eval()
+    x = torch.randn(2, 3, 4, 4)
+    graph = DependencyGraph(model, x)
+    (got,) = masked_forward(graph, _conv1_group(graph), x)
+    with torch.no_grad():
+        y = model.conv1(x) + 1.0
+        y[:, [0, 3, 5]] = 0.0
+        want = model.conv2(y)
+    assert torch.equal(got, want)
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == [0, 0, 0]
+
+
+def test_a_masked_run_that_fails_leaves_the_model_as_it_was():
+    from cleanai_core import DependencyGraph
+    from cleanai_core.testing import masked_forward
+
+    model = AddsInPlace().eval()
+    x = torch.randn(2, 3, 4, 4)
+    graph = DependencyGraph(model, x)
+    tensors = {n: (t, t.detach().clone()) for n, t in model.state_dict(keep_vars=True).items()}
+    model.armed = True
+    with pytest.raises(RuntimeError, match="all zeros"):
+        masked_forward(graph, _conv1_group(graph), x)
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == [0, 0, 0]
+    now = model.state_dict(keep_vars=True)
+    assert all(now[n] is t and torch.equal(t, saved) for n, (t, saved) in tensors.items())
+    assert model(x).shape == (2, 4, 4, 4)
