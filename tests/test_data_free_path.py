@@ -1,6 +1,6 @@
-"""``copy_model`` is ``copy.deepcopy`` for models, without deepcopy's per-object dispatch on
-the modules that copy the default way; the data-free path runs the original model twice: to
-trace it, and masked (its outputs stand in for the reference where they settle it)."""
+"""The data-free path's costs: ``copy_model`` is ``copy.deepcopy`` for models without
+deepcopy's per-object dispatch on the modules that copy the default way; the original model
+runs twice, to trace it and masked (its outputs stand in for the reference where they settle it)."""
 
 from __future__ import annotations
 
@@ -249,3 +249,11 @@ def test_a_masked_run_that_fails_leaves_the_model_as_it_was():
     now = model.state_dict(keep_vars=True)
     assert all(now[n] is t and torch.equal(t, saved) for n, (t, saved) in tensors.items())
     assert model(x).shape == (2, 4, 4, 4)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 5000])
+def test_graph_unique_is_torch_unique(n):
+    from cleanai_core.graph.groups import unique
+
+    x = torch.randint(-50, 50, (n,), generator=torch.Generator().manual_seed(n))
+    assert torch.equal(unique(x), torch.unique(x)) and unique(x).dtype == torch.int64
