@@ -257,3 +257,34 @@ def test_graph_unique_is_torch_unique(n):
 
     x = torch.randint(-50, 50, (n,), generator=torch.Generator().manual_seed(n))
     assert torch.equal(unique(x), torch.unique(x)) and unique(x).dtype == torch.int64
+
+
+class Doubles(nn.Module):
+    """Keeps what its forward made: a reference to its output, a view of it, or nothing."""
+
+    def __init__(self, keep: str) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def forward(self, x):
+        out = x * 2.0
+        self.made = id(out)  # an int: no reference
+        if self.keep == "reference":
+            self.last = out
+        elif self.keep == "view":
+            self.last = out[:, :2]
+        return out
+
+
+@pytest.mark.parametrize("keep", ["nothing", "reference", "view"])
+def test_an_output_is_zeroed_in_place_only_where_nothing_else_sees_it(keep):
+    from cleanai_core.masking import _Zeroed
+
+    module = Doubles(keep)
+    module.register_forward_hook(_Zeroed().output(1, torch.tensor([0, 2])))
+    with torch.no_grad():
+        y = module(torch.ones(2, 3))
+    assert y.tolist() == [[0.0, 2.0, 0.0], [0.0, 2.0, 0.0]]
+    assert (id(y) == module.made) is (keep == "nothing")  # in place: the very tensor the module made
+    if keep != "nothing":
+        assert bool((module.last == 2.0).all())  # what the module kept is not zeroed under it

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
@@ -327,11 +328,12 @@ class DependencyGraph:
 
     def keep_indices(self, pruned_units: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
         """For a boolean mask over units, the kept indices of every slice that shrinks."""
+        gone = pruned_units[self.root].numpy(force=True)  # one gather; the per-slice work in NumPy
         out = {}
         for s in self.slices:
-            gone = pruned_units[self.root[s.atoms]]
-            if bool(gone.any()):
-                out[(s.module, s.name)] = (~gone).nonzero().squeeze(1)
+            g = gone[s.atoms.numpy(force=True)]
+            if g.any():
+                out[(s.module, s.name)] = torch.from_numpy(np.flatnonzero(~g))
         return out
 
     def explain(self, max_groups: int | None = 50) -> str:
