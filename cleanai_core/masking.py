@@ -200,6 +200,7 @@ class _Zeroed:
             if out.ndim <= d % max(out.ndim, 1):
                 return out
             in_place = sole is not None and sole == self.sole and out._base is None and not out.requires_grad
+            in_place = in_place and _dense(out)
             return self._fill(out, d % out.ndim if d >= 0 else d + out.ndim, idx, in_place)
 
         return post
@@ -208,6 +209,12 @@ class _Zeroed:
 class _Probe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + 1.0
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Contiguous in one of the usual layouts: no element shares memory with another (an
+    expanded tensor's do, and writing into it would write several elements at once)."""
+    return any(t.is_contiguous(memory_format=f) for f in (torch.contiguous_format, torch.channels_last))
 
 
 def _holders(t: torch.Tensor) -> tuple[int, int, int] | None:

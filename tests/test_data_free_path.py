@@ -282,3 +282,19 @@ def test_an_output_is_zeroed_in_place_only_where_nothing_else_sees_it(keep):
     assert (id(y) == module.made) is (keep == "nothing")  # in place: the very tensor the module made
     if keep != "nothing":
         assert bool((module.last == 2.0).all())  # what the module kept is not zeroed under it
+
+
+class Overlapping(nn.Module):
+    def forward(self, x):
+        return torch.empty_strided((2, 3), (0, 1)).fill_(2.0)  # one row of memory for two rows
+
+
+def test_an_output_that_overlaps_itself_is_zeroed_in_a_copy(recwarn):
+    from cleanai_core.masking import _Zeroed
+
+    module = Overlapping()
+    module.register_forward_hook(_Zeroed().output(1, torch.tensor([1])))
+    with torch.no_grad():
+        y = module(torch.ones(2, 3))
+    assert y.tolist() == [[2.0, 0.0, 2.0], [2.0, 0.0, 2.0]]
+    assert y.stride() == (3, 1) and [str(w.message) for w in recwarn] == []  # not written in place
