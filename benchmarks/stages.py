@@ -8,8 +8,9 @@ For each model, every repeat runs back to back over the same calibration batches
   input moments of the original);
 - *prune()*, split into: *scoring* (criterion over every group), *planning* (ranking and
   ratios), *compensation* (covariance formed, least squares, bias folding), *slicing* (the
-  copy and the layer pruners, without compensation), *verification* (original and pruned
-  on the example input), *BN correction* (passes of the pruned model over the batches),
+  copy and the layer pruners, without compensation), *verification* (the pruned and the
+  masked original model on the example input, and the slicing alone where compensation
+  ran), *BN correction* (passes of the pruned model over the batches),
   and *other* (the rest: counts, bookkeeping);
 - *data-free*: graph + ``prune()`` with ``importance="magnitude", bias_compensation=False``.
 
@@ -53,13 +54,14 @@ PEER_TOTAL = {"resnet50": 0.57, "efficientnet_b0": 0.22}
 STAGES = ("scoring", "planning", "compensation", "slicing", "verification", "bn_correction")
 #: stage -> where its time is taken: ``("pruner", method)`` of the instance or ``(module, function)``
 #: looked up at call time; both the pruner before the stage split (#16) and after it are listed,
-#: and the names one of them lacks are skipped. Compensation runs inside slicing and is taken out of it.
+#: and the names one of them lacks are skipped. A stage timed inside another (compensation inside
+#: slicing, the slicing alone inside verification) is taken out of the enclosing one.
 _WRAPPED = {
     "scoring": [("pruner", "_scores"), ("cleanai_core.pruner", "score_groups")],
     "planning": [("cleanai_core.pruner", "make_plan")],
     "compensation": [("pruner", "_compensate"), ("cleanai_core.compensation", "compensate")],
     "slicing": [("cleanai_core.pruner", "_sliced_copy"), ("cleanai_core.pruner", "compensated_copy")],
-    "verification": [("pruner", "_verify")],
+    "verification": [("pruner", "_verify_exact"), ("pruner", "_verify")],
     "bn_correction": [("pruner", "_correct_bn"), ("cleanai_core.collect", "correct_batchnorm_after")],
 }
 
@@ -78,18 +80,23 @@ class _Clock:
 def _timed_stages(pruner: StructuredPruner, acc: dict[str, list[float]]) -> Iterator[None]:
     """Add each stage's (wall, cpu) seconds into ``acc`` while the block runs."""
     undo = []
+    running: list[str] = []  # stages being timed, innermost last: each second counts in one stage only
 
     def wrap(stage: str, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
+            if stage in running:  # a wrapped name called inside its own stage
+                return fn(*args, **kwargs)
+            running.append(stage)
             clock = _Clock()
             try:
                 return fn(*args, **kwargs)
             finally:
+                running.pop()
                 wall, cpu = clock.read()
-                acc.setdefault(stage, [0.0, 0.0])
-                acc[stage][0] += wall
-                acc[stage][1] += cpu
+                _add(acc, stage, wall, cpu)
+                if running:  # the enclosing stage's time is its own, without this one
+                    _add(acc, running[-1], -wall, -cpu)
 
         return timed
 
@@ -112,6 +119,12 @@ def _timed_stages(pruner: StructuredPruner, acc: dict[str, list[float]]) -> Iter
                 delattr(owner, attr)  # the instance attribute goes; the class method shows again
             else:
                 setattr(owner, attr, fn)
+
+
+def _add(acc: dict[str, list[float]], stage: str, wall: float, cpu: float) -> None:
+    acc.setdefault(stage, [0.0, 0.0])
+    acc[stage][0] += wall
+    acc[stage][1] += cpu
 
 
 def _build(name: str) -> torch.nn.Module:
@@ -154,8 +167,6 @@ def stage_costs(key: str, repeats: int = 3, calib_batches: int = 4, batch: int =
         for stage in STAGES:
             if stage in acc:
                 run[stage] = tuple(acc[stage])
-        if "slicing" in run and "compensation" in run:
-            run["slicing"] = tuple(a - b for a, b in zip(run["slicing"], run["compensation"], strict=True))
         known = [run[s] for s in STAGES if s in run]
         run["other"] = tuple(p - sum(k[i] for k in known) for i, p in enumerate(run["prune"]))
         clock = _Clock()

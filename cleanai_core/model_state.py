@@ -22,6 +22,8 @@ plotting) are not graph leaves, and ``deepcopy`` refuses them.
 from __future__ import annotations
 
 import copy
+import copyreg
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -51,11 +53,12 @@ class _Snapshot:
     def restore(self) -> None:
         with torch.no_grad():
             for m, bufs, attrs in zip(self.modules, self.buffers, self.attrs, strict=True):
-                for key in [k for k in m.__dict__ if k not in _TABLES and k not in attrs]:
-                    del m.__dict__[key]  # set by a forward
+                state = m.__dict__
+                for key in state.keys() - attrs.keys() - _TABLES:
+                    del state[key]  # set by a forward
                 for key, value in attrs.items():
-                    if m.__dict__.get(key, _MISSING) is not value:
-                        m.__dict__[key] = value  # includes ``training``
+                    if state.get(key, _MISSING) is not value:
+                        state[key] = value  # includes ``training``
                 for key, (obj, saved) in bufs.items():
                     _put_back(obj, saved)
                     m._buffers[key] = obj
@@ -69,6 +72,8 @@ def _put_back(obj: torch.Tensor, saved: torch.Tensor) -> None:
     resized); an untouched buffer is not written (its version counter stays)."""
     if obj.shape != saved.shape or obj.device != saved.device:
         obj.set_(saved.to(obj.device))
+    elif torch.equal(obj, saved):  # one call for what is nearly always so
+        return
     elif not bool(((obj == saved) | (torch.isnan(obj) & torch.isnan(saved))).all()):
         obj.copy_(saved)
 
@@ -108,13 +113,98 @@ def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
     tensors are what a forward under gradients left behind (RAFT's correlation pyramid
     after ``model(a, b)``); ``deepcopy`` raised "Only Tensors created explicitly by the user
     (graph leaves) support the deepcopy protocol" for them, so a model that had been called
-    once could not be pruned."""
-    memo = dict(memo or {})
-    for m in model.modules():
-        for key, value in m.__dict__.items():
-            if key not in _TABLES:
-                _detached_into(value, memo, 3)
-    return copy.deepcopy(model, memo)
+    once could not be pruned.
+
+    Modules that copy the default way (no ``__deepcopy__``, ``__reduce__`` or
+    ``__getstate__`` of their own: nearly all) are copied here with what ``deepcopy`` would
+    do, without its per-object dispatch (a model's hook tables alone are a dozen dicts per
+    module): a new object of the same class, its ``__dict__`` copied entry by entry (dicts,
+    lists, tuples and sets rebuilt, atoms and ``memo`` entries reused, anything else
+    through ``deepcopy`` with the same memo), set by the class's ``__setstate__``. That
+    was most of a data-free ``prune()`` (two copies of an EfficientNet-B0: 36,000
+    ``deepcopy`` calls, 0.1 s). Other modules (ScriptModules, parametrized ones) go
+    through ``deepcopy`` itself."""
+    return _Copier(memo).module(model)
+
+
+class _Copier:
+    """One :func:`copy_model` call: the memo and the classes found to copy the default way."""
+
+    def __init__(self, memo: dict[int, Any] | None) -> None:
+        self.memo = dict(memo or {})
+        self.plain: dict[type, bool] = {}
+
+    def module(self, m: nn.Module) -> nn.Module:
+        memo = self.memo
+        if id(m) in memo:
+            return memo[id(m)]
+        cls = type(m)
+        plain = self.plain.get(cls)
+        if plain is None:
+            plain = self.plain[cls] = _copies_plainly(cls)
+        if not plain:
+            for sub in m.modules():
+                for key, value in sub.__dict__.items():
+                    if key not in _TABLES:
+                        _detached_into(value, memo, 3)
+            return copy.deepcopy(m, memo)
+        new = cls.__new__(cls)
+        memo[id(m)] = new
+        state = {k: self.value(v) for k, v in m.__dict__.items() if k != "_compiled_call_impl"}
+        new.__setstate__(state)
+        return new
+
+    def value(self, v: Any) -> Any:
+        """``copy.deepcopy(v, self.memo)``, without the dispatch for what is common in a module."""
+        cls = type(v)
+        if _ATOMIC.get(cls) is copy._deepcopy_atomic:  # type: ignore[attr-defined]
+            return v
+        memo = self.memo
+        found = memo.get(id(v), _MISSING)
+        if found is not _MISSING:
+            return found
+        if cls is dict or (cls is OrderedDict and not v.__dict__):
+            new = memo[id(v)] = cls()
+            for k, x in v.items():
+                new[self.value(k)] = self.value(x)
+            return new
+        if cls is list:
+            new = memo[id(v)] = []
+            new.extend(self.value(x) for x in v)
+            return new
+        if cls is tuple:
+            items = [self.value(x) for x in v]
+            if all(a is b for a, b in zip(items, v, strict=True)):
+                return v
+            new = memo[id(v)] = tuple(items)
+            return new
+        if cls is set and all(_ATOMIC.get(type(x)) is copy._deepcopy_atomic for x in v):  # type: ignore[attr-defined]
+            new = memo[id(v)] = set(v)
+            return new
+        if isinstance(v, nn.Module):
+            return self.module(v)
+        if isinstance(v, torch.Tensor) and not v.is_leaf:
+            new = memo[id(v)] = v.detach().clone()
+            return new
+        return copy.deepcopy(v, memo)
+
+
+_ATOMIC = copy._deepcopy_dispatch  # type: ignore[attr-defined]
+
+
+def _copies_plainly(cls: type) -> bool:
+    """Whether ``deepcopy`` copies a module of class ``cls`` the default way: a new object
+    whose ``__setstate__`` gets a copy of ``nn.Module.__getstate__()``."""
+    return (
+        getattr(cls, "__deepcopy__", None) is None
+        and cls not in copyreg.dispatch_table
+        and cls not in _ATOMIC
+        and cls.__reduce_ex__ is object.__reduce_ex__
+        and cls.__reduce__ is object.__reduce__
+        and cls.__getstate__ is nn.Module.__getstate__
+        and getattr(cls, "__getnewargs_ex__", None) is None
+        and getattr(cls, "__getnewargs__", None) is None
+    )
 
 
 def _detached_into(value: Any, memo: dict[int, Any], depth: int) -> None:

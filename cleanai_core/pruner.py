@@ -17,12 +17,12 @@ from cleanai_core.collect import Calibration, CalibrationSetup, calibrate
 from cleanai_core.compensation import compensated_copy
 from cleanai_core.dead_units import dead_plan
 from cleanai_core.device_defaults import default_round_to
-from cleanai_core.errors import CleanAIError, UserError
+from cleanai_core.errors import CleanAIError, PruningError, UserError
 from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
 from cleanai_core.graph.groups import Group
 from cleanai_core.history import PruningHistory
 from cleanai_core.isomorphic import Signatures, scopes_of, signatures
-from cleanai_core.masking import check_exact, exact_units
+from cleanai_core.masking import check_exact, exact_units, masked_outputs
 from cleanai_core.metrics import count_flops, count_params
 from cleanai_core.model_state import transplant
 from cleanai_core.options import ModuleSpec, match_modules
@@ -33,7 +33,7 @@ from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
 from cleanai_core.targets import flops_measure, params_measure, pruned_size, ratio_for_target, unshrunk_params
-from cleanai_core.verify import Reference, check_outputs, reference
+from cleanai_core.verify import Reference, check_outputs, reference, run_outputs
 
 __all__ = ["StructuredPruner", "match_modules"]
 
@@ -360,12 +360,33 @@ class StructuredPruner:
         stats = (self.stats if stats is None else stats) if self.bias_compensation else {}
         model, edits = compensated_copy(source, graph, pruned, stats, self.reconstruction, share)
         if self.verify if verify is None else verify:
-            outputs = self._verify(model)
-            if exact:  # nothing compensated: the model just run is the slicing alone
-                self._verify_exact((model, outputs) if not stats else None, source, graph, pruned)
+            try:
+                if exact:  # nothing compensated: the model is the slicing alone
+                    self._verify_exact(model, not stats, source, graph, pruned)
+                else:
+                    self._verify(model)
+            except PruningError:
+                # the original may not run on the example inputs either (the trace runs on the meta
+                # device, shapes only): then the inputs are at fault, not the pruning (UserError)
+                self._original_outputs()
+                raise
         return model, edits
 
-    def _verify(self, model: nn.Module, graph: DependencyGraph | None = None) -> list[torch.Tensor]:
+    def _verify(
+        self,
+        model: nn.Module,
+        graph: DependencyGraph | None = None,
+        outputs: list[torch.Tensor] | None = None,
+        like: list[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Check ``model`` against the original's outputs (:func:`~cleanai_core.verify.check_outputs`;
+        ``outputs``: its own, where they were just computed). The original runs once, and
+        only where ``like`` (the masked original's outputs) does not settle the check."""
+        return check_outputs(
+            model, self.example_inputs, self._original_outputs, self.forward_fn, self.output_transform, outputs, like
+        )
+
+    def _original_outputs(self) -> Reference:
         if self._reference is None:
             try:
                 self._reference = reference(self.model, self.example_inputs, self.forward_fn, self.output_transform)
@@ -380,26 +401,34 @@ class StructuredPruner:
                     f"the model failed on example_inputs ({type(exc).__name__}: {str(exc)[:300]}); give them as the "
                     f"model takes them{want}"
                 ) from exc
-        return check_outputs(model, self.example_inputs, self._reference, self.forward_fn, self.output_transform)
+        return self._reference
 
     def _verify_exact(
         self,
-        sliced: tuple[nn.Module, list[torch.Tensor]] | None,
+        model: nn.Module,
+        alone: bool,
         source: nn.Module,
         graph: DependencyGraph,
         pruned: torch.Tensor,
     ) -> None:
-        """The masking oracle on the exact groups' units of ``pruned`` (``sliced``: ``source``
-        sliced without ``pruned`` and nothing compensated, with its outputs on the example
-        inputs, when there is one to reuse)."""
+        """Check ``model`` (``source`` without the ``pruned`` units) against the original's
+        outputs on the example inputs, and the slicing alone against
+        the masking oracle on the exact groups' units of ``pruned`` (``alone``: ``model`` is
+        the slicing alone, nothing compensated). The masked original's outputs serve both:
+        where they settle the first check, the original does not run."""
+        outputs = run_outputs(model, self.example_inputs, self.forward_fn, self.output_transform)
         units = exact_units(graph, pruned)
         if not bool(units.any()):
+            self._verify(model, outputs=outputs)
             return
-        if sliced is None or not torch.equal(units, pruned):
-            model, _ = compensated_copy(source, graph, units, {}, False, share=True)
-            check_exact(model, None, graph, units, self.example_inputs, self.forward_fn, self.output_transform)
+        expected = masked_outputs(graph, units, self.example_inputs, self.forward_fn, self.output_transform)
+        self._verify(model, outputs=outputs, like=expected)
+        args = (graph, units, self.example_inputs, self.forward_fn, self.output_transform, expected)
+        if alone and torch.equal(units, pruned):
+            check_exact(model, outputs, *args)
         else:
-            check_exact(*sliced, graph, units, self.example_inputs, self.forward_fn, self.output_transform)
+            sliced, _ = compensated_copy(source, graph, units, {}, False, share=True)
+            check_exact(sliced, None, *args)
 
     def _skip(self, msg: str) -> None:
         self.skipped_groups.append(msg)

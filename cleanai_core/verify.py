@@ -28,7 +28,15 @@ from cleanai_core.errors import PruningError
 from cleanai_core.model_state import preserved
 from cleanai_core.runtime import call_model
 
-__all__ = ["Reference", "build_skipping_breakers", "check_outputs", "model_outputs", "output_leaves", "reference"]
+__all__ = [
+    "Reference",
+    "build_skipping_breakers",
+    "check_outputs",
+    "model_outputs",
+    "output_leaves",
+    "reference",
+    "run_outputs",
+]
 
 
 T = TypeVar("T")
@@ -96,29 +104,51 @@ def _finite(t: torch.Tensor) -> bool:
     return (not t.is_floating_point() and not t.is_complex()) or bool(torch.isfinite(t).all())
 
 
+def run_outputs(
+    model: nn.Module, inputs: Any, forward_fn: Callable | None = None, output_transform: Callable | None = None
+) -> list[torch.Tensor]:
+    """:func:`model_outputs` of a pruned model; :class:`PruningError` where it fails to run."""
+    try:
+        return model_outputs(model, inputs, forward_fn, output_transform)
+    except Exception as exc:
+        raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
+
+
 def check_outputs(
     model: nn.Module,
     inputs: Any,
-    ref: Reference,
+    ref: Reference | Callable[[], Reference],
     forward_fn: Callable | None = None,
     output_transform: Callable | None = None,
+    outputs: list[torch.Tensor] | None = None,
+    like: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Raise :class:`PruningError` unless ``model`` runs on ``inputs`` with the reference's
-    output shapes and finite outputs wherever the reference's are finite; returns the outputs."""
-    try:
-        outs = model_outputs(model, inputs, forward_fn, output_transform)
-    except Exception as exc:
-        raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
-    shapes = [tuple(o.shape) for o in outs]
+    output shapes and finite outputs wherever the reference's are finite; returns the outputs.
+
+    ``outputs``: ``model``'s outputs where they were just computed (None: run it). ``ref``
+    may be a function that computes the reference (a forward of the original), called only
+    where ``like`` does not settle the check: ``like`` are the outputs of the original with
+    some channels zeroed (the masking oracle's), whose shapes are the original's. Outputs
+    with those shapes, all finite, pass whatever the reference's finiteness (the check the
+    reference would make; the forward it costs was a sixth of a data-free ``prune()``).
+    Where an output's shape depends on its values (a count of detections), it is compared
+    with the masked original's."""
+    if outputs is None:
+        outputs = run_outputs(model, inputs, forward_fn, output_transform)
+    shapes = [tuple(o.shape) for o in outputs]
+    if like is not None and shapes == [tuple(o.shape) for o in like] and all(_finite(o) for o in outputs):
+        return outputs
+    ref = ref if isinstance(ref, Reference) else ref()
     if shapes != ref.shapes:
         raise PruningError(f"the pruned model's output shapes {shapes} differ from {ref.shapes}")
-    bad = [i for i, (o, was) in enumerate(zip(outs, ref.finite, strict=True)) if was and not _finite(o)]
+    bad = [i for i, (o, was) in enumerate(zip(outputs, ref.finite, strict=True)) if was and not _finite(o)]
     if bad:
         raise PruningError(
             f"the pruned model's output{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} hold NaN or inf "
             "where the original model's are finite"
         )
-    return outs
+    return outputs
 
 
 def build_skipping_breakers(plan: Any, build: Callable[[torch.Tensor], T], on_skip: Callable[[str], None]) -> T:

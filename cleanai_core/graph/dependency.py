@@ -15,7 +15,7 @@ from cleanai_core.errors import TraceError
 from cleanai_core.graph.context import SliceSpec, TraceContext
 from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import ModelFindings, prepare_model
-from cleanai_core.graph.groups import Group, components, make_groups
+from cleanai_core.graph.groups import Group, components, make_groups, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.plugins import get_plugin_manager
@@ -297,7 +297,7 @@ class DependencyGraph:
         texts = sorted({why for _, why in ctx.frozen})
         ids = {t: i for i, t in enumerate(texts)}
         why_cat = torch.cat([torch.full((a.numel(),), ids[w]) for a, w in ctx.frozen]) if ctx.frozen else frozen
-        pairs = torch.unique(self.root[frozen] * max(len(texts), 1) + why_cat)
+        pairs = unique(self.root[frozen] * max(len(texts), 1) + why_cat)
         reasons = (pairs // max(len(texts), 1), pairs % max(len(texts), 1), texts)
         self.slices: list[SliceSpec] = list(ctx.slices.values())
         for s in self.slices:
@@ -327,11 +327,12 @@ class DependencyGraph:
 
     def keep_indices(self, pruned_units: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
         """For a boolean mask over units, the kept indices of every slice that shrinks."""
+        gone = pruned_units[self.root]  # one gather for every slice
         out = {}
         for s in self.slices:
-            gone = pruned_units[self.root[s.atoms]]
-            if bool(gone.any()):
-                out[(s.module, s.name)] = (~gone).nonzero().squeeze(1)
+            g = gone[s.atoms]
+            if bool(g.any()):
+                out[(s.module, s.name)] = (~g).nonzero().squeeze(1)
         return out
 
     def explain(self, max_groups: int | None = 50) -> str:

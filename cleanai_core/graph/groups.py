@@ -7,12 +7,31 @@ output channels of ``conv1`` together with ``bn1`` and the input columns of ``co
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import torch
 
 from cleanai_core.graph.context import SliceSpec
 
-__all__ = ["Group", "components", "make_groups"]
+__all__ = ["Group", "components", "make_groups", "unique"]
+
+
+def unique(t: torch.Tensor) -> torch.Tensor:
+    """``torch.unique`` (sorted) of a 1-D integer tensor, by one sort and a comparison of
+    neighbours (faster than ``torch.unique`` on the CPU)."""
+    return _unique(t)
+
+
+def _unique(t: torch.Tensor, return_inverse: bool = False) -> Any:
+    s, order = torch.sort(t, stable=True)
+    new = torch.ones(s.shape, dtype=torch.bool)
+    torch.ne(s[1:], s[:-1], out=new[1:])
+    if not return_inverse:
+        return s[new]
+    inverse = torch.empty_like(t)
+    inverse[order] = torch.cumsum(new, 0) - 1
+    return s[new], inverse
 
 
 def components(n: int, unions: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -85,23 +104,25 @@ def make_groups(
         return []
     # every (unit, slice) pair once, in one vectorised pass
     units_cat = torch.cat([root[s.atoms] for s in slices])
-    slice_cat = torch.cat([torch.full((s.atoms.numel(),), i, dtype=torch.int64) for i, s in enumerate(slices)])
-    pairs = torch.unique(units_cat * n_slices + slice_cat)
-    pair_unit, pair_slice = pairs // n_slices, pairs % n_slices
+    slice_cat = torch.repeat_interleave(torch.arange(len(slices)), torch.tensor([s.atoms.numel() for s in slices]))
+    pairs = _unique(units_cat * n_slices + slice_cat)
+    pair_unit = torch.div(pairs, n_slices, rounding_mode="floor")
+    pair_slice = pairs - pair_unit * n_slices
     sig = torch.zeros(n, dtype=torch.int64)
     sig.index_add_(0, pair_unit, salt[pair_slice])
-    units = torch.unique(pair_unit)
+    units = _unique(pair_unit)
     if units.numel() == 0:
         return []
-    keys, inverse = torch.unique(sig[units], return_inverse=True)
+    keys, inverse = _unique(sig[units], return_inverse=True)
     order = torch.argsort(inverse, stable=True)
     counts = torch.bincount(inverse, minlength=keys.numel())
     per_group = torch.split(units[order], counts.tolist())
     group_of = torch.full((n,), -1, dtype=torch.int64)
     group_of[units] = inverse
     members: list[list[SliceSpec]] = [[] for _ in per_group]
-    gs_pairs = torch.unique(group_of[pair_unit] * n_slices + pair_slice)
-    for g, i in zip((gs_pairs // n_slices).tolist(), (gs_pairs % n_slices).tolist(), strict=True):
+    gs_pairs = _unique(group_of[pair_unit] * n_slices + pair_slice)
+    gs_group = torch.div(gs_pairs, n_slices, rounding_mode="floor")
+    for g, i in zip(gs_group.tolist(), (gs_pairs - gs_group * n_slices).tolist(), strict=True):
         members[g].append(slices[i])
     groups = []
     for g, us in enumerate(per_group):
