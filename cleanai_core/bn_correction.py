@@ -142,16 +142,19 @@ class Samples:
     """The original's norm inputs at the paired positions, per norm one entry per call
     (:func:`~cleanai_core.bn_estimate.sample_rows`), kept while they fit in ``budget``
     bytes (default :data:`SAMPLE_BYTES`); beyond it :attr:`complete` is False and none
-    are kept."""
+    are kept. ``batches``: the indices of the batches sampled, where only some are (the
+    ones the BatchNorm correction will read, :attr:`active` while they run); None: all."""
 
-    def __init__(self, budget: int | None = None) -> None:
+    def __init__(self, budget: int | None = None, batches: list[int] | None = None) -> None:
         self.calls: dict[str, list] = {}
         self.budget = SAMPLE_BYTES if budget is None else budget
         self.bytes = 0
         self.complete = True
+        self.batches = batches
+        self.active = True
 
     def add(self, name: str, x: Any) -> None:
-        if not self.complete:
+        if not self.complete or not self.active:
             return
         rows = sample_rows(x)
         self.bytes += rows.numel() * rows.element_size() if rows is not None else 0

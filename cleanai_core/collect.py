@@ -40,7 +40,7 @@ from cleanai_core.calibration import (
 )
 from cleanai_core.errors import CleanAIError, UserError
 from cleanai_core.model_state import copy_model, preserved
-from cleanai_core.replay import CalibrationData, spread
+from cleanai_core.replay import CalibrationData, samples_in, spread
 from cleanai_core.runtime import (
     check_labels,
     device_of,
@@ -78,6 +78,9 @@ class CalibrationSetup:
     forward_fn: Callable | None = None
     output_transform: Callable | None = None
     gradients: bool | str = False
+    #: the BatchNorm correction's ``bn_samples``: the original's paired samples are taken on
+    #: the batches it will read only (:func:`correct_batchnorm_after`), where their count is known
+    bn_samples: int | None = None
 
     @classmethod
     def of(cls, pruner: Any) -> CalibrationSetup:
@@ -86,7 +89,7 @@ class CalibrationSetup:
         if needs and getattr(pruner.importance, "needs_squared_gradients", False):
             needs = "squared"
         return cls(pruner.reconstruction, pruner.covariance_rows, pruner.stats_budget_bytes, pruner.forward_fn,
-                   pruner.output_transform, needs)  # fmt: skip
+                   pruner.output_transform, needs, getattr(pruner, "bn_samples", None))  # fmt: skip
 
 
 @attrs.define
@@ -161,8 +164,10 @@ def calibrate(
     else:
         from tqdm.auto import tqdm
 
+        planned: list[list[int] | None] = [None]  # the batches the BatchNorm correction will read
+
         def fresh() -> StatsCollector:
-            out.moments, out.samples, out.batch_calls = {}, Samples(), []
+            out.moments, out.samples, out.batch_calls = {}, Samples(batches=planned[0]), []
             return StatsCollector(
                 model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
             )
@@ -180,6 +185,9 @@ def calibrate(
             batches = iter(iterate(check_iterable(loader), num_batches))
             first = next(batches, _NO_BATCH)
             if first is not _NO_BATCH:
+                if total is not None:  # batches like the first: the spread the correction reads
+                    planned[0] = spread([samples_in(first)] * total, setup.bn_samples)
+                    out.samples.batches = planned[0]
                 data.keep(first)
                 inputs = inputs_for(model, split_batch(first)[0])
                 if may_run_channels_last(model, inputs):
@@ -202,6 +210,7 @@ def calibrate(
             with collecting():
                 for i, batch in enumerate(batches, 1):
                     data.keep(batch)
+                    out.samples.active = planned[0] is None or i in planned[0]
                     inputs = split_batch(batch)[0]
                     with model_failure(i, inputs):
                         run_batch(model, data.layout(inputs), setup.forward_fn)
@@ -379,10 +388,14 @@ def correct_batchnorm_after(
         calls = {k: list(v) for k, v in moments.items()}
         if chosen is not None:
             calls = {k: _calls_of(v, k, batch_calls, chosen) for k, v in calls.items()}
-            if samples is not None and samples.complete:
-                taken = Samples(budget=samples.budget)
-                taken.calls = {k: _calls_of(v, k, batch_calls, chosen) for k, v in samples.calls.items()}
-                samples = taken
+        if samples is not None and samples.batches is not None:
+            # sampled on the batches planned from the first one's size: usable where the
+            # correction reads exactly those (else the original runs again beside)
+            samples = samples if samples.batches == chosen else None
+        elif chosen is not None and samples is not None and samples.complete:
+            taken = Samples(budget=samples.budget)
+            taken.calls = {k: _calls_of(v, k, batch_calls, chosen) for k, v in samples.calls.items()}
+            samples = taken
         correct_batchnorm(pruned, calls, keep, batches, run, original=source, original_samples=samples)
         return
     if data.one_shot:

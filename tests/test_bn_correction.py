@@ -334,16 +334,26 @@ def _bn_stats(model: nn.Module) -> list[torch.Tensor]:
             for t in (m.running_mean, m.running_var)]  # fmt: skip
 
 
-def _corrected(model: nn.Module, batches: list, bn_samples: int) -> nn.Module:
+def _corrected(model: nn.Module, batches: list, bn_samples: int, reruns: list | None = None) -> nn.Module:
     """Pruned by magnitude without compensation, so the plan and the slicing do not
-    depend on the data: only the BatchNorm correction reads it."""
+    depend on the data: only the BatchNorm correction reads it. ``reruns`` gets the
+    batch sizes the original ran on during ``prune()`` (the example inputs hold 2)."""
     pr = StructuredPruner(
         model, torch.randn(2, 3, 8, 8), "magnitude", pruning_ratio=0.5, bias_compensation=False, bn_samples=bn_samples
     )
     pr.collect_activations(batches, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pr.prune()
+
+    def rerun(module, args):  # the pruned copy inherits the hook: only the original counts
+        if module is model and reruns is not None:
+            reruns.append(args[0].shape[0])
+
+    seen = model.register_forward_pre_hook(rerun)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pr.prune()
+    finally:
+        seen.remove()
 
 
 def test_spread_takes_the_fewest_batches_evenly_spaced():
@@ -359,12 +369,23 @@ def test_bn_samples_corrects_on_the_spread_batches_alone(cached, monkeypatch):
     on the chosen batches alone (0 and 3 of 6 here): the original's recorded moments and
     paired samples of those batches are the ones used, also where the batches are not
     kept and the loader is read again."""
+    from cleanai_core import bn_correction
+
     if not cached:
         monkeypatch.setattr(replay, "CACHE_BYTES", 0)
     model = _trained()
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(4, 3, 8, 8, generator=g) * (1 + i) for i in range(6)]
-    capped = _corrected(model, batches, bn_samples=8)
+    one = bn_correction.Samples()
+    with bn_correction.sampling(model, one), torch.no_grad():
+        model(batches[0])
+    # room for the paired samples of 2 batches of the 6, not all: the planned ones alone are taken
+    monkeypatch.setattr(bn_correction, "SAMPLE_BYTES", int(one.bytes * 2.5))
+    reruns: list[int] = []
+    capped = _corrected(model, batches, bn_samples=8, reruns=reruns)
+    # the original's paired samples were taken on the planned batches alone, so where the
+    # batches are kept it does not run again beside the pruned model
+    assert [n for n in reruns if n != 2] == ([] if cached else [4, 4])
     alone = _corrected(model, [batches[0], batches[3]], bn_samples=0)
     every = _corrected(model, batches, bn_samples=0)
     for a, b in zip(_bn_stats(capped), _bn_stats(alone), strict=True):
