@@ -129,12 +129,18 @@ def _on_norm_inputs(model: nn.Module, fn: Callable[[str, Any], None]) -> Iterato
 
 
 @contextmanager
-def recording(model: nn.Module, moments: Moments) -> Iterator[Moments]:
+def recording(model: nn.Module, moments: Moments, active: Callable[[], bool] | None = None) -> Iterator[Moments]:
     """Append the input moments of every call of every norm of ``model`` to ``moments``
-    while the block runs (hooks removed on exit, also on error)."""
+    while the block runs (hooks removed on exit, also on error); with ``active``, only
+    the calls made while it returns True."""
     for name in norms_with_running_stats(model):
         moments.setdefault(name, [])
-    with _on_norm_inputs(model, lambda name, x: moments[name].append(None if x is None else _moments(x))):
+
+    def record(name: str, x: Any) -> None:
+        if active is None or active():
+            moments[name].append(None if x is None else _moments(x))
+
+    with _on_norm_inputs(model, record):
         yield moments
 
 

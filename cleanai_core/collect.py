@@ -176,7 +176,9 @@ def calibrate(
 
         @contextlib.contextmanager
         def collecting() -> Iterator[None]:
-            with collector.hooks(), recording(model, out.moments), sampling(model, out.samples):
+            # the original's norm inputs only on the batches the BatchNorm correction will read
+            only = lambda: out.samples.active  # noqa: E731
+            with collector.hooks(), recording(model, out.moments, only), sampling(model, out.samples):
                 yield
 
         total = total_batches(loader, num_batches)
@@ -384,21 +386,18 @@ def correct_batchnorm_after(
         wanted = set(chosen)
         return (b for i, b in enumerate(data.replay()) if i in wanted)
 
-    if data.cached:
+    planned = samples.batches if samples is not None else None  # the only batches calibration recorded
+    if data.cached and (planned is None or planned == chosen):
         calls = {k: list(v) for k, v in moments.items()}
         if chosen is not None:
             calls = {k: _calls_of(v, k, batch_calls, chosen) for k, v in calls.items()}
-        if samples is not None and samples.batches is not None:
-            # sampled on the batches planned from the first one's size: usable where the
-            # correction reads exactly those (else the original runs again beside)
-            samples = samples if samples.batches == chosen else None
-        elif chosen is not None and samples is not None and samples.complete:
-            taken = Samples(budget=samples.budget)
-            taken.calls = {k: _calls_of(v, k, batch_calls, chosen) for k, v in samples.calls.items()}
-            samples = taken
+            if planned is None and samples is not None and samples.complete:
+                taken = Samples(budget=samples.budget)
+                taken.calls = {k: _calls_of(v, k, batch_calls, chosen) for k, v in samples.calls.items()}
+                samples = taken
         correct_batchnorm(pruned, calls, keep, batches, run, original=source, original_samples=samples)
         return
-    if data.one_shot:
+    if data.one_shot and not data.cached:
         warnings.warn(
             "BatchNorm statistics were not corrected: the calibration data was an iterator too large to keep, "
             "so it cannot be read again; give a re-iterable loader (a list or a DataLoader)",
@@ -406,6 +405,9 @@ def correct_batchnorm_after(
             stacklevel=4,
         )
         return
+    # the original's moments are measured afresh beside the pruned model: the batches are not
+    # kept, or calibration recorded others than the ones read now (planned from the first
+    # batch's size, the batches turned out otherwise)
     fresh: Moments = {}
 
     def run_original(batch: Any) -> None:  # the loader may shuffle: measure both on each batch

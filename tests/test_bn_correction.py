@@ -434,3 +434,20 @@ def test_bn_samples_takes_the_chosen_batches_calls_where_calls_per_batch_vary():
     alone = _corrected(model, [batches[i] for i in chosen], bn_samples=0)
     for a, b in zip(_bn_stats(capped), _bn_stats(alone), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_bn_samples_where_the_batches_differ_from_the_plan_measures_the_original_afresh():
+    """Calibration records the original's norm inputs only on the batches planned from the
+    first batch's size (every batch like it); where later batches are smaller, the
+    correction reads other batches, and the original runs beside on them instead."""
+    model = _trained()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(n, 3, 8, 8, generator=g) * (1 + i) for i, n in enumerate((4, 4, 1, 1, 1, 1))]
+    chosen = replay.spread([b.shape[0] for b in batches], 8)
+    assert chosen == [0, 1, 3, 4] and chosen != replay.spread([4] * 6, 8)
+    reruns: list[int] = []
+    capped = _corrected(model, batches, bn_samples=8, reruns=reruns)
+    assert [n for n in reruns if n != 2] == [4, 4, 1, 1]  # beside the pruned model, on the chosen batches
+    alone = _corrected(model, [batches[i] for i in chosen], bn_samples=0)
+    for a, b in zip(_bn_stats(capped), _bn_stats(alone), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
