@@ -5,7 +5,9 @@ One pass over the calibration batches streams every consumer's channel statistic
 the original model (:mod:`cleanai_core.bn_correction`), keeps the batches for later
 passes (:class:`~cleanai_core.replay.CalibrationData`), and, for gradient criteria,
 accumulates gradients on them. After slicing, :func:`correct_batchnorm_after` reads the
-same batches to move BatchNorm statistics. Under ``torch.distributed`` each function is a
+same batches, or those of them spread over the data that hold ``bn_samples`` samples, to
+move BatchNorm statistics; where the loader's length tells them in advance, the
+original's norm inputs are recorded on those batches only. Under ``torch.distributed`` each function is a
 collective stage whose sums are combined over ranks (:mod:`cleanai_core.distributed`).
 """
 
