@@ -189,6 +189,16 @@ def test_settings_changed_after_building_survive_save_and_load(tmp_path):
         assert torch.equal(loaded(x), pruned(x))
 
 
+def _with_settings(folder, tmp_path, settings):
+    """A copy of the saved ``folder`` whose architecture.json holds ``settings``."""
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    arch = json.loads((copy / "architecture.json").read_text())
+    arch["settings"] = settings
+    (copy / "architecture.json").write_text(json.dumps(arch))
+    return copy
+
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -200,11 +210,7 @@ def test_settings_changed_after_building_survive_save_and_load(tmp_path):
     ids=["text-for-number", "internals", "unknown", "length"],
 )
 def test_saved_settings_set_only_existing_attributes_of_the_same_kind(folder, tmp_path, settings):
-    copy = tmp_path / "copy"
-    shutil.copytree(folder, copy)
-    arch = json.loads((copy / "architecture.json").read_text())
-    arch["settings"] = settings
-    (copy / "architecture.json").write_text(json.dumps(arch))
+    copy = _with_settings(folder, tmp_path, settings)
     loaded = load_pruned(copy)
     reference = load_pruned(folder)
     for (name, m), (_, r) in zip(loaded.named_modules(), reference.named_modules(), strict=True):
@@ -218,11 +224,7 @@ def test_saved_settings_set_only_existing_attributes_of_the_same_kind(folder, tm
     "settings", [["eps"], {"features.1": {"eps": {"a": 1}}}, {"features.1": {"eps": float("nan")}}]
 )
 def test_settings_out_of_form_are_a_damaged_folder(folder, tmp_path, settings):
-    copy = tmp_path / "copy"
-    shutil.copytree(folder, copy)
-    arch = json.loads((copy / "architecture.json").read_text())
-    arch["settings"] = settings
-    (copy / "architecture.json").write_text(json.dumps(arch))
+    copy = _with_settings(folder, tmp_path, settings)
     with pytest.raises(UserError, match="'settings' must map module names to objects of numbers, text and flags"):
         load_pruned(copy)
 
