@@ -318,8 +318,9 @@ def select(call, ctx):
 def _ask_inner_split(ctx, lab) -> None:
     """Picking along a reshape split's kept part (q, k and v of ``(3, heads, head_dim)``
     when the heads must stay whole and the three parts are tied): ask the kernel to keep
-    the part inside it instead."""
-    if lab.origin is not None and lab.origin[1] + 1 < len(lab.origin[2]):
+    the part inside it instead. Only there: elsewhere the inner part chosen this way paired
+    q's and k's channels unlike the masking oracle (a random (3, 2, 2) split, 1e-3 off)."""
+    if ctx.keeps_whole_heads() and lab.origin is not None and lab.origin[1] + 1 < len(lab.origin[2]):
         ctx.request_split(lab.origin, lab.origin[1] + 1)
 
 
