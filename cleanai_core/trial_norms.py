@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from cleanai_core.bn_correction import (
     Moments,
@@ -39,14 +39,10 @@ from cleanai_core.bn_correction import (
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import PruningError
 from cleanai_core.prefix_cache import PrefixCache
+from cleanai_core.replay import samples_in
 from cleanai_core.runtime import device_of, run_batch, same_layout
 
 __all__ = ["TrialNorms"]
-
-
-def _samples(inputs: Any) -> int:
-    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor) and t.dim() > 0]
-    return int(leaves[0].shape[0]) if leaves else 1
 
 
 def _batched(t: Any, size: int) -> bool:
@@ -83,11 +79,11 @@ class TrialNorms:
         batches, n = [], 0
         for batch in data.replay():
             x = split_batch(batch)[0]
-            size = _samples(x)
+            size = samples_in(x)
             if n + size > samples:  # as many samples as the trials run on, no more
                 x = tree_map(lambda t: t[: samples - n] if _batched(t, size) else t, x)
             batches.append(layout(move_to(x, device_of(model))))
-            n += _samples(batches[-1])
+            n += samples_in(batches[-1])
             if n >= samples:
                 break
         cache = PrefixCache(model, batches, pruner.forward_fn)
