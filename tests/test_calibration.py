@@ -404,3 +404,39 @@ def test_channels_last_moments_of_a_kept_channel_agree_to_rounding_and_with_floa
     var, ref = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(m2 / n, var, rtol=1e-5, atol=0)
+
+
+def test_channels_first_moments_in_one_pass_match_float64_also_far_from_zero():
+    """The one-pass row sums (channels-first inputs) give float64-accurate moments where the
+    mean is small against the spread, and the channels where it is not (a mean 300 standard
+    deviations from 0, a constant channel) are reduced again in two passes: without that,
+    the variance of the mean-300 channel is off by about 1e-2."""
+    from cleanai_core.calibration import ONE_PASS_MIN_ROW, finite_moments
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 9, 9)
+    assert x[0, 0].numel() >= ONE_PASS_MIN_ROW
+    x[:, 1] = torch.relu(x[:, 1] + 0.5)
+    x[:, 2] += 300.0  # far from zero: cancellation in one pass
+    x[:, 3] = 7.25  # constant
+    x[:, 4] = 0.0  # all zero
+    x[:, 5] = x[:, 5] * 1e-3 + 0.02  # mean 20 spreads
+    n, mean, m2 = finite_moments(x, 1)
+    x64 = x.double()
+    assert n == 4 * 81
+    assert torch.allclose(mean, x64.mean((0, 2, 3)), rtol=1e-6, atol=1e-7)
+    ref = x64.var((0, 2, 3), correction=0)
+    assert m2[3] == 0 and m2[4] == 0 and mean[4] == 0
+    rel = (m2 / n - ref).abs() / ref.clamp_min(1e-30)
+    assert float(rel[[0, 1, 2, 5]].max()) < 3e-6, rel
+
+
+def test_channels_first_moments_are_none_for_non_finite_values():
+    from cleanai_core.calibration import finite_moments
+
+    x = torch.randn(2, 3, 8, 8)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[1, 2, 3, 4] = bad
+        assert finite_moments(y, 1) is None
+    assert finite_moments(x * 1e30, 1) is None  # squares beyond float32
