@@ -88,11 +88,25 @@ def channels_last_layout(model: nn.Module, inputs: Any, forward_fn: Callable | N
 
 
 def may_run_channels_last(model: nn.Module, inputs: Any) -> bool:
-    """Whether ``inputs`` hold images (4-D float tensors) and the model and they are on the CPU."""
+    """Whether ``inputs`` hold images (4-D float tensors), the model and they are on the
+    CPU, and the model has at least two 2-D convolution kernels (4-D weights). With one
+    (a vision transformer's patch embedding) the layout speeds up that layer only, and
+    checking it costs two samples run the other way: on ViT-S at 32 calibration images,
+    6% of the collection's inference for nothing."""
     leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
     images = [t for t in leaves if t.dim() == 4 and t.is_floating_point()]
     on_cpu = all(t.device.type == "cpu" for t in leaves) and (device_of(model) or torch.device("cpu")).type == "cpu"
-    return bool(images) and on_cpu
+    return bool(images) and on_cpu and _kernels_4d(model) >= 2
+
+
+def _kernels_4d(model: nn.Module, enough: int = 2) -> int:
+    """How many 4-D parameters ``model`` has, counted up to ``enough``."""
+    found = 0
+    for p in model.parameters():
+        found += p.dim() == 4
+        if found >= enough:
+            break
+    return found
 
 
 def runs_the_same(model: nn.Module, inputs: Any, forward_fn: Callable | None, outputs: list[torch.Tensor]) -> bool:

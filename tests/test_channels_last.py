@@ -18,7 +18,7 @@ class Views(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1))
         self.fc = nn.Linear(4 * 6 * 6, 3)
 
     def forward(self, x):
@@ -31,11 +31,25 @@ class ReadsMemory(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1))
 
     def forward(self, x):
         n, c, h, w = x.shape
         return self.conv(x.as_strided(x.shape, (c * h * w, h * w, w, 1))).mean((2, 3))
+
+
+class PatchEmbedding(nn.Module):
+    """One convolution (a vision transformer's patch embedding) and linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        return self.fc2(torch.relu(self.fc1(tokens))).mean(1)
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
@@ -148,3 +162,22 @@ def test_calibration_statistics_are_those_of_the_inputs_as_they_are(cls):
     assert checked >= 1
     channels_last = pruner.calibration.data.layout(batches[0]) is not batches[0]
     assert channels_last == (not isinstance(model, ReadsMemoryInside | ViewsInside))
+
+
+def test_a_model_with_one_convolution_is_calibrated_as_it_is_without_running_samples_twice():
+    """Channels-last pays for convolution stacks; with one (a patch embedding) the check
+    would run two samples the other way for nothing: calibration runs each batch once."""
+    torch.manual_seed(0)
+    model = PatchEmbedding().eval()
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    pruner = StructuredPruner(model, batches[0][:1])
+    calls.clear()
+    pruner.collect_activations(batches, progress=False)
+    handle.remove()
+    assert calls == [4, 4, 4]
+    assert pruner.calibration.data.layout(batches[0]) is batches[0]
+    assert channels_last_layout(model, batches[0])(batches[0]) is batches[0]
+    two = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    assert _is_channels_last(channels_last_layout(two, batches[0])(batches[0]))
