@@ -11,6 +11,8 @@ must equal zeroing."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -390,3 +392,141 @@ def test_mobilenet_v2_depthwise_convs_follow_their_expansions():
     assert small.features[2].conv[0][0].out_channels == small.features[2].conv[2].in_channels == 48
     assert (count_params(model), count_params(small)) == (2236682, 587178)
     assert small(x).shape == (2, 10)
+
+
+# -- layer norms written by hand or with the functional API ---------------------------------------
+
+
+class RepoLayerNorm(nn.Module):
+    """The ConvNeXt repository's ``LayerNorm`` (copied into many user models): channels-last
+    through ``F.layer_norm`` with its stored ``normalized_shape``, channels-first by hand."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, data_format: str = "channels_last") -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(normalized_shape) + 0.5)
+        self.bias = nn.Parameter(torch.randn(normalized_shape) * 0.1)
+        self.eps, self.data_format = eps, data_format
+        self.normalized_shape = (normalized_shape,)
+
+    def forward(self, x):
+        if self.data_format == "channels_last":
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+    """The same norm channels-first as torchvision writes it (an nn.LayerNorm subclass
+    that permutes), under a name of the user's (torchvision's and timm's are known)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class TinyConvNeXt(nn.Module):
+    def __init__(self, repo: bool = True, d: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, d, 4, 4)
+        self.stem_norm = RepoLayerNorm(d, data_format="channels_first") if repo else ChannelsFirstLayerNorm(d, eps=1e-6)
+        self.dw = nn.Conv2d(d, d, 7, padding=3, groups=d)
+        self.norm = RepoLayerNorm(d) if repo else nn.LayerNorm(d, eps=1e-6)
+        self.pw1, self.pw2, self.gamma = nn.Linear(d, 4 * d), nn.Linear(4 * d, d), nn.Parameter(torch.full((d,), 0.1))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x))
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        x = x + (self.pw2(F.gelu(self.pw1(y))) * self.gamma).permute(0, 3, 1, 2)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_hand_written_convnext_layer_norm_prunes_like_the_library_ones():
+    """Before: the repository's ``LayerNorm`` froze the whole stream (its channels-first
+    mean over dim 1 "depends on their number"; its channels-last ``normalized_shape`` is
+    stored, "which no plugin rewrites"); the same model with torchvision's norms pruned.
+    Now such a module is claimed as a LayerNorm (by its ``data_format``): slicing the same
+    channels of both models gives the same outputs. The library form here is an
+    ``nn.LayerNorm`` subclass that permutes under a name of the user's: it used to pass the
+    channels through unsliced (its last input dim is spatial) and froze its own."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    repo, lib = _seeded(TinyConvNeXt).eval(), _seeded(TinyConvNeXt, repo=False).eval()
+    lib.load_state_dict(repo.state_dict())
+    assert torch.allclose(repo(x), lib(x), atol=1e-5)
+    built = []
+    for model in (repo, lib):
+        pruner = StructuredPruner(model, x, "magnitude", bias_compensation=False, recalibrate_bn=False)
+        g = _group(pruner.graph, "stem")
+        assert (g.size, g.prunable, g.normalizes) == (16, 16, True)
+        assert {"stem_norm", "norm", "dw", "pw1", "gamma", "head"} <= set(g.modules())
+        built.append(pruner.build(_mask(pruner.graph, g, [1, 4, 5, 9, 12]))[0])
+    small, reference = built
+    assert small.norm.normalized_shape == small.stem_norm.normalized_shape == (11,)
+    assert (small.norm.weight.shape, small.stem_norm.bias.shape, small.dw.groups) == ((11,), (11,), 11)
+    assert torch.allclose(small(x), reference(x), atol=1e-5)
+    half = _prune(repo, x)
+    assert (half.stem.out_channels, half.norm.normalized_shape, half.pw1.out_features) == (8, (8,), 32)
+    d = 8  # stem, its norm, dw, norm, pw1 (hidden 4d), pw2, gamma, head
+    expected = (3 * 16 * d + d) + 2 * d + (49 * d + d) + 2 * d + (d * 4 * d + 4 * d) + (4 * d * d + d) + d + (d * 5 + 5)
+    assert count_params(half) == count_params(_prune(lib, x)) == expected
+
+
+class FunctionalNorms(nn.Module):
+    """``F.layer_norm`` over a width read at run time and ``F.group_norm``, affine tensors bare."""
+
+    def __init__(self, literal: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.literal = nn.Linear(8, 16), nn.Linear(16, 8), literal
+        self.w, self.b = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.randn(16))
+        self.gw, self.gb = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.randn(8))
+        self.c = nn.Conv1d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = F.layer_norm(h, (16,) if self.literal else h.shape[-1:], self.w, self.b)
+        g = F.group_norm(self.fc2(F.relu(h)).unsqueeze(-1), 2, self.gw, self.gb)
+        return self.c(F.relu(g)).squeeze(-1)
+
+
+class ModuleNorms(FunctionalNorms):
+    """The same with ``nn.LayerNorm`` and ``nn.GroupNorm`` modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln, self.gn = nn.LayerNorm(16), nn.GroupNorm(2, 8)
+
+    def forward(self, x):
+        h = F.relu(self.ln(self.fc1(x)))
+        return self.c(F.relu(self.gn(self.fc2(h).unsqueeze(-1)))).squeeze(-1)
+
+
+def test_layer_and_group_norms_written_with_the_functional_api_prune_like_the_modules():
+    """Before: the groups of ``F.layer_norm`` and ``F.group_norm`` over the channels were
+    not marked as normalising, so verification compared their slicing with zeroing (they
+    differ, as for any norm over channels: 0.34 and 0.68) and skipped them ("pruning it
+    breaks the model"); only the module forms pruned. A width written as a literal still
+    cannot shrink: verification skips that group and says why."""
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    fn, mod = _seeded(FunctionalNorms).eval(), _seeded(ModuleNorms).eval()
+    with torch.no_grad():
+        for a, b in (("ln", ("w", "b")), ("gn", ("gw", "gb"))):
+            getattr(mod, a).weight.copy_(getattr(fn, b[0]))
+            getattr(mod, a).bias.copy_(getattr(fn, b[1]))
+    assert torch.allclose(fn(x), mod(x), atol=1e-5)
+    built = []
+    for model in (fn, mod):
+        pruner = StructuredPruner(model, x, "magnitude", bias_compensation=False, recalibrate_bn=False)
+        g1, g2 = _group(pruner.graph, "fc1"), _group(pruner.graph, "fc2")
+        assert (g1.size, g1.prunable, g1.normalizes, g2.size, g2.normalizes) == (16, 16, True, 4, True)
+        pruned = _mask(pruner.graph, g1, [0, 3, 7, 8, 13]) | _mask(pruner.graph, g2, [1])
+        built.append(pruner.build(pruned)[0])
+    assert (built[0].w.shape, built[0].gw.shape, built[0].fc2.out_features) == ((11,), (6,), 6)  # 2 groups of 3
+    assert torch.allclose(built[0](x), built[1](x), atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no group is skipped
+        small = _prune(fn, x)
+    assert (small.w.shape, small.gw.shape, small.c.in_channels) == ((8,), (4,), 4)
+    with pytest.warns(RuntimeWarning, match=r"fails to run: RuntimeError: Expected weight .* normalized_shape"):
+        literal = _prune(_seeded(FunctionalNorms, literal=True).eval(), x)
+    assert (literal.w.shape, literal.fc1.out_features, literal.gw.shape) == ((16,), 16, (4,))
