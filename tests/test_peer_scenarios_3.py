@@ -50,6 +50,12 @@ def _mask(graph: DependencyGraph, group, idx: list[int]) -> torch.Tensor:
     return pruned
 
 
+def _pinned(graph: DependencyGraph, module: str) -> torch.Tensor:
+    """Per output channel of ``module``: whether it must stay."""
+    units = graph.root[graph.ctx.slices[(module, "out")].atoms]
+    return torch.isin(units, torch.cat([g.units[g.frozen] for g in graph.groups()]))
+
+
 def _seeded(cls, *args, **kw):
     torch.manual_seed(0)
     return cls(*args, **kw)
@@ -301,6 +307,60 @@ def test_in_place_ops_couple_and_slice_like_their_out_of_place_forms():
     assert (small.c1.out_channels, small.c2.out_channels, small.gate.out_channels) == (8, 8, 8)
     assert (small.shift.shape, small.c3.in_channels, small.c3.out_channels) == ((8, 1, 1), 8, 8)
     assert small(x).shape == (2, 8, 8, 8) and model.c1.out_channels == 16
+
+
+class PartialConv(nn.Module):
+    """FasterNet's partial convolution, the slicing form: a conv rewrites the first
+    ``part`` channels in place, the others pass untouched."""
+
+    def __init__(self, d: int = 16, part: int = 4) -> None:
+        super().__init__()
+        self.c1, self.part = nn.Conv2d(3, d, 3, padding=1), part
+        self.pconv, self.c2 = nn.Conv2d(part, part, 3, padding=1, bias=False), nn.Conv2d(d, 8, 1)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x)).clone()
+        x[:, : self.part] = self.pconv(x[:, : self.part])
+        return self.c2(x)
+
+
+class FixedRanges(nn.Module):
+    """Constant channel ranges counted from the start, to the end and from the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.head, self.rest = nn.Conv2d(3, 24, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(20, 8, 1)
+        self.mid, self.tail = nn.Conv2d(4, 8, 1), nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        mid = self.mid(torch.narrow(y, 1, 6, 4))
+        return self.head(y[:, :4]).sum(1, keepdim=True) + self.rest(y[:, 4:]) + mid + self.tail(y[:, -3:])
+
+
+def test_a_constant_channel_range_keeps_only_the_channels_it_depends_on():
+    """Before: any slice of the channels by constant bounds (``x[:, :4]``, ``x[:, 4:]``)
+    froze its whole group, so FasterNet's partial convolution kept all 16 channels of
+    ``c1``. Now only the channels whose positions the bounds pin stay: those up to the end
+    of ``x[:, :4]`` and ``narrow(y, 1, 6, 4)``, those before the start of ``x[:, 4:]``, those
+    from the start of ``x[:, -3:]``; the others shrink, exactly."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    _exact(_seeded(PartialConv), x)
+    pinned = _pinned(DependencyGraph(_seeded(PartialConv).eval(), x), "c1")
+    assert pinned.nonzero().squeeze(1).tolist() == [0, 1, 2, 3]
+    small = _prune(_seeded(PartialConv).eval(), x)
+    assert (small.c1.out_channels, small.pconv.in_channels, small.c2.in_channels) == (10, 4, 10)
+    assert small(x).shape == (2, 8, 8, 8)
+    _exact(_seeded(FixedRanges), x)
+    pinned = _pinned(DependencyGraph(_seeded(FixedRanges).eval(), x), "c1")
+    assert pinned.nonzero().squeeze(1).tolist() == [*range(10), 21, 22, 23]  # :4 and 6:10, 4: and -3:
+    small = _prune(_seeded(FixedRanges).eval(), x)
+    assert (small.c1.out_channels, small.rest.in_channels, small.head.in_channels, small.tail.in_channels) == (
+        18,
+        14,
+        4,
+        3,
+    )
 
 
 class Dropouts(nn.Module):
