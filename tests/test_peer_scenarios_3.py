@@ -272,6 +272,44 @@ def test_a_custom_layer_with_one_slice_for_its_input_and_output():
     assert count_params(half) == 128 * 128 + 128 + 2 * 128 + 128 * 128 + 128 + 128 * 10 + 10
 
 
+# -- a bare parameter whose channel dimension the user names ----------------------------------------
+
+
+class PerChannelBasis(nn.Module):
+    """Each hidden unit owns a row of a bare ``(16, 5)`` basis: its channels are on dim 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.basis, self.fc2 = nn.Linear(8, 16), nn.Parameter(torch.randn(16, 5)), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2((F.relu(self.fc1(x)).unsqueeze(-1) * self.basis).sum(-1))
+
+
+class BasisOnDim0:
+    @hookimpl(tryfirst=True)
+    def cleanai_unwrapped_parameter(self, name, parameter, model):
+        return 0 if name == "basis" else None
+
+
+def test_a_bare_parameters_channel_dim_named_by_the_user():
+    """The peer's ``unwrapped_parameters=[(param, 0)]``. CleanAI guesses the dimension of a
+    bare tensor (the only one wider than 1, else the last); here the guess (dim 1, the 5
+    basis columns) meets the hidden units on another dimension and freezes them. A plugin
+    answering ``cleanai_unwrapped_parameter`` names dim 0; then the rows follow fc1."""
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    graph = DependencyGraph(_seeded(PerChannelBasis).eval(), x)
+    assert _group(graph, "fc1").prunable == 0
+    with temporary_plugin(BasisOnDim0(), name="basis_dim0"):
+        graph = DependencyGraph(_seeded(PerChannelBasis).eval(), x)
+        g = _group(graph, "fc1")
+        assert (g.size, g.prunable, g.modules()) == (16, 16, ["basis", "fc1", "fc2"])
+        _exact(_seeded(PerChannelBasis), x)
+        small = _prune(_seeded(PerChannelBasis).eval(), x)
+    assert (small.basis.shape, small.fc1.out_features, small.fc2.in_features) == ((8, 5), 8, 8)
+    assert count_params(small) == (8 * 8 + 8) + 8 * 5 + (3 * 8 + 3)
+
+
 # -- in-place ops, dropout ------------------------------------------------------------------------
 
 
