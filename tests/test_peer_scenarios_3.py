@@ -11,6 +11,7 @@ must equal zeroing."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -278,12 +279,14 @@ def test_a_custom_layer_with_one_slice_for_its_input_and_output():
 class PerChannelBasis(nn.Module):
     """Each hidden unit owns a row of a bare ``(16, 5)`` basis: its channels are on dim 0."""
 
-    def __init__(self) -> None:
+    def __init__(self, basis_first: bool = False) -> None:
         super().__init__()
         self.fc1, self.basis, self.fc2 = nn.Linear(8, 16), nn.Parameter(torch.randn(16, 5)), nn.Linear(16, 3)
+        self.basis_first = basis_first
 
     def forward(self, x):
-        return self.fc2((F.relu(self.fc1(x)).unsqueeze(-1) * self.basis).sum(-1))
+        h = F.relu(self.fc1(x)).unsqueeze(-1)
+        return self.fc2((self.basis * h if self.basis_first else h * self.basis).sum(-1))
 
 
 class BasisOnDim0:
@@ -292,20 +295,22 @@ class BasisOnDim0:
         return 0 if name == "basis" else None
 
 
-def test_a_bare_parameters_channel_dim_named_by_the_user():
-    """The peer's ``unwrapped_parameters=[(param, 0)]``. CleanAI guesses the dimension of a
-    bare tensor (the only one wider than 1, else the last); here the guess (dim 1, the 5
-    basis columns) meets the hidden units on another dimension and freezes them. A plugin
-    answering ``cleanai_unwrapped_parameter`` names dim 0; then the rows follow fc1."""
+@pytest.mark.parametrize("basis_first", [False, True])
+@pytest.mark.parametrize("named", [False, True], ids=["guessed", "named"])
+def test_a_bare_matrix_broadcast_along_its_rows_follows_the_channels(named, basis_first):
+    """The peer's ``unwrapped_parameters=[(param, 0)]``. CleanAI guesses the dimensions of a
+    bare tensor; for a matrix it takes the last one and keeps the rows as a second label.
+    Before: the guess (the 5 basis columns) met the hidden units on another dimension and
+    froze them ("channels on different dimensions meet"), unless a plugin answering
+    ``cleanai_unwrapped_parameter`` named dim 0. Now a broadcast whose channels line up with
+    the matrix's rows couples them (its columns stay), with or without the plugin."""
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
-    graph = DependencyGraph(_seeded(PerChannelBasis).eval(), x)
-    assert _group(graph, "fc1").prunable == 0
-    with temporary_plugin(BasisOnDim0(), name="basis_dim0"):
-        graph = DependencyGraph(_seeded(PerChannelBasis).eval(), x)
+    with temporary_plugin(BasisOnDim0(), name="basis_dim0") if named else contextlib.nullcontext():
+        graph = DependencyGraph(_seeded(PerChannelBasis, basis_first).eval(), x)
         g = _group(graph, "fc1")
-        assert (g.size, g.prunable, g.modules()) == (16, 16, ["basis", "fc1", "fc2"])
-        _exact(_seeded(PerChannelBasis), x)
-        small = _prune(_seeded(PerChannelBasis).eval(), x)
+        assert (g.size, g.prunable) == (16, 16) and {"fc1", "fc2"} <= set(g.modules())
+        _exact(_seeded(PerChannelBasis, basis_first), x)
+        small = _prune(_seeded(PerChannelBasis, basis_first).eval(), x)
     assert (small.basis.shape, small.fc1.out_features, small.fc2.in_features) == ((8, 5), 8, 8)
     assert count_params(small) == (8 * 8 + 8) + 8 * 5 + (3 * 8 + 3)
 
