@@ -2,9 +2,10 @@
 CleanAI's API (see ``test_peer_scenarios.py`` and ``_2``): models left in train mode and
 traced with a batch of one (as every peer test does), ratios given for a whole block,
 a user's subclass of a built-in layer pruner, a custom layer whose input and output
-channels are one, in-place ops, dropout layers, isomorphic ranking of bottlenecks, the
-grouped and inverted-residual torchvision families, and layer norms written with the
-functional API.
+channels are one, a bare matrix whose channel dim the peer asks the user to name, in-place
+ops and constant channel ranges, dropout layers, isomorphic ranking of bottlenecks, the
+grouped and inverted-residual torchvision families, and layer norms written by hand or
+with the functional API.
 
 Each test asserts widths, parameter counts or scores, and the masking oracle where slicing
 must equal zeroing."""
