@@ -38,7 +38,7 @@ def exact_units(graph: Any, pruned: torch.Tensor) -> torch.Tensor:
     """``pruned`` (a mask over ``graph.root``) without the units of normalising groups."""
     out = pruned.clone()
     for g in graph.groups(prunable_only=True):
-        if any(s.normalizes for s in g.slices):
+        if g.normalizes:
             out[g.units] = False
     return out
 

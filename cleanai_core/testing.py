@@ -51,7 +51,7 @@ def random_units(
     gen = generator or torch.Generator().manual_seed(0)
     pruned = torch.zeros(graph.root.numel(), dtype=torch.bool)
     for g in graph.groups(prunable_only=True):
-        if exclude_normalized and any(s.normalizes for s in g.slices):
+        if exclude_normalized and g.normalizes:
             continue
         cand = g.units[~g.frozen]
         n = min(int(ratio * g.size), cand.numel(), g.size - 1)

@@ -37,13 +37,13 @@ def _(x):
 
 @pytest.mark.parametrize(
     "how",
-    ["roll", "custom_op", "channel_slice", "mean_over_channels", "softmax_over_channels", "cumprod"],
+    ["roll", "custom_op", "channel_slice_by_step", "mean_over_channels", "softmax_over_channels", "cumprod"],
 )
 def test_unknown_or_channel_moving_ops_freeze(how):
     ops = {
         "roll": lambda h: torch.roll(h, 1, dims=1),
         "custom_op": lambda h: channel_mix(h),
-        "channel_slice": lambda h: torch.cat([h[:, 1:], h[:, :1]], 1),
+        "channel_slice_by_step": lambda h: torch.cat([h[:, ::2], h[:, 1::2]], 1),
         "mean_over_channels": lambda h: h - h.mean(1, keepdim=True),
         "softmax_over_channels": lambda h: h.softmax(1),
         "cumprod": lambda h: h.cumprod(1),
@@ -62,6 +62,22 @@ def test_unknown_or_channel_moving_ops_freeze(how):
         assert "Operations not understood" in g.explain()
     report = check_pruner(m, X)
     assert report.pruned_units == 0 and report.max_abs_diff < 1e-6 and report.params_after == report.params_before
+
+
+def test_a_rotation_by_constant_slices_pins_only_the_channel_it_moves():
+    """``cat([h[:, 1:], h[:, :1]])``: both bounds pin channel 0 (it froze the whole group
+    before 2026-12-01); channels 1.. keep their order, pair with ``b``'s 0.. and prune exactly."""
+    m = Fn(
+        lambda s, x: s.c(torch.relu(torch.cat([s.a(x)[:, 1:], s.a(x)[:, :1]], 1)) + s.b(x)),
+        a=conv(3, 6),
+        b=conv(3, 6),
+        c=conv(6, 4, 3),
+    ).eval()
+    g = DependencyGraph(m, X)
+    assert (group_of(g, "a", "out").size, group_of(g, "a", "out").prunable) == (6, 5)
+    report = check_pruner(m, X)
+    assert report.pruned_units == 3 and report.max_abs_diff < 1e-5
+    assert (report.params_before, report.params_after) == (268, 136)
 
 
 def test_check_pruner_on_resnet18_math():

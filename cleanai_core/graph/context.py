@@ -109,6 +109,8 @@ class TraceContext:
         #: size-1 dimension expanded: ``F.normalize``'s ``norm(x, keepdim=True).expand_as(x)``),
         #: with those dimensions: combined with channels there, they shrink with them
         self.spread: dict[int, set[int]] = {}
+        #: atoms an op normalises across (``F.layer_norm`` outside a claimed module): see :meth:`normalize`
+        self.normalized: list[torch.Tensor] = []
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
@@ -131,6 +133,14 @@ class TraceContext:
         """These atoms (and every unit they join) are never pruned."""
         if atoms.numel():
             self._frozen.append((atoms.reshape(-1), reason))
+
+    def normalize(self, atoms: torch.Tensor) -> None:
+        """An op normalises across these atoms (``F.layer_norm`` over the channels): their
+        groups may shrink, but not exactly (the statistics change with the channels, as a
+        slice marked ``normalizes`` says for a norm module), so the masking oracle leaves
+        them out (:attr:`~cleanai_core.graph.groups.Group.normalizes`)."""
+        if atoms.numel():
+            self.normalized.append(atoms.reshape(-1))
 
     def tie(self, atoms: torch.Tensor, shape: tuple[int, ...], keep_dim: int) -> torch.Tensor:
         """View ``atoms`` as ``shape`` and union along every dimension but ``keep_dim``;

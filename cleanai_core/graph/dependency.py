@@ -303,7 +303,8 @@ class DependencyGraph:
         for s in self.slices:
             node = self.nodes.get(s.module)
             s.pruner = node.pruner if node is not None else None
-        self._groups = make_groups(self.root, frozen, self.slices, reasons)
+        normalized = torch.cat(ctx.normalized) if ctx.normalized else None
+        self._groups = make_groups(self.root, frozen, self.slices, reasons, normalized)
 
     def apply_default_freezes(self) -> None:
         """Freeze what the ``cleanai_default_freezes`` hook names (the pruner's defaults

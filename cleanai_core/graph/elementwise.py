@@ -54,21 +54,39 @@ def broadcast(ctx: TraceContext, inputs: list[Any], out: Any) -> None:
         labelled.append((lab.dim + nd - r.ndim, lab, r))
     if not labelled:
         return
+    labelled.sort(key=lambda e: e[1].cross is not None)  # a bare matrix's guess gives way to the others
     dim = labelled[0][0]
     first = labelled[0][1]
-    for d, lab, _ in labelled[1:]:
+    coupled = {id(labelled[0][2])}
+    for d, lab, r in labelled[1:]:
         if d == dim and lab.atoms.numel() == first.atoms.numel():
             ctx.union(first.atoms, lab.atoms)
+            coupled.add(id(r))
+        elif _cross_meets(lab, r, nd, dim, first):
+            # a bare matrix whose other dimension lines up with the channels (``h[..., None]
+            # * self.basis``, ``basis: (C, K)``): its rows follow them, its columns stay
+            ctx.union(first.atoms, ctx.take_cross(lab))
+            ctx.freeze(lab.atoms, f"the other dimension of a matrix broadcast with channels in {ctx.where()}")
+            coupled.add(id(r))
         else:
             ctx.freeze(lab.atoms, f"channels on different dimensions meet in {ctx.where()}")
     for r in refs:
-        if any(rr is r and d == dim for d, _, rr in labelled):
+        if id(r) in coupled:
             continue
         local = dim - (nd - r.ndim)
         if local >= 0 and r.shape[local] > 1 and local not in ctx.spread.get(r.key, ()):
             ctx.freeze(first.atoms, f"{ctx.where()} combines channels with a tensor that cannot shrink")
     if out.shape[dim] == first.atoms.numel():
         ctx.set_label(out, dim, first.atoms, first.origin)
+
+
+def _cross_meets(lab: Any, ref: Any, nd: int, dim: int, first: Any) -> bool:
+    """``ref`` carries a second label (a bare matrix's rows) on output dimension ``dim``,
+    as wide as the channels there."""
+    if lab.cross is None:
+        return False
+    cross_dim, atoms = lab.cross
+    return cross_dim % ref.ndim + nd - ref.ndim == dim and atoms.numel() == first.atoms.numel()
 
 
 def elementwise(call: Any, ctx: TraceContext) -> None:

@@ -63,6 +63,9 @@ class Group:
 
     ``units``: root atom ids, sorted. ``frozen``: per unit, whether it must be kept.
     ``slices``: every slice the units touch. ``reasons``: why frozen units are frozen.
+    ``normalizes``: a norm module or op normalises across the units (LayerNorm, GroupNorm,
+    ``F.layer_norm``): pruning them changes its statistics, so slicing is not exactly
+    zeroing and the masking oracle leaves the group out.
     """
 
     id: int
@@ -70,6 +73,7 @@ class Group:
     frozen: torch.Tensor
     slices: list[SliceSpec]
     reasons: list[str] = attrs.field(factory=list)
+    normalizes: bool = False
 
     @property
     def size(self) -> int:
@@ -92,11 +96,16 @@ def make_groups(
     frozen_atoms: torch.Tensor,
     slices: list[SliceSpec],
     reasons: tuple[torch.Tensor, torch.Tensor, list[str]],
+    normalized_atoms: torch.Tensor | None = None,
 ) -> list[Group]:
-    """Group the units of ``root`` by the set of slices they touch."""
+    """Group the units of ``root`` by the set of slices they touch. ``normalized_atoms``:
+    atoms an op normalises across (their groups are marked ``normalizes``)."""
     n = root.numel()
     frozen_unit = torch.zeros(n, dtype=torch.bool)
     frozen_unit[root[frozen_atoms]] = True
+    normalized_unit = torch.zeros(n, dtype=torch.bool)
+    if normalized_atoms is not None:
+        normalized_unit[root[normalized_atoms]] = True
     gen = torch.Generator().manual_seed(0)
     n_slices = max(len(slices), 1)
     salt = torch.randint(1, 2**62, (n_slices,), generator=gen)
@@ -132,7 +141,8 @@ def make_groups(
             r_unit, r_text, texts = reasons
             hit = torch.isin(r_unit, us[fz][:64])
             why = [texts[i] for i in torch.unique(r_text[hit]).tolist()[:5]]
-        groups.append(Group(g, us, fz, members[g], why))
+        norm = bool(normalized_unit[us].any()) or any(s.normalizes for s in members[g])
+        groups.append(Group(g, us, fz, members[g], why, norm))
     # deterministic order: by first slice appearance
     first = {id(s): i for i, s in enumerate(slices)}
     groups.sort(key=lambda gr: min(first[id(s)] for s in gr.slices))

@@ -1,7 +1,8 @@
 """BatchNorm, LayerNorm (also channels-last use, and over several dims), GroupNorm, InstanceNorm, RMS norms
 (``nn.RMSNorm`` and timm's ``RmsNorm``/``SimpleNorm`` families), timm's global response
-norm (ConvNeXt-V2 ``GlobalResponseNorm``), and the timm norm layers that subclass them
-(``BatchNormAct2d``, ``LayerNorm2d``, ``RmsNormAct2d``...)."""
+norm (ConvNeXt-V2 ``GlobalResponseNorm``), the timm norm layers that subclass them
+(``BatchNormAct2d``, ``LayerNorm2d``, ``RmsNormAct2d``...), and layer norms written as a
+module of their own with a ``data_format`` (the ConvNeXt repository's ``LayerNorm``)."""
 
 from __future__ import annotations
 
@@ -105,6 +106,13 @@ class LayerNormPruner(_PassThrough):
         channels_first = channels_first or getattr(module, "data_format", None) == "channels_first"  # HF ConvNeXt
         if channels_first or getattr(module, "_channels_first", False):
             return 1
+        n = module.normalized_shape[0] if len(getattr(module, "normalized_shape", ())) == 1 else None
+        if n is not None and x.ndim > 1 and x.shape[-1] != n:
+            # a subclass that moves the channels last itself (``permute`` in its forward,
+            # under a name of its own): the one input dim as wide as the norm holds them
+            wide = [d for d in range(x.ndim) if x.shape[d] == n]
+            if len(wide) == 1:
+                return wide[0]
         return x.ndim - 1
 
     def fix(self, module, n):
@@ -205,6 +213,28 @@ def _timm_grn(module: nn.Module) -> bool:
     return getattr(module, "channel_dim", None) in (1, -1) and bias.shape == weight.shape
 
 
+def _custom_layer_norm(module: nn.Module) -> bool:
+    """A layer norm written as a module of its own, the ConvNeXt repository's
+    ``LayerNorm`` and its many copies: ``F.layer_norm(x, self.normalized_shape, ...)``
+    channels-last, or the mean and variance over dim 1 by hand channels-first, as
+    ``data_format`` says. Matched by its attributes: a ``data_format`` of either value, a
+    one-dimensional ``normalized_shape``, ``weight`` and ``bias`` of that shape and no
+    other parameters or children."""
+    if isinstance(module, nn.LayerNorm) or getattr(module, "data_format", None) not in (
+        "channels_last",
+        "channels_first",
+    ):
+        return False
+    shape, weight, bias = (getattr(module, a, None) for a in ("normalized_shape", "weight", "bias"))
+    if not isinstance(shape, (tuple, list)) or len(shape) != 1 or not isinstance(weight, nn.Parameter):
+        return False
+    if tuple(weight.shape) != tuple(shape) or not (
+        bias is None or (isinstance(bias, nn.Parameter) and bias.shape == weight.shape)
+    ):
+        return False
+    return next(module.children(), None) is None and len(list(module.parameters())) == 1 + (bias is not None)
+
+
 @hookimpl(trylast=True)
 def cleanai_layer_pruner(module):
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
@@ -223,4 +253,6 @@ def cleanai_layer_pruner(module):
         return RMSNormPruner()
     if _timm_grn(module):
         return GlobalResponseNormPruner()
+    if _custom_layer_norm(module):
+        return LayerNormPruner()
     return None

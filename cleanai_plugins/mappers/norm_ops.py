@@ -53,6 +53,7 @@ def layer_norm(call, ctx):
             ctx.freeze_tensor(p, f"{ctx.where()}: affine of a frozen norm")
         return
     _couple_affine(ctx, lab.atoms, params)
+    ctx.normalize(lab.atoms)  # statistics over the channels: prunable like a LayerNorm's, not exactly
     ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
 
 
@@ -94,6 +95,7 @@ def group_norm(call, ctx):
     if groups > 1:
         ctx.tie(lab.atoms, (groups, lab.atoms.numel() // groups), 1)
     _couple_affine(ctx, lab.atoms, params)
+    ctx.normalize(lab.atoms)
     ctx.set_label(call.outputs[0], 1, lab.atoms, lab.origin)
 
 

@@ -332,11 +332,19 @@ def slice_(call, ctx):
         return
     dim = arg(call, 1, "dim", 0) % src.ndim
     if dim == lab.dim and out.shape[dim] != src.shape[dim]:
-        idx = _slice_positions(call, src.shape[dim]) if _free_ranges(ctx) else None
-        if idx is None or len(idx) != out.shape[dim]:
+        idx = _slice_positions(call, src.shape[dim])
+        if idx is not None and len(idx) == out.shape[dim] and _free_ranges(ctx):
+            ctx.set_label(out, dim, lab.atoms[idx.start : idx.stop : idx.step], lab.origin)
+            return
+        keep = _fixed_span(call, src.shape[dim]) if idx is not None and len(idx) == out.shape[dim] else None
+        if keep is None:
             ctx.freeze(lab.atoms, f"{ctx.where()} takes a fixed range of channels")
             return
-        ctx.set_label(out, dim, lab.atoms[idx.start : idx.stop : idx.step], lab.origin)
+        # ``x[:, a:b]`` with constant bounds reads the same channels after slicing as long as
+        # none before ``b`` goes (none before ``a`` for ``x[:, a:]``, none from ``-a`` on for
+        # ``x[:, -a:]``): those stay, the others may go
+        ctx.freeze(lab.atoms[keep], f"{ctx.where()} takes a fixed range of channels")
+        ctx.set_label(out, dim, lab.atoms[idx.start : idx.stop], lab.origin)
         return
     ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
 
@@ -353,6 +361,28 @@ def _slice_positions(call, size: int) -> range | None:
     if not all(isinstance(v, int) or v is None for v in (start, end)) or not isinstance(step, int):
         return None
     return range(size)[slice(start, end, step)]
+
+
+def _fixed_span(call, size: int) -> slice | None:
+    """For a ``slice`` / ``narrow`` with step 1 along ``size`` channels: the channels that
+    must stay for it to read the same ones when the others go, those up to its end (up to
+    its start when it runs to the end; from its start on when it counts from the end).
+    ``None`` when that is all of them or unknown (a step, bounds counted from both ends)."""
+    if "narrow" in str(call.op):
+        start, length = arg(call, 2, "start"), arg(call, 3, "length")
+        if not isinstance(start, int) or not isinstance(length, int):
+            return None
+        return slice(0, start + length) if start >= 0 else slice(size + start, None)
+    start, end, step = arg(call, 2, "start"), arg(call, 3, "end"), arg(call, 4, "step", 1)
+    start = 0 if start is None else start
+    if step != 1 or not isinstance(start, int) or not (end is None or isinstance(end, int)):
+        return None
+    open_end = end is None or end >= size
+    if start < 0:
+        return slice(size + start, None) if open_end or end < 0 else None
+    if open_end:
+        return slice(0, start)  # runs to the end: only the channels before it must stay in place
+    return slice(0, end) if end >= 0 else None
 
 
 @table.register("split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "split_copy", "tensor_split")
