@@ -10,7 +10,8 @@ The plugin in three steps, each a hook:
    MambaOut), and weight-standardised convs by type.
 3. ``cleanai_after_prune`` runs :data:`FIXUPS`: attributes outside tensors (head counts,
    head sizes, split sizes) follow the sliced widths, read against the scan taken before
-   slicing.
+   slicing. On a scanned module only the fix-ups the scan found may act there run (each
+   declares its trigger names, ``lookup.py``).
 
 Where a new pattern goes: attention attributes in ``attention.py`` or
 ``width_attention.py``, stored split sizes in ``blocks.py`` or ``widths.py``,
@@ -49,7 +50,7 @@ from cleanai_plugins.zoo.timm.widths import fix_scale_shape, fix_split_widths
 __all__ = ["FIXUPS"]
 
 #: attribute fix-ups run after slicing, in this order; each returns early when the module
-#: does not have its pattern
+#: does not have its pattern, and declares the names that pattern needs (``@triggered_by``)
 FIXUPS = (
     fix_attention,
     fix_width_attention,
@@ -71,7 +72,7 @@ FIXUPS = (
 
 @hookimpl
 def cleanai_prepare_model(model):
-    scan = scan_model(model)
+    scan = scan_model(model, FIXUPS)
     return {KEY: scan, **allow_channel_ranges(*scan.dual_path, *scan.conv_rel_pos)}
 
 
@@ -100,7 +101,7 @@ def cleanai_layer_pruner(module, findings):
 @hookimpl(trylast=True)
 def cleanai_after_prune(module, name, edits, findings):
     scan = scan_of(findings)
-    for fix in FIXUPS:
+    for fix in scan.fixups.get(module, FIXUPS):
         fix(module, name, edits, scan)
 
 
