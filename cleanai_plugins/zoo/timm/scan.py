@@ -92,8 +92,23 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         gated_fc1=scan_gated_conv_blocks(having(scan_gated_conv_blocks)),
         dual_path=scan_dual_path_blocks(having(scan_dual_path_blocks)),
         conv_rel_pos=scan_conv_rel_pos(having(scan_conv_rel_pos)),
-        fixups={m: tuple(f for f in fixups if acts_on(f, n)) for m, n in zip(modules, names, strict=True)},
+        fixups=_acting(fixups, modules, names),
     )
+
+
+def _acting(
+    fixups: Sequence[Callable], modules: list[nn.Module], names: list[frozenset[str] | None]
+) -> dict[nn.Module, tuple[Callable, ...]]:
+    """Each module -> the ``fixups`` that may act on it (worked out once per set of names:
+    most modules share the empty one)."""
+    by_names: dict[frozenset[str] | None, tuple[Callable, ...]] = {}
+    out = {}
+    for m, n in zip(modules, names, strict=True):
+        found = by_names.get(n)
+        if found is None:
+            found = by_names[n] = tuple(f for f in fixups if acts_on(f, n))
+        out[m] = found
+    return out
 
 
 _EMPTY = TimmScan()
