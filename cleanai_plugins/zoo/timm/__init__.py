@@ -42,6 +42,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     fix_lambda_layer,
     fix_parallel_block,
 )
+from cleanai_plugins.zoo.timm.lookup import acts_on, names_of
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
 from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner, fix_width_attention, mixes_heads
@@ -78,7 +79,8 @@ def cleanai_prepare_model(model):
 
 @hookimpl
 def cleanai_whole_heads(model):
-    return [m for m in model.modules() if mixes_heads(m)] or None
+    wanted = mixes_heads.triggers
+    return [m for m in model.modules() if acts_on(mixes_heads, names_of(m, wanted)) and mixes_heads(m)] or None
 
 
 @hookimpl

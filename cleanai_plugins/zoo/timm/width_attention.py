@@ -84,6 +84,7 @@ def _heads_attr(module: nn.Module) -> str:
     return "num_heads"
 
 
+@triggered_by("num_heads")
 def mixes_heads(module: nn.Module) -> bool:
     """A width-bound attention whose heads a linear layer mixes (CaiT's talking heads,
     ``proj_l`` and ``proj_w`` over the heads): its heads must stay whole. Otherwise its
