@@ -186,4 +186,5 @@ def compensated_copy(
     fold = None
     if stats:
         fold = functools.partial(compensate, graph=graph, stats=stats, pruned=pruned, reconstruction=reconstruction)
-    return sliced_copy(source, edits, graph.pm, fold, share), edits
+    claims = graph.nodes if source is graph.model else None  # the graph's claims hold for a copy of its model
+    return sliced_copy(source, edits, graph.pm, fold, share, claims), edits

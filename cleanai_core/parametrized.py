@@ -32,6 +32,12 @@ _KNOWN = ("_WeightNorm", "_SpectralNorm")
 
 def is_parametrized(module: nn.Module, attr: str | None = None) -> bool:
     """Whether ``module`` (or its tensor ``attr``) is computed by a parametrization."""
+    d = module.__dict__
+    if "parametrizations" not in d.get("_modules", d) and "parametrizations" not in d:
+        # the ModuleDict torch looks up is a child module: where there is none, its
+        # ``getattr`` would only miss, at the cost of an AttributeError (every replace_param)
+        if type(module).__getattr__ is nn.Module.__getattr__ and not hasattr(type(module), "parametrizations"):
+            return False
     return parametrize.is_parametrized(module, attr)
 
 

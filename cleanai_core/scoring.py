@@ -72,6 +72,7 @@ class ScoringContext:
     gradients: Mapping[str, torch.Tensor] | None = attrs.field(default=None, kw_only=True)
     _energy: dict[tuple[str, str], torch.Tensor | None] = attrs.field(factory=dict, init=False)
     _transformed: dict[str, nn.Module] = attrs.field(factory=dict, init=False)
+    _acc: torch.Tensor | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         unknown = set(self.extra) - {"bias_compensation", "gradients"}
@@ -95,9 +96,13 @@ class ScoringContext:
 
     def per_unit(self, group: Group, spec: SliceSpec, values: torch.Tensor) -> torch.Tensor:
         """Sum ``values`` (one per index of ``spec``) over the indices of each unit."""
-        acc = torch.zeros(self.graph.root.numel(), dtype=torch.float64)
-        acc.index_add_(0, self.graph.root[spec.atoms], values.detach().to(torch.float64).cpu().reshape(-1))
-        return acc[group.units]
+        if self._acc is None:  # one accumulator over all atoms, put back to zeros after each use
+            self._acc = torch.zeros(self.graph.root.numel(), dtype=torch.float64)
+        acc, idx = self._acc, self.graph.root[spec.atoms]
+        acc.index_add_(0, idx, values.detach().to(torch.float64).cpu().reshape(-1))
+        out = acc[group.units]
+        acc.index_fill_(0, idx, 0.0)
+        return out
 
     def energy(self, spec: SliceSpec, model: nn.Module | None = None) -> torch.Tensor | None:
         """Per index, the sum of squared weights touching it (from the layer pruner);
@@ -112,7 +117,9 @@ class ScoringContext:
         elif spec.pruner is None:
             e = None
         else:
-            e = spec.pruner.weight_energy(model.get_submodule(spec.module), spec.name)
+            node = self.graph.nodes.get(spec.module) if model is self.graph.model else None
+            module = node.module if node is not None else model.get_submodule(spec.module)
+            e = spec.pruner.weight_energy(module, spec.name)
             if e is not None and e.numel() != spec.atoms.numel():
                 e = None
         if model is self.model:

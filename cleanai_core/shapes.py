@@ -47,13 +47,18 @@ HEAVY_OPS = frozenset(
 )
 
 
+#: argument types that hold no tensor: passed on without a call per element (an op's
+#: sizes, strides and paddings are lists of ints: most of the elements a trace visits)
+_PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format})
+
+
 def map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
     """``fn`` applied to every tensor in the arguments or results of an ATen op (tensors,
     scalars, and tuples / lists / dicts of them): a lean ``tree_map`` for the per-op path."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, (tuple, list)):
-        return type(obj)([map_tensors(fn, a) for a in obj])
+        return type(obj)([a if type(a) in _PLAIN else map_tensors(fn, a) for a in obj])
     if isinstance(obj, dict):
         return {k: map_tensors(fn, v) for k, v in obj.items()}
     return obj

@@ -6,7 +6,7 @@ import copy
 import itertools
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -118,20 +118,34 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.is_meta or b.is_meta or bool(torch.equal(a.data, b.data))
 
 
-def slice_tensors(model: nn.Module, edits: list[SliceEdit], pm, findings: ModelFindings | None = None) -> list[str]:
+def slice_tensors(
+    model: nn.Module,
+    edits: list[SliceEdit],
+    pm,
+    findings: ModelFindings | None = None,
+    claims: Mapping[str, Any] | None = None,
+) -> list[str]:
     """The slicing half of :func:`apply_edits` (no after-prune fix-ups). ``findings``:
     the scan of ``model`` before slicing (scanned here when not given); pass the same
-    object to :func:`run_after_prune`. A parameter shared by several modules (tied
+    object to :func:`run_after_prune`. ``claims``: the layer pruner of every claimed
+    module by name (a graph's nodes), where ``model`` is a copy of the model they were
+    resolved on: they are not asked again. A parameter shared by several modules (tied
     embeddings) is shared again afterwards."""
     shared = shared_tensors(model)
     originals = [getattr(h[0][0], h[0][1]) for h in shared]
-    changed = _slice(model, edits, pm, findings)
+    changed = _slice(model, edits, pm, findings, claims)
     retie(shared, originals)
     return changed
 
 
-def _slice(model: nn.Module, edits: list[SliceEdit], pm, findings: ModelFindings | None) -> list[str]:
-    nodes = resolve_modules(model, pm, findings)
+def _slice(
+    model: nn.Module, edits: list[SliceEdit], pm, findings: ModelFindings | None, claims: Mapping[str, Any] | None
+) -> list[str]:
+    pruners = (
+        {name: node.pruner for name, node in resolve_modules(model, pm, findings).items()}
+        if claims is None
+        else {name: node.pruner for name, node in claims.items()}
+    )
     per_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     bare = []
     for e in edits:
@@ -141,10 +155,10 @@ def _slice(model: nn.Module, edits: list[SliceEdit], pm, findings: ModelFindings
             per_module[e.module][e.slice] = e.keep
     changed = []
     for name, keep in per_module.items():
-        node = nodes.get(name)
-        if node is None:
+        pruner = pruners.get(name)
+        if pruner is None:
             raise KeyError(f"no plugin claims module {name!r} in this model; cannot slice it")
-        node.pruner.prune(node.module, keep)
+        pruner.prune(model.get_submodule(name), keep)
         changed.append(name)
     for e in bare:
         owner, attr = get_submodule_and_attr(model, e.slice)
@@ -170,7 +184,12 @@ def edits_for(graph, pruned: torch.Tensor) -> list[SliceEdit]:
 
 
 def sliced_copy(
-    source: nn.Module, edits: list[SliceEdit], pm: Any, compensate: Callable | None = None, share: bool = False
+    source: nn.Module,
+    edits: list[SliceEdit],
+    pm: Any,
+    compensate: Callable | None = None,
+    share: bool = False,
+    claims: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """A pruned copy of ``source``; ``source`` and its tensors are never written to.
 
@@ -190,6 +209,9 @@ def sliced_copy(
     still its own): for a copy that is measured or run and thrown away, never returned
     and never trained (a sensitivity trial, a candidate measured for its size). Copying
     them was 40% of a ResNet-50 trial's build.
+
+    ``claims``: ``source``'s claimed modules by name, with their pruners (its graph's
+    ``nodes``): the copy's modules are then not claimed again (:func:`slice_tensors`).
     """
     originals = list(source.parameters()) + list(source.buffers())
     before = [_fingerprint(t) for t in originals]
@@ -208,7 +230,7 @@ def sliced_copy(
     if compensate is not None:
         compensate(model, own=own)
     findings = prepare_model(model, pm)  # the copy as it is before slicing: its fix-ups read this
-    slice_tensors(model, edits, pm, findings)
+    slice_tensors(model, edits, pm, findings, claims)
     _check_untouched(source, originals, before, pm)
     own(model, ("_buffers",) if share else ("_parameters", "_buffers"))
     run_after_prune(model, edits, pm, findings)

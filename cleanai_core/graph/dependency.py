@@ -300,6 +300,7 @@ class DependencyGraph:
         pairs = unique(self.root[frozen] * max(len(texts), 1) + why_cat)
         reasons = (pairs // max(len(texts), 1), pairs % max(len(texts), 1), texts)
         self.slices: list[SliceSpec] = list(ctx.slices.values())
+        self._slice_atoms: tuple | None = None  # for indices_in()
         for s in self.slices:
             node = self.nodes.get(s.module)
             s.pruner = node.pruner if node is not None else None
@@ -328,13 +329,25 @@ class DependencyGraph:
 
     def keep_indices(self, pruned_units: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
         """For a boolean mask over units, the kept indices of every slice that shrinks."""
-        gone = pruned_units[self.root]  # one gather for every slice
-        out = {}
-        for s in self.slices:
-            g = gone[s.atoms]
-            if bool(g.any()):
-                out[(s.module, s.name)] = (~g).nonzero().squeeze(1)
-        return out
+        kept = self.indices_in(~pruned_units)
+        return {(s.module, s.name): k for s, k in zip(self.slices, kept, strict=True) if k.numel() < s.atoms.numel()}
+
+    def indices_in(self, units: torch.Tensor) -> list[torch.Tensor]:
+        """For a boolean mask over units, per slice (in :attr:`slices` order) the indices
+        whose unit it marks, ascending: one gather and one ``nonzero`` over every slice's
+        atoms at once (a pass per slice was 1.5 ms of an EfficientNet-B0's data-free
+        ``prune()``, and both the slicing and the masking oracle ask)."""
+        if self._slice_atoms is None:
+            sizes = [s.atoms.numel() for s in self.slices]
+            atoms = torch.cat([s.atoms for s in self.slices]) if self.slices else torch.zeros(0, dtype=torch.int64)
+            owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes, dtype=torch.int64))
+            starts = torch.cumsum(torch.tensor([0, *sizes[:-1]], dtype=torch.int64), 0)
+            self._slice_atoms = (atoms, owner, starts, sizes)
+        atoms, owner, starts, sizes = self._slice_atoms
+        pos = units[self.root[atoms]].nonzero().squeeze(1)
+        which = owner[pos]
+        counts = torch.bincount(which, minlength=len(sizes)).tolist()
+        return list(torch.split(pos - starts[which], counts))
 
     def explain(self, max_groups: int | None = 50) -> str:
         """A readable account: who claims each module, the groups, and what was frozen."""

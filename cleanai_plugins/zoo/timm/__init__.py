@@ -10,7 +10,8 @@ The plugin in three steps, each a hook:
    MambaOut), and weight-standardised convs by type.
 3. ``cleanai_after_prune`` runs :data:`FIXUPS`: attributes outside tensors (head counts,
    head sizes, split sizes) follow the sliced widths, read against the scan taken before
-   slicing.
+   slicing. On a scanned module only the fix-ups the scan found may act there run (each
+   declares its trigger names, ``lookup.py``).
 
 Where a new pattern goes: attention attributes in ``attention.py`` or
 ``width_attention.py``, stored split sizes in ``blocks.py`` or ``widths.py``,
@@ -41,6 +42,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     fix_lambda_layer,
     fix_parallel_block,
 )
+from cleanai_plugins.zoo.timm.lookup import acts_on, names_of
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
 from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner, fix_width_attention, mixes_heads
@@ -49,7 +51,7 @@ from cleanai_plugins.zoo.timm.widths import fix_scale_shape, fix_split_widths
 __all__ = ["FIXUPS"]
 
 #: attribute fix-ups run after slicing, in this order; each returns early when the module
-#: does not have its pattern
+#: does not have its pattern, and declares the names that pattern needs (``@triggered_by``)
 FIXUPS = (
     fix_attention,
     fix_width_attention,
@@ -71,13 +73,14 @@ FIXUPS = (
 
 @hookimpl
 def cleanai_prepare_model(model):
-    scan = scan_model(model)
+    scan = scan_model(model, FIXUPS)
     return {KEY: scan, **allow_channel_ranges(*scan.dual_path, *scan.conv_rel_pos)}
 
 
 @hookimpl
 def cleanai_whole_heads(model):
-    return [m for m in model.modules() if mixes_heads(m)] or None
+    wanted = mixes_heads.triggers
+    return [m for m in model.modules() if acts_on(mixes_heads, names_of(m, wanted)) and mixes_heads(m)] or None
 
 
 @hookimpl
@@ -100,7 +103,7 @@ def cleanai_layer_pruner(module, findings):
 @hookimpl(trylast=True)
 def cleanai_after_prune(module, name, edits, findings):
     scan = scan_of(findings)
-    for fix in FIXUPS:
+    for fix in scan.fixups.get(module, FIXUPS):
         fix(module, name, edits, scan)
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from cleanai_plugins.zoo.timm.lookup import triggered_by
 from cleanai_plugins.zoo.timm.widths import out_channels
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ __all__ = [
 _QUERY_PROJECTIONS = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q", 1), ("qkv_proj", 3), ("qk", 2))
 
 
+@triggered_by("num_heads", "heads")
 def fix_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     heads_attr = "num_heads" if isinstance(getattr(module, "num_heads", None), int) else "heads"
     heads = getattr(module, heads_attr, None)
@@ -84,6 +86,7 @@ def _fix_kv_heads(module: nn.Module, name: str, edits, head_dim: int) -> None:
         module.num_kv_groups = heads // module.num_kv_heads
 
 
+@triggered_by("num_keys")
 def fix_headmajor_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """(heads, keys, head_dim) projections, e.g. CPUBone's ``pwise``."""
     keys, heads, head_dim = (getattr(module, a, None) for a in ("num_keys", "num_heads", "head_dim"))
@@ -101,6 +104,7 @@ def fix_headmajor_attention(module: nn.Module, name: str, edits, scan: TimmScan)
         module.o_proj_inpdim = module.num_heads * module.head_dim
 
 
+@triggered_by("attention_bias_cache", "attention_biases", "key_dim", "dh")
 def fix_bias_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """LeViT / EfficientFormer-V2 style: heads follow ``attention_biases``; cached biases
     are stale after slicing; ``dh`` is the value projection's width."""
@@ -123,6 +127,7 @@ def fix_bias_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> N
             module.dh = n
 
 
+@triggered_by("bias_shape")
 def fix_rel_pos(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """Relative position bias modules (``RelPosBias``, ``RelPosMlp``) view their table as
     ``bias_shape = (..., num_heads)``: follow the table's (or the MLP's) kept heads."""
@@ -145,6 +150,7 @@ def fix_rel_pos(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     module.bias_shape = (*shape[:-1], n)
 
 
+@triggered_by("value_dim")
 def fix_multi_query_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """MobileNetV4/V5 ``MultiQueryAttention2d``: one shared key/value head, queries
     reshaped with ``num_heads`` and ``key_dim``; widths follow the projections."""
@@ -156,6 +162,7 @@ def fix_multi_query_attention(module: nn.Module, name: str, edits, scan: TimmSca
     module.key_dim, module.value_dim, module.num_heads = k, v, q // k
 
 
+@triggered_by("dim_head_qk")
 def fix_bottleneck_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """BoTNet ``BottleneckAttn``: ``split(qkv(x), [dim_out_qk, dim_out_qk, dim_out_v])`` then
     per-head reshapes with ``dim_head_qk`` / ``dim_head_v``."""

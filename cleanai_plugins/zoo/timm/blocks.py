@@ -15,6 +15,7 @@ from torch import nn
 from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.layers.linear import LinearPruner
 from cleanai_plugins.mappers.shape import allow_unequal_split
+from cleanai_plugins.zoo.timm.lookup import triggered_by
 from cleanai_plugins.zoo.timm.widths import out_channels
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 
+@triggered_by("dim_qk")
 def scan_lambda_layers(modules: list[nn.Module]) -> dict[nn.Module, tuple[int, int, int]]:
     """LambdaLayers' ``qkv`` convs -> (heads, dim_qk, dim_v)."""
     found = {}
@@ -67,6 +69,7 @@ class LambdaQKVPruner(ConvPruner):
         ctx.union(ctx.slices[(call.name, "in")].atoms, v.repeat(heads))
 
 
+@triggered_by("qkv")
 def fix_lambda_layer(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """``LambdaLayer`` widths follow its norms: ``norm_q`` (heads * dim_qk), ``norm_v`` (dim_v)."""
     qkv = getattr(module, "qkv", None)
@@ -81,6 +84,7 @@ def fix_lambda_layer(module: nn.Module, name: str, edits, scan: TimmScan) -> Non
         module.num_heads = nq.num_features // module.dim_qk
 
 
+@triggered_by("in_split")
 def scan_parallel_blocks(modules: list[nn.Module]) -> dict[nn.Module, tuple[int, int]]:
     """Parallel blocks (``ParallelScalingBlock``): ``split(in_proj(x), [hidden, dim, dim, dim])``
     into (mlp, q, k, v), the attention output reshaped to the input width ``C``: their
@@ -111,6 +115,7 @@ class ParallelInProjPruner(LinearPruner):
         allow_unequal_split(ctx, call.outputs[0])  # fix_parallel_block rewrites ``in_split``
 
 
+@triggered_by("in_proj")
 def fix_parallel_block(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     proj = getattr(module, "in_proj", None)
     info = scan.parallel.get(proj) if isinstance(proj, nn.Linear) else None
@@ -132,6 +137,7 @@ def fix_parallel_block(module: nn.Module, name: str, edits, scan: TimmScan) -> N
         module.head_dim = q_keep.numel() * head_dim // (heads * block)
 
 
+@triggered_by("split_indices")
 def scan_gated_conv_blocks(modules: list[nn.Module]) -> set[nn.Module]:
     """MambaOut ``GatedConvBlock``: ``g, i, c = split(fc1(x), split_indices)`` with
     ``split_indices = (hidden, hidden - conv, conv)``, then ``fc2(act(g) * cat(i, dwconv(c)))``.
@@ -161,6 +167,7 @@ class GatedFc1Pruner(LinearPruner):
         allow_unequal_split(ctx, call.outputs[0])
 
 
+@triggered_by("fc1")
 def fix_gated_conv_block(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """``split_indices`` follow ``fc2``'s input (gate pairs) and the depthwise conv's width."""
     fc1, conv, fc2 = (getattr(module, a, None) for a in ("fc1", "conv", "fc2"))
@@ -170,6 +177,7 @@ def fix_gated_conv_block(module: nn.Module, name: str, edits, scan: TimmScan) ->
     module.split_indices = (hidden, hidden - n, n)
 
 
+@triggered_by("num_1x1_c")
 def scan_dual_path_blocks(modules: list[nn.Module]) -> set[nn.Module]:
     """DPN ``DualPathBlock``: ``x[:, : self.num_1x1_c]`` is the residual part of its input (or
     projection) and of ``c1x1_c``'s output, ``x[:, self.num_1x1_c :]`` the dense part. The
@@ -182,6 +190,7 @@ def scan_dual_path_blocks(modules: list[nn.Module]) -> set[nn.Module]:
     return found
 
 
+@triggered_by("num_1x1_c")
 def fix_dual_path_block(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """The residual part keeps the channels below ``num_1x1_c`` that survived: ``c1x1_c1``'s
     width (DPN-b) or the kept outputs of ``c1x1_c`` below the bound (its residual part is
@@ -201,6 +210,7 @@ def fix_dual_path_block(module: nn.Module, name: str, edits, scan: TimmScan) -> 
         module.num_1x1_c = n
 
 
+@triggered_by("channel_splits")
 def scan_conv_rel_pos(modules: list[nn.Module]) -> set[nn.Module]:
     """CoaT ``ConvRelPosEnc``: ``split(v, self.channel_splits)``, one depthwise conv per part
     (heads grouped by window size). They split into unequal parts: ``fix_conv_rel_pos``
@@ -214,6 +224,7 @@ def scan_conv_rel_pos(modules: list[nn.Module]) -> set[nn.Module]:
     return found
 
 
+@triggered_by("channel_splits")
 def fix_conv_rel_pos(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """``channel_splits`` follow the convs' widths (``head_splits`` is not read by ``forward``)."""
     if module in scan.conv_rel_pos:

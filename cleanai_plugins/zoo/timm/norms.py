@@ -8,6 +8,7 @@ from torch import nn
 
 from cleanai_core.interfaces import replace_param
 from cleanai_plugins.layers.conv import ConvPruner
+from cleanai_plugins.zoo.timm.lookup import triggered_by
 
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
@@ -43,6 +44,7 @@ class StdConvPruner(ConvPruner):
             replace_param(module, "gain", 0, keep["out"])
 
 
+@triggered_by("groups")
 def scan_group_norms(modules: list[nn.Module]) -> dict[nn.Module, int]:
     """EvoNorm-S norms -> channels per group."""
     found = {}
@@ -54,6 +56,7 @@ def scan_group_norms(modules: list[nn.Module]) -> dict[nn.Module, int]:
     return found
 
 
+@triggered_by("groups")
 def fix_group_count(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """EvoNorm-S ``group_std(x, self.groups)``: whole groups removed -> fewer groups."""
     size = scan.group_size.get(module)

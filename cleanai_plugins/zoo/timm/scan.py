@@ -8,6 +8,7 @@ Nothing is kept between models.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -20,6 +21,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     scan_lambda_layers,
     scan_parallel_blocks,
 )
+from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import scan_group_norms
 from cleanai_plugins.zoo.timm.width_attention import scan_width_attention
 
@@ -51,23 +53,62 @@ class TimmScan:
     dual_path: set[nn.Module] = attrs.field(factory=set)
     #: CoaT conv relative position encodings
     conv_rel_pos: set[nn.Module] = attrs.field(factory=set)
+    #: every scanned module -> the after-prune fix-ups that may act on it (those with one of
+    #: its trigger names, :mod:`~cleanai_plugins.zoo.timm.lookup`); a module not in it (none
+    #: scanned, or put in by a pruner after the scan) gets every fix-up
+    fixups: dict[nn.Module, tuple[Callable, ...]] = attrs.field(factory=dict)
 
 
-def scan_model(model: nn.Module) -> TimmScan:
-    """Scan every module of ``model`` for the patterns of :class:`TimmScan`."""
+_SCANS = (
+    scan_width_attention,
+    scan_group_norms,
+    scan_lambda_layers,
+    scan_parallel_blocks,
+    scan_gated_conv_blocks,
+    scan_dual_path_blocks,
+    scan_conv_rel_pos,
+)
+
+
+def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
+    """Scan every module of ``model`` for the patterns of :class:`TimmScan`, and note which
+    of ``fixups`` may act on each. Each module's trigger names are read once; each scan
+    sees only the modules that have one of its own."""
     modules = list(model.modules())
-    width_attention, width_heads, tied = scan_width_attention(modules)
+    wanted = trigger_names((*_SCANS, *fixups))
+    names = [names_of(m, wanted) for m in modules]
+
+    def having(scan: Callable) -> list[nn.Module]:
+        return [m for m, n in zip(modules, names, strict=True) if acts_on(scan, n)]
+
+    width_attention, width_heads, tied = scan_width_attention(having(scan_width_attention))
     return TimmScan(
         tied=tied,
         width_attention=width_attention,
         width_heads=width_heads,
-        group_size=scan_group_norms(modules),
-        lambda_qkv=scan_lambda_layers(modules),
-        parallel=scan_parallel_blocks(modules),
-        gated_fc1=scan_gated_conv_blocks(modules),
-        dual_path=scan_dual_path_blocks(modules),
-        conv_rel_pos=scan_conv_rel_pos(modules),
+        group_size=scan_group_norms(having(scan_group_norms)),
+        lambda_qkv=scan_lambda_layers(having(scan_lambda_layers)),
+        parallel=scan_parallel_blocks(having(scan_parallel_blocks)),
+        gated_fc1=scan_gated_conv_blocks(having(scan_gated_conv_blocks)),
+        dual_path=scan_dual_path_blocks(having(scan_dual_path_blocks)),
+        conv_rel_pos=scan_conv_rel_pos(having(scan_conv_rel_pos)),
+        fixups=_acting(fixups, modules, names),
     )
+
+
+def _acting(
+    fixups: Sequence[Callable], modules: list[nn.Module], names: list[frozenset[str] | None]
+) -> dict[nn.Module, tuple[Callable, ...]]:
+    """Each module -> the ``fixups`` that may act on it (worked out once per set of names:
+    most modules share the empty one)."""
+    by_names: dict[frozenset[str] | None, tuple[Callable, ...]] = {}
+    out = {}
+    for m, n in zip(modules, names, strict=True):
+        found = by_names.get(n)
+        if found is None:
+            found = by_names[n] = tuple(f for f in fixups if acts_on(f, n))
+        out[m] = found
+    return out
 
 
 _EMPTY = TimmScan()

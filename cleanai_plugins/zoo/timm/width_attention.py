@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from cleanai_plugins.layers.linear import LinearPruner
+from cleanai_plugins.zoo.timm.lookup import triggered_by
 
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
@@ -83,6 +84,7 @@ def _heads_attr(module: nn.Module) -> str:
     return "num_heads"
 
 
+@triggered_by("num_heads")
 def mixes_heads(module: nn.Module) -> bool:
     """A width-bound attention whose heads a linear layer mixes (CaiT's talking heads,
     ``proj_l`` and ``proj_w`` over the heads): its heads must stay whole. Otherwise its
@@ -97,6 +99,7 @@ def mixes_heads(module: nn.Module) -> bool:
     )
 
 
+@triggered_by("num_heads", "groups")
 def scan_width_attention(
     modules: list[nn.Module],
 ) -> tuple[dict[nn.Module, dict[str, tuple[int, int]]], dict[nn.Module, int], dict[nn.Module, tuple[int, int]]]:
@@ -125,6 +128,7 @@ def scan_width_attention(
     return width_attention, width_heads, tied
 
 
+@triggered_by("num_heads", "groups")
 def fix_width_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     info = scan.width_attention.get(module)
     if not info:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from cleanai_plugins.zoo.timm.lookup import triggered_by
+
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
 
@@ -28,6 +30,7 @@ def out_channels(module: nn.Module | None) -> int | None:
     return None
 
 
+@triggered_by("width", "qkvs", "d_inner", "split_indexes", "split_input", "in_dim", "splits", "expand_chs")
 def fix_split_widths(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """Modules that split their channels by a stored width (``torch.split(x, self.width)``)."""
     scale, width = getattr(module, "scale", None), getattr(module, "width", None)
@@ -80,6 +83,7 @@ def fix_split_widths(module: nn.Module, name: str, edits, scan: TimmScan) -> Non
             module.expand_chs = n
 
 
+@triggered_by("shape")
 def fix_scale_shape(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """MetaFormer ``Scale``: ``x * self.scale.view(self.shape)`` with ``shape = (dim, 1, 1)``."""
     scale, shape = getattr(module, "scale", None), getattr(module, "shape", None)

@@ -113,10 +113,11 @@ def cleanai_prepare_model(model):
     can declare get none from compensation."""
     if PreTrainedModel is None:
         return None
-    fused = [m for m in model.modules() if is_attention(m) and (has_fused_qkv(m) or has_fused_mqa(m))]
+    modules = list(model.modules())  # one walk for the four finders
+    fused = [m for m in modules if is_attention(m) and (has_fused_qkv(m) or has_fused_mqa(m))]
     bare = [m for _, hf in outermost(model, PreTrainedModel) for m in undeclarable(hf)]
-    alibi = [m for m in model.modules() if is_alibi_attention(m)]
-    tied = {q for q in map(input_width_query, model.modules()) if q is not None}
+    alibi = [m for m in modules if is_alibi_attention(m)]
+    tied = {q for q in map(input_width_query, modules) if q is not None}
     found = {
         **(allow_channel_ranges(*fused) if fused else {}),
         **(no_new_bias(*bare) if bare else {}),
