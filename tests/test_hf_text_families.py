@@ -288,3 +288,51 @@ def test_gpt_oss_transposed_interleaved_experts_with_biases_prune(tmp_path):
     assert experts.down_proj.shape == (4, 48, 64) and pruned.config.intermediate_size == 48
     assert params(pruned) == 101_196
     assert torch.equal(reloaded(pruned, tmp_path)(*inputs).logits, pruned(*inputs).logits)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
+def test_global_ranking_gives_every_expert_of_a_module_the_same_width(name):
+    """Global ranking chose each expert's units on its own, so the experts of one 3-D
+    tensor kept different counts and slicing raised ``ValueError: experts would keep [72,
+    68, 68, 68] units``. Tied groups (``same_count``) now keep the most any of them keeps;
+    the pruned model equals the masked original."""
+    model, inputs, _ = build(name)
+    pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.3, global_pruning=True)
+    plan = pruner.plan()
+    experts = [gp for gp in plan.groups if any(s.name.startswith("inter.") for s in gp.group.slices)]
+    by_module: dict[str, set[int]] = {}
+    for gp in experts:
+        by_module.setdefault(gp.group.modules()[0], set()).add(gp.n_pruned)
+    assert len(by_module) == 2 and all(len(counts) == 1 for counts in by_module.values())
+    assert sum(gp.n_pruned for gp in experts) > 0
+    small = pruner.prune()
+    assert params(small) < params(model)
+    from cleanai_core.masking import masked_outputs
+
+    expected = masked_outputs(pruner.graph, plan.pruned_units(), inputs)
+    assert (small(*inputs).logits - expected[0]).abs().max() < 1e-5
+
+
+def test_a_skipped_group_beside_3d_experts_does_not_split_the_experts(monkeypatch):
+    """When verification failed, the bisection built halves of the plan: a half holding
+    two of a layer's four experts raised ``ValueError: experts would keep [...] units``
+    out of ``prune()``. The experts of one tensor are tried and skipped together; here the
+    first layer's query projection is made to fail, and only its group is skipped."""
+    from cleanai_core.errors import PruningError
+
+    model, inputs, _ = build("mixtral")
+    pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5)
+    q_out = ("model.layers.0.self_attn.q_proj", "out")
+    q = next(g for g in pruner.graph.groups() if any((s.module, s.name) == q_out for s in g.slices))
+    real = pruner.build
+
+    def fails_on_q(pruned, *args, **kwargs):
+        if bool(pruned[q.units].any()):
+            raise PruningError("made to fail")
+        return real(pruned, *args, **kwargs)
+
+    monkeypatch.setattr(pruner, "build", fails_on_q)
+    small = pruner.prune()
+    assert [s.split(" ")[2] for s in pruner.skipped_groups] == [str(q.id)]
+    assert small.model.layers[0].self_attn.q_proj.out_features == 64
+    assert small.model.layers[0].mlp.experts.down_proj.shape == (4, 64, 48)
