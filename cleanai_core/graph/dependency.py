@@ -19,6 +19,7 @@ from cleanai_core.graph.groups import Group, components, make_groups, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.plugins import get_plugin_manager
+from cleanai_core.runtime import plain_inputs
 
 __all__ = ["DependencyGraph", "Node", "prunable_graph", "resolve_modules"]
 
@@ -122,6 +123,7 @@ class DependencyGraph:
             from cleanai_core.errors import UserError
 
             raise UserError(f"DependencyGraph needs a torch.nn.Module, got {type(model).__name__}")
+        example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         self.model = model
         self.pm = pm or get_plugin_manager()
         self.findings = prepare_model(model, self.pm)
