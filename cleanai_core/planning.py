@@ -11,7 +11,7 @@ import torch
 
 from cleanai_core.graph.groups import Group
 
-__all__ = ["GroupPlan", "PruningPlan", "equalize_ties", "make_plan", "tied_sets"]
+__all__ = ["GroupPlan", "PruningPlan", "equalize_ties", "limit_units", "make_plan", "tied_sets"]
 
 
 @attrs.define(eq=False)
@@ -123,7 +123,10 @@ def _alignment(group: Group) -> int:
     return out
 
 
-def _limit(group: Group, n: int, round_to: int | None, min_units: int) -> int:
+def limit_units(group: Group, n: int, round_to: int | None, min_units: int) -> int:
+    """``n`` units of ``group`` made a count the group can lose: at most its prunable
+    units, at least ``min_units`` kept, the kept count rounded up to ``round_to`` channels
+    and to the slices' alignment (``SliceSpec.multiple``)."""
     n = max(0, min(n, group.prunable, group.size - max(1, min_units)))
     if round_to and round_to > 1 and n > 0:
         m = _multiplicity(group)
@@ -216,7 +219,7 @@ def make_plan(
     if not global_pruning:
         for g in groups:
             r = group_ratios.get(g.id, ratio)
-            n = _limit(g, int(math.floor(r * g.size + 1e-9)), round_to, min_units)
+            n = limit_units(g, int(math.floor(r * g.size + 1e-9)), round_to, min_units)
             plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), r))
         equalize_ties(plans)
         return PruningPlan(plans, n_atoms)
@@ -224,11 +227,11 @@ def make_plan(
     fixed = [g for g in groups if g.id in group_ratios]
     free = [g for g in groups if g.id not in group_ratios]
     for g in fixed:
-        n = _limit(g, int(math.floor(group_ratios[g.id] * g.size + 1e-9)), round_to, min_units)
+        n = limit_units(g, int(math.floor(group_ratios[g.id] * g.size + 1e-9)), round_to, min_units)
         plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), group_ratios[g.id]))
     norm = normalizer or (lambda s: s / s.mean() if float(s.mean()) > 0 else s)
     caps = {
-        g.id: _limit(g, (caps or {}).get(g.id, int(math.floor(max_layer_ratio * g.size))), None, min_units)
+        g.id: limit_units(g, (caps or {}).get(g.id, int(math.floor(max_layer_ratio * g.size))), None, min_units)
         for g in free
     }
     chosen: dict[int, list[int]] = {g.id: [] for g in free}
@@ -242,7 +245,7 @@ def make_plan(
     counts = {gid: len(units) for gid, units in chosen.items()}
     for g in free:
         pruned = torch.zeros(g.size, dtype=torch.bool)
-        n = _limit(g, counts[g.id], round_to, min_units)
+        n = limit_units(g, counts[g.id], round_to, min_units)
         if n:
             pruned = _lowest(scores[g.id], g.frozen, n) if n != counts[g.id] else pruned
             if n == counts[g.id]:
