@@ -195,7 +195,16 @@ class StructuredPruner:
         return self.calibration.gradients
 
     def _build_graph(self, model: nn.Module) -> DependencyGraph:
-        return prunable_graph(model, self.example_inputs, self.forward_fn, self.output_transform, self.ignored)
+        uniform = not (
+            self.global_pruning
+            or self.layer_ratios
+            or self.prune_dead_only
+            or self.iterative_steps > 1
+            or self.target_flops is not None
+            or self.target_params is not None
+        )
+        ratio = self.pruning_ratio if uniform else None
+        return prunable_graph(model, self.example_inputs, self.forward_fn, self.output_transform, self.ignored, ratio)
 
     # -- calibration -----------------------------------------------------------------
     def collect_activations(

@@ -310,6 +310,128 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    # -- 2026-12-03: families swept in round 4 (docs/compatibility.md) --
+    "biogpt": (_causal("BioGptForCausalLM", "BioGptConfig"), "causal"),
+    "cwm": (_causal("CwmForCausalLM", "CwmConfig", num_key_value_heads=2, head_dim=16, sliding_window=4), "causal"),
+    "diffllama": (_causal("DiffLlamaForCausalLM", "DiffLlamaConfig", num_key_value_heads=2, head_dim=16), "causal"),
+    "doge": (  # dynamic-mask attention, a cross-domain mixture of experts (embedding-bag experts)
+        _causal(
+            "DogeForCausalLM",
+            "DogeConfig",
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "exaone-moe": (
+        _causal(
+            "ExaoneMoeForCausalLM",
+            "ExaoneMoeConfig",
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "flex-olmo": (
+        _causal("FlexOlmoForCausalLM", "FlexOlmoConfig", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+        "causal",
+    ),  # fmt: skip
+    "glm4-moe": (
+        _causal(
+            "Glm4MoeForCausalLM",
+            "Glm4MoeConfig",
+            num_key_value_heads=2,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "granitemoe-shared": (
+        _causal(
+            "GraniteMoeSharedForCausalLM",
+            "GraniteMoeSharedConfig",
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            shared_intermediate_size=48,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "jais2": (_causal("Jais2ForCausalLM", "Jais2Config", num_key_value_heads=2, head_dim=16), "causal"),
+    "minimax": (
+        _causal(
+            "MiniMaxForCausalLM",
+            "MiniMaxConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "ministral3": (
+        _causal("Ministral3ForCausalLM", "Ministral3Config", num_key_value_heads=2, head_dim=16, sliding_window=4),
+        "causal",
+    ),
+    "nanochat": (_causal("NanoChatForCausalLM", "NanoChatConfig", num_key_value_heads=2), "causal"),
+    "olmo3": (_causal("Olmo3ForCausalLM", "Olmo3Config", num_key_value_heads=2, sliding_window=4), "causal"),
+    "olmo-hybrid": (_causal("OlmoHybridForCausalLM", "OlmoHybridConfig", num_key_value_heads=2), "causal"),
+    "solar-open": (
+        _causal(
+            "SolarOpenForCausalLM",
+            "SolarOpenConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "modernbert-decoder": (
+        _causal("ModernBertDecoderForCausalLM", "ModernBertDecoderConfig", sliding_window=4),
+        "causal",
+    ),
+    "ernie4_5-moe": (  # shared experts moe_intermediate_size x moe_num_shared_experts (2) wide
+        _causal(
+            "Ernie4_5_MoeForCausalLM",
+            "Ernie4_5_MoeConfig",
+            num_key_value_heads=2,
+            moe_num_experts=4,
+            moe_k=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "hunyuan-moe": (
+        _causal("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", num_key_value_heads=2, head_dim=16, num_experts=4),
+        "causal",
+    ),
+    "bitnet": (_causal("BitNetForCausalLM", "BitNetConfig", num_key_value_heads=2), "causal"),
+    "openai-gpt": (
+        _make(
+            "OpenAIGPTLMHeadModel",
+            "OpenAIGPTConfig",
+            _ids,
+            vocab_size=V,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "xlnet": (  # q, k, v, o: bare (d_model, heads, head_dim) parameters read by einsum
+        _make("XLNetLMHeadModel", "XLNetConfig", _ids, vocab_size=V, d_model=64, n_layer=2, n_head=4, d_inner=96),
+        "encoder",
+    ),
     "bert": (_make("BertForMaskedLM", "BertConfig", _ids, **ENC, intermediate_size=96), "encoder"),
     "xlm-roberta": (
         _make("XLMRobertaForMaskedLM", "XLMRobertaConfig", _ids, **ENC, intermediate_size=96, pad_token_id=1),

@@ -358,3 +358,38 @@ def test_random_units_keep_the_expert_alignment_and_the_masked_model_generates()
     with torch.no_grad():
         got, want = small.generate(inputs[0], **gen), masked_model(graph, units).generate(inputs[0], **gen)
     assert got.shape == (1, 14) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.4])
+def test_a_width_tied_to_the_experts_by_a_formula_is_kept_where_the_ratio_breaks_it(ratio, tmp_path):
+    """Ernie-4.5-MoE's shared experts are ``moe_intermediate_size * moe_num_shared_experts``
+    (32 x 2) wide. The check of what the config describes pruned every group by half,
+    where the two agree (16 and 32); at 0.4 the plan keeps 20 of each expert's 32 units
+    (aligned to 4) and 39 of the shared 64, so the default prune said ``from_pretrained:
+    false``. The check now also prunes at the plan's own ratio: the MoE widths stay there,
+    the dense first layer's MLP and the attention prune, and ``from_pretrained`` reloads."""
+    model, inputs, _ = build("ernie4_5-moe")
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=ratio).prune()
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    mlp = small.model.layers[1].mlp
+    assert mlp.shared_experts.up_proj.out_features == 64 and small.config.moe_intermediate_size == 32
+    assert small.model.layers[0].mlp.up_proj.out_features == 96 - int(ratio * 96) and params(small) < params(model)
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+    half = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    shared = half.model.layers[1].mlp.shared_experts
+    assert shared.up_proj.out_features == 32 and half.config.moe_intermediate_size == 16
+
+
+def test_openai_gpt_attention_without_a_head_size_attribute_follows_its_heads():
+    """OpenAI GPT's attention has ``n_head`` and ``split_size`` but no head size: the
+    fix-up read no head counts, ``split_size`` stayed 64 and the pruned model failed
+    (``mat1 and mat2 shapes cannot be multiplied (8x16 and 48x64)``). The head size is
+    ``split_size / n_head``, both kept in ratio."""
+    model, inputs, _ = build("openai-gpt")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 2 + 2 * 128
+    graph = DependencyGraph(model, inputs)
+    small = copy.deepcopy(model)
+    apply_edits(small, edits_for(graph, random_units(graph, 0.4, torch.Generator().manual_seed(0), True)))
+    attn = small.transformer.h[0].attn
+    assert attn.c_attn.weight.shape == (64, 3 * 48) and (attn.n_head, attn.split_size) == (3, 48)

@@ -307,10 +307,11 @@ class DependencyGraph:
             s.pruner = node.pruner if node is not None else None
         self._groups = make_groups(self.root, frozen, self.slices, reasons)
 
-    def apply_default_freezes(self) -> None:
+    def apply_default_freezes(self, ratio: float | None = None) -> None:
         """Freeze what the ``cleanai_default_freezes`` hook names (the pruner's defaults
-        that depend on the coupling) and regroup; the reasons show in :meth:`explain`."""
-        found = [item for res in self.pm.hook.cleanai_default_freezes(graph=self) for item in res or ()]
+        that depend on the coupling; ``ratio``: its uniform plan's, if it has one) and
+        regroup; the reasons show in :meth:`explain`."""
+        found = [item for res in self.pm.hook.cleanai_default_freezes(graph=self, ratio=ratio) for item in res or ()]
         for units, why in found:
             self.ctx.freeze(torch.as_tensor(units, dtype=torch.int64), why)
         if found:
@@ -363,15 +364,16 @@ def prunable_graph(
     forward_fn: Any = None,
     output_transform: Any = None,
     ignored: Any = (),
+    ratio: float | None = None,
 ) -> DependencyGraph:
     """The graph of ``model`` as the pruner sees it (``ignored`` kept, the
-    ``cleanai_default_freezes`` hook applied), or a :class:`UserError` when no group can
-    be pruned."""
+    ``cleanai_default_freezes`` hook applied, told the uniform ``ratio`` if there is one),
+    or a :class:`UserError` when no group can be pruned."""
     from cleanai_core.errors import UserError
 
     ignored = set(ignored)
     graph = DependencyGraph(model, example_inputs, forward_fn, output_transform, ignored_layers=sorted(ignored))
-    graph.apply_default_freezes()
+    graph.apply_default_freezes(ratio)
     if not graph.groups(prunable_only=True):
         everything = ignored and all(s.module in ignored for s in graph.slices if s.kind == "out")
         reasons: dict[str, None] = {}

@@ -8,7 +8,8 @@ pooler of a sequence classifier (``BertPooler.dense``, RoBERTa's ``classifier.de
 DeBERTa-v2's ``ContextPooler``: all ``hidden_size`` wide), BERT's heads (head size
 ``hidden_size / num_attention_heads``), MobileBERT's bottlenecks. Which ones, is asked of
 the config itself rather than listed per family: every free group of the graph is pruned
-by half (the same count in groups of the same size, as a uniform prune does) on a copy
+by the pruner's uniform ratio (by half where its plan is not uniform; the same count in
+groups of the same size, as a uniform prune does) on a copy
 whose tensors live on the meta device, the config fix-up runs, the model is rebuilt from
 the rewritten config (on the meta device too), and every group that cut a tensor whose
 shape the rebuilt model does not have is kept, with the reason
@@ -24,12 +25,14 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import warnings
 
 import torch
 from torch import nn
 
 from cleanai_core.graph.cut import cut_dims
+from cleanai_core.planning import limit_units
 from cleanai_core.slicing import apply_edits, edits_for
 from cleanai_plugins.zoo.transformers.config import rebuild_mismatches, rebuilt_shapes
 from cleanai_plugins.zoo.transformers.reload_path import reasons
@@ -124,28 +127,47 @@ def _nearest_cutters(groups: list, key: str) -> list[int]:
     return [g.id for g in groups if any(s.module.startswith(f"{scope}.") for s in g.slices)]
 
 
-def undescribable(graph) -> list[tuple[torch.Tensor, str]]:
+def undescribable(graph, ratio: float | None = None) -> list[tuple[torch.Tensor, str]]:
     """``[(units, reason)]``: the free units of every group of ``graph`` whose pruning
-    the config of the transformers model(s) in ``graph.model`` cannot describe."""
+    the config of the transformers model(s) in ``graph.model`` cannot describe: checked
+    with every group pruned by half, then (where the pruner's plan is uniform) by its
+    ``ratio`` as the plan counts (kept counts aligned): a width tied to another by a
+    formula (Ernie-MoE's shared experts, ``moe_intermediate_size`` times their number)
+    agrees at a half only."""
     from transformers import PreTrainedModel
 
     from cleanai_plugins.zoo.transformers import outermost
 
-    model = graph.model
-    hf = [name for name, sub in outermost(model, PreTrainedModel) if not rebuild_mismatches(sub)]
+    hf = [name for name, sub in outermost(graph.model, PreTrainedModel) if not rebuild_mismatches(sub)]
     if not hf:  # no transformers model, or one its config cannot rebuild even unpruned: nothing to keep
         return []
     found: list[tuple[torch.Tensor, str]] = []
     kept: set[int] = set()
+    for share in (None, ratio) if ratio is not None else (None,):
+        if not _check_rounds(graph, hf, share, kept, found):
+            break
+    return found
+
+
+def _check_rounds(graph, hf: list[str], share: float | None, kept: set[int], found: list) -> bool:
+    """Prune every free group not in ``kept`` by ``share`` (``None``: by half) on a meta
+    copy, rebuild from the rewritten config, and add to ``kept`` and ``found`` the groups
+    that cut a tensor the rebuilt model lacks; again until the rest rebuilds. False when
+    the check cannot go on (the copy cannot be sliced, or the rewritten config builds no
+    model: which group is at fault cannot be told)."""
+    model = graph.model
     for _ in range(_ROUNDS):
         groups = [g for g in graph.groups(prunable_only=True) if g.id not in kept]
         pruned = torch.zeros(graph.root.numel(), dtype=torch.bool)
         for g in groups:
             free = g.units[~g.frozen]
-            n = min(max(g.size // 2, 1), free.numel(), g.size - 1)
+            if share is None:
+                n = min(max(g.size // 2, 1), free.numel(), g.size - 1)
+            else:
+                n = limit_units(g, int(math.floor(share * g.size + 1e-9)), None, 1)
             pruned[free[:n]] = True
         if not bool(pruned.any()):
-            break
+            return True
         small = meta_copy(model)
         try:
             with warnings.catch_warnings():
@@ -156,21 +178,21 @@ def undescribable(graph) -> list[tuple[torch.Tensor, str]]:
                 f"cleanai_plugins.zoo.transformers_hidden could not check which widths the config describes "
                 f"({type(exc).__name__}: {exc}); nothing more is kept, and the pruned model may need load_pruned",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            break
+            return False
         bad: dict[str, set[int]] = {}
         for name in hf:
             dims = _mismatched_dims(small.get_submodule(name))
             if dims is None:  # the pruned config no longer builds a model: cannot tell which group
-                return found
+                return False
             bad.update({f"{name}.{k}" if name else k: d for k, d in dims.items()})
         hit = _touching(graph, groups, bad) if bad else {}
         if not hit:
-            break
+            return True
         by_id = {g.id: g for g in groups}
         for gid, key in hit.items():
             kept.add(gid)
             why = reasons(model, [key])[0]
             found.append((by_id[gid].units[~by_id[gid].frozen], f"{why}: {KEPT}"))
-    return found
+    return True
