@@ -414,7 +414,6 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         _causal("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", num_key_value_heads=2, head_dim=16, num_experts=4),
         "causal",
     ),
-    "bitnet": (_causal("BitNetForCausalLM", "BitNetConfig", num_key_value_heads=2), "causal"),
     "openai-gpt": (
         _make(
             "OpenAIGPTLMHeadModel",

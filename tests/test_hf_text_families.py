@@ -393,3 +393,32 @@ def test_openai_gpt_attention_without_a_head_size_attribute_follows_its_heads():
     apply_edits(small, edits_for(graph, random_units(graph, 0.4, torch.Generator().manual_seed(0), True)))
     attn = small.transformer.h[0].attn
     assert attn.c_attn.weight.shape == (64, 3 * 48) and (attn.n_head, attn.split_size) == (3, 48)
+
+
+def test_granitemoe_shared_mlp_width_is_written_to_its_key(tmp_path):
+    """GraniteMoeShared's ``shared_mlp.input_linear`` (gate and up stacked) is
+    ``shared_intermediate_size`` wide: the config fix-up knew no such key, so a pruned
+    shared MLP reloaded only through ``load_pruned`` (and the default kept it)."""
+    model, inputs, _ = build("granitemoe-shared")
+    graph = DependencyGraph(model, inputs)
+    small = copy.deepcopy(model)
+    apply_edits(small, edits_for(graph, random_units(graph, 0.5, torch.Generator().manual_seed(0), True)))
+    assert small.model.layers[0].shared_mlp.input_linear.out_features == 2 * 24
+    assert small.config.shared_intermediate_size == 24
+    assert small.config.cleanai_pruning["from_pretrained"] is True
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+    pruned = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    assert pruned.model.layers[1].shared_mlp.output_linear.in_features == 24
+
+
+def test_a_prune_that_removes_nothing_still_says_how_the_model_reloads():
+    """HunYuan-MoE at 0.4: its shared MLP and experts must keep one width (the config has
+    one key for both), which the plan's 0.4 breaks, so they stay; the key/value groups (2
+    per layer) lose nothing at 0.4. The model came back unchanged without
+    ``config.cleanai_pruning`` (``AttributeError`` for a caller reading it)."""
+    model, inputs, _ = build("hunyuan-moe")
+    with pytest.warns(RuntimeWarning, match="the pruned model equals the original"):
+        small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    assert params(small) == params(model)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert not hasattr(model.config, "cleanai_pruning")
