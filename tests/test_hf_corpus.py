@@ -492,7 +492,16 @@ def test_corpus_generate(name):
 
 
 #: families the default pruner cannot prune at all: every free width is one their config cannot describe
-DEFAULT_PRUNES_NOTHING = {"openai-gpt": "MLP fixed at 4x hidden, head size derived from the width"}
+DEFAULT_PRUNES_NOTHING = {
+    "openai-gpt": "MLP fixed at 4x hidden, head size derived from the width",
+    "bloom": "MLP fixed at 4x hidden, head size derived from the width",
+    "convnext": "MLP fixed at 4x the stage width",
+    "swin": "MLP ratio, heads and the patch-merging widths have no key",
+}
+#: the default prune at 0.4 reloads only through ``load_pruned``
+DEFAULT_NEEDS_LOAD_PRUNED = {
+    "jamba": "the dense MLP (58 of 96) and the experts (60: aligned to 16 bytes) share intermediate_size",
+}
 
 
 @pytest.mark.corpus
@@ -505,6 +514,9 @@ def test_corpus_default_prune_at_0_4_reloads_with_from_pretrained(name, tmp_path
         pytest.skip(DEFAULT_PRUNES_NOTHING[name])
     model, inputs, _ = build(name)
     small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    if name in DEFAULT_NEEDS_LOAD_PRUNED:
+        assert small.config.cleanai_pruning["reload"] == "load_pruned"
+        pytest.xfail(DEFAULT_NEEDS_LOAD_PRUNED[name])
     assert small.config.cleanai_pruning["from_pretrained"] is True, small.config.cleanai_pruning
     small.save_pretrained(tmp_path)
     again = type(small).from_pretrained(tmp_path).eval()
@@ -521,10 +533,11 @@ def test_corpus_greedy_generate_equals_the_masked_original(name):
     units = random_units(graph, 0.4, torch.Generator().manual_seed(0), exclude_normalized=True)
     small = copy.deepcopy(model)
     apply_edits(small, edits_for(graph, units), graph.pm)
-    ids = inputs["input_ids"] if isinstance(inputs, dict) else inputs[0]
+    kwargs = {k: v for k, v in inputs.items() if k != "decoder_input_ids"} if isinstance(inputs, dict) else {}
+    kwargs = kwargs or {"input_ids": inputs[0]}
     gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        assert torch.equal(small.generate(ids, **gen), masked_model(graph, units).generate(ids, **gen))
+        assert torch.equal(small.generate(**kwargs, **gen), masked_model(graph, units).generate(**kwargs, **gen))
 
 
 def _table() -> None:  # pragma: no cover - the compatibility table, by hand

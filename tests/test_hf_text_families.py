@@ -422,3 +422,33 @@ def test_a_prune_that_removes_nothing_still_says_how_the_model_reloads():
     assert params(small) == params(model)
     assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert not hasattr(model.config, "cleanai_pruning")
+
+
+def test_a_norm_whose_normalized_shape_is_an_int_is_claimed_without_error():
+    """I-BERT's ``IntLayerNorm`` keeps ``normalized_shape`` as the int it was given: the
+    RMS-norm claim called ``len()`` on it and every graph of the model failed with
+    ``TypeError: object of type 'int' has no len()``."""
+    cfg = transformers.IBertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=96, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.IBertForMaskedLM(cfg).eval()
+    norm = model.ibert.encoder.layer[0].output.LayerNorm
+    assert isinstance(norm.normalized_shape, int)
+    graph = DependencyGraph(model, (torch.randint(3, 100, (1, 8)),))
+    assert any(s.module == "ibert.encoder.layer.0.output.LayerNorm" for g in graph.groups() for s in g.slices)
+
+
+@pytest.mark.parametrize("name", ["llama-mha", "llama-mqa"])
+def test_heads_a_config_validation_refuses_are_kept_by_default(name, tmp_path):
+    """Llama with 4 heads of 16 at 0.4 keeps 3 heads: transformers' config validation
+    (``hidden_size % num_attention_heads == 0``, run by ``save_pretrained``) refuses that
+    although ``head_dim`` is a key, so the default prune could not even be saved
+    (``StrictDataclassClassValidationError``). The rebuild check runs the validation; the
+    groups that make it fail are found by bisection and kept, the MLP prunes."""
+    model, inputs, _ = build(name)
+    pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4)
+    small = pruner.prune()
+    assert small.config.num_attention_heads == 4 and small.model.layers[0].self_attn.q_proj.out_features == 64
+    assert small.model.layers[0].mlp.up_proj.out_features == 96 - 38
+    assert any("validate_architecture" in r for g in pruner.graph.groups() for r in g.reasons)
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)

@@ -338,10 +338,16 @@ def rebuilt_shapes(model: nn.Module) -> dict[str, tuple[int, ...]] | str:
 
 def _rebuilt(model: nn.Module) -> nn.Module | str:
     """The model rebuilt from ``model.config`` on the meta device, or the exception its
-    ``__init__`` raised there (its name and message)."""
+    ``__init__`` (or the config's own validation, which ``save_pretrained`` runs: Llama's
+    ``hidden_size % num_attention_heads == 0`` even with ``head_dim`` given) raised there
+    (its name and message)."""
     try:
+        config = copy.deepcopy(model.config)
+        validate = getattr(config, "validate", None)
+        if callable(validate):
+            validate()
         with torch.device("meta"):
-            return type(model)(copy.deepcopy(model.config))
+            return type(model)(config)
     except Exception as exc:  # noqa: BLE001 - a family whose __init__ cannot run on meta: say so
         why = " ".join(str(exc).split())[:200]  # the family's own words (e.g. hidden size not a multiple of heads)
         return f"{type(exc).__name__}{': ' + why if why else ''}"
