@@ -168,6 +168,14 @@ HEADS_IN_CONFIG = {
     "solar-open",
     "ernie4_5-moe",
     "hunyuan-moe",
+    "afmoe",
+    "minimax-m2",
+    "vaultgemma",
+    "eurobert",
+    "longformer",
+    "yoso",
+    "nomic-bert",
+    "longt5",
 }
 
 
@@ -472,6 +480,9 @@ NO_RELOAD = {
     "openai-gpt": "MLP width fixed at 4x hidden",
     "xlnet": "heads are bare (d_model, n_head, d_head) parameters; its config derives d_head (the default keeps them)",
     "diffllama": "its lambda vectors (head_dim wide) have no key of their own (the default pruner keeps them)",
+    "fnet": "its pooler is hidden_size wide with no key of its own (the default pruner keeps it)",
+    "mra": "its key/value widths are derived from the width and head count (the default pruner keeps them)",
+    "zamba2": "the shared block's attention width (2 x hidden) and its adapters have no key (the default keeps them)",
 }
 
 
