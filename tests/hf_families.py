@@ -520,12 +520,6 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         name: (_make(cls, config, _seq2seq_inputs, **T5, **kw), "seq2seq")
         for name, cls, config, kw in (
             ("longt5", "LongT5ForConditionalGeneration", "LongT5Config", {}),
-            (
-                "switch-transformers",
-                "SwitchTransformersForConditionalGeneration",
-                "SwitchTransformersConfig",
-                {"num_experts": 4},
-            ),
             ("umt5", "UMT5ForConditionalGeneration", "UMT5Config", {}),
         )
     },  # fmt: skip
