@@ -129,7 +129,7 @@ def dead_plan(graph: Any, stats: Mapping[tuple[str, str], ChannelStats], score: 
     """The plan that removes exactly the removable dead units (:func:`removable_units`);
     a group keeps at least its best-scored unit. ``score()`` gives the groups' scores."""
     from cleanai_core.errors import UserError
-    from cleanai_core.planning import GroupPlan, PruningPlan
+    from cleanai_core.planning import GroupPlan, PruningPlan, equalize_ties
 
     if not stats:
         raise UserError("prune_dead_only needs activation statistics: call pruner.collect_activations(loader) first")
@@ -140,4 +140,5 @@ def dead_plan(graph: Any, stats: Mapping[tuple[str, str], ChannelStats], score: 
         if int(pruned.sum()) >= g.size:  # a group keeps at least one unit
             pruned[int(torch.argmax(scores[g.id]))] = False
         plans.append(GroupPlan(g, scores[g.id], pruned, int(pruned.sum()) / max(g.size, 1)))
+    equalize_ties(plans)  # tied groups (3-D experts) remove as many dead units each
     return PruningPlan(plans, graph.root.numel())

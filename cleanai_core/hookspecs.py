@@ -125,7 +125,7 @@ def cleanai_default_ignores(model: nn.Module) -> list[nn.Module] | None:
 
 
 @hookspec
-def cleanai_default_freezes(graph: Any) -> list[tuple[torch.Tensor, str]] | None:
+def cleanai_default_freezes(graph: Any, ratio: float | None) -> list[tuple[torch.Tensor, str]] | None:
     """Units of a built graph to keep unless the user says otherwise, each with a reason:
     for defaults that depend on the coupling, not on one module (a transformers config
     that can describe only some widths). Called by the pruner once per graph it builds,
@@ -138,6 +138,10 @@ def cleanai_default_freezes(graph: Any) -> list[tuple[torch.Tensor, str]] | None
 
     :param graph: the :class:`~cleanai_core.DependencyGraph`; read ``graph.groups()``,
         ``graph.model``; do not modify it.
+    :param ratio: the share of every group the pruner's uniform plan takes (its
+        ``pruning_ratio``), or ``None`` where the plan is not uniform (targets, global
+        ranking, per-layer ratios, several steps, ``cleanai explain``). An implementation
+        may leave this argument out.
     :returns: ``[(units, reason)]``: root atom ids (``Group.units``) and why they stay,
         or ``None``. The results of all plugins are joined.
     """

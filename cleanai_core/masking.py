@@ -31,7 +31,7 @@ from cleanai_core.model_state import copy_model
 from cleanai_core.slicing import get_submodule_and_attr
 from cleanai_core.verify import model_outputs
 
-__all__ = ["check_exact", "exact_tolerance", "exact_units", "masked_outputs"]
+__all__ = ["check_exact", "exact_tolerance", "exact_units", "masked_model", "masked_outputs"]
 
 
 def exact_units(graph: Any, pruned: torch.Tensor) -> torch.Tensor:
@@ -85,13 +85,14 @@ def pruned_slices(graph: Any, pruned: torch.Tensor) -> list[tuple[Any, torch.Ten
     return [(spec, idx) for spec, idx in zip(graph.slices, graph.indices_in(pruned), strict=True) if idx.numel()]
 
 
-def _masked_copy_outputs(
-    graph: Any,
-    slices: list[tuple[Any, torch.Tensor]],
-    inputs: Any,
-    forward_fn: Callable | None,
-    output_transform: Callable | None,
-) -> list[torch.Tensor]:
+def masked_model(graph: Any, pruned: torch.Tensor) -> nn.Module:
+    """A copy of ``graph.model`` that is the masked model of ``pruned`` for every call
+    (``generate()`` included): zeroing hooks and zeroed weights of its own, the other
+    parameters shared with ``graph.model`` (do not train it)."""
+    return _masked_copy(graph, pruned_slices(graph, pruned))
+
+
+def _masked_copy(graph: Any, slices: list[tuple[Any, torch.Tensor]]) -> nn.Module:
     source = graph.model
     model = copy_model(source, {id(t): t for t in source.parameters()})  # buffers: its own
     zeroed = _Zeroed()
@@ -115,7 +116,17 @@ def _masked_copy_outputs(
             module.register_forward_pre_hook(zeroed.input(spec, idx), with_kwargs=True)
         else:
             module.register_forward_hook(zeroed.output(spec.dim, idx))
-    return model_outputs(model, inputs, forward_fn, output_transform)
+    return model
+
+
+def _masked_copy_outputs(
+    graph: Any,
+    slices: list[tuple[Any, torch.Tensor]],
+    inputs: Any,
+    forward_fn: Callable | None,
+    output_transform: Callable | None,
+) -> list[torch.Tensor]:
+    return model_outputs(_masked_copy(graph, slices), inputs, forward_fn, output_transform)
 
 
 def _replace(model: nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:

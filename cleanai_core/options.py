@@ -255,6 +255,11 @@ def check_not_meta(model: nn.Module, name: str = "model", var: str | None = None
 def check_example_inputs(example_inputs: Any) -> None:
     leaves = [t for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
     if not leaves:
+        from cleanai_core.runtime import text_error
+
+        error = text_error(example_inputs, "example_inputs")
+        if error is not None:
+            raise error
         raise UserError("example_inputs holds no tensor: give one batch of inputs, e.g. torch.randn(1, 3, 224, 224)")
     if any(t.is_meta for t in leaves):
         raise UserError(

@@ -11,7 +11,7 @@ import torch
 
 from cleanai_core.graph.groups import Group
 
-__all__ = ["GroupPlan", "PruningPlan", "make_plan"]
+__all__ = ["GroupPlan", "PruningPlan", "equalize_ties", "limit_units", "make_plan", "tied_sets"]
 
 
 @attrs.define(eq=False)
@@ -72,6 +72,41 @@ class PruningPlan:
         return {"pruned_units": self.n_pruned, "groups": [gp.to_json() for gp in self.groups]}
 
 
+def tied_sets(plans: list[GroupPlan]) -> list[list[GroupPlan]]:
+    """``plans`` in sets that must keep the same number of units (their slices name the
+    same ``same_count`` key: the experts of one 3-D tensor); a plan tied to none is a set
+    of one. In the order of each set's first member."""
+    sets: dict[int, list[GroupPlan]] = {}  # first member's position -> members
+    owner: dict[str, int] = {}
+    for i, gp in enumerate(plans):
+        keys = {s.same_count for s in gp.group.slices if s.same_count is not None}
+        roots = sorted({owner[k] for k in keys if k in owner})
+        root = roots[0] if roots else i
+        members = sets.setdefault(root, [])
+        for r in roots[1:]:  # a group that joins two sets merges them
+            members.extend(sets.pop(r))
+        members.append(gp)
+        owner.update({k: root for k, r in owner.items() if r in roots})
+        owner.update(dict.fromkeys(keys, root))
+    return list(sets.values())
+
+
+def equalize_ties(plans: list[GroupPlan]) -> None:
+    """Make every tied set (:func:`tied_sets`) keep the same number of units, in place: the
+    most any of its groups keeps. A group that would keep fewer gives back its
+    highest-scoring pruned units, so what goes is always a subset of what was chosen
+    (a dead-unit plan stays exact)."""
+    for tie in tied_sets(plans):
+        kept = max(gp.group.size - gp.n_pruned for gp in tie)
+        for gp in tie:
+            extra = gp.n_pruned - max(0, gp.group.size - kept)
+            if extra > 0:
+                chosen = gp.pruned.nonzero().squeeze(1)
+                order = torch.argsort(gp.scores[chosen].to(torch.float64), descending=True, stable=True)
+                gp.pruned[chosen[order[:extra]]] = False
+                gp.ratio = gp.n_pruned / max(gp.group.size, 1)
+
+
 def _multiplicity(group: Group) -> int:
     spec = next((s for s in group.slices if s.kind == "out"), group.slices[0])
     return max(1, spec.atoms.numel() // max(group.size, 1))
@@ -88,7 +123,10 @@ def _alignment(group: Group) -> int:
     return out
 
 
-def _limit(group: Group, n: int, round_to: int | None, min_units: int) -> int:
+def limit_units(group: Group, n: int, round_to: int | None, min_units: int) -> int:
+    """``n`` units of ``group`` made a count the group can lose: at most its prunable
+    units, at least ``min_units`` kept, the kept count rounded up to ``round_to`` channels
+    and to the slices' alignment (``SliceSpec.multiple``)."""
     n = max(0, min(n, group.prunable, group.size - max(1, min_units)))
     if round_to and round_to > 1 and n > 0:
         m = _multiplicity(group)
@@ -173,25 +211,27 @@ def make_plan(
     ``scopes``: per group id, its ranking scope (isomorphic pruning,
     :mod:`cleanai_core.isomorphic`): global ranking runs within each scope on its own, and
     each loses ``ratio`` of its units (or its entry in ``scope_ratios``); groups not named
-    rank in one scope together.
+    rank in one scope together. Groups whose slices must keep the same count
+    (:func:`equalize_ties`) keep the most any of them keeps.
     """
     group_ratios = group_ratios or {}
     plans = []
     if not global_pruning:
         for g in groups:
             r = group_ratios.get(g.id, ratio)
-            n = _limit(g, int(math.floor(r * g.size + 1e-9)), round_to, min_units)
+            n = limit_units(g, int(math.floor(r * g.size + 1e-9)), round_to, min_units)
             plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), r))
+        equalize_ties(plans)
         return PruningPlan(plans, n_atoms)
 
     fixed = [g for g in groups if g.id in group_ratios]
     free = [g for g in groups if g.id not in group_ratios]
     for g in fixed:
-        n = _limit(g, int(math.floor(group_ratios[g.id] * g.size + 1e-9)), round_to, min_units)
+        n = limit_units(g, int(math.floor(group_ratios[g.id] * g.size + 1e-9)), round_to, min_units)
         plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), group_ratios[g.id]))
     norm = normalizer or (lambda s: s / s.mean() if float(s.mean()) > 0 else s)
     caps = {
-        g.id: _limit(g, (caps or {}).get(g.id, int(math.floor(max_layer_ratio * g.size))), None, min_units)
+        g.id: limit_units(g, (caps or {}).get(g.id, int(math.floor(max_layer_ratio * g.size))), None, min_units)
         for g in free
     }
     chosen: dict[int, list[int]] = {g.id: [] for g in free}
@@ -205,11 +245,12 @@ def make_plan(
     counts = {gid: len(units) for gid, units in chosen.items()}
     for g in free:
         pruned = torch.zeros(g.size, dtype=torch.bool)
-        n = _limit(g, counts[g.id], round_to, min_units)
+        n = limit_units(g, counts[g.id], round_to, min_units)
         if n:
             pruned = _lowest(scores[g.id], g.frozen, n) if n != counts[g.id] else pruned
             if n == counts[g.id]:
                 pruned[torch.tensor(chosen[g.id], dtype=torch.int64)] = True
         plans.append(GroupPlan(g, scores[g.id], pruned, n / max(g.size, 1)))
     plans.sort(key=lambda gp: gp.group.id)
+    equalize_ties(plans)
     return PruningPlan(plans, n_atoms)

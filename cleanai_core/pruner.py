@@ -28,7 +28,7 @@ from cleanai_core.model_state import transplant
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan
 from cleanai_core.pruning_report import pruner_report
-from cleanai_core.runtime import copy_modes, device_of
+from cleanai_core.runtime import copy_modes, device_of, plain_inputs
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
@@ -150,6 +150,7 @@ class StructuredPruner:
                 "prune_dead_only=True removes exactly the units that never activate; target_flops, target_params "
                 "and layer_pruning_ratios do not apply: drop them or prune_dead_only"
             )
+        example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         options.check_example_inputs(example_inputs)
         self.model, self.example_inputs = model, example_inputs
         if isinstance(importance, str):
@@ -194,7 +195,16 @@ class StructuredPruner:
         return self.calibration.gradients
 
     def _build_graph(self, model: nn.Module) -> DependencyGraph:
-        return prunable_graph(model, self.example_inputs, self.forward_fn, self.output_transform, self.ignored)
+        uniform = not (
+            self.global_pruning
+            or self.layer_ratios
+            or self.prune_dead_only
+            or self.iterative_steps > 1
+            or self.target_flops is not None
+            or self.target_params is not None
+        )
+        ratio = self.pruning_ratio if uniform else None
+        return prunable_graph(model, self.example_inputs, self.forward_fn, self.output_transform, self.ignored, ratio)
 
     # -- calibration -----------------------------------------------------------------
     def collect_activations(

@@ -7,7 +7,7 @@ output are (``output_transform``, else ``.logits``), and module modes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ __all__ = [
     "channels_last_layout",
     "may_run_channels_last",
     "output_leaves_of",
+    "plain_inputs",
     "runs_the_same",
     "check_labels",
     "checked_device",
@@ -34,6 +35,7 @@ __all__ = [
     "run_batch",
     "same_layout",
     "split_batch",
+    "text_error",
     "to_channels_last",
     "total_batches",
 ]
@@ -284,15 +286,42 @@ def check_labels(out: Any, target: Any) -> torch.Tensor:
 # -- batches ---------------------------------------------------------------------------------
 
 
+def plain_inputs(inputs: Any) -> Any:
+    """``inputs`` with a mapping that is not a ``dict`` (a tokenizer's ``BatchEncoding``)
+    made a ``dict``: CleanAI calls the model with a dict's items as keywords."""
+    return dict(inputs) if isinstance(inputs, Mapping) and not isinstance(inputs, dict) else inputs
+
+
+def text_error(obj: Any, what: str) -> UserError | None:
+    """The error for ``obj`` (a batch, the example inputs) when it holds text (``str``)
+    where the model reads tensors, else None."""
+    text = next((leaf for leaf in tree_flatten(obj)[0] if isinstance(leaf, str)), None)
+    if text is None:
+        return None
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    return UserError(
+        f"{what} holds text ({shown!r}), not tensors: the model is called with the batch as it is, and a text "
+        "model reads token ids. Tokenize the text first, e.g. batch = tokenizer(texts, return_tensors='pt', "
+        "padding=True) (a dict of input_ids and attention_mask; its padding is left out of the statistics); or, "
+        "with `cleanai prune --model hf:FOLDER`, give the text itself as --data (a .txt or .jsonl file, "
+        "tokenized with the tokenizer saved in FOLDER)"
+    )
+
+
 def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, target)`` from a batch: a tensor, an ``(x, y)`` pair or a dict."""
+    """``(inputs, target)`` from a batch: a tensor, an ``(x, y)`` pair or a dict (or another
+    mapping: a tokenizer's ``BatchEncoding``). Text
+    (strings where the inputs go) is refused with the fix: tokenize it first."""
     if isinstance(batch, torch.Tensor):
         return batch, None
+    batch = plain_inputs(batch)
     if isinstance(batch, (tuple, list)):
         if len(batch) == 0:
             raise UserError("the data loader yielded an empty batch")
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    if isinstance(batch, dict):
+        if all(isinstance(b, str) for b in batch):  # a list of texts, not an (x, y) pair
+            raise text_error(batch, "the data loader's batch")
+        inputs, target = batch[0], (batch[1] if len(batch) > 1 else None)
+    elif isinstance(batch, dict):
         target = None
         inputs = {}
         for k, v in batch.items():
@@ -300,10 +329,16 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
                 target = v
             else:
                 inputs[k] = v
-        return inputs, target
-    raise UserError(
-        f"the data loader yielded a {type(batch).__name__}; expected tensors, (input, label) pairs or dicts"
-    )
+    elif isinstance(batch, str):
+        raise text_error(batch, "the data loader's batch")
+    else:
+        raise UserError(
+            f"the data loader yielded a {type(batch).__name__}; expected tensors, (input, label) pairs or dicts"
+        )
+    error = text_error(inputs, "the data loader's batch")
+    if error is not None:
+        raise error
+    return inputs, target
 
 
 def move_to(x: Any, device: torch.device | None) -> Any:

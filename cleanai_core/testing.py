@@ -23,12 +23,21 @@ import torch
 from torch import nn
 
 from cleanai_core.graph.dependency import DependencyGraph
-from cleanai_core.masking import masked_outputs
+from cleanai_core.masking import masked_model, masked_outputs
+from cleanai_core.planning import limit_units
 from cleanai_core.plugins import temporary_plugin
 from cleanai_core.slicing import SliceEdit, apply_edits
 from cleanai_core.verify import model_outputs
 
-__all__ = ["OracleReport", "check_pruner", "masked_forward", "random_units", "run_model", "temporary_plugin"]
+__all__ = [
+    "OracleReport",
+    "check_pruner",
+    "masked_forward",
+    "masked_model",
+    "random_units",
+    "run_model",
+    "temporary_plugin",
+]
 
 
 def run_model(
@@ -47,14 +56,15 @@ def random_units(
     exclude_normalized: bool = False,
 ) -> torch.Tensor:
     """A boolean mask over units: ``ratio`` of each group's prunable units, at random,
-    never all of them."""
+    never all of them; the kept count rounded up to the group's alignment (the plan's
+    rule: transformers' grouped expert matmul needs rows of 16 bytes)."""
     gen = generator or torch.Generator().manual_seed(0)
     pruned = torch.zeros(graph.root.numel(), dtype=torch.bool)
     for g in graph.groups(prunable_only=True):
         if exclude_normalized and g.normalizes:
             continue
         cand = g.units[~g.frozen]
-        n = min(int(ratio * g.size), cand.numel(), g.size - 1)
+        n = limit_units(g, int(ratio * g.size), None, 1)  # kept counts keep the slices' alignment
         if n <= 0:
             continue
         pick = cand[torch.randperm(cand.numel(), generator=gen)[:n]]

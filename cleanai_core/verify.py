@@ -26,6 +26,7 @@ from torch import nn
 
 from cleanai_core.errors import PruningError
 from cleanai_core.model_state import preserved
+from cleanai_core.planning import tied_sets
 from cleanai_core.runtime import call_model
 
 __all__ = [
@@ -160,17 +161,18 @@ def build_skipping_breakers(plan: Any, build: Callable[[torch.Tensor], T], on_sk
     try:
         return build(pruned)
     except PruningError as first:
-        active = [gp for gp in plan.groups if gp.n_pruned]
+        # tied groups (the experts of one 3-D tensor) are tried and skipped together
+        active = [tie for tie in tied_sets(plan.groups) if any(gp.n_pruned for gp in tie)]
 
-        def mask(gps: list) -> torch.Tensor:
+        def mask(ties: list) -> torch.Tensor:
             m = torch.zeros_like(pruned)
-            for gp in gps:
+            for gp in (gp for tie in ties for gp in tie):
                 m[gp.group.units[gp.pruned]] = True
             return m
 
-        def ok(gps: list) -> bool:
+        def ok(ties: list) -> bool:
             try:
-                build(mask(gps))
+                build(mask(ties))
                 return True
             except PruningError:
                 return False
@@ -185,11 +187,11 @@ def build_skipping_breakers(plan: Any, build: Callable[[torch.Tensor], T], on_sk
             return found or gps
 
         culprits = bad(active)
-        for gp in culprits:
+        for gp in (gp for tie in culprits for gp in tie if gp.n_pruned):
             plugins = sorted({type(s.pruner).__name__ for s in gp.group.slices if s.pruner is not None})
             on_skip(
                 f"skipped group {gp.group.id} ({', '.join(gp.group.modules()[:4])}; pruners "
                 f"{', '.join(plugins) or 'none'}): pruning it breaks the model ({first})"
             )
             gp.pruned[:] = False
-        return build(mask([gp for gp in active if gp not in culprits]))
+        return build(mask([tie for tie in active if tie not in culprits]))

@@ -61,6 +61,8 @@ OPT = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_head
            max_position_embeddings=64, pad_token_id=0)  # fmt: skip
 FALCON = {"vocab_size": V, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 ENC = {"vocab_size": V, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
+#: the sweep's other encoder keys (max_position_embeddings 64, pad 0)
+ENC_EXTRA = {"intermediate_size": 96, "max_position_embeddings": 64, "pad_token_id": 0}
 VIT = {"image_size": 32, "patch_size": 8, "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
 #: GPT-J's config keys, which CodeGen shares
 GPTJ = dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8, n_inner=96)
@@ -310,6 +312,217 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    # -- 2026-12-03: families swept in round 4 (docs/compatibility.md) --
+    "biogpt": (_causal("BioGptForCausalLM", "BioGptConfig"), "causal"),
+    "cwm": (_causal("CwmForCausalLM", "CwmConfig", num_key_value_heads=2, head_dim=16, sliding_window=4), "causal"),
+    "diffllama": (_causal("DiffLlamaForCausalLM", "DiffLlamaConfig", num_key_value_heads=2, head_dim=16), "causal"),
+    "doge": (  # dynamic-mask attention, a cross-domain mixture of experts (embedding-bag experts)
+        _causal(
+            "DogeForCausalLM",
+            "DogeConfig",
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "exaone-moe": (
+        _causal(
+            "ExaoneMoeForCausalLM",
+            "ExaoneMoeConfig",
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "flex-olmo": (
+        _causal("FlexOlmoForCausalLM", "FlexOlmoConfig", num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
+        "causal",
+    ),  # fmt: skip
+    "glm4-moe": (
+        _causal(
+            "Glm4MoeForCausalLM",
+            "Glm4MoeConfig",
+            num_key_value_heads=2,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "granitemoe-shared": (
+        _causal(
+            "GraniteMoeSharedForCausalLM",
+            "GraniteMoeSharedConfig",
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            shared_intermediate_size=48,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "jais2": (_causal("Jais2ForCausalLM", "Jais2Config", num_key_value_heads=2, head_dim=16), "causal"),
+    "minimax": (
+        _causal(
+            "MiniMaxForCausalLM",
+            "MiniMaxConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "ministral3": (
+        _causal("Ministral3ForCausalLM", "Ministral3Config", num_key_value_heads=2, head_dim=16, sliding_window=4),
+        "causal",
+    ),
+    "nanochat": (_causal("NanoChatForCausalLM", "NanoChatConfig", num_key_value_heads=2), "causal"),
+    "olmo3": (_causal("Olmo3ForCausalLM", "Olmo3Config", num_key_value_heads=2, sliding_window=4), "causal"),
+    "olmo-hybrid": (_causal("OlmoHybridForCausalLM", "OlmoHybridConfig", num_key_value_heads=2), "causal"),
+    "solar-open": (
+        _causal(
+            "SolarOpenForCausalLM",
+            "SolarOpenConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "modernbert-decoder": (
+        _causal("ModernBertDecoderForCausalLM", "ModernBertDecoderConfig", sliding_window=4),
+        "causal",
+    ),
+    "ernie4_5-moe": (  # shared experts moe_intermediate_size x moe_num_shared_experts (2) wide
+        _causal(
+            "Ernie4_5_MoeForCausalLM",
+            "Ernie4_5_MoeConfig",
+            num_key_value_heads=2,
+            moe_num_experts=4,
+            moe_k=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "hunyuan-moe": (
+        _causal("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config", num_key_value_heads=2, head_dim=16, num_experts=4),
+        "causal",
+    ),
+    "openai-gpt": (
+        _make(
+            "OpenAIGPTLMHeadModel",
+            "OpenAIGPTConfig",
+            _ids,
+            vocab_size=V,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "xlnet": (  # q, k, v, o: bare (d_model, heads, head_dim) parameters read by einsum
+        _make("XLNetLMHeadModel", "XLNetConfig", _ids, vocab_size=V, d_model=64, n_layer=2, n_head=4, d_inner=96),
+        "encoder",
+    ),
+    "dots1": (  # dots.llm1: routed and shared experts, a dense first layer
+        _causal(
+            "Dots1ForCausalLM",
+            "Dots1Config",
+            num_key_value_heads=2,
+            n_routed_experts=4,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            moe_intermediate_size=32,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "zamba2": (  # Mamba-2 layers and one shared transformer block (a "hybrid" layer)
+        _causal(
+            "Zamba2ForCausalLM",
+            "Zamba2Config",
+            num_key_value_heads=2,
+            layers_block_type=["mamba", "hybrid"],
+            mamba_d_state=8,
+            n_mamba_heads=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "afmoe": (
+        _causal(
+            "AfmoeForCausalLM",
+            "AfmoeConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "minimax-m2": (
+        _causal(
+            "MiniMaxM2ForCausalLM",
+            "MiniMaxM2Config",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "vaultgemma": (
+        _causal("VaultGemmaForCausalLM", "VaultGemmaConfig", num_key_value_heads=2, head_dim=16, sliding_window=4),
+        "causal",
+    ),
+    **{
+        name: (_make(cls, cls.replace("ForMaskedLM", "Config"), _ids, **ENC, **ENC_EXTRA, **kw), "encoder")
+        for name, cls, kw in (
+            ("camembert", "CamembertForMaskedLM", {}),
+            ("data2vec-text", "Data2VecTextForMaskedLM", {}),
+            ("ernie", "ErnieForMaskedLM", {}),
+            ("esm", "EsmForMaskedLM", {}),
+            ("eurobert", "EuroBertForMaskedLM", {"num_key_value_heads": 2, "head_dim": 16}),
+            ("fnet", "FNetForMaskedLM", {}),
+            ("longformer", "LongformerForMaskedLM", {"attention_window": 4}),
+            ("megatron-bert", "MegatronBertForMaskedLM", {}),
+            ("mra", "MraForMaskedLM", {}),
+            ("nystromformer", "NystromformerForMaskedLM", {}),
+            ("roformer", "RoFormerForMaskedLM", {"embedding_size": 64}),
+            ("roberta-prelayernorm", "RobertaPreLayerNormForMaskedLM", {}),
+            ("xlm-roberta-xl", "XLMRobertaXLForMaskedLM", {}),
+            ("yoso", "YosoForMaskedLM", {}),
+            ("nomic-bert", "NomicBertForMaskedLM", {"head_dim": 16}),
+        )
+    },
+    **{
+        name: (_make(cls, config, _seq2seq_inputs, **BART, **kw), "seq2seq")
+        for name, cls, config, kw in (
+            ("blenderbot", "BlenderbotForConditionalGeneration", "BlenderbotConfig", {}),
+            ("blenderbot-small", "BlenderbotSmallForConditionalGeneration", "BlenderbotSmallConfig", {}),
+            ("mvp", "MvpForConditionalGeneration", "MvpConfig", {}),
+            ("plbart", "PLBartForConditionalGeneration", "PLBartConfig", {}),
+            ("nllb-moe", "NllbMoeForConditionalGeneration", "NllbMoeConfig", {"num_experts": 4}),
+        )
+    },
+    **{
+        name: (_make(cls, config, _seq2seq_inputs, **T5, **kw), "seq2seq")
+        for name, cls, config, kw in (
+            ("longt5", "LongT5ForConditionalGeneration", "LongT5Config", {}),
+            ("umt5", "UMT5ForConditionalGeneration", "UMT5Config", {}),
+        )
+    },  # fmt: skip
     "bert": (_make("BertForMaskedLM", "BertConfig", _ids, **ENC, intermediate_size=96), "encoder"),
     "xlm-roberta": (
         _make("XLMRobertaForMaskedLM", "XLMRobertaConfig", _ids, **ENC, intermediate_size=96, pad_token_id=1),

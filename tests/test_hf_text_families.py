@@ -288,3 +288,169 @@ def test_gpt_oss_transposed_interleaved_experts_with_biases_prune(tmp_path):
     assert experts.down_proj.shape == (4, 48, 64) and pruned.config.intermediate_size == 48
     assert params(pruned) == 101_196
     assert torch.equal(reloaded(pruned, tmp_path)(*inputs).logits, pruned(*inputs).logits)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
+def test_global_ranking_gives_every_expert_of_a_module_the_same_width(name):
+    """Global ranking chose each expert's units on its own, so the experts of one 3-D
+    tensor kept different counts and slicing raised ``ValueError: experts would keep [72,
+    68, 68, 68] units``. Tied groups (``same_count``) now keep the most any of them keeps;
+    the pruned model equals the masked original."""
+    model, inputs, _ = build(name)
+    pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.3, global_pruning=True)
+    plan = pruner.plan()
+    experts = [gp for gp in plan.groups if any(s.name.startswith("inter.") for s in gp.group.slices)]
+    by_module: dict[str, set[int]] = {}
+    for gp in experts:
+        by_module.setdefault(gp.group.modules()[0], set()).add(gp.n_pruned)
+    assert len(by_module) == 2 and all(len(counts) == 1 for counts in by_module.values())
+    assert sum(gp.n_pruned for gp in experts) > 0
+    small = pruner.prune()
+    assert params(small) < params(model)
+    from cleanai_core.masking import masked_outputs
+
+    expected = masked_outputs(pruner.graph, plan.pruned_units(), inputs)
+    assert (small(*inputs).logits - expected[0]).abs().max() < 1e-5
+
+
+def test_a_skipped_group_beside_3d_experts_does_not_split_the_experts(monkeypatch):
+    """When verification failed, the bisection built halves of the plan: a half holding
+    two of a layer's four experts raised ``ValueError: experts would keep [...] units``
+    out of ``prune()``. The experts of one tensor are tried and skipped together; here the
+    first layer's query projection is made to fail, and only its group is skipped."""
+    from cleanai_core.errors import PruningError
+
+    model, inputs, _ = build("mixtral")
+    pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5)
+    q_out = ("model.layers.0.self_attn.q_proj", "out")
+    q = next(g for g in pruner.graph.groups() if any((s.module, s.name) == q_out for s in g.slices))
+    real = pruner.build
+
+    def fails_on_q(pruned, *args, **kwargs):
+        if bool(pruned[q.units].any()):
+            raise PruningError("made to fail")
+        return real(pruned, *args, **kwargs)
+
+    monkeypatch.setattr(pruner, "build", fails_on_q)
+    small = pruner.prune()
+    assert [s.split(" ")[2] for s in pruner.skipped_groups] == [str(q.id)]
+    assert small.model.layers[0].self_attn.q_proj.out_features == 64
+    assert small.model.layers[0].mlp.experts.down_proj.shape == (4, 64, 48)
+
+
+def test_random_units_keep_the_expert_alignment_and_the_masked_model_generates():
+    """``random_units`` (the oracle helper, ``check_pruner``) ignored the slices'
+    alignment: at 0.4 Mixtral's experts kept 58 of 96 units and the pruned copy failed in
+    torch's grouped matmul (``strides should be multiple of 16 bytes``), so no MoE family
+    could be checked off 0.5. ``masked_model`` is the oracle as a model: greedy
+    ``generate()`` of the pruned copy equals it."""
+    from cleanai_core.testing import masked_model
+
+    model, inputs, _ = build("mixtral")
+    report = check_pruner(model, inputs, ratio=0.4)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 4 * 36  # 96 -> 60 per expert (4 | 60)
+    graph = DependencyGraph(model, inputs)
+    units = random_units(graph, 0.4, torch.Generator().manual_seed(0), exclude_normalized=True)
+    small = copy.deepcopy(model)
+    apply_edits(small, edits_for(graph, units))
+    assert small.model.layers[0].mlp.experts.down_proj.shape == (4, 64, 60)
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        got, want = small.generate(inputs[0], **gen), masked_model(graph, units).generate(inputs[0], **gen)
+    assert got.shape == (1, 14) and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.4])
+def test_a_width_tied_to_the_experts_by_a_formula_is_kept_where_the_ratio_breaks_it(ratio, tmp_path):
+    """Ernie-4.5-MoE's shared experts are ``moe_intermediate_size * moe_num_shared_experts``
+    (32 x 2) wide. The check of what the config describes pruned every group by half,
+    where the two agree (16 and 32); at 0.4 the plan keeps 20 of each expert's 32 units
+    (aligned to 4) and 39 of the shared 64, so the default prune said ``from_pretrained:
+    false``. The check now also prunes at the plan's own ratio: the MoE widths stay there,
+    the dense first layer's MLP and the attention prune, and ``from_pretrained`` reloads."""
+    model, inputs, _ = build("ernie4_5-moe")
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=ratio).prune()
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    mlp = small.model.layers[1].mlp
+    assert mlp.shared_experts.up_proj.out_features == 64 and small.config.moe_intermediate_size == 32
+    assert small.model.layers[0].mlp.up_proj.out_features == 96 - int(ratio * 96) and params(small) < params(model)
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+    half = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    shared = half.model.layers[1].mlp.shared_experts
+    assert shared.up_proj.out_features == 32 and half.config.moe_intermediate_size == 16
+
+
+def test_openai_gpt_attention_without_a_head_size_attribute_follows_its_heads():
+    """OpenAI GPT's attention has ``n_head`` and ``split_size`` but no head size: the
+    fix-up read no head counts, ``split_size`` stayed 64 and the pruned model failed
+    (``mat1 and mat2 shapes cannot be multiplied (8x16 and 48x64)``). The head size is
+    ``split_size / n_head``, both kept in ratio."""
+    model, inputs, _ = build("openai-gpt")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 2 + 2 * 128
+    graph = DependencyGraph(model, inputs)
+    small = copy.deepcopy(model)
+    apply_edits(small, edits_for(graph, random_units(graph, 0.4, torch.Generator().manual_seed(0), True)))
+    attn = small.transformer.h[0].attn
+    assert attn.c_attn.weight.shape == (64, 3 * 48) and (attn.n_head, attn.split_size) == (3, 48)
+
+
+def test_granitemoe_shared_mlp_width_is_written_to_its_key(tmp_path):
+    """GraniteMoeShared's ``shared_mlp.input_linear`` (gate and up stacked) is
+    ``shared_intermediate_size`` wide: the config fix-up knew no such key, so a pruned
+    shared MLP reloaded only through ``load_pruned`` (and the default kept it)."""
+    model, inputs, _ = build("granitemoe-shared")
+    graph = DependencyGraph(model, inputs)
+    small = copy.deepcopy(model)
+    apply_edits(small, edits_for(graph, random_units(graph, 0.5, torch.Generator().manual_seed(0), True)))
+    assert small.model.layers[0].shared_mlp.input_linear.out_features == 2 * 24
+    assert small.config.shared_intermediate_size == 24
+    assert small.config.cleanai_pruning["from_pretrained"] is True
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+    pruned = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    assert pruned.model.layers[1].shared_mlp.output_linear.in_features == 24
+
+
+def test_a_prune_that_removes_nothing_still_says_how_the_model_reloads():
+    """HunYuan-MoE at 0.4: its shared MLP and experts must keep one width (the config has
+    one key for both), which the plan's 0.4 breaks, so they stay; the key/value groups (2
+    per layer) lose nothing at 0.4. The model came back unchanged without
+    ``config.cleanai_pruning`` (``AttributeError`` for a caller reading it)."""
+    model, inputs, _ = build("hunyuan-moe")
+    with pytest.warns(RuntimeWarning, match="the pruned model equals the original"):
+        small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    assert params(small) == params(model)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert not hasattr(model.config, "cleanai_pruning")
+
+
+def test_a_norm_whose_normalized_shape_is_an_int_is_claimed_without_error():
+    """I-BERT's ``IntLayerNorm`` keeps ``normalized_shape`` as the int it was given: the
+    RMS-norm claim called ``len()`` on it and every graph of the model failed with
+    ``TypeError: object of type 'int' has no len()``. (Its quantised encoder layers are
+    claimed by no pruner: I-BERT stays out of the corpus.)"""
+    cfg = transformers.IBertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   intermediate_size=96, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.IBertForMaskedLM(cfg).eval()
+    norm = model.ibert.encoder.layer[0].output.LayerNorm
+    assert isinstance(norm.normalized_shape, int)
+    graph = DependencyGraph(model, (torch.randint(3, 100, (1, 8)),))  # raised TypeError
+    head = [g for g in graph.groups() if any((s.module, s.name) == ("lm_head.dense", "out") for s in g.slices)]
+    assert len(head) == 1 and (head[0].size, head[0].prunable) == (64, 64)
+
+
+@pytest.mark.parametrize("name", ["llama-mha", "llama-mqa"])
+def test_heads_a_config_validation_refuses_are_kept_by_default(name, tmp_path):
+    """Llama with 4 heads of 16 at 0.4 keeps 3 heads: transformers' config validation
+    (``hidden_size % num_attention_heads == 0``, run by ``save_pretrained``) refuses that
+    although ``head_dim`` is a key, so the default prune could not even be saved
+    (``StrictDataclassClassValidationError``). The rebuild check runs the validation; the
+    groups that make it fail are found by bisection and kept, the MLP prunes."""
+    model, inputs, _ = build(name)
+    pruner = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4)
+    small = pruner.prune()
+    assert small.config.num_attention_heads == 4 and small.model.layers[0].self_attn.q_proj.out_features == 64
+    assert small.model.layers[0].mlp.up_proj.out_features == 96 - 38
+    assert any("validate_architecture" in r for g in pruner.graph.groups() for r in g.reasons)
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)

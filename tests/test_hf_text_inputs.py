@@ -265,3 +265,44 @@ def test_the_tokenizer_the_folder_declares_reads_the_text(family, tmp_path):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert 1.0 < report["perplexity_before"] < 1000 and math.isfinite(report["perplexity_after"])
     assert report["evaluation_tokens"] > 0 and report["params_after"] < report["params_before"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [["a first text", "a second"], [["a first text", "a second"]], [("a first text", 1)], [{"text": ["a first text"]}]],
+)  # fmt: skip
+def test_text_batches_in_the_python_api_are_refused_with_the_fix(data):
+    """A batch of strings reached the model (``embedding(): argument 'indices' must be
+    Tensor, not str``, a list of two texts read as an (input, label) pair) or was called
+    "a str; expected tensors": neither said that text must be tokenized first."""
+    from cleanai_core import StructuredPruner
+    from cleanai_core.errors import UserError
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = StructuredPruner(model, torch.randint(3, 259, (1, 8)), pruning_ratio=0.3)
+    with pytest.raises(UserError, match=r"batch holds text \('a first text'\), not tensors.*Tokenize the text first"):
+        pruner.collect_activations(data, progress=False)
+    with pytest.raises(UserError, match=r"example_inputs holds text \('a first text'\).*--data \(a \.txt or \.jsonl"):
+        StructuredPruner(model, data[0], pruning_ratio=0.3)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_tokenizer_batch_encoding_is_taken_as_the_dict_it_holds():
+    """What the text error tells the user to give, ``tokenizer(texts, return_tensors="pt",
+    padding=True)``, is a ``BatchEncoding`` (a mapping, not a dict): as example inputs it
+    was "example_inputs holds no tensor". It prunes as its dict does, padding masked."""
+    from cleanai_core import StructuredPruner
+
+    tok = transformers.ByT5Tokenizer(extra_ids=0)
+    batch = tok(["a first text", "short"], return_tensors="pt", padding=True)
+    assert not isinstance(batch, dict) and int(batch["attention_mask"].sum()) == 12 + 5 + 2
+    models = []
+    for x in (batch, dict(batch)):
+        torch.manual_seed(0)
+        pruner = StructuredPruner(tiny_llama(), x, pruning_ratio=0.5)
+        pruner.collect_activations([x, x], progress=False)
+        models.append(pruner.prune())
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert models[0].model.layers[0].mlp.up_proj.out_features < tiny_llama().model.layers[0].mlp.up_proj.out_features

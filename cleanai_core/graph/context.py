@@ -58,7 +58,9 @@ class SliceSpec:
     or ``"param"`` (a tensor that follows channels: norm affine, bare parameters).
     ``multiple``: the slice's kept channels must be a multiple of it (a kernel's
     alignment: transformers' grouped expert matmul needs rows of 16 bytes); the plan
-    rounds the kept count up.
+    rounds the kept count up. ``same_count``: slices that name the same key keep the same
+    number of channels (the experts of one 3-D tensor); their groups are planned, and
+    skipped by verification, together.
     """
 
     module: str
@@ -70,6 +72,7 @@ class SliceSpec:
     normalizes: bool = False  # the module normalises across this slice (LayerNorm, GroupNorm)
     pruner: Any = None
     multiple: int = 1
+    same_count: str | None = None
 
 
 class TraceContext:

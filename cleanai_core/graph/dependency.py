@@ -19,6 +19,7 @@ from cleanai_core.graph.groups import Group, components, make_groups, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.plugins import get_plugin_manager
+from cleanai_core.runtime import plain_inputs
 
 __all__ = ["DependencyGraph", "Node", "prunable_graph", "resolve_modules"]
 
@@ -122,6 +123,7 @@ class DependencyGraph:
             from cleanai_core.errors import UserError
 
             raise UserError(f"DependencyGraph needs a torch.nn.Module, got {type(model).__name__}")
+        example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         self.model = model
         self.pm = pm or get_plugin_manager()
         self.findings = prepare_model(model, self.pm)
@@ -307,10 +309,11 @@ class DependencyGraph:
         normalized = torch.cat(ctx.normalized) if ctx.normalized else None
         self._groups = make_groups(self.root, frozen, self.slices, reasons, normalized)
 
-    def apply_default_freezes(self) -> None:
+    def apply_default_freezes(self, ratio: float | None = None) -> None:
         """Freeze what the ``cleanai_default_freezes`` hook names (the pruner's defaults
-        that depend on the coupling) and regroup; the reasons show in :meth:`explain`."""
-        found = [item for res in self.pm.hook.cleanai_default_freezes(graph=self) for item in res or ()]
+        that depend on the coupling; ``ratio``: its uniform plan's, if it has one) and
+        regroup; the reasons show in :meth:`explain`."""
+        found = [item for res in self.pm.hook.cleanai_default_freezes(graph=self, ratio=ratio) for item in res or ()]
         for units, why in found:
             self.ctx.freeze(torch.as_tensor(units, dtype=torch.int64), why)
         if found:
@@ -375,15 +378,16 @@ def prunable_graph(
     forward_fn: Any = None,
     output_transform: Any = None,
     ignored: Any = (),
+    ratio: float | None = None,
 ) -> DependencyGraph:
     """The graph of ``model`` as the pruner sees it (``ignored`` kept, the
-    ``cleanai_default_freezes`` hook applied), or a :class:`UserError` when no group can
-    be pruned."""
+    ``cleanai_default_freezes`` hook applied, told the uniform ``ratio`` if there is one),
+    or a :class:`UserError` when no group can be pruned."""
     from cleanai_core.errors import UserError
 
     ignored = set(ignored)
     graph = DependencyGraph(model, example_inputs, forward_fn, output_transform, ignored_layers=sorted(ignored))
-    graph.apply_default_freezes()
+    graph.apply_default_freezes(ratio)
     if not graph.groups(prunable_only=True):
         everything = ignored and all(s.module in ignored for s in graph.slices if s.kind == "out")
         reasons: dict[str, None] = {}

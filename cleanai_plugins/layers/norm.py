@@ -158,7 +158,9 @@ def _timm_rms_norm(module: nn.Module) -> str | None:
     """The name of the timm RMS-norm class ``module`` is or subclasses, provided it
     normalises one dimension and its weight (if any) has that shape; else None."""
     shape = getattr(module, "normalized_shape", None)
-    if shape is None or len(shape) != 1:
+    if isinstance(shape, int):  # a layer norm that keeps the int it was given (I-BERT's IntLayerNorm)
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)) or len(shape) != 1:  # (torch.Size is a tuple)
         return None
     weight = getattr(module, "weight", None)
     if weight is not None and tuple(weight.shape) != tuple(shape):

@@ -91,11 +91,11 @@ def tied_copies(model: nn.Module, emb: nn.Module) -> list[nn.Module]:
 
 
 @hookimpl
-def cleanai_default_freezes(graph):
+def cleanai_default_freezes(graph, ratio):
     if not hasattr(getattr(graph.model, "config", None), "model_type") and not any(
         hasattr(getattr(m, "config", None), "model_type") for m in graph.model.children()
     ):
         return None
     from cleanai_plugins.zoo.transformers.describable import undescribable
 
-    return undescribable(graph) or None
+    return undescribable(graph, ratio) or None

@@ -129,7 +129,12 @@ def cleanai_prepare_model(model):
 
 @hookimpl(trylast=True)
 def cleanai_after_prune(module, name, edits, findings=None):
-    if PreTrainedModel is None or not edits:
+    if PreTrainedModel is None:
+        return
+    if not edits:  # nothing sliced (every group too small for the ratio): the config still says how it reloads
+        if name == "":
+            for _, model in outermost(module, PreTrainedModel):
+                fix_config(model)
         return
     kept = (findings or {}).get(GQA_QUERY_HEADS, ())  # attention that kept its key/value heads
     if is_attention(module):

@@ -32,6 +32,8 @@ __all__ = [
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KV_HEADS_ATTRS = ("num_key_value_heads", "num_kv_heads")
+#: the width of all heads together, which :func:`fix_attention` writes
+WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
 # child -> how many (q, k, v) parts of equal width its output holds, stacked or per head
 # (DeBERTa's ``in_proj`` viewed as ``(heads, 3 * head_dim)``, ModernBERT's ``Wqkv``)
 QUERY_PROJS = (
@@ -153,9 +155,15 @@ def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | No
     (:mod:`cleanai_plugins.mappers.gqa`), which a fused ``qkv_proj``'s width alone
     cannot tell from whole groups gone."""
     hd_attr = _int_attr(module, HEAD_DIM_ATTRS)
-    if hd_attr is None:
-        return None
-    hd = getattr(module, hd_attr)
+    if hd_attr is not None:
+        hd = getattr(module, hd_attr)
+    else:  # no head size of its own (OpenAI GPT: ``split_size`` and ``n_head``, both kept in ratio)
+        heads_attr, width_attr = _int_attr(module, HEADS_ATTRS), _int_attr(module, WIDTH_ATTRS)
+        if heads_attr is None or width_attr is None or getattr(module, heads_attr) <= 0:
+            return None
+        hd, rest = divmod(getattr(module, width_attr), getattr(module, heads_attr))
+        if rest:
+            return None
     width = None
     fused = proj_width(getattr(module, "qkv_proj", None))
     groups = getattr(module, "num_key_value_groups", None)
@@ -210,6 +218,6 @@ def fix_attention(module: nn.Module, kv_kept: bool = False) -> None:
         setattr(module, kv_attr, kv)
     if kv and isinstance(getattr(module, "num_key_value_groups", None), int):
         module.num_key_value_groups = max(1, heads // kv)
-    for name in ("all_head_size", "inner_dim", "split_size", "embed_dim"):
+    for name in (*WIDTH_ATTRS, "embed_dim"):
         if isinstance(getattr(module, name, None), int):
             setattr(module, name, heads * hd)

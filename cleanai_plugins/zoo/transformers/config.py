@@ -53,8 +53,11 @@ _MLP_UP = re.compile(
 #  feed_forward: the hybrid Mamba models (Bamba, Jamba, Zamba)
 #: MLP projections whose output stacks two halves (gate and up) of the MLP width
 _MLP_STACKED = ("gate_up_proj", ".Wi")
-#: a shared expert beside the routed ones (Qwen2-MoE): its own config key
-_SHARED_UP = re.compile(r"(^|\.)mlp\.shared_expert\.(gate_proj|gate_up_proj)$")
+#: a shared expert beside the routed ones: its own config key (Qwen2-MoE's
+#: ``shared_expert_intermediate_size``; GraniteMoeShared's ``shared_intermediate_size``, its
+#: ``input_linear`` stacking gate and up)
+_SHARED_UP = re.compile(r"(^|\.)(mlp\.shared_expert\.(gate_proj|gate_up_proj)|shared_mlp\.input_linear)$")
+_SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size")
 _MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner")
 
 
@@ -120,7 +123,7 @@ def _collect(model: nn.Module) -> dict[int, dict]:
         if _MLP_UP.search(name) or shared:
             width = proj_width(module)
             if width is not None:
-                if name.endswith(_MLP_STACKED):
+                if name.endswith((*_MLP_STACKED, "shared_mlp.input_linear")):
                     width //= 2
                 values["shared_expert" if shared else f"{side}ffn_dim" if side else "mlp"].append(width)
     return found
@@ -149,7 +152,8 @@ def _write(entry: dict) -> dict:
             _set(config, "moe_intermediate_size", experts, record)
         else:  # the experts are the MLP (Mixtral)
             mlp = mlp + experts
-        _set(config, "shared_expert_intermediate_size", values.get("shared_expert", []), record)
+        for key in _SHARED_KEYS:
+            _set(config, key, values.get("shared_expert", []), record)
         key = next((k for k in _MLP_KEYS if hasattr(config, k)), None)
         if key is not None:
             _set(config, key, mlp, record)
@@ -334,10 +338,16 @@ def rebuilt_shapes(model: nn.Module) -> dict[str, tuple[int, ...]] | str:
 
 def _rebuilt(model: nn.Module) -> nn.Module | str:
     """The model rebuilt from ``model.config`` on the meta device, or the exception its
-    ``__init__`` raised there (its name and message)."""
+    ``__init__`` (or the config's own validation, which ``save_pretrained`` runs: Llama's
+    ``hidden_size % num_attention_heads == 0`` even with ``head_dim`` given) raised there
+    (its name and message)."""
     try:
+        config = copy.deepcopy(model.config)
+        validate = getattr(config, "validate", None)
+        if callable(validate):
+            validate()
         with torch.device("meta"):
-            return type(model)(copy.deepcopy(model.config))
+            return type(model)(config)
     except Exception as exc:  # noqa: BLE001 - a family whose __init__ cannot run on meta: say so
         why = " ".join(str(exc).split())[:200]  # the family's own words (e.g. hidden size not a multiple of heads)
         return f"{type(exc).__name__}{': ' + why if why else ''}"

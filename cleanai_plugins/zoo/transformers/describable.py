@@ -8,7 +8,8 @@ pooler of a sequence classifier (``BertPooler.dense``, RoBERTa's ``classifier.de
 DeBERTa-v2's ``ContextPooler``: all ``hidden_size`` wide), BERT's heads (head size
 ``hidden_size / num_attention_heads``), MobileBERT's bottlenecks. Which ones, is asked of
 the config itself rather than listed per family: every free group of the graph is pruned
-by half (the same count in groups of the same size, as a uniform prune does) on a copy
+by the pruner's uniform ratio (by half where its plan is not uniform; the same count in
+groups of the same size, as a uniform prune does) on a copy
 whose tensors live on the meta device, the config fix-up runs, the model is rebuilt from
 the rewritten config (on the meta device too), and every group that cut a tensor whose
 shape the rebuilt model does not have is kept, with the reason
@@ -24,12 +25,14 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import warnings
 
 import torch
 from torch import nn
 
 from cleanai_core.graph.cut import cut_dims
+from cleanai_core.planning import limit_units
 from cleanai_core.slicing import apply_edits, edits_for
 from cleanai_plugins.zoo.transformers.config import rebuild_mismatches, rebuilt_shapes
 from cleanai_plugins.zoo.transformers.reload_path import reasons
@@ -124,53 +127,113 @@ def _nearest_cutters(groups: list, key: str) -> list[int]:
     return [g.id for g in groups if any(s.module.startswith(f"{scope}.") for s in g.slices)]
 
 
-def undescribable(graph) -> list[tuple[torch.Tensor, str]]:
+def undescribable(graph, ratio: float | None = None) -> list[tuple[torch.Tensor, str]]:
     """``[(units, reason)]``: the free units of every group of ``graph`` whose pruning
-    the config of the transformers model(s) in ``graph.model`` cannot describe."""
+    the config of the transformers model(s) in ``graph.model`` cannot describe: checked
+    with every group pruned by half, then (where the pruner's plan is uniform) by its
+    ``ratio`` as the plan counts (kept counts aligned): a width tied to another by a
+    formula (Ernie-MoE's shared experts, ``moe_intermediate_size`` times their number)
+    agrees at a half only."""
     from transformers import PreTrainedModel
 
     from cleanai_plugins.zoo.transformers import outermost
 
-    model = graph.model
-    hf = [name for name, sub in outermost(model, PreTrainedModel) if not rebuild_mismatches(sub)]
+    hf = [name for name, sub in outermost(graph.model, PreTrainedModel) if not rebuild_mismatches(sub)]
     if not hf:  # no transformers model, or one its config cannot rebuild even unpruned: nothing to keep
         return []
     found: list[tuple[torch.Tensor, str]] = []
     kept: set[int] = set()
+    for share in (None, ratio) if ratio is not None else (None,):
+        if not _check_rounds(graph, hf, share, kept, found):
+            break
+    return found
+
+
+def _check_rounds(graph, hf: list[str], share: float | None, kept: set[int], found: list) -> bool:
+    """Prune every free group not in ``kept`` by ``share`` (``None``: by half) on a meta
+    copy, rebuild from the rewritten config, and add to ``kept`` and ``found`` the groups
+    that cut a tensor the rebuilt model lacks; again until the rest rebuilds. Where the
+    rewritten config builds no model at all (3 heads of a 64 wide Llama: transformers'
+    config validation wants ``hidden_size % num_attention_heads == 0``), the groups that
+    make it fail are found by bisection and kept. False when the check cannot go on."""
+    model = graph.model
     for _ in range(_ROUNDS):
         groups = [g for g in graph.groups(prunable_only=True) if g.id not in kept]
-        pruned = torch.zeros(graph.root.numel(), dtype=torch.bool)
-        for g in groups:
-            free = g.units[~g.frozen]
-            n = min(max(g.size // 2, 1), free.numel(), g.size - 1)
-            pruned[free[:n]] = True
-        if not bool(pruned.any()):
-            break
-        small = meta_copy(model)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                apply_edits(small, edits_for(graph, pruned), graph.pm)
-        except Exception as exc:  # noqa: BLE001 - a pruner or fix-up that cannot run on meta tensors
-            warnings.warn(
-                f"cleanai_plugins.zoo.transformers_hidden could not check which widths the config describes "
-                f"({type(exc).__name__}: {exc}); nothing more is kept, and the pruned model may need load_pruned",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            break
+        counts = {g.id: _count(g, share) for g in groups}
+        groups = [g for g in groups if counts[g.id] > 0]
+        if not groups:
+            return True
+        small = _sliced_meta(graph, groups, counts)
+        if small is None:
+            return False
         bad: dict[str, set[int]] = {}
         for name in hf:
             dims = _mismatched_dims(small.get_submodule(name))
-            if dims is None:  # the pruned config no longer builds a model: cannot tell which group
-                return found
+            if dims is None:  # the pruned config builds no model: which groups make it fail?
+                failing = _failing_groups(graph, hf, groups, counts)
+                if not failing:
+                    return False
+                for g in failing:
+                    kept.add(g.id)
+                    why = rebuild_mismatches(_sliced_meta(graph, [g], counts).get_submodule(name))
+                    found.append((g.units[~g.frozen], f"{reasons(model, why[:1])[0]}: {KEPT}"))
+                break
             bad.update({f"{name}.{k}" if name else k: d for k, d in dims.items()})
-        hit = _touching(graph, groups, bad) if bad else {}
-        if not hit:
-            break
-        by_id = {g.id: g for g in groups}
-        for gid, key in hit.items():
-            kept.add(gid)
-            why = reasons(model, [key])[0]
-            found.append((by_id[gid].units[~by_id[gid].frozen], f"{why}: {KEPT}"))
-    return found
+        else:
+            hit = _touching(graph, groups, bad) if bad else {}
+            if not hit:
+                return True
+            by_id = {g.id: g for g in groups}
+            for gid, key in hit.items():
+                kept.add(gid)
+                why = reasons(model, [key])[0]
+                found.append((by_id[gid].units[~by_id[gid].frozen], f"{why}: {KEPT}"))
+    return True
+
+
+def _count(group, share: float | None) -> int:
+    """The units of ``group`` the check prunes: half, or ``share`` as the uniform plan counts."""
+    if share is None:
+        return min(max(group.size // 2, 1), group.prunable, group.size - 1)
+    return limit_units(group, int(math.floor(share * group.size + 1e-9)), None, 1)
+
+
+def _sliced_meta(graph, groups: list, counts: dict[int, int]) -> nn.Module | None:
+    """A meta copy of ``graph.model`` with ``counts`` units of each of ``groups`` sliced
+    (config fix-up included); None when it cannot be sliced on the meta device."""
+    pruned = torch.zeros(graph.root.numel(), dtype=torch.bool)
+    for g in groups:
+        pruned[g.units[~g.frozen][: counts[g.id]]] = True
+    small = meta_copy(graph.model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            apply_edits(small, edits_for(graph, pruned), graph.pm)
+    except Exception as exc:  # noqa: BLE001 - a pruner or fix-up that cannot run on meta tensors
+        warnings.warn(
+            f"cleanai_plugins.zoo.transformers_hidden could not check which widths the config describes "
+            f"({type(exc).__name__}: {exc}); nothing more is kept, and the pruned model may need load_pruned",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    return small
+
+
+def _failing_groups(graph, hf: list[str], groups: list, counts: dict[int, int]) -> list:
+    """The groups among ``groups`` whose pruning alone leaves a config that builds no
+    model (bisection; a set that fails only together is kept whole)."""
+
+    def fails(subset: list) -> bool:
+        small = _sliced_meta(graph, subset, counts)
+        return small is not None and any(_mismatched_dims(small.get_submodule(n)) is None for n in hf)
+
+    def search(subset: list) -> list:
+        if not fails(subset):
+            return []
+        if len(subset) == 1:
+            return subset
+        half = len(subset) // 2
+        return (search(subset[:half]) + search(subset[half:])) or subset
+
+    return search(groups)

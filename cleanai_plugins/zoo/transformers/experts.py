@@ -13,8 +13,9 @@ Claimed as one composite. Slices: ``"hidden_in"`` (``gate_up_proj``'s hidden dim
 read on the input's last dim), ``"hidden_out"`` (``down_proj``'s hidden dimension and its
 bias: the output's channels) and one ``"inter.<e>"`` per expert: each expert's MLP width
 prunes on its own units (its own gate/up pair and down rows). The tensors stay 3-D, so
-every expert must keep the same number of units: the uniform plan gives that (every
-expert's group has the same size); a plan that does not is refused when slicing. The
+every expert must keep the same number of units: the slices say so (``same_count``), and
+the plan gives every expert of a module the same count (global ranking, per-group ratios,
+verification's skips included); a plan that does not is refused when slicing. The
 router (a separate module) is untouched: no expert is removed.
 """
 
@@ -83,7 +84,8 @@ class ExpertsPruner(LayerPruner):
             ctx.label_of(ref)  # routing indices and weights carry no channels
         for e in range(experts):
             if (call.name, f"inter.{e}") not in ctx.slices:
-                ctx.bind(call.name, f"inter.{e}", ctx.new_atoms(inter), "param", multiple=multiple)
+                atoms = ctx.new_atoms(inter)
+                ctx.bind(call.name, f"inter.{e}", atoms, "param", multiple=multiple, same_count=call.name)
         atoms = ctx.produce(call.name, "hidden_out", hidden, dim=-1, multiple=multiple)
         ctx.set_label(call.outputs[0], -1, atoms)
 
