@@ -99,14 +99,18 @@ def save_pruned(
     :param spec: how to rebuild the unpruned architecture: a ``--model`` spec such as
         ``timm:resnet18``, ``torchvision:resnet18`` or ``package.module:factory``.
     :param options: loader options that shape the architecture (``num_classes``...).
+
+    A ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel`` wrapper is saved
+    as the module it wraps (what ``load_pruned`` rebuilds).
     """
     from cleanai_core.history import PruningHistory
-    from cleanai_core.options import check_switches
+    from cleanai_core.options import bare_module, check_switches
 
     out = _folder_arg(out_dir, "save_pruned")
     check_switches(save_pickle=save_pickle)  # "no" pickled the model
     if not isinstance(model, nn.Module):
         raise UserError(f"save_pruned needs the pruned torch.nn.Module, got {type(model).__name__}")
+    model = bare_module(model)  # a compiled or DataParallel model's tensors were saved under '_orig_mod.'/'module.'
     if not isinstance(history, PruningHistory):  # "nope" was written as history.json, a folder nothing could load
         raise UserError(
             f"save_pruned needs the PruningHistory of the prune (pruner.history), got {type(history).__name__}"
