@@ -123,6 +123,9 @@ def save_pruned(
     if out.exists() and not out.is_dir():
         raise UserError(f"{str(out)!r} is a file; give a folder path to save_pruned().")
     options = _checked_options(options)
+    problem = _before_its_history(model, history)
+    if problem:  # the folder was written, and load_pruned then called it damaged or tampered with
+        raise UserError(f"save_pruned: {problem}. Nothing was written.")
     if example_input_shape is not None and (
         not isinstance(example_input_shape, (list, tuple))
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in example_input_shape)
@@ -154,6 +157,45 @@ def save_pruned(
         if before:
             _carry_over(target, tmp, skip=OWN_FILES)
     return out
+
+
+def _before_its_history(model: nn.Module, history: Any) -> str | None:
+    """Why ``model`` is not what ``history`` made: the history's tensors are missing from it
+    (another model), or it has the shapes the history's last step slices from and that step
+    would change them (the model before pruning, e.g. the original instead of what
+    ``prune()`` returned). ``None`` when neither is seen."""
+    from cleanai_core.graph.context import tensor_name
+    from cleanai_core.history import shape_mismatch, shapes_sliced
+    from cleanai_core.model_state import copy_model
+    from cleanai_core.slicing import apply_edits
+
+    recorded = history._shapes()
+    have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    have |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    for i, shapes in enumerate(recorded):
+        missing = sorted(n for n in (shapes or {}) if tensor_name(n) not in have)
+        if missing:
+            return (
+                f"the history's step {i} slices {missing[0]}, which this model does not have; pass the model "
+                "this history was recorded with (what pruner.prune() returned, with pruner.history)"
+            )
+    last = max((i for i, step in enumerate(history.steps) if step and recorded[i]), default=None)
+    if last is None or shape_mismatch(history, last, model) is not None:
+        return None
+    try:  # the model has the shapes the last step slices from; does the step change them?
+        probe = copy_model(model)
+        apply_edits(probe, history.steps[last])
+        after = shapes_sliced(probe, history.steps[last])
+    except Exception:  # noqa: BLE001 - a history that does not apply is for load_pruned to name
+        return None
+    changed = next((n for n, shape in recorded[last].items() if after.get(n, shape) != shape), None)
+    if changed is None:
+        return None
+    return (
+        f"the model has the shapes the history's step {last} prunes from ({changed} is "
+        f"{tuple(recorded[last][changed])}, the step leaves {tuple(after[changed])}): it is the model before "
+        "pruning. Pass the pruned model (what pruner.prune() returned) with its pruner.history"
+    )
 
 
 def _checked_options(options: Any) -> dict[str, Any]:

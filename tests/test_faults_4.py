@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cleanai_core import GradualPruner, PruningSchedule, StructuredPruner
+from cleanai_core.errors import UserError
 from cleanai_core.io import load_pruned, save_pruned
 from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
 
@@ -82,3 +83,29 @@ def test_gradual_pruning_of_a_compiled_model_resumes_on_the_plain_model():
     gp2.load_state_dict(state)
     assert [p.shape for p in fresh.parameters()] == [p.shape for p in model.parameters()]
     assert sum(p.numel() for p in fresh.parameters()) < sum(p.numel() for p in _digits().parameters())
+
+
+# -- save_pruned of a model its history did not make ------------------------------------------
+
+
+def test_save_pruned_of_the_unpruned_model_is_refused_and_writes_nothing(tmp_path):
+    # the folder was written, and load_pruned then called it "damaged, tampered with or not written by this CleanAI"
+    model = _digits()
+    pruner = StructuredPruner(model, X, importance="magnitude", pruning_ratio=0.5)
+    pruned = pruner.prune()
+    with pytest.raises(UserError, match=r"features\.0\.weight is \(32, 1, 3, 3\), the step leaves \(16, 1, 3, 3\)"):
+        save_pruned(tmp_path / "o", model, pruner.history, MODEL_SPEC)
+    with pytest.raises(UserError, match=r"step 0 slices [\w.]+, which this model does not have"):
+        save_pruned(tmp_path / "o", nn.Sequential(nn.Conv2d(1, 4, 3)), pruner.history, MODEL_SPEC)
+    assert not (tmp_path / "o").exists()
+    save_pruned(tmp_path / "o", pruned, pruner.history, MODEL_SPEC)  # the pruned model saves and loads
+    assert torch.equal(load_pruned(tmp_path / "o")(X), pruned(X))
+
+
+def test_save_pruned_of_a_plan_that_removed_nothing_still_saves(tmp_path):
+    model = _digits()
+    with pytest.warns(RuntimeWarning, match="the plan removes no unit"):
+        pruner = StructuredPruner(model, X, importance="magnitude", pruning_ratio=0.5, round_to=1000)
+        pruned = pruner.prune()
+    save_pruned(tmp_path / "o", pruned, pruner.history, MODEL_SPEC)
+    assert load_pruned(tmp_path / "o").features[0].weight.shape == (32, 1, 3, 3)
