@@ -70,6 +70,12 @@ def os_error(exc: OSError, folder: Path, doing: str = "write the result to") -> 
     """A :class:`UserError` for an ``OSError`` met while writing ``folder``."""
     cause = _CAUSES.get(exc.errno or 0, exc.strerror or str(exc))
     where = f" ({exc.filename})" if exc.filename else ""
+    parent = target_of(folder).parent
+    if exc.errno == errno.ENOENT and not parent.exists():  # said "free space, fix the permissions"
+        return UserError(
+            f"cannot {doing} {str(folder)!r}: the folder {str(parent)!r} it goes in does not exist. Nothing was "
+            "written; create that folder first (mkdir -p) or choose another folder with --out."
+        )
     return UserError(
         f"cannot {doing} {str(folder)!r}: {cause}{where}. Nothing was changed there; free space, fix the "
         "permissions or choose another folder with --out."

@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
 
 from cleanai_core import GradualPruner, PruningSchedule, StructuredPruner
+from cleanai_core.cli import main
 from cleanai_core.errors import UserError
 from cleanai_core.io import load_pruned, save_pruned
 from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
 
+DEMO = "cleanai_plugins.io.demo:DigitsCNN"
 X = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
 
 
@@ -109,3 +113,63 @@ def test_save_pruned_of_a_plan_that_removed_nothing_still_saves(tmp_path):
         pruned = pruner.prune()
     save_pruned(tmp_path / "o", pruned, pruner.history, MODEL_SPEC)
     assert load_pruned(tmp_path / "o").features[0].weight.shape == (32, 1, 3, 3)
+
+
+# -- command line: integer inputs, saved folders and compiled weights, a missing parent of --out ----------
+
+
+def _prune_cli(ws, *args: str) -> int:
+    return main(["prune", "--model", DEMO, "--data", "data.pt", "--quiet", "--ratio", "0.5", *args])
+
+
+@pytest.fixture()
+def ws(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    torch.save((x, y), tmp_path / "data.pt")
+    torch.save(((x * 100).to(torch.int8), y), tmp_path / "int8.pt")
+    torch.save((x > 0.5, y), tmp_path / "bool.pt")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("data", "kind"), [("int8.pt", "int8"), ("bool.pt", "bool")])
+def test_integer_inputs_for_a_float_model_are_named_with_the_fix(ws, capsys, data, kind):
+    # the advice was "check channels, image size, --num-classes" after "expected scalar type Char but found Float"
+    rc = main(["prune", "--model", DEMO, "--data", data, "--out", "o", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"The inputs are {kind} values but the model computes in float32" in err
+    assert "x.float()" in err and not (ws / "o").exists()
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, lambda m: nn.DataParallel(torch.compile(m))], ids=["compile", "dp"])
+def test_weights_saved_from_a_compiled_model_load(ws, capsys, wrap):
+    # a compiled model's state_dict names its tensors '_orig_mod.*': "the weights ... do not fit" (exit 2)
+    model = _digits()
+    torch.save(wrap(model).state_dict(), ws / "w.pt")
+    assert _prune_cli(ws, "--weights", "w.pt", "--out", "o") == 0, capsys.readouterr().err
+    report = json.loads((ws / "o" / "report.json").read_text())
+    torch.save(model.state_dict(), ws / "plain.pt")
+    assert _prune_cli(ws, "--weights", "plain.pt", "--out", "o2") == 0
+    assert report["params_after"] == json.loads((ws / "o2" / "report.json").read_text())["params_after"]
+    assert torch.equal(torch.load(ws / "o" / "model.pt")["features.0.weight"],
+                       torch.load(ws / "o2" / "model.pt")["features.0.weight"])  # fmt: skip
+
+
+def test_a_saved_folder_as_weights_or_model_says_how_to_load_it(ws, capsys):
+    assert _prune_cli(ws, "--out", "saved") == 0
+    capsys.readouterr()
+    for args in (["--weights", "saved"], ["--model", "saved"], ["--model", "saved/model.pt"]):
+        rc = main(["prune", "--model", DEMO, "--data", "data.pt", "--out", "o", "--quiet", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and "The folder 'saved' was written by `cleanai prune`" in err, err
+        assert "load_pruned('saved')" in err and "does not exist" not in err
+    assert not (ws / "o").exists()
+
+
+def test_an_out_folder_whose_parent_is_missing_says_so(ws, capsys):
+    # said "No such file or directory ... free space, fix the permissions"
+    assert _prune_cli(ws, "--out", "a/b/c") == 2
+    err = capsys.readouterr().err
+    assert "the folder" in err and "a/b' it goes in does not exist" in err and "mkdir -p" in err
+    assert not (ws / "a").exists()
