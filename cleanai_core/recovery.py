@@ -43,7 +43,7 @@ from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, eval_mode
 from cleanai_core.model_state import copy_model
 from cleanai_core.options import check_not_meta, check_switches
-from cleanai_core.runtime import checked_device, find_logits
+from cleanai_core.runtime import checked_device, find_logits, label_indices, not_class_labels
 
 __all__ = [
     "RecoveryResult",
@@ -151,7 +151,7 @@ def distillation_loss(
         labels = tgt.reshape(-1)[keep]
     else:
         t = teacher_logits.float() if teacher_logits is not None else None
-        labels = target if isinstance(target, torch.Tensor) and not target.is_floating_point() else None
+        labels = class_targets(target)
     _check_logits(s, t, labels if ce_weight else None)
     loss = s.new_zeros(())
     if t is not None and kd_weight:
@@ -164,6 +164,27 @@ def distillation_loss(
     if labels is not None and ce_weight:
         loss = loss + ce_weight * F.cross_entropy(s, labels.to(s.device).long())  # int32 / bool labels raised
     return loss
+
+
+def class_targets(target: Any) -> torch.Tensor | None:
+    """The class labels of a batch's target for cross-entropy and accuracy: integer targets as
+    they are (also per position), floating ones as class indices where they are whole numbers
+    or one-hot rows (:func:`~cleanai_core.runtime.label_indices`). Other floating targets (soft
+    or fractional) get a ``RuntimeWarning`` and are not used: whole-number float labels were
+    dropped without a word, and recovery trained on the teacher alone."""
+    if not isinstance(target, torch.Tensor):
+        return None
+    if not target.is_floating_point():
+        return target
+    labels = label_indices(target) if target.dim() >= 1 else None
+    if labels is None:
+        warnings.warn(
+            f"recover: {not_class_labels(target)}; they are not used: the loss is the teacher's (KL) alone and the "
+            "held-out metric the agreement with the teacher",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return labels
 
 
 def _check_logits(s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor | None) -> None:
@@ -325,8 +346,9 @@ def held_out_metric_and_loss(
                 tokens += float(mask.sum())
                 metric = "perplexity"
                 continue
-            if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dim() == 1:
-                ref, metric = target.to(device), "accuracy"
+            labels = class_targets(target)
+            if labels is not None and labels.dim() == 1:
+                ref, metric = labels.to(device), "accuracy"
             elif t_logits is not None:
                 ref, metric = t_logits.argmax(-1), "teacher_agreement"
             else:

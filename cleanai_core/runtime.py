@@ -29,8 +29,10 @@ __all__ = [
     "find_logits",
     "inputs_for",
     "iterate",
+    "label_indices",
     "logits_of",
     "move_to",
+    "not_class_labels",
     "run_batch",
     "same_layout",
     "split_batch",
@@ -265,6 +267,31 @@ def check_labels(out: Any, target: Any) -> torch.Tensor:
     # cross-entropy takes int64 class indices only: bool, int32 and int16 labels raised "expected
     # target dtype to be Long"
     return target.long()
+
+
+def label_indices(y: torch.Tensor) -> torch.Tensor | None:
+    """``y`` as class indices (int64): integers and booleans as they are, whole-number
+    floats, one-hot rows by their argmax; ``None`` when ``y`` is none of these. A single
+    column ``(N, 1)`` is a column of indices (it read as one-hot rows of one class: every
+    label 0)."""
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() == 2 and len(y) and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all()):
+        return y.argmax(1)
+    if y.dim() != 1:
+        return None
+    if y.is_floating_point():
+        return y.long() if bool(torch.isfinite(y).all()) and bool((y == y.round()).all()) else None
+    return y.long()
+
+
+def not_class_labels(y: torch.Tensor) -> str:
+    """Why ``y`` is not class labels, and what to give instead."""
+    what = "fractional or non-finite numbers" if y.is_floating_point() else "several columns that are not one-hot"
+    return (
+        f"the labels are not class indices ({what}, dtype {str(y.dtype).replace('torch.', '')}, shape "
+        f"{tuple(y.shape)}); for accuracy give integer labels 0..N-1 or one-hot rows"
+    )
 
 
 # -- batches ---------------------------------------------------------------------------------

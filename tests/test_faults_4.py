@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from cleanai_core import GradualPruner, PruningSchedule, StructuredPruner
+from cleanai_core import GradualPruner, PruningSchedule, StructuredPruner, recover
 from cleanai_core.cli import main
 from cleanai_core.errors import UserError
 from cleanai_core.io import load_pruned, save_pruned
@@ -173,3 +174,33 @@ def test_an_out_folder_whose_parent_is_missing_says_so(ws, capsys):
     err = capsys.readouterr().err
     assert "the folder" in err and "a/b' it goes in does not exist" in err and "mkdir -p" in err
     assert not (ws / "a").exists()
+
+
+# -- recover with floating-point labels ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_float", [lambda y: y.float(), lambda y: nn.functional.one_hot(y, 10).double()],
+                         ids=["whole-number floats", "one-hot rows"])  # fmt: skip
+def test_recover_reads_float_class_labels_as_class_indices(as_float):
+    # the labels were dropped without a word: the loss was the teacher's alone, the metric "teacher_agreement"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
+    model = _digits()
+    pruned = StructuredPruner(model, X, importance="magnitude", pruning_ratio=0.5).prune()
+    runs = [
+        recover(pruned, model, TensorDataset(x, lab), epochs=2, progress=False, patience=None)
+        for lab in (as_float(y), y)
+    ]
+    (a, ra), (b, rb) = runs
+    assert ra.metric == rb.metric == "accuracy" and ra.history == rb.history and ra.train_loss == rb.train_loss
+    assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_recover_says_when_labels_are_not_class_indices():
+    g = torch.Generator().manual_seed(0)
+    x, soft = torch.rand(20, 1, 8, 8, generator=g), torch.rand(20, generator=g)
+    model = _digits()
+    pruned = StructuredPruner(model, X, importance="magnitude", pruning_ratio=0.5).prune()
+    with pytest.warns(RuntimeWarning, match=r"the labels are not class indices \(fractional.*they are not used"):
+        _, result = recover(pruned, model, TensorDataset(x, soft), epochs=1, progress=False)
+    assert result.metric == "teacher_agreement"

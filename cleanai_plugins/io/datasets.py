@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
+from cleanai_core.runtime import label_indices, not_class_labels
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
 log = logging.getLogger("cleanai")
@@ -222,31 +223,6 @@ def class_labels(y: Any, source: str) -> torch.Tensor:
     if y.dim() == 2:
         log.info("%s: one-hot labels read as class indices (argmax of each row).", source)
     return idx
-
-
-def label_indices(y: torch.Tensor) -> torch.Tensor | None:
-    """``y`` as class indices (int64): integers and booleans as they are, whole-number
-    floats, one-hot rows by their argmax; ``None`` when ``y`` is none of these. A single
-    column ``(N, 1)`` is a column of indices (it read as one-hot rows of one class: every
-    label 0)."""
-    if y.dim() == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.dim() == 2 and len(y) and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all()):
-        return y.argmax(1)
-    if y.dim() != 1:
-        return None
-    if y.is_floating_point():
-        return y.long() if bool(torch.isfinite(y).all()) and bool((y == y.round()).all()) else None
-    return y.long()
-
-
-def not_class_labels(y: torch.Tensor) -> str:
-    """Why ``y`` is not class labels, and what to give instead."""
-    what = "fractional or non-finite numbers" if y.is_floating_point() else "several columns that are not one-hot"
-    return (
-        f"the labels are not class indices ({what}, dtype {str(y.dtype).replace('torch.', '')}, shape "
-        f"{tuple(y.shape)}); for accuracy give integer labels 0..N-1 or one-hot rows"
-    )
 
 
 def _load_pt(path: Path) -> Dataset:
