@@ -234,9 +234,10 @@ def split_train_data(
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (the held-out share of train_data)")
     dataset = train_data.dataset if isinstance(train_data, DataLoader) else train_data
     if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
-        raise UserError(
-            "train_data must be a data set or a DataLoader over one (with len()), so that a held-out part can be "
-            "split from it; or pass val_data= (never the split that measures your accuracy)"
+        raise UserError(  # a list, a tensor or an (x, y) tuple was refused without saying what it was
+            f"train_data is a {type(train_data).__name__}: it must be a data set or a DataLoader over one (with "
+            "len()), so that a held-out part can be split from it (tensors: TensorDataset(x, y)); or pass val_data= "
+            "(never the split that measures your accuracy)"
         )
     n = len(dataset)
     n_val = max(1, int(round(n * val_fraction)))
@@ -274,16 +275,23 @@ def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, what: str = "t
     return data
 
 
-def _steps_per_epoch(loader: Any) -> int:
+def _steps_per_epoch(loader: Any) -> tuple[int, int | None]:
     """Batches in one pass over ``loader``: ``len()``, else counted by one pass (a
-    DataLoader over an IterableDataset has no length; the cosine schedule needs it)."""
+    DataLoader over an IterableDataset has no length; the cosine schedule needs it); with
+    the samples that pass saw (``None`` when it was not made)."""
+    samples = None
     try:
         n = len(loader)
     except TypeError:
-        n = sum(1 for _ in loader)
+        n = samples = 0
+        for batch in loader:
+            n += 1
+            inputs = split_batch(batch)[0]
+            first = next((t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)), None)
+            samples += int(first.shape[0]) if first is not None and first.dim() else 1
     if n == 0:
         raise UserError("the training part of train_data is empty: give at least one batch to train on")
-    return n
+    return n, samples
 
 
 def _size(data: Any) -> int:
@@ -569,7 +577,9 @@ def recover(
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
-    steps_per_epoch = _steps_per_epoch(train_loader)
+    steps_per_epoch, counted = _steps_per_epoch(train_loader)
+    if counted is not None and not n_train:  # an IterableDataset has no len(): train_samples said 0
+        n_train = counted
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(round(warmup_fraction * total))))
 

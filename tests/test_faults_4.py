@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from cleanai_core import GradualPruner, PruningSchedule, StructuredPruner, recover
 from cleanai_core.cli import main
@@ -204,3 +204,25 @@ def test_recover_says_when_labels_are_not_class_indices():
     with pytest.warns(RuntimeWarning, match=r"the labels are not class indices \(fractional.*they are not used"):
         _, result = recover(pruned, model, TensorDataset(x, soft), epochs=1, progress=False)
     assert result.metric == "teacher_agreement"
+
+
+class _Samples(IterableDataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        yield from zip(self.x, self.y, strict=True)
+
+
+def test_recover_counts_the_samples_of_data_without_len():
+    # train_samples was 0 for an IterableDataset (and a DataLoader over one) that it trained on
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(21, 1, 8, 8, generator=g), torch.randint(0, 10, (21,), generator=g)
+    model = _digits()
+    pruned = StructuredPruner(model, X, importance="magnitude", pruning_ratio=0.5).prune()
+    val = TensorDataset(x[:4], y[:4])
+    for data in (_Samples(x, y), DataLoader(_Samples(x, y), batch_size=5)):
+        _, result = recover(pruned, model, data, val_data=val, epochs=1, progress=False)
+        assert result.train_samples == 21 and result.held_out_samples == 4
+    with pytest.raises(UserError, match=r"train_data is a tuple: it must be a data set .*TensorDataset\(x, y\)"):
+        recover(pruned, model, (x, y), epochs=1, progress=False)
