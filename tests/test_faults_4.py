@@ -120,7 +120,8 @@ def test_save_pruned_of_a_plan_that_removed_nothing_still_saves(tmp_path):
 
 
 def _prune_cli(ws, *args: str) -> int:
-    return main(["prune", "--model", DEMO, "--data", "data.pt", "--quiet", "--ratio", "0.5", *args])
+    data = [] if "--data" in args else ["--data", "data.pt"]
+    return main(["prune", "--model", DEMO, *data, "--quiet", "--ratio", "0.5", *args])
 
 
 @pytest.fixture()
@@ -226,3 +227,45 @@ def test_recover_counts_the_samples_of_data_without_len():
         assert result.train_samples == 21 and result.held_out_samples == 4
     with pytest.raises(UserError, match=r"train_data is a tuple: it must be a data set .*TensorDataset\(x, y\)"):
         recover(pruned, model, (x, y), epochs=1, progress=False)
+
+
+# -- data functions returning (x, y) tensors; a .pt file of (x, y, extra) --------------------------
+
+
+def pair_data():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def dict_data():
+    x, y = pair_data()
+    return {"x": x, "y": y}
+
+
+def generator_data():
+    x, y = pair_data()
+    yield from zip(x, y, strict=True)
+
+
+@pytest.mark.parametrize("function", ["pair_data", "dict_data"])
+def test_a_data_function_returning_x_and_y_tensors_is_read_like_a_pt_file(ws, capsys, function):
+    # (x, y) was read as a data set of two items: "the model failed on an input from --data (shape (1, 16, 1, 8, 8))"
+    torch.save(pair_data(), ws / "same.pt")
+    assert _prune_cli(ws, "--data", f"test_faults_4:{function}", "--out", "o") == 0, capsys.readouterr().err
+    assert _prune_cli(ws, "--data", "same.pt", "--out", "o2") == 0
+    a, b = (json.loads((ws / o / "report.json").read_text()) for o in ("o", "o2"))
+    assert a["params_after"] == b["params_after"] and a["accuracy_after"] == b["accuracy_after"]
+
+
+def test_a_data_function_returning_a_generator_says_what_to_return(ws, capsys):
+    assert _prune_cli(ws, "--data", "test_faults_4:generator_data", "--out", "o") == 2
+    err = capsys.readouterr().err
+    assert "returned a generator, not a map-style torch Dataset" in err and "TensorDataset(x, y)" in err
+
+
+def test_a_pt_file_of_three_tensors_says_it_wants_two(ws, capsys):
+    x, y = pair_data()
+    torch.save((x, y, y.float()), ws / "triple.pt")
+    assert _prune_cli(ws, "--data", "triple.pt", "--out", "o") == 2
+    assert "'triple.pt' holds a tuple of 3 tensors; expected (x, y)" in capsys.readouterr().err
+    assert not (ws / "o").exists()
