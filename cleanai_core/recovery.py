@@ -43,7 +43,7 @@ from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, eval_mode
 from cleanai_core.model_state import copy_model
 from cleanai_core.options import check_not_meta, check_switches
-from cleanai_core.runtime import checked_device, find_logits, label_indices, not_class_labels
+from cleanai_core.runtime import checked_device, find_logits, label_indices, not_class_labels, unused_key_hint
 
 __all__ = [
     "RecoveryResult",
@@ -214,7 +214,8 @@ def _forward(model: nn.Module, inputs: Any, forward_fn: Callable | None, what: s
         shapes = [tuple(t.shape) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
         raise UserError(
             f"the {what} failed on a batch (input shape(s) {shapes}): {type(exc).__name__}: {str(exc)[:200]}. "
-            "Give training and held-out batches shaped like the model's inputs, all of one shape"
+            "Give training and held-out batches shaped like the model's inputs, all of one shape."
+            + unused_key_hint(exc, inputs)
         ) from None
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "split_batch",
     "to_channels_last",
     "total_batches",
+    "unused_key_hint",
 ]
 
 
@@ -294,7 +295,26 @@ def not_class_labels(y: torch.Tensor) -> str:
     )
 
 
+def unused_key_hint(exc: BaseException, inputs: Any) -> str:
+    """A sentence when a dict batch holds a key the model's forward does not take (an index or
+    a file name beside the input): ``TypeError: forward() got an unexpected keyword argument``,
+    which the advice about batch shapes did not explain."""
+    import re
+
+    found = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+    if not isinstance(exc, TypeError) or not isinstance(inputs, dict) or found is None:
+        return ""
+    return (
+        f" The batches hold the key {found.group(1)!r}, which the model's forward does not take: leave it out of "
+        f"the batches (the keys {', '.join(map(repr, LABEL_KEYS))} are read as labels) or pass forward_fn=."
+    )
+
+
 # -- batches ---------------------------------------------------------------------------------
+
+
+#: the keys of a dict batch that hold its labels (:func:`split_batch`)
+LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -309,7 +329,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         target = None
         inputs = {}
         for k, v in batch.items():
-            if k in ("label", "labels", "y", "target", "targets"):
+            if k in LABEL_KEYS:
                 target = v
             else:
                 inputs[k] = v

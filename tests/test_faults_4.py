@@ -269,3 +269,29 @@ def test_a_pt_file_of_three_tensors_says_it_wants_two(ws, capsys):
     assert _prune_cli(ws, "--data", "triple.pt", "--out", "o") == 2
     assert "'triple.pt' holds a tuple of 3 tensors; expected (x, y)" in capsys.readouterr().err
     assert not (ws / "o").exists()
+
+
+# -- dict batches with a key the model does not take ------------------------------------------------
+
+
+class _TakesX(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _digits()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_a_dict_batch_key_the_model_does_not_take_is_named_with_the_fix():
+    # the advice was about batch shapes only, after "forward() got an unexpected keyword argument 'idx'"
+    model = _TakesX().eval()
+    items = [{"x": x, "y": i % 10, "idx": i} for i, x in enumerate(torch.rand(8, 1, 8, 8))]
+    loader = DataLoader(items, batch_size=4)
+    hint = r"The batches hold the key 'idx', which the model's forward does not take: leave it out"
+    pruner = StructuredPruner(model, {"x": X}, pruning_ratio=0.5)
+    with pytest.raises(UserError, match=r"calibration batch 0 .*" + hint):
+        pruner.collect_activations(loader)
+    pruned = StructuredPruner(model, {"x": X}, importance="magnitude", pruning_ratio=0.5).prune()
+    with pytest.raises(UserError, match=r"the pruned model failed on a batch .*" + hint):
+        recover(pruned, model, loader, val_data=loader, epochs=1, progress=False)
