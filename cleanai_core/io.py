@@ -26,7 +26,15 @@ from torch import nn
 
 from cleanai_core import __version__
 from cleanai_core.errors import UserError
-from cleanai_core.out_folder import INSIDE, TrackedWriter, current_umask, snapshot, staged_folder, target_of
+from cleanai_core.out_folder import (
+    INSIDE,
+    TrackedWriter,
+    current_umask,
+    holds_the_working_folder,
+    snapshot,
+    staged_folder,
+    target_of,
+)
 
 # options that shape the architecture (everything else, like data paths, is left out)
 from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION, arch_option_problem, module_settings
@@ -122,6 +130,11 @@ def save_pruned(
         )
     if out.exists() and not out.is_dir():
         raise UserError(f"{str(out)!r} is a file; give a folder path to save_pruned().")
+    if holds_the_working_folder(out):  # the swap left the process in a deleted folder (os.getcwd() failed)
+        raise UserError(
+            f"save_pruned: {str(out)!r} is the current folder, a parent of it or your home; the folder is replaced "
+            "as a whole, so give a folder of its own (e.g. 'pruned/')."
+        )
     options = _checked_options(options)
     problem = _before_its_history(model, history)
     if problem:  # the folder was written, and load_pruned then called it damaged or tampered with

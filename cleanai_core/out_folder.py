@@ -82,6 +82,15 @@ def os_error(exc: OSError, folder: Path, doing: str = "write the result to") -> 
     )
 
 
+def holds_the_working_folder(out: Path) -> bool:
+    """Whether ``out`` is the current folder, a parent of it or the home folder: replacing it
+    would leave the process (and the user's shell) in a deleted folder."""
+    if not out.exists():
+        return False
+    folder, cwd = out.resolve(), Path.cwd().resolve()
+    return folder == cwd or folder in cwd.parents or folder == Path.home().resolve()
+
+
 def is_mount(target: Path) -> bool:
     """Whether ``target`` is a folder on another device than its parent (a mount point,
     such as a container volume): it cannot be renamed, so work happens inside it."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -295,3 +296,25 @@ def test_a_dict_batch_key_the_model_does_not_take_is_named_with_the_fix():
     pruned = StructuredPruner(model, {"x": X}, importance="magnitude", pruning_ratio=0.5).prune()
     with pytest.raises(UserError, match=r"the pruned model failed on a batch .*" + hint):
         recover(pruned, model, loader, val_data=loader, epochs=1, progress=False)
+
+
+# -- save_pruned into the current folder ------------------------------------------------------------------
+
+
+def test_save_pruned_refuses_the_current_folder_its_parents_and_home(tmp_path, monkeypatch):
+    # the folder was swapped for the staged one: the process was left in a deleted folder (os.getcwd() failed)
+    pruner = StructuredPruner(_digits(), X, importance="magnitude", pruning_ratio=0.5)
+    pruned = pruner.prune()
+    work = tmp_path / "work" / "inner"
+    work.mkdir(parents=True)
+    (work / "mine.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    for out in (".", work, tmp_path / "work", tmp_path / "home"):
+        with pytest.raises(UserError, match="is the current folder, a parent of it or your home"):
+            save_pruned(out, pruned, pruner.history, MODEL_SPEC)
+    assert os.getcwd() == str(work) and sorted(p.name for p in work.iterdir()) == ["mine.txt"]
+    assert list((tmp_path / "home").iterdir()) == []
+    save_pruned("pruned", pruned, pruner.history, MODEL_SPEC)  # a folder of its own, inside the current one
+    assert torch.equal(load_pruned(work / "pruned")(X), pruned(X))
