@@ -318,3 +318,14 @@ def test_save_pruned_refuses_the_current_folder_its_parents_and_home(tmp_path, m
     assert list((tmp_path / "home").iterdir()) == []
     save_pruned("pruned", pruned, pruner.history, MODEL_SPEC)  # a folder of its own, inside the current one
     assert torch.equal(load_pruned(work / "pruned")(X), pruned(X))
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])
+def test_a_history_replays_on_a_wrapped_fresh_model(wrap):
+    # said "this history does not fit the model ... no plugin claims module 'features.0'"
+    pruner = StructuredPruner(_digits(), X, importance="magnitude", pruning_ratio=0.5)
+    pruned = pruner.prune()
+    fresh = _digits()
+    wrapped = wrap(fresh)
+    assert pruner.history.replay(wrapped) is wrapped
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in pruned.parameters()]
