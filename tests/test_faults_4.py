@@ -1,5 +1,8 @@
 """Fourth round of bad input and edge cases (docs/reliability.md): models wrapped by
-``torch.compile`` or ``DataParallel``."""
+``torch.compile`` or ``DataParallel``, ``save_pruned`` of a model its history did not make
+or into the current folder, integer inputs, saved folders and compiled weights on the
+command line, data functions returning ``(x, y)``, float labels and data without ``len()``
+in ``recover``, and dict batches with keys the model does not take."""
 
 from __future__ import annotations
 
