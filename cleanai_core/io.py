@@ -290,6 +290,14 @@ def load_pruned(
     check_switches(trust_model=trust_model, trust_code=trust_code)  # trust_code="false" ran the folder's code
     # a bad map_location, or cuda on a machine without one, was blamed on a damaged model.pt
     map_location = checked_device(map_location, "map_location=")
+    if not out.exists():  # said "has no architecture.json"
+        raise UserError(f"{str(out)!r} does not exist; give a folder written by `cleanai prune` or save_pruned().")
+    if not out.is_dir():  # a file of the folder (its model.pt) said "has no architecture.json"
+        parent = out.parent if (out.parent / "architecture.json").is_file() else None
+        raise UserError(
+            f"{str(out)!r} is a file; give the folder written by `cleanai prune` or save_pruned()"
+            + (f": load_pruned({str(parent)!r})." if parent is not None else ".")
+        )
     for name in ("architecture.json", "history.json", "model.pt"):
         if not (out / name).is_file():
             raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")

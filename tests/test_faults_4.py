@@ -332,3 +332,14 @@ def test_a_history_replays_on_a_wrapped_fresh_model(wrap):
     wrapped = wrap(fresh)
     assert pruner.history.replay(wrapped) is wrapped
     assert [p.shape for p in fresh.parameters()] == [p.shape for p in pruned.parameters()]
+
+
+def test_load_pruned_of_a_file_or_a_missing_path_says_which(tmp_path):
+    # each said "'...' has no architecture.json"
+    pruner = StructuredPruner(_digits(), X, importance="magnitude", pruning_ratio=0.5)
+    save_pruned(tmp_path / "o", pruner.prune(), pruner.history, MODEL_SPEC)
+    folder = str(tmp_path / "o")
+    with pytest.raises(UserError, match=rf"model.pt' is a file; give the folder .*: load_pruned\('{folder}'\)"):
+        load_pruned(tmp_path / "o" / "model.pt")
+    with pytest.raises(UserError, match=r"'.*nope' does not exist; give a folder written by"):
+        load_pruned(tmp_path / "nope")
