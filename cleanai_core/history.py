@@ -83,7 +83,7 @@ class PruningHistory:
 
         if not isinstance(model, nn.Module):
             raise UserError(f"replay needs the unpruned torch.nn.Module, got {type(model).__name__}")
-        given, model = model, self._target(model)
+        given, model = model, self.described(model)
         work = copy_model(model)
         for i, step in enumerate(self.steps):
             check_shapes(self, i, work)
@@ -110,10 +110,10 @@ class PruningHistory:
         transplant(model, work)
         return given
 
-    def _target(self, model: nn.Module) -> nn.Module:
+    def described(self, model: nn.Module) -> nn.Module:
         """``model``, or the module its ``torch.compile`` / ``DataParallel`` wrapper runs where
-        the history names that module's layers (recorded on the unwrapped model, it said the
-        history "does not fit" the wrapped one)."""
+        the history names that module's layers and not the wrapper's (recorded on the
+        unwrapped model, replay said the history "does not fit" the wrapped one)."""
         from cleanai_core.options import bare_module
 
         names = {e.module for step in self.steps for e in step if e.module}

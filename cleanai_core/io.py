@@ -109,16 +109,16 @@ def save_pruned(
     :param options: loader options that shape the architecture (``num_classes``...).
 
     A ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel`` wrapper is saved
-    as the module it wraps (what ``load_pruned`` rebuilds).
+    as the module it wraps where the history names that module's layers (what
+    ``load_pruned`` rebuilds and returns).
     """
     from cleanai_core.history import PruningHistory
-    from cleanai_core.options import bare_module, check_switches
+    from cleanai_core.options import check_switches
 
     out = _folder_arg(out_dir, "save_pruned")
     check_switches(save_pickle=save_pickle)  # "no" pickled the model
     if not isinstance(model, nn.Module):
         raise UserError(f"save_pruned needs the pruned torch.nn.Module, got {type(model).__name__}")
-    model = bare_module(model)  # a compiled or DataParallel model's tensors were saved under '_orig_mod.'/'module.'
     if not isinstance(history, PruningHistory):  # "nope" was written as history.json, a folder nothing could load
         raise UserError(
             f"save_pruned needs the PruningHistory of the prune (pruner.history), got {type(history).__name__}"
@@ -136,6 +136,9 @@ def save_pruned(
             "as a whole, so give a folder of its own (e.g. 'pruned/')."
         )
     options = _checked_options(options)
+    # the module the history names: a compiled or DataParallel model's tensors were saved under '_orig_mod.' /
+    # 'module.', which the rebuilt model did not have (a wrapper the history was recorded on stays)
+    model = history.described(model)
     problem = _before_its_history(model, history)
     if problem:  # the folder was written, and load_pruned then called it damaged or tampered with
         raise UserError(f"save_pruned: {problem}. Nothing was written.")
@@ -322,6 +325,7 @@ def load_pruned(
             f"{str(out / 'architecture.json')!r}: no installed loader can rebuild {spec!r}; install the plugin or "
             "package that provides it."
         )
+    model = history.described(model)  # a factory returning torch.compile(model): the module it wraps
     replay_history(history, model, out / "history.json", pm)
     state = read_state(out / "model.pt", model, map_location)
     model.to(map_location)
