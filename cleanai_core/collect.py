@@ -53,6 +53,7 @@ from cleanai_core.runtime import (
     runs_the_same,
     same_layout,
     to_channels_last,
+    unused_key_hint,
 )
 from cleanai_core.verify import output_leaves
 
@@ -265,7 +266,8 @@ def model_failure(index: int, inputs: Any) -> Iterator[None]:
         raise UserError(
             f"the model failed on calibration batch {index} (input shape {_shapes(inputs)}): "
             f"{type(exc).__name__}: {str(exc)[:300]}. Give calibration batches shaped like example_inputs, with "
-            "the batch as the first dimension (a DataLoader over the dataset, not the dataset itself)"
+            "the batch as the first dimension (a DataLoader over the dataset, not the dataset itself)."
+            + unused_key_hint(exc, inputs)
         ) from exc
 
 

@@ -246,11 +246,14 @@ class GradualPruner:
             if key in pruner_options:
                 raise UserError(f"GradualPruner sets {key} itself from the schedule; remove it from the options")
         self.model, self.example_inputs, self.optimizer = model, example_inputs, optimizer
+        # a torch.compile wrapper: the steps prune the module it runs (step() returns the wrapper; through it,
+        # each step's tracing and calibration ran TorchDynamo, and the replayed history did not find its names)
+        self.net = options.compiled_inner(model)
         self.schedule, self.by, self.options = schedule, by, pruner_options
         self.refresh_bn = refresh_bn
         self.steps_done = 0
         try:
-            self.base_flops = count_flops(model, example_inputs, pruner_options.get("forward_fn"))
+            self.base_flops = count_flops(self.net, example_inputs, pruner_options.get("forward_fn"))
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:
             if isinstance(exc, UserError):
                 raise
@@ -267,7 +270,7 @@ class GradualPruner:
     def _increment(self) -> dict[str, float]:
         removed = self.schedule.removed_after(self.steps_done + 1)
         if self.by == "flops":
-            share = count_flops(self.model, self.example_inputs, self.options.get("forward_fn")) / self.base_flops
+            share = count_flops(self.net, self.example_inputs, self.options.get("forward_fn")) / self.base_flops
             return {"target_flops": min(max((1.0 - removed) / share, 1e-6), 1.0 - 1e-6)}
         before = self.schedule.removed_after(self.steps_done) if self.steps_done else 0.0
         return {"pruning_ratio": 1.0 - (1.0 - removed) / (1.0 - before)}
@@ -281,11 +284,11 @@ class GradualPruner:
         # each module's own mode (a frozen BatchNorm inside a training model stays in eval mode;
         # model.train(training) switched it back to train mode); the step under the user's
         # inference_mode made the parameters inference tensors, which training cannot use
-        modes = {name: m.training for name, m in self.model.named_modules()}
+        modes = {name: m.training for name, m in self.net.named_modules()}
         with torch.inference_mode(False):
             self._step(data, num_batches)
-        for name, m in self.model.named_modules():
-            m.training = modes.get(name, self.model.training)
+        for name, m in self.net.named_modules():
+            m.training = modes.get(name, self.net.training)
         return self.model, self.optimizer
 
     def _step(self, data: Any, num_batches: int | None) -> None:
@@ -299,18 +302,18 @@ class GradualPruner:
             self.histories.append(PruningHistory())
             self.steps_done += 1
             return
-        if self.refresh_bn and norms_with_running_stats(self.model):
+        if self.refresh_bn and norms_with_running_stats(self.net):
             if iter(data) is data:  # a one-shot iterator: keep its batches for both reads
                 data, num_batches = list(iterate(data, num_batches)), None
-            reestimate_batchnorm(self.model, iterate(data, num_batches), self._run)
-        pruner = StructuredPruner(self.model, self.example_inputs, inplace=True, **self._increment(), **self.options)
+            reestimate_batchnorm(self.net, iterate(data, num_batches), self._run)
+        pruner = StructuredPruner(self.net, self.example_inputs, inplace=True, **self._increment(), **self.options)
         pruner.collect_activations(data, num_batches=num_batches, progress=False)
-        old_params = dict(self.model.named_parameters())
-        tagged = position_tagged_copy(self.model)  # the step's edits replay on it: the kept indices
+        old_params = dict(self.net.named_parameters())
+        tagged = position_tagged_copy(self.net)  # the step's edits replay on it: the kept indices
         pruner.prune()
         kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
         del tagged
-        slice_optimizer(self.optimizer, old_params, dict(self.model.named_parameters()), kept)
+        slice_optimizer(self.optimizer, old_params, dict(self.net.named_parameters()), kept)
         self.histories.append(pruner.history)
         self.steps_done += 1
 
@@ -327,7 +330,7 @@ class GradualPruner:
             "schedule": attrs.asdict(self.schedule),
             "by": self.by,
             "histories": [h.to_json() for h in self.histories],
-            "shapes": {n: list(p.shape) for n, p in self.model.named_parameters()},
+            "shapes": {n: list(p.shape) for n, p in self.net.named_parameters()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -351,18 +354,18 @@ class GradualPruner:
             )
         histories = [PruningHistory.from_json(h) for h in state["histories"]]
         want = {n: tuple(v) for n, v in state["shapes"].items()}
-        shapes = lambda: {n: tuple(p.shape) for n, p in self.model.named_parameters()}  # noqa: E731
+        shapes = lambda: {n: tuple(p.shape) for n, p in self.net.named_parameters()}  # noqa: E731
         if shapes() != want:
             if self.steps_done:
                 raise UserError("load_state_dict needs the pruner as built (no step taken yet)")
             with torch.inference_mode(False):
                 for history in histories:
-                    old_params = dict(self.model.named_parameters())
-                    tagged = position_tagged_copy(self.model)
-                    history.replay(self.model)
+                    old_params = dict(self.net.named_parameters())
+                    tagged = position_tagged_copy(self.net)
+                    history.replay(self.net)
                     kept = kept_indices(tagged, [e for step in history.steps for e in step])
                     del tagged
-                    slice_optimizer(self.optimizer, old_params, dict(self.model.named_parameters()), kept)
+                    slice_optimizer(self.optimizer, old_params, dict(self.net.named_parameters()), kept)
             if shapes() != want:
                 raise UserError(
                     "the checkpoint's pruning steps do not bring this model to the checkpoint's shapes: build the "
@@ -394,4 +397,4 @@ class GradualPruner:
 
     def flops_share(self) -> float:
         """FLOPs of the current model over those of the model given at the start."""
-        return count_flops(self.model, self.example_inputs, self.options.get("forward_fn")) / self.base_flops
+        return count_flops(self.net, self.example_inputs, self.options.get("forward_fn")) / self.base_flops

@@ -76,11 +76,14 @@ class PruningHistory:
 
         All or nothing: the steps run on a copy, which replaces ``model``'s state only when
         every step applied. A history that does not fit ``model`` (another architecture,
-        or a model already pruned) raises :class:`UserError` and leaves ``model`` as it was."""
+        or a model already pruned) raises :class:`UserError` and leaves ``model`` as it was.
+        A ``torch.compile`` or ``DataParallel`` wrapper of the architecture is pruned through
+        the module it wraps."""
         from cleanai_core.model_state import copy_model, transplant
 
         if not isinstance(model, nn.Module):
             raise UserError(f"replay needs the unpruned torch.nn.Module, got {type(model).__name__}")
+        given, model = model, self.described(model)
         work = copy_model(model)
         for i, step in enumerate(self.steps):
             check_shapes(self, i, work)
@@ -105,7 +108,20 @@ class PruningHistory:
                 w = module.weight
                 module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
         transplant(model, work)
-        return model
+        return given
+
+    def described(self, model: nn.Module) -> nn.Module:
+        """``model``, or the module its ``torch.compile`` / ``DataParallel`` wrapper runs where
+        the history names that module's layers and not the wrapper's (recorded on the
+        unwrapped model, replay said the history "does not fit" the wrapped one)."""
+        from cleanai_core.options import bare_module
+
+        names = {e.module for step in self.steps for e in step if e.module}
+        inner = bare_module(model)
+        if inner is model or not names:
+            return model
+        mods = lambda m: {n for n, _ in m.named_modules()}  # noqa: E731
+        return inner if not names <= mods(model) and names <= mods(inner) else model
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "meta": self.meta, "steps": [[e.to_json() for e in step] for step in self.steps]}

@@ -26,7 +26,15 @@ from torch import nn
 
 from cleanai_core import __version__
 from cleanai_core.errors import UserError
-from cleanai_core.out_folder import INSIDE, TrackedWriter, current_umask, snapshot, staged_folder, target_of
+from cleanai_core.out_folder import (
+    INSIDE,
+    TrackedWriter,
+    current_umask,
+    holds_the_working_folder,
+    snapshot,
+    staged_folder,
+    target_of,
+)
 
 # options that shape the architecture (everything else, like data paths, is left out)
 from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION, arch_option_problem, module_settings
@@ -99,6 +107,10 @@ def save_pruned(
     :param spec: how to rebuild the unpruned architecture: a ``--model`` spec such as
         ``timm:resnet18``, ``torchvision:resnet18`` or ``package.module:factory``.
     :param options: loader options that shape the architecture (``num_classes``...).
+
+    A ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel`` wrapper is saved
+    as the module it wraps where the history names that module's layers (what
+    ``load_pruned`` rebuilds and returns).
     """
     from cleanai_core.history import PruningHistory
     from cleanai_core.options import check_switches
@@ -118,7 +130,18 @@ def save_pruned(
         )
     if out.exists() and not out.is_dir():
         raise UserError(f"{str(out)!r} is a file; give a folder path to save_pruned().")
+    if holds_the_working_folder(out):  # the swap left the process in a deleted folder (os.getcwd() failed)
+        raise UserError(
+            f"save_pruned: {str(out)!r} is the current folder, a parent of it or your home; the folder is replaced "
+            "as a whole, so give a folder of its own (e.g. 'pruned/')."
+        )
     options = _checked_options(options)
+    # the module the history names: a compiled or DataParallel model's tensors were saved under '_orig_mod.' /
+    # 'module.', which the rebuilt model did not have (a wrapper the history was recorded on stays)
+    model = history.described(model)
+    problem = _before_its_history(model, history)
+    if problem:  # the folder was written, and load_pruned then called it damaged or tampered with
+        raise UserError(f"save_pruned: {problem}. Nothing was written.")
     if example_input_shape is not None and (
         not isinstance(example_input_shape, (list, tuple))
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in example_input_shape)
@@ -150,6 +173,45 @@ def save_pruned(
         if before:
             _carry_over(target, tmp, skip=OWN_FILES)
     return out
+
+
+def _before_its_history(model: nn.Module, history: Any) -> str | None:
+    """Why ``model`` is not what ``history`` made: the history's tensors are missing from it
+    (another model), or it has the shapes the history's last step slices from and that step
+    would change them (the model before pruning, e.g. the original instead of what
+    ``prune()`` returned). ``None`` when neither is seen."""
+    from cleanai_core.graph.context import tensor_name
+    from cleanai_core.history import shape_mismatch, shapes_sliced
+    from cleanai_core.model_state import copy_model
+    from cleanai_core.slicing import apply_edits
+
+    recorded = history._shapes()
+    have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    have |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    for i, shapes in enumerate(recorded):
+        missing = sorted(n for n in (shapes or {}) if tensor_name(n) not in have)
+        if missing:
+            return (
+                f"the history's step {i} slices {missing[0]}, which this model does not have; pass the model "
+                "this history was recorded with (what pruner.prune() returned, with pruner.history)"
+            )
+    last = max((i for i, step in enumerate(history.steps) if step and recorded[i]), default=None)
+    if last is None or shape_mismatch(history, last, model) is not None:
+        return None
+    try:  # the model has the shapes the last step slices from; does the step change them?
+        probe = copy_model(model)
+        apply_edits(probe, history.steps[last])
+        after = shapes_sliced(probe, history.steps[last])
+    except Exception:  # noqa: BLE001 - a history that does not apply is for load_pruned to name
+        return None
+    changed = next((n for n, shape in recorded[last].items() if after.get(n, shape) != shape), None)
+    if changed is None:
+        return None
+    return (
+        f"the model has the shapes the history's step {last} prunes from ({changed} is "
+        f"{tuple(recorded[last][changed])}, the step leaves {tuple(after[changed])}): it is the model before "
+        "pruning. Pass the pruned model (what pruner.prune() returned) with its pruner.history"
+    )
 
 
 def _checked_options(options: Any) -> dict[str, Any]:
@@ -231,6 +293,14 @@ def load_pruned(
     check_switches(trust_model=trust_model, trust_code=trust_code)  # trust_code="false" ran the folder's code
     # a bad map_location, or cuda on a machine without one, was blamed on a damaged model.pt
     map_location = checked_device(map_location, "map_location=")
+    if not out.exists():  # said "has no architecture.json"
+        raise UserError(f"{str(out)!r} does not exist; give a folder written by `cleanai prune` or save_pruned().")
+    if not out.is_dir():  # a file of the folder (its model.pt) said "has no architecture.json"
+        parent = out.parent if (out.parent / "architecture.json").is_file() else None
+        raise UserError(
+            f"{str(out)!r} is a file; give the folder written by `cleanai prune` or save_pruned()"
+            + (f": load_pruned({str(parent)!r})." if parent is not None else ".")
+        )
     for name in ("architecture.json", "history.json", "model.pt"):
         if not (out / name).is_file():
             raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")
@@ -255,6 +325,7 @@ def load_pruned(
             f"{str(out / 'architecture.json')!r}: no installed loader can rebuild {spec!r}; install the plugin or "
             "package that provides it."
         )
+    model = history.described(model)  # a factory returning torch.compile(model): the module it wraps
     replay_history(history, model, out / "history.json", pm)
     state = read_state(out / "model.pt", model, map_location)
     model.to(map_location)

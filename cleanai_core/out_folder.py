@@ -70,10 +70,25 @@ def os_error(exc: OSError, folder: Path, doing: str = "write the result to") -> 
     """A :class:`UserError` for an ``OSError`` met while writing ``folder``."""
     cause = _CAUSES.get(exc.errno or 0, exc.strerror or str(exc))
     where = f" ({exc.filename})" if exc.filename else ""
+    parent = target_of(folder).parent
+    if exc.errno == errno.ENOENT and not parent.exists():  # said "free space, fix the permissions"
+        return UserError(
+            f"cannot {doing} {str(folder)!r}: the folder {str(parent)!r} it goes in does not exist. Nothing was "
+            "written; create that folder first (mkdir -p) or choose another folder with --out."
+        )
     return UserError(
         f"cannot {doing} {str(folder)!r}: {cause}{where}. Nothing was changed there; free space, fix the "
         "permissions or choose another folder with --out."
     )
+
+
+def holds_the_working_folder(out: Path) -> bool:
+    """Whether ``out`` is the current folder, a parent of it or the home folder: replacing it
+    would leave the process (and the user's shell) in a deleted folder."""
+    if not out.exists():
+        return False
+    folder, cwd = out.resolve(), Path.cwd().resolve()
+    return folder == cwd or folder in cwd.parents or folder == Path.home().resolve()
 
 
 def is_mount(target: Path) -> bool:

@@ -50,7 +50,9 @@ class StructuredPruner:
         pruned_model = pruner.prune()
         print(pruner.report()["params_after"])
 
-    :param model: the trained model; not modified unless ``inplace=True``.
+    :param model: the trained model; not modified unless ``inplace=True``. A
+        ``torch.compile`` wrapper is pruned through the module it wraps: ``prune()`` returns
+        the pruned module (compile it again), with ``inplace=True`` the wrapper itself.
     :param example_inputs: one batch of inputs (tensor, tuple or dict) for tracing.
     :param importance: a criterion object or a registered name; default
         :class:`WeightActivationImportance`.
@@ -152,6 +154,9 @@ class StructuredPruner:
             )
         example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         options.check_example_inputs(example_inputs)
+        # a torch.compile wrapper: the work runs on the module it wraps; in place, prune() returns the
+        # wrapper (it recompiles for the new shapes), else the pruned module, to compile again
+        self._given, model = model, options.compiled_inner(model)
         self.model, self.example_inputs = model, example_inputs
         if isinstance(importance, str):
             importance = get_importance(importance)
@@ -473,7 +478,7 @@ class StructuredPruner:
         copy_modes(self.model, current)
         if self.inplace:
             transplant(self.model, current)
-            current = self.model
+            current = self._given
         self.pruned_model = current
         return current
 

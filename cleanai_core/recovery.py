@@ -43,7 +43,7 @@ from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, eval_mode
 from cleanai_core.model_state import copy_model
 from cleanai_core.options import check_not_meta, check_switches
-from cleanai_core.runtime import checked_device, find_logits
+from cleanai_core.runtime import checked_device, find_logits, label_indices, not_class_labels, unused_key_hint
 
 __all__ = [
     "RecoveryResult",
@@ -151,7 +151,7 @@ def distillation_loss(
         labels = tgt.reshape(-1)[keep]
     else:
         t = teacher_logits.float() if teacher_logits is not None else None
-        labels = target if isinstance(target, torch.Tensor) and not target.is_floating_point() else None
+        labels = class_targets(target)
     _check_logits(s, t, labels if ce_weight else None)
     loss = s.new_zeros(())
     if t is not None and kd_weight:
@@ -164,6 +164,27 @@ def distillation_loss(
     if labels is not None and ce_weight:
         loss = loss + ce_weight * F.cross_entropy(s, labels.to(s.device).long())  # int32 / bool labels raised
     return loss
+
+
+def class_targets(target: Any) -> torch.Tensor | None:
+    """The class labels of a batch's target for cross-entropy and accuracy: integer targets as
+    they are (also per position), floating ones as class indices where they are whole numbers
+    or one-hot rows (:func:`~cleanai_core.runtime.label_indices`). Other floating targets (soft
+    or fractional) get a ``RuntimeWarning`` and are not used: whole-number float labels were
+    dropped without a word, and recovery trained on the teacher alone."""
+    if not isinstance(target, torch.Tensor):
+        return None
+    if not target.is_floating_point():
+        return target
+    labels = label_indices(target) if target.dim() >= 1 else None
+    if labels is None:
+        warnings.warn(
+            f"recover: {not_class_labels(target)}; they are not used: the loss is the teacher's (KL) alone and the "
+            "held-out metric the agreement with the teacher",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return labels
 
 
 def _check_logits(s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor | None) -> None:
@@ -193,7 +214,8 @@ def _forward(model: nn.Module, inputs: Any, forward_fn: Callable | None, what: s
         shapes = [tuple(t.shape) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
         raise UserError(
             f"the {what} failed on a batch (input shape(s) {shapes}): {type(exc).__name__}: {str(exc)[:200]}. "
-            "Give training and held-out batches shaped like the model's inputs, all of one shape"
+            "Give training and held-out batches shaped like the model's inputs, all of one shape."
+            + unused_key_hint(exc, inputs)
         ) from None
 
 
@@ -213,9 +235,10 @@ def split_train_data(
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (the held-out share of train_data)")
     dataset = train_data.dataset if isinstance(train_data, DataLoader) else train_data
     if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
-        raise UserError(
-            "train_data must be a data set or a DataLoader over one (with len()), so that a held-out part can be "
-            "split from it; or pass val_data= (never the split that measures your accuracy)"
+        raise UserError(  # a list, a tensor or an (x, y) tuple was refused without saying what it was
+            f"train_data is a {type(train_data).__name__}: it must be a data set or a DataLoader over one (with "
+            "len()), so that a held-out part can be split from it (tensors: TensorDataset(x, y)); or pass val_data= "
+            "(never the split that measures your accuracy)"
         )
     n = len(dataset)
     n_val = max(1, int(round(n * val_fraction)))
@@ -253,16 +276,23 @@ def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, what: str = "t
     return data
 
 
-def _steps_per_epoch(loader: Any) -> int:
+def _steps_per_epoch(loader: Any) -> tuple[int, int | None]:
     """Batches in one pass over ``loader``: ``len()``, else counted by one pass (a
-    DataLoader over an IterableDataset has no length; the cosine schedule needs it)."""
+    DataLoader over an IterableDataset has no length; the cosine schedule needs it); with
+    the samples that pass saw (``None`` when it was not made)."""
+    samples = None
     try:
         n = len(loader)
     except TypeError:
-        n = sum(1 for _ in loader)
+        n = samples = 0
+        for batch in loader:
+            n += 1
+            inputs = split_batch(batch)[0]
+            first = next((t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)), None)
+            samples += int(first.shape[0]) if first is not None and first.dim() else 1
     if n == 0:
         raise UserError("the training part of train_data is empty: give at least one batch to train on")
-    return n
+    return n, samples
 
 
 def _size(data: Any) -> int:
@@ -325,8 +355,9 @@ def held_out_metric_and_loss(
                 tokens += float(mask.sum())
                 metric = "perplexity"
                 continue
-            if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dim() == 1:
-                ref, metric = target.to(device), "accuracy"
+            labels = class_targets(target)
+            if labels is not None and labels.dim() == 1:
+                ref, metric = labels.to(device), "accuracy"
             elif t_logits is not None:
                 ref, metric = t_logits.argmax(-1), "teacher_agreement"
             else:
@@ -547,7 +578,9 @@ def recover(
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
-    steps_per_epoch = _steps_per_epoch(train_loader)
+    steps_per_epoch, counted = _steps_per_epoch(train_loader)
+    if counted is not None and not n_train:  # an IterableDataset has no len(): train_samples said 0
+        n_train = counted
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, int(round(warmup_fraction * total))))
 

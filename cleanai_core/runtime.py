@@ -30,14 +30,17 @@ __all__ = [
     "find_logits",
     "inputs_for",
     "iterate",
+    "label_indices",
     "logits_of",
     "move_to",
+    "not_class_labels",
     "run_batch",
     "same_layout",
     "split_batch",
     "text_error",
     "to_channels_last",
     "total_batches",
+    "unused_key_hint",
 ]
 
 
@@ -283,6 +286,46 @@ def check_labels(out: Any, target: Any) -> torch.Tensor:
     return target.long()
 
 
+def label_indices(y: torch.Tensor) -> torch.Tensor | None:
+    """``y`` as class indices (int64): integers and booleans as they are, whole-number
+    floats, one-hot rows by their argmax; ``None`` when ``y`` is none of these. A single
+    column ``(N, 1)`` is a column of indices (it read as one-hot rows of one class: every
+    label 0)."""
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() == 2 and len(y) and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all()):
+        return y.argmax(1)
+    if y.dim() != 1:
+        return None
+    if y.is_floating_point():
+        return y.long() if bool(torch.isfinite(y).all()) and bool((y == y.round()).all()) else None
+    return y.long()
+
+
+def not_class_labels(y: torch.Tensor) -> str:
+    """Why ``y`` is not class labels, and what to give instead."""
+    what = "fractional or non-finite numbers" if y.is_floating_point() else "several columns that are not one-hot"
+    return (
+        f"the labels are not class indices ({what}, dtype {str(y.dtype).replace('torch.', '')}, shape "
+        f"{tuple(y.shape)}); for accuracy give integer labels 0..N-1 or one-hot rows"
+    )
+
+
+def unused_key_hint(exc: BaseException, inputs: Any) -> str:
+    """A sentence when a dict batch holds a key the model's forward does not take (an index or
+    a file name beside the input): ``TypeError: forward() got an unexpected keyword argument``,
+    which the advice about batch shapes did not explain."""
+    import re
+
+    found = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+    if not isinstance(exc, TypeError) or not isinstance(inputs, dict) or found is None:
+        return ""
+    return (
+        f" The batches hold the key {found.group(1)!r}, which the model's forward does not take: leave it out of "
+        f"the batches (the keys {', '.join(map(repr, LABEL_KEYS))} are read as labels) or pass forward_fn=."
+    )
+
+
 # -- batches ---------------------------------------------------------------------------------
 
 
@@ -308,6 +351,10 @@ def text_error(obj: Any, what: str) -> UserError | None:
     )
 
 
+#: the keys of a dict batch that hold its labels (:func:`split_batch`)
+LABEL_KEYS = ("label", "labels", "y", "target", "targets")
+
+
 def split_batch(batch: Any) -> tuple[Any, Any]:
     """``(inputs, target)`` from a batch: a tensor, an ``(x, y)`` pair or a dict (or another
     mapping: a tokenizer's ``BatchEncoding``). Text
@@ -325,7 +372,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         target = None
         inputs = {}
         for k, v in batch.items():
-            if k in ("label", "labels", "y", "target", "targets"):
+            if k in LABEL_KEYS:
                 target = v
             else:
                 inputs[k] = v

@@ -107,7 +107,7 @@ class ScoringContext:
     def energy(self, spec: SliceSpec, model: nn.Module | None = None) -> torch.Tensor | None:
         """Per index, the sum of squared weights touching it (from the layer pruner);
         for a bare tensor, its squared values summed over the other dimensions."""
-        model = model or self.model
+        model = self.model if model is None else model
         key = (spec.module, spec.name)
         if model is self.model and key in self._energy:
             return self._energy[key]

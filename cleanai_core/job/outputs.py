@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanai_core.errors import UserError
+from cleanai_core.out_folder import holds_the_working_folder
 
 __all__ = ["check_out_dir", "guard_out"]
 
@@ -44,7 +45,7 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_mark
     (files, folders, or the source of a ``package.module:factory`` spec)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a folder path.")
-    if out.exists() and (_is_within(Path.cwd(), out) or out.resolve() == Path.home().resolve()):
+    if holds_the_working_folder(out):
         raise UserError(f"--out {str(out)!r} is the current folder, a parent of it or your home; give a new folder.")
     for item in [p for spec in inputs for p in [spec, *_spec_sources(spec)]]:
         if not item or not Path(item).exists():

@@ -217,7 +217,8 @@ def _execute(
         shape = tuple(example.shape) if isinstance(example, torch.Tensor) else "dict"
         raise UserError(
             f"the model failed on an input from --data (shape {shape}): {type(exc).__name__}: {str(exc)[:300]}. "
-            "Check that the data matches what the model expects (channels, image size, --num-classes)."
+            f"{_input_dtype_hint(example, model)}Check that the data matches what the model expects (channels, "
+            "image size, --num-classes)."
         ) from exc
 
     importance_opts: dict[str, Any] = {}
@@ -343,3 +344,18 @@ def _execute(
             + (f", {report['tokenizer_folder']}/" if report.get("tokenizer_folder") else "")
         )
     return report
+
+
+def _input_dtype_hint(example: Any, model: torch.nn.Module) -> str:
+    """A sentence when the inputs are integers or booleans and the model computes in floating
+    point (int8 / int64 / bool images failed with "expected scalar type Char but found Float"
+    and the advice named channels and image size; uint8 images are scaled to [0, 1] already)."""
+    t = example if isinstance(example, torch.Tensor) else None
+    p = next((q for q in model.parameters() if q.is_floating_point()), None)
+    if t is None or t.is_floating_point() or p is None:
+        return ""
+    return (
+        f"The inputs are {str(t.dtype).replace('torch.', '')} values but the model computes in "
+        f"{str(p.dtype).replace('torch.', '')}: save floating-point inputs (e.g. x.float(), divided by 255 for "
+        "8-bit pixel values) or uint8 images (scaled to [0, 1] when read). "
+    )

@@ -5,8 +5,9 @@
 - an ``.npz`` file with arrays ``x`` (and optionally ``y``); uint8 inputs are divided by
   255, or by the scalar array ``x_max`` when the file holds one (the packaged digits are
   0-16 and say so),
-- ``package.module:function`` returning a ``torch.utils.data.Dataset`` (only with
-  ``options["trust_code"]``, as for models).
+- ``package.module:function`` returning a ``torch.utils.data.Dataset``, or ``(x, y)`` /
+  ``{"x": ..., "y": ...}`` tensors as in a ``.pt`` file (only with ``options["trust_code"]``,
+  as for models).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from torch.utils.data import Dataset, TensorDataset
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
+from cleanai_core.runtime import label_indices, not_class_labels
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
 log = logging.getLogger("cleanai")
 
 DATA_FORMS = (
     "an image folder with one sub-folder per class, a .pt file holding (x, y) / {'x', 'y'} / a tensor / "
-    "a TensorDataset, an .npz file with arrays x and y, or package.module:function returning a Dataset"
+    "a TensorDataset, an .npz file with arrays x and y, or package.module:function returning a Dataset or (x, y)"
 )
 
 # ---------------------------------------------------------------------------
@@ -224,31 +226,6 @@ def class_labels(y: Any, source: str) -> torch.Tensor:
     return idx
 
 
-def label_indices(y: torch.Tensor) -> torch.Tensor | None:
-    """``y`` as class indices (int64): integers and booleans as they are, whole-number
-    floats, one-hot rows by their argmax; ``None`` when ``y`` is none of these. A single
-    column ``(N, 1)`` is a column of indices (it read as one-hot rows of one class: every
-    label 0)."""
-    if y.dim() == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.dim() == 2 and len(y) and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all()):
-        return y.argmax(1)
-    if y.dim() != 1:
-        return None
-    if y.is_floating_point():
-        return y.long() if bool(torch.isfinite(y).all()) and bool((y == y.round()).all()) else None
-    return y.long()
-
-
-def not_class_labels(y: torch.Tensor) -> str:
-    """Why ``y`` is not class labels, and what to give instead."""
-    what = "fractional or non-finite numbers" if y.is_floating_point() else "several columns that are not one-hot"
-    return (
-        f"the labels are not class indices ({what}, dtype {str(y.dtype).replace('torch.', '')}, shape "
-        f"{tuple(y.shape)}); for accuracy give integer labels 0..N-1 or one-hot rows"
-    )
-
-
 def _load_pt(path: Path) -> Dataset:
     try:
         with torch.serialization.safe_globals([TensorDataset]):
@@ -261,29 +238,40 @@ def _load_pt(path: Path) -> Dataset:
             "damaged. Save plain tensors: "
             "torch.save((x, y), path) or torch.save({'x': x, 'y': y}, path)."
         ) from exc
+    return _from_object(obj, str(path))
+
+
+def _from_object(obj: Any, source: str) -> Dataset:
+    """The data set a ``.pt`` file (or a data function) holds: a ``TensorDataset``, a
+    tensor, ``(x, y)`` or ``{'x': x, 'y': y}``."""
     if isinstance(obj, TensorDataset):
         tensors = obj.tensors
-        return _from_tensors(tensors[0], tensors[1] if len(tensors) > 1 else None, str(path))
+        return _from_tensors(tensors[0], tensors[1] if len(tensors) > 1 else None, source)
     if isinstance(obj, torch.Tensor):
-        return _from_tensors(obj, None, str(path))
+        return _from_tensors(obj, None, source)
     if isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 2:
-        return _from_tensors(obj[0], obj[1] if len(obj) > 1 else None, str(path))
+        return _from_tensors(obj[0], obj[1] if len(obj) > 1 else None, source)
+    if isinstance(obj, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in obj):  # (x, y, extra) said no more
+        raise UserError(
+            f"{source!r} holds a {type(obj).__name__} of {len(obj)} tensors; expected (x, y): inputs and "
+            "labels only (e.g. torch.save((x, y), path))."
+        )
     if isinstance(obj, dict):
         for xk, yk in (("x", "y"), ("inputs", "labels"), ("data", "targets"), ("images", "labels")):
             if xk in obj:
-                return _from_tensors(obj[xk], obj.get(yk), str(path))
+                return _from_tensors(obj[xk], obj.get(yk), source)
         if (
             obj
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
             and any(k.endswith((".weight", ".bias")) for k in obj)
         ):
             raise UserError(
-                f"{str(path)!r} holds a model's state_dict (weights), not data; pass it as --weights and give the "
+                f"{source!r} holds a model's state_dict (weights), not data; pass it as --weights and give the "
                 "data as (x, y) tensors: torch.save((x, y), path)."
             )
         keys = sorted(map(str, obj))[:10]
-        raise UserError(f"{str(path)!r} holds a dict with keys {keys}; expected keys 'x' and 'y'.")
-    raise UserError(f"{str(path)!r} holds a {type(obj).__name__}; expected {DATA_FORMS}.")
+        raise UserError(f"{source!r} holds a dict with keys {keys}; expected keys 'x' and 'y'.")
+    raise UserError(f"{source!r} holds a {type(obj).__name__}; expected {DATA_FORMS}.")
 
 
 def _image_transform(options: dict[str, Any]):
@@ -373,10 +361,25 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
         raise UserError(f"data file {spec!r}: {suffix or 'no extension'} is not supported; give {DATA_FORMS}.")
     if _FACTORY_RE.match(spec):
         ds = call_spec(spec, "data function", {}, options)
+        if isinstance(ds, dict) and any(k in ds for k in ("x", "inputs", "data", "images")) or _is_pair(ds):
+            # (x, y) tensors were read as a data set of two items: "the model failed on an input (shape (1, 16, ...))"
+            return _from_object(ds, spec)
         if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
-            raise UserError(f"{spec} returned a {type(ds).__name__}, not a map-style torch Dataset.")
+            raise UserError(  # said no more: an IterableDataset or a generator needs to be made indexable
+                f"{spec} returned a {type(ds).__name__}, not a map-style torch Dataset: the data is split into "
+                "calibration and held-out parts by index, so it needs len() and [i]; return TensorDataset(x, y), "
+                "(x, y) tensors or a list of (input, label) samples (e.g. list(your_iterable))."
+            )
         return ds
     return None
+
+
+def _is_pair(obj: Any) -> bool:
+    """Whether ``obj`` is ``(x, y)``: inputs with a batch dimension and one label (or row) per input."""
+    if not (isinstance(obj, tuple) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)):
+        return False
+    x, y = obj
+    return x.dim() >= 2 and 1 <= y.dim() <= 2 and len(x) == len(y)
 
 
 @hookimpl(trylast=True)

@@ -95,10 +95,27 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
+def _saved_folder_note(path: Path) -> str:
+    """A sentence for a folder written by ``cleanai prune`` / ``save_pruned`` given as a model or weights."""
+    if not all((path / n).is_file() for n in ("architecture.json", "history.json", "model.pt")):
+        return ""
+    return (
+        f" The folder {str(path)!r} was written by `cleanai prune` or save_pruned() and holds a pruned model, whose "
+        "model.pt does not fit the unpruned architecture: rebuild it in Python with "
+        f"cleanai_core.io.load_pruned({str(path)!r}) (and prune that model further with StructuredPruner)."
+    )
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a ``state_dict`` safely (``weights_only=True``); unwrap ``{"state_dict": ...}``
-    and ``{"model": ...}`` checkpoints and a ``module.`` prefix from DataParallel."""
+    and ``{"model": ...}`` checkpoints and the ``module.`` prefix of DataParallel and the
+    ``_orig_mod.`` prefix of ``torch.compile``."""
     path = Path(path)
+    if path.is_dir():  # said "does not exist"
+        raise UserError(
+            f"weights file {str(path)!r} is a folder; give the file torch.save(model.state_dict(), path) "
+            f"wrote.{_saved_folder_note(path)}"
+        )
     if not path.is_file():
         raise UserError(f"weights file {str(path)!r} does not exist.")
     if _is_torchscript(path):
@@ -127,9 +144,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{str(path)!r} does not hold a state_dict (a dict of parameter names to tensors).")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return obj
+    # the prefixes of DataParallel / DistributedDataParallel and of torch.compile (a compiled model's
+    # state_dict named every tensor '_orig_mod.*' and did not fit the architecture), in any nesting
+    while True:
+        prefix = next((p for p in ("module.", "_orig_mod.") if obj and all(k.startswith(p) for k in obj)), None)
+        if prefix is None:
+            return obj
+        obj = {k[len(prefix) :]: v for k, v in obj.items()}
 
 
 def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
@@ -139,6 +160,7 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
         raise UserError(
             f"the weights in {weights!r} do not fit {spec!r}: " + "; ".join(parts) + ". "
             "Use the architecture the weights were trained with (and --num-classes if the head differs)."
+            + _saved_folder_note(Path(weights).parent)
         )
     try:
         model.load_state_dict(state, strict=True)
@@ -180,11 +202,12 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
         ) from None
     else:
         if isinstance(obj, dict):
+            saved = _saved_folder_note(path.parent)
             raise UserError(
-                f"{str(path)!r} holds a state_dict (weights only, no architecture). Give the architecture "
-                f"with --model timm:NAME / torchvision:NAME / package.module:factory and pass this file "
-                f"as --weights {path}."
-            )
+                f"{str(path)!r} holds a state_dict (weights only, no architecture)."
+                + (saved or " Give the architecture with --model timm:NAME / torchvision:NAME / "
+                   f"package.module:factory and pass this file as --weights {path}.")
+            )  # fmt: skip
         raise UserError(
             f"{str(path)!r} holds a {type(obj).__name__} (plain data), not a model. Give the model as {MODEL_FORMS}."
         )
@@ -238,7 +261,9 @@ def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     elif path.exists():
         if path.is_dir():
-            raise UserError(f"--model {spec!r} is a folder; give a model file or a spec ({MODEL_FORMS}).")
+            raise UserError(
+                f"--model {spec!r} is a folder; give a model file or a spec ({MODEL_FORMS}).{_saved_folder_note(path)}"
+            )
         model = _load_model_file(path, options)
         if options.get("weights"):
             _apply_weights(model, options["weights"], spec)
