@@ -634,3 +634,32 @@ def test_layer_and_group_norms_written_with_the_functional_api_prune_like_the_mo
     with pytest.warns(RuntimeWarning, match=r"fails to run: RuntimeError: Expected weight .* normalized_shape"):
         literal = _prune(_seeded(FunctionalNorms, literal=True).eval(), x)
     assert (literal.w.shape, literal.fc1.out_features, literal.gw.shape) == ((16,), 16, (4,))
+
+
+class CausalMaskBuffer(nn.Module):
+    """OpenAI GPT's causal mask: a ``(1, 1, n_ctx, n_ctx)`` buffer cut to the input's length
+    (``bias[:, :, :T, :T]``), whose bounds the trace sees as constants."""
+
+    def __init__(self, n_ctx: int = 16, width: int = 8) -> None:
+        super().__init__()
+        self.qk = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.register_buffer("bias", torch.tril(torch.ones(n_ctx, n_ctx)).view(1, 1, n_ctx, n_ctx))
+
+    def forward(self, x):
+        t = x.shape[1]
+        q, k = self.qk(x).chunk(2, dim=-1)
+        w = (q @ k.transpose(-1, -2)).unsqueeze(1)
+        w = w * self.bias[:, :, :t, :t] - 1e4 * (1 - self.bias[:, :, :t, :t])
+        return self.out(w.softmax(-1).squeeze(1) @ x)
+
+
+def test_a_buffer_cut_to_the_input_length_keeps_its_positions():
+    """The constant-range rule (the channels after a range's end may go) does not apply
+    to a bare tensor: there the bounds are the example's length (4 of 16 positions here),
+    and pruning the rest made the pruned model fail on any longer input."""
+    torch.manual_seed(0)
+    model = CausalMaskBuffer().eval()
+    small = StructuredPruner(model, torch.randn(1, 4, 8), importance="magnitude", pruning_ratio=0.5).prune()
+    assert small.bias.shape == (1, 1, 16, 16)
+    assert small(torch.randn(2, 12, 8)).shape == (2, 12, 8)

@@ -96,6 +96,8 @@ class TraceContext:
         self._cross_taken: set[int] = set()
         #: a bare matrix's second labels, by ``id``: (tensor name, dimension), bound as a slice when taken
         self._bare_cross: dict[int, tuple[str, int]] = {}
+        #: the atoms of bare tensors' labels, by ``id`` (kept alive by their labels)
+        self._bare_atoms: set[int] = set()
         self._cross_used: set[int] = set()  # second labels the event being traced took or passed on
         self.modules: dict[str, Any] = {}  # the model's modules by name (see scope_module)
         #: what ``cleanai_prepare_model`` found in the traced model (see graph/findings.py)
@@ -290,7 +292,13 @@ class TraceContext:
             self._cross.append((cross[1], ref.param))
         lab = Label(dim, atoms, cross=cross)
         self._labels[ref.key] = lab
+        self._bare_atoms.add(id(atoms))
         return lab
+
+    def is_bare(self, lab: Label) -> bool:
+        """Whether ``lab`` is a bare tensor's own label (a parameter or buffer read outside
+        any layer, its dimension not yet met by a layer's channels)."""
+        return id(lab.atoms) in self._bare_atoms
 
     # -- bookkeeping used by the kernel ---------------------------------------
     def where(self) -> str:

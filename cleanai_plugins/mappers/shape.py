@@ -337,7 +337,10 @@ def slice_(call, ctx):
             ctx.set_label(out, dim, lab.atoms[idx.start : idx.stop : idx.step], lab.origin)
             return
         keep = _fixed_span(call, src.shape[dim]) if idx is not None and len(idx) == out.shape[dim] else None
-        if keep is None:
+        # a bare tensor's constant range is mostly positions cut to the input's length (a
+        # causal mask ``bias[:, :, :T, :T]``, a position table ``pos[:, :T]``): the bounds
+        # come from the example's shape, and the rest must stay for longer inputs
+        if keep is None or ctx.is_bare(lab):
             ctx.freeze(lab.atoms, f"{ctx.where()} takes a fixed range of channels")
             return
         # ``x[:, a:b]`` with constant bounds reads the same channels after slicing as long as
