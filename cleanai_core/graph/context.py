@@ -174,6 +174,19 @@ class TraceContext:
             self.freeze(lab.atoms, f"channels reach dim {dim} of a consumer reading dim {lab.dim} ({self.where()})")
         return self.new_atoms(size, frozen=f"input without traced channels ({self.where()})")
 
+    def labels_elsewhere(self, ref: Any, dim: int) -> torch.Tensor:
+        """Fresh frozen atoms for ``dim`` of ``ref``, whose channels sit on another
+        dimension that the consumer passes through untouched (they stay labelled)."""
+        return self.new_atoms(ref.shape[dim], frozen=f"input without traced channels ({self.where()})")
+
+    def second_label(self, dim: int, atoms: torch.Tensor, what: str) -> tuple[int, torch.Tensor]:
+        """A second labelled dimension ``(dim, atoms)`` for an output whose channels pass
+        through on another dimension (a linear layer over the tokens: its rows on the last
+        dimension). Frozen after tracing unless a consumer takes it
+        (:meth:`take_cross`); ``what`` names it in the reason."""
+        self._cross.append((atoms, what))
+        return (dim, atoms)
+
     def set_label(
         self, ref: Any, dim: int, atoms: torch.Tensor, origin: Any = None, cross: tuple[int, torch.Tensor] | None = None
     ) -> None:
@@ -207,7 +220,7 @@ class TraceContext:
                 spec = self.slices.get(("", f"{bare[0]}{CROSS_MARK}{bare[1]}")) if bare is not None else None
                 if spec is not None:  # another read contracted it: this one keeps it whole
                     self.union(spec.atoms, atoms)
-                self.freeze(atoms, f"the second dimension of {param} reaches an operation that does not contract it")
+                self.freeze(atoms, f"the second dimension of {param} reaches no operation that reads it")
 
     def copy_label(self, src: Any, dst: Any, dim_shift: int = 0) -> None:
         """Give ``dst`` the label of ``src`` (its dimension moved by ``dim_shift``)."""
@@ -314,7 +327,7 @@ class TraceContext:
             if ref.key not in self._consumed:
                 self.freeze(lab.atoms, f"channels reach {self.where()}, which ignored them")
             if lab.cross is not None and id(lab.cross[1]) not in self._cross_used:
-                self.freeze(lab.cross[1], f"the second dimension of a matrix reaches {self.where()}, which ignored it")
+                self.freeze(lab.cross[1], f"a second labelled dimension reaches {self.where()}, which ignored it")
 
     @property
     def unions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

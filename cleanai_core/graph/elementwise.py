@@ -68,7 +68,25 @@ def broadcast(ctx: TraceContext, inputs: list[Any], out: Any) -> None:
         if local >= 0 and r.shape[local] > 1 and local not in ctx.spread.get(r.key, ()):
             ctx.freeze(first.atoms, f"{ctx.where()} combines channels with a tensor that cannot shrink")
     if out.shape[dim] == first.atoms.numel():
-        ctx.set_label(out, dim, first.atoms, first.origin)
+        ctx.set_label(out, dim, first.atoms, first.origin, _second(ctx, labelled, refs, out))
+
+
+def _second(ctx: TraceContext, labelled: list, refs: list, out: Any) -> tuple[int, torch.Tensor] | None:
+    """The second labelled dimension of a lone labelled input (a token MLP's hidden units
+    through its activation), where nothing else is as wide there; else ``None`` (it is
+    frozen: :meth:`TraceContext.end`)."""
+    if len(labelled) != 1 or labelled[0][1].cross is None:
+        return None
+    _, lab, src = labelled[0]
+    nd = out.ndim
+    d = lab.cross[0] + nd - src.ndim
+    if out.shape[d] != lab.cross[1].numel():
+        return None
+    for r in refs:
+        local = d - (nd - r.ndim)
+        if r is not src and local >= 0 and r.shape[local] > 1:
+            return None
+    return (d, lab.cross[1])
 
 
 def elementwise(call: Any, ctx: TraceContext) -> None:

@@ -185,7 +185,8 @@ def permute(call, ctx):
     if lab is None:
         return
     perm = [p % src.ndim for p in arg(call, 1, "dims")]
-    ctx.set_label(call.outputs[0], perm.index(lab.dim), lab.atoms, lab.origin)
+    cross = (perm.index(lab.cross[0]), lab.cross[1]) if lab.cross is not None else None
+    ctx.set_label(call.outputs[0], perm.index(lab.dim), lab.atoms, lab.origin, cross)
 
 
 @table.register("transpose", "transpose_copy", "swapaxes", "swapdims")
@@ -198,7 +199,10 @@ def transpose(call, ctx):
         return
     a, b = arg(call, 1, "dim0") % src.ndim, arg(call, 2, "dim1") % src.ndim
     d = b if lab.dim == a else a if lab.dim == b else lab.dim
-    cross = (1 - lab.cross[0], lab.cross[1]) if lab.cross is not None and src.ndim == 2 and a != b else lab.cross
+    cross = None
+    if lab.cross is not None:
+        c = lab.cross[0]
+        cross = (b if c == a else a if c == b else c, lab.cross[1])
     ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin, cross)
 
 
