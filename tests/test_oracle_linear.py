@@ -101,3 +101,27 @@ def test_spatial_gating_prunes_gate_pairs_and_keeps_the_token_projection():
     assert group_of(r.graph, "proj", "out").prunable == 0  # its rows are tokens: they meet u's
     # stream 8 -> 4, hidden pairs 12 -> 6, proj untouched (was 249: the stream only)
     assert (r.before, r.after) == (429, (16 + 4) + (48 + 12) + (36 + 6) + (24 + 4) + (12 + 3))
+
+
+class GatedTokenMixing(TokenMixing):
+    """gMixer's token MLP: ``tok1`` makes two halves over the tokens, one gates the other."""
+
+    def __init__(self) -> None:
+        super().__init__(token_hidden=10)
+        self.tok1 = nn.Linear(6, 20)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = self.tok1((x * self.scale).transpose(1, 2)).chunk(2, dim=-1)
+        x = x + self.tok2(a * nn.functional.gelu(b)).transpose(1, 2)
+        x = x + self.fc2(nn.functional.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_gated_token_mixing_prunes_its_halves_in_pairs():
+    torch.manual_seed(0)
+    r = oracle(GatedTokenMixing(), torch.randn(2, 6, 4))
+    pairs = group_of(r.graph, "tok1", "out")
+    assert (pairs.size, pairs.prunable) == (10, 10)  # a_j with b_j, and tok2's column j
+    assert r.small.tok1.out_features == 10 and r.small.tok2.in_features == 5
+    assert group_of(r.graph, "stem", "out").prunable == 8

@@ -187,6 +187,33 @@ class TraceContext:
         self._cross.append((atoms, what))
         return (dim, atoms)
 
+    def merge_second(self, keep: Label, other: Label) -> bool:
+        """Two inputs of an element-wise op carry second labelled dimensions that meet
+        there (the halves of a gated token MLP, ``a * gelu(b)``): union them, ``keep``'s
+        goes on. ``False`` (nothing done) for a bare matrix's, which binds its slice when taken."""
+        a, b = keep.cross[1], other.cross[1]
+        if a.numel() != b.numel() or id(a) in self._bare_cross or id(b) in self._bare_cross:
+            return False
+        self.union(a, b)
+        self._cross_taken.add(id(b))
+        self._cross_used.add(id(b))
+        return True
+
+    def split_second(self, lab: Label, sizes: list[int]) -> list[torch.Tensor] | None:
+        """Equal parts of ``lab``'s second labelled dimension, tied index by index like a
+        split of channels (a gated token MLP's ``chunk(2, -1)``); each part is frozen after
+        tracing unless taken. ``None`` for unequal parts or a bare matrix's."""
+        atoms = lab.cross[1]
+        if len(set(sizes)) != 1 or id(atoms) in self._bare_cross:
+            return None
+        self.tie(atoms, (len(sizes), sizes[0]), 1)
+        self._cross_taken.add(id(atoms))
+        self._cross_used.add(id(atoms))
+        parts = list(atoms.split(sizes[0]))
+        for part in parts:
+            self._cross.append((part, f"a part of the second labelled dimension split by {self.where()}"))
+        return parts
+
     def set_label(
         self, ref: Any, dim: int, atoms: torch.Tensor, origin: Any = None, cross: tuple[int, torch.Tensor] | None = None
     ) -> None:

@@ -79,21 +79,25 @@ def broadcast(ctx: TraceContext, inputs: list[Any], out: Any) -> None:
 
 
 def _second(ctx: TraceContext, labelled: list, refs: list, out: Any) -> tuple[int, torch.Tensor] | None:
-    """The second labelled dimension of a lone labelled input (a token MLP's hidden units
-    through its activation), where nothing else is as wide there; else ``None`` (it is
-    frozen: :meth:`TraceContext.end`)."""
-    if len(labelled) != 1 or labelled[0][1].cross is None:
+    """The second labelled dimension of the labelled inputs (a token MLP's hidden units
+    through its activation; the two halves of a gated one, unioned), where each has one on
+    the same output dimension and no unlabelled input is as wide there; else ``None`` (they
+    are frozen: :meth:`TraceContext.end`)."""
+    if any(lab.cross is None for _, lab, _ in labelled):
         return None
-    _, lab, src = labelled[0]
     nd = out.ndim
-    d = lab.cross[0] + nd - src.ndim
-    if out.shape[d] != lab.cross[1].numel():
+    dims = {lab.cross[0] + nd - src.ndim for _, lab, src in labelled}
+    d, first = dims.pop(), labelled[0][1]
+    if dims or out.shape[d] != first.cross[1].numel():
         return None
+    srcs = [src for _, _, src in labelled]
     for r in refs:
         local = d - (nd - r.ndim)
-        if r is not src and local >= 0 and r.shape[local] > 1:
+        if all(r is not s for s in srcs) and local >= 0 and r.shape[local] > 1:
             return None
-    return (d, lab.cross[1])
+    if not all(ctx.merge_second(first, lab) for _, lab, _ in labelled[1:]):
+        return None
+    return (d, first.cross[1])
 
 
 def elementwise(call: Any, ctx: TraceContext) -> None:

@@ -367,9 +367,12 @@ def split(call, ctx):
     if lab is None:
         return
     dim = arg(call, 2, "dim", 0) % src.ndim
-    if dim != lab.dim:
-        for o in outs:
-            ctx.set_label(o, lab.dim, lab.atoms, lab.origin)
+    if dim != lab.dim:  # a second labelled dimension split (a gated token MLP) or passed on
+        across = lab.cross is not None and lab.cross[0] == dim
+        parts = ctx.split_second(lab, [o.shape[dim] for o in outs]) if across else None
+        for i, o in enumerate(outs):
+            cross = (dim, parts[i]) if parts is not None else None if across else lab.cross
+            ctx.set_label(o, lab.dim, lab.atoms, lab.origin, cross)
         return
     sizes = [o.shape[dim] for o in outs]
     if len(set(sizes)) != 1:
