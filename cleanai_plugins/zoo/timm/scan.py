@@ -19,6 +19,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     scan_gated_conv_blocks,
     scan_lambda_layers,
     scan_parallel_blocks,
+    scan_partial_convs,
 )
 from cleanai_plugins.zoo.timm.norms import scan_group_norms
 from cleanai_plugins.zoo.timm.width_attention import scan_width_attention
@@ -51,6 +52,8 @@ class TimmScan:
     dual_path: set[nn.Module] = attrs.field(factory=set)
     #: CoaT conv relative position encodings
     conv_rel_pos: set[nn.Module] = attrs.field(factory=set)
+    #: FasterNet partial convolutions (split and cat)
+    partial_conv: set[nn.Module] = attrs.field(factory=set)
 
 
 def scan_model(model: nn.Module) -> TimmScan:
@@ -67,6 +70,7 @@ def scan_model(model: nn.Module) -> TimmScan:
         gated_fc1=scan_gated_conv_blocks(modules),
         dual_path=scan_dual_path_blocks(modules),
         conv_rel_pos=scan_conv_rel_pos(modules),
+        partial_conv=scan_partial_convs(modules),
     )
 
 
