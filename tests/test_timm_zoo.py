@@ -368,3 +368,42 @@ def test_fasternet_t0_prunes_a_quarter_and_reloads(tmp_path):
     assert type(back.stages[1].blocks[0].spatial_mixing).__name__ == "PrunedPartialConv"
     with torch.no_grad():
         assert torch.equal(back(x), small(x))
+
+
+def HaloNet():  # noqa: N802 - used like the classes around it
+    from timm.layers.halo_attn import HaloAttn
+
+    torch.manual_seed(0)
+    attn = HaloAttn(16, 16, num_heads=2, block_size=4, halo_size=1)
+    with torch.no_grad():  # timm draws the position tables tiny: make them count
+        attn.pos_embed.height_rel.normal_()
+        attn.pos_embed.width_rel.normal_()
+    return between(
+        stem=nn.Conv2d(3, 16, 3, padding=1),
+        attn=attn,
+        proj=nn.Conv2d(16, 8, 1),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(),
+        head=nn.Linear(8, 3),
+    )
+
+
+def test_halo_attention_keys_and_values_over_unfolded_windows_prune():
+    pytest.importorskip("timm.layers.halo_attn")
+    from cleanai_core import StructuredPruner
+
+    model, x = HaloNet().eval(), torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    # channel j of every head: q, k, v, both position tables, the output; the keys and
+    # values reach the attention through ``Tensor.unfold`` (it froze them: "channels reach
+    # op aten.unfold.default, which ignored them")
+    (heads,) = groups_with(graph, "attn.q", "out")
+    assert (heads.size, heads.prunable) == (8, 8)
+    assert {"attn.kv", "attn.pos_embed.height_rel", "proj"} <= set(heads.modules())
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    assert moved_by_masking(graph, x) > 1e-3
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    a = small.attn
+    assert (a.num_heads, a.dim_head_qk, a.dim_head_v, a.pos_embed.dim_head) == (2, 4, 4, 4)
+    assert a.q.out_channels == 8 and a.kv.out_channels == 16 and small(x).shape == (2, 3)

@@ -1,5 +1,5 @@
 """Views and shape changes: view/reshape/flatten, permute/transpose, (un)squeeze,
-expand/repeat, select/slice/narrow, split/chunk/unbind, copies and ``*_like``."""
+expand/repeat, select/slice/narrow, split/chunk/unbind, unfold, copies and ``*_like``."""
 
 from __future__ import annotations
 
@@ -404,6 +404,21 @@ def unbind(call, ctx):
         return
     for o in call.outputs:
         ctx.set_label(o, lab.dim - (dim < lab.dim), lab.atoms, lab.origin)
+
+
+@table.register("unfold")
+def unfold(call, ctx):
+    """``Tensor.unfold(dim, size, step)``: sliding windows along ``dim`` (HaloNet's key and
+    value neighbourhoods over the spatial dimensions), as a new last dimension. Channels on
+    another dimension stay where they are; windows across them freeze them."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if arg(call, 1, "dimension") % max(src.ndim, 1) == lab.dim:
+        ctx.freeze(lab.atoms, f"{ctx.where()} slides windows across channels")
+        return
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
 
 
 @table.register("roll", "flip")
