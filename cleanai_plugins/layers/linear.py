@@ -65,18 +65,21 @@ class LinearPruner(LayerPruner):
         ctx.bind(call.name, "in", atoms_in, "in", arg=0, dim=-1)
         atoms_out = ctx.produce(call.name, "out", module.out_features, dim=-1)
         outs = call.outputs
-        fits = len(outs) == 1 and len(outs[0].shape) == x.ndim and outs[0].shape[-1] == module.out_features
+        fits = len(outs) == 1 and bool(outs[0].shape) and outs[0].shape[-1] == module.out_features
         if not fits:
             # a subclass whose forward does more (PhiMoE's router picks experts from its
             # logits inside and returns the picks): its rows are not free to go
             ctx.freeze(atoms_out, f"{call.name} ({type(module).__name__}) returns more than its linear output")
-        if fits and through is not None and through.dim != last:
+        if fits and through is not None and through.dim != last and len(outs[0].shape) == x.ndim:
             second = ctx.second_label(last, atoms_out, f"the output of {call.name}")
             ctx.set_label(outs[0], through.dim, through.atoms, through.origin, second)
-        elif fits:
+        elif fits and (through is None or through.dim == last):
             cross = through.cross if through is not None and through.cross[0] != last else None
             ctx.set_label(outs[0], -1, atoms_out, cross=cross)
-        elif through is not None:
+        elif fits:
+            ctx.set_label(outs[0], -1, atoms_out)
+            ctx.freeze(through.atoms, f"{call.name} ({type(module).__name__}) changes the rank of its input")
+        elif through is not None and through.dim != last:
             ctx.freeze(through.atoms, f"{call.name} ({type(module).__name__}) returns more than its linear output")
 
     def trace_param(self, module, name, param, ctx):
