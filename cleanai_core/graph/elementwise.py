@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,13 +53,14 @@ def broadcast(ctx: TraceContext, inputs: list[Any], out: Any) -> None:
             ctx.freeze(lab.atoms, f"a single channel is broadcast by {ctx.where()}")
             continue
         labelled.append((lab.dim + nd - r.ndim, lab, r))
-    if any(lab.atoms.numel() > 1 for _, lab, _ in labelled):
-        # a single channel beside wider ones (a learnable scalar ``scale * x`` on 1x1 maps)
-        # is broadcast, whatever output dimension its own label lands on
-        for _, lab, _ in labelled:
-            if lab.atoms.numel() == 1:
-                ctx.freeze(lab.atoms, f"a single channel is broadcast by {ctx.where()}")
-        labelled = [item for item in labelled if item[1].atoms.numel() > 1]
+    scalars = [item for item in labelled if math.prod(item[2].shape) == 1]
+    if scalars and len(scalars) < len(labelled):
+        # a one-element tensor beside channels (a learnable scalar ``scale * x`` on 1x1 maps)
+        # is broadcast, whatever output dimension its own label lands on (a tensor with one
+        # channel but more elements, Falcon's single key/value head, keeps its label)
+        for _, lab, _ in scalars:
+            ctx.freeze(lab.atoms, f"a single channel is broadcast by {ctx.where()}")
+        labelled = [item for item in labelled if math.prod(item[2].shape) != 1]
     if not labelled:
         return
     dim = labelled[0][0]
