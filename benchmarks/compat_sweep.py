@@ -181,7 +181,9 @@ def oracle_tolerance(expected) -> float:
 # ---------------------------------------------------------------------------
 # One model (runs in a subprocess)
 # ---------------------------------------------------------------------------
-def check_one(spec: str, ratio: float = 0.5, batch: int = 2, max_params: int = 150_000_000, seed: int = 0) -> dict:
+def check_one(
+    spec: str, ratio: float = 0.5, batch: int = 2, max_params: int = 150_000_000, seed: int = 0, side: int = MAX_SIDE
+) -> dict:
     import copy
 
     import torch
@@ -198,7 +200,7 @@ def check_one(spec: str, ratio: float = 0.5, batch: int = 2, max_params: int = 1
 
     try:
         try:
-            model, size = build(spec)
+            model, size = build(spec, max_side=side)
             x = torch.randn(batch, *size)
             ref = run_model(model, x)
         except Exception:  # the model needs its default input size
@@ -413,6 +415,7 @@ class Worker:
 
 def _worker_args(args) -> list[str]:
     out = ["--ratio", str(args.ratio), "--max-params", str(args.max_params), "--batch", str(args.batch)]
+    out += ["--side", str(args.side)]
     return out + [
         "--calibrate",
         str(args.calibrate),
@@ -431,7 +434,7 @@ def _check(spec: str, args) -> dict:
         return check_calibrated(
             spec, args.calib_batch, args.calibrate, args.calib_side, args.ratio, max_params=args.max_params
         )
-    return check_one(spec, args.ratio, batch=args.batch, max_params=args.max_params)
+    return check_one(spec, args.ratio, batch=args.batch, max_params=args.max_params, side=args.side)
 
 
 def compare(old: dict[str, dict], new: dict[str, dict]) -> list[str]:
@@ -573,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=int, default=180, help="seconds per model")
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--side", type=int, default=MAX_SIDE, help="input side cap where the model runs at it (oracle runs)")
     p.add_argument("--max-params", type=int, default=150_000_000)
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--doc", type=Path, default=DEFAULT_DOC)

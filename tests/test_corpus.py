@@ -112,7 +112,10 @@ def test_wide_corpus(spec):
 # (EvoNorm-S's group variance froze its channels; whole groups go now, and its grouped
 # 3x3 convolutions with 16-channel norm groups still keep their width: 0.58); cait_xxs24
 # 0.67 (talking heads kept channel j of every head, its class attention whole heads: one
-# unit); swinv2_cr_tiny 0.69 (cosine attention: F.normalize froze q and k)
+# unit); swinv2_cr_tiny 0.69 (cosine attention: F.normalize froze q and k); token-mixing
+# MLPs, a linear layer over the tokens (mixer_s16 0.49, resmlp_12 0.50, gmixer_12 0.46,
+# gmlp_ti16 0.40: "channels reach dim 2 of a consumer reading dim 1" froze the residual
+# stream); hgnetv2_b0 0.39 (a learnable scalar on the head's 1x1 maps froze its channels)
 COVERAGE = [
     ("fastvit_t8", 64, 0.3),
     ("convnextv2_atto", 64, 0.3),
@@ -121,6 +124,11 @@ COVERAGE = [
     ("regnetz_b16_evos", 64, 0.65),
     ("cait_xxs24_224", 64, 0.3),
     ("swinv2_cr_tiny_ns_224", 64, 0.3),
+    ("mixer_s16_224", 64, 0.3),
+    ("resmlp_12_224", 64, 0.3),
+    ("gmixer_12_224", 64, 0.3),
+    ("gmlp_ti16_224", 64, 0.3),
+    ("hgnetv2_b0", 64, 0.3),
 ]
 
 
@@ -128,7 +136,8 @@ COVERAGE = [
 def test_uniform_half_reaches_the_whole_family(name, size, most):
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        kwargs = {"img_size": size} if name.startswith(("eva", "cait", "swinv2")) else {}  # fewer tokens
+        fixed_tokens = ("eva", "cait", "swinv2", "mixer", "resmlp", "gmixer", "gmlp")
+        kwargs = {"img_size": size} if name.startswith(fixed_tokens) else {}  # fewer tokens
         model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
         x = torch.randn(2, 3, size, size)
         # the exact (non-normalising) groups against the masking oracle

@@ -195,7 +195,7 @@ def test_eva_attention_ties_heads_to_the_stream(fused):
 
 
 class TwiceScaledWeight(nn.Module):
-    """``F.linear(x, 2 * self.fc.weight)``: the scaled copy has no columns' label."""
+    """``F.linear(x, 2 * self.fc.weight)``: a scalar keeps both labelled dimensions."""
 
     def __init__(self):
         super().__init__()
@@ -205,8 +205,23 @@ class TwiceScaledWeight(nn.Module):
         return self.head(torch.relu(F.linear(self.embed(x), 2 * self.fc.weight, self.fc.bias)))
 
 
-def test_weight_read_outside_its_linear_freezes_columns_it_cannot_follow():
+class ColumnScaledWeight(TwiceScaledWeight):
+    """``F.linear(x, self.fc.weight * s)`` with ``s`` as wide as the columns and no label."""
+
+    def forward(self, x):
+        w = self.fc.weight * torch.linspace(1.0, 2.0, 8)
+        return self.head(torch.relu(F.linear(self.embed(x), w, self.fc.bias)))
+
+
+def test_weight_scaled_outside_its_linear_keeps_its_columns_label():
     r = oracle(TwiceScaledWeight(), torch.randn(4, 3))
+    columns = group_of(r.graph, "fc", "in")
+    assert columns.prunable == 8 and ("embed", "out") in {(s.module, s.name) for s in columns.slices}
+    assert r.small.fc.weight.shape == (3, 4) and r.small.embed.weight.shape == (4, 3)
+
+
+def test_weight_read_outside_its_linear_freezes_columns_it_cannot_follow():
+    r = oracle(ColumnScaledWeight(), torch.randn(4, 3))
     assert group_of(r.graph, "fc", "in").prunable == 0  # the multiplication drops the columns' label
-    assert "the second dimension of fc.weight reaches an operation" in r.graph.explain()
+    assert "a second labelled dimension reaches op aten.mul.Tensor" in r.graph.explain()
     assert group_of(r.graph, "fc", "out").prunable == 6 and r.small.fc.weight.shape == (3, 8)

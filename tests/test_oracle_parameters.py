@@ -135,3 +135,26 @@ def test_a_pruned_bare_matrix_replays_from_its_history():
     assert again.proj.shape == (8, 6) and again.fc.out_features == 8
     again.load_state_dict(small.state_dict())
     torch.testing.assert_close(again(x), small(x))
+
+
+class ScalarAffineHead(nn.Module):
+    """HGNet-V2's learnable affine block, a scalar ``scale * x + bias``, on pooled 1x1 maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.last = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 12, 1)
+        self.scale, self.bias = nn.Parameter(torch.tensor([1.5])), nn.Parameter(torch.tensor([0.2]))
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = self.last(nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1))
+        return self.fc((self.scale * h + self.bias).flatten(1))
+
+
+def test_a_scalar_parameter_on_a_1x1_map_leaves_the_channels_prunable():
+    r = oracle(ScalarAffineHead(), torch.randn(2, 3, 6, 6))
+    # the scalar's one-atom label landed on dim 3 of the (2, 12, 1, 1) output: "channels on
+    # different dimensions meet" froze the 12 channels of ``last``
+    assert group_of(r.graph, "last", "out").prunable == 12
+    assert r.small.last.out_channels == 6 and r.small.fc.in_features == 6 and r.small.scale.shape == (1,)
+    assert (r.before, r.after) == (8 * 28 + 12 * 9 + 2 + 39, 4 * 28 + 6 * 5 + 2 + 21)

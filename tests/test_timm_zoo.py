@@ -320,3 +320,92 @@ def test_value_split_alone_keeps_its_head_count():
     assert [(g.size, g.prunable) for g in groups_with(graph, "v", "out")] == [(4, 4)]  # head dims, tied over heads
     report = check_pruner(model, x, ratio=0.5)
     assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+
+
+def PartialConvNet():  # noqa: N802 - used like the classes around it
+    from timm.models.fasternet import Partial_conv3
+
+    return between(
+        stem=nn.Conv2d(3, 16, 3, padding=1),
+        mix=Partial_conv3(16, 4, "split_cat"),  # split(x, [4, 12]): a 3x3 conv on the first 4
+        mlp=nn.Conv2d(16, 8, 1),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(),
+        head=nn.Linear(8, 3),
+    )
+
+
+def test_fasternet_partial_conv_prunes_both_parts_and_splits_at_the_kept_width():
+    pytest.importorskip("timm.models.fasternet")
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    model, x = PartialConvNet().eval(), torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    # the unequal split froze the 16 stem channels ("splits channels into unequal parts")
+    assert sorted((g.size, g.prunable) for g in groups_with(graph, "stem", "out")) == [(4, 4), (12, 12)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    # stem 16 -> 2 + 6, the partial conv 4 -> 2 (in and out), mlp 8 -> 4
+    assert report.params_after == (8 * 27 + 8) + 2 * 2 * 9 + (4 * 8 + 4) + (4 * 3 + 3)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    assert (small.mix.dim_conv3, small.mix.partial_conv3.in_channels, small.stem.out_channels) == (2, 2, 8)
+    with torch.no_grad():
+        assert small(x).shape == (2, 3)
+
+
+def test_fasternet_t0_prunes_a_quarter_and_reloads(tmp_path):
+    timm = pytest.importorskip("timm")
+    from cleanai_core import StructuredPruner, load_pruned
+    from cleanai_core.io import save_pruned
+
+    torch.manual_seed(0)
+    model, x = timm.create_model("fasternet_t0", num_classes=10).eval(), torch.randn(2, 3, 64, 64)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert n_params(model) == 2_637_310
+    assert n_params(small) / n_params(model) < 0.26  # was 0.53: every partial conv's input froze
+    save_pruned(tmp_path / "f", small, pruner.history, "timm:fasternet_t0", {"num_classes": 10})
+    back = load_pruned(tmp_path / "f")
+    assert type(back.stages[1].blocks[0].spatial_mixing).__name__ == "PrunedPartialConv"
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+
+
+def HaloNet():  # noqa: N802 - used like the classes around it
+    from timm.layers.halo_attn import HaloAttn
+
+    torch.manual_seed(0)
+    attn = HaloAttn(16, 16, num_heads=2, block_size=4, halo_size=1)
+    with torch.no_grad():  # timm draws the position tables tiny: make them count
+        attn.pos_embed.height_rel.normal_()
+        attn.pos_embed.width_rel.normal_()
+    return between(
+        stem=nn.Conv2d(3, 16, 3, padding=1),
+        attn=attn,
+        proj=nn.Conv2d(16, 8, 1),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(),
+        head=nn.Linear(8, 3),
+    )
+
+
+def test_halo_attention_keys_and_values_over_unfolded_windows_prune():
+    pytest.importorskip("timm.layers.halo_attn")
+    from cleanai_core import StructuredPruner
+
+    model, x = HaloNet().eval(), torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    # channel j of every head: q, k, v, both position tables, the output; the keys and
+    # values reach the attention through ``Tensor.unfold`` (it froze them: "channels reach
+    # op aten.unfold.default, which ignored them")
+    (heads,) = groups_with(graph, "attn.q", "out")
+    assert (heads.size, heads.prunable) == (8, 8)
+    assert {"attn.kv", "attn.pos_embed.height_rel", "proj"} <= set(heads.modules())
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    assert moved_by_masking(graph, x) > 1e-3
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    a = small.attn
+    assert (a.num_heads, a.dim_head_qk, a.dim_head_v, a.pos_embed.dim_head) == (2, 4, 4, 4)
+    assert a.q.out_channels == 8 and a.kv.out_channels == 16 and small(x).shape == (2, 3)

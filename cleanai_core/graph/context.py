@@ -189,6 +189,46 @@ class TraceContext:
             self.freeze(lab.atoms, f"channels reach dim {dim} of a consumer reading dim {lab.dim} ({self.where()})")
         return self.new_atoms(size, frozen=f"input without traced channels ({self.where()})")
 
+    def labels_elsewhere(self, ref: Any, dim: int) -> torch.Tensor:
+        """Fresh frozen atoms for ``dim`` of ``ref``, whose channels sit on another
+        dimension that the consumer passes through untouched (they stay labelled)."""
+        return self.new_atoms(ref.shape[dim], frozen=f"input without traced channels ({self.where()})")
+
+    def second_label(self, dim: int, atoms: torch.Tensor, what: str) -> tuple[int, torch.Tensor]:
+        """A second labelled dimension ``(dim, atoms)`` for an output whose channels pass
+        through on another dimension (a linear layer over the tokens: its rows on the last
+        dimension). Frozen after tracing unless a consumer takes it
+        (:meth:`take_cross`); ``what`` names it in the reason."""
+        self._cross.append((atoms, what))
+        return (dim, atoms)
+
+    def merge_second(self, keep: Label, other: Label) -> bool:
+        """Two inputs of an element-wise op carry second labelled dimensions that meet
+        there (the halves of a gated token MLP, ``a * gelu(b)``): union them, ``keep``'s
+        goes on. ``False`` (nothing done) for a bare matrix's, which binds its slice when taken."""
+        a, b = keep.cross[1], other.cross[1]
+        if a.numel() != b.numel() or id(a) in self._bare_cross or id(b) in self._bare_cross:
+            return False
+        self.union(a, b)
+        self._cross_taken.add(id(b))
+        self._cross_used.add(id(b))
+        return True
+
+    def split_second(self, lab: Label, sizes: list[int]) -> list[torch.Tensor] | None:
+        """Equal parts of ``lab``'s second labelled dimension, tied index by index like a
+        split of channels (a gated token MLP's ``chunk(2, -1)``); each part is frozen after
+        tracing unless taken. ``None`` for unequal parts or a bare matrix's."""
+        atoms = lab.cross[1]
+        if len(set(sizes)) != 1 or id(atoms) in self._bare_cross:
+            return None
+        self.tie(atoms, (len(sizes), sizes[0]), 1)
+        self._cross_taken.add(id(atoms))
+        self._cross_used.add(id(atoms))
+        parts = list(atoms.split(sizes[0]))
+        for part in parts:
+            self._cross.append((part, f"a part of the second labelled dimension split by {self.where()}"))
+        return parts
+
     def set_label(
         self, ref: Any, dim: int, atoms: torch.Tensor, origin: Any = None, cross: tuple[int, torch.Tensor] | None = None
     ) -> None:
@@ -222,7 +262,7 @@ class TraceContext:
                 spec = self.slices.get(("", f"{bare[0]}{CROSS_MARK}{bare[1]}")) if bare is not None else None
                 if spec is not None:  # another read contracted it: this one keeps it whole
                     self.union(spec.atoms, atoms)
-                self.freeze(atoms, f"the second dimension of {param} reaches an operation that does not contract it")
+                self.freeze(atoms, f"the second dimension of {param} reaches no operation that reads it")
 
     def copy_label(self, src: Any, dst: Any, dim_shift: int = 0) -> None:
         """Give ``dst`` the label of ``src`` (its dimension moved by ``dim_shift``)."""
@@ -335,7 +375,7 @@ class TraceContext:
             if ref.key not in self._consumed:
                 self.freeze(lab.atoms, f"channels reach {self.where()}, which ignored them")
             if lab.cross is not None and id(lab.cross[1]) not in self._cross_used:
-                self.freeze(lab.cross[1], f"the second dimension of a matrix reaches {self.where()}, which ignored it")
+                self.freeze(lab.cross[1], f"a second labelled dimension reaches {self.where()}, which ignored it")
 
     @property
     def unions(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

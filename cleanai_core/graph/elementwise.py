@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,6 +53,14 @@ def broadcast(ctx: TraceContext, inputs: list[Any], out: Any) -> None:
             ctx.freeze(lab.atoms, f"a single channel is broadcast by {ctx.where()}")
             continue
         labelled.append((lab.dim + nd - r.ndim, lab, r))
+    scalars = [item for item in labelled if math.prod(item[2].shape) == 1]
+    if scalars and len(scalars) < len(labelled):
+        # a one-element tensor beside channels (a learnable scalar ``scale * x`` on 1x1 maps)
+        # is broadcast, whatever output dimension its own label lands on (a tensor with one
+        # channel but more elements, Falcon's single key/value head, keeps its label)
+        for _, lab, _ in scalars:
+            ctx.freeze(lab.atoms, f"a single channel is broadcast by {ctx.where()}")
+        labelled = [item for item in labelled if math.prod(item[2].shape) != 1]
     if not labelled:
         return
     labelled.sort(key=lambda e: e[1].cross is not None)  # a bare matrix's guess gives way to the others
@@ -77,7 +86,29 @@ def broadcast(ctx: TraceContext, inputs: list[Any], out: Any) -> None:
         if local >= 0 and r.shape[local] > 1 and local not in ctx.spread.get(r.key, ()):
             ctx.freeze(first.atoms, f"{ctx.where()} combines channels with a tensor that cannot shrink")
     if out.shape[dim] == first.atoms.numel():
-        ctx.set_label(out, dim, first.atoms, first.origin)
+        ctx.set_label(out, dim, first.atoms, first.origin, _second(ctx, labelled, refs, out))
+
+
+def _second(ctx: TraceContext, labelled: list, refs: list, out: Any) -> tuple[int, torch.Tensor] | None:
+    """The second labelled dimension of the labelled inputs (a token MLP's hidden units
+    through its activation; the two halves of a gated one, unioned), where each has one on
+    the same output dimension and no unlabelled input is as wide there; else ``None`` (they
+    are frozen: :meth:`TraceContext.end`)."""
+    if any(lab.cross is None for _, lab, _ in labelled):
+        return None
+    nd = out.ndim
+    dims = {lab.cross[0] + nd - src.ndim for _, lab, src in labelled}
+    d, first = dims.pop(), labelled[0][1]
+    if dims or out.shape[d] != first.cross[1].numel():
+        return None
+    srcs = [src for _, _, src in labelled]
+    for r in refs:
+        local = d - (nd - r.ndim)
+        if all(r is not s for s in srcs) and local >= 0 and r.shape[local] > 1:
+            return None
+    if not all(ctx.merge_second(first, lab) for _, lab, _ in labelled[1:]):
+        return None
+    return (d, first.cross[1])
 
 
 def _cross_meets(lab: Any, ref: Any, nd: int, dim: int, first: Any) -> bool:

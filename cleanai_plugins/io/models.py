@@ -1,6 +1,8 @@
 """Built-in model loaders for the command line and saved folders (``--model``):
 
-- ``timm:NAME`` and ``torchvision:NAME`` (architecture; weights from ``--weights FILE``),
+- ``timm:NAME`` and ``torchvision:NAME`` (architecture; weights from ``--weights FILE``;
+  nothing is downloaded: torchvision's segmentation and detection builders get
+  ``weights_backbone=None`` unless ``model_kwargs`` name one),
 - ``package.module:factory`` (a callable returning an ``nn.Module``), only when
   ``options["trust_code"]`` is true: importing and calling it runs code. The command line
   sets it for a spec typed there; a spec read from a config file or a saved folder needs
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import pickle
@@ -258,6 +261,10 @@ def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
         name = spec[len("torchvision:") :]
         if name not in torchvision.models.list_models():
             raise UserError(f"torchvision has no model {name!r}; see torchvision.models.list_models().")
+        if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+            # segmentation and detection builders default to an ImageNet backbone: a download
+            # (offline: a URLError in load_pruned) of weights that --weights / model.pt replace
+            kwargs.setdefault("weights_backbone", None)
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     elif path.exists():
         if path.is_dir():

@@ -44,17 +44,43 @@ class LinearPruner(LayerPruner):
         return self.new_bias or module.bias is not None
 
     def trace(self, module, call, ctx):
+        """Columns read the last input dimension, rows label the output's last one.
+
+        Channels on another dimension pass through: the layer acts on each of their
+        indices alone (a token-mixing MLP, ``fc(x.transpose(1, 2))`` with the channels on
+        dim 1). They keep the output's label and the rows become its second labelled
+        dimension (:meth:`~cleanai_core.graph.context.TraceContext.second_label`), which
+        a following linear layer reads as its columns: the token MLP's hidden units prune
+        too. A second labelled dimension of the input that is not the last passes through
+        the same way."""
         x = call.args[0] if call.args else call.kwargs.get("input")
-        atoms_in = ctx.labels(x, -1)
+        lab = ctx.label_of(x)
+        last = x.ndim - 1 if lab is not None else -1
+        if lab is not None and lab.dim != last:  # channels elsewhere: they pass through
+            through, own = lab, lab.cross if lab.cross is not None and lab.cross[0] == last else None
+            atoms_in = ctx.take_cross(lab) if own is not None else ctx.labels_elsewhere(x, last)
+        else:
+            through = lab if lab is not None and lab.cross is not None else None
+            atoms_in = ctx.labels(x, -1)
         ctx.bind(call.name, "in", atoms_in, "in", arg=0, dim=-1)
         atoms_out = ctx.produce(call.name, "out", module.out_features, dim=-1)
         outs = call.outputs
-        if len(outs) != 1 or not outs[0].shape or outs[0].shape[-1] != module.out_features:
+        fits = len(outs) == 1 and bool(outs[0].shape) and outs[0].shape[-1] == module.out_features
+        if not fits:
             # a subclass whose forward does more (PhiMoE's router picks experts from its
             # logits inside and returns the picks): its rows are not free to go
             ctx.freeze(atoms_out, f"{call.name} ({type(module).__name__}) returns more than its linear output")
-        if outs and outs[0].shape and outs[0].shape[-1] == module.out_features:
+        if fits and through is not None and through.dim != last and len(outs[0].shape) == x.ndim:
+            second = ctx.second_label(last, atoms_out, f"the output of {call.name}")
+            ctx.set_label(outs[0], through.dim, through.atoms, through.origin, second)
+        elif fits and (through is None or through.dim == last):
+            cross = through.cross if through is not None and through.cross[0] != last else None
+            ctx.set_label(outs[0], -1, atoms_out, cross=cross)
+        elif fits:
             ctx.set_label(outs[0], -1, atoms_out)
+            ctx.freeze(through.atoms, f"{call.name} ({type(module).__name__}) changes the rank of its input")
+        elif through is not None and through.dim != last:
+            ctx.freeze(through.atoms, f"{call.name} ({type(module).__name__}) returns more than its linear output")
 
     def trace_param(self, module, name, param, ctx):
         """``F.linear(x, module.weight, bias)`` outside the module (timm's EVA, BEiT and

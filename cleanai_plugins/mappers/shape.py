@@ -1,5 +1,5 @@
 """Views and shape changes: view/reshape/flatten, permute/transpose, (un)squeeze,
-expand/repeat, select/slice/narrow, split/chunk/unbind, copies and ``*_like``."""
+expand/repeat, select/slice/narrow, split/chunk/unbind, unfold, copies and ``*_like``."""
 
 from __future__ import annotations
 
@@ -185,7 +185,8 @@ def permute(call, ctx):
     if lab is None:
         return
     perm = [p % src.ndim for p in arg(call, 1, "dims")]
-    ctx.set_label(call.outputs[0], perm.index(lab.dim), lab.atoms, lab.origin)
+    cross = (perm.index(lab.cross[0]), lab.cross[1]) if lab.cross is not None else None
+    ctx.set_label(call.outputs[0], perm.index(lab.dim), lab.atoms, lab.origin, cross)
 
 
 @table.register("transpose", "transpose_copy", "swapaxes", "swapdims")
@@ -198,7 +199,10 @@ def transpose(call, ctx):
         return
     a, b = arg(call, 1, "dim0") % src.ndim, arg(call, 2, "dim1") % src.ndim
     d = b if lab.dim == a else a if lab.dim == b else lab.dim
-    cross = (1 - lab.cross[0], lab.cross[1]) if lab.cross is not None and src.ndim == 2 and a != b else lab.cross
+    cross = None
+    if lab.cross is not None:
+        c = lab.cross[0]
+        cross = (b if c == a else a if c == b else c, lab.cross[1])
     ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin, cross)
 
 
@@ -396,9 +400,12 @@ def split(call, ctx):
     if lab is None:
         return
     dim = arg(call, 2, "dim", 0) % src.ndim
-    if dim != lab.dim:
-        for o in outs:
-            ctx.set_label(o, lab.dim, lab.atoms, lab.origin)
+    if dim != lab.dim:  # a second labelled dimension split (a gated token MLP) or passed on
+        across = lab.cross is not None and lab.cross[0] == dim
+        parts = ctx.split_second(lab, [o.shape[dim] for o in outs]) if across else None
+        for i, o in enumerate(outs):
+            cross = (dim, parts[i]) if parts is not None else None if across else lab.cross
+            ctx.set_label(o, lab.dim, lab.atoms, lab.origin, cross)
         return
     sizes = [o.shape[dim] for o in outs]
     if len(set(sizes)) != 1:
@@ -430,6 +437,21 @@ def unbind(call, ctx):
         return
     for o in call.outputs:
         ctx.set_label(o, lab.dim - (dim < lab.dim), lab.atoms, lab.origin)
+
+
+@table.register("unfold")
+def unfold(call, ctx):
+    """``Tensor.unfold(dim, size, step)``: sliding windows along ``dim`` (HaloNet's key and
+    value neighbourhoods over the spatial dimensions), as a new last dimension. Channels on
+    another dimension stay where they are; windows across them freeze them."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if arg(call, 1, "dimension") % max(src.ndim, 1) == lab.dim:
+        ctx.freeze(lab.atoms, f"{ctx.where()} slides windows across channels")
+        return
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
 
 
 @table.register("roll", "flip")

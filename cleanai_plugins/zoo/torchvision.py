@@ -10,6 +10,13 @@ MaxViT's ``RelativePositionalMultiHeadAttention`` keeps ``n_heads`` / ``head_dim
 reshapes its attention output back to the *input* width ``D``; once heads are pruned
 that width differs from ``n_heads * head_dim``, so the pruned module's class is swapped
 for a subclass whose ``forward`` reshapes with the pruned width.
+
+Faster / Mask / Keypoint R-CNN are traced through a ``forward_fn`` (backbone and RPN head:
+the eval model returns a varying number of detections). Their ROI heads read the FPN's
+outputs but are not traced, so pruning those channels left a model whose whole forward
+failed (``box_head.fc6`` still wanted 256 x 7 x 7 inputs). Unless the ROI heads were traced,
+the FPN's output channels are kept (``cleanai_default_freezes``); everything before the
+FPN's last convolutions and the RPN head's hidden channels still prune.
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from cleanai_core import hookimpl
 try:  # torchvision is optional
     from torchvision.models import maxvit as _maxvit
     from torchvision.models import vision_transformer as _vit
+    from torchvision.models.detection import generalized_rcnn as _rcnn
     from torchvision.models.optical_flow import raft as _raft
 except Exception:  # pragma: no cover
-    _maxvit = _vit = _raft = None
+    _maxvit = _vit = _raft = _rcnn = None
 
 RAFT_KEY = "torchvision_raft_channels"  # findings: {corr block name: the feature width it scales by}
 
@@ -125,3 +133,26 @@ def cleanai_after_prune(module, name, edits, findings):
     fix_maxvit_attention(module, name, edits)
     fix_vit(module, name, edits)
     fix_raft_correlation(module, name, findings)
+
+
+def untraced_roi_features(graph) -> list[tuple[torch.Tensor, str]]:
+    """The FPN output channels of every R-CNN in ``graph.model`` whose ROI heads the trace
+    did not reach (a ``forward_fn`` through the backbone and the RPN only)."""
+    if _rcnn is None:
+        return []
+    out = []
+    for name, m in graph.model.named_modules():
+        if not isinstance(m, _rcnn.GeneralizedRCNN):
+            continue
+        prefix = f"{name}." if name else ""
+        heads, fpn = f"{prefix}roi_heads.", f"{prefix}backbone.fpn.layer_blocks."
+        if any(s.module.startswith(heads) for s in graph.slices):
+            continue
+        why = f"{prefix}roi_heads read the FPN's outputs but were not traced (run them in forward_fn to prune these)"
+        out += [(graph.unit_of(s), why) for s in graph.slices if s.module.startswith(fpn) and s.kind == "out"]
+    return out
+
+
+@hookimpl(trylast=True)
+def cleanai_default_freezes(graph):
+    return untraced_roi_features(graph) or None

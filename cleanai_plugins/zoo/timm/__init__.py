@@ -4,7 +4,7 @@ The plugin in three steps, each a hook:
 
 1. ``cleanai_prepare_model`` scans the model once (``scan.py``) and files a
    :class:`~cleanai_plugins.zoo.timm.scan.TimmScan` in the model's findings, plus the
-   modules that may slice fixed channel ranges (DPN, CoaT).
+   modules that may slice fixed channel ranges (DPN, CoaT, FasterNet).
 2. ``cleanai_layer_pruner`` claims, from that scan, the projections that need coupling
    beyond a plain linear or conv (width-bound attention, LambdaNetworks, parallel blocks,
    MambaOut), and weight-standardised convs by type.
@@ -41,6 +41,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     fix_gated_conv_block,
     fix_lambda_layer,
     fix_parallel_block,
+    fix_partial_conv,
 )
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
@@ -68,13 +69,14 @@ FIXUPS = (
     fix_gated_conv_block,
     fix_dual_path_block,
     fix_conv_rel_pos,
+    fix_partial_conv,
 )
 
 
 @hookimpl
 def cleanai_prepare_model(model):
     scan = scan_model(model, FIXUPS)
-    return {KEY: scan, **allow_channel_ranges(*scan.dual_path, *scan.conv_rel_pos)}
+    return {KEY: scan, **allow_channel_ranges(*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv)}
 
 
 @hookimpl

@@ -130,7 +130,12 @@ def fix_bias_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> N
 @triggered_by("bias_shape")
 def fix_rel_pos(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """Relative position bias modules (``RelPosBias``, ``RelPosMlp``) view their table as
-    ``bias_shape = (..., num_heads)``: follow the table's (or the MLP's) kept heads."""
+    ``bias_shape = (..., num_heads)``: follow the table's (or the MLP's) kept heads.
+    HaloNet's and BoTNet's ``PosEmbedRel`` view the queries with ``dim_head``: it follows
+    the width of their ``height_rel`` table."""
+    rel = getattr(module, "height_rel", None)
+    if isinstance(getattr(module, "dim_head", None), int) and isinstance(rel, nn.Parameter) and rel.ndim == 2:
+        module.dim_head = rel.shape[1]
     shape = getattr(module, "bias_shape", None)
     if not isinstance(shape, tuple) or not shape or not all(isinstance(v, int) for v in shape):
         return
@@ -165,12 +170,16 @@ def fix_multi_query_attention(module: nn.Module, name: str, edits, scan: TimmSca
 @triggered_by("dim_head_qk")
 def fix_bottleneck_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """BoTNet ``BottleneckAttn``: ``split(qkv(x), [dim_out_qk, dim_out_qk, dim_out_v])`` then
-    per-head reshapes with ``dim_head_qk`` / ``dim_head_v``."""
+    per-head reshapes with ``dim_head_qk`` / ``dim_head_v``. HaloNet's ``HaloAttn`` the same,
+    with q from ``q`` and k, v from ``kv``."""
     names = ("num_heads", "dim_head_qk", "dim_head_v", "dim_out_qk", "dim_out_v")
     if not all(isinstance(getattr(module, a, None), int) for a in names):
         return
     heads, dqk, dv, oqk, ov = (getattr(module, a) for a in names)
-    keep = edits.get((f"{name}.qkv" if name else "qkv", "out"))
+    prefix = f"{name}." if name else ""
+    keep = edits.get((f"{prefix}qkv", "out"))
+    if keep is None and isinstance(getattr(module, "q", None), nn.Conv2d):
+        keep = edits.get((f"{prefix}q", "out"))
     if keep is None or oqk != ov or dqk != dv:
         return
     q_keep = keep[keep < oqk]

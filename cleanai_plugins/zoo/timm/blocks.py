@@ -1,5 +1,5 @@
 """timm blocks whose ``forward`` splits channels by stored sizes: LambdaNetworks, parallel
-blocks, MambaOut, DPN, CoaT.
+blocks, MambaOut, DPN, CoaT, FasterNet.
 
 Each pattern has a scan (``scan_*``, run once per model by ``scan.scan_model``), possibly
 a layer pruner for the projection that feeds the split (claimed through the scan), and a
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from cleanai_plugins.layers.conv import ConvPruner
@@ -30,11 +31,13 @@ __all__ = [
     "fix_gated_conv_block",
     "fix_lambda_layer",
     "fix_parallel_block",
+    "fix_partial_conv",
     "scan_conv_rel_pos",
     "scan_dual_path_blocks",
     "scan_gated_conv_blocks",
     "scan_lambda_layers",
     "scan_parallel_blocks",
+    "scan_partial_convs",
 ]
 
 
@@ -229,3 +232,58 @@ def fix_conv_rel_pos(module: nn.Module, name: str, edits, scan: TimmScan) -> Non
     """``channel_splits`` follow the convs' widths (``head_splits`` is not read by ``forward``)."""
     if module in scan.conv_rel_pos:
         module.channel_splits = [c.in_channels for c in module.conv_list]
+
+
+def _split_cat(module: nn.Module) -> bool:
+    """Whether ``module.forward`` is bound to a method named ``forward_split_cat``."""
+    return getattr(module.__dict__.get("forward"), "__name__", "") == "forward_split_cat"
+
+
+@triggered_by("partial_conv3")
+def scan_partial_convs(modules: list[nn.Module]) -> set[nn.Module]:
+    """FasterNet ``Partial_conv3`` run as ``forward_split_cat``: ``split(x, [dim_conv3,
+    dim_untouched])``, a 3x3 conv on the first part, ``cat`` with the second. Both parts
+    shrink on their own (unequal parts): ``fix_partial_conv`` swaps the class for
+    :class:`PrunedPartialConv`. Its ``forward_slicing`` (an in-place write of the first
+    part) is left out: it keeps its channels."""
+    found = set()
+    for module in modules:
+        conv, a, b = (getattr(module, k, None) for k in ("partial_conv3", "dim_conv3", "dim_untouched"))
+        if isinstance(conv, nn.Conv2d) and isinstance(a, int) and isinstance(b, int) and _split_cat(module):
+            if conv.groups == 1 and conv.in_channels == a:
+                found.add(module)
+    return found
+
+
+def _pruned_partial_conv() -> type | None:
+    try:
+        from timm.models.fasternet import Partial_conv3
+    except Exception:  # timm is optional; an older timm has no FasterNet
+        return None
+
+    class PrunedPartialConv(Partial_conv3):
+        """A pruned ``Partial_conv3``: the first part is as wide as its conv's kept inputs,
+        the untouched part is the rest of the input (its width is read at run time, so the
+        stale ``dim_untouched`` is dropped)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x1, x2 = torch.split(x, [self.dim_conv3, x.shape[1] - self.dim_conv3], dim=1)
+            return torch.cat((self.partial_conv3(x1), x2), 1)
+
+    return PrunedPartialConv
+
+
+PrunedPartialConv = _pruned_partial_conv()
+
+
+@triggered_by("partial_conv3")
+def fix_partial_conv(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """``dim_conv3`` follows the conv's input width, and the block becomes a
+    :class:`PrunedPartialConv` (its ``forward`` splits at that width)."""
+    if module not in scan.partial_conv or PrunedPartialConv is None:
+        return
+    module.dim_conv3 = module.partial_conv3.in_channels
+    if type(module) is PrunedPartialConv.__base__:
+        module.__class__ = PrunedPartialConv
+    module.__dict__.pop("forward", None)
+    module.__dict__.pop("dim_untouched", None)

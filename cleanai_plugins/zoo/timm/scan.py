@@ -20,6 +20,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     scan_gated_conv_blocks,
     scan_lambda_layers,
     scan_parallel_blocks,
+    scan_partial_convs,
 )
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import scan_group_norms
@@ -57,6 +58,8 @@ class TimmScan:
     #: its trigger names, :mod:`~cleanai_plugins.zoo.timm.lookup`); a module not in it (none
     #: scanned, or put in by a pruner after the scan) gets every fix-up
     fixups: dict[nn.Module, tuple[Callable, ...]] = attrs.field(factory=dict)
+    #: FasterNet partial convolutions (split and cat)
+    partial_conv: set[nn.Module] = attrs.field(factory=set)
 
 
 _SCANS = (
@@ -67,6 +70,7 @@ _SCANS = (
     scan_gated_conv_blocks,
     scan_dual_path_blocks,
     scan_conv_rel_pos,
+    scan_partial_convs,
 )
 
 
@@ -92,6 +96,7 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         gated_fc1=scan_gated_conv_blocks(having(scan_gated_conv_blocks)),
         dual_path=scan_dual_path_blocks(having(scan_dual_path_blocks)),
         conv_rel_pos=scan_conv_rel_pos(having(scan_conv_rel_pos)),
+        partial_conv=scan_partial_convs(having(scan_partial_convs)),
         fixups=_acting(fixups, modules, names),
     )
 

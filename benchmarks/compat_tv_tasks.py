@@ -1,0 +1,116 @@
+"""torchvision segmentation and detection builders: oracle, pruner, full forward, save/load.
+
+For each builder (random weights, ``weights=None, weights_backbone=None``, eval mode): the
+masking oracle on a random half of every exact group (``check_pruner``), then
+``StructuredPruner(..., "magnitude", pruning_ratio=0.5).prune()``; the pruned model must run
+its *whole* forward (detection: the post-processed detections, whose number may change), keep
+the traced outputs' shapes, and come back from ``save_pruned`` / ``load_pruned`` with the same
+outputs. Detection models are traced through ``forward_fn`` (their eval output is a list of
+detections): the backbone and the dense head (RetinaNet, FCOS, SSD) or the RPN head (R-CNN).
+
+    python benchmarks/compat_tv_tasks.py [--filter NAME,...] [--out results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+
+
+def _dense_head(m, x):
+    return m.head(list(m.backbone(x).values()))
+
+
+def _rpn_head(m, x):
+    return m.rpn.head(list(m.backbone(x).values()))
+
+
+def cases():
+    """``name -> (kwargs, input side, forward_fn, output_transform)``."""
+    import torchvision
+
+    tv = torchvision.models
+    out = {}
+    for name in tv.list_models(module=tv.segmentation):
+        out[name] = ({"num_classes": 4}, 64, None, lambda o: o["out"])
+    for name in tv.list_models(module=tv.detection):
+        rcnn = "rcnn" in name
+        fn = _rpn_head if rcnn else _dense_head
+        out[name] = ({"num_classes": 3}, 128 if "ssd300" not in name else 300, fn, None)
+    return out
+
+
+def check(name: str, spec) -> dict:
+    import torch
+    import torchvision
+
+    from cleanai_core import StructuredPruner, load_pruned
+    from cleanai_core.io import save_pruned
+    from cleanai_core.testing import check_pruner, run_model
+
+    kwargs, side, fn, transform = spec
+    torch.manual_seed(0)
+    options = {"weights_backbone": None, **kwargs}
+    model = torchvision.models.get_model(name, weights=None, **options).eval()
+    x = torch.randn(2, 3, side, side)
+    before = sum(p.numel() for p in model.parameters())
+    rec = {"model": f"tv:{name}", "input": [2, 3, side, side], "params_before": before}
+    t0 = time.time()
+    try:
+        graph_kw = {"output_transform": transform} if transform else {}
+        rep = check_pruner(model, x, ratio=0.5, forward_fn=fn, **graph_kw)
+        ref = run_model(model, x, fn, transform)
+        tol = 1e-3 * max(1.0, max(float(t.abs().max()) for t in ref))
+        rec.update(max_abs_diff=rep.max_abs_diff, tolerance=tol)
+        if not rep.max_abs_diff <= tol:
+            return {**rec, "status": "fail-oracle", "error": f"{rep.max_abs_diff:.3g} > {tol:.3g}"}
+        pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, forward_fn=fn, **graph_kw)
+        small = pruner.prune()
+        rec["params_after"] = sum(p.numel() for p in small.parameters())
+        got = run_model(small, x, fn, transform)
+        if [t.shape for t in got] != [t.shape for t in ref]:
+            return {**rec, "status": "fail-shape", "error": f"{[t.shape for t in got]}"}
+        with torch.no_grad():  # the whole model, as a user calls it
+            whole = small([img for img in torch.rand(2, 3, side, side)]) if fn else small(x)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pruned(tmp, small, pruner.history, f"torchvision:{name}", options=kwargs)
+            back = load_pruned(tmp)
+        again = run_model(back, x, fn, transform)
+        diff = max(float((a - b).abs().max()) for a, b in zip(got, again, strict=True))
+        if diff > 1e-5:
+            return {**rec, "status": "fail-reload", "error": f"reloaded outputs differ by {diff:.3g}"}
+        rec["whole_forward"] = type(whole).__name__
+    except Exception as exc:
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" [{tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno}]" if tb else ""
+        return {**rec, "status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:300]}{where}"}
+    rec["seconds"] = round(time.time() - t0, 1)
+    return {**rec, "status": "pass"}
+
+
+def main(argv=None) -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--filter", default=None, help="builder names, comma separated")
+    p.add_argument("--out", default=None, help="append one JSON line per model here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    todo = cases()
+    names = args.filter.split(",") if args.filter else sorted(todo)
+    for name in names:
+        rec = check(name, todo[name])
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
