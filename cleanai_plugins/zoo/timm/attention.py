@@ -127,7 +127,7 @@ def fix_bias_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> N
             module.dh = n
 
 
-@triggered_by("bias_shape")
+@triggered_by("bias_shape", "height_rel")
 def fix_rel_pos(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """Relative position bias modules (``RelPosBias``, ``RelPosMlp``) view their table as
     ``bias_shape = (..., num_heads)``: follow the table's (or the MLP's) kept heads.
