@@ -19,31 +19,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from test_peer_scenarios import WideDeep  # the peer's wide-and-deep model: BatchNorm1d and Dropout
+from test_peer_scenarios_2 import _exact, _group
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from cleanai_core import DependencyGraph, StructuredPruner, hookimpl
 from cleanai_core.interfaces import LayerPruner, replace_param
 from cleanai_core.metrics import count_params
-from cleanai_core.testing import check_pruner, temporary_plugin
+from cleanai_core.testing import temporary_plugin
 from cleanai_plugins.layers.linear import LinearPruner
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
 
-def _exact(model: nn.Module, x, **kw) -> None:
-    """The masking oracle: a random half of every group sliced equals it zeroed."""
-    r = check_pruner(model.eval(), x, **kw)
-    assert r.output_shapes_equal and r.pruned_units > 0 and r.params_after < r.params_before
-    assert r.max_abs_diff < 1e-4, r
-
-
 def _prune(model: nn.Module, x, importance="magnitude", ratio=0.5, **kw) -> nn.Module:
+    """Pruned in the mode it is in (the train-mode scenarios), unlike ``test_peer_scenarios_2``'s."""
     return StructuredPruner(model, x, importance, pruning_ratio=ratio, **kw).prune()
-
-
-def _group(graph: DependencyGraph, module: str, kind: str = "out"):
-    return next(g for g in graph.groups() if any(s.module == module and s.kind == kind for s in g.slices))
 
 
 def _mask(graph: DependencyGraph, group, idx: list[int]) -> torch.Tensor:
@@ -73,22 +65,6 @@ def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
 
 
 # -- models left in train mode, traced with one sample --------------------------------------------
-
-
-class WideDeep(nn.Module):
-    """The peer's wide-and-deep model: BatchNorm1d and Dropout in the deep part."""
-
-    def __init__(self, d: int = 32) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        for cin, cout in ((d, 32), (32, 16)):
-            layers += [nn.Linear(cin, cout), nn.BatchNorm1d(cout), nn.ReLU(), nn.Dropout(0.2)]
-        self.mlp = nn.Sequential(*layers, nn.Linear(16, 1))
-        self.linear, self.lin2 = nn.Linear(d, 3), nn.Linear(4, 1)
-
-    def forward(self, x):
-        x = x.reshape(x.shape[0], -1)
-        return torch.sigmoid(self.lin2(torch.concat([self.linear(x), self.mlp(x)], dim=-1)))
 
 
 def test_a_model_in_train_mode_traced_with_one_sample_prunes_and_stays_untouched():
