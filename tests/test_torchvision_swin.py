@@ -45,15 +45,17 @@ def test_attention_is_claimed_whole_and_the_residual_stream_is_prunable(v2):
     assert not any(n.endswith((".qkv", ".proj")) for n in names)  # children are not entered
     assert isinstance(graph.nodes["features.1.0.attn"].pruner, ShiftedWindowAttentionPruner)
     sizes = sorted((g.size, g.prunable) for g in graph.groups(prunable_only=True))
-    # stage widths 16 and 32 (the residual streams), MLP hidden widths 64 and 128
-    assert sizes == [(16, 16), (32, 32), (64, 64), (64, 64), (128, 128), (128, 128)]
+    # the 2 heads of each of the 4 blocks, stage widths 16 and 32 (the residual streams),
+    # MLP hidden widths 64 and 128
+    assert sizes == [(2, 2)] * 4 + [(16, 16), (32, 32), (64, 64), (64, 64), (128, 128), (128, 128)]
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("identity_norm,units", [(False, 192), (True, 216)], ids=["layernorm", "identity-norm"])
+@pytest.mark.parametrize("identity_norm,units", [(False, 196), (True, 220)], ids=["layernorm", "identity-norm"])
 def test_oracle(v2, identity_norm, units):
     """With LayerNorm the residual groups normalise and the oracle skips them (MLP hidden
-    units only: 2 x 32 + 2 x 64); without it, 8 + 16 residual units are pruned too."""
+    units 2 x 32 + 2 x 64, and one of the two heads of each of the 4 blocks); without it,
+    8 + 16 residual units are pruned too."""
     report = check_pruner(small_swin(v2, identity_norm), X)
     assert report.output_shapes_equal
     assert report.pruned_units == units
@@ -68,7 +70,11 @@ def test_masking_the_residual_stream_changes_the_output():
     assert float((masked_forward(graph, pruned, X)[0] - run_model(model, X)[0]).abs().max()) > 1e-3
 
 
-@pytest.mark.parametrize("v2,params_after", [(False, 12586), (True, 22410)], ids=["v1", "v2"])
+# one of the two heads goes in each block: per block its q, k, v rows (3 x head size x
+# width, + bias), its proj columns (width x head size), and its table column (v1: 49) or
+# its cpb_mlp row (v2: 512) and logit_scale; 2900 (v1) and 4756 (v2) fewer than with the
+# heads kept (12586, 22410)
+@pytest.mark.parametrize("v2,params_after", [(False, 9686), (True, 17654)], ids=["v1", "v2"])
 def test_magnitude_prune_halves_the_embedding(v2, params_after):
     model = small_swin(v2)
     before = copy.deepcopy(model.state_dict())
@@ -79,17 +85,17 @@ def test_magnitude_prune_halves_the_embedding(v2, params_after):
     assert small.norm.normalized_shape == (16,) and small.head.in_features == 16
     for stage, width in ((1, 8), (3, 16)):
         attn = small.features[stage][0].attn
-        assert attn.qkv.weight.shape == (3 * 2 * width, width)  # internal width kept
-        assert attn.proj.weight.shape == (width, 2 * width)
+        assert attn.num_heads == 1  # one head of the head size width (2 x width / 2 heads)
+        assert attn.qkv.weight.shape == (3 * width, width)
+        assert attn.proj.weight.shape == (width, width)
         assert attn.proj.bias.shape == (width,)
         old = model.features[stage][0].attn
-        if v2:
-            assert torch.equal(attn.logit_scale, old.logit_scale)
-            assert all(
-                torch.equal(a, b) for a, b in zip(attn.cpb_mlp.parameters(), old.cpb_mlp.parameters(), strict=True)
-            )
-        else:
-            assert torch.equal(attn.relative_position_bias_table, old.relative_position_bias_table)
+        if v2:  # the kept head's row of cpb_mlp's last layer, and its logit_scale
+            h = next(h for h in range(2) if torch.equal(attn.cpb_mlp[-1].weight, old.cpb_mlp[-1].weight[h : h + 1]))
+            assert torch.equal(attn.logit_scale, old.logit_scale[h : h + 1])
+        else:  # the kept head's column of the relative position bias table
+            table = old.relative_position_bias_table
+            assert any(torch.equal(attn.relative_position_bias_table, table[:, h : h + 1]) for h in range(2))
     pruned_cls = "PrunedShiftedWindowAttentionV2" if v2 else "PrunedShiftedWindowAttention"
     assert type(small.features[1][0].attn).__name__ == pruned_cls
     assert run_model(small, X)[0].shape == (2, 10)

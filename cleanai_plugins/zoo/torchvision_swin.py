@@ -11,10 +11,14 @@ them, which freezes the whole residual stream. Claimed whole, the module has two
 - ``"out"``: the output width (the rows of ``proj.weight`` and ``proj.bias``), on the last
   dim of the output.
 
-The internal width (``num_heads x head_dim`` of q, k, v; the columns of ``proj``) is not
-pruned: that is the simplest safe choice, it keeps the attention scale and the per-head
-tables as they are, and slicing is exactly equivalent to masking. The relative position
-bias table (v1), ``cpb_mlp`` and ``logit_scale`` (v2) are per head and do not depend on C.
+- ``"heads"``: whole heads (their q, k and v rows, their columns of ``proj``, their
+  column of the relative position bias table (v1), their row of ``cpb_mlp``'s last layer
+  and their ``logit_scale`` (v2)); a group of its own in each block. The head size stays,
+  so the attention scale does too; the masked model zeroes a head's value rows, which
+  makes its contribution exactly 0, as removing it does.
+
+The head size itself (``head_dim``) is not pruned. The relative position bias table (v1),
+``cpb_mlp`` and ``logit_scale`` (v2) do not depend on C.
 
 torchvision's function derives the head size and the output width from the *input*
 width C, so a pruned module's class is swapped for a subclass whose ``forward`` reads the
@@ -175,8 +179,12 @@ class ShiftedWindowAttentionPruner(LayerPruner):
         ctx.bind(call.name, "in", ctx.labels(x, -1), "in", arg=0, dim=-1)
         atoms_out = ctx.produce(call.name, "out", module.proj.out_features, dim=-1)
         ctx.set_label(call.outputs[0], -1, atoms_out)
+        if module.num_heads > 1:
+            ctx.produce(call.name, "heads", module.num_heads)
 
     def prune(self, module, keep):
+        if "heads" in keep:
+            _keep_heads(module, keep["heads"])
         if "in" in keep:
             replace_param(module.qkv, "weight", 1, keep["in"])
             module.qkv.in_features = keep["in"].numel()
@@ -187,7 +195,22 @@ class ShiftedWindowAttentionPruner(LayerPruner):
         if keep:
             module.__class__ = _PRUNED_CLASS[type(module)]
 
+    def mask(self, module, slice_name, idx):
+        """In the masking oracle's copy, a pruned head's value rows are zeroed (its output is
+        then 0); the other slices get the default input/output zeroing."""
+        if slice_name != "heads":
+            return False
+        rows = _head_rows(module, idx, parts=(2,))
+        module.qkv.weight.data[rows] = 0
+        if module.qkv.bias is not None:
+            module.qkv.bias.data[rows] = 0
+        return True
+
     def weight_energy(self, module, slice_name):
+        if slice_name == "heads":
+            h = module.num_heads
+            qkv = squared_weight(module.qkv.weight)[0].view(3, h, -1).sum((0, 2))
+            return qkv + squared_weight(module.proj.weight)[1].view(h, -1).sum(1)
         if slice_name == "in":
             return squared_weight(module.qkv.weight)[1]
         return squared_weight(module.proj.weight)[0]
@@ -206,6 +229,33 @@ class ShiftedWindowAttentionPruner(LayerPruner):
             contrib[inner : 2 * inner] = 0
         add_to_bias(qkv, contrib)
         return True
+
+
+def _head_rows(module, heads: torch.Tensor, parts=(0, 1, 2)) -> torch.Tensor:
+    """The ``qkv`` rows of ``heads`` in the given parts (0: q, 1: k, 2: v)."""
+    inner = module.qkv.out_features // 3
+    size = inner // module.num_heads
+    within = (heads.long()[:, None] * size + torch.arange(size, device=heads.device)).reshape(-1)
+    return torch.cat([within + p * inner for p in parts])
+
+
+def _keep_heads(module, heads: torch.Tensor) -> None:
+    """Keep only ``heads``: their q/k/v rows, ``proj`` columns and per-head tables."""
+    rows, cols = _head_rows(module, heads), _head_rows(module, heads, parts=(0,))
+    replace_param(module.qkv, "weight", 0, rows)
+    replace_param(module.qkv, "bias", 0, rows)
+    module.qkv.out_features = rows.numel()
+    replace_param(module.proj, "weight", 1, cols)
+    module.proj.in_features = cols.numel()
+    if getattr(module, "relative_position_bias_table", None) is not None:  # v1
+        replace_param(module, "relative_position_bias_table", 1, heads)
+    if getattr(module, "logit_scale", None) is not None:  # v2
+        replace_param(module, "logit_scale", 0, heads)
+        last = module.cpb_mlp[-1]
+        replace_param(last, "weight", 0, heads)
+        replace_param(last, "bias", 0, heads)
+        last.out_features = heads.numel()
+    module.num_heads = heads.numel()
 
 
 @hookimpl
