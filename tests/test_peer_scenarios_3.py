@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from test_peer_scenarios import WideDeep  # the peer's wide-and-deep model: BatchNorm1d and Dropout
+from test_peer_scenarios import CustomizedLayer, WideDeep  # the peer's wide-and-deep model: BatchNorm1d and Dropout
 from test_peer_scenarios_2 import _exact, _group
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
@@ -169,20 +169,9 @@ def test_a_users_subclass_of_the_built_in_linear_pruner_takes_over():
 # -- a custom layer whose input and output channels are one -----------------------------------------
 
 
-class SquareLayer(nn.Module):
-    """The peer's ``CustomizedLayer``, pruned as its ``MyPruner`` does: the same indices
-    leave the scale, the shift and both sides of the square ``fc``."""
-
-    def __init__(self, in_dim: int) -> None:
-        super().__init__()
-        self.in_dim = in_dim
-        self.scale = nn.Parameter(torch.rand(in_dim) + 0.5)
-        self.bias = nn.Parameter(torch.randn(in_dim))
-        self.fc = nn.Linear(in_dim, in_dim)
-
-    def forward(self, x):
-        x = torch.div(x, x.pow(2).sum(dim=1, keepdim=True).sqrt())
-        return self.fc(x * self.scale + self.bias)
+# the peer's ``CustomizedLayer``, pruned below as its ``MyPruner`` does: the same indices leave the
+# scale, the shift and both sides of the square ``fc``
+SquareLayer = CustomizedLayer
 
 
 class SquareLayerPruner(LayerPruner):
