@@ -11,8 +11,9 @@ import os
 
 import pytest
 import torch
+from test_recover_edges import _Samples  # samples from an IterableDataset, without len()
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from cleanai_core import GradualPruner, PruningSchedule, StructuredPruner, recover
 from cleanai_core.cli import main
@@ -209,14 +210,6 @@ def test_recover_says_when_labels_are_not_class_indices():
     with pytest.warns(RuntimeWarning, match=r"the labels are not class indices \(fractional.*they are not used"):
         _, result = recover(pruned, model, TensorDataset(x, soft), epochs=1, progress=False)
     assert result.metric == "teacher_agreement"
-
-
-class _Samples(IterableDataset):
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __iter__(self):
-        yield from zip(self.x, self.y, strict=True)
 
 
 def test_recover_counts_the_samples_of_data_without_len():
