@@ -67,9 +67,12 @@ ONE_PASS_MIN_ROW = 16
 #: (its relative rounding error is about 1.5e-7 times ``1 + mean^2 / var``: at most 2.5e-6
 #: here); channels beyond it are reduced again by the kernel's two passes
 ONE_PASS_MAX_MEAN_SQ = 16.0
-#: the co-moment product is split into column blocks about this wide from this width on
+#: the co-moment is mirrored from its upper triangle in column blocks about this wide from
+#: this width on (:meth:`ChannelStats._form_cov`)
 _GRAM_BLOCK = 768
 _GRAM_MIN_SPLIT = 1024
+#: the co-moment product runs in panels of this many rows from twice this width on (:func:`_add_gram`)
+_GRAM_PANEL = 128
 
 
 #: the covariance :attr:`ChannelStats.cov` formed last: (its statistics, their totals' versions, the matrix)
@@ -397,12 +400,18 @@ def _gram_blocks(c: int) -> list[slice]:
 
 def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     """``acc += x^T x`` on and above the diagonal only: ``x^T x`` is symmetric, so for wide
-    ``x`` the column blocks ``i <= j`` are multiplied (about half the work; on 2 cores
-    C=2048 takes 11-13 ms instead of 17); blocks below the diagonal are left untouched."""
-    cols = _gram_blocks(x.shape[1])
-    for i, a in enumerate(cols):
-        for b in cols[i:]:
-            acc[a, b].addmm_(x[:, a].T, x[:, b])
+    ``x`` each panel of :data:`_GRAM_PANEL` rows is multiplied from its diagonal block to
+    the last column (one product per panel); entries below the panels' diagonal blocks are
+    left untouched. 256 sampled rows, against one full product: C=768 1.40 -> 0.93 ms,
+    C=1536 5.7 -> 3.8, C=3072 22 -> 15 on one core (on two: 0.71 -> 0.51, 2.9 -> 1.9,
+    11.1 -> 7.0; the column blocks of 768 it replaced took 0.71, 2.4, 7.8)."""
+    c = x.shape[1]
+    if c < 2 * _GRAM_PANEL:
+        acc.addmm_(x.T, x)
+        return
+    for start in range(0, c, _GRAM_PANEL):
+        stop = min(start + _GRAM_PANEL, c)
+        acc[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])
 
 
 def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):

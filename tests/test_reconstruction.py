@@ -26,14 +26,15 @@ def test_streamed_covariance_far_from_zero_and_across_flushes(monkeypatch):
     """float32 activations with a large mean and unit spread: the co-moment is summed
     about a reference (the first sample's mean), so the float32 products lose nothing to
     cancellation; with a tiny flush interval the block -> total hand-over runs many times,
-    and with tiny column blocks the product is summed in 3 x 3 blocks of two columns
-    (the upper ones, mirrored at the end). Summed about zero instead, float32 would leave
-    errors of ~1e-1 on these unit variances."""
+    and with tiny panels the product is summed in three panels of two rows, each from its
+    diagonal block on (mirrored at the end in blocks of three columns: another split).
+    Summed about zero instead, float32 would leave errors of ~1e-1 on these unit variances."""
     from cleanai_core import calibration
 
     monkeypatch.setattr(calibration, "FLUSH_BATCHES", 3)
     monkeypatch.setattr(calibration, "_GRAM_MIN_SPLIT", 4)
-    monkeypatch.setattr(calibration, "_GRAM_BLOCK", 2)
+    monkeypatch.setattr(calibration, "_GRAM_BLOCK", 3)
+    monkeypatch.setattr(calibration, "_GRAM_PANEL", 2)
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(6, 6, generator=g)
     chunks = [torch.randn(n, 6, generator=g) @ mix + 1000.0 for n in (5, 40, 9, 33, 17, 2, 64, 8, 21, 12)]
@@ -41,7 +42,8 @@ def test_streamed_covariance_far_from_zero_and_across_flushes(monkeypatch):
     for c in chunks:
         st.update(c, 1)
     assert st.cov_batches == 10 and st.cov_count == sum(c.shape[0] for c in chunks)
-    assert not st.cov_block[2:, :2].any() and st.cov_block[:2, 2:].all()  # only the upper blocks are summed
+    upper = torch.ones(3, 3).triu().repeat_interleave(2, 0).repeat_interleave(2, 1).bool()
+    assert st.cov_block[upper].all() and not st.cov_block[~upper].any()  # only the panels' upper blocks
     full = torch.cat(chunks).double()
     expected = torch.cov(full.T, correction=0)
     torch.testing.assert_close(st.cov, expected, rtol=0, atol=2e-4 * float(expected.abs().max()))
