@@ -12,7 +12,12 @@ For each model, every repeat runs back to back over the same calibration batches
   masked original model on the example input, and the slicing alone where compensation
   ran), *BN correction* (passes of the pruned model over the batches),
   and *other* (the rest: counts, bookkeeping);
-- *data-free*: graph + ``prune()`` with ``importance="magnitude", bias_compensation=False``.
+- *data-free*: graph + ``prune()`` with ``importance="magnitude", bias_compensation=False``;
+- *floors* of collection: the same collection with its statistics replaced by no work at
+  all (*hooks only*: what the hooks, the layout check and the bookkeeping cost) and by one
+  plain ``sum`` per channel of every hooked tensor (*one read*: exact per-channel
+  statistics must read each hooked tensor at least once; no covariance sample). They are
+  lower bounds for the collection ratio, not a mode of the product (:func:`_floor`).
 
 Stages are timed by wrapping the pruner's private methods for the duration of one call
 or the stage modules' functions (see ``_WRAPPED``: the names before and after the kernel's
@@ -121,6 +126,48 @@ def _timed_stages(pruner: StructuredPruner, acc: dict[str, list[float]]) -> Iter
                 setattr(owner, attr, fn)
 
 
+def _floor_moments(mode: str):
+    """Stand-ins for the per-channel moments ``(count, mean, M2)`` of a hooked tensor."""
+
+    def moments(x: torch.Tensor, dim: int):
+        x = x.detach()
+        c = x.shape[dim]
+        if mode == "hooks":
+            zero = torch.zeros(c, dtype=torch.float64)
+            return float(x.numel() // c), zero, zero + 1
+        sums = x.sum([d for d in range(x.ndim) if d != dim]).to(torch.float64)
+        return float(x.numel() // c), sums, sums.abs()
+
+    return moments
+
+
+@contextmanager
+def _floor(mode: str) -> Iterator[bool]:
+    """Collection's statistics replaced (``mode`` "hooks": by nothing; "read": by one sum
+    per channel) while the block runs; yields False, changing nothing, where one of the
+    replaced names is missing (the report then shows "-")."""
+    from cleanai_core import bn_correction, calibration
+
+    moments = _floor_moments(mode)
+    patches = [
+        (calibration, "finite_moments", moments),
+        (bn_correction, "_moments", lambda x: moments(x, 1 if x.ndim > 1 else 0) if x.ndim else None),
+        (calibration.ChannelStats, "_add_sample", lambda self, x, reduction: None),
+        (bn_correction, "sample_rows", lambda x: None),
+    ]
+    if not all(hasattr(owner, name) for owner, name, _ in patches):
+        yield False
+        return
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, fn in patches:
+        setattr(owner, name, fn)
+    try:
+        yield True
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
 def _add(acc: dict[str, list[float]], stage: str, wall: float, cpu: float) -> None:
     acc.setdefault(stage, [0.0, 0.0])
     acc[stage][0] += wall
@@ -133,8 +180,9 @@ def _build(name: str) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False).eval()
 
 
-def stage_costs(key: str, repeats: int = 3, calib_batches: int = 4, batch: int = 8) -> dict:
-    """Median per-stage seconds (wall and CPU) and the issue's ratios for one model."""
+def stage_costs(key: str, repeats: int = 3, calib_batches: int = 4, batch: int = 8, floors: bool = True) -> dict:
+    """Median per-stage seconds (wall and CPU) and the issue's ratios for one model
+    (``floors``: also collection's two floors, see the module doc)."""
     name, size = STAGE_MODELS[key]
     model = _build(name)
     x1 = torch.randn(1, 3, size, size)
@@ -172,6 +220,13 @@ def stage_costs(key: str, repeats: int = 3, calib_batches: int = 4, batch: int =
         clock = _Clock()
         StructuredPruner(model, x1, "magnitude", pruning_ratio=0.5, bias_compensation=False).prune()
         run["data_free"] = clock.read()
+        for mode in ("hooks", "read") if floors else ():
+            floor = StructuredPruner(model, x1, pruning_ratio=0.5)
+            clock = _Clock()
+            with _floor(mode) as patched:
+                floor.collect_activations(batches, progress=False)
+            if patched:
+                run[f"floor_{mode}"] = clock.read()
         runs.append(run)
     row: dict = {"model": key, "load": os.getloadavg()[0]}
     for i, kind in enumerate(("wall", "cpu")):
@@ -181,6 +236,9 @@ def stage_costs(key: str, repeats: int = 3, calib_batches: int = 4, batch: int =
         # ratios per repeat (back to back), then the median: drift between repeats cancels
         row[f"collect_x_{kind}"] = statistics.median(r["collection"][i] / r["plain"][i] for r in runs)
         row[f"total_x_{kind}"] = statistics.median((r["collection"][i] + r["prune"][i]) / r["plain"][i] for r in runs)
+        for mode in ("hooks", "read"):
+            got = [r[f"floor_{mode}"][i] / r["plain"][i] for r in runs if f"floor_{mode}" in r]
+            row[f"floor_{mode}_x_{kind}"] = statistics.median(got) if got else None
     peer = PEER_TOTAL.get(key)
     row["peer_s"] = peer
     row["data_free_x_peer"] = row["data_free_wall"] / peer if peer else None
@@ -227,6 +285,22 @@ def render_stages(rows: list[dict], calib_batches: int, batch: int) -> list[str]
             f"| {r['total_x_cpu']:.2f}x | {r['data_free_wall']:.3f} | {_cell(r['peer_s'])} "
             f"| {_cell(r['data_free_x_peer'])} |"
         )
+    if any(r.get("floor_read_x_wall") is not None for r in rows):
+        lines += [
+            "",
+            "Floors of collection (ratios to plain inference, wall / CPU): the same collection with the statistics "
+            "replaced by no work (*hooks only*) and by one sum per channel of each hooked tensor (*one read*, the "
+            "least any exact per-channel statistics cost; no covariance sample):",
+            "",
+            "| model | collection | one read | hooks only |",
+            "|---|---|---|---|",
+        ]
+        for r in rows:
+            cells = [
+                f"{_cell(r.get(f'{k}_wall'))}x / {_cell(r.get(f'{k}_cpu'))}x"
+                for k in ("collect_x", "floor_read_x", "floor_hooks_x")
+            ]
+            lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return lines
 
 
