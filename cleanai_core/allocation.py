@@ -209,9 +209,12 @@ def _search(choose: Any, cost: Any, target: float, iterations: int, linear: bool
 def _back_off(
     ratios: dict[int, float], grids: dict[int, list[tuple[float, float, float]]], target: float, cost: Any
 ) -> dict[int, float]:
-    """The multiplier search lands on curve vertices and can overshoot the target; give
-    back one grid step at a time where it buys the most fidelity per unit of cost, as
-    long as the measured cost stays within the target."""
+    """The multiplier search lands on curve vertices and can overshoot the target: where
+    the curves are flat (no measurable loss, e.g. over the first steps of a robust layer,
+    or everywhere in a random-weight model) any multiplier prunes every flat group to its
+    last measured ratio. Give back one grid step at a time, the one that buys the most
+    fidelity per unit of cost first (among equals, of the group pruned most), as long as
+    the measured cost stays within the target: the budget the target allows is spent."""
     ratios = dict(ratios)
     done: set[int] = set()
     while True:
@@ -221,12 +224,11 @@ def _back_off(
             if gid in done or i == 0:
                 continue
             gain, lost = pts[i][1] - pts[i - 1][1], pts[i][2] - pts[i - 1][2]
-            if gain <= 0:
-                continue
-            moves.append((-(gain / lost) if lost > 0 else -math.inf, gid, pts[i - 1][0]))
+            value = gain / lost if lost > 0 else (math.inf if gain >= 0 else -math.inf)
+            moves.append((-value, -ratios[gid], gid, pts[i - 1][0]))
         if not moves:
             return ratios
-        _, gid, r = min(moves)
+        *_, gid, r = min(moves)
         trial = {**ratios, gid: r}
         if cost(trial) <= target:
             ratios = trial

@@ -266,3 +266,26 @@ def test_the_choice_keeps_the_curves_allocation_within_the_noise():
     broken = own.clone()
     broken[3] = float("inf")
     assert _choose({"sensitivity": broken, "uniform": own}, {"sensitivity": None, "uniform": None}) == "uniform"
+
+
+@pytest.mark.parametrize("flat_until", [4, 2])
+def test_flat_curves_do_not_prune_past_the_target(analysed, flat_until):
+    """Curves with no measurable loss (a random-weight model: every KL 0; or the first
+    steps of robust layers) make any multiplier prune each flat group to its last ratio:
+    the allocation gave 0.098 of the FLOPs for a target of 0.5 on a random-weight
+    MobileNet-V3. The steps it does not need are given back, so the target is met from
+    below, within a grid step, with the flattest groups pruned alike."""
+    net, p, result = analysed
+    flat = attrs.evolve(
+        result,
+        curves=[attrs.evolve(c, kl=[0.0] * flat_until + [1.0 * i for i in range(1, len(c.kl) - flat_until + 1)])
+                for c in result.curves],
+    )  # fmt: skip
+    target = 0.6
+    alloc = allocate_ratios(p, flat, target_flops=target)
+    auto = pruner_for(net, layer_pruning_ratios=alloc.layer_ratios).prune()
+    kept = count_flops(auto, X[:1]) / count_flops(net, X[:1])
+    assert kept == pytest.approx(alloc.cost) and target - 0.1 < kept <= target
+    if flat_until == 4:  # all flat: the groups are backed off alike, none left at the last ratio
+        ratios = sorted(alloc.layer_ratios.values())
+        assert ratios[-1] < 0.75 and ratios[-1] - ratios[0] <= 0.15
