@@ -212,15 +212,21 @@ def _back_off(
     """The multiplier search lands on curve vertices and can overshoot the target: where
     the curves are flat (no measurable loss, e.g. over the first steps of a robust layer,
     or everywhere in a random-weight model) any multiplier prunes every flat group to its
-    last measured ratio. Give back one grid step at a time, the one that buys the most
-    fidelity per unit of cost first (among equals, of the group pruned most), as long as
-    the measured cost stays within the target: the budget the target allows is spent."""
+    last measured ratio. Give back grid steps, those that buy the most fidelity per unit
+    of cost first (among equals, of the groups pruned most), as long as the measured cost
+    stays within the target: the budget the target allows is spent.
+
+    Each round takes the ``k`` best steps (one per group) together and measures them once:
+    ``k`` doubles after a round within the target and halves after one beyond it, and a
+    single step beyond it retires its group. A flat MobileNet-V3 (about 40 groups, 9 steps
+    each) needs tens of measurements instead of one per step."""
     ratios = dict(ratios)
     done: set[int] = set()
+    k = 1
     while True:
         moves = []
         for gid, pts in grids.items():
-            i = next(k for k, p in enumerate(pts) if p[0] == ratios[gid])
+            i = next(j for j, p in enumerate(pts) if p[0] == ratios[gid])
             if gid in done or i == 0:
                 continue
             gain, lost = pts[i][1] - pts[i - 1][1], pts[i][2] - pts[i - 1][2]
@@ -228,9 +234,12 @@ def _back_off(
             moves.append((-value, -ratios[gid], gid, pts[i - 1][0]))
         if not moves:
             return ratios
-        *_, gid, r = min(moves)
-        trial = {**ratios, gid: r}
+        moves.sort()
+        k = min(k, len(moves))
+        trial = {**ratios, **{gid: r for *_, gid, r in moves[:k]}}
         if cost(trial) <= target:
-            ratios = trial
+            ratios, k = trial, 2 * k
+        elif k > 1:
+            k //= 2
         else:
-            done.add(gid)
+            done.add(moves[0][2])
