@@ -510,9 +510,7 @@ DEFAULT_PRUNES_NOTHING = {
     "swin": "MLP ratio, heads and the patch-merging widths have no key",
 }
 #: the default prune at 0.4 reloads only through ``load_pruned``
-DEFAULT_NEEDS_LOAD_PRUNED = {
-    "jamba": "the dense MLP (58 of 96) and the experts (60: aligned to 16 bytes) share intermediate_size",
-}
+DEFAULT_NEEDS_LOAD_PRUNED: dict[str, str] = {}
 
 
 @pytest.mark.corpus

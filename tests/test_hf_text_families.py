@@ -412,16 +412,41 @@ def test_granitemoe_shared_mlp_width_is_written_to_its_key(tmp_path):
 
 
 def test_a_prune_that_removes_nothing_still_says_how_the_model_reloads():
-    """HunYuan-MoE at 0.4: its shared MLP and experts must keep one width (the config has
-    one key for both), which the plan's 0.4 breaks, so they stay; the key/value groups (2
-    per layer) lose nothing at 0.4. The model came back unchanged without
-    ``config.cleanai_pruning`` (``AttributeError`` for a caller reading it)."""
+    """HunYuan-MoE at 0.03: the MLP widths lose 2 of 96 units, which the experts' alignment
+    (kept counts a multiple of 4) rounds to none; the heads and key/value groups lose
+    nothing. The model came back unchanged without ``config.cleanai_pruning``
+    (``AttributeError`` for a caller reading it)."""
     model, inputs, _ = build("hunyuan-moe")
     with pytest.warns(RuntimeWarning, match="the pruned model equals the original"):
-        small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+        small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.03).prune()
     assert params(small) == params(model)
     assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert not hasattr(model.config, "cleanai_pruning")
+
+
+@pytest.mark.parametrize(
+    ("name", "dense", "experts"),
+    [("jamba", "model.layers.0.feed_forward.up_proj", "model.layers.1.feed_forward.experts"),
+     ("hunyuan-moe", "model.layers.0.mlp.shared_mlp.up_proj", "model.layers.0.mlp.experts")],
+)  # fmt: skip
+def test_widths_of_one_config_key_keep_one_aligned_count(name, dense, experts, tmp_path):
+    """A dense MLP and experts of one config key (Jamba's ``feed_forward`` and its experts,
+    HunYuan-MoE's shared MLP and experts: ``intermediate_size``, 96): at 0.4 the plan kept
+    58 of the dense units and 60 of each expert's (aligned to 16 bytes), a width one key
+    cannot hold. Jamba reloaded only through ``load_pruned``; HunYuan-MoE's check kept both
+    and the default pruned nothing (222,592 parameters). Groups of one size now keep one
+    count, aligned for all of them (60), in the plan, the check and ``random_units``."""
+    model, inputs, _ = build(name)
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    modules = dict(small.named_modules())
+    assert modules[dense].out_features == 60 and modules[experts].down_proj.shape[-1] == 60
+    assert small.config.intermediate_size == 60
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert params(small) < params(model) - 2 * 36 * 64 * 3
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+    graph = DependencyGraph(model, inputs)
+    units = random_units(graph, 0.4, torch.Generator().manual_seed(0), exclude_normalized=True)
+    assert {int(units[g.units].sum()) for g in graph.groups() if g.size == 96} == {36}
 
 
 def test_a_norm_whose_normalized_shape_is_an_int_is_claimed_without_error():
