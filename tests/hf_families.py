@@ -486,6 +486,64 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         _causal("VaultGemmaForCausalLM", "VaultGemmaConfig", num_key_value_heads=2, head_dim=16, sliding_window=4),
         "causal",
     ),
+    # -- round 5 --
+    "qwen3-next": (  # gated delta-net and full attention layers; its q_proj holds a query and a gate per head
+        _causal(
+            "Qwen3NextForCausalLM",
+            "Qwen3NextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+        ),
+        "causal",
+    ),
+    "switch-transformers": (  # T5 with top-1 routed experts (one nn.Module per expert) every other layer
+        _make(
+            "SwitchTransformersForConditionalGeneration",
+            "SwitchTransformersConfig",
+            _seq2seq_inputs,
+            **T5,
+            num_decoder_layers=2,  # its default (12) leaves generate()'s cache 2 layers long: unpruned fails too
+            num_experts=4,
+            num_sparse_encoder_layers=1,
+            num_sparse_decoder_layers=1,
+        ),
+        "seq2seq",
+    ),
+    "pegasus-x": (  # global-local encoder attention reshaped to its input's width
+        _make(
+            "PegasusXForConditionalGeneration",
+            "PegasusXConfig",
+            _seq2seq_inputs,
+            **BART,
+            block_size=4,
+            num_global_tokens=2,
+        ),
+        "seq2seq",
+    ),
+    "bigbird": (  # block-sparse attention (its default): rebuilt from the config for short inputs
+        _make("BigBirdForMaskedLM", "BigBirdConfig", _ids, **ENC, **ENC_EXTRA, block_size=2, num_random_blocks=1),
+        "encoder",
+    ),
+    "bigbird-pegasus": (
+        _make(
+            "BigBirdPegasusForConditionalGeneration",
+            "BigBirdPegasusConfig",
+            _seq2seq_inputs,
+            **BART,
+            block_size=2,
+            num_random_blocks=1,
+        ),
+        "seq2seq",
+    ),
     **{
         name: (_make(cls, cls.replace("ForMaskedLM", "Config"), _ids, **ENC, **ENC_EXTRA, **kw), "encoder")
         for name, cls, kw in (

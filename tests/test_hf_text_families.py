@@ -479,3 +479,68 @@ def test_heads_a_config_validation_refuses_are_kept_by_default(name, tmp_path):
     assert small.model.layers[0].mlp.up_proj.out_features == 96 - 38
     assert any("validate_architecture" in r for g in pruner.graph.groups() for r in g.reasons)
     assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+
+
+def test_a_query_projection_with_a_gate_per_head_counts_its_heads_from_the_output_projection(tmp_path):
+    """Qwen3-Next's ``q_proj`` holds a query and a gate per head (2 x heads x head_dim rows):
+    the fix-up read 4 heads from the 64 rows left of 2 pruned heads, set
+    ``num_key_value_groups`` to 4, and eager attention failed (``The size of tensor a (2)
+    must match the size of tensor b (4)``); the config said 4 heads, so the default kept them.
+    The head count is ``o_proj``'s input width over the head size."""
+    model, inputs, _ = build("qwen3-next", "eager")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 177
+    model, inputs, _ = build("qwen3-next")  # sdpa, as from_pretrained gives
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    attn = small.model.layers[1].self_attn
+    assert attn.q_proj.out_features == 2 * 2 * 16 and attn.o_proj.in_features == 32 and attn.num_key_value_groups == 2
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+
+
+def test_pegasus_x_global_local_attention_keeps_the_heads_of_the_width_it_reshapes_to():
+    """PEGASUS-X's encoder attention reshapes its output to ``token_hidden_states.shape[2]``
+    (``hidden_dim=``, then ``.view(..., dim.hidden_dim)``), a pattern the input-width check
+    did not read: its heads were pruned alone and every pruned model failed (``shape '[1, 2,
+    64]' is invalid for input of size 64``). Its query projection now goes with the hidden
+    size, which the default keeps; the decoder's heads and every MLP prune."""
+    model, inputs, _ = build("pegasus-x")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 200
+    graph = DependencyGraph(model, inputs)
+    small = copy.deepcopy(model)
+    apply_edits(small, edits_for(graph, random_units(graph, 0.5, torch.Generator().manual_seed(0), True)))
+    assert small.model.encoder.layers[0].self_attn.q_proj.out_features == 64
+    assert small.model.decoder.layers[0].self_attn.q_proj.out_features == 32
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = small.generate(input_ids=inputs["input_ids"], **gen)
+    assert out.shape[1] >= 5
+
+
+@pytest.mark.parametrize("n", [8, 48])  # 48 > (5 + 2 x 1 random block) x block 2: block-sparse runs
+def test_bigbird_block_sparse_attention_keeps_its_heads_and_says_why(n, tmp_path):
+    """BigBird's block-sparse attention switches to full attention for short inputs by
+    building a new self-attention from the config (head size ``hidden_size /
+    num_attention_heads``): its pruned heads came back at the old width (``ValueError: The
+    hidden size (64) is not a multiple of the number of attention heads (3)``; at 0.5 ``shape
+    '[1, 8, 64]' is invalid``). Its projections are frozen with the reason; the MLP prunes."""
+    from cleanai_plugins.zoo.transformers.rebuilt import REBUILT
+
+    model, _, _ = build("bigbird")
+    inputs = (torch.randint(3, 100, (1, n), generator=torch.Generator().manual_seed(1)),)
+    graph = DependencyGraph(model, inputs)
+    q = "bert.encoder.layer.0.attention.self.query"
+    heads = next(g for g in graph.groups() if any(s.module == q and s.name == "out" for s in g.slices))
+    assert heads.prunable == 0 and REBUILT in heads.reasons
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 48 + 32  # MLPs, the MLM head's dense
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    assert small.bert.encoder.layer[1].intermediate.dense.out_features == 48
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    long = torch.randint(3, 100, (1, 48), generator=torch.Generator().manual_seed(3))
+    for x in (inputs[0], long, long[:, :8]):  # sparse and full, switching both ways
+        assert small(x).logits.shape == (1, x.shape[1], 100)
+    short = long[:, :8]  # full attention: the sparse one draws its random blocks anew each call
+    assert torch.equal(reloaded(small, tmp_path)(short).logits, small(short).logits)
