@@ -483,7 +483,6 @@ NO_RELOAD = {
     "diffllama": "its lambda vectors (head_dim wide) have no key of their own (the default pruner keeps them)",
     "fnet": "its pooler is hidden_size wide with no key of its own (the default pruner keeps it)",
     "mra": "its key/value widths are derived from the width and head count (the default pruner keeps them)",
-    "switch-transformers": "experts no token reached while tracing stay whole: d_ff cannot hold both widths",
     "zamba2": "the shared block's attention width (2 x hidden) and its adapters have no key (the default keeps them)",
 }
 

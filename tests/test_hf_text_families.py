@@ -544,3 +544,26 @@ def test_bigbird_block_sparse_attention_keeps_its_heads_and_says_why(n, tmp_path
         assert small(x).logits.shape == (1, x.shape[1], 100)
     short = long[:, :8]  # full attention: the sparse one draws its random blocks anew each call
     assert torch.equal(reloaded(small, tmp_path)(short).logits, small(short).logits)
+
+
+def test_routed_experts_no_example_token_reached_prune_with_the_others(tmp_path):
+    """SwitchTransformers keeps one ``wi``/``wo`` module per expert and calls only the
+    experts tokens were routed to: traced one by one, the experts the 8 example tokens
+    missed kept 96 units while the others shrank, and ``d_ff`` was never written (no key
+    for ``mlp.wi``), so the default kept every MLP (229,120 -> 179,840 parameters: heads
+    only). The experts' dict is claimed as one module; every expert prunes, reached or not."""
+    model, inputs, _ = build("switch-transformers")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 486
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    experts = small.encoder.block[1].layer[1].mlp.experts
+    assert [experts[f"expert_{i}"].wi.out_features for i in range(4)] == [48] * 4
+    assert small.encoder.block[0].layer[1].mlp.wi.out_features == 48 and small.config.d_ff == 48
+    assert params(small) == 118_400
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    again = reloaded(small, tmp_path)
+    assert torch.equal(run_model(again, inputs)[0], run_model(small, inputs)[0])
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(small.generate(input_ids=inputs["input_ids"], **gen),
+                           again.generate(input_ids=inputs["input_ids"], **gen))  # fmt: skip

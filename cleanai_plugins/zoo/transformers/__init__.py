@@ -54,6 +54,7 @@ from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
 from cleanai_plugins.zoo.transformers.experts import ExpertsPruner, is_experts
 from cleanai_plugins.zoo.transformers.fills import FILLS, HeadsFill
 from cleanai_plugins.zoo.transformers.rebuilt import REBUILT, FrozenLinearPruner, rebuilt_projections
+from cleanai_plugins.zoo.transformers.routed import RoutedExpertsPruner, routed_experts
 
 __all__ = ["Conv1DPruner", "is_rms_norm", "is_weightless_layer_norm"]
 
@@ -170,6 +171,8 @@ def cleanai_layer_pruner(module, findings=None):
         return LayerNormPruner()
     if is_experts(module):
         return ExpertsPruner()
+    if routed_experts(module) is not None:
+        return RoutedExpertsPruner()
     return None
 
 
