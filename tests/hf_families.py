@@ -544,6 +544,117 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "seq2seq",
     ),
+    "cohere2-moe": (
+        _causal(
+            "Cohere2MoeForCausalLM",
+            "Cohere2MoeConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "granite-swa": (
+        _causal("GraniteSWAForCausalLM", "GraniteSWAConfig", num_key_value_heads=2, sliding_window=4),
+        "causal",
+    ),
+    "granitemoe-swa": (
+        _causal(
+            "GraniteMoeSWAForCausalLM",
+            "GraniteMoeSWAConfig",
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "hyperclovax": (
+        _causal("HyperCLOVAXForCausalLM", "HyperCLOVAXConfig", num_key_value_heads=2, head_dim=16),
+        "causal",
+    ),
+    "mellum": (
+        _causal(
+            "MellumForCausalLM",
+            "MellumConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "laguna": (  # a dense first layer, experts and shared experts; a gate projection on the attention output
+        _causal(
+            "LagunaForCausalLM",
+            "LagunaConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "nemotron-h": (  # experts and shared experts, attention and an MLP, each a "mixer" layer
+        _causal(
+            "NemotronHForCausalLM",
+            "NemotronHConfig",
+            num_hidden_layers=3,
+            layers_block_type=["moe", "full_attention", "mlp"],
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            moe_shared_expert_intermediate_size=48,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "mimo-v2-flash": (  # sliding-window layers with their own key/value head count
+        _causal(
+            "MiMoV2FlashForCausalLM",
+            "MiMoV2FlashConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "hy-v3": (
+        _causal(
+            "HYV3ForCausalLM",
+            "HYV3Config",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "aria-text": (  # shared experts intermediate_size x moe_num_shared_experts wide
+        _causal(
+            "AriaTextForCausalLM",
+            "AriaTextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            moe_num_experts=4,
+            moe_topk=2,
+            moe_num_shared_experts=2,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "bert-lm-head": (_make("BertLMHeadModel", "BertConfig", _ids, **ENC, **ENC_EXTRA, is_decoder=True), "causal"),
+    "roberta-causal": (
+        _make("RobertaForCausalLM", "RobertaConfig", _ids, **ENC, **ENC_EXTRA, is_decoder=True),
+        "causal",
+    ),
     **{
         name: (_make(cls, cls.replace("ForMaskedLM", "Config"), _ids, **ENC, **ENC_EXTRA, **kw), "encoder")
         for name, cls, kw in (
@@ -562,6 +673,11 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
             ("xlm-roberta-xl", "XLMRobertaXLForMaskedLM", {}),
             ("yoso", "YosoForMaskedLM", {}),
             ("nomic-bert", "NomicBertForMaskedLM", {"head_dim": 16}),
+            ("gte", "GteForMaskedLM", {}),
+            ("esmc", "EsmcForMaskedLM", {"num_key_value_heads": 4, "head_dim": 16}),
+            ("jina-embeddings-v3", "JinaEmbeddingsV3ForMaskedLM", {}),
+            ("ultrabert", "UltrabertForMaskedLM", {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4}),
+            ("rembert", "RemBertForMaskedLM", {"input_embedding_size": 32, "output_embedding_size": 32}),
         )
     },
     **{

@@ -567,3 +567,19 @@ def test_routed_experts_no_example_token_reached_prune_with_the_others(tmp_path)
     with torch.no_grad():
         assert torch.equal(small.generate(input_ids=inputs["input_ids"], **gen),
                            again.generate(input_ids=inputs["input_ids"], **gen))  # fmt: skip
+
+
+def test_nemotron_h_mixer_mlp_widths_are_written_to_their_keys(tmp_path):
+    """Nemotron-H names every layer's module ``mixer``: its MLP layers' ``mixer.up_proj``
+    (``intermediate_size``) and its MoE layers' ``mixer.shared_experts.up_proj``
+    (``moe_shared_expert_intermediate_size``) were said to have no key and kept, so the
+    default at 0.4 pruned nothing (60,416 parameters)."""
+    model, inputs, _ = build("nemotron-h")
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    layers = small.model.layers
+    assert layers[2].mixer.up_proj.out_features == 58 and small.config.intermediate_size == 58
+    assert layers[0].mixer.shared_experts.up_proj.out_features == 29
+    assert small.config.moe_shared_expert_intermediate_size == 29
+    assert params(small) == 60_416 - (38 + 19) * 2 * 64
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
