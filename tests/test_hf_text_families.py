@@ -583,3 +583,22 @@ def test_nemotron_h_mixer_mlp_widths_are_written_to_their_keys(tmp_path):
     assert params(small) == 60_416 - (38 + 19) * 2 * 64
     assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+
+
+def test_per_layer_head_counts_and_plural_shared_experts_are_written(tmp_path):
+    """Laguna reads its head counts from ``num_attention_heads_per_layer`` and its shared
+    experts' width (``mlp.shared_experts``, plural) from ``shared_expert_intermediate_size``:
+    neither was written, so the default kept the heads and the shared experts (179,844 ->
+    163,332 parameters at 0.4) and a 0.5 prune of either reloaded only through
+    ``load_pruned``."""
+    model, inputs, _ = build("laguna")
+    graph = DependencyGraph(model, inputs)
+    small = copy.deepcopy(model)
+    apply_edits(small, edits_for(graph, random_units(graph, 0.5, torch.Generator().manual_seed(0), True)))
+    assert small.config.num_attention_heads_per_layer == [2, 2] and small.config.num_attention_heads == 2
+    assert small.model.layers[1].mlp.shared_experts.gate_proj.out_features == 256  # of 512
+    assert small.config.shared_expert_intermediate_size == 256
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+    pruned = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    assert params(pruned) == 124_164

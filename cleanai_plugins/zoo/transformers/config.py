@@ -56,9 +56,10 @@ _MLP_UP = re.compile(
 _MLP_STACKED = ("gate_up_proj", ".Wi")
 #: a shared expert beside the routed ones: its own config key (Qwen2-MoE's
 #: ``shared_expert_intermediate_size``; GraniteMoeShared's ``shared_intermediate_size``, its
-#: ``input_linear`` stacking gate and up; Nemotron-H's ``moe_shared_expert_intermediate_size``)
+#: ``input_linear`` stacking gate and up; Nemotron-H's ``moe_shared_expert_intermediate_size``; Laguna's
+#: ``shared_experts``; written only where the config has one of these keys)
 _SHARED_UP = re.compile(
-    r"(^|\.)(mlp\.shared_expert\.(gate_proj|gate_up_proj)|shared_mlp\.input_linear|mixer\.shared_experts\.up_proj)$"
+    r"(^|\.)(mlp\.shared_experts?\.(gate_proj|gate_up_proj)|shared_mlp\.input_linear|mixer\.shared_experts\.up_proj)$"
 )
 _SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size")
 _MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner")
@@ -141,6 +142,11 @@ def _write(entry: dict) -> dict:
         _set(config, "hidden_size", [widths.most_common(1)[0][0]], record)
     for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
         _set(config, key, values.get(key, []), record)
+    per_layer = getattr(config, "num_attention_heads_per_layer", None)  # Laguna: a head count per layer
+    heads = values.get("num_attention_heads", [])
+    if isinstance(per_layer, list) and len(per_layer) == len(heads):
+        config.num_attention_heads_per_layer = list(heads)
+        record.pop("num_attention_heads", None)
     for key in ("head_dim", "attention_head_size"):  # explicit: no hidden_size / heads division
         if values.get(key) and not is_staged(config) and not isinstance(getattr(type(config), key, None), property):
             setattr(config, key, values[key][0])  # (Swin derives it per stage; Falcon's is a read-only property)
