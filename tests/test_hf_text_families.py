@@ -573,14 +573,18 @@ def test_nemotron_h_mixer_mlp_widths_are_written_to_their_keys(tmp_path):
     """Nemotron-H names every layer's module ``mixer``: its MLP layers' ``mixer.up_proj``
     (``intermediate_size``) and its MoE layers' ``mixer.shared_experts.up_proj``
     (``moe_shared_expert_intermediate_size``) were said to have no key and kept, so the
-    default at 0.4 pruned nothing (60,416 parameters)."""
+    default at 0.4 pruned nothing (60,416 parameters). Its 3-D experts have no gate (one
+    ``up_proj``): no pruner claimed them; each expert's width now prunes too."""
     model, inputs, _ = build("nemotron-h")
     small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
     layers = small.model.layers
     assert layers[2].mixer.up_proj.out_features == 58 and small.config.intermediate_size == 58
     assert layers[0].mixer.shared_experts.up_proj.out_features == 29
     assert small.config.moe_shared_expert_intermediate_size == 29
-    assert params(small) == 60_416 - (38 + 19) * 2 * 64
+    experts = layers[0].mixer.experts
+    assert experts.up_proj.shape == (4, 20, 64) and experts.down_proj.shape == (4, 64, 20)
+    assert small.config.moe_intermediate_size == 20
+    assert params(small) == 60_416 - (38 + 19) * 2 * 64 - 4 * 12 * 2 * 64
     assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
 
