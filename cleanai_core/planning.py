@@ -11,7 +11,15 @@ import torch
 
 from cleanai_core.graph.groups import Group
 
-__all__ = ["GroupPlan", "PruningPlan", "equalize_ties", "limit_units", "make_plan", "tied_sets"]
+__all__ = [
+    "GroupPlan",
+    "PruningPlan",
+    "equalize_ties",
+    "limit_units",
+    "make_plan",
+    "tied_sets",
+    "uniform_alignments",
+]
 
 
 @attrs.define(eq=False)
@@ -123,10 +131,23 @@ def _alignment(group: Group) -> int:
     return out
 
 
-def limit_units(group: Group, n: int, round_to: int | None, min_units: int) -> int:
+def uniform_alignments(groups: list[Group]) -> dict[int, int]:
+    """Per group id, the alignment of its kept count in a uniform plan: the least common
+    multiple of the alignments of every group of its size, so that groups of one size
+    keep one count (Jamba's dense MLP and its experts, both ``intermediate_size`` wide:
+    the experts' 16-byte alignment kept 60 of 96 units where the MLP kept 58, a width
+    one config key cannot hold)."""
+    by_size: dict[int, int] = {}
+    for g in groups:
+        by_size[g.size] = math.lcm(by_size.get(g.size, 1), _alignment(g))
+    return {g.id: by_size[g.size] for g in groups}
+
+
+def limit_units(group: Group, n: int, round_to: int | None, min_units: int, align: int | None = None) -> int:
     """``n`` units of ``group`` made a count the group can lose: at most its prunable
     units, at least ``min_units`` kept, the kept count rounded up to ``round_to`` channels
-    and to the slices' alignment (``SliceSpec.multiple``)."""
+    and to the slices' alignment (``SliceSpec.multiple``; ``align``, a multiple of it,
+    where given: :func:`uniform_alignments`)."""
     n = max(0, min(n, group.prunable, group.size - max(1, min_units)))
     if round_to and round_to > 1 and n > 0:
         m = _multiplicity(group)
@@ -134,7 +155,7 @@ def limit_units(group: Group, n: int, round_to: int | None, min_units: int) -> i
         kept = math.ceil(kept / round_to) * round_to
         n = max(0, group.size - math.ceil(kept / m))
         n = min(n, group.prunable)
-    align = _alignment(group)
+    align = align or _alignment(group)
     if align > 1 and n > 0:
         n = min(max(0, group.size - math.ceil((group.size - n) / align) * align), group.prunable)
     return n
@@ -217,9 +238,10 @@ def make_plan(
     group_ratios = group_ratios or {}
     plans = []
     if not global_pruning:
+        aligns = uniform_alignments(groups)
         for g in groups:
             r = group_ratios.get(g.id, ratio)
-            n = limit_units(g, int(math.floor(r * g.size + 1e-9)), round_to, min_units)
+            n = limit_units(g, int(math.floor(r * g.size + 1e-9)), round_to, min_units, aligns[g.id])
             plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), r))
         equalize_ties(plans)
         return PruningPlan(plans, n_atoms)

@@ -486,6 +486,271 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         _causal("VaultGemmaForCausalLM", "VaultGemmaConfig", num_key_value_heads=2, head_dim=16, sliding_window=4),
         "causal",
     ),
+    # -- round 5 --
+    "qwen3-next": (  # gated delta-net and full attention layers; its q_proj holds a query and a gate per head
+        _causal(
+            "Qwen3NextForCausalLM",
+            "Qwen3NextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+        ),
+        "causal",
+    ),
+    "switch-transformers": (  # T5 with top-1 routed experts (one nn.Module per expert) every other layer
+        _make(
+            "SwitchTransformersForConditionalGeneration",
+            "SwitchTransformersConfig",
+            _seq2seq_inputs,
+            **T5,
+            num_decoder_layers=2,  # its default (12) leaves generate()'s cache 2 layers long: unpruned fails too
+            num_experts=4,
+            num_sparse_encoder_layers=1,
+            num_sparse_decoder_layers=1,
+        ),
+        "seq2seq",
+    ),
+    "pegasus-x": (  # global-local encoder attention reshaped to its input's width
+        _make(
+            "PegasusXForConditionalGeneration",
+            "PegasusXConfig",
+            _seq2seq_inputs,
+            **BART,
+            block_size=4,
+            num_global_tokens=2,
+        ),
+        "seq2seq",
+    ),
+    "bigbird": (  # block-sparse attention (its default): rebuilt from the config for short inputs
+        _make("BigBirdForMaskedLM", "BigBirdConfig", _ids, **ENC, **ENC_EXTRA, block_size=2, num_random_blocks=1),
+        "encoder",
+    ),
+    "bigbird-pegasus": (
+        _make(
+            "BigBirdPegasusForConditionalGeneration",
+            "BigBirdPegasusConfig",
+            _seq2seq_inputs,
+            **BART,
+            block_size=2,
+            num_random_blocks=1,
+        ),
+        "seq2seq",
+    ),
+    "cohere2-moe": (
+        _causal(
+            "Cohere2MoeForCausalLM",
+            "Cohere2MoeConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "granite-swa": (
+        _causal("GraniteSWAForCausalLM", "GraniteSWAConfig", num_key_value_heads=2, sliding_window=4),
+        "causal",
+    ),
+    "granitemoe-swa": (
+        _causal(
+            "GraniteMoeSWAForCausalLM",
+            "GraniteMoeSWAConfig",
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=4,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "hyperclovax": (
+        _causal("HyperCLOVAXForCausalLM", "HyperCLOVAXConfig", num_key_value_heads=2, head_dim=16),
+        "causal",
+    ),
+    "mellum": (
+        _causal(
+            "MellumForCausalLM",
+            "MellumConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "laguna": (  # a dense first layer, experts and shared experts; a gate projection on the attention output
+        _causal(
+            "LagunaForCausalLM",
+            "LagunaConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "nemotron-h": (  # experts and shared experts, attention and an MLP, each a "mixer" layer
+        _causal(
+            "NemotronHForCausalLM",
+            "NemotronHConfig",
+            num_hidden_layers=3,
+            layers_block_type=["moe", "full_attention", "mlp"],
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            moe_shared_expert_intermediate_size=48,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "mimo-v2-flash": (  # sliding-window layers with their own key/value head count
+        _causal(
+            "MiMoV2FlashForCausalLM",
+            "MiMoV2FlashConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "hy-v3": (
+        _causal(
+            "HYV3ForCausalLM",
+            "HYV3Config",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "aria-text": (  # shared experts intermediate_size x moe_num_shared_experts wide
+        _causal(
+            "AriaTextForCausalLM",
+            "AriaTextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            moe_num_experts=4,
+            moe_topk=2,
+            moe_num_shared_experts=2,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "bert-lm-head": (_make("BertLMHeadModel", "BertConfig", _ids, **ENC, **ENC_EXTRA, is_decoder=True), "causal"),
+    "roberta-causal": (
+        _make("RobertaForCausalLM", "RobertaConfig", _ids, **ENC, **ENC_EXTRA, is_decoder=True),
+        "causal",
+    ),
+    "qwen3.5": (  # gated delta-net and gated full attention
+        _causal(
+            "Qwen3_5ForCausalLM",
+            "Qwen3_5TextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+        ),
+        "causal",
+    ),
+    "qwen3.5-moe": (
+        _causal(
+            "Qwen3_5MoeForCausalLM",
+            "Qwen3_5MoeTextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+        ),
+        "causal",
+    ),
+    "deepseek-v2": (
+        _causal(
+            "DeepseekV2ForCausalLM",
+            "DeepseekV2Config",
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            head_dim=8,
+            n_group=1,
+            topk_group=1,
+        ),
+        "causal",
+    ),
+    "minicpm3": (
+        _causal(
+            "MiniCPM3ForCausalLM",
+            "MiniCPM3Config",
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            head_dim=8,
+        ),
+        "causal",
+    ),
+    "granitemoe-hybrid": (
+        _causal(
+            "GraniteMoeHybridForCausalLM",
+            "GraniteMoeHybridConfig",
+            num_key_value_heads=2,
+            layer_types=["mamba", "attention"],
+            mamba_d_state=8,
+            mamba_n_heads=4,
+            mamba_d_head=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            shared_intermediate_size=48,
+        ),
+        "causal",
+    ),
+    "smollm3": (_causal("SmolLM3ForCausalLM", "SmolLM3Config", num_key_value_heads=2), "causal"),
+    "seed-oss": (_causal("SeedOssForCausalLM", "SeedOssConfig", num_key_value_heads=2, head_dim=16), "causal"),
+    "ministral": (
+        _causal("MinistralForCausalLM", "MinistralConfig", num_key_value_heads=2, head_dim=16, sliding_window=4),
+        "causal",
+    ),
+    "arcee": (_causal("ArceeForCausalLM", "ArceeConfig", num_key_value_heads=2, head_dim=16), "causal"),
+    "hunyuan-dense": (
+        _causal("HunYuanDenseV1ForCausalLM", "HunYuanDenseV1Config", num_key_value_heads=2, head_dim=16),
+        "causal",
+    ),
+    "ernie4_5": (_causal("Ernie4_5ForCausalLM", "Ernie4_5Config", num_key_value_heads=2, head_dim=16), "causal"),
+    "apertus": (_causal("ApertusForCausalLM", "ApertusConfig", num_key_value_heads=2), "causal"),
+    "glm4": (_causal("Glm4ForCausalLM", "Glm4Config", num_key_value_heads=2, head_dim=16), "causal"),
     **{
         name: (_make(cls, cls.replace("ForMaskedLM", "Config"), _ids, **ENC, **ENC_EXTRA, **kw), "encoder")
         for name, cls, kw in (
@@ -504,6 +769,11 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
             ("xlm-roberta-xl", "XLMRobertaXLForMaskedLM", {}),
             ("yoso", "YosoForMaskedLM", {}),
             ("nomic-bert", "NomicBertForMaskedLM", {"head_dim": 16}),
+            ("gte", "GteForMaskedLM", {}),
+            ("esmc", "EsmcForMaskedLM", {"num_key_value_heads": 4, "head_dim": 16}),
+            ("jina-embeddings-v3", "JinaEmbeddingsV3ForMaskedLM", {}),
+            ("ultrabert", "UltrabertForMaskedLM", {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4}),
+            ("rembert", "RemBertForMaskedLM", {"input_embedding_size": 32, "output_embedding_size": 32}),
         )
     },
     **{

@@ -176,6 +176,34 @@ HEADS_IN_CONFIG = {
     "yoso",
     "nomic-bert",
     "longt5",
+    "qwen3-next",
+    "switch-transformers",
+    "cohere2-moe",
+    "granite-swa",
+    "granitemoe-swa",
+    "hyperclovax",
+    "mellum",
+    "laguna",
+    "nemotron-h",
+    "mimo-v2-flash",
+    "hy-v3",
+    "aria-text",
+    "gte",
+    "esmc",
+    "jina-embeddings-v3",
+    "qwen3.5",
+    "qwen3.5-moe",
+    "deepseek-v2",
+    "minicpm3",
+    "granitemoe-hybrid",
+    "smollm3",
+    "seed-oss",
+    "ministral",
+    "arcee",
+    "hunyuan-dense",
+    "ernie4_5",
+    "apertus",
+    "glm4",
 }
 
 
@@ -482,6 +510,8 @@ NO_RELOAD = {
     "diffllama": "its lambda vectors (head_dim wide) have no key of their own (the default pruner keeps them)",
     "fnet": "its pooler is hidden_size wide with no key of its own (the default pruner keeps it)",
     "mra": "its key/value widths are derived from the width and head count (the default pruner keeps them)",
+    "bigbird": "its pooler is hidden_size wide with no key of its own (the default pruner keeps it)",
+    "ultrabert": "its MLM head's widths have no key of their own (the default pruner keeps them)",
     "zamba2": "the shared block's attention width (2 x hidden) and its adapters have no key (the default keeps them)",
 }
 
@@ -510,9 +540,7 @@ DEFAULT_PRUNES_NOTHING = {
     "swin": "MLP ratio, heads and the patch-merging widths have no key",
 }
 #: the default prune at 0.4 reloads only through ``load_pruned``
-DEFAULT_NEEDS_LOAD_PRUNED = {
-    "jamba": "the dense MLP (58 of 96) and the experts (60: aligned to 16 bytes) share intermediate_size",
-}
+DEFAULT_NEEDS_LOAD_PRUNED: dict[str, str] = {}
 
 
 @pytest.mark.corpus

@@ -412,16 +412,41 @@ def test_granitemoe_shared_mlp_width_is_written_to_its_key(tmp_path):
 
 
 def test_a_prune_that_removes_nothing_still_says_how_the_model_reloads():
-    """HunYuan-MoE at 0.4: its shared MLP and experts must keep one width (the config has
-    one key for both), which the plan's 0.4 breaks, so they stay; the key/value groups (2
-    per layer) lose nothing at 0.4. The model came back unchanged without
-    ``config.cleanai_pruning`` (``AttributeError`` for a caller reading it)."""
+    """HunYuan-MoE at 0.03: the MLP widths lose 2 of 96 units, which the experts' alignment
+    (kept counts a multiple of 4) rounds to none; the heads and key/value groups lose
+    nothing. The model came back unchanged without ``config.cleanai_pruning``
+    (``AttributeError`` for a caller reading it)."""
     model, inputs, _ = build("hunyuan-moe")
     with pytest.warns(RuntimeWarning, match="the pruned model equals the original"):
-        small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+        small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.03).prune()
     assert params(small) == params(model)
     assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert not hasattr(model.config, "cleanai_pruning")
+
+
+@pytest.mark.parametrize(
+    ("name", "dense", "experts"),
+    [("jamba", "model.layers.0.feed_forward.up_proj", "model.layers.1.feed_forward.experts"),
+     ("hunyuan-moe", "model.layers.0.mlp.shared_mlp.up_proj", "model.layers.0.mlp.experts")],
+)  # fmt: skip
+def test_widths_of_one_config_key_keep_one_aligned_count(name, dense, experts, tmp_path):
+    """A dense MLP and experts of one config key (Jamba's ``feed_forward`` and its experts,
+    HunYuan-MoE's shared MLP and experts: ``intermediate_size``, 96): at 0.4 the plan kept
+    58 of the dense units and 60 of each expert's (aligned to 16 bytes), a width one key
+    cannot hold. Jamba reloaded only through ``load_pruned``; HunYuan-MoE's check kept both
+    and the default pruned nothing (222,592 parameters). Groups of one size now keep one
+    count, aligned for all of them (60), in the plan, the check and ``random_units``."""
+    model, inputs, _ = build(name)
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    modules = dict(small.named_modules())
+    assert modules[dense].out_features == 60 and modules[experts].down_proj.shape[-1] == 60
+    assert small.config.intermediate_size == 60
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert params(small) < params(model) - 2 * 36 * 64 * 3
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+    graph = DependencyGraph(model, inputs)
+    units = random_units(graph, 0.4, torch.Generator().manual_seed(0), exclude_normalized=True)
+    assert {int(units[g.units].sum()) for g in graph.groups() if g.size == 96} == {36}
 
 
 def test_a_norm_whose_normalized_shape_is_an_int_is_claimed_without_error():
@@ -454,3 +479,130 @@ def test_heads_a_config_validation_refuses_are_kept_by_default(name, tmp_path):
     assert small.model.layers[0].mlp.up_proj.out_features == 96 - 38
     assert any("validate_architecture" in r for g in pruner.graph.groups() for r in g.reasons)
     assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+
+
+def test_a_query_projection_with_a_gate_per_head_counts_its_heads_from_the_output_projection(tmp_path):
+    """Qwen3-Next's ``q_proj`` holds a query and a gate per head (2 x heads x head_dim rows):
+    the fix-up read 4 heads from the 64 rows left of 2 pruned heads, set
+    ``num_key_value_groups`` to 4, and eager attention failed (``The size of tensor a (2)
+    must match the size of tensor b (4)``); the config said 4 heads, so the default kept them.
+    The head count is ``o_proj``'s input width over the head size."""
+    model, inputs, _ = build("qwen3-next", "eager")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 177
+    model, inputs, _ = build("qwen3-next")  # sdpa, as from_pretrained gives
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    attn = small.model.layers[1].self_attn
+    assert attn.q_proj.out_features == 2 * 2 * 16 and attn.o_proj.in_features == 32 and attn.num_key_value_groups == 2
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+
+
+def test_pegasus_x_global_local_attention_keeps_the_heads_of_the_width_it_reshapes_to():
+    """PEGASUS-X's encoder attention reshapes its output to ``token_hidden_states.shape[2]``
+    (``hidden_dim=``, then ``.view(..., dim.hidden_dim)``), a pattern the input-width check
+    did not read: its heads were pruned alone and every pruned model failed (``shape '[1, 2,
+    64]' is invalid for input of size 64``). Its query projection now goes with the hidden
+    size, which the default keeps; the decoder's heads and every MLP prune."""
+    model, inputs, _ = build("pegasus-x")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 200
+    graph = DependencyGraph(model, inputs)
+    small = copy.deepcopy(model)
+    apply_edits(small, edits_for(graph, random_units(graph, 0.5, torch.Generator().manual_seed(0), True)))
+    assert small.model.encoder.layers[0].self_attn.q_proj.out_features == 64
+    assert small.model.decoder.layers[0].self_attn.q_proj.out_features == 32
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = small.generate(input_ids=inputs["input_ids"], **gen)
+    assert out.shape[1] >= 5
+
+
+@pytest.mark.parametrize("n", [8, 48])  # 48 > (5 + 2 x 1 random block) x block 2: block-sparse runs
+def test_bigbird_block_sparse_attention_keeps_its_heads_and_says_why(n, tmp_path):
+    """BigBird's block-sparse attention switches to full attention for short inputs by
+    building a new self-attention from the config (head size ``hidden_size /
+    num_attention_heads``): its pruned heads came back at the old width (``ValueError: The
+    hidden size (64) is not a multiple of the number of attention heads (3)``; at 0.5 ``shape
+    '[1, 8, 64]' is invalid``). Its projections are frozen with the reason; the MLP prunes."""
+    from cleanai_plugins.zoo.transformers.rebuilt import REBUILT
+
+    model, _, _ = build("bigbird")
+    inputs = (torch.randint(3, 100, (1, n), generator=torch.Generator().manual_seed(1)),)
+    graph = DependencyGraph(model, inputs)
+    q = "bert.encoder.layer.0.attention.self.query"
+    heads = next(g for g in graph.groups() if any(s.module == q and s.name == "out" for s in g.slices))
+    assert heads.prunable == 0 and REBUILT in heads.reasons
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 48 + 32  # MLPs, the MLM head's dense
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    assert small.bert.encoder.layer[1].intermediate.dense.out_features == 48
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    long = torch.randint(3, 100, (1, 48), generator=torch.Generator().manual_seed(3))
+    for x in (inputs[0], long, long[:, :8]):  # sparse and full, switching both ways
+        assert small(x).logits.shape == (1, x.shape[1], 100)
+    short = long[:, :8]  # full attention: the sparse one draws its random blocks anew each call
+    assert torch.equal(reloaded(small, tmp_path)(short).logits, small(short).logits)
+
+
+def test_routed_experts_no_example_token_reached_prune_with_the_others(tmp_path):
+    """SwitchTransformers keeps one ``wi``/``wo`` module per expert and calls only the
+    experts tokens were routed to: traced one by one, the experts the 8 example tokens
+    missed kept 96 units while the others shrank, and ``d_ff`` was never written (no key
+    for ``mlp.wi``), so the default kept every MLP (229,120 -> 179,840 parameters: heads
+    only). The experts' dict is claimed as one module; every expert prunes, reached or not."""
+    model, inputs, _ = build("switch-transformers")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 486
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    experts = small.encoder.block[1].layer[1].mlp.experts
+    assert [experts[f"expert_{i}"].wi.out_features for i in range(4)] == [48] * 4
+    assert small.encoder.block[0].layer[1].mlp.wi.out_features == 48 and small.config.d_ff == 48
+    assert params(small) == 118_400
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    again = reloaded(small, tmp_path)
+    assert torch.equal(run_model(again, inputs)[0], run_model(small, inputs)[0])
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(small.generate(input_ids=inputs["input_ids"], **gen),
+                           again.generate(input_ids=inputs["input_ids"], **gen))  # fmt: skip
+
+
+def test_nemotron_h_mixer_mlp_widths_are_written_to_their_keys(tmp_path):
+    """Nemotron-H names every layer's module ``mixer``: its MLP layers' ``mixer.up_proj``
+    (``intermediate_size``) and its MoE layers' ``mixer.shared_experts.up_proj``
+    (``moe_shared_expert_intermediate_size``) were said to have no key and kept, so the
+    default at 0.4 pruned nothing (60,416 parameters). Its 3-D experts have no gate (one
+    ``up_proj``): no pruner claimed them; each expert's width now prunes too."""
+    model, inputs, _ = build("nemotron-h")
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    layers = small.model.layers
+    assert layers[2].mixer.up_proj.out_features == 58 and small.config.intermediate_size == 58
+    assert layers[0].mixer.shared_experts.up_proj.out_features == 29
+    assert small.config.moe_shared_expert_intermediate_size == 29
+    experts = layers[0].mixer.experts
+    assert experts.up_proj.shape == (4, 20, 64) and experts.down_proj.shape == (4, 64, 20)
+    assert small.config.moe_intermediate_size == 20
+    assert params(small) == 60_416 - (38 + 19) * 2 * 64 - 4 * 12 * 2 * 64
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+
+
+def test_per_layer_head_counts_and_plural_shared_experts_are_written(tmp_path):
+    """Laguna reads its head counts from ``num_attention_heads_per_layer`` and its shared
+    experts' width (``mlp.shared_experts``, plural) from ``shared_expert_intermediate_size``:
+    neither was written, so the default kept the heads and the shared experts (179,844 ->
+    163,332 parameters at 0.4) and a 0.5 prune of either reloaded only through
+    ``load_pruned``."""
+    model, inputs, _ = build("laguna")
+    graph = DependencyGraph(model, inputs)
+    small = copy.deepcopy(model)
+    apply_edits(small, edits_for(graph, random_units(graph, 0.5, torch.Generator().manual_seed(0), True)))
+    assert small.config.num_attention_heads_per_layer == [2, 2] and small.config.num_attention_heads == 2
+    assert small.model.layers[1].mlp.shared_experts.gate_proj.out_features == 256  # of 512
+    assert small.config.shared_expert_intermediate_size == 256
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert torch.equal(reloaded(small, tmp_path)(*inputs).logits, small(*inputs).logits)
+    pruned = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    assert params(pruned) == 124_164

@@ -53,6 +53,8 @@ from cleanai_plugins.zoo.transformers.config import fix_config
 from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
 from cleanai_plugins.zoo.transformers.experts import ExpertsPruner, is_experts
 from cleanai_plugins.zoo.transformers.fills import FILLS, HeadsFill
+from cleanai_plugins.zoo.transformers.rebuilt import REBUILT, FrozenLinearPruner, rebuilt_projections
+from cleanai_plugins.zoo.transformers.routed import RoutedExpertsPruner, routed_experts
 
 __all__ = ["Conv1DPruner", "is_rms_norm", "is_weightless_layer_norm"]
 
@@ -60,6 +62,9 @@ __all__ = ["Conv1DPruner", "is_rms_norm", "is_weightless_layer_norm"]
 #: their input's width (LED's decoder attention): claimed by a pruner that ties their output
 #: channels to their input channels
 INPUT_WIDTH_QUERIES = "input_width_queries"
+#: model findings key: projections of attention that transformers rebuilds from the config
+#: while the model runs (BigBird's block-sparse attention, :mod:`.rebuilt`): frozen
+REBUILT_PROJECTIONS = "rebuilt_projections"
 
 
 def is_rms_norm(module) -> bool:
@@ -118,11 +123,13 @@ def cleanai_prepare_model(model):
     bare = [m for _, hf in outermost(model, PreTrainedModel) for m in undeclarable(hf)]
     alibi = [m for m in modules if is_alibi_attention(m)]
     tied = {q for q in map(input_width_query, modules) if q is not None}
+    rebuilt = {p for m in modules for p in rebuilt_projections(m)}
     found = {
         **(allow_channel_ranges(*fused) if fused else {}),
         **(no_new_bias(*bare) if bare else {}),
         **(slices_head_inputs(*alibi) if alibi else {}),
         **({INPUT_WIDTH_QUERIES: tied} if tied else {}),
+        **({REBUILT_PROJECTIONS: rebuilt} if rebuilt else {}),
     }
     return found or None
 
@@ -154,6 +161,8 @@ def cleanai_after_prune(module, name, edits, findings=None):
 def cleanai_layer_pruner(module, findings=None):
     if module in (findings or {}).get(INPUT_WIDTH_QUERIES, ()):
         return TiedLinearPruner(1)
+    if module in (findings or {}).get(REBUILT_PROJECTIONS, ()):
+        return FrozenLinearPruner(REBUILT)
     if Conv1D is not None and isinstance(module, Conv1D):
         return Conv1DPruner()
     if is_rms_norm(module):
@@ -162,6 +171,8 @@ def cleanai_layer_pruner(module, findings=None):
         return LayerNormPruner()
     if is_experts(module):
         return ExpertsPruner()
+    if routed_experts(module) is not None:
+        return RoutedExpertsPruner()
     return None
 
 

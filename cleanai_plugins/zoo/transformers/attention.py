@@ -85,20 +85,27 @@ def _per_head_fused(module: nn.Module) -> bool:
     )
 
 
-_INPUT_WIDTH = re.compile(r"\w+\s*,\s*\w+\s*,\s*(\w+)\s*=\s*hidden_states\.(?:size\(\)|shape)")
+_INPUT_WIDTH = (
+    re.compile(r"\w+\s*,\s*\w+\s*,\s*(\w+)\s*=\s*\w*hidden_states\.(?:size\(\)|shape)"),
+    re.compile(r"(\w+)\s*=\s*\w*hidden_states\.(?:shape|size\(\))\[(?:2|-1)\]"),
+)
 
 
 @functools.cache
 def _reshapes_to_input_width(cls: type) -> bool:
-    """``forward`` reads the width of ``hidden_states`` (``bsz, tgt_len, embed_dim =
-    hidden_states.size()``) and reshapes its attention output to it (LED's decoder
-    attention: ``attn_output.reshape(bsz, tgt_len, embed_dim)``)."""
+    """``forward`` reads the width of its input (``bsz, tgt_len, embed_dim =
+    hidden_states.size()``; PEGASUS-X: ``hidden_dim=token_hidden_states.shape[2]``) and
+    reshapes its attention output to it (LED's decoder attention: ``attn_output.reshape(bsz,
+    tgt_len, embed_dim)``; PEGASUS-X: ``.view(dim.batch_size, dim.global_len, dim.hidden_dim)``)."""
     try:
         src = inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return False
-    found = _INPUT_WIDTH.search(src)
-    return found is not None and re.search(rf"(?:reshape|view)\([^)]*\b{found.group(1)}\s*\)", src) is not None
+    for pattern in _INPUT_WIDTH:
+        for found in pattern.finditer(src):
+            if re.search(rf"(?:reshape|view)\([^)]*\b{found.group(1)}\s*\)", src) is not None:
+                return True
+    return False
 
 
 def input_width_query(module: nn.Module) -> nn.Module | None:
@@ -193,6 +200,9 @@ def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | No
                 w, stacks = proj_width(getattr(module, "q_attn", None)), 1
             width = w // stacks
             break
+    o_in = proj_in_width(getattr(module, "o_proj", None))
+    if width is not None and o_in is not None and width == 2 * o_in:
+        width = o_in  # a query and a gate per head (Qwen3-Next's q_proj: 2 x heads x head_dim rows)
     if width is None or hd <= 0 or width % hd:
         return None
     kv_width = next((proj_width(getattr(module, c, None)) for c in KEY_PROJS if hasattr(module, c)), None)

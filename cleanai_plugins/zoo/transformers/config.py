@@ -48,16 +48,20 @@ __all__ = ["fix_config", "rebuild_mismatches", "rebuilt_shapes"]
 # the first projection of an MLP (its output width is the MLP width), and its stacked parts
 _MLP_UP = re.compile(
     r"(^|\.)((mlp|feed_forward)\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in|gate_up_proj)|intermediate\.dense|"
-    r"ffn\.lin1|DenseReluDense\.wi(_0)?|fc1|ffn|mlp\.Wi|ffn\.linear_1|ff\.layer_1)$"
+    r"ffn\.lin1|DenseReluDense\.wi(_0)?|fc1|ffn|mlp\.Wi|ffn\.linear_1|ff\.layer_1|mlp\.wi|experts\.expert_\d+\.wi|mixer\.up_proj)$"
 )  # up_proj alone: an MLP without a gate (Nemotron); ffn.linear_1: Funnel; ff.layer_1: XLNet;
-#  feed_forward: the hybrid Mamba models (Bamba, Jamba, Zamba)
+#  feed_forward: the hybrid Mamba models (Bamba, Jamba, Zamba); mlp.wi, experts.expert_<i>.wi: SwitchTransformers;
+#  mixer.up_proj: Nemotron-H's MLP layers
 #: MLP projections whose output stacks two halves (gate and up) of the MLP width
 _MLP_STACKED = ("gate_up_proj", ".Wi")
 #: a shared expert beside the routed ones: its own config key (Qwen2-MoE's
 #: ``shared_expert_intermediate_size``; GraniteMoeShared's ``shared_intermediate_size``, its
-#: ``input_linear`` stacking gate and up)
-_SHARED_UP = re.compile(r"(^|\.)(mlp\.shared_expert\.(gate_proj|gate_up_proj)|shared_mlp\.input_linear)$")
-_SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size")
+#: ``input_linear`` stacking gate and up; Nemotron-H's ``moe_shared_expert_intermediate_size``; Laguna's
+#: ``shared_experts``; written only where the config has one of these keys)
+_SHARED_UP = re.compile(
+    r"(^|\.)(mlp\.shared_experts?\.(gate_proj|gate_up_proj)|shared_mlp\.input_linear|mixer\.shared_experts\.up_proj)$"
+)
+_SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size")
 _MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner")
 
 
@@ -138,6 +142,11 @@ def _write(entry: dict) -> dict:
         _set(config, "hidden_size", [widths.most_common(1)[0][0]], record)
     for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
         _set(config, key, values.get(key, []), record)
+    per_layer = getattr(config, "num_attention_heads_per_layer", None)  # Laguna: a head count per layer
+    heads = values.get("num_attention_heads", [])
+    if isinstance(per_layer, list) and len(per_layer) == len(heads):
+        config.num_attention_heads_per_layer = list(heads)
+        record.pop("num_attention_heads", None)
     for key in ("head_dim", "attention_head_size"):  # explicit: no hidden_size / heads division
         if values.get(key) and not is_staged(config) and not isinstance(getattr(type(config), key, None), property):
             setattr(config, key, values[key][0])  # (Swin derives it per stage; Falcon's is a read-only property)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from cleanai_core.graph.cut import cut_dims
-from cleanai_core.planning import limit_units
+from cleanai_core.planning import limit_units, uniform_alignments
 from cleanai_core.slicing import apply_edits, edits_for
 from cleanai_plugins.zoo.transformers.config import rebuild_mismatches, rebuilt_shapes
 from cleanai_plugins.zoo.transformers.reload_path import reasons
@@ -159,7 +159,8 @@ def _check_rounds(graph, hf: list[str], share: float | None, kept: set[int], fou
     model = graph.model
     for _ in range(_ROUNDS):
         groups = [g for g in graph.groups(prunable_only=True) if g.id not in kept]
-        counts = {g.id: _count(g, share) for g in groups}
+        aligns = uniform_alignments(graph.groups(prunable_only=True))
+        counts = {g.id: _count(g, share, aligns[g.id]) for g in groups}
         groups = [g for g in groups if counts[g.id] > 0]
         if not groups:
             return True
@@ -191,11 +192,11 @@ def _check_rounds(graph, hf: list[str], share: float | None, kept: set[int], fou
     return True
 
 
-def _count(group, share: float | None) -> int:
+def _count(group, share: float | None, align: int) -> int:
     """The units of ``group`` the check prunes: half, or ``share`` as the uniform plan counts."""
     if share is None:
         return min(max(group.size // 2, 1), group.prunable, group.size - 1)
-    return limit_units(group, int(math.floor(share * group.size + 1e-9)), None, 1)
+    return limit_units(group, int(math.floor(share * group.size + 1e-9)), None, 1, align)
 
 
 def _sliced_meta(graph, groups: list, counts: dict[int, int]) -> nn.Module | None:

@@ -1,6 +1,7 @@
 """Mixture-of-experts MLPs stored as 3-D tensors (transformers' ``MixtralExperts`` and
-its copies, GPT-OSS's): one ``gate_up_proj`` and one ``down_proj`` for all experts, run
-per expert or through ``torch._grouped_mm``.
+its copies, GPT-OSS's): one ``gate_up_proj`` (Nemotron-H's experts, without a gate: one
+``up_proj``) and one ``down_proj`` for all experts, run per expert or through
+``torch._grouped_mm``.
 
 The layout is what transformers' ``use_experts_implementation`` decorator writes on the
 module: ``is_transposed`` (GPT-OSS: ``gate_up_proj`` ``(experts, hidden, 2 * inter)``,
@@ -29,16 +30,23 @@ from cleanai_core.interfaces import LayerPruner
 __all__ = ["ExpertsPruner", "expert_width", "is_experts"]
 
 
+def _up(module: nn.Module) -> tuple[str, int]:
+    """The first projection's attribute and how many parts of the MLP width it stacks:
+    ``("gate_up_proj", 2)``, or ``("up_proj", 1)`` for experts without a gate (Nemotron-H)."""
+    return ("gate_up_proj", 2) if isinstance(getattr(module, "gate_up_proj", None), nn.Parameter) else ("up_proj", 1)
+
+
 def _layout(module: nn.Module) -> tuple[int, int, int, int] | None:
     """``(experts, hidden, inter, transposed)`` of a 3-D experts module, else None."""
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    name, stacks = _up(module)
+    gate_up, down = getattr(module, name, None), getattr(module, "down_proj", None)
     if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
         return None
     if gate_up.ndim != 3 or down.ndim != 3 or gate_up.shape[0] != down.shape[0]:
         return None
     t = int(getattr(module, "is_transposed", False) is True)
     inter, hidden = (down.shape[1], down.shape[2]) if t else (down.shape[2], down.shape[1])
-    if gate_up.shape[1 + t] != 2 * inter or gate_up.shape[2 - t] != hidden:
+    if gate_up.shape[1 + t] != stacks * inter or gate_up.shape[2 - t] != hidden:
         return None
     return down.shape[0], hidden, inter, t
 
@@ -55,6 +63,8 @@ def expert_width(module: nn.Module) -> int | None:
 
 def _pairs(module: nn.Module, keep: torch.Tensor, inter: int) -> torch.Tensor:
     """The gate/up positions of the units ``keep``, in the module's order."""
+    if _up(module)[1] == 1:  # no gate: one row per unit
+        return keep
     if getattr(module, "is_concatenated", True) is False:  # interleaved: gate 2k, up 2k + 1
         return torch.stack([2 * keep, 2 * keep + 1], 1).reshape(-1)
     return torch.cat([keep, keep + inter])
@@ -91,7 +101,8 @@ class ExpertsPruner(LayerPruner):
 
     def prune(self, module, keep):
         experts, hidden, inter, t = _layout(module)
-        gate_up, down = module.gate_up_proj.data, module.down_proj.data
+        up_name = _up(module)[0]
+        gate_up, down = getattr(module, up_name).data, module.down_proj.data
         up_bias, down_bias = _bias(module, "gate_up_proj_bias"), _bias(module, "down_proj_bias")
         if "hidden_in" in keep:
             gate_up = gate_up.index_select(2 - t, keep["hidden_in"])
@@ -111,7 +122,7 @@ class ExpertsPruner(LayerPruner):
             down = torch.stack([down[e].index_select(1 - t, k) for e, k in enumerate(kept)])
             if up_bias is not None:
                 _set(module, "gate_up_proj_bias", torch.stack([up_bias.data[e][p] for e, p in enumerate(pairs)]))
-        _set(module, "gate_up_proj", gate_up)
+        _set(module, up_name, gate_up)
         _set(module, "down_proj", down)
         _, hidden, inter, _ = _layout(module)
         for attr, value in (("intermediate_dim", inter), ("intermediate_size", inter), ("hidden_dim", hidden),
@@ -123,15 +134,16 @@ class ExpertsPruner(LayerPruner):
         """Zero, in the masking oracle's copy, every weight (and bias) that reads or writes ``idx``."""
         _, _, inter, t = _layout(module)
         up_bias, down_bias = _bias(module, "gate_up_proj_bias"), _bias(module, "down_proj_bias")
+        gate_up = getattr(module, _up(module)[0])
         if slice_name == "hidden_in":
-            module.gate_up_proj.data.index_fill_(2 - t, idx, 0)
+            gate_up.data.index_fill_(2 - t, idx, 0)
         elif slice_name == "hidden_out":
             module.down_proj.data.index_fill_(1 + t, idx, 0)
             if down_bias is not None:
                 down_bias.data[:, idx] = 0
         else:
             e, pairs = int(slice_name.split(".")[1]), _pairs(module, idx, inter)
-            module.gate_up_proj.data[e].index_fill_(t, pairs, 0)
+            gate_up.data[e].index_fill_(t, pairs, 0)
             module.down_proj.data[e].index_fill_(1 - t, idx, 0)
             if up_bias is not None:
                 up_bias.data[e, pairs] = 0
@@ -139,7 +151,8 @@ class ExpertsPruner(LayerPruner):
 
     def weight_energy(self, module, slice_name):
         _, _, inter, t = _layout(module)
-        gate_up, down = module.gate_up_proj.detach().float() ** 2, module.down_proj.detach().float() ** 2
+        name, stacks = _up(module)
+        gate_up, down = getattr(module, name).detach().float() ** 2, module.down_proj.detach().float() ** 2
         if t:  # to the (experts, 2 * inter, hidden) and (experts, hidden, inter) layout
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         if slice_name == "hidden_in":
@@ -148,7 +161,9 @@ class ExpertsPruner(LayerPruner):
             return down.sum((0, 2))
         e = int(slice_name.split(".")[1])
         rows = gate_up[e].sum(1)
-        if getattr(module, "is_concatenated", True) is False:
+        if stacks == 1:
+            pair = rows
+        elif getattr(module, "is_concatenated", True) is False:
             pair = rows.reshape(inter, 2).sum(1)
         else:
             pair = rows.reshape(2, inter).sum(0)
