@@ -42,10 +42,11 @@ from torch import nn
 from cleanai_core import options
 from cleanai_core.bn_correction import norms_with_running_stats
 from cleanai_core.bn_refresh import reestimate_batchnorm
-from cleanai_core.calibration import iterate, move_to, split_batch
+from cleanai_core.calibration import iterate, split_batch
 from cleanai_core.errors import UserError
-from cleanai_core.metrics import call_model, count_flops
+from cleanai_core.metrics import count_flops
 from cleanai_core.model_state import copy_model
+from cleanai_core.runtime import run_batch
 from cleanai_core.slicing import SliceEdit, apply_edits
 
 __all__ = ["GradualPruner", "PruningSchedule", "kept_indices", "position_tagged_copy", "slice_optimizer"]
@@ -391,9 +392,7 @@ class GradualPruner:
         return None
 
     def _run(self, model: nn.Module, batch: Any) -> Any:
-        p = next(iter(model.parameters()), None)
-        inputs = split_batch(batch)[0]
-        return call_model(model, move_to(inputs, p.device) if p is not None else inputs, self.options.get("forward_fn"))
+        return run_batch(model, split_batch(batch)[0], self.options.get("forward_fn"))
 
     def flops_share(self) -> float:
         """FLOPs of the current model over those of the model given at the start."""

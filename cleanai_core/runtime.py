@@ -199,15 +199,20 @@ def device_of(model: nn.Module) -> torch.device | None:
 
 
 def inputs_for(model: nn.Module, inputs: Any) -> Any:
-    """``inputs`` on ``model``'s device; float64 tensors cast to the model's floating dtype
-    when it is another (numpy arrays default to float64, models to float32)."""
+    """``inputs`` on ``model``'s device, floating tensors cast to the model's floating dtype:
+    every one where the model computes in one dtype (float32 batches for a float16 or
+    bfloat16 model failed with a dtype mismatch, as the command line and ``recover`` cast
+    them), float64 ones where it mixes dtypes (numpy arrays default to float64)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     if p is None:
         return inputs
     inputs = move_to(inputs, p.device)
-    if p.dtype == torch.float64:
-        return inputs
-    return tree_map(lambda t: t.to(p.dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else t, inputs)
+    if len(dtypes) == 1:
+        cast = lambda t: t.is_floating_point() and t.dtype != p.dtype  # noqa: E731
+    else:
+        cast = lambda t: t.dtype == torch.float64 and p.dtype != torch.float64  # noqa: E731
+    return tree_map(lambda t: t.to(p.dtype) if isinstance(t, torch.Tensor) and cast(t) else t, inputs)
 
 
 def run_batch(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:
