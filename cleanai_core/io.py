@@ -169,10 +169,27 @@ def save_pruned(
         }
         atomic_write_text(tmp / "architecture.json", _json(arch))
         if save_pickle:
-            _atomic(tmp / "model_full.pt", lambda fh: torch.save(model, fh))
+            _save_pickle(tmp / "model_full.pt", model)
         if before:
             _carry_over(target, tmp, skip=OWN_FILES)
     return out
+
+
+def _save_pickle(path: Path, model: nn.Module) -> None:
+    """``model_full.pt``: the whole module pickled. A model holding a lambda, a local
+    function or class (a hook, a patched ``forward``) cannot be pickled: that was the
+    pickler's own ``AttributeError: Can't pickle local object`` traceback."""
+    import pickle
+
+    try:
+        _atomic(path, lambda fh: torch.save(model, fh))
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise UserError(
+            f"save_pruned(save_pickle=True): the model cannot be pickled ({type(exc).__name__}: {exc}); it holds "
+            "a lambda, a local function or class, or an open resource (a hook, a patched forward). Save without "
+            "save_pickle (command line: leave out --save-pickle): model.pt, history.json and architecture.json "
+            "rebuild it with load_pruned(). Nothing was written."
+        ) from None
 
 
 def _before_its_history(model: nn.Module, history: Any) -> str | None:

@@ -65,3 +65,55 @@ def test_gradual_pruning_of_a_bfloat16_model_takes_float32_batches():
     assert model[0].weight.shape[0] < 8 and model[0].weight.dtype == torch.bfloat16
     assert gp.flops_share() < 0.6
     assert model(XS[:2].bfloat16()).shape == (2, 4)
+
+
+# -- a model that cannot be pickled, with save_pickle -------------------------------------------
+
+
+def unpicklable_cnn() -> nn.Module:
+    """The demo CNN holding a lambda (a model factory for the command line)."""
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    model.note = lambda: "a lambda"  # pickle refuses it
+    return model
+
+
+def _demo_pruned():
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    torch.manual_seed(0)
+    pruner = StructuredPruner(DigitsCNN().eval(), torch.rand(2, 1, 8, 8), "magnitude", pruning_ratio=0.5)
+    return pruner.prune(), pruner.history
+
+
+def test_save_pickle_of_a_model_that_cannot_be_pickled_is_named_and_writes_nothing(tmp_path):
+    # was the pickler's AttributeError: Can't pickle local object '...<lambda>' traceback
+    from cleanai_core.io import save_pruned
+    from cleanai_plugins.io.demo import MODEL_SPEC
+
+    pruned, history = _demo_pruned()
+    pruned.features[0].register_forward_hook(lambda *a: None)
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match=r"cannot be pickled .*Save without save_pickle.*Nothing was written"):
+        save_pruned(tmp_path / "o", pruned, history, MODEL_SPEC, save_pickle=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no staged folder left
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["mine.txt"]
+
+
+def test_the_command_line_with_save_pickle_of_an_unpicklable_model_exits_2(tmp_path, monkeypatch, capsys):
+    from cleanai_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    torch.save((torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)), "data.pt")
+    code = main(
+        ["prune", "--model", "test_faults_5:unpicklable_cnn", "--data", "data.pt", "--quiet"]
+        + ["--out", "out", "--save-pickle"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "cannot be pickled" in err and "leave out --save-pickle" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.pt"]
