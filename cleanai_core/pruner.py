@@ -3,6 +3,7 @@ in order; each stage is a module of free functions (the list: ``docs/architectur
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
@@ -36,6 +37,17 @@ from cleanai_core.targets import flops_measure, params_measure, pruned_size, rat
 from cleanai_core.verify import Reference, check_outputs, reference, run_outputs
 
 __all__ = ["StructuredPruner", "match_modules"]
+
+
+def _autograd_on() -> contextlib.ExitStack:
+    """Autograd on, also when called under ``torch.no_grad()`` or ``torch.inference_mode()``:
+    gradient criteria raised ``element 0 of tensors does not require grad``, and under
+    inference mode the tensors made there cannot be updated in place. A ``with`` block, not
+    a decorator: the warnings' ``stacklevel`` counts the frames to the user's line."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
 
 
 class StructuredPruner:
@@ -226,10 +238,13 @@ class StructuredPruner:
         Under an initialised ``torch.distributed`` group, ``loader`` is this rank's
         shard (:func:`cleanai_core.distributed.shard`), ``num_batches`` counts this rank's
         batches, and the statistics are summed over ranks."""
-        setup = CalibrationSetup.of(self)
-        self.calibration = calibrate(self.model, self.graph.slices, loader, num_batches, setup, progress, sequential)
-        self._plan = None
-        return self
+        with _autograd_on():
+            setup = CalibrationSetup.of(self)
+            self.calibration = calibrate(
+                self.model, self.graph.slices, loader, num_batches, setup, progress, sequential
+            )
+            self._plan = None
+            return self
 
     # -- scoring and planning ----------------------------------------------------------
     def score(self, graph: Any = None, model: Any = None, calibration: Any = None) -> dict[int, torch.Tensor]:
@@ -296,15 +311,18 @@ class StructuredPruner:
 
     def plan(self) -> PruningPlan:
         """The dry run: which units would go. Changes nothing."""
-        if self._plan is None:
-            dead = self.prune_dead_only
-            self._plan = (
-                dead_plan(self.graph, self.stats, self.score) if dead else self.plan_for(self.graph, self.model)
-            )
-            distributed.check_same_plan(self._plan.pruned_units())
-            if not dead and self._plan.n_pruned == 0 and self._plan.groups:
-                warnings.warn(f"{self.why_nothing_pruned()}; the pruned model equals the original", RuntimeWarning, 3)
-        return self._plan
+        with _autograd_on():
+            if self._plan is None:
+                dead = self.prune_dead_only
+                self._plan = (
+                    dead_plan(self.graph, self.stats, self.score) if dead else self.plan_for(self.graph, self.model)
+                )
+                distributed.check_same_plan(self._plan.pruned_units())
+                if not dead and self._plan.n_pruned == 0 and self._plan.groups:
+                    warnings.warn(
+                        f"{self.why_nothing_pruned()}; the pruned model equals the original", RuntimeWarning, 3
+                    )
+            return self._plan
 
     def why_nothing_pruned(self) -> str:
         """Why a plan removes no unit although groups can shrink: the rounding, the minimum
@@ -460,27 +478,28 @@ class StructuredPruner:
         """Slice the model; return the pruned model (a copy unless ``inplace=True``). Called
         again, it prunes the original again, with a fresh :attr:`history` (the steps of an
         earlier call were kept, so the saved history replayed both and did not load)."""
-        if self.inplace and self.pruned_model is not None:  # the graph and statistics describe the unpruned model
-            raise UserError(
-                "this pruner already pruned the model in place; to prune further, build a new StructuredPruner on "
-                "the pruned model (and collect activations again)"
-            )
-        self.history = PruningHistory()
-        self._before = {"params": count_params(self.model)}
-        if self.inplace:  # the original is about to change: measure it now
-            self.flops_before()
-        self._pruned_plans = []
-        try:
-            current = prune_in_steps(self)
-        finally:
-            # also when a step fails: a later plan() must not see a stale step
-            self._step, self._targets, self._widths = (0, 1), {}, {}
-        copy_modes(self.model, current)
-        if self.inplace:
-            transplant(self.model, current)
-            current = self._given
-        self.pruned_model = current
-        return current
+        with _autograd_on():
+            if self.inplace and self.pruned_model is not None:  # the graph and statistics describe the unpruned model
+                raise UserError(
+                    "this pruner already pruned the model in place; to prune further, build a new StructuredPruner on "
+                    "the pruned model (and collect activations again)"
+                )
+            self.history = PruningHistory()
+            self._before = {"params": count_params(self.model)}
+            if self.inplace:  # the original is about to change: measure it now
+                self.flops_before()
+            self._pruned_plans = []
+            try:
+                current = prune_in_steps(self)
+            finally:
+                # also when a step fails: a later plan() must not see a stale step
+                self._step, self._targets, self._widths = (0, 1), {}, {}
+            copy_modes(self.model, current)
+            if self.inplace:
+                transplant(self.model, current)
+                current = self._given
+            self.pruned_model = current
+            return current
 
     def report(self) -> dict[str, Any]:
         """Per layer: channels before/after, pruned indices, importance scores of pruned and

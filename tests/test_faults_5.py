@@ -117,3 +117,84 @@ def test_the_command_line_with_save_pickle_of_an_unpicklable_model_exits_2(tmp_p
     assert code == 2, err
     assert "cannot be pickled" in err and "leave out --save-pickle" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.pt"]
+
+
+# -- a forward that changes its input in place -------------------------------------------------
+
+
+class _Scaled(nn.Module):
+    """``_net`` on ``2 x``, computed in place on the input (``x.mul_(2)``) or not."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.net, self.in_place = _net(), in_place
+
+    def forward(self, x):
+        return self.net(x.mul_(2) if self.in_place else x * 2)
+
+
+def test_a_forward_changing_its_input_in_place_leaves_the_users_tensors_and_prunes_as_without():
+    # the example input came back multiplied by 2**15, the calibration batches by 2, and since
+    # the original and the pruned model saw other inputs, verification skipped every group
+    x, batches = X.clone(), [XS[:4].clone(), XS[4:8].clone()]
+    pruner = StructuredPruner(_Scaled(True), x, pruning_ratio=0.5)
+    pruner.collect_activations(batches, progress=False)
+    plain = StructuredPruner(_Scaled(False), X, pruning_ratio=0.5)
+    plain.collect_activations([XS[:4], XS[4:8]], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no group skipped
+        pruned, expected = pruner.prune(), plain.prune()
+    assert torch.equal(x, X) and torch.equal(batches[0], XS[:4]) and torch.equal(batches[1], XS[4:8])
+    assert pruned.net[0].weight.shape == expected.net[0].weight.shape == (4, 3, 3, 3)
+    assert torch.equal(pruned(X.clone()), expected(X))
+
+
+# -- pruning called under torch.no_grad() or torch.inference_mode() -------------------------------
+
+
+@pytest.mark.parametrize("importance", ["taylor", "weight_activation"])
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_pruning_under_no_grad_or_inference_mode_prunes_as_outside(importance, context):
+    # taylor raised "element 0 of tensors does not require grad and does not have a grad_fn"
+    batches = [(XS[:4], YS[:4]), (XS[4:8], YS[4:8])]
+    expected = StructuredPruner(_net(), X, importance, pruning_ratio=0.5)
+    expected = expected.collect_activations(batches, progress=False).prune()
+    with context():
+        pruner = StructuredPruner(_net(), X, importance, pruning_ratio=0.5)
+        pruned = pruner.collect_activations(batches, progress=False).prune()
+    assert pruned[0].weight.shape == (4, 3, 3, 3)
+    assert torch.equal(pruned(X), expected(X))
+
+
+def test_a_model_built_under_inference_mode_prunes():
+    # its parameters are inference tensors: "Inference tensors do not track version counter"
+    with torch.inference_mode():
+        model = _net()
+    pruned = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5).prune()
+    expected = StructuredPruner(_net(), X, "magnitude", pruning_ratio=0.5).prune()
+    assert torch.equal(pruned(X), expected(X))
+
+
+# -- save_pruned of a model changed after it was built -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda m: nn.utils.parametrizations.weight_norm(m.features[3]), "remove_parametrizations"),
+        (lambda m: setattr(m, "fc", nn.Linear(m.fc.in_features, 3)), "a layer was replaced or added"),
+    ],
+)
+def test_save_pruned_of_a_model_its_spec_does_not_rebuild_is_refused_and_writes_nothing(tmp_path, change, words):
+    # the folder was written, and load_pruned then called it "damaged, tampered with or not written by this CleanAI"
+    from cleanai_core.io import save_pruned
+    from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
+
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    change(model)
+    pruner = StructuredPruner(model, torch.rand(2, 1, 8, 8), "magnitude", pruning_ratio=0.5)
+    pruned = pruner.prune()
+    with pytest.raises(UserError, match=rf"load_pruned could not load the folder: .*{words}.*Nothing was written"):
+        save_pruned(tmp_path / "o", pruned, pruner.history, MODEL_SPEC)
+    assert list(tmp_path.iterdir()) == []

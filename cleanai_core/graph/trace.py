@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from cleanai_core.metrics import call_model
 from cleanai_core.model_state import preserved
+from cleanai_core.runtime import call_model, copied_inputs
 from cleanai_core.shapes import ShapeOnlyMode, map_tensors
 
 __all__ = ["VALUE_NUMEL", "ModuleCall", "OpCall", "Recording", "TRef", "record"]
@@ -213,10 +213,11 @@ def record(
         # eval mode, and every module's mode, buffers (BatchNorm, quantization observers) and
         # attributes put back afterwards: tracing leaves the user's model as it was
         with preserved(model), torch.no_grad():
+            example_inputs = copied_inputs(example_inputs)  # a forward changing its input in place changes a copy
             leaves = tree_flatten(example_inputs)[0]
             input_refs = [rec.ref(t) for t in leaves if isinstance(t, torch.Tensor)]
             with rec:
-                out = call_model(model, example_inputs, forward_fn)
+                out = call_model(model, example_inputs, forward_fn, copy=False)
             if output_transform is not None:
                 out = output_transform(out)
             elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
