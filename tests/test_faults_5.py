@@ -198,3 +198,34 @@ def test_save_pruned_of_a_model_its_spec_does_not_rebuild_is_refused_and_writes_
     with pytest.raises(UserError, match=rf"load_pruned could not load the folder: .*{words}.*Nothing was written"):
         save_pruned(tmp_path / "o", pruned, pruner.history, MODEL_SPEC)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- a GradualPruner step on bad data -------------------------------------------------------------
+
+
+def _gradual() -> tuple[nn.Module, GradualPruner]:
+    model = _net().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    return model, GradualPruner(model, X, opt, PruningSchedule(final=0.5, steps=2), importance="weight_activation")
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (None, "the calibration data is a NoneType, which cannot be iterated"),  # was TypeError
+        (5, "the calibration data is a int, which cannot be iterated"),
+        # the BatchNorm refresh ran the batches first: the model's own RuntimeError traceback
+        ([(XS[:4], YS[:4]), (torch.rand(4, 5, 8, 8), YS[:4])], r"failed on calibration batch 1 \(input shape"),
+        # the refresh set the running statistics to NaN before calibration refused the batch
+        ([(XS[:4], YS[:4]), (XS[4:8] * float("nan"), YS[4:8])], "non-finite activations"),
+    ],
+)
+def test_a_gradual_step_on_bad_data_is_named_and_leaves_the_model_as_it_was(data, words):
+    model, gp = _gradual()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match=words):
+        gp.step(data)
+    assert gp.steps_done == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model2, opt2 = gp.step([(XS[:4], YS[:4]), (XS[4:8], YS[4:8])])  # the step then runs
+    assert model2[0].weight.shape[0] < 8 and gp.steps_done == 1
