@@ -34,7 +34,7 @@ from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
 from cleanai_core.targets import flops_measure, params_measure, pruned_size, ratio_for_target, unshrunk_params
-from cleanai_core.verify import Reference, check_outputs, reference, run_outputs
+from cleanai_core.verify import Reference, check_outputs, other_paths, reference, run_outputs, untraced_layers
 
 __all__ = ["StructuredPruner", "match_modules"]
 
@@ -199,6 +199,10 @@ class StructuredPruner:
         self.skipped_groups: list[str] = []
         self._before: dict[str, Any] = {}
         self._reference: Reference | None = None  # the original's outputs, for verification
+        # a calibration batch that ran layers the trace of example_inputs did not (control flow that
+        # depends on the data), and the original's outputs on it: the pruned model is checked on it too
+        self._other_path: tuple[tuple, dict] | None = None
+        self._other_reference: Reference | None = None
         self._pruned_plans: list[tuple[DependencyGraph, PruningPlan]] = []  # per step, for the report
         self.graph = self._build_graph(model)
 
@@ -240,9 +244,11 @@ class StructuredPruner:
         batches, and the statistics are summed over ranks."""
         with _autograd_on():
             setup = CalibrationSetup.of(self)
-            self.calibration = calibrate(
-                self.model, self.graph.slices, loader, num_batches, setup, progress, sequential
-            )
+            with other_paths(self.model, untraced_layers(self.graph)) as seen:
+                self.calibration = calibrate(
+                    self.model, self.graph.slices, loader, num_batches, setup, progress, sequential
+                )
+            self._other_path, self._other_reference = seen.inputs, None
             self._plan = None
             return self
 
@@ -398,6 +404,7 @@ class StructuredPruner:
                     self._verify_exact(model, not stats, source, graph, pruned)
                 else:
                     self._verify(model)
+                self._verify_other_path(model)
             except PruningError:
                 # the original may not run on the example inputs either (the trace runs on the meta
                 # device, shapes only): then the inputs are at fault, not the pruning (UserError)
@@ -418,6 +425,28 @@ class StructuredPruner:
         return check_outputs(
             model, self.example_inputs, self._original_outputs, self.forward_fn, self.output_transform, outputs, like
         )
+
+    def _verify_other_path(self, model: nn.Module) -> None:
+        """Check ``model`` on the calibration batch that ran layers the trace did not (see
+        :func:`~cleanai_core.verify.other_paths`): their inputs or outputs may have been
+        pruned without them, and the pruned model broke on such inputs though it passed on
+        ``example_inputs``."""
+        if self._other_path is None:
+            return
+        args, kwargs = self._other_path
+        run = lambda m, _: m(*args, **kwargs)  # noqa: E731
+        if self._other_reference is None:
+            self._other_reference = reference(self.model, None, run, self.output_transform)
+        try:
+            check_outputs(model, None, self._other_reference, run, self.output_transform)
+        except PruningError as exc:
+            raise PruningError(
+                f"{exc}, on a calibration batch that runs layers the example inputs do not run "
+                f"({', '.join(self._other_path_layers())}: the model takes another path for other inputs)"
+            ) from exc
+
+    def _other_path_layers(self) -> list[str]:
+        return sorted(untraced_layers(self.graph))[:4]
 
     def _original_outputs(self) -> Reference:
         if self._reference is None:

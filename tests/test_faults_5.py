@@ -229,3 +229,40 @@ def test_a_gradual_step_on_bad_data_is_named_and_leaves_the_model_as_it_was(data
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     model2, opt2 = gp.step([(XS[:4], YS[:4]), (XS[4:8], YS[4:8])])  # the step then runs
     assert model2[0].weight.shape[0] < 8 and gp.steps_done == 1
+
+
+# -- control flow that depends on the data ---------------------------------------------------------
+
+
+class _Branches(nn.Module):
+    """Takes layer ``a`` for bright inputs and ``b`` for dark ones (the trace follows one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre = nn.Conv2d(3, 8, 3, padding=1)
+        self.stem = nn.Conv2d(8, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(torch.relu(self.pre(x))))
+        h = self.a(h) if x.mean() > 0.5 else self.b(h)
+        return self.head(torch.relu(h).mean((2, 3)))
+
+
+def test_a_calibration_batch_taking_another_path_is_verified_too():
+    # the stem was pruned for the traced branch (a) only: the pruned model failed on dark inputs with
+    # "expected input[2, 4, 8, 8] to have 8 channels", though the calibration data ran branch b
+    bright, dark = XS[:4] * 0.5 + 0.5, XS[4:8] * 0.5
+    model = _Branches().eval()
+    pruner = StructuredPruner(model, bright, pruning_ratio=0.5)
+    pruner.collect_activations([bright, dark], progress=False)
+    with pytest.warns(RuntimeWarning, match=r"skipped group .*stem.*layers the example inputs do not run \(b: "):
+        pruned = pruner.prune()
+    assert pruned(dark).shape == pruned(bright).shape == (4, 4)
+    # the widths branch b reads and writes stay; the rest prunes
+    assert pruned.pre.weight.shape[0] == pruned.stem.weight.shape[1] == 4
+    assert pruned.stem.weight.shape[0] == pruned.a.weight.shape[0] == pruned.b.weight.shape[1] == 8
+    assert not model.stem._forward_pre_hooks and not model._forward_pre_hooks
