@@ -201,10 +201,13 @@ def _rebuild_problem(spec: str, options: dict[str, Any], model: nn.Module, histo
                 return None
             fresh = history.described(fresh)
             replay_history(history, fresh, Path("history.json"), pm)
+        own = fresh.state_dict()
+        if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in own.values()):
+            return None  # lazy modules take their shapes from the weights when they load
+        state = model.state_dict()
+        problems = [p for p in state_dict_problems(own, state) if "meta device" not in p]
     except Exception:  # noqa: BLE001 - the check is best effort; load_pruned reports its own failures
         return None
-    state = model.state_dict()
-    problems = [p for p in state_dict_problems(fresh.state_dict(), state) if "meta device" not in p]
     if not problems:
         return None
     hint = (
