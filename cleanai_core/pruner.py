@@ -248,7 +248,9 @@ class StructuredPruner:
                 self.calibration = calibrate(
                     self.model, self.graph.slices, loader, num_batches, setup, progress, sequential
                 )
-            self._other_path, self._other_reference = seen.inputs, None
+            # the ranks verify alike (one rank's batch would make its plan differ from the others')
+            self._other_path = None if distributed.is_distributed() else seen.inputs
+            self._other_reference = None
             self._plan = None
             return self
 
