@@ -77,9 +77,9 @@ class PruningSchedule:
     """Share removed after step ``k`` (1..``steps``), from ``start`` (before step 1) to
     ``final`` (after the last step)."""
 
-    final: float = attrs.field(validator=_check_schedule)
-    steps: int = 4
-    start: float = 0.0
+    final: float = attrs.field(validator=_check_schedule, converter=options.plain_number)
+    steps: int = attrs.field(default=4, converter=options.plain_number)
+    start: float = attrs.field(default=0.0, converter=options.plain_number)
     kind: str = "cubic"
 
     def removed_after(self, step: int) -> float:

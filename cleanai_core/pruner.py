@@ -141,6 +141,14 @@ class StructuredPruner:
         prune_dead_only: bool = False,
         bn_samples: int = BN_SAMPLES,
     ) -> None:
+        # NumPy and 0-d torch numbers as Python ones (np.float32(0.5) was "not a number")
+        pruning_ratio, max_layer_ratio, round_to, min_channels = map(
+            options.plain_number, (pruning_ratio, max_layer_ratio, round_to, min_channels)
+        )
+        target_flops, target_params, iterative_steps, covariance_rows, stats_budget_bytes, bn_samples = map(
+            options.plain_number,
+            (target_flops, target_params, iterative_steps, covariance_rows, stats_budget_bytes, bn_samples),
+        )
         options.check_model(model)
         options.check_switches(
             global_pruning=global_pruning,
@@ -242,6 +250,7 @@ class StructuredPruner:
         Under an initialised ``torch.distributed`` group, ``loader`` is this rank's
         shard (:func:`cleanai_core.distributed.shard`), ``num_batches`` counts this rank's
         batches, and the statistics are summed over ranks."""
+        num_batches = options.plain_number(num_batches)
         with _autograd_on():
             setup = CalibrationSetup.of(self)
             with other_paths(self.model, untraced_layers(self.graph)) as seen:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -266,3 +267,44 @@ def test_a_calibration_batch_taking_another_path_is_verified_too():
     assert pruned.pre.weight.shape[0] == pruned.stem.weight.shape[1] == 4
     assert pruned.stem.weight.shape[0] == pruned.a.weight.shape[0] == pruned.b.weight.shape[1] == 8
     assert not model.stem._forward_pre_hooks and not model._forward_pre_hooks
+
+
+# -- NumPy and torch numbers as options ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "plain"),
+    [
+        ({"pruning_ratio": np.float32(0.5)}, {"pruning_ratio": 0.5}),
+        ({"pruning_ratio": torch.tensor(0.5)}, {"pruning_ratio": 0.5}),
+        ({"target_flops": np.float32(0.5)}, {"target_flops": 0.5}),
+        ({"round_to": np.int64(2), "min_channels": np.int64(2)}, {"round_to": 2, "min_channels": 2}),
+        ({"iterative_steps": np.int64(2)}, {"iterative_steps": 2}),
+        ({"layer_pruning_ratios": {"0": np.float32(0.25)}}, {"layer_pruning_ratios": {"0": 0.25}}),
+    ],
+)
+def test_numpy_and_torch_numbers_are_taken_as_the_numbers_they_hold(given, plain):
+    # were refused: "pruning_ratio=np.float32(0.5) must be a number strictly between 0 and 1"
+    # (np.float64 passed: it subclasses float)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = StructuredPruner(_net(), X, "magnitude", **given).prune()
+        b = StructuredPruner(_net(), X, "magnitude", **plain).prune()
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    assert sum(p.numel() for p in a.parameters()) < sum(p.numel() for p in _net().parameters())
+    assert torch.equal(a(X), b(X))
+
+
+def test_recover_and_the_schedule_take_numpy_numbers():
+    from torch.utils.data import TensorDataset
+
+    from cleanai_core import recover
+
+    assert PruningSchedule(final=np.float32(0.5), steps=np.int64(2)) == PruningSchedule(final=0.5, steps=2)
+    teacher = _net()
+    student = StructuredPruner(teacher, X, "magnitude", pruning_ratio=0.5).prune()
+    data = TensorDataset(XS, YS)
+    _, result = recover(student, teacher, data, epochs=np.int64(2), batch_size=np.int64(4), progress=False)
+    assert result.epochs == 2 and len(result.history) == 2
+    with pytest.raises(UserError, match="must be a positive integer"):  # still checked
+        recover(student, teacher, data, epochs=np.int64(0), progress=False)
