@@ -308,3 +308,16 @@ def test_recover_and_the_schedule_take_numpy_numbers():
     assert result.epochs == 2 and len(result.history) == 2
     with pytest.raises(UserError, match="must be a positive integer"):  # still checked
         recover(student, teacher, data, epochs=np.int64(0), progress=False)
+
+
+def test_run_job_takes_numpy_numbers_in_its_options():
+    # were "UserError: --ratio must be a number, got np.float32(0.5)" / "--batch-size must be an integer"
+    from cleanai_core.job.config import PruneConfig, resolve_config
+
+    given = {"model": "cleanai_plugins.io.demo:DigitsCNN", "data": "d.pt", "out": "o"}
+    cfg = resolve_config(
+        {**given, "ratio": np.float32(0.25), "batch_size": np.int64(4), "calib_fraction": torch.tensor(0.5)}
+    )
+    assert (cfg["ratio"], cfg["batch_size"], cfg["calib_fraction"]) == (0.25, 4, 0.5)
+    assert type(cfg["batch_size"]) is int
+    assert resolve_config(PruneConfig(**given, ratio=np.float32(0.25)))["ratio"] == 0.25
