@@ -4,6 +4,7 @@ and more (one section per class)."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -321,3 +322,28 @@ def test_run_job_takes_numpy_numbers_in_its_options():
     assert (cfg["ratio"], cfg["batch_size"], cfg["calib_fraction"]) == (0.25, 4, 0.5)
     assert type(cfg["batch_size"]) is int
     assert resolve_config(PruneConfig(**given, ratio=np.float32(0.25)))["ratio"] == 0.25
+
+
+# -- an empty or truncated --weights file -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cut", "words"), [(0, r"is empty \(0 bytes\); save them again"), (2, r"it may be truncated or damaged")]
+)
+def test_an_empty_or_truncated_weights_file_says_so(tmp_path, monkeypatch, capsys, cut, words):
+    # the empty file said "cannot read weights from 'w.pt' as a state_dict (EOFError: )", the truncated
+    # one "(OSError: [Errno 22] Invalid argument)", and no more
+    from cleanai_core.cli import main
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(DigitsCNN().state_dict(), "full.pt")
+    raw = (tmp_path / "full.pt").read_bytes()
+    (tmp_path / "w.pt").write_bytes(raw[: len(raw) // cut] if cut else b"")
+    torch.save((torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))), "data.pt")
+    code = main(["prune", "--model", "cleanai_plugins.io.demo:DigitsCNN", "--weights", "w.pt", "--data", "data.pt"]
+                + ["--out", "out", "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "'w.pt'" in err
+    assert re.search(words, err), err
+    assert not (tmp_path / "out").exists()
