@@ -347,3 +347,22 @@ def test_an_empty_or_truncated_weights_file_says_so(tmp_path, monkeypatch, capsy
     assert code == 2 and "'w.pt'" in err
     assert re.search(words, err), err
     assert not (tmp_path / "out").exists()
+
+
+# -- an output_transform or forward_fn that fails ----------------------------------------------
+
+
+def test_a_failing_output_transform_is_named_not_blamed_on_the_example_inputs():
+    # was TraceError: the model failed to run on the example inputs while tracing: IndexError: too many
+    # indices for tensor of dimension 2. Check that example_inputs match what the model's forward expects
+    with pytest.raises(UserError, match=r"output_transform failed on the model's output, a tensor of shape \(2, 4\) "
+                       r"\(IndexError: too many indices") as info:  # fmt: skip
+        StructuredPruner(_net(), X, "magnitude", output_transform=lambda out: out["logits"])
+    assert "example_inputs" not in str(info.value)
+    with pytest.raises(Exception, match=r"output_transform returned NoneType, which holds no tensors; return the"):
+        StructuredPruner(_net(), X, "magnitude", output_transform=lambda out: None)  # said "pass output_transform="
+
+
+def test_a_failing_forward_fn_is_named_with_the_example_inputs():
+    with pytest.raises(Exception, match=r"\(through forward_fn\) .*and that forward_fn calls the model as it should"):
+        StructuredPruner(_net(), X, "magnitude", forward_fn=lambda m, x: m(x, 3))
