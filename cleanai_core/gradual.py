@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -42,10 +43,12 @@ from torch import nn
 from cleanai_core import options
 from cleanai_core.bn_correction import norms_with_running_stats
 from cleanai_core.bn_refresh import reestimate_batchnorm
-from cleanai_core.calibration import iterate, move_to, split_batch
+from cleanai_core.calibration import iterate, split_batch
+from cleanai_core.collect import check_iterable, model_failure
 from cleanai_core.errors import UserError
-from cleanai_core.metrics import call_model, count_flops
+from cleanai_core.metrics import count_flops
 from cleanai_core.model_state import copy_model
+from cleanai_core.runtime import run_batch
 from cleanai_core.slicing import SliceEdit, apply_edits
 
 __all__ = ["GradualPruner", "PruningSchedule", "kept_indices", "position_tagged_copy", "slice_optimizer"]
@@ -74,9 +77,9 @@ class PruningSchedule:
     """Share removed after step ``k`` (1..``steps``), from ``start`` (before step 1) to
     ``final`` (after the last step)."""
 
-    final: float = attrs.field(validator=_check_schedule)
-    steps: int = 4
-    start: float = 0.0
+    final: float = attrs.field(validator=_check_schedule, converter=options.plain_number)
+    steps: int = attrs.field(default=4, converter=options.plain_number)
+    start: float = attrs.field(default=0.0, converter=options.plain_number)
     kind: str = "cubic"
 
     def removed_after(self, step: int) -> float:
@@ -281,6 +284,7 @@ class GradualPruner:
         changes nothing."""
         if self.done:
             return self.model, self.optimizer
+        check_iterable(data)  # None or a number: TypeError: 'NoneType' object is not iterable
         # each module's own mode (a frozen BatchNorm inside a training model stays in eval mode;
         # model.train(training) switched it back to train mode); the step under the user's
         # inference_mode made the parameters inference tensors, which training cannot use
@@ -302,12 +306,23 @@ class GradualPruner:
             self.histories.append(PruningHistory())
             self.steps_done += 1
             return
-        if self.refresh_bn and norms_with_running_stats(self.net):
-            if iter(data) is data:  # a one-shot iterator: keep its batches for both reads
-                data, num_batches = list(iterate(data, num_batches)), None
-            reestimate_batchnorm(self.net, iterate(data, num_batches), self._run)
-        pruner = StructuredPruner(self.net, self.example_inputs, inplace=True, **self._increment(), **self.options)
-        pruner.collect_activations(data, num_batches=num_batches, progress=False)
+        # a step that fails before pruning (a NaN batch the calibration refuses) puts back the
+        # statistics the refresh changed: they were left NaN in the user's model
+        held = {name: b.detach().clone() for name, b in self.net.named_buffers()}
+        try:
+            if self.refresh_bn and norms_with_running_stats(self.net):
+                if iter(data) is data:  # a one-shot iterator: keep its batches for both reads
+                    data, num_batches = list(iterate(data, num_batches)), None
+                index = itertools.count()
+                reestimate_batchnorm(self.net, iterate(data, num_batches), lambda m, b: self._run(m, b, next(index)))
+            pruner = StructuredPruner(self.net, self.example_inputs, inplace=True, **self._increment(), **self.options)
+            pruner.collect_activations(data, num_batches=num_batches, progress=False)
+        except BaseException:
+            with torch.no_grad():
+                for name, b in self.net.named_buffers():
+                    if name in held and held[name].shape == b.shape:
+                        b.copy_(held[name])
+            raise
         old_params = dict(self.net.named_parameters())
         tagged = position_tagged_copy(self.net)  # the step's edits replay on it: the kept indices
         pruner.prune()
@@ -390,10 +405,10 @@ class GradualPruner:
             return "'shapes' must map parameter names to lists of sizes"
         return None
 
-    def _run(self, model: nn.Module, batch: Any) -> Any:
-        p = next(iter(model.parameters()), None)
+    def _run(self, model: nn.Module, batch: Any, index: int = 0) -> Any:
         inputs = split_batch(batch)[0]
-        return call_model(model, move_to(inputs, p.device) if p is not None else inputs, self.options.get("forward_fn"))
+        with model_failure(index, inputs):  # the model's own traceback, where calibration names the batch
+            return run_batch(model, inputs, self.options.get("forward_fn"))
 
     def flops_share(self) -> float:
         """FLOPs of the current model over those of the model given at the start."""

@@ -171,7 +171,9 @@ def squared_weight(weight: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor,
     Scoring asks for a layer's input and output energies separately; both come from one
     pass over the weight, cached until the weight changes (only the two vectors are kept)."""
     hit = _SQUARED.get(weight)
-    if hit is not None and hit[0] == (weight._version, groups):
+    # an inference tensor (a model built under torch.inference_mode) has no version counter
+    version = None if weight.is_inference() else weight._version
+    if hit is not None and version is not None and hit[0] == (version, groups):
         return hit[1]
     w = weight.detach().float()
     if w.ndim > 2:
@@ -180,7 +182,7 @@ def squared_weight(weight: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor,
         per = w.reshape(w.shape[0], -1).square()
     rows = per.sum(1)
     cols = per.reshape(groups, -1, per.shape[1]).sum(1).reshape(-1)
-    _SQUARED[weight] = ((weight._version, groups), (rows, cols))
+    _SQUARED[weight] = ((version, groups), (rows, cols))
     return rows, cols
 
 

@@ -142,6 +142,9 @@ def save_pruned(
     problem = _before_its_history(model, history)
     if problem:  # the folder was written, and load_pruned then called it damaged or tampered with
         raise UserError(f"save_pruned: {problem}. Nothing was written.")
+    problem = _rebuild_problem(spec, options, model, history)
+    if problem:  # written, then refused by load_pruned as "damaged or tampered with"
+        raise UserError(f"save_pruned: {problem}. Nothing was written.")
     if example_input_shape is not None and (
         not isinstance(example_input_shape, (list, tuple))
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in example_input_shape)
@@ -169,10 +172,73 @@ def save_pruned(
         }
         atomic_write_text(tmp / "architecture.json", _json(arch))
         if save_pickle:
-            _atomic(tmp / "model_full.pt", lambda fh: torch.save(model, fh))
+            _save_pickle(tmp / "model_full.pt", model)
         if before:
             _carry_over(target, tmp, skip=OWN_FILES)
     return out
+
+
+def _rebuild_problem(spec: str, options: dict[str, Any], model: nn.Module, history: Any) -> str | None:
+    """Why the folder would not load: the tensors of what ``load_pruned`` rebuilds (``spec``
+    and ``options``, ``history`` replayed; built on the meta device, so nothing is
+    allocated) do not fit ``model``'s, because a layer was replaced or a parametrization
+    (``weight_norm``) added after the model was built. ``None`` when they fit, or when the
+    architecture cannot be rebuilt here (a pickled model, a factory that needs real
+    tensors): ``load_pruned`` then says why."""
+    import warnings
+
+    from cleanai_core.plugins import get_plugin_manager, load_model
+    from cleanai_core.saved_folder import replay_history, state_dict_problems
+
+    opts = dict(options, pretrained=False, weights=None, trust_model=False, trust_code=True)
+    opts["warn_random_weights"] = False
+    pm = get_plugin_manager()
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = load_model(pm, spec, opts)
+            if not isinstance(fresh, nn.Module):
+                return None
+            fresh = history.described(fresh)
+            replay_history(history, fresh, Path("history.json"), pm)
+        own = fresh.state_dict()
+        if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in own.values()):
+            return None  # lazy modules take their shapes from the weights when they load
+        state = model.state_dict()
+        problems = [p for p in state_dict_problems(own, state) if "meta device" not in p]
+    except Exception:  # noqa: BLE001 - the check is best effort; load_pruned reports its own failures
+        return None
+    if not problems:
+        return None
+    hint = (
+        "a parametrization (weight_norm, spectral_norm) was added after the model was built: remove it before "
+        "saving (torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')) or add it in the factory"
+        if any(".parametrizations." in k for k in state)
+        and not any(".parametrizations." in k for k in fresh.state_dict())
+        else "a layer was replaced or added after the model was built (a new head?): give the spec and options "
+        "(such as num_classes) that build this model, or a package.module:factory that builds it"
+    )
+    return (
+        f"load_pruned could not load the folder: the model {spec!r} rebuilds with the history replayed does not fit "
+        f"this one ({'; '.join(problems)}); {hint}"
+    )
+
+
+def _save_pickle(path: Path, model: nn.Module) -> None:
+    """``model_full.pt``: the whole module pickled. A model holding a lambda, a local
+    function or class (a hook, a patched ``forward``) cannot be pickled: that was the
+    pickler's own ``AttributeError: Can't pickle local object`` traceback."""
+    import pickle
+
+    try:
+        _atomic(path, lambda fh: torch.save(model, fh))
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise UserError(
+            f"save_pruned(save_pickle=True): the model cannot be pickled ({type(exc).__name__}: {exc}); it holds "
+            "a lambda, a local function or class, or an open resource (a hook, a patched forward). Save without "
+            "save_pickle (command line: leave out --save-pickle): model.pt, history.json and architecture.json "
+            "rebuild it with load_pruned(). Nothing was written."
+        ) from None
 
 
 def _before_its_history(model: nn.Module, history: Any) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -84,6 +85,7 @@ def layer_ratios(model: nn.Module, ratios: Mapping[ModuleSpec, float]) -> dict[s
     layer whole; the first entry matching a layer wins)."""
     out: dict[str, float] = {}
     for spec, r in ratios.items():
+        r = plain_number(r)
         check_ratio(f"layer_pruning_ratios[{spec!r}]", r, allow_zero=True)
         for name in match_modules(model, [spec]):
             out.setdefault(name, float(r))
@@ -204,6 +206,24 @@ def bare_module(model: Any) -> Any:
 def _old_norm(hook: Any) -> bool:
     """A forward pre-hook of the deprecated ``torch.nn.utils.weight_norm``/``spectral_norm``."""
     return type(hook).__name__ in ("WeightNorm", "SpectralNorm") and type(hook).__module__.startswith("torch.nn.utils")
+
+
+def plain_number(v: Any) -> Any:
+    """A NumPy or 0-d torch number as the Python ``int`` / ``float`` it holds; anything else
+    as it is (bools stay bools and are refused by the checks). ``np.float32(0.5)``,
+    ``np.int64(2)`` and ``torch.tensor(0.5)`` were refused as "not a number"."""
+    if isinstance(v, (bool, int, float)) or v is None:
+        return v
+    if isinstance(v, torch.Tensor):
+        if v.dim() != 0 or v.dtype == torch.bool or v.is_complex() or v.is_meta:
+            return v
+        return v.item()
+    if type(v).__module__ == "numpy" and type(v).__name__ != "bool" and type(v).__name__ != "bool_":
+        if isinstance(v, numbers.Integral):
+            return int(v)
+        if isinstance(v, numbers.Real):
+            return float(v)
+    return v
 
 
 def _is_number(v: Any) -> bool:

@@ -3,6 +3,7 @@ in order; each stage is a module of free functions (the list: ``docs/architectur
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
@@ -33,9 +34,20 @@ from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
 from cleanai_core.targets import flops_measure, params_measure, pruned_size, ratio_for_target, unshrunk_params
-from cleanai_core.verify import Reference, check_outputs, reference, run_outputs
+from cleanai_core.verify import Reference, check_outputs, other_paths, reference, run_outputs, untraced_layers
 
 __all__ = ["StructuredPruner", "match_modules"]
+
+
+def _autograd_on() -> contextlib.ExitStack:
+    """Autograd on, also when called under ``torch.no_grad()`` or ``torch.inference_mode()``:
+    gradient criteria raised ``element 0 of tensors does not require grad``, and under
+    inference mode the tensors made there cannot be updated in place. A ``with`` block, not
+    a decorator: the warnings' ``stacklevel`` counts the frames to the user's line."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
 
 
 class StructuredPruner:
@@ -129,6 +141,14 @@ class StructuredPruner:
         prune_dead_only: bool = False,
         bn_samples: int = BN_SAMPLES,
     ) -> None:
+        # NumPy and 0-d torch numbers as Python ones (np.float32(0.5) was "not a number")
+        pruning_ratio, max_layer_ratio, round_to, min_channels = map(
+            options.plain_number, (pruning_ratio, max_layer_ratio, round_to, min_channels)
+        )
+        target_flops, target_params, iterative_steps, covariance_rows, stats_budget_bytes, bn_samples = map(
+            options.plain_number,
+            (target_flops, target_params, iterative_steps, covariance_rows, stats_budget_bytes, bn_samples),
+        )
         options.check_model(model)
         options.check_switches(
             global_pruning=global_pruning,
@@ -187,6 +207,10 @@ class StructuredPruner:
         self.skipped_groups: list[str] = []
         self._before: dict[str, Any] = {}
         self._reference: Reference | None = None  # the original's outputs, for verification
+        # a calibration batch that ran layers the trace of example_inputs did not (control flow that
+        # depends on the data), and the original's outputs on it: the pruned model is checked on it too
+        self._other_path: tuple[tuple, dict] | None = None
+        self._other_reference: Reference | None = None
         self._pruned_plans: list[tuple[DependencyGraph, PruningPlan]] = []  # per step, for the report
         self.graph = self._build_graph(model)
 
@@ -226,10 +250,18 @@ class StructuredPruner:
         Under an initialised ``torch.distributed`` group, ``loader`` is this rank's
         shard (:func:`cleanai_core.distributed.shard`), ``num_batches`` counts this rank's
         batches, and the statistics are summed over ranks."""
-        setup = CalibrationSetup.of(self)
-        self.calibration = calibrate(self.model, self.graph.slices, loader, num_batches, setup, progress, sequential)
-        self._plan = None
-        return self
+        num_batches = options.plain_number(num_batches)
+        with _autograd_on():
+            setup = CalibrationSetup.of(self)
+            with other_paths(self.model, untraced_layers(self.graph)) as seen:
+                self.calibration = calibrate(
+                    self.model, self.graph.slices, loader, num_batches, setup, progress, sequential
+                )
+            # the ranks verify alike (one rank's batch would make its plan differ from the others')
+            self._other_path = None if distributed.is_distributed() else seen.inputs
+            self._other_reference = None
+            self._plan = None
+            return self
 
     # -- scoring and planning ----------------------------------------------------------
     def score(self, graph: Any = None, model: Any = None, calibration: Any = None) -> dict[int, torch.Tensor]:
@@ -296,15 +328,18 @@ class StructuredPruner:
 
     def plan(self) -> PruningPlan:
         """The dry run: which units would go. Changes nothing."""
-        if self._plan is None:
-            dead = self.prune_dead_only
-            self._plan = (
-                dead_plan(self.graph, self.stats, self.score) if dead else self.plan_for(self.graph, self.model)
-            )
-            distributed.check_same_plan(self._plan.pruned_units())
-            if not dead and self._plan.n_pruned == 0 and self._plan.groups:
-                warnings.warn(f"{self.why_nothing_pruned()}; the pruned model equals the original", RuntimeWarning, 3)
-        return self._plan
+        with _autograd_on():
+            if self._plan is None:
+                dead = self.prune_dead_only
+                self._plan = (
+                    dead_plan(self.graph, self.stats, self.score) if dead else self.plan_for(self.graph, self.model)
+                )
+                distributed.check_same_plan(self._plan.pruned_units())
+                if not dead and self._plan.n_pruned == 0 and self._plan.groups:
+                    warnings.warn(
+                        f"{self.why_nothing_pruned()}; the pruned model equals the original", RuntimeWarning, 3
+                    )
+            return self._plan
 
     def why_nothing_pruned(self) -> str:
         """Why a plan removes no unit although groups can shrink: the rounding, the minimum
@@ -380,6 +415,7 @@ class StructuredPruner:
                     self._verify_exact(model, not stats, source, graph, pruned)
                 else:
                     self._verify(model)
+                self._verify_other_path(model)
             except PruningError:
                 # the original may not run on the example inputs either (the trace runs on the meta
                 # device, shapes only): then the inputs are at fault, not the pruning (UserError)
@@ -400,6 +436,28 @@ class StructuredPruner:
         return check_outputs(
             model, self.example_inputs, self._original_outputs, self.forward_fn, self.output_transform, outputs, like
         )
+
+    def _verify_other_path(self, model: nn.Module) -> None:
+        """Check ``model`` on the calibration batch that ran layers the trace did not (see
+        :func:`~cleanai_core.verify.other_paths`): their inputs or outputs may have been
+        pruned without them, and the pruned model broke on such inputs though it passed on
+        ``example_inputs``."""
+        if self._other_path is None:
+            return
+        args, kwargs = self._other_path
+        run = lambda m, _: m(*args, **kwargs)  # noqa: E731
+        if self._other_reference is None:
+            self._other_reference = reference(self.model, None, run, self.output_transform)
+        try:
+            check_outputs(model, None, self._other_reference, run, self.output_transform)
+        except PruningError as exc:
+            raise PruningError(
+                f"{exc}, on a calibration batch that runs layers the example inputs do not run "
+                f"({', '.join(self._other_path_layers())}: the model takes another path for other inputs)"
+            ) from exc
+
+    def _other_path_layers(self) -> list[str]:
+        return sorted(untraced_layers(self.graph))[:4]
 
     def _original_outputs(self) -> Reference:
         if self._reference is None:
@@ -460,27 +518,28 @@ class StructuredPruner:
         """Slice the model; return the pruned model (a copy unless ``inplace=True``). Called
         again, it prunes the original again, with a fresh :attr:`history` (the steps of an
         earlier call were kept, so the saved history replayed both and did not load)."""
-        if self.inplace and self.pruned_model is not None:  # the graph and statistics describe the unpruned model
-            raise UserError(
-                "this pruner already pruned the model in place; to prune further, build a new StructuredPruner on "
-                "the pruned model (and collect activations again)"
-            )
-        self.history = PruningHistory()
-        self._before = {"params": count_params(self.model)}
-        if self.inplace:  # the original is about to change: measure it now
-            self.flops_before()
-        self._pruned_plans = []
-        try:
-            current = prune_in_steps(self)
-        finally:
-            # also when a step fails: a later plan() must not see a stale step
-            self._step, self._targets, self._widths = (0, 1), {}, {}
-        copy_modes(self.model, current)
-        if self.inplace:
-            transplant(self.model, current)
-            current = self._given
-        self.pruned_model = current
-        return current
+        with _autograd_on():
+            if self.inplace and self.pruned_model is not None:  # the graph and statistics describe the unpruned model
+                raise UserError(
+                    "this pruner already pruned the model in place; to prune further, build a new StructuredPruner on "
+                    "the pruned model (and collect activations again)"
+                )
+            self.history = PruningHistory()
+            self._before = {"params": count_params(self.model)}
+            if self.inplace:  # the original is about to change: measure it now
+                self.flops_before()
+            self._pruned_plans = []
+            try:
+                current = prune_in_steps(self)
+            finally:
+                # also when a step fails: a later plan() must not see a stale step
+                self._step, self._targets, self._widths = (0, 1), {}, {}
+            copy_modes(self.model, current)
+            if self.inplace:
+                transplant(self.model, current)
+                current = self._given
+            self.pruned_model = current
+            return current
 
     def report(self) -> dict[str, Any]:
         """Per layer: channels before/after, pruned indices, importance scores of pruned and

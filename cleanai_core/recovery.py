@@ -42,7 +42,7 @@ from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, eval_mode
 from cleanai_core.model_state import copy_model
-from cleanai_core.options import check_not_meta, check_switches
+from cleanai_core.options import check_not_meta, check_switches, plain_number
 from cleanai_core.runtime import checked_device, find_logits, label_indices, not_class_labels, unused_key_hint
 
 __all__ = [
@@ -527,6 +527,12 @@ def recover(
         ``model(x)`` / ``model(**x)``.
     :returns: the recovered model and a :class:`RecoveryResult`.
     """
+    epochs, batch_size, patience, seed, val_fraction, lr, weight_decay, warmup_fraction = map(
+        plain_number, (epochs, batch_size, patience, seed, val_fraction, lr, weight_decay, warmup_fraction)
+    )
+    temperature, kd_weight, ce_weight, max_grad_norm = map(
+        plain_number, (temperature, kd_weight, ce_weight, max_grad_norm)
+    )
     if not isinstance(pruned, nn.Module):
         raise UserError(f"pruned must be a torch.nn.Module, got {type(pruned).__name__}")
     if teacher is not None and not isinstance(teacher, nn.Module):

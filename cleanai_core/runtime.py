@@ -18,6 +18,7 @@ from cleanai_core.errors import UserError
 
 __all__ = [
     "call_model",
+    "copied_inputs",
     "channels_last_layout",
     "may_run_channels_last",
     "output_leaves_of",
@@ -44,10 +45,16 @@ __all__ = [
 ]
 
 
-def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:
+def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None, copy: bool = True) -> Any:
     """Call ``model`` on ``inputs`` the way every part of CleanAI does: ``forward_fn(model,
     inputs)`` when given, else a tensor positionally, a tuple/list as positional arguments,
-    a dict as keywords."""
+    a dict as keywords. The model gets copies of the input tensors: a forward that changes
+    its input in place (``x.div_(255)``) changed the user's example input and calibration
+    batches at every call (2**15 times over for the example), and the original and pruned
+    models then saw other inputs, so verification skipped every group. ``copy=False``: the
+    caller passes tensors of its own (the trace, which follows them by identity)."""
+    if copy:
+        inputs = copied_inputs(inputs)
     if forward_fn is not None:
         return forward_fn(model, inputs)
     if isinstance(inputs, dict):
@@ -55,6 +62,11 @@ def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def copied_inputs(inputs: Any) -> Any:
+    """``inputs`` with every tensor cloned (the same values, not the caller's tensors)."""
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, inputs)
 
 
 def to_channels_last(inputs: Any) -> Any:
@@ -199,15 +211,20 @@ def device_of(model: nn.Module) -> torch.device | None:
 
 
 def inputs_for(model: nn.Module, inputs: Any) -> Any:
-    """``inputs`` on ``model``'s device; float64 tensors cast to the model's floating dtype
-    when it is another (numpy arrays default to float64, models to float32)."""
+    """``inputs`` on ``model``'s device, floating tensors cast to the model's floating dtype:
+    every one where the model computes in one dtype (float32 batches for a float16 or
+    bfloat16 model failed with a dtype mismatch, as the command line and ``recover`` cast
+    them), float64 ones where it mixes dtypes (numpy arrays default to float64)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     p = next((p for p in model.parameters() if p.is_floating_point()), None)
     if p is None:
         return inputs
     inputs = move_to(inputs, p.device)
-    if p.dtype == torch.float64:
-        return inputs
-    return tree_map(lambda t: t.to(p.dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float64 else t, inputs)
+    if len(dtypes) == 1:
+        cast = lambda t: t.is_floating_point() and t.dtype != p.dtype  # noqa: E731
+    else:
+        cast = lambda t: t.dtype == torch.float64 and p.dtype != torch.float64  # noqa: E731
+    return tree_map(lambda t: t.to(p.dtype) if isinstance(t, torch.Tensor) and cast(t) else t, inputs)
 
 
 def run_batch(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:

@@ -16,8 +16,9 @@ finite. The pruner's failing-group search then names and skips the groups at fau
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import attrs
@@ -34,9 +35,11 @@ __all__ = [
     "build_skipping_breakers",
     "check_outputs",
     "model_outputs",
+    "other_paths",
     "output_leaves",
     "reference",
     "run_outputs",
+    "untraced_layers",
 ]
 
 
@@ -195,3 +198,52 @@ def build_skipping_breakers(plan: Any, build: Callable[[torch.Tensor], T], on_sk
             )
             gp.pruned[:] = False
         return build(mask([tie for tie in active if tie not in culprits]))
+
+
+def untraced_layers(graph: Any) -> dict[str, nn.Module]:
+    """The layers of ``graph`` (modules a pruner claims) that its trace of the example inputs
+    never called: a branch the forward takes for other inputs, or a layer it does not use."""
+    from cleanai_core.graph.trace import ModuleCall
+
+    called = {e.name for e in graph.recording.events if isinstance(e, ModuleCall)}
+    return {name: node.module for name, node in graph.nodes.items() if name not in called}
+
+
+@attrs.define
+class OtherPath:
+    """What :func:`other_paths` saw: the model's inputs on the first call that ran an
+    untraced layer (``(args, kwargs)``), and the layers that ran."""
+
+    inputs: tuple[tuple, dict] | None = None
+    layers: set[str] = attrs.field(factory=set)
+
+
+@contextlib.contextmanager
+def other_paths(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[OtherPath]:
+    """While the block runs (calibration), note the first call of ``model`` that runs one of
+    ``layers`` (untraced ones): data-dependent control flow the trace of the example inputs
+    did not follow. The hooks are removed afterwards."""
+    seen = OtherPath()
+    if not layers:
+        yield seen
+        return
+    current: list[Any] = [None]
+
+    def on_model(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        current[0] = (args, kwargs)
+
+    def on_layer(name: str) -> Callable:
+        def hook(*_: Any) -> None:
+            seen.layers.add(name)
+            if seen.inputs is None and current[0] is not None:
+                seen.inputs = current[0]
+
+        return hook
+
+    handles = [model.register_forward_pre_hook(on_model, with_kwargs=True)]
+    handles += [m.register_forward_pre_hook(on_layer(name)) for name, m in layers.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

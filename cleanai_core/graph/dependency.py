@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from cleanai_core.errors import TraceError
+from cleanai_core.errors import TraceError, UserError
 from cleanai_core.graph.context import SliceSpec, TraceContext
 from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import ModelFindings, prepare_model
@@ -120,8 +120,6 @@ class DependencyGraph:
         pm: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):  # an AttributeError from deep in the trace before
-            from cleanai_core.errors import UserError
-
             raise UserError(f"DependencyGraph needs a torch.nn.Module, got {type(model).__name__}")
         example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         self.model = model
@@ -134,17 +132,24 @@ class DependencyGraph:
         claimed = {node.module: name for name, node in self.nodes.items()}
         try:
             self.recording: Recording = record(model, example_inputs, claimed, forward_fn, output_transform)
+        except UserError:  # output_transform failed: it names itself
+            raise
         except Exception as exc:
+            through = " (through forward_fn)" if forward_fn is not None else ""
+            also = " and that forward_fn calls the model as it should" if forward_fn is not None else ""
             raise TraceError(
-                f"the model failed to run on the example inputs while tracing: {type(exc).__name__}: {exc}. "
+                f"the model failed to run on the example inputs{through} while tracing: {type(exc).__name__}: {exc}. "
                 "Check that example_inputs match what the model's forward expects "
-                "(a tensor, a tuple of positional inputs, or a dict of keyword inputs)."
+                f"(a tensor, a tuple of positional inputs, or a dict of keyword inputs){also}."
             ) from exc
         self.output_shapes = [r.shape for r in tree_flatten(self.recording.output)[0] if hasattr(r, "shape")]
         if not self.output_shapes:
+            kind = type(self.recording.output).__name__
             raise TraceError(
-                f"the model's output ({type(self.recording.output).__name__}) holds no tensors, so CleanAI cannot "
-                "check that pruning keeps it; pass output_transform=lambda out: <the output tensor(s)>"
+                f"output_transform returned {kind}, which holds no tensors; return the output tensor(s) to keep"
+                if output_transform is not None
+                else f"the model's output ({kind}) holds no tensors, so CleanAI cannot check that pruning keeps it; "
+                "pass output_transform=lambda out: <the output tensor(s)>"
             )
         self.ctx = self._propagate()
         self._build_groups()

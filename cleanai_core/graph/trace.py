@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from cleanai_core.metrics import call_model
 from cleanai_core.model_state import preserved
+from cleanai_core.runtime import call_model, copied_inputs
 from cleanai_core.shapes import ShapeOnlyMode, map_tensors
 
 __all__ = ["VALUE_NUMEL", "ModuleCall", "OpCall", "Recording", "TRef", "record"]
@@ -213,12 +213,13 @@ def record(
         # eval mode, and every module's mode, buffers (BatchNorm, quantization observers) and
         # attributes put back afterwards: tracing leaves the user's model as it was
         with preserved(model), torch.no_grad():
+            example_inputs = copied_inputs(example_inputs)  # a forward changing its input in place changes a copy
             leaves = tree_flatten(example_inputs)[0]
             input_refs = [rec.ref(t) for t in leaves if isinstance(t, torch.Tensor)]
             with rec:
-                out = call_model(model, example_inputs, forward_fn)
+                out = call_model(model, example_inputs, forward_fn, copy=False)
             if output_transform is not None:
-                out = output_transform(out)
+                out = transformed(output_transform, out)
             elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
                 out = out.logits
             out_refs = tree_map(lambda a: rec.ref(a) if isinstance(a, torch.Tensor) else a, _plain(out))
@@ -226,6 +227,24 @@ def record(
         for h in handles:
             h.remove()
     return Recording(rec.events, input_refs, out_refs)
+
+
+def transformed(output_transform: Callable[[Any], Any], out: Any) -> Any:
+    """``output_transform(out)``; its failure is a :class:`UserError` naming it and what it
+    got (it was blamed on the example inputs: "the model failed to run on the example
+    inputs while tracing: IndexError: too many indices for tensor")."""
+    from cleanai_core.errors import CleanAIError, UserError
+
+    try:
+        return output_transform(out)
+    except CleanAIError:
+        raise
+    except Exception as exc:
+        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+        raise UserError(
+            f"output_transform failed on the model's output, {got} ({type(exc).__name__}: {str(exc)[:200]}); it "
+            "gets what the model's forward (or forward_fn) returns and must return the tensor(s) to keep."
+        ) from exc
 
 
 def _plain(out: Any) -> Any:

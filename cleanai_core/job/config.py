@@ -30,6 +30,7 @@ from cleanai_core.bn_correction import BN_SAMPLES
 from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
 from cleanai_core.config_sources import ENV_PREFIX, PRESETS, env_options, preset_options, read_config_file
 from cleanai_core.errors import UserError
+from cleanai_core.options import plain_number
 from cleanai_core.runtime import checked_device
 
 __all__ = [
@@ -344,7 +345,7 @@ def _options_dict(args: Any) -> dict[str, Any]:
         k = str(key).replace("-", "_")
         k = ALIASES.get(k, k)
         if k in DEFAULTS or k == "config" or k.startswith("_"):
-            given[k] = value
+            given[k] = plain_number(value)  # np.float32(0.5): "--ratio must be a number"
         else:
             unknown.append(key)
     if unknown:
@@ -361,7 +362,8 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
     cfg = copy.deepcopy(DEFAULTS)
     sources = dict.fromkeys(DEFAULTS, "default")
     if isinstance(args, PruneConfig):  # only what differs from the defaults counts as given
-        given = {k: v for k, v in args.to_dict().items() if v != DEFAULTS[k]}
+        plain = {k: plain_number(v) for k, v in args.to_dict().items()}
+        given = {k: v for k, v in plain.items() if v != DEFAULTS[k]}
     elif isinstance(args, argparse.Namespace):
         given = dict(vars(args))
     else:

@@ -137,9 +137,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "file, or save the weights with torch.save(model.state_dict(), path)."
         ) from None
     except Exception as exc:
+        if path.stat().st_size == 0:  # said "(EOFError: )"
+            raise UserError(
+                f"weights file {str(path)!r} is empty (0 bytes); save them again with "
+                "torch.save(model.state_dict(), path)."
+            ) from None
         raise UserError(
-            f"cannot read weights from {str(path)!r} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}). "
-            "Save them with torch.save(model.state_dict(), path)."
+            f"cannot read weights from {str(path)!r} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}); it "
+            "may be truncated or damaged. Save them with torch.save(model.state_dict(), path)."
         ) from exc
     for key in ("state_dict", "model_state_dict", "model", "state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
