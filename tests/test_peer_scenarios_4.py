@@ -1,0 +1,197 @@
+"""A fourth set of the scenarios users bring from Torch-Pruning's test suite, written for
+CleanAI's API (see ``test_peer_scenarios.py``, ``_2`` and ``_3``): torchvision's video Swin,
+an attention that reads its head size from its input's width, ``nn.Bilinear``, and
+``nn.ChannelShuffle`` after a depthwise conv with a channel multiplier.
+
+Each test asserts widths, parameter counts or scores, and the masking oracle where slicing
+must equal zeroing."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_peer_scenarios_2 import _exact, _group
+from torch import nn
+
+from cleanai_core import DependencyGraph, StructuredPruner
+from cleanai_core.metrics import count_params
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _heads(graph: DependencyGraph, module: str):
+    return next(g for g in graph.groups() if any(s.module == module and s.name == "heads" for s in g.slices))
+
+
+def _mask(graph: DependencyGraph, group, idx: list[int]) -> torch.Tensor:
+    pruned = torch.zeros(graph.root.numel(), dtype=torch.bool)
+    pruned[group.units[idx]] = True
+    return pruned
+
+
+# -- torchvision's video Swin ------------------------------------------------------------------
+
+
+def _swin3d():
+    from torchvision.models.video.swin_transformer import SwinTransformer3d
+
+    torch.manual_seed(0)
+    # the input's 2 frames are fewer than the window's 4: that window shrinks to 2 and stops
+    # shifting in time while it shifts in space (torchvision's mask with a zero shift)
+    return SwinTransformer3d(
+        patch_size=[2, 4, 4],
+        embed_dim=16,
+        depths=[2, 1],
+        num_heads=[2, 4],
+        window_size=[4, 2, 2],
+        stochastic_depth_prob=0.0,
+        num_classes=5,
+    ).eval()
+
+
+X_VIDEO = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_video_swin_prunes_whole_heads_and_the_stream():
+    """torchvision's ``shifted_window_attention_3d`` reads the head size from the input's
+    width: the window attention is one module, whose heads and stream prune apart."""
+    model = _swin3d()
+    graph = DependencyGraph(model, X_VIDEO)
+    heads = _heads(graph, "features.0.0.attn")
+    assert (heads.size, heads.prunable) == (2, 2)
+    assert (_heads(graph, "features.2.0.attn").size, _group(graph, "patch_embed.proj").prunable) == (4, 16)
+    _exact(model, X_VIDEO)
+    pruner = StructuredPruner(model, X_VIDEO, "magnitude", bias_compensation=False, recalibrate_bn=False)
+    small, _ = pruner.build(_mask(pruner.graph, _heads(pruner.graph, "features.2.0.attn"), [1, 3]))
+    attn, old = small.features[2][0].attn, model.features[2][0].attn
+    assert (attn.num_heads, attn.qkv.out_features, attn.proj.in_features) == (2, 3 * 16, 16)
+    assert torch.equal(attn.relative_position_bias_table, old.relative_position_bias_table[:, [0, 2]])
+    rows = [p * 32 + h * 8 + i for p in range(3) for h in (0, 2) for i in range(8)]
+    assert torch.equal(attn.qkv.weight, old.qkv.weight[rows])
+    assert count_params(model) - count_params(small) == 2 * 3 * 8 * (32 + 1) + 2 * 8 * 32 + 2 * 7 * 3 * 3
+    small = StructuredPruner(model, X_VIDEO, "magnitude", pruning_ratio=0.5).prune()
+    assert small.patch_embed.proj.out_channels == 8 and small.head.in_features == 16
+    assert [b.attn.num_heads for b in (small.features[0][0], small.features[0][1], small.features[2][0])] == [1, 1, 2]
+    assert small(X_VIDEO).shape == (2, 5) and count_params(small) < 0.3 * count_params(model)
+
+
+class WidthFromInput(nn.Module):
+    """Attention that reads its head size from its input's width (as torchvision's video
+    Swin does): the stream and the head size only prune together, at one ratio."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).reshape(b, n, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        out = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        return F.linear(out.transpose(1, 2).reshape(b, n, c), self.proj.weight, self.proj.bias)
+
+
+class WidthNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.norm, self.attn = nn.Linear(6, 16), nn.LayerNorm(16), WidthFromInput()
+        self.fc, self.head = nn.Linear(16, 24), nn.Linear(24, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        h = h + self.attn(self.norm(h))
+        return self.head(F.relu(self.fc(h)))
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_a_head_size_read_from_the_input_skips_its_groups_with_a_reason(ratio):
+    """Pruning the stream alone or the head size alone breaks the model; at 0.5 both
+    together happen to run, but the slicing alone (the oracle's) does not: each breaking
+    group is skipped with a warning, not a crash, and the rest prunes."""
+    torch.manual_seed(0)
+    model, x = WidthNet().eval(), torch.randn(2, 5, 6)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=ratio)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = pruner.prune()
+    skipped = [str(w.message) for w in caught if "skipped group" in str(w.message)]
+    assert len(skipped) == 2 and all("attn.qkv" in m and "fails to run" in m for m in skipped)
+    assert small.attn.qkv.weight.shape == (48, 16) and small.emb.out_features == 16
+    assert small.fc.out_features == 24 - int(24 * ratio)  # the MLP's hidden units still go
+    assert small(x).shape == (2, 5, 3)
+
+
+# -- nn.Bilinear and nn.ChannelShuffle ---------------------------------------------------------
+
+
+class BilinearHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(6, 10)
+        self.bil, self.out = nn.Bilinear(8, 10, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.out(F.relu(self.bil(self.a(x), self.b(x))))
+
+
+def test_bilinear_prunes_both_inputs_and_its_outputs():
+    torch.manual_seed(0)
+    model, x = BilinearHead().eval(), torch.randn(4, 6)
+    graph = DependencyGraph(model, x)
+    assert [(g.size, g.prunable) for g in (_group(graph, "a"), _group(graph, "b"), _group(graph, "bil"))] == [
+        (8, 8),
+        (10, 10),
+        (12, 12),
+    ]
+    _exact(model, x)
+    pruner = StructuredPruner(model, x, "magnitude", bias_compensation=False, recalibrate_bn=False)
+    mask = _mask(pruner.graph, _group(pruner.graph, "a"), [1, 5]) | _mask(pruner.graph, _group(pruner.graph, "bil"), [0])
+    small, _ = pruner.build(mask | _mask(pruner.graph, _group(pruner.graph, "b"), [2, 3, 9]))
+    keep1, keep2, keep_out = [0, 2, 3, 4, 6, 7], [0, 1, 4, 5, 6, 7, 8], list(range(1, 12))
+    bil = small.bil
+    assert (bil.in1_features, bil.in2_features, bil.out_features) == (6, 7, 11)
+    assert torch.equal(bil.weight, model.bil.weight[keep_out][:, keep1][:, :, keep2])
+    assert torch.equal(bil.bias, model.bil.bias[keep_out]) and torch.equal(small.out.weight, model.out.weight[:, keep_out])
+    # a's and b's rows with their biases; bil's output 0 (and out's column), then 2 x 10 and 6 x 3 of its 11 slabs
+    assert count_params(model) - count_params(small) == 2 * 7 + 3 * 7 + (8 * 10 + 1 + 3) + (11 * 2 * 10 + 11 * 6 * 3)
+    small = StructuredPruner(model, x, "lamp", pruning_ratio=0.5).prune()
+    assert (small.bil.in1_features, small.bil.in2_features, small.bil.out_features) == (4, 5, 6)
+
+
+class ShuffledDepthwise(nn.Module):
+    """A depthwise conv with a channel multiplier of 2, then a channel shuffle of 2 groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw, self.dw = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.bn, self.shuffle, self.out = nn.BatchNorm2d(16), nn.ChannelShuffle(2), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.shuffle(F.relu(self.bn(self.dw(self.pw(x))))))
+
+
+def test_channel_shuffle_ties_each_channel_to_its_place_in_every_group():
+    """Slicing keeps the shuffle's group count, so a channel leaves with the one at its
+    position in the other group: pw channel ``k`` makes dw channels ``2k, 2k + 1``, which
+    the shuffle of 2 groups of 8 couples with ``2k + 8, 2k + 9`` (pw channel ``k + 4``)."""
+    torch.manual_seed(0)
+    model, x = ShuffledDepthwise().eval(), torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    g = _group(graph, "pw")
+    assert (g.size, g.prunable) == (4, 4)
+    _exact(model, x)
+    pruner = StructuredPruner(model, x, "magnitude", bias_compensation=False, recalibrate_bn=False)
+    units = pruner.graph.root[pruner.graph.ctx.slices[("pw", "out")].atoms]
+    one = int((_group(pruner.graph, "pw").units == units[1]).nonzero())
+    small, _ = pruner.build(_mask(pruner.graph, _group(pruner.graph, "pw"), [one]))
+    kept_pw, kept_dw = [0, 2, 3, 4, 6, 7], [0, 1, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15]
+    assert torch.equal(small.pw.weight, model.pw.weight[kept_pw]) and small.dw.groups == 6
+    assert torch.equal(small.dw.weight, model.dw.weight[kept_dw])
+    out_cols = [(c % 8) * 2 + c // 8 for c in kept_dw]  # dw channel c's place after the shuffle
+    assert torch.equal(small.out.weight, model.out.weight[:, sorted(out_cols)])
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    assert (small.pw.out_channels, small.dw.out_channels, small.out.in_channels) == (4, 8, 8)
