@@ -149,13 +149,14 @@ def test_bilinear_prunes_both_inputs_and_its_outputs():
     ]
     _exact(model, x)
     pruner = StructuredPruner(model, x, "magnitude", bias_compensation=False, recalibrate_bn=False)
-    mask = _mask(pruner.graph, _group(pruner.graph, "a"), [1, 5]) | _mask(pruner.graph, _group(pruner.graph, "bil"), [0])
-    small, _ = pruner.build(mask | _mask(pruner.graph, _group(pruner.graph, "b"), [2, 3, 9]))
+    picks = {"a": [1, 5], "b": [2, 3, 9], "bil": [0]}
+    small, _ = pruner.build(sum(_mask(pruner.graph, _group(pruner.graph, m), idx) for m, idx in picks.items()).bool())
     keep1, keep2, keep_out = [0, 2, 3, 4, 6, 7], [0, 1, 4, 5, 6, 7, 8], list(range(1, 12))
     bil = small.bil
     assert (bil.in1_features, bil.in2_features, bil.out_features) == (6, 7, 11)
     assert torch.equal(bil.weight, model.bil.weight[keep_out][:, keep1][:, :, keep2])
-    assert torch.equal(bil.bias, model.bil.bias[keep_out]) and torch.equal(small.out.weight, model.out.weight[:, keep_out])
+    assert torch.equal(bil.bias, model.bil.bias[keep_out])
+    assert torch.equal(small.out.weight, model.out.weight[:, keep_out])
     # a's and b's rows with their biases; bil's output 0 (and out's column), then 2 x 10 and 6 x 3 of its 11 slabs
     assert count_params(model) - count_params(small) == 2 * 7 + 3 * 7 + (8 * 10 + 1 + 3) + (11 * 2 * 10 + 11 * 6 * 3)
     small = StructuredPruner(model, x, "lamp", pruning_ratio=0.5).prune()
