@@ -196,3 +196,38 @@ def test_channel_shuffle_ties_each_channel_to_its_place_in_every_group():
     assert torch.equal(small.out.weight, model.out.weight[:, sorted(out_cols)])
     small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
     assert (small.pw.out_channels, small.dw.out_channels, small.out.in_channels) == (4, 8, 8)
+
+
+# -- a packed sequence through an LSTM ---------------------------------------------------------
+
+
+class PackedLSTM(nn.Module):
+    """Variable-length sequences packed for the LSTM (``enforce_sorted=False``: the
+    packed sequence carries index tensors too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 24), nn.Linear(24, 12)
+        self.lstm, self.head = nn.LSTM(12, 10, num_layers=2, batch_first=True), nn.Linear(10, 3)
+
+    def forward(self, x, lengths):
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        packed = pack_padded_sequence(self.fc2(F.relu(self.fc1(x))), lengths, batch_first=True, enforce_sorted=False)
+        out, (h, _) = self.lstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return self.head(out) + self.head(h[-1])[:, None]
+
+
+def test_a_packed_sequence_keeps_its_lstm_and_the_layers_before_prune():
+    """A ``PackedSequence`` cannot hold the tracer's references (its constructor reads
+    ``batch_sizes.device``): it traces as a plain tuple, the LSTM it enters keeps its width
+    (a packed input is not followed) and the MLP before it prunes."""
+    torch.manual_seed(0)
+    model, inputs = PackedLSTM().eval(), (torch.randn(3, 7, 6), torch.tensor([4, 7, 2]))
+    graph = DependencyGraph(model, inputs)
+    assert (_group(graph, "fc1").size, _group(graph, "fc1").prunable, _group(graph, "fc2").prunable) == (24, 24, 0)
+    small = StructuredPruner(model, inputs, "magnitude", pruning_ratio=0.5).prune()
+    assert (small.fc1.out_features, small.fc2.in_features, small.lstm.hidden_size) == (12, 12, 10)
+    assert count_params(model) - count_params(small) == 12 * 7 + 12 * 12
+    assert small(*inputs).shape == (3, 7, 3)
