@@ -231,3 +231,41 @@ def test_a_packed_sequence_keeps_its_lstm_and_the_layers_before_prune():
     assert (small.fc1.out_features, small.fc2.in_features, small.lstm.hidden_size) == (12, 12, 10)
     assert count_params(model) - count_params(small) == 12 * 7 + 12 * 12
     assert small(*inputs).shape == (3, 7, 3)
+
+
+# -- a bare matrix in an einsum ----------------------------------------------------------------
+
+
+class EinsumBasis(nn.Module):
+    """A conv's channels mixed by a bare ``(C, K)`` or ``(K, C)`` matrix in an einsum, on
+    the feature map or on its tokens: einsum hands ``bmm`` a ``(1, C, K)`` view of it."""
+
+    def __init__(self, equation: str, shape: tuple[int, int], tokens: bool) -> None:
+        super().__init__()
+        self.equation, self.tokens = equation, tokens
+        self.conv, self.basis = nn.Conv2d(3, 8, 1), nn.Parameter(torch.randn(*shape))
+        self.out = nn.Linear(5, 2) if tokens else nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.tokens:
+            y = y.flatten(2).transpose(1, 2)
+        operands = (self.basis, y) if self.equation.startswith(("cd,", "dc,")) else (y, self.basis)
+        return self.out(torch.einsum(self.equation, *operands))
+
+
+@pytest.mark.parametrize(
+    ("equation", "shape", "tokens"),
+    [("bchw,cd->bdhw", (8, 5), False), ("bchw,dc->bdhw", (5, 8), False), ("dc,bnc->bnd", (5, 8), True)],
+)
+def test_a_bare_matrix_in_an_einsum_prunes_both_its_dims(equation, shape, tokens):
+    torch.manual_seed(0)
+    model, x = EinsumBasis(equation, shape, tokens).eval(), torch.randn(2, 3, 4, 4)
+    graph = DependencyGraph(model, x)
+    assert (_group(graph, "conv").size, _group(graph, "conv").prunable) == (8, 8)  # was frozen: "contracts channels"
+    _exact(model, x)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    c_dim = shape.index(8)
+    assert small.conv.out_channels == 4 and small.basis.shape[c_dim] == 4 and small.basis.shape[1 - c_dim] == 3
+    assert count_params(model) - count_params(small) == 4 * (3 + 1) + (8 * 5 - 4 * 3) + 2 * 2  # conv, basis, out
+    assert small(x).shape == model(x).shape
