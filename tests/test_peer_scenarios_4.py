@@ -269,3 +269,33 @@ def test_a_bare_matrix_in_an_einsum_prunes_both_its_dims(equation, shape, tokens
     assert small.conv.out_channels == 4 and small.basis.shape[c_dim] == 4 and small.basis.shape[1 - c_dim] == 3
     assert count_params(model) - count_params(small) == 4 * (3 + 1) + (8 * 5 - 4 * 3) + 2 * 2  # conv, basis, out
     assert small(x).shape == model(x).shape
+
+
+# -- channels flipped ----------------------------------------------------------------------------
+
+
+class Flipped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.mix = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+        self.fc, self.head = nn.Linear(4, 10), nn.Linear(10, 2)
+
+    def forward(self, x):
+        y = self.mix(F.relu(self.conv(x)).flip(1)).mean((2, 3))
+        return self.head(torch.flip(F.relu(self.fc(y)), [-1]))
+
+
+def test_channels_flipped_prune_in_reverse_order():
+    """``flip`` over the channels: kept channels stay reversed, so channel ``i`` of the
+    producer is column ``C - 1 - i`` of the consumer (``roll`` still freezes: it wraps at
+    the width)."""
+    torch.manual_seed(0)
+    model, x = Flipped().eval(), torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    assert [(_group(graph, m).size, _group(graph, m).prunable) for m in ("conv", "fc")] == [(6, 6), (10, 10)]
+    _exact(model, x)
+    pruner = StructuredPruner(model, x, "magnitude", bias_compensation=False, recalibrate_bn=False)
+    small, _ = pruner.build(_mask(pruner.graph, _group(pruner.graph, "conv"), [0, 4]))
+    assert torch.equal(small.conv.weight, model.conv.weight[[1, 2, 3, 5]])
+    assert torch.equal(small.mix.weight, model.mix.weight[:, [0, 2, 3, 4]])  # columns 5 - i
+    assert small(x).shape == (2, 2)

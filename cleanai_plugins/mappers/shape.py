@@ -476,10 +476,15 @@ def roll(call, ctx):
     lab = ctx.label_of(src)
     if lab is None:
         return
-    dims = arg(call, 2, "dims") if "roll" in str(call.op) else arg(call, 1, "dims")
+    flip = "flip" in str(call.op)
+    dims = arg(call, 1, "dims") if flip else arg(call, 2, "dims")
     dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if flip and lab.dim in [x % src.ndim for x in dims]:
+        # reversed channels stay reversed when some go: the label is reversed with them
+        ctx.set_label(call.outputs[0], lab.dim, lab.atoms.flip(0))
+        return
     if not dims or lab.dim in [x % src.ndim for x in dims]:
-        ctx.freeze(lab.atoms, f"{ctx.where()} moves channels")
+        ctx.freeze(lab.atoms, f"{ctx.where()} moves channels")  # a roll by k wraps at the width
         return
     ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
 
