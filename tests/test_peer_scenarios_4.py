@@ -304,3 +304,33 @@ def test_channels_flipped_prune_in_reverse_order():
     assert torch.equal(small.conv.weight, model.conv.weight[[1, 2, 3, 5]])
     assert torch.equal(small.mix.weight, model.mix.weight[:, [0, 2, 3, 4]])  # columns 5 - i
     assert small(x).shape == (2, 2)
+
+
+# -- round_to where a unit is several channels ---------------------------------------------------
+
+
+class GroupNormConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.gn = nn.Conv2d(3, 12, 3, padding=1), nn.GroupNorm(3, 12)
+        self.grouped, self.mix = nn.Conv2d(12, 24, 3, padding=1, groups=3), nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        return self.mix(F.relu(self.grouped(F.relu(self.gn(self.stem(x))))))
+
+
+@pytest.mark.parametrize("global_pruning", [False, True], ids=["uniform", "global"])
+def test_round_to_holds_where_a_unit_is_a_channel_in_every_norm_group(global_pruning):
+    """A GroupNorm of 3 groups makes each unit 3 channels (one per group): at round_to=4
+    the kept units must give a multiple of 4 channels, 12 of 12 here (it kept 9)."""
+    torch.manual_seed(0)
+    model, x = GroupNormConvs().eval(), torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    assert (_group(graph, "stem").size, _group(graph, "stem").prunable) == (4, 4)  # 12 channels, 3 per unit
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, round_to=4, global_pruning=global_pruning)
+    small = pruner.prune()
+    widths = [small.stem.out_channels, small.grouped.out_channels]
+    assert all(w % 4 == 0 for w in widths) and small.gn.num_channels == widths[0]
+    assert small(x).shape == (2, 4, 8, 8)
+    if not global_pruning:  # a global ranking rounds after choosing: here it rounds everything back
+        assert widths == [12, 12]
