@@ -150,10 +150,10 @@ def limit_units(group: Group, n: int, round_to: int | None, min_units: int, alig
     where given: :func:`uniform_alignments`)."""
     n = max(0, min(n, group.prunable, group.size - max(1, min_units)))
     if round_to and round_to > 1 and n > 0:
-        m = _multiplicity(group)
-        kept = (group.size - n) * m
-        kept = math.ceil(kept / round_to) * round_to
-        n = max(0, group.size - math.ceil(kept / m))
+        # a unit is m channels (a GroupNorm's groups): keep a number of units whose channels
+        # are a multiple of round_to (3 units of 3 channels would keep 9 at round_to=4)
+        step = round_to // math.gcd(round_to, _multiplicity(group))
+        n = max(0, group.size - math.ceil((group.size - n) / step) * step)
         n = min(n, group.prunable)
     align = align or _alignment(group)
     if align > 1 and n > 0:

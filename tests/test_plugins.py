@@ -329,7 +329,7 @@ def test_example_plugin_prunes_scaled_linear_end_to_end(with_example):
     assert report.pruned_units == 4 + 3
 
 
-def test_without_the_example_plugin_scaled_linear_outputs_are_frozen(with_example):
+def test_without_the_example_plugin_scaled_linear_is_traced_as_bare_parameters(with_example):
     from cleanai_example import TinyNet
 
     pm = make_plugin_manager(disabled=["example"])
@@ -339,7 +339,7 @@ def test_without_the_example_plugin_scaled_linear_outputs_are_frozen(with_exampl
     assert prunable == {
         ("fc1:in",): 0,
         (":scaled.weight", "fc1:out"): 16,  # the generic tracer follows the einsum's input columns
-        (":scaled.bias", ":scaled.scale", "fc2:in"): 0,  # but cannot tell which row makes which output
+        (":scaled.bias", ":scaled.scale", ":scaled.weight#0", "fc2:in"): 12,  # and its rows (a bare matrix)
         ("fc2:out",): 0,
     }
 

@@ -148,8 +148,22 @@ class _Recorder(ShapeOnlyMode):
         return TRef(key, tuple(t.shape), dtype, self.tensor_names.get(ident), value)
 
     def refs(self, tree: Any, new: bool = False) -> Any:
-        """Module arguments (any pytree: namedtuples, dataclasses...) as references."""
-        return tree_map(lambda a: self.ref(a, new) if isinstance(a, torch.Tensor) else a, tree)
+        """Module arguments (any pytree: namedtuples, dataclasses...) as references. A
+        namedtuple whose constructor checks its fields (``PackedSequence`` reads
+        ``batch_sizes.device``) cannot hold references: it becomes a plain tuple."""
+        done: dict[int, TRef] = {}
+
+        def one(a: Any) -> Any:
+            if not isinstance(a, torch.Tensor):
+                return a
+            if id(a) not in done:
+                done[id(a)] = self.ref(a, new)
+            return done[id(a)]
+
+        try:
+            return tree_map(one, tree)
+        except Exception:  # each tensor already has its reference in ``done``
+            return _plain_map(one, tree)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -163,6 +177,22 @@ class _Recorder(ShapeOnlyMode):
 
     def _new_ref(self, t: torch.Tensor) -> TRef:
         return self.ref(t, new=True)
+
+
+def _plain_map(fn: Callable[[Any], Any], obj: Any) -> Any:
+    """``fn`` over the leaves of tuples, lists and dicts; a namedtuple whose constructor
+    refuses the mapped fields becomes a plain tuple."""
+    if isinstance(obj, dict):
+        return {k: _plain_map(fn, v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain_map(fn, a) for a in obj]
+    if isinstance(obj, tuple):
+        items = [_plain_map(fn, a) for a in obj]
+        try:
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+        except Exception:
+            return tuple(items)
+    return fn(obj)
 
 
 def record(

@@ -1,4 +1,4 @@
-"""nn.Linear (and subclasses such as ``NonDynamicallyQuantizableLinear``).
+"""nn.Linear (and subclasses such as ``NonDynamicallyQuantizableLinear``) and nn.Bilinear.
 
 Compensation folds removed input channels into the layer: their mean into the bias,
 their least-squares prediction from the kept channels into the kept columns. A layer
@@ -17,7 +17,7 @@ from cleanai_core import hookimpl
 from cleanai_core.graph.context import Label
 from cleanai_core.interfaces import LayerPruner, add_to_bias, replace_param, squared_weight
 
-__all__ = ["NO_NEW_BIAS", "LinearPruner", "no_new_bias"]
+__all__ = ["NO_NEW_BIAS", "BilinearPruner", "LinearPruner", "no_new_bias"]
 
 #: model findings key: modules (a set, joined across plugins) that compensation must not give a bias
 NO_NEW_BIAS = "no_new_bias"
@@ -130,8 +130,38 @@ class LinearPruner(LayerPruner):
         return True
 
 
+class BilinearPruner(LayerPruner):
+    """``nn.Bilinear`` (``y_k = x1 W_k x2 + b_k``, weight ``(out, in1, in2)``): slices
+    ``"in1"`` and ``"in2"`` (the last dim of each input) and ``"out"``. A removed input
+    channel's term depends on the other input, so no compensation folds it."""
+
+    name = "bilinear"
+
+    def trace(self, module, call, ctx):
+        x1 = call.args[0] if call.args else call.kwargs.get("input1")
+        x2 = call.args[1] if len(call.args) > 1 else call.kwargs.get("input2")
+        ctx.bind(call.name, "in1", ctx.labels(x1, -1), "in", arg=0, dim=-1)
+        ctx.bind(call.name, "in2", ctx.labels(x2, -1), "in", arg=1, dim=-1)
+        ctx.set_label(call.outputs[0], -1, ctx.produce(call.name, "out", module.out_features, dim=-1))
+
+    def prune(self, module, keep):
+        for name, dim, attr in (("out", 0, "out_features"), ("in1", 1, "in1_features"), ("in2", 2, "in2_features")):
+            if name in keep:
+                replace_param(module, "weight", dim, keep[name])
+                if dim == 0:
+                    replace_param(module, "bias", 0, keep[name])
+                setattr(module, attr, keep[name].numel())
+
+    def weight_energy(self, module, slice_name):
+        dim = {"out": 0, "in1": 1, "in2": 2}[slice_name]
+        w = module.weight.detach().float().square()
+        return w.sum([d for d in range(3) if d != dim])
+
+
 @hookimpl(trylast=True)
 def cleanai_layer_pruner(module, findings=None):
     if isinstance(module, nn.Linear) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return LinearPruner(new_bias=module not in (findings or {}).get(NO_NEW_BIAS, ()))
+    if isinstance(module, nn.Bilinear) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return BilinearPruner()
     return None

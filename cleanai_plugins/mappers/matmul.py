@@ -19,20 +19,22 @@ def _product(ctx, a, b, out) -> None:
         return
     na, nb, no = a.ndim, b.ndim, out.ndim
     a_k, b_k = na - 1, max(nb - 2, 0)
-    if lb is not None and lb.cross is not None and nb == 2:
+    if lb is not None and lb.cross is not None and nb >= 2 and {lb.dim, lb.cross[0]} == {nb - 2, nb - 1}:
         # b is a matrix whose rows and columns both follow channels: a claimed module's
         # weight read outside it, transposed (``F.linear(x, m.weight, bias)``), or a bare
-        # parameter (``x @ self.proj``, ``F.linear(x, self.w)``): its rows contract with
-        # a's channels, its columns label out
-        rows, cols = (ctx.take_cross(lb), lb.atoms) if lb.dim == 1 else (lb.atoms, ctx.take_cross(lb))
+        # parameter (``x @ self.proj``, ``F.linear(x, self.w)``; einsum's ``(1, C, K)``
+        # view of it for ``bmm``): its rows contract with a's channels, its columns label out
+        last = lb.dim == nb - 1
+        rows, cols = (ctx.take_cross(lb), lb.atoms) if last else (lb.atoms, ctx.take_cross(lb))
         ctx.union(ctx.labels(a, a_k), rows)
-        ctx.set_label(out, no - 1, cols, lb.origin if lb.dim == 1 else None)
+        ctx.set_label(out, no - 1, cols, lb.origin if last else None)
         return
-    if la is not None and la.cross is not None and na == 2 and (lb is None or lb.dim == b_k):
+    bare_a = la is not None and la.cross is not None and na >= 2 and {la.dim, la.cross[0]} == {na - 2, na - 1}
+    if bare_a and (lb is None or lb.dim == b_k):
         # ``self.proj @ x`` with a bare matrix: its columns contract with b's channels
-        rows, cols = (ctx.take_cross(la), la.atoms) if la.dim == 1 else (la.atoms, ctx.take_cross(la))
+        rows, cols = (ctx.take_cross(la), la.atoms) if la.dim == na - 1 else (la.atoms, ctx.take_cross(la))
         ctx.union(cols, ctx.labels(b, b_k))
-        ctx.set_label(out, no - 2 if nb > 1 else no - 1, rows, la.origin if la.dim == 0 else None)
+        ctx.set_label(out, no - 2 if nb > 1 else no - 1, rows, la.origin if la.dim == na - 2 else None)
         return
     # contraction dimension: both sides must shrink together
     if (la is not None and la.dim == a_k) or (lb is not None and lb.dim == b_k and nb > 1):

@@ -172,10 +172,22 @@ def reshape_label(ctx, src: TRef, out: TRef) -> None:
 @table.register("view", "_unsafe_view", "reshape", "view_copy", "_reshape_copy", "unflatten", "flatten")
 def view(call, ctx):
     src, out = call.args[0], call.outputs[0]
-    if src.shape == out.shape:
+    lab = ctx.label_of(src)
+    if lab is not None and lab.cross is not None and _unit_dims_only(src.shape, out.shape):
+        # a bare matrix given size-1 dims (einsum's ``(C, K) -> (1, C, K)``): both its labels go on
+        where = [d for d, n in enumerate(out.shape) if n != 1]
+        kept = [d for d, n in enumerate(src.shape) if n != 1]
+        move = {d: where[kept.index(d)] for d in kept}
+        ctx.set_label(out, move[lab.dim], lab.atoms, lab.origin, (move[lab.cross[0]], lab.cross[1]))
+    elif src.shape == out.shape:
         ctx.copy_label(src, out)
     else:
         reshape_label(ctx, src, out)
+
+
+def _unit_dims_only(a: tuple, b: tuple) -> bool:
+    """``a`` and ``b`` differ only by dims of size 1."""
+    return [n for n in a if n != 1] == [n for n in b if n != 1]
 
 
 @table.register("permute", "permute_copy")
@@ -224,7 +236,8 @@ def unsqueeze(call, ctx):
     if lab is None:
         return
     dim = arg(call, 1, "dim") % out.ndim
-    ctx.set_label(out, lab.dim + (dim <= lab.dim), lab.atoms, lab.origin)
+    cross = (lab.cross[0] + (dim <= lab.cross[0]), lab.cross[1]) if lab.cross is not None else None
+    ctx.set_label(out, lab.dim + (dim <= lab.dim), lab.atoms, lab.origin, cross)
 
 
 @table.register("squeeze", "squeeze_copy")
@@ -242,7 +255,10 @@ def squeeze(call, ctx):
     if lab.dim in dims:
         ctx.freeze(lab.atoms, f"{ctx.where()} squeezes away a single-channel dimension")
         return
-    ctx.set_label(out, lab.dim - sum(x < lab.dim for x in dims), lab.atoms, lab.origin)
+    cross = None
+    if lab.cross is not None and lab.cross[0] not in dims:
+        cross = (lab.cross[0] - sum(x < lab.cross[0] for x in dims), lab.cross[1])
+    ctx.set_label(out, lab.dim - sum(x < lab.dim for x in dims), lab.atoms, lab.origin, cross)
 
 
 @table.register("expand", "expand_copy", "expand_as", "broadcast_to")
@@ -460,10 +476,15 @@ def roll(call, ctx):
     lab = ctx.label_of(src)
     if lab is None:
         return
-    dims = arg(call, 2, "dims") if "roll" in str(call.op) else arg(call, 1, "dims")
+    flip = "flip" in str(call.op)
+    dims = arg(call, 1, "dims") if flip else arg(call, 2, "dims")
     dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if flip and lab.dim in [x % src.ndim for x in dims]:
+        # reversed channels stay reversed when some go: the label is reversed with them
+        ctx.set_label(call.outputs[0], lab.dim, lab.atoms.flip(0))
+        return
     if not dims or lab.dim in [x % src.ndim for x in dims]:
-        ctx.freeze(lab.atoms, f"{ctx.where()} moves channels")
+        ctx.freeze(lab.atoms, f"{ctx.where()} moves channels")  # a roll by k wraps at the width
         return
     ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
 

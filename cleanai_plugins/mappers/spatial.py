@@ -1,4 +1,4 @@
-"""Pooling, interpolation, padding and pixel (un)shuffle: channels pass, space changes."""
+"""Pooling, interpolation, padding, pixel (un)shuffle and channel shuffle: channels pass, space changes."""
 
 from __future__ import annotations
 
@@ -92,6 +92,22 @@ def pixel_shuffle(call, ctx):
         return
     rep = ctx.tie(lab.atoms, (out.shape[-3], r * r), 0)
     ctx.set_label(out, out.ndim - 3, rep)
+
+
+@table.register("channel_shuffle", "native_channel_shuffle")
+def channel_shuffle(call, ctx):
+    """``(N, g * n, ...) -> view (g, n) -> transpose -> (N, n * g, ...)``: a channel leaves
+    with the ones at its position in every other group (``g`` stays, ``n`` shrinks)."""
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if lab.dim != 1:  # channels elsewhere: the shuffled dim is not theirs
+        ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+        return
+    g = arg(call, 1, "groups")
+    rep = ctx.tie(lab.atoms, (g, src.shape[1] // g), 1)
+    ctx.set_label(out, 1, rep.repeat_interleave(g))
 
 
 @table.register("pixel_unshuffle")

@@ -1,18 +1,18 @@
-"""torchvision Swin (v1 and v2): the window attention claimed as one composite module.
+"""torchvision Swin (v1, v2 and the video Swin3d): the window attention claimed as one composite module.
 
-``ShiftedWindowAttention`` (and ``ShiftedWindowAttentionV2``) never call their ``qkv`` and
+``ShiftedWindowAttention`` (and ``ShiftedWindowAttentionV2``, ``ShiftedWindowAttention3d``) never call their ``qkv`` and
 ``proj`` linears: ``forward`` hands their weights to the function
 ``torchvision.models.swin_transformer.shifted_window_attention``, which applies them with
 ``F.linear``. Traced op by op, those parameters are used outside the modules that own
 them, which freezes the whole residual stream. Claimed whole, the module has two slices:
 
 - ``"in"``: the input width C (the columns of ``qkv.weight``), read on the last dim of the
-  ``(B, H, W, C)`` input;
+  ``(B, H, W, C)`` (video: ``(B, T, H, W, C)``) input;
 - ``"out"``: the output width (the rows of ``proj.weight`` and ``proj.bias``), on the last
   dim of the output.
 
 - ``"heads"``: whole heads (their q, k and v rows, their columns of ``proj``, their
-  column of the relative position bias table (v1), their row of ``cpb_mlp``'s last layer
+  column of the relative position bias table (v1, 3d), their row of ``cpb_mlp``'s last layer
   and their ``logit_scale`` (v2)); a group of its own in each block. The head size stays,
   so the attention scale does too; the masked model zeroes a head's value rows, which
   makes its contribution exactly 0, as removing it does.
@@ -28,6 +28,7 @@ otherwise; an unpruned module keeps its own class).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -38,26 +39,24 @@ from cleanai_core.interfaces import LayerPruner, add_to_bias, replace_param, squ
 
 try:  # torchvision is optional
     from torchvision.models import swin_transformer as _swin
+    from torchvision.models.video import swin_transformer as _swin3d
 except Exception:  # pragma: no cover
-    _swin = None
+    _swin = _swin3d = None
 
 __all__ = ["ShiftedWindowAttentionPruner", "shifted_window_attention"]
 
 
-def _shift_mask(x: torch.Tensor, pad_hw: tuple[int, int], window_size, shift_size) -> torch.Tensor:
-    """torchvision's attention mask for shifted windows: ``(num_windows, N, N)``."""
-    pad_h, pad_w = pad_hw
-    attn_mask = x.new_zeros((pad_h, pad_w))
-    h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
-    w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
-    count = 0
-    for h in h_slices:
-        for w in w_slices:
-            attn_mask[h[0] : h[1], w[0] : w[1]] = count
-            count += 1
-    num_windows = (pad_h // window_size[0]) * (pad_w // window_size[1])
-    attn_mask = attn_mask.view(pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1])
-    attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
+def _shift_mask(x: torch.Tensor, padded, window_size, shift_size) -> torch.Tensor:
+    """torchvision's attention mask for shifted windows over any number of spatial dims
+    (its 2-D and 3-D code): ``(num_windows, N, N)``."""
+    d = len(padded)
+    attn_mask = x.new_zeros(tuple(padded))
+    spans = [((0, -w), (-w, -s), (-s, None)) for w, s in zip(window_size, shift_size, strict=True)]
+    for count, box in enumerate(itertools.product(*spans)):
+        attn_mask[tuple(slice(a, b) for a, b in box)] = count
+    split = [n for p, w in zip(padded, window_size, strict=True) for n in (p // w, w)]
+    attn_mask = attn_mask.view(split).permute(*range(0, 2 * d, 2), *range(1, 2 * d, 2))
+    attn_mask = attn_mask.reshape(-1, math.prod(window_size[:d]))
     attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
     return attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(attn_mask == 0, 0.0)
 
@@ -77,24 +76,27 @@ def shifted_window_attention(
     logit_scale: torch.Tensor | None = None,
     training: bool = True,
 ) -> torch.Tensor:
-    """torchvision's ``shifted_window_attention`` where the input width (columns of
+    """torchvision's ``shifted_window_attention`` (input ``(B, H, W, C)``) and
+    ``shifted_window_attention_3d`` (``(B, T, H, W, C)``) where the input width (columns of
     ``qkv_weight``), the internal width (``qkv_weight.shape[0] // 3``) and the output width
     (rows of ``proj_weight``) may differ. With all three equal it computes the same."""
-    B, H, W, c_in = input.shape
-    pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
-    pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
-    x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
-    _, pad_h, pad_w, _ = x.shape
-    shift_size = shift_size.copy()
-    if window_size[0] >= pad_h:
-        shift_size[0] = 0
-    if window_size[1] >= pad_w:
-        shift_size[1] = 0
+    B, *size, c_in = input.shape
+    d = len(size)
+    window_size, shift_size = list(window_size), list(shift_size)
+    pads = [(w - n % w) % w for n, w in zip(size, window_size, strict=True)]
+    x = F.pad(input, [0, 0] + [q for p in reversed(pads) for q in (0, p)])
+    padded = list(x.shape[1:-1])
+    for i in range(d):
+        if window_size[i] >= padded[i]:
+            shift_size[i] = 0
+    dims = tuple(range(1, d + 1))
     if sum(shift_size) > 0:
-        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
-    num_windows = (pad_h // window_size[0]) * (pad_w // window_size[1])
-    x = x.view(B, pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1], c_in)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], c_in)
+        x = torch.roll(x, shifts=[-s for s in shift_size], dims=dims)
+    counts = [p // w for p, w in zip(padded, window_size, strict=True)]
+    num_windows = math.prod(counts)
+    x = x.view(B, *[n for c, w in zip(counts, window_size, strict=True) for n in (c, w)], c_in)
+    x = x.permute(0, *range(1, 2 * d, 2), *range(2, 2 * d + 1, 2), 2 * d + 1)
+    x = x.reshape(B * num_windows, math.prod(window_size), c_in)
 
     inner = qkv_weight.shape[0] // 3
     if logit_scale is not None and qkv_bias is not None:
@@ -110,7 +112,7 @@ def shifted_window_attention(
         attn = (q * (inner // num_heads) ** -0.5).matmul(k.transpose(-2, -1))
     attn = attn + relative_position_bias
     if sum(shift_size) > 0:
-        mask = _shift_mask(x, (pad_h, pad_w), window_size, shift_size)
+        mask = _shift_mask(x, padded, window_size, shift_size)
         attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
         attn = attn + mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(-1, num_heads, x.size(1), x.size(1))
@@ -121,25 +123,33 @@ def shifted_window_attention(
     x = F.linear(x, proj_weight, proj_bias)
     x = F.dropout(x, p=dropout, training=training)
     c_out = x.shape[-1]
-    x = x.view(B, pad_h // window_size[0], pad_w // window_size[1], window_size[0], window_size[1], c_out)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_h, pad_w, c_out)
+    x = x.view(B, *counts, *window_size, c_out)
+    x = x.permute(0, *[k for i in range(1, d + 1) for k in (i, i + d)], 2 * d + 1).reshape(B, *padded, c_out)
     if sum(shift_size) > 0:
-        x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
-    return x[:, :H, :W, :].contiguous()
+        x = torch.roll(x, shifts=shift_size, dims=dims)
+    return x[(slice(None), *[slice(0, n) for n in size])].contiguous()
 
 
 class _PrunedForward:
     """``forward`` of a pruned window attention: the widths come from the weights."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window_size, shift_size = self.window_size, self.shift_size
+        if x.ndim == 5:  # video Swin: windows larger than the input shrink to it, unshifted
+            window_size, shift_size = _swin3d._get_window_and_shift_size(
+                shift_size.copy(), list(x.shape[1:4]), window_size.copy()
+            )
+            bias = self.get_relative_position_bias(window_size)
+        else:
+            bias = self.get_relative_position_bias()
         return shifted_window_attention(
             x,
             self.qkv.weight,
             self.proj.weight,
-            self.get_relative_position_bias(),
-            self.window_size,
+            bias,
+            window_size,
             self.num_heads,
-            shift_size=self.shift_size,
+            shift_size=shift_size,
             attention_dropout=self.attention_dropout,
             dropout=self.dropout,
             qkv_bias=self.qkv.bias,
@@ -159,11 +169,16 @@ if _swin is not None:
     class PrunedShiftedWindowAttentionV2(_PrunedForward, _swin.ShiftedWindowAttentionV2):
         """A pruned ``ShiftedWindowAttentionV2``: input, internal and output widths may differ."""
 
+    class PrunedShiftedWindowAttention3d(_PrunedForward, _swin3d.ShiftedWindowAttention3d):
+        """A pruned video ``ShiftedWindowAttention3d``: input, internal and output widths may differ."""
+
     _PRUNED_CLASS = {
         _swin.ShiftedWindowAttention: PrunedShiftedWindowAttention,
         _swin.ShiftedWindowAttentionV2: PrunedShiftedWindowAttentionV2,
+        _swin3d.ShiftedWindowAttention3d: PrunedShiftedWindowAttention3d,
         PrunedShiftedWindowAttention: PrunedShiftedWindowAttention,
         PrunedShiftedWindowAttentionV2: PrunedShiftedWindowAttentionV2,
+        PrunedShiftedWindowAttention3d: PrunedShiftedWindowAttention3d,
     }
 
 

@@ -11,10 +11,9 @@ __all__ = ["ScaledLinear", "TinyNet"]
 class ScaledLinear(nn.Module):
     """``y = (x @ weight.T) * scale + bias``: a linear layer with a learned per-output gain.
 
-    Without the plugin, CleanAI traces its ``einsum`` generically: the input columns of
-    ``weight`` follow the incoming channels, but the output channels are frozen, because
-    the generic tracer cannot tell that row ``o`` of ``weight``, ``scale[o]`` and
-    ``bias[o]`` make output channel ``o``.
+    Without the plugin, CleanAI traces its ``einsum`` generically: ``weight``, ``scale``
+    and ``bias`` are bare parameters whose dims follow the channels they meet. The plugin
+    describes the layer as one module (its slices, weight energies and compensation).
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:

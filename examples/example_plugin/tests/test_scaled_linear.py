@@ -41,9 +41,11 @@ def test_scaled_linear_outputs_form_a_prunable_group_with_fc2_inputs():
     assert (hidden.size, hidden.prunable) == (16, 16)
 
 
-def test_without_the_plugin_the_outputs_are_frozen():
+def test_without_the_plugin_the_layer_is_traced_op_by_op():
     pm = make_plugin_manager(load_entrypoints=False)  # built-ins only: ScaledLinear is traced generically
     graph = DependencyGraph(TinyNet().eval(), torch.randn(2, 8), pm=pm)
     assert "scaled" not in graph.nodes  # unclaimed: entered, its einsum traced op by op
     fc2_inputs = next(g for g in graph.groups() if any(f"{s.module}:{s.name}" == "fc2:in" for s in g.slices))
-    assert (fc2_inputs.size, fc2_inputs.prunable) == (12, 0)  # which row makes which output is unknown
+    names = sorted(f"{s.module}:{s.name}" for s in fc2_inputs.slices)
+    assert names == [":scaled.bias", ":scaled.scale", ":scaled.weight#0", "fc2:in"]  # bare parameters' rows
+    assert (fc2_inputs.size, fc2_inputs.prunable) == (12, 12)
