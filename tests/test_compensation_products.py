@@ -43,8 +43,9 @@ class _Cnn(nn.Module):
         return self.head(torch.tanh(self.grouped(y)) + y)
 
 
-def _pruned(model: nn.Module, data: list, by_products: bool, monkeypatch, ratio: float = 0.5) -> dict:
-    """The pruned model's state, solved by products (where the pruner can) or by the
+def _pruned(model: nn.Module, data: list, by_products: bool, monkeypatch, rows: float = 10.0) -> dict:
+    """The pruned model's state, solved by products (where the pruner can and the kept rows
+    are at most ``rows`` times the removed channels: 10, every consumer) or by the
     coefficients alone; records the sizes of the products solved for in ``_pruned.sizes``."""
     sizes: list[tuple[int, int]] = []
     real = compensation.regress
@@ -55,9 +56,10 @@ def _pruned(model: nn.Module, data: list, by_products: bool, monkeypatch, ratio:
 
     with monkeypatch.context() as m:
         m.setattr(compensation, "regress", recording)
+        m.setattr(compensation, "PRODUCT_ROWS", rows)
         if not by_products:
             m.setattr(compensation, "_folds_by_products", lambda pruner: False)
-        pruner = StructuredPruner(model, data[0], pruning_ratio=ratio, recalibrate_bn=False)
+        pruner = StructuredPruner(model, data[0], pruning_ratio=0.5, recalibrate_bn=False)
         pruner.collect_activations(data, progress=False)
         state = {k: v.clone() for k, v in pruner.prune().state_dict().items()}
     _pruned.sizes = sizes
@@ -73,16 +75,18 @@ def _assert_close(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_linear_consumers_with_pruned_outputs_equal_the_coefficients_path(seed, monkeypatch):
+@pytest.mark.parametrize("rows", [0.5, 10.0])
+def test_linear_consumers_with_pruned_outputs_equal_the_coefficients_path(seed, rows, monkeypatch):
     torch.manual_seed(seed)
     model = _Mlp().eval()
     data = [torch.randn(40, 6) * 2 + 1 for _ in range(3)]
-    new = _pruned(model, data, True, monkeypatch)
+    new = _pruned(model, data, True, monkeypatch, rows)
     sizes = _pruned.sizes
     old = _pruned(model, data, False, monkeypatch)
     assert _pruned.sizes == []  # the coefficients' path solves for no product
-    # b keeps 10 of its 20 rows against 12 removed inputs; c has 3 rows against 10 removed
-    assert sizes == [(10, 12), (3, 10)]
+    # b keeps 10 of its 20 rows against 12 removed inputs (coefficients on those rows at
+    # the default 0.5); c has 3 rows against 10 removed
+    assert sizes == ([(10, 12), (3, 10)] if rows > 1 else [(3, 10)])
     assert new["b.weight"].shape == (10, 12) and new["c.weight"].shape == (3, 10)
     _assert_close(new, old)
 
@@ -92,11 +96,11 @@ def test_conv_consumers_grouped_and_not_equal_the_coefficients_path(seed, monkey
     torch.manual_seed(seed)
     model = _Cnn().eval()
     data = [torch.randn(4, 3, 10, 10) for _ in range(3)]
-    new = _pruned(model, data, True, monkeypatch)
+    new = _pruned(model, data, True, monkeypatch, rows=0.5)
     sizes = _pruned.sizes
     old = _pruned(model, data, False, monkeypatch)
     assert (3, 8) in sizes  # narrow: 3 kept rows x 1 position < 8 removed: by products
-    assert all(n < r for n, r in sizes)  # wide (3 x 9 rows > 3 removed): coefficients, on its kept rows
+    assert all(n <= r / 2 for n, r in sizes)  # wide (6 x 9 rows > 3 removed): coefficients, on its kept rows
     assert "wide.bias" in new and new["wide.bias"].shape == (6,)  # the intercept creates a bias, as before
     _assert_close(new, old)
 
