@@ -179,9 +179,9 @@ def sampling(model: nn.Module, samples: Samples) -> Iterator[Samples]:
 
 def set_running_stats(module: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
     """Write ``mean`` and ``var`` into a norm's running statistics (their dtype and device)."""
-    with torch.no_grad():
-        module.running_mean.copy_(mean.to(module.running_mean))
-        module.running_var.copy_(var.to(module.running_var))
+    with torch.no_grad():  # copy_ converts dtype and device
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var)
 
 
 class _Correction:

@@ -83,6 +83,9 @@ FOREIGN = 1.0
 #: per channel: (count, mean, M2) of the original's sample, of the pruned's, of their difference
 Pair = list
 
+# the constants of the estimate's ``torch.where``s: a 0-d tensor costs 1 us less than a Python number
+_ZERO, _ONE, _NEG_INF = (torch.tensor(v, dtype=torch.float64) for v in (0.0, 1.0, -math.inf))
+
 
 def sample_rows(x: Any) -> torch.Tensor | None:
     """A norm input as ``(rows, C)`` float32 at fixed positions: every position when there
@@ -135,8 +138,8 @@ def correlation(pair: Pair) -> torch.Tensor:
     (_, _, m2_o), (_, _, m2_p), (_, _, m2_d) = pair
     co = (m2_o + m2_p - m2_d) / 2  # the co-moment; exactly m2_o where the difference is 0
     both = (m2_o > 0) & (m2_p > 0)
-    r = torch.where(both, co / (m2_o * m2_p).clamp_min(1e-300).sqrt(), torch.zeros_like(co)).clamp(-1.0, 1.0)
-    return torch.where(m2_d == 0, torch.ones_like(r), r)
+    r = torch.where(both, co / (m2_o * m2_p).clamp_min_(1e-300).sqrt_(), _ZERO).clamp_(-1.0, 1.0)
+    return torch.where(m2_d == 0, _ONE, r)
 
 
 class Estimate:
@@ -162,14 +165,14 @@ def _shrinkage(change: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     noisy = noise > 0
     known = noisy & torch.isfinite(noise) & torch.isfinite(change)
     # the mean of change^2 - noise without the largest channel: one wild channel does not set it
-    excess = torch.where(known, change.square() - noise, 0.0)
+    excess = torch.where(known, change.square() - noise, _ZERO)
     k = known.sum(1, keepdim=True)
     total = excess.sum(1, keepdim=True)
-    top = torch.where(known, excess, -math.inf).amax(1, keepdim=True)
+    top = torch.where(known, excess, _NEG_INF).amax(1, keepdim=True)
     spread = torch.where(k > 1, (total - top) / (k - 1).clamp_min(1), total)  # k == 0: total is 0
-    spread = torch.where(torch.isfinite(spread) & (spread > 0), spread, 0.0)
-    factor = torch.where(noisy, spread / (spread + noise), 1.0)
-    return torch.where(torch.isfinite(factor), factor, 0.0)  # inf noise: no trust
+    spread = torch.where(torch.isfinite(spread) & (spread > 0), spread, _ZERO)
+    factor = torch.where(noisy, spread / (spread + noise), _ONE)
+    return torch.where(torch.isfinite(factor), factor, _ZERO)  # inf noise: no trust
 
 
 def _unresolved(change: torch.Tensor, noise: torch.Tensor, factor: torch.Tensor) -> bool:
@@ -194,11 +197,11 @@ def _trigamma(x: float) -> float:
     return acc + 1 / x + 1 / (2 * x**2) + 1 / (6 * x**3) - 1 / (30 * x**5) + 1 / (42 * x**7)
 
 
-def _divergence(base_mean, base_var, mean_o, var_o, eps):
+def _divergence(v_t: torch.Tensor, v_o: torch.Tensor, off_sq: torch.Tensor) -> torch.Tensor:
     """The symmetric Kullback-Leibler divergence (Jeffreys) between normals with the trained
-    statistics and with the original's calibration moments, per channel (nats)."""
-    v_t, v_o = base_var + eps, var_o + eps
-    return 0.5 * (v_t / v_o + v_o / v_t - 2 + (base_mean - mean_o).square() * (1 / v_t + 1 / v_o))
+    statistics and with the original's calibration moments, per channel (nats), from the
+    two variances (``eps`` added) and the squared difference of the means."""
+    return (v_t / v_o + v_o / v_t - 2 + off_sq * (v_t.reciprocal() + v_o.reciprocal())) * 0.5
 
 
 #: up to this many values per channel the null divergence is simulated at the count itself;
@@ -229,7 +232,7 @@ def _simulated_null(n: int, channels: int) -> float:
     mean = torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(n)
     chi2 = torch._standard_gamma(torch.full(shape, (n - 1) / 2, dtype=torch.float64), generator=g) * 2
     one = torch.ones((), dtype=torch.float64)
-    medians = _divergence(torch.zeros((), dtype=torch.float64), one, mean, chi2 / n, 0.0).median(1).values
+    medians = _divergence(one, chi2 / n, mean.square()).median(1).values
     return float(medians.quantile(0.9))
 
 
@@ -271,23 +274,19 @@ def estimate(
     shift_var = torch.where(related, base_var * ratio, base_var + (var_p - var_o)).clamp_min_(0.0)
     if pair is None or pair[0][1] is None:
         return Estimate(shift_mean, shift_var)
-    (_, _, m2_oo), (_, _, m2_pp), (n_d, _, m2_dd) = pair
-    # the signed correlation of the pair (1 where they were equal at every paired
-    # position, 0 where either is constant but they differ), 0 where the original is constant
-    co = (m2_oo + m2_pp - m2_dd) / 2
-    r = torch.where((m2_oo > 0) & (m2_pp > 0), co / (m2_oo * m2_pp).clamp_min_(1e-300).sqrt_(), 0.0).clamp_(-1.0, 1.0)
-    r = torch.where(related, torch.where(m2_dd == 0, 1.0, r), 0.0)
+    n_d, _, m2_dd = pair[2]
+    r = torch.where(related, correlation(pair), _ZERO)  # 0 where the original is constant
     # the regression x_p = a + slope x_o + e: its estimate at the trained statistics
     slope = r * ratio.sqrt()
-    resid = (1 - r.square()).clamp_min_(0.0) * var_p  # what the original does not predict
+    resid = r.square().neg_().add_(1).clamp_min_(0.0) * var_p  # (1 - r^2) var_p: what the original does not predict
     off = base_mean - mean_o
     off_sq = off.square()
     reg_mean = mean_p + slope * off
     reg_var = resid + slope.square() * base_var
     # the divergence (Jeffreys) of the trained statistics from the original's calibration moments
     v_t, v_o = base_var + eps, var_o + eps
-    divergence = (v_t / v_o + v_o / v_t - 2 + off_sq * (1 / v_t + 1 / v_o)) * 0.5
-    w = torch.where(related, 1 / (1 + divergence), 0.0)
+    divergence = _divergence(v_t, v_o, off_sq)
+    w = torch.where(related, (divergence + 1).reciprocal_(), _ZERO)
     mean = shift_mean + w * (reg_mean - shift_mean)
     var = torch.where(w == 0, shift_var, shift_var + w * (reg_var - shift_var))
     # the sampling noise of the changes from the trained statistics, in the trained units
@@ -296,8 +295,8 @@ def estimate(
     change = torch.stack([moved_mean / scale.sqrt(), torch.log((var + eps) / scale)])
     if n > 1:  # of the fitted line at the trained mean: residual / n times (1 + leverage)
         r_low_sq = _lower_correlation_sq(r, n_d)
-        resid = torch.where(related, (1 - r_low_sq) * var_p, m2_dd / n_d)
-        lever = torch.where(related, off_sq / var_o.clamp_min(eps), 0.0)
+        resid = torch.where(related, r_low_sq.neg_().add_(1) * var_p, m2_dd / n_d)
+        lever = torch.where(related, off_sq / var_o.clamp_min(eps), _ZERO)
         # the mean blends the shift (noise: the paired difference's variance / n) and the
         # regression (its residual / n times 1 + leverage) by ``w``; so does its noise (in
         # standard deviations: the two errors share ``m_p``'s). Where the trained statistics
@@ -313,7 +312,7 @@ def estimate(
     factor = _shrinkage(change, noise)
     # shrink toward the trained statistics only as far as they describe the calibration data
     trust = _trust(divergence[related], n_o)
-    k = 1 - trust * (1 - factor)
+    k = factor.neg().add_(1).mul_(trust).neg_().add_(1)  # 1 - trust (1 - factor)
     # a change too large for float64 (a model whose activations overflow) is left unshrunk
     keep = (k == 1) | ~torch.isfinite(change)
     new_mean = torch.where(keep[0], mean, base_mean + k[0] * moved_mean)
