@@ -179,9 +179,9 @@ def sampling(model: nn.Module, samples: Samples) -> Iterator[Samples]:
 
 def set_running_stats(module: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
     """Write ``mean`` and ``var`` into a norm's running statistics (their dtype and device)."""
-    with torch.no_grad():
-        module.running_mean.copy_(mean.to(module.running_mean))
-        module.running_var.copy_(var.to(module.running_var))
+    with torch.no_grad():  # copy_ converts dtype and device
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var)
 
 
 class _Correction:
@@ -194,6 +194,8 @@ class _Correction:
         self._keep_at: torch.Tensor | None = None  # keep on the device last asked for
         self.base_mean = module.running_mean.detach().clone()
         self.base_var = module.running_var.detach().clone()
+        # as the estimate reads them: converted once, not at every call
+        self.base64 = (self.base_mean.to("cpu", torch.float64), self.base_var.to("cpu", torch.float64))
         self.eps = float(getattr(module, "eps", 1e-5))
         self.broken = False
         self.uncertain = False
@@ -228,7 +230,7 @@ class _Correction:
         set_running_stats(self.module, mean, var)
 
     def _estimate(self, pruned: tuple, orig: tuple, pair: Pair | None) -> Estimate:
-        return estimate(self.base_mean, self.base_var, self.eps, pruned, orig, pair)
+        return estimate(*self.base64, self.eps, pruned, orig, pair)
 
     def _paired(self, x: Any) -> Pair | None:
         """The pair of this call (the original's sample beside ``x``'s), merged into the totals."""

@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from cleanai_core.calibration import _chan_merge, finite_moments
+from cleanai_core.calibration import _chan_merge, finite_moments_of
 
 __all__ = ["SAMPLE_ROWS", "Estimate", "correlation", "estimate", "merge_pair", "pair_moments", "sample_rows"]
 
@@ -83,6 +83,9 @@ FOREIGN = 1.0
 #: per channel: (count, mean, M2) of the original's sample, of the pruned's, of their difference
 Pair = list
 
+# the constants of the estimate's ``torch.where``s: a 0-d tensor costs 1 us less than a Python number
+_ZERO, _ONE, _NEG_INF = (torch.tensor(v, dtype=torch.float64) for v in (0.0, 1.0, -math.inf))
+
 
 def sample_rows(x: Any) -> torch.Tensor | None:
     """A norm input as ``(rows, C)`` float32 at fixed positions: every position when there
@@ -95,13 +98,19 @@ def sample_rows(x: Any) -> torch.Tensor | None:
         return x.reshape(1, -1).float()
     n, c = x.shape[:2]
     s = x[0, 0].numel()
-    idx = None if n * s <= SAMPLE_ROWS else torch.linspace(0, n * s - 1, SAMPLE_ROWS, device=x.device).long()
+    idx = None if n * s <= SAMPLE_ROWS else _positions(n * s, x.device)
     last = x.movedim(1, -1)
     if last.is_contiguous():  # channels innermost (channels-last): positions are rows of a view
         rows = last.view(n * s, c)
-        return (rows if idx is None else rows[idx]).float()
+        return (rows if idx is None else rows.index_select(0, idx)).float()  # 3-4x faster than rows[idx]
     x3 = x.reshape(n, c, -1)  # channels first: index positions without transposing the whole input
     return (x3.transpose(1, 2).reshape(n * s, c) if idx is None else x3[idx // s, :, idx % s]).float()
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(total: int, device: torch.device) -> torch.Tensor:
+    """:data:`SAMPLE_ROWS` evenly spaced positions of ``total`` (made once per size and device)."""
+    return torch.linspace(0, total - 1, SAMPLE_ROWS, device=device).long()
 
 
 def pair_moments(orig: torch.Tensor, pruned: torch.Tensor) -> Pair | None:
@@ -110,16 +119,12 @@ def pair_moments(orig: torch.Tensor, pruned: torch.Tensor) -> Pair | None:
     the three samples (original, pruned, their difference) is reduced by the statistics
     kernel of :func:`~cleanai_core.calibration.finite_moments` (two passes per channel,
     in the samples' precision): at 256 rows of 2048 channels 4x faster than stacking the
-    three and reducing the stack, which wrote and read it twice more."""
+    three and reducing the stack, which wrote and read it twice more (the conversions
+    after the kernel are made once for the three:
+    :func:`~cleanai_core.calibration.finite_moments_of`)."""
     if orig.shape != pruned.shape:
         return None
-    got = []
-    for rows in (orig, pruned, pruned - orig):
-        moments = finite_moments(rows, 1)
-        if moments is None:
-            return None
-        got.append(moments)
-    return got
+    return finite_moments_of([orig, pruned, pruned - orig], 1)
 
 
 def merge_pair(total: Pair, got: Pair) -> Pair:
@@ -133,44 +138,55 @@ def correlation(pair: Pair) -> torch.Tensor:
     (_, _, m2_o), (_, _, m2_p), (_, _, m2_d) = pair
     co = (m2_o + m2_p - m2_d) / 2  # the co-moment; exactly m2_o where the difference is 0
     both = (m2_o > 0) & (m2_p > 0)
-    r = torch.where(both, co / (m2_o * m2_p).clamp_min(1e-300).sqrt(), torch.zeros_like(co)).clamp(-1.0, 1.0)
-    return torch.where(m2_d == 0, torch.ones_like(r), r)
+    r = torch.where(both, co / (m2_o * m2_p).clamp_min_(1e-300).sqrt_(), _ZERO).clamp_(-1.0, 1.0)
+    return torch.where(m2_d == 0, _ONE, r)
 
 
 class Estimate:
-    """One norm's estimated statistics (float64, CPU) and whether they were uncertain."""
+    """One norm's estimated statistics (float64, CPU) and whether they were uncertain
+    (worked out when asked: the correction's per-call estimates mostly are not)."""
 
-    def __init__(self, mean: torch.Tensor, var: torch.Tensor, uncertain: bool = False) -> None:
-        self.mean, self.var, self.uncertain = mean, var, uncertain
+    def __init__(self, mean: torch.Tensor, var: torch.Tensor, uncertain: bool | tuple = False) -> None:
+        self.mean, self.var, self._uncertain = mean, var, uncertain
+
+    @property
+    def uncertain(self) -> bool:
+        if isinstance(self._uncertain, tuple):
+            self._uncertain = _unresolved(*self._uncertain)
+        return self._uncertain
 
 
-def _shrinkage(change: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Per channel the factor ``t^2 / (t^2 + noise)`` for ``change`` (1 where the noise is
-    0, 0 where it is unknown: infinite), and whether the norm's mean noise exceeds ``t^2``
-    (see the module doc). Masked sums rather than boolean indexing and a sort: this runs
-    on every norm call of the correction pass (C-sized vectors, where each op's overhead
-    is the cost)."""
+def _shrinkage(change: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per row (the mean's changes, the log variance's) and channel the factor ``t^2 /
+    (t^2 + noise)`` for ``change`` (1 where the noise is 0 or not a number, 0 where it is
+    infinite), ``t^2`` the row's spread (see the module doc). Masked sums over both rows at
+    once rather than boolean indexing and a sort: this runs on every norm call of the
+    correction pass (C-sized vectors, where each op's overhead is the cost)."""
     noisy = noise > 0
-    if not bool(noisy.any()):
-        return torch.ones_like(change), False
     known = noisy & torch.isfinite(noise) & torch.isfinite(change)
     # the mean of change^2 - noise without the largest channel: one wild channel does not set it
-    excess = torch.where(known, change.square() - noise, 0.0)
-    k = int(known.sum())
-    spread = 0.0
-    if k == 1:
-        spread = float(excess.sum())
-    elif k > 1:
-        spread = float((excess.sum() - torch.where(known, excess, -math.inf).max()) / (k - 1))
-    spread = spread if math.isfinite(spread) and spread > 0 else 0.0
-    factor = torch.where(noisy, spread / (spread + noise), 1.0)
-    factor = torch.where(torch.isfinite(factor), factor, 0.0)  # inf noise: no trust
-    moved = change != 0
-    m = int(moved.sum())
-    if m == 0:
-        return factor, False
-    unresolved = float(torch.where(moved, noise.clamp_max(1e300), 0.0).sum()) / m
-    return factor, bool(float(torch.where(moved, factor, 0.0).sum()) / m < 0.5 and unresolved >= UNRESOLVED)
+    excess = torch.where(known, change.square() - noise, _ZERO)
+    k = known.sum(1, keepdim=True)
+    total = excess.sum(1, keepdim=True)
+    top = torch.where(known, excess, _NEG_INF).amax(1, keepdim=True)
+    spread = torch.where(k > 1, (total - top) / (k - 1).clamp_min(1), total)  # k == 0: total is 0
+    spread = torch.where(torch.isfinite(spread) & (spread > 0), spread, _ZERO)
+    factor = torch.where(noisy, spread / (spread + noise), _ONE)
+    return torch.where(torch.isfinite(factor), factor, _ZERO)  # inf noise: no trust
+
+
+def _unresolved(change: torch.Tensor, noise: torch.Tensor, factor: torch.Tensor) -> bool:
+    """Whether, in either row, most of the change of the moved channels is noise
+    (the mean factor under 0.5) and that noise is at least :data:`UNRESOLVED`."""
+    for d, s, k in zip(change, noise, factor, strict=True):
+        moved = d != 0
+        m = int(moved.sum())
+        if m == 0 or not bool((s > 0).any()):
+            continue
+        unresolved = float(torch.where(moved, s.clamp_max(1e300), 0.0).sum()) / m
+        if float(torch.where(moved, k, 0.0).sum()) / m < 0.5 and unresolved >= UNRESOLVED:
+            return True
+    return False
 
 
 def _trigamma(x: float) -> float:
@@ -181,28 +197,11 @@ def _trigamma(x: float) -> float:
     return acc + 1 / x + 1 / (2 * x**2) + 1 / (6 * x**3) - 1 / (30 * x**5) + 1 / (42 * x**7)
 
 
-def _lower_correlation(r: torch.Tensor, n: float) -> torch.Tensor:
-    """The correlation one standard error closer to 0 (Fisher's z, ``1 / sqrt(n - 3)``; 0 for
-    ``n <= 3``), keeping its sign; an exact 1 stays 1 (the inputs were equal)."""
-    if n <= 3:
-        return torch.where(r.abs() == 1, r, torch.zeros_like(r)) if n > 1 else torch.zeros_like(r)
-    z = torch.atanh(r.abs().clamp_max(1.0))
-    return torch.sign(r) * torch.tanh((z - 1 / math.sqrt(n - 3)).clamp_min(0.0))
-
-
-def _regression(base_mean, base_var, eps, mean_p, var_p, mean_o, var_o, r):
-    """The regression estimate where the original's channel varies (module doc): mean,
-    variance, residual variance and slope, per channel."""
-    slope = r * (var_p / var_o.clamp_min(eps)).sqrt()
-    resid = (1 - r.square()).clamp_min(0.0) * var_p  # what the original does not predict
-    return mean_p + slope * (base_mean - mean_o), resid + slope.square() * base_var, resid, slope
-
-
-def _divergence(base_mean, base_var, mean_o, var_o, eps):
+def _divergence(v_t: torch.Tensor, v_o: torch.Tensor, off_sq: torch.Tensor) -> torch.Tensor:
     """The symmetric Kullback-Leibler divergence (Jeffreys) between normals with the trained
-    statistics and with the original's calibration moments, per channel (nats)."""
-    v_t, v_o = base_var + eps, var_o + eps
-    return 0.5 * (v_t / v_o + v_o / v_t - 2 + (base_mean - mean_o).square() * (1 / v_t + 1 / v_o))
+    statistics and with the original's calibration moments, per channel (nats), from the
+    two variances (``eps`` added) and the squared difference of the means."""
+    return (v_t / v_o + v_o / v_t - 2 + off_sq * (v_t.reciprocal() + v_o.reciprocal())) * 0.5
 
 
 #: up to this many values per channel the null divergence is simulated at the count itself;
@@ -233,7 +232,7 @@ def _simulated_null(n: int, channels: int) -> float:
     mean = torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(n)
     chi2 = torch._standard_gamma(torch.full(shape, (n - 1) / 2, dtype=torch.float64), generator=g) * 2
     one = torch.ones((), dtype=torch.float64)
-    medians = _divergence(torch.zeros((), dtype=torch.float64), one, mean, chi2 / n, 0.0).median(1).values
+    medians = _divergence(one, chi2 / n, mean.square()).median(1).values
     return float(medians.quantile(0.9))
 
 
@@ -258,52 +257,73 @@ def estimate(
     """The statistics of a pruned norm from the trained ones, the pruned and original
     moments ``(count, mean, M2)`` on the same data and the ``pair``'s moments (see the
     module doc). ``pair`` None (not paired): the statistics are moved by the difference
-    (mean) and the ratio (variance), unshrunk."""
+    (mean) and the ratio (variance), unshrunk.
+
+    This runs at every norm call of the correction's first pass, on vectors of a few
+    hundred channels where each operation's overhead is the cost: the formulas are
+    written with as few operations as they take (the mean's and the log variance's
+    shrinkage in one stacked pass, ``w = 0`` and ``r = 0`` where the original is constant
+    folded into the masks that say so)."""
     (n, mean_p, m2_p), (n_o, mean_o, m2_o) = pruned, orig
-    var_p, var_o = m2_p / n, m2_o / n_o
-    base_mean = base_mean.to(torch.float64).cpu()
+    base_mean = base_mean.to(torch.float64).cpu()  # no copy where the caller keeps them so
     base_var = base_var.to(torch.float64).cpu()
+    var_p, var_o = m2_p / n, m2_o / n_o
     related = var_o > eps
+    ratio = var_p / var_o.clamp_min(eps)  # read only where related
     shift_mean = base_mean + (mean_p - mean_o)
-    ratio = torch.where(related, var_p / var_o.clamp_min(eps), torch.ones_like(var_o))
-    shift_var = torch.where(related, base_var * ratio, base_var + (var_p - var_o)).clamp_min(0.0)
+    shift_var = torch.where(related, base_var * ratio, base_var + (var_p - var_o)).clamp_min_(0.0)
     if pair is None or pair[0][1] is None:
         return Estimate(shift_mean, shift_var)
-    r = torch.where(related, correlation(pair), torch.zeros_like(var_o))
-    reg_mean, reg_var, resid, slope = _regression(base_mean, base_var, eps, mean_p, var_p, mean_o, var_o, r)
-    divergence = _divergence(base_mean, base_var, mean_o, var_o, eps)
-    w = torch.where(related, 1 / (1 + divergence), torch.zeros_like(r))
+    n_d, _, m2_dd = pair[2]
+    r = torch.where(related, correlation(pair), _ZERO)  # 0 where the original is constant
+    # the regression x_p = a + slope x_o + e: its estimate at the trained statistics
+    slope = r * ratio.sqrt()
+    resid = r.square().neg_().add_(1).clamp_min_(0.0) * var_p  # (1 - r^2) var_p: what the original does not predict
+    off = base_mean - mean_o
+    off_sq = off.square()
+    reg_mean = mean_p + slope * off
+    reg_var = resid + slope.square() * base_var
+    # the divergence (Jeffreys) of the trained statistics from the original's calibration moments
+    v_t, v_o = base_var + eps, var_o + eps
+    divergence = _divergence(v_t, v_o, off_sq)
+    w = torch.where(related, (divergence + 1).reciprocal_(), _ZERO)
     mean = shift_mean + w * (reg_mean - shift_mean)
     var = torch.where(w == 0, shift_var, shift_var + w * (reg_var - shift_var))
     # the sampling noise of the changes from the trained statistics, in the trained units
-    scale = base_var + eps
-    d_mean = (mean - base_mean) / scale.sqrt()
-    d_var = torch.log((var + eps) / scale)
+    scale = v_t
+    moved_mean = mean - base_mean
+    change = torch.stack([moved_mean / scale.sqrt(), torch.log((var + eps) / scale)])
     if n > 1:  # of the fitted line at the trained mean: residual / n times (1 + leverage)
-        n_d, _, m2_d = pair[2]
-        r_low = _lower_correlation(r, n_d)
-        resid = torch.where(related, (1 - r_low.square()) * var_p, m2_d / n_d)
-        lever = torch.where(related, (base_mean - mean_o).square() / var_o.clamp_min(eps), torch.zeros_like(r))
+        r_low_sq = _lower_correlation_sq(r, n_d)
+        resid = torch.where(related, r_low_sq.neg_().add_(1) * var_p, m2_dd / n_d)
+        lever = torch.where(related, off_sq / var_o.clamp_min(eps), _ZERO)
         # the mean blends the shift (noise: the paired difference's variance / n) and the
         # regression (its residual / n times 1 + leverage) by ``w``; so does its noise (in
         # standard deviations: the two errors share ``m_p``'s). Where the trained statistics
         # do not describe the calibration data (``w`` -> 0) the regression's leverage at
         # the trained mean is large but the estimate does not rely on it.
-        sd_shift = (m2_d / n_d / n / scale).sqrt()
-        sd_reg = (resid / n * (1 + lever) / scale).sqrt()
-        noise_mean = ((1 - w) * sd_shift + w * sd_reg).square()
+        sd_shift = (m2_dd / (n_d * n) / scale).sqrt_()
+        sd_reg = (resid * (1 + lever) / (n * scale)).sqrt_()
+        noise = torch.stack([(sd_shift + w * (sd_reg - sd_shift)).square_(), resid / var_p.clamp_min(eps)])
         # the log of a variance from n values varies by trigamma((n - 1) / 2); a ratio of two, twice that
-        noise_var = 2 * _trigamma((n - 1) / 2) * (resid / var_p.clamp_min(eps)).clamp_max(1.0)
+        noise[1].clamp_max_(1.0).mul_(2 * _trigamma((n - 1) / 2))
     else:  # one value per channel: no measure of the noise, so no change is trusted
-        noise_mean = torch.where(d_mean == 0, 0.0, math.inf).to(torch.float64)
-        noise_var = torch.where(d_var == 0, 0.0, math.inf).to(torch.float64)
-    k_mean, u_mean = _shrinkage(d_mean, noise_mean)
-    k_var, u_var = _shrinkage(d_var, noise_var)
+        noise = torch.full_like(change, math.inf).masked_fill_(change == 0, 0.0)
+    factor = _shrinkage(change, noise)
     # shrink toward the trained statistics only as far as they describe the calibration data
     trust = _trust(divergence[related], n_o)
-    k_mean, k_var = 1 - trust * (1 - k_mean), 1 - trust * (1 - k_var)
+    k = factor.neg().add_(1).mul_(trust).neg_().add_(1)  # 1 - trust (1 - factor)
     # a change too large for float64 (a model whose activations overflow) is left unshrunk
-    keep_mean, keep_var = (k_mean == 1) | ~torch.isfinite(d_mean), (k_var == 1) | ~torch.isfinite(d_var)
-    new_mean = torch.where(keep_mean, mean, base_mean + k_mean * (mean - base_mean))
-    new_var = torch.where(keep_var, var, (scale * (k_var * d_var).exp() - eps).clamp_min(0.0))
-    return Estimate(new_mean, new_var, u_mean or u_var)
+    keep = (k == 1) | ~torch.isfinite(change)
+    new_mean = torch.where(keep[0], mean, base_mean + k[0] * moved_mean)
+    new_var = torch.where(keep[1], var, (scale * (k[1] * change[1]).exp() - eps).clamp_min_(0.0))
+    return Estimate(new_mean, new_var, (change, noise, factor))
+
+
+def _lower_correlation_sq(r: torch.Tensor, n: float) -> torch.Tensor:
+    """The square of the correlation one standard error closer to 0 (Fisher's z, ``1 /
+    sqrt(n - 3)``; 0 for ``n <= 3``); an exact 1 stays 1 (the inputs were equal)."""
+    if n <= 3:
+        return torch.where(r.abs() == 1, 1.0, 0.0).to(r.dtype) if n > 1 else torch.zeros_like(r)
+    z = torch.atanh(r.abs().clamp_max(1.0))
+    return torch.tanh((z - 1 / math.sqrt(n - 3)).clamp_min_(0.0)).square_()

@@ -42,6 +42,7 @@ __all__ = [
     "StatsCollector",
     "batch_moments",
     "finite_moments",
+    "finite_moments_of",
     "move_to",
     "split_batch",
     "iterate",
@@ -297,28 +298,46 @@ def finite_moments(x: torch.Tensor, dim: int) -> tuple[float, torch.Tensor, torc
     gets bit-identical moments in the original and in the pruned model (what
     :mod:`cleanai_core.bn_correction` relies on). Where a device has no such kernel, one
     ``var_mean`` in the activation's precision."""
-    x = x.detach()
-    if not x.is_floating_point() or x.numel() == 0:
-        return None
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    n = x.numel() // x.shape[dim]
-    last = _channels_last(x, dim)
-    # (positions, C) when channels are innermost, else (before, C, after): both are the
-    # (N, C, ...) layout the kernel reduces over all but dim 1
-    rows = last if last is not None else _as_rows(x, dim)
-    if last is None and rows.shape[2] >= ONE_PASS_MIN_ROW and rows.device.type == "cpu" and rows.is_contiguous():
-        mean, var = _row_moments(rows)
-    elif _kernel_agrees(rows.device.type, rows.dtype):
-        mean, var = _STATS_KERNEL(rows, None, None, 0.0)
+    got = finite_moments_of([x], dim)
+    return None if got is None else got[0]
+
+
+def finite_moments_of(xs: list[torch.Tensor], dim: int) -> list[tuple[float, torch.Tensor, torch.Tensor]] | None:
+    """:func:`finite_moments` of each of ``xs`` (same device and channel count), the
+    per-channel results the same bit for bit; None where any is None. Each tensor is
+    reduced alone, the conversions and the one finiteness check made once for all."""
+    raw = []
+    for x in xs:
+        x = x.detach()
+        if not x.is_floating_point() or x.numel() == 0:
+            return None
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        last = _channels_last(x, dim)
+        # (positions, C) when channels are innermost, else (before, C, after): both are the
+        # (N, C, ...) layout the kernel reduces over all but dim 1
+        rows = last if last is not None else _as_rows(x, dim)
+        if last is None and rows.shape[2] >= ONE_PASS_MIN_ROW and rows.device.type == "cpu" and rows.is_contiguous():
+            mean, var = _row_moments(rows)
+        elif _kernel_agrees(rows.device.type, rows.dtype):
+            mean, var = _STATS_KERNEL(rows, None, None, 0.0)
+        else:
+            var, mean = _var_mean(rows)
+        raw.append((x.numel() // x.shape[dim], mean, var))
+    if len(raw) == 1:
+        (n, mean, var), counts = raw[0], None
     else:
-        var, mean = _var_mean(rows)
+        mean, var = torch.stack([r[1] for r in raw]), torch.stack([r[2] for r in raw])
+        counts = [float(r[0]) for r in raw]
     mean, var = mean.to(torch.float64), var.to(torch.float64)
     # a NaN or inf anywhere, or squares too large for the precision, make these non-finite
     # (and so their float64 sum: one check)
     if not math.isfinite(float(mean.sum() + var.sum())):
         return None
-    return float(n), mean.cpu(), (var * n).cpu()
+    if counts is None:
+        return [(float(n), mean.cpu(), (var * n).cpu())]
+    mean, m2 = mean.cpu(), (var * var.new_tensor(counts)[:, None]).cpu()
+    return [(n, mean[i], m2[i]) for i, n in enumerate(counts)]
 
 
 def _row_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

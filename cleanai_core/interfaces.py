@@ -13,7 +13,9 @@ Call tree of a :class:`LayerPruner` (kernel -> pruner)::
     scoring
       `- weight_energy(module, slice)          per index: sum of squared weights touching it
     compensation (optional)
-      |- reconstruct(module, slice, removed, kept, coef, shift)   least squares, when covariance was collected
+      |- removed_weights(module, slice, removed, keep)            least squares by products (optional) ...
+      |  `- add_reconstruction(module, slice, kept, keep, delta, bias)
+      |- reconstruct(module, slice, removed, kept, coef, shift)   ... or by the coefficients
       `- compensate(module, slice, removed, mean)                 mean only
 
 An :class:`IndexMapper` only has ``trace(call, ctx)``: it maps labels from the inputs
@@ -35,7 +37,16 @@ if TYPE_CHECKING:
     from cleanai_core.graph.trace import ModuleCall, OpCall
     from cleanai_core.scoring import ScoringContext
 
-__all__ = ["Importance", "IndexMapper", "LayerPruner", "Reducer", "add_to_bias", "slice_tensor", "squared_weight"]
+__all__ = [
+    "Importance",
+    "IndexMapper",
+    "LayerPruner",
+    "Reducer",
+    "add_to_bias",
+    "at_rows",
+    "slice_tensor",
+    "squared_weight",
+]
 
 
 class LayerPruner:
@@ -106,6 +117,34 @@ class LayerPruner:
         ``W[:, removed] @ coef`` and the bias absorbs ``W[:, removed] @ shift``. Return
         ``True`` when done (then :meth:`compensate` is not called)."""
         return False
+
+    def removed_weights(
+        self, module: nn.Module, slice_name: str, removed: torch.Tensor, keep: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Optional, with :meth:`add_reconstruction`, in place of :meth:`reconstruct`: the
+        weights that read the ``removed`` input channels of ``slice_name`` and survive the
+        slicing (``keep``: the kept indices of the module's shrinking slices, as
+        :meth:`prune` gets them), as a matrix ``(n, len(removed))``, read only. The solve
+        then returns the folded products ``B @ coef`` for these ``n`` rows alone (fewer
+        right-hand sides than ``coef``'s where ``n < len(removed)``, and no fold of rows
+        that slicing drops). ``None`` (the default): :meth:`reconstruct` is called. A
+        subclass that overrides :meth:`reconstruct` below the class that implements this
+        gets :meth:`reconstruct`."""
+        return None
+
+    def add_reconstruction(
+        self,
+        module: nn.Module,
+        slice_name: str,
+        kept: torch.Tensor,
+        keep: Mapping[str, torch.Tensor],
+        delta: torch.Tensor,
+        bias: torch.Tensor,
+    ) -> None:
+        """Fold the products of :meth:`removed_weights`' matrix ``B``, row for row:
+        ``delta = B @ coef`` (``n x len(kept)``) into the kept columns and ``bias = B @
+        shift`` (``n``) into the bias (as :meth:`reconstruct` would, for these rows)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"
@@ -218,6 +257,15 @@ def add_to_bias(module: nn.Module, delta: torch.Tensor) -> None:
         trainable = weight.requires_grad if isinstance(weight, torch.Tensor) else True
         module.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=trainable)
     module.bias.data += delta
+
+
+def at_rows(values: torch.Tensor, rows: torch.Tensor | None, size: int) -> torch.Tensor:
+    """``values`` placed at ``rows`` of a zero vector of ``size`` (``values`` itself where
+    ``rows`` is ``None``): a bias update for the rows that :meth:`LayerPruner.removed_weights`
+    gave."""
+    if rows is None:
+        return values
+    return values.new_zeros(size).index_copy_(0, rows, values)
 
 
 def slice_params(module: nn.Module, keep: Mapping[str, torch.Tensor], plan: Mapping[str, Any]) -> None:

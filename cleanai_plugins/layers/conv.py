@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_core.interfaces import LayerPruner, add_to_bias, replace_param, squared_weight
+from cleanai_core.interfaces import LayerPruner, add_to_bias, at_rows, replace_param, squared_weight
 
 __all__ = ["ConvPruner"]
 
@@ -90,6 +90,25 @@ class ConvPruner(LayerPruner):
         w.index_add_(1, kept, torch.einsum("or...,rk->ok...", w_removed, coef.to(w.dtype)))
         add_to_bias(module, torch.einsum("or...,r->o", w_removed, shift.to(w.dtype)))
         return True
+
+    def removed_weights(self, module, slice_name, removed, keep):
+        if not self.can_reconstruct(module, slice_name):
+            return None
+        w = module.weight.detach()
+        rows = keep.get("out")
+        w = (w if rows is None else w.index_select(0, rows)).index_select(1, removed)  # (out, removed, *k)
+        return w.movedim(1, -1).reshape(-1, removed.numel())  # a row per output and kernel position
+
+    def add_reconstruction(self, module, slice_name, kept, keep, delta, bias):
+        w = module.weight.detach()
+        rows = keep.get("out")
+        n = w.shape[0] if rows is None else rows.numel()
+        delta = delta.to(w.dtype).reshape(n, *w.shape[2:], kept.numel()).movedim(-1, 1)  # (out, kept, *k)
+        if rows is None:
+            w.index_add_(1, kept, delta)
+        else:
+            w.index_put_((rows[:, None], kept[None, :]), delta, accumulate=True)
+        add_to_bias(module, at_rows(bias.to(w.dtype).reshape(n, -1).sum(1), rows, w.shape[0]))
 
 
 def _within(k: torch.Tensor, g: int, c: int) -> torch.Tensor:

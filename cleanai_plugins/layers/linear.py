@@ -15,7 +15,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.graph.context import Label
-from cleanai_core.interfaces import LayerPruner, add_to_bias, replace_param, squared_weight
+from cleanai_core.interfaces import LayerPruner, add_to_bias, at_rows, replace_param, squared_weight
 
 __all__ = ["NO_NEW_BIAS", "BilinearPruner", "LinearPruner", "no_new_bias"]
 
@@ -128,6 +128,23 @@ class LinearPruner(LayerPruner):
         if self._may_add_bias(module):
             add_to_bias(module, w_removed @ shift.to(w.dtype))
         return True
+
+    def removed_weights(self, module, slice_name, removed, keep):
+        if slice_name != "in":
+            return None
+        w = module.weight.detach()
+        rows = keep.get("out")
+        return (w if rows is None else w.index_select(0, rows)).index_select(1, removed)
+
+    def add_reconstruction(self, module, slice_name, kept, keep, delta, bias):
+        w = module.weight.detach()
+        rows = keep.get("out")
+        if rows is None:
+            w.index_add_(1, kept, delta.to(w.dtype))
+        else:
+            w.index_put_((rows[:, None], kept[None, :]), delta.to(w.dtype), accumulate=True)
+        if self._may_add_bias(module):
+            add_to_bias(module, at_rows(bias.to(w.dtype), rows, w.shape[0]))
 
 
 class BilinearPruner(LayerPruner):

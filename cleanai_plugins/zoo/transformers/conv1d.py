@@ -3,7 +3,7 @@ stored transposed, ``(in, out)``, computing ``addmm(bias, x, weight)``."""
 
 from __future__ import annotations
 
-from cleanai_core.interfaces import LayerPruner, add_to_bias, slice_params, squared_weight
+from cleanai_core.interfaces import LayerPruner, add_to_bias, at_rows, slice_params, squared_weight
 
 __all__ = ["Conv1DPruner"]
 
@@ -45,3 +45,19 @@ class Conv1DPruner(LayerPruner):
         w[kept] += coef.to(w.dtype).T @ w_removed
         add_to_bias(module, shift.to(w.dtype) @ w_removed)
         return True
+
+    def removed_weights(self, module, slice_name, removed, keep):
+        if slice_name != "in":
+            return None
+        w = module.weight.detach().index_select(0, removed)  # (removed, out)
+        rows = keep.get("out")
+        return (w if rows is None else w.index_select(1, rows)).T
+
+    def add_reconstruction(self, module, slice_name, kept, keep, delta, bias):
+        w = module.weight.detach()
+        rows = keep.get("out")
+        if rows is None:
+            w.index_add_(0, kept, delta.to(w.dtype).T)
+        else:
+            w.index_put_((kept[:, None], rows[None, :]), delta.to(w.dtype).T, accumulate=True)
+        add_to_bias(module, at_rows(bias.to(w.dtype), rows, w.shape[1]))
