@@ -409,3 +409,61 @@ def test_halo_attention_keys_and_values_over_unfolded_windows_prune():
     a = small.attn
     assert (a.num_heads, a.dim_head_qk, a.dim_head_v, a.pos_embed.dim_head) == (2, 4, 4, 4)
     assert a.q.out_channels == 8 and a.kv.out_channels == 16 and small(x).shape == (2, 3)
+
+
+def SplitScaleNet(dim: int = 10, scales: int = 3):  # noqa: N802 - used like the classes around it
+    """timm's EdgeNeXt ``SplitTransposeBlock``: ``chunk(3)`` of 10 channels is 4, 4, 2."""
+    from timm.models.edgenext import SplitTransposeBlock
+
+    torch.manual_seed(0)
+    block = SplitTransposeBlock(dim, num_scales=scales, num_heads=dim, ls_init_value=1.0)
+    return between(
+        stem=nn.Conv2d(3, dim, 3, padding=1),
+        block=block,
+        proj=nn.Conv2d(dim, 8, 1),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(),
+        head=nn.Linear(8, 3),
+    )
+
+
+def test_edgenext_uneven_chunk_prunes_and_splits_at_the_kept_width():
+    pytest.importorskip("timm.models.edgenext")
+    from cleanai_core import StructuredPruner
+
+    model, x = SplitScaleNet().eval(), torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    # chunk(3) of 10 channels splits at 4 and 8; after pruning it would split elsewhere, so the
+    # 10 stem channels froze. Now parts 0 and 1 shrink together (the adds pair channel j and 4 + j)
+    # and the last part on its own: units {0, 4} .. {3, 7}, {8}, {9}
+    stem = groups_with(graph, "stem", "out")
+    assert sum(g.size for g in stem) == 6 and sum(g.prunable for g in stem) == 6
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    block = small.block
+    assert type(block).__name__ == "PrunedSplitTransposeBlock"
+    assert block.width == block.convs[0].in_channels == 2 and small.stem.out_channels == 5
+    with torch.no_grad():
+        assert small(x).shape == (2, 3)
+
+
+def test_edgenext_small_stage_with_uneven_chunks_prunes_and_reloads(tmp_path):
+    timm = pytest.importorskip("timm")
+    from cleanai_core import StructuredPruner, load_pruned
+    from cleanai_core.io import save_pruned
+
+    torch.manual_seed(0)
+    model, x = timm.create_model("edgenext_small", num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    stage = model.stages[2]  # 160 channels, chunk(3): 54, 54, 52
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert stage.downsample[1].out_channels == 160
+    assert small.stages[2].downsample[1].out_channels < 160  # was 160: the uneven chunk froze the stage
+    kept = n_params(small) / n_params(model)
+    assert kept < 0.36  # was 0.38
+    save_pruned(tmp_path / "e", small, pruner.history, "timm:edgenext_small", {"num_classes": 10})
+    back = load_pruned(tmp_path / "e")
+    assert type(back.stages[2].blocks[-1]).__name__ == "PrunedSplitTransposeBlock"
+    with torch.no_grad():
+        assert small(x).shape == (1, 10) and torch.equal(back(x), small(x))

@@ -46,6 +46,7 @@ from cleanai_plugins.zoo.timm.blocks import (
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
+from cleanai_plugins.zoo.timm.split_scales import fix_split_scales
 from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner, fix_width_attention, mixes_heads
 from cleanai_plugins.zoo.timm.widths import fix_scale_shape, fix_split_widths
 
@@ -70,13 +71,15 @@ FIXUPS = (
     fix_dual_path_block,
     fix_conv_rel_pos,
     fix_partial_conv,
+    fix_split_scales,
 )
 
 
 @hookimpl
 def cleanai_prepare_model(model):
     scan = scan_model(model, FIXUPS)
-    return {KEY: scan, **allow_channel_ranges(*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv)}
+    ranges = (*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv, *scan.split_scales)
+    return {KEY: scan, **allow_channel_ranges(*ranges)}
 
 
 @hookimpl
