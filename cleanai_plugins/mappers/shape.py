@@ -146,7 +146,8 @@ def reshape_label(ctx, src: TRef, out: TRef) -> None:
         offset = offset + torch.arange(so[k]).reshape(shape) * strides[k]
     grid = lab.atoms[(offset // inner) % c]
     if len(dims) == 1:
-        if ctx.keeps_whole_heads() and dims[0] == len(so) - 1 and len(so) > 1 and so[-2] == 1 < so[-1]:
+        single = c == so[-1] and len(so) > src.ndim  # a size-1 dim put in, not (B, 1 token, C) merged
+        if ctx.keeps_whole_heads() and single and dims[0] == len(so) - 1 and so[-2] == 1 < so[-1]:
             # (..., 1, head_dim): a single head (multi-query attention's key and value)
             ctx.set_label(out, len(so) - 2, ctx.tie(grid.reshape(-1), (1, so[-1]), 0), lab.origin)
             return

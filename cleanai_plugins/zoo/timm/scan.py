@@ -23,7 +23,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     scan_partial_convs,
 )
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
-from cleanai_plugins.zoo.timm.norms import scan_group_norms
+from cleanai_plugins.zoo.timm.norms import scan_group_norms, scan_whole_group_convs
 from cleanai_plugins.zoo.timm.split_scales import scan_split_scales
 from cleanai_plugins.zoo.timm.width_attention import scan_width_attention
 
@@ -63,6 +63,8 @@ class TimmScan:
     partial_conv: set[nn.Module] = attrs.field(factory=set)
     #: EdgeNeXt split-scale blocks whose ``chunk`` leaves a smaller last part
     split_scales: set[nn.Module] = attrs.field(factory=set)
+    #: grouped convs normed by EvoNorm-S: they prune by whole groups
+    whole_group_convs: set[nn.Module] = attrs.field(factory=set)
 
 
 _SCANS = (
@@ -75,6 +77,7 @@ _SCANS = (
     scan_conv_rel_pos,
     scan_partial_convs,
     scan_split_scales,
+    scan_whole_group_convs,
 )
 
 
@@ -102,6 +105,7 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         conv_rel_pos=scan_conv_rel_pos(having(scan_conv_rel_pos)),
         partial_conv=scan_partial_convs(having(scan_partial_convs)),
         split_scales=scan_split_scales(having(scan_split_scales)),
+        whole_group_convs=scan_whole_group_convs(having(scan_whole_group_convs)),
         fixups=_acting(fixups, modules, names),
     )
 
