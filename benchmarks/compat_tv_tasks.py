@@ -81,7 +81,8 @@ def check(name: str, spec) -> dict:
     kwargs, shape, fn, transform = spec
     torch.manual_seed(0)
     flow = fn is _flow
-    options = kwargs if flow else {"weights_backbone": None, **kwargs}
+    video = len(shape) == 4
+    options = kwargs if flow or video else {"weights_backbone": None, **kwargs}
     model = torchvision.models.get_model(name, weights=None, **options).eval()
     batch = 1 if shape[1] == 16 else 2  # 16 x 224 x 224 clips: one
     x = (torch.rand(batch, *shape), torch.rand(batch, *shape)) if flow else torch.randn(batch, *shape)
