@@ -138,3 +138,30 @@ def test_an_rcnn_traced_whole_prunes_its_roi_heads_and_reloads(offline, tmp_path
     with torch.no_grad():
         got, again = small(images), back(images)
     assert len(got) == 2 and all(torch.equal(a[k], b[k]) for a, b in zip(got, again, strict=True) for k in a)
+
+
+def test_index_put_into_a_tensor_of_literal_width_freezes_unless_vouched():
+    from torch import nn
+
+    from cleanai_core.graph.dependency import DependencyGraph
+    from cleanai_core.testing import check_pruner
+
+    class Rows(nn.Module):  # rows written into zeros(4, 6): 6 is a literal, it cannot follow the channels
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            out = torch.zeros(4, 6)
+            out.index_put_((torch.tensor([0, 2]),), self.fc(x))
+            dst = self.fc(x).clone()
+            dst.index_put_((torch.tensor([1]),), self.fc(x)[:1] * 2)  # channels meet channels: coupled
+            return self.head(out) + self.head(dst).sum(0)
+
+    torch.manual_seed(0)
+    model, x = Rows().eval(), torch.randn(2, 3)
+    fc = [g for g in DependencyGraph(model, x).groups() if any(s.module == "fc" and s.name == "out" for s in g.slices)]
+    assert [(g.size, g.prunable) for g in fc] == [(6, 0)]
+    assert "writes channels into a tensor that cannot shrink" in " ".join(fc[0].reasons)
+    report = check_pruner(model, x)
+    assert report.max_abs_diff == 0.0 and report.params_after == report.params_before

@@ -502,8 +502,13 @@ def index_put(call, ctx):
     if ld is None and lv is None:
         return
     n = len(indices)
-    plain = all(isinstance(i, TRef) and i.ndim == 1 for i in indices) and n >= 1
-    aligned = isinstance(values, TRef) and plain and values.ndim == dst.ndim - n + 1
+    plain = n >= 1 and all(isinstance(i, TRef) and i.ndim == 1 and i.dtype != torch.bool for i in indices)
+    if not plain:  # skipped dims (None), boolean masks or broadcast index grids: not followed
+        for lab in (ld, lv):
+            if lab is not None:
+                ctx.freeze(lab.atoms, f"{ctx.where()} writes through indices that are not followed")
+        return
+    aligned = isinstance(values, TRef) and values.ndim == dst.ndim - n + 1
     if lv is not None and (not aligned or lv.dim < 1):
         ctx.freeze(lv.atoms, f"{ctx.where()} writes channels to other positions")
         lv = None
