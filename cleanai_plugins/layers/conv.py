@@ -29,6 +29,7 @@ class ConvPruner(LayerPruner):
     """
 
     name = "conv"
+    whole_groups = False  # subclasses with an ``__init__`` of their own keep the default
 
     def __init__(self, whole_groups: bool = False) -> None:
         self.whole_groups = whole_groups
