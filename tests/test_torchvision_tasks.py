@@ -165,3 +165,25 @@ def test_index_put_into_a_tensor_of_literal_width_freezes_unless_vouched():
     assert "writes channels into a tensor that cannot shrink" in " ".join(fc[0].reasons)
     report = check_pruner(model, x)
     assert report.max_abs_diff == 0.0 and report.params_after == report.params_before
+
+
+def test_raft_large_context_split_follows_the_pruned_hidden_state():
+    from cleanai_core.testing import check_pruner
+
+    torch.manual_seed(0)
+    model = torchvision.models.optical_flow.raft_large(weights=None).eval()
+    x = (torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128))
+
+    def flow(m, x):
+        return m(*x, num_flow_updates=2)[-1]
+
+    # the context encoder's equal halves (hidden state, context) prune; the stored
+    # hidden_state_size stayed 128 and the forward raised "should have strictly more than
+    # hidden_state=128 channels"
+    report = check_pruner(model, x, forward_fn=flow)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-4
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, forward_fn=flow).prune()
+    assert small.update_block.hidden_state_size == small.update_block.recurrent_block.hidden_size == 64
+    assert n_params(small) / n_params(model) < 0.3
+    with torch.no_grad():
+        assert small(*x, num_flow_updates=2)[-1].shape == (1, 2, 128, 128)

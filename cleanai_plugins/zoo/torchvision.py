@@ -126,6 +126,19 @@ def fix_raft_correlation(module: nn.Module, name: str, findings) -> None:
         module.channels = channels
 
 
+def fix_raft_hidden_size(module: nn.Module, name: str, edits) -> None:
+    """RAFT splits its context encoder's output into ``[hidden_state_size, rest]``, both
+    stored widths: they follow the recurrent block's pruned hidden channels (raft_large's
+    equal halves prune together; its forward raised "The context encoder outputs 128
+    channels, but it should have at strictly more than hidden_state=128 channels")."""
+    if _raft is None or not isinstance(module, _raft.RAFT):
+        return
+    block = getattr(module.update_block, "recurrent_block", None)
+    conv = getattr(getattr(block, "convgru1", None), "convz", None)
+    if isinstance(conv, nn.Conv2d):
+        module.update_block.hidden_state_size = block.hidden_size = conv.out_channels
+
+
 @hookimpl(trylast=True)
 def cleanai_prepare_model(model):
     found = raft_channels(model)
@@ -139,6 +152,7 @@ def cleanai_after_prune(module, name, edits, findings):
     fix_maxvit_attention(module, name, edits)
     fix_vit(module, name, edits)
     fix_raft_correlation(module, name, findings)
+    fix_raft_hidden_size(module, name, edits)
 
 
 def untraced_roi_features(graph) -> list[tuple[torch.Tensor, str]]:
