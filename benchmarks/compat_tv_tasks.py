@@ -1,4 +1,5 @@
-"""torchvision segmentation and detection builders: oracle, pruner, full forward, save/load.
+"""torchvision segmentation, detection, video and optical-flow builders: oracle, pruner, full
+forward, save/load.
 
 For each builder (random weights, ``weights=None, weights_backbone=None``, eval mode): the
 masking oracle on a random half of every exact group (``check_pruner``), then
@@ -6,7 +7,8 @@ masking oracle on a random half of every exact group (``check_pruner``), then
 its *whole* forward (detection: the post-processed detections, whose number may change), keep
 the traced outputs' shapes, and come back from ``save_pruned`` / ``load_pruned`` with the same
 outputs. Detection models are traced through ``forward_fn`` (their eval output is a list of
-detections): the backbone and the dense head (RetinaNet, FCOS, SSD) or the RPN head (R-CNN).
+detections): the backbone and the dense head (RetinaNet, FCOS, SSD), or for R-CNN the backbone,
+the RPN head and every ROI head on three fixed boxes per image. RAFT: two images, 2 flow updates.
 
     python benchmarks/compat_tv_tasks.py [--filter NAME,...] [--out results.jsonl]
 """
@@ -25,22 +27,46 @@ def _dense_head(m, x):
     return m.head(list(m.backbone(x).values()))
 
 
-def _rpn_head(m, x):
-    return m.rpn.head(list(m.backbone(x).values()))
+def _rcnn_heads(m, x):
+    """Backbone, RPN head and every ROI head (box, mask, keypoint) on three fixed boxes per
+    image: what the eval model computes for its proposals, without the post-processing."""
+    import torch
+
+    feats = m.backbone(x)
+    objectness, deltas = m.rpn.head(list(feats.values()))
+    b, _, h, w = x.shape
+    boxes = [torch.tensor([[0.0, 0.0, w / 2, h / 2], [w / 4, h / 4, 3 * w / 4, 3 * h / 4], [0.0, 0.0, w, h]])] * b
+    sizes, rh = [(h, w)] * b, m.roi_heads
+    outs = [*objectness, *deltas, *rh.box_predictor(rh.box_head(rh.box_roi_pool(feats, boxes, sizes)))]
+    if rh.has_mask():
+        outs.append(rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(feats, boxes, sizes))))
+    if rh.has_keypoint():
+        outs.append(rh.keypoint_predictor(rh.keypoint_head(rh.keypoint_roi_pool(feats, boxes, sizes))))
+    return outs
+
+
+def _flow(m, x):
+    return m(*x, num_flow_updates=2)[-1]
 
 
 def cases():
-    """``name -> (kwargs, input side, forward_fn, output_transform)``."""
+    """``name -> (kwargs, input shape, forward_fn, output_transform)``; a RAFT input is a
+    pair of images (``(2, *shape)``)."""
     import torchvision
 
     tv = torchvision.models
     out = {}
     for name in tv.list_models(module=tv.segmentation):
-        out[name] = ({"num_classes": 4}, 64, None, lambda o: o["out"])
+        out[name] = ({"num_classes": 4}, (3, 64, 64), None, lambda o: o["out"])
     for name in tv.list_models(module=tv.detection):
-        rcnn = "rcnn" in name
-        fn = _rpn_head if rcnn else _dense_head
-        out[name] = ({"num_classes": 3}, 128 if "ssd300" not in name else 300, fn, None)
+        fn = _rcnn_heads if "rcnn" in name else _dense_head
+        side = 128 if "ssd300" not in name else 300
+        out[name] = ({"num_classes": 2 if "keypoint" in name else 3}, (3, side, side), fn, None)
+    for name in tv.list_models(module=tv.video):
+        shape = (3, 16, 224, 224) if name.startswith(("s3d", "mvit")) else (3, 4, 56, 56)
+        out[name] = ({"num_classes": 5}, shape, None, None)
+    for name in tv.list_models(module=tv.optical_flow):
+        out[name] = ({}, (3, 128, 128), _flow, None)
     return out
 
 
@@ -52,13 +78,16 @@ def check(name: str, spec) -> dict:
     from cleanai_core.io import save_pruned
     from cleanai_core.testing import check_pruner, run_model
 
-    kwargs, side, fn, transform = spec
+    kwargs, shape, fn, transform = spec
     torch.manual_seed(0)
-    options = {"weights_backbone": None, **kwargs}
+    flow = fn is _flow
+    video = len(shape) == 4
+    options = kwargs if flow or video else {"weights_backbone": None, **kwargs}
     model = torchvision.models.get_model(name, weights=None, **options).eval()
-    x = torch.randn(2, 3, side, side)
+    batch = 1 if shape[1] == 16 else 2  # 16 x 224 x 224 clips: one
+    x = (torch.rand(batch, *shape), torch.rand(batch, *shape)) if flow else torch.randn(batch, *shape)
     before = sum(p.numel() for p in model.parameters())
-    rec = {"model": f"tv:{name}", "input": [2, 3, side, side], "params_before": before}
+    rec = {"model": f"tv:{name}", "input": [batch, *shape], "params_before": before}
     t0 = time.time()
     try:
         graph_kw = {"output_transform": transform} if transform else {}
@@ -74,8 +103,9 @@ def check(name: str, spec) -> dict:
         got = run_model(small, x, fn, transform)
         if [t.shape for t in got] != [t.shape for t in ref]:
             return {**rec, "status": "fail-shape", "error": f"{[t.shape for t in got]}"}
+        detection = fn is not None and not flow
         with torch.no_grad():  # the whole model, as a user calls it
-            whole = small([img for img in torch.rand(2, 3, side, side)]) if fn else small(x)
+            whole = small([img for img in torch.rand(2, *shape)]) if detection else small(*x) if flow else small(x)
         with tempfile.TemporaryDirectory() as tmp:
             save_pruned(tmp, small, pruner.history, f"torchvision:{name}", options=kwargs)
             back = load_pruned(tmp)

@@ -31,12 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["HOOK_ATTRIBUTES", "copy_model", "preserved", "transplant"]
+__all__ = ["HOOK_ATTRIBUTES", "copy_model", "drop_user_hooks", "preserved", "transplant", "user_hooks"]
 
 #: a module's hook tables (``_forward_hooks``, ``_forward_pre_hooks``, ...): the user's
 #: ``RemovableHandle`` objects point at these very dicts
 HOOK_ATTRIBUTES = frozenset(k for k in nn.Module().__dict__ if "hook" in k)
 _TABLES = frozenset({"_parameters", "_buffers", "_modules"}) | HOOK_ATTRIBUTES
+#: the tables of hooks that run with a forward or backward pass, and the id sets beside them
+_CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
 
 class _Snapshot:
@@ -226,3 +229,40 @@ def _detached_into(value: Any, memo: dict[int, Any], depth: int) -> None:
     elif depth > 0 and isinstance(value, dict):
         for v in value.values():
             _detached_into(v, memo, depth - 1)
+
+
+def user_hooks(model: nn.Module) -> list[tuple[str, str, int]]:
+    """``(module name, hook table, handle id)`` of the forward and backward hooks on
+    ``model``'s modules that belong to the user rather than to the model: every hook except
+    those defined by torch itself (the observers of ``torch.ao.quantization.prepare``, part
+    of how a prepared model computes) and bound methods of an object a module holds (timm's
+    ``FeatureHooks`` of a ``features_only`` net, copied with the model)."""
+    held = {id(v) for m in model.modules() for k, v in m.__dict__.items() if k not in _TABLES}
+    held |= {id(m) for m in model.modules()}
+    out = []
+    for name, m in model.named_modules():
+        for table in _CALL_HOOKS:
+            for key, fn in getattr(m, table, {}).items():
+                if not _model_hook(fn, held):
+                    out.append((name, table, key))
+    return out
+
+
+def _model_hook(fn: Any, held: set[int]) -> bool:
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and id(owner) in held:
+        return True
+    fn = getattr(fn, "func", fn)  # functools.partial
+    where = getattr(fn, "__module__", None) or type(fn).__module__ or ""
+    return where == "torch" or where.startswith("torch.")
+
+
+def drop_user_hooks(copy: nn.Module, hooks: list[tuple[str, str, int]]) -> None:
+    """Remove ``hooks`` (:func:`user_hooks` of the model ``copy`` was copied from) from
+    ``copy``: a copy of a hook is one the user's handle cannot remove, that writes into the
+    user's objects (a list of features) and may expect the original widths."""
+    for name, table, key in hooks:
+        m = copy.get_submodule(name)
+        getattr(m, table).pop(key, None)
+        for flags in _HOOK_FLAGS:
+            getattr(m, flags, {}).pop(key, None)

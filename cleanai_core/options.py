@@ -56,7 +56,8 @@ def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, An
                     f"an empty layer pattern ({spec!r}) names no layer; give a layer name, a glob such as "
                     "'layer4.*' or a class name (see `cleanai explain`)"
                 )
-            hits = [n for n, _ in named if n == spec or fnmatch.fnmatchcase(n, spec)]
+            pattern = _without_wrapper_prefix(spec, model)
+            hits = [n for n, _ in named if n == pattern or fnmatch.fnmatchcase(n, pattern)]
         else:
             raise UserError(f"cannot match layers with {spec!r}: give a module, a name, a glob or a type")
         if not hits:
@@ -67,6 +68,20 @@ def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, An
                 if h and n.startswith(h + "."):
                     out.setdefault(n, spec)
     return out
+
+
+#: the name ``torch.compile``'s wrapper gives the module it runs
+COMPILED_PREFIX = "_orig_mod."
+
+
+def _without_wrapper_prefix(spec: str, model: nn.Module) -> str:
+    """``spec`` without the ``_orig_mod.`` prefixes of a ``torch.compile`` wrapper's names
+    (``compiled.named_modules()``): the pruner works on the module inside the wrapper, whose
+    names lack them, so ``"_orig_mod.fc"`` matched nothing. A model that has a child of
+    that name keeps the spec as it is."""
+    while spec.startswith(COMPILED_PREFIX) and "_orig_mod" not in model._modules:
+        spec = spec[len(COMPILED_PREFIX) :]
+    return spec
 
 
 def ignored_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> set[str]:

@@ -25,7 +25,7 @@ from cleanai_core.history import PruningHistory
 from cleanai_core.isomorphic import Signatures, scopes_of, signatures
 from cleanai_core.masking import check_exact, exact_units, masked_outputs
 from cleanai_core.metrics import count_flops, count_params
-from cleanai_core.model_state import transplant
+from cleanai_core.model_state import transplant, user_hooks
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan
 from cleanai_core.pruning_report import pruner_report
@@ -529,6 +529,8 @@ class StructuredPruner:
             if self.inplace:  # the original is about to change: measure it now
                 self.flops_before()
             self._pruned_plans = []
+            if not self.inplace:
+                _warn_user_hooks(user_hooks(self.model))
             try:
                 current = prune_in_steps(self)
             finally:
@@ -546,6 +548,19 @@ class StructuredPruner:
         kept units; plus params and FLOPs before/after (:mod:`cleanai_core.pruning_report`).
         Call after :meth:`prune`."""
         return pruner_report(self)
+
+
+def _warn_user_hooks(hooks: list[tuple[str, str, int]]) -> None:
+    """Say that the pruned copy does not carry the user's hooks (they stay on the original)."""
+    if hooks:
+        where = sorted({name or "<model>" for name, _, _ in hooks})
+        warnings.warn(
+            f"{len(hooks)} forward/backward hook(s) on {', '.join(where[:5])}{' ...' if len(where) > 5 else ''} "
+            "stay on the original model; the pruned copy has none of them: register them again on the pruned "
+            "model (or prune with inplace=True, which keeps them)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 #: a target met further below than this (a share of the original) is reported

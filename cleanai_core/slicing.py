@@ -17,7 +17,7 @@ from cleanai_core.graph.context import tensor_name
 from cleanai_core.graph.dependency import resolve_modules
 from cleanai_core.graph.findings import ModelFindings, prepare_model
 from cleanai_core.interfaces import replace_param
-from cleanai_core.model_state import copy_model
+from cleanai_core.model_state import copy_model, drop_user_hooks, user_hooks
 from cleanai_core.plugins import get_plugin_manager
 
 __all__ = [
@@ -198,7 +198,10 @@ def sliced_copy(
     would copy most of the model only to throw it away. A tensor is copied only where it
     is about to be written in place (``compensate(model, own)`` calls ``own(module)``
     before touching a module) or is left unsliced; one memo keeps tied tensors tied.
-    Fix-up hooks run after every tensor is the copy's own.
+    Fix-up hooks run after every tensor is the copy's own. The user's forward and backward
+    hooks on ``source``'s modules stay there: the copy has none of them
+    (:func:`~cleanai_core.model_state.user_hooks`; torch's own, such as quantization
+    observers, are copied).
 
     A plugin that writes into a tensor it was handed instead of replacing it would change
     the user's model through the sharing: every shared tensor's version counter, storage
@@ -216,6 +219,7 @@ def sliced_copy(
     originals = list(source.parameters()) + list(source.buffers())
     before = [_fingerprint(t) for t in originals]
     model = copy_model(source, {id(t): t for t in originals})
+    drop_user_hooks(model, user_hooks(source))
     shared = {id(t) for t in originals}
     memo: dict[int, Any] = {}
 

@@ -68,6 +68,32 @@ def test_a_compiled_model_pruned_in_place_is_the_users_wrapper():
     assert model.features[0].weight.shape == (16, 1, 3, 3)  # 32 before
 
 
+@pytest.mark.parametrize(
+    "ignored, ratios",
+    [(["_orig_mod.features.3"], {}), (["_orig_mod.features.[37]"], {"_orig_mod.features.0": 0.25})],
+    ids=["name", "glob"],
+)
+def test_layer_names_of_a_compiled_model_carry_its_prefix(ignored, ratios):
+    # compiled.named_modules() names every layer '_orig_mod.*'; the pruner works on the module inside
+    # and raised "'_orig_mod.features.3' matches no layer of the model"
+    compiled = torch.compile(_digits())
+    assert "_orig_mod.features.3" in dict(compiled.named_modules())
+    pruned = StructuredPruner(
+        compiled, X, importance="magnitude", pruning_ratio=0.5, ignored_layers=ignored, layer_pruning_ratios=ratios
+    ).prune()
+    plain = StructuredPruner(
+        _digits(),
+        X,
+        importance="magnitude",
+        pruning_ratio=0.5,
+        ignored_layers=[i.removeprefix("_orig_mod.") for i in ignored],
+        layer_pruning_ratios={k.removeprefix("_orig_mod."): v for k, v in ratios.items()},
+    ).prune()
+    assert pruned.features[3].out_channels == 64  # ignored: kept whole
+    assert pruned.features[0].out_channels == (24 if ratios else 16)
+    assert [p.shape for p in pruned.parameters()] == [p.shape for p in plain.parameters()]
+
+
 @pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compile", "DataParallel"])
 def test_save_pruned_of_a_wrapped_model_loads_back(tmp_path, wrap):
     # the tensors were saved as '_orig_mod.features.0.weight' / 'module.features.0.weight': the folder did not load

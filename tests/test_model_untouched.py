@@ -123,6 +123,58 @@ def test_inplace_keeps_the_users_hook_handles_valid():
     assert calls == []  # and remove() still removes them
 
 
+def test_the_pruned_copy_does_not_carry_the_users_hooks():
+    # the hooks were copied onto the pruned copy: they fired on its forward (into the user's list,
+    # with pruned widths), and the user's handles could not remove them
+    model = _net().eval()
+    calls: list[tuple[int, ...]] = []
+    handle = model[3].register_forward_hook(lambda m, a, o: calls.append(tuple(o.shape)))
+    model[0].register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[:1]))
+    model[3].register_full_backward_hook(lambda m, gi, go: calls.append((-1,)))
+    pruner = StructuredPruner(model, _x(), pruning_ratio=0.5)
+    pruner.collect_activations([_x(4), _x(6)], progress=False)
+    with pytest.warns(UserWarning, match=r"3 forward/backward hook\(s\) on 0, 3 stay on the original"):
+        pruned = pruner.prune()
+    calls.clear()
+    pruned(_x()).sum().backward()
+    assert calls == [] and pruned[3].out_channels == 4
+    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in pruned.modules())
+    model(_x())
+    assert calls == [(4,), (4, 8, 8, 8)]  # the original keeps them, at its own widths
+    handle.remove()
+    assert len(model[3]._forward_hooks) == 0
+
+
+def test_the_pruned_copy_keeps_the_hooks_the_model_computes_with():
+    # quantization observers (torch's own hooks) and a hook bound to an object a module holds
+    # (timm's FeatureHooks of a features_only net) are part of the model: they stay on the copy
+    class Taps:
+        def __init__(self):
+            self.seen: list[tuple[int, ...]] = []
+
+        def hook(self, m, a, o):
+            self.seen.append(tuple(o.shape))
+
+    model = _net().eval()
+    model.taps = Taps()
+    model[3].register_forward_hook(model.taps.hook)
+    tq = torch.ao.quantization
+    model[8].qconfig = tq.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tq.prepare(model, inplace=True)
+    assert len(model[8]._forward_hooks) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing to warn about: no hook of the user's
+        pruned = StructuredPruner(model, _x(), importance="magnitude", pruning_ratio=0.5).prune()
+    assert len(pruned[8]._forward_hooks) == 1 and len(pruned[3]._forward_hooks) == 1
+    model.taps.seen.clear()
+    pruned.taps.seen.clear()
+    pruned(_x())
+    assert pruned.taps is not model.taps and pruned.taps.seen == [(4, 4, 8, 8)] and model.taps.seen == []
+    assert bool(pruned[8].activation_post_process.max_val > 0)  # the copy's observer ran
+
+
 def test_compensation_gives_a_frozen_layer_a_frozen_bias():
     torch.manual_seed(0)
     model = nn.Sequential(

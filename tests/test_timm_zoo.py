@@ -409,3 +409,187 @@ def test_halo_attention_keys_and_values_over_unfolded_windows_prune():
     a = small.attn
     assert (a.num_heads, a.dim_head_qk, a.dim_head_v, a.pos_embed.dim_head) == (2, 4, 4, 4)
     assert a.q.out_channels == 8 and a.kv.out_channels == 16 and small(x).shape == (2, 3)
+
+
+def SplitScaleNet(dim: int = 10, scales: int = 3):  # noqa: N802 - used like the classes around it
+    """timm's EdgeNeXt ``SplitTransposeBlock``: ``chunk(3)`` of 10 channels is 4, 4, 2."""
+    from timm.models.edgenext import SplitTransposeBlock
+
+    torch.manual_seed(0)
+    block = SplitTransposeBlock(dim, num_scales=scales, num_heads=dim, ls_init_value=1.0)
+    return between(
+        stem=nn.Conv2d(3, dim, 3, padding=1),
+        block=block,
+        proj=nn.Conv2d(dim, 8, 1),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(),
+        head=nn.Linear(8, 3),
+    )
+
+
+def test_edgenext_uneven_chunk_prunes_and_splits_at_the_kept_width():
+    pytest.importorskip("timm.models.edgenext")
+    from cleanai_core import StructuredPruner
+
+    model, x = SplitScaleNet().eval(), torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    # chunk(3) of 10 channels splits at 4 and 8; after pruning it would split elsewhere, so the
+    # 10 stem channels froze. Now parts 0 and 1 shrink together (the adds pair channel j and 4 + j)
+    # and the last part on its own: units {0, 4} .. {3, 7}, {8}, {9}
+    stem = groups_with(graph, "stem", "out")
+    assert sum(g.size for g in stem) == 6 and sum(g.prunable for g in stem) == 6
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    block = small.block
+    assert type(block).__name__ == "PrunedSplitTransposeBlock"
+    assert block.width == block.convs[0].in_channels == 2 and small.stem.out_channels == 5
+    with torch.no_grad():
+        assert small(x).shape == (2, 3)
+
+
+def test_edgenext_small_stage_with_uneven_chunks_prunes_and_reloads(tmp_path):
+    timm = pytest.importorskip("timm")
+    from cleanai_core import StructuredPruner, load_pruned
+    from cleanai_core.io import save_pruned
+
+    torch.manual_seed(0)
+    model, x = timm.create_model("edgenext_small", num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    stage = model.stages[2]  # 160 channels, chunk(3): 54, 54, 52
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert stage.downsample[1].out_channels == 160
+    assert small.stages[2].downsample[1].out_channels < 160  # was 160: the uneven chunk froze the stage
+    kept = n_params(small) / n_params(model)
+    assert kept < 0.36  # was 0.38
+    save_pruned(tmp_path / "e", small, pruner.history, "timm:edgenext_small", {"num_classes": 10})
+    back = load_pruned(tmp_path / "e")
+    assert type(back.stages[2].blocks[-1]).__name__ == "PrunedSplitTransposeBlock"
+    with torch.no_grad():
+        assert small(x).shape == (1, 10) and torch.equal(back(x), small(x))
+
+
+class LevitAttentions(nn.Module):
+    """timm LeViT's attention and its downsampling attention (``view(B, N, heads, -1).split(
+    [key_dim, key_dim, val_dim])``, ``key_dim != val_dim``); ``side`` 2 leaves one token after
+    the downsampling, as LeViT's last stage at 64 px."""
+
+    def __init__(self, side: int, conv: bool = False) -> None:
+        from timm.models.levit import Attention, AttentionDownsample
+
+        super().__init__()
+        self.side, self.conv = side, conv
+        self.stem = nn.Linear(6, 16)
+        self.attn = Attention(16, key_dim=4, num_heads=4, attn_ratio=2, resolution=side, use_conv=conv)
+        self.down = AttentionDownsample(16, 24, key_dim=4, num_heads=3, attn_ratio=2, stride=2, resolution=side)
+        self.head = nn.Linear(24, 3)
+        torch.manual_seed(1)
+        with torch.no_grad():  # timm zero-initialises the projections' BatchNorm and the biases
+            for p in self.parameters():
+                p.normal_(0, 0.5)
+
+    def forward(self, x):  # (B, side * side, 6)
+        x = self.stem(x)
+        if self.conv:
+            b, n, c = x.shape
+            x = self.attn(x.transpose(1, 2).reshape(b, c, self.side, self.side)).flatten(2).transpose(1, 2)
+        else:
+            x = self.attn(x)
+        return self.head(self.down(x)).mean(1)
+
+
+@pytest.mark.parametrize("side, conv", [(4, False), (2, False), (4, True)], ids=["linear", "one-token", "conv"])
+def test_levit_attention_with_uneven_head_parts_prunes_whole_heads(side, conv):
+    pytest.importorskip("timm.models.levit")
+    from cleanai_core import StructuredPruner
+
+    model, x = LevitAttentions(side, conv).eval(), torch.randn(2, side * side, 6)
+    graph = DependencyGraph(model, x)
+    # channel j of every head met an unequal split and froze (0 prunable); now the heads go whole
+    assert [(g.size, g.prunable) for g in groups_with(graph, "attn.qkv.linear", "out")] == [(4, 4)]
+    # one token left (side 2) took the (B, 1, C) output for a single head: the residual froze
+    assert [(g.size, g.prunable) for g in groups_with(graph, "down.kv.linear", "out")] == [(3, 3)]
+    assert [(g.size, g.prunable) for g in groups_with(graph, "down.proj.ln.linear", "out")] == [(24, 24)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-4
+    assert report.params_after < 0.5 * report.params_before
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    attn, down = small.attn, small.down
+    assert (attn.num_heads, attn.val_attn_dim, attn.key_attn_dim) == (2, 16, 8)
+    assert (down.num_heads, down.val_attn_dim) == (2, 16)  # 3 heads: round(1.5) went
+    with torch.no_grad():
+        assert small(x).shape == (2, 3)
+
+
+def test_levit_128s_prunes_a_quarter():
+    timm = pytest.importorskip("timm")
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", num_classes=10, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    assert n_params(small) / n_params(model) < 0.27  # was 0.35
+    assert small.stages[2].blocks[0].attn.num_heads == 4  # of 8
+    with torch.no_grad():
+        assert small(x).shape == (1, 10)
+
+
+def EvoGroupedNet():  # noqa: N802 - used like the classes around it
+    """timm RegNetZ-EvoNorm's bottleneck: a grouped 3x3 conv of fixed group width (4 groups
+    of 4) between EvoNorm-S norms of 2 groups (8 channels each)."""
+    from timm.layers import ConvNormAct, EvoNorm2dS0a
+
+    torch.manual_seed(0)
+    norm = lambda c, **kw: EvoNorm2dS0a(c, groups=2, **kw)  # noqa: E731
+    model = between(
+        stem=nn.Conv2d(3, 16, 1),
+        stem_norm=EvoNorm2dS0a(16, groups=2),
+        grouped=ConvNormAct(16, 16, 3, groups=4, norm_layer=norm),
+        proj=nn.Conv2d(16, 8, 1),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flat=nn.Flatten(),
+        head=nn.Linear(8, 3),
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5).abs_() if p.ndim == 1 else p.normal_(0, 0.5)
+    return model
+
+
+def test_grouped_conv_between_evonorms_prunes_whole_groups():
+    pytest.importorskip("timm.layers")
+    from cleanai_core import StructuredPruner
+
+    model, x = EvoGroupedNet().eval(), torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    # EvoNorm kept whole norm groups and the conv channel j of every conv group: one unit, 0 pruned
+    # (0 prunable where it was the only unit); now a unit is a norm group of 2 conv groups
+    assert [(g.size, g.prunable) for g in groups_with(graph, "stem", "out")] == [(2, 2)]
+    assert [(g.size, g.prunable) for g in groups_with(graph, "grouped.conv", "out")] == [(2, 2)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    conv = small.grouped.conv
+    assert (conv.in_channels, conv.out_channels, conv.groups, conv.weight.shape[1]) == (8, 8, 2, 4)
+    assert (small.stem_norm.groups, small.grouped.bn.groups) == (1, 1)
+    with torch.no_grad():
+        assert small(x).shape == (2, 3)
+
+
+def test_regnetz_evonorm_prunes_whole_conv_groups_and_reloads(tmp_path):
+    timm = pytest.importorskip("timm")
+    from cleanai_core import StructuredPruner, load_pruned
+    from cleanai_core.io import save_pruned
+
+    torch.manual_seed(0)
+    model, x = timm.create_model("regnetz_b16_evos", num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    conv = small.stages[1][0].conv2_kxk.conv  # 144 channels in 9 groups of 16
+    assert conv.groups < 9 and conv.in_channels == 16 * conv.groups and conv.weight.shape[1] == 16
+    assert n_params(small) / n_params(model) < 0.31  # was 0.58
+    save_pruned(tmp_path / "r", small, pruner.history, "timm:regnetz_b16_evos", {"num_classes": 10})
+    back = load_pruned(tmp_path / "r")
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))

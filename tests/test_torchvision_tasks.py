@@ -74,3 +74,116 @@ def test_faster_rcnn_pruned_through_its_rpn_still_runs_its_roi_heads():
     with torch.no_grad():
         detections = small(list(torch.rand(2, 3, 128, 128)))
     assert len(detections) == 2 and all(d["boxes"].shape[1:] == (4,) for d in detections)
+
+
+def _multilevel_pool_net():
+    """Two feature levels pooled over boxes by ``MultiScaleRoIAlign`` (``roi_align`` per
+    level, written into ``zeros(rois, C, 3, 3)`` with ``index_put_``), then a linear head."""
+    from collections import OrderedDict
+
+    from torch import nn
+    from torchvision.ops import MultiScaleRoIAlign
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 6, 3, padding=1)
+            self.down = nn.Conv2d(6, 6, 3, stride=2, padding=1)
+            self.pool = MultiScaleRoIAlign(["0", "1"], 3, 2)
+            self.fc = nn.Linear(6 * 9, 4)
+
+        def forward(self, x):
+            a = torch.relu(self.stem(x))
+            feats = OrderedDict([("0", a), ("1", self.down(a))])
+            boxes = [torch.tensor([[0.0, 0.0, 3.0, 3.0], [1.0, 1.0, 15.0, 15.0], [2.0, 0.0, 10.0, 12.0]])] * x.shape[0]
+            return self.fc(self.pool(feats, boxes, [tuple(x.shape[-2:])] * x.shape[0]).flatten(1))
+
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_roi_align_over_feature_levels_passes_the_channels():
+    from cleanai_core.graph.dependency import DependencyGraph
+    from cleanai_core.testing import check_pruner
+
+    model, x = _multilevel_pool_net(), torch.randn(2, 3, 16, 16)
+    graph = DependencyGraph(model, x)
+    # roi_align was an unknown op and index_put_ into the zero-filled result froze the channels
+    stem = [g for g in graph.groups() if any(s.module == "stem" and s.name == "out" for s in g.slices)]
+    assert [(g.size, g.prunable) for g in stem] == [(6, 6)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    assert (small.stem.out_channels, small.fc.in_features) == (3, 27)
+    with torch.no_grad():
+        assert small(x).shape == (6, 4)  # 3 boxes per image
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn"])
+def test_an_rcnn_traced_whole_prunes_its_roi_heads_and_reloads(offline, tmp_path, name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=3).eval()
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
+    pruner = StructuredPruner(model, (images,), "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    heads = small.roi_heads
+    # the ROI heads froze the FPN's outputs and box_head.fc6's 12544 inputs (0.45 / 0.55 kept)
+    assert [b[0].out_channels for b in small.backbone.fpn.layer_blocks][0] == 128
+    assert heads.box_head.fc6.in_features == 128 * 7 * 7
+    assert n_params(small) / n_params(model) < 0.26
+    if heads.has_mask():
+        assert heads.mask_head[0][0].in_channels == 128
+    save_pruned(tmp_path / "d", small, pruner.history, f"torchvision:{name}", {"num_classes": 3})
+    back = load_pruned(tmp_path / "d")
+    with torch.no_grad():
+        got, again = small(images), back(images)
+    assert len(got) == 2 and all(torch.equal(a[k], b[k]) for a, b in zip(got, again, strict=True) for k in a)
+
+
+def test_index_put_into_a_tensor_of_literal_width_freezes_unless_vouched():
+    from torch import nn
+
+    from cleanai_core.graph.dependency import DependencyGraph
+    from cleanai_core.testing import check_pruner
+
+    class Rows(nn.Module):  # rows written into zeros(4, 6): 6 is a literal, it cannot follow the channels
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(3, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            out = torch.zeros(4, 6)
+            out.index_put_((torch.tensor([0, 2]),), self.fc(x))
+            dst = self.fc(x).clone()
+            dst.index_put_((torch.tensor([1]),), self.fc(x)[:1] * 2)  # channels meet channels: coupled
+            return self.head(out) + self.head(dst).sum(0)
+
+    torch.manual_seed(0)
+    model, x = Rows().eval(), torch.randn(2, 3)
+    fc = [g for g in DependencyGraph(model, x).groups() if any(s.module == "fc" and s.name == "out" for s in g.slices)]
+    assert [(g.size, g.prunable) for g in fc] == [(6, 0)]
+    assert "writes channels into a tensor that cannot shrink" in " ".join(fc[0].reasons)
+    report = check_pruner(model, x)
+    assert report.max_abs_diff == 0.0 and report.params_after == report.params_before
+
+
+def test_raft_large_context_split_follows_the_pruned_hidden_state():
+    from cleanai_core.testing import check_pruner
+
+    torch.manual_seed(0)
+    model = torchvision.models.optical_flow.raft_large(weights=None).eval()
+    x = (torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128))
+
+    def flow(m, x):
+        return m(*x, num_flow_updates=2)[-1]
+
+    # the context encoder's equal halves (hidden state, context) prune; the stored
+    # hidden_state_size stayed 128 and the forward raised "should have strictly more than
+    # hidden_state=128 channels"
+    report = check_pruner(model, x, forward_fn=flow)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-4
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, forward_fn=flow).prune()
+    assert small.update_block.hidden_state_size == small.update_block.recurrent_block.hidden_size == 64
+    assert n_params(small) / n_params(model) < 0.3
+    with torch.no_grad():
+        assert small(*x, num_flow_updates=2)[-1].shape == (1, 2, 128, 128)

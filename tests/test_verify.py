@@ -170,3 +170,34 @@ def test_torchvision_raft_small_prunes_its_feature_encoder_exactly():
     assert pruned.feature_encoder.conv.out_channels < 128
     assert sum(p.numel() for p in pruned.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())
     assert bool(torch.isfinite(pruned(*example, num_flow_updates=2)[-1]).all())
+
+
+class ReadsItsInputWidth(nn.Module):
+    """torchvision's 3-D Swin pattern: the attention reshapes ``qkv`` with ``c // heads``, ``c``
+    read from its (LayerNorm-normalised) input at run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.norm = nn.Linear(4, 8), nn.LayerNorm(8)
+        self.qkv, self.proj, self.head = nn.Linear(8, 24), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):  # (B, N, 4)
+        h = self.norm(self.stem(x))
+        b, n, c = h.shape
+        q, k, v = self.qkv(h).reshape(b, n, 3, 2, c // 2).unbind(2)
+        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return self.head(h + self.proj(a.transpose(1, 2).reshape(b, n, -1)))
+
+
+def test_a_slicing_that_fails_to_run_in_the_exactness_check_is_skipped_not_raised():
+    # pruning the residual stream and qkv together runs (c = 4, 12 rows), but the exactness check
+    # slices the exact groups alone (the LayerNorm-normalised stream stays 8 wide, qkv 12 rows):
+    # its RuntimeError escaped prune() (torchvision swin3d_t) instead of naming the groups to skip
+    model, x = ReadsItsInputWidth().eval(), torch.randn(2, 5, 4)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    with pytest.warns(RuntimeWarning, match="pruning it breaks the model"):
+        small = pruner.prune()
+    assert any("qkv" in s and "fails to run" in s for s in pruner.skipped_groups)
+    with torch.no_grad():
+        assert small(x).shape == (2, 5, 3) and small(torch.randn(3, 7, 4)).shape == (3, 7, 3)

@@ -20,12 +20,19 @@ class ConvPruner(LayerPruner):
     """Slices ``"in"`` and ``"out"`` channels of a convolution.
 
     Grouped convolutions keep their group count: the j-th channel of every group is
-    one unit. A depthwise convolution (``groups == in_channels``) passes its input
-    channels through: its output channels are the input channels, so pruning one
+    one unit. With ``whole_groups`` they keep their group width instead: a group (its
+    input and its output channels) is one unit and ``groups`` follows the kept groups
+    (a plugin claims such a conv where the layers around it keep whole groups, e.g. timm
+    RegNetZ's EvoNorm-S). A depthwise convolution (``groups == in_channels``) passes its
+    input channels through: its output channels are the input channels, so pruning one
     removes the filter too and ``groups`` follows.
     """
 
     name = "conv"
+    whole_groups = False  # subclasses with an ``__init__`` of their own keep the default
+
+    def __init__(self, whole_groups: bool = False) -> None:
+        self.whole_groups = whole_groups
 
     def trace(self, module, call, ctx):
         x = call.args[0]
@@ -37,17 +44,23 @@ class ConvPruner(LayerPruner):
             ctx.bind(call.name, "in", atoms_in, "in", arg=0, dim=cdim)
             ctx.bind(call.name, "out", atoms_out, "out", dim=cdim)
         else:
+            keep_dim = 0 if self.whole_groups else 1
             if g > 1:
-                ctx.tie(atoms_in, (g, cin // g), 1)
+                group_in = ctx.tie(atoms_in, (g, cin // g), keep_dim)
             ctx.bind(call.name, "in", atoms_in, "in", arg=0, dim=cdim)
             atoms_out = ctx.produce(call.name, "out", cout, dim=cdim)
             if g > 1:
-                ctx.tie(atoms_out, (g, cout // g), 1)
+                group_out = ctx.tie(atoms_out, (g, cout // g), keep_dim)
+                if self.whole_groups:  # group i's inputs feed its outputs only: they go together
+                    ctx.union(group_in, group_out)
         ctx.set_label(call.outputs[0], cdim, atoms_out)
 
     def prune(self, module, keep):
         g, cin, cout, t = module.groups, module.in_channels, module.out_channels, module.transposed
         depthwise = g > 1 and g == cin
+        if self.whole_groups and g > 1 and not depthwise:
+            _prune_groups(module, keep)
+            return
         if "out" in keep:
             k = keep["out"]
             if not t:
@@ -109,6 +122,26 @@ class ConvPruner(LayerPruner):
         else:
             w.index_put_((rows[:, None], kept[None, :]), delta, accumulate=True)
         add_to_bias(module, at_rows(bias.to(w.dtype).reshape(n, -1).sum(1), rows, w.shape[0]))
+
+
+def _prune_groups(module: nn.Module, keep) -> None:
+    """Whole groups go: the weight's group-sized dimension (output rows, or input rows of
+    a transposed conv) keeps the kept groups' rows, the other one is unchanged."""
+    g, cin, cout = module.groups, module.in_channels, module.out_channels
+    for name, k, c in (("out", keep.get("out"), cout), ("in", keep.get("in"), cin)):
+        if k is None:
+            continue
+        if k.numel() % (c // g):
+            raise ValueError(f"{name} channels {k.numel()} of a conv pruned by whole groups of {c // g}")
+        groups = k.numel() // (c // g)
+        if (name == "out") != module.transposed:
+            replace_param(module, "weight", 0, k)
+        if name == "out":
+            replace_param(module, "bias", 0, k)
+            module.out_channels = k.numel()
+        else:
+            module.in_channels = k.numel()
+        module.groups = groups
 
 
 def _within(k: torch.Tensor, g: int, c: int) -> torch.Tensor:

@@ -12,7 +12,14 @@ from cleanai_core.graph.trace import TRef
 from cleanai_plugins.mappers._registry import MapperTable, arg
 from cleanai_plugins.mappers.gqa import expand_group_dim
 
-__all__ = ["CHANNEL_RANGES", "allow_channel_ranges", "allow_unequal_split", "reshape_label"]
+__all__ = [
+    "CHANNEL_RANGES",
+    "FILLED_DESTINATIONS",
+    "allow_channel_ranges",
+    "allow_filled_destinations",
+    "allow_unequal_split",
+    "reshape_label",
+]
 
 table = MapperTable()
 
@@ -37,6 +44,20 @@ def allow_channel_ranges(*modules) -> dict[str, set]:
     slicing (a kept range keeps its channels in order, so a bound ``n`` becomes the number
     of kept channels below ``n``)."""
     return {CHANNEL_RANGES: set(modules)}
+
+
+#: findings key: the set of modules whose ``forward`` writes channels into a fresh tensor it
+#: builds with the input's width read at run time (see :func:`allow_filled_destinations`)
+FILLED_DESTINATIONS = "filled_destinations"
+
+
+def allow_filled_destinations(*modules) -> dict[str, set]:
+    """The findings that let ``dst.index_put_(indices, values)`` run directly in each of
+    ``modules``' ``forward`` take its channels from ``values`` where ``dst`` carries none:
+    the module vouches that ``dst`` is built there with the width of its input read at run
+    time (torchvision's ``MultiScaleRoIAlign``: ``zeros(rois, x.shape[1], h, w)``), so it
+    shrinks with the channels. Elsewhere such a destination may have a literal width."""
+    return {FILLED_DESTINATIONS: set(modules)}
 
 
 def _free_ranges(ctx) -> bool:
@@ -146,7 +167,8 @@ def reshape_label(ctx, src: TRef, out: TRef) -> None:
         offset = offset + torch.arange(so[k]).reshape(shape) * strides[k]
     grid = lab.atoms[(offset // inner) % c]
     if len(dims) == 1:
-        if ctx.keeps_whole_heads() and dims[0] == len(so) - 1 and len(so) > 1 and so[-2] == 1 < so[-1]:
+        single = c == so[-1] and len(so) > src.ndim  # a size-1 dim put in, not (B, 1 token, C) merged
+        if ctx.keeps_whole_heads() and single and dims[0] == len(so) - 1 and so[-2] == 1 < so[-1]:
             # (..., 1, head_dim): a single head (multi-query attention's key and value)
             ctx.set_label(out, len(so) - 2, ctx.tie(grid.reshape(-1), (1, so[-1]), 0), lab.origin)
             return
@@ -487,6 +509,49 @@ def roll(call, ctx):
         ctx.freeze(lab.atoms, f"{ctx.where()} moves channels")  # a roll by k wraps at the width
         return
     ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("index_put_", "index_put", "_index_put_impl_")
+def index_put(call, ctx):
+    """``dst.index_put_(indices, values)`` with index tensors over the leading dimensions
+    (rows picked, channels after them): ``values``' channels meet ``dst``'s at the same
+    positions. A ``dst`` without channels takes ``values``' where the module running it
+    vouches for it (:func:`allow_filled_destinations`); else they freeze."""
+    dst, values, out = call.args[0], arg(call, 2, "values"), call.outputs[0]
+    indices = list(arg(call, 1, "indices") or ())
+    ld, lv = ctx.label_of(dst), ctx.label_of(values)
+    if ld is None and lv is None:
+        return
+    n = len(indices)
+    plain = n >= 1 and all(isinstance(i, TRef) and i.ndim == 1 and i.dtype != torch.bool for i in indices)
+    if not plain:  # skipped dims (None), boolean masks or broadcast index grids: not followed
+        for lab in (ld, lv):
+            if lab is not None:
+                ctx.freeze(lab.atoms, f"{ctx.where()} writes through indices that are not followed")
+        return
+    aligned = isinstance(values, TRef) and values.ndim == dst.ndim - n + 1
+    if lv is not None and (not aligned or lv.dim < 1):
+        ctx.freeze(lv.atoms, f"{ctx.where()} writes channels to other positions")
+        lv = None
+    if ld is not None and ld.dim < n:
+        ctx.freeze(ld.atoms, f"{ctx.where()} writes into the channels' positions")
+        return
+    if ld is not None and lv is not None:
+        if lv.dim + n - 1 == ld.dim and lv.atoms.numel() == ld.atoms.numel():
+            ctx.union(ld.atoms, lv.atoms)
+        else:
+            ctx.freeze(lv.atoms, f"{ctx.where()} writes channels onto another dimension")
+        ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
+        return
+    if ld is not None:  # values without channels: a scalar or a width of its own
+        if isinstance(values, TRef) and values.numel() > 1 and values.shape[ld.dim - n + 1 :][:1] != (1,):
+            ctx.freeze(ld.atoms, f"{ctx.where()} writes values that cannot shrink with the channels")
+        ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
+        return
+    if lv is not None and ctx.scope_module() in ctx.findings.get(FILLED_DESTINATIONS, ()):
+        ctx.set_label(out, lv.dim + n - 1, lv.atoms, lv.origin)
+    elif lv is not None:
+        ctx.freeze(lv.atoms, f"{ctx.where()} writes channels into a tensor that cannot shrink")
 
 
 @table.register("copy_", "copy")

@@ -1,4 +1,5 @@
-"""Pooling, interpolation, padding, pixel (un)shuffle and channel shuffle: channels pass, space changes."""
+"""Pooling (also over boxes: ``roi_align``), interpolation, padding, pixel (un)shuffle and channel
+shuffle: channels pass, space changes."""
 
 from __future__ import annotations
 
@@ -64,6 +65,24 @@ def _spatial(call, ctx):
 
 
 table.register(*_SPATIAL)(_spatial)
+
+
+@table.register("roi_align", "roi_pool")
+def roi_pool(call, ctx):
+    """torchvision's ``roi_align`` / ``roi_pool``: features ``(N, C, H, W)`` pooled over
+    boxes into ``(K, C, h, w)`` (the R-CNN ROI heads' ``MultiScaleRoIAlign``): each channel
+    is pooled on its own, so the channels pass on dim 1 (they froze as an unknown op:
+    "channels reach op torchvision.roi_align.default ..., which ignored them"). The
+    position-sensitive ``ps_roi_*`` ops fold the bins into the channels: not here."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if lab.dim != 1 or src.ndim != 4:
+        ctx.freeze(lab.atoms, f"{ctx.where()} pools boxes across the labelled dimension")
+        return
+    ctx.label_of(call.args[1])  # the boxes: looked at, no channels
+    ctx.set_label(call.outputs[0], 1, lab.atoms, lab.origin)
 
 
 @table.register("constant_pad_nd", "pad")

@@ -11,12 +11,14 @@ reshapes its attention output back to the *input* width ``D``; once heads are pr
 that width differs from ``n_heads * head_dim``, so the pruned module's class is swapped
 for a subclass whose ``forward`` reshapes with the pruned width.
 
-Faster / Mask / Keypoint R-CNN are traced through a ``forward_fn`` (backbone and RPN head:
-the eval model returns a varying number of detections). Their ROI heads read the FPN's
-outputs but are not traced, so pruning those channels left a model whose whole forward
-failed (``box_head.fc6`` still wanted 256 x 7 x 7 inputs). Unless the ROI heads were traced,
-the FPN's output channels are kept (``cleanai_default_freezes``); everything before the
-FPN's last convolutions and the RPN head's hidden channels still prune.
+Faster / Mask / Keypoint R-CNN traced whole (the eval model on a list of images) reach
+their ROI heads through ``MultiScaleRoIAlign``: ``roi_align`` per level, written into
+``zeros(rois, C, h, w)`` with ``index_put_``; the pooler vouches that ``C`` is read from the
+features at run time (``allow_filled_destinations``), so the FPN's channels, ``fc6``'s
+inputs and the mask / keypoint heads prune with it. Traced through a ``forward_fn`` that
+skips the ROI heads (backbone and RPN head), those read the FPN's outputs untraced: pruning
+them left a model whose whole forward failed (``box_head.fc6`` still wanted 256 x 7 x 7
+inputs), so then the FPN's output channels are kept (``cleanai_default_freezes``).
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanai_core import hookimpl
+from cleanai_plugins.mappers.shape import allow_filled_destinations
 
 try:  # torchvision is optional
     from torchvision.models import maxvit as _maxvit
     from torchvision.models import vision_transformer as _vit
     from torchvision.models.detection import generalized_rcnn as _rcnn
     from torchvision.models.optical_flow import raft as _raft
+    from torchvision.ops import poolers as _poolers
 except Exception:  # pragma: no cover
-    _maxvit = _vit = _raft = _rcnn = None
+    _maxvit = _vit = _raft = _rcnn = _poolers = None
 
 RAFT_KEY = "torchvision_raft_channels"  # findings: {corr block name: the feature width it scales by}
 
@@ -122,10 +126,25 @@ def fix_raft_correlation(module: nn.Module, name: str, findings) -> None:
         module.channels = channels
 
 
+def fix_raft_hidden_size(module: nn.Module, name: str, edits) -> None:
+    """RAFT splits its context encoder's output into ``[hidden_state_size, rest]``, both
+    stored widths: they follow the recurrent block's pruned hidden channels (raft_large's
+    equal halves prune together; its forward raised "The context encoder outputs 128
+    channels, but it should have at strictly more than hidden_state=128 channels")."""
+    if _raft is None or not isinstance(module, _raft.RAFT):
+        return
+    block = getattr(module.update_block, "recurrent_block", None)
+    conv = getattr(getattr(block, "convgru1", None), "convz", None)
+    if isinstance(conv, nn.Conv2d):
+        module.update_block.hidden_state_size = block.hidden_size = conv.out_channels
+
+
 @hookimpl(trylast=True)
 def cleanai_prepare_model(model):
     found = raft_channels(model)
-    return {RAFT_KEY: found} if found else None
+    pools = [m for m in model.modules() if _poolers is not None and isinstance(m, _poolers.MultiScaleRoIAlign)]
+    out = {**({RAFT_KEY: found} if found else {}), **(allow_filled_destinations(*pools) if pools else {})}
+    return out or None
 
 
 @hookimpl(trylast=True)
@@ -133,6 +152,7 @@ def cleanai_after_prune(module, name, edits, findings):
     fix_maxvit_attention(module, name, edits)
     fix_vit(module, name, edits)
     fix_raft_correlation(module, name, findings)
+    fix_raft_hidden_size(module, name, edits)
 
 
 def untraced_roi_features(graph) -> list[tuple[torch.Tensor, str]]:

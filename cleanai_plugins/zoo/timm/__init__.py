@@ -23,6 +23,7 @@ from __future__ import annotations
 from torch import nn
 
 from cleanai_core import hookimpl
+from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.mappers.shape import allow_channel_ranges
 from cleanai_plugins.zoo.timm.attention import (
     fix_attention,
@@ -31,6 +32,7 @@ from cleanai_plugins.zoo.timm.attention import (
     fix_headmajor_attention,
     fix_multi_query_attention,
     fix_rel_pos,
+    splits_heads_unevenly,
 )
 from cleanai_plugins.zoo.timm.blocks import (
     GatedFc1Pruner,
@@ -43,9 +45,10 @@ from cleanai_plugins.zoo.timm.blocks import (
     fix_parallel_block,
     fix_partial_conv,
 )
-from cleanai_plugins.zoo.timm.lookup import acts_on, names_of
+from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
+from cleanai_plugins.zoo.timm.split_scales import fix_split_scales
 from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner, fix_width_attention, mixes_heads
 from cleanai_plugins.zoo.timm.widths import fix_scale_shape, fix_split_widths
 
@@ -70,19 +73,30 @@ FIXUPS = (
     fix_dual_path_block,
     fix_conv_rel_pos,
     fix_partial_conv,
+    fix_split_scales,
 )
 
 
 @hookimpl
 def cleanai_prepare_model(model):
     scan = scan_model(model, FIXUPS)
-    return {KEY: scan, **allow_channel_ranges(*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv)}
+    ranges = (*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv, *scan.split_scales)
+    return {KEY: scan, **allow_channel_ranges(*ranges)}
+
+
+#: the attentions whose heads must stay whole (``cleanai_whole_heads``)
+WHOLE_HEADS = (mixes_heads, splits_heads_unevenly)
 
 
 @hookimpl
 def cleanai_whole_heads(model):
-    wanted = mixes_heads.triggers
-    return [m for m in model.modules() if acts_on(mixes_heads, names_of(m, wanted)) and mixes_heads(m)] or None
+    wanted = trigger_names(WHOLE_HEADS)
+    found = []
+    for m in model.modules():
+        names = names_of(m, wanted)
+        if any(acts_on(test, names) and test(m) for test in WHOLE_HEADS):
+            found.append(m)
+    return found or None
 
 
 @hookimpl
@@ -90,6 +104,8 @@ def cleanai_layer_pruner(module, findings):
     if is_std_conv(module):
         return StdConvPruner()
     scan = scan_of(findings)
+    if module in scan.whole_group_convs:
+        return ConvPruner(whole_groups=True)
     if module in scan.parallel:
         return ParallelInProjPruner(*scan.parallel[module])
     if module in scan.lambda_qkv:

@@ -26,6 +26,7 @@ __all__ = [
     "fix_headmajor_attention",
     "fix_multi_query_attention",
     "fix_rel_pos",
+    "splits_heads_unevenly",
 ]
 
 # child projection -> how many stacked (q, k, v) copies its output holds
@@ -104,6 +105,18 @@ def fix_headmajor_attention(module: nn.Module, name: str, edits, scan: TimmScan)
         module.o_proj_inpdim = module.num_heads * module.head_dim
 
 
+@triggered_by("val_dim")
+def splits_heads_unevenly(module: nn.Module) -> bool:
+    """LeViT's attention (and its downsampling one): each head's part of ``qkv`` (``kv``) is
+    split into unequal parts, ``view(B, N, heads, -1).split([key_dim, key_dim, val_dim])``.
+    Channel ``j`` of every head could not shrink (the split is unequal: 0.35-0.37 of LeViT's
+    parameters were kept at a ratio of 0.5), so its heads stay whole and go whole."""
+    heads, kd, vd = (getattr(module, a, None) for a in ("num_heads", "key_dim", "val_dim"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, kd, vd)):
+        return False
+    return kd != vd and heads >= 1 and any(hasattr(module, p) for p in ("qkv", "kv"))
+
+
 @triggered_by("attention_bias_cache", "attention_biases", "key_dim", "dh")
 def fix_bias_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """LeViT / EfficientFormer-V2 style: heads follow ``attention_biases``; cached biases
@@ -121,6 +134,10 @@ def fix_bias_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> N
             module.key_dim = module.val_dim = per // 3
         if isinstance(getattr(module, "out_dim", None), int):
             module.out_dim = module.val_dim * heads
+    if isinstance(heads, int):  # LeViT: whole heads went (reshape(B, N, self.val_attn_dim))
+        for total, per in (("key_attn_dim", "key_dim"), ("val_attn_dim", "val_dim")):
+            if isinstance(getattr(module, total, None), int) and isinstance(getattr(module, per, None), int):
+                setattr(module, total, heads * getattr(module, per))
     if isinstance(getattr(module, "dh", None), int):
         n = out_channels(getattr(module, "v", None))
         if n is not None:

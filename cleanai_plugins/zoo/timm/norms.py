@@ -13,7 +13,7 @@ from cleanai_plugins.zoo.timm.lookup import triggered_by
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
 
-__all__ = ["StdConvPruner", "fix_group_count", "is_std_conv", "scan_group_norms"]
+__all__ = ["StdConvPruner", "fix_group_count", "is_std_conv", "scan_group_norms", "scan_whole_group_convs"]
 
 
 def is_std_conv(module: nn.Module) -> bool:
@@ -53,6 +53,28 @@ def scan_group_norms(modules: list[nn.Module]) -> dict[nn.Module, int]:
         if type(module).__name__.startswith("EvoNorm") and isinstance(groups, int) and groups > 0:
             if isinstance(weight, nn.Parameter) and weight.numel() % groups == 0:
                 found[module] = weight.numel() // groups
+    return found
+
+
+def _is_evonorm_s(module: nn.Module) -> bool:
+    groups = getattr(module, "groups", None)
+    return type(module).__name__.startswith("EvoNorm") and "S" in type(module).__name__ and isinstance(groups, int)
+
+
+@triggered_by("bn")
+def scan_whole_group_convs(modules: list[nn.Module]) -> set[nn.Module]:
+    """Grouped (not depthwise) convs normed by an EvoNorm-S (timm ``ConvNormAct``, RegNetZ's
+    3x3 convs with fixed group width): EvoNorm-S keeps whole norm groups, the conv channel
+    ``j`` of every conv group, and the two together made the block's width one unit
+    (regnetz_*_evos kept 0.53-0.58 of its parameters at 0.5). These convs prune by whole
+    groups (``ConvPruner(whole_groups=True)``), which the norm groups line up with."""
+    found = set()
+    for m in modules:
+        conv, norm = getattr(m, "conv", None), getattr(m, "bn", None)
+        if not isinstance(conv, nn.modules.conv._ConvNd) or not isinstance(norm, nn.Module) or is_std_conv(conv):
+            continue
+        if 1 < conv.groups < conv.in_channels and _is_evonorm_s(norm):
+            found.add(conv)
     return found
 
 

@@ -23,7 +23,8 @@ from cleanai_plugins.zoo.timm.blocks import (
     scan_partial_convs,
 )
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
-from cleanai_plugins.zoo.timm.norms import scan_group_norms
+from cleanai_plugins.zoo.timm.norms import scan_group_norms, scan_whole_group_convs
+from cleanai_plugins.zoo.timm.split_scales import scan_split_scales
 from cleanai_plugins.zoo.timm.width_attention import scan_width_attention
 
 __all__ = ["KEY", "TimmScan", "scan_model", "scan_of"]
@@ -60,6 +61,10 @@ class TimmScan:
     fixups: dict[nn.Module, tuple[Callable, ...]] = attrs.field(factory=dict)
     #: FasterNet partial convolutions (split and cat)
     partial_conv: set[nn.Module] = attrs.field(factory=set)
+    #: EdgeNeXt split-scale blocks whose ``chunk`` leaves a smaller last part
+    split_scales: set[nn.Module] = attrs.field(factory=set)
+    #: grouped convs normed by EvoNorm-S: they prune by whole groups
+    whole_group_convs: set[nn.Module] = attrs.field(factory=set)
 
 
 _SCANS = (
@@ -71,6 +76,8 @@ _SCANS = (
     scan_dual_path_blocks,
     scan_conv_rel_pos,
     scan_partial_convs,
+    scan_split_scales,
+    scan_whole_group_convs,
 )
 
 
@@ -97,6 +104,8 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         dual_path=scan_dual_path_blocks(having(scan_dual_path_blocks)),
         conv_rel_pos=scan_conv_rel_pos(having(scan_conv_rel_pos)),
         partial_conv=scan_partial_convs(having(scan_partial_convs)),
+        split_scales=scan_split_scales(having(scan_split_scales)),
+        whole_group_convs=scan_whole_group_convs(having(scan_whole_group_convs)),
         fixups=_acting(fixups, modules, names),
     )
 
