@@ -504,9 +504,12 @@ class StatsCollector:
     @contextmanager
     def hooks(self) -> Iterator[StatsCollector]:
         handles = []
-        # id(tensor) -> (weak reference, dim, its reduction, the positions reduced); an entry
-        # leaves when its tensor dies
-        seen: dict[int, tuple[weakref.ref, int, BatchReduction, torch.Tensor]] = {}
+        # id(tensor) -> (weak reference, dim, its reduction, the positions reduced where they
+        # are not the tensor itself); an entry leaves when its tensor dies, so it must not
+        # hold the tensor: it did, and every hooked activation of every batch stayed alive
+        # until calibration ended (ResNet-18, 16 images at 128 px: 258 MB more at 5 batches,
+        # 1976 MB at 40), and each new activation was written to fresh memory
+        seen: dict[int, tuple[weakref.ref, int, BatchReduction, torch.Tensor | None]] = {}
         padding: list[torch.Tensor | None] = [None]  # this batch's attention mask, where it hides positions
 
         def reduce(x: torch.Tensor, dim: int) -> tuple[BatchReduction, torch.Tensor]:
@@ -515,13 +518,14 @@ class StatsCollector:
             if hit is not None and hit[0]() is x:
                 _, d, red, rows = hit
                 if d == dim and red.version is not None and red.version == _version(x):
-                    return red, rows
+                    return red, x if rows is None else rows
             rows, d = real_positions(x, dim, padding[0])
             red = BatchReduction(rows, d)
             red.version = _version(x)
             if red.version is not None:
+                own = None if rows is x else rows
                 try:
-                    seen[key] = (weakref.ref(x, lambda _, key=key: seen.pop(key, None)), dim, red, rows)
+                    seen[key] = (weakref.ref(x, lambda _, key=key: seen.pop(key, None)), dim, red, own)
                 except TypeError:  # a tensor type without weak references: not shared
                     pass
             return red, rows
