@@ -215,6 +215,10 @@ def read_config_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
             raise UserError(
                 f"config file {path!r} sets {k.replace('_', '-')} twice (as {first!r} and {key!r}); keep one of them."
             )
+        if isinstance(value, str) and isinstance(known[k], (list, dict)):
+            # one string for a list option (``ignore = "fc"``, as the API's ``ignored_layers="fc"``):
+            # comma-separated items, as the environment gives them (it was refused as not a list)
+            value = _parse_env(f"config file {path!r}: {key}", k, value, known[k])
         out[k] = value
     if unknown:
         valid = ", ".join(k.replace("_", "-") for k in known)

@@ -431,3 +431,19 @@ def test_prune_dead_only_with_an_amount_on_the_command_line_is_refused(extra):
     with pytest.raises(UserError, match=f"--prune-dead-only removes exactly .* so {extra[0]} \\(command line\\)"):
         resolve([*BASE, "--prune-dead-only", *extra])
     assert resolve([*BASE, "--prune-dead-only", "--preset", "aggressive"])["prune_dead_only"] is True
+
+
+def test_a_list_option_given_one_string_in_a_config_file_reads_as_the_environment_reads_it(tmp_path):
+    """``ignore = "fc"`` (the API takes ``ignored_layers="fc"``) was refused with "ignore must
+    be a list of layer patterns"; a string for a list option now splits on commas, as a
+    ``CLEANAI_*`` variable does, and gives the same options as the list."""
+    (tmp_path / "s.toml").write_text('ignore = "fc"\nsensitivity-ratios = "0.6, 0.2"\nlayer-ratio = "layer4.*=0.6"\n')
+    (tmp_path / "l.toml").write_text(
+        'ignore = ["fc"]\nsensitivity-ratios = [0.2, 0.6]\nlayer-ratio = { "layer4.*" = 0.6 }\n'
+    )
+    (tmp_path / "two.json").write_text(json.dumps({"ignore": "conv1, fc"}))
+    strings, lists = (options(resolve([*BASE, "--config", str(tmp_path / n)])) for n in ("s.toml", "l.toml"))
+    assert strings == lists
+    assert strings["ignore"] == ["fc"] and strings["sensitivity_ratios"] == [0.2, 0.6]
+    assert strings["layer_ratio"] == {"layer4.*": 0.6}
+    assert resolve([*BASE, "--config", str(tmp_path / "two.json")])["ignore"] == ["conv1", "fc"]
