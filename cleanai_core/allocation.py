@@ -127,7 +127,10 @@ def allocate_ratios(
         key = tuple(sorted(ratios.items()))
         if key not in measured:
             plan = _plan(pruner, scores, {**fixed, **ratios}, others)
-            measured[key] = pruned_size(model, graph, plan, measure) / base_size
+            if not any(gp.n_pruned for gp in plan.groups):  # the original itself: not measured, where a
+                measured[key] = 1.0  # noisy latency could read it below the target and prune nothing
+            else:
+                measured[key] = pruned_size(model, graph, plan, measure) / base_size
         return measured[key]
 
     def ranked(r: float) -> dict[int, float]:  # global ranking at ratio r, as per-group ratios

@@ -289,3 +289,24 @@ def test_flat_curves_do_not_prune_past_the_target(analysed, flat_until):
     if flat_until == 4:  # all flat: the groups are backed off alike, none left at the last ratio
         ratios = sorted(alloc.layer_ratios.values())
         assert ratios[-1] < 0.75 and ratios[-1] - ratios[0] <= 0.15
+
+
+def test_a_noisy_latency_never_passes_the_original_as_meeting_the_target(analysed):
+    """A latency that reads the models below the target by noise (a 0.15 ms CNN timed 20
+    times; here: every reading after the original's comes out at half) let the uniform
+    candidate's bisection descend to a ratio that removes nothing, whose KL of 0 then won
+    the choice: ``cleanai prune --auto --target-latency 0.9`` stopped with "the plan
+    removes no unit". A plan that prunes nothing is the original: its cost is 1, not
+    measured."""
+    net, p, result = analysed
+    full = count_params(net)
+    calls = []
+
+    def latency(m):  # the first reading (the original) is true, every later one half
+        calls.append(1)
+        return count_flops(m, X[:1]) * (0.5 if len(calls) > 1 else 1.0)
+
+    alloc = allocate_ratios(p, result, target_latency=0.7, latency_measure=latency)
+    assert any(r > 0 for r in alloc.layer_ratios.values())
+    auto = pruner_for(net, layer_pruning_ratios=alloc.layer_ratios).prune()
+    assert count_params(auto) < full and alloc.cost <= 0.7
