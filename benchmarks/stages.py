@@ -151,7 +151,7 @@ def _floor(mode: str) -> Iterator[bool]:
     moments = _floor_moments(mode)
     patches = [
         (calibration, "finite_moments", moments),
-        (bn_correction, "_moments", lambda x: moments(x, 1 if x.ndim > 1 else 0) if x.ndim else None),
+        (bn_correction, "_moments", lambda x: moments(x, int(x.ndim > 1)) if torch.is_tensor(x) and x.ndim else None),
         (calibration.ChannelStats, "_add_sample", lambda self, x, reduction: None),
         (bn_correction, "sample_rows", lambda x: None),
     ]

