@@ -7,7 +7,9 @@ passes (:class:`~cleanai_core.replay.CalibrationData`), and, for gradient criter
 accumulates gradients on them. After slicing, :func:`correct_batchnorm_after` reads the
 same batches, or those of them spread over the data that hold ``bn_samples`` samples, to
 move BatchNorm statistics; where the loader's length tells them in advance, the
-original's norm inputs are recorded on those batches only. Under ``torch.distributed`` each function is a
+original's norm inputs are recorded on those batches only; where it does not, on batches
+drawn at random as the stream passes (:class:`~cleanai_core.replay.Pool`), kept for the
+correction. Under ``torch.distributed`` each function is a
 collective stage whose sums are combined over ranks (:mod:`cleanai_core.distributed`).
 """
 
@@ -42,7 +44,7 @@ from cleanai_core.calibration import (
 )
 from cleanai_core.errors import CleanAIError, UserError
 from cleanai_core.model_state import copy_model, preserved
-from cleanai_core.replay import CalibrationData, samples_in, spread
+from cleanai_core.replay import CalibrationData, Pool, batch_bytes, samples_in, spread
 from cleanai_core.runtime import (
     check_labels,
     device_of,
@@ -176,6 +178,10 @@ def calibrate(
             )
 
         collector = fresh()
+        # where the loader's length is not known, the batches the correction reads are drawn
+        # at random while it passes (:class:`~cleanai_core.replay.Pool`); a one-shot loader
+        # of known length keeps its planned ones: else neither could be read again
+        pool: list[Pool | None] = [None]
 
         @contextlib.contextmanager
         def collecting() -> Iterator[None]:
@@ -193,6 +199,13 @@ def calibrate(
                 if total is not None:  # batches like the first: the spread the correction reads
                     planned[0] = spread([samples_in(first)] * total, setup.bn_samples)
                     out.samples.batches = planned[0]
+                if setup.bn_samples and norms_with_running_stats(model) and (total is None or data.one_shot):
+                    if total is None:
+                        pool[0] = Pool.for_samples(first, setup.bn_samples, data.budget)
+                    else:  # known length: the planned batches, kept where they fit
+                        chosen = planned[0] if planned[0] is not None else list(range(total))
+                        if len(chosen) * batch_bytes(first) <= data.budget:
+                            pool[0] = Pool(len(chosen), planned=chosen)
                 data.keep(first)
                 inputs = inputs_for(model, split_batch(first)[0])
                 if may_run_channels_last(model, inputs):
@@ -211,16 +224,24 @@ def calibrate(
                     with collecting(), model_failure(0, inputs):
                         run_batch(model, inputs, setup.forward_fn)
                 out.end_batch()
+                _to_pool(pool[0], pool[0].slot_for(0) if pool[0] is not None else None, 0, first, out)
                 bar.update()
             with collecting():
                 for i, batch in enumerate(batches, 1):
                     data.keep(batch)
-                    out.samples.active = planned[0] is None or i in planned[0]
+                    slot = pool[0].slot_for(i) if pool[0] is not None else None
+                    if pool[0] is not None:
+                        out.samples.active = slot is not None
+                    else:
+                        out.samples.active = planned[0] is None or i in planned[0]
                     inputs = split_batch(batch)[0]
                     with model_failure(i, inputs):
                         run_batch(model, data.layout(inputs), setup.forward_fn)
                     out.end_batch()
+                    _to_pool(pool[0], slot, i, batch, out)
                     bar.update()
+        if pool[0] is not None:
+            _from_pool(pool[0], out, data)
         out.stats = collector.stats
     check_samples_seen(out.stats)
     if setup.gradients:
@@ -231,6 +252,43 @@ def calibrate(
 
 
 _NO_BATCH = object()
+
+
+def _to_pool(pool: Pool | None, slot: int | None, i: int, batch: Any, out: Calibration) -> None:
+    """Move what batch ``i`` recorded (the original's norm moments and paired samples) out
+    of ``out``'s running lists into ``pool``'s ``slot``; the batch it replaces leaves with
+    its records, its samples' bytes given back to their budget."""
+    if pool is None or slot is None:
+        return
+    samples = out.samples
+    moments = {name: calls[:] for name, calls in out.moments.items()}
+    taken = {name: calls[:] for name, calls in samples.calls.items()}
+    for calls in (*out.moments.values(), *samples.calls.values()):
+        calls.clear()
+    size = sum(r.numel() * r.element_size() for calls in taken.values() for r in calls if r is not None)
+    old = pool.put(slot, i, batch, [moments, taken, size])
+    if old is not None:
+        samples.bytes -= old[2]
+    if not samples.complete:  # over the budget: no batch keeps its samples (the original runs again beside)
+        for _, _, record in pool.kept():
+            record[1], record[2] = {}, 0
+
+
+def _from_pool(pool: Pool, out: Calibration, data: CalibrationData) -> None:
+    """``out``'s norm moments and samples, and ``data.pool``, from the batches in ``pool``, in stream order."""
+    kept = pool.kept()
+    out.moments = {name: [c for _, _, rec in kept for c in rec[0].get(name, [])] for name in out.moments}
+    if out.samples.complete:
+        names = {name for _, _, rec in kept for name in rec[1]}
+        out.samples.calls = {name: [c for _, _, rec in kept for c in rec[1].get(name, [])] for name in names}
+    out.samples.batches = [i for i, _, _ in kept]
+    counts: dict[str, int] = dict.fromkeys(out.moments, 0)
+    out.batch_calls = []
+    for _, _, rec in kept:
+        for name, calls in rec[0].items():
+            counts[name] += len(calls)
+        out.batch_calls.append(dict(counts))
+    data.pool = [(i, batch) for i, batch, _ in kept]
 
 
 def check_iterable(loader: Any) -> Any:
@@ -390,6 +448,12 @@ def correct_batchnorm_after(
         wanted = set(chosen)
         return (b for i, b in enumerate(data.replay()) if i in wanted)
 
+    pooled = data.pool is not None and samples is not None and samples.batches == [i for i, _ in data.pool]
+    if pooled:  # the batches kept while calibrating, the only ones whose norm inputs it recorded
+        calls = {k: list(v) for k, v in moments.items()}
+        batches_kept = lambda: (batch for _, batch in data.pool)  # noqa: E731
+        correct_batchnorm(pruned, calls, keep, batches_kept, run, original=source, original_samples=samples)
+        return
     planned = samples.batches if samples is not None else None  # the only batches calibration recorded
     if data.cached and (planned is None or planned == chosen):
         calls = {k: list(v) for k, v in moments.items()}

@@ -395,7 +395,9 @@ def test_example_inputs_the_model_cannot_run_are_named_though_the_trace_passed()
     model = _digits()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     pruner = StructuredPruner(model, torch.rand(2, 1, 8, 8).half(), importance="magnitude", pruning_ratio=0.5)
-    with pytest.raises(UserError, match=r"the model failed on example_inputs \(RuntimeError: Input type \(torch\.Half"):
+    # torch words the dtype clash by the convolution path it takes ("Input type (torch.HalfTensor) ..." or
+    # "expected scalar type Half but found Float")
+    with pytest.raises(UserError, match=r"the model failed on example_inputs \(RuntimeError: .*Half"):
         pruner.prune()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
