@@ -111,8 +111,12 @@ class Calibration:
     batch_calls: list[dict[str, int]] = attrs.field(factory=list)
 
     def end_batch(self) -> None:
-        """Mark the end of one batch's calls in :attr:`moments`."""
-        self.batch_calls.append({name: len(calls) for name, calls in self.moments.items()})
+        """Mark the end of one batch's calls in :attr:`moments` (a batch that recorded
+        nothing shares the entry before it: a long stream adds one reference per batch,
+        not one count per norm)."""
+        counts = {name: len(calls) for name, calls in self.moments.items()}
+        last = self.batch_calls[-1] if self.batch_calls else None
+        self.batch_calls.append(last if last == counts else counts)
 
 
 def _combine(result: Calibration, model: nn.Module, *args: Any, **kwargs: Any) -> Calibration:
