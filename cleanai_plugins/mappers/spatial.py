@@ -158,13 +158,16 @@ def im2col(call, ctx):
 @table.register("index")
 def index(call, ctx):
     """``x[idx]`` with index tensors before the channel dimension (e.g. gathering a
-    relative-position table by an index buffer): channels pass."""
+    relative-position table by an index buffer): channels pass. One index buffer on the
+    channel dimension (``x[:, self.perm]``) moves them: see :meth:`TraceContext.picked`."""
     src, out = call.args[0], call.outputs[0]
     lab = ctx.label_of(src)
     if lab is None:
         return
     idx = list(arg(call, 1, "indices"))
     used = [i for i, t in enumerate(idx) if t is not None]
+    if used == [lab.dim] and _picked(ctx, src, out, lab, idx[lab.dim]):
+        return
     if used == [lab.dim] and _fixed_positions(call, ctx, src, lab, idx[lab.dim]):
         return
     if len(used) == 1 and used[0] > lab.dim:  # one index tensor after the channels: they stay in place
@@ -214,7 +217,23 @@ def index_select(call, ctx):
         if dim != lab.dim and out.ndim == src.ndim and out.shape[lab.dim] == src.shape[lab.dim]:
             ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
             return
+        if dim == lab.dim and name == "index_select" and _picked(ctx, src, out, lab, arg(call, 2, "index")):
+            return
     ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
+
+
+def _picked(ctx, src, out, lab, index) -> bool:
+    """Channels picked by a model's index buffer (a fixed permutation, a subset): the
+    output carries the atoms it picks, and pruning rewrites the buffer. Returns whether
+    it labelled the output."""
+    shape = getattr(index, "shape", ())
+    if len(shape) != 1 or out.ndim != src.ndim or out.shape[lab.dim] != shape[0]:
+        return False
+    atoms = ctx.picked(index, lab)
+    if atoms is None:
+        return False
+    ctx.set_label(out, lab.dim, atoms)
+    return True
 
 
 del torch
