@@ -176,6 +176,39 @@ def test_an_index_made_in_forward_cannot_be_rewritten_and_keeps_its_channels():
     assert (g.size, g.prunable) == (8, 0) and any("indexes channels" in r for r in g.reasons)
 
 
+class TokenPick(nn.Module):
+    """Tokens picked before the channels: by a buffer (``x[:, ids]``), per sample by an
+    index made in ``forward`` (MAE's ``x[batch, ids_keep]``), or by a boolean mask."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.emb, self.fc = how, nn.Linear(6, 16), nn.Linear(16, 4)
+        self.register_buffer("ids", torch.tensor([4, 0, 2, 1, 3, 5, 6, 0, 1]))
+
+    def forward(self, x):
+        h = F.relu(self.emb(x))
+        if self.how == "buffer":
+            return self.fc(h[:, self.ids])
+        if self.how == "per_sample":
+            keep = torch.argsort(x[..., 0], dim=1)[:, :4]
+            return self.fc(h[torch.arange(h.shape[0])[:, None], keep])
+        return self.fc(h[x[..., 0] > 0])
+
+
+@pytest.mark.parametrize("how", ["buffer", "per_sample", "mask"])
+def test_tokens_picked_before_the_channels_let_the_channels_pass(how):
+    """Before: ``op aten.index.Tensor ... indexes channels`` froze the embedding (16 of 16
+    kept) whenever an index tensor stood before the channels but not at dim 0."""
+    x = torch.randn(2, 7, 6, generator=torch.Generator().manual_seed(1))
+    graph = DependencyGraph(_seeded(TokenPick, how), x)
+    g = _group(graph, "emb")
+    assert (g.size, g.prunable) == (16, 16) and "fc" in g.modules()
+    _exact(_seeded(TokenPick, how), x)
+    small = _prune(_seeded(TokenPick, how), x)
+    assert (small.emb.out_features, small.fc.in_features) == (8, 8)
+    assert small(x).shape == _seeded(TokenPick, how)(x).shape
+
+
 # -- InsightFace's IR-ResNet and an ArcFace head -------------------------------------------------
 
 

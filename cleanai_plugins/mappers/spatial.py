@@ -170,14 +170,36 @@ def index(call, ctx):
         return
     if used == [lab.dim] and _fixed_positions(call, ctx, src, lab, idx[lab.dim]):
         return
-    if len(used) == 1 and used[0] > lab.dim:  # one index tensor after the channels: they stay in place
-        ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
-        return
-    if not used or lab.dim <= max(used) or used != list(range(len(used))):
+    new_dim = _dim_after_indexing(idx, src, out, lab.dim)
+    if new_dim is None:
         ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
         return
-    shift = out.ndim - src.ndim
-    ctx.set_label(out, lab.dim + shift, lab.atoms, lab.origin)
+    ctx.set_label(out, new_dim, lab.atoms, lab.origin)
+
+
+def _dim_after_indexing(idx: list, src, out, dim: int) -> int | None:
+    """Where dimension ``dim`` of ``src`` lands in ``out = src[idx]`` (advanced indexing:
+    ``idx`` holds index tensors or ``None`` per leading dimension; a boolean mask spans as
+    many dimensions as it has), or ``None`` when an index covers it. Index tensors that
+    sit next to each other put their broadcast dimensions where they stood; apart, those
+    go first (NumPy's rule). Tokens picked before the channels (``x[:, ids]`` on ``(B, N,
+    C)``, a buffer or an index made in ``forward``) froze the channels before 2026-12-01."""
+    covered: list[int] = []
+    pos = 0
+    for t in idx:
+        span = t.ndim if t is not None and t.dtype in (torch.bool, torch.uint8) else 1
+        if t is not None:
+            covered.extend(range(pos, pos + span))
+        pos += span
+    if not covered or dim in covered:
+        return None
+    adjacent = covered == list(range(covered[0], covered[-1] + 1))
+    broadcast = out.ndim - (src.ndim - len(covered))
+    if adjacent:
+        new = dim if dim < covered[0] else dim - len(covered) + broadcast
+    else:
+        new = broadcast + dim - sum(c < dim for c in covered)
+    return new if 0 <= new < out.ndim and out.shape[new] == src.shape[dim] else None
 
 
 def _fixed_positions(call, ctx, src, lab, positions) -> bool:
@@ -234,9 +256,6 @@ def _picked(ctx, src, out, lab, index) -> bool:
         return False
     ctx.set_label(out, lab.dim, atoms)
     return True
-
-
-del torch
 
 
 @hookimpl(trylast=True)
