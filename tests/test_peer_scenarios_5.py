@@ -568,3 +568,164 @@ def test_bn_scale_scores_of_the_resnet_stem_group_are_its_norms_gammas():
     gammas = [model.bn1.weight, model.layer1[0].bn2.weight, model.layer1[1].bn2.weight]
     expected = torch.stack([mean_normalized(w.detach().double().abs()) for w in gammas]).mean(0)
     assert torch.allclose(score, expected, atol=1e-6)
+
+
+# -- models from the peer's issue tracker -------------------------------------------------------
+
+
+def _cbs(cin: int, cout: int, k: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
+
+
+class YoloBottleneck(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.cv1, self.cv2 = _cbs(c, c, 3), _cbs(c, c, 3)
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x))
+
+
+class C2f(nn.Module):
+    """YOLOv8's block: ``cv1``'s output chunked in two, the second half through residual
+    bottlenecks, every piece concatenated into ``cv2`` (the peer asks users to rewrite it
+    as ``C2f_v2``, issue #147)."""
+
+    def __init__(self, cin: int, cout: int, n: int) -> None:
+        super().__init__()
+        self.c = cout // 2
+        self.cv1, self.cv2 = _cbs(cin, 2 * self.c), _cbs((2 + n) * self.c, cout)
+        self.m = nn.ModuleList(YoloBottleneck(self.c) for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class TinyYolo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.c2f, self.down, self.c2f2 = _cbs(3, 16, 3), C2f(16, 32, 2), _cbs(32, 32, 3), C2f(32, 32, 1)
+        self.head = nn.Conv2d(64, 8, 1)
+
+    def forward(self, x):
+        a = self.c2f(self.stem(x))
+        return self.head(torch.cat([a, self.c2f2(self.down(a))], 1))
+
+
+def _trained_norms(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_yolov8_c2f_chunks_prune_without_rewriting_the_block():
+    model, x = _trained_norms(_seeded(TinyYolo)), torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    graph = DependencyGraph(model, x)
+    half = _group(graph, "c2f.m.0.cv2.0")  # the second chunk, the bottlenecks' residual stream
+    assert (half.size, half.prunable) == (16, 16) and {"c2f.cv1.0", "c2f.m.1.cv2.0", "c2f.cv2.0"} <= set(half.modules())
+    _exact(model, x)
+    small = _prune(model, x)
+    assert (small.c2f.cv1[0].out_channels, small.c2f.m[0].cv1[0].out_channels, small.c2f.cv2[0].in_channels) == (
+        16,
+        8,
+        32,
+    )
+    assert (small.c2f.cv2[0].out_channels, small.head.in_channels, small.head.out_channels) == (16, 32, 8)
+    assert count_params(model) == 29656 and count_params(small) == 7792 and small(x).shape == (2, 8, 16, 16)
+
+
+class VitPytorchAttention(nn.Module):
+    """vit-pytorch's attention (issue #412: IndexError in the peer): ``to_qkv(x).chunk(3,
+    dim=-1)``, each part rearranged ``b n (h d) -> b h n d``, a fixed scale."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, dim_head: int = 8) -> None:
+        super().__init__()
+        self.heads, self.emb, self.norm = heads, nn.Linear(6, dim), nn.LayerNorm(dim)
+        self.to_qkv, self.to_out = nn.Linear(dim, 3 * heads * dim_head, bias=False), nn.Linear(heads * dim_head, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.emb(x)
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(self.norm(x)).chunk(3, dim=-1))
+        o = ((q @ k.transpose(-1, -2)) * 0.35).softmax(-1) @ v
+        return self.head((x + self.to_out(o.transpose(1, 2).reshape(b, n, -1))).mean(1))
+
+
+def test_vit_pytorch_attention_with_chunked_qkv_prunes_its_head_dims_and_stream():
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(1))
+    graph = DependencyGraph(_seeded(VitPytorchAttention), x)
+    inner = _group(graph, "to_qkv")
+    assert inner.prunable == inner.size and "to_out" in inner.modules()
+    _exact(_seeded(VitPytorchAttention), x)
+    small = _prune(_seeded(VitPytorchAttention), x)
+    assert (small.emb.out_features, small.norm.normalized_shape, small.to_qkv.weight.shape) == (16, (16,), (48, 16))
+    assert (small.to_out.in_features, small.to_out.out_features, small(x).shape) == (16, 16, (2, 3))
+
+
+class TransposedAttention(nn.Module):
+    """Restormer's channel attention (issue #392: IndexError in the peer): q, k and v
+    chunked from a depthwise-convolved projection, each reshaped to heads apart, attention
+    over channels scaled by a learned per-head temperature."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.temperature = heads, nn.Parameter(torch.full((heads, 1, 1), 0.5))
+        self.stem, self.qkv = nn.Conv2d(3, dim, 3, padding=1), nn.Conv2d(dim, 3 * dim, 1)
+        self.dw = nn.Conv2d(3 * dim, 3 * dim, 3, padding=1, groups=3 * dim)
+        self.proj, self.out = nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, 3, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, _, h, w = x.shape
+        q, k, v = (t.reshape(b, self.heads, -1, h * w) for t in self.dw(self.qkv(x)).chunk(3, dim=1))
+        attn = ((F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature).softmax(-1)
+        return self.out(x + self.proj((attn @ v).reshape(b, -1, h, w)))
+
+
+def test_restormer_channel_attention_keeps_its_channels_with_a_reason_and_the_stream_prunes():
+    """Attention over channels normalises across them (a softmax over k's channels): the
+    q/k/v channels stay, with the reason, instead of an IndexError; the stream prunes."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    graph = DependencyGraph(_seeded(TransposedAttention), x)
+    inner = _group(graph, "qkv")
+    assert inner.prunable == 0 and any("both operands carry channels" in r for r in inner.reasons)
+    _exact(_seeded(TransposedAttention), x)
+    small = _prune(_seeded(TransposedAttention), x)
+    assert (small.stem.out_channels, small.qkv.in_channels, small.proj.out_channels, small.out.in_channels) == (
+        8,
+        8,
+        8,
+        8,
+    )
+    assert (small.qkv.out_channels, small.dw.groups, small.proj.in_channels) == (48, 48, 16) and small(
+        x
+    ).shape == x.shape
+
+
+class OneChannelConvs(nn.Module):
+    """A conv from one channel to eight and one from one to one (``groups=1``: issue #179,
+    the peer took it for a depthwise conv and coupled its input with its output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 1, 3, padding=1), nn.Conv2d(1, 8, 3, padding=1)
+        self.one, self.c2 = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(9, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.c0(x))
+        return self.c2(torch.cat([F.relu(self.c1(y)), self.one(y)], 1))
+
+
+def test_a_one_channel_conv_is_not_taken_for_a_depthwise_conv():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    graph = DependencyGraph(_seeded(OneChannelConvs), x)
+    assert _group(graph, "one").modules() == ["c2", "one"]  # its output is its own group, not c0's
+    assert _group(graph, "c0").modules() == ["c0", "c1", "one"]
+    _exact(_seeded(OneChannelConvs), x)
+    small = _prune(_seeded(OneChannelConvs), x)
+    assert (small.c0.out_channels, small.c1.out_channels, small.one.out_channels, small.c2.in_channels) == (1, 4, 1, 5)
