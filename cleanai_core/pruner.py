@@ -414,6 +414,7 @@ class StructuredPruner:
         the slicing alone is built and runs too)."""
         source = self.model if source is None else source
         graph = self.graph if graph is None else graph
+        graph.check_removal(pruned)  # a hand-made mask: before anything is sliced
         stats = (self.stats if stats is None else stats) if self.bias_compensation else {}
         model, edits = compensated_copy(source, graph, pruned, stats, self.reconstruction, share)
         if self.verify if verify is None else verify:

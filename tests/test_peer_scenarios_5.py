@@ -24,6 +24,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from cleanai_core import DependencyGraph, PruningHistory, StructuredPruner
+from cleanai_core.errors import UserError
 from cleanai_core.metrics import count_params
 from cleanai_core.scoring import ScoringContext, mean_normalized, score_groups
 
@@ -496,6 +497,30 @@ def test_a_groups_indices_chosen_again_build_the_same_weights():
         ):
             assert pa == pb and torch.equal(a, b), name
     assert again.conv1.out_channels == 61 and model.conv1.out_channels == 64
+
+
+def test_a_hand_made_mask_that_empties_a_layer_or_cuts_frozen_units_is_refused_before_slicing():
+    """The peer's ``if DG.check_pruning_group(group): group.prune()``. Before: both masks were
+    sliced, and the copy failed to run ("expected weight to be at least 1 at dimension 0")."""
+    model = _resnet18()
+    x = torch.randn(1, 3, 32, 32)
+    pruner = StructuredPruner(model, x, "magnitude")
+    graph = pruner.graph
+    stem, image = _group(graph, "conv1"), _group(graph, "conv1", "in")
+    every = torch.zeros(graph.root.numel(), dtype=torch.bool)
+    every[stem.units] = True
+    with pytest.raises(
+        UserError, match=r"removes all 64 units of group \d+ \(bn1, conv1, layer1.0.bn2, layer1.0.conv1, ...\)"
+    ):
+        pruner.build(every)
+    with pytest.raises(
+        UserError, match=r"removes 1 frozen unit\(s\) of group \d+ \(conv1\): input without traced channels"
+    ):
+        pruner.build(_mask(graph, image, [0]))
+    with pytest.raises(UserError, match="boolean mask over the graph's"):
+        pruner.build(every.float())
+    graph.check_removal(_mask(graph, stem, list(range(63))))  # one unit left: fine
+    assert model.conv1.out_channels == 64
 
 
 class TwoBranchConcat(nn.Module):
