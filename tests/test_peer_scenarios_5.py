@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_peer_scenarios import _resnet18
-from test_peer_scenarios_2 import _exact, _group
+from test_peer_scenarios_2 import _exact, _group, _timm_vit
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
@@ -452,13 +452,9 @@ def _peer_attention_forward(self, x, attn_mask=None, is_causal=False):
 
 
 def test_timm_vit_with_the_peers_replaced_attention_forward_prunes_whole_heads():
-    timm = pytest.importorskip("timm")
+    model = _timm_vit()
     from timm.models.vision_transformer import Attention
 
-    torch.manual_seed(0)
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10
-    ).eval()
     for m in model.modules():
         if isinstance(m, Attention):
             m.forward = _peer_attention_forward.__get__(m, Attention)
