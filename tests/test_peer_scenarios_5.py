@@ -148,6 +148,37 @@ def test_a_pruned_flow_saves_and_loads_back_with_its_rewritten_buffers(tmp_path)
     assert torch.equal(loaded.shuffle.inverse, small.shuffle.inverse) and torch.equal(loaded(X_FLOW), small(X_FLOW))
 
 
+@pytest.mark.parametrize("seed", [1, 7, 42])
+def test_rewriting_an_index_picks_the_same_kept_channels_as_before(seed):
+    """``keep_positions`` on 200 random indices (permutations, subsets, repeats, int32 and
+    int64, buffers and parameters) and kept sets: the sliced tensor indexed by the
+    rewritten index equals the original indexed by the old one, the removed channels'
+    entries left out, in the old order."""
+    from cleanai_core.interfaces import keep_positions
+
+    gen = torch.Generator().manual_seed(seed)
+    for case in range(200):
+        c = int(torch.randint(1, 12, (1,), generator=gen))
+        n = int(torch.randint(0, 2 * c + 1, (1,), generator=gen))
+        dtype = torch.int32 if case % 2 else torch.int64
+        idx = (
+            torch.randperm(c, generator=gen).to(dtype)
+            if case % 3 == 0
+            else torch.randint(0, c, (n,), generator=gen, dtype=dtype)
+        )
+        keep = (torch.rand(c, generator=gen) < 0.6).nonzero().squeeze(1)
+        holder = nn.Module()
+        if case % 5 == 0:
+            holder.idx = nn.Parameter(idx.clone(), requires_grad=False)
+        else:
+            holder.register_buffer("idx", idx.clone())
+        keep_positions(holder, "idx", keep)
+        x = torch.randn(2, c, generator=gen)
+        expected = x[:, idx.long()][:, torch.isin(idx.long(), keep)]
+        assert holder.idx.dtype == dtype and isinstance(holder.idx, nn.Parameter) == (case % 5 == 0)
+        assert torch.equal(x[:, keep][:, holder.idx.long()], expected), (idx, keep, holder.idx)
+
+
 class Picked(nn.Module):
     """A subset of the channels, one of them twice, picked by a buffer."""
 
