@@ -257,6 +257,40 @@ def test_tokens_picked_before_the_channels_let_the_channels_pass(how):
     assert small(x).shape == _seeded(TokenPick, how)(x).shape
 
 
+class TinyMAE(nn.Module):
+    """MAE's random masking: tokens gathered by a shuffled index (``gather`` over the
+    tokens, the index repeated over the width read at run time), learned mask tokens
+    concatenated, the order restored by a second ``gather``."""
+
+    def __init__(self, dim: int = 16, dec_dim: int = 12) -> None:
+        super().__init__()
+        self.patch, self.pos = nn.Linear(12, dim), nn.Parameter(0.1 * torch.randn(1, 8, dim))
+        self.enc = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.dec_embed, self.mask_token = nn.Linear(dim, dec_dim), nn.Parameter(torch.randn(1, 1, dec_dim))
+        self.dec = nn.Linear(dec_dim, 12)
+
+    def forward(self, x):
+        h = self.patch(x) + self.pos
+        b, n, d = h.shape
+        shuffle = torch.argsort(torch.rand(b, n, generator=torch.Generator().manual_seed(0)), dim=1)
+        restore, keep = torch.argsort(shuffle, dim=1), shuffle[:, : n // 2]
+        h = torch.gather(h, 1, keep.unsqueeze(-1).repeat(1, 1, d))
+        y = self.dec_embed(h + self.enc(h))
+        y = torch.cat([y, self.mask_token.repeat(b, n - n // 2, 1)], dim=1)
+        return self.dec(torch.gather(y, 1, restore.unsqueeze(-1).repeat(1, 1, y.shape[2])))
+
+
+def test_mae_masking_gathers_tokens_and_the_widths_prune_with_the_mask_token():
+    x = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(1))
+    graph = DependencyGraph(_seeded(TinyMAE), x)
+    assert {"pos", "mask_token"} <= {s.name for g in graph.groups(prunable_only=True) for s in g.slices}
+    _exact(_seeded(TinyMAE), x)
+    small = _prune(_seeded(TinyMAE), x)
+    assert (small.patch.out_features, small.pos.shape, small.enc[1].out_features) == (8, (1, 8, 8), 16)
+    assert (small.dec_embed.out_features, small.mask_token.shape, small.dec.in_features) == (6, (1, 1, 6), 6)
+    assert small(x).shape == (2, 8, 12)
+
+
 # -- InsightFace's IR-ResNet and an ArcFace head -------------------------------------------------
 
 
