@@ -179,6 +179,45 @@ def test_rewriting_an_index_picks_the_same_kept_channels_as_before(seed):
         assert torch.equal(x[:, keep][:, holder.idx.long()], expected), (idx, keep, holder.idx)
 
 
+class ScatterBack(nn.Module):
+    """The shuffle undone by a scatter: ``z = zeros_like(y); z[:, self.perm] = y``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+        self.register_buffer("perm", torch.randperm(8, generator=torch.Generator().manual_seed(2)))
+
+    def forward(self, x):
+        y = F.relu(self.c2(F.relu(self.c1(x))[:, self.perm]))
+        z = torch.zeros_like(y)
+        z[:, self.perm] = y
+        return self.c3(z)
+
+
+def test_channels_written_back_through_a_permutation_buffer_prune_and_the_buffer_follows():
+    """Before: ``op aten.index_put_ ... writes through indices that are not followed``
+    froze c2's channels. Position ``perm[i]`` of the output holds c2's channel ``i``."""
+    model, x = _seeded(ScatterBack), torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    pruner = StructuredPruner(model, x, "magnitude", bias_compensation=False, recalibrate_bn=False)
+    graph = pruner.graph
+    g = _group(graph, "c2")
+    assert (g.size, g.prunable) == (8, 8) and "c3" in g.modules()
+    _exact(model, x)
+    pruned = _mask(graph, g, [1, 6])
+    small, _ = pruner.build(pruned)
+    kept = _kept_of(graph, "c2", pruned)
+    perm = model.perm.tolist()
+    places = sorted(perm[i] for i in kept)  # the output positions that stay
+    assert small.perm.tolist() == [places.index(perm[i]) for i in kept]
+    assert torch.equal(small.c3.weight, model.c3.weight[:, places]) and small(x).shape == (2, 4, 4, 4)
+    half = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    out = half.prune()
+    assert out.c2.out_channels == out.c3.in_channels == 4 and sorted(out.perm.tolist()) == [0, 1, 2, 3]
+    fresh = half.history.replay(_seeded(ScatterBack))
+    fresh.load_state_dict(out.state_dict())
+    assert torch.equal(fresh(x), out(x))
+
+
 class Picked(nn.Module):
     """A subset of the channels, one of them twice, picked by a buffer."""
 

@@ -311,6 +311,28 @@ class TraceContext:
         rewrites its values to the kept positions (:data:`INDEX_MARK`). Any selection
         qualifies (a permutation, a subset, repeats). An index made in ``forward`` cannot
         be rewritten, nor can negative positions be renumbered without the width: ``None``."""
+        values = self._positions(index, lab.atoms.numel())
+        if values is None:
+            return None
+        self.bind("", f"{index.param}{INDEX_MARK}", lab.atoms, "index", dim=0)
+        return lab.atoms[values]
+
+    def placed(self, index: Any, lab: Label) -> torch.Tensor | None:
+        """The atoms of a destination that ``index`` fills with ``lab``'s channels, one
+        each (``out[:, self.perm] = x``: a permutation buffer, the inverse of
+        :meth:`picked`), or ``None`` when it cannot follow them. The buffer becomes an
+        ``"index"`` slice over the destination's atoms (rewritten like :meth:`picked`'s)."""
+        values = self._positions(index, lab.atoms.numel())
+        if values is None or values.numel() != lab.atoms.numel() or values.unique().numel() != values.numel():
+            return None
+        atoms = torch.empty_like(lab.atoms)
+        atoms[values] = lab.atoms
+        self.bind("", f"{index.param}{INDEX_MARK}", atoms, "index", dim=0)
+        return atoms
+
+    def _positions(self, index: Any, size: int) -> torch.Tensor | None:
+        """The values of ``index``, a 1-D integer buffer (or parameter) of the model holding
+        positions in ``range(size)``; ``None`` for anything else."""
         if not isinstance(index, TRef) or index.param is None or index.ndim != 1:
             return None
         if index.dtype not in (torch.int64, torch.int32):
@@ -321,10 +343,9 @@ class TraceContext:
         if not isinstance(values, torch.Tensor) or values.is_meta or not values.numel():
             return None
         values = values.detach().to("cpu", torch.int64)
-        if int(values.min()) < 0 or int(values.max()) >= lab.atoms.numel():
+        if int(values.min()) < 0 or int(values.max()) >= size:
             return None
-        self.bind("", f"{index.param}{INDEX_MARK}", lab.atoms, "index", dim=0)
-        return lab.atoms[values]
+        return values
 
     def produce(self, module: str, name: str, n: int, **meta: Any) -> torch.Tensor:
         """Atoms of a producer slice: fresh on the first call of the module, the same on
