@@ -44,6 +44,7 @@ __all__ = [
     "Reducer",
     "add_to_bias",
     "at_rows",
+    "keep_positions",
     "slice_tensor",
     "squared_weight",
 ]
@@ -244,6 +245,26 @@ def replace_param(module: nn.Module, attr: str, dim: int, keep: torch.Tensor) ->
     new = slice_tensor(t.data, dim, keep)
     if isinstance(t, nn.Parameter):
         setattr(module, attr, nn.Parameter(new, requires_grad=t.requires_grad))
+    else:
+        module._buffers[attr] = new
+
+
+def keep_positions(module: nn.Module, attr: str, keep: torch.Tensor) -> None:
+    """Rewrite ``module.<attr>``, an integer tensor of positions along a dimension that
+    keeps the positions ``keep`` (ascending): entries that point at a removed position
+    go, the others are renumbered to where their position now is. Order and repeats are
+    kept: a permutation stays the same permutation of the kept channels."""
+    t = getattr(module, attr, None)
+    if t is None:
+        return
+    keep = keep.to(t.device, torch.int64)
+    size = max(int(t.max()) if t.numel() else -1, int(keep.max()) if keep.numel() else -1) + 1
+    where = torch.full((size,), -1, dtype=torch.int64, device=t.device)
+    where[keep] = torch.arange(keep.numel(), device=t.device)
+    moved = where[t.data.long()]
+    new = moved[moved >= 0].to(t.dtype).contiguous()
+    if isinstance(t, nn.Parameter):
+        setattr(module, attr, nn.Parameter(new, requires_grad=False))
     else:
         module._buffers[attr] = new
 

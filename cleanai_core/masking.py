@@ -60,6 +60,7 @@ def masked_outputs(
     to skip the default hooks), the masked model is a copy that shares ``graph.model``'s
     parameters except the ones it zeroes, which are its own."""
     slices = pruned_slices(graph, pruned)
+    slices = [(spec, idx) for spec, idx in slices if spec.kind != "index"]  # an index moves channels, zeroes none
     if any(spec.module == "" or getattr(spec.pruner, "mask", None) is not None for spec, _ in slices):
         return _masked_copy_outputs(graph, slices, inputs, forward_fn, output_transform)
     model = graph.model
@@ -97,6 +98,8 @@ def _masked_copy(graph: Any, slices: list[tuple[Any, torch.Tensor]]) -> nn.Modul
     model = copy_model(source, {id(t): t for t in source.parameters()})  # buffers: its own
     zeroed = _Zeroed()
     for spec, idx in slices:
+        if spec.kind == "index":  # an index buffer moves channels: the zeroed ones move with it
+            continue
         if spec.module == "":
             owner, attr = get_submodule_and_attr(model, spec.name)
             t = getattr(owner, attr)

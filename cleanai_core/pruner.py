@@ -4,6 +4,7 @@ in order; each stage is a module of free functions (the list: ``docs/architectur
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
@@ -344,9 +345,15 @@ class StructuredPruner:
     def why_nothing_pruned(self) -> str:
         """Why a plan removes no unit although groups can shrink: the rounding, the minimum
         width or a ratio too small for the widths (the run used to succeed silently)."""
-        sizes = [gp.group.size for gp in self.plan().groups]
+        groups = self.plan().groups
+        # the groups given a ratio above 0 (a ratio of 0 keeps a layer whole on purpose): a
+        # 0.2 for one conv of 64 channels at round_to=16 (12 units, rounded back to 64) was
+        # blamed on "the ratio leaves less than one unit to remove"
+        asked = [gp for gp in groups if gp.ratio > 0] or groups
+        sizes = [gp.group.size for gp in asked]
+        room = any(math.floor(gp.ratio * gp.group.size + 1e-9) >= 1 for gp in asked)
         widths = f"groups of {min(sizes)}..{max(sizes)} units" if min(sizes) != max(sizes) else f"{sizes[0]} units"
-        if self.round_to and self.round_to > 1 and self.round_to >= min(sizes):
+        if self.round_to and self.round_to > 1 and (room or self.round_to >= min(sizes)):
             cause = f"round_to={self.round_to} rounds every kept count up to the whole group ({widths}); lower round_to"
         elif self.min_channels >= max(sizes):
             cause = f"min_channels={self.min_channels} keeps every unit ({widths}); lower min_channels"
@@ -407,6 +414,7 @@ class StructuredPruner:
         the slicing alone is built and runs too)."""
         source = self.model if source is None else source
         graph = self.graph if graph is None else graph
+        graph.check_removal(pruned)  # a hand-made mask: before anything is sliced
         stats = (self.stats if stats is None else stats) if self.bias_compensation else {}
         model, edits = compensated_copy(source, graph, pruned, stats, self.reconstruction, share)
         if self.verify if verify is None else verify:

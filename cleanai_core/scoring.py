@@ -111,7 +111,9 @@ class ScoringContext:
         key = (spec.module, spec.name)
         if model is self.model and key in self._energy:
             return self._energy[key]
-        if spec.module == "":
+        if spec.kind == "index":  # positions, not weights
+            e = None
+        elif spec.module == "":
             t = _get_tensor(model, spec.name).detach().float()
             e = (t**2).movedim(spec.dim, 0).reshape(t.shape[spec.dim], -1).sum(1)
         elif spec.pruner is None:

@@ -13,10 +13,10 @@ import attrs
 import torch
 from torch import nn
 
-from cleanai_core.graph.context import tensor_name
+from cleanai_core.graph.context import is_index_slice, tensor_name
 from cleanai_core.graph.dependency import resolve_modules
 from cleanai_core.graph.findings import ModelFindings, prepare_model
-from cleanai_core.interfaces import replace_param
+from cleanai_core.interfaces import keep_positions, replace_param
 from cleanai_core.model_state import copy_model, drop_user_hooks, user_hooks
 from cleanai_core.plugins import get_plugin_manager
 
@@ -162,7 +162,10 @@ def _slice(
         changed.append(name)
     for e in bare:
         owner, attr = get_submodule_and_attr(model, e.slice)
-        replace_param(owner, attr, int(e.dim), e.keep)
+        if is_index_slice(e.slice):  # an index buffer: its values follow the kept channels
+            keep_positions(owner, attr, e.keep)
+        else:
+            replace_param(owner, attr, int(e.dim), e.keep)
         changed.append(e.slice)
     return changed
 

@@ -144,17 +144,19 @@ def test_pruning_a_pruned_model_again_and_replaying_both_histories():
         second.history.replay(torchvision.models.resnet18(weights=None))
 
 
+def _timm_vit() -> nn.Module:
+    """timm's ViT at 32 px (patches of 8, width 64, 4 heads, 2 blocks, 10 classes), seeded."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10
+    ).eval()
+
+
 def test_a_vit_pruned_twice_replays_only_through_both_histories():
     """The second history alone counted the heads from the wrong layout: the state_dict
     loaded, and the forward failed ("shape '[2, 17, 3, 2, 16]' is invalid")."""
-    timm = pytest.importorskip("timm")
-
-    def vit() -> nn.Module:
-        torch.manual_seed(0)
-        return timm.models.vision_transformer.VisionTransformer(
-            img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10
-        ).eval()
-
+    vit = _timm_vit
     x = torch.randn(2, 3, 32, 32)
     first = StructuredPruner(vit(), x, "magnitude", pruning_ratio=0.5)
     second = StructuredPruner(first.prune(), x, "magnitude", pruning_ratio=0.5)
@@ -918,11 +920,7 @@ def test_isomorphic_global_ranking_halves_each_structure_of_a_transposed_conv_mo
 
 
 def test_timm_vision_transformer_prunes_heads_mlp_and_the_stream_with_its_tokens():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10
-    ).eval()
+    model = _timm_vit()
     x = torch.randn(2, 3, 32, 32)
     _exact(model, x)
     small = _prune(model, x)

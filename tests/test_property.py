@@ -1,10 +1,11 @@
 """Property tests: random architectures from a random spec, pruned at random ratios.
 
 A spec is a list of convolutional blocks (plain, residual, concatenation, split-and-gate,
-depthwise with multiplier, grouped), a transition (global pool, flatten, or tokens) and a
-list of token blocks (MLP, nn.MultiheadAttention, explicit q @ k^T attention, SDPA, bare
-layer-scale). For every example the pruned model must run, keep its output shape,
-shrink, and match the masking oracle.
+depthwise with multiplier, grouped, channels permuted by an index buffer or written back
+through one), a transition (global pool, flatten, or tokens) and a list of token blocks
+(MLP, nn.MultiheadAttention, explicit q @ k^T attention, SDPA, bare layer-scale). For
+every example the pruned model must run, keep its output shape, shrink, and match the
+masking oracle.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from cleanai_core.testing import check_pruner, run_model
 
-CONV_BLOCKS = ["conv", "residual", "concat", "split", "depthwise", "grouped"]
+CONV_BLOCKS = ["conv", "residual", "concat", "split", "depthwise", "grouped", "permute"]
 TOKEN_BLOCKS = ["mlp", "mha", "qk_matmul", "sdpa", "layerscale"]
 WIDTHS = [4, 6, 8, 12]
 
@@ -44,6 +45,9 @@ class ConvBlock(nn.Module):
         elif kind == "grouped":
             self.a, self.n = nn.Conv2d(c, 2 * out, 3, padding=1, groups=2), norm(2 * out)
             out = 2 * out
+        elif kind == "permute":  # a fixed permutation (a flow's shuffle), read by indexing or index_select
+            self.a, self.n, self.bn, self.scatter = nn.Conv2d(c, out, 1), norm(out), bn, mult == 2
+            self.register_buffer("perm", torch.randperm(out))
         self.out = out
 
     def forward(self, x):
@@ -56,6 +60,13 @@ class ConvBlock(nn.Module):
             h = self.n(self.a(x))
             a, b = torch.split(h, h.shape[1] // 2, dim=1)
             return a * torch.sigmoid(b)
+        if k == "permute":
+            h = torch.relu(self.n(self.a(x)))
+            if self.scatter:  # written back through the permutation
+                z = torch.zeros_like(h)
+                z[:, self.perm] = h
+                return z
+            return h[:, self.perm] + h if self.bn else h.index_select(1, self.perm)
         return torch.relu(self.n(self.a(x)))
 
 
@@ -176,6 +187,18 @@ def specs(draw):
     },
     ratio=0.5,
     seed=0,
+)
+@example(  # channels permuted by an index buffer (both ways of reading it): they froze before 2026-12-01
+    spec={
+        "stem": 6,
+        "conv": [("permute", 8, True, 1), ("permute", 6, False, 1), ("permute", 6, True, 2), ("residual", 4, True, 1)],
+        "transition": "pool",
+        "heads": 1,
+        "dim": 2,
+        "tokens": [("mlp", False)],
+    },
+    ratio=0.5,
+    seed=3,
 )
 def test_random_architecture_matches_oracle(spec, ratio, seed):
     torch.manual_seed(seed)

@@ -25,16 +25,29 @@ import torch
 from cleanai_core.graph.findings import ModelFindings
 from cleanai_core.graph.trace import TRef
 
-__all__ = ["CROSS_MARK", "Label", "SliceSpec", "TraceContext", "tensor_name"]
+__all__ = ["CROSS_MARK", "INDEX_MARK", "Label", "SliceSpec", "TraceContext", "is_index_slice", "tensor_name"]
 
 #: a bare 2-D tensor used as a matrix (``x @ self.proj``) shrinks along both dimensions:
 #: its second slice is named ``"<tensor>#<dim>"`` (the first one keeps the tensor's name)
 CROSS_MARK = "#"
 
+#: a bare integer tensor that holds channel positions (``x[:, self.perm]``,
+#: ``x.index_select(1, self.perm)``) is a slice named ``"<tensor>@"`` of kind ``"index"``:
+#: its atoms are those of the positions it points into, and pruning rewrites its values
+#: (drops the entries that point at removed positions, renumbers the others) instead of
+#: cutting a dimension of it
+INDEX_MARK = "@"
+
 
 def tensor_name(slice_name: str) -> str:
-    """The qualified tensor name of a bare tensor's slice (``"proj#0"`` -> ``"proj"``)."""
-    return slice_name.partition(CROSS_MARK)[0]
+    """The qualified tensor name of a bare tensor's slice (``"proj#0"`` -> ``"proj"``,
+    ``"perm@"`` -> ``"perm"``)."""
+    return slice_name.partition(CROSS_MARK)[0].removesuffix(INDEX_MARK)
+
+
+def is_index_slice(slice_name: str) -> bool:
+    """Whether a bare tensor's slice is an index tensor's (see :data:`INDEX_MARK`)."""
+    return slice_name.endswith(INDEX_MARK)
 
 
 @attrs.define(slots=True)
@@ -55,7 +68,8 @@ class SliceSpec:
 
     ``kind``: ``"out"`` (a producer's channels), ``"in"`` (a consumer's input
     channels; ``arg``/``dim`` say where the consumer reads them, for calibration),
-    or ``"param"`` (a tensor that follows channels: norm affine, bare parameters).
+    ``"param"`` (a tensor that follows channels: norm affine, bare parameters) or
+    ``"index"`` (a bare integer tensor of channel positions, :data:`INDEX_MARK`).
     ``multiple``: the slice's kept channels must be a multiple of it (a kernel's
     alignment: transformers' grouped expert matmul needs rows of 16 bytes); the plan
     rounds the kept count up. ``same_count``: slices that name the same key keep the same
@@ -287,6 +301,51 @@ class TraceContext:
         else:
             self.freeze(old.atoms, f"{module} called with {atoms.numel()} and {old.atoms.numel()} channels")
             self.freeze(atoms, f"{module} called with {atoms.numel()} and {old.atoms.numel()} channels")
+
+    def picked(self, index: Any, lab: Label) -> torch.Tensor | None:
+        """The atoms that ``index`` picks along ``lab``'s dimension (``x[:, self.perm]``,
+        ``x.index_select(1, self.perm)``), or ``None`` when it cannot follow them.
+
+        ``index`` must be a 1-D integer buffer (or parameter) of the model with positions
+        in range: it becomes an ``"index"`` slice over ``lab``'s atoms, and pruning
+        rewrites its values to the kept positions (:data:`INDEX_MARK`). Any selection
+        qualifies (a permutation, a subset, repeats). An index made in ``forward`` cannot
+        be rewritten, nor can negative positions be renumbered without the width: ``None``."""
+        values = self._positions(index, lab.atoms.numel())
+        if values is None:
+            return None
+        self.bind("", f"{index.param}{INDEX_MARK}", lab.atoms, "index", dim=0)
+        return lab.atoms[values]
+
+    def placed(self, index: Any, lab: Label) -> torch.Tensor | None:
+        """The atoms of a destination that ``index`` fills with ``lab``'s channels, one
+        each (``out[:, self.perm] = x``: a permutation buffer, the inverse of
+        :meth:`picked`), or ``None`` when it cannot follow them. The buffer becomes an
+        ``"index"`` slice over the destination's atoms (rewritten like :meth:`picked`'s)."""
+        values = self._positions(index, lab.atoms.numel())
+        if values is None or values.numel() != lab.atoms.numel() or values.unique().numel() != values.numel():
+            return None
+        atoms = torch.empty_like(lab.atoms)
+        atoms[values] = lab.atoms
+        self.bind("", f"{index.param}{INDEX_MARK}", atoms, "index", dim=0)
+        return atoms
+
+    def _positions(self, index: Any, size: int) -> torch.Tensor | None:
+        """The values of ``index``, a 1-D integer buffer (or parameter) of the model holding
+        positions in ``range(size)``; ``None`` for anything else."""
+        if not isinstance(index, TRef) or index.param is None or index.ndim != 1:
+            return None
+        if index.dtype not in (torch.int64, torch.int32):
+            return None
+        owner, _, attr = index.param.rpartition(".")
+        holder = self.modules.get(owner)
+        values = getattr(holder, attr, None) if holder is not None else None
+        if not isinstance(values, torch.Tensor) or values.is_meta or not values.numel():
+            return None
+        values = values.detach().to("cpu", torch.int64)
+        if int(values.min()) < 0 or int(values.max()) >= size:
+            return None
+        return values
 
     def produce(self, module: str, name: str, n: int, **meta: Any) -> torch.Tensor:
         """Atoms of a producer slice: fresh on the first call of the module, the same on

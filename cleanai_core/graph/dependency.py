@@ -313,6 +313,7 @@ class DependencyGraph:
             s.pruner = node.pruner if node is not None else None
         normalized = torch.cat(ctx.normalized) if ctx.normalized else None
         self._groups = make_groups(self.root, frozen, self.slices, reasons, normalized)
+        self._unit_group: torch.Tensor | None = None  # for check_removal()
 
     def apply_default_freezes(self, ratio: float | None = None) -> None:
         """Freeze what the ``cleanai_default_freezes`` hook names (the pruner's defaults
@@ -330,6 +331,47 @@ class DependencyGraph:
         if prunable_only:
             return [g for g in self._groups if g.prunable > 0]
         return list(self._groups)
+
+    def check_removal(self, pruned: torch.Tensor) -> None:
+        """A :class:`UserError` unless the units ``pruned`` marks (a boolean mask over
+        :attr:`root`'s units, as ``group.units`` index it) can go: none frozen, and every
+        group keeps at least one unit. A hand-made mask that broke either rule was sliced
+        anyway and failed only when the pruned model ran ("expected weight to be at least
+        1 at dimension 0")."""
+        n = self.root.numel()
+        if not isinstance(pruned, torch.Tensor) or pruned.dtype != torch.bool or tuple(pruned.shape) != (n,):
+            got = (
+                f"a {pruned.dtype} tensor of shape {tuple(pruned.shape)}"
+                if isinstance(pruned, torch.Tensor)
+                else type(pruned).__name__
+            )
+            raise UserError(
+                f"the units to remove must be a boolean mask over the graph's {n} units (mask[group.units[i]] = True "
+                f"removes unit i of a group); got {got}"
+            )
+        if self._unit_group is None:
+            self._unit_group = torch.full((n,), -1, dtype=torch.int64)
+            for i, g in enumerate(self._groups):
+                self._unit_group[g.units] = i
+        for i in self._unit_group[pruned].unique().tolist():
+            if i < 0:
+                continue
+            g = self._groups[i]
+            gone = pruned[g.units]
+            names = [m or "<param>" for m in g.modules()]
+            where = f"group {g.id} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+            frozen = gone & g.frozen
+            if bool(frozen.any()):
+                why = g.reasons[0] if g.reasons else "frozen"
+                raise UserError(
+                    f"the mask removes {int(frozen.sum())} frozen unit(s) of {where}: {why}. "
+                    "Leave the units group.frozen marks (group.prunable of them are free); nothing was changed"
+                )
+            if bool(gone.all()):
+                raise UserError(
+                    f"the mask removes all {g.size} units of {where}: its layers would have no channels left. "
+                    "Keep at least one unit of every group; nothing was changed"
+                )
 
     def unit_of(self, spec: SliceSpec) -> torch.Tensor:
         """The unit (root atom) of every index of a slice."""

@@ -522,6 +522,8 @@ def index_put(call, ctx):
     ld, lv = ctx.label_of(dst), ctx.label_of(values)
     if ld is None and lv is None:
         return
+    if _permuted_write(ctx, dst, values, out, indices, ld, lv):
+        return
     n = len(indices)
     plain = n >= 1 and all(isinstance(i, TRef) and i.ndim == 1 and i.dtype != torch.bool for i in indices)
     if not plain:  # skipped dims (None), boolean masks or broadcast index grids: not followed
@@ -552,6 +554,29 @@ def index_put(call, ctx):
         ctx.set_label(out, lv.dim + n - 1, lv.atoms, lv.origin)
     elif lv is not None:
         ctx.freeze(lv.atoms, f"{ctx.where()} writes channels into a tensor that cannot shrink")
+
+
+def _permuted_write(ctx, dst, values, out, indices, ld, lv) -> bool:
+    """``dst[:, self.perm] = values`` (a flow's inverse shuffle written as a scatter): one
+    permutation buffer over the channel dimension of a destination as wide as ``values``.
+    Destination position ``perm[i]`` gets ``values``' channel ``i``; the destination's own
+    channels there go with it (every position is overwritten, but its width must shrink
+    alike), unless they are ``values``' own (``zeros_like(values)``: any order has the
+    width); the buffer is rewritten (:meth:`TraceContext.placed`). Returns whether it
+    labelled the output."""
+    used = [i for i, t in enumerate(indices) if t is not None]
+    if lv is None or len(used) != 1 or used[0] != lv.dim or not isinstance(values, TRef):
+        return False
+    dim = used[0]
+    if values.shape != dst.shape or ld is None or ld.dim != dim:
+        return False
+    atoms = ctx.placed(indices[dim], lv)
+    if atoms is None:
+        return False
+    if not torch.equal(ld.atoms.sort().values, atoms.sort().values):  # (``zeros_like(values)``: the same channels)
+        ctx.union(ld.atoms, atoms)
+    ctx.set_label(out, dim, atoms)
+    return True
 
 
 @table.register("copy_", "copy")

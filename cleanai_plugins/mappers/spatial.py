@@ -158,23 +158,48 @@ def im2col(call, ctx):
 @table.register("index")
 def index(call, ctx):
     """``x[idx]`` with index tensors before the channel dimension (e.g. gathering a
-    relative-position table by an index buffer): channels pass."""
+    relative-position table by an index buffer): channels pass. One index buffer on the
+    channel dimension (``x[:, self.perm]``) moves them: see :meth:`TraceContext.picked`."""
     src, out = call.args[0], call.outputs[0]
     lab = ctx.label_of(src)
     if lab is None:
         return
     idx = list(arg(call, 1, "indices"))
     used = [i for i, t in enumerate(idx) if t is not None]
+    if used == [lab.dim] and _picked(ctx, src, out, lab, idx[lab.dim]):
+        return
     if used == [lab.dim] and _fixed_positions(call, ctx, src, lab, idx[lab.dim]):
         return
-    if len(used) == 1 and used[0] > lab.dim:  # one index tensor after the channels: they stay in place
-        ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
-        return
-    if not used or lab.dim <= max(used) or used != list(range(len(used))):
+    new_dim = _dim_after_indexing(idx, src, out, lab.dim)
+    if new_dim is None:
         ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
         return
-    shift = out.ndim - src.ndim
-    ctx.set_label(out, lab.dim + shift, lab.atoms, lab.origin)
+    ctx.set_label(out, new_dim, lab.atoms, lab.origin)
+
+
+def _dim_after_indexing(idx: list, src, out, dim: int) -> int | None:
+    """Where dimension ``dim`` of ``src`` lands in ``out = src[idx]`` (advanced indexing:
+    ``idx`` holds index tensors or ``None`` per leading dimension; a boolean mask spans as
+    many dimensions as it has), or ``None`` when an index covers it. Index tensors that
+    sit next to each other put their broadcast dimensions where they stood; apart, those
+    go first (NumPy's rule). Tokens picked before the channels (``x[:, ids]`` on ``(B, N,
+    C)``, a buffer or an index made in ``forward``) froze the channels before 2026-12-01."""
+    covered: list[int] = []
+    pos = 0
+    for t in idx:
+        span = t.ndim if t is not None and t.dtype in (torch.bool, torch.uint8) else 1
+        if t is not None:
+            covered.extend(range(pos, pos + span))
+        pos += span
+    if not covered or dim in covered:
+        return None
+    adjacent = covered == list(range(covered[0], covered[-1] + 1))
+    broadcast = out.ndim - (src.ndim - len(covered))
+    if adjacent:
+        new = dim if dim < covered[0] else dim - len(covered) + broadcast
+    else:
+        new = broadcast + dim - sum(c < dim for c in covered)
+    return new if 0 <= new < out.ndim and out.shape[new] == src.shape[dim] else None
 
 
 def _fixed_positions(call, ctx, src, lab, positions) -> bool:
@@ -214,10 +239,23 @@ def index_select(call, ctx):
         if dim != lab.dim and out.ndim == src.ndim and out.shape[lab.dim] == src.shape[lab.dim]:
             ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
             return
+        if dim == lab.dim and name == "index_select" and _picked(ctx, src, out, lab, arg(call, 2, "index")):
+            return
     ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
 
 
-del torch
+def _picked(ctx, src, out, lab, index) -> bool:
+    """Channels picked by a model's index buffer (a fixed permutation, a subset): the
+    output carries the atoms it picks, and pruning rewrites the buffer. Returns whether
+    it labelled the output."""
+    shape = getattr(index, "shape", ())
+    if len(shape) != 1 or out.ndim != src.ndim or out.shape[lab.dim] != shape[0]:
+        return False
+    atoms = ctx.picked(index, lab)
+    if atoms is None:
+        return False
+    ctx.set_label(out, lab.dim, atoms)
+    return True
 
 
 @hookimpl(trylast=True)
