@@ -83,9 +83,10 @@ class StructuredPruner:
         pays on the model's device (:mod:`cleanai_core.device_defaults`: none on CPU, 8 on CUDA).
     :param round_mode: ``"up"`` (default): ``round_to`` rounds kept counts up; ``"nearest"``:
         to the nearest multiple (halves up, at least one multiple), so a layer may lose a few
-        more or fewer units than the ratio asks. On CPU, where convolutions pad channels to
-        blocks of 16, ``round_to=16, round_mode="nearest"`` measured as fast or faster than
-        no rounding while keeping more channels (docs/benchmarks.md, session 16).
+        more or fewer units than the ratio asks. On CPU with NCHW tensors, where convolutions
+        pad channels to blocks of 16, ``round_to=16, round_mode="nearest"`` measured as fast
+        as no rounding or faster while keeping more channels (docs/benchmarks.md, session 16;
+        channels-last: as fast, no gain).
     :param min_channels: units every group keeps at least.
     :param target_flops: instead of ``pruning_ratio``, keep this share of the FLOPs.
     :param target_params: instead of ``pruning_ratio``, keep this share of the parameters

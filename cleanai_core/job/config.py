@@ -133,7 +133,7 @@ class PruneConfig:
                             "ratio", "pruning")  # fmt: skip
     round_to: int | None = _opt(None, "keep channel counts multiples of N (default: what pays on --device: none on "
                                 "cpu, 8 on cuda; 1 = no rounding)", "pruning", type=int, metavar="N")  # fmt: skip
-    round_mode: str = _opt("up", "how --round-to rounds a kept count: up, or to the nearest multiple (on cpu, "
+    round_mode: str = _opt("up", "how --round-to rounds a kept count: up, or to the nearest multiple (on cpu, NCHW: "
                            "--round-to 16 --round-mode nearest is as fast as no rounding and keeps more channels)",
                            "pruning", choices=("up", "nearest"))  # fmt: skip
     bias_compensation: bool = _opt(True, "do not fold removed channels' mean output into the next layer's bias",
