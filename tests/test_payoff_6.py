@@ -164,3 +164,19 @@ def test_a_pruned_model_runs_the_same_ops_as_the_original(arch):
     if arch != "swin":
         assert after == before
     assert all(p.is_contiguous() for p in pruned.parameters())
+
+
+def test_payoff_where_buckets_every_op_and_counts_the_flops_as_the_metrics_do(monkeypatch):
+    from pathlib import Path
+
+    from cleanai_core.metrics import count_flops
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    payoff_where = pytest.importorskip("payoff_where")  # imports speed.py, which needs nothing optional
+    model = _cnn()
+    ops = payoff_where.time_ops(model, X, repeats=2)
+    kinds = Counter(k for k, *_ in ops)
+    assert kinds["conv dense"] == 5 and kinds["conv depthwise"] == 1 and kinds["activation"] == 5
+    assert kinds["norm"] == 2 and set(kinds) <= set(payoff_where.KINDS)
+    assert sum(f for _, _, _, f, _ in ops) == count_flops(model, X)
+    assert all(t >= 0 for _, _, t, _, _ in ops)
