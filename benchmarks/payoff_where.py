@@ -20,7 +20,8 @@ sequence of ops, so ops pair by position: the table gives, per op kind, the shar
 original's time, the speed-up and the FLOPs reduction; the widest gaps are listed op by op.
 
 Usage: ``python benchmarks/payoff_where.py [--models mobilenet_v3_large,...] [--batch 16]
-[--repeats 5] [--round-to 8] [--top 8]`` (one thread; medians of the repeats per op).
+[--repeats 5] [--round-to 16 --round-mode nearest] [--channels-last] [--top 8]`` (one
+thread; medians of the repeats per op).
 """
 
 from __future__ import annotations
@@ -127,12 +128,19 @@ def forward_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def where(key: str, batch: int, repeats: int, round_to: int | None, top: int) -> dict:
+def where(
+    key: str, batch: int, repeats: int, round_to: int | None, top: int, round_mode: str = "up", layout=None
+) -> dict:
+    """``key``'s original and pruned model timed op by op; ``layout``: a memory format for
+    both models and the input (e.g. ``torch.channels_last``)."""
     kind, name, size = MODELS[key]
-    model = build(kind, name)
+    layout = layout or torch.contiguous_format
+    model = build(kind, name).to(memory_format=layout)
     x1 = torch.randn(1, 3, size, size)
-    pruned = StructuredPruner(model, x1, "magnitude", pruning_ratio=0.5, round_to=round_to).prune()
-    x = torch.randn(batch, 3, size, size)
+    pruned = StructuredPruner(
+        model, x1, "magnitude", pruning_ratio=0.5, round_to=round_to, round_mode=round_mode
+    ).prune()
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
     a, b = time_ops(model, x, repeats), time_ops(pruned, x, repeats)
     whole = [(forward_ms(model, x, 1), forward_ms(pruned, x, 1)) for _ in range(repeats)]
     if [o[1] for o in a] != [o[1] for o in b]:
@@ -187,11 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--round-to", type=int, default=None)
+    ap.add_argument("--round-mode", default="up", choices=("up", "nearest"))
+    ap.add_argument("--channels-last", action="store_true", help="both models and the input in channels-last")
     ap.add_argument("--top", type=int, default=8)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     for key in args.models.split(","):
-        print(render(where(key, args.batch, args.repeats, args.round_to, args.top)), flush=True)
+        layout = torch.channels_last if args.channels_last else None
+        r = where(key, args.batch, args.repeats, args.round_to, args.top, args.round_mode, layout)
+        print(render(r), flush=True)
     return 0
 
 
