@@ -184,8 +184,16 @@ def bench(key: str, repeats: int, calib_batches: int, batch: int, large_batch: i
     return row
 
 
-#: round_to settings whose payoff is measured (None = channel counts as the ratio gives them)
-ROUND_TOS = (None, 8, 16)
+#: round_to settings whose payoff is measured (None = channel counts as the ratio gives them;
+#: "16n": 16 with round_mode="nearest", docs/benchmarks.md session 16)
+ROUND_TOS = (None, 8, 16, "16n")
+
+
+def rounding(rt: int | str | None) -> tuple[int | None, str, str]:
+    """(round_to, round_mode, table label) of a :data:`ROUND_TOS` entry."""
+    if isinstance(rt, str):
+        return int(rt.rstrip("n")), "nearest", f"{rt.rstrip('n')} nearest"
+    return rt, "up", str(rt or 1)
 
 
 def payoff(model: torch.nn.Module, x1: torch.Tensor, size: int, round_tos=ROUND_TOS, frozen: bool = True) -> dict:
@@ -194,7 +202,8 @@ def payoff(model: torch.nn.Module, x1: torch.Tensor, size: int, round_tos=ROUND_
     ``frozen``, also both models frozen by TorchScript (round_to None)."""
     row: dict = {}
     for rt in round_tos:
-        pr = StructuredPruner(model, x1, "magnitude", pruning_ratio=0.5, round_to=rt)
+        round_to, mode, _ = rounding(rt)
+        pr = StructuredPruner(model, x1, "magnitude", pruning_ratio=0.5, round_to=round_to, round_mode=mode)
         pruned = pr.prune()
         flops_ratio = count_flops(model, x1) / count_flops(pruned, x1)
         tag = f"rt{rt or 1}"
@@ -308,7 +317,7 @@ def render_payoff(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         for rt in ROUND_TOS:
-            tag, label = f"rt{rt or 1}", str(rt or 1)
+            tag, label = f"rt{rt or 1}", rounding(rt)[2]
             if f"flops_x_{tag}" not in r:
                 continue
             f = r[f"flops_x_{tag}"]

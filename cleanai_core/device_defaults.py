@@ -15,6 +15,23 @@ The seven benchmark models pruned at ratio 0.5 (``benchmarks/speed.py``, idle ma
 session 5) gave a batch-32 speed-up per FLOPs reduction of 0.81 on average with the counts
 as the ratio gives them and 0.80 with ``round_to=8``, model by model within +-0.08 either
 way. Rounding up keeps more channels for no faster kernel, so on CPU nothing is rounded.
+
+Session 16 measured again without the machine's noise (``benchmarks/round_to_kinds.py``: one
+thread, CPU time by ``time.thread_time``, glibc's page faults switched off): oneDNN runs a
+convolution on NCHW tensors in blocks of 16 channels (``aBcd16b``), padding the last block,
+so a dense or depthwise conv costs per channel 0.70-0.83x at multiples of 16 against the
+counts around them (depthwise 3x3 at 56x56: 32 channels cost less than 31, 48 less than
+47); BatchNorm and GELU show no step, LayerNorm one every 8 channels, linear layers only
+a slower odd input width. Rounding *up* to 16 (the default ``round_mode``) keeps up to a
+block more per group: MobileNet-V3 and EfficientNet-B0 at ratio 0.5 kept 1.2-1.4x the
+FLOPs for no faster model. Rounding to the
+*nearest* multiple (``round_mode="nearest"``) keeps a count on the fast path at about the
+ratio's size; on NCHW tensors it measured as fast as no rounding or faster with more
+channels kept (docs/benchmarks.md, session 16), so ``round_to=16, round_mode="nearest"`` is
+the CPU choice for convolutional models run in NCHW (in channels-last, which skips the block
+reorders, it is as fast as no rounding). It is not the default, since it moves a layer's
+width off the ratio asked (a group of 40 keeps 16 at ratio 0.5, one of 16 keeps all).
+
 On CUDA, tensor-core kernels for half precision want channel counts that are multiples of
 8 (NVIDIA's performance guide for cuDNN / cuBLAS), so counts are rounded to 8 there; not
 measured on this project's machines (no GPU).

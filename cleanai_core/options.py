@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten
 from cleanai_core.errors import UserError
 
 __all__ = [
+    "ROUND_MODES",
     "ModuleSpec",
     "as_importance",
     "as_ratio_table",
@@ -27,6 +28,7 @@ __all__ = [
     "check_not_meta",
     "check_options",
     "check_ranking",
+    "check_round_mode",
     "check_ratio",
     "check_targets",
     "ignored_modules",
@@ -259,6 +261,16 @@ def check_targets(pruning_ratio: Any, target_flops: Any, target_params: Any, ite
         raise UserError("target_params works alone: not with target_flops, and with iterative_steps=1")
     if not _is_count(iterative_steps) or iterative_steps < 1:
         raise UserError(f"iterative_steps={iterative_steps!r} must be a positive integer")
+
+
+#: how ``round_to`` rounds a kept count (:func:`cleanai_core.planning.limit_units`)
+ROUND_MODES = ("up", "nearest")
+
+
+def check_round_mode(round_mode: Any) -> None:
+    """``round_mode`` is one of :data:`ROUND_MODES`."""
+    if round_mode not in ROUND_MODES:
+        raise UserError(f"round_mode={round_mode!r} must be one of {', '.join(map(repr, ROUND_MODES))}")
 
 
 def check_options(

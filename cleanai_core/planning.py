@@ -143,17 +143,28 @@ def uniform_alignments(groups: list[Group]) -> dict[int, int]:
     return {g.id: by_size[g.size] for g in groups}
 
 
-def limit_units(group: Group, n: int, round_to: int | None, min_units: int, align: int | None = None) -> int:
+def limit_units(
+    group: Group, n: int, round_to: int | None, min_units: int, align: int | None = None, nearest: bool = False
+) -> int:
     """``n`` units of ``group`` made a count the group can lose: at most its prunable
     units, at least ``min_units`` kept, the kept count rounded up to ``round_to`` channels
-    and to the slices' alignment (``SliceSpec.multiple``; ``align``, a multiple of it,
-    where given: :func:`uniform_alignments`)."""
+    (with ``nearest``: to the nearest multiple, halves up, at least one multiple; a group
+    narrower than one multiple keeps the count the ratio gives) and to the slices'
+    alignment (``SliceSpec.multiple``; ``align``, a multiple of it, where given:
+    :func:`uniform_alignments`)."""
     n = max(0, min(n, group.prunable, group.size - max(1, min_units)))
     if round_to and round_to > 1 and n > 0:
         # a unit is m channels (a GroupNorm's groups): keep a number of units whose channels
         # are a multiple of round_to (3 units of 3 channels would keep 9 at round_to=4)
         step = round_to // math.gcd(round_to, _multiplicity(group))
-        n = max(0, group.size - math.ceil((group.size - n) / step) * step)
+        kept = group.size - n
+        if not nearest:
+            n = max(0, group.size - math.ceil(kept / step) * step)
+        elif group.size >= step:
+            # CPU convolutions pad channels to a block (docs/benchmarks.md, session 16): a count
+            # just above a multiple pays a whole block, one just below gains nothing by its cut
+            n = group.size - min(group.size, max(step, math.floor(kept / step + 0.5) * step))
+            n = max(0, min(n, group.prunable, group.size - max(1, min_units)))
         n = min(n, group.prunable)
     align = align or _alignment(group)
     if align > 1 and n > 0:
@@ -218,6 +229,7 @@ def make_plan(
     caps: dict[int, int] | None = None,
     scopes: Mapping[int, Hashable] | None = None,
     scope_ratios: Mapping[Hashable, float] | None = None,
+    round_nearest: bool = False,
 ) -> PruningPlan:
     """Decide, per group, which units to prune.
 
@@ -226,9 +238,10 @@ def make_plan(
     are ranked together and the lowest ``ratio`` of all units go, at most
     ``max_layer_ratio`` of any group. Frozen units are never pruned; at least
     ``min_units`` units stay in every group; ``round_to`` rounds kept channel counts
-    up to a multiple. ``caps``: per group id, the most units global ranking may take from
-    it, instead of ``max_layer_ratio`` of its current size (iterative pruning caps by the
-    original width, so the steps together never take more than ``max_layer_ratio``).
+    up to a multiple (with ``round_nearest``: to the nearest one, :func:`limit_units`).
+    ``caps``: per group id, the most units global ranking may take from it, instead of
+    ``max_layer_ratio`` of its current size (iterative pruning caps by the original width,
+    so the steps together never take more than ``max_layer_ratio``).
     ``scopes``: per group id, its ranking scope (isomorphic pruning,
     :mod:`cleanai_core.isomorphic`): global ranking runs within each scope on its own, and
     each loses ``ratio`` of its units (or its entry in ``scope_ratios``); groups not named
@@ -241,7 +254,7 @@ def make_plan(
         aligns = uniform_alignments(groups)
         for g in groups:
             r = group_ratios.get(g.id, ratio)
-            n = limit_units(g, int(math.floor(r * g.size + 1e-9)), round_to, min_units, aligns[g.id])
+            n = limit_units(g, int(math.floor(r * g.size + 1e-9)), round_to, min_units, aligns[g.id], round_nearest)
             plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), r))
         equalize_ties(plans)
         return PruningPlan(plans, n_atoms)
@@ -249,7 +262,8 @@ def make_plan(
     fixed = [g for g in groups if g.id in group_ratios]
     free = [g for g in groups if g.id not in group_ratios]
     for g in fixed:
-        n = limit_units(g, int(math.floor(group_ratios[g.id] * g.size + 1e-9)), round_to, min_units)
+        n = int(math.floor(group_ratios[g.id] * g.size + 1e-9))
+        n = limit_units(g, n, round_to, min_units, None, round_nearest)
         plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), group_ratios[g.id]))
     norm = normalizer or (lambda s: s / s.mean() if float(s.mean()) > 0 else s)
     caps = {
@@ -267,7 +281,7 @@ def make_plan(
     counts = {gid: len(units) for gid, units in chosen.items()}
     for g in free:
         pruned = torch.zeros(g.size, dtype=torch.bool)
-        n = limit_units(g, counts[g.id], round_to, min_units)
+        n = limit_units(g, counts[g.id], round_to, min_units, None, round_nearest)
         if n:
             pruned = _lowest(scores[g.id], g.frozen, n) if n != counts[g.id] else pruned
             if n == counts[g.id]:

@@ -49,6 +49,7 @@ OPTION_VALUES = {
     "--beta": ["0.5", "-1", "inf"],
     "--importance": ["weight_activation", "magnitude", "nope", ""],
     "--round-to": ["8", "0", "-3", "two"],
+    "--round-mode": ["nearest", "up", "down", ""],
     "--calib-batches": ["1", "0", "-1", "x"],
     "--batch-size": ["8", "0", "-4", "big"],
     "--calib-fraction": ["0.5", "0", "1", "7"],
@@ -165,10 +166,13 @@ def models(draw):
     importance=st.sampled_from(["magnitude", "weight_activation", "random", "lamp", "bn_scale", "nope"]),
     global_pruning=st.booleans(),
     round_to=st.sampled_from([None, 2, 3, 0]),
+    round_mode=st.sampled_from(["up", "nearest", "down"]),
     compensation=st.booleans(),
     inplace=st.booleans(),
 )
-def test_random_options_keep_invariants(model, ratio, importance, global_pruning, round_to, compensation, inplace):
+def test_random_options_keep_invariants(
+    model, ratio, importance, global_pruning, round_to, round_mode, compensation, inplace
+):
     x = torch.randn(2, 3, 6, 6)
     reference = model(x)
     state = copy.deepcopy(model.state_dict())
@@ -180,6 +184,7 @@ def test_random_options_keep_invariants(model, ratio, importance, global_pruning
             pruning_ratio=ratio,
             global_pruning=global_pruning,
             round_to=round_to,
+            round_mode=round_mode,
             bias_compensation=compensation,
             inplace=inplace,
         )

@@ -133,6 +133,9 @@ class PruneConfig:
                             "ratio", "pruning")  # fmt: skip
     round_to: int | None = _opt(None, "keep channel counts multiples of N (default: what pays on --device: none on "
                                 "cpu, 8 on cuda; 1 = no rounding)", "pruning", type=int, metavar="N")  # fmt: skip
+    round_mode: str = _opt("up", "how --round-to rounds a kept count: up, or to the nearest multiple (on cpu, NCHW: "
+                           "--round-to 16 --round-mode nearest is as fast as no rounding and keeps more channels)",
+                           "pruning", choices=("up", "nearest"))  # fmt: skip
     bias_compensation: bool = _opt(True, "do not fold removed channels' mean output into the next layer's bias",
                                    "pruning")  # fmt: skip
     reconstruction: bool = _opt(True, "fold removed channels by their mean only, not by least squares on the kept "
@@ -201,6 +204,7 @@ def pruner_options(cfg: dict[str, Any]) -> dict[str, Any]:
         "global_pruning": bool(cfg.get("global_pruning")),
         "isomorphic": bool(cfg.get("isomorphic")),
         "round_to": cfg.get("round_to") if cfg.get("round_to") is not None else "auto",
+        "round_mode": cfg.get("round_mode") or "up",
         "target_flops": None if auto else cfg.get("target_flops"),
         "target_params": None if auto else cfg.get("target_params"),
         "prune_dead_only": bool(cfg.get("prune_dead_only")),
