@@ -751,6 +751,53 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
     "ernie4_5": (_causal("Ernie4_5ForCausalLM", "Ernie4_5Config", num_key_value_heads=2, head_dim=16), "causal"),
     "apertus": (_causal("ApertusForCausalLM", "ApertusConfig", num_key_value_heads=2), "causal"),
     "glm4": (_causal("Glm4ForCausalLM", "Glm4Config", num_key_value_heads=2, head_dim=16), "causal"),
+    # -- session 16: text models --
+    "kimi-linear": (  # KDA linear attention and latent full attention; with no full-attention layer (the
+        # default layer types of a 2-layer config) transformers' own cache fails, unpruned too
+        _causal(
+            "KimiLinearForCausalLM",
+            "KimiLinearConfig",
+            num_key_value_heads=4,
+            layer_types=["linear_attention", "full_attention"],
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            linear_attn_config={"head_dim": 16, "num_heads": 4},
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+        ),
+        "causal",
+    ),
+    "lfm3": (  # short convolutions, sliding-window and full attention (layer types given: see kimi-linear)
+        _causal(
+            "Lfm3ForCausalLM",
+            "Lfm3Config",
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            head_dim=16,
+            layer_types=["conv", "full_attention", "sliding_attention"],
+            sliding_window=4,
+        ),
+        "causal",
+    ),
+    "glm4-moe-lite": (  # latent attention, routed and shared experts
+        _causal(
+            "Glm4MoeLiteForCausalLM",
+            "Glm4MoeLiteConfig",
+            num_key_value_heads=4,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+        ),
+        "causal",
+    ),
     **{
         name: (_make(cls, cls.replace("ForMaskedLM", "Config"), _ids, **ENC, **ENC_EXTRA, **kw), "encoder")
         for name, cls, kw in (

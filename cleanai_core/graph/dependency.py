@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 from cleanai_core.errors import TraceError, UserError
 from cleanai_core.graph.context import SliceSpec, TraceContext
 from cleanai_core.graph.cut import cut_dims
-from cleanai_core.graph.findings import ModelFindings, prepare_model
+from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
 from cleanai_core.interfaces import LayerPruner
@@ -237,6 +237,18 @@ class DependencyGraph:
         for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":
                 ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
+        self._tie_shares(ctx)
+
+    def _tie_shares(self, ctx: TraceContext) -> None:
+        """Slices the ``SAME_SHARE`` finding names take its key (``SliceSpec.same_share``)."""
+        ties = {(id(module), name): key for module, name, key in self.findings.get(SAME_SHARE, ())}
+        if not ties:
+            return
+        for spec in ctx.slices.values():
+            node = self.nodes.get(spec.module)
+            key = ties.get((id(node.module), spec.name)) if node is not None else None
+            if key is not None:
+                spec.same_share = key
 
     def _freeze_outside_reads(self, ctx: TraceContext) -> None:
         """A tensor of a claimed module read outside it, that its pruner did not label

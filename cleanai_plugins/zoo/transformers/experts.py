@@ -27,7 +27,7 @@ from torch import nn
 
 from cleanai_core.interfaces import LayerPruner
 
-__all__ = ["ExpertsPruner", "expert_width", "is_experts"]
+__all__ = ["ExpertsPruner", "expert_hidden", "expert_width", "is_experts"]
 
 
 def _up(module: nn.Module) -> tuple[str, int]:
@@ -59,6 +59,12 @@ def expert_width(module: nn.Module) -> int | None:
     """Each expert's MLP width, for the config (None: not a 3-D experts module)."""
     layout = _layout(module)
     return None if layout is None else layout[2]
+
+
+def expert_hidden(module: nn.Module) -> int | None:
+    """The hidden size the experts read and write (None: not a 3-D experts module)."""
+    layout = _layout(module)
+    return None if layout is None else layout[1]
 
 
 def _pairs(module: nn.Module, keep: torch.Tensor, inter: int) -> torch.Tensor:
