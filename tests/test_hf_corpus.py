@@ -204,6 +204,8 @@ HEADS_IN_CONFIG = {
     "ernie4_5",
     "apertus",
     "glm4",
+    "lfm3",
+    "glm4-moe-lite",
 }
 
 
@@ -513,6 +515,7 @@ NO_RELOAD = {
     "bigbird": "its pooler is hidden_size wide with no key of its own (the default pruner keeps it)",
     "ultrabert": "its MLM head's widths have no key of their own (the default pruner keeps them)",
     "zamba2": "the shared block's attention width (2 x hidden) and its adapters have no key (the default keeps them)",
+    "kimi-linear": "its delta-net's low-rank gates (head_dim wide) have no key of their own (the default keeps them)",
 }
 
 

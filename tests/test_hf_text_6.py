@@ -130,3 +130,21 @@ def test_a_model_that_fails_by_itself_is_not_blamed_on_the_trace():
         DependencyGraph(model, (torch.randint(3, 100, (1, 8)),))
     model, inputs, _ = build("kimi-linear")
     assert len(DependencyGraph(model, inputs).groups(prunable_only=True)) > 0
+
+
+def test_experts_with_a_separate_3d_gate_prune_the_gate_too(tmp_path):
+    """Inkling's shared experts hold ``gate_proj`` and ``up_proj`` apart, both ``(experts,
+    inter, hidden)``, run through ``bmm``: claimed as gate-less experts (Nemotron-H's one
+    ``up_proj``), their gate kept its 32 rows while ``up_proj`` lost 16, and every pruned
+    model failed (``The size of tensor a (32) must match the size of tensor b (16)``). The
+    gate now prunes with the up projection."""
+    model, inputs, _ = build("inkling")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 160
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.3).prune()
+    shared = small.model.layers[0].mlp.shared_experts
+    assert shared.gate_proj.shape == shared.up_proj.shape == (1, 24, 64) and shared.down_proj.shape == (1, 64, 24)
+    assert small.config.moe_intermediate_size == 24
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert (params(model), params(small)) == (109_762, 94_402)
+    same_logits(small, reloaded(small, tmp_path), inputs)
