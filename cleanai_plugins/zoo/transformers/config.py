@@ -42,10 +42,9 @@ from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts,
 from cleanai_plugins.zoo.transformers.bias import declare_biases
 from cleanai_plugins.zoo.transformers.experts import expert_width
 from cleanai_plugins.zoo.transformers.reload_path import reasons
-from cleanai_plugins.zoo.transformers.shared_experts import SHARED_KEYS
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
-__all__ = ["fix_config", "rebuild_mismatches", "rebuilt_shapes"]
+__all__ = ["SHARED_KEYS", "config_owner", "fix_config", "rebuild_mismatches", "rebuilt_shapes"]
 
 # the first projection of an MLP (its output width is the MLP width), and its stacked parts
 _MLP_UP = re.compile(
@@ -66,7 +65,11 @@ _SHARED_UP = re.compile(
 _MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner")
 
 
-def _owner(names: dict[str, nn.Module], name: str) -> tuple[str, object] | None:
+#: config keys that give shared experts a width of their own (Qwen2-MoE's, GraniteMoeShared's, Nemotron-H's)
+SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size")
+
+
+def config_owner(names: dict[str, nn.Module], name: str) -> tuple[str, object] | None:
     """The nearest module (itself or an ancestor) holding a transformers config."""
     while True:
         config = getattr(names.get(name), "config", None)
@@ -103,7 +106,7 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
     names = dict(model.named_modules())
     found: dict[int, dict] = {}
     for name, module in names.items():
-        owner = _owner(names, name)
+        owner = config_owner(names, name)
         if owner is None:
             continue
         entry = found.setdefault(id(owner[1]), _entry(owner[1]))
@@ -213,7 +216,7 @@ def _count_scales(model: nn.Module) -> dict[str, tuple[Fraction, Fraction | None
     names = dict(ref.named_modules())
     out: dict[str, tuple[Fraction, Fraction | None]] = {}
     for name, module in names.items():
-        owner = _owner(names, name) if is_attention(module) else None
+        owner = config_owner(names, name) if is_attention(module) else None
         counts = head_counts(module) if owner is not None else None
         if counts is None:
             continue

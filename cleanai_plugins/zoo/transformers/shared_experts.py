@@ -19,23 +19,10 @@ from __future__ import annotations
 from torch import nn
 
 from cleanai_core.graph.findings import SAME_SHARE
+from cleanai_plugins.zoo.transformers.config import SHARED_KEYS, config_owner
 from cleanai_plugins.zoo.transformers.experts import expert_hidden, expert_width, is_experts
 
-__all__ = ["SHARED_KEYS", "shared_expert_ties"]
-
-#: config keys that give shared experts a width of their own (no tie with the routed experts)
-SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size")
-
-
-def _config_of(names: dict[str, nn.Module], name: str):
-    """The config of the nearest module (``name`` or an ancestor) that holds one."""
-    while True:
-        config = getattr(names.get(name), "config", None)
-        if config is not None and hasattr(config, "to_dict"):
-            return config
-        if not name:
-            return None
-        name = name.rpartition(".")[0]
+__all__ = ["shared_expert_ties"]
 
 
 def _first_projections(mlp: nn.Module, hidden: int, width: int) -> list[nn.Linear] | None:
@@ -59,8 +46,8 @@ def shared_expert_ties(model: nn.Module) -> dict[str, set] | None:
         experts = getattr(block, "experts", None)
         if not isinstance(experts, nn.Module) or not is_experts(experts):
             continue
-        config = _config_of(names, name)
-        if config is None or any(isinstance(getattr(config, k, None), int) for k in SHARED_KEYS):
+        owner = config_owner(names, name)
+        if owner is None or any(isinstance(getattr(owner[1], k, None), int) for k in SHARED_KEYS):
             continue
         width, hidden = expert_width(experts), expert_hidden(experts)
         key = f"{name}.experts" if name else "experts"  # the experts' own same_count key (their name)
