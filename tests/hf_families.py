@@ -801,6 +801,21 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    "trocr": (  # a decoder-only config with decoder_* keys (the text side of TrOCR)
+        _make(
+            "TrOCRForCausalLM",
+            "TrOCRConfig",
+            _ids,
+            vocab_size=V,
+            d_model=64,
+            decoder_layers=2,
+            decoder_attention_heads=4,
+            decoder_ffn_dim=96,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        ),
+        "causal",
+    ),
     "hy-v4": (  # latent attention with a sparse-attention indexer, routed and shared experts, hyper-connections
         _causal(
             "HYV4ForCausalLM",

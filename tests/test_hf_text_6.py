@@ -148,3 +148,18 @@ def test_experts_with_a_separate_3d_gate_prune_the_gate_too(tmp_path):
     assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert (params(model), params(small)) == (109_762, 94_402)
     same_logits(small, reloaded(small, tmp_path), inputs)
+
+
+def test_a_decoder_only_config_with_decoder_keys_writes_its_mlp_width(tmp_path):
+    """TrOCR's decoder (``TrOCRForCausalLM``) keeps its MLP width in ``decoder_ffn_dim``
+    without an encoder: the fix-up wrote ``decoder_ffn_dim`` only beside an
+    ``encoder_ffn_dim``, so the width was said to have no key, and with the heads kept
+    (head size ``d_model / heads``) the default refused: ``nothing in this model can be
+    pruned``."""
+    model, inputs, _ = build("trocr")
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.3).prune()
+    assert [layer.fc1.out_features for layer in small.model.decoder.layers] == [68, 68]
+    assert small.config.decoder_ffn_dim == 68 and small.config.d_model == 64
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert params(small) == params(model) - 2 * 28 * (64 + 1 + 64)
+    same_logits(small, reloaded(small, tmp_path), inputs)

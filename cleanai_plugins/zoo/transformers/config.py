@@ -62,7 +62,9 @@ _MLP_STACKED = ("gate_up_proj", ".Wi")
 _SHARED_UP = re.compile(
     r"(^|\.)(mlp\.shared_experts?\.(gate_proj|gate_up_proj)|shared_mlp\.input_linear|mixer\.shared_experts\.up_proj)$"
 )
-_MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner")
+#: the MLP width's key, the first the config has (``decoder_ffn_dim``: a decoder-only config, TrOCR's)
+_MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner",
+             "decoder_ffn_dim")  # fmt: skip
 
 
 #: config keys that give shared experts a width of their own (Qwen2-MoE's, GraniteMoeShared's, Nemotron-H's)
