@@ -782,6 +782,40 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    "bailing-hybrid": (  # linear and latent full attention (layer types given: see kimi-linear), shared experts
+        _causal(
+            "BailingHybridForCausalLM",
+            "BailingHybridConfig",
+            num_key_value_heads=4,  # latent attention: as many key/value heads as heads (eager fails with 2)
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=1,
+            topk_group=1,
+            layer_types=["linear_attention", "full_attention"],
+        ),
+        "causal",
+    ),
+    "lfm2-moe": (
+        _causal(
+            "Lfm2MoeForCausalLM",
+            "Lfm2MoeConfig",
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            layer_types=["conv", "full_attention"],
+        ),
+        "causal",
+    ),
     "hrm-text": (_causal("HrmTextForCausalLM", "HrmTextConfig", head_dim=16), "causal"),
     "inkling": (  # short convolutions, relative logits; shared experts as 3-D gate_proj / up_proj / down_proj
         _causal(
