@@ -835,6 +835,23 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    "llama-seq-cls": (  # a sequence classifier: the score head reads the last token's hidden state
+        _causal("LlamaForSequenceClassification", "LlamaConfig", num_key_value_heads=2, num_labels=3),
+        "encoder",
+    ),
+    "qwen3-moe-seq-cls": (
+        _causal(
+            "Qwen3MoeForSequenceClassification",
+            "Qwen3MoeConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            num_labels=3,
+        ),
+        "encoder",
+    ),
     "trocr": (  # a decoder-only config with decoder_* keys (the text side of TrOCR)
         _make(
             "TrOCRForCausalLM",
