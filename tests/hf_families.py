@@ -804,6 +804,10 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    "lfm2": (  # its MLP width is derived from intermediate_size (block_auto_adjust_ff_dim)
+        _causal("Lfm2ForCausalLM", "Lfm2Config", num_key_value_heads=2, layer_types=["conv", "full_attention"]),
+        "causal",
+    ),
     "lfm2-moe": (
         _causal(
             "Lfm2MoeForCausalLM",

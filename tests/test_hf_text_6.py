@@ -163,3 +163,20 @@ def test_a_decoder_only_config_with_decoder_keys_writes_its_mlp_width(tmp_path):
     assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert params(small) == params(model) - 2 * 28 * (64 + 1 + 64)
     same_logits(small, reloaded(small, tmp_path), inputs)
+
+
+def test_a_config_switch_that_derives_the_mlp_width_is_turned_off(tmp_path):
+    """LFM2 builds its MLP ``int(2 * intermediate_size / 3)`` wide, times
+    ``block_ffn_dim_multiplier``, rounded up to ``block_multiple_of`` (96 -> 256 here):
+    no value of the key states a pruned width, so the default kept every MLP (0.3:
+    133,920 parameters before and after). The fix-up turns ``block_auto_adjust_ff_dim``
+    off where that rebuilds the model, and the key is the width as written."""
+    model, inputs, _ = build("lfm2")
+    assert model.model.layers[0].feed_forward.w1.out_features == 256 and model.config.intermediate_size == 96
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.3).prune()
+    assert [layer.feed_forward.w1.out_features for layer in small.model.layers] == [180, 180]
+    assert (small.config.intermediate_size, small.config.block_auto_adjust_ff_dim) == (180, False)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert (params(model), params(small)) == (133_920, 104_736)
+    same_logits(small, reloaded(small, tmp_path), inputs)
+    assert model.config.block_auto_adjust_ff_dim is True  # the user's model keeps its config

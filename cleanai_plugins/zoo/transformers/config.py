@@ -289,7 +289,7 @@ def fix_config(model: nn.Module) -> None:
         _fix_hidden_attrs(model, entry["config"], old)
     _write_embedding_width(model, root, record)
     declared = declare_biases(model)  # compensation's biases, where a config switch allows them
-    mismatched = _keep_what_rebuilds(model, before, rebuild_mismatches(model))
+    mismatched = _keep_what_rebuilds(model, before, _switch_off_derivations(model, rebuild_mismatches(model)))
     root.cleanai_pruning = {
         "uniform": not record,
         "from_pretrained": not mismatched,
@@ -298,6 +298,31 @@ def fix_config(model: nn.Module) -> None:
         **({"mismatched": mismatched[:5]} if mismatched else {}),
         **({"reload": "load_pruned", "why": reasons(model, mismatched)} if mismatched else {}),
     }
+
+
+#: config switches that make a family derive the MLP width from its key by a formula (LFM2:
+#: ``int(2 * intermediate_size / 3)``, times ``block_ffn_dim_multiplier``, rounded up to
+#: ``block_multiple_of``), and the value that makes the key the width as written
+_DERIVING_SWITCHES = {"block_auto_adjust_ff_dim": False}
+
+
+def _switch_off_derivations(model: nn.Module, mismatched: list[str]) -> list[str]:
+    """Where the rewritten config does not rebuild the model, turn off each switch of
+    :data:`_DERIVING_SWITCHES` it has on, and keep it off if that rebuilds more: the MLP
+    width written into the key is then the width the model gets (LFM2's MLP was kept by
+    the default: no key could state a pruned width). Returns what still mismatches."""
+    config = model.config
+    for key, plain in _DERIVING_SWITCHES.items():
+        old = getattr(config, key, plain)
+        if not mismatched or old == plain:
+            continue
+        setattr(config, key, plain)
+        again = rebuild_mismatches(model)
+        if len(again) < len(mismatched):
+            mismatched = again
+        else:
+            setattr(config, key, old)
+    return mismatched
 
 
 def _keep_what_rebuilds(model: nn.Module, before: list[tuple[object, dict]], mismatched: list[str]) -> list[str]:
