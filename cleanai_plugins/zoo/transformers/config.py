@@ -311,17 +311,21 @@ def _switch_off_derivations(model: nn.Module, mismatched: list[str]) -> list[str
     :data:`_DERIVING_SWITCHES` it has on, and keep it off if that rebuilds more: the MLP
     width written into the key is then the width the model gets (LFM2's MLP was kept by
     the default: no key could state a pruned width). Returns what still mismatches."""
-    config = model.config
     for key, plain in _DERIVING_SWITCHES.items():
-        old = getattr(config, key, plain)
-        if not mismatched or old == plain:
-            continue
-        setattr(config, key, plain)
-        again = rebuild_mismatches(model)
-        if len(again) < len(mismatched):
-            mismatched = again
-        else:
-            setattr(config, key, old)
+        if mismatched and getattr(model.config, key, plain) != plain:
+            mismatched = _set_if_it_rebuilds_more(model, model.config, key, plain, mismatched)
+    return mismatched
+
+
+def _set_if_it_rebuilds_more(model: nn.Module, config, key: str, value, mismatched: list[str]) -> list[str]:
+    """Set ``config.key`` to ``value`` and keep it if the model rebuilt from the config has
+    fewer mismatched tensors than ``mismatched``; returns the mismatches that hold after."""
+    old = getattr(config, key)
+    setattr(config, key, value)
+    again = rebuild_mismatches(model)
+    if len(again) < len(mismatched):
+        return again
+    setattr(config, key, old)
     return mismatched
 
 
@@ -338,12 +342,7 @@ def _keep_what_rebuilds(model: nn.Module, before: list[tuple[object, dict]], mis
                 return mismatched
             if new == value or type(value) not in (int, float) or type(new) not in (int, float):
                 continue
-            setattr(config, key, value)
-            again = rebuild_mismatches(model)
-            if len(again) < len(mismatched):
-                mismatched = again
-            else:
-                setattr(config, key, new)
+            mismatched = _set_if_it_rebuilds_more(model, config, key, value, mismatched)
     return mismatched
 
 
