@@ -17,8 +17,11 @@ __all__ = [
     "equalize_ties",
     "limit_units",
     "make_plan",
+    "tie_counts",
+    "tied_kept",
     "tied_sets",
     "uniform_alignments",
+    "uniform_counts",
 ]
 
 
@@ -80,39 +83,82 @@ class PruningPlan:
         return {"pruned_units": self.n_pruned, "groups": [gp.to_json() for gp in self.groups]}
 
 
-def tied_sets(plans: list[GroupPlan]) -> list[list[GroupPlan]]:
-    """``plans`` in sets that must keep the same number of units (their slices name the
-    same ``same_count`` key: the experts of one 3-D tensor); a plan tied to none is a set
-    of one. In the order of each set's first member."""
-    sets: dict[int, list[GroupPlan]] = {}  # first member's position -> members
+def _tie_keys(group: Group) -> set[str]:
+    return {k for s in group.slices for k in (s.same_count, s.same_share) if k is not None}
+
+
+def _tie_indices(groups: list[Group]) -> list[list[int]]:
+    """Positions in ``groups`` in sets tied by a ``same_count`` / ``same_share`` key (one
+    key space), in the order of each set's first member."""
+    sets: dict[int, list[int]] = {}  # first member's position -> members
     owner: dict[str, int] = {}
-    for i, gp in enumerate(plans):
-        keys = {s.same_count for s in gp.group.slices if s.same_count is not None}
+    for i, g in enumerate(groups):
+        keys = _tie_keys(g)
         roots = sorted({owner[k] for k in keys if k in owner})
         root = roots[0] if roots else i
         members = sets.setdefault(root, [])
         for r in roots[1:]:  # a group that joins two sets merges them
             members.extend(sets.pop(r))
-        members.append(gp)
+        members.append(i)
         owner.update({k: root for k, r in owner.items() if r in roots})
         owner.update(dict.fromkeys(keys, root))
     return list(sets.values())
 
 
+def tied_sets(plans: list[GroupPlan]) -> list[list[GroupPlan]]:
+    """``plans`` in sets that must keep the same share of their units (their slices name
+    the same ``same_count`` or ``same_share`` key: the experts of one 3-D tensor, and the
+    shared experts whose width the config derives from theirs); a plan tied to none is a
+    set of one. In the order of each set's first member."""
+    return [[plans[i] for i in tie] for tie in _tie_indices([gp.group for gp in plans])]
+
+
+def tied_kept(groups: list[Group], kept: list[int], aligns: list[int]) -> list[int]:
+    """The kept counts of one tied set: the same share of every member's units, as much as
+    the member that keeps most asks, each a multiple of its ``aligns`` entry (a kept count
+    the whole group where no share below it fits). Groups of one size keep one count (the
+    experts of one 3-D tensor); a group ``k`` times as wide keeps ``k`` times as many
+    (Aria's, Ernie-4.5-MoE's shared experts: the routed width times their number)."""
+    base = math.gcd(*(g.size for g in groups))
+    parts = [g.size // max(base, 1) for g in groups]
+    step = 1
+    for part, align in zip(parts, aligns, strict=True):
+        step = math.lcm(step, max(align, 1) // math.gcd(max(align, 1), part))
+    share = max(math.ceil(k / part) for k, part in zip(kept, parts, strict=True))
+    share = min(base, math.ceil(share / step) * step)
+    return [part * share for part in parts]
+
+
+def tie_counts(
+    groups: list[Group], counts: Mapping[int, int], aligns: Mapping[int, int] | None = None
+) -> dict[int, int]:
+    """``counts`` (units pruned per group id) made to agree within every tied set
+    (:func:`tied_kept`): a member prunes fewer, never more. ``aligns``: per group id, the
+    alignment of its kept count (default: its slices' own)."""
+    out = dict(counts)
+    for tie in _tie_indices(groups):
+        if len(tie) < 2:
+            continue
+        members = [groups[i] for i in tie]
+        align = [(aligns or {}).get(g.id) or _alignment(g) for g in members]
+        kept = tied_kept(members, [g.size - out[g.id] for g in members], align)
+        out.update({g.id: min(out[g.id], g.size - k) for g, k in zip(members, kept, strict=True)})
+    return out
+
+
 def equalize_ties(plans: list[GroupPlan]) -> None:
-    """Make every tied set (:func:`tied_sets`) keep the same number of units, in place: the
-    most any of its groups keeps. A group that would keep fewer gives back its
-    highest-scoring pruned units, so what goes is always a subset of what was chosen
-    (a dead-unit plan stays exact)."""
-    for tie in tied_sets(plans):
-        kept = max(gp.group.size - gp.n_pruned for gp in tie)
-        for gp in tie:
-            extra = gp.n_pruned - max(0, gp.group.size - kept)
-            if extra > 0:
-                chosen = gp.pruned.nonzero().squeeze(1)
-                order = torch.argsort(gp.scores[chosen].to(torch.float64), descending=True, stable=True)
-                gp.pruned[chosen[order[:extra]]] = False
-                gp.ratio = gp.n_pruned / max(gp.group.size, 1)
+    """Make every tied set (:func:`tied_sets`) keep the same share of its units, in place:
+    the most any of its groups asks (:func:`tied_kept`). A group that would keep fewer
+    gives back its highest-scoring pruned units, so what goes is always a subset of what
+    was chosen (a dead-unit plan stays exact)."""
+    counts = tie_counts([gp.group for gp in plans], {gp.group.id: gp.n_pruned for gp in plans})
+    for gp in plans:
+        extra = gp.n_pruned - counts[gp.group.id]
+        if extra > 0:
+            chosen = gp.pruned.nonzero().squeeze(1)
+            order = torch.argsort(gp.scores[chosen].to(torch.float64), descending=True, stable=True)
+            gp.pruned[chosen[order[:extra]]] = False
+            gp.ratio = gp.n_pruned / max(gp.group.size, 1)
 
 
 def _multiplicity(group: Group) -> int:
@@ -143,6 +189,37 @@ def uniform_alignments(groups: list[Group]) -> dict[int, int]:
     return {g.id: by_size[g.size] for g in groups}
 
 
+def _round_step(group: Group, round_to: int | None) -> int:
+    """The kept units must be a multiple of this for ``round_to`` channels: a unit is m
+    channels (a GroupNorm's groups), so keep a number of units whose channels are a
+    multiple of round_to (3 units of 3 channels would keep 9 at round_to=4)."""
+    if not round_to or round_to <= 1:
+        return 1
+    return round_to // math.gcd(round_to, _multiplicity(group))
+
+
+def uniform_counts(
+    groups: list[Group],
+    ratio: float,
+    group_ratios: Mapping[int, float] | None = None,
+    round_to: int | None = None,
+    min_units: int = 1,
+    nearest: bool = False,
+) -> dict[int, int]:
+    """Per group id, the units a uniform plan prunes: ``ratio`` of each group (or its entry
+    in ``group_ratios``) made a count it can lose (:func:`limit_units`, aligned alike in
+    groups of one size: :func:`uniform_alignments`), then the same share in every tied
+    set (:func:`tie_counts`); ``nearest``: ``round_to`` to the nearest multiple. The plan,
+    the default-freeze check and the oracle's ``random_units`` count with it, so they agree."""
+    aligns = uniform_alignments(groups)
+    counts = {}
+    for g in groups:
+        r = (group_ratios or {}).get(g.id, ratio)
+        counts[g.id] = limit_units(g, int(math.floor(r * g.size + 1e-9)), round_to, min_units, aligns[g.id], nearest)
+    steps = {g.id: math.lcm(aligns[g.id], _round_step(g, round_to)) for g in groups}
+    return tie_counts(groups, counts, steps)
+
+
 def limit_units(
     group: Group, n: int, round_to: int | None, min_units: int, align: int | None = None, nearest: bool = False
 ) -> int:
@@ -154,9 +231,7 @@ def limit_units(
     :func:`uniform_alignments`)."""
     n = max(0, min(n, group.prunable, group.size - max(1, min_units)))
     if round_to and round_to > 1 and n > 0:
-        # a unit is m channels (a GroupNorm's groups): keep a number of units whose channels
-        # are a multiple of round_to (3 units of 3 channels would keep 9 at round_to=4)
-        step = round_to // math.gcd(round_to, _multiplicity(group))
+        step = _round_step(group, round_to)
         kept = group.size - n
         if not nearest:
             n = max(0, group.size - math.ceil(kept / step) * step)
@@ -245,17 +320,16 @@ def make_plan(
     ``scopes``: per group id, its ranking scope (isomorphic pruning,
     :mod:`cleanai_core.isomorphic`): global ranking runs within each scope on its own, and
     each loses ``ratio`` of its units (or its entry in ``scope_ratios``); groups not named
-    rank in one scope together. Groups whose slices must keep the same count
-    (:func:`equalize_ties`) keep the most any of them keeps.
+    rank in one scope together. Groups whose slices must keep the same count, or the
+    same share (:func:`equalize_ties`), keep the most any of them asks.
     """
     group_ratios = group_ratios or {}
     plans = []
     if not global_pruning:
-        aligns = uniform_alignments(groups)
+        counts = uniform_counts(groups, ratio, group_ratios, round_to, min_units, round_nearest)
         for g in groups:
-            r = group_ratios.get(g.id, ratio)
-            n = limit_units(g, int(math.floor(r * g.size + 1e-9)), round_to, min_units, aligns[g.id], round_nearest)
-            plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), r))
+            n = counts[g.id]
+            plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), group_ratios.get(g.id, ratio)))
         equalize_ties(plans)
         return PruningPlan(plans, n_atoms)
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.masking import masked_model, masked_outputs
-from cleanai_core.planning import limit_units, uniform_alignments
+from cleanai_core.planning import uniform_counts
 from cleanai_core.plugins import temporary_plugin
 from cleanai_core.slicing import SliceEdit, apply_edits
 from cleanai_core.verify import model_outputs
@@ -58,14 +58,15 @@ def random_units(
     """A boolean mask over units: ``ratio`` of each group's prunable units, at random,
     never all of them; the kept count rounded up to the group's alignment (the plan's
     rule: transformers' grouped expert matmul needs rows of 16 bytes), the same for every
-    group of one size (:func:`~cleanai_core.planning.uniform_alignments`)."""
+    group of one size, the same share in tied groups
+    (:func:`~cleanai_core.planning.uniform_counts`)."""
     gen = generator or torch.Generator().manual_seed(0)
     pruned = torch.zeros(graph.root.numel(), dtype=torch.bool)
     groups = [g for g in graph.groups(prunable_only=True) if not (exclude_normalized and g.normalizes)]
-    aligns = uniform_alignments(groups)
+    counts = uniform_counts(groups, ratio)
     for g in groups:
         cand = g.units[~g.frozen]
-        n = limit_units(g, int(ratio * g.size), None, 1, aligns[g.id])  # kept counts keep the slices' alignment
+        n = counts[g.id]
         if n <= 0:
             continue
         pick = cand[torch.randperm(cand.numel(), generator=gen)[:n]]

@@ -77,6 +77,14 @@ def logits(model, inputs) -> torch.Tensor:
     return run_model(model, inputs)[0]
 
 
+def assert_reloaded(before: torch.Tensor, after: torch.Tensor) -> None:
+    """The reloaded model's logits, within a float's rounding: ``from_pretrained`` maps the
+    weights at 8-byte aligned addresses, where CPU kernels may round differently
+    (GraniteMoeShared's unpruned model reloads 3e-8 off; 0 once the weights are cloned)."""
+    assert before.shape == after.shape
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
 def check_oracle(name: str, attn: str) -> float:
     model, inputs, _ = build(name, attn)
     report = check_pruner(model, inputs, ratio=0.5)
@@ -204,6 +212,8 @@ HEADS_IN_CONFIG = {
     "ernie4_5",
     "apertus",
     "glm4",
+    "lfm3",
+    "glm4-moe-lite",
 }
 
 
@@ -513,6 +523,7 @@ NO_RELOAD = {
     "bigbird": "its pooler is hidden_size wide with no key of its own (the default pruner keeps it)",
     "ultrabert": "its MLM head's widths have no key of their own (the default pruner keeps them)",
     "zamba2": "the shared block's attention width (2 x hidden) and its adapters have no key (the default keeps them)",
+    "kimi-linear": "its delta-net's low-rank gates (head_dim wide) have no key of their own (the default keeps them)",
 }
 
 
@@ -522,7 +533,7 @@ def test_corpus_reload(name, tmp_path):
     if name in NO_RELOAD:
         pytest.skip(NO_RELOAD[name])
     before, after, _ = check_reload(name, tmp_path, keep_heads=name not in HEADS_IN_CONFIG)
-    assert torch.equal(before, after)
+    assert_reloaded(before, after)
 
 
 @pytest.mark.corpus
@@ -559,7 +570,7 @@ def test_corpus_default_prune_at_0_4_reloads_with_from_pretrained(name, tmp_path
     assert small.config.cleanai_pruning["from_pretrained"] is True, small.config.cleanai_pruning
     small.save_pretrained(tmp_path)
     again = type(small).from_pretrained(tmp_path).eval()
-    assert torch.equal(logits(small, inputs), logits(again, inputs))
+    assert_reloaded(logits(small, inputs), logits(again, inputs))
 
 
 @pytest.mark.corpus

@@ -83,7 +83,9 @@ def test_default_prune_of_a_sequence_classifier_reloads_with_from_pretrained(nam
     assert f"{CLASSIFIERS[name][3]}: its width is not a key of the config: {KEPT}" in pruner.graph.explain()
     small.save_pretrained(tmp_path)
     again = type(small).from_pretrained(tmp_path).eval()
-    assert torch.equal(logits(small, x), logits(again, x))
+    # within a float's rounding: from_pretrained maps the weights at 8-byte aligned addresses, where the
+    # CPU kernels may round differently (up to 7e-9 for the unpruned models too; 0 once the weights are cloned)
+    torch.testing.assert_close(logits(small, x), logits(again, x), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(CLASSIFIERS))

@@ -74,7 +74,10 @@ class SliceSpec:
     alignment: transformers' grouped expert matmul needs rows of 16 bytes); the plan
     rounds the kept count up. ``same_count``: slices that name the same key keep the same
     number of channels (the experts of one 3-D tensor); their groups are planned, and
-    skipped by verification, together.
+    skipped by verification, together. ``same_share``: the same, in proportion to their
+    groups' sizes (one key space with ``same_count``): a group twice as wide keeps twice
+    as many units (shared experts whose width a config derives as the routed experts'
+    width times their number; see ``cleanai_core.graph.findings.SAME_SHARE``).
     """
 
     module: str
@@ -87,6 +90,7 @@ class SliceSpec:
     pruner: Any = None
     multiple: int = 1
     same_count: str | None = None
+    same_share: str | None = None
 
 
 class TraceContext:

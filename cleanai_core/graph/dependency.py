@@ -14,12 +14,12 @@ from torch.utils._pytree import tree_flatten
 from cleanai_core.errors import TraceError, UserError
 from cleanai_core.graph.context import SliceSpec, TraceContext
 from cleanai_core.graph.cut import cut_dims
-from cleanai_core.graph.findings import ModelFindings, prepare_model
+from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.plugins import get_plugin_manager
-from cleanai_core.runtime import plain_inputs
+from cleanai_core.runtime import call_model, plain_inputs
 
 __all__ = ["DependencyGraph", "Node", "prunable_graph", "resolve_modules"]
 
@@ -44,6 +44,17 @@ class OpaquePruner(LayerPruner):
 
     def prune(self, module, keep):
         return None
+
+
+def _fails_untraced(model: nn.Module, example_inputs: Any, forward_fn: Callable | None) -> bool:
+    """The model fails on ``example_inputs`` when run plainly too (no hooks, no gradients):
+    the fault is the model's or the inputs', not the trace's."""
+    try:
+        with torch.no_grad():
+            call_model(model, example_inputs, forward_fn)
+    except Exception:  # noqa: BLE001 - any failure of the user's model says the same
+        return True
+    return False
 
 
 def _plugin_name(pm, pruner: Any) -> str:
@@ -136,10 +147,16 @@ class DependencyGraph:
             raise
         except Exception as exc:
             through = " (through forward_fn)" if forward_fn is not None else ""
+            alone = (
+                " It fails the same way run plainly, without CleanAI's hooks: the inputs or the model itself "
+                "(or the configuration it was built from) are at fault, not the trace."
+                if _fails_untraced(model, example_inputs, forward_fn)
+                else ""
+            )
             also = " and that forward_fn calls the model as it should" if forward_fn is not None else ""
             raise TraceError(
-                f"the model failed to run on the example inputs{through} while tracing: {type(exc).__name__}: {exc}. "
-                "Check that example_inputs match what the model's forward expects "
+                f"the model failed to run on the example inputs{through} while tracing: {type(exc).__name__}: {exc}."
+                f"{alone} Check that example_inputs match what the model's forward expects "
                 f"(a tensor, a tuple of positional inputs, or a dict of keyword inputs){also}."
             ) from exc
         self.output_shapes = [r.shape for r in tree_flatten(self.recording.output)[0] if hasattr(r, "shape")]
@@ -237,6 +254,18 @@ class DependencyGraph:
         for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":
                 ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
+        self._tie_shares(ctx)
+
+    def _tie_shares(self, ctx: TraceContext) -> None:
+        """Slices the ``SAME_SHARE`` finding names take its key (``SliceSpec.same_share``)."""
+        ties = {(id(module), name): key for module, name, key in self.findings.get(SAME_SHARE, ())}
+        if not ties:
+            return
+        for spec in ctx.slices.values():
+            node = self.nodes.get(spec.module)
+            key = ties.get((id(node.module), spec.name)) if node is not None else None
+            if key is not None:
+                spec.same_share = key
 
     def _freeze_outside_reads(self, ctx: TraceContext) -> None:
         """A tensor of a claimed module read outside it, that its pruner did not label

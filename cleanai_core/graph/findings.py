@@ -22,7 +22,15 @@ from torch import nn
 
 from cleanai_core.errors import UserError
 
-__all__ = ["ModelFindings", "prepare_model"]
+__all__ = ["SAME_SHARE", "ModelFindings", "prepare_model"]
+
+#: findings key read by the kernel (a set, joined across plugins) of ``(module, slice name,
+#: key)``: that slice of the module keeps the same share of its units as every slice
+#: whose ``same_share`` or ``same_count`` is ``key``
+#: (:attr:`~cleanai_core.graph.context.SliceSpec.same_share`). For a width the model's
+#: config derives from another one (Aria's shared experts: the routed experts' width times
+#: their number), where the pruner that binds the slice cannot know it.
+SAME_SHARE = "same_share"
 
 
 class ModelFindings(Mapping[str, Any]):

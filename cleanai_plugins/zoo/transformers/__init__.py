@@ -5,7 +5,8 @@
   loses whole key/value groups (the SDPA mapper and ``repeat_kv``'s expand/reshape tie a
   KV head to its query heads);
 - mixture-of-experts MLPs (Mixtral's 3-D expert tensors) prune each expert's width
-  (:mod:`.experts`); the router is untouched;
+  (:mod:`.experts`); the router is untouched; shared experts whose width the config
+  derives from the experts' keep the same share of it (:mod:`.shared_experts`);
 - ``Conv1D`` (GPT-2) has a layer pruner (:mod:`.conv1d`); RMS norms are claimed like
   ``nn.RMSNorm`` and weightless layer norms (OLMo's) like ``nn.LayerNorm``, so the hidden
   size can shrink;
@@ -55,6 +56,7 @@ from cleanai_plugins.zoo.transformers.experts import ExpertsPruner, is_experts
 from cleanai_plugins.zoo.transformers.fills import FILLS, HeadsFill
 from cleanai_plugins.zoo.transformers.rebuilt import REBUILT, FrozenLinearPruner, rebuilt_projections
 from cleanai_plugins.zoo.transformers.routed import RoutedExpertsPruner, routed_experts
+from cleanai_plugins.zoo.transformers.shared_experts import shared_expert_ties
 
 __all__ = ["Conv1DPruner", "is_rms_norm", "is_weightless_layer_norm"]
 
@@ -125,6 +127,7 @@ def cleanai_prepare_model(model):
     tied = {q for q in map(input_width_query, modules) if q is not None}
     rebuilt = {p for m in modules for p in rebuilt_projections(m)}
     found = {
+        **(shared_expert_ties(model) or {}),
         **(allow_channel_ranges(*fused) if fused else {}),
         **(no_new_bias(*bare) if bare else {}),
         **(slices_head_inputs(*alibi) if alibi else {}),

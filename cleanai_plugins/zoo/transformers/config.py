@@ -33,6 +33,7 @@ import copy
 import math
 import re
 from collections import Counter, defaultdict
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -43,15 +44,15 @@ from cleanai_plugins.zoo.transformers.experts import expert_width
 from cleanai_plugins.zoo.transformers.reload_path import reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
-__all__ = ["fix_config", "rebuild_mismatches", "rebuilt_shapes"]
+__all__ = ["SHARED_KEYS", "config_owner", "fix_config", "rebuild_mismatches", "rebuilt_shapes"]
 
 # the first projection of an MLP (its output width is the MLP width), and its stacked parts
 _MLP_UP = re.compile(
-    r"(^|\.)((mlp|feed_forward)\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in|gate_up_proj)|intermediate\.dense|"
+    r"(^|\.)((mlp|feed_forward)\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in|gate_up_proj|w1)|intermediate\.dense|"
     r"ffn\.lin1|DenseReluDense\.wi(_0)?|fc1|ffn|mlp\.Wi|ffn\.linear_1|ff\.layer_1|mlp\.wi|experts\.expert_\d+\.wi|mixer\.up_proj)$"
 )  # up_proj alone: an MLP without a gate (Nemotron); ffn.linear_1: Funnel; ff.layer_1: XLNet;
 #  feed_forward: the hybrid Mamba models (Bamba, Jamba, Zamba); mlp.wi, experts.expert_<i>.wi: SwitchTransformers;
-#  mixer.up_proj: Nemotron-H's MLP layers
+#  mixer.up_proj: Nemotron-H's MLP layers; feed_forward.w1 (w1, w3, w2): LFM2, LFM3
 #: MLP projections whose output stacks two halves (gate and up) of the MLP width
 _MLP_STACKED = ("gate_up_proj", ".Wi")
 #: a shared expert beside the routed ones: its own config key (Qwen2-MoE's
@@ -61,11 +62,16 @@ _MLP_STACKED = ("gate_up_proj", ".Wi")
 _SHARED_UP = re.compile(
     r"(^|\.)(mlp\.shared_experts?\.(gate_proj|gate_up_proj)|shared_mlp\.input_linear|mixer\.shared_experts\.up_proj)$"
 )
-_SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size")
-_MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner")
+#: the MLP width's key, the first the config has (``decoder_ffn_dim``: a decoder-only config, TrOCR's)
+_MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner",
+             "decoder_ffn_dim")  # fmt: skip
 
 
-def _owner(names: dict[str, nn.Module], name: str) -> tuple[str, object] | None:
+#: config keys that give shared experts a width of their own (Qwen2-MoE's, GraniteMoeShared's, Nemotron-H's)
+SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size")
+
+
+def config_owner(names: dict[str, nn.Module], name: str) -> tuple[str, object] | None:
     """The nearest module (itself or an ancestor) holding a transformers config."""
     while True:
         config = getattr(names.get(name), "config", None)
@@ -90,17 +96,22 @@ def _set(config, key: str, values: list[int], record: dict) -> None:
     setattr(config, key, values[0])
 
 
-def _collect(model: nn.Module) -> dict[int, dict]:
-    """Per config object: the widths its modules show (norms, heads, MLP widths)."""
+def _entry(config) -> dict:
+    return {"config": config, "norms": Counter(), "inputs": Counter(), "values": defaultdict(list),
+            "scaled": defaultdict(list)}  # fmt: skip
+
+
+def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None]] | None = None) -> dict[int, dict]:
+    """Per config object: the widths its modules show (norms, heads, MLP widths).
+    ``scales``: per attention module, its head and key/value head counts over the config's
+    (:func:`_count_scales`); the counts divided by them go to ``"scaled"``."""
     names = dict(model.named_modules())
     found: dict[int, dict] = {}
     for name, module in names.items():
-        owner = _owner(names, name)
+        owner = config_owner(names, name)
         if owner is None:
             continue
-        entry = found.setdefault(
-            id(owner[1]), {"config": owner[1], "norms": Counter(), "inputs": Counter(), "values": defaultdict(list)}
-        )
+        entry = found.setdefault(id(owner[1]), _entry(owner[1]))
         values = entry["values"]
         side = _side(name) if hasattr(owner[1], "encoder_ffn_dim") else ""
         if isinstance(module, nn.LayerNorm) or (type(module).__name__.endswith("RMSNorm")):
@@ -114,9 +125,15 @@ def _collect(model: nn.Module) -> dict[int, dict]:
                 entry["inputs"][width] += 1  # the residual stream the attention reads
             if counts is not None:
                 heads, kv, hd = counts
-                values[f"{side}attention_heads" if side else "num_attention_heads"].append(heads)
+                key = f"{side}attention_heads" if side else "num_attention_heads"
+                values[key].append(heads)
+                scale = (scales or {}).get(name)
+                if scale is not None:
+                    entry["scaled"][key].append(_unscaled(heads, scale[0]))
                 if kv is not None:
                     values["num_key_value_heads"].append(kv)
+                    if scale is not None:
+                        entry["scaled"]["num_key_value_heads"].append(_unscaled(kv, scale[1]))
                 values["head_dim"].append(hd)
                 if isinstance(getattr(module, "attention_head_size", None), int):  # DeBERTa-v2 reads it
                     values["attention_head_size"].append(hd)
@@ -141,7 +158,7 @@ def _write(entry: dict) -> dict:
     if widths:
         _set(config, "hidden_size", [widths.most_common(1)[0][0]], record)
     for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
-        _set(config, key, values.get(key, []), record)
+        _set(config, key, _counts_of(entry, key), record)
     per_layer = getattr(config, "num_attention_heads_per_layer", None)  # Laguna: a head count per layer
     heads = values.get("num_attention_heads", [])
     if isinstance(per_layer, list) and len(per_layer) == len(heads):
@@ -152,7 +169,7 @@ def _write(entry: dict) -> dict:
             setattr(config, key, values[key][0])  # (Swin derives it per stage; Falcon's is a read-only property)
     for key in ("num_key_value_heads", "num_kv_heads"):
         if values.get("num_key_value_heads") and getattr(config, key, None) is not None:
-            _set(config, key, values["num_key_value_heads"], record)
+            _set(config, key, _counts_of(entry, "num_key_value_heads"), record)
     for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
         _set(config, key, values.get(key, []), record)
     if not hasattr(config, "encoder_ffn_dim"):
@@ -161,7 +178,7 @@ def _write(entry: dict) -> dict:
             _set(config, "moe_intermediate_size", experts, record)
         else:  # the experts are the MLP (Mixtral)
             mlp = mlp + experts
-        for key in _SHARED_KEYS:
+        for key in SHARED_KEYS:
             _set(config, key, values.get("shared_expert", []), record)
         key = next((k for k in _MLP_KEYS if hasattr(config, k)), None)
         if key is not None:
@@ -169,6 +186,57 @@ def _write(entry: dict) -> dict:
         elif mlp and not is_staged(config):  # (Swin's per-stage ratio is written by :mod:`.staged`)
             _set_mlp_ratio(config, mlp, record)
     return record
+
+
+def _counts_of(entry: dict, key: str) -> list[int]:
+    """The per-layer counts of ``key`` to write: as the modules show them, or, where the
+    layers disagree and each derives its count from the key by a factor of its own (MiMo-V2's
+    sliding-window layers: twice ``num_key_value_heads``), the key each implies."""
+    raw, scaled = entry["values"].get(key, []), entry["scaled"].get(key, [])
+    if len(set(raw)) > 1 and len(scaled) == len(raw) and len(set(scaled)) == 1 and None not in scaled:
+        return scaled
+    return raw
+
+
+def _unscaled(count: int, scale: Fraction | None) -> int | None:
+    """``count`` over a layer's factor: the config value it implies (None: not a whole number)."""
+    if scale is None or scale <= 0:
+        return None
+    value = Fraction(count) / scale
+    return int(value) if value.denominator == 1 and value > 0 else None
+
+
+def _count_scales(model: nn.Module) -> dict[str, tuple[Fraction, Fraction | None]]:
+    """Per attention module of the model rebuilt from its config as it stands (before the
+    rewrite: the unpruned widths), its head and key/value head counts over the config's
+    ``num_attention_heads`` / ``num_key_value_heads`` (``encoder_`` / ``decoder_``
+    variants): 1 where a layer reads the key as it is, 2 for MiMo-V2's sliding-window
+    key/value heads. Empty when the model cannot be rebuilt."""
+    ref = _rebuilt(model)
+    if isinstance(ref, str):
+        return {}
+    names = dict(ref.named_modules())
+    out: dict[str, tuple[Fraction, Fraction | None]] = {}
+    for name, module in names.items():
+        owner = config_owner(names, name) if is_attention(module) else None
+        counts = head_counts(module) if owner is not None else None
+        if counts is None:
+            continue
+        config, (heads, kv, _) = owner[1], counts
+        side = _side(name) if hasattr(config, "encoder_ffn_dim") else ""
+        h_key = f"{side}attention_heads" if side else "num_attention_heads"
+        h_cfg, kv_cfg = getattr(config, h_key, None), getattr(config, "num_key_value_heads", None)
+        if not isinstance(h_cfg, int) or h_cfg <= 0:
+            continue
+        kv_scale = Fraction(kv, kv_cfg) if kv is not None and isinstance(kv_cfg, int) and kv_cfg > 0 else None
+        out[name] = (Fraction(heads, h_cfg), kv_scale)
+    return out
+
+
+def _disagree(found: dict[int, dict]) -> bool:
+    """Some layers of one config show different head counts."""
+    keys = ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads")
+    return any(len(set(e["values"].get(k, []))) > 1 for e in found.values() for k in keys)
 
 
 def _set_mlp_ratio(config, mlp: list[int], record: dict) -> None:
@@ -196,17 +264,18 @@ def fix_config(model: nn.Module) -> None:
     """Rewrite the config of a transformers model (and of its sub-configs) from its
     modules, then check that the model rebuilt from it has the pruned shapes."""
     found = _collect(model)
+    if _disagree(found):  # layers that derive their counts from one key by factors of their own
+        found = _collect(model, _count_scales(model))
     root = model.config
-    mine = found.setdefault(
-        id(root), {"config": root, "norms": Counter(), "inputs": Counter(), "values": defaultdict(list)}
-    )
+    mine = found.setdefault(id(root), _entry(root))
     for entry in list(found.values()):
         # a submodel built from a copy of the model's config (T5's encoder and decoder stacks)
         if entry is not mine and type(entry["config"]) is type(root):
             mine["norms"].update(entry["norms"])
             mine["inputs"].update(entry["inputs"])
-            for key, widths in entry["values"].items():
-                mine["values"][key].extend(widths)
+            for part in ("values", "scaled"):
+                for key, widths in entry[part].items():
+                    mine[part][key].extend(widths)
     record = {}
     entry_width = _entry_width(model)
     before = [(entry["config"], dict(vars(entry["config"]))) for entry in found.values()]
@@ -220,7 +289,7 @@ def fix_config(model: nn.Module) -> None:
         _fix_hidden_attrs(model, entry["config"], old)
     _write_embedding_width(model, root, record)
     declared = declare_biases(model)  # compensation's biases, where a config switch allows them
-    mismatched = _keep_what_rebuilds(model, before, rebuild_mismatches(model))
+    mismatched = _keep_what_rebuilds(model, before, _switch_off_derivations(model, rebuild_mismatches(model)))
     root.cleanai_pruning = {
         "uniform": not record,
         "from_pretrained": not mismatched,
@@ -229,6 +298,35 @@ def fix_config(model: nn.Module) -> None:
         **({"mismatched": mismatched[:5]} if mismatched else {}),
         **({"reload": "load_pruned", "why": reasons(model, mismatched)} if mismatched else {}),
     }
+
+
+#: config switches that make a family derive the MLP width from its key by a formula (LFM2:
+#: ``int(2 * intermediate_size / 3)``, times ``block_ffn_dim_multiplier``, rounded up to
+#: ``block_multiple_of``), and the value that makes the key the width as written
+_DERIVING_SWITCHES = {"block_auto_adjust_ff_dim": False}
+
+
+def _switch_off_derivations(model: nn.Module, mismatched: list[str]) -> list[str]:
+    """Where the rewritten config does not rebuild the model, turn off each switch of
+    :data:`_DERIVING_SWITCHES` it has on, and keep it off if that rebuilds more: the MLP
+    width written into the key is then the width the model gets (LFM2's MLP was kept by
+    the default: no key could state a pruned width). Returns what still mismatches."""
+    for key, plain in _DERIVING_SWITCHES.items():
+        if mismatched and getattr(model.config, key, plain) != plain:
+            mismatched = _set_if_it_rebuilds_more(model, model.config, key, plain, mismatched)
+    return mismatched
+
+
+def _set_if_it_rebuilds_more(model: nn.Module, config, key: str, value, mismatched: list[str]) -> list[str]:
+    """Set ``config.key`` to ``value`` and keep it if the model rebuilt from the config has
+    fewer mismatched tensors than ``mismatched``; returns the mismatches that hold after."""
+    old = getattr(config, key)
+    setattr(config, key, value)
+    again = rebuild_mismatches(model)
+    if len(again) < len(mismatched):
+        return again
+    setattr(config, key, old)
+    return mismatched
 
 
 def _keep_what_rebuilds(model: nn.Module, before: list[tuple[object, dict]], mismatched: list[str]) -> list[str]:
@@ -244,12 +342,7 @@ def _keep_what_rebuilds(model: nn.Module, before: list[tuple[object, dict]], mis
                 return mismatched
             if new == value or type(value) not in (int, float) or type(new) not in (int, float):
                 continue
-            setattr(config, key, value)
-            again = rebuild_mismatches(model)
-            if len(again) < len(mismatched):
-                mismatched = again
-            else:
-                setattr(config, key, new)
+            mismatched = _set_if_it_rebuilds_more(model, config, key, value, mismatched)
     return mismatched
 
 

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import warnings
 
 import torch
 from torch import nn
 
 from cleanai_core.graph.cut import cut_dims
-from cleanai_core.planning import limit_units, uniform_alignments
+from cleanai_core.planning import tie_counts, uniform_counts
 from cleanai_core.slicing import apply_edits, edits_for
 from cleanai_plugins.zoo.transformers.config import rebuild_mismatches, rebuilt_shapes
 from cleanai_plugins.zoo.transformers.reload_path import reasons
@@ -159,8 +158,7 @@ def _check_rounds(graph, hf: list[str], share: float | None, kept: set[int], fou
     model = graph.model
     for _ in range(_ROUNDS):
         groups = [g for g in graph.groups(prunable_only=True) if g.id not in kept]
-        aligns = uniform_alignments(graph.groups(prunable_only=True))
-        counts = {g.id: _count(g, share, aligns[g.id]) for g in groups}
+        counts = _counts(groups, share)
         groups = [g for g in groups if counts[g.id] > 0]
         if not groups:
             return True
@@ -192,11 +190,12 @@ def _check_rounds(graph, hf: list[str], share: float | None, kept: set[int], fou
     return True
 
 
-def _count(group, share: float | None, align: int) -> int:
-    """The units of ``group`` the check prunes: half, or ``share`` as the uniform plan counts."""
-    if share is None:
-        return min(max(group.size // 2, 1), group.prunable, group.size - 1)
-    return limit_units(group, int(math.floor(share * group.size + 1e-9)), None, 1, align)
+def _counts(groups: list, share: float | None) -> dict[int, int]:
+    """The units of each group the check prunes: half, or ``share`` as the uniform plan
+    counts (aligned, tied sets at one share: :func:`~cleanai_core.planning.uniform_counts`)."""
+    if share is not None:
+        return uniform_counts(groups, share)
+    return tie_counts(groups, {g.id: min(max(g.size // 2, 1), g.prunable, g.size - 1) for g in groups})
 
 
 def _sliced_meta(graph, groups: list, counts: dict[int, int]) -> nn.Module | None:

@@ -27,13 +27,24 @@ from torch import nn
 
 from cleanai_core.interfaces import LayerPruner
 
-__all__ = ["ExpertsPruner", "expert_width", "is_experts"]
+__all__ = ["ExpertsPruner", "expert_hidden", "expert_width", "is_experts"]
 
 
 def _up(module: nn.Module) -> tuple[str, int]:
     """The first projection's attribute and how many parts of the MLP width it stacks:
     ``("gate_up_proj", 2)``, or ``("up_proj", 1)`` for experts without a gate (Nemotron-H)."""
     return ("gate_up_proj", 2) if isinstance(getattr(module, "gate_up_proj", None), nn.Parameter) else ("up_proj", 1)
+
+
+def _up_names(module: nn.Module) -> list[str]:
+    """The tensors that read the hidden size: the first projection, and a separate gate of
+    the same shape beside a gate-less ``up_proj`` (Inkling's shared experts: ``gate_proj``
+    and ``up_proj``, both ``(experts, inter, hidden)``), which prunes with it."""
+    name, stacks = _up(module)
+    gate = getattr(module, "gate_proj", None)
+    if stacks == 1 and isinstance(gate, nn.Parameter) and gate.shape == getattr(module, name).shape:
+        return [name, "gate_proj"]
+    return [name]
 
 
 def _layout(module: nn.Module) -> tuple[int, int, int, int] | None:
@@ -59,6 +70,12 @@ def expert_width(module: nn.Module) -> int | None:
     """Each expert's MLP width, for the config (None: not a 3-D experts module)."""
     layout = _layout(module)
     return None if layout is None else layout[2]
+
+
+def expert_hidden(module: nn.Module) -> int | None:
+    """The hidden size the experts read and write (None: not a 3-D experts module)."""
+    layout = _layout(module)
+    return None if layout is None else layout[1]
 
 
 def _pairs(module: nn.Module, keep: torch.Tensor, inter: int) -> torch.Tensor:
@@ -101,11 +118,11 @@ class ExpertsPruner(LayerPruner):
 
     def prune(self, module, keep):
         experts, hidden, inter, t = _layout(module)
-        up_name = _up(module)[0]
-        gate_up, down = getattr(module, up_name).data, module.down_proj.data
+        ups = {name: getattr(module, name).data for name in _up_names(module)}
+        down = module.down_proj.data
         up_bias, down_bias = _bias(module, "gate_up_proj_bias"), _bias(module, "down_proj_bias")
         if "hidden_in" in keep:
-            gate_up = gate_up.index_select(2 - t, keep["hidden_in"])
+            ups = {name: w.index_select(2 - t, keep["hidden_in"]) for name, w in ups.items()}
         if "hidden_out" in keep:
             down = down.index_select(1 + t, keep["hidden_out"])
             if down_bias is not None:
@@ -118,11 +135,12 @@ class ExpertsPruner(LayerPruner):
             )
         if any(f"inter.{e}" in keep for e in range(experts)):
             pairs = [_pairs(module, k, inter) for k in kept]
-            gate_up = torch.stack([gate_up[e].index_select(t, p) for e, p in enumerate(pairs)])
+            ups = {name: torch.stack([w[e].index_select(t, p) for e, p in enumerate(pairs)]) for name, w in ups.items()}
             down = torch.stack([down[e].index_select(1 - t, k) for e, k in enumerate(kept)])
             if up_bias is not None:
                 _set(module, "gate_up_proj_bias", torch.stack([up_bias.data[e][p] for e, p in enumerate(pairs)]))
-        _set(module, up_name, gate_up)
+        for name, w in ups.items():
+            _set(module, name, w)
         _set(module, "down_proj", down)
         _, hidden, inter, _ = _layout(module)
         for attr, value in (("intermediate_dim", inter), ("intermediate_size", inter), ("hidden_dim", hidden),
@@ -134,16 +152,18 @@ class ExpertsPruner(LayerPruner):
         """Zero, in the masking oracle's copy, every weight (and bias) that reads or writes ``idx``."""
         _, _, inter, t = _layout(module)
         up_bias, down_bias = _bias(module, "gate_up_proj_bias"), _bias(module, "down_proj_bias")
-        gate_up = getattr(module, _up(module)[0])
+        ups = [getattr(module, name) for name in _up_names(module)]
         if slice_name == "hidden_in":
-            gate_up.data.index_fill_(2 - t, idx, 0)
+            for w in ups:
+                w.data.index_fill_(2 - t, idx, 0)
         elif slice_name == "hidden_out":
             module.down_proj.data.index_fill_(1 + t, idx, 0)
             if down_bias is not None:
                 down_bias.data[:, idx] = 0
         else:
             e, pairs = int(slice_name.split(".")[1]), _pairs(module, idx, inter)
-            gate_up.data[e].index_fill_(t, pairs, 0)
+            for w in ups:
+                w.data[e].index_fill_(t, pairs, 0)
             module.down_proj.data[e].index_fill_(1 - t, idx, 0)
             if up_bias is not None:
                 up_bias.data[e, pairs] = 0
@@ -151,8 +171,9 @@ class ExpertsPruner(LayerPruner):
 
     def weight_energy(self, module, slice_name):
         _, _, inter, t = _layout(module)
-        name, stacks = _up(module)
-        gate_up, down = getattr(module, name).detach().float() ** 2, module.down_proj.detach().float() ** 2
+        stacks = _up(module)[1]
+        gate_up = sum(getattr(module, name).detach().float() ** 2 for name in _up_names(module))
+        down = module.down_proj.detach().float() ** 2
         if t:  # to the (experts, 2 * inter, hidden) and (experts, hidden, inter) layout
             gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
         if slice_name == "hidden_in":
