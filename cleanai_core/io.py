@@ -397,7 +397,7 @@ def load_pruned(
     model.to(map_location)
     take_dtypes(model, state)
     model.load_state_dict(state, strict=True)
-    apply_settings(model, read_settings(out / "architecture.json"))
+    apply_settings(model, read_settings(out / "architecture.json"), out / "architecture.json", pm)
     return model.eval()
 
 

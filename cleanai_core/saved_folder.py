@@ -354,11 +354,20 @@ def _same_kind(old: Any, new: Any) -> bool:
     return type(old) is type(new)
 
 
-def apply_settings(model: nn.Module, settings: dict[str, dict[str, Any]]) -> None:
+def apply_settings(
+    model: nn.Module, settings: dict[str, dict[str, Any]], path: Path | None = None, pm: Any = None
+) -> None:
     """Give ``model``'s modules the saved settings. Only an attribute the rebuilt module has,
     of the same kind, is set (values only: nothing is imported or called); others, e.g. from
-    another version of the model's library, are left as the architecture builds them."""
+    another version of the model's library, are left as the architecture builds them.
+
+    With ``path`` (the ``architecture.json`` they came from), every module whose settings
+    changed is then checked by the plugin that claims it
+    (:meth:`~cleanai_core.interfaces.LayerPruner.settings_problem`): settings that do not fit
+    the module's tensors (a conv's ``out_channels`` edited) are a damaged folder. They loaded,
+    then failed in the forward or computed something else without a word."""
     modules = dict(model.named_modules())
+    changed = []
     for name, values in settings.items():
         m = modules.get(name)
         if m is None:
@@ -369,3 +378,23 @@ def apply_settings(model: nn.Module, settings: dict[str, dict[str, Any]]) -> Non
                 continue
             if _same_kind(own[key], value) and own[key] != value:
                 own[key] = tuple(value) if isinstance(own[key], tuple) else value
+                changed.append(name)
+    if path is not None:
+        _check_settings(path, model, dict.fromkeys(changed), pm)
+
+
+def _check_settings(path: Path, model: nn.Module, names: Any, pm: Any) -> None:
+    from cleanai_core.plugins import get_plugin_manager
+
+    pm = pm or get_plugin_manager()
+    modules = dict(model.named_modules())
+    for name in names:
+        m = modules[name]
+        pruner = pm.hook.cleanai_layer_pruner(module=m, name=name, findings=None)
+        problem = pruner.settings_problem(m) if pruner is not None else None
+        if problem:
+            raise _bad(
+                path,
+                f"the 'settings' of {name or 'the model'!r} ({type(m).__name__}) do not fit its tensors in model.pt: "
+                f"{problem}",
+            )

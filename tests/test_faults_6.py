@@ -1,0 +1,118 @@
+"""Sixth round of bad input and edge cases (docs/reliability.md, "Session 16: bad inputs"):
+saved folders whose settings were edited, and more (one section per class)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner, load_pruned
+from cleanai_core.errors import UserError
+from cleanai_core.io import save_pruned
+
+G = torch.Generator().manual_seed(7)
+X = torch.rand(2, 3, 8, 8, generator=G)
+
+
+class Net(nn.Module):
+    """A conv, a norm, an attention, a recurrent layer and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.bn = nn.BatchNorm2d(16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.ln = nn.LayerNorm(16)
+        self.rnn = nn.GRU(16, 12, batch_first=True)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        h = self.bn(self.gn(self.conv(x))).relu()
+        t = h.flatten(2).transpose(1, 2)
+        t = self.ln(t + self.attn(t, t, t, need_weights=False)[0])
+        return self.fc(self.rnn(t)[0][:, -1])
+
+
+def build_net() -> nn.Module:
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("saved") / "pruned"
+    pruner = StructuredPruner(build_net(), X, "magnitude", pruning_ratio=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = pruner.prune()
+    save_pruned(out, pruned, pruner.history, spec=f"{__name__}:build_net")
+    return out
+
+
+def _tampered(saved: Path, tmp_path: Path, module: str, key: str, value) -> Path:
+    folder = tmp_path / "t"
+    shutil.copytree(saved, folder)
+    arch = json.loads((folder / "architecture.json").read_text())
+    arch["settings"][module][key] = value
+    (folder / "architecture.json").write_text(json.dumps(arch))
+    return folder
+
+
+# -- a saved folder whose settings were edited --------------------------------------------------
+
+
+def test_the_saved_folder_loads_and_matches(saved):
+    model = load_pruned(saved, trust_code=True)
+    assert model.conv.out_channels == model.conv.weight.shape[0] < 16
+    assert model(X).shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "module, key, value, words",
+    [
+        ("conv", "out_channels", 99, "out_channels=99, but its weight of shape (8, 3, 3, 3) with groups=1 gives"),
+        ("conv", "groups", 2, "in_channels=3, but its weight of shape (8, 3, 3, 3) with groups=2 gives in_channels=6"),
+        ("conv", "kernel_size", [5, 5], "kernel_size=(5, 5)"),
+        ("gn", "num_channels", 16, "num_channels=16, but its weight of shape (8,) gives num_channels=8"),
+        ("gn", "num_groups", 3, "num_groups=3 does not divide num_channels=8"),
+        ("bn", "num_features", 7, "num_features=7, but its weight of shape (8,) gives num_features=8"),
+        ("ln", "normalized_shape", [16], "normalized_shape=(16,)"),
+        ("attn", "num_heads", 2, "head_dim=2, but out_proj.weight of shape (8, 8) with num_heads=2 gives head_dim=4"),
+        ("attn", "num_heads", 3, "num_heads=3 does not divide the embedding width 8"),
+        ("attn", "embed_dim", 16, "embed_dim=16"),
+        ("rnn", "hidden_size", 12, "hidden_size=12, but its weights"),
+        ("rnn", "input_size", 16, "input_size=16"),
+        ("fc", "in_features", 5, "in_features=5, but its weight of shape (4, 6) gives in_features=6"),
+    ],
+)
+def test_settings_that_do_not_fit_the_weights_are_refused_naming_the_file(saved, tmp_path, module, key, value, words):
+    # they loaded: the model then failed in its forward (groups, num_heads=3, hidden_size), or
+    # computed something else (num_heads=2: heads of 4 channels read as 2), or lied about its widths
+    # (out_channels=99, which a later prune of the loaded model traces with)
+    folder = _tampered(saved, tmp_path, module, key, value)
+    before = _hashes(folder)
+    with pytest.raises(UserError) as err:
+        load_pruned(folder, trust_code=True)
+    msg = str(err.value)
+    assert str(folder / "architecture.json") in msg and f"'settings' of '{module}'" in msg
+    assert words in msg and "save the pruned model again" in msg
+    assert _hashes(folder) == before
+
+
+@pytest.mark.parametrize("module, key, value", [("bn", "eps", 0.5), ("gn", "eps", 0.25), ("attn", "dropout", 0.0)])
+def test_settings_the_weights_do_not_fix_still_load(saved, tmp_path, module, key, value):
+    model = load_pruned(_tampered(saved, tmp_path, module, key, value), trust_code=True)
+    assert getattr(model.get_submodule(module), key) == value
+    assert model(X).shape == (2, 4)
