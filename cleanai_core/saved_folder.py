@@ -28,6 +28,7 @@ from torch import nn
 from cleanai_core.errors import UserError
 from cleanai_core.history import FORMAT as HISTORY_FORMAT
 from cleanai_core.history import PruningHistory, shape_mismatch
+from cleanai_core.options import non_finite
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "read_architecture",
     "history_from_json",
     "read_history",
+    "nan_tensor",
     "read_state",
     "replay_history",
     "state_dict_problems",
@@ -242,7 +244,18 @@ def read_state(path: Path, model: nn.Module, map_location: Any = "cpu") -> dict:
         raise _bad(
             path, "does not fit the model rebuilt from architecture.json and history.json: " + "; ".join(problems)
         )
+    nan = nan_tensor(state)
+    if nan:
+        raise _bad(path, nan)
     return state
+
+
+def nan_tensor(state: dict[str, torch.Tensor]) -> str | None:
+    """Which tensor of a state_dict holds NaN, in words, or ``None``. Inf is allowed: a
+    buffer may start there (quantization observers), and parameters are checked for it
+    when the model is pruned (:func:`~cleanai_core.options.check_finite`)."""
+    found = non_finite(((k, v) for k, v in state.items() if v.layout == torch.strided), allow_inf=True)
+    return None if found is None else f"{found[0]} holds {found[1]} NaN value(s) (of {found[2]})"
 
 
 def state_dict_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:

@@ -116,3 +116,86 @@ def test_settings_the_weights_do_not_fix_still_load(saved, tmp_path, module, key
     model = load_pruned(_tampered(saved, tmp_path, module, key, value), trust_code=True)
     assert getattr(model.get_submodule(module), key) == value
     assert model(X).shape == (2, 4)
+
+
+# -- NaN in the weights -------------------------------------------------------------------------
+
+
+def _small() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("tensor", ["0.weight", "1.running_var", "3.bias"])
+@pytest.mark.parametrize("importance", ["magnitude", "weight_activation"])
+def test_a_model_with_nan_weights_is_refused_naming_the_tensor(tensor, importance):
+    # magnitude pruned it without a word (NaN scores ranked as they came); weight_activation
+    # said "non-finite activations ... check the data"
+    model = _small()
+    with torch.no_grad():
+        model.state_dict()[tensor].view(-1)[2] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match=rf"the model's tensor '{tensor}' holds 1 NaN value\(s\) \(of \d+\).*finite"):
+        StructuredPruner(model, X, importance, pruning_ratio=0.5)
+    assert all(torch.allclose(v, before[k], rtol=0, atol=0, equal_nan=True) for k, v in model.state_dict().items())
+
+
+def test_gradual_pruning_refuses_nan_weights():
+    from cleanai_core import GradualPruner, PruningSchedule
+
+    model = _small().train()
+    with torch.no_grad():
+        model[3].weight[0, 0, 0, 0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(UserError, match=r"'3.weight' holds 1 NaN"):
+        GradualPruner(model, X, opt, PruningSchedule(final=0.5, steps=2), importance="magnitude")
+
+
+def test_an_inf_bias_is_not_nan_and_prunes():
+    model = _small()
+    with torch.no_grad():
+        model[7].bias[0] = float("inf")
+    pruned = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5, ignored_layers=[model[7]]).prune()
+    assert pruned[0].out_channels == 4
+
+
+@pytest.fixture()
+def ws(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    torch.save((x, y), tmp_path / "data.pt")
+    return tmp_path
+
+
+DEMO = "cleanai_plugins.io.demo:DigitsCNN"
+
+
+@pytest.mark.parametrize("tensor", ["features.0.weight", "features.4.running_var"])
+def test_the_command_line_names_nan_in_the_weights_file(ws, capsys, tensor):
+    from cleanai_core.cli import main
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    state = DigitsCNN().state_dict()
+    state[tensor].view(-1)[0] = float("nan")
+    torch.save(state, "w.pt")
+    before = _hashes(ws)
+    assert main(["prune", "--model", DEMO, "--weights", "w.pt", "--data", "data.pt", "--out", "o", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"the weights in 'w.pt' are not finite: {tensor} holds 1 NaN value(s)" in err and "Traceback" not in err
+    assert _hashes(ws) == before and not (ws / "o").exists()
+
+
+def test_load_pruned_refuses_nan_in_model_pt(saved, tmp_path):
+    folder = tmp_path / "t"
+    shutil.copytree(saved, folder)
+    state = torch.load(folder / "model.pt", weights_only=True)
+    state["fc.weight"][0, 0] = float("nan")
+    torch.save(state, folder / "model.pt")
+    with pytest.raises(
+        UserError, match=r"model\.pt': fc\.weight holds 1 NaN value\(s\) \(of 24\)\. The folder is damaged"
+    ):
+        load_pruned(folder, trust_code=True)
