@@ -150,6 +150,13 @@ def save_pruned(
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in example_input_shape)
     ):
         raise UserError(f"example_input_shape={example_input_shape!r} must be a list of sizes (e.g. [1, 3, 224, 224])")
+    foreign = _foreign_own_files(out)
+    if foreign:  # a project folder's own model.pt (the unpruned weights) was replaced without a word
+        raise UserError(
+            f"save_pruned: {str(out)!r} holds {', '.join(foreign)}, which no earlier save_pruned wrote (there is no "
+            "CleanAI architecture.json beside it); saving would replace it. Save into another folder (e.g. "
+            f"{str(out / 'pruned')!r}) or move the file first. Nothing was written."
+        )
     target = target_of(out)
     before = snapshot(target)
 
@@ -176,6 +183,21 @@ def save_pruned(
         if before:
             _carry_over(target, tmp, skip=OWN_FILES)
     return out
+
+
+def _foreign_own_files(out: Path) -> list[str]:
+    """The files of ``out`` named like the ones :func:`save_pruned` writes, where ``out`` is
+    not a folder it wrote (no ``architecture.json`` of CleanAI's form): someone else's."""
+    if not out.is_dir():
+        return []
+    present = [name for name in OWN_FILES if os.path.lexists(out / name)]
+    if not present:
+        return []
+    try:
+        arch = json.loads((out / "architecture.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return present
+    return [] if isinstance(arch, dict) and "spec" in arch and "format" in arch else present
 
 
 def _rebuild_problem(spec: str, options: dict[str, Any], model: nn.Module, history: Any) -> str | None:

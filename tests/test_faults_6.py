@@ -199,3 +199,37 @@ def test_load_pruned_refuses_nan_in_model_pt(saved, tmp_path):
         UserError, match=r"model\.pt': fc\.weight holds 1 NaN value\(s\) \(of 24\)\. The folder is damaged"
     ):
         load_pruned(folder, trust_code=True)
+
+
+# -- save_pruned into a folder holding someone else's model.pt ---------------------------------
+
+
+def _pruned_small():
+    pruner = StructuredPruner(build_net(), X, "magnitude", pruning_ratio=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pruner.prune(), pruner.history
+
+
+@pytest.mark.parametrize("name", ["model.pt", "history.json", "architecture.json"])
+def test_save_pruned_does_not_replace_a_file_it_did_not_write(tmp_path, name):
+    # a project folder's own model.pt (the unpruned weights) was replaced without a word
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / name).write_bytes(b"the user's own file")
+    (project / "notes.txt").write_text("mine")
+    before = _hashes(project)
+    pruned, history = _pruned_small()
+    with pytest.raises(UserError, match=rf"holds {name}, which no earlier save_pruned wrote .* Nothing was written"):
+        save_pruned(project, pruned, history, spec=f"{__name__}:build_net")
+    assert _hashes(project) == before
+
+
+def test_save_pruned_replaces_its_own_earlier_save_and_keeps_other_files(saved, tmp_path):
+    folder = tmp_path / "again"
+    shutil.copytree(saved, folder)
+    (folder / "notes.txt").write_text("mine")
+    pruned, history = _pruned_small()
+    save_pruned(folder, pruned, history, spec=f"{__name__}:build_net")
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert torch.equal(load_pruned(folder, trust_code=True)(X), pruned(X))
