@@ -372,6 +372,7 @@ def load_pruned(
         apply_settings,
         read_architecture,
         read_history,
+        read_probe,
         read_settings,
         read_state,
         replay_history,
@@ -419,7 +420,8 @@ def load_pruned(
     model.to(map_location)
     take_dtypes(model, state)
     model.load_state_dict(state, strict=True)
-    apply_settings(model, read_settings(out / "architecture.json"), out / "architecture.json", pm)
+    arch = out / "architecture.json"
+    apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location))
     return model.eval()
 
 

@@ -233,3 +233,91 @@ def test_save_pruned_replaces_its_own_earlier_save_and_keeps_other_files(saved, 
     save_pruned(folder, pruned, history, spec=f"{__name__}:build_net")
     assert (folder / "notes.txt").read_text() == "mine"
     assert torch.equal(load_pruned(folder, trust_code=True)(X), pruned(X))
+
+
+# -- DependencyGraph's ignored layers -----------------------------------------------------------
+
+
+def _chain() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+
+
+@pytest.mark.parametrize("ignored", ["9", ["zzz"], [nn.Linear(2, 2)], ["layer4.*"], [nn.Linear]])
+def test_graph_ignored_layers_that_match_nothing_are_refused(ignored):
+    # they were kept as text that matched nothing (or a ValueError for a foreign module): the
+    # channels meant to be kept were free to prune without a word
+    with pytest.raises(UserError, match="matches no layer of the model; check the name with `cleanai explain`"):
+        from cleanai_core import DependencyGraph
+
+        DependencyGraph(_chain(), torch.rand(1, 3, 8, 8), ignored_layers=ignored)
+
+
+@pytest.mark.parametrize(
+    "ignored, kept",
+    [("0", {"0"}), ("[02]", {"0", "2"}), ([nn.Conv2d], {"0", "2", "4"}), (["2"], {"2"}), (None, set())],
+)
+def test_graph_ignored_layers_take_names_globs_and_types_as_the_pruner_does(ignored, kept):
+    # a lone name was read as its characters; globs and types matched nothing
+    from cleanai_core import DependencyGraph
+
+    graph = DependencyGraph(_chain(), torch.rand(1, 3, 8, 8), ignored_layers=ignored)
+    assert graph.ignored == kept
+    free = {s.module for g in graph.groups(prunable_only=True) for s in g.slices if s.kind == "out"}
+    assert free == {"0", "2"} - kept
+
+
+# -- a saved folder whose settings break the forward; history indices beyond any tensor --------
+
+
+@pytest.fixture(scope="module")
+def saved_with_shape(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("saved") / "pruned"
+    pruner = StructuredPruner(build_net(), X, "magnitude", pruning_ratio=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = pruner.prune()
+    save_pruned(out, pruned, pruner.history, spec=f"{__name__}:build_net", example_input_shape=[2, 3, 8, 8])
+    return out
+
+
+@pytest.mark.parametrize(
+    "module, key, value, words",
+    [
+        ("bn", "eps", -1.0, "ValueError: batch_norm eps must be non-negative"),
+        ("conv", "stride", [0, 0], "RuntimeError: non-positive stride is not supported"),
+        ("conv", "padding", [-5, -5], "RuntimeError: negative padding is not supported"),
+        ("conv", "padding_mode", "evil", "NotImplementedError: Unrecognised padding mode evil"),
+    ],
+)
+def test_settings_under_which_the_model_fails_are_refused_naming_the_module(
+    saved_with_shape, tmp_path, module, key, value, words
+):
+    # the folder loaded, and the model failed at its first forward
+    folder = _tampered(saved_with_shape, tmp_path, module, key, value)
+    with pytest.raises(UserError) as err:
+        load_pruned(folder, trust_code=True)
+    msg = str(err.value)
+    assert f"architecture.json': with its 'settings' (of '{module}') the model fails on an input of the recorded" in msg
+    assert "shape (1, 3, 8, 8)" in msg and words in msg and "without them it runs" in msg
+
+
+def test_a_saved_folder_with_its_own_settings_loads_without_a_probe_run(saved_with_shape, monkeypatch):
+    # the saved tuples read back as lists counted as changed settings: every load would run the model
+    import cleanai_core.saved_folder as sf
+
+    monkeypatch.setattr(sf, "_failure", lambda *a: pytest.fail("the model was run"))
+    model = load_pruned(saved_with_shape, trust_code=True)
+    assert model(X).shape == (2, 4)
+
+
+@pytest.mark.parametrize("key, value", [("keep", [10**20]), ("dim", 10**20)])
+def test_history_indices_beyond_any_tensor_are_a_damaged_folder(saved, tmp_path, key, value):
+    # was ValueError: Overflow when unpacking long long
+    folder = tmp_path / "t"
+    shutil.copytree(saved, folder)
+    history = json.loads((folder / "history.json").read_text())
+    history["steps"][0][0][key] = value
+    (folder / "history.json").write_text(json.dumps(history))
+    with pytest.raises(UserError, match=rf"history\.json': step 0 edit 0: '{key}' .*The folder is damaged"):
+        load_pruned(folder, trust_code=True)
