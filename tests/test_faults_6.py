@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -321,3 +322,71 @@ def test_history_indices_beyond_any_tensor_are_a_damaged_folder(saved, tmp_path,
     (folder / "history.json").write_text(json.dumps(history))
     with pytest.raises(UserError, match=rf"history\.json': step 0 edit 0: '{key}' .*The folder is damaged"):
         load_pruned(folder, trust_code=True)
+
+
+# -- run_job with a model and a data set given as objects ---------------------------------------
+
+
+def _job(tmp_path, dataset, **extra):
+    from cleanai_core import run_job
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    torch.manual_seed(0)
+    tmp_path.mkdir(exist_ok=True)
+    cfg = {"model": DEMO, "out": str(tmp_path / "o"), "quiet": True, "ratio": 0.5, **extra}
+    return run_job(cfg, model=DigitsCNN().eval(), dataset=dataset)
+
+
+def _digits_xy():
+    g = torch.Generator().manual_seed(3)
+    return torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+@pytest.mark.parametrize("form", ["pair", "loader"])
+def test_run_job_reads_x_y_tensors_and_a_dataloader_as_the_dataset_they_hold(tmp_path, form):
+    # (x, y) was a data set of two items: "the model failed on an input from --data (shape (1, 16, 1, 8, 8))";
+    # a DataLoader: "reading item 3 failed (TypeError: 'DataLoader' object is not subscriptable)"
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = _digits_xy()
+    expected = _job(tmp_path / "a", TensorDataset(x, y))
+    given = (x, y) if form == "pair" else DataLoader(TensorDataset(x, y), batch_size=3, shuffle=True)
+    report = _job(tmp_path / "b", given)
+    assert report["params_after"] == expected["params_after"] < report["params_before"]
+    assert report["accuracy_after"] == expected["accuracy_after"]
+    assert torch.equal(
+        load_pruned(tmp_path / "b" / "o", trust_code=True).fc.weight, load_pruned(tmp_path / "a" / "o").fc.weight
+    )
+
+
+@pytest.mark.parametrize(
+    "dataset, words",
+    [
+        ("empty", "has 0 item(s); at least 2 are needed"),
+        ("generator", "is a generator, not a map-style torch Dataset"),
+    ],
+)
+def test_run_job_names_a_dataset_it_cannot_use_and_writes_nothing(tmp_path, dataset, words):
+    # an empty data set was an IndexError traceback; a generator "len() of the data set failed"
+    from torch.utils.data import TensorDataset
+
+    x, y = _digits_xy()
+    given = TensorDataset(x[:0], y[:0]) if dataset == "empty" else ((x[i], y[i]) for i in range(16))
+    with pytest.raises(UserError, match=re.escape(words)):
+        _job(tmp_path, given)
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_job_with_a_model_object_but_no_spec_says_what_the_spec_is_for(tmp_path):
+    # said "--model is required (on the command line or in --config)" though a model was given
+    from cleanai_core import run_job
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    x, y = _digits_xy()
+    from torch.utils.data import TensorDataset
+
+    with pytest.raises(UserError, match=r"run_job\(config, model=...\) also needs the option 'model': the spec"):
+        run_job({"out": str(tmp_path / "o")}, model=DigitsCNN(), dataset=TensorDataset(x, y))
+    with pytest.raises(UserError, match=r"run_job\(model=...\) must be a torch.nn.Module, got str"):
+        run_job({"model": DEMO, "out": str(tmp_path / "o")}, model="resnet", dataset=TensorDataset(x, y))
+    assert not (tmp_path / "o").exists()
