@@ -113,7 +113,8 @@ def save_pruned(
     ``load_pruned`` rebuilds and returns).
     """
     from cleanai_core.history import PruningHistory
-    from cleanai_core.options import check_switches
+    from cleanai_core.options import check_not_meta, check_switches
+    from cleanai_core.saved_folder import nan_tensor
 
     out = _folder_arg(out_dir, "save_pruned")
     check_switches(save_pickle=save_pickle)  # "no" pickled the model
@@ -134,6 +135,12 @@ def save_pruned(
         raise UserError(
             f"save_pruned: {str(out)!r} is the current folder, a parent of it or your home; the folder is replaced "
             "as a whole, so give a folder of its own (e.g. 'pruned/')."
+        )
+    check_not_meta(model)  # NotImplementedError: Cannot copy out of meta tensor
+    nan = nan_tensor(model.state_dict())
+    if nan:  # written, then refused by load_pruned as damaged
+        raise UserError(
+            f"save_pruned: the model is not finite: {nan}; load_pruned would refuse it. Nothing was written."
         )
     options = _checked_options(options)
     # the module the history names: a compiled or DataParallel model's tensors were saved under '_orig_mod.' /

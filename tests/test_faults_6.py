@@ -390,3 +390,35 @@ def test_run_job_with_a_model_object_but_no_spec_says_what_the_spec_is_for(tmp_p
     with pytest.raises(UserError, match=r"run_job\(model=...\) must be a torch.nn.Module, got str"):
         run_job({"model": DEMO, "out": str(tmp_path / "o")}, model="resnet", dataset=TensorDataset(x, y))
     assert not (tmp_path / "o").exists()
+
+
+# -- save_pruned of a model load_pruned would refuse; a generator read up by an earlier call ----
+
+
+@pytest.mark.parametrize("change, words", [("nan", "the model is not finite: fc.weight holds 1 NaN value(s) (of 24)"),
+                                           ("meta", "the model's tensors are on the meta device")])  # fmt: skip
+def test_save_pruned_refuses_a_model_load_pruned_would_refuse_and_writes_nothing(tmp_path, change, words):
+    # a NaN model was written, then refused by load_pruned as damaged; a meta model raised
+    # NotImplementedError: Cannot copy out of meta tensor
+    pruned, history = _pruned_small()
+    if change == "nan":
+        with torch.no_grad():
+            pruned.fc.weight[0, 0] = float("nan")
+    else:
+        pruned = pruned.to("meta")
+    with pytest.raises(UserError, match=re.escape(words)):
+        save_pruned(tmp_path / "o", pruned, history, spec=f"{__name__}:build_net")
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_generator_read_up_by_an_earlier_call_is_named():
+    # said only "the calibration data is empty; give at least one batch"
+    batches = (X for _ in range(2))
+    pruner = StructuredPruner(_small(), X, "weight_activation", pruning_ratio=0.5)
+    pruner.collect_activations(batches, progress=False)
+    with pytest.raises(
+        UserError, match=r"empty \(it is a one-shot generator, which yields nothing once read: an earlier"
+    ):
+        pruner.collect_activations(batches, progress=False)
+    with pytest.raises(UserError, match=r"the calibration data is empty; give at least one batch"):
+        pruner.collect_activations([], progress=False)  # a list is not one-shot: no such words
