@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_faults_4 import DEMO, ws  # noqa: F401 - ws: a fixture, asked for by name
 from torch import nn
 
 from cleanai_core import StructuredPruner, load_pruned
@@ -51,15 +52,23 @@ def _hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("saved") / "pruned"
+def _pruned_small():
     pruner = StructuredPruner(build_net(), X, "magnitude", pruning_ratio=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruned = pruner.prune()
-    save_pruned(out, pruned, pruner.history, spec=f"{__name__}:build_net")
+        return pruner.prune(), pruner.history
+
+
+def _save(tmp_path_factory, **extra) -> Path:
+    out = tmp_path_factory.mktemp("saved") / "pruned"
+    pruned, history = _pruned_small()
+    save_pruned(out, pruned, history, spec=f"{__name__}:build_net", **extra)
     return out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    return _save(tmp_path_factory)
 
 
 def _tampered(saved: Path, tmp_path: Path, module: str, key: str, value) -> Path:
@@ -163,20 +172,9 @@ def test_an_inf_bias_is_not_nan_and_prunes():
     assert pruned[0].out_channels == 4
 
 
-@pytest.fixture()
-def ws(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
-    torch.save((x, y), tmp_path / "data.pt")
-    return tmp_path
-
-
-DEMO = "cleanai_plugins.io.demo:DigitsCNN"
-
-
 @pytest.mark.parametrize("tensor", ["features.0.weight", "features.4.running_var"])
-def test_the_command_line_names_nan_in_the_weights_file(ws, capsys, tensor):
+def test_the_command_line_names_nan_in_the_weights_file(request, capsys, tensor):
+    ws = request.getfixturevalue("ws")  # test_faults_4's workspace: data.pt in a fresh current folder
     from cleanai_core.cli import main
     from cleanai_plugins.io.demo import DigitsCNN
 
@@ -203,13 +201,6 @@ def test_load_pruned_refuses_nan_in_model_pt(saved, tmp_path):
 
 
 # -- save_pruned into a folder holding someone else's model.pt ---------------------------------
-
-
-def _pruned_small():
-    pruner = StructuredPruner(build_net(), X, "magnitude", pruning_ratio=0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pruner.prune(), pruner.history
 
 
 @pytest.mark.parametrize("name", ["model.pt", "history.json", "architecture.json"])
@@ -273,13 +264,7 @@ def test_graph_ignored_layers_take_names_globs_and_types_as_the_pruner_does(igno
 
 @pytest.fixture(scope="module")
 def saved_with_shape(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("saved") / "pruned"
-    pruner = StructuredPruner(build_net(), X, "magnitude", pruning_ratio=0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pruned = pruner.prune()
-    save_pruned(out, pruned, pruner.history, spec=f"{__name__}:build_net", example_input_shape=[2, 3, 8, 8])
-    return out
+    return _save(tmp_path_factory, example_input_shape=[2, 3, 8, 8])
 
 
 @pytest.mark.parametrize(
