@@ -174,18 +174,18 @@ def test_an_inf_bias_is_not_nan_and_prunes():
 
 @pytest.mark.parametrize("tensor", ["features.0.weight", "features.4.running_var"])
 def test_the_command_line_names_nan_in_the_weights_file(request, capsys, tensor):
-    ws = request.getfixturevalue("ws")  # test_faults_4's workspace: data.pt in a fresh current folder
+    folder = request.getfixturevalue("ws")  # test_faults_4's workspace: data.pt in a fresh current folder
     from cleanai_core.cli import main
     from cleanai_plugins.io.demo import DigitsCNN
 
     state = DigitsCNN().state_dict()
     state[tensor].view(-1)[0] = float("nan")
     torch.save(state, "w.pt")
-    before = _hashes(ws)
+    before = _hashes(folder)
     assert main(["prune", "--model", DEMO, "--weights", "w.pt", "--data", "data.pt", "--out", "o", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"the weights in 'w.pt' are not finite: {tensor} holds 1 NaN value(s)" in err and "Traceback" not in err
-    assert _hashes(ws) == before and not (ws / "o").exists()
+    assert _hashes(folder) == before and not (folder / "o").exists()
 
 
 def test_load_pruned_refuses_nan_in_model_pt(saved, tmp_path):
