@@ -25,6 +25,7 @@ __all__ = [
     "check_example_inputs",
     "check_model",
     "check_finite",
+    "check_ignored_ratios",
     "check_not_meta",
     "non_finite",
     "check_options",
@@ -84,6 +85,23 @@ def _without_wrapper_prefix(spec: str, model: nn.Module) -> str:
     while spec.startswith(COMPILED_PREFIX) and "_orig_mod" not in model._modules:
         spec = spec[len(COMPILED_PREFIX) :]
     return spec
+
+
+def check_ignored_ratios(model: nn.Module, ignored: list[Any], ratios: Mapping[Any, Any]) -> None:
+    """A :class:`UserError` for a layer given both in ``ignored_layers`` and a ratio above 0
+    in ``layer_pruning_ratios`` (every layer the ratio's pattern matches is ignored): the
+    ratio was dropped without a word. A ratio for a region with some ignored layers in it
+    stays valid."""
+    if not ignored or not ratios:
+        return
+    kept = set(match_modules(model, ignored))
+    for spec, r in ratios.items():
+        if plain_number(r) and set(match_modules(model, [spec])) <= kept:
+            raise UserError(
+                f"layer {spec!r} is ignored (ignored_layers, --ignore) and given ratio {plain_number(r)} "
+                "(layer_pruning_ratios, --layer-ratio): an ignored layer keeps its output channels, so the ratio "
+                "would do nothing; drop one of them"
+            )
 
 
 def ignored_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> set[str]:

@@ -407,3 +407,39 @@ def test_a_generator_read_up_by_an_earlier_call_is_named():
         pruner.collect_activations(batches, progress=False)
     with pytest.raises(UserError, match=r"the calibration data is empty; give at least one batch"):
         pruner.collect_activations([], progress=False)  # a list is not one-shot: no such words
+
+
+# -- a layer both ignored and given a ratio ------------------------------------------------------
+
+
+@pytest.mark.parametrize("ignored, ratios", [("0", {"0": 0.5}), (["0"], {0: 0.5}), ("features", {"features.0": 0.5})])
+def test_a_layer_both_ignored_and_given_a_ratio_is_refused(ignored, ratios):
+    # the ratio was dropped without a word: the layer kept its 8 channels
+    model = _small()
+    if ignored == "features":  # a ratio for a layer inside an ignored container
+        model = nn.Sequential()
+        model.add_module("features", _small())
+    spec = {k if isinstance(k, str) else model[k]: v for k, v in ratios.items()}
+    with pytest.raises(
+        UserError, match=r"is ignored \(ignored_layers, --ignore\) and given ratio 0.5 .*drop one of them"
+    ):
+        StructuredPruner(model, X, "magnitude", pruning_ratio=0.3, ignored_layers=ignored, layer_pruning_ratios=spec)
+
+
+def test_a_ratio_for_a_region_with_an_ignored_layer_in_it_stays_valid():
+    model = _small()
+    pruned = StructuredPruner(
+        model, X, "magnitude", pruning_ratio=0.3, ignored_layers=["0"], layer_pruning_ratios={"*": 0.5, "0": 0}
+    ).prune()
+    assert (pruned[0].out_channels, pruned[3].out_channels) == (8, 4)
+
+
+def test_the_command_line_refuses_a_layer_both_ignored_and_given_a_ratio(request, capsys):
+    from cleanai_core.cli import main
+
+    folder = request.getfixturevalue("ws")
+    args = ["--ignore", "features.3", "--layer-ratio", "features.3=0.5", "--out", "o", "--quiet"]
+    assert main(["prune", "--model", DEMO, "--data", "data.pt", *args]) == 2
+    err = capsys.readouterr().err
+    assert "layer 'features.3' is ignored (ignored_layers, --ignore) and given ratio 0.5" in err
+    assert not (folder / "o").exists()
