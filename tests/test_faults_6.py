@@ -443,3 +443,47 @@ def test_the_command_line_refuses_a_layer_both_ignored_and_given_a_ratio(request
     err = capsys.readouterr().err
     assert "layer 'features.3' is ignored (ignored_layers, --ignore) and given ratio 0.5" in err
     assert not (folder / "o").exists()
+
+
+# -- Ctrl-C while an in-place prune or a replay moves the result into the user's model -------------
+
+
+class _InterruptAt(frozenset):
+    """``HOOK_ATTRIBUTES`` that sends this process SIGINT at its ``at``-th membership test:
+    Ctrl-C in the middle of the transplant."""
+
+    def __new__(cls, names, at):
+        self = super().__new__(cls, names)
+        self.at, self.n = at, 0
+        return self
+
+    def __contains__(self, key):
+        self.n += 1
+        if self.n == self.at:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().__contains__(key)
+
+
+@pytest.mark.parametrize("at", [5, 40, 90])
+@pytest.mark.parametrize("how", ["inplace", "replay"])
+def test_ctrl_c_during_the_transplant_leaves_a_whole_model(monkeypatch, at, how):
+    # the model was left half pruned (a conv sliced, its BatchNorm not): it no longer ran
+    import cleanai_core.model_state as ms
+
+    model, x = _small(), X
+    pruner = StructuredPruner(
+        model if how == "inplace" else _small(), x, "magnitude", pruning_ratio=0.5, inplace=how == "inplace"
+    )
+    history = None
+    if how == "replay":
+        pruner.prune()
+        history = pruner.history
+    monkeypatch.setattr(ms, "HOOK_ATTRIBUTES", _InterruptAt(ms.HOOK_ATTRIBUTES, at))
+    with pytest.raises(KeyboardInterrupt):
+        pruner.prune() if how == "inplace" else history.replay(model)
+    assert ms.HOOK_ATTRIBUTES.n >= at  # the interrupt came during the transplant
+    assert model[0].out_channels == model[0].weight.shape[0] == model[1].weight.shape[0] == 4
+    assert model(x).shape == (2, 4)
