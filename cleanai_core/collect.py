@@ -54,6 +54,7 @@ from cleanai_core.runtime import (
     run_batch,
     runs_the_same,
     same_layout,
+    spent,
     to_channels_last,
     unused_key_hint,
 )
@@ -410,7 +411,7 @@ def accumulate_gradients(
                         sums[name] = sums[name] + g.detach() ** 2 if name in sums else g.detach() ** 2
         seen = True
     if not seen and not distributed.is_distributed():
-        raise UserError("the calibration data is empty")
+        raise UserError(f"the calibration data is empty{spent(batches)}")
     if squared:
         return sums
     return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}

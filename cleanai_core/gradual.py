@@ -226,6 +226,7 @@ class GradualPruner:
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         options.check_not_meta(model)
+        options.check_finite(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {optimizer!r}")
         own = {id(q) for q in model.parameters()}

@@ -17,6 +17,8 @@ Call tree of a :class:`LayerPruner` (kernel -> pruner)::
       |  `- add_reconstruction(module, slice, kept, keep, delta, bias)
       |- reconstruct(module, slice, removed, kept, coef, shift)   ... or by the coefficients
       `- compensate(module, slice, removed, mean)                 mean only
+    load_pruned(folder)
+      `- settings_problem(module)              the saved settings against the tensors
 
 An :class:`IndexMapper` only has ``trace(call, ctx)``: it maps labels from the inputs
 of one ATen operation to its outputs.
@@ -46,6 +48,8 @@ __all__ = [
     "at_rows",
     "keep_positions",
     "memory_format_of",
+    "settings_mismatch",
+    "shape_of",
     "slice_tensor",
     "squared_weight",
 ]
@@ -148,6 +152,15 @@ class LayerPruner:
         shift`` (``n``) into the bias (as :meth:`reconstruct` would, for these rows)."""
         raise NotImplementedError
 
+    def settings_problem(self, module: nn.Module) -> str | None:
+        """What in ``module``'s settings (plain attributes such as ``out_channels`` or
+        ``num_heads``) does not fit its tensors, in words, or ``None``.
+        :func:`~cleanai_core.io.load_pruned` asks it of every module that the settings of
+        ``architecture.json`` changed: a width edited there loaded, then failed in the
+        forward or computed something else without a word. :func:`settings_mismatch` words
+        the usual case. ``None`` (the default): nothing to check."""
+        return None
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"
 
@@ -225,6 +238,31 @@ def squared_weight(weight: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor,
     cols = per.reshape(groups, -1, per.shape[1]).sum(1).reshape(-1)
     _SQUARED[weight] = ((version, groups), (rows, cols))
     return rows, cols
+
+
+def settings_mismatch(module: nn.Module, expected: Mapping[str, Any], source: str) -> str | None:
+    """For :meth:`LayerPruner.settings_problem`: the attributes of ``module`` that differ
+    from ``expected`` (what ``source``, e.g. ``"its weight of shape (32, 16, 3, 3)"``,
+    gives), in words, or ``None``. Tuples and lists compare alike."""
+
+    def plain(v: Any) -> Any:
+        return tuple(v) if isinstance(v, (list, tuple)) else v
+
+    wrong = {k: v for k, v in expected.items() if plain(getattr(module, k, None)) != plain(v)}
+    if not wrong:
+        return None
+    have = ", ".join(f"{k}={plain(getattr(module, k, None))!r}" for k in wrong)
+    want = ", ".join(f"{k}={plain(v)!r}" for k, v in wrong.items())
+    return f"{have}, but {source} gives {want}"
+
+
+def shape_of(module: nn.Module, attr: str) -> tuple[int, ...] | None:
+    """The shape of tensor ``module.<attr>``, or ``None`` where there is none (or a lazy
+    module's uninitialized one)."""
+    t = getattr(module, attr, None)
+    if not isinstance(t, torch.Tensor) or isinstance(t, nn.parameter.UninitializedTensorMixin):
+        return None
+    return tuple(t.shape)
 
 
 def slice_tensor(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:

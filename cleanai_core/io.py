@@ -113,7 +113,8 @@ def save_pruned(
     ``load_pruned`` rebuilds and returns).
     """
     from cleanai_core.history import PruningHistory
-    from cleanai_core.options import check_switches
+    from cleanai_core.options import check_not_meta, check_switches
+    from cleanai_core.saved_folder import nan_tensor
 
     out = _folder_arg(out_dir, "save_pruned")
     check_switches(save_pickle=save_pickle)  # "no" pickled the model
@@ -135,6 +136,12 @@ def save_pruned(
             f"save_pruned: {str(out)!r} is the current folder, a parent of it or your home; the folder is replaced "
             "as a whole, so give a folder of its own (e.g. 'pruned/')."
         )
+    check_not_meta(model)  # NotImplementedError: Cannot copy out of meta tensor
+    nan = nan_tensor(model.state_dict())
+    if nan:  # written, then refused by load_pruned as damaged
+        raise UserError(
+            f"save_pruned: the model is not finite: {nan}; load_pruned would refuse it. Nothing was written."
+        )
     options = _checked_options(options)
     # the module the history names: a compiled or DataParallel model's tensors were saved under '_orig_mod.' /
     # 'module.', which the rebuilt model did not have (a wrapper the history was recorded on stays)
@@ -150,6 +157,13 @@ def save_pruned(
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in example_input_shape)
     ):
         raise UserError(f"example_input_shape={example_input_shape!r} must be a list of sizes (e.g. [1, 3, 224, 224])")
+    foreign = _foreign_own_files(out)
+    if foreign:  # a project folder's own model.pt (the unpruned weights) was replaced without a word
+        raise UserError(
+            f"save_pruned: {str(out)!r} holds {', '.join(foreign)}, which no earlier save_pruned wrote (there is no "
+            "CleanAI architecture.json beside it); saving would replace it. Save into another folder (e.g. "
+            f"{str(out / 'pruned')!r}) or move the file first. Nothing was written."
+        )
     target = target_of(out)
     before = snapshot(target)
 
@@ -176,6 +190,21 @@ def save_pruned(
         if before:
             _carry_over(target, tmp, skip=OWN_FILES)
     return out
+
+
+def _foreign_own_files(out: Path) -> list[str]:
+    """The files of ``out`` named like the ones :func:`save_pruned` writes, where ``out`` is
+    not a folder it wrote (no ``architecture.json`` of CleanAI's form): someone else's."""
+    if not out.is_dir():
+        return []
+    present = [name for name in OWN_FILES if os.path.lexists(out / name)]
+    if not present:
+        return []
+    try:
+        arch = json.loads((out / "architecture.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return present
+    return [] if isinstance(arch, dict) and "spec" in arch and "format" in arch else present
 
 
 def _rebuild_problem(spec: str, options: dict[str, Any], model: nn.Module, history: Any) -> str | None:
@@ -350,6 +379,7 @@ def load_pruned(
         apply_settings,
         read_architecture,
         read_history,
+        read_probe,
         read_settings,
         read_state,
         replay_history,
@@ -397,7 +427,8 @@ def load_pruned(
     model.to(map_location)
     take_dtypes(model, state)
     model.load_state_dict(state, strict=True)
-    apply_settings(model, read_settings(out / "architecture.json"))
+    arch = out / "architecture.json"
+    apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location))
     return model.eval()
 
 

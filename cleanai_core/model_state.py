@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cleanai_core.out_folder import signals_deferred
+
 __all__ = ["HOOK_ATTRIBUTES", "copy_model", "drop_user_hooks", "preserved", "transplant", "user_hooks"]
 
 #: a module's hook tables (``_forward_hooks``, ``_forward_pre_hooks``, ...): the user's
@@ -106,17 +108,20 @@ def _in_eval(model: nn.Module, modules: list[nn.Module]) -> bool:
 def transplant(target: nn.Module, source: nn.Module) -> None:
     """Make ``target`` the model ``source`` is, module by module (for in-place pruning):
     each module of ``target`` takes the state of its namesake in ``source``, keeping its
-    own hook tables, so the user's hook handles stay valid."""
+    own hook tables, so the user's hook handles stay valid. Ctrl-C and SIGTERM wait for the
+    end: one that came mid-way left the user's model half pruned (a conv sliced, its
+    BatchNorm not), a model that no longer ran."""
     mine = dict(target.named_modules())
-    for name, m in source.named_modules():
-        t = mine.get(name)
-        if t is None:
-            continue
-        if type(t) is not type(m):  # a plugin may swap a pruned module's class
-            t.__class__ = type(m)
-        for key, value in m.__dict__.items():
-            if key != "_modules" and key not in HOOK_ATTRIBUTES:
-                t.__dict__[key] = value
+    with signals_deferred():
+        for name, m in source.named_modules():
+            t = mine.get(name)
+            if t is None:
+                continue
+            if type(t) is not type(m):  # a plugin may swap a pruned module's class
+                t.__class__ = type(m)
+            for key, value in m.__dict__.items():
+                if key != "_modules" and key not in HOOK_ATTRIBUTES:
+                    t.__dict__[key] = value
 
 
 def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:

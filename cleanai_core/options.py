@@ -25,7 +25,10 @@ __all__ = [
     "check_switches",
     "check_example_inputs",
     "check_model",
+    "check_finite",
+    "check_ignored_ratios",
     "check_not_meta",
+    "non_finite",
     "check_options",
     "check_ranking",
     "check_round_mode",
@@ -84,6 +87,23 @@ def _without_wrapper_prefix(spec: str, model: nn.Module) -> str:
     while spec.startswith(COMPILED_PREFIX) and "_orig_mod" not in model._modules:
         spec = spec[len(COMPILED_PREFIX) :]
     return spec
+
+
+def check_ignored_ratios(model: nn.Module, ignored: list[Any], ratios: Mapping[Any, Any]) -> None:
+    """A :class:`UserError` for a layer given both in ``ignored_layers`` and a ratio above 0
+    in ``layer_pruning_ratios`` (every layer the ratio's pattern matches is ignored): the
+    ratio was dropped without a word. A ratio for a region with some ignored layers in it
+    stays valid."""
+    if not ignored or not ratios:
+        return
+    kept = set(match_modules(model, ignored))
+    for spec, r in ratios.items():
+        if plain_number(r) and set(match_modules(model, [spec])) <= kept:
+            raise UserError(
+                f"layer {spec!r} is ignored (ignored_layers, --ignore) and given ratio {plain_number(r)} "
+                "(layer_pruning_ratios, --layer-ratio): an ignored layer keeps its output channels, so the ratio "
+                "would do nothing; drop one of them"
+            )
 
 
 def ignored_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> set[str]:
@@ -182,6 +202,7 @@ def check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_not_meta(model)
+    check_finite(model)
     if isinstance(model, torch.jit.ScriptModule):
         raise UserError(
             "the model is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes the Python "
@@ -319,6 +340,33 @@ def check_not_meta(model: nn.Module, name: str = "model", var: str | None = None
         raise UserError(
             f"the {name}'s tensors are on the meta device (e.g. {meta!r}: a shape without values); load its weights "
             f"first ({var or name}.to_empty(device='cpu') then {var or name}.load_state_dict(...))"
+        )
+
+
+def non_finite(named: Any, allow_inf: bool = False) -> tuple[str, int, int] | None:
+    """The first floating tensor of ``named`` (name, tensor pairs) holding NaN (or inf, unless
+    ``allow_inf``), as ``(name, how many, of how many)``; ``None`` when all are finite."""
+    for name, t in named:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta:
+            continue
+        bad = torch.isnan(t) if allow_inf else ~torch.isfinite(t)
+        if bool(bad.any()):
+            return name, int(bad.sum()), t.numel()
+    return None
+
+
+def check_finite(model: nn.Module, name: str = "model") -> None:
+    """A :class:`UserError` for a model whose parameters or buffers hold NaN: magnitude
+    criteria ranked the NaN channels as they came and pruned without a word; activation
+    criteria blamed the data. Inf is allowed (quantization observers start at +-inf, a bias
+    of inf is an output the verification knows to be non-finite)."""
+    found = non_finite([*model.named_parameters(), *model.named_buffers()], allow_inf=True)
+    if found is not None:
+        tensor, count, total = found
+        raise UserError(
+            f"the {name}'s tensor {tensor!r} holds {count} NaN value(s) (of {total}): its scores and outputs would "
+            "be meaningless. Load finite weights (a training run that diverged, or a damaged checkpoint, saves "
+            "NaN); nothing was pruned"
         )
 
 

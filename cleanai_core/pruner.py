@@ -209,6 +209,7 @@ class StructuredPruner:
         self.normalizer = scoring.get_normalizer(normalizer)
         self.prune_dead_only = prune_dead_only
         self.set_layer_ratios(layer_pruning_ratios or {})
+        options.check_ignored_ratios(model, ignored_layers, layer_pruning_ratios or {})  # the ratio was dropped
         self.ignored = options.ignored_modules(model, ignored_layers or ())
         self.history, self.calibration = PruningHistory(), Calibration()
         self._plan: PruningPlan | None = None

@@ -427,7 +427,22 @@ def iterate(loader: Iterable[Any], num_batches: int | None) -> Iterator[Any]:
     from cleanai_core.distributed import is_distributed
 
     if n == 0 and not is_distributed():  # one rank's shard may be empty: checked over all ranks
-        raise UserError("the calibration data is empty; give at least one batch")
+        raise UserError(f"the calibration data is empty{spent(loader)}; give at least one batch")
+
+
+def spent(loader: Any) -> str:
+    """Words for an empty ``loader`` that is a one-shot iterator (its own ``iter()``): most
+    likely a generator already read by an earlier call, which then said only "empty"."""
+    try:
+        one_shot = iter(loader) is loader
+    except TypeError:
+        return ""
+    if not one_shot:
+        return ""
+    return (
+        f" (it is a one-shot {type(loader).__name__}, which yields nothing once read: an earlier call may have "
+        "used it up; pass a list of batches or a DataLoader, which can be read again)"
+    )
 
 
 def total_batches(loader: Any, num_batches: int | None) -> int | None:

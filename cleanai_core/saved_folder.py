@@ -18,6 +18,7 @@ truncated, of another version, or tampered with.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 from cleanai_core.errors import UserError
 from cleanai_core.history import FORMAT as HISTORY_FORMAT
 from cleanai_core.history import PruningHistory, shape_mismatch
+from cleanai_core.options import non_finite
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "read_architecture",
     "history_from_json",
     "read_history",
+    "nan_tensor",
+    "read_probe",
     "read_state",
     "replay_history",
     "state_dict_problems",
@@ -46,6 +50,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 ARCH_OPTIONS = ("num_classes", "model_kwargs")
+_MAX_INDEX = 2**62  # a channel index beyond this is no tensor's: torch cannot even hold it
+_MAX_DIMS = 64  # torch's limit on a tensor's dimensions
 _REPLAY_ERRORS = (IndexError, KeyError, RuntimeError, ValueError, TypeError, AttributeError)
 
 
@@ -130,11 +136,13 @@ def _check_edit(path: Path, where: str, e: Any) -> SliceEdit:
     keep = e["keep"]
     if not isinstance(keep, list) or not keep or not all(_is_int(i) and i >= 0 for i in keep):
         raise _bad(path, f"{where}: 'keep' must be a non-empty list of channel indices >= 0")
+    if max(keep) >= _MAX_INDEX:  # a ValueError traceback: "Overflow when unpacking long long"
+        raise _bad(path, f"{where}: 'keep' holds channel index {max(keep)}, beyond any tensor's size")
     if len(set(keep)) != len(keep):
         raise _bad(path, f"{where}: 'keep' repeats channel indices")
     dim = e.get("dim")
-    if dim is not None and not _is_int(dim):
-        raise _bad(path, f"{where}: 'dim' is {dim!r}, expected an integer")
+    if dim is not None and (not _is_int(dim) or abs(dim) > _MAX_DIMS):
+        raise _bad(path, f"{where}: 'dim' is {dim!r}, expected a tensor dimension (an integer)")
     if e["module"] == "" and dim is None:
         raise _bad(path, f"{where}: a bare tensor edit needs 'dim'")
     return SliceEdit.from_json(e)
@@ -242,7 +250,18 @@ def read_state(path: Path, model: nn.Module, map_location: Any = "cpu") -> dict:
         raise _bad(
             path, "does not fit the model rebuilt from architecture.json and history.json: " + "; ".join(problems)
         )
+    nan = nan_tensor(state)
+    if nan:
+        raise _bad(path, nan)
     return state
+
+
+def nan_tensor(state: dict[str, torch.Tensor]) -> str | None:
+    """Which tensor of a state_dict holds NaN, in words, or ``None``. Inf is allowed: a
+    buffer may start there (quantization observers), and parameters are checked for it
+    when the model is pruned (:func:`~cleanai_core.options.check_finite`)."""
+    found = non_finite(((k, v) for k, v in state.items() if v.layout == torch.strided), allow_inf=True)
+    return None if found is None else f"{found[0]} holds {found[1]} NaN value(s) (of {found[2]})"
 
 
 def state_dict_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
@@ -350,15 +369,30 @@ def _same_kind(old: Any, new: Any) -> bool:
     if isinstance(old, numbers) and isinstance(new, numbers):
         return True
     if isinstance(old, (tuple, list)):
-        return isinstance(new, list) and len(new) == len(old)
+        return isinstance(new, (tuple, list)) and len(new) == len(old)
     return type(old) is type(new)
 
 
-def apply_settings(model: nn.Module, settings: dict[str, dict[str, Any]]) -> None:
+def apply_settings(
+    model: nn.Module,
+    settings: dict[str, dict[str, Any]],
+    path: Path | None = None,
+    pm: Any = None,
+    probe: torch.Tensor | None = None,
+) -> None:
     """Give ``model``'s modules the saved settings. Only an attribute the rebuilt module has,
     of the same kind, is set (values only: nothing is imported or called); others, e.g. from
-    another version of the model's library, are left as the architecture builds them."""
+    another version of the model's library, are left as the architecture builds them.
+
+    With ``path`` (the ``architecture.json`` they came from), every module whose settings
+    changed is then checked by the plugin that claims it
+    (:meth:`~cleanai_core.interfaces.LayerPruner.settings_problem`): settings that do not fit
+    the module's tensors (a conv's ``out_channels`` edited) are a damaged folder. They loaded,
+    then failed in the forward or computed something else without a word. With ``probe`` (an
+    input of the shape the folder records), settings under which the model no longer runs on
+    it, though it ran without them (a negative ``eps``, a stride of 0), are refused too."""
     modules = dict(model.named_modules())
+    changes = []
     for name, values in settings.items():
         m = modules.get(name)
         if m is None:
@@ -367,5 +401,66 @@ def apply_settings(model: nn.Module, settings: dict[str, dict[str, Any]]) -> Non
         for key, value in values.items():
             if not _setting(key) or key not in own or not _plain(own[key]):
                 continue
-            if _same_kind(own[key], value) and own[key] != value:
-                own[key] = tuple(value) if isinstance(own[key], tuple) else value
+            value = tuple(value) if isinstance(own[key], tuple) and isinstance(value, list) else value
+            if _same_kind(own[key], value) and own[key] != value:  # a tuple read back as a list is no change
+                changes.append((name, own, key, value))
+    if not changes:
+        return
+    ran = path is not None and probe is not None and _failure(model, probe) is None
+    for _, own, key, value in changes:
+        own[key] = value
+    if path is None:
+        return
+    changed = list(dict.fromkeys(name for name, *_ in changes))
+    _check_settings(path, model, changed, pm)
+    failure = _failure(model, probe) if ran else None
+    if failure is not None:
+        raise _bad(
+            path,
+            f"with its 'settings' (of {', '.join(repr(n) for n in changed[:5])}{' ...' if len(changed) > 5 else ''}) "
+            f"the model fails on an input of the recorded shape {tuple(probe.shape)} ({failure}), and without them "
+            "it runs",
+        )
+
+
+def _failure(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why ``model`` fails on ``x``, or ``None`` when it runs."""
+    from cleanai_core.model_state import preserved
+
+    try:
+        with torch.no_grad(), preserved(model):  # observers and attributes a forward sets stay as loaded
+            model(x)
+    except Exception as exc:  # noqa: BLE001 - any failure of the forward is the answer
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+def read_probe(path: Path, model: nn.Module, device: Any) -> torch.Tensor | None:
+    """Zeros of the ``example_input_shape`` that ``architecture.json`` records (batch of one,
+    in the model's floating dtype), to check saved settings on; ``None`` where none is
+    recorded, or one out of form or too large to allocate cheaply."""
+    shape = _read_json(path).get("example_input_shape")
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(_is_int(d) and d > 0 for d in shape):
+        return None
+    shape = [1, *shape[1:]]
+    if math.prod(shape) > 2**24:
+        return None
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _check_settings(path: Path, model: nn.Module, names: Any, pm: Any) -> None:
+    from cleanai_core.plugins import get_plugin_manager
+
+    pm = pm or get_plugin_manager()
+    modules = dict(model.named_modules())
+    for name in names:
+        m = modules[name]
+        pruner = pm.hook.cleanai_layer_pruner(module=m, name=name, findings=None)
+        problem = pruner.settings_problem(m) if pruner is not None else None
+        if problem:
+            raise _bad(
+                path,
+                f"the 'settings' of {name or 'the model'!r} ({type(m).__name__}) do not fit its tensors in model.pt: "
+                f"{problem}",
+            )

@@ -138,7 +138,7 @@ class DependencyGraph:
         self.findings = prepare_model(model, self.pm)
         self.nodes = resolve_modules(model, self.pm, self.findings)
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-        self.ignored = {self._name_of(m) for m in ignored_layers}
+        self.ignored = self._ignored_names(ignored_layers)
         self._mappers: dict[Any, Any] = {}
         claimed = {node.module: name for name, node in self.nodes.items()}
         try:
@@ -172,13 +172,26 @@ class DependencyGraph:
         self._build_groups()
 
     # -- building -------------------------------------------------------------
-    def _name_of(self, m: nn.Module | str) -> str:
-        if isinstance(m, str):
-            return m
-        name = self.module_names.get(id(m))
-        if name is None:
-            raise ValueError(f"ignored layer {type(m).__name__} is not a module of this model")
-        return name
+    def _ignored_names(self, ignored_layers: Any) -> set[str]:
+        """The names of the ignored layers: a module of the model or the exact name of one as
+        it is, anything else (a glob, a type, a name the model lacks) through
+        :func:`~cleanai_core.options.match_modules`, which refuses what matches no layer. A
+        name the model lacked, a glob (``"layer4.*"``) and a lone name (``"fc"``, read as the
+        layers ``f`` and ``c``) were kept as text that matched nothing: the channels the user
+        meant to keep were pruned without a word."""
+        from cleanai_core.options import as_specs, match_modules
+
+        names = set(self.module_names.values())
+        out: set[str] = set()
+        for spec in as_specs(ignored_layers, "ignored_layers"):
+            found = spec if isinstance(spec, str) and spec in names else None
+            if isinstance(spec, nn.Module):
+                found = self.module_names.get(id(spec))
+            if found is None:
+                out.update(match_modules(self.model, [spec]))
+            else:
+                out.add(found)
+        return out
 
     def mapper_for(self, op: Any) -> Any:
         if op not in self._mappers:

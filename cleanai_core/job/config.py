@@ -359,10 +359,11 @@ def _options_dict(args: Any) -> dict[str, Any]:
     return given
 
 
-def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str, Any]:
+def resolve_config(args: Any, environ: dict[str, str] | None = None, objects: tuple[str, ...] = ()) -> dict[str, Any]:
     """Defaults < ``--preset`` < ``--config`` < ``CLEANAI_<OPTION>`` variables < ``args``
     (the command line: an argparse namespace, or a dict or :class:`PruneConfig` of the
-    options given); validated. ``cfg["_sources"]`` says where each option came from."""
+    options given); validated. ``cfg["_sources"]`` says where each option came from.
+    ``objects``: what ``run_job`` was given as objects (``"model"``, ``"data"``)."""
     cfg = copy.deepcopy(DEFAULTS)
     sources = dict.fromkeys(DEFAULTS, "default")
     if isinstance(args, PruneConfig):  # only what differs from the defaults counts as given
@@ -433,6 +434,14 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None) -> dict[str
     untrusted = ("config file", "environment")
     cfg["_from_config"] = sorted(k for k in ("model", "data", "train_data") if sources.get(k) in untrusted)
     cfg["_sources"] = sources
+    if "data" in objects and not cfg.get("data"):  # the data set given to run_job: a name for the report
+        cfg["data"] = "<dataset given to run_job>"
+    if "model" in objects and not cfg.get("model"):  # said "--model is required (on the command line ...)"
+        raise UserError(
+            "run_job(config, model=...) also needs the option 'model': the spec that rebuilds the model's "
+            "architecture (e.g. 'torchvision:resnet18' or 'package.module:factory'), which the saved folder "
+            "is loaded from."
+        )
     for key in ("model", "data") + (() if cfg.get("dry_run") else ("out",)):
         if not cfg.get(key):
             raise UserError(f"--{key} is required (on the command line or in --config).")

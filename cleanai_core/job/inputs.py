@@ -14,6 +14,8 @@ from cleanai_core.config_sources import ENV_PREFIX
 from cleanai_core.errors import UserError
 
 __all__ = [
+    "checked_dataset",
+    "is_pair",
     "CheckedDataset",
     "checked_collate",
     "first_input",
@@ -108,10 +110,40 @@ def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
             f"--data {cfg['data']!r}: no such file or folder, or not a form this tool reads. "
             f"Give {input_forms('data', pm)}."
         )
-    dataset = CheckedDataset(dataset, model, str(data))
+    return model, checked_dataset(dataset, model, str(data)), pm
+
+
+def checked_dataset(dataset: Any, model: Any, source: str) -> CheckedDataset:
+    """``dataset`` (read from ``--data`` or given to ``run_job``) for the job: at least two
+    items, each checked as it is read. Given to ``run_job``: a ``DataLoader`` stands for its
+    data set (the job batches it by ``batch_size``), ``(x, y)`` tensors for the data set of
+    their rows. They were a data set of two items ("the model failed on an input of shape
+    (1, 16, ...)"), "'DataLoader' object is not subscriptable", and an empty data set an
+    ``IndexError`` traceback."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if isinstance(dataset, DataLoader):
+        dataset = dataset.dataset
+    if is_pair(dataset):
+        dataset = TensorDataset(*dataset)
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise UserError(
+            f"--data {source!r} is a {type(dataset).__name__}, not a map-style torch Dataset: the data is split into "
+            "calibration and held-out parts by index, so it needs len() and [i]; give TensorDataset(x, y), (x, y) "
+            "tensors or a list of (input, label) samples (e.g. list(your_iterable))."
+        )
+    dataset = CheckedDataset(dataset, model, source)
     if len(dataset) < 2:
-        raise UserError(f"--data {cfg['data']!r} has {len(dataset)} item(s); at least 2 are needed.")
-    return model, dataset, pm
+        raise UserError(f"--data {source!r} has {len(dataset)} item(s); at least 2 are needed.")
+    return dataset
+
+
+def is_pair(obj: Any) -> bool:
+    """Whether ``obj`` is ``(x, y)``: inputs with a batch dimension and one label (or row) per input."""
+    if not (isinstance(obj, tuple) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)):
+        return False
+    x, y = obj
+    return x.dim() >= 2 and 1 <= y.dim() <= 2 and len(x) == len(y)
 
 
 def split_dataset(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:

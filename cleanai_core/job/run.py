@@ -19,8 +19,8 @@ from cleanai_core import distributed
 from cleanai_core.errors import CleanAIError, PruningError, UserError
 from cleanai_core.job.config import PruneConfig, pruner_options, resolve_config
 from cleanai_core.job.inputs import (
-    CheckedDataset,
     checked_collate,
+    checked_dataset,
     first_input,
     has_labels,
     load_inputs,
@@ -40,7 +40,10 @@ def run_job(config: PruneConfig | dict[str, Any], model: Any = None, dataset: An
     """Run a pruning job: ``config`` as a :class:`PruneConfig` or a dict of its options
     (resolved with ``--preset``, ``config`` file and ``CLEANAI_*`` variables as on the
     command line). Returns the report (``None`` for a dry run)."""
-    return execute(resolve_config(config), model=model, dataset=dataset)
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise UserError(f"run_job(model=...) must be a torch.nn.Module, got {type(model).__name__}")
+    objects = tuple(k for k, v in (("model", model), ("data", dataset)) if v is not None)
+    return execute(resolve_config(config, objects=objects), model=model, dataset=dataset)
 
 
 def _accuracy_note(note: str | None, *results: dict[str, Any] | None) -> str | None:
@@ -167,7 +170,7 @@ def _execute(
         if device_of(model) not in (None, device):  # the user's model stays where it is
             model = copy_model(model)
         model = model.eval().to(device)
-        dataset = CheckedDataset(dataset, model, str(cfg["data"]))
+        dataset = checked_dataset(dataset, model, str(cfg["data"]))
     calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))
     bs = int(cfg["batch_size"])
     stats_part, sens_loader = calib, None

@@ -360,8 +360,10 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
             return _from_tensors(arrays["x"], arrays.get("y"), spec, _x_max(arrays, spec))
         raise UserError(f"data file {spec!r}: {suffix or 'no extension'} is not supported; give {DATA_FORMS}.")
     if _FACTORY_RE.match(spec):
+        from cleanai_core.job.inputs import is_pair
+
         ds = call_spec(spec, "data function", {}, options)
-        if isinstance(ds, dict) and any(k in ds for k in ("x", "inputs", "data", "images")) or _is_pair(ds):
+        if isinstance(ds, dict) and any(k in ds for k in ("x", "inputs", "data", "images")) or is_pair(ds):
             # (x, y) tensors were read as a data set of two items: "the model failed on an input (shape (1, 16, ...))"
             return _from_object(ds, spec)
         if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
@@ -372,14 +374,6 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
             )
         return ds
     return None
-
-
-def _is_pair(obj: Any) -> bool:
-    """Whether ``obj`` is ``(x, y)``: inputs with a batch dimension and one label (or row) per input."""
-    if not (isinstance(obj, tuple) and len(obj) == 2 and all(isinstance(t, torch.Tensor) for t in obj)):
-        return False
-    x, y = obj
-    return x.dim() >= 2 and 1 <= y.dim() <= 2 and len(x) == len(y)
 
 
 @hookimpl(trylast=True)

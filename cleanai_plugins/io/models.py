@@ -28,7 +28,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.saved_folder import state_dict_problems
+from cleanai_core.saved_folder import nan_tensor, state_dict_problems
 
 log = logging.getLogger("cleanai")
 
@@ -169,6 +169,12 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
             f"the weights in {weights!r} do not fit {spec!r}: " + "; ".join(parts) + ". "
             "Use the architecture the weights were trained with (and --num-classes if the head differs)."
             + _saved_folder_note(Path(weights).parent)
+        )
+    nan = nan_tensor(state)
+    if nan:  # blamed on the data ("non-finite activations ... check the data"), or pruned without a word
+        raise UserError(
+            f"the weights in {weights!r} are not finite: {nan}. The training run that saved them diverged or the "
+            "file is damaged; give finite weights."
         )
     try:
         model.load_state_dict(state, strict=True)

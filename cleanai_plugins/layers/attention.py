@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_core.interfaces import LayerPruner, replace_param, slice_tensor
+from cleanai_core.interfaces import LayerPruner, replace_param, settings_mismatch, shape_of, slice_tensor
 
 __all__ = ["MultiheadAttentionPruner"]
 
@@ -124,6 +124,19 @@ class MultiheadAttentionPruner(LayerPruner):
         module.head_dim = hd_new
         if module._qkv_same_embed_dim:
             module.kdim = module.vdim = n
+
+    def settings_problem(self, module):
+        out = shape_of(module.out_proj, "weight") if isinstance(module.out_proj, nn.Module) else None
+        nh = module.num_heads
+        if out is None or len(out) != 2:
+            return None
+        e = out[0]
+        if not isinstance(nh, int) or isinstance(nh, bool) or nh < 1 or e % nh:
+            return f"num_heads={nh!r} does not divide the embedding width {e} of out_proj.weight {out}"
+        k = shape_of(module, "k_proj_weight") if not module._qkv_same_embed_dim else None
+        v = shape_of(module, "v_proj_weight") if not module._qkv_same_embed_dim else None
+        expected = {"embed_dim": e, "head_dim": e // nh, "kdim": k[1] if k else e, "vdim": v[1] if v else e}
+        return settings_mismatch(module, expected, f"out_proj.weight of shape {out} with num_heads={nh}")
 
     def mask(self, module, slice_name, idx):
         """Zero, in the masking oracle's copy, every weight that reads or writes ``idx``."""

@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_core.interfaces import LayerPruner, add_to_bias, at_rows, replace_param, squared_weight
+from cleanai_core.interfaces import (
+    LayerPruner,
+    add_to_bias,
+    at_rows,
+    replace_param,
+    settings_mismatch,
+    shape_of,
+    squared_weight,
+)
 
 __all__ = ["ConvPruner"]
 
@@ -78,6 +86,18 @@ class ConvPruner(LayerPruner):
             if depthwise:
                 module.groups = k.numel()
             module.in_channels = k.numel()
+
+    def settings_problem(self, module):
+        w, g = shape_of(module, "weight"), module.groups
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+            return f"groups={g!r} is not a positive integer"
+        if w is None or len(w) < 2:
+            return None
+        if w[0] % g:
+            return f"groups={g} does not divide the {w[0]} rows of its weight of shape {w}"
+        cin, cout = (w[0], w[1] * g) if module.transposed else (w[1] * g, w[0])
+        expected = {"in_channels": cin, "out_channels": cout, "kernel_size": w[2:]}
+        return settings_mismatch(module, expected, f"its weight of shape {w} with groups={g}")
 
     def weight_energy(self, module, slice_name):
         # weight: (out, in/g, *k), or (in, out/g, *k) when transposed

@@ -6,7 +6,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.graph.context import Label
-from cleanai_core.interfaces import LayerPruner, replace_param
+from cleanai_core.interfaces import LayerPruner, replace_param, settings_mismatch, shape_of
 
 __all__ = ["EmbeddingPruner"]
 
@@ -32,6 +32,12 @@ class EmbeddingPruner(LayerPruner):
         if "out" in keep:
             replace_param(module, "weight", 1, keep["out"])
             module.embedding_dim = keep["out"].numel()
+
+    def settings_problem(self, module):
+        w = shape_of(module, "weight")
+        if w is None or len(w) != 2:
+            return None
+        return settings_mismatch(module, {"num_embeddings": w[0], "embedding_dim": w[1]}, f"its weight of shape {w}")
 
     def weight_energy(self, module, slice_name):
         return (module.weight.detach().float() ** 2).sum(0)

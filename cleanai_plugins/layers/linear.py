@@ -15,7 +15,15 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.graph.context import Label
-from cleanai_core.interfaces import LayerPruner, add_to_bias, at_rows, replace_param, squared_weight
+from cleanai_core.interfaces import (
+    LayerPruner,
+    add_to_bias,
+    at_rows,
+    replace_param,
+    settings_mismatch,
+    shape_of,
+    squared_weight,
+)
 
 __all__ = ["NO_NEW_BIAS", "BilinearPruner", "LinearPruner", "no_new_bias"]
 
@@ -108,6 +116,13 @@ class LinearPruner(LayerPruner):
             replace_param(module, "weight", 1, keep["in"])
             module.in_features = keep["in"].numel()
 
+    def settings_problem(self, module):
+        w = shape_of(module, "weight")
+        if w is None or len(w) != 2:
+            return None
+        expected = {"in_features": w[1], "out_features": w[0]}
+        return settings_mismatch(module, expected, f"its weight of shape {w}")
+
     def weight_energy(self, module, slice_name):
         rows, cols = squared_weight(module.weight)
         return rows if slice_name == "out" else cols
@@ -168,6 +183,13 @@ class BilinearPruner(LayerPruner):
                 if dim == 0:
                     replace_param(module, "bias", 0, keep[name])
                 setattr(module, attr, keep[name].numel())
+
+    def settings_problem(self, module):
+        w = shape_of(module, "weight")
+        if w is None or len(w) != 3:
+            return None
+        expected = {"out_features": w[0], "in1_features": w[1], "in2_features": w[2]}
+        return settings_mismatch(module, expected, f"its weight of shape {w}")
 
     def weight_energy(self, module, slice_name):
         dim = {"out": 0, "in1": 1, "in2": 2}[slice_name]

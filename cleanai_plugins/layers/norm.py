@@ -6,10 +6,12 @@ module of their own with a ``data_format`` (the ConvNeXt repository's ``LayerNor
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_core.interfaces import LayerPruner, slice_params
+from cleanai_core.interfaces import LayerPruner, settings_mismatch, shape_of, slice_params
 
 __all__ = [
     "BatchNormPruner",
@@ -76,6 +78,18 @@ class _PassThrough(LayerPruner):
 
     def fix(self, module, n: int) -> None:
         module.num_features = n
+
+    def settings_problem(self, module):
+        """The attributes :meth:`fix` sets, against the width of the channel tensors."""
+        found = next(((a, s) for a, _ in self.tensors if (s := shape_of(module, a))), None)
+        if found is None:
+            return None
+        attr, shape = found
+        probe = SimpleNamespace(**{k: v for k, v in vars(module).items() if not k.startswith("_")})
+        before = dict(vars(probe))
+        self.fix(probe, shape[0])
+        expected = {k: v for k, v in vars(probe).items() if before.get(k, probe) != v}
+        return settings_mismatch(module, expected, f"its {attr} of shape {shape}")
 
     def weight_energy(self, module, slice_name):
         w = getattr(module, "weight", None)
@@ -185,6 +199,12 @@ class GroupNormPruner(_PassThrough):
 
     def fix(self, module, n):
         module.num_channels = n
+
+    def settings_problem(self, module):
+        g, c = module.num_groups, module.num_channels
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1 or (isinstance(c, int) and c % g):
+            return f"num_groups={g!r} does not divide num_channels={c!r}"
+        return super().settings_problem(module)
 
 
 class GlobalResponseNormPruner(_PassThrough):

@@ -36,7 +36,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
-from cleanai_core.interfaces import LayerPruner, replace_param
+from cleanai_core.interfaces import LayerPruner, replace_param, settings_mismatch, shape_of
 
 __all__ = ["RecurrentCellPruner", "RecurrentPruner"]
 
@@ -112,6 +112,16 @@ class RecurrentPruner(LayerPruner):
         if p > 0 and kp is not None:
             module.proj_size = kp.numel()
         module._init_flat_weights()
+
+    def settings_problem(self, module):
+        ih, hh = shape_of(module, "weight_ih_l0"), shape_of(module, "weight_hh_l0")
+        if ih is None or hh is None:
+            return None
+        hr = shape_of(module, "weight_hr_l0")
+        layers = sum(1 for k in module._parameters if k.startswith("weight_ih_l") and not k.endswith("_reverse"))
+        expected = {"input_size": ih[1], "hidden_size": hr[1] if hr else hh[1], "proj_size": hr[0] if hr else 0}
+        expected.update(num_layers=layers, bidirectional="weight_ih_l0_reverse" in module._parameters)
+        return settings_mismatch(module, expected, f"its weights (weight_ih_l0 {ih}, weight_hh_l0 {hh})")
 
     def mask(self, module, slice_name, idx):
         """Zero, in the masking oracle's copy, every weight of the pruned units."""
@@ -196,6 +206,13 @@ class RecurrentCellPruner(LayerPruner):
                     replace_param(module, name, 0, rows)
             replace_param(module, "weight_hh", 1, kh)
             module.hidden_size = kh.numel()
+
+    def settings_problem(self, module):
+        ih, hh = shape_of(module, "weight_ih"), shape_of(module, "weight_hh")
+        if ih is None or hh is None:
+            return None
+        expected = {"input_size": ih[1], "hidden_size": hh[1]}
+        return settings_mismatch(module, expected, f"its weights (weight_ih {ih}, weight_hh {hh})")
 
     def mask(self, module, slice_name, idx):
         """Zero the pruned units' weights: with a zero state their gates' pre-activations
