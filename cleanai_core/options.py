@@ -347,7 +347,11 @@ def non_finite(named: Any, allow_inf: bool = False) -> tuple[str, int, int] | No
     """The first floating tensor of ``named`` (name, tensor pairs) holding NaN (or inf, unless
     ``allow_inf``), as ``(name, how many, of how many)``; ``None`` when all are finite."""
     for name, t in named:
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta or t.numel() == 0:
+            continue
+        # a NaN or inf anywhere makes the sum non-finite: one read and no tensor-sized mask
+        # for the (usual) finite tensor; a sum that only overflowed is checked in full
+        if bool(torch.isfinite(t.detach().sum(dtype=torch.float32))):
             continue
         bad = torch.isnan(t) if allow_inf else ~torch.isfinite(t)
         if bool(bad.any()):
