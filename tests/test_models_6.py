@@ -166,3 +166,77 @@ def test_save_refuses_a_spec_that_rebuilds_other_buffers(tmp_path):
         back = load_pruned(tmp_path / "w", trust_code=True)
     with torch.no_grad():
         assert torch.equal(back(x), small(x))
+
+
+# -- constant buffers read only by layers ----------------------------------------------------------
+
+
+class CoordinateBias(nn.Module):
+    """Swin-V2's continuous position bias in small: a table of ``(x, y)`` coordinates kept as a
+    buffer, fed to an MLP whose output is added to the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("coords", torch.randn(9, 2), persistent=False)
+        self.stem = nn.Linear(4, 6)
+        self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # (B, 9, 4)
+        return self.head(self.stem(x) + self.mlp(self.coords))
+
+
+def test_coordinates_in_a_buffer_are_data_not_units():
+    torch.manual_seed(0)
+    model, x = CoordinateBias().eval(), torch.randn(2, 9, 4)
+    graph = DependencyGraph(model, x)
+    # the coordinates were a group of 2 prunable units: a ratio of 0.5 removed x or y
+    (coords,) = groups_with(graph, "mlp.0", "in")
+    assert (coords.size, coords.prunable) == (2, 0)
+    assert any("buffer coords holds constant data" in r for r in coords.reasons)
+    assert [(g.size, g.prunable) for g in groups_with(graph, "mlp.0", "out")] == [(8, 8)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    # stream 6 -> 3, hidden 8 -> 4, both coordinates kept
+    assert report.params_after == (4 * 3 + 3) + (2 * 4 + 4) + (4 * 3 + 3) + (3 * 3 + 3)
+
+
+# -- torchvision MViT ------------------------------------------------------------------------------
+
+
+def TinyMViT():  # noqa: N802 - used like a class
+    from torchvision.models.video.mvit import MSBlockConfig, MViT
+
+    torch.manual_seed(0)
+    blocks = [
+        MSBlockConfig(2, 8, 8, [3, 3, 3], [3, 3, 3], [1, 1, 1], [1, 2, 2]),
+        MSBlockConfig(2, 8, 16, [3, 3, 3], [3, 3, 3], [1, 2, 2], [1, 1, 1]),
+    ]
+    model = MViT(
+        spatial_size=(16, 16),
+        temporal_size=2,
+        block_setting=blocks,
+        residual_pool=True,
+        residual_with_cls_embed=False,
+        rel_pos_embed=True,
+        proj_after_attn=True,
+        num_classes=3,
+    )
+    return redrawn(model)
+
+
+def test_mvit_head_size_follows_the_slicing(recwarn):
+    pytest.importorskip("torchvision.models.video.mvit")
+    model, x = TinyMViT(), torch.randn(2, 3, 2, 16, 16)
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-4
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    # output_dim is stored: every head-size group broke the pruned model
+    # (a reshape to it failed) and verification kept it
+    assert not [w for w in recwarn if "skipped group" in str(w.message)]
+    for before, after in zip(model.blocks, small.blocks, strict=True):
+        a, b = before.attn, after.attn
+        assert b.head_dim < a.head_dim and b.output_dim == b.num_heads * b.head_dim == b.qkv.out_features // 3
+        assert b.scaler == a.scaler  # the scale the model was trained with
+    with torch.no_grad():
+        assert small(x).shape == (2, 3)

@@ -65,7 +65,9 @@ def fix_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
         return
     _fix_kv_heads(module, name, edits, getattr(module, dim_attr))
     width = getattr(module, heads_attr) * getattr(module, dim_attr)
-    for attr in ("attn_dim", "all_head_dim", "inner_dim", "attn_dim_total", "dim_out"):
+    # torchvision MViT's ``output_dim``: ``reshape(B, -1, self.output_dim)`` after the heads
+    # (kept, every head-size group broke the pruned model and was skipped: mvit_v2_s kept 0.33)
+    for attr in ("attn_dim", "all_head_dim", "inner_dim", "attn_dim_total", "dim_out", "output_dim"):
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, width)
 
