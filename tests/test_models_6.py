@@ -240,3 +240,25 @@ def test_mvit_head_size_follows_the_slicing(recwarn):
         assert b.scaler == a.scaler  # the scale the model was trained with
     with torch.no_grad():
         assert small(x).shape == (2, 3)
+
+
+# -- attention that stores num_heads but no head size (timm Hiera-Det / SAM2) ----------------------
+
+
+def test_head_count_follows_whole_heads_where_no_head_size_is_stored():
+    pytest.importorskip("timm.models.hieradet_sam2")
+    from timm.models.hieradet_sam2 import MultiScaleAttention
+
+    torch.manual_seed(0)
+    model = redrawn(
+        between(stem=nn.Linear(5, 16), attn=MultiScaleAttention(16, 16, num_heads=4), head=nn.Linear(16, 3))
+    )
+    x = torch.randn(2, 3, 3, 5)
+    # num_heads stayed 4 after 2 heads went: reshape(B, N, 3, 4, -1) cut the kept heads in halves
+    # and the pruned model ran, away from the masked one
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    assert small.attn.num_heads == small.attn.qkv.out_features // (3 * 4) == 2
+    with torch.no_grad():
+        assert small(x).shape == (2, 3, 3, 3)
