@@ -160,7 +160,7 @@ def test_uniform_half_reaches_the_whole_family(name, size, most):
 # session 16: the default path end to end (calibration, prune, save_pruned / load_pruned) on the
 # families whose attention or attributes were fixed then: (spec, architecture keyword arguments,
 # input shape). EdgeNeXt / XCiT cross-covariance attention, MaxViT TF-layout position tables and
-# RelPosMlp coordinates, torchvision MViT (16 x 224 x 224 clips: minutes on a CPU) and the
+# RelPosMlp coordinates, Hiera-Det heads, torchvision MViT (16 x 224 x 224 clips: minutes on a CPU) and the
 # float torchvision quantization builders.
 DEFAULT_PATH = [
     ("timm:edgenext_xx_small", {}, (3, 64, 64)),
@@ -171,6 +171,7 @@ DEFAULT_PATH = [
     ("timm:maxxvit_rmlp_nano_rw_256", {"img_size": 64}, (3, 64, 64)),
     ("timm:coatnet_pico_rw_224", {"img_size": 64}, (3, 64, 64)),
     ("timm:swinv2_tiny_window8_256", {}, (3, 256, 256)),
+    ("timm:sam2_hiera_tiny", {}, (3, 64, 64)),
     ("tv:quantized_resnet18", {}, (3, 64, 64)),
     ("tv:quantized_mobilenet_v3_large", {}, (3, 64, 64)),
     ("tv:mvit_v2_s", {}, (3, 16, 224, 224)),
