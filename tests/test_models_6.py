@@ -262,3 +262,14 @@ def test_head_count_follows_whole_heads_where_no_head_size_is_stored():
     assert small.attn.num_heads == small.attn.qkv.out_features // (3 * 4) == 2
     with torch.no_grad():
         assert small(x).shape == (2, 3, 3, 3)
+
+
+def test_pruned_cross_covariance_attention_pickles(tmp_path):
+    pytest.importorskip("timm.models.edgenext")
+    model, x = XcaNet(), torch.randn(2, 7, 5)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    torch.save(small, tmp_path / "m.pt")  # save_pickle=True: the class is found by its module and name
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert type(back.attn).__name__ == "PrunedCrossCovarianceAttn"
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))

@@ -69,6 +69,7 @@ def pruned_cross_covariance_classes() -> dict[type, type]:
 _PRUNED: dict[type, type] = {
     base: type(f"Pruned{base.__name__}", (base,), {"forward": _forward, "__module__": __name__}) for base in _bases()
 }
+globals().update({cls.__name__: cls for cls in _PRUNED.values()})  # found by name: a pickled model loads
 
 
 @triggered_by("temperature")
