@@ -46,8 +46,8 @@ def scan_head_sizes(modules: list[nn.Module]) -> dict[nn.Module, int]:
         heads = getattr(module, "num_heads", None)
         if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
             continue
-        if any(isinstance(getattr(module, a, None), int) for a in ("head_dim", "dim_head")):
-            continue
+        if any(isinstance(getattr(module, a, None), int) for a in ("head_dim", "dim_head", "key_dim", "val_dim")):
+            continue  # a stored head size, or per-head parts of unequal sizes (LeViT, TinyViT, EfficientFormer)
         for child, stacks in _QUERY_PROJECTIONS:
             proj = getattr(module, child, None)
             width = getattr(proj, "out_features", None)
