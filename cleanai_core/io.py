@@ -235,6 +235,7 @@ def _rebuild_problem(spec: str, options: dict[str, Any], model: nn.Module, histo
             return None  # lazy modules take their shapes from the weights when they load
         state = model.state_dict()
         problems = [p for p in state_dict_problems(own, state) if "meta device" not in p]
+        problems += _buffer_problems(fresh, model, state)
     except Exception:  # noqa: BLE001 - the check is best effort; load_pruned reports its own failures
         return None
     if not problems:
@@ -244,13 +245,28 @@ def _rebuild_problem(spec: str, options: dict[str, Any], model: nn.Module, histo
         "saving (torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')) or add it in the factory"
         if any(".parametrizations." in k for k in state)
         and not any(".parametrizations." in k for k in fresh.state_dict())
-        else "a layer was replaced or added after the model was built (a new head?): give the spec and options "
-        "(such as num_classes) that build this model, or a package.module:factory that builds it"
+        else "a layer was replaced or added after the model was built (a new head?), or it was built with keyword "
+        "arguments (img_size=64): give the spec and options that build this model (num_classes, and the keyword "
+        "arguments as options={'model_kwargs': {...}}), or a package.module:factory that builds it"
     )
     return (
         f"load_pruned could not load the folder: the model {spec!r} rebuilds with the history replayed does not fit "
         f"this one ({'; '.join(problems)}); {hint}"
     )
+
+
+def _buffer_problems(fresh: nn.Module, model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Buffers outside the ``state_dict`` (``persistent=False``: timm's relative position
+    index and log-spaced coordinates, sized by the window) that the rebuilt model has in
+    another shape than ``model``: the weights load, and the forward fails or computes with
+    another window (MaxxViT built with ``img_size=64``, saved without it)."""
+    own = dict(fresh.named_buffers())
+    found = []
+    for name, buf in model.named_buffers():
+        other = own.get(name)
+        if name not in state and other is not None and tuple(other.shape) != tuple(buf.shape):
+            found.append(f"{name} {tuple(buf.shape)} vs model {tuple(other.shape)} (a buffer outside the state_dict)")
+    return found[:3]
 
 
 def _save_pickle(path: Path, model: nn.Module) -> None:

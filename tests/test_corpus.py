@@ -155,3 +155,54 @@ def test_uniform_half_reaches_the_whole_family(name, size, most):
     assert [t.shape for t in run_model(small, x)] == [t.shape for t in run_model(model, x)]
     before, after = (sum(p.numel() for p in m.parameters()) for m in (model, small))
     assert after / before < most, (before, after)
+
+
+# session 16: the default path end to end (calibration, prune, save_pruned / load_pruned) on the
+# families whose attention or attributes were fixed then: (spec, architecture keyword arguments,
+# input shape). EdgeNeXt / XCiT cross-covariance attention, MaxViT TF-layout position tables and
+# RelPosMlp coordinates, Hiera-Det heads, torchvision MViT (16 x 224 x 224 clips: minutes on a CPU) and the
+# float torchvision quantization builders.
+DEFAULT_PATH = [
+    ("timm:edgenext_xx_small", {}, (3, 64, 64)),
+    ("timm:edgenext_x_small", {}, (3, 64, 64)),
+    ("timm:xcit_nano_12_p16_224", {"img_size": 64}, (3, 64, 64)),
+    ("timm:maxvit_tiny_tf_224", {"img_size": 64}, (3, 64, 64)),
+    ("timm:maxvit_rmlp_pico_rw_256", {"img_size": 64}, (3, 64, 64)),
+    ("timm:maxxvit_rmlp_nano_rw_256", {"img_size": 64}, (3, 64, 64)),
+    ("timm:coatnet_pico_rw_224", {"img_size": 64}, (3, 64, 64)),
+    ("timm:swinv2_tiny_window8_256", {}, (3, 256, 256)),
+    ("timm:sam2_hiera_tiny", {}, (3, 64, 64)),
+    ("tv:quantized_resnet18", {}, (3, 64, 64)),
+    ("tv:quantized_mobilenet_v3_large", {}, (3, 64, 64)),
+    ("tv:mvit_v2_s", {}, (3, 16, 224, 224)),
+    ("tv:mvit_v1_b", {}, (3, 16, 224, 224)),
+]
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("spec,kwargs,shape", DEFAULT_PATH, ids=[s for s, _, _ in DEFAULT_PATH])
+def test_default_path_prunes_matches_and_reloads(tmp_path, spec, kwargs, shape):
+    from cleanai_core import StructuredPruner, load_pruned
+    from cleanai_core.io import save_pruned
+
+    lib, name = spec.split(":", 1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if lib == "timm":
+            model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+        else:
+            model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs).eval()
+        batch = 1 if len(shape) == 4 else 2
+        x = torch.randn(batch, *shape)
+        report = check_pruner(model, x, ratio=0.5)
+        assert report.output_shapes_equal
+        assert report.max_abs_diff < sweep.oracle_tolerance(run_model(model, x))
+        pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+        pruner.collect_activations([torch.randn(batch, *shape)], num_batches=1)
+        small = pruner.prune()
+    kept = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in model.parameters())
+    assert kept < 0.4, kept
+    options = {"num_classes": 10, **({"model_kwargs": kwargs} if kwargs else {})}
+    save_pruned(tmp_path / "o", small, pruner.history, ("timm:" if lib == "timm" else "torchvision:") + name, options)
+    back = load_pruned(tmp_path / "o", trust_code=bool(kwargs))
+    assert all(torch.equal(a, b) for a, b in zip(run_model(back, x), run_model(small, x), strict=True))

@@ -339,9 +339,27 @@ class DependencyGraph:
                 if spec.atoms.numel() == specs[0].atoms.numel():
                     ctx.union(specs[0].atoms, spec.atoms)
 
+    def _freeze_constant_inputs(self, ctx: TraceContext) -> None:
+        """Channels that only a buffer holds and only layers' inputs read (the ``(x, y)``
+        coordinates of Swin-V2's ``relative_coords_table`` and of timm's ``RelPosMlp``
+        ``rel_coords_log``, fed to a position MLP's first linear layer) are data, like the
+        model's input: no layer produces them, and pruning one removed a coordinate."""
+        buffers = {n for n, _ in self.model.named_buffers(remove_duplicate=False)}
+        bare = [s for s in ctx.slices.values() if s.kind == "param" and not s.module and s.name in buffers]
+        if not bare:
+            return
+        other = torch.zeros(ctx.n_atoms, dtype=torch.bool)  # roots that a layer output or a parameter reaches
+        for s in ctx.slices.values():
+            if s.kind != "in" and not (s.kind == "param" and not s.module and s.name in buffers):
+                other[self.root[s.atoms]] = True
+        for s in bare:
+            if not bool(other[self.root[s.atoms]].any()):
+                ctx.freeze(s.atoms, f"buffer {s.name} holds constant data that only layers read (like an input)")
+
     def _build_groups(self) -> None:
         ctx = self.ctx
         self.root = components(ctx.n_atoms, ctx.unions)
+        self._freeze_constant_inputs(ctx)
         frozen = torch.cat([a for a, _ in ctx.frozen]) if ctx.frozen else torch.zeros(0, dtype=torch.int64)
         texts = sorted({why for _, why in ctx.frozen})
         ids = {t: i for i, t in enumerate(texts)}

@@ -45,6 +45,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     fix_parallel_block,
     fix_partial_conv,
 )
+from cleanai_plugins.zoo.timm.cross_covariance import fix_cross_covariance
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
@@ -74,6 +75,7 @@ FIXUPS = (
     fix_conv_rel_pos,
     fix_partial_conv,
     fix_split_scales,
+    fix_cross_covariance,
 )
 
 

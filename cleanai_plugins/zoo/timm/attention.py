@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "fix_attention",
+    "scan_head_sizes",
     "fix_bias_attention",
     "fix_bottleneck_attention",
     "fix_headmajor_attention",
@@ -33,12 +34,38 @@ __all__ = [
 _QUERY_PROJECTIONS = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q", 1), ("qkv_proj", 3), ("qk", 2))
 
 
+@triggered_by("num_heads")
+def scan_head_sizes(modules: list[nn.Module]) -> dict[nn.Module, int]:
+    """Attentions that keep ``num_heads`` but no head size (timm's Hiera-Det / SAM2
+    ``MultiScaleAttention``: ``qkv(x).reshape(B, N, 3, self.num_heads, -1)``) -> the head size
+    before slicing, read from the query projection. Without it ``num_heads`` stayed after
+    whole heads were pruned, and the reshape cut the kept heads into halves: the pruned model
+    ran, 0.025 away from the masked one (sam2_hiera_tiny)."""
+    found = {}
+    for module in modules:
+        heads = getattr(module, "num_heads", None)
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+            continue
+        if any(isinstance(getattr(module, a, None), int) for a in ("head_dim", "dim_head", "key_dim", "val_dim")):
+            continue  # a stored head size, or per-head parts of unequal sizes (LeViT, TinyViT, EfficientFormer)
+        for child, stacks in _QUERY_PROJECTIONS:
+            proj = getattr(module, child, None)
+            width = getattr(proj, "out_features", None)
+            if isinstance(proj, nn.Linear) and width % (stacks * heads) == 0:
+                found[module] = width // (stacks * heads)
+                break
+    return found
+
+
 @triggered_by("num_heads", "heads")
 def fix_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     heads_attr = "num_heads" if isinstance(getattr(module, "num_heads", None), int) else "heads"
     heads = getattr(module, heads_attr, None)
     dim_attr = "dim_head" if isinstance(getattr(module, "dim_head", None), int) else "head_dim"  # MaxViT: dim_head
     head_dim = getattr(module, dim_attr, None)
+    if head_dim is None and module in scan.head_sizes:  # reshaped with -1: only the head count is stored
+        _fix_head_count(module, name, edits, heads, scan.head_sizes[module])
+        return
     if not isinstance(heads, int) or isinstance(heads, bool) or not isinstance(head_dim, int):
         return
     for child, stacks in _QUERY_PROJECTIONS:
@@ -65,9 +92,25 @@ def fix_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
         return
     _fix_kv_heads(module, name, edits, getattr(module, dim_attr))
     width = getattr(module, heads_attr) * getattr(module, dim_attr)
-    for attr in ("attn_dim", "all_head_dim", "inner_dim", "attn_dim_total", "dim_out"):
+    # torchvision MViT's ``output_dim``: ``reshape(B, -1, self.output_dim)`` after the heads
+    # (kept, every head-size group broke the pruned model and was skipped: mvit_v2_s kept 0.33)
+    for attr in ("attn_dim", "all_head_dim", "inner_dim", "attn_dim_total", "dim_out", "output_dim"):
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, width)
+
+
+def _fix_head_count(module: nn.Module, name: str, edits, heads: int, head_dim: int) -> None:
+    """``num_heads`` follows the kept heads of the query projection (a head size changed
+    alike in every head needs nothing: the reshape reads it with ``-1``)."""
+    for child, _ in _QUERY_PROJECTIONS:
+        keep = edits.get((f"{name}.{child}" if name else child, "out"))
+        if keep is None:
+            continue
+        q_keep = keep[keep < heads * head_dim]
+        kept_heads = int((q_keep // head_dim).unique().numel())
+        if q_keep.numel() == kept_heads * head_dim:
+            module.num_heads = kept_heads
+        return
 
 
 def _fix_kv_heads(module: nn.Module, name: str, edits, head_dim: int) -> None:

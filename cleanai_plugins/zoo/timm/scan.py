@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 from torch import nn
 
+from cleanai_plugins.zoo.timm.attention import scan_head_sizes
 from cleanai_plugins.zoo.timm.blocks import (
     scan_conv_rel_pos,
     scan_dual_path_blocks,
@@ -22,6 +23,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     scan_parallel_blocks,
     scan_partial_convs,
 )
+from cleanai_plugins.zoo.timm.cross_covariance import scan_cross_covariance
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import scan_group_norms, scan_whole_group_convs
 from cleanai_plugins.zoo.timm.split_scales import scan_split_scales
@@ -65,9 +67,15 @@ class TimmScan:
     split_scales: set[nn.Module] = attrs.field(factory=set)
     #: grouped convs normed by EvoNorm-S: they prune by whole groups
     whole_group_convs: set[nn.Module] = attrs.field(factory=set)
+    #: cross-covariance attentions (EdgeNeXt, XCiT), not width-bound -> head size before pruning
+    cross_covariance: dict[nn.Module, int] = attrs.field(factory=dict)
+    #: attentions that store ``num_heads`` but no head size (Hiera-Det) -> head size before pruning
+    head_sizes: dict[nn.Module, int] = attrs.field(factory=dict)
 
 
 _SCANS = (
+    scan_head_sizes,
+    scan_cross_covariance,
     scan_width_attention,
     scan_group_norms,
     scan_lambda_layers,
@@ -92,7 +100,10 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
     def having(scan: Callable) -> list[nn.Module]:
         return [m for m, n in zip(modules, names, strict=True) if acts_on(scan, n)]
 
-    width_attention, width_heads, tied = scan_width_attention(having(scan_width_attention))
+    cross_covariance = scan_cross_covariance(having(scan_cross_covariance))
+    bound = [m for m in having(scan_width_attention) if m not in cross_covariance]  # their widths are freed
+    width_attention, width_heads, tied = scan_width_attention(bound)
+    bound_or_xca = {*width_attention, *cross_covariance}  # their own fix-ups set the head count
     return TimmScan(
         tied=tied,
         width_attention=width_attention,
@@ -106,6 +117,8 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         partial_conv=scan_partial_convs(having(scan_partial_convs)),
         split_scales=scan_split_scales(having(scan_split_scales)),
         whole_group_convs=scan_whole_group_convs(having(scan_whole_group_convs)),
+        cross_covariance=cross_covariance,
+        head_sizes={m: d for m, d in scan_head_sizes(having(scan_head_sizes)).items() if m not in bound_or_xca},
         fixups=_acting(fixups, modules, names),
     )
 
