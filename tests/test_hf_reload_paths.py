@@ -84,7 +84,9 @@ def test_load_pruned_reloads_what_from_pretrained_cannot(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(set(FAMILIES) - set(FAST)))
 def test_corpus_load_pruned(name, tmp_path):
     small, again, inputs, kind = reload_through_load_pruned(name, tmp_path)
-    assert torch.equal(logits(small, inputs), logits(again, inputs))
+    # within a float's rounding: CLIP's reloaded logits differ by 9e-8 (of 0.39) under this
+    # torch build, also with its weights cloned (as the other reload tests compare)
+    torch.testing.assert_close(logits(small, inputs), logits(again, inputs), rtol=0, atol=1e-6)
     if kind != "encoder":
         assert torch.equal(greedy(small, inputs), greedy(again, inputs))
 
