@@ -29,22 +29,36 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_plugins.mappers.shape import allow_filled_destinations
+from cleanai_plugins.zoo import loaded, named_classes, once_loaded
 
-try:  # torchvision is optional
-    from torchvision.models import maxvit as _maxvit
-    from torchvision.models import vision_transformer as _vit
-    from torchvision.models.detection import generalized_rcnn as _rcnn
-    from torchvision.models.optical_flow import raft as _raft
-    from torchvision.ops import poolers as _poolers
-except Exception:  # pragma: no cover
-    _maxvit = _vit = _raft = _rcnn = _poolers = None
+
+def _maxvit():
+    return loaded("torchvision.models.maxvit")
+
+
+def _vit():
+    return loaded("torchvision.models.vision_transformer")
+
+
+def _rcnn():
+    return loaded("torchvision.models.detection.generalized_rcnn")
+
+
+def _raft():
+    return loaded("torchvision.models.optical_flow.raft")
+
+
+def _poolers():
+    return loaded("torchvision.ops.poolers")
+
 
 RAFT_KEY = "torchvision_raft_channels"  # findings: {corr block name: the feature width it scales by}
 
 
 def fix_vit(module: nn.Module, name: str, edits) -> None:
     """``VisionTransformer._process_input`` reshapes patches to ``self.hidden_dim``."""
-    if _vit is not None and isinstance(module, _vit.VisionTransformer):
+    vit = _vit()
+    if vit is not None and isinstance(module, vit.VisionTransformer):
         module.hidden_dim = module.conv_proj.out_channels
 
 
@@ -58,9 +72,14 @@ def _heads_from_keep(keep: torch.Tensor, heads: int, head_dim: int, stacks: int)
     return heads, q_keep.numel() // heads
 
 
-if _maxvit is not None:
+@once_loaded
+def pruned_maxvit_attention() -> type | None:
+    """:class:`PrunedRelativePositionalMultiHeadAttention`, made once torchvision is imported."""
+    maxvit = _maxvit()
+    if maxvit is None:
+        return None
 
-    class PrunedRelativePositionalMultiHeadAttention(_maxvit.RelativePositionalMultiHeadAttention):
+    class PrunedRelativePositionalMultiHeadAttention(maxvit.RelativePositionalMultiHeadAttention):
         """Same computation; the output is reshaped to ``n_heads * head_dim``."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,22 +96,30 @@ if _maxvit is not None:
             out = out.permute(0, 1, 3, 2, 4).reshape(B, G, P, H * DH)
             return self.merge(out)
 
+    return _named(PrunedRelativePositionalMultiHeadAttention)
+
 
 def fix_maxvit_attention(module: nn.Module, name: str, edits) -> None:
-    if _maxvit is None or not isinstance(module, _maxvit.RelativePositionalMultiHeadAttention):
+    maxvit = _maxvit()
+    if maxvit is None or not isinstance(module, maxvit.RelativePositionalMultiHeadAttention):
         return
     keep = edits.get((f"{name}.to_qkv" if name else "to_qkv", "out"))
     if keep is not None:
         module.n_heads, module.head_dim = _heads_from_keep(keep, module.n_heads, module.head_dim, 3)
-    if type(module) is _maxvit.RelativePositionalMultiHeadAttention and (
+    if type(module) is maxvit.RelativePositionalMultiHeadAttention and (
         keep is not None or (f"{name}.merge" if name else "merge", "in") in edits
     ):
-        module.__class__ = PrunedRelativePositionalMultiHeadAttention
+        module.__class__ = pruned_maxvit_attention()
 
 
-if _raft is not None:
+@once_loaded
+def pruned_corr_block() -> type | None:
+    """:class:`PrunedCorrBlock`, made once torchvision is imported."""
+    raft = _raft()
+    if raft is None:
+        return None
 
-    class PrunedCorrBlock(_raft.CorrBlock):
+    class PrunedCorrBlock(raft.CorrBlock):
         """Same correlation pyramid, scaled by the feature width the model was trained with."""
 
         channels: int
@@ -102,15 +129,34 @@ if _raft is not None:
             corr = torch.matmul(fmap1.view(b, c, h * w).transpose(1, 2), fmap2.view(b, c, h * w))
             return corr.view(b, h, w, 1, h, w) / torch.sqrt(torch.tensor(float(self.channels)))
 
+    return _named(PrunedCorrBlock)
+
+
+def _named(cls: type) -> type:
+    """``cls`` found by name in this module (:func:`__getattr__`): a pickled model loads."""
+    cls.__module__, cls.__qualname__ = __name__, cls.__name__
+    return cls
+
+
+#: the pruned classes by name (a pickled model loads, also before torchvision is imported)
+__getattr__ = named_classes(
+    __name__,
+    {
+        "PrunedRelativePositionalMultiHeadAttention": ("torchvision.models.maxvit", pruned_maxvit_attention),
+        "PrunedCorrBlock": ("torchvision.models.optical_flow.raft", pruned_corr_block),
+    },
+)
+
 
 def raft_channels(model: nn.Module) -> dict[str, int]:
     """``{corr block name: feature width}`` of every RAFT in ``model``, as it is now (a block
     already swapped keeps the width it was given)."""
-    if _raft is None:
+    raft = _raft()
+    if raft is None:
         return {}
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, _raft.RAFT):
+        if isinstance(m, raft.RAFT):
             block = f"{name}.corr_block" if name else "corr_block"
             pinned = getattr(m.corr_block, "channels", None)
             out[block] = int(pinned) if pinned is not None else int(m.feature_encoder.conv.out_channels)
@@ -118,11 +164,12 @@ def raft_channels(model: nn.Module) -> dict[str, int]:
 
 
 def fix_raft_correlation(module: nn.Module, name: str, findings) -> None:
-    if _raft is None or type(module) is not _raft.CorrBlock or findings is None:
+    raft = _raft()
+    if raft is None or type(module) is not raft.CorrBlock or findings is None:
         return
     channels = (findings.get(RAFT_KEY) or {}).get(name)
     if channels is not None:
-        module.__class__ = PrunedCorrBlock
+        module.__class__ = pruned_corr_block()
         module.channels = channels
 
 
@@ -131,7 +178,8 @@ def fix_raft_hidden_size(module: nn.Module, name: str, edits) -> None:
     stored widths: they follow the recurrent block's pruned hidden channels (raft_large's
     equal halves prune together; its forward raised "The context encoder outputs 128
     channels, but it should have at strictly more than hidden_state=128 channels")."""
-    if _raft is None or not isinstance(module, _raft.RAFT):
+    raft = _raft()
+    if raft is None or not isinstance(module, raft.RAFT):
         return
     block = getattr(module.update_block, "recurrent_block", None)
     conv = getattr(getattr(block, "convgru1", None), "convz", None)
@@ -142,7 +190,8 @@ def fix_raft_hidden_size(module: nn.Module, name: str, edits) -> None:
 @hookimpl(trylast=True)
 def cleanai_prepare_model(model):
     found = raft_channels(model)
-    pools = [m for m in model.modules() if _poolers is not None and isinstance(m, _poolers.MultiScaleRoIAlign)]
+    poolers = _poolers()
+    pools = [m for m in model.modules() if poolers is not None and isinstance(m, poolers.MultiScaleRoIAlign)]
     out = {**({RAFT_KEY: found} if found else {}), **(allow_filled_destinations(*pools) if pools else {})}
     return out or None
 
@@ -158,11 +207,12 @@ def cleanai_after_prune(module, name, edits, findings):
 def untraced_roi_features(graph) -> list[tuple[torch.Tensor, str]]:
     """The FPN output channels of every R-CNN in ``graph.model`` whose ROI heads the trace
     did not reach (a ``forward_fn`` through the backbone and the RPN only)."""
-    if _rcnn is None:
+    rcnn = _rcnn()
+    if rcnn is None:
         return []
     out = []
     for name, m in graph.model.named_modules():
-        if not isinstance(m, _rcnn.GeneralizedRCNN):
+        if not isinstance(m, rcnn.GeneralizedRCNN):
             continue
         prefix = f"{name}." if name else ""
         heads, fpn = f"{prefix}roi_heads.", f"{prefix}backbone.fpn.layer_blocks."

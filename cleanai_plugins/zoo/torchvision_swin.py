@@ -28,6 +28,7 @@ otherwise; an unpruned module keeps its own class).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -36,12 +37,7 @@ import torch.nn.functional as F
 
 from cleanai_core import hookimpl
 from cleanai_core.interfaces import LayerPruner, add_to_bias, replace_param, squared_weight
-
-try:  # torchvision is optional
-    from torchvision.models import swin_transformer as _swin
-    from torchvision.models.video import swin_transformer as _swin3d
-except Exception:  # pragma: no cover
-    _swin = _swin3d = None
+from cleanai_plugins.zoo import loaded, named_classes, once_loaded
 
 __all__ = ["ShiftedWindowAttentionPruner", "shifted_window_attention"]
 
@@ -136,7 +132,7 @@ class _PrunedForward:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         window_size, shift_size = self.window_size, self.shift_size
         if x.ndim == 5:  # video Swin: windows larger than the input shrink to it, unshifted
-            window_size, shift_size = _swin3d._get_window_and_shift_size(
+            window_size, shift_size = loaded("torchvision.models.video.swin_transformer")._get_window_and_shift_size(
                 shift_size.copy(), list(x.shape[1:4]), window_size.copy()
             )
             bias = self.get_relative_position_bias(window_size)
@@ -159,27 +155,37 @@ class _PrunedForward:
         )
 
 
-_PRUNED_CLASS: dict[type, type] = {}  # claimed class -> class of the pruned module
+@once_loaded
+def pruned_classes() -> dict[type, type] | None:
+    """Claimed class -> class of the pruned module (the pruned classes claim themselves),
+    made once torchvision is imported (None before)."""
+    swin, swin3d = loaded("torchvision.models.swin_transformer"), loaded("torchvision.models.video.swin_transformer")
+    if swin is None or swin3d is None:
+        return None
+    made = {}
+    for base in (swin.ShiftedWindowAttention, swin.ShiftedWindowAttentionV2, swin3d.ShiftedWindowAttention3d):
+        name = f"Pruned{base.__name__}"
+        doc = f"A pruned ``{base.__name__}``: input, internal and output widths may differ."
+        made[base] = type(name, (_PrunedForward, base), {"__module__": __name__, "__doc__": doc})
+    return {**made, **{cls: cls for cls in made.values()}}
 
-if _swin is not None:
 
-    class PrunedShiftedWindowAttention(_PrunedForward, _swin.ShiftedWindowAttention):
-        """A pruned ``ShiftedWindowAttention``: input, internal and output widths may differ."""
+def _pruned_class() -> dict[type, type]:
+    return pruned_classes() or {}
 
-    class PrunedShiftedWindowAttentionV2(_PrunedForward, _swin.ShiftedWindowAttentionV2):
-        """A pruned ``ShiftedWindowAttentionV2``: input, internal and output widths may differ."""
 
-    class PrunedShiftedWindowAttention3d(_PrunedForward, _swin3d.ShiftedWindowAttention3d):
-        """A pruned video ``ShiftedWindowAttention3d``: input, internal and output widths may differ."""
+def _named(name: str) -> type | None:
+    return next((cls for cls in _pruned_class().values() if cls.__name__ == name), None)
 
-    _PRUNED_CLASS = {
-        _swin.ShiftedWindowAttention: PrunedShiftedWindowAttention,
-        _swin.ShiftedWindowAttentionV2: PrunedShiftedWindowAttentionV2,
-        _swin3d.ShiftedWindowAttention3d: PrunedShiftedWindowAttention3d,
-        PrunedShiftedWindowAttention: PrunedShiftedWindowAttention,
-        PrunedShiftedWindowAttentionV2: PrunedShiftedWindowAttentionV2,
-        PrunedShiftedWindowAttention3d: PrunedShiftedWindowAttention3d,
-    }
+
+#: the pruned classes by name (a pickled model loads, also before torchvision is imported)
+__getattr__ = named_classes(
+    __name__,
+    {
+        f"Pruned{base}": ("torchvision.models.video.swin_transformer", functools.partial(_named, f"Pruned{base}"))
+        for base in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2", "ShiftedWindowAttention3d")
+    },
+)
 
 
 class ShiftedWindowAttentionPruner(LayerPruner):
@@ -208,7 +214,7 @@ class ShiftedWindowAttentionPruner(LayerPruner):
             replace_param(module.proj, "bias", 0, keep["out"])
             module.proj.out_features = keep["out"].numel()
         if keep:
-            module.__class__ = _PRUNED_CLASS[type(module)]
+            module.__class__ = _pruned_class()[type(module)]
 
     def mask(self, module, slice_name, idx):
         """In the masking oracle's copy, a pruned head's value rows are zeroed (its output is
@@ -275,6 +281,6 @@ def _keep_heads(module, heads: torch.Tensor) -> None:
 
 @hookimpl
 def cleanai_layer_pruner(module):
-    if type(module) in _PRUNED_CLASS:
+    if type(module) in _pruned_class():
         return ShiftedWindowAttentionPruner()
     return None

@@ -16,6 +16,7 @@ from torch import nn
 from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.layers.linear import LinearPruner
 from cleanai_plugins.mappers.shape import allow_unequal_split
+from cleanai_plugins.zoo import loaded, named_classes, once_loaded
 from cleanai_plugins.zoo.timm.lookup import triggered_by
 from cleanai_plugins.zoo.timm.widths import out_channels
 
@@ -255,13 +256,15 @@ def scan_partial_convs(modules: list[nn.Module]) -> set[nn.Module]:
     return found
 
 
-def _pruned_partial_conv() -> type | None:
-    try:
-        from timm.models.fasternet import Partial_conv3
-    except Exception:  # timm is optional; an older timm has no FasterNet
+@once_loaded
+def pruned_partial_conv() -> type | None:
+    """:class:`PrunedPartialConv`, made once timm is imported (None before, or where timm
+    has no FasterNet)."""
+    fasternet = loaded("timm.models.fasternet")
+    if fasternet is None or not hasattr(fasternet, "Partial_conv3"):
         return None
 
-    class PrunedPartialConv(Partial_conv3):
+    class PrunedPartialConv(fasternet.Partial_conv3):
         """A pruned ``Partial_conv3``: the first part is as wide as its conv's kept inputs,
         the untouched part is the rest of the input (its width is read at run time, so the
         stale ``dim_untouched`` is dropped)."""
@@ -270,20 +273,24 @@ def _pruned_partial_conv() -> type | None:
             x1, x2 = torch.split(x, [self.dim_conv3, x.shape[1] - self.dim_conv3], dim=1)
             return torch.cat((self.partial_conv3(x1), x2), 1)
 
+    PrunedPartialConv.__module__ = __name__  # found by name: a pickled model loads (module ``__getattr__``)
+    PrunedPartialConv.__qualname__ = "PrunedPartialConv"
     return PrunedPartialConv
 
 
-PrunedPartialConv = _pruned_partial_conv()
+#: :class:`PrunedPartialConv` by name (a pickled model loads, also before timm is imported)
+__getattr__ = named_classes(__name__, {"PrunedPartialConv": ("timm.models.fasternet", pruned_partial_conv)})
 
 
 @triggered_by("partial_conv3")
 def fix_partial_conv(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """``dim_conv3`` follows the conv's input width, and the block becomes a
     :class:`PrunedPartialConv` (its ``forward`` splits at that width)."""
-    if module not in scan.partial_conv or PrunedPartialConv is None:
+    pruned = pruned_partial_conv()
+    if module not in scan.partial_conv or pruned is None:
         return
     module.dim_conv3 = module.partial_conv3.in_channels
-    if type(module) is PrunedPartialConv.__base__:
-        module.__class__ = PrunedPartialConv
+    if type(module) is pruned.__base__:
+        module.__class__ = pruned
     module.__dict__.pop("forward", None)
     module.__dict__.pop("dim_untouched", None)

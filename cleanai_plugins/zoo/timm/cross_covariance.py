@@ -21,12 +21,14 @@ the widths from ``qkv`` (``reshape(B, N, -1)``), the rest of ``forward`` as timm
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cleanai_plugins.zoo import loaded, named_classes, once_loaded
 from cleanai_plugins.zoo.timm.lookup import triggered_by
 
 if TYPE_CHECKING:
@@ -51,25 +53,36 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.proj_drop(self.proj(x))
 
 
-def _bases() -> list[type]:
-    found = []
-    for module, name in (("timm.models.edgenext", "CrossCovarianceAttn"), ("timm.models.xcit", "XCA")):
-        try:
-            found.append(getattr(__import__(module, fromlist=[name]), name))
-        except Exception:  # timm is optional; an older timm may lack one
-            continue
-    return found
+#: timm's cross-covariance attentions: (module, class)
+_BASES = (("timm.models.edgenext", "CrossCovarianceAttn"), ("timm.models.xcit", "XCA"))
 
 
-def pruned_cross_covariance_classes() -> dict[type, type]:
-    """timm's XCA class -> its pruned variant (``Pruned<name>``)."""
-    return _PRUNED
+@once_loaded
+def pruned_cross_covariance_classes() -> dict[type, type] | None:
+    """timm's XCA class -> its pruned variant (``Pruned<name>``), made once timm is
+    imported (None before)."""
+    if loaded("timm") is None:
+        return None
+    bases = [getattr(loaded(module), name, None) for module, name in _BASES]
+    return {
+        base: type(f"Pruned{base.__name__}", (base,), {"forward": _forward, "__module__": __name__})
+        for base in bases
+        if base is not None
+    }
 
 
-_PRUNED: dict[type, type] = {
-    base: type(f"Pruned{base.__name__}", (base,), {"forward": _forward, "__module__": __name__}) for base in _bases()
-}
-globals().update({cls.__name__: cls for cls in _PRUNED.values()})  # found by name: a pickled model loads
+def _pruned() -> dict[type, type]:
+    return pruned_cross_covariance_classes() or {}
+
+
+def _named(name: str) -> type | None:
+    return next((cls for cls in _pruned().values() if cls.__name__ == name), None)
+
+
+#: the pruned classes by name (a pickled model loads, also before timm is imported)
+__getattr__ = named_classes(
+    __name__, {f"Pruned{base}": (module, functools.partial(_named, f"Pruned{base}")) for module, base in _BASES}
+)
 
 
 @triggered_by("temperature")
@@ -77,7 +90,7 @@ def scan_cross_covariance(modules: list[nn.Module]) -> dict[nn.Module, int]:
     """timm's XCA modules -> head size before pruning (``qkv``: 3 parts of ``heads`` heads)."""
     found = {}
     for m in modules:
-        if type(m) not in _PRUNED:
+        if type(m) not in _pruned():
             continue
         qkv, heads = getattr(m, "qkv", None), getattr(m, "num_heads", None)
         if isinstance(qkv, nn.Linear) and isinstance(heads, int) and heads > 0 and qkv.out_features % (3 * heads) == 0:
@@ -99,6 +112,6 @@ def fix_cross_covariance(module: nn.Module, name: str, edits, scan: TimmScan) ->
         kept_heads = int((q_keep // head_dim).unique().numel())
         if q_keep.numel() == kept_heads * head_dim:
             module.num_heads = kept_heads
-    pruned = _PRUNED.get(type(module))
+    pruned = _pruned().get(type(module))
     if pruned is not None:
         module.__class__ = pruned

@@ -22,21 +22,23 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from cleanai_plugins.zoo import loaded, named_classes, once_loaded
 from cleanai_plugins.zoo.timm.lookup import triggered_by
 
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
 
-__all__ = ["PrunedSplitTransposeBlock", "fix_split_scales", "scan_split_scales"]
+__all__ = ["fix_split_scales", "pruned_split_transpose", "scan_split_scales"]
 
 
-def _pruned_split_transpose() -> type | None:
-    try:
-        from timm.models.edgenext import SplitTransposeBlock
-    except Exception:  # timm is optional
+@once_loaded
+def pruned_split_transpose() -> type | None:
+    """:class:`PrunedSplitTransposeBlock`, made once timm is imported (None before)."""
+    edgenext = loaded("timm.models.edgenext")
+    if edgenext is None or not hasattr(edgenext, "SplitTransposeBlock"):
         return None
 
-    class PrunedSplitTransposeBlock(SplitTransposeBlock):
+    class PrunedSplitTransposeBlock(edgenext.SplitTransposeBlock):
         """A pruned ``SplitTransposeBlock``: ``split`` at the convs' width (``self.width``),
         the last part the rest, where ``chunk`` would split at ``ceil(C / n)``. The rest of
         ``forward`` is timm 1.0's."""
@@ -66,10 +68,13 @@ def _pruned_split_transpose() -> type | None:
                 x = self.gamma * x
             return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
 
+    PrunedSplitTransposeBlock.__module__ = __name__  # found by name: a pickled model loads (module ``__getattr__``)
+    PrunedSplitTransposeBlock.__qualname__ = "PrunedSplitTransposeBlock"
     return PrunedSplitTransposeBlock
 
 
-PrunedSplitTransposeBlock = _pruned_split_transpose()
+#: :class:`PrunedSplitTransposeBlock` by name (a pickled model loads, also before timm is imported)
+__getattr__ = named_classes(__name__, {"PrunedSplitTransposeBlock": ("timm.models.edgenext", pruned_split_transpose)})
 
 
 @triggered_by("convs")
@@ -77,11 +82,12 @@ def scan_split_scales(modules: list[nn.Module]) -> set[nn.Module]:
     """The split-scale blocks whose ``chunk`` leaves a smaller last part (an even chunk
     prunes as it is: its parts are tied channel by channel), with one depthwise conv of
     ``width`` channels per part but the last."""
-    if PrunedSplitTransposeBlock is None:
+    pruned = pruned_split_transpose()
+    if pruned is None:
         return set()
     found = set()
     for m in modules:
-        if type(m) is not PrunedSplitTransposeBlock.__base__ or not isinstance(m.width, int):
+        if type(m) is not pruned.__base__ or not isinstance(m.width, int):
             continue
         convs, width, dim = list(m.convs), m.width, m.norm_xca.normalized_shape[0]
         n = len(convs) + 1
@@ -97,8 +103,9 @@ def scan_split_scales(modules: list[nn.Module]) -> set[nn.Module]:
 def fix_split_scales(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """``width`` follows the convs' kept channels, and the block becomes a
     :class:`PrunedSplitTransposeBlock` (its ``forward`` splits at that width)."""
-    if module not in scan.split_scales or PrunedSplitTransposeBlock is None:
+    pruned = pruned_split_transpose()
+    if module not in scan.split_scales or pruned is None:
         return
     module.width = module.convs[0].in_channels
-    if type(module) is PrunedSplitTransposeBlock.__base__:
-        module.__class__ = PrunedSplitTransposeBlock
+    if type(module) is pruned.__base__:
+        module.__class__ = pruned

@@ -28,18 +28,12 @@ transformers is optional: without it this plugin claims nothing.
 from __future__ import annotations
 
 from cleanai_core import hookimpl
-
-try:  # guarded: transformers is an optional extra
-    from transformers import PreTrainedModel
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - exercised only without transformers
-    PreTrainedModel = Conv1D = None
-
 from cleanai_plugins.layers.linear import no_new_bias
 from cleanai_plugins.layers.norm import LayerNormPruner, RMSNormPruner
 from cleanai_plugins.mappers.gqa import GQA_QUERY_HEADS
 from cleanai_plugins.mappers.matmul import slices_head_inputs
 from cleanai_plugins.mappers.shape import allow_channel_ranges
+from cleanai_plugins.zoo import loaded
 from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner
 from cleanai_plugins.zoo.transformers.alibi import fix_alibi_heads, is_alibi_attention
 from cleanai_plugins.zoo.transformers.attention import (
@@ -67,6 +61,16 @@ INPUT_WIDTH_QUERIES = "input_width_queries"
 #: model findings key: projections of attention that transformers rebuilds from the config
 #: while the model runs (BigBird's block-sparse attention, :mod:`.rebuilt`): frozen
 REBUILT_PROJECTIONS = "rebuilt_projections"
+
+
+def pretrained_model_class() -> type | None:
+    """transformers' ``PreTrainedModel`` once transformers is imported (None before: no
+    transformers model can exist yet, and importing it here cost every process 1-2 s)."""
+    return getattr(loaded("transformers.modeling_utils"), "PreTrainedModel", None)
+
+
+def _conv1d_class() -> type | None:
+    return getattr(loaded("transformers.pytorch_utils"), "Conv1D", None)
 
 
 def is_rms_norm(module) -> bool:
@@ -108,7 +112,7 @@ def outermost(root, cls) -> list:
 
 @hookimpl(trylast=True)
 def cleanai_whole_heads(model):
-    if PreTrainedModel is None:
+    if pretrained_model_class() is None:
         return None
     return [m for m in model.modules() if is_attention(m)]
 
@@ -118,11 +122,12 @@ def cleanai_prepare_model(model):
     """The q, k, v ranges of a fused ``qkv_proj`` are taken by fixed bounds: the
     attention fix-ups rewrite them after slicing. Layers whose bias no config switch
     can declare get none from compensation."""
-    if PreTrainedModel is None:
+    pretrained = pretrained_model_class()
+    if pretrained is None:
         return None
     modules = list(model.modules())  # one walk for the four finders
     fused = [m for m in modules if is_attention(m) and (has_fused_qkv(m) or has_fused_mqa(m))]
-    bare = [m for _, hf in outermost(model, PreTrainedModel) for m in undeclarable(hf)]
+    bare = [m for _, hf in outermost(model, pretrained) for m in undeclarable(hf)]
     alibi = [m for m in modules if is_alibi_attention(m)]
     tied = {q for q in map(input_width_query, modules) if q is not None}
     rebuilt = {p for m in modules for p in rebuilt_projections(m)}
@@ -139,11 +144,12 @@ def cleanai_prepare_model(model):
 
 @hookimpl(trylast=True)
 def cleanai_after_prune(module, name, edits, findings=None):
-    if PreTrainedModel is None:
+    pretrained = pretrained_model_class()
+    if pretrained is None:
         return
     if not edits:  # nothing sliced (every group too small for the ratio): the config still says how it reloads
         if name == "":
-            for _, model in outermost(module, PreTrainedModel):
+            for _, model in outermost(module, pretrained):
                 fix_config(model)
         return
     kept = (findings or {}).get(GQA_QUERY_HEADS, ())  # attention that kept its key/value heads
@@ -153,7 +159,7 @@ def cleanai_after_prune(module, name, edits, findings=None):
         for sub, attn in module.named_modules():  # Bloom: the kept heads' ALiBi rows (once per slicing)
             if is_alibi_attention(attn):
                 fix_alibi_heads(attn, sub, edits)
-        for _, model in outermost(module, PreTrainedModel):
+        for _, model in outermost(module, pretrained):
             for attn in model.modules():
                 if is_attention(attn):
                     fix_attention(attn, attn in kept)
@@ -166,7 +172,8 @@ def cleanai_layer_pruner(module, findings=None):
         return TiedLinearPruner(1)
     if module in (findings or {}).get(REBUILT_PROJECTIONS, ()):
         return FrozenLinearPruner(REBUILT)
-    if Conv1D is not None and isinstance(module, Conv1D):
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
         return Conv1DPruner()
     if is_rms_norm(module):
         return RMSNormPruner()
