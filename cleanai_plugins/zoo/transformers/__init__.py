@@ -126,6 +126,8 @@ def cleanai_prepare_model(model):
     if pretrained is None:
         return None
     modules = list(model.modules())  # one walk for the four finders
+    if not any(type(m).__module__.startswith("transformers.") for m in modules):
+        return None  # every finding below is about transformers' classes (a timm model: 7 ms a scan)
     fused = [m for m in modules if is_attention(m) and (has_fused_qkv(m) or has_fused_mqa(m))]
     bare = [m for _, hf in outermost(model, pretrained) for m in undeclarable(hf)]
     alibi = [m for m in modules if is_alibi_attention(m)]
