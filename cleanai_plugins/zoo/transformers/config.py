@@ -89,8 +89,13 @@ def _side(name: str) -> str:
 
 
 def _set(config, key: str, values: list[int], record: dict) -> None:
-    if not values or not hasattr(config, key) or isinstance(getattr(config, key), (list, tuple)):
-        return  # a per-stage list (Swin's ``num_heads``) is written by :mod:`.staged`
+    if not values or not hasattr(config, key):
+        return
+    current = getattr(config, key)
+    if isinstance(current, (list, tuple)):  # one value per layer (Gemma3n's ``intermediate_size``): each its own
+        if len(current) == len(values) and not is_staged(config):  # (a per-stage list, Swin's ``num_heads``,
+            setattr(config, key, type(current)(values))  # is written by :mod:`.staged`)
+        return
     if len(set(values)) > 1:
         record[key] = values
     setattr(config, key, values[0])
@@ -98,7 +103,7 @@ def _set(config, key: str, values: list[int], record: dict) -> None:
 
 def _entry(config) -> dict:
     return {"config": config, "norms": Counter(), "inputs": Counter(), "values": defaultdict(list),
-            "scaled": defaultdict(list)}  # fmt: skip
+            "scaled": defaultdict(list), "mlps": set()}  # fmt: skip
 
 
 def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None]] | None = None) -> dict[int, dict]:
@@ -141,12 +146,14 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
         if width is not None:  # Mixtral's, Qwen3-MoE's, GPT-OSS's 3-D expert MLPs
             values["experts"].append(width)
         shared = _SHARED_UP.search(name)
-        if _MLP_UP.search(name) or shared:
+        mlp = name.rpartition(".")[0]  # one width per MLP: its gate and up projections say the same
+        if (_MLP_UP.search(name) or shared) and mlp not in entry["mlps"]:
             width = proj_width(module)
             if width is not None:
                 if name.endswith((*_MLP_STACKED, "shared_mlp.input_linear")):
                     width //= 2
                 values["shared_expert" if shared else f"{side}ffn_dim" if side else "mlp"].append(width)
+                entry["mlps"].add(mlp)
     return found
 
 
