@@ -183,6 +183,9 @@ def _write(entry: dict) -> dict:
         experts, mlp = values.get("experts", []), values.get("mlp", [])
         if hasattr(config, "moe_intermediate_size"):  # the experts' own key (Qwen3-MoE, DeepSeek)
             _set(config, "moe_intermediate_size", experts, record)
+        elif hasattr(config, "intermediate_size_mlp"):  # the dense layers' own key (Llama 4; experts: the MLP key)
+            _set(config, "intermediate_size_mlp", mlp, record)
+            mlp = experts
         else:  # the experts are the MLP (Mixtral)
             mlp = mlp + experts
         for key in SHARED_KEYS:
