@@ -41,7 +41,7 @@ from torch import nn
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 from cleanai_plugins.zoo.transformers.bias import declare_biases
 from cleanai_plugins.zoo.transformers.experts import expert_width
-from cleanai_plugins.zoo.transformers.reload_path import reasons
+from cleanai_plugins.zoo.transformers.reload_path import HEADS, MLP, reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
 __all__ = ["SHARED_KEYS", "config_owner", "fix_config", "rebuild_mismatches", "rebuilt_shapes"]
@@ -307,8 +307,19 @@ def fix_config(model: nn.Module) -> None:
         **({"per_layer": record} if record else {}),
         **({"biases_declared": declared} if declared else {}),
         **({"mismatched": mismatched[:5]} if mismatched else {}),
-        **({"reload": "load_pruned", "why": reasons(model, mismatched)} if mismatched else {}),
+        **({"reload": "load_pruned", "why": _why(model, mismatched, record)} if mismatched else {}),
     }
+
+
+def _why(model: nn.Module, mismatched: list[str], record: dict) -> list[str]:
+    """The reasons, the layers' own widths first where they disagree (per-layer ratios,
+    global ranking): that, not the family's head size or MLP formula, is what one key per
+    width cannot say (Llama's heads were blamed on a head size derived from the width)."""
+    why = reasons(model, mismatched)
+    if not record:
+        return why
+    per_layer = f"layers keep different widths ({', '.join(sorted(record))}): the config holds one value per key"
+    return [per_layer, *(w for w in why if w not in (HEADS, MLP))]
 
 
 #: config switches that make a family derive the MLP width from its key by a formula (LFM2:
