@@ -940,6 +940,122 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    # session 17
+    "gemma3n-text": (  # one MLP width per layer (intermediate_size a list), AltUp, LAuReL, per-layer inputs
+        _causal(
+            "Gemma3nForCausalLM",
+            "Gemma3nTextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=[96, 128],
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=V,
+            laurel_rank=8,
+            altup_num_inputs=2,
+            num_kv_shared_layers=0,
+            activation_sparsity_pattern=[0.0, 0.0],
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=4,
+        ),
+        "causal",
+    ),
+    "llama4-text": (  # transposed 3-D experts run through bmm, a dense layer, complex rotary embeddings
+        _causal(
+            "Llama4ForCausalLM",
+            "Llama4TextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            intermediate_size_mlp=96,
+            interleave_moe_layer_step=1,
+            moe_layers=[1],
+            no_rope_layers=[1, 0],
+            attention_chunk_size=16,
+        ),
+        "causal",
+    ),
+    "ctrl": (  # an nn.Sequential MLP (ffn.0, ffn.2) of width dff
+        _make(
+            "CTRLLMHeadModel",
+            "CTRLConfig",
+            _ids,
+            vocab_size=V,
+            n_embd=64,
+            n_head=4,
+            n_layer=2,
+            dff=96,
+            n_positions=64,
+            pad_token_id=0,
+        ),  # fmt: skip
+        "causal",
+    ),
+    "gemma4-text": (
+        _causal(
+            "Gemma4ForCausalLM",
+            "Gemma4TextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=16,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=4,
+            hidden_size_per_layer_input=0,
+        ),
+        "causal",
+    ),
+    "falcon-h1": (
+        _causal(
+            "FalconH1ForCausalLM",
+            "FalconH1Config",
+            num_key_value_heads=2,
+            head_dim=16,
+            mamba_d_ssm=64,
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_d_state=8,
+            mamba_n_groups=1,
+            mamba_chunk_size=8,
+        ),  # fmt: skip
+        "causal",
+    ),
+    "youtu": (  # latent attention
+        _causal(
+            "YoutuForCausalLM",
+            "YoutuConfig",
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+        ),  # fmt: skip
+        "causal",
+    ),
+    **{
+        name: (
+            _causal(
+                cls,
+                cls.replace("ForCausalLM", "Config"),
+                num_key_value_heads=4,
+                kv_lora_rank=16,
+                q_lora_rank=32,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=16,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                n_group=1,
+                topk_group=1,
+                index_n_heads=2,
+                index_head_dim=16,
+                index_topk=4,
+                first_k_dense_replace=1,
+            ),  # fmt: skip
+            "causal",
+        )  # latent attention with a sparse-attention indexer, routed and shared experts, a dense first layer
+        for name, cls in (("deepseek-v3.2", "DeepseekV32ForCausalLM"), ("glm-moe-dsa", "GlmMoeDsaForCausalLM"))
+    },
+    "emu3-text": (_causal("Emu3ForCausalLM", "Emu3TextConfig", num_key_value_heads=2), "causal"),
     **{
         name: (_make(cls, cls.replace("ForMaskedLM", "Config"), _ids, **ENC, **ENC_EXTRA, **kw), "encoder")
         for name, cls, kw in (
