@@ -1055,6 +1055,18 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         )  # latent attention with a sparse-attention indexer, routed and shared experts, a dense first layer
         for name, cls in (("deepseek-v3.2", "DeepseekV32ForCausalLM"), ("glm-moe-dsa", "GlmMoeDsaForCausalLM"))
     },
+    "fsmt": (  # its attention asserts that its input is embed_dim wide, and reshapes its output to that width
+        _make(
+            "FSMTForConditionalGeneration",
+            "FSMTConfig",
+            _seq2seq_inputs,
+            src_vocab_size=V,
+            tgt_vocab_size=V,
+            langs=["en", "de"],
+            **{k: v for k, v in BART.items() if k != "vocab_size"},
+        ),  # fmt: skip
+        "seq2seq",
+    ),
     "emu3-text": (_causal("Emu3ForCausalLM", "Emu3TextConfig", num_key_value_heads=2), "causal"),
     **{
         name: (_make(cls, cls.replace("ForMaskedLM", "Config"), _ids, **ENC, **ENC_EXTRA, **kw), "encoder")

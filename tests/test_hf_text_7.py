@@ -166,3 +166,43 @@ def test_text_model_variants_prune_reload_and_continue_their_cache(variant, tmp_
         step = small(ids[:, -1:], past_key_values=first.past_key_values).logits[:, -1]
         full = small(ids).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+
+
+def test_attention_that_asserts_its_input_width_keeps_heads_with_it(tmp_path):
+    """FSMT's attention reads ``tgt_len, bsz, embed_dim = query.size()``, asserts it equals
+    ``self.embed_dim`` and reshapes its output to it: with heads pruned (``embed_dim``
+    follows the heads) every pruned model failed (``AssertionError``), the oracle too. Its
+    query projection now goes with the hidden size, like LED's. And its decoder embeds a
+    target vocabulary of its own: the default left that hidden size free, the config's one
+    ``d_model`` could not say it, and the check blamed (and kept) the encoder's MLPs."""
+    model, inputs, _ = build("fsmt")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 4 * 48  # the 4 MLPs: heads go with the hidden size
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    widths = [layer.fc1.out_features for stack in (small.model.encoder, small.model.decoder) for layer in stack.layers]
+    assert widths == [58] * 4 and (small.config.encoder_ffn_dim, small.config.decoder_ffn_dim) == (58, 58)
+    assert small.model.decoder.embed_tokens.embedding_dim == 64 == small.config.d_model
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, small(**inputs).logits, rtol=0, atol=1e-6)
+
+
+def test_a_layer_the_example_never_ran_keeps_the_width_its_key_shares():
+    """Mllama's cross-attention layers do not run without an image: they are not in the
+    graph and keep their MLP, while ``intermediate_size`` is the key of every layer's MLP.
+    The default pruned the self-attention layer's MLP (58 of 96 at 0.4) and reported
+    ``from_pretrained: false``; the MLP it shares a key with is now kept, with the reason."""
+    text = {**LM, "num_key_value_heads": 2, "cross_attention_layers": [1]}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_global_layers": 1,
+              "num_attention_heads": 2, "image_size": 16, "patch_size": 8, "vision_output_dim": 64,
+              "intermediate_layers_indices": [0]}  # fmt: skip
+    config = transformers.MllamaConfig(text_config=text, vision_config=vision, image_token_index=99)
+    torch.manual_seed(0)
+    model = transformers.MllamaForConditionalGeneration(config).eval()
+    inputs = (torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(1)),)
+    from cleanai_core.errors import UserError
+
+    with pytest.raises(UserError, match=r"layers\.1\.mlp\.down_proj did not run on the example inputs and keeps"):
+        StructuredPruner(model, inputs, pruning_ratio=0.4)

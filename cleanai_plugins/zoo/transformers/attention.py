@@ -86,7 +86,7 @@ def _per_head_fused(module: nn.Module) -> bool:
 
 
 _INPUT_WIDTH = (
-    re.compile(r"\w+\s*,\s*\w+\s*,\s*(\w+)\s*=\s*\w*hidden_states\.(?:size\(\)|shape)"),
+    re.compile(r"\w+\s*,\s*\w+\s*,\s*(\w+)\s*=\s*(?:\w*hidden_states|query)\.(?:size\(\)|shape)"),
     re.compile(r"(\w+)\s*=\s*\w*hidden_states\.(?:shape|size\(\))\[(?:2|-1)\]"),
 )
 
@@ -94,7 +94,8 @@ _INPUT_WIDTH = (
 @functools.cache
 def _reshapes_to_input_width(cls: type) -> bool:
     """``forward`` reads the width of its input (``bsz, tgt_len, embed_dim =
-    hidden_states.size()``; PEGASUS-X: ``hidden_dim=token_hidden_states.shape[2]``) and
+    hidden_states.size()``; FSMT: ``tgt_len, bsz, embed_dim = query.size()``; PEGASUS-X:
+    ``hidden_dim=token_hidden_states.shape[2]``) and
     reshapes its attention output to it (LED's decoder attention: ``attn_output.reshape(bsz,
     tgt_len, embed_dim)``; PEGASUS-X: ``.view(dim.batch_size, dim.global_len, dim.hidden_dim)``)."""
     try:
