@@ -1091,6 +1091,11 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
             ("jina-embeddings-v3", "JinaEmbeddingsV3ForMaskedLM", {}),
             ("ultrabert", "UltrabertForMaskedLM", {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4}),
             ("rembert", "RemBertForMaskedLM", {"input_embedding_size": 32, "output_embedding_size": 32}),
+            ("squeezebert", "SqueezeBertForMaskedLM", {"embedding_size": 64}),  # grouped pointwise Conv1d MLP
+            ("layoutlm", "LayoutLMForMaskedLM", {}),
+            ("tapas", "TapasForMaskedLM", {}),
+            ("xmod", "XmodForMaskedLM", {"languages": ["en_XX"], "default_language": "en_XX"}),
+            ("luke", "LukeForMaskedLM", {"entity_vocab_size": 10, "entity_emb_size": 32}),
         )
     },
     **{

@@ -206,3 +206,17 @@ def test_a_layer_the_example_never_ran_keeps_the_width_its_key_shares():
 
     with pytest.raises(UserError, match=r"layers\.1\.mlp\.down_proj did not run on the example inputs and keeps"):
         StructuredPruner(model, inputs, pruning_ratio=0.4)
+
+
+def test_a_grouped_pointwise_convolution_mlp_writes_its_width(tmp_path):
+    """SqueezeBERT's MLP is two grouped pointwise ``nn.Conv1d`` (4 groups): the fix-up read
+    widths from ``nn.Linear`` and ``Conv1D`` only and knew no ``intermediate.conv1d``, so
+    the width had no key and the default at 0.4 pruned nothing (41,124 parameters)."""
+    model, inputs, _ = build("squeezebert")
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    convs = [layer.intermediate.conv1d for layer in small.transformer.encoder.layers]
+    assert [c.out_channels for c in convs] == [60, 60] and small.config.intermediate_size == 60
+    assert all(c.groups == 4 for c in convs)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert (params(model), params(small)) == (41_124, 41_124 - 2 * 36 * (16 + 1 + 16))
+    assert reload_diff(small, inputs, tmp_path) <= 1e-6

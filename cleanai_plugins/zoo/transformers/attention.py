@@ -129,9 +129,12 @@ def is_attention(module: nn.Module) -> bool:
 
 
 def proj_width(module: nn.Module | None) -> int | None:
-    """Output width of a projection: ``nn.Linear`` or transformers' ``Conv1D``."""
+    """Output width of a projection: ``nn.Linear``, transformers' ``Conv1D``, or a
+    pointwise ``nn.Conv1d`` (SqueezeBERT's grouped MLP)."""
     if isinstance(module, nn.Linear):
         return module.out_features
+    if isinstance(module, nn.Conv1d) and module.kernel_size == (1,):
+        return module.out_channels
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
         return int(weight.shape[1])
