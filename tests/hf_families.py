@@ -1067,6 +1067,58 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),  # fmt: skip
         "seq2seq",
     ),
+    # vision-language models run on token ids alone: their text towers prune
+    **{
+        name: (_make(cls, cls.replace("ForConditionalGeneration", "Config"), _ids, **kw), "causal")
+        for name, cls, kw in (
+            (
+                "llava",
+                "LlavaForConditionalGeneration",
+                dict(
+                    text_config={**LM, "num_key_value_heads": 2, "model_type": "llama"},
+                    vision_config={**VIT, "intermediate_size": 96, "model_type": "clip_vision_model"},
+                    image_token_index=99,
+                ),
+            ),
+            (
+                "qwen2-vl",
+                "Qwen2VLForConditionalGeneration",
+                dict(
+                    text_config={
+                        **LM,
+                        "num_key_value_heads": 2,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                    },
+                    vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 4},
+                    image_token_id=97,
+                    video_token_id=98,
+                    vision_start_token_id=96,
+                    vision_end_token_id=95,
+                ),
+            ),
+            (
+                "gemma3-vlm",
+                "Gemma3ForConditionalGeneration",
+                dict(
+                    text_config={**LM, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4},
+                    vision_config={**VIT, "intermediate_size": 96, "model_type": "siglip_vision_model"},
+                    mm_tokens_per_image=4,
+                    image_token_index=99,
+                    boi_token_index=98,
+                    eoi_token_index=97,
+                ),
+            ),
+            (
+                "paligemma",
+                "PaliGemmaForConditionalGeneration",
+                dict(
+                    text_config={**LM, "num_key_value_heads": 2, "head_dim": 16, "model_type": "gemma"},
+                    vision_config={**VIT, "intermediate_size": 96, "model_type": "siglip_vision_model"},
+                    image_token_index=99,
+                ),
+            ),
+        )
+    },  # fmt: skip
     "emu3-text": (_causal("Emu3ForCausalLM", "Emu3TextConfig", num_key_value_heads=2), "causal"),
     **{
         name: (_make(cls, cls.replace("ForMaskedLM", "Config"), _ids, **ENC, **ENC_EXTRA, **kw), "encoder")
