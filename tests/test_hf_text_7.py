@@ -220,3 +220,24 @@ def test_a_grouped_pointwise_convolution_mlp_writes_its_width(tmp_path):
     assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert (params(model), params(small)) == (41_124, 41_124 - 2 * 36 * (16 + 1 + 16))
     assert reload_diff(small, inputs, tmp_path) <= 1e-6
+
+
+def test_a_vision_language_model_on_token_ids_reports_its_perplexity(tmp_path):
+    """``cleanai prune --model hf:DIR`` of a vision-language model (Qwen2-VL) with token
+    ids: only ``...ForCausalLM`` / ``...LMHeadModel`` counted as causal LMs, so the ids had
+    no labels and the report had no perplexity (``perplexity_before: null``). A decoder-only
+    model that generates is a causal LM to the text data now."""
+    import json
+
+    from cleanai_core.cli import main
+
+    model, _, _ = build("qwen2-vl")
+    model.save_pretrained(tmp_path / "m")
+    torch.save(torch.randint(3, 100, (24, 32), generator=torch.Generator().manual_seed(3)), tmp_path / "ids.pt")
+    args = ["--ratio", "0.4", "--threads", "1", "--latency-repeats", "2", "--quiet", "--seq-len", "32"]
+    assert main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "ids.pt"),
+                 "--out", str(tmp_path / "o"), *args]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert 90 < report["perplexity_before"] < 110 and 90 < report["perplexity_after"] < 110  # a random 100-token model
+    assert (report["params_before"], report["params_after"]) == (115_424, 100_832)
+    assert report["hf_reload_path"] == "from_pretrained"
