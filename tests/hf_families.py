@@ -1119,6 +1119,17 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
             ),
         )
     },  # fmt: skip
+    "jetmoe": (  # experts as one (experts, out, in) weight run on tokens sorted by expert; mixture of attention
+        _causal(
+            "JetMoeForCausalLM",
+            "JetMoeConfig",
+            num_key_value_heads=2,
+            kv_channels=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),  # fmt: skip
+        "causal",
+    ),
     "emu3-text": (_causal("Emu3ForCausalLM", "Emu3TextConfig", num_key_value_heads=2), "causal"),
     **{
         name: (_make(cls, cls.replace("ForMaskedLM", "Config"), _ids, **ENC, **ENC_EXTRA, **kw), "encoder")

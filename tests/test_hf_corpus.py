@@ -223,6 +223,7 @@ HEADS_IN_CONFIG = {
     "deepseek-v3.2",
     "glm-moe-dsa",
     "emu3-text",
+    "jetmoe",
     "llava",
     "gemma3-vlm",
     "paligemma",

@@ -241,3 +241,23 @@ def test_a_vision_language_model_on_token_ids_reports_its_perplexity(tmp_path):
     assert 90 < report["perplexity_before"] < 110 and 90 < report["perplexity_after"] < 110  # a random 100-token model
     assert (report["params_before"], report["params_after"]) == (115_424, 100_832)
     assert report["hf_reload_path"] == "from_pretrained"
+
+
+def test_experts_run_on_tokens_sorted_by_expert_prune_as_one_layer(tmp_path):
+    """JetMoE's MLP experts are one ``(experts, out, in)`` weight run by
+    ``JetMoeParallelExperts``: tokens split by expert, ``F.linear(part, weight[e])`` each,
+    concatenated. Traced op by op, the per-expert selects of a bare weight froze every
+    channel: the oracle pruned 0 units and the default refused (``nothing in this model can
+    be pruned``). Claimed as one layer (``"in"`` / ``"out"``, the same unit in every
+    expert) with ``mlp.input_linear`` (gate and up stacked) written to ``intermediate_size``."""
+    model, inputs, _ = build("jetmoe")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 48
+    _, small = default_prune(model, inputs, 0.4)
+    mlp = small.model.layers[0].mlp
+    assert mlp.input_linear.weight.shape == (4, 2 * 58, 64) and mlp.output_linear.weight.shape == (4, 64, 58)
+    assert small.config.intermediate_size == 58
+    assert small.config.cleanai_pruning["uniform"] is True and small.config.cleanai_pruning["from_pretrained"] is True
+    assert (params(model), params(small)) == (196_416, 196_416 - 2 * 4 * 38 * 3 * 64)
+    assert reload_diff(small, inputs, tmp_path) <= 1e-6
+    assert_generates_alike(small, inputs)

@@ -130,11 +130,13 @@ def is_attention(module: nn.Module) -> bool:
 
 def proj_width(module: nn.Module | None) -> int | None:
     """Output width of a projection: ``nn.Linear``, transformers' ``Conv1D``, or a
-    pointwise ``nn.Conv1d`` (SqueezeBERT's grouped MLP)."""
+    pointwise ``nn.Conv1d`` (SqueezeBERT's grouped MLP), JetMoE's ``ParallelExperts``."""
     if isinstance(module, nn.Linear):
         return module.out_features
     if isinstance(module, nn.Conv1d) and module.kernel_size == (1,):
         return module.out_channels
+    if type(module).__name__.endswith("ParallelExperts") and isinstance(getattr(module, "output_size", None), int):
+        return module.output_size  # JetMoE's experts: one (experts, out, in) weight
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
         return int(weight.shape[1])
