@@ -85,7 +85,7 @@ def decoder_embeddings(model: nn.Module, emb: nn.Module) -> list[nn.Module]:
     and a target vocabulary): the decoder's residual stream, the same ``d_model``."""
     try:
         decoder = model.get_decoder()
-    except (AttributeError, NotImplementedError, ValueError):
+    except (AttributeError, NotImplementedError, ValueError, TypeError):
         return []
     own = getattr(decoder, "embed_tokens", None)
     if not isinstance(own, nn.Embedding) or own is emb or getattr(own, "weight", None) is getattr(emb, "weight", None):
