@@ -75,6 +75,10 @@ def test_one_mlp_width_per_layer_is_written_per_layer(tmp_path):
     assert reload_diff(small, inputs, tmp_path) <= 1e-6
     assert_generates_alike(small, inputs)
     assert check_pruner(model, inputs, ratio=0.5).max_abs_diff < 1e-5
+    # global ranking gives the layers different widths: the list holds them, from_pretrained rebuilds it
+    ranked = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.3, global_pruning=True).prune()
+    assert ranked.config.intermediate_size == [66, 90] and ranked.config.cleanai_pruning["from_pretrained"] is True
+    assert reload_diff(ranked, inputs, tmp_path / "ranked") <= 1e-6
 
 
 def test_llama4_transposed_experts_and_complex_rotary_heads_prune(tmp_path):
