@@ -940,6 +940,197 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),
+    # session 17
+    "gemma3n-text": (  # one MLP width per layer (intermediate_size a list), AltUp, LAuReL, per-layer inputs
+        _causal(
+            "Gemma3nForCausalLM",
+            "Gemma3nTextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            intermediate_size=[96, 128],
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=V,
+            laurel_rank=8,
+            altup_num_inputs=2,
+            num_kv_shared_layers=0,
+            activation_sparsity_pattern=[0.0, 0.0],
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=4,
+        ),
+        "causal",
+    ),
+    "llama4-text": (  # transposed 3-D experts run through bmm, a dense layer, complex rotary embeddings
+        _causal(
+            "Llama4ForCausalLM",
+            "Llama4TextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=4,
+            intermediate_size_mlp=96,
+            interleave_moe_layer_step=1,
+            moe_layers=[1],
+            no_rope_layers=[1, 0],
+            attention_chunk_size=16,
+        ),
+        "causal",
+    ),
+    "ctrl": (  # an nn.Sequential MLP (ffn.0, ffn.2) of width dff
+        _make(
+            "CTRLLMHeadModel",
+            "CTRLConfig",
+            _ids,
+            vocab_size=V,
+            n_embd=64,
+            n_head=4,
+            n_layer=2,
+            dff=96,
+            n_positions=64,
+            pad_token_id=0,
+        ),  # fmt: skip
+        "causal",
+    ),
+    "gemma4-text": (
+        _causal(
+            "Gemma4ForCausalLM",
+            "Gemma4TextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            global_head_dim=16,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=4,
+            hidden_size_per_layer_input=0,
+        ),
+        "causal",
+    ),
+    "falcon-h1": (
+        _causal(
+            "FalconH1ForCausalLM",
+            "FalconH1Config",
+            num_key_value_heads=2,
+            head_dim=16,
+            mamba_d_ssm=64,
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_d_state=8,
+            mamba_n_groups=1,
+            mamba_chunk_size=8,
+        ),  # fmt: skip
+        "causal",
+    ),
+    "youtu": (  # latent attention
+        _causal(
+            "YoutuForCausalLM",
+            "YoutuConfig",
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+        ),  # fmt: skip
+        "causal",
+    ),
+    **{
+        name: (
+            _causal(
+                cls,
+                cls.replace("ForCausalLM", "Config"),
+                num_key_value_heads=4,
+                kv_lora_rank=16,
+                q_lora_rank=32,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=16,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                n_group=1,
+                topk_group=1,
+                index_n_heads=2,
+                index_head_dim=16,
+                index_topk=4,
+                first_k_dense_replace=1,
+            ),  # fmt: skip
+            "causal",
+        )  # latent attention with a sparse-attention indexer, routed and shared experts, a dense first layer
+        for name, cls in (("deepseek-v3.2", "DeepseekV32ForCausalLM"), ("glm-moe-dsa", "GlmMoeDsaForCausalLM"))
+    },
+    "fsmt": (  # its attention asserts that its input is embed_dim wide, and reshapes its output to that width
+        _make(
+            "FSMTForConditionalGeneration",
+            "FSMTConfig",
+            _seq2seq_inputs,
+            src_vocab_size=V,
+            tgt_vocab_size=V,
+            langs=["en", "de"],
+            **{k: v for k, v in BART.items() if k != "vocab_size"},
+        ),  # fmt: skip
+        "seq2seq",
+    ),
+    # vision-language models run on token ids alone: their text towers prune
+    **{
+        name: (_make(cls, cls.replace("ForConditionalGeneration", "Config"), _ids, **kw), "causal")
+        for name, cls, kw in (
+            (
+                "llava",
+                "LlavaForConditionalGeneration",
+                dict(
+                    text_config={**LM, "num_key_value_heads": 2, "model_type": "llama"},
+                    vision_config={**VIT, "intermediate_size": 96, "model_type": "clip_vision_model"},
+                    image_token_index=99,
+                ),
+            ),
+            (
+                "qwen2-vl",
+                "Qwen2VLForConditionalGeneration",
+                dict(
+                    text_config={
+                        **LM,
+                        "num_key_value_heads": 2,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                    },
+                    vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "patch_size": 4},
+                    image_token_id=97,
+                    video_token_id=98,
+                    vision_start_token_id=96,
+                    vision_end_token_id=95,
+                ),
+            ),
+            (
+                "gemma3-vlm",
+                "Gemma3ForConditionalGeneration",
+                dict(
+                    text_config={**LM, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4},
+                    vision_config={**VIT, "intermediate_size": 96, "model_type": "siglip_vision_model"},
+                    mm_tokens_per_image=4,
+                    image_token_index=99,
+                    boi_token_index=98,
+                    eoi_token_index=97,
+                ),
+            ),
+            (
+                "paligemma",
+                "PaliGemmaForConditionalGeneration",
+                dict(
+                    text_config={**LM, "num_key_value_heads": 2, "head_dim": 16, "model_type": "gemma"},
+                    vision_config={**VIT, "intermediate_size": 96, "model_type": "siglip_vision_model"},
+                    image_token_index=99,
+                ),
+            ),
+        )
+    },  # fmt: skip
+    "jetmoe": (  # experts as one (experts, out, in) weight run on tokens sorted by expert; mixture of attention
+        _causal(
+            "JetMoeForCausalLM",
+            "JetMoeConfig",
+            num_key_value_heads=2,
+            kv_channels=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),  # fmt: skip
+        "causal",
+    ),
+    "emu3-text": (_causal("Emu3ForCausalLM", "Emu3TextConfig", num_key_value_heads=2), "causal"),
     **{
         name: (_make(cls, cls.replace("ForMaskedLM", "Config"), _ids, **ENC, **ENC_EXTRA, **kw), "encoder")
         for name, cls, kw in (
@@ -963,6 +1154,11 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
             ("jina-embeddings-v3", "JinaEmbeddingsV3ForMaskedLM", {}),
             ("ultrabert", "UltrabertForMaskedLM", {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4}),
             ("rembert", "RemBertForMaskedLM", {"input_embedding_size": 32, "output_embedding_size": 32}),
+            ("squeezebert", "SqueezeBertForMaskedLM", {"embedding_size": 64}),  # grouped pointwise Conv1d MLP
+            ("layoutlm", "LayoutLMForMaskedLM", {}),
+            ("tapas", "TapasForMaskedLM", {}),
+            ("xmod", "XmodForMaskedLM", {"languages": ["en_XX"], "default_language": "en_XX"}),
+            ("luke", "LukeForMaskedLM", {"entity_vocab_size": 10, "entity_emb_size": 32}),
         )
     },
     **{

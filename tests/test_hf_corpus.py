@@ -46,6 +46,7 @@ QUERY_NAMES = (
     "qkv_proj",
     "in_proj",
     "Wqkv",
+    "Wq",
 )
 
 
@@ -214,6 +215,18 @@ HEADS_IN_CONFIG = {
     "glm4",
     "lfm3",
     "glm4-moe-lite",
+    "gemma3n-text",
+    "llama4-text",
+    "gemma4-text",
+    "falcon-h1",
+    "youtu",
+    "deepseek-v3.2",
+    "glm-moe-dsa",
+    "emu3-text",
+    "jetmoe",
+    "llava",
+    "gemma3-vlm",
+    "paligemma",
 }
 
 
@@ -524,7 +537,11 @@ NO_RELOAD = {
     "ultrabert": "its MLM head's widths have no key of their own (the default pruner keeps them)",
     "zamba2": "the shared block's attention width (2 x hidden) and its adapters have no key (the default keeps them)",
     "kimi-linear": "its delta-net's low-rank gates (head_dim wide) have no key of their own (the default keeps them)",
-}
+    "gemma3n-text": "its AltUp coefficients and LAuReL widths have no key of their own (the default keeps them)",
+    **dict.fromkeys(("layoutlm", "luke", "squeezebert"), "its pooler is hidden_size wide with no key of its own (the "
+                                                          "default pruner keeps it)"),
+    "xmod": "its language adapters are hidden_size / adapter_reduction_factor wide (the default pruner keeps them)",
+}  # fmt: skip
 
 
 @pytest.mark.corpus

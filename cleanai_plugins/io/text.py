@@ -62,10 +62,13 @@ class TextItems(Dataset):
 
 
 def _is_causal(model: Any) -> bool:
+    """A causal LM: ``...ForCausalLM`` / ``...LMHeadModel``, or another decoder-only model
+    that generates (a vision-language ``...ForConditionalGeneration`` run on text)."""
     arch = (getattr(model.config, "architectures", None) or [""])[0]
-    return arch.endswith(("ForCausalLM", "LMHeadModel")) or type(model).__name__.endswith(
-        ("ForCausalLM", "LMHeadModel")
-    )
+    if arch.endswith(("ForCausalLM", "LMHeadModel")) or type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    generates = getattr(model, "can_generate", None)
+    return bool(callable(generates) and generates() and not getattr(model.config, "is_encoder_decoder", False))
 
 
 def _seq_len(model: Any, asked: int | None) -> int:

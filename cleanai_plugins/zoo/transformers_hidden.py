@@ -11,7 +11,8 @@ freezes that group; heads and MLP widths still prune. Where the embeddings are n
 than the hidden size and a projection maps them into it (ALBERT's
 ``embedding_hidden_mapping_in``, ELECTRA's ``embeddings_project``, OPT-350m's
 ``project_in``), that projection is named too: the embeddings' group is not the residual
-stream there.
+stream there. An encoder-decoder model whose decoder has embeddings of its own (FSMT's
+target vocabulary) names those too.
 
 The hidden size kept, every other width that the model's config cannot describe is kept
 too (``cleanai_default_freezes``, :mod:`cleanai_plugins.zoo.transformers.describable`):
@@ -76,7 +77,20 @@ def cleanai_default_ignores(model):
         return None
     if emb is None:
         return None
-    return [emb, *tied_copies(model, emb), *entry_projections(model, emb)]
+    return [emb, *tied_copies(model, emb), *entry_projections(model, emb), *decoder_embeddings(model, emb)]
+
+
+def decoder_embeddings(model: nn.Module, emb: nn.Module) -> list[nn.Module]:
+    """The decoder's own input embeddings where they are not the encoder's (FSMT: a source
+    and a target vocabulary): the decoder's residual stream, the same ``d_model``."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError, TypeError):
+        return []
+    own = getattr(decoder, "embed_tokens", None)
+    if not isinstance(own, nn.Embedding) or own is emb or getattr(own, "weight", None) is getattr(emb, "weight", None):
+        return []
+    return [own]
 
 
 def tied_copies(model: nn.Module, emb: nn.Module) -> list[nn.Module]:

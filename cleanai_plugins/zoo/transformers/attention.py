@@ -86,7 +86,7 @@ def _per_head_fused(module: nn.Module) -> bool:
 
 
 _INPUT_WIDTH = (
-    re.compile(r"\w+\s*,\s*\w+\s*,\s*(\w+)\s*=\s*\w*hidden_states\.(?:size\(\)|shape)"),
+    re.compile(r"\w+\s*,\s*\w+\s*,\s*(\w+)\s*=\s*(?:\w*hidden_states|query)\.(?:size\(\)|shape)"),
     re.compile(r"(\w+)\s*=\s*\w*hidden_states\.(?:shape|size\(\))\[(?:2|-1)\]"),
 )
 
@@ -94,7 +94,8 @@ _INPUT_WIDTH = (
 @functools.cache
 def _reshapes_to_input_width(cls: type) -> bool:
     """``forward`` reads the width of its input (``bsz, tgt_len, embed_dim =
-    hidden_states.size()``; PEGASUS-X: ``hidden_dim=token_hidden_states.shape[2]``) and
+    hidden_states.size()``; FSMT: ``tgt_len, bsz, embed_dim = query.size()``; PEGASUS-X:
+    ``hidden_dim=token_hidden_states.shape[2]``) and
     reshapes its attention output to it (LED's decoder attention: ``attn_output.reshape(bsz,
     tgt_len, embed_dim)``; PEGASUS-X: ``.view(dim.batch_size, dim.global_len, dim.hidden_dim)``)."""
     try:
@@ -128,9 +129,14 @@ def is_attention(module: nn.Module) -> bool:
 
 
 def proj_width(module: nn.Module | None) -> int | None:
-    """Output width of a projection: ``nn.Linear`` or transformers' ``Conv1D``."""
+    """Output width of a projection: ``nn.Linear``, transformers' ``Conv1D``, or a
+    pointwise ``nn.Conv1d`` (SqueezeBERT's grouped MLP), JetMoE's ``ParallelExperts``."""
     if isinstance(module, nn.Linear):
         return module.out_features
+    if isinstance(module, nn.Conv1d) and module.kernel_size == (1,):
+        return module.out_channels
+    if type(module).__name__.endswith("ParallelExperts") and isinstance(getattr(module, "output_size", None), int):
+        return module.output_size  # JetMoE's experts: one (experts, out, in) weight
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
         return int(weight.shape[1])

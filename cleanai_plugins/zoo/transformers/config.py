@@ -41,7 +41,7 @@ from torch import nn
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 from cleanai_plugins.zoo.transformers.bias import declare_biases
 from cleanai_plugins.zoo.transformers.experts import expert_width
-from cleanai_plugins.zoo.transformers.reload_path import reasons
+from cleanai_plugins.zoo.transformers.reload_path import HEADS, MLP, reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
 __all__ = ["SHARED_KEYS", "config_owner", "fix_config", "rebuild_mismatches", "rebuilt_shapes"]
@@ -49,12 +49,14 @@ __all__ = ["SHARED_KEYS", "config_owner", "fix_config", "rebuild_mismatches", "r
 # the first projection of an MLP (its output width is the MLP width), and its stacked parts
 _MLP_UP = re.compile(
     r"(^|\.)((mlp|feed_forward)\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in|gate_up_proj|w1)|intermediate\.dense|"
-    r"ffn\.lin1|DenseReluDense\.wi(_0)?|fc1|ffn|mlp\.Wi|ffn\.linear_1|ff\.layer_1|mlp\.wi|experts\.expert_\d+\.wi|mixer\.up_proj)$"
+    r"ffn\.lin1|DenseReluDense\.wi(_0)?|fc1|ffn|mlp\.Wi|ffn\.linear_1|ff\.layer_1|mlp\.wi|experts\.expert_\d+\.wi|mixer\.up_proj|"
+    r"ffn\.0|intermediate\.conv1d|mlp\.input_linear)$"
 )  # up_proj alone: an MLP without a gate (Nemotron); ffn.linear_1: Funnel; ff.layer_1: XLNet;
 #  feed_forward: the hybrid Mamba models (Bamba, Jamba, Zamba); mlp.wi, experts.expert_<i>.wi: SwitchTransformers;
-#  mixer.up_proj: Nemotron-H's MLP layers; feed_forward.w1 (w1, w3, w2): LFM2, LFM3
+#  mixer.up_proj: Nemotron-H's MLP layers; feed_forward.w1 (w1, w3, w2): LFM2, LFM3; ffn.0: an nn.Sequential MLP (CTRL);
+#  intermediate.conv1d: SqueezeBERT's grouped pointwise convolutions; mlp.input_linear: JetMoE's experts
 #: MLP projections whose output stacks two halves (gate and up) of the MLP width
-_MLP_STACKED = ("gate_up_proj", ".Wi")
+_MLP_STACKED = ("gate_up_proj", ".Wi", "mlp.input_linear")
 #: a shared expert beside the routed ones: its own config key (Qwen2-MoE's
 #: ``shared_expert_intermediate_size``; GraniteMoeShared's ``shared_intermediate_size``, its
 #: ``input_linear`` stacking gate and up; Nemotron-H's ``moe_shared_expert_intermediate_size``; Laguna's
@@ -63,7 +65,7 @@ _SHARED_UP = re.compile(
     r"(^|\.)(mlp\.shared_experts?\.(gate_proj|gate_up_proj)|shared_mlp\.input_linear|mixer\.shared_experts\.up_proj)$"
 )
 #: the MLP width's key, the first the config has (``decoder_ffn_dim``: a decoder-only config, TrOCR's)
-_MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner",
+_MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner", "dff",
              "decoder_ffn_dim")  # fmt: skip
 
 
@@ -89,8 +91,13 @@ def _side(name: str) -> str:
 
 
 def _set(config, key: str, values: list[int], record: dict) -> None:
-    if not values or not hasattr(config, key) or isinstance(getattr(config, key), (list, tuple)):
-        return  # a per-stage list (Swin's ``num_heads``) is written by :mod:`.staged`
+    if not values or not hasattr(config, key):
+        return
+    current = getattr(config, key)
+    if isinstance(current, (list, tuple)):  # one value per layer (Gemma3n's ``intermediate_size``): each its own
+        if len(current) == len(values) and not is_staged(config):  # (a per-stage list, Swin's ``num_heads``,
+            setattr(config, key, type(current)(values))  # is written by :mod:`.staged`)
+        return
     if len(set(values)) > 1:
         record[key] = values
     setattr(config, key, values[0])
@@ -98,7 +105,7 @@ def _set(config, key: str, values: list[int], record: dict) -> None:
 
 def _entry(config) -> dict:
     return {"config": config, "norms": Counter(), "inputs": Counter(), "values": defaultdict(list),
-            "scaled": defaultdict(list)}  # fmt: skip
+            "scaled": defaultdict(list), "mlps": set()}  # fmt: skip
 
 
 def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None]] | None = None) -> dict[int, dict]:
@@ -141,12 +148,14 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
         if width is not None:  # Mixtral's, Qwen3-MoE's, GPT-OSS's 3-D expert MLPs
             values["experts"].append(width)
         shared = _SHARED_UP.search(name)
-        if _MLP_UP.search(name) or shared:
+        mlp = name.rpartition(".")[0]  # one width per MLP: its gate and up projections say the same
+        if (_MLP_UP.search(name) or shared) and mlp not in entry["mlps"]:
             width = proj_width(module)
             if width is not None:
                 if name.endswith((*_MLP_STACKED, "shared_mlp.input_linear")):
                     width //= 2
                 values["shared_expert" if shared else f"{side}ffn_dim" if side else "mlp"].append(width)
+                entry["mlps"].add(mlp)
     return found
 
 
@@ -176,6 +185,9 @@ def _write(entry: dict) -> dict:
         experts, mlp = values.get("experts", []), values.get("mlp", [])
         if hasattr(config, "moe_intermediate_size"):  # the experts' own key (Qwen3-MoE, DeepSeek)
             _set(config, "moe_intermediate_size", experts, record)
+        elif hasattr(config, "intermediate_size_mlp"):  # the dense layers' own key (Llama 4; experts: the MLP key)
+            _set(config, "intermediate_size_mlp", mlp, record)
+            mlp = experts
         else:  # the experts are the MLP (Mixtral)
             mlp = mlp + experts
         for key in SHARED_KEYS:
@@ -296,8 +308,19 @@ def fix_config(model: nn.Module) -> None:
         **({"per_layer": record} if record else {}),
         **({"biases_declared": declared} if declared else {}),
         **({"mismatched": mismatched[:5]} if mismatched else {}),
-        **({"reload": "load_pruned", "why": reasons(model, mismatched)} if mismatched else {}),
+        **({"reload": "load_pruned", "why": _why(model, mismatched, record)} if mismatched else {}),
     }
+
+
+def _why(model: nn.Module, mismatched: list[str], record: dict) -> list[str]:
+    """The reasons, the layers' own widths first where they disagree (per-layer ratios,
+    global ranking): that, not the family's head size or MLP formula, is what one key per
+    width cannot say (Llama's heads were blamed on a head size derived from the width)."""
+    why = reasons(model, mismatched)
+    if not record:
+        return why
+    per_layer = f"layers keep different widths ({', '.join(sorted(record))}): the config holds one value per key"
+    return [per_layer, *(w for w in why if w not in (HEADS, MLP))]
 
 
 #: config switches that make a family derive the MLP width from its key by a formula (LFM2:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 import warnings
 
 import torch
@@ -108,8 +109,13 @@ def _touching(graph, groups: list, bad: dict[str, set[int]]) -> dict[int, str]:
                     hit.setdefault(group.id, key)
                     explained.add(key)
     for key in sorted(set(bad) - explained):  # no group cut it: sized from a count that changed
-        for gid in _nearest_cutters(groups, key):
+        near = _nearest_cutters(groups, key)
+        for gid in near:
             hit.setdefault(gid, key)
+        holder = key.rpartition(".")[0]
+        for gid in [] if near else _same_role_cutters(groups, holder):
+            hit.setdefault(gid, f"{holder} did not run on the example inputs and keeps its width, which its config key "
+                                "gives this one too")  # fmt: skip
     return hit
 
 
@@ -124,6 +130,15 @@ def _nearest_cutters(groups: list, key: str) -> list[int]:
     if not scope:
         return []
     return [g.id for g in groups if any(s.module.startswith(f"{scope}.") for s in g.slices)]
+
+
+def _same_role_cutters(groups: list, holder: str) -> list[int]:
+    """The groups that cut the module of ``holder``'s role in the other layers (its name
+    with the layer numbers free): a layer the example inputs never ran (Mllama's
+    cross-attention layers without an image) is not in the graph and keeps its MLP, while
+    the key the layers share was written with the others' pruned width."""
+    role = re.compile(re.sub(r"\\.\d+\\.", r"\\.\\d+\\.", re.escape(holder)) + "$")
+    return [g.id for g in groups if any(role.match(s.module) for s in g.slices)]
 
 
 def undescribable(graph, ratio: float | None = None) -> list[tuple[torch.Tensor, str]]:

@@ -6,7 +6,8 @@ its copies, GPT-OSS's): one ``gate_up_proj`` (Nemotron-H's experts, without a ga
 The layout is what transformers' ``use_experts_implementation`` decorator writes on the
 module: ``is_transposed`` (GPT-OSS: ``gate_up_proj`` ``(experts, hidden, 2 * inter)``,
 ``down_proj`` ``(experts, inter, hidden)``; else ``(experts, 2 * inter, hidden)`` and
-``(experts, hidden, inter)``), ``is_concatenated`` (the gate and up halves one after the
+``(experts, hidden, inter)``; where the module does not say, the shapes do: Llama 4's
+``Llama4TextExperts``, transposed, run through ``bmm``), ``is_concatenated`` (the gate and up halves one after the
 other; else interleaved, gate ``0::2`` and up ``1::2``), and ``has_bias``
 (``gate_up_proj_bias`` ``(experts, 2 * inter)``, ``down_proj_bias`` ``(experts, hidden)``).
 
@@ -55,11 +56,12 @@ def _layout(module: nn.Module) -> tuple[int, int, int, int] | None:
         return None
     if gate_up.ndim != 3 or down.ndim != 3 or gate_up.shape[0] != down.shape[0]:
         return None
-    t = int(getattr(module, "is_transposed", False) is True)
-    inter, hidden = (down.shape[1], down.shape[2]) if t else (down.shape[2], down.shape[1])
-    if gate_up.shape[1 + t] != stacks * inter or gate_up.shape[2 - t] != hidden:
-        return None
-    return down.shape[0], hidden, inter, t
+    declared = getattr(module, "is_transposed", None)
+    for t in (int(declared is True),) if declared is not None else (0, 1):  # undeclared: the shapes tell
+        inter, hidden = (down.shape[1], down.shape[2]) if t else (down.shape[2], down.shape[1])
+        if gate_up.shape[1 + t] == stacks * inter and gate_up.shape[2 - t] == hidden:
+            return down.shape[0], hidden, inter, t
+    return None
 
 
 def is_experts(module: nn.Module) -> bool:

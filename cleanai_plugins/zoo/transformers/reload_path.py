@@ -42,7 +42,9 @@ def reasons(model: nn.Module, mismatched: list[str]) -> list[str]:
         else:
             module = key.rpartition(".")[0]
             parents = [module.rsplit(".", i)[0] for i in range(1, module.count(".") + 1)]
-            if any(is_attention(names[p]) for p in parents if p in names):
+            if any(
+                is_attention(names[p]) and not type(names[p]).__name__.endswith("Layer") for p in parents if p in names
+            ):
                 why = HEADS
             elif _MLP.search(module):
                 why = MLP
