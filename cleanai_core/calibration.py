@@ -45,6 +45,7 @@ __all__ = [
     "CoMoment",
     "StatsCollector",
     "batch_moments",
+    "covariance_bytes",
     "finite_moments",
     "finite_moments_of",
     "move_to",
@@ -437,6 +438,20 @@ class ChannelStats:
         return self.var + self.mean**2
 
 
+def covariance_bytes(consumers: Iterable[Any]) -> int:
+    """What the covariance budget counts for ``consumers`` (``"in"`` slices): two float32
+    C x C matrices (twice that for float64 models) per distinct input, consumers that read
+    one tensor (the same :attr:`~cleanai_core.graph.context.SliceSpec.reads`) once."""
+    sizes = {_input_key(s): s.atoms.numel() for s in consumers}
+    return sum(c * c * 8 for c in sizes.values())
+
+
+def _input_key(s: Any) -> tuple:
+    """The input a consumer slice reads, as far as the trace tells (else the slice itself)."""
+    reads = getattr(s, "reads", None)
+    return (reads, s.atoms.numel()) if reads is not None else (id(s),)
+
+
 def stats_nbytes(stats: Iterable[ChannelStats]) -> int:
     """Memory held by ``stats`` together: a :class:`CoMoment` shared by several consumers counts once."""
     stats = list(stats)
@@ -665,19 +680,26 @@ class StatsCollector:
         consumers = [s for s in slices if s.kind == "in" and s.module]
         self._targets = [(s.module, s.name, s.arg, s.dim) for s in consumers]
         # covariance where the layer can use it (reconstruct), narrowest consumers first,
-        # within the memory budget
+        # within the memory budget; consumers that read one tensor (the trace's
+        # ``SliceSpec.reads``) hold one co-moment and count once
         self.with_covariance: set[tuple[str, str]] = set()
-        used = 0
         foldable = [
             s
             for s in consumers
             if covariance and s.pruner is not None and s.pruner.can_reconstruct(model.get_submodule(s.module), s.name)
         ]
+        used, full = 0, False
+        charged: set[tuple] = set()
         for s in sorted(foldable, key=lambda s: s.atoms.numel()):
-            size = s.atoms.numel() ** 2 * 8  # two float32 matrices (twice that for float64 models)
-            if s.atoms.numel() > MAX_COVARIANCE_CHANNELS or used + size > covariance_budget:
+            if s.atoms.numel() > MAX_COVARIANCE_CHANNELS:
                 break
-            used += size
+            key = _input_key(s)
+            cost = 0 if key in charged else s.atoms.numel() ** 2 * 8
+            if cost and (full or used + cost > covariance_budget):
+                full = True  # no wider one either; readers of a tensor already paid for still join
+                continue
+            used += cost
+            charged.add(key)
             self.with_covariance.add((s.module, s.name))
 
     @contextmanager

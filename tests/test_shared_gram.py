@@ -345,3 +345,56 @@ def test_gloo_ranks_reduce_a_shared_comoment_once_and_equal_one_process(tmp_path
     if world == 2:
         agree, disagree = results["agree"][0]["reduced"], results["disagree"][0]["reduced"]
         assert disagree - agree == cc * cc + cc + 1
+
+
+# -- the covariance budget ---------------------------------------------------------------
+
+
+class InPlace(nn.Module):
+    """``a`` and ``b`` read ``h``; ``c`` reads it after an in-place ReLU (another tensor then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.a, self.b, self.c = nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.a(h) + self.b(h)
+        return y + self.c(torch.relu_(h))
+
+
+def test_the_trace_says_which_consumers_read_one_tensor():
+    graph = DependencyGraph(InPlace().eval(), torch.randn(1, 3, 5, 5))
+    reads = {s.module: s.reads for s in graph.slices if s.kind == "in"}
+    assert reads["a"] == reads["b"] and reads["a"][1] == 1
+    assert len({reads["a"], reads["c"], reads["stem"]}) == 3
+
+
+def test_the_budget_counts_a_shared_covariance_once():
+    """A tiny Llama (width 32, MLP 64): per layer q/k/v read one tensor, gate/up another,
+    o_proj a third; lm_head reads the last norm. A budget of one 32-wide covariance per
+    distinct input gives every 32-wide consumer one (counted per consumer, it covered 7 of
+    the 13), and the co-moments held are exactly that budget."""
+    model = tiny_llama(32, 64, 100)
+    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    graph = DependencyGraph(model, x[:1])
+    narrow = [s for s in graph.slices if s.kind == "in" and s.atoms.numel() == 32 and s.pruner is not None]
+    narrow = [s for s in narrow if s.pruner.can_reconstruct(model.get_submodule(s.module), s.name)]
+    inputs = {s.reads for s in narrow}
+    assert len(narrow) == 2 * 6 + 1 and len(inputs) == 2 * 3 + 1
+    budget = len(inputs) * 32 * 32 * 8
+    assert cal.covariance_bytes(narrow) == budget
+    collector = StatsCollector(model, graph.slices, covariance=True, covariance_budget=budget)
+    assert collector.with_covariance == {(s.module, s.name) for s in narrow}
+    with collector.hooks(), torch.no_grad():
+        model(x)
+    held = {id(st.comoment): st.comoment for st in collector.stats.values() if st.comoment is not None}
+    assert len(held) == len(inputs)
+    assert sum(m.block.nbytes + m.total.nbytes for m in held.values()) == budget
+    # a budget of 4 inputs: 4 of them, each with all its readers (counted per consumer: 4 consumers)
+    four = StatsCollector(model, graph.slices, covariance=True, covariance_budget=4 * 32 * 32 * 8)
+    admitted = {s.reads for s in narrow if (s.module, s.name) in four.with_covariance}
+    assert len(admitted) == 4
+    assert four.with_covariance == {(s.module, s.name) for s in narrow if s.reads in admitted}
+    assert len(four.with_covariance) > 4
