@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--repo", required=True, help="the checkout whose cleanai_core is measured")
     parser.add_argument("--model", required=True, help="a timm model name, or 'llama'")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prune", action="store_true", help="also prune, and digest the pruned weights")
     args = parser.parse_args()
     sys.path.insert(0, args.repo)
     from cleanai_core import StructuredPruner, calibration
@@ -86,6 +87,12 @@ def main() -> None:
     out = {"model": args.model, "repo": args.repo, "collect_s": round(best, 3), "gram_s": round(best_gram, 3),
            "gram_calls": gram[1], "cov_bytes": cov_bytes, "with_cov": with_cov, "grams": len(shared) or with_cov,
            "cov_sha1": digest.hexdigest()}  # fmt: skip
+    if args.prune:  # the compensated weights (least squares on the shared co-moments), the same bits
+        pruned = pruner.prune()
+        weights = hashlib.sha1()
+        for name, t in sorted(pruned.state_dict().items()):
+            weights.update(name.encode() + t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        out["pruned_sha1"] = weights.hexdigest()
     print(json.dumps(out))
 
 
