@@ -108,7 +108,9 @@ class CoMoment:
     ``block`` + ``total``: ``sum (x - ref)^T (x - ref)`` on and above the diagonal (see
     :func:`_add_gram`; the block joins the total every ``FLUSH_BATCHES`` batches);
     ``offset``: the sum of ``x - ref`` (float64); ``count``: the rows; ``batches``: the
-    samples added. ``members``: the :class:`ChannelStats` that hold it.
+    samples added. ``members``: the :class:`ChannelStats` that hold it (weak references:
+    statistics and their co-moment form no reference cycle, so a dropped set of statistics
+    frees its C x C sums at once rather than at the next garbage collection).
 
     A batch's sample is added once for all members: the first member to read it makes it
     ``pending``, the others join its ``readers``, and it is added when every member has read
@@ -124,9 +126,9 @@ class CoMoment:
     offset: torch.Tensor | None = None
     count: float = 0.0
     batches: int = 0
-    members: list = attrs.field(factory=list)
+    members: list[weakref.ref] = attrs.field(factory=list)
     pending: Sample | None = None
-    readers: list = attrs.field(factory=list)
+    readers: list[weakref.ref] = attrs.field(factory=list)
     #: the co-moment this one was copied from (a weak reference; None: started empty) and its batches then
     origin: tuple[weakref.ref | None, int] = (None, 0)
     #: the sample added last, while its tensor's reduction holds it (joining readers check it)
@@ -137,11 +139,25 @@ class CoMoment:
         c = sample.centred.shape[1]
         return cls(sample.ref, sample.centred.new_zeros(c, c), sample.centred.new_zeros(c, c))
 
-    def copy(self, members: list) -> CoMoment:
-        """The sums as they are (without the pending sample), for ``members``."""
+    def copy(self, members: list[ChannelStats]) -> CoMoment:
+        """The sums as they are (without the pending sample), held by ``members`` from now on."""
         offset = None if self.offset is None else self.offset.clone()
-        return CoMoment(self.ref, self.block.clone(), self.total.clone(), offset, self.count, self.batches,
-                        members, origin=(weakref.ref(self), self.batches))  # fmt: skip
+        out = CoMoment(self.ref, self.block.clone(), self.total.clone(), offset, self.count, self.batches,
+                       origin=(weakref.ref(self), self.batches))  # fmt: skip
+        for st in members:
+            out.add_member(st)
+        return out
+
+    def add_member(self, st: ChannelStats) -> None:
+        st.comoment = self
+        self.members.append(weakref.ref(st))
+
+    def _live(self) -> list[ChannelStats]:
+        """The members still alive (the list loses the others)."""
+        live = [st for st in (r() for r in self.members) if st is not None]
+        if len(live) < len(self.members):
+            self.members = [weakref.ref(st) for st in live]
+        return live
 
     def settle(self) -> None:
         """Add the pending sample; members that did not read it leave with a copy without it."""
@@ -149,12 +165,10 @@ class CoMoment:
         if s is None:
             return
         stay, self.pending, self.readers = self.readers, None, []
-        if len(stay) < len(self.members):
-            left = [st for st in self.members if not _holds(stay, st)]
-            copy = self.copy(left)
-            for st in left:
-                st.comoment = copy
-            self.members = stay
+        members = self._live()
+        if len(stay) < len(members):
+            self.copy([st for st in members if not _holds(stay, st)])
+            self.members = [r for r in stay if r() is not None]
         if self.offset is None:
             self.offset = s.offset.clone()
         else:
@@ -172,24 +186,24 @@ class CoMoment:
         next sample waits for the other members, or it leaves (see the class)."""
         if self.pending is not None:
             if self.pending is s and not _holds(self.readers, st):
-                self.readers.append(st)
-                if len(self.readers) == len(self.members):
+                self.readers.append(weakref.ref(st))
+                if len(self.readers) >= len(self._live()):
                     self.settle()
                 return
             if not _holds(self.readers, st):  # another sample than the others': st leaves
                 base = (self, self.batches)
-                self.members = [m for m in self.members if m is not st]
-                if len(self.readers) == len(self.members):
+                self.members = [r for r in self.members if r() is not st]
+                if len(self.readers) >= len(self._live()):
                     self.settle()
                 if not _join(st, s, base):
-                    own = st.comoment = self.copy([st])
+                    own = self.copy([st])
                     s.opened = own
-                    own.pending, own.readers = s, [st]
+                    own.pending, own.readers = s, [weakref.ref(st)]
                     own.settle()
                 return
             self.settle()
-        self.pending, self.readers = s, [st]
-        if len(self.members) == 1:
+        self.pending, self.readers = s, [weakref.ref(st)]
+        if len(self._live()) == 1:
             self.settle()
 
     def covariance(self) -> torch.Tensor:
@@ -241,8 +255,8 @@ class CoMoment:
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
 
-def _holds(group: list, st: Any) -> bool:
-    return any(m is st for m in group)
+def _holds(group: list[weakref.ref], st: Any) -> bool:
+    return any(r() is st for r in group)
 
 
 def _join(st: ChannelStats, s: Sample, base: tuple[CoMoment | None, int]) -> bool:
@@ -254,8 +268,7 @@ def _join(st: ChannelStats, s: Sample, base: tuple[CoMoment | None, int]) -> boo
         return False
     if (o.origin[0]() if o.origin[0] is not None else None) is not base[0]:
         return False
-    o.members.append(st)
-    st.comoment = o
+    o.add_member(st)
     return True
 
 
@@ -318,9 +331,9 @@ class ChannelStats:
         if m is not None:
             m.read(self, sample)
         elif not _join(self, sample, (None, 0)):
-            m = self.comoment = CoMoment.start(sample)
+            m = CoMoment.start(sample)
             sample.opened = m
-            m.members.append(self)
+            m.add_member(self)
             m.read(self, sample)
 
     def _sample_rows(self, x: torch.Tensor, dim: int) -> torch.Tensor:

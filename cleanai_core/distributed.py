@@ -391,9 +391,9 @@ def _combined_cov(comoment: torch.Tensor, n: float, g: torch.Tensor) -> CoMoment
 
 def _set_cov(st: Any, m: CoMoment | None) -> None:
     """Make ``st`` a member of the combined co-moment ``m`` (none where ``m`` is None)."""
-    st.comoment = m
+    st.comoment = None
     if m is not None:
-        m.members.append(st)
+        m.add_member(st)
 
 
 def combine_gradients(model: nn.Module, gradients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
