@@ -398,3 +398,25 @@ def test_the_budget_counts_a_shared_covariance_once():
     assert len(admitted) == 4
     assert four.with_covariance == {(s.module, s.name) for s in narrow if s.reads in admitted}
     assert len(four.with_covariance) > 4
+
+
+def test_dropped_statistics_free_their_shared_sums_without_the_garbage_collector():
+    """Statistics and their co-moment form no reference cycle: dropping the statistics frees
+    the C x C sums at once (a cycle kept each dropped collection's until the next gc run)."""
+    import gc
+    import weakref
+
+    x = torch.randn(30, 5, generator=torch.Generator().manual_seed(0))
+    a, b = ChannelStats(covariance=True), ChannelStats(covariance=True)
+    for _ in range(2):
+        red = cal.BatchReduction(x, 1)
+        a.update(x, 1, red)
+        b.update(x, 1, red)
+    held = weakref.ref(a.comoment)
+    assert a.comoment is b.comoment
+    gc.disable()
+    try:
+        del a, b, red
+        assert held() is None
+    finally:
+        gc.enable()
