@@ -148,6 +148,19 @@ class CoMoment:
             out.add_member(st)
         return out
 
+    def __getstate__(self) -> dict:
+        """Pickled (and deep-copied) settled, with its members as plain references (a weak
+        reference cannot be pickled) and without the links of a collection in progress."""
+        self.settle()
+        state = {f.name: getattr(self, f.name) for f in attrs.fields(CoMoment)}
+        state.update(members=self._live(), readers=[], origin=(None, 0), last=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        self.members = [weakref.ref(st) for st in state["members"]]
+
     def add_member(self, st: ChannelStats) -> None:
         st.comoment = self
         self.members.append(weakref.ref(st))

@@ -420,3 +420,29 @@ def test_dropped_statistics_free_their_shared_sums_without_the_garbage_collector
         assert held() is None
     finally:
         gc.enable()
+
+
+def test_statistics_with_a_shared_comoment_pickle_and_copy_with_it_shared():
+    """Statistics pickle (and deep-copy) as they did before sharing: the copies share one
+    co-moment, the same numbers, and go on collecting alike."""
+    import copy
+    import pickle
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(30, 5, generator=g) for _ in range(3)]
+
+    def feed(stats: list[ChannelStats], xs: list[torch.Tensor]) -> None:
+        for x in xs:
+            red = cal.BatchReduction(x, 1)
+            for st in stats:
+                st.update(x, 1, red)
+
+    a, b = ChannelStats(covariance=True, covariance_rows=8), ChannelStats(covariance=True, covariance_rows=8)
+    feed([a, b], chunks[:2])
+    for a2, b2 in (pickle.loads(pickle.dumps([a, b])), copy.deepcopy([a, b])):
+        assert a2.comoment is b2.comoment and a2.comoment is not a.comoment
+        assert torch.equal(a2.cov, a.cov) and a2.cov_batches == 2
+        feed([a2, b2], chunks[2:])
+        assert a2.comoment is b2.comoment and a2.cov_batches == 3
+    feed([a, b], chunks[2:])
+    assert torch.equal(a2.cov, a.cov)
