@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from cleanai_core import StructuredPruner  # noqa: E402
+from cleanai_core.calibration import stats_nbytes  # noqa: E402
 
 
 def peak_gib() -> float:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     stage("graph")
     pruner.collect_activations(batches, progress=False, sequential=args.sequential)
-    out["stats_gib"] = round(sum(s.nbytes for s in pruner.stats.values()) / 2**30, 3)
+    out["stats_gib"] = round(stats_nbytes(pruner.stats.values()) / 2**30, 3)
     out["with_covariance"] = sum(s.cov_ref is not None for s in pruner.stats.values())
     stage("calibrate")
     pruned = pruner.prune()

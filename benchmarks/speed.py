@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from cleanai_core import DependencyGraph, StructuredPruner
+from cleanai_core.calibration import stats_nbytes
 from cleanai_core.metrics import count_flops, measure_latency
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -106,7 +107,7 @@ class Frozen(torch.nn.Module):
 
 
 def stats_bytes(pruner: StructuredPruner) -> int:
-    return sum(s.nbytes for s in pruner.stats.values())
+    return stats_nbytes(pruner.stats.values())
 
 
 def collection_ratios(

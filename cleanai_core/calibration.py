@@ -10,8 +10,11 @@ never O(data); nothing is stored per sample. Hooks are removed on exit, also on 
 Ctrl-C; the model's train/eval mode is restored.
 
 Consumers that read the very same tensor (a ResNet block's conv1 and its downsample conv,
-parallel branches) share one reduction of it per batch: the tensor is reduced once, on
-its first hook, and every reader merges that :class:`BatchReduction` into its own totals.
+parallel branches, a decoder layer's q/k/v and gate/up projections) share one reduction of
+it per batch: the tensor is reduced once, on its first hook, and every reader merges that
+:class:`BatchReduction` into its own totals. Readers that have seen the same samples also
+share one :class:`CoMoment` (the covariance's accumulators): its product is formed once per
+batch and held once; a reader whose input parts from the others' gets its own copy then.
 
 A padded text batch (the model called with an ``attention_mask`` that hides positions)
 counts only its real tokens: a consumer's input shaped ``(batch, sequence, ...,
@@ -39,13 +42,16 @@ from cleanai_core.runtime import iterate, move_to, split_batch, total_batches  #
 __all__ = [
     "BatchReduction",
     "ChannelStats",
+    "CoMoment",
     "StatsCollector",
     "batch_moments",
+    "covariance_bytes",
     "finite_moments",
     "finite_moments_of",
     "move_to",
     "split_batch",
     "iterate",
+    "stats_nbytes",
     "total_batches",
 ]
 
@@ -76,8 +82,207 @@ _GRAM_MIN_SPLIT = 1024
 _GRAM_PANEL = 128
 
 
-#: the covariance :attr:`ChannelStats.cov` formed last: (its statistics, their totals' versions, the matrix)
+#: the covariance :attr:`ChannelStats.cov` formed last: (its co-moment, their totals' versions, the matrix)
 _LAST_COV: list[tuple[weakref.ref, tuple, torch.Tensor] | None] = [None]
+
+
+class Sample:
+    """One batch's covariance sample at one tensor: ``rows`` drawn (the setting),
+    centred on ``ref``, with the centred rows' column sums (float64). Kept on the tensor's
+    :class:`BatchReduction` for its other readers; ``opened``: the :class:`CoMoment` a
+    reader started from it (another reader with the same history joins that one)."""
+
+    __slots__ = ("__weakref__", "centred", "offset", "opened", "ref", "rows")
+
+    def __init__(self, rows: int, ref: torch.Tensor, centred: torch.Tensor, offset: torch.Tensor) -> None:
+        self.rows, self.ref, self.centred, self.offset = rows, ref, centred, offset
+        self.opened: CoMoment | None = None
+
+
+@attrs.define(eq=False)
+class CoMoment:
+    """The covariance sample's running sums, one object for every consumer that has read
+    the same samples (the readers of one tensor: a ResNet block's conv1 and downsample,
+    a decoder layer's q/k/v and gate/up projections).
+
+    ``block`` + ``total``: ``sum (x - ref)^T (x - ref)`` on and above the diagonal (see
+    :func:`_add_gram`; the block joins the total every ``FLUSH_BATCHES`` batches);
+    ``offset``: the sum of ``x - ref`` (float64); ``count``: the rows; ``batches``: the
+    samples added. ``members``: the :class:`ChannelStats` that hold it (weak references:
+    statistics and their co-moment form no reference cycle, so a dropped set of statistics
+    frees its C x C sums at once rather than at the next garbage collection).
+
+    A batch's sample is added once for all members: the first member to read it makes it
+    ``pending``, the others join its ``readers``, and it is added when every member has read
+    it, or before a reader reads its next one, or when the sums are read (:meth:`settle`).
+    Members that did not read it leave then with a copy of the sums without it; a member
+    that reads another sample while one is pending leaves with such a copy and adds its
+    own. So each member ends with the sums of exactly the samples it read, in its order:
+    the same bits as accumulators of its own, formed and held once while the members agree."""
+
+    ref: torch.Tensor
+    block: torch.Tensor
+    total: torch.Tensor
+    offset: torch.Tensor | None = None
+    count: float = 0.0
+    batches: int = 0
+    members: list[weakref.ref] = attrs.field(factory=list)
+    pending: Sample | None = None
+    readers: list[weakref.ref] = attrs.field(factory=list)
+    #: the co-moment this one was copied from (a weak reference; None: started empty) and its batches then
+    origin: tuple[weakref.ref | None, int] = (None, 0)
+    #: the sample added last, while its tensor's reduction holds it (joining readers check it)
+    last: weakref.ref | None = None
+
+    @classmethod
+    def start(cls, sample: Sample) -> CoMoment:
+        c = sample.centred.shape[1]
+        return cls(sample.ref, sample.centred.new_zeros(c, c), sample.centred.new_zeros(c, c))
+
+    def copy(self, members: list[ChannelStats]) -> CoMoment:
+        """The sums as they are (without the pending sample), held by ``members`` from now on."""
+        offset = None if self.offset is None else self.offset.clone()
+        out = CoMoment(self.ref, self.block.clone(), self.total.clone(), offset, self.count, self.batches,
+                       origin=(weakref.ref(self), self.batches))  # fmt: skip
+        for st in members:
+            out.add_member(st)
+        return out
+
+    def __getstate__(self) -> dict:
+        """Pickled (and deep-copied) settled, with its members as plain references (a weak
+        reference cannot be pickled) and without the links of a collection in progress."""
+        self.settle()
+        state = {f.name: getattr(self, f.name) for f in attrs.fields(CoMoment)}
+        state.update(members=self._live(), readers=[], origin=(None, 0), last=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        self.members = [weakref.ref(st) for st in state["members"]]
+
+    def add_member(self, st: ChannelStats) -> None:
+        st.comoment = self
+        self.members.append(weakref.ref(st))
+
+    def _live(self) -> list[ChannelStats]:
+        """The members still alive (the list loses the others)."""
+        live = [st for st in (r() for r in self.members) if st is not None]
+        if len(live) < len(self.members):
+            self.members = [weakref.ref(st) for st in live]
+        return live
+
+    def settle(self) -> None:
+        """Add the pending sample; members that did not read it leave with a copy without it."""
+        s = self.pending
+        if s is None:
+            return
+        stay, self.pending, self.readers = self.readers, None, []
+        members = self._live()
+        if len(stay) < len(members):
+            self.copy([st for st in members if not _holds(stay, st)])
+            self.members = [r for r in stay if r() is not None]
+        if self.offset is None:
+            self.offset = s.offset.clone()
+        else:
+            self.offset += s.offset
+        _add_gram(self.block, s.centred)
+        self.count += s.centred.shape[0]
+        self.batches += 1
+        if self.batches % FLUSH_BATCHES == 0:
+            self.total += self.block
+            self.block.zero_()
+        self.last = weakref.ref(s)
+
+    def read(self, st: ChannelStats, s: Sample) -> None:
+        """Member ``st`` reads sample ``s``: it joins the pending sample's readers, or its
+        next sample waits for the other members, or it leaves (see the class)."""
+        if self.pending is not None:
+            if self.pending is s and not _holds(self.readers, st):
+                self.readers.append(weakref.ref(st))
+                if len(self.readers) >= len(self._live()):
+                    self.settle()
+                return
+            if not _holds(self.readers, st):  # another sample than the others': st leaves
+                base = (self, self.batches)
+                self.members = [r for r in self.members if r() is not st]
+                if len(self.readers) >= len(self._live()):
+                    self.settle()
+                if not _join(st, s, base):
+                    own = self.copy([st])
+                    s.opened = own
+                    own.pending, own.readers = s, [weakref.ref(st)]
+                    own.settle()
+                return
+            self.settle()
+        self.pending, self.readers = s, [weakref.ref(st)]
+        if len(self._live()) == 1:
+            self.settle()
+
+    def covariance(self) -> torch.Tensor:
+        """``S / n - d d^T`` in float64 with ``S`` mirrored from its blocks on and above the
+        diagonal (see :func:`_add_gram`): four passes over the C x C matrix (C=3072: 130 ms
+        on one core, 300 ms with a whole-matrix ``triu`` and mirror)."""
+        n = max(self.count, 1.0)
+        d = (self.offset / n).cpu()
+        s = self.total.to("cpu", torch.float64, copy=True)
+        s.add_(self.block.to("cpu"))
+        cols = _gram_blocks(s.shape[0])
+        for i, a in enumerate(cols):
+            diag = s[a, a]
+            diag.copy_(diag.triu() + diag.triu(1).T)  # exactly symmetric, like the mirrored blocks
+            for b in cols[i + 1 :]:
+                s[b, a] = s[a, b].T
+        return s.addr_(d, d, beta=1.0 / n, alpha=-1.0)
+
+    def blocks(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`ChannelStats.cov_blocks`."""
+        # the running total stays zero until the first flush, the block right after one: a
+        # part that is all zero adds nothing (exactly) and is not gathered
+        parts = [] if _all_zero(self.total) else [self.total]
+        if not parts or not _all_zero(self.block):
+            parts.append(self.block)
+        dev = self.block.device
+        r, c = rows.to(dev), cols.to(dev)
+        rows, cols = rows.cpu(), cols.cpu()
+        upper_kk = (rows[:, None] <= rows[None, :]).to(dev)  # entry (i, j) is read at S[min, max]
+        upper_kr = (rows[:, None] <= cols[None, :]).to(dev)
+        kk = kr = None
+        for t in parts:  # the running total and the running block, summed in float64
+            by_rows = t.index_select(0, r)  # whole rows first: contiguous copies
+            part_kk = by_rows.index_select(1, r)
+            part_kk = torch.where(upper_kk, part_kk, part_kk.T.contiguous()).to("cpu", torch.float64)
+            part_kr = t.index_select(0, c).index_select(1, r).T.contiguous()
+            part_kr = torch.where(upper_kr, by_rows.index_select(1, c), part_kr).to("cpu", torch.float64)
+            kk, kr = (part_kk, part_kr) if kk is None else (kk.add_(part_kk), kr.add_(part_kr))
+        n = max(self.count, 1.0)
+        d = (self.offset / n).cpu()
+        d_rows = d[rows]
+        kk.addr_(d_rows, d_rows, beta=1.0 / n, alpha=-1.0)
+        kr.addr_(d_rows, d[cols], beta=1.0 / n, alpha=-1.0)
+        return kk, kr
+
+    @property
+    def nbytes(self) -> int:
+        held = (self.ref, self.offset, self.block, self.total)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
+
+
+def _holds(group: list[weakref.ref], st: Any) -> bool:
+    return any(r() is st for r in group)
+
+
+def _join(st: ChannelStats, s: Sample, base: tuple[CoMoment | None, int]) -> bool:
+    """Make ``st`` a member of the co-moment another reader of ``s`` started with the same
+    history (``base``: the co-moment it left, or None, and that one's batches then), when
+    there is one and it holds nothing since."""
+    o = s.opened
+    if o is None or o.pending is not None or o.last is None or o.last() is not s or o.batches != base[1] + 1:
+        return False
+    if (o.origin[0]() if o.origin[0] is not None else None) is not base[0]:
+        return False
+    o.add_member(st)
+    return True
 
 
 @attrs.define(eq=False)
@@ -94,19 +299,16 @@ class ChannelStats:
     diagonal). Every ``FLUSH_BATCHES`` batches the running block is added into a second
     accumulator, so rounding grows with ``FLUSH_BATCHES + batches / FLUSH_BATCHES``
     additions rather than with the number of batches. The covariance is ``S / n - d d^T``
-    with ``d`` the mean offset from the reference, formed in float64."""
+    with ``d`` the mean offset from the reference, formed in float64. The sums live in a
+    :class:`CoMoment`, shared with the consumers that read the same samples (the
+    ``cov_*`` attributes read it)."""
 
     count: float = 0.0
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None
     covariance: bool = False
     covariance_rows: int = 0
-    cov_count: float = 0.0
-    cov_ref: torch.Tensor | None = None
-    cov_offset: torch.Tensor | None = None
-    cov_block: torch.Tensor | None = None
-    cov_total: torch.Tensor | None = None
-    cov_batches: int = 0
+    comoment: CoMoment | None = None
     generator: torch.Generator | None = None
 
     def update(self, x: torch.Tensor, dim: int, reduction: BatchReduction | None = None) -> None:
@@ -127,34 +329,25 @@ class ChannelStats:
     def _add_sample(self, x: torch.Tensor, reduction: BatchReduction) -> None:
         """Add this batch's drawn positions, centred on the reference, to the co-moment.
         The centred sample is kept on ``reduction`` for the other consumers of ``x`` with
-        the same reference (any reference is exact; a consumer without one adopts it)."""
+        the same reference (any reference is exact; a consumer without one adopts it), and
+        readers of one sample share one :class:`CoMoment` while their samples agree."""
+        m = self.comoment
+        ref = None if m is None else m.ref
         sample = reduction.sample
-        if (
-            sample is None
-            or sample[0] != self.covariance_rows
-            or (self.cov_ref is not None and sample[1] is not self.cov_ref)
-        ):
+        if sample is None or sample.rows != self.covariance_rows or (ref is not None and sample.ref is not ref):
             rows = self._sample_rows(x, reduction.dim)
             if rows.dtype in (torch.float16, torch.bfloat16):
                 rows = rows.float()
-            ref = rows.mean(0) if self.cov_ref is None else self.cov_ref
+            ref = rows.mean(0) if ref is None else ref
             centred = rows - ref
-            sample = reduction.sample = (self.covariance_rows, ref, centred, centred.sum(0, dtype=torch.float64))
-        _, ref, centred, offset = sample
-        if self.cov_ref is None:
-            self.cov_ref = ref
-            self.cov_offset = offset.clone()
-            c = centred.shape[1]
-            self.cov_block = centred.new_zeros(c, c)
-            self.cov_total = centred.new_zeros(c, c)
-        else:
-            self.cov_offset += offset
-        _add_gram(self.cov_block, centred)
-        self.cov_count += centred.shape[0]
-        self.cov_batches += 1
-        if self.cov_batches % FLUSH_BATCHES == 0:
-            self.cov_total += self.cov_block
-            self.cov_block.zero_()
+            sample = reduction.sample = Sample(self.covariance_rows, ref, centred, centred.sum(0, dtype=torch.float64))
+        if m is not None:
+            m.read(self, sample)
+        elif not _join(self, sample, (None, 0)):
+            m = CoMoment.start(sample)
+            sample.opened = m
+            m.add_member(self)
+            m.read(self, sample)
 
     def _sample_rows(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """``(rows, C)``: every position of the batch, or ``covariance_rows`` drawn at random."""
@@ -175,39 +368,29 @@ class ChannelStats:
     @property
     def has_cov(self) -> bool:
         """Whether a covariance was collected (without forming the matrix, as :attr:`cov` does)."""
-        return self.cov_block is not None
+        return self.comoment is not None
+
+    def _settled(self) -> CoMoment | None:
+        if self.comoment is not None:
+            self.comoment.settle()
+        return self.comoment
 
     @property
     def cov(self) -> torch.Tensor | None:
         """Channel covariance matrix (float64, CPU), when collected. The last one formed is
-        kept (one matrix, for all statistics together) until its totals change, so reading
-        it twice in a row costs one (a caller must not write into it)."""
-        if self.cov_block is None:
+        kept (one matrix, for all statistics together: consumers that share their
+        :class:`CoMoment` get the same one) until its totals change, so reading it twice in
+        a row costs one (a caller must not write into it)."""
+        m = self._settled()
+        if m is None:
             return None
-        key = tuple((id(t), _version(t)) for t in (self.cov_total, self.cov_block, self.cov_offset))
-        key += (self.cov_count,)
+        key = tuple((id(t), _version(t)) for t in (m.total, m.block, m.offset)) + (m.count,)
         last = _LAST_COV[0]
-        if last is not None and last[0]() is self and last[1] == key:
+        if last is not None and last[0]() is m and last[1] == key:
             return last[2]
-        cov = self._form_cov()
-        _LAST_COV[0] = (weakref.ref(self), key, cov)
+        cov = m.covariance()
+        _LAST_COV[0] = (weakref.ref(m), key, cov)
         return cov
-
-    def _form_cov(self) -> torch.Tensor:
-        """``S / n - d d^T`` in float64 with ``S`` mirrored from its blocks on and above the
-        diagonal (see :func:`_add_gram`): four passes over the C x C matrix (C=3072: 130 ms
-        on one core, 300 ms with a whole-matrix ``triu`` and mirror)."""
-        n = max(self.cov_count, 1.0)
-        d = (self.cov_offset / n).cpu()
-        s = self.cov_total.to("cpu", torch.float64, copy=True)
-        s.add_(self.cov_block.to("cpu"))
-        cols = _gram_blocks(s.shape[0])
-        for i, a in enumerate(cols):
-            diag = s[a, a]
-            diag.copy_(diag.triu() + diag.triu(1).T)  # exactly symmetric, like the mirrored blocks
-            for b in cols[i + 1 :]:
-                s[b, a] = s[a, b].T
-        return s.addr_(d, d, beta=1.0 / n, alpha=-1.0)
 
     def cov_blocks(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(cov[rows][:, rows], cov[rows][:, cols])`` (float64, CPU), when collected: the
@@ -216,45 +399,61 @@ class ChannelStats:
         matrix). Entry for entry the numbers of :attr:`cov`: each entry is read from the
         co-moment's block on or above the diagonal, and ``S / n - d d^T`` is the same
         ``addr_``. Each call returns new tensors."""
-        if self.cov_block is None:
-            return None
-        # the running total stays zero until the first flush, the block right after one: a
-        # part that is all zero adds nothing (exactly) and is not gathered
-        parts = [] if _all_zero(self.cov_total) else [self.cov_total]
-        if not parts or not _all_zero(self.cov_block):
-            parts.append(self.cov_block)
-        dev = self.cov_block.device
-        r, c = rows.to(dev), cols.to(dev)
-        rows, cols = rows.cpu(), cols.cpu()
-        upper_kk = (rows[:, None] <= rows[None, :]).to(dev)  # entry (i, j) is read at S[min, max]
-        upper_kr = (rows[:, None] <= cols[None, :]).to(dev)
-        kk = kr = None
-        for t in parts:  # the running total and the running block, summed in float64
-            by_rows = t.index_select(0, r)  # whole rows first: contiguous copies
-            part_kk = by_rows.index_select(1, r)
-            part_kk = torch.where(upper_kk, part_kk, part_kk.T.contiguous()).to("cpu", torch.float64)
-            part_kr = t.index_select(0, c).index_select(1, r).T.contiguous()
-            part_kr = torch.where(upper_kr, by_rows.index_select(1, c), part_kr).to("cpu", torch.float64)
-            kk, kr = (part_kk, part_kr) if kk is None else (kk.add_(part_kk), kr.add_(part_kr))
-        n = max(self.cov_count, 1.0)
-        d = (self.cov_offset / n).cpu()
-        d_rows = d[rows]
-        kk.addr_(d_rows, d_rows, beta=1.0 / n, alpha=-1.0)
-        kr.addr_(d_rows, d[cols], beta=1.0 / n, alpha=-1.0)
-        return kk, kr
+        m = self._settled()
+        return None if m is None else m.blocks(rows, cols)
 
     @property
     def cov_mean(self) -> torch.Tensor | None:
         """Mean of the covariance sample (float64, CPU), when collected."""
-        if self.cov_ref is None:
+        m = self._settled()
+        if m is None:
             return None
-        return self.cov_ref.to("cpu", torch.float64) + (self.cov_offset / max(self.cov_count, 1.0)).cpu()
+        return m.ref.to("cpu", torch.float64) + (m.offset / max(m.count, 1.0)).cpu()
+
+    # the co-moment's sums under their former names (read by distributed combination and tests)
+    @property
+    def cov_ref(self) -> torch.Tensor | None:
+        return None if self.comoment is None else self.comoment.ref
+
+    @property
+    def cov_offset(self) -> torch.Tensor | None:
+        m = self._settled()
+        return None if m is None else m.offset
+
+    @property
+    def cov_block(self) -> torch.Tensor | None:
+        m = self._settled()
+        return None if m is None else m.block
+
+    @cov_block.setter
+    def cov_block(self, value: torch.Tensor) -> None:
+        self._settled().block = value
+
+    @property
+    def cov_total(self) -> torch.Tensor | None:
+        m = self._settled()
+        return None if m is None else m.total
+
+    @cov_total.setter
+    def cov_total(self, value: torch.Tensor) -> None:
+        self._settled().total = value
+
+    @property
+    def cov_count(self) -> float:
+        m = self._settled()
+        return 0.0 if m is None else m.count
+
+    @property
+    def cov_batches(self) -> int:
+        m = self._settled()
+        return 0 if m is None else m.batches
 
     @property
     def nbytes(self) -> int:
-        """Memory held by these statistics."""
-        held = (self.mean, self.m2, self.cov_ref, self.cov_offset, self.cov_block, self.cov_total)
-        return sum(t.numel() * t.element_size() for t in held if t is not None)
+        """Memory held by these statistics, their co-moment included (shared with other
+        consumers: :func:`stats_nbytes` counts it once)."""
+        own = sum(t.numel() * t.element_size() for t in (self.mean, self.m2) if t is not None)
+        return own + (0 if self.comoment is None else self.comoment.nbytes)
 
     @property
     def var(self) -> torch.Tensor:
@@ -263,6 +462,28 @@ class ChannelStats:
     @property
     def second_moment(self) -> torch.Tensor:
         return self.var + self.mean**2
+
+
+def covariance_bytes(consumers: Iterable[Any]) -> int:
+    """What the covariance budget counts for ``consumers`` (``"in"`` slices): two float32
+    C x C matrices (twice that for float64 models) per distinct input, consumers that read
+    one tensor (the same :attr:`~cleanai_core.graph.context.SliceSpec.reads`) once."""
+    sizes = {_input_key(s): s.atoms.numel() for s in consumers}
+    return sum(c * c * 8 for c in sizes.values())
+
+
+def _input_key(s: Any) -> tuple:
+    """The input a consumer slice reads, as far as the trace tells (else the slice itself)."""
+    reads = getattr(s, "reads", None)
+    return (reads, s.atoms.numel()) if reads is not None else (id(s),)
+
+
+def stats_nbytes(stats: Iterable[ChannelStats]) -> int:
+    """Memory held by ``stats`` together: a :class:`CoMoment` shared by several consumers counts once."""
+    stats = list(stats)
+    shared = {id(st.comoment): st.comoment for st in stats if st.comoment is not None}
+    own = sum(t.numel() * t.element_size() for st in stats for t in (st.mean, st.m2) if t is not None)
+    return own + sum(m.nbytes for m in shared.values())
 
 
 def _as_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -457,8 +678,7 @@ class BatchReduction:
         self.dim = dim
         self.version = _version(x)
         self.moments = batch_moments(x, dim)
-        # (rows drawn, reference, centred sample, its column sums in float64)
-        self.sample: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.sample: Sample | None = None
 
 
 def _version(x: torch.Tensor) -> int | None:
@@ -486,19 +706,26 @@ class StatsCollector:
         consumers = [s for s in slices if s.kind == "in" and s.module]
         self._targets = [(s.module, s.name, s.arg, s.dim) for s in consumers]
         # covariance where the layer can use it (reconstruct), narrowest consumers first,
-        # within the memory budget
+        # within the memory budget; consumers that read one tensor (the trace's
+        # ``SliceSpec.reads``) hold one co-moment and count once
         self.with_covariance: set[tuple[str, str]] = set()
-        used = 0
         foldable = [
             s
             for s in consumers
             if covariance and s.pruner is not None and s.pruner.can_reconstruct(model.get_submodule(s.module), s.name)
         ]
+        used, full = 0, False
+        charged: set[tuple] = set()
         for s in sorted(foldable, key=lambda s: s.atoms.numel()):
-            size = s.atoms.numel() ** 2 * 8  # two float32 matrices (twice that for float64 models)
-            if s.atoms.numel() > MAX_COVARIANCE_CHANNELS or used + size > covariance_budget:
+            if s.atoms.numel() > MAX_COVARIANCE_CHANNELS:
                 break
-            used += size
+            key = _input_key(s)
+            cost = 0 if key in charged else s.atoms.numel() ** 2 * 8
+            if cost and (full or used + cost > covariance_budget):
+                full = True  # no wider one either; readers of a tensor already paid for still join
+                continue
+            used += cost
+            charged.add(key)
             self.with_covariance.add((s.module, s.name))
 
     @contextmanager
@@ -566,6 +793,10 @@ class StatsCollector:
             for h in handles:
                 h.remove()
             seen.clear()
+            for st in self.stats.values():  # the last batch's samples added; no reference to them kept
+                if st.comoment is not None:
+                    st.comoment.settle()
+                    st.comoment.last = None
 
 
 def real_positions(x: torch.Tensor, dim: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:

@@ -246,15 +246,16 @@ def _folds_by_products(pruner: Any) -> bool:
 
 def _same_problem(a: tuple, b: tuple) -> bool:
     """Whether two consumers' regressions are the same problem: the same removed and kept
-    channels and bit-identical statistics (consumers of one tensor accumulate the same
-    co-moment from the same centred sample; equality is checked, not assumed)."""
+    channels and bit-identical statistics (consumers of one tensor share one co-moment;
+    where they do not, equality of the sums is checked, not assumed)."""
     (sa, ra, ka, na), (sb, rb, kb, nb) = a, b
     if na != nb or sa.cov_ref is not sb.cov_ref or sa.cov_count != sb.cov_count:
         return False
     pairs = [(ra, rb), (ka, kb)]
     if sa is not sb:
-        pairs += [(sa.mean, sb.mean), (sa.cov_offset, sb.cov_offset), (sa.cov_block, sb.cov_block),
-                  (sa.cov_total, sb.cov_total)]  # fmt: skip
+        pairs.append((sa.mean, sb.mean))
+    if sa.comoment is not sb.comoment:
+        pairs += [(sa.cov_offset, sb.cov_offset), (sa.cov_block, sb.cov_block), (sa.cov_total, sb.cov_total)]
     return all(x.shape == y.shape and torch.equal(x, y) for x, y in pairs)
 
 

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from cleanai_core.calibration import CoMoment
 from cleanai_core.errors import UserError
 
 __all__ = [
@@ -240,7 +241,11 @@ def combine_stats(stats: dict, channels: dict | None = None) -> dict:
     """Sum every rank's :class:`~cleanai_core.calibration.ChannelStats` in place, so all
     ranks hold the statistics of the union of their shards. ``channels`` (key -> channel
     count) gives the size of a consumer a rank never saw; otherwise it comes from the
-    ranks that did. Raises on every rank when no rank saw any data."""
+    ranks that did. Raises on every rank when no rank saw any data.
+
+    A :class:`~cleanai_core.calibration.CoMoment` shared by several consumers is reduced
+    once, and they share the combined one, where every rank that collected one shares it
+    the same way (:func:`_shared_with`); elsewhere each consumer's is reduced on its own."""
     if not is_distributed():
         return stats
     keys = sorted(stats)
@@ -251,20 +256,22 @@ def combine_stats(stats: dict, channels: dict | None = None) -> dict:
         meta[2 * i] = st.mean.numel() if st.mean is not None else (channels or {}).get(k, 0)
         meta[2 * i + 1] = st.cov_ref.numel() if st.cov_ref is not None else 0
     agreed = _max(meta)
+    first = _shared_with(keys, stats)
     # step 1: counts and sums (moments and covariance sample), one reduction
     parts = []
     for i, k in enumerate(keys):
         st, c, cc = stats[k], int(agreed[2 * i]), int(agreed[2 * i + 1])
         parts += [_tensor([st.count]), _sum_of(st.count, st.mean, c)]
-        if cc:
+        if cc and first[i] == i:
             parts += [_tensor([st.cov_count]), _cov_sum(st, cc)]
     totals = _split(_sum(torch.cat(parts)), parts)
-    if sum(float(totals[j][0]) for j in _count_slots(keys, agreed)) == 0:
+    if sum(float(totals[j][0]) for j in _count_slots(keys, agreed, first)) == 0:
         raise UserError("the calibration data is empty on every rank; give at least one batch")
     # step 2: M2 about the global means, one reduction; co-moments about the global
-    # covariance means, one reduction each
+    # covariance means, one reduction each (once per shared co-moment)
     j = 0
     m2_parts, means = [], {}
+    combined: dict[int, CoMoment | None] = {}
     for i, k in enumerate(keys):
         st, c, cc = stats[k], int(agreed[2 * i]), int(agreed[2 * i + 1])
         n, total = float(totals[j][0]), totals[j + 1]
@@ -272,11 +279,14 @@ def combine_stats(stats: dict, channels: dict | None = None) -> dict:
         mean = total / max(n, 1.0)
         means[k] = (n, mean)
         m2_parts.append(_moved_m2(st, mean, c))
-        if cc:
+        if cc and first[i] == i:
             cn, ctotal = float(totals[j][0]), totals[j + 1]
             j += 2
             cmean = ctotal / max(cn, 1.0)
-            _set_cov(st, _sum(_moved_comoment(st, cmean, cc)), cn, cmean)
+            combined[i] = _combined_cov(_sum(_moved_comoment(st, cmean, cc)), cn, cmean)
+    for i, k in enumerate(keys):
+        if int(agreed[2 * i + 1]):
+            _set_cov(stats[k], combined[first[i]])
     m2s = _split(_sum(torch.cat(m2_parts)), m2_parts)
     for k, m2 in zip(keys, m2s, strict=True):
         st = stats[k]
@@ -288,12 +298,33 @@ def combine_stats(stats: dict, channels: dict | None = None) -> dict:
     return stats
 
 
-def _count_slots(keys: list, agreed: torch.Tensor) -> list[int]:
+def _shared_with(keys: list, stats: dict) -> list[int]:
+    """Per key, the first key (by position) whose co-moment it shares on every rank that
+    collected one (itself where it shares none, or where the ranks disagree: one rank's
+    readers may part where another's agree). Agreed by one max over ranks of each key's
+    first sharer and of its negation (ranks without a co-moment there abstain)."""
+    n = len(keys)
+    by_object: dict[int, int] = {}
+    votes = torch.full((2 * n,), -float(n + 1), dtype=torch.float64)
+    for i, k in enumerate(keys):
+        m = stats[k].comoment
+        if m is not None:
+            lead = by_object.setdefault(id(m), i)
+            votes[2 * i], votes[2 * i + 1] = lead, -lead
+    top = _max(votes)
+    out = []
+    for i in range(n):
+        hi, lo = int(top[2 * i]), -int(top[2 * i + 1])
+        out.append(hi if hi >= 0 and hi == lo else i)
+    return out
+
+
+def _count_slots(keys: list, agreed: torch.Tensor, first: list[int]) -> list[int]:
     """Positions of the moment counts in the step-1 list of parts."""
     slots, j = [], 0
     for i in range(len(keys)):
         slots.append(j)
-        j += 2 + (2 if int(agreed[2 * i + 1]) else 0)
+        j += 2 + (2 if int(agreed[2 * i + 1]) and first[i] == i else 0)
     return slots
 
 
@@ -351,17 +382,18 @@ def _moved_comoment(st: Any, g: torch.Tensor, cc: int) -> torch.Tensor:
     return s
 
 
-def _set_cov(st: Any, comoment: torch.Tensor, n: float, g: torch.Tensor) -> None:
-    """Make ``st``'s covariance accumulators hold the combined co-moment about ``g``."""
+def _combined_cov(comoment: torch.Tensor, n: float, g: torch.Tensor) -> CoMoment | None:
+    """A co-moment holding the combined ``comoment`` about ``g`` (None where no rank sampled any)."""
     if n == 0:
-        st.cov_ref = st.cov_offset = st.cov_block = st.cov_total = None
-        st.cov_count = 0.0
-        return
-    st.cov_count = n
-    st.cov_ref = g
-    st.cov_offset = torch.zeros_like(g)  # the sample's sum about its own mean
-    st.cov_total = comoment
-    st.cov_block = torch.zeros_like(comoment)
+        return None
+    return CoMoment(g, torch.zeros_like(comoment), comoment, torch.zeros_like(g), n)
+
+
+def _set_cov(st: Any, m: CoMoment | None) -> None:
+    """Make ``st`` a member of the combined co-moment ``m`` (none where ``m`` is None)."""
+    st.comoment = None
+    if m is not None:
+        m.add_member(st)
 
 
 def combine_gradients(model: nn.Module, gradients: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,7 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, StatsCollector, iterate, move_to, split_batch
+from cleanai_core.calibration import (
+    COVARIANCE_BUDGET_BYTES,
+    StatsCollector,
+    covariance_bytes,
+    iterate,
+    move_to,
+    split_batch,
+)
 from cleanai_core.errors import UserError
 from cleanai_core.runtime import device_of
 
@@ -95,7 +102,7 @@ def collect_sequential(
     stats: dict = {}
 
     def collector(group: list) -> StatsCollector:
-        granted = sum(_cov_bytes(s) for s in group if (s.module, s.name) in chosen)
+        granted = covariance_bytes([s for s in group if (s.module, s.name) in chosen])
         return StatsCollector(model, group, covariance_budget=granted, **options)
 
     was_training = model.training
@@ -108,11 +115,6 @@ def collect_sequential(
     finally:
         model.train(was_training)
     return stats
-
-
-def _cov_bytes(s: Any) -> int:
-    """What :class:`StatsCollector` counts against the budget for one consumer."""
-    return s.atoms.numel() ** 2 * 8
 
 
 def _under(name: str, prefix: str) -> bool:

@@ -91,6 +91,10 @@ class SliceSpec:
     multiple: int = 1
     same_count: str | None = None
     same_share: str | None = None
+    #: an ``"in"`` slice's traced input ``(tensor key, channel dim)`` where its module ran
+    #: once in the trace (else None): consumers with the same ``reads`` read one tensor,
+    #: and calibration counts their shared co-moment once against its budget
+    reads: tuple[int, int] | None = None
 
 
 class TraceContext:

@@ -16,7 +16,7 @@ from cleanai_core.graph.context import SliceSpec, TraceContext
 from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups, unique
-from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
+from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.plugins import get_plugin_manager
 from cleanai_core.runtime import call_model, plain_inputs
@@ -371,6 +371,7 @@ class DependencyGraph:
         for s in self.slices:
             node = self.nodes.get(s.module)
             s.pruner = node.pruner if node is not None else None
+        _note_reads(self.recording, self.slices)
         normalized = torch.cat(ctx.normalized) if ctx.normalized else None
         self._groups = make_groups(self.root, frozen, self.slices, reasons, normalized)
         self._unit_group: torch.Tensor | None = None  # for check_removal()
@@ -515,6 +516,24 @@ def prunable_graph(
             + "Run `cleanai explain` to see which operations froze them, or ignore fewer layers."
         )
     return graph
+
+
+def _note_reads(recording: Recording, slices: list[SliceSpec]) -> None:
+    """Set :attr:`SliceSpec.reads` of the ``"in"`` slices whose module ran once in the
+    trace and got the input at its position ``arg`` (a tensor changed in place is another
+    key after the change: the recorder gives an op's outputs new keys)."""
+    calls: dict[str, list[ModuleCall]] = {}
+    for e in recording.events:
+        if isinstance(e, ModuleCall):
+            calls.setdefault(e.name, []).append(e)
+    for s in slices:
+        ran = calls.get(s.module, [])
+        if s.kind != "in" or len(ran) != 1 or not isinstance(s.arg, int) or s.dim is None:
+            continue
+        args = ran[0].args
+        x = args[s.arg] if s.arg < len(args) else None
+        if isinstance(x, TRef) and x.ndim > 0:
+            s.reads = (x.key, s.dim % x.ndim)
 
 
 def _cut_dim(module: nn.Module, pruner: Any, spec: SliceSpec, attr: str) -> int | None:
