@@ -91,6 +91,7 @@ def example_input(model: torch.nn.Module, shape: tuple[int, ...], dtype: torch.d
 
 def run(args: argparse.Namespace) -> int:
     from cleanai_core.graph.dependency import DependencyGraph
+    from cleanai_core.job.inputs import check_real
     from cleanai_core.options import ignored_modules
     from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
 
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(get_plugin_manager(), args.model, options)
     if model is None:
         raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {input_forms('model')}.")
+    check_real(model, args.model)
     if args.max_groups < 0:  # -1 listed all groups but one, then "... 6 more"
         raise UserError(f"--max-groups={args.max_groups} is out of range: it must be >= 0.")
     model.eval()

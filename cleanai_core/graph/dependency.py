@@ -18,6 +18,7 @@ from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
 from cleanai_core.interfaces import LayerPruner
+from cleanai_core.options import check_modules
 from cleanai_core.plugins import get_plugin_manager
 from cleanai_core.runtime import call_model, plain_inputs
 
@@ -132,6 +133,7 @@ class DependencyGraph:
     ) -> None:
         if not isinstance(model, nn.Module):  # an AttributeError from deep in the trace before
             raise UserError(f"DependencyGraph needs a torch.nn.Module, got {type(model).__name__}")
+        check_modules(model)  # a scripted or lazy layer, a weight a pre-hook recomputes: named, before the trace
         example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         self.model = model
         self.pm = pm or get_plugin_manager()

@@ -12,8 +12,10 @@ import torch
 
 from cleanai_core.config_sources import ENV_PREFIX
 from cleanai_core.errors import UserError
+from cleanai_core.options import meta_tensor
 
 __all__ = [
+    "check_real",
     "checked_dataset",
     "is_pair",
     "CheckedDataset",
@@ -79,6 +81,20 @@ def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_real(model: Any, spec: str) -> None:
+    """A :class:`UserError` for a ``--model`` whose tensors are on the meta device (a factory
+    that builds under ``torch.device('meta')``): ``cleanai prune`` raised
+    ``NotImplementedError: Cannot copy out of meta tensor`` from ``.to(device)`` (exit 1),
+    ``cleanai explain`` blamed ``--input-shape``."""
+    meta = meta_tensor(model)
+    if meta is not None:
+        raise UserError(
+            f"--model {spec!r} gave a model whose tensors are on the meta device (e.g. {meta!r}: a shape without "
+            "values), so there is nothing to prune or measure. Build it with real tensors (not under "
+            "torch.device('meta') or an empty-weights context), or give its weights with --weights FILE."
+        )
+
+
 def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
     """Model (eval mode, on the device), data set and the plugin manager."""
     from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
@@ -93,6 +109,7 @@ def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
         hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
         forms = input_forms("model", pm)
         raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {forms}.")
+    check_real(model, cfg["model"])
     model = model.eval().to(cfg["device"])
     if model_options.get("resolved_spec"):  # a loader's spec that works from any folder (a relative path made absolute)
         cfg["_model_spec"] = model_options["resolved_spec"]
