@@ -20,7 +20,7 @@ from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.options import check_modules
 from cleanai_core.plugins import get_plugin_manager
-from cleanai_core.runtime import call_model, plain_inputs
+from cleanai_core.runtime import call_model, dtype_advice, plain_inputs
 
 __all__ = ["DependencyGraph", "Node", "prunable_graph", "resolve_modules"]
 
@@ -152,6 +152,7 @@ class DependencyGraph:
             alone = (
                 " It fails the same way run plainly, without CleanAI's hooks: the inputs or the model itself "
                 "(or the configuration it was built from) are at fault, not the trace."
+                + dtype_advice(model, example_inputs)
                 if _fails_untraced(model, example_inputs, forward_fn)
                 else ""
             )
