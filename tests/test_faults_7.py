@@ -122,6 +122,20 @@ def test_a_lazy_layer_not_yet_initialised_is_named_and_prunes_once_run():
     assert check_pruner(model, X).max_abs_diff < 1e-6
 
 
+def lazy_factory() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+
+
+def test_explain_gives_a_lazy_factorys_layers_their_shapes_from_the_example(capsys):
+    # the check above refused it with "run the model once on a batch", which a --model spec's user cannot do
+    assert main(["explain", "--model", f"{__name__}:lazy_factory", "--input-shape", "1,1,8,8"]) == 0
+    assert re.search(r"group \d+: 8 units \(8 prunable\) -> 0:out\(out\), 3:in\(in\)", capsys.readouterr().out)
+    assert main(["explain", "--model", f"{__name__}:lazy_factory", "--input-shape", "1,1,2,2"]) == 2
+    err = capsys.readouterr().err
+    assert "with lazy layers" in err and "Kernel size can't be greater" in err and "--input-shape 1,1,2,2" in err
+
+
 def _masked() -> nn.Sequential:
     model = _cnn()
     torch_prune.l1_unstructured(model[3], "weight", amount=0.3)
