@@ -18,9 +18,10 @@ import torch.nn.utils.prune as torch_prune
 from test_faults_4 import DEMO, ws  # noqa: F401 - ws: a fixture, asked for by name
 from torch import nn
 
-from cleanai_core import DependencyGraph, GradualPruner, PruningSchedule, StructuredPruner
+from cleanai_core import DependencyGraph, GradualPruner, PruningSchedule, StructuredPruner, load_pruned
 from cleanai_core.cli import main
 from cleanai_core.errors import TraceError, UserError
+from cleanai_core.io import save_pruned
 from cleanai_core.sensitivity import _fidelity
 from cleanai_core.testing import check_pruner
 from cleanai_plugins.io.demo import DigitsCNN
@@ -118,6 +119,10 @@ def test_a_lazy_layer_not_yet_initialised_is_named_and_prunes_once_run():
             door()
     assert nn.parameter.is_lazy(model.conv.weight)  # nothing initialised it behind the user's back
     model(X)  # the fix the message gives
+    pruner = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5)
+    pruner.prune()
+    with pytest.raises(UserError, match=r"module 'conv' \(LazyConv2d\) has a parameter that is not initialised"):
+        pruner.history.replay(LazyNet())  # "RuntimeError: Can't access the shape of an uninitialized parameter"
     assert type(model.conv) is nn.Conv2d and _params(_pruned(model)) == 4 * 27 + 4 + 4 * 4 + 4
     assert check_pruner(model, X).max_abs_diff < 1e-6
 
@@ -134,6 +139,33 @@ def test_explain_gives_a_lazy_factorys_layers_their_shapes_from_the_example(caps
     assert main(["explain", "--model", f"{__name__}:lazy_factory", "--input-shape", "1,1,2,2"]) == 2
     err = capsys.readouterr().err
     assert "with lazy layers" in err and "Kernel size can't be greater" in err and "--input-shape 1,1,2,2" in err
+
+
+def test_a_model_with_lazy_layers_saves_and_loads_through_its_recorded_input_shape(tmp_path):
+    # load_pruned: "RuntimeError: Can't access the shape of an uninitialized parameter" replaying the history
+    torch.manual_seed(0)
+    model = LazyNet().eval()
+    model(X)
+    pruner = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5)
+    pruned = pruner.prune()
+    spec = f"{__name__}:LazyNet"
+    with pytest.raises(UserError, match=r"has lazy layers \('conv', LazyConv2d\).*give example_input_shape=.*"
+                       r"Nothing was written"):  # fmt: skip
+        save_pruned(tmp_path / "none", pruned, pruner.history, spec)
+    assert not (tmp_path / "none").exists()
+    save_pruned(tmp_path / "shaped", pruned, pruner.history, spec, example_input_shape=[2, 3, 8, 8])
+    back = load_pruned(tmp_path / "shaped", trust_code=True)
+    assert type(back.conv) is nn.Conv2d and back.conv.weight.shape == (4, 3, 3, 3)
+    assert torch.equal(back(X), pruned(X))
+
+
+def test_the_command_lines_folder_of_a_lazy_factory_loads(ws, capsys):  # noqa: F811
+    rc = main(["prune", "--model", f"{__name__}:lazy_factory", "--data", "data.pt", "--out", "o", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    back = load_pruned(ws / "o", trust_code=True)
+    saved = torch.load(ws / "o" / "model.pt", weights_only=True)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in saved.items()) and back(_samples()[0]).shape == (16, 10)
+    assert saved["0.weight"].shape[0] < 8
 
 
 def _masked() -> nn.Sequential:
