@@ -377,3 +377,51 @@ def test_sensitivity_kl_of_nearly_equal_outputs_is_never_negative():
     kl = _fidelity(ref, out)
     assert kl.shape == (256,) and bool((kl >= 0).all()) and float(kl.max()) < 1e-6
     assert torch.equal(_fidelity(ref, ref), torch.zeros(256))
+
+
+# -- image folders: a one-channel model, a huge --image-size ------------------------------------------------
+
+
+def gray_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+
+
+def rgb_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+
+
+@pytest.fixture()
+def images(ws):  # noqa: F811
+    image = pytest.importorskip("PIL.Image")
+    g = torch.Generator().manual_seed(0)
+    for k, cls in enumerate("ab"):
+        (ws / "imgs" / cls).mkdir(parents=True)
+        for i, mode in enumerate(("L", "RGB", "RGBA", "P")):
+            pixels = (torch.rand(12, 12, 3, generator=g) * 255).to(torch.uint8).numpy()
+            image.fromarray(pixels).convert(mode).save(ws / "imgs" / cls / f"{k}{i}.png")
+    return ws
+
+
+@pytest.mark.parametrize(("factory", "channels"), [("gray_cnn", 1), ("rgb_cnn", 3)])
+def test_an_image_folder_is_read_with_the_channels_of_the_models_stem(images, capsys, factory, channels):
+    # every image was made RGB: a one-channel model failed with "expected input[1, 3, 224, 224] to have 1 channels"
+    from cleanai_plugins.io.datasets import _load_image_folder
+
+    data = _load_image_folder(images / "imgs", {"model": globals()[factory](), "image_size": 8})
+    assert [tuple(data[i][0].shape) for i in range(len(data))] == [(channels, 8, 8)] * 8
+    gray = data[0][0]  # an "L" image: one channel of the pixels, normalised by ImageNet's channel average
+    assert channels == 3 or abs(float(gray.mean()) * 0.226 + 0.449 - 0.5) < 0.15
+    args = ["--data", "imgs", "--image-size", "8", "--out", "o", "--quiet", "--ratio", "0.5"]
+    assert main(["prune", "--model", f"{__name__}:{factory}", *args]) == 0, capsys.readouterr().err
+    assert torch.load(images / "o" / "model.pt", weights_only=True)["0.weight"].shape == (4, channels, 3, 3)
+
+
+def test_an_image_size_beyond_8192_is_refused_before_anything_is_read(images, capsys):
+    # --image-size 100000: one image is 120 GB as float32; the out-of-memory killer ended the run (exit 137)
+    before = _hashes(images)
+    args = ["--data", "imgs", "--image-size", "100000", "--out", "o", "--quiet"]
+    assert main(["prune", "--model", f"{__name__}:rgb_cnn", *args]) == 2
+    assert "--image-size=100000 is out of range: it must be in [1, 8192]" in capsys.readouterr().err
+    assert not (images / "o").exists() and _hashes(images) == before
