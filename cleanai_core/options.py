@@ -208,7 +208,7 @@ def check_model(model: Any) -> None:
     check_finite(model)
 
 
-def check_modules(model: nn.Module) -> None:
+def check_modules(model: nn.Module, masks: bool = True, name: str = "model") -> None:
     """A :class:`UserError` for a module CleanAI cannot trace, copy or slice, named: the
     model or a layer of it scripted (``torch.jit.script`` / ``trace``), a lazy layer whose
     parameters have no shape yet, a weight recomputed by a forward pre-hook into a plain
@@ -217,14 +217,16 @@ def check_modules(model: nn.Module) -> None:
     '_CachedForward' object has no attribute '__getattr__'`` from a plugin's scan, a lazy
     one ``ValueError: Attempted to use an uninitialized parameter``, a pruning mask
     ``RuntimeError: Only Tensors created explicitly by the user (graph leaves) support the
-    deepcopy protocol``."""
+    deepcopy protocol``. ``masks=False`` skips the pre-hooks (``recover`` trains through a
+    pruning mask); ``name`` is what the message calls the model."""
+    model_name = name
     for name, m in model.named_modules():
-        where = f"module {name!r} ({type(m).__name__})" if name else f"the model ({type(m).__name__})"
+        where = f"module {name!r} ({type(m).__name__})" if name else f"the {model_name} ({type(m).__name__})"
         if isinstance(m, torch.jit.ScriptModule):
             if not name:
                 raise UserError(
-                    "the model is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes the "
-                    "Python nn.Module. Prune the original model, then script the pruned one"
+                    f"the {model_name} is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes "
+                    "and trains the Python nn.Module. Prune the original model, then script the pruned one"
                 )
             raise UserError(
                 f"{where} is a TorchScript module (torch.jit.script or torch.jit.trace) inside the model: CleanAI "
@@ -238,7 +240,7 @@ def check_modules(model: nn.Module) -> None:
                 "the first forward). Run the model once on a batch (model(example_inputs)) so that every lazy layer "
                 "gets its shape, then prune it"
             )
-        hook = next((h for h in m._forward_pre_hooks.values() if _recomputes_weight(h)), None)
+        hook = next((h for h in m._forward_pre_hooks.values() if _recomputes_weight(h)), None) if masks else None
         if hook is None:
             continue
         tensor = getattr(hook, "_tensor_name", None) or getattr(hook, "name", None) or "weight"

@@ -190,6 +190,26 @@ def test_a_torch_prune_mask_is_named_and_prunes_once_made_permanent():
     assert check_pruner(model, X).max_abs_diff < 1e-6
 
 
+def test_recover_names_a_scripted_or_lazy_model_and_trains_through_a_pruning_mask():
+    # "ValueError: can't optimize a non-leaf Tensor" / "Attempted to use an uninitialized parameter"
+    from torch.utils.data import TensorDataset
+
+    from cleanai_core import recover
+
+    data = TensorDataset(X.repeat(6, 1, 1, 1), torch.tensor([0, 1] * 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(_cnn())
+    with pytest.raises(UserError, match=r"the pruned model is a TorchScript module .*then script the pruned one"):
+        recover(scripted, None, data, epochs=1)
+    with pytest.raises(UserError, match=r"module 'conv' \(LazyConv2d\) has a parameter that is not initialised"):
+        recover(_cnn(), LazyNet(), data, epochs=1)
+    student = _masked()
+    mask = student[3].weight_mask.clone()
+    trained, _ = recover(student, None, data, epochs=1)
+    assert torch.equal(trained[3].weight_mask, mask) and bool((trained[3].weight[mask == 0] == 0).all())
+
+
 # -- a forward that adds layers or buffers: the user's model keeps its own ---------------------------------
 
 
