@@ -113,7 +113,7 @@ def save_pruned(
     ``load_pruned`` rebuilds and returns).
     """
     from cleanai_core.history import PruningHistory
-    from cleanai_core.options import check_not_meta, check_switches
+    from cleanai_core.options import check_masks, check_not_meta, check_switches
     from cleanai_core.saved_folder import nan_tensor
 
     out = _folder_arg(out_dir, "save_pruned")
@@ -137,6 +137,7 @@ def save_pruned(
             "as a whole, so give a folder of its own (e.g. 'pruned/')."
         )
     check_not_meta(model)  # NotImplementedError: Cannot copy out of meta tensor
+    check_masks(model)  # "the history's step 0 slices 3.weight, which this model does not have" (weight_orig)
     nan = nan_tensor(model.state_dict())
     if nan:  # written, then refused by load_pruned as damaged
         raise UserError(

@@ -25,6 +25,7 @@ __all__ = [
     "check_switches",
     "check_example_inputs",
     "check_model",
+    "check_masks",
     "check_modules",
     "check_finite",
     "check_ignored_ratios",
@@ -240,19 +241,29 @@ def check_modules(model: nn.Module, masks: bool = True, name: str = "model") -> 
                 "the first forward). Run the model once on a batch (model(example_inputs)) so that every lazy layer "
                 "gets its shape, then prune it"
             )
-        hook = next((h for h in m._forward_pre_hooks.values() if _recomputes_weight(h)), None) if masks else None
+    if masks:
+        check_masks(model)
+
+
+def check_masks(model: nn.Module) -> None:
+    """A :class:`UserError` for a module of ``model`` whose weight a forward pre-hook
+    recomputes into a plain attribute (a ``torch.nn.utils.prune`` mask, the deprecated
+    ``weight_norm``): it cannot be copied, sliced or saved as its layer's weight."""
+    for sub, m in model.named_modules():
+        hook = next((h for h in m._forward_pre_hooks.values() if _recomputes_weight(h)), None)
         if hook is None:
             continue
+        here = f"module {sub!r} ({type(m).__name__})" if sub else f"the model ({type(m).__name__})"
         tensor = getattr(hook, "_tensor_name", None) or getattr(hook, "name", None) or "weight"
         if type(hook).__module__ == "torch.nn.utils.prune":
             raise UserError(
-                f"{where} has a torch.nn.utils.prune mask on {tensor!r} ({tensor}_orig, {tensor}_mask): its "
+                f"{here} has a torch.nn.utils.prune mask on {tensor!r} ({tensor}_orig, {tensor}_mask): its "
                 f"{tensor} is recomputed into a plain attribute at every call, so the model cannot be copied (torch "
                 "refuses to deepcopy it) and the mask would not follow the slicing. Make that pruning permanent "
                 f"first (torch.nn.utils.prune.remove(module, {tensor!r}): the zeros stay in the weight), then prune"
             )
         raise UserError(
-            f"module {name or type(model).__name__!r} uses torch.nn.utils.weight_norm/spectral_norm (deprecated): "
+            f"module {sub or type(model).__name__!r} uses torch.nn.utils.weight_norm/spectral_norm (deprecated): "
             "its weight is recomputed into a plain attribute, so the model cannot be copied (torch refuses to deepcopy "
             "it). Re-apply the norm with torch.nn.utils.parametrizations.weight_norm/spectral_norm (CleanAI prunes "
             "those), or remove it first (torch.nn.utils.remove_weight_norm)"

@@ -190,6 +190,19 @@ def test_a_torch_prune_mask_is_named_and_prunes_once_made_permanent():
     assert check_pruner(model, X).max_abs_diff < 1e-6
 
 
+def test_save_pruned_of_a_model_with_a_pruning_mask_names_it_and_writes_nothing(tmp_path):
+    # "the history's step 0 slices 3.weight, which this model does not have" (it has weight_orig)
+    pruner = StructuredPruner(_cnn(), X, "magnitude", pruning_ratio=0.5)
+    pruned = pruner.prune()
+    torch_prune.l1_unstructured(pruned[3], "weight", amount=0.5)
+    with pytest.raises(UserError, match=r"module '3' \(Conv2d\) has a torch.nn.utils.prune mask on 'weight'"):
+        save_pruned(tmp_path / "o", pruned, pruner.history, f"{__name__}:_cnn")
+    assert not (tmp_path / "o").exists()
+    torch_prune.remove(pruned[3], "weight")
+    save_pruned(tmp_path / "o", pruned, pruner.history, f"{__name__}:_cnn")
+    assert torch.equal(load_pruned(tmp_path / "o", trust_code=True)(X), pruned(X))
+
+
 def test_recover_names_a_scripted_or_lazy_model_and_trains_through_a_pruning_mask():
     # "ValueError: can't optimize a non-leaf Tensor" / "Attempted to use an uninitialized parameter"
     from torch.utils.data import TensorDataset
