@@ -223,10 +223,7 @@ class GradualPruner:
 
         from cleanai_core.pruner import StructuredPruner
 
-        if not isinstance(model, nn.Module):
-            raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        options.check_not_meta(model)
-        options.check_finite(model)
+        options.check_model(model)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {optimizer!r}")
         own = {id(q) for q in model.parameters()}

@@ -80,10 +80,12 @@ class PruningHistory:
         A ``torch.compile`` or ``DataParallel`` wrapper of the architecture is pruned through
         the module it wraps."""
         from cleanai_core.model_state import copy_model, transplant
+        from cleanai_core.options import check_modules
 
         if not isinstance(model, nn.Module):
             raise UserError(f"replay needs the unpruned torch.nn.Module, got {type(model).__name__}")
         given, model = model, self.described(model)
+        check_modules(model)  # a lazy layer not run yet raised "Can't access the shape of an uninitialized parameter"
         work = copy_model(model)
         for i, step in enumerate(self.steps):
             check_shapes(self, i, work)

@@ -113,7 +113,7 @@ def save_pruned(
     ``load_pruned`` rebuilds and returns).
     """
     from cleanai_core.history import PruningHistory
-    from cleanai_core.options import check_not_meta, check_switches
+    from cleanai_core.options import check_masks, check_not_meta, check_switches
     from cleanai_core.saved_folder import nan_tensor
 
     out = _folder_arg(out_dir, "save_pruned")
@@ -137,6 +137,7 @@ def save_pruned(
             "as a whole, so give a folder of its own (e.g. 'pruned/')."
         )
     check_not_meta(model)  # NotImplementedError: Cannot copy out of meta tensor
+    check_masks(model)  # "the history's step 0 slices 3.weight, which this model does not have" (weight_orig)
     nan = nan_tensor(model.state_dict())
     if nan:  # written, then refused by load_pruned as damaged
         raise UserError(
@@ -149,7 +150,7 @@ def save_pruned(
     problem = _before_its_history(model, history)
     if problem:  # the folder was written, and load_pruned then called it damaged or tampered with
         raise UserError(f"save_pruned: {problem}. Nothing was written.")
-    problem = _rebuild_problem(spec, options, model, history)
+    problem = _rebuild_problem(spec, options, model, history, example_input_shape)
     if problem:  # written, then refused by load_pruned as "damaged or tampered with"
         raise UserError(f"save_pruned: {problem}. Nothing was written.")
     if example_input_shape is not None and (
@@ -207,7 +208,9 @@ def _foreign_own_files(out: Path) -> list[str]:
     return [] if isinstance(arch, dict) and "spec" in arch and "format" in arch else present
 
 
-def _rebuild_problem(spec: str, options: dict[str, Any], model: nn.Module, history: Any) -> str | None:
+def _rebuild_problem(
+    spec: str, options: dict[str, Any], model: nn.Module, history: Any, example_input_shape: Any = None
+) -> str | None:
     """Why the folder would not load: the tensors of what ``load_pruned`` rebuilds (``spec``
     and ``options``, ``history`` replayed; built on the meta device, so nothing is
     allocated) do not fit ``model``'s, because a layer was replaced or a parametrization
@@ -217,7 +220,7 @@ def _rebuild_problem(spec: str, options: dict[str, Any], model: nn.Module, histo
     import warnings
 
     from cleanai_core.plugins import get_plugin_manager, load_model
-    from cleanai_core.saved_folder import replay_history, state_dict_problems
+    from cleanai_core.saved_folder import lazy_module, replay_history, state_dict_problems
 
     opts = dict(options, pretrained=False, weights=None, trust_model=False, trust_code=True)
     opts["warn_random_weights"] = False
@@ -229,10 +232,11 @@ def _rebuild_problem(spec: str, options: dict[str, Any], model: nn.Module, histo
             if not isinstance(fresh, nn.Module):
                 return None
             fresh = history.described(fresh)
+            lazy = lazy_module(fresh)
+            if lazy is not None:  # load_pruned runs the model once on the recorded input shape first
+                return None if example_input_shape is not None else _lazy_problem(spec, lazy, fresh)
             replay_history(history, fresh, Path("history.json"), pm)
         own = fresh.state_dict()
-        if any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in own.values()):
-            return None  # lazy modules take their shapes from the weights when they load
         state = model.state_dict()
         problems = [p for p in state_dict_problems(own, state) if "meta device" not in p]
         problems += _buffer_problems(fresh, model, state)
@@ -252,6 +256,17 @@ def _rebuild_problem(spec: str, options: dict[str, Any], model: nn.Module, histo
     return (
         f"load_pruned could not load the folder: the model {spec!r} rebuilds with the history replayed does not fit "
         f"this one ({'; '.join(problems)}); {hint}"
+    )
+
+
+def _lazy_problem(spec: str, name: str, fresh: nn.Module) -> str:
+    """The folder of a model with lazy layers saved without an input shape: ``load_pruned``
+    failed replaying the history on them (``RuntimeError: Can't access the shape of an
+    uninitialized parameter``)."""
+    return (
+        f"load_pruned could not load the folder: the model {spec!r} has lazy layers ({name!r}, "
+        f"{type(fresh.get_submodule(name)).__name__}), which take their shapes from a first input; give "
+        "example_input_shape=[1, C, H, W] (the shape of one input) so that load_pruned can run it once"
     )
 
 
@@ -393,6 +408,7 @@ def load_pruned(
     from cleanai_core.runtime import checked_device
     from cleanai_core.saved_folder import (
         apply_settings,
+        initialise_lazy,
         read_architecture,
         read_history,
         read_probe,
@@ -438,6 +454,7 @@ def load_pruned(
             "package that provides it."
         )
     model = history.described(model)  # a factory returning torch.compile(model): the module it wraps
+    initialise_lazy(model, out / "architecture.json")
     replay_history(history, model, out / "history.json", pm)
     state = read_state(out / "model.pt", model, map_location)
     model.to(map_location)

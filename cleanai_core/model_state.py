@@ -54,19 +54,40 @@ class _Snapshot:
             for m in self.modules
         ]
         self.attrs = [{k: v for k, v in m.__dict__.items() if k not in _TABLES} for m in self.modules]
+        # the entries of the parameter, buffer and module tables: a forward that registers a
+        # buffer (a rotary cache grown for a longer input) or builds a layer on its first call
+        # (``self.head = nn.Linear(...)``) left it in the user's model
+        self.tables = [(dict(m._parameters), set(m._buffers), dict(m._modules)) for m in self.modules]
 
     def restore(self) -> None:
         with torch.no_grad():
-            for m, bufs, attrs in zip(self.modules, self.buffers, self.attrs, strict=True):
+            for m, bufs, attrs, tables in zip(self.modules, self.buffers, self.attrs, self.tables, strict=True):
                 state = m.__dict__
                 for key in state.keys() - attrs.keys() - _TABLES:
                     del state[key]  # set by a forward
                 for key, value in attrs.items():
                     if state.get(key, _MISSING) is not value:
                         state[key] = value  # includes ``training``
+                params, buffer_names, modules = tables
+                _put_table(m._parameters, params)
+                _put_table(m._modules, modules)
+                for key in m._buffers.keys() - buffer_names:
+                    del m._buffers[key]  # registered by a forward
                 for key, (obj, saved) in bufs.items():
                     _put_back(obj, saved)
                     m._buffers[key] = obj
+
+
+def _put_table(table: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Make a module's parameter or module table hold ``saved``'s entries again (an entry a
+    forward added is dropped, one it replaced put back); untouched, it is not written."""
+    if table.keys() == saved.keys() and all(table[k] is v for k, v in saved.items()):
+        return
+    for key in table.keys() - saved.keys():
+        del table[key]
+    for key, value in saved.items():
+        if table.get(key, _MISSING) is not value:
+            table[key] = value
 
 
 _MISSING = object()

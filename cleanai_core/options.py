@@ -25,9 +25,12 @@ __all__ = [
     "check_switches",
     "check_example_inputs",
     "check_model",
+    "check_masks",
+    "check_modules",
     "check_finite",
     "check_ignored_ratios",
     "check_not_meta",
+    "meta_tensor",
     "non_finite",
     "check_options",
     "check_ranking",
@@ -201,17 +204,66 @@ def as_importance(importance: Any) -> Any:
 def check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_modules(model)
     check_not_meta(model)
     check_finite(model)
-    if isinstance(model, torch.jit.ScriptModule):
+
+
+def check_modules(model: nn.Module, masks: bool = True, name: str = "model") -> None:
+    """A :class:`UserError` for a module CleanAI cannot trace, copy or slice, named: the
+    model or a layer of it scripted (``torch.jit.script`` / ``trace``), a lazy layer whose
+    parameters have no shape yet, a weight recomputed by a forward pre-hook into a plain
+    attribute (the deprecated ``weight_norm`` / ``spectral_norm``, a
+    ``torch.nn.utils.prune`` mask). A scripted layer raised ``AttributeError:
+    '_CachedForward' object has no attribute '__getattr__'`` from a plugin's scan, a lazy
+    one ``ValueError: Attempted to use an uninitialized parameter``, a pruning mask
+    ``RuntimeError: Only Tensors created explicitly by the user (graph leaves) support the
+    deepcopy protocol``. ``masks=False`` skips the pre-hooks (``recover`` trains through a
+    pruning mask); ``name`` is what the message calls the model."""
+    model_name = name
+    for name, m in model.named_modules():
+        where = f"module {name!r} ({type(m).__name__})" if name else f"the {model_name} ({type(m).__name__})"
+        if isinstance(m, torch.jit.ScriptModule):
+            if not name:
+                raise UserError(
+                    f"the {model_name} is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes "
+                    "and trains the Python nn.Module. Prune the original model, then script the pruned one"
+                )
+            raise UserError(
+                f"{where} is a TorchScript module (torch.jit.script or torch.jit.trace) inside the model: CleanAI "
+                "traces and slices Python nn.Modules and cannot see into it. Put the Python module there, prune, "
+                "then script the pruned model (or that layer of it)"
+            )
+        lazy = next((k for k, t in [*m._parameters.items(), *m._buffers.items()] if nn.parameter.is_lazy(t)), None)
+        if lazy is not None:
+            raise UserError(
+                f"{where} has a parameter that is not initialised yet ({lazy!r}, a lazy module: its shape is set by "
+                "the first forward). Run the model once on a batch (model(example_inputs)) so that every lazy layer "
+                "gets its shape, then prune it"
+            )
+    if masks:
+        check_masks(model)
+
+
+def check_masks(model: nn.Module) -> None:
+    """A :class:`UserError` for a module of ``model`` whose weight a forward pre-hook
+    recomputes into a plain attribute (a ``torch.nn.utils.prune`` mask, the deprecated
+    ``weight_norm``): it cannot be copied, sliced or saved as its layer's weight."""
+    for sub, m in model.named_modules():
+        hook = next((h for h in m._forward_pre_hooks.values() if _recomputes_weight(h)), None)
+        if hook is None:
+            continue
+        here = f"module {sub!r} ({type(m).__name__})" if sub else f"the model ({type(m).__name__})"
+        tensor = getattr(hook, "_tensor_name", None) or getattr(hook, "name", None) or "weight"
+        if type(hook).__module__ == "torch.nn.utils.prune":
+            raise UserError(
+                f"{here} has a torch.nn.utils.prune mask on {tensor!r} ({tensor}_orig, {tensor}_mask): its "
+                f"{tensor} is recomputed into a plain attribute at every call, so the model cannot be copied (torch "
+                "refuses to deepcopy it) and the mask would not follow the slicing. Make that pruning permanent "
+                f"first (torch.nn.utils.prune.remove(module, {tensor!r}): the zeros stay in the weight), then prune"
+            )
         raise UserError(
-            "the model is a TorchScript module (torch.jit.script or torch.jit.trace): CleanAI prunes the Python "
-            "nn.Module. Prune the original model, then script the pruned one"
-        )
-    old_norm = next((n for n, m in model.named_modules() for h in m._forward_pre_hooks.values() if _old_norm(h)), None)
-    if old_norm is not None:
-        raise UserError(
-            f"module {old_norm or type(model).__name__!r} uses torch.nn.utils.weight_norm/spectral_norm (deprecated): "
+            f"module {sub or type(model).__name__!r} uses torch.nn.utils.weight_norm/spectral_norm (deprecated): "
             "its weight is recomputed into a plain attribute, so the model cannot be copied (torch refuses to deepcopy "
             "it). Re-apply the norm with torch.nn.utils.parametrizations.weight_norm/spectral_norm (CleanAI prunes "
             "those), or remove it first (torch.nn.utils.remove_weight_norm)"
@@ -241,9 +293,13 @@ def bare_module(model: Any) -> Any:
         model = inner
 
 
-def _old_norm(hook: Any) -> bool:
-    """A forward pre-hook of the deprecated ``torch.nn.utils.weight_norm``/``spectral_norm``."""
-    return type(hook).__name__ in ("WeightNorm", "SpectralNorm") and type(hook).__module__.startswith("torch.nn.utils")
+def _recomputes_weight(hook: Any) -> bool:
+    """A forward pre-hook that writes a tensor into a plain attribute: the deprecated
+    ``torch.nn.utils.weight_norm``/``spectral_norm``, or a ``torch.nn.utils.prune`` method."""
+    kind = type(hook)
+    if kind.__module__ == "torch.nn.utils.prune":
+        return True
+    return kind.__name__ in ("WeightNorm", "SpectralNorm") and kind.__module__.startswith("torch.nn.utils")
 
 
 def plain_number(v: Any) -> Any:
@@ -331,11 +387,16 @@ def check_ranking(global_pruning: Any, isomorphic: Any) -> None:
         )
 
 
+def meta_tensor(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer of ``model`` on the meta device, else ``None``."""
+    return next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+
+
 def check_not_meta(model: nn.Module, name: str = "model", var: str | None = None) -> None:
     """A :class:`UserError` for a module whose tensors are shapes without values (``recover``
     and ``GradualPruner`` raised "Tensor.item() cannot be called on meta tensors" or blamed the
     example inputs)."""
-    meta = next((n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    meta = meta_tensor(model)
     if meta is not None:
         raise UserError(
             f"the {name}'s tensors are on the meta device (e.g. {meta!r}: a shape without values); load its weights "

@@ -42,7 +42,7 @@ from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, eval_mode
 from cleanai_core.model_state import copy_model
-from cleanai_core.options import check_not_meta, check_switches, plain_number
+from cleanai_core.options import check_modules, check_not_meta, check_switches, plain_number
 from cleanai_core.runtime import checked_device, find_logits, label_indices, not_class_labels, unused_key_hint
 
 __all__ = [
@@ -537,8 +537,12 @@ def recover(
         raise UserError(f"pruned must be a torch.nn.Module, got {type(pruned).__name__}")
     if teacher is not None and not isinstance(teacher, nn.Module):
         raise UserError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
+    # a scripted model raised "ValueError: can't optimize a non-leaf Tensor", a lazy one "Attempted to use an
+    # uninitialized parameter"; a torch.nn.utils.prune mask trains (weight_orig, the mask kept)
+    check_modules(pruned, masks=False, name="pruned model")
     check_not_meta(pruned, "pruned model", "pruned")
     if teacher is not None:
+        check_modules(teacher, masks=False, name="teacher")
         check_not_meta(teacher, "teacher")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise UserError(f"epochs={epochs!r} must be a positive integer")

@@ -28,6 +28,7 @@ __all__ = [
     "checked_device",
     "copy_modes",
     "device_of",
+    "dtype_advice",
     "find_logits",
     "inputs_for",
     "iterate",
@@ -225,6 +226,21 @@ def inputs_for(model: nn.Module, inputs: Any) -> Any:
     else:
         cast = lambda t: t.dtype == torch.float64 and p.dtype != torch.float64  # noqa: E731
     return tree_map(lambda t: t.to(p.dtype) if isinstance(t, torch.Tensor) and cast(t) else t, inputs)
+
+
+def dtype_advice(model: nn.Module, inputs: Any, name: str = "example_inputs") -> str:
+    """A sentence when ``inputs`` hold floating tensors of a dtype the model computes in
+    nowhere (float64 inputs for a float32 model), else ``""``: the trace's error said only
+    "Input type (double) and bias type (float) should be the same"."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    given = {t.dtype for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if len(dtypes) != 1 or not given or given & dtypes:
+        return ""
+    want = str(next(iter(dtypes)))
+    return (
+        f" {name} are {', '.join(sorted(map(str, given)))} but the model's parameters are {want}: give them in "
+        f"the model's dtype (x.to({want}))."
+    )
 
 
 def run_batch(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:

@@ -40,6 +40,8 @@ __all__ = [
     "read_settings",
     "read_architecture",
     "history_from_json",
+    "initialise_lazy",
+    "lazy_module",
     "read_history",
     "nan_tensor",
     "read_probe",
@@ -195,6 +197,45 @@ def _check_targets(path: Path, model: nn.Module, step: list[SliceEdit], where: s
         size = t.shape[int(e.dim)]
         if int(e.keep.max()) >= size:
             raise _bad(path, f"{where}: channel {int(e.keep.max())} is out of range for {e.slice!r} ({size} channels)")
+
+
+def lazy_module(model: nn.Module) -> str | None:
+    """The name of the first module of ``model`` with a parameter or buffer not initialised
+    yet (a lazy layer: ``nn.LazyConv2d``), else ``None``."""
+    return next(
+        (n for n, m in model.named_modules() if any(nn.parameter.is_lazy(t) for t in [*m._parameters.values(),
+                                                                                        *m._buffers.values()])),
+        None,
+    )  # fmt: skip
+
+
+def initialise_lazy(model: nn.Module, arch: Path) -> None:
+    """Give the lazy layers of a freshly built ``model`` their shapes by running it once on
+    zeros of the ``example_input_shape`` that ``arch`` records, as the first forward does,
+    before the history is replayed on them (the replay raised ``RuntimeError: Can't access
+    the shape of an uninitialized parameter``); a :class:`UserError` where none is recorded
+    or the run fails."""
+    name = lazy_module(model)
+    if name is None:
+        return
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    probe = read_probe(arch, model, device)
+    kind = type(model.get_submodule(name)).__name__
+    if probe is None:
+        raise UserError(
+            f"{str(arch)!r}: the architecture has lazy layers ({name!r}, {kind}), which take their shapes from a "
+            "first input, and the folder records no example_input_shape to give them one. Save it again with "
+            "save_pruned(..., example_input_shape=[1, C, H, W]) (cleanai prune records it)."
+        )
+    try:
+        with torch.no_grad():
+            model(probe)
+    except Exception as exc:  # noqa: BLE001 - any failure of the first forward is the answer
+        raise _bad(
+            arch,
+            f"the architecture's lazy layers ({name!r}, {kind}) could not take their shapes from an input of the "
+            f"recorded example_input_shape {list(probe.shape)} ({type(exc).__name__}: {str(exc)[:200]})",
+        ) from None
 
 
 def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: Any = None) -> None:

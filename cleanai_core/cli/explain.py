@@ -91,6 +91,7 @@ def example_input(model: torch.nn.Module, shape: tuple[int, ...], dtype: torch.d
 
 def run(args: argparse.Namespace) -> int:
     from cleanai_core.graph.dependency import DependencyGraph
+    from cleanai_core.job.inputs import check_real
     from cleanai_core.options import ignored_modules
     from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
 
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(get_plugin_manager(), args.model, options)
     if model is None:
         raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {input_forms('model')}.")
+    check_real(model, args.model)
     if args.max_groups < 0:  # -1 listed all groups but one, then "... 6 more"
         raise UserError(f"--max-groups={args.max_groups} is out of range: it must be >= 0.")
     model.eval()
@@ -125,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             f"--input-shape {tried}: cannot allocate an example input of that size ({type(exc).__name__}); give the "
             "shape of one real input, e.g. 1,3,224,224."
         ) from None
+    _initialise_lazy(model, tries, tried)
     for i, inputs in enumerate(tries):  # token ids first for a model that seems to read them, then floats
         try:
             # what the pruner sees: the default ignores and the coupling-dependent defaults kept
@@ -136,3 +139,26 @@ def run(args: argparse.Namespace) -> int:
                 raise UserError(f"{str(exc).rstrip('.')}. Tried --input-shape {tried}; pass the right one.") from exc
     print(graph.explain(max_groups=args.max_groups))
     return 0
+
+
+def _initialise_lazy(model: torch.nn.Module, tries: list[Any], tried: str) -> None:
+    """Give the lazy layers of the model the command line built (``nn.LazyConv2d``) their
+    shapes by running it once on the example, as ``cleanai prune`` does with its first
+    sample; explain refused them with "run the model once on a batch", which a factory's
+    user cannot do from here."""
+    if not any(torch.nn.parameter.is_lazy(t) for t in [*model.parameters(), *model.buffers()]):
+        return
+    from cleanai_core.runtime import call_model
+
+    failure: Exception | None = None
+    for inputs in tries:
+        try:
+            with torch.no_grad():
+                call_model(model, inputs, None)
+            return
+        except Exception as exc:  # noqa: BLE001 - the model's own failure, reported below
+            failure = exc
+    raise UserError(
+        f"the model (with lazy layers, which take their shapes from a first input) failed on an example input "
+        f"({type(failure).__name__}: {str(failure)[:300]}). Tried --input-shape {tried}; pass the right one."
+    )

@@ -18,8 +18,9 @@ from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
 from cleanai_core.interfaces import LayerPruner
+from cleanai_core.options import check_modules
 from cleanai_core.plugins import get_plugin_manager
-from cleanai_core.runtime import call_model, plain_inputs
+from cleanai_core.runtime import call_model, dtype_advice, plain_inputs
 
 __all__ = ["DependencyGraph", "Node", "prunable_graph", "resolve_modules"]
 
@@ -132,6 +133,7 @@ class DependencyGraph:
     ) -> None:
         if not isinstance(model, nn.Module):  # an AttributeError from deep in the trace before
             raise UserError(f"DependencyGraph needs a torch.nn.Module, got {type(model).__name__}")
+        check_modules(model)  # a scripted or lazy layer, a weight a pre-hook recomputes: named, before the trace
         example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         self.model = model
         self.pm = pm or get_plugin_manager()
@@ -150,6 +152,7 @@ class DependencyGraph:
             alone = (
                 " It fails the same way run plainly, without CleanAI's hooks: the inputs or the model itself "
                 "(or the configuration it was built from) are at fault, not the trace."
+                + dtype_advice(model, example_inputs)
                 if _fails_untraced(model, example_inputs, forward_fn)
                 else ""
             )

@@ -51,22 +51,27 @@ def write_analysis(
     cfg: dict[str, Any], out: Path, at_commit: tuple[Any, Any], report: dict[str, Any]
 ) -> dict[str, Any]:
     """Print the most sensitive groups and write ``report.json``, ``report.md``,
-    ``sensitivity.svg`` and ``config.json`` into ``out`` as one atomic folder."""
+    ``sensitivity.svg`` and ``config.json`` into ``out`` as one atomic folder; with
+    ``--dry-run``, print only (the folder was written, without its lock and checks; an
+    existing one was refused as "changed at the moment the result was to replace it")."""
     from cleanai_core.io import atomic_write_text
     from cleanai_core.out_folder import staged_folder
     from cleanai_core.report import render_sensitivity_svg, sensitivity_markdown
 
     resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
     resolved["_sources"] = cfg.get("_sources") or {}
-    with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:
-        atomic_write_text(tmp / "sensitivity.svg", render_sensitivity_svg(report["sensitivity"]))
-        atomic_write_text(tmp / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-        atomic_write_text(tmp / "report.md", sensitivity_markdown(report) + "\n")
-        atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
+    write = not cfg.get("dry_run")
+    if write:
+        with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:
+            atomic_write_text(tmp / "sensitivity.svg", render_sensitivity_svg(report["sensitivity"]))
+            atomic_write_text(tmp / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+            atomic_write_text(tmp / "report.md", sensitivity_markdown(report) + "\n")
+            atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
     groups = report["sensitivity"]["groups"]
     print(f"{len(groups)} groups analysed in {report['sensitivity']['seconds']} s; most sensitive first:")
     for g in groups[:10]:
         kl = ", ".join(f"{r:g}: {v:.3g}" for r, v in zip(g["ratios"], g["kl"], strict=True))
         print(f"  {g['layer'] or g['modules'][0]} ({g['size']} units): KL {kl}")
-    print(f"wrote {out}/: report.md, report.json, sensitivity.svg, config.json")
+    if write:
+        print(f"wrote {out}/: report.md, report.json, sensitivity.svg, config.json")
     return report

@@ -290,6 +290,10 @@ def _check_kinds(cfg: dict, sources: dict[str, str]) -> None:
                 raise UserError(f"{flag} must be text (a name or a path), not {v!r} (from the {where}).")
 
 
+#: the largest ``--image-size``: one 3 x 8192 x 8192 float32 image is 805 MB
+MAX_IMAGE_SIZE = 8192
+
+
 def _check_number(
     cfg: dict,
     key: str,
@@ -458,11 +462,12 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None, objects: tu
         "calib_batches",
         "batch_size",
         "num_classes",
-        "image_size",
         "seq_len",
         "latency_repeats",
     ):
         _check_number(cfg, key, int, 1, None, lo_open=False)
+    # one image of 100000 x 100000 pixels is 120 GB as float32: the out-of-memory killer ended the run (exit 137)
+    _check_number(cfg, "image_size", int, 1, MAX_IMAGE_SIZE, lo_open=False, hi_open=False)
     _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)
     _check_number(cfg, "stats_budget_mib", int, 0, None, lo_open=False)
     _check_number(cfg, "bn_samples", int, 0, None, lo_open=False)

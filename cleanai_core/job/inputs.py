@@ -12,8 +12,10 @@ import torch
 
 from cleanai_core.config_sources import ENV_PREFIX
 from cleanai_core.errors import UserError
+from cleanai_core.options import meta_tensor
 
 __all__ = [
+    "check_real",
     "checked_dataset",
     "is_pair",
     "CheckedDataset",
@@ -36,7 +38,14 @@ def first_input(dataset: Any) -> Any:
     if isinstance(item, (tuple, list)):
         item = item[0]
     if not isinstance(item, torch.Tensor):
-        raise UserError(f"data items must be tensors or (input, label) pairs; got {type(item).__name__}.")
+        kind = type(item).__name__
+        if type(item).__module__.startswith("PIL."):  # a torchvision data set built without a transform
+            raise UserError(
+                f"data items must be tensors or (input, label) pairs; got a PIL image ({kind}). Give the data set a "
+                "transform that makes tensors (torchvision.transforms.ToTensor(), with the model's resize and "
+                "normalisation), or give an image folder as --data (with --image-size)."
+            )
+        raise UserError(f"data items must be tensors or (input, label) pairs; got {kind}.")
     return item.unsqueeze(0)
 
 
@@ -79,6 +88,20 @@ def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_real(model: Any, spec: str) -> None:
+    """A :class:`UserError` for a ``--model`` whose tensors are on the meta device (a factory
+    that builds under ``torch.device('meta')``): ``cleanai prune`` raised
+    ``NotImplementedError: Cannot copy out of meta tensor`` from ``.to(device)`` (exit 1),
+    ``cleanai explain`` blamed ``--input-shape``."""
+    meta = meta_tensor(model)
+    if meta is not None:
+        raise UserError(
+            f"--model {spec!r} gave a model whose tensors are on the meta device (e.g. {meta!r}: a shape without "
+            "values), so there is nothing to prune or measure. Build it with real tensors (not under "
+            "torch.device('meta') or an empty-weights context), or give its weights with --weights FILE."
+        )
+
+
 def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
     """Model (eval mode, on the device), data set and the plugin manager."""
     from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
@@ -93,6 +116,7 @@ def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
         hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
         forms = input_forms("model", pm)
         raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {forms}.")
+    check_real(model, cfg["model"])
     model = model.eval().to(cfg["device"])
     if model_options.get("resolved_spec"):  # a loader's spec that works from any folder (a relative path made absolute)
         cfg["_model_spec"] = model_options["resolved_spec"]
@@ -159,6 +183,35 @@ def split_dataset(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     return calib, held
 
 
+def _numpy_as_tensors(item: Any) -> Any:
+    """An item with its NumPy arrays as tensors, at the top or one level down (``(x, y)``, a
+    dict), as ``default_collate`` would make them; a data set returning arrays was refused
+    ("data items must be tensors ...; got ndarray")."""
+    if _is_array(item):
+        return _as_tensor(item)
+    if isinstance(item, tuple):
+        values = [_as_tensor(v) if _is_array(v) else v for v in item]
+        return type(item)(*values) if hasattr(item, "_fields") else tuple(values)  # a namedtuple keeps its type
+    if isinstance(item, list):
+        return [_as_tensor(v) if _is_array(v) else v for v in item]
+    if isinstance(item, dict):
+        return {k: (_as_tensor(v) if _is_array(v) else v) for k, v in item.items()}
+    return item
+
+
+def _is_array(v: Any) -> bool:
+    return type(v).__module__ == "numpy" and type(v).__name__ == "ndarray"
+
+
+def _as_tensor(a: Any) -> torch.Tensor:
+    if a.dtype.kind not in "biuf":  # objects, text, dates, complex: what default_collate refuses too
+        raise UserError(
+            f"a data item holds a NumPy array of dtype {str(a.dtype)!r}; give numeric arrays (float inputs, integer "
+            "labels)."
+        )
+    return torch.as_tensor(a)
+
+
 def _cast_inputs(item: Any, dtype: torch.dtype | None) -> Any:
     """An item's floating inputs in ``dtype`` (labels, integer ids and masks untouched)."""
     if dtype is None:
@@ -167,7 +220,10 @@ def _cast_inputs(item: Any, dtype: torch.dtype | None) -> Any:
     if isinstance(item, torch.Tensor):
         return cast(item)
     if isinstance(item, (tuple, list)) and item:
-        return type(item)([cast(item[0]), *item[1:]]) if isinstance(item, tuple) else [cast(item[0]), *item[1:]]
+        values = [cast(item[0]), *item[1:]]
+        if hasattr(item, "_fields"):  # a namedtuple takes its fields one by one (a float16 model raised TypeError)
+            return type(item)(*values)
+        return tuple(values) if isinstance(item, tuple) else values
     if isinstance(item, dict):
         return {k: (v if k in ("labels", "label") else cast(v)) for k, v in item.items()}
     return item
@@ -187,7 +243,9 @@ class CheckedDataset(torch.utils.data.Dataset):
             raise UserError(f"--data {spec!r}: the data set's len() is {n!r}, not a count of items.")
         p = next((p for p in model.parameters() if p.is_floating_point()), None)
         self.dataset, self.n, self.spec = dataset, n, spec
-        self.dtype = p.dtype if p is not None and p.dtype != torch.float32 else None
+        # every item in the model's dtype: items of several float dtypes (float64 and float32 arrays
+        # in one data set) failed to stack, "expected scalar type Double but found Float"
+        self.dtype = p.dtype if p is not None else None
 
     def __len__(self) -> int:
         return self.n
@@ -201,7 +259,7 @@ class CheckedDataset(torch.utils.data.Dataset):
             raise UserError(
                 f"--data {self.spec!r}: reading item {index} failed ({type(exc).__name__}: {str(exc)[:200]})."
             ) from None
-        return _cast_inputs(item, self.dtype)
+        return _cast_inputs(_numpy_as_tensors(item), self.dtype)
 
 
 def checked_collate(items: list[Any]) -> Any:

@@ -291,14 +291,42 @@ def _image_transform(options: dict[str, Any]):
         except ImportError:
             pass
     size = int(image_size or 224)
+    gray = _input_channels(model) == 1
     return transforms.Compose(
         [
             transforms.Resize(int(round(size / 0.875))),
             transforms.CenterCrop(size),
             transforms.ToTensor(),
-            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            # a one-channel model: ImageNet's statistics averaged over the three channels
+            transforms.Normalize((0.449,), (0.226,)) if gray else transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _input_channels(model: Any) -> int | None:
+    """The input channels of ``model``'s first layer with weights, where it is a 2-d
+    convolution (the stem), else ``None``."""
+    first = next((m for m in model.modules() if m._parameters), None) if isinstance(model, torch.nn.Module) else None
+    return first.in_channels if isinstance(first, torch.nn.Conv2d) else None
+
+
+def _image_loader(model: Any):
+    """Images read as the model's stem takes them: grayscale (``"L"``) for a one-channel
+    stem, else RGB. ImageFolder's loader made every image RGB, so a model of one input
+    channel (digits, X-rays) failed on its own images: "expected input[1, 3, 224, 224] to
+    have 1 channels"."""
+    from PIL import Image
+
+    mode = "L" if _input_channels(model) == 1 else "RGB"
+
+    def load(file: str) -> Any:
+        with open(file, "rb") as fh:
+            return Image.open(fh).convert(mode)
+
+    return load
 
 
 def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
@@ -329,7 +357,9 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
                 ) from None
 
     try:
-        return CheckedImageFolder(str(path), transform=_image_transform(options))
+        return CheckedImageFolder(
+            str(path), transform=_image_transform(options), loader=_image_loader(options.get("model"))
+        )
     except (FileNotFoundError, RuntimeError) as exc:
         raise UserError(f"cannot read image folder {str(path)!r}: {exc}") from exc
 

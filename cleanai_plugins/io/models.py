@@ -176,8 +176,11 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
             f"the weights in {weights!r} are not finite: {nan}. The training run that saved them diverged or the "
             "file is damaged; give finite weights."
         )
+    # a model built on the meta device (shapes only) takes the file's tensors themselves: copying into
+    # it was a no-op with a warning per tensor, and the run then failed on a model without values
+    assign = any(t.is_meta for t in model.state_dict().values())
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
         raise UserError(
             f"the weights in {weights!r} do not load into {spec!r}: {str(exc)[:300]}. Save them again with "
