@@ -377,7 +377,9 @@ class TraceContext:
         cross = None
         if dim is None:
             big = [i for i, s in enumerate(ref.shape) if s > 1]
-            dim = big[0] if len(big) == 1 else len(ref.shape) - 1
+            # the last dimension larger than one: a size-1 dimension only broadcasts (a GAT
+            # scoring vector laid out ``(heads, width, 1)`` for ``bmm`` took its 1 before 2026-12-01)
+            dim = big[-1] if big else len(ref.shape) - 1
             if len(big) == 2 and ref.ndim == 2:  # a matrix (``x @ self.proj``): rows may shrink too
                 cross = (0, self.new_atoms(ref.shape[0]))
         dim = int(dim) % len(ref.shape)

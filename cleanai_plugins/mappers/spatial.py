@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from cleanai_core import hookimpl
+from cleanai_core.graph.trace import TRef
 from cleanai_plugins.mappers._registry import MapperTable, arg
 
 table = MapperTable()
@@ -242,6 +243,70 @@ def index_select(call, ctx):
         if dim == lab.dim and name == "index_select" and _picked(ctx, src, out, lab, arg(call, 2, "index")):
             return
     ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
+
+
+#: ``op name -> position of the values written`` (``self`` is argument 0, ``dim`` 1, the
+#: index 2); ``scatter.value`` / ``index_fill`` write a number
+_SCATTERS = {
+    "scatter": 3,
+    "scatter_": 3,
+    "scatter_add": 3,
+    "scatter_add_": 3,
+    "scatter_reduce": 3,
+    "scatter_reduce_": 3,
+    "index_add": 3,
+    "index_add_": 3,
+    "index_copy": 3,
+    "index_copy_": 3,
+    "index_reduce": 3,
+    "index_reduce_": 3,
+    "index_fill": 3,
+    "index_fill_": 3,
+}
+
+
+@table.register(*_SCATTERS)
+def scatter(call, ctx):
+    """``dst.scatter_add_(dim, index, src)`` / ``dst.index_add_(dim, index, src)`` (a graph
+    network summing messages into their target nodes, a histogram per channel): along a
+    ``dim`` that is not the channels', channel ``k`` of ``src`` lands in channel ``k`` of
+    ``dst`` whatever the index holds, so the channels pass (and ``dst``'s, if it carries
+    any, are the same ones). A destination without channels (``torch.zeros(n, heads,
+    width)``) takes ``src``'s, like ``gather`` whose index gives its output's width: a
+    width written as a literal is found by the verification, which leaves the group
+    whole. Writing along the channel dimension moves channels: they freeze. Before
+    2026-12-01 every scatter froze the channels that reached it."""
+    dst, out = call.args[0], call.outputs[0]
+    src = arg(call, _SCATTERS[call.op.overloadpacket.__name__], "src")
+    dim = arg(call, 1, "dim") % dst.ndim
+    ld, lv = ctx.label_of(dst), ctx.label_of(src)
+    ctx.label_of(arg(call, 2, "index"))  # looked at: positions, not channels
+    if ld is None and lv is None:
+        return
+    if any(lab is not None and lab.dim == dim for lab in (ld, lv)) or (lv is not None and src.ndim != dst.ndim):
+        for lab in (ld, lv):
+            if lab is not None:
+                ctx.freeze(lab.atoms, f"{ctx.where()} writes across the channels")
+        return
+    c = (ld or lv).dim
+    if isinstance(src, TRef) and src.ndim == dst.ndim and src.shape[c] != dst.shape[c]:
+        for lab in (ld, lv):
+            if lab is not None:
+                ctx.freeze(lab.atoms, f"{ctx.where()} writes fewer channels than its destination has")
+        return
+    if ld is not None and lv is not None:
+        if ld.dim != lv.dim:
+            ctx.freeze(lv.atoms, f"{ctx.where()} writes channels onto another dimension")
+        else:
+            ctx.union(ld.atoms, lv.atoms)
+        ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
+        return
+    if ld is not None:  # a number, or values without channels
+        if isinstance(src, TRef) and src.ndim == dst.ndim and src.shape[c] > 1:
+            ctx.freeze(ld.atoms, f"{ctx.where()} writes values that cannot shrink with the channels")
+        ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
+        return
+    ctx.set_label(out, lv.dim, lv.atoms, lv.origin)
 
 
 def _picked(ctx, src, out, lab, index) -> bool:
