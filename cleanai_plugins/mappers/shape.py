@@ -462,6 +462,24 @@ def split(call, ctx):
         start += s
 
 
+@table.register("glu")
+def glu(call, ctx):
+    """``F.glu(x, dim)`` / ``nn.GLU``: ``a * sigmoid(b)`` with ``a, b = x.chunk(2, dim)``.
+    Along the channels, output channel ``i`` reads input channels ``i`` and ``i + n/2``:
+    the two halves are tied index by index (they shrink alike) and the output carries the
+    first half. Before 2026-12-01 the op was unknown and froze its input's channels."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dim = arg(call, 1, "dim", -1) % src.ndim
+    if dim != lab.dim:
+        ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+        return
+    half = src.shape[dim] // 2
+    ctx.set_label(call.outputs[0], dim, ctx.tie(lab.atoms, (2, half), 1), lab.origin)
+
+
 @table.register("unbind", "unbind_copy")
 def unbind(call, ctx):
     src = call.args[0]
