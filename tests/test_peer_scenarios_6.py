@@ -460,3 +460,67 @@ def test_a_torchscript_module_is_refused_with_the_fix():
     scripted = torch.jit.trace(_seeded(Residual), x)
     with pytest.raises(UserError, match="TorchScript module.*Prune the original model, then script the pruned one"):
         StructuredPruner(scripted, x, "magnitude")
+
+
+# -- a linear layer viewed as feature maps, read on another part of the split ---------------------
+
+
+class LinearToMaps(nn.Module):
+    """``Linear(8, 160)`` viewed ``(B, C, 5, 8)`` for a conv reading ``C`` = 4 (the peer's
+    reshape test with a narrow channel dim): the view's widths are read at run time."""
+
+    def __init__(self, transposed: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 160)
+        self.conv = nn.ConvTranspose2d(4, 6, 2, 2) if transposed else nn.Conv2d(4, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.fc(x)).view(x.shape[0], self.conv.in_channels, 5, -1)
+        return self.head(F.relu(self.conv(y)))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_linear_viewed_as_narrow_feature_maps_prunes_whole_maps(transposed):
+    model, x = _seeded(lambda: LinearToMaps(transposed)), torch.randn(2, 8)
+    _exact(model, x)
+    g = _group(DependencyGraph(model, x), "fc")
+    assert g.units.numel() == 4  # a unit is one 5x8 map: 40 rows of fc
+    small, _ = StructuredPruner(model, x, "magnitude").build(_mask(DependencyGraph(model, x), [(g, [1])]))
+    rows = [r for r in range(160) if not 40 <= r < 80]
+    assert torch.equal(small.fc.weight, model.fc.weight[rows]) and small.conv.in_channels == 3
+    half = _prune(model, x).pruned
+    assert (half.fc.out_features, half.conv.in_channels, half.conv.out_channels) == (80, 2, 3)
+    assert half(x).shape == model(x).shape
+
+
+# -- unpooling with the encoder's indices ---------------------------------------------------------
+
+
+class SegNet(nn.Module):
+    """SegNet's decoder unpools with the indices of the encoder's poolings: decoder layer
+    ``d2``'s channel ``k`` is placed where encoder ``e1``'s channel ``k`` had its maxima."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e1, self.e2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.pool, self.unpool = nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
+        self.d2, self.d1 = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y, i1 = self.pool(F.relu(self.e1(x)))
+        y, i2 = self.pool(F.relu(self.e2(y)))
+        y = F.relu(self.d2(self.unpool(y, i2)))
+        return self.d1(self.unpool(y, i1, output_size=x.shape[-2:]))
+
+
+def test_unpooling_with_the_encoders_indices_pairs_encoder_and_decoder_channels():
+    model, x = _seeded(SegNet), torch.randn(2, 3, 16, 16)
+    _exact(model, x)
+    graph = DependencyGraph(model, x)
+    assert {s.module for s in _group(graph, "e1").slices} >= {"e1", "e2", "d2", "d1"}
+    assert {s.module for s in _group(graph, "e2").slices} >= {"e2", "d2"}
+    small = _prune(model, x).pruned
+    assert (small.e1.out_channels, small.e2.out_channels, small.d2.out_channels) == (4, 8, 4)
+    assert (count_params(model), count_params(small)) == (2844, 848)
+    assert small(x).shape == (2, 4, 16, 16)

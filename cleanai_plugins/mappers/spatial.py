@@ -1,4 +1,4 @@
-"""Pooling (also over boxes: ``roi_align``), interpolation, padding, pixel (un)shuffle and channel
+"""Pooling (also over boxes: ``roi_align``) and unpooling, interpolation, padding, pixel (un)shuffle and channel
 shuffle: channels pass, space changes."""
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ _SPATIAL = {
     "replication_pad3d": 3,
     "lp_pool2d": 2,
     "fractional_max_pool2d": 2,
+    # SegNet's decoder: each channel unpooled on its own at the positions its pooling kept
+    # (the indices come from the pruned pooling, as wide as the channels); unknown before 2026-12-01
+    "max_unpool2d": 2,
+    "max_unpool3d": 3,
 }
 
 
@@ -62,7 +66,15 @@ def _spatial(call, ctx):
         ctx.freeze(lab.atoms, f"{ctx.where()} mixes the labelled (spatial) dimension")
         return
     out = call.outputs[0]
-    ctx.set_label(out, lab.dim + out.ndim - src.ndim, lab.atoms, lab.origin)
+    dim = lab.dim + out.ndim - src.ndim
+    name = call.op.overloadpacket.__name__
+    if name.startswith("max_unpool"):
+        # channel ``k`` is placed where the pooling of the indices' channel ``k`` found its
+        # maxima: a decoder unpooled with an encoder's indices (SegNet) pairs the two layers
+        ctx.union(lab.atoms, ctx.labels(call.args[1], lab.dim))
+    ctx.set_label(out, dim, lab.atoms, lab.origin)
+    if name.endswith("_with_indices"):  # the indices belong to the same channels
+        ctx.set_label(call.outputs[1], dim, lab.atoms, lab.origin)
 
 
 table.register(*_SPATIAL)(_spatial)
