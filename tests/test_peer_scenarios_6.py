@@ -524,3 +524,56 @@ def test_unpooling_with_the_encoders_indices_pairs_encoder_and_decoder_channels(
     assert (small.e1.out_channels, small.e2.out_channels, small.d2.out_channels) == (4, 8, 4)
     assert (count_params(model), count_params(small)) == (2844, 848)
     assert small(x).shape == (2, 4, 16, 16)
+
+
+# -- spatial transformers, folding, Fourier filters --------------------------------------------
+
+
+class SpatialTransformer(nn.Module):
+    """A localisation net predicts an affine grid; ``F.grid_sample`` resamples features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loc, self.theta = nn.Conv2d(3, 4, 3), nn.Linear(4, 6)
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        theta = self.theta(F.relu(self.loc(x)).mean((2, 3))).view(-1, 2, 3)
+        f = F.relu(self.conv(x))
+        return self.head(F.grid_sample(f, F.affine_grid(theta, f.size(), align_corners=False), align_corners=False))
+
+
+class Folded(nn.Module):
+    """Patches unfolded, mixed by a linear layer, folded back (``F.fold``), filtered in the
+    Fourier domain over space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix, self.head = nn.Linear(12, 32), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        cols = self.mix(F.unfold(x, 2, stride=2).transpose(1, 2)).transpose(1, 2)
+        y = F.fold(cols, (8, 8), 2, stride=2)
+        spec = torch.fft.rfft2(y, norm="ortho")
+        y = torch.fft.irfft2(spec * torch.sigmoid(spec.abs()), s=(8, 8), norm="ortho")
+        return self.head(F.gelu(y))
+
+
+def test_grid_sampled_features_and_the_localisation_net_prune():
+    model, x = _seeded(SpatialTransformer), torch.randn(2, 3, 8, 8)
+    _exact(model, x)
+    small = _prune(model, x).pruned
+    assert (small.loc.out_channels, small.theta.in_features, small.conv.out_channels) == (2, 2, 4)
+    assert small.theta.out_features == 6  # the affine parameters are coordinates: kept
+    assert (count_params(model), count_params(small)) == (393, 201)
+
+
+def test_folded_patches_and_a_fourier_filter_over_space_pass_the_channels():
+    model, x = _seeded(Folded), torch.randn(2, 3, 8, 8)
+    _exact(model, x)
+    g = _group(DependencyGraph(model, x), "mix")
+    assert g.units.numel() == 8  # a unit: the 2x2 columns of one folded channel
+    small = _prune(model, x).pruned
+    assert small.mix.out_features == 16 and small.head.in_channels == 4
+    assert (count_params(model), count_params(small)) == (443, 223)
+    assert small(x).shape == (2, 3, 8, 8)

@@ -168,6 +168,67 @@ def im2col(call, ctx):
     ctx.set_label(out, out.ndim - 2, lab.atoms.repeat_interleave(k))
 
 
+@table.register("col2im")
+def col2im(call, ctx):
+    """``F.fold``: ``(N, C * k * k, L) -> (N, C, H, W)``, the inverse of ``im2col``: the
+    ``k * k`` columns of one channel go together (unknown before 2026-12-01)."""
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    c = out.shape[-3]
+    if lab.dim != src.ndim - 2 or src.shape[lab.dim] % c:
+        ctx.freeze(lab.atoms, f"{ctx.where()} folds the labelled dimension into space")
+        return
+    ctx.set_label(out, out.ndim - 3, ctx.tie(lab.atoms, (c, src.shape[lab.dim] // c), 0))
+
+
+@table.register("grid_sampler_2d", "grid_sampler_3d", "grid_sampler", "cudnn_grid_sampler")
+def grid_sample(call, ctx):
+    """``F.grid_sample(x, grid)`` (spatial transformer networks): every channel is sampled
+    at the same points; the grid (its last dim the coordinates) carries none (unknown
+    before 2026-12-01)."""
+    src, grid = call.args[0], call.args[1]
+    lab = ctx.label_of(src)
+    ctx.freeze_tensor(grid, f"{ctx.where()} reads channels as sampling coordinates")
+    if lab is None:
+        return
+    if lab.dim != 1:
+        ctx.freeze(lab.atoms, f"{ctx.where()} samples the labelled dimension")
+        return
+    ctx.set_label(call.outputs[0], 1, lab.atoms, lab.origin)
+
+
+@table.register("_fft_r2c", "_fft_c2r", "_fft_c2c")
+def fft(call, ctx):
+    """Fourier transforms over some dims (GFNet's global filter, FNO's spectral layers):
+    channels on another dim pass, each transformed on its own; over the channels they
+    freeze (unknown before 2026-12-01)."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dims = [d % src.ndim for d in arg(call, 1, "dim")]
+    if lab.dim in dims:
+        ctx.freeze(lab.atoms, f"{ctx.where()} transforms across the channels")
+        return
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("view_as_complex", "view_as_real")
+def complex_view(call, ctx):
+    """``torch.view_as_complex(w)`` folds a trailing ``(re, im)`` pair into complex values
+    (GFNet's filter ``(h, w, C, 2)``); ``view_as_real`` unfolds it: the other dims pass."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if "complex" in str(call.op) and lab.dim == src.ndim - 1:
+        ctx.freeze(lab.atoms, f"{ctx.where()} reads the labelled dimension as real and imaginary parts")
+        return
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
 @table.register("index")
 def index(call, ctx):
     """``x[idx]`` with index tensors before the channel dimension (e.g. gathering a
