@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from test_peer_scenarios_2 import _exact, _group, _mask
 from torch import nn
 
-from cleanai_core import DependencyGraph, PruningHistory, StructuredPruner
+from cleanai_core import DependencyGraph, PruningHistory, StructuredPruner, hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import count_params
+from cleanai_core.plugins import temporary_plugin
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
@@ -577,3 +578,35 @@ def test_folded_patches_and_a_fourier_filter_over_space_pass_the_channels():
     assert small.mix.out_features == 16 and small.head.in_channels == 4
     assert (count_params(model), count_params(small)) == (443, 223)
     assert small(x).shape == (2, 3, 8, 8)
+
+
+class GlobalFilter(nn.Module):
+    """GFNet's global filter: a complex filter stored as a bare ``(h, w // 2 + 1, C, 2)``
+    parameter, applied in the Fourier domain over space on ``(B, H, W, C)`` tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 8), nn.Linear(8, 3)
+        self.filter = nn.Parameter(torch.randn(8, 5, 8, 2) * 0.02)
+
+    def forward(self, x):
+        x = self.embed(x.permute(0, 2, 3, 1))
+        x = torch.fft.rfft2(x, dim=(1, 2), norm="ortho") * torch.view_as_complex(self.filter)
+        return self.head(torch.fft.irfft2(x, s=(8, 8), dim=(1, 2), norm="ortho"))
+
+
+class FilterChannels:
+    @hookimpl(tryfirst=True)
+    def cleanai_unwrapped_parameter(self, name, parameter, model):
+        return 2 if name == "filter" else None
+
+
+def test_a_complex_global_filter_prunes_once_a_plugin_names_its_channel_dim():
+    model, x = _seeded(GlobalFilter), torch.randn(2, 3, 8, 8)
+    with pytest.raises(UserError, match="view_as_complex.*reads the labelled dimension as real and imaginary parts"):
+        StructuredPruner(model, x, "magnitude")  # by default the trailing (re, im) pair is taken for channels
+    with temporary_plugin(FilterChannels(), name="filter-channels"):
+        _exact(model, x)
+        small = _prune(model, x).pruned
+    assert small.embed.out_features == small.head.in_features == 4 and small.filter.shape == (8, 5, 4, 2)
+    assert (count_params(model), count_params(small)) == (699, 351)
