@@ -610,3 +610,28 @@ def test_a_complex_global_filter_prunes_once_a_plugin_names_its_channel_dim():
         small = _prune(model, x).pruned
     assert small.embed.out_features == small.head.in_features == 4 and small.filter.shape == (8, 5, 4, 2)
     assert (count_params(model), count_params(small)) == (699, 351)
+
+
+REPLAYED = {
+    "bare_convs": (BareConvs, lambda: torch.randn(2, 3, 4, 4), 618),
+    "gated": (Gated, lambda: torch.randn(2, 3, 8, 8), 339),
+    "segnet": (SegNet, lambda: torch.randn(2, 3, 16, 16), 848),
+    "folded_fourier": (Folded, lambda: torch.randn(2, 3, 8, 8), 223),
+    "spatial_transformer": (SpatialTransformer, lambda: torch.randn(2, 3, 8, 8), 201),
+    "dense_graph_attention": (DenseGraphAttention, lambda: (_graph()[0], torch.zeros(10, 10)), 275),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REPLAYED))
+def test_two_step_histories_of_the_new_scenarios_replay_on_fresh_copies(name, tmp_path):
+    factory, inputs, after = REPLAYED[name]
+    x = inputs()
+    args = x if isinstance(x, tuple) else (x,)
+    pruner = StructuredPruner(_seeded(factory), x, "magnitude", pruning_ratio=0.5, iterative_steps=2)
+    small = pruner.prune()
+    pruner.history.save(tmp_path / "history.json")
+    fresh = _seeded(factory)
+    PruningHistory.load(tmp_path / "history.json").replay(fresh)
+    fresh.load_state_dict(small.state_dict(), strict=True)
+    assert len(pruner.history) == 2 and count_params(fresh) == count_params(small) == after
+    assert torch.equal(fresh.eval()(*args), small(*args))
