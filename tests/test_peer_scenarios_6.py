@@ -495,6 +495,37 @@ def test_a_linear_viewed_as_narrow_feature_maps_prunes_whole_maps(transposed):
     assert half(x).shape == model(x).shape
 
 
+
+def _generator() -> nn.Sequential:
+    """A DCGAN-style generator: ``Linear -> nn.Unflatten(1, (16, 4, 4)) -> ConvTranspose2d``."""
+    return nn.Sequential(
+        nn.Linear(16, 256),
+        nn.ReLU(),
+        nn.Unflatten(1, (16, 4, 4)),
+        nn.ConvTranspose2d(16, 8, 4, 2, 1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 3, 4, 2, 1),
+    )
+
+
+def test_an_unflatten_module_rewrites_its_sizes_to_the_kept_maps(tmp_path):
+    model, x = _seeded(_generator), torch.randn(2, 16)
+    _exact(model, x)
+    g = _group(DependencyGraph(model, x), "0")
+    assert g.units.numel() == 16 and any(s.module == "2" and s.name == "size0" for s in g.slices)
+    pruner = _prune(model, x)
+    small = pruner.pruned
+    assert pruner.skipped_groups == [] and small[2].unflattened_size == (8, 4, 4)
+    assert (small[0].out_features, small[3].in_channels, small[3].out_channels) == (128, 8, 4)
+    assert (count_params(model), count_params(small)) == (6811, 2895)
+    assert small(x).shape == (2, 3, 16, 16)
+    pruner.history.save(tmp_path / "history.json")
+    fresh = _seeded(_generator)
+    PruningHistory.load(tmp_path / "history.json").replay(fresh)
+    fresh.load_state_dict(small.state_dict(), strict=True)
+    assert fresh[2].unflattened_size == (8, 4, 4) and torch.equal(fresh.eval()(x), small(x))
+
 # -- unpooling with the encoder's indices ---------------------------------------------------------
 
 
