@@ -495,7 +495,6 @@ def test_a_linear_viewed_as_narrow_feature_maps_prunes_whole_maps(transposed):
     assert half(x).shape == model(x).shape
 
 
-
 def _generator() -> nn.Sequential:
     """A DCGAN-style generator: ``Linear -> nn.Unflatten(1, (16, 4, 4)) -> ConvTranspose2d``."""
     return nn.Sequential(
@@ -525,6 +524,7 @@ def test_an_unflatten_module_rewrites_its_sizes_to_the_kept_maps(tmp_path):
     PruningHistory.load(tmp_path / "history.json").replay(fresh)
     fresh.load_state_dict(small.state_dict(), strict=True)
     assert fresh[2].unflattened_size == (8, 4, 4) and torch.equal(fresh.eval()(x), small(x))
+
 
 # -- unpooling with the encoder's indices ---------------------------------------------------------
 
@@ -666,3 +666,38 @@ def test_two_step_histories_of_the_new_scenarios_replay_on_fresh_copies(name, tm
     fresh.load_state_dict(small.state_dict(), strict=True)
     assert len(pruner.history) == 2 and count_params(fresh) == count_params(small) == after
     assert torch.equal(fresh.eval()(*args), small(*args))
+
+
+# -- local response norm ---------------------------------------------------------------------------
+
+
+def _alexnet_v1() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.LocalResponseNorm(5),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 24, 3, padding=1),
+        nn.ReLU(),
+        nn.LocalResponseNorm(3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(24, 5),
+    )
+
+
+def test_local_response_norm_prunes_as_a_normalising_layer():
+    from cleanai_core.testing import masked_forward
+
+    model, x = _seeded(_alexnet_v1), torch.randn(2, 3, 16, 16)
+    graph = DependencyGraph(model, x)
+    g = _group(graph, "0")
+    assert g.normalizes and int((~g.frozen).sum()) == 16 and any(s.module == "2" for s in g.slices)
+    mask = _mask(graph, [(g, [0, 5, 9])])
+    small, _ = StructuredPruner(model, x, "magnitude", bias_compensation=False, reconstruction=False).build(mask)
+    # the neighbours of a channel change when channels go: close to zeroing, not equal
+    diff = float((small(x) - masked_forward(graph, mask, x)[0]).abs().max())
+    assert 0 < diff < 1e-3
+    half = _prune(model, x).pruned
+    assert (half[0].out_channels, half[4].out_channels, half[9].in_features) == (8, 12, 12)
+    assert (count_params(model), count_params(half)) == (4053, 1165)
