@@ -106,7 +106,7 @@ def cleanai_unwrapped_parameter(name: str, parameter: torch.Tensor, model: nn.Mo
     Bare tensors (``cls_token``, ``pos_embed``, layer-scale ``gamma``, relative position
     tables) are used by operations outside any claimed module. Return the channel
     dimension (an ``int``, negative allowed), ``False`` to never prune this tensor, or
-    ``None`` to let others decide (default: the only dimension larger than one, else the
+    ``None`` to let others decide (default: the last dimension larger than one, else the
     last). Stops at first non-None result.
 
     :param name: qualified name, e.g. ``"cls_token"`` or ``"blocks.0.ls1.gamma"``.

@@ -208,8 +208,22 @@ class TraceContext:
         if lab is not None and lab.dim == dim:
             return lab.atoms
         if lab is not None:
+            self._ask_split_at(ref, lab, dim)
             self.freeze(lab.atoms, f"channels reach dim {dim} of a consumer reading dim {lab.dim} ({self.where()})")
         return self.new_atoms(size, frozen=f"input without traced channels ({self.where()})")
+
+    def _ask_split_at(self, ref: Any, lab: Label, dim: int) -> None:
+        """A consumer reads ``dim`` while the channels sit on another part of the same
+        reshape split, laid out next to it as the split made them (``Linear(8, 160)`` viewed
+        ``(-1, 4, 5, 8)`` for a conv reading the 4: the split kept the 8): ask the kernel to
+        keep the part the consumer reads. Before 2026-12-01 such a view froze the channels."""
+        if lab.origin is None:
+            return
+        _, choice, grid = lab.origin
+        start = lab.dim - choice
+        laid_out = start >= 0 and tuple(ref.shape[start : start + len(grid)]) == tuple(grid)
+        if laid_out and start <= dim < start + len(grid):
+            self.request_split(lab.origin, dim - start)
 
     def labels_elsewhere(self, ref: Any, dim: int) -> torch.Tensor:
         """Fresh frozen atoms for ``dim`` of ``ref``, whose channels sit on another
@@ -381,7 +395,9 @@ class TraceContext:
         cross = None
         if dim is None:
             big = [i for i, s in enumerate(ref.shape) if s > 1]
-            dim = big[0] if len(big) == 1 else len(ref.shape) - 1
+            # the last dimension larger than one: a size-1 dimension only broadcasts (a GAT
+            # scoring vector laid out ``(heads, width, 1)`` for ``bmm`` took its 1 before 2026-12-01)
+            dim = big[-1] if big else len(ref.shape) - 1
             if len(big) == 2 and ref.ndim == 2:  # a matrix (``x @ self.proj``): rows may shrink too
                 cross = (0, self.new_atoms(ref.shape[0]))
         dim = int(dim) % len(ref.shape)

@@ -199,3 +199,15 @@ def cleanai_layer_pruner(module):
     if isinstance(module, nn.MultiheadAttention):
         return MultiheadAttentionPruner()
     return None
+
+
+@hookimpl(trylast=True)
+def cleanai_after_prune(module, name, edits, findings):
+    """``nn.Transformer.forward`` refuses inputs whose width is not ``d_model``: it follows
+    the (pruned) residual stream, read from its first attention's ``embed_dim`` (before
+    2026-12-01 a pruned ``nn.Transformer`` failed with "the feature number of src and tgt
+    must be equal to d_model" and verification kept its stream)."""
+    if isinstance(module, nn.Transformer):
+        attn = next((m for m in module.modules() if isinstance(m, nn.MultiheadAttention)), None)
+        if attn is not None:
+            module.d_model = attn.embed_dim

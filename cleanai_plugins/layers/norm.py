@@ -1,8 +1,9 @@
 """BatchNorm, LayerNorm (also channels-last use, and over several dims), GroupNorm, InstanceNorm, RMS norms
 (``nn.RMSNorm`` and timm's ``RmsNorm``/``SimpleNorm`` families), timm's global response
 norm (ConvNeXt-V2 ``GlobalResponseNorm``), the timm norm layers that subclass them
-(``BatchNormAct2d``, ``LayerNorm2d``, ``RmsNormAct2d``...), and layer norms written as a
-module of their own with a ``data_format`` (the ConvNeXt repository's ``LayerNorm``)."""
+(``BatchNormAct2d``, ``LayerNorm2d``, ``RmsNormAct2d``...), layer norms written as a
+module of their own with a ``data_format`` (the ConvNeXt repository's ``LayerNorm``), and
+``nn.LocalResponseNorm``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ __all__ = [
     "GlobalResponseNormPruner",
     "GroupNormPruner",
     "LayerNormPruner",
+    "LocalResponseNormPruner",
     "RMSNormPruner",
     "SpatialLayerNormPruner",
 ]
@@ -226,6 +228,21 @@ class GlobalResponseNormPruner(_PassThrough):
         return None  # the affine is viewed with ``wb_shape`` (a -1 for the channels)
 
 
+class LocalResponseNormPruner(_PassThrough):
+    """``nn.LocalResponseNorm`` (AlexNet's and GoogLeNet's first versions): each channel is
+    divided by the energy of its ``size`` neighbours along dim 1. The neighbours change
+    when channels go, so, like GlobalResponseNorm, the slice normalises: prunable,
+    approximate, left out of the exact oracle. It holds no tensors. Before 2026-12-01 its
+    padding of the channel dim froze them ("pads the channel dimension")."""
+
+    name = "lrn"
+    tensors = []
+    normalizes = True
+
+    def fix(self, module, n):
+        return None
+
+
 def _timm_grn(module: nn.Module) -> bool:
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if not any(c.__name__ == "GlobalResponseNorm" for c in type(module).__mro__):
@@ -277,4 +294,6 @@ def cleanai_layer_pruner(module):
         return GlobalResponseNormPruner()
     if _custom_layer_norm(module):
         return LayerNormPruner()
+    if isinstance(module, nn.LocalResponseNorm):
+        return LocalResponseNormPruner()
     return None

@@ -1,11 +1,14 @@
-"""Matrix products and attention: mm, bmm, addmm, baddbmm, matmul, scaled dot-product attention."""
+"""Matrix products and attention: mm, bmm, addmm, baddbmm, matmul, scaled dot-product attention;
+convolutions whose weight is a bare parameter (``F.conv2d(x, self.weight)``)."""
 
 from __future__ import annotations
 
 import math
 
 from cleanai_core import hookimpl
+from cleanai_core.graph.context import CROSS_MARK
 from cleanai_core.graph.elementwise import broadcast, elementwise
+from cleanai_core.graph.trace import TRef
 from cleanai_plugins.mappers._registry import MapperTable, arg
 from cleanai_plugins.mappers.gqa import couple_groups
 
@@ -99,6 +102,37 @@ def _both_carry(ctx, kept, other) -> None:
 @table.register("mm", "bmm", "matmul", "_unsafe_mm")
 def mm(call, ctx):
     _product(ctx, call.args[0], call.args[1], call.outputs[0])
+
+
+@table.register("convolution", "_convolution")
+def convolution(call, ctx):
+    """``F.conv2d(x, self.weight, self.bias)`` with a bare weight (a parameter of a module
+    no layer pruner claims, the peer's "unwrapped parameters"): its output filters (dim 0;
+    dim 1 when transposed) are fresh channels that the bias and the output follow, its
+    input channels (the other dim) shrink with ``x``'s. Grouped convolutions, a computed
+    weight (weight normalisation done in ``forward``) or a claimed module's weight read
+    outside it keep their channels. Before 2026-12-01 no mapper knew the op: the output
+    carried no channels and its consumers' inputs froze."""
+    x, w, out = call.args[0], call.args[1], call.outputs[0]
+    lab = ctx.label_of(x)
+    transposed, groups = arg(call, 6, "transposed", False), arg(call, 8, "groups", 1)
+    bare = isinstance(w, TRef) and w.param is not None and ctx.param_owner.get(w.param) is None
+    if not bare or groups != 1 or w.ndim != x.ndim:
+        why = f"{ctx.where()} convolves channels with a weight that cannot shrink"
+        ctx.freeze_tensor(x, why)
+        ctx.freeze_tensor(w, why)
+        return
+    din, dout = (0, 1) if transposed else (1, 0)
+    if lab is not None and lab.dim == 1:
+        ctx.bind("", f"{w.param}{CROSS_MARK}{din}", lab.atoms, "param", dim=din)
+    elif lab is not None:
+        ctx.freeze(lab.atoms, f"{ctx.where()} convolves over the channels' dimension")
+    atoms = ctx.produce("", w.param, w.shape[dout], dim=dout)
+    ctx.slices[("", w.param)].kind = "param"
+    bias = arg(call, 2, "bias")
+    if isinstance(bias, TRef):
+        ctx.union(atoms, ctx.labels(bias, 0))
+    ctx.set_label(out, 1, atoms)
 
 
 #: model findings key (``cleanai_prepare_model``): attention modules whose fix-up slices an

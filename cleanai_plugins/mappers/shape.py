@@ -1,20 +1,24 @@
 """Views and shape changes: view/reshape/flatten, permute/transpose, (un)squeeze,
-expand/repeat, select/slice/narrow, split/chunk/unbind, unfold, copies and ``*_like``."""
+expand/repeat, select/slice/narrow, split/chunk/unbind, unfold, copies and ``*_like``; the
+``nn.Unflatten`` module, whose sizes are an attribute."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
+from cleanai_core.interfaces import LayerPruner
 from cleanai_plugins.mappers._registry import MapperTable, arg
 from cleanai_plugins.mappers.gqa import expand_group_dim
 
 __all__ = [
     "CHANNEL_RANGES",
     "FILLED_DESTINATIONS",
+    "UnflattenPruner",
     "allow_channel_ranges",
     "allow_filled_destinations",
     "allow_unequal_split",
@@ -478,6 +482,24 @@ def split(call, ctx):
         start += s
 
 
+@table.register("glu")
+def glu(call, ctx):
+    """``F.glu(x, dim)`` / ``nn.GLU``: ``a * sigmoid(b)`` with ``a, b = x.chunk(2, dim)``.
+    Along the channels, output channel ``i`` reads input channels ``i`` and ``i + n/2``:
+    the two halves are tied index by index (they shrink alike) and the output carries the
+    first half. Before 2026-12-01 the op was unknown and froze its input's channels."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dim = arg(call, 1, "dim", -1) % src.ndim
+    if dim != lab.dim:
+        ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+        return
+    half = src.shape[dim] // 2
+    ctx.set_label(call.outputs[0], dim, ctx.tie(lab.atoms, (2, half), 1), lab.origin)
+
+
 @table.register("unbind", "unbind_copy")
 def unbind(call, ctx):
     src = call.args[0]
@@ -625,3 +647,33 @@ def restride_size_one(call, ctx):
 @hookimpl(trylast=True)
 def cleanai_index_mapper(op):
     return table.lookup(op)
+
+
+class UnflattenPruner(LayerPruner):
+    """``nn.Unflatten(dim, sizes)``: a view whose sizes are an attribute. Channels split
+    across the new dims are mapped as a ``view`` maps them (:func:`reshape_label`); when
+    they land on one of the new dims, that entry of ``unflattened_size`` is a slice
+    (``"size<k>"``, nothing to slice but the number) rewritten to the kept count. Before
+    2026-12-01 the literal sizes stayed: a decoder's ``Linear -> Unflatten(1, (C, 4, 4))
+    -> ConvTranspose2d`` failed verification and kept its channels."""
+
+    name = "unflatten"
+
+    def trace(self, module, call, ctx):
+        x, out = call.args[0], call.outputs[0]
+        reshape_label(ctx, x, out)
+        lab = ctx.label_of(out)
+        k = lab.dim - module.dim % x.ndim if lab is not None else -1
+        if 0 <= k < len(module.unflattened_size) and module.unflattened_size[k] != -1:
+            ctx.bind(call.name, f"size{k}", lab.atoms, "param", dim=lab.dim)
+
+    def prune(self, module, keep):
+        sizes = list(module.unflattened_size)
+        for name, kept in keep.items():
+            sizes[int(name.removeprefix("size"))] = kept.numel()
+        module.unflattened_size = tuple(sizes)
+
+
+@hookimpl(trylast=True)
+def cleanai_layer_pruner(module):
+    return UnflattenPruner() if isinstance(module, nn.Unflatten) else None

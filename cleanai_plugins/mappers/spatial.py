@@ -1,4 +1,4 @@
-"""Pooling (also over boxes: ``roi_align``), interpolation, padding, pixel (un)shuffle and channel
+"""Pooling (also over boxes: ``roi_align``) and unpooling, interpolation, padding, pixel (un)shuffle and channel
 shuffle: channels pass, space changes."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from cleanai_core import hookimpl
+from cleanai_core.graph.trace import TRef
 from cleanai_plugins.mappers._registry import MapperTable, arg
 
 table = MapperTable()
@@ -48,6 +49,10 @@ _SPATIAL = {
     "replication_pad3d": 3,
     "lp_pool2d": 2,
     "fractional_max_pool2d": 2,
+    # SegNet's decoder: each channel unpooled on its own at the positions its pooling kept
+    # (the indices come from the pruned pooling, as wide as the channels); unknown before 2026-12-01
+    "max_unpool2d": 2,
+    "max_unpool3d": 3,
 }
 
 
@@ -61,7 +66,15 @@ def _spatial(call, ctx):
         ctx.freeze(lab.atoms, f"{ctx.where()} mixes the labelled (spatial) dimension")
         return
     out = call.outputs[0]
-    ctx.set_label(out, lab.dim + out.ndim - src.ndim, lab.atoms, lab.origin)
+    dim = lab.dim + out.ndim - src.ndim
+    name = call.op.overloadpacket.__name__
+    if name.startswith("max_unpool"):
+        # channel ``k`` is placed where the pooling of the indices' channel ``k`` found its
+        # maxima: a decoder unpooled with an encoder's indices (SegNet) pairs the two layers
+        ctx.union(lab.atoms, ctx.labels(call.args[1], lab.dim))
+    ctx.set_label(out, dim, lab.atoms, lab.origin)
+    if name.endswith("_with_indices"):  # the indices belong to the same channels
+        ctx.set_label(call.outputs[1], dim, lab.atoms, lab.origin)
 
 
 table.register(*_SPATIAL)(_spatial)
@@ -155,6 +168,67 @@ def im2col(call, ctx):
     ctx.set_label(out, out.ndim - 2, lab.atoms.repeat_interleave(k))
 
 
+@table.register("col2im")
+def col2im(call, ctx):
+    """``F.fold``: ``(N, C * k * k, L) -> (N, C, H, W)``, the inverse of ``im2col``: the
+    ``k * k`` columns of one channel go together (unknown before 2026-12-01)."""
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    c = out.shape[-3]
+    if lab.dim != src.ndim - 2 or src.shape[lab.dim] % c:
+        ctx.freeze(lab.atoms, f"{ctx.where()} folds the labelled dimension into space")
+        return
+    ctx.set_label(out, out.ndim - 3, ctx.tie(lab.atoms, (c, src.shape[lab.dim] // c), 0))
+
+
+@table.register("grid_sampler_2d", "grid_sampler_3d", "grid_sampler", "cudnn_grid_sampler")
+def grid_sample(call, ctx):
+    """``F.grid_sample(x, grid)`` (spatial transformer networks): every channel is sampled
+    at the same points; the grid (its last dim the coordinates) carries none (unknown
+    before 2026-12-01)."""
+    src, grid = call.args[0], call.args[1]
+    lab = ctx.label_of(src)
+    ctx.freeze_tensor(grid, f"{ctx.where()} reads channels as sampling coordinates")
+    if lab is None:
+        return
+    if lab.dim != 1:
+        ctx.freeze(lab.atoms, f"{ctx.where()} samples the labelled dimension")
+        return
+    ctx.set_label(call.outputs[0], 1, lab.atoms, lab.origin)
+
+
+@table.register("_fft_r2c", "_fft_c2r", "_fft_c2c")
+def fft(call, ctx):
+    """Fourier transforms over some dims (GFNet's global filter, FNO's spectral layers):
+    channels on another dim pass, each transformed on its own; over the channels they
+    freeze (unknown before 2026-12-01)."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    dims = [d % src.ndim for d in arg(call, 1, "dim")]
+    if lab.dim in dims:
+        ctx.freeze(lab.atoms, f"{ctx.where()} transforms across the channels")
+        return
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("view_as_complex", "view_as_real")
+def complex_view(call, ctx):
+    """``torch.view_as_complex(w)`` folds a trailing ``(re, im)`` pair into complex values
+    (GFNet's filter ``(h, w, C, 2)``); ``view_as_real`` unfolds it: the other dims pass."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if "complex" in str(call.op) and lab.dim == src.ndim - 1:
+        ctx.freeze(lab.atoms, f"{ctx.where()} reads the labelled dimension as real and imaginary parts")
+        return
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
 @table.register("index")
 def index(call, ctx):
     """``x[idx]`` with index tensors before the channel dimension (e.g. gathering a
@@ -242,6 +316,70 @@ def index_select(call, ctx):
         if dim == lab.dim and name == "index_select" and _picked(ctx, src, out, lab, arg(call, 2, "index")):
             return
     ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
+
+
+#: ``op name -> position of the values written`` (``self`` is argument 0, ``dim`` 1, the
+#: index 2); ``scatter.value`` / ``index_fill`` write a number
+_SCATTERS = {
+    "scatter": 3,
+    "scatter_": 3,
+    "scatter_add": 3,
+    "scatter_add_": 3,
+    "scatter_reduce": 3,
+    "scatter_reduce_": 3,
+    "index_add": 3,
+    "index_add_": 3,
+    "index_copy": 3,
+    "index_copy_": 3,
+    "index_reduce": 3,
+    "index_reduce_": 3,
+    "index_fill": 3,
+    "index_fill_": 3,
+}
+
+
+@table.register(*_SCATTERS)
+def scatter(call, ctx):
+    """``dst.scatter_add_(dim, index, src)`` / ``dst.index_add_(dim, index, src)`` (a graph
+    network summing messages into their target nodes, a histogram per channel): along a
+    ``dim`` that is not the channels', channel ``k`` of ``src`` lands in channel ``k`` of
+    ``dst`` whatever the index holds, so the channels pass (and ``dst``'s, if it carries
+    any, are the same ones). A destination without channels (``torch.zeros(n, heads,
+    width)``) takes ``src``'s, like ``gather`` whose index gives its output's width: a
+    width written as a literal is found by the verification, which leaves the group
+    whole. Writing along the channel dimension moves channels: they freeze. Before
+    2026-12-01 every scatter froze the channels that reached it."""
+    dst, out = call.args[0], call.outputs[0]
+    src = arg(call, _SCATTERS[call.op.overloadpacket.__name__], "src")
+    dim = arg(call, 1, "dim") % dst.ndim
+    ld, lv = ctx.label_of(dst), ctx.label_of(src)
+    ctx.label_of(arg(call, 2, "index"))  # looked at: positions, not channels
+    if ld is None and lv is None:
+        return
+    if any(lab is not None and lab.dim == dim for lab in (ld, lv)) or (lv is not None and src.ndim != dst.ndim):
+        for lab in (ld, lv):
+            if lab is not None:
+                ctx.freeze(lab.atoms, f"{ctx.where()} writes across the channels")
+        return
+    c = (ld or lv).dim
+    if isinstance(src, TRef) and src.ndim == dst.ndim and src.shape[c] != dst.shape[c]:
+        for lab in (ld, lv):
+            if lab is not None:
+                ctx.freeze(lab.atoms, f"{ctx.where()} writes fewer channels than its destination has")
+        return
+    if ld is not None and lv is not None:
+        if ld.dim != lv.dim:
+            ctx.freeze(lv.atoms, f"{ctx.where()} writes channels onto another dimension")
+        else:
+            ctx.union(ld.atoms, lv.atoms)
+        ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
+        return
+    if ld is not None:  # a number, or values without channels
+        if isinstance(src, TRef) and src.ndim == dst.ndim and src.shape[c] > 1:
+            ctx.freeze(ld.atoms, f"{ctx.where()} writes values that cannot shrink with the channels")
+        ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
+        return
+    ctx.set_label(out, lv.dim, lv.atoms, lv.origin)
 
 
 def _picked(ctx, src, out, lab, index) -> bool:
