@@ -112,6 +112,30 @@ def test_graph_attention_sums_messages_into_nodes_and_prunes_each_heads_width():
     assert small(*other).shape == model(*other).shape == (7, 5)
 
 
+class StoredWidth(nn.Module):
+    """Messages summed into ``torch.zeros(n, self.width)``, a number the module stores
+    (JetMoE's mixture of attention: ``zeros(tokens, self.hidden_size)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.width = 32
+        self.proj, self.head = nn.Linear(12, 32), nn.Linear(32, 3)
+
+    def forward(self, x, edges):
+        h = self.proj(x)
+        out = torch.zeros(x.shape[0], self.width).index_add_(0, edges[1], h.index_select(0, edges[0]))
+        return self.head(F.elu(out))
+
+
+def test_a_destination_as_wide_as_a_stored_number_freezes_in_the_graph():
+    model, x = _seeded(StoredWidth), _graph()
+    g = _group(DependencyGraph(model, x), "proj")
+    assert not bool((~g.frozen).any())
+    assert any("as wide as a number its module stores" in r for r in g.reasons)
+    with pytest.raises(UserError, match="nothing in this model can be pruned.*as wide as a number its module stores"):
+        _prune(model, x)
+
+
 class LiteralWidth(nn.Module):
     """Messages summed into ``torch.zeros(n, 4, 8)``: the width is a literal."""
 

@@ -290,15 +290,16 @@ def squeeze(call, ctx):
 @table.register("view_as_complex", "view_as_real")
 def complex_view(call, ctx):
     """``view_as_complex`` folds the last dimension (2: the real and imaginary parts) into
-    one complex value, ``view_as_real`` unfolds it again (Llama 4's rotary embedding):
-    channels on the other dimensions keep their place; on the folded pair, they freeze."""
+    one complex value, ``view_as_real`` unfolds it again (Llama 4's rotary embedding,
+    GFNet's filter ``(h, w, C, 2)``): channels on the other dimensions keep their place; on
+    the folded pair, they freeze."""
     src, out = call.args[0], call.outputs[0]
     lab = ctx.label_of(src)
     if lab is None:
         return
     pair = src.ndim - 1 if out.ndim < src.ndim else None
     if lab.dim == pair or (lab.cross is not None and lab.cross[0] == pair):
-        ctx.freeze(lab.atoms, f"{ctx.where()} folds channels into complex values")
+        ctx.freeze(lab.atoms, f"{ctx.where()} reads the labelled dimension as real and imaginary parts")
         return
     ctx.set_label(out, lab.dim, lab.atoms, lab.origin, lab.cross)
 

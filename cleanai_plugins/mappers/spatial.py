@@ -215,20 +215,6 @@ def fft(call, ctx):
     ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
 
 
-@table.register("view_as_complex", "view_as_real")
-def complex_view(call, ctx):
-    """``torch.view_as_complex(w)`` folds a trailing ``(re, im)`` pair into complex values
-    (GFNet's filter ``(h, w, C, 2)``); ``view_as_real`` unfolds it: the other dims pass."""
-    src = call.args[0]
-    lab = ctx.label_of(src)
-    if lab is None:
-        return
-    if "complex" in str(call.op) and lab.dim == src.ndim - 1:
-        ctx.freeze(lab.atoms, f"{ctx.where()} reads the labelled dimension as real and imaginary parts")
-        return
-    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
-
-
 @table.register("index")
 def index(call, ctx):
     """``x[idx]`` with index tensors before the channel dimension (e.g. gathering a
@@ -379,7 +365,21 @@ def scatter(call, ctx):
             ctx.freeze(ld.atoms, f"{ctx.where()} writes values that cannot shrink with the channels")
         ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
         return
+    if _stored_width(ctx, dst.shape[lv.dim]):
+        ctx.freeze(lv.atoms, f"{ctx.where()} writes into a destination as wide as a number its module stores")
+        return
     ctx.set_label(out, lv.dim, lv.atoms, lv.origin)
+
+
+def _stored_width(ctx, width: int) -> bool:
+    """Whether the module running the current op holds ``width`` as a plain int attribute
+    (``self.hidden_size``): a destination that wide was most likely built from it, a
+    literal that does not shrink with the channels (JetMoE's mixture of attention writes
+    its experts' outputs into ``zeros(tokens, self.hidden_size)``; the oracle failed on it)."""
+    module = ctx.scope_module()
+    if module is None or width <= 1:
+        return False
+    return any(type(v) is int and v == width for v in vars(module).values())
 
 
 def _picked(ctx, src, out, lab, index) -> bool:
