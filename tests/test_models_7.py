@@ -1,0 +1,163 @@
+"""Session 17 model coverage: one focused check per cause fixed (tiny configs, default suite)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.history import PruningHistory
+from cleanai_core.testing import check_pruner
+
+
+def groups_with(graph: DependencyGraph, module: str, slice_name: str):
+    return [g for g in graph.groups() if any(s.module == module and s.name == slice_name for s in g.slices)]
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def redrawn(model: nn.Module) -> nn.Module:
+    """Parameters timm starts constant (zero biases, unit norms) redrawn, so that the masking
+    oracle has something to tell apart."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+def replayed(model: nn.Module, history: PruningHistory) -> nn.Module:
+    """The history through JSON, replayed on a copy of the unpruned model (what
+    ``load_pruned`` does): no trace, the pruners see only the kept indices."""
+    return PruningHistory.from_json(history.to_json()).replay(copy.deepcopy(model))
+
+
+# -- grouped convs whose groups line up with attention heads (NextViT) ----------------------------
+
+
+class HeadsAndGroups(nn.Module):
+    """NextViT's mix in small: a stream of 16 channels read by an attention with heads of 4
+    (timm ``EfficientAttention``) and by a multi-head conv attention whose grouped 3x3 conv
+    has groups of 4 (``ConvAttention``), both added back to the stream."""
+
+    def __init__(self) -> None:
+        from timm.models.nextvit import ConvAttention, EfficientAttention
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.attn = EfficientAttention(16, head_dim=4)
+        self.mhca = ConvAttention(16, head_dim=4)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        x = x + self.attn(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
+        x = x + self.mhca(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_grouped_conv_prunes_whole_groups_where_its_channel_ties_collapse_the_stream():
+    pytest.importorskip("timm.models.nextvit")
+    torch.manual_seed(0)
+    model, x = redrawn(HeadsAndGroups()), torch.randn(2, 3, 4, 4)
+    graph = DependencyGraph(model, x)
+    # channel j of every conv group met the heads' contiguous blocks: the stream (stem, q, k,
+    # v, proj, the conv's input) was one unit, which a plan cannot prune (group sizes 1 / 4)
+    (stream,) = groups_with(graph, "stem", "out")
+    assert (stream.size, stream.prunable) == (4, 4)
+    assert {"mhca.group_conv3x3:in", "mhca.group_conv3x3:out", "attn.q:out"} <= {
+        f"{s.module}:{s.name}" for s in stream.slices
+    }
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    assert (report.params_before, report.params_after) == (2067, 715)  # was 2067 -> 1635
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
+    small = pruner.prune()
+    conv = small.mhca.group_conv3x3
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (8, 8, 2)  # whole groups of 4
+    assert small.attn.num_heads == 2 and small.attn.q.out_features == 8
+    back = replayed(model, pruner.history)
+    assert back.mhca.group_conv3x3.groups == 2
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+
+
+def test_grouped_conv_keeps_channel_ties_where_they_do_not_collapse():
+    # a ResNeXt bottleneck: the grouped conv's inputs and outputs are free; channel j of every
+    # group stays the unit (the group count is kept), as before
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(16, 5, 1)
+    ).eval()
+    x = torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    assert [(g.size, g.prunable) for g in groups_with(graph, "2", "in")] == [(4, 4)]
+    assert [(g.size, g.prunable) for g in groups_with(graph, "2", "out")] == [(4, 4)]
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    assert (small[2].in_channels, small[2].out_channels, small[2].groups) == (8, 8, 4)
+
+
+# -- channels along the length of a 1-kernel conv (CoaT's aggregate) ------------------------------
+
+
+class ScaleAggregate(nn.Module):
+    """CoaT's classification head in small: the class tokens of three scales stacked on dim 1
+    and mixed by ``Conv1d(3, 1, 1)``; the channels run along the conv's length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scales = nn.ModuleList(nn.Linear(5, 8) for _ in range(3))
+        self.aggregate = nn.Conv1d(3, 1, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.stack([f(x) for f in self.scales], dim=1)  # (B, 3, 8)
+        return self.head(self.aggregate(x).squeeze(1))
+
+
+def test_channels_pass_through_a_conv_that_maps_their_dimension_position_by_position():
+    torch.manual_seed(0)
+    model, x = ScaleAggregate().eval(), torch.randn(2, 5)
+    graph = DependencyGraph(model, x)
+    # "channels reach dim 1 of a consumer reading dim 2" froze the 8 channels of all three scales
+    (tokens,) = groups_with(graph, "scales.0", "out")
+    assert (tokens.size, tokens.prunable) == (8, 8)
+    assert {"scales.1:out", "scales.2:out", "head:in"} <= {f"{s.module}:{s.name}" for s in tokens.slices}
+    assert [(g.size, g.prunable) for g in groups_with(graph, "aggregate", "in")] == [(3, 0)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    assert (report.params_before, report.params_after) == (3 * 48 + 4 + 27, 3 * 24 + 4 + 15)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    assert small.head.in_features == 4 and small.aggregate.weight.shape == (1, 3, 1)
+
+
+def test_a_strided_or_wide_kernel_along_the_channels_still_freezes_them():
+    torch.manual_seed(0)
+    model = ScaleAggregate().eval()
+    model.aggregate = nn.Conv1d(3, 1, 3, padding=1)  # mixes neighbouring channels: not position by position
+    graph = DependencyGraph(model, torch.randn(2, 5))
+    (tokens,) = groups_with(graph, "scales.0", "out")
+    assert tokens.prunable == 0
+
+
+def test_coat_parallel_blocks_prune_through_the_aggregate():
+    timm = pytest.importorskip("timm")
+    kwargs = {"img_size": 32, "embed_dims": (32,) * 4, "serial_depths": (1,) * 4, "parallel_depth": 1}
+    torch.manual_seed(0)
+    model = timm.create_model("coat_tiny", num_classes=3, num_heads=8, mlp_ratios=(2,) * 4, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-4
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    assert (n_params(model), n_params(small)) == (71303, 28639)  # was 71303 -> 54907: the stream froze
+    assert small.head.in_features < 32
+    with torch.no_grad():
+        assert small(x).shape == (2, 3)
