@@ -161,3 +161,32 @@ def test_coat_parallel_blocks_prune_through_the_aggregate():
     assert small.head.in_features < 32
     with torch.no_grad():
         assert small(x).shape == (2, 3)
+
+
+# -- RAFT-Small's unequal context split -----------------------------------------------------------
+
+
+def test_raft_small_context_split_prunes_both_parts():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.optical_flow.raft_small(weights=None).eval()
+    x = (torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128))  # the smallest it takes
+
+    def flow(m, x):
+        return m(*x, num_flow_updates=1)[-1]
+
+    graph = DependencyGraph(model, x, forward_fn=flow)
+    # the context encoder's 160 channels split into [hidden_state_size=96, 64]: the unequal parts
+    # froze; now the hidden state and the context are two groups
+    parts = groups_with(graph, "context_encoder.conv", "out")
+    assert [(g.size, g.prunable) for g in parts] == [(96, 96), (64, 64)]
+    report = check_pruner(model, x, forward_fn=flow)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-4
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, forward_fn=flow)
+    small = pruner.prune()
+    assert small.context_encoder.conv.out_channels == 48 + 32
+    assert small.update_block.hidden_state_size == small.update_block.recurrent_block.hidden_size == 48
+    assert (n_params(model), n_params(small)) == (990162, 258666)  # was 990162 -> 655850 (0.66)
+    back = replayed(model, pruner.history)
+    with torch.no_grad():
+        assert torch.equal(flow(back, x), flow(small, x))

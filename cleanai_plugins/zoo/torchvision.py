@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_plugins.mappers.shape import allow_filled_destinations
+from cleanai_plugins.mappers.shape import allow_channel_ranges, allow_filled_destinations
 
 try:  # torchvision is optional
     from torchvision.models import maxvit as _maxvit
@@ -144,6 +144,9 @@ def cleanai_prepare_model(model):
     found = raft_channels(model)
     pools = [m for m in model.modules() if _poolers is not None and isinstance(m, _poolers.MultiScaleRoIAlign)]
     out = {**({RAFT_KEY: found} if found else {}), **(allow_filled_destinations(*pools) if pools else {})}
+    rafts = [m for m in model.modules() if _raft is not None and isinstance(m, _raft.RAFT)]
+    if rafts:  # the context split [hidden_state_size, rest]: fix_raft_hidden_size rewrites it
+        out.update(allow_channel_ranges(*rafts))
     return out or None
 
 
