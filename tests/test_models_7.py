@@ -190,3 +190,90 @@ def test_raft_small_context_split_prunes_both_parts():
     back = replayed(model, pruner.history)
     with torch.no_grad():
         assert torch.equal(flow(back, x), flow(small, x))
+
+
+# -- cascaded group attention (EfficientViT-M) ----------------------------------------------------
+
+
+class Cascaded(nn.Module):
+    """A stream of 16 channels and timm's ``CascadedGroupAttention`` with 2 heads: keys of 4,
+    values of 8 (each head's chunk of the stream), a 3 x 3 window."""
+
+    def __init__(self) -> None:
+        from timm.models.efficientvit_msra import CascadedGroupAttention
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.attn = CascadedGroupAttention(16, key_dim=4, num_heads=2, attn_ratio=2, resolution=3, kernels=(3, 3))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head((x + self.attn(x)).mean((2, 3)))
+
+
+def test_cascaded_group_attention_prunes_keys_values_and_the_stream(tmp_path):
+    pytest.importorskip("timm.models.efficientvit_msra")
+    torch.manual_seed(0)
+    model, x = redrawn(Cascaded()), torch.randn(2, 3, 3, 3)
+    graph = DependencyGraph(model, x)
+    # qkvs[i] splits into [4, 4, 8]: unequal parts froze q, k and v, and head 0's values
+    # added to chunk 1 froze the stream (nothing at all could be pruned)
+    assert [(g.size, g.prunable) for g in groups_with(graph, "stem", "out")] == [(8, 8)]
+    assert [(g.size, g.prunable) for g in groups_with(graph, "attn.dws.1.conv", "in")] == [(4, 4)]
+    report = check_pruner(model, x, ratio=0.3)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
+    small = pruner.prune()
+    attn = small.attn
+    assert type(attn).__name__ == "PrunedCascadedGroupAttention"
+    assert [q.conv.out_channels for q in attn.qkvs] == [2 + 2 + 4, 2 + 2 + 4] and small.stem.out_channels == 8
+    assert (n_params(model), n_params(small)) == (829, 297)  # was: "nothing in this model can be pruned"
+    back = replayed(model, pruner.history)
+    torch.save(small, tmp_path / "m.pt")  # the pruned class is found by its module and name
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))
+
+
+# -- single-head attention over a part of the channels (SHViT) ------------------------------------
+
+
+class PartialAttention(nn.Module):
+    """A stream of 16 channels and timm's ``SHSA``: the first 6 attended (q and k of 4, values
+    of 6), the other 10 passed to ``proj`` as they are."""
+
+    def __init__(self) -> None:
+        from timm.models.shvit import SHSA
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.attn = SHSA(16, qk_dim=4, pdim=6)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head((x + self.attn(x)).mean((2, 3)))
+
+
+def test_partial_attention_prunes_its_part_keys_and_values_apart(tmp_path):
+    pytest.importorskip("timm.models.shvit")
+    torch.manual_seed(0)
+    model, x = redrawn(PartialAttention()), torch.randn(2, 3, 3, 3)
+    graph = DependencyGraph(model, x)
+    # split [6, 10] and [4, 4, 6]: the unequal parts froze the attended part, q, k and v
+    assert [(g.size, g.prunable) for g in groups_with(graph, "attn.qkv.c", "in")] == [(6, 6)]
+    assert sorted((g.size, g.prunable) for g in groups_with(graph, "attn.qkv.c", "out")) == [(4, 4), (6, 6)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
+    small = pruner.prune()
+    attn = small.attn
+    assert type(attn).__name__ == "PrunedSHSA"
+    assert (attn.pdim, attn.qk_dim, attn.v_dim, small.stem.out_channels) == (3, 2, 3, 8)
+    assert (n_params(model), n_params(small)) == (527, 180)  # was: "nothing in this model can be pruned"
+    back = replayed(model, pruner.history)
+    torch.save(small, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))

@@ -45,9 +45,11 @@ from cleanai_plugins.zoo.timm.blocks import (
     fix_parallel_block,
     fix_partial_conv,
 )
+from cleanai_plugins.zoo.timm.cascaded import fix_cascaded_attention
 from cleanai_plugins.zoo.timm.cross_covariance import fix_cross_covariance
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
+from cleanai_plugins.zoo.timm.partial_attention import fix_partial_attention
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
 from cleanai_plugins.zoo.timm.split_scales import fix_split_scales
 from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner, fix_width_attention, mixes_heads
@@ -76,6 +78,8 @@ FIXUPS = (
     fix_partial_conv,
     fix_split_scales,
     fix_cross_covariance,
+    fix_cascaded_attention,
+    fix_partial_attention,
 )
 
 
@@ -83,6 +87,7 @@ FIXUPS = (
 def cleanai_prepare_model(model):
     scan = scan_model(model, FIXUPS)
     ranges = (*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv, *scan.split_scales)
+    ranges = (*ranges, *scan.cascaded_attention, *scan.partial_attention)
     return {KEY: scan, **allow_channel_ranges(*ranges)}
 
 
