@@ -6,31 +6,13 @@ import copy
 
 import pytest
 import torch
+from test_models_6 import groups_with, n_params, redrawn  # the session-16 tests' helpers
 from torch import nn
 
 from cleanai_core import StructuredPruner
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.history import PruningHistory
 from cleanai_core.testing import check_pruner
-
-
-def groups_with(graph: DependencyGraph, module: str, slice_name: str):
-    return [g for g in graph.groups() if any(s.module == module and s.name == slice_name for s in g.slices)]
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def redrawn(model: nn.Module) -> nn.Module:
-    """Parameters timm starts constant (zero biases, unit norms) redrawn, so that the masking
-    oracle has something to tell apart."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
 
 
 def replayed(model: nn.Module, history: PruningHistory) -> nn.Module:
@@ -230,6 +212,8 @@ def test_cascaded_group_attention_prunes_keys_values_and_the_stream(tmp_path):
     assert [q.conv.out_channels for q in attn.qkvs] == [2 + 2 + 4, 2 + 2 + 4] and small.stem.out_channels == 8
     assert (n_params(model), n_params(small)) == (829, 297)  # was: "nothing in this model can be pruned"
     back = replayed(model, pruner.history)
+    again_small = StructuredPruner(small, x, "magnitude", pruning_ratio=0.5, ignored_layers=[small.head]).prune()
+    assert [q.conv.out_channels for q in again_small.attn.qkvs] == [1 + 1 + 2, 1 + 1 + 2]  # a second cut
     torch.save(small, tmp_path / "m.pt")  # the pruned class is found by its module and name
     again = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():
@@ -273,6 +257,8 @@ def test_partial_attention_prunes_its_part_keys_and_values_apart(tmp_path):
     assert (attn.pdim, attn.qk_dim, attn.v_dim, small.stem.out_channels) == (3, 2, 3, 8)
     assert (n_params(model), n_params(small)) == (527, 180)  # was: "nothing in this model can be pruned"
     back = replayed(model, pruner.history)
+    twice = StructuredPruner(small, x, "magnitude", pruning_ratio=0.5, ignored_layers=[small.head]).prune().attn
+    assert (twice.pdim, twice.qk_dim, twice.v_dim) == (2, 1, 2)  # a second cut
     torch.save(small, tmp_path / "m.pt")
     again = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():

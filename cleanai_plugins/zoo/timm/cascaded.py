@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from cleanai_plugins.zoo.timm.lookup import triggered_by
+from cleanai_plugins.zoo.timm.pruned import pruned_variant
 
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
@@ -57,20 +58,9 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.proj(torch.cat(feats_out, 1))
 
 
-def _base() -> type | None:
-    try:
-        from timm.models.efficientvit_msra import CascadedGroupAttention
-    except Exception:  # timm is optional; an older timm may lack it
-        return None
-    return CascadedGroupAttention
-
-
-_BASE = _base()
-PrunedCascadedGroupAttention = (
-    type("PrunedCascadedGroupAttention", (_BASE,), {"forward": _forward, "__module__": __name__})
-    if _BASE is not None
-    else None
-)  # a module attribute: a pickled pruned model finds it by name
+_BASE, PrunedCascadedGroupAttention = pruned_variant(
+    "timm.models.efficientvit_msra", "CascadedGroupAttention", _forward, __name__
+)
 
 
 @triggered_by("qkvs")
@@ -80,11 +70,11 @@ def scan_cascaded_attention(modules: list[nn.Module]) -> set[nn.Module]:
         return set()
     found = set()
     for m in modules:
-        if type(m) is not _BASE:
+        if type(m) not in (_BASE, PrunedCascadedGroupAttention):  # pruned again: its heads' widths may differ
             continue
         dws = getattr(m, "dws", None)
         convs = [getattr(d, "conv", None) for d in dws] if isinstance(dws, nn.ModuleList) else []
-        if convs and all(isinstance(c, nn.Conv2d) and c.in_channels == m.key_dim for c in convs):
+        if convs and all(isinstance(c, nn.Conv2d) for c in convs):
             found.add(m)
     return found
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from cleanai_plugins.zoo.timm.lookup import triggered_by
+from cleanai_plugins.zoo.timm.pruned import pruned_variant
 
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
@@ -44,18 +45,7 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.proj(torch.cat([x1, x2], dim=1))
 
 
-def _base() -> type | None:
-    try:
-        from timm.models.shvit import SHSA
-    except Exception:  # timm is optional; an older timm may lack it
-        return None
-    return SHSA
-
-
-_BASE = _base()
-PrunedSHSA = (
-    type("PrunedSHSA", (_BASE,), {"forward": _forward, "__module__": __name__}) if _BASE is not None else None
-)  # a module attribute: a pickled pruned model finds it by name
+_BASE, PrunedSHSA = pruned_variant("timm.models.shvit", "SHSA", _forward, __name__)
 
 
 @triggered_by("pdim")
