@@ -263,3 +263,39 @@ def test_partial_attention_prunes_its_part_keys_and_values_apart(tmp_path):
     again = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))
+
+
+# -- differential attention (timm vit_dwee / vit_dpwee) -------------------------------------------
+
+DIFF = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+@pytest.mark.parametrize(
+    "name,before,after",
+    # was 21,779 -> 16,563 and 21,651 -> 16,435: only the MLPs' hidden units went
+    [("vit_dwee_patch16_reg1_gap_256", 21779, 7315), ("vit_dpwee_patch16_reg1_gap_256", 21651, 7251)],
+    ids=["attention", "parallel_block"],
+)
+def test_differential_attention_prunes_whole_heads(tmp_path, name, before, after):
+    timm = pytest.importorskip("timm")
+    from cleanai_core import load_pruned
+    from cleanai_core.io import save_pruned
+
+    torch.manual_seed(0)
+    model = redrawn(timm.create_model(name, num_classes=3, **DIFF))
+    x = torch.randn(2, 3, 32, 32)
+    # (2 * heads) sub-heads unbound as (heads, 2): the pair dimension kept the channels and
+    # the unbind froze the stream with every head
+    (stream,) = groups_with(DependencyGraph(model, x), "patch_embed.proj", "out")
+    assert (stream.size, stream.prunable) == (2, 2)  # two heads of 16 channels
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    attn = small.blocks[0] if "dpwee" in name else small.blocks[0].attn
+    assert attn.num_heads == 1 and small.patch_embed.proj.out_channels == 16
+    assert (n_params(model), n_params(small)) == (before, after)
+    save_pruned(tmp_path / "d", small, pruner.history, f"timm:{name}", {"num_classes": 3, "model_kwargs": DIFF})
+    back = load_pruned(tmp_path / "d", trust_code=True)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))

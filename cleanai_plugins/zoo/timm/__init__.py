@@ -32,6 +32,7 @@ from cleanai_plugins.zoo.timm.attention import (
     fix_headmajor_attention,
     fix_multi_query_attention,
     fix_rel_pos,
+    pairs_sub_heads,
     splits_heads_unevenly,
 )
 from cleanai_plugins.zoo.timm.blocks import (
@@ -92,7 +93,7 @@ def cleanai_prepare_model(model):
 
 
 #: the attentions whose heads must stay whole (``cleanai_whole_heads``)
-WHOLE_HEADS = (mixes_heads, splits_heads_unevenly)
+WHOLE_HEADS = (mixes_heads, splits_heads_unevenly, pairs_sub_heads)
 
 
 @hookimpl

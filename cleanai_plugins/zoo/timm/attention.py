@@ -160,6 +160,23 @@ def splits_heads_unevenly(module: nn.Module) -> bool:
     return kd != vd and heads >= 1 and any(hasattr(module, p) for p in ("qkv", "kv"))
 
 
+@triggered_by("lambda_init")
+def pairs_sub_heads(module: nn.Module) -> bool:
+    """Differential attention (timm ``DiffAttention``): q and k are reshaped into ``2 * heads``
+    sub-heads, v into ``heads`` heads of twice the size, and ``(heads, 2)`` is unbound into the
+    two attention maps whose difference weighs v. Picking the cheapest tie kept the pair
+    dimension, which the unbind froze with the whole stream (vit_dwee kept 0.65 at a ratio
+    of 0.5), so its heads (two q / k sub-heads and one v head) stay whole and go whole. The same
+    in timm's ``DiffParallelScalingBlock`` (vit_dpwee), whose ``in_proj`` also holds the MLP."""
+    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, head_dim)):
+        return False
+    qkv = getattr(module, "qkv", None)
+    if isinstance(qkv, nn.Linear):
+        return qkv.out_features == 3 * 2 * heads * head_dim
+    return isinstance(getattr(module, "in_proj", None), nn.Linear)  # a parallel block: MLP, q, k, v in one
+
+
 @triggered_by("attention_bias_cache", "attention_biases", "key_dim", "dh")
 def fix_bias_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """LeViT / EfficientFormer-V2 style: heads follow ``attention_biases``; cached biases
