@@ -299,3 +299,45 @@ def test_differential_attention_prunes_whole_heads(tmp_path, name, before, after
     back = load_pruned(tmp_path / "d", trust_code=True)
     with torch.no_grad():
         assert torch.equal(back(x), small(x))
+
+
+# -- InceptionNeXt's unequal branches -------------------------------------------------------------
+
+
+class InceptionBranches(nn.Module):
+    """A stream of 16 channels through timm's ``InceptionDWConv2d`` with branches of 2
+    (``split_indexes`` (10, 2, 2, 2)), added back."""
+
+    def __init__(self) -> None:
+        from timm.models.inception_next import InceptionDWConv2d
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.mixer = InceptionDWConv2d(16, band_kernel_size=3, branch_ratio=0.125)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head((x + self.mixer(x)).mean((2, 3)))
+
+
+def test_inception_depthwise_branches_of_unequal_width_prune_apart(tmp_path):
+    pytest.importorskip("timm.models.inception_next")
+    torch.manual_seed(0)
+    model, x = InceptionBranches().eval(), torch.randn(2, 3, 5, 5)
+    graph = DependencyGraph(model, x)
+    # split (10, 2, 2, 2): the unequal parts froze the whole stream; now each part is a group
+    parts = sorted((g.size, g.prunable) for g in groups_with(graph, "stem", "out"))
+    assert parts == [(2, 2), (2, 2), (2, 2), (10, 10)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
+    small = pruner.prune()
+    assert type(small.mixer).__name__ == "PrunedInceptionDWConv2d" and small.stem.out_channels == 8
+    assert sum(c.in_channels for c in (small.mixer.dwconv_hw, small.mixer.dwconv_w, small.mixer.dwconv_h)) < 6
+    assert (n_params(model), n_params(small)) == (151, 77)  # was: "nothing in this model can be pruned"
+    back = replayed(model, pruner.history)
+    torch.save(small, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))

@@ -25,6 +25,7 @@ from cleanai_plugins.zoo.timm.blocks import (
 )
 from cleanai_plugins.zoo.timm.cascaded import scan_cascaded_attention
 from cleanai_plugins.zoo.timm.cross_covariance import scan_cross_covariance
+from cleanai_plugins.zoo.timm.inception_dw import scan_inception_dw
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import scan_group_norms, scan_whole_group_convs
 from cleanai_plugins.zoo.timm.partial_attention import scan_partial_attention
@@ -77,6 +78,8 @@ class TimmScan:
     cascaded_attention: set[nn.Module] = attrs.field(factory=set)
     #: SHViT single-head attentions over a part of the channels -> (qk_dim, v_dim) before pruning
     partial_attention: dict[nn.Module, tuple[int, int]] = attrs.field(factory=dict)
+    #: InceptionNeXt inception depthwise convs whose split has unequal parts
+    inception_dw: set[nn.Module] = attrs.field(factory=set)
 
 
 _SCANS = (
@@ -94,6 +97,7 @@ _SCANS = (
     scan_whole_group_convs,
     scan_cascaded_attention,
     scan_partial_attention,
+    scan_inception_dw,
 )
 
 
@@ -128,6 +132,7 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         cross_covariance=cross_covariance,
         cascaded_attention=scan_cascaded_attention(having(scan_cascaded_attention)),
         partial_attention=scan_partial_attention(having(scan_partial_attention)),
+        inception_dw=scan_inception_dw(having(scan_inception_dw)),
         head_sizes={m: d for m, d in scan_head_sizes(having(scan_head_sizes)).items() if m not in bound_or_xca},
         fixups=_acting(fixups, modules, names),
     )
