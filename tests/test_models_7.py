@@ -341,3 +341,70 @@ def test_inception_depthwise_branches_of_unequal_width_prune_apart(tmp_path):
     again = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))
+
+
+# -- single-head attention through SDPA's default scale (iFormer) ---------------------------------
+
+
+class SingleHead(nn.Module):
+    """A stream of 16 channels and timm's ``SHMA`` (q and k of 8 channels, one head, through
+    ``F.scaled_dot_product_attention`` with its default scale ``1 / sqrt(8)``)."""
+
+    def __init__(self) -> None:
+        from timm.models.iformer import SHMA
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.attn = SHMA(16)
+        self.attn.fused_attn = True
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head((x + self.attn(x)).mean((2, 3)))
+
+
+def test_sdpa_default_scale_lets_q_and_k_shrink_where_the_module_stores_its_scale():
+    pytest.importorskip("timm.models.iformer")
+    torch.manual_seed(0)
+    model, x = redrawn(SingleHead()), torch.randn(2, 3, 3, 3)
+    graph = DependencyGraph(model, x)
+    # "attention scale depends on the head size" froze q and k
+    assert [(g.size, g.prunable) for g in groups_with(graph, "attn.q.c", "out")] == [(8, 8)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    assert small.attn.q.c.out_channels == small.attn.k.c.out_channels == 4
+    assert small.attn.fused_attn is False and small.attn.scale == 8**-0.5  # the trained scale, explicitly
+    assert (n_params(model), n_params(small)) == (1267, 379)  # was 1267 -> 459
+
+
+# -- a classifier head with a norm on its input (RepViT, iFormer, EfficientViT-M) -----------------
+
+
+class NormHeadNet(nn.Module):
+    """A timm-style model whose ``get_classifier()`` is ``BatchNorm1d`` + ``Linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU())
+        self.head = nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 5))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_a_norm_in_the_classifier_head_does_not_freeze_the_features():
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model, x = redrawn(NormHeadNet()), torch.randn(2, 3, 6, 6)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    # ignoring the whole head froze the 16 features its BatchNorm reads ("ignored layer head.0")
+    (features,) = groups_with(pruner.graph, "features.2", "out")
+    assert (features.size, features.prunable) == (16, 16)
+    small = pruner.prune()
+    assert small.head[1].out_features == 5 and small.head[0].num_features == small.head[1].in_features == 8
+    assert (n_params(model), n_params(small)) == (837, 357)  # was 837 -> 485

@@ -266,3 +266,24 @@ def fix_bottleneck_attention(module: nn.Module, name: str, edits, scan: TimmScan
     else:
         module.dim_head_qk = module.dim_head_v = q_keep.numel() // heads
     module.dim_out_qk = module.dim_out_v = module.num_heads * module.dim_head_qk
+
+
+@triggered_by("fused_attn")
+def scan_trained_scale(modules: list[nn.Module]) -> set[nn.Module]:
+    """iFormer's single-head attention (timm ``SHMA``): its fused path calls
+    ``F.scaled_dot_product_attention`` with the default scale, ``1 / sqrt(E)`` of the q / k
+    width read at run time, so the q / k width froze (iformer_t kept 0.40 at a ratio of 0.5);
+    its other path multiplies by the stored ``scale``. These may shrink q and k, and the
+    fix-up (:func:`fix_trained_scale`) switches the pruned module to the stored scale."""
+    try:
+        from timm.models.iformer import SHMA
+    except Exception:  # timm is optional; an older timm may lack it
+        return set()
+    return {m for m in modules if type(m) is SHMA and isinstance(getattr(m, "scale", None), float)}
+
+
+@triggered_by("fused_attn")
+def fix_trained_scale(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """The trained scale after pruning: the path that multiplies by ``scale`` (the same result)."""
+    if module in scan.trained_scale:
+        module.fused_attn = False

@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 from torch import nn
 
-from cleanai_plugins.zoo.timm.attention import scan_head_sizes
+from cleanai_plugins.zoo.timm.attention import scan_head_sizes, scan_trained_scale
 from cleanai_plugins.zoo.timm.blocks import (
     scan_conv_rel_pos,
     scan_dual_path_blocks,
@@ -80,6 +80,8 @@ class TimmScan:
     partial_attention: dict[nn.Module, tuple[int, int]] = attrs.field(factory=dict)
     #: InceptionNeXt inception depthwise convs whose split has unequal parts
     inception_dw: set[nn.Module] = attrs.field(factory=set)
+    #: attentions through SDPA's default scale that can use their stored one (iFormer)
+    trained_scale: set[nn.Module] = attrs.field(factory=set)
 
 
 _SCANS = (
@@ -98,6 +100,7 @@ _SCANS = (
     scan_cascaded_attention,
     scan_partial_attention,
     scan_inception_dw,
+    scan_trained_scale,
 )
 
 
@@ -133,6 +136,7 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         cascaded_attention=scan_cascaded_attention(having(scan_cascaded_attention)),
         partial_attention=scan_partial_attention(having(scan_partial_attention)),
         inception_dw=scan_inception_dw(having(scan_inception_dw)),
+        trained_scale=scan_trained_scale(having(scan_trained_scale)),
         head_sizes={m: d for m, d in scan_head_sizes(having(scan_head_sizes)).items() if m not in bound_or_xca},
         fixups=_acting(fixups, modules, names),
     )
