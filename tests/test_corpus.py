@@ -176,6 +176,18 @@ DEFAULT_PATH = [
     ("tv:quantized_mobilenet_v3_large", {}, (3, 64, 64)),
     ("tv:mvit_v2_s", {}, (3, 16, 224, 224)),
     ("tv:mvit_v1_b", {}, (3, 16, 224, 224)),
+    # session 17 (kept at 0.5 before -> after): NextViT's grouped conv attention prunes whole
+    # groups (0.551 -> 0.263), CoaT's aggregate passes its channels through (0.716 -> 0.356),
+    # EfficientViT-M's cascaded and SHViT's partial attention prune their unequal splits
+    # (0.529 -> 0.261, 0.532 -> 0.255); differential attention keeps whole heads (0.649 -> 0.255)
+    ("timm:nextvit_small", {}, (3, 64, 64)),
+    ("timm:coat_tiny", {"img_size": 64}, (3, 64, 64)),
+    ("timm:efficientvit_m0", {}, (3, 64, 64)),
+    ("timm:shvit_s1", {}, (3, 64, 64)),
+    ("timm:vit_dwee_patch16_reg1_gap_256", {"img_size": 64}, (3, 64, 64)),
+    ("timm:inception_next_tiny", {}, (3, 64, 64)),  # unequal branches split apart (0.531 -> 0.251)
+    ("timm:iformer_t", {}, (3, 64, 64)),  # q / k under SDPA's default scale, the head's norm (0.402 -> 0.261)
+    ("timm:repvit_m1", {}, (3, 64, 64)),  # the classifier head's norm no longer ignored (0.361 -> 0.257)
 ]
 
 

@@ -138,6 +138,10 @@ class TraceContext:
         self.spread: dict[int, set[int]] = {}
         #: atoms an op normalises across (``F.layer_norm`` outside a claimed module): see :meth:`normalize`
         self.normalized: list[torch.Tensor] = []
+        #: modules whose pruner ties coarser units on this pass (see :meth:`offer_coarser`)
+        self.coarse: set[str] = set()
+        #: ``module -> (atoms, ...)`` offered by pruners that could tie coarser units
+        self.coarse_offers: dict[str, tuple[torch.Tensor, ...]] = {}
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
@@ -176,6 +180,15 @@ class TraceContext:
         rep = grid[:, :1].expand_as(grid)
         self.union(rep, grid)
         return grid[:, 0].clone()
+
+    def offer_coarser(self, module: str, *atoms: torch.Tensor) -> None:
+        """A pruner that ties its channels finely could tie coarser units instead (a grouped
+        conv: channel *j* of every group, or whole groups). ``atoms``: its slices' atoms
+        under the fine ties. When one of them ends up a single unit (the fine ties met
+        contiguous couplings elsewhere, as attention heads are, and the whole width became
+        one unit), the kernel traces again with ``module`` in :attr:`coarse` and keeps the
+        coarse ties where they leave more channels in groups of two units or more."""
+        self.coarse_offers[module] = atoms
 
     def request_split(self, origin: tuple | None, choice: int) -> bool:
         """Ask the kernel to trace again with reshape split ``origin`` keeping the

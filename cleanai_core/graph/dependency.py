@@ -206,13 +206,17 @@ class DependencyGraph:
         modules = dict(self.model.named_modules())
         heads = {id(m) for res in self.pm.hook.cleanai_whole_heads(model=self.model) for m in res or ()}
         whole_heads = {name for name, m in modules.items() if id(m) in heads}
+        coarse: set[str] = set()
+        fine: dict[str, int] = {}  # channels in groups of several units under the fine ties
         for _ in range(4):
             ctx = TraceContext(choices, self.findings)
             ctx.modules = modules
             ctx.whole_heads = whole_heads
+            ctx.coarse = set(coarse)
             self._setup_params(ctx)
             self._run(ctx)
-            if not ctx.split_requests:
+            changed = _coarse_choices(ctx, coarse, fine)
+            if not ctx.split_requests and not changed:
                 break
             choices = {**choices, **ctx.split_requests}
         return ctx
@@ -481,6 +485,34 @@ class DependencyGraph:
             for op, n in self.ctx.unknown_ops.most_common():
                 lines.append(f"  {op} x{n}")
         return "\n".join(lines)
+
+
+def _coarse_choices(ctx: TraceContext, coarse: set[str], fine: dict[str, int]) -> bool:
+    """Update ``coarse`` from the pass traced in ``ctx`` (:meth:`TraceContext.offer_coarser`);
+    whether it changed. A module whose fine ties left one of its slices a single unit goes
+    coarse; after the coarse pass it stays so only where more of its channels sit in units
+    that can go (one unit of several channels cannot: a plan keeps at least one unit), else
+    it goes back to fine for good (``fine[name] = -1``)."""
+    if not ctx.coarse_offers:
+        return False
+    root = components(ctx.n_atoms, ctx.unions)
+    frozen = torch.zeros(ctx.n_atoms, dtype=torch.bool)
+    if ctx.frozen:
+        frozen[root[torch.cat([a for a, _ in ctx.frozen])]] = True
+    changed = False
+    for name, parts in ctx.coarse_offers.items():
+        counts = [unique(root[a][~frozen[root[a]]]).numel() for a in parts]
+        movable = sum(a.numel() for a, n in zip(parts, counts, strict=True) if n > 1)
+        if name in coarse:
+            if movable <= fine[name]:
+                coarse.discard(name)
+                fine[name] = -1
+                changed = True
+        elif name not in fine and any(n == 1 and a.numel() > 1 for a, n in zip(parts, counts, strict=True)):
+            fine[name] = movable
+            coarse.add(name)
+            changed = True
+    return changed
 
 
 def prunable_graph(

@@ -43,30 +43,51 @@ class ConvPruner(LayerPruner):
         self.whole_groups = whole_groups
 
     def trace(self, module, call, ctx):
+        """Input channels read ``cdim``, output channels label the output's ``cdim``.
+
+        Channels on a spatial dimension that the conv maps position by position (kernel 1,
+        stride 1, same size: CoaT's ``aggregate``, a ``Conv1d`` over the stacked class tokens
+        of three scales with the channels along its length) pass through like a token-mixing
+        linear layer's: they keep the output's label and the conv's own output channels
+        become its second labelled dimension (frozen unless a consumer takes it)."""
         x = call.args[0]
         cdim = _channel_dim(module, x)
         cin, cout, g = module.in_channels, module.out_channels, module.groups
-        atoms_in = ctx.labels(x, cdim)
+        lab = ctx.label_of(x)
+        through = lab if lab is not None and lab.dim != cdim and _pointwise_along(module, call, lab.dim) else None
+        if through is None:
+            atoms_in = ctx.labels(x, cdim)
+        elif through.cross is not None and through.cross[0] == cdim:
+            atoms_in = ctx.take_cross(through)
+        else:
+            atoms_in = ctx.labels_elsewhere(x, cdim)
         if g > 1 and g == cin:
             atoms_out = atoms_in.repeat_interleave(cout // cin)
             ctx.bind(call.name, "in", atoms_in, "in", arg=0, dim=cdim)
             ctx.bind(call.name, "out", atoms_out, "out", dim=cdim)
         else:
-            keep_dim = 0 if self.whole_groups else 1
+            whole = self.whole_groups or call.name in ctx.coarse
+            keep_dim = 0 if whole else 1
             if g > 1:
                 group_in = ctx.tie(atoms_in, (g, cin // g), keep_dim)
             ctx.bind(call.name, "in", atoms_in, "in", arg=0, dim=cdim)
             atoms_out = ctx.produce(call.name, "out", cout, dim=cdim)
             if g > 1:
                 group_out = ctx.tie(atoms_out, (g, cout // g), keep_dim)
-                if self.whole_groups:  # group i's inputs feed its outputs only: they go together
+                if whole:  # group i's inputs feed its outputs only: they go together
                     ctx.union(group_in, group_out)
-        ctx.set_label(call.outputs[0], cdim, atoms_out)
+                if not self.whole_groups:
+                    ctx.offer_coarser(call.name, atoms_in, atoms_out)
+        if through is None:
+            ctx.set_label(call.outputs[0], cdim, atoms_out)
+        else:
+            second = ctx.second_label(cdim, atoms_out, f"the output of {call.name}")
+            ctx.set_label(call.outputs[0], through.dim, through.atoms, through.origin, second)
 
     def prune(self, module, keep):
         g, cin, cout, t = module.groups, module.in_channels, module.out_channels, module.transposed
         depthwise = g > 1 and g == cin
-        if self.whole_groups and g > 1 and not depthwise:
+        if g > 1 and not depthwise and (self.whole_groups or _drops_whole_groups(keep, g, cin, cout)):
             _prune_groups(module, keep)
             return
         if "out" in keep:
@@ -162,6 +183,31 @@ def _prune_groups(module: nn.Module, keep) -> None:
         else:
             module.in_channels = k.numel()
         module.groups = groups
+
+
+def _drops_whole_groups(keep, g: int, cin: int, cout: int) -> bool:
+    """Whether ``keep`` removes whole groups (the conv was traced with whole-group units,
+    :meth:`~cleanai_core.graph.context.TraceContext.offer_coarser`): channel *j* of every
+    group keeps a channel in every group, whole groups leave some group empty."""
+    for name, c in (("out", cout), ("in", cin)):
+        k = keep.get(name)
+        if k is not None and _unique_groups(k, c // g) < g:
+            return True
+    return False
+
+
+def _unique_groups(k: torch.Tensor, width: int) -> int:
+    return int(torch.unique(torch.div(k, width, rounding_mode="floor")).numel())
+
+
+def _pointwise_along(module: nn.Module, call, dim: int) -> bool:
+    """Whether the conv maps dimension ``dim`` of its input position by position (a
+    spatial dimension with kernel 1 and stride 1 whose size it keeps)."""
+    x, out = call.args[0], call.outputs[0]
+    i = dim - (x.ndim - len(module.kernel_size))
+    if i < 0 or not hasattr(out, "shape") or len(out.shape) != x.ndim:
+        return False
+    return module.kernel_size[i] == 1 and module.stride[i] == 1 and out.shape[dim] == x.shape[dim]
 
 
 def _within(k: torch.Tensor, g: int, c: int) -> torch.Tensor:

@@ -148,6 +148,19 @@ def slices_head_inputs(*modules) -> dict[str, set]:
     return {HEAD_INPUTS: set(modules)}
 
 
+#: findings key: the set of modules whose fix-up makes the pruned module scale its attention
+#: by the trained head size (a ``scale`` it stores), not by the pruned one that
+#: ``F.scaled_dot_product_attention`` would read from its inputs
+TRAINED_SCALE = "trained_scale"
+
+
+def keeps_trained_scale(*modules) -> dict[str, set]:
+    """The findings that let the head size of a scaled dot-product attention run directly in
+    each of ``modules``' ``forward`` shrink: return it from ``cleanai_prepare_model``; the
+    caller's fix-up must make the pruned module scale by the trained head size."""
+    return {TRAINED_SCALE: set(modules)}
+
+
 @table.register("addmm", "baddbmm", "addbmm")
 def addmm(call, ctx):
     out = call.outputs[0]
@@ -177,11 +190,16 @@ def mul(call, ctx):
     if isinstance(scalar, float) and hasattr(src, "key") and src.ndim >= 2:
         lab = ctx.label_of(src)
         n = src.shape[lab.dim] if lab is not None else 0
-        if lab is not None and lab.dim >= src.ndim - 2 and n > 1 and math.isclose(scalar, n**-0.25, rel_tol=1e-5):
+        scaled = n > 1 and math.isclose(scalar, n**-0.25, rel_tol=1e-5)
+        if lab is not None and lab.dim >= src.ndim - 2 and scaled and not _keeps_trained_scale(ctx):
             if lab.origin is not None:
                 ctx.request_split(lab.origin, lab.origin[1] - 1)
             ctx.freeze(lab.atoms, f"{ctx.where()}: attention scale depends on the head size")
     elementwise(call, ctx)
+
+
+def _keeps_trained_scale(ctx) -> bool:
+    return ctx.scope_module() in ctx.findings.get(TRAINED_SCALE, ())
 
 
 def _grouped(ctx, a, b) -> bool:

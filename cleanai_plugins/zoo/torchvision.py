@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_plugins.mappers.shape import allow_filled_destinations
+from cleanai_plugins.mappers.shape import allow_channel_ranges, allow_filled_destinations
 from cleanai_plugins.zoo import loaded, named_classes, once_loaded
 
 
@@ -193,6 +193,10 @@ def cleanai_prepare_model(model):
     poolers = _poolers()
     pools = [m for m in model.modules() if poolers is not None and isinstance(m, poolers.MultiScaleRoIAlign)]
     out = {**({RAFT_KEY: found} if found else {}), **(allow_filled_destinations(*pools) if pools else {})}
+    raft = _raft()
+    rafts = [m for m in model.modules() if raft is not None and isinstance(m, raft.RAFT)]
+    if rafts:  # the context split [hidden_state_size, rest]: fix_raft_hidden_size rewrites it
+        out.update(allow_channel_ranges(*rafts))
     return out or None
 
 

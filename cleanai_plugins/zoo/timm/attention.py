@@ -160,6 +160,23 @@ def splits_heads_unevenly(module: nn.Module) -> bool:
     return kd != vd and heads >= 1 and any(hasattr(module, p) for p in ("qkv", "kv"))
 
 
+@triggered_by("lambda_init")
+def pairs_sub_heads(module: nn.Module) -> bool:
+    """Differential attention (timm ``DiffAttention``): q and k are reshaped into ``2 * heads``
+    sub-heads, v into ``heads`` heads of twice the size, and ``(heads, 2)`` is unbound into the
+    two attention maps whose difference weighs v. Picking the cheapest tie kept the pair
+    dimension, which the unbind froze with the whole stream (vit_dwee kept 0.65 at a ratio
+    of 0.5), so its heads (two q / k sub-heads and one v head) stay whole and go whole. The same
+    in timm's ``DiffParallelScalingBlock`` (vit_dpwee), whose ``in_proj`` also holds the MLP."""
+    heads, head_dim = getattr(module, "num_heads", None), getattr(module, "head_dim", None)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, head_dim)):
+        return False
+    qkv = getattr(module, "qkv", None)
+    if isinstance(qkv, nn.Linear):
+        return qkv.out_features == 3 * 2 * heads * head_dim
+    return isinstance(getattr(module, "in_proj", None), nn.Linear)  # a parallel block: MLP, q, k, v in one
+
+
 @triggered_by("attention_bias_cache", "attention_biases", "key_dim", "dh")
 def fix_bias_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """LeViT / EfficientFormer-V2 style: heads follow ``attention_biases``; cached biases
@@ -249,3 +266,24 @@ def fix_bottleneck_attention(module: nn.Module, name: str, edits, scan: TimmScan
     else:
         module.dim_head_qk = module.dim_head_v = q_keep.numel() // heads
     module.dim_out_qk = module.dim_out_v = module.num_heads * module.dim_head_qk
+
+
+@triggered_by("fused_attn")
+def scan_trained_scale(modules: list[nn.Module]) -> set[nn.Module]:
+    """iFormer's single-head attention (timm ``SHMA``): its fused path calls
+    ``F.scaled_dot_product_attention`` with the default scale, ``1 / sqrt(E)`` of the q / k
+    width read at run time, so the q / k width froze (iformer_t kept 0.40 at a ratio of 0.5);
+    its other path multiplies by the stored ``scale``. These may shrink q and k, and the
+    fix-up (:func:`fix_trained_scale`) switches the pruned module to the stored scale."""
+    try:
+        from timm.models.iformer import SHMA
+    except Exception:  # timm is optional; an older timm may lack it
+        return set()
+    return {m for m in modules if type(m) is SHMA and isinstance(getattr(m, "scale", None), float)}
+
+
+@triggered_by("fused_attn")
+def fix_trained_scale(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """The trained scale after pruning: the path that multiplies by ``scale`` (the same result)."""
+    if module in scan.trained_scale:
+        module.fused_attn = False

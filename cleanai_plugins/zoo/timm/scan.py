@@ -14,7 +14,7 @@ from typing import Any
 import attrs
 from torch import nn
 
-from cleanai_plugins.zoo.timm.attention import scan_head_sizes
+from cleanai_plugins.zoo.timm.attention import scan_head_sizes, scan_trained_scale
 from cleanai_plugins.zoo.timm.blocks import (
     scan_conv_rel_pos,
     scan_dual_path_blocks,
@@ -23,9 +23,12 @@ from cleanai_plugins.zoo.timm.blocks import (
     scan_parallel_blocks,
     scan_partial_convs,
 )
+from cleanai_plugins.zoo.timm.cascaded import scan_cascaded_attention
 from cleanai_plugins.zoo.timm.cross_covariance import scan_cross_covariance
+from cleanai_plugins.zoo.timm.inception_dw import scan_inception_dw
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import scan_group_norms, scan_whole_group_convs
+from cleanai_plugins.zoo.timm.partial_attention import scan_partial_attention
 from cleanai_plugins.zoo.timm.split_scales import scan_split_scales
 from cleanai_plugins.zoo.timm.width_attention import scan_width_attention
 
@@ -71,6 +74,14 @@ class TimmScan:
     cross_covariance: dict[nn.Module, int] = attrs.field(factory=dict)
     #: attentions that store ``num_heads`` but no head size (Hiera-Det) -> head size before pruning
     head_sizes: dict[nn.Module, int] = attrs.field(factory=dict)
+    #: EfficientViT-M cascaded group attentions: their split follows the pruned widths
+    cascaded_attention: set[nn.Module] = attrs.field(factory=set)
+    #: SHViT single-head attentions over a part of the channels -> (qk_dim, v_dim) before pruning
+    partial_attention: dict[nn.Module, tuple[int, int]] = attrs.field(factory=dict)
+    #: InceptionNeXt inception depthwise convs whose split has unequal parts
+    inception_dw: set[nn.Module] = attrs.field(factory=set)
+    #: attentions through SDPA's default scale that can use their stored one (iFormer)
+    trained_scale: set[nn.Module] = attrs.field(factory=set)
 
 
 _SCANS = (
@@ -86,6 +97,10 @@ _SCANS = (
     scan_partial_convs,
     scan_split_scales,
     scan_whole_group_convs,
+    scan_cascaded_attention,
+    scan_partial_attention,
+    scan_inception_dw,
+    scan_trained_scale,
 )
 
 
@@ -118,6 +133,10 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         split_scales=scan_split_scales(having(scan_split_scales)),
         whole_group_convs=scan_whole_group_convs(having(scan_whole_group_convs)),
         cross_covariance=cross_covariance,
+        cascaded_attention=scan_cascaded_attention(having(scan_cascaded_attention)),
+        partial_attention=scan_partial_attention(having(scan_partial_attention)),
+        inception_dw=scan_inception_dw(having(scan_inception_dw)),
+        trained_scale=scan_trained_scale(having(scan_trained_scale)),
         head_sizes={m: d for m, d in scan_head_sizes(having(scan_head_sizes)).items() if m not in bound_or_xca},
         fixups=_acting(fixups, modules, names),
     )
