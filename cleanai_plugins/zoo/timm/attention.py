@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from cleanai_plugins.zoo import loaded
 from cleanai_plugins.zoo.timm.lookup import triggered_by
 from cleanai_plugins.zoo.timm.widths import out_channels
 
@@ -275,11 +276,10 @@ def scan_trained_scale(modules: list[nn.Module]) -> set[nn.Module]:
     width read at run time, so the q / k width froze (iformer_t kept 0.40 at a ratio of 0.5);
     its other path multiplies by the stored ``scale``. These may shrink q and k, and the
     fix-up (:func:`fix_trained_scale`) switches the pruned module to the stored scale."""
-    try:
-        from timm.models.iformer import SHMA
-    except Exception:  # timm is optional; an older timm may lack it
+    shma = getattr(loaded("timm.models.iformer"), "SHMA", None)  # None before timm is imported, or in an older timm
+    if shma is None:
         return set()
-    return {m for m in modules if type(m) is SHMA and isinstance(getattr(m, "scale", None), float)}
+    return {m for m in modules if type(m) is shma and isinstance(getattr(m, "scale", None), float)}
 
 
 @triggered_by("fused_attn")
