@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.utils.prune as torch_prune
 from test_faults_4 import DEMO, ws  # noqa: F401 - ws: a fixture, asked for by name
+from test_faults_5 import _net
 from torch import nn
 
 from cleanai_core import DependencyGraph, GradualPruner, PruningSchedule, StructuredPruner, load_pruned
@@ -29,18 +30,7 @@ from cleanai_plugins.io.demo import DigitsCNN
 X = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
 
 
-def _cnn() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    ).eval()
+_cnn = _net  # the seeded small CNN of the session-5 faults
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
