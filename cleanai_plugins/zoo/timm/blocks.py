@@ -16,8 +16,8 @@ from torch import nn
 from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.layers.linear import LinearPruner
 from cleanai_plugins.mappers.shape import allow_unequal_split
-from cleanai_plugins.zoo import loaded, named_classes, once_loaded
 from cleanai_plugins.zoo.timm.lookup import triggered_by
+from cleanai_plugins.zoo.timm.pruned import pruned_variant, variant_lookup
 from cleanai_plugins.zoo.timm.widths import out_channels
 
 if TYPE_CHECKING:
@@ -256,30 +256,24 @@ def scan_partial_convs(modules: list[nn.Module]) -> set[nn.Module]:
     return found
 
 
-@once_loaded
+def _partial_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A pruned ``Partial_conv3``: the first part is as wide as its conv's kept inputs, the
+    untouched part is the rest of the input (its width is read at run time, so the stale
+    ``dim_untouched`` is dropped)."""
+    x1, x2 = torch.split(x, [self.dim_conv3, x.shape[1] - self.dim_conv3], dim=1)
+    return torch.cat((self.partial_conv3(x1), x2), 1)
+
+
+_PARTIAL = ("timm.models.fasternet", "Partial_conv3")
+_partial_conv = pruned_variant(*_PARTIAL, _partial_conv_forward, __name__, "PrunedPartialConv")
+#: :class:`PrunedPartialConv` by name (a pickled model loads, also before timm is imported)
+__getattr__ = variant_lookup(__name__, (_PARTIAL[0], "PrunedPartialConv", _partial_conv))
+
+
 def pruned_partial_conv() -> type | None:
     """:class:`PrunedPartialConv`, made once timm is imported (None before, or where timm
     has no FasterNet)."""
-    fasternet = loaded("timm.models.fasternet")
-    if fasternet is None or not hasattr(fasternet, "Partial_conv3"):
-        return None
-
-    class PrunedPartialConv(fasternet.Partial_conv3):
-        """A pruned ``Partial_conv3``: the first part is as wide as its conv's kept inputs,
-        the untouched part is the rest of the input (its width is read at run time, so the
-        stale ``dim_untouched`` is dropped)."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x1, x2 = torch.split(x, [self.dim_conv3, x.shape[1] - self.dim_conv3], dim=1)
-            return torch.cat((self.partial_conv3(x1), x2), 1)
-
-    PrunedPartialConv.__module__ = __name__  # found by name: a pickled model loads (module ``__getattr__``)
-    PrunedPartialConv.__qualname__ = "PrunedPartialConv"
-    return PrunedPartialConv
-
-
-#: :class:`PrunedPartialConv` by name (a pickled model loads, also before timm is imported)
-__getattr__ = named_classes(__name__, {"PrunedPartialConv": ("timm.models.fasternet", pruned_partial_conv)})
+    return _partial_conv()[1]
 
 
 @triggered_by("partial_conv3")

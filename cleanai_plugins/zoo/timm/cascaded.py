@@ -59,7 +59,7 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 _variant = pruned_variant("timm.models.efficientvit_msra", "CascadedGroupAttention", _forward, __name__)
-__getattr__ = variant_lookup(__name__, "timm.models.efficientvit_msra", "CascadedGroupAttention", _variant)
+__getattr__ = variant_lookup(__name__, ("timm.models.efficientvit_msra", "PrunedCascadedGroupAttention", _variant))
 
 
 @triggered_by("qkvs")

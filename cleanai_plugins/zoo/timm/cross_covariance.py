@@ -21,15 +21,14 @@ the widths from ``qkv`` (``reshape(B, N, -1)``), the rest of ``forward`` as timm
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cleanai_plugins.zoo import loaded, named_classes, once_loaded
 from cleanai_plugins.zoo.timm.lookup import triggered_by
+from cleanai_plugins.zoo.timm.pruned import pruned_variant, variant_lookup
 
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
@@ -57,32 +56,23 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
 _BASES = (("timm.models.edgenext", "CrossCovarianceAttn"), ("timm.models.xcit", "XCA"))
 
 
-@once_loaded
+_VARIANTS = [pruned_variant(module, name, _forward, __name__) for module, name in _BASES]
+#: the pruned classes by name (a pickled model loads, also before timm is imported)
+__getattr__ = variant_lookup(
+    __name__, *((module, f"Pruned{name}", v) for (module, name), v in zip(_BASES, _VARIANTS, strict=True))
+)
+
+
 def pruned_cross_covariance_classes() -> dict[type, type] | None:
     """timm's XCA class -> its pruned variant (``Pruned<name>``), made once timm is
     imported (None before)."""
-    if loaded("timm") is None:
-        return None
-    bases = [getattr(loaded(module), name, None) for module, name in _BASES]
-    return {
-        base: type(f"Pruned{base.__name__}", (base,), {"forward": _forward, "__module__": __name__})
-        for base in bases
-        if base is not None
-    }
+    made = dict(v() for v in _VARIANTS)
+    made.pop(None, None)
+    return made or None
 
 
 def _pruned() -> dict[type, type]:
     return pruned_cross_covariance_classes() or {}
-
-
-def _named(name: str) -> type | None:
-    return next((cls for cls in _pruned().values() if cls.__name__ == name), None)
-
-
-#: the pruned classes by name (a pickled model loads, also before timm is imported)
-__getattr__ = named_classes(
-    __name__, {f"Pruned{base}": (module, functools.partial(_named, f"Pruned{base}")) for module, base in _BASES}
-)
 
 
 @triggered_by("temperature")

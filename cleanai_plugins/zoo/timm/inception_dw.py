@@ -41,7 +41,7 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 _variant = pruned_variant("timm.models.inception_next", "InceptionDWConv2d", _forward, __name__)
-__getattr__ = variant_lookup(__name__, "timm.models.inception_next", "InceptionDWConv2d", _variant)
+__getattr__ = variant_lookup(__name__, ("timm.models.inception_next", "PrunedInceptionDWConv2d", _variant))
 
 
 @triggered_by("split_indexes")

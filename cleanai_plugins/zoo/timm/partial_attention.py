@@ -46,7 +46,7 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 _variant = pruned_variant("timm.models.shvit", "SHSA", _forward, __name__)
-__getattr__ = variant_lookup(__name__, "timm.models.shvit", "SHSA", _variant)
+__getattr__ = variant_lookup(__name__, ("timm.models.shvit", "PrunedSHSA", _variant))
 
 
 @triggered_by("pdim")

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cleanai_plugins.zoo import loaded, named_classes, once_loaded
 from cleanai_plugins.zoo.timm.lookup import triggered_by
+from cleanai_plugins.zoo.timm.pruned import pruned_variant, variant_lookup
 
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
@@ -31,50 +31,44 @@ if TYPE_CHECKING:
 __all__ = ["fix_split_scales", "pruned_split_transpose", "scan_split_scales"]
 
 
-@once_loaded
+def _split_transpose_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A pruned ``SplitTransposeBlock``: ``split`` at the convs' width (``self.width``), the
+    last part the rest, where ``chunk`` would split at ``ceil(C / n)``. The rest of
+    ``forward`` is timm 1.0's."""
+    shortcut = x
+    n = len(self.convs)
+    spx = torch.split(x, [self.width] * n + [x.shape[1] - self.width * n], dim=1)
+    spo = []
+    sp = spx[0]
+    for i, conv in enumerate(self.convs):
+        if i > 0:
+            sp = sp + spx[i]
+        sp = conv(sp)
+        spo.append(sp)
+    spo.append(spx[-1])
+    x = torch.cat(spo, 1)
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H * W).permute(0, 2, 1)
+    if self.pos_embd is not None:
+        pos_encoding = self.pos_embd((B, H, W)).reshape(B, -1, x.shape[1]).permute(0, 2, 1)
+        x = x + pos_encoding
+    x = x + self.drop_path(self.gamma_xca * self.xca(self.norm_xca(x)))
+    x = x.reshape(B, H, W, C)
+    x = self.mlp(self.norm(x))
+    if self.gamma is not None:
+        x = self.gamma * x
+    return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
+
+
+_SPLIT = ("timm.models.edgenext", "SplitTransposeBlock")
+_split_transpose = pruned_variant(*_SPLIT, _split_transpose_forward, __name__)
+#: :class:`PrunedSplitTransposeBlock` by name (a pickled model loads, also before timm is imported)
+__getattr__ = variant_lookup(__name__, (_SPLIT[0], "PrunedSplitTransposeBlock", _split_transpose))
+
+
 def pruned_split_transpose() -> type | None:
     """:class:`PrunedSplitTransposeBlock`, made once timm is imported (None before)."""
-    edgenext = loaded("timm.models.edgenext")
-    if edgenext is None or not hasattr(edgenext, "SplitTransposeBlock"):
-        return None
-
-    class PrunedSplitTransposeBlock(edgenext.SplitTransposeBlock):
-        """A pruned ``SplitTransposeBlock``: ``split`` at the convs' width (``self.width``),
-        the last part the rest, where ``chunk`` would split at ``ceil(C / n)``. The rest of
-        ``forward`` is timm 1.0's."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            shortcut = x
-            n = len(self.convs)
-            spx = torch.split(x, [self.width] * n + [x.shape[1] - self.width * n], dim=1)
-            spo = []
-            sp = spx[0]
-            for i, conv in enumerate(self.convs):
-                if i > 0:
-                    sp = sp + spx[i]
-                sp = conv(sp)
-                spo.append(sp)
-            spo.append(spx[-1])
-            x = torch.cat(spo, 1)
-            B, C, H, W = x.shape
-            x = x.reshape(B, C, H * W).permute(0, 2, 1)
-            if self.pos_embd is not None:
-                pos_encoding = self.pos_embd((B, H, W)).reshape(B, -1, x.shape[1]).permute(0, 2, 1)
-                x = x + pos_encoding
-            x = x + self.drop_path(self.gamma_xca * self.xca(self.norm_xca(x)))
-            x = x.reshape(B, H, W, C)
-            x = self.mlp(self.norm(x))
-            if self.gamma is not None:
-                x = self.gamma * x
-            return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
-
-    PrunedSplitTransposeBlock.__module__ = __name__  # found by name: a pickled model loads (module ``__getattr__``)
-    PrunedSplitTransposeBlock.__qualname__ = "PrunedSplitTransposeBlock"
-    return PrunedSplitTransposeBlock
-
-
-#: :class:`PrunedSplitTransposeBlock` by name (a pickled model loads, also before timm is imported)
-__getattr__ = named_classes(__name__, {"PrunedSplitTransposeBlock": ("timm.models.edgenext", pruned_split_transpose)})
+    return _split_transpose()[1]
 
 
 @triggered_by("convs")
