@@ -106,7 +106,9 @@ class CoMoment:
     a decoder layer's q/k/v and gate/up projections).
 
     ``block`` + ``total``: ``sum (x - ref)^T (x - ref)`` on and above the diagonal (see
-    :func:`_add_gram`; the block joins the total every ``FLUSH_BATCHES`` batches);
+    :func:`_add_gram`; the block joins the total every ``FLUSH_BATCHES`` batches; the
+    total is None until the first flush, so a calibration of fewer batches holds one
+    C x C matrix per co-moment, not two);
     ``offset``: the sum of ``x - ref`` (float64); ``count``: the rows; ``batches``: the
     samples added. ``members``: the :class:`ChannelStats` that hold it (weak references:
     statistics and their co-moment form no reference cycle, so a dropped set of statistics
@@ -122,7 +124,7 @@ class CoMoment:
 
     ref: torch.Tensor
     block: torch.Tensor
-    total: torch.Tensor
+    total: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     count: float = 0.0
     batches: int = 0
@@ -137,12 +139,13 @@ class CoMoment:
     @classmethod
     def start(cls, sample: Sample) -> CoMoment:
         c = sample.centred.shape[1]
-        return cls(sample.ref, sample.centred.new_zeros(c, c), sample.centred.new_zeros(c, c))
+        return cls(sample.ref, sample.centred.new_zeros(c, c))
 
     def copy(self, members: list[ChannelStats]) -> CoMoment:
         """The sums as they are (without the pending sample), held by ``members`` from now on."""
         offset = None if self.offset is None else self.offset.clone()
-        out = CoMoment(self.ref, self.block.clone(), self.total.clone(), offset, self.count, self.batches,
+        total = None if self.total is None else self.total.clone()
+        out = CoMoment(self.ref, self.block.clone(), total, offset, self.count, self.batches,
                        origin=(weakref.ref(self), self.batches))  # fmt: skip
         for st in members:
             out.add_member(st)
@@ -190,8 +193,11 @@ class CoMoment:
         self.count += s.centred.shape[0]
         self.batches += 1
         if self.batches % FLUSH_BATCHES == 0:
-            self.total += self.block
-            self.block.zero_()
+            if self.total is None:  # the first flush: the block becomes the total
+                self.total, self.block = self.block, torch.zeros_like(self.block)
+            else:
+                self.total += self.block
+                self.block.zero_()
         self.last = weakref.ref(s)
 
     def read(self, st: ChannelStats, s: Sample) -> None:
@@ -225,8 +231,9 @@ class CoMoment:
         on one core, 300 ms with a whole-matrix ``triu`` and mirror)."""
         n = max(self.count, 1.0)
         d = (self.offset / n).cpu()
-        s = self.total.to("cpu", torch.float64, copy=True)
-        s.add_(self.block.to("cpu"))
+        s = self.block.to("cpu", torch.float64, copy=True)
+        if self.total is not None:
+            s.add_(self.total.to("cpu"))
         cols = _gram_blocks(s.shape[0])
         for i, a in enumerate(cols):
             diag = s[a, a]
@@ -237,9 +244,9 @@ class CoMoment:
 
     def blocks(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """See :meth:`ChannelStats.cov_blocks`."""
-        # the running total stays zero until the first flush, the block right after one: a
+        # the running total is None until the first flush, the block zero right after one: a
         # part that is all zero adds nothing (exactly) and is not gathered
-        parts = [] if _all_zero(self.total) else [self.total]
+        parts = [] if self.total is None or _all_zero(self.total) else [self.total]
         if not parts or not _all_zero(self.block):
             parts.append(self.block)
         dev = self.block.device
@@ -384,7 +391,7 @@ class ChannelStats:
         m = self._settled()
         if m is None:
             return None
-        key = tuple((id(t), _version(t)) for t in (m.total, m.block, m.offset)) + (m.count,)
+        key = tuple((id(t), _version(t)) for t in (m.total, m.block, m.offset) if t is not None) + (m.count,)
         last = _LAST_COV[0]
         if last is not None and last[0]() is m and last[1] == key:
             return last[2]

@@ -256,7 +256,12 @@ def _same_problem(a: tuple, b: tuple) -> bool:
         pairs.append((sa.mean, sb.mean))
     if sa.comoment is not sb.comoment:
         pairs += [(sa.cov_offset, sb.cov_offset), (sa.cov_block, sb.cov_block), (sa.cov_total, sb.cov_total)]
-    return all(x.shape == y.shape and torch.equal(x, y) for x, y in pairs)
+    return all(_same_tensor(x, y) for x, y in pairs)
+
+
+def _same_tensor(x: torch.Tensor | None, y: torch.Tensor | None) -> bool:
+    """Equal tensors, or both None (a co-moment's total before its first flush)."""
+    return x is y or (x is not None and y is not None and x.shape == y.shape and torch.equal(x, y))
 
 
 def _solver(

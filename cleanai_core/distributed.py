@@ -373,7 +373,9 @@ def _moved_comoment(st: Any, g: torch.Tensor, cc: int) -> torch.Tensor:
     ``x - ref``."""
     if st.cov_ref is None:
         return torch.zeros(cc, cc, dtype=torch.float64)
-    s = st.cov_total.to("cpu", torch.float64) + st.cov_block.to("cpu", torch.float64)
+    s = st.cov_block.to("cpu", torch.float64, copy=True)
+    if st.cov_total is not None:  # None before the first flush
+        s += st.cov_total.to("cpu", torch.float64)
     s = s.triu_()  # the accumulators fill the blocks on and above the diagonal
     s += s.triu(1).T
     e = st.cov_ref.to("cpu", torch.float64) - g

@@ -90,8 +90,9 @@ def test_a_resnet_blocks_conv1_and_downsample_share_and_prune_to_the_same_bits(u
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(pruned(x), pruned_alone(x))
-    # the three shared Grams (128, 256 and 512 channels, two float32 C x C sums each) count once
-    saved = sum(2 * c * c * 4 + c * 4 + c * 8 for c in (64, 128, 256))
+    # the three shared Grams (64, 128 and 256 channels: one float32 C x C sum each before the
+    # first flush, the reference and the float64 offset) count once
+    saved = sum(c * c * 4 + c * 4 + c * 8 for c in (64, 128, 256))
     assert stats_nbytes(alone.stats.values()) - stats_nbytes(pruner.stats.values()) == saved
     assert sum(st.nbytes for st in pruner.stats.values()) == stats_nbytes(alone.stats.values())
 
@@ -242,7 +243,7 @@ def test_stats_nbytes_counts_a_shared_comoment_once():
     b.update(x, 1, red)
     assert a.comoment is b.comoment
     own = 2 * 5 * 8  # mean and M2, float64
-    gram = 2 * 5 * 5 * 4 + 5 * 4 + 5 * 8  # block and total (float32), reference, offset (float64)
+    gram = 5 * 5 * 4 + 5 * 4 + 5 * 8  # block (float32; no total before a flush), reference, offset (float64)
     assert a.nbytes == b.nbytes == own + gram
     assert stats_nbytes([a, b]) == 2 * own + gram
 
@@ -371,7 +372,7 @@ def test_the_trace_says_which_consumers_read_one_tensor():
     assert len({reads["a"], reads["c"], reads["stem"]}) == 3
 
 
-def test_the_budget_counts_a_shared_covariance_once():
+def test_the_budget_counts_a_shared_covariance_once(monkeypatch):
     """A tiny Llama (width 32, MLP 64): per layer q/k/v read one tensor, gate/up another,
     o_proj a third; lm_head reads the last norm. A budget of one 32-wide covariance per
     distinct input gives every 32-wide consumer one (counted per consumer, it covered 7 of
@@ -391,6 +392,13 @@ def test_the_budget_counts_a_shared_covariance_once():
         model(x)
     held = {id(st.comoment): st.comoment for st in collector.stats.values() if st.comoment is not None}
     assert len(held) == len(inputs)
+    # one matrix each until the first flush (FLUSH_BATCHES batches), two from then on: the budget
+    assert all(m.total is None for m in held.values())
+    assert 2 * sum(m.block.nbytes for m in held.values()) == budget
+    monkeypatch.setattr(cal, "FLUSH_BATCHES", 2)
+    with collector.hooks(), torch.no_grad():
+        model(x)
+    assert all(m.batches == 2 and m.total is not None and not m.block.any() for m in held.values())
     assert sum(m.block.nbytes + m.total.nbytes for m in held.values()) == budget
     # a budget of 4 inputs: 4 of them, each with all its readers (counted per consumer: 4 consumers)
     four = StatsCollector(model, graph.slices, covariance=True, covariance_budget=4 * 32 * 32 * 8)
