@@ -181,3 +181,38 @@ def test_a_model_with_one_convolution_is_calibrated_as_it_is_without_running_sam
     assert channels_last_layout(model, batches[0])(batches[0]) is batches[0]
     two = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
     assert _is_channels_last(channels_last_layout(two, batches[0])(batches[0]))
+
+
+class Squeezes(nn.Module):
+    """Two convs whose output is ``squeeze()``d: one sample gives another shape than a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 5, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).mean((2, 3)).squeeze()
+
+
+@pytest.mark.parametrize(("cls", "checked"), [(lambda: torchvision.models.resnet18(num_classes=4), [1]),
+                                              (Squeezes, [1, 2])])  # fmt: skip
+def test_the_layout_is_checked_on_one_sample_and_on_two_where_one_disagrees(cls, checked):
+    """Calibration runs its first batch channels-last, then one sample as it is (3% of a
+    32-image calibration's inference; two were run before): a model that squeezes its batch
+    dimension disagrees on one sample and is checked again on two, and keeps the layout.
+    ``channels_last_layout`` runs one sample both ways."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    pruner = StructuredPruner(model, batches[0][:2])
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append((a[0].shape[0], _is_channels_last(a[0]))))
+    pruner.collect_activations(batches, progress=False)
+    handle.remove()
+    assert calls == [(4, True), *[(k, False) for k in checked], (4, True), (4, True)]
+    assert _is_channels_last(pruner.calibration.data.layout(batches[0]))
+    calls.clear()
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append((a[0].shape[0], _is_channels_last(a[0]))))
+    assert _is_channels_last(channels_last_layout(model, batches[0])(batches[0]))
+    handle.remove()
+    assert calls == [(1, True), (1, False)]  # both ways on one sample: squeezed alike
