@@ -460,10 +460,11 @@ class _InterruptAt(frozenset):
     def __contains__(self, key):
         self.n += 1
         if self.n == self.at:
-            import os
             import signal
 
-            os.kill(os.getpid(), signal.SIGINT)
+            # to this thread, at once: os.kill may hand it to another thread of the process,
+            # which under load ran its handler after the transplant had ended (a flaky failure)
+            signal.raise_signal(signal.SIGINT)
         return super().__contains__(key)
 
 

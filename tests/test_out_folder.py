@@ -149,13 +149,13 @@ def test_a_signal_during_the_run_leaves_the_previous_result_and_no_litter(ws, mo
     assert prune() == 0
     old = tree(ws / "out")
     if where == "run":
-        during_run(monkeypatch, lambda: os.kill(os.getpid(), signum))
+        during_run(monkeypatch, lambda: signal.raise_signal(signum))
     else:
         real = out_folder.commit_folder
 
         def commit(staged, out, expected=out_folder.UNCHECKED):
             if Path(out).name != "out":
-                os.kill(os.getpid(), signum)
+                signal.raise_signal(signum)  # to this thread, at once (os.kill may pick another thread)
             real(staged, out, expected)
 
         monkeypatch.setattr(out_folder, "commit_folder", commit)
@@ -171,7 +171,7 @@ def test_a_signal_during_the_swap_is_held_until_the_result_is_complete(ws, monke
 
     def commit(staged, out, expected=out_folder.UNCHECKED):
         if Path(out).name == "out":  # the swap into --out (not save_pruned's into the staged folder)
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the swap
+            signal.raise_signal(signal.SIGTERM)  # arrives in the middle of the swap, in this thread
         real(staged, out, expected)
 
     monkeypatch.setattr(out_folder, "commit_folder", commit)
