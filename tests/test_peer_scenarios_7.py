@@ -104,18 +104,20 @@ def test_a_hand_written_beit_attention_prunes_its_head_width_through_the_outside
 
 class StoredHeads(nn.Module):
     """``qkv(x).reshape(B, N, 3, self.h, -1)``: the heads are a stored number, the head
-    width is computed. ``sdpa``: ``F.scaled_dot_product_attention`` with its default scale."""
+    width is computed (``by_width``: ``reshape(B, N, 3, -1, self.hd)``, the other way
+    round). ``sdpa``: ``F.scaled_dot_product_attention`` with its default scale."""
 
-    def __init__(self, dim: int = 32, h: int = 8, sdpa: bool = False, causal: bool = False) -> None:
+    def __init__(self, dim: int = 32, h: int = 8, sdpa: bool = False, causal: bool = False, by_width=False) -> None:
         super().__init__()
-        self.h, self.sdpa, self.causal = h, sdpa, causal
+        self.h, self.sdpa, self.causal, self.by_width, self.hd = h, sdpa, causal, by_width, dim // h
         self.inp, self.qkv = nn.Linear(5, dim), nn.Linear(dim, 3 * dim)
         self.proj, self.out = nn.Linear(dim, dim), nn.Linear(dim, 3)
 
     def forward(self, x):
         x = self.inp(x)
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.h, -1).permute(2, 0, 3, 1, 4)
+        parts = (-1, self.hd) if self.by_width else (self.h, -1)  # by_width: the head count is computed
+        q, k, v = self.qkv(x).reshape(b, n, 3, *parts).permute(2, 0, 3, 1, 4)
         if self.sdpa:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
@@ -145,6 +147,14 @@ def test_sdpa_with_its_default_scale_and_stored_heads_keeps_the_attention_with_t
     assert pruner.skipped_groups == []  # refused in the graph, not by verification
     assert pruner.pruned.qkv.out_features == 96 and pruner.pruned.inp.out_features == 16
     assert (count_params(model), count_params(pruner.pruned)) == (4515, 2307)
+    # the fix the reason names: the head count as -1, the head size stored -> whole heads go
+    model = _seeded(lambda: StoredHeads(h=8, sdpa=True, causal=causal, by_width=True))
+    _exact(model, x)
+    heads = _group(DependencyGraph(model, x), "qkv")
+    assert heads.units.numel() == heads.prunable == 8
+    small = _prune(model, x).pruned
+    assert small.qkv.out_features == 48 and small(x).shape == (2, 5, 3)
+    assert count_params(small) == 1235
 
 
 # -- one rule for a fresh destination: scatter and index_put ---------------------------------------

@@ -254,7 +254,9 @@ class _SDPA:
             if lq is None or lk is None or lq.dim != lk.dim or scale is None:
                 for lab in (lq, lk):
                     if lab is not None and lab.dim == nd - 1:
-                        ctx.freeze(lab.atoms, f"{ctx.where()}: head dimension with the default scale")
+                        why = "head dimension with the default scale (1/sqrt of the head size changes if it shrinks"
+                        fix = "pass scale=, or reshape with the head count as -1 so that whole heads can go"
+                        ctx.freeze(lab.atoms, f"{ctx.where()}: {why}; {fix})")
             else:
                 ctx.union(lq.atoms, lk.atoms)
         if head is not None:
