@@ -157,6 +157,53 @@ def test_sdpa_with_its_default_scale_and_stored_heads_keeps_the_attention_with_t
     assert count_params(small) == 1235
 
 
+# -- a conv's weight read outside it --------------------------------------------------------------
+
+
+class Trident(nn.Module):
+    """TridentNet's branches: one conv's weight and bias run again at dilation 2 with
+    ``F.conv2d``, outside the module (``grouped``: a grouped conv, which stays frozen)."""
+
+    def __init__(self, grouped: bool = False) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, groups=2 if grouped else 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        c = self.conv
+        wide = F.conv2d(x, c.weight, c.bias, padding=2, dilation=2, groups=c.groups)
+        return self.head(F.relu(c(x) + wide))
+
+
+class ConvAsMatrix(nn.Module):
+    """A 1x1 conv's weight read as a matrix by ``einsum`` (never called)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.o = nn.Conv2d(3, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.einsum("bchw,oc->bohw", x, self.c.weight[:, :, 0, 0]) + self.c.bias.view(1, -1, 1, 1)
+        return self.o(F.relu(y).mean((2, 3)))
+
+
+def test_a_conv_weight_run_again_at_another_dilation_prunes_with_its_module():
+    model, x = _seeded(Trident), torch.randn(2, 3, 8, 8)
+    _exact(model, x)
+    g = _group(DependencyGraph(model, x), "conv")
+    assert g.units.numel() == g.prunable == 8 and {s.module for s in g.slices} >= {"conv", "head"}
+    small = _prune(model, x).pruned
+    assert (small.stem.out_channels, small.conv.weight.shape, small.head.in_channels) == (4, (4, 4, 3, 3), 4)
+    assert (count_params(model), count_params(small)) == (844, 280)  # was refused: "conv.weight is used outside"
+    matrix = _seeded(ConvAsMatrix)
+    _exact(matrix, x)
+    assert (count_params(matrix), count_params(_prune(matrix, x).pruned)) == (59, 31)
+    grouped = _seeded(lambda: Trident(grouped=True))
+    g = _group(DependencyGraph(grouped, x), "conv")
+    assert g.prunable == 0 and any("conv.weight is used outside its module conv" in r for r in g.reasons)
+
+
 # -- one rule for a fresh destination: scatter and index_put ---------------------------------------
 
 
@@ -498,12 +545,13 @@ def test_blocks_the_earlier_ports_did_not_combine_prune_exactly(name):
     assert got.shape == want.shape
 
 
-@pytest.mark.parametrize("name", ["yolov7", "hand_beit", "stored_heads"])
+@pytest.mark.parametrize("name", ["yolov7", "hand_beit", "stored_heads", "trident"])
 def test_two_step_histories_of_the_new_scenarios_replay_on_fresh_copies(name, tmp_path):
     factory, x = {
         "yolov7": (YoloV7, torch.randn(1, 3, 32, 32)),
         "hand_beit": (HandBeit, torch.randn(2, 9, 5)),
         "stored_heads": (StoredHeads, torch.randn(2, 5, 5)),
+        "trident": (Trident, torch.randn(2, 3, 8, 8)),
     }[name]
     pruner = StructuredPruner(_seeded(factory), x, "magnitude", pruning_ratio=0.5, iterative_steps=2)
     small = pruner.prune()

@@ -109,20 +109,32 @@ def convolution(call, ctx):
     """``F.conv2d(x, self.weight, self.bias)`` with a bare weight (a parameter of a module
     no layer pruner claims, the peer's "unwrapped parameters"): its output filters (dim 0;
     dim 1 when transposed) are fresh channels that the bias and the output follow, its
-    input channels (the other dim) shrink with ``x``'s. Grouped convolutions, a computed
-    weight (weight normalisation done in ``forward``) or a claimed module's weight read
-    outside it keep their channels. Before 2026-12-01 no mapper knew the op: the output
-    carried no channels and its consumers' inputs froze."""
+    input channels (the other dim) shrink with ``x``'s. A claimed module's weight read
+    outside it maps the same way where its pruner labels it (``trace_param``: a plain
+    conv's, since session 18). Grouped convolutions, a computed weight (weight
+    normalisation done in ``forward``) or an unlabelled module weight keep their channels.
+    Before 2026-12-01 no mapper knew the op: the output carried no channels and its
+    consumers' inputs froze."""
     x, w, out = call.args[0], call.args[1], call.outputs[0]
     lab = ctx.label_of(x)
     transposed, groups = arg(call, 6, "transposed", False), arg(call, 8, "groups", 1)
     bare = isinstance(w, TRef) and w.param is not None and ctx.param_owner.get(w.param) is None
+    din, dout = (0, 1) if transposed else (1, 0)
+    lw = ctx.label_of(w) if not bare and groups == 1 and w.ndim == x.ndim else None
+    if lw is not None and lw.cross is not None and (lw.dim, lw.cross[0]) == (dout, din):
+        # a claimed conv's weight read outside it, labelled by its pruner (TridentNet's shared
+        # weight at another dilation): its input channels shrink with x's, its filters label out
+        ctx.union(ctx.labels(x, 1), ctx.take_cross(lw))
+        bias = arg(call, 2, "bias")
+        if isinstance(bias, TRef):
+            ctx.union(lw.atoms, ctx.labels(bias, 0))
+        ctx.set_label(out, 1, lw.atoms)
+        return
     if not bare or groups != 1 or w.ndim != x.ndim:
         why = f"{ctx.where()} convolves channels with a weight that cannot shrink"
         ctx.freeze_tensor(x, why)
         ctx.freeze_tensor(w, why)
         return
-    din, dout = (0, 1) if transposed else (1, 0)
     if lab is not None and lab.dim == 1:
         ctx.bind("", f"{w.param}{CROSS_MARK}{din}", lab.atoms, "param", dim=din)
     elif lab is not None:
