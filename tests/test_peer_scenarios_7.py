@@ -204,6 +204,42 @@ def test_a_conv_weight_run_again_at_another_dilation_prunes_with_its_module():
     assert g.prunable == 0 and any("conv.weight is used outside its module conv" in r for r in g.reasons)
 
 
+class BatchNormOutside(nn.Module):
+    """A BatchNorm's statistics and affine read outside it: by ``F.batch_norm``
+    (``folded=False``), or folded into the conv's weight and bias in ``forward``
+    (``folded=True``, RepVGG's deploy form computed on the fly); neither module is called."""
+
+    def __init__(self, folded: bool) -> None:
+        super().__init__()
+        self.folded = folded
+        self.c, self.bn, self.o = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2)
+            self.bn.weight.uniform_(0.5, 2)
+            self.bn.bias.normal_()
+
+    def forward(self, x):
+        bn = self.bn
+        if not self.folded:
+            y = F.batch_norm(F.conv2d(x, self.c.weight), bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)
+            return self.o(F.relu(y))
+        scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+        w, b = self.c.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+        return self.o(F.relu(F.conv2d(x, w, b)))
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["f_batch_norm", "folded_into_the_conv"])
+def test_a_batchnorm_read_outside_its_module_prunes_with_its_conv(folded):
+    model, x = _seeded(lambda: BatchNormOutside(folded)), torch.randn(2, 3, 8, 8)
+    _exact(model, x)  # the masked model zeroes the statistics and weights read outside
+    g = _group(DependencyGraph(model, x), "c")
+    assert g.prunable == 8 and {"bn", "o"} <= {s.module for s in g.slices}
+    small = _prune(model, x).pruned
+    assert (small.c.out_channels, small.bn.running_var.shape, small.o.in_channels) == (4, (4,), 4)
+    assert (count_params(model), count_params(small)) == (268, 136)  # was refused: "bn.weight is used outside"
+
+
 # -- one rule for a fresh destination: scatter and index_put ---------------------------------------
 
 

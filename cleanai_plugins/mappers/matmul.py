@@ -121,10 +121,15 @@ def convolution(call, ctx):
     bare = isinstance(w, TRef) and w.param is not None and ctx.param_owner.get(w.param) is None
     din, dout = (0, 1) if transposed else (1, 0)
     lw = ctx.label_of(w) if not bare and groups == 1 and w.ndim == x.ndim else None
-    if lw is not None and lw.cross is not None and (lw.dim, lw.cross[0]) == (dout, din):
+    if lw is not None and lw.dim == dout:
         # a claimed conv's weight read outside it, labelled by its pruner (TridentNet's shared
-        # weight at another dilation): its input channels shrink with x's, its filters label out
-        ctx.union(ctx.labels(x, 1), ctx.take_cross(lw))
+        # weight at another dilation), or computed from it (a conv folded with its BatchNorm in
+        # ``forward``): its filters label the output; its input channels shrink with x's
+        # where it still knows them, else x's channels stay
+        if lw.cross is not None and lw.cross[0] == din:
+            ctx.union(ctx.labels(x, 1), ctx.take_cross(lw))
+        else:
+            ctx.freeze_tensor(x, f"{ctx.where()} convolves channels with a weight whose inputs cannot shrink")
         bias = arg(call, 2, "bias")
         if isinstance(bias, TRef):
             ctx.union(lw.atoms, ctx.labels(bias, 0))
