@@ -222,8 +222,8 @@ class BatchNormOutside(nn.Module):
     def forward(self, x):
         bn = self.bn
         if not self.folded:
-            y = F.batch_norm(F.conv2d(x, self.c.weight), bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)
-            return self.o(F.relu(y))
+            y = F.conv2d(x, self.c.weight)
+            return self.o(F.relu(F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)))
         scale = bn.weight / (bn.running_var + bn.eps).sqrt()
         w, b = self.c.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
         return self.o(F.relu(F.conv2d(x, w, b)))
