@@ -23,25 +23,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_peer_scenarios_2 import _exact, _group, _mask
+from test_peer_scenarios_6 import _prune, _seeded, _two_step_replay
 from torch import nn
 
-from cleanai_core import DependencyGraph, PruningHistory, StructuredPruner
+from cleanai_core import DependencyGraph, StructuredPruner
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import count_params
 from cleanai_core.testing import masked_forward
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
-
-
-def _prune(model: nn.Module, x, ratio=0.5, **kw) -> StructuredPruner:
-    pruner = StructuredPruner(model.eval(), x, "magnitude", pruning_ratio=ratio, **kw)
-    pruner.pruned = pruner.prune()
-    return pruner
-
-
-def _seeded(factory):
-    torch.manual_seed(0)
-    return factory().eval()
 
 
 def _args(x):
@@ -589,14 +579,9 @@ def test_two_step_histories_of_the_new_scenarios_replay_on_fresh_copies(name, tm
         "stored_heads": (StoredHeads, torch.randn(2, 5, 5)),
         "trident": (Trident, torch.randn(2, 3, 8, 8)),
     }[name]
-    pruner = StructuredPruner(_seeded(factory), x, "magnitude", pruning_ratio=0.5, iterative_steps=2)
-    small = pruner.prune()
-    pruner.history.save(tmp_path / "history.json")
-    fresh = _seeded(factory)
-    PruningHistory.load(tmp_path / "history.json").replay(fresh)
-    fresh.load_state_dict(small.state_dict(), strict=True)
+    pruner, small, fresh = _two_step_replay(factory, x, tmp_path)
     assert len(pruner.history) == 2 and count_params(fresh) == count_params(small) < count_params(_seeded(factory))
-    assert torch.equal(fresh.eval()(x), small(x))
+    assert torch.equal(fresh(x), small(x))
 
 
 # -- ops across the channels refuse with their reason --------------------------------------------
