@@ -127,6 +127,33 @@ def test_a_stored_head_count_leaves_the_head_width_to_prune(heads):
     assert (count_params(model), count_params(pruner.pruned)) == (4515, 1235)
 
 
+class PerHeadScale(nn.Module):
+    """``a(x).view(B, N, self.heads, -1) * self.scale`` with a per-head ``(heads, 1)``
+    scale; ``heads`` is stored but no query projection lets a fix-up rewrite it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = 8
+        self.a, self.scale, self.o = nn.Linear(5, 32), nn.Parameter(torch.randn(8, 1)), nn.Linear(32, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        return self.o((self.a(x).view(b, n, self.heads, -1) * self.scale).reshape(b, n, -1))
+
+
+def test_a_per_head_scale_beside_a_stored_head_count_keeps_the_heads_and_prunes_their_width():
+    model, x = _seeded(PerHeadScale), torch.randn(2, 4, 5)
+    _exact(model, x)  # the heads were chosen, and the pruned model failed to run ("size of tensor a (8)")
+    graph = DependencyGraph(model, x)
+    width = _group(graph, "a")
+    assert width.units.numel() == width.prunable == 4
+    scale = next(g for g in graph.groups() if any(s.name == "scale" for s in g.slices))
+    assert scale.prunable == 0 and any("channels on different dimensions meet" in r for r in scale.reasons)
+    small = _prune(model, x).pruned
+    assert small.a.out_features == 16 and small.scale.shape == (8, 1)
+    assert (count_params(model), count_params(small)) == (299, 155)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_sdpa_with_its_default_scale_and_stored_heads_keeps_the_attention_with_the_reason(causal):
     model, x = _seeded(lambda: StoredHeads(h=8, sdpa=True, causal=causal)), torch.randn(2, 5, 5)

@@ -35,6 +35,7 @@ from cleanai_plugins.zoo.timm.attention import (
     fix_rel_pos,
     fix_trained_scale,
     pairs_sub_heads,
+    rewrites_head_count,
     splits_heads_unevenly,
 )
 from cleanai_plugins.zoo.timm.blocks import (
@@ -95,7 +96,8 @@ def cleanai_prepare_model(model):
     ranges = (*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv, *scan.split_scales)
     ranges = (*ranges, *scan.cascaded_attention, *scan.partial_attention, *scan.inception_dw)
     # the head counts fix_attention rewrites (``num_heads`` / ``heads`` beside a query projection)
-    rewritten = rewrites_stored_counts(*(m for m, found in scan.fixups.items() if fix_attention in found))
+    counted = (m for m, found in scan.fixups.items() if fix_attention in found and rewrites_head_count(m))
+    rewritten = rewrites_stored_counts(*counted)
     return {KEY: scan, **allow_channel_ranges(*ranges), **keeps_trained_scale(*scan.trained_scale), **rewritten}
 
 
