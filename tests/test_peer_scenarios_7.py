@@ -598,13 +598,14 @@ def test_blocks_the_earlier_ports_did_not_combine_prune_exactly(name):
     assert got.shape == want.shape
 
 
-@pytest.mark.parametrize("name", ["yolov7", "hand_beit", "stored_heads", "trident"])
+@pytest.mark.parametrize("name", ["yolov7", "hand_beit", "stored_heads", "trident", "folded_batchnorm"])
 def test_two_step_histories_of_the_new_scenarios_replay_on_fresh_copies(name, tmp_path):
     factory, x = {
         "yolov7": (YoloV7, torch.randn(1, 3, 32, 32)),
         "hand_beit": (HandBeit, torch.randn(2, 9, 5)),
         "stored_heads": (StoredHeads, torch.randn(2, 5, 5)),
         "trident": (Trident, torch.randn(2, 3, 8, 8)),
+        "folded_batchnorm": (lambda: BatchNormOutside(folded=True), torch.randn(2, 3, 8, 8)),
     }[name]
     pruner, small, fresh = _two_step_replay(factory, x, tmp_path)
     assert len(pruner.history) == 2 and count_params(fresh) == count_params(small) < count_params(_seeded(factory))
