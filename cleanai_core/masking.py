@@ -61,8 +61,9 @@ def masked_outputs(
     parameters except the ones it zeroes, which are its own."""
     slices = pruned_slices(graph, pruned)
     slices = [(spec, idx) for spec, idx in slices if spec.kind != "index"]  # an index moves channels, zeroes none
-    if any(spec.module == "" or getattr(spec.pruner, "mask", None) is not None for spec, _ in slices):
-        return _masked_copy_outputs(graph, slices, inputs, forward_fn, output_transform)
+    outside = outside_zeros(graph, pruned)
+    if outside or any(spec.module == "" or getattr(spec.pruner, "mask", None) is not None for spec, _ in slices):
+        return model_outputs(_masked_copy(graph, slices, outside), inputs, forward_fn, output_transform)
     model = graph.model
     modules = dict(model.named_modules(remove_duplicate=False))
     zeroed = _Zeroed()
@@ -86,27 +87,45 @@ def pruned_slices(graph: Any, pruned: torch.Tensor) -> list[tuple[Any, torch.Ten
     return [(spec, idx) for spec, idx in zip(graph.slices, graph.indices_in(pruned), strict=True) if idx.numel()]
 
 
+def outside_zeros(graph: Any, pruned: torch.Tensor) -> list[tuple[str, int, torch.Tensor]]:
+    """``(tensor name, dim, indices)`` to zero in the tensors of claimed modules that the
+    model reads outside their modules' calls (``F.linear(x, self.qkv.weight, qkv_bias)``,
+    labelled by the pruner's ``trace_param``): no hook of the module sees that read, so
+    the masked model zeroes the tensor itself. Before 2026-12-01 it did not, and a
+    hand-written BEiT attention whose head width shrank was refused by verification
+    ("pruning it breaks the model") though its slicing was exact."""
+    out: list[tuple[str, int, torch.Tensor]] = []
+    seen: set[tuple[str, int]] = set()
+    for name, lab in getattr(getattr(graph, "ctx", None), "labelled_outside", ()):
+        dims = [(lab.dim, lab.atoms)] + ([lab.cross] if lab.cross is not None else [])
+        for dim, atoms in dims:
+            idx = pruned[graph.root[atoms]].nonzero().squeeze(1)
+            if idx.numel() and (name, dim) not in seen:
+                seen.add((name, dim))
+                out.append((name, dim, idx))
+    return out
+
+
 def masked_model(graph: Any, pruned: torch.Tensor) -> nn.Module:
     """A copy of ``graph.model`` that is the masked model of ``pruned`` for every call
     (``generate()`` included): zeroing hooks and zeroed weights of its own, the other
     parameters shared with ``graph.model`` (do not train it)."""
-    return _masked_copy(graph, pruned_slices(graph, pruned))
+    return _masked_copy(graph, pruned_slices(graph, pruned), outside_zeros(graph, pruned))
 
 
-def _masked_copy(graph: Any, slices: list[tuple[Any, torch.Tensor]]) -> nn.Module:
+def _masked_copy(
+    graph: Any, slices: list[tuple[Any, torch.Tensor]], outside: list[tuple[str, int, torch.Tensor]] = ()
+) -> nn.Module:
     source = graph.model
     model = copy_model(source, {id(t): t for t in source.parameters()})  # buffers: its own
     zeroed = _Zeroed()
+    for name, dim, idx in outside:
+        _zero_tensor(model, name, dim, idx)
     for spec, idx in slices:
         if spec.kind == "index":  # an index buffer moves channels: the zeroed ones move with it
             continue
         if spec.module == "":
-            owner, attr = get_submodule_and_attr(model, spec.name)
-            t = getattr(owner, attr)
-            masked = t.detach().index_fill(spec.dim, idx.to(t.device), 0.0)
-            if isinstance(t, nn.Parameter):
-                masked = nn.Parameter(masked, requires_grad=t.requires_grad)
-            _replace(model, t, masked)
+            _zero_tensor(model, spec.name, spec.dim, idx)
             continue
         module = model.get_submodule(spec.module)
         mask = getattr(spec.pruner, "mask", None)  # composite modules zero their own weights
@@ -122,14 +141,15 @@ def _masked_copy(graph: Any, slices: list[tuple[Any, torch.Tensor]]) -> nn.Modul
     return model
 
 
-def _masked_copy_outputs(
-    graph: Any,
-    slices: list[tuple[Any, torch.Tensor]],
-    inputs: Any,
-    forward_fn: Callable | None,
-    output_transform: Callable | None,
-) -> list[torch.Tensor]:
-    return model_outputs(_masked_copy(graph, slices), inputs, forward_fn, output_transform)
+def _zero_tensor(model: nn.Module, name: str, dim: int, idx: torch.Tensor) -> None:
+    """Replace the tensor ``name`` of ``model`` (wherever it is held) by a copy zeroed at
+    ``idx`` along ``dim``."""
+    owner, attr = get_submodule_and_attr(model, name)
+    t = getattr(owner, attr)
+    masked = t.detach().index_fill(dim, idx.to(t.device), 0.0)
+    if isinstance(t, nn.Parameter):
+        masked = nn.Parameter(masked, requires_grad=t.requires_grad)
+    _replace(model, t, masked)
 
 
 def _replace(model: nn.Module, old: torch.Tensor, new: torch.Tensor) -> None:

@@ -677,19 +677,26 @@ REPLAYED = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(REPLAYED))
-def test_two_step_histories_of_the_new_scenarios_replay_on_fresh_copies(name, tmp_path):
-    factory, inputs, after = REPLAYED[name]
-    x = inputs()
-    args = x if isinstance(x, tuple) else (x,)
+def _two_step_replay(factory, x, tmp_path):
+    """Prune a seeded model in two steps, save the history, replay it on a fresh seeded
+    copy and load the pruned weights: ``(pruner, pruned, replayed)``."""
     pruner = StructuredPruner(_seeded(factory), x, "magnitude", pruning_ratio=0.5, iterative_steps=2)
     small = pruner.prune()
     pruner.history.save(tmp_path / "history.json")
     fresh = _seeded(factory)
     PruningHistory.load(tmp_path / "history.json").replay(fresh)
     fresh.load_state_dict(small.state_dict(), strict=True)
+    return pruner, small, fresh.eval()
+
+
+@pytest.mark.parametrize("name", sorted(REPLAYED))
+def test_two_step_histories_of_the_new_scenarios_replay_on_fresh_copies(name, tmp_path):
+    factory, inputs, after = REPLAYED[name]
+    x = inputs()
+    args = x if isinstance(x, tuple) else (x,)
+    pruner, small, fresh = _two_step_replay(factory, x, tmp_path)
     assert len(pruner.history) == 2 and count_params(fresh) == count_params(small) == after
-    assert torch.equal(fresh.eval()(*args), small(*args))
+    assert torch.equal(fresh(*args), small(*args))
 
 
 # -- local response norm ---------------------------------------------------------------------------

@@ -140,11 +140,14 @@ def test_an_rcnn_traced_whole_prunes_its_roi_heads_and_reloads(offline, tmp_path
     assert len(got) == 2 and all(torch.equal(a[k], b[k]) for a, b in zip(got, again, strict=True) for k in a)
 
 
-def test_index_put_into_a_tensor_of_literal_width_freezes_unless_vouched():
+def test_index_put_into_a_tensor_of_literal_width_is_left_whole_by_verification():
+    """Since 2026-12-01 ``index_put_`` into a fresh tensor follows the scatters' rule
+    (``fresh_destination_problem``): the graph trusts its width unless the module stores
+    it; a literal is found by verification, which leaves the group whole with the reason
+    (before, the graph froze it unless the module vouched, ``allow_filled_destinations``)."""
     from torch import nn
 
     from cleanai_core.graph.dependency import DependencyGraph
-    from cleanai_core.testing import check_pruner
 
     class Rows(nn.Module):  # rows written into zeros(4, 6): 6 is a literal, it cannot follow the channels
         def __init__(self):
@@ -161,10 +164,13 @@ def test_index_put_into_a_tensor_of_literal_width_freezes_unless_vouched():
     torch.manual_seed(0)
     model, x = Rows().eval(), torch.randn(2, 3)
     fc = [g for g in DependencyGraph(model, x).groups() if any(s.module == "fc" and s.name == "out" for s in g.slices)]
-    assert [(g.size, g.prunable) for g in fc] == [(6, 0)]
-    assert "writes channels into a tensor that cannot shrink" in " ".join(fc[0].reasons)
-    report = check_pruner(model, x)
-    assert report.max_abs_diff == 0.0 and report.params_after == report.params_before
+    assert [(g.size, g.prunable) for g in fc] == [(6, 6)]
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert n_params(small) == n_params(model) == 38 and len(pruner.skipped_groups) == 1
+    assert "pruning it breaks the model" in pruner.skipped_groups[0] and "shape mismatch" in pruner.skipped_groups[0]
+    with torch.no_grad():
+        assert torch.equal(small(x), model(x))
 
 
 def test_raft_large_context_split_follows_the_pruned_hidden_state():

@@ -132,6 +132,10 @@ class TraceContext:
         #: ``(owner, attribute, reason)`` of tensors read outside their claimed module that no
         #: pruner labelled: the owner's slices that cut them are frozen after tracing
         self.outside_reads: list[tuple[str, str, str]] = []
+        #: ``(tensor name, label)`` of tensors read outside their claimed module that the
+        #: pruner labelled (``F.linear(x, m.weight, bias)``): the masking oracle zeroes their
+        #: pruned indices itself, since no hook of the module sees that read
+        self.labelled_outside: list[tuple[str, Label]] = []
         #: keys of unlabelled traced tensors that repeat one value along some dimensions (a
         #: size-1 dimension expanded: ``F.normalize``'s ``norm(x, keepdim=True).expand_as(x)``),
         #: with those dimensions: combined with channels there, they shrink with them
@@ -404,6 +408,7 @@ class TraceContext:
                 if lab.cross is not None:
                     self._cross.append((lab.cross[1], ref.param))
                 self._labels[ref.key] = lab
+                self.labelled_outside.append((ref.param, lab))
                 return lab
         cross = None
         if dim is None:

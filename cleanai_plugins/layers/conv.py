@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from cleanai_core import hookimpl
+from cleanai_core.graph.context import Label
 from cleanai_core.interfaces import (
     LayerPruner,
     add_to_bias,
@@ -83,6 +84,24 @@ class ConvPruner(LayerPruner):
         else:
             second = ctx.second_label(cdim, atoms_out, f"the output of {call.name}")
             ctx.set_label(call.outputs[0], through.dim, through.atoms, through.origin, second)
+
+    def trace_param(self, module, name, param, ctx):
+        """The weight or bias read outside the module (TridentNet's branches run one conv's
+        weight at other dilations: ``F.conv2d(x, self.conv.weight, self.conv.bias,
+        dilation=2)``): the weight's filter dim is the module's ``"out"`` channels, its
+        other dim the ``"in"`` channels, which the convolution couples with its input; a
+        bias follows the filters. Grouped convolutions are not labelled (they stay frozen)."""
+        if type(self).trace is not ConvPruner.trace or module.groups != 1:
+            return None
+        din, dout = (0, 1) if module.transposed else (1, 0)
+        atoms_out = ctx.produce(name, "out", module.out_channels, dim=1)
+        if param == "bias" and module.bias is not None:
+            return Label(0, atoms_out)
+        if param != "weight":
+            return None
+        if (name, "in") not in ctx.slices:
+            ctx.bind(name, "in", ctx.new_atoms(module.in_channels), "in", arg=0, dim=1)
+        return Label(dout, atoms_out, cross=(din, ctx.slices[(name, "in")].atoms))
 
     def prune(self, module, keep):
         g, cin, cout, t = module.groups, module.in_channels, module.out_channels, module.transposed

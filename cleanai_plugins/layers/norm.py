@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from torch import nn
 
 from cleanai_core import hookimpl
+from cleanai_core.graph.context import Label
 from cleanai_core.interfaces import LayerPruner, settings_mismatch, shape_of, slice_params
 
 __all__ = [
@@ -102,6 +103,17 @@ class _PassThrough(LayerPruner):
 
 class BatchNormPruner(_PassThrough):
     name = "batchnorm"
+
+    def trace_param(self, module, name, param, ctx):
+        """An affine parameter or running statistic read outside the module
+        (``F.batch_norm(x, self.bn.running_mean, ...)``, a conv folded with its BN in
+        ``forward``): its one dimension is the module's channels."""
+        t = getattr(module, param, None) if param in dict(self.tensors) else None
+        if type(self).trace is not _PassThrough.trace or t is None or t.ndim != 1:
+            return None
+        if (name, "channels") not in ctx.slices:
+            ctx.bind(name, "channels", ctx.new_atoms(t.shape[0]), "param", dim=1, normalizes=self.normalizes)
+        return Label(0, ctx.slices[(name, "channels")].atoms)
 
 
 class InstanceNormPruner(_PassThrough):

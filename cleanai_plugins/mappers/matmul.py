@@ -109,20 +109,37 @@ def convolution(call, ctx):
     """``F.conv2d(x, self.weight, self.bias)`` with a bare weight (a parameter of a module
     no layer pruner claims, the peer's "unwrapped parameters"): its output filters (dim 0;
     dim 1 when transposed) are fresh channels that the bias and the output follow, its
-    input channels (the other dim) shrink with ``x``'s. Grouped convolutions, a computed
-    weight (weight normalisation done in ``forward``) or a claimed module's weight read
-    outside it keep their channels. Before 2026-12-01 no mapper knew the op: the output
-    carried no channels and its consumers' inputs froze."""
+    input channels (the other dim) shrink with ``x``'s. A claimed module's weight read
+    outside it maps the same way where its pruner labels it (``trace_param``: a plain
+    conv's, since session 18). Grouped convolutions, a computed weight (weight
+    normalisation done in ``forward``) or an unlabelled module weight keep their channels.
+    Before 2026-12-01 no mapper knew the op: the output carried no channels and its
+    consumers' inputs froze."""
     x, w, out = call.args[0], call.args[1], call.outputs[0]
     lab = ctx.label_of(x)
     transposed, groups = arg(call, 6, "transposed", False), arg(call, 8, "groups", 1)
     bare = isinstance(w, TRef) and w.param is not None and ctx.param_owner.get(w.param) is None
+    din, dout = (0, 1) if transposed else (1, 0)
+    lw = ctx.label_of(w) if not bare and groups == 1 and w.ndim == x.ndim else None
+    if lw is not None and lw.dim == dout:
+        # a claimed conv's weight read outside it, labelled by its pruner (TridentNet's shared
+        # weight at another dilation), or computed from it (a conv folded with its BatchNorm in
+        # ``forward``): its filters label the output; its input channels shrink with x's
+        # where it still knows them, else x's channels stay
+        if lw.cross is not None and lw.cross[0] == din:
+            ctx.union(ctx.labels(x, 1), ctx.take_cross(lw))
+        else:
+            ctx.freeze_tensor(x, f"{ctx.where()} convolves channels with a weight whose inputs cannot shrink")
+        bias = arg(call, 2, "bias")
+        if isinstance(bias, TRef):
+            ctx.union(lw.atoms, ctx.labels(bias, 0))
+        ctx.set_label(out, 1, lw.atoms)
+        return
     if not bare or groups != 1 or w.ndim != x.ndim:
         why = f"{ctx.where()} convolves channels with a weight that cannot shrink"
         ctx.freeze_tensor(x, why)
         ctx.freeze_tensor(w, why)
         return
-    din, dout = (0, 1) if transposed else (1, 0)
     if lab is not None and lab.dim == 1:
         ctx.bind("", f"{w.param}{CROSS_MARK}{din}", lab.atoms, "param", dim=din)
     elif lab is not None:
@@ -254,7 +271,9 @@ class _SDPA:
             if lq is None or lk is None or lq.dim != lk.dim or scale is None:
                 for lab in (lq, lk):
                     if lab is not None and lab.dim == nd - 1:
-                        ctx.freeze(lab.atoms, f"{ctx.where()}: head dimension with the default scale")
+                        why = "head dimension with the default scale (1/sqrt of the head size changes if it shrinks"
+                        fix = "pass scale=, or reshape with the head count as -1 so that whole heads can go"
+                        ctx.freeze(lab.atoms, f"{ctx.where()}: {why}; {fix})")
             else:
                 ctx.union(lq.atoms, lk.atoms)
         if head is not None:

@@ -18,11 +18,15 @@ from cleanai_plugins.mappers.gqa import expand_group_dim
 __all__ = [
     "CHANNEL_RANGES",
     "FILLED_DESTINATIONS",
+    "REWRITTEN_COUNTS",
     "UnflattenPruner",
     "allow_channel_ranges",
     "allow_filled_destinations",
     "allow_unequal_split",
+    "fresh_destination_problem",
     "reshape_label",
+    "rewrites_stored_counts",
+    "stored_width",
 ]
 
 table = MapperTable()
@@ -62,6 +66,47 @@ def allow_filled_destinations(*modules) -> dict[str, set]:
     time (torchvision's ``MultiScaleRoIAlign``: ``zeros(rois, x.shape[1], h, w)``), so it
     shrinks with the channels. Elsewhere such a destination may have a literal width."""
     return {FILLED_DESTINATIONS: set(modules)}
+
+
+#: findings key: the set of modules whose after-prune fix-up rewrites the numbers they store
+#: (``num_heads``) to the pruned widths (see :func:`rewrites_stored_counts`)
+REWRITTEN_COUNTS = "rewritten_counts"
+
+
+def rewrites_stored_counts(*modules) -> dict[str, set]:
+    """The findings that tell the reshape mapper that each of ``modules`` has its stored
+    numbers (``self.num_heads``) rewritten by the caller's fix-up after slicing: a reshape
+    split's part sized by one of them may still carry the channels (see
+    :func:`_stored_parts`). Return it from ``cleanai_prepare_model``."""
+    return {REWRITTEN_COUNTS: set(modules)}
+
+
+def stored_width(ctx, width: int) -> bool:
+    """Whether the module whose ``forward`` runs the current op holds ``width`` as a plain
+    int attribute (``self.hidden_size``, ``self.heads``): a size equal to it was most likely
+    built from it, a number that does not shrink with the channels (JetMoE's mixture of
+    attention writes its experts' outputs into ``zeros(tokens, self.hidden_size)``; a
+    hand-written attention views its projection ``(B, N, 3, self.heads, -1)``)."""
+    module = ctx.scope_module()
+    if module is None or width <= 1:
+        return False
+    return any(type(v) is int and v == width for v in vars(module).values())
+
+
+def fresh_destination_problem(ctx, width: int) -> str | None:
+    """Why a fresh destination without channels (``torch.zeros(n, heads, width)``,
+    ``x.new_zeros(...)``) cannot take the channels that a scatter or ``index_put_`` writes
+    into it, or ``None`` when it takes them. One rule for both: the destination is trusted
+    to be built with a width read at run time unless that width is a number its module
+    stores (:func:`stored_width`: it freezes here, with the reason); a literal width is
+    found by verification, which leaves the group whole ("pruning it breaks the model").
+    A module filed under :func:`allow_filled_destinations` vouches for its destinations
+    whatever numbers it stores."""
+    if ctx.scope_module() in ctx.findings.get(FILLED_DESTINATIONS, ()):
+        return None
+    if stored_width(ctx, width):
+        return f"{ctx.where()} writes into a destination as wide as a number its module stores"
+    return None
 
 
 def _free_ranges(ctx) -> bool:
@@ -143,7 +188,24 @@ def _repeats_along(grid: torch.Tensor, dim: int) -> bool:
     return grid.shape[dim] > 1 and bool((grid == grid.narrow(dim, 0, 1)).all())
 
 
-def reshape_label(ctx, src: TRef, out: TRef) -> None:
+def _stored_parts(ctx, grid: tuple, dims: list[int], sizes: list | None) -> set[int]:
+    """The parts of a reshape split that cannot carry the channels: sized by a number the
+    module stores, in a view that gives another part as ``-1`` (``view(B, N, 3, self.heads,
+    -1)``: the head width is computed, the heads are not). Empty where no part is ``-1``
+    (timm's ``reshape(B, N, 3, self.num_heads, self.head_dim)``, whose fix-up rewrites both
+    numbers), where the heads stay whole by a plugin's word, and in a module whose stored
+    numbers a plugin's fix-up rewrites (:func:`rewrites_stored_counts`). Before 2026-12-01 a
+    hand-written attention with 8 heads of 4 chose the heads, by size, and verification
+    refused the group ("pruning it breaks the model")."""
+    if sizes is None or ctx.keeps_whole_heads() or ctx.scope_module() in ctx.findings.get(REWRITTEN_COUNTS, ()):
+        return set()
+    free = {i for i in range(len(grid)) if sizes[dims[i]] == -1}
+    if not free:
+        return set()
+    return {i for i, n in enumerate(grid) if i not in free and stored_width(ctx, n)}
+
+
+def reshape_label(ctx, src: TRef, out: TRef, sizes: list | None = None) -> None:
     """Map the label of ``src`` onto ``out`` of another shape with the same numel.
 
     The labelled dimension of ``src`` lands on the output dimensions whose positions
@@ -179,7 +241,10 @@ def reshape_label(ctx, src: TRef, out: TRef) -> None:
         ctx.set_label(out, dims[0], grid.reshape(-1), lab.origin)
         return
     event = ctx.event.index
+    fixed = _stored_parts(ctx, tuple(grid.shape), dims, sizes)
     choice = ctx.split_choices.get(event)
+    if choice in fixed:  # asked for a part that a stored number sizes: it cannot shrink
+        choice = None
     if choice is None and ctx.keeps_whole_heads():
         # (heads, head_dim), (heads, 3, head_dim), (kv, group, head_dim): the heads, the
         # outermost dimension that is not a copy (eager attention's bmm folds the batch
@@ -190,7 +255,7 @@ def reshape_label(ctx, src: TRef, out: TRef) -> None:
         for i in range(len(dims)):
             g = grid.movedim(i, 0).reshape(grid.shape[i], -1)
             costs.append((int((g != g[:, :1]).sum()), -grid.shape[i], -i))
-        choice = min(range(len(dims)), key=lambda i: costs[i])
+        choice = min((i for i in range(len(dims)) if i not in fixed), key=lambda i: costs[i])
     rep = ctx.tie(grid, tuple(grid.shape), choice)
     ctx.set_label(out, dims[choice], rep, (event, choice, tuple(grid.shape)))
 
@@ -208,7 +273,9 @@ def view(call, ctx):
     elif src.shape == out.shape:
         ctx.copy_label(src, out)
     else:
-        reshape_label(ctx, src, out)
+        sizes = arg(call, 1, "size")
+        ok = isinstance(sizes, (list, tuple)) and len(sizes) == out.ndim
+        reshape_label(ctx, src, out, list(sizes) if ok else None)
 
 
 def _unit_dims_only(a: tuple, b: tuple) -> bool:
@@ -554,8 +621,10 @@ def roll(call, ctx):
 def index_put(call, ctx):
     """``dst.index_put_(indices, values)`` with index tensors over the leading dimensions
     (rows picked, channels after them): ``values``' channels meet ``dst``'s at the same
-    positions. A ``dst`` without channels takes ``values``' where the module running it
-    vouches for it (:func:`allow_filled_destinations`); else they freeze."""
+    positions. A ``dst`` without channels takes ``values``' unless its width is a number
+    the module stores (:func:`fresh_destination_problem`, the scatters' rule). Before
+    2026-12-01 it froze them unless the module vouched (:func:`allow_filled_destinations`),
+    while a scatter trusted the width: two rules for one question."""
     dst, values, out = call.args[0], arg(call, 2, "values"), call.outputs[0]
     indices = list(arg(call, 1, "indices") or ())
     ld, lv = ctx.label_of(dst), ctx.label_of(values)
@@ -589,10 +658,12 @@ def index_put(call, ctx):
             ctx.freeze(ld.atoms, f"{ctx.where()} writes values that cannot shrink with the channels")
         ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
         return
-    if lv is not None and ctx.scope_module() in ctx.findings.get(FILLED_DESTINATIONS, ()):
-        ctx.set_label(out, lv.dim + n - 1, lv.atoms, lv.origin)
-    elif lv is not None:
-        ctx.freeze(lv.atoms, f"{ctx.where()} writes channels into a tensor that cannot shrink")
+    if lv is not None:  # a fresh destination: the same rule as a scatter's
+        why = fresh_destination_problem(ctx, dst.shape[lv.dim + n - 1])
+        if why is not None:
+            ctx.freeze(lv.atoms, why)
+        else:
+            ctx.set_label(out, lv.dim + n - 1, lv.atoms, lv.origin)
 
 
 def _permuted_write(ctx, dst, values, out, indices, ld, lv) -> bool:

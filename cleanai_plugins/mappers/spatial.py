@@ -8,6 +8,7 @@ import torch
 from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
 from cleanai_plugins.mappers._registry import MapperTable, arg
+from cleanai_plugins.mappers.shape import fresh_destination_problem
 
 table = MapperTable()
 
@@ -331,10 +332,12 @@ def scatter(call, ctx):
     ``dim`` that is not the channels', channel ``k`` of ``src`` lands in channel ``k`` of
     ``dst`` whatever the index holds, so the channels pass (and ``dst``'s, if it carries
     any, are the same ones). A destination without channels (``torch.zeros(n, heads,
-    width)``) takes ``src``'s, like ``gather`` whose index gives its output's width: a
-    width written as a literal is found by the verification, which leaves the group
-    whole. Writing along the channel dimension moves channels: they freeze. Before
-    2026-12-01 every scatter froze the channels that reached it."""
+    width)``) takes ``src``'s, like ``gather`` whose index gives its output's width,
+    unless its width is a number its module stores (:func:`fresh_destination_problem`,
+    the rule ``index_put_`` follows too); a width written as a literal is found by the
+    verification, which leaves the group whole. Writing along the channel dimension moves
+    channels: they freeze. Before 2026-12-01 every scatter froze the channels that
+    reached it."""
     dst, out = call.args[0], call.outputs[0]
     src = arg(call, _SCATTERS[call.op.overloadpacket.__name__], "src")
     dim = arg(call, 1, "dim") % dst.ndim
@@ -365,21 +368,11 @@ def scatter(call, ctx):
             ctx.freeze(ld.atoms, f"{ctx.where()} writes values that cannot shrink with the channels")
         ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
         return
-    if _stored_width(ctx, dst.shape[lv.dim]):
-        ctx.freeze(lv.atoms, f"{ctx.where()} writes into a destination as wide as a number its module stores")
+    why = fresh_destination_problem(ctx, dst.shape[lv.dim])
+    if why is not None:
+        ctx.freeze(lv.atoms, why)
         return
     ctx.set_label(out, lv.dim, lv.atoms, lv.origin)
-
-
-def _stored_width(ctx, width: int) -> bool:
-    """Whether the module running the current op holds ``width`` as a plain int attribute
-    (``self.hidden_size``): a destination that wide was most likely built from it, a
-    literal that does not shrink with the channels (JetMoE's mixture of attention writes
-    its experts' outputs into ``zeros(tokens, self.hidden_size)``; the oracle failed on it)."""
-    module = ctx.scope_module()
-    if module is None or width <= 1:
-        return False
-    return any(type(v) is int and v == width for v in vars(module).values())
 
 
 def _picked(ctx, src, out, lab, index) -> bool:

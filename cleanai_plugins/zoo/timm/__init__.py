@@ -25,7 +25,7 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.mappers.matmul import keeps_trained_scale
-from cleanai_plugins.mappers.shape import allow_channel_ranges
+from cleanai_plugins.mappers.shape import allow_channel_ranges, rewrites_stored_counts
 from cleanai_plugins.zoo.timm.attention import (
     fix_attention,
     fix_bias_attention,
@@ -35,6 +35,7 @@ from cleanai_plugins.zoo.timm.attention import (
     fix_rel_pos,
     fix_trained_scale,
     pairs_sub_heads,
+    rewrites_head_count,
     splits_heads_unevenly,
 )
 from cleanai_plugins.zoo.timm.blocks import (
@@ -94,7 +95,10 @@ def cleanai_prepare_model(model):
     scan = scan_model(model, FIXUPS)
     ranges = (*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv, *scan.split_scales)
     ranges = (*ranges, *scan.cascaded_attention, *scan.partial_attention, *scan.inception_dw)
-    return {KEY: scan, **allow_channel_ranges(*ranges), **keeps_trained_scale(*scan.trained_scale)}
+    # the head counts fix_attention rewrites (``num_heads`` / ``heads`` beside a query projection)
+    counted = (m for m, found in scan.fixups.items() if fix_attention in found and rewrites_head_count(m))
+    rewritten = rewrites_stored_counts(*counted)
+    return {KEY: scan, **allow_channel_ranges(*ranges), **keeps_trained_scale(*scan.trained_scale), **rewritten}
 
 
 #: the attentions whose heads must stay whole (``cleanai_whole_heads``)

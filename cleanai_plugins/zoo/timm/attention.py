@@ -28,6 +28,7 @@ __all__ = [
     "fix_headmajor_attention",
     "fix_multi_query_attention",
     "fix_rel_pos",
+    "rewrites_head_count",
     "splits_heads_unevenly",
 ]
 
@@ -56,6 +57,16 @@ def scan_head_sizes(modules: list[nn.Module]) -> dict[nn.Module, int]:
                 found[module] = width // (stacks * heads)
                 break
     return found
+
+
+def rewrites_head_count(module: nn.Module) -> bool:
+    """Whether :func:`fix_attention` can rewrite ``module``'s head count after slicing: an
+    int ``num_heads`` / ``heads`` beside a linear query projection it reads the kept heads
+    from."""
+    heads = getattr(module, "num_heads", getattr(module, "heads", None))
+    if not isinstance(heads, int) or isinstance(heads, bool):
+        return False
+    return any(isinstance(getattr(module, child, None), nn.Linear) for child, _ in _QUERY_PROJECTIONS)
 
 
 @triggered_by("num_heads", "heads")
