@@ -64,3 +64,29 @@ def test_a_config_that_asks_for_hidden_states_leaves_the_model_as_it_was():
     assert hooks(model) == 0 and hooks(small) == 0
     assert len(hidden_states(small, inputs)) == 3
     assert len(hidden_states(model, inputs)) == 3 and hooks(model) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_folder_is_written_back_in_its_own_dtype(dtype, tmp_path):
+    """``cleanai prune --model hf:DIR`` loads the folder in float32 to compute; the ``hf/``
+    folder it wrote kept float32, so a bfloat16 checkpoint pruned by 15% came back 1.7x its
+    size on disk (191,976 -> 325,432 bytes of safetensors). It is written in the dtype the
+    source folder stored, and reloads in it with identical logits."""
+    import json
+
+    from cleanai_core.cli import main
+
+    model, inputs, _ = build("llama-gqa")
+    model.to(dtype).save_pretrained(tmp_path / "m")
+    torch.save(torch.randint(3, 100, (12, 16), generator=torch.Generator().manual_seed(3)), tmp_path / "ids.pt")
+    args = ["--ratio", "0.4", "--threads", "1", "--latency-repeats", "1", "--quiet"]
+    assert main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "ids.pt"),
+                 "--out", str(tmp_path / "o"), *args]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["hf_reload_path"] == "from_pretrained" and report["hf_dtype"] == str(dtype)[6:]
+    assert report["perplexity_before"] > 1 and report["params_after"] < report["params_before"]
+    size = {d: (tmp_path / d / "model.safetensors").stat().st_size for d in ("m", "o/hf")}
+    assert size["o/hf"] < size["m"]
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "hf")
+    assert {p.dtype for p in again.parameters()} == {dtype}
+    assert params(again) == report["params_after"]

@@ -12,7 +12,9 @@ This module also gives the job, for these models:
   log-likelihood of the next token, exponentiated), **accuracy** for sequence
   classifiers, on dict batches (``input_ids``, ``attention_mask``, ``labels``);
 - the ``hf/`` output folder: the pruned model through ``save_pretrained`` (plus the
-  tokenizer), kept only when ``from_pretrained`` reloads it with the same logits;
+  tokenizer), kept only when ``from_pretrained`` reloads it with the same logits. The job
+  computes in float32 (models load in it); the folder holds the weights in the floating
+  dtype the source folder stored (a ``bfloat16`` checkpoint stays ``bfloat16``);
 - a report section saying which of these the user got.
 
 ``transformers`` is an optional extra: ``pip install cleanai[hf]``.
@@ -241,15 +243,47 @@ def cleanai_evaluate(model, loader, device):
 # ---------------------------------------------------------------------------
 
 
-def _quiet_reload(config: Any, folder: Path) -> nn.Module:
+def _quiet_reload(config: Any, folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """``from_pretrained`` without transformers' load report (a mismatch raises anyway)."""
     tf_logging = _transformers().utils.logging
     level = tf_logging.get_verbosity()
     tf_logging.set_verbosity_error()
     try:
-        return auto_class(config).from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+        return auto_class(config).from_pretrained(folder, local_files_only=True, dtype=dtype).eval()
     finally:
         tf_logging.set_verbosity(level)
+
+
+def source_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype the folder ``model`` was loaded from stores its weights in (its
+    config's ``dtype``), where it is not the float32 the job computes in; else ``None``."""
+    where = getattr(model.config, "name_or_path", "") or ""
+    try:
+        dtype = _transformers().AutoConfig.from_pretrained(where, local_files_only=True).dtype
+    except (OSError, ValueError, TypeError):
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    return dtype if floating and dtype != torch.float32 else None
+
+
+def in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` with its floating parameters and saved buffers in ``dtype``, as
+    ``from_pretrained(dtype=...)`` builds it (buffers not saved, such as the rotary
+    ``inv_freq``, stay as they are: a fresh load computes them in float32)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set:
+                    m._buffers[name] = b.to(dtype)
+    return model
 
 
 def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, Any]:
@@ -259,6 +293,9 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
     from cleanai_core.calibration import move_to
 
     model = model.cpu().eval()
+    dtype = source_dtype(model)
+    if dtype is not None:  # the source folder's dtype: a float32 folder of a bfloat16 model is twice its size
+        model = in_dtype(model, dtype)
     record = getattr(model.config, "cleanai_pruning", None) or {}
     if record.get("from_pretrained") is False and record.get("why"):  # the config cannot describe it: say why
         why = "; ".join(record["why"])
@@ -269,11 +306,11 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
         tokenizer = load_tokenizer(model, required=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        reloaded = _quiet_reload(model.config, folder)
+        reloaded = _quiet_reload(model.config, folder, dtype or torch.float32)
         with torch.no_grad():
             inputs = move_to(example, torch.device("cpu"))
             call = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))
-            a, b = call(model).logits, call(reloaded).logits
+            a, b = call(model).logits.float(), call(reloaded).logits.float()
         if a.shape != b.shape:
             raise ValueError(f"reloaded logits have shape {tuple(b.shape)}, the pruned model's {tuple(a.shape)}")
         err = float((a - b).abs().max() / a.abs().max().clamp(min=1e-12))
@@ -293,6 +330,7 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
         "hf_folder": folder.name,
         "hf_reload": f"identical logits (max relative error {err:.1e})",
         "hf_reload_path": "from_pretrained",
+        "hf_dtype": str(dtype or torch.float32).replace("torch.", ""),
     }
 
 
