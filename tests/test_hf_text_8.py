@@ -90,3 +90,38 @@ def test_a_half_precision_folder_is_written_back_in_its_own_dtype(dtype, tmp_pat
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "hf")
     assert {p.dtype for p in again.parameters()} == {dtype}
     assert params(again) == report["params_after"]
+
+
+def test_cpmant_heads_and_gated_ffn_prune_and_reload(tmp_path):
+    """CPM-Ant's attention holds ``num_heads`` and ``dim_head`` beside ``project_q`` /
+    ``project_k``: the fix-up read neither, so every model with heads pruned failed
+    (``shape '[1, 40, 4, 16]' is invalid``), the oracle too; its gated FFN
+    (``ffn.w_in.w_0`` / ``w_1``) of width ``dim_ff`` had no key, so the default kept it."""
+    from cleanai_core.testing import check_pruner
+
+    model, inputs, _ = build("cpmant")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 + 2 * 48  # heads (one bias for both layers), FFNs
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    attn = small.cpmant.encoder.layers[0].self_att.self_attention
+    assert (attn.num_heads, attn.project_q.out_features) == (2, 32)
+    assert (small.config.num_attention_heads, small.config.dim_ff) == (2, 48)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert (params(model), params(small)) == (156_480, 118_592)
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(*inputs).logits, small(*inputs).logits, rtol=0, atol=1e-6)
+
+
+def test_a_model_without_one_input_embedding_keeps_its_hidden_size():
+    """CANINE embeds characters with 8 hash-bucket tables side by side (``hidden_size / 8``
+    each) and has no ``get_input_embeddings``: the default named no embedding to keep, and
+    at 0.5 pruned the hidden size (64 -> 32, 172,354 -> 46,242 parameters), the width the
+    default keeps everywhere else. Its embeddings outside the layers are kept now."""
+    model, inputs, _ = build("canine")
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    config = small.config
+    assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (64, 4, 48)
+    assert config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert (params(model), params(small)) == (172_354, 147_586)
