@@ -229,6 +229,9 @@ HEADS_IN_CONFIG = {
     "paligemma",
     "cpmant",
     "t5gemma",
+    "t5gemma2",
+    "mistral4",
+    "gemma4-unified-text",
 }
 
 
