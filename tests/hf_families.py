@@ -1186,22 +1186,50 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         "seq2seq",
     ),
     "t5gemma2": (  # a Gemma 3 encoder (text and SigLIP towers; run on text) and decoder
-        _make("T5Gemma2ForConditionalGeneration", "T5Gemma2Config", _seq2seq_inputs, image_token_index=99,
-              encoder={"text_config": {**LM, "num_key_value_heads": 2, "head_dim": 16}, "vision_config": {
-                  "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                  "image_size": 16, "patch_size": 8}},
-              decoder={**LM, "num_key_value_heads": 2, "head_dim": 16}),
+        _make(
+            "T5Gemma2ForConditionalGeneration",
+            "T5Gemma2Config",
+            _seq2seq_inputs,
+            image_token_index=99,
+            encoder={
+                "text_config": {**LM, "num_key_value_heads": 2, "head_dim": 16},
+                "vision_config": {
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "image_size": 16,
+                    "patch_size": 8,
+                },
+            },
+            decoder={**LM, "num_key_value_heads": 2, "head_dim": 16},
+        ),
         "seq2seq",
     ),  # fmt: skip
     "mistral4": (  # latent attention (q and kv LoRA ranks), routed and shared experts
-        _causal("Mistral4ForCausalLM", "Mistral4Config", num_key_value_heads=4, moe_intermediate_size=32,
-                n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
-                v_head_dim=16, qk_nope_head_dim=8),
+        _causal(
+            "Mistral4ForCausalLM",
+            "Mistral4Config",
+            num_key_value_heads=4,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            qk_nope_head_dim=8,
+        ),
         "causal",
     ),  # fmt: skip
     "gemma4-unified-text": (  # a full-attention layer with its own head_dim (per_layer_config)
-        _causal("Gemma4UnifiedForCausalLM", "Gemma4UnifiedTextConfig", num_key_value_heads=2, head_dim=16,
-                per_layer_config={"1": {"head_dim": 32}}),
+        _causal(
+            "Gemma4UnifiedForCausalLM",
+            "Gemma4UnifiedTextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            per_layer_config={"1": {"head_dim": 32}},
+        ),
         "causal",
     ),  # fmt: skip
     "git": (  # a BERT-like decoder over (here: no) image tokens
