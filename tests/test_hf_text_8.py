@@ -125,3 +125,27 @@ def test_a_model_without_one_input_embedding_keeps_its_hidden_size():
     assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (64, 4, 48)
     assert config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert (params(model), params(small)) == (172_354, 147_586)
+
+
+def test_a_character_model_without_an_embedding_table_takes_text(tmp_path):
+    """``cleanai prune --model hf:DIR --data texts.jsonl`` of a CANINE classifier was
+    refused: ``reads no token ids (it has no token embedding: a vision or audio model)``.
+    Its forward takes ``input_ids`` (code points, hashed into 8 tables), so the text data
+    reads it now; a model that needs pixels as well (CLIP) is still refused."""
+    import json
+
+    from cleanai_core.cli import main
+
+    model, _, _ = build("canine")
+    model.save_pretrained(tmp_path / "m")
+    transformers.CanineTokenizer().save_pretrained(tmp_path / "m")
+    words = ["pruning removes channels", "a smaller model", "weak units go first", "held-out text decides"]
+    lines = [json.dumps({"text": f"{w} {i}", "label": i % 2}) for i, w in enumerate(words * 6)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--ratio", "0.4", "--threads", "1", "--latency-repeats", "1", "--quiet", "--seq-len", "32"]
+    assert main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.jsonl"),
+                 "--out", str(tmp_path / "o"), *args]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert 0 <= report["accuracy_before"] <= 1 and report["evaluation_samples"] > 0
+    assert report["params_after"] < report["params_before"] == 172_354
+    assert report["hf_reload_path"] == "from_pretrained"

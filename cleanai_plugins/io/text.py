@@ -40,7 +40,7 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_plugins.io.hf import is_hf_model, load_tokenizer
 
-__all__ = ["TextItems", "blocks_of", "load_text_dataset", "read_jsonl", "read_text"]
+__all__ = ["TextItems", "blocks_of", "load_text_dataset", "read_jsonl", "read_text", "reads_token_ids"]
 
 DEFAULT_SEQ_LEN = 128
 
@@ -182,6 +182,33 @@ def vocab_size(model: Any) -> int | None:
     return None
 
 
+#: forward arguments of a model that reads something besides token ids (pixels, audio)
+_OTHER_INPUTS = ("pixel_values", "input_features", "input_values")
+
+
+def reads_token_ids(model: Any) -> bool:
+    """Whether ``model`` reads token ids: it has a token embedding, or, without one
+    (``get_input_embeddings`` not implemented: CANINE hashes character code points into
+    8 tables), its forward takes ``input_ids`` and no pixel or audio input."""
+    if vocab_size(model) is not None:
+        return True
+    import inspect
+
+    try:
+        takes = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "input_ids" in takes and not any(k in takes for k in _OTHER_INPUTS) and _no_embedding_table(model)
+
+
+def _no_embedding_table(model: Any) -> bool:
+    try:
+        model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return True
+    return False
+
+
 def _context(model: Any) -> int | None:
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     return int(limit) if limit else None
@@ -314,12 +341,12 @@ def load_text_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
     if not is_hf_model(model):
         return None
     files = _text_files(path) if path.is_dir() else []
-    if vocab_size(model) is None:  # not a model that reads token ids: images, tensors, .npz go to the other loaders
+    if not reads_token_ids(model):  # images, tensors, .npz go to the other loaders
         if files or (path.is_file() and suffix in (".txt", ".jsonl")):
             arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
             raise UserError(
-                f"--data {spec!r} is text, but the model ({arch}) reads no token ids (it has no token embedding: "
-                "a vision or audio model). Give its own kind of data (an image folder, a .pt or .npz of input "
+                f"--data {spec!r} is text, but the model ({arch}) reads no token ids alone (it has no token "
+                "embedding, or needs pixel or audio inputs too: a vision, audio or multimodal model). Give its own kind of data (an image folder, a .pt or .npz of input "
                 "tensors), or a text model."
             )
         return None
