@@ -346,8 +346,8 @@ def load_text_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
             arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
             raise UserError(
                 f"--data {spec!r} is text, but the model ({arch}) reads no token ids alone (it has no token "
-                "embedding, or needs pixel or audio inputs too: a vision, audio or multimodal model). Give its own kind of data (an image folder, a .pt or .npz of input "
-                "tensors), or a text model."
+                "embedding, or needs pixel or audio inputs too: a vision, audio or multimodal model). Give its own "
+                "kind of data (an image folder, a .pt or .npz of input tensors), or a text model."
             )
         return None
     if path.is_dir() and not files:
