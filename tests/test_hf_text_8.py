@@ -149,3 +149,50 @@ def test_a_character_model_without_an_embedding_table_takes_text(tmp_path):
     assert 0 <= report["accuracy_before"] <= 1 and report["evaluation_samples"] > 0
     assert report["params_after"] < report["params_before"] == 172_354
     assert report["hf_reload_path"] == "from_pretrained"
+
+
+def _word_tokenizer(folder: Path, size: int = 100):
+    """A BERT word-piece tokenizer of ``size`` entries (specials, then words), written offline."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(TEXT.split())]
+    vocab += [f"w{i}" for i in range(size - len(vocab))]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return transformers.BertTokenizer(str(folder / "vocab.txt"))
+
+
+TEXT = (
+    "structured pruning removes whole channels heads and neurons from a trained network\n"
+    "the model is smaller and faster on ordinary hardware\n"
+    "activations measured on held out text decide which units are weak\n"
+) * 12
+
+
+def test_a_masked_lm_reports_the_masked_tokens_accuracy_and_perplexity(tmp_path):
+    """``cleanai prune --model hf:DIR --data docs.txt`` of a BERT masked LM measured
+    nothing (``Accuracy not measured: the data has no labels``). The text data masks 15% of
+    each document's real tokens (a fixed draw, at least one per row) with the tokenizer's
+    mask token and labels them; the evaluator scores those positions, unshifted."""
+    import json
+
+    from cleanai_core.cli import main
+    from cleanai_plugins.io.text import masked_tokens
+
+    model, _, _ = build("bert")
+    model.save_pretrained(tmp_path / "m")
+    tok = _word_tokenizer(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    enc = tok(["the model is smaller", "weak units"], padding=True, return_tensors="pt")
+    items = masked_tokens(enc["input_ids"], enc["attention_mask"], tok)
+    picked = items["labels"] != -100
+    assert picked.sum(dim=1).tolist() == [2, 1] and bool((items["input_ids"][picked] == tok.mask_token_id).all())
+    assert torch.equal(items["labels"][picked], enc["input_ids"][picked])  # the original ids
+    specials = torch.isin(enc["input_ids"], torch.tensor(tok.all_special_ids))
+    assert not bool((picked & specials).any())  # never [CLS], [SEP] or [PAD]
+    (tmp_path / "docs.txt").write_text(TEXT)
+    args = ["--ratio", "0.4", "--threads", "1", "--latency-repeats", "1", "--quiet", "--seq-len", "32"]
+    assert main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "docs.txt"),
+                 "--out", str(tmp_path / "o"), *args]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["accuracy_note"] is None and 0 <= report["accuracy_before"] <= 1
+    assert 1 < report["perplexity_before"] < 1000 and report["evaluation_tokens"] >= report["evaluation_samples"]
+    assert report["params_after"] < report["params_before"] == 102_500

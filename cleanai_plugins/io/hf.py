@@ -10,7 +10,9 @@ This module also gives the job, for these models:
 
 - an evaluator: held-out **perplexity** for causal LMs (token-weighted mean negative
   log-likelihood of the next token, exponentiated), **accuracy** for sequence
-  classifiers, on dict batches (``input_ids``, ``attention_mask``, ``labels``);
+  classifiers, and for masked LMs both, of the masked tokens (the text data masks 15% of
+  the real tokens, the same ones in every run), on dict batches (``input_ids``,
+  ``attention_mask``, ``labels``);
 - the ``hf/`` output folder: the pruned model through ``save_pretrained`` (plus the
   tokenizer), kept only when ``from_pretrained`` reloads it with the same logits. The job
   computes in float32 (models load in it); the folder holds the weights in the floating
@@ -36,7 +38,7 @@ from cleanai_core import hookimpl
 from cleanai_core.calibration import split_batch
 from cleanai_core.errors import UserError
 
-__all__ = ["auto_class", "is_hf_model", "load_hf_model", "load_tokenizer"]
+__all__ = ["auto_class", "is_hf_model", "is_masked_lm", "load_hf_model", "load_tokenizer"]
 
 log = logging.getLogger("cleanai")
 
@@ -193,6 +195,23 @@ def cleanai_load_model(spec, options):
 # ---------------------------------------------------------------------------
 
 
+def is_masked_lm(model: Any) -> bool:
+    """A masked language model: ``...ForMaskedLM`` (BERT, RoBERTa, ModernBERT, ...)."""
+    arch = (getattr(model.config, "architectures", None) or [""])[0]
+    return arch.endswith("ForMaskedLM") or type(model).__name__.endswith("ForMaskedLM")
+
+
+def _masked_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """Summed negative log-likelihood of the masked tokens (labels other than -100, at
+    their own positions), their number, and how many the model predicts exactly."""
+    logits, labels = logits.float(), labels.to(logits.device)
+    nll = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    picked = labels != -100
+    return float(nll), int(picked.sum()), int((logits.argmax(-1)[picked] == labels[picked]).sum())
+
+
 def _next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """Summed negative log-likelihood of each next token, and the number of tokens."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:].to(logits.device)
@@ -211,6 +230,7 @@ def cleanai_evaluate(model, loader, device):
         return None
     nll = 0.0
     tokens = correct = total = 0
+    masked = is_masked_lm(model)
     with torch.no_grad():
         for batch in loader:
             inputs, labels = split_batch(batch)
@@ -218,7 +238,10 @@ def cleanai_evaluate(model, loader, device):
                 return None
             inputs = move_to(inputs, device)  # a tensor goes in first place: input_ids, or pixel_values for ViT
             logits = (model(**inputs) if isinstance(inputs, dict) else model(inputs)).logits
-            if logits.dim() == 3 and labels.dim() == 2:
+            if logits.dim() == 3 and labels.dim() == 2 and masked:
+                s, n, hit = _masked_token_scores(logits, labels)
+                nll, tokens, correct, total = nll + s, tokens + n, correct + hit, total + n
+            elif logits.dim() == 3 and labels.dim() == 2:
                 s, n = _next_token_nll(logits, labels)
                 nll, tokens = nll + s, tokens + n
             elif logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
@@ -226,6 +249,14 @@ def cleanai_evaluate(model, loader, device):
                 total += len(labels)
             else:
                 return None
+    if tokens and masked:
+        return {
+            "accuracy": correct / total,
+            "evaluated": total,
+            "perplexity": math.exp(nll / tokens),
+            "loss": nll / tokens,
+            "tokens": tokens,
+        }
     if tokens:
         return {
             "perplexity": math.exp(nll / tokens),

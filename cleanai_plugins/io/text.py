@@ -23,8 +23,11 @@ For a **causal LM** the documents are tokenized, joined and cut into blocks of
 ``--seq-len`` tokens (default 128, at most the model's context); every item is
 ``{"input_ids", "labels"}`` with ``labels = input_ids`` (padding, if any, set to -100), and
 the evaluator reports perplexity. For a **sequence classifier** each document is one item,
-padded to the longest (at most ``--seq-len`` tokens), with its ``label`` if given. The
-tokenizer is the one saved in the model folder.
+padded to the longest (at most ``--seq-len`` tokens), with its ``label`` if given. For a
+**masked LM** each document is one item too, with 15% of its real tokens masked (a fixed
+draw) and ``labels`` holding them, so the evaluator reports the masked tokens' accuracy and
+perplexity; tokenized data is masked the same way where the model folder has a tokenizer
+with a mask token. The tokenizer is the one saved in the model folder.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ from torch.utils.data import Dataset
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_plugins.io.hf import is_hf_model, load_tokenizer
+from cleanai_plugins.io.hf import is_hf_model, is_masked_lm, load_tokenizer
 
-__all__ = ["TextItems", "blocks_of", "load_text_dataset", "read_jsonl", "read_text", "reads_token_ids"]
+__all__ = ["TextItems", "blocks_of", "load_text_dataset", "masked_tokens", "read_jsonl", "read_text", "reads_token_ids"]
 
 DEFAULT_SEQ_LEN = 128
 
@@ -167,7 +170,31 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
     items = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     if labels is not None:
         items["labels"] = _label_ids(labels, model, source)
+    elif is_masked_lm(model):
+        items.update(masked_tokens(items["input_ids"], items["attention_mask"], tok))
     return TextItems(items)
+
+
+#: the share of a masked LM's real tokens that the text data masks (BERT's pre-training share)
+MASKED_SHARE = 0.15
+
+
+def masked_tokens(ids: torch.Tensor, mask: torch.Tensor | None, tok: Any) -> dict[str, torch.Tensor]:
+    """For a masked LM: ``MASKED_SHARE`` of the real tokens of each row (not padding, not
+    special tokens; at least one per row), drawn with a fixed seed, replaced by the mask
+    token; ``labels`` hold the original ids there and -100 elsewhere. ``{}`` when the
+    tokenizer has no mask token (then the data has no labels)."""
+    mask_id = getattr(tok, "mask_token_id", None) if tok is not None else None
+    if mask_id is None:
+        return {}
+    special = torch.tensor(
+        [tok.get_special_tokens_mask(row, already_has_special_tokens=True) for row in ids.tolist()], dtype=torch.bool
+    )
+    real = ~special if mask is None else mask.bool() & ~special
+    picked = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < MASKED_SHARE) & real
+    empty = ~picked.any(dim=1) & real.any(dim=1)
+    picked[empty, real[empty].float().argmax(dim=1)] = True
+    return {"input_ids": ids.masked_fill(picked, mask_id), "labels": ids.masked_fill(~picked, -100)}
 
 
 def vocab_size(model: Any) -> int | None:
@@ -264,6 +291,8 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
         labels = ids.long().masked_fill(items["attention_mask"] == 0, -100) if mask is not None else ids.long()
     if labels is not None:
         items["labels"] = torch.as_tensor(labels).long()
+    elif is_masked_lm(model):  # masked with the folder's tokenizer, where it has one with a mask token
+        items.update(masked_tokens(items["input_ids"], items.get("attention_mask"), load_tokenizer(model, False)))
     return TextItems(items)
 
 
