@@ -320,13 +320,15 @@ def _model_hook(fn: Any, held: set[int], module: nn.Module) -> bool:
 def _installed(package: str) -> bool:
     """Whether ``package`` is an installed library (under a site-packages folder), not the
     user's script or project, whose hooks on their own modules stay theirs."""
+    import site
     import sysconfig
 
     mod = sys.modules.get(package)
     origin = getattr(mod, "__file__", None)
     if not origin:
         return False
-    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}  # the environment's (a venv's)
+    roots |= {*getattr(site, "getsitepackages", list)(), site.getusersitepackages()}  # system, pip --user
     return any(Path(origin).resolve().is_relative_to(Path(r).resolve()) for r in roots)
 
 

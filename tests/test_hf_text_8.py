@@ -196,3 +196,18 @@ def test_a_masked_lm_reports_the_masked_tokens_accuracy_and_perplexity(tmp_path)
     assert report["accuracy_note"] is None and 0 <= report["accuracy_before"] <= 1
     assert 1 < report["perplexity_before"] < 1000 and report["evaluation_tokens"] >= report["evaluation_samples"]
     assert report["params_after"] < report["params_before"] == 102_500
+
+
+def test_the_users_own_hook_on_a_transformers_layer_is_still_theirs():
+    """Beside transformers' own hooks (kept on the copy), a hook the user registered on a
+    transformers layer is still the user's: warned about, not copied."""
+    model, inputs, _ = build("llama-gqa")
+    hidden_states(model, inputs, output_hidden_states=True)  # transformers' 4 hooks
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda m, a, out: seen.append(1))
+    with pytest.warns(UserWarning, match=r"^1 forward/backward hook\(s\) on model\.layers\.0 stay"):
+        small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.4).prune()
+    assert hooks(small) == 4 and hooks(model) == 5
+    seen.clear()
+    hidden_states(small, inputs)
+    assert seen == []
