@@ -42,7 +42,7 @@ from torch import nn
 
 from cleanai_core.out_folder import signals_deferred
 
-__all__ = ["HOOK_ATTRIBUTES", "copy_model", "drop_user_hooks", "preserved", "transplant", "user_hooks"]
+__all__ = ["HOOK_ATTRIBUTES", "copy_model", "drop_user_hooks", "preserved", "stored_in", "transplant", "user_hooks"]
 
 #: a module's hook tables (``_forward_hooks``, ``_forward_pre_hooks``, ...): the user's
 #: ``RemovableHandle`` objects point at these very dicts
@@ -170,6 +170,23 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
             for key, value in m.__dict__.items():
                 if key != "_modules" and key not in HOOK_ATTRIBUTES:
                     t.__dict__[key] = value
+
+
+def stored_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` with its floating parameters and saved buffers in ``dtype``: the
+    dtype its files store it in, where a loader built it in float32 to compute (a
+    ``bfloat16`` checkpoint written back in float32 was twice its size). Buffers that are
+    not saved (a rotary ``inv_freq``) stay as they are, as a fresh load computes them."""
+    model = copy_model(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set:
+                    m._buffers[name] = b.to(dtype)
+    return model
 
 
 def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:

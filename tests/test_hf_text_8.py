@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hf_families import build  # noqa: E402
 
 from cleanai_core import StructuredPruner  # noqa: E402
+from cleanai_core.io import load_pruned  # noqa: E402
 
 
 def params(model) -> int:
@@ -69,9 +70,9 @@ def test_a_config_that_asks_for_hidden_states_leaves_the_model_as_it_was():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_folder_is_written_back_in_its_own_dtype(dtype, tmp_path):
     """``cleanai prune --model hf:DIR`` loads the folder in float32 to compute; the ``hf/``
-    folder it wrote kept float32, so a bfloat16 checkpoint pruned by 15% came back 1.7x its
-    size on disk (191,976 -> 325,432 bytes of safetensors). It is written in the dtype the
-    source folder stored, and reloads in it with identical logits."""
+    folder and ``model.pt`` it wrote kept float32, so a bfloat16 checkpoint pruned by 15%
+    came back 1.7x its size on disk (191,976 -> 325,432 bytes of safetensors). Both are
+    written in the dtype the source folder stored, and reload in it with identical logits."""
     import json
 
     from cleanai_core.cli import main
@@ -87,9 +88,15 @@ def test_a_half_precision_folder_is_written_back_in_its_own_dtype(dtype, tmp_pat
     assert report["perplexity_before"] > 1 and report["params_after"] < report["params_before"]
     size = {d: (tmp_path / d / "model.safetensors").stat().st_size for d in ("m", "o/hf")}
     assert size["o/hf"] < size["m"]
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "hf").eval()
     assert {p.dtype for p in again.parameters()} == {dtype}
     assert params(again) == report["params_after"]
+    # model.pt too: load_pruned replays the history and gives the stored dtype, the same logits
+    replayed = load_pruned(tmp_path / "o")
+    assert {p.dtype for p in replayed.parameters()} == {dtype}
+    assert (tmp_path / "o" / "model.pt").stat().st_size < size["m"]
+    with torch.no_grad():
+        assert torch.equal(replayed(*inputs).logits, again(*inputs).logits)
 
 
 def test_cpmant_heads_and_gated_ffn_prune_and_reload(tmp_path):

@@ -14,9 +14,10 @@ This module also gives the job, for these models:
   the real tokens, the same ones in every run), on dict batches (``input_ids``,
   ``attention_mask``, ``labels``);
 - the ``hf/`` output folder: the pruned model through ``save_pretrained`` (plus the
-  tokenizer), kept only when ``from_pretrained`` reloads it with the same logits. The job
-  computes in float32 (models load in it); the folder holds the weights in the floating
-  dtype the source folder stored (a ``bfloat16`` checkpoint stays ``bfloat16``);
+  tokenizer), kept only when ``from_pretrained`` reloads it with the same logits (in the
+  model's dtype). The job computes in float32 (models load in it); the loader tells it the
+  floating dtype the folder stores (``options["stored_dtype"]``), and the pruned weights
+  (``model.pt`` and ``hf/``) are written in it: a ``bfloat16`` checkpoint stays ``bfloat16``;
 - a report section saying which of these the user got.
 
 ``transformers`` is an optional extra: ``pip install cleanai[hf]``.
@@ -187,7 +188,11 @@ def cleanai_load_model(spec, options):
     path = Path(_source(spec)).expanduser()
     if path.is_dir():  # the saved architecture.json must rebuild it from any working directory
         options["resolved_spec"] = PREFIX + str(path.resolve())
-    return load_hf_model(spec)
+    model = load_hf_model(spec)
+    stored = source_dtype(model)
+    if stored is not None:  # computed in float32; the pruned weights are written back in this dtype
+        options["stored_dtype"] = stored
+    return model
 
 
 # ---------------------------------------------------------------------------
@@ -299,24 +304,6 @@ def source_dtype(model: nn.Module) -> torch.dtype | None:
     return dtype if floating and dtype != torch.float32 else None
 
 
-def in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of ``model`` with its floating parameters and saved buffers in ``dtype``, as
-    ``from_pretrained(dtype=...)`` builds it (buffers not saved, such as the rotary
-    ``inv_freq``, stay as they are: a fresh load computes them in float32)."""
-    import copy
-
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.data = p.data.to(dtype)
-        for m in model.modules():
-            for name, b in m._buffers.items():
-                if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set:
-                    m._buffers[name] = b.to(dtype)
-    return model
-
-
 def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, Any]:
     """``save_pretrained`` into ``folder`` and reload it with ``from_pretrained``; keep the
     folder only if the reloaded model gives the same logits on ``example``. Returns the
@@ -324,9 +311,7 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
     from cleanai_core.calibration import move_to
 
     model = model.cpu().eval()
-    dtype = source_dtype(model)
-    if dtype is not None:  # the source folder's dtype: a float32 folder of a bfloat16 model is twice its size
-        model = in_dtype(model, dtype)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     record = getattr(model.config, "cleanai_pruning", None) or {}
     if record.get("from_pretrained") is False and record.get("why"):  # the config cannot describe it: say why
         why = "; ".join(record["why"])
@@ -337,7 +322,7 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
         tokenizer = load_tokenizer(model, required=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        reloaded = _quiet_reload(model.config, folder, dtype or torch.float32)
+        reloaded = _quiet_reload(model.config, folder, dtype)
         with torch.no_grad():
             inputs = move_to(example, torch.device("cpu"))
             call = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))
@@ -361,7 +346,7 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
         "hf_folder": folder.name,
         "hf_reload": f"identical logits (max relative error {err:.1e})",
         "hf_reload_path": "from_pretrained",
-        "hf_dtype": str(dtype or torch.float32).replace("torch.", ""),
+        "hf_dtype": str(dtype).replace("torch.", ""),
     }
 
 
