@@ -1232,6 +1232,10 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         ),
         "causal",
     ),  # fmt: skip
+    "ibert": (  # QuantLinear layers (F.linear out of quantization mode) with integer buffers beside their weights
+        _make("IBertForMaskedLM", "IBertConfig", _ids, **ENC, **ENC_EXTRA),
+        "encoder",
+    ),
     "git": (  # a BERT-like decoder over (here: no) image tokens
         _make(
             "GitForCausalLM",

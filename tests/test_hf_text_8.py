@@ -218,3 +218,25 @@ def test_the_users_own_hook_on_a_transformers_layer_is_still_theirs():
     seen.clear()
     hidden_states(small, inputs)
     assert seen == []
+
+
+def test_ibert_quant_linear_layers_prune_with_their_integer_buffers(tmp_path):
+    """I-BERT's ``QuantLinear`` returns ``(output, scaling factor)`` and keeps integer
+    copies of its weight and bias as saved buffers: no pruner claimed it, its bare weights
+    were sliced op by op and the attention's head counts were not rewritten, so the
+    oracle's pruned model failed (``shape '[1, 8, 64]' is invalid for input of size 256``)
+    and the default refused. Claimed like ``nn.Linear``, its buffers sliced with it."""
+    from cleanai_core.testing import check_pruner
+
+    model, inputs, _ = build("ibert")
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 4 + 96  # the heads of both layers, the MLPs
+    small = StructuredPruner(model, inputs, importance="magnitude", pruning_ratio=0.5).prune()
+    dense = small.ibert.encoder.layer[0].intermediate.dense
+    assert dense.weight.shape == dense.weight_integer.shape == (48, 64) and dense.bias_integer.shape == (48,)
+    assert small.config.intermediate_size == 48 and small.config.cleanai_pruning["from_pretrained"] is True
+    assert (params(model), params(small)) == (73_828, 61_444)
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(*inputs).logits, small(*inputs).logits, rtol=0, atol=1e-6)

@@ -17,6 +17,8 @@ import re
 
 from torch import nn
 
+from cleanai_plugins.zoo.transformers.quant_linear import is_quant_linear
+
 __all__ = [
     "INPUT_PROJS",
     "fix_attention",
@@ -130,8 +132,9 @@ def is_attention(module: nn.Module) -> bool:
 
 def proj_width(module: nn.Module | None) -> int | None:
     """Output width of a projection: ``nn.Linear``, transformers' ``Conv1D``, or a
-    pointwise ``nn.Conv1d`` (SqueezeBERT's grouped MLP), JetMoE's ``ParallelExperts``."""
-    if isinstance(module, nn.Linear):
+    pointwise ``nn.Conv1d`` (SqueezeBERT's grouped MLP), JetMoE's ``ParallelExperts``,
+    I-BERT's ``QuantLinear``."""
+    if isinstance(module, nn.Linear) or is_quant_linear(module):
         return module.out_features
     if isinstance(module, nn.Conv1d) and module.kernel_size == (1,):
         return module.out_channels
@@ -144,8 +147,8 @@ def proj_width(module: nn.Module | None) -> int | None:
 
 
 def proj_in_width(module: nn.Module | None) -> int | None:
-    """Input width of a projection: ``nn.Linear`` or transformers' ``Conv1D``."""
-    if isinstance(module, nn.Linear):
+    """Input width of a projection: ``nn.Linear`` (or I-BERT's ``QuantLinear``) or transformers' ``Conv1D``."""
+    if isinstance(module, nn.Linear) or is_quant_linear(module):
         return module.in_features
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
