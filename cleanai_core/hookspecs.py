@@ -254,6 +254,9 @@ def cleanai_load_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
         A loader whose spec depends on the working directory (a relative folder) may set
         ``options["resolved_spec"]`` to a spec that names the same model from anywhere
         (``hf:/abs/folder``); ``cleanai prune`` writes that one to ``architecture.json``.
+        A loader that builds the model in float32 from files that store it in a narrower
+        floating dtype (a ``bfloat16`` checkpoint) may set ``options["stored_dtype"]`` to
+        that ``torch.dtype``; ``cleanai prune`` writes the pruned weights in it.
     """
 
 

@@ -7,7 +7,13 @@ Glossary:
 - *state*: what a forward pass may change besides the output: buffers written in place
   (BatchNorm running statistics in train mode, quantization observers' ``min_val`` /
   ``max_val`` / histograms and fake-quant ``scale`` / ``zero_point``, which update even in
-  eval mode), buffers replaced by new tensors, and plain attributes a forward sets.
+  eval mode), buffers replaced by new tensors, plain attributes a forward sets, and hooks
+  a forward registers (transformers installs its output-capturing hooks on the first call
+  that asks for ``output_hidden_states`` and marks the model with an attribute).
+- *model hooks*: hooks that are part of how the model computes, not the user's: torch's
+  own (quantization observers), bound methods of an object a module holds (timm's
+  ``FeatureHooks``), and hooks an installed library registers on its own modules
+  (transformers' output capture). A copy of the model keeps them; the user's are dropped.
 
 :func:`preserved` runs a block with the model in eval mode and puts every module's mode,
 buffers and plain attributes back afterwards, also when the block raises. Buffers are
@@ -23,9 +29,12 @@ from __future__ import annotations
 
 import copy
 import copyreg
+import functools
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +42,7 @@ from torch import nn
 
 from cleanai_core.out_folder import signals_deferred
 
-__all__ = ["HOOK_ATTRIBUTES", "copy_model", "drop_user_hooks", "preserved", "transplant", "user_hooks"]
+__all__ = ["HOOK_ATTRIBUTES", "copy_model", "drop_user_hooks", "preserved", "stored_in", "transplant", "user_hooks"]
 
 #: a module's hook tables (``_forward_hooks``, ``_forward_pre_hooks``, ...): the user's
 #: ``RemovableHandle`` objects point at these very dicts
@@ -58,6 +67,10 @@ class _Snapshot:
         # buffer (a rotary cache grown for a longer input) or builds a layer on its first call
         # (``self.head = nn.Linear(...)``) left it in the user's model
         self.tables = [(dict(m._parameters), set(m._buffers), dict(m._modules)) for m in self.modules]
+        # the hook ids of every module: a forward that registers a hook (transformers' output
+        # capture, installed once per model behind an attribute this snapshot removes again)
+        # left it in the user's model, and each later run added one more
+        self.hooks = [tuple(frozenset(getattr(m, t)) for t in _CALL_HOOKS) for m in self.modules]
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -76,6 +89,20 @@ class _Snapshot:
                 for key, (obj, saved) in bufs.items():
                     _put_back(obj, saved)
                     m._buffers[key] = obj
+            for m, hooks in zip(self.modules, self.hooks, strict=True):
+                _drop_new_hooks(m, hooks)
+
+
+def _drop_new_hooks(m: nn.Module, saved: tuple[frozenset, ...]) -> None:
+    """Remove the hooks registered on ``m`` since ``saved`` (its hook ids per table)."""
+    for table, ids in zip(_CALL_HOOKS, saved, strict=True):
+        hooks = getattr(m, table)
+        if len(hooks) == len(ids) and all(k in ids for k in hooks):
+            continue
+        for key in [k for k in hooks if k not in ids]:
+            del hooks[key]
+            for flags in _HOOK_FLAGS:
+                getattr(m, flags, {}).pop(key, None)
 
 
 def _put_table(table: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -143,6 +170,23 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
             for key, value in m.__dict__.items():
                 if key != "_modules" and key not in HOOK_ATTRIBUTES:
                     t.__dict__[key] = value
+
+
+def stored_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``model`` with its floating parameters and saved buffers in ``dtype``: the
+    dtype its files store it in, where a loader built it in float32 to compute (a
+    ``bfloat16`` checkpoint written back in float32 was twice its size). Buffers that are
+    not saved (a rotary ``inv_freq``) stay as they are, as a fresh load computes them."""
+    model = copy_model(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set:
+                    m._buffers[name] = b.to(dtype)
+    return model
 
 
 def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
@@ -261,26 +305,48 @@ def user_hooks(model: nn.Module) -> list[tuple[str, str, int]]:
     """``(module name, hook table, handle id)`` of the forward and backward hooks on
     ``model``'s modules that belong to the user rather than to the model: every hook except
     those defined by torch itself (the observers of ``torch.ao.quantization.prepare``, part
-    of how a prepared model computes) and bound methods of an object a module holds (timm's
-    ``FeatureHooks`` of a ``features_only`` net, copied with the model)."""
+    of how a prepared model computes), bound methods of an object a module holds (timm's
+    ``FeatureHooks`` of a ``features_only`` net, copied with the model) and hooks an
+    installed library defines for its own modules (transformers' output capture: dropped
+    from a copy that kept the attribute saying they are installed, the pruned model
+    returned no ``hidden_states``)."""
     held = {id(v) for m in model.modules() for k, v in m.__dict__.items() if k not in _TABLES}
     held |= {id(m) for m in model.modules()}
     out = []
     for name, m in model.named_modules():
         for table in _CALL_HOOKS:
             for key, fn in getattr(m, table, {}).items():
-                if not _model_hook(fn, held):
+                if not _model_hook(fn, held, m):
                     out.append((name, table, key))
     return out
 
 
-def _model_hook(fn: Any, held: set[int]) -> bool:
+def _model_hook(fn: Any, held: set[int], module: nn.Module) -> bool:
     owner = getattr(fn, "__self__", None)
     if owner is not None and id(owner) in held:
         return True
     fn = getattr(fn, "func", fn)  # functools.partial
     where = getattr(fn, "__module__", None) or type(fn).__module__ or ""
-    return where == "torch" or where.startswith("torch.")
+    if where == "torch" or where.startswith("torch."):
+        return True
+    package = where.partition(".")[0]
+    return package == type(module).__module__.partition(".")[0] and _installed(package)
+
+
+@functools.cache
+def _installed(package: str) -> bool:
+    """Whether ``package`` is an installed library (under a site-packages folder), not the
+    user's script or project, whose hooks on their own modules stay theirs."""
+    import site
+    import sysconfig
+
+    mod = sys.modules.get(package)
+    origin = getattr(mod, "__file__", None)
+    if not origin:
+        return False
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}  # the environment's (a venv's)
+    roots |= {*getattr(site, "getsitepackages", list)(), site.getusersitepackages()}  # system, pip --user
+    return any(Path(origin).resolve().is_relative_to(Path(r).resolve()) for r in roots)
 
 
 def drop_user_hooks(copy: nn.Module, hooks: list[tuple[str, str, int]]) -> None:

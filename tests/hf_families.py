@@ -57,6 +57,16 @@ def _whisper_inputs() -> dict:
     return {"input_features": feats, "decoder_input_ids": _ids(5)}
 
 
+def _bert2bert() -> tuple[Any, Any]:
+    import transformers
+
+    enc = transformers.BertConfig(**ENC, **ENC_EXTRA)
+    dec = transformers.BertConfig(**ENC, **ENC_EXTRA, is_decoder=True, add_cross_attention=True)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    config.decoder_start_token_id, config.pad_token_id = 1, 0
+    return transformers.EncoderDecoderModel(config), _seq2seq_inputs()
+
+
 OPT = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96,
            max_position_embeddings=64, pad_token_id=0)  # fmt: skip
 FALCON = {"vocab_size": V, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
@@ -1131,6 +1141,119 @@ FAMILIES: dict[str, tuple[Callable[[], tuple[Any, Any]], str]] = {
         "causal",
     ),
     "emu3-text": (_causal("Emu3ForCausalLM", "Emu3TextConfig", num_key_value_heads=2), "causal"),
+    # session 18
+    "cpmant": (  # heads with a relative position bias shared by every layer; a gated FFN (w_in.w_0, w_in.w_1) of dim_ff
+        _make(
+            "CpmAntForCausalLM",
+            "CpmAntConfig",
+            _ids,
+            vocab_size=V,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            dim_head=16,
+            dim_ff=96,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "canine": (  # no one input embedding: 8 hash-bucket tables of hidden_size / 8 side by side, downsampled characters
+        _make(
+            "CanineForSequenceClassification",
+            "CanineConfig",
+            _ids,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            downsampling_rate=2,
+            num_hash_buckets=64,
+        ),
+        "encoder",
+    ),  # fmt: skip
+    "t5gemma": (  # Gemma encoder and decoder (GQA, head_dim 16)
+        _make(
+            "T5GemmaForConditionalGeneration",
+            "T5GemmaConfig",
+            _seq2seq_inputs,
+            vocab_size=V,
+            encoder={**LM, "num_key_value_heads": 2, "head_dim": 16, "model_type": "t5_gemma_module"},
+            decoder={**LM, "num_key_value_heads": 2, "head_dim": 16, "model_type": "t5_gemma_module"},
+        ),
+        "seq2seq",
+    ),  # fmt: skip
+    "bert2bert": (  # EncoderDecoderModel: a BERT encoder and a BERT decoder with cross-attention
+        _bert2bert,
+        "seq2seq",
+    ),
+    "t5gemma2": (  # a Gemma 3 encoder (text and SigLIP towers; run on text) and decoder
+        _make(
+            "T5Gemma2ForConditionalGeneration",
+            "T5Gemma2Config",
+            _seq2seq_inputs,
+            image_token_index=99,
+            encoder={
+                "text_config": {**LM, "num_key_value_heads": 2, "head_dim": 16},
+                "vision_config": {
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 2,
+                    "image_size": 16,
+                    "patch_size": 8,
+                },
+            },
+            decoder={**LM, "num_key_value_heads": 2, "head_dim": 16},
+        ),
+        "seq2seq",
+    ),  # fmt: skip
+    "mistral4": (  # latent attention (q and kv LoRA ranks), routed and shared experts
+        _causal(
+            "Mistral4ForCausalLM",
+            "Mistral4Config",
+            num_key_value_heads=4,
+            moe_intermediate_size=32,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            kv_lora_rank=16,
+            q_lora_rank=32,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            qk_nope_head_dim=8,
+        ),
+        "causal",
+    ),  # fmt: skip
+    "gemma4-unified-text": (  # a full-attention layer with its own head_dim (per_layer_config)
+        _causal(
+            "Gemma4UnifiedForCausalLM",
+            "Gemma4UnifiedTextConfig",
+            num_key_value_heads=2,
+            head_dim=16,
+            per_layer_config={"1": {"head_dim": 32}},
+        ),
+        "causal",
+    ),  # fmt: skip
+    "ibert": (  # QuantLinear layers (F.linear out of quantization mode) with integer buffers beside their weights
+        _make("IBertForMaskedLM", "IBertConfig", _ids, **ENC, **ENC_EXTRA),
+        "encoder",
+    ),
+    "git": (  # a BERT-like decoder over (here: no) image tokens
+        _make(
+            "GitForCausalLM",
+            "GitConfig",
+            _ids,
+            **ENC,
+            **ENC_EXTRA,
+            vision_config={
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+                "image_size": 32,
+                "patch_size": 16,
+            },
+        ),
+        "causal",
+    ),  # fmt: skip
     **{
         name: (_make(cls, cls.replace("ForMaskedLM", "Config"), _ids, **ENC, **ENC_EXTRA, **kw), "encoder")
         for name, cls, kw in (

@@ -227,6 +227,11 @@ HEADS_IN_CONFIG = {
     "llava",
     "gemma3-vlm",
     "paligemma",
+    "cpmant",
+    "t5gemma",
+    "t5gemma2",
+    "mistral4",
+    "gemma4-unified-text",
 }
 
 
@@ -538,8 +543,8 @@ NO_RELOAD = {
     "zamba2": "the shared block's attention width (2 x hidden) and its adapters have no key (the default keeps them)",
     "kimi-linear": "its delta-net's low-rank gates (head_dim wide) have no key of their own (the default keeps them)",
     "gemma3n-text": "its AltUp coefficients and LAuReL widths have no key of their own (the default keeps them)",
-    **dict.fromkeys(("layoutlm", "luke", "squeezebert"), "its pooler is hidden_size wide with no key of its own (the "
-                                                          "default pruner keeps it)"),
+    **dict.fromkeys(("layoutlm", "luke", "squeezebert", "canine", "bert2bert"), "its pooler is hidden_size wide "
+                    "with no key of its own (the default pruner keeps it)"),
     "xmod": "its language adapters are hidden_size / adapter_reduction_factor wide (the default pruner keeps them)",
 }  # fmt: skip
 

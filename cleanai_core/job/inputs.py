@@ -120,6 +120,8 @@ def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
     model = model.eval().to(cfg["device"])
     if model_options.get("resolved_spec"):  # a loader's spec that works from any folder (a relative path made absolute)
         cfg["_model_spec"] = model_options["resolved_spec"]
+    if isinstance(model_options.get("stored_dtype"), torch.dtype):  # the files' dtype, narrower than the model's
+        cfg["_stored_dtype"] = model_options["stored_dtype"]
     dataset = pm.hook.cleanai_load_dataset(
         spec=cfg["data"],
         options={

@@ -28,7 +28,7 @@ from cleanai_core.job.inputs import (
     to_device,
 )
 from cleanai_core.job.outputs import check_out_dir, guard_out
-from cleanai_core.model_state import copy_model, preserved
+from cleanai_core.model_state import copy_model, preserved, stored_in
 from cleanai_core.runtime import device_of
 
 __all__ = ["execute", "run_job"]
@@ -317,9 +317,12 @@ def _execute(
     with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:
         spec = str(Path(cfg["model"]).resolve()) if Path(cfg["model"]).is_file() else cfg["model"]
         spec = cfg.get("_model_spec") or spec
+        saved = pruned.cpu()
+        if cfg.get("_stored_dtype") is not None:  # the dtype the model's files store it in (bfloat16)
+            saved = stored_in(saved, cfg["_stored_dtype"])
         cio.save_pruned(
             tmp,
-            pruned.cpu(),
+            saved,
             pruner.history,
             spec,
             options=arch_options,
@@ -330,7 +333,7 @@ def _execute(
         if cfg.get("_own_marker"):
             cio.atomic_write_text(tmp / cfg["_own_marker"], "written by cleanai demo\n")
         for extra in pm.hook.cleanai_save_outputs(
-            model=pruned.cpu().eval(), folder=tmp, options={"example": example, "model_spec": cfg["model"]}
+            model=saved.eval(), folder=tmp, options={"example": example, "model_spec": cfg["model"]}
         ):
             report.update(extra or {})
         report = write_report(tmp, report)

@@ -10,9 +10,14 @@ This module also gives the job, for these models:
 
 - an evaluator: held-out **perplexity** for causal LMs (token-weighted mean negative
   log-likelihood of the next token, exponentiated), **accuracy** for sequence
-  classifiers, on dict batches (``input_ids``, ``attention_mask``, ``labels``);
+  classifiers, and for masked LMs both, of the masked tokens (the text data masks 15% of
+  the real tokens, the same ones in every run), on dict batches (``input_ids``,
+  ``attention_mask``, ``labels``);
 - the ``hf/`` output folder: the pruned model through ``save_pretrained`` (plus the
-  tokenizer), kept only when ``from_pretrained`` reloads it with the same logits;
+  tokenizer), kept only when ``from_pretrained`` reloads it with the same logits (in the
+  model's dtype). The job computes in float32 (models load in it); the loader tells it the
+  floating dtype the folder stores (``options["stored_dtype"]``), and the pruned weights
+  (``model.pt`` and ``hf/``) are written in it: a ``bfloat16`` checkpoint stays ``bfloat16``;
 - a report section saying which of these the user got.
 
 ``transformers`` is an optional extra: ``pip install cleanai[hf]``.
@@ -34,7 +39,7 @@ from cleanai_core import hookimpl
 from cleanai_core.calibration import split_batch
 from cleanai_core.errors import UserError
 
-__all__ = ["auto_class", "is_hf_model", "load_hf_model", "load_tokenizer"]
+__all__ = ["auto_class", "is_hf_model", "is_masked_lm", "load_hf_model", "load_tokenizer"]
 
 log = logging.getLogger("cleanai")
 
@@ -183,12 +188,33 @@ def cleanai_load_model(spec, options):
     path = Path(_source(spec)).expanduser()
     if path.is_dir():  # the saved architecture.json must rebuild it from any working directory
         options["resolved_spec"] = PREFIX + str(path.resolve())
-    return load_hf_model(spec)
+    model = load_hf_model(spec)
+    stored = source_dtype(model)
+    if stored is not None:  # computed in float32; the pruned weights are written back in this dtype
+        options["stored_dtype"] = stored
+    return model
 
 
 # ---------------------------------------------------------------------------
 # Evaluation: perplexity (causal LMs) and accuracy (sequence classifiers)
 # ---------------------------------------------------------------------------
+
+
+def is_masked_lm(model: Any) -> bool:
+    """A masked language model: ``...ForMaskedLM`` (BERT, RoBERTa, ModernBERT, ...)."""
+    arch = (getattr(model.config, "architectures", None) or [""])[0]
+    return arch.endswith("ForMaskedLM") or type(model).__name__.endswith("ForMaskedLM")
+
+
+def _masked_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """Summed negative log-likelihood of the masked tokens (labels other than -100, at
+    their own positions), their number, and how many the model predicts exactly."""
+    logits, labels = logits.float(), labels.to(logits.device)
+    nll = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    picked = labels != -100
+    return float(nll), int(picked.sum()), int((logits.argmax(-1)[picked] == labels[picked]).sum())
 
 
 def _next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -209,6 +235,7 @@ def cleanai_evaluate(model, loader, device):
         return None
     nll = 0.0
     tokens = correct = total = 0
+    masked = is_masked_lm(model)
     with torch.no_grad():
         for batch in loader:
             inputs, labels = split_batch(batch)
@@ -216,7 +243,10 @@ def cleanai_evaluate(model, loader, device):
                 return None
             inputs = move_to(inputs, device)  # a tensor goes in first place: input_ids, or pixel_values for ViT
             logits = (model(**inputs) if isinstance(inputs, dict) else model(inputs)).logits
-            if logits.dim() == 3 and labels.dim() == 2:
+            if logits.dim() == 3 and labels.dim() == 2 and masked:
+                s, n, hit = _masked_token_scores(logits, labels)
+                nll, tokens, correct, total = nll + s, tokens + n, correct + hit, total + n
+            elif logits.dim() == 3 and labels.dim() == 2:
                 s, n = _next_token_nll(logits, labels)
                 nll, tokens = nll + s, tokens + n
             elif logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
@@ -224,6 +254,14 @@ def cleanai_evaluate(model, loader, device):
                 total += len(labels)
             else:
                 return None
+    if tokens and masked:
+        return {
+            "accuracy": correct / total,
+            "evaluated": total,
+            "perplexity": math.exp(nll / tokens),
+            "loss": nll / tokens,
+            "tokens": tokens,
+        }
     if tokens:
         return {
             "perplexity": math.exp(nll / tokens),
@@ -241,15 +279,29 @@ def cleanai_evaluate(model, loader, device):
 # ---------------------------------------------------------------------------
 
 
-def _quiet_reload(config: Any, folder: Path) -> nn.Module:
+def _quiet_reload(config: Any, folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """``from_pretrained`` without transformers' load report (a mismatch raises anyway)."""
     tf_logging = _transformers().utils.logging
     level = tf_logging.get_verbosity()
     tf_logging.set_verbosity_error()
     try:
-        return auto_class(config).from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+        return auto_class(config).from_pretrained(folder, local_files_only=True, dtype=dtype).eval()
     finally:
         tf_logging.set_verbosity(level)
+
+
+def source_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype the folder ``model`` was loaded from stores its weights in (its
+    config's ``dtype``), where it is not the float32 the job computes in; else ``None``."""
+    where = getattr(model.config, "name_or_path", "") or ""
+    try:
+        dtype = _transformers().AutoConfig.from_pretrained(where, local_files_only=True).dtype
+    except (OSError, ValueError, TypeError):
+        return None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    return dtype if floating and dtype != torch.float32 else None
 
 
 def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, Any]:
@@ -259,6 +311,7 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
     from cleanai_core.calibration import move_to
 
     model = model.cpu().eval()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     record = getattr(model.config, "cleanai_pruning", None) or {}
     if record.get("from_pretrained") is False and record.get("why"):  # the config cannot describe it: say why
         why = "; ".join(record["why"])
@@ -269,11 +322,11 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
         tokenizer = load_tokenizer(model, required=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        reloaded = _quiet_reload(model.config, folder)
+        reloaded = _quiet_reload(model.config, folder, dtype)
         with torch.no_grad():
             inputs = move_to(example, torch.device("cpu"))
             call = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))
-            a, b = call(model).logits, call(reloaded).logits
+            a, b = call(model).logits.float(), call(reloaded).logits.float()
         if a.shape != b.shape:
             raise ValueError(f"reloaded logits have shape {tuple(b.shape)}, the pruned model's {tuple(a.shape)}")
         err = float((a - b).abs().max() / a.abs().max().clamp(min=1e-12))
@@ -293,6 +346,7 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
         "hf_folder": folder.name,
         "hf_reload": f"identical logits (max relative error {err:.1e})",
         "hf_reload_path": "from_pretrained",
+        "hf_dtype": str(dtype).replace("torch.", ""),
     }
 
 

@@ -23,8 +23,11 @@ For a **causal LM** the documents are tokenized, joined and cut into blocks of
 ``--seq-len`` tokens (default 128, at most the model's context); every item is
 ``{"input_ids", "labels"}`` with ``labels = input_ids`` (padding, if any, set to -100), and
 the evaluator reports perplexity. For a **sequence classifier** each document is one item,
-padded to the longest (at most ``--seq-len`` tokens), with its ``label`` if given. The
-tokenizer is the one saved in the model folder.
+padded to the longest (at most ``--seq-len`` tokens), with its ``label`` if given. For a
+**masked LM** each document is one item too, with 15% of its real tokens masked (a fixed
+draw) and ``labels`` holding them, so the evaluator reports the masked tokens' accuracy and
+perplexity; tokenized data is masked the same way where the model folder has a tokenizer
+with a mask token. The tokenizer is the one saved in the model folder.
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ from torch.utils.data import Dataset
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_plugins.io.hf import is_hf_model, load_tokenizer
+from cleanai_plugins.io.hf import is_hf_model, is_masked_lm, load_tokenizer
 
-__all__ = ["TextItems", "blocks_of", "load_text_dataset", "read_jsonl", "read_text"]
+__all__ = ["TextItems", "blocks_of", "load_text_dataset", "masked_tokens", "read_jsonl", "read_text", "reads_token_ids"]
 
 DEFAULT_SEQ_LEN = 128
 
@@ -167,7 +170,31 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
     items = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     if labels is not None:
         items["labels"] = _label_ids(labels, model, source)
+    elif is_masked_lm(model):
+        items.update(masked_tokens(items["input_ids"], items["attention_mask"], tok))
     return TextItems(items)
+
+
+#: the share of a masked LM's real tokens that the text data masks (BERT's pre-training share)
+MASKED_SHARE = 0.15
+
+
+def masked_tokens(ids: torch.Tensor, mask: torch.Tensor | None, tok: Any) -> dict[str, torch.Tensor]:
+    """For a masked LM: ``MASKED_SHARE`` of the real tokens of each row (not padding, not
+    special tokens; at least one per row), drawn with a fixed seed, replaced by the mask
+    token; ``labels`` hold the original ids there and -100 elsewhere. ``{}`` when the
+    tokenizer has no mask token (then the data has no labels)."""
+    mask_id = getattr(tok, "mask_token_id", None) if tok is not None else None
+    if mask_id is None:
+        return {}
+    special = torch.tensor(
+        [tok.get_special_tokens_mask(row, already_has_special_tokens=True) for row in ids.tolist()], dtype=torch.bool
+    )
+    real = ~special if mask is None else mask.bool() & ~special
+    picked = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < MASKED_SHARE) & real
+    empty = ~picked.any(dim=1) & real.any(dim=1)
+    picked[empty, real[empty].float().argmax(dim=1)] = True
+    return {"input_ids": ids.masked_fill(picked, mask_id), "labels": ids.masked_fill(~picked, -100)}
 
 
 def vocab_size(model: Any) -> int | None:
@@ -180,6 +207,33 @@ def vocab_size(model: Any) -> int | None:
     if isinstance(emb, torch.nn.Embedding):
         return int(emb.num_embeddings)
     return None
+
+
+#: forward arguments of a model that reads something besides token ids (pixels, audio)
+_OTHER_INPUTS = ("pixel_values", "input_features", "input_values")
+
+
+def reads_token_ids(model: Any) -> bool:
+    """Whether ``model`` reads token ids: it has a token embedding, or, without one
+    (``get_input_embeddings`` not implemented: CANINE hashes character code points into
+    8 tables), its forward takes ``input_ids`` and no pixel or audio input."""
+    if vocab_size(model) is not None:
+        return True
+    import inspect
+
+    try:
+        takes = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "input_ids" in takes and not any(k in takes for k in _OTHER_INPUTS) and _no_embedding_table(model)
+
+
+def _no_embedding_table(model: Any) -> bool:
+    try:
+        model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return True
+    return False
 
 
 def _context(model: Any) -> int | None:
@@ -237,6 +291,8 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
         labels = ids.long().masked_fill(items["attention_mask"] == 0, -100) if mask is not None else ids.long()
     if labels is not None:
         items["labels"] = torch.as_tensor(labels).long()
+    elif is_masked_lm(model):  # masked with the folder's tokenizer, where it has one with a mask token
+        items.update(masked_tokens(items["input_ids"], items.get("attention_mask"), load_tokenizer(model, False)))
     return TextItems(items)
 
 
@@ -314,13 +370,13 @@ def load_text_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
     if not is_hf_model(model):
         return None
     files = _text_files(path) if path.is_dir() else []
-    if vocab_size(model) is None:  # not a model that reads token ids: images, tensors, .npz go to the other loaders
+    if not reads_token_ids(model):  # images, tensors, .npz go to the other loaders
         if files or (path.is_file() and suffix in (".txt", ".jsonl")):
             arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
             raise UserError(
-                f"--data {spec!r} is text, but the model ({arch}) reads no token ids (it has no token embedding: "
-                "a vision or audio model). Give its own kind of data (an image folder, a .pt or .npz of input "
-                "tensors), or a text model."
+                f"--data {spec!r} is text, but the model ({arch}) reads no token ids alone (it has no token "
+                "embedding, or needs pixel or audio inputs too: a vision, audio or multimodal model). Give its own "
+                "kind of data (an image folder, a .pt or .npz of input tensors), or a text model."
             )
         return None
     if path.is_dir() and not files:

@@ -74,10 +74,19 @@ def cleanai_default_ignores(model):
     try:
         emb = model.get_input_embeddings()
     except (NotImplementedError, AttributeError):
-        return None
+        return outer_embeddings(model) or None
     if emb is None:
         return None
     return [emb, *tied_copies(model, emb), *entry_projections(model, emb), *decoder_embeddings(model, emb)]
+
+
+def outer_embeddings(model: nn.Module) -> list[nn.Module]:
+    """Every ``nn.Embedding`` outside the stack of layers, for a model with no one input
+    embedding (``get_input_embeddings`` not implemented): CANINE embeds characters with 8
+    hash-bucket tables of ``hidden_size / 8`` side by side plus position and token-type
+    tables, the residual stream's width; without them named the default pruned it (the
+    hidden size 64 -> 32 at 0.5)."""
+    return [m for name, m in model.named_modules() if isinstance(m, nn.Embedding) and not _IN_LAYER.search(name)]
 
 
 def decoder_embeddings(model: nn.Module, emb: nn.Module) -> list[nn.Module]:

@@ -17,6 +17,8 @@ import re
 
 from torch import nn
 
+from cleanai_plugins.zoo.transformers.quant_linear import is_quant_linear
+
 __all__ = [
     "INPUT_PROJS",
     "fix_attention",
@@ -29,7 +31,7 @@ __all__ = [
     "proj_width",
 ]
 
-HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size", "dim_head")
 HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 KV_HEADS_ATTRS = ("num_key_value_heads", "num_kv_heads")
 #: the width of all heads together, which :func:`fix_attention` writes
@@ -37,10 +39,10 @@ WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size")
 # child -> how many (q, k, v) parts of equal width its output holds, stacked or per head
 # (DeBERTa's ``in_proj`` viewed as ``(heads, 3 * head_dim)``, ModernBERT's ``Wqkv``)
 QUERY_PROJS = (
-    ("q_proj", 1), ("query", 1), ("q", 1), ("q_lin", 1), ("query_proj", 1),
+    ("q_proj", 1), ("query", 1), ("q", 1), ("q_lin", 1), ("query_proj", 1), ("project_q", 1),
     ("c_attn", 3), ("qkv", 3), ("Wqkv", 3), ("in_proj", 3),
 )  # fmt: skip
-KEY_PROJS = ("k_proj", "key", "k", "k_lin", "key_proj")
+KEY_PROJS = ("k_proj", "key", "k", "k_lin", "key_proj", "project_k")
 INPUT_PROJS = (*(c for c, _ in QUERY_PROJS), "qkv_proj", "query_key_value")
 
 
@@ -130,8 +132,9 @@ def is_attention(module: nn.Module) -> bool:
 
 def proj_width(module: nn.Module | None) -> int | None:
     """Output width of a projection: ``nn.Linear``, transformers' ``Conv1D``, or a
-    pointwise ``nn.Conv1d`` (SqueezeBERT's grouped MLP), JetMoE's ``ParallelExperts``."""
-    if isinstance(module, nn.Linear):
+    pointwise ``nn.Conv1d`` (SqueezeBERT's grouped MLP), JetMoE's ``ParallelExperts``,
+    I-BERT's ``QuantLinear``."""
+    if isinstance(module, nn.Linear) or is_quant_linear(module):
         return module.out_features
     if isinstance(module, nn.Conv1d) and module.kernel_size == (1,):
         return module.out_channels
@@ -144,8 +147,8 @@ def proj_width(module: nn.Module | None) -> int | None:
 
 
 def proj_in_width(module: nn.Module | None) -> int | None:
-    """Input width of a projection: ``nn.Linear`` or transformers' ``Conv1D``."""
-    if isinstance(module, nn.Linear):
+    """Input width of a projection: ``nn.Linear`` (or I-BERT's ``QuantLinear``) or transformers' ``Conv1D``."""
+    if isinstance(module, nn.Linear) or is_quant_linear(module):
         return module.in_features
     weight = getattr(module, "weight", None)
     if type(module).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
