@@ -204,11 +204,78 @@ def test_a_correction_gives_the_reference_running_statistics(batch, batches, mon
         with bn_correction.recording(model, moments), torch.no_grad():
             for b in data:
                 model(b)
+        used = []
+
+        def reference(*args):
+            used.append(len(args))
+            return bn_estimate.Estimate(*_reference(*args))
+
+        def reference_prepared(p, pruned, pair):  # the per-call estimate from the original's prepared side
+            return reference(p.base_mean, p.base_var, p.eps, pruned, (p.n, p.mean, p.m2), pair)
+
         with monkeypatch.context() as m:
             if use_reference:
-                m.setattr(bn_correction, "estimate", lambda *a: bn_estimate.Estimate(*_reference(*a)))
+                m.setattr(bn_correction, "estimate", reference)
+                m.setattr(bn_correction, "estimate_prepared", reference_prepared)
             bn_correction.correct_batchnorm(target, moments, {}, lambda: iter(data), lambda m, b: m(b), original=model)
+        assert len(used) == (3 * batches + (3 if batches > 1 else 0) if use_reference else 0)  # every call, every norm
         results.append({k: v for k, v in target.state_dict().items() if "running" in k})
     for key, want in results[1].items():
         torch.testing.assert_close(results[0][key], want, rtol=1e-9, atol=1e-12, msg=key)
     assert not torch.equal(results[0]["b2.running_var"], model.b2.running_var)  # the correction moved it
+
+
+@pytest.mark.parametrize("values", [1, 3, 40, 3000])
+def test_the_calls_of_a_norm_prepared_together_equal_each_prepared_alone(values):
+    """The original's side of the estimate (:func:`bn_estimate.prepare`) made for all of a
+    norm's calls stacked, as the correction does before its pass, gives each call the same
+    terms and trust as that call alone, and so the same estimate: bit for bit, also where a
+    call has no related channel (trust 0) or a median over an even count of channels."""
+    cases = [_case(seed, values + seed, 24, kind) for seed, kind in enumerate(("plain", "dead", "foreign", "noise"))]
+    base_mean, base_var, eps = cases[0][:3]
+    origs = [c[4] for c in cases]
+    const = (float(values), torch.full((24,), 2.0, dtype=torch.float64), torch.zeros(24, dtype=torch.float64))
+    origs.append(const)  # constant everywhere in the original: nothing related
+    odd = (origs[0][0], origs[0][1], origs[0][2].clone())
+    odd[2][:5] = 0.0  # 19 related channels: an odd count
+    origs.append(odd)
+    stacked = bn_estimate.prepare(
+        base_mean,
+        base_var,
+        eps,
+        ([o[0] for o in origs], torch.stack([o[1] for o in origs]), torch.stack([o[2] for o in origs])),
+    )
+    rows = stacked.rows()
+    assert rows[-2].trust == 0.0
+    for row, orig, case in zip(rows, origs, cases + cases[:2], strict=True):
+        alone = bn_estimate.prepare(base_mean, base_var, eps, orig)
+        assert row.trust == alone.trust and row.n == alone.n
+        for field in ("mean", "m2", "var", "related", "var_c", "off", "w", "w_zero", "lever1", "v_t", "sd_t"):
+            assert torch.equal(getattr(row, field), getattr(alone, field)), field
+        for pair in (case[5], None):
+            got = bn_estimate.estimate_prepared(row, case[3], pair)
+            want = bn_estimate.estimate(base_mean, base_var, eps, case[3], orig, pair)
+            assert torch.equal(got.mean, want.mean) and torch.equal(got.var, want.var)
+            assert got.uncertain == want.uncertain
+
+
+def test_moments_merged_at_once_equal_the_merge_one_call_at_a_time():
+    """The correction's totals (:func:`merged_moments`, after its pass) against Chan's merge
+    of one call at a time (what it did at every call): equal to 1e-13 relative."""
+    from cleanai_core.calibration import _chan_merge, merged_moments
+
+    g = torch.Generator().manual_seed(3)
+    parts = []
+    for n in (8 * 49, 8 * 49, 3 * 49, 1):
+        x = torch.randn(n, 40, generator=g, dtype=torch.float64) * 5 + 100
+        parts.append((float(n), x.mean(0), x.var(0, correction=0) * n))
+    total: list = [0.0, None, None]
+    for p in parts:
+        total = list(_chan_merge(*total, *p))
+    got = merged_moments(parts)
+    assert got[0] == total[0] == sum(p[0] for p in parts)
+    torch.testing.assert_close(got[1], total[1], rtol=1e-13, atol=0)
+    torch.testing.assert_close(got[2], total[2], rtol=1e-13, atol=0)
+    one = merged_moments(parts[:1])
+    assert one[0] == parts[0][0] and torch.equal(one[2], parts[0][2]) and one[2] is not parts[0][2]
+    assert merged_moments([]) == [0.0, None, None]
