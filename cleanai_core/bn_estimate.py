@@ -375,24 +375,25 @@ def estimate_prepared(p: Prepared, pruned: tuple, pair: Pair | None) -> Estimate
     base_mean, base_var, eps, related = p.base_mean, p.base_var, p.eps, p.related
     var_p = m2_p / n
     ratio = var_p / p.var_c  # read only where related
-    shift_mean = base_mean + (mean_p - p.mean)
-    shift_var = torch.where(related, base_var * ratio, base_var + (var_p - p.var)).clamp_min_(0.0)
+    shift_mean = (mean_p - p.mean).add_(base_mean)
+    shift_var = torch.where(related, base_var * ratio, (var_p - p.var).add_(base_var)).clamp_min_(0.0)
     if pair is None or pair[0][1] is None:
         return Estimate(shift_mean, shift_var)
     n_d, _, m2_dd = pair[2]
     r = torch.where(related, correlation(pair), _ZERO)  # 0 where the original is constant
-    # the regression x_p = a + slope x_o + e: its estimate at the trained statistics
-    slope = r * ratio.sqrt()
+    # the regression x_p = a + slope x_o + e: its estimate at the trained statistics (in place
+    # where a term is not read again: fewer fresh tensors, which cost most with cold caches)
+    slope = ratio.sqrt_().mul_(r)
     resid = (_ONE - r.square()).clamp_min_(0.0).mul_(var_p)  # (1 - r^2) var_p: what the original does not predict
-    reg_mean = mean_p + slope * p.off
-    reg_var = resid + slope.square() * base_var
+    reg_mean = (slope * p.off).add_(mean_p)
+    reg_var = slope.square_().mul_(base_var).add_(resid)
     w = p.w
-    mean = shift_mean + w * (reg_mean - shift_mean)
-    var = torch.where(p.w_zero, shift_var, shift_var + w * (reg_var - shift_var))
+    mean = reg_mean.sub_(shift_mean).mul_(w).add_(shift_mean)
+    var = torch.where(p.w_zero, shift_var, reg_var.sub_(shift_var).mul_(w).add_(shift_var))
     # the sampling noise of the changes from the trained statistics, in the trained units
     scale = p.v_t
     moved_mean = mean - base_mean
-    change = torch.stack([moved_mean / p.sd_t, torch.log((var + eps) / scale)])
+    change = torch.stack([moved_mean / p.sd_t, (var + eps).div_(scale).log_()])
     if n > 1:  # of the fitted line at the trained mean: residual / n times (1 + leverage)
         resid = torch.where(related, (_ONE - _lower_correlation_sq(r, n_d)).mul_(var_p), m2_dd / n_d)
         # the mean blends the shift (noise: the paired difference's variance / n) and the
@@ -400,11 +401,11 @@ def estimate_prepared(p: Prepared, pruned: tuple, pair: Pair | None) -> Estimate
         # standard deviations: the two errors share ``m_p``'s). Where the trained statistics
         # do not describe the calibration data (``w`` -> 0) the regression's leverage at
         # the trained mean is large but the estimate does not rely on it.
-        sd_shift = (m2_dd / (n_d * n) / scale).sqrt_()
-        sd_reg = (resid * p.lever1 / (n * scale)).sqrt_()
-        noise = torch.stack([(sd_shift + w * (sd_reg - sd_shift)).square_(), resid / var_p.clamp_min(eps)])
+        sd_shift = (m2_dd / (n_d * n)).div_(scale).sqrt_()
+        sd_reg = (resid * p.lever1).div_(n * scale).sqrt_()
         # the log of a variance from n values varies by trigamma((n - 1) / 2); a ratio of two, twice that
-        noise[1].clamp_max_(1.0).mul_(2 * _trigamma((n - 1) / 2))
+        noise_var = (resid / var_p.clamp_min(eps)).clamp_max_(1.0).mul_(2 * _trigamma((n - 1) / 2))
+        noise = torch.stack([sd_reg.sub_(sd_shift).mul_(w).add_(sd_shift).square_(), noise_var])
     else:  # one value per channel: no measure of the noise, so no change is trusted
         noise = torch.full_like(change, math.inf).masked_fill_(change == 0, 0.0)
     finite = change.abs() < _INF
@@ -412,9 +413,10 @@ def estimate_prepared(p: Prepared, pruned: tuple, pair: Pair | None) -> Estimate
     # shrink toward the trained statistics only as far as they describe the calibration data
     k = _ONE - (_ONE - factor).mul_(p.trust)  # 1 - trust (1 - factor)
     # a change too large for float64 (a model whose activations overflow) is left unshrunk
-    keep = (k == _ONE) | ~finite
-    new_mean = torch.where(keep[0], mean, base_mean + k[0] * moved_mean)
-    new_var = torch.where(keep[1], var, (scale * (k[1] * change[1]).exp() - eps).clamp_min_(0.0))
+    keep_mean, keep_var = ((k == _ONE) | ~finite).unbind()
+    k_mean, k_var = k.unbind()
+    new_mean = torch.where(keep_mean, mean, (k_mean * moved_mean).add_(base_mean))
+    new_var = torch.where(keep_var, var, (k_var * change[1]).exp_().mul_(scale).sub_(eps).clamp_min_(0.0))
     return Estimate(new_mean, new_var, (change, noise, factor))
 
 
