@@ -279,3 +279,61 @@ def test_moments_merged_at_once_equal_the_merge_one_call_at_a_time():
     one = merged_moments(parts[:1])
     assert one[0] == parts[0][0] and torch.equal(one[2], parts[0][2]) and one[2] is not parts[0][2]
     assert merged_moments([]) == [0.0, None, None]
+
+
+def _sequential_totals(parts):
+    """The pass's totals the way the correction made them before: Chan's merge at every call."""
+    from cleanai_core.calibration import _chan_merge
+
+    total: list = [0.0, None, None]
+    for p in parts:
+        total = list(_chan_merge(*total, *p))
+    return total
+
+
+def test_the_digits_benchmark_prunes_to_the_same_accuracy_as_the_reference_correction(monkeypatch):
+    """The trained digits CNN pruned by half on its calibration split, once with the
+    correction as it runs (the original's side prepared before the pass, totals merged after
+    it) and once with the plain reference estimate at every call and Chan's merge call by
+    call: the same running statistics to 1e-6 relative, the same predictions on the
+    evaluation split, and so the same accuracy, which the correction moves from the
+    uncorrected model's."""
+    from digits_setup import accuracy, splits, trained_cnn
+
+    from cleanai_core import StructuredPruner
+
+    calibration, evaluation = splits()[1], splits()[2]
+    batches = [calibration[0][i : i + 32] for i in range(0, 300, 32)]
+
+    def pruned(**kwargs):
+        pruner = StructuredPruner(trained_cnn(16), calibration[0][:1], pruning_ratio=0.5, **kwargs)
+        pruner.collect_activations(batches, progress=False)
+        return pruner.prune()
+
+    fast = pruned()
+    calls = []
+
+    def reference(*args):
+        calls.append(1)
+        return bn_estimate.Estimate(*_reference(*args))
+
+    with monkeypatch.context() as m:
+        m.setattr(bn_correction, "estimate", reference)
+        m.setattr(
+            bn_correction,
+            "estimate_prepared",
+            lambda p, pruned, pair: reference(p.base_mean, p.base_var, p.eps, pruned, (p.n, p.mean, p.m2), pair),
+        )
+        m.setattr(bn_correction, "merged_moments", _sequential_totals)
+        slow = pruned()
+    assert len(calls) == 3 * 8 + 3  # three norms: 8 of the 10 batches (256 samples, spread), then the totals
+    plain = pruned(recalibrate_bn=False)
+    stats = {k: v for k, v in fast.state_dict().items() if "running_" in k}
+    assert len(stats) == 6
+    for key, want in ((k, v) for k, v in slow.state_dict().items() if "running_" in k):
+        torch.testing.assert_close(stats[key], want, rtol=1e-6, atol=1e-7, msg=key)
+    with torch.no_grad():
+        assert torch.equal(fast(evaluation[0]).argmax(1), slow(evaluation[0]).argmax(1))
+    assert accuracy(fast, evaluation) == accuracy(slow, evaluation)
+    assert accuracy(fast, evaluation) != accuracy(plain, evaluation)
+    assert not torch.equal(stats["features.4.running_var"], plain.state_dict()["features.4.running_var"])
