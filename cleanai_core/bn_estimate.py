@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from cleanai_core.calibration import _chan_merge, finite_moments_of
+from cleanai_core.calibration import finite_moments, finite_moments_of
 
 __all__ = [
     "SAMPLE_ROWS",
@@ -71,7 +71,6 @@ __all__ = [
     "correlation",
     "estimate",
     "estimate_prepared",
-    "merge_pair",
     "pair_moments",
     "prepare",
     "sample_rows",
@@ -79,6 +78,10 @@ __all__ = [
 
 #: positions per call at which the original's and the pruned model's norm inputs are paired
 SAMPLE_ROWS = 256
+
+#: the most bytes of a pair's three samples that :func:`pair_moments` joins into one tensor
+#: to reduce them in one call (256 rows of up to 341 float32 channels)
+PAIR_JOINED_BYTES = 1 << 20
 
 #: a norm is reported uncertain where most of its change is noise and that noise is at
 #: least this (the variance of a change of the mean in trained standard deviations, or of
@@ -131,18 +134,23 @@ def pair_moments(orig: torch.Tensor, pruned: torch.Tensor) -> Pair | None:
     the kept channels); None where they do not match or a value is not finite. Each of
     the three samples (original, pruned, their difference) is reduced by the statistics
     kernel of :func:`~cleanai_core.calibration.finite_moments` (two passes per channel,
-    in the samples' precision): at 256 rows of 2048 channels 4x faster than stacking the
-    three and reducing the stack, which wrote and read it twice more (the conversions
-    after the kernel are made once for the three:
-    :func:`~cleanai_core.calibration.finite_moments_of`)."""
+    in the samples' precision, each channel alone: the same bits however the three are
+    laid side by side). Up to :data:`PAIR_JOINED_BYTES` the three are joined along the
+    channels and reduced by one call (256 rows: 120 channels 64 -> 30 us, 480 channels
+    150 -> 106 us, and a third of the operations, which cost most between the pruned
+    model's layers); wider, each is reduced alone (at 2048 channels 4x faster than stacking
+    the three and reducing the stack, and 1.5x faster than the joined copy, which no
+    longer fits the cache)."""
     if orig.shape != pruned.shape:
         return None
-    return finite_moments_of([orig, pruned, pruned - orig], 1)
-
-
-def merge_pair(total: Pair, got: Pair) -> Pair:
-    """Two pairs' moments merged (Chan et al.); ``total`` holds ``[0.0, None, None]`` triples when empty."""
-    return [list(_chan_merge(*t, *g)) for t, g in zip(total, got, strict=True)]
+    diff = pruned - orig
+    if orig.ndim != 2 or 3 * orig.numel() * orig.element_size() > PAIR_JOINED_BYTES:
+        return finite_moments_of([orig, pruned, diff], 1)
+    got = finite_moments(torch.cat([orig, pruned, diff], 1), 1)
+    if got is None:
+        return None
+    n, mean, m2 = got
+    return [(n, a, b) for a, b in zip(mean.view(3, -1).unbind(), m2.view(3, -1).unbind(), strict=True)]
 
 
 def correlation(pair: Pair) -> torch.Tensor:

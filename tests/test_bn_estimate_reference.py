@@ -337,3 +337,22 @@ def test_the_digits_benchmark_prunes_to_the_same_accuracy_as_the_reference_corre
     assert accuracy(fast, evaluation) == accuracy(slow, evaluation)
     assert accuracy(fast, evaluation) != accuracy(plain, evaluation)
     assert not torch.equal(stats["features.4.running_var"], plain.state_dict()["features.4.running_var"])
+
+
+@pytest.mark.parametrize("channels", [1, 7, 200, 341, 342, 1500])
+def test_a_pair_joined_for_one_reduction_gives_each_sample_its_own_moments(channels):
+    """:func:`bn_estimate.pair_moments` joins small pairs along the channels for one call of
+    the statistics kernel and reduces wide ones alone: either way each of the three samples
+    gets its own :func:`finite_moments` bit for bit; a non-finite value anywhere: None."""
+    g = torch.Generator().manual_seed(channels)
+    o = torch.randn(256, channels, generator=g) * 3 + 1
+    p = o * 0.5 + torch.randn(256, channels, generator=g)
+    p[:, ::2] = o[:, ::2]
+    got = bn_estimate.pair_moments(o, p)
+    for x, (n, mean, m2) in zip((o, p, p - o), got, strict=True):
+        alone = finite_moments(x, 1)
+        assert n == alone[0] == 256.0 and torch.equal(mean, alone[1]) and torch.equal(m2, alone[2])
+    assert not got[2][2][::2].any()  # unchanged channels: a difference of exactly 0
+    p[3, -1] = math.inf
+    assert bn_estimate.pair_moments(o, p) is None
+    assert bn_estimate.pair_moments(o, p[:, :-1]) is None if channels > 1 else True
