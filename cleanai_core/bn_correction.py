@@ -16,9 +16,10 @@ The correction (eval mode throughout; any batch size, also one value per channel
 1. While calibrating, the moments of every norm's input in the *original* model are
    recorded per call (:func:`recording`); the calibration batches are kept when small.
 2. Passes of the *pruned* model over the same batches (:func:`correct_batchnorm`). At
-   each call a pre-hook merges the pruned input's moments into running totals and merges
-   the original's moments of the same calls (restricted to the kept channels); after the
-   pass (totals summed over ranks under ``torch.distributed``) every norm gets
+   each call a pre-hook reads the pruned input's moments; after the pass they are merged
+   into totals, and so are the original's moments of the same calls (restricted to the
+   kept channels); with the totals (summed over ranks under ``torch.distributed``) every
+   norm gets
 
    ``running_mean = base_mean + (mean_pruned - mean_orig)``
    ``running_var  = base_var * var_pruned / var_orig`` (``+ var_pruned - var_orig`` where
