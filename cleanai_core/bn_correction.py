@@ -16,9 +16,10 @@ The correction (eval mode throughout; any batch size, also one value per channel
 1. While calibrating, the moments of every norm's input in the *original* model are
    recorded per call (:func:`recording`); the calibration batches are kept when small.
 2. Passes of the *pruned* model over the same batches (:func:`correct_batchnorm`). At
-   each call a pre-hook merges the pruned input's moments into running totals and merges
-   the original's moments of the same calls (restricted to the kept channels); after the
-   pass (totals summed over ranks under ``torch.distributed``) every norm gets
+   each call a pre-hook reads the pruned input's moments; after the pass they are merged
+   into totals, and so are the original's moments of the same calls (restricted to the
+   kept channels); with the totals (summed over ranks under ``torch.distributed``) every
+   norm gets
 
    ``running_mean = base_mean + (mean_pruned - mean_orig)``
    ``running_var  = base_var * var_pruned / var_orig`` (``+ var_pruned - var_orig`` where
@@ -56,8 +57,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from cleanai_core.bn_estimate import Estimate, Pair, estimate, merge_pair, pair_moments, sample_rows
-from cleanai_core.calibration import _chan_merge, finite_moments
+from cleanai_core.bn_estimate import (
+    Estimate,
+    Pair,
+    Prepared,
+    estimate,
+    estimate_prepared,
+    pair_moments,
+    prepare,
+    sample_rows,
+)
+from cleanai_core.calibration import finite_moments, merged_moments
 from cleanai_core.model_state import preserved
 
 __all__ = [
@@ -185,7 +195,13 @@ def set_running_stats(module: nn.Module, mean: torch.Tensor, var: torch.Tensor) 
 
 
 class _Correction:
-    """The running totals of one norm of the pruned model over a pass, and the update they give."""
+    """The running totals of one norm of the pruned model over a pass, and the update they give.
+
+    At each call the hook reads the pruned input's moments (and its paired sample) and, in
+    the batchwise pass, sets the statistics estimated from that call; everything else is
+    done once per norm: the original's side of the estimate for all its calls before the
+    pass (:func:`~cleanai_core.bn_estimate.prepare` on the stacked calls), the totals from
+    all the calls after it (:func:`~cleanai_core.calibration.merged_moments`, :meth:`totals`)."""
 
     def __init__(self, module: nn.Module, calls: list, keep: torch.Tensor | None) -> None:
         self.module = module
@@ -212,11 +228,16 @@ class _Correction:
         beside on each batch (its samples in :attr:`samples`) and the pair is measured."""
         self.i = 0
         self.batchwise = batchwise
+        self.pairing = pairing
         self.held = (self.module.running_mean.detach().clone(), self.module.running_var.detach().clone())
         self.pruned: list = [0.0, None, None]
         self.orig: list = [0.0, None, None]
-        self.merged = 0  # calls merged into the totals this pass
+        self.merged: list = []  # per call merged this pass: the pruned input's moments and the original's
+        self.pairs: list = []  # per paired call: the pair's moments
         self.last: Estimate | None = None  # the batchwise estimate of the last call
+        # per call recorded so far: the original's moments on the kept channels and the
+        # estimate's side of them (batchwise only); calls recorded later are done one by one
+        self.originals = self._originals() if batchwise else []
         if pairing:
             self.pair = [[0.0, None, None] for _ in range(3)]
 
@@ -226,6 +247,36 @@ class _Correction:
             self._keep_at = self.keep.to(device, torch.long)
         return self._keep_at
 
+    def _kept(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return t if self.keep is None else t.index_select(dim, self._keep_on(t.device))
+
+    def _originals(self) -> list[tuple[tuple, Prepared] | None]:
+        """Per call recorded so far, the original's moments on the kept channels and their
+        side of the estimate, all calls stacked (the same as one call at a time: elementwise
+        operations, and the trust from each row's own median)."""
+        valid = [k for k, c in enumerate(self.calls) if c is not None]
+        if not valid or len({self.calls[k][1].shape for k in valid}) != 1:
+            return []  # nothing recorded yet (measured beside the pruned model), or mixed widths: one by one
+        counts = [float(self.calls[k][0]) for k in valid]
+        mean = self._kept(torch.stack([self.calls[k][1] for k in valid]), 1)
+        m2 = self._kept(torch.stack([self.calls[k][2] for k in valid]), 1)
+        rows = prepare(*self.base64, self.eps, (counts, mean, m2)).rows()
+        out: list = [None] * len(self.calls)
+        for k, p in zip(valid, rows, strict=True):
+            out[k] = ((p.n, p.mean, p.m2), p)
+        return out
+
+    def _original(self, k: int) -> tuple[tuple, Prepared | None] | None:
+        """The original's moments of call ``k`` on the kept channels and, where made before
+        the pass, their side of the estimate; None where the original measured nothing."""
+        if k < len(self.originals):
+            return self.originals[k]
+        orig = self.calls[k]
+        if orig is None:
+            return None
+        n, mean, m2 = orig
+        return (n, self._kept(mean), self._kept(m2)), None
+
     def _hold(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         set_running_stats(self.module, mean, var)
 
@@ -233,7 +284,7 @@ class _Correction:
         return estimate(*self.base64, self.eps, pruned, orig, pair)
 
     def _paired(self, x: Any) -> Pair | None:
-        """The pair of this call (the original's sample beside ``x``'s), merged into the totals."""
+        """The pair of this call (the original's sample beside ``x``'s), kept for the totals."""
         if self.samples is None:
             return None
         k = self.i - 1 - self.sample_offset
@@ -245,35 +296,42 @@ class _Correction:
             sample = sample.index_select(1, self._keep_on(sample.device))
         got = pair_moments(sample, mine)
         if got is not None:
-            self.pair = merge_pair(self.pair, got)
+            self.pairs.append(got)
         return got
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if self.broken:
             return
-        if self.i >= len(self.calls) or not args:
+        k = self.i
+        if k >= len(self.calls) or not args:
             self.broken = True  # the pruned model calls this norm more often: leave it as trained
             return
-        orig, self.i = self.calls[self.i], self.i + 1
+        self.i = k + 1
         got = _moments(args[0])
-        if orig is None or got is None:
+        known = self._original(k)
+        if known is None or got is None:
             if self.batchwise:
                 self._hold(*self.held)
             return
-        n, mean, m2 = orig
-        if self.keep is not None:
-            keep = self._keep_on(mean.device)
-            mean, m2 = mean.index_select(0, keep), m2.index_select(0, keep)
-        if mean.shape != got[1].shape:
+        orig, prepared = known
+        if orig[1].shape != got[1].shape:
             self.broken = True
             return
         pair = self._paired(args[0])
-        self.pruned[:] = _chan_merge(*self.pruned, *got)
-        self.orig[:] = _chan_merge(*self.orig, n, mean, m2)
-        self.merged += 1
+        self.merged.append((got, orig))
         if self.batchwise:
-            self.last = self._estimate(got, (n, mean, m2), pair)
+            if prepared is None:
+                prepared = prepare(*self.base64, self.eps, orig)
+            self.last = estimate_prepared(prepared, got, pair)
             self._hold(self.last.mean, self.last.var)
+
+    def totals(self) -> None:
+        """The pass's totals from its calls: the pruned input's moments, the original's (the
+        same calls) and, in the pairing pass, the pair's."""
+        self.pruned = merged_moments([got for got, _ in self.merged])
+        self.orig = merged_moments([orig for _, orig in self.merged])
+        if self.pairing:
+            self.pair = [merged_moments([p[k] for p in self.pairs]) for k in range(3)]
 
     def apply(self, summed: bool = False) -> float:
         """Set the statistics from the pass's totals (``summed``: totals summed over ranks);
@@ -283,7 +341,7 @@ class _Correction:
         if self.pruned[1] is None:
             self._hold(*self.held)
             return 0.0
-        if self.merged == 1 and self.last is not None and not summed:
+        if len(self.merged) == 1 and self.last is not None and not summed:
             e = self.last  # one call on one rank: the totals are that call's, and so is the estimate
         else:
             e = self._estimate(tuple(self.pruned), tuple(self.orig), self.pair)
@@ -363,6 +421,8 @@ def correct_batchnorm(
                     _run_beside(batch, original if pairing and not stored else None, run_original, run, fixes)
                     run(pruned, batch)
                 ordered = [fixes[name] for name in sorted(fixes)]
+                for f in ordered:
+                    f.totals()
                 sizes = [f.module.running_mean.numel() for f in ordered]
                 combine_moments([f.pruned for f in ordered], sizes)
                 combine_moments([f.orig for f in ordered], sizes)

@@ -48,6 +48,7 @@ __all__ = [
     "covariance_bytes",
     "finite_moments",
     "finite_moments_of",
+    "merged_moments",
     "move_to",
     "split_batch",
     "iterate",
@@ -672,6 +673,24 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     m2_a += m2_b
     m2_a.addcmul_(delta, delta, value=n_a * n_b / total)
     return total, mean_a + delta * (n_b / total), m2_a
+
+
+def merged_moments(parts: list[tuple[float, torch.Tensor, torch.Tensor]]) -> list:
+    """``[count, mean, M2]`` of several per-channel ``(count, mean, M2)`` summaries of the
+    same channels merged at once: the count-weighted mean, and the parts' M2 plus their
+    squared deviations from it (what :func:`_chan_merge` gives one part at a time, to
+    float64 rounding, in a dozen operations however many parts); ``[0.0, None, None]``
+    for none. ``M2`` is a new tensor (the parts' are not changed)."""
+    if not parts:
+        return [0.0, None, None]
+    if len(parts) == 1:
+        return list(_chan_merge(0.0, None, None, *parts[0]))
+    counts = torch.tensor([float(n) for n, _, _ in parts], dtype=torch.float64).unsqueeze(1)
+    means = torch.stack([m for _, m, _ in parts]).to(torch.float64)
+    total = float(counts.sum())
+    mean = (counts * means).sum(0) / total
+    m2 = torch.stack([m2 for _, _, m2 in parts]).to(torch.float64).sum(0)
+    return [total, mean, m2.add_((counts * (means - mean).square()).sum(0))]
 
 
 class BatchReduction:

@@ -204,11 +204,155 @@ def test_a_correction_gives_the_reference_running_statistics(batch, batches, mon
         with bn_correction.recording(model, moments), torch.no_grad():
             for b in data:
                 model(b)
+        used = []
+
+        def reference(*args):
+            used.append(len(args))
+            return bn_estimate.Estimate(*_reference(*args))
+
+        def reference_prepared(p, pruned, pair):  # the per-call estimate from the original's prepared side
+            return reference(p.base_mean, p.base_var, p.eps, pruned, (p.n, p.mean, p.m2), pair)
+
         with monkeypatch.context() as m:
             if use_reference:
-                m.setattr(bn_correction, "estimate", lambda *a: bn_estimate.Estimate(*_reference(*a)))
+                m.setattr(bn_correction, "estimate", reference)
+                m.setattr(bn_correction, "estimate_prepared", reference_prepared)
             bn_correction.correct_batchnorm(target, moments, {}, lambda: iter(data), lambda m, b: m(b), original=model)
+        assert len(used) == (3 * batches + (3 if batches > 1 else 0) if use_reference else 0)  # every call, every norm
         results.append({k: v for k, v in target.state_dict().items() if "running" in k})
     for key, want in results[1].items():
         torch.testing.assert_close(results[0][key], want, rtol=1e-9, atol=1e-12, msg=key)
     assert not torch.equal(results[0]["b2.running_var"], model.b2.running_var)  # the correction moved it
+
+
+@pytest.mark.parametrize("values", [1, 3, 40, 3000])
+def test_the_calls_of_a_norm_prepared_together_equal_each_prepared_alone(values):
+    """The original's side of the estimate (:func:`bn_estimate.prepare`) made for all of a
+    norm's calls stacked, as the correction does before its pass, gives each call the same
+    terms and trust as that call alone, and so the same estimate: bit for bit, also where a
+    call has no related channel (trust 0) or a median over an even count of channels."""
+    cases = [_case(seed, values + seed, 24, kind) for seed, kind in enumerate(("plain", "dead", "foreign", "noise"))]
+    base_mean, base_var, eps = cases[0][:3]
+    origs = [c[4] for c in cases]
+    const = (float(values), torch.full((24,), 2.0, dtype=torch.float64), torch.zeros(24, dtype=torch.float64))
+    origs.append(const)  # constant everywhere in the original: nothing related
+    odd = (origs[0][0], origs[0][1], origs[0][2].clone())
+    odd[2][:5] = 0.0  # 19 related channels: an odd count
+    origs.append(odd)
+    stacked = bn_estimate.prepare(
+        base_mean,
+        base_var,
+        eps,
+        ([o[0] for o in origs], torch.stack([o[1] for o in origs]), torch.stack([o[2] for o in origs])),
+    )
+    rows = stacked.rows()
+    assert rows[-2].trust == 0.0
+    for row, orig, case in zip(rows, origs, cases + cases[:2], strict=True):
+        alone = bn_estimate.prepare(base_mean, base_var, eps, orig)
+        assert row.trust == alone.trust and row.n == alone.n
+        for field in ("mean", "m2", "var", "related", "var_c", "off", "w", "w_zero", "lever1", "v_t", "sd_t"):
+            assert torch.equal(getattr(row, field), getattr(alone, field)), field
+        for pair in (case[5], None):
+            got = bn_estimate.estimate_prepared(row, case[3], pair)
+            want = bn_estimate.estimate(base_mean, base_var, eps, case[3], orig, pair)
+            assert torch.equal(got.mean, want.mean) and torch.equal(got.var, want.var)
+            assert got.uncertain == want.uncertain
+
+
+def test_moments_merged_at_once_equal_the_merge_one_call_at_a_time():
+    """The correction's totals (:func:`merged_moments`, after its pass) against Chan's merge
+    of one call at a time (what it did at every call): equal to 1e-13 relative."""
+    from cleanai_core.calibration import _chan_merge, merged_moments
+
+    g = torch.Generator().manual_seed(3)
+    parts = []
+    for n in (8 * 49, 8 * 49, 3 * 49, 1):
+        x = torch.randn(n, 40, generator=g, dtype=torch.float64) * 5 + 100
+        parts.append((float(n), x.mean(0), x.var(0, correction=0) * n))
+    total: list = [0.0, None, None]
+    for p in parts:
+        total = list(_chan_merge(*total, *p))
+    got = merged_moments(parts)
+    assert got[0] == total[0] == sum(p[0] for p in parts)
+    torch.testing.assert_close(got[1], total[1], rtol=1e-13, atol=0)
+    torch.testing.assert_close(got[2], total[2], rtol=1e-13, atol=0)
+    one = merged_moments(parts[:1])
+    assert one[0] == parts[0][0] and torch.equal(one[2], parts[0][2]) and one[2] is not parts[0][2]
+    assert merged_moments([]) == [0.0, None, None]
+
+
+def _sequential_totals(parts):
+    """The pass's totals the way the correction made them before: Chan's merge at every call."""
+    from cleanai_core.calibration import _chan_merge
+
+    total: list = [0.0, None, None]
+    for p in parts:
+        total = list(_chan_merge(*total, *p))
+    return total
+
+
+def test_the_digits_benchmark_prunes_to_the_same_accuracy_as_the_reference_correction(monkeypatch):
+    """The trained digits CNN pruned by half on its calibration split, once with the
+    correction as it runs (the original's side prepared before the pass, totals merged after
+    it) and once with the plain reference estimate at every call and Chan's merge call by
+    call: the same running statistics to 1e-6 relative, the same predictions on the
+    evaluation split, and so the same accuracy, which the correction moves from the
+    uncorrected model's."""
+    from digits_setup import accuracy, splits, trained_cnn
+
+    from cleanai_core import StructuredPruner
+
+    calibration, evaluation = splits()[1], splits()[2]
+    batches = [calibration[0][i : i + 32] for i in range(0, 300, 32)]
+
+    def pruned(**kwargs):
+        pruner = StructuredPruner(trained_cnn(16), calibration[0][:1], pruning_ratio=0.5, **kwargs)
+        pruner.collect_activations(batches, progress=False)
+        return pruner.prune()
+
+    fast = pruned()
+    calls = []
+
+    def reference(*args):
+        calls.append(1)
+        return bn_estimate.Estimate(*_reference(*args))
+
+    with monkeypatch.context() as m:
+        m.setattr(bn_correction, "estimate", reference)
+        m.setattr(
+            bn_correction,
+            "estimate_prepared",
+            lambda p, pruned, pair: reference(p.base_mean, p.base_var, p.eps, pruned, (p.n, p.mean, p.m2), pair),
+        )
+        m.setattr(bn_correction, "merged_moments", _sequential_totals)
+        slow = pruned()
+    assert len(calls) == 3 * 8 + 3  # three norms: 8 of the 10 batches (256 samples, spread), then the totals
+    plain = pruned(recalibrate_bn=False)
+    stats = {k: v for k, v in fast.state_dict().items() if "running_" in k}
+    assert len(stats) == 6
+    for key, want in ((k, v) for k, v in slow.state_dict().items() if "running_" in k):
+        torch.testing.assert_close(stats[key], want, rtol=1e-6, atol=1e-7, msg=key)
+    with torch.no_grad():
+        assert torch.equal(fast(evaluation[0]).argmax(1), slow(evaluation[0]).argmax(1))
+    assert accuracy(fast, evaluation) == accuracy(slow, evaluation)
+    assert accuracy(fast, evaluation) != accuracy(plain, evaluation)
+    assert not torch.equal(stats["features.4.running_var"], plain.state_dict()["features.4.running_var"])
+
+
+@pytest.mark.parametrize("channels", [1, 7, 200, 341, 342, 1500])
+def test_a_pair_joined_for_one_reduction_gives_each_sample_its_own_moments(channels):
+    """:func:`bn_estimate.pair_moments` joins small pairs along the channels for one call of
+    the statistics kernel and reduces wide ones alone: either way each of the three samples
+    gets its own :func:`finite_moments` bit for bit; a non-finite value anywhere: None."""
+    g = torch.Generator().manual_seed(channels)
+    o = torch.randn(256, channels, generator=g) * 3 + 1
+    p = o * 0.5 + torch.randn(256, channels, generator=g)
+    p[:, ::2] = o[:, ::2]
+    got = bn_estimate.pair_moments(o, p)
+    for x, (n, mean, m2) in zip((o, p, p - o), got, strict=True):
+        alone = finite_moments(x, 1)
+        assert n == alone[0] == 256.0 and torch.equal(mean, alone[1]) and torch.equal(m2, alone[2])
+    assert not got[2][2][::2].any()  # unchanged channels: a difference of exactly 0
+    p[3, -1] = math.inf
+    assert bn_estimate.pair_moments(o, p) is None
+    assert bn_estimate.pair_moments(o, p[:, :-1]) is None if channels > 1 else True
