@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from cleanai_core.errors import UserError
+from cleanai_core.model_state import writes_guarded
 
 __all__ = [
     "call_model",
@@ -53,16 +54,19 @@ def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None
     its input in place (``x.div_(255)``) changed the user's example input and calibration
     batches at every call (2**15 times over for the example), and the original and pruned
     models then saw other inputs, so verification skipped every group. ``copy=False``: the
-    caller passes tensors of its own (the trace, which follows them by identity)."""
+    caller passes tensors of its own (the trace, which follows them by identity). Inside
+    :func:`~cleanai_core.model_state.preserved`, parameters the forward writes in place are
+    copied before the write and put back with the rest of the model's state."""
     if copy:
         inputs = copied_inputs(inputs)
-    if forward_fn is not None:
-        return forward_fn(model, inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    with writes_guarded(model):  # a forward writing its weights (clipping) writes what is put back
+        if forward_fn is not None:
+            return forward_fn(model, inputs)
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
 
 
 def copied_inputs(inputs: Any) -> Any:
