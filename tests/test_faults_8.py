@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cleanai_core import DependencyGraph, StructuredPruner, WeightActivationImportance
+from cleanai_core.cli import main
 from cleanai_core.testing import check_pruner
 
 X = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))
@@ -141,3 +142,84 @@ def test_a_weight_written_only_on_a_later_call_is_named():
             call_model(model, torch.ones(1, 4))
     assert int(model.step) == 0  # the buffer is put back; the weight could not be
     assert not torch.equal(model.fc.weight, weight)
+
+
+def _cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+
+
+def test_a_spectral_norm_in_a_training_model_keeps_its_power_iteration_vectors():
+    model = _cnn()  # training mode, as built
+    torch.nn.utils.parametrizations.spectral_norm(model[3])
+    before = _state(model)
+    DependencyGraph(model, X)
+    assert _changed(model, before) == []  # a plugin's scan read model[3].weight in training mode
+    pruner = StructuredPruner(model, X, WeightActivationImportance(), pruning_ratio=0.5)
+    assert _changed(model, before) == []
+    pruner.collect_activations([X] * 2)
+    pruner.plan()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = pruner.prune()
+    pruner.report()
+    assert _changed(model, before) == []  # 3.parametrizations.weight.0._u and _v were rewritten
+    assert model.training and model[3].parametrizations.weight[0].training and pruned.training
+    assert (_params(model), _params(pruned)) == (860, 288)
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+DEMO = "cleanai_plugins.io.demo:DigitsCNN"
+
+
+@pytest.fixture()
+def ws(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    torch.save((torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)), tmp_path / "data.pt")
+    return tmp_path
+
+
+def _prune(*args: str) -> int:
+    return main(["prune", "--model", DEMO, "--data", "data.pt", "--quiet", *args])
+
+
+def test_latency_repeats_beyond_10000_are_refused_before_anything_runs(ws, capsys):
+    assert _prune("--out", "o", "--latency-repeats", "1000000000000") == 2  # ran until killed
+    assert "--latency-repeats=1000000000000 is out of range: it must be in [1, 10000]." in capsys.readouterr().err
+    assert not (ws / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--recover-lr", "0.1"], "--recover-lr (command line) is the learning rate of recovery, which runs only "
+         "with --recover-epochs N (N >= 1): add it, or leave --recover-lr out."),
+        (["--sensitivity-ratios", "0.5,0.6"], "--sensitivity-ratios (command line) is read by the sensitivity "
+         "analysis, which runs only with --sensitivity or --auto"),
+        (["--sensitivity-batches", "3"], "--sensitivity-batches (command line) is read by the sensitivity analysis"),
+        (["--bn-samples", "3", "--no-bn-recalibration"], "--bn-samples (command line) is read by the BatchNorm "
+         "recalibration, which --no-bn-recalibration turns off: drop one of them."),
+    ],
+)  # fmt: skip
+def test_an_option_the_run_would_not_read_is_refused_naming_the_one_it_needs(ws, capsys, args, says):
+    assert _prune("--out", "o", *args) == 2  # exit 0, the option ignored without a word
+    assert says in capsys.readouterr().err
+    assert not (ws / "o").exists()
+
+
+def test_options_read_with_their_switch_or_from_a_config_file_still_run(ws, caplog):
+    assert _prune("--out", "a", "--sensitivity-ratios", "0.5,0.6", "--sensitivity") == 0
+    (ws / "c.toml").write_text("recover-lr = 0.01\n")
+    with caplog.at_level("WARNING", logger="cleanai"):
+        assert _prune("--out", "b", "--config", "c.toml") == 0  # a config file serves many runs: a warning
+    assert any("--recover-lr (config file) is the learning rate of" in r.getMessage() for r in caplog.records)
+    assert _prune("--out", "c", "--config", "a/config.json") == 0  # an earlier run's options, every one written
+    assert main(["sensitivity", "--model", DEMO, "--data", "data.pt", "--quiet", "--out", "s",
+                 "--sensitivity-ratios", "0.5,0.6"]) == 0  # fmt: skip
