@@ -144,7 +144,7 @@ class _Snapshot:
             for name, p, _, version in self.params.values()
             if id(p) not in self.saved and version != _version(p) and p.data_ptr() != 0
         ]
-        for name, p, data, _ in self.params.values():
+        for _, p, data, _ in self.params.values():
             if p.data_ptr() != data.data_ptr() or p.shape != data.shape or p.dtype != data.dtype:
                 p.data = data
         for obj, saved in self.saved.values():

@@ -23,7 +23,8 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _changed(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     now = model.state_dict()
-    return sorted(k for k in state.keys() | now.keys() if k not in now or k not in state or not torch.equal(now[k], state[k]))
+    keys = state.keys() | now.keys()
+    return sorted(k for k in keys if k not in now or k not in state or not torch.equal(now[k], state[k]))
 
 
 def _params(model: nn.Module) -> int:

@@ -18,9 +18,9 @@ from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
 from cleanai_core.interfaces import LayerPruner
+from cleanai_core.model_state import preserved
 from cleanai_core.options import check_modules
 from cleanai_core.plugins import get_plugin_manager
-from cleanai_core.model_state import preserved
 from cleanai_core.runtime import call_model, dtype_advice, plain_inputs
 
 __all__ = ["DependencyGraph", "Node", "prunable_graph", "resolve_modules"]

@@ -329,7 +329,8 @@ def check_unread(cfg: dict[str, Any]) -> None:
             continue
         flag = "--" + key.replace("_", "-")
         if where != "command line":
-            logging.getLogger("cleanai").warning("warning: %s (%s) %s; it was ignored.", flag, where, why.format(flag=flag))
+            log = logging.getLogger("cleanai")
+            log.warning("warning: %s (%s) %s; it was ignored.", flag, where, why.format(flag=flag))
             continue
         raise UserError(f"{flag} ({where}) {why.format(flag=flag)}.")
 
