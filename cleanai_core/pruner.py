@@ -232,6 +232,13 @@ class StructuredPruner:
         self._pruned_plans: list[tuple[DependencyGraph, PruningPlan]] = []  # per step, for the report
         with _autograd_on(model):
             self.graph = self._build_graph(model)
+        units = sum(g.size for g in self.graph.groups(prunable_only=True))
+        if iterative_steps > units:  # 10**9 steps ran until killed, each re-tracing and removing nothing
+            raise UserError(
+                f"iterative_steps={iterative_steps} is more steps than the {units} units this model can lose in all "
+                f"(each step removes at least one, or only repeats the work); give at most {units} (a few steps are "
+                "usual)"
+            )
 
     @property
     def stats(self) -> dict:

@@ -429,6 +429,11 @@ def move_to(x: Any, device: torch.device | None) -> Any:
     if device is None:
         return x
     if isinstance(x, torch.Tensor):
+        if x.is_meta and torch.device(device).type != "meta":  # "Cannot copy out of meta tensor; no data!"
+            raise UserError(
+                f"a batch holds a tensor on the meta device (shape {tuple(x.shape)}: a shape without values), so "
+                f"the model cannot run on it; give real tensors (on the cpu or the model's device, {device})"
+            )
         return x.to(device)
     if isinstance(x, dict):
         return {k: move_to(v, device) for k, v in x.items()}
@@ -438,10 +443,27 @@ def move_to(x: Any, device: torch.device | None) -> Any:
 
 
 def iterate(loader: Iterable[Any], num_batches: int | None) -> Iterator[Any]:
+    """The first ``num_batches`` batches of ``loader`` (all where ``None``; none read beyond
+    them). A loader that raises (its dataset's ``__getitem__``, a transform, ``collate_fn``)
+    raises a :class:`UserError` that names the batch and says the data is at fault (it was
+    the loader's own exception, a traceback from inside CleanAI's calibration)."""
+    from cleanai_core.errors import CleanAIError
+
     n = 0
-    for batch in loader:
-        if num_batches is not None and n >= num_batches:
+    batches = iter(loader)
+    while num_batches is None or n < num_batches:
+        try:
+            batch = next(batches)
+        except StopIteration:
             break
+        except CleanAIError:
+            raise
+        except Exception as exc:
+            raise UserError(
+                f"the data loader failed on batch {n} ({type(exc).__name__}: {str(exc)[:300]})"
+                f"{f', after {n} good one(s)' if n else ''}: the fault is in the data (its dataset's __getitem__, a "
+                "transform or collate_fn), not in the model. Fix it or leave out what it cannot read"
+            ) from exc
         n += 1
         yield batch
     from cleanai_core.distributed import is_distributed

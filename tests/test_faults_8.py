@@ -11,6 +11,7 @@ from torch import nn
 
 from cleanai_core import DependencyGraph, StructuredPruner, WeightActivationImportance
 from cleanai_core.cli import main
+from cleanai_core.errors import UserError
 from cleanai_core.testing import check_pruner
 
 X = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))
@@ -224,3 +225,54 @@ def test_options_read_with_their_switch_or_from_a_config_file_still_run(ws, capl
     assert _prune("--out", "c", "--config", "a/config.json") == 0  # an earlier run's options, every one written
     assert main(["sensitivity", "--model", DEMO, "--data", "data.pt", "--quiet", "--out", "s",
                  "--sensitivity-ratios", "0.5,0.6"]) == 0  # fmt: skip
+
+
+def test_more_iterative_steps_than_units_are_refused_naming_the_count():
+    model = _cnn()
+    with pytest.raises(UserError, match=r"iterative_steps=1000000000 is more steps than the 16 units this model can "):
+        StructuredPruner(model, X, "magnitude", pruning_ratio=0.5, iterative_steps=10**9)  # ran until killed
+    pruned = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5, iterative_steps=16).prune()
+    assert _params(pruned) == 288  # as one step
+
+
+# -- calibration data that fails --------------------------------------------------------------
+
+
+class FailsAtItem(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 5:
+            raise OSError("the disk went away")
+        return X[0]
+
+
+def _generator_failing_after_two():
+    yield X
+    yield X
+    raise ValueError("bad record")
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [lambda: torch.utils.data.DataLoader(FailsAtItem(), batch_size=2), _generator_failing_after_two],
+    ids=["dataset_item", "generator"],
+)
+def test_a_data_loader_that_fails_mid_way_is_named_as_the_fault(loader):
+    model = _cnn()
+    before = _state(model)
+    pruner = StructuredPruner(model, X, WeightActivationImportance(), pruning_ratio=0.5)
+    with pytest.raises(UserError, match=r"the data loader failed on batch 2 \((OSError: the disk went away|ValueError: "
+                       r"bad record)\), after 2 good one\(s\): the fault is in the data"):  # fmt: skip
+        pruner.collect_activations(loader(), progress=False)  # the loader's own exception, from CleanAI's loop
+    with pytest.raises(UserError, match="call pruner.collect_activations"):  # nothing half-collected is used
+        pruner.prune()
+    pruner.collect_activations([X] * 2, progress=False)
+    assert _params(pruner.prune()) == 288 and _changed(model, before) == []
+
+
+def test_a_calibration_batch_on_the_meta_device_is_named():
+    pruner = StructuredPruner(_cnn(), X, WeightActivationImportance(), pruning_ratio=0.5)
+    with pytest.raises(UserError, match=r"a batch holds a tensor on the meta device \(shape \(2, 3, 8, 8\)"):
+        pruner.collect_activations([X.to("meta")], progress=False)  # NotImplementedError: Cannot copy out of meta
