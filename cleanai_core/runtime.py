@@ -444,9 +444,9 @@ def move_to(x: Any, device: torch.device | None) -> Any:
 
 def iterate(loader: Iterable[Any], num_batches: int | None) -> Iterator[Any]:
     """The first ``num_batches`` batches of ``loader`` (all where ``None``; none read beyond
-    them). A loader that raises (its dataset's ``__getitem__``, a transform, ``collate_fn``)
-    raises a :class:`UserError` that names the batch and says the data is at fault (it was
-    the loader's own exception, a traceback from inside CleanAI's calibration)."""
+    them). An exception the loader raises (its dataset's ``__getitem__``, a transform,
+    ``collate_fn``) goes on as it is, the user's own type, with a note that names the batch
+    and says the data is at fault (it came out of CleanAI's calibration loop unexplained)."""
     from cleanai_core.errors import CleanAIError
 
     n = 0
@@ -456,14 +456,14 @@ def iterate(loader: Iterable[Any], num_batches: int | None) -> Iterator[Any]:
             batch = next(batches)
         except StopIteration:
             break
-        except CleanAIError:
-            raise
         except Exception as exc:
-            raise UserError(
-                f"the data loader failed on batch {n} ({type(exc).__name__}: {str(exc)[:300]})"
-                f"{f', after {n} good one(s)' if n else ''}: the fault is in the data (its dataset's __getitem__, a "
-                "transform or collate_fn), not in the model. Fix it or leave out what it cannot read"
-            ) from exc
+            if not isinstance(exc, CleanAIError):
+                exc.add_note(
+                    f"cleanai: the data loader raised this on batch {n}{f', after {n} good one(s)' if n else ''}: the "
+                    "fault is in the data (its dataset's __getitem__, a transform or collate_fn), not in the model "
+                    "or CleanAI; nothing was collected."
+                )
+            raise
         n += 1
         yield batch
     from cleanai_core.distributed import is_distributed
