@@ -294,3 +294,15 @@ def test_recover_names_a_seed_torch_cannot_take_and_a_forward_fn_that_is_no_func
         recover(pruned, teacher, data, epochs=1, forward_fn=3, progress=False)  # "... shaped like the model's inputs"
     _, result = recover(pruned, teacher, data, epochs=1, seed=2**64 - 1, progress=False)
     assert result.epochs == 1
+
+
+def test_fractions_and_decimals_are_numbers_like_floats():
+    from decimal import Decimal
+    from fractions import Fraction
+
+    want = _params(StructuredPruner(_cnn(), X, "magnitude", pruning_ratio=0.5).prune())
+    for ratio in (Fraction(1, 2), Decimal("0.5")):  # "pruning_ratio=Fraction(1, 2) must be a number ..."
+        pruner = StructuredPruner(_cnn(), X, "magnitude", pruning_ratio=ratio, round_to=Fraction(2, 1))
+        assert _params(pruner.prune()) == want == 288
+    with pytest.raises(UserError, match=r"pruning_ratio=nan must be a number strictly between 0 and 1"):
+        StructuredPruner(_cnn(), X, "magnitude", pruning_ratio=Decimal("NaN"))
