@@ -53,6 +53,7 @@ __all__ = [
     "preserved",
     "transplant",
     "user_hooks",
+    "user_hooks_off",
     "writes_guarded",
 ]
 
@@ -462,3 +463,27 @@ def drop_user_hooks(copy: nn.Module, hooks: list[tuple[str, str, int]]) -> None:
         getattr(m, table).pop(key, None)
         for flags in _HOOK_FLAGS:
             getattr(m, flags, {}).pop(key, None)
+
+
+@contextmanager
+def user_hooks_off(model: nn.Module) -> Iterator[None]:
+    """Run the block with the user's forward and backward hooks on ``model`` (those of
+    :func:`user_hooks`) taken off their tables, and put them back, in their order, after
+    (also on error or Ctrl-C): the user's handles stay valid. For the masked original the
+    sliced copy is compared with: the copy carries none of them, so a hook that changes an
+    output (``lambda m, i, o: o * 2``) made every group differ from its masking."""
+    hooks = user_hooks(model)
+    if not hooks:
+        yield
+        return
+    modules = dict(model.named_modules())
+    tables = {(name, table): getattr(modules[name], table) for name, table, _ in hooks}
+    saved = {where: dict(table) for where, table in tables.items()}
+    try:
+        for name, table, key in hooks:
+            tables[(name, table)].pop(key, None)
+        yield
+    finally:
+        for where, table in tables.items():
+            table.clear()
+            table.update(saved[where])

@@ -306,3 +306,25 @@ def test_fractions_and_decimals_are_numbers_like_floats():
         assert _params(pruner.prune()) == want == 288
     with pytest.raises(UserError, match=r"pruning_ratio=nan must be a number strictly between 0 and 1"):
         StructuredPruner(_cnn(), X, "magnitude", pruning_ratio=Decimal("NaN"))
+
+
+def _double(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out * 2
+
+
+def test_a_user_hook_that_changes_an_output_no_longer_blocks_every_group():
+    from cleanai_core.masking import masked_model
+
+    model = _cnn().eval()
+    model[0].register_forward_hook(_double)
+    pruner = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5, bias_compensation=False)
+    with pytest.warns(UserWarning, match="stay on the original model"):
+        pruned = pruner.prune()
+    assert _params(pruned) == 288  # 860: "skipped group 1 ...: slicing them is not the same as zeroing them"
+    assert len(model[0]._forward_hooks) == 1 and not pruned[0]._forward_hooks
+    pruned[0].register_forward_hook(_double)  # as the warning says
+    oracle = masked_model(pruner.graph, pruner.plan().pruned_units())
+    assert _double not in oracle[0]._forward_hooks.values()  # only its zeroing hook
+    oracle[0].register_forward_hook(_double)
+    with torch.no_grad():
+        assert torch.allclose(pruned(X), oracle(X), atol=1e-6)
