@@ -1,5 +1,8 @@
 """Eighth round of bad input and edge cases (docs/reliability.md, "Session 18: bad
-inputs"): forwards that write the model's own weights and tensors in place, ..."""
+inputs"): forwards that write the model's own weights and tensors in place, a spectral
+norm read in training mode, a user's hook that changes an output, command-line options the
+run would not read, huge counts, data loaders that fail mid-way or give meta tensors, and
+``recover()`` / option numbers out of form."""
 
 from __future__ import annotations
 
