@@ -451,6 +451,11 @@ def check_example_inputs(example_inputs: Any) -> None:
         error = text_error(example_inputs, "example_inputs")
         if error is not None:
             raise error
+        if any(type(a).__module__ == "numpy" for a in tree_flatten(example_inputs)[0]):
+            raise UserError(
+                "example_inputs holds a NumPy array, not a tensor: give torch.from_numpy(x) (in the model's dtype, "
+                "e.g. torch.from_numpy(x).float())"
+            )
         raise UserError("example_inputs holds no tensor: give one batch of inputs, e.g. torch.randn(1, 3, 224, 224)")
     if any(t.is_meta for t in leaves):
         raise UserError(

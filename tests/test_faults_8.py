@@ -331,3 +331,26 @@ def test_a_user_hook_that_changes_an_output_no_longer_blocks_every_group():
     oracle[0].register_forward_hook(_double)
     with torch.no_grad():
         assert torch.allclose(pruned(X), oracle(X), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"forward_fn": 5}, "forward_fn=5 is not a function; give a callable or None"),
+        ({"output_transform": "logits"}, "output_transform='logits' is not a function"),
+        ({"example_inputs": None}, "example_inputs holds no tensor"),
+        (
+            {"example_inputs": X.numpy()},
+            r"example_inputs holds a NumPy array, not a tensor: give torch.from_numpy\(x\)",
+        ),
+        ({"example_inputs": X[:0]}, r"example_inputs hold no values \(the input has shape \(0, 3, 8, 8\)\)"),
+    ],
+    ids=["forward_fn", "output_transform", "none", "numpy", "empty"],
+)
+def test_the_graph_checks_its_arguments_as_the_pruner_does(kwargs, says):
+    args = {"example_inputs": X, **kwargs}  # each was "the model failed to run on the example inputs while tracing"
+    with pytest.raises(UserError, match=says):
+        DependencyGraph(_cnn(), **args)
+    if "forward_fn" not in kwargs and "output_transform" not in kwargs:
+        with pytest.raises(UserError, match=says):
+            StructuredPruner(_cnn(), args["example_inputs"], "magnitude")

@@ -19,7 +19,7 @@ from cleanai_core.graph.groups import Group, components, make_groups, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.model_state import preserved
-from cleanai_core.options import check_modules
+from cleanai_core.options import check_callables, check_example_inputs, check_modules
 from cleanai_core.plugins import get_plugin_manager
 from cleanai_core.runtime import call_model, dtype_advice, plain_inputs
 
@@ -136,6 +136,10 @@ class DependencyGraph:
             raise UserError(f"DependencyGraph needs a torch.nn.Module, got {type(model).__name__}")
         check_modules(model)  # a scripted or lazy layer, a weight a pre-hook recomputes: named, before the trace
         example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
+        # as StructuredPruner checks them: forward_fn=5, example_inputs None, text or a NumPy array were
+        # "the model failed to run on the example inputs ... the inputs or the model itself are at fault"
+        check_callables(forward_fn=forward_fn, output_transform=output_transform)
+        check_example_inputs(example_inputs)
         self.model = model
         self.pm = pm or get_plugin_manager()
         # in eval mode, its state put back: a spectral_norm weight read in training mode by a
