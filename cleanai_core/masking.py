@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from cleanai_core.errors import PruningError
-from cleanai_core.model_state import copy_model
+from cleanai_core.model_state import copy_model, drop_user_hooks, user_hooks, user_hooks_off
 from cleanai_core.slicing import get_submodule_and_attr
 from cleanai_core.verify import model_outputs, run_outputs
 
@@ -68,17 +68,20 @@ def masked_outputs(
     modules = dict(model.named_modules(remove_duplicate=False))
     zeroed = _Zeroed()
     handles = []
-    try:
-        for spec, idx in slices:
-            module = modules[spec.module]
-            if spec.kind == "in":
-                handles.append(module.register_forward_pre_hook(zeroed.input(spec, idx), with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(zeroed.output(spec.dim, idx)))
-        return model_outputs(model, inputs, forward_fn, output_transform)
-    finally:
-        for h in handles:
-            h.remove()
+    # the user's hooks off, as the sliced copy has none of them (a hook changing an output,
+    # ``o * 2``, made every group differ from its masking); taken before the zeroing hooks
+    with user_hooks_off(model):
+        try:
+            for spec, idx in slices:
+                module = modules[spec.module]
+                if spec.kind == "in":
+                    handles.append(module.register_forward_pre_hook(zeroed.input(spec, idx), with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(zeroed.output(spec.dim, idx)))
+            return model_outputs(model, inputs, forward_fn, output_transform)
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def pruned_slices(graph: Any, pruned: torch.Tensor) -> list[tuple[Any, torch.Tensor]]:
@@ -118,6 +121,7 @@ def _masked_copy(
 ) -> nn.Module:
     source = graph.model
     model = copy_model(source, {id(t): t for t in source.parameters()})  # buffers: its own
+    drop_user_hooks(model, user_hooks(source))  # as the sliced copy has none (see masked_outputs)
     zeroed = _Zeroed()
     for name, dim, idx in outside:
         _zero_tensor(model, name, dim, idx)

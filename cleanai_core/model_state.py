@@ -7,13 +7,23 @@ Glossary:
 - *state*: what a forward pass may change besides the output: buffers written in place
   (BatchNorm running statistics in train mode, quantization observers' ``min_val`` /
   ``max_val`` / histograms and fake-quant ``scale`` / ``zero_point``, which update even in
-  eval mode), buffers replaced by new tensors, plain attributes a forward sets, and hooks
-  a forward registers (transformers installs its output-capturing hooks on the first call
-  that asks for ``output_hidden_states`` and marks the model with an attribute).
+  eval mode), buffers replaced by new tensors, plain attributes a forward sets, hooks a
+  forward registers (transformers installs its output-capturing hooks on the first call
+  that asks for ``output_hidden_states`` and marks the model with an attribute), and
+  parameters or tensor attributes a forward writes in place (weight clipping
+  ``self.weight.data.clamp_(-c, c)``, ``nn.Embedding(max_norm=...)``'s renormalisation, a
+  counter kept as a plain tensor attribute).
 - *model hooks*: hooks that are part of how the model computes, not the user's: torch's
   own (quantization observers), bound methods of an object a module holds (timm's
   ``FeatureHooks``), and hooks an installed library registers on its own modules
   (transformers' output capture). A copy of the model keeps them; the user's are dropped.
+- *write guard*: copy-on-write for those parameters and tensor attributes. A parameter is
+  not copied up front (that would double a large model's memory at every run): while
+  :func:`call_model <cleanai_core.runtime.call_model>` runs the model inside
+  :func:`preserved`, a dispatch mode sees every op that writes a tensor and copies a
+  protected tensor once, before its first write. The mode costs some 12% of a forward, so
+  only the block's first call runs under it, and every call after it only where that
+  first call wrote something (a model that clips its weights does so at every call).
 
 :func:`preserved` runs a block with the model in eval mode and puts every module's mode,
 buffers and plain attributes back afterwards, also when the block raises. Buffers are
@@ -31,18 +41,31 @@ import copy
 import copyreg
 import functools
 import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from cleanai_core.out_folder import signals_deferred
 
-__all__ = ["HOOK_ATTRIBUTES", "copy_model", "drop_user_hooks", "preserved", "stored_in", "transplant", "user_hooks"]
+__all__ = [
+    "HOOK_ATTRIBUTES",
+    "copy_model",
+    "drop_user_hooks",
+    "preserved",
+    "stored_in",
+    "transplant",
+    "user_hooks",
+    "user_hooks_off",
+    "writes_guarded",
+]
 
 #: a module's hook tables (``_forward_hooks``, ``_forward_pre_hooks``, ...): the user's
 #: ``RemovableHandle`` objects point at these very dicts
@@ -54,7 +77,8 @@ _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_f
 
 
 class _Snapshot:
-    """Modes, buffers (object and a copy of its values) and plain attributes of every module."""
+    """Modes, buffers (object and a copy of its values), plain attributes and parameters
+    (object, its data and version) of every module."""
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = list(model.modules())
@@ -71,9 +95,45 @@ class _Snapshot:
         # capture, installed once per model behind an attribute this snapshot removes again)
         # left it in the user's model, and each later run added one more
         self.hooks = [tuple(frozenset(getattr(m, t)) for t in _CALL_HOOKS) for m in self.modules]
+        self.module_ids = {id(m) for m in self.modules}
+        # parameters (their data: a forward may assign ``p.data = ...``, and their version:
+        # a write the guard did not see) and plain tensor attributes, by the storage they
+        # are written through (``p.data.clamp_()`` writes another tensor object)
+        self.params: dict[int, tuple[str, torch.Tensor, torch.Tensor, int]] = {}
+        self.guarded: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        names = dict(zip(map(id, self.modules), _module_names(model), strict=True))
+        for m, attrs in zip(self.modules, self.attrs, strict=True):
+            prefix = names[id(m)]
+            for k, p in m._parameters.items():
+                if isinstance(p, torch.Tensor) and id(p) not in self.params:
+                    self.params[id(p)] = (prefix + k, p, p.data, _version(p))
+                    self._guard(prefix + k, p)
+            for k, v in attrs.items():
+                if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
+                    self._guard(prefix + k, v)
+        self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # written: (tensor, values before)
+        self.probed = False  # a guarded call ran
+
+    def _guard(self, name: str, t: torch.Tensor) -> None:
+        key = _storage_key(t)
+        if key is not None:
+            self.guarded.setdefault(key, []).append((name, t))
+
+    @property
+    def wants_guard(self) -> bool:
+        """Whether the next call runs under the write guard: the first, and every one after
+        a call that wrote a protected tensor."""
+        return bool(self.guarded) and (not self.probed or bool(self.saved))
+
+    def save(self, key: int) -> None:
+        """Copy the tensors written through storage ``key`` before their first write."""
+        for _, t in self.guarded.get(key, ()):
+            if id(t) not in self.saved:
+                self.saved[id(t)] = (t, t.detach().clone())
 
     def restore(self) -> None:
         with torch.no_grad():
+            self._restore_params()
             for m, bufs, attrs, tables in zip(self.modules, self.buffers, self.attrs, self.tables, strict=True):
                 state = m.__dict__
                 for key in state.keys() - attrs.keys() - _TABLES:
@@ -92,6 +152,30 @@ class _Snapshot:
             for m, hooks in zip(self.modules, self.hooks, strict=True):
                 _drop_new_hooks(m, hooks)
 
+    def _restore_params(self) -> None:
+        """Put back parameters and tensor attributes a forward wrote in place, and the data
+        of parameters a forward replaced (``p.data = ...``); warn about a parameter written
+        where the guard did not run (a later call took another path than the first)."""
+        lost = [
+            name
+            for name, p, _, version in self.params.values()
+            if id(p) not in self.saved and version != _version(p) and p.data_ptr() != 0
+        ]
+        for _, p, data, _ in self.params.values():
+            if p.data_ptr() != data.data_ptr() or p.shape != data.shape or p.dtype != data.dtype:
+                p.data = data
+        for obj, saved in self.saved.values():
+            _put_back(obj, saved)
+        if lost:
+            warnings.warn(
+                f"the model's forward wrote its parameter(s) {', '.join(lost[:5])} in place on a call after the "
+                "first, which had written none, so CleanAI kept no copy of them and they keep the values the "
+                "forward gave them. Write weights outside forward (e.g. clip them after the optimizer step) "
+                "or keep the write on every call",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
 
 def _drop_new_hooks(m: nn.Module, saved: tuple[frozenset, ...]) -> None:
     """Remove the hooks registered on ``m`` since ``saved`` (its hook ids per table)."""
@@ -103,6 +187,88 @@ def _drop_new_hooks(m: nn.Module, saved: tuple[frozenset, ...]) -> None:
             del hooks[key]
             for flags in _HOOK_FLAGS:
                 getattr(m, flags, {}).pop(key, None)
+
+
+def _module_names(model: nn.Module) -> list[str]:
+    """``name + "."`` of every module in ``model.modules()`` order (``""`` for the root)."""
+    return [f"{n}." if n else "" for n, _ in model.named_modules(remove_duplicate=True)]
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return -1
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # meta, sparse or wrapper tensors
+        return None
+    return ptr or None
+
+
+#: the snapshots of the :func:`preserved` blocks now open (innermost last)
+_OPEN: ContextVar[tuple[_Snapshot, ...]] = ContextVar("cleanai_preserved", default=())
+
+
+class _WriteGuard(TorchDispatchMode):
+    """Copy-on-write for the open snapshots' parameters and tensor attributes: an op that
+    writes a tensor whose storage one of them holds copies that tensor first."""
+
+    def __init__(self, snaps: list[_Snapshot]) -> None:
+        super().__init__()
+        self.snaps = snaps
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in _written(func, args, kwargs):
+            key = _storage_key(t)
+            if key is not None and any(key in s.guarded for s in self.snaps):
+                with _disable_current_modes(), torch.no_grad():
+                    for s in self.snaps:
+                        s.save(key)
+        return func(*args, **kwargs)
+
+
+#: per ATen op, the positions and names of the arguments it writes (``Tensor(a!)``)
+_WRITES: dict[Any, tuple[tuple[int, str], ...]] = {}
+
+
+def _written(func: Any, args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:
+    spots = _WRITES.get(func)
+    if spots is None:
+        spots = _WRITES[func] = tuple(
+            (i, a.name)
+            for i, a in enumerate(func._schema.arguments)
+            if a.alias_info is not None and a.alias_info.is_write
+        )
+    for i, name in spots:
+        value = args[i] if i < len(args) else kwargs.get(name)
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, torch.Tensor))
+
+
+def writes_guarded(model: nn.Module) -> Any:
+    """The context a call of ``model`` runs in (:func:`~cleanai_core.runtime.call_model`):
+    the write guard where an open :func:`preserved` block holds ``model`` and wants it."""
+    snaps = [s for s in _OPEN.get() if id(model) in s.module_ids and s.wants_guard]
+    if not snaps:
+        return nullcontext()
+    return _guarded_call(snaps)
+
+
+@contextmanager
+def _guarded_call(snaps: list[_Snapshot]) -> Iterator[None]:
+    try:
+        with _WriteGuard(snaps):
+            yield
+    finally:
+        for s in snaps:
+            s.probed = True
 
 
 def _put_table(table: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -134,13 +300,19 @@ def _put_back(obj: torch.Tensor, saved: torch.Tensor) -> None:
 @contextmanager
 def preserved(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Run the block (in eval mode unless ``eval_mode=False``) and restore every module's
-    mode, buffers and attributes afterwards, also on error or Ctrl-C."""
+    mode, buffers, attributes and the parameters a forward wrote (see the write guard in
+    the module doc) afterwards, also on error or Ctrl-C."""
     snap = _Snapshot(model)
     if eval_mode and not _in_eval(model, snap.modules):
         model.eval()
+    token = _OPEN.set((*_OPEN.get(), snap))
     try:
         yield model
     finally:
+        try:
+            _OPEN.reset(token)
+        except ValueError:  # left in another context than it was entered in
+            _OPEN.set(tuple(s for s in _OPEN.get() if s is not snap))
         snap.restore()
 
 
@@ -358,3 +530,27 @@ def drop_user_hooks(copy: nn.Module, hooks: list[tuple[str, str, int]]) -> None:
         getattr(m, table).pop(key, None)
         for flags in _HOOK_FLAGS:
             getattr(m, flags, {}).pop(key, None)
+
+
+@contextmanager
+def user_hooks_off(model: nn.Module) -> Iterator[None]:
+    """Run the block with the user's forward and backward hooks on ``model`` (those of
+    :func:`user_hooks`) taken off their tables, and put them back, in their order, after
+    (also on error or Ctrl-C): the user's handles stay valid. For the masked original the
+    sliced copy is compared with: the copy carries none of them, so a hook that changes an
+    output (``lambda m, i, o: o * 2``) made every group differ from its masking."""
+    hooks = user_hooks(model)
+    if not hooks:
+        yield
+        return
+    modules = dict(model.named_modules())
+    tables = {(name, table): getattr(modules[name], table) for name, table, _ in hooks}
+    saved = {where: dict(table) for where, table in tables.items()}
+    try:
+        for name, table, key in hooks:
+            tables[(name, table)].pop(key, None)
+        yield
+    finally:
+        for where, table in tables.items():
+            table.clear()
+            table.update(saved[where])

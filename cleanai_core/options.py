@@ -3,7 +3,9 @@ and the selection of layers by module, name, glob or type."""
 
 from __future__ import annotations
 
+import decimal
 import fnmatch
+import fractions
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -303,9 +305,10 @@ def _recomputes_weight(hook: Any) -> bool:
 
 
 def plain_number(v: Any) -> Any:
-    """A NumPy or 0-d torch number as the Python ``int`` / ``float`` it holds; anything else
-    as it is (bools stay bools and are refused by the checks). ``np.float32(0.5)``,
-    ``np.int64(2)`` and ``torch.tensor(0.5)`` were refused as "not a number"."""
+    """A NumPy, 0-d torch, ``Fraction`` or ``Decimal`` number as the Python ``int`` /
+    ``float`` it holds; anything else as it is (bools stay bools and are refused by the
+    checks). ``np.float32(0.5)``, ``np.int64(2)`` and ``torch.tensor(0.5)`` were refused as
+    "not a number"."""
     if isinstance(v, (bool, int, float)) or v is None:
         return v
     if isinstance(v, torch.Tensor):
@@ -317,6 +320,11 @@ def plain_number(v: Any) -> Any:
             return int(v)
         if isinstance(v, numbers.Real):
             return float(v)
+    # Fraction(1, 3) and Decimal("0.3") were refused: "pruning_ratio=Fraction(1, 3) must be a number"
+    if isinstance(v, fractions.Fraction):
+        return int(v) if v.denominator == 1 else float(v)
+    if isinstance(v, decimal.Decimal):
+        return int(v) if v.is_finite() and v == v.to_integral_value() else float(v)
     return v
 
 
@@ -443,6 +451,11 @@ def check_example_inputs(example_inputs: Any) -> None:
         error = text_error(example_inputs, "example_inputs")
         if error is not None:
             raise error
+        if any(type(a).__module__ == "numpy" for a in tree_flatten(example_inputs)[0]):
+            raise UserError(
+                "example_inputs holds a NumPy array, not a tensor: give torch.from_numpy(x) (in the model's dtype, "
+                "e.g. torch.from_numpy(x).float())"
+            )
         raise UserError("example_inputs holds no tensor: give one batch of inputs, e.g. torch.randn(1, 3, 224, 224)")
     if any(t.is_meta for t in leaves):
         raise UserError(

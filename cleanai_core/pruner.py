@@ -26,7 +26,7 @@ from cleanai_core.history import PruningHistory
 from cleanai_core.isomorphic import Signatures, scopes_of, signatures
 from cleanai_core.masking import check_exact, exact_units, masked_outputs
 from cleanai_core.metrics import count_flops, count_params
-from cleanai_core.model_state import transplant, user_hooks
+from cleanai_core.model_state import preserved, transplant, user_hooks
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan
 from cleanai_core.pruning_report import pruner_report
@@ -40,14 +40,22 @@ from cleanai_core.verify import Reference, check_outputs, other_paths, reference
 __all__ = ["StructuredPruner", "match_modules"]
 
 
-def _autograd_on() -> contextlib.ExitStack:
+def _autograd_on(model: nn.Module | None = None) -> contextlib.ExitStack:
     """Autograd on, also when called under ``torch.no_grad()`` or ``torch.inference_mode()``:
     gradient criteria raised ``element 0 of tensors does not require grad``, and under
     inference mode the tensors made there cannot be updated in place. A ``with`` block, not
-    a decorator: the warnings' ``stacklevel`` counts the frames to the user's line."""
+    a decorator: the warnings' ``stacklevel`` counts the frames to the user's line.
+
+    With ``model``: the user's model in eval mode, its state put back at the end
+    (:func:`~cleanai_core.model_state.preserved`) for everything between the model runs
+    too: a ``spectral_norm`` weight read in training mode (by a plugin's scan, the graph,
+    the scores) runs a power iteration that rewrites its ``_u`` / ``_v``, so building a
+    pruner changed the user's model."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
+    if model is not None:
+        stack.enter_context(preserved(model))
     return stack
 
 
@@ -222,7 +230,15 @@ class StructuredPruner:
         self._other_path: tuple[tuple, dict] | None = None
         self._other_reference: Reference | None = None
         self._pruned_plans: list[tuple[DependencyGraph, PruningPlan]] = []  # per step, for the report
-        self.graph = self._build_graph(model)
+        with _autograd_on(model):
+            self.graph = self._build_graph(model)
+        units = sum(g.size for g in self.graph.groups(prunable_only=True))
+        if iterative_steps > units:  # 10**9 steps ran until killed, each re-tracing and removing nothing
+            raise UserError(
+                f"iterative_steps={iterative_steps} is more steps than the {units} units this model can lose in all "
+                f"(each step removes at least one, or only repeats the work); give at most {units} (a few steps are "
+                "usual)"
+            )
 
     @property
     def stats(self) -> dict:
@@ -261,7 +277,7 @@ class StructuredPruner:
         shard (:func:`cleanai_core.distributed.shard`), ``num_batches`` counts this rank's
         batches, and the statistics are summed over ranks."""
         num_batches = options.plain_number(num_batches)
-        with _autograd_on():
+        with _autograd_on(self.model):
             setup = CalibrationSetup.of(self)
             with other_paths(self.model, untraced_layers(self.graph)) as seen:
                 self.calibration = calibrate(
@@ -339,7 +355,7 @@ class StructuredPruner:
 
     def plan(self) -> PruningPlan:
         """The dry run: which units would go. Changes nothing."""
-        with _autograd_on():
+        with _autograd_on(self.model):
             if self._plan is None:
                 dead = self.prune_dead_only
                 self._plan = (
@@ -550,7 +566,8 @@ class StructuredPruner:
             if not self.inplace:
                 _warn_user_hooks(user_hooks(self.model))
             try:
-                current = prune_in_steps(self)
+                with preserved(self.model):  # the copies are made, sliced and checked beside it
+                    current = prune_in_steps(self)
             finally:
                 # also when a step fails: a later plan() must not see a stale step
                 self._step, self._targets, self._widths = (0, 1), {}, {}
@@ -565,7 +582,8 @@ class StructuredPruner:
         """Per layer: channels before/after, pruned indices, importance scores of pruned and
         kept units; plus params and FLOPs before/after (:mod:`cleanai_core.pruning_report`).
         Call after :meth:`prune`."""
-        return pruner_report(self)
+        with preserved(self.model):
+            return pruner_report(self)
 
 
 def _warn_user_hooks(hooks: list[tuple[str, str, int]]) -> None:

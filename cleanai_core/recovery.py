@@ -42,7 +42,7 @@ from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, eval_mode
 from cleanai_core.model_state import copy_model
-from cleanai_core.options import check_modules, check_not_meta, check_switches, plain_number
+from cleanai_core.options import check_callables, check_modules, check_not_meta, check_switches, plain_number
 from cleanai_core.runtime import checked_device, find_logits, label_indices, not_class_labels, unused_key_hint
 
 __all__ = [
@@ -565,8 +565,10 @@ def recover(
             raise UserError(f"{name}={value!r} must be an integer >= {low}{tail}")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)):
         raise UserError(f"val_fraction={val_fraction!r} must be a number between 0 and 1")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UserError(f"seed={seed!r} must be an integer")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        # 2**70 raised "ValueError: Overflow when unpacking long long" from torch.manual_seed
+        raise UserError(f"seed={seed!r} must be an integer in [-2**63, 2**64) (what torch.manual_seed takes)")
+    check_callables(forward_fn=forward_fn)  # forward_fn=3 was "the pruned model failed on a batch ... shaped like"
     device = checked_device(device, "device=") if device is not None else _device_of(pruned)
     torch.manual_seed(seed)  # on the fork made by _private_rng: the caller's RNG state is restored after
     train_loader, held_loader, n_train, n_held = split_train_data(train_data, val_data, val_fraction, batch_size, seed)

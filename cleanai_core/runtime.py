@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from cleanai_core.errors import UserError
+from cleanai_core.model_state import writes_guarded
 
 __all__ = [
     "call_model",
@@ -53,16 +54,19 @@ def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None
     its input in place (``x.div_(255)``) changed the user's example input and calibration
     batches at every call (2**15 times over for the example), and the original and pruned
     models then saw other inputs, so verification skipped every group. ``copy=False``: the
-    caller passes tensors of its own (the trace, which follows them by identity)."""
+    caller passes tensors of its own (the trace, which follows them by identity). Inside
+    :func:`~cleanai_core.model_state.preserved`, parameters the forward writes in place are
+    copied before the write and put back with the rest of the model's state."""
     if copy:
         inputs = copied_inputs(inputs)
-    if forward_fn is not None:
-        return forward_fn(model, inputs)
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+    with writes_guarded(model):  # a forward writing its weights (clipping) writes what is put back
+        if forward_fn is not None:
+            return forward_fn(model, inputs)
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return model(*inputs)
+        return model(inputs)
 
 
 def copied_inputs(inputs: Any) -> Any:
@@ -447,6 +451,11 @@ def move_to(x: Any, device: torch.device | None) -> Any:
     if device is None:
         return x
     if isinstance(x, torch.Tensor):
+        if x.is_meta and torch.device(device).type != "meta":  # "Cannot copy out of meta tensor; no data!"
+            raise UserError(
+                f"a batch holds a tensor on the meta device (shape {tuple(x.shape)}: a shape without values), so "
+                f"the model cannot run on it; give real tensors (on the cpu or the model's device, {device})"
+            )
         return x.to(device)
     if isinstance(x, dict):
         return {k: move_to(v, device) for k, v in x.items()}
@@ -456,10 +465,27 @@ def move_to(x: Any, device: torch.device | None) -> Any:
 
 
 def iterate(loader: Iterable[Any], num_batches: int | None) -> Iterator[Any]:
+    """The first ``num_batches`` batches of ``loader`` (all where ``None``; none read beyond
+    them). An exception the loader raises (its dataset's ``__getitem__``, a transform,
+    ``collate_fn``) goes on as it is, the user's own type, with a note that names the batch
+    and says the data is at fault (it came out of CleanAI's calibration loop unexplained)."""
+    from cleanai_core.errors import CleanAIError
+
     n = 0
-    for batch in loader:
-        if num_batches is not None and n >= num_batches:
+    batches = iter(loader)
+    while num_batches is None or n < num_batches:
+        try:
+            batch = next(batches)
+        except StopIteration:
             break
+        except Exception as exc:
+            if not isinstance(exc, CleanAIError):
+                exc.add_note(
+                    f"cleanai: the data loader raised this on batch {n}{f', after {n} good one(s)' if n else ''}: the "
+                    "fault is in the data (its dataset's __getitem__, a transform or collate_fn), not in the model "
+                    "or CleanAI; nothing was collected."
+                )
+            raise
         n += 1
         yield batch
     from cleanai_core.distributed import is_distributed

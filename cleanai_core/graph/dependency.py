@@ -18,7 +18,8 @@ from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
 from cleanai_core.interfaces import LayerPruner
-from cleanai_core.options import check_modules
+from cleanai_core.model_state import preserved
+from cleanai_core.options import check_callables, check_example_inputs, check_modules
 from cleanai_core.plugins import get_plugin_manager
 from cleanai_core.runtime import call_model, dtype_advice, plain_inputs
 
@@ -115,7 +116,7 @@ class DependencyGraph:
             print(group.describe())
         print(graph.explain())
 
-    :param model: the model (not modified; traced in its current train/eval mode).
+    :param model: the model (not modified; traced in eval mode, its modes and state put back).
     :param example_inputs: a tensor, a tuple of positional inputs or a dict of keywords.
     :param forward_fn: ``forward_fn(model, example_inputs)`` for unusual call signatures.
     :param output_transform: maps the output to its tensors (e.g. ``lambda o: o.logits``).
@@ -135,8 +136,25 @@ class DependencyGraph:
             raise UserError(f"DependencyGraph needs a torch.nn.Module, got {type(model).__name__}")
         check_modules(model)  # a scripted or lazy layer, a weight a pre-hook recomputes: named, before the trace
         example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
+        # as StructuredPruner checks them: forward_fn=5, example_inputs None, text or a NumPy array were
+        # "the model failed to run on the example inputs ... the inputs or the model itself are at fault"
+        check_callables(forward_fn=forward_fn, output_transform=output_transform)
+        check_example_inputs(example_inputs)
         self.model = model
         self.pm = pm or get_plugin_manager()
+        # in eval mode, its state put back: a spectral_norm weight read in training mode by a
+        # plugin's scan rewrites its power-iteration vectors
+        with preserved(model):
+            self._build(model, example_inputs, forward_fn, output_transform, ignored_layers)
+
+    def _build(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        forward_fn: Callable[[nn.Module, Any], Any] | None,
+        output_transform: Callable[[Any], Any] | None,
+        ignored_layers: Iterable[nn.Module | str],
+    ) -> None:
         self.findings = prepare_model(model, self.pm)
         self.nodes = resolve_modules(model, self.pm, self.findings)
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}

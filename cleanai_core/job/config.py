@@ -37,7 +37,10 @@ __all__ = [
     "API_NAMES",
     "DEFAULTS",
     "DEFAULT_RATIO",
+    "MAX_IMAGE_SIZE",
+    "MAX_LATENCY_REPEATS",
     "PruneConfig",
+    "check_unread",
     "option_fields",
     "pruner_options",
     "resolve_config",
@@ -292,6 +295,44 @@ def _check_kinds(cfg: dict, sources: dict[str, str]) -> None:
 
 #: the largest ``--image-size``: one 3 x 8192 x 8192 float32 image is 805 MB
 MAX_IMAGE_SIZE = 8192
+#: the most ``--latency-repeats``: 10,000 timed runs of a 100 ms model are 17 minutes per
+#: model (``--latency-repeats 1000000000000`` ran until it was killed, nothing said)
+MAX_LATENCY_REPEATS = 10_000
+
+#: options read only where another is set: ``(option, whether it is read, why not and the
+#: fix)``. Given without it, they were ignored without a word (``--recover-lr 0.1`` with no
+#: recovery, ``--sensitivity-ratios`` with no sensitivity analysis)
+_READ_ONLY_WITH = (
+    ("recover_lr", lambda c: c.get("recover_epochs"),
+     "is the learning rate of recovery, which runs only with --recover-epochs N (N >= 1): add it, or leave {flag} out"),
+    ("sensitivity_batches", lambda c: c.get("sensitivity") or c.get("auto"),
+     "is read by the sensitivity analysis, which runs only with --sensitivity or --auto: add one, or leave {flag} out"),
+    ("sensitivity_ratios", lambda c: c.get("sensitivity") or c.get("auto"),
+     "is read by the sensitivity analysis, which runs only with --sensitivity or --auto: add one, or leave {flag} out"),
+    ("bn_samples", lambda c: c.get("bn_recalibration"),
+     "is read by the BatchNorm recalibration, which --no-bn-recalibration turns off: drop one of them"),
+)  # fmt: skip
+
+
+def check_unread(cfg: dict[str, Any]) -> None:
+    """Refuse an option the user gave (not a default or a preset's, and not the default's
+    value: a ``config.json`` of an earlier run holds every option) that the job would not
+    read, since the option it goes with is off. Run on the job's final options (``cleanai
+    sensitivity`` sets ``sensitivity`` itself). From a config file or the environment, which
+    serve many runs, it is a warning."""
+    import logging
+
+    sources = cfg.get("_sources", {})
+    for key, read, why in _READ_ONLY_WITH:
+        where = sources.get(key, "default")
+        if where in ("default", "preset") or cfg.get(key) == DEFAULTS[key] or read(cfg):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if where != "command line":
+            log = logging.getLogger("cleanai")
+            log.warning("warning: %s (%s) %s; it was ignored.", flag, where, why.format(flag=flag))
+            continue
+        raise UserError(f"{flag} ({where}) {why.format(flag=flag)}.")
 
 
 def _check_number(
@@ -463,9 +504,9 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None, objects: tu
         "batch_size",
         "num_classes",
         "seq_len",
-        "latency_repeats",
     ):
         _check_number(cfg, key, int, 1, None, lo_open=False)
+    _check_number(cfg, "latency_repeats", int, 1, MAX_LATENCY_REPEATS, lo_open=False, hi_open=False)
     # one image of 100000 x 100000 pixels is 120 GB as float32: the out-of-memory killer ended the run (exit 137)
     _check_number(cfg, "image_size", int, 1, MAX_IMAGE_SIZE, lo_open=False, hi_open=False)
     _check_number(cfg, "covariance_rows", int, 0, None, lo_open=False)

@@ -17,7 +17,7 @@ import torch
 
 from cleanai_core import distributed
 from cleanai_core.errors import CleanAIError, PruningError, UserError
-from cleanai_core.job.config import PruneConfig, pruner_options, resolve_config
+from cleanai_core.job.config import PruneConfig, check_unread, pruner_options, resolve_config
 from cleanai_core.job.inputs import (
     checked_collate,
     checked_dataset,
@@ -117,6 +117,7 @@ def execute(
 
     ``model``/``dataset`` may be given directly (``cleanai demo``); ``cfg['model']`` must
     then still be a spec that rebuilds the architecture."""
+    check_unread(cfg)
     quiet = bool(cfg.get("quiet"))
     logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
     out = Path(cfg["out"]) if cfg.get("out") else None
