@@ -26,7 +26,7 @@ from cleanai_core.history import PruningHistory
 from cleanai_core.isomorphic import Signatures, scopes_of, signatures
 from cleanai_core.masking import check_exact, exact_units, masked_outputs
 from cleanai_core.metrics import count_flops, count_params
-from cleanai_core.model_state import preserved, transplant, user_hooks
+from cleanai_core.model_state import reads_preserved, transplant, user_hooks
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan
 from cleanai_core.pruning_report import pruner_report
@@ -47,7 +47,7 @@ def _autograd_on(model: nn.Module | None = None) -> contextlib.ExitStack:
     a decorator: the warnings' ``stacklevel`` counts the frames to the user's line.
 
     With ``model``: the user's model in eval mode, its state put back at the end
-    (:func:`~cleanai_core.model_state.preserved`) for everything between the model runs
+    (:func:`~cleanai_core.model_state.reads_preserved`) for everything between the model runs
     too: a ``spectral_norm`` weight read in training mode (by a plugin's scan, the graph,
     the scores) runs a power iteration that rewrites its ``_u`` / ``_v``, so building a
     pruner changed the user's model."""
@@ -55,7 +55,7 @@ def _autograd_on(model: nn.Module | None = None) -> contextlib.ExitStack:
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
     if model is not None:
-        stack.enter_context(preserved(model))
+        stack.enter_context(reads_preserved(model))
     return stack
 
 
@@ -566,7 +566,7 @@ class StructuredPruner:
             if not self.inplace:
                 _warn_user_hooks(user_hooks(self.model))
             try:
-                with preserved(self.model):  # the copies are made, sliced and checked beside it
+                with reads_preserved(self.model):  # the copies are made, sliced and checked beside it
                     current = prune_in_steps(self)
             finally:
                 # also when a step fails: a later plan() must not see a stale step
@@ -582,7 +582,7 @@ class StructuredPruner:
         """Per layer: channels before/after, pruned indices, importance scores of pruned and
         kept units; plus params and FLOPs before/after (:mod:`cleanai_core.pruning_report`).
         Call after :meth:`prune`."""
-        with preserved(self.model):
+        with reads_preserved(self.model):
             return pruner_report(self)
 
 

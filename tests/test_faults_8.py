@@ -354,3 +354,59 @@ def test_the_graph_checks_its_arguments_as_the_pruner_does(kwargs, says):
     if "forward_fn" not in kwargs and "output_transform" not in kwargs:
         with pytest.raises(UserError, match=says):
             StructuredPruner(_cnn(), args["example_inputs"], "magnitude")
+
+
+def _guarded_calls(monkeypatch) -> list[str]:
+    import cleanai_core.model_state as ms
+
+    seen: list[str] = []
+    real = ms._guarded_call
+
+    def counted(model, snaps):
+        seen.append(type(model).__name__)
+        return real(model, snaps)
+
+    monkeypatch.setattr(ms, "_guarded_call", counted)
+    return seen
+
+
+class Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.bn, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.c2(torch.relu(self.bn(self.c1(x))))).mean((2, 3)))
+
+
+def test_the_write_guard_runs_once_per_model_that_writes_nothing_and_on_every_run_of_one_that_writes(monkeypatch):
+    """The guard costs about 12% of a forward: a model whose first real guarded call wrote
+    nothing (and the copies made of it) runs without it from then on; one that writes is
+    guarded in every block; the trace (ops on the meta device) proves nothing either way."""
+    from cleanai_core.model_state import copy_model, preserved
+    from cleanai_core.runtime import call_model
+
+    seen = _guarded_calls(monkeypatch)
+    plain, writes = Plain().eval(), WritesItself().eval()
+    DependencyGraph(plain, X)
+    DependencyGraph(writes, X)
+    assert seen == ["Plain", "WritesItself"]  # the traces: guarded, and neither model remembered
+    for model in (plain, writes, plain, writes):
+        with preserved(model):
+            call_model(model, X)
+            call_model(model, X)
+    # Plain: its first real call only; WritesItself: every call (it wrote on each)
+    assert seen[2:] == ["Plain"] + ["WritesItself"] * 4
+    seen.clear()
+    copies = copy_model(plain), copy_model(writes)
+    for model in copies:
+        with preserved(model):
+            call_model(model, X)
+    assert seen == ["WritesItself"]
+    before = _state(writes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        StructuredPruner(writes, X, "magnitude", pruning_ratio=0.5).prune()
+    assert _changed(writes, before) == []

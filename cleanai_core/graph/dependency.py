@@ -18,7 +18,7 @@ from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
 from cleanai_core.interfaces import LayerPruner
-from cleanai_core.model_state import preserved
+from cleanai_core.model_state import reads_preserved
 from cleanai_core.options import check_callables, check_example_inputs, check_modules
 from cleanai_core.plugins import get_plugin_manager
 from cleanai_core.runtime import call_model, dtype_advice, plain_inputs
@@ -144,7 +144,7 @@ class DependencyGraph:
         self.pm = pm or get_plugin_manager()
         # in eval mode, its state put back: a spectral_norm weight read in training mode by a
         # plugin's scan rewrites its power-iteration vectors
-        with preserved(model):
+        with reads_preserved(model):
             self._build(model, example_inputs, forward_fn, output_transform, ignored_layers)
 
     def _build(
