@@ -1,0 +1,51 @@
+"""Session 18, outputs: what CleanAI writes after pruning, checked as a demanding user
+would (report numbers, history replay, save/load, recovery)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from cleanai_core import StructuredPruner
+from cleanai_core.io import load_pruned, save_pruned
+from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
+
+
+def _pruned_digits(prep=lambda m: m, **kw):
+    torch.manual_seed(0)
+    model = prep(DigitsCNN(width=8).eval())
+    x = prep(torch.rand(16, 1, 8, 8))
+    pruner = StructuredPruner(model, x[:2], pruning_ratio=0.4, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.collect_activations([x], num_batches=1, progress=False)
+        pruned = pruner.prune()
+    return model, x, pruner, pruned
+
+
+def _channels_last(m):
+    return m.to(memory_format=torch.channels_last)
+
+
+def test_a_channels_last_model_loads_back_channels_last(tmp_path):
+    _, x, pruner, pruned = _pruned_digits(_channels_last)
+    convs = [n for n, p in pruned.named_parameters() if p.dim() == 4]
+    assert len(convs) == 3
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in pruned.parameters() if p.dim() == 4)
+    save_pruned(tmp_path / "out", pruned, pruner.history, MODEL_SPEC)
+    loaded = load_pruned(tmp_path / "out")
+    params = dict(loaded.named_parameters())
+    # save_pruned made every tensor NCHW-contiguous and load_pruned copied into NCHW tensors
+    assert [n for n in convs if not params[n].is_contiguous(memory_format=torch.channels_last)] == []
+    state = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert all(state[n].is_contiguous(memory_format=torch.channels_last) for n in convs)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    # an NCHW model stays NCHW
+    _, x, pruner, pruned = _pruned_digits()
+    save_pruned(tmp_path / "nchw", pruned, pruner.history, MODEL_SPEC)
+    loaded = load_pruned(tmp_path / "nchw")
+    assert all(p.is_contiguous() for p in loaded.parameters())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
