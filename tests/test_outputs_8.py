@@ -3,6 +3,7 @@ would (report numbers, history replay, save/load, recovery)."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import torch
@@ -49,3 +50,24 @@ def test_a_channels_last_model_loads_back_channels_last(tmp_path):
     assert all(p.is_contiguous() for p in loaded.parameters())
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned(x))
+
+
+def test_the_report_says_how_many_samples_scored_the_channels(tmp_path, capsys):
+    from cleanai_core.cli import main
+
+    torch.manual_seed(0)
+    torch.save({"x": torch.rand(40, 1, 8, 8), "y": torch.randint(0, 10, (40,))}, tmp_path / "d.pt")
+    torch.save(DigitsCNN().state_dict(), tmp_path / "w.pt")
+    common = ["prune", "--model", MODEL_SPEC, "--weights", str(tmp_path / "w.pt"), "--data", str(tmp_path / "d.pt")]
+    common += ["--ratio", "0.4", "--batch-size", "8", "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*common, "--calib-batches", "1", "--out", str(tmp_path / "one")]) == 0
+        assert main([*common, "--out", str(tmp_path / "all")]) == 0
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    # 20 samples in the calibration part, one batch of 8 read: the report said 20 and nothing else
+    assert (one["calibration_samples"], one["scored_samples"], one["evaluation_samples"]) == (20, 8, 20)
+    assert "20 calibration samples; 8 of them scored the channels;" in (tmp_path / "one" / "report.md").read_text()
+    every = json.loads((tmp_path / "all" / "report.json").read_text())
+    assert (every["calibration_samples"], every["scored_samples"]) == (20, 20)
+    assert "scored the channels" not in (tmp_path / "all" / "report.md").read_text()

@@ -192,6 +192,9 @@ def _execute(
 
         stats_part = Subset(stats_part, range(min(len(stats_part), int(num_batches) * bs)))
         num_batches = None
+    # the samples whose activations score the channels: --calib-batches and the sensitivity trials' share leave
+    # out part of the calibration split (the report said "100 calibration samples" where 16 were read)
+    scored = len(stats_part) if num_batches is None else min(len(stats_part), int(num_batches) * bs)
     calib_loader = distributed.shard(
         DataLoader(stats_part, batch_size=bs, shuffle=False, collate_fn=checked_collate)
     )  # this rank's share
@@ -298,6 +301,7 @@ def _execute(
         "perplexity_after": after_acc.get("perplexity") if after_acc else None,
         "evaluation_tokens": after_acc.get("tokens") if after_acc else None,
         "calibration_samples": len(calib),
+        "scored_samples": scored,
         "evaluation_samples": len(held) if held is not None else 0,
         "input_shape": _input_shape(example),
         "recovery": recovery,
