@@ -96,9 +96,18 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "flops_before": pruner.flops_before(),
         "flops_after": before["flops_after"],
         "importance": repr(pruner.importance),
-        "pruning_ratio": pruner.pruning_ratio,
+        # what set the amount: a target or the dead units leave the ratio unused (it read 0.3, the default)
+        "pruning_ratio": None if _amount_set_otherwise(pruner) else pruner.pruning_ratio,
+        "target_flops": pruner.target_flops,
+        "target_params": pruner.target_params,
         "skipped_groups": list(pruner.skipped_groups),
         "groups": pruner._plan.to_json()["groups"] if pruner._plan else [],
         "layers": _step_records(pruner),
         "dead_units": [f.to_json() for f in find_dead_units(pruner.graph, pruner.stats)] if pruner.stats else None,
     }
+
+
+def _amount_set_otherwise(pruner: Any) -> bool:
+    """Whether ``pruning_ratio`` played no part: a FLOPs or parameter target, or
+    ``prune_dead_only``, chose what goes."""
+    return pruner.target_flops is not None or pruner.target_params is not None or bool(pruner.prune_dead_only)

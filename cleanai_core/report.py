@@ -43,6 +43,7 @@ _NOTES = (
     ("model", "Model `{}`"),
     ("pruning_ratio", "pruning ratio {}"),
     ("target_flops", "target FLOPs {}"),
+    ("target_params", "target parameters {}"),
     ("importance", "importance `{}`"),
     ("calibration_samples", "{} calibration samples"),
     ("scored_samples", "{} of them scored the channels"),

@@ -71,3 +71,21 @@ def test_the_report_says_how_many_samples_scored_the_channels(tmp_path, capsys):
     every = json.loads((tmp_path / "all" / "report.json").read_text())
     assert (every["calibration_samples"], every["scored_samples"]) == (20, 20)
     assert "scored the channels" not in (tmp_path / "all" / "report.md").read_text()
+
+
+def test_a_target_run_reports_its_target_and_no_ratio(tmp_path):
+    from cleanai_core.report import render_markdown
+
+    for kw, key in ((dict(target_flops=0.5), "target FLOPs 0.5"), (dict(target_params=0.5), "target parameters 0.5")):
+        _, _, pruner, pruned = _pruned_digits(**kw)
+        report = pruner.report()
+        # the report said "pruning ratio 0.4" (the unused ratio) and did not name the parameter target
+        assert report["pruning_ratio"] is None
+        assert (report["target_flops"], report["target_params"]) == (kw.get("target_flops"), kw.get("target_params"))
+        kept = sum(p.numel() for p in pruned.parameters()) / report["params_before"]
+        assert kept == report["params_after"] / report["params_before"] and kept <= 0.5 + 0.05
+        md = render_markdown(report)
+        assert key in md and "pruning ratio" not in md
+    _, _, pruner, _ = _pruned_digits()
+    assert (pruner.report()["pruning_ratio"], pruner.report()["target_flops"]) == (0.4, None)
+    assert "pruning ratio 0.4" in render_markdown(pruner.report())

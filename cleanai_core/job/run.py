@@ -283,6 +283,7 @@ def _execute(
         "data": cfg["data"],
         **pruner.report(),  # params, FLOPs, plan, layers, dead units: counted once, by the library
         "target_flops": cfg.get("target_flops"),
+        "target_params": cfg.get("target_params"),
         "flops_note": "FLOPs of one forward pass on one input (FLOPs = 2 x MACs)",
         "latency_before_ms": lat_before,
         "latency_after_ms": lat_after,
@@ -306,8 +307,8 @@ def _execute(
         "input_shape": _input_shape(example),
         "recovery": recovery,
     }
-    if cfg.get("target_flops") is not None:
-        report["pruning_ratio"] = None
+    if any(cfg.get(k) is not None for k in ("target_flops", "target_params", "target_latency")):
+        report["pruning_ratio"] = None  # --auto: the allocation's target (the pruner itself has none)
     if sensitivity is not None:
         report.update(sensitivity)
     report["seconds"] = round(time.time() - t0, 2)
