@@ -89,3 +89,34 @@ def test_a_target_run_reports_its_target_and_no_ratio(tmp_path):
     _, _, pruner, _ = _pruned_digits()
     assert (pruner.report()["pruning_ratio"], pruner.report()["target_flops"]) == (0.4, None)
     assert "pruning ratio 0.4" in render_markdown(pruner.report())
+
+
+def test_a_gradual_step_keeps_the_optimizer_state_and_gradients_in_the_parameters_layout():
+    from cleanai_core import GradualPruner, PruningSchedule
+
+    torch.manual_seed(0)
+    model = DigitsCNN(width=8).to(memory_format=torch.channels_last)
+    x = torch.rand(16, 1, 8, 8).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(x).sum().backward()
+    opt.step()
+    with torch.no_grad():  # state and gradient = weight^2: after slicing they must still be
+        for p in model.parameters():
+            for v in opt.state[p].values():
+                if v.dim():
+                    v.copy_(p * p)
+            p.grad.copy_(p * p)
+    gp = GradualPruner(model, x[:2], opt, PruningSchedule(final=0.5, steps=2), bias_compensation=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gp.step([x])
+    convs = {n: p for n, p in model.named_parameters() if p.dim() == 4 and p.shape[1] > 1}
+    assert [tuple(p.shape)[:2] for p in convs.values()] == [(11, 6), (11, 11)]
+    for name, p in convs.items():
+        assert p.is_contiguous(memory_format=torch.channels_last), name
+        tensors = {"grad": p.grad, **{k: v for k, v in opt.state[p].items() if v.dim()}}
+        assert set(tensors) == {"grad", "exp_avg", "exp_avg_sq"}
+        for key, t in tensors.items():
+            assert torch.equal(t, p * p), (name, key)
+            # sliced with index_select alone, they came out NCHW beside a channels-last parameter
+            assert t.is_contiguous(memory_format=torch.channels_last), (name, key)
