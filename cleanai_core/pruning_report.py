@@ -77,6 +77,25 @@ def _step_records(pruner: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _group_records(pruner: Any) -> list[dict[str, Any]]:
+    """The plan's groups, with the units removed over every step: with ``iterative_steps``
+    the report listed the first step's plan alone (1 of 8 units pruned where the model lost
+    4). A group keeps its slices through the steps (each slice is in one group), so a later
+    step's group is found by the first slice of the original one."""
+    steps = pruner._pruned_plans
+    if len(steps) <= 1:
+        return pruner._plan.to_json()["groups"] if pruner._plan else []
+    later = [{(s.module, s.name): gp for gp in plan.groups for s in gp.group.slices} for _, plan in steps[1:]]
+    out = []
+    for gp in steps[0][1].groups:
+        record = gp.to_json()
+        key = (gp.group.slices[0].module, gp.group.slices[0].name) if gp.group.slices else None
+        record["pruned"] += sum(step[key].n_pruned for step in later if key in step)
+        record["ratio"] = round(record["pruned"] / record["units"], 6) if record["units"] else 0.0
+        out.append(record)
+    return out
+
+
 def pruner_report(pruner: Any) -> dict[str, Any]:
     """The library's report of a :class:`~cleanai_core.pruner.StructuredPruner` after
     ``prune()``: params and FLOPs before/after (FLOPs counted once), the plan's groups,
@@ -101,7 +120,7 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "target_flops": pruner.target_flops,
         "target_params": pruner.target_params,
         "skipped_groups": list(pruner.skipped_groups),
-        "groups": pruner._plan.to_json()["groups"] if pruner._plan else [],
+        "groups": _group_records(pruner),
         "layers": _step_records(pruner),
         "dead_units": [f.to_json() for f in find_dead_units(pruner.graph, pruner.stats)] if pruner.stats else None,
     }

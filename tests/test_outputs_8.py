@@ -120,3 +120,24 @@ def test_a_gradual_step_keeps_the_optimizer_state_and_gradients_in_the_parameter
             assert torch.equal(t, p * p), (name, key)
             # sliced with index_select alone, they came out NCHW beside a channels-last parameter
             assert t.is_contiguous(memory_format=torch.channels_last), (name, key)
+
+
+def test_the_report_groups_count_the_units_removed_over_every_step():
+    model, _, pruner, pruned = _pruned_digits(iterative_steps=3)
+    groups = {tuple(g["modules"]): g for g in pruner.report()["groups"]}
+    width = {n: m.weight.shape[0] for n, m in pruned.named_modules() if n in ("features.0", "features.3", "features.7")}
+    original = {n: m.weight.shape[0] for n, m in model.named_modules() if n in width}
+    by_producer = {
+        ("features.0", "features.1", "features.3"): "features.0",
+        ("features.3", "features.4", "features.7"): "features.3",
+        ("fc", "features.7", "features.8"): "features.7",
+    }
+    assert set(groups) == set(by_producer)
+    for key, producer in by_producer.items():
+        # the first step's plan alone was listed: 1 of 8 units pruned where the model lost 3
+        assert groups[key]["units"] == original[producer]
+        assert groups[key]["pruned"] == original[producer] - width[producer] > 0
+        assert groups[key]["ratio"] == round(groups[key]["pruned"] / groups[key]["units"], 6)
+    layers = [r for r in pruner.report()["layers"] if r["name"] == "features.0" and r["slice"] == "out"]
+    assert [r["step"] for r in layers] == [1, 2, 3]
+    assert sum(len(r["pruned_indices"]) for r in layers) == groups[("features.0", "features.1", "features.3")]["pruned"]
