@@ -50,7 +50,9 @@ def layer_records(
 
 
 def _scores(scores: torch.Tensor) -> list[float | None]:
-    return [None if v != v else v for v in scores.round(decimals=6).tolist()]
+    """Scores to six significant digits (``None`` for a unit never scored). Six decimals
+    made every Taylor score of a small model 0.0 (they lie near 1e-12): no ranking left."""
+    return [None if v != v else float(f"{v:.6g}") for v in scores.tolist()]
 
 
 def _step_records(pruner: Any) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import pytest
 import torch
 
 from cleanai_core import StructuredPruner
@@ -141,3 +142,24 @@ def test_the_report_groups_count_the_units_removed_over_every_step():
     layers = [r for r in pruner.report()["layers"] if r["name"] == "features.0" and r["slice"] == "out"]
     assert [r["step"] for r in layers] == [1, 2, 3]
     assert sum(len(r["pruned_indices"]) for r in layers) == groups[("features.0", "features.1", "features.3")]["pruned"]
+
+
+def test_small_importance_scores_keep_their_ranking_in_the_report():
+    torch.manual_seed(0)
+    model = DigitsCNN(width=8).eval()
+    x = torch.rand(16, 1, 8, 8) * 1e-3  # Taylor scores of this model lie near 1e-12
+    pruner = StructuredPruner(model, x[:2], importance="taylor", pruning_ratio=0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.collect_activations([(x, torch.randint(0, 10, (16,)))], num_batches=1, progress=False)
+        plan = pruner.plan()
+        pruner.prune()
+    stem = next(r for r in pruner.report()["layers"] if (r["name"], r["slice"]) == ("features.0", "out"))
+    gp = next(gp for gp in plan.groups if "features.0" in gp.group.modules())
+    true = gp.scores.tolist()
+    assert 0 < max(true) < 1e-9
+    scores = stem["importance_scores"]["pruned"] + stem["importance_scores"]["kept"]
+    # six decimals: every score read 0.0
+    assert all(s > 0 for s in scores)
+    assert stem["importance_scores"]["pruned"] == pytest.approx(gp.scores[gp.pruned].tolist(), rel=1e-5)
+    assert max(stem["importance_scores"]["pruned"]) <= min(stem["importance_scores"]["kept"])
