@@ -462,35 +462,26 @@ def load_pruned(
     replay_history(history, model, out / "history.json", pm)
     state = read_state(out / "model.pt", model, map_location)
     model.to(map_location)
-    take_dtypes(model, state)
-    take_layouts(model, state)
+    take_saved_form(model, state)
     model.load_state_dict(state, strict=True)
     arch = out / "architecture.json"
     apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location))
     return model.eval()
 
 
-def take_layouts(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give every parameter and buffer of ``model`` the memory format of its tensor in
-    ``state``: ``load_state_dict`` copies into the rebuilt model's own (NCHW) tensors, so a
-    channels-last model came back NCHW (and ran slower on channels-last inputs). The
-    parameter objects stay (tied weights stay tied)."""
+def take_saved_form(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every parameter and buffer of ``model`` the dtype and memory format of its
+    tensor in ``state``: the architecture is rebuilt in float32 NCHW, and
+    ``load_state_dict`` copies into it, so a float16, bfloat16 or float64 model came back
+    as float32 (other outputs, twice the size) and a channels-last one came back NCHW
+    (slower on channels-last inputs). The parameter objects stay (tied weights stay tied)."""
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             saved = state.get(name)
-            if saved is not None and saved.shape == t.shape:
-                fmt = memory_format_of(saved)
-                if fmt != memory_format_of(t):
-                    t.data = t.data.contiguous(memory_format=fmt)
-
-
-def take_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give every parameter and buffer of ``model`` the dtype of its tensor in ``state``:
-    the architecture is rebuilt in float32, and ``load_state_dict`` copies into it, so a
-    float16, bfloat16 or float64 model came back as float32 (other outputs, twice the size).
-    The parameter objects stay (tied weights stay tied)."""
-    with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            saved = state.get(name)
-            if saved is not None and saved.dtype != t.dtype:
+            if saved is None:
+                continue
+            if saved.dtype != t.dtype:
                 t.data = t.data.to(saved.dtype)
+            fmt = memory_format_of(saved)
+            if saved.shape == t.shape and fmt != memory_format_of(t):
+                t.data = t.data.contiguous(memory_format=fmt)
