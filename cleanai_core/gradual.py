@@ -46,6 +46,7 @@ from cleanai_core.bn_refresh import reestimate_batchnorm
 from cleanai_core.calibration import iterate, split_batch
 from cleanai_core.collect import check_iterable, model_failure
 from cleanai_core.errors import UserError
+from cleanai_core.interfaces import slice_tensor
 from cleanai_core.metrics import count_flops
 from cleanai_core.model_state import copy_model
 from cleanai_core.runtime import run_batch
@@ -140,8 +141,8 @@ def _slice_like(t: Any, old_shape: torch.Size, dims: list[torch.Tensor | None], 
             "state that cannot be sliced with the parameter; use SGD, Adam(W) or a similar per-element optimizer"
         )
     for d, idx in enumerate(dims):
-        if idx is not None:
-            t = t.index_select(d, idx.to(t.device))
+        if idx is not None:  # in the layout it had, as the parameter is sliced (state and .grad went NCHW)
+            t = slice_tensor(t, d, idx)
     return t
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from cleanai_core import __version__
 from cleanai_core.errors import UserError
+from cleanai_core.interfaces import memory_format_of
 from cleanai_core.out_folder import (
     INSIDE,
     TrackedWriter,
@@ -173,7 +174,10 @@ def save_pruned(
             raise UserError(f"{str(out)!r} changed while the model was being saved; nothing was replaced. Save again.")
 
     with staged_folder(out, check=unchanged, expected=before) as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        # dense in the layout each tensor had: made contiguous, a channels-last model came back NCHW
+        state = {
+            k: v.detach().cpu().contiguous(memory_format=memory_format_of(v)) for k, v in model.state_dict().items()
+        }
         _atomic(tmp / "model.pt", lambda fh: torch.save(state, fh))
         atomic_write_text(tmp / "history.json", _json(history.to_json()))
         arch = {
@@ -458,20 +462,26 @@ def load_pruned(
     replay_history(history, model, out / "history.json", pm)
     state = read_state(out / "model.pt", model, map_location)
     model.to(map_location)
-    take_dtypes(model, state)
+    take_saved_form(model, state)
     model.load_state_dict(state, strict=True)
     arch = out / "architecture.json"
     apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location))
     return model.eval()
 
 
-def take_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give every parameter and buffer of ``model`` the dtype of its tensor in ``state``:
-    the architecture is rebuilt in float32, and ``load_state_dict`` copies into it, so a
-    float16, bfloat16 or float64 model came back as float32 (other outputs, twice the size).
-    The parameter objects stay (tied weights stay tied)."""
+def take_saved_form(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every parameter and buffer of ``model`` the dtype and memory format of its
+    tensor in ``state``: the architecture is rebuilt in float32 NCHW, and
+    ``load_state_dict`` copies into it, so a float16, bfloat16 or float64 model came back
+    as float32 (other outputs, twice the size) and a channels-last one came back NCHW
+    (slower on channels-last inputs). The parameter objects stay (tied weights stay tied)."""
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             saved = state.get(name)
-            if saved is not None and saved.dtype != t.dtype:
+            if saved is None:
+                continue
+            if saved.dtype != t.dtype:
                 t.data = t.data.to(saved.dtype)
+            fmt = memory_format_of(saved)
+            if saved.shape == t.shape and fmt != memory_format_of(t):
+                t.data = t.data.contiguous(memory_format=fmt)

@@ -50,7 +50,9 @@ def layer_records(
 
 
 def _scores(scores: torch.Tensor) -> list[float | None]:
-    return [None if v != v else v for v in scores.round(decimals=6).tolist()]
+    """Scores to six significant digits (``None`` for a unit never scored). Six decimals
+    made every Taylor score of a small model 0.0 (they lie near 1e-12): no ranking left."""
+    return [None if v != v else float(f"{v:.6g}") for v in scores.tolist()]
 
 
 def _step_records(pruner: Any) -> list[dict[str, Any]]:
@@ -77,6 +79,25 @@ def _step_records(pruner: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _group_records(pruner: Any) -> list[dict[str, Any]]:
+    """The plan's groups, with the units removed over every step: with ``iterative_steps``
+    the report listed the first step's plan alone (1 of 8 units pruned where the model lost
+    4). A group keeps its slices through the steps (each slice is in one group), so a later
+    step's group is found by the first slice of the original one."""
+    steps = pruner._pruned_plans
+    if len(steps) <= 1:
+        return pruner._plan.to_json()["groups"] if pruner._plan else []
+    later = [{(s.module, s.name): gp for gp in plan.groups for s in gp.group.slices} for _, plan in steps[1:]]
+    out = []
+    for gp in steps[0][1].groups:
+        record = gp.to_json()
+        key = (gp.group.slices[0].module, gp.group.slices[0].name) if gp.group.slices else None
+        record["pruned"] += sum(step[key].n_pruned for step in later if key in step)
+        record["ratio"] = round(record["pruned"] / record["units"], 6) if record["units"] else 0.0
+        out.append(record)
+    return out
+
+
 def pruner_report(pruner: Any) -> dict[str, Any]:
     """The library's report of a :class:`~cleanai_core.pruner.StructuredPruner` after
     ``prune()``: params and FLOPs before/after (FLOPs counted once), the plan's groups,
@@ -96,9 +117,18 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "flops_before": pruner.flops_before(),
         "flops_after": before["flops_after"],
         "importance": repr(pruner.importance),
-        "pruning_ratio": pruner.pruning_ratio,
+        # what set the amount: a target or the dead units leave the ratio unused (it read 0.3, the default)
+        "pruning_ratio": None if _amount_set_otherwise(pruner) else pruner.pruning_ratio,
+        "target_flops": pruner.target_flops,
+        "target_params": pruner.target_params,
         "skipped_groups": list(pruner.skipped_groups),
-        "groups": pruner._plan.to_json()["groups"] if pruner._plan else [],
+        "groups": _group_records(pruner),
         "layers": _step_records(pruner),
         "dead_units": [f.to_json() for f in find_dead_units(pruner.graph, pruner.stats)] if pruner.stats else None,
     }
+
+
+def _amount_set_otherwise(pruner: Any) -> bool:
+    """Whether ``pruning_ratio`` played no part: a FLOPs or parameter target, or
+    ``prune_dead_only``, chose what goes."""
+    return pruner.target_flops is not None or pruner.target_params is not None or bool(pruner.prune_dead_only)

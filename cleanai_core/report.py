@@ -43,8 +43,10 @@ _NOTES = (
     ("model", "Model `{}`"),
     ("pruning_ratio", "pruning ratio {}"),
     ("target_flops", "target FLOPs {}"),
+    ("target_params", "target parameters {}"),
     ("importance", "importance `{}`"),
     ("calibration_samples", "{} calibration samples"),
+    ("scored_samples", "{} of them scored the channels"),
     ("evaluation_samples", "{} held-out evaluation samples"),
     ("accuracy_note", "accuracy not measured: {}"),
 )
@@ -97,7 +99,9 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
     notes = [
         template.format(report[key])
         for key, template in _NOTES
-        if report.get(key) is not None and (report.get(key) or key not in ("model", "importance"))
+        if report.get(key) is not None
+        and (report.get(key) or key not in ("model", "importance"))
+        and (key != "scored_samples" or report[key] != report.get("calibration_samples"))
     ]
     shape = report.get("input_shape")
     if shape:

@@ -193,6 +193,9 @@ def _execute(
 
         stats_part = Subset(stats_part, range(min(len(stats_part), int(num_batches) * bs)))
         num_batches = None
+    # the samples whose activations score the channels: --calib-batches and the sensitivity trials' share leave
+    # out part of the calibration split (the report said "100 calibration samples" where 16 were read)
+    scored = len(stats_part) if num_batches is None else min(len(stats_part), int(num_batches) * bs)
     calib_loader = distributed.shard(
         DataLoader(stats_part, batch_size=bs, shuffle=False, collate_fn=checked_collate)
     )  # this rank's share
@@ -281,6 +284,7 @@ def _execute(
         "data": cfg["data"],
         **pruner.report(),  # params, FLOPs, plan, layers, dead units: counted once, by the library
         "target_flops": cfg.get("target_flops"),
+        "target_params": cfg.get("target_params"),
         "flops_note": "FLOPs of one forward pass on one input (FLOPs = 2 x MACs)",
         "latency_before_ms": lat_before,
         "latency_after_ms": lat_after,
@@ -299,12 +303,13 @@ def _execute(
         "perplexity_after": after_acc.get("perplexity") if after_acc else None,
         "evaluation_tokens": after_acc.get("tokens") if after_acc else None,
         "calibration_samples": len(calib),
+        "scored_samples": scored,
         "evaluation_samples": len(held) if held is not None else 0,
         "input_shape": _input_shape(example),
         "recovery": recovery,
     }
-    if cfg.get("target_flops") is not None:
-        report["pruning_ratio"] = None
+    if any(cfg.get(k) is not None for k in ("target_flops", "target_params", "target_latency")):
+        report["pruning_ratio"] = None  # --auto: the allocation's target (the pruner itself has none)
     if sensitivity is not None:
         report.update(sensitivity)
     report["seconds"] = round(time.time() - t0, 2)
