@@ -53,6 +53,7 @@ from cleanai_plugins.zoo.timm.cross_covariance import fix_cross_covariance
 from cleanai_plugins.zoo.timm.inception_dw import fix_inception_dw
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
+from cleanai_plugins.zoo.timm.output_width import fix_output_width
 from cleanai_plugins.zoo.timm.partial_attention import fix_partial_attention
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
 from cleanai_plugins.zoo.timm.split_scales import fix_split_scales
@@ -82,6 +83,7 @@ FIXUPS = (
     fix_partial_conv,
     fix_split_scales,
     fix_cross_covariance,
+    fix_output_width,
     fix_cascaded_attention,
     fix_partial_attention,
     fix_inception_dw,

@@ -32,7 +32,17 @@ __all__ = [
 ]
 
 # child projection -> how many stacked (q, k, v) copies its output holds
-_QUERY_PROJECTIONS = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q", 1), ("qkv_proj", 3), ("qk", 2))
+# (``kv`` last: a latent attention pool without ``q`` reads its query from the latent itself)
+_QUERY_PROJECTIONS = (
+    ("qkv", 3),
+    ("q", 1),
+    ("q_proj", 1),
+    ("query", 1),
+    ("to_q", 1),
+    ("qkv_proj", 3),
+    ("qk", 2),
+    ("kv", 2),
+)
 
 
 @triggered_by("num_heads")

@@ -1,0 +1,116 @@
+"""Session 18 model coverage: one focused check per cause fixed (tiny configs, default suite)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_models_6 import between, groups_with, n_params, redrawn  # the session-16 tests' helpers
+from test_models_7 import replayed
+from torch import nn
+
+from cleanai_core import StructuredPruner, load_pruned
+from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.io import save_pruned
+from cleanai_core.slicing import SliceEdit, apply_edits
+from cleanai_core.testing import masked_forward, run_model
+
+
+def heads_oracle(model, x, attn_projection: str) -> tuple[float, float]:
+    """Prune the first head of every group that contains ``<block>.<attn_projection>``'s
+    output (and nothing else): ``(|sliced - masked|, |sliced - original|)``; the second
+    shows that the comparison has teeth."""
+    graph = DependencyGraph(model, x)
+    pruned = torch.zeros(graph.root.numel(), dtype=torch.bool)
+    heads = [
+        g
+        for g in graph.groups(prunable_only=True)
+        if any(s.module.endswith(attn_projection) and s.name == "out" for s in g.slices)
+    ]
+    assert heads and not any(g.normalizes for g in heads)
+    for g in heads:
+        pruned[g.units[0]] = True
+    expected = masked_forward(graph, pruned, x)
+    small = copy.deepcopy(model)
+    edits = [SliceEdit(m, s, k, graph.ctx.slices[(m, s)].dim) for (m, s), k in graph.keep_indices(pruned).items()]
+    apply_edits(small, edits, graph.pm)
+    got, ref = run_model(small, x), run_model(model, x)
+    return float((got[0] - expected[0]).abs().max()), float((got[0] - ref[0]).abs().max())
+
+
+# -- EVA attention and latent attention pooling: the output reshape named the input width ---------
+
+EVA = {"img_size": 28, "depth": 2, "embed_dim": 48, "num_heads": 3, "scale_attn_inner": False}
+MAP = {"img_size": 32, "depth": 2}
+
+
+def timm_model(name: str, kwargs: dict):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = redrawn(timm.create_model(name, num_classes=3, **kwargs))
+    with torch.no_grad():  # timm starts these heads near zero: the logits would be their bias
+        model.head.weight.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,side,attn,before,after",
+    [
+        # was 85,379 -> 40,451: the 48-channel stream pruned in blocks of one head (1 of 3)
+        ("eva02_tiny_patch14_224", EVA, 28, "attn.qkv", 85379, 30435),
+        # was 299,523 -> 133,939: test_vit3's `map` pool tied the 96-channel stream to its 3 heads
+        ("test_vit3", MAP, 32, "attn_pool.kv", 299523, 103827),
+    ],
+    ids=["eva_attention", "latent_attention_pool"],
+)
+def test_attention_whose_output_reshape_names_the_input_width_frees_the_stream(
+    tmp_path, name, kwargs, side, attn, before, after
+):
+    model = timm_model(name, kwargs)
+    x = torch.randn(2, 3, side, side)
+    graph = DependencyGraph(model, x)
+    (stream,) = groups_with(graph, "patch_embed.proj", "out")
+    width = model.patch_embed.proj.out_channels
+    assert (stream.size, stream.prunable) == (width, width)  # was (3, 3): one unit per head
+    diff, moved = heads_oracle(model, x, attn)
+    assert diff < 1e-5 < 1e-2 < moved
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert (n_params(model), n_params(small)) == (before, after)
+    freed = [m for m in small.modules() if type(m).__name__ in ("PrunedEvaAttention", "PrunedAttentionPoolLatent")]
+    assert freed and all(m.num_heads == 2 for m in freed)
+    assert small.patch_embed.proj.out_channels == width // 2
+    with torch.no_grad():
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    save_pruned(tmp_path / "o", small, pruner.history, f"timm:{name}", {"num_classes": 3, "model_kwargs": kwargs})
+    back = load_pruned(tmp_path / "o", trust_code=True)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+    torch.save(small, tmp_path / "m.pt")  # the pruned classes pickle by name
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(x), small(x))
+        for m in freed:
+            m.fused_attn = False
+        assert torch.allclose(small(x), again(x), atol=1e-5)  # the unfused path reads the same widths
+
+
+def test_latent_pool_without_a_query_projection_counts_its_heads_from_kv():
+    pytest.importorskip("timm")
+    from timm.layers import AttentionPoolLatent
+
+    torch.manual_seed(0)
+    # q_proj=False: the latent is the query, so `kv` is the only projection that shows the heads
+    pool = AttentionPoolLatent(16, num_heads=4, q_proj=False, mlp_ratio=1.0)
+    model = redrawn(between(stem=nn.Linear(5, 16), pool=pool, head=nn.Linear(16, 3)))
+    x = torch.randn(2, 6, 5)
+    diff, moved = heads_oracle(model, x, "pool.kv")
+    assert diff < 1e-5 < 1e-2 < moved
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
+    small = pruner.prune()
+    assert type(small.pool).__name__ == "PrunedAttentionPoolLatent"
+    assert (small.pool.num_heads, small.pool.latent.shape[-1], small.pool.kv.out_features) == (2, 8, 16)
+    assert small.stem.out_features == 8
+    with torch.no_grad():
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
