@@ -14,7 +14,7 @@ from cleanai_core import StructuredPruner, load_pruned
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.io import save_pruned
 from cleanai_core.slicing import SliceEdit, apply_edits
-from cleanai_core.testing import masked_forward, run_model
+from cleanai_core.testing import check_pruner, masked_forward, run_model
 
 
 def heads_oracle(model, x, attn_projection: str) -> tuple[float, float]:
@@ -112,5 +112,105 @@ def test_latent_pool_without_a_query_projection_counts_its_heads_from_kv():
     assert type(small.pool).__name__ == "PrunedAttentionPoolLatent"
     assert (small.pool.num_heads, small.pool.latent.shape[-1], small.pool.kv.out_features) == (2, 8, 16)
     assert small.stem.out_features == 8
+    with torch.no_grad():
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+
+
+# -- a constant pad of the channel dimension (EfficientViT-MIT's LiteMLA, option-A shortcuts) -----
+
+
+class PadShortcut(nn.Module):
+    """A CIFAR ResNet's option-A shortcut: the block doubles its channels and the shortcut
+    pads the input with zero channels, ``pad`` of them on each side."""
+
+    def __init__(self, mode: str = "constant", pad: int = 4) -> None:
+        super().__init__()
+        self.mode, self.pad = mode, pad
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Conv2d(8, 8 + 2 * pad, 3, stride=2, padding=1)
+        self.head = nn.Linear(8 + 2 * pad, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        short = x[:, :, ::2, ::2]
+        if self.mode == "constant":
+            short = nn.functional.pad(short, (0, 0, 0, 0, self.pad, self.pad))
+        else:  # reflected channels copy the stream's values: still frozen
+            b, _, h, w = short.shape
+            tokens = nn.functional.pad(short.flatten(2).transpose(1, 2), (self.pad, self.pad), mode=self.mode)
+            short = tokens.transpose(1, 2).reshape(b, -1, h, w)
+        return self.head(torch.relu(self.branch(x) + short).mean((2, 3)))
+
+
+def test_constant_channels_padded_on_are_no_units_and_the_padded_ones_prune():
+    torch.manual_seed(0)
+    model, x = redrawn(PadShortcut()), torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    # "pads the channel dimension" froze the stem with the whole block
+    (stream,) = groups_with(graph, "stem", "out")
+    assert (stream.size, stream.prunable) == (8, 8)
+    assert {"branch:out", "head:in"} <= {f"{s.module}:{s.name}" for s in stream.slices}
+    # the branch's 4 + 4 channels added to the padded zeros: frozen
+    frozen = [g for g in groups_with(graph, "branch", "out") if g.prunable == 0]
+    assert sum(g.size for g in frozen) == 8
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    assert (report.params_before, report.params_after) == (1443, 595)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head]).prune()
+    assert (small.stem.out_channels, small.branch.out_channels, small.head.in_features) == (4, 12, 12)
+
+
+@pytest.mark.parametrize("mode,pad", [("reflect", 2), ("constant", -2)], ids=["reflected", "cut"])
+def test_a_reflected_or_cut_channel_pad_still_freezes_the_channels(mode, pad):
+    torch.manual_seed(0)
+    model = PadShortcut(mode, pad).eval()
+    graph = DependencyGraph(model, torch.randn(2, 3, 8, 8))
+    assert all(g.prunable == 0 for g in groups_with(graph, "stem", "out"))
+
+
+def test_linear_attention_values_padded_with_ones_prune_by_whole_heads():
+    pytest.importorskip("timm")
+    from timm.models.efficientvit_mit import LiteMLA
+
+    torch.manual_seed(0)
+    model = redrawn(between(stem=nn.Conv2d(3, 16, 1), attn=LiteMLA(16, 16, dim=4), pool=nn.AdaptiveAvgPool2d(1)))
+    x = torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    # v is padded with a channel of ones (the normaliser) and sliced off after the products:
+    # every head of q, k and v froze
+    assert [(g.size, g.prunable) for g in groups_with(graph, "attn.qkv.conv", "out")] == [(4, 4)]
+    diff, moved = heads_oracle(model, x, "attn.qkv.conv")
+    assert diff < 1e-5 < 1e-3 < moved
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert (small.attn.qkv.conv.out_channels, small.attn.proj.conv.in_channels) == (24, 16)  # 2 of 4 heads of 3 x 4
+    assert (n_params(model), n_params(small)) == (2768, 1208)
+    with torch.no_grad():
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+
+
+# -- MobileViT-V2's separable linear attention: a [1, E, E] split ---------------------------------
+
+
+def test_separable_linear_attention_prunes_keys_and_values_past_its_uneven_split():
+    pytest.importorskip("timm")
+    from timm.models.mobilevit import LinearSelfAttention
+
+    torch.manual_seed(0)
+    model = redrawn(
+        between(stem=nn.Conv2d(3, 8, 1), attn=LinearSelfAttention(8), act=nn.ReLU(), out=nn.Conv2d(8, 3, 1))
+    )
+    x = torch.randn(2, 3, 4, 5)  # (batch, channels, patch pixels, patches)
+    graph = DependencyGraph(model, x)
+    # "splits channels into unequal parts" froze the keys and values (17 channels, 0 prunable)
+    sizes = sorted((g.size, g.prunable) for g in groups_with(graph, "attn.qkv_proj", "out"))
+    assert sizes == [(1, 0), (8, 8)]  # the score channel stays; key i and value i go together
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.out])
+    small = pruner.prune()
+    attn = small.attn
+    assert (attn.embed_dim, attn.qkv_proj.out_channels, attn.out_proj.in_channels) == (4, 9, 4)
+    assert (n_params(model), n_params(small)) == (284, 96)
     with torch.no_grad():
         assert torch.equal(replayed(model, pruner.history)(x), small(x))

@@ -51,6 +51,7 @@ from cleanai_plugins.zoo.timm.blocks import (
 from cleanai_plugins.zoo.timm.cascaded import fix_cascaded_attention
 from cleanai_plugins.zoo.timm.cross_covariance import fix_cross_covariance
 from cleanai_plugins.zoo.timm.inception_dw import fix_inception_dw
+from cleanai_plugins.zoo.timm.linear_attention import fix_linear_attention
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
 from cleanai_plugins.zoo.timm.output_width import fix_output_width
@@ -88,6 +89,7 @@ FIXUPS = (
     fix_partial_attention,
     fix_inception_dw,
     fix_trained_scale,
+    fix_linear_attention,
 )
 
 
@@ -95,7 +97,7 @@ FIXUPS = (
 def cleanai_prepare_model(model):
     scan = scan_model(model, FIXUPS)
     ranges = (*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv, *scan.split_scales)
-    ranges = (*ranges, *scan.cascaded_attention, *scan.partial_attention, *scan.inception_dw)
+    ranges = (*ranges, *scan.cascaded_attention, *scan.partial_attention, *scan.inception_dw, *scan.linear_attention)
     return {KEY: scan, **allow_channel_ranges(*ranges), **keeps_trained_scale(*scan.trained_scale)}
 
 

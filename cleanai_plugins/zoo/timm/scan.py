@@ -26,6 +26,7 @@ from cleanai_plugins.zoo.timm.blocks import (
 from cleanai_plugins.zoo.timm.cascaded import scan_cascaded_attention
 from cleanai_plugins.zoo.timm.cross_covariance import scan_cross_covariance
 from cleanai_plugins.zoo.timm.inception_dw import scan_inception_dw
+from cleanai_plugins.zoo.timm.linear_attention import scan_linear_attention
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import scan_group_norms, scan_whole_group_convs
 from cleanai_plugins.zoo.timm.output_width import scan_output_width
@@ -85,6 +86,8 @@ class TimmScan:
     trained_scale: set[nn.Module] = attrs.field(factory=set)
     #: EVA attentions and latent attention pools, not width-bound: their output reshape reads the heads' width
     output_width: set[nn.Module] = attrs.field(factory=set)
+    #: MobileViT-V2 separable linear attentions: their ``[1, embed_dim, embed_dim]`` split follows the kept keys
+    linear_attention: set[nn.Module] = attrs.field(factory=set)
 
 
 _SCANS = (
@@ -105,6 +108,7 @@ _SCANS = (
     scan_partial_attention,
     scan_inception_dw,
     scan_trained_scale,
+    scan_linear_attention,
 )
 
 
@@ -144,6 +148,7 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         inception_dw=scan_inception_dw(having(scan_inception_dw)),
         trained_scale=scan_trained_scale(having(scan_trained_scale)),
         output_width=output_width,
+        linear_attention=scan_linear_attention(having(scan_linear_attention)),
         head_sizes={m: d for m, d in scan_head_sizes(having(scan_head_sizes)).items() if m not in bound_or_xca},
         fixups=_acting(fixups, modules, names),
     )
