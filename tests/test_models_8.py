@@ -214,3 +214,29 @@ def test_separable_linear_attention_prunes_keys_and_values_past_its_uneven_split
     assert (n_params(model), n_params(small)) == (284, 96)
     with torch.no_grad():
         assert torch.equal(replayed(model, pruner.history)(x), small(x))
+
+
+PVT = {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 32, 32), "num_heads": (1, 2, 2, 2), "mlp_ratios": (2,) * 4}
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["spatial_reduction", "linear"])
+def test_pvt_single_head_stage_prunes_its_stream(tmp_path, linear):
+    kwargs = {**PVT, "linear": linear}
+    model = timm_model("pvt_v2_b0", kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    graph = DependencyGraph(model, x)
+    # stage 0's one head of 16, tied to its stream by `reshape(B, N, C)`, froze it: (16, 0)
+    assert [(g.size, g.prunable) for g in groups_with(graph, "patch_embed.proj", "out")] == [(16, 16)]
+    assert [(g.size, g.prunable) for g in groups_with(graph, "stages.0.blocks.0.attn.sr", "out")] == [(16, 16)]
+    diff, moved = heads_oracle(model, x, "attn.q")  # the two-head stages
+    assert diff < 1e-5 < 1e-2 < moved
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    attn = small.stages[0].blocks[0].attn
+    assert type(attn).__name__ == "PrunedPvtAttention" and attn.num_heads == 1
+    assert (attn.q.in_features, attn.sr.out_channels, attn.q.out_features) == (8, 8, 16)
+    assert [s.blocks[0].attn.num_heads for s in small.stages[1:]] == [1, 1, 1]
+    save_pruned(tmp_path / "o", small, pruner.history, "timm:pvt_v2_b0", {"num_classes": 3, "model_kwargs": kwargs})
+    back = load_pruned(tmp_path / "o", trust_code=True)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))

@@ -1,17 +1,19 @@
-"""Attentions whose output reshape names the input width (EVA, latent attention pooling), freed.
+"""Attentions whose output reshape names the input width (EVA, PVT-v2, latent attention pooling), freed.
 
 Glossary:
 
 - *output reshape*: timm's ``EvaAttention`` (EVA-02, the ``vit_*_rope_*``, DINOv3 and PE
-  models of ``eva.py``) and ``AttentionPoolLatent`` (the ``map`` pooling of SigLIP, PE-core,
-  NaFlexViT, test_vit3) end their attention with ``x.transpose(1, 2).reshape(B, N, C)``, ``C``
-  the width of the block's *input*, although their heads' width (``num_heads * head_dim``)
-  is free: only that reshape ties them.
+  models of ``eva.py``), PVT-v2's ``Attention`` and ``AttentionPoolLatent`` (the ``map``
+  pooling of SigLIP, PE-core, NaFlexViT, test_vit3) end their attention with
+  ``x.transpose(1, 2).reshape(B, N, C)``, ``C`` the width of the block's *input*, although
+  their heads' width (``num_heads * head_dim``) is free: only that reshape ties them (and
+  PVT-v2's spatial reduction, ``sr(x).reshape(B, C, -1)``, its output to its input).
 - *width-bound*: that reshape made them width-bound attentions (``width_attention.py``):
   each input channel was coupled with one channel of q, k and v. Where the head size cannot
   shrink (rotary embeddings, SDPA's default scale) the heads go whole, so the residual stream
   pruned in head-sized blocks: eva02_tiny (3 heads of 64) lost one of three blocks and kept
-  0.375 of its parameters at a ratio of 0.5, test_vit3's pooled stream 0.41.
+  0.375 of its parameters at a ratio of 0.5, test_vit3's pooled stream 0.41; PVT-v2's first
+  stage, one head, did not prune at all (pvt_v2_b1 kept 0.31).
 
 The scan leaves these classes out of the width-bound ones, so their heads prune on their own
 and the stream on its own; after slicing the class becomes a variant whose ``forward`` reads
@@ -77,6 +79,25 @@ def _eva_forward(self, x, rope=None, attn_mask=None, is_causal: bool = False):
     return self.proj_drop(self.proj(x))
 
 
+def _pvt_forward(self, x, feat_size):
+    """timm's PVT-v2 ``Attention.forward`` with the widths read from the layers."""
+    B, N, C = x.shape
+    H, W = feat_size
+    q = self.q(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+    if self.pool is not None or self.sr is not None:
+        x = x.permute(0, 2, 1).reshape(B, C, H, W)
+        x = self.sr(self.pool(x)) if self.pool is not None else self.sr(x)
+        x = self.norm(x.flatten(2).permute(0, 2, 1))
+        if self.pool is not None:
+            x = self.act(x)
+    k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+    else:
+        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
 def _latent_pool_forward(self, x, attn_mask=None):
     """timm's ``AttentionPoolLatent.forward`` with the attention's width read from the heads."""
     B, N, _ = x.shape
@@ -102,15 +123,16 @@ def _latent_pool_forward(self, x, attn_mask=None):
     return x
 
 
-#: (timm module, class, the variant's forward)
+#: (timm module, class, the variant's forward, the variant's name)
 _BASES = (
-    ("timm.models.eva", "EvaAttention", _eva_forward),
-    ("timm.layers.attention_pool", "AttentionPoolLatent", _latent_pool_forward),
+    ("timm.models.eva", "EvaAttention", _eva_forward, "PrunedEvaAttention"),
+    ("timm.models.pvt_v2", "Attention", _pvt_forward, "PrunedPvtAttention"),
+    ("timm.layers.attention_pool", "AttentionPoolLatent", _latent_pool_forward, "PrunedAttentionPoolLatent"),
 )
-_VARIANTS = [pruned_variant(module, name, forward, __name__) for module, name, forward in _BASES]
+_VARIANTS = [pruned_variant(module, name, forward, __name__, pruned) for module, name, forward, pruned in _BASES]
 #: the pruned classes by name (a pickled model loads, also before timm is imported)
 __getattr__ = variant_lookup(
-    __name__, *((module, f"Pruned{name}", v) for (module, name, _), v in zip(_BASES, _VARIANTS, strict=True))
+    __name__, *((module, pruned, v) for (module, _, _, pruned), v in zip(_BASES, _VARIANTS, strict=True))
 )
 
 
