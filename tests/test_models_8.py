@@ -240,3 +240,31 @@ def test_pvt_single_head_stage_prunes_its_stream(tmp_path, linear):
     back = load_pruned(tmp_path / "o", trust_code=True)
     with torch.no_grad():
         assert torch.equal(back(x), small(x))
+
+
+# -- refusals: a pair of images given as a calibration batch -------------------------------------
+
+
+class TwoImages(nn.Module):
+    """An optical-flow-like model: two images in, one map out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, img1, img2):
+        return self.out(torch.relu(self.a(img1) + self.b(img2)))
+
+
+def test_a_pair_of_images_read_as_input_and_label_is_refused_with_the_fix():
+    from cleanai_core.errors import UserError
+
+    torch.manual_seed(0)
+    model = TwoImages().eval()
+    pair = (torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
+    pruner = StructuredPruner(model, pair, pruning_ratio=0.5)
+    with pytest.raises(UserError, match=r"read as \(input, label\).*\(\(x1, x2\), label\)"):
+        pruner.collect_activations([pair])
+    pruner.collect_activations([(pair, None)])  # the pair as the inputs: calibrates
+    small = pruner.prune()
+    assert (small.a.out_channels, small.b.out_channels, small.out.in_channels) == (4, 4, 4)
