@@ -156,13 +156,17 @@ def check_calibrated(
 
 def redraw_constants(model, seed: int = 1):
     """Redraw every parameter that starts constant (timm's temperatures at 1, biases at 0,
-    layer scales at 1e-6) so that the masking oracle has something to tell apart."""
+    layer scales at 1e-6) or near zero (EVA's classifier, started at 1e-3 of its scale: the
+    logits were its bias whatever the input) so that the masking oracle has something to
+    tell apart."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            if p.numel() > 1 and p.is_floating_point() and bool((p == p.flatten()[0]).all()):
+            if p.numel() <= 1 or not p.is_floating_point():
+                continue
+            if bool((p == p.flatten()[0]).all()) or (p.ndim >= 2 and float(p.abs().max()) < 1e-3):
                 p.add_(torch.randn(p.shape, generator=gen).to(p) * 0.3)
     return model
 
