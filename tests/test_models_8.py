@@ -268,3 +268,27 @@ def test_a_pair_of_images_read_as_input_and_label_is_refused_with_the_fix():
     pruner.collect_activations([(pair, None)])  # the pair as the inputs: calibrates
     small = pruner.prune()
     assert (small.a.out_channels, small.b.out_channels, small.out.in_channels) == (4, 4, 4)
+
+
+# -- a depthwise F.conv2d with one filter per channel in a buffer (timm BlurPool2d) -------------
+
+
+def test_a_fixed_depthwise_filter_in_a_buffer_passes_its_channels():
+    pytest.importorskip("timm")
+    from timm.layers import BlurPool2d
+
+    torch.manual_seed(0)
+    model = redrawn(between(stem=nn.Conv2d(3, 8, 3), act=nn.ReLU(), aa=BlurPool2d(8), head=nn.Conv2d(8, 3, 1)))
+    x = torch.randn(2, 3, 10, 10)
+    graph = DependencyGraph(model, x)
+    # "convolves channels with a weight that cannot shrink" froze the stem
+    (stream,) = groups_with(graph, "stem", "out")
+    assert (stream.size, stream.prunable) == (8, 8) and ("", "aa.filt") in {(s.module, s.name) for s in stream.slices}
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    assert (report.params_before, report.params_after) == (251, 127)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
+    small = pruner.prune()
+    assert (small.aa.channels, tuple(small.aa.filt.shape), small.head.in_channels) == (4, (4, 1, 3, 3), 4)
+    with torch.no_grad():
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))

@@ -59,7 +59,7 @@ from cleanai_plugins.zoo.timm.partial_attention import fix_partial_attention
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
 from cleanai_plugins.zoo.timm.split_scales import fix_split_scales
 from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner, fix_width_attention, mixes_heads
-from cleanai_plugins.zoo.timm.widths import fix_scale_shape, fix_split_widths
+from cleanai_plugins.zoo.timm.widths import fix_filter_channels, fix_scale_shape, fix_split_widths
 
 __all__ = ["FIXUPS"]
 
@@ -90,6 +90,7 @@ FIXUPS = (
     fix_inception_dw,
     fix_trained_scale,
     fix_linear_attention,
+    fix_filter_channels,
 )
 
 
