@@ -292,3 +292,26 @@ def test_a_fixed_depthwise_filter_in_a_buffer_passes_its_channels():
     assert (small.aa.channels, tuple(small.aa.filt.shape), small.head.in_channels) == (4, (4, 1, 3, 3), 4)
     with torch.no_grad():
         assert torch.equal(replayed(model, pruner.history)(x), small(x))
+
+
+# -- ECA: one Conv1d(1, 1, k) slid across the channels ------------------------------------------
+
+
+def test_eca_channels_prune_approximately_like_a_norms():
+    pytest.importorskip("timm")
+    from timm.layers import EcaModule
+
+    torch.manual_seed(0)
+    model = redrawn(between(stem=nn.Conv2d(3, 16, 3), eca=EcaModule(16, kernel_size=3), head=nn.Conv2d(16, 3, 1)))
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    # "channels reach dim 1 of a consumer reading dim 2" froze them: ECA models kept 0.44-0.55
+    (stream,) = groups_with(graph, "stem", "out")
+    assert (stream.size, stream.prunable, stream.normalizes) == (16, 16, True)  # approximate: out of the oracle
+    assert [g.prunable for g in groups_with(graph, "eca.conv", "in")] == [0]  # its one channel stays
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
+    small = pruner.prune()
+    assert (small.stem.out_channels, small.head.in_channels, tuple(small.eca.conv.weight.shape)) == (8, 8, (1, 1, 3))
+    assert (n_params(model), n_params(small)) == (502, 254)
+    with torch.no_grad():
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
