@@ -22,7 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-__all__ = ["STATUSES", "check_calibrated", "render_calibrated"]
+__all__ = ["STATUSES", "check_calibrated", "check_end_to_end", "render_calibrated"]
 
 STATUSES = (
     "pass",
@@ -40,20 +40,24 @@ STATUSES = (
 )
 
 
-def _built(spec: str, side: int, batch: int):
+def _built(spec: str, side: int, batch: int, kwargs_out: dict | None = None):
     """``(model, size, x, ref)``: the model at the smallest of ``side``, its default size
-    capped at 224 px, or its full default size that runs on ``batch`` random inputs."""
+    capped at 224 px, or its full default size that runs on ``batch`` random inputs
+    (``kwargs_out`` receives the architecture's keyword arguments)."""
     import torch
-    from compat_sweep import MAX_SIDE, build
+    from compat_sweep import MAX_SIDE, build_with_kwargs
 
     from cleanai_core.testing import run_model
 
     last: Exception | None = None
     for cap in (side, MAX_SIDE, 100_000):
         try:
-            model, size = build(spec, max_side=cap)
+            model, size, kwargs = build_with_kwargs(spec, max_side=cap)
             x = torch.randn(batch, *size)
-            return model, size, x, run_model(model, x)
+            ref = run_model(model, x)
+            if kwargs_out is not None:
+                kwargs_out.update(kwargs)
+            return model, size, x, ref
         except Exception as exc:  # too small for this model: try the next size
             last = exc
     raise last  # type: ignore[misc]
@@ -147,6 +151,111 @@ def check_calibrated(
         rec.update(status="fail-noprune", error="no parameter removed")
         return rec
     rec["status"] = "pass"
+    return rec
+
+
+def redraw_constants(model, seed: int = 1):
+    """Redraw every parameter that starts constant (timm's temperatures at 1, biases at 0,
+    layer scales at 1e-6) or near zero (EVA's classifier, started at 1e-3 of its scale: the
+    logits were its bias whatever the input) so that the masking oracle has something to
+    tell apart."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() <= 1 or not p.is_floating_point():
+                continue
+            if bool((p == p.flatten()[0]).all()) or (p.ndim >= 2 and float(p.abs().max()) < 1e-3):
+                p.add_(torch.randn(p.shape, generator=gen).to(p) * 0.3)
+    return model
+
+
+def check_end_to_end(
+    spec: str,
+    calib_batch: int = 2,
+    num_batches: int = 2,
+    side: int = 64,
+    ratio: float = 0.5,
+    max_params: int = 150_000_000,
+    seed: int = 0,
+) -> dict:
+    """What a model-sample battery checks, on ``spec`` with constant parameters redrawn:
+    the masking oracle at ``ratio`` (``oracle`` / ``tol``), the default path with
+    ``num_batches`` calibration batches (``kept``: parameters kept), ``save_pruned`` /
+    ``load_pruned`` of that model (``reload_diff``), and ``magnitude`` (``kept_magnitude``).
+    ``status`` names the first step that failed (``fail-oracle`` past the tolerance,
+    ``fail-reload`` where the reloaded outputs differ)."""
+    import tempfile
+
+    import torch
+    from compat_sweep import error_text as _err
+    from compat_sweep import oracle_tolerance, sized
+
+    from cleanai_core import StructuredPruner, load_pruned
+    from cleanai_core.io import save_pruned
+    from cleanai_core.testing import check_pruner, run_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    rec: dict = {"model": spec, "status": None, "error": "", "params_before": None, "params_after": None}
+    t0 = time.time()
+    if not sized(spec, max_params, rec):
+        return rec
+    n = rec["params_before"]
+    kwargs: dict = {}
+    try:
+        model, size, x, _ = _built(spec, side, calib_batch, kwargs)
+        ref = run_model(redraw_constants(model), x)
+    except Exception as exc:
+        rec.update(status="skipped-unsupported", error="unpruned forward: " + _err(exc))
+        return rec
+    rec["input"] = [calib_batch, *size]
+    rec["kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    step = "oracle"
+    try:
+        report = check_pruner(model, x, ratio=ratio)
+        rec.update(oracle=report.max_abs_diff, tol=oracle_tolerance(ref), oracle_kept=report.params_after / n)
+        step = "default path"
+        gen = torch.Generator().manual_seed(seed)
+        batches = [torch.randn(calib_batch, *size, generator=gen) for _ in range(num_batches)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pruner = StructuredPruner(model, x, pruning_ratio=ratio)
+            pruner.collect_activations(batches, progress=False)
+            pruned = pruner.prune()
+        rec["warnings"] = sorted({str(w.message)[:200] for w in caught})[:5]
+        rec["skipped_groups"] = len(pruner.skipped_groups)
+        rec["params_after"] = sum(p.numel() for p in pruned.parameters())
+        rec["kept"] = round(rec["params_after"] / n, 4)
+        got = run_model(pruned, x)
+        if [a.shape for a in got] != [a.shape for a in ref]:
+            rec.update(status="fail-shape", error=f"default path: {[tuple(a.shape) for a in got]}")
+            return rec
+        step = "save / reload"
+        lib, name = spec.split(":", 1)
+        options = {"num_classes": 10, **({"model_kwargs": rec["kwargs"]} if rec["kwargs"] else {})}
+        source = ("timm:" if lib == "timm" else "torchvision:") + name
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pruned(f"{tmp}/o", pruned, pruner.history, source, options)
+            back = load_pruned(f"{tmp}/o", trust_code=bool(rec["kwargs"]))
+        rec["reload_diff"] = max(float((a - b).abs().max()) for a, b in zip(run_model(back, x), got, strict=True))
+        step = "magnitude"
+        small = StructuredPruner(model, x, "magnitude", pruning_ratio=ratio).prune()
+        rec["kept_magnitude"] = round(sum(p.numel() for p in small.parameters()) / n, 4)
+        run_model(small, x)
+    except Exception as exc:
+        rec.update(status="fail-prune", error=f"{step}: " + _err(exc))
+        return rec
+    rec["seconds"] = round(time.time() - t0, 1)
+    if not rec["oracle"] <= rec["tol"]:
+        rec.update(status="fail-oracle", error=f"max |pruned - masked| = {rec['oracle']:.3g} > {rec['tol']:.3g}")
+    elif rec["reload_diff"] != 0.0:
+        rec.update(status="fail-reload", error=f"reloaded outputs differ by {rec['reload_diff']:.3g}")
+    elif rec["params_after"] >= n:
+        rec.update(status="fail-noprune", error="no parameter removed")
+    else:
+        rec["status"] = "pass"
     return rec
 
 

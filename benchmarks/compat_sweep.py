@@ -89,6 +89,13 @@ STATUSES = (
 def build(spec: str, max_side: int = MAX_SIDE, device: str | None = None):
     """``(model, input_size)`` for ``tv:<name>`` or ``timm:<name>`` (random weights,
     10 classes, eval mode). Input side capped at ``max_side`` where the model allows it."""
+    model, size, _ = build_with_kwargs(spec, max_side, device)
+    return model, size
+
+
+def build_with_kwargs(spec: str, max_side: int = MAX_SIDE, device: str | None = None):
+    """``(model, input_size, kwargs)``: :func:`build`, with the keyword arguments the
+    architecture was built with beside ``num_classes`` (what a saved folder must rebuild)."""
     import torch
 
     lib, name = spec.split(":", 1)
@@ -97,15 +104,15 @@ def build(spec: str, max_side: int = MAX_SIDE, device: str | None = None):
         import torchvision
 
         size = min(299 if name == "inception_v3" else 224, max_side)
-        kwargs = {"num_classes": 10}
+        kwargs = {}
         if name in ("googlenet", "inception_v3"):
             kwargs["aux_logits"] = False
             kwargs["init_weights"] = False
         if size < 224 and name.startswith("vit_"):  # positional embeddings sized for the input
             kwargs["image_size"] = size
         with ctx:
-            model = torchvision.models.get_model(name, weights=None, **kwargs)
-        return model.eval(), (3, size, size)
+            model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+        return model.eval(), (3, size, size), kwargs
     import timm
 
     cfg = timm.get_pretrained_cfg(name)
@@ -113,24 +120,20 @@ def build(spec: str, max_side: int = MAX_SIDE, device: str | None = None):
     kwargs = {"pretrained": False, "num_classes": 10}
     if max(size[1:]) > max_side:
         scaled = (size[0], min(size[1], max_side), min(size[2], max_side))
-        try:
-            with ctx:
-                model = timm.create_model(name, img_size=scaled[1:], **kwargs)
-            return model.eval(), scaled
-        except Exception:
+        for img_size in (scaled[1:], scaled[1]):
             try:
                 with ctx:
-                    model = timm.create_model(name, img_size=scaled[1], **kwargs)
-                return model.eval(), scaled
+                    model = timm.create_model(name, img_size=img_size, **kwargs)
+                return model.eval(), scaled, {"img_size": img_size}
             except Exception:
                 pass
         # fully convolutional models run at any size
         with ctx:
             model = timm.create_model(name, **kwargs)
-        return model.eval(), scaled
+        return model.eval(), scaled, {}
     with ctx:
         model = timm.create_model(name, **kwargs)
-    return model.eval(), size
+    return model.eval(), size, {}
 
 
 class _nullcontext:
@@ -415,7 +418,7 @@ class Worker:
 
 def _worker_args(args) -> list[str]:
     out = ["--ratio", str(args.ratio), "--max-params", str(args.max_params), "--batch", str(args.batch)]
-    out += ["--side", str(args.side)]
+    out += ["--side", str(args.side)] + (["--end-to-end"] if args.end_to_end else [])
     return out + [
         "--calibrate",
         str(args.calibrate),
@@ -427,7 +430,14 @@ def _worker_args(args) -> list[str]:
 
 
 def _check(spec: str, args) -> dict:
-    """One model: the oracle check, or the default path with ``--calibrate`` batches."""
+    """One model: the oracle check, the default path with ``--calibrate`` batches, or
+    ``--end-to-end`` (oracle, default path, save / reload, magnitude)."""
+    if args.end_to_end:
+        from compat_calibrated import check_end_to_end
+
+        return check_end_to_end(
+            spec, args.calib_batch, args.calibrate or 2, args.calib_side, args.ratio, max_params=args.max_params
+        )
     if args.calibrate:
         from compat_calibrated import check_calibrated
 
@@ -592,11 +602,19 @@ def main(argv: list[str] | None = None) -> int:
         help="run the default user path instead of the oracle: StructuredPruner defaults, collect_activations on N "
         "random batches, prune() (see benchmarks/compat_calibrated.py; cache benchmarks/results/calib_bB.jsonl)",
     )
+    p.add_argument(
+        "--end-to-end",
+        action="store_true",
+        help="per model: the oracle, the default path (--calibrate batches, 2 by default), save_pruned / load_pruned "
+        "and magnitude, constant parameters redrawn (compat_calibrated.check_end_to_end); give --cache",
+    )
     p.add_argument("--calib-batch", type=int, default=1, metavar="B", help="inputs per calibration batch")
     p.add_argument("--calib-side", type=int, default=64, help="input side where the model runs at it")
     p.add_argument("--compare", type=Path, default=None, help="print what changed from this cache to --cache; no run")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.end_to_end and args.cache == DEFAULT_CACHE and not args.worker:
+        p.error("--end-to-end records go to a file of their own: give --cache")
     if args.calibrate and args.cache == DEFAULT_CACHE:
         args.cache = RESULTS / f"calib_b{args.calib_batch}.jsonl"
 
@@ -666,7 +684,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i + 1}/{len(todo)}] {rec['model']}: {rec['status']} {rec.get('error', '')[:200]}", flush=True)
         while not workers.empty():
             workers.get().stop()
-    if args.calibrate:
+    if args.end_to_end:
+        pass  # recorded in --cache; summarised by hand in the sample sweeps
+    elif args.calibrate:
         _render_calibrated(args)
     else:
         render(cache, args.doc, args.note)

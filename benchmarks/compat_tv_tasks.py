@@ -3,7 +3,8 @@ forward, save/load.
 
 For each builder (random weights, ``weights=None, weights_backbone=None``, eval mode): the
 masking oracle on a random half of every exact group (``check_pruner``), then
-``StructuredPruner(..., "magnitude", pruning_ratio=0.5).prune()``; the pruned model must run
+``StructuredPruner(..., "magnitude", pruning_ratio=0.5).prune()`` (``--importance default``: the
+default activation-aware path, calibrated on the input); the pruned model must run
 its *whole* forward (detection: the post-processed detections, whose number may change), keep
 the traced outputs' shapes, and come back from ``save_pruned`` / ``load_pruned`` with the same
 outputs. Detection models are traced through ``forward_fn`` (their eval output is a list of
@@ -70,7 +71,7 @@ def cases():
     return out
 
 
-def check(name: str, spec) -> dict:
+def check(name: str, spec, importance: str = "magnitude") -> dict:
     import torch
     import torchvision
 
@@ -97,7 +98,11 @@ def check(name: str, spec) -> dict:
         rec.update(max_abs_diff=rep.max_abs_diff, tolerance=tol)
         if not rep.max_abs_diff <= tol:
             return {**rec, "status": "fail-oracle", "error": f"{rep.max_abs_diff:.3g} > {tol:.3g}"}
-        pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, forward_fn=fn, **graph_kw)
+        if importance == "default":  # weight magnitude x activation, calibrated on two batches
+            pruner = StructuredPruner(model, x, pruning_ratio=0.5, forward_fn=fn, **graph_kw)
+            pruner.collect_activations([(x, None)] * 2, progress=False)  # (inputs, label): x may be a pair
+        else:
+            pruner = StructuredPruner(model, x, importance, pruning_ratio=0.5, forward_fn=fn, **graph_kw)
         small = pruner.prune()
         rec["params_after"] = sum(p.numel() for p in small.parameters())
         got = run_model(small, x, fn, transform)
@@ -128,12 +133,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--filter", default=None, help="builder names, comma separated")
     p.add_argument("--out", default=None, help="append one JSON line per model here")
+    p.add_argument(
+        "--importance",
+        default="magnitude",
+        help="criterion of the pruner step; 'default': the default path, calibrated on the input twice",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     todo = cases()
     names = args.filter.split(",") if args.filter else sorted(todo)
     for name in names:
-        rec = check(name, todo[name])
+        rec = {**check(name, todo[name], args.importance), "importance": args.importance}
         line = json.dumps(rec)
         print(line, flush=True)
         if args.out:

@@ -226,7 +226,7 @@ def calibrate(
                     if not fits:  # the statistics start again, from the inputs as they are
                         data.layout, collector = same_layout, fresh()
                 if data.layout is same_layout:
-                    with collecting(), model_failure(0, inputs):
+                    with collecting(), model_failure(0, inputs, first):
                         run_batch(model, inputs, setup.forward_fn)
                 out.end_batch()
                 _to_pool(pool[0], pool[0].slot_for(0) if pool[0] is not None else None, 0, first, out)
@@ -240,7 +240,7 @@ def calibrate(
                     else:
                         out.samples.active = planned[0] is None or i in planned[0]
                     inputs = split_batch(batch)[0]
-                    with model_failure(i, inputs):
+                    with model_failure(i, inputs, batch):
                         run_batch(model, data.layout(inputs), setup.forward_fn)
                     out.end_batch()
                     _to_pool(pool[0], slot, i, batch, out)
@@ -316,9 +316,10 @@ def _shapes(inputs: Any) -> str:
 
 
 @contextlib.contextmanager
-def model_failure(index: int, inputs: Any) -> Iterator[None]:
+def model_failure(index: int, inputs: Any, batch: Any = None) -> Iterator[None]:
     """An error of the model on a calibration batch becomes a :class:`UserError` naming the
-    batch and its shapes (the loader's own errors pass through unchanged)."""
+    batch and its shapes (the loader's own errors pass through unchanged); ``batch``, as the
+    loader gave it, for the hint about a pair read as ``(input, label)``."""
     try:
         yield
     except (UserError, KeyboardInterrupt, torch.OutOfMemoryError):  # out of memory: not the batch's shape
@@ -331,7 +332,21 @@ def model_failure(index: int, inputs: Any) -> Iterator[None]:
             f"{type(exc).__name__}: {str(exc)[:300]}. Give calibration batches shaped like example_inputs, with "
             "the batch as the first dimension (a DataLoader over the dataset, not the dataset itself)."
             + unused_key_hint(exc, inputs)
+            + _pair_hint(batch)
         ) from exc
+
+
+def _pair_hint(batch: Any) -> str:
+    """A sentence when the batch was a tuple of tensors shaped alike (two images, as an
+    optical-flow model takes): it was read as ``(input, label)``, so the model got only the first."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        return ""
+    if not all(isinstance(t, torch.Tensor) for t in batch) or batch[0].ndim < 2 or batch[1].shape != batch[0].shape:
+        return ""
+    return (
+        f" A tuple batch is read as (input, label), so the model got only its first tensor {tuple(batch[0].shape)}: "
+        "for a model of several inputs give ((x1, x2), label), ((x1, x2), None) or a dict of keyword inputs."
+    )
 
 
 def check_samples_seen(stats: dict) -> None:

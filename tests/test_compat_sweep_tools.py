@@ -93,3 +93,15 @@ def test_render_keeps_the_dated_sample_sweeps_after_the_failures(tools, tmp_path
     assert text.count(sweep.SAMPLE_SECTION) == 1 and "| timm:a | pass |" in text and "older" in text
     assert text.index("## Failures by cause") < text.index(sweep.SAMPLE_SECTION) < text.index(sweep.OTHER_SECTION)
     assert text.index("older") < text.index(sweep.OTHER_SECTION) < text.index("| tv:b |")
+
+
+def test_end_to_end_check_records_the_oracle_both_criteria_and_the_reload(tools):
+    pytest.importorskip("timm")
+    _, calibrated = tools
+    # a model built at a smaller input than its default: the saved folder must rebuild it with img_size
+    rec = calibrated.check_end_to_end("timm:test_vit2", side=32)
+    assert rec["status"] == "pass", rec["error"]
+    assert rec["kwargs"] == {"img_size": [32, 32]} and rec["input"] == [2, 3, 32, 32]
+    assert rec["oracle"] < rec["tol"] and rec["reload_diff"] == 0.0
+    assert rec["params_after"] < rec["params_before"] and 0.2 < rec["kept"] < 0.4
+    assert abs(rec["kept_magnitude"] - rec["kept"]) < 0.05

@@ -188,6 +188,16 @@ DEFAULT_PATH = [
     ("timm:inception_next_tiny", {}, (3, 64, 64)),  # unequal branches split apart (0.531 -> 0.251)
     ("timm:iformer_t", {}, (3, 64, 64)),  # q / k under SDPA's default scale, the head's norm (0.402 -> 0.261)
     ("timm:repvit_m1", {}, (3, 64, 64)),  # the classifier head's norm no longer ignored (0.361 -> 0.257)
+    # session 18: EVA, PVT-v2 and latent-pool attentions no longer width-bound (eva02_tiny 0.375 -> 0.282,
+    # pvt_v2_b1 0.314 -> 0.256, test_vit3 0.409 -> 0.312); LiteMLA's padded values (efficientvit_b0
+    # 0.297 -> 0.262); MobileViT-V2's [1, E, E] split (mobilevitv2_050 0.323 -> 0.259)
+    ("timm:eva02_tiny_patch14_224", {"img_size": 56}, (3, 56, 56)),
+    ("timm:pvt_v2_b0", {}, (3, 64, 64)),
+    ("timm:test_vit3", {"img_size": 64}, (3, 64, 64)),
+    ("timm:efficientvit_b0", {}, (3, 64, 64)),
+    ("timm:mobilevitv2_050", {}, (3, 64, 64)),
+    ("timm:resnetblur18", {}, (3, 64, 64)),  # BlurPool2d's filter buffer goes with its channels (0.362 -> 0.251)
+    ("timm:ecaresnet26t", {}, (3, 64, 64)),  # ECA's channel conv passes them approximately (0.488 -> 0.252)
 ]
 
 

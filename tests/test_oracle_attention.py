@@ -157,10 +157,12 @@ def test_weight_read_outside_its_linear_prunes_heads_and_inputs():
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-qkv", "q-k-v-projections"])
-def test_eva_attention_ties_heads_to_the_stream(fused):
-    """timm's ``EvaAttention`` reshapes its output to the input width (``reshape(B, N, C)``):
-    the q, k and v parts shrink with the stream, so whole heads go with it. Rotary
-    embeddings (on all tokens but the first, joined back by ``cat``) keep the head size."""
+def test_eva_attention_prunes_whole_heads_apart_from_the_stream(fused):
+    """timm's ``EvaAttention`` reshapes its output to the input width (``reshape(B, N, C)``),
+    which tied q, k and v to the stream until session 18; the timm plugin now frees it (the
+    pruned class reshapes with ``-1``), so whole heads go on their own and the stream on its
+    own. Rotary embeddings (on all tokens but the first, joined back by ``cat``) keep the
+    head size."""
     eva = pytest.importorskip("timm.models.eva")
     rope = pytest.importorskip("timm.layers").RotaryEmbeddingCat
 
@@ -182,12 +184,15 @@ def test_eva_attention_ties_heads_to_the_stream(fused):
 
     r = oracle(Block(), torch.randn(2, 5, 3))
     q = "attn.qkv" if fused else "attn.q_proj"
-    stream = group_of(r.graph, q, "out")
-    names = {(s.module, s.name) for s in stream.slices}
-    assert {(q, "in"), ("embed", "out"), ("attn.proj", "in")} <= names
-    assert stream.size == stream.prunable == 4  # 16 channels, tied into the 4 heads of 4
+    heads = group_of(r.graph, q, "out")
+    names = {(s.module, s.name) for s in heads.slices}
+    assert (q, "out") in names and ("attn.proj", "in") in names and (q, "in") not in names
+    assert heads.size == heads.prunable == 4  # 16 channels in 4 heads of 4
+    stream = group_of(r.graph, q, "in")
+    assert {("embed", "out"), ("attn.proj", "out"), ("head", "in")} <= {(s.module, s.name) for s in stream.slices}
+    assert stream.size == stream.prunable == 16  # was one group with the heads: 4 units
     a = r.small.attn
-    assert a.num_heads == 2 and a.proj.weight.shape == (8, 8)
+    assert a.num_heads == 2 and a.proj.weight.shape == (8, 8)  # half of the heads, half of the stream
     if fused:
         assert ("", "attn.q_bias") in names and a.qkv.weight.shape == (24, 8) and a.k_bias.shape == (8,)
     else:

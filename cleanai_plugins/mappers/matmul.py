@@ -135,6 +135,16 @@ def convolution(call, ctx):
             ctx.union(lw.atoms, ctx.labels(bias, 0))
         ctx.set_label(out, 1, lw.atoms)
         return
+    if bare and _depthwise(x, w, lab, groups, transposed):
+        # one filter per channel (timm's ``BlurPool2d``: a fixed blur in a buffer, ``groups=C``;
+        # froze its channels and the stream they belong to, resnetblur18 kept 0.36): the
+        # channels pass, the filters (dim 0) go with them
+        ctx.bind("", w.param, lab.atoms, "param", dim=0)
+        bias = arg(call, 2, "bias")
+        if isinstance(bias, TRef):
+            ctx.union(lab.atoms, ctx.labels(bias, 0))
+        ctx.set_label(out, 1, lab.atoms, lab.origin)
+        return
     if not bare or groups != 1 or w.ndim != x.ndim:
         why = f"{ctx.where()} convolves channels with a weight that cannot shrink"
         ctx.freeze_tensor(x, why)
@@ -150,6 +160,13 @@ def convolution(call, ctx):
     if isinstance(bias, TRef):
         ctx.union(atoms, ctx.labels(bias, 0))
     ctx.set_label(out, 1, atoms)
+
+
+def _depthwise(x, w, lab, groups: int, transposed: bool) -> bool:
+    """A depthwise convolution with a weight of one filter per channel of ``x``'s labelled dim 1."""
+    if transposed or lab is None or lab.dim != 1 or w.ndim != x.ndim or groups <= 1:
+        return False
+    return w.shape[0] == groups == x.shape[1] and w.shape[1] == 1
 
 
 #: model findings key (``cleanai_prepare_model``): attention modules whose fix-up slices an

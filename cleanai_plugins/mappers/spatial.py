@@ -101,16 +101,29 @@ def roi_pool(call, ctx):
 
 @table.register("constant_pad_nd", "pad")
 def pad(call, ctx):
+    """Padding passes the channels. A constant pad of the channel dimension adds constant
+    channels before and after them, which are no units (EfficientViT-MIT's ``LiteMLA`` pads
+    its values with a channel of ones, its normaliser, and slices it off after the products:
+    the whole attention froze, efficientvit_b2 kept 0.33 at a ratio of 0.5); a cut (a
+    negative pad) or a reflected / replicated one still freezes them."""
     src = call.args[0]
     lab = ctx.label_of(src)
     if lab is None:
         return
     p = list(arg(call, 1, "pad"))
     padded = {src.ndim - 1 - i // 2 for i, v in enumerate(p) if v}
-    if lab.dim in padded:
+    if lab.dim not in padded:
+        ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+        return
+    at = 2 * (src.ndim - 1 - lab.dim)
+    before, after = int(p[at]), int(p[at + 1]) if at + 1 < len(p) else 0
+    constant = call.op.overloadpacket.__name__ == "constant_pad_nd" or arg(call, 2, "mode", "constant") == "constant"
+    if not constant or before < 0 or after < 0:
         ctx.freeze(lab.atoms, f"{ctx.where()} pads the channel dimension")
         return
-    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+    what = f"a constant channel padded by {ctx.where()}"
+    atoms = torch.cat([ctx.new_atoms(before, frozen=what), lab.atoms, ctx.new_atoms(after, frozen=what)])
+    ctx.set_label(call.outputs[0], lab.dim, atoms, lab.origin)
 
 
 @table.register("pixel_shuffle")

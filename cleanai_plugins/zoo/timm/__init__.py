@@ -35,6 +35,7 @@ from cleanai_plugins.zoo.timm.attention import (
     fix_rel_pos,
     fix_trained_scale,
     pairs_sub_heads,
+    rewrites_bottleneck_counts,
     rewrites_head_count,
     splits_heads_unevenly,
 )
@@ -52,13 +53,15 @@ from cleanai_plugins.zoo.timm.blocks import (
 from cleanai_plugins.zoo.timm.cascaded import fix_cascaded_attention
 from cleanai_plugins.zoo.timm.cross_covariance import fix_cross_covariance
 from cleanai_plugins.zoo.timm.inception_dw import fix_inception_dw
+from cleanai_plugins.zoo.timm.linear_attention import fix_linear_attention
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
+from cleanai_plugins.zoo.timm.output_width import fix_output_width
 from cleanai_plugins.zoo.timm.partial_attention import fix_partial_attention
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
 from cleanai_plugins.zoo.timm.split_scales import fix_split_scales
 from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner, fix_width_attention, mixes_heads
-from cleanai_plugins.zoo.timm.widths import fix_scale_shape, fix_split_widths
+from cleanai_plugins.zoo.timm.widths import fix_filter_channels, fix_scale_shape, fix_split_widths
 
 __all__ = ["FIXUPS"]
 
@@ -83,10 +86,13 @@ FIXUPS = (
     fix_partial_conv,
     fix_split_scales,
     fix_cross_covariance,
+    fix_output_width,
     fix_cascaded_attention,
     fix_partial_attention,
     fix_inception_dw,
     fix_trained_scale,
+    fix_linear_attention,
+    fix_filter_channels,
 )
 
 
@@ -94,9 +100,15 @@ FIXUPS = (
 def cleanai_prepare_model(model):
     scan = scan_model(model, FIXUPS)
     ranges = (*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv, *scan.split_scales)
-    ranges = (*ranges, *scan.cascaded_attention, *scan.partial_attention, *scan.inception_dw)
-    # the head counts fix_attention rewrites (``num_heads`` / ``heads`` beside a query projection)
-    counted = (m for m, found in scan.fixups.items() if fix_attention in found and rewrites_head_count(m))
+    ranges = (*ranges, *scan.cascaded_attention, *scan.partial_attention, *scan.inception_dw, *scan.linear_attention)
+    # the head counts fix_attention rewrites (``num_heads`` / ``heads`` beside a query
+    # projection), and the counts and widths fix_bottleneck_attention does (BoTNet, HaloNet)
+    counted = (
+        m
+        for m, found in scan.fixups.items()
+        if (fix_attention in found and rewrites_head_count(m))
+        or (fix_bottleneck_attention in found and rewrites_bottleneck_counts(m))
+    )
     rewritten = rewrites_stored_counts(*counted)
     return {KEY: scan, **allow_channel_ranges(*ranges), **keeps_trained_scale(*scan.trained_scale), **rewritten}
 

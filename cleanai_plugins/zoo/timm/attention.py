@@ -33,7 +33,17 @@ __all__ = [
 ]
 
 # child projection -> how many stacked (q, k, v) copies its output holds
-_QUERY_PROJECTIONS = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q", 1), ("qkv_proj", 3), ("qk", 2))
+# (``kv`` last: a latent attention pool without ``q`` reads its query from the latent itself)
+_QUERY_PROJECTIONS = (
+    ("qkv", 3),
+    ("q", 1),
+    ("q_proj", 1),
+    ("query", 1),
+    ("to_q", 1),
+    ("qkv_proj", 3),
+    ("qk", 2),
+    ("kv", 2),
+)
 
 
 @triggered_by("num_heads")
@@ -256,15 +266,28 @@ def fix_multi_query_attention(module: nn.Module, name: str, edits, scan: TimmSca
     module.key_dim, module.value_dim, module.num_heads = k, v, q // k
 
 
+_BOTTLENECK_COUNTS = ("num_heads", "dim_head_qk", "dim_head_v", "dim_out_qk", "dim_out_v")
+
+
+def rewrites_bottleneck_counts(module: nn.Module) -> bool:
+    """Whether :func:`fix_bottleneck_attention` rewrites ``module``'s stored head count and
+    widths after slicing (BoTNet, HaloNet): it holds them all as ints, with equal query and
+    value widths, beside a ``qkv`` or a convolutional ``q`` projection."""
+    if not all(isinstance(getattr(module, a, None), int) for a in _BOTTLENECK_COUNTS):
+        return False
+    if module.dim_out_qk != module.dim_out_v or module.dim_head_qk != module.dim_head_v:
+        return False
+    return hasattr(module, "qkv") or isinstance(getattr(module, "q", None), nn.Conv2d)
+
+
 @triggered_by("dim_head_qk")
 def fix_bottleneck_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     """BoTNet ``BottleneckAttn``: ``split(qkv(x), [dim_out_qk, dim_out_qk, dim_out_v])`` then
     per-head reshapes with ``dim_head_qk`` / ``dim_head_v``. HaloNet's ``HaloAttn`` the same,
     with q from ``q`` and k, v from ``kv``."""
-    names = ("num_heads", "dim_head_qk", "dim_head_v", "dim_out_qk", "dim_out_v")
-    if not all(isinstance(getattr(module, a, None), int) for a in names):
+    if not all(isinstance(getattr(module, a, None), int) for a in _BOTTLENECK_COUNTS):
         return
-    heads, dqk, dv, oqk, ov = (getattr(module, a) for a in names)
+    heads, dqk, dv, oqk, ov = (getattr(module, a) for a in _BOTTLENECK_COUNTS)
     prefix = f"{name}." if name else ""
     keep = edits.get((f"{prefix}qkv", "out"))
     if keep is None and isinstance(getattr(module, "q", None), nn.Conv2d):

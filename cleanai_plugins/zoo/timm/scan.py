@@ -26,8 +26,10 @@ from cleanai_plugins.zoo.timm.blocks import (
 from cleanai_plugins.zoo.timm.cascaded import scan_cascaded_attention
 from cleanai_plugins.zoo.timm.cross_covariance import scan_cross_covariance
 from cleanai_plugins.zoo.timm.inception_dw import scan_inception_dw
+from cleanai_plugins.zoo.timm.linear_attention import scan_linear_attention
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import scan_group_norms, scan_whole_group_convs
+from cleanai_plugins.zoo.timm.output_width import scan_output_width
 from cleanai_plugins.zoo.timm.partial_attention import scan_partial_attention
 from cleanai_plugins.zoo.timm.split_scales import scan_split_scales
 from cleanai_plugins.zoo.timm.width_attention import scan_width_attention
@@ -82,11 +84,16 @@ class TimmScan:
     inception_dw: set[nn.Module] = attrs.field(factory=set)
     #: attentions through SDPA's default scale that can use their stored one (iFormer)
     trained_scale: set[nn.Module] = attrs.field(factory=set)
+    #: EVA attentions and latent attention pools, not width-bound: their output reshape reads the heads' width
+    output_width: set[nn.Module] = attrs.field(factory=set)
+    #: MobileViT-V2 separable linear attentions: their ``[1, embed_dim, embed_dim]`` split follows the kept keys
+    linear_attention: set[nn.Module] = attrs.field(factory=set)
 
 
 _SCANS = (
     scan_head_sizes,
     scan_cross_covariance,
+    scan_output_width,
     scan_width_attention,
     scan_group_norms,
     scan_lambda_layers,
@@ -101,6 +108,7 @@ _SCANS = (
     scan_partial_attention,
     scan_inception_dw,
     scan_trained_scale,
+    scan_linear_attention,
 )
 
 
@@ -116,7 +124,9 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         return [m for m, n in zip(modules, names, strict=True) if acts_on(scan, n)]
 
     cross_covariance = scan_cross_covariance(having(scan_cross_covariance))
-    bound = [m for m in having(scan_width_attention) if m not in cross_covariance]  # their widths are freed
+    output_width = scan_output_width(having(scan_output_width))
+    freed = {*cross_covariance, *output_width}  # their widths are freed
+    bound = [m for m in having(scan_width_attention) if m not in freed]
     width_attention, width_heads, tied = scan_width_attention(bound)
     bound_or_xca = {*width_attention, *cross_covariance}  # their own fix-ups set the head count
     return TimmScan(
@@ -137,6 +147,8 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         partial_attention=scan_partial_attention(having(scan_partial_attention)),
         inception_dw=scan_inception_dw(having(scan_inception_dw)),
         trained_scale=scan_trained_scale(having(scan_trained_scale)),
+        output_width=output_width,
+        linear_attention=scan_linear_attention(having(scan_linear_attention)),
         head_sizes={m: d for m, d in scan_head_sizes(having(scan_head_sizes)).items() if m not in bound_or_xca},
         fixups=_acting(fixups, modules, names),
     )

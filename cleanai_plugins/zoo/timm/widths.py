@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from cleanai_plugins.zoo.timm.lookup import triggered_by
@@ -16,7 +17,7 @@ from cleanai_plugins.zoo.timm.lookup import triggered_by
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
 
-__all__ = ["fix_scale_shape", "fix_split_widths", "out_channels"]
+__all__ = ["fix_filter_channels", "fix_scale_shape", "fix_split_widths", "out_channels"]
 
 
 def out_channels(module: nn.Module | None) -> int | None:
@@ -90,3 +91,12 @@ def fix_scale_shape(module: nn.Module, name: str, edits, scan: TimmScan) -> None
     if isinstance(scale, nn.Parameter) and scale.ndim == 1 and isinstance(shape, tuple) and shape:
         if all(isinstance(v, int) for v in shape) and all(v == 1 for v in shape[1:]):
             module.shape = (scale.numel(), *shape[1:])
+
+
+@triggered_by("filt_size")
+def fix_filter_channels(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """timm's ``BlurPool2d`` convolves with ``groups=self.channels`` and one filter per channel
+    in its ``filt`` buffer, which the slicing shrank with the channels: the count follows."""
+    filt, channels = getattr(module, "filt", None), getattr(module, "channels", None)
+    if isinstance(channels, int) and isinstance(filt, torch.Tensor) and filt.ndim == 4 and filt.shape[1] == 1:
+        module.channels = filt.shape[0]

@@ -1,0 +1,158 @@
+"""Attentions whose output reshape names the input width (EVA, PVT-v2, latent attention pooling), freed.
+
+Glossary:
+
+- *output reshape*: timm's ``EvaAttention`` (EVA-02, the ``vit_*_rope_*``, DINOv3 and PE
+  models of ``eva.py``), PVT-v2's ``Attention`` and ``AttentionPoolLatent`` (the ``map``
+  pooling of SigLIP, PE-core, NaFlexViT, test_vit3) end their attention with
+  ``x.transpose(1, 2).reshape(B, N, C)``, ``C`` the width of the block's *input*, although
+  their heads' width (``num_heads * head_dim``) is free: only that reshape ties them (and
+  PVT-v2's spatial reduction, ``sr(x).reshape(B, C, -1)``, its output to its input).
+- *width-bound*: that reshape made them width-bound attentions (``width_attention.py``):
+  each input channel was coupled with one channel of q, k and v. Where the head size cannot
+  shrink (rotary embeddings, SDPA's default scale) the heads go whole, so the residual stream
+  pruned in head-sized blocks: eva02_tiny (3 heads of 64) lost one of three blocks and kept
+  0.375 of its parameters at a ratio of 0.5, test_vit3's pooled stream 0.41; PVT-v2's first
+  stage, one head, did not prune at all (pvt_v2_b1 kept 0.31).
+
+The scan leaves these classes out of the width-bound ones, so their heads prune on their own
+and the stream on its own; after slicing the class becomes a variant whose ``forward`` reads
+the width from the heads (``reshape(B, N, -1)``), the rest of ``forward`` as timm 1.0's.
+``num_heads`` follows the kept heads in :func:`~cleanai_plugins.zoo.timm.attention.fix_attention`
+(both keep ``head_dim``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleanai_plugins.zoo import loaded
+from cleanai_plugins.zoo.timm.lookup import triggered_by
+from cleanai_plugins.zoo.timm.pruned import pruned_variant, variant_lookup
+
+if TYPE_CHECKING:
+    from cleanai_plugins.zoo.timm.scan import TimmScan
+
+__all__ = ["fix_output_width", "scan_output_width"]
+
+
+def _eva_forward(self, x, rope=None, attn_mask=None, is_causal: bool = False):
+    """timm's ``EvaAttention.forward`` with the output width read from the heads."""
+    eva = loaded("timm.models.eva")
+    B, N, _ = x.shape
+    gate = self.gate(x).sigmoid() if self.gate is not None else None
+    if self.qkv is not None:
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            if self.qkv_bias_separate:
+                qkv = self.qkv(x)
+                qkv += qkv_bias
+            else:
+                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = self.q_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+        k = self.k_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+        v = self.v_proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+    q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:
+        npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+        rot = eva.apply_rot_embed_cat
+        q = torch.cat([q[:, :, :npt, :], rot(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt, :], rot(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+    if self.fused_attn:
+        dropout = self.attn_drop.p if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+    else:
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = eva.maybe_add_mask(attn, eva.resolve_self_attn_mask(N, attn, attn_mask, is_causal=is_causal))
+        x = self.attn_drop(attn.softmax(dim=-1)) @ v
+    x = self.norm(x.transpose(1, 2).reshape(B, N, -1))
+    if gate is not None:
+        x = x * gate
+    return self.proj_drop(self.proj(x))
+
+
+def _pvt_forward(self, x, feat_size):
+    """timm's PVT-v2 ``Attention.forward`` with the widths read from the layers."""
+    B, N, C = x.shape
+    H, W = feat_size
+    q = self.q(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+    if self.pool is not None or self.sr is not None:
+        x = x.permute(0, 2, 1).reshape(B, C, H, W)
+        x = self.sr(self.pool(x)) if self.pool is not None else self.sr(x)
+        x = self.norm(x.flatten(2).permute(0, 2, 1))
+        if self.pool is not None:
+            x = self.act(x)
+    k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+    else:
+        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
+def _latent_pool_forward(self, x, attn_mask=None):
+    """timm's ``AttentionPoolLatent.forward`` with the attention's width read from the heads."""
+    B, N, _ = x.shape
+    if self.pos_embed is not None:
+        x = x + self.pos_embed.unsqueeze(0).to(x.dtype)
+    q = self.q(self.latent.expand(B, -1, -1)).reshape(B, self.latent_len, self.num_heads, self.head_dim)
+    q = q.transpose(1, 2)
+    k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    else:
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = loaded("timm.layers.attention_pool").maybe_add_mask(attn, attn_mask)
+        x = attn.softmax(dim=-1) @ v
+    x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, self.latent_len, -1)))
+    if self.mlp is not None:
+        x = x + self.mlp(self.norm(x))
+    if self.pool == "token":
+        x = x[:, 0]
+    elif self.pool == "avg":
+        x = x.mean(1)
+    return x
+
+
+#: (timm module, class, the variant's forward, the variant's name)
+_BASES = (
+    ("timm.models.eva", "EvaAttention", _eva_forward, "PrunedEvaAttention"),
+    ("timm.models.pvt_v2", "Attention", _pvt_forward, "PrunedPvtAttention"),
+    ("timm.layers.attention_pool", "AttentionPoolLatent", _latent_pool_forward, "PrunedAttentionPoolLatent"),
+)
+_VARIANTS = [pruned_variant(module, name, forward, __name__, pruned) for module, name, forward, pruned in _BASES]
+#: the pruned classes by name (a pickled model loads, also before timm is imported)
+__getattr__ = variant_lookup(
+    __name__, *((module, pruned, v) for (module, _, _, pruned), v in zip(_BASES, _VARIANTS, strict=True))
+)
+
+
+def _pruned() -> dict[type, type]:
+    """timm's class -> its pruned variant, for the classes whose module is imported by now."""
+    made = dict(v() for v in _VARIANTS)
+    made.pop(None, None)
+    return made
+
+
+@triggered_by("num_heads")
+def scan_output_width(modules: list[nn.Module]) -> set[nn.Module]:
+    """The attentions of :data:`_BASES` (exactly those classes: a subclass may read ``C``
+    elsewhere) whose ``head_dim`` the fix-ups can follow."""
+    pruned = _pruned()
+    return {m for m in modules if type(m) in pruned and isinstance(getattr(m, "head_dim", None), int)}
+
+
+@triggered_by("num_heads")
+def fix_output_width(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """The class becomes its pruned variant (``num_heads``: :func:`fix_attention`)."""
+    if module in scan.output_width:
+        module.__class__ = _pruned()[type(module)]
