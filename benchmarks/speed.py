@@ -21,8 +21,14 @@ The default path (activation statistics, compensation, BatchNorm correction) is 
 by stage on the seven benchmark models as timm builds them (``--stages``, :mod:`stages`; the
 issue's goals are on the first four), with its ratios to plain inference.
 
+``--allocator no-faults`` runs the measurement in a process whose glibc never maps fresh
+pages for a tensor (:data:`NO_FAULTS`, what a caching allocator such as jemalloc gives):
+with the default allocator plain inference of EfficientNet-B0 took 0.62 CPU s in one
+process and 1.03 s in another (session 18), half of it page faults, so every ratio to it
+moved with the allocator's state rather than with the code.
+
 Usage: ``python benchmarks/speed.py [--models resnet50,vit_small] [--stages resnet50] [--repeats 5]
-[--payoff-only] [--out docs/benchmarks.md]``
+[--payoff-only] [--allocator no-faults] [--out docs/benchmarks.md]``
 """
 
 from __future__ import annotations
@@ -418,8 +424,31 @@ def render(rows: list[dict], layers: list[dict] | None = None) -> str:
 NOTES_MARKER = "<!-- notes: kept when the tables above are regenerated -->"
 
 
+#: glibc settings under which no tensor gets fresh pages after the first pass: no mmap for
+#: large blocks, and freed memory kept by the process (session 16, "where the payoff goes")
+NO_FAULTS = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
+
+
+def _with_allocator(kind: str, argv: list[str] | None) -> None:
+    """Run this script again in a process with ``kind``'s glibc settings, unless this one
+    has them (the settings are read when a process starts)."""
+    if kind == "default" or os.environ.get("GLIBC_TUNABLES") == NO_FAULTS:
+        return
+    if platform.system() != "Linux":
+        raise SystemExit("--allocator no-faults sets glibc's tunables: Linux only")
+    env = {**os.environ, "GLIBC_TUNABLES": NO_FAULTS}
+    args = sys.argv[1:] if argv is None else argv
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *args], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--allocator",
+        choices=("default", "no-faults"),
+        default="default",
+        help="no-faults: measure in a process whose glibc gives no tensor fresh pages (see the module doc)",
+    )
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the issue measures with 2)")
@@ -435,8 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--payoff-only", action="store_true", help="of the --models, measure the payoff table only")
     args = ap.parse_args(argv)
+    _with_allocator(args.allocator, argv)
     torch.set_num_threads(args.threads)
     text = ""
+    if args.allocator == "no-faults":
+        text += f"Measured with `GLIBC_TUNABLES={NO_FAULTS}` (no page faults after the first pass).\n\n"
     if args.stages:
         stage_rows = []
         for key in args.stages.split(","):

@@ -180,3 +180,23 @@ def test_payoff_where_buckets_every_op_and_counts_the_flops_as_the_metrics_do(mo
     assert kinds["norm"] == 2 and set(kinds) <= set(payoff_where.KINDS)
     assert sum(f for _, _, _, f, _ in ops) == count_flops(model, X)
     assert all(t >= 0 for _, _, t, _, _ in ops)
+
+
+def test_the_speed_benchmark_reruns_itself_without_page_faults_when_asked(monkeypatch):
+    """``--allocator no-faults``: the process is replaced by one with glibc's tunables set
+    (read only when a process starts); with them set, or with the default, it goes on."""
+    import os
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    speed = pytest.importorskip("speed")
+    calls = []
+    monkeypatch.setattr(speed.os, "execve", lambda exe, args, env: calls.append((args[1:], env["GLIBC_TUNABLES"])))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    speed._with_allocator("default", ["--stages", "resnet50"])
+    assert calls == []
+    speed._with_allocator("no-faults", ["--stages", "resnet50"])
+    assert calls == [([os.path.abspath(speed.__file__), "--stages", "resnet50"], speed.NO_FAULTS)]
+    monkeypatch.setenv("GLIBC_TUNABLES", speed.NO_FAULTS)
+    speed._with_allocator("no-faults", ["--stages", "resnet50"])
+    assert len(calls) == 1
