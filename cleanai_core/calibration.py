@@ -247,7 +247,7 @@ class CoMoment:
         """See :meth:`ChannelStats.cov_blocks`."""
         # the running total is None until the first flush, the block zero right after one: a
         # part that is all zero adds nothing (exactly) and is not gathered
-        parts = [] if self.total is None or _all_zero(self.total) else [self.total]
+        parts = [] if self.total is None else [self.total]
         if not parts or not _all_zero(self.block):
             parts.append(self.block)
         dev = self.block.device

@@ -275,17 +275,10 @@ def writes_guarded(model: nn.Module) -> Any:
     the write guard where an open :func:`preserved` block holds ``model`` and wants it, and
     ``model`` is not known to write nothing."""
     opened = [s for s in _OPEN.get() if id(model) in s.module_ids]
-    if not opened or (_known_clean(model) and not any(s.saved for s in opened)):
+    if not opened or (model in _WRITES_NOTHING and not any(s.saved for s in opened)):
         return nullcontext()
     snaps = [s for s in opened if s.wants_guard]
     return _guarded_call(model, snaps) if snaps else nullcontext()
-
-
-def _known_clean(model: nn.Module) -> bool:
-    try:
-        return model in _WRITES_NOTHING
-    except TypeError:  # a module class without weak references
-        return False
 
 
 @contextmanager
@@ -293,26 +286,19 @@ def _guarded_call(model: nn.Module, snaps: list[_Snapshot]) -> Iterator[None]:
     # under another dispatch mode (the trace runs its ops on the meta device) a write may
     # not reach the real tensors: such a call tells nothing about the model's own runs
     real = torch._C._len_torch_dispatch_stack() == 0
-    params = [(p, p.data.data_ptr()) for p in model.parameters()] if real else []
+    params = [(p, p.data_ptr()) for p in model.parameters()] if real else []
     guard = _WriteGuard(snaps)
     clean = False
     try:
         with guard:
             yield
         # nothing written in place, and no parameter's data replaced (``p.data = ...``)
-        clean = real and not guard.wrote and all(p.data.data_ptr() == ptr for p, ptr in params)
+        clean = real and not guard.wrote and all(p.data_ptr() == ptr for p, ptr in params)
     finally:
         for s in snaps:
             s.probed = True
         if clean:
-            _remember_clean(model)
-
-
-def _remember_clean(model: nn.Module) -> None:
-    try:
-        _WRITES_NOTHING.add(model)
-    except TypeError:  # a module class without weak references
-        pass
+            _WRITES_NOTHING.add(model)
 
 
 def _put_table(table: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -436,8 +422,8 @@ def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
     through ``deepcopy`` itself. A copy of a model known to write none of its tensors in
     forward is known as such too (the write guard, see the module doc)."""
     out = _Copier(memo).module(model)
-    if _known_clean(model):
-        _remember_clean(out)
+    if model in _WRITES_NOTHING:
+        _WRITES_NOTHING.add(out)
     return out
 
 

@@ -97,8 +97,8 @@ def channels_last_layout(model: nn.Module, inputs: Any, forward_fn: Callable | N
     model's own code may not accept the layout (``.view`` on a conv output) or may read
     memory directly: the first sample of ``inputs`` (the first two where one disagrees)
     runs both ways first, and the layout is used only where that raises nothing and the
-    outputs agree to float rounding (:func:`runs_the_same`). Not on other devices (GPU convolutions in float32
-    gain little or lose)."""
+    outputs agree to float rounding (:func:`runs_the_same`). Not on other devices (GPU
+    convolutions in float32 gain little or lose)."""
     if not may_run_channels_last(model, inputs):
         return same_layout
     for k in _CHECKED_SAMPLES:
