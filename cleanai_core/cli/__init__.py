@@ -118,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from cleanai_core.plugins import process_plugin_manager_restored
+    from cleanai_core.heap import frozen_heap, heap_growing
 
-    with process_plugin_manager_restored():  # --disable-plugin / --plugin: this command only
-        return _run_command(argv)
+    with frozen_heap():  # the imports, the model and the data out of the collector's full passes
+        with heap_growing():
+            from cleanai_core.plugins import process_plugin_manager_restored
+        with process_plugin_manager_restored():  # --disable-plugin / --plugin: this command only
+            return _run_command(argv)
 
 
 def _run_command(argv: list[str] | None) -> int:
@@ -129,12 +132,15 @@ def _run_command(argv: list[str] | None) -> int:
     pre.add_argument("--disable-plugin", action="append", default=[])
     pre.add_argument("--plugin", action="append", default=[])
     known = pre.parse_known_args(argv)[0]
-    try:
-        use_plugins(known.disable_plugin, known.plugin)
-    except UserError as exc:
-        print(f"cleanai: error: {exc}", file=sys.stderr)
-        return 2
-    parser = build_parser()
+    from cleanai_core.heap import heap_growing
+
+    with heap_growing():  # the plugins' and the commands' imports (torch)
+        try:
+            use_plugins(known.disable_plugin, known.plugin)
+        except UserError as exc:
+            print(f"cleanai: error: {exc}", file=sys.stderr)
+            return 2
+        parser = build_parser()
     args = parser.parse_args(argv)
     vars(args).pop("plugin", None)  # not a command option
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

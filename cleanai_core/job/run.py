@@ -17,6 +17,7 @@ import torch
 
 from cleanai_core import distributed
 from cleanai_core.errors import CleanAIError, PruningError, UserError
+from cleanai_core.heap import heap_growing
 from cleanai_core.job.config import PruneConfig, check_unread, pruner_options, resolve_config
 from cleanai_core.job.inputs import (
     checked_collate,
@@ -165,7 +166,8 @@ def _execute(
     device = torch.device(cfg["device"])
     t0 = time.time()
     if model is None or dataset is None:
-        model, dataset, pm = load_inputs(cfg)
+        with heap_growing(runs_user_code=True):  # the model, the data and the imports they take live to the end
+            model, dataset, pm = load_inputs(cfg)
     else:
         pm = get_plugin_manager()
         if device_of(model) not in (None, device):  # the user's model stays where it is
