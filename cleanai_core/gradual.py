@@ -133,17 +133,40 @@ def kept_indices(tagged: nn.Module, edits: list[SliceEdit], pm: Any = None) -> d
 
 
 def _slice_like(t: Any, old_shape: torch.Size, dims: list[torch.Tensor | None], where: str) -> Any:
+    """``t`` (a parameter's gradient or optimizer state) sliced as the parameter is. A
+    factored state (Adafactor's row and column second moments: the parameter's shape with
+    size 1 where it was averaged over) is sliced along its other dimensions and keeps its
+    averages, which then also count the removed units: an estimate the next steps' decay
+    replaces, as it replaces any other old value."""
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t  # step counters and other scalars
-    if t.shape != old_shape:
-        raise UserError(
-            f"{where} has shape {tuple(t.shape)}, not its parameter's {tuple(old_shape)}: this optimizer keeps "
-            "state that cannot be sliced with the parameter; use SGD, Adam(W) or a similar per-element optimizer"
-        )
+    _check_sliceable(t, old_shape, where)
     for d, idx in enumerate(dims):
-        if idx is not None:  # in the layout it had, as the parameter is sliced (state and .grad went NCHW)
+        if idx is not None and t.shape[d] == old_shape[d]:  # in the layout it had, as the parameter is sliced
             t = slice_tensor(t, d, idx)
     return t
+
+
+def _check_sliceable(t: Any, shape: torch.Size, where: str) -> None:
+    """Raise :class:`UserError` where tensor ``t`` of a parameter of ``shape`` is not shaped
+    like it (or factored from it, see :func:`_slice_like`)."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return
+    if t.dim() != len(shape) or not all(s in (o, 1) for s, o in zip(t.shape, shape, strict=True)):
+        raise UserError(
+            f"{where} has shape {tuple(t.shape)}, not its parameter's {tuple(shape)}: this optimizer keeps "
+            "state that cannot be sliced with the parameter (one vector over all of them, as L-BFGS's); use SGD, "
+            "Adam(W), Adafactor or a similar per-element optimizer. The model was not pruned"
+        )
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> None:
+    """Before a step changes anything: every state tensor of ``params`` (by name) in
+    ``optimizer`` can be sliced with its parameter (a refusal after the model was sliced
+    left the model pruned and the optimizer holding the old parameters)."""
+    for name, p in params.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            _check_sliceable(value, p.shape, f"optimizer state {key!r} of {name}")
 
 
 def slice_optimizer(
@@ -305,6 +328,7 @@ class GradualPruner:
             self.histories.append(PruningHistory())
             self.steps_done += 1
             return
+        check_optimizer_state(self.optimizer, dict(self.net.named_parameters()))
         # a step that fails before pruning (a NaN batch the calibration refuses) puts back the
         # statistics the refresh changed: they were left NaN in the user's model
         held = {name: b.detach().clone() for name, b in self.net.named_buffers()}

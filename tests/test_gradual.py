@@ -3,6 +3,8 @@ optimizer state and gradients sliced with the parameters."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,3 +161,62 @@ def test_a_step_measures_the_batchnorm_statistics_afresh_before_scoring(refresh)
         assert accuracy(model, splits()[2]) > 0.85
     else:
         assert accuracy(model, splits()[2]) < 0.2
+
+
+def test_a_factored_optimizer_state_is_sliced_where_it_has_the_parameters_size():
+    """Adafactor keeps, per matrix, the second moments averaged over its last dimension and
+    over the one before it (size 1 there): they are sliced along the dimensions they keep
+    and keep their averages along the others; training goes on."""
+    model = trained_cnn()
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    batches = _batches()
+    _train(model, opt, batches)
+    with torch.no_grad():  # known functions of the parameter, averaged as Adafactor averages
+        for p in model.parameters():
+            st = opt.state[p]
+            if "row_var" in st:
+                st["row_var"].copy_((p * 2 + 1).mean(-1, keepdim=True))
+                st["col_var"].copy_((p * 3 + 1).mean(-2, keepdim=True))
+            else:
+                st["variance"].copy_(p * 2 + 1)
+    fc_rows = opt.state[model.fc.weight]["row_var"].clone()  # averaged over the fc's inputs, which shrink
+    gp = GradualPruner(
+        model, splits()[1][0][:2], opt, PruningSchedule(final=0.5, steps=2), ignored_layers=[model.fc],
+        bias_compensation=False, recalibrate_bn=False,
+    )  # fmt: skip
+    before = sum(p.numel() for p in model.parameters())
+    gp.step(_calibration())
+    assert sum(p.numel() for p in model.parameters()) < before
+    for name, p in model.named_parameters():
+        st = opt.state[p]
+        if "variance" in st:
+            assert torch.allclose(st["variance"], p * 2 + 1), name
+        elif name == "fc.weight":
+            assert torch.equal(st["row_var"], fc_rows)  # the average over the old inputs, kept
+            assert torch.allclose(st["col_var"], (p * 3 + 1).mean(-2, keepdim=True))
+        else:
+            assert torch.allclose(st["row_var"], (p * 2 + 1).mean(-1, keepdim=True)), name
+            assert torch.allclose(st["col_var"], (p * 3 + 1).mean(-2, keepdim=True)), name
+    loss = _train(model, opt, batches)  # Adafactor's next steps take the sliced state
+    assert math.isfinite(loss)
+
+
+def test_an_optimizer_state_over_all_parameters_is_refused_before_the_model_changes():
+    model = trained_cnn()
+    opt = torch.optim.LBFGS(model.parameters())
+    xb, yb = _batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    gp = GradualPruner(model, splits()[1][0][:2], opt, PruningSchedule(final=0.5, steps=2), ignored_layers=[model.fc])
+    with pytest.raises(UserError, match="cannot be sliced with the parameter.*Adafactor.*not pruned"):
+        gp.step(_calibration())
+    after = model.state_dict()  # refused before anything changed: the model and its optimizer still agree
+    assert all(torch.equal(after[k], v) for k, v in weights.items())
+    assert [p.shape for p in opt.param_groups[0]["params"]] == [p.shape for p in model.parameters()]
