@@ -13,8 +13,13 @@ Glossary:
   small held-out part saturates (often at 100% on data the teacher was trained on); with
   ties counted as no progress, every benchmark run stopped after 5-8 of 10 epochs, its
   cosine schedule cut off at 30-65% of the peak learning rate.
-- *task*: ``"classification"`` (logits ``(N, C)``) or ``"causal_lm"`` (logits
-  ``(N, T, V)``: token-level KL, next-token cross-entropy on shifted labels, perplexity).
+- *task*: ``"classification"`` (logits ``(N, C)``; one logit ``(N, 1)`` is a binary
+  classifier, read as the two classes' logits ``(0, z)``, so its softmax is the sigmoid),
+  ``"token_classification"`` (logits ``(N, T, C)`` with a label per position: a tagger,
+  ``...ForTokenClassification``) or ``"causal_lm"`` (logits ``(N, T, V)``: token-level KL,
+  next-token cross-entropy on shifted labels, perplexity). Labels of ``-100`` (PyTorch's
+  and Hugging Face's ``ignore_index``: padding, sub-word pieces) count in no loss and no
+  accuracy.
 
 The loss is ``kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight * CE(labels)``;
 the cross-entropy term is used only when the batch has labels (a causal LM's labels are
@@ -55,7 +60,10 @@ __all__ = [
     "split_train_data",
 ]
 
-TASKS = ("auto", "classification", "causal_lm")
+TASKS = ("auto", "classification", "token_classification", "causal_lm")
+
+#: the label that counts in no loss and no accuracy (``F.cross_entropy``'s default ``ignore_index``)
+IGNORE_INDEX = -100
 
 
 @attrs.frozen
@@ -114,14 +122,31 @@ def _lm_targets(inputs: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, 1:], mask[:, 1:]
 
 
-def _task_of(logits: torch.Tensor, task: str) -> str:
+def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None) -> str:
+    """``task``, or from the logits' shape where it is ``"auto"``: ``(N, C)`` classification;
+    ``(N, T, C)`` a causal LM, unless the model's Hugging Face config says its outputs are
+    ``num_labels`` tags and not the vocabulary (a tagger trained as a causal LM learned each
+    position's tag from the next one's)."""
     if task != "auto":
         return task
     if logits.dim() == 2:
         return "classification"
     if logits.dim() == 3:
+        config = getattr(model, "config", None)
+        vocab, labels = getattr(config, "vocab_size", None), getattr(config, "num_labels", None)
+        tagger = type(model).__name__.endswith("ForTokenClassification")
+        if tagger or (logits.shape[-1] == labels and logits.shape[-1] != vocab):
+            return "token_classification"
         return "causal_lm"
-    raise UserError(f"logits of shape {tuple(logits.shape)}: give task='classification' or 'causal_lm'")
+    raise UserError(
+        f"logits of shape {tuple(logits.shape)}: give task='classification', 'token_classification' or 'causal_lm'"
+    )
+
+
+def _class_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Classification logits with the classes last: one logit ``z`` (a binary classifier)
+    as the two classes' ``(0, z)``, whose softmax is ``(1 - sigmoid(z), sigmoid(z))``."""
+    return torch.cat([torch.zeros_like(logits), logits], -1) if logits.shape[-1] == 1 else logits
 
 
 # -- loss ----------------------------------------------------------------------------------------
@@ -150,9 +175,18 @@ def distillation_loss(
         t = teacher_logits.float()[:, :-1].reshape(-1, s.shape[-1])[keep] if teacher_logits is not None else None
         labels = tgt.reshape(-1)[keep]
     else:
-        t = teacher_logits.float() if teacher_logits is not None else None
+        s = _class_logits(s)
+        t = _class_logits(teacher_logits.float()) if teacher_logits is not None else None
         labels = class_targets(target)
-    _check_logits(s, t, labels if ce_weight else None)
+        if task == "token_classification":  # every position a sample
+            s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]) if t is not None else None
+            labels = labels.reshape(-1) if labels is not None else None
+        if labels is not None and labels.shape != s.shape[:1]:
+            raise UserError(
+                f"the labels have shape {tuple(labels.shape)} but the logits {tuple(s.shape)}: give one class index "
+                "per sample (or, for a tagger, one per position with task='token_classification')"
+            )
+    _check_logits(s, t, labels if ce_weight else None, binary=task != "causal_lm" and student_logits.shape[-1] == 1)
     loss = s.new_zeros(())
     if t is not None and kd_weight:
         # above T = 100 float32 log-softmaxes of logits / T cancel: at T = 1e4 the loss was 2% off, at 1e6 negative
@@ -161,7 +195,7 @@ def distillation_loss(
             F.log_softmax(ks / temperature, -1), F.log_softmax(kt / temperature, -1), log_target=True, reduction="none"
         )
         loss = loss + (kd_weight * temperature**2 * per.sum(-1).mean()).to(s.dtype)
-    if labels is not None and ce_weight:
+    if labels is not None and ce_weight and bool((labels != IGNORE_INDEX).any()):  # all ignored: the mean was NaN
         loss = loss + ce_weight * F.cross_entropy(s, labels.to(s.device).long())  # int32 / bool labels raised
     return loss
 
@@ -175,7 +209,7 @@ def class_targets(target: Any) -> torch.Tensor | None:
     if not isinstance(target, torch.Tensor):
         return None
     if not target.is_floating_point():
-        return target
+        return target[:, 0] if target.dim() == 2 and target.shape[1] == 1 else target  # a column of indices
     labels = label_indices(target) if target.dim() >= 1 else None
     if labels is None:
         warnings.warn(
@@ -187,20 +221,26 @@ def class_targets(target: Any) -> torch.Tensor | None:
     return labels
 
 
-def _check_logits(s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+def _check_logits(s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor | None, binary: bool = False) -> None:
     """A :class:`UserError` for a teacher whose outputs differ from the student's, or class
-    labels outside the student's classes (were a bare ``RuntimeError`` / ``IndexError``)."""
+    labels outside the student's classes (were a bare ``RuntimeError`` / ``IndexError``).
+    ``binary``: ``s`` is a one-logit model's two classes (:func:`_class_logits`)."""
     if t is not None and t.shape != s.shape:
         raise UserError(
             f"the teacher's outputs have shape {tuple(t.shape)} but the pruned model's {tuple(s.shape)}; give the "
             "original model the pruned one was made from as teacher (same classes), or teacher=None"
         )
+    labels = labels[labels != IGNORE_INDEX] if labels is not None else None
     if labels is not None and labels.numel() and s.dim() >= 1:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= s.shape[-1]:
+            has = (
+                "1 output (a binary classifier: labels 0 and 1)" if binary else
+                f"{s.shape[-1]} outputs"
+            )  # fmt: skip
             raise UserError(
-                f"labels go from {low} to {high} but the model has {s.shape[-1]} outputs; give class indices "
-                f"0..{s.shape[-1] - 1} matching the model's classes"
+                f"labels go from {low} to {high} but the model has {has}; give class indices 0..{s.shape[-1] - 1} "
+                f"matching the model's classes ({IGNORE_INDEX} for a label to ignore)"
             )
 
 
@@ -234,7 +274,7 @@ def split_train_data(
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (the held-out share of train_data)")
     dataset = train_data.dataset if isinstance(train_data, DataLoader) else train_data
-    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
+    if not _map_style(dataset):
         raise UserError(  # a list, a tensor or an (x, y) tuple was refused without saying what it was
             f"train_data is a {type(train_data).__name__}: it must be a data set or a DataLoader over one (with "
             "len()), so that a held-out part can be split from it (tensors: TensorDataset(x, y)); or pass val_data= "
@@ -257,10 +297,22 @@ def split_train_data(
     )
 
 
+def _map_style(data: Any) -> bool:
+    """Whether ``data`` is a map-style data set of samples: a torch ``Dataset`` with a
+    length, or another object indexed by sample with a length (a Hugging Face
+    ``datasets.Dataset``, which is no torch ``Dataset``: it was refused). Lists and tuples
+    are lists of batches; tensors, dicts and loaders are not data sets."""
+    if isinstance(data, Dataset):
+        return hasattr(data, "__len__")
+    if isinstance(data, (list, tuple, dict, str, bytes, torch.Tensor, DataLoader)):
+        return False
+    return hasattr(data, "__len__") and hasattr(data, "__getitem__") and not hasattr(data, "__next__")
+
+
 def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, what: str = "train_data") -> Any:
     if isinstance(data, IterableDataset):  # yields samples, like a map-style data set: batched here
         return DataLoader(data, batch_size=batch_size)
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+    if _map_style(data):
         gen = torch.Generator().manual_seed(seed)
         return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None)
     try:
@@ -356,14 +408,16 @@ def held_out_metric_and_loss(
                 metric = "perplexity"
                 continue
             labels = class_targets(target)
-            if labels is not None and labels.dim() == 1:
+            predicted = _class_logits(logits).argmax(-1)
+            if labels is not None and labels.shape == predicted.shape:
                 ref, metric = labels.to(device), "accuracy"
             elif t_logits is not None:
-                ref, metric = t_logits.argmax(-1), "teacher_agreement"
+                ref, metric = _class_logits(t_logits).argmax(-1), "teacher_agreement"
             else:
                 raise UserError("the held-out data has no labels and there is no teacher to compare with")
-            hits += int((logits.argmax(-1) == ref).sum())
-            total += int(ref.numel())
+            counted = ref != IGNORE_INDEX
+            hits += int(((predicted == ref) & counted).sum())
+            total += int(counted.sum())
     if metric is None:
         raise UserError("the held-out data is empty; give more training data or a larger val_fraction")
     loss = loss_sum / batches
@@ -522,7 +576,8 @@ def recover(
         second epoch on).
     :param device: default: where ``pruned`` is. On CUDA, ``amp`` runs the forward passes
         under ``torch.autocast`` (bfloat16 where supported, else float16 with a scaler).
-    :param task: ``"auto"`` (from the logits' shape), ``"classification"``, ``"causal_lm"``.
+    :param task: ``"auto"`` (from the logits' shape and the model's Hugging Face config),
+        ``"classification"``, ``"token_classification"``, ``"causal_lm"`` (see the module doc).
     :param forward_fn: ``forward_fn(model, inputs)`` when the model is not called as
         ``model(x)`` / ``model(**x)``.
     :returns: the recovered model and a :class:`RecoveryResult`.
@@ -603,7 +658,7 @@ def recover(
             raise UserError("the held-out data (val_data) is empty; give at least one batch, or leave val_data out")
         first = move_to(split_batch(batch)[0], device)
         with eval_mode(student), torch.no_grad():
-            task = _task_of(_forward(student, first, forward_fn, "pruned model"), task)
+            task = _task_of(_forward(student, first, forward_fn, "pruned model"), task, student)
     loss_options = {"temperature": temperature, "kd_weight": kd_weight, "ce_weight": ce_weight}
     metric, initial, initial_loss = held_out_metric_and_loss(
         student, held_loader, device, task, teacher, forward_fn, loss_options

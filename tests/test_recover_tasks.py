@@ -1,0 +1,115 @@
+"""Recovery's tasks beyond N-class classification and causal LMs: a binary classifier with
+one logit, labels to ignore (-100), and taggers (a label per position)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cleanai_core.errors import UserError
+from cleanai_core.recovery import _task_of, distillation_loss, evaluate_held_out, recover
+
+
+def test_one_logit_is_a_binary_classifier_its_loss_the_binary_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    z, zt = torch.randn(16, 1, generator=g), torch.randn(16, 1, generator=g)
+    y = torch.randint(0, 2, (16, 1), generator=g).float()  # a column, as BCEWithLogitsLoss takes it
+    ce = distillation_loss(z, None, y)
+    assert torch.allclose(ce, F.binary_cross_entropy_with_logits(z, y))
+    kd = distillation_loss(z, zt, None, temperature=1.0)
+    p, q = torch.sigmoid(zt), torch.sigmoid(z)  # KL of the teacher's Bernoulli from the student's
+    bernoulli_kl = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).mean()
+    assert torch.allclose(kd, bernoulli_kl, atol=1e-6)
+    with pytest.raises(UserError, match=r"the model has 1 output \(a binary classifier: labels 0 and 1\)"):
+        distillation_loss(z, None, y + 1)
+
+
+def test_a_binary_classifier_recovers_and_its_accuracy_is_the_sign_of_its_logit():
+    torch.manual_seed(0)
+    x = torch.randn(200, 6)
+    y = (x[:, 0] > 0).float()[:, None]
+    teacher = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    student = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1))
+    _, result = recover(student, teacher, TensorDataset(x, y), epochs=2, progress=False, amp=False)
+    assert result.metric == "accuracy"
+    loader = DataLoader(TensorDataset(x[:50], y[:50]), batch_size=16)
+    metric, value = evaluate_held_out(student, loader, torch.device("cpu"), "classification")
+    with torch.no_grad():
+        expected = float(((student(x[:50]) > 0).float() == y[:50]).float().mean())
+    assert metric == "accuracy" and value == pytest.approx(expected)
+
+
+def test_labels_of_minus_100_count_in_no_loss_and_no_accuracy():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(12, 4, generator=g)
+    y = torch.randint(0, 4, (12,), generator=g)
+    y[::3] = -100
+    keep = y != -100
+    assert torch.allclose(distillation_loss(s, None, y), F.cross_entropy(s[keep], y[keep]))
+    assert float(distillation_loss(s, None, torch.full((12,), -100))) == 0.0  # nothing to learn, not NaN
+    model = nn.Linear(3, 4)
+    x = torch.randn(12, 3, generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    _, value = evaluate_held_out(model, loader, torch.device("cpu"), "classification")
+    with torch.no_grad():
+        pred = model(x).argmax(-1)
+    assert value == pytest.approx(float((pred[keep] == y[keep]).float().mean()))
+
+
+def _tagger_and_lm():
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=97, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    tagger = transformers.BertForTokenClassification(transformers.BertConfig(num_labels=5, **common)).eval()
+    lm = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_embd=16, n_layer=1, n_head=2)).eval()
+    return tagger, lm
+
+
+def test_a_tagger_is_not_taken_for_a_causal_lm_and_learns_each_positions_own_label():
+    tagger, lm = _tagger_and_lm()
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        assert _task_of(tagger(ids).logits, "auto", tagger) == "token_classification"
+        assert _task_of(lm(ids).logits, "auto", lm) == "causal_lm"
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 7, 5, generator=g), torch.randn(2, 7, 5, generator=g)
+    tags = torch.randint(0, 5, (2, 7), generator=g)
+    tags[:, 0] = -100  # [CLS]
+    keep = tags.reshape(-1) != -100
+    got = distillation_loss(s, None, tags, task="token_classification")
+    assert torch.allclose(got, F.cross_entropy(s.reshape(-1, 5)[keep], tags.reshape(-1)[keep]))  # not shifted
+    kd = distillation_loss(s, t, None, task="token_classification", temperature=1.0)
+    per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(kd, per.mean())
+
+
+class _Rows:
+    """Samples by index with a length, and no torch ``Dataset`` (as a Hugging Face ``datasets.Dataset``)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def test_a_tagger_recovers_and_its_accuracy_counts_the_labelled_positions():
+    tagger, _ = _tagger_and_lm()
+    torch.manual_seed(3)
+    ids = torch.randint(0, 97, (40, 6))
+    tags = ids % 5  # a tag each position can learn from its own token
+    tags[:, 0] = -100
+    data = _Rows([{"input_ids": ids[i], "labels": tags[i]} for i in range(40)])
+    student, result = recover(tagger, tagger, data, epochs=1, progress=False, amp=False, batch_size=8)
+    assert result.metric == "accuracy"
+    loader = DataLoader(data.rows[:16], batch_size=8)
+    _, value = evaluate_held_out(student, loader, torch.device("cpu"), "token_classification")
+    with torch.no_grad():
+        pred = student(input_ids=ids[:16]).logits.argmax(-1)
+    keep = tags[:16] != -100
+    assert value == pytest.approx(float((pred[keep] == tags[:16][keep]).float().mean()))
