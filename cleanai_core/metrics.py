@@ -49,8 +49,24 @@ def _count_into(counter: FlopCounterMode, model: nn.Module, inputs: Any, forward
     from cleanai_core.shapes import ShapeOnlyMode
 
     with eval_mode(model), _params_without_grad(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ShapeOnlyMode():
-        with counter:
+        with _transformer_fastpath_off(), counter:
             call_model(model, inputs, forward_fn)
+
+
+@contextmanager
+def _transformer_fastpath_off() -> Iterator[None]:
+    """PyTorch's fused path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``
+    off while the FLOP counter runs. In eval mode without gradients an encoder layer runs
+    as one ``_transformer_encoder_layer_fwd`` call, which the counter does not see: a
+    two-layer encoder of width 32 counted 5,440 FLOPs where its linears and attention
+    products make 358,720. The unfused path computes the same thing through ``linear``
+    and ``bmm``, which it counts."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @contextmanager

@@ -1,0 +1,103 @@
+"""Session 19, outputs: what CleanAI writes after pruning (report numbers, history replay,
+save/load), checked against independent counts."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import warnings
+
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.history import PruningHistory
+from cleanai_core.io import load_pruned, save_pruned
+
+
+def _prune(model, x, example=None, **kw):
+    pruner = StructuredPruner(model, x[:1] if example is None else example, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.collect_activations([x], num_batches=1, progress=False)
+        pruned = pruner.prune()
+    return pruner, pruned
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(8, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+def _encoder_flops(tokens: int, width: int, ff: int) -> int:
+    """Linears (embedding, q/k/v, output, two MLP layers, head) and the two attention
+    products of the two layers, 2 x MACs."""
+    per_layer = tokens * width * 3 * width + tokens * width * width + 2 * tokens * width * ff
+    per_layer += 2 * tokens * tokens * width
+    return 2 * (tokens * 8 * width + 2 * per_layer + width * 5)
+
+
+def test_a_transformer_encoders_flops_count_its_linears_and_attention():
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    pruner, pruned = _prune(model, torch.randn(8, 10, 8), pruning_ratio=0.5)
+    report = pruner.report()
+    # in eval mode without gradients each layer ran as one fused call the counter did not see: 5,440
+    assert report["flops_before"] == _encoder_flops(10, 32, 64) == 358_720
+    width, ff = pruned.emb.out_features, pruned.enc.layers[0].linear1.out_features
+    assert (width, ff) == (16, 32) and pruned.enc.layers[1].linear1.out_features == 32
+    assert report["flops_after"] == _encoder_flops(10, width, ff) == 97_440
+    assert report["params_after"] == sum(p.numel() for p in pruned.parameters()) == 4_677
+    assert torch.backends.mha.get_fastpath_enabled()  # switched back on
+
+
+TIED = '''
+    import torch
+    from torch import nn
+
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 32)
+            self.l1, self.l2 = nn.Linear(32, 64), nn.Linear(64, 32)
+            self.out = nn.Linear(32, 50, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.out(self.l2(torch.relu(self.l1(self.emb(ids)))))
+'''
+
+
+def test_tied_weights_stay_one_parameter_through_compensation_and_reload(tmp_path, monkeypatch):
+    (tmp_path / "tied_model_o9.py").write_text(textwrap.dedent(TIED))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from tied_model_o9 import Tied
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    ids = torch.randint(0, 50, (64, 10))
+    pruner, pruned = _prune(model, ids, pruning_ratio=0.25)  # compensation and least squares: the defaults
+    # compensation copied the output layer's weight and left the embedding the original's: two tensors
+    assert pruned.out.weight is pruned.emb.weight and pruned.emb.weight.shape == (50, 24)
+    assert sum(p.numel() for p in pruned.parameters()) == pruner.report()["params_after"] == 50 * 24 + (24 * 48 + 48) + (48 * 24 + 24) + 50 == 3_626
+    # least squares is not folded into a weight another module reads (it rewrote the embedding's columns)
+    keep = next(e.keep for e in pruner.history.steps[0] if e.module == "emb")
+    assert torch.equal(pruned.emb.weight, model.emb.weight[:, keep])
+    assert pruned.out.bias is not None and pruner.history.meta["added_biases"] == ["out"]
+    with torch.no_grad():
+        want = pruned(ids)
+        fresh = PruningHistory.from_json(json.loads(json.dumps(pruner.history.to_json()))).replay(Tied().eval())
+        fresh.load_state_dict(pruned.state_dict())
+        # the embedding loaded the output layer's compensated values: outputs 9.3 apart
+        assert torch.equal(fresh(ids), want)
+        save_pruned(tmp_path / "out", pruned, pruner.history, "tied_model_o9:Tied")
+        again = load_pruned(tmp_path / "out", trust_code=True)
+        assert again.out.weight is again.emb.weight and torch.equal(again(ids), want)
