@@ -239,7 +239,7 @@ def sliced_copy(
         # loaded into a rebuilt (tied) model gave other outputs
         for m in module.modules():
             for table in (getattr(m, t) for t in tables):
-                for key, t in list(table.items()):
+                for t in list(table.values()):
                     if t is not None and id(t) in shared:
                         new = copy.deepcopy(t, memo)
                         for where, name in holders[id(t)]:
