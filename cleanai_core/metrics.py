@@ -49,24 +49,30 @@ def _count_into(counter: FlopCounterMode, model: nn.Module, inputs: Any, forward
     from cleanai_core.shapes import ShapeOnlyMode
 
     with eval_mode(model), _params_without_grad(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ShapeOnlyMode():
-        with _transformer_fastpath_off(), counter:
+        with _unfused_kernels(), counter:
             call_model(model, inputs, forward_fn)
 
 
 @contextmanager
-def _transformer_fastpath_off() -> Iterator[None]:
-    """PyTorch's fused path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``
-    off while the FLOP counter runs. In eval mode without gradients an encoder layer runs
-    as one ``_transformer_encoder_layer_fwd`` call, which the counter does not see: a
-    two-layer encoder of width 32 counted 5,440 FLOPs where its linears and attention
-    products make 358,720. The unfused path computes the same thing through ``linear``
-    and ``bmm``, which it counts."""
-    enabled = torch.backends.mha.get_fastpath_enabled()
+def _unfused_kernels() -> Iterator[None]:
+    """Fused kernels the FLOP counter does not see switched off while it runs; the unfused
+    paths compute the same through ``linear`` / ``mm`` / ``bmm``, which it counts:
+
+    - PyTorch's fast path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``: in
+      eval mode without gradients an encoder layer ran as one
+      ``_transformer_encoder_layer_fwd`` call (a two-layer encoder of width 32 counted
+      5,440 FLOPs where its linears and attention products make 358,720);
+    - oneDNN (``nn.LSTM`` on the CPU ran as ``mkldnn_rnn_layer``: 0 FLOPs) and cuDNN
+      (``_cudnn_rnn`` on a GPU). Convolutions are counted whatever backend would run them."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    mkldnn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
     torch.backends.mha.set_fastpath_enabled(False)
+    torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
     try:
         yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = mkldnn, cudnn
 
 
 @contextmanager

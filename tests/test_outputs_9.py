@@ -102,3 +102,30 @@ def test_tied_weights_stay_one_parameter_through_compensation_and_reload(tmp_pat
         save_pruned(tmp_path / "out", pruned, pruner.history, "tied_model_o9:Tied")
         again = load_pruned(tmp_path / "out", trust_code=True)
         assert again.out.weight is again.emb.weight and torch.equal(again(ids), want)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.fc = nn.Linear(6, 24), nn.LSTM(24, 16, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.rnn(torch.relu(self.emb(x)))[0][:, -1])
+
+
+def test_an_lstms_flops_are_counted():
+    from cleanai_core.metrics import count_flops
+
+    def flops(e: int, h: int) -> int:  # 10 steps of 4 gates over the input and the hidden state
+        return 2 * (10 * 6 * e + 10 * 4 * h * (e + h) + h * 3)
+
+    torch.manual_seed(0)
+    pruner, pruned = _prune(_Recurrent().eval(), torch.randn(8, 10, 6), pruning_ratio=0.5)
+    report = pruner.report()
+    # oneDNN ran the LSTM as one mkldnn_rnn_layer call, which the counter does not see: 2,976 -> 736
+    assert report["flops_before"] == flops(24, 16) == 54_176
+    assert (pruned.emb.out_features, pruned.rnn.hidden_size) == (12, 8)
+    assert report["flops_after"] == flops(12, 8) == 14_288
+    two_layers = nn.LSTM(24, 16, num_layers=2, bidirectional=True, batch_first=True).eval()
+    assert count_flops(two_layers, torch.randn(1, 10, 24)) == 2 * 2 * 10 * 4 * (16 * (24 + 16) + 16 * (32 + 16))
+    assert torch.backends.mkldnn.enabled and torch.backends.cudnn.enabled  # switched back on
