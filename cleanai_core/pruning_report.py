@@ -11,7 +11,7 @@ import torch
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.planning import PruningPlan
 
-__all__ = ["layer_records", "pruner_report"]
+__all__ = ["input_shape", "layer_records", "pruner_report"]
 
 
 def layer_records(
@@ -98,6 +98,19 @@ def _group_records(pruner: Any) -> list[dict[str, Any]]:
     return out
 
 
+def input_shape(example: Any) -> list[int] | dict[str, list[int]] | None:
+    """The shape of the input that FLOPs (and latency) are measured on: a tensor's, per key
+    for a dict of tensors (a text model's ``input_ids``: its length sets the FLOPs), per
+    position (``"0"``, ``"1"``, ...) for a tuple or list of them."""
+    if isinstance(example, torch.Tensor):
+        return list(example.shape)
+    if isinstance(example, (tuple, list)):
+        example = {str(i): v for i, v in enumerate(example)}
+    if isinstance(example, dict):
+        return {str(k): list(v.shape) for k, v in example.items() if isinstance(v, torch.Tensor)} or None
+    return None
+
+
 def pruner_report(pruner: Any) -> dict[str, Any]:
     """The library's report of a :class:`~cleanai_core.pruner.StructuredPruner` after
     ``prune()``: params and FLOPs before/after (FLOPs counted once), the plan's groups,
@@ -116,6 +129,8 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "params_after": count_params(pruner.pruned_model),
         "flops_before": pruner.flops_before(),
         "flops_after": before["flops_after"],
+        # the example's shape: FLOPs of a batch of 4 read "FLOPs (1 input)" in report.md, 4x the CLI's figure
+        "input_shape": input_shape(pruner.example_inputs),
         "importance": repr(pruner.importance),
         # what set the amount: a target or the dead units leave the ratio unused (it read 0.3, the default)
         "pruning_ratio": None if _amount_set_otherwise(pruner) else pruner.pruning_ratio,

@@ -129,3 +129,24 @@ def test_an_lstms_flops_are_counted():
     two_layers = nn.LSTM(24, 16, num_layers=2, bidirectional=True, batch_first=True).eval()
     assert count_flops(two_layers, torch.randn(1, 10, 24)) == 2 * 2 * 10 * 4 * (16 * (24 + 16) + 16 * (32 + 16))
     assert torch.backends.mkldnn.enabled and torch.backends.cudnn.enabled  # switched back on
+
+
+def test_the_library_report_names_the_input_its_flops_were_counted_on():
+    from cleanai_core.report import render_markdown
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 8, 8)
+    one, _ = _prune(DigitsCNN().eval(), x, pruning_ratio=0.4)
+    four, _ = _prune(DigitsCNN().eval(), x, example=x[:4], pruning_ratio=0.4)
+    assert (one.report()["input_shape"], four.report()["input_shape"]) == ([1, 1, 8, 8], [4, 1, 8, 8])
+    assert one.report()["flops_before"] == 3_577_088 and four.report()["flops_before"] == 4 * 3_577_088
+    # report.md said "FLOPs (1 input) | 14.31M" for the batch of 4: four times the command line's figure
+    assert "| FLOPs (1 input) | 3.58M | 1.36M |" in render_markdown(one.report())
+    md = render_markdown(four.report())
+    assert "| FLOPs (batch of 4) | 14.31M | 5.44M |" in md and "FLOPs of the example input of shape [4, 1, 8, 8]" in md
+    from cleanai_core.pruning_report import input_shape
+
+    two_inputs = input_shape((torch.zeros(2, 3), torch.zeros(2, 5)))
+    assert two_inputs == {"0": [2, 3], "1": [2, 5]}
+    assert "FLOPs (batch of 2)" in render_markdown({"input_shape": two_inputs, "flops_before": 1, "flops_after": 1})

@@ -29,6 +29,7 @@ from cleanai_core.job.inputs import (
 )
 from cleanai_core.job.outputs import check_out_dir, guard_out
 from cleanai_core.model_state import copy_model, preserved, stored_in
+from cleanai_core.pruning_report import input_shape
 from cleanai_core.runtime import device_of
 
 __all__ = ["execute", "run_job"]
@@ -78,16 +79,6 @@ def _evaluate(pm: Any, model: Any, loader: Any, device: torch.device, pruned: bo
 
 
 LATENCY_ROUNDS = 5
-
-
-def _input_shape(example: Any) -> list[int] | dict[str, list[int]] | None:
-    """The shape of the one input that FLOPs and latency are measured on; per key for a
-    dict of tensors (a text model's ``input_ids``: its length sets the FLOPs)."""
-    if isinstance(example, torch.Tensor):
-        return list(example.shape)
-    if isinstance(example, dict):
-        return {k: list(v.shape) for k, v in example.items() if isinstance(v, torch.Tensor)} or None
-    return None
 
 
 def _latencies(before: Any, after: Any, example: Any, repeats: int) -> tuple[float, float, int]:
@@ -305,7 +296,7 @@ def _execute(
         "calibration_samples": len(calib),
         "scored_samples": scored,
         "evaluation_samples": len(held) if held is not None else 0,
-        "input_shape": _input_shape(example),
+        "input_shape": input_shape(example),
         "recovery": recovery,
     }
     if any(cfg.get(k) is not None for k in ("target_flops", "target_params", "target_latency")):
