@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -31,13 +32,55 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
+def _vector_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """``mv`` / ``dot``: one multiply-add per element of the matrix (or vector)."""
+    return 2 * math.prod(a_shape)
+
+
+def _added_vector_flops(c_shape: Any, a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """``addmv``: the product's multiply-adds (the addition is not counted, as for ``addmm``)."""
+    return 2 * math.prod(a_shape)
+
+
+def _trilinear_flops(
+    i1: Any, i2: Any, i3: Any, expand1: Any, expand2: Any, expand3: Any, *args: Any, out_shape: Any = None, **kw: Any
+) -> int:
+    """``_trilinear`` (``nn.Bilinear``: ``x1 W x2``): a multiply-add per point of the space
+    the three operands span once their ``expand`` dims are inserted (N x out x in1 x in2)."""
+    spans = []
+    for shape, expand in ((i1, expand1), (i2, expand2), (i3, expand3)):
+        shape = list(shape)
+        for d in sorted(expand):
+            shape.insert(d, 1)
+        spans.append(shape)
+    return 2 * math.prod(max(sizes) for sizes in zip(*spans, strict=True))
+
+
+_aten = torch.ops.aten
+#: products PyTorch's counter has no formula for: a matrix times a vector (attention pooling
+#: with a learned query, ``x @ self.q``), two vectors, and ``nn.Bilinear``'s ``_trilinear``
+#: (each counted 0 FLOPs)
+EXTRA_FLOP_FORMULAS = {
+    _aten.mv: _vector_flops,
+    _aten.dot: _vector_flops,
+    _aten.vdot: _vector_flops,
+    _aten.addmv: _added_vector_flops,
+    _aten._trilinear: _trilinear_flops,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """PyTorch's FLOP counter with :data:`EXTRA_FLOP_FORMULAS`."""
+    return FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+
+
 def count_flops(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> int:
     """FLOPs of one forward pass, by PyTorch's own counter (FLOPs = 2 x MACs).
 
     Attention is counted through the math backend, since fused CPU kernels are not
     seen by the counter. Counting needs shapes only, so the heavy ops run on the meta
     device (:class:`~cleanai_core.shapes.ShapeOnlyMode`)."""
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     _count_into(counter, model, inputs, forward_fn)
     return int(counter.get_total_flops())
 
@@ -129,7 +172,7 @@ class FlopsOfCopies:
 
     def _count(self, model: nn.Module) -> int:
         ran: dict[str, int] = {}
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         start: dict[str, int] = {}
 
         def pre(name: str) -> Callable:

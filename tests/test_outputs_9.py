@@ -150,3 +150,47 @@ def test_the_library_report_names_the_input_its_flops_were_counted_on():
     two_inputs = input_shape((torch.zeros(2, 3), torch.zeros(2, 5)))
     assert two_inputs == {"0": [2, 3], "1": [2, 5]}
     assert "FLOPs (batch of 2)" in render_markdown({"input_shape": two_inputs, "flops_before": 1, "flops_after": 1})
+
+
+class _Pooled(nn.Module):
+    """Attention pooling with a learned query vector (``h @ q``: a matrix times a vector) and
+    a bilinear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(6, 12)
+        self.q = nn.Parameter(torch.randn(16))
+        self.bil = nn.Bilinear(16, 12, 5)
+
+    def forward(self, x):
+        h, g = torch.relu(self.a(x)), torch.relu(self.b(x))
+        w = torch.softmax(h @ self.q, dim=1).unsqueeze(-1)
+        return self.bil((w * h).sum(1), (w * g).sum(1))
+
+
+def test_matrix_vector_products_and_bilinear_layers_count_their_flops():
+    from cleanai_core.metrics import count_flops
+
+    def flops(h: int, g: int) -> int:  # two linears over 10 tokens, h @ q, and the bilinear x1 W x2
+        return 2 * (10 * 6 * h + 10 * 6 * g + 10 * h + h * g * 5)
+
+    torch.manual_seed(0)
+    pruner, pruned = _prune(_Pooled().eval(), torch.randn(8, 10, 6), pruning_ratio=0.5)
+    report = pruner.report()
+    # mv and _trilinear have no formula in PyTorch's counter: 2,640 (the two linears alone)
+    assert report["flops_before"] == flops(16, 12) == 5_600
+    assert (pruned.a.out_features, pruned.b.out_features) == (16, 6)
+    assert report["flops_after"] == flops(16, 6) == 3_920
+    vec = torch.ones(8)
+    assert count_flops(_Fn(lambda x: x @ vec), torch.randn(2, 3, 8)) == 2 * 6 * 8
+    assert count_flops(_Fn(lambda x: x @ vec), torch.randn(8)) == 2 * 8
+    assert count_flops(nn.Bilinear(8, 6, 4), (torch.randn(2, 5, 8), torch.randn(2, 5, 6))) == 2 * 10 * 8 * 6 * 4
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
