@@ -194,3 +194,28 @@ class _Fn(nn.Module):
 
     def forward(self, *args):
         return self.fn(*args)
+
+
+def test_the_report_names_every_criterion_with_its_options():
+    from cleanai_core.pruning_report import describe_importance
+    from cleanai_core.scoring import WeightActivationImportance, get_importance
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    names = {
+        "magnitude": "MagnitudeImportance(p=2, reducer='mean')",
+        "bn_scale": "BNScaleImportance(reducer='mean')",
+        "lamp": "LAMPImportance(p=2, reducer='mean')",
+        "random": "RandomImportance(seed=0)",
+        "taylor": "TaylorImportance(reducer='sum')",
+    }
+    for name, text in names.items():
+        assert describe_importance(get_importance(name)) == text
+    torch.manual_seed(0)
+    pruner, _ = _prune(DigitsCNN().eval(), torch.rand(16, 1, 8, 8), importance="magnitude", pruning_ratio=0.4)
+    # the default repr: "<cleanai_plugins.importance.criteria.MagnitudeImportance object at 0x7f5dce11d510>"
+    assert pruner.report()["importance"] == "MagnitudeImportance(p=2, reducer='mean')"
+    assert describe_importance(WeightActivationImportance()) == (
+        "WeightActivationImportance(weight_ratio=0.5, activation_ratio=0.5, form='multiplicative')"
+    )
+    varied = WeightActivationImportance(statistic="variance", reducer="max")
+    assert describe_importance(varied).endswith("form='multiplicative', statistic='variance', reducer='max')")
