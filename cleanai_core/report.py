@@ -44,6 +44,7 @@ _NOTES = (
     ("pruning_ratio", "pruning ratio {}"),
     ("target_flops", "target FLOPs {}"),
     ("target_params", "target parameters {}"),
+    ("target_latency", "target latency {}"),
     ("importance", "importance `{}`"),
     ("calibration_samples", "{} calibration samples"),
     ("scored_samples", "{} of them scored the channels"),

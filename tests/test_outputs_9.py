@@ -219,3 +219,23 @@ def test_the_report_names_every_criterion_with_its_options():
     )
     varied = WeightActivationImportance(statistic="variance", reducer="max")
     assert describe_importance(varied).endswith("form='multiplicative', statistic='variance', reducer='max')")
+
+
+def test_a_latency_target_run_reports_its_target(tmp_path):
+    from cleanai_core.cli import main
+    from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
+
+    torch.manual_seed(0)
+    torch.save({"x": torch.rand(40, 1, 8, 8), "y": torch.randint(0, 10, (40,))}, tmp_path / "d.pt")
+    torch.save(DigitsCNN().state_dict(), tmp_path / "w.pt")
+    common = ["prune", "--model", MODEL_SPEC, "--weights", str(tmp_path / "w.pt"), "--data", str(tmp_path / "d.pt")]
+    common += ["--batch-size", "8", "--quiet", "--latency-repeats", "5"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = ["--auto", "--target-latency", "0.7", "--sensitivity-batches", "1"]
+        assert main([*common, *auto, "--out", str(tmp_path / "lat")]) == 0
+    report = json.loads((tmp_path / "lat" / "report.json").read_text())
+    # pruning ratio, FLOPs and parameter targets all null, and the latency target named nowhere
+    assert (report["pruning_ratio"], report["target_flops"], report["target_params"]) == (None, None, None)
+    assert report["target_latency"] == 0.7 and report["allocation"]["target"] == "latency"
+    assert "target latency 0.7" in (tmp_path / "lat" / "report.md").read_text()

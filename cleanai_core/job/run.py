@@ -276,6 +276,8 @@ def _execute(
         **pruner.report(),  # params, FLOPs, plan, layers, dead units: counted once, by the library
         "target_flops": cfg.get("target_flops"),
         "target_params": cfg.get("target_params"),
+        # an --auto run for a latency target named no amount at all (pruning ratio, FLOPs and parameter targets null)
+        "target_latency": cfg.get("target_latency"),
         "flops_note": "FLOPs of one forward pass on one input (FLOPs = 2 x MACs)",
         "latency_before_ms": lat_before,
         "latency_after_ms": lat_after,
