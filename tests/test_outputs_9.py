@@ -135,6 +135,10 @@ def test_an_lstms_flops_are_counted():
     two_layers = nn.LSTM(24, 16, num_layers=2, bidirectional=True, batch_first=True).eval()
     assert count_flops(two_layers, torch.randn(1, 10, 24)) == 2 * 2 * 10 * 4 * (16 * (24 + 16) + 16 * (32 + 16))
     assert torch.backends.mkldnn.enabled and torch.backends.cudnn.enabled  # switched back on
+    # a FLOPs target saw the linears alone: "kept 0.5" where the model kept 0.26 of its FLOPs (widths 12 and 8)
+    target, small = _prune(_Recurrent().eval(), torch.randn(16, 10, 6), target_flops=0.5)
+    kept = flops(small.emb.out_features, small.rnn.hidden_size) / flops(24, 16)
+    assert target.report()["flops_after"] / target.report()["flops_before"] == kept and 0.45 < kept <= 0.5
 
 
 def test_the_library_report_names_the_input_its_flops_were_counted_on():
