@@ -56,6 +56,12 @@ def test_a_transformer_encoders_flops_count_its_linears_and_attention():
     assert report["flops_after"] == _encoder_flops(10, width, ff) == 97_440
     assert report["params_after"] == sum(p.numel() for p in pruned.parameters()) == 4_677
     assert torch.backends.mha.get_fastpath_enabled()  # switched back on
+    from cleanai_core.metrics import count_flops
+
+    attention = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    q = torch.randn(1, 5, 8)
+    # the fused _native_multi_head_attention: 0
+    assert count_flops(_Fn(lambda q: attention(q, q, q, need_weights=False)[0]), q) == 2 * (5 * 8 * 32 + 2 * 5 * 5 * 8)
 
 
 TIED = """
