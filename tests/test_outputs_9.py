@@ -281,3 +281,40 @@ def test_a_gradual_step_trains_the_bias_compensation_gave_a_tied_output_layer(tm
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh.eval()(ids), model.eval()(ids))
+
+
+class _Mixer(nn.Module):
+    """A token-mixing block: a linear layer over the 16 tokens of each of the 32 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 32)
+        self.tokens = nn.Linear(16, 16)
+        self.up, self.down, self.head = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.tokens(h.transpose(1, 2)).transpose(1, 2)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h.mean(1))
+
+
+def test_the_flops_of_pruned_copies_follow_a_layer_that_runs_once_per_channel():
+    from cleanai_core.metrics import FlopsOfCopies, count_flops
+
+    def flops(c: int, hidden: int) -> int:  # 16 tokens; the token mixing runs once per channel
+        return 2 * (16 * 6 * c + c * 16 * 16 + 16 * c * hidden * 2 + c * 3)
+
+    torch.manual_seed(0)
+    model, x = _Mixer().eval(), torch.randn(8, 16, 6)
+    copies = FlopsOfCopies(model, x[:1])
+    pruned = StructuredPruner(model, x[:1], importance="magnitude", pruning_ratio=0.5).prune()
+    widths = (pruned.embed.out_features, pruned.up.out_features)
+    assert widths == (16, 32) and pruned.tokens.weight.shape == (16, 16)
+    # taken from the layers' weights, the token mixing kept its FLOPs: 52,320 said
+    assert copies(pruned) == count_flops(pruned, x[:1]) == flops(*widths) == 44_128
+    # the FLOPs target searched with those counts: widths 21 and 41, 0.455 of the FLOPs kept for 0.5
+    target, small = _prune(_Mixer().eval(), x, target_flops=0.5)
+    assert (small.embed.out_features, small.up.out_features) == (22, 43)
+    kept = flops(22, 43) / flops(32, 64)
+    assert target.report()["flops_after"] / target.report()["flops_before"] == kept and 0.49 < kept <= 0.5
