@@ -169,11 +169,13 @@ class FlopsOfCopies:
     ``2 x positions x weight elements`` (PyTorch's counter), and channel pruning changes
     only the weight: a copy's FLOPs are the sum of ``flops x new / old weight elements``
     over those layers, exact and free. Any other model (attention's matrix products,
-    FLOPs outside such layers, a layer that runs once per channel: a linear layer over the
-    tokens of a ``(B, C, N)`` view, a ``Conv1d`` along the channels), or a copy whose layers
-    are not the original's by name and type, is counted by running it (:func:`count_flops`). The sensitivity trials, the
-    allocation's candidates and the ratio searches measure hundreds of copies of one
-    model; a count costs a forward pass of Python (0.18 s on ResNet-50)."""
+    FLOPs outside such layers, a layer that may run once per channel: a linear layer over
+    the tokens of a ``(B, C, N)`` view, a ``Conv1d`` along the channels, taken to be one
+    where such a size equals a width of the model's weights), or a copy whose layers are
+    not the original's by name and type, is counted by running it (:func:`count_flops`).
+    The sensitivity trials, the allocation's candidates and the ratio searches measure
+    hundreds of copies of one model; a count costs a forward pass of Python (0.18 s on
+    ResNet-50)."""
 
     def __init__(self, model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> None:
         self.inputs, self.forward_fn = inputs, forward_fn
@@ -186,7 +188,6 @@ class FlopsOfCopies:
         ran: dict[str, int] = {}
         counter = flop_counter()
         start: dict[str, int] = {}
-
         positions: dict[str, set[int]] = {}  # per layer, the input sizes that count its positions
 
         def pre(name: str) -> Callable:
