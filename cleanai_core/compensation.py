@@ -135,6 +135,12 @@ def compensate(
     slicing keeps) and at most :data:`PRODUCT_ROWS` times as many such rows as removed
     channels gets the product ``B @ coef`` solved for directly; one with more gets ``coef``
     and folds ``B @ coef`` on those rows."""
+    from cleanai_core.slicing import shared_tensors
+
+    # a weight another module holds too (tied input and output embeddings): reconstruction
+    # would rewrite the other module's kept channels as well (the embedding's, where the
+    # output layer was being compensated); such a consumer folds the mean into its bias only
+    tied = {id(getattr(m, a)) for holders in shared_tensors(model) for m, a in holders}
     folds = []  # (spec, statistics, removed, index of its solve or None, no_bias)
     problems: list[tuple[Any, torch.Tensor, torch.Tensor, bool]] = []  # (statistics, removed, kept, no_bias)
     alike: dict[tuple, list[int]] = {}  # problems that may be the same (same sample reference and sizes)
@@ -149,7 +155,8 @@ def compensate(
         no_bias = not getattr(spec.pruner, "new_bias", True) and getattr(module, "bias", None) is None
         idx = gone.nonzero().squeeze(1)
         job = None
-        if reconstruction and st.has_cov and not bool(gone.all()):
+        weight_tied = any(id(p) in tied for n, p in module.named_parameters() if not n.endswith("bias"))
+        if reconstruction and st.has_cov and not bool(gone.all()) and not weight_tied:
             problem = (st, idx, (~gone).nonzero().squeeze(1), no_bias)
             seen = alike.setdefault((id(st.cov_ref), st.cov_count, st.cov_batches, no_bias, len(idx), len(gone)), [])
             job = next((i for i in seen if _same_problem(problems[i], problem)), None)

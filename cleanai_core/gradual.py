@@ -174,10 +174,14 @@ def slice_optimizer(
     old_params: dict[str, nn.Parameter],
     new_params: dict[str, nn.Parameter],
     kept: dict[str, list[torch.Tensor | None]],
+    every_name: dict[str, nn.Parameter] | None = None,
 ) -> None:
     """Point ``optimizer`` at the new parameters, slicing each one's state and ``.grad``
     by ``kept``. Parameters new in ``new_params`` (compensation biases) join the group of
-    their module's weight with fresh state."""
+    their module's weight with fresh state. ``every_name``: the model's parameters under
+    every name (``named_parameters(remove_duplicate=False)``), where the module's weight is
+    found: a tied output layer's weight has only the embedding's name in ``new_params``,
+    and the bias compensation gave that layer was left out of the optimizer, never trained."""
     name_of = {id(p): n for n, p in old_params.items()}
     placed: set[str] = set()
     for group in optimizer.param_groups:
@@ -201,14 +205,18 @@ def slice_optimizer(
     for name, q in new_params.items():
         if name in old_params or name in placed or not q.requires_grad:
             continue
-        sibling = name.rpartition(".")[0] + ".weight"
+        sibling = (every_name or new_params).get(name.rpartition(".")[0] + ".weight")
         for group in optimizer.param_groups:
-            if any(r is new_params.get(sibling) for r in group["params"]):
+            if sibling is not None and any(r is sibling for r in group["params"]):
                 group["params"].append(q)
                 break
 
 
 # -- the training-loop API ---------------------------------------------------------------------------
+
+
+def _every_name(model: nn.Module) -> dict[str, nn.Parameter]:
+    return dict(model.named_parameters(remove_duplicate=False))
 
 
 def _is_size(d: Any) -> bool:
@@ -351,7 +359,7 @@ class GradualPruner:
         pruner.prune()
         kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
         del tagged
-        slice_optimizer(self.optimizer, old_params, dict(self.net.named_parameters()), kept)
+        slice_optimizer(self.optimizer, old_params, dict(self.net.named_parameters()), kept, _every_name(self.net))
         self.histories.append(pruner.history)
         self.steps_done += 1
 
@@ -403,7 +411,8 @@ class GradualPruner:
                     history.replay(self.net)
                     kept = kept_indices(tagged, [e for step in history.steps for e in step])
                     del tagged
-                    slice_optimizer(self.optimizer, old_params, dict(self.net.named_parameters()), kept)
+                    new_params = dict(self.net.named_parameters())
+                    slice_optimizer(self.optimizer, old_params, new_params, kept, _every_name(self.net))
             if shapes() != want:
                 raise UserError(
                     "the checkpoint's pruning steps do not bring this model to the checkpoint's shapes: build the "

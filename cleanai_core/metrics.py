@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -31,13 +32,55 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
+def _vector_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """``mv`` / ``dot``: one multiply-add per element of the matrix (or vector)."""
+    return 2 * math.prod(a_shape)
+
+
+def _added_vector_flops(c_shape: Any, a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """``addmv``: the product's multiply-adds (the addition is not counted, as for ``addmm``)."""
+    return 2 * math.prod(a_shape)
+
+
+def _trilinear_flops(
+    i1: Any, i2: Any, i3: Any, expand1: Any, expand2: Any, expand3: Any, *args: Any, out_shape: Any = None, **kw: Any
+) -> int:
+    """``_trilinear`` (``nn.Bilinear``: ``x1 W x2``): a multiply-add per point of the space
+    the three operands span once their ``expand`` dims are inserted (N x out x in1 x in2)."""
+    spans = []
+    for shape, expand in ((i1, expand1), (i2, expand2), (i3, expand3)):
+        shape = list(shape)
+        for d in sorted(expand):
+            shape.insert(d, 1)
+        spans.append(shape)
+    return 2 * math.prod(max(sizes) for sizes in zip(*spans, strict=True))
+
+
+_aten = torch.ops.aten
+#: products PyTorch's counter has no formula for: a matrix times a vector (attention pooling
+#: with a learned query, ``x @ self.q``), two vectors, and ``nn.Bilinear``'s ``_trilinear``
+#: (each counted 0 FLOPs)
+EXTRA_FLOP_FORMULAS = {
+    _aten.mv: _vector_flops,
+    _aten.dot: _vector_flops,
+    _aten.vdot: _vector_flops,
+    _aten.addmv: _added_vector_flops,
+    _aten._trilinear: _trilinear_flops,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """PyTorch's FLOP counter with :data:`EXTRA_FLOP_FORMULAS`."""
+    return FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+
+
 def count_flops(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> int:
     """FLOPs of one forward pass, by PyTorch's own counter (FLOPs = 2 x MACs).
 
     Attention is counted through the math backend, since fused CPU kernels are not
     seen by the counter. Counting needs shapes only, so the heavy ops run on the meta
     device (:class:`~cleanai_core.shapes.ShapeOnlyMode`)."""
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     _count_into(counter, model, inputs, forward_fn)
     return int(counter.get_total_flops())
 
@@ -49,8 +92,30 @@ def _count_into(counter: FlopCounterMode, model: nn.Module, inputs: Any, forward
     from cleanai_core.shapes import ShapeOnlyMode
 
     with eval_mode(model), _params_without_grad(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ShapeOnlyMode():
-        with counter:
+        with _unfused_kernels(), counter:
             call_model(model, inputs, forward_fn)
+
+
+@contextmanager
+def _unfused_kernels() -> Iterator[None]:
+    """Fused kernels the FLOP counter does not see switched off while it runs; the unfused
+    paths compute the same through ``linear`` / ``mm`` / ``bmm``, which it counts:
+
+    - PyTorch's fast path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention``: in
+      eval mode without gradients an encoder layer ran as one
+      ``_transformer_encoder_layer_fwd`` call (a two-layer encoder of width 32 counted
+      5,440 FLOPs where its linears and attention products make 358,720);
+    - oneDNN (``nn.LSTM`` on the CPU ran as ``mkldnn_rnn_layer``: 0 FLOPs) and cuDNN
+      (``_cudnn_rnn`` on a GPU). Convolutions are counted whatever backend would run them."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    mkldnn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
+    torch.backends.mha.set_fastpath_enabled(False)
+    torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = mkldnn, cudnn
 
 
 @contextmanager
@@ -85,6 +150,17 @@ _WEIGHT_PROPORTIONAL = (
 )
 
 
+def _position_sizes(module: nn.Module, x: torch.Tensor) -> list[int]:
+    """The sizes of ``x`` (a layer's input) that count the layer's positions and could be
+    channels: a linear layer's leading dims but the first (the batch), a ``Conv1d``'s
+    length. A larger conv's spatial dims are never channels."""
+    if isinstance(module, nn.Linear):
+        return list(x.shape[1:-1])
+    if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+        return list(x.shape[-1:])
+    return []
+
+
 class FlopsOfCopies:
     """:func:`count_flops` of pruned copies of one model, without running them when it can.
 
@@ -93,10 +169,13 @@ class FlopsOfCopies:
     ``2 x positions x weight elements`` (PyTorch's counter), and channel pruning changes
     only the weight: a copy's FLOPs are the sum of ``flops x new / old weight elements``
     over those layers, exact and free. Any other model (attention's matrix products,
-    FLOPs outside such layers), or a copy whose layers are not the original's by name and
-    type, is counted by running it (:func:`count_flops`). The sensitivity trials, the
-    allocation's candidates and the ratio searches measure hundreds of copies of one
-    model; a count costs a forward pass of Python (0.18 s on ResNet-50)."""
+    FLOPs outside such layers, a layer that may run once per channel: a linear layer over
+    the tokens of a ``(B, C, N)`` view, a ``Conv1d`` along the channels, taken to be one
+    where such a size equals a width of the model's weights), or a copy whose layers are
+    not the original's by name and type, is counted by running it (:func:`count_flops`).
+    The sensitivity trials, the allocation's candidates and the ratio searches measure
+    hundreds of copies of one model; a count costs a forward pass of Python (0.18 s on
+    ResNet-50)."""
 
     def __init__(self, model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> None:
         self.inputs, self.forward_fn = inputs, forward_fn
@@ -107,11 +186,18 @@ class FlopsOfCopies:
 
     def _count(self, model: nn.Module) -> int:
         ran: dict[str, int] = {}
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         start: dict[str, int] = {}
+        positions: dict[str, set[int]] = {}  # per layer, the input sizes that count its positions
 
         def pre(name: str) -> Callable:
-            return lambda *_: start.__setitem__(name, counter.get_total_flops())
+            def hook(module: nn.Module, args: tuple) -> None:
+                start[name] = counter.get_total_flops()
+                x = args[0] if args else None
+                if isinstance(x, torch.Tensor):
+                    positions.setdefault(name, set()).update(_position_sizes(module, x))
+
+            return hook
 
         def post(name: str) -> Callable:
             return lambda *_: ran.__setitem__(name, ran.get(name, 0) + counter.get_total_flops() - start[name])
@@ -127,6 +213,12 @@ class FlopsOfCopies:
             for h in handles:
                 h.remove()
         total = int(counter.get_total_flops())
+        widths = {d for p in model.parameters() for d in p.shape if d > 1}
+        if any(positions.get(name, set()) & widths for name in ran):
+            # a linear layer over the tokens of a (B, C, N) view (MLP-Mixer's token mixing) or a
+            # Conv1d along the channels (ECA) runs at positions that count channels: pruning them
+            # changes its FLOPs with its weight unchanged (Mixer at 0.5: 174.1M said, 157.3M true)
+            return total
         layers = {}
         for name, flops in ran.items():
             w = getattr(leaves[name], "weight", None)

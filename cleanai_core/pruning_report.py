@@ -4,6 +4,7 @@ a renderer in :mod:`cleanai_core.report`)."""
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.planning import PruningPlan
 
-__all__ = ["layer_records", "pruner_report"]
+__all__ = ["describe_importance", "input_shape", "layer_records", "pruner_report"]
 
 
 def layer_records(
@@ -98,6 +99,19 @@ def _group_records(pruner: Any) -> list[dict[str, Any]]:
     return out
 
 
+def input_shape(example: Any) -> list[int] | dict[str, list[int]] | None:
+    """The shape of the input that FLOPs (and latency) are measured on: a tensor's, per key
+    for a dict of tensors (a text model's ``input_ids``: its length sets the FLOPs), per
+    position (``"0"``, ``"1"``, ...) for a tuple or list of them."""
+    if isinstance(example, torch.Tensor):
+        return list(example.shape)
+    if isinstance(example, (tuple, list)):
+        example = {str(i): v for i, v in enumerate(example)}
+    if isinstance(example, dict):
+        return {str(k): list(v.shape) for k, v in example.items() if isinstance(v, torch.Tensor)} or None
+    return None
+
+
 def pruner_report(pruner: Any) -> dict[str, Any]:
     """The library's report of a :class:`~cleanai_core.pruner.StructuredPruner` after
     ``prune()``: params and FLOPs before/after (FLOPs counted once), the plan's groups,
@@ -116,7 +130,9 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "params_after": count_params(pruner.pruned_model),
         "flops_before": pruner.flops_before(),
         "flops_after": before["flops_after"],
-        "importance": repr(pruner.importance),
+        # the example's shape: FLOPs of a batch of 4 read "FLOPs (1 input)" in report.md, 4x the CLI's figure
+        "input_shape": input_shape(pruner.example_inputs),
+        "importance": describe_importance(pruner.importance),
         # what set the amount: a target or the dead units leave the ratio unused (it read 0.3, the default)
         "pruning_ratio": None if _amount_set_otherwise(pruner) else pruner.pruning_ratio,
         "target_flops": pruner.target_flops,
@@ -126,6 +142,25 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "layers": _step_records(pruner),
         "dead_units": [f.to_json() for f in find_dead_units(pruner.graph, pruner.stats)] if pruner.stats else None,
     }
+
+
+def describe_importance(importance: Any) -> str:
+    """The criterion as the report names it: its own ``repr``, or, for a class without one,
+    ``Name(option=value, ...)`` from its plain public attributes. The default ``repr`` wrote
+    ``<cleanai_plugins.importance.criteria.MagnitudeImportance object at 0x7f5d...>`` into
+    ``report.json``: no options, and an address that differed in every run."""
+    if isinstance(importance, types.FunctionType):  # a criterion written as a function: its name
+        return f"{importance.__module__}.{importance.__qualname__}"
+    if type(importance).__repr__ is not object.__repr__:
+        return repr(importance)
+    if not isinstance(getattr(importance, "__dict__", None), dict):
+        return getattr(importance, "__qualname__", type(importance).__qualname__)
+    plain = {
+        k: v
+        for k, v in vars(importance).items()
+        if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))
+    }
+    return f"{type(importance).__name__}({', '.join(f'{k}={v!r}' for k, v in plain.items())})"
 
 
 def _amount_set_otherwise(pruner: Any) -> bool:

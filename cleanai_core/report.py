@@ -44,12 +44,30 @@ _NOTES = (
     ("pruning_ratio", "pruning ratio {}"),
     ("target_flops", "target FLOPs {}"),
     ("target_params", "target parameters {}"),
+    ("target_latency", "target latency {}"),
     ("importance", "importance `{}`"),
     ("calibration_samples", "{} calibration samples"),
     ("scored_samples", "{} of them scored the channels"),
     ("evaluation_samples", "{} held-out evaluation samples"),
     ("accuracy_note", "accuracy not measured: {}"),
 )
+
+
+def _batch(shape: Any) -> int | None:
+    """The first size the input's tensors share (their batch), ``None`` where they do not."""
+    shapes = list(shape.values()) if isinstance(shape, dict) else [shape]
+    if not shapes or not all(isinstance(s, list) and len(s) >= 2 for s in shapes):
+        return None
+    firsts = {s[0] for s in shapes}
+    return firsts.pop() if len(firsts) == 1 else None
+
+
+def _measured_on(shape: Any) -> str:
+    """What FLOPs are counted on: one input (a report without ``input_shape`` too), or the
+    library's example batch."""
+    if not shape or _batch(shape) == 1:
+        return "1 input"
+    return f"batch of {_batch(shape)}" if _batch(shape) else "the example input"
 
 
 def _headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -61,7 +79,7 @@ def _headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             _pct(report.get("params_after"), report.get("params_before")).strip(" ()"),
         ),
         (
-            "FLOPs (1 input)",
+            f"FLOPs ({_measured_on(report.get('input_shape'))})",
             _fmt_int(report.get("flops_before")),
             _fmt_int(report.get("flops_after")),
             _pct(report.get("flops_after"), report.get("flops_before")).strip(" ()"),
@@ -106,7 +124,8 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
     shape = report.get("input_shape")
     if shape:
         text = ", ".join(f"`{k}` {v}" for k, v in shape.items()) if isinstance(shape, dict) else str(shape)
-        notes.append(f"FLOPs and latency of one input of shape {text}")
+        what = "FLOPs and latency" if report.get("latency") else "FLOPs"
+        notes.append(f"{what} of {'one input' if _batch(shape) == 1 else 'the example input'} of shape {text}")
     lat = report.get("latency")
     if lat:
         how = f"{lat['method']}, " if lat.get("method") else ""

@@ -224,8 +224,12 @@ class WeightActivationImportance:
         self.reducer, self.reduce = reducer, get_reducer(reducer)
 
     def __repr__(self) -> str:
+        # the options that change the scores beyond the defaults' (statistic, reducer) are named too
+        options = (("statistic", self.statistic, "auto"), ("reducer", self.reducer, "mean"))
+        extra = "".join(f", {k}={v!r}" for k, v, default in options if v != default)
         return (
-            f"WeightActivationImportance(weight_ratio={self.alpha}, activation_ratio={self.beta}, form={self.form!r})"
+            f"WeightActivationImportance(weight_ratio={self.alpha}, activation_ratio={self.beta}, form={self.form!r}"
+            f"{extra})"
         )
 
     def __call__(self, group: Group, ctx: ScoringContext) -> torch.Tensor:

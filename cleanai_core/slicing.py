@@ -225,13 +225,25 @@ def sliced_copy(
     drop_user_hooks(model, user_hooks(source))
     shared = {id(t) for t in originals}
     memo: dict[int, Any] = {}
+    holders: dict[int, list[tuple[dict, str]]] = defaultdict(list)  # every place the copy holds each tensor
+    for m in model.modules():
+        for table in (m._parameters, m._buffers):
+            for key, t in table.items():
+                if t is not None and id(t) in shared:
+                    holders[id(t)].append((table, key))
 
     def own(module: nn.Module, tables: tuple[str, ...] = ("_parameters", "_buffers")) -> nn.Module:
+        # a tensor is copied for every module that holds it: tied embeddings copied for the
+        # output layer that compensation wrote to stayed the source's in the embedding, so
+        # slicing found nothing shared, the pruned model held two tensors and its state_dict
+        # loaded into a rebuilt (tied) model gave other outputs
         for m in module.modules():
             for table in (getattr(m, t) for t in tables):
-                for key, t in table.items():
+                for t in list(table.values()):
                     if t is not None and id(t) in shared:
-                        table[key] = copy.deepcopy(t, memo)
+                        new = copy.deepcopy(t, memo)
+                        for where, name in holders[id(t)]:
+                            where[name] = new
         return module
 
     if compensate is not None:

@@ -30,6 +30,7 @@ from cleanai_core.job.inputs import (
 )
 from cleanai_core.job.outputs import check_out_dir, guard_out
 from cleanai_core.model_state import copy_model, preserved, stored_in
+from cleanai_core.pruning_report import input_shape
 from cleanai_core.runtime import device_of
 
 __all__ = ["execute", "run_job"]
@@ -79,16 +80,6 @@ def _evaluate(pm: Any, model: Any, loader: Any, device: torch.device, pruned: bo
 
 
 LATENCY_ROUNDS = 5
-
-
-def _input_shape(example: Any) -> list[int] | dict[str, list[int]] | None:
-    """The shape of the one input that FLOPs and latency are measured on; per key for a
-    dict of tensors (a text model's ``input_ids``: its length sets the FLOPs)."""
-    if isinstance(example, torch.Tensor):
-        return list(example.shape)
-    if isinstance(example, dict):
-        return {k: list(v.shape) for k, v in example.items() if isinstance(v, torch.Tensor)} or None
-    return None
 
 
 def _latencies(before: Any, after: Any, example: Any, repeats: int) -> tuple[float, float, int]:
@@ -287,6 +278,8 @@ def _execute(
         **pruner.report(),  # params, FLOPs, plan, layers, dead units: counted once, by the library
         "target_flops": cfg.get("target_flops"),
         "target_params": cfg.get("target_params"),
+        # an --auto run for a latency target named no amount at all (pruning ratio, FLOPs and parameter targets null)
+        "target_latency": cfg.get("target_latency"),
         "flops_note": "FLOPs of one forward pass on one input (FLOPs = 2 x MACs)",
         "latency_before_ms": lat_before,
         "latency_after_ms": lat_after,
@@ -307,7 +300,7 @@ def _execute(
         "calibration_samples": len(calib),
         "scored_samples": scored,
         "evaluation_samples": len(held) if held is not None else 0,
-        "input_shape": _input_shape(example),
+        "input_shape": input_shape(example),
         "recovery": recovery,
     }
     if any(cfg.get(k) is not None for k in ("target_flops", "target_params", "target_latency")):

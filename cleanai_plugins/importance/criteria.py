@@ -128,6 +128,7 @@ class RandomImportance:
     needs_gradients = False
 
     def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
         self.gen = torch.Generator().manual_seed(seed)
 
     def __call__(self, group, ctx):
