@@ -301,6 +301,7 @@ def _execute(
         "accuracy_note": _accuracy_note(accuracy_note, before_acc, after_acc),
         "perplexity_before": before_acc.get("perplexity") if before_acc else None,
         "perplexity_after": after_acc.get("perplexity") if after_acc else None,
+        **{f"mse_{k}": r["mse"] for k, r in (("before", before_acc), ("after", after_acc)) if r and "mse" in r},
         "evaluation_tokens": after_acc.get("tokens") if after_acc else None,
         "calibration_samples": len(calib),
         "scored_samples": scored,

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_plugins.io.hf import is_hf_model, is_masked_lm, load_tokenizer
+from cleanai_plugins.io.hf import head_kind, is_hf_model, is_masked_lm, load_tokenizer
 
 __all__ = ["TextItems", "blocks_of", "load_text_dataset", "masked_tokens", "read_jsonl", "read_text", "reads_token_ids"]
 
@@ -136,6 +136,11 @@ def blocks_of(ids: torch.Tensor, seq_len: int, source: str) -> dict[str, torch.T
 
 
 def _label_ids(labels: list[Any], model: Any, source: str) -> torch.Tensor:
+    if head_kind(model) == "regression":  # one number per text: kept as it is (cast to integers before)
+        if any(isinstance(lab, bool) or not isinstance(lab, (int, float)) for lab in labels):
+            bad = next(lab for lab in labels if isinstance(lab, bool) or not isinstance(lab, (int, float)))
+            raise UserError(f"{source}: label {bad!r} is not a number; the model is a regression head (one output).")
+        return torch.tensor(labels, dtype=torch.float32)
     names = getattr(model.config, "label2id", None) or {}
     out = []
     for lab in labels:
@@ -241,10 +246,18 @@ def _context(model: Any) -> int | None:
     return int(limit) if limit else None
 
 
-def _check_text_model(model: Any, spec: str) -> None:
+def _check_text_model(model: Any, spec: str, tokenized: bool = False) -> None:
     """Refuse, with the reason, a model that the text items cannot drive."""
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-    if getattr(model.config, "is_encoder_decoder", False):
+    kind = head_kind(model)
+    if kind == "choice" and not tokenized:
+        raise UserError(
+            f"--data {spec!r}: the model is {arch}, a multiple-choice model: it reads several candidate sequences "
+            "per sample, which plain text does not say. Give them tokenized in a .pt file: a dict with input_ids "
+            "(N, choices, L), optionally attention_mask of the same shape, and labels (N,) (the right choice)."
+        )
+    # a sequence classifier or question-answering head of BART / T5 makes its decoder inputs from input_ids
+    if getattr(model.config, "is_encoder_decoder", False) and kind not in ("sequence", "regression", "span"):
         raise UserError(
             f"--data {spec!r}: the model is {arch}, an encoder-decoder (sequence-to-sequence) model; text data "
             "drives causal LMs (...ForCausalLM), sequence classifiers and plain encoders, not a decoder that "
@@ -263,18 +276,21 @@ def _check_ids(ids: torch.Tensor, model: Any, source: str) -> None:
             "tokenize the text with this model's own tokenizer."
         )
     limit = _context(model)
-    if limit and ids.shape[1] > limit:
+    if limit and ids.shape[-1] > limit:
         raise UserError(
-            f"{source}: rows of {ids.shape[1]} tokens are longer than the model's context ({limit} positions); "
+            f"{source}: rows of {ids.shape[-1]} tokens are longer than the model's context ({limit} positions); "
             f"cut them to at most {limit} tokens (or give text and --seq-len)."
         )
 
 
 def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
     ids = obj["input_ids"]
-    if ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+    kind = head_kind(model)
+    rank, form = (3, "(N, choices, L)") if kind == "choice" else (2, "(N, L)")
+    if ids.dim() != rank or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        what = " for a multiple-choice model" if kind == "choice" else ""
         raise UserError(
-            f"{source}: input_ids must be integer token ids of shape (N, L), not {ids.dtype} {tuple(ids.shape)}."
+            f"{source}: input_ids must be integer token ids of shape {form}{what}, not {ids.dtype} {tuple(ids.shape)}."
         )
     if ids.numel() == 0:
         raise UserError(f"{source}: input_ids {tuple(ids.shape)} hold no tokens.")
@@ -285,18 +301,45 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
         if tuple(mask.shape) != tuple(ids.shape):
             raise UserError(f"{source}: attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}.")
         items["attention_mask"] = mask.long()
+    obj = _answer_spans(obj, ids, kind, source)
     items.update(_per_token_inputs(obj, ids, model, source))
     labels = obj.get("labels")
     if labels is None and _is_causal(model):
         labels = ids.long().masked_fill(items["attention_mask"] == 0, -100) if mask is not None else ids.long()
-    if labels is not None:
-        items["labels"] = torch.as_tensor(labels).long()
+    if labels is not None:  # a regression head's numbers stay numbers
+        labels = torch.as_tensor(labels)
+        items["labels"] = labels.float() if kind == "regression" else labels.long()
     elif is_masked_lm(model):  # masked with the folder's tokenizer, where it has one with a mask token
         items.update(masked_tokens(items["input_ids"], items.get("attention_mask"), load_tokenizer(model, False)))
     return TextItems(items)
 
 
 _TOKEN_KEYS = ("input_ids", "x", "attention_mask", "labels", "y")
+#: a question-answering head's answer, one position each per row
+_SPAN_KEYS = ("start_positions", "end_positions")
+
+
+def _answer_spans(obj: dict[str, Any], ids: torch.Tensor, kind: str, source: str) -> dict[str, Any]:
+    """For a question-answering head, ``start_positions`` and ``end_positions`` (one token
+    position each per row) become ``labels`` ``(N, 2)``, which the evaluator scores (exact
+    match of both); they were refused as per-token inputs not shaped like ``input_ids``."""
+    given = [k for k in _SPAN_KEYS if obj.get(k) is not None]
+    if kind != "span" or not given:
+        return obj
+    if len(given) == 1:
+        raise UserError(f"{source}: {given[0]} without {({*_SPAN_KEYS} - {given[0]}).pop()}; give both or neither.")
+    pos = [torch.as_tensor(obj[k]) for k in _SPAN_KEYS]
+    for k, t in zip(_SPAN_KEYS, pos, strict=True):
+        if tuple(t.shape) != (len(ids),) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise UserError(f"{source}: {k} must be {len(ids)} integer token positions (one per row of input_ids), "
+                            f"not {t.dtype} {tuple(t.shape)}.")  # fmt: skip
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= ids.shape[-1]):
+            raise UserError(f"{source}: {k} go from {int(t.min())} to {int(t.max())}; rows have {ids.shape[-1]} "
+                            f"tokens (positions 0..{ids.shape[-1] - 1}).")  # fmt: skip
+    if obj.get("labels") is not None:
+        raise UserError(f"{source}: give the answers either as start_positions / end_positions or as labels, not both.")
+    rest = {k: v for k, v in obj.items() if k not in _SPAN_KEYS}
+    return {**rest, "labels": torch.stack(pos, dim=1).long()}
 
 
 def _per_token_inputs(obj: dict[str, Any], ids: torch.Tensor, model: Any, source: str) -> dict[str, torch.Tensor]:
@@ -386,7 +429,7 @@ def load_text_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
         )
     if not files and not (path.is_file() and suffix in (".txt", ".jsonl", ".pt", ".pth", ".npz")):
         return None
-    _check_text_model(model, spec)
+    _check_text_model(model, spec, tokenized=suffix in (".pt", ".pth", ".npz"))
     if suffix in (".pt", ".pth"):
         return _tokenized_pt(path, model)
     if suffix == ".npz":

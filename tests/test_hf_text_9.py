@@ -1,0 +1,231 @@
+"""Hugging Face text models, session 19: one cause per test (tiny models from configs,
+nothing downloaded). The task heads besides causal / masked LMs and sequence classifiers
+(token classification, question answering, multiple choice, regression, encoder-decoder
+classifiers, a model without a head) through ``cleanai prune --model hf:`` and the
+``hf/`` folder it writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_families import BART, ENC, ENC_EXTRA, T5, V  # noqa: E402
+
+from cleanai_core import StructuredPruner  # noqa: E402
+from cleanai_core.cli import main  # noqa: E402
+from cleanai_plugins.io.hf import cleanai_evaluate, head_kind, save_and_verify  # noqa: E402
+from cleanai_plugins.io.text import load_text_dataset  # noqa: E402
+
+ARGS = ["--ratio", "0.4", "--threads", "1", "--latency-repeats", "1", "--quiet"]
+
+
+def tiny(cls: str, config: str = "BertConfig", **kw):
+    torch.manual_seed(0)
+    base = {**ENC, **ENC_EXTRA} if config == "BertConfig" else {}
+    return getattr(transformers, cls)(getattr(transformers, config)(**{**base, **kw})).eval()
+
+
+def ids(*shape: int, seed: int = 3) -> torch.Tensor:
+    return torch.randint(5, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def prune_job(model, data: dict, tmp_path: Path, *extra: str) -> tuple[int, dict]:
+    """``cleanai prune`` of ``model`` saved as a folder, on ``data`` saved as a ``.pt``."""
+    model.save_pretrained(tmp_path / "m")
+    torch.save(data, tmp_path / "d.pt")
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"),
+               "--out", str(tmp_path / "o"), *ARGS, *extra])  # fmt: skip
+    report = tmp_path / "o" / "report.json"
+    return rc, json.loads(report.read_text()) if report.exists() else {}
+
+
+def evaluate(model, data: dict) -> dict | None:
+    """The ``hf:`` evaluator on ``data`` read as the job reads a ``.pt`` (batches of 4)."""
+    from torch.utils.data import DataLoader
+
+    path = Path(f"/tmp/cleanai-test-{id(data)}.pt")
+    torch.save(data, path)
+    try:
+        items = load_text_dataset(str(path), {"model": model})
+    finally:
+        path.unlink()
+    return cleanai_evaluate(model, DataLoader(items, batch_size=4), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "cls, outputs",
+    [
+        ("BertForQuestionAnswering", "start and end logits"),
+        ("BertModel", "hidden states"),
+        ("BertForPreTraining", "prediction and next-sentence logits"),
+    ],
+)
+def test_a_model_whose_output_has_no_logits_field_reloads_into_hf(cls, outputs, tmp_path, monkeypatch):
+    """The ``hf/`` folder was verified on ``.logits`` alone: a question-answering head
+    (``start_logits`` / ``end_logits``), a model without a head and BERT's pre-training
+    heads (``prediction_logits``) failed with ``AttributeError: ... has no attribute
+    'logits'``, so no ``hf/`` was written although ``from_pretrained`` reloads them. Every
+    floating output is compared now; a changed one still refuses the folder."""
+    model = tiny(cls)
+    x = {"input_ids": ids(2, 8)}
+    small = StructuredPruner(model, x, importance="magnitude", pruning_ratio=0.4).prune()
+    result = save_and_verify(small, tmp_path / "hf", x)
+    assert result["hf_reload_path"] == "from_pretrained", (outputs, result["hf_reload"])
+    assert (tmp_path / "hf" / "config.json").exists()
+    again = type(small).from_pretrained(tmp_path / "hf")
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in small.parameters())
+    # a reload whose outputs differ is still refused
+    import cleanai_plugins.io.hf as hf
+
+    def off(config, folder, dtype=torch.float32):
+        m = type(small).from_pretrained(folder).eval()
+        with torch.no_grad():
+            m.get_input_embeddings().weight.mul_(1.5)
+        return m
+
+    monkeypatch.setattr(hf, "_quiet_reload", off)
+    refused = save_and_verify(small, tmp_path / "hf2", x)
+    assert refused["hf_folder"] is None and refused["hf_reload"].startswith("failed: ValueError: reloaded")
+    assert not (tmp_path / "hf2").exists()
+
+
+def predicted(model, x: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**x).logits.argmax(-1)
+
+
+def test_a_token_classifier_is_scored_per_token_not_as_a_language_model():
+    """A token classifier's ``(N, L)`` labels were read as a causal LM's: shifted by one
+    token and reported as a perplexity (``accuracy_note: a causal language model``). Each
+    token's tag is compared at its own position now (``-100`` skipped): labels the model
+    predicts score 1.0, and every other tag changed scores below."""
+    model = tiny("BertForTokenClassification", num_labels=5)
+    x = {"input_ids": ids(8, 12)}
+    tags = predicted(model, x)
+    tags[:, :2] = -100  # not scored
+    result = evaluate(model, {**x, "labels": tags})
+    assert result == {"accuracy": 1.0, "evaluated": 80, "loss": pytest.approx(result["loss"]), "tokens": 80}
+    assert "perplexity" not in result and "accuracy_note" not in result
+    wrong = tags.clone()
+    wrong[:4, 2:] = (wrong[:4, 2:] + 1) % 5
+    assert evaluate(model, {**x, "labels": wrong})["accuracy"] == pytest.approx(40 / 80)
+
+
+def test_question_answering_data_is_scored_on_its_answers(tmp_path):
+    """A question-answering head returns ``start_logits`` / ``end_logits``: with labels the
+    evaluator raised ``AttributeError: ... has no attribute 'logits'`` (a raw traceback,
+    exit 1), and the answers' own keys ``start_positions`` / ``end_positions`` were refused
+    (``must be integers shaped like input_ids``). They are read as the answer now and
+    scored by exact match of both ends."""
+    model = tiny("BertForQuestionAnswering")
+    x = {"input_ids": ids(12, 16)}
+    with torch.no_grad():
+        out = model(**x)
+    start, end = out.start_logits.argmax(-1), out.end_logits.argmax(-1)
+    assert head_kind(model) == "span"
+    assert evaluate(model, {**x, "start_positions": start, "end_positions": end}) == {"accuracy": 1.0, "evaluated": 12}
+    assert evaluate(model, {**x, "start_positions": start, "end_positions": (end + 1) % 16})["accuracy"] == 0.0
+    rc, report = prune_job(model, {**x, "start_positions": start, "end_positions": end}, tmp_path)
+    assert rc == 0 and report["accuracy_before"] == 1.0 and report["accuracy_after"] is not None
+    assert report["hf_reload_path"] == "from_pretrained"
+    # a half answer or a position past the row is refused, naming the key
+    half, past = {"start_positions": start}, {"start_positions": start, "end_positions": end + 16}
+    for bad, says in ((half, "without end_positions"), (past, r"end_positions go from \d+ to \d+; rows have 16")):
+        torch.save({**x, **bad}, tmp_path / "bad.pt")
+        with pytest.raises(Exception, match=says):
+            load_text_dataset(str(tmp_path / "bad.pt"), {"model": model})
+
+
+def test_a_model_without_a_head_says_why_its_labels_are_not_scored():
+    """``BertModel`` (``AutoModel``: hidden states only) with labelled data raised
+    ``AttributeError: 'BaseModelOutputWithPoolingAndCrossAttentions' object has no
+    attribute 'logits'`` out of the job. It says why no accuracy is reported now."""
+    model = tiny("BertModel")
+    result = evaluate(model, {"input_ids": ids(8, 12), "labels": torch.tensor([0, 1] * 4)})
+    assert result == {"accuracy_note": pytest.approx(result["accuracy_note"])}
+    assert result["accuracy_note"].startswith("BertModel returns no logits (a model without a task head")
+
+
+def test_a_multiple_choice_model_takes_its_choices_tokenized(tmp_path):
+    """``...ForMultipleChoice`` reads ``(N, choices, L)`` ids: a ``.pt`` of them was refused
+    (``input_ids must be ... (N, L)``) and text failed inside the model (``shape '[-1, 14]'
+    is invalid``, blamed on the data's channels and image size). A ``.pt`` with ``(N, C, L)``
+    ids is read and scored now; text is refused with what to give instead."""
+    model = tiny("BertForMultipleChoice")
+    x = {"input_ids": ids(12, 3, 10), "attention_mask": torch.ones(12, 3, 10, dtype=torch.long)}
+    right = predicted(model, x)
+    assert evaluate(model, {**x, "labels": right}) == {"accuracy": 1.0, "evaluated": 12}
+    rc, report = prune_job(model, {**x, "labels": right}, tmp_path)
+    assert rc == 0 and report["accuracy_before"] == 1.0 and report["params_after"] < report["params_before"]
+    assert report["hf_reload_path"] == "from_pretrained"
+    (tmp_path / "t.txt").write_text("a question and its answers\n" * 8)
+    with pytest.raises(Exception, match=r"multiple-choice model.*input_ids \(N, choices, L\)"):
+        load_text_dataset(str(tmp_path / "t.txt"), {"model": model})
+    torch.save({"input_ids": ids(12, 10)}, tmp_path / "flat.pt")
+    with pytest.raises(Exception, match=r"shape \(N, choices, L\) for a multiple-choice model"):
+        load_text_dataset(str(tmp_path / "flat.pt"), {"model": model})
+
+
+def test_a_regression_head_keeps_its_numbers_and_reports_the_squared_error(tmp_path):
+    """A sequence classifier with one output (``problem_type="regression"``): its float
+    labels were cast to integers (0.7 -> 0) and an accuracy of the one output's argmax
+    against them reported (0.83 on random targets); text labels that were numbers were
+    refused. They stay numbers now and the report gives the mean squared error."""
+    model = tiny("BertForSequenceClassification", num_labels=1, problem_type="regression")
+    x = {"input_ids": ids(12, 10)}
+    with torch.no_grad():
+        scores = model(**x).logits[:, 0]
+    target = scores + torch.linspace(-1, 1, 12)
+    result = evaluate(model, {**x, "labels": target})
+    assert result["mse"] == pytest.approx(float(torch.linspace(-1, 1, 12).pow(2).mean()), rel=1e-5)
+    assert "accuracy" not in result and result["accuracy_note"].startswith("a regression head")
+    rc, report = prune_job(model, {**x, "labels": target}, tmp_path)
+    assert rc == 0 and report["accuracy_before"] is None and report["mse_before"] > 0 and report["mse_after"] > 0
+    assert "Mean squared error (held-out)" in (tmp_path / "o" / "report.md").read_text()
+
+
+WORDS = "pruning removes whole channels heads and neurons the model is smaller and faster on ordinary hardware".split()
+
+
+def word_tokenizer(folder: Path):
+    """A BERT word-piece tokenizer over ``WORDS`` (``[SEP]`` is id 3), written offline."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return transformers.BertTokenizer(str(folder / "vocab.txt"))
+
+
+@pytest.mark.parametrize(
+    "cls, config, kw",
+    [
+        ("BartForSequenceClassification", "BartConfig", {**BART, "eos_token_id": 3}),
+        ("T5ForSequenceClassification", "T5Config", {**T5, "pad_token_id": 0, "eos_token_id": 3}),
+    ],
+)
+def test_an_encoder_decoder_classifier_takes_text(cls, config, kw, tmp_path):
+    """BART's and T5's sequence classifiers make their decoder inputs from ``input_ids``,
+    but text data refused every encoder-decoder (``an encoder-decoder (sequence-to-sequence)
+    model; text data drives causal LMs ...``). Classifier and question-answering heads take
+    text now (a translation model is still refused)."""
+    model = tiny(cls, config, **kw)
+    model.save_pretrained(tmp_path / "m")
+    word_tokenizer(tmp_path / "m").save_pretrained(tmp_path / "m")
+    lines = [json.dumps({"text": " ".join(WORDS[i % 7 : i % 7 + 5]), "label": i % 2}) for i in range(24)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.jsonl"),
+               "--out", str(tmp_path / "o"), *ARGS, "--seq-len", "16"])  # fmt: skip
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rc == 0 and 0 <= report["accuracy_before"] <= 1 and report["evaluation_samples"] > 0
+    assert report["params_after"] < report["params_before"] and report["hf_reload_path"] == "from_pretrained"
+    generation = tiny(cls.replace("ForSequenceClassification", "ForConditionalGeneration"), config, **kw)
+    generation.save_pretrained(tmp_path / "g")
+    word_tokenizer(tmp_path / "g").save_pretrained(tmp_path / "g")
+    assert main(["prune", "--model", f"hf:{tmp_path / 'g'}", "--data", str(tmp_path / "d.jsonl"),
+                 "--out", str(tmp_path / "o2"), *ARGS]) == 2  # fmt: skip
