@@ -213,7 +213,7 @@ def test_an_encoder_decoder_classifier_takes_text(cls, config, kw, tmp_path):
     """BART's and T5's sequence classifiers make their decoder inputs from ``input_ids``,
     but text data refused every encoder-decoder (``an encoder-decoder (sequence-to-sequence)
     model; text data drives causal LMs ...``). Classifier and question-answering heads take
-    text now (a translation model is still refused)."""
+    text now (a bare ``BartModel`` / ``T5Model`` is still refused)."""
     model = tiny(cls, config, **kw)
     model.save_pretrained(tmp_path / "m")
     word_tokenizer(tmp_path / "m").save_pretrained(tmp_path / "m")
@@ -224,8 +224,52 @@ def test_an_encoder_decoder_classifier_takes_text(cls, config, kw, tmp_path):
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rc == 0 and 0 <= report["accuracy_before"] <= 1 and report["evaluation_samples"] > 0
     assert report["params_after"] < report["params_before"] and report["hf_reload_path"] == "from_pretrained"
-    generation = tiny(cls.replace("ForSequenceClassification", "ForConditionalGeneration"), config, **kw)
-    generation.save_pretrained(tmp_path / "g")
-    word_tokenizer(tmp_path / "g").save_pretrained(tmp_path / "g")
-    assert main(["prune", "--model", f"hf:{tmp_path / 'g'}", "--data", str(tmp_path / "d.jsonl"),
+    bare = tiny(cls.replace("ForSequenceClassification", "Model"), config, **kw)  # no head: still refused
+    bare.save_pretrained(tmp_path / "b")
+    word_tokenizer(tmp_path / "b").save_pretrained(tmp_path / "b")
+    assert main(["prune", "--model", f"hf:{tmp_path / 'b'}", "--data", str(tmp_path / "d.jsonl"),
                  "--out", str(tmp_path / "o2"), *ARGS]) == 2  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_an_encoder_decoder_lm_takes_text_and_reports_its_target_perplexity(family, tmp_path):
+    """``cleanai prune --model hf:`` of T5, BART, Marian, Pegasus... with text was refused
+    (``an encoder-decoder (sequence-to-sequence) model``): no seq2seq model could be
+    pruned from the command line. A ``.txt`` line is now both source and target, a
+    ``.jsonl`` line gives ``text`` and ``target``; the decoder reads the target shifted
+    right (the model's own ``prepare_decoder_input_ids_from_labels``), and the report
+    gives the target tokens' perplexity, scored at their own positions."""
+    from hf_families import build
+
+    model, _, _ = build(family)
+    model.save_pretrained(tmp_path / "m")
+    word_tokenizer(tmp_path / "m").save_pretrained(tmp_path / "m")
+    model = type(model).from_pretrained(tmp_path / "m").eval()
+    assert head_kind(model) == "seq2seq"
+    lines = [" ".join(WORDS[i % 9 : i % 9 + 6]) for i in range(24)]
+    pairs = [json.dumps({"text": t, "target": " ".join(t.split()[::-1])}) for t in lines]
+    (tmp_path / "d.jsonl").write_text("\n".join(pairs) + "\n")
+    items = load_text_dataset(str(tmp_path / "d.jsonl"), {"model": model, "seq_len": 16})
+    first = items[0]
+    assert set(first) == {"input_ids", "attention_mask", "decoder_input_ids", "labels"}
+    start = model.config.decoder_start_token_id
+    assert int(first["decoder_input_ids"][0]) == start
+    target = first["labels"][:-1] != -100  # the decoder reads each target token one position later
+    assert torch.equal(first["decoder_input_ids"][1:][target], first["labels"][:-1][target])
+    # the score: the mean negative log-likelihood of the labels at their own positions
+    from torch.utils.data import DataLoader
+
+    result = cleanai_evaluate(model, DataLoader(items, batch_size=8), torch.device("cpu"))
+    batch = items.tensors
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    assert result["perplexity"] == pytest.approx(float(nll.exp()), rel=1e-5)
+    assert result["tokens"] == int((batch["labels"] != -100).sum())
+    for data in ("d.jsonl", "d.txt"):
+        (tmp_path / "d.txt").write_text("\n".join(lines) + "\n")
+        rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / data),
+                   "--out", str(tmp_path / data[2:]), *ARGS, "--seq-len", "16"])  # fmt: skip
+        report = json.loads((tmp_path / data[2:] / "report.json").read_text())
+        assert rc == 0 and report["perplexity_before"] > 1 and report["perplexity_after"] > 1
+        assert report["params_after"] < report["params_before"] and report["hf_reload_path"] == "from_pretrained"

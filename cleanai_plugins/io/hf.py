@@ -216,9 +216,13 @@ def head_kind(model: Any) -> str:
     ``"masked"`` (a masked LM), ``"token"`` (a label per token), ``"span"`` (extractive
     question answering: a start and an end position), ``"choice"`` (one of several
     sequences), ``"sequence"`` (a class per sequence), ``"regression"`` (a sequence
-    classifier with one output or ``problem_type="regression"``), else ``""``."""
+    classifier with one output or ``problem_type="regression"``), ``"seq2seq"`` (an
+    encoder-decoder that generates: T5, BART, Marian), else ``""``."""
     names = [type(model).__name__, *(getattr(model.config, "architectures", None) or [])[:1]]
     kind = next((k for n in names for end, k in _HEADS if n.endswith(end)), "")
+    if not kind and getattr(model.config, "is_encoder_decoder", False):
+        generates = getattr(model, "can_generate", None)
+        return "seq2seq" if callable(generates) and generates() else ""
     if kind == "sequence":
         problem = getattr(model.config, "problem_type", None)
         if problem == "regression" or (problem is None and getattr(model.config, "num_labels", 2) == 1):
@@ -306,7 +310,7 @@ def cleanai_evaluate(model, loader, device):
                 diff = logits.float().reshape(len(labels), -1).cpu() - labels.float().reshape(len(labels), -1)
                 squared += float((diff**2).sum())
                 total += len(labels)
-            elif logits.dim() == 3 and labels.dim() == 2 and kind in ("masked", "token"):  # at their own positions
+            elif logits.dim() == 3 and labels.dim() == 2 and kind in ("masked", "token", "seq2seq"):  # unshifted
                 s, n, hit = _masked_token_scores(logits, labels)
                 nll, tokens, correct, total = nll + s, tokens + n, correct + hit, total + n
             elif logits.dim() == 3 and labels.dim() == 2:
@@ -334,11 +338,12 @@ def cleanai_evaluate(model, loader, device):
     if tokens and kind == "token":  # the tags' accuracy; a tagger's "perplexity" would mislead
         return {"accuracy": correct / total, "evaluated": total, "loss": nll / tokens, "tokens": tokens}
     if tokens:
+        what = "an encoder-decoder's target tokens" if kind == "seq2seq" else "a causal language model"
         return {
             "perplexity": math.exp(nll / tokens),
             "loss": nll / tokens,
             "tokens": tokens,
-            "accuracy_note": "a causal language model: the held-out perplexity is reported instead",
+            "accuracy_note": f"{what}: the held-out perplexity is reported instead",
         }
     if total:
         return {"accuracy": correct / total, "evaluated": total}

@@ -16,8 +16,9 @@ through to the other loaders.
   context.
 
 Text files must be UTF-8. Only models that read token ids take text data: causal LMs,
-sequence classifiers and plain encoders; an encoder-decoder (T5, BART) or a model without
-a vocabulary (ViT) is refused with a message.
+classifiers, plain encoders and encoder-decoders that generate; a multiple-choice model
+takes tokenized ``(N, choices, L)`` ids only, and a model without a vocabulary (ViT) or
+one that reads audio (Whisper) is refused with a message.
 
 For a **causal LM** the documents are tokenized, joined and cut into blocks of
 ``--seq-len`` tokens (default 128, at most the model's context); every item is
@@ -27,7 +28,13 @@ padded to the longest (at most ``--seq-len`` tokens), with its ``label`` if give
 **masked LM** each document is one item too, with 15% of its real tokens masked (a fixed
 draw) and ``labels`` holding them, so the evaluator reports the masked tokens' accuracy and
 perplexity; tokenized data is masked the same way where the model folder has a tokenizer
-with a mask token. The tokenizer is the one saved in the model folder.
+with a mask token. For an **encoder-decoder LM** (T5, BART, Marian) each document is one
+item and also its own target, or a ``.jsonl`` line gives ``text`` and ``target``; the
+decoder reads the target shifted right and the evaluator reports the target tokens'
+perplexity. A **token classifier** takes ``labels`` ``(N, L)`` (``-100`` not scored), a
+**question-answering** head ``start_positions`` and ``end_positions`` ``(N,)``, a
+**regression** head (one output) float labels. The tokenizer is the one saved in the
+model folder.
 """
 
 from __future__ import annotations
@@ -99,8 +106,9 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-def read_jsonl(path: Path) -> tuple[list[str], list[Any] | None]:
-    """Texts and labels (``None`` when no line has one) of a ``.jsonl`` file."""
+def read_jsonl(path: Path, label: str = "label") -> tuple[list[str], list[Any] | None]:
+    """Texts and labels (``None`` when no line has one) of a ``.jsonl`` file; ``label`` is
+    the field that holds them (``"target"``: an encoder-decoder's target text)."""
     texts, labels = [], []
     for i, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
@@ -112,13 +120,15 @@ def read_jsonl(path: Path) -> tuple[list[str], list[Any] | None]:
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise UserError(f"{str(path)!r} line {i}: each line needs a string field 'text'.")
         texts.append(obj["text"])
-        labels.append(obj.get("label"))
+        labels.append(obj.get(label))
+        if label == "target" and labels[-1] is not None and not isinstance(labels[-1], str):
+            raise UserError(f"{str(path)!r} line {i}: 'target' must be a string (the text to generate).")
     if not texts:
         raise UserError(f"{str(path)!r} holds no text lines.")
     given = [lab is not None for lab in labels]
     if any(given) and not all(given):
         raise UserError(
-            f"{str(path)!r}: {given.count(False)} of {len(given)} lines have no 'label'; label all or none."
+            f"{str(path)!r}: {given.count(False)} of {len(given)} lines have no {label!r}; label all or none."
         )
     return texts, (labels if all(given) else None)
 
@@ -165,6 +175,19 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
         return TextItems(blocks_of(torch.cat(ids), seq_len, source))
     if tok.pad_token_id is None:
         raise UserError(f"the tokenizer of {model.config.name_or_path!r} has no pad token; set one and save it.")
+    enc = _encoded(tok, texts, seq_len, source)
+    items = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if head_kind(model) == "seq2seq":  # the target (a jsonl 'target', else the text itself) is what it predicts
+        target = _encoded(tok, labels or texts, seq_len, source)
+        return TextItems({**items, **seq2seq_targets(model, target["input_ids"], target["attention_mask"])})
+    if labels is not None:
+        items["labels"] = _label_ids(labels, model, source)
+    elif is_masked_lm(model):
+        items.update(masked_tokens(items["input_ids"], items["attention_mask"], tok))
+    return TextItems(items)
+
+
+def _encoded(tok: Any, texts: list[str], seq_len: int, source: str) -> Any:
     enc = tok(texts, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
     empty = (enc["attention_mask"].sum(dim=1) == 0).nonzero().flatten().tolist()
     if empty:  # a zero-length row fails inside the model with a reshape error that names nothing
@@ -172,12 +195,30 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
             f"{source}: the tokenizer ({type(tok).__name__}) made no tokens of {len(empty)} of {len(texts)} texts "
             f"(the first: {texts[empty[0]][:60]!r}); check that the model folder holds this model's own tokenizer."
         )
-    items = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if labels is not None:
-        items["labels"] = _label_ids(labels, model, source)
-    elif is_masked_lm(model):
-        items.update(masked_tokens(items["input_ids"], items["attention_mask"], tok))
-    return TextItems(items)
+    return enc
+
+
+def seq2seq_targets(model: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """An encoder-decoder's ``labels`` (the target ids, padding -100) and the
+    ``decoder_input_ids`` it reads (the target shifted right after its start token, as
+    its own ``prepare_decoder_input_ids_from_labels`` makes them where it has one)."""
+    labels = ids.long() if mask is None else ids.long().masked_fill(mask == 0, -100)
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare):
+        decoder = prepare(labels=labels)
+    else:
+        config = model.config
+        start = getattr(config, "decoder_start_token_id", None)
+        start = start if start is not None else getattr(model.generation_config, "decoder_start_token_id", None)
+        pad = getattr(config, "pad_token_id", None)
+        if start is None or pad is None:
+            raise UserError(
+                f"{type(model).__name__} has no decoder_start_token_id or pad_token_id in its config, which its "
+                "decoder inputs are made from; set them (config.json) and run again."
+            )
+        decoder = torch.cat([torch.full_like(labels[:, :1], int(start)), labels[:, :-1]], dim=1)
+        decoder = decoder.masked_fill(decoder == -100, int(pad))
+    return {"decoder_input_ids": decoder.long(), "labels": labels}
 
 
 #: the share of a masked LM's real tokens that the text data masks (BERT's pre-training share)
@@ -219,18 +260,27 @@ _OTHER_INPUTS = ("pixel_values", "input_features", "input_values")
 
 
 def reads_token_ids(model: Any) -> bool:
-    """Whether ``model`` reads token ids: it has a token embedding, or, without one
-    (``get_input_embeddings`` not implemented: CANINE hashes character code points into
-    8 tables), its forward takes ``input_ids`` and no pixel or audio input."""
-    if vocab_size(model) is not None:
-        return True
+    """Whether ``model`` reads token ids: its forward takes ``input_ids`` where it takes
+    pixels or audio (Whisper's takes ``input_features``, though its decoder embeds tokens),
+    and it has a token embedding, or, without one (``get_input_embeddings`` not
+    implemented: CANINE hashes character code points into 8 tables), no pixel or audio
+    input."""
     import inspect
 
     try:
         takes = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
+        takes = None
+    if takes is not None and "input_ids" not in takes and any(k in takes for k in _OTHER_INPUTS):
         return False
-    return "input_ids" in takes and not any(k in takes for k in _OTHER_INPUTS) and _no_embedding_table(model)
+    if vocab_size(model) is not None:
+        return True
+    return (
+        takes is not None
+        and "input_ids" in takes
+        and not any(k in takes for k in _OTHER_INPUTS)
+        and (_no_embedding_table(model))
+    )
 
 
 def _no_embedding_table(model: Any) -> bool:
@@ -256,8 +306,9 @@ def _check_text_model(model: Any, spec: str, tokenized: bool = False) -> None:
             "per sample, which plain text does not say. Give them tokenized in a .pt file: a dict with input_ids "
             "(N, choices, L), optionally attention_mask of the same shape, and labels (N,) (the right choice)."
         )
-    # a sequence classifier or question-answering head of BART / T5 makes its decoder inputs from input_ids
-    if getattr(model.config, "is_encoder_decoder", False) and kind not in ("sequence", "regression", "span"):
+    # a sequence classifier or question-answering head of BART / T5 makes its decoder inputs from input_ids;
+    # an encoder-decoder LM is given them (the target shifted right)
+    if getattr(model.config, "is_encoder_decoder", False) and kind not in ("sequence", "regression", "span", "seq2seq"):
         raise UserError(
             f"--data {spec!r}: the model is {arch}, an encoder-decoder (sequence-to-sequence) model; text data "
             "drives causal LMs (...ForCausalLM), sequence classifiers and plain encoders, not a decoder that "
@@ -304,6 +355,14 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
     obj = _answer_spans(obj, ids, kind, source)
     items.update(_per_token_inputs(obj, ids, model, source))
     labels = obj.get("labels")
+    if kind == "seq2seq" and "decoder_input_ids" not in items:  # the target: labels, else the input itself
+        target = torch.as_tensor(labels if labels is not None else ids)
+        if target.dim() != 2 or target.is_floating_point() or len(target) != len(ids):
+            raise UserError(f"{source}: an encoder-decoder's labels are target token ids (N, T), not "
+                            f"{target.dtype} {tuple(target.shape)}.")  # fmt: skip
+        _check_ids(target.masked_fill(target == -100, 0), model, source)
+        items.update(seq2seq_targets(model, target.masked_fill(target == -100, 0), (target != -100).long()))
+        return TextItems(items)
     if labels is None and _is_causal(model):
         labels = ids.long().masked_fill(items["attention_mask"] == 0, -100) if mask is not None else ids.long()
     if labels is not None:  # a regression head's numbers stay numbers
@@ -436,7 +495,7 @@ def load_text_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
         return _tokenized_npz(path, model)
     seq_len = _seq_len(model, options.get("seq_len"))
     if suffix == ".jsonl":
-        texts, labels = read_jsonl(path)
+        texts, labels = read_jsonl(path, "target" if head_kind(model) == "seq2seq" else "label")
         return _tokenize(texts, labels, model, seq_len, spec)
     texts = [line for f in (files or [path]) for line in read_text(f).splitlines() if line.strip()]
     if not texts:
