@@ -273,3 +273,44 @@ def test_an_encoder_decoder_lm_takes_text_and_reports_its_target_perplexity(fami
         report = json.loads((tmp_path / data[2:] / "report.json").read_text())
         assert rc == 0 and report["perplexity_before"] > 1 and report["perplexity_after"] > 1
         assert report["params_after"] < report["params_before"] and report["hf_reload_path"] == "from_pretrained"
+
+
+def test_gradient_criteria_use_a_text_models_own_loss():
+    """``importance="taylor"`` / ``"hessian"`` (API and ``--importance taylor``) on a causal
+    LM, masked LM, token classifier or encoder-decoder with labelled batches was refused:
+    ``taylor importance scores with cross-entropy over dim 1 of the output, which has shape
+    (4, 8, 100), so it needs integer labels of shape (4, 100)``. Where cross-entropy over
+    dim 1 does not fit, a model that takes ``labels`` and returns ``.loss`` is scored on its
+    own loss (a causal LM shifts its labels itself): the gradients equal that loss's."""
+    from hf_families import build
+
+    from cleanai_core.collect import accumulate_gradients
+
+    model, _, _ = build("llama-gqa")
+    x = ids(3, 8)
+    batch = {"input_ids": x, "labels": x}
+    grads = accumulate_gradients(model, [batch], None, None)
+    squares = accumulate_gradients(model, [batch], None, None, squared=True)
+    names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.k_proj.weight", "lm_head.weight"]
+    want = dict.fromkeys(names, 0)
+    model.zero_grad()
+    model(**batch).loss.backward()
+    for n in names:
+        torch.testing.assert_close(grads[n], model.get_parameter(n).grad, rtol=1e-5, atol=1e-8)
+        model.get_parameter(n).grad = None
+    for i in range(3):  # the empirical Fisher: each row's own gradient, squared
+        model(input_ids=x[i : i + 1], labels=x[i : i + 1]).loss.backward()
+        for n in names:
+            want[n] = want[n] + model.get_parameter(n).grad ** 2
+            model.get_parameter(n).grad = None
+    for n in names:
+        torch.testing.assert_close(squares[n], want[n], rtol=1e-4, atol=1e-10)
+    # a token classifier prunes on its tags' loss
+    tagger = tiny("BertForTokenClassification", num_labels=3)
+    tags = {"input_ids": x, "labels": torch.randint(0, 3, (3, 8), generator=torch.Generator().manual_seed(0))}
+    pruner = StructuredPruner(tagger, {"input_ids": x}, importance="taylor", pruning_ratio=0.4)
+    small = pruner.collect_activations([tags], progress=False).prune()
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in tagger.parameters())
+    # labels that fit neither cross-entropy nor a loss of the model's own are still refused
+    with pytest.raises(Exception, match="needs integer labels of shape"):
+        accumulate_gradients(model, [{"input_ids": x, "labels": x}], lambda m, b: m(**b), None)
