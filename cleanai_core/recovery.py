@@ -13,8 +13,12 @@ Glossary:
   small held-out part saturates (often at 100% on data the teacher was trained on); with
   ties counted as no progress, every benchmark run stopped after 5-8 of 10 epochs, its
   cosine schedule cut off at 30-65% of the peak learning rate.
-- *task*: ``"classification"`` (logits ``(N, C)``) or ``"causal_lm"`` (logits
-  ``(N, T, V)``: token-level KL, next-token cross-entropy on shifted labels, perplexity).
+- *task*: ``"classification"`` (logits ``(N, C)``), ``"causal_lm"`` (logits
+  ``(N, T, V)``: token-level KL, next-token cross-entropy on shifted labels, perplexity)
+  or ``"token"`` (logits ``(N, T, C)`` scored at their own positions: a token
+  classifier's tags, a masked LM's masked tokens, an encoder-decoder whose decoder
+  already reads its targets shifted; KL over the real positions, cross-entropy where the
+  labels are not -100, the perplexity of those).
 
 The loss is ``kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight * CE(labels)``;
 the cross-entropy term is used only when the batch has labels (a causal LM's labels are
@@ -55,7 +59,7 @@ __all__ = [
     "split_train_data",
 ]
 
-TASKS = ("auto", "classification", "causal_lm")
+TASKS = ("auto", "classification", "causal_lm", "token")
 
 
 @attrs.frozen
@@ -114,6 +118,28 @@ def _lm_targets(inputs: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, 1:], mask[:, 1:]
 
 
+def _token_targets(logits: torch.Tensor, inputs: Any, target: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per-position labels (``None`` without any) and the positions the KL reads ``(N, T)``
+    for the ``"token"`` task: the batch's ``attention_mask`` where it covers the logits'
+    positions (an encoder-decoder's covers its encoder; then ``decoder_attention_mask`` or
+    every position)."""
+    positions = tuple(logits.shape[:2])
+    mask = torch.ones(positions, dtype=torch.bool, device=logits.device)
+    for key in ("attention_mask", "decoder_attention_mask"):
+        m = inputs.get(key) if isinstance(inputs, dict) else None
+        if isinstance(m, torch.Tensor) and tuple(m.shape) == positions:
+            mask = m.bool().to(logits.device)
+            break
+    if not isinstance(target, torch.Tensor):
+        return None, mask
+    if tuple(target.shape) != positions or target.is_floating_point():
+        raise UserError(
+            f"task='token' needs integer labels (N, T) = {positions}, one per position of the logits "
+            f"{tuple(logits.shape)} (-100 where none), got {target.dtype} {tuple(target.shape)}"
+        )
+    return target.long().to(logits.device), mask
+
+
 def _task_of(logits: torch.Tensor, task: str) -> str:
     if task != "auto":
         return task
@@ -121,7 +147,7 @@ def _task_of(logits: torch.Tensor, task: str) -> str:
         return "classification"
     if logits.dim() == 3:
         return "causal_lm"
-    raise UserError(f"logits of shape {tuple(logits.shape)}: give task='classification' or 'causal_lm'")
+    raise UserError(f"logits of shape {tuple(logits.shape)}: give task='classification', 'causal_lm' or 'token'")
 
 
 # -- loss ----------------------------------------------------------------------------------------
@@ -142,7 +168,17 @@ def distillation_loss(
     samples (classification) or over valid tokens (causal LM, logits shifted by one).
     ``teacher_logits=None`` or ``kd_weight=0`` drops the KL term; no labels drops CE."""
     s = student_logits.float()
-    if task == "causal_lm":
+    if task == "token":
+        labels, mask = _token_targets(s, inputs, target)
+        keep = mask.reshape(-1)
+        if labels is not None:  # the labelled positions count for the cross-entropy even where KL skips them
+            keep = keep | (labels.reshape(-1) != -100)
+        s = s.reshape(-1, s.shape[-1])[keep]
+        t = teacher_logits.float().reshape(-1, s.shape[-1])[keep] if teacher_logits is not None else None
+        labels = labels.reshape(-1)[keep] if labels is not None else None
+        if labels is not None and not bool((labels != -100).any()):  # a batch without labelled positions: KL only
+            labels = None
+    elif task == "causal_lm":
         tgt, mask = _lm_targets(inputs, target)
         s = s[:, :-1]
         keep = mask.reshape(-1)
@@ -152,7 +188,7 @@ def distillation_loss(
     else:
         t = teacher_logits.float() if teacher_logits is not None else None
         labels = class_targets(target)
-    _check_logits(s, t, labels if ce_weight else None)
+    _check_logits(s, t, labels[labels != -100] if ce_weight and labels is not None else None)
     loss = s.new_zeros(())
     if t is not None and kd_weight:
         # above T = 100 float32 log-softmaxes of logits / T cancel: at T = 1e4 the loss was 2% off, at 1e6 negative
@@ -355,6 +391,13 @@ def held_out_metric_and_loss(
                 tokens += float(mask.sum())
                 metric = "perplexity"
                 continue
+            if task == "token" and target is not None:  # at their own positions, -100 left out
+                labels, _ = _token_targets(logits, inputs, target)
+                picked = labels != -100
+                nll += float(F.cross_entropy(logits[picked], labels[picked], reduction="sum"))
+                tokens += float(picked.sum())
+                metric = "perplexity"
+                continue
             labels = class_targets(target)
             if labels is not None and labels.dim() == 1:
                 ref, metric = labels.to(device), "accuracy"
@@ -522,7 +565,9 @@ def recover(
         second epoch on).
     :param device: default: where ``pruned`` is. On CUDA, ``amp`` runs the forward passes
         under ``torch.autocast`` (bfloat16 where supported, else float16 with a scaler).
-    :param task: ``"auto"`` (from the logits' shape), ``"classification"``, ``"causal_lm"``.
+    :param task: ``"auto"`` (from the logits' shape: ``(N, T, V)`` is a causal LM), ``"classification"``,
+        ``"causal_lm"``, ``"token"`` (labels at their own positions: token classifiers, masked LMs,
+        encoder-decoders).
     :param forward_fn: ``forward_fn(model, inputs)`` when the model is not called as
         ``model(x)`` / ``model(**x)``.
     :returns: the recovered model and a :class:`RecoveryResult`.

@@ -272,7 +272,8 @@ def _execute(
 
         acc = lambda m: (_evaluate(pm, m, eval_loader, device, pruned=True) or {}).get("accuracy")
         accs = (before_acc or {}).get("accuracy"), (after_acc or {}).get("accuracy")
-        pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, acc, *accs)
+        task = (before_acc or {}).get("recovery_task", "auto")  # how the labels align, where the evaluator says
+        pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, acc, *accs, task=task)
         if recovery["accuracy_recovered"] is not None:
             after_acc = {"accuracy": recovery["accuracy_recovered"]}
         else:  # another metric (a causal LM's perplexity): the recovered model's, on the same held-out split

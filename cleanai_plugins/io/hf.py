@@ -327,6 +327,8 @@ def cleanai_evaluate(model, loader, device):
             "evaluated": total,
             "accuracy_note": "a regression head (one output per sample): the mean squared error is reported instead",
         }
+    # recovery (--recover-epochs) scores labels at their own positions for these, not shifted as a causal LM's
+    own = {"recovery_task": "token"} if kind in ("masked", "token", "seq2seq") else {}
     if tokens and kind == "masked":
         return {
             "accuracy": correct / total,
@@ -334,9 +336,10 @@ def cleanai_evaluate(model, loader, device):
             "perplexity": math.exp(nll / tokens),
             "loss": nll / tokens,
             "tokens": tokens,
+            **own,
         }
     if tokens and kind == "token":  # the tags' accuracy; a tagger's "perplexity" would mislead
-        return {"accuracy": correct / total, "evaluated": total, "loss": nll / tokens, "tokens": tokens}
+        return {"accuracy": correct / total, "evaluated": total, "loss": nll / tokens, "tokens": tokens, **own}
     if tokens:
         what = "an encoder-decoder's target tokens" if kind == "seq2seq" else "a causal language model"
         return {
@@ -344,6 +347,7 @@ def cleanai_evaluate(model, loader, device):
             "loss": nll / tokens,
             "tokens": tokens,
             "accuracy_note": f"{what}: the held-out perplexity is reported instead",
+            **own,
         }
     if total:
         return {"accuracy": correct / total, "evaluated": total}
