@@ -267,6 +267,17 @@ def test_an_encoder_decoder_lm_takes_text_and_reports_its_target_perplexity(fami
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
     assert result["perplexity"] == pytest.approx(float(nll.exp()), rel=1e-5)
     assert result["tokens"] == int((batch["labels"] != -100).sum())
+    # tokenized: decoder inputs of their own length with labels to match, or labels alone (shifted for it)
+    x, y = ids(6, 10), ids(6, 5, seed=4)
+    torch.save({"input_ids": x, "decoder_input_ids": y, "labels": y}, tmp_path / "given.pt")
+    given = load_text_dataset(str(tmp_path / "given.pt"), {"model": model}).tensors
+    assert torch.equal(given["decoder_input_ids"], y) and torch.equal(given["labels"], y)
+    torch.save({"input_ids": x, "labels": y}, tmp_path / "labels.pt")
+    shifted = load_text_dataset(str(tmp_path / "labels.pt"), {"model": model}).tensors
+    assert torch.equal(shifted["decoder_input_ids"][:, 1:], y[:, :-1]) and shifted["decoder_input_ids"].shape == (6, 5)
+    torch.save({"input_ids": x, "decoder_input_ids": y, "labels": x}, tmp_path / "bad.pt")
+    with pytest.raises(Exception, match=r"labels \(6, 10\) must match decoder_input_ids \(6, 5\)"):
+        load_text_dataset(str(tmp_path / "bad.pt"), {"model": model})
     for data in ("d.jsonl", "d.txt"):
         (tmp_path / "d.txt").write_text("\n".join(lines) + "\n")
         rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / data),

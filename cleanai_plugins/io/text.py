@@ -355,7 +355,12 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
     obj = _answer_spans(obj, ids, kind, source)
     items.update(_per_token_inputs(obj, ids, model, source))
     labels = obj.get("labels")
-    if kind == "seq2seq" and "decoder_input_ids" not in items:  # the target: labels, else the input itself
+    decoder = items.get("decoder_input_ids")
+    if kind == "seq2seq" and decoder is not None and labels is not None:  # given as they are: labels match them
+        if tuple(torch.as_tensor(labels).shape) != tuple(decoder.shape):
+            raise UserError(f"{source}: labels {tuple(torch.as_tensor(labels).shape)} must match decoder_input_ids "
+                            f"{tuple(decoder.shape)} (the target each decoder position predicts).")  # fmt: skip
+    if kind == "seq2seq" and decoder is None:  # the target: labels, else the input itself
         target = torch.as_tensor(labels if labels is not None else ids)
         if target.dim() != 2 or target.is_floating_point() or len(target) != len(ids):
             raise UserError(f"{source}: an encoder-decoder's labels are target token ids (N, T), not "
@@ -418,9 +423,16 @@ def _per_token_inputs(obj: dict[str, Any], ids: torch.Tensor, model: Any, source
                 "and the per-token inputs its forward takes (e.g. token_type_ids), or leave the key out."
             )
         t = torch.as_tensor(value)
-        if tuple(t.shape) != tuple(ids.shape) or t.is_floating_point() or t.is_complex():
-            raise UserError(f"{source}: {key} must be integers shaped like input_ids {tuple(ids.shape)}, not "
-                            f"{t.dtype} {tuple(t.shape)}.")  # fmt: skip
+        decoder = key.startswith("decoder_") and getattr(model.config, "is_encoder_decoder", False)
+        if decoder:  # an encoder-decoder's decoder side: its own length, the rows of input_ids
+            first = obj.get("decoder_input_ids", t)
+            shape, like = (len(ids), first.shape[-1] if first.dim() == 2 else -1), "(rows of input_ids, T)"
+        else:
+            shape, like = tuple(ids.shape), f"like input_ids {tuple(ids.shape)}"
+        if tuple(t.shape) != shape or t.is_floating_point() or t.is_complex():
+            raise UserError(f"{source}: {key} must be integers shaped {like}, not {t.dtype} {tuple(t.shape)}.")
+        if key == "decoder_input_ids":
+            _check_ids(t, model, source)
         types = getattr(model.config, "type_vocab_size", None) if key == "token_type_ids" else None
         if isinstance(types, int) and t.numel() and (int(t.min()) < 0 or int(t.max()) >= types):
             raise UserError(f"{source}: token_type_ids go from {int(t.min())} to {int(t.max())}; the model has "
