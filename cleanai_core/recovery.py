@@ -231,6 +231,12 @@ def _check_logits(s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor 
             f"the teacher's outputs have shape {tuple(t.shape)} but the pruned model's {tuple(s.shape)}; give the "
             "original model the pruned one was made from as teacher (same classes), or teacher=None"
         )
+    if labels is not None and s.dim() == 2 and tuple(labels.shape) != (s.shape[0],):
+        # a question-answering head's (start, end) pairs against its start logits: a bare RuntimeError before
+        raise UserError(
+            f"recovery trains on one class index per row of the outputs {tuple(s.shape)}, but the labels have shape "
+            f"{tuple(labels.shape)}; give such labels, or leave them out (the teacher alone then guides recovery)"
+        )
     if labels is not None and labels.numel() and s.dim() >= 1:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= s.shape[-1]:

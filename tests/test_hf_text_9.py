@@ -359,3 +359,70 @@ def test_recovery_of_a_token_classifier_trains_on_its_own_positions():
     kl = distillation_loss(logits, logits.flip(0), None, task="token", inputs={"attention_mask": mask}, temperature=1.0)
     s, t = logits[mask.bool()].log_softmax(-1), logits.flip(0)[mask.bool()].log_softmax(-1)
     torch.testing.assert_close(kl, (t.exp() * (t - s)).sum(-1).mean())
+
+
+def test_a_decoder_classifier_without_a_pad_token_takes_padded_text(tmp_path):
+    """Llama / GPT-2 / Qwen2 sequence classifiers find each row's last token by
+    ``config.pad_token_id``, which their checkpoints rarely set: the job padded the texts
+    with the tokenizer's pad token and the model refused the batch (``Cannot handle batch
+    sizes > 1 if no padding token is defined``), reported as badly shaped calibration
+    batches. The tokenizer's pad token is written into the loaded config now; tokenized
+    data without a tokenizer is refused with what to set."""
+    from hf_families import LM
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**LM, "pad_token_id": None}, num_key_value_heads=2)
+    model = transformers.LlamaForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "m")
+    lines = [json.dumps({"text": " ".join(WORDS[i % 9 : i % 9 + 2 + i % 4]), "label": i % 2}) for i in range(24)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    torch.save({"input_ids": ids(8, 6), "labels": torch.tensor([0, 1] * 4)}, tmp_path / "d.pt")
+    with pytest.raises(Exception, match="has no pad_token_id in its config.*set pad_token_id in the folder's config"):
+        load_text_dataset(str(tmp_path / "d.pt"), {"model": transformers.AutoModelForSequenceClassification
+                                                   .from_pretrained(tmp_path / "m")})  # fmt: skip
+    word_tokenizer(tmp_path / "m").save_pretrained(tmp_path / "m")
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.jsonl"),
+               "--out", str(tmp_path / "o"), *ARGS, "--seq-len", "16"])  # fmt: skip
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rc == 0 and 0 <= report["accuracy_before"] <= 1 and report["hf_reload_path"] == "from_pretrained"
+    assert json.loads((tmp_path / "o" / "hf" / "config.json").read_text())["pad_token_id"] == 0  # [PAD]
+    assert json.loads((tmp_path / "m" / "config.json").read_text()).get("pad_token_id") is None  # untouched
+
+
+def test_a_multi_label_classifier_is_scored_on_every_class():
+    """A multi-label head (``problem_type="multi_label_classification"``): its multi-hot
+    float labels were cast to integers and the evaluator gave up, so the job reported
+    ``the data has no labels``; ``.jsonl`` lists of classes were refused. They are read as
+    multi-hot rows and scored by exact match of every class (logit > 0)."""
+    model = tiny("BertForSequenceClassification", num_labels=3, problem_type="multi_label_classification")
+    model.config.label2id = {"a": 0, "b": 1, "c": 2}
+    x = {"input_ids": ids(8, 10)}
+    with torch.no_grad():
+        hot = (model(**x).logits > 0).float()
+    assert evaluate(model, {**x, "labels": hot}) == {"accuracy": 1.0, "evaluated": 8}
+    off = hot.clone()
+    off[:3, 0] = 1 - off[:3, 0]
+    assert evaluate(model, {**x, "labels": off}) == {"accuracy": 5 / 8, "evaluated": 8}
+    from cleanai_plugins.io.text import _label_ids
+
+    rows = _label_ids([[0, 2], [], ["b"]], model, "d.jsonl")
+    assert rows.tolist() == [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    with pytest.raises(Exception, match="multi-label classifier: give each 'label' as a list"):
+        _label_ids([1, 2], model, "d.jsonl")
+
+
+def test_recovery_refuses_labels_that_do_not_fit_the_outputs_by_name():
+    """``--recover-epochs`` on a question-answering head with its answers (``(N, 2)`` start
+    and end positions, read since this session) ended in a raw ``RuntimeError: 0D or 1D
+    target tensor expected, multi-target not supported`` (exit 1): recovery's cross-entropy
+    takes one class index per row. Labels of another shape are refused with the shapes and
+    what to do."""
+    from cleanai_core.errors import UserError
+    from cleanai_core.recovery import recover
+    from cleanai_plugins.io.text import TextItems
+
+    model = tiny("BertForQuestionAnswering")
+    x = ids(8, 12)
+    data = TextItems({"input_ids": x, "labels": torch.stack([x[:, 0] % 12, x[:, 1] % 12], dim=1)})
+    with pytest.raises(UserError, match=r"one class index per row of the outputs \(\d+, 12\), but the labels"):
+        recover(model, model, data, epochs=1, progress=False)

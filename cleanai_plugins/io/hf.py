@@ -216,7 +216,8 @@ def head_kind(model: Any) -> str:
     ``"masked"`` (a masked LM), ``"token"`` (a label per token), ``"span"`` (extractive
     question answering: a start and an end position), ``"choice"`` (one of several
     sequences), ``"sequence"`` (a class per sequence), ``"regression"`` (a sequence
-    classifier with one output or ``problem_type="regression"``), ``"seq2seq"`` (an
+    classifier with one output or ``problem_type="regression"``), ``"multilabel"``
+    (``problem_type="multi_label_classification"``: any number of classes per sequence), ``"seq2seq"`` (an
     encoder-decoder that generates: T5, BART, Marian), else ``""``."""
     names = [type(model).__name__, *(getattr(model.config, "architectures", None) or [])[:1]]
     kind = next((k for n in names for end, k in _HEADS if n.endswith(end)), "")
@@ -227,6 +228,8 @@ def head_kind(model: Any) -> str:
         problem = getattr(model.config, "problem_type", None)
         if problem == "regression" or (problem is None and getattr(model.config, "num_labels", 2) == 1):
             return "regression"
+        if problem == "multi_label_classification":
+            return "multilabel"
     return kind
 
 
@@ -306,7 +309,10 @@ def cleanai_evaluate(model, loader, device):
             logits = getattr(out, "logits", None)
             if not isinstance(logits, torch.Tensor):
                 return {"accuracy_note": _no_logits_note(model)}
-            if kind == "regression":
+            if kind == "multilabel" and logits.dim() == 2 and tuple(labels.shape) == tuple(logits.shape):
+                hit = ((logits.float().cpu() > 0) == (labels.cpu() > 0.5)).all(dim=1)  # every class right
+                correct, total = correct + int(hit.sum()), total + len(hit)
+            elif kind == "regression":
                 diff = logits.float().reshape(len(labels), -1).cpu() - labels.float().reshape(len(labels), -1)
                 squared += float((diff**2).sum())
                 total += len(labels)

@@ -40,6 +40,7 @@ model folder.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from cleanai_plugins.io.hf import head_kind, is_hf_model, is_masked_lm, load_tok
 __all__ = ["TextItems", "blocks_of", "load_text_dataset", "masked_tokens", "read_jsonl", "read_text", "reads_token_ids"]
 
 DEFAULT_SEQ_LEN = 128
+log = logging.getLogger("cleanai")
 
 
 class TextItems(Dataset):
@@ -145,13 +147,26 @@ def blocks_of(ids: torch.Tensor, seq_len: int, source: str) -> dict[str, torch.T
     return {"input_ids": x, "labels": x.clone()}
 
 
-def _label_ids(labels: list[Any], model: Any, source: str) -> torch.Tensor:
+def _label_ids(labels: list[Any], model: Any, source: str, one: bool = False) -> torch.Tensor:
+    """Class indices of ``labels`` (integers or the config's label names); a regression
+    head's numbers; a multi-label head's lists as multi-hot rows (``one``: a single list's
+    classes)."""
     if head_kind(model) == "regression":  # one number per text: kept as it is (cast to integers before)
         if any(isinstance(lab, bool) or not isinstance(lab, (int, float)) for lab in labels):
             bad = next(lab for lab in labels if isinstance(lab, bool) or not isinstance(lab, (int, float)))
             raise UserError(f"{source}: label {bad!r} is not a number; the model is a regression head (one output).")
         return torch.tensor(labels, dtype=torch.float32)
     names = getattr(model.config, "label2id", None) or {}
+    n = getattr(model.config, "num_labels", None)
+    if head_kind(model) == "multilabel" and not one:  # each text: a list of its classes -> a multi-hot row
+        if not all(isinstance(lab, list) for lab in labels):
+            raise UserError(f"{source}: the model is a multi-label classifier: give each 'label' as a list of "
+                            "classes (integers or label names), e.g. [0, 2] or [].")  # fmt: skip
+        rows = torch.zeros(len(labels), int(n or 0))
+        for i, lab in enumerate(labels):
+            if lab:
+                rows[i, _label_ids(lab, model, source, one=True)] = 1.0
+        return rows
     out = []
     for lab in labels:
         if isinstance(lab, bool) or not isinstance(lab, (int, str)):
@@ -162,7 +177,6 @@ def _label_ids(labels: list[Any], model: Any, source: str) -> torch.Tensor:
             lab = names[lab]
         out.append(int(lab))
     y = torch.tensor(out, dtype=torch.long)
-    n = getattr(model.config, "num_labels", None)
     if n and (int(y.min()) < 0 or int(y.max()) >= n):
         raise UserError(f"{source}: labels go from {int(y.min())} to {int(y.max())}; the model has {n} classes.")
     return y
@@ -175,6 +189,7 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
         return TextItems(blocks_of(torch.cat(ids), seq_len, source))
     if tok.pad_token_id is None:
         raise UserError(f"the tokenizer of {model.config.name_or_path!r} has no pad token; set one and save it.")
+    _pad_token_for(model, tok.pad_token_id, source)
     enc = _encoded(tok, texts, seq_len, source)
     items = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     if head_kind(model) == "seq2seq":  # the target (a jsonl 'target', else the text itself) is what it predicts
@@ -185,6 +200,30 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
     elif is_masked_lm(model):
         items.update(masked_tokens(items["input_ids"], items["attention_mask"], tok))
     return TextItems(items)
+
+
+def _pad_token_for(model: Any, pad: int | None, source: str) -> None:
+    """A sequence classifier on a decoder (Llama, GPT-2, Qwen2) pools the last token that is
+    not ``config.pad_token_id``, and refuses batches of more than one row without one
+    (``Cannot handle batch sizes > 1 if no padding token is defined``), which the job
+    blamed on the data. Their checkpoints usually have none: the tokenizer's pad token
+    (the one that padded the rows) is written into the loaded model's config (the source
+    folder is not touched; the pruned ``hf/`` config keeps it). Without a tokenizer, a
+    :class:`UserError` says what to set."""
+    if getattr(model.config, "pad_token_id", 0) is not None or head_kind(model) not in (
+        "sequence",
+        "regression",
+        "multilabel",
+    ):
+        return
+    if pad is None:
+        raise UserError(
+            f"{source}: {type(model).__name__} has no pad_token_id in its config, and without one it takes one row "
+            "at a time (it finds each row's last token by it); set pad_token_id in the folder's config.json (or save "
+            "its tokenizer beside it) and run again."
+        )
+    model.config.pad_token_id = int(pad)
+    log.info("config.pad_token_id set to the tokenizer's pad token (%d): batches of padded rows need it", pad)
 
 
 def _encoded(tok: Any, texts: list[str], seq_len: int, source: str) -> Any:
@@ -353,6 +392,9 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
             raise UserError(f"{source}: attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}.")
         items["attention_mask"] = mask.long()
     obj = _answer_spans(obj, ids, kind, source)
+    if getattr(model.config, "pad_token_id", 0) is None and kind in ("sequence", "regression", "multilabel"):
+        tok = load_tokenizer(model, False)
+        _pad_token_for(model, getattr(tok, "pad_token_id", None), source)
     items.update(_per_token_inputs(obj, ids, model, source))
     labels = obj.get("labels")
     decoder = items.get("decoder_input_ids")
@@ -370,9 +412,9 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
         return TextItems(items)
     if labels is None and _is_causal(model):
         labels = ids.long().masked_fill(items["attention_mask"] == 0, -100) if mask is not None else ids.long()
-    if labels is not None:  # a regression head's numbers stay numbers
+    if labels is not None:  # a regression head's numbers stay numbers, a multi-label head's rows too
         labels = torch.as_tensor(labels)
-        items["labels"] = labels.float() if kind == "regression" else labels.long()
+        items["labels"] = labels.float() if kind in ("regression", "multilabel") else labels.long()
     elif is_masked_lm(model):  # masked with the folder's tokenizer, where it has one with a mask token
         items.update(masked_tokens(items["input_ids"], items.get("attention_mask"), load_tokenizer(model, False)))
     return TextItems(items)
