@@ -188,7 +188,7 @@ def distillation_loss(
     else:
         t = teacher_logits.float() if teacher_logits is not None else None
         labels = class_targets(target)
-    _check_logits(s, t, labels[labels != -100] if ce_weight and labels is not None else None)
+    _check_logits(s, t, labels if ce_weight else None)
     loss = s.new_zeros(())
     if t is not None and kd_weight:
         # above T = 100 float32 log-softmaxes of logits / T cancel: at T = 1e4 the loss was 2% off, at 1e6 negative
@@ -237,6 +237,7 @@ def _check_logits(s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor 
             f"recovery trains on one class index per row of the outputs {tuple(s.shape)}, but the labels have shape "
             f"{tuple(labels.shape)}; give such labels, or leave them out (the teacher alone then guides recovery)"
         )
+    labels = labels[labels != -100] if labels is not None else None  # ignored positions (the token task)
     if labels is not None and labels.numel() and s.dim() >= 1:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= s.shape[-1]:

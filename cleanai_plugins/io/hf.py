@@ -272,6 +272,12 @@ _SPAN_NOTE = (
 )
 
 
+_MISFIT_NOTE = (
+    "labels of shape {} do not fit {}'s logits {}: a token classifier or masked LM takes one label per token "
+    "(N, L), a sequence classifier one class per row (N,), a causal LM its input ids"
+)
+
+
 def _no_logits_note(model: Any) -> str:
     return (
         f"{type(model).__name__} returns no logits (a model without a task head: hidden states only), so "
@@ -325,8 +331,9 @@ def cleanai_evaluate(model, loader, device):
             elif logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
                 correct += int((logits.argmax(-1).cpu() == labels).sum())
                 total += len(labels)
-            else:
-                return None
+            else:  # said "the data has no labels" (the next evaluator reads (x, y) pairs only)
+                return {"accuracy_note": _MISFIT_NOTE.format(tuple(labels.shape), type(model).__name__,
+                                                             tuple(logits.shape))}  # fmt: skip
     if kind == "regression" and total:
         return {
             "mse": squared / total,
