@@ -306,7 +306,7 @@ def cleanai_evaluate(model, loader, device):
                 return None
             inputs = move_to(inputs, device)  # a tensor goes in first place: input_ids, or pixel_values for ViT
             out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-            if kind == "span":
+            if kind == "span" and isinstance(getattr(out, "start_logits", None), torch.Tensor):
                 if labels.dim() != 2 or labels.shape[1] != 2:
                     return {"accuracy_note": _SPAN_NOTE.format(tuple(labels.shape))}
                 hit, n = _span_hits(out, labels)
