@@ -436,3 +436,116 @@ def test_labels_that_do_not_fit_the_head_are_named_not_called_missing():
     result = evaluate(model, {"input_ids": ids(8, 10), "labels": torch.tensor([0, 1, 2, 0] * 2)})
     assert set(result) == {"accuracy_note"}
     assert result["accuracy_note"].startswith("labels of shape (4,) do not fit BertForTokenClassification's logits")
+
+
+def _padded(n: int = 8) -> dict:
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[1, :3] = 0
+    return {"input_ids": ids(2, n), "attention_mask": mask}
+
+
+def _choices() -> dict:
+    return {"input_ids": ids(2, 2, 8), "attention_mask": torch.ones(2, 2, 8, dtype=torch.long)}
+
+
+def _eos(eos: int) -> dict:  # BART / T5 classifiers pool the end-of-sequence token of every row
+    return {"input_ids": torch.cat([ids(2, 7), torch.full((2, 1), eos)], dim=1)}
+
+
+#: the task heads swept for ``docs/compatibility.md`` "Session 19": (class, config, its keys, inputs)
+HEADS = [
+    ("BertForTokenClassification", "BertConfig", {"num_labels": 5}, _padded),
+    ("BertForQuestionAnswering", "BertConfig", {}, _padded),
+    ("BertForMultipleChoice", "BertConfig", {}, _choices),
+    ("BertForNextSentencePrediction", "BertConfig", {}, _padded),
+    ("BertForPreTraining", "BertConfig", {}, _padded),
+    ("BertModel", "BertConfig", {}, _padded),
+    ("RobertaForMultipleChoice", "RobertaConfig", {**ENC, **ENC_EXTRA, "pad_token_id": 1}, _choices),
+    ("DebertaV2ForTokenClassification", "DebertaV2Config", {**ENC, **ENC_EXTRA}, _padded),
+    ("DebertaV2ForMultipleChoice", "DebertaV2Config", {**ENC, **ENC_EXTRA}, _choices),
+    (
+        "DebertaV2ForSequenceClassification",
+        "DebertaV2Config",
+        {
+            **ENC,
+            **ENC_EXTRA,
+            "relative_attention": True,
+            "position_buckets": 8,
+            "norm_rel_ebd": "layer_norm",
+            "share_att_key": True,
+            "pos_att_type": ["p2c", "c2p"],
+            "max_relative_positions": -1,
+        },
+        _padded,
+    ),  # fmt: skip
+    ("ElectraForQuestionAnswering", "ElectraConfig", {**ENC, **ENC_EXTRA, "embedding_size": 32}, _padded),
+    ("AlbertForMultipleChoice", "AlbertConfig", {**ENC, **ENC_EXTRA, "embedding_size": 32}, _choices),
+    (
+        "XLNetForQuestionAnsweringSimple",
+        "XLNetConfig",
+        {"vocab_size": V, "d_model": 64, "n_layer": 2, "n_head": 4, "d_inner": 96},
+        _padded,
+    ),  # fmt: skip
+    (
+        "FunnelForMultipleChoice",
+        "FunnelConfig",
+        {"vocab_size": V, "block_sizes": [1, 1], "d_model": 64, "n_head": 4, "d_head": 16, "d_inner": 96},
+        _choices,
+    ),  # fmt: skip
+    ("MPNetForQuestionAnswering", "MPNetConfig", {**ENC, **ENC_EXTRA, "pad_token_id": 1}, _padded),
+    (
+        "ModernBertForTokenClassification",
+        "ModernBertConfig",
+        {**ENC, **ENC_EXTRA, "global_attn_every_n_layers": 2, "local_attention": 4},
+        _padded,
+    ),  # fmt: skip
+    (
+        "ModernBertForMultipleChoice",
+        "ModernBertConfig",
+        {**ENC, **ENC_EXTRA, "global_attn_every_n_layers": 2, "local_attention": 4},
+        _choices,
+    ),  # fmt: skip
+    ("RoFormerForSequenceClassification", "RoFormerConfig", {**ENC, **ENC_EXTRA, "embedding_size": 64}, _padded),
+    ("LlamaForTokenClassification", "LlamaConfig", {"num_key_value_heads": 2}, _padded),
+    ("LlamaForQuestionAnswering", "LlamaConfig", {"num_key_value_heads": 2}, _padded),
+    ("Qwen2ForSequenceClassification", "Qwen2Config", {"num_key_value_heads": 2}, _padded),
+    ("MistralForQuestionAnswering", "MistralConfig", {"num_key_value_heads": 2}, _padded),
+    ("Gemma2ForTokenClassification", "Gemma2Config", {"num_key_value_heads": 2, "head_dim": 16}, _padded),
+    (
+        "GPT2ForQuestionAnswering",
+        "GPT2Config",
+        {"vocab_size": V, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64},
+        _padded,
+    ),  # fmt: skip
+    ("BartForSequenceClassification", "BartConfig", BART, lambda: _eos(2)),
+    ("BartForQuestionAnswering", "BartConfig", BART, _padded),
+    ("T5ForSequenceClassification", "T5Config", T5, lambda: _eos(1)),
+    ("T5ForTokenClassification", "T5Config", T5, _padded),
+    ("T5EncoderModel", "T5Config", T5, _padded),
+    ("UMT5ForSequenceClassification", "UMT5Config", T5, lambda: _eos(1)),
+]
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("cls, config, kw, inputs", HEADS, ids=[h[0] for h in HEADS])
+def test_task_heads_prune_match_the_oracle_and_reload(cls, config, kw, inputs, tmp_path):
+    """Every task head of the sweep: the masking oracle at 0.5, a calibrated default prune at
+    0.5 that runs, says ``from_pretrained: True`` and reloads with the same outputs."""
+    from hf_families import LM
+
+    from cleanai_core.testing import check_pruner
+    from cleanai_core.verify import output_leaves
+
+    base = LM if config in ("LlamaConfig", "Qwen2Config", "MistralConfig", "Gemma2Config") else {}
+    model = tiny(cls, config, **{**base, **kw}) if config != "BertConfig" else tiny(cls, **kw)
+    x = inputs()
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.pruned_units > 0 and report.max_abs_diff < 1e-5
+    small = StructuredPruner(model, x, pruning_ratio=0.5).collect_activations([x, x], progress=False).prune()
+    assert small.config.cleanai_pruning["from_pretrained"] is True
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        for a, b in zip(output_leaves(small(**x)), output_leaves(again(**x)), strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
