@@ -119,6 +119,27 @@ def test_a_token_classifier_is_scored_per_token_not_as_a_language_model():
     assert evaluate(model, {**x, "labels": wrong})["accuracy"] == pytest.approx(40 / 80)
 
 
+def test_a_token_classifier_takes_one_tag_per_word_from_jsonl(tmp_path):
+    """A ``.jsonl`` for a token classifier (NER, tagging) gives one tag per word; a list
+    ``label`` was refused (``is neither an integer nor a label name``). Each word's first
+    sub-token carries its tag (integers or the config's names), the rest -100."""
+    model = tiny("BertForTokenClassification", num_labels=3)
+    model.config.label2id = {"O": 0, "B": 1, "I": 2}
+    model.save_pretrained(tmp_path / "m")
+    word_tokenizer(tmp_path / "m").save_pretrained(tmp_path / "m")
+    model = type(model).from_pretrained(tmp_path / "m").eval()
+    lines = [
+        {"text": "pruning removes unknownword heads", "label": ["O", "B", "I", 0]},
+        {"text": "the model", "label": [1, 2]},
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    items = load_text_dataset(str(tmp_path / "d.jsonl"), {"model": model, "seq_len": 16}).tensors
+    assert items["labels"].tolist() == [[-100, 0, 1, 2, 0, -100], [-100, 1, 2, -100, -100, -100]]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "the model", "label": [1]}) + "\n")
+    with pytest.raises(Exception, match="text 1 has 2 words but its label is 1 tags"):
+        load_text_dataset(str(tmp_path / "bad.jsonl"), {"model": model})
+
+
 def test_question_answering_data_is_scored_on_its_answers(tmp_path):
     """A question-answering head returns ``start_logits`` / ``end_logits``: with labels the
     evaluator raised ``AttributeError: ... has no attribute 'logits'`` (a raw traceback,

@@ -31,7 +31,8 @@ perplexity; tokenized data is masked the same way where the model folder has a t
 with a mask token. For an **encoder-decoder LM** (T5, BART, Marian) each document is one
 item and also its own target, or a ``.jsonl`` line gives ``text`` and ``target``; the
 decoder reads the target shifted right and the evaluator reports the target tokens'
-perplexity. A **token classifier** takes ``labels`` ``(N, L)`` (``-100`` not scored), a
+perplexity. A **token classifier** takes ``labels`` ``(N, L)`` (``-100`` not scored), or in a
+``.jsonl`` a list of one tag per word, a
 **question-answering** head ``start_positions`` and ``end_positions`` ``(N,)``, a
 **regression** head (one output) float labels. The tokenizer is the one saved in the
 model folder.
@@ -195,6 +196,8 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
     if head_kind(model) == "seq2seq":  # the target (a jsonl 'target', else the text itself) is what it predicts
         target = _encoded(tok, labels or texts, seq_len, source)
         return TextItems({**items, **seq2seq_targets(model, target["input_ids"], target["attention_mask"])})
+    if labels is not None and head_kind(model) == "token":
+        return TextItems(_word_tags(tok, texts, labels, model, seq_len, source))
     if labels is not None:
         items["labels"] = _label_ids(labels, model, source)
     elif is_masked_lm(model):
@@ -224,6 +227,30 @@ def _pad_token_for(model: Any, pad: int | None, source: str) -> None:
         )
     model.config.pad_token_id = int(pad)
     log.info("config.pad_token_id set to the tokenizer's pad token (%d): batches of padded rows need it", pad)
+
+
+def _word_tags(tok: Any, texts: list[str], labels: list[Any], model: Any, seq_len: int, source: str) -> dict:
+    """A token classifier's ``.jsonl``: ``label`` is a list with one tag (an integer or a
+    label name) per word of ``text`` (split on white space); each word's first sub-token
+    carries its tag, its other sub-tokens and the special tokens -100 (not scored)."""
+    words = [t.split() for t in texts]
+    for i, (w, lab) in enumerate(zip(words, labels, strict=True), 1):
+        if not isinstance(lab, list) or len(lab) != len(w):
+            what = f"{len(lab)} tags" if isinstance(lab, list) else repr(lab)
+            raise UserError(f"{source}: text {i} has {len(w)} words but its label is {what}; a token classifier "
+                            "takes a list of one tag per word (split on white space).")  # fmt: skip
+    enc = tok(words, is_split_into_words=True, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
+    if not hasattr(enc, "word_ids"):
+        raise UserError(f"{source}: the tokenizer ({type(tok).__name__}) cannot say which word each token comes "
+                        "from; give the tags per token in a .pt file (labels (N, L), -100 where none).")  # fmt: skip
+    tags = torch.full_like(enc["input_ids"], -100)
+    for row, lab in enumerate(labels):
+        seen = set()
+        for pos, word in enumerate(enc.word_ids(row)):
+            if word is not None and word not in seen:
+                seen.add(word)
+                tags[row, pos] = int(_label_ids([lab[word]], model, source)[0])
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": tags}
 
 
 def _encoded(tok: Any, texts: list[str], seq_len: int, source: str) -> Any:
