@@ -410,16 +410,27 @@ def accumulate_gradients(
         inputs, target = split_batch(batch)
         if target is None:
             raise UserError("gradient criteria (taylor, hessian) need labels: the data yields inputs only")
-        out = logits_of(run_batch(clone, inputs, forward_fn), output_transform)
-        labels = check_labels(out, move_to(target, device))
-        if not squared:
+        raw = run_batch(clone, inputs, forward_fn)
+        out = logits_of(raw, output_transform)
+        try:
+            labels = check_labels(out, move_to(target, device))
+        except UserError:
+            per = _own_losses(clone, inputs, target, forward_fn, output_transform, squared)
+            if per is None:
+                raise
+        else:
+            per = None
+        if not squared and per is not None:
+            per[0].backward()
+        elif not squared:
             nn.functional.cross_entropy(out, labels).backward()
         else:
-            per = nn.functional.cross_entropy(out, labels, reduction="none")
-            per = per.reshape(per.shape[0], -1).mean(1) if per.dim() > 0 else per.reshape(1)
+            if per is None:
+                per = nn.functional.cross_entropy(out, labels, reduction="none")
+                per = per.reshape(per.shape[0], -1).mean(1) if per.dim() > 0 else per.reshape(1)
             for i, loss in enumerate(per):
                 grads = torch.autograd.grad(
-                    loss, [p for _, p in named], retain_graph=i < per.numel() - 1, allow_unused=True
+                    loss, [p for _, p in named], retain_graph=i < len(per) - 1, allow_unused=True
                 )
                 for (name, _), g in zip(named, grads, strict=True):
                     if g is not None:
@@ -430,6 +441,44 @@ def accumulate_gradients(
     if squared:
         return sums
     return {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
+
+
+def _takes_labels(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        return "labels" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _own_losses(
+    model: nn.Module,
+    inputs: Any,
+    target: Any,
+    forward_fn: Callable | None,
+    output_transform: Callable | None,
+    per_sample: bool,
+) -> list[torch.Tensor] | None:
+    """The loss a model computes itself from ``labels`` (``out.loss``), where cross-entropy
+    over its output's dim 1 does not fit the labels: a Hugging Face causal LM (it shifts
+    its labels by one token), masked LM, token classifier or encoder-decoder. One loss for
+    the batch, or with ``per_sample`` one per row (each row run alone). ``None`` where the
+    model takes no ``labels`` or returns no loss; the criterion then refuses the labels."""
+    if forward_fn is not None or output_transform is not None or not isinstance(inputs, dict):
+        return None
+    if "labels" in inputs or not isinstance(target, torch.Tensor) or not _takes_labels(model):
+        return None
+    with_labels = {**inputs, "labels": target}
+    loss = getattr(run_batch(model, with_labels), "loss", None)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+        return None
+    if not per_sample:
+        return [loss]
+    n = len(target)
+    row = lambda i: {k: v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() and len(v) == n else v  # noqa: E731
+                     for k, v in with_labels.items()}  # fmt: skip
+    return [run_batch(model, row(i)).loss for i in range(n)]
 
 
 @distributed.stage("BatchNorm correction")

@@ -15,11 +15,13 @@ Glossary:
   cosine schedule cut off at 30-65% of the peak learning rate.
 - *task*: ``"classification"`` (logits ``(N, C)``; one logit ``(N, 1)`` is a binary
   classifier, read as the two classes' logits ``(0, z)``, so its softmax is the sigmoid),
-  ``"token_classification"`` (logits ``(N, T, C)`` with a label per position: a tagger,
-  ``...ForTokenClassification``) or ``"causal_lm"`` (logits ``(N, T, V)``: token-level KL,
-  next-token cross-entropy on shifted labels, perplexity). Labels of ``-100`` (PyTorch's
-  and Hugging Face's ``ignore_index``: padding, sub-word pieces) count in no loss and no
-  accuracy.
+  ``"causal_lm"`` (logits ``(N, T, V)``: token-level KL, next-token cross-entropy on
+  shifted labels, perplexity) or ``"token"`` (logits ``(N, T, C)`` scored at their own
+  positions: a token classifier's tags, a masked LM's masked tokens, an encoder-decoder
+  whose decoder already reads its targets shifted; KL over the real positions,
+  cross-entropy where the labels are not -100, the perplexity of those). Labels of
+  ``-100`` (PyTorch's and Hugging Face's ``ignore_index``: padding, sub-word pieces) count
+  in no loss and no accuracy, in every task.
 
 The loss is ``kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight * CE(labels)``;
 the cross-entropy term is used only when the batch has labels (a causal LM's labels are
@@ -60,7 +62,7 @@ __all__ = [
     "split_train_data",
 ]
 
-TASKS = ("auto", "classification", "token_classification", "causal_lm")
+TASKS = ("auto", "classification", "causal_lm", "token")
 
 #: the label that counts in no loss and no accuracy (``F.cross_entropy``'s default ``ignore_index``)
 IGNORE_INDEX = -100
@@ -122,11 +124,33 @@ def _lm_targets(inputs: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, 1:], mask[:, 1:]
 
 
+def _token_targets(logits: torch.Tensor, inputs: Any, target: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per-position labels (``None`` without any) and the positions the KL reads ``(N, T)``
+    for the ``"token"`` task: the batch's ``attention_mask`` where it covers the logits'
+    positions (an encoder-decoder's covers its encoder; then ``decoder_attention_mask`` or
+    every position)."""
+    positions = tuple(logits.shape[:2])
+    mask = torch.ones(positions, dtype=torch.bool, device=logits.device)
+    for key in ("attention_mask", "decoder_attention_mask"):
+        m = inputs.get(key) if isinstance(inputs, dict) else None
+        if isinstance(m, torch.Tensor) and tuple(m.shape) == positions:
+            mask = m.bool().to(logits.device)
+            break
+    if not isinstance(target, torch.Tensor):
+        return None, mask
+    if tuple(target.shape) != positions or target.is_floating_point():
+        raise UserError(
+            f"task='token' needs integer labels (N, T) = {positions}, one per position of the logits "
+            f"{tuple(logits.shape)} (-100 where none), got {target.dtype} {tuple(target.shape)}"
+        )
+    return target.long().to(logits.device), mask
+
+
 def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None) -> str:
     """``task``, or from the logits' shape where it is ``"auto"``: ``(N, C)`` classification;
     ``(N, T, C)`` a causal LM, unless the model's Hugging Face config says its outputs are
-    ``num_labels`` tags and not the vocabulary (a tagger trained as a causal LM learned each
-    position's tag from the next one's)."""
+    ``num_labels`` tags and not the vocabulary: then ``"token"`` (a tagger trained as a
+    causal LM learned each position's tag from the next one's)."""
     if task != "auto":
         return task
     if logits.dim() == 2:
@@ -136,11 +160,9 @@ def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None) ->
         vocab, labels = getattr(config, "vocab_size", None), getattr(config, "num_labels", None)
         tagger = type(model).__name__.endswith("ForTokenClassification")
         if tagger or (logits.shape[-1] == labels and logits.shape[-1] != vocab):
-            return "token_classification"
+            return "token"
         return "causal_lm"
-    raise UserError(
-        f"logits of shape {tuple(logits.shape)}: give task='classification', 'token_classification' or 'causal_lm'"
-    )
+    raise UserError(f"logits of shape {tuple(logits.shape)}: give task='classification', 'causal_lm' or 'token'")
 
 
 def _class_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -167,7 +189,17 @@ def distillation_loss(
     samples (classification) or over valid tokens (causal LM, logits shifted by one).
     ``teacher_logits=None`` or ``kd_weight=0`` drops the KL term; no labels drops CE."""
     s = student_logits.float()
-    if task == "causal_lm":
+    if task == "token":
+        labels, mask = _token_targets(s, inputs, target)
+        keep = mask.reshape(-1)
+        if labels is not None:  # the labelled positions count for the cross-entropy even where KL skips them
+            keep = keep | (labels.reshape(-1) != -100)
+        s = s.reshape(-1, s.shape[-1])[keep]
+        t = teacher_logits.float().reshape(-1, s.shape[-1])[keep] if teacher_logits is not None else None
+        labels = labels.reshape(-1)[keep] if labels is not None else None
+        if labels is not None and not bool((labels != -100).any()):  # a batch without labelled positions: KL only
+            labels = None
+    elif task == "causal_lm":
         tgt, mask = _lm_targets(inputs, target)
         s = s[:, :-1]
         keep = mask.reshape(-1)
@@ -178,14 +210,6 @@ def distillation_loss(
         s = _class_logits(s)
         t = _class_logits(teacher_logits.float()) if teacher_logits is not None else None
         labels = class_targets(target)
-        if task == "token_classification":  # every position a sample
-            s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]) if t is not None else None
-            labels = labels.reshape(-1) if labels is not None else None
-        if labels is not None and labels.shape != s.shape[:1]:
-            raise UserError(
-                f"the labels have shape {tuple(labels.shape)} but the logits {tuple(s.shape)}: give one class index "
-                "per sample (or, for a tagger, one per position with task='token_classification')"
-            )
     _check_logits(s, t, labels if ce_weight else None, binary=task != "causal_lm" and student_logits.shape[-1] == 1)
     loss = s.new_zeros(())
     if t is not None and kd_weight:
@@ -230,7 +254,13 @@ def _check_logits(s: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor 
             f"the teacher's outputs have shape {tuple(t.shape)} but the pruned model's {tuple(s.shape)}; give the "
             "original model the pruned one was made from as teacher (same classes), or teacher=None"
         )
-    labels = labels[labels != IGNORE_INDEX] if labels is not None else None
+    if labels is not None and s.dim() == 2 and tuple(labels.shape) != (s.shape[0],):
+        # a question-answering head's (start, end) pairs against its start logits: a bare RuntimeError before
+        raise UserError(
+            f"recovery trains on one class index per row of the outputs {tuple(s.shape)}, but the labels have shape "
+            f"{tuple(labels.shape)}; give such labels, or leave them out (the teacher alone then guides recovery)"
+        )
+    labels = labels[labels != IGNORE_INDEX] if labels is not None else None  # ignored positions, in any task
     if labels is not None and labels.numel() and s.dim() >= 1:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= s.shape[-1]:
@@ -407,6 +437,13 @@ def held_out_metric_and_loss(
                 tokens += float(mask.sum())
                 metric = "perplexity"
                 continue
+            if task == "token" and target is not None:  # at their own positions, -100 left out
+                labels, _ = _token_targets(logits, inputs, target)
+                picked = labels != -100
+                nll += float(F.cross_entropy(logits[picked], labels[picked], reduction="sum"))
+                tokens += float(picked.sum())
+                metric = "perplexity"
+                continue
             labels = class_targets(target)
             predicted = _class_logits(logits).argmax(-1)
             if labels is not None and labels.shape == predicted.shape:
@@ -576,8 +613,10 @@ def recover(
         second epoch on).
     :param device: default: where ``pruned`` is. On CUDA, ``amp`` runs the forward passes
         under ``torch.autocast`` (bfloat16 where supported, else float16 with a scaler).
-    :param task: ``"auto"`` (from the logits' shape and the model's Hugging Face config),
-        ``"classification"``, ``"token_classification"``, ``"causal_lm"`` (see the module doc).
+    :param task: ``"auto"`` (from the logits' shape and the model's Hugging Face config:
+        ``(N, T, V)`` is a causal LM, ``(N, T, num_labels)`` a tagger's ``"token"``),
+        ``"classification"``, ``"causal_lm"``, ``"token"`` (labels at their own positions:
+        token classifiers, masked LMs, encoder-decoders; see the module doc).
     :param forward_fn: ``forward_fn(model, inputs)`` when the model is not called as
         ``model(x)`` / ``model(**x)``.
     :returns: the recovered model and a :class:`RecoveryResult`.

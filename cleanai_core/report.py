@@ -91,6 +91,9 @@ def _headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     pb, pa = report.get("perplexity_before"), report.get("perplexity_after")
     if pb is not None and pa is not None:
         rows.append(("Perplexity (held-out)", f"{pb:.3f}", f"{pa:.3f}", _pct(pa, pb).strip(" ()")))
+    mb, ma = report.get("mse_before"), report.get("mse_after")
+    if mb is not None and ma is not None:  # a regression head
+        rows.append(("Mean squared error (held-out)", f"{mb:.4g}", f"{ma:.4g}", _pct(ma, mb).strip(" ()")))
     ab, aa = report.get("accuracy_before"), report.get("accuracy_after")
     if ab is not None and aa is not None:
         rows.append(("Accuracy (held-out)", f"{100 * ab:.2f}%", f"{100 * aa:.2f}%", f"{100 * (aa - ab):+.2f} pt"))

@@ -1,7 +1,9 @@
 """Recovery's tasks beyond N-class classification and causal LMs: a binary classifier with
-one logit, labels to ignore (-100), and taggers (a label per position)."""
+one logit, labels to ignore (-100), and taggers (a label per position) found by ``task="auto"``."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -71,16 +73,16 @@ def test_a_tagger_is_not_taken_for_a_causal_lm_and_learns_each_positions_own_lab
     tagger, lm = _tagger_and_lm()
     ids = torch.randint(0, 97, (2, 7))
     with torch.no_grad():
-        assert _task_of(tagger(ids).logits, "auto", tagger) == "token_classification"
+        assert _task_of(tagger(ids).logits, "auto", tagger) == "token"
         assert _task_of(lm(ids).logits, "auto", lm) == "causal_lm"
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(2, 7, 5, generator=g), torch.randn(2, 7, 5, generator=g)
     tags = torch.randint(0, 5, (2, 7), generator=g)
     tags[:, 0] = -100  # [CLS]
     keep = tags.reshape(-1) != -100
-    got = distillation_loss(s, None, tags, task="token_classification")
+    got = distillation_loss(s, None, tags, task="token")
     assert torch.allclose(got, F.cross_entropy(s.reshape(-1, 5)[keep], tags.reshape(-1)[keep]))  # not shifted
-    kd = distillation_loss(s, t, None, task="token_classification", temperature=1.0)
+    kd = distillation_loss(s, t, None, task="token", temperature=1.0)
     per = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
     assert torch.allclose(kd, per.mean())
 
@@ -98,7 +100,7 @@ class _Rows:
         return self.rows[i]
 
 
-def test_a_tagger_recovers_and_its_accuracy_counts_the_labelled_positions():
+def test_a_tagger_recovers_without_being_told_its_task_and_is_scored_at_its_labelled_positions():
     tagger, _ = _tagger_and_lm()
     torch.manual_seed(3)
     ids = torch.randint(0, 97, (40, 6))
@@ -106,10 +108,11 @@ def test_a_tagger_recovers_and_its_accuracy_counts_the_labelled_positions():
     tags[:, 0] = -100
     data = _Rows([{"input_ids": ids[i], "labels": tags[i]} for i in range(40)])
     student, result = recover(tagger, tagger, data, epochs=1, progress=False, amp=False, batch_size=8)
-    assert result.metric == "accuracy"
+    assert result.task == "token" and result.metric == "perplexity"
     loader = DataLoader(data.rows[:16], batch_size=8)
-    _, value = evaluate_held_out(student, loader, torch.device("cpu"), "token_classification")
+    metric, value = evaluate_held_out(student, loader, torch.device("cpu"), result.task)
     with torch.no_grad():
-        pred = student(input_ids=ids[:16]).logits.argmax(-1)
-    keep = tags[:16] != -100
-    assert value == pytest.approx(float((pred[keep] == tags[:16][keep]).float().mean()))
+        logits = student(input_ids=ids[:16]).logits
+    keep = tags[:16] != -100  # the tags' own positions, not the next token's
+    assert metric == "perplexity"
+    assert value == pytest.approx(math.exp(float(F.cross_entropy(logits[keep], tags[:16][keep]))), rel=1e-5)

@@ -51,9 +51,11 @@ def recover_for_report(
     evaluate: Any,
     acc_before: float | None,
     acc_pruned: float | None,
+    task: str = "auto",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Recover ``pruned`` (teacher ``model``); ``evaluate(m)`` gives the report's
-    held-out accuracy (or ``None``)."""
+    held-out accuracy (or ``None``); ``task`` as for :func:`~cleanai_core.recovery.recover`
+    (the evaluator's ``recovery_task``: a token classifier's labels are not shifted)."""
     from cleanai_core.recovery import recover
 
     data, source = _training_data(cfg, pm, model, calib)
@@ -68,6 +70,7 @@ def recover_for_report(
         device=torch.device(cfg["device"]),
         seed=int(cfg["seed"]),
         progress=not cfg.get("quiet"),
+        task=task,
     )
     acc_rec = evaluate(recovered)
     gap = None

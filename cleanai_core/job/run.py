@@ -265,7 +265,8 @@ def _execute(
 
         acc = lambda m: (_evaluate(pm, m, eval_loader, device, pruned=True) or {}).get("accuracy")
         accs = (before_acc or {}).get("accuracy"), (after_acc or {}).get("accuracy")
-        pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, acc, *accs)
+        task = (before_acc or {}).get("recovery_task", "auto")  # how the labels align, where the evaluator says
+        pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, acc, *accs, task=task)
         if recovery["accuracy_recovered"] is not None:
             after_acc = {"accuracy": recovery["accuracy_recovered"]}
         else:  # another metric (a causal LM's perplexity): the recovered model's, on the same held-out split
@@ -296,6 +297,7 @@ def _execute(
         "accuracy_note": _accuracy_note(accuracy_note, before_acc, after_acc),
         "perplexity_before": before_acc.get("perplexity") if before_acc else None,
         "perplexity_after": after_acc.get("perplexity") if after_acc else None,
+        **{f"mse_{k}": r["mse"] for k, r in (("before", before_acc), ("after", after_acc)) if r and "mse" in r},
         "evaluation_tokens": after_acc.get("tokens") if after_acc else None,
         "calibration_samples": len(calib),
         "scored_samples": scored,

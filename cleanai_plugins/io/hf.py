@@ -196,19 +196,52 @@ def cleanai_load_model(spec, options):
 
 
 # ---------------------------------------------------------------------------
-# Evaluation: perplexity (causal LMs) and accuracy (sequence classifiers)
+# Evaluation: perplexity (causal LMs), accuracy (classifiers, taggers, question answering)
 # ---------------------------------------------------------------------------
+
+
+#: what a head predicts, by the end of its class name (``BertForTokenClassification``)
+_HEADS = (
+    ("ForMaskedLM", "masked"),
+    ("ForTokenClassification", "token"),
+    ("ForQuestionAnswering", "span"),
+    ("ForQuestionAnsweringSimple", "span"),
+    ("ForMultipleChoice", "choice"),
+    ("ForSequenceClassification", "sequence"),
+)
+
+
+def head_kind(model: Any) -> str:
+    """What ``model``'s head predicts, from its class (or its config's ``architectures``):
+    ``"masked"`` (a masked LM), ``"token"`` (a label per token), ``"span"`` (extractive
+    question answering: a start and an end position), ``"choice"`` (one of several
+    sequences), ``"sequence"`` (a class per sequence), ``"regression"`` (a sequence
+    classifier with one output or ``problem_type="regression"``), ``"multilabel"``
+    (``problem_type="multi_label_classification"``: any number of classes per sequence), ``"seq2seq"`` (an
+    encoder-decoder that generates: T5, BART, Marian), else ``""``."""
+    names = [type(model).__name__, *(getattr(model.config, "architectures", None) or [])[:1]]
+    kind = next((k for n in names for end, k in _HEADS if n.endswith(end)), "")
+    if not kind and getattr(model.config, "is_encoder_decoder", False):
+        generates = getattr(model, "can_generate", None)
+        return "seq2seq" if callable(generates) and generates() else ""
+    if kind == "sequence":
+        problem = getattr(model.config, "problem_type", None)
+        if problem == "regression" or (problem is None and getattr(model.config, "num_labels", 2) == 1):
+            return "regression"
+        if problem == "multi_label_classification":
+            return "multilabel"
+    return kind
 
 
 def is_masked_lm(model: Any) -> bool:
     """A masked language model: ``...ForMaskedLM`` (BERT, RoBERTa, ModernBERT, ...)."""
-    arch = (getattr(model.config, "architectures", None) or [""])[0]
-    return arch.endswith("ForMaskedLM") or type(model).__name__.endswith("ForMaskedLM")
+    return head_kind(model) == "masked"
 
 
 def _masked_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
-    """Summed negative log-likelihood of the masked tokens (labels other than -100, at
-    their own positions), their number, and how many the model predicts exactly."""
+    """Summed negative log-likelihood of the labelled tokens (labels other than -100, at
+    their own positions: masked tokens, or a token classifier's tags), their number, and
+    how many the model predicts exactly."""
     logits, labels = logits.float(), labels.to(logits.device)
     nll = nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
@@ -226,24 +259,70 @@ def _next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
     return float(nll), int((labels != -100).sum())
 
 
+def _span_hits(out: Any, labels: torch.Tensor) -> tuple[int, int]:
+    """Question answering: how many rows of ``labels`` ``(N, 2)`` (start, end) the model's
+    most likely start and end both hit (exact match), and the number of rows."""
+    start, end = out.start_logits.argmax(-1).cpu(), out.end_logits.argmax(-1).cpu()
+    return int(((start == labels[:, 0]) & (end == labels[:, 1])).sum()), len(labels)
+
+
+_SPAN_NOTE = (
+    "a question-answering head is scored on its answers (start_positions and end_positions, one each per row), "
+    "not on labels {}"
+)
+
+
+_MISFIT_NOTE = (
+    "labels of shape {} do not fit {}'s logits {}: a token classifier or masked LM takes one label per token "
+    "(N, L), a sequence classifier one class per row (N,), a causal LM its input ids"
+)
+
+
+def _no_logits_note(model: Any) -> str:
+    return (
+        f"{type(model).__name__} returns no logits (a model without a task head: hidden states only), so "
+        "there is nothing to compare the labels with; give a folder of a model with its head (...ForCausalLM, "
+        "...ForSequenceClassification, ...)"
+    )
+
+
 @hookimpl(trylast=True)
 def cleanai_evaluate(model, loader, device):
-    """Perplexity for causal LMs, accuracy for classifiers, on dict batches."""
+    """Perplexity for causal LMs; accuracy for sequence, token and multiple-choice
+    classifiers; the masked tokens' accuracy and perplexity for masked LMs; the exact
+    match of the answer's start and end for question answering; the mean squared error
+    for regression heads; on dict batches."""
     from cleanai_core.calibration import move_to
 
     if not is_hf_model(model):
         return None
-    nll = 0.0
+    nll = squared = 0.0
     tokens = correct = total = 0
-    masked = is_masked_lm(model)
+    kind = head_kind(model)
     with torch.no_grad():
         for batch in loader:
             inputs, labels = split_batch(batch)
             if labels is None:
                 return None
             inputs = move_to(inputs, device)  # a tensor goes in first place: input_ids, or pixel_values for ViT
-            logits = (model(**inputs) if isinstance(inputs, dict) else model(inputs)).logits
-            if logits.dim() == 3 and labels.dim() == 2 and masked:
+            out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+            if kind == "span" and isinstance(getattr(out, "start_logits", None), torch.Tensor):
+                if labels.dim() != 2 or labels.shape[1] != 2:
+                    return {"accuracy_note": _SPAN_NOTE.format(tuple(labels.shape))}
+                hit, n = _span_hits(out, labels)
+                correct, total = correct + hit, total + n
+                continue
+            logits = getattr(out, "logits", None)
+            if not isinstance(logits, torch.Tensor):
+                return {"accuracy_note": _no_logits_note(model)}
+            if kind == "multilabel" and logits.dim() == 2 and tuple(labels.shape) == tuple(logits.shape):
+                hit = ((logits.float().cpu() > 0) == (labels.cpu() > 0.5)).all(dim=1)  # every class right
+                correct, total = correct + int(hit.sum()), total + len(hit)
+            elif kind == "regression":
+                diff = logits.float().reshape(len(labels), -1).cpu() - labels.float().reshape(len(labels), -1)
+                squared += float((diff**2).sum())
+                total += len(labels)
+            elif logits.dim() == 3 and labels.dim() == 2 and kind in ("masked", "token", "seq2seq"):  # unshifted
                 s, n, hit = _masked_token_scores(logits, labels)
                 nll, tokens, correct, total = nll + s, tokens + n, correct + hit, total + n
             elif logits.dim() == 3 and labels.dim() == 2:
@@ -252,22 +331,36 @@ def cleanai_evaluate(model, loader, device):
             elif logits.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
                 correct += int((logits.argmax(-1).cpu() == labels).sum())
                 total += len(labels)
-            else:
-                return None
-    if tokens and masked:
+            else:  # said "the data has no labels" (the next evaluator reads (x, y) pairs only)
+                return {"accuracy_note": _MISFIT_NOTE.format(tuple(labels.shape), type(model).__name__,
+                                                             tuple(logits.shape))}  # fmt: skip
+    if kind == "regression" and total:
+        return {
+            "mse": squared / total,
+            "evaluated": total,
+            "accuracy_note": "a regression head (one output per sample): the mean squared error is reported instead",
+        }
+    # recovery (--recover-epochs) scores labels at their own positions for these, not shifted as a causal LM's
+    own = {"recovery_task": "token"} if kind in ("masked", "token", "seq2seq") else {}
+    if tokens and kind == "masked":
         return {
             "accuracy": correct / total,
             "evaluated": total,
             "perplexity": math.exp(nll / tokens),
             "loss": nll / tokens,
             "tokens": tokens,
+            **own,
         }
+    if tokens and kind == "token":  # the tags' accuracy; a tagger's "perplexity" would mislead
+        return {"accuracy": correct / total, "evaluated": total, "loss": nll / tokens, "tokens": tokens, **own}
     if tokens:
+        what = "an encoder-decoder's target tokens" if kind == "seq2seq" else "a causal language model"
         return {
             "perplexity": math.exp(nll / tokens),
             "loss": nll / tokens,
             "tokens": tokens,
-            "accuracy_note": "a causal language model: the held-out perplexity is reported instead",
+            "accuracy_note": f"{what}: the held-out perplexity is reported instead",
+            **own,
         }
     if total:
         return {"accuracy": correct / total, "evaluated": total}
@@ -304,6 +397,25 @@ def source_dtype(model: nn.Module) -> torch.dtype | None:
     return dtype if floating and dtype != torch.float32 else None
 
 
+def _compared(out: Any) -> list[torch.Tensor]:
+    """The outputs a reload must reproduce: the logits where the model has them, else every
+    floating tensor it returns (a question-answering head's start and end logits, a model
+    without a head's hidden states); comparing ``.logits`` alone refused those folders."""
+    from cleanai_core.verify import output_leaves
+
+    logits = getattr(out, "logits", None)
+    leaves = [logits] if isinstance(logits, torch.Tensor) else output_leaves(out)
+    return [t.float() for t in leaves if t.is_floating_point()]
+
+
+def _relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """The largest difference of two output lists relative to each output's largest value."""
+    if not a or [t.shape for t in a] != [t.shape for t in b]:
+        shapes = lambda ts: [tuple(t.shape) for t in ts]  # noqa: E731
+        raise ValueError(f"reloaded outputs have shapes {shapes(b)}, the pruned model's {shapes(a)}")
+    return max(float((x - y).abs().max() / x.abs().max().clamp(min=1e-12)) for x, y in zip(a, b, strict=True))
+
+
 def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, Any]:
     """``save_pretrained`` into ``folder`` and reload it with ``from_pretrained``; keep the
     folder only if the reloaded model gives the same logits on ``example``. Returns the
@@ -326,10 +438,7 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
         with torch.no_grad():
             inputs = move_to(example, torch.device("cpu"))
             call = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))
-            a, b = call(model).logits.float(), call(reloaded).logits.float()
-        if a.shape != b.shape:
-            raise ValueError(f"reloaded logits have shape {tuple(b.shape)}, the pruned model's {tuple(a.shape)}")
-        err = float((a - b).abs().max() / a.abs().max().clamp(min=1e-12))
+            err = _relative_error(_compared(call(model)), _compared(call(reloaded)))
         if err > RELOAD_RTOL:
             raise ValueError(f"reloaded logits differ from the pruned model's (max relative error {err:.3g})")
     except Exception as exc:  # any failure: the folder must not mislead, the job goes on

@@ -16,8 +16,9 @@ through to the other loaders.
   context.
 
 Text files must be UTF-8. Only models that read token ids take text data: causal LMs,
-sequence classifiers and plain encoders; an encoder-decoder (T5, BART) or a model without
-a vocabulary (ViT) is refused with a message.
+classifiers, plain encoders and encoder-decoders that generate; a multiple-choice model
+takes tokenized ``(N, choices, L)`` ids only, and a model without a vocabulary (ViT) or
+one that reads audio (Whisper) is refused with a message.
 
 For a **causal LM** the documents are tokenized, joined and cut into blocks of
 ``--seq-len`` tokens (default 128, at most the model's context); every item is
@@ -27,12 +28,20 @@ padded to the longest (at most ``--seq-len`` tokens), with its ``label`` if give
 **masked LM** each document is one item too, with 15% of its real tokens masked (a fixed
 draw) and ``labels`` holding them, so the evaluator reports the masked tokens' accuracy and
 perplexity; tokenized data is masked the same way where the model folder has a tokenizer
-with a mask token. The tokenizer is the one saved in the model folder.
+with a mask token. For an **encoder-decoder LM** (T5, BART, Marian) each document is one
+item and also its own target, or a ``.jsonl`` line gives ``text`` and ``target``; the
+decoder reads the target shifted right and the evaluator reports the target tokens'
+perplexity. A **token classifier** takes ``labels`` ``(N, L)`` (``-100`` not scored), or in a
+``.jsonl`` a list of one tag per word, a
+**question-answering** head ``start_positions`` and ``end_positions`` ``(N,)``, a
+**regression** head (one output) float labels. The tokenizer is the one saved in the
+model folder.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +50,12 @@ from torch.utils.data import Dataset
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_plugins.io.hf import is_hf_model, is_masked_lm, load_tokenizer
+from cleanai_plugins.io.hf import head_kind, is_hf_model, is_masked_lm, load_tokenizer
 
 __all__ = ["TextItems", "blocks_of", "load_text_dataset", "masked_tokens", "read_jsonl", "read_text", "reads_token_ids"]
 
 DEFAULT_SEQ_LEN = 128
+log = logging.getLogger("cleanai")
 
 
 class TextItems(Dataset):
@@ -99,8 +109,9 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-def read_jsonl(path: Path) -> tuple[list[str], list[Any] | None]:
-    """Texts and labels (``None`` when no line has one) of a ``.jsonl`` file."""
+def read_jsonl(path: Path, label: str = "label") -> tuple[list[str], list[Any] | None]:
+    """Texts and labels (``None`` when no line has one) of a ``.jsonl`` file; ``label`` is
+    the field that holds them (``"target"``: an encoder-decoder's target text)."""
     texts, labels = [], []
     for i, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
@@ -112,13 +123,15 @@ def read_jsonl(path: Path) -> tuple[list[str], list[Any] | None]:
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise UserError(f"{str(path)!r} line {i}: each line needs a string field 'text'.")
         texts.append(obj["text"])
-        labels.append(obj.get("label"))
+        labels.append(obj.get(label))
+        if label == "target" and labels[-1] is not None and not isinstance(labels[-1], str):
+            raise UserError(f"{str(path)!r} line {i}: 'target' must be a string (the text to generate).")
     if not texts:
         raise UserError(f"{str(path)!r} holds no text lines.")
     given = [lab is not None for lab in labels]
     if any(given) and not all(given):
         raise UserError(
-            f"{str(path)!r}: {given.count(False)} of {len(given)} lines have no 'label'; label all or none."
+            f"{str(path)!r}: {given.count(False)} of {len(given)} lines have no {label!r}; label all or none."
         )
     return texts, (labels if all(given) else None)
 
@@ -135,8 +148,26 @@ def blocks_of(ids: torch.Tensor, seq_len: int, source: str) -> dict[str, torch.T
     return {"input_ids": x, "labels": x.clone()}
 
 
-def _label_ids(labels: list[Any], model: Any, source: str) -> torch.Tensor:
+def _label_ids(labels: list[Any], model: Any, source: str, one: bool = False) -> torch.Tensor:
+    """Class indices of ``labels`` (integers or the config's label names); a regression
+    head's numbers; a multi-label head's lists as multi-hot rows (``one``: a single list's
+    classes)."""
+    if head_kind(model) == "regression":  # one number per text: kept as it is (cast to integers before)
+        if any(isinstance(lab, bool) or not isinstance(lab, (int, float)) for lab in labels):
+            bad = next(lab for lab in labels if isinstance(lab, bool) or not isinstance(lab, (int, float)))
+            raise UserError(f"{source}: label {bad!r} is not a number; the model is a regression head (one output).")
+        return torch.tensor(labels, dtype=torch.float32)
     names = getattr(model.config, "label2id", None) or {}
+    n = getattr(model.config, "num_labels", None)
+    if head_kind(model) == "multilabel" and not one:  # each text: a list of its classes -> a multi-hot row
+        if not all(isinstance(lab, list) for lab in labels):
+            raise UserError(f"{source}: the model is a multi-label classifier: give each 'label' as a list of "
+                            "classes (integers or label names), e.g. [0, 2] or [].")  # fmt: skip
+        rows = torch.zeros(len(labels), int(n or 0))
+        for i, lab in enumerate(labels):
+            if lab:
+                rows[i, _label_ids(lab, model, source, one=True)] = 1.0
+        return rows
     out = []
     for lab in labels:
         if isinstance(lab, bool) or not isinstance(lab, (int, str)):
@@ -147,7 +178,6 @@ def _label_ids(labels: list[Any], model: Any, source: str) -> torch.Tensor:
             lab = names[lab]
         out.append(int(lab))
     y = torch.tensor(out, dtype=torch.long)
-    n = getattr(model.config, "num_labels", None)
     if n and (int(y.min()) < 0 or int(y.max()) >= n):
         raise UserError(f"{source}: labels go from {int(y.min())} to {int(y.max())}; the model has {n} classes.")
     return y
@@ -160,6 +190,70 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
         return TextItems(blocks_of(torch.cat(ids), seq_len, source))
     if tok.pad_token_id is None:
         raise UserError(f"the tokenizer of {model.config.name_or_path!r} has no pad token; set one and save it.")
+    _pad_token_for(model, tok.pad_token_id, source)
+    enc = _encoded(tok, texts, seq_len, source)
+    items = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if head_kind(model) == "seq2seq":  # the target (a jsonl 'target', else the text itself) is what it predicts
+        target = _encoded(tok, labels or texts, seq_len, source)
+        return TextItems({**items, **seq2seq_targets(model, target["input_ids"], target["attention_mask"])})
+    if labels is not None and head_kind(model) == "token":
+        return TextItems(_word_tags(tok, texts, labels, model, seq_len, source))
+    if labels is not None:
+        items["labels"] = _label_ids(labels, model, source)
+    elif is_masked_lm(model):
+        items.update(masked_tokens(items["input_ids"], items["attention_mask"], tok))
+    return TextItems(items)
+
+
+def _pad_token_for(model: Any, pad: int | None, source: str) -> None:
+    """A sequence classifier on a decoder (Llama, GPT-2, Qwen2) pools the last token that is
+    not ``config.pad_token_id``, and refuses batches of more than one row without one
+    (``Cannot handle batch sizes > 1 if no padding token is defined``), which the job
+    blamed on the data. Their checkpoints usually have none: the tokenizer's pad token
+    (the one that padded the rows) is written into the loaded model's config (the source
+    folder is not touched; the pruned ``hf/`` config keeps it). Without a tokenizer, a
+    :class:`UserError` says what to set."""
+    if getattr(model.config, "pad_token_id", 0) is not None or head_kind(model) not in (
+        "sequence",
+        "regression",
+        "multilabel",
+    ):
+        return
+    if pad is None:
+        raise UserError(
+            f"{source}: {type(model).__name__} has no pad_token_id in its config, and without one it takes one row "
+            "at a time (it finds each row's last token by it); set pad_token_id in the folder's config.json (or save "
+            "its tokenizer beside it) and run again."
+        )
+    model.config.pad_token_id = int(pad)
+    log.info("config.pad_token_id set to the tokenizer's pad token (%d): batches of padded rows need it", pad)
+
+
+def _word_tags(tok: Any, texts: list[str], labels: list[Any], model: Any, seq_len: int, source: str) -> dict:
+    """A token classifier's ``.jsonl``: ``label`` is a list with one tag (an integer or a
+    label name) per word of ``text`` (split on white space); each word's first sub-token
+    carries its tag, its other sub-tokens and the special tokens -100 (not scored)."""
+    words = [t.split() for t in texts]
+    for i, (w, lab) in enumerate(zip(words, labels, strict=True), 1):
+        if not isinstance(lab, list) or len(lab) != len(w):
+            what = f"{len(lab)} tags" if isinstance(lab, list) else repr(lab)
+            raise UserError(f"{source}: text {i} has {len(w)} words but its label is {what}; a token classifier "
+                            "takes a list of one tag per word (split on white space).")  # fmt: skip
+    enc = tok(words, is_split_into_words=True, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
+    if not hasattr(enc, "word_ids"):
+        raise UserError(f"{source}: the tokenizer ({type(tok).__name__}) cannot say which word each token comes "
+                        "from; give the tags per token in a .pt file (labels (N, L), -100 where none).")  # fmt: skip
+    tags = torch.full_like(enc["input_ids"], -100)
+    for row, lab in enumerate(labels):
+        seen = set()
+        for pos, word in enumerate(enc.word_ids(row)):
+            if word is not None and word not in seen:
+                seen.add(word)
+                tags[row, pos] = int(_label_ids([lab[word]], model, source)[0])
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": tags}
+
+
+def _encoded(tok: Any, texts: list[str], seq_len: int, source: str) -> Any:
     enc = tok(texts, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
     empty = (enc["attention_mask"].sum(dim=1) == 0).nonzero().flatten().tolist()
     if empty:  # a zero-length row fails inside the model with a reshape error that names nothing
@@ -167,12 +261,30 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
             f"{source}: the tokenizer ({type(tok).__name__}) made no tokens of {len(empty)} of {len(texts)} texts "
             f"(the first: {texts[empty[0]][:60]!r}); check that the model folder holds this model's own tokenizer."
         )
-    items = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    if labels is not None:
-        items["labels"] = _label_ids(labels, model, source)
-    elif is_masked_lm(model):
-        items.update(masked_tokens(items["input_ids"], items["attention_mask"], tok))
-    return TextItems(items)
+    return enc
+
+
+def seq2seq_targets(model: Any, ids: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """An encoder-decoder's ``labels`` (the target ids, padding -100) and the
+    ``decoder_input_ids`` it reads (the target shifted right after its start token, as
+    its own ``prepare_decoder_input_ids_from_labels`` makes them where it has one)."""
+    labels = ids.long() if mask is None else ids.long().masked_fill(mask == 0, -100)
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if callable(prepare):
+        decoder = prepare(labels=labels)
+    else:
+        config = model.config
+        start = getattr(config, "decoder_start_token_id", None)
+        start = start if start is not None else getattr(model.generation_config, "decoder_start_token_id", None)
+        pad = getattr(config, "pad_token_id", None)
+        if start is None or pad is None:
+            raise UserError(
+                f"{type(model).__name__} has no decoder_start_token_id or pad_token_id in its config, which its "
+                "decoder inputs are made from; set them (config.json) and run again."
+            )
+        decoder = torch.cat([torch.full_like(labels[:, :1], int(start)), labels[:, :-1]], dim=1)
+        decoder = decoder.masked_fill(decoder == -100, int(pad))
+    return {"decoder_input_ids": decoder.long(), "labels": labels}
 
 
 #: the share of a masked LM's real tokens that the text data masks (BERT's pre-training share)
@@ -214,18 +326,27 @@ _OTHER_INPUTS = ("pixel_values", "input_features", "input_values")
 
 
 def reads_token_ids(model: Any) -> bool:
-    """Whether ``model`` reads token ids: it has a token embedding, or, without one
-    (``get_input_embeddings`` not implemented: CANINE hashes character code points into
-    8 tables), its forward takes ``input_ids`` and no pixel or audio input."""
-    if vocab_size(model) is not None:
-        return True
+    """Whether ``model`` reads token ids: its forward takes ``input_ids`` where it takes
+    pixels or audio (Whisper's takes ``input_features``, though its decoder embeds tokens),
+    and it has a token embedding, or, without one (``get_input_embeddings`` not
+    implemented: CANINE hashes character code points into 8 tables), no pixel or audio
+    input."""
     import inspect
 
     try:
         takes = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
+        takes = None
+    if takes is not None and "input_ids" not in takes and any(k in takes for k in _OTHER_INPUTS):
         return False
-    return "input_ids" in takes and not any(k in takes for k in _OTHER_INPUTS) and _no_embedding_table(model)
+    if vocab_size(model) is not None:
+        return True
+    return (
+        takes is not None
+        and "input_ids" in takes
+        and not any(k in takes for k in _OTHER_INPUTS)
+        and (_no_embedding_table(model))
+    )
 
 
 def _no_embedding_table(model: Any) -> bool:
@@ -241,10 +362,19 @@ def _context(model: Any) -> int | None:
     return int(limit) if limit else None
 
 
-def _check_text_model(model: Any, spec: str) -> None:
+def _check_text_model(model: Any, spec: str, tokenized: bool = False) -> None:
     """Refuse, with the reason, a model that the text items cannot drive."""
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-    if getattr(model.config, "is_encoder_decoder", False):
+    kind = head_kind(model)
+    if kind == "choice" and not tokenized:
+        raise UserError(
+            f"--data {spec!r}: the model is {arch}, a multiple-choice model: it reads several candidate sequences "
+            "per sample, which plain text does not say. Give them tokenized in a .pt file: a dict with input_ids "
+            "(N, choices, L), optionally attention_mask of the same shape, and labels (N,) (the right choice)."
+        )
+    # a sequence classifier or question-answering head of BART / T5 makes its decoder inputs from input_ids;
+    # an encoder-decoder LM is given them (the target shifted right)
+    if getattr(model.config, "is_encoder_decoder", False) and kind not in ("sequence", "regression", "span", "seq2seq"):
         raise UserError(
             f"--data {spec!r}: the model is {arch}, an encoder-decoder (sequence-to-sequence) model; text data "
             "drives causal LMs (...ForCausalLM), sequence classifiers and plain encoders, not a decoder that "
@@ -263,18 +393,21 @@ def _check_ids(ids: torch.Tensor, model: Any, source: str) -> None:
             "tokenize the text with this model's own tokenizer."
         )
     limit = _context(model)
-    if limit and ids.shape[1] > limit:
+    if limit and ids.shape[-1] > limit:
         raise UserError(
-            f"{source}: rows of {ids.shape[1]} tokens are longer than the model's context ({limit} positions); "
+            f"{source}: rows of {ids.shape[-1]} tokens are longer than the model's context ({limit} positions); "
             f"cut them to at most {limit} tokens (or give text and --seq-len)."
         )
 
 
 def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
     ids = obj["input_ids"]
-    if ids.dim() != 2 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+    kind = head_kind(model)
+    rank, form = (3, "(N, choices, L)") if kind == "choice" else (2, "(N, L)")
+    if ids.dim() != rank or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        what = " for a multiple-choice model" if kind == "choice" else ""
         raise UserError(
-            f"{source}: input_ids must be integer token ids of shape (N, L), not {ids.dtype} {tuple(ids.shape)}."
+            f"{source}: input_ids must be integer token ids of shape {form}{what}, not {ids.dtype} {tuple(ids.shape)}."
         )
     if ids.numel() == 0:
         raise UserError(f"{source}: input_ids {tuple(ids.shape)} hold no tokens.")
@@ -285,18 +418,61 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
         if tuple(mask.shape) != tuple(ids.shape):
             raise UserError(f"{source}: attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}.")
         items["attention_mask"] = mask.long()
+    obj = _answer_spans(obj, ids, kind, source)
+    if getattr(model.config, "pad_token_id", 0) is None and kind in ("sequence", "regression", "multilabel"):
+        tok = load_tokenizer(model, False)
+        _pad_token_for(model, getattr(tok, "pad_token_id", None), source)
     items.update(_per_token_inputs(obj, ids, model, source))
     labels = obj.get("labels")
+    decoder = items.get("decoder_input_ids")
+    if kind == "seq2seq" and decoder is not None and labels is not None:  # given as they are: labels match them
+        if tuple(torch.as_tensor(labels).shape) != tuple(decoder.shape):
+            raise UserError(f"{source}: labels {tuple(torch.as_tensor(labels).shape)} must match decoder_input_ids "
+                            f"{tuple(decoder.shape)} (the target each decoder position predicts).")  # fmt: skip
+    if kind == "seq2seq" and decoder is None:  # the target: labels, else the input itself
+        target = torch.as_tensor(labels if labels is not None else ids)
+        if target.dim() != 2 or target.is_floating_point() or len(target) != len(ids):
+            raise UserError(f"{source}: an encoder-decoder's labels are target token ids (N, T), not "
+                            f"{target.dtype} {tuple(target.shape)}.")  # fmt: skip
+        _check_ids(target.masked_fill(target == -100, 0), model, source)
+        items.update(seq2seq_targets(model, target.masked_fill(target == -100, 0), (target != -100).long()))
+        return TextItems(items)
     if labels is None and _is_causal(model):
         labels = ids.long().masked_fill(items["attention_mask"] == 0, -100) if mask is not None else ids.long()
-    if labels is not None:
-        items["labels"] = torch.as_tensor(labels).long()
+    if labels is not None:  # a regression head's numbers stay numbers, a multi-label head's rows too
+        labels = torch.as_tensor(labels)
+        items["labels"] = labels.float() if kind in ("regression", "multilabel") else labels.long()
     elif is_masked_lm(model):  # masked with the folder's tokenizer, where it has one with a mask token
         items.update(masked_tokens(items["input_ids"], items.get("attention_mask"), load_tokenizer(model, False)))
     return TextItems(items)
 
 
 _TOKEN_KEYS = ("input_ids", "x", "attention_mask", "labels", "y")
+#: a question-answering head's answer, one position each per row
+_SPAN_KEYS = ("start_positions", "end_positions")
+
+
+def _answer_spans(obj: dict[str, Any], ids: torch.Tensor, kind: str, source: str) -> dict[str, Any]:
+    """For a question-answering head, ``start_positions`` and ``end_positions`` (one token
+    position each per row) become ``labels`` ``(N, 2)``, which the evaluator scores (exact
+    match of both); they were refused as per-token inputs not shaped like ``input_ids``."""
+    given = [k for k in _SPAN_KEYS if obj.get(k) is not None]
+    if kind != "span" or not given:
+        return obj
+    if len(given) == 1:
+        raise UserError(f"{source}: {given[0]} without {({*_SPAN_KEYS} - {given[0]}).pop()}; give both or neither.")
+    pos = [torch.as_tensor(obj[k]) for k in _SPAN_KEYS]
+    for k, t in zip(_SPAN_KEYS, pos, strict=True):
+        if tuple(t.shape) != (len(ids),) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise UserError(f"{source}: {k} must be {len(ids)} integer token positions (one per row of input_ids), "
+                            f"not {t.dtype} {tuple(t.shape)}.")  # fmt: skip
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= ids.shape[-1]):
+            raise UserError(f"{source}: {k} go from {int(t.min())} to {int(t.max())}; rows have {ids.shape[-1]} "
+                            f"tokens (positions 0..{ids.shape[-1] - 1}).")  # fmt: skip
+    if obj.get("labels") is not None:
+        raise UserError(f"{source}: give the answers either as start_positions / end_positions or as labels, not both.")
+    rest = {k: v for k, v in obj.items() if k not in _SPAN_KEYS}
+    return {**rest, "labels": torch.stack(pos, dim=1).long()}
 
 
 def _per_token_inputs(obj: dict[str, Any], ids: torch.Tensor, model: Any, source: str) -> dict[str, torch.Tensor]:
@@ -316,9 +492,16 @@ def _per_token_inputs(obj: dict[str, Any], ids: torch.Tensor, model: Any, source
                 "and the per-token inputs its forward takes (e.g. token_type_ids), or leave the key out."
             )
         t = torch.as_tensor(value)
-        if tuple(t.shape) != tuple(ids.shape) or t.is_floating_point() or t.is_complex():
-            raise UserError(f"{source}: {key} must be integers shaped like input_ids {tuple(ids.shape)}, not "
-                            f"{t.dtype} {tuple(t.shape)}.")  # fmt: skip
+        decoder = key.startswith("decoder_") and getattr(model.config, "is_encoder_decoder", False)
+        if decoder:  # an encoder-decoder's decoder side: its own length, the rows of input_ids
+            first = obj.get("decoder_input_ids", t)
+            shape, like = (len(ids), first.shape[-1] if first.dim() == 2 else -1), "(rows of input_ids, T)"
+        else:
+            shape, like = tuple(ids.shape), f"like input_ids {tuple(ids.shape)}"
+        if tuple(t.shape) != shape or t.is_floating_point() or t.is_complex():
+            raise UserError(f"{source}: {key} must be integers shaped {like}, not {t.dtype} {tuple(t.shape)}.")
+        if key == "decoder_input_ids":
+            _check_ids(t, model, source)
         types = getattr(model.config, "type_vocab_size", None) if key == "token_type_ids" else None
         if isinstance(types, int) and t.numel() and (int(t.min()) < 0 or int(t.max()) >= types):
             raise UserError(f"{source}: token_type_ids go from {int(t.min())} to {int(t.max())}; the model has "
@@ -386,14 +569,14 @@ def load_text_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
         )
     if not files and not (path.is_file() and suffix in (".txt", ".jsonl", ".pt", ".pth", ".npz")):
         return None
-    _check_text_model(model, spec)
+    _check_text_model(model, spec, tokenized=suffix in (".pt", ".pth", ".npz"))
     if suffix in (".pt", ".pth"):
         return _tokenized_pt(path, model)
     if suffix == ".npz":
         return _tokenized_npz(path, model)
     seq_len = _seq_len(model, options.get("seq_len"))
     if suffix == ".jsonl":
-        texts, labels = read_jsonl(path)
+        texts, labels = read_jsonl(path, "target" if head_kind(model) == "seq2seq" else "label")
         return _tokenize(texts, labels, model, seq_len, spec)
     texts = [line for f in (files or [path]) for line in read_text(f).splitlines() if line.strip()]
     if not texts:
