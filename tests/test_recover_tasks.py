@@ -116,3 +116,18 @@ def test_a_tagger_recovers_without_being_told_its_task_and_is_scored_at_its_labe
     keep = tags[:16] != -100  # the tags' own positions, not the next token's
     assert metric == "perplexity"
     assert value == pytest.approx(math.exp(float(F.cross_entropy(logits[keep], tags[:16][keep]))), rel=1e-5)
+
+
+def test_the_reports_evaluator_reads_one_logit_as_a_binary_classifier():
+    from cleanai_plugins.io.evaluation import cleanai_evaluate
+
+    torch.manual_seed(4)
+    model = nn.Linear(5, 1)
+    x = torch.randn(30, 5)
+    y = torch.randint(0, 2, (30,))
+    result = cleanai_evaluate(model, DataLoader(TensorDataset(x, y), batch_size=8), torch.device("cpu"))
+    with torch.no_grad():
+        expected = float(((model(x)[:, 0] > 0).long() == y).float().mean())
+    assert result["accuracy"] == pytest.approx(expected) and result["evaluated"] == 30
+    with pytest.raises(UserError, match=r"1 output \(a binary classifier"):
+        cleanai_evaluate(model, DataLoader(TensorDataset(x, y + 1), batch_size=8), torch.device("cpu"))

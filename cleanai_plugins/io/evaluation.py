@@ -21,7 +21,8 @@ log = logging.getLogger("cleanai")
 @hookimpl(trylast=True)
 def cleanai_evaluate(model, loader, device):
     """Top-1 accuracy for classifiers on ``(x, y)`` batches with class labels (integers,
-    whole-number floats or one-hot rows). When accuracy does not apply, returns
+    whole-number floats or one-hot rows); a model with one output is a binary classifier
+    (class 1 where its logit is positive). When accuracy does not apply, returns
     ``{"accuracy_note": why}``."""
     from tqdm import tqdm
 
@@ -44,12 +45,16 @@ def cleanai_evaluate(model, loader, device):
             if logits is None or logits.dim() != 2:
                 shape = tuple(logits.shape) if logits is not None else "no tensor"
                 return {"accuracy_note": f"the model's output ({shape}) is not one row of class scores per sample"}
-            if len(y) and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+            binary = logits.shape[1] == 1  # one logit: a binary classifier, class 1 where the logit is positive
+            classes = 2 if binary else logits.shape[1]
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+                has = "1 output (a binary classifier: labels 0 and 1)" if binary else f"{classes} outputs"
                 raise UserError(
-                    f"labels go from {int(y.min())} to {int(y.max())} but the model has {logits.shape[1]} outputs; "
+                    f"labels go from {int(y.min())} to {int(y.max())} but the model has {has}; "
                     "give labels 0..N-1 matching the model's classes (or --num-classes)"
                 )
-            correct += int((logits.argmax(1).cpu() == y).sum())
+            predicted = (logits[:, 0] > 0).long() if binary else logits.argmax(1)
+            correct += int((predicted.cpu() == y).sum())
             total += len(y)
     if total == 0:
         return {"accuracy_note": "the evaluation data is empty"}
