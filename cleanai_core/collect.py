@@ -47,6 +47,7 @@ from cleanai_core.model_state import copy_model, preserved
 from cleanai_core.replay import CalibrationData, Pool, batch_bytes, samples_in, spread
 from cleanai_core.runtime import (
     check_labels,
+    class_logits,
     device_of,
     inputs_for,
     logits_of,
@@ -411,7 +412,7 @@ def accumulate_gradients(
         if target is None:
             raise UserError("gradient criteria (taylor, hessian) need labels: the data yields inputs only")
         raw = run_batch(clone, inputs, forward_fn)
-        out = logits_of(raw, output_transform)
+        out = class_logits(logits_of(raw, output_transform))  # one logit: a binary classifier's two classes
         try:
             labels = check_labels(out, move_to(target, device))
         except UserError:

@@ -50,7 +50,14 @@ from cleanai_core.errors import UserError
 from cleanai_core.metrics import call_model, eval_mode
 from cleanai_core.model_state import copy_model
 from cleanai_core.options import check_callables, check_modules, check_not_meta, check_switches, plain_number
-from cleanai_core.runtime import checked_device, find_logits, label_indices, not_class_labels, unused_key_hint
+from cleanai_core.runtime import (
+    checked_device,
+    class_logits,
+    find_logits,
+    label_indices,
+    not_class_labels,
+    unused_key_hint,
+)
 
 __all__ = [
     "RecoveryResult",
@@ -165,12 +172,6 @@ def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None) ->
     raise UserError(f"logits of shape {tuple(logits.shape)}: give task='classification', 'causal_lm' or 'token'")
 
 
-def _class_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Classification logits with the classes last: one logit ``z`` (a binary classifier)
-    as the two classes' ``(0, z)``, whose softmax is ``(1 - sigmoid(z), sigmoid(z))``."""
-    return torch.cat([torch.zeros_like(logits), logits], -1) if logits.shape[-1] == 1 else logits
-
-
 # -- loss ----------------------------------------------------------------------------------------
 
 
@@ -207,8 +208,8 @@ def distillation_loss(
         t = teacher_logits.float()[:, :-1].reshape(-1, s.shape[-1])[keep] if teacher_logits is not None else None
         labels = tgt.reshape(-1)[keep]
     else:
-        s = _class_logits(s)
-        t = _class_logits(teacher_logits.float()) if teacher_logits is not None else None
+        s = class_logits(s)
+        t = class_logits(teacher_logits.float()) if teacher_logits is not None else None
         labels = class_targets(target)
     _check_logits(s, t, labels if ce_weight else None, binary=task != "causal_lm" and student_logits.shape[-1] == 1)
     loss = s.new_zeros(())
@@ -445,11 +446,11 @@ def held_out_metric_and_loss(
                 metric = "perplexity"
                 continue
             labels = class_targets(target)
-            predicted = _class_logits(logits).argmax(-1)
+            predicted = class_logits(logits).argmax(-1)
             if labels is not None and labels.shape == predicted.shape:
                 ref, metric = labels.to(device), "accuracy"
             elif t_logits is not None:
-                ref, metric = _class_logits(t_logits).argmax(-1), "teacher_agreement"
+                ref, metric = class_logits(t_logits).argmax(-1), "teacher_agreement"
             else:
                 raise UserError("the held-out data has no labels and there is no teacher to compare with")
             counted = ref != IGNORE_INDEX

@@ -26,6 +26,7 @@ __all__ = [
     "plain_inputs",
     "runs_the_same",
     "check_labels",
+    "class_logits",
     "checked_device",
     "copy_modes",
     "device_of",
@@ -302,6 +303,16 @@ def copy_modes(source: nn.Module, target: nn.Module) -> None:
     modes = {name: m.training for name, m in source.named_modules()}
     for name, m in target.named_modules():
         m.training = modes.get(name, source.training)
+
+
+def class_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Classification logits ``(N, C, ...)`` with one logit per class: a single logit ``z``
+    (a binary classifier, ``(N, 1)``) as the two classes' ``(0, z)``, whose softmax is
+    ``(1 - sigmoid(z), sigmoid(z))``: cross-entropy on it is the binary cross-entropy, its
+    argmax the logit's sign. Other logits as they are."""
+    if logits.dim() == 2 and logits.shape[1] == 1:
+        return torch.cat([torch.zeros_like(logits), logits], 1)
+    return logits
 
 
 def check_labels(out: Any, target: Any) -> torch.Tensor:

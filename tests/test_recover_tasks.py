@@ -131,3 +131,16 @@ def test_the_reports_evaluator_reads_one_logit_as_a_binary_classifier():
     assert result["accuracy"] == pytest.approx(expected) and result["evaluated"] == 30
     with pytest.raises(UserError, match=r"1 output \(a binary classifier"):
         cleanai_evaluate(model, DataLoader(TensorDataset(x, y + 1), batch_size=8), torch.device("cpu"))
+
+
+def test_gradient_criteria_take_a_binary_classifiers_binary_cross_entropy():
+    from cleanai_core.collect import accumulate_gradients
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 1)).eval()
+    x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
+    grads = accumulate_gradients(model, [(x, y)], None, None)
+    loss = F.binary_cross_entropy_with_logits(model(x)[:, 0], y.float())
+    expected = torch.autograd.grad(loss, [model[2].weight, model[0].weight])
+    assert torch.allclose(grads["2.weight"], expected[0], atol=1e-6)
+    assert torch.allclose(grads["0.weight"], expected[1], atol=1e-6)

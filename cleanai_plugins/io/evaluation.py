@@ -8,7 +8,7 @@ import torch
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.runtime import find_logits
+from cleanai_core.runtime import class_logits, find_logits
 from cleanai_plugins.io.datasets import label_indices, not_class_labels
 
 log = logging.getLogger("cleanai")
@@ -53,7 +53,7 @@ def cleanai_evaluate(model, loader, device):
                     f"labels go from {int(y.min())} to {int(y.max())} but the model has {has}; "
                     "give labels 0..N-1 matching the model's classes (or --num-classes)"
                 )
-            predicted = (logits[:, 0] > 0).long() if binary else logits.argmax(1)
+            predicted = class_logits(logits).argmax(1)
             correct += int((predicted.cpu() == y).sum())
             total += len(y)
     if total == 0:
