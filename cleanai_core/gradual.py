@@ -215,6 +215,46 @@ def slice_optimizer(
 # -- the training-loop API ---------------------------------------------------------------------------
 
 
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def _followers(net: nn.Module, given: Any) -> list[nn.Module]:
+    """The modules :class:`GradualPruner` slices beside ``net``: each given model, or the
+    ``.module`` an averaging wrapper holds, with ``net``'s parameter names and shapes."""
+    if isinstance(given, nn.Module):
+        given = [given]
+    try:
+        given = list(given)
+    except TypeError:
+        raise UserError(
+            f"followers must be a list of models (copies of the model), got {type(given).__name__}"
+        ) from None
+    out = []
+    for i, f in enumerate(given):
+        if not isinstance(f, nn.Module):
+            raise UserError(f"followers[{i}] is a {type(f).__name__}, not a torch.nn.Module")
+        inner = getattr(f, "module", None)
+        if isinstance(inner, nn.Module) and _shapes(inner) == _shapes(net):
+            f = inner  # AveragedModel / ModelEma: the copy it averages into
+        f = options.compiled_inner(f)
+        if f is net:
+            raise UserError(f"followers[{i}] is the model itself; give its copies (an EMA of its weights)")
+        _check_follower(net, f, i)
+        out.append(f)
+    return out
+
+
+def _check_follower(net: nn.Module, follower: nn.Module, i: int) -> None:
+    mine, theirs = _shapes(net), _shapes(follower)
+    if mine != theirs:
+        name = next((n for n in mine if theirs.get(n) != mine[n]), next(iter(set(theirs) - set(mine)), "?"))
+        raise UserError(
+            f"followers[{i}] is not shaped like the model (parameter {name!r}: {theirs.get(name)} against "
+            f"{mine.get(name)}); give copies of the model as it is now (an EMA of its weights), built before any step"
+        )
+
+
 def _every_name(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
 
@@ -236,6 +276,12 @@ class GradualPruner:
     :param refresh_bn: re-estimate the BatchNorm running statistics on the step's data
         before each step (see *refreshed statistics* above); ``False`` keeps those training
         left behind.
+    :param followers: copies of the model that each step slices the same way, in place:
+        the same units go, the kept values stay (no compensation; a bias compensation added
+        starts at zero). An exponential moving average of the weights
+        (``torch.optim.swa_utils.AveragedModel``, timm's ``ModelEmaV2`` / ``ModelEmaV3``:
+        the wrapper or its ``.module``) kept the old widths, and its next update failed
+        with "The size of tensor a (11) must match the size of tensor b (16)".
     :param pruner_options: passed to :class:`~cleanai_core.pruner.StructuredPruner`
         (``importance``, ``ignored_layers``, ``bias_compensation``, ...).
     """
@@ -249,6 +295,7 @@ class GradualPruner:
         *,
         by: str = "flops",
         refresh_bn: bool = True,
+        followers: Any = (),
         **pruner_options: Any,
     ) -> None:
         import inspect
@@ -282,6 +329,7 @@ class GradualPruner:
         # a torch.compile wrapper: the steps prune the module it runs (step() returns the wrapper; through it,
         # each step's tracing and calibration ran TorchDynamo, and the replayed history did not find its names)
         self.net = options.compiled_inner(model)
+        self.followers = _followers(self.net, followers)
         self.schedule, self.by, self.options = schedule, by, pruner_options
         self.refresh_bn = refresh_bn
         self.steps_done = 0
@@ -337,6 +385,8 @@ class GradualPruner:
             self.steps_done += 1
             return
         check_optimizer_state(self.optimizer, dict(self.net.named_parameters()))
+        for i, f in enumerate(self.followers):  # in step with the model, or nothing changes
+            _check_follower(self.net, f, i)
         # a step that fails before pruning (a NaN batch the calibration refuses) puts back the
         # statistics the refresh changed: they were left NaN in the user's model
         held = {name: b.detach().clone() for name, b in self.net.named_buffers()}
@@ -360,6 +410,9 @@ class GradualPruner:
         kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
         del tagged
         slice_optimizer(self.optimizer, old_params, dict(self.net.named_parameters()), kept, _every_name(self.net))
+        with torch.no_grad():
+            for f in self.followers:
+                pruner.history.replay(f)
         self.histories.append(pruner.history)
         self.steps_done += 1
 
@@ -418,6 +471,11 @@ class GradualPruner:
                     "the checkpoint's pruning steps do not bring this model to the checkpoint's shapes: build the "
                     "same architecture, unpruned, with the same ignored layers"
                 )
+        with torch.no_grad():
+            for f in self.followers:  # at the unpruned shapes (built as at the start): pruned as the model was
+                if {n: tuple(p.shape) for n, p in f.named_parameters()} != want:
+                    for history in histories:
+                        history.replay(f)
         self.steps_done, self.base_flops = int(state["steps_done"]), state["base_flops"]
         self.histories = histories
 

@@ -220,3 +220,60 @@ def test_an_optimizer_state_over_all_parameters_is_refused_before_the_model_chan
     after = model.state_dict()  # refused before anything changed: the model and its optimizer still agree
     assert all(torch.equal(after[k], v) for k, v in weights.items())
     assert [p.shape for p in opt.param_groups[0]["params"]] == [p.shape for p in model.parameters()]
+
+
+def test_an_ema_of_the_weights_follows_each_step_and_keeps_averaging():
+    model = trained_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+    batches = _batches()
+    _train(model, opt, batches)
+    ema.update_parameters(model)
+    with torch.no_grad():  # the average differs from the model, each entry a known function of it
+        for p, q in zip(model.parameters(), ema.module.parameters(), strict=True):
+            q.copy_(p * 2 - 1)
+    gp = GradualPruner(
+        model, splits()[1][0][:2], opt, PruningSchedule(final=0.5, steps=2), ignored_layers=[model.fc],
+        followers=[ema], bias_compensation=False, recalibrate_bn=False,
+    )  # fmt: skip
+    gp.step(_calibration())
+    mine = dict(model.named_parameters())
+    theirs = dict(ema.module.named_parameters())
+    assert {n: p.shape for n, p in mine.items()} == {n: p.shape for n, p in theirs.items()}
+    assert any(p.shape != q.shape for p, q in zip(trained_cnn().parameters(), model.parameters(), strict=True))
+    for name, p in mine.items():  # the same units went: the kept entries keep their relation
+        assert torch.allclose(theirs[name], p * 2 - 1), name
+    _train(model, opt, batches)
+    ema.update_parameters(model)  # failed with a size mismatch when the average kept the old widths
+    assert int(ema.n_averaged) == 2
+
+
+def test_a_follower_of_another_shape_is_refused_before_anything_changes():
+    model = trained_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    other = torch.nn.Linear(3, 3)
+    with pytest.raises(UserError, match=r"followers\[0\] is not shaped like the model"):
+        GradualPruner(model, splits()[1][0][:2], opt, PruningSchedule(final=0.5, steps=2), followers=[other])
+    with pytest.raises(UserError, match="is the model itself"):
+        GradualPruner(model, splits()[1][0][:2], opt, PruningSchedule(final=0.5, steps=2), followers=model)
+
+
+def test_a_resumed_pruner_prunes_its_followers_to_the_checkpoints_shapes():
+    def build():
+        model = trained_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        ema = torch.optim.swa_utils.AveragedModel(model)
+        gp = GradualPruner(
+            model, splits()[1][0][:2], opt, PruningSchedule(final=0.5, steps=2), ignored_layers=[model.fc],
+            followers=[ema],
+        )  # fmt: skip
+        return model, opt, ema, gp
+
+    model, opt, ema, gp = build()
+    _train(model, opt, _batches(2))
+    gp.step(_calibration())
+    ckpt = {"gradual": gp.state_dict(), "ema": ema.state_dict()}
+    model2, opt2, ema2, gp2 = build()
+    gp2.load_state_dict(ckpt["gradual"])
+    ema2.load_state_dict(ckpt["ema"])  # strict: the replayed steps gave it the checkpoint's shapes
+    assert {n: p.shape for n, p in ema2.module.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
