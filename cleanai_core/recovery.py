@@ -21,7 +21,9 @@ Glossary:
   whose decoder already reads its targets shifted; KL over the real positions,
   cross-entropy where the labels are not -100, the perplexity of those). Labels of
   ``-100`` (PyTorch's and Hugging Face's ``ignore_index``: padding, sub-word pieces) count
-  in no loss and no accuracy, in every task.
+  in no loss and no accuracy, in every task. ``"regression"`` (outputs ``(N, K)`` or
+  ``(N,)`` against floating labels of that shape, not class indices): the squared error to
+  the labels and to the teacher's outputs (no softmax), the held-out mean squared error.
 
 The loss is ``kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight * CE(labels)``;
 the cross-entropy term is used only when the batch has labels (a causal LM's labels are
@@ -69,7 +71,10 @@ __all__ = [
     "split_train_data",
 ]
 
-TASKS = ("auto", "classification", "causal_lm", "token")
+TASKS = ("auto", "classification", "causal_lm", "token", "regression")
+
+#: held-out metrics where lower is better
+LOWER_IS_BETTER = ("perplexity", "mse", "teacher_mse")
 
 #: the label that counts in no loss and no accuracy (``F.cross_entropy``'s default ``ignore_index``)
 IGNORE_INDEX = -100
@@ -81,7 +86,7 @@ class RecoveryResult:
     ``k + 1``; ``initial`` is the pruned model's, before training. ``best_epoch`` 0 means
     no epoch beat the pruned model, which is then returned unchanged."""
 
-    metric: str  # "accuracy", "perplexity" or "teacher_agreement"
+    metric: str  # "accuracy", "perplexity", "teacher_agreement", "mse" or "teacher_mse" (regression)
     higher_is_better: bool
     initial: float
     history: tuple[float, ...]
@@ -153,17 +158,35 @@ def _token_targets(logits: torch.Tensor, inputs: Any, target: Any) -> tuple[torc
     return target.long().to(logits.device), mask
 
 
-def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None) -> str:
+def _regression_targets(logits: torch.Tensor, target: Any) -> torch.Tensor | None:
+    """``target`` shaped as ``logits`` where it is a regression's: floating values that are
+    not class indices (fractional), one per output (``(N,)`` against ``(N, 1)`` too)."""
+    if not isinstance(target, torch.Tensor) or not target.is_floating_point() or target.numel() != logits.numel():
+        return None
+    if target.shape != logits.shape and not (target.dim() == 1 and logits.shape == (len(target), 1)):
+        return None
+    return target.reshape(logits.shape).to(logits.device, logits.dtype)
+
+
+def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None, target: Any = None) -> str:
     """``task``, or from the logits' shape where it is ``"auto"``: ``(N, C)`` classification;
     ``(N, T, C)`` a causal LM, unless the model's Hugging Face config says its outputs are
     ``num_labels`` tags and not the vocabulary: then ``"token"`` (a tagger trained as a
     causal LM learned each position's tag from the next one's)."""
     if task != "auto":
         return task
+    config = getattr(model, "config", None)
+    fractional = isinstance(target, torch.Tensor) and target.is_floating_point() and label_indices(target) is None
+    if fractional and target.dim() == 2 and target.shape[1] > 1:  # rows of class probabilities are soft labels
+        rows = target.float()
+        fractional = not (bool((rows >= 0).all()) and torch.allclose(rows.sum(1), torch.ones(len(rows)), atol=1e-3))
+    if getattr(config, "problem_type", None) == "regression" or (
+        fractional and _regression_targets(logits, target) is not None
+    ):
+        return "regression"
     if logits.dim() == 2:
         return "classification"
     if logits.dim() == 3:
-        config = getattr(model, "config", None)
         vocab, labels = getattr(config, "vocab_size", None), getattr(config, "num_labels", None)
         tagger = type(model).__name__.endswith("ForTokenClassification")
         if tagger or (logits.shape[-1] == labels and logits.shape[-1] != vocab):
@@ -190,6 +213,14 @@ def distillation_loss(
     samples (classification) or over valid tokens (causal LM, logits shifted by one).
     ``teacher_logits=None`` or ``kd_weight=0`` drops the KL term; no labels drops CE."""
     s = student_logits.float()
+    if task == "regression":  # squared errors: to the labels, and to the teacher's outputs
+        y = _regression_targets(s, target)
+        loss = s.new_zeros(())
+        if teacher_logits is not None and kd_weight:
+            loss = loss + kd_weight * F.mse_loss(s, teacher_logits.float().reshape(s.shape))
+        if y is not None and ce_weight:
+            loss = loss + ce_weight * F.mse_loss(s, y)
+        return loss
     if task == "token":
         labels, mask = _token_targets(s, inputs, target)
         keep = mask.reshape(-1)
@@ -438,6 +469,16 @@ def held_out_metric_and_loss(
                 tokens += float(mask.sum())
                 metric = "perplexity"
                 continue
+            if task == "regression":
+                y = _regression_targets(logits, target)
+                if y is None and t_logits is None:
+                    raise UserError(
+                        "the held-out data has no regression targets and there is no teacher to compare with"
+                    )
+                ref, metric = (y, "mse") if y is not None else (t_logits.float().reshape(logits.shape), "teacher_mse")
+                nll += float(((logits - ref) ** 2).sum())
+                tokens += float(ref.numel())
+                continue
             if task == "token" and target is not None:  # at their own positions, -100 left out
                 labels, _ = _token_targets(logits, inputs, target)
                 picked = labels != -100
@@ -461,6 +502,8 @@ def held_out_metric_and_loss(
     loss = loss_sum / batches
     if metric == "perplexity":
         return metric, math.exp(nll / max(tokens, 1.0)), loss
+    if metric in ("mse", "teacher_mse"):
+        return metric, nll / max(tokens, 1.0), loss
     return metric, hits / max(total, 1), loss
 
 
@@ -617,7 +660,9 @@ def recover(
     :param task: ``"auto"`` (from the logits' shape and the model's Hugging Face config:
         ``(N, T, V)`` is a causal LM, ``(N, T, num_labels)`` a tagger's ``"token"``),
         ``"classification"``, ``"causal_lm"``, ``"token"`` (labels at their own positions:
-        token classifiers, masked LMs, encoder-decoders; see the module doc).
+        token classifiers, masked LMs, encoder-decoders), ``"regression"`` (found by
+        ``"auto"`` from fractional labels shaped like the outputs, or a config's
+        ``problem_type``; see the module doc).
     :param forward_fn: ``forward_fn(model, inputs)`` when the model is not called as
         ``model(x)`` / ``model(**x)``.
     :returns: the recovered model and a :class:`RecoveryResult`.
@@ -696,14 +741,14 @@ def recover(
         batch = next(iter(held_loader), None)
         if batch is None:
             raise UserError("the held-out data (val_data) is empty; give at least one batch, or leave val_data out")
-        first = move_to(split_batch(batch)[0], device)
+        first, target = (move_to(part, device) for part in split_batch(batch))
         with eval_mode(student), torch.no_grad():
-            task = _task_of(_forward(student, first, forward_fn, "pruned model"), task, student)
+            task = _task_of(_forward(student, first, forward_fn, "pruned model"), task, student, target)
     loss_options = {"temperature": temperature, "kd_weight": kd_weight, "ce_weight": ce_weight}
     metric, initial, initial_loss = held_out_metric_and_loss(
         student, held_loader, device, task, teacher, forward_fn, loss_options
     )
-    higher = metric != "perplexity"
+    higher = metric not in LOWER_IS_BETTER
     best, best_epoch, best_loss = initial, 0, initial_loss
     best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     history: list[float] = []

@@ -144,3 +144,26 @@ def test_gradient_criteria_take_a_binary_classifiers_binary_cross_entropy():
     expected = torch.autograd.grad(loss, [model[2].weight, model[0].weight])
     assert torch.allclose(grads["2.weight"], expected[0], atol=1e-6)
     assert torch.allclose(grads["0.weight"], expected[1], atol=1e-6)
+
+
+def test_a_regression_recovers_on_squared_errors_and_reports_its_mean_squared_error():
+    torch.manual_seed(6)
+    x = torch.randn(200, 4)
+    y = torch.stack([x[:, 0] * 2 + 0.5, x[:, 1] - x[:, 2]], 1)  # fractional targets, two outputs
+    teacher = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    student = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
+    target = torch.randn(5, 2, generator=g)
+    got = distillation_loss(s, t, target, task="regression", kd_weight=0.5, ce_weight=2.0)
+    assert torch.allclose(got, 0.5 * F.mse_loss(s, t) + 2.0 * F.mse_loss(s, target))  # no softmax, no temperature
+    soft = torch.softmax(y, 1)  # rows of class probabilities: soft labels, not a regression
+    assert _task_of(teacher(x), "auto", teacher, soft) == "classification"
+    recovered, result = recover(student, teacher, TensorDataset(x, y), epochs=3, progress=False, amp=False)
+    assert result.task == "regression" and result.metric == "mse" and not result.higher_is_better
+    assert result.best <= result.initial
+    loader = DataLoader(TensorDataset(x[:40], y[:40]), batch_size=16)
+    metric, value = evaluate_held_out(recovered, loader, torch.device("cpu"), "regression")
+    with torch.no_grad():
+        expected = float(((recovered(x[:40]) - y[:40]) ** 2).mean())
+    assert metric == "mse" and value == pytest.approx(expected, rel=1e-5)
