@@ -16,6 +16,7 @@ unit survived.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -24,6 +25,12 @@ import torch
 
 from cleanai_core.graph.findings import ModelFindings
 from cleanai_core.graph.trace import TRef
+
+#: ops that lay out an index tensor's values without changing them (see :meth:`TraceContext.index_source`)
+_INDEX_LAYOUT_OPS = frozenset(
+    {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "expand", "alias", "clone", "contiguous",
+     "_to_copy", "lift_fresh", "detach"}
+)  # fmt: skip
 
 __all__ = ["CROSS_MARK", "INDEX_MARK", "Label", "SliceSpec", "TraceContext", "is_index_slice", "tensor_name"]
 
@@ -121,7 +128,11 @@ class TraceContext:
         #: the atoms of bare tensors' labels, by ``id`` (kept alive by their labels)
         self._bare_atoms: set[int] = set()
         self._cross_used: set[int] = set()  # second labels the event being traced took or passed on
+        #: second labels an op met and neither took nor passed on (frozen there): they reached a reader
+        self._cross_met: set[int] = set()
         self.modules: dict[str, Any] = {}  # the model's modules by name (see scope_module)
+        #: the event that produced each traced tensor so far, by key (see :meth:`index_source`)
+        self.made_by: dict[int, Any] = {}
         #: what ``cleanai_prepare_model`` found in the traced model (see graph/findings.py)
         self.findings: ModelFindings = findings if findings is not None else ModelFindings()
         #: keys of traced tensors whose channels may be split into unequal parts, each part
@@ -308,9 +319,15 @@ class TraceContext:
             self.bind("", f"{bare[0]}{CROSS_MARK}{bare[1]}", atoms, "param", dim=bare[1])
         return atoms
 
-    def freeze_untaken_cross(self) -> None:
+    def freeze_untaken_cross(self, outputs: set[int] = frozenset()) -> None:
+        """Freeze the second labels no op took: those an op met and ignored (:meth:`end`)
+        and those that reach the model's ``outputs`` (ids). A second label that was only
+        passed on to tensors nothing reads (a weight clipped in place by a parent's
+        ``forward``, ``self.fc.weight.data.clamp_(-c, c)``, or its norm logged) constrains
+        nothing, like a dead end's channels: it froze the consumer's input channels ("the
+        second dimension of fc.weight reaches no operation that reads it")."""
         for atoms, param in self._cross:
-            if id(atoms) not in self._cross_taken:
+            if id(atoms) not in self._cross_taken and (id(atoms) in self._cross_met or id(atoms) in outputs):
                 bare = self._bare_cross.get(id(atoms))
                 spec = self.slices.get(("", f"{bare[0]}{CROSS_MARK}{bare[1]}")) if bare is not None else None
                 if spec is not None:  # another read contracted it: this one keeps it whole
@@ -368,6 +385,36 @@ class TraceContext:
         atoms[values] = lab.atoms
         self.bind("", f"{index.param}{INDEX_MARK}", atoms, "index", dim=0)
         return atoms
+
+    def index_source(self, index: Any, dim: int) -> Any:
+        """The 1-D index buffer (or parameter) of the model that ``index`` lays out along
+        its dimension ``dim``, broadcast along the others (``perm.view(1, -1, 1, 1)
+        .expand_as(x)`` for ``gather``, ``perm.long()``, ``perm.unsqueeze(0).expand(B, -1)``),
+        or ``None``: an index made from it by views, expands and copies holds its values,
+        so rewriting the buffer rewrites the index too. Only ops that keep the buffer's
+        one dimension (every other dimension of size one, or expanded from one) are
+        followed."""
+        if not isinstance(index, TRef):
+            return None
+        n = index.shape[dim] if 0 <= dim < index.ndim else -1
+        at, ref = dim, index
+        while ref.param is None:
+            event = self.made_by.get(ref.key)
+            op = getattr(event, "op", None)
+            name = getattr(getattr(op, "overloadpacket", None), "__name__", "")
+            src = event.args[0] if event is not None and event.args else None
+            if name not in _INDEX_LAYOUT_OPS or not isinstance(src, TRef) or src.shape.count(n) != 1:
+                return None
+            if name == "expand":  # right-aligned: the buffer's dim keeps its place from the end
+                at -= ref.ndim - src.ndim
+            else:  # a view: every other dimension has size one
+                if ref.shape.count(n) != 1 or math.prod(ref.shape) != n:
+                    return None
+                at = src.shape.index(n)
+            if not 0 <= at < src.ndim or src.shape[at] != n or math.prod(src.shape) != n:
+                return None
+            ref = src
+        return ref if ref.ndim == 1 and at == 0 else None
 
     def _positions(self, index: Any, size: int) -> torch.Tensor | None:
         """The values of ``index``, a 1-D integer buffer (or parameter) of the model holding
@@ -469,6 +516,8 @@ class TraceContext:
     def end(self, event: Any) -> None:
         """Freeze labelled inputs the handler never looked at, and the second labelled
         dimension of an input that the handler neither contracted nor passed on."""
+        for ref in event.outputs:
+            self.made_by[ref.key] = event
         for ref in event.inputs:
             lab = self._labels.get(ref.key)
             if lab is None:
@@ -476,6 +525,7 @@ class TraceContext:
             if ref.key not in self._consumed:
                 self.freeze(lab.atoms, f"channels reach {self.where()}, which ignored them")
             if lab.cross is not None and id(lab.cross[1]) not in self._cross_used:
+                self._cross_met.add(id(lab.cross[1]))
                 self.freeze(lab.cross[1], f"a second labelled dimension reaches {self.where()}, which ignored it")
 
     @property

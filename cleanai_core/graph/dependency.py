@@ -286,8 +286,9 @@ class DependencyGraph:
         ctx.event = None
         self._couple_shared_parameters(ctx)
         self._freeze_outside_reads(ctx)
-        ctx.freeze_untaken_cross()
-        for ref in tree_flatten(self.recording.output)[0]:
+        outputs = tree_flatten(self.recording.output)[0]
+        ctx.freeze_untaken_cross({id(lab.cross[1]) for r in outputs if (lab := ctx.label_of(r)) and lab.cross})
+        for ref in outputs:
             ctx.freeze_tensor(ref, "model output")
         for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":

@@ -94,19 +94,23 @@ def _second(ctx: TraceContext, labelled: list, refs: list, out: Any) -> tuple[in
     through its activation; the two halves of a gated one, unioned), where each has one on
     the same output dimension and no unlabelled input is as wide there; else ``None`` (they
     are frozen: :meth:`TraceContext.end`)."""
-    if any(lab.cross is None for _, lab, _ in labelled):
+    crossed = [(lab, src) for _, lab, src in labelled if lab.cross is not None]
+    if not crossed:
         return None
     nd = out.ndim
-    dims = {lab.cross[0] + nd - src.ndim for _, lab, src in labelled}
-    d, first = dims.pop(), labelled[0][1]
+    dims = {lab.cross[0] + nd - src.ndim for lab, src in crossed}
+    d, first = dims.pop(), crossed[0][0]
     if dims or out.shape[d] != first.cross[1].numel():
         return None
-    srcs = [src for _, _, src in labelled]
+    # any other input only broadcasts along it: a per-row norm dividing a weight read
+    # outside its module (``w.div_(w.flatten(1).norm(dim=1).view(-1, 1, 1, 1))``, a max-norm
+    # constraint) froze its input channels ("a second labelled dimension reaches op aten.div_")
+    srcs = [src for _, src in crossed]
     for r in refs:
         local = d - (nd - r.ndim)
         if all(r is not s for s in srcs) and local >= 0 and r.shape[local] > 1:
             return None
-    if not all(ctx.merge_second(first, lab) for _, lab, _ in labelled[1:]):
+    if not all(ctx.merge_second(first, lab) for lab, _ in crossed[1:]):
         return None
     return (d, first.cross[1])
 

@@ -315,6 +315,16 @@ def index_select(call, ctx):
             return
         if dim == lab.dim and name == "index_select" and _picked(ctx, src, out, lab, arg(call, 2, "index")):
             return
+        if dim == lab.dim and name == "gather" and _gathered(ctx, out, lab, arg(call, 2, "index")):
+            return
+        if dim == lab.dim:
+            ctx.freeze(
+                lab.atoms,
+                f"{ctx.where()} picks channels with an index that is not a 1-D index buffer of the model laid out "
+                "by views or expands (it cannot be rewritten when they shrink); register the positions as a 1-D "
+                "integer buffer and pick with x.index_select(dim, buffer), x[:, buffer] or gather on it",
+            )
+            return
     ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
 
 
@@ -395,7 +405,21 @@ def _picked(ctx, src, out, lab, index) -> bool:
     shape = getattr(index, "shape", ())
     if len(shape) != 1 or out.ndim != src.ndim or out.shape[lab.dim] != shape[0]:
         return False
-    atoms = ctx.picked(index, lab)
+    atoms = ctx.picked(ctx.index_source(index, 0), lab)  # the buffer, or one laid out from it (``perm.long()``)
+    if atoms is None:
+        return False
+    ctx.set_label(out, lab.dim, atoms)
+    return True
+
+
+def _gathered(ctx, out, lab, index) -> bool:
+    """``torch.gather(x, dim, index)`` along the channels with an index laid out from a
+    1-D index buffer (``perm.view(1, -1, 1, 1).expand_as(x)``): ``index_select`` with the
+    buffer, which pruning rewrites. It froze the channels before 2026-12-02."""
+    source = ctx.index_source(index, lab.dim)
+    if source is None or out.shape[lab.dim] != source.shape[0]:
+        return False
+    atoms = ctx.picked(source, lab)
     if atoms is None:
         return False
     ctx.set_label(out, lab.dim, atoms)
