@@ -297,3 +297,29 @@ def test_an_embedding_with_max_norm_prunes_as_a_normalising_layer():
     assert count_params(pruner.pruned) == 95
     plain = DependencyGraph(_seeded(lambda: nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 3))), ids)
     assert not plain.groups(prunable_only=True)[0].normalizes
+
+
+# -- pruning_ratio=0 beside per-layer ratios -------------------------------------------------------
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_a_zero_ratio_beside_per_layer_ratios_prunes_only_those_layers(global_pruning):
+    import torchvision
+
+    model, x = _seeded(lambda: torchvision.models.resnet18(num_classes=10)), torch.randn(1, 3, 32, 32)
+    before = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    pruner = StructuredPruner(
+        model, x, "magnitude", pruning_ratio=0.0, layer_pruning_ratios={"layer2.0.conv1": 0.75},
+        global_pruning=global_pruning, round_to=None,
+    )  # fmt: skip
+    small = pruner.prune()  # "pruning_ratio=0.0 must be a number strictly between 0 and 1" before
+    after = {n: m.out_channels for n, m in small.named_modules() if isinstance(m, nn.Conv2d)}
+    assert {n: (before[n], w) for n, w in after.items() if w != before[n]} == {"layer2.0.conv1": (128, 32)}
+    assert count_params(small) == 11_015_562
+
+
+def test_a_zero_ratio_alone_is_refused_with_the_way_to_prune_some_layers():
+    from cleanai_core.errors import UserError
+
+    with pytest.raises(UserError, match=r"pruning_ratio=0 removes nothing: .* layer_pruning_ratios"):
+        StructuredPruner(_seeded(Plain), torch.randn(1, 3, 12, 12), "magnitude", pruning_ratio=0.0)
