@@ -323,3 +323,40 @@ def test_a_zero_ratio_alone_is_refused_with_the_way_to_prune_some_layers():
 
     with pytest.raises(UserError, match=r"pruning_ratio=0 removes nothing: .* layer_pruning_ratios"):
         StructuredPruner(_seeded(Plain), torch.randn(1, 3, 12, 12), "magnitude", pruning_ratio=0.0)
+
+
+# -- channels scattered back through a permutation laid out from a buffer -----------------------
+
+
+class Scattered(Gathered):
+    """A flow's inverse shuffle written as a scatter along the channels (``how``:
+    ``scatter_`` into ``zeros_like``, ``scatter_add`` into a fresh ``new_zeros``,
+    ``index_copy`` with the 1-D buffer, ``index_add`` onto the features themselves)."""
+
+    def forward(self, x):
+        y = self.c1(x).relu()
+        index = self.perm.view(1, -1, 1, 1).expand_as(y)
+        if self.how == "scatter_":
+            return self.c2(torch.zeros_like(y).scatter_(1, index, y))
+        if self.how == "scatter_add":
+            return self.c2(y.new_zeros(y.shape).scatter_add(1, index, y))
+        if self.how == "index_copy":
+            return self.c2(torch.zeros_like(y).index_copy(1, self.perm, y))
+        return self.c2(y.index_add(1, self.perm, y))
+
+
+@pytest.mark.parametrize("how", ["scatter_", "scatter_add", "index_copy", "index_add"])
+def test_channels_scattered_through_a_permutation_buffer_prune_and_the_buffer_follows(how):
+    model, x = _seeded(lambda: Scattered(how)), torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    groups = [g for g in graph.groups() if any(s.module == "c1" and s.kind == "out" for s in g.slices)]
+    # "writes across the channels" before; added onto itself, a channel goes with the ones it is
+    # added to: one unit per cycle of the permutation (here of 1 and 7 channels)
+    assert sum(g.prunable for g in groups) == (2 if how == "index_add" else 8)
+    assert all(any(s.name == "perm@" for s in g.slices) for g in groups)
+    _exact(model, x)
+    pruner = _prune(model, x)
+    small = pruner.pruned
+    assert not pruner.skipped_groups and small.perm.numel() == small.c1.out_channels == small.c2.in_channels
+    assert sorted(small.perm.tolist()) == list(range(small.perm.numel()))
+    assert count_params(small) == (228 if how == "index_add" else 132)

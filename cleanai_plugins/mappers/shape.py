@@ -680,7 +680,7 @@ def _permuted_write(ctx, dst, values, out, indices, ld, lv) -> bool:
     dim = used[0]
     if values.shape != dst.shape or ld is None or ld.dim != dim:
         return False
-    atoms = ctx.placed(indices[dim], lv)
+    atoms = ctx.placed(ctx.index_source(indices[dim], 0), lv)  # the buffer, or one laid out from it
     if atoms is None:
         return False
     if not torch.equal(ld.atoms.sort().values, atoms.sort().values):  # (``zeros_like(values)``: the same channels)

@@ -368,6 +368,8 @@ def scatter(call, ctx):
     ctx.label_of(arg(call, 2, "index"))  # looked at: positions, not channels
     if ld is None and lv is None:
         return
+    if _permuted_scatter(ctx, call, dst, src, out, dim, ld, lv):
+        return
     if any(lab is not None and lab.dim == dim for lab in (ld, lv)) or (lv is not None and src.ndim != dst.ndim):
         for lab in (ld, lv):
             if lab is not None:
@@ -396,6 +398,36 @@ def scatter(call, ctx):
         ctx.freeze(lv.atoms, why)
         return
     ctx.set_label(out, lv.dim, lv.atoms, lv.origin)
+
+
+def _permuted_scatter(ctx, call, dst, src, out, dim, ld, lv) -> bool:
+    """A scatter along the channels through a permutation laid out from an index buffer
+    (a flow's inverse shuffle: ``zeros_like(y).scatter_(1, perm.view(1, -1, 1, 1)
+    .expand_as(y), y)``, ``index_copy(1, perm, y)``, ``index_add``): destination channel
+    ``perm[i]`` gets channel ``i`` of ``src``, like ``dst[:, perm] = y``
+    (:func:`~cleanai_plugins.mappers.shape.index_put`); the buffer is rewritten. The
+    destination's channel ``perm[i]`` goes with it where its values are added to
+    (``index_add``, ``scatter_add``) or it has channels of its own; a destination without
+    channels takes the placed ones unless its width is a number the module stores
+    (:func:`fresh_destination_problem`). It froze the channels ("writes across the
+    channels") before 2026-12-02."""
+    name = call.op.overloadpacket.__name__
+    if lv is None or lv.dim != dim or (ld is not None and ld.dim != dim) or not isinstance(src, TRef):
+        return False
+    if src.shape != dst.shape or name.startswith(("index_fill", "scatter_reduce", "index_reduce")):
+        return False
+    if ld is None and fresh_destination_problem(ctx, dst.shape[dim]) is not None:
+        return False
+    index = arg(call, 2, "index")
+    atoms = ctx.placed(ctx.index_source(index, dim if getattr(index, "ndim", 1) == dst.ndim else 0), lv)
+    if atoms is None:
+        return False
+    adds = "add" in name
+    # overwritten everywhere, ``zeros_like(src)`` (the same channels) needs no tie; added to, it does
+    if ld is not None and (adds or not torch.equal(ld.atoms.sort().values, atoms.sort().values)):
+        ctx.union(ld.atoms, atoms)
+    ctx.set_label(out, dim, atoms)
+    return True
 
 
 def _picked(ctx, src, out, lab, index) -> bool:
