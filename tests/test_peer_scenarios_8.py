@@ -120,6 +120,30 @@ def test_channels_gathered_by_an_index_laid_out_from_a_buffer_prune_and_the_buff
     assert small.perm.tolist() == want
 
 
+class StoredLaidOut(nn.Module):
+    """The index buffer stored already laid out for ``gather`` (``(1, C, 1, 1)``), read both
+    by ``gather`` and, flattened, by ``index_select``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+        self.register_buffer("idx", perm.view(1, -1, 1, 1))
+
+    def forward(self, x):
+        y = self.c1(x).relu()
+        return self.c2(torch.gather(y, 1, self.idx.expand_as(y)) + y.index_select(1, self.idx.view(-1)))
+
+
+def test_an_index_buffer_stored_laid_out_for_gather_keeps_its_layout(tmp_path):
+    model, x = _seeded(StoredLaidOut), torch.randn(2, 3, 5, 5)
+    _exact(model, x)
+    pruner, small, fresh = _two_step_replay(StoredLaidOut, x, tmp_path)
+    assert count_params(small) == count_params(fresh) == 132 and not pruner.skipped_groups
+    assert tuple(small.idx.shape) == tuple(fresh.idx.shape) == (1, 4, 1, 1)
+    assert sorted(small.idx.flatten().tolist()) == [0, 1, 2, 3] and torch.equal(fresh(x), small(x))
+
+
 def test_an_index_made_in_forward_refuses_with_the_fix():
     class Made(Gathered):
         def forward(self, x):

@@ -32,6 +32,14 @@ _INDEX_LAYOUT_OPS = frozenset(
      "_to_copy", "lift_fresh", "detach"}
 )  # fmt: skip
 
+
+def _one_long_dim(shape: tuple[int, ...]) -> int | None:
+    """The one dimension of ``shape`` longer than one, every other of size one (a 1-D index
+    buffer, or one stored laid out for ``gather``: ``(1, C, 1, 1)``); ``None`` otherwise."""
+    long = [d for d, s in enumerate(shape) if s > 1]
+    return long[0] if len(long) == 1 else (0 if len(shape) == 1 and shape[0] == 1 else None)
+
+
 __all__ = ["CROSS_MARK", "INDEX_MARK", "Label", "SliceSpec", "TraceContext", "is_index_slice", "tensor_name"]
 
 #: a bare 2-D tensor used as a matrix (``x @ self.proj``) shrinks along both dimensions:
@@ -414,12 +422,13 @@ class TraceContext:
             if not 0 <= at < src.ndim or src.shape[at] != n or math.prod(src.shape) != n:
                 return None
             ref = src
-        return ref if ref.ndim == 1 and at == 0 else None
+        return ref if _one_long_dim(ref.shape) == at else None
 
     def _positions(self, index: Any, size: int) -> torch.Tensor | None:
         """The values of ``index``, a 1-D integer buffer (or parameter) of the model holding
-        positions in ``range(size)``; ``None`` for anything else."""
-        if not isinstance(index, TRef) or index.param is None or index.ndim != 1:
+        positions in ``range(size)`` (or one with a single dimension longer than one, laid
+        out for ``gather``); ``None`` for anything else."""
+        if not isinstance(index, TRef) or index.param is None or _one_long_dim(index.shape) is None:
             return None
         if index.dtype not in (torch.int64, torch.int32):
             return None
@@ -428,7 +437,7 @@ class TraceContext:
         values = getattr(holder, attr, None) if holder is not None else None
         if not isinstance(values, torch.Tensor) or values.is_meta or not values.numel():
             return None
-        values = values.detach().to("cpu", torch.int64)
+        values = values.detach().to("cpu", torch.int64).reshape(-1)
         if int(values.min()) < 0 or int(values.max()) >= size:
             return None
         return values

@@ -449,7 +449,7 @@ def _gathered(ctx, out, lab, index) -> bool:
     1-D index buffer (``perm.view(1, -1, 1, 1).expand_as(x)``): ``index_select`` with the
     buffer, which pruning rewrites. It froze the channels before 2026-12-02."""
     source = ctx.index_source(index, lab.dim)
-    if source is None or out.shape[lab.dim] != source.shape[0]:
+    if source is None or out.shape[lab.dim] != max(source.shape):
         return False
     atoms = ctx.picked(source, lab)
     if atoms is None:
