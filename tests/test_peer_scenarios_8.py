@@ -384,3 +384,31 @@ def test_channels_scattered_through_a_permutation_buffer_prune_and_the_buffer_fo
     assert not pruner.skipped_groups and small.perm.numel() == small.c1.out_channels == small.c2.in_channels
     assert sorted(small.perm.tolist()) == list(range(small.perm.numel()))
     assert count_params(small) == (228 if how == "index_add" else 132)
+
+
+# -- a bare position embedding over feature maps ----------------------------------------------------
+
+
+class PositionedMaps(nn.Module):
+    """A learned position embedding ``(1, C, H, W)`` (or ``(C, H, W)``) added to conv
+    features, a bare parameter whose last dimension is not its channels'."""
+
+    def __init__(self, shape: tuple[int, ...] = (1, 8, 6, 6)) -> None:
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+        self.pos = nn.Parameter(torch.randn(*shape))
+
+    def forward(self, x):
+        return self.c(self.a(x) + self.pos)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 6, 6), (8, 6, 6)])
+def test_a_position_embedding_over_feature_maps_prunes_with_the_channels(shape, tmp_path):
+    model, x = _seeded(lambda: PositionedMaps(shape)), torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    (group,) = graph.groups(prunable_only=True)  # "channels on different dimensions meet" before
+    assert group.prunable == 8 and {s.module or s.name for s in group.slices} == {"a", "c", "pos"}
+    _exact(model, x)
+    pruner, small, fresh = _two_step_replay(lambda: PositionedMaps(shape), x, tmp_path)
+    assert tuple(small.pos.shape) == tuple(fresh.pos.shape) == (*shape[:-3], 4, 6, 6)
+    assert count_params(small) == count_params(fresh) == 266 and torch.equal(fresh(x), small(x))

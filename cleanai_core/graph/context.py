@@ -136,6 +136,8 @@ class TraceContext:
         #: the atoms of bare tensors' labels, by ``id`` (kept alive by their labels)
         self._bare_atoms: set[int] = set()
         self._cross_used: set[int] = set()  # second labels the event being traced took or passed on
+        #: bare tensors' labels first made by the event being traced on a guessed dim (:meth:`regard_bare`)
+        self._bare_guess: set[int] = set()
         #: second labels an op met and neither took nor passed on (frozen there): they reached a reader
         self._cross_met: set[int] = set()
         self.modules: dict[str, Any] = {}  # the model's modules by name (see scope_module)
@@ -467,6 +469,7 @@ class TraceContext:
                 self.labelled_outside.append((ref.param, lab))
                 return lab
         cross = None
+        guessed = dim is None and ref.ndim > 1
         if dim is None:
             big = [i for i, s in enumerate(ref.shape) if s > 1]
             # the last dimension larger than one: a size-1 dimension only broadcasts (a GAT
@@ -474,11 +477,15 @@ class TraceContext:
             dim = big[-1] if big else len(ref.shape) - 1
             if len(big) == 2 and ref.ndim == 2:  # a matrix (``x @ self.proj``): rows may shrink too
                 cross = (0, self.new_atoms(ref.shape[0]))
+        guessed = guessed and cross is None
         dim = int(dim) % len(ref.shape)
         key = ("", ref.param)
+        fresh = key not in self.slices
         atoms = self.produce("", ref.param, ref.shape[dim], dim=dim)
         self.slices[key].kind = "param"
         owner = self.param_owner.get(ref.param)
+        if fresh and guessed and owner is None:  # its first read may still place its channels
+            self._bare_guess.add(id(atoms))
         if owner is not None:  # its pruner did not say how the tensor follows the module's slices
             why = f"{ref.param} is used outside its module {owner}, which a plugin claims"
             self.freeze(atoms, why)
@@ -491,6 +498,25 @@ class TraceContext:
         self._labels[ref.key] = lab
         self._bare_atoms.add(id(atoms))
         return lab
+
+    def regard_bare(self, ref: Any, lab: Label, dim: int) -> Label | None:
+        """Move a bare tensor's guessed channel dimension (its last one longer than one) to
+        ``dim``, where the channels it meets stand (a ``(C, H, W)`` or ``(1, C, H, W)``
+        position embedding added to feature maps met the channels on another dimension and
+        froze them before 2026-12-02): only on its first read, in the op that reads it, when
+        no plugin named its dimension and it has no second label. ``None`` otherwise."""
+        if id(lab.atoms) not in self._bare_guess or not isinstance(ref, TRef) or ref.param is None:
+            return None
+        spec = self.slices.get(("", ref.param))
+        if spec is None or spec.atoms is not lab.atoms:
+            return None
+        atoms = self.new_atoms(ref.shape[dim])
+        spec.atoms, spec.dim = atoms, dim
+        new = Label(dim, atoms)
+        self._labels[ref.key] = new
+        self._bare_atoms.add(id(atoms))
+        self._bare_guess.discard(id(lab.atoms))
+        return new
 
     def is_bare(self, lab: Label) -> bool:
         """Whether ``lab`` is a bare tensor's own label (a parameter or buffer read outside
@@ -521,6 +547,7 @@ class TraceContext:
         self.event = event
         self._consumed = set()
         self._cross_used = set()
+        self._bare_guess = set()
 
     def end(self, event: Any) -> None:
         """Freeze labelled inputs the handler never looked at, and the second labelled

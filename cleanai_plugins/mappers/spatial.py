@@ -422,12 +422,33 @@ def _permuted_scatter(ctx, call, dst, src, out, dim, ld, lv) -> bool:
     atoms = ctx.placed(ctx.index_source(index, dim if getattr(index, "ndim", 1) == dst.ndim else 0), lv)
     if atoms is None:
         return False
-    adds = "add" in name
-    # overwritten everywhere, ``zeros_like(src)`` (the same channels) needs no tie; added to, it does
+    # overwritten everywhere, or added to a constant (``zeros_like(src)``: the same channels),
+    # the destination needs no tie; added to the features themselves, it does
+    adds = "add" in name and not _constant(ctx, dst)
     if ld is not None and (adds or not torch.equal(ld.atoms.sort().values, atoms.sort().values)):
         ctx.union(ld.atoms, atoms)
     ctx.set_label(out, dim, atoms)
     return True
+
+
+#: ops that make a tensor of one value everywhere
+_CONSTANT_FILLS = frozenset(
+    {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full", "zeros", "ones", "full",
+     "zero_", "fill_"}
+)  # fmt: skip
+
+
+def _constant(ctx, ref) -> bool:
+    """Whether ``ref`` was made holding one value everywhere (``torch.zeros_like(y)``)."""
+    event = ctx.made_by.get(getattr(ref, "key", None))
+    while event is not None and getattr(event, "op", None) is not None:
+        name = event.op.overloadpacket.__name__
+        if name in _CONSTANT_FILLS:
+            return True
+        if name not in ("detach", "alias") or not event.args:
+            return False
+        event = ctx.made_by.get(getattr(event.args[0], "key", None))
+    return False
 
 
 def _picked(ctx, src, out, lab, index) -> bool:
