@@ -412,3 +412,52 @@ def test_a_position_embedding_over_feature_maps_prunes_with_the_channels(shape, 
     pruner, small, fresh = _two_step_replay(lambda: PositionedMaps(shape), x, tmp_path)
     assert tuple(small.pos.shape) == tuple(fresh.pos.shape) == (*shape[:-3], 4, 6, 6)
     assert count_params(small) == count_params(fresh) == 266 and torch.equal(fresh(x), small(x))
+
+
+# -- a weight normalised or penalised over its inputs in forward ------------------------------------
+
+
+class CosineHead(nn.Module):
+    """A cosine classifier: the head's weight rows normalised over their inputs in
+    ``forward`` (``how``: ``F.normalize``, ``w / w.norm(dim=1, keepdim=True)``, or an L2
+    penalty ``sum((p ** 2).sum())`` kept as an attribute beside a plain call)."""
+
+    def __init__(self, how: str = "normalize") -> None:
+        super().__init__()
+        self.how = how
+        self.l1, self.fc, self.l3 = nn.Linear(3, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.l1(x).relu()
+        if self.how == "normalize":
+            h = F.linear(h, F.normalize(self.fc.weight, dim=1), self.fc.bias)
+        elif self.how == "norm":
+            h = F.linear(h, self.fc.weight / self.fc.weight.norm(dim=1, keepdim=True))
+        else:
+            self.penalty = sum((p**2).sum() for p in self.parameters())
+            h = self.fc(h)
+        return self.l3(h.relu())
+
+
+@pytest.mark.parametrize("how", ["normalize", "norm", "penalty"])
+def test_a_weight_normalised_or_penalised_over_its_inputs_prunes_them(how):
+    model, x = _seeded(lambda: CosineHead(how)), torch.randn(4, 3)
+    graph = DependencyGraph(model, x)
+    # "a second labelled dimension reaches op aten.linalg_vector_norm / aten.div / aten.sum ... which
+    # ignored it" before: the inputs of fc (l1's outputs) froze
+    assert sorted(g.prunable for g in graph.groups(prunable_only=True)) == [6, 8]
+    _exact(model, x)
+    small = _prune(model, x).pruned
+    assert (small.fc.in_features, small.fc.out_features) == (4, 3)
+    assert count_params(small) == 39
+
+
+def test_a_mean_of_a_weight_over_its_inputs_still_keeps_them():
+    class MeanLogged(CosineHead):
+        def forward(self, x):
+            self.stat = self.fc.weight.abs().mean(1)  # a mean over fewer inputs is another number
+            return self.l3(self.fc(self.l1(x).relu()).relu())
+
+    graph = DependencyGraph(_seeded(MeanLogged), torch.randn(4, 3))
+    inner = next(g for g in graph.groups() if {s.module for s in g.slices} == {"l1", "fc"})
+    assert inner.prunable == 0 and any("mean" in r for r in inner.reasons)

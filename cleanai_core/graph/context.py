@@ -317,6 +317,12 @@ class TraceContext:
         if cross is not None:
             self._cross_used.add(id(cross[1]))
 
+    def pass_second(self, lab: Label) -> None:
+        """``lab``'s second labelled dimension is dealt with by the op being traced (reduced
+        where zeroed entries change nothing): not frozen for being ignored."""
+        if lab.cross is not None:
+            self._cross_used.add(id(lab.cross[1]))
+
     def take_cross(self, lab: Label) -> torch.Tensor:
         """The atoms of ``lab``'s second labelled dimension, for a mapper that couples them
         (a matrix product contracting them); those nobody takes are frozen after tracing."""

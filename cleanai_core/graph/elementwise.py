@@ -112,8 +112,13 @@ def _second(ctx: TraceContext, labelled: list, refs: list, out: Any) -> tuple[in
     srcs = [src for _, src in crossed]
     for r in refs:
         local = d - (nd - r.ndim)
-        if all(r is not s for s in srcs) and local >= 0 and r.shape[local] > 1:
-            return None
+        if (
+            all(r is not s for s in srcs)
+            and local >= 0
+            and r.shape[local] > 1
+            and local not in ctx.spread.get(r.key, ())
+        ):
+            return None  # (expanded along it, ``F.normalize``'s norm, it still only broadcasts)
     if not all(ctx.merge_second(first, lab) for lab, _ in crossed[1:]):
         return None
     return (d, first.cross[1])
