@@ -26,20 +26,6 @@ import torch
 from cleanai_core.graph.findings import ModelFindings
 from cleanai_core.graph.trace import TRef
 
-#: ops that lay out an index tensor's values without changing them (see :meth:`TraceContext.index_source`)
-_INDEX_LAYOUT_OPS = frozenset(
-    {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "expand", "alias", "clone", "contiguous",
-     "_to_copy", "lift_fresh", "detach"}
-)  # fmt: skip
-
-
-def _one_long_dim(shape: tuple[int, ...]) -> int | None:
-    """The one dimension of ``shape`` longer than one, every other of size one (a 1-D index
-    buffer, or one stored laid out for ``gather``: ``(1, C, 1, 1)``); ``None`` otherwise."""
-    long = [d for d, s in enumerate(shape) if s > 1]
-    return long[0] if len(long) == 1 else (0 if len(shape) == 1 and shape[0] == 1 else None)
-
-
 __all__ = ["CROSS_MARK", "INDEX_MARK", "Label", "SliceSpec", "TraceContext", "is_index_slice", "tensor_name"]
 
 #: a bare 2-D tensor used as a matrix (``x @ self.proj``) shrinks along both dimensions:
@@ -63,6 +49,20 @@ def tensor_name(slice_name: str) -> str:
 def is_index_slice(slice_name: str) -> bool:
     """Whether a bare tensor's slice is an index tensor's (see :data:`INDEX_MARK`)."""
     return slice_name.endswith(INDEX_MARK)
+
+
+#: ops that lay out an index tensor's values without changing them (see :meth:`TraceContext.index_source`)
+_INDEX_LAYOUT_OPS = frozenset(
+    {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "expand", "alias", "clone", "contiguous",
+     "_to_copy", "lift_fresh", "detach"}
+)  # fmt: skip
+
+
+def _one_long_dim(shape: tuple[int, ...]) -> int | None:
+    """The one dimension of ``shape`` longer than one, every other of size one (a 1-D index
+    buffer, or one stored laid out for ``gather``: ``(1, C, 1, 1)``); ``None`` otherwise."""
+    long = [d for d, s in enumerate(shape) if s > 1]
+    return long[0] if len(long) == 1 else (0 if len(shape) == 1 and shape[0] == 1 else None)
 
 
 @attrs.define(slots=True)
