@@ -461,3 +461,52 @@ def test_a_mean_of_a_weight_over_its_inputs_still_keeps_them():
     graph = DependencyGraph(_seeded(MeanLogged), torch.randn(4, 3))
     inner = next(g for g in graph.groups() if {s.module for s in g.slices} == {"l1", "fc"})
     assert inner.prunable == 0 and any("mean" in r for r in inner.reasons)
+
+
+class GroupedCritic(nn.Module):
+    """A critic of grouped, depthwise and grouped transposed convolutions whose ``forward``
+    clips every parameter in place (``clip=False``: the same model without)."""
+
+    def __init__(self, clip: bool = True) -> None:
+        super().__init__()
+        self.clip = clip
+        self.c1, self.g = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2)
+        self.dw, self.t = nn.Conv2d(8, 16, 3, groups=8), nn.ConvTranspose2d(16, 8, 2, stride=2, groups=4)
+        self.c3 = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        if self.clip:
+            for p in self.parameters():
+                p.data.clamp_(-0.3, 0.3)
+        return self.c3(self.t(self.dw(self.g(self.c1(x).relu()).relu()).relu())).mean((2, 3))
+
+
+def test_clipping_grouped_and_depthwise_weights_in_forward_prunes_them_like_unclipped():
+    x = torch.randn(2, 3, 12, 12)
+    clipped = DependencyGraph(_seeded(GroupedCritic), x)
+    plain = DependencyGraph(_seeded(lambda: GroupedCritic(False)), x)
+    # "g.weight is used outside its module g, which a plugin claims" froze every group before
+    assert [g.prunable for g in clipped.groups(prunable_only=True)] == [4, 2, 2]
+    assert [g.prunable for g in plain.groups(prunable_only=True)] == [4, 2, 2]
+    _exact(_seeded(GroupedCritic), x)
+    assert count_params(_prune(_seeded(GroupedCritic), x).pruned) == 314
+
+
+def test_a_grouped_conv_weight_run_by_a_functional_conv_still_keeps_its_channels():
+    class Trident(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.g, self.c3 = (
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                nn.Conv2d(8, 2, 1),
+            )
+
+        def forward(self, x):
+            h = self.c1(x).relu()
+            return self.c3(self.g(h) + F.conv2d(h, self.g.weight, self.g.bias, padding=2, dilation=2, groups=2))
+
+    graph = DependencyGraph(_seeded(Trident), torch.randn(2, 3, 6, 6))
+    inner = [g for g in graph.groups() if any(s.module == "g" for s in g.slices)]
+    assert inner and all(g.prunable == 0 for g in inner)
+    assert any("convolves channels with a weight that cannot shrink" in r for g in inner for r in g.reasons)
