@@ -510,3 +510,62 @@ def test_a_grouped_conv_weight_run_by_a_functional_conv_still_keeps_its_channels
     inner = [g for g in graph.groups() if any(s.module == "g" for s in g.slices)]
     assert inner and all(g.prunable == 0 for g in inner)
     assert any("convolves channels with a weight that cannot shrink" in r for g in inner for r in g.reasons)
+
+
+class ClippedLayers(nn.Module):
+    """Every parameter clipped in place in ``forward`` beside layers whose pruners do not
+    label a tensor read outside them: instance and group norms with affine (``kind="norms"``),
+    a layer norm, multi-head attention and an LSTM (``"sequence"``)."""
+
+    def __init__(self, kind: str = "norms", clip: bool = True) -> None:
+        super().__init__()
+        self.kind, self.clip = kind, clip
+        if kind == "norms":
+            self.a, self.n, self.b = nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8, affine=True), nn.Conv2d(8, 8, 3)
+            self.g, self.c = nn.GroupNorm(2, 8), nn.Conv2d(8, 2, 1)
+        else:
+            self.a, self.n = nn.Linear(5, 16), nn.LayerNorm(16)
+            self.att, self.r, self.l = (
+                nn.MultiheadAttention(16, 4, batch_first=True),
+                nn.LSTM(16, 6, batch_first=True),
+                nn.Linear(6, 3),
+            )
+
+    def forward(self, x):
+        if self.clip:
+            for p in self.parameters():
+                p.data.clamp_(-0.5, 0.5)
+        if self.kind == "norms":
+            return self.c(self.g(self.b(self.n(self.a(x)).relu())).relu()).mean((2, 3))
+        h = self.n(self.a(x))
+        return self.l(self.r(self.att(h, h, h)[0])[0][:, -1])
+
+
+@pytest.mark.parametrize("kind", ["norms", "sequence"])
+def test_clipping_every_parameter_in_forward_frees_layers_that_do_not_label_outside_reads(kind):
+    x = torch.randn(2, 3, 8, 8) if kind == "norms" else torch.randn(2, 4, 5)
+    clipped = DependencyGraph(_seeded(lambda: ClippedLayers(kind)), x)
+    plain = DependencyGraph(_seeded(lambda: ClippedLayers(kind, clip=False)), x)
+    # "n.weight is used outside its module n, which a plugin claims" froze them before
+    assert not any("used outside its module" in r for r in _reasons(clipped))
+    assert [g.prunable for g in clipped.groups(prunable_only=True)] == [
+        g.prunable for g in plain.groups(prunable_only=True)
+    ]
+    assert sum(g.prunable for g in clipped.groups(prunable_only=True)) == (12 if kind == "norms" else 10)
+    small = _prune(_seeded(lambda: ClippedLayers(kind)), x).pruned
+    unclipped = _prune(_seeded(lambda: ClippedLayers(kind, clip=False)), x).pruned
+    assert count_params(small) == count_params(unclipped) < count_params(ClippedLayers(kind))
+
+
+def test_a_norm_weight_returned_by_the_model_still_keeps_its_channels():
+    class Returns(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.n, self.b = nn.Linear(5, 8), nn.LayerNorm(8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(self.n(self.a(x)).relu()), self.n.weight.clamp(0, 1)
+
+    graph = DependencyGraph(_seeded(Returns), torch.randn(2, 5))
+    assert not graph.groups(prunable_only=True)
+    assert any("n.weight is used outside its module n" in r for r in _reasons(graph))

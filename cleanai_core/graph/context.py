@@ -153,6 +153,8 @@ class TraceContext:
         #: ``(owner, attribute, reason)`` of tensors read outside their claimed module that no
         #: pruner labelled: the owner's slices that cut them are frozen after tracing
         self.outside_reads: list[tuple[str, str, str]] = []
+        #: keys of parameters read only to maintain themselves (:func:`~cleanai_core.graph.trace.maintenance_reads`)
+        self.maintenance: set[int] = set()
         #: ``(tensor name, label)`` of tensors read outside their claimed module that the
         #: pruner labelled (``F.linear(x, m.weight, bias)``): the masking oracle zeroes their
         #: pruned indices itself, since no hook of the module sees that read
@@ -473,6 +475,12 @@ class TraceContext:
                     self._cross.append((lab.cross[1], ref.param))
                 self._labels[ref.key] = lab
                 self.labelled_outside.append((ref.param, lab))
+                return lab
+            if ref.key in self.maintenance:
+                # kept up by the model itself (clipped in place, a norm kept aside): it constrains
+                # nothing, and its module's channels stay free (they froze before 2026-12-02)
+                lab = Label(ref.ndim - 1, self.new_atoms(ref.shape[-1]))
+                self._labels[ref.key] = lab
                 return lab
         cross = None
         guessed = dim is None and ref.ndim > 1

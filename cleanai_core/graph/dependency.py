@@ -258,7 +258,10 @@ class DependencyGraph:
 
     def _run(self, ctx: TraceContext) -> None:
         from cleanai_core.graph.elementwise import elementwise, is_pointwise
+        from cleanai_core.graph.trace import maintenance_reads
         from cleanai_core.parametrized import trace_parametrized
+
+        ctx.maintenance = maintenance_reads(self.recording)
 
         for event in self.recording.events:
             ctx.begin(event)
