@@ -314,8 +314,11 @@ def keep_positions(module: nn.Module, attr: str, keep: torch.Tensor) -> None:
     size = max(int(t.max()) if t.numel() else -1, int(keep.max()) if keep.numel() else -1) + 1
     where = torch.full((size,), -1, dtype=torch.int64, device=t.device)
     where[keep] = torch.arange(keep.numel(), device=t.device)
-    moved = where[t.data.long()]
+    moved = where[t.data.long().reshape(-1)]
     new = moved[moved >= 0].to(t.dtype).contiguous()
+    long = [d for d, s in enumerate(t.shape) if s > 1]
+    if t.ndim > 1 and len(long) == 1:  # laid out for ``gather`` (``(1, C, 1, 1)``): the same layout
+        new = new.view(*t.shape[: long[0]], -1, *t.shape[long[0] + 1 :])
     if isinstance(t, nn.Parameter):
         setattr(module, attr, nn.Parameter(new, requires_grad=False))
     else:

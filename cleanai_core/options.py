@@ -336,9 +336,21 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_targets(pruning_ratio: Any, target_flops: Any, target_params: Any, iterative_steps: Any) -> None:
-    """How much to prune: a ratio, or a FLOPs or parameter share, in steps."""
-    check_ratio("pruning_ratio", pruning_ratio)
+def check_targets(
+    pruning_ratio: Any, target_flops: Any, target_params: Any, iterative_steps: Any, zero_ok: bool = False
+) -> None:
+    """How much to prune: a ratio, or a FLOPs or parameter share, in steps. ``zero_ok``
+    (``layer_pruning_ratios`` given, or the dead units decide): ``pruning_ratio=0`` prunes
+    only the layers given a ratio (the peer's ``pruning_ratio=0.0`` beside a
+    ``pruning_ratio_dict``; refused before 2026-12-02)."""
+    zero = _is_number(pruning_ratio) and float(pruning_ratio) == 0.0
+    if zero and not zero_ok and target_flops is None and target_params is None:
+        raise UserError(
+            "pruning_ratio=0 removes nothing: give a ratio between 0 and 1 (e.g. 0.3 removes 30%), or "
+            "layer_pruning_ratios to prune only the layers named there"
+        )
+    if not zero:
+        check_ratio("pruning_ratio", pruning_ratio)
     for name, v, what in (("target_flops", target_flops, "FLOPs"), ("target_params", target_params, "parameters")):
         if v is not None and (not _is_number(v) or not 0.0 < float(v) < 1.0):  # "0.5" compared as text, "abc" raised
             raise UserError(f"{name}={v!r}: give the share of {what} to keep, a number between 0 and 1 (e.g. 0.5)")

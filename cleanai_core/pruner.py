@@ -187,7 +187,8 @@ class StructuredPruner:
         layer_pruning_ratios = options.as_ratio_table(layer_pruning_ratios)
         importance = options.as_importance(importance)
         round_to = default_round_to(device_of(model)) if round_to == "auto" else round_to
-        options.check_targets(pruning_ratio, target_flops, target_params, iterative_steps)
+        zero_ok = bool(layer_pruning_ratios) or bool(prune_dead_only)  # pruning_ratio=0: only those decide
+        options.check_targets(pruning_ratio, target_flops, target_params, iterative_steps, zero_ok)
         options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes, min_channels, bn_samples)
         options.check_round_mode(round_mode)
         options.check_ranking(global_pruning, isomorphic)

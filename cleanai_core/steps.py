@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from cleanai_core.graph.groups import Group
-from cleanai_core.planning import PruningPlan
+from cleanai_core.planning import GroupPlan, PruningPlan
 
 __all__ = [
     "Targets",
@@ -47,6 +47,7 @@ __all__ = [
     "step_caps",
     "step_group_ratios",
     "step_ratio",
+    "whole_plan",
 ]
 
 #: per producing slice ``(module, slice)``: (original units, units kept at the end, the
@@ -192,6 +193,34 @@ def _set_ratios(pruner: Any, graph: Any, step: int) -> dict[Hashable, float] | N
     return set_step_ratios(free, p.isomorphic_scopes(free), p._widths, p.pruning_ratio, step, p.iterative_steps)
 
 
+def whole_plan(graph: Any, first: PruningPlan, steps: list[list[Any]]) -> PruningPlan:
+    """The plan on the original ``graph`` that removes what all the ``steps`` (lists of
+    :class:`~cleanai_core.slicing.SliceEdit`) removed together: ``first`` (the first step's
+    plan) with each group's verdicts read back from the kept indices of its slices, composed
+    over the steps; ``ratio`` is the share removed. After an iterative ``prune()``,
+    ``plan()`` returned the first step's plan alone (6 of 32 units where the model lost 16),
+    and building it from the original gave another model than the one returned."""
+    kept: dict[tuple[str, str], torch.Tensor] = {}
+    for edits in steps:
+        for e in edits:
+            key = (e.module, e.slice)
+            kept[key] = kept[key][e.keep] if key in kept else e.keep
+    pruned = torch.zeros(first.n_atoms, dtype=torch.bool)
+    for spec in graph.slices:
+        keep = kept.get((spec.module, spec.name))
+        if keep is None or spec.kind == "index":  # an index buffer's values are rewritten, not cut
+            continue
+        gone = torch.ones(spec.atoms.numel(), dtype=torch.bool)
+        gone[keep] = False
+        pruned[graph.unit_of(spec)[gone]] = True
+    groups = []
+    for gp in first.groups:
+        verdict = pruned[gp.group.units]
+        ratio = round(int(verdict.sum()) / gp.group.size, 6) if gp.group.size else 0.0
+        groups.append(GroupPlan(gp.group, gp.scores, verdict, ratio))
+    return PruningPlan(groups, first.n_atoms)
+
+
 def prune_in_steps(pruner: Any) -> nn.Module:
     """The pruning steps of a :class:`~cleanai_core.pruner.StructuredPruner` (one unless
     ``iterative_steps``), each: re-trace and re-calibrate the previous step's model (after
@@ -249,6 +278,8 @@ def prune_in_steps(pruner: Any) -> nn.Module:
                     "line: --no-bn-recalibration), and report it."
                 ) from exc
         current = pruned_model
+    if steps > 1:  # plan() now answers for every step, on the original graph
+        p._plan = whole_plan(p.graph, p._pruned_plans[0][1], p.history.steps)
     if steps > 1 and p.target_flops is not None:  # each step's plan_for checked its own aim only
         from cleanai_core.pruner import _warn_if_far
 

@@ -184,14 +184,16 @@ def test_index_add_and_scatter_reduce_over_nodes_pass_the_channels():
 
 
 class ScatterAcrossChannels(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, computed: bool = True) -> None:
         super().__init__()
         self.proj, self.head = nn.Linear(12, 8), nn.Linear(8, 3)
+        self.computed = computed
         self.register_buffer("order", torch.tensor([[7, 6, 5, 4, 3, 2, 1, 0]]))
 
     def forward(self, x):
         h = self.proj(x)
-        return self.head(torch.zeros_like(h).scatter_add(1, self.order.expand_as(h), h))
+        order = self.order * 1 if self.computed else self.order  # ``* 1``: an index made in forward
+        return self.head(torch.zeros_like(h).scatter_add(1, order.expand_as(h), h))
 
 
 def test_a_scatter_along_the_channels_freezes_them_with_the_reason():
@@ -200,6 +202,10 @@ def test_a_scatter_along_the_channels_freezes_them_with_the_reason():
     g = _group(graph, "proj")
     assert not bool((~g.frozen).any())
     assert any("writes across the channels" in r for r in g.reasons)
+    # through the buffer itself (a permutation), the channels are placed and the buffer rewritten
+    # (session 19, tests/test_peer_scenarios_8.py)
+    placed = DependencyGraph(_seeded(lambda: ScatterAcrossChannels(False)), torch.randn(5, 12))
+    assert _group(placed, "proj").prunable == 8
 
 
 class DenseGraphAttention(nn.Module):

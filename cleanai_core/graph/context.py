@@ -16,6 +16,7 @@ unit survived.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -48,6 +49,20 @@ def tensor_name(slice_name: str) -> str:
 def is_index_slice(slice_name: str) -> bool:
     """Whether a bare tensor's slice is an index tensor's (see :data:`INDEX_MARK`)."""
     return slice_name.endswith(INDEX_MARK)
+
+
+#: ops that lay out an index tensor's values without changing them (see :meth:`TraceContext.index_source`)
+_INDEX_LAYOUT_OPS = frozenset(
+    {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "expand", "alias", "clone", "contiguous",
+     "_to_copy", "lift_fresh", "detach"}
+)  # fmt: skip
+
+
+def _one_long_dim(shape: tuple[int, ...]) -> int | None:
+    """The one dimension of ``shape`` longer than one, every other of size one (a 1-D index
+    buffer, or one stored laid out for ``gather``: ``(1, C, 1, 1)``); ``None`` otherwise."""
+    long = [d for d, s in enumerate(shape) if s > 1]
+    return long[0] if len(long) == 1 else (0 if len(shape) == 1 and shape[0] == 1 else None)
 
 
 @attrs.define(slots=True)
@@ -121,7 +136,13 @@ class TraceContext:
         #: the atoms of bare tensors' labels, by ``id`` (kept alive by their labels)
         self._bare_atoms: set[int] = set()
         self._cross_used: set[int] = set()  # second labels the event being traced took or passed on
+        #: bare tensors' labels first made by the event being traced on a guessed dim (:meth:`regard_bare`)
+        self._bare_guess: set[int] = set()
+        #: second labels an op met and neither took nor passed on (frozen there): they reached a reader
+        self._cross_met: set[int] = set()
         self.modules: dict[str, Any] = {}  # the model's modules by name (see scope_module)
+        #: the event that produced each traced tensor so far, by key (see :meth:`index_source`)
+        self.made_by: dict[int, Any] = {}
         #: what ``cleanai_prepare_model`` found in the traced model (see graph/findings.py)
         self.findings: ModelFindings = findings if findings is not None else ModelFindings()
         #: keys of traced tensors whose channels may be split into unequal parts, each part
@@ -132,6 +153,8 @@ class TraceContext:
         #: ``(owner, attribute, reason)`` of tensors read outside their claimed module that no
         #: pruner labelled: the owner's slices that cut them are frozen after tracing
         self.outside_reads: list[tuple[str, str, str]] = []
+        #: keys of parameters read only to maintain themselves (:func:`~cleanai_core.graph.trace.maintenance_reads`)
+        self.maintenance: set[int] = set()
         #: ``(tensor name, label)`` of tensors read outside their claimed module that the
         #: pruner labelled (``F.linear(x, m.weight, bias)``): the masking oracle zeroes their
         #: pruned indices itself, since no hook of the module sees that read
@@ -296,6 +319,12 @@ class TraceContext:
         if cross is not None:
             self._cross_used.add(id(cross[1]))
 
+    def pass_second(self, lab: Label) -> None:
+        """``lab``'s second labelled dimension is dealt with by the op being traced (reduced
+        where zeroed entries change nothing): not frozen for being ignored."""
+        if lab.cross is not None:
+            self._cross_used.add(id(lab.cross[1]))
+
     def take_cross(self, lab: Label) -> torch.Tensor:
         """The atoms of ``lab``'s second labelled dimension, for a mapper that couples them
         (a matrix product contracting them); those nobody takes are frozen after tracing."""
@@ -308,9 +337,15 @@ class TraceContext:
             self.bind("", f"{bare[0]}{CROSS_MARK}{bare[1]}", atoms, "param", dim=bare[1])
         return atoms
 
-    def freeze_untaken_cross(self) -> None:
+    def freeze_untaken_cross(self, outputs: set[int] = frozenset()) -> None:
+        """Freeze the second labels no op took: those an op met and ignored (:meth:`end`)
+        and those that reach the model's ``outputs`` (ids). A second label that was only
+        passed on to tensors nothing reads (a weight clipped in place by a parent's
+        ``forward``, ``self.fc.weight.data.clamp_(-c, c)``, or its norm logged) constrains
+        nothing, like a dead end's channels: it froze the consumer's input channels ("the
+        second dimension of fc.weight reaches no operation that reads it")."""
         for atoms, param in self._cross:
-            if id(atoms) not in self._cross_taken:
+            if id(atoms) not in self._cross_taken and (id(atoms) in self._cross_met or id(atoms) in outputs):
                 bare = self._bare_cross.get(id(atoms))
                 spec = self.slices.get(("", f"{bare[0]}{CROSS_MARK}{bare[1]}")) if bare is not None else None
                 if spec is not None:  # another read contracted it: this one keeps it whole
@@ -369,10 +404,41 @@ class TraceContext:
         self.bind("", f"{index.param}{INDEX_MARK}", atoms, "index", dim=0)
         return atoms
 
+    def index_source(self, index: Any, dim: int) -> Any:
+        """The 1-D index buffer (or parameter) of the model that ``index`` lays out along
+        its dimension ``dim``, broadcast along the others (``perm.view(1, -1, 1, 1)
+        .expand_as(x)`` for ``gather``, ``perm.long()``, ``perm.unsqueeze(0).expand(B, -1)``),
+        or ``None``: an index made from it by views, expands and copies holds its values,
+        so rewriting the buffer rewrites the index too. Only ops that keep the buffer's
+        one dimension (every other dimension of size one, or expanded from one) are
+        followed."""
+        if not isinstance(index, TRef):
+            return None
+        n = index.shape[dim] if 0 <= dim < index.ndim else -1
+        at, ref = dim, index
+        while ref.param is None:
+            event = self.made_by.get(ref.key)
+            op = getattr(event, "op", None)
+            name = getattr(getattr(op, "overloadpacket", None), "__name__", "")
+            src = event.args[0] if event is not None and event.args else None
+            if name not in _INDEX_LAYOUT_OPS or not isinstance(src, TRef) or src.shape.count(n) != 1:
+                return None
+            if name == "expand":  # right-aligned: the buffer's dim keeps its place from the end
+                at -= ref.ndim - src.ndim
+            else:  # a view: every other dimension has size one
+                if ref.shape.count(n) != 1 or math.prod(ref.shape) != n:
+                    return None
+                at = src.shape.index(n)
+            if not 0 <= at < src.ndim or src.shape[at] != n or math.prod(src.shape) != n:
+                return None
+            ref = src
+        return ref if _one_long_dim(ref.shape) == at else None
+
     def _positions(self, index: Any, size: int) -> torch.Tensor | None:
         """The values of ``index``, a 1-D integer buffer (or parameter) of the model holding
-        positions in ``range(size)``; ``None`` for anything else."""
-        if not isinstance(index, TRef) or index.param is None or index.ndim != 1:
+        positions in ``range(size)`` (or one with a single dimension longer than one, laid
+        out for ``gather``); ``None`` for anything else."""
+        if not isinstance(index, TRef) or index.param is None or _one_long_dim(index.shape) is None:
             return None
         if index.dtype not in (torch.int64, torch.int32):
             return None
@@ -381,7 +447,7 @@ class TraceContext:
         values = getattr(holder, attr, None) if holder is not None else None
         if not isinstance(values, torch.Tensor) or values.is_meta or not values.numel():
             return None
-        values = values.detach().to("cpu", torch.int64)
+        values = values.detach().to("cpu", torch.int64).reshape(-1)
         if int(values.min()) < 0 or int(values.max()) >= size:
             return None
         return values
@@ -410,7 +476,14 @@ class TraceContext:
                 self._labels[ref.key] = lab
                 self.labelled_outside.append((ref.param, lab))
                 return lab
+            if ref.key in self.maintenance:
+                # kept up by the model itself (clipped in place, a norm kept aside): it constrains
+                # nothing, and its module's channels stay free (they froze before 2026-12-02)
+                lab = Label(ref.ndim - 1, self.new_atoms(ref.shape[-1]))
+                self._labels[ref.key] = lab
+                return lab
         cross = None
+        guessed = dim is None and ref.ndim > 1
         if dim is None:
             big = [i for i, s in enumerate(ref.shape) if s > 1]
             # the last dimension larger than one: a size-1 dimension only broadcasts (a GAT
@@ -418,11 +491,15 @@ class TraceContext:
             dim = big[-1] if big else len(ref.shape) - 1
             if len(big) == 2 and ref.ndim == 2:  # a matrix (``x @ self.proj``): rows may shrink too
                 cross = (0, self.new_atoms(ref.shape[0]))
+        guessed = guessed and cross is None
         dim = int(dim) % len(ref.shape)
         key = ("", ref.param)
+        fresh = key not in self.slices
         atoms = self.produce("", ref.param, ref.shape[dim], dim=dim)
         self.slices[key].kind = "param"
         owner = self.param_owner.get(ref.param)
+        if fresh and guessed and owner is None:  # its first read may still place its channels
+            self._bare_guess.add(id(atoms))
         if owner is not None:  # its pruner did not say how the tensor follows the module's slices
             why = f"{ref.param} is used outside its module {owner}, which a plugin claims"
             self.freeze(atoms, why)
@@ -435,6 +512,25 @@ class TraceContext:
         self._labels[ref.key] = lab
         self._bare_atoms.add(id(atoms))
         return lab
+
+    def regard_bare(self, ref: Any, lab: Label, dim: int) -> Label | None:
+        """Move a bare tensor's guessed channel dimension (its last one longer than one) to
+        ``dim``, where the channels it meets stand (a ``(C, H, W)`` or ``(1, C, H, W)``
+        position embedding added to feature maps met the channels on another dimension and
+        froze them before 2026-12-02): only on its first read, in the op that reads it, when
+        no plugin named its dimension and it has no second label. ``None`` otherwise."""
+        if id(lab.atoms) not in self._bare_guess or not isinstance(ref, TRef) or ref.param is None:
+            return None
+        spec = self.slices.get(("", ref.param))
+        if spec is None or spec.atoms is not lab.atoms:
+            return None
+        atoms = self.new_atoms(ref.shape[dim])
+        spec.atoms, spec.dim = atoms, dim
+        new = Label(dim, atoms)
+        self._labels[ref.key] = new
+        self._bare_atoms.add(id(atoms))
+        self._bare_guess.discard(id(lab.atoms))
+        return new
 
     def is_bare(self, lab: Label) -> bool:
         """Whether ``lab`` is a bare tensor's own label (a parameter or buffer read outside
@@ -465,10 +561,13 @@ class TraceContext:
         self.event = event
         self._consumed = set()
         self._cross_used = set()
+        self._bare_guess = set()
 
     def end(self, event: Any) -> None:
         """Freeze labelled inputs the handler never looked at, and the second labelled
         dimension of an input that the handler neither contracted nor passed on."""
+        for ref in event.outputs:
+            self.made_by[ref.key] = event
         for ref in event.inputs:
             lab = self._labels.get(ref.key)
             if lab is None:
@@ -476,6 +575,7 @@ class TraceContext:
             if ref.key not in self._consumed:
                 self.freeze(lab.atoms, f"channels reach {self.where()}, which ignored them")
             if lab.cross is not None and id(lab.cross[1]) not in self._cross_used:
+                self._cross_met.add(id(lab.cross[1]))
                 self.freeze(lab.cross[1], f"a second labelled dimension reaches {self.where()}, which ignored it")
 
     @property

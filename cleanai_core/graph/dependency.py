@@ -258,7 +258,10 @@ class DependencyGraph:
 
     def _run(self, ctx: TraceContext) -> None:
         from cleanai_core.graph.elementwise import elementwise, is_pointwise
+        from cleanai_core.graph.trace import maintenance_reads
         from cleanai_core.parametrized import trace_parametrized
+
+        ctx.maintenance = maintenance_reads(self.recording)
 
         for event in self.recording.events:
             ctx.begin(event)
@@ -286,8 +289,9 @@ class DependencyGraph:
         ctx.event = None
         self._couple_shared_parameters(ctx)
         self._freeze_outside_reads(ctx)
-        ctx.freeze_untaken_cross()
-        for ref in tree_flatten(self.recording.output)[0]:
+        outputs = tree_flatten(self.recording.output)[0]
+        ctx.freeze_untaken_cross({id(lab.cross[1]) for r in outputs if (lab := ctx.label_of(r)) and lab.cross})
+        for ref in outputs:
             ctx.freeze_tensor(ref, "model output")
         for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":

@@ -63,7 +63,8 @@ def broadcast(ctx: TraceContext, inputs: list[Any], out: Any) -> None:
         labelled = [item for item in labelled if math.prod(item[2].shape) != 1]
     if not labelled:
         return
-    labelled.sort(key=lambda e: e[1].cross is not None)  # a bare matrix's guess gives way to the others
+    # a bare matrix's guess, then a bare tensor's, gives way to the others
+    labelled.sort(key=lambda e: (e[1].cross is not None, ctx.is_bare(e[1])))
     dim = labelled[0][0]
     first = labelled[0][1]
     coupled = {id(labelled[0][2])}
@@ -76,6 +77,9 @@ def broadcast(ctx: TraceContext, inputs: list[Any], out: Any) -> None:
             # * self.basis``, ``basis: (C, K)``): its rows follow them, its columns stay
             ctx.union(first.atoms, ctx.take_cross(lab))
             ctx.freeze(lab.atoms, f"the other dimension of a matrix broadcast with channels in {ctx.where()}")
+            coupled.add(id(r))
+        elif (moved := _bare_on(ctx, r, lab, dim - (nd - r.ndim), first)) is not None:
+            ctx.union(first.atoms, moved.atoms)
             coupled.add(id(r))
         else:
             ctx.freeze(lab.atoms, f"channels on different dimensions meet in {ctx.where()}")
@@ -94,21 +98,39 @@ def _second(ctx: TraceContext, labelled: list, refs: list, out: Any) -> tuple[in
     through its activation; the two halves of a gated one, unioned), where each has one on
     the same output dimension and no unlabelled input is as wide there; else ``None`` (they
     are frozen: :meth:`TraceContext.end`)."""
-    if any(lab.cross is None for _, lab, _ in labelled):
+    crossed = [(lab, src) for _, lab, src in labelled if lab.cross is not None]
+    if not crossed:
         return None
     nd = out.ndim
-    dims = {lab.cross[0] + nd - src.ndim for _, lab, src in labelled}
-    d, first = dims.pop(), labelled[0][1]
+    dims = {lab.cross[0] + nd - src.ndim for lab, src in crossed}
+    d, first = dims.pop(), crossed[0][0]
     if dims or out.shape[d] != first.cross[1].numel():
         return None
-    srcs = [src for _, _, src in labelled]
+    # any other input only broadcasts along it: a per-row norm dividing a weight read
+    # outside its module (``w.div_(w.flatten(1).norm(dim=1).view(-1, 1, 1, 1))``, a max-norm
+    # constraint) froze its input channels ("a second labelled dimension reaches op aten.div_")
+    srcs = [src for _, src in crossed]
     for r in refs:
         local = d - (nd - r.ndim)
-        if all(r is not s for s in srcs) and local >= 0 and r.shape[local] > 1:
-            return None
-    if not all(ctx.merge_second(first, lab) for _, lab, _ in labelled[1:]):
+        if (
+            all(r is not s for s in srcs)
+            and local >= 0
+            and r.shape[local] > 1
+            and local not in ctx.spread.get(r.key, ())
+        ):
+            return None  # (expanded along it, ``F.normalize``'s norm, it still only broadcasts)
+    if not all(ctx.merge_second(first, lab) for lab, _ in crossed[1:]):
         return None
     return (d, first.cross[1])
+
+
+def _bare_on(ctx: TraceContext, ref: Any, lab: Any, local: int, first: Any) -> Any:
+    """``ref``'s label moved to its dimension ``local`` (where the channels stand), for a
+    bare tensor first read here whose guessed dimension is another one
+    (:meth:`TraceContext.regard_bare`); ``None`` when that cannot be."""
+    if local < 0 or ref.shape[local] != first.atoms.numel() or not ctx.is_bare(lab):
+        return None
+    return ctx.regard_bare(ref, lab, local)
 
 
 def _cross_meets(lab: Any, ref: Any, nd: int, dim: int, first: Any) -> bool:

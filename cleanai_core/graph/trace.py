@@ -26,7 +26,7 @@ from cleanai_core.model_state import preserved
 from cleanai_core.runtime import call_model, copied_inputs
 from cleanai_core.shapes import ShapeOnlyMode, map_tensors
 
-__all__ = ["VALUE_NUMEL", "ModuleCall", "OpCall", "Recording", "TRef", "record"]
+__all__ = ["VALUE_NUMEL", "ModuleCall", "OpCall", "Recording", "TRef", "maintenance_reads", "record"]
 
 #: integer tensors up to this many elements keep their values in :attr:`TRef.value`
 VALUE_NUMEL = 8
@@ -257,6 +257,47 @@ def record(
         for h in handles:
             h.remove()
     return Recording(rec.events, input_refs, out_refs)
+
+
+def maintenance_reads(recording: Recording) -> set[int]:
+    """Keys of the model's parameters and buffers read only to maintain themselves: every
+    op that reads them (and what it makes, transitively) reaches neither the model's output
+    nor a module call nor a write into another tensor; it may write back into a parameter
+    or buffer (WGAN's ``for p in self.parameters(): p.data.clamp_(-c, c)``, a max-norm
+    step, a norm kept as an attribute). Such a read constrains no channel."""
+    outputs = {r.key for r in tree_flatten(recording.output)[0] if isinstance(r, TRef)}
+    params: set[int] = set()
+    whole = set()  # keys of parameters and of their whole aliases (``p.data``, ``p.detach()``)
+    for e in recording.events:
+        params.update(r.key for r in e.inputs if r.param is not None)
+        whole.update(r.key for r in e.inputs if r.param is not None)
+        if isinstance(e, OpCall) and e.op.overloadpacket.__name__ in ("detach", "alias") and e.inputs:
+            if e.inputs[0].key in whole:
+                whole.update(o.key for o in e.outputs)
+    live = set(outputs)
+    for event in reversed(recording.events):
+        if (
+            isinstance(event, ModuleCall)
+            or _writes_elsewhere(event, whole)
+            or any(o.key in live for o in event.outputs)
+        ):
+            live.update(r.key for r in event.inputs)
+    return params - live
+
+
+def _writes_elsewhere(event: OpCall, whole: set[int]) -> bool:
+    """Whether ``event`` writes into a tensor that is not a parameter or buffer of the model
+    (or a whole alias of one, ``whole``); an op PyTorch does not describe counts as writing
+    anywhere."""
+    schema = getattr(event.op, "_schema", None)
+    if schema is None:
+        return True
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            t = event.args[i] if i < len(event.args) else event.kwargs.get(a.name)
+            if not (isinstance(t, TRef) and t.key in whole):
+                return True
+    return False
 
 
 def transformed(output_transform: Callable[[Any], Any], out: Any) -> Any:

@@ -95,8 +95,12 @@ class ConvPruner(LayerPruner):
         weight at other dilations: ``F.conv2d(x, self.conv.weight, self.conv.bias,
         dilation=2)``): the weight's filter dim is the module's ``"out"`` channels, its
         other dim the ``"in"`` channels, which the convolution couples with its input; a
-        bias follows the filters. Grouped convolutions are not labelled (they stay frozen)."""
-        if type(self).trace is not ConvPruner.trace or module.groups != 1:
+        bias follows the filters. A grouped or depthwise convolution's weight is labelled
+        along its channel dimension only (dim 0: the filters, or a transposed conv's
+        inputs): read where nothing needs its other dim (a parent clipping every weight in
+        ``forward``, WGAN's critic), it follows the module; a functional convolution with
+        it still freezes them (before 2026-12-02 any read froze the module's channels)."""
+        if type(self).trace is not ConvPruner.trace:
             return None
         din, dout = (0, 1) if module.transposed else (1, 0)
         atoms_out = ctx.produce(name, "out", module.out_channels, dim=1)
@@ -104,6 +108,12 @@ class ConvPruner(LayerPruner):
             return Label(0, atoms_out)
         if param != "weight":
             return None
+        if module.groups != 1:
+            if not module.transposed:
+                return Label(0, atoms_out)
+            if (name, "in") not in ctx.slices:
+                ctx.bind(name, "in", ctx.new_atoms(module.in_channels), "in", arg=0, dim=1)
+            return Label(0, ctx.slices[(name, "in")].atoms)
         if (name, "in") not in ctx.slices:
             ctx.bind(name, "in", ctx.new_atoms(module.in_channels), "in", arg=0, dim=1)
         return Label(dout, atoms_out, cross=(din, ctx.slices[(name, "in")].atoms))

@@ -12,12 +12,19 @@ __all__ = ["EmbeddingPruner"]
 
 
 class EmbeddingPruner(LayerPruner):
+    """The embedding dimension is the module's ``"out"`` channels. With ``max_norm`` the
+    module rescales every row it looks up to that norm, taken over the embedding
+    dimension: it normalises across its channels (prunable, approximate, left out of the
+    exact oracle, like LayerNorm); before 2026-12-02 verification skipped the group
+    ("pruning it breaks the model")."""
+
     name = "embedding"
 
     def trace(self, module, call, ctx):
         for ref in call.inputs:  # indices (EmbeddingBag: offsets, per-sample weights) carry no channels
             ctx.label_of(ref)
-        atoms = ctx.produce(call.name, "out", module.embedding_dim, dim=-1)
+        renorms = getattr(module, "max_norm", None) is not None
+        atoms = ctx.produce(call.name, "out", module.embedding_dim, dim=-1, normalizes=renorms)
         ctx.set_label(call.outputs[0], -1, atoms)
 
     def trace_param(self, module, name, param, ctx):

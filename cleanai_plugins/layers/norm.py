@@ -47,6 +47,10 @@ class _PassThrough(LayerPruner):
     def channel_dim(self, module, x) -> int:
         return 1 if x.ndim > 1 else 0
 
+    def normalizes_across(self, module) -> bool:
+        """Whether ``module`` normalises across its channels (:attr:`normalizes`)."""
+        return self.normalizes
+
     def trace(self, module, call, ctx):
         x = call.args[0] if call.args else next(iter(call.kwargs.values()))
         dim = self.channel_dim(module, x)
@@ -57,14 +61,14 @@ class _PassThrough(LayerPruner):
             atoms = ctx.new_atoms(
                 x.shape[dim], frozen=f"{ctx.where()} normalises dim {dim} alike for every channel on dim {lab.dim}"
             )
-            ctx.bind(call.name, "channels", atoms, "param", dim=dim, normalizes=self.normalizes)
+            ctx.bind(call.name, "channels", atoms, "param", dim=dim, normalizes=self.normalizes_across(module))
             for out in call.outputs:
                 if out.shape == x.shape:
                     ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
             return
         atoms = ctx.labels(x, dim)
         self.constrain(module, atoms, ctx)
-        ctx.bind(call.name, "channels", atoms, "param", dim=dim, normalizes=self.normalizes)
+        ctx.bind(call.name, "channels", atoms, "param", dim=dim, normalizes=self.normalizes_across(module))
         # the origin (a reshape's split of heads and head dims) goes along, so attention
         # after the norm can still ask for the other split
         origin = lab.origin if lab is not None and lab.dim == dim else None
@@ -200,18 +204,27 @@ def _timm_rms_norm(module: nn.Module) -> str | None:
 
 
 class GroupNormPruner(_PassThrough):
-    """GroupNorm keeps ``num_groups``: the j-th channel of every group is one unit."""
+    """GroupNorm keeps ``num_groups``: the j-th channel of every group is one unit
+    (normalised across, approximate). With one channel per group (``GroupNorm(C, C)``,
+    an instance norm with affine) every channel is normalised on its own: channels go one
+    by one, each taking its group (``num_groups`` follows, exact). Before 2026-12-02 the
+    one-channel groups were tied into one unit and nothing could go."""
 
     name = "groupnorm"
     tensors = _AFFINE
     normalizes = True
 
+    def normalizes_across(self, module) -> bool:
+        return not _one_channel_groups(module)
+
     def constrain(self, module, atoms, ctx):
         g = module.num_groups
-        if g > 1:
+        if g > 1 and not _one_channel_groups(module):
             ctx.tie(atoms, (g, atoms.numel() // g), 1)
 
     def fix(self, module, n):
+        if _one_channel_groups(module):
+            module.num_groups = n
         module.num_channels = n
 
     def settings_problem(self, module):
@@ -219,6 +232,10 @@ class GroupNormPruner(_PassThrough):
         if not isinstance(g, int) or isinstance(g, bool) or g < 1 or (isinstance(c, int) and c % g):
             return f"num_groups={g!r} does not divide num_channels={c!r}"
         return super().settings_problem(module)
+
+
+def _one_channel_groups(module) -> bool:
+    return module.num_groups == module.num_channels > 1
 
 
 class GlobalResponseNormPruner(_PassThrough):

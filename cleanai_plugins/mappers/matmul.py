@@ -135,6 +135,17 @@ def convolution(call, ctx):
             ctx.union(lw.atoms, ctx.labels(bias, 0))
         ctx.set_label(out, 1, lw.atoms)
         return
+    if lw is not None and lw.dim == din and lw.cross is not None and lw.cross[0] == dout:
+        # a claimed conv's weight run the other way round (a tied autoencoder's decoder,
+        # ``F.conv_transpose2d(h, self.enc.weight)``): its filters meet x's channels, its
+        # input channels label the output. Froze both before 2026-12-02
+        ctx.union(ctx.labels(x, 1), lw.atoms)
+        atoms = ctx.take_cross(lw)
+        bias = arg(call, 2, "bias")
+        if isinstance(bias, TRef):
+            ctx.union(atoms, ctx.labels(bias, 0))
+        ctx.set_label(out, 1, atoms)
+        return
     if bare and _depthwise(x, w, lab, groups, transposed):
         # one filter per channel (timm's ``BlurPool2d``: a fixed blur in a buffer, ``groups=C``;
         # froze its channels and the stream they belong to, resnetblur18 kept 0.36): the

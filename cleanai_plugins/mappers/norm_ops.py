@@ -157,6 +157,7 @@ def reduce(call, ctx):
         dims = call.kwargs.get("dim")
     if dims is None or (isinstance(dims, (list, tuple)) and not dims):
         _reduce_channels(call, ctx, lab, name)  # a full reduction: no channel dimension is left
+        _reduce_second(ctx, lab, name, None)
         return
     if not isinstance(dims, (list, tuple, int)):
         ctx.freeze(lab.atoms, f"{ctx.where()}: reduction over unknown dimensions")
@@ -165,11 +166,29 @@ def reduce(call, ctx):
     dims = [x % src.ndim for x in dims]
     if lab.dim in dims:
         _reduce_channels(call, ctx, lab, name, dims)
+        _reduce_second(ctx, lab, name, dims)
         return
     d = lab.dim if keep is True else lab.dim - sum(x < lab.dim for x in dims)
+    cross = None
+    if lab.cross is not None and not _reduce_second(ctx, lab, name, dims):
+        c = lab.cross[0] % src.ndim
+        cross = (c if keep is True else c - sum(x < c for x in dims), lab.cross[1])
     for out in call.outputs:
         if out.ndim > d and out.shape[d] == lab.atoms.numel():
-            ctx.set_label(out, d, lab.atoms, lab.origin)
+            ctx.set_label(out, d, lab.atoms, lab.origin, cross)
+
+
+def _reduce_second(ctx, lab, name: str, dims: list[int] | None) -> bool:
+    """A reduction over the second labelled dimension of a weight read outside its module
+    (a cosine classifier's ``fc.weight.norm(dim=1, keepdim=True)``, an L2 penalty
+    ``(w ** 2).sum()``): dropped, like channels, where zeroed entries do not change the
+    result (the masking oracle zeroes such a weight along both dims); left to freeze
+    otherwise. Returns whether it reduced it. Before 2026-12-02 any reduction froze it."""
+    if lab.cross is None or (dims is not None and lab.cross[0] not in dims):
+        return False
+    if name in _MASK_INVARIANT:
+        ctx.pass_second(lab)
+    return True
 
 
 @table.register("topk", "sort", "kthvalue", "median", "mode")

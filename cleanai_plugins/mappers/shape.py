@@ -376,10 +376,12 @@ def expand(call, ctx):
     src, out = call.args[0], call.outputs[0]
     lab = ctx.label_of(src)
     shift = out.ndim - src.ndim
-    if lab is None:  # one value repeated along the grown dimensions: it may meet channels there
-        grown = {d for d in range(out.ndim) if out.shape[d] > 1 and (d < shift or src.shape[d - shift] == 1)}
-        if grown and isinstance(out, TRef) and isinstance(src, TRef):
-            ctx.spread[out.key] = grown | {d + shift for d in ctx.spread.get(src.key, ())}
+    grown = {d for d in range(out.ndim) if out.shape[d] > 1 and (d < shift or src.shape[d - shift] == 1)}
+    if grown and isinstance(out, TRef) and isinstance(src, TRef):
+        # one value repeated along the grown dimensions: it may meet channels (or, labelled, a
+        # weight's second label: ``F.normalize(fc.weight, dim=1)``'s expanded norm) there
+        ctx.spread[out.key] = grown | {d + shift for d in ctx.spread.get(src.key, ())}
+    if lab is None:
         return
     if src.shape[lab.dim] != out.shape[lab.dim + shift]:
         ctx.freeze(lab.atoms, f"{ctx.where()} broadcasts a single channel")
@@ -680,7 +682,7 @@ def _permuted_write(ctx, dst, values, out, indices, ld, lv) -> bool:
     dim = used[0]
     if values.shape != dst.shape or ld is None or ld.dim != dim:
         return False
-    atoms = ctx.placed(indices[dim], lv)
+    atoms = ctx.placed(ctx.index_source(indices[dim], 0), lv)  # the buffer, or one laid out from it
     if atoms is None:
         return False
     if not torch.equal(ld.atoms.sort().values, atoms.sort().values):  # (``zeros_like(values)``: the same channels)

@@ -315,6 +315,16 @@ def index_select(call, ctx):
             return
         if dim == lab.dim and name == "index_select" and _picked(ctx, src, out, lab, arg(call, 2, "index")):
             return
+        if dim == lab.dim and name == "gather" and _gathered(ctx, out, lab, arg(call, 2, "index")):
+            return
+        if dim == lab.dim:
+            ctx.freeze(
+                lab.atoms,
+                f"{ctx.where()} picks channels with an index that is not a 1-D index buffer of the model laid out "
+                "by views or expands (it cannot be rewritten when they shrink); register the positions as a 1-D "
+                "integer buffer and pick with x.index_select(dim, buffer), x[:, buffer] or gather on it",
+            )
+            return
     ctx.freeze(lab.atoms, f"{ctx.where()} indexes channels")
 
 
@@ -358,6 +368,8 @@ def scatter(call, ctx):
     ctx.label_of(arg(call, 2, "index"))  # looked at: positions, not channels
     if ld is None and lv is None:
         return
+    if _permuted_scatter(ctx, call, dst, src, out, dim, ld, lv):
+        return
     if any(lab is not None and lab.dim == dim for lab in (ld, lv)) or (lv is not None and src.ndim != dst.ndim):
         for lab in (ld, lv):
             if lab is not None:
@@ -388,6 +400,57 @@ def scatter(call, ctx):
     ctx.set_label(out, lv.dim, lv.atoms, lv.origin)
 
 
+def _permuted_scatter(ctx, call, dst, src, out, dim, ld, lv) -> bool:
+    """A scatter along the channels through a permutation laid out from an index buffer
+    (a flow's inverse shuffle: ``zeros_like(y).scatter_(1, perm.view(1, -1, 1, 1)
+    .expand_as(y), y)``, ``index_copy(1, perm, y)``, ``index_add``): destination channel
+    ``perm[i]`` gets channel ``i`` of ``src``, like ``dst[:, perm] = y``
+    (:func:`~cleanai_plugins.mappers.shape.index_put`); the buffer is rewritten. The
+    destination's channel ``perm[i]`` goes with it where its values are added to
+    (``index_add``, ``scatter_add``) or it has channels of its own; a destination without
+    channels takes the placed ones unless its width is a number the module stores
+    (:func:`fresh_destination_problem`). It froze the channels ("writes across the
+    channels") before 2026-12-02."""
+    name = call.op.overloadpacket.__name__
+    if lv is None or lv.dim != dim or (ld is not None and ld.dim != dim) or not isinstance(src, TRef):
+        return False
+    if src.shape != dst.shape or name.startswith(("index_fill", "scatter_reduce", "index_reduce")):
+        return False
+    if ld is None and fresh_destination_problem(ctx, dst.shape[dim]) is not None:
+        return False
+    index = arg(call, 2, "index")
+    atoms = ctx.placed(ctx.index_source(index, dim if getattr(index, "ndim", 1) == dst.ndim else 0), lv)
+    if atoms is None:
+        return False
+    # overwritten everywhere, or added to a constant (``zeros_like(src)``: the same channels),
+    # the destination needs no tie; added to the features themselves, it does
+    adds = "add" in name and not _constant(ctx, dst)
+    if ld is not None and (adds or not torch.equal(ld.atoms.sort().values, atoms.sort().values)):
+        ctx.union(ld.atoms, atoms)
+    ctx.set_label(out, dim, atoms)
+    return True
+
+
+#: ops that make a tensor of one value everywhere
+_CONSTANT_FILLS = frozenset(
+    {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full", "zeros", "ones", "full",
+     "zero_", "fill_"}
+)  # fmt: skip
+
+
+def _constant(ctx, ref) -> bool:
+    """Whether ``ref`` was made holding one value everywhere (``torch.zeros_like(y)``)."""
+    event = ctx.made_by.get(getattr(ref, "key", None))
+    while event is not None and getattr(event, "op", None) is not None:
+        name = event.op.overloadpacket.__name__
+        if name in _CONSTANT_FILLS:
+            return True
+        if name not in ("detach", "alias") or not event.args:
+            return False
+        event = ctx.made_by.get(getattr(event.args[0], "key", None))
+    return False
+
+
 def _picked(ctx, src, out, lab, index) -> bool:
     """Channels picked by a model's index buffer (a fixed permutation, a subset): the
     output carries the atoms it picks, and pruning rewrites the buffer. Returns whether
@@ -395,7 +458,21 @@ def _picked(ctx, src, out, lab, index) -> bool:
     shape = getattr(index, "shape", ())
     if len(shape) != 1 or out.ndim != src.ndim or out.shape[lab.dim] != shape[0]:
         return False
-    atoms = ctx.picked(index, lab)
+    atoms = ctx.picked(ctx.index_source(index, 0), lab)  # the buffer, or one laid out from it (``perm.long()``)
+    if atoms is None:
+        return False
+    ctx.set_label(out, lab.dim, atoms)
+    return True
+
+
+def _gathered(ctx, out, lab, index) -> bool:
+    """``torch.gather(x, dim, index)`` along the channels with an index laid out from a
+    1-D index buffer (``perm.view(1, -1, 1, 1).expand_as(x)``): ``index_select`` with the
+    buffer, which pruning rewrites. It froze the channels before 2026-12-02."""
+    source = ctx.index_source(index, lab.dim)
+    if source is None or out.shape[lab.dim] != max(source.shape):
+        return False
+    atoms = ctx.picked(source, lab)
     if atoms is None:
         return False
     ctx.set_label(out, lab.dim, atoms)
