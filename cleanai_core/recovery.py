@@ -58,6 +58,7 @@ from cleanai_core.runtime import (
     find_logits,
     label_indices,
     not_class_labels,
+    regression_targets,
     unused_key_hint,
 )
 
@@ -158,16 +159,6 @@ def _token_targets(logits: torch.Tensor, inputs: Any, target: Any) -> tuple[torc
     return target.long().to(logits.device), mask
 
 
-def _regression_targets(logits: torch.Tensor, target: Any) -> torch.Tensor | None:
-    """``target`` shaped as ``logits`` where it is a regression's: floating values that are
-    not class indices (fractional), one per output (``(N,)`` against ``(N, 1)`` too)."""
-    if not isinstance(target, torch.Tensor) or not target.is_floating_point() or target.numel() != logits.numel():
-        return None
-    if target.shape != logits.shape and not (target.dim() == 1 and logits.shape == (len(target), 1)):
-        return None
-    return target.reshape(logits.shape).to(logits.device, logits.dtype)
-
-
 def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None, target: Any = None) -> str:
     """``task``, or from the logits' shape where it is ``"auto"``: ``(N, C)`` classification;
     ``(N, T, C)`` a causal LM, unless the model's Hugging Face config says its outputs are
@@ -181,7 +172,7 @@ def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None, ta
         rows = target.float()
         fractional = not (bool((rows >= 0).all()) and torch.allclose(rows.sum(1), torch.ones(len(rows)), atol=1e-3))
     if getattr(config, "problem_type", None) == "regression" or (
-        fractional and _regression_targets(logits, target) is not None
+        fractional and regression_targets(logits, target) is not None
     ):
         return "regression"
     if logits.dim() == 2:
@@ -214,7 +205,7 @@ def distillation_loss(
     ``teacher_logits=None`` or ``kd_weight=0`` drops the KL term; no labels drops CE."""
     s = student_logits.float()
     if task == "regression":  # squared errors: to the labels, and to the teacher's outputs
-        y = _regression_targets(s, target)
+        y = regression_targets(s, target)
         loss = s.new_zeros(())
         if teacher_logits is not None and kd_weight:
             loss = loss + kd_weight * F.mse_loss(s, teacher_logits.float().reshape(s.shape))
@@ -470,7 +461,7 @@ def held_out_metric_and_loss(
                 metric = "perplexity"
                 continue
             if task == "regression":
-                y = _regression_targets(logits, target)
+                y = regression_targets(logits, target)
                 if y is None and t_logits is None:
                     raise UserError(
                         "the held-out data has no regression targets and there is no teacher to compare with"

@@ -38,6 +38,7 @@ __all__ = [
     "logits_of",
     "move_to",
     "not_class_labels",
+    "regression_targets",
     "run_batch",
     "same_layout",
     "split_batch",
@@ -370,6 +371,16 @@ def label_indices(y: torch.Tensor) -> torch.Tensor | None:
     if y.is_floating_point():
         return y.long() if bool(torch.isfinite(y).all()) and bool((y == y.round()).all()) else None
     return y.long()
+
+
+def regression_targets(logits: torch.Tensor, target: Any) -> torch.Tensor | None:
+    """``target`` shaped as ``logits`` (its dtype and device) where it can be a regression's:
+    floating values, one per output (``(N,)`` against ``(N, 1)`` too); else ``None``."""
+    if not isinstance(target, torch.Tensor) or not target.is_floating_point() or target.numel() != logits.numel():
+        return None
+    if target.shape != logits.shape and not (target.dim() == 1 and logits.shape == (len(target), 1)):
+        return None
+    return target.reshape(logits.shape).to(logits.device, logits.dtype)
 
 
 def not_class_labels(y: torch.Tensor) -> str:

@@ -167,3 +167,32 @@ def test_a_regression_recovers_on_squared_errors_and_reports_its_mean_squared_er
     with torch.no_grad():
         expected = float(((recovered(x[:40]) - y[:40]) ** 2).mean())
     assert metric == "mse" and value == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_reports_evaluator_gives_a_regressions_mean_squared_error():
+    from cleanai_plugins.io.evaluation import cleanai_evaluate
+
+    torch.manual_seed(7)
+    model = nn.Linear(5, 2)
+    x, y = torch.randn(30, 5), torch.randn(30, 2)
+    result = cleanai_evaluate(model, DataLoader(TensorDataset(x, y), batch_size=8), torch.device("cpu"))
+    with torch.no_grad():
+        expected = float(((model(x) - y) ** 2).mean())
+    assert result["mse"] == pytest.approx(expected, rel=1e-6) and result["recovery_task"] == "regression"
+    assert "accuracy" not in result
+    wrong = cleanai_evaluate(model, DataLoader(TensorDataset(x, torch.randn(30, 3)), batch_size=8), torch.device("cpu"))
+    assert "mse" not in wrong and "not class indices" in wrong["accuracy_note"]  # not shaped like the outputs
+
+
+def test_a_regression_job_reports_its_error_before_and_after(tmp_path):
+    from cleanai_core.job.run import run_job
+
+    torch.manual_seed(8)
+    x = torch.randn(64, 6)
+    y = torch.stack([x[:, 0] * 0.7 + 0.2, x[:, 1] * x[:, 2]], 1)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2)).eval()
+    cfg = {"model": "memory", "data": "memory", "ratio": 0.5, "out": str(tmp_path / "o"), "quiet": True}
+    report = run_job(cfg, model=model, dataset=TensorDataset(x, y))
+    assert report["mse_before"] > 0 and report["mse_after"] > 0 and report["accuracy_before"] is None
+    assert report["params_after"] < report["params_before"]
+    assert "Mean squared error" in (tmp_path / "o" / "report.md").read_text()

@@ -8,7 +8,7 @@ import torch
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.runtime import class_logits, find_logits
+from cleanai_core.runtime import class_logits, find_logits, regression_targets
 from cleanai_plugins.io.datasets import label_indices, not_class_labels
 
 log = logging.getLogger("cleanai")
@@ -22,26 +22,36 @@ log = logging.getLogger("cleanai")
 def cleanai_evaluate(model, loader, device):
     """Top-1 accuracy for classifiers on ``(x, y)`` batches with class labels (integers,
     whole-number floats or one-hot rows); a model with one output is a binary classifier
-    (class 1 where its logit is positive). When accuracy does not apply, returns
-    ``{"accuracy_note": why}``."""
+    (class 1 where its logit is positive). Fractional targets shaped like the outputs are a
+    regression's: the mean squared error instead (and recovery's task). When neither
+    applies, returns ``{"accuracy_note": why}``."""
     from tqdm import tqdm
 
     correct = total = 0
+    squared, values, regression = 0.0, 0, False
     model.eval()
     quiet = not log.isEnabledFor(logging.INFO)
     with torch.no_grad():
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=quiet, leave=False):
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 return {"accuracy_note": "the data has no labels"}
-            x, y = batch[0], batch[1]
-            if not isinstance(y, torch.Tensor):
-                return {"accuracy_note": f"the labels are a {type(y).__name__}, not a tensor of class indices"}
-            y = label_indices(y) if y.dim() >= 1 else None
-            if y is None:
-                return {"accuracy_note": not_class_labels(batch[1])}
+            x, target = batch[0], batch[1]
+            if not isinstance(target, torch.Tensor):
+                return {"accuracy_note": f"the labels are a {type(target).__name__}, not a tensor of class indices"}
+            y = label_indices(target) if target.dim() >= 1 else None
+            fractional = target.is_floating_point() and (y is None or regression)
+            if y is None and not fractional:
+                return {"accuracy_note": not_class_labels(target)}
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise UserError("the evaluation data contains NaN or inf values; clean the data and run again")
             logits = find_logits(model(x.to(device)))
+            if fractional:  # a regression where the targets are shaped like the outputs
+                ref = regression_targets(logits, target) if isinstance(logits, torch.Tensor) else None
+                if ref is None or total:
+                    return {"accuracy_note": not_class_labels(target)}
+                squared += float(((logits.float() - ref.float()) ** 2).sum())
+                values, regression = values + ref.numel(), True
+                continue
             if logits is None or logits.dim() != 2:
                 shape = tuple(logits.shape) if logits is not None else "no tensor"
                 return {"accuracy_note": f"the model's output ({shape}) is not one row of class scores per sample"}
@@ -53,9 +63,16 @@ def cleanai_evaluate(model, loader, device):
                     f"labels go from {int(y.min())} to {int(y.max())} but the model has {has}; "
                     "give labels 0..N-1 matching the model's classes (or --num-classes)"
                 )
-            predicted = class_logits(logits).argmax(1)
-            correct += int((predicted.cpu() == y).sum())
+            correct += int((class_logits(logits).argmax(1).cpu() == y).sum())
             total += len(y)
+    if regression:
+        return {
+            "mse": squared / values,
+            "evaluated": values,
+            "accuracy_note": "the targets are a regression's (fractional, one per output): the mean squared error "
+            "is reported instead",
+            "recovery_task": "regression",
+        }
     if total == 0:
         return {"accuracy_note": "the evaluation data is empty"}
     return {"accuracy": correct / total, "evaluated": total}
