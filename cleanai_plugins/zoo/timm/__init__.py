@@ -4,7 +4,7 @@ The plugin in three steps, each a hook:
 
 1. ``cleanai_prepare_model`` scans the model once (``scan.py``) and files a
    :class:`~cleanai_plugins.zoo.timm.scan.TimmScan` in the model's findings, plus the
-   modules that may slice fixed channel ranges (DPN, CoaT, FasterNet).
+   modules that may slice fixed channel ranges (DPN, ReXNet, CoaT, FasterNet).
 2. ``cleanai_layer_pruner`` claims, from that scan, the projections that need coupling
    beyond a plain linear or conv (width-bound attention, LambdaNetworks, parallel blocks,
    MambaOut), and weight-standardised convs by type.
@@ -49,6 +49,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     fix_lambda_layer,
     fix_parallel_block,
     fix_partial_conv,
+    fix_range_shortcut,
 )
 from cleanai_plugins.zoo.timm.cascaded import fix_cascaded_attention
 from cleanai_plugins.zoo.timm.cross_covariance import fix_cross_covariance
@@ -82,6 +83,7 @@ FIXUPS = (
     fix_parallel_block,
     fix_gated_conv_block,
     fix_dual_path_block,
+    fix_range_shortcut,
     fix_conv_rel_pos,
     fix_partial_conv,
     fix_split_scales,
@@ -99,7 +101,7 @@ FIXUPS = (
 @hookimpl
 def cleanai_prepare_model(model):
     scan = scan_model(model, FIXUPS)
-    ranges = (*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv, *scan.split_scales)
+    ranges = (*scan.dual_path, *scan.range_shortcut, *scan.conv_rel_pos, *scan.partial_conv, *scan.split_scales)
     ranges = (*ranges, *scan.cascaded_attention, *scan.partial_attention, *scan.inception_dw, *scan.linear_attention)
     # the head counts fix_attention rewrites (``num_heads`` / ``heads`` beside a query
     # projection), and the counts and widths fix_bottleneck_attention does (BoTNet, HaloNet)

@@ -1,5 +1,5 @@
 """timm blocks whose ``forward`` splits channels by stored sizes: LambdaNetworks, parallel
-blocks, MambaOut, DPN, CoaT, FasterNet.
+blocks, MambaOut, DPN, CoaT, FasterNet, ReXNet.
 
 Each pattern has a scan (``scan_*``, run once per model by ``scan.scan_model``), possibly
 a layer pruner for the projection that feeds the split (claimed through the scan), and a
@@ -33,11 +33,13 @@ __all__ = [
     "fix_lambda_layer",
     "fix_parallel_block",
     "fix_partial_conv",
+    "fix_range_shortcut",
     "scan_conv_rel_pos",
     "scan_dual_path_blocks",
     "scan_gated_conv_blocks",
     "scan_lambda_layers",
     "scan_parallel_blocks",
+    "scan_range_shortcuts",
     "scan_partial_convs",
 ]
 
@@ -202,16 +204,43 @@ def fix_dual_path_block(module: nn.Module, name: str, edits, scan: TimmScan) -> 
     if module not in scan.dual_path:
         return
     c1 = getattr(module, "c1x1_c1", None)
-    if isinstance(c1, nn.Module):
-        n = out_channels(c1)
-    else:
-        conv = f"{name}.c1x1_c" if name else "c1x1_c"
-        if isinstance(getattr(module.c1x1_c, "conv", None), nn.Module):
-            conv += ".conv"
-        keep = edits.get((conv, "out"))
-        n = None if keep is None else int((keep < module.num_1x1_c).sum())
+    n = out_channels(c1) if isinstance(c1, nn.Module) else _kept_below(module, name, "c1x1_c", "num_1x1_c", edits)
     if n is not None:
         module.num_1x1_c = n
+
+
+def _kept_below(module: nn.Module, name: str, child: str, bound: str, edits) -> int | None:
+    """How many of ``child``'s output channels below ``module.<bound>`` survived (``child``
+    a conv or a conv-norm-act wrapper): a kept range keeps its channels in order."""
+    conv = f"{name}.{child}" if name else child
+    if isinstance(getattr(getattr(module, child), "conv", None), nn.Module):
+        conv += ".conv"
+    keep = edits.get((conv, "out"))
+    return None if keep is None else int((keep < getattr(module, bound)).sum())
+
+
+@triggered_by("use_shortcut")
+def scan_range_shortcuts(modules: list[nn.Module]) -> set[nn.Module]:
+    """ReXNet ``LinearBottleneck``: its shortcut is added to the first ``in_channels`` of
+    ``conv_pwl``'s wider output, ``cat([x[:, 0:self.in_channels] + shortcut,
+    x[:, self.in_channels:]])``. The fixed range froze the whole stream (rexnet kept 0.43
+    at a ratio of 0.5); the blocks take channel ranges and ``fix_range_shortcut`` rewrites
+    ``in_channels``."""
+    found = set()
+    for module in modules:
+        bound, conv = getattr(module, "in_channels", None), getattr(module, "conv_pwl", None)
+        if getattr(module, "use_shortcut", False) is True and isinstance(bound, int) and isinstance(conv, nn.Module):
+            found.add(module)
+    return found
+
+
+@triggered_by("use_shortcut")
+def fix_range_shortcut(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """The shortcut's range keeps the outputs of ``conv_pwl`` below ``in_channels`` that survived."""
+    if module in scan.range_shortcut:
+        n = _kept_below(module, name, "conv_pwl", "in_channels", edits)
+        if n is not None:
+            module.in_channels = n
 
 
 @triggered_by("channel_splits")

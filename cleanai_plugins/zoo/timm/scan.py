@@ -22,6 +22,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     scan_lambda_layers,
     scan_parallel_blocks,
     scan_partial_convs,
+    scan_range_shortcuts,
 )
 from cleanai_plugins.zoo.timm.cascaded import scan_cascaded_attention
 from cleanai_plugins.zoo.timm.cross_covariance import scan_cross_covariance
@@ -60,6 +61,8 @@ class TimmScan:
     gated_fc1: set[nn.Module] = attrs.field(factory=set)
     #: DPN dual path blocks
     dual_path: set[nn.Module] = attrs.field(factory=set)
+    #: ReXNet blocks: the shortcut is added to the first ``in_channels`` of the output
+    range_shortcut: set[nn.Module] = attrs.field(factory=set)
     #: CoaT conv relative position encodings
     conv_rel_pos: set[nn.Module] = attrs.field(factory=set)
     #: every scanned module -> the after-prune fix-ups that may act on it (those with one of
@@ -100,6 +103,7 @@ _SCANS = (
     scan_parallel_blocks,
     scan_gated_conv_blocks,
     scan_dual_path_blocks,
+    scan_range_shortcuts,
     scan_conv_rel_pos,
     scan_partial_convs,
     scan_split_scales,
@@ -138,6 +142,7 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         parallel=scan_parallel_blocks(having(scan_parallel_blocks)),
         gated_fc1=scan_gated_conv_blocks(having(scan_gated_conv_blocks)),
         dual_path=scan_dual_path_blocks(having(scan_dual_path_blocks)),
+        range_shortcut=scan_range_shortcuts(having(scan_range_shortcuts)),
         conv_rel_pos=scan_conv_rel_pos(having(scan_conv_rel_pos)),
         partial_conv=scan_partial_convs(having(scan_partial_convs)),
         split_scales=scan_split_scales(having(scan_split_scales)),

@@ -1,0 +1,38 @@
+"""Session 19 model coverage: one focused check per cause fixed (tiny configs, default suite)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_models_6 import between, groups_with, n_params, redrawn  # the session-16 tests' helpers
+from test_models_7 import replayed
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.testing import check_pruner
+
+# -- ReXNet: the shortcut is added to a fixed range of the block's output -------------------------
+
+
+def test_shortcut_added_to_the_first_channels_of_a_wider_output_prunes_the_stream():
+    pytest.importorskip("timm")
+    from timm.models.rexnet import LinearBottleneck
+
+    torch.manual_seed(0)
+    block = LinearBottleneck(8, 12, 1, exp_ratio=2.0, se_ratio=0.25)
+    stem, pool = nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1)
+    model = redrawn(between(stem=stem, block=block, pool=pool, flat=nn.Flatten(), head=nn.Linear(12, 3))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    # ``cat([x[:, 0:in_channels] + shortcut, x[:, in_channels:]])``: the fixed range froze the stream
+    assert [(g.size, g.prunable) for g in groups_with(graph, "stem", "out")] == [(8, 8)]  # was [(8, 0)]
+    assert sorted((g.size, g.prunable) for g in groups_with(graph, "block.conv_pwl.conv", "out")) == [(4, 4), (8, 8)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    assert (report.params_before, report.params_after) == (971, 375)  # was 971 -> 571
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
+    small = pruner.prune()
+    assert (small.stem.out_channels, small.block.in_channels, small.block.conv_pwl.conv.out_channels) == (4, 4, 6)
+    with torch.no_grad():
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
