@@ -200,6 +200,7 @@ DEFAULT_PATH = [
     ("timm:ecaresnet26t", {}, (3, 64, 64)),  # ECA's channel conv passes them approximately (0.488 -> 0.252)
     # session 19
     ("timm:rexnet_100", {}, (3, 64, 64)),  # the shortcut's fixed channel range follows the kept ones (0.427 -> 0.265)
+    ("timm:efficientnet_cc_b0_4e", {}, (3, 64, 64)),  # CondConv's expert filters slice like a conv's (0.500 -> 0.265)
 ]
 
 

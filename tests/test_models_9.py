@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_models_6 import between, groups_with, n_params, redrawn  # the session-16 tests' helpers
+from test_models_6 import between, groups_with, redrawn  # the session-16 tests' helpers
 from test_models_7 import replayed
 from torch import nn
 
@@ -36,3 +36,35 @@ def test_shortcut_added_to_the_first_channels_of_a_wider_output_prunes_the_strea
     assert (small.stem.out_channels, small.block.in_channels, small.block.conv_pwl.conv.out_channels) == (4, 4, 6)
     with torch.no_grad():
         assert torch.equal(replayed(model, pruner.history)(x), small(x))
+
+
+# -- CondConv: per-sample expert filters mixed inside the module ----------------------------------
+
+
+def test_conditional_conv_experts_prune_like_a_plain_conv(tmp_path):
+    pytest.importorskip("timm")
+    from timm.models._efficientnet_blocks import CondConvResidual
+
+    torch.manual_seed(0)
+    block = CondConvResidual(8, 8, dw_kernel_size=3, exp_ratio=2.0, se_layer=None, num_experts=3)
+    stem, pool = nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1)
+    model = redrawn(between(stem=stem, block=block, pool=pool, flat=nn.Flatten(), head=nn.Linear(8, 3))).eval()
+    x = torch.randn(2, 3, 2, 2)  # at 2 x 2 the filters mixed by `routing @ weight` froze the stream: [(8, 0)]
+    graph = DependencyGraph(model, x)
+    assert [(g.size, g.prunable) for g in groups_with(graph, "stem", "out")] == [(8, 8)]
+    assert [(g.size, g.prunable) for g in groups_with(graph, "block.conv_pw", "out")] == [(16, 16)]
+    assert [(g.size, g.prunable) for g in groups_with(graph, "block.routing_fn", "out")] == [(3, 0)]  # the experts
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    assert (report.params_before, report.params_after) == (1558, 590)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
+    small = pruner.prune()
+    pw, dw, pwl = small.block.conv_pw, small.block.conv_dw, small.block.conv_pwl
+    assert (pw.out_channels, dw.groups, dw.weight.shape) == (8, 8, (3, 72))
+    assert (pwl.in_channels, pwl.weight.shape) == (8, (3, 32))
+    assert pwl.weight_shape == (4, 8, 1, 1)
+    with torch.no_grad():
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    torch.save(small, tmp_path / "m.pt")
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), small(x))

@@ -7,7 +7,7 @@ The plugin in three steps, each a hook:
    modules that may slice fixed channel ranges (DPN, ReXNet, CoaT, FasterNet).
 2. ``cleanai_layer_pruner`` claims, from that scan, the projections that need coupling
    beyond a plain linear or conv (width-bound attention, LambdaNetworks, parallel blocks,
-   MambaOut), and weight-standardised convs by type.
+   MambaOut), and weight-standardised and conditional (CondConv) convs by type.
 3. ``cleanai_after_prune`` runs :data:`FIXUPS`: attributes outside tensors (head counts,
    head sizes, split sizes) follow the sliced widths, read against the scan taken before
    slicing. On a scanned module only the fix-ups the scan found may act there run (each
@@ -52,6 +52,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     fix_range_shortcut,
 )
 from cleanai_plugins.zoo.timm.cascaded import fix_cascaded_attention
+from cleanai_plugins.zoo.timm.cond_conv import CondConvPruner, is_cond_conv
 from cleanai_plugins.zoo.timm.cross_covariance import fix_cross_covariance
 from cleanai_plugins.zoo.timm.inception_dw import fix_inception_dw
 from cleanai_plugins.zoo.timm.linear_attention import fix_linear_attention
@@ -134,6 +135,8 @@ def cleanai_whole_heads(model):
 def cleanai_layer_pruner(module, findings):
     if is_std_conv(module):
         return StdConvPruner()
+    if is_cond_conv(module):
+        return CondConvPruner()
     scan = scan_of(findings)
     if module in scan.whole_group_convs:
         return ConvPruner(whole_groups=True)
