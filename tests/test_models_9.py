@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_models_6 import between, groups_with, redrawn  # the session-16 tests' helpers
+from test_models_6 import between, groups_with, n_params, redrawn  # the session-16 tests' helpers
 from test_models_7 import replayed
 from torch import nn
 
@@ -68,3 +68,44 @@ def test_conditional_conv_experts_prune_like_a_plain_conv(tmp_path):
     torch.save(small, tmp_path / "m.pt")
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), small(x))
+
+
+# -- CoaT's factorised attention: qkv viewed with C // num_heads, output reshaped to C -----------
+
+COAT = {"img_size": 32, "embed_dims": (32, 32, 32, 32), "serial_depths": (1, 1, 1, 1), "mlp_ratios": (2, 2, 2, 2)}
+
+
+def test_coat_factorised_attention_frees_the_stream_from_its_heads(tmp_path):
+    timm = pytest.importorskip("timm")
+    from cleanai_core import load_pruned
+    from cleanai_core.io import save_pruned
+
+    torch.manual_seed(0)
+    model = redrawn(timm.create_model("coat_lite_tiny", num_classes=3, num_heads=8, **COAT)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = DependencyGraph(model, x)
+    # was [(3, 3), (2, 2), (3, 3)]: the stream pruned in head-sized blocks, grouped by CRPE window
+    assert [(g.size, g.prunable) for g in groups_with(graph, "patch_embed1.proj", "out")] == [(32, 32)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    attn = small.serial_blocks1[0].factoratt_crpe
+    assert (n_params(model), n_params(small)) == (53923, 17379)  # was 53923 -> 21943
+    assert (type(attn).__name__, attn.num_heads, small.patch_embed1.proj.out_channels) == (
+        "PrunedFactorAttnConvRelPosEnc",
+        5,
+        16,
+    )
+    with torch.no_grad():
+        assert float((small(x) - model(x)).abs().max()) > 1e-3  # the comparisons below have teeth
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    kwargs = {"num_heads": 8, **COAT}
+    save_pruned(
+        tmp_path / "o", small, pruner.history, "timm:coat_lite_tiny", {"num_classes": 3, "model_kwargs": kwargs}
+    )
+    back = load_pruned(tmp_path / "o", trust_code=True)
+    torch.save(small, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))

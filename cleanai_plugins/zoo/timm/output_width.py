@@ -1,4 +1,4 @@
-"""Attentions whose output reshape names the input width (EVA, PVT-v2, latent attention pooling), freed.
+"""Attentions whose output reshape names the input width (EVA, PVT-v2, latent attention pooling, CoaT), freed.
 
 Glossary:
 
@@ -13,7 +13,10 @@ Glossary:
   shrink (rotary embeddings, SDPA's default scale) the heads go whole, so the residual stream
   pruned in head-sized blocks: eva02_tiny (3 heads of 64) lost one of three blocks and kept
   0.375 of its parameters at a ratio of 0.5, test_vit3's pooled stream 0.41; PVT-v2's first
-  stage, one head, did not prune at all (pvt_v2_b1 kept 0.31).
+  stage, one head, did not prune at all (pvt_v2_b1 kept 0.31). CoaT's factorised attention
+  (``FactorAttnConvRelPosEnc``) also views ``qkv`` with ``C // num_heads``: its heads (8, in
+  window groups of 2, 3 and 3) went whole and the stream kept 5 of 8 head-sized blocks
+  (coat_lite_tiny kept 0.345 at a ratio of 0.5).
 
 The scan leaves these classes out of the width-bound ones, so their heads prune on their own
 and the stream on its own; after slicing the class becomes a variant whose ``forward`` reads
@@ -123,11 +126,22 @@ def _latent_pool_forward(self, x, attn_mask=None):
     return x
 
 
+def _coat_forward(self, x, size):
+    """timm's CoaT ``FactorAttnConvRelPosEnc.forward`` with the head size and the output
+    width read from the heads (its relative position encoding reads them from ``q``)."""
+    B, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    factor_att = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)
+    x = self.scale * factor_att + self.crpe(q, v, size=size)
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
 #: (timm module, class, the variant's forward, the variant's name)
 _BASES = (
     ("timm.models.eva", "EvaAttention", _eva_forward, "PrunedEvaAttention"),
     ("timm.models.pvt_v2", "Attention", _pvt_forward, "PrunedPvtAttention"),
     ("timm.layers.attention_pool", "AttentionPoolLatent", _latent_pool_forward, "PrunedAttentionPoolLatent"),
+    ("timm.models.coat", "FactorAttnConvRelPosEnc", _coat_forward, "PrunedFactorAttnConvRelPosEnc"),
 )
 _VARIANTS = [pruned_variant(module, name, forward, __name__, pruned) for module, name, forward, pruned in _BASES]
 #: the pruned classes by name (a pickled model loads, also before timm is imported)
@@ -146,9 +160,10 @@ def _pruned() -> dict[type, type]:
 @triggered_by("num_heads")
 def scan_output_width(modules: list[nn.Module]) -> set[nn.Module]:
     """The attentions of :data:`_BASES` (exactly those classes: a subclass may read ``C``
-    elsewhere) whose ``head_dim`` the fix-ups can follow."""
+    elsewhere) whose ``head_dim`` the fix-ups can follow, or that store none (CoaT: the
+    variant reads it with ``-1``, the fix-ups count the heads)."""
     pruned = _pruned()
-    return {m for m in modules if type(m) in pruned and isinstance(getattr(m, "head_dim", None), int)}
+    return {m for m in modules if type(m) in pruned and isinstance(getattr(m, "head_dim", 0), int)}
 
 
 @triggered_by("num_heads")
