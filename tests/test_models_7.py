@@ -139,7 +139,8 @@ def test_coat_parallel_blocks_prune_through_the_aggregate():
     report = check_pruner(model, x, ratio=0.5)
     assert report.output_shapes_equal and report.max_abs_diff < 1e-4
     small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
-    assert (n_params(model), n_params(small)) == (71303, 28639)  # was 71303 -> 54907: the stream froze
+    # was 71303 -> 54907 (the stream froze), 28639 with the heads whole before session 19 (test_models_9)
+    assert (n_params(model), n_params(small)) == (71303, 22779)
     assert small.head.in_features < 32
     with torch.no_grad():
         assert small(x).shape == (2, 3)
