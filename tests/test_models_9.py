@@ -109,3 +109,40 @@ def test_coat_factorised_attention_frees_the_stream_from_its_heads(tmp_path):
     again = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))
+
+
+# -- BoTNet / HaloNet attention with q / k narrower than v (qk_ratio < 1) --------------------------
+
+
+@pytest.mark.parametrize(
+    "kind,side,proj,before,after",
+    [("bottleneck", 4, "qkv", 1408, 1024), ("halo", 8, "kv", 1440, 1056)],
+    ids=["botnet", "halonet"],
+)
+def test_bottleneck_attention_with_narrower_queries_prunes_its_values(kind, side, proj, before, after):
+    pytest.importorskip("timm")
+    from timm.layers.bottleneck_attn import BottleneckAttn
+    from timm.layers.halo_attn import HaloAttn
+
+    torch.manual_seed(0)
+    if kind == "bottleneck":  # split(qkv, [16, 16, 32]) before the heads
+        attn = BottleneckAttn(32, 32, feat_size=(4, 4), num_heads=4, qk_ratio=0.5)
+    else:  # split(kv, [4, 8]) inside every head
+        attn = HaloAttn(32, 32, feat_size=(8, 8), num_heads=4, block_size=4, halo_size=1, qk_ratio=0.5)
+    model = redrawn(between(stem=nn.Conv2d(3, 32, 1), attn=attn, post=nn.Conv2d(32, 8, 1))).eval()
+    x = torch.randn(2, 3, side, side)
+    graph = DependencyGraph(model, x)
+    # the split's unequal parts froze the values and everything reading them
+    values = [g for g in groups_with(graph, "post", "in") if g.prunable]
+    assert [(g.size, g.prunable) for g in values] == [(8, 8)]  # one unit per value channel of a head
+    assert any(f"{s.module}:{s.name}" == f"attn.{proj}:out" for s in values[0].slices)
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.post])
+    small = pruner.prune()
+    assert n_params(small) == after < before  # before: the values and the stream's output side stayed
+    a = small.attn
+    assert (a.num_heads, a.dim_head_qk, a.dim_head_v, a.dim_out_qk, a.dim_out_v) == (4, 4, 4, 16, 16)
+    with torch.no_grad():
+        assert float((small(x) - model(x)).abs().max()) > 1e-2
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))

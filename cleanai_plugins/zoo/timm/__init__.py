@@ -38,6 +38,7 @@ from cleanai_plugins.zoo.timm.attention import (
     rewrites_bottleneck_counts,
     rewrites_head_count,
     splits_heads_unevenly,
+    splits_qk_from_v,
 )
 from cleanai_plugins.zoo.timm.blocks import (
     GatedFc1Pruner,
@@ -113,6 +114,8 @@ def cleanai_prepare_model(model):
         or (fix_bottleneck_attention in found and rewrites_bottleneck_counts(m))
     )
     rewritten = rewrites_stored_counts(*counted)
+    uneven = (m for m, found in scan.fixups.items() if fix_bottleneck_attention in found and splits_qk_from_v(m))
+    ranges = (*ranges, *uneven)
     return {KEY: scan, **allow_channel_ranges(*ranges), **keeps_trained_scale(*scan.trained_scale), **rewritten}
 
 
