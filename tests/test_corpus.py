@@ -203,6 +203,7 @@ DEFAULT_PATH = [
     ("timm:efficientnet_cc_b0_4e", {}, (3, 64, 64)),  # CondConv's expert filters slice like a conv's (0.500 -> 0.265)
     ("timm:coat_lite_tiny", {"img_size": 64}, (3, 64, 64)),  # factorised attention off the stream (0.345 -> 0.271)
     ("timm:eca_halonext26ts", {}, (3, 256, 256)),  # q / k narrower than v split apart (0.346 -> 0.253)
+    ("timm:lambda_resnet26t", {}, (3, 64, 64)),  # the lambda layer claimed whole (0.391 -> 0.252)
 ]
 
 

@@ -146,3 +146,58 @@ def test_bottleneck_attention_with_narrower_queries_prunes_its_values(kind, side
     with torch.no_grad():
         assert float((small(x) - model(x)).abs().max()) > 1e-2
         assert torch.equal(replayed(model, pruner.history)(x), small(x))
+
+
+# -- LambdaNetworks: the lambda layer claimed whole -------------------------------------------------
+
+
+@pytest.mark.parametrize("r,after", [(3, 240), (None, 318)], ids=["conv_lambda", "pos_emb"])
+def test_lambda_layer_prunes_keys_and_values_as_one_module(tmp_path, r, after):
+    pytest.importorskip("timm")
+    from timm.layers.lambda_layer import LambdaLayer
+
+    torch.manual_seed(0)
+    attn = LambdaLayer(16, 16, feat_size=(4, 4) if r is None else None, num_heads=4, dim_head=4, r=r)
+    model = redrawn(between(stem=nn.Conv2d(3, 16, 1), attn=attn, post=nn.Conv2d(16, 8, 1))).eval()
+    x = torch.randn(2, 3, 4, 4)
+    # was "nothing in this model can be pruned": the [q, k, v] split, k @ v and the position lambda froze it
+    graph = DependencyGraph(model, x)
+    (values,) = groups_with(graph, "attn", "v")
+    assert (values.size, values.prunable) == (4, 4)  # value channel j: input and output channels h * 4 + j
+    assert {"stem:out", "attn:in", "attn:out", "post:in"} <= {f"{s.module}:{s.name}" for s in values.slices}
+    assert [(g.size, g.prunable) for g in groups_with(graph, "attn", "qk")] == [(4, 4)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.post])
+    small = pruner.prune()
+    a = small.attn
+    assert (n_params(small), a.num_heads, a.dim_qk, a.dim_v, a.qkv.weight.shape[:2]) == (after, 4, 2, 2, (12, 8))
+    assert (a.norm_q.num_features, a.norm_v.num_features, small.stem.out_channels) == (8, 2, 8)
+    with torch.no_grad():
+        assert float((small(x) - model(x)).abs().max()) > 1e-2
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    torch.save(small, tmp_path / "m.pt")
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), small(x))
+
+
+def test_batchnorm_correction_leaves_norms_sliced_inside_a_module_claimed_whole():
+    pytest.importorskip("timm")
+    from timm.layers.lambda_layer import LambdaLayer
+
+    torch.manual_seed(0)
+    attn = LambdaLayer(16, 16, num_heads=4, dim_head=4, r=3)
+    model = redrawn(between(stem=nn.Conv2d(3, 16, 1), bn=nn.BatchNorm2d(16), attn=attn, post=nn.Conv2d(16, 8, 1)))
+    model.eval()
+    x = torch.randn(2, 3, 4, 4)
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5, ignored_layers=[model.post])
+    pruner.collect_activations([torch.randn(4, 3, 4, 4) for _ in range(2)], progress=False)
+    # the correction paired attn.norm_q's 16 original channels with its 8 kept ones: PruningError
+    small = pruner.prune()
+    assert small.attn.norm_q.num_features == 8 and small.bn.num_features == 8
+    q_rows = torch.tensor([h * 4 + j for h in range(4) for j in range(4)]).reshape(4, 4)
+    edits = {(e["module"], e["slice"]): e["keep"] for e in pruner.history.to_json()["steps"][0]}
+    rows = q_rows[:, torch.tensor(edits[("attn", "qk")])].reshape(-1)
+    # trained statistics, sliced (not moved): the module named no norm edit to pair them by
+    assert torch.equal(small.attn.norm_q.running_var, model.attn.norm_q.running_var[rows])
+    assert not torch.equal(small.bn.running_var, model.bn.running_var[torch.tensor(edits[("bn", "channels")])])

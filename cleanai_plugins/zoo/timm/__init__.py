@@ -6,7 +6,7 @@ The plugin in three steps, each a hook:
    :class:`~cleanai_plugins.zoo.timm.scan.TimmScan` in the model's findings, plus the
    modules that may slice fixed channel ranges (DPN, ReXNet, CoaT, FasterNet).
 2. ``cleanai_layer_pruner`` claims, from that scan, the projections that need coupling
-   beyond a plain linear or conv (width-bound attention, LambdaNetworks, parallel blocks,
+   beyond a plain linear or conv (width-bound attention, LambdaNetworks' whole layers, parallel blocks,
    MambaOut), and weight-standardised and conditional (CondConv) convs by type.
 3. ``cleanai_after_prune`` runs :data:`FIXUPS`: attributes outside tensors (head counts,
    head sizes, split sizes) follow the sliced widths, read against the scan taken before
@@ -42,12 +42,10 @@ from cleanai_plugins.zoo.timm.attention import (
 )
 from cleanai_plugins.zoo.timm.blocks import (
     GatedFc1Pruner,
-    LambdaQKVPruner,
     ParallelInProjPruner,
     fix_conv_rel_pos,
     fix_dual_path_block,
     fix_gated_conv_block,
-    fix_lambda_layer,
     fix_parallel_block,
     fix_partial_conv,
     fix_range_shortcut,
@@ -56,6 +54,7 @@ from cleanai_plugins.zoo.timm.cascaded import fix_cascaded_attention
 from cleanai_plugins.zoo.timm.cond_conv import CondConvPruner, is_cond_conv
 from cleanai_plugins.zoo.timm.cross_covariance import fix_cross_covariance
 from cleanai_plugins.zoo.timm.inception_dw import fix_inception_dw
+from cleanai_plugins.zoo.timm.lambda_layer import LambdaLayerPruner, is_lambda_layer
 from cleanai_plugins.zoo.timm.linear_attention import fix_linear_attention
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
@@ -81,7 +80,6 @@ FIXUPS = (
     fix_scale_shape,
     fix_group_count,
     fix_bottleneck_attention,
-    fix_lambda_layer,
     fix_parallel_block,
     fix_gated_conv_block,
     fix_dual_path_block,
@@ -145,8 +143,8 @@ def cleanai_layer_pruner(module, findings):
         return ConvPruner(whole_groups=True)
     if module in scan.parallel:
         return ParallelInProjPruner(*scan.parallel[module])
-    if module in scan.lambda_qkv:
-        return LambdaQKVPruner(*scan.lambda_qkv[module])
+    if is_lambda_layer(module):
+        return LambdaLayerPruner()
     if module in scan.gated_fc1:
         return GatedFc1Pruner()
     info = scan.tied.get(module)

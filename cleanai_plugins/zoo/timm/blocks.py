@@ -1,4 +1,4 @@
-"""timm blocks whose ``forward`` splits channels by stored sizes: LambdaNetworks, parallel
+"""timm blocks whose ``forward`` splits channels by stored sizes: parallel
 blocks, MambaOut, DPN, CoaT, FasterNet, ReXNet.
 
 Each pattern has a scan (``scan_*``, run once per model by ``scan.scan_model``), possibly
@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.layers.linear import LinearPruner
 from cleanai_plugins.mappers.shape import allow_unequal_split
 from cleanai_plugins.zoo.timm.lookup import triggered_by
@@ -25,69 +24,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GatedFc1Pruner",
-    "LambdaQKVPruner",
     "ParallelInProjPruner",
     "fix_conv_rel_pos",
     "fix_dual_path_block",
     "fix_gated_conv_block",
-    "fix_lambda_layer",
     "fix_parallel_block",
     "fix_partial_conv",
     "fix_range_shortcut",
     "scan_conv_rel_pos",
     "scan_dual_path_blocks",
     "scan_gated_conv_blocks",
-    "scan_lambda_layers",
     "scan_parallel_blocks",
     "scan_range_shortcuts",
     "scan_partial_convs",
 ]
-
-
-@triggered_by("dim_qk")
-def scan_lambda_layers(modules: list[nn.Module]) -> dict[nn.Module, tuple[int, int, int]]:
-    """LambdaLayers' ``qkv`` convs -> (heads, dim_qk, dim_v)."""
-    found = {}
-    for module in modules:
-        heads, dqk, dv = (getattr(module, a, None) for a in ("num_heads", "dim_qk", "dim_v"))
-        qkv = getattr(module, "qkv", None)
-        if not all(isinstance(v, int) for v in (heads, dqk, dv)) or not isinstance(qkv, nn.Conv2d):
-            continue
-        if qkv.groups == 1 and qkv.out_channels == heads * dqk + dqk + dv and qkv.in_channels == heads * dv:
-            found[qkv] = (heads, dqk, dv)
-    return found
-
-
-class LambdaQKVPruner(ConvPruner):
-    """LambdaNetworks ``LambdaLayer``: ``split(qkv(x), [heads * dim_qk, dim_qk, dim_v])``, the
-    output ``(B, heads, M, dim_v)`` reshaped to ``(B, C, H, W)`` with ``C`` the *input*
-    width. Input channel ``h * dim_v + j`` is tied with value channel ``j``: removing a
-    value channel removes one input channel per head, so ``C == heads * dim_v`` holds."""
-
-    def __init__(self, heads: int, dim_qk: int, dim_v: int) -> None:
-        self.heads, self.dim_qk, self.dim_v = heads, dim_qk, dim_v
-
-    def trace(self, module, call, ctx):
-        super().trace(module, call, ctx)
-        heads, dqk = self.heads, self.dim_qk
-        out = ctx.slices[(call.name, "out")].atoms
-        v = out[heads * dqk + dqk :]
-        ctx.union(ctx.slices[(call.name, "in")].atoms, v.repeat(heads))
-
-
-@triggered_by("qkv")
-def fix_lambda_layer(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
-    """``LambdaLayer`` widths follow its norms: ``norm_q`` (heads * dim_qk), ``norm_v`` (dim_v)."""
-    qkv = getattr(module, "qkv", None)
-    if qkv not in scan.lambda_qkv:
-        return
-    nq, nv = getattr(module, "norm_q", None), getattr(module, "norm_v", None)
-    if not isinstance(nq, nn.BatchNorm2d) or not isinstance(nv, nn.BatchNorm2d):
-        return
-    module.dim_v = nv.num_features
-    module.dim_qk = qkv.out_channels - nq.num_features - module.dim_v
-    if module.dim_qk > 0 and nq.num_features % module.dim_qk == 0:
-        module.num_heads = nq.num_features // module.dim_qk
 
 
 @triggered_by("in_split")

@@ -19,7 +19,6 @@ from cleanai_plugins.zoo.timm.blocks import (
     scan_conv_rel_pos,
     scan_dual_path_blocks,
     scan_gated_conv_blocks,
-    scan_lambda_layers,
     scan_parallel_blocks,
     scan_partial_convs,
     scan_range_shortcuts,
@@ -53,8 +52,6 @@ class TimmScan:
     width_heads: dict[nn.Module, int] = attrs.field(factory=dict)
     #: an EvoNorm-S norm -> channels per group
     group_size: dict[nn.Module, int] = attrs.field(factory=dict)
-    #: a LambdaLayer's ``qkv`` conv -> (heads, dim_qk, dim_v)
-    lambda_qkv: dict[nn.Module, tuple[int, int, int]] = attrs.field(factory=dict)
     #: a parallel block's ``in_proj`` -> (mlp width, dim)
     parallel: dict[nn.Module, tuple[int, int]] = attrs.field(factory=dict)
     #: MambaOut gated blocks' ``fc1``
@@ -99,7 +96,6 @@ _SCANS = (
     scan_output_width,
     scan_width_attention,
     scan_group_norms,
-    scan_lambda_layers,
     scan_parallel_blocks,
     scan_gated_conv_blocks,
     scan_dual_path_blocks,
@@ -138,7 +134,6 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         width_attention=width_attention,
         width_heads=width_heads,
         group_size=scan_group_norms(having(scan_group_norms)),
-        lambda_qkv=scan_lambda_layers(having(scan_lambda_layers)),
         parallel=scan_parallel_blocks(having(scan_parallel_blocks)),
         gated_fc1=scan_gated_conv_blocks(having(scan_gated_conv_blocks)),
         dual_path=scan_dual_path_blocks(having(scan_dual_path_blocks)),
