@@ -51,10 +51,10 @@ from cleanai_plugins.zoo.timm.blocks import (
     fix_range_shortcut,
 )
 from cleanai_plugins.zoo.timm.cascaded import fix_cascaded_attention
-from cleanai_plugins.zoo.timm.cond_conv import CondConvPruner, is_cond_conv
+from cleanai_plugins.zoo.timm.cond_conv import CondConvPruner
 from cleanai_plugins.zoo.timm.cross_covariance import fix_cross_covariance
 from cleanai_plugins.zoo.timm.inception_dw import fix_inception_dw
-from cleanai_plugins.zoo.timm.lambda_layer import LambdaLayerPruner, is_lambda_layer
+from cleanai_plugins.zoo.timm.lambda_layer import LambdaLayerPruner
 from cleanai_plugins.zoo.timm.linear_attention import fix_linear_attention
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
@@ -136,14 +136,14 @@ def cleanai_whole_heads(model):
 def cleanai_layer_pruner(module, findings):
     if is_std_conv(module):
         return StdConvPruner()
-    if is_cond_conv(module):
-        return CondConvPruner()
     scan = scan_of(findings)
+    if module in scan.cond_convs:
+        return CondConvPruner()
     if module in scan.whole_group_convs:
         return ConvPruner(whole_groups=True)
     if module in scan.parallel:
         return ParallelInProjPruner(*scan.parallel[module])
-    if is_lambda_layer(module):
+    if module in scan.lambda_layers:
         return LambdaLayerPruner()
     if module in scan.gated_fc1:
         return GatedFc1Pruner()

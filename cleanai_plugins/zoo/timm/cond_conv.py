@@ -19,8 +19,15 @@ import torch
 from torch import nn
 
 from cleanai_plugins.layers.conv import ConvPruner, _within
+from cleanai_plugins.zoo.timm.lookup import triggered_by
 
-__all__ = ["CondConvPruner", "is_cond_conv"]
+__all__ = ["CondConvPruner", "is_cond_conv", "scan_cond_convs"]
+
+
+@triggered_by("num_experts")
+def scan_cond_convs(modules: list[nn.Module]) -> set[nn.Module]:
+    """The conditional convolutions among ``modules`` (claimed by :class:`CondConvPruner`)."""
+    return {m for m in modules if is_cond_conv(m)}
 
 
 def is_cond_conv(module: nn.Module) -> bool:

@@ -25,8 +25,15 @@ import torch
 from torch import nn
 
 from cleanai_core.interfaces import LayerPruner, replace_param
+from cleanai_plugins.zoo.timm.lookup import triggered_by
 
-__all__ = ["LambdaLayerPruner", "is_lambda_layer"]
+__all__ = ["LambdaLayerPruner", "is_lambda_layer", "scan_lambda_layers"]
+
+
+@triggered_by("dim_qk")
+def scan_lambda_layers(modules: list[nn.Module]) -> set[nn.Module]:
+    """The lambda layers among ``modules`` (claimed by :class:`LambdaLayerPruner`)."""
+    return {m for m in modules if is_lambda_layer(m)}
 
 
 def is_lambda_layer(module: nn.Module) -> bool:

@@ -24,8 +24,10 @@ from cleanai_plugins.zoo.timm.blocks import (
     scan_range_shortcuts,
 )
 from cleanai_plugins.zoo.timm.cascaded import scan_cascaded_attention
+from cleanai_plugins.zoo.timm.cond_conv import scan_cond_convs
 from cleanai_plugins.zoo.timm.cross_covariance import scan_cross_covariance
 from cleanai_plugins.zoo.timm.inception_dw import scan_inception_dw
+from cleanai_plugins.zoo.timm.lambda_layer import scan_lambda_layers
 from cleanai_plugins.zoo.timm.linear_attention import scan_linear_attention
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import scan_group_norms, scan_whole_group_convs
@@ -52,6 +54,10 @@ class TimmScan:
     width_heads: dict[nn.Module, int] = attrs.field(factory=dict)
     #: an EvoNorm-S norm -> channels per group
     group_size: dict[nn.Module, int] = attrs.field(factory=dict)
+    #: LambdaNetworks' lambda layers, claimed whole
+    lambda_layers: set[nn.Module] = attrs.field(factory=set)
+    #: conditional (CondConv) convolutions, claimed like plain ones
+    cond_convs: set[nn.Module] = attrs.field(factory=set)
     #: a parallel block's ``in_proj`` -> (mlp width, dim)
     parallel: dict[nn.Module, tuple[int, int]] = attrs.field(factory=dict)
     #: MambaOut gated blocks' ``fc1``
@@ -96,6 +102,8 @@ _SCANS = (
     scan_output_width,
     scan_width_attention,
     scan_group_norms,
+    scan_lambda_layers,
+    scan_cond_convs,
     scan_parallel_blocks,
     scan_gated_conv_blocks,
     scan_dual_path_blocks,
@@ -134,6 +142,8 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         width_attention=width_attention,
         width_heads=width_heads,
         group_size=scan_group_norms(having(scan_group_norms)),
+        lambda_layers=scan_lambda_layers(having(scan_lambda_layers)),
+        cond_convs=scan_cond_convs(having(scan_cond_convs)),
         parallel=scan_parallel_blocks(having(scan_parallel_blocks)),
         gated_fc1=scan_gated_conv_blocks(having(scan_gated_conv_blocks)),
         dual_path=scan_dual_path_blocks(having(scan_dual_path_blocks)),
