@@ -201,3 +201,30 @@ def test_batchnorm_correction_leaves_norms_sliced_inside_a_module_claimed_whole(
     # trained statistics, sliced (not moved): the module named no norm edit to pair them by
     assert torch.equal(small.attn.norm_q.running_var, model.attn.norm_q.running_var[rows])
     assert not torch.equal(small.bn.running_var, model.bn.running_var[torch.tensor(edits[("bn", "channels")])])
+
+
+# -- an empty output (a detector that found nothing) ----------------------------------------------
+
+
+class EmptyDetections(nn.Module):
+    """Scores and the detections above a threshold none reaches: an empty second output,
+    as torchvision's FCOS gives on random weights and images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        scores = self.b(torch.relu(self.a(x))).mean((2, 3))
+        return scores, scores[scores > 1e9]
+
+
+def test_an_empty_output_is_left_out_of_the_oracle_comparisons():
+    torch.manual_seed(0)
+    model, x = EmptyDetections().eval(), torch.randn(2, 3, 8, 8)
+    report = check_pruner(model, x, ratio=0.5)  # raised "max(): Expected reduction dim ..." on the empty output
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6 and report.params_after == 132
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)  # the default path's exactness check raised it too
+    pruner.collect_activations([torch.randn(2, 3, 8, 8)] * 2, progress=False)
+    small = pruner.prune()
+    assert small.a.out_channels == 4 and [tuple(t.shape) for t in small(x)] == [(2, 4), (0,)]
