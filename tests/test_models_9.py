@@ -228,3 +228,41 @@ def test_an_empty_output_is_left_out_of_the_oracle_comparisons():
     pruner.collect_activations([torch.randn(2, 3, 8, 8)] * 2, progress=False)
     small = pruner.prune()
     assert small.a.out_channels == 4 and [tuple(t.shape) for t in small(x)] == [(2, 4), (0,)]
+
+
+# -- differential attention: its output reshape named the input width ----------------------------
+
+DLITTLE = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 3}
+
+
+def test_differential_attention_frees_the_stream_from_its_whole_heads(tmp_path):
+    timm = pytest.importorskip("timm")
+    from cleanai_core import load_pruned
+    from cleanai_core.io import save_pruned
+
+    torch.manual_seed(0)
+    model = redrawn(timm.create_model("vit_dlittle_patch16_reg1_gap_256", num_classes=3, **DLITTLE))
+    x = torch.randn(2, 3, 32, 32)
+    # was [(3, 3)]: heads stay whole, and the reshape to the input width tied the stream to them
+    assert [(g.size, g.prunable) for g in groups_with(DependencyGraph(model, x), "patch_embed.proj", "out")] == [
+        (48, 48)
+    ]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    attn = small.blocks[0].attn
+    assert (n_params(model), n_params(small)) == (46111, 15121)  # was 46111 -> 20073 (stream 32 of 48)
+    assert (type(attn).__name__, attn.num_heads, small.patch_embed.proj.out_channels) == ("PrunedDiffAttention", 2, 24)
+    with torch.no_grad():
+        assert float((small(x) - model(x)).abs().max()) > 1e-3
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    save_pruned(tmp_path / "o", small, pruner.history, "timm:vit_dlittle_patch16_reg1_gap_256",
+                {"num_classes": 3, "model_kwargs": DLITTLE})  # fmt: skip
+    back = load_pruned(tmp_path / "o", trust_code=True)
+    torch.save(small, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))
+        attn.fused_attn = not attn.fused_attn
+        assert torch.allclose(small(x), again(x), atol=1e-5)  # the other path reads the same widths

@@ -104,13 +104,14 @@ def fix_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
             else:
                 setattr(module, dim_attr, keep.numel() // (heads * stacks))
             break
-        total = heads * head_dim
-        q_keep = keep[keep < total]
-        kept_heads = (q_keep // head_dim).unique().numel()
-        if q_keep.numel() == kept_heads * head_dim:
+        # differential attention: a head's queries are two sub-heads (``2 * heads`` of ``head_dim``)
+        block = head_dim * (2 if isinstance(getattr(module, "lambda_init", None), float) else 1)
+        q_keep = keep[keep < heads * block]
+        kept_heads = (q_keep // block).unique().numel()
+        if q_keep.numel() == kept_heads * block:
             setattr(module, heads_attr, kept_heads)
         else:
-            setattr(module, dim_attr, q_keep.numel() // heads)
+            setattr(module, dim_attr, q_keep.numel() * head_dim // (heads * block))
         break
     else:
         return
