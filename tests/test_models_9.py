@@ -266,3 +266,35 @@ def test_differential_attention_frees_the_stream_from_its_whole_heads(tmp_path):
         assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))
         attn.fused_attn = not attn.fused_attn
         assert torch.allclose(small(x), again(x), atol=1e-5)  # the other path reads the same widths
+
+
+# -- a refusal where the model's own assertion has no message -------------------------------------
+
+
+def _assert(condition: bool, message: str) -> None:  # timm's helper (pytest would rewrite a bare assert here)
+    if not condition:
+        raise AssertionError(message)
+
+
+class FixedSize(nn.Module):
+    """A model that takes one input size only and says so with an empty assertion (timm's
+    BoTNet / HaloNet: ``_assert(H == self.pos_embed.height, '')``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        _assert(x.shape[-1] == 8, "")
+        return self.conv(x)
+
+
+def test_a_model_assertion_without_a_message_is_refused_with_the_line_that_failed():
+    from cleanai_core.errors import TraceError
+
+    model, x = FixedSize().eval(), torch.randn(1, 3, 6, 6)
+    with pytest.raises(TraceError) as info:  # read "AssertionError: ." before
+        StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    text = str(info.value)
+    assert "AssertionError (no message) at " in text and "tests/test_models_9.py:" in text
+    assert '_assert(x.shape[-1] == 8, "")' in text and "example_inputs" in text
