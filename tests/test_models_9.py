@@ -298,3 +298,32 @@ def test_a_model_assertion_without_a_message_is_refused_with_the_line_that_faile
     text = str(info.value)
     assert "AssertionError (no message) at " in text and "tests/test_models_9.py:" in text
     assert '_assert(x.shape[-1] == 8, "")' in text and "example_inputs" in text
+
+
+# -- FocalNet's focal modulation: split into [queries, context, gates] -----------------------------
+
+
+def test_focal_modulation_prunes_queries_and_context_past_its_uneven_split():
+    pytest.importorskip("timm")
+    from timm.models.focalnet import FocalModulation
+
+    torch.manual_seed(0)
+    mod = FocalModulation(8, focal_window=3, focal_level=2)
+    model = redrawn(between(stem=nn.Conv2d(3, 8, 1), mod=mod, post=nn.Conv2d(8, 4, 1))).eval()
+    x = torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    # split(f(x), [8, 8, 3]) froze all 19 channels of f, and the context's focal layers with them
+    by_slices = {frozenset(f"{s.module}:{s.name}" for s in g.slices): (g.size, g.prunable) for g in graph.groups()}
+    assert by_slices[frozenset({"mod.f:out", "mod.h:out", "mod.proj:in"})] == (8, 8)  # the queries
+    assert by_slices[frozenset({"mod.f:out"})] == (3, 0)  # the gates, each broadcast over the context
+    ctx = [g for g in groups_with(graph, "mod.focal_layers.0.0", "in")]
+    assert [(g.size, g.prunable) for g in ctx] == [(8, 8)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.post])
+    small = pruner.prune()
+    assert (n_params(model), n_params(small)) == (655, 267)  # was 655 -> 511
+    assert (small.mod.input_split, small.mod.f.out_channels) == ([4, 4, 3], 11)
+    with torch.no_grad():
+        assert float((small(x) - model(x)).abs().max()) > 1e-2
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))

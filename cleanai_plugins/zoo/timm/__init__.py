@@ -45,6 +45,7 @@ from cleanai_plugins.zoo.timm.blocks import (
     ParallelInProjPruner,
     fix_conv_rel_pos,
     fix_dual_path_block,
+    fix_focal_modulation,
     fix_gated_conv_block,
     fix_parallel_block,
     fix_partial_conv,
@@ -84,6 +85,7 @@ FIXUPS = (
     fix_gated_conv_block,
     fix_dual_path_block,
     fix_range_shortcut,
+    fix_focal_modulation,
     fix_conv_rel_pos,
     fix_partial_conv,
     fix_split_scales,
@@ -101,7 +103,14 @@ FIXUPS = (
 @hookimpl
 def cleanai_prepare_model(model):
     scan = scan_model(model, FIXUPS)
-    ranges = (*scan.dual_path, *scan.range_shortcut, *scan.conv_rel_pos, *scan.partial_conv, *scan.split_scales)
+    ranges = (
+        *scan.dual_path,
+        *scan.range_shortcut,
+        *scan.focal_modulation,
+        *scan.conv_rel_pos,
+        *scan.partial_conv,
+        *scan.split_scales,
+    )
     ranges = (*ranges, *scan.cascaded_attention, *scan.partial_attention, *scan.inception_dw, *scan.linear_attention)
     # the head counts fix_attention rewrites (``num_heads`` / ``heads`` beside a query
     # projection), and the counts and widths fix_bottleneck_attention does (BoTNet, HaloNet)

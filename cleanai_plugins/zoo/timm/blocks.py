@@ -1,5 +1,5 @@
 """timm blocks whose ``forward`` splits channels by stored sizes: parallel
-blocks, MambaOut, DPN, CoaT, FasterNet, ReXNet.
+blocks, MambaOut, DPN, CoaT, FasterNet, ReXNet, FocalNet.
 
 Each pattern has a scan (``scan_*``, run once per model by ``scan.scan_model``), possibly
 a layer pruner for the projection that feeds the split (claimed through the scan), and a
@@ -29,11 +29,13 @@ __all__ = [
     "fix_dual_path_block",
     "fix_gated_conv_block",
     "fix_parallel_block",
+    "fix_focal_modulation",
     "fix_partial_conv",
     "fix_range_shortcut",
     "scan_conv_rel_pos",
     "scan_dual_path_blocks",
     "scan_gated_conv_blocks",
+    "scan_focal_modulations",
     "scan_parallel_blocks",
     "scan_range_shortcuts",
     "scan_partial_convs",
@@ -167,6 +169,32 @@ def _kept_below(module: nn.Module, name: str, child: str, bound: str, edits) -> 
         conv += ".conv"
     keep = edits.get((conv, "out"))
     return None if keep is None else int((keep < getattr(module, bound)).sum())
+
+
+@triggered_by("input_split")
+def scan_focal_modulations(modules: list[nn.Module]) -> set[nn.Module]:
+    """FocalNet ``FocalModulation``: ``split(f(x), self.input_split)`` with ``input_split =
+    [dim, dim, focal_level + 1]`` (queries, context, gates): the unequal parts froze the
+    whole modulation and the stream around it (focalnet_tiny_lrf kept 0.38 of its parameters
+    at a ratio of 0.5). Queries (tied to ``h``'s output by their product) and context (through
+    the depthwise focal layers into ``h``) prune apart; every gate is read alone
+    (``gates[:, l:l + 1]``, broadcast over the context) and stays. ``fix_focal_modulation``
+    rewrites the split."""
+    found = set()
+    for module in modules:
+        split, f, h = (getattr(module, a, None) for a in ("input_split", "f", "h"))
+        if isinstance(split, list) and len(split) == 3 and isinstance(f, nn.Conv2d) and isinstance(h, nn.Conv2d):
+            if f.out_channels == sum(split) and (h.out_channels, h.in_channels) == tuple(split[:2]):
+                found.add(module)
+    return found
+
+
+@triggered_by("input_split")
+def fix_focal_modulation(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """The split follows ``h``: its outputs are the queries' width, its inputs the context's."""
+    if module in scan.focal_modulation:
+        module.input_split = [module.h.out_channels, module.h.in_channels, module.input_split[2]]
+        module.dim = module.h.out_channels
 
 
 @triggered_by("use_shortcut")

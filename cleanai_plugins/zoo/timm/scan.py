@@ -18,6 +18,7 @@ from cleanai_plugins.zoo.timm.attention import scan_head_sizes, scan_trained_sca
 from cleanai_plugins.zoo.timm.blocks import (
     scan_conv_rel_pos,
     scan_dual_path_blocks,
+    scan_focal_modulations,
     scan_gated_conv_blocks,
     scan_parallel_blocks,
     scan_partial_convs,
@@ -66,6 +67,8 @@ class TimmScan:
     dual_path: set[nn.Module] = attrs.field(factory=set)
     #: ReXNet blocks: the shortcut is added to the first ``in_channels`` of the output
     range_shortcut: set[nn.Module] = attrs.field(factory=set)
+    #: FocalNet focal modulations: their ``[dim, dim, gates]`` split follows ``h``
+    focal_modulation: set[nn.Module] = attrs.field(factory=set)
     #: CoaT conv relative position encodings
     conv_rel_pos: set[nn.Module] = attrs.field(factory=set)
     #: every scanned module -> the after-prune fix-ups that may act on it (those with one of
@@ -108,6 +111,7 @@ _SCANS = (
     scan_gated_conv_blocks,
     scan_dual_path_blocks,
     scan_range_shortcuts,
+    scan_focal_modulations,
     scan_conv_rel_pos,
     scan_partial_convs,
     scan_split_scales,
@@ -148,6 +152,7 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         gated_fc1=scan_gated_conv_blocks(having(scan_gated_conv_blocks)),
         dual_path=scan_dual_path_blocks(having(scan_dual_path_blocks)),
         range_shortcut=scan_range_shortcuts(having(scan_range_shortcuts)),
+        focal_modulation=scan_focal_modulations(having(scan_focal_modulations)),
         conv_rel_pos=scan_conv_rel_pos(having(scan_conv_rel_pos)),
         partial_conv=scan_partial_convs(having(scan_partial_convs)),
         split_scales=scan_split_scales(having(scan_split_scales)),
