@@ -399,6 +399,12 @@ def correct_batchnorm(
     from cleanai_core.distributed import combine_moments, is_distributed
 
     norms = norms_with_running_stats(pruned)
+    if original is not None:
+        # a norm sliced inside a module claimed whole (timm's LambdaLayer holds two BatchNorms)
+        # is named by no edit, so its kept channels are unknown: it keeps its sliced trained
+        # statistics (its moments could not be paired; they raised a size mismatch)
+        widths = {name: m.running_mean.numel() for name, m in norms_with_running_stats(original).items()}
+        norms = {name: m for name, m in norms.items() if name in keep or widths.get(name) == m.running_mean.numel()}
     fixes = {name: _Correction(m, original_moments.setdefault(name, []), keep.get(name)) for name, m in norms.items()}
     if not fixes:
         return 0

@@ -198,6 +198,14 @@ DEFAULT_PATH = [
     ("timm:mobilevitv2_050", {}, (3, 64, 64)),
     ("timm:resnetblur18", {}, (3, 64, 64)),  # BlurPool2d's filter buffer goes with its channels (0.362 -> 0.251)
     ("timm:ecaresnet26t", {}, (3, 64, 64)),  # ECA's channel conv passes them approximately (0.488 -> 0.252)
+    # session 19
+    ("timm:rexnet_100", {}, (3, 64, 64)),  # the shortcut's fixed channel range follows the kept ones (0.427 -> 0.265)
+    ("timm:efficientnet_cc_b0_4e", {}, (3, 64, 64)),  # CondConv's expert filters slice like a conv's (0.500 -> 0.265)
+    ("timm:coat_lite_tiny", {"img_size": 64}, (3, 64, 64)),  # factorised attention off the stream (0.345 -> 0.271)
+    ("timm:eca_halonext26ts", {}, (3, 256, 256)),  # q / k narrower than v split apart (0.346 -> 0.253)
+    ("timm:lambda_resnet26t", {}, (3, 64, 64)),  # the lambda layer claimed whole (0.391 -> 0.252)
+    ("timm:focalnet_tiny_lrf", {}, (3, 64, 64)),  # the focal modulation's [dim, dim, gates] split (0.377 -> 0.254)
+    ("timm:vit_dlittle_patch16_reg1_gap_256", {"img_size": 64}, (3, 64, 64)),  # DiffAttention's output (0.319 -> 0.266)
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -57,6 +58,24 @@ def _fails_untraced(model: nn.Module, example_inputs: Any, forward_fn: Callable 
     except Exception:  # noqa: BLE001 - any failure of the user's model says the same
         return True
     return False
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``"Type: message"``; for an exception without a message (a bare ``assert``, timm's
+    ``_assert(H == self.pos_embed.height, '')`` where a model takes one input size only) the
+    line that raised it, so that the refusal says what was checked: it read
+    "AssertionError: ." for eca_halonext26ts at 64 px."""
+    text = str(exc).strip()
+    if text:
+        return f"{type(exc).__name__}: {text}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    while len(frames) > 1 and frames[-1].name.lstrip("_") == "assert":  # an assert helper: its caller
+        frames = frames[:-1]
+    if not frames:
+        return f"{type(exc).__name__} (no message)"
+    last = frames[-1]
+    where = "/".join(last.filename.replace("\\", "/").split("/")[-3:])
+    return f"{type(exc).__name__} (no message) at {where}:{last.lineno}: {(last.line or '').strip()}"
 
 
 def _plugin_name(pm, pruner: Any) -> str:
@@ -176,7 +195,7 @@ class DependencyGraph:
             )
             also = " and that forward_fn calls the model as it should" if forward_fn is not None else ""
             raise TraceError(
-                f"the model failed to run on the example inputs{through} while tracing: {type(exc).__name__}: {exc}."
+                f"the model failed to run on the example inputs{through} while tracing: {_exception_text(exc)}."
                 f"{alone} Check that example_inputs match what the model's forward expects "
                 f"(a tensor, a tuple of positional inputs, or a dict of keyword inputs){also}."
             ) from exc

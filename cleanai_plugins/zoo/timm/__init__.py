@@ -4,10 +4,10 @@ The plugin in three steps, each a hook:
 
 1. ``cleanai_prepare_model`` scans the model once (``scan.py``) and files a
    :class:`~cleanai_plugins.zoo.timm.scan.TimmScan` in the model's findings, plus the
-   modules that may slice fixed channel ranges (DPN, CoaT, FasterNet).
+   modules that may slice fixed channel ranges (DPN, ReXNet, CoaT, FasterNet).
 2. ``cleanai_layer_pruner`` claims, from that scan, the projections that need coupling
-   beyond a plain linear or conv (width-bound attention, LambdaNetworks, parallel blocks,
-   MambaOut), and weight-standardised convs by type.
+   beyond a plain linear or conv (width-bound attention, LambdaNetworks' whole layers, parallel blocks,
+   MambaOut), and weight-standardised and conditional (CondConv) convs by type.
 3. ``cleanai_after_prune`` runs :data:`FIXUPS`: attributes outside tensors (head counts,
    head sizes, split sizes) follow the sliced widths, read against the scan taken before
    slicing. On a scanned module only the fix-ups the scan found may act there run (each
@@ -38,21 +38,24 @@ from cleanai_plugins.zoo.timm.attention import (
     rewrites_bottleneck_counts,
     rewrites_head_count,
     splits_heads_unevenly,
+    splits_qk_from_v,
 )
 from cleanai_plugins.zoo.timm.blocks import (
     GatedFc1Pruner,
-    LambdaQKVPruner,
     ParallelInProjPruner,
     fix_conv_rel_pos,
     fix_dual_path_block,
+    fix_focal_modulation,
     fix_gated_conv_block,
-    fix_lambda_layer,
     fix_parallel_block,
     fix_partial_conv,
+    fix_range_shortcut,
 )
 from cleanai_plugins.zoo.timm.cascaded import fix_cascaded_attention
+from cleanai_plugins.zoo.timm.cond_conv import CondConvPruner
 from cleanai_plugins.zoo.timm.cross_covariance import fix_cross_covariance
 from cleanai_plugins.zoo.timm.inception_dw import fix_inception_dw
+from cleanai_plugins.zoo.timm.lambda_layer import LambdaLayerPruner
 from cleanai_plugins.zoo.timm.linear_attention import fix_linear_attention
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
@@ -78,10 +81,11 @@ FIXUPS = (
     fix_scale_shape,
     fix_group_count,
     fix_bottleneck_attention,
-    fix_lambda_layer,
     fix_parallel_block,
     fix_gated_conv_block,
     fix_dual_path_block,
+    fix_range_shortcut,
+    fix_focal_modulation,
     fix_conv_rel_pos,
     fix_partial_conv,
     fix_split_scales,
@@ -99,7 +103,14 @@ FIXUPS = (
 @hookimpl
 def cleanai_prepare_model(model):
     scan = scan_model(model, FIXUPS)
-    ranges = (*scan.dual_path, *scan.conv_rel_pos, *scan.partial_conv, *scan.split_scales)
+    ranges = (
+        *scan.dual_path,
+        *scan.range_shortcut,
+        *scan.focal_modulation,
+        *scan.conv_rel_pos,
+        *scan.partial_conv,
+        *scan.split_scales,
+    )
     ranges = (*ranges, *scan.cascaded_attention, *scan.partial_attention, *scan.inception_dw, *scan.linear_attention)
     # the head counts fix_attention rewrites (``num_heads`` / ``heads`` beside a query
     # projection), and the counts and widths fix_bottleneck_attention does (BoTNet, HaloNet)
@@ -110,6 +121,8 @@ def cleanai_prepare_model(model):
         or (fix_bottleneck_attention in found and rewrites_bottleneck_counts(m))
     )
     rewritten = rewrites_stored_counts(*counted)
+    uneven = (m for m, found in scan.fixups.items() if fix_bottleneck_attention in found and splits_qk_from_v(m))
+    ranges = (*ranges, *uneven)
     return {KEY: scan, **allow_channel_ranges(*ranges), **keeps_trained_scale(*scan.trained_scale), **rewritten}
 
 
@@ -133,12 +146,14 @@ def cleanai_layer_pruner(module, findings):
     if is_std_conv(module):
         return StdConvPruner()
     scan = scan_of(findings)
+    if module in scan.cond_convs:
+        return CondConvPruner()
     if module in scan.whole_group_convs:
         return ConvPruner(whole_groups=True)
     if module in scan.parallel:
         return ParallelInProjPruner(*scan.parallel[module])
-    if module in scan.lambda_qkv:
-        return LambdaQKVPruner(*scan.lambda_qkv[module])
+    if module in scan.lambda_layers:
+        return LambdaLayerPruner()
     if module in scan.gated_fc1:
         return GatedFc1Pruner()
     info = scan.tied.get(module)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from cleanai_plugins.zoo import loaded
@@ -29,6 +30,7 @@ __all__ = [
     "fix_multi_query_attention",
     "fix_rel_pos",
     "rewrites_head_count",
+    "splits_qk_from_v",
     "splits_heads_unevenly",
 ]
 
@@ -102,13 +104,14 @@ def fix_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
             else:
                 setattr(module, dim_attr, keep.numel() // (heads * stacks))
             break
-        total = heads * head_dim
-        q_keep = keep[keep < total]
-        kept_heads = (q_keep // head_dim).unique().numel()
-        if q_keep.numel() == kept_heads * head_dim:
+        # differential attention: a head's queries are two sub-heads (``2 * heads`` of ``head_dim``)
+        block = head_dim * (2 if isinstance(getattr(module, "lambda_init", None), float) else 1)
+        q_keep = keep[keep < heads * block]
+        kept_heads = (q_keep // block).unique().numel()
+        if q_keep.numel() == kept_heads * block:
             setattr(module, heads_attr, kept_heads)
         else:
-            setattr(module, dim_attr, q_keep.numel() // heads)
+            setattr(module, dim_attr, q_keep.numel() * head_dim // (heads * block))
         break
     else:
         return
@@ -272,12 +275,23 @@ _BOTTLENECK_COUNTS = ("num_heads", "dim_head_qk", "dim_head_v", "dim_out_qk", "d
 def rewrites_bottleneck_counts(module: nn.Module) -> bool:
     """Whether :func:`fix_bottleneck_attention` rewrites ``module``'s stored head count and
     widths after slicing (BoTNet, HaloNet): it holds them all as ints, with equal query and
-    value widths, beside a ``qkv`` or a convolutional ``q`` projection."""
+    value widths (or unequal ones: :func:`splits_qk_from_v`), beside a ``qkv`` or a
+    convolutional ``q`` projection."""
     if not all(isinstance(getattr(module, a, None), int) for a in _BOTTLENECK_COUNTS):
         return False
-    if module.dim_out_qk != module.dim_out_v or module.dim_head_qk != module.dim_head_v:
-        return False
     return hasattr(module, "qkv") or isinstance(getattr(module, "q", None), nn.Conv2d)
+
+
+def splits_qk_from_v(module: nn.Module) -> bool:
+    """A BoTNet / HaloNet attention whose query and key width differs from the value width
+    (``qk_ratio`` below 1: eca_botnext26ts, eca_halonext26ts): its ``split`` into
+    ``[dim_out_qk, dim_out_qk, dim_out_v]`` (HaloNet: ``[dim_head_qk, dim_head_v]``) has
+    unequal parts, which froze q, k, v and the layers around them (eca_botnext26ts_256 kept
+    0.36 of its parameters at a ratio of 0.5); :func:`fix_bottleneck_attention` rewrites the
+    widths, so the module may take channel ranges."""
+    return rewrites_bottleneck_counts(module) and (
+        module.dim_out_qk != module.dim_out_v or module.dim_head_qk != module.dim_head_v
+    )
 
 
 @triggered_by("dim_head_qk")
@@ -290,17 +304,24 @@ def fix_bottleneck_attention(module: nn.Module, name: str, edits, scan: TimmScan
     heads, dqk, dv, oqk, ov = (getattr(module, a) for a in _BOTTLENECK_COUNTS)
     prefix = f"{name}." if name else ""
     keep = edits.get((f"{prefix}qkv", "out"))
-    if keep is None and isinstance(getattr(module, "q", None), nn.Conv2d):
-        keep = edits.get((f"{prefix}q", "out"))
-    if keep is None or oqk != ov or dqk != dv:
+    if keep is not None:  # BoTNet: [q, k, v] of dim_out_qk, dim_out_qk, dim_out_v
+        q_keep, v_kept = keep[keep < oqk], int((keep >= 2 * oqk).sum())
+    elif isinstance(getattr(module, "q", None), nn.Conv2d):  # HaloNet: q, and kv as (heads, [k, v])
+        keep, kv = edits.get((f"{prefix}q", "out")), edits.get((f"{prefix}kv", "out"))
+        if keep is None and kv is None:
+            return
+        q_keep = torch.arange(oqk) if keep is None else keep
+        v_kept = ov if kv is None else int((kv % (dqk + dv) >= dqk).sum())
+    else:
         return
-    q_keep = keep[keep < oqk]
     kept = int((q_keep // dqk).unique().numel())
     if q_keep.numel() == kept * dqk:
         module.num_heads = kept
     else:
-        module.dim_head_qk = module.dim_head_v = q_keep.numel() // heads
-    module.dim_out_qk = module.dim_out_v = module.num_heads * module.dim_head_qk
+        module.dim_head_qk = q_keep.numel() // heads
+    module.dim_head_v = v_kept // module.num_heads
+    module.dim_out_qk = module.num_heads * module.dim_head_qk
+    module.dim_out_v = module.num_heads * module.dim_head_v
 
 
 @triggered_by("fused_attn")

@@ -1,5 +1,5 @@
-"""timm blocks whose ``forward`` splits channels by stored sizes: LambdaNetworks, parallel
-blocks, MambaOut, DPN, CoaT, FasterNet.
+"""timm blocks whose ``forward`` splits channels by stored sizes: parallel
+blocks, MambaOut, DPN, CoaT, FasterNet, ReXNet, FocalNet.
 
 Each pattern has a scan (``scan_*``, run once per model by ``scan.scan_model``), possibly
 a layer pruner for the projection that feeds the split (claimed through the scan), and a
@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cleanai_plugins.layers.conv import ConvPruner
 from cleanai_plugins.layers.linear import LinearPruner
 from cleanai_plugins.mappers.shape import allow_unequal_split
 from cleanai_plugins.zoo.timm.lookup import triggered_by
@@ -25,67 +24,22 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GatedFc1Pruner",
-    "LambdaQKVPruner",
     "ParallelInProjPruner",
     "fix_conv_rel_pos",
     "fix_dual_path_block",
     "fix_gated_conv_block",
-    "fix_lambda_layer",
     "fix_parallel_block",
+    "fix_focal_modulation",
     "fix_partial_conv",
+    "fix_range_shortcut",
     "scan_conv_rel_pos",
     "scan_dual_path_blocks",
     "scan_gated_conv_blocks",
-    "scan_lambda_layers",
+    "scan_focal_modulations",
     "scan_parallel_blocks",
+    "scan_range_shortcuts",
     "scan_partial_convs",
 ]
-
-
-@triggered_by("dim_qk")
-def scan_lambda_layers(modules: list[nn.Module]) -> dict[nn.Module, tuple[int, int, int]]:
-    """LambdaLayers' ``qkv`` convs -> (heads, dim_qk, dim_v)."""
-    found = {}
-    for module in modules:
-        heads, dqk, dv = (getattr(module, a, None) for a in ("num_heads", "dim_qk", "dim_v"))
-        qkv = getattr(module, "qkv", None)
-        if not all(isinstance(v, int) for v in (heads, dqk, dv)) or not isinstance(qkv, nn.Conv2d):
-            continue
-        if qkv.groups == 1 and qkv.out_channels == heads * dqk + dqk + dv and qkv.in_channels == heads * dv:
-            found[qkv] = (heads, dqk, dv)
-    return found
-
-
-class LambdaQKVPruner(ConvPruner):
-    """LambdaNetworks ``LambdaLayer``: ``split(qkv(x), [heads * dim_qk, dim_qk, dim_v])``, the
-    output ``(B, heads, M, dim_v)`` reshaped to ``(B, C, H, W)`` with ``C`` the *input*
-    width. Input channel ``h * dim_v + j`` is tied with value channel ``j``: removing a
-    value channel removes one input channel per head, so ``C == heads * dim_v`` holds."""
-
-    def __init__(self, heads: int, dim_qk: int, dim_v: int) -> None:
-        self.heads, self.dim_qk, self.dim_v = heads, dim_qk, dim_v
-
-    def trace(self, module, call, ctx):
-        super().trace(module, call, ctx)
-        heads, dqk = self.heads, self.dim_qk
-        out = ctx.slices[(call.name, "out")].atoms
-        v = out[heads * dqk + dqk :]
-        ctx.union(ctx.slices[(call.name, "in")].atoms, v.repeat(heads))
-
-
-@triggered_by("qkv")
-def fix_lambda_layer(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
-    """``LambdaLayer`` widths follow its norms: ``norm_q`` (heads * dim_qk), ``norm_v`` (dim_v)."""
-    qkv = getattr(module, "qkv", None)
-    if qkv not in scan.lambda_qkv:
-        return
-    nq, nv = getattr(module, "norm_q", None), getattr(module, "norm_v", None)
-    if not isinstance(nq, nn.BatchNorm2d) or not isinstance(nv, nn.BatchNorm2d):
-        return
-    module.dim_v = nv.num_features
-    module.dim_qk = qkv.out_channels - nq.num_features - module.dim_v
-    if module.dim_qk > 0 and nq.num_features % module.dim_qk == 0:
-        module.num_heads = nq.num_features // module.dim_qk
 
 
 @triggered_by("in_split")
@@ -202,16 +156,69 @@ def fix_dual_path_block(module: nn.Module, name: str, edits, scan: TimmScan) -> 
     if module not in scan.dual_path:
         return
     c1 = getattr(module, "c1x1_c1", None)
-    if isinstance(c1, nn.Module):
-        n = out_channels(c1)
-    else:
-        conv = f"{name}.c1x1_c" if name else "c1x1_c"
-        if isinstance(getattr(module.c1x1_c, "conv", None), nn.Module):
-            conv += ".conv"
-        keep = edits.get((conv, "out"))
-        n = None if keep is None else int((keep < module.num_1x1_c).sum())
+    n = out_channels(c1) if isinstance(c1, nn.Module) else _kept_below(module, name, "c1x1_c", "num_1x1_c", edits)
     if n is not None:
         module.num_1x1_c = n
+
+
+def _kept_below(module: nn.Module, name: str, child: str, bound: str, edits) -> int | None:
+    """How many of ``child``'s output channels below ``module.<bound>`` survived (``child``
+    a conv or a conv-norm-act wrapper): a kept range keeps its channels in order."""
+    conv = f"{name}.{child}" if name else child
+    if isinstance(getattr(getattr(module, child), "conv", None), nn.Module):
+        conv += ".conv"
+    keep = edits.get((conv, "out"))
+    return None if keep is None else int((keep < getattr(module, bound)).sum())
+
+
+@triggered_by("input_split")
+def scan_focal_modulations(modules: list[nn.Module]) -> set[nn.Module]:
+    """FocalNet ``FocalModulation``: ``split(f(x), self.input_split)`` with ``input_split =
+    [dim, dim, focal_level + 1]`` (queries, context, gates): the unequal parts froze the
+    whole modulation and the stream around it (focalnet_tiny_lrf kept 0.38 of its parameters
+    at a ratio of 0.5). Queries (tied to ``h``'s output by their product) and context (through
+    the depthwise focal layers into ``h``) prune apart; every gate is read alone
+    (``gates[:, l:l + 1]``, broadcast over the context) and stays. ``fix_focal_modulation``
+    rewrites the split."""
+    found = set()
+    for module in modules:
+        split, f, h = (getattr(module, a, None) for a in ("input_split", "f", "h"))
+        if isinstance(split, list) and len(split) == 3 and isinstance(f, nn.Conv2d) and isinstance(h, nn.Conv2d):
+            if f.out_channels == sum(split) and (h.out_channels, h.in_channels) == tuple(split[:2]):
+                found.add(module)
+    return found
+
+
+@triggered_by("input_split")
+def fix_focal_modulation(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """The split follows ``h``: its outputs are the queries' width, its inputs the context's."""
+    if module in scan.focal_modulation:
+        module.input_split = [module.h.out_channels, module.h.in_channels, module.input_split[2]]
+        module.dim = module.h.out_channels
+
+
+@triggered_by("use_shortcut")
+def scan_range_shortcuts(modules: list[nn.Module]) -> set[nn.Module]:
+    """ReXNet ``LinearBottleneck``: its shortcut is added to the first ``in_channels`` of
+    ``conv_pwl``'s wider output, ``cat([x[:, 0:self.in_channels] + shortcut,
+    x[:, self.in_channels:]])``. The fixed range froze the whole stream (rexnet kept 0.43
+    at a ratio of 0.5); the blocks take channel ranges and ``fix_range_shortcut`` rewrites
+    ``in_channels``."""
+    found = set()
+    for module in modules:
+        bound, conv = getattr(module, "in_channels", None), getattr(module, "conv_pwl", None)
+        if getattr(module, "use_shortcut", False) is True and isinstance(bound, int) and isinstance(conv, nn.Module):
+            found.add(module)
+    return found
+
+
+@triggered_by("use_shortcut")
+def fix_range_shortcut(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
+    """The shortcut's range keeps the outputs of ``conv_pwl`` below ``in_channels`` that survived."""
+    if module in scan.range_shortcut:
+        n = _kept_below(module, name, "conv_pwl", "in_channels", edits)
+        if n is not None:
+            module.in_channels = n
 
 
 @triggered_by("channel_splits")

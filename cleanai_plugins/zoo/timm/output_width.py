@@ -1,4 +1,4 @@
-"""Attentions whose output reshape names the input width (EVA, PVT-v2, latent attention pooling), freed.
+"""Attentions whose output reshape names the input width (EVA, PVT-v2, latent pooling, CoaT, DiffAttention), freed.
 
 Glossary:
 
@@ -13,7 +13,12 @@ Glossary:
   shrink (rotary embeddings, SDPA's default scale) the heads go whole, so the residual stream
   pruned in head-sized blocks: eva02_tiny (3 heads of 64) lost one of three blocks and kept
   0.375 of its parameters at a ratio of 0.5, test_vit3's pooled stream 0.41; PVT-v2's first
-  stage, one head, did not prune at all (pvt_v2_b1 kept 0.31).
+  stage, one head, did not prune at all (pvt_v2_b1 kept 0.31). CoaT's factorised attention
+  (``FactorAttnConvRelPosEnc``) also views ``qkv`` with ``C // num_heads``: its heads (8, in
+  window groups of 2, 3 and 3) went whole and the stream kept 5 of 8 head-sized blocks
+  (coat_lite_tiny kept 0.345 at a ratio of 0.5). Differential attention (``DiffAttention``:
+  vit_dlittle, vit_dwee) ends the same way; its heads stay whole (``pairs_sub_heads``), so
+  the stream pruned by whole heads (5 of 64: 3 kept, vit_dlittle kept 0.32).
 
 The scan leaves these classes out of the width-bound ones, so their heads prune on their own
 and the stream on its own; after slicing the class becomes a variant whose ``forward`` reads
@@ -123,11 +128,49 @@ def _latent_pool_forward(self, x, attn_mask=None):
     return x
 
 
+def _coat_forward(self, x, size):
+    """timm's CoaT ``FactorAttnConvRelPosEnc.forward`` with the head size and the output
+    width read from the heads (its relative position encoding reads them from ``q``)."""
+    B, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    factor_att = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)
+    x = self.scale * factor_att + self.crpe(q, v, size=size)
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
+def _diff_forward(self, x, attn_mask=None, is_causal: bool = False):
+    """timm's ``DiffAttention.forward`` with the output width read from the heads."""
+    B, N, _ = x.shape
+    q, k, v = self.qkv(x).chunk(3, dim=2)
+    q = q.reshape(B, N, 2 * self.num_heads, self.head_dim).transpose(1, 2)
+    k = k.reshape(B, N, 2 * self.num_heads, self.head_dim).transpose(1, 2)
+    v = v.reshape(B, N, self.num_heads, 2 * self.head_dim).transpose(1, 2)
+    q, k = self.q_norm(q), self.k_norm(k)
+    lambda_full = self._compute_lambda().type_as(q)
+    if self.fused_attn:
+        q1, q2 = q.reshape(B, self.num_heads, 2, N, self.head_dim).unbind(2)
+        k1, k2 = k.reshape(B, self.num_heads, 2, N, self.head_dim).unbind(2)
+        p = self.attn_drop_p if self.training else 0.0
+        attn1 = F.scaled_dot_product_attention(q1, k1, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+        attn2 = F.scaled_dot_product_attention(q2, k2, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
+        x = attn1 - lambda_full * attn2
+    else:
+        layers = loaded("timm.layers.attention")
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = layers.maybe_add_mask(attn, layers.resolve_self_attn_mask(N, attn, attn_mask, is_causal=is_causal))
+        attn = self.attn_drop(attn.softmax(dim=-1)).view(B, self.num_heads, 2, N, N)
+        x = (attn[:, :, 0] - lambda_full * attn[:, :, 1]) @ v
+    x = (self.sub_norm(x) * (1 - self.lambda_init)).transpose(1, 2).reshape(B, N, -1)
+    return self.proj_drop(self.proj(self.norm(x)))
+
+
 #: (timm module, class, the variant's forward, the variant's name)
 _BASES = (
     ("timm.models.eva", "EvaAttention", _eva_forward, "PrunedEvaAttention"),
     ("timm.models.pvt_v2", "Attention", _pvt_forward, "PrunedPvtAttention"),
     ("timm.layers.attention_pool", "AttentionPoolLatent", _latent_pool_forward, "PrunedAttentionPoolLatent"),
+    ("timm.models.coat", "FactorAttnConvRelPosEnc", _coat_forward, "PrunedFactorAttnConvRelPosEnc"),
+    ("timm.layers.diff_attention", "DiffAttention", _diff_forward, "PrunedDiffAttention"),
 )
 _VARIANTS = [pruned_variant(module, name, forward, __name__, pruned) for module, name, forward, pruned in _BASES]
 #: the pruned classes by name (a pickled model loads, also before timm is imported)
@@ -146,9 +189,10 @@ def _pruned() -> dict[type, type]:
 @triggered_by("num_heads")
 def scan_output_width(modules: list[nn.Module]) -> set[nn.Module]:
     """The attentions of :data:`_BASES` (exactly those classes: a subclass may read ``C``
-    elsewhere) whose ``head_dim`` the fix-ups can follow."""
+    elsewhere) whose ``head_dim`` the fix-ups can follow, or that store none (CoaT: the
+    variant reads it with ``-1``, the fix-ups count the heads)."""
     pruned = _pruned()
-    return {m for m in modules if type(m) in pruned and isinstance(getattr(m, "head_dim", None), int)}
+    return {m for m in modules if type(m) in pruned and isinstance(getattr(m, "head_dim", 0), int)}
 
 
 @triggered_by("num_heads")

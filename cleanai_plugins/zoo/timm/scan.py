@@ -18,14 +18,17 @@ from cleanai_plugins.zoo.timm.attention import scan_head_sizes, scan_trained_sca
 from cleanai_plugins.zoo.timm.blocks import (
     scan_conv_rel_pos,
     scan_dual_path_blocks,
+    scan_focal_modulations,
     scan_gated_conv_blocks,
-    scan_lambda_layers,
     scan_parallel_blocks,
     scan_partial_convs,
+    scan_range_shortcuts,
 )
 from cleanai_plugins.zoo.timm.cascaded import scan_cascaded_attention
+from cleanai_plugins.zoo.timm.cond_conv import scan_cond_convs
 from cleanai_plugins.zoo.timm.cross_covariance import scan_cross_covariance
 from cleanai_plugins.zoo.timm.inception_dw import scan_inception_dw
+from cleanai_plugins.zoo.timm.lambda_layer import scan_lambda_layers
 from cleanai_plugins.zoo.timm.linear_attention import scan_linear_attention
 from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import scan_group_norms, scan_whole_group_convs
@@ -52,14 +55,20 @@ class TimmScan:
     width_heads: dict[nn.Module, int] = attrs.field(factory=dict)
     #: an EvoNorm-S norm -> channels per group
     group_size: dict[nn.Module, int] = attrs.field(factory=dict)
-    #: a LambdaLayer's ``qkv`` conv -> (heads, dim_qk, dim_v)
-    lambda_qkv: dict[nn.Module, tuple[int, int, int]] = attrs.field(factory=dict)
+    #: LambdaNetworks' lambda layers, claimed whole
+    lambda_layers: set[nn.Module] = attrs.field(factory=set)
+    #: conditional (CondConv) convolutions, claimed like plain ones
+    cond_convs: set[nn.Module] = attrs.field(factory=set)
     #: a parallel block's ``in_proj`` -> (mlp width, dim)
     parallel: dict[nn.Module, tuple[int, int]] = attrs.field(factory=dict)
     #: MambaOut gated blocks' ``fc1``
     gated_fc1: set[nn.Module] = attrs.field(factory=set)
     #: DPN dual path blocks
     dual_path: set[nn.Module] = attrs.field(factory=set)
+    #: ReXNet blocks: the shortcut is added to the first ``in_channels`` of the output
+    range_shortcut: set[nn.Module] = attrs.field(factory=set)
+    #: FocalNet focal modulations: their ``[dim, dim, gates]`` split follows ``h``
+    focal_modulation: set[nn.Module] = attrs.field(factory=set)
     #: CoaT conv relative position encodings
     conv_rel_pos: set[nn.Module] = attrs.field(factory=set)
     #: every scanned module -> the after-prune fix-ups that may act on it (those with one of
@@ -97,9 +106,12 @@ _SCANS = (
     scan_width_attention,
     scan_group_norms,
     scan_lambda_layers,
+    scan_cond_convs,
     scan_parallel_blocks,
     scan_gated_conv_blocks,
     scan_dual_path_blocks,
+    scan_range_shortcuts,
+    scan_focal_modulations,
     scan_conv_rel_pos,
     scan_partial_convs,
     scan_split_scales,
@@ -134,10 +146,13 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         width_attention=width_attention,
         width_heads=width_heads,
         group_size=scan_group_norms(having(scan_group_norms)),
-        lambda_qkv=scan_lambda_layers(having(scan_lambda_layers)),
+        lambda_layers=scan_lambda_layers(having(scan_lambda_layers)),
+        cond_convs=scan_cond_convs(having(scan_cond_convs)),
         parallel=scan_parallel_blocks(having(scan_parallel_blocks)),
         gated_fc1=scan_gated_conv_blocks(having(scan_gated_conv_blocks)),
         dual_path=scan_dual_path_blocks(having(scan_dual_path_blocks)),
+        range_shortcut=scan_range_shortcuts(having(scan_range_shortcuts)),
+        focal_modulation=scan_focal_modulations(having(scan_focal_modulations)),
         conv_rel_pos=scan_conv_rel_pos(having(scan_conv_rel_pos)),
         partial_conv=scan_partial_convs(having(scan_partial_convs)),
         split_scales=scan_split_scales(having(scan_split_scales)),
