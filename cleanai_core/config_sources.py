@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanai_core.errors import UserError
+from cleanai_core.special_files import check_not_special
 
 __all__ = ["ENV_PREFIX", "PRESETS", "SOURCES", "env_options", "preset_options", "read_config_file"]
 
@@ -95,6 +96,7 @@ def _load(path: str) -> tuple[Any, str]:
     p = Path(path)
     if p.is_dir():
         raise UserError(f"config file {path!r} is a folder; give a .toml, .yaml/.yml or .json file.")
+    check_not_special(p, "config file")
     if not p.is_file():
         raise UserError(f"config file {path!r} does not exist.")
     suffix = p.suffix.lower()

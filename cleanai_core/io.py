@@ -420,6 +420,7 @@ def load_pruned(
         read_state,
         replay_history,
     )
+    from cleanai_core.special_files import check_not_special
 
     out = _folder_arg(out_dir, "load_pruned")
     check_switches(trust_model=trust_model, trust_code=trust_code)  # trust_code="false" ran the folder's code
@@ -434,6 +435,7 @@ def load_pruned(
             + (f": load_pruned({str(parent)!r})." if parent is not None else ".")
         )
     for name in ("architecture.json", "history.json", "model.pt"):
+        check_not_special(out / name, "the saved folder's file")  # said "has no model.pt"
         if not (out / name).is_file():
             raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")
     spec, options = read_architecture(out / "architecture.json", trust_code=trust_code)

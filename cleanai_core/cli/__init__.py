@@ -152,6 +152,16 @@ def _run_command(argv: list[str] | None) -> int:
     except OSError as exc:  # a path the OS refuses (name too long, a loop of links, no permission, I/O error)
         print(f"cleanai {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
+    except SystemExit as exc:  # raised by code the run called: argparse's own exits happen above
+        # a model's forward, a data set's __getitem__ or a plugin calling sys.exit(0) ended the run with
+        # exit code 0 and no word, the result not written
+        print(
+            f"cleanai {args.command}: error: code this run called (the model's forward, the data set or a plugin) "
+            f"called sys.exit({exc.code!r}) instead of returning or raising an error; the run stopped there and "
+            "wrote nothing. Remove the sys.exit call (raise an exception instead).",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def os_error_message(exc: OSError) -> str:

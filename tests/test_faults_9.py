@@ -1,0 +1,238 @@
+"""Ninth round of bad input and faults (docs/reliability.md, "Session 19: bad inputs"):
+models and data sets whose code raises what no list of exception types foresaw or calls
+``sys.exit``, ..."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.cli import main
+from cleanai_core.errors import UserError
+
+DEMO = "cleanai_plugins.io.demo:DigitsCNN"
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+
+
+class OwnError(Exception):
+    """A model's own exception class."""
+
+
+class FailsOnCall(nn.Module):
+    """Runs ``small_net`` and raises ``CLEANAI_TEST_RAISE`` on call number ``CLEANAI_TEST_AT``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.calls = small_net(), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == int(os.environ["CLEANAI_TEST_AT"]):
+            kind = os.environ["CLEANAI_TEST_RAISE"]
+            if kind == "exit":
+                raise SystemExit(0)
+            raise {"assert": AssertionError, "key": KeyError, "stop": StopIteration, "own": OwnError}[kind]("boom")
+        return self.net(x)
+
+
+def fails_on_call() -> nn.Module:
+    return FailsOnCall()
+
+
+class ExitingItems(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if i == 9:
+            raise SystemExit(0)
+        return torch.rand(3, 8, 8), i % 4
+
+
+def exiting_items() -> torch.utils.data.Dataset:
+    return ExitingItems()
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    torch.save((torch.rand(16, 3, 8, 8, generator=g), torch.arange(16) % 4), tmp_path / "data.pt")
+    return tmp_path
+
+
+# -- the model's own exceptions, of any type ------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["assert", "key", "stop", "own"])
+@pytest.mark.parametrize(
+    ("at", "says"),
+    [
+        (3, "error: the model failed on the held-out part of --data"),
+        (4, "error: the model failed on example_inputs"),
+        (5, "failed: the pruned model failed on a calibration batch during the BatchNorm correction"),
+        (6, "failed: the pruned model failed on the held-out part of --data, where the original model ran"),
+        (8, "error: the model failed while its latency was timed on the example input"),
+        (10, "failed: the pruned model failed while its latency was timed"),
+    ],
+)
+def test_a_model_raising_any_exception_type_exits_with_one_line_naming_the_stage(
+    ws, capsys, monkeypatch, kind, at, says
+):
+    monkeypatch.setenv("CLEANAI_TEST_AT", str(at))
+    monkeypatch.setenv("CLEANAI_TEST_RAISE", kind)
+    rc = main(
+        ["prune", "--model", f"{__name__}:fails_on_call", "--data", "data.pt", "--batch-size", "4", "--out", "o", "-q"]
+    )
+    err = capsys.readouterr().err
+    assert rc == (2 if says.startswith("error:") else 1), err  # was a traceback, exit 1
+    assert says in err and "boom" in err and "Traceback" not in err, err
+    assert not (ws / "o").exists()
+
+
+def test_a_model_raising_its_own_exception_on_a_calibration_batch_is_named(monkeypatch):
+    monkeypatch.setenv("CLEANAI_TEST_AT", "3")
+    monkeypatch.setenv("CLEANAI_TEST_RAISE", "own")
+    x = torch.rand(2, 3, 8, 8)
+    pruner = StructuredPruner(fails_on_call(), x, pruning_ratio=0.5)
+    with pytest.raises(
+        UserError, match=r"the model failed on calibration batch \d \(input shape \(2, 3, 8, 8\)\): OwnError: boom"
+    ):
+        pruner.collect_activations([x, x, x, x])
+
+
+@pytest.mark.parametrize("where", ["model", "data"])
+def test_code_that_calls_sys_exit_during_a_run_is_an_error_not_exit_0(ws, capsys, monkeypatch, where):
+    monkeypatch.setenv("CLEANAI_TEST_AT", "4")
+    monkeypatch.setenv("CLEANAI_TEST_RAISE", "exit")
+    model, data = (f"{__name__}:fails_on_call", "data.pt") if where == "model" else (DEMO, f"{__name__}:exiting_items")
+    if where == "data":
+        model = f"{__name__}:small_net"
+    rc = main(["prune", "--model", model, "--data", data, "--batch-size", "4", "--out", "o", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2, err  # exit code 0, nothing said, nothing written
+    assert "called sys.exit(0) instead of returning or raising an error; the run stopped there and wrote nothing" in err
+    assert not (ws / "o").exists() and sorted(p.name for p in ws.iterdir()) == ["data.pt"]
+
+
+# -- pipes and devices given as files -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "shown"),
+    [
+        ("--data", "--data"),
+        ("--weights", "--weights"),
+        ("--config", "config file"),
+        ("--model", "--model"),
+        ("--train-data", "--train-data"),
+    ],
+)
+def test_a_named_pipe_given_as_a_file_is_named_and_never_opened(ws, capsys, option, shown):
+    os.mkfifo(ws / "pipe.pt")  # opening it waited for a writer for ever (--model with --trust-model: a hang)
+    args = {"--data": ["data.pt"], "--model": [DEMO], option: ["pipe.pt"]}
+    extra = {"--weights": [], "--config": [], "--model": ["--trust-model"], "--train-data": ["--recover-epochs", "1"]}
+    argv = ["prune", "--model", *args["--model"], "--data", *args["--data"], "--out", "o", "-q"]
+    if option not in ("--data", "--model"):
+        argv += [option, "pipe.pt"]
+    rc = main(argv + extra.get(option, []))
+    err = capsys.readouterr().err
+    assert rc == 2, err  # "does not exist" (it exists), or a hang
+    assert f"{shown} 'pipe.pt' is a named pipe (FIFO), not a regular file" in err and "Save the content" in err
+    assert not (ws / "o").exists()
+
+
+def test_a_device_given_as_weights_or_config_is_refused_before_it_is_read(ws, capsys):
+    # /dev/zero as --model was read until the out-of-memory killer stopped the process
+    for argv in (["--model", "/dev/zero", "--trust-model"], ["--weights", "/dev/zero"], ["--config", "/dev/null"]):
+        base = ["prune", "--model", DEMO, "--data", "data.pt", "--out", "o", "-q"]
+        assert main(base + argv) == 2
+        assert "is a character device, not a regular file" in capsys.readouterr().err
+    assert main(["explain", "--model", "/dev/zero", "--trust-model"]) == 2
+    assert "--model '/dev/zero' is a character device" in capsys.readouterr().err
+
+
+def test_a_saved_folder_or_history_file_that_is_a_pipe_is_named(tmp_path):
+    from cleanai_core import PruningHistory
+    from cleanai_core.io import load_pruned, save_pruned
+
+    pruner = StructuredPruner(small_net(), torch.rand(2, 3, 8, 8), "magnitude", pruning_ratio=0.5)
+    save_pruned(tmp_path / "s", pruner.prune(), pruner.history, spec=f"{__name__}:small_net")
+    (tmp_path / "s" / "model.pt").unlink()
+    os.mkfifo(tmp_path / "s" / "model.pt")
+    with pytest.raises(UserError, match=r"the saved folder's file '.*model.pt' is a named pipe \(FIFO\)"):
+        load_pruned(tmp_path / "s", trust_code=True)  # said "has no model.pt"
+    os.mkfifo(tmp_path / "h.json")
+    with pytest.raises(UserError, match=r"history file '.*h.json' is a named pipe \(FIFO\)"):
+        PruningHistory.load(tmp_path / "h.json")  # waited for a writer
+
+
+# -- image folders with links ---------------------------------------------------------------------
+
+
+def _images(root, classes=("a", "b"), n=4):
+    from PIL import Image
+
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i * 40, 50 if c == "a" else 200, 0)).save(root / c / f"{i}.png")
+
+
+def test_links_back_up_an_image_folder_read_each_image_once(ws, caplog):
+    import json
+
+    _images(ws / "imgs")
+    (ws / "imgs" / "a" / "sub").mkdir()
+    os.symlink("..", ws / "imgs" / "a" / "sub" / "up")  # imgs/a/sub/up/sub/up/... until the path is too long
+    os.symlink("..", ws / "imgs" / "a" / "sub" / "up2")  # two such links: a walk of 2**40 paths
+    assert main(["prune", "--model", f"{__name__}:small_net", "--data", "imgs", "--image-size", "8", "--out", "o"]) == 0
+    report = json.loads((ws / "o" / "report.json").read_text())
+    # 8 images were 164 + 164 samples with one link (the same image in both halves)
+    assert report["calibration_samples"] + report["evaluation_samples"] == 8
+    assert "2 folder(s) or file(s) are reached again through links" in caplog.text
+
+
+def test_an_image_folder_without_links_keeps_torchvisions_samples_and_order(ws):
+    from torchvision.datasets import ImageFolder
+
+    from cleanai_plugins.io.datasets import load_dataset
+
+    _images(ws / "imgs", classes=("a", "a-b", "b"), n=3)
+    (ws / "imgs" / "a-b" / "deep").mkdir()
+    _images(ws / "imgs" / "a-b" / "deep", classes=("x",), n=2)
+    ours = load_dataset("imgs", {"image_size": 8})
+    assert ours.samples == ImageFolder("imgs").samples and len(ours.samples) == 11
+
+
+def test_an_image_linked_into_two_classes_is_refused_naming_both(ws, capsys):
+    _images(ws / "imgs")
+    os.symlink("../a", ws / "imgs" / "b" / "more")  # class a's images labelled b too
+    rc = main(["prune", "--model", f"{__name__}:small_net", "--data", "imgs", "--image-size", "8", "--out", "o"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "is reached from class 'a' ('imgs/a/0.png') and, through a link, from class 'b' ('imgs/b/more/0.png')" in err
+    assert "label is ambiguous" in err and not (ws / "o").exists()
+
+
+def test_a_pipe_among_the_images_is_named_not_waited_on(ws, capsys):
+    _images(ws / "imgs")
+    os.mkfifo(ws / "imgs" / "b" / "9.png")
+    rc = main(["prune", "--model", f"{__name__}:small_net", "--data", "imgs", "--image-size", "8", "--out", "o"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert (
+        "cannot read image 'imgs/b/9.png' in --data 'imgs' (OSError: it is a named pipe (FIFO), not a regular file)"
+        in err
+    )
