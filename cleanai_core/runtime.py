@@ -221,13 +221,26 @@ def checked_device(value: Any, name: str) -> torch.device:
         raise UserError(f"{shown} is not a device; use cpu, cuda or cuda:N.") from None
     if device.type == "meta":
         raise UserError(f"{shown} holds shapes without data, so nothing can be measured or loaded; use cpu or cuda.")
-    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    try:
+        backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    except ImportError:  # torch.privateuseone: a lazy module that is not there
+        backend = None
     available = getattr(backend, "is_available", None)
     if callable(available) and not available():
         raise UserError(f"{shown} was asked for, but this machine has no {device.type} device; use cpu.")
     count = getattr(backend, "device_count", None)
     if device.index is not None and callable(count) and device.index >= count():
         raise UserError(f"{shown}: this machine has {count()} {device.type} device(s) (0..{count() - 1}).")
+    if device.type != "cpu" and not callable(available):
+        # a type torch can name but not say is there (xla, privateuseone, ...): the run failed later with
+        # "PyTorch is not linked with support for xla devices" or a ModuleNotFoundError, as a traceback
+        try:
+            torch.empty(0, device=device)
+        except Exception as exc:
+            raise UserError(
+                f"{shown} was asked for, but this PyTorch cannot put a tensor there ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); use cpu, or cuda on a machine with a GPU."
+            ) from None
     return device
 
 

@@ -236,3 +236,19 @@ def test_a_pipe_among_the_images_is_named_not_waited_on(ws, capsys):
         "cannot read image 'imgs/b/9.png' in --data 'imgs' (OSError: it is a named pipe (FIFO), not a regular file)"
         in err
     )
+
+
+# -- devices torch can name but not use -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["xla", "privateuseone", "hpu", "vulkan"])
+def test_a_device_this_pytorch_cannot_use_is_refused_naming_it(ws, capsys, tmp_path, device):
+    from cleanai_core.io import load_pruned
+
+    rc = main(["prune", "--model", DEMO, "--data", "data.pt", "--out", "o", "-q", "--device", device])
+    err = capsys.readouterr().err
+    assert rc == 2, err  # a RuntimeError / ModuleNotFoundError traceback, exit 1
+    assert f"--device {device} was asked for, but this PyTorch cannot put a tensor there" in err
+    assert "use cpu" in err and not (ws / "o").exists()
+    with pytest.raises(UserError, match=f"map_location='{device}' was asked for, but this PyTorch cannot"):
+        load_pruned(tmp_path, map_location=device)
