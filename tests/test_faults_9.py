@@ -252,3 +252,31 @@ def test_a_device_this_pytorch_cannot_use_is_refused_naming_it(ws, capsys, tmp_p
     assert "use cpu" in err and not (ws / "o").exists()
     with pytest.raises(UserError, match=f"map_location='{device}' was asked for, but this PyTorch cannot"):
         load_pruned(tmp_path, map_location=device)
+
+
+# -- a reader that goes away ----------------------------------------------------------------------
+
+
+class ClosedPipe:
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_output_piped_into_a_reader_that_closes_ends_quietly(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["plugins"]) == 141  # exit 2: "cannot use: Broken pipe. Check the path ... and the disk"
+    assert capsys.readouterr().err == ""
+
+
+def test_cleanai_plugins_into_head_leaves_no_message(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    cmd = f"{sys.executable} -m cleanai_core.cli plugins | head -c 10"
+    res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert len(res.stdout) == 10, res.stdout
+    assert res.returncode in (0, 141) and res.stderr == "", res.stderr

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -149,6 +150,10 @@ def _run_command(argv: list[str] | None) -> int:
     except CleanAIError as exc:
         print(f"cleanai {args.command}: failed: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of the output went away (cleanai plugins | head -1)
+        # it said "cannot use: Broken pipe. Check the path (its length, links and permissions) and the disk"
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE: what a shell reports for a tool the closed pipe stopped
     except OSError as exc:  # a path the OS refuses (name too long, a loop of links, no permission, I/O error)
         print(f"cleanai {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
@@ -162,6 +167,18 @@ def _run_command(argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+def _stdout_to_devnull() -> None:
+    """Point the process's stdout at ``/dev/null``, so that the interpreter's last flush of
+    what is still buffered for a closed pipe raises nothing ("Exception ignored ...")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a test's capture: nothing to flush
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def os_error_message(exc: OSError) -> str:
