@@ -280,3 +280,79 @@ def test_cleanai_plugins_into_head_leaves_no_message(tmp_path):
     res = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert len(res.stdout) == 10, res.stdout
     assert res.returncode in (0, 141) and res.stderr == "", res.stderr
+
+
+# -- the model itself as a layer spec -------------------------------------------------------------
+
+
+class Wrapped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = small_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _size(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_the_model_itself_as_an_ignored_layer_keeps_every_layer():
+    model, x = Wrapped(), torch.rand(2, 3, 8, 8)
+    assert _size(StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()) == 288
+    for spec in (model, nn.Module, Wrapped):  # the model, or a type only it (and every layer) has
+        with pytest.raises(UserError, match=r"nothing in this model can be pruned \(every layer is ignored\)"):
+            StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[spec]).prune()  # pruned to 288
+
+
+def test_the_model_itself_given_a_ratio_sets_every_layers_ratio():
+    model, x = small_net(), torch.rand(2, 3, 8, 8)
+    plain = StructuredPruner(model, x, "magnitude", pruning_ratio=0.25).prune()
+    every = StructuredPruner(model, x, "magnitude", pruning_ratio=0.25, layer_pruning_ratios={"*": 0.75}).prune()
+    root = StructuredPruner(model, x, "magnitude", pruning_ratio=0.25, layer_pruning_ratios={model: 0.75}).prune()
+    assert (_size(plain), _size(every)) == (538, 110)
+    assert _size(root) == 110  # 538: the ratio was dropped without a word
+
+
+def test_the_graph_ignores_what_a_container_holds_as_the_pruner_does():
+    from cleanai_core import DependencyGraph
+
+    model, x = Wrapped(), torch.rand(2, 3, 8, 8)
+    for spec in (model.body, "body"):
+        assert DependencyGraph(model, x, ignored_layers=[spec]).ignored == {"body", *(f"body.{i}" for i in range(8))}
+    assert DependencyGraph(model, x, ignored_layers=[model.body[0]]).ignored == {"body.0"}
+
+
+# -- sparse inputs --------------------------------------------------------------------------------
+
+
+class SparseGraphNet(nn.Module):
+    """Node features through an MLP plus a message sum over a sparse adjacency matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, adj: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))) + torch.sparse.mm(adj, x).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("importance", ["magnitude", "weight_activation"])
+def test_a_sparse_adjacency_matrix_among_the_example_inputs_prunes(layout, importance):
+    torch.manual_seed(0)
+    adj = (torch.rand(5, 5) > 0.5).float()
+    adj = adj.to_sparse() if layout == "coo" else adj.to_sparse_csr()
+    x = torch.rand(5, 6)
+    model = SparseGraphNet()
+    before = model(adj, x)
+    pruner = StructuredPruner(model, (adj, x), importance, pruning_ratio=0.5)  # NotImplementedError / RuntimeError
+    if importance == "weight_activation":
+        pruner.collect_activations([((adj, x), torch.zeros(5, dtype=torch.long))] * 3)
+    pruned = pruner.prune()
+    assert _size(pruned) == 43 and pruned(adj, x).shape == (5, 3)  # 83 -> 43: 4 of a's 8 units
+    assert torch.equal(model(adj, x), before)
+    inf = torch.sparse_coo_tensor([[0], [1]], [float("inf")], (5, 5))
+    with pytest.raises(UserError, match="example_inputs contain NaN or inf values"):
+        StructuredPruner(SparseGraphNet(), (inf, x), "magnitude")
