@@ -356,3 +356,24 @@ def test_a_sparse_adjacency_matrix_among_the_example_inputs_prunes(layout, impor
     inf = torch.sparse_coo_tensor([[0], [1]], [float("inf")], (5, 5))
     with pytest.raises(UserError, match="example_inputs contain NaN or inf values"):
         StructuredPruner(SparseGraphNet(), (inf, x), "magnitude")
+
+
+# -- a terminal that cannot show the user's paths -------------------------------------------------
+
+
+def test_a_path_the_terminal_cannot_encode_is_escaped_not_a_crash_after_writing(ws, monkeypatch):
+    import io
+
+    ascii_out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")  # LC_ALL=C, PYTHONIOENCODING=ascii, cp1252
+    monkeypatch.setattr("sys.stdout", ascii_out)
+    rc = main(["prune", "--model", f"{__name__}:small_net", "--data", "data.pt", "--out", "öut ü", "--quiet"])
+    ascii_out.flush()
+    printed = ascii_out.buffer.getvalue().decode("ascii")
+    assert rc == 0  # UnicodeEncodeError after the result was written: a traceback, exit 1
+    assert "wrote \\xf6ut \\xfc/: model.pt" in printed
+    assert (ws / "öut ü" / "model.pt").is_file()
+
+
+def test_an_input_shape_of_more_dimensions_than_torch_has_is_refused(capsys):
+    assert main(["explain", "--model", f"{__name__}:small_net", "--input-shape", ",".join(["1"] * 65)]) == 2
+    assert "--input-shape has 65 dimensions; torch tensors have at most 64" in capsys.readouterr().err  # a traceback

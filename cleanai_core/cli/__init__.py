@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cleanai {__version__}")
         return 0
     command = next((a for a in args_list if not a.startswith("-")), "")
+    _printable_stdout()
     try:
         with _sigterm_raises():
             return _main(argv)
@@ -167,6 +168,19 @@ def _run_command(argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+def _printable_stdout() -> None:
+    """Let stdout write what its encoding cannot (a path or layer name with 'ö' where the
+    locale is C / ASCII, ``PYTHONIOENCODING=ascii``, a cp1252 console) as escapes, as stderr
+    does: the last line, ``wrote 'öut/': ...``, raised ``UnicodeEncodeError`` after the result
+    was written (exit 1, a traceback)."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if callable(reconfigure) and getattr(sys.stdout, "errors", "strict") == "strict":
+        try:
+            reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # a stream that cannot change: leave it
+            pass
 
 
 def _stdout_to_devnull() -> None:

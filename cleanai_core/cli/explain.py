@@ -47,6 +47,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise UserError(f"--input-shape {text!r}: give integers separated by commas, e.g. 1,3,224,224.") from None
     if not shape or any(d < 1 for d in shape):
         raise UserError(f"--input-shape {text!r}: every dimension must be a positive integer.")
+    if len(shape) > 64:  # RuntimeError: only tensors with up to 64 dims are supported (a traceback)
+        raise UserError(f"--input-shape has {len(shape)} dimensions; torch tensors have at most 64 (e.g. 1,3,224,224).")
     return shape
 
 
