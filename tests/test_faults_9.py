@@ -377,3 +377,47 @@ def test_a_path_the_terminal_cannot_encode_is_escaped_not_a_crash_after_writing(
 def test_an_input_shape_of_more_dimensions_than_torch_has_is_refused(capsys):
     assert main(["explain", "--model", f"{__name__}:small_net", "--input-shape", ",".join(["1"] * 65)]) == 2
     assert "--input-shape has 65 dimensions; torch tensors have at most 64" in capsys.readouterr().err  # a traceback
+
+
+# -- data sets whose len() is wrong or huge -------------------------------------------------------
+
+
+class Overcounted(torch.utils.data.Dataset):
+    """Holds 16 items; ``len()`` says ``CLEANAI_TEST_LEN``."""
+
+    def __len__(self) -> int:
+        return int(os.environ["CLEANAI_TEST_LEN"])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if i >= 16:
+            raise IndexError(i)
+        return torch.rand(3, 8, 8), i % 4
+
+
+def overcounted() -> torch.utils.data.Dataset:
+    return Overcounted()
+
+
+@pytest.mark.parametrize("length", [40, 10**12])
+def test_a_data_set_whose_len_overcounts_is_named_with_its_len(ws, capsys, monkeypatch, length):
+    monkeypatch.setenv("CLEANAI_TEST_LEN", str(length))
+    argv = ["prune", "--model", f"{__name__}:small_net", "--data", f"{__name__}:overcounted", "--out", "o", "-q"]
+    rc = main(argv + ["--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2, err  # 10**12: the split's permutation, 8,000 GB, a RuntimeError traceback
+    assert f"Its len() is {length:,}, and item" in err and "check that __len__ counts only the items" in err
+    assert "Traceback" not in err and not (ws / "o").exists()
+
+
+def test_a_large_data_set_is_split_by_a_permutation_computed_per_index(monkeypatch):
+    from cleanai_core.job import inputs
+
+    small = inputs.split_dataset(list(range(50)), 0.5, 3)
+    monkeypatch.setattr(inputs, "LISTED_SPLIT", 10)
+    calib, held = inputs.split_dataset(list(range(1000)), 0.3, 7)
+    assert isinstance(calib.indices, inputs.Shuffled) and (len(calib), len(held)) == (300, 700)
+    assert sorted([*calib.indices, *held.indices]) == list(range(1000))  # a permutation: every item once
+    assert list(calib.indices) != list(range(300))
+    assert list(inputs.split_dataset(list(range(1000)), 0.3, 7)[0].indices[:5]) == list(calib.indices[:5])  # seeded
+    monkeypatch.setattr(inputs, "LISTED_SPLIT", 10**7)
+    assert inputs.split_dataset(list(range(50)), 0.5, 3)[0].indices == small[0].indices  # small sets as before
