@@ -32,6 +32,7 @@ from cleanai_core.out_folder import (
     TrackedWriter,
     current_umask,
     holds_the_working_folder,
+    resolved,
     snapshot,
     staged_folder,
     target_of,
@@ -130,6 +131,7 @@ def save_pruned(
             f"save_pruned needs the spec that rebuilds the unpruned architecture (e.g. 'torchvision:resnet18' or "
             f"'package.module:factory'), got {spec!r}"
         )
+    resolved(out)  # a loop of symbolic links on the way is named
     if out.exists() and not out.is_dir():
         raise UserError(f"{str(out)!r} is a file; give a folder path to save_pruned().")
     if holds_the_working_folder(out):  # the swap left the process in a deleted folder (os.getcwd() failed)

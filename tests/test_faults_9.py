@@ -421,3 +421,50 @@ def test_a_large_data_set_is_split_by_a_permutation_computed_per_index(monkeypat
     assert list(inputs.split_dataset(list(range(1000)), 0.3, 7)[0].indices[:5]) == list(calib.indices[:5])  # seeded
     monkeypatch.setattr(inputs, "LISTED_SPLIT", 10**7)
     assert inputs.split_dataset(list(range(50)), 0.5, 3)[0].indices == small[0].indices  # small sets as before
+
+
+# -- saved folders' JSON out of any form, loops of links as destinations --------------------------
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "says"),
+    [
+        ("architecture.json", "[" * 100000 + "]" * 100000, "nested too deeply to be a CleanAI file"),  # RecursionError
+        ("history.json", "[" * 100000 + "]" * 100000, "nested too deeply to be a CleanAI file"),
+        ("history.json", "1" * 100000, "Exceeds the limit (4300 digits)"),  # ValueError traceback
+        ("architecture.json", '{"format": ' + "1" * 5000 + "}", "Exceeds the limit (4300 digits)"),
+        ("architecture.json", None, "key 'spec' appears twice"),  # loaded, the last 'spec' winning
+    ],
+)
+def test_a_saved_folders_json_out_of_any_form_is_a_damaged_folder(tmp_path, file, text, says):
+    from cleanai_core import PruningHistory
+    from cleanai_core.io import load_pruned, save_pruned
+
+    pruner = StructuredPruner(small_net(), torch.rand(2, 3, 8, 8), "magnitude", pruning_ratio=0.5)
+    save_pruned(tmp_path / "s", pruner.prune(), pruner.history, spec=f"{__name__}:small_net")
+    path = tmp_path / "s" / file
+    if text is None:
+        text = path.read_text().replace('"spec":', '"spec": "timm:resnet18", "spec":', 1)
+    path.write_text(text)
+    with pytest.raises(UserError, match="The folder is damaged, tampered with") as err:
+        load_pruned(tmp_path / "s", trust_code=True)
+    assert says in str(err.value)
+    if file == "history.json":
+        with pytest.raises(UserError, match="The folder is damaged"):
+            PruningHistory.load(path)
+
+
+@pytest.mark.parametrize("out", ["loop", "pair/sub"])
+def test_a_destination_through_a_loop_of_links_is_named(ws, capsys, out):
+    from cleanai_core.io import save_pruned
+
+    os.symlink("loop", ws / "loop")
+    os.symlink("pair2", ws / "pair")
+    os.symlink("pair", ws / "pair2")
+    rc = main(["prune", "--model", f"{__name__}:small_net", "--data", "data.pt", "--out", out, "-q"])
+    assert rc == 2  # RuntimeError: Symlink loop from '.../loop', a traceback
+    assert f"'{out}' goes through a loop of symbolic links" in capsys.readouterr().err
+    pruner = StructuredPruner(small_net(), torch.rand(2, 3, 8, 8), "magnitude", pruning_ratio=0.5)
+    with pytest.raises(UserError, match=f"'{out}' goes through a loop of symbolic links"):
+        save_pruned(out, pruner.prune(), pruner.history, spec=f"{__name__}:small_net")
+    assert sorted(p.name for p in ws.iterdir()) == ["data.pt", "loop", "pair", "pair2"]
