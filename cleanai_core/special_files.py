@@ -1,11 +1,13 @@
 """Paths a user gave that exist but are no regular file or folder: a named pipe (FIFO), a
-device (``/dev/zero``, ``/dev/stdin``) or a socket. Reading one waits for a writer that
+device (``/dev/zero``, ``/dev/stdin``), a socket, or a loop of symbolic links (which said
+"does not exist"). Reading one waits for a writer that
 never comes (a FIFO) or never ends (``/dev/zero``: the process read it until the
 out-of-memory killer stopped it); ``Path.is_file()`` is false for them, so they were
 reported as files that "do not exist"."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import Any
@@ -14,6 +16,7 @@ from cleanai_core.errors import UserError
 
 __all__ = ["check_not_special", "special_kind"]
 
+LOOP = "a loop of symbolic links"
 _KINDS = (
     (stat.S_ISFIFO, "a named pipe (FIFO)"),
     (stat.S_ISCHR, "a character device"),
@@ -29,7 +32,9 @@ def special_kind(path: Any) -> str | None:
         return None
     try:
         mode = os.stat(path).st_mode
-    except (OSError, ValueError):  # missing, a loop of links, a NUL in the name: the caller's own checks say so
+    except OSError as exc:  # missing: the caller's own checks say so; a loop of links said "does not exist"
+        return LOOP if exc.errno == errno.ELOOP else None
+    except ValueError:  # a NUL in the name
         return None
     return next((kind for test, kind in _KINDS if test(mode)), None)
 
@@ -38,6 +43,11 @@ def check_not_special(path: Any, what: str) -> None:
     """A :class:`UserError` naming ``what`` (``"--data"``, ``"weights file"``) when ``path``
     is a pipe, device or socket; nothing is opened."""
     kind = special_kind(path)
+    if kind == LOOP:
+        raise UserError(
+            f"{what} {str(path)!r} is {kind} (a link that leads back to itself), so there is nothing to read. Give "
+            "the file itself."
+        )
     if kind is not None:
         raise UserError(
             f"{what} {str(path)!r} is {kind}, not a regular file: reading it would wait for a writer or never end. "

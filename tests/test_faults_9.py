@@ -468,3 +468,15 @@ def test_a_destination_through_a_loop_of_links_is_named(ws, capsys, out):
     with pytest.raises(UserError, match=f"'{out}' goes through a loop of symbolic links"):
         save_pruned(out, pruner.prune(), pruner.history, spec=f"{__name__}:small_net")
     assert sorted(p.name for p in ws.iterdir()) == ["data.pt", "loop", "pair", "pair2"]
+
+
+@pytest.mark.parametrize("option", ["--data", "--weights", "--config", "--model", "--train-data"])
+def test_an_input_that_is_a_loop_of_links_is_named_not_missing(ws, capsys, option):
+    os.symlink("in.pt", ws / "in.pt")
+    argv = ["prune", "--model", DEMO, "--data", "data.pt", "--out", "o", "-q", option, "in.pt"]
+    argv += {"--model": ["--trust-model"], "--train-data": ["--recover-epochs", "1"]}.get(option, [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # "does not exist" / "no such file"
+    assert "'in.pt' is a loop of symbolic links (a link that leads back to itself), so there is nothing to read" in err
+    assert main(["explain", "--model", "in.pt"]) == 2
+    assert "--model 'in.pt' is a loop of symbolic links" in capsys.readouterr().err

@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from cleanai_core.job.inputs import check_real
     from cleanai_core.options import ignored_modules
     from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
+    from cleanai_core.special_files import check_not_special
 
     options = {
         "weights": args.weights,
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         "trust_code": True,  # typed on the command line
         "spec_source": "--model",
     }
+    check_not_special(args.model, "--model")  # a loop of links said "not a model this tool can load"
     model = load_model(get_plugin_manager(), args.model, options)
     if model is None:
         raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {input_forms('model')}.")
