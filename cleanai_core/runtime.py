@@ -318,7 +318,25 @@ def copy_modes(source: nn.Module, target: nn.Module) -> None:
 
 
 def check_labels(out: Any, target: Any) -> torch.Tensor:
-    """Labels a classification loss can use for gradient criteria, or a :class:`UserError`."""
+    """Labels a classification loss can use for gradient criteria, or a :class:`UserError`.
+    Labels given as a list or tuple of numbers (``[0, 1, 2, 3]``) are taken as the tensor
+    they make; text labels are named (both were told to pass ``output_transform``)."""
+    if isinstance(out, torch.Tensor) and isinstance(target, (list, tuple)):
+        text = next((v for v in tree_flatten(target)[0] if isinstance(v, (str, bytes))), None)
+        if text is not None:
+            raise UserError(
+                f"taylor importance needs class indices, but the labels are text (e.g. {text!r}); give integer class "
+                "indices 0..N-1 in the order of the model's outputs (e.g. [classes.index(label) for label in y])"
+            )
+        try:
+            target = torch.as_tensor(target)
+        except (TypeError, ValueError, RuntimeError):
+            pass  # a list of tensors of several shapes, objects: the message below
+    if isinstance(out, torch.Tensor) and isinstance(target, (str, bytes)):
+        raise UserError(
+            f"taylor importance needs class indices, but the label is text ({target!r}); give a tensor of integer "
+            "class indices 0..N-1, one per input"
+        )
     if not isinstance(out, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise UserError(
             "taylor importance needs a tensor of logits and a tensor of labels; pass output_transform=lambda out: "

@@ -480,3 +480,27 @@ def test_an_input_that_is_a_loop_of_links_is_named_not_missing(ws, capsys, optio
     assert "'in.pt' is a loop of symbolic links (a link that leads back to itself), so there is nothing to read" in err
     assert main(["explain", "--model", "in.pt"]) == 2
     assert "--model 'in.pt' is a loop of symbolic links" in capsys.readouterr().err
+
+
+# -- labels of gradient criteria as plain lists or text -------------------------------------------
+
+
+def test_taylor_labels_as_a_list_of_ints_score_as_the_tensor_and_text_labels_are_named():
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+
+    def pruned(labels):
+        pruner = StructuredPruner(small_net(), x, "taylor", pruning_ratio=0.5)
+        pruner.collect_activations([(x, labels)])
+        return pruner.prune()
+
+    expected = pruned(torch.tensor([0, 1, 2, 3]))
+    got = pruned([0, 1, 2, 3])  # "needs a tensor of logits and a tensor of labels; pass output_transform=..."
+    assert all(
+        torch.equal(a, b) for a, b in zip(got.state_dict().values(), expected.state_dict().values(), strict=True)
+    )
+    with pytest.raises(UserError, match=r"the labels are text \(e.g. 'cat'\); give integer class indices"):
+        pruned(["cat", "dog", "cat", "dog"])
+    with pytest.raises(UserError, match=r"the label is text \('cat'\)"):
+        pruner = StructuredPruner(small_net(), x, "taylor", pruning_ratio=0.5)
+        pruner.collect_activations([{"input": x, "labels": "cat"}])
+        pruner.prune()
