@@ -504,3 +504,41 @@ def test_taylor_labels_as_a_list_of_ints_score_as_the_tensor_and_text_labels_are
         pruner = StructuredPruner(small_net(), x, "taylor", pruning_ratio=0.5)
         pruner.collect_activations([{"input": x, "labels": "cat"}])
         pruner.prune()
+
+
+# -- a model that starts failing part-way through the sensitivity analysis -------------------------
+
+_CALLS = [0]
+
+
+class FailsFromCall(nn.Module):
+    """Fails on every call from the ``CLEANAI_TEST_AT``-th on (counted outside the model, where
+    the model's state being put back after each run does not reset it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _CALLS[0] += 1
+        if _CALLS[0] >= int(os.environ["CLEANAI_TEST_AT"]):
+            raise KeyError("boom")
+        return self.net(x)
+
+
+def fails_from_call() -> nn.Module:
+    _CALLS[0] = 0
+    return FailsFromCall()
+
+
+@pytest.mark.parametrize("at", [6, 9, 12, 17, 20])
+def test_a_model_failing_part_way_through_sensitivity_stops_with_one_line(ws, capsys, monkeypatch, at):
+    monkeypatch.setenv("CLEANAI_TEST_AT", str(at))
+    argv = ["sensitivity", "--model", f"{__name__}:fails_from_call", "--data", "data.pt", "--batch-size", "4"]
+    rc = main([*argv, "--out", "o", "-q"])
+    err = capsys.readouterr().err
+    # was a KeyError traceback (exit 1) from the reference pass, FLOPs counting or a trial's BatchNorm pass, or
+    # exit 0 with every trial read as "cannot be pruned": KL 0 for every group
+    assert rc in (1, 2) and "Traceback" not in err, err
+    assert "KeyError: 'boom'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (ws / "o").exists()

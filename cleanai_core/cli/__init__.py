@@ -158,6 +158,19 @@ def _run_command(argv: list[str] | None) -> int:
     except OSError as exc:  # a path the OS refuses (name too long, a loop of links, no permission, I/O error)
         print(f"cleanai {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # pragma: no branch - re-raised unless the user's own code raised it
+        where = _user_code_frame(exc)
+        if where is None:  # CleanAI's or torch's own: a bug to report, with its traceback
+            raise
+        # a model whose forward fails on some calls only, raising in a stage no message covers
+        # (FLOPs counting, a sensitivity trial's BatchNorm pass): a traceback, exit 1
+        print(
+            f"cleanai {args.command}: failed: {type(exc).__name__}: {str(exc)[:300]}, raised by code outside CleanAI "
+            f"({where}: the model's forward, a data set, a factory or a plugin); the run stopped there and wrote "
+            "nothing. Fix it there and run again.",
+            file=sys.stderr,
+        )
+        return 1
     except SystemExit as exc:  # raised by code the run called: argparse's own exits happen above
         # a model's forward, a data set's __getitem__ or a plugin calling sys.exit(0) ended the run with
         # exit code 0 and no word, the result not written
@@ -168,6 +181,25 @@ def _run_command(argv: list[str] | None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+def _user_code_frame(exc: BaseException) -> str | None:
+    """``"file:line"`` of the frame that raised ``exc`` where it is the user's code (not
+    CleanAI's, its plugins', torch's or the standard library's), else ``None``."""
+    import sysconfig
+
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    file = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    ours = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # cleanai_core's parent: our packages
+    ours = [os.path.join(ours[0], "cleanai_core"), os.path.join(ours[0], "cleanai_plugins")]
+    libs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    if file.startswith("<") or any(file.startswith(d + os.sep) for d in (*ours, *libs)):
+        return None
+    return f"{file}:{tb.tb_lineno}"
 
 
 def _printable_stdout() -> None:
