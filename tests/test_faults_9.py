@@ -1,6 +1,10 @@
 """Ninth round of bad input and faults (docs/reliability.md, "Session 19: bad inputs"):
-models and data sets whose code raises what no list of exception types foresaw or calls
-``sys.exit``, ..."""
+models and data sets whose code raises what no list of exception types foresaw, calls
+``sys.exit`` or starts failing part-way; pipes, devices and loops of links given as files
+or destinations; image folders with links; devices torch cannot use; a closed stdout or one
+that cannot encode a path; the model itself as an ignored layer; sparse example inputs;
+data sets whose ``len()`` is wrong or huge; saved folders' JSON out of any form; taylor
+labels as lists or text."""
 
 from __future__ import annotations
 
