@@ -42,7 +42,7 @@ from cleanai_core.calibration import (
     split_batch,
     total_batches,
 )
-from cleanai_core.errors import CleanAIError, UserError
+from cleanai_core.errors import UserError, model_fault
 from cleanai_core.model_state import copy_model, preserved
 from cleanai_core.replay import CalibrationData, Pool, batch_bytes, samples_in, spread
 from cleanai_core.runtime import (
@@ -323,10 +323,8 @@ def model_failure(index: int, inputs: Any, batch: Any = None) -> Iterator[None]:
     loader gave it, for the hint about a pair read as ``(input, label)``."""
     try:
         yield
-    except (UserError, KeyboardInterrupt, torch.OutOfMemoryError):  # out of memory: not the batch's shape
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
-        if isinstance(exc, CleanAIError):
+    except Exception as exc:
+        if not model_fault(exc):  # out of memory: not the batch's shape
             raise
         raise UserError(
             f"the model failed on calibration batch {index} (input shape {_shapes(inputs)}): "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanai_core.errors import UserError
+from cleanai_core.special_files import check_not_special
 
 __all__ = ["ENV_PREFIX", "PRESETS", "SOURCES", "env_options", "preset_options", "read_config_file"]
 
@@ -95,6 +96,7 @@ def _load(path: str) -> tuple[Any, str]:
     p = Path(path)
     if p.is_dir():
         raise UserError(f"config file {path!r} is a folder; give a .toml, .yaml/.yml or .json file.")
+    check_not_special(p, "config file")
     if not p.is_file():
         raise UserError(f"config file {path!r} does not exist.")
     suffix = p.suffix.lower()
@@ -128,7 +130,7 @@ def _parse(path: str, suffix: str, text: str) -> tuple[Any, str]:
             raise UserError(f"config file {path!r} is not valid YAML: {exc}") from exc
     if suffix == ".json":
         try:
-            return json.loads(text, object_pairs_hook=_unique_keys), "JSON"
+            return json.loads(text, object_pairs_hook=unique_keys), "JSON"
         except ValueError as exc:  # JSONDecodeError, or a number too long to convert
             raise UserError(f"config file {path!r} is not valid JSON: {exc}") from exc
     try:
@@ -144,8 +146,9 @@ def _parse(path: str, suffix: str, text: str) -> tuple[Any, str]:
         raise UserError(f"config file {path!r} is not valid TOML: {exc}") from exc
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are all different (a repeated key silently took the last value)."""
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (a repeated key silently took the last
+    value); ``json.loads(text, object_pairs_hook=unique_keys)``."""
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:

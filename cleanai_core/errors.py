@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CleanAIError", "PruningError", "TraceError", "UserError"]
+__all__ = ["CleanAIError", "PruningError", "TraceError", "UserError", "model_fault"]
 
 
 class CleanAIError(Exception):
@@ -19,3 +19,15 @@ class TraceError(CleanAIError, RuntimeError):
 
 class PruningError(CleanAIError, RuntimeError):
     """Slicing produced a model that does not run; nothing was changed."""
+
+
+def model_fault(exc: BaseException) -> bool:
+    """Whether ``exc``, caught around a run of the user's model (its forward, ``forward_fn``,
+    ``output_transform``), is the model's own failure, to be reported as one: any
+    ``Exception`` but CleanAI's own errors and running out of memory, which say what they
+    are. The call sites caught a list of types (``RuntimeError``, ``ValueError``, ...), so an
+    ``AssertionError``, ``KeyError``, ``StopIteration`` or a model's own exception class came
+    out of the command line as a traceback (exit 1)."""
+    if not isinstance(exc, Exception) or isinstance(exc, (CleanAIError, MemoryError)):
+        return False
+    return type(exc).__name__ != "OutOfMemoryError"  # torch.OutOfMemoryError, without importing torch here

@@ -45,7 +45,7 @@ from cleanai_core.bn_correction import norms_with_running_stats
 from cleanai_core.bn_refresh import reestimate_batchnorm
 from cleanai_core.calibration import iterate, split_batch
 from cleanai_core.collect import check_iterable, model_failure
-from cleanai_core.errors import UserError
+from cleanai_core.errors import UserError, model_fault
 from cleanai_core.interfaces import slice_tensor
 from cleanai_core.metrics import count_flops
 from cleanai_core.model_state import copy_model
@@ -335,8 +335,8 @@ class GradualPruner:
         self.steps_done = 0
         try:
             self.base_flops = count_flops(self.net, example_inputs, pruner_options.get("forward_fn"))
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-            if isinstance(exc, UserError):
+        except Exception as exc:
+            if not model_fault(exc):
                 raise
             raise UserError(
                 f"the model failed on example_inputs ({type(exc).__name__}: {str(exc)[:200]}); give one batch of "

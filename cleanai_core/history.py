@@ -13,6 +13,7 @@ from torch import nn
 
 from cleanai_core.errors import UserError
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
+from cleanai_core.special_files import check_not_special
 
 __all__ = ["PruningHistory", "atomic_write_text", "check_shapes", "shape_mismatch", "shapes_sliced"]
 
@@ -155,6 +156,7 @@ class PruningHistory:
         path = _file_path(path, "load")
         if path.is_dir():
             raise UserError(f"history file {str(path)!r} is a folder; give the history.json inside it")
+        check_not_special(path, "history file")
         return read_history(path)
 
     def __len__(self) -> int:

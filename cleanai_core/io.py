@@ -32,6 +32,7 @@ from cleanai_core.out_folder import (
     TrackedWriter,
     current_umask,
     holds_the_working_folder,
+    resolved,
     snapshot,
     staged_folder,
     target_of,
@@ -130,6 +131,7 @@ def save_pruned(
             f"save_pruned needs the spec that rebuilds the unpruned architecture (e.g. 'torchvision:resnet18' or "
             f"'package.module:factory'), got {spec!r}"
         )
+    resolved(out)  # a loop of symbolic links on the way is named
     if out.exists() and not out.is_dir():
         raise UserError(f"{str(out)!r} is a file; give a folder path to save_pruned().")
     if holds_the_working_folder(out):  # the swap left the process in a deleted folder (os.getcwd() failed)
@@ -420,6 +422,7 @@ def load_pruned(
         read_state,
         replay_history,
     )
+    from cleanai_core.special_files import check_not_special
 
     out = _folder_arg(out_dir, "load_pruned")
     check_switches(trust_model=trust_model, trust_code=trust_code)  # trust_code="false" ran the folder's code
@@ -434,6 +437,7 @@ def load_pruned(
             + (f": load_pruned({str(parent)!r})." if parent is not None else ".")
         )
     for name in ("architecture.json", "history.json", "model.pt"):
+        check_not_special(out / name, "the saved folder's file")  # said "has no model.pt"
         if not (out / name).is_file():
             raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")
     spec, options = read_architecture(out / "architecture.json", trust_code=trust_code)

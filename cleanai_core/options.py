@@ -75,7 +75,9 @@ def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, An
         for h in hits:
             out.setdefault(h, spec)
             for n, _ in named:
-                if h and n.startswith(h + "."):
+                # the model itself (given as the module, or a type only it has) is the container of every
+                # layer: ignored_layers=[model] pruned everything, layer_pruning_ratios={model: 0.75} did nothing
+                if n and (not h or n.startswith(h + ".")):
                     out.setdefault(n, spec)
     return out
 
@@ -481,5 +483,17 @@ def check_example_inputs(example_inputs: Any) -> None:
             f"example_inputs hold no values (the input has shape {tuple(leaves[0].shape)}): give one batch of at "
             "least one sample, e.g. torch.randn(1, 3, 224, 224)"
         )
-    if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in leaves):
+    if any(t.is_floating_point() and not bool(torch.isfinite(stored_values(t)).all()) for t in leaves):
         raise UserError("example_inputs contain NaN or inf values; give finite inputs")
+
+
+def stored_values(t: torch.Tensor) -> torch.Tensor:
+    """The values ``t`` stores: its non-zero entries for a sparse tensor (COO, CSR, CSC, BSR,
+    BSC), whose elementwise ops (``isfinite``) are not implemented (a sparse adjacency matrix
+    as a graph network's input raised ``NotImplementedError: ... 'aten::ne.Scalar' ... 'SparseCPU'``);
+    ``t`` itself otherwise."""
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    if t.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
+        return t.values()
+    return t

@@ -45,6 +45,7 @@ __all__ = [
     "signals_deferred",
     "snapshot",
     "staged_folder",
+    "resolved",
     "target_of",
     "write_probe",
 ]
@@ -107,8 +108,26 @@ def home_of(target: Path) -> tuple[Path, str]:
 
 
 def target_of(out: Path) -> Path:
-    """The folder that receives the result: ``out`` itself, or where a symlink points."""
-    return out.resolve() if out.is_symlink() else out.absolute()
+    """The folder that receives the result: ``out`` itself, or where a symlink points. A
+    link that leads back to itself (``ln -s out out``) is a :class:`UserError`: pathlib's
+    ``RuntimeError: Symlink loop from ...`` came out of ``save_pruned`` and ``cleanai prune``
+    as a traceback."""
+    return resolved(out) if out.is_symlink() else out.absolute()
+
+
+def resolved(path: Path) -> Path:
+    """``path.resolve()``, with a loop of symbolic links on the way (``ln -s out out``, or in
+    a folder above) a :class:`UserError` naming it instead of pathlib's ``RuntimeError:
+    Symlink loop from ...`` (a traceback out of ``save_pruned`` and ``cleanai prune``)."""
+    try:
+        return path.resolve(strict=False)
+    except (RuntimeError, OSError) as exc:  # RuntimeError up to Python 3.12, OSError(ELOOP) after
+        if isinstance(exc, OSError) and exc.errno != errno.ELOOP:
+            raise
+        raise UserError(
+            f"{str(path)!r} goes through a loop of symbolic links (a link that leads back to itself); nothing can "
+            "be written there. Remove the link or give another folder."
+        ) from None
 
 
 @contextlib.contextmanager

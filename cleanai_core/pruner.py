@@ -19,7 +19,7 @@ from cleanai_core.collect import Calibration, CalibrationSetup, calibrate
 from cleanai_core.compensation import compensated_copy
 from cleanai_core.dead_units import dead_plan
 from cleanai_core.device_defaults import default_round_to
-from cleanai_core.errors import CleanAIError, PruningError, UserError
+from cleanai_core.errors import PruningError, UserError, model_fault
 from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
 from cleanai_core.graph.groups import Group
 from cleanai_core.heap import frozen_heap
@@ -505,8 +505,8 @@ class StructuredPruner:
         if self._reference is None:
             try:
                 self._reference = reference(self.model, self.example_inputs, self.forward_fn, self.output_transform)
-            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
-                if isinstance(exc, (CleanAIError, torch.OutOfMemoryError)):
+            except Exception as exc:
+                if not model_fault(exc):
                     raise
                 # the trace runs on the meta device (shapes only): float16 inputs to a float32 model passed
                 # it and then raised the model's own RuntimeError here

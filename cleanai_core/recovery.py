@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from cleanai_core.calibration import move_to, split_batch
-from cleanai_core.errors import UserError
+from cleanai_core.errors import UserError, model_fault
 from cleanai_core.metrics import call_model, eval_mode
 from cleanai_core.model_state import copy_model
 from cleanai_core.options import check_callables, check_modules, check_not_meta, check_switches, plain_number
@@ -301,9 +301,9 @@ def _forward(model: nn.Module, inputs: Any, forward_fn: Callable | None, what: s
     """``model`` on a batch (cast for it); an error from the model names the batch's shapes."""
     try:
         return logits_of(call_model(model, _cast_for(model, inputs), forward_fn))
-    except UserError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+    except Exception as exc:
+        if not model_fault(exc):
+            raise
         shapes = [tuple(t.shape) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
         raise UserError(
             f"the {what} failed on a batch (input shape(s) {shapes}): {type(exc).__name__}: {str(exc)[:200]}. "

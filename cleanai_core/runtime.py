@@ -223,13 +223,26 @@ def checked_device(value: Any, name: str) -> torch.device:
         raise UserError(f"{shown} is not a device; use cpu, cuda or cuda:N.") from None
     if device.type == "meta":
         raise UserError(f"{shown} holds shapes without data, so nothing can be measured or loaded; use cpu or cuda.")
-    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    try:
+        backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    except ImportError:  # torch.privateuseone: a lazy module that is not there
+        backend = None
     available = getattr(backend, "is_available", None)
     if callable(available) and not available():
         raise UserError(f"{shown} was asked for, but this machine has no {device.type} device; use cpu.")
     count = getattr(backend, "device_count", None)
     if device.index is not None and callable(count) and device.index >= count():
         raise UserError(f"{shown}: this machine has {count()} {device.type} device(s) (0..{count() - 1}).")
+    if device.type != "cpu" and not callable(available):
+        # a type torch can name but not say is there (xla, privateuseone, ...): the run failed later with
+        # "PyTorch is not linked with support for xla devices" or a ModuleNotFoundError, as a traceback
+        try:
+            torch.empty(0, device=device)
+        except Exception as exc:
+            raise UserError(
+                f"{shown} was asked for, but this PyTorch cannot put a tensor there ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); use cpu, or cuda on a machine with a GPU."
+            ) from None
     return device
 
 
@@ -317,7 +330,25 @@ def class_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def check_labels(out: Any, target: Any) -> torch.Tensor:
-    """Labels a classification loss can use for gradient criteria, or a :class:`UserError`."""
+    """Labels a classification loss can use for gradient criteria, or a :class:`UserError`.
+    Labels given as a list or tuple of numbers (``[0, 1, 2, 3]``) are taken as the tensor
+    they make; text labels are named (both were told to pass ``output_transform``)."""
+    if isinstance(out, torch.Tensor) and isinstance(target, (list, tuple)):
+        text = next((v for v in tree_flatten(target)[0] if isinstance(v, (str, bytes))), None)
+        if text is not None:
+            raise UserError(
+                f"taylor importance needs class indices, but the labels are text (e.g. {text!r}); give integer class "
+                "indices 0..N-1 in the order of the model's outputs (e.g. [classes.index(label) for label in y])"
+            )
+        try:
+            target = torch.as_tensor(target)
+        except (TypeError, ValueError, RuntimeError):
+            pass  # a list of tensors of several shapes, objects: the message below
+    if isinstance(out, torch.Tensor) and isinstance(target, (str, bytes)):
+        raise UserError(
+            f"taylor importance needs class indices, but the label is text ({target!r}); give a tensor of integer "
+            "class indices 0..N-1, one per input"
+        )
     if not isinstance(out, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise UserError(
             "taylor importance needs a tensor of logits and a tensor of labels; pass output_transform=lambda out: "

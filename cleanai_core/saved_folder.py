@@ -66,14 +66,23 @@ def _bad(path: Path | str, problem: str) -> UserError:
 
 
 def _read_json(path: Path) -> Any:
+    """A saved folder's JSON file, read as strictly as a config file: a repeated key, a nesting
+    too deep for the parser (``RecursionError``) and a number too long to convert
+    (``ValueError``) are a damaged folder (the last two were tracebacks)."""
+    from cleanai_core.config_sources import unique_keys
+
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=unique_keys)
     except FileNotFoundError:
         raise UserError(
             f"{str(path)!r} does not exist; give a folder written by `cleanai prune` or save_pruned()."
         ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(path, f"not valid JSON ({exc}); it may be truncated") from None
+    except RecursionError:
+        raise _bad(path, "nested too deeply to be a CleanAI file") from None
+    except ValueError as exc:  # a number of more than 4300 digits, a repeated key
+        raise _bad(path, f"not valid JSON ({str(exc)[:120]})") from None
     except OSError as exc:
         raise UserError(f"cannot read {str(path)!r}: {exc.strerror or exc}.") from None
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from cleanai_core.allocation import Allocation, _plan, allocate_ratios  # the allocation, importable from here
 from cleanai_core.calibration import iterate, move_to, split_batch
-from cleanai_core.errors import PruningError, UserError
+from cleanai_core.errors import PruningError, UserError, model_fault
 from cleanai_core.metrics import FlopsOfCopies, call_model, count_params, eval_mode
 from cleanai_core.prefix_cache import PrefixCache
 from cleanai_core.runtime import channels_last_layout
@@ -223,6 +223,25 @@ class _Evaluator:
         return torch.cat([_fidelity(a, b).double().cpu() for a, b in zip(self.ref, outs, strict=True)])
 
 
+def _check_the_original_runs(exc: PruningError, ev: _Evaluator, model: nn.Module) -> None:
+    """A trial that raised: where the unpruned model now fails on the same batches too, it is
+    the model's own fault (a forward that fails on some calls), a :class:`UserError`. Each
+    failing trial ended its group's curve at ratio 0, so such a model was reported
+    insensitive everywhere (KL 0) and ``--auto`` pruned it most, with exit 0."""
+    if not model_fault(exc.__cause__ or exc):
+        return
+    try:
+        ev.outputs(model)
+    except Exception as again:
+        if not model_fault(again):
+            raise
+        raise UserError(
+            f"the model failed on its own during the sensitivity trials ({type(again).__name__}: {str(again)[:300]}), "
+            "on batches it had run before: its forward fails on some calls only. Make it deterministic (or fix what "
+            "fails); nothing was written."
+        ) from again
+
+
 def analyse_sensitivity(
     pruner: Any,
     data: Iterable[Any],
@@ -269,7 +288,16 @@ def analyse_sensitivity(
     batches = [(layout(x), y) for x, y in batches]
     cache = PrefixCache(model, [x for x, _ in batches], pruner.forward_fn) if fast else None
     ev = _Evaluator(batches, pruner.forward_fn, pruner.output_transform, cache=cache)
-    ev.ref = ev.reference(model)
+    try:
+        ev.ref = ev.reference(model)
+    except Exception as exc:  # the model's own error on these batches was a traceback
+        if not model_fault(exc):
+            raise
+        raise UserError(
+            f"the model failed on the sensitivity data ({type(exc).__name__}: {str(exc)[:300]}); give batches shaped "
+            "like example_inputs that the model runs on (command line: check that every sample of --data fits the "
+            "model)"
+        ) from exc
     base_acc = ev.accuracy(ev.ref)
     flops = FlopsOfCopies(model, pruner.example_inputs, pruner.forward_fn)
     base_flops = flops.total
@@ -292,7 +320,8 @@ def analyse_sensitivity(
                 if norms is not None:
                     norms(trial, edits)
                 kl, acc = ev.fidelity(trial, ev.trial_outputs(trial) if fast else None)
-            except PruningError:
+            except PruningError as exc:
+                _check_the_original_runs(exc, ev, model)
                 break  # this group cannot be pruned this far: the curve ends here
             curve.ratios.append(r)
             curve.kl.append(kl)

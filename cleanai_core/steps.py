@@ -228,7 +228,7 @@ def prune_in_steps(pruner: Any) -> nn.Module:
     skipped), record the edits, correct BatchNorm statistics. Returns the last model."""
     from cleanai_core import distributed
     from cleanai_core.collect import CalibrationSetup, correct_batchnorm_after, recalibrate
-    from cleanai_core.errors import CleanAIError, PruningError
+    from cleanai_core.errors import PruningError, model_fault
     from cleanai_core.metrics import count_flops
     from cleanai_core.verify import build_skipping_breakers
 
@@ -267,8 +267,8 @@ def prune_in_steps(pruner: Any) -> nn.Module:
                     current, pruned_model, cal.moments, keep, cal.data, p.forward_fn, cal.samples, cal.batch_calls,
                     p.bn_samples,
                 )  # fmt: skip
-            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
-                if isinstance(exc, (CleanAIError, torch.OutOfMemoryError)):
+            except Exception as exc:
+                if not model_fault(exc):
                     raise
                 # was the model's own traceback: the pruned model ran on the example, not on this batch
                 raise PruningError(

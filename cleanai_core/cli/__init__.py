@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cleanai {__version__}")
         return 0
     command = next((a for a in args_list if not a.startswith("-")), "")
+    _printable_stdout()
     try:
         with _sigterm_raises():
             return _main(argv)
@@ -155,9 +157,80 @@ def _run_command(argv: list[str] | None) -> int:
     except CleanAIError as exc:
         print(f"cleanai {args.command}: failed: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of the output went away (cleanai plugins | head -1)
+        # it said "cannot use: Broken pipe. Check the path (its length, links and permissions) and the disk"
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE: what a shell reports for a tool the closed pipe stopped
     except OSError as exc:  # a path the OS refuses (name too long, a loop of links, no permission, I/O error)
         print(f"cleanai {args.command}: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:  # pragma: no branch - re-raised unless the user's own code raised it
+        where = _user_code_frame(exc)
+        if where is None:  # CleanAI's or torch's own: a bug to report, with its traceback
+            raise
+        # a model whose forward fails on some calls only, raising in a stage no message covers
+        # (FLOPs counting, a sensitivity trial's BatchNorm pass): a traceback, exit 1
+        print(
+            f"cleanai {args.command}: failed: {type(exc).__name__}: {str(exc)[:300]}, raised by code outside CleanAI "
+            f"({where}: the model's forward, a data set, a factory or a plugin); the run stopped there and wrote "
+            "nothing. Fix it there and run again.",
+            file=sys.stderr,
+        )
+        return 1
+    except SystemExit as exc:  # raised by code the run called: argparse's own exits happen above
+        # a model's forward, a data set's __getitem__ or a plugin calling sys.exit(0) ended the run with
+        # exit code 0 and no word, the result not written
+        print(
+            f"cleanai {args.command}: error: code this run called (the model's forward, the data set or a plugin) "
+            f"called sys.exit({exc.code!r}) instead of returning or raising an error; the run stopped there and "
+            "wrote nothing. Remove the sys.exit call (raise an exception instead).",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _user_code_frame(exc: BaseException) -> str | None:
+    """``"file:line"`` of the frame that raised ``exc`` where it is the user's code (not
+    CleanAI's, its plugins', torch's or the standard library's), else ``None``."""
+    import sysconfig
+
+    tb = exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    file = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    ours = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # cleanai_core's parent: our packages
+    ours = [os.path.join(ours[0], "cleanai_core"), os.path.join(ours[0], "cleanai_plugins")]
+    libs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    if file.startswith("<") or any(file.startswith(d + os.sep) for d in (*ours, *libs)):
+        return None
+    return f"{file}:{tb.tb_lineno}"
+
+
+def _printable_stdout() -> None:
+    """Let stdout write what its encoding cannot (a path or layer name with 'ö' where the
+    locale is C / ASCII, ``PYTHONIOENCODING=ascii``, a cp1252 console) as escapes, as stderr
+    does: the last line, ``wrote 'öut/': ...``, raised ``UnicodeEncodeError`` after the result
+    was written (exit 1, a traceback)."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if callable(reconfigure) and getattr(sys.stdout, "errors", "strict") == "strict":
+        try:
+            reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):  # a stream that cannot change: leave it
+            pass
+
+
+def _stdout_to_devnull() -> None:
+    """Point the process's stdout at ``/dev/null``, so that the interpreter's last flush of
+    what is still buffered for a closed pipe raises nothing ("Exception ignored ...")."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a test's capture: nothing to flush
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def os_error_message(exc: OSError) -> str:

@@ -47,6 +47,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise UserError(f"--input-shape {text!r}: give integers separated by commas, e.g. 1,3,224,224.") from None
     if not shape or any(d < 1 for d in shape):
         raise UserError(f"--input-shape {text!r}: every dimension must be a positive integer.")
+    if len(shape) > 64:  # RuntimeError: only tensors with up to 64 dims are supported (a traceback)
+        raise UserError(f"--input-shape has {len(shape)} dimensions; torch tensors have at most 64 (e.g. 1,3,224,224).")
     return shape
 
 
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from cleanai_core.job.inputs import check_real
     from cleanai_core.options import ignored_modules
     from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
+    from cleanai_core.special_files import check_not_special
 
     options = {
         "weights": args.weights,
@@ -104,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         "trust_code": True,  # typed on the command line
         "spec_source": "--model",
     }
+    check_not_special(args.model, "--model")  # a loop of links said "not a model this tool can load"
     model = load_model(get_plugin_manager(), args.model, options)
     if model is None:
         raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {input_forms('model')}.")

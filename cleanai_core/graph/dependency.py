@@ -229,6 +229,10 @@ class DependencyGraph:
                 found = self.module_names.get(id(spec))
             if found is None:
                 out.update(match_modules(self.model, [spec]))
+            elif next(self.model.get_submodule(found).children(), None) is not None:
+                # a container (the model itself too) covers its layers, as in StructuredPruner: its name alone
+                # ignored nothing inside it
+                out.update(match_modules(self.model, [self.model.get_submodule(found)]))
             else:
                 out.add(found)
         return out

@@ -4,6 +4,7 @@ data set (its first input, whether it has labels)."""
 
 from __future__ import annotations
 
+import collections.abc
 import os
 from pathlib import Path
 from typing import Any
@@ -172,13 +173,55 @@ def is_pair(obj: Any) -> bool:
     return x.dim() >= 2 and 1 <= y.dim() <= 2 and len(x) == len(y)
 
 
+#: data sets up to this many items are split by a listed permutation (36 bytes an item as a Python list)
+LISTED_SPLIT = 10_000_000
+
+
+class Shuffled(collections.abc.Sequence):
+    """The seeded permutation ``i -> (a i + b) mod n`` of ``range(n)``, computed per index: a
+    data set whose ``len()`` is 10**12 (a lazy or generated one, or a wrong ``__len__``)
+    made the split allocate an 8,000 GB permutation (a ``RuntimeError`` traceback); at 10**9
+    its Python list alone was 36 GB, past what the machine has."""
+
+    def __init__(self, n: int, seed: int, start: int = 0, stop: int | None = None) -> None:
+        import math
+        import random
+
+        rng = random.Random(seed)
+        self.n, self.start, self.stop = n, start, n if stop is None else stop
+        self.a = next(a for a in iter(lambda: rng.randrange(1, n), None) if math.gcd(a, n) == 1)
+        self.b = rng.randrange(n)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[k] for k in range(start, stop, step)]
+            part = Shuffled.__new__(Shuffled)
+            part.n, part.a, part.b = self.n, self.a, self.b
+            part.start, part.stop = self.start + start, self.start + max(start, stop)
+            return part
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return (self.a * (self.start + i) + self.b) % self.n
+
+
 def split_dataset(dataset: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     """Seeded random split into (calibration, held-out evaluation); evaluation is ``None``
     when ``fraction`` is 1."""
     from torch.utils.data import Subset
 
     n = len(dataset)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    perm: Any = (
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        if n <= LISTED_SPLIT
+        else Shuffled(n, seed)
+    )
     n_cal = n if fraction >= 1.0 else min(max(1, int(round(n * fraction))), n - 1)
     calib = Subset(dataset, perm[:n_cal])
     held = Subset(dataset, perm[n_cal:]) if n_cal < n else None
@@ -258,8 +301,14 @@ class CheckedDataset(torch.utils.data.Dataset):
         except UserError:
             raise
         except Exception as exc:
+            hint = ""
+            if isinstance(exc, IndexError):  # the split asks for indices below len(): a __len__ that overcounts
+                hint = (
+                    f" Its len() is {self.n:,}, and item {index} is below it: check that __len__ counts "
+                    "only the items __getitem__ can return."
+                )
             raise UserError(
-                f"--data {self.spec!r}: reading item {index} failed ({type(exc).__name__}: {str(exc)[:200]})."
+                f"--data {self.spec!r}: reading item {index} failed ({type(exc).__name__}: {str(exc)[:200]}).{hint}"
             ) from None
         return _cast_inputs(_numpy_as_tensors(item), self.dtype)
 

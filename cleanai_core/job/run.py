@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cleanai_core import distributed
-from cleanai_core.errors import CleanAIError, PruningError, UserError
+from cleanai_core.errors import PruningError, UserError, model_fault
 from cleanai_core.heap import heap_growing
 from cleanai_core.job.config import PruneConfig, check_unread, pruner_options, resolve_config
 from cleanai_core.job.inputs import (
@@ -32,6 +32,7 @@ from cleanai_core.job.outputs import check_out_dir, guard_out
 from cleanai_core.model_state import copy_model, preserved, stored_in
 from cleanai_core.pruning_report import input_shape
 from cleanai_core.runtime import device_of
+from cleanai_core.special_files import check_not_special
 
 __all__ = ["execute", "run_job"]
 
@@ -64,8 +65,8 @@ def _evaluate(pm: Any, model: Any, loader: Any, device: torch.device, pruned: bo
         return None
     try:
         return pm.hook.cleanai_evaluate(model=model, loader=loader, device=device)
-    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
-        if isinstance(exc, (CleanAIError, torch.OutOfMemoryError)):
+    except Exception as exc:
+        if not model_fault(exc):
             raise
         what = f"{type(exc).__name__}: {str(exc)[:300]}"
         if pruned:
@@ -97,7 +98,17 @@ def _latencies(before: Any, after: Any, example: Any, repeats: int) -> tuple[flo
     times: list[list[float]] = [[], []]
     for _ in range(LATENCY_ROUNDS):
         for k, m in enumerate(models):
-            times[k].append(measure_latency(m, x, repeats=per_round, warmup=1))
+            try:
+                times[k].append(measure_latency(m, x, repeats=per_round, warmup=1))
+            except Exception as exc:  # it ran on this input before: a traceback, exit 1
+                if not model_fault(exc):
+                    raise
+                which = ("the model", "the pruned model")[k]
+                raise (UserError, PruningError)[k](
+                    f"{which} failed while its latency was timed on the example input ({type(exc).__name__}: "
+                    f"{str(exc)[:300]}), where it had run before: its forward fails on some calls only. Make "
+                    "it deterministic (or fix what fails); nothing was written."
+                ) from exc
     return (round(statistics.median(times[0]), 4), round(statistics.median(times[1]), 4),
             per_round * LATENCY_ROUNDS)  # fmt: skip
 
@@ -114,6 +125,8 @@ def execute(
     logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
     out = Path(cfg["out"]) if cfg.get("out") else None
     user_inputs = [cfg.get("model"), cfg.get("data"), cfg.get("weights"), cfg.get("config"), cfg.get("train_data")]
+    for name, path in zip(("--model", "--data", "--weights", "--config", "--train-data"), user_inputs, strict=True):
+        check_not_special(path, name)
     with contextlib.ExitStack() as guard:
         at_commit = (None, None)
         if isinstance(model, torch.nn.Module):

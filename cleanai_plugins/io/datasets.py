@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, TensorDataset
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.runtime import label_indices, not_class_labels
+from cleanai_core.special_files import special_kind
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
 log = logging.getLogger("cleanai")
@@ -323,10 +324,67 @@ def _image_loader(model: Any):
     mode = "L" if _input_channels(model) == 1 else "RGB"
 
     def load(file: str) -> Any:
+        kind = special_kind(file)
+        if kind is not None:  # opening a named pipe waited for a writer for ever
+            raise OSError(f"it is {kind}, not a regular file")
         with open(file, "rb") as fh:
             return Image.open(fh).convert(mode)
 
     return load
+
+
+def _image_files(
+    directory: Any, class_to_idx: dict[str, int], extensions: Any, allow_empty: bool, spec: str
+) -> list[tuple[str, int]]:
+    """torchvision's ``make_dataset`` (the same samples in the same order), with every
+    folder and file counted once by its real path. torchvision walks the class folders
+    following links: a link back up the tree (``imgs/a/loop -> ..``) was walked until the
+    path grew too long, so 8 images were read as 328 samples, one image in both the
+    calibration and the held-out half (and two such links made the walk exponential). A
+    file reached from two classes (a class folder linked into another) is an error: its
+    label is ambiguous."""
+    from torchvision.datasets.folder import has_file_allowed_extension
+
+    samples: list[tuple[str, int]] = []
+    owner: dict[str, tuple[str, str]] = {}  # real path -> (class, the path it was first reached by)
+    repeats = 0
+    for target in sorted(class_to_idx):
+        found: list[tuple[str, str]] = []
+        seen_dirs: set[str] = set()
+        for root, dirs, files in os.walk(os.path.join(os.path.expanduser(directory), target), followlinks=True):
+            real_root = os.path.realpath(root)
+            if real_root in seen_dirs:
+                dirs[:] = []
+                repeats += 1
+                continue
+            seen_dirs.add(real_root)
+            dirs.sort()  # the first path to an image (the one named) does not depend on the file system's order
+            for fname in sorted(files):
+                file = os.path.join(root, fname)
+                if extensions is not None and not has_file_allowed_extension(file, extensions):
+                    continue
+                real = os.path.realpath(file)
+                if real in owner:
+                    if owner[real][0] != target:
+                        raise UserError(
+                            f"image folder {spec!r}: the image {real!r} is reached from class {owner[real][0]!r} "
+                            f"({owner[real][1]!r}) and, through a link, from class {target!r} ({file!r}), so its "
+                            "label is ambiguous. Give each image one class folder (remove the link)."
+                        )
+                    repeats += 1
+                    continue
+                owner[real] = (target, file)
+                found.append((root, fname))
+        samples += [(os.path.join(root, fname), class_to_idx[target]) for root, fname in sorted(found)]
+    if repeats:
+        log.warning(
+            "image folder %r: %d folder(s) or file(s) are reached again through links (a link back up the tree?); "
+            "each image is read once.", spec, repeats,
+        )  # fmt: skip
+    empty = sorted(set(class_to_idx) - {t for t, _ in owner.values()})
+    if empty and not allow_empty:
+        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}.")
+    return samples
 
 
 def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
@@ -344,7 +402,13 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
         )
 
     class CheckedImageFolder(ImageFolder):
-        """An image that cannot be read names its file (``--data`` is the user's input)."""
+        """An image that cannot be read names its file (``--data`` is the user's input); each
+        image file is read once however many links lead to it (:func:`_image_files`)."""
+
+        @staticmethod
+        def make_dataset(directory: Any, class_to_idx: dict[str, int], extensions: Any = None,
+                         is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:  # fmt: skip
+            return _image_files(directory, class_to_idx, extensions, allow_empty, str(path))
 
         def __getitem__(self, index: int) -> Any:
             try:

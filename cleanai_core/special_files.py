@@ -1,0 +1,55 @@
+"""Paths a user gave that exist but are no regular file or folder: a named pipe (FIFO), a
+device (``/dev/zero``, ``/dev/stdin``), a socket, or a loop of symbolic links (which said
+"does not exist"). Reading one waits for a writer that
+never comes (a FIFO) or never ends (``/dev/zero``: the process read it until the
+out-of-memory killer stopped it); ``Path.is_file()`` is false for them, so they were
+reported as files that "do not exist"."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Any
+
+from cleanai_core.errors import UserError
+
+__all__ = ["check_not_special", "special_kind"]
+
+LOOP = "a loop of symbolic links"
+_KINDS = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def special_kind(path: Any) -> str | None:
+    """What ``path`` is where it exists and is neither a regular file nor a folder (links
+    followed), else ``None``."""
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:  # missing: the caller's own checks say so; a loop of links said "does not exist"
+        return LOOP if exc.errno == errno.ELOOP else None
+    except ValueError:  # a NUL in the name
+        return None
+    return next((kind for test, kind in _KINDS if test(mode)), None)
+
+
+def check_not_special(path: Any, what: str) -> None:
+    """A :class:`UserError` naming ``what`` (``"--data"``, ``"weights file"``) when ``path``
+    is a pipe, device or socket; nothing is opened."""
+    kind = special_kind(path)
+    if kind == LOOP:
+        raise UserError(
+            f"{what} {str(path)!r} is {kind} (a link that leads back to itself), so there is nothing to read. Give "
+            "the file itself."
+        )
+    if kind is not None:
+        raise UserError(
+            f"{what} {str(path)!r} is {kind}, not a regular file: reading it would wait for a writer or never end. "
+            "Save the content to a file on disk and give that file."
+        )
