@@ -78,18 +78,20 @@ def test_a_growing_phase_pauses_full_passes_and_freezes_what_it_made(user_code):
     assert gc.get_freeze_count() == 0
 
 
-def test_a_pruner_call_runs_with_the_heap_frozen_and_leaves_the_collector_as_it_was():
+def test_a_library_call_freezes_nothing():
+    """Only the command line freezes: around each library call, garbage that a freeze caught
+    (cycles left by an earlier call) was handed back to the oldest generation at the end and
+    frozen again by the next call, so a process that prunes in a loop kept it (the data-free
+    prune in the benchmark's loop went from 0.15 to 0.22 s)."""
     seen: list[int] = []
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
-
     model[2].register_forward_hook(lambda *a: seen.append(gc.get_freeze_count()))
     x = torch.randn(2, 3, 12, 12)
     pruner = StructuredPruner(model, x[:1], pruning_ratio=0.5)
     pruner.collect_activations([x], progress=False)
     with pytest.warns(UserWarning, match="stay on the original"):
         pruned = pruner.prune()
-    assert seen and min(seen) > 1000  # every run of the model saw the heap frozen
-    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    assert seen and max(seen) == 0
     assert pruned[0].out_channels == 4
 
 
@@ -100,6 +102,9 @@ def test_a_command_runs_with_the_heap_frozen_and_hands_it_back(monkeypatch):
     seen: list[int] = []
     run = command.run
     monkeypatch.setattr(command, "run", lambda args: (seen.append(gc.get_freeze_count()), run(args))[1])
-    assert main(["plugins"]) == 0
+    monkeypatch.setattr("sys.argv", ["cleanai", "plugins"])
+    assert main() == 0  # the cleanai process: the command line read from sys.argv
     assert seen and seen[0] > 100_000  # torch's objects, imported by the parser, frozen too
     assert gc.get_freeze_count() == 0 and gc.isenabled()
+    assert main(["plugins"]) == 0  # a caller of main() with its arguments (a loop, a test): nothing frozen
+    assert seen[1] == 0

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     _printable_stdout()
     try:
         with _sigterm_raises():
-            return _main(argv)
+            return _main(argv, heap=argv is None)
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         detail = str(exc) or "nothing was written"
@@ -119,10 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(exc, Terminated) else 130
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, heap: bool = False) -> int:
+    """``heap``: run the command with the imports, the model and the data out of the
+    collector's full passes (:func:`~cleanai_core.heap.frozen_heap`): the ``cleanai``
+    process itself, not a caller of :func:`main` in a loop (garbage a freeze caught would
+    wait for a full pass outside the command)."""
     from cleanai_core.heap import frozen_heap, heap_growing
 
-    with frozen_heap():  # the imports, the model and the data out of the collector's full passes
+    with frozen_heap() if heap else contextlib.nullcontext():
         with heap_growing():
             from cleanai_core.plugins import process_plugin_manager_restored
         with process_plugin_manager_restored():  # --disable-plugin / --plugin: this command only
