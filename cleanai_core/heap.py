@@ -10,9 +10,10 @@ of its 13 s of CPU, each longer than the one before.
 :func:`frozen_heap` runs a command with what exists out of those passes
 (``gc.freeze``); :func:`heap_growing` wraps a phase that makes many long-lived objects
 (the imports behind the command line, loading the model and the data): the collector
-waits during it, its garbage is collected at its end in one young pass, and what
-survives is frozen too. What is frozen is handed back to the collector when the block
-ends (``gc.unfreeze``), so nothing is kept longer than the command. Nothing is done where
+waits during it (only its full passes where user code runs), and what exists at its end
+is frozen too, the little garbage among it included. What is frozen is handed back to
+the collector when the block ends (``gc.unfreeze``), so nothing is kept longer than the
+command. Nothing is done where
 the collector is off, where someone else froze objects (their freeze stays theirs) or
 inside another such block. No torch import here: the command line enters the block
 before it imports torch.
