@@ -315,6 +315,10 @@ def _gloo_worker(rank: int, init_file: str, out: str, world: int) -> None:
             reduced.clear()
             combine_stats(stats)
             torch.save({**_summary(stats), "reduced": sum(reduced)}, Path(out) / f"{scenario}-{world}-{rank}.pt")
+        # both ranks done before either tears the group down: a rank that left while the other
+        # still talked aborted in gloo's teardown ("terminate called without an active exception",
+        # SIGABRT; once in a loaded fresh-clone CI run)
+        dist.barrier()
     finally:
         distributed._sum = real
         dist.destroy_process_group()
