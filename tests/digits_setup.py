@@ -39,3 +39,15 @@ def accuracy(model: nn.Module, data) -> float:
     acc = float((model(data[0]).argmax(1) == data[1]).float().mean())
     model.train(training)
     return acc
+
+
+def cli_prune_args(folder) -> list[str]:
+    """``cleanai prune`` of the demo CNN (random weights saved in ``folder / "w.pt"``) on 40
+    random digit-sized images with labels (``folder / "d.pt"``), batches of 8, quiet."""
+    from cleanai_plugins.io.demo import MODEL_SPEC
+
+    torch.manual_seed(0)
+    torch.save({"x": torch.rand(40, 1, 8, 8), "y": torch.randint(0, 10, (40,))}, folder / "d.pt")
+    torch.save(DigitsCNN().state_dict(), folder / "w.pt")
+    data = ["--data", str(folder / "d.pt"), "--batch-size", "8", "--quiet"]
+    return ["prune", "--model", MODEL_SPEC, "--weights", str(folder / "w.pt"), *data]

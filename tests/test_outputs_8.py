@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from digits_setup import cli_prune_args
 
 from cleanai_core import StructuredPruner
 from cleanai_core.io import load_pruned, save_pruned
@@ -56,11 +57,7 @@ def test_a_channels_last_model_loads_back_channels_last(tmp_path):
 def test_the_report_says_how_many_samples_scored_the_channels(tmp_path, capsys):
     from cleanai_core.cli import main
 
-    torch.manual_seed(0)
-    torch.save({"x": torch.rand(40, 1, 8, 8), "y": torch.randint(0, 10, (40,))}, tmp_path / "d.pt")
-    torch.save(DigitsCNN().state_dict(), tmp_path / "w.pt")
-    common = ["prune", "--model", MODEL_SPEC, "--weights", str(tmp_path / "w.pt"), "--data", str(tmp_path / "d.pt")]
-    common += ["--ratio", "0.4", "--batch-size", "8", "--quiet"]
+    common = [*cli_prune_args(tmp_path), "--ratio", "0.4"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main([*common, "--calib-batches", "1", "--out", str(tmp_path / "one")]) == 0

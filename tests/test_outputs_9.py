@@ -238,14 +238,11 @@ def test_the_report_names_every_criterion_with_its_options():
 
 
 def test_a_latency_target_run_reports_its_target(tmp_path):
-    from cleanai_core.cli import main
-    from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
+    from digits_setup import cli_prune_args
 
-    torch.manual_seed(0)
-    torch.save({"x": torch.rand(40, 1, 8, 8), "y": torch.randint(0, 10, (40,))}, tmp_path / "d.pt")
-    torch.save(DigitsCNN().state_dict(), tmp_path / "w.pt")
-    common = ["prune", "--model", MODEL_SPEC, "--weights", str(tmp_path / "w.pt"), "--data", str(tmp_path / "d.pt")]
-    common += ["--batch-size", "8", "--quiet", "--latency-repeats", "5"]
+    from cleanai_core.cli import main
+
+    common = [*cli_prune_args(tmp_path), "--latency-repeats", "5"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         auto = ["--auto", "--target-latency", "0.7", "--sensitivity-batches", "1"]

@@ -179,6 +179,7 @@ def test_the_reports_evaluator_gives_a_regressions_mean_squared_error():
     with torch.no_grad():
         expected = float(((model(x) - y) ** 2).mean())
     assert result["mse"] == pytest.approx(expected, rel=1e-6) and result["recovery_task"] == "regression"
+    assert result["evaluated"] == 30  # samples, as for accuracy (not the 60 values)
     assert "accuracy" not in result
     wrong = cleanai_evaluate(model, DataLoader(TensorDataset(x, torch.randn(30, 3)), batch_size=8), torch.device("cpu"))
     assert "mse" not in wrong and "not class indices" in wrong["accuracy_note"]  # not shaped like the outputs

@@ -28,7 +28,7 @@ def cleanai_evaluate(model, loader, device):
     from tqdm import tqdm
 
     correct = total = 0
-    squared, values, regression = 0.0, 0, False
+    squared, values, samples, regression = 0.0, 0, 0, False
     model.eval()
     quiet = not log.isEnabledFor(logging.INFO)
     with torch.no_grad():
@@ -50,7 +50,7 @@ def cleanai_evaluate(model, loader, device):
                 if ref is None or total:
                     return {"accuracy_note": not_class_labels(target)}
                 squared += float(((logits.float() - ref.float()) ** 2).sum())
-                values, regression = values + ref.numel(), True
+                values, samples, regression = values + ref.numel(), samples + len(ref), True
                 continue
             if logits is None or logits.dim() != 2:
                 shape = tuple(logits.shape) if logits is not None else "no tensor"
@@ -68,7 +68,7 @@ def cleanai_evaluate(model, loader, device):
     if regression:
         return {
             "mse": squared / values,
-            "evaluated": values,
+            "evaluated": samples,
             "accuracy_note": "the targets are a regression's (fractional, one per output): the mean squared error "
             "is reported instead",
             "recovery_task": "regression",
