@@ -52,6 +52,8 @@ from cleanai_core.runtime import (
     inputs_for,
     logits_of,
     may_run_channels_last,
+    reads_as_regression,
+    regression_targets,
     run_batch,
     runs_the_same,
     same_layout,
@@ -393,7 +395,8 @@ def accumulate_gradients(
     output_transform: Callable | None,
     squared: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Parameter gradients of the cross-entropy summed over ``batches`` (labelled), taken
+    """Parameter gradients of the cross-entropy (the squared error for a regression's
+    targets, :func:`~cleanai_core.runtime.reads_as_regression`) summed over ``batches`` (labelled), taken
     on a copy of ``model`` in eval mode. ``squared``: instead, the squares of each
     sample's own gradient (its loss averaged over its positions), summed: the diagonal of
     the empirical Fisher, times the number of samples; one backward pass per sample."""
@@ -410,15 +413,21 @@ def accumulate_gradients(
         if target is None:
             raise UserError("gradient criteria (taylor, hessian) need labels: the data yields inputs only")
         raw = run_batch(clone, inputs, forward_fn)
-        out = class_logits(logits_of(raw, output_transform))  # one logit: a binary classifier's two classes
-        try:
-            labels = check_labels(out, move_to(target, device))
-        except UserError:
-            per = _own_losses(clone, inputs, target, forward_fn, output_transform, squared)
-            if per is None:
-                raise
+        logits = logits_of(raw, output_transform)
+        out = class_logits(logits)  # one logit: a binary classifier's two classes
+        if reads_as_regression(logits, target):  # squared error per sample, averaged over its outputs
+            y = regression_targets(logits, move_to(target, device))
+            rows = (logits.float() - y.float()).square().reshape(len(y), -1).mean(1)
+            per = rows if squared else [rows.mean()]
         else:
-            per = None
+            try:
+                labels = check_labels(out, move_to(target, device))
+            except UserError:
+                per = _own_losses(clone, inputs, target, forward_fn, output_transform, squared)
+                if per is None:
+                    raise
+            else:
+                per = None
         if not squared and per is not None:
             per[0].backward()
         elif not squared:

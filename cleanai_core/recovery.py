@@ -58,6 +58,7 @@ from cleanai_core.runtime import (
     find_logits,
     label_indices,
     not_class_labels,
+    reads_as_regression,
     regression_targets,
     unused_key_hint,
 )
@@ -167,13 +168,7 @@ def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None, ta
     if task != "auto":
         return task
     config = getattr(model, "config", None)
-    fractional = isinstance(target, torch.Tensor) and target.is_floating_point() and label_indices(target) is None
-    if fractional and target.dim() == 2 and target.shape[1] > 1:  # rows of class probabilities are soft labels
-        rows = target.float()
-        fractional = not (bool((rows >= 0).all()) and torch.allclose(rows.sum(1), torch.ones(len(rows)), atol=1e-3))
-    if getattr(config, "problem_type", None) == "regression" or (
-        fractional and regression_targets(logits, target) is not None
-    ):
+    if getattr(config, "problem_type", None) == "regression" or reads_as_regression(logits, target):
         return "regression"
     if logits.dim() == 2:
         return "classification"

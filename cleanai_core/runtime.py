@@ -38,6 +38,7 @@ __all__ = [
     "logits_of",
     "move_to",
     "not_class_labels",
+    "reads_as_regression",
     "regression_targets",
     "run_batch",
     "same_layout",
@@ -354,6 +355,9 @@ def check_labels(out: Any, target: Any) -> torch.Tensor:
             "taylor importance needs a tensor of logits and a tensor of labels; pass output_transform=lambda out: "
             "<the logits> for models that return something else"
         )
+    if target.is_floating_point() and target.dim() == 1 and target.shape != out.shape:
+        indices = label_indices(target)  # whole numbers: class indices
+        target = target if indices is None else indices
     if target.is_floating_point() or target.is_complex():
         if target.shape == out.shape:  # class probabilities (soft labels)
             return target.to(out.dtype)
@@ -412,6 +416,24 @@ def regression_targets(logits: torch.Tensor, target: Any) -> torch.Tensor | None
     if target.shape != logits.shape and not (target.dim() == 1 and logits.shape == (len(target), 1)):
         return None
     return target.reshape(logits.shape).to(logits.device, logits.dtype)
+
+
+def reads_as_regression(logits: Any, target: Any) -> bool:
+    """Whether ``target`` holds a regression's targets for ``logits``: floating values, one
+    per output (:func:`regression_targets`), that are not class labels for those outputs.
+    One output per sample: anything but 0/1 (a binary classifier's labels), whole numbers
+    too (ratings 1.0-5.0, counts: read as class indices they were refused as labels beyond
+    a one-logit model's two classes). Several outputs: anything but one-hot or probability
+    rows (soft labels)."""
+    if not isinstance(logits, torch.Tensor) or regression_targets(logits, target) is None:
+        return False
+    t = target.detach().float()
+    if not bool(torch.isfinite(t).all()):
+        return True
+    if logits.dim() == 1 or logits.shape[-1] == 1:
+        return not bool(((t == 0) | (t == 1)).all())
+    rows = t.reshape(len(t), -1)
+    return not (bool((rows >= 0).all()) and torch.allclose(rows.sum(1), torch.ones(len(rows)), atol=1e-3))
 
 
 def not_class_labels(y: torch.Tensor) -> str:

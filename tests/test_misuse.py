@@ -59,9 +59,14 @@ def test_taylor_with_more_labels_than_inputs_is_refused():
         _taylor(torch.zeros(6, dtype=torch.long))
 
 
-def test_taylor_with_float_labels_is_refused():
+def test_taylor_with_fractional_labels_is_refused_and_whole_number_floats_are_class_indices():
     with pytest.raises(UserError, match="integer class labels.*float32"):
-        _taylor(torch.zeros(4))
+        _taylor(torch.full((4,), 0.5))
+    torch.manual_seed(0)
+    as_floats = _taylor(torch.tensor([0.0, 1.0, 2.0, 3.0])).gradients  # as the report's accuracy reads them
+    torch.manual_seed(0)
+    as_ints = _taylor(torch.tensor([0, 1, 2, 3])).gradients
+    assert as_floats.keys() == as_ints.keys() and all(torch.equal(as_floats[k], as_ints[k]) for k in as_ints)
 
 
 def test_taylor_with_integer_labels_works():

@@ -197,3 +197,71 @@ def test_a_regression_job_reports_its_error_before_and_after(tmp_path):
     assert report["mse_before"] > 0 and report["mse_after"] > 0 and report["accuracy_before"] is None
     assert report["params_after"] < report["params_before"]
     assert "Mean squared error" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_whole_number_targets_of_a_one_output_model_are_a_regressions():
+    from cleanai_core.runtime import reads_as_regression
+
+    one, three = torch.zeros(4, 1), torch.zeros(4, 3)
+    ratings = torch.tensor([1.0, 3.0, 5.0, 2.0])  # ratings, counts: whole numbers, one per sample
+    assert reads_as_regression(one, ratings) and reads_as_regression(one, ratings[:, None])
+    assert not reads_as_regression(one, torch.tensor([0.0, 1.0, 1.0, 0.0]))  # a binary classifier's labels
+    assert not reads_as_regression(one, ratings.long())  # integers are class labels
+    assert not reads_as_regression(three, ratings)  # class indices of three outputs
+    assert not reads_as_regression(three, torch.eye(3)[[0, 2, 1, 0]])  # one-hot rows
+    assert not reads_as_regression(three, torch.softmax(torch.randn(4, 3), 1))  # soft labels
+    assert reads_as_regression(three, torch.tensor([[2.0, 0.0, 7.0]]).repeat(4, 1))  # counts per output
+    assert _task_of(one, "auto", None, ratings) == "regression"
+    assert _task_of(one, "auto", None, torch.tensor([0.0, 1.0, 1.0, 0.0])) == "classification"
+
+
+def test_the_reports_evaluator_and_gradients_read_whole_number_targets_as_a_regression():
+    from cleanai_core.collect import accumulate_gradients
+    from cleanai_plugins.io.evaluation import cleanai_evaluate
+
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 1)).eval()
+    x = torch.randn(30, 5)
+    y = torch.randint(1, 6, (30,)).float()  # star ratings 1.0-5.0
+    result = cleanai_evaluate(model, DataLoader(TensorDataset(x, y), batch_size=8), torch.device("cpu"))
+    with torch.no_grad():
+        expected = float(((model(x)[:, 0] - y) ** 2).mean())
+    assert result["mse"] == pytest.approx(expected, rel=1e-6) and result["evaluated"] == 30
+    assert result["recovery_task"] == "regression" and "accuracy" not in result
+    grads = accumulate_gradients(model, [(x, y)], None, None)
+    want = torch.autograd.grad(F.mse_loss(model(x)[:, 0], y), [model[2].weight])[0]
+    assert torch.allclose(grads["2.weight"], want, atol=1e-6)
+    squared = accumulate_gradients(model, [(x[:3], y[:3])], None, None, squared=True)
+    per = [
+        torch.autograd.grad(F.mse_loss(model(x[i : i + 1])[:, 0], y[i : i + 1]), [model[2].weight])[0] for i in range(3)
+    ]
+    assert torch.allclose(squared["2.weight"], sum(g**2 for g in per), atol=1e-6)
+    # whole-number floats against three outputs stay class indices, for taylor too
+    three = nn.Linear(5, 3)
+    labels = torch.randint(0, 3, (30,))
+    grads = accumulate_gradients(three, [(x, labels.float())], None, None)
+    want = torch.autograd.grad(F.cross_entropy(three(x), labels), [three.weight])[0]
+    assert torch.allclose(grads["weight"], want, atol=1e-6)
+
+
+def test_a_data_file_keeps_whole_number_float_targets_for_a_regression_job(tmp_path):
+    from cleanai_core.job.run import run_job
+    from cleanai_plugins.io.datasets import class_labels, load_dataset
+
+    assert class_labels(torch.tensor([1.0, 4.0, 2.0]), "t").dtype == torch.float32  # read where used
+    assert class_labels(torch.tensor([1, 4, 2]), "t").dtype == torch.int64
+    assert torch.equal(class_labels(torch.eye(3)[[2, 0]], "t"), torch.tensor([2, 0]))  # one-hot rows
+    torch.manual_seed(10)
+    x = torch.randn(64, 6)
+    y = (x[:, 0] * 2 + 3).round()  # counts: whole numbers
+    path = tmp_path / "reg.pt"
+    torch.save(TensorDataset(x, y), path)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1)).eval()
+    data = load_dataset(str(path), {})
+    assert data.tensors[1].dtype == torch.float32
+    cfg = {"model": "memory", "data": "memory", "ratio": 0.5, "out": str(tmp_path / "o"), "quiet": True}
+    report = run_job(cfg, model=model, dataset=data)
+    with torch.no_grad():
+        errors = (model(x)[:, 0] - y) ** 2  # the report's held-out rows are some of these
+    assert float(errors.min()) <= report["mse_before"] <= float(errors.max()) and report["accuracy_before"] is None
+    assert report["mse_after"] > 0 and "regression's" in (tmp_path / "o" / "report.md").read_text()

@@ -201,7 +201,8 @@ def _from_tensors(x: Any, y: Any, source: str, x_max: float = 255.0) -> Dataset:
 
 def class_labels(y: Any, source: str) -> torch.Tensor:
     """Labels as class indices where they are class labels: integers as they are, one-hot
-    rows by their argmax, whole-number floats as integers. Anything else (fractions,
+    rows by their argmax; whole-number floats are kept (class indices where the model has
+    several outputs, a regression's targets where it has one). Anything else (fractions,
     several columns that are not one-hot) is kept, with a warning that accuracy cannot be
     measured on it. Text labels are an error: their order of classes is unknown."""
     if isinstance(y, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in y):
@@ -221,6 +222,11 @@ def class_labels(y: Any, source: str) -> torch.Tensor:
     idx = label_indices(y)
     if idx is None:
         log.warning("%s: %s: accuracy is not measured.", source, not_class_labels(y))
+        return y
+    if y.dim() == 1 and y.is_floating_point():
+        # whole-number floats stay floats: against a model with one output they are a
+        # regression's targets (ratings, counts), which as integers were refused as labels
+        # beyond a binary classifier's 0 and 1; as class labels they are read where used
         return y
     if y.dim() == 2:
         log.info("%s: one-hot labels read as class indices (argmax of each row).", source)

@@ -8,7 +8,7 @@ import torch
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.runtime import class_logits, find_logits, regression_targets
+from cleanai_core.runtime import class_logits, find_logits, reads_as_regression, regression_targets
 from cleanai_plugins.io.datasets import label_indices, not_class_labels
 
 log = logging.getLogger("cleanai")
@@ -39,12 +39,13 @@ def cleanai_evaluate(model, loader, device):
             if not isinstance(target, torch.Tensor):
                 return {"accuracy_note": f"the labels are a {type(target).__name__}, not a tensor of class indices"}
             y = label_indices(target) if target.dim() >= 1 else None
-            fractional = target.is_floating_point() and (y is None or regression)
-            if y is None and not fractional:
+            if y is None and not target.is_floating_point():
                 return {"accuracy_note": not_class_labels(target)}
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise UserError("the evaluation data contains NaN or inf values; clean the data and run again")
             logits = find_logits(model(x.to(device)))
+            # whole-number targets of a one-output model (ratings, counts) are a regression's too
+            fractional = target.is_floating_point() and (y is None or regression or reads_as_regression(logits, target))
             if fractional:  # a regression where the targets are shaped like the outputs
                 ref = regression_targets(logits, target) if isinstance(logits, torch.Tensor) else None
                 if ref is None or total:
@@ -69,8 +70,8 @@ def cleanai_evaluate(model, loader, device):
         return {
             "mse": squared / values,
             "evaluated": samples,
-            "accuracy_note": "the targets are a regression's (fractional, one per output): the mean squared error "
-            "is reported instead",
+            "accuracy_note": "the targets are a regression's (floating values, one per output, not class "
+            "labels): the mean squared error is reported instead",
             "recovery_task": "regression",
         }
     if total == 0:
