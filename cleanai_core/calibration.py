@@ -589,8 +589,11 @@ def _row_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     squares = torch.linalg.vector_norm(flat, dim=1).to(torch.float64).square().view(b, c).sum(0)
     mean = sums / n
     var = squares / n - mean.square()
-    # an all-zero channel (squares 0) is exact as it is; False where not finite: reported as such
-    again = (var * ONE_PASS_MAX_MEAN_SQ <= mean.square()) & (squares > 0)
+    # an all-zero channel (squares 0) is exact as it is; False where not finite: reported as such.
+    # Squares that underflow float32 (values below ~1e-19: a random-weight MobileViT's 1e-24)
+    # are 0 beside a mean that is not: a negative variance, whose square root in the
+    # BatchNorm correction made the running mean NaN. Those channels are reduced again too.
+    again = (var * ONE_PASS_MAX_MEAN_SQ <= mean.square()) & ((squares > 0) | (sums != 0))
     if bool(again.any()):
         idx = again.nonzero().squeeze(1)
         exact = rows.index_select(1, idx)
@@ -599,7 +602,7 @@ def _row_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         else:
             v, m = _var_mean(exact)
         mean[idx], var[idx] = m.to(torch.float64), v.to(torch.float64)
-    return mean, var
+    return mean, var.clamp_min_(0.0)  # a variance is never negative (NaN stays NaN: reported)
 
 
 def _var_mean(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

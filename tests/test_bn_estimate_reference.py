@@ -356,3 +356,13 @@ def test_a_pair_joined_for_one_reduction_gives_each_sample_its_own_moments(chann
     p[3, -1] = math.inf
     assert bn_estimate.pair_moments(o, p) is None
     assert bn_estimate.pair_moments(o, p[:, :-1]) is None if channels > 1 else True
+
+
+def test_moments_of_values_whose_squares_underflow_are_never_negative():
+    """A random-weight MobileViT's BatchNorm inputs are about 1e-24: their squares are below
+    float32's range, the one-pass sums gave ``0 - mean^2`` (a negative variance), and the
+    correction's square root of it made the pruned model's running mean NaN."""
+    x = torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(0)) * 1e-24  # channels-first rows of 64
+    n, mean, m2 = finite_moments(x, 1)
+    assert n == 128 and bool((m2 >= 0).all())
+    torch.testing.assert_close(mean, x.double().mean((0, 2, 3)), rtol=1e-5, atol=0)
