@@ -113,7 +113,24 @@ def load_hf_model(spec: str) -> nn.Module:
             f"--model {spec!r}: transformers could not load the weights with {cls.__name__} "
             f"({type(exc).__name__}: {str(exc)[:300]})."
         ) from exc
+    _check_span_head(model, spec)
     return model.eval()
+
+
+def _check_span_head(model: nn.Module, spec: str) -> None:
+    """A question-answering head splits its output layer into start and end logits, so it
+    runs only with two outputs; a folder whose config says another ``num_labels`` builds a
+    model that fails on every input (``too many values to unpack``), which the job then
+    blamed on the data. Refused here, naming the key."""
+    head = getattr(model, "qa_outputs", None)
+    if head_kind(model) != "span" or not isinstance(head, nn.Linear) or head.out_features == 2:
+        return
+    raise UserError(
+        f"--model {spec!r}: {type(model).__name__} splits qa_outputs into a start and an end logit, so it needs "
+        f"2 outputs; the folder's config.json has num_labels={model.config.num_labels}, which built "
+        f"{head.out_features} (the model fails on any input). Set \"num_labels\": 2 (and two id2label entries) in "
+        "config.json, or load the folder with a head that takes that many labels."
+    )
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:

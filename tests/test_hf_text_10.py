@@ -1,0 +1,129 @@
+"""Hugging Face text models, session 20: one cause per test (tiny models from configs,
+nothing downloaded). Families whose config describes none of their prunable widths (Bloom,
+MPT), MPT's ALiBi heads, a question-answering folder that cannot run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_families import V  # noqa: E402
+
+from cleanai_core.cli import main  # noqa: E402
+from cleanai_core.io import load_pruned  # noqa: E402
+from cleanai_core.testing import check_pruner  # noqa: E402
+
+ARGS = ["--threads", "1", "--latency-repeats", "1", "--quiet"]
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def ids(*shape: int, seed: int = 3) -> torch.Tensor:
+    return torch.randint(5, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def bloom():
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=V, hidden_size=64, n_layer=2, n_head=4)
+    return transformers.BloomForCausalLM(config).eval()
+
+
+def mpt():
+    torch.manual_seed(0)
+    config = transformers.MptConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, max_seq_len=64)
+    return transformers.MptForCausalLM(config).eval()
+
+
+def prune_job(model, tmp_path: Path, *extra: str) -> tuple[int, dict]:
+    """``cleanai prune`` of ``model`` saved as a folder, on 24 x 16 token ids."""
+    model.save_pretrained(tmp_path / "m")
+    torch.save({"input_ids": ids(24, 16)}, tmp_path / "d.pt")
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"),
+               "--out", str(tmp_path / "o"), *ARGS, *extra])  # fmt: skip
+    report = tmp_path / "o" / "report.json"
+    return rc, json.loads(report.read_text()) if report.exists() else {}
+
+
+@pytest.mark.parametrize("family, before, after", [(bloom, 106_624, 78_728), (mpt, 105_024, 77_376)])
+def test_a_family_whose_config_describes_no_width_prunes_with_the_default(family, before, after, tmp_path):
+    """Bloom's MLP is ``4 * hidden_size`` in code and its head size ``hidden_size / n_head``
+    (MPT: ``expansion_ratio * d_model``, the same head size): the default kept every width
+    its config cannot describe, which was all of them, and refused (``nothing in this model
+    can be pruned``). Where keeping them leaves nothing, they prune, with a warning, and the
+    pruned model reloads with ``load_pruned`` (no ``hf/`` folder, the report says why)."""
+    model = family()
+    with pytest.warns(RuntimeWarning, match="config can describe none of its prunable widths"):
+        rc, report = prune_job(model, tmp_path)
+    assert rc == 0, report
+    assert (report["params_before"], report["params_after"]) == (before, after)
+    assert report["hf_reload_path"] == "load_pruned" and "ALiBi" in report["hf_reload"]
+    assert abs(report["perplexity_after"] - report["perplexity_before"]) < 1.0  # random 100-token models: ~102
+    assert not (tmp_path / "o" / "hf").exists()
+    small = load_pruned(tmp_path / "o")
+    assert params(small) == after
+    assert small.config.cleanai_pruning["from_pretrained"] is False
+    x = ids(1, 6, seed=5)
+    with torch.no_grad():
+        cached = small.generate(x, max_new_tokens=6, do_sample=False)
+        plain = small.generate(x, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+def test_a_model_whose_config_describes_some_widths_still_keeps_the_others():
+    """The fallback is for models where nothing would be left: BERT's heads (head size
+    derived) stay while its MLP prunes, as before."""
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96)  # fmt: skip
+    model = transformers.BertForMaskedLM(config).eval()
+    small = StructuredPruner(model, (ids(2, 8),), importance="magnitude", pruning_ratio=0.5).prune()
+    layer = small.bert.encoder.layer[0]
+    assert (layer.attention.self.query.out_features, layer.intermediate.dense.out_features) == (64, 48)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+
+
+def test_mpt_heads_prune_under_its_alibi_position_bias():
+    """MPT adds one ALiBi ``position_bias`` of ``(n_heads, 1, keys)`` to every layer's
+    scores (``attention_scores + position_bias``): the add froze the heads (``combines
+    channels with a tensor that cannot shrink``), so only the MLP pruned. The add lets that
+    bias shrink with the heads in these modules, and each pruned ``MptAttention`` takes its
+    kept heads' rows at every call, as Bloom's did (``zoo/transformers/alibi.py``)."""
+    model = mpt()
+    report = check_pruner(model, (ids(2, 8),), ratio=0.5)  # MPT has an eager attention only
+    assert report.pruned_units == 2 * 2 + 2 * 128  # 2 of 4 heads and 128 of 256 MLP units, in each layer
+    assert report.max_abs_diff < 1e-5
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0  # a left-padded row
+    report = check_pruner(model, {"input_ids": ids(2, 8), "attention_mask": mask}, ratio=0.5, seed=1)
+    assert report.pruned_units == 260 and report.max_abs_diff < 1e-5
+    assert report.params_after == 55_872
+
+
+def test_a_question_answering_folder_with_other_than_two_labels_is_refused_by_name(tmp_path, capsys):
+    """A question-answering head splits ``qa_outputs`` into start and end logits; built
+    with ``num_labels=3`` it fails on every input, and the job said ``the model failed on
+    an input from --data ... Check that the data matches`` (exit 2): the data was blamed.
+    The ``hf:`` loader names the key and the fix; nothing is written."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96, num_labels=3)  # fmt: skip
+    model = transformers.BertForQuestionAnswering(config).eval()
+    model.save_pretrained(tmp_path / "m")
+    zeros = torch.zeros(8, dtype=torch.long)
+    torch.save({"input_ids": ids(8, 8), "start_positions": zeros, "end_positions": zeros + 1}, tmp_path / "d.pt")
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"),
+               "--out", str(tmp_path / "o"), "--ratio", "0.4", *ARGS])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "num_labels=3" in err and '"num_labels": 2' in err and "qa_outputs" in err
+    assert not (tmp_path / "o").exists()
