@@ -128,7 +128,7 @@ def _check_span_head(model: nn.Module, spec: str) -> None:
     raise UserError(
         f"--model {spec!r}: {type(model).__name__} splits qa_outputs into a start and an end logit, so it needs "
         f"2 outputs; the folder's config.json has num_labels={model.config.num_labels}, which built "
-        f"{head.out_features} (the model fails on any input). Set \"num_labels\": 2 (and two id2label entries) in "
+        f'{head.out_features} (the model fails on any input). Set "num_labels": 2 (and two id2label entries) in '
         "config.json, or load the folder with a head that takes that many labels."
     )
 
