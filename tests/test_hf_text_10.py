@@ -127,3 +127,52 @@ def test_a_question_answering_folder_with_other_than_two_labels_is_refused_by_na
     err = capsys.readouterr().err
     assert rc == 2 and "num_labels=3" in err and '"num_labels": 2' in err and "qa_outputs" in err
     assert not (tmp_path / "o").exists()
+
+
+def nllb_moe():
+    torch.manual_seed(0)
+    config = transformers.NllbMoeConfig(
+        vocab_size=V, d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=2, encoder_ffn_dim=96, decoder_ffn_dim=80, max_position_embeddings=64,
+        pad_token_id=0, decoder_start_token_id=2, eos_token_id=2, bos_token_id=1, num_experts=4,
+        expert_capacity=8, encoder_sparse_step=2, decoder_sparse_step=1,
+    )  # fmt: skip
+    return transformers.NllbMoeForConditionalGeneration(config).eval()
+
+
+def test_experts_no_example_token_reaches_prune_like_the_others(tmp_path):
+    """NLLB-MoE holds one module per expert and runs only those its router sends tokens
+    to: on short example inputs experts 2 and 3 never ran, so the trace did not see them
+    and they kept their width while ``encoder_ffn_dim`` / ``decoder_ffn_dim`` were written
+    from the others (``uniform: false``, ``from_pretrained`` failed on their shapes). A
+    member of a ``ModuleList`` / ``ModuleDict`` that did not run, beside siblings of its
+    class and shapes that did, is traced on its sibling's input now (``graph/trace.py``)."""
+    from cleanai_core import StructuredPruner
+
+    model = nllb_moe()
+    g = torch.Generator().manual_seed(1)
+    x = {
+        "input_ids": torch.randint(3, V, (2, 8), generator=g),
+        "decoder_input_ids": torch.randint(3, V, (2, 5), generator=g),
+    }
+    ran: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: ran.add(n)) for n, m in model.named_modules()]
+    with torch.no_grad():
+        model(**x)
+    for h in hooks:
+        h.remove()
+    experts = {n for n, _ in model.named_modules() if n.endswith(("expert_0", "expert_1", "expert_2", "expert_3"))}
+    assert experts - ran == {f"model.{s}.ffn.experts.expert_{i}" for s in ("encoder.layers.1", "decoder.layers.0")
+                             for i in (2, 3)}  # fmt: skip
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.pruned_units == 406 and report.max_abs_diff < 1e-5  # 230 before: experts 2 and 3 stayed whole
+    pruner = StructuredPruner(model, x, pruning_ratio=0.3)
+    pruner.collect_activations([x, x])
+    small = pruner.prune()
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert (small.config.encoder_ffn_dim, small.config.decoder_ffn_dim) == (68, 56)
+    assert (params(model), params(small)) == (178_400, 147_956)
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**x).logits, small(**x).logits, rtol=0, atol=1e-6)
