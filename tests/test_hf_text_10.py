@@ -176,3 +176,31 @@ def test_experts_no_example_token_reaches_prune_like_the_others(tmp_path):
     again = type(small).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(**x).logits, small(**x).logits, rtol=0, atol=1e-6)
+
+
+def test_prophetnet_mlp_width_is_written_to_its_ffn_keys(tmp_path):
+    """ProphetNet's MLP is ``feed_forward.intermediate`` / ``feed_forward.output``, a name
+    the config fix-up did not know: ``encoder_ffn_dim`` / ``decoder_ffn_dim`` were not
+    written, so the default kept the MLP as well as the heads (head size derived) and
+    refused (``nothing in this model can be pruned``; since this session: pruned, reload
+    through ``load_pruned`` only). The MLP prunes and ``from_pretrained`` reloads."""
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    config = transformers.ProphetNetConfig(
+        vocab_size=V, hidden_size=64, encoder_ffn_dim=96, decoder_ffn_dim=80, num_encoder_layers=2,
+        num_decoder_layers=1, num_encoder_attention_heads=4, num_decoder_attention_heads=4,
+        max_position_embeddings=64, ngram=2, pad_token_id=0, decoder_start_token_id=0,
+    )  # fmt: skip
+    model = transformers.ProphetNetForConditionalGeneration(config).eval()
+    x = {"input_ids": ids(2, 8), "decoder_input_ids": ids(2, 5, seed=4)}
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.pruned_units == 2 * 48 + 40
+    small = StructuredPruner(model, x, importance="magnitude", pruning_ratio=0.5).prune()
+    assert (small.config.encoder_ffn_dim, small.config.decoder_ffn_dim) == (48, 40)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert (params(model), params(small)) == (126_032, 108_488)
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**x).logits, small(**x).logits, rtol=0, atol=1e-6)
