@@ -56,7 +56,7 @@ def prune_job(model, tmp_path: Path, *extra: str) -> tuple[int, dict]:
 @pytest.mark.parametrize("family, before, after", [(bloom, 106_624, 78_728), (mpt, 105_024, 77_376)])
 def test_a_family_whose_config_describes_no_width_prunes_with_the_default(family, before, after, tmp_path):
     """Bloom's MLP is ``4 * hidden_size`` in code and its head size ``hidden_size / n_head``
-    (MPT: ``expansion_ratio * d_model``, the same head size): the default kept every width
+    (MPT: ``4 * hidden_size`` too, its ``expansion_ratio`` never read; the same head size): the default kept every width
     its config cannot describe, which was all of them, and refused (``nothing in this model
     can be pruned``). Where keeping them leaves nothing, they prune, with a warning, and the
     pruned model reloads with ``load_pruned`` (no ``hf/`` folder, the report says why)."""
