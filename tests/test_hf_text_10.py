@@ -204,3 +204,34 @@ def test_prophetnet_mlp_width_is_written_to_its_ffn_keys(tmp_path):
     again = type(small).from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(**x).logits, small(**x).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cls, config", [("XLMWithLMHeadModel", "XLMConfig"), ("FlaubertWithLMHeadModel", "FlaubertConfig")]
+)
+def test_an_lm_head_without_a_causal_mask_is_scored_as_a_masked_lm(cls, config, tmp_path):
+    """XLM's and Flaubert's LM head attends both ways unless ``causal=True`` (the
+    ``xlm-mlm-*`` checkpoints): the evaluator took it for a causal LM and scored each
+    position against the next token, which the model sees (a meaningless perplexity;
+    labels of masked tokens were shifted by one). Such a head is a masked LM now: its
+    labels are scored where they stand; with ``causal=True`` it stays a causal LM."""
+    from cleanai_plugins.io.hf import cleanai_evaluate, head_kind
+
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, config)(vocab_size=V, emb_dim=64, n_layers=2,
+                                                                     n_heads=4, max_position_embeddings=64)).eval()  # fmt: skip
+    causal = getattr(transformers, cls)(getattr(transformers, config)(vocab_size=V, emb_dim=64, n_layers=2, n_heads=4,
+                                                                      causal=True)).eval()  # fmt: skip
+    assert (head_kind(model), head_kind(causal)) == ("masked", "")
+    x = ids(8, 12)
+    labels = torch.full_like(x, -100)
+    labels[:, [3, 7]] = x[:, [3, 7]]
+    x[:, [3, 7]] = 4  # the masked positions
+    result = cleanai_evaluate(model, [{"input_ids": x, "labels": labels}], torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(x).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+    assert result["tokens"] == 16 and result["recovery_task"] == "token"
+    assert result["loss"] == pytest.approx(float(loss), rel=1e-5)
+    hits = (logits.argmax(-1) == labels)[labels != -100]
+    assert result["accuracy"] == pytest.approx(float(hits.float().mean()))

@@ -235,9 +235,12 @@ def head_kind(model: Any) -> str:
     sequences), ``"sequence"`` (a class per sequence), ``"regression"`` (a sequence
     classifier with one output or ``problem_type="regression"``), ``"multilabel"``
     (``problem_type="multi_label_classification"``: any number of classes per sequence), ``"seq2seq"`` (an
-    encoder-decoder that generates: T5, BART, Marian), else ``""``."""
+    encoder-decoder that generates: T5, BART, Marian), else ``""``. An LM head whose config says it
+    attends both ways (``causal=False``: XLM, Flaubert) is a masked LM."""
     names = [type(model).__name__, *(getattr(model.config, "architectures", None) or [])[:1]]
     kind = next((k for n in names for end, k in _HEADS if n.endswith(end)), "")
+    if not kind and getattr(model.config, "causal", None) is False and names[0].endswith("LMHeadModel"):
+        return "masked"  # XLM's, Flaubert's LM head without a causal mask: a masked LM (xlm-mlm-*)
     if not kind and getattr(model.config, "is_encoder_decoder", False):
         generates = getattr(model, "can_generate", None)
         return "seq2seq" if callable(generates) and generates() else ""
