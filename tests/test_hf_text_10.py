@@ -218,10 +218,9 @@ def test_an_lm_head_without_a_causal_mask_is_scored_as_a_masked_lm(cls, config, 
     from cleanai_plugins.io.hf import cleanai_evaluate, head_kind
 
     torch.manual_seed(0)
-    model = getattr(transformers, cls)(getattr(transformers, config)(vocab_size=V, emb_dim=64, n_layers=2,
-                                                                     n_heads=4, max_position_embeddings=64)).eval()  # fmt: skip
-    causal = getattr(transformers, cls)(getattr(transformers, config)(vocab_size=V, emb_dim=64, n_layers=2, n_heads=4,
-                                                                      causal=True)).eval()  # fmt: skip
+    size = {"vocab_size": V, "emb_dim": 64, "n_layers": 2, "n_heads": 4, "max_position_embeddings": 64}
+    model = getattr(transformers, cls)(getattr(transformers, config)(**size)).eval()
+    causal = getattr(transformers, cls)(getattr(transformers, config)(**size, causal=True)).eval()
     assert (head_kind(model), head_kind(causal)) == ("masked", "")
     x = ids(8, 12)
     labels = torch.full_like(x, -100)
