@@ -234,3 +234,28 @@ def test_an_lm_head_without_a_causal_mask_is_scored_as_a_masked_lm(cls, config, 
     assert result["loss"] == pytest.approx(float(loss), rel=1e-5)
     hits = (logits.argmax(-1) == labels)[labels != -100]
     assert result["accuracy"] == pytest.approx(float(hits.float().mean()))
+
+
+def test_xlnet_takes_rows_of_any_length_and_its_beam_qa_head_is_scored(tmp_path):
+    """XLNet's positions are relative, ``max_position_embeddings = -1``: every ``.pt`` of
+    token ids was refused (``rows of 12 tokens are longer than the model's context (-1
+    positions)``), whatever the head. And its (and XLM's) SQuAD head with beam search
+    returns the indices of its best starts and ends, no ``start_logits``: the answers were
+    not scored (``returns no logits (a model without a task head ...)``). Now a context
+    of -1 is no limit, and the first start and end of the beam are the answer."""
+    torch.manual_seed(0)
+    config = transformers.XLNetConfig(vocab_size=V, d_model=64, n_layer=2, n_head=4, d_inner=96, start_n_top=2,
+                                      end_n_top=2)  # fmt: skip
+    model = transformers.XLNetForQuestionAnswering(config).eval()
+    x = ids(16, 12)
+    with torch.no_grad():
+        out = model(x)
+    start, end = out.start_top_index[:, 0], out.end_top_index[:, 0]
+    model.save_pretrained(tmp_path / "m")
+    torch.save({"input_ids": x, "start_positions": start, "end_positions": end}, tmp_path / "d.pt")
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"), "--out",
+               str(tmp_path / "o"), "--ratio", "0.4", *ARGS])  # fmt: skip
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rc == 0 and report["accuracy_before"] == 1.0  # the split the report measures: the model's own answers
+    assert report["hf_reload_path"] == "from_pretrained"
+    assert (report["params_before"], report["params_after"]) == (90_306, 80_502)

@@ -281,9 +281,27 @@ def _next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
 
 def _span_hits(out: Any, labels: torch.Tensor) -> tuple[int, int]:
     """Question answering: how many rows of ``labels`` ``(N, 2)`` (start, end) the model's
-    most likely start and end both hit (exact match), and the number of rows."""
-    start, end = out.start_logits.argmax(-1).cpu(), out.end_logits.argmax(-1).cpu()
+    most likely start and end both hit (exact match), and the number of rows. A SQuAD head
+    with beam search (XLNet's, XLM's ``...ForQuestionAnswering``) returns the indices of its
+    best starts and of the best ends for each (``start_top_index``, ``end_top_index``, best
+    first): its answer is the first of each."""
+    if _has_span_logits(out):
+        start, end = out.start_logits.argmax(-1).cpu(), out.end_logits.argmax(-1).cpu()
+    else:
+        start, end = out.start_top_index[:, 0].cpu(), out.end_top_index[:, 0].cpu()
     return int(((start == labels[:, 0]) & (end == labels[:, 1])).sum()), len(labels)
+
+
+def _has_span_logits(out: Any) -> bool:
+    return isinstance(getattr(out, "start_logits", None), torch.Tensor)
+
+
+def _has_span(out: Any) -> bool:
+    """Start and end logits, or a beam-search SQuAD head's best start and end indices."""
+    return _has_span_logits(out) or all(
+        isinstance(getattr(out, k, None), torch.Tensor) and getattr(out, k).dim() == 2
+        for k in ("start_top_index", "end_top_index")
+    )
 
 
 _SPAN_NOTE = (
@@ -326,7 +344,7 @@ def cleanai_evaluate(model, loader, device):
                 return None
             inputs = move_to(inputs, device)  # a tensor goes in first place: input_ids, or pixel_values for ViT
             out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-            if kind == "span" and isinstance(getattr(out, "start_logits", None), torch.Tensor):
+            if kind == "span" and _has_span(out):
                 if labels.dim() != 2 or labels.shape[1] != 2:
                     return {"accuracy_note": _SPAN_NOTE.format(tuple(labels.shape))}
                 hit, n = _span_hits(out, labels)
