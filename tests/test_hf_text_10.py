@@ -259,3 +259,59 @@ def test_xlnet_takes_rows_of_any_length_and_its_beam_qa_head_is_scored(tmp_path)
     assert rc == 0 and report["accuracy_before"] == 1.0  # the split the report measures: the model's own answers
     assert report["hf_reload_path"] == "from_pretrained"
     assert (report["params_before"], report["params_after"]) == (90_306, 80_502)
+
+
+def _lm(**kw) -> dict:
+    return {"vocab_size": V, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96,
+            "max_position_embeddings": 64, "pad_token_id": 0, **kw}  # fmt: skip
+
+
+_BART = {"vocab_size": V, "d_model": 64, "encoder_layers": 2, "decoder_layers": 1, "encoder_attention_heads": 4,
+         "decoder_attention_heads": 2, "encoder_ffn_dim": 96, "decoder_ffn_dim": 80, "max_position_embeddings": 64,
+         "pad_token_id": 0, "decoder_start_token_id": 2, "eos_token_id": 2, "bos_token_id": 1}  # fmt: skip
+
+#: config variants checked in session 20 (docs/compatibility.md): name -> (class, config class, config keys, seq2seq)
+VARIANTS = {
+    "llama-6-heads-2-kv": ("LlamaForCausalLM", "LlamaConfig", _lm(hidden_size=96, num_attention_heads=6,
+                                                                    num_key_value_heads=2, head_dim=16), False),
+    "llama-tp2-untied-biases": ("LlamaForCausalLM", "LlamaConfig", _lm(num_attention_heads=4, num_key_value_heads=2,
+                                pretraining_tp=2, tie_word_embeddings=False, attention_bias=True,
+                                mlp_bias=True), False),
+    "qwen3-head-dim-24": ("Qwen3ForCausalLM", "Qwen3Config", _lm(num_attention_heads=4, num_key_value_heads=2,
+                                                                 head_dim=24), False),
+    "qwen2-moe-dense-layer": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", _lm(num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                              num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2, mlp_only_layers=[2]), False),
+    "gemma2-window-4": ("Gemma2ForCausalLM", "Gemma2Config", _lm(num_attention_heads=4, num_key_value_heads=2,
+                                                               head_dim=16, sliding_window=4), False),
+    "bart-asymmetric": ("BartForConditionalGeneration", "BartConfig", _BART, True),
+    "marian-unshared": ("MarianMTModel", "MarianConfig", {**_BART, "share_encoder_decoder_embeddings": False,
+                                                          "decoder_vocab_size": V}, True),
+    "t5-d-kv-24": ("T5ForConditionalGeneration", "T5Config", {"vocab_size": V, "d_model": 64, "d_kv": 24, "d_ff": 96,
+                   "num_layers": 2, "num_decoder_layers": 1, "num_heads": 4, "decoder_start_token_id": 0,
+                   "pad_token_id": 0}, True),
+}  # fmt: skip
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_config_variants_prune_match_the_oracle_reload_and_generate(name, tmp_path):
+    from cleanai_core import StructuredPruner
+
+    cls, config, kw, seq2seq = VARIANTS[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, config)(**kw)).eval()
+    x = {"input_ids": ids(2, 8), **({"decoder_input_ids": ids(2, 5, seed=4)} if seq2seq else {})}
+    assert check_pruner(model, x, ratio=0.5).max_abs_diff < 1e-5
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    pruner.collect_activations([x, x])
+    small = pruner.prune()
+    assert params(small) < params(model)
+    assert small.config.cleanai_pruning["from_pretrained"] is True, small.config.cleanai_pruning
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**x).logits, small(**x).logits, rtol=0, atol=1e-6)
+        cached = small.generate(x["input_ids"][:1], max_new_tokens=5, do_sample=False)
+        plain = small.generate(x["input_ids"][:1], max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
