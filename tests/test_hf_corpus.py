@@ -565,15 +565,16 @@ def test_corpus_generate(name):
     assert torch.equal(cached, plain)
 
 
-#: families the default pruner cannot prune at all: every free width is one their config cannot describe
-DEFAULT_PRUNES_NOTHING = {
+#: families the default pruner cannot prune at all
+DEFAULT_PRUNES_NOTHING: dict[str, str] = {}
+#: the default prune at 0.4 reloads only through ``load_pruned``: every free width is one their config cannot
+#: describe, so keeping them would prune nothing; they prune with a warning (session 20)
+DEFAULT_NEEDS_LOAD_PRUNED = {
     "openai-gpt": "MLP fixed at 4x hidden, head size derived from the width",
     "bloom": "MLP fixed at 4x hidden, head size derived from the width",
     "convnext": "MLP fixed at 4x the stage width",
     "swin": "MLP ratio, heads and the patch-merging widths have no key",
 }
-#: the default prune at 0.4 reloads only through ``load_pruned``
-DEFAULT_NEEDS_LOAD_PRUNED: dict[str, str] = {}
 
 
 @pytest.mark.corpus

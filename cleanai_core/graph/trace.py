@@ -219,9 +219,15 @@ def record(
         tensor_names.setdefault(id(b), bname)
     rec = _Recorder(tensor_names)
     handles = []
+    siblings = _sibling_sets(model)
+    first_calls: dict[int, list[Any]] = {}  # sibling set -> [module, args, kwargs, output] of its first call
+    ran: set[int] = set()
 
     def pre(module: nn.Module, args: tuple, kwargs: dict, name: str) -> None:
         rec.scope.append(name)
+        if module in siblings:
+            ran.add(id(module))
+            first_calls.setdefault(siblings[module], [module, args, kwargs, None])
         if module in claimed:
             if rec.depth == 0:
                 rec.events.append(ModuleCall(len(rec.events), name, module, rec.refs(args), rec.refs(kwargs), None))
@@ -229,6 +235,8 @@ def record(
 
     def post(module: nn.Module, args: tuple, kwargs: dict, out: Any, name: str) -> None:
         rec.scope.pop()
+        if module in siblings and (first := first_calls[siblings[module]])[0] is module and first[3] is None:
+            first[3] = out
         if module in claimed:
             rec.depth -= 1
             if rec.depth == 0:
@@ -248,6 +256,7 @@ def record(
             input_refs = [rec.ref(t) for t in leaves if isinstance(t, torch.Tensor)]
             with rec:
                 out = call_model(model, example_inputs, forward_fn, copy=False)
+                _run_unrun_siblings(rec, siblings, first_calls, ran)
             if output_transform is not None:
                 out = transformed(output_transform, out)
             elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
@@ -257,6 +266,47 @@ def record(
         for h in handles:
             h.remove()
     return Recording(rec.events, input_refs, out_refs)
+
+
+def _sibling_sets(model: nn.Module) -> dict[nn.Module, int]:
+    """``{module: set id}`` of the members of every ``nn.ModuleList`` / ``nn.ModuleDict``
+    that has other members of the same class with parameters of the same shapes (the
+    experts of a routed mixture held one module each: NLLB-MoE, Switch Transformers)."""
+    out: dict[nn.Module, int] = {}
+    for container in model.modules():
+        if not isinstance(container, (nn.ModuleList, nn.ModuleDict)):
+            continue
+        sets: dict[tuple, list[nn.Module]] = {}
+        for child in container.children():
+            shapes = tuple(tuple(p.shape) for p in child.parameters())
+            if shapes:
+                sets.setdefault((type(child), shapes), []).append(child)
+        for members in sets.values():
+            if len(members) > 1:
+                out.update(dict.fromkeys(members, id(members[0])))
+    return out
+
+
+def _run_unrun_siblings(
+    rec: Any, siblings: dict[nn.Module, int], first_calls: dict[int, list[Any]], ran: set[int]
+) -> None:
+    """Run each member of a sibling set that the example inputs did not reach (a routed
+    expert no token went to) on its first sibling's input, and add its output to that
+    sibling's, so that the trace couples it as the routing would: it prunes like its
+    siblings instead of keeping its width while the config key it shares is rewritten."""
+    for module, key in siblings.items():
+        first = first_calls.get(key)
+        if id(module) in ran or first is None or not isinstance(first[3], torch.Tensor):
+            continue
+        mark = (len(rec.events), rec.depth, len(rec.scope))
+        try:
+            extra = module(*first[1], **first[2])
+        except Exception:  # noqa: BLE001 - a member that cannot take its sibling's input stays unrun
+            del rec.events[mark[0] :], rec.scope[mark[2] :]
+            rec.depth = mark[1]
+            continue
+        if isinstance(extra, torch.Tensor) and extra.shape == first[3].shape:
+            _ = first[3] + extra  # recorded: couples the two outputs' channels
 
 
 def maintenance_reads(recording: Recording) -> set[int]:

@@ -113,7 +113,24 @@ def load_hf_model(spec: str) -> nn.Module:
             f"--model {spec!r}: transformers could not load the weights with {cls.__name__} "
             f"({type(exc).__name__}: {str(exc)[:300]})."
         ) from exc
+    _check_span_head(model, spec)
     return model.eval()
+
+
+def _check_span_head(model: nn.Module, spec: str) -> None:
+    """A question-answering head splits its output layer into start and end logits, so it
+    runs only with two outputs; a folder whose config says another ``num_labels`` builds a
+    model that fails on every input (``too many values to unpack``), which the job then
+    blamed on the data. Refused here, naming the key."""
+    head = getattr(model, "qa_outputs", None)
+    if head_kind(model) != "span" or not isinstance(head, nn.Linear) or head.out_features == 2:
+        return
+    raise UserError(
+        f"--model {spec!r}: {type(model).__name__} splits qa_outputs into a start and an end logit, so it needs "
+        f"2 outputs; the folder's config.json has num_labels={model.config.num_labels}, which built "
+        f'{head.out_features} (the model fails on any input). Set "num_labels": 2 (and two id2label entries) in '
+        "config.json, or load the folder with a head that takes that many labels."
+    )
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
@@ -218,9 +235,12 @@ def head_kind(model: Any) -> str:
     sequences), ``"sequence"`` (a class per sequence), ``"regression"`` (a sequence
     classifier with one output or ``problem_type="regression"``), ``"multilabel"``
     (``problem_type="multi_label_classification"``: any number of classes per sequence), ``"seq2seq"`` (an
-    encoder-decoder that generates: T5, BART, Marian), else ``""``."""
+    encoder-decoder that generates: T5, BART, Marian), else ``""``. An LM head whose config says it
+    attends both ways (``causal=False``: XLM, Flaubert) is a masked LM."""
     names = [type(model).__name__, *(getattr(model.config, "architectures", None) or [])[:1]]
     kind = next((k for n in names for end, k in _HEADS if n.endswith(end)), "")
+    if not kind and getattr(model.config, "causal", None) is False and names[0].endswith("LMHeadModel"):
+        return "masked"  # XLM's, Flaubert's LM head without a causal mask: a masked LM (xlm-mlm-*)
     if not kind and getattr(model.config, "is_encoder_decoder", False):
         generates = getattr(model, "can_generate", None)
         return "seq2seq" if callable(generates) and generates() else ""
@@ -261,9 +281,27 @@ def _next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
 
 def _span_hits(out: Any, labels: torch.Tensor) -> tuple[int, int]:
     """Question answering: how many rows of ``labels`` ``(N, 2)`` (start, end) the model's
-    most likely start and end both hit (exact match), and the number of rows."""
-    start, end = out.start_logits.argmax(-1).cpu(), out.end_logits.argmax(-1).cpu()
+    most likely start and end both hit (exact match), and the number of rows. A SQuAD head
+    with beam search (XLNet's, XLM's ``...ForQuestionAnswering``) returns the indices of its
+    best starts and of the best ends for each (``start_top_index``, ``end_top_index``, best
+    first): its answer is the first of each."""
+    if _has_span_logits(out):
+        start, end = out.start_logits.argmax(-1).cpu(), out.end_logits.argmax(-1).cpu()
+    else:
+        start, end = out.start_top_index[:, 0].cpu(), out.end_top_index[:, 0].cpu()
     return int(((start == labels[:, 0]) & (end == labels[:, 1])).sum()), len(labels)
+
+
+def _has_span_logits(out: Any) -> bool:
+    return isinstance(getattr(out, "start_logits", None), torch.Tensor)
+
+
+def _has_span(out: Any) -> bool:
+    """Start and end logits, or a beam-search SQuAD head's best start and end indices."""
+    return _has_span_logits(out) or all(
+        isinstance(getattr(out, k, None), torch.Tensor) and getattr(out, k).dim() == 2
+        for k in ("start_top_index", "end_top_index")
+    )
 
 
 _SPAN_NOTE = (
@@ -306,7 +344,7 @@ def cleanai_evaluate(model, loader, device):
                 return None
             inputs = move_to(inputs, device)  # a tensor goes in first place: input_ids, or pixel_values for ViT
             out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-            if kind == "span" and isinstance(getattr(out, "start_logits", None), torch.Tensor):
+            if kind == "span" and _has_span(out):
                 if labels.dim() != 2 or labels.shape[1] != 2:
                     return {"accuracy_note": _SPAN_NOTE.format(tuple(labels.shape))}
                 hit, n = _span_hits(out, labels)

@@ -358,8 +358,10 @@ def _no_embedding_table(model: Any) -> bool:
 
 
 def _context(model: Any) -> int | None:
+    """The longest rows the model's positions take; ``None``: no limit (XLNet's relative
+    positions: ``max_position_embeddings = -1``)."""
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    return int(limit) if limit else None
+    return int(limit) if isinstance(limit, (int, float)) and limit > 0 else None
 
 
 def _check_text_model(model: Any, spec: str, tokenized: bool = False) -> None:

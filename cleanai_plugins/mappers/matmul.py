@@ -193,6 +193,24 @@ def slices_head_inputs(*modules) -> dict[str, set]:
     return {HEAD_INPUTS: set(modules)}
 
 
+@table.register("add")
+def add(call, ctx):
+    """Element-wise, except a per-head bias added to the scores inside an attention module
+    that slices it to its kept heads at every call (MPT's ALiBi ``position_bias``, ``(heads,
+    1, keys)`` beside ``(batch, heads, queries, keys)`` scores: :data:`HEAD_INPUTS`)."""
+    if ctx.scope_module() in ctx.findings.get(HEAD_INPUTS, ()) and len(call.args) >= 2:
+        out, (a, b) = call.outputs[0], call.args[:2]
+        la, lb = ctx.label_of(a), ctx.label_of(b)
+        if isinstance(out, TRef) and isinstance(a, TRef) and isinstance(b, TRef) and (la is None) != (lb is None):
+            src, bias, lab = (a, b, la) if la is not None else (b, a, lb)
+            dim = lab.dim + out.ndim - src.ndim
+            local = dim - (out.ndim - bias.ndim)
+            if 0 <= local and bias.shape[local] == out.shape[dim] > 1:
+                broadcast(ctx, [src], out)
+                return
+    elementwise(call, ctx)
+
+
 #: findings key: the set of modules whose fix-up makes the pruned module scale its attention
 #: by the trained head size (a ``scale`` it stores), not by the pruned one that
 #: ``F.scaled_dot_product_attention`` would read from its inputs

@@ -21,6 +21,9 @@ the head size is ``hidden_size / num_attention_heads`` (BERT), MobileBERT's bott
 so the pruned model is one ``from_pretrained`` loads (uniform pruning: the same ratio for
 every group). The entry projection may read several embeddings side by side (MobileBERT's
 trigram input: 3 x ``embedding_size``).
+Where keeping those widths would leave nothing free (Bloom, MPT, GPT-1, XLM: the MLP is a
+fixed multiple of the hidden size in code and the head size is derived), they prune anyway,
+with a warning, and the pruned model reloads with ``load_pruned``.
 
 To prune the hidden size and those widths anyway, disable this plugin (then reload the
 pruned model with ``cleanai_core.load_pruned``):

@@ -50,12 +50,12 @@ __all__ = ["SHARED_KEYS", "config_owner", "fix_config", "rebuild_mismatches", "r
 _MLP_UP = re.compile(
     r"(^|\.)((mlp|feed_forward)\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in|gate_up_proj|w1)|intermediate\.dense|"
     r"ffn\.lin1|DenseReluDense\.wi(_0)?|fc1|ffn|mlp\.Wi|ffn\.linear_1|ff\.layer_1|mlp\.wi|experts\.expert_\d+\.wi|mixer\.up_proj|"
-    r"ffn\.0|intermediate\.conv1d|mlp\.input_linear|ffn\.w_in\.w_0)$"
+    r"ffn\.0|intermediate\.conv1d|mlp\.input_linear|ffn\.w_in\.w_0|feed_forward\.intermediate)$"
 )  # up_proj alone: an MLP without a gate (Nemotron); ffn.linear_1: Funnel; ff.layer_1: XLNet;
 #  feed_forward: the hybrid Mamba models (Bamba, Jamba, Zamba); mlp.wi, experts.expert_<i>.wi: SwitchTransformers;
 #  mixer.up_proj: Nemotron-H's MLP layers; feed_forward.w1 (w1, w3, w2): LFM2, LFM3; ffn.0: an nn.Sequential MLP (CTRL);
 #  intermediate.conv1d: SqueezeBERT's grouped pointwise convolutions; mlp.input_linear: JetMoE's experts;
-#  ffn.w_in.w_0 (w_0 gate, w_1 up, then w_out): CPM-Ant, width dim_ff
+#  ffn.w_in.w_0 (w_0 gate, w_1 up, then w_out): CPM-Ant, width dim_ff; feed_forward.intermediate: ProphetNet
 #: MLP projections whose output stacks two halves (gate and up) of the MLP width
 _MLP_STACKED = ("gate_up_proj", ".Wi", "mlp.input_linear")
 #: a shared expert beside the routed ones: its own config key (Qwen2-MoE's

@@ -45,6 +45,7 @@ KEPT = (
     "disable it to prune this too, then reload with load_pruned)"
 )
 _ROUNDS = 4
+_UNRUN = "did not run on the example inputs"
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -114,8 +115,7 @@ def _touching(graph, groups: list, bad: dict[str, set[int]]) -> dict[int, str]:
             hit.setdefault(gid, key)
         holder = key.rpartition(".")[0]
         for gid in [] if near else _same_role_cutters(groups, holder):
-            hit.setdefault(gid, f"{holder} did not run on the example inputs and keeps its width, which its config key "
-                                "gives this one too")  # fmt: skip
+            hit.setdefault(gid, f"{holder} {_UNRUN} and keeps its width, which its config key gives this one too")
     return hit
 
 
@@ -160,7 +160,27 @@ def undescribable(graph, ratio: float | None = None) -> list[tuple[torch.Tensor,
     for share in (None, ratio) if ratio is not None else (None,):
         if not _check_rounds(graph, hf, share, kept, found):
             break
+    unrun = any(_UNRUN in why for _, why in found)  # the inputs' fault (Mllama without images): the reason stays
+    if found and not unrun and _leaves_nothing(graph, found):
+        warnings.warn(
+            "this model's config can describe none of its prunable widths (" + "; ".join(dict.fromkeys(
+                why.removesuffix(f": {KEPT}") for _, why in found)) + "): they prune anyway, and the pruned "
+            "model reloads with cleanai_core.load_pruned, not from_pretrained (config.cleanai_pruning says why)",
+            RuntimeWarning,
+            stacklevel=4,
+        )  # fmt: skip
+        return []
     return found
+
+
+def _leaves_nothing(graph, found: list[tuple[torch.Tensor, str]]) -> bool:
+    """Whether keeping ``found`` leaves no unit of the graph free: then keeping them would
+    refuse the prune (Bloom: its MLP is ``4 * hidden_size`` in code and its heads' ALiBi
+    slopes follow ``n_head``; XLM, GPT-NeoX-Japanese), where pruning them and reloading
+    with ``load_pruned`` gives the user what they asked for."""
+    kept = torch.cat([torch.as_tensor(units, dtype=torch.int64).reshape(-1) for units, _ in found])
+    free = [g.units[~g.frozen] for g in graph.groups(prunable_only=True)]
+    return bool(free) and bool(torch.isin(torch.cat(free), kept).all())
 
 
 def _check_rounds(graph, hf: list[str], share: float | None, kept: set[int], found: list) -> bool:
