@@ -16,12 +16,32 @@ from torch.utils.flop_counter import FlopCounterMode
 from cleanai_core.model_state import preserved
 from cleanai_core.runtime import call_model, copied_inputs
 
-__all__ = ["FlopsOfCopies", "call_model", "count_flops", "count_params", "eval_mode", "measure_latency"]
+__all__ = [
+    "FlopsOfCopies",
+    "call_model",
+    "count_flops",
+    "count_params",
+    "eval_mode",
+    "measure_latency",
+    "perplexity",
+]
 
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def perplexity(nll: float, tokens: float) -> float:
+    """``exp`` of the mean negative log-likelihood per token; ``inf`` where that exceeds the
+    float range (a mean over 709.8 nats: a wrecked model's logits of 1e4). ``math.exp``
+    raised ``OverflowError: math range error`` there, which the command line reported as
+    "the pruned model failed on the held-out part of --data" (the model had run)."""
+    mean = nll / max(tokens, 1.0)
+    try:
+        return math.exp(mean)
+    except OverflowError:
+        return math.inf
 
 
 @contextmanager
@@ -56,16 +76,30 @@ def _trilinear_flops(
     return 2 * math.prod(max(sizes) for sizes in zip(*spans, strict=True))
 
 
+def _summed_batch_flops(c_shape: Any, a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """``addbmm`` (``(b, n, m) @ (b, m, p)`` summed over the batch): the batch's products'
+    multiply-adds, as ``baddbmm`` (the additions are not counted)."""
+    b, n, m = a_shape
+    return 2 * b * n * m * b_shape[-1]
+
+
+def _int_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """``_int_mm`` (an int8 matrix product, ``torch.ao`` dynamic quantisation): as ``mm``."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 _aten = torch.ops.aten
 #: products PyTorch's counter has no formula for: a matrix times a vector (attention pooling
-#: with a learned query, ``x @ self.q``), two vectors, and ``nn.Bilinear``'s ``_trilinear``
-#: (each counted 0 FLOPs)
+#: with a learned query, ``x @ self.q``), two vectors, ``nn.Bilinear``'s ``_trilinear``, a
+#: batch of products summed (``addbmm``) and an int8 product (``_int_mm``) (each counted 0 FLOPs)
 EXTRA_FLOP_FORMULAS = {
     _aten.mv: _vector_flops,
     _aten.dot: _vector_flops,
     _aten.vdot: _vector_flops,
     _aten.addmv: _added_vector_flops,
     _aten._trilinear: _trilinear_flops,
+    _aten.addbmm: _summed_batch_flops,
+    _aten._int_mm: _int_mm_flops,
 }
 
 

@@ -8,6 +8,7 @@ otherwise ``report.svg``, drawn here as plain SVG: channels per layer before and
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,63 @@ from xml.sax.saxutils import escape
 
 from cleanai_core.io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["render_markdown", "render_sensitivity_svg", "render_svg", "sensitivity_markdown", "write_report"]
+__all__ = [
+    "finite_or_none",
+    "render_markdown",
+    "render_sensitivity_svg",
+    "render_svg",
+    "report_json",
+    "sensitivity_markdown",
+    "write_report",
+]
 
 MAX_PLOT_LAYERS = 60
 #: removed channels listed per layer in report.md
 MAX_LISTED = 16
+
+
+def finite_or_none(value: Any, found: dict[str, str] | None = None, path: str = "") -> Any:
+    """``value`` with every NaN / inf float (in dicts and lists, at any depth) as ``None``;
+    ``found`` collects where each was (``"perplexity_after": "inf"``)."""
+    if isinstance(value, dict):
+        return {k: finite_or_none(v, found, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v, found, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        if found is not None:
+            found[path] = str(value)
+        return None
+    return value
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """``report.json``'s text: strict JSON. A NaN or infinite number (a wrecked model's
+    perplexity, a diverged loss, a sensitivity trial's KL) is written as ``null`` and named
+    in ``non_finite`` (``{"perplexity_after": "inf"}``); ``json`` wrote ``Infinity`` /
+    ``NaN``, which strict parsers (``jq``, JavaScript's ``JSON.parse``) refuse."""
+    found: dict[str, str] = {}
+    clean = finite_or_none(report, found)
+    if found:
+        clean["non_finite"] = found
+    return json.dumps(clean, indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _code(name: Any) -> str:
+    """``name`` as inline code in a Markdown table cell. A module name may hold any
+    character but ``.`` (``nn.ModuleDict`` keys): a ``|`` split the row into more cells,
+    a line break ended the table, a backtick ended the code span."""
+    text = str(name).replace("|", "\\|").replace("\r", "\\r").replace("\n", "\\n")
+    if "`" not in text:
+        return f"`{text}`"
+    return f"`` {text} ``"
+
+
+def _svg_text(name: Any, last: int) -> str:
+    """The last ``last`` characters of ``name`` as SVG text: escaped after it is cut (cutting
+    ``&amp;`` left ``mp;``), control characters (not allowed in XML 1.0) as ``?``."""
+    text = str(name)
+    text = text if len(text) <= last else "..." + text[-(last - 3) :]
+    return escape("".join("?" if ord(c) < 32 else c for c in text))
 
 
 def _fmt_int(n: Any) -> str:
@@ -160,8 +213,8 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         b, a = layer.get("channels_before"), layer.get("channels_after")
         step = f" (step {layer['step']})" if layer.get("step") else ""
         lines.append(
-            f"| `{layer.get('name')}`{step} | {b} | {a} | {(b or 0) - (a or 0)} | {_removed(layer)} "
-            f"| {_kept_range(layer)} |"
+            f"| {_code(layer.get('name'))}{step} | {b} | {a} | {(b or 0) - (a or 0)}{_units(layer)} "
+            f"| {_removed(layer)} | {_kept_range(layer)} |"
         )
     lines.append("")
     lines += _dead_unit_lines(report.get("dead_units"))
@@ -169,6 +222,15 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
     for title, body in extra_sections:
         lines += [f"## {title}", "", body.rstrip(), ""]
     return "\n".join(lines)
+
+
+def _units(layer: dict[str, Any]) -> str:
+    """The pruned column's " (2 of 4 units of 48)" where several channels are one unit (attention heads)."""
+    ub, ua = layer.get("units_before"), layer.get("units_after")
+    if not ub or ua is None:
+        return ""
+    width = layer.get("channels_before", 0) // ub if layer.get("channels_before", 0) % ub == 0 else None
+    return f" ({ub - ua} of {ub} units" + (f" of {width})" if width else ")")
 
 
 def _removed(layer: dict[str, Any]) -> str:
@@ -212,7 +274,7 @@ def _dead_unit_lines(findings: list[dict[str, Any]] | None) -> list[str]:
         n = f.get("duplicate_pairs", 0)
         pairs = f"{n}: {pairs}" + (", ..." if n > 5 else "") if n else "-"
         lines.append(
-            f"| `{f['layer']}` | {f['channels']} | {_listed(f['dead'])} | {_listed(f['constant'])} | {pairs} |"
+            f"| {_code(f['layer'])} | {f['channels']} | {_listed(f['dead'])} | {_listed(f['constant'])} | {pairs} |"
         )
     return lines + [""]
 
@@ -257,7 +319,7 @@ def _sensitivity_lines(sens: dict[str, Any] | None, alloc: dict[str, Any] | None
                 continue
             acc = g["accuracy"][k]
             cells.append(f"{g['kl'][k]:.3g}" + (f" ({acc:.1f}%)" if acc is not None else ""))
-        lines.append(f"| `{g['layer'] or g['modules'][0]}` | {g['size']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_code(g['layer'] or g['modules'][0])} | {g['size']} | " + " | ".join(cells) + " |")
     lines.append("")
     if alloc:
         losses = ", ".join(f"{name} {kl:.3g}" for name, kl in sorted(alloc["kl"].items(), key=lambda kv: kv[1]))
@@ -268,7 +330,7 @@ def _sensitivity_lines(sens: dict[str, Any] | None, alloc: dict[str, Any] | None
             "",
             "| layer | ratio |",
             "|---|---:|",
-            *[f"| `{name}` | {r:.2f} |" for name, r in alloc["layer_ratios"].items()],
+            *[f"| {_code(name)} | {r:.2f} |" for name, r in alloc["layer_ratios"].items()],
             "",
         ]
     return lines
@@ -306,11 +368,9 @@ def render_svg(report: dict[str, Any]) -> str:
     ]
     for i, layer in enumerate(layers):
         y = top + i * row
-        name = str(layer.get("name"))
-        if len(name) > 34:
-            name = "..." + name[-31:]
+        name = _svg_text(layer.get("name"), 34)
         b, a = layer.get("channels_before") or 0, layer.get("channels_after") or 0
-        out.append(f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{escape(name)}</text>')
+        out.append(f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{name}</text>')
         out.append(f'<rect x="{label_w}" y="{y + 2}" width="{bar_w * b / max_c:.1f}" height="12" fill="#cccccc"/>')
         out.append(f'<rect x="{label_w}" y="{y + 2}" width="{bar_w * a / max_c:.1f}" height="12" fill="#3b75af"/>')
         out.append(f'<text x="{label_w + bar_w * b / max_c + 3:.1f}" y="{y + 11}" fill="#333">{a}/{b}</text>')
@@ -362,7 +422,7 @@ def render_sensitivity_svg(sens: dict[str, Any], max_curves: int = 12) -> str:
         color = palette[rank % len(palette)] if rank < max_curves else "#cccccc"
         out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.5"/>')
         if rank < max_curves:
-            name = escape(str(g["layer"] or g["modules"][0]))[-28:]
+            name = _svg_text(g["layer"] or g["modules"][0], 28)
             out.append(f'<text x="{w - right + 8}" y="{top + 14 * rank + 10}" fill="{color}">{name}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
@@ -429,6 +489,6 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str
         sections.append(("Recovery", recovery_markdown(report["recovery"], report["recovery_plot"])))
     for result in get_plugin_manager().hook.cleanai_report_sections(report=dict(report)):
         sections.extend(result or [])
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(out / "report.json", report_json(report))
     atomic_write_text(out / "report.md", render_markdown(report, sections))
     return report

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_core.calibration import split_batch
 from cleanai_core.errors import UserError
+from cleanai_core.metrics import perplexity
 
 __all__ = ["auto_class", "is_hf_model", "is_masked_lm", "load_hf_model", "load_tokenizer"]
 
@@ -346,7 +346,7 @@ def cleanai_evaluate(model, loader, device):
         return {
             "accuracy": correct / total,
             "evaluated": total,
-            "perplexity": math.exp(nll / tokens),
+            "perplexity": perplexity(nll, tokens),
             "loss": nll / tokens,
             "tokens": tokens,
             **own,
@@ -356,7 +356,7 @@ def cleanai_evaluate(model, loader, device):
     if tokens:
         what = "an encoder-decoder's target tokens" if kind == "seq2seq" else "a causal language model"
         return {
-            "perplexity": math.exp(nll / tokens),
+            "perplexity": perplexity(nll, tokens),
             "loss": nll / tokens,
             "tokens": tokens,
             "accuracy_note": f"{what}: the held-out perplexity is reported instead",
