@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from cleanai_core.model_state import preserved
@@ -286,15 +287,20 @@ def measure_latency(
     """Median wall-clock milliseconds of one forward pass (no gradients). Each pass gets
     its own copy of ``inputs`` (a forward may change its input in place), made before the
     clock starts: a batch of 32 images at 224 px takes about 2 ms to copy, which timed with
-    the pass would shrink every speed-up."""
+    the pass would shrink every speed-up. On a GPU the copy is waited for before the clock
+    starts and the pass before it stops (the copy was only queued, so it was timed with the
+    pass); a CPU model is timed without waiting on a GPU the machine happens to have."""
+    on = {t.device.type for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)}
+    on |= {p.device.type for p in model.parameters()}
+    sync = torch.cuda.synchronize if "cuda" in on else (lambda: None)
     times = []
     with eval_mode(model), torch.no_grad():
         for i in range(warmup + repeats):
             given = copied_inputs(inputs)
+            sync()
             t0 = time.perf_counter()
             call_model(model, given, forward_fn, copy=False)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            sync()
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1000.0)
     return statistics.median(times)

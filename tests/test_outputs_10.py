@@ -1,0 +1,215 @@
+"""Session 20, outputs: what CleanAI writes after pruning (report numbers, names, units,
+FLOPs, latency), checked against independent counts."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.metrics import count_flops, measure_latency
+from cleanai_core.report import render_markdown, write_report
+
+
+def _prune(model, x, **kw):
+    pruner = StructuredPruner(model, x[:1], **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kw.get("importance") in (None, "weight_activation"):
+            pruner.collect_activations([x], num_batches=1, progress=False)
+        pruned = pruner.prune()
+    return pruner, pruned
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _wrecked_gpt2():
+    """A tiny GPT-2 whose final norm is scaled so that its logits reach 1e4: a mean
+    next-token loss of about 2,900 nats, far past ``exp``'s range (709.8)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(1e4)
+    ids = torch.randint(0, 50, (2, 8))
+    return model, ids
+
+
+def test_a_perplexity_past_the_float_range_is_infinite_not_an_overflow_error():
+    from cleanai_plugins.io import hf
+
+    model, ids = _wrecked_gpt2()
+    got = hf.cleanai_evaluate(model=model, loader=[{"input_ids": ids, "labels": ids}], device=torch.device("cpu"))
+    # math.exp raised OverflowError: math range error, which the command line called "the pruned model failed"
+    with torch.no_grad():
+        loss = float(model(input_ids=ids, labels=ids).loss)  # the model's own mean next-token loss
+    assert loss > 709.8 and got["loss"] == pytest.approx(loss, rel=1e-5) and got["tokens"] == 14
+    assert got["perplexity"] == math.inf
+
+    from cleanai_core.recovery import held_out_metric_and_loss
+
+    metric, value, _ = held_out_metric_and_loss(model, [({"input_ids": ids}, ids)], torch.device("cpu"), "causal_lm")
+    assert (metric, value) == ("perplexity", math.inf)
+
+
+def test_report_json_is_strict_json_and_names_the_numbers_that_were_not_finite(tmp_path):
+    report = {
+        "params_before": 100,
+        "params_after": 50,
+        "flops_before": 1000,
+        "flops_after": 400,
+        "perplexity_before": 12.5,
+        "perplexity_after": math.inf,
+        "mse_before": 0.25,
+        "mse_after": math.nan,
+        "sensitivity": None,
+        "layers": [],
+        "extra": {"kl": [0.1, math.nan, -math.inf]},
+    }
+    written = write_report(tmp_path, report)
+    text = (tmp_path / "report.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    data = _strict_json(text)  # json wrote Infinity / NaN, which jq and JSON.parse refuse
+    assert data["perplexity_after"] is None and data["mse_after"] is None and data["extra"]["kl"] == [0.1, None, None]
+    assert data["non_finite"] == {
+        "perplexity_after": "inf",
+        "mse_after": "nan",
+        "extra.kl[1]": "nan",
+        "extra.kl[2]": "-inf",
+    }
+    assert data["perplexity_before"] == 12.5 and data["params_after"] == 50
+    # the Markdown and the returned report keep the value itself
+    md = (tmp_path / "report.md").read_text()
+    assert "| Perplexity (held-out) | 12.500 | inf |" in md
+    assert written["perplexity_after"] == math.inf
+
+
+def test_the_report_groups_ratio_is_the_share_of_units_removed():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(8, 6)
+    # uniform 0.25: 2 of 10 and 4 of 16 (the report said 0.25 for both)
+    pruner, pruned = _prune(model, x, pruning_ratio=0.25, importance="magnitude")
+    groups = {tuple(g["modules"]): g for g in pruner.report()["groups"]}
+    assert (pruned[0].out_features, pruned[2].out_features) == (8, 12)
+    assert groups[("0", "2")]["pruned"] == 2 and groups[("0", "2")]["ratio"] == 0.2
+    assert groups[("2", "4")]["pruned"] == 4 and groups[("2", "4")]["ratio"] == 0.25
+    # round_to=8 keeps 16 of 16 and 10 of 10: "ratio 0.3" where nothing went
+    pruner, pruned = _prune(model, x, pruning_ratio=0.3, importance="magnitude", round_to=8)
+    groups = pruner.report()["groups"]
+    for g in groups:
+        assert g["ratio"] == round(g["pruned"] / g["units"], 6)
+    assert pruned[0].out_features == 10 - groups[0]["pruned"] and pruned[2].out_features == 16 - groups[1]["pruned"]
+
+
+class _Named(nn.Module):
+    """Layers whose names hold Markdown's and XML's special characters (``ModuleDict`` keys
+    may hold anything but a dot)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.d = nn.ModuleDict({"a|b`c\nd": nn.Linear(4, 8), "e\x01<f>&": nn.Linear(8, 8), "名前é": nn.Linear(8, 2)})
+
+    def forward(self, x):
+        h = torch.relu(self.d["a|b`c\nd"](x))
+        return self.d["名前é"](torch.relu(self.d["e\x01<f>&"](h)))
+
+
+def _table_rows(md: str, header: str) -> list[list[str]]:
+    """The cells of each row of the table under ``header`` (a ``\\|`` is no cell border)."""
+    lines = md.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return rows
+
+
+def test_layer_names_with_table_and_markup_characters_keep_the_report_whole(tmp_path):
+    torch.manual_seed(0)
+    pruner, pruned = _prune(_Named().eval(), torch.randn(8, 4), pruning_ratio=0.5, importance="magnitude")
+    report = pruner.report()
+    md = render_markdown(report)
+    rows = _table_rows(md, "| layer |")
+    # a "|" split the row into 7 cells, the line break ended the table after half a row
+    assert [len(r) for r in rows] == [6, 6, 6]
+    assert rows[0][0] == "`` d.a\\|b`c\\nd ``" and rows[0][1:4] == ["8", "4", "4"]
+    assert rows[2][0] == "`d.名前é`"
+    write_report(tmp_path, report)
+    svg = ET.parse(tmp_path / "report.svg").getroot()  # a control character is not XML
+    labels = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text") if t.text and t.text.startswith("d.")]
+    assert labels == ["d.a|b`c?d", "d.e?<f>&", "d.名前é"]
+    assert _strict_json((tmp_path / "report.json").read_text())["layers"][0]["name"] == "d.a|b`c\nd"
+
+
+def test_the_layer_records_count_attention_heads_and_name_the_removed_ones():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+        num_classes=5,
+    ).eval()  # fmt: skip
+    pruner, pruned = _prune(model, torch.randn(4, 3, 32, 32), pruning_ratio=0.5, bias_compensation=False)
+    report = pruner.report()
+    records = {r["name"]: r for r in report["layers"]}
+    width = [c for c in range(64) if c not in records["blocks.0.norm1"]["pruned_indices"]]  # the kept embedding
+    for k in range(2):
+        rec = records[f"blocks.{k}.attn.qkv"]
+        heads_left = pruned.blocks[k].attn.num_heads
+        assert (rec["units_before"], rec["units_after"]) == (4, heads_left) == (4, 2)
+        # the removed channels are exactly the q, k and v rows of the heads named (16 each)
+        rows = {s * 64 + h * 16 + j for s in range(3) for h in rec["pruned_units"] for j in range(16)}
+        assert rec["pruned_indices"] == sorted(rows) and len(rows) == 96
+        kept = [h for h in range(4) if h not in rec["pruned_units"]]
+        assert pruned.blocks[k].attn.qkv.weight.shape[0] == 3 * 16 * len(kept)
+        # the kept heads' rows are the original's, in order (on the kept embedding columns)
+        w = model.blocks[k].attn.qkv.weight[:, width]
+        want = torch.cat([w[s * 64 + h * 16 :][:16] for s in range(3) for h in kept])
+        assert torch.equal(pruned.blocks[k].attn.qkv.weight, want)
+    # one channel per unit: no unit counts (the MLP's hidden layer)
+    assert "units_before" not in records["blocks.0.mlp.fc1"]
+    md = render_markdown(report)
+    assert "| `blocks.0.attn.qkv` | 192 | 96 | 96 (2 of 4 units of 48) |" in md
+
+
+def test_a_summed_batch_product_and_an_int8_product_count_their_flops():
+    class Summed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 5, 7))
+
+        def forward(self, x):  # (3, 4, 5) @ (3, 5, 7) summed over the 3: 2 x 3 x 4 x 5 x 7
+            return torch.addbmm(torch.zeros(4, 7), x, self.w)
+
+    assert count_flops(Summed(), torch.randn(3, 4, 5)) == 2 * 3 * 4 * 5 * 7 == 840
+
+    class Int8(nn.Module):
+        def forward(self, x):
+            return torch._int_mm(x, torch.ones(32, 16, dtype=torch.int8))
+
+    assert count_flops(Int8(), torch.ones(17, 32, dtype=torch.int8)) == 2 * 17 * 32 * 16
+
+
+def test_a_cpu_models_latency_does_not_wait_on_a_gpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: calls.append(1))
+    ms = measure_latency(nn.Linear(4, 4), torch.randn(2, 4), repeats=5, warmup=2)
+    assert ms > 0 and calls == []  # it synchronised a GPU after each of the 7 passes of a CPU model
