@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 from typing import Any
 
-from cleanai_core.io import atomic_write_bytes, atomic_write_text
-
-__all__ = ["recovery_markdown", "recovery_summary", "write_recovery_plot"]
+__all__ = ["recovery_markdown", "recovery_plot", "recovery_summary"]
 
 
 def _pct(v: Any) -> str:
@@ -124,16 +121,15 @@ def _svg(rec: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_recovery_plot(out_dir: Path, rec: dict[str, Any]) -> str:
-    """Write the plot into ``out_dir``; returns its file name."""
+def recovery_plot(rec: dict[str, Any]) -> tuple[str, bytes]:
+    """The plot's file name and content: ``recovery.png`` with matplotlib, else ``recovery.svg``."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        atomic_write_text(Path(out_dir) / "recovery.svg", _svg(rec))
-        return "recovery.svg"
+        return "recovery.svg", _svg(rec).encode("utf-8")
     values = _values(rec)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(range(len(values)), values, marker="o", color="#3b75af")
@@ -144,5 +140,4 @@ def write_recovery_plot(out_dir: Path, rec: dict[str, Any]) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(Path(out_dir) / "recovery.png", buf.getvalue())
-    return "recovery.png"
+    return "recovery.png", buf.getvalue()

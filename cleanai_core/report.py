@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from cleanai_core.io import atomic_write_bytes, atomic_write_text
+from cleanai_core.io import atomic_write_files
 
 __all__ = [
     "finite_or_none",
@@ -428,14 +427,15 @@ def render_sensitivity_svg(sens: dict[str, Any], max_curves: int = 12) -> str:
     return "\n".join(out) + "\n"
 
 
-def _render_png(report: dict[str, Any], path: Path) -> bool:
+def _render_png(report: dict[str, Any]) -> bytes | None:
+    """The plot as PNG bytes, ``None`` without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
     import io
 
     layers = (report.get("layers") or [])[:MAX_PLOT_LAYERS]
@@ -463,32 +463,34 @@ def _render_png(report: dict[str, Any], path: Path) -> bool:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return True
+    return buf.getvalue()
 
 
 def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str, Any]:
-    """Write ``report.json``, ``report.md`` and the plot into ``out_dir``. Extra Markdown
-    sections come from the ``cleanai_report_sections`` hook. Returns the report with a
-    ``"plot"`` entry naming the plot file."""
+    """Write ``report.json``, ``report.md`` and the plot into ``out_dir`` (an existing
+    folder), as one: everything is rendered first and the files replace the old ones
+    together (:func:`~cleanai_core.io.atomic_write_files`), so a failure leaves the
+    previous report whole. Extra Markdown sections come from the ``cleanai_report_sections``
+    hook. Returns the report with a ``"plot"`` entry naming the plot file."""
     from cleanai_core.plugins import get_plugin_manager
 
-    out = Path(out_dir)
     report = dict(report)
-    png = _render_png(report, out / "report.png")
-    if not png:
-        atomic_write_text(out / "report.svg", render_svg(report))
-    report["plot"] = "report.png" if png else "report.svg"
+    files: dict[str, bytes] = {}
+    png = _render_png(report)
+    report["plot"] = "report.png" if png is not None else "report.svg"
+    files[report["plot"]] = png if png is not None else render_svg(report).encode("utf-8")
     if report.get("sensitivity"):
-        atomic_write_text(out / "sensitivity.svg", render_sensitivity_svg(report["sensitivity"]))
+        files["sensitivity.svg"] = render_sensitivity_svg(report["sensitivity"]).encode("utf-8")
     sections: list[tuple[str, str]] = []
     if report.get("recovery"):
-        from cleanai_core.recovery_report import recovery_markdown, write_recovery_plot
+        from cleanai_core.recovery_report import recovery_markdown, recovery_plot
 
-        report["recovery_plot"] = write_recovery_plot(out, report["recovery"])
+        name, data = recovery_plot(report["recovery"])
+        report["recovery_plot"], files[name] = name, data
         sections.append(("Recovery", recovery_markdown(report["recovery"], report["recovery_plot"])))
     for result in get_plugin_manager().hook.cleanai_report_sections(report=dict(report)):
         sections.extend(result or [])
-    atomic_write_text(out / "report.json", report_json(report))
-    atomic_write_text(out / "report.md", render_markdown(report, sections))
+    files["report.json"] = report_json(report).encode("utf-8")
+    files["report.md"] = render_markdown(report, sections).encode("utf-8")
+    atomic_write_files(out_dir, files, "the report")
     return report

@@ -213,3 +213,68 @@ def test_a_cpu_models_latency_does_not_wait_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: calls.append(1))
     ms = measure_latency(nn.Linear(4, 4), torch.randn(2, 4), repeats=5, warmup=2)
     assert ms > 0 and calls == []  # it synchronised a GPU after each of the 7 passes of a CPU model
+
+
+_SMALL = {
+    "params_before": 10,
+    "params_after": 5,
+    "layers": [
+        {
+            "name": "a",
+            "channels_before": 4,
+            "channels_after": 2,
+            "pruned_indices": [0, 1],
+            "importance_scores": {"pruned": [0.1, 0.2], "kept": [1.0, 2.0]},
+        }
+    ],
+    "sensitivity": {"ratios": [0.5], "samples": 4, "seconds": 0.1, "groups": []},
+}
+
+
+def test_a_report_that_fails_midway_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from cleanai_core import io as cio
+    from cleanai_core.errors import UserError
+
+    write_report(tmp_path, _SMALL)
+    old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(old) == {"report.svg", "sensitivity.svg", "report.json", "report.md"}
+    newer = {**_SMALL, "params_after": 3, "layers": [{**_SMALL["layers"][0], "channels_after": 1}]}
+    synced, real_fsync = [], os.fsync
+
+    def full_disk(fd):  # the third file (report.json) finds the disk full
+        synced.append(fd)
+        if len(synced) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(cio.os, "fsync", full_disk)
+    with pytest.raises(UserError, match="the disk is full"):
+        write_report(tmp_path, newer)
+    monkeypatch.undo()
+    # report.svg and sensitivity.svg were replaced before report.json failed: a new plot beside the old numbers
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old  # no temporary file left either
+
+    class Broken:
+        @staticmethod
+        def cleanai_report_sections(report):
+            raise RuntimeError("a report section plugin failed")
+
+    from cleanai_core import hookimpl
+    from cleanai_core.plugins import get_plugin_manager
+
+    Broken.cleanai_report_sections = hookimpl(Broken.cleanai_report_sections)
+    pm = get_plugin_manager()
+    pm.register(Broken, name="o10-broken")
+    try:
+        with pytest.raises(RuntimeError, match="section plugin"):
+            write_report(tmp_path, newer)
+    finally:
+        pm.unregister(name="o10-broken")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
+    with pytest.raises(UserError, match="not an existing folder"):  # FileNotFoundError of '.report.svg.ixvl.tmp'
+        write_report(tmp_path / "missing", newer)
+    write_report(tmp_path, newer)
+    assert _strict_json((tmp_path / "report.json").read_text())["params_after"] == 3
