@@ -160,6 +160,8 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "pruning_ratio": None if _amount_set_otherwise(pruner) else pruner.pruning_ratio,
         "target_flops": pruner.target_flops,
         "target_params": pruner.target_params,
+        # a dead-units run named no amount at all (ratio and targets null): what chose the units
+        "prune_dead_only": bool(pruner.prune_dead_only),
         "skipped_groups": list(pruner.skipped_groups),
         "groups": _group_records(pruner),
         "layers": _step_records(pruner),

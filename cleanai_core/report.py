@@ -97,6 +97,7 @@ _NOTES = (
     ("target_flops", "target FLOPs {}"),
     ("target_params", "target parameters {}"),
     ("target_latency", "target latency {}"),
+    ("prune_dead_only", "dead units only (`prune_dead_only`)"),
     ("importance", "importance `{}`"),
     ("calibration_samples", "{} calibration samples"),
     ("scored_samples", "{} of them scored the channels"),
@@ -173,7 +174,7 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         template.format(report[key])
         for key, template in _NOTES
         if report.get(key) is not None
-        and (report.get(key) or key not in ("model", "importance"))
+        and (report.get(key) or key not in ("model", "importance", "prune_dead_only"))
         and (key != "scored_samples" or report[key] != report.get("calibration_samples"))
     ]
     shape = report.get("input_shape")

@@ -278,3 +278,20 @@ def test_a_report_that_fails_midway_leaves_the_previous_report_whole(tmp_path, m
         write_report(tmp_path / "missing", newer)
     write_report(tmp_path, newer)
     assert _strict_json((tmp_path / "report.json").read_text())["params_after"] == 3
+
+
+def test_a_dead_units_run_says_so_in_the_report():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        model[0].bias[[1, 4]] = -100.0  # never active after the ReLU
+    x = torch.randn(16, 4)
+    pruner, pruned = _prune(model, x, prune_dead_only=True)
+    report = pruner.report()
+    assert pruned[0].out_features == 4 and report["layers"][0]["pruned_indices"] == [1, 4]
+    # ratio and targets were all null: nothing in report.json or report.md said what chose the units
+    assert (report["prune_dead_only"], report["pruning_ratio"], report["target_flops"]) == (True, None, None)
+    assert "dead units only (`prune_dead_only`)" in render_markdown(report)
+    pruner, _ = _prune(model, x, pruning_ratio=0.5)
+    report = pruner.report()
+    assert report["prune_dead_only"] is False and "dead units only" not in render_markdown(report)
