@@ -24,7 +24,8 @@ def recovery_summary(rec: dict[str, Any]) -> str:
     stop = "; stopped at a NaN/inf training loss: lower --recover-lr" if rec.get("diverged") else ""
     if _no_accuracy(rec):
         return (
-            f"Recovery: held-out {rec['metric']} {rec['initial']:.4f} -> {rec['best']:.4f} "
+            f"Recovery: held-out {rec['metric']} {_num(rec['initial']) or 'NaN/inf'} -> "
+            f"{_num(rec['best']) or 'NaN/inf'} "
             f"({rec['epochs']} epochs, {rec['seconds']:.1f} s{stop})"
         )
     gap = rec.get("gap_recovered")

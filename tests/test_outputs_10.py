@@ -66,6 +66,12 @@ def test_a_perplexity_past_the_float_range_is_infinite_not_an_overflow_error():
     metric, value, _ = held_out_metric_and_loss(model, [({"input_ids": ids}, ids)], torch.device("cpu"), "causal_lm")
     assert (metric, value) == ("perplexity", math.inf)
 
+    # the job's recovery entry holds it as None (strict JSON); the terminal line raised TypeError on it
+    from cleanai_core.recovery_report import recovery_summary
+
+    entry = {"metric": "perplexity", "initial": None, "best": 41.25, "epochs": 2, "seconds": 1.5}
+    assert recovery_summary(entry) == "Recovery: held-out perplexity NaN/inf -> 41.2500 (2 epochs, 1.5 s)"
+
 
 def test_report_json_is_strict_json_and_names_the_numbers_that_were_not_finite(tmp_path):
     report = {
