@@ -301,3 +301,42 @@ def test_a_dead_units_run_says_so_in_the_report():
     pruner, _ = _prune(model, x, pruning_ratio=0.5)
     report = pruner.report()
     assert report["prune_dead_only"] is False and "dead units only" not in render_markdown(report)
+
+
+def test_a_masked_lms_report_keeps_its_perplexity_after_recovery(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from cleanai_core.cli import main
+    from cleanai_core.io import load_pruned
+    from cleanai_core.job.inputs import split_dataset
+    from cleanai_plugins.io import hf
+
+    cfg = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "bert")
+    ids = torch.randint(5, 60, (24, 16))
+    labels = torch.full_like(ids, -100)
+    labels[:, ::4] = ids[:, ::4]
+    torch.save({"input_ids": ids, "labels": labels}, tmp_path / "d.pt")
+    fast = ["--threads", "1", "--latency-repeats", "2", "--quiet", "--ratio", "0.5", "--seed", "3"]
+    data = ["--data", str(tmp_path / "d.pt"), "--train-data", str(tmp_path / "d.pt")]
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'bert'}", *data, "--out", str(tmp_path / "o"), *fast,
+               "--recover-epochs", "1"])  # fmt: skip
+    assert rc == 0
+    report = _strict_json((tmp_path / "o" / "report.json").read_text())
+    # the recovered model's accuracy alone was kept: perplexity_after and evaluation_tokens were null
+    assert report["evaluation_tokens"] == 12 * 4 and report["perplexity_after"] is not None
+    recovered = load_pruned(tmp_path / "o")
+    _, held = split_dataset(list(range(24)), 0.5, 3)
+    rows = list(held.indices)
+    loader = [{"input_ids": ids[rows], "labels": labels[rows]}]
+    again = hf.cleanai_evaluate(model=recovered, loader=loader, device=torch.device("cpu"))
+    assert again["tokens"] == 48 and report["accuracy_after"] == again["accuracy"]
+    assert report["perplexity_after"] == pytest.approx(again["perplexity"], rel=1e-6)
+    assert report["perplexity_after"] != pytest.approx(report["perplexity_before"], rel=1e-4)  # it was trained
+    assert (
+        f"| Perplexity (held-out) | {report['perplexity_before']:.3f} | {again['perplexity']:.3f} |"
+        in (tmp_path / "o" / "report.md").read_text()
+    )
