@@ -217,6 +217,7 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
             f"| {_removed(layer)} | {_kept_range(layer)} |"
         )
     lines.append("")
+    lines += _skipped_lines(report.get("skipped_groups"))
     lines += _dead_unit_lines(report.get("dead_units"))
     lines += _sensitivity_lines(report.get("sensitivity"), report.get("allocation"))
     for title, body in extra_sections:
@@ -253,6 +254,21 @@ def _kept_range(layer: dict[str, Any]) -> str:
     if not kept:
         return "not scored" if raw else "-"
     return f"{min(kept):.3g} - {max(kept):.3g}" + (" (some not scored)" if len(kept) < len(raw) else "")
+
+
+def _skipped_lines(skipped: list[str] | None) -> list[str]:
+    """The groups the plan chose that were kept whole because pruning them broke the model
+    (in ``report.json`` only: a layer the plan cut by half read "0 pruned" with no reason)."""
+    if not skipped:
+        return []
+    lines = [
+        "## Skipped groups",
+        "",
+        f"{len(skipped)} planned group(s) were kept whole because pruning them broke the model; the other groups "
+        "were pruned. `--ignore` (`ignored_layers`) their layers to plan without them, and please report the model.",
+        "",
+    ]
+    return lines + [f"- {message.replace(chr(10), ' ')}" for message in skipped] + [""]
 
 
 def _dead_unit_lines(findings: list[dict[str, Any]] | None) -> list[str]:

@@ -340,3 +340,31 @@ def test_a_masked_lms_report_keeps_its_perplexity_after_recovery(tmp_path):
         f"| Perplexity (held-out) | {report['perplexity_before']:.3f} | {again['perplexity']:.3f} |"
         in (tmp_path / "o" / "report.md").read_text()
     )
+
+
+class _ReadsItsWidth(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 16), nn.Linear(16, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        assert h.shape[-1] == 12, "width read by the model"
+        return self.c(h)
+
+
+def test_report_md_names_the_groups_that_were_kept_whole_because_pruning_them_broke_the_model():
+    torch.manual_seed(0)
+    model = _ReadsItsWidth().eval()
+    pruner, pruned = _prune(model, torch.randn(4, 6), pruning_ratio=0.5, importance="magnitude")
+    report = pruner.report()
+    assert (pruned.a.out_features, pruned.b.out_features) == (8, 12)
+    assert len(report["skipped_groups"]) == 1 and "skipped group 2 (b, c;" in report["skipped_groups"][0]
+    md = render_markdown(report)
+    # report.md showed `b` with 0 of 12 pruned and no reason (report.json alone listed the group)
+    section = md.split("## Skipped groups", 1)[1]
+    assert "1 planned group(s) were kept whole because pruning them broke the model" in section
+    assert "- skipped group 2 (b, c; pruners LinearPruner): pruning it breaks the model" in section
+    assert "AssertionError: width read by the model" in section
+    pruner, _ = _prune(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(4, 6), pruning_ratio=0.5)
+    assert "## Skipped groups" not in render_markdown(pruner.report())
