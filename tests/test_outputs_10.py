@@ -368,3 +368,47 @@ def test_report_md_names_the_groups_that_were_kept_whole_because_pruning_them_br
     assert "AssertionError: width read by the model" in section
     pruner, _ = _prune(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(4, 6), pruning_ratio=0.5)
     assert "## Skipped groups" not in render_markdown(pruner.report())
+
+
+def _mixtral_flops(model, tokens: int) -> int:
+    """Written out from the widths: per layer the q/k/v/o projections, the two attention
+    products (query heads x tokens^2 x head dim), the router and, per token, its 2 experts'
+    gate-up and down products; then the LM head. 2 x MACs."""
+    total = 0
+    for layer in model.model.layers:
+        att, moe = layer.self_attn, layer.mlp
+        for lin in (att.q_proj, att.k_proj, att.v_proj, att.o_proj):
+            total += 2 * tokens * lin.in_features * lin.out_features
+        total += 2 * tokens * moe.gate.weight.numel()  # the router: (experts, hidden)
+        total += 2 * 2 * tokens * tokens * att.q_proj.out_features  # QK^T and AV over every query head
+        experts, up, hidden = moe.experts.gate_up_proj.shape
+        _, out, inner = moe.experts.down_proj.shape
+        total += 2 * tokens * 2 * (hidden * up + inner * out)  # 2 experts per token
+    return total + 2 * tokens * model.lm_head.in_features * model.lm_head.out_features
+
+
+def test_a_mixture_of_experts_counts_its_experts_flops():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(torch.ops.aten, "_grouped_mm"):
+        pytest.skip("this PyTorch has no grouped matrix product")
+    cfg = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    experts = model.model.layers[0].mlp.experts
+    if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+        pytest.skip("this transformers runs Mixtral's experts as separate linear layers")
+    ids = torch.randint(0, 64, (2, 12))
+    # transformers 5 runs the experts as one aten._grouped_mm, which PyTorch's counter does not see: 239,616
+    assert count_flops(model, {"input_ids": ids[:1]}) == _mixtral_flops(model, 12) == 829_440
+    pruner = StructuredPruner(model, {"input_ids": ids[:1]}, pruning_ratio=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.collect_activations([{"input_ids": ids}], progress=False)
+        pruned = pruner.prune()
+    report = pruner.report()
+    assert pruned.model.layers[0].mlp.experts.gate_up_proj.shape[1] < 128  # the experts were pruned
+    assert report["flops_before"] == 829_440
+    assert report["flops_after"] == _mixtral_flops(pruned, 12) == 442_368  # said 147,456
