@@ -412,3 +412,27 @@ def test_a_mixture_of_experts_counts_its_experts_flops():
     assert pruned.model.layers[0].mlp.experts.gate_up_proj.shape[1] < 128  # the experts were pruned
     assert report["flops_before"] == 829_440
     assert report["flops_after"] == _mixtral_flops(pruned, 12) == 442_368  # said 147,456
+
+
+def test_a_multi_output_regression_heads_mse_is_per_value_as_its_own_loss():
+    transformers = pytest.importorskip("transformers")
+    from cleanai_core.recovery import held_out_metric_and_loss
+    from cleanai_plugins.io import hf
+
+    cfg = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_labels=3, problem_type="regression",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    ids, y = torch.randint(5, 60, (6, 10)), torch.randn(6, 3)
+    got = hf.cleanai_evaluate(model=model, loader=[{"input_ids": ids, "labels": y}], device=torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        own = float(model(input_ids=ids, labels=y).loss)  # transformers' MSELoss: the mean over the 18 values
+    assert got["evaluated"] == 6
+    # it summed the 3 outputs of each sample (3 x the model's own loss, and the recovery table's figure)
+    assert got["mse"] == pytest.approx(float(((logits - y) ** 2).mean()), rel=1e-6)
+    assert got["mse"] == pytest.approx(own, rel=1e-6)
+    metric, value, _ = held_out_metric_and_loss(model, [({"input_ids": ids}, y)], torch.device("cpu"), "regression")
+    assert metric == "mse" and value == pytest.approx(got["mse"], rel=1e-6)

@@ -297,7 +297,7 @@ def cleanai_evaluate(model, loader, device):
     if not is_hf_model(model):
         return None
     nll = squared = 0.0
-    tokens = correct = total = 0
+    tokens = correct = total = values = 0
     kind = head_kind(model)
     with torch.no_grad():
         for batch in loader:
@@ -321,7 +321,7 @@ def cleanai_evaluate(model, loader, device):
             elif kind == "regression":
                 diff = logits.float().reshape(len(labels), -1).cpu() - labels.float().reshape(len(labels), -1)
                 squared += float((diff**2).sum())
-                total += len(labels)
+                total, values = total + len(labels), values + diff.numel()
             elif logits.dim() == 3 and labels.dim() == 2 and kind in ("masked", "token", "seq2seq"):  # unshifted
                 s, n, hit = _masked_token_scores(logits, labels)
                 nll, tokens, correct, total = nll + s, tokens + n, correct + hit, total + n
@@ -336,9 +336,10 @@ def cleanai_evaluate(model, loader, device):
                                                              tuple(logits.shape))}  # fmt: skip
     if kind == "regression" and total:
         return {
-            "mse": squared / total,
+            # per value, as the model's own MSELoss and recovery's held-out metric: per sample it was num_labels x it
+            "mse": squared / values,
             "evaluated": total,
-            "accuracy_note": "a regression head (one output per sample): the mean squared error is reported instead",
+            "accuracy_note": "a regression head: the mean squared error (per output value) is reported instead",
         }
     # recovery (--recover-epochs) scores labels at their own positions for these, not shifted as a causal LM's
     own = {"recovery_task": "token"} if kind in ("masked", "token", "seq2seq") else {}
