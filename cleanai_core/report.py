@@ -32,7 +32,11 @@ MAX_LISTED = 16
 
 def finite_or_none(value: Any, found: dict[str, str] | None = None, path: str = "") -> Any:
     """``value`` with every NaN / inf float (in dicts and lists, at any depth) as ``None``;
-    ``found`` collects where each was (``"perplexity_after": "inf"``)."""
+    ``found`` collects where each was (``"perplexity_after": "inf"``). A numpy scalar or a
+    0-d tensor (an evaluator plugin's ``np.float32`` accuracy) becomes a Python number:
+    ``json``'s ``default=str`` wrote it as the text ``"0.85"`` / ``"tensor(0.8500)"``."""
+    if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        value = value.item()
     if isinstance(value, dict):
         return {k: finite_or_none(v, found, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

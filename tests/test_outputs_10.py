@@ -86,6 +86,7 @@ def test_report_json_is_strict_json_and_names_the_numbers_that_were_not_finite(t
         "sensitivity": None,
         "layers": [],
         "extra": {"kl": [0.1, math.nan, -math.inf]},
+        "accuracy_after": torch.tensor(0.75),  # an evaluator plugin's 0-d tensor: written as "tensor(0.7500)"
     }
     written = write_report(tmp_path, report)
     text = (tmp_path / "report.json").read_text()
@@ -98,7 +99,7 @@ def test_report_json_is_strict_json_and_names_the_numbers_that_were_not_finite(t
         "extra.kl[1]": "nan",
         "extra.kl[2]": "-inf",
     }
-    assert data["perplexity_before"] == 12.5 and data["params_after"] == 50
+    assert data["perplexity_before"] == 12.5 and data["params_after"] == 50 and data["accuracy_after"] == 0.75
     # the Markdown and the returned report keep the value itself
     md = (tmp_path / "report.md").read_text()
     assert "| Perplexity (held-out) | 12.500 | inf |" in md
