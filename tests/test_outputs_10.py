@@ -437,3 +437,26 @@ def test_a_multi_output_regression_heads_mse_is_per_value_as_its_own_loss():
     assert got["mse"] == pytest.approx(own, rel=1e-6)
     metric, value, _ = held_out_metric_and_loss(model, [({"input_ids": ids}, y)], torch.device("cpu"), "regression")
     assert metric == "mse" and value == pytest.approx(got["mse"], rel=1e-6)
+
+
+def test_a_parameter_target_counts_the_biases_compensation_adds(tmp_path):
+    from digits_setup import cli_prune_args
+
+    from cleanai_core.cli import main
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    torch.manual_seed(0)
+    x = torch.rand(32, 1, 8, 8)
+    model = DigitsCNN(width=32).eval()  # convolutions without bias: compensation gives two of them one
+    pruner, pruned = _prune(model, x, target_params=0.77)
+    report = pruner.report()
+    assert pruner.history.meta["added_biases"] == ["features.3", "features.7"]
+    added = pruned.features[3].out_channels + pruned.features[7].out_channels
+    # the search measured copies without those biases: 0.77006 kept
+    assert report["params_after"] == sum(p.numel() for p in pruned.parameters())
+    assert report["params_after"] / report["params_before"] <= 0.77 and added == 110
+    rc = main([*cli_prune_args(tmp_path), "--auto", "--target-params", "0.6", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    written = _strict_json((tmp_path / "o" / "report.json").read_text())
+    # report.md said "keeping 0.595 of the params" where the model kept 0.5965 (98 compensation biases)
+    assert written["allocation"]["cost"] == pytest.approx(written["params_after"] / written["params_before"], abs=1e-12)
