@@ -162,6 +162,8 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "target_params": pruner.target_params,
         # a dead-units run named no amount at all (ratio and targets null): what chose the units
         "prune_dead_only": bool(pruner.prune_dead_only),
+        # per layer name: "pruning ratio 0" was all a run with layer_pruning_ratios={"fc1": 0.5} said
+        "layer_ratios": dict(pruner.layer_ratios) or None,
         "skipped_groups": list(pruner.skipped_groups),
         "groups": _group_records(pruner),
         "layers": _step_records(pruner),

@@ -181,6 +181,10 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         and (report.get(key) or key not in ("model", "importance", "prune_dead_only"))
         and (key != "scored_samples" or report[key] != report.get("calibration_samples"))
     ]
+    if report.get("layer_ratios"):  # the ratio then holds for the layers not named only
+        ratio = f"pruning ratio {report.get('pruning_ratio')}"
+        notes = [f"{n} for the other layers" if n == ratio else n for n in notes]
+        notes.insert(1 if report.get("model") else 0, _layer_ratio_note(report["layer_ratios"]))
     shape = report.get("input_shape")
     if shape:
         text = ", ".join(f"`{k}` {v}" for k, v in shape.items()) if isinstance(shape, dict) else str(shape)
@@ -258,6 +262,13 @@ def _kept_range(layer: dict[str, Any]) -> str:
     if not kept:
         return "not scored" if raw else "-"
     return f"{min(kept):.3g} - {max(kept):.3g}" + (" (some not scored)" if len(kept) < len(raw) else "")
+
+
+def _layer_ratio_note(ratios: dict[str, float]) -> str:
+    """The note naming the per-layer ratios (at most :data:`MAX_LISTED`; all in ``report.json``)."""
+    listed = ", ".join(f"{_code(name)} {r:g}" for name, r in list(ratios.items())[:MAX_LISTED])
+    more = f", ... +{len(ratios) - MAX_LISTED} (all in `report.json`)" if len(ratios) > MAX_LISTED else ""
+    return f"per-layer ratios: {listed}{more}"
 
 
 def _skipped_lines(skipped: list[str] | None) -> list[str]:

@@ -460,3 +460,18 @@ def test_a_parameter_target_counts_the_biases_compensation_adds(tmp_path):
     written = _strict_json((tmp_path / "o" / "report.json").read_text())
     # report.md said "keeping 0.595 of the params" where the model kept 0.5965 (98 compensation biases)
     assert written["allocation"]["cost"] == pytest.approx(written["params_after"] / written["params_before"], abs=1e-12)
+
+
+def test_a_run_with_per_layer_ratios_names_them_in_the_report():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    pruner, pruned = _prune(
+        model, torch.randn(4, 6), pruning_ratio=0, layer_pruning_ratios={"0": 0.5}, importance="magnitude"
+    )
+    report = pruner.report()
+    assert (pruned[0].out_features, pruned[2].out_features) == (5, 16)
+    # "pruning ratio 0.0" was all report.md said of a model that lost half of a layer
+    assert report["layer_ratios"] == {"0": 0.5} and report["pruning_ratio"] == 0.0
+    assert "per-layer ratios: `0` 0.5; pruning ratio 0.0 for the other layers;" in render_markdown(report)
+    pruner, _ = _prune(model, torch.randn(4, 6), pruning_ratio=0.5, importance="magnitude")
+    assert pruner.report()["layer_ratios"] is None and "per-layer" not in render_markdown(pruner.report())
