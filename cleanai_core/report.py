@@ -83,7 +83,8 @@ def _fmt_int(n: Any) -> str:
         return "n/a"
     n = float(n)
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
+        # rounded up to the next unit (999,999 read "1000.00k"); below 1000 the exact count
+        if abs(n) >= scale or (scale > 1e3 and abs(round(n / scale, 2)) >= 1):
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
 

@@ -475,3 +475,12 @@ def test_a_run_with_per_layer_ratios_names_them_in_the_report():
     assert "per-layer ratios: `0` 0.5; pruning ratio 0.0 for the other layers;" in render_markdown(report)
     pruner, _ = _prune(model, torch.randn(4, 6), pruning_ratio=0.5, importance="magnitude")
     assert pruner.report()["layer_ratios"] is None and "per-layer" not in render_markdown(pruner.report())
+
+
+def test_report_md_rounds_a_count_up_into_the_next_unit():
+    from cleanai_core.report import headline_text
+
+    report = {"params_before": 999_999, "params_after": 994_999, "flops_before": 999_996_000, "flops_after": 999}
+    text = headline_text(report)
+    # "1000.00k" and "1000.00M": the unit chosen before rounding
+    assert "1.00M -> 995.00k" in text and "1.00G -> 999 " in text and "1000.00" not in text
