@@ -66,10 +66,13 @@ def _unit_counts(units: torch.Tensor, pruned: torch.Tensor) -> dict[str, Any]:
     first.scatter_reduce_(0, inverse, torch.arange(units.numel()), reduce="amin")
     ordered = uniq[torch.argsort(first)]
     gone = pruned[ordered]
+    widths = torch.bincount(inverse).unique()
     return {
         "units_before": int(ordered.numel()),
         "units_after": int((~gone).sum()),
         "pruned_units": gone.nonzero().squeeze(1).tolist(),
+        # the channels of each unit, where all have the same number (an attention head's q, k and v rows)
+        "channels_per_unit": int(widths[0]) if widths.numel() == 1 else None,
     }
 
 

@@ -250,7 +250,7 @@ def _units(layer: dict[str, Any]) -> str:
     ub, ua = layer.get("units_before"), layer.get("units_after")
     if not ub or ua is None:
         return ""
-    width = layer.get("channels_before", 0) // ub if layer.get("channels_before", 0) % ub == 0 else None
+    width = layer.get("channels_per_unit")
     return f" ({ub - ua} of {ub} units" + (f" of {width})" if width else ")")
 
 

@@ -484,3 +484,16 @@ def test_report_md_rounds_a_count_up_into_the_next_unit():
     text = headline_text(report)
     # "1000.00k" and "1000.00M": the unit chosen before rounding
     assert "1.00M -> 995.00k" in text and "1.00G -> 999 " in text and "1000.00" not in text
+
+
+def test_unit_counts_name_a_width_only_where_every_unit_has_it():
+    from cleanai_core.pruning_report import _unit_counts
+
+    # 16 channels: 4 units of 3 channels and 4 of 1 ("8 units of 2" by 16 / 8)
+    units = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 5, 6, 7])
+    pruned = torch.zeros(8, dtype=torch.bool)
+    pruned[[1, 5]] = True
+    got = _unit_counts(units, pruned)
+    assert got == {"units_before": 8, "units_after": 6, "pruned_units": [1, 5], "channels_per_unit": None}
+    even = _unit_counts(torch.tensor([2, 2, 0, 0, 1, 1]), pruned[:3])  # ordered by first channel: 2, 0, 1
+    assert even == {"units_before": 3, "units_after": 2, "pruned_units": [2], "channels_per_unit": 2}
