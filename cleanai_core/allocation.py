@@ -122,6 +122,7 @@ def allocate_ratios(
         measure = latency_measure or (lambda m: measure_latency(m, ex, forward_fn=fwd))
         base_size = measure(model)
     measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
+    stats = pruner.stats if pruner.bias_compensation else None  # the biases compensation adds count as parameters
 
     def cost(ratios: dict[int, float]) -> float:
         key = tuple(sorted(ratios.items()))
@@ -130,7 +131,7 @@ def allocate_ratios(
             if not any(gp.n_pruned for gp in plan.groups):  # the original itself: not measured, where a
                 measured[key] = 1.0  # noisy latency could read it below the target and prune nothing
             else:
-                measured[key] = pruned_size(model, graph, plan, measure) / base_size
+                measured[key] = pruned_size(model, graph, plan, measure, stats) / base_size
         return measured[key]
 
     def ranked(r: float) -> dict[int, float]:  # global ranking at ratio r, as per-group ratios

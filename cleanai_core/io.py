@@ -41,7 +41,7 @@ from cleanai_core.out_folder import (
 # options that shape the architecture (everything else, like data paths, is left out)
 from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION, arch_option_problem, module_settings
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "load_pruned", "save_pruned"]
+__all__ = ["atomic_write_bytes", "atomic_write_files", "atomic_write_text", "load_pruned", "save_pruned"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -73,6 +73,41 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_files(folder: str | os.PathLike, files: dict[str, bytes], what: str = "the files") -> None:
+    """Write several files into the existing ``folder`` as one: each to a temporary file
+    (synced) first, then all renamed into place, so a failure (a full disk, an interrupt)
+    before the renames leaves every old file as it was. Writing them one by one left a
+    new plot beside the previous run's ``report.json``. A missing folder, or an
+    ``OSError``, is a :class:`UserError` naming the folder."""
+    from cleanai_core.out_folder import os_error, signals_deferred
+
+    folder = Path(folder)
+    if not folder.is_dir():  # FileNotFoundError named a temporary file: '.../.report.svg.ixvlt.tmp'
+        raise UserError(
+            f"cannot write {what} to {str(folder)!r}: it is not an existing folder. Create it first "
+            "(save_pruned writes one) or give another folder; nothing was written."
+        )
+    temps: dict[str, str] = {}
+    try:
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            temps[name] = tmp
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())
+        with signals_deferred():  # renames cannot run out of space: all of them, or none
+            for name, tmp in temps.items():
+                os.replace(tmp, folder / name)
+    except OSError as exc:
+        raise os_error(exc, folder, f"write {what} to") from None
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def _json(obj: Any) -> str:

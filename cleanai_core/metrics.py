@@ -11,17 +11,38 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from cleanai_core.model_state import preserved
 from cleanai_core.runtime import call_model, copied_inputs
 
-__all__ = ["FlopsOfCopies", "call_model", "count_flops", "count_params", "eval_mode", "measure_latency"]
+__all__ = [
+    "FlopsOfCopies",
+    "call_model",
+    "count_flops",
+    "count_params",
+    "eval_mode",
+    "measure_latency",
+    "perplexity",
+]
 
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def perplexity(nll: float, tokens: float) -> float:
+    """``exp`` of the mean negative log-likelihood per token; ``inf`` where that exceeds the
+    float range (a mean over 709.8 nats: a wrecked model's logits of 1e4). ``math.exp``
+    raised ``OverflowError: math range error`` there, which the command line reported as
+    "the pruned model failed on the held-out part of --data" (the model had run)."""
+    mean = nll / max(tokens, 1.0)
+    try:
+        return math.exp(mean)
+    except OverflowError:
+        return math.inf
 
 
 @contextmanager
@@ -56,16 +77,45 @@ def _trilinear_flops(
     return 2 * math.prod(max(sizes) for sizes in zip(*spans, strict=True))
 
 
+def _summed_batch_flops(c_shape: Any, a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """``addbmm`` (``(b, n, m) @ (b, m, p)`` summed over the batch): the batch's products'
+    multiply-adds, as ``baddbmm`` (the additions are not counted)."""
+    b, n, m = a_shape
+    return 2 * b * n * m * b_shape[-1]
+
+
+def _int_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """``_int_mm`` (an int8 matrix product, ``torch.ao`` dynamic quantisation): as ``mm``."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _grouped_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """``_grouped_mm`` (and ``_scaled_grouped_mm``): the experts of a mixture-of-experts
+    layer (``transformers`` 5 runs Mixtral's, Qwen-MoE's, OLMoE's experts as one call):
+    one multiply-add per output element and step of the contracted dim. Tokens sorted by
+    expert ``(rows, K)`` times ``(experts, K, N)`` make ``2 x rows x K x N``; two 2-D
+    operands grouped along K (``(M, total K)`` times ``(total K, N)``) make
+    ``2 x M x total K x N``. Each expert's FLOPs counted 0: a tiny Mixtral counted 239,616
+    of its 829,440."""
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * math.prod(out_shape) * a_shape[-1]
+
+
 _aten = torch.ops.aten
 #: products PyTorch's counter has no formula for: a matrix times a vector (attention pooling
-#: with a learned query, ``x @ self.q``), two vectors, and ``nn.Bilinear``'s ``_trilinear``
-#: (each counted 0 FLOPs)
+#: with a learned query, ``x @ self.q``), two vectors, ``nn.Bilinear``'s ``_trilinear``, a
+#: batch of products summed (``addbmm``), an int8 product (``_int_mm``) and the grouped products
+#: of mixture-of-experts layers (``_grouped_mm``) (each counted 0 FLOPs)
 EXTRA_FLOP_FORMULAS = {
     _aten.mv: _vector_flops,
     _aten.dot: _vector_flops,
     _aten.vdot: _vector_flops,
     _aten.addmv: _added_vector_flops,
     _aten._trilinear: _trilinear_flops,
+    _aten.addbmm: _summed_batch_flops,
+    _aten._int_mm: _int_mm_flops,
+    **{op: _grouped_flops for op in (getattr(_aten, n, None) for n in ("_grouped_mm", "_scaled_grouped_mm")) if op},
 }
 
 
@@ -252,15 +302,20 @@ def measure_latency(
     """Median wall-clock milliseconds of one forward pass (no gradients). Each pass gets
     its own copy of ``inputs`` (a forward may change its input in place), made before the
     clock starts: a batch of 32 images at 224 px takes about 2 ms to copy, which timed with
-    the pass would shrink every speed-up."""
+    the pass would shrink every speed-up. On a GPU the copy is waited for before the clock
+    starts and the pass before it stops (the copy was only queued, so it was timed with the
+    pass); a CPU model is timed without waiting on a GPU the machine happens to have."""
+    on = {t.device.type for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)}
+    on |= {p.device.type for p in model.parameters()}
+    sync = torch.cuda.synchronize if "cuda" in on else (lambda: None)
     times = []
     with eval_mode(model), torch.no_grad():
         for i in range(warmup + repeats):
             given = copied_inputs(inputs)
+            sync()
             t0 = time.perf_counter()
             call_model(model, given, forward_fn, copy=False)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+            sync()
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1000.0)
     return statistics.median(times)

@@ -39,12 +39,17 @@ class GroupPlan:
         return int(self.pruned.sum())
 
     def to_json(self) -> dict[str, Any]:
+        """The group as the report lists it. ``ratio`` is the share of its units removed,
+        ``pruned / units``: it was ``ratio`` as asked in a uniform plan (0.1 where 0 of 3
+        units went, 0.3 where ``round_to`` took 8 of 16) and the share removed in a global,
+        tied or iterative one."""
+        size = self.group.size
         return {
             "group": self.group.id,
             "modules": self.group.modules(),
-            "units": self.group.size,
+            "units": size,
             "pruned": self.n_pruned,
-            "ratio": self.ratio,
+            "ratio": round(self.n_pruned / size, 6) if size else 0.0,
             "frozen": int(self.group.frozen.sum()),
         }
 

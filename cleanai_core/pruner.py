@@ -404,10 +404,11 @@ class StructuredPruner:
         ratio = self.pruning_ratio
         if target is not None:
             sizes: dict[float, float] = {}
+            stats = ((cal.stats if cal is not None else self.stats) or None) if self.bias_compensation else None
 
             def size_at(r: float) -> float:
                 if r not in sizes:
-                    sizes[r] = pruned_size(model, graph, self.make_plan(r, scores, graph), measure)
+                    sizes[r] = pruned_size(model, graph, self.make_plan(r, scores, graph), measure, stats)
                 return sizes[r]
 
             base = measure(model)

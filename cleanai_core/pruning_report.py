@@ -19,8 +19,9 @@ def layer_records(
     graph: DependencyGraph, plan: PruningPlan, origin: dict[tuple[str, str], list[int]] | None = None
 ) -> list[dict[str, Any]]:
     """Per pruned layer: channels before/after, pruned indices and scores of pruned and
-    kept units. A unit of no group in ``plan`` (an ignored layer, a width kept whole) was
-    never scored: its score is ``None``. ``origin`` (a later step of iterative pruning):
+    kept units (the units too where several channels are one: :func:`_unit_counts`). A
+    unit of no group in ``plan`` (an ignored layer, a width kept whole) was never scored:
+    its score is ``None``. ``origin`` (a later step of iterative pruning):
     per ``(module, slice)``, the original index of each of the step's channels; the
     records then also list ``original_indices``."""
     layers = []
@@ -43,11 +44,36 @@ def layer_records(
             "pruned_indices": gone.nonzero().squeeze(1).tolist(),
             "importance_scores": {"pruned": _scores(scores[gone]), "kept": _scores(scores[~gone])},
         }
+        record.update(_unit_counts(units, pruned))
         if origin is not None:
             where = origin.get((name, record["slice"]))
             record["original_indices"] = [where[i] for i in record["pruned_indices"]] if where else None
         layers.append(record)
     return layers
+
+
+def _unit_counts(units: torch.Tensor, pruned: torch.Tensor) -> dict[str, Any]:
+    """Where several of a layer's channels are one unit (an attention head's rows of a
+    ``qkv`` or ``q_proj`` weight, a conv group, the two halves a GLU pairs): the units
+    before and after and the pruned ones' positions among the layer's units, in order of
+    their first channel (head 2 of 4 is ``2``). The report listed 96 channels of
+    ``qkv`` with one score repeated 16 times each and never said that 2 of 4 heads went.
+    Empty where each channel is its own unit."""
+    uniq, inverse = torch.unique(units, return_inverse=True)
+    if uniq.numel() == units.numel():
+        return {}
+    first = torch.full((uniq.numel(),), units.numel(), dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(units.numel()), reduce="amin")
+    ordered = uniq[torch.argsort(first)]
+    gone = pruned[ordered]
+    widths = torch.bincount(inverse).unique()
+    return {
+        "units_before": int(ordered.numel()),
+        "units_after": int((~gone).sum()),
+        "pruned_units": gone.nonzero().squeeze(1).tolist(),
+        # the channels of each unit, where all have the same number (an attention head's q, k and v rows)
+        "channels_per_unit": int(widths[0]) if widths.numel() == 1 else None,
+    }
 
 
 def _scores(scores: torch.Tensor) -> list[float | None]:
@@ -137,6 +163,10 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "pruning_ratio": None if _amount_set_otherwise(pruner) else pruner.pruning_ratio,
         "target_flops": pruner.target_flops,
         "target_params": pruner.target_params,
+        # a dead-units run named no amount at all (ratio and targets null): what chose the units
+        "prune_dead_only": bool(pruner.prune_dead_only),
+        # per layer name: "pruning ratio 0" was all a run with layer_pruning_ratios={"fc1": 0.5} said
+        "layer_ratios": dict(pruner.layer_ratios) or None,
         "skipped_groups": list(pruner.skipped_groups),
         "groups": _group_records(pruner),
         "layers": _step_records(pruner),

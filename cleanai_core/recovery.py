@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError, model_fault
-from cleanai_core.metrics import call_model, eval_mode
+from cleanai_core.metrics import call_model, eval_mode, perplexity
 from cleanai_core.model_state import copy_model
 from cleanai_core.options import check_callables, check_modules, check_not_meta, check_switches, plain_number
 from cleanai_core.runtime import (
@@ -487,7 +487,7 @@ def held_out_metric_and_loss(
         raise UserError("the held-out data is empty; give more training data or a larger val_fraction")
     loss = loss_sum / batches
     if metric == "perplexity":
-        return metric, math.exp(nll / max(tokens, 1.0)), loss
+        return metric, perplexity(nll, tokens), loss
     if metric in ("mse", "teacher_mse"):
         return metric, nll / max(tokens, 1.0), loss
     return metric, hits / max(total, 1), loss

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 from typing import Any
 
-from cleanai_core.io import atomic_write_bytes, atomic_write_text
-
-__all__ = ["recovery_markdown", "recovery_summary", "write_recovery_plot"]
+__all__ = ["recovery_markdown", "recovery_plot", "recovery_summary"]
 
 
 def _pct(v: Any) -> str:
@@ -27,7 +24,8 @@ def recovery_summary(rec: dict[str, Any]) -> str:
     stop = "; stopped at a NaN/inf training loss: lower --recover-lr" if rec.get("diverged") else ""
     if _no_accuracy(rec):
         return (
-            f"Recovery: held-out {rec['metric']} {rec['initial']:.4f} -> {rec['best']:.4f} "
+            f"Recovery: held-out {rec['metric']} {_num(rec['initial']) or 'NaN/inf'} -> "
+            f"{_num(rec['best']) or 'NaN/inf'} "
             f"({rec['epochs']} epochs, {rec['seconds']:.1f} s{stop})"
         )
     gap = rec.get("gap_recovered")
@@ -124,16 +122,15 @@ def _svg(rec: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_recovery_plot(out_dir: Path, rec: dict[str, Any]) -> str:
-    """Write the plot into ``out_dir``; returns its file name."""
+def recovery_plot(rec: dict[str, Any]) -> tuple[str, bytes]:
+    """The plot's file name and content: ``recovery.png`` with matplotlib, else ``recovery.svg``."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        atomic_write_text(Path(out_dir) / "recovery.svg", _svg(rec))
-        return "recovery.svg"
+        return "recovery.svg", _svg(rec).encode("utf-8")
     values = _values(rec)
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(range(len(values)), values, marker="o", color="#3b75af")
@@ -144,5 +141,4 @@ def write_recovery_plot(out_dir: Path, rec: dict[str, Any]) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(Path(out_dir) / "recovery.png", buf.getvalue())
-    return "recovery.png"
+    return "recovery.png", buf.getvalue()

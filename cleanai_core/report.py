@@ -8,18 +8,85 @@ otherwise ``report.svg``, drawn here as plain SVG: channels per layer before and
 from __future__ import annotations
 
 import json
+import math
 import os
-from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
-from cleanai_core.io import atomic_write_bytes, atomic_write_text
+from cleanai_core.io import atomic_write_files
 
-__all__ = ["render_markdown", "render_sensitivity_svg", "render_svg", "sensitivity_markdown", "write_report"]
+__all__ = [
+    "finite_or_none",
+    "render_markdown",
+    "render_sensitivity_svg",
+    "render_svg",
+    "report_json",
+    "sensitivity_markdown",
+    "write_report",
+]
 
 MAX_PLOT_LAYERS = 60
 #: removed channels listed per layer in report.md
 MAX_LISTED = 16
+
+
+def finite_or_none(value: Any, found: dict[str, str] | None = None, path: str = "") -> Any:
+    """``value`` with every NaN / inf float (in dicts and lists, at any depth) as ``None``;
+    ``found`` collects where each was (``"perplexity_after": "inf"``). A numpy scalar or a
+    0-d tensor (an evaluator plugin's ``np.float32`` accuracy) becomes a Python number:
+    ``json``'s ``default=str`` wrote it as the text ``"0.85"`` / ``"tensor(0.8500)"``."""
+    if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        value = value.item()
+    if isinstance(value, dict):
+        return {k: finite_or_none(v, found, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v, found, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        if found is not None:
+            found[path] = str(value)
+        return None
+    return value
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """``report.json``'s text: strict JSON. A NaN or infinite number (a wrecked model's
+    perplexity, a diverged loss, a sensitivity trial's KL) is written as ``null`` and named
+    in ``non_finite`` (``{"perplexity_after": "inf"}``); ``json`` wrote ``Infinity`` /
+    ``NaN``, which strict parsers (``jq``, JavaScript's ``JSON.parse``) refuse."""
+    try:  # the usual report, all finite: written as it is (cleaning a 3M-score report first took 1.5 s)
+        return json.dumps(report, indent=2, default=_json_value, allow_nan=False) + "\n"
+    except ValueError:
+        pass
+    found: dict[str, str] = {}
+    clean = finite_or_none(report, found)
+    if found:
+        clean["non_finite"] = found
+    return json.dumps(clean, indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _json_value(value: Any) -> Any:
+    """What ``json`` cannot write itself: a numpy scalar or 0-d tensor as its number, else its text."""
+    if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        return value.item()
+    return str(value)
+
+
+def _code(name: Any) -> str:
+    """``name`` as inline code in a Markdown table cell. A module name may hold any
+    character but ``.`` (``nn.ModuleDict`` keys): a ``|`` split the row into more cells,
+    a line break ended the table, a backtick ended the code span."""
+    text = str(name).replace("|", "\\|").replace("\r", "\\r").replace("\n", "\\n")
+    if "`" not in text:
+        return f"`{text}`"
+    return f"`` {text} ``"
+
+
+def _svg_text(name: Any, last: int) -> str:
+    """The last ``last`` characters of ``name`` as SVG text: escaped after it is cut (cutting
+    ``&amp;`` left ``mp;``), control characters (not allowed in XML 1.0) as ``?``."""
+    text = str(name)
+    text = text if len(text) <= last else "..." + text[-(last - 3) :]
+    return escape("".join("?" if ord(c) < 32 else c for c in text))
 
 
 def _fmt_int(n: Any) -> str:
@@ -27,7 +94,8 @@ def _fmt_int(n: Any) -> str:
         return "n/a"
     n = float(n)
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
+        # rounded up to the next unit (999,999 read "1000.00k"); below 1000 the exact count
+        if abs(n) >= scale or (scale > 1e3 and abs(round(n / scale, 2)) >= 1):
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
 
@@ -45,6 +113,7 @@ _NOTES = (
     ("target_flops", "target FLOPs {}"),
     ("target_params", "target parameters {}"),
     ("target_latency", "target latency {}"),
+    ("prune_dead_only", "dead units only (`prune_dead_only`)"),
     ("importance", "importance `{}`"),
     ("calibration_samples", "{} calibration samples"),
     ("scored_samples", "{} of them scored the channels"),
@@ -121,9 +190,13 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         template.format(report[key])
         for key, template in _NOTES
         if report.get(key) is not None
-        and (report.get(key) or key not in ("model", "importance"))
+        and (report.get(key) or key not in ("model", "importance", "prune_dead_only"))
         and (key != "scored_samples" or report[key] != report.get("calibration_samples"))
     ]
+    if report.get("layer_ratios"):  # the ratio then holds for the layers not named only
+        ratio = f"pruning ratio {report.get('pruning_ratio')}"
+        notes = [f"{n} for the other layers" if n == ratio else n for n in notes]
+        notes.insert(1 if report.get("model") else 0, _layer_ratio_note(report["layer_ratios"]))
     shape = report.get("input_shape")
     if shape:
         text = ", ".join(f"`{k}` {v}" for k, v in shape.items()) if isinstance(shape, dict) else str(shape)
@@ -160,15 +233,25 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         b, a = layer.get("channels_before"), layer.get("channels_after")
         step = f" (step {layer['step']})" if layer.get("step") else ""
         lines.append(
-            f"| `{layer.get('name')}`{step} | {b} | {a} | {(b or 0) - (a or 0)} | {_removed(layer)} "
-            f"| {_kept_range(layer)} |"
+            f"| {_code(layer.get('name'))}{step} | {b} | {a} | {(b or 0) - (a or 0)}{_units(layer)} "
+            f"| {_removed(layer)} | {_kept_range(layer)} |"
         )
     lines.append("")
+    lines += _skipped_lines(report.get("skipped_groups"))
     lines += _dead_unit_lines(report.get("dead_units"))
     lines += _sensitivity_lines(report.get("sensitivity"), report.get("allocation"))
     for title, body in extra_sections:
         lines += [f"## {title}", "", body.rstrip(), ""]
     return "\n".join(lines)
+
+
+def _units(layer: dict[str, Any]) -> str:
+    """The pruned column's " (2 of 4 units of 48)" where several channels are one unit (attention heads)."""
+    ub, ua = layer.get("units_before"), layer.get("units_after")
+    if not ub or ua is None:
+        return ""
+    width = layer.get("channels_per_unit")
+    return f" ({ub - ua} of {ub} units" + (f" of {width})" if width else ")")
 
 
 def _removed(layer: dict[str, Any]) -> str:
@@ -193,6 +276,28 @@ def _kept_range(layer: dict[str, Any]) -> str:
     return f"{min(kept):.3g} - {max(kept):.3g}" + (" (some not scored)" if len(kept) < len(raw) else "")
 
 
+def _layer_ratio_note(ratios: dict[str, float]) -> str:
+    """The note naming the per-layer ratios (at most :data:`MAX_LISTED`; all in ``report.json``)."""
+    listed = ", ".join(f"{_code(name)} {r:g}" for name, r in list(ratios.items())[:MAX_LISTED])
+    more = f", ... +{len(ratios) - MAX_LISTED} (all in `report.json`)" if len(ratios) > MAX_LISTED else ""
+    return f"per-layer ratios: {listed}{more}"
+
+
+def _skipped_lines(skipped: list[str] | None) -> list[str]:
+    """The groups the plan chose that were kept whole because pruning them broke the model
+    (in ``report.json`` only: a layer the plan cut by half read "0 pruned" with no reason)."""
+    if not skipped:
+        return []
+    lines = [
+        "## Skipped groups",
+        "",
+        f"{len(skipped)} planned group(s) were kept whole because pruning them broke the model; the other groups "
+        "were pruned. `--ignore` (`ignored_layers`) their layers to plan without them, and please report the model.",
+        "",
+    ]
+    return lines + [f"- {message.replace(chr(10), ' ')}" for message in skipped] + [""]
+
+
 def _dead_unit_lines(findings: list[dict[str, Any]] | None) -> list[str]:
     if findings is None:
         return []
@@ -212,7 +317,7 @@ def _dead_unit_lines(findings: list[dict[str, Any]] | None) -> list[str]:
         n = f.get("duplicate_pairs", 0)
         pairs = f"{n}: {pairs}" + (", ..." if n > 5 else "") if n else "-"
         lines.append(
-            f"| `{f['layer']}` | {f['channels']} | {_listed(f['dead'])} | {_listed(f['constant'])} | {pairs} |"
+            f"| {_code(f['layer'])} | {f['channels']} | {_listed(f['dead'])} | {_listed(f['constant'])} | {pairs} |"
         )
     return lines + [""]
 
@@ -257,7 +362,7 @@ def _sensitivity_lines(sens: dict[str, Any] | None, alloc: dict[str, Any] | None
                 continue
             acc = g["accuracy"][k]
             cells.append(f"{g['kl'][k]:.3g}" + (f" ({acc:.1f}%)" if acc is not None else ""))
-        lines.append(f"| `{g['layer'] or g['modules'][0]}` | {g['size']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_code(g['layer'] or g['modules'][0])} | {g['size']} | " + " | ".join(cells) + " |")
     lines.append("")
     if alloc:
         losses = ", ".join(f"{name} {kl:.3g}" for name, kl in sorted(alloc["kl"].items(), key=lambda kv: kv[1]))
@@ -268,7 +373,7 @@ def _sensitivity_lines(sens: dict[str, Any] | None, alloc: dict[str, Any] | None
             "",
             "| layer | ratio |",
             "|---|---:|",
-            *[f"| `{name}` | {r:.2f} |" for name, r in alloc["layer_ratios"].items()],
+            *[f"| {_code(name)} | {r:.2f} |" for name, r in alloc["layer_ratios"].items()],
             "",
         ]
     return lines
@@ -306,11 +411,9 @@ def render_svg(report: dict[str, Any]) -> str:
     ]
     for i, layer in enumerate(layers):
         y = top + i * row
-        name = str(layer.get("name"))
-        if len(name) > 34:
-            name = "..." + name[-31:]
+        name = _svg_text(layer.get("name"), 34)
         b, a = layer.get("channels_before") or 0, layer.get("channels_after") or 0
-        out.append(f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{escape(name)}</text>')
+        out.append(f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{name}</text>')
         out.append(f'<rect x="{label_w}" y="{y + 2}" width="{bar_w * b / max_c:.1f}" height="12" fill="#cccccc"/>')
         out.append(f'<rect x="{label_w}" y="{y + 2}" width="{bar_w * a / max_c:.1f}" height="12" fill="#3b75af"/>')
         out.append(f'<text x="{label_w + bar_w * b / max_c + 3:.1f}" y="{y + 11}" fill="#333">{a}/{b}</text>')
@@ -362,20 +465,21 @@ def render_sensitivity_svg(sens: dict[str, Any], max_curves: int = 12) -> str:
         color = palette[rank % len(palette)] if rank < max_curves else "#cccccc"
         out.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.5"/>')
         if rank < max_curves:
-            name = escape(str(g["layer"] or g["modules"][0]))[-28:]
+            name = _svg_text(g["layer"] or g["modules"][0], 28)
             out.append(f'<text x="{w - right + 8}" y="{top + 14 * rank + 10}" fill="{color}">{name}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
 
-def _render_png(report: dict[str, Any], path: Path) -> bool:
+def _render_png(report: dict[str, Any]) -> bytes | None:
+    """The plot as PNG bytes, ``None`` without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return None
     import io
 
     layers = (report.get("layers") or [])[:MAX_PLOT_LAYERS]
@@ -403,32 +507,34 @@ def _render_png(report: dict[str, Any], path: Path) -> bool:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return True
+    return buf.getvalue()
 
 
 def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str, Any]:
-    """Write ``report.json``, ``report.md`` and the plot into ``out_dir``. Extra Markdown
-    sections come from the ``cleanai_report_sections`` hook. Returns the report with a
-    ``"plot"`` entry naming the plot file."""
+    """Write ``report.json``, ``report.md`` and the plot into ``out_dir`` (an existing
+    folder), as one: everything is rendered first and the files replace the old ones
+    together (:func:`~cleanai_core.io.atomic_write_files`), so a failure leaves the
+    previous report whole. Extra Markdown sections come from the ``cleanai_report_sections``
+    hook. Returns the report with a ``"plot"`` entry naming the plot file."""
     from cleanai_core.plugins import get_plugin_manager
 
-    out = Path(out_dir)
     report = dict(report)
-    png = _render_png(report, out / "report.png")
-    if not png:
-        atomic_write_text(out / "report.svg", render_svg(report))
-    report["plot"] = "report.png" if png else "report.svg"
+    files: dict[str, bytes] = {}
+    png = _render_png(report)
+    report["plot"] = "report.png" if png is not None else "report.svg"
+    files[report["plot"]] = png if png is not None else render_svg(report).encode("utf-8")
     if report.get("sensitivity"):
-        atomic_write_text(out / "sensitivity.svg", render_sensitivity_svg(report["sensitivity"]))
+        files["sensitivity.svg"] = render_sensitivity_svg(report["sensitivity"]).encode("utf-8")
     sections: list[tuple[str, str]] = []
     if report.get("recovery"):
-        from cleanai_core.recovery_report import recovery_markdown, write_recovery_plot
+        from cleanai_core.recovery_report import recovery_markdown, recovery_plot
 
-        report["recovery_plot"] = write_recovery_plot(out, report["recovery"])
+        name, data = recovery_plot(report["recovery"])
+        report["recovery_plot"], files[name] = name, data
         sections.append(("Recovery", recovery_markdown(report["recovery"], report["recovery_plot"])))
     for result in get_plugin_manager().hook.cleanai_report_sections(report=dict(report)):
         sections.extend(result or [])
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    atomic_write_text(out / "report.md", render_markdown(report, sections))
+    files["report.json"] = report_json(report).encode("utf-8")
+    files["report.md"] = render_markdown(report, sections).encode("utf-8")
+    atomic_write_files(out_dir, files, "the report")
     return report

@@ -1,7 +1,8 @@
 """Stage 5, targets: the ratio whose plan meets a budget (FLOPs, parameters).
 
 The search is a bisection over one uniform ratio: every trial plans with the scores
-computed once, slices a copy without compensation (only sizes matter) and measures it.
+computed once, slices a copy without compensation (only sizes matter) and measures it;
+parameters count the biases compensation will add.
 A new stopping target is a new ``measure`` here (and an option that names it).
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from cleanai_core.compensation import new_bias_params
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.metrics import FlopsOfCopies, count_flops, count_params
 from cleanai_core.planning import PruningPlan
@@ -33,10 +35,18 @@ def flops_measure(example_inputs: Any, forward_fn: Callable | None = None, model
 params_measure: Measure = count_params
 
 
-def pruned_size(model: nn.Module, graph: DependencyGraph, plan: PruningPlan, measure: Measure) -> float:
+def pruned_size(
+    model: nn.Module, graph: DependencyGraph, plan: PruningPlan, measure: Measure, stats: dict | None = None
+) -> float:
     """``measure`` of ``model`` sliced as ``plan`` says (a copy, sharing what it left
-    unsliced; no compensation)."""
-    return measure(sliced_copy(model, edits_for(graph, plan.pruned_units()), graph.pm, share=True))
+    unsliced; no compensation). With ``stats`` (bias compensation on), parameters count the
+    biases compensation will add (:func:`~cleanai_core.compensation.new_bias_params`)."""
+    pruned = plan.pruned_units()
+    copy = sliced_copy(model, edits_for(graph, pruned), graph.pm, share=True)
+    size = measure(copy)
+    if stats and measure is params_measure:
+        size += new_bias_params(copy, graph, stats, pruned)
+    return size
 
 
 def unshrunk_params(model: nn.Module, graph: DependencyGraph, plan: PruningPlan) -> list[tuple[str, int]]:

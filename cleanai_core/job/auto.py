@@ -56,7 +56,7 @@ def write_analysis(
     existing one was refused as "changed at the moment the result was to replace it")."""
     from cleanai_core.io import atomic_write_text
     from cleanai_core.out_folder import staged_folder
-    from cleanai_core.report import render_sensitivity_svg, sensitivity_markdown
+    from cleanai_core.report import render_sensitivity_svg, report_json, sensitivity_markdown
 
     resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
     resolved["_sources"] = cfg.get("_sources") or {}
@@ -64,7 +64,7 @@ def write_analysis(
     if write:
         with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:
             atomic_write_text(tmp / "sensitivity.svg", render_sensitivity_svg(report["sensitivity"]))
-            atomic_write_text(tmp / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+            atomic_write_text(tmp / "report.json", report_json(report))
             atomic_write_text(tmp / "report.md", sensitivity_markdown(report) + "\n")
             atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
     groups = report["sensitivity"]["groups"]

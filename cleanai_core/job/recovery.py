@@ -6,13 +6,13 @@ report's ``"recovery"`` entry (rendered by :mod:`cleanai_core.recovery_report`).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from cleanai_core.errors import UserError
+from cleanai_core.report import finite_or_none
 
 __all__ = ["recover_for_report"]
 
@@ -82,16 +82,6 @@ def recover_for_report(
         "accuracy_recovered": acc_rec,
         "gap_recovered": gap,
         "training_data": source,
-        **{k: _finite_or_none(v) for k, v in result.to_json().items()},
+        **finite_or_none(result.to_json()),  # NaN / inf as None: a diverged run's losses
     }
     return recovered, entry
-
-
-def _finite_or_none(value: Any) -> Any:
-    """NaN / inf as ``None``: ``json`` wrote a diverged run's losses as ``NaN``, which is not
-    JSON (strict parsers, ``jq``, JavaScript refuse report.json)."""
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -276,14 +276,19 @@ def _execute(
     if cfg.get("recover_epochs"):
         from cleanai_core.job.recovery import recover_for_report
 
-        acc = lambda m: (_evaluate(pm, m, eval_loader, device, pruned=True) or {}).get("accuracy")
+        evaluated: list[tuple[Any, dict[str, Any] | None]] = []  # (model, the evaluator's whole result)
+
+        def acc(m: Any) -> float | None:
+            evaluated.append((m, _evaluate(pm, m, eval_loader, device, pruned=True)))
+            return (evaluated[-1][1] or {}).get("accuracy")
+
         accs = (before_acc or {}).get("accuracy"), (after_acc or {}).get("accuracy")
         task = (before_acc or {}).get("recovery_task", "auto")  # how the labels align, where the evaluator says
         pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, acc, *accs, task=task)
-        if recovery["accuracy_recovered"] is not None:
-            after_acc = {"accuracy": recovery["accuracy_recovered"]}
-        else:  # another metric (a causal LM's perplexity): the recovered model's, on the same held-out split
-            after_acc = _evaluate(pm, pruned, eval_loader, device, pruned=True)
+        # the recovered model's whole result, on the same held-out split: a masked LM's report kept its accuracy
+        # alone (perplexity_after and evaluation_tokens null, the perplexity row gone from report.md)
+        done = [result for m, result in evaluated if m is pruned]
+        after_acc = done[-1] if done else _evaluate(pm, pruned, eval_loader, device, pruned=True)
     lat_before, lat_after, repeats = _latencies(model, pruned, example, repeats)
 
     report = {

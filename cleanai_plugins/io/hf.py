@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_core.calibration import split_batch
 from cleanai_core.errors import UserError
+from cleanai_core.metrics import perplexity
 
 __all__ = ["auto_class", "is_hf_model", "is_masked_lm", "load_hf_model", "load_tokenizer"]
 
@@ -335,7 +335,7 @@ def cleanai_evaluate(model, loader, device):
     if not is_hf_model(model):
         return None
     nll = squared = 0.0
-    tokens = correct = total = 0
+    tokens = correct = total = values = 0
     kind = head_kind(model)
     with torch.no_grad():
         for batch in loader:
@@ -359,7 +359,7 @@ def cleanai_evaluate(model, loader, device):
             elif kind == "regression":
                 diff = logits.float().reshape(len(labels), -1).cpu() - labels.float().reshape(len(labels), -1)
                 squared += float((diff**2).sum())
-                total += len(labels)
+                total, values = total + len(labels), values + diff.numel()
             elif logits.dim() == 3 and labels.dim() == 2 and kind in ("masked", "token", "seq2seq"):  # unshifted
                 s, n, hit = _masked_token_scores(logits, labels)
                 nll, tokens, correct, total = nll + s, tokens + n, correct + hit, total + n
@@ -374,9 +374,10 @@ def cleanai_evaluate(model, loader, device):
                                                              tuple(logits.shape))}  # fmt: skip
     if kind == "regression" and total:
         return {
-            "mse": squared / total,
+            # per value, as the model's own MSELoss and recovery's held-out metric: per sample it was num_labels x it
+            "mse": squared / values,
             "evaluated": total,
-            "accuracy_note": "a regression head (one output per sample): the mean squared error is reported instead",
+            "accuracy_note": "a regression head: the mean squared error (per output value) is reported instead",
         }
     # recovery (--recover-epochs) scores labels at their own positions for these, not shifted as a causal LM's
     own = {"recovery_task": "token"} if kind in ("masked", "token", "seq2seq") else {}
@@ -384,7 +385,7 @@ def cleanai_evaluate(model, loader, device):
         return {
             "accuracy": correct / total,
             "evaluated": total,
-            "perplexity": math.exp(nll / tokens),
+            "perplexity": perplexity(nll, tokens),
             "loss": nll / tokens,
             "tokens": tokens,
             **own,
@@ -394,7 +395,7 @@ def cleanai_evaluate(model, loader, device):
     if tokens:
         what = "an encoder-decoder's target tokens" if kind == "seq2seq" else "a causal language model"
         return {
-            "perplexity": math.exp(nll / tokens),
+            "perplexity": perplexity(nll, tokens),
             "loss": nll / tokens,
             "tokens": tokens,
             "accuracy_note": f"{what}: the held-out perplexity is reported instead",
