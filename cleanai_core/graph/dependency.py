@@ -285,6 +285,7 @@ class DependencyGraph:
         from cleanai_core.parametrized import trace_parametrized
 
         ctx.maintenance = maintenance_reads(self.recording)
+        ctx.events = self.recording.events
 
         for event in self.recording.events:
             ctx.begin(event)
