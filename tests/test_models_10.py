@@ -1,0 +1,86 @@
+"""Session 20 model coverage: one focused check per cause fixed (tiny configs, default suite)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from test_models_6 import groups_with, n_params
+from test_models_7 import replayed
+
+from cleanai_core import StructuredPruner
+from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.testing import check_pruner
+
+# -- ShuffleNet-V2: chunk(2) and channel_shuffle tied the halves of every block -------------------
+
+
+def _tiny_shufflenet(quantizable: bool = False):
+    if quantizable:
+        from torchvision.models.quantization.shufflenetv2 import QuantizableShuffleNetV2 as Net
+    else:
+        from torchvision.models.shufflenetv2 import ShuffleNetV2 as Net
+    torch.manual_seed(0)
+    return Net([2, 3, 2], [8, 16, 32, 64, 64], num_classes=5).eval()
+
+
+def _unit_sizes(graph, module: str) -> list[int]:
+    """How many of ``module``'s output channels each unit spans (the distinct counts)."""
+    root = graph.unit_of(graph.ctx.slices[(module, "out")])
+    return sorted(set(torch.unique(root, return_counts=True)[1].tolist()))
+
+
+@pytest.mark.parametrize("quantizable", [False, True], ids=["shufflenet", "quantizable"])
+def test_shufflenet_blocks_split_and_shuffle_by_stored_indices_once_pruned(quantizable):
+    pytest.importorskip("torchvision")
+    model = _tiny_shufflenet(quantizable)
+    x = torch.randn(2, 3, 32, 32)
+    graph = DependencyGraph(model, x)
+    # a stage's stream was 4 units of 10 channels (channel i of both halves tied in every block);
+    # now every channel of a branch is a unit of its own
+    assert _unit_sizes(graph, "stage3.1.branch2.5") == [1]  # was [4]
+    stream = [g for g in groups_with(graph, "stage3.0.branch1.2", "out")]
+    assert sum(g.prunable for g in stream) == 16  # was 4 units
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.fc])
+    small = pruner.prune()
+    assert (n_params(model), n_params(small)) == (14661, 4501)
+    kinds = {type(b).__name__ for b in small.stage3}
+    assert kinds == {"PrunedQuantizableInvertedResidual" if quantizable else "PrunedInvertedResidual"}
+    block = small.stage3[1]
+    assert block.x1_index.numel() + block.x2_index.numel() == small.stage3[0].branch2[5].out_channels * 2
+    assert sorted(block.shuffle_index.tolist()) == list(range(block.shuffle_index.numel()))
+    assert not any("index" in k for k in small.state_dict())  # made again by a replayed history
+    with torch.no_grad():
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+        buf = io.BytesIO()
+        torch.save(small, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(x), small(x))
+    # the pruned model prunes again: its index buffers are traced and rewritten by the slicer
+    again = check_pruner(small, x, ratio=0.5)
+    assert again.max_abs_diff < 1e-6 and again.params_after < 0.4 * again.params_before
+    second = StructuredPruner(small, x, "magnitude", pruning_ratio=0.5, ignored_layers=[small.fc])
+    smaller = second.prune()
+    with torch.no_grad():
+        assert torch.equal(replayed(small, second.history)(x), smaller(x))
+
+
+def test_a_shuffle_block_that_starts_a_sequential_at_stride_one_keeps_its_ties():
+    """A stride-1 block with no block of stride 2 before it in its ``nn.Sequential``: the kept
+    channels of its input are not known to the fix-up, so it keeps chunk's and the shuffle's
+    ties (exact, as before)."""
+    pytest.importorskip("torchvision")
+    from torch import nn
+    from torchvision.models.shufflenetv2 import InvertedResidual
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(InvertedResidual(8, 8, 1))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    assert _unit_sizes(graph, "0") == [2]  # channel i of both halves, as the module's code needs
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    assert type(model[1][0]) is InvertedResidual
