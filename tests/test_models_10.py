@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from test_models_6 import groups_with, n_params
+from test_models_6 import groups_with, n_params, redrawn
 from test_models_7 import replayed
 
 from cleanai_core import StructuredPruner
@@ -84,3 +84,29 @@ def test_a_shuffle_block_that_starts_a_sequential_at_stride_one_keeps_its_ties()
     report = check_pruner(model, x, ratio=0.5)
     assert report.output_shapes_equal and report.max_abs_diff < 1e-6
     assert type(model[1][0]) is InvertedResidual
+
+
+# -- timm's mixed rotary embedding: learnable per-head frequencies of every block ------------------
+
+ROPE_MIXED = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 4, "num_classes": 3}
+
+
+def test_mixed_rotary_frequencies_prune_with_the_heads_of_every_block():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = redrawn(timm.create_model("vit_small_patch16_rope_mixed_224", **ROPE_MIXED)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = DependencyGraph(model, x)
+    # rope.freqs (2, depth, heads, head_dim / 2) met the heads on its last dimension: every head froze
+    [heads] = groups_with(graph, "", "rope.freqs")
+    assert (heads.size, heads.prunable) == (4, 4)  # was (8, 0), and each block's qkv (4, 0)
+    assert {s.module for s in heads.slices} >= {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    assert (report.params_before, report.params_after) == (149955, 100291)  # was 149955 -> 116931
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
+    small = pruner.prune()
+    assert small.rope.freqs.shape == (2, 2, 2, 8) and small.rope.num_heads == 2  # (2, depth, heads, 8)
+    assert [b.attn.num_heads for b in small.blocks] == [2, 2]
+    with torch.no_grad():
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
