@@ -110,3 +110,45 @@ def test_mixed_rotary_frequencies_prune_with_the_heads_of_every_block():
     assert [b.attn.num_heads for b in small.blocks] == [2, 2]
     with torch.no_grad():
         assert torch.equal(replayed(model, pruner.history)(x), small(x))
+
+
+# -- an index buffer that picks a subset of the channels, replayed from a saved history ------------
+
+
+class _Picker(torch.nn.Module):
+    """``head`` reads four of the eight channels, picked by a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 1)
+        self.head = torch.nn.Conv2d(4, 2, 1)
+        self.other = torch.nn.Conv2d(8, 2, 1)
+        self.register_buffer("part", torch.tensor([1, 4, 6, 7]))
+        with torch.no_grad():
+            self.conv.weight[:4] *= 0.01  # keep channels past the buffer's length
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head(y.index_select(1, self.part)) + self.other(y)
+
+
+def test_a_history_that_prunes_channels_an_index_buffer_picks_a_subset_of_replays(tmp_path):
+    """A saved history's check of a bare tensor's kept channels compared an index buffer's kept
+    positions (those of the channels it points into) with the buffer's own length: "channel 7
+    is out of range for 'part@' (4 channels)" refused a valid folder (ShuffleNet-V2 pruned
+    twice, ``iterative_steps``, whose blocks pick their halves with such buffers)."""
+    from cleanai_core.saved_folder import replay_history
+
+    torch.manual_seed(0)
+    model = _Picker().eval()
+    x = torch.randn(2, 3, 4, 4)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert small.part.tolist() == [1, 3] and small.conv.out_channels == 4
+    [edit] = [e for e in pruner.history.steps[0] if e.slice == "part@"]
+    assert int(edit.keep.max()) >= 4  # a kept channel past the buffer's length
+    fresh = _Picker().eval()
+    fresh.load_state_dict(model.state_dict())
+    replay_history(pruner.history, fresh, tmp_path / "history.json")  # raised UserError
+    with torch.no_grad():
+        assert torch.equal(fresh(x), small(x))
