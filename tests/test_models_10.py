@@ -152,3 +152,51 @@ def test_a_history_that_prunes_channels_an_index_buffer_picks_a_subset_of_replay
     replay_history(pruner.history, fresh, tmp_path / "history.json")  # raised UserError
     with torch.no_grad():
         assert torch.equal(fresh(x), small(x))
+
+
+# -- layers only a training forward runs (auxiliary classifiers) -----------------------------------
+
+
+class _WithAux(torch.nn.Module):
+    """An auxiliary classifier on the first conv's output, run only in training mode (as
+    GoogLeNet's ``aux1`` / ``aux2`` and Inception-v3's ``AuxLogits``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+        self.aux = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)
+        )
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        out = self.head(torch.relu(self.conv2(y)))
+        return (out, self.aux(y)) if self.training else out
+
+
+def test_layers_only_a_training_forward_runs_prune_with_the_stream_they_read():
+    """The eval trace never ran ``aux``: ``conv1`` shrank and ``aux.2`` kept its 8 inputs, so
+    the pruned model failed as soon as it was trained ("mat1 and mat2 shapes cannot be
+    multiplied"). The graph records a training-mode pass for such layers (dropout's random
+    mask follows the channels); the user's random stream is left as it was."""
+    torch.manual_seed(0)
+    model = _WithAux().eval()
+    x = torch.randn(2, 3, 8, 8)
+    state = torch.get_rng_state()
+    graph = DependencyGraph(model, x)
+    assert torch.equal(torch.get_rng_state(), state)
+    [stream] = groups_with(graph, "conv1", "out")
+    assert ("aux.2", "in") in {(s.module, s.name) for s in stream.slices}  # was not coupled
+    [hidden] = groups_with(graph, "aux.2", "out")
+    assert (hidden.size, hidden.prunable) == (16, 16)  # the dropout's mask does not freeze them
+    assert not model.training
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head, model.aux[5]])
+    small = pruner.prune()
+    assert (small.conv1.out_channels, small.aux[2].in_features, small.aux[2].out_features) == (4, 4, 8)
+    small.train()
+    out, aux = small(x)  # raised RuntimeError before
+    assert out.shape == aux.shape == (2, 3)
