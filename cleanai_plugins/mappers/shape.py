@@ -220,9 +220,7 @@ def fresh_tensor(call, ctx):
     "full_like",
     "rand_like",
     "bernoulli",
-    "bernoulli_",
-    "uniform_",
-    "normal_",
+    "bernoulli_",  # dropout's mask in training mode, drawn into an ``empty_like`` of its input
     "randn_like",
     "resolve_conj",
     "resolve_neg",
