@@ -200,3 +200,18 @@ def test_layers_only_a_training_forward_runs_prune_with_the_stream_they_read():
     small.train()
     out, aux = small(x)  # raised RuntimeError before
     assert out.shape == aux.shape == (2, 3)
+
+
+def test_naflexvit_with_mixed_rotary_frequencies_prunes_its_heads():
+    pytest.importorskip("timm")
+    from timm.models.naflexvit import NaFlexVit, NaFlexVitCfg
+
+    torch.manual_seed(0)
+    cfg = NaFlexVitCfg(embed_dim=64, depth=2, num_heads=4, rope_type="mixed", patch_size=16)
+    model = redrawn(NaFlexVit(cfg, num_classes=3, img_size=32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    [heads] = groups_with(DependencyGraph(model, x), "", "rope.freqs")
+    assert (heads.size, heads.prunable) == (4, 4)  # each block's qkv was (4, 0)
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    assert (report.params_before, report.params_after) == (215939, 140419)  # was 215939 -> 157059
