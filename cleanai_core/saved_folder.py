@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cleanai_core.errors import UserError
+from cleanai_core.graph.context import is_index_slice
 from cleanai_core.history import FORMAT as HISTORY_FORMAT
 from cleanai_core.history import PruningHistory, shape_mismatch
 from cleanai_core.options import non_finite
@@ -203,6 +204,10 @@ def _check_targets(path: Path, model: nn.Module, step: list[SliceEdit], where: s
             )
         if not -t.dim() <= int(e.dim) < t.dim():
             raise _bad(path, f"{where}: dim {e.dim} is out of range for {e.slice!r} of shape {tuple(t.shape)}")
+        if is_index_slice(e.slice):
+            # an index buffer's kept positions are those of the channels it points into, which
+            # may be more than its own entries (``x.index_select(1, self.part)`` picks a subset)
+            continue
         size = t.shape[int(e.dim)]
         if int(e.keep.max()) >= size:
             raise _bad(path, f"{where}: channel {int(e.keep.max())} is out of range for {e.slice!r} ({size} channels)")

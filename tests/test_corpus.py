@@ -206,6 +206,11 @@ DEFAULT_PATH = [
     ("timm:lambda_resnet26t", {}, (3, 64, 64)),  # the lambda layer claimed whole (0.391 -> 0.252)
     ("timm:focalnet_tiny_lrf", {}, (3, 64, 64)),  # the focal modulation's [dim, dim, gates] split (0.377 -> 0.254)
     ("timm:vit_dlittle_patch16_reg1_gap_256", {"img_size": 64}, (3, 64, 64)),  # DiffAttention's output (0.319 -> 0.266)
+    # session 20
+    ("tv:shufflenet_v2_x1_0", {}, (3, 64, 64)),  # split and shuffle by stored indices (0.35 -> 0.26)
+    ("tv:quantized_shufflenet_v2_x0_5", {}, (3, 64, 64)),
+    ("timm:vit_small_patch16_rope_mixed_224", {"img_size": 64}, (3, 64, 64)),  # freqs by head (0.337 -> 0.254)
+    ("tv:googlenet", {}, (3, 64, 64)),  # aux classifiers (training only) traced and sliced (0.578 -> 0.252)
 ]
 
 

@@ -169,6 +169,10 @@ class TraceContext:
         self.coarse: set[str] = set()
         #: ``module -> (atoms, ...)`` offered by pruners that could tie coarser units
         self.coarse_offers: dict[str, tuple[torch.Tensor, ...]] = {}
+        #: the whole recording's events, in order (a mapper may look at what reads a tensor
+        #: it makes: :meth:`readers`)
+        self.events: list[Any] = []
+        self._readers: dict[int, list[Any]] | None = None
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
@@ -536,6 +540,18 @@ class TraceContext:
         """Whether ``lab`` is a bare tensor's own label (a parameter or buffer read outside
         any layer, its dimension not yet met by a layer's channels)."""
         return id(lab.atoms) in self._bare_atoms
+
+    def readers(self, ref: Any) -> list[Any]:
+        """The events of the recording that read the traced tensor ``ref`` (those later
+        in the pass too), in order; the index is built on the first call."""
+        if not isinstance(ref, TRef):
+            return []
+        if self._readers is None:
+            self._readers = {}
+            for event in self.events:
+                for r in event.inputs:
+                    self._readers.setdefault(r.key, []).append(event)
+        return self._readers.get(ref.key, [])
 
     # -- bookkeeping used by the kernel ---------------------------------------
     def where(self) -> str:

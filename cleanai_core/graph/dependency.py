@@ -285,6 +285,7 @@ class DependencyGraph:
         from cleanai_core.parametrized import trace_parametrized
 
         ctx.maintenance = maintenance_reads(self.recording)
+        ctx.events = self.recording.events
 
         for event in self.recording.events:
             ctx.begin(event)
@@ -312,7 +313,7 @@ class DependencyGraph:
         ctx.event = None
         self._couple_shared_parameters(ctx)
         self._freeze_outside_reads(ctx)
-        outputs = tree_flatten(self.recording.output)[0]
+        outputs = self.recording.outputs()
         ctx.freeze_untaken_cross({id(lab.cross[1]) for r in outputs if (lab := ctx.label_of(r)) and lab.cross})
         for ref in outputs:
             ctx.freeze_tensor(ref, "model output")
@@ -603,7 +604,7 @@ def _note_reads(recording: Recording, slices: list[SliceSpec]) -> None:
     trace and got the input at its position ``arg`` (a tensor changed in place is another
     key after the change: the recorder gives an op's outputs new keys)."""
     calls: dict[str, list[ModuleCall]] = {}
-    for e in recording.events:
+    for e in recording.eval_events():
         if isinstance(e, ModuleCall):
             calls.setdefault(e.name, []).append(e)
     for s in slices:

@@ -123,6 +123,18 @@ class Recording:
     events: list[OpCall | ModuleCall]
     inputs: list[TRef]
     output: Any  # pytree of TRef
+    #: where the training-mode pass begins in :attr:`events` (see :func:`record`), else None
+    train_from: int | None = None
+    train_output: Any = None  # that pass's output (pytree of TRef)
+
+    def outputs(self) -> list[TRef]:
+        """Every traced output, the training-mode pass's too."""
+        return [r for r in tree_flatten((self.output, self.train_output))[0] if isinstance(r, TRef)]
+
+    def eval_events(self) -> list[OpCall | ModuleCall]:
+        """The events of the eval-mode pass (the forward the oracle, calibration and
+        verification run)."""
+        return self.events if self.train_from is None else self.events[: self.train_from]
 
 
 class _Recorder(ShapeOnlyMode):
@@ -262,10 +274,47 @@ def record(
             elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
                 out = out.logits
             out_refs = tree_map(lambda a: rec.ref(a) if isinstance(a, torch.Tensor) else a, _plain(out))
+            train_from, train_refs = _training_pass(rec, model, example_inputs, claimed, forward_fn, output_transform)
     finally:
         for h in handles:
             h.remove()
-    return Recording(rec.events, input_refs, out_refs)
+    return Recording(rec.events, input_refs, out_refs, train_from, train_refs)
+
+
+def _training_pass(
+    rec: _Recorder, model: nn.Module, inputs: Any, claimed: dict[nn.Module, str], forward_fn, output_transform
+) -> tuple[int | None, Any]:
+    """Record the forward once more in training mode when claimed layers with parameters
+    never ran in eval mode and training mode runs one of them: layers only a training
+    forward uses (GoogLeNet's and Inception-v3's auxiliary classifiers on a stream of the
+    main path). Their couplings join the eval pass's, so the pruned model still trains;
+    before session 20 their inputs were left whole while the stream they read shrank, and
+    ``model.train()`` then failed ("expected input[2, 256, 4, 4] to have 512 channels").
+    A training forward that fails (detection models want targets) or reaches none of them
+    is dropped. ``(index of its first event, its output)``, or ``(None, None)``."""
+    called = {e.module for e in rec.events if isinstance(e, ModuleCall)}
+    missed = {m for m in claimed if m not in called and any(True for _ in m.parameters(recurse=False))}
+    if not missed:
+        return None, None
+    start = len(rec.events)
+    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    # dropout's draws leave the user's random streams alone
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            model.train()
+            with rec:
+                out = call_model(model, inputs, forward_fn, copy=False)
+            if output_transform is not None:
+                out = output_transform(out)
+            if any(isinstance(e, ModuleCall) and e.module in missed for e in rec.events[start:]):
+                return start, tree_map(lambda a: rec.ref(a) if isinstance(a, torch.Tensor) else a, _plain(out))
+        except Exception:
+            pass
+        finally:
+            model.eval()
+            rec.depth, rec.scope = 0, [""]
+    del rec.events[start:]
+    return None, None
 
 
 def _sibling_sets(model: nn.Module) -> dict[nn.Module, int]:
@@ -315,7 +364,7 @@ def maintenance_reads(recording: Recording) -> set[int]:
     nor a module call nor a write into another tensor; it may write back into a parameter
     or buffer (WGAN's ``for p in self.parameters(): p.data.clamp_(-c, c)``, a max-norm
     step, a norm kept as an attribute). Such a read constrains no channel."""
-    outputs = {r.key for r in tree_flatten(recording.output)[0] if isinstance(r, TRef)}
+    outputs = {r.key for r in recording.outputs()}
     params: set[int] = set()
     whole = set()  # keys of parameters and of their whole aliases (``p.data``, ``p.detach()``)
     for e in recording.events:

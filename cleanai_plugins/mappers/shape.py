@@ -16,10 +16,12 @@ from cleanai_plugins.mappers._registry import MapperTable, arg
 from cleanai_plugins.mappers.gqa import expand_group_dim
 
 __all__ = [
+    "CHANNEL_PERMUTATIONS",
     "CHANNEL_RANGES",
     "FILLED_DESTINATIONS",
     "REWRITTEN_COUNTS",
     "UnflattenPruner",
+    "allow_channel_permutations",
     "allow_channel_ranges",
     "allow_filled_destinations",
     "allow_unequal_split",
@@ -52,6 +54,23 @@ def allow_channel_ranges(*modules) -> dict[str, set]:
     slicing (a kept range keeps its channels in order, so a bound ``n`` becomes the number
     of kept channels below ``n``)."""
     return {CHANNEL_RANGES: set(modules)}
+
+
+#: findings key: the set of modules whose fix-up replaces their channel splits and channel
+#: shuffles by stored index buffers (see :func:`allow_channel_permutations`)
+CHANNEL_PERMUTATIONS = "channel_permutations"
+
+
+def allow_channel_permutations(*modules) -> dict[str, set]:
+    """The findings that let each of ``modules``' ``forward`` split its channels into parts
+    that shrink on their own, equal parts too (``x.chunk(2, dim=1)``), and shuffle them
+    (``view(B, g, C // g, ...)``, ``transpose(1, 2)``, ``view(B, C, ...)``) as the
+    permutation it is, each channel on its own: return it from ``cleanai_prepare_model``.
+    The caller's fix-up must then give the pruned module a ``forward`` that picks the parts
+    and shuffles by index buffers it computes from the kept channels (the module's code
+    cannot split or shuffle kept sets of different sizes). Without it an equal split ties
+    its parts index by index and a shuffle ties channel *i* of every group."""
+    return {CHANNEL_PERMUTATIONS: set(modules)}
 
 
 #: findings key: the set of modules whose ``forward`` writes channels into a fresh tensor it
@@ -114,6 +133,54 @@ def _free_ranges(ctx) -> bool:
     return ctx.scope_module() in ctx.findings.get(CHANNEL_RANGES, ())
 
 
+def _permutable(ctx) -> bool:
+    """The module whose ``forward`` runs the current op vouched for its splits and shuffles
+    (:func:`allow_channel_permutations`)."""
+    return ctx.scope_module() in ctx.findings.get(CHANNEL_PERMUTATIONS, ())
+
+
+def _sole_reader(ctx, ref, names: tuple[str, ...]) -> object | None:
+    """The one event that reads ``ref``, when it is an op named in ``names`` reading it as its
+    first argument; else None."""
+    readers = ctx.readers(ref)
+    if len(readers) != 1:
+        return None
+    op = getattr(readers[0], "op", None)
+    name = getattr(getattr(op, "overloadpacket", None), "__name__", "")
+    args = getattr(readers[0], "args", ())
+    first = args[0] if args else None
+    return readers[0] if name in names and isinstance(first, TRef) and first.key == ref.key else None
+
+
+def _shuffled(call, ctx) -> bool:
+    """``view(B, g, n, ...)`` of the channels, ``transpose`` of ``g`` and ``n``, an optional
+    copy (``contiguous``), and ``view`` back to the input's shape: a channel shuffle, mapped
+    as the permutation it is (output channel ``j * g + i`` is input channel ``i * n + j``)
+    onto the last view's output, in a module that vouched for it
+    (:func:`allow_channel_permutations`). The tensors between carry no label (each has one
+    reader, the next step). False (nothing done) for anything else."""
+    src, out = call.args[0], call.outputs[0]
+    lab = ctx.label_of(src)
+    d = lab.dim if lab is not None else -1
+    if lab is None or lab.cross is not None or out.ndim != src.ndim + 1:
+        return False
+    g, n = out.shape[d], out.shape[d + 1] if d + 1 < out.ndim else 0
+    if out.shape[:d] + (g * n,) + out.shape[d + 2 :] != src.shape or g < 2 or n < 2:
+        return False
+    turn = _sole_reader(ctx, out, ("transpose", "swapaxes", "swapdims"))
+    if turn is None or {arg(turn, 1, "dim0") % out.ndim, arg(turn, 2, "dim1") % out.ndim} != {d, d + 1}:
+        return False
+    last = turn.outputs[0]
+    copied = _sole_reader(ctx, last, ("clone", "contiguous"))
+    last = copied.outputs[0] if copied is not None else last
+    back = _sole_reader(ctx, last, ("view", "_unsafe_view", "reshape"))
+    if back is None or back.outputs[0].shape != src.shape:
+        return False
+    order = torch.arange(g * n).reshape(g, n).t().reshape(-1)
+    ctx.set_label(back.outputs[0], d, lab.atoms[order], lab.origin)
+    return True
+
+
 def _prod(xs) -> int:
     return math.prod(xs) if xs else 1
 
@@ -152,6 +219,8 @@ def fresh_tensor(call, ctx):
     "empty_like",
     "full_like",
     "rand_like",
+    "bernoulli",
+    "bernoulli_",  # dropout's mask in training mode, drawn into an ``empty_like`` of its input
     "randn_like",
     "resolve_conj",
     "resolve_neg",
@@ -272,6 +341,8 @@ def view(call, ctx):
         ctx.set_label(out, move[lab.dim], lab.atoms, lab.origin, (move[lab.cross[0]], lab.cross[1]))
     elif src.shape == out.shape:
         ctx.copy_label(src, out)
+    elif _permutable(ctx) and _shuffled(call, ctx):
+        return
     else:
         sizes = arg(call, 1, "size")
         ok = isinstance(sizes, (list, tuple)) and len(sizes) == out.ndim
@@ -536,8 +607,8 @@ def split(call, ctx):
             ctx.set_label(o, lab.dim, lab.atoms, lab.origin, cross)
         return
     sizes = [o.shape[dim] for o in outs]
-    if len(set(sizes)) != 1:
-        if src.key in ctx.unequal_splits or _free_ranges(ctx):
+    if len(set(sizes)) != 1 or _permutable(ctx):
+        if src.key in ctx.unequal_splits or _free_ranges(ctx) or _permutable(ctx):
             start = 0
             for o, s in zip(outs, sizes, strict=True):
                 ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)

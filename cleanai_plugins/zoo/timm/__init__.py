@@ -61,6 +61,7 @@ from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
 from cleanai_plugins.zoo.timm.output_width import fix_output_width
 from cleanai_plugins.zoo.timm.partial_attention import fix_partial_attention
+from cleanai_plugins.zoo.timm.rope_mixed import fix_rope_mixed, rope_mixed_dim
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
 from cleanai_plugins.zoo.timm.split_scales import fix_split_scales
 from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner, fix_width_attention, mixes_heads
@@ -167,6 +168,12 @@ def cleanai_after_prune(module, name, edits, findings):
     scan = scan_of(findings)
     for fix in scan.fixups.get(module, FIXUPS):
         fix(module, name, edits, scan)
+    fix_rope_mixed(module)
+
+
+@hookimpl
+def cleanai_unwrapped_parameter(name, parameter, model):
+    return rope_mixed_dim(name, parameter, model)
 
 
 @hookimpl(trylast=True)
