@@ -24,7 +24,7 @@ from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
 from cleanai_core.graph.groups import Group
 from cleanai_core.history import PruningHistory
 from cleanai_core.isomorphic import Signatures, scopes_of, signatures
-from cleanai_core.masking import check_exact, exact_units, masked_outputs
+from cleanai_core.masking import check_exact, exact_tolerance, exact_units, masked_outputs
 from cleanai_core.metrics import count_flops, count_params
 from cleanai_core.model_state import reads_preserved, transplant, user_hooks
 from cleanai_core.options import ModuleSpec, match_modules
@@ -35,7 +35,15 @@ from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
 from cleanai_core.targets import flops_measure, params_measure, pruned_size, ratio_for_target, unshrunk_params
-from cleanai_core.verify import Reference, check_outputs, other_paths, reference, run_outputs, untraced_layers
+from cleanai_core.verify import (
+    Reference,
+    check_outputs,
+    model_outputs,
+    other_paths,
+    reference,
+    run_outputs,
+    untraced_layers,
+)
 
 __all__ = ["StructuredPruner", "match_modules"]
 
@@ -226,6 +234,7 @@ class StructuredPruner:
         self.skipped_groups: list[str] = []
         self._before: dict[str, Any] = {}
         self._reference: Reference | None = None  # the original's outputs, for verification
+        self._repeatable: bool | None = None  # whether two runs of the original on example_inputs agree
         # a calibration batch that ran layers the trace of example_inputs did not (control flow that
         # depends on the data), and the original's outputs on it: the pruned model is checked on it too
         self._other_path: tuple[tuple, dict] | None = None
@@ -456,6 +465,7 @@ class StructuredPruner:
                 # the original may not run on the example inputs either (the trace runs on the meta
                 # device, shapes only): then the inputs are at fault, not the pruning (UserError)
                 self._original_outputs()
+                self._check_repeatable()
                 raise
         return model, edits
 
@@ -511,6 +521,28 @@ class StructuredPruner:
                     f"model takes them{want}"
                 ) from exc
         return self._reference
+
+    def _check_repeatable(self) -> None:
+        """A :class:`UserError` where the original itself gives other outputs on a second run of
+        ``example_inputs`` (random masking in the forward, as ViT-MAE's, or sampling): every
+        group then failed the comparison with the masking oracle, each was skipped with a
+        warning, and nothing was pruned. Checked once, only after a verification failed."""
+        if self._repeatable is None:
+            first, second = (
+                model_outputs(self.model, self.example_inputs, self.forward_fn, self.output_transform) for _ in range(2)
+            )
+            # by the masking oracle's own tolerance: where the original misses it, no pruned model meets it
+            tol = exact_tolerance([t for t in first if bool(torch.isfinite(t).all())])
+            self._repeatable = len(first) == len(second) and all(
+                a.shape == b.shape and _within(a, b, tol) for a, b in zip(first, second, strict=True)
+            )
+        if not self._repeatable:
+            raise UserError(
+                "the model gives other outputs on a second run of the same example_inputs in eval mode (its "
+                "forward draws random numbers: random masking or token dropping, sampling, noise), so no pruned "
+                "model can be checked against it. Make the forward repeatable: pass forward_fn=lambda m, x: "
+                "m(x, noise=...) with fixed noise (ViT-MAE), or seed inside it; or prune with verify=False"
+            )
 
     def _verify_exact(
         self,
@@ -586,6 +618,15 @@ class StructuredPruner:
         Call after :meth:`prune`."""
         with reads_preserved(self.model):
             return pruner_report(self)
+
+
+def _within(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """Whether ``a`` and ``b`` (same shape) differ by at most ``tol`` where they differ at all
+    (equal infinities and NaN beside NaN agree; integer outputs must be equal)."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    same = (a == b) | (a.isnan() & b.isnan())
+    return bool(same.all()) or float((a.float() - b.float()).abs()[~same].max()) <= tol
 
 
 def _warn_user_hooks(hooks: list[tuple[str, str, int]]) -> None:

@@ -225,3 +225,28 @@ def test_set_layer_ratios_takes_none_and_pairs_like_the_constructor():
     assert p.layer_ratios == {"0": 0.25}
     with pytest.raises(UserError, match="layer_pruning_ratios=5: give a dict"):
         p.set_layer_ratios(5)
+
+
+class _Noisy(nn.Module):
+    """A forward that draws random numbers in eval mode (as ViT-MAE's random masking does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x, noise=None):
+        noise = torch.randn_like(x) if noise is None else noise
+        return self.body(x + noise)
+
+
+def test_a_model_whose_outputs_change_between_runs_is_named_not_left_unpruned():
+    # before: every group failed the masking oracle, each was skipped with a warning, and the
+    # "pruned" model had all 163 of its parameters
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match="other outputs on a second run of the same example_inputs.*forward_fn"):
+        StructuredPruner(_Noisy(), x, "magnitude", pruning_ratio=0.5).prune()
+    fixed = torch.zeros(2, 6)
+    pruned = StructuredPruner(_Noisy(), x, "magnitude", pruning_ratio=0.5, forward_fn=lambda m, x: m(x, noise=fixed))
+    pruned = pruned.prune()
+    assert pruned.body[0].out_features == 8 and sum(p.numel() for p in pruned.parameters()) == 6 * 8 + 8 + 8 * 3 + 3
