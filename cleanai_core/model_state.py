@@ -318,8 +318,12 @@ _MISSING = object()
 
 def _put_back(obj: torch.Tensor, saved: torch.Tensor) -> None:
     """Write ``saved`` into ``obj`` where they differ (values, or the shape an observer
-    resized); an untouched buffer is not written (its version counter stays)."""
-    if obj.shape != saved.shape or obj.device != saved.device:
+    resized); an untouched buffer is not written (its version counter stays). A sparse
+    buffer (a graph's adjacency for ``torch.sparse.mm``) has no ``equal`` / ``set_``: it is
+    copied back, which costs its stored entries only."""
+    if obj.layout != torch.strided:
+        obj.copy_(saved)
+    elif obj.shape != saved.shape or obj.device != saved.device:
         obj.set_(saved.to(obj.device))
     elif torch.equal(obj, saved):  # one call for what is nearly always so
         return

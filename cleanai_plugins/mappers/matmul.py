@@ -22,7 +22,8 @@ def _product(ctx, a, b, out) -> None:
         return
     na, nb, no = a.ndim, b.ndim, out.ndim
     a_k, b_k = na - 1, max(nb - 2, 0)
-    if lb is not None and lb.cross is not None and nb >= 2 and {lb.dim, lb.cross[0]} == {nb - 2, nb - 1}:
+    a_rows = la is not None and la.dim != a_k  # a's channels stand elsewhere: they pass, b's rows cannot meet them
+    if not a_rows and lb is not None and lb.cross is not None and nb >= 2 and {lb.dim, lb.cross[0]} == {nb - 2, nb - 1}:
         # b is a matrix whose rows and columns both follow channels: a claimed module's
         # weight read outside it, transposed (``F.linear(x, m.weight, bias)``), or a bare
         # parameter (``x @ self.proj``, ``F.linear(x, self.w)``; einsum's ``(1, C, K)``
@@ -99,8 +100,10 @@ def _both_carry(ctx, kept, other) -> None:
     ctx.freeze(other.atoms, f"{ctx.where()}: both operands carry channels")
 
 
-@table.register("mm", "bmm", "matmul", "_unsafe_mm")
+@table.register("mm", "bmm", "matmul", "_unsafe_mm", "_sparse_mm", "hspmm")
 def mm(call, ctx):
+    """``a @ b``; a sparse operand (``torch.spmm``, ``torch.hspmm``: a graph's adjacency)
+    is a constant matrix like any unlabelled one."""
     _product(ctx, call.args[0], call.args[1], call.outputs[0])
 
 
@@ -206,11 +209,15 @@ def keeps_trained_scale(*modules) -> dict[str, set]:
     return {TRAINED_SCALE: set(modules)}
 
 
-@table.register("addmm", "baddbmm", "addbmm")
+@table.register("addmm", "baddbmm", "addbmm", "_sparse_addmm")
 def addmm(call, ctx):
+    """``bias + a @ b``; ``torch.sparse.mm`` / ``torch.sparse.addmm`` run as ``_sparse_addmm``
+    (before 2026-12-02 no mapper knew it: the channels it carried froze)."""
     out = call.outputs[0]
     _product(ctx, call.args[1], call.args[2], out)
     bias = call.args[0]
+    if arg(call, 3, "beta", 1) == 0 and ctx.label_of(bias) is None:
+        return  # not read (``torch.sparse.mm`` adds its product to ``zeros`` with beta=0)
     lab = ctx.label_of(out)
     if (
         lab is not None

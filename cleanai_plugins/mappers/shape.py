@@ -577,9 +577,9 @@ def unbind(call, ctx):
     if lab is None:
         return
     dim = arg(call, 1, "dim", 0) % src.ndim
-    if dim == lab.dim:
+    if dim == lab.dim:  # channels one by one: free if stacked back whole (before 2026-12-02 frozen)
         _ask_inner_split(ctx, lab)
-        ctx.freeze(lab.atoms, f"{ctx.where()} unbinds the channel dimension")
+        ctx.unbind_pieces(call.outputs, lab.atoms)
         return
     for o in call.outputs:
         ctx.set_label(o, lab.dim - (dim < lab.dim), lab.atoms, lab.origin)
