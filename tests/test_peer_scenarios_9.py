@@ -1,0 +1,217 @@
+"""A ninth set of the scenarios users bring from Torch-Pruning's test suite and examples,
+written for CleanAI's API (see ``test_peer_scenarios.py`` to ``_8``): channels unbound one
+by one and stacked back, a graph convolution over a sparse adjacency, and a constant matrix
+multiplied from the right.
+
+Each test asserts widths, parameter counts, and the masking oracle where slicing must equal
+zeroing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_peer_scenarios_2 import _exact
+from test_peer_scenarios_6 import _prune, _seeded, _two_step_replay
+from torch import nn
+
+from cleanai_core import DependencyGraph
+from cleanai_core.metrics import count_params
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+
+
+def _reasons(graph: DependencyGraph) -> set[str]:
+    return {r for g in graph.groups() for r in g.reasons}
+
+
+def _prunable(model: nn.Module, x) -> list[int]:
+    return [len(g.units) for g in DependencyGraph(model, x).groups(prunable_only=True)]
+
+
+# -- channels unbound one by one and stacked back ------------------------------------------------
+
+
+class Unbound(nn.Module):
+    """A conv's channels unbound, each worked on alike, and stacked back for the next conv."""
+
+    def __init__(self, way: str) -> None:
+        super().__init__()
+        self.way = way
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(6, 6)  # over the width, applied to every channel
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.way == "stack":
+            z = torch.stack([t * 2 + 1 for t in y.unbind(1)], 1)
+        elif self.way == "cat":
+            z = torch.cat([t.relu().unsqueeze(1) for t in torch.unbind(y, 1)], 1)
+        elif self.way == "reversed":
+            z = torch.stack(list(reversed(y.unbind(1))), 1)
+        elif self.way == "zip":
+            z = torch.stack([a * b for a, b in zip(y.unbind(1), y.sigmoid().unbind(1), strict=True)], 1)
+        elif self.way == "layer":
+            z = torch.stack([self.fc(t) for t in y.unbind(1)], 1)
+        else:  # channels last: unbound along dim 3
+            z = torch.stack([t.tanh() for t in y.permute(0, 2, 3, 1).unbind(3)], 3).permute(0, 3, 1, 2)
+        return self.c2(z)
+
+
+@pytest.mark.parametrize("way", ["stack", "cat", "reversed", "zip", "layer", "channels_last"])
+def test_channels_unbound_and_stacked_back_prune_with_their_producer(way):
+    model, x = _seeded(lambda: Unbound(way)), torch.randn(2, 3, 6, 6)
+    assert _prunable(model, x) == [8]  # was [] ("unbinds the channel dimension")
+    _exact(model, x)
+    small = _prune(model, x).pruned
+    assert (small.c1.out_channels, small.c2.in_channels) == (4, 4)
+    assert count_params(small) == 174 and count_params(model) == 302
+    assert small(x).shape == (2, 4, 6, 6)
+
+
+def test_a_reversed_restack_keeps_each_channel_with_its_own_filter():
+    model, x = _seeded(lambda: Unbound("reversed")), torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    (group,) = graph.groups(prunable_only=True)
+    # drop c1's filters 0 and 1: c2 must lose its inputs 7 and 6 (the channels reversed)
+    pruned = torch.zeros(graph.root.numel(), dtype=torch.bool)
+    c1 = next(s for s in group.slices if s.module == "c1" and s.kind == "out")
+    pruned[graph.root[c1.atoms[:2]]] = True
+    keep = graph.keep_indices(pruned)
+    assert keep[("c1", "out")].tolist() == [2, 3, 4, 5, 6, 7]
+    assert keep[("c2", "in")].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+class Unpaired(nn.Module):
+    """Unbound channels that must keep their channels: summed together, one picked by its
+    position, each through a layer of its own, a scale picked by position, or one read
+    again after the restack."""
+
+    def __init__(self, way: str) -> None:
+        super().__init__()
+        self.way = way
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+        self.fcs = nn.ModuleList(nn.Linear(6, 6) for _ in range(4))
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        y = self.c1(x)
+        ts = y.unbind(1)
+        if self.way == "sum":
+            return self.c2(y) + sum(ts).unsqueeze(1)
+        if self.way == "first":
+            return self.c2(torch.stack([ts[0] * 2, *ts[1:]], 1))
+        if self.way == "own_layer":
+            return self.c2(torch.stack([f(t) for f, t in zip(self.fcs, ts, strict=True)], 1))
+        if self.way == "own_scale":
+            return self.c2(torch.stack([t * self.w[k] for k, t in enumerate(ts)], 1))
+        if self.way == "read_again":
+            return self.c2(torch.stack(ts, 1)) + ts[0].mean()
+        return self.c2(torch.stack(ts[:3], 1).sum(1, keepdim=True).expand(-1, 4, -1, -1))  # "some"
+
+
+@pytest.mark.parametrize(
+    "way, reason",
+    [
+        ("sum", "combines channels unbound apart"),
+        ("first", "went through different work"),
+        ("own_layer", "went through different work"),
+        ("own_scale", "went through different work"),
+        ("read_again", "reads an unbound channel that is also stacked back"),
+        ("some", "not each once"),
+    ],
+)
+def test_unbound_channels_picked_by_position_keep_their_channels_with_the_reason(way, reason):
+    model, x = _seeded(lambda: Unpaired(way)), torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    assert graph.groups(prunable_only=True) == []
+    assert any(reason in r for r in _reasons(graph)), _reasons(graph)
+
+
+def test_a_pruned_unbind_and_stack_replays_on_a_fresh_copy(tmp_path):
+    x = torch.randn(2, 3, 6, 6)
+    pruner, small, fresh = _two_step_replay(lambda: Unbound("zip"), x, tmp_path)
+    assert len(pruner.history) == 2 and count_params(fresh) == count_params(small) == 174
+    assert torch.equal(fresh(x), small(x))
+
+
+# -- a graph convolution over a sparse adjacency -------------------------------------------------
+
+
+class SparseGCN(nn.Module):
+    """Two graph convolutions over a sparse adjacency buffer (the peer's GCN example with
+    ``torch.sparse.mm``); ``way`` names the sparse product."""
+
+    def __init__(self, way: str) -> None:
+        super().__init__()
+        self.way = way
+        self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(8, 3)
+        edges = torch.tensor([[0, 1, 2, 3, 4, 5, 0], [1, 2, 3, 4, 5, 0, 3]])
+        self.register_buffer("adj", torch.sparse_coo_tensor(edges, torch.rand(7), (6, 6)))
+
+    def forward(self, x):
+        h = self.fc1(x).relu()
+        if self.way == "sparse_mm":
+            h = torch.sparse.mm(self.adj, h)
+        elif self.way == "spmm":
+            h = torch.spmm(self.adj, h)
+        elif self.way == "matmul":
+            h = self.adj @ h
+        elif self.way == "addmm":
+            h = torch.sparse.addmm(h, self.adj, h)
+        else:  # features first: (C, N) @ adj
+            h = (h.t() @ self.adj).t()
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("way", ["sparse_mm", "spmm", "matmul", "addmm", "right"])
+def test_a_graph_convolution_over_a_sparse_adjacency_prunes_its_hidden_width(way):
+    model, x = _seeded(lambda: SparseGCN(way)), torch.randn(6, 5)
+    adj = model.adj.to_dense().clone()
+    assert _prunable(model, x) == [8]  # sparse_mm: TraceError (aten::equal on SparseCPU); others: []
+    _exact(model, x)
+    small = _prune(model, x).pruned
+    assert (small.fc1.out_features, small.fc2.in_features) == (4, 4)
+    assert count_params(small) == 39 and count_params(model) == 75
+    assert torch.equal(small.adj.to_dense(), adj) and torch.equal(model.adj.to_dense(), adj)
+    assert small(x).shape == (6, 3)
+
+
+def test_a_sparse_buffer_is_put_back_after_a_forward_that_changed_it():
+    from cleanai_core.model_state import preserved
+
+    model = _seeded(lambda: SparseGCN("sparse_mm"))
+    before = model.adj.to_dense().clone()
+    with preserved(model):
+        model.adj.copy_(model.adj * 3)
+    assert torch.equal(model.adj.to_dense(), before)
+
+
+# -- a constant matrix multiplied from the right -----------------------------------------------
+
+
+class RightMatrix(nn.Module):
+    """Features laid out ``(C, N)`` multiplied by a constant ``(N, N)`` matrix from the right
+    (a dense normalised adjacency buffer, or a token-mixing weight that is a bare parameter)."""
+
+    def __init__(self, bare: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(8, 3)
+        if bare:
+            self.mix = nn.Parameter(torch.randn(6, 6))
+        else:
+            self.register_buffer("mix", torch.rand(6, 6))
+
+    def forward(self, x):
+        h = self.fc1(x).relu()
+        return self.fc2((h.transpose(-1, -2) @ self.mix).transpose(-1, -2))
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("bare", [False, True])
+def test_channels_on_the_rows_pass_a_constant_matrix_multiplied_from_the_right(bare, batched):
+    model, x = _seeded(lambda: RightMatrix(bare)), torch.randn(2, 6, 5) if batched else torch.randn(6, 5)
+    graph = DependencyGraph(model, x)
+    assert [len(g.units) for g in graph.groups(prunable_only=True)] == [8]  # was []: h's channels froze
+    _exact(model, x)
+    small = _prune(model, x).pruned
+    assert (small.fc1.out_features, small.fc2.in_features, tuple(small.mix.shape)) == (4, 4, (6, 6))
