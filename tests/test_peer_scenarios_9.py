@@ -215,3 +215,93 @@ def test_channels_on_the_rows_pass_a_constant_matrix_multiplied_from_the_right(b
     _exact(model, x)
     small = _prune(model, x).pruned
     assert (small.fc1.out_features, small.fc2.in_features, tuple(small.mix.shape)) == (4, 4, (6, 6))
+
+
+# -- ordering ops over space, in-place views -----------------------------------------------------
+
+
+class Pooled(nn.Module):
+    """Channels pooled over space by an ordering op, then read by a linear head."""
+
+    def __init__(self, way: str) -> None:
+        super().__init__()
+        self.way = way
+        self.c1, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.c1(x).flatten(2)  # (B, C, HW)
+        if self.way == "median":
+            p = y.median(-1)[0]
+        elif self.way == "kthvalue":
+            p = y.kthvalue(3)[0]  # dim defaults to -1
+        elif self.way == "mode":
+            p = y.round().mode(2)[0]
+        elif self.way == "nanmedian":
+            p = y.nanmedian(dim=-1).values
+        elif self.way == "quantile":
+            p = torch.quantile(y, 0.75, dim=-1)
+        elif self.way == "topk":
+            p = y.topk(3, 2)[0].mean(-1)
+        elif self.way == "argsort":
+            p = torch.gather(y, -1, y.argsort(-1, descending=True))[..., 0]
+        else:  # cummax
+            p = y.cummax(2)[0][..., -1]
+        return self.fc(p)
+
+
+@pytest.mark.parametrize("way", ["median", "kthvalue", "mode", "nanmedian", "quantile", "topk", "argsort", "cummax"])
+def test_channels_ordered_over_space_keep_their_label(way):
+    model, x = _seeded(lambda: Pooled(way)), torch.randn(2, 3, 6, 6)
+    # median / kthvalue / mode dropped the label: the pruned model failed ("mat1 and mat2 shapes
+    # cannot be multiplied"); quantile / argsort froze at gather, cummax had no mapper
+    assert _prunable(model, x) == [8]
+    _exact(model, x)
+    small = _prune(model, x).pruned
+    assert (small.c1.out_channels, small.fc.in_features, count_params(small)) == (4, 4, 132)
+    assert small(x).shape == (2, 4)
+
+
+class Ordered(nn.Module):
+    def __init__(self, way: str) -> None:
+        super().__init__()
+        self.way = way
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.way == "topk":
+            return self.c2(y.topk(8, 1)[0])  # read as the last dim before 2026-12-02
+        if self.way == "kthvalue":
+            return self.c2(y - y.kthvalue(2, 1, keepdim=True)[0])
+        return self.c2(y.cummax(1)[0])
+
+
+@pytest.mark.parametrize("way", ["topk", "kthvalue", "cummax"])
+def test_an_ordering_across_the_channels_keeps_them_with_its_name(way):
+    model, x = _seeded(lambda: Ordered(way)), torch.randn(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    assert graph.groups(prunable_only=True) == []
+    assert any("orders channels" in r for r in _reasons(graph)), _reasons(graph)
+
+
+class InPlaceViews(nn.Module):
+    """``squeeze_`` / ``unsqueeze_`` / ``t_`` / ``transpose_`` on the way to the next layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.gate = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(3, 8)
+        self.fc, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        g = self.gate(x.mean((2, 3))).unsqueeze_(-1).unsqueeze_(-1)
+        y = self.c1(x) * g.sigmoid()
+        p = y.mean((2, 3), keepdim=True).squeeze_(-1).squeeze_(-1)  # (B, 8)
+        q = self.c1(x).flatten(2).transpose_(1, 2)  # (B, HW, 8)
+        h = self.fc(p + q.mean(1)).t_()  # (6, B)
+        return self.fc2(h.t_())
+
+
+def test_in_place_views_pass_the_channels():
+    model, x = _seeded(InPlaceViews), torch.randn(2, 3, 6, 6)
+    assert sorted(_prunable(model, x)) == [6, 8]  # was []: "channels reach op aten.squeeze_.dim ... which ignored them"
+    _exact(model, x)

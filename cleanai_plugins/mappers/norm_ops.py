@@ -191,22 +191,51 @@ def _reduce_second(ctx, lab, name: str, dims: list[int] | None) -> bool:
     return True
 
 
-@table.register("topk", "sort", "kthvalue", "median", "mode")
+#: ``op -> (position of dim, position of keepdim or None when the dim stays)``; an op
+#: without a dim argument (``median(x)``, ``msort``) orders all elements, or dim 0
+_ORDERING = {
+    "topk": (2, None),
+    "sort": (1, None),
+    "argsort": (1, None),
+    "msort": (None, None),
+    "kthvalue": (2, 3),
+    "median": (1, 2),
+    "nanmedian": (1, 2),
+    "mode": (1, 2),
+    "cummax": (1, None),
+    "cummin": (1, None),
+}
+
+
+@table.register(*_ORDERING)
 def sort_like(call, ctx):
+    """Ordering along a dimension (``topk``, ``sort``, ``kthvalue``, ``median``, ``mode``,
+    ``cummax``): across the channels it depends on every channel (frozen); elsewhere the
+    channels pass to the values and the indices, on the dim they keep when the op reduces
+    it (``median(-1)`` without ``keepdim``). Before 2026-12-02 the dim was read from the
+    wrong argument (``topk(k, 1)`` ordered the last dim to the graph, ``kthvalue(k)`` took
+    ``k`` for the dim) and a reducing op dropped the label: the pruned model failed to run."""
     src = call.args[0]
     lab = ctx.label_of(src)
     if lab is None:
         return
-    dim = call.kwargs.get("dim", -1)
-    for a in call.args[1:]:
-        if isinstance(a, int) and not isinstance(a, bool):
-            dim = a if "topk" not in str(call.op) else dim
-    if dim % src.ndim == lab.dim:
+    name = call.op.overloadpacket.__name__
+    dim_at, keep_at = _ORDERING[name]
+    if src.ndim == 0:
+        return
+    if dim_at is None:  # msort: along dim 0; median(x): over everything
+        dim = 0 if name == "msort" else None
+    else:
+        dim = call.kwargs.get("dim", arg(call, dim_at, "dim", -1))
+    if dim is None or dim % src.ndim == lab.dim:
         ctx.freeze(lab.atoms, f"{ctx.where()} orders channels")
         return
+    dim %= src.ndim
+    keep = keep_at is None or bool(arg(call, keep_at, "keepdim", False))
+    d = lab.dim if keep else lab.dim - (dim < lab.dim)
     for out in call.outputs:
-        if out.ndim == src.ndim:
-            ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+        if out.ndim > d and out.shape[d] == lab.atoms.numel():
+            ctx.set_label(out, d, lab.atoms, lab.origin)
 
 
 @hookimpl(trylast=True)

@@ -294,7 +294,7 @@ def permute(call, ctx):
     ctx.set_label(call.outputs[0], perm.index(lab.dim), lab.atoms, lab.origin, cross)
 
 
-@table.register("transpose", "transpose_copy", "swapaxes", "swapdims")
+@table.register("transpose", "transpose_copy", "swapaxes", "swapdims", "transpose_", "swapaxes_", "swapdims_")
 def transpose(call, ctx):
     src = call.args[0]
     lab = ctx.label_of(src)
@@ -311,7 +311,7 @@ def transpose(call, ctx):
     ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin, cross)
 
 
-@table.register("t", "numpy_T")
+@table.register("t", "numpy_T", "t_")
 def t(call, ctx):
     src = call.args[0]
     lab = ctx.label_of(src)
@@ -322,7 +322,7 @@ def t(call, ctx):
     ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin, cross)
 
 
-@table.register("unsqueeze", "unsqueeze_copy")
+@table.register("unsqueeze", "unsqueeze_copy", "unsqueeze_")
 def unsqueeze(call, ctx):
     src, out = call.args[0], call.outputs[0]
     lab = ctx.label_of(src)
@@ -333,7 +333,7 @@ def unsqueeze(call, ctx):
     ctx.set_label(out, lab.dim + (dim <= lab.dim), lab.atoms, lab.origin, cross)
 
 
-@table.register("squeeze", "squeeze_copy")
+@table.register("squeeze", "squeeze_copy", "squeeze_")
 def squeeze(call, ctx):
     src, out = call.args[0], call.outputs[0]
     lab = ctx.label_of(src)
