@@ -52,15 +52,23 @@ class Unbound(nn.Module):
             z = torch.stack([a * b for a, b in zip(y.unbind(1), y.sigmoid().unbind(1), strict=True)], 1)
         elif self.way == "layer":
             z = torch.stack([self.fc(t) for t in y.unbind(1)], 1)
+        elif self.way == "split":
+            z = torch.cat([t * 2 for t in y.split(1, dim=1)], 1)
+        elif self.way == "chunk":
+            z = torch.cat([t.sigmoid() for t in y.chunk(8, 1)], 1)
+        elif self.way == "nested":
+            z = torch.stack([torch.stack([r.relu() for r in t.unbind(1)], 1) for t in y.unbind(1)], 1)
         else:  # channels last: unbound along dim 3
             z = torch.stack([t.tanh() for t in y.permute(0, 2, 3, 1).unbind(3)], 3).permute(0, 3, 1, 2)
         return self.c2(z)
 
 
-@pytest.mark.parametrize("way", ["stack", "cat", "reversed", "zip", "layer", "channels_last"])
+@pytest.mark.parametrize(
+    "way", ["stack", "cat", "reversed", "zip", "layer", "split", "chunk", "nested", "channels_last"]
+)
 def test_channels_unbound_and_stacked_back_prune_with_their_producer(way):
     model, x = _seeded(lambda: Unbound(way)), torch.randn(2, 3, 6, 6)
-    assert _prunable(model, x) == [8]  # was [] ("unbinds the channel dimension")
+    assert _prunable(model, x) == [8]  # was [] ("unbinds the channel dimension"); split / chunk: [1]
     _exact(model, x)
     small = _prune(model, x).pruned
     assert (small.c1.out_channels, small.c2.in_channels) == (4, 4)

@@ -108,8 +108,8 @@ class Unbinds:
         ``None`` when these are not every piece of one unbind, each once, after the same
         work (the pieces' unbinds then freeze, with the reason)."""
         tags = [self.tags.get(t.key) if isinstance(t, TRef) else None for t in tensors]
-        if all(t is None for t in tags):
-            return None
+        if all(t is None for t in tags) or (None not in tags and len(set(tags)) == 1 and len(tags) > 1):
+            return None  # no piece, or work on one piece (an inner unbind of it stacked back)
         uids = {self._root(t[0]) for t in tags if t is not None}
         if None in tags or len(uids) != 1:
             for u in uids:

@@ -545,6 +545,9 @@ def split(call, ctx):
             return
         ctx.freeze(lab.atoms, f"{ctx.where()} splits channels into unequal parts")
         return
+    if sizes[0] == 1 and len(sizes) > 1:  # ``x.split(1, 1)``, ``x.chunk(C, 1)``: one channel a part
+        ctx.unbind_pieces(outs, lab.atoms)  # free where the parts are stacked back after the same work
+        return
     ctx.tie(lab.atoms, (len(sizes), sizes[0]), 1)
     start = 0
     for o, s in zip(outs, sizes, strict=True):  # keeps the origin: attention can still ask for whole heads
