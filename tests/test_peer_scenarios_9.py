@@ -313,3 +313,96 @@ def test_in_place_views_pass_the_channels():
     model, x = _seeded(InPlaceViews), torch.randn(2, 3, 6, 6)
     assert sorted(_prunable(model, x)) == [6, 8]  # was []: "channels reach op aten.squeeze_.dim ... which ignored them"
     _exact(model, x)
+
+
+# -- ops without a mapper before: distances, triangles, rotations, renorm, complex numbers --------
+
+
+class Prototypes(nn.Module):
+    """A prototype classifier (``-torch.cdist(h, self.protos)``) and a VQ-VAE's nearest
+    codebook entry (``torch.cdist(z, self.code.weight)``, many rows: ``_euclidean_dist``)."""
+
+    def __init__(self, way: str) -> None:
+        super().__init__()
+        self.way = way
+        self.enc, self.dec = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 1)
+        self.code = nn.Embedding(16, 8)
+        self.protos = nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x):
+        z = self.enc(x).permute(0, 2, 3, 1)  # (B, H, W, D)
+        if self.way == "prototypes":
+            return -torch.cdist(z.mean((1, 2)), self.protos)
+        d = torch.cdist(z.reshape(-1, z.shape[-1]), self.code.weight)
+        q = self.code(d.argmin(-1)).view_as(z)
+        return self.dec((z + (q - z).detach()).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("way, before, after", [("prototypes", 419, 287), ("codebook", 419, 231)])
+def test_distances_to_prototypes_or_a_codebook_prune_both_sides(way, before, after):
+    model, x = _seeded(lambda: Prototypes(way)), torch.randn(2, 3, 6, 6)
+    assert _prunable(model, x) == [8]  # was []: "channels reach op aten._cdist_forward.default ..."
+    _exact(model, x)
+    small = _prune(model, x).pruned
+    assert (count_params(model), count_params(small)) == (before, after)
+    used = small.protos.shape[1] if way == "prototypes" else small.code.embedding_dim
+    assert small.enc.out_channels == used == 4
+
+
+class Geometry(nn.Module):
+    def __init__(self, way: str) -> None:
+        super().__init__()
+        self.way = way
+        self.fc1, self.c = nn.Linear(6, 8), nn.Conv1d(8, 4, 1)
+
+    def forward(self, x):  # x: (B, N, 6)
+        h = self.fc1(x)  # (B, N, C), channels last
+        if self.way.startswith("rot90"):
+            k = int(self.way[5:])
+            h = torch.rot90(h, k, (1, 2))
+            h = h if k % 2 else h.transpose(1, 2)  # channels on dim 1 for the conv
+        elif self.way == "tril":
+            h = h.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, 5).tril().sum(-1)
+        elif self.way == "diagonal":
+            h = h.unsqueeze(-1).expand(-1, -1, -1, 5).diagonal(0, 1, 3)  # (B, C, N)
+        elif self.way == "renorm":
+            h = h.renorm(2, 2, 1.0).transpose(1, 2)
+        elif self.way == "complex":
+            h = torch.polar(h.abs(), h).real.transpose(1, 2)
+        else:  # bucketize
+            h = (h * torch.bucketize(h, torch.tensor([-1.0, 0.0, 1.0]))).transpose(1, 2)
+        return self.c(h)
+
+
+@pytest.mark.parametrize(
+    "way", ["rot901", "rot902", "rot903", "rot90-1", "tril", "diagonal", "renorm", "complex", "bucketize"]
+)
+def test_ops_that_had_no_mapper_pass_the_channels(way):
+    model, x = _seeded(lambda: Geometry(way)), torch.randn(2, 5, 6)
+    assert _prunable(model, x) == [8]  # was []: "channels reach op aten.rot90.default ... which ignored them"
+    _exact(model, x)
+    small = _prune(model, x).pruned
+    assert (small.fc1.out_features, small.c.in_channels, count_params(small)) == (4, 4, 48)
+
+
+class AcrossChannels(nn.Module):
+    def __init__(self, way: str) -> None:
+        super().__init__()
+        self.way = way
+        self.c1, self.c2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        if self.way == "triu":  # rows are channels
+            return self.c2(y.permute(0, 2, 1, 3).triu().permute(0, 2, 1, 3))
+        if self.way == "cross":  # 3-vectors along the channels
+            return self.c2(torch.linalg.cross(y, y.flip(-1), dim=1))
+        return self.c2(y.diagonal(0, 1, 2).unsqueeze(1).expand(-1, 3, -1, -1))  # channels x rows
+
+
+@pytest.mark.parametrize("way, reason", [("triu", "triangle"), ("cross", "crosses vectors"), ("diagonal", "diagonal")])
+def test_those_ops_across_the_channels_keep_them_with_the_reason(way, reason):
+    model, x = _seeded(lambda: AcrossChannels(way)), torch.randn(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    assert graph.groups(prunable_only=True) == []
+    assert any(reason in r for r in _reasons(graph)), _reasons(graph)

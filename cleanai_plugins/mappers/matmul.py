@@ -231,6 +231,45 @@ def addmm(call, ctx):
         broadcast(ctx, [bias, out], out)
 
 
+@table.register("_cdist_forward", "cdist", "_euclidean_dist")
+def cdist(call, ctx):
+    """``torch.cdist(x1, x2)``: distances between the rows of ``x1: (..., P, M)`` and of
+    ``x2: (..., R, M)`` over their last dimension (a prototype classifier, a VQ-VAE's
+    nearest codebook entry): like ``x1 @ x2^T``, channels on ``M`` contract (both sides
+    shrink together: a zeroed pair adds nothing to the distance), rows label the output's
+    ``P``, ``x2``'s rows its ``R``. Before 2026-12-02 no mapper knew it: its channels froze."""
+    a, b, out = call.args[0], call.args[1], call.outputs[0]
+    la, lb = ctx.label_of(a), ctx.label_of(b)
+    if la is None and lb is None:
+        return
+    ka = la is not None and la.dim == a.ndim - 1
+    kb = lb is not None and (lb.dim == b.ndim - 1 or (lb.cross is not None and lb.cross[0] == b.ndim - 1))
+    if ka or kb:
+        cols = None if lb is None else lb.atoms if lb.dim == b.ndim - 1 else ctx.take_cross(lb) if kb else None
+        if ka and cols is not None:
+            ctx.union(la.atoms, cols)
+        else:
+            ctx.freeze(
+                la.atoms if ka else cols, f"{ctx.where()} measures distances over channels that only one side has"
+            )
+    if la is not None and la.dim == a.ndim - 2:
+        ctx.set_label(out, out.ndim - 2, la.atoms, la.origin)
+    elif la is not None and not ka:
+        ctx.freeze(la.atoms, f"{ctx.where()}: channels on a batch dimension meet a distance")
+    rows = None
+    if lb is not None and lb.dim == b.ndim - 2:
+        rows = lb.atoms
+    elif lb is not None and lb.cross is not None and lb.cross[0] == b.ndim - 2 and lb.dim == b.ndim - 1:
+        rows = ctx.take_cross(lb)
+    elif lb is not None and not kb:
+        ctx.freeze(lb.atoms, f"{ctx.where()}: channels on a batch dimension meet a distance")
+    if rows is not None:
+        if ctx.label_of(out) is None:
+            ctx.set_label(out, out.ndim - 1, rows)
+        else:
+            ctx.freeze(rows, f"{ctx.where()}: both operands carry channels")
+
+
 @table.register("mul")
 def mul(call, ctx):
     """Element-wise, except the scale of a decomposed scaled dot-product attention.

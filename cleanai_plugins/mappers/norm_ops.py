@@ -139,6 +139,7 @@ def _reduce_channels(call, ctx, lab, name, dims: list[int] | None = None) -> Non
     "any",
     "all",
     "count_nonzero",
+    "aminmax",
 )
 def reduce(call, ctx):
     """Reducing over the channel dimension drops the label (a sum over fewer channels
@@ -236,6 +237,36 @@ def sort_like(call, ctx):
     for out in call.outputs:
         if out.ndim > d and out.shape[d] == lab.atoms.numel():
             ctx.set_label(out, d, lab.atoms, lab.origin)
+
+
+@table.register("renorm")
+def renorm(call, ctx):
+    """``x.renorm(p, dim, maxnorm)`` rescales each slice along ``dim`` whose norm over the
+    other dims exceeds ``maxnorm``: along the channels, each channel alone (exact); along
+    another dim, the norm is taken across the channels (they shrink, not exactly, like a
+    norm layer's)."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if arg(call, 2, "dim") % src.ndim != lab.dim:
+        ctx.normalize(lab.atoms)
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("linalg_cross", "cross")
+def cross(call, ctx):
+    """``torch.linalg.cross(a, b, dim)`` of 3-vectors along ``dim``: channels there are the
+    vectors' coordinates (frozen); elsewhere it is element-wise."""
+    a = call.args[0]
+    dim = arg(call, 2, "dim", -1)
+    for r in call.args[:2]:
+        lab = ctx.label_of(r)
+        if lab is not None and dim is not None and lab.dim == dim % r.ndim:
+            ctx.freeze(lab.atoms, f"{ctx.where()} crosses vectors laid along channels")
+            return
+    if a is not None:
+        elementwise(call, ctx)
 
 
 @hookimpl(trylast=True)

@@ -603,6 +603,66 @@ def unfold(call, ctx):
     ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
 
 
+@table.register("tril", "triu")
+def triangle(call, ctx):
+    """``tril`` / ``triu`` keep a triangle of the last two dims: channels before them pass;
+    on them, which entries stay depends on each channel's position (frozen)."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if lab.dim >= src.ndim - 2:
+        ctx.freeze(lab.atoms, f"{ctx.where()} keeps a triangle whose rows or columns are channels")
+        return
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("diagonal", "diagonal_copy")
+def diagonal(call, ctx):
+    """``x.diagonal(offset, dim1, dim2)``: the two dims go, the diagonal becomes the last
+    one; channels on another dim pass, on one of the two they freeze."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    d1, d2 = arg(call, 2, "dim1", 0) % src.ndim, arg(call, 3, "dim2", 1) % src.ndim
+    if lab.dim in (d1, d2):
+        ctx.freeze(lab.atoms, f"{ctx.where()} takes a diagonal across channels")
+        return
+    ctx.set_label(call.outputs[0], lab.dim - (d1 < lab.dim) - (d2 < lab.dim), lab.atoms, lab.origin)
+
+
+@table.register("rot90")
+def rot90(call, ctx):
+    """``torch.rot90(x, k, dims)``: ``x.flip(b).transpose(a, b)`` per quarter turn. Channels
+    outside ``dims`` pass; on them they move to the other dim of the two (odd ``k``), and
+    come out reversed where the turn flips their dim, as ``flip`` reverses them."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    k = arg(call, 1, "k", 1) % 4
+    a, b = (d % src.ndim for d in arg(call, 2, "dims", [0, 1]))
+    atoms, dim = lab.atoms, lab.dim
+    for _ in range(k):
+        if dim == b:
+            atoms = atoms.flip(0)
+        dim = b if dim == a else a if dim == b else dim
+    ctx.set_label(call.outputs[0], dim, atoms, lab.origin if dim == lab.dim and k == 0 else None)
+
+
+@table.register("bucketize")
+def bucketize(call, ctx):
+    """``torch.bucketize(x, boundaries)``: each element's bucket, element by element; the
+    boundaries are a list, not a tensor aligned with ``x``."""
+    src = call.args[0]
+    lab, blab = ctx.label_of(src), ctx.label_of(arg(call, 1, "boundaries"))
+    if blab is not None:
+        ctx.freeze(blab.atoms, f"{ctx.where()} searches channels as boundaries")
+    if lab is not None and isinstance(src, TRef):
+        ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
 @table.register("roll", "flip")
 def roll(call, ctx):
     src = call.args[0]
