@@ -8,6 +8,8 @@ zeroing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_peer_scenarios_2 import _exact
@@ -192,6 +194,28 @@ def test_a_sparse_buffer_is_put_back_after_a_forward_that_changed_it():
     with preserved(model):
         model.adj.copy_(model.adj * 3)
     assert torch.equal(model.adj.to_dense(), before)
+
+
+def test_a_pruned_gcn_with_a_sparse_buffer_saves_and_loads_back(tmp_path, monkeypatch):
+    from cleanai_core import load_pruned
+    from cleanai_core.io import save_pruned
+    from cleanai_core.saved_folder import state_dict_problems
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    model, x = _seeded(lambda: SparseGCN("sparse_mm")), torch.randn(6, 5)
+    pruner = _prune(model, x)
+    # was: RuntimeError "unsupported memory format option Contiguous", then "sparse, complex or
+    # other non-dense tensors: ['adj']"
+    save_pruned(tmp_path / "out", pruner.pruned, pruner.history, "test_peer_scenarios_9:SparseGCN",
+                options={"model_kwargs": {"way": "sparse_mm"}})  # fmt: skip
+    back = load_pruned(tmp_path / "out", trust_code=True)
+    assert torch.equal(back(x), pruner.pruned(x)) and back.adj.layout == torch.sparse_coo
+    assert count_params(back) == 39
+    # a sparse tensor where the model holds a dense one is still refused
+    own = pruner.pruned.state_dict()
+    assert state_dict_problems(own, {**own, "fc1.weight": own["fc1.weight"].to_sparse()}) == [
+        "sparse, complex or other non-dense tensors: ['fc1.weight']"
+    ]
 
 
 # -- a constant matrix multiplied from the right -----------------------------------------------
