@@ -91,6 +91,26 @@ def test_a_reversed_restack_keeps_each_channel_with_its_own_filter():
     assert keep[("c2", "in")].tolist() == [0, 1, 2, 3, 4, 5]
 
 
+class ScaledInTheLoop(nn.Module):
+    """Each unbound channel scaled by a parameter viewed again in every iteration (a new
+    tensor each time, made the same way): the same work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.g = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        return self.c2(torch.stack([t * self.g.view(1, 1, -1) for t in self.c1(x).unbind(1)], 1))
+
+
+def test_a_parameter_viewed_again_for_every_unbound_channel_is_the_same_work():
+    model, x = _seeded(ScaledInTheLoop), torch.randn(2, 3, 6, 6)
+    assert _prunable(model, x) == [8]
+    _exact(model, x)
+    assert count_params(_prune(model, x).pruned) == 174 - 42 + 6
+
+
 class Unpaired(nn.Module):
     """Unbound channels that must keep their channels: summed together, one picked by its
     position, each through a layer of its own, a scale picked by position, or one read

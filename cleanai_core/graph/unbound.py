@@ -96,7 +96,7 @@ class Unbinds:
         for u, kk in (t for _, t in tagged):
             if u != first:
                 self.items[u].joined_at.add(kk)
-        self.items[first].work[k].append(_step(event, {r.key for r, _ in tagged}))
+        self.items[first].work[k].append(_step(event, {r.key for r, _ in tagged}, ctx.made_by))
         for o in event.outputs:
             if o.key in self.tags:  # an unbind of a piece: its own pieces
                 continue
@@ -152,18 +152,29 @@ class Unbinds:
                 ctx.freeze(item.atoms, reason)
 
 
-def _step(event: Any, pieces: set[int]) -> tuple:
-    """What ``event`` does to a piece: its op or module, its constant arguments, and the
-    other tensors it reads (a parameter by name, another tensor by its key: the same
-    tensor for every piece, or a different one per piece)."""
+def _step(event: Any, pieces: set[int], made_by: dict[int, Any]) -> tuple:
+    """What ``event`` does to a piece: its op or module, its constant arguments, and what
+    the other tensors it reads are (:func:`_source`)."""
     if isinstance(event, ModuleCall):
-        what: Any = event.name
-        consts: tuple = ()
-    else:
-        what = str(event.op)
-        consts = tuple(repr(a) for a in _leaves((event.args, event.kwargs)) if not isinstance(a, TRef))
-    reads = tuple(r.param or r.key for r in event.inputs if r.key not in pieces)
-    return (what, consts, reads)
+        return (event.name, (), tuple(_source(r, made_by) for r in event.inputs if r.key not in pieces))
+    return (str(event.op), _consts(event), tuple(_source(r, made_by) for r in event.inputs if r.key not in pieces))
+
+
+def _consts(event: Any) -> tuple:
+    return tuple(repr(a) for a in _leaves((event.args, event.kwargs)) if not isinstance(a, TRef))
+
+
+def _source(ref: TRef, made_by: dict[int, Any], depth: int = 3) -> Any:
+    """A tensor a piece's work reads besides the piece: a parameter by name; one computed
+    from parameters and constants by how (``self.scale.view(1, -1)`` made again for every
+    piece is the same work; ``self.w[k]`` is not); anything else by its key (one tensor
+    shared by every piece, or one per piece)."""
+    if ref.param is not None:
+        return ref.param
+    event = made_by.get(ref.key)
+    if depth == 0 or event is None or isinstance(event, ModuleCall):
+        return ref.key
+    return (str(event.op), _consts(event), tuple(_source(r, made_by, depth - 1) for r in event.inputs))
 
 
 def _leaves(obj: Any) -> list[Any]:
