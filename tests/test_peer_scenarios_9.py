@@ -111,6 +111,37 @@ def test_a_parameter_viewed_again_for_every_unbound_channel_is_the_same_work():
     assert count_params(_prune(model, x).pruned) == 174 - 42 + 6
 
 
+class ZippedWithParameter(nn.Module):
+    """Unbound channels zipped with a parameter iterated along its first dim: a gain per
+    channel (``(C,)``: it shrinks with them) or a matrix per channel (``(C, W, W)`` carrying
+    its channels on its last dim: its first dim cannot shrink, so neither can they)."""
+
+    def __init__(self, per_channel_matrix: bool) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.w = nn.Parameter(torch.randn(8, 6, 6) if per_channel_matrix else torch.randn(8))
+
+    def forward(self, x):
+        ts = self.c1(x).unbind(1)
+        if self.w.ndim == 3:
+            return self.c2(torch.stack([t @ m for t, m in zip(ts, self.w, strict=True)], 1))
+        return self.c2(torch.stack([t * g for t, g in zip(ts, self.w, strict=True)], 1))
+
+
+def test_unbound_channels_zipped_with_a_parameter_shrink_with_it_or_keep_their_channels():
+    model, x = _seeded(lambda: ZippedWithParameter(False)), torch.randn(2, 3, 6, 6)
+    assert _prunable(model, x) == [8]
+    _exact(model, x)
+    small = _prune(model, x).pruned
+    assert (small.c1.out_channels, tuple(small.w.shape), count_params(small)) == (4, (4,), 136)
+    # the matrices' first dim is not followed: the channels keep their width (the oracle was 3.3
+    # off before: the pruned model paired the kept channels with the first matrices)
+    model = _seeded(lambda: ZippedWithParameter(True))
+    graph = DependencyGraph(model, x)
+    assert graph.groups(prunable_only=True) == []
+    assert any("unbinds w" in r for r in _reasons(graph)), _reasons(graph)
+
+
 class Unpaired(nn.Module):
     """Unbound channels that must keep their channels: summed together, one picked by its
     position, each through a layer of its own, a scale picked by position, or one read

@@ -577,9 +577,13 @@ def glu(call, ctx):
 def unbind(call, ctx):
     src = call.args[0]
     lab = ctx.label_of(src)
+    dim = arg(call, 1, "dim", 0) % src.ndim
+    if isinstance(src, TRef) and src.param is not None and (lab is None or dim != lab.dim):
+        # a parameter iterated along a dim that does not shrink (``zip(x.unbind(1), self.W)``):
+        # its pieces pair with unbound channels by position, which then cannot shrink
+        ctx.unbind_pieces(call.outputs, ctx.new_atoms(len(call.outputs), frozen=f"{ctx.where()} unbinds {src.param}"))
     if lab is None:
         return
-    dim = arg(call, 1, "dim", 0) % src.ndim
     if dim == lab.dim:  # channels one by one: free if stacked back whole (before 2026-12-02 frozen)
         _ask_inner_split(ctx, lab)
         ctx.unbind_pieces(call.outputs, lab.atoms)
