@@ -174,9 +174,19 @@ def reduce(call, ctx):
     if lab.cross is not None and not _reduce_second(ctx, lab, name, dims):
         c = lab.cross[0] % src.ndim
         cross = (c if keep is True else c - sum(x < c for x in dims), lab.cross[1])
+    _label_outputs(call, ctx, lab, d, cross)
+
+
+def _label_outputs(call, ctx, lab, d: int, cross=None) -> None:
+    """Label every output that still has the channels on ``d``; where none has them, they
+    freeze (dropped silently, the next layer's inputs would be pruned apart from them)."""
+    placed = False
     for out in call.outputs:
         if out.ndim > d and out.shape[d] == lab.atoms.numel():
             ctx.set_label(out, d, lab.atoms, lab.origin, cross)
+            placed = True
+    if not placed:
+        ctx.freeze(lab.atoms, f"{ctx.where()} changes the shape")
 
 
 def _reduce_second(ctx, lab, name: str, dims: list[int] | None) -> bool:
@@ -234,9 +244,7 @@ def sort_like(call, ctx):
     dim %= src.ndim
     keep = keep_at is None or bool(arg(call, keep_at, "keepdim", False))
     d = lab.dim if keep else lab.dim - (dim < lab.dim)
-    for out in call.outputs:
-        if out.ndim > d and out.shape[d] == lab.atoms.numel():
-            ctx.set_label(out, d, lab.atoms, lab.origin)
+    _label_outputs(call, ctx, lab, d)
 
 
 @table.register("renorm")
