@@ -485,3 +485,44 @@ def test_those_ops_across_the_channels_keep_them_with_the_reason(way, reason):
     graph = DependencyGraph(model, x)
     assert graph.groups(prunable_only=True) == []
     assert any(reason in r for r in _reasons(graph)), _reasons(graph)
+
+
+# -- packed sequences ----------------------------------------------------------------------------
+
+
+class PackedText(nn.Module):
+    """Token ids embedded, packed by length, through a recurrent layer, padded back."""
+
+    def __init__(self, kind: str, bidirectional: bool, layers: int) -> None:
+        super().__init__()
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind]
+        self.e = nn.Embedding(20, 8)
+        self.r = rnn(8, 6, num_layers=layers, bidirectional=bidirectional, batch_first=True)
+        self.fc = nn.Linear(12 if bidirectional else 6, 3)
+
+    def forward(self, ids, lengths):
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        packed = pack_padded_sequence(self.e(ids), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.r(packed)[0], batch_first=True)
+        return self.fc(out.sum(1))
+
+
+@pytest.mark.parametrize(
+    "kind, bidirectional, layers, before, after",
+    [("lstm", False, 1, 565, 200), ("gru", True, 1, 775, 263), ("rnn", False, 2, 361, 143)],
+)
+def test_packed_sequences_prune_the_embedding_and_the_recurrent_width(kind, bidirectional, layers, before, after):
+    model = _seeded(lambda: PackedText(kind, bidirectional, layers))
+    x = (torch.randint(1, 20, (3, 5)), torch.tensor([5, 3, 2]))
+    # was []: "channels reach op aten._pack_padded_sequence.default ..., which ignored them"
+    assert sorted(_prunable(model, x)) == [6, 8]
+    _exact(model, x)
+    small = _prune(model, x).pruned
+    assert (small.e.embedding_dim, small.r.hidden_size, count_params(model), count_params(small)) == (
+        4,
+        3,
+        before,
+        after,
+    )
+    assert small(*x).shape == (3, 3)

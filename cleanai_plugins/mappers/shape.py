@@ -607,6 +607,21 @@ def unfold(call, ctx):
     ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
 
 
+@table.register("_pack_padded_sequence")
+def pack_padded_sequence(call, ctx):
+    """``pack_padded_sequence(x, lengths)``: the steps of every sequence packed as rows of
+    ``data: (steps, features)``; the features (``x``'s last dim) stay the last dim. Channels
+    on the time or batch dims freeze (rows of different sequences are mixed)."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if lab.dim != src.ndim - 1:
+        ctx.freeze(lab.atoms, f"{ctx.where()} packs sequences along their channels")
+        return
+    ctx.set_label(call.outputs[0], call.outputs[0].ndim - 1, lab.atoms, lab.origin)
+
+
 @table.register("tril", "triu")
 def triangle(call, ctx):
     """``tril`` / ``triu`` keep a triangle of the last two dims: channels before them pass;
@@ -758,12 +773,51 @@ def _permuted_write(ctx, dst, values, out, indices, ld, lv) -> bool:
     return True
 
 
+_FRESH = frozenset({"full", "zeros", "empty", "ones", "new_zeros", "new_full", "new_empty", "new_ones"})
+
+
 @table.register("copy_", "copy")
 def copy(call, ctx):
-    dst, src = call.args[0], call.args[1]
+    """``dst.copy_(src)``: element-wise; where ``dst`` is a slice of a fresh tensor without
+    channels (``pad_packed_sequence`` writes each step's rows into ``full((T, B, C), 0)``),
+    the fresh tensor takes ``src``'s channels (:func:`_fresh_base`)."""
+    dst, src, out = call.args[0], call.args[1], call.outputs[0]
     from cleanai_core.graph.elementwise import broadcast
 
-    broadcast(ctx, [dst, src], call.outputs[0])
+    lab = ctx.label_of(src)
+    if lab is not None and ctx.label_of(dst) is None and isinstance(dst, TRef):
+        d = lab.dim + dst.ndim - src.ndim
+        base = _fresh_base(ctx, dst, d) if 0 <= d < dst.ndim and src.shape[lab.dim] == dst.shape[d] else None
+        if base is not None:
+            held = ctx.label_of(base)
+            if held is None:
+                ctx.set_label(base, d, lab.atoms)
+            elif held.dim == d:
+                ctx.union(held.atoms, lab.atoms)
+            else:
+                ctx.freeze(lab.atoms, f"{ctx.where()} writes channels across the destination's own")
+            ctx.set_label(out, d, lab.atoms, lab.origin)
+            return
+    broadcast(ctx, [dst, src], out)
+
+
+def _fresh_base(ctx, ref, d: int):
+    """The fresh tensor (``torch.full`` / ``zeros`` / ``empty`` / ``x.new_zeros``...) that
+    ``ref`` is a slice of, through slices along other dims than ``d``, when it is as wide
+    there and its width is not a number the module stores; else ``None``."""
+    for _ in range(8):
+        event = ctx.made_by.get(ref.key)
+        if event is None or not hasattr(event, "op"):
+            return None
+        name = event.op.overloadpacket.__name__
+        if name in _FRESH:
+            base = event.outputs[0]
+            ok = base.shape[d] == ref.shape[d] and fresh_destination_problem(ctx, base.shape[d]) is None
+            return base if ok else None
+        if name not in ("slice", "narrow", "alias") or (name != "alias" and arg(event, 1, "dim", 0) % ref.ndim == d):
+            return None
+        ref = event.args[0]
+    return None
 
 
 @table.register("as_strided_.default")
