@@ -526,3 +526,34 @@ def test_packed_sequences_prune_the_embedding_and_the_recurrent_width(kind, bidi
         after,
     )
     assert small(*x).shape == (3, 3)
+
+
+class TimeFirstPacked(nn.Module):
+    """Time-first sequences packed sorted, packed from a list, or padded from a list
+    (``pad_sequence`` writes each sequence into a fresh ``full`` tensor through ``select``)."""
+
+    def __init__(self, way: str) -> None:
+        super().__init__()
+        self.way = way
+        self.e, self.r, self.fc = nn.Linear(4, 8), nn.LSTM(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x, lengths):
+        from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence, pad_sequence
+
+        h = self.e(x)  # (T, B, C)
+        seqs = [h[: int(n), i] for i, n in enumerate(lengths)]
+        if self.way == "sorted":
+            out = pad_packed_sequence(self.r(pack_padded_sequence(h, lengths))[0])[0]
+        elif self.way == "pack_sequence":
+            out = pad_packed_sequence(self.r(pack_sequence(seqs, enforce_sorted=False))[0])[0]
+        else:
+            out = self.r(pad_sequence(seqs))[0]
+        return self.fc(out.mean(0))
+
+
+@pytest.mark.parametrize("way", ["sorted", "pack_sequence", "pad_sequence"])
+def test_time_first_packed_or_padded_sequences_prune(way):
+    model, x = _seeded(lambda: TimeFirstPacked(way)), (torch.randn(5, 3, 4), torch.tensor([5, 3, 2]))
+    assert sorted(_prunable(model, x)) == [6, 8]  # pack_sequence / pad_sequence: [6] (copy_ froze e's 8)
+    _exact(model, x)
+    assert count_params(_prune(model, x).pruned) == 140 and count_params(model) == 445

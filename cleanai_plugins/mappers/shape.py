@@ -787,12 +787,13 @@ def copy(call, ctx):
     lab = ctx.label_of(src)
     if lab is not None and ctx.label_of(dst) is None and isinstance(dst, TRef):
         d = lab.dim + dst.ndim - src.ndim
-        base = _fresh_base(ctx, dst, d) if 0 <= d < dst.ndim and src.shape[lab.dim] == dst.shape[d] else None
-        if base is not None:
+        found = _fresh_base(ctx, dst, d) if 0 <= d < dst.ndim and src.shape[lab.dim] == dst.shape[d] else None
+        if found is not None:
+            base, bd = found
             held = ctx.label_of(base)
             if held is None:
-                ctx.set_label(base, d, lab.atoms)
-            elif held.dim == d:
+                ctx.set_label(base, bd, lab.atoms)
+            elif held.dim == bd:
                 ctx.union(held.atoms, lab.atoms)
             else:
                 ctx.freeze(lab.atoms, f"{ctx.where()} writes channels across the destination's own")
@@ -803,8 +804,10 @@ def copy(call, ctx):
 
 def _fresh_base(ctx, ref, d: int):
     """The fresh tensor (``torch.full`` / ``zeros`` / ``empty`` / ``x.new_zeros``...) that
-    ``ref`` is a slice of, through slices along other dims than ``d``, when it is as wide
-    there and its width is not a number the module stores; else ``None``."""
+    ``ref`` is a view of, through slices and selects along other dims than ``d`` (``d``
+    followed to the fresh tensor's dims), when it is as wide there and its width is not a
+    number the module stores: ``(tensor, its dim)``; else ``None``."""
+    width = ref.shape[d]
     for _ in range(8):
         event = ctx.made_by.get(ref.key)
         if event is None or not hasattr(event, "op"):
@@ -812,11 +815,19 @@ def _fresh_base(ctx, ref, d: int):
         name = event.op.overloadpacket.__name__
         if name in _FRESH:
             base = event.outputs[0]
-            ok = base.shape[d] == ref.shape[d] and fresh_destination_problem(ctx, base.shape[d]) is None
-            return base if ok else None
-        if name not in ("slice", "narrow", "alias") or (name != "alias" and arg(event, 1, "dim", 0) % ref.ndim == d):
+            ok = base.shape[d] == width and fresh_destination_problem(ctx, width) is None
+            return (base, d) if ok else None
+        src = event.args[0]
+        if name == "select":  # ``full(...)[:, i]`` (pad_sequence): the dim comes back
+            at = arg(event, 1, "dim", 0) % src.ndim
+            d += at <= d
+        elif name in ("slice", "narrow"):
+            at = arg(event, 1, "dim", 0) % src.ndim
+        elif name != "alias":
             return None
-        ref = event.args[0]
+        if name != "alias" and at == d:
+            return None
+        ref = src
     return None
 
 
