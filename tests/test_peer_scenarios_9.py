@@ -557,3 +557,30 @@ def test_time_first_packed_or_padded_sequences_prune(way):
     assert sorted(_prunable(model, x)) == [6, 8]  # pack_sequence / pad_sequence: [6] (copy_ froze e's 8)
     _exact(model, x)
     assert count_params(_prune(model, x).pruned) == 140 and count_params(model) == 445
+
+
+# -- nn.TransformerEncoder's nested-tensor fast path -----------------------------------------------
+
+
+class PaddedEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.fc = nn.Linear(6, 16), nn.Linear(16, 2)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2)  # enable_nested_tensor=True by default
+
+    def forward(self, x, pad):
+        return self.fc(self.enc(self.inp(x), src_key_padding_mask=pad).mean(1))
+
+
+def test_an_encoder_with_a_padding_mask_traces_without_its_nested_fast_path():
+    model = _seeded(PaddedEncoder)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 2 + [True] * 3])
+    x = (torch.randn(3, 5, 6), pad)
+    # was: TraceError "... NestedTensorImpl doesn't support sizes"
+    assert sorted(_prunable(model, x)) == [8, 32, 32]  # the attention width, each layer's MLP
+    _exact(model, x)
+    small = _prune(model, x).pruned
+    assert (count_params(model), count_params(small)) == (4594, 1274)
+    assert torch.backends.mha.get_fastpath_enabled()  # the user's setting is back
+    assert small(*x).shape == (3, 2)
