@@ -275,8 +275,9 @@ def slice_tensor(t: torch.Tensor, dim: int, keep: torch.Tensor) -> torch.Tensor:
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     """The layout ``t`` is dense in: ``torch.contiguous_format`` where it is (also when a
-    shape makes several layouts coincide) or none is, else channels-last (2-d or 3-d)."""
-    if t.is_contiguous():
+    shape makes several layouts coincide) or none is, else channels-last (2-d or 3-d). A
+    sparse tensor has none: ``torch.contiguous_format``."""
+    if t.layout != torch.strided or t.is_contiguous():
         return torch.contiguous_format
     for fmt, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
         if t.ndim == ndim and t.is_contiguous(memory_format=fmt):

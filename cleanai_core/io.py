@@ -212,9 +212,7 @@ def save_pruned(
 
     with staged_folder(out, check=unchanged, expected=before) as tmp:
         # dense in the layout each tensor had: made contiguous, a channels-last model came back NCHW
-        state = {
-            k: v.detach().cpu().contiguous(memory_format=memory_format_of(v)) for k, v in model.state_dict().items()
-        }
+        state = {k: _saved_tensor(v) for k, v in model.state_dict().items()}
         _atomic(tmp / "model.pt", lambda fh: torch.save(state, fh))
         atomic_write_text(tmp / "history.json", _json(history.to_json()))
         arch = {
@@ -379,6 +377,13 @@ def _before_its_history(model: nn.Module, history: Any) -> str | None:
         f"{tuple(recorded[last][changed])}, the step leaves {tuple(after[changed])}): it is the model before "
         "pruning. Pass the pruned model (what pruner.prune() returned) with its pruner.history"
     )
+
+
+def _saved_tensor(v: torch.Tensor) -> torch.Tensor:
+    """``v`` on the CPU, dense in the layout it had (a sparse buffer as it is: it has no
+    memory format, and ``contiguous`` refused it before 2026-12-02)."""
+    v = v.detach().cpu()
+    return v if v.layout != torch.strided else v.contiguous(memory_format=memory_format_of(v))
 
 
 def _checked_options(options: Any) -> dict[str, Any]:

@@ -17,7 +17,6 @@ helper :func:`cleanai_core.testing.check_pruner` does the same on a random pruni
 
 from __future__ import annotations
 
-import copy
 import sys
 import weakref
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from cleanai_core.errors import PruningError
-from cleanai_core.model_state import copy_model, drop_user_hooks, user_hooks, user_hooks_off
+from cleanai_core.model_state import copy_model, copy_tensor, drop_user_hooks, user_hooks, user_hooks_off
 from cleanai_core.slicing import get_submodule_and_attr
 from cleanai_core.verify import model_outputs, run_outputs
 
@@ -179,7 +178,7 @@ def _own(module: nn.Module) -> None:
         for table in (m._parameters, m._buffers):
             for key, t in table.items():
                 if t is not None:
-                    table[key] = copy.deepcopy(t, memo)
+                    table[key] = copy_tensor(t, memo)
 
 
 class _Zeroed:

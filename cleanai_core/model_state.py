@@ -62,7 +62,9 @@ from cleanai_core.out_folder import signals_deferred
 
 __all__ = [
     "HOOK_ATTRIBUTES",
+    "NO_STORAGE",
     "copy_model",
+    "copy_tensor",
     "drop_user_hooks",
     "preserved",
     "reads_preserved",
@@ -318,8 +320,12 @@ _MISSING = object()
 
 def _put_back(obj: torch.Tensor, saved: torch.Tensor) -> None:
     """Write ``saved`` into ``obj`` where they differ (values, or the shape an observer
-    resized); an untouched buffer is not written (its version counter stays)."""
-    if obj.shape != saved.shape or obj.device != saved.device:
+    resized); an untouched buffer is not written (its version counter stays). A sparse
+    buffer (a graph's adjacency for ``torch.sparse.mm``) has no ``equal`` / ``set_``: it is
+    copied back, which costs its stored entries only."""
+    if obj.layout != torch.strided:
+        obj.copy_(saved)
+    elif obj.shape != saved.shape or obj.device != saved.device:
         obj.set_(saved.to(obj.device))
     elif torch.equal(obj, saved):  # one call for what is nearly always so
         return
@@ -483,13 +489,28 @@ class _Copier:
             return new
         if isinstance(v, nn.Module):
             return self.module(v)
-        if isinstance(v, torch.Tensor) and not v.is_leaf:
+        if isinstance(v, torch.Tensor) and (not v.is_leaf or (v.layout in NO_STORAGE and type(v) is torch.Tensor)):
             new = memo[id(v)] = v.detach().clone()
             return new
         return copy.deepcopy(v, memo)
 
 
 _ATOMIC = copy._deepcopy_dispatch  # type: ignore[attr-defined]
+
+
+def copy_tensor(t: torch.Tensor, memo: dict[int, Any]) -> torch.Tensor:
+    """``copy.deepcopy(t, memo)``; a tensor of a layout ``deepcopy`` refuses (a CSR
+    adjacency buffer, :data:`NO_STORAGE`) is cloned."""
+    if t.layout in NO_STORAGE and type(t) is torch.Tensor:
+        if id(t) not in memo:
+            memo[id(t)] = t.detach().clone()
+        return memo[id(t)]
+    return copy.deepcopy(t, memo)
+
+
+#: layouts whose tensors ``deepcopy`` refuses ("Cannot access storage of SparseCsrTensorImpl":
+#: a GCN's CSR adjacency buffer); ``clone`` copies them
+NO_STORAGE = frozenset({torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc})
 
 
 def _copies_plainly(cls: type) -> bool:
@@ -509,7 +530,7 @@ def _copies_plainly(cls: type) -> bool:
 
 def _detached_into(value: Any, memo: dict[int, Any], depth: int) -> None:
     if isinstance(value, torch.Tensor):
-        if not value.is_leaf and id(value) not in memo:
+        if (not value.is_leaf or value.layout in NO_STORAGE) and id(value) not in memo:
             memo[id(value)] = value.detach().clone()
     elif depth > 0 and isinstance(value, (list, tuple)):
         for v in value:

@@ -8,6 +8,7 @@ output are (``output_transform``, else ``.logits``), and module modes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "label_indices",
     "logits_of",
     "move_to",
+    "no_nested_fast_path",
     "not_class_labels",
     "reads_as_regression",
     "regression_targets",
@@ -62,7 +64,7 @@ def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None
     copied before the write and put back with the rest of the model's state."""
     if copy:
         inputs = copied_inputs(inputs)
-    with writes_guarded(model):  # a forward writing its weights (clipping) writes what is put back
+    with writes_guarded(model), no_nested_fast_path():  # a forward writing its weights writes what is put back
         if forward_fn is not None:
             return forward_fn(model, inputs)
         if isinstance(inputs, dict):
@@ -70,6 +72,25 @@ def call_model(model: nn.Module, inputs: Any, forward_fn: Callable | None = None
         if isinstance(inputs, (tuple, list)):
             return model(*inputs)
         return model(inputs)
+
+
+@contextmanager
+def no_nested_fast_path() -> Iterator[None]:
+    """Switch off ``nn.TransformerEncoder``'s fast path for CleanAI's own runs: in eval
+    mode with a padding mask it packs the batch into a ``NestedTensor``, which the trace
+    cannot record ("NestedTensorImpl doesn't support sizes") and the hooks of masking and
+    calibration cannot index; the plain path computes the same at every position the mask
+    keeps (the fast path writes zeros at the padded ones). Before 2026-12-02 such a model
+    could not be traced."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not mha.get_fastpath_enabled():
+        yield
+        return
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(True)
 
 
 def copied_inputs(inputs: Any) -> Any:

@@ -331,7 +331,15 @@ def state_dict_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Ten
     ]
     kinds = [k for k, v in state.items() if k in own and v.is_floating_point() != own[k].is_floating_point()]
     empty = [k for k, v in state.items() if v.is_meta]
-    odd = [k for k, v in state.items() if not v.is_meta and (v.layout != torch.strided or v.is_complex())]
+    # a sparse or complex tensor fits only where the model's own is one of the same kind (a
+    # GCN's sparse adjacency buffer): elsewhere loading would turn a weight into it
+    odd = [
+        k
+        for k, v in state.items()
+        if not v.is_meta
+        and (v.layout != torch.strided or v.is_complex())
+        and not (k in own and own[k].layout == v.layout and own[k].is_complex() == v.is_complex())
+    ]
     problems = []
     if empty:
         problems.append(f"{len(empty)} tensor(s) on the meta device, shapes without values (e.g. {empty[:3]})")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import warnings
 from collections import defaultdict
@@ -17,7 +16,7 @@ from cleanai_core.graph.context import is_index_slice, tensor_name
 from cleanai_core.graph.dependency import resolve_modules
 from cleanai_core.graph.findings import ModelFindings, prepare_model
 from cleanai_core.interfaces import keep_positions, replace_param
-from cleanai_core.model_state import copy_model, drop_user_hooks, user_hooks
+from cleanai_core.model_state import copy_model, copy_tensor, drop_user_hooks, user_hooks
 from cleanai_core.plugins import get_plugin_manager
 
 __all__ = [
@@ -241,7 +240,7 @@ def sliced_copy(
             for table in (getattr(m, t) for t in tables):
                 for t in list(table.values()):
                     if t is not None and id(t) in shared:
-                        new = copy.deepcopy(t, memo)
+                        new = copy_tensor(t, memo)
                         for where, name in holders[id(t)]:
                             where[name] = new
         return module

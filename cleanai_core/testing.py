@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import nn
 
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.masking import masked_model, masked_outputs
+from cleanai_core.model_state import copy_model
 from cleanai_core.planning import uniform_counts
 from cleanai_core.plugins import temporary_plugin
 from cleanai_core.slicing import SliceEdit, apply_edits
@@ -115,7 +115,7 @@ def check_pruner(
     pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed), exclude_normalized=True)
     transform = graph_kwargs.get("output_transform")
     expected = masked_forward(graph, pruned, inputs, forward_fn, transform)
-    small = copy.deepcopy(model)
+    small = copy_model(model)
     edits = [SliceEdit(m, s, k, _dim(graph, m, s)) for (m, s), k in graph.keep_indices(pruned).items()]
     apply_edits(small, edits, graph.pm)
     got = run_model(small, inputs, forward_fn, transform)

@@ -224,17 +224,23 @@ class PackedLSTM(nn.Module):
         return self.head(out) + self.head(h[-1])[:, None]
 
 
-def test_a_packed_sequence_keeps_its_lstm_and_the_layers_before_prune():
-    """A ``PackedSequence`` cannot hold the tracer's references (its constructor reads
-    ``batch_sizes.device``): it traces as a plain tuple, the LSTM it enters keeps its width
-    (a packed input is not followed) and the MLP before it prunes."""
+def test_a_packed_sequence_prunes_its_lstm_and_the_layers_before():
+    """A ``PackedSequence`` traces as a plain tuple (its constructor reads
+    ``batch_sizes.device``); the LSTM reads its ``data`` (steps by features) and
+    ``pad_packed_sequence`` writes the output steps into a fresh ``full`` tensor that takes
+    their channels. Before 2026-12-02 the LSTM kept its width (fc2 and hidden frozen)."""
     torch.manual_seed(0)
     model, inputs = PackedLSTM().eval(), (torch.randn(3, 7, 6), torch.tensor([4, 7, 2]))
     graph = DependencyGraph(model, inputs)
-    assert (_group(graph, "fc1").size, _group(graph, "fc1").prunable, _group(graph, "fc2").prunable) == (24, 24, 0)
+    assert (_group(graph, "fc1").prunable, _group(graph, "fc2").prunable, _group(graph, "head", "in").prunable) == (
+        24,
+        12,
+        10,
+    )
+    _exact(model, inputs)
     small = StructuredPruner(model, inputs, "magnitude", pruning_ratio=0.5).prune()
-    assert (small.fc1.out_features, small.fc2.in_features, small.lstm.hidden_size) == (12, 12, 10)
-    assert count_params(model) - count_params(small) == 12 * 7 + 12 * 12
+    assert (small.fc1.out_features, small.fc2.out_features, small.lstm.hidden_size) == (12, 6, 5)
+    assert (count_params(model), count_params(small)) == (2341, 680)
     assert small(*inputs).shape == (3, 7, 3)
 
 

@@ -25,6 +25,7 @@ import torch
 
 from cleanai_core.graph.findings import ModelFindings
 from cleanai_core.graph.trace import TRef
+from cleanai_core.graph.unbound import Unbinds
 
 __all__ = ["CROSS_MARK", "INDEX_MARK", "Label", "SliceSpec", "TraceContext", "is_index_slice", "tensor_name"]
 
@@ -173,6 +174,8 @@ class TraceContext:
         #: it makes: :meth:`readers`)
         self.events: list[Any] = []
         self._readers: dict[int, list[Any]] | None = None
+        #: channels unbound one by one (``x.unbind(1)``) on their way to a restack (graph/unbound.py)
+        self.unbinds = Unbinds()
 
     # -- atoms ---------------------------------------------------------------
     def new_atoms(self, n: int, frozen: str | None = None) -> torch.Tensor:
@@ -220,6 +223,18 @@ class TraceContext:
         one unit), the kernel traces again with ``module`` in :attr:`coarse` and keeps the
         coarse ties where they leave more channels in groups of two units or more."""
         self.coarse_offers[module] = atoms
+
+    def unbind_pieces(self, outputs: list[TRef], atoms: torch.Tensor) -> None:
+        """``outputs`` are the channels ``atoms`` one by one, without a channel dimension
+        (an unbind along the channels): they stay free if every piece is stacked back after
+        the same work (:meth:`restack`), else they freeze after tracing, with the reason."""
+        self.unbinds.add(outputs, atoms, self.where())
+
+    def restack(self, tensors: list[Any]) -> torch.Tensor | None:
+        """The unbound atoms, in their new order, when ``tensors`` (stacked or concatenated
+        along one dimension) are every piece of one :meth:`unbind_pieces`, each once, after
+        the same work; ``None`` otherwise."""
+        return self.unbinds.restack(tensors, self)
 
     def request_split(self, origin: tuple | None, choice: int) -> bool:
         """Ask the kernel to trace again with reshape split ``origin`` keeping the
@@ -584,6 +599,8 @@ class TraceContext:
         dimension of an input that the handler neither contracted nor passed on."""
         for ref in event.outputs:
             self.made_by[ref.key] = event
+        if self.unbinds.tags:
+            self.unbinds.carry(event, self)
         for ref in event.inputs:
             lab = self._labels.get(ref.key)
             if lab is None:

@@ -275,6 +275,9 @@ class DependencyGraph:
         tensors = dict(self.model.named_parameters(remove_duplicate=False))
         tensors.update(dict(self.model.named_buffers(remove_duplicate=False)))
         for pname in seen:
+            if tensors[pname].layout != torch.strided:  # a sparse adjacency is data: no channels
+                ctx.param_dims[pname] = False
+                continue
             ctx.param_dims[pname] = self.pm.hook.cleanai_unwrapped_parameter(
                 name=pname, parameter=tensors[pname], model=self.model
             )
@@ -311,6 +314,7 @@ class DependencyGraph:
                 raise TraceError(f"tracing failed at {who}: {type(exc).__name__}: {exc}") from exc
             ctx.end(event)
         ctx.event = None
+        ctx.unbinds.settle(ctx)
         self._couple_shared_parameters(ctx)
         self._freeze_outside_reads(ctx)
         outputs = self.recording.outputs()

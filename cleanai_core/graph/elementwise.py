@@ -14,7 +14,10 @@ __all__ = ["broadcast", "elementwise", "is_pointwise"]
 
 
 # element-wise ops ATen does not tag ``pointwise`` (for every overload)
-_UNTAGGED = {"hardswish", "where", "masked_fill", "log_sigmoid_forward", "_prelu_kernel", "prelu", "rrelu_with_noise"}
+_UNTAGGED = {
+    "hardswish", "where", "masked_fill", "log_sigmoid_forward", "_prelu_kernel", "prelu", "rrelu_with_noise",
+    "complex", "polar",
+}  # fmt: skip
 
 
 def is_pointwise(op: Any) -> bool:

@@ -17,7 +17,8 @@ Coupling (decided here):
 - ``input_size``: slice ``"in"`` (columns of ``weight_ih_l0*``) from the input's label.
 - An initial state ``hx`` (``h_0``, LSTM ``(h_0, c_0)``) must shrink with the units: its
   last-dim label is unioned with them (an unlabelled ``hx`` freezes them).
-- ``h_n``/``c_n`` get labels too. A ``PackedSequence`` input freezes everything.
+- ``h_n``/``c_n`` get labels too. A ``PackedSequence`` input and output are read through
+  their ``data`` (steps by features).
 - A cell (:class:`RecurrentCellPruner`) has the same ``"in"`` and ``"hidden"`` slices for
   its one layer; its state ``hx`` (LSTM ``(h, c)``) and its outputs carry the hidden
   units, so a loop that feeds a step's output back as the next ``hx`` couples nothing
@@ -49,6 +50,14 @@ def _suffixes(module) -> list[str]:
     return ["", "_reverse"] if module.bidirectional else [""]
 
 
+def _packed_data(x) -> TRef | None:
+    """The traced ``data`` of a ``PackedSequence`` argument or result (the trace keeps it as
+    a plain tuple ``(data, batch_sizes, sorted_indices, unsorted_indices)``), else ``None``."""
+    if isinstance(x, tuple) and len(x) == 4 and isinstance(x[0], TRef) and isinstance(x[1], TRef):
+        return x[0] if x[0].ndim == 2 and x[1].ndim == 1 else None
+    return None
+
+
 def _rows(k: torch.Tensor, h: int, g: int) -> torch.Tensor:
     return torch.cat([k + i * h for i in range(g)])
 
@@ -62,6 +71,9 @@ class RecurrentPruner(LayerPruner):
         h, p = module.hidden_size, module.proj_size
         hidden = ctx.produce(call.name, "hidden", h, **({} if p > 0 else {"dim": -1}))
         proj = ctx.produce(call.name, "proj", p, dim=-1) if p > 0 else hidden
+        packed = _packed_data(x)
+        if packed is not None:  # a PackedSequence: its data rows are steps, its last dim features
+            x = packed
         if not isinstance(x, TRef):
             ctx.freeze(hidden, f"{ctx.where()}: input is not a plain tensor (PackedSequence?)")
             ctx.freeze(proj, f"{ctx.where()}: input is not a plain tensor (PackedSequence?)")
@@ -75,6 +87,10 @@ class RecurrentPruner(LayerPruner):
                 ctx.union(ctx.labels(s, -1), proj if i == 0 else hidden)
         d = 2 if module.bidirectional else 1
         outs = call.outputs
+        if packed is not None and isinstance(call.out, tuple) and len(call.out) == 2:
+            out_data = _packed_data(call.out[0])
+            state = call.out[1]
+            outs = [out_data, *([state] if isinstance(state, TRef) else list(state))]  # not the batch sizes
         if outs:
             ctx.set_label(outs[0], -1, proj.repeat(d))
         for i, o in enumerate(outs[1:]):

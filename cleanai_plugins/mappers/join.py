@@ -15,6 +15,22 @@ def _atoms_at(ctx, ref, dim):
     return ctx.labels(ref, dim)
 
 
+def _restacked(ctx, tensors, out, dim) -> bool:
+    """Channels unbound one by one and stacked back (``stack([f(t) for t in x.unbind(1)], 1)``,
+    or ``cat`` of the pieces unsqueezed): the output carries them along ``dim``. Channels the
+    pieces carry of their own (a layer applied to each) freeze: a tensor carries one channel
+    dimension."""
+    atoms = ctx.restack(tensors)
+    if atoms is None:
+        return False
+    for t in tensors:
+        lab = ctx.label_of(t)
+        if lab is not None:
+            ctx.freeze(lab.atoms, f"{ctx.where()} stacks them along unbound channels")
+    ctx.set_label(out, dim, atoms)
+    return True
+
+
 @table.register("cat", "concat", "concatenate", "_cat")
 def cat(call, ctx):
     tensors = [t for t in arg(call, 0, "tensors") if t.shape != (0,)]
@@ -22,6 +38,8 @@ def cat(call, ctx):
     if not tensors:
         return
     dim = arg(call, 1, "dim", 0) % out.ndim
+    if all(t.shape[dim] == 1 for t in tensors) and _restacked(ctx, tensors, out, dim):
+        return
     labs = [ctx.label_of(t) for t in tensors]
     if all(lab is None for lab in labs):
         return
@@ -43,6 +61,8 @@ def stack(call, ctx):
     tensors = arg(call, 0, "tensors")
     out = call.outputs[0]
     dim = arg(call, 1, "dim", 0) % out.ndim
+    if _restacked(ctx, tensors, out, dim):
+        return
     labs = [ctx.label_of(t) for t in tensors]
     if all(lab is None for lab in labs):
         return

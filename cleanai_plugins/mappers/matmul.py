@@ -22,7 +22,8 @@ def _product(ctx, a, b, out) -> None:
         return
     na, nb, no = a.ndim, b.ndim, out.ndim
     a_k, b_k = na - 1, max(nb - 2, 0)
-    if lb is not None and lb.cross is not None and nb >= 2 and {lb.dim, lb.cross[0]} == {nb - 2, nb - 1}:
+    a_rows = la is not None and la.dim != a_k  # a's channels stand elsewhere: they pass, b's rows cannot meet them
+    if not a_rows and lb is not None and lb.cross is not None and nb >= 2 and {lb.dim, lb.cross[0]} == {nb - 2, nb - 1}:
         # b is a matrix whose rows and columns both follow channels: a claimed module's
         # weight read outside it, transposed (``F.linear(x, m.weight, bias)``), or a bare
         # parameter (``x @ self.proj``, ``F.linear(x, self.w)``; einsum's ``(1, C, K)``
@@ -99,8 +100,10 @@ def _both_carry(ctx, kept, other) -> None:
     ctx.freeze(other.atoms, f"{ctx.where()}: both operands carry channels")
 
 
-@table.register("mm", "bmm", "matmul", "_unsafe_mm")
+@table.register("mm", "bmm", "matmul", "_unsafe_mm", "_sparse_mm", "hspmm")
 def mm(call, ctx):
+    """``a @ b``; a sparse operand (``torch.spmm``, ``torch.hspmm``: a graph's adjacency)
+    is a constant matrix like any unlabelled one."""
     _product(ctx, call.args[0], call.args[1], call.outputs[0])
 
 
@@ -224,11 +227,15 @@ def keeps_trained_scale(*modules) -> dict[str, set]:
     return {TRAINED_SCALE: set(modules)}
 
 
-@table.register("addmm", "baddbmm", "addbmm")
+@table.register("addmm", "baddbmm", "addbmm", "_sparse_addmm")
 def addmm(call, ctx):
+    """``bias + a @ b``; ``torch.sparse.mm`` / ``torch.sparse.addmm`` run as ``_sparse_addmm``
+    (before 2026-12-02 no mapper knew it: the channels it carried froze)."""
     out = call.outputs[0]
     _product(ctx, call.args[1], call.args[2], out)
     bias = call.args[0]
+    if arg(call, 3, "beta", 1) == 0 and ctx.label_of(bias) is None:
+        return  # not read (``torch.sparse.mm`` adds its product to ``zeros`` with beta=0)
     lab = ctx.label_of(out)
     if (
         lab is not None
@@ -240,6 +247,45 @@ def addmm(call, ctx):
         return  # a per-head input the module slices to its kept heads (Bloom's ALiBi)
     if ctx.label_of(bias) is not None or lab is not None:
         broadcast(ctx, [bias, out], out)
+
+
+@table.register("_cdist_forward", "cdist", "_euclidean_dist")
+def cdist(call, ctx):
+    """``torch.cdist(x1, x2)``: distances between the rows of ``x1: (..., P, M)`` and of
+    ``x2: (..., R, M)`` over their last dimension (a prototype classifier, a VQ-VAE's
+    nearest codebook entry): like ``x1 @ x2^T``, channels on ``M`` contract (both sides
+    shrink together: a zeroed pair adds nothing to the distance), rows label the output's
+    ``P``, ``x2``'s rows its ``R``. Before 2026-12-02 no mapper knew it: its channels froze."""
+    a, b, out = call.args[0], call.args[1], call.outputs[0]
+    la, lb = ctx.label_of(a), ctx.label_of(b)
+    if la is None and lb is None:
+        return
+    ka = la is not None and la.dim == a.ndim - 1
+    kb = lb is not None and (lb.dim == b.ndim - 1 or (lb.cross is not None and lb.cross[0] == b.ndim - 1))
+    if ka or kb:
+        cols = None if lb is None else lb.atoms if lb.dim == b.ndim - 1 else ctx.take_cross(lb) if kb else None
+        if ka and cols is not None:
+            ctx.union(la.atoms, cols)
+        else:
+            ctx.freeze(
+                la.atoms if ka else cols, f"{ctx.where()} measures distances over channels that only one side has"
+            )
+    if la is not None and la.dim == a.ndim - 2:
+        ctx.set_label(out, out.ndim - 2, la.atoms, la.origin)
+    elif la is not None and not ka:
+        ctx.freeze(la.atoms, f"{ctx.where()}: channels on a batch dimension meet a distance")
+    rows = None
+    if lb is not None and lb.dim == b.ndim - 2:
+        rows = lb.atoms
+    elif lb is not None and lb.cross is not None and lb.cross[0] == b.ndim - 2 and lb.dim == b.ndim - 1:
+        rows = ctx.take_cross(lb)
+    elif lb is not None and not kb:
+        ctx.freeze(lb.atoms, f"{ctx.where()}: channels on a batch dimension meet a distance")
+    if rows is not None:
+        if ctx.label_of(out) is None:
+            ctx.set_label(out, out.ndim - 1, rows)
+        else:
+            ctx.freeze(rows, f"{ctx.where()}: both operands carry channels")
 
 
 @table.register("mul")

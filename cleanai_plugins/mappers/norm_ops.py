@@ -139,6 +139,7 @@ def _reduce_channels(call, ctx, lab, name, dims: list[int] | None = None) -> Non
     "any",
     "all",
     "count_nonzero",
+    "aminmax",
 )
 def reduce(call, ctx):
     """Reducing over the channel dimension drops the label (a sum over fewer channels
@@ -173,9 +174,19 @@ def reduce(call, ctx):
     if lab.cross is not None and not _reduce_second(ctx, lab, name, dims):
         c = lab.cross[0] % src.ndim
         cross = (c if keep is True else c - sum(x < c for x in dims), lab.cross[1])
+    _label_outputs(call, ctx, lab, d, cross)
+
+
+def _label_outputs(call, ctx, lab, d: int, cross=None) -> None:
+    """Label every output that still has the channels on ``d``; where none has them, they
+    freeze (dropped silently, the next layer's inputs would be pruned apart from them)."""
+    placed = False
     for out in call.outputs:
         if out.ndim > d and out.shape[d] == lab.atoms.numel():
             ctx.set_label(out, d, lab.atoms, lab.origin, cross)
+            placed = True
+    if not placed:
+        ctx.freeze(lab.atoms, f"{ctx.where()} changes the shape")
 
 
 def _reduce_second(ctx, lab, name: str, dims: list[int] | None) -> bool:
@@ -191,22 +202,79 @@ def _reduce_second(ctx, lab, name: str, dims: list[int] | None) -> bool:
     return True
 
 
-@table.register("topk", "sort", "kthvalue", "median", "mode")
+#: ``op -> (position of dim, position of keepdim or None when the dim stays)``; an op
+#: without a dim argument (``median(x)``, ``msort``) orders all elements, or dim 0
+_ORDERING = {
+    "topk": (2, None),
+    "sort": (1, None),
+    "argsort": (1, None),
+    "msort": (None, None),
+    "kthvalue": (2, 3),
+    "median": (1, 2),
+    "nanmedian": (1, 2),
+    "mode": (1, 2),
+    "cummax": (1, None),
+    "cummin": (1, None),
+}
+
+
+@table.register(*_ORDERING)
 def sort_like(call, ctx):
+    """Ordering along a dimension (``topk``, ``sort``, ``kthvalue``, ``median``, ``mode``,
+    ``cummax``): across the channels it depends on every channel (frozen); elsewhere the
+    channels pass to the values and the indices, on the dim they keep when the op reduces
+    it (``median(-1)`` without ``keepdim``). Before 2026-12-02 the dim was read from the
+    wrong argument (``topk(k, 1)`` ordered the last dim to the graph, ``kthvalue(k)`` took
+    ``k`` for the dim) and a reducing op dropped the label: the pruned model failed to run."""
     src = call.args[0]
     lab = ctx.label_of(src)
     if lab is None:
         return
-    dim = call.kwargs.get("dim", -1)
-    for a in call.args[1:]:
-        if isinstance(a, int) and not isinstance(a, bool):
-            dim = a if "topk" not in str(call.op) else dim
-    if dim % src.ndim == lab.dim:
+    name = call.op.overloadpacket.__name__
+    dim_at, keep_at = _ORDERING[name]
+    if src.ndim == 0:
+        return
+    if dim_at is None:  # msort: along dim 0; median(x): over everything
+        dim = 0 if name == "msort" else None
+    else:
+        dim = call.kwargs.get("dim", arg(call, dim_at, "dim", -1))
+    if dim is None or dim % src.ndim == lab.dim:
         ctx.freeze(lab.atoms, f"{ctx.where()} orders channels")
         return
-    for out in call.outputs:
-        if out.ndim == src.ndim:
-            ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+    dim %= src.ndim
+    keep = keep_at is None or bool(arg(call, keep_at, "keepdim", False))
+    d = lab.dim if keep else lab.dim - (dim < lab.dim)
+    _label_outputs(call, ctx, lab, d)
+
+
+@table.register("renorm")
+def renorm(call, ctx):
+    """``x.renorm(p, dim, maxnorm)`` rescales each slice along ``dim`` whose norm over the
+    other dims exceeds ``maxnorm``: along the channels, each channel alone (exact); along
+    another dim, the norm is taken across the channels (they shrink, not exactly, like a
+    norm layer's)."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if arg(call, 2, "dim") % src.ndim != lab.dim:
+        ctx.normalize(lab.atoms)
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("linalg_cross", "cross")
+def cross(call, ctx):
+    """``torch.linalg.cross(a, b, dim)`` of 3-vectors along ``dim``: channels there are the
+    vectors' coordinates (frozen); elsewhere it is element-wise."""
+    a = call.args[0]
+    dim = arg(call, 2, "dim", -1)
+    for r in call.args[:2]:
+        lab = ctx.label_of(r)
+        if lab is not None and dim is not None and lab.dim == dim % r.ndim:
+            ctx.freeze(lab.atoms, f"{ctx.where()} crosses vectors laid along channels")
+            return
+    if a is not None:
+        elementwise(call, ctx)
 
 
 @hookimpl(trylast=True)

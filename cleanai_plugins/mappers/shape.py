@@ -365,7 +365,7 @@ def permute(call, ctx):
     ctx.set_label(call.outputs[0], perm.index(lab.dim), lab.atoms, lab.origin, cross)
 
 
-@table.register("transpose", "transpose_copy", "swapaxes", "swapdims")
+@table.register("transpose", "transpose_copy", "swapaxes", "swapdims", "transpose_", "swapaxes_", "swapdims_")
 def transpose(call, ctx):
     src = call.args[0]
     lab = ctx.label_of(src)
@@ -382,7 +382,7 @@ def transpose(call, ctx):
     ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin, cross)
 
 
-@table.register("t", "numpy_T")
+@table.register("t", "numpy_T", "t_")
 def t(call, ctx):
     src = call.args[0]
     lab = ctx.label_of(src)
@@ -393,7 +393,7 @@ def t(call, ctx):
     ctx.set_label(call.outputs[0], d, lab.atoms, lab.origin, cross)
 
 
-@table.register("unsqueeze", "unsqueeze_copy")
+@table.register("unsqueeze", "unsqueeze_copy", "unsqueeze_")
 def unsqueeze(call, ctx):
     src, out = call.args[0], call.outputs[0]
     lab = ctx.label_of(src)
@@ -404,7 +404,7 @@ def unsqueeze(call, ctx):
     ctx.set_label(out, lab.dim + (dim <= lab.dim), lab.atoms, lab.origin, cross)
 
 
-@table.register("squeeze", "squeeze_copy")
+@table.register("squeeze", "squeeze_copy", "squeeze_")
 def squeeze(call, ctx):
     src, out = call.args[0], call.outputs[0]
     lab = ctx.label_of(src)
@@ -616,6 +616,9 @@ def split(call, ctx):
             return
         ctx.freeze(lab.atoms, f"{ctx.where()} splits channels into unequal parts")
         return
+    if sizes[0] == 1 and len(sizes) > 1:  # ``x.split(1, 1)``, ``x.chunk(C, 1)``: one channel a part
+        ctx.unbind_pieces(outs, lab.atoms)  # free where the parts are stacked back after the same work
+        return
     ctx.tie(lab.atoms, (len(sizes), sizes[0]), 1)
     start = 0
     for o, s in zip(outs, sizes, strict=True):  # keeps the origin: attention can still ask for whole heads
@@ -645,12 +648,16 @@ def glu(call, ctx):
 def unbind(call, ctx):
     src = call.args[0]
     lab = ctx.label_of(src)
+    dim = arg(call, 1, "dim", 0) % src.ndim
+    if isinstance(src, TRef) and src.param is not None and (lab is None or dim != lab.dim):
+        # a parameter iterated along a dim that does not shrink (``zip(x.unbind(1), self.W)``):
+        # its pieces pair with unbound channels by position, which then cannot shrink
+        ctx.unbind_pieces(call.outputs, ctx.new_atoms(len(call.outputs), frozen=f"{ctx.where()} unbinds {src.param}"))
     if lab is None:
         return
-    dim = arg(call, 1, "dim", 0) % src.ndim
-    if dim == lab.dim:
+    if dim == lab.dim:  # channels one by one: free if stacked back whole (before 2026-12-02 frozen)
         _ask_inner_split(ctx, lab)
-        ctx.freeze(lab.atoms, f"{ctx.where()} unbinds the channel dimension")
+        ctx.unbind_pieces(call.outputs, lab.atoms)
         return
     for o in call.outputs:
         ctx.set_label(o, lab.dim - (dim < lab.dim), lab.atoms, lab.origin)
@@ -669,6 +676,81 @@ def unfold(call, ctx):
         ctx.freeze(lab.atoms, f"{ctx.where()} slides windows across channels")
         return
     ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("_pack_padded_sequence")
+def pack_padded_sequence(call, ctx):
+    """``pack_padded_sequence(x, lengths)``: the steps of every sequence packed as rows of
+    ``data: (steps, features)``; the features (``x``'s last dim) stay the last dim. Channels
+    on the time or batch dims freeze (rows of different sequences are mixed)."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if lab.dim != src.ndim - 1:
+        ctx.freeze(lab.atoms, f"{ctx.where()} packs sequences along their channels")
+        return
+    ctx.set_label(call.outputs[0], call.outputs[0].ndim - 1, lab.atoms, lab.origin)
+
+
+@table.register("tril", "triu")
+def triangle(call, ctx):
+    """``tril`` / ``triu`` keep a triangle of the last two dims: channels before them pass;
+    on them, which entries stay depends on each channel's position (frozen)."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    if lab.dim >= src.ndim - 2:
+        ctx.freeze(lab.atoms, f"{ctx.where()} keeps a triangle whose rows or columns are channels")
+        return
+    ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
+
+
+@table.register("diagonal", "diagonal_copy")
+def diagonal(call, ctx):
+    """``x.diagonal(offset, dim1, dim2)``: the two dims go, the diagonal becomes the last
+    one; channels on another dim pass, on one of the two they freeze."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    d1, d2 = arg(call, 2, "dim1", 0) % src.ndim, arg(call, 3, "dim2", 1) % src.ndim
+    if lab.dim in (d1, d2):
+        ctx.freeze(lab.atoms, f"{ctx.where()} takes a diagonal across channels")
+        return
+    ctx.set_label(call.outputs[0], lab.dim - (d1 < lab.dim) - (d2 < lab.dim), lab.atoms, lab.origin)
+
+
+@table.register("rot90")
+def rot90(call, ctx):
+    """``torch.rot90(x, k, dims)``: ``x.flip(b).transpose(a, b)`` per quarter turn. Channels
+    outside ``dims`` pass; on them they move to the other dim of the two (odd ``k``), and
+    come out reversed where the turn flips their dim, as ``flip`` reverses them."""
+    src = call.args[0]
+    lab = ctx.label_of(src)
+    if lab is None:
+        return
+    k = arg(call, 1, "k", 1) % 4
+    a, b = (d % src.ndim for d in arg(call, 2, "dims", [0, 1]))
+    atoms, dim = lab.atoms, lab.dim
+    for _ in range(k):
+        if dim == b:
+            atoms = atoms.flip(0)
+        dim = b if dim == a else a if dim == b else dim
+    ctx.set_label(call.outputs[0], dim, atoms, lab.origin if dim == lab.dim and k == 0 else None)
+
+
+@table.register("bucketize")
+def bucketize(call, ctx):
+    """``torch.bucketize(x, boundaries)``: each element's bucket, element by element; the
+    boundaries are a list, not a tensor aligned with ``x``."""
+    src = call.args[0]
+    lab, blab = ctx.label_of(src), ctx.label_of(arg(call, 1, "boundaries"))
+    if blab is not None:
+        ctx.freeze(blab.atoms, f"{ctx.where()} searches channels as boundaries")
+    if lab is not None and isinstance(src, TRef):
+        ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
 
 
 @table.register("roll", "flip")
@@ -762,12 +844,62 @@ def _permuted_write(ctx, dst, values, out, indices, ld, lv) -> bool:
     return True
 
 
+_FRESH = frozenset({"full", "zeros", "empty", "ones", "new_zeros", "new_full", "new_empty", "new_ones"})
+
+
 @table.register("copy_", "copy")
 def copy(call, ctx):
-    dst, src = call.args[0], call.args[1]
+    """``dst.copy_(src)``: element-wise; where ``dst`` is a slice of a fresh tensor without
+    channels (``pad_packed_sequence`` writes each step's rows into ``full((T, B, C), 0)``),
+    the fresh tensor takes ``src``'s channels (:func:`_fresh_base`)."""
+    dst, src, out = call.args[0], call.args[1], call.outputs[0]
     from cleanai_core.graph.elementwise import broadcast
 
-    broadcast(ctx, [dst, src], call.outputs[0])
+    lab = ctx.label_of(src)
+    if lab is not None and ctx.label_of(dst) is None and isinstance(dst, TRef):
+        d = lab.dim + dst.ndim - src.ndim
+        found = _fresh_base(ctx, dst, d) if 0 <= d < dst.ndim and src.shape[lab.dim] == dst.shape[d] else None
+        if found is not None:
+            base, bd = found
+            held = ctx.label_of(base)
+            if held is None:
+                ctx.set_label(base, bd, lab.atoms)
+            elif held.dim == bd:
+                ctx.union(held.atoms, lab.atoms)
+            else:
+                ctx.freeze(lab.atoms, f"{ctx.where()} writes channels across the destination's own")
+            ctx.set_label(out, d, lab.atoms, lab.origin)
+            return
+    broadcast(ctx, [dst, src], out)
+
+
+def _fresh_base(ctx, ref, d: int):
+    """The fresh tensor (``torch.full`` / ``zeros`` / ``empty`` / ``x.new_zeros``...) that
+    ``ref`` is a view of, through slices and selects along other dims than ``d`` (``d``
+    followed to the fresh tensor's dims), when it is as wide there and its width is not a
+    number the module stores: ``(tensor, its dim)``; else ``None``."""
+    width = ref.shape[d]
+    for _ in range(8):
+        event = ctx.made_by.get(ref.key)
+        if event is None or not hasattr(event, "op"):
+            return None
+        name = event.op.overloadpacket.__name__
+        if name in _FRESH:
+            base = event.outputs[0]
+            ok = base.shape[d] == width and fresh_destination_problem(ctx, width) is None
+            return (base, d) if ok else None
+        src = event.args[0]
+        if name == "select":  # ``full(...)[:, i]`` (pad_sequence): the dim comes back
+            at = arg(event, 1, "dim", 0) % src.ndim
+            d += at <= d
+        elif name in ("slice", "narrow"):
+            at = arg(event, 1, "dim", 0) % src.ndim
+        elif name != "alias":
+            return None
+        if name != "alias" and at == d:
+            return None
+        ref = src
+    return None
 
 
 @table.register("as_strided_.default")

@@ -311,6 +311,13 @@ def index_select(call, ctx):
     else:
         dim = arg(call, 1, "dim") % src.ndim
         if dim != lab.dim and out.ndim == src.ndim and out.shape[lab.dim] == src.shape[lab.dim]:
+            index = arg(call, 2, "index")
+            ilab = ctx.label_of(index) if name == "gather" else None
+            if ilab is not None:  # an index computed per channel (``quantile``, ``x.argsort(-1)``)
+                if ilab.dim == lab.dim:
+                    ctx.union(lab.atoms, ilab.atoms)
+                else:
+                    ctx.freeze(ilab.atoms, f"{ctx.where()} gathers with an index whose channels stand elsewhere")
             ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
             return
         if dim == lab.dim and name == "index_select" and _picked(ctx, src, out, lab, arg(call, 2, "index")):
