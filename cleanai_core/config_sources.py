@@ -224,8 +224,12 @@ def read_config_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
             value = _parse_env(f"config file {path!r}: {key}", k, value, known[k])
         out[k] = value
     if unknown:
+        import difflib
+
         valid = ", ".join(k.replace("_", "-") for k in known)
-        raise UserError(f"config file {path!r}: unknown key(s) {', '.join(map(repr, unknown))}. Valid keys: {valid}.")
+        close = {u: difflib.get_close_matches(str(u).replace("-", "_"), list(known), n=1) for u in unknown}
+        named = ", ".join(f"{u!r}" + (f" (did you mean {c[0].replace('_', '-')!r}?)" if c else "") for u, c in close.items())
+        raise UserError(f"config file {path!r}: unknown key(s) {named}. Valid keys: {valid}.")
     return out
 
 
@@ -276,7 +280,7 @@ def _warn_near_misses(environ: Mapping[str, str], known: Mapping[str, Any]) -> N
     ignored without a word: say which option it looks like."""
     import difflib
 
-    names = [k.upper() for k in known]
+    names = [k.upper() for k in known] + ["CONFIG"]  # CLEANAI_CONFIG names the config file (job.config)
     for var, text in environ.items():
         rest = var[len(ENV_PREFIX) :] if var.startswith(ENV_PREFIX) else None
         if not rest or rest in names or rest in OTHER_VARIABLES or not str(text).strip():

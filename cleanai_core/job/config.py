@@ -404,6 +404,21 @@ def _options_dict(args: Any) -> dict[str, Any]:
     return given
 
 
+def _read_config(config_file: str | None, environ: Mapping[str, str]) -> tuple[str | None, dict[str, Any]]:
+    """The config file and its options: ``--config FILE``, else the file ``CLEANAI_CONFIG``
+    names (the environment's spelling of ``--config``, which was ignored without a word);
+    errors about a file named by the variable say so."""
+    if config_file:
+        return config_file, read_config_file(config_file, DEFAULTS)
+    named = str(environ.get(f"{ENV_PREFIX}CONFIG", "")).strip()
+    if not named:
+        return None, {}
+    try:
+        return named, read_config_file(named, DEFAULTS)
+    except UserError as exc:
+        raise UserError(f"{exc} (The file is named by {ENV_PREFIX}CONFIG; unset it or fix the file.)") from None
+
+
 def resolve_config(args: Any, environ: dict[str, str] | None = None, objects: tuple[str, ...] = ()) -> dict[str, Any]:
     """Defaults < ``--preset`` < ``--config`` < ``CLEANAI_<OPTION>`` variables < ``args``
     (the command line: an argparse namespace, or a dict or :class:`PruneConfig` of the
@@ -420,9 +435,9 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None, objects: tu
         given = _options_dict(args)
     for k in ("command", "_run", "disable_plugin"):
         given.pop(k, None)
-    config_file = given.pop("config", None)
-    from_file = read_config_file(config_file, DEFAULTS) if config_file else {}
-    from_env = env_options(os.environ if environ is None else environ, DEFAULTS)
+    environ = os.environ if environ is None else environ
+    config_file, from_file = _read_config(given.pop("config", None), environ)
+    from_env = env_options(environ, DEFAULTS)
     preset, where = next(
         ((src.get("preset"), name) for src, name in ((given, "--preset"), (from_env, f"{ENV_PREFIX}PRESET"),
                                                      (from_file, f"preset in {config_file!r}"))

@@ -1,0 +1,183 @@
+"""Tenth round of bad input and faults (docs/reliability.md, "Session 20: faults"): device
+indices torch ignores, the config file named by the environment, gradient criteria named in
+their label errors, and the cases below each heading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.cli import main
+from cleanai_core.errors import UserError
+
+DEMO = "cleanai_plugins.io.demo:DigitsCNN"
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A folder with ``w.pt`` (the demo CNN's random weights) and ``d.pt`` (40 labelled
+    digit-sized images), the current folder."""
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    torch.save({"x": torch.rand(40, 1, 8, 8, generator=g), "y": torch.randint(0, 10, (40,), generator=g)}, "d.pt")
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), "w.pt")
+    return tmp_path
+
+
+PRUNE = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--batch-size", "8", "-q"]
+
+
+# -- devices torch takes but does not have ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu:1", "cpu:7"])
+def test_a_cpu_index_other_than_0_is_refused_before_anything_is_read(ws, capsys, device):
+    from cleanai_core.io import load_pruned
+
+    rc = main([*PRUNE, "--out", "o", "--device", device])
+    err = capsys.readouterr().err
+    assert rc == 2, err  # exit 0: torch puts cpu:1 tensors on the one cpu
+    assert f"--device {device}: torch has one cpu device (cpu, or cpu:0)" in err and "use cpu" in err
+    assert not (ws / "o").exists()
+    with pytest.raises(UserError, match=f"map_location='{device}': torch has one cpu device"):
+        load_pruned(ws, map_location=device)
+
+
+@pytest.mark.parametrize("device", ["", " cpu", "cpu\n"])
+def test_an_empty_or_padded_device_is_quoted_in_the_message(ws, capsys, device):
+    assert main([*PRUNE, "--out", "o", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device!r} is not a device; use cpu, cuda or cuda:N." in err  # "--device  is not a device"
+
+
+def test_cpu_and_cpu_0_still_run(ws, capsys):
+    assert main([*PRUNE, "--out", "o", "--device", "cpu:0", "--ratio", "0.5"]) == 0, capsys.readouterr().err
+    assert json.loads((ws / "o" / "config.json").read_text())["device"] == "cpu:0"
+
+
+# -- CLEANAI_CONFIG --------------------------------------------------------------------------------
+
+
+def test_cleanai_config_names_the_config_file_as_config_does(ws, capsys, monkeypatch):
+    (ws / "c.toml").write_text("ratio = 0.5\nround-to = 2\n")
+    monkeypatch.setenv("CLEANAI_CONFIG", "c.toml")
+    assert main([*PRUNE, "--out", "o"]) == 0, capsys.readouterr().err
+    cfg = json.loads((ws / "o" / "config.json").read_text())
+    assert (cfg["ratio"], cfg["round_to"], cfg["_sources"]["ratio"]) == (0.5, 2, "config file")  # 0.3, default
+    assert cfg["config"] == str((ws / "c.toml").resolve())
+    (ws / "other.toml").write_text("ratio = 0.25\n")  # --config on the command line replaces it
+    assert main([*PRUNE, "--out", "o2", "--config", "other.toml"]) == 0
+    assert json.loads((ws / "o2" / "config.json").read_text())["ratio"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (None, "config file 'c.toml' does not exist."),
+        ("ratoi = 0.5\n", "unknown key(s) 'ratoi' (did you mean 'ratio'?)"),
+        ("trust-code = true\n", "a config file cannot grant trust"),
+        ('model = "os:getcwd"\n', "trust_code=True"),
+    ],
+)
+def test_a_bad_config_named_by_cleanai_config_says_where_it_came_from(ws, capsys, monkeypatch, text, says):
+    if text is not None:
+        (ws / "c.toml").write_text(text)
+    monkeypatch.setenv("CLEANAI_CONFIG", "c.toml")
+    args = [a for a in PRUNE if a not in ("--model", DEMO)] if "model" in (text or "") else PRUNE
+    assert main([*args, "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and not (ws / "o").exists()
+    if text is None or "ratoi" in text:
+        assert "(The file is named by CLEANAI_CONFIG; unset it or fix the file.)" in err
+
+
+def test_a_misspelt_cleanai_config_is_warned_about(ws, caplog, monkeypatch):
+    monkeypatch.setenv("CLEANAI_CONFG", "c.toml")
+    with caplog.at_level("WARNING", logger="cleanai"):
+        assert main([*PRUNE, "--out", "o", "--dry-run"]) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert "warning: CLEANAI_CONFG is not an option and was ignored; did you mean CLEANAI_CONFIG?" in said
+
+
+# -- gradient criteria name themselves -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "hessian"])
+@pytest.mark.parametrize(
+    ("labels", "says"),
+    [
+        (["cat"] * 4, "importance needs class indices, but the labels are text"),
+        (torch.full((4,), 0.5), "importance needs integer class labels, got torch.float32"),
+        (torch.tensor([0, 1, 2, 9]), "importance got class label 9 but the output has 4 classes"),
+        (torch.tensor([0, 1]), "give one label per input for {criterion} importance"),
+        (None, "importance needs labels (it scores with the gradients of the loss), but the data yields inputs"),
+    ],
+)
+def test_a_gradient_criterions_label_errors_name_that_criterion(criterion, labels, says):
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    pruner = StructuredPruner(small_net(), x, criterion, pruning_ratio=0.5)
+    says = says.format(criterion=criterion)
+    with pytest.raises(UserError) as info:  # hessian's said "taylor importance"
+        pruner.collect_activations([(x, labels)] if labels is not None else [x], progress=False)
+    text = str(info.value)
+    assert says in text and (text.startswith(criterion) or f"for {criterion} importance" in text)
+    assert ("taylor" in text) == (criterion == "taylor")
+
+
+# -- layer specs that are no layer of the model ----------------------------------------------------
+
+
+def test_a_parameter_given_as_an_ignored_layer_is_named_not_printed():
+    model = small_net()
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(UserError) as info:
+        StructuredPruner(model, x, "magnitude", ignored_layers=[model[0].weight])
+    text = str(info.value)  # it printed every value of the weight
+    assert "cannot match layers with the parameter '0.weight' (a tensor, not a layer; give its module '0')" in text
+    assert "tensor(" not in text and len(text) < 200
+    with pytest.raises(UserError, match=r"cannot match layers with a Tensor of shape \(3, 4\): give a module"):
+        StructuredPruner(model, x, "magnitude", ignored_layers=[torch.zeros(3, 4)])
+
+
+def test_a_layer_of_a_copy_of_the_model_names_the_twin_to_give():
+    import copy
+
+    import torchvision
+
+    model = small_net()
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(UserError) as info:
+        StructuredPruner(copy.deepcopy(model), x, "magnitude", ignored_layers=[model[3]])
+    assert "this model has one like it named '3': give that name" in str(info.value)
+    with pytest.raises(UserError) as info:  # a whole network's repr was the message
+        StructuredPruner(model, x, "magnitude", layer_pruning_ratios={torchvision.models.resnet18(): 0.5})
+    assert str(info.value).startswith("a ResNet module matches no layer of the model") and len(str(info.value)) < 200
+
+
+# -- calibration batches that change shape part-way ------------------------------------------------
+
+
+def test_a_calibration_batch_of_other_channels_names_the_layer_and_the_shapes():
+    x = torch.rand(4, 3, 8, 8)
+    pruner = StructuredPruner(small_net(), x, "weight_activation", pruning_ratio=0.5)
+    with pytest.raises(UserError) as info:  # "a layer saw 5 channels after 3 earlier in calibration"
+        pruner.collect_activations([x, torch.rand(4, 5, 8, 8)], progress=False)
+    assert str(info.value).startswith(
+        "layer '0' (Conv2d) got inputs of 5 channels (shape (4, 5, 8, 8)) where earlier calibration batches gave 3; "
+        "give every calibration batch shaped like example_inputs"
+    )
