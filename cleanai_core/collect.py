@@ -45,7 +45,6 @@ from cleanai_core.calibration import (
 from cleanai_core.errors import UserError, model_fault
 from cleanai_core.model_state import copy_model, preserved
 from cleanai_core.replay import CalibrationData, Pool, batch_bytes, samples_in, spread
-from cleanai_core.scoring import importance_name
 from cleanai_core.runtime import (
     check_labels,
     class_logits,
@@ -60,6 +59,7 @@ from cleanai_core.runtime import (
     to_channels_last,
     unused_key_hint,
 )
+from cleanai_core.scoring import importance_name
 from cleanai_core.verify import output_leaves
 
 __all__ = [
@@ -256,8 +256,12 @@ def calibrate(
     check_samples_seen(out.stats)
     if setup.gradients:
         out.gradients = accumulate_gradients(
-            model, data.replay(), setup.forward_fn, setup.output_transform, squared=setup.gradients == "squared",
-            criterion=setup.criterion,
+            model,
+            data.replay(),
+            setup.forward_fn,
+            setup.output_transform,
+            setup.gradients == "squared",
+            setup.criterion,
         )
     return out
 
@@ -386,8 +390,12 @@ def recalibrate(
     out.stats = collector.stats
     if setup.gradients:
         out.gradients = accumulate_gradients(
-            model, data.replay(), setup.forward_fn, setup.output_transform, squared=setup.gradients == "squared",
-            criterion=setup.criterion,
+            model,
+            data.replay(),
+            setup.forward_fn,
+            setup.output_transform,
+            setup.gradients == "squared",
+            setup.criterion,
         )
     return out
 

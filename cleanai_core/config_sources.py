@@ -228,7 +228,8 @@ def read_config_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
 
         valid = ", ".join(k.replace("_", "-") for k in known)
         close = {u: difflib.get_close_matches(str(u).replace("-", "_"), list(known), n=1) for u in unknown}
-        named = ", ".join(f"{u!r}" + (f" (did you mean {c[0].replace('_', '-')!r}?)" if c else "") for u, c in close.items())
+        hint = {u: f" (did you mean {c[0].replace('_', '-')!r}?)" if c else "" for u, c in close.items()}
+        named = ", ".join(f"{u!r}{h}" for u, h in hint.items())
         raise UserError(f"config file {path!r}: unknown key(s) {named}. Valid keys: {valid}.")
     return out
 

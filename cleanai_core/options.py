@@ -95,9 +95,8 @@ def _shown_spec(spec: Any, model: nn.Module) -> str:
         name = next((n for n, p in model.named_parameters() if p is spec), None)
         if name is not None:
             owner = name.rpartition(".")[0]
-            return (
-                f"the parameter {name!r} (a tensor, not a layer; give its module"
-                + (f" {owner!r})" if owner else ", or list it in unwrapped_parameters)")
+            return f"the parameter {name!r} (a tensor, not a layer; give its module" + (
+                f" {owner!r})" if owner else ", or list it in unwrapped_parameters)"
             )
         return f"a {type(spec).__name__} of shape {tuple(spec.shape)}"
     if isinstance(spec, nn.Module):

@@ -345,8 +345,8 @@ def check_labels(out: Any, target: Any, criterion: str = "taylor") -> torch.Tens
         text = next((v for v in tree_flatten(target)[0] if isinstance(v, (str, bytes))), None)
         if text is not None:
             raise UserError(
-                f"{criterion} importance needs class indices, but the labels are text (e.g. {text!r}); give integer class "
-                "indices 0..N-1 in the order of the model's outputs (e.g. [classes.index(label) for label in y])"
+                f"{criterion} importance needs class indices, but the labels are text (e.g. {text!r}); give integer "
+                "class indices 0..N-1 in the order of the model's outputs (e.g. [classes.index(label) for label in y])"
             )
         try:
             target = torch.as_tensor(target)
@@ -359,15 +359,15 @@ def check_labels(out: Any, target: Any, criterion: str = "taylor") -> torch.Tens
         )
     if not isinstance(out, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise UserError(
-            f"{criterion} importance needs a tensor of logits and a tensor of labels; pass output_transform=lambda out: "
-            "<the logits> for models that return something else"
+            f"{criterion} importance needs a tensor of logits and a tensor of labels; pass "
+            "output_transform=lambda out: <the logits> for models that return something else"
         )
     if target.is_floating_point() or target.is_complex():
         if target.shape == out.shape:  # class probabilities (soft labels)
             return target.to(out.dtype)
         raise UserError(
-            f"{criterion} importance needs integer class labels, got {target.dtype} labels of shape {tuple(target.shape)}; "
-            "give class indices 0..N-1 (e.g. labels.long())"
+            f"{criterion} importance needs integer class labels, got {target.dtype} labels of shape "
+            f"{tuple(target.shape)}; give class indices 0..N-1 (e.g. labels.long())"
         )
     if target.ndim == 0 or out.ndim == 0 or target.shape[0] != out.shape[0]:
         n_in = out.shape[0] if out.ndim else 1
