@@ -189,6 +189,13 @@ def read_config_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
         )
     if isinstance(data.get("prune"), dict) and len(data) == 1:
         data = data["prune"]
+    elif isinstance(data.get("prune"), dict):  # said "unknown key(s) 'prune'", a key the docs name
+        others = ", ".join(repr(str(k)) for k in data if k != "prune")
+        raise UserError(
+            f"config file {path!r} has a [prune] table and other top-level keys ({others}); a [prune] table is read "
+            "only when it holds every option: move those keys into it, or drop the table and keep its keys at the "
+            "top level."
+        )
     recorded = "_sources" in data  # a config.json written by cleanai prune
     out: dict[str, Any] = {}
     unknown = []

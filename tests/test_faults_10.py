@@ -181,3 +181,34 @@ def test_a_calibration_batch_of_other_channels_names_the_layer_and_the_shapes():
         "layer '0' (Conv2d) got inputs of 5 channels (shape (4, 5, 8, 8)) where earlier calibration batches gave 3; "
         "give every calibration batch shaped like example_inputs"
     )
+
+
+# -- counts past what Python and torch can count ---------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--calib-batches", "--covariance-rows", "--bn-samples"])
+def test_a_count_past_the_largest_integer_is_refused_before_anything_is_read(ws, capsys, flag):
+    rc = main([*PRUNE, "--out", "o", flag, str(10**20)])
+    err = capsys.readouterr().err
+    assert rc == 2, err  # --batch-size: "Stop argument for islice() must be ... <= sys.maxsize" traceback, exit 1
+    assert f"{flag}=100000000000000000000 is out of range: it must be in [" in err and "9223372036854775807]" in err
+    assert "Traceback" not in err and not (ws / "o").exists()
+
+
+def test_a_class_count_torch_cannot_count_is_named_as_too_large_a_model(ws, capsys):
+    rc = main(["explain", "--model", DEMO, "--num-classes", str(2**63 - 1)])
+    err = capsys.readouterr().err
+    assert rc == 2, err  # "Storage size calculation overflowed" with a C++ stack, exit 1
+    assert "needs more memory than there is (a tensor of more elements than torch can count)" in err
+    assert "frame #" not in err
+
+
+# -- a [prune] table among other keys --------------------------------------------------------------
+
+
+def test_a_prune_table_beside_other_keys_says_how_to_lay_the_file_out(ws, capsys):
+    (ws / "c.toml").write_text("batch-size = 4\n[prune]\nratio = 0.5\n")
+    assert main([*PRUNE, "--out", "o", "--config", "c.toml"]) == 2
+    err = capsys.readouterr().err  # "unknown key(s) 'prune'", a key the user guide names
+    assert "config file 'c.toml' has a [prune] table and other top-level keys ('batch-size')" in err
+    assert "move those keys into it" in err and not (ws / "o").exists()

@@ -20,6 +20,7 @@ import copy
 import difflib
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -354,6 +355,8 @@ def _check_number(
         raise UserError(f"{flag} is NaN.")
     if isinstance(v, float) and math.isinf(v):
         raise UserError(f"{flag}={v} is not a finite number.")
+    if kind is int and hi is None:  # --batch-size 10**20: "Stop argument for islice() must be ... <= sys.maxsize"
+        hi, hi_open = sys.maxsize, False
     bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
     bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
     if bad_lo or bad_hi:
