@@ -191,7 +191,7 @@ def test_a_count_past_the_largest_integer_is_refused_before_anything_is_read(ws,
     rc = main([*PRUNE, "--out", "o", flag, str(10**20)])
     err = capsys.readouterr().err
     assert rc == 2, err  # --batch-size: "Stop argument for islice() must be ... <= sys.maxsize" traceback, exit 1
-    assert f"{flag}=100000000000000000000 is out of range: it must be in [" in err and "9223372036854775807]" in err
+    assert f"{flag}=100000000000000000000 is out of range: it must be at most 9223372036854775807 (2**63 - 1)." in err
     assert "Traceback" not in err and not (ws / "o").exists()
 
 
@@ -212,3 +212,27 @@ def test_a_prune_table_beside_other_keys_says_how_to_lay_the_file_out(ws, capsys
     err = capsys.readouterr().err  # "unknown key(s) 'prune'", a key the user guide names
     assert "config file 'c.toml' has a [prune] table and other top-level keys ('batch-size')" in err
     assert "move those keys into it" in err and not (ws / "o").exists()
+
+
+# -- options the run would not read ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--no-reconstruction", "--covariance-rows", "64"], "--covariance-rows (command line) feeds the covariances"),
+        (["--no-reconstruction", "--stats-budget-mib", "4"], "--stats-budget-mib (command line) is the memory for"),
+        (["--round-mode", "nearest"], "--round-mode (command line) says how --round-to rounds, and no rounding is on"),
+    ],
+)
+def test_an_option_whose_stage_is_off_is_refused_naming_both(ws, capsys, extra, says):
+    assert main([*PRUNE, "--out", "o", *extra]) == 2  # exit 0, the option ignored without a word
+    err = capsys.readouterr().err
+    assert says in err and not (ws / "o").exists()
+
+
+def test_round_mode_with_round_to_and_covariance_rows_with_reconstruction_still_run(ws, capsys):
+    args = [*PRUNE, "--out", "o", "--round-mode", "nearest", "--round-to", "2", "--covariance-rows", "64"]
+    assert main(args) == 0, capsys.readouterr().err
+    cfg = json.loads((ws / "o" / "config.json").read_text())
+    assert (cfg["round_mode"], cfg["round_to"], cfg["covariance_rows"]) == ("nearest", 2, 64)

@@ -30,6 +30,7 @@ import attrs
 from cleanai_core.bn_correction import BN_SAMPLES
 from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
 from cleanai_core.config_sources import ENV_PREFIX, PRESETS, env_options, preset_options, read_config_file
+from cleanai_core.device_defaults import default_round_to
 from cleanai_core.errors import UserError
 from cleanai_core.options import plain_number
 from cleanai_core.runtime import checked_device
@@ -312,6 +313,13 @@ _READ_ONLY_WITH = (
      "is read by the sensitivity analysis, which runs only with --sensitivity or --auto: add one, or leave {flag} out"),
     ("bn_samples", lambda c: c.get("bn_recalibration"),
      "is read by the BatchNorm recalibration, which --no-bn-recalibration turns off: drop one of them"),
+    ("covariance_rows", lambda c: c.get("reconstruction"),
+     "feeds the covariances of reconstruction, which --no-reconstruction turns off: drop one of them"),
+    ("stats_budget_mib", lambda c: c.get("reconstruction"),
+     "is the memory for the covariances of reconstruction, which --no-reconstruction turns off: drop one of them"),
+    ("round_mode", lambda c: c.get("round_to") is not None or default_round_to(c.get("device")) is not None,
+     "says how --round-to rounds, and no rounding is on (no --round-to, and none is the default on --device "
+     "{device}): add --round-to N, or leave {flag} out"),
 )  # fmt: skip
 
 
@@ -331,9 +339,11 @@ def check_unread(cfg: dict[str, Any]) -> None:
         flag = "--" + key.replace("_", "-")
         if where != "command line":
             log = logging.getLogger("cleanai")
-            log.warning("warning: %s (%s) %s; it was ignored.", flag, where, why.format(flag=flag))
+            log.warning(
+                "warning: %s (%s) %s; it was ignored.", flag, where, why.format(flag=flag, device=cfg.get("device"))
+            )
             continue
-        raise UserError(f"{flag} ({where}) {why.format(flag=flag)}.")
+        raise UserError(f"{flag} ({where}) {why.format(flag=flag, device=cfg.get('device'))}.")
 
 
 def _check_number(
@@ -355,8 +365,9 @@ def _check_number(
         raise UserError(f"{flag} is NaN.")
     if isinstance(v, float) and math.isinf(v):
         raise UserError(f"{flag}={v} is not a finite number.")
-    if kind is int and hi is None:  # --batch-size 10**20: "Stop argument for islice() must be ... <= sys.maxsize"
-        hi, hi_open = sys.maxsize, False
+    if kind is int and hi is None and v > sys.maxsize:
+        # --batch-size 10**20: "Stop argument for islice() must be ... <= sys.maxsize", a traceback
+        raise UserError(f"{flag}={v} is out of range: it must be at most {sys.maxsize} (2**63 - 1).")
     bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
     bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
     if bad_lo or bad_hi:
