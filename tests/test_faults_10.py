@@ -236,3 +236,55 @@ def test_round_mode_with_round_to_and_covariance_rows_with_reconstruction_still_
     assert main(args) == 0, capsys.readouterr().err
     cfg = json.loads((ws / "o" / "config.json").read_text())
     assert (cfg["round_mode"], cfg["round_to"], cfg["covariance_rows"]) == ("nearest", 2, 64)
+
+
+# -- CleanAI's own errors keep their traceback -----------------------------------------------------
+
+
+def test_an_error_raised_in_cleanais_own_code_keeps_its_traceback(ws, monkeypatch, capsys):
+    from cleanai_core import history
+
+    # an error whose raising frame is in cleanai_core (history.py): a CleanAI bug to report, not the
+    # user's code; in a source checkout or an editable install it was "raised by code outside CleanAI"
+    monkeypatch.setattr("cleanai_core.job.run.check_unread", lambda cfg: history.shapes_sliced(None, [1]))
+    with pytest.raises(AttributeError):
+        main([*PRUNE, "--out", "o"])
+    assert "outside CleanAI" not in capsys.readouterr().err and not (ws / "o").exists()
+
+
+def test_the_user_code_frame_is_told_from_cleanais_own():
+    import cleanai_core.cli as cli
+    from cleanai_core import history
+
+    try:
+        history.shapes_sliced(None, [1])
+    except AttributeError as exc:
+        assert cli._user_code_frame(exc) is None  # cleanai_core/history.py: ours
+    try:
+        small_net()(torch.rand(1, 5, 8, 8))
+    except RuntimeError as exc:
+        assert cli._user_code_frame(exc) is None  # torch's
+    try:
+        {}["boom"]
+    except KeyError as exc:
+        assert cli._user_code_frame(exc).startswith(__file__ + ":")  # this test file: the user's
+
+
+# -- the demo's and explain's numbers --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--epochs", str(10**11)], "--epochs=100000000000 must be from 1 to 1000"),  # trained until killed
+        (["--seed", str(10**23)], "--seed=100000000000000000000000 is out of range"),  # Overflow ..., exit 1
+    ],
+)
+def test_the_demo_refuses_epochs_and_seeds_it_cannot_use(tmp_path, capsys, extra, says):
+    assert main(["demo", "--out", str(tmp_path / "o"), "-q", *extra]) == 2
+    assert says in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_an_input_shape_of_more_elements_than_torch_counts_is_refused(capsys):
+    assert main(["explain", "--model", DEMO, "--input-shape", f"{10**20},1,8,8"]) == 2  # a C++ stack, exit 1
+    assert "has 6.4e+21 elements, more than torch can count (2**63 - 1)" in capsys.readouterr().err
