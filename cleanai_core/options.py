@@ -532,9 +532,11 @@ def stored_values(t: torch.Tensor) -> torch.Tensor:
     """The values ``t`` stores: its non-zero entries for a sparse tensor (COO, CSR, CSC, BSR,
     BSC), whose elementwise ops (``isfinite``) are not implemented (a sparse adjacency matrix
     as a graph network's input raised ``NotImplementedError: ... 'aten::ne.Scalar' ... 'SparseCPU'``);
-    ``t`` itself otherwise."""
+    a float8 tensor as float32 (which ``isfinite`` reads); ``t`` itself otherwise."""
     if t.layout == torch.sparse_coo:
         return t.coalesce().values()
     if t.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
         return t.values()
+    if t.is_floating_point() and t.element_size() == 1:  # float8: '"isfinite" not implemented for Float8_e4m3fn'
+        return t.float()
     return t

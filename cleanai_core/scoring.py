@@ -115,7 +115,8 @@ class ScoringContext:
         if spec.kind == "index":  # positions, not weights
             e = None
         elif spec.module == "":
-            t = _get_tensor(model, spec.name).detach().float()
+            t = _get_tensor(model, spec.name).detach()
+            t = (t.abs() if t.is_complex() else t).float()
             e = (t**2).movedim(spec.dim, 0).reshape(t.shape[spec.dim], -1).sum(1)
         elif spec.pruner is None:
             e = None

@@ -12,7 +12,7 @@ from torch import nn
 
 from cleanai_core import StructuredPruner
 from cleanai_core.cli import main
-from cleanai_core.errors import UserError
+from cleanai_core.errors import TraceError, UserError
 
 DEMO = "cleanai_plugins.io.demo:DigitsCNN"
 
@@ -288,3 +288,29 @@ def test_the_demo_refuses_epochs_and_seeds_it_cannot_use(tmp_path, capsys, extra
 def test_an_input_shape_of_more_elements_than_torch_counts_is_refused(capsys):
     assert main(["explain", "--model", DEMO, "--input-shape", f"{10**20},1,8,8"]) == 2  # a C++ stack, exit 1
     assert "has 6.4e+21 elements, more than torch can count (2**63 - 1)" in capsys.readouterr().err
+
+
+# -- odd dtypes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_complex_weights_are_scored_by_their_magnitude_not_their_real_part():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8).to(torch.cfloat), nn.Linear(8, 2).to(torch.cfloat))
+    with torch.no_grad():
+        model[0].weight[:4] = 0.01 * torch.randn(4, 4)  # small, real
+        model[0].weight[4:] = 10j * torch.randn(4, 4)  # large, imaginary
+        model[1].weight[:] = torch.ones(2, 8)  # the consumer reads every unit alike
+    pruner = StructuredPruner(model, torch.randn(3, 4, dtype=torch.cfloat), "magnitude", pruning_ratio=0.5)
+    pruner.prune()  # kept units 0..3: .float() of a complex weight keeps its real part only
+    assert pruner.history.steps[0][0].keep.tolist() == [4, 5, 6, 7]
+
+
+def test_a_float8_model_is_named_by_what_torch_cannot_do_not_by_the_finiteness_check():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).to(torch.float8_e4m3fn)
+    with pytest.raises(TraceError) as info:  # NotImplementedError: "isfinite" not implemented for 'Float8_e4m3fn'
+        StructuredPruner(model, torch.rand(4, 8).to(torch.float8_e4m3fn), "magnitude", pruning_ratio=0.5)
+    assert "the model failed to run on the example inputs" in str(info.value)
+    assert "not implemented for 'Float8_e4m3fn'" in str(info.value)
+    with pytest.raises(UserError, match="contain NaN or inf"):  # the check still reads float8 values
+        StructuredPruner(model, torch.full((4, 8), float("inf")).to(torch.float8_e5m2), "magnitude")
