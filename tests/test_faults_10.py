@@ -314,3 +314,61 @@ def test_a_float8_model_is_named_by_what_torch_cannot_do_not_by_the_finiteness_c
     assert "not implemented for 'Float8_e4m3fn'" in str(info.value)
     with pytest.raises(UserError, match="contain NaN or inf"):  # the check still reads float8 values
         StructuredPruner(model, torch.full((4, 8), float("inf")).to(torch.float8_e5m2), "magnitude")
+
+
+# -- data set items of different make ----------------------------------------------------------------
+
+ITEMS_MODULE = '''
+import torch
+
+
+class Items(torch.utils.data.Dataset):
+    """40 digit-sized images with labels; from item 20 on, the item is changed by ``kind``."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        x, y = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(i)), i % 10
+        if i < 20:
+            return x, y
+        return {"none": (None, y), "text": (x, "cat"), "three": (x, y, 0), "dict": {"x": x, "y": y}}[self.kind]
+
+
+def none():
+    return Items("none")
+
+
+def text():
+    return Items("text")
+
+
+def three():
+    return Items("three")
+
+
+def dict_():
+    return Items("dict")
+'''
+
+
+@pytest.mark.parametrize(
+    ("fn", "other"),
+    [
+        ("none", "(NoneType, int)"),  # "expected Tensor as element 6 in argument 0, but got NoneType"
+        ("text", "(tensor (1, 8, 8) float32, text)"),  # "new(): invalid data type 'str'"
+        ("three", "(tensor (1, 8, 8) float32, int, int)"),  # "each element in list of batch should be of equal size"
+        ("dict_", "{'x': tensor (1, 8, 8) float32, 'y': int}"),
+    ],
+)
+def test_data_set_items_of_another_make_are_shown_side_by_side(ws, capsys, monkeypatch, fn, other):
+    (ws / "items10.py").write_text(ITEMS_MODULE)
+    monkeypatch.syspath_prepend(str(ws))
+    argv = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", f"items10:{fn}", "-q", "--out", "o"]
+    assert main([*argv, "--batch-size", "40"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot be put in one batch: one item is (tensor (1, 8, 8) float32, int), another {other}." in err
+    assert "Give every item the same parts" in err and not (ws / "o").exists()

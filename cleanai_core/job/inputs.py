@@ -322,11 +322,33 @@ def checked_collate(items: list[Any]) -> Any:
         return default_collate(items)
     except (RuntimeError, TypeError) as exc:
         shapes = sorted({str(tuple(_first_tensor(it).shape)) for it in items if _first_tensor(it) is not None})
+        kinds = [_kind(it) for it in items]
+        other = next((k for k in kinds if k != kinds[0]), None)
+        if other is not None and len(shapes) <= 1:  # "expected Tensor as element 6 in argument 0, but got NoneType"
+            raise UserError(
+                f"the items of --data cannot be put in one batch: one item is {kinds[0]}, another {other}. Give every "
+                "item the same parts, of the same types (e.g. (image tensor, integer label))."
+            ) from None
         detail = f"shapes {', '.join(shapes[:4])}" if len(shapes) > 1 else f"{type(exc).__name__}: {str(exc)[:200]}"
         raise UserError(
             f"the items of --data cannot be put in one batch ({detail}); give items of one shape and type "
             "(for an image folder, --image-size N resizes them), or --batch-size 1"
         ) from None
+
+
+def _kind(item: Any, depth: int = 0) -> str:
+    """What an item of a data set is, to tell two that do not batch together apart:
+    ``(tensor (1, 8, 8) float32, int)``, ``{'x': tensor (3,) float32, 'y': text}``."""
+    if isinstance(item, torch.Tensor):
+        return f"tensor {tuple(item.shape)} {str(item.dtype).removeprefix('torch.')}"
+    if isinstance(item, (str, bytes)):
+        return "text"
+    if depth < 3 and isinstance(item, (tuple, list)):
+        inner = ", ".join(_kind(v, depth + 1) for v in item[:6]) + (", ..." if len(item) > 6 else "")
+        return f"({inner})" if isinstance(item, tuple) else f"[{inner}]"
+    if depth < 3 and isinstance(item, dict):
+        return "{" + ", ".join(f"{k!r}: {_kind(v, depth + 1)}" for k, v in list(item.items())[:6]) + "}"
+    return type(item).__name__
 
 
 def _first_tensor(item: Any) -> torch.Tensor | None:
