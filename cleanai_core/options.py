@@ -110,7 +110,14 @@ def _shown_spec(spec: Any, model: nn.Module) -> str:
 
 def _lookalike_hint(spec: Any, named: list[tuple[str, nn.Module]]) -> str:
     """For a module that is not in the model but whose twin is (a layer of the model before
-    ``copy.deepcopy``, or of the unpruned model): which name to give."""
+    ``copy.deepcopy``, or of the unpruned model): which name to give. For a name that is a
+    parameter's (``"fc.weight"``): its module's."""
+    if isinstance(spec, str) and "." in spec:
+        owner, _, attr = spec.rpartition(".")
+        module = dict(named).get(owner)
+        if module is not None and attr in module._parameters:
+            return f". {spec!r} is a parameter of {owner!r}, not a layer: give {owner!r}"
+        return ""
     if not isinstance(spec, nn.Module) or len(named) > 100_000:
         return ""
     shown = repr(spec)

@@ -152,6 +152,8 @@ def test_a_parameter_given_as_an_ignored_layer_is_named_not_printed():
     assert "tensor(" not in text and len(text) < 200
     with pytest.raises(UserError, match=r"cannot match layers with a Tensor of shape \(3, 4\): give a module"):
         StructuredPruner(model, x, "magnitude", ignored_layers=[torch.zeros(3, 4)])
+    with pytest.raises(UserError, match=r"'3.weight' is a parameter of '3', not a layer: give '3'"):
+        StructuredPruner(model, x, "magnitude", layer_pruning_ratios={"3.weight": 0.5})  # the name, not the tensor
 
 
 def test_a_layer_of_a_copy_of_the_model_names_the_twin_to_give():
