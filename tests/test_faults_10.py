@@ -374,3 +374,31 @@ def test_data_set_items_of_another_make_are_shown_side_by_side(ws, capsys, monke
     err = capsys.readouterr().err
     assert f"cannot be put in one batch: one item is (tensor (1, 8, 8) float32, int), another {other}." in err
     assert "Give every item the same parts" in err and not (ws / "o").exists()
+
+
+# -- a distributed environment that is not one -------------------------------------------------------
+
+_PEERS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer; start the job with torchrun"),  # ValueError
+        ({"WORLD_SIZE": "2"}, "this is one process of a distributed run, but RANK is not"),  # rendezvous ValueError
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "but MASTER_ADDR, MASTER_PORT are not set: start the job with torchrun"),
+        ({"WORLD_SIZE": "2", "RANK": "5", **_PEERS}, "RANK=5 is out of range: it must be an integer >= 0 below"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x", **_PEERS}, "LOCAL_RANK='x' is not an integer"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "CLEANAI_DIST_TIMEOUT": "abc", **_PEERS}, "TIMEOUT='abc' is not"),
+        ({"WORLD_SIZE": "2", "RANK": "0", "CLEANAI_DIST_TIMEOUT": "-1", **_PEERS}, "CLEANAI_DIST_TIMEOUT='-1' is not"),
+    ],
+)
+def test_a_stray_or_broken_torchrun_environment_is_named_before_any_wait(ws, capsys, monkeypatch, env, says):
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "CLEANAI_DIST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    # RANK=5 of 2 waited for peers that never come (up to 30 minutes); the others were tracebacks
+    assert main([*PRUNE, "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and not (ws / "o").exists()
