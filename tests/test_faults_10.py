@@ -402,3 +402,35 @@ def test_a_stray_or_broken_torchrun_environment_is_named_before_any_wait(ws, cap
     assert main([*PRUNE, "--out", "o"]) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and not (ws / "o").exists()
+
+
+# -- run_job given a model or a data set alone --------------------------------------------------------
+
+
+def test_run_job_prunes_the_model_it_is_given_with_the_data_of_the_config(ws):
+    from cleanai_core import run_job
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    model = DigitsCNN()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.01)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run_job({"model": DEMO, "data": "d.pt", "out": "o", "quiet": True, "ratio": 0.5}, model=model)
+    saved = torch.load(ws / "o" / "model.pt")
+    # the model was rebuilt from the spec (random weights) and the one given was never read
+    assert torch.all(saved["features.0.weight"] == 0.01) and saved["features.0.weight"].shape[0] == 16
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model untouched
+
+
+def test_run_job_reads_the_data_set_it_is_given_with_the_model_of_the_config(ws):
+    from torch.utils.data import TensorDataset
+
+    from cleanai_core import run_job
+
+    d = torch.load(ws / "d.pt")
+    cfg = {"model": DEMO, "weights": "w.pt", "out": "o", "quiet": True, "ratio": 0.5}
+    # "--data '<dataset given to run_job>': no such file or folder"
+    report = run_job(cfg, dataset=TensorDataset(d["x"], d["y"]))
+    assert (report["params_before"], report["params_after"]) == (56554, 14522)
+    assert json.loads((ws / "o" / "config.json").read_text())["data"] == "<dataset given to run_job>"

@@ -103,40 +103,48 @@ def check_real(model: Any, spec: str) -> None:
         )
 
 
-def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """Model (eval mode, on the device), data set and the plugin manager."""
+def load_inputs(cfg: dict[str, Any], model: Any = None, dataset: Any = None) -> tuple[Any, Any, Any]:
+    """Model (eval mode, on the device), data set and the plugin manager: each read from
+    ``cfg`` unless given (``run_job(config, model=m)``: the model given, the data from
+    ``--data``; both were read from ``cfg``, so the user's trained model was replaced by
+    one built from the spec without a word, and a data set given alone was never read)."""
     from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
 
     pm = get_plugin_manager()
     data = cfg["data"]
-    if not Path(data).exists() and (Path(data).suffix or "/" in data or os.sep in data) and ":" not in data:
+    path_like = Path(data).suffix or "/" in data or os.sep in data
+    if dataset is None and not Path(data).exists() and path_like and ":" not in data:
         raise UserError(f"--data {data!r}: no such file or folder. Give {input_forms('data', pm)}.")
-    model_options = _model_options(cfg)
-    model = load_model(pm, cfg["model"], model_options)
     if model is None:
-        hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
-        forms = input_forms("model", pm)
-        raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {forms}.")
-    check_real(model, cfg["model"])
-    model = model.eval().to(cfg["device"])
-    if model_options.get("resolved_spec"):  # a loader's spec that works from any folder (a relative path made absolute)
-        cfg["_model_spec"] = model_options["resolved_spec"]
-    if isinstance(model_options.get("stored_dtype"), torch.dtype):  # the files' dtype, narrower than the model's
-        cfg["_stored_dtype"] = model_options["stored_dtype"]
-    dataset = pm.hook.cleanai_load_dataset(
-        spec=cfg["data"],
-        options={
-            "model": model,
-            "image_size": cfg.get("image_size"),
-            "seq_len": cfg.get("seq_len"),
-            **spec_options(cfg, "data"),
-        },
-    )
+        model_options = _model_options(cfg)
+        model = load_model(pm, cfg["model"], model_options)
+        if model is None:
+            hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
+            forms = input_forms("model", pm)
+            raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {forms}.")
+        check_real(model, cfg["model"])
+        model = model.eval().to(cfg["device"])
+        if model_options.get(
+            "resolved_spec"
+        ):  # a loader's spec that works from any folder (a relative path made absolute)
+            cfg["_model_spec"] = model_options["resolved_spec"]
+        if isinstance(model_options.get("stored_dtype"), torch.dtype):  # the files' dtype, narrower than the model's
+            cfg["_stored_dtype"] = model_options["stored_dtype"]
     if dataset is None:
-        raise UserError(
-            f"--data {cfg['data']!r}: no such file or folder, or not a form this tool reads. "
-            f"Give {input_forms('data', pm)}."
+        dataset = pm.hook.cleanai_load_dataset(
+            spec=cfg["data"],
+            options={
+                "model": model,
+                "image_size": cfg.get("image_size"),
+                "seq_len": cfg.get("seq_len"),
+                **spec_options(cfg, "data"),
+            },
         )
+        if dataset is None:
+            raise UserError(
+                f"--data {cfg['data']!r}: no such file or folder, or not a form this tool reads. "
+                f"Give {input_forms('data', pm)}."
+            )
     return model, checked_dataset(dataset, model, str(data)), pm
 
 

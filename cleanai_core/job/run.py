@@ -169,14 +169,15 @@ def _execute(
         torch.set_num_threads(int(cfg["threads"]))
     device = torch.device(cfg["device"])
     t0 = time.time()
-    if model is None or dataset is None:
-        with heap_growing(runs_user_code=True):  # the model, the data and the imports they take live to the end
-            model, dataset, pm = load_inputs(cfg)
-    else:
-        pm = get_plugin_manager()
+    if model is not None:
         if device_of(model) not in (None, device):  # the user's model stays where it is
             model = copy_model(model)
         model = model.eval().to(device)
+    if model is None or dataset is None:
+        with heap_growing(runs_user_code=True):  # the model, the data and the imports they take live to the end
+            model, dataset, pm = load_inputs(cfg, model, dataset)
+    else:
+        pm = get_plugin_manager()
         dataset = checked_dataset(dataset, model, str(cfg["data"]))
     calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))
     bs = int(cfg["batch_size"])
