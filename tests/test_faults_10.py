@@ -434,3 +434,29 @@ def test_run_job_reads_the_data_set_it_is_given_with_the_model_of_the_config(ws)
     report = run_job(cfg, dataset=TensorDataset(d["x"], d["y"]))
     assert (report["params_before"], report["params_after"]) == (56554, 14522)
     assert json.loads((ws / "o" / "config.json").read_text())["data"] == "<dataset given to run_job>"
+
+
+# -- recovery trained on the samples that measure it ------------------------------------------------
+
+
+@pytest.mark.parametrize("train", ["d.pt", "./d.pt", "link.pt", "copy.pt"])
+def test_train_data_that_is_the_evaluation_data_is_refused_before_the_run(ws, capsys, monkeypatch, train):
+    import shutil
+
+    (ws / "link.pt").symlink_to(ws / "d.pt")
+    shutil.copyfile(ws / "d.pt", ws / "copy.pt")
+    monkeypatch.setattr("cleanai_core.job.run.load_inputs", lambda *a: pytest.fail("read the model first"))
+    # exit 0: recovery trained on the held-out half, and the recovered accuracy was measured on it
+    assert main([*PRUNE, "--out", "o", "--recover-epochs", "1", "--train-data", train]) == 2
+    err = capsys.readouterr().err
+    assert f"--train-data {train!r} is the --data 'd.pt', whose held-out part measures the report's accuracy" in err
+    assert not (ws / "o").exists()
+
+
+def test_train_data_of_other_samples_still_recovers(ws, capsys):
+    g = torch.Generator().manual_seed(5)
+    torch.save({"x": torch.rand(40, 1, 8, 8, generator=g), "y": torch.randint(0, 10, (40,), generator=g)}, "t.pt")
+    assert main([*PRUNE, "--out", "o", "--recover-epochs", "1", "--train-data", "t.pt"]) == 0, capsys.readouterr()
+    assert "--train-data t.pt (40 samples" in json.loads((ws / "o" / "report.json").read_text())["recovery"][
+        "training_data"
+    ]

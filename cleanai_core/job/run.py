@@ -29,6 +29,7 @@ from cleanai_core.job.inputs import (
     to_device,
 )
 from cleanai_core.job.outputs import check_out_dir, guard_out
+from cleanai_core.job.recovery import check_train_data
 from cleanai_core.model_state import copy_model, preserved, stored_in
 from cleanai_core.pruning_report import input_shape
 from cleanai_core.runtime import device_of
@@ -121,6 +122,7 @@ def execute(
     ``model``/``dataset`` may be given directly (``cleanai demo``); ``cfg['model']`` must
     then still be a spec that rebuilds the architecture."""
     check_unread(cfg)
+    check_train_data(cfg)
     quiet = bool(cfg.get("quiet"))
     logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
     out = Path(cfg["out"]) if cfg.get("out") else None
