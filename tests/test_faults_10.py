@@ -457,6 +457,7 @@ def test_train_data_of_other_samples_still_recovers(ws, capsys):
     g = torch.Generator().manual_seed(5)
     torch.save({"x": torch.rand(40, 1, 8, 8, generator=g), "y": torch.randint(0, 10, (40,), generator=g)}, "t.pt")
     assert main([*PRUNE, "--out", "o", "--recover-epochs", "1", "--train-data", "t.pt"]) == 0, capsys.readouterr()
-    assert "--train-data t.pt (40 samples" in json.loads((ws / "o" / "report.json").read_text())["recovery"][
-        "training_data"
-    ]
+    assert (
+        "--train-data t.pt (40 samples"
+        in json.loads((ws / "o" / "report.json").read_text())["recovery"]["training_data"]
+    )
