@@ -68,6 +68,8 @@ def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, An
                 )
             pattern = _without_wrapper_prefix(spec, model)
             hits = [n for n, _ in named if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+            if not hits:  # a class name, as --ignore documents ('Conv2d', 'Batch*'): it matched no layer
+                hits = [n for n, m in named if fnmatch.fnmatchcase(type(m).__name__, pattern)]
         else:
             raise UserError(
                 f"cannot match layers with {_shown_spec(spec, model)}: give a module, a name, a glob or a type"

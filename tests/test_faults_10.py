@@ -461,3 +461,27 @@ def test_train_data_of_other_samples_still_recovers(ws, capsys):
         "--train-data t.pt (40 samples"
         in json.loads((ws / "o" / "report.json").read_text())["recovery"]["training_data"]
     )
+
+
+# -- layer patterns as the user guide gives them ------------------------------------------------------
+
+
+def test_a_class_name_as_a_layer_pattern_matches_that_classs_layers_as_documented():
+    from cleanai_core.options import match_modules
+
+    model = small_net()
+    # "'Conv2d' matches no layer of the model", though --ignore documents "layer name, glob or class name"
+    assert sorted(match_modules(model, ["Conv2d"])) == ["0", "3"]
+    assert sorted(match_modules(model, ["Batch*"])) == ["1"]
+    assert sorted(match_modules(model, ["0"])) == ["0"]  # a layer's name is still read as a name first
+    x = torch.rand(2, 3, 8, 8)
+    kept = StructuredPruner(small_net(), x, "magnitude", pruning_ratio=0.5, ignored_layers=["BatchNorm2d"]).prune()
+    assert (kept[0].out_channels, kept[3].out_channels) == (8, 4)  # the norm's channels stay, the second conv's go
+
+
+@pytest.mark.parametrize("pair", ["features.0=0.5=0.3", "features.0=0.5,features.3=0.2"])
+def test_a_layer_ratio_of_several_pairs_says_to_give_one_per_flag(ws, capsys, pair):
+    assert main([*PRUNE, "--out", "o", "--layer-ratio", pair]) == 2  # "'features.0=0.5,features.3' matches no layer"
+    assert f"--layer-ratio: {pair!r} holds more than one '='; give one PATTERN=R per --layer-ratio" in (
+        capsys.readouterr().err
+    )

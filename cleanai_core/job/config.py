@@ -236,6 +236,11 @@ def _parse_layer_ratios(items: Any, source: str) -> dict[str, float]:
             if not isinstance(item, str) or "=" not in item:
                 raise UserError(f"{source}: {item!r} is not PATTERN=R (e.g. 'layer4.*=0.5').")
             pat, _, r = item.rpartition("=")
+            if "=" in pat:  # 'a=0.5,b=0.2' or 'a=0.5=0.3': the pattern 'a=0.5,b' matched no layer
+                raise UserError(
+                    f"{source}: {item!r} holds more than one '='; give one PATTERN=R per --layer-ratio "
+                    "(e.g. --layer-ratio 'layer3.*=0.3' --layer-ratio 'layer4.*=0.5')."
+                )
             pairs.append((pat, r))
     out: dict[str, float] = {}
     for pat, r in pairs:
