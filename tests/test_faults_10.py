@@ -485,3 +485,17 @@ def test_a_layer_ratio_of_several_pairs_says_to_give_one_per_flag(ws, capsys, pa
     assert f"--layer-ratio: {pair!r} holds more than one '='; give one PATTERN=R per --layer-ratio" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("name", ["model.pt", "history.json", "architecture.json"])
+def test_a_saved_folder_whose_file_is_a_folder_says_so(ws, capsys, name):
+    import shutil
+
+    from cleanai_core.io import load_pruned
+
+    assert main([*PRUNE, "--out", "saved"]) == 0, capsys.readouterr().err
+    (ws / "saved" / name).unlink()
+    (ws / "saved" / name).mkdir()
+    with pytest.raises(UserError, match=f"'saved/{name}' is a folder, where `cleanai prune` and save_pruned"):
+        load_pruned("saved")  # "'saved' has no model.pt"
+    shutil.rmtree(ws / "saved")
