@@ -100,6 +100,11 @@ class Sample:
         self.opened: CoMoment | None = None
 
 
+class ChannelCountError(UserError):
+    """A batch whose channel count at a layer differs from the earlier batches' (the
+    collector's hook adds the layer's name)."""
+
+
 @attrs.define(eq=False)
 class CoMoment:
     """The covariance sample's running sums, one object for every consumer that has read
@@ -329,7 +334,11 @@ class ChannelStats:
         n_b, mean_b, m2_b = reduction.moments
         c = mean_b.numel()
         if self.mean is not None and self.mean.numel() != c:
-            raise UserError(f"a layer saw {c} channels after {self.mean.numel()} earlier in calibration")
+            raise ChannelCountError(
+                f"got inputs of {c} channels (shape {tuple(x.shape)}) where earlier calibration batches gave "
+                f"{self.mean.numel()}; give every calibration batch shaped like example_inputs (only the batch size, "
+                "and an image's or a sequence's length, may change)"
+            )
         self.count, self.mean, self.m2 = _chan_merge(self.count, self.mean, self.m2, n_b, mean_b, m2_b)
         if self.covariance and c <= MAX_COVARIANCE_CHANNELS:
             self._add_sample(x, reduction)
@@ -806,14 +815,27 @@ class StatsCollector:
             keyword = _parameter_name(module, argpos)
             positional = isinstance(argpos, int)
 
-            def pre(m, args, kwargs, stats=stats, argpos=argpos, dim=dim, keyword=keyword, positional=positional):
+            def pre(
+                m,
+                args,
+                kwargs,
+                stats=stats,
+                argpos=argpos,
+                dim=dim,
+                keyword=keyword,
+                positional=positional,
+                module_name=module_name,
+            ):
                 if positional and argpos < len(args):
                     x = args[argpos]
                 else:  # passed by keyword, e.g. mha(q, key=k, value=v)
                     x = kwargs.get(keyword)
                 if isinstance(x, torch.Tensor) and x.ndim > 0:
                     red, rows = reduce(x, dim % x.ndim)
-                    stats.update(rows, red.dim, red)
+                    try:
+                        stats.update(rows, red.dim, red)
+                    except ChannelCountError as exc:  # "a layer saw 5 channels after 3": which layer?
+                        raise UserError(f"layer {module_name!r} ({type(m).__name__}) {exc}") from None
 
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         try:

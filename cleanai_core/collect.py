@@ -61,6 +61,7 @@ from cleanai_core.runtime import (
     to_channels_last,
     unused_key_hint,
 )
+from cleanai_core.scoring import importance_name
 from cleanai_core.verify import output_leaves
 
 __all__ = [
@@ -90,6 +91,8 @@ class CalibrationSetup:
     #: the BatchNorm correction's ``bn_samples``: the original's paired samples are taken on
     #: the batches it will read only (:func:`correct_batchnorm_after`), where their count is known
     bn_samples: int | None = None
+    #: the gradient criterion's registered name, for the messages about its labels
+    criterion: str = "taylor"
 
     @classmethod
     def of(cls, pruner: Any) -> CalibrationSetup:
@@ -98,7 +101,8 @@ class CalibrationSetup:
         if needs and getattr(pruner.importance, "needs_squared_gradients", False):
             needs = "squared"
         return cls(pruner.reconstruction, pruner.covariance_rows, pruner.stats_budget_bytes, pruner.forward_fn,
-                   pruner.output_transform, needs, getattr(pruner, "bn_samples", None))  # fmt: skip
+                   pruner.output_transform, needs, getattr(pruner, "bn_samples", None),
+                   importance_name(pruner.importance) if needs else "taylor")  # fmt: skip
 
 
 @attrs.define
@@ -254,7 +258,12 @@ def calibrate(
     check_samples_seen(out.stats)
     if setup.gradients:
         out.gradients = accumulate_gradients(
-            model, data.replay(), setup.forward_fn, setup.output_transform, squared=setup.gradients == "squared"
+            model,
+            data.replay(),
+            setup.forward_fn,
+            setup.output_transform,
+            setup.gradients == "squared",
+            setup.criterion,
         )
     return out
 
@@ -383,7 +392,12 @@ def recalibrate(
     out.stats = collector.stats
     if setup.gradients:
         out.gradients = accumulate_gradients(
-            model, data.replay(), setup.forward_fn, setup.output_transform, squared=setup.gradients == "squared"
+            model,
+            data.replay(),
+            setup.forward_fn,
+            setup.output_transform,
+            setup.gradients == "squared",
+            setup.criterion,
         )
     return out
 
@@ -394,12 +408,14 @@ def accumulate_gradients(
     forward_fn: Callable | None,
     output_transform: Callable | None,
     squared: bool = False,
+    criterion: str = "taylor",
 ) -> dict[str, torch.Tensor]:
     """Parameter gradients of the cross-entropy (the squared error for a regression's
     targets, :func:`~cleanai_core.runtime.reads_as_regression`) summed over ``batches`` (labelled), taken
     on a copy of ``model`` in eval mode. ``squared``: instead, the squares of each
     sample's own gradient (its loss averaged over its positions), summed: the diagonal of
-    the empirical Fisher, times the number of samples; one backward pass per sample."""
+    the empirical Fisher, times the number of samples; one backward pass per sample.
+    ``criterion``: the criterion's name, which errors about the labels give."""
     clone = copy_model(model).eval()
     device = device_of(model)
     named = list(clone.named_parameters())
@@ -411,7 +427,10 @@ def accumulate_gradients(
     for batch in batches:
         inputs, target = split_batch(batch)
         if target is None:
-            raise UserError("gradient criteria (taylor, hessian) need labels: the data yields inputs only")
+            raise UserError(
+                f"{criterion} importance needs labels (it scores with the gradients of the loss), but the data yields "
+                "inputs only; give (inputs, labels) batches, or a criterion that needs no labels (weight_activation)"
+            )
         raw = run_batch(clone, inputs, forward_fn)
         logits = logits_of(raw, output_transform)
         out = class_logits(logits)  # one logit: a binary classifier's two classes
@@ -421,7 +440,7 @@ def accumulate_gradients(
             per = rows if squared else [rows.mean()]
         else:
             try:
-                labels = check_labels(out, move_to(target, device))
+                labels = check_labels(out, move_to(target, device), criterion)
             except UserError:
                 per = _own_losses(clone, inputs, target, forward_fn, output_transform, squared)
                 if per is None:

@@ -189,6 +189,13 @@ def read_config_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
         )
     if isinstance(data.get("prune"), dict) and len(data) == 1:
         data = data["prune"]
+    elif isinstance(data.get("prune"), dict):  # said "unknown key(s) 'prune'", a key the docs name
+        others = ", ".join(repr(str(k)) for k in data if k != "prune")
+        raise UserError(
+            f"config file {path!r} has a [prune] table and other top-level keys ({others}); a [prune] table is read "
+            "only when it holds every option: move those keys into it, or drop the table and keep its keys at the "
+            "top level."
+        )
     recorded = "_sources" in data  # a config.json written by cleanai prune
     out: dict[str, Any] = {}
     unknown = []
@@ -224,8 +231,13 @@ def read_config_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
             value = _parse_env(f"config file {path!r}: {key}", k, value, known[k])
         out[k] = value
     if unknown:
+        import difflib
+
         valid = ", ".join(k.replace("_", "-") for k in known)
-        raise UserError(f"config file {path!r}: unknown key(s) {', '.join(map(repr, unknown))}. Valid keys: {valid}.")
+        close = {u: difflib.get_close_matches(str(u).replace("-", "_"), list(known), n=1) for u in unknown}
+        hint = {u: f" (did you mean {c[0].replace('_', '-')!r}?)" if c else "" for u, c in close.items()}
+        named = ", ".join(f"{u!r}{h}" for u, h in hint.items())
+        raise UserError(f"config file {path!r}: unknown key(s) {named}. Valid keys: {valid}.")
     return out
 
 
@@ -276,7 +288,7 @@ def _warn_near_misses(environ: Mapping[str, str], known: Mapping[str, Any]) -> N
     ignored without a word: say which option it looks like."""
     import difflib
 
-    names = [k.upper() for k in known]
+    names = [k.upper() for k in known] + ["CONFIG"]  # CLEANAI_CONFIG names the config file (job.config)
     for var, text in environ.items():
         rest = var[len(ENV_PREFIX) :] if var.startswith(ENV_PREFIX) else None
         if not rest or rest in names or rest in OTHER_VARIABLES or not str(text).strip():

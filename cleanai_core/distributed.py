@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -76,20 +77,66 @@ def init_from_env(device: str) -> tuple[str, bool]:
     yet, start one from the environment: NCCL for a CUDA device (each rank on
     ``cuda:LOCAL_RANK`` when the device is plain ``cuda``), else gloo, with a timeout so a
     rank that dies cannot leave the others waiting forever. Returns ``(device, started)``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = _env_int("WORLD_SIZE", "1")
+    if world <= 1:
         return device, False
     import torch.distributed as dist
 
     if dist.is_initialized():
         return device, False
+    rank = _env_int("RANK", None, world)
+    local = _env_int("LOCAL_RANK", "0")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:  # "Error initializing torch.distributed using env:// rendezvous ..." traceback
+        raise UserError(
+            f"WORLD_SIZE={world} and RANK={rank} make this one process of a distributed run, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: start the job with torchrun (torchrun "
+            f"--nproc_per_node {world} -m cleanai_core.cli prune ...), or unset WORLD_SIZE for a run in one process."
+        )
     cuda = str(device).startswith("cuda")
     if str(device) == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = f"cuda:{local}"
     if cuda:
         torch.cuda.set_device(torch.device(device))
-    timeout = datetime.timedelta(seconds=float(os.environ.get("CLEANAI_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+    timeout = datetime.timedelta(seconds=dist_timeout())
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return device, True
+
+
+def _env_int(name: str, default: str | None, below: int | None = None) -> int:
+    """An integer from the environment torchrun sets (``WORLD_SIZE``, ``RANK``,
+    ``LOCAL_RANK``), or a :class:`UserError` naming the variable: text raised ``ValueError:
+    invalid literal for int()``, a missing ``RANK`` torch's rendezvous error, and ``RANK=5`` in
+    a world of 2 waited for peers that never come."""
+    text = os.environ.get(name, default)
+    advice = "start the job with torchrun, which sets it, or unset WORLD_SIZE for a run in one process"
+    if text is None:
+        raise UserError(f"WORLD_SIZE is set, so this is one process of a distributed run, but {name} is not: {advice}.")
+    try:
+        value = int(text)
+    except ValueError:
+        raise UserError(f"{name}={text!r} is not an integer; {advice}.") from None
+    if value < 0 or (below is not None and value >= below):
+        bound = f" below WORLD_SIZE={below}" if below is not None else ""
+        raise UserError(f"{name}={value} is out of range: it must be an integer >= 0{bound}; {advice}.")
+    return value
+
+
+def dist_timeout() -> float:
+    """Seconds from ``CLEANAI_DIST_TIMEOUT`` (default :data:`DEFAULT_TIMEOUT_S`), or a
+    :class:`UserError`: text raised ``could not convert string to float``."""
+    text = os.environ.get("CLEANAI_DIST_TIMEOUT", "").strip()
+    if not text:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(
+            f"CLEANAI_DIST_TIMEOUT={text!r} is not a positive number of seconds (the default is {DEFAULT_TIMEOUT_S})."
+        )
+    return value
 
 
 def shard(data: Any, rank: int | None = None, world: int | None = None) -> Any:

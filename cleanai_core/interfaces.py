@@ -229,7 +229,8 @@ def squared_weight(weight: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor,
     version = None if weight.is_inference() else weight._version
     if hit is not None and version is not None and hit[0] == (version, groups):
         return hit[1]
-    w = weight.detach().float()
+    w = weight.detach()
+    w = (w.abs() if w.is_complex() else w).float()  # .float() of complex weights kept their real parts only
     if w.ndim > 2:
         per = torch.linalg.vector_norm(w.reshape(w.shape[0], w.shape[1], -1), dim=2).square()
     else:

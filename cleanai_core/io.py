@@ -478,6 +478,11 @@ def load_pruned(
         )
     for name in ("architecture.json", "history.json", "model.pt"):
         check_not_special(out / name, "the saved folder's file")  # said "has no model.pt"
+        if (out / name).is_dir():  # said "has no model.pt", which is there
+            raise UserError(
+                f"{str(out / name)!r} is a folder, where `cleanai prune` and save_pruned() write a file; the folder is "
+                "damaged or not written by CleanAI: save the pruned model again."
+            )
         if not (out / name).is_file():
             raise UserError(f"{str(out)!r} has no {name}; give a folder written by `cleanai prune` or save_pruned().")
     spec, options = read_architecture(out / "architecture.json", trust_code=trust_code)

@@ -68,10 +68,17 @@ def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, An
                 )
             pattern = _without_wrapper_prefix(spec, model)
             hits = [n for n, _ in named if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+            if not hits:  # a class name, as --ignore documents ('Conv2d', 'Batch*'): it matched no layer
+                hits = [n for n, m in named if fnmatch.fnmatchcase(type(m).__name__, pattern)]
         else:
-            raise UserError(f"cannot match layers with {spec!r}: give a module, a name, a glob or a type")
+            raise UserError(
+                f"cannot match layers with {_shown_spec(spec, model)}: give a module, a name, a glob or a type"
+            )
         if not hits:
-            raise UserError(f"{spec!r} matches no layer of the model; check the name with `cleanai explain`")
+            raise UserError(
+                f"{_shown_spec(spec, model)} matches no layer of the model; check the name with `cleanai explain`"
+                + _lookalike_hint(spec, named)
+            )
         for h in hits:
             out.setdefault(h, spec)
             for n, _ in named:
@@ -80,6 +87,49 @@ def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, An
                 if n and (not h or n.startswith(h + ".")):
                     out.setdefault(n, spec)
     return out
+
+
+def _shown_spec(spec: Any, model: nn.Module) -> str:
+    """``spec`` as an error shows it: a module or tensor by its type and shape, not its
+    ``repr`` (a parameter's printed every value; a whole network's, every layer); a
+    parameter of the model by its name, with the module to give instead."""
+    if isinstance(spec, torch.Tensor):
+        name = next((n for n, p in model.named_parameters() if p is spec), None)
+        if name is not None:
+            owner = name.rpartition(".")[0]
+            return f"the parameter {name!r} (a tensor, not a layer; give its module" + (
+                f" {owner!r})" if owner else ", or list it in unwrapped_parameters)"
+            )
+        return f"a {type(spec).__name__} of shape {tuple(spec.shape)}"
+    if isinstance(spec, nn.Module):
+        first = repr(spec).splitlines()[0]
+        if first.endswith("(") or len(first) > 80:  # a container: "ResNet("
+            return f"a {type(spec).__name__} module"
+        return f"the module {first}"
+    text = repr(spec)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _lookalike_hint(spec: Any, named: list[tuple[str, nn.Module]]) -> str:
+    """For a module that is not in the model but whose twin is (a layer of the model before
+    ``copy.deepcopy``, or of the unpruned model): which name to give. For a name that is a
+    parameter's (``"fc.weight"``): its module's."""
+    if isinstance(spec, str) and "." in spec:
+        owner, _, attr = spec.rpartition(".")
+        module = dict(named).get(owner)
+        if module is not None and attr in module._parameters:
+            return f". {spec!r} is a parameter of {owner!r}, not a layer: give {owner!r}"
+        return ""
+    if not isinstance(spec, nn.Module) or len(named) > 100_000:
+        return ""
+    shown = repr(spec)
+    twins = [n for n, m in named if n and type(m) is type(spec) and repr(m) == shown]
+    if not twins:
+        return ""
+    return (
+        f". It is not a module of this model (a copy of one?); this model has one like it named {twins[0]!r}: "
+        "give that name, or the module of the model you pass to the pruner"
+    )
 
 
 #: the name ``torch.compile``'s wrapper gives the module it runs
@@ -491,9 +541,11 @@ def stored_values(t: torch.Tensor) -> torch.Tensor:
     """The values ``t`` stores: its non-zero entries for a sparse tensor (COO, CSR, CSC, BSR,
     BSC), whose elementwise ops (``isfinite``) are not implemented (a sparse adjacency matrix
     as a graph network's input raised ``NotImplementedError: ... 'aten::ne.Scalar' ... 'SparseCPU'``);
-    ``t`` itself otherwise."""
+    a float8 tensor as float32 (which ``isfinite`` reads); ``t`` itself otherwise."""
     if t.layout == torch.sparse_coo:
         return t.coalesce().values()
     if t.layout in (torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc):
         return t.values()
+    if t.is_floating_point() and t.element_size() == 1:  # float8: '"isfinite" not implemented for Float8_e4m3fn'
+        return t.float()
     return t

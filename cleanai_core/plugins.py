@@ -268,15 +268,20 @@ def load_model(pm: Any, spec: str, options: dict[str, Any]) -> Any:
         return pm.hook.cleanai_load_model(spec=spec, options=options)
     except MemoryError:
         raise UserError(f"building the model {spec!r} ran out of memory; check --num-classes and the spec.") from None
-    except RuntimeError as exc:
-        if "allocate" not in str(exc):
+    except (RuntimeError, TypeError, OverflowError) as exc:
+        # "Storage size calculation overflowed" / "Overflow when unpacking long long": a size past
+        # what torch can count (--num-classes 10**20) was a C++ stack dump, exit 1
+        text = str(exc)
+        overflow = "overflow" in text.lower() and ("size" in text or "long" in text)
+        if "allocate" not in text and not overflow:
             raise
         num = options.get("num_classes")
         hint = f" (num_classes={num})" if num is not None else ""
         import re
 
-        size = re.search(r"allocate (\d+) bytes", str(exc))
+        size = re.search(r"allocate (\d+) bytes", text)
         asked = f" ({int(size.group(1)) / 2**30:,.0f} GiB for one tensor)" if size else ""
+        asked = " (a tensor of more elements than torch can count)" if overflow else asked
         raise UserError(
             f"building the model {spec!r}{hint} needs more memory than there is{asked}; check --num-classes and the "
             "spec."

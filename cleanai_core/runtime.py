@@ -238,13 +238,19 @@ def checked_device(value: Any, name: str) -> torch.device:
     """``value`` as a device this machine has, else a :class:`UserError` naming the option
     ``name`` (``"--device"``, ``"map_location="``): ``cuda`` without a GPU raised the driver's
     ``RuntimeError`` in the middle of a run, or was blamed on the file being loaded."""
-    shown = f"{name} {value}" if name.startswith("--") else f"{name}{value!r}"
+    # an empty value or one with spaces is quoted: "--device  is not a device" hid what was given
+    odd = isinstance(value, str) and not (value and value == value.strip() and value.isprintable())
+    shown = f"{name}{value!r}" if not name.startswith("--") else f"{name} {value!r}" if odd else f"{name} {value}"
     try:
         device = value if isinstance(value, torch.device) else torch.device(value)
     except (RuntimeError, TypeError):
         raise UserError(f"{shown} is not a device; use cpu, cuda or cuda:N.") from None
     if device.type == "meta":
         raise UserError(f"{shown} holds shapes without data, so nothing can be measured or loaded; use cpu or cuda.")
+    if device.type == "cpu" and device.index:
+        # torch takes cpu:1 and puts every tensor on the one cpu: the run went on as if cpu:1 were a
+        # second device the user had chosen
+        raise UserError(f"{shown}: torch has one cpu device (cpu, or cpu:0), whatever the number of cores; use cpu.")
     try:
         backend = getattr(torch, device.type, None) if device.type != "cpu" else None
     except ImportError:  # torch.privateuseone: a lazy module that is not there
@@ -351,16 +357,18 @@ def class_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def check_labels(out: Any, target: Any) -> torch.Tensor:
+def check_labels(out: Any, target: Any, criterion: str = "taylor") -> torch.Tensor:
     """Labels a classification loss can use for gradient criteria, or a :class:`UserError`.
     Labels given as a list or tuple of numbers (``[0, 1, 2, 3]``) are taken as the tensor
-    they make; text labels are named (both were told to pass ``output_transform``)."""
+    they make; text labels are named (both were told to pass ``output_transform``).
+    ``criterion``: the gradient criterion's name, which the messages give (a hessian run's
+    said "taylor importance")."""
     if isinstance(out, torch.Tensor) and isinstance(target, (list, tuple)):
         text = next((v for v in tree_flatten(target)[0] if isinstance(v, (str, bytes))), None)
         if text is not None:
             raise UserError(
-                f"taylor importance needs class indices, but the labels are text (e.g. {text!r}); give integer class "
-                "indices 0..N-1 in the order of the model's outputs (e.g. [classes.index(label) for label in y])"
+                f"{criterion} importance needs class indices, but the labels are text (e.g. {text!r}); give integer "
+                "class indices 0..N-1 in the order of the model's outputs (e.g. [classes.index(label) for label in y])"
             )
         try:
             target = torch.as_tensor(target)
@@ -368,13 +376,13 @@ def check_labels(out: Any, target: Any) -> torch.Tensor:
             pass  # a list of tensors of several shapes, objects: the message below
     if isinstance(out, torch.Tensor) and isinstance(target, (str, bytes)):
         raise UserError(
-            f"taylor importance needs class indices, but the label is text ({target!r}); give a tensor of integer "
+            f"{criterion} importance needs class indices, but the label is text ({target!r}); give a tensor of integer "
             "class indices 0..N-1, one per input"
         )
     if not isinstance(out, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise UserError(
-            "taylor importance needs a tensor of logits and a tensor of labels; pass output_transform=lambda out: "
-            "<the logits> for models that return something else"
+            f"{criterion} importance needs a tensor of logits and a tensor of labels; pass "
+            "output_transform=lambda out: <the logits> for models that return something else"
         )
     if target.is_floating_point() and target.dim() == 1 and target.shape != out.shape:
         indices = label_indices(target)  # whole numbers: class indices
@@ -383,21 +391,21 @@ def check_labels(out: Any, target: Any) -> torch.Tensor:
         if target.shape == out.shape:  # class probabilities (soft labels)
             return target.to(out.dtype)
         raise UserError(
-            f"taylor importance needs integer class labels, got {target.dtype} labels of shape {tuple(target.shape)}; "
-            "give class indices 0..N-1 (e.g. labels.long())"
+            f"{criterion} importance needs integer class labels, got {target.dtype} labels of shape "
+            f"{tuple(target.shape)}; give class indices 0..N-1 (e.g. labels.long())"
         )
     if target.ndim == 0 or out.ndim == 0 or target.shape[0] != out.shape[0]:
         n_in = out.shape[0] if out.ndim else 1
         n_lab = target.shape[0] if target.ndim else 1
         raise UserError(
             f"the calibration batch has {n_in} inputs but {n_lab} labels; "
-            "give one label per input for taylor importance"
+            f"give one label per input for {criterion} importance"
         )
     if out.ndim >= 2:  # cross-entropy: classes along dim 1, one label per remaining position
         want = (out.shape[0], *out.shape[2:])
         if tuple(target.shape) != want:
             raise UserError(
-                f"taylor importance scores with cross-entropy over dim 1 of the output, which has shape "
+                f"{criterion} importance scores with cross-entropy over dim 1 of the output, which has shape "
                 f"{tuple(out.shape)}, so it needs integer labels of shape {want}; got labels of shape "
                 f"{tuple(target.shape)}. Give labels that match the output, or pass output_transform=lambda out: "
                 "<the logits, shape (N, classes)>"
@@ -405,7 +413,7 @@ def check_labels(out: Any, target: Any) -> torch.Tensor:
         bad = (target >= out.shape[1]) | ((target < 0) & (target != -100))
         if bool(bad.any()):
             raise UserError(
-                f"taylor importance got class label {int(target[bad][0])} but the output has {out.shape[1]} "
+                f"{criterion} importance got class label {int(target[bad][0])} but the output has {out.shape[1]} "
                 f"classes (dim 1 of shape {tuple(out.shape)}); give labels 0..{out.shape[1] - 1}"
             )
     # cross-entropy takes int64 class indices only: bool, int32 and int16 labels raised "expected

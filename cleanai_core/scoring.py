@@ -35,6 +35,7 @@ __all__ = [
     "get_importance",
     "get_normalizer",
     "get_reducer",
+    "importance_name",
     "list_importances",
     "mean_normalized",
 ]
@@ -114,7 +115,8 @@ class ScoringContext:
         if spec.kind == "index":  # positions, not weights
             e = None
         elif spec.module == "":
-            t = _get_tensor(model, spec.name).detach().float()
+            t = _get_tensor(model, spec.name).detach()
+            t = (t.abs() if t.is_complex() else t).float()
             e = (t**2).movedim(spec.dim, 0).reshape(t.shape[spec.dim], -1).sum(1)
         elif spec.pruner is None:
             e = None
@@ -277,6 +279,13 @@ def get_importance(name: str, **options: Any) -> Any:
     if not isinstance(name, str) or name not in table:
         raise UserError(f"unknown importance {name!r}; choose one of: {', '.join(sorted(table))}")
     return table[name](**options)
+
+
+def importance_name(importance: Any) -> str:
+    """The name ``importance`` is registered under (``"hessian"``), else its class name:
+    what an error about the criterion calls it."""
+    table = _collect("cleanai_importances")
+    return next((name for name, fn in table.items() if fn is type(importance)), type(importance).__name__)
 
 
 def get_reducer(name: str) -> Any:

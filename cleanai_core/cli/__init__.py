@@ -204,8 +204,11 @@ def _user_code_frame(exc: BaseException) -> str | None:
     while tb.tb_next is not None:
         tb = tb.tb_next
     file = os.path.abspath(tb.tb_frame.f_code.co_filename)
-    ours = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]  # cleanai_core's parent: our packages
-    ours = [os.path.join(ours[0], "cleanai_core"), os.path.join(ours[0], "cleanai_plugins")]
+    # the folder that holds cleanai_core (this file is cleanai_core/cli/__init__.py): two levels up was
+    # cleanai_core itself, so in a source checkout or an editable install CleanAI's own errors were
+    # blamed on "code outside CleanAI", one line without their traceback
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ours = [os.path.join(root, "cleanai_core"), os.path.join(root, "cleanai_plugins")]
     libs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
     if file.startswith("<") or any(file.startswith(d + os.sep) for d in (*ours, *libs)):
         return None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from typing import Any
 
 import torch
@@ -49,6 +51,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise UserError(f"--input-shape {text!r}: every dimension must be a positive integer.")
     if len(shape) > 64:  # RuntimeError: only tensors with up to 64 dims are supported (a traceback)
         raise UserError(f"--input-shape has {len(shape)} dimensions; torch tensors have at most 64 (e.g. 1,3,224,224).")
+    if math.prod(shape) > sys.maxsize:  # "Overflow when unpacking long long": a C++ stack, exit 1
+        raise UserError(
+            f"--input-shape {text!r} has {math.prod(shape):.3g} elements, more than torch can count (2**63 - 1); give "
+            "the shape of one small batch, e.g. 1,3,224,224."
+        )
     return shape
 
 

@@ -20,6 +20,7 @@ import copy
 import difflib
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import attrs
 from cleanai_core.bn_correction import BN_SAMPLES
 from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
 from cleanai_core.config_sources import ENV_PREFIX, PRESETS, env_options, preset_options, read_config_file
+from cleanai_core.device_defaults import default_round_to
 from cleanai_core.errors import UserError
 from cleanai_core.options import plain_number
 from cleanai_core.runtime import checked_device
@@ -234,6 +236,11 @@ def _parse_layer_ratios(items: Any, source: str) -> dict[str, float]:
             if not isinstance(item, str) or "=" not in item:
                 raise UserError(f"{source}: {item!r} is not PATTERN=R (e.g. 'layer4.*=0.5').")
             pat, _, r = item.rpartition("=")
+            if "=" in pat:  # 'a=0.5,b=0.2' or 'a=0.5=0.3': the pattern 'a=0.5,b' matched no layer
+                raise UserError(
+                    f"{source}: {item!r} holds more than one '='; give one PATTERN=R per --layer-ratio "
+                    "(e.g. --layer-ratio 'layer3.*=0.3' --layer-ratio 'layer4.*=0.5')."
+                )
             pairs.append((pat, r))
     out: dict[str, float] = {}
     for pat, r in pairs:
@@ -311,6 +318,13 @@ _READ_ONLY_WITH = (
      "is read by the sensitivity analysis, which runs only with --sensitivity or --auto: add one, or leave {flag} out"),
     ("bn_samples", lambda c: c.get("bn_recalibration"),
      "is read by the BatchNorm recalibration, which --no-bn-recalibration turns off: drop one of them"),
+    ("covariance_rows", lambda c: c.get("reconstruction"),
+     "feeds the covariances of reconstruction, which --no-reconstruction turns off: drop one of them"),
+    ("stats_budget_mib", lambda c: c.get("reconstruction"),
+     "is the memory for the covariances of reconstruction, which --no-reconstruction turns off: drop one of them"),
+    ("round_mode", lambda c: c.get("round_to") is not None or default_round_to(c.get("device")) is not None,
+     "says how --round-to rounds, and no rounding is on (no --round-to, and none is the default on --device "
+     "{device}): add --round-to N, or leave {flag} out"),
 )  # fmt: skip
 
 
@@ -330,9 +344,11 @@ def check_unread(cfg: dict[str, Any]) -> None:
         flag = "--" + key.replace("_", "-")
         if where != "command line":
             log = logging.getLogger("cleanai")
-            log.warning("warning: %s (%s) %s; it was ignored.", flag, where, why.format(flag=flag))
+            log.warning(
+                "warning: %s (%s) %s; it was ignored.", flag, where, why.format(flag=flag, device=cfg.get("device"))
+            )
             continue
-        raise UserError(f"{flag} ({where}) {why.format(flag=flag)}.")
+        raise UserError(f"{flag} ({where}) {why.format(flag=flag, device=cfg.get('device'))}.")
 
 
 def _check_number(
@@ -354,6 +370,9 @@ def _check_number(
         raise UserError(f"{flag} is NaN.")
     if isinstance(v, float) and math.isinf(v):
         raise UserError(f"{flag}={v} is not a finite number.")
+    if kind is int and hi is None and v > sys.maxsize:
+        # --batch-size 10**20: "Stop argument for islice() must be ... <= sys.maxsize", a traceback
+        raise UserError(f"{flag}={v} is out of range: it must be at most {sys.maxsize} (2**63 - 1).")
     bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
     bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
     if bad_lo or bad_hi:
@@ -404,6 +423,21 @@ def _options_dict(args: Any) -> dict[str, Any]:
     return given
 
 
+def _read_config(config_file: str | None, environ: Mapping[str, str]) -> tuple[str | None, dict[str, Any]]:
+    """The config file and its options: ``--config FILE``, else the file ``CLEANAI_CONFIG``
+    names (the environment's spelling of ``--config``, which was ignored without a word);
+    errors about a file named by the variable say so."""
+    if config_file:
+        return config_file, read_config_file(config_file, DEFAULTS)
+    named = str(environ.get(f"{ENV_PREFIX}CONFIG", "")).strip()
+    if not named:
+        return None, {}
+    try:
+        return named, read_config_file(named, DEFAULTS)
+    except UserError as exc:
+        raise UserError(f"{exc} (The file is named by {ENV_PREFIX}CONFIG; unset it or fix the file.)") from None
+
+
 def resolve_config(args: Any, environ: dict[str, str] | None = None, objects: tuple[str, ...] = ()) -> dict[str, Any]:
     """Defaults < ``--preset`` < ``--config`` < ``CLEANAI_<OPTION>`` variables < ``args``
     (the command line: an argparse namespace, or a dict or :class:`PruneConfig` of the
@@ -420,9 +454,9 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None, objects: tu
         given = _options_dict(args)
     for k in ("command", "_run", "disable_plugin"):
         given.pop(k, None)
-    config_file = given.pop("config", None)
-    from_file = read_config_file(config_file, DEFAULTS) if config_file else {}
-    from_env = env_options(os.environ if environ is None else environ, DEFAULTS)
+    environ = os.environ if environ is None else environ
+    config_file, from_file = _read_config(given.pop("config", None), environ)
+    from_env = env_options(environ, DEFAULTS)
     preset, where = next(
         ((src.get("preset"), name) for src, name in ((given, "--preset"), (from_env, f"{ENV_PREFIX}PRESET"),
                                                      (from_file, f"preset in {config_file!r}"))

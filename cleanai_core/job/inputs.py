@@ -103,40 +103,48 @@ def check_real(model: Any, spec: str) -> None:
         )
 
 
-def load_inputs(cfg: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """Model (eval mode, on the device), data set and the plugin manager."""
+def load_inputs(cfg: dict[str, Any], model: Any = None, dataset: Any = None) -> tuple[Any, Any, Any]:
+    """Model (eval mode, on the device), data set and the plugin manager: each read from
+    ``cfg`` unless given (``run_job(config, model=m)``: the model given, the data from
+    ``--data``; both were read from ``cfg``, so the user's trained model was replaced by
+    one built from the spec without a word, and a data set given alone was never read)."""
     from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
 
     pm = get_plugin_manager()
     data = cfg["data"]
-    if not Path(data).exists() and (Path(data).suffix or "/" in data or os.sep in data) and ":" not in data:
+    path_like = Path(data).suffix or "/" in data or os.sep in data
+    if dataset is None and not Path(data).exists() and path_like and ":" not in data:
         raise UserError(f"--data {data!r}: no such file or folder. Give {input_forms('data', pm)}.")
-    model_options = _model_options(cfg)
-    model = load_model(pm, cfg["model"], model_options)
     if model is None:
-        hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
-        forms = input_forms("model", pm)
-        raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {forms}.")
-    check_real(model, cfg["model"])
-    model = model.eval().to(cfg["device"])
-    if model_options.get("resolved_spec"):  # a loader's spec that works from any folder (a relative path made absolute)
-        cfg["_model_spec"] = model_options["resolved_spec"]
-    if isinstance(model_options.get("stored_dtype"), torch.dtype):  # the files' dtype, narrower than the model's
-        cfg["_stored_dtype"] = model_options["stored_dtype"]
-    dataset = pm.hook.cleanai_load_dataset(
-        spec=cfg["data"],
-        options={
-            "model": model,
-            "image_size": cfg.get("image_size"),
-            "seq_len": cfg.get("seq_len"),
-            **spec_options(cfg, "data"),
-        },
-    )
+        model_options = _model_options(cfg)
+        model = load_model(pm, cfg["model"], model_options)
+        if model is None:
+            hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
+            forms = input_forms("model", pm)
+            raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {forms}.")
+        check_real(model, cfg["model"])
+        model = model.eval().to(cfg["device"])
+        if model_options.get(
+            "resolved_spec"
+        ):  # a loader's spec that works from any folder (a relative path made absolute)
+            cfg["_model_spec"] = model_options["resolved_spec"]
+        if isinstance(model_options.get("stored_dtype"), torch.dtype):  # the files' dtype, narrower than the model's
+            cfg["_stored_dtype"] = model_options["stored_dtype"]
     if dataset is None:
-        raise UserError(
-            f"--data {cfg['data']!r}: no such file or folder, or not a form this tool reads. "
-            f"Give {input_forms('data', pm)}."
+        dataset = pm.hook.cleanai_load_dataset(
+            spec=cfg["data"],
+            options={
+                "model": model,
+                "image_size": cfg.get("image_size"),
+                "seq_len": cfg.get("seq_len"),
+                **spec_options(cfg, "data"),
+            },
         )
+        if dataset is None:
+            raise UserError(
+                f"--data {cfg['data']!r}: no such file or folder, or not a form this tool reads. "
+                f"Give {input_forms('data', pm)}."
+            )
     return model, checked_dataset(dataset, model, str(data)), pm
 
 
@@ -322,11 +330,33 @@ def checked_collate(items: list[Any]) -> Any:
         return default_collate(items)
     except (RuntimeError, TypeError) as exc:
         shapes = sorted({str(tuple(_first_tensor(it).shape)) for it in items if _first_tensor(it) is not None})
+        kinds = [_kind(it) for it in items]
+        other = next((k for k in kinds if k != kinds[0]), None)
+        if other is not None and len(shapes) <= 1:  # "expected Tensor as element 6 in argument 0, but got NoneType"
+            raise UserError(
+                f"the items of --data cannot be put in one batch: one item is {kinds[0]}, another {other}. Give every "
+                "item the same parts, of the same types (e.g. (image tensor, integer label))."
+            ) from None
         detail = f"shapes {', '.join(shapes[:4])}" if len(shapes) > 1 else f"{type(exc).__name__}: {str(exc)[:200]}"
         raise UserError(
             f"the items of --data cannot be put in one batch ({detail}); give items of one shape and type "
             "(for an image folder, --image-size N resizes them), or --batch-size 1"
         ) from None
+
+
+def _kind(item: Any, depth: int = 0) -> str:
+    """What an item of a data set is, to tell two that do not batch together apart:
+    ``(tensor (1, 8, 8) float32, int)``, ``{'x': tensor (3,) float32, 'y': text}``."""
+    if isinstance(item, torch.Tensor):
+        return f"tensor {tuple(item.shape)} {str(item.dtype).removeprefix('torch.')}"
+    if isinstance(item, (str, bytes)):
+        return "text"
+    if depth < 3 and isinstance(item, (tuple, list)):
+        inner = ", ".join(_kind(v, depth + 1) for v in item[:6]) + (", ..." if len(item) > 6 else "")
+        return f"({inner})" if isinstance(item, tuple) else f"[{inner}]"
+    if depth < 3 and isinstance(item, dict):
+        return "{" + ", ".join(f"{k!r}: {_kind(v, depth + 1)}" for k, v in list(item.items())[:6]) + "}"
+    return type(item).__name__
 
 
 def _first_tensor(item: Any) -> torch.Tensor | None:

@@ -14,7 +14,7 @@ from torch import nn
 from cleanai_core.errors import UserError
 from cleanai_core.report import finite_or_none
 
-__all__ = ["recover_for_report"]
+__all__ = ["check_train_data", "recover_for_report"]
 
 log = logging.getLogger("cleanai")
 
@@ -28,6 +28,7 @@ def _training_data(cfg: dict[str, Any], pm: Any, model: nn.Module, calib: Any) -
         )
     from cleanai_core.job.inputs import spec_options
 
+    check_train_data(cfg)
     options = {
         "model": model,
         "image_size": cfg.get("image_size"),
@@ -40,6 +41,40 @@ def _training_data(cfg: dict[str, Any], pm: Any, model: nn.Module, calib: Any) -
     if len(data) < 2:
         raise UserError(f"--train-data {spec!r} has {len(data)} item(s); at least 2 are needed.")
     return data, f"--train-data {spec} ({len(data)} samples, 10% held out for early stopping)"
+
+
+def check_train_data(cfg: dict[str, Any]) -> None:
+    """A :class:`UserError` when ``--train-data`` names the ``--data`` (the same spec, file
+    or folder, or a copy of the file): recovery trained on the held-out half too, and the
+    recovered model was measured on its own training samples, without a word."""
+    spec = cfg.get("train_data")
+    if spec and cfg.get("recover_epochs") and _same_data(str(spec), str(cfg.get("data") or "")):
+        raise UserError(
+            f"--train-data {spec!r} is the --data {cfg.get('data')!r}, whose held-out part measures the report's "
+            "accuracy: recovery would be measured on samples it trained on. Leave --train-data out (recovery then "
+            "trains on the calibration part of --data only), or give training data of other samples."
+        )
+
+
+def _same_data(a: str, b: str) -> bool:
+    """Whether two data specs name the same data: the same text, the same file or folder
+    (through links or another spelling), or two files with the same bytes."""
+    import filecmp
+    import os
+
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    try:
+        if not (os.path.exists(a) and os.path.exists(b)):
+            return False
+        if os.path.samefile(a, b):
+            return True
+        both_files = os.path.isfile(a) and os.path.isfile(b)
+        return both_files and os.path.getsize(a) == os.path.getsize(b) and filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 def recover_for_report(

@@ -29,6 +29,7 @@ from cleanai_core.job.inputs import (
     to_device,
 )
 from cleanai_core.job.outputs import check_out_dir, guard_out
+from cleanai_core.job.recovery import check_train_data
 from cleanai_core.model_state import copy_model, preserved, stored_in
 from cleanai_core.pruning_report import input_shape
 from cleanai_core.runtime import device_of
@@ -121,6 +122,7 @@ def execute(
     ``model``/``dataset`` may be given directly (``cleanai demo``); ``cfg['model']`` must
     then still be a spec that rebuilds the architecture."""
     check_unread(cfg)
+    check_train_data(cfg)
     quiet = bool(cfg.get("quiet"))
     logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
     out = Path(cfg["out"]) if cfg.get("out") else None
@@ -169,14 +171,15 @@ def _execute(
         torch.set_num_threads(int(cfg["threads"]))
     device = torch.device(cfg["device"])
     t0 = time.time()
-    if model is None or dataset is None:
-        with heap_growing(runs_user_code=True):  # the model, the data and the imports they take live to the end
-            model, dataset, pm = load_inputs(cfg)
-    else:
-        pm = get_plugin_manager()
+    if model is not None:
         if device_of(model) not in (None, device):  # the user's model stays where it is
             model = copy_model(model)
         model = model.eval().to(device)
+    if model is None or dataset is None:
+        with heap_growing(runs_user_code=True):  # the model, the data and the imports they take live to the end
+            model, dataset, pm = load_inputs(cfg, model, dataset)
+    else:
+        pm = get_plugin_manager()
         dataset = checked_dataset(dataset, model, str(cfg["data"]))
     calib, held = split_dataset(dataset, float(cfg["calib_fraction"]), int(cfg["seed"]))
     bs = int(cfg["batch_size"])

@@ -44,6 +44,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+#: the most training epochs ``cleanai demo`` takes (each is a pass over 1,000 digits)
+MAX_EPOCHS = 1000
+
+
 def run(args: argparse.Namespace) -> int:
     from torch.utils.data import TensorDataset
 
@@ -53,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.ratio < 1.0:
         raise UserError(f"--ratio={args.ratio} must be strictly between 0 and 1.")
-    if args.epochs < 1:
-        raise UserError(f"--epochs={args.epochs} must be at least 1.")
+    if not 1 <= args.epochs <= MAX_EPOCHS:  # --epochs 10**11 trained until killed
+        raise UserError(f"--epochs={args.epochs} must be from 1 to {MAX_EPOCHS} (the default, 8, trains the demo).")
+    if not -(2**63) <= args.seed < 2**64:  # "Overflow when unpacking long long" (exit 1)
+        raise UserError(f"--seed={args.seed} is out of range: it must be in [-2**63, 2**64) (what torch takes).")
     out = Path(args.out)
     if out.is_dir() and (out / MARKER).is_file():
         print(f"note: replacing the previous demo output in {out}/", file=sys.stderr)
