@@ -257,14 +257,7 @@ def calibrate(
         out.stats = collector.stats
     check_samples_seen(out.stats)
     if setup.gradients:
-        out.gradients = accumulate_gradients(
-            model,
-            data.replay(),
-            setup.forward_fn,
-            setup.output_transform,
-            setup.gradients == "squared",
-            setup.criterion,
-        )
+        out.gradients = _gradients(model, data, setup)
     return out
 
 
@@ -391,15 +384,15 @@ def recalibrate(
             out.end_batch()
     out.stats = collector.stats
     if setup.gradients:
-        out.gradients = accumulate_gradients(
-            model,
-            data.replay(),
-            setup.forward_fn,
-            setup.output_transform,
-            setup.gradients == "squared",
-            setup.criterion,
-        )
+        out.gradients = _gradients(model, data, setup)
     return out
+
+
+def _gradients(model: nn.Module, data: CalibrationData, setup: CalibrationSetup) -> dict[str, torch.Tensor]:
+    """The gradient criterion's sums over the calibration batches again (:func:`accumulate_gradients`)."""
+    return accumulate_gradients(
+        model, data.replay(), setup.forward_fn, setup.output_transform, setup.gradients == "squared", setup.criterion
+    )
 
 
 def accumulate_gradients(

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from test_faults_9 import small_net  # the same small network as the session before
 from torch import nn
 
 from cleanai_core import StructuredPruner
@@ -15,14 +16,6 @@ from cleanai_core.cli import main
 from cleanai_core.errors import TraceError, UserError
 
 DEMO = "cleanai_plugins.io.demo:DigitsCNN"
-
-
-def small_net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
-    )  # fmt: skip
 
 
 @pytest.fixture
