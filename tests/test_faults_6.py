@@ -468,6 +468,7 @@ class _InterruptAt(frozenset):
         return super().__contains__(key)
 
 
+@pytest.mark.usefixtures("sigint_raises")
 @pytest.mark.parametrize("at", [5, 40, 90])
 @pytest.mark.parametrize("how", ["inplace", "replay"])
 def test_ctrl_c_during_the_transplant_leaves_a_whole_model(monkeypatch, at, how):

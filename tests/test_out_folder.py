@@ -142,6 +142,7 @@ def test_overwrite_never_deletes_code_the_run_imported_from_out(ws, monkeypatch,
     assert litter(ws) == []
 
 
+@pytest.mark.usefixtures("sigint_raises")
 @pytest.mark.parametrize("where", ["run", "nested swap"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_the_run_leaves_the_previous_result_and_no_litter(ws, monkeypatch, capsys, signum, where):
