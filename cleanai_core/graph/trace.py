@@ -146,6 +146,7 @@ class _Recorder(ShapeOnlyMode):
         self.events: list[OpCall | ModuleCall] = []
         self.depth = 0
         self.scope: list[str] = [""]
+        self.read: set[int] = set()  # ids of the model's own tensors an op read outside claimed modules
 
     def ref(self, t: torch.Tensor, new: bool = False) -> TRef:
         ident = id(t)
@@ -157,7 +158,10 @@ class _Recorder(ShapeOnlyMode):
         value, dtype = None, t.dtype
         if dtype in _INT_DTYPES and t.numel() <= VALUE_NUMEL and t.device.type != "meta":
             value = tuple(t.reshape(-1).tolist())
-        return TRef(key, tuple(t.shape), dtype, self.tensor_names.get(ident), value)
+        name = self.tensor_names.get(ident)
+        if name is not None:
+            self.read.add(ident)
+        return TRef(key, tuple(t.shape), dtype, name, value)
 
     def refs(self, tree: Any, new: bool = False) -> Any:
         """Module arguments (any pytree: namedtuples, dataclasses...) as references. A
@@ -284,19 +288,33 @@ def record(
 def _training_pass(
     rec: _Recorder, model: nn.Module, inputs: Any, claimed: dict[nn.Module, str], forward_fn, output_transform
 ) -> tuple[int | None, Any]:
-    """Record the forward once more in training mode when claimed layers with parameters
-    never ran in eval mode and training mode runs one of them: layers only a training
-    forward uses (GoogLeNet's and Inception-v3's auxiliary classifiers on a stream of the
-    main path). Their couplings join the eval pass's, so the pruned model still trains;
-    before session 20 their inputs were left whole while the stream they read shrank, and
-    ``model.train()`` then failed ("expected input[2, 256, 4, 4] to have 512 channels").
-    A training forward that fails (detection models want targets) or reaches none of them
-    is dropped. ``(index of its first event, its output)``, or ``(None, None)``."""
+    """Record the forward once more in training mode when parameters never took part in
+    the eval pass and training mode reads one of them:
+
+    - claimed layers that never ran in eval mode: layers only a training forward uses
+      (GoogLeNet's and Inception-v3's auxiliary classifiers on a stream of the main path).
+      Before session 20 their inputs were left whole while the stream they read shrank,
+      and ``model.train()`` then failed ("expected input[2, 256, 4, 4] to have 512
+      channels");
+    - bare parameters no operation read in eval mode: wav2vec2-style speech encoders'
+      ``masked_spec_embed`` (a vector of the hidden width written over the masked time
+      steps in training only). Before session 21 it kept its width while the hidden size
+      shrank, and a training step of the pruned model failed ("value tensor of shape [32]
+      cannot be broadcast to indexing result of shape [20, 16]").
+
+    Their couplings join the eval pass's, so the pruned model still trains. A training
+    forward that fails (detection models want targets) or reaches none of them is
+    dropped. ``(index of its first event, its output)``, or ``(None, None)``."""
     called = {e.module for e in rec.events if isinstance(e, ModuleCall)}
     missed = {m for m in claimed if m not in called and any(True for _ in m.parameters(recurse=False))}
-    if not missed:
+    covered = {id(p) for m in called for p in m.parameters()} | rec.read
+    unread = {id(p) for p in model.parameters() if id(p) not in covered} - {
+        id(p) for m in missed for p in m.parameters()
+    }
+    if not missed and not unread:
         return None, None
     start = len(rec.events)
+    read_before = set(rec.read)
     cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
     # dropout's draws leave the user's random streams alone
     with torch.random.fork_rng(devices=cuda):
@@ -306,7 +324,8 @@ def _training_pass(
                 out = call_model(model, inputs, forward_fn, copy=False)
             if output_transform is not None:
                 out = output_transform(out)
-            if any(isinstance(e, ModuleCall) and e.module in missed for e in rec.events[start:]):
+            reached = any(isinstance(e, ModuleCall) and e.module in missed for e in rec.events[start:])
+            if reached or (unread & (rec.read - read_before)):
                 return start, tree_map(lambda a: rec.ref(a) if isinstance(a, torch.Tensor) else a, _plain(out))
         except Exception:
             pass

@@ -776,10 +776,15 @@ def roll(call, ctx):
 def index_put(call, ctx):
     """``dst.index_put_(indices, values)`` with index tensors over the leading dimensions
     (rows picked, channels after them): ``values``' channels meet ``dst``'s at the same
-    positions. A ``dst`` without channels takes ``values``' unless its width is a number
-    the module stores (:func:`fresh_destination_problem`, the scatters' rule). Before
-    2026-12-01 it froze them unless the module vouched (:func:`allow_filled_destinations`),
-    while a scatter trusted the width: two rules for one question."""
+    positions. ``values`` broadcasts from the right against what the indices pick, so a
+    vector as wide as the channels, written over every picked row, meets them too. A
+    boolean mask over ``k`` leading dimensions picks rows as ``k`` index tensors would (it
+    is their ``nonzero()``): wav2vec2's ``h[mask_time_indices] = masked_spec_embed`` in
+    training; before session 21 such a mask froze the channels it wrote. A ``dst``
+    without channels takes ``values``' unless its width is a number the module stores
+    (:func:`fresh_destination_problem`, the scatters' rule). Before 2026-12-01 it froze
+    them unless the module vouched (:func:`allow_filled_destinations`), while a scatter
+    trusted the width: two rules for one question."""
     dst, values, out = call.args[0], arg(call, 2, "values"), call.outputs[0]
     indices = list(arg(call, 1, "indices") or ())
     ld, lv = ctx.label_of(dst), ctx.label_of(values)
@@ -787,38 +792,43 @@ def index_put(call, ctx):
         return
     if _permuted_write(ctx, dst, values, out, indices, ld, lv):
         return
-    n = len(indices)
-    plain = n >= 1 and all(isinstance(i, TRef) and i.ndim == 1 and i.dtype != torch.bool for i in indices)
-    if not plain:  # skipped dims (None), boolean masks or broadcast index grids: not followed
+    # index tensors over the leading dimensions: 1-D positions, or boolean masks (k dims each)
+    plain = len(indices) >= 1 and all(isinstance(i, TRef) and (i.ndim == 1 or i.dtype == torch.bool) for i in indices)
+    if plain and any(i.dtype == torch.bool for i in indices) and len(indices) > 1:
+        plain = False  # a mask beside other index tensors: their broadcast is not followed
+    if not plain:  # skipped dims (None), mixed masks or broadcast index grids: not followed
         for lab in (ld, lv):
             if lab is not None:
                 ctx.freeze(lab.atoms, f"{ctx.where()} writes through indices that are not followed")
         return
-    aligned = isinstance(values, TRef) and values.ndim == dst.ndim - n + 1
-    if lv is not None and (not aligned or lv.dim < 1):
+    n = sum(i.ndim if i.dtype == torch.bool else 1 for i in indices)  # the leading dims the indices cover
+    # ``values`` broadcasts against (rows, *dst.shape[n:]) from the right: its dim d is that shape's d + off
+    off = dst.ndim - n + 1 - values.ndim if isinstance(values, TRef) else None
+    if lv is not None and (off is None or off < 0 or lv.dim + off < 1):
         ctx.freeze(lv.atoms, f"{ctx.where()} writes channels to other positions")
         lv = None
     if ld is not None and ld.dim < n:
         ctx.freeze(ld.atoms, f"{ctx.where()} writes into the channels' positions")
         return
     if ld is not None and lv is not None:
-        if lv.dim + n - 1 == ld.dim and lv.atoms.numel() == ld.atoms.numel():
+        if lv.dim + off + n - 1 == ld.dim and lv.atoms.numel() == ld.atoms.numel():
             ctx.union(ld.atoms, lv.atoms)
         else:
             ctx.freeze(lv.atoms, f"{ctx.where()} writes channels onto another dimension")
         ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
         return
     if ld is not None:  # values without channels: a scalar or a width of its own
-        if isinstance(values, TRef) and values.numel() > 1 and values.shape[ld.dim - n + 1 :][:1] != (1,):
+        vd = ld.dim - n + 1 - (off or 0)  # values' dim over dst's channels (< 0: broadcast over them)
+        if isinstance(values, TRef) and values.numel() > 1 and vd >= 0 and values.shape[vd] != 1:
             ctx.freeze(ld.atoms, f"{ctx.where()} writes values that cannot shrink with the channels")
         ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
         return
     if lv is not None:  # a fresh destination: the same rule as a scatter's
-        why = fresh_destination_problem(ctx, dst.shape[lv.dim + n - 1])
+        why = fresh_destination_problem(ctx, dst.shape[lv.dim + off + n - 1])
         if why is not None:
             ctx.freeze(lv.atoms, why)
         else:
-            ctx.set_label(out, lv.dim + n - 1, lv.atoms, lv.origin)
+            ctx.set_label(out, lv.dim + off + n - 1, lv.atoms, lv.origin)
 
 
 def _permuted_write(ctx, dst, values, out, indices, ld, lv) -> bool:

@@ -1,0 +1,374 @@
+"""Hugging Face speech, audio, multimodal and time-series models, and what a training step
+of a pruned model reads.
+
+Tiny random models of each family, built from configs (no download), prune on the default
+path (weight-activation scores, compensation, verification against the masking oracle),
+shrink, keep their output shapes, reload from the folder ``save_pruned`` writes with the
+same outputs, and **train**: a forward in training mode and a backward run on the pruned
+model.
+
+Before session 21 every wav2vec2-style encoder (wav2vec2, HuBERT, Data2Vec-audio,
+UniSpeech(-SAT), SEW, wav2vec2-conformer, wav2vec2-BERT) pruned its hidden width but kept
+``masked_spec_embed`` whole: a vector of the hidden width that only a training forward
+writes over the masked time steps (SpecAugment), a bare parameter that no operation of the
+eval trace read. The pruned model ran in eval mode and failed its first training step
+("value tensor of shape [32] cannot be broadcast to indexing result of shape [20, 16]").
+Parameters no operation read in eval mode now start the training-mode trace pass too
+(``cleanai_core.graph.trace._training_pass``). A fast subset runs by default; the whole
+list is marked ``corpus``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.io import load_pruned, save_pruned
+from cleanai_core.testing import run_model
+
+T = pytest.importorskip("transformers")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+W2V = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    conv_dim=(16, 16, 16),
+    conv_stride=(5, 2, 2),
+    conv_kernel=(10, 3, 3),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+    vocab_size=20,
+)
+WHISPER = dict(
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=48,
+    decoder_ffn_dim=48,
+    num_mel_bins=16,
+    max_source_positions=16,
+    vocab_size=100,
+)
+
+
+def waves(n: int = 1, seed: int = 1) -> dict:
+    return {"input_values": torch.randn(n, 1600, generator=gen(seed))}
+
+
+def features(shape: tuple[int, ...], key: str = "input_features"):
+    return lambda n=1, seed=1: {key: torch.randn(n, *shape, generator=gen(seed))}
+
+
+#: family -> (model class, config class, config keys, inputs(n, seed))
+FAMILIES = {
+    "wav2vec2-ctc": ("Wav2Vec2ForCTC", "Wav2Vec2Config", W2V, waves),
+    "wav2vec2-seq-cls": ("Wav2Vec2ForSequenceClassification", "Wav2Vec2Config", W2V, waves),
+    "wav2vec2-frame-cls": ("Wav2Vec2ForAudioFrameClassification", "Wav2Vec2Config", W2V, waves),
+    "wav2vec2-xvector": (
+        "Wav2Vec2ForXVector",
+        "Wav2Vec2Config",
+        dict(W2V, tdnn_dim=(16, 16), tdnn_kernel=(3, 1), tdnn_dilation=(1, 1), xvector_output_dim=8),
+        waves,
+    ),
+    "wav2vec2-stable-layer-norm": (
+        "Wav2Vec2ForCTC",
+        "Wav2Vec2Config",
+        dict(W2V, do_stable_layer_norm=True, feat_extract_norm="layer"),
+        waves,
+    ),
+    "wav2vec2-adapter": (
+        "Wav2Vec2ForCTC",
+        "Wav2Vec2Config",
+        dict(W2V, add_adapter=True, output_hidden_size=32, adapter_stride=2, num_adapter_layers=1),
+        waves,
+    ),
+    "hubert": ("HubertForSequenceClassification", "HubertConfig", W2V, waves),
+    "wavlm": ("WavLMForCTC", "WavLMConfig", dict(W2V, num_buckets=16, max_bucket_distance=40), waves),
+    "data2vec-audio": (
+        "Data2VecAudioForCTC",
+        "Data2VecAudioConfig",
+        dict(W2V, conv_pos_kernel_size=5, num_conv_pos_embeddings=5),
+        waves,
+    ),
+    "unispeech": ("UniSpeechForCTC", "UniSpeechConfig", W2V, waves),
+    "unispeech-sat": ("UniSpeechSatForSequenceClassification", "UniSpeechSatConfig", W2V, waves),
+    "sew": ("SEWForCTC", "SEWConfig", dict(W2V, squeeze_factor=2), waves),
+    "sew-d": (
+        "SEWDForCTC",
+        "SEWDConfig",
+        dict(W2V, squeeze_factor=2, position_buckets=16, max_relative_positions=32),
+        waves,
+    ),
+    "wav2vec2-conformer": (
+        "Wav2Vec2ConformerForCTC",
+        "Wav2Vec2ConformerConfig",
+        dict(W2V, conv_depthwise_kernel_size=3),
+        waves,
+    ),
+    "wav2vec2-bert": (
+        "Wav2Vec2BertForCTC",
+        "Wav2Vec2BertConfig",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            feature_projection_input_dim=16,
+            conv_depthwise_kernel_size=3,
+            vocab_size=20,
+        ),
+        features((20, 16)),
+    ),
+    "audio-spectrogram-transformer": (
+        "ASTForAudioClassification",
+        "ASTConfig",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            num_mel_bins=16,
+            max_length=32,
+            frequency_stride=8,
+            time_stride=8,
+            patch_size=8,
+        ),
+        features((32, 16), "input_values"),
+    ),
+    "whisper-audio-cls": ("WhisperForAudioClassification", "WhisperConfig", WHISPER, features((16, 32))),
+    "speech2text": (
+        "Speech2TextForConditionalGeneration",
+        "Speech2TextConfig",
+        dict(
+            {k: v for k, v in WHISPER.items() if k not in ("num_mel_bins", "max_source_positions")},
+            input_feat_per_channel=16,
+            conv_channels=16,
+            max_source_positions=64,
+            max_target_positions=64,
+        ),
+        lambda n=1, seed=1: {
+            "input_features": torch.randn(n, 24, 16, generator=gen(seed)),
+            "decoder_input_ids": torch.randint(3, 100, (n, 5), generator=gen(seed)),
+        },
+    ),
+    "clap-audio": (
+        "ClapAudioModelWithProjection",
+        "ClapAudioConfig",
+        dict(
+            spec_size=64,
+            patch_size=4,
+            patch_embeds_hidden_size=16,
+            depths=[1, 1],
+            num_attention_heads=[2, 4],
+            window_size=4,
+            num_mel_bins=16,
+            hidden_size=32,
+            projection_dim=16,
+            enable_fusion=False,
+        ),
+        features((1, 64, 16)),
+    ),
+}
+TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+TEXT = dict(TOWER, vocab_size=100, max_position_embeddings=16)
+VISION = dict(TOWER, image_size=32, patch_size=8)
+
+
+def text_and_image(n: int = 1, seed: int = 1) -> dict:
+    return {
+        "input_ids": torch.randint(3, 100, (n, 8), generator=gen(seed)),
+        "pixel_values": torch.randn(n, 3, 32, 32, generator=gen(seed)),
+    }
+
+
+def image_to_text(n: int = 1, seed: int = 1) -> dict:
+    return {
+        "pixel_values": torch.randn(n, 3, 32, 32, generator=gen(seed)),
+        "decoder_input_ids": torch.randint(3, 100, (n, 5), generator=gen(seed)),
+    }
+
+
+def vision_encoder_decoder():
+    enc = T.ViTConfig(**VISION)
+    dec = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, add_cross_attention=True)
+    config = T.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)
+    config.decoder_start_token_id, config.pad_token_id = 1, 0
+    return config
+
+
+#: multimodal and time-series families: (model class, config builder, inputs(n, seed))
+OTHERS = {
+    "siglip": ("SiglipModel", lambda: T.SiglipConfig(text_config=TEXT, vision_config=VISION), text_and_image),
+    "owlvit": (
+        "OwlViTForObjectDetection",
+        lambda: T.OwlViTConfig(text_config=TEXT, vision_config=VISION, projection_dim=32),
+        text_and_image,
+    ),
+    "blip-image-text-retrieval": (
+        "BlipForImageTextRetrieval",
+        lambda: T.BlipConfig(
+            text_config=dict(TEXT, encoder_hidden_size=32),
+            vision_config=VISION,
+            projection_dim=16,
+            image_text_hidden_size=16,
+        ),
+        text_and_image,
+    ),
+    "vision-encoder-decoder": ("VisionEncoderDecoderModel", vision_encoder_decoder, image_to_text),
+    "patchtst": (
+        "PatchTSTForPrediction",
+        lambda: T.PatchTSTConfig(
+            num_input_channels=3,
+            context_length=32,
+            patch_length=8,
+            patch_stride=8,
+            prediction_length=8,
+            d_model=32,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            ffn_dim=48,
+        ),
+        features((32, 3), "past_values"),
+    ),
+    "patchtsmixer": (
+        "PatchTSMixerForPrediction",
+        lambda: T.PatchTSMixerConfig(
+            num_input_channels=3,
+            context_length=32,
+            patch_length=8,
+            patch_stride=8,
+            prediction_length=8,
+            d_model=16,
+            num_layers=2,
+        ),
+        features((32, 3), "past_values"),
+    ),
+}
+FAST = ["wav2vec2-ctc", "audio-spectrogram-transformer", "whisper-audio-cls"]
+
+
+def build(name: str):
+    if name in OTHERS:
+        cls, make_config, inputs = OTHERS[name]
+        if not hasattr(T, cls):
+            pytest.skip(f"transformers {T.__version__} has no {cls}")
+        torch.manual_seed(0)
+        return getattr(T, cls)(make_config()).eval(), inputs
+    cls, config, keys, inputs = FAMILIES[name]
+    if not hasattr(T, cls):
+        pytest.skip(f"transformers {T.__version__} has no {cls}")
+    torch.manual_seed(0)
+    return getattr(T, cls)(getattr(T, config)(**keys)).eval(), inputs
+
+
+def floats(model, x) -> list[torch.Tensor]:
+    return [t for t in run_model(model, x) if t.is_floating_point()]
+
+
+def train_step(model: nn.Module, x: dict) -> None:
+    """One training-mode forward and backward (the first step of recovery or fine-tuning)."""
+    model.train()
+    out = model(**x)
+    leaf = out.logits if getattr(out, "logits", None) is not None else out[0]
+    leaf.float().pow(2).mean().backward()
+    model.eval()
+
+
+def check_family(name: str, tmp_path) -> float:
+    model, inputs = build(name)
+    x = inputs()
+    pruner = StructuredPruner(model, x, pruning_ratio=0.5)
+    pruner.collect_activations([inputs(2, seed) for seed in (2, 3)], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "this model's config can describe none of its prunable widths"
+        small = pruner.prune()
+    model.save_pretrained(tmp_path / "original")
+    save_pruned(tmp_path / "out", small, pruner.history, spec=f"hf:{tmp_path / 'original'}")
+    again = load_pruned(tmp_path / "out").eval()
+
+    before, after = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in small.parameters())
+    assert after < 0.95 * before, f"{name}: {before} -> {after} parameters"
+    want, got, reloaded = floats(model, x), floats(small, x), floats(again, x)
+    assert [t.shape for t in got] == [t.shape for t in want]
+    assert len(reloaded) == len(got)
+    for a, b in zip(got, reloaded, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    train_step(small, inputs(2, 5))
+    assert all(p.grad is None or p.grad.shape == p.shape for p in small.parameters())
+    return after / before
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_a_speech_or_audio_model_prunes_by_default_reloads_and_trains(name, tmp_path):
+    check_family(name, tmp_path)
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("name", sorted(set(FAMILIES) - set(FAST)) + sorted(OTHERS))
+def test_every_speech_audio_multimodal_and_time_series_family_prunes_reloads_and_trains(name, tmp_path):
+    check_family(name, tmp_path)
+
+
+def test_the_masked_time_step_vector_prunes_with_the_hidden_width():
+    model, inputs = build("wav2vec2-ctc")
+    hidden = model.config.hidden_size
+    pruner = StructuredPruner(model, inputs(), pruning_ratio=0.5)
+    pruner.collect_activations([inputs(2, 2)], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = pruner.prune()
+    kept = small.wav2vec2.encoder.layers[0].attention.k_proj.in_features  # the residual width kept
+    assert kept < hidden
+    assert small.wav2vec2.masked_spec_embed.shape == (kept,)
+    assert model.wav2vec2.masked_spec_embed.shape == (hidden,)  # the user's model is untouched
+    assert not model.training and not small.training
+
+
+class TrainOnlyVector(nn.Module):
+    """A model with a parameter only its training forward reads: a learned vector written
+    over every other position (the shape of wav2vec2's SpecAugment), beside a path that
+    always runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(6, 16)
+        self.fill = nn.Parameter(torch.randn(16))
+        self.down = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(x))
+        if self.training:
+            mask = torch.zeros(h.shape[:-1], dtype=torch.bool)
+            mask[..., ::2] = True
+            h = h.clone()
+            h[mask] = self.fill
+        return self.down(h)
+
+
+def test_a_parameter_read_only_in_training_shrinks_with_the_channels_it_is_written_over():
+    torch.manual_seed(0)
+    model = TrainOnlyVector().eval()
+    x = torch.randn(2, 5, 6)
+    small = StructuredPruner(model, (x,), importance="magnitude", pruning_ratio=0.5).prune()
+    assert small.up.out_features == 8 and small.down.in_features == 8
+    assert small.fill.shape == (8,)
+    # the 16 -> 8 hidden units: up 6*8+8, fill 8, down 8*3+3
+    assert sum(p.numel() for p in small.parameters()) == 56 + 8 + 27
+    small.train()
+    out = small(x)
+    assert out.shape == (2, 5, 3)
+    out.sum().backward()
+    assert small.fill.grad.shape == (8,)
+    assert model.fill.shape == (16,) and not model.training
