@@ -20,6 +20,7 @@ list is marked ``corpus``.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -372,3 +373,62 @@ def test_a_parameter_read_only_in_training_shrinks_with_the_channels_it_is_writt
     out.sum().backward()
     assert small.fill.grad.shape == (8,)
     assert model.fill.shape == (16,) and not model.training
+
+
+# -- data files of the forward's own inputs ----------------------------------------------
+
+
+def cli_job(model, data: dict, tmp_path, *extra: str) -> tuple[int, dict]:
+    from cleanai_core.cli import main
+
+    model.save_pretrained(tmp_path / "m")
+    torch.save(data, tmp_path / "d.pt")
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"), "--out",
+               str(tmp_path / "o"), "--latency-repeats", "1", *extra])  # fmt: skip
+    report = tmp_path / "o" / "report.json"
+    return rc, json.loads(report.read_text()) if report.exists() else {}
+
+
+def test_a_data_file_of_the_models_own_audio_inputs_and_labels_prunes_and_is_scored(tmp_path):
+    """``{"input_values", "labels"}``, what a feature extractor returns, saved as it is:
+    refused before session 21 ("holds a dict with keys [...]; expected keys 'x' and 'y'")."""
+    model, _ = build("wav2vec2-seq-cls")
+    g = gen(0)
+    data = {"input_values": torch.randn(24, 1600, generator=g), "labels": torch.randint(0, 2, (24,), generator=g)}
+    rc, report = cli_job(model, data, tmp_path)
+    assert rc == 0, report
+    assert report["input_shape"] == {"input_values": [1, 1600]}
+    assert report["params_after"] < report["params_before"] == sum(p.numel() for p in model.parameters())
+    assert report["evaluation_samples"] + report["calibration_samples"] == 24
+    assert 0.0 <= report["accuracy_before"] <= 1.0 and 0.0 <= report["accuracy_after"] <= 1.0
+    assert load_pruned(tmp_path / "o").wav2vec2.masked_spec_embed.numel() < model.config.hidden_size
+
+
+@pytest.mark.parametrize(
+    "data, named",
+    [
+        ({"input_values": torch.randn(8, 1600), "speaker": torch.zeros(8)}, ["'speaker'", "input_values"]),
+        ({"input_values": torch.randint(0, 9, (8, 1600))}, ["input_values must be a floating tensor"]),
+        ({"input_values": torch.randn(8, 1600), "labels": torch.zeros(5, dtype=torch.long)}, ["labels has 5 rows"]),
+    ],
+    ids=["a key the forward does not take", "integer audio", "labels of another length"],
+)
+def test_a_bad_data_file_of_the_models_own_inputs_is_refused_by_name(data, named, tmp_path, capsys):
+    model, _ = build("wav2vec2-seq-cls")
+    rc, report = cli_job(model, data, tmp_path)
+    err = capsys.readouterr().err
+    assert rc != 0 and report == {}
+    for part in named:
+        assert part in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_pixels_beside_token_ids_are_read_for_a_text_and_image_model(tmp_path):
+    """SigLIP reads token ids and pixels: ``pixel_values`` was refused as a per-token input
+    ("must be integers shaped like input_ids")."""
+    model, inputs = build("siglip")
+    data = {k: torch.cat([v, v]) for k, v in inputs(12, 7).items()}
+    rc, report = cli_job(model, data, tmp_path)
+    assert rc == 0, report
+    assert set(report["input_shape"]) == {"input_ids", "pixel_values"}
+    assert report["params_after"] < report["params_before"]

@@ -18,7 +18,10 @@ through to the other loaders.
 Text files must be UTF-8. Only models that read token ids take text data: causal LMs,
 classifiers, plain encoders and encoder-decoders that generate; a multiple-choice model
 takes tokenized ``(N, choices, L)`` ids only, and a model without a vocabulary (ViT) or
-one that reads audio (Whisper) is refused with a message.
+one that reads audio (Whisper) is refused text with a message. Such a model takes a
+``.pt`` dict of its forward's own inputs (``input_values``, ``input_features`` or
+``pixel_values``, and ``labels``: :func:`_keyword_pt`); a text-and-image model takes
+``pixel_values`` beside ``input_ids``.
 
 For a **causal LM** the documents are tokenized, joined and cut into blocks of
 ``--seq-len`` tokens (default 128, at most the model's context); every item is
@@ -494,6 +497,9 @@ def _per_token_inputs(obj: dict[str, Any], ids: torch.Tensor, model: Any, source
                 "and the per-token inputs its forward takes (e.g. token_type_ids), or leave the key out."
             )
         t = torch.as_tensor(value)
+        if key in _OTHER_INPUTS:  # pixels or audio beside the tokens (CLIP, SigLIP, BLIP): one row per row of ids
+            out[key] = _signal(t, key, len(ids), source)
+            continue
         decoder = key.startswith("decoder_") and getattr(model.config, "is_encoder_decoder", False)
         if decoder:  # an encoder-decoder's decoder side: its own length, the rows of input_ids
             first = obj.get("decoder_input_ids", t)
@@ -510,6 +516,59 @@ def _per_token_inputs(obj: dict[str, Any], ids: torch.Tensor, model: Any, source
                             f"{types} token types (0..{types - 1}).")  # fmt: skip
         out[key] = t.long()
     return out
+
+
+def _signal(t: torch.Tensor, key: str, rows: int, source: str) -> torch.Tensor:
+    """``pixel_values`` / ``input_features`` / ``input_values``: floating, one row per item."""
+    if not t.is_floating_point() or t.dim() < 2 or (rows >= 0 and len(t) != rows):
+        want = f"{rows} rows" if rows >= 0 else "one row per item"
+        raise UserError(
+            f"{source}: {key} must be a floating tensor with {want} (N, ...), not {t.dtype} {tuple(t.shape)}; "
+            "give the values the model's feature extractor or image processor makes (floats)."
+        )
+    return t
+
+
+def _keyword_pt(path: Path, model: Any) -> TextItems | None:
+    """A ``.pt`` dict of the forward's own inputs for a model that reads no token ids alone
+    (audio: ``input_values`` or ``input_features``; pixels: ``pixel_values``; with
+    ``attention_mask`` and the like), and optionally ``labels``: what a feature extractor
+    returns, saved as it is. Before session 21 only ``(x, y)`` or ``{'x', 'y'}`` were read,
+    and this was refused ("expected keys 'x' and 'y'"). ``None`` where no key is an input
+    of the forward (the other ``.pt`` readers explain)."""
+    import inspect
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        return None
+    takes = inspect.signature(model.forward).parameters
+    main = [k for k in _OTHER_INPUTS if k in obj and k in takes]
+    if not main:
+        return None
+    source, items = repr(str(path)), {}
+    rows = len(torch.as_tensor(obj[main[0]]))
+    for key, value in obj.items():
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{source}: {key} is a {type(value).__name__}; every value must be a tensor (N, ...).")
+        if key != "labels" and key not in takes:
+            names = ", ".join(k for k in takes if k not in ("kwargs", "return_dict") and not k.startswith("output_"))
+            raise UserError(
+                f"{source}: {type(model).__name__} takes no {key!r}; give the inputs its forward takes ({names}) "
+                "and labels, or leave the key out."
+            )
+        t = _signal(value, key, rows, source) if key in _OTHER_INPUTS else value
+        if len(t) != rows or t.dim() == 0:
+            raise UserError(f"{source}: {key} has {len(t) if t.dim() else 0} rows, {main[0]} has {rows}; "
+                            "every tensor needs one row per item.")  # fmt: skip
+        items[key] = t
+    if rows == 0:
+        raise UserError(f"{source}: {main[0]} {tuple(obj[main[0]].shape)} holds no items.")
+    return TextItems(items)
 
 
 def _tokenized_pt(path: Path, model: Any) -> TextItems | None:
@@ -563,6 +622,8 @@ def load_text_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
                 "embedding, or needs pixel or audio inputs too: a vision, audio or multimodal model). Give its own "
                 "kind of data (an image folder, a .pt or .npz of input tensors), or a text model."
             )
+        if path.is_file() and suffix in (".pt", ".pth"):
+            return _keyword_pt(path, model)
         return None
     if path.is_dir() and not files:
         raise UserError(
