@@ -163,6 +163,11 @@ def _headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     mb, ma = report.get("mse_before"), report.get("mse_after")
     if mb is not None and ma is not None:  # a regression head
         rows.append(("Mean squared error (held-out)", f"{mb:.4g}", f"{ma:.4g}", _pct(ma, mb).strip(" ()")))
+    eb, ea = report.get("error_rate_before"), report.get("error_rate_after")
+    if eb is not None and ea is not None:  # a CTC speech recogniser
+        rows.append(
+            ("Token error rate (held-out)", f"{100 * eb:.2f}%", f"{100 * ea:.2f}%", f"{100 * (ea - eb):+.2f} pt")
+        )
     ab, aa = report.get("accuracy_before"), report.get("accuracy_after")
     if ab is not None and aa is not None:
         rows.append(("Accuracy (held-out)", f"{100 * ab:.2f}%", f"{100 * aa:.2f}%", f"{100 * (aa - ab):+.2f} pt"))

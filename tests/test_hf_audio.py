@@ -432,3 +432,63 @@ def test_pixels_beside_token_ids_are_read_for_a_text_and_image_model(tmp_path):
     assert rc == 0, report
     assert set(report["input_shape"]) == {"input_ids", "pixel_values"}
     assert report["params_after"] < report["params_before"]
+
+
+def test_a_ctc_recogniser_is_scored_by_the_token_error_rate_of_greedy_decoding(tmp_path):
+    """Wav2Vec2ForCTC's labels are transcripts (N, L), shorter than its frames: the job
+    failed on the held-out part ("Expected input batch_size (936) to match target batch_size
+    (60)"), scoring them as next tokens."""
+    import functools
+    import itertools
+
+    from cleanai_plugins.io.hf import cleanai_evaluate
+
+    model, _ = build("wav2vec2-ctc")
+    g = gen(0)
+    labels = torch.randint(1, 20, (24, 6), generator=g)
+    labels[:, 4:] = -100
+    data = {"input_values": torch.randn(24, 1600, generator=g), "labels": labels}
+
+    # by hand: best token per frame, repeats merged, the blank (pad_token_id 0) dropped, then Levenshtein
+    @functools.cache
+    def dist(a: tuple, b: tuple) -> int:
+        if not a or not b:
+            return len(a) + len(b)
+        return min(dist(a[1:], b) + 1, dist(a, b[1:]) + 1, dist(a[1:], b[1:]) + (a[0] != b[0]))
+
+    with torch.no_grad():
+        best = model(input_values=data["input_values"][:4]).logits.argmax(-1)
+    said = [tuple(k for k, _ in itertools.groupby(row.tolist()) if k != 0) for row in best]
+    refs = [tuple(t for t in row.tolist() if t != -100) for row in labels[:4]]
+    want = sum(dist(s, r) for s, r in zip(said, refs, strict=True)) / sum(map(len, refs))
+    got = cleanai_evaluate(model, [{"input_values": data["input_values"][:4], "labels": labels[:4]}], "cpu")
+    assert got["error_rate"] == pytest.approx(want) and got["evaluated"] == 4 and got["tokens"] == 16
+
+    rc, report = cli_job(model, data, tmp_path)
+    assert rc == 0, report
+    assert report["error_rate_before"] >= 0 and report["error_rate_after"] >= 0
+    assert report["accuracy_before"] is None and "token error rate" in report["accuracy_note"]
+    assert "Token error rate (held-out)" in (tmp_path / "o" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("with_labels", [True, False], ids=["transcripts", "audio only"])
+def test_a_speech_encoder_decoder_reads_audio_with_or_without_transcripts(with_labels, tmp_path):
+    """Whisper's forward needs decoder inputs: the job failed on the first sample ("You cannot
+    specify both decoder_input_ids and decoder_inputs_embeds at the same time"). Transcripts
+    become the decoder's inputs shifted right (and the perplexity's targets); without them
+    the decoder reads its start token."""
+    config = T.WhisperConfig(**WHISPER, decoder_start_token_id=1, pad_token_id=0, max_target_positions=32)
+    torch.manual_seed(0)
+    model = T.WhisperForConditionalGeneration(config).eval()
+    g = gen(0)
+    data = {"input_features": torch.randn(24, 16, 32, generator=g)}
+    if with_labels:
+        data["labels"] = torch.randint(3, 100, (24, 6), generator=g)
+    rc, report = cli_job(model, data, tmp_path)
+    assert rc == 0, report
+    assert report["params_after"] < report["params_before"]
+    assert report["input_shape"]["decoder_input_ids"] == [1, 6 if with_labels else 1]
+    if with_labels:  # a random 100-token decoder: about 100
+        assert 50 < report["perplexity_before"] < 200 and 50 < report["perplexity_after"] < 200
+    else:
+        assert report["perplexity_before"] is None and report["accuracy_note"] == "the data has no labels"

@@ -319,6 +319,11 @@ def _execute(
         "perplexity_before": before_acc.get("perplexity") if before_acc else None,
         "perplexity_after": after_acc.get("perplexity") if after_acc else None,
         **{f"mse_{k}": r["mse"] for k, r in (("before", before_acc), ("after", after_acc)) if r and "mse" in r},
+        **{  # a CTC speech recogniser's token error rate
+            f"error_rate_{k}": r["error_rate"]
+            for k, r in (("before", before_acc), ("after", after_acc))
+            if r and "error_rate" in r
+        },
         "evaluation_tokens": after_acc.get("tokens") if after_acc else None,
         "calibration_samples": len(calib),
         "scored_samples": scored,

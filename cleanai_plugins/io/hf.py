@@ -225,6 +225,7 @@ _HEADS = (
     ("ForQuestionAnsweringSimple", "span"),
     ("ForMultipleChoice", "choice"),
     ("ForSequenceClassification", "sequence"),
+    ("ForCTC", "ctc"),
 )
 
 
@@ -234,7 +235,8 @@ def head_kind(model: Any) -> str:
     question answering: a start and an end position), ``"choice"`` (one of several
     sequences), ``"sequence"`` (a class per sequence), ``"regression"`` (a sequence
     classifier with one output or ``problem_type="regression"``), ``"multilabel"``
-    (``problem_type="multi_label_classification"``: any number of classes per sequence), ``"seq2seq"`` (an
+    (``problem_type="multi_label_classification"``: any number of classes per sequence), ``"ctc"`` (a
+    speech recogniser trained with CTC: wav2vec2, HuBERT), ``"seq2seq"`` (an
     encoder-decoder that generates: T5, BART, Marian), else ``""``. An LM head whose config says it
     attends both ways (``causal=False``: XLM, Flaubert) is a masked LM."""
     names = [type(model).__name__, *(getattr(model.config, "architectures", None) or [])[:1]]
@@ -256,6 +258,30 @@ def head_kind(model: Any) -> str:
 def is_masked_lm(model: Any) -> bool:
     """A masked language model: ``...ForMaskedLM`` (BERT, RoBERTa, ModernBERT, ...)."""
     return head_kind(model) == "masked"
+
+
+def _ctc_errors(logits: torch.Tensor, labels: torch.Tensor, blank: int | None) -> tuple[int, int]:
+    """Greedy CTC decoding of each row (the best token per frame, repeats merged, the blank,
+    ``pad_token_id`` as transformers' CTC loss takes it, left out) against its labels
+    (``-100`` padding left out): summed edit distances and the labels' length."""
+    best = logits.argmax(-1).cpu()
+    blank = 0 if blank is None else int(blank)
+    wrong = count = 0
+    for row, want in zip(best, labels.cpu(), strict=True):
+        said = [int(t) for t in torch.unique_consecutive(row) if int(t) != blank]
+        ref = [int(t) for t in want if int(t) != -100]
+        wrong, count = wrong + _edit_distance(said, ref), count + len(ref)
+    return wrong, count
+
+
+def _edit_distance(a: list[int], b: list[int]) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions, one each."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
 
 
 def _masked_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
@@ -335,7 +361,7 @@ def cleanai_evaluate(model, loader, device):
     if not is_hf_model(model):
         return None
     nll = squared = 0.0
-    tokens = correct = total = values = 0
+    tokens = correct = total = values = edits = 0
     kind = head_kind(model)
     with torch.no_grad():
         for batch in loader:
@@ -356,6 +382,9 @@ def cleanai_evaluate(model, loader, device):
             if kind == "multilabel" and logits.dim() == 2 and tuple(labels.shape) == tuple(logits.shape):
                 hit = ((logits.float().cpu() > 0) == (labels.cpu() > 0.5)).all(dim=1)  # every class right
                 correct, total = correct + int(hit.sum()), total + len(hit)
+            elif kind == "ctc" and logits.dim() == 3 and labels.dim() == 2:
+                wrong, n = _ctc_errors(logits, labels, getattr(model.config, "pad_token_id", None))
+                edits, tokens, total = edits + wrong, tokens + n, total + len(labels)
             elif kind == "regression":
                 diff = logits.float().reshape(len(labels), -1).cpu() - labels.float().reshape(len(labels), -1)
                 squared += float((diff**2).sum())
@@ -372,6 +401,14 @@ def cleanai_evaluate(model, loader, device):
             else:  # said "the data has no labels" (the next evaluator reads (x, y) pairs only)
                 return {"accuracy_note": _MISFIT_NOTE.format(tuple(labels.shape), type(model).__name__,
                                                              tuple(logits.shape))}  # fmt: skip
+    if kind == "ctc" and total:
+        return {
+            "error_rate": edits / max(tokens, 1),
+            "evaluated": total,
+            "tokens": tokens,
+            "accuracy_note": "a CTC speech recogniser: the token error rate of greedy decoding (edit distance to the "
+            "labels over their length) is reported instead",
+        }
     if kind == "regression" and total:
         return {
             # per value, as the model's own MSELoss and recovery's held-out metric: per sample it was num_labels x it

@@ -568,6 +568,17 @@ def _keyword_pt(path: Path, model: Any) -> TextItems | None:
         items[key] = t
     if rows == 0:
         raise UserError(f"{source}: {main[0]} {tuple(obj[main[0]].shape)} holds no items.")
+    if head_kind(model) == "seq2seq" and "decoder_input_ids" not in items:  # Whisper, Speech2Text
+        labels = items.get("labels")
+        if labels is not None:  # the transcript: what the decoder reads, shifted right after its start token
+            if labels.dim() != 2 or labels.is_floating_point():
+                raise UserError(f"{source}: an encoder-decoder's labels are target token ids (N, T), not "
+                                f"{labels.dtype} {tuple(labels.shape)}.")  # fmt: skip
+            _check_ids(labels.masked_fill(labels == -100, 0), model, source)
+            items.update(seq2seq_targets(model, labels.masked_fill(labels == -100, 0), (labels != -100).long()))
+        else:  # no transcript: the decoder reads its start token
+            start = seq2seq_targets(model, torch.zeros(rows, 1, dtype=torch.long))["decoder_input_ids"]
+            items["decoder_input_ids"] = start
     return TextItems(items)
 
 
