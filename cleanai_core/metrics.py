@@ -22,6 +22,8 @@ __all__ = [
     "call_model",
     "count_flops",
     "count_params",
+    "ctc_errors",
+    "edit_distance",
     "eval_mode",
     "measure_latency",
     "perplexity",
@@ -43,6 +45,31 @@ def perplexity(nll: float, tokens: float) -> float:
         return math.exp(mean)
     except OverflowError:
         return math.inf
+
+
+def ctc_errors(logits: torch.Tensor, labels: torch.Tensor, blank: int | None) -> tuple[int, int]:
+    """Greedy CTC decoding of each row of ``logits`` (N, T, V) (the best token per frame,
+    repeats merged, the blank left out: ``pad_token_id``, as transformers' CTC loss takes
+    it) against its ``labels`` (N, L) (``-100`` padding left out): the summed edit
+    distances and the labels' length, whose ratio is the token error rate."""
+    best = logits.argmax(-1).cpu()
+    blank = 0 if blank is None else int(blank)
+    wrong = count = 0
+    for row, want in zip(best, labels.cpu(), strict=True):
+        said = [int(t) for t in torch.unique_consecutive(row) if int(t) != blank]
+        ref = [int(t) for t in want if int(t) != -100]
+        wrong, count = wrong + edit_distance(said, ref), count + len(ref)
+    return wrong, count
+
+
+def edit_distance(a: list[int], b: list[int]) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions, one each."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
 
 
 @contextmanager

@@ -24,6 +24,11 @@ Glossary:
   in no loss and no accuracy, in every task. ``"regression"`` (outputs ``(N, K)`` or
   ``(N,)`` against floating labels of that shape, not class indices): the squared error to
   the labels and to the teacher's outputs (no softmax), the held-out mean squared error.
+  ``"ctc"`` (a speech recogniser's frames ``(N, T, V)`` against transcripts ``(N, L)``,
+  ``L`` at most ``T``: ``...ForCTC``): KL over every frame, the CTC loss to the
+  transcripts (blank ``pad_token_id``), the held-out token error rate of greedy decoding.
+  Before session 21 its transcripts were read as per-frame tags, and recovery failed with
+  an ``IndexError`` on the first held-out batch.
 
 The loss is ``kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight * CE(labels)``;
 the cross-entropy term is used only when the batch has labels (a causal LM's labels are
@@ -49,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError, model_fault
-from cleanai_core.metrics import call_model, eval_mode, perplexity
+from cleanai_core.metrics import call_model, ctc_errors, eval_mode, perplexity
 from cleanai_core.model_state import copy_model
 from cleanai_core.options import check_callables, check_modules, check_not_meta, check_switches, plain_number
 from cleanai_core.runtime import (
@@ -73,10 +78,10 @@ __all__ = [
     "split_train_data",
 ]
 
-TASKS = ("auto", "classification", "causal_lm", "token", "regression")
+TASKS = ("auto", "classification", "causal_lm", "token", "regression", "ctc")
 
 #: held-out metrics where lower is better
-LOWER_IS_BETTER = ("perplexity", "mse", "teacher_mse")
+LOWER_IS_BETTER = ("perplexity", "mse", "teacher_mse", "error_rate")
 
 #: the label that counts in no loss and no accuracy (``F.cross_entropy``'s default ``ignore_index``)
 IGNORE_INDEX = -100
@@ -88,7 +93,9 @@ class RecoveryResult:
     ``k + 1``; ``initial`` is the pruned model's, before training. ``best_epoch`` 0 means
     no epoch beat the pruned model, which is then returned unchanged."""
 
-    metric: str  # "accuracy", "perplexity", "teacher_agreement", "mse" or "teacher_mse" (regression)
+    metric: (
+        str  # "accuracy", "perplexity", "teacher_agreement", "mse" or "teacher_mse" (regression), "error_rate" (ctc)
+    )
     higher_is_better: bool
     initial: float
     history: tuple[float, ...]
@@ -168,6 +175,8 @@ def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None, ta
     if task != "auto":
         return task
     config = getattr(model, "config", None)
+    if type(model).__name__.endswith("ForCTC") and logits.dim() == 3:
+        return "ctc"
     if getattr(config, "problem_type", None) == "regression" or reads_as_regression(logits, target):
         return "regression"
     if logits.dim() == 2:
@@ -194,11 +203,15 @@ def distillation_loss(
     temperature: float = 2.0,
     kd_weight: float = 1.0,
     ce_weight: float = 1.0,
+    blank: int = 0,
 ) -> torch.Tensor:
     """``kd_weight * T^2 * KL(teacher_T || student_T) + ce_weight * CE``, averaged over
     samples (classification) or over valid tokens (causal LM, logits shifted by one).
-    ``teacher_logits=None`` or ``kd_weight=0`` drops the KL term; no labels drops CE."""
+    ``teacher_logits=None`` or ``kd_weight=0`` drops the KL term; no labels drops CE.
+    ``task="ctc"``: CE is the CTC loss to the transcripts, ``blank`` its blank token."""
     s = student_logits.float()
+    if task == "ctc":
+        return _ctc_loss(s, teacher_logits, target, temperature, kd_weight, ce_weight, blank)
     if task == "regression":  # squared errors: to the labels, and to the teacher's outputs
         y = regression_targets(s, target)
         loss = s.new_zeros(())
@@ -239,6 +252,34 @@ def distillation_loss(
         loss = loss + (kd_weight * temperature**2 * per.sum(-1).mean()).to(s.dtype)
     if labels is not None and ce_weight and bool((labels != IGNORE_INDEX).any()):  # all ignored: the mean was NaN
         loss = loss + ce_weight * F.cross_entropy(s, labels.to(s.device).long())  # int32 / bool labels raised
+    return loss
+
+
+def _ctc_loss(
+    s: torch.Tensor, teacher: torch.Tensor | None, target: Any, temperature: float, kd: float, ce: float, blank: int
+) -> torch.Tensor:
+    """A speech recogniser's loss: KL to the teacher over every frame, and the CTC loss of
+    the transcripts (``-100`` padding left out; every frame counts as input)."""
+    loss = s.new_zeros(())
+    if teacher is not None and kd:
+        t = teacher.float().reshape(s.shape)
+        per = F.kl_div(
+            F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="none"
+        )
+        loss = loss + kd * temperature**2 * per.sum(-1).mean()
+    if isinstance(target, torch.Tensor) and ce and target.dim() == 2 and not target.is_floating_point():
+        keep = target != IGNORE_INDEX
+        lengths = keep.sum(1)
+        if lengths.numel() and int(lengths.max()) > s.shape[1]:
+            raise UserError(
+                f"transcripts of up to {int(lengths.max())} tokens for {s.shape[1]} frames: a CTC model emits at most "
+                "one token per frame; give longer audio or shorter labels"
+            )
+        log_probs = F.log_softmax(s, -1).transpose(0, 1)  # (T, N, V)
+        frames = torch.full((s.shape[0],), s.shape[1], dtype=torch.long)
+        loss = loss + ce * F.ctc_loss(
+            log_probs, target[keep].long(), frames, lengths.cpu(), blank=blank, zero_infinity=True
+        )
     return loss
 
 
@@ -465,6 +506,10 @@ def held_out_metric_and_loss(
                 nll += float(((logits - ref) ** 2).sum())
                 tokens += float(ref.numel())
                 continue
+            if task == "ctc" and isinstance(target, torch.Tensor) and target.dim() == 2:
+                wrong, n = ctc_errors(logits, target, opts.get("blank", 0))
+                nll, tokens, metric = nll + wrong, tokens + n, "error_rate"
+                continue
             if task == "token" and target is not None:  # at their own positions, -100 left out
                 labels, _ = _token_targets(logits, inputs, target)
                 picked = labels != -100
@@ -488,7 +533,7 @@ def held_out_metric_and_loss(
     loss = loss_sum / batches
     if metric == "perplexity":
         return metric, perplexity(nll, tokens), loss
-    if metric in ("mse", "teacher_mse"):
+    if metric in ("mse", "teacher_mse", "error_rate"):
         return metric, nll / max(tokens, 1.0), loss
     return metric, hits / max(total, 1), loss
 
@@ -731,6 +776,8 @@ def recover(
         with eval_mode(student), torch.no_grad():
             task = _task_of(_forward(student, first, forward_fn, "pruned model"), task, student, target)
     loss_options = {"temperature": temperature, "kd_weight": kd_weight, "ce_weight": ce_weight}
+    if task == "ctc":  # transformers' CTC heads take pad_token_id as the blank
+        loss_options["blank"] = int(getattr(getattr(student, "config", None), "pad_token_id", None) or 0)
     metric, initial, initial_loss = held_out_metric_and_loss(
         student, held_loader, device, task, teacher, forward_fn, loss_options
     )
@@ -762,10 +809,7 @@ def recover(
                         with torch.no_grad():
                             t_logits = _forward(teacher, inputs, forward_fn, "teacher")
                     s_logits = _forward(student, inputs, forward_fn, "pruned model")
-                loss = distillation_loss(
-                    s_logits, t_logits, target, task=task, inputs=inputs, temperature=temperature,
-                    kd_weight=kd_weight, ce_weight=ce_weight,
-                )  # fmt: skip
+                loss = distillation_loss(s_logits, t_logits, target, task=task, inputs=inputs, **loss_options)
                 if not loss.requires_grad:
                     raise UserError("nothing to train on: the batches have no labels and there is no teacher")
                 if not scaler.is_enabled() and not math.isfinite(float(loss.detach())):

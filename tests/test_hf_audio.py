@@ -492,3 +492,44 @@ def test_a_speech_encoder_decoder_reads_audio_with_or_without_transcripts(with_l
         assert 50 < report["perplexity_before"] < 200 and 50 < report["perplexity_after"] < 200
     else:
         assert report["perplexity_before"] is None and report["accuracy_note"] == "the data has no labels"
+
+
+def test_recovery_of_a_ctc_recogniser_trains_on_its_transcripts():
+    """``recover()`` read CTC transcripts as per-frame tags and failed on the first held-out
+    batch (``IndexError: The shape of the mask [5] at index 0 does not match ... [78, 20]``).
+    Now the task is ``"ctc"``: KL over the frames, the CTC loss of the transcripts, the held-out
+    token error rate (lower is better)."""
+    import torch.nn.functional as F
+
+    from cleanai_core.recovery import distillation_loss, recover
+    from cleanai_plugins.io.text import TextItems
+
+    model, _ = build("wav2vec2-ctc")
+    g = gen(0)
+    audio = torch.randn(16, 1600, generator=g)
+    labels = torch.randint(1, 20, (16, 6), generator=g)
+    labels[::2, 4:] = -100
+    # the loss without a teacher is the CTC loss of each row's own transcript (blank = pad_token_id 0)
+    with torch.no_grad():
+        logits = model(input_values=audio[:4]).logits
+    rows = [row[row != -100] for row in labels[:4]]
+    want = F.ctc_loss(
+        F.log_softmax(logits, -1).transpose(0, 1),
+        torch.cat(rows),
+        torch.full((4,), logits.shape[1]),
+        torch.tensor([len(r) for r in rows]),
+        blank=0,
+        zero_infinity=True,
+    )
+    got = distillation_loss(logits, None, labels[:4], task="ctc")
+    torch.testing.assert_close(got, want)
+    too_long = torch.randint(1, 20, (4, logits.shape[1] + 1), generator=g)
+    with pytest.raises(Exception, match="one token per frame"):
+        distillation_loss(logits, None, too_long, task="ctc")
+
+    small = StructuredPruner(model, {"input_values": audio[:1]}, importance="magnitude", pruning_ratio=0.5).prune()
+    data = TextItems({"input_values": audio, "labels": labels})  # dict items, as the command line reads them
+    recovered, result = recover(small, model, data, epochs=2, batch_size=4, val_fraction=0.25, progress=False)
+    assert result.metric == "error_rate" and not result.higher_is_better
+    assert 0 <= result.best <= result.initial and len(result.history) == result.epochs
+    assert sum(p.numel() for p in recovered.parameters()) == sum(p.numel() for p in small.parameters())

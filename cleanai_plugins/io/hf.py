@@ -37,7 +37,7 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_core.calibration import split_batch
 from cleanai_core.errors import UserError
-from cleanai_core.metrics import perplexity
+from cleanai_core.metrics import ctc_errors, perplexity
 
 __all__ = ["auto_class", "is_hf_model", "is_masked_lm", "load_hf_model", "load_tokenizer"]
 
@@ -260,30 +260,6 @@ def is_masked_lm(model: Any) -> bool:
     return head_kind(model) == "masked"
 
 
-def _ctc_errors(logits: torch.Tensor, labels: torch.Tensor, blank: int | None) -> tuple[int, int]:
-    """Greedy CTC decoding of each row (the best token per frame, repeats merged, the blank,
-    ``pad_token_id`` as transformers' CTC loss takes it, left out) against its labels
-    (``-100`` padding left out): summed edit distances and the labels' length."""
-    best = logits.argmax(-1).cpu()
-    blank = 0 if blank is None else int(blank)
-    wrong = count = 0
-    for row, want in zip(best, labels.cpu(), strict=True):
-        said = [int(t) for t in torch.unique_consecutive(row) if int(t) != blank]
-        ref = [int(t) for t in want if int(t) != -100]
-        wrong, count = wrong + _edit_distance(said, ref), count + len(ref)
-    return wrong, count
-
-
-def _edit_distance(a: list[int], b: list[int]) -> int:
-    """Levenshtein distance: insertions, deletions and substitutions, one each."""
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
-
-
 def _masked_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
     """Summed negative log-likelihood of the labelled tokens (labels other than -100, at
     their own positions: masked tokens, or a token classifier's tags), their number, and
@@ -383,7 +359,7 @@ def cleanai_evaluate(model, loader, device):
                 hit = ((logits.float().cpu() > 0) == (labels.cpu() > 0.5)).all(dim=1)  # every class right
                 correct, total = correct + int(hit.sum()), total + len(hit)
             elif kind == "ctc" and logits.dim() == 3 and labels.dim() == 2:
-                wrong, n = _ctc_errors(logits, labels, getattr(model.config, "pad_token_id", None))
+                wrong, n = ctc_errors(logits, labels, getattr(model.config, "pad_token_id", None))
                 edits, tokens, total = edits + wrong, tokens + n, total + len(labels)
             elif kind == "regression":
                 diff = logits.float().reshape(len(labels), -1).cpu() - labels.float().reshape(len(labels), -1)
