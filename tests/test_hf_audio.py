@@ -533,3 +533,27 @@ def test_recovery_of_a_ctc_recogniser_trains_on_its_transcripts():
     assert result.metric == "error_rate" and not result.higher_is_better
     assert 0 <= result.best <= result.initial and len(result.history) == result.epochs
     assert sum(p.numel() for p in recovered.parameters()) == sum(p.numel() for p in small.parameters())
+
+
+@pytest.mark.parametrize("name", ["wav2vec2-ctc", "whisper-audio-cls", "audio-spectrogram-transformer"])
+def test_explain_traces_a_speech_model_with_the_input_its_config_describes(name, tmp_path, capsys):
+    """``cleanai explain --model hf:<folder>`` traced every model that is not a text model
+    with a (1, 3, 224, 224) image, and refused speech models ("Expected 2D (unbatched) or 3D
+    (batched) input to conv1d, but got input of size: [1, 1, 3, 224, 224]")."""
+    from cleanai_core.cli import main
+
+    model, _ = build(name)
+    model.save_pretrained(tmp_path / "m")
+    assert main(["explain", "--model", f"hf:{tmp_path / 'm'}"]) == 0
+    out = capsys.readouterr().out
+    assert "prunable):" in out and "frozen: model output" in out
+
+
+def test_explain_traces_an_image_model_at_its_configs_image_size(tmp_path, capsys):
+    from cleanai_core.cli import main
+
+    torch.manual_seed(0)
+    model = T.ViTForImageClassification(T.ViTConfig(**VISION, num_labels=3)).eval()  # 32 px, not 224
+    model.save_pretrained(tmp_path / "m")
+    assert main(["explain", "--model", f"hf:{tmp_path / 'm'}"]) == 0
+    assert "vit.layers.1.mlp.fc2:in(in)" in capsys.readouterr().out

@@ -98,6 +98,60 @@ def example_input(model: torch.nn.Module, shape: tuple[int, ...], dtype: torch.d
     return ids
 
 
+#: the forward arguments of a Hugging Face model that reads a signal, not token ids
+SIGNALS = ("input_values", "input_features", "pixel_values")
+
+
+def signal_example(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """A default example for a Hugging Face speech, audio or image model (its forward takes
+    ``input_values``, ``input_features`` or ``pixel_values`` and no ``input_ids``): noise
+    of the shape its config describes (one second at 16 kHz for a raw-audio encoder; the
+    mel frames Whisper's encoder is built for; the config's image size), with the decoder's
+    start token for an encoder-decoder. ``None`` where it is no such model. Without it,
+    ``explain`` traced a wav2vec2 folder with a (1, 3, 224, 224) image and refused it."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    try:
+        takes = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    key = next((k for k in SIGNALS if k in takes), None)
+    if config is None or key is None or "input_ids" in takes:
+        return None
+
+    def num(name: str) -> int | None:
+        v = getattr(config, name, None)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    if key == "pixel_values":
+        size = getattr(config, "image_size", None)
+        h, w = (
+            (size, size)
+            if isinstance(size, int)
+            else tuple(size)[:2]
+            if isinstance(size, (list, tuple))
+            else (224, 224)
+        )
+        shape = (1, num("num_channels") or 3, h, w)
+    elif key == "input_values":  # AST reads spectrogram frames; the wav2vec2 family raw audio
+        frames, mels = num("max_length"), num("num_mel_bins")
+        shape = (1, frames, mels) if frames and mels else (1, 16000)
+    elif num("num_mel_bins") and num("max_source_positions"):  # Whisper: twice its encoder's positions
+        shape = (1, num("num_mel_bins"), 2 * num("max_source_positions"))
+    elif num("input_feat_per_channel"):  # Speech2Text: frames of stacked filter banks
+        shape = (1, 128, num("input_feat_per_channel") * (num("input_channels") or 1))
+    elif num("feature_projection_input_dim"):  # wav2vec2-BERT
+        shape = (1, 128, num("feature_projection_input_dim"))
+    else:
+        return None
+    example = {key: torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)}
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in takes:
+        start = getattr(config, "decoder_start_token_id", None)
+        example["decoder_input_ids"] = torch.tensor([[start if isinstance(start, int) else 0]])
+    return example
+
+
 def run(args: argparse.Namespace) -> int:
     from cleanai_core.graph.dependency import DependencyGraph
     from cleanai_core.job.inputs import check_real
@@ -129,10 +183,13 @@ def run(args: argparse.Namespace) -> int:
     from cleanai_core.errors import TraceError
 
     ignored = sorted(ignored_modules(model, ()))
+    signal = None if args.input_shape else signal_example(model, dtype)
+    if signal is not None:
+        tried = "; ".join(f"{k} {','.join(map(str, v.shape))}" for k, v in signal.items())
     try:
-        first = example_input(model, shape, dtype)
+        first = example_input(model, shape, dtype) if signal is None else signal
         floats = isinstance(first, torch.Tensor) and first.is_floating_point()
-        tries = [first] if floats else [first, torch.randn(*shape, dtype=dtype)]
+        tries = [first] if floats or signal is not None else [first, torch.randn(*shape, dtype=dtype)]
     except (RuntimeError, MemoryError) as exc:  # --input-shape 1,1,100000,100000: 40 GB of noise
         raise UserError(
             f"--input-shape {tried}: cannot allocate an example input of that size ({type(exc).__name__}); give the "
