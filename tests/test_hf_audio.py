@@ -557,3 +557,27 @@ def test_explain_traces_an_image_model_at_its_configs_image_size(tmp_path, capsy
     model.save_pretrained(tmp_path / "m")
     assert main(["explain", "--model", f"hf:{tmp_path / 'm'}"]) == 0
     assert "vit.layers.1.mlp.fc2:in(in)" in capsys.readouterr().out
+
+
+class WritesRows(nn.Module):
+    """``h[rows] = values`` through position indices, with values of one width (``fill``)
+    that broadcast over the channels, or as wide as them but fresh (``fresh``)."""
+
+    def __init__(self, fresh: bool) -> None:
+        super().__init__()
+        self.up, self.down, self.fresh = nn.Linear(4, 8), nn.Linear(8, 2), fresh
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x).clone()
+        rows = torch.tensor([0, 2])
+        h[rows] = torch.ones(2, x.shape[1], 8) if self.fresh else torch.full((1,), 0.5)
+        return self.down(h)
+
+
+def test_rows_written_with_a_broadcast_value_prune_and_a_fresh_full_width_write_freezes():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 4)
+    small = StructuredPruner(WritesRows(fresh=False).eval(), (x,), importance="magnitude", pruning_ratio=0.5).prune()
+    assert small.up.out_features == 4 and small(x).shape == (4, 3, 2)
+    with pytest.raises(Exception, match="writes values that cannot shrink with the channels"):
+        StructuredPruner(WritesRows(fresh=True).eval(), (x,), importance="magnitude", pruning_ratio=0.5).prune()

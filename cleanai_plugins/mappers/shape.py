@@ -819,7 +819,7 @@ def index_put(call, ctx):
         return
     if ld is not None:  # values without channels: a scalar or a width of its own
         vd = ld.dim - n + 1 - (off or 0)  # values' dim over dst's channels (< 0: broadcast over them)
-        if isinstance(values, TRef) and values.numel() > 1 and vd >= 0 and values.shape[vd] != 1:
+        if isinstance(values, TRef) and math.prod(values.shape) > 1 and vd >= 0 and values.shape[vd] != 1:
             ctx.freeze(ld.atoms, f"{ctx.where()} writes values that cannot shrink with the channels")
         ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
         return
