@@ -519,11 +519,10 @@ def _per_token_inputs(obj: dict[str, Any], ids: torch.Tensor, model: Any, source
 
 
 def _signal(t: torch.Tensor, key: str, rows: int, source: str) -> torch.Tensor:
-    """``pixel_values`` / ``input_features`` / ``input_values``: floating, one row per item."""
-    if not t.is_floating_point() or t.dim() < 2 or (rows >= 0 and len(t) != rows):
-        want = f"{rows} rows" if rows >= 0 else "one row per item"
+    """``pixel_values`` / ``input_features`` / ``input_values``: floating, ``rows`` rows."""
+    if not t.is_floating_point() or t.dim() < 2 or len(t) != rows:
         raise UserError(
-            f"{source}: {key} must be a floating tensor with {want} (N, ...), not {t.dtype} {tuple(t.shape)}; "
+            f"{source}: {key} must be a floating tensor with {rows} rows (N, ...), not {t.dtype} {tuple(t.shape)}; "
             "give the values the model's feature extractor or image processor makes (floats)."
         )
     return t
@@ -562,7 +561,7 @@ def _keyword_pt(path: Path, model: Any) -> TextItems | None:
                 "and labels, or leave the key out."
             )
         t = _signal(value, key, rows, source) if key in _OTHER_INPUTS else value
-        if len(t) != rows or t.dim() == 0:
+        if t.dim() == 0 or len(t) != rows:
             raise UserError(f"{source}: {key} has {len(t) if t.dim() else 0} rows, {main[0]} has {rows}; "
                             "every tensor needs one row per item.")  # fmt: skip
         items[key] = t
