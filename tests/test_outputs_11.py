@@ -90,3 +90,79 @@ def test_a_hand_edited_history_whose_edits_disagree_is_refused_by_replay_and_loa
     fresh.load_state_dict(pruned.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(x), pruned(x))
+
+
+def _mlp(width):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3))
+
+
+def _gradual(width, schedule, by="ratio", steps_before_resume=None, **kw):
+    from cleanai_core.gradual import GradualPruner
+
+    model = _mlp(width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    gp = GradualPruner(model, x[:2], opt, schedule, by=by, ignored_layers=[model[4]], **kw)
+    widths = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        while not gp.done:
+            if steps_before_resume is not None and gp.steps_done == steps_before_resume:
+                state = json.loads(json.dumps(gp.state_dict()))  # a checkpoint, through JSON
+                model_state, opt_state = model.state_dict(), opt.state_dict()
+                model = _mlp(width)
+                opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+                gp = GradualPruner(model, x[:2], opt, schedule, by=by, ignored_layers=[model[4]], **kw)
+                gp.load_state_dict(state)
+                model.load_state_dict(model_state)
+                opt.load_state_dict(opt_state)
+                steps_before_resume = None
+            gp.step([x])
+            widths.append((model[0].out_features, model[2].out_features))
+    return widths, gp
+
+
+@pytest.mark.parametrize(
+    ("width", "final", "steps", "kind", "kw", "want"),
+    [
+        (10, 0.5, 4, "linear", {}, [(9, 9), (8, 8), (6, 6), (5, 5)]),  # was 6 of 10 at the end
+        (10, 0.5, 4, "cubic", {}, [(7, 7), (6, 6), (5, 5), (5, 5)]),  # was 7 of 10
+        (16, 0.75, 4, "cubic", {}, [(9, 9), (6, 6), (4, 4), (4, 4)]),  # was 6 of 16
+        (16, 0.5, 4, "cubic", {"round_to": 4}, [(12, 12), (12, 12), (8, 8), (8, 8)]),  # was 12 throughout
+        # a layer ratio was taken from the shrunk width at every step: 16 -> 8 -> 4 -> 2 -> 1
+        (16, 0.5, 4, "cubic", {"layer_pruning_ratios": {"0": 0.5}}, [(11, 11), (9, 9), (8, 8), (8, 8)]),
+    ],
+)
+def test_gradual_pruning_by_ratio_ends_at_the_count_one_step_would_keep(width, final, steps, kind, kw, want):
+    from cleanai_core.gradual import PruningSchedule
+
+    schedule = PruningSchedule(final=final, steps=steps, kind=kind)
+    widths, _ = _gradual(width, schedule, **kw)
+    assert widths == want
+    # a one-step StructuredPruner at the final ratio keeps the same count
+    one = StructuredPruner(_mlp(width), torch.randn(2, 6), "magnitude", pruning_ratio=final, ignored_layers=["4"], **kw)
+    one = one.prune()
+    assert (one[0].out_features, one[2].out_features) == want[-1]
+    # resumed from a checkpoint taken after step 2: the same widths at every step after it
+    assert _gradual(width, schedule, steps_before_resume=2, **kw)[0] == want
+
+
+def test_gradual_pruning_under_global_ranking_removes_the_schedules_share_of_the_units():
+    from cleanai_core.gradual import PruningSchedule
+
+    widths, _ = _gradual(16, PruningSchedule(final=0.5, steps=4), global_pruning=True)
+    # 32 units: 0.5 of them go, in the cubic schedule's shares 0.289, 0.438, 0.492, 0.5 of the
+    # original units (was 18 of 32 kept at the end: each step's ratio applied to the shrunk units)
+    assert [a + b for a, b in widths] == [32 - 9, 32 - 14, 32 - 15, 32 - 16]
+
+
+def test_gradual_pruning_by_flops_takes_a_layer_ratio_once_over_all_the_steps():
+    from cleanai_core.gradual import PruningSchedule
+
+    widths, gp = _gradual(16, PruningSchedule(final=0.5, steps=4), by="flops", layer_pruning_ratios={"0": 0.5})
+    # the layer with a ratio ends at half its width (was 4 of 16: half of the rest at two steps)
+    assert [w[0] for w in widths] == [11, 9, 8, 8]
+    # the others make up the FLOPs: 6*8 + 8*14 + 14*3 (+ biases' adds counted as PyTorch does)
+    assert widths[-1] == (8, 14)
+    assert gp.flops_share() == pytest.approx((6 * 8 + 8 * 14 + 14 * 3) / (6 * 16 + 16 * 16 + 16 * 3))
