@@ -432,20 +432,15 @@ class GradualPruner:
         compounded: ``final=0.5`` in 4 steps kept 10 of 16 channels (7 of 10 with a cubic
         schedule), ``round_to=4`` never got below 12, and a layer ratio of 0.5 was taken
         at every step (16 channels -> 1)."""
-        from cleanai_core.planning import PruningPlan
-        from cleanai_core.steps import final_counts, group_ratios, original_widths, step_ratio
+        from cleanai_core.steps import original_widths, step_ratio, uniform_targets
 
         groups = pruner.graph.groups(prunable_only=True)
         if self._targets is None:
             if self.steps_done:
                 return  # resumed from a checkpoint that does not record them: the ratios as before
-            fixed = set(group_ratios(groups, pruner.layer_ratios))
-            ratio = self.schedule.final if self.by == "ratio" else 0.0
-            zeros = {g.id: torch.zeros(g.size) for g in groups}  # how many a uniform plan takes, not which
-            plan = pruner.make_plan(ratio, zeros, ranked=False)
             every = self.by == "ratio" and not pruner.global_pruning  # else the groups with a layer ratio only
-            mine = [gp for gp in plan.groups if every or gp.group.id in fixed]
-            self._targets = final_counts(PruningPlan(mine, plan.n_atoms), pruner.graph)
+            ratio = self.schedule.final if self.by == "ratio" else 0.0
+            self._targets = uniform_targets(pruner, pruner.graph, ratio, every)
             self._widths = original_widths(groups)
             self._units = sum(g.size for g in groups)
         removed = self.schedule.removed_after(self.steps_done + 1)

@@ -47,6 +47,7 @@ __all__ = [
     "step_caps",
     "step_group_ratios",
     "step_ratio",
+    "uniform_targets",
     "whole_plan",
 ]
 
@@ -79,6 +80,17 @@ def final_counts(plan: PruningPlan, graph: Any) -> Targets:
         for key in slice_keys(gp.group):
             out.setdefault(key, (gp.group.size, gp.group.size - gp.n_pruned, per_unit[key]))
     return out
+
+
+def uniform_targets(pruner: Any, graph: Any, ratio: float, every: bool) -> Targets:
+    """The final counts (:func:`final_counts`) of a one-step uniform plan at ``ratio`` on
+    ``graph`` (the original), for every group (``every``) or only for those with a layer
+    ratio: the counts a run in steps aims at where a FLOPs target or a global ranking
+    chooses the rest. Counts only: every unit scores alike here."""
+    groups = graph.groups(prunable_only=True)
+    fixed = set(group_ratios(groups, pruner.layer_ratios))
+    plan = pruner.make_plan(ratio, {g.id: torch.zeros(g.size) for g in groups}, graph, ranked=False)
+    return final_counts(PruningPlan([gp for gp in plan.groups if every or gp.group.id in fixed], plan.n_atoms), graph)
 
 
 def original_widths(groups: list[Group]) -> dict[tuple[str, str], int]:
@@ -248,6 +260,8 @@ def prune_in_steps(pruner: Any) -> nn.Module:
     if steps > 1 and p.target_flops is None:  # every step aims at a count from the original widths
         p._targets = final_counts(p.make_plan(p.pruning_ratio, p.score()), graph)
         units = sum(g.size for g in graph.groups(prunable_only=True))
+    elif steps > 1:  # the FLOPs search chooses the others; a layer ratio applied per step compounded (16 -> 1)
+        p._targets = uniform_targets(p, graph, 0.0, every=False)
     for step in range(steps):
         p._step = (step, steps)
         if step > 0:

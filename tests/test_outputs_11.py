@@ -166,3 +166,18 @@ def test_gradual_pruning_by_flops_takes_a_layer_ratio_once_over_all_the_steps():
     # the others make up the FLOPs: 6*8 + 8*14 + 14*3 (+ biases' adds counted as PyTorch does)
     assert widths[-1] == (8, 14)
     assert gp.flops_share() == pytest.approx((6 * 8 + 8 * 14 + 14 * 3) / (6 * 16 + 16 * 16 + 16 * 3))
+
+
+def test_iterative_pruning_to_a_flops_target_takes_a_layer_ratio_once_over_all_the_steps():
+    x = torch.randn(32, 6)
+    kw = dict(iterative_steps=4, layer_pruning_ratios={"0": 0.5}, ignored_layers=["4"])
+    pruner = StructuredPruner(_mlp(16), x[:2], "magnitude", target_flops=0.5, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = pruner.prune()
+    # the layer with a ratio lost half its width at every step: 1 of 16 kept (0.5 ** 4)
+    assert (pruned[0].out_features, pruned[2].out_features) == (8, 13)
+    assert [len(next(e.keep for e in step if e.module == "0")) for step in pruner.history.steps] == [14, 12, 10, 8]
+    assert pruner.report()["flops_after"] / pruner.report()["flops_before"] == pytest.approx(
+        (6 * 8 + 8 * 13 + 13 * 3) / (6 * 16 + 16 * 16 + 16 * 3), rel=0.02
+    )
