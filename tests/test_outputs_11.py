@@ -181,3 +181,19 @@ def test_iterative_pruning_to_a_flops_target_takes_a_layer_ratio_once_over_all_t
     assert pruner.report()["flops_after"] / pruner.report()["flops_before"] == pytest.approx(
         (6 * 8 + 8 * 13 + 13 * 3) / (6 * 16 + 16 * 16 + 16 * 3), rel=0.02
     )
+
+
+def test_the_plot_of_an_iterative_run_names_the_step_of_each_row(tmp_path, monkeypatch):
+    import xml.etree.ElementTree as ET
+
+    from cleanai_core.report import render_svg
+
+    Net = _net_factory(tmp_path, monkeypatch)
+    pruner, _ = _prune(Net().eval(), torch.randn(8, 3, 8, 8), pruning_ratio=0.5, iterative_steps=2)
+    texts = [t.text for t in ET.fromstring(render_svg(pruner.report())).iter("{http://www.w3.org/2000/svg}text")]
+    # the rows of both steps read "0", "1", "3", ... with nothing to tell them apart
+    names = [t for t in texts if t and t.startswith(("0", "3")) and "/" not in t]
+    assert names == ["0 (step 1)", "3 (step 1)", "0 (step 2)", "3 (step 2)"]
+    assert [t for t in texts if t and "/" in t] == [
+        "6/8", "6/8", "6/8", "6/8", "4/4", "4/6", "4/6", "4/6", "4/6", "4/4",
+    ]  # fmt: skip
