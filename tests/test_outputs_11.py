@@ -197,3 +197,19 @@ def test_the_plot_of_an_iterative_run_names_the_step_of_each_row(tmp_path, monke
     assert [t for t in texts if t and "/" in t] == [
         "6/8", "6/8", "6/8", "6/8", "4/4", "4/6", "4/6", "4/6", "4/6", "4/4",
     ]  # fmt: skip
+
+
+def test_a_gradual_step_that_its_count_needs_nothing_from_removes_nothing_without_a_warning():
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    model = _mlp(10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    gp = GradualPruner(model, x[:2], opt, PruningSchedule(final=0.5, steps=4), by="ratio", ignored_layers=[model[4]])
+    for want in (7, 6, 5):
+        gp.step([x])
+        assert model[0].out_features == want
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was "the plan removes no unit ...; raise the ratio"
+        gp.step([x])
+    assert gp.done and model[0].out_features == 5 and [len(s) for s in gp.histories[-1].steps] == [0]
