@@ -17,6 +17,7 @@ from cleanai_core.special_files import check_not_special
 
 __all__ = [
     "PruningHistory",
+    "add_recorded_biases",
     "atomic_write_text",
     "check_result",
     "check_shapes",
@@ -115,16 +116,9 @@ class PruningHistory:
                     "architecture it was recorded on; the model was not changed."
                 ) from None
             check_result(self, i, before, work, "this history", "; the model was not changed.")
-        for name in self.meta.get("added_biases", ()):
-            try:
-                module = work.get_submodule(name)
-            except AttributeError:
-                raise UserError(
-                    f"this history adds a bias to {name!r}, which the model does not have; the model was not changed."
-                ) from None
-            if getattr(module, "bias", None) is None:
-                w = module.weight
-                module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        problem = add_recorded_biases(work, self.meta.get("added_biases", ()))
+        if problem:
+            raise UserError(f"this history adds a bias to {problem}; the model was not changed.")
         transplant(model, work)
         return given
 
@@ -224,6 +218,28 @@ def shapes_sliced(model: nn.Module, edits: list[SliceEdit]) -> dict[str, list[in
         for n, p in (module if module is not None else model.get_submodule(e.module)).named_parameters():
             out[f"{e.module}.{n}"] = list(p.shape)
     return out
+
+
+def add_recorded_biases(model: nn.Module, names: Any) -> str | None:
+    """Give each layer named in ``names`` (``meta["added_biases"]``) that has none a zero bias
+    of its weight's rows, dtype and device, as bias compensation gave it. Returns what is
+    wrong instead (``"'2', which is a ReLU, not a layer with a weight and a bias"``), before
+    anything is added; a name that is not a layer with a weight and a bias raised
+    ``AttributeError: 'ReLU' object has no attribute 'weight'`` from ``replay``."""
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            return f"{name!r}, which the model does not have"
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() < 1 or not hasattr(module, "bias"):
+            return f"{name!r}, which is a {type(module).__name__}, not a layer with a weight and a bias"
+    for name in names:
+        module = modules[name]
+        if module.bias is None:
+            w = module.weight
+            module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    return None
 
 
 def shapes_of(model: nn.Module, names: Any) -> dict[str, list[int]]:

@@ -213,3 +213,21 @@ def test_a_gradual_step_that_its_count_needs_nothing_from_removes_nothing_withou
         warnings.simplefilter("error")  # was "the plan removes no unit ...; raise the ratio"
         gp.step([x])
     assert gp.done and model[0].out_features == 5 and [len(s) for s in gp.histories[-1].steps] == [0]
+
+
+@pytest.mark.parametrize(("name", "kind"), [("2", "ReLU"), ("", "Sequential"), ("6", "AdaptiveAvgPool2d")])
+def test_a_history_that_adds_a_bias_to_a_layer_without_a_weight_is_refused_by_replay(tmp_path, monkeypatch, name, kind):
+    Net = _net_factory(tmp_path, monkeypatch)
+    pruner, pruned = _prune(Net().eval(), torch.randn(8, 3, 8, 8), pruning_ratio=0.5)
+    data = json.loads(json.dumps(pruner.history.to_json()))
+    data["meta"]["added_biases"] = [name]
+    fresh = Net()
+    shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    # was AttributeError: 'ReLU' object has no attribute 'weight', from replay's bias creation
+    with pytest.raises(UserError, match=rf"adds a bias to '{name}', which is a {kind}, not a layer with a weight"):
+        PruningHistory.from_json(data).replay(fresh)
+    assert {k: tuple(v.shape) for k, v in fresh.state_dict().items()} == shapes  # not changed
+    save_pruned(tmp_path / "out", pruned, pruner.history, "net_o11:Net")
+    (tmp_path / "out" / "history.json").write_text(json.dumps(data))
+    with pytest.raises(UserError, match=rf"'added_biases' names '{name}', which is a {kind}"):
+        load_pruned(tmp_path / "out", trust_code=True)
