@@ -231,3 +231,40 @@ def test_a_history_that_adds_a_bias_to_a_layer_without_a_weight_is_refused_by_re
     (tmp_path / "out" / "history.json").write_text(json.dumps(data))
     with pytest.raises(UserError, match=rf"'added_biases' names '{name}', which is a {kind}"):
         load_pruned(tmp_path / "out", trust_code=True)
+
+
+def test_the_reports_accuracy_leaves_out_labels_of_minus_100_as_recovery_does(tmp_path, monkeypatch):
+    np = pytest.importorskip("numpy")
+    from cleanai_core.cli import main
+    from cleanai_plugins.io.evaluation import cleanai_evaluate
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    x = torch.randn(8, 4)
+    y = lin(x).argmax(1)
+    y[:3] = -100
+    y[3] = (y[3] + 1) % 3  # one labelled sample wrong: 4 of 5
+    cpu = torch.device("cpu")
+    # was UserError: labels go from -100 to 2 but the model has 3 outputs
+    assert cleanai_evaluate(model=lin, loader=[(x, y)], device=cpu) == {"accuracy": 0.8, "evaluated": 5}
+    got = cleanai_evaluate(model=lin, loader=[(x, torch.full((8,), -100))], device=cpu)
+    assert got == {"accuracy_note": "every label of the evaluation data is -100 (ignored)"}
+    binary = nn.Linear(4, 1)
+    labels = (binary(x)[:, 0] > 0).long()
+    labels[[0, 5]] = -100
+    assert cleanai_evaluate(model=binary, loader=[(x, labels)], device=cpu) == {"accuracy": 1.0, "evaluated": 6}
+
+    # the command line stopped with that error; now the original scores 1.0 on its own labels
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    images = torch.randn(40, 1, 6, 6)
+    with torch.no_grad():
+        classes = model(images).argmax(1)
+    classes[::4] = -100
+    torch.save(model, tmp_path / "model.pth")
+    np.savez(tmp_path / "data.npz", x=images.numpy(), y=classes.numpy())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLEANAI_DISABLE_PLUGIN_AUTOLOAD", "1")
+    args = ["--model", "model.pth", "--trust-model", "--data", "data.npz", "--ratio", "0.3", "--out", "o"]
+    assert main(["prune", *args, "--quiet", "--threads", "1", "--latency-repeats", "1"]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["accuracy_before"] == 1.0 and report["accuracy_note"] is None
