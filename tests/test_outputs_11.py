@@ -8,6 +8,7 @@ import copy
 import json
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,3 +269,76 @@ def test_the_reports_accuracy_leaves_out_labels_of_minus_100_as_recovery_does(tm
     assert main(["prune", *args, "--quiet", "--threads", "1", "--latency-repeats", "1"]) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["accuracy_before"] == 1.0 and report["accuracy_note"] is None
+
+
+def _ddp_worker(rank: int, init: str, out: str) -> None:
+    """Two gloo ranks train a gradual run as the refusal says: GradualPruner on the module
+    DDP wraps, wrapped again after each step; each rank writes its first layer's weight."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from cleanai_core.distributed import shard
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init}", rank=rank, world_size=2, timeout=timedelta(seconds=300)
+    )
+    try:
+        g = torch.Generator().manual_seed(1)
+        mine = shard([(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)])
+        ddp = nn.parallel.DistributedDataParallel(_mlp(16))
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        schedule = PruningSchedule(final=0.5, steps=2)
+        try:
+            GradualPruner(ddp, mine[0][0][:2], opt, schedule)
+        except UserError as exc:
+            (Path(out) / f"refused-{rank}.txt").write_text(str(exc))
+        gp = GradualPruner(ddp.module, mine[0][0][:2], opt, schedule, by="ratio", ignored_layers=["4"])
+        for _ in range(2):
+            for x, y in mine:
+                opt.zero_grad()
+                nn.functional.cross_entropy(ddp(x), y).backward()
+                opt.step()
+            gp.step(mine)
+            ddp = nn.parallel.DistributedDataParallel(ddp.module)
+        for x, y in mine:
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+        torch.save(ddp.module[0].weight.detach(), Path(out) / f"w-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradual_pruning_refuses_a_ddp_model(tmp_path):
+    import torch.distributed as dist
+
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_mlp(16))
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        shapes = [tuple(p.shape) for p in ddp.parameters()]
+        with pytest.raises(UserError, match=r"DistributedDataParallel model.*GradualPruner\(ddp\.module"):
+            GradualPruner(ddp, torch.randn(2, 6), opt, PruningSchedule(final=0.5, steps=2))
+        assert [tuple(p.shape) for p in ddp.parameters()] == shapes
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.corpus  # two spawned processes: 15-35 s
+def test_the_ddp_recipe_keeps_the_ranks_of_a_gradual_run_in_step(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        # before: the step ran; the next backward synced the parameters DDP was built with, not the new ones,
+        # and the ranks' weights drifted apart (first layer 8 x 6, not equal between the ranks)
+        assert "DistributedDataParallel" in (tmp_path / f"refused-{rank}.txt").read_text()
+    w0, w1 = (torch.load(tmp_path / f"w-{rank}.pt") for rank in range(2))
+    assert w0.shape == (8, 6) and torch.equal(w0, w1)
