@@ -303,16 +303,7 @@ class GradualPruner:
 
         from cleanai_core.pruner import StructuredPruner
 
-        options.check_model(model)
-        if isinstance(options.compiled_inner(model), nn.parallel.DistributedDataParallel):
-            # DDP syncs the gradients of the parameters it was built with: after a step each rank trained the new,
-            # smaller ones on its own data alone, and the ranks' weights drifted apart without a word
-            raise UserError(
-                "GradualPruner got a DistributedDataParallel model, which keeps syncing the gradients of the "
-                "parameters it was built with, not those a step makes. Give it the module DDP wraps "
-                "(GradualPruner(ddp.module, ...)) and wrap that again after each step: "
-                "model = DistributedDataParallel(ddp.module, ...)"
-            )
+        options.check_model(model, "GradualPruner")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {optimizer!r}")
         own = {id(q) for q in model.parameters()}

@@ -313,7 +313,7 @@ def _ddp_worker(rank: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_gradual_pruning_refuses_a_ddp_model(tmp_path):
+def test_the_pruners_refuse_a_ddp_model(tmp_path):
     import torch.distributed as dist
 
     from cleanai_core.gradual import GradualPruner, PruningSchedule
@@ -326,6 +326,11 @@ def test_gradual_pruning_refuses_a_ddp_model(tmp_path):
         shapes = [tuple(p.shape) for p in ddp.parameters()]
         with pytest.raises(UserError, match=r"DistributedDataParallel model.*GradualPruner\(ddp\.module"):
             GradualPruner(ddp, torch.randn(2, 6), opt, PruningSchedule(final=0.5, steps=2))
+        # StructuredPruner returned a DDP copy (or pruned the wrapper in place) whose training synced the
+        # unpruned parameters' gradients: two ranks' first layers differed after 3 SGD steps
+        for inplace in (False, True):
+            with pytest.raises(UserError, match=r"\(StructuredPruner\(ddp\.module, \.\.\.\)\) and wrap the pruned"):
+                StructuredPruner(ddp, torch.randn(2, 6), "magnitude", pruning_ratio=0.5, inplace=inplace)
         assert [tuple(p.shape) for p in ddp.parameters()] == shapes
     finally:
         dist.destroy_process_group()
