@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_outputs_10 import _prune  # the pruner and its pruned model, activations collected on x
 from torch import nn
 
 from cleanai_core import StructuredPruner
@@ -41,16 +42,6 @@ def _net_factory(tmp_path, monkeypatch):
     from net_o11 import Net
 
     return Net
-
-
-def _prune(model, x, **kw):
-    pruner = StructuredPruner(model, x[:1], **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if kw.get("importance") in (None, "weight_activation"):
-            pruner.collect_activations([x], num_batches=1, progress=False)
-        pruned = pruner.prune()
-    return pruner, pruned
 
 
 def _edited(history, how):
