@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Any
 
 import attrs
@@ -302,7 +303,7 @@ class GradualPruner:
 
         from cleanai_core.pruner import StructuredPruner
 
-        options.check_model(model)
+        options.check_model(model, "GradualPruner")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {optimizer!r}")
         own = {id(q) for q in model.parameters()}
@@ -343,6 +344,11 @@ class GradualPruner:
                 "inputs as the model takes them"
             ) from None
         self.histories: list[Any] = []
+        #: from the first step: every group's original and final unit counts (by its producing
+        #: slices), the original widths and the original prunable units (see :meth:`_aim`)
+        self._targets: dict[tuple[str, str], tuple[int, int, float]] | None = None
+        self._widths: dict[tuple[str, str], int] = {}
+        self._units = 0
 
     @property
     def done(self) -> bool:
@@ -397,6 +403,7 @@ class GradualPruner:
                 index = itertools.count()
                 reestimate_batchnorm(self.net, iterate(data, num_batches), lambda m, b: self._run(m, b, next(index)))
             pruner = StructuredPruner(self.net, self.example_inputs, inplace=True, **self._increment(), **self.options)
+            self._aim(pruner)
             pruner.collect_activations(data, num_batches=num_batches, progress=False)
         except BaseException:
             with torch.no_grad():
@@ -406,7 +413,11 @@ class GradualPruner:
             raise
         old_params = dict(self.net.named_parameters())
         tagged = position_tagged_copy(self.net)  # the step's edits replay on it: the kept indices
-        pruner.prune()
+        with warnings.catch_warnings():
+            # a step the earlier ones already brought to its count removes nothing (as by FLOPs, silently):
+            # "raise the ratio" was advice the user cannot take inside a schedule
+            warnings.filterwarnings("ignore", message="the plan removes no unit")
+            pruner.prune()
         kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
         del tagged
         slice_optimizer(self.optimizer, old_params, dict(self.net.named_parameters()), kept, _every_name(self.net))
@@ -415,6 +426,33 @@ class GradualPruner:
                 pruner.history.replay(f)
         self.histories.append(pruner.history)
         self.steps_done += 1
+
+    def _aim(self, pruner: Any) -> None:
+        """Point this step's ``pruner`` at counts taken from the original widths, as
+        :func:`~cleanai_core.steps.prune_in_steps` does for ``iterative_steps``: each group
+        with a layer ratio (and, ``by="ratio"``, every group) ends the step at its share of the
+        way to its final count, and under global ranking (``by="ratio"``) the step's ratio
+        is what is left of the schedule's share of the original units. A ratio taken from
+        the schedule and applied to the shrunk widths rounded down at every step and
+        compounded: ``final=0.5`` in 4 steps kept 10 of 16 channels (7 of 10 with a cubic
+        schedule), ``round_to=4`` never got below 12, and a layer ratio of 0.5 was taken
+        at every step (16 channels -> 1)."""
+        from cleanai_core.steps import original_widths, step_ratio, uniform_targets
+
+        groups = pruner.graph.groups(prunable_only=True)
+        if self._targets is None:
+            if self.steps_done:
+                return  # resumed from a checkpoint that does not record them: the ratios as before
+            every = self.by == "ratio" and not pruner.global_pruning  # else the groups with a layer ratio only
+            ratio = self.schedule.final if self.by == "ratio" else 0.0
+            self._targets = uniform_targets(pruner, pruner.graph, ratio, every)
+            self._widths = original_widths(groups)
+            self._units = sum(g.size for g in groups)
+        removed = self.schedule.removed_after(self.steps_done + 1)
+        pruner._targets, pruner._widths = self._targets, self._widths
+        pruner._share = removed / self.schedule.final
+        if self.by == "ratio" and pruner.global_pruning and self._units:
+            pruner.pruning_ratio = step_ratio(removed, self._units, sum(g.size for g in groups), 0, 1)
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -430,6 +468,10 @@ class GradualPruner:
             "by": self.by,
             "histories": [h.to_json() for h in self.histories],
             "shapes": {n: list(p.shape) for n, p in self.net.named_parameters()},
+            # the counts the steps aim at (:meth:`_aim`), taken from the original widths at the first step
+            "targets": None if self._targets is None else [[*k, *v] for k, v in self._targets.items()],
+            "widths": [[*k, v] for k, v in self._widths.items()],
+            "units": self._units,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -478,6 +520,10 @@ class GradualPruner:
                         history.replay(f)
         self.steps_done, self.base_flops = int(state["steps_done"]), state["base_flops"]
         self.histories = histories
+        targets = state.get("targets")  # absent from checkpoints of earlier versions: the steps go on as they did
+        self._targets = None if targets is None else {(m, s): (o, f, u) for m, s, o, f, u in targets}
+        self._widths = {(m, s): n for m, s, n in state.get("widths") or []}
+        self._units = state.get("units") or 0
 
     def _state_problem(self, state: dict[str, Any]) -> str | None:
         """What is out of form in a :meth:`state_dict` (``None`` when nothing is)."""
@@ -493,6 +539,15 @@ class GradualPruner:
             for k, v in shapes.items()
         ):
             return "'shapes' must map parameter names to lists of sizes"
+        targets, widths, units = state.get("targets"), state.get("widths") or [], state.get("units") or 0
+        row = lambda r, n: isinstance(r, list) and len(r) == n and all(isinstance(v, str) for v in r[:2])  # noqa: E731
+        if targets is not None and not (
+            isinstance(targets, list)
+            and all(row(r, 5) and all(_is_size(v) for v in r[2:4]) and isinstance(r[4], (int, float)) for r in targets)
+        ):
+            return "'targets' must be a list of [module, slice, original units, final units, channels per unit]"
+        if not isinstance(widths, list) or not all(row(r, 3) and _is_size(r[2]) for r in widths) or not _is_size(units):
+            return "'widths' must be a list of [module, slice, units] and 'units' a whole number"
         return None
 
     def _run(self, model: nn.Module, batch: Any, index: int = 0) -> Any:

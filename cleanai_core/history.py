@@ -15,7 +15,17 @@ from cleanai_core.errors import UserError
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 from cleanai_core.special_files import check_not_special
 
-__all__ = ["PruningHistory", "atomic_write_text", "check_shapes", "shape_mismatch", "shapes_sliced"]
+__all__ = [
+    "PruningHistory",
+    "add_recorded_biases",
+    "atomic_write_text",
+    "check_result",
+    "check_shapes",
+    "result_mismatch",
+    "shape_mismatch",
+    "shapes_of",
+    "shapes_sliced",
+]
 
 FORMAT = "cleanai-history/1"
 
@@ -54,8 +64,9 @@ class PruningHistory:
 
     def record(self, edits: list[SliceEdit], before: nn.Module | None = None, after: nn.Module | None = None) -> None:
         """One step's edits; with the models ``before`` and ``after`` it, also the modules
-        that compensation gave a bias they lacked (``meta["added_biases"]``) and the shapes
-        the step slices from (``meta["shapes"]``, checked on replay)."""
+        that compensation gave a bias they lacked (``meta["added_biases"]``), the shapes
+        the step slices from (``meta["shapes"]``) and those it leaves (``meta["shapes_after"]``),
+        both checked on replay."""
         self.steps.append(list(edits))
         if before is not None:
             shapes = self.meta.setdefault("shapes", [])
@@ -63,6 +74,9 @@ class PruningHistory:
             shapes.append(shapes_sliced(before, edits))
         if before is None or after is None:
             return
+        left = self.meta.setdefault("shapes_after", [])
+        left.extend([None] * (len(self.steps) - 1 - len(left)))
+        left.append(shapes_of(after, shapes[-1]))
         old = dict(before.named_modules())
         added = self.meta.setdefault("added_biases", [])
         for name, m in after.named_modules():
@@ -90,6 +104,7 @@ class PruningHistory:
         work = copy_model(model)
         for i, step in enumerate(self.steps):
             check_shapes(self, i, work)
+            before = shapes_of(work, self._recorded("shapes_after", i) or {})
             try:
                 apply_edits(work, step, pm)
             except UserError:
@@ -100,16 +115,10 @@ class PruningHistory:
                     f"({type(exc).__name__}: {str(exc)[:200]}). Replay it on a fresh, unpruned model of the "
                     "architecture it was recorded on; the model was not changed."
                 ) from None
-        for name in self.meta.get("added_biases", ()):
-            try:
-                module = work.get_submodule(name)
-            except AttributeError:
-                raise UserError(
-                    f"this history adds a bias to {name!r}, which the model does not have; the model was not changed."
-                ) from None
-            if getattr(module, "bias", None) is None:
-                w = module.weight
-                module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+            check_result(self, i, before, work, "this history", "; the model was not changed.")
+        problem = add_recorded_biases(work, self.meta.get("added_biases", ()))
+        if problem:
+            raise UserError(f"this history adds a bias to {problem}; the model was not changed.")
         transplant(model, work)
         return given
 
@@ -174,18 +183,25 @@ class PruningHistory:
             save_pruned("out/", twice, first.history.then(second.history), "timm:vit_small_patch16_224")
         """
         meta: dict[str, Any] = {}
-        shapes = [*self._shapes(), *later._shapes()]
-        if any(s is not None for s in shapes):
-            meta["shapes"] = shapes
+        for key in ("shapes", "shapes_after"):
+            shapes = [*self._shapes(key), *later._shapes(key)]
+            if any(s is not None for s in shapes):
+                meta[key] = shapes
         added = [*self.meta.get("added_biases", ()), *later.meta.get("added_biases", ())]
         if added:
             meta["added_biases"] = list(dict.fromkeys(added))
         return PruningHistory([*self.steps, *later.steps], meta)
 
-    def _shapes(self) -> list[Any]:
-        recorded = self.meta.get("shapes")
+    def _shapes(self, key: str = "shapes") -> list[Any]:
+        recorded = self.meta.get(key)
         recorded = list(recorded) if isinstance(recorded, list) else []
         return (recorded + [None] * len(self.steps))[: len(self.steps)]
+
+    def _recorded(self, key: str, step: int) -> dict[str, Any] | None:
+        """``meta[key][step]`` where it is a dict of shapes, else ``None``."""
+        recorded = self.meta.get(key)
+        found = recorded[step] if isinstance(recorded, list) and step < len(recorded) else None
+        return found if isinstance(found, dict) else None
 
 
 def shapes_sliced(model: nn.Module, edits: list[SliceEdit]) -> dict[str, list[int]]:
@@ -202,6 +218,88 @@ def shapes_sliced(model: nn.Module, edits: list[SliceEdit]) -> dict[str, list[in
         for n, p in (module if module is not None else model.get_submodule(e.module)).named_parameters():
             out[f"{e.module}.{n}"] = list(p.shape)
     return out
+
+
+def add_recorded_biases(model: nn.Module, names: Any) -> str | None:
+    """Give each layer named in ``names`` (``meta["added_biases"]``) that has none a zero bias
+    of its weight's rows, dtype and device, as bias compensation gave it. Returns what is
+    wrong instead (``"'2', which is a ReLU, not a layer with a weight and a bias"``), before
+    anything is added; a name that is not a layer with a weight and a bias raised
+    ``AttributeError: 'ReLU' object has no attribute 'weight'`` from ``replay``."""
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            return f"{name!r}, which the model does not have"
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() < 1 or not hasattr(module, "bias"):
+            return f"{name!r}, which is a {type(module).__name__}, not a layer with a weight and a bias"
+    for name in names:
+        module = modules[name]
+        if module.bias is None:
+            w = module.weight
+            module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+    return None
+
+
+def shapes_of(model: nn.Module, names: Any) -> dict[str, list[int]]:
+    """The shapes of the tensors of ``model`` called ``names`` (as :func:`shapes_sliced` names
+    them: ``module.param``, or a bare tensor's qualified name); those it lacks are left out."""
+    out: dict[str, list[int]] = {}
+    for name in names:
+        try:
+            owner, attr = get_submodule_and_attr(model, name)
+        except AttributeError:
+            continue
+        t = getattr(owner, attr, None)
+        if isinstance(t, torch.Tensor):
+            out[name] = list(t.shape)
+    return out
+
+
+def result_mismatch(
+    history: PruningHistory, step: int, before: dict[str, list[int]], model: nn.Module
+) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+    """The first tensor that ``step`` left with another shape than when it was recorded
+    (``meta["shapes_after"]``): ``(name, recorded shape, model's shape)``; ``None`` when all
+    fit or nothing was recorded. ``before``: ``model``'s shapes of those tensors before the
+    step (:func:`shapes_of`). A dimension the step did not change when it was recorded is
+    compared with its size before the step, so the history of a second pruner replayed alone
+    (its step starts from other widths, see :func:`check_shapes`) is not refused twice."""
+    after = history._recorded("shapes_after", step)
+    if after is None:
+        return None
+    was = history._recorded("shapes", step) or {}
+    actual = shapes_of(model, after)
+    for name, shape in after.items():
+        old, now, here = was.get(name), actual.get(name), before.get(name)
+        if not isinstance(shape, list) or now is None or here is None:
+            continue
+        if isinstance(old, list) and len(old) == len(shape) == len(here):
+            want = [s if o != s else h for o, s, h in zip(old, shape, here, strict=True)]
+        else:  # no shape recorded before the step: the one recorded after it, whole
+            want = list(shape)
+        if now != want:
+            return name, tuple(want), tuple(now)
+    return None
+
+
+def check_result(history: PruningHistory, step: int, before: dict[str, list[int]], model: nn.Module,
+                 what: str, tail: str) -> None:  # fmt: skip
+    """A :class:`UserError` (``what`` names the history, ``tail`` ends the message) unless
+    ``step`` left ``model``'s tensors as it left them when it was recorded. Replay applies
+    any ``keep`` lists it is given: a ``history.json`` edited by hand (an edit removed, a
+    ``keep`` list shortened, a slice name no pruner knows) replayed without a word and gave
+    a model whose BatchNorm no longer fit its convolution, failing only in its forward."""
+    found = result_mismatch(history, step, before, model)
+    if found is not None:
+        name, shape, actual = found
+        raise UserError(
+            f"{what} does not fit the model: step {step} of {len(history.steps)} left {name} of shape {actual}, "
+            f"where it left {shape} when it was recorded. Its edits do not agree with each other (an edit removed, "
+            "a 'keep' list changed or a slice renamed: edited by hand or damaged); replay the history as "
+            f"PruningHistory.save or save_pruned wrote it{tail}"
+        )
 
 
 def check_shapes(history: PruningHistory, step: int, model: nn.Module) -> None:

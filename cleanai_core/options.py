@@ -255,9 +255,20 @@ def as_importance(importance: Any) -> Any:
     return importance
 
 
-def check_model(model: Any) -> None:
+def check_model(model: Any, who: str = "StructuredPruner") -> None:
+    """A :class:`UserError` for a model the pruners cannot take: not a module, a scripted or
+    lazy layer, the meta device, non-finite weights, a ``DistributedDataParallel`` wrapper."""
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(compiled_inner(model), nn.parallel.DistributedDataParallel):
+        # DDP syncs the gradients of the parameters it was built with: the pruned model (or, with GradualPruner,
+        # the model after a step) trained on each rank's data alone, and the ranks' weights drifted apart
+        raise UserError(
+            f"{who} got a DistributedDataParallel model, which syncs the gradients of the parameters it was "
+            f"built with, not those pruning makes: the ranks would train apart. Give it the module DDP wraps "
+            f"({who}(ddp.module, ...)) and wrap the pruned model again: DistributedDataParallel(pruned, ...)"
+            + (" after each step" if who == "GradualPruner" else "")
+        )
     check_modules(model)
     check_not_meta(model)
     check_finite(model)

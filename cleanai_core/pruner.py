@@ -217,6 +217,7 @@ class StructuredPruner:
         # while prune() runs iteratively: (step, steps), and each group's original and final unit counts
         self._step, self._targets = (0, 1), {}
         self._widths: dict[tuple[str, str], int] = {}  # while prune() runs iteratively: original group widths
+        self._share: float | None = None  # a GradualPruner step: how far along to _targets it ends
         self.bias_compensation = bias_compensation
         self.reconstruction = reconstruction and bias_compensation
         self.covariance_rows, self.stats_budget_bytes = covariance_rows, stats_budget_bytes
@@ -326,7 +327,9 @@ class StructuredPruner:
         graph = self.graph if graph is None else graph
         groups = graph.groups(prunable_only=True)
         if ratios is None:
-            ratios = group_ratios(groups, self.layer_ratios, *self._step, self._targets, self.global_pruning, graph)
+            ratios = group_ratios(
+                groups, self.layer_ratios, *self._step, self._targets, self.global_pruning, graph, self._share
+            )
         ranked = self.global_pruning if ranked is None else ranked
         caps = step_caps(groups, self._widths, self.max_layer_ratio) if ranked and self._widths else None
         scopes = self.isomorphic_scopes(groups) if ranked and self.isomorphic else None

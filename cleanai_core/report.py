@@ -416,7 +416,9 @@ def render_svg(report: dict[str, Any]) -> str:
     ]
     for i, layer in enumerate(layers):
         y = top + i * row
-        name = _svg_text(layer.get("name"), 34)
+        # an iterative run has a row per layer and step: without the step, two rows read "conv1" (8/16, 4/8)
+        step = f" (step {layer['step']})" if layer.get("step") else ""
+        name = _svg_text(layer.get("name"), 34 - len(step)) + step
         b, a = layer.get("channels_before") or 0, layer.get("channels_after") or 0
         out.append(f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{name}</text>')
         out.append(f'<rect x="{label_w}" y="{y + 2}" width="{bar_w * b / max_c:.1f}" height="12" fill="#cccccc"/>')

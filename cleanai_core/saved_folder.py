@@ -29,7 +29,7 @@ from torch import nn
 from cleanai_core.errors import UserError
 from cleanai_core.graph.context import is_index_slice
 from cleanai_core.history import FORMAT as HISTORY_FORMAT
-from cleanai_core.history import PruningHistory, shape_mismatch
+from cleanai_core.history import PruningHistory, add_recorded_biases, result_mismatch, shape_mismatch, shapes_of
 from cleanai_core.options import non_finite
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 
@@ -269,6 +269,7 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
                 RuntimeWarning,
                 stacklevel=3,
             )
+        before = shapes_of(model, history._recorded("shapes_after", i) or {})
         try:
             apply_edits(model, step, pm)
         except UserError:
@@ -278,14 +279,17 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
                 path,
                 f"{where} cannot be replayed on the architecture in architecture.json ({type(exc).__name__}: {exc})",
             ) from None
-    names = dict(model.named_modules())
-    for name in history.meta.get("added_biases", ()):
-        module = names.get(name)
-        w = getattr(module, "weight", None)
-        if not isinstance(w, torch.Tensor) or not hasattr(module, "bias"):
-            raise _bad(path, f"'added_biases' names {name!r}, which is not a layer with a weight and a bias")
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        found = result_mismatch(history, i, before, model)
+        if found is not None:  # a hand-edited keep list: the shapes fit model.pt only if it was edited too
+            name, shape, actual = found
+            raise _bad(
+                path,
+                f"{where} left {name} of shape {actual}, where it left {shape} when it was recorded: its edits do not "
+                "agree with each other (an edit removed, a 'keep' list changed or a slice renamed)",
+            )
+    problem = add_recorded_biases(model, history.meta.get("added_biases", ()))
+    if problem:
+        raise _bad(path, f"'added_biases' names {problem}")
 
 
 def read_state(path: Path, model: nn.Module, map_location: Any = "cpu") -> dict:

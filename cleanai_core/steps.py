@@ -47,6 +47,7 @@ __all__ = [
     "step_caps",
     "step_group_ratios",
     "step_ratio",
+    "uniform_targets",
     "whole_plan",
 ]
 
@@ -81,6 +82,17 @@ def final_counts(plan: PruningPlan, graph: Any) -> Targets:
     return out
 
 
+def uniform_targets(pruner: Any, graph: Any, ratio: float, every: bool) -> Targets:
+    """The final counts (:func:`final_counts`) of a one-step uniform plan at ``ratio`` on
+    ``graph`` (the original), for every group (``every``) or only for those with a layer
+    ratio: the counts a run in steps aims at where a FLOPs target or a global ranking
+    chooses the rest. Counts only: every unit scores alike here."""
+    groups = graph.groups(prunable_only=True)
+    fixed = set(group_ratios(groups, pruner.layer_ratios))
+    plan = pruner.make_plan(ratio, {g.id: torch.zeros(g.size) for g in groups}, graph, ranked=False)
+    return final_counts(PruningPlan([gp for gp in plan.groups if every or gp.group.id in fixed], plan.n_atoms), graph)
+
+
 def original_widths(groups: list[Group]) -> dict[tuple[str, str], int]:
     """Every group's unit count, under each of its producing slices."""
     out: dict[tuple[str, str], int] = {}
@@ -101,16 +113,22 @@ def step_caps(groups: list[Group], widths: dict[tuple[str, str], int], max_layer
     return out
 
 
-def kept_at_step(original: int, final: int, step: int, steps: int) -> int:
+def kept_at_step(original: int, final: int, step: int, steps: int, share: float | None = None) -> int:
+    """The units kept after ``step`` of ``steps``: ``share`` of the way from ``original`` to
+    ``final`` (default ``(step + 1) / steps``; a gradual schedule gives its own)."""
+    if share is not None:
+        return original - round((original - final) * share)
     return original - round((original - final) * (step + 1) / steps)
 
 
 def step_group_ratios(
-    groups: list[Group], targets: Targets, step: int, steps: int, graph: Any = None
+    groups: list[Group], targets: Targets, step: int, steps: int, graph: Any = None, share: float | None = None
 ) -> dict[int, float]:
     """Per group id: the share of its current units to remove at ``step`` to reach its
     step target (groups not found in ``targets`` are left out). With ``graph``, a group
-    whose units hold another number of channels than the original's is counted in channels."""
+    whose units hold another number of channels than the original's is counted in channels.
+    ``share``: how far along from the original to the final count the step ends
+    (:func:`kept_at_step`)."""
     out = {}
     for g in groups:
         key = next((k for k in slice_keys(g) if k in targets), None)
@@ -119,9 +137,9 @@ def step_group_ratios(
         original, final, per_unit = targets[key]
         now = channels_per_unit(graph, g)[key] if graph is not None else per_unit
         if abs(now - per_unit) < 1e-9:
-            kept = kept_at_step(original, final, step, steps)
+            kept = kept_at_step(original, final, step, steps, share)
         else:  # the units changed meaning: keep the units that hold the step's channels
-            channels = kept_at_step(round(original * per_unit), round(final * per_unit), step, steps)
+            channels = kept_at_step(round(original * per_unit), round(final * per_unit), step, steps, share)
             kept = math.ceil(channels / now - 1e-9)
         out[g.id] = max(0, g.size - kept) / g.size
     return out
@@ -163,17 +181,20 @@ def group_ratios(
     targets: Targets | None = None,
     global_pruning: bool = False,
     graph: Any = None,
+    share: float | None = None,
 ) -> dict[int, float]:
     """Per group id, the ratio that overrides the global one: the ratio of a layer named in
     ``layer_ratios`` that produces the group's channels; with iterative pruning, this
     step's share of each group's target (under global ranking only for the groups with a
-    layer ratio), so that the steps together remove the requested ratio."""
+    layer ratio), so that the steps together remove the requested ratio. ``share``: a
+    gradual schedule's step (:class:`~cleanai_core.gradual.GradualPruner`, one pruner per
+    step), how far along to the ``targets`` it ends."""
 
     def named(g: Group) -> float | None:
         return next((layer_ratios[s.module] for s in g.slices if s.kind != "in" and s.module in layer_ratios), None)
 
-    if steps > 1 and targets:
-        ratios = step_group_ratios(groups, targets, step, steps, graph)
+    if (steps > 1 or share is not None) and targets:
+        ratios = step_group_ratios(groups, targets, step, steps, graph, share)
         if not global_pruning:
             return ratios
         fixed = {g.id for g in groups if named(g) is not None}
@@ -239,6 +260,8 @@ def prune_in_steps(pruner: Any) -> nn.Module:
     if steps > 1 and p.target_flops is None:  # every step aims at a count from the original widths
         p._targets = final_counts(p.make_plan(p.pruning_ratio, p.score()), graph)
         units = sum(g.size for g in graph.groups(prunable_only=True))
+    elif steps > 1:  # the FLOPs search chooses the others; a layer ratio applied per step compounded (16 -> 1)
+        p._targets = uniform_targets(p, graph, 0.0, every=False)
     for step in range(steps):
         p._step = (step, steps)
         if step > 0:

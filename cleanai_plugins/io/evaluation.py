@@ -8,6 +8,7 @@ import torch
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
+from cleanai_core.recovery import IGNORE_INDEX
 from cleanai_core.runtime import class_logits, find_logits, reads_as_regression, regression_targets
 from cleanai_plugins.io.datasets import label_indices, not_class_labels
 
@@ -24,10 +25,11 @@ def cleanai_evaluate(model, loader, device):
     whole-number floats or one-hot rows); a model with one output is a binary classifier
     (class 1 where its logit is positive). Fractional targets shaped like the outputs are a
     regression's: the mean squared error instead (and recovery's task). When neither
-    applies, returns ``{"accuracy_note": why}``."""
+    applies, returns ``{"accuracy_note": why}``. Labels of ``-100`` (PyTorch's
+    ``ignore_index``) count in no accuracy, as in recovery's held-out accuracy."""
     from tqdm import tqdm
 
-    correct = total = 0
+    correct = total = ignored = 0
     squared, values, samples, regression = 0.0, 0, 0, False
     model.eval()
     quiet = not log.isEnabledFor(logging.INFO)
@@ -58,6 +60,9 @@ def cleanai_evaluate(model, loader, device):
                 return {"accuracy_note": f"the model's output ({shape}) is not one row of class scores per sample"}
             binary = logits.shape[1] == 1  # one logit: a binary classifier, class 1 where the logit is positive
             classes = 2 if binary else logits.shape[1]
+            labelled = y != IGNORE_INDEX  # "labels go from -100 to 2": the job stopped where recovery ignores them
+            ignored += int((~labelled).sum())
+            y, logits = y[labelled], logits[labelled.to(logits.device)]
             if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
                 has = "1 output (a binary classifier: labels 0 and 1)" if binary else f"{classes} outputs"
                 raise UserError(
@@ -75,5 +80,7 @@ def cleanai_evaluate(model, loader, device):
             "recovery_task": "regression",
         }
     if total == 0:
+        if ignored:
+            return {"accuracy_note": f"every label of the evaluation data is {IGNORE_INDEX} (ignored)"}
         return {"accuracy_note": "the evaluation data is empty"}
     return {"accuracy": correct / total, "evaluated": total}
