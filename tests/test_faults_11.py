@@ -1,0 +1,122 @@
+"""Eleventh round of bad input and faults (docs/reliability.md, "Session 21: faults"):
+``.npz`` members whose header lies about the values that follow, and the cases below each
+heading."""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+
+import pytest
+import torch
+
+from cleanai_core.cli import main
+from cleanai_core.errors import UserError
+from cleanai_plugins.io.datasets import load_dataset, read_npz
+
+DEMO = "cleanai_plugins.io.demo:DigitsCNN"
+
+
+def _npy(header: dict, payload: bytes = b"") -> bytes:
+    text = repr(header).encode("latin1")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + payload
+
+
+def _npz(path, members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> None:
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+X = torch.arange(40 * 64, dtype=torch.float32).reshape(40, 1, 8, 8) / 2560
+Y = torch.arange(40) % 10
+X_NPY = _npy({"descr": "<f4", "fortran_order": False, "shape": (40, 1, 8, 8)}, X.numpy().tobytes())
+Y_NPY = _npy({"descr": "<i8", "fortran_order": False, "shape": (40,)}, Y.numpy().tobytes())
+
+
+# -- .npz members whose header does not describe what follows -----------------------------------------
+
+
+def test_a_small_npz_of_compressed_zeros_is_refused_before_it_is_decompressed(tmp_path):
+    # 64 MiB of zeros under a header that says 10 KiB: the whole member was read into memory
+    # first (a 1 MB file asked for 1 GiB: MemoryError; 10 MB for 10 GiB: the OOM killer)
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("x.npy", "w", force_zip64=True) as f:
+            f.write(_npy({"descr": "<f4", "fortran_order": False, "shape": (40, 1, 8, 8)}))
+            for _ in range(16):
+                f.write(bytes(2**22))
+    assert (tmp_path / "bomb.npz").stat().st_size < 2**17
+    with pytest.raises(UserError, match=r"says shape \(40, 1, 8, 8\) of <f4 \(10,240 bytes\), but the file holds "
+                       r"67,108,864 bytes of values; it is damaged"):  # fmt: skip
+        read_npz(tmp_path / "bomb.npz")
+
+
+@pytest.mark.parametrize(
+    "header, problem",
+    [
+        ({"descr": "<f4", "fortran_order": False, "shape": (-1, 1, 8, 8)}, r"'shape' is \(-1, 1, 8, 8\), expected"),
+        ({"descr": "<f4", "fortran_order": "yes", "shape": (40, 1, 8, 8)}, "'fortran_order' is 'yes', expected True"),
+        ({"descr": "<f4", "fortran_order": False, "shape": (40.0, 1, 8, 8)}, r"'shape' is \(40.0, 1, 8, 8\)"),
+        ({"descr": "<f4", "fortran_order": False, "shape": [40, 1, 8, 8]}, r"'shape' is \[40, 1, 8, 8\]"),
+        ({"descr": "<f4", "shape": (40, 1, 8, 8)}, "a header without 'descr', 'fortran_order' and 'shape'"),
+        ({"descr": "<f4", "fortran_order": False, "shape": (41, 1, 8, 8)}, r"says shape \(41, 1, 8, 8\)"),
+    ],
+    ids=["negative_size", "text_fortran_order", "float_size", "list_shape", "no_fortran_order", "too_few_values"],
+)
+def test_an_npy_header_out_of_numpys_form_is_named_not_reinterpreted(tmp_path, header, problem):
+    # -1 was read by reshape as "the rest", "yes" as fortran order (the values transposed):
+    # both pruned on other data without a word
+    _npz(tmp_path / "d.npz", {"x.npy": _npy(header, X.numpy().tobytes()), "y.npy": Y_NPY})
+    with pytest.raises(UserError, match=problem):
+        read_npz(tmp_path / "d.npz")
+
+
+def test_an_npy_header_longer_than_numpys_limit_is_refused_unparsed(tmp_path):
+    text = b"[" * 50_000 + b"]" * 50_000
+    member = b"\x93NUMPY\x02\x00" + struct.pack("<I", len(text)) + text
+    _npz(tmp_path / "d.npz", {"x.npy": member, "y.npy": Y_NPY})
+    with pytest.raises(UserError, match="has a header of 100,000 bytes; a .npy header is at most 10,000"):
+        read_npz(tmp_path / "d.npz")
+
+
+def test_an_array_stored_twice_in_the_npz_is_refused(tmp_path):
+    # a zip appended to: the last x.npy was taken without a word (40 samples read as 40 others)
+    _npz(tmp_path / "d.npz", {"x.npy": X_NPY, "y.npy": Y_NPY})
+    with zipfile.ZipFile(tmp_path / "d.npz", "a") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        z.writestr("x.npy", _npy({"descr": "<f4", "fortran_order": False, "shape": (40, 1, 8, 8)}, bytes(40 * 256)))
+    with pytest.raises(UserError, match="holds the array 'x.npy' twice"):
+        read_npz(tmp_path / "d.npz")
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_LZMA])
+def test_well_formed_npz_members_still_read_exactly(tmp_path, compression):
+    fortran = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    column_major = fortran.permute(2, 1, 0).numpy().tobytes()
+    f_npy = _npy({"descr": "<f4", "fortran_order": True, "shape": (2, 3, 4)}, column_major)
+    _npz(tmp_path / "d.npz", {"x.npy": X_NPY, "y.npy": Y_NPY, "f.npy": f_npy}, compression)
+    got = read_npz(tmp_path / "d.npz")
+    assert torch.equal(got["x"], X) and torch.equal(got["y"], Y) and torch.equal(got["f"], fortran)
+
+
+@pytest.mark.parametrize("x_max", [float("inf"), float("nan"), 0.0])
+def test_an_x_max_that_is_not_a_finite_positive_number_is_refused(tmp_path, x_max):
+    # x_max = inf divided every uint8 input to 0: the job pruned and reported on all-zero inputs
+    pixels = _npy({"descr": "|u1", "fortran_order": False, "shape": (40, 1, 8, 8)}, bytes(range(40)) * 64)
+    scale = _npy({"descr": "<f4", "fortran_order": False, "shape": ()}, struct.pack("<f", x_max))
+    _npz(tmp_path / "d.npz", {"x.npy": pixels, "y.npy": Y_NPY, "x_max.npy": scale})
+    with pytest.raises(UserError, match="x_max must be one positive number"):
+        load_dataset(str(tmp_path / "d.npz"), {})
+
+
+def test_a_lying_npz_stops_cleanai_prune_with_exit_2_and_nothing_written(tmp_path, monkeypatch, capsys):
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), "w.pt")
+    _npz("d.npz", {"x.npy": _npy({"descr": "<f4", "fortran_order": False, "shape": (-1, 1, 8, 8)}, X.numpy().tobytes()),
+                   "y.npy": Y_NPY})  # fmt: skip
+    before = (tmp_path / "d.npz").read_bytes()
+    assert main(["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.npz", "--out", "o", "-q"]) == 2
+    assert "'shape' is (-1, 1, 8, 8), expected a tuple of sizes >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and (tmp_path / "d.npz").read_bytes() == before
