@@ -291,6 +291,9 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
 def read_state(path: Path, model: nn.Module, map_location: Any = "cpu") -> dict:
     """``model.pt`` read with ``weights_only=True`` and checked against ``model``'s
     ``state_dict``: the same keys, shapes and kinds of dtype."""
+    from cleanai_core.special_files import check_not_packed
+
+    check_not_packed(path, "the saved folder's file")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:

@@ -120,3 +120,50 @@ def test_a_lying_npz_stops_cleanai_prune_with_exit_2_and_nothing_written(tmp_pat
     assert main(["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.npz", "--out", "o", "-q"]) == 2
     assert "'shape' is (-1, 1, 8, 8), expected a tuple of sizes >= 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and (tmp_path / "d.npz").read_bytes() == before
+
+
+# -- torch.save archives whose records were compressed ------------------------------------------------
+
+
+def _repack(src, dst) -> None:
+    """``src`` (a torch.save archive) with every record deflated, as a zip tool repacks it."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in z.infolist():
+            out.writestr(info.filename, z.read(info.filename))
+
+
+@pytest.mark.parametrize("role", ["--data", "--weights", "saved model.pt"])
+def test_a_torch_archive_that_unpacks_far_beyond_its_size_is_not_loaded(tmp_path, monkeypatch, capsys, role):
+    # a 200 KB .pt of deflated zeros made torch.load allocate 200 MB (10 MB: 10 GB, the OOM killer)
+    from cleanai_core.io import load_pruned
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), "w.pt")
+    torch.save((X, Y), "d.pt")
+    if role == "saved model.pt":
+        assert main(["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--out", "saved", "-q"]) == 0
+    torch.save((torch.zeros(2**22, 1, 2, 2), torch.zeros(2**22, dtype=torch.long)), "zeros.pt")  # 96 MiB
+    target = {"--data": "d.pt", "--weights": "w.pt", "saved model.pt": "saved/model.pt"}[role]
+    _repack("zeros.pt", target)
+    assert (tmp_path / target).stat().st_size < 2**20
+    before = (tmp_path / target).read_bytes()
+    if role == "saved model.pt":
+        unpacks = r"whose compressed records unpack to 100,66\d,\d{3} bytes; torch.save stores"
+        with pytest.raises(UserError, match=unpacks):
+            load_pruned("saved")
+    else:
+        assert main(["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--out", "o", "-q"]) == 2
+        what = role if role == "--data" else "weights file"
+        assert f"{what} '{target}' is a zip archive of" in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+    assert (tmp_path / target).read_bytes() == before
+
+
+def test_a_torch_archive_repacked_with_deflate_still_loads_where_it_stays_small(tmp_path):
+    # a zip tool's repack of ordinary data gains a few times at most: it still loads, the same tensors
+    torch.save((X, Y), tmp_path / "d.pt")
+    _repack(tmp_path / "d.pt", tmp_path / "packed.pt")
+    ds = load_dataset(str(tmp_path / "packed.pt"), {})
+    assert torch.equal(ds.tensors[0], X) and torch.equal(ds.tensors[1], Y)

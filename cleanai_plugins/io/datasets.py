@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, TensorDataset
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.runtime import label_indices, not_class_labels
-from cleanai_core.special_files import special_kind
+from cleanai_core.special_files import check_not_packed, special_kind
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
 log = logging.getLogger("cleanai")
@@ -290,6 +290,7 @@ def class_labels(y: Any, source: str) -> torch.Tensor:
 
 
 def _load_pt(path: Path) -> Dataset:
+    check_not_packed(path, "--data")
     try:
         with torch.serialization.safe_globals([TensorDataset]):
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -29,7 +29,7 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.saved_folder import nan_tensor, state_dict_problems
-from cleanai_core.special_files import check_not_special
+from cleanai_core.special_files import check_not_packed, check_not_special
 
 log = logging.getLogger("cleanai")
 
@@ -121,6 +121,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"wrote.{_saved_folder_note(path)}"
         )
     check_not_special(path, "weights file")
+    check_not_packed(path, "weights file")
     if not path.is_file():
         raise UserError(f"weights file {str(path)!r} does not exist.")
     if _is_torchscript(path):
@@ -192,6 +193,7 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
 
 def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
     check_not_special(path, "--model")
+    check_not_packed(path, "--model")
     suffix = path.suffix.lower()
     if suffix in (".onnx", ".tflite", ".pb", ".h5", ".keras", ".safetensors", ".engine"):
         raise UserError(

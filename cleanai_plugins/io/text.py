@@ -513,6 +513,9 @@ def _per_token_inputs(obj: dict[str, Any], ids: torch.Tensor, model: Any, source
 
 
 def _tokenized_pt(path: Path, model: Any) -> TextItems | None:
+    from cleanai_core.special_files import check_not_packed
+
+    check_not_packed(path, "--data")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
