@@ -167,3 +167,53 @@ def test_a_torch_archive_repacked_with_deflate_still_loads_where_it_stays_small(
     _repack(tmp_path / "d.pt", tmp_path / "packed.pt")
     ds = load_dataset(str(tmp_path / "packed.pt"), {})
     assert torch.equal(ds.tensors[0], X) and torch.equal(ds.tensors[1], Y)
+
+
+# -- a saved folder whose architecture.json asks for a huge model ------------------------------------
+
+
+@pytest.mark.parametrize("num_classes", [10**7, 11])
+def test_a_tampered_class_count_is_a_damaged_folder_before_the_model_is_built(tmp_path, monkeypatch, num_classes):
+    # num_classes = 10**7 built the whole head for real before model.pt was compared (a ResNet-18's: 20 GB,
+    # the out-of-memory killer); now the shapes are compared on the meta device first
+    import json
+
+    import cleanai_core.plugins as plugins
+    from cleanai_core import StructuredPruner
+    from cleanai_core.io import load_pruned, save_pruned
+    from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
+
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    pruner = StructuredPruner(model, X[:1], "magnitude", pruning_ratio=0.5)
+    save_pruned(tmp_path / "o", pruner.prune(), pruner.history, MODEL_SPEC, options={"num_classes": 10})
+    arch = json.loads((tmp_path / "o" / "architecture.json").read_text())
+    arch["options"]["num_classes"] = num_classes
+    (tmp_path / "o" / "architecture.json").write_text(json.dumps(arch))
+    devices = []
+    real_load = plugins.load_model
+
+    def spy(pm, spec, options):
+        devices.append(torch.get_default_device().type)
+        return real_load(pm, spec, options)
+
+    monkeypatch.setattr(plugins, "load_model", spy)
+    with pytest.raises(UserError, match=rf"model.pt': does not fit .*'fc.bias \(10,\) vs model \({num_classes},\)'.*"
+                       "tampered with"):  # fmt: skip
+        load_pruned(tmp_path / "o")
+    assert devices == ["meta"]  # built for real (cpu) before the comparison
+
+
+def test_an_untouched_folder_still_loads_equal_after_the_meta_check(tmp_path):
+    from cleanai_core import StructuredPruner
+    from cleanai_core.io import load_pruned, save_pruned
+    from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
+
+    torch.manual_seed(0)
+    pruner = StructuredPruner(DigitsCNN().eval(), X[:1], "magnitude", pruning_ratio=0.5)
+    pruned = pruner.prune()
+    save_pruned(tmp_path / "o", pruned, pruner.history, MODEL_SPEC, options={"num_classes": 10})
+    loaded = load_pruned(tmp_path / "o")
+    with torch.no_grad():
+        assert torch.equal(loaded(X), pruned(X))
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in pruned.parameters())
