@@ -419,8 +419,16 @@ def _checked_options(options: Any) -> dict[str, Any]:
 
 
 def _folder_arg(path: Any, verb: str) -> Path:
+    """``path`` as a ``Path``; anything else is named briefly (a model given first, as
+    ``save_pruned(model, "out", ...)``, printed the whole network's repr)."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise UserError(f"{verb} needs a folder path (str or Path), got {path!r}")
+        import reprlib
+
+        if isinstance(path, nn.Module):
+            order = " (save_pruned(out_dir, model, history, spec): the folder comes first)"
+            order = order if verb == "save_pruned" else ""
+            raise UserError(f"{verb} needs a folder path (str or Path), got a {type(path).__name__} module{order}")
+        raise UserError(f"{verb} needs a folder path (str or Path), got {reprlib.repr(path)}")
     return Path(path)
 
 

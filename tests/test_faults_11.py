@@ -217,3 +217,28 @@ def test_an_untouched_folder_still_loads_equal_after_the_meta_check(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(X), pruned(X))
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in pruned.parameters())
+
+
+# -- arguments in another order -----------------------------------------------------------------------
+
+
+def test_a_model_given_where_the_folder_goes_is_named_briefly_with_the_order(tmp_path, monkeypatch):
+    # the message printed the whole network's repr (a ResNet-50: 20,000 characters) and no hint
+    from cleanai_core import StructuredPruner
+    from cleanai_core.io import load_pruned, save_pruned
+    from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    pruner = StructuredPruner(DigitsCNN().eval(), X[:1], "magnitude", pruning_ratio=0.5)
+    pruned = pruner.prune()
+    with pytest.raises(UserError) as err:
+        save_pruned(pruned, "o", pruner.history, MODEL_SPEC)
+    assert str(err.value) == (
+        "save_pruned needs a folder path (str or Path), got a DigitsCNN module (save_pruned(out_dir, model, "
+        "history, spec): the folder comes first)"
+    )
+    with pytest.raises(UserError) as err:
+        load_pruned(torch.zeros(10_000))
+    assert len(str(err.value)) < 120 and "load_pruned needs a folder path (str or Path), got" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
