@@ -242,3 +242,49 @@ def test_a_model_given_where_the_folder_goes_is_named_briefly_with_the_order(tmp
         load_pruned(torch.zeros(10_000))
     assert len(str(err.value)) < 120 and "load_pruned needs a folder path (str or Path), got" in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- a --model whose forward returns no tensor ------------------------------------------------------
+
+
+class _Returns(torch.nn.Module):
+    """The demo CNN, returning ``what(logits)`` from its forward."""
+
+    def __init__(self, what) -> None:
+        from cleanai_plugins.io.demo import DigitsCNN
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.net, self.what = DigitsCNN(), what
+
+    def forward(self, x):
+        return self.what(self.net(x))
+
+
+NO_TENSOR = {"none": lambda out: None, "number": lambda out: float(out.sum()), "text": lambda out: "cat"}
+
+
+def returns_none():
+    return _Returns(NO_TENSOR["none"])
+
+
+def returns_number():
+    return _Returns(NO_TENSOR["number"])
+
+
+def returns_text():
+    return _Returns(NO_TENSOR["text"])
+
+
+@pytest.mark.parametrize("kind, shown", [("none", "NoneType"), ("number", "float"), ("text", "str")])
+def test_a_model_returning_no_tensor_is_exit_2_with_advice_the_command_line_can_take(tmp_path, monkeypatch, capsys,
+                                                                                     kind, shown):  # fmt: skip
+    # exit 1, "cleanai prune: failed: the model's output (NoneType) holds no tensors ...; pass
+    # output_transform=lambda out: ...", an argument the command line does not have
+    monkeypatch.chdir(tmp_path)
+    torch.save((X, Y), "d.pt")
+    spec = f"test_faults_11:returns_{kind}"
+    assert main(["prune", "--model", spec, "--data", "d.pt", "--out", "o", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model '{spec}' returned {shown} on an input from --data, not tensors" in err
+    assert "output_transform" not in err and not (tmp_path / "o").exists()
