@@ -288,3 +288,53 @@ def test_a_model_returning_no_tensor_is_exit_2_with_advice_the_command_line_can_
     err = capsys.readouterr().err
     assert f"--model '{spec}' returned {shown} on an input from --data, not tensors" in err
     assert "output_transform" not in err and not (tmp_path / "o").exists()
+
+
+# -- weight_ratio / activation_ratio beyond what float64 can rank ------------------------------------
+
+
+def _wide_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 4),
+    )  # fmt: skip
+
+
+def _kept(importance) -> list[list[int]]:
+    from cleanai_core import StructuredPruner
+
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    pruner = StructuredPruner(_wide_net(), x, importance, pruning_ratio=0.5)
+    pruner.collect_activations([x], progress=False)
+    pruner.prune()
+    return [e.keep.tolist() for e in pruner.history.steps[0] if e.slice == "out"]
+
+
+@pytest.mark.parametrize("form", ["multiplicative", "additive"])
+def test_ratios_whose_scores_float64_cannot_hold_are_refused_and_large_ones_that_fit_rank_alike(form):
+    # 3000 / 7000: 33 of 64 units scored 0 (underflow) and were pruned by their index, without a word
+    from cleanai_core import WeightActivationImportance as WA
+
+    reference = _kept(WA(0.3, 0.7, form=form))
+    assert _kept(WA(30, 70, form=form)) == reference  # percentages: the same units
+    scale = 1e4 if form == "multiplicative" else 1e308
+    lost = r"and at these values \d+ unit score\(s\) of the group of 64 units go beyond what float64"
+    with pytest.raises(
+        UserError, match=rf"are (exponents|factors) of the {form} Weight Magnitude - Activation score, {lost}"
+    ):
+        _kept(WA(0.3 * scale, 0.7 * scale, form=form))
+
+
+def test_cleanai_prune_with_alpha_and_beta_in_the_thousands_exits_2(tmp_path, monkeypatch, capsys):
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), "w.pt")
+    torch.save((X, Y), "d.pt")
+    argv = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--out", "o", "-q"]
+    assert main([*argv, "--alpha", "3000", "--beta", "7000"]) == 2
+    err = capsys.readouterr().err
+    assert "give numbers of the same ratio near 1 (e.g. weight_ratio=0.429, activation_ratio=1)" in err
+    assert not (tmp_path / "o").exists()
