@@ -338,3 +338,30 @@ def test_cleanai_prune_with_alpha_and_beta_in_the_thousands_exits_2(tmp_path, mo
     err = capsys.readouterr().err
     assert "give numbers of the same ratio near 1 (e.g. weight_ratio=0.429, activation_ratio=1)" in err
     assert not (tmp_path / "o").exists()
+
+
+# -- an image of more pixels than PIL reads -----------------------------------------------------------
+
+
+def test_an_image_beyond_pils_pixel_limit_is_named_by_its_file(tmp_path, monkeypatch, capsys):
+    # "--data 'imgs': reading item 6 failed (DecompressionBombError: ...)": which of the files?
+    # (PIL refuses twice its MAX_IMAGE_PIXELS; lowered here so that an 8 x 8 image trips it)
+    import numpy as np
+    from PIL import Image
+
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    monkeypatch.chdir(tmp_path)
+    for c in "ab":
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((4, 4), 40 * i, dtype=np.uint8)).save(f"imgs/{c}/{i}.png")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save("imgs/b/big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # refused above 40 pixels: 8 x 8, not 4 x 4
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), "w.pt")
+    argv = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "imgs", "--image-size", "4", "--out", "o", "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image 'imgs/b/big.png' in --data 'imgs' (DecompressionBombError: Image size (64 pixels)" in err
+    assert "remove or replace the file" in err and not (tmp_path / "o").exists()

@@ -474,9 +474,11 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
             return _image_files(directory, class_to_idx, extensions, allow_empty, str(path))
 
         def __getitem__(self, index: int) -> Any:
+            from PIL.Image import DecompressionBombError  # more pixels than PIL reads: said "reading item 6 failed"
+
             try:
                 return super().__getitem__(index)
-            except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError, truncated files
+            except (OSError, ValueError, SyntaxError, DecompressionBombError) as exc:  # unidentified, truncated
                 file = self.samples[index][0]
                 raise UserError(
                     f"cannot read image {file!r} in --data {str(path)!r} ({type(exc).__name__}: {str(exc)[:150]}); "
