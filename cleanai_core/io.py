@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cleanai_core import __version__
-from cleanai_core.errors import UserError
+from cleanai_core.errors import UserError, shown
 from cleanai_core.interfaces import memory_format_of
 from cleanai_core.out_folder import (
     INSIDE,
@@ -164,7 +164,7 @@ def save_pruned(
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(
             f"save_pruned needs the spec that rebuilds the unpruned architecture (e.g. 'torchvision:resnet18' or "
-            f"'package.module:factory'), got {spec!r}"
+            f"'package.module:factory'), got {shown(spec)}"
         )
     resolved(out)  # a loop of symbolic links on the way is named
     if out.exists() and not out.is_dir():
@@ -405,7 +405,7 @@ def _checked_options(options: Any) -> dict[str, Any]:
     """The architecture options of ``options`` (others are left out), as ``load_pruned``
     will accept them: a folder with ``num_classes="10"`` was written, then refused."""
     if options is not None and not isinstance(options, dict):
-        raise UserError(f"save_pruned options must be a dict such as {{'num_classes': 10}}, got {options!r}")
+        raise UserError(f"save_pruned options must be a dict such as {{'num_classes': 10}}, got {shown(options)}")
     kept = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
     problem = arch_option_problem(kept)
     if problem is None:
@@ -422,13 +422,9 @@ def _folder_arg(path: Any, verb: str) -> Path:
     """``path`` as a ``Path``; anything else is named briefly (a model given first, as
     ``save_pruned(model, "out", ...)``, printed the whole network's repr)."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
-        import reprlib
-
-        if isinstance(path, nn.Module):
-            order = " (save_pruned(out_dir, model, history, spec): the folder comes first)"
-            order = order if verb == "save_pruned" else ""
-            raise UserError(f"{verb} needs a folder path (str or Path), got a {type(path).__name__} module{order}")
-        raise UserError(f"{verb} needs a folder path (str or Path), got {reprlib.repr(path)}")
+        order = " (save_pruned(out_dir, model, history, spec): the folder comes first)"
+        order = order if verb == "save_pruned" and isinstance(path, nn.Module) else ""
+        raise UserError(f"{verb} needs a folder path (str or Path), got {shown(path)}{order}")
     return Path(path)
 
 

@@ -224,7 +224,7 @@ def test_an_untouched_folder_still_loads_equal_after_the_meta_check(tmp_path):
 
 def test_a_model_given_where_the_folder_goes_is_named_briefly_with_the_order(tmp_path, monkeypatch):
     # the message printed the whole network's repr (a ResNet-50: 20,000 characters) and no hint
-    from cleanai_core import StructuredPruner
+    from cleanai_core import GradualPruner, PruningSchedule, StructuredPruner
     from cleanai_core.io import load_pruned, save_pruned
     from cleanai_plugins.io.demo import MODEL_SPEC, DigitsCNN
 
@@ -240,7 +240,20 @@ def test_a_model_given_where_the_folder_goes_is_named_briefly_with_the_order(tmp
     )
     with pytest.raises(UserError) as err:
         load_pruned(torch.zeros(10_000))
-    assert len(str(err.value)) < 120 and "load_pruned needs a folder path (str or Path), got" in str(err.value)
+    assert str(err.value) == "load_pruned needs a folder path (str or Path), got a Tensor of shape (10000,)"
+    # the same for every argument where a path, a spec, options or an optimizer go
+    with pytest.raises(
+        UserError, match=r"PruningHistory.save needs a file path \(str or Path\), got a DigitsCNN module$"
+    ):
+        pruner.history.save(pruned)
+    with pytest.raises(UserError, match=r"'package.module:factory'\), got a DigitsCNN module$"):
+        save_pruned("o", pruned, pruner.history, pruned)
+    with pytest.raises(
+        UserError, match=r"options must be a dict such as \{'num_classes': 10\}, got \[0, 1, 2, .*\.\.\.$"
+    ):
+        save_pruned("o", pruned, pruner.history, MODEL_SPEC, options=list(range(1000)))
+    with pytest.raises(UserError, match=r"over the model's parameters, got a DigitsCNN module$"):
+        GradualPruner(pruned, X[:1], pruned, PruningSchedule(final=0.5, steps=2))
     assert list(tmp_path.iterdir()) == []
 
 
