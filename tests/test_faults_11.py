@@ -378,3 +378,37 @@ def test_an_image_beyond_pils_pixel_limit_is_named_by_its_file(tmp_path, monkeyp
     err = capsys.readouterr().err
     assert "cannot read image 'imgs/b/big.png' in --data 'imgs' (DecompressionBombError: Image size (64 pixels)" in err
     assert "remove or replace the file" in err and not (tmp_path / "o").exists()
+
+
+# -- a training checkpoint whose model is held by a wrapper module ---------------------------------
+
+
+def test_a_lightning_style_checkpoint_loads_the_wrapped_models_tensors(tmp_path, caplog):
+    # {"state_dict": {"model.features.0.weight": ...}} (a LightningModule's self.model): "missing 20 tensor(s)
+    # of the model ...; 20 unexpected tensor(s) (e.g. ['model.features.0.weight', ...])"
+    from cleanai_plugins.io.demo import DigitsCNN
+    from cleanai_plugins.io.models import _apply_weights
+
+    torch.manual_seed(0)
+    trained = DigitsCNN()
+    sd = trained.state_dict()
+    files = {
+        "lightning.ckpt": {"epoch": 3, "state_dict": {f"model.{k}": v for k, v in sd.items()}, "loops": {}},
+        "nested.ckpt": {"state_dict": {f"net.backbone.{k}": v for k, v in sd.items()} | {"loss.weight": torch.ones(3)}},
+    }
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+        torch.manual_seed(1)
+        model = DigitsCNN()
+        with caplog.at_level("INFO", logger="cleanai"):
+            _apply_weights(model, str(tmp_path / name), DEMO)
+        assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    assert "read the tensors under 'net.backbone.' (a wrapper module's); 1 other tensor(s)" in caplog.text
+    # the same architecture twice (a teacher and a student): nothing is chosen, the parts are named
+    torch.save({f"{who}.{k}": v for who in ("student", "teacher") for k, v in sd.items()}, tmp_path / "kd.ckpt")
+    with pytest.raises(UserError, match=r"holds this architecture 2 times, under 'student.', 'teacher.'"):
+        _apply_weights(DigitsCNN(), str(tmp_path / "kd.ckpt"), DEMO)
+    # a part that is not the whole model is not taken
+    torch.save({f"model.{k}": v for k, v in list(sd.items())[:-1]}, tmp_path / "part.ckpt")
+    with pytest.raises(UserError, match=r"do not fit .*missing 20 tensor\(s\)"):
+        _apply_weights(DigitsCNN(), str(tmp_path / "part.ckpt"), DEMO)
