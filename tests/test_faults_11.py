@@ -75,7 +75,8 @@ def test_an_npy_header_longer_than_numpys_limit_is_refused_unparsed(tmp_path):
     text = b"[" * 50_000 + b"]" * 50_000
     member = b"\x93NUMPY\x02\x00" + struct.pack("<I", len(text)) + text
     _npz(tmp_path / "d.npz", {"x.npy": member, "y.npy": Y_NPY})
-    with pytest.raises(UserError, match="has a header of 100,000 bytes; a .npy header is at most 10,000"):
+    too_long = r"\(ValueError: a header of 100,000 bytes; a .npy header is at most 10,000\)"
+    with pytest.raises(UserError, match=rf"array 'x.npy' is damaged or not a .npy array {too_long}"):
         read_npz(tmp_path / "d.npz")
 
 
@@ -412,3 +413,26 @@ def test_a_lightning_style_checkpoint_loads_the_wrapped_models_tensors(tmp_path,
     torch.save({f"model.{k}": v for k, v in list(sd.items())[:-1]}, tmp_path / "part.ckpt")
     with pytest.raises(UserError, match=r"do not fit .*missing 20 tensor\(s\)"):
         _apply_weights(DigitsCNN(), str(tmp_path / "part.ckpt"), DEMO)
+
+
+# -- .pt data saved as lists of tensors or of samples -----------------------------------------------
+
+
+def test_pt_data_as_a_list_of_tensors_or_of_samples_reads_as_the_stacked_tensors(tmp_path):
+    # "the inputs are a list, expected a tensor" / "'d.pt' holds a list; expected an image folder ..."
+    xs = [X[i] for i in range(40)]
+    forms = {
+        "list.pt": (xs, Y),
+        "samples.pt": [(X[i], int(Y[i])) for i in range(40)],
+        "tensor_labels.pt": [(X[i], Y[i]) for i in range(40)],
+        "two_samples.pt": [(X[0], 3), (X[1], 4)],
+    }
+    for name, obj in forms.items():
+        torch.save(obj, tmp_path / name)
+        ds = load_dataset(str(tmp_path / name), {})
+        n = 2 if name == "two_samples.pt" else 40
+        assert torch.equal(ds.tensors[0], X[:n]), name
+        assert torch.equal(ds.tensors[1], torch.tensor([3, 4]) if n == 2 else Y), name
+    torch.save(([*xs[:39], torch.rand(1, 9, 9)], Y), tmp_path / "mixed.pt")
+    with pytest.raises(UserError, match=r"a list of 40 tensors of 2 shapes \(e.g. \(1, 8, 8\) and \(1, 9, 9\)\)"):
+        load_dataset(str(tmp_path / "mixed.pt"), {})

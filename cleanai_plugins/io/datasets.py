@@ -93,16 +93,16 @@ def _npy_header(f: Any, name: str) -> tuple[str, bool, tuple[int, ...], int]:
     size = struct.unpack("<H", f.read(2)) if magic[6] == 1 else struct.unpack("<I", f.read(4))
     hlen = size[0]
     if hlen > _NPY_MAX_HEADER:
-        raise UserError(f"array {name!r} has a header of {hlen:,} bytes; a .npy header is at most {_NPY_MAX_HEADER:,}.")
+        raise ValueError(f"a header of {hlen:,} bytes; a .npy header is at most {_NPY_MAX_HEADER:,}")
     text = f.read(hlen)
     header = ast.literal_eval(text.decode("latin1"))
     if not isinstance(header, dict) or not {"descr", "fortran_order", "shape"} <= set(header):
-        raise UserError(f"array {name!r} has a header without 'descr', 'fortran_order' and 'shape': {text[:80]!r}.")
+        raise ValueError(f"a header without 'descr', 'fortran_order' and 'shape': {text[:60]!r}")
     descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
     if not isinstance(fortran, bool):
-        raise UserError(f"array {name!r}: 'fortran_order' is {fortran!r}, expected True or False.")
+        raise ValueError(f"'fortran_order' is {fortran!r}, expected True or False")
     if not isinstance(shape, tuple) or not all(type(d) is int and 0 <= d < 2**62 for d in shape) or len(shape) > 64:
-        raise UserError(f"array {name!r}: 'shape' is {shape!r}, expected a tuple of sizes >= 0.")
+        raise ValueError(f"'shape' is {str(shape)[:40]}, expected a tuple of sizes >= 0")
     return descr, fortran, shape, (10 if magic[6] == 1 else 12) + hlen
 
 
@@ -239,7 +239,33 @@ def _plain(t: torch.Tensor, what: str, source: str) -> torch.Tensor:
     return t
 
 
+def _stacked(x: Any, source: str) -> Any:
+    """A list or tuple of input tensors of one shape as one tensor (``torch.save((xs, y))``
+    with ``xs`` a list of images said "the inputs are a list, expected a tensor"); of
+    several shapes, an error naming two of them."""
+    if not isinstance(x, (list, tuple)) or not x or not all(isinstance(t, torch.Tensor) for t in x):
+        return x
+    shapes = sorted({tuple(t.shape) for t in x})
+    if len(shapes) > 1:
+        raise UserError(
+            f"{source}: the inputs are a {type(x).__name__} of {len(x)} tensors of {len(shapes)} shapes (e.g. "
+            f"{shapes[0]} and {shapes[-1]}); give one tensor of shape (N, ...): resize the inputs to one size and "
+            "torch.stack them."
+        )
+    return torch.stack(list(x))
+
+
+def _samples(obj: Any) -> bool:
+    """Whether ``obj`` is a list of ``(input tensor, label)`` samples."""
+    return (
+        isinstance(obj, (list, tuple))
+        and len(obj) >= 2
+        and all(isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], torch.Tensor) for s in obj)
+    )
+
+
 def _from_tensors(x: Any, y: Any, source: str, x_max: float = 255.0) -> Dataset:
+    x = _stacked(x, source)
     if not isinstance(x, torch.Tensor):
         raise UserError(f"{source}: the inputs are a {type(x).__name__}, expected a tensor.")
     if x.dim() == 0:
@@ -313,6 +339,11 @@ def _from_object(obj: Any, source: str) -> Dataset:
         return _from_tensors(tensors[0], tensors[1] if len(tensors) > 1 else None, source)
     if isinstance(obj, torch.Tensor):
         return _from_tensors(obj, None, source)
+    if _samples(obj):  # [(x1, y1), (x2, y2), ...]: said "holds a list; expected ..."
+        labels = [s[1] for s in obj]
+        if all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in labels):
+            labels = torch.stack(labels)
+        return _from_tensors([s[0] for s in obj], labels, source)
     if isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 2:
         return _from_tensors(obj[0], obj[1] if len(obj) > 1 else None, source)
     if isinstance(obj, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in obj):  # (x, y, extra) said no more
