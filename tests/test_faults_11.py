@@ -436,3 +436,45 @@ def test_pt_data_as_a_list_of_tensors_or_of_samples_reads_as_the_stacked_tensors
     torch.save(([*xs[:39], torch.rand(1, 9, 9)], Y), tmp_path / "mixed.pt")
     with pytest.raises(UserError, match=r"a list of 40 tensors of 2 shapes \(e.g. \(1, 8, 8\) and \(1, 9, 9\)\)"):
         load_dataset(str(tmp_path / "mixed.pt"), {})
+
+
+# -- a --plugin module that fails when it is imported -------------------------------------------------
+
+PLUGINS = {
+    "raises": ('raise RuntimeError("boom at import")\n', "importing the module raised RuntimeError: boom at import"),
+    "exits": ("import sys\nsys.exit(0)\n", "importing the module called sys.exit(0)"),
+    "misspelt_hook": (
+        "from cleanai_core import hookimpl\n\n@hookimpl\ndef cleanai_layer_prunr(module, name, findings):\n"
+        "    return None\n",
+        "unknown hook 'cleanai_layer_prunr'",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(PLUGINS))
+def test_a_plugin_module_that_fails_at_import_is_exit_2_naming_it(tmp_path, monkeypatch, capsys, kind):
+    # raises: a traceback, exit 1; exits: exit code 0 and nothing done, nothing said
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    source, said = PLUGINS[kind]
+    (tmp_path / f"faults11_{kind}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), "w.pt")
+    torch.save((X, Y), "d.pt")
+    argv = ["--plugin", f"faults11_{kind}", "prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "-q"]
+    assert main([*argv, "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert f"--plugin faults11_{kind}: " in err and said in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_built_in_given_as_plugin_is_named_without_the_plugin_table(capsys):
+    # pluggy's "Plugin name already registered: ... {every plugin: its module}" (thousands of characters)
+    assert main(["--plugin", "cleanai_plugins.layers.conv", "plugins"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "cleanai: error: --plugin cleanai_plugins.layers.conv: the module is registered already (a built-in plugin, "
+        "an installed one, or given twice); leave --plugin cleanai_plugins.layers.conv out."
+    )
