@@ -89,6 +89,8 @@ class PruningHistory:
         check_modules(model)  # a lazy layer not run yet raised "Can't access the shape of an uninitialized parameter"
         work = copy_model(model)
         for i, step in enumerate(self.steps):
+            if not step:  # slices nothing (a step that removed no unit): nothing to scan the model for
+                continue
             check_shapes(self, i, work)
             try:
                 apply_edits(work, step, pm)
