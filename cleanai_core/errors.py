@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["CleanAIError", "PruningError", "TraceError", "UserError", "model_fault"]
+from typing import Any
+
+__all__ = ["CleanAIError", "PruningError", "TraceError", "UserError", "model_fault", "shown"]
 
 
 class CleanAIError(Exception):
@@ -31,3 +33,21 @@ def model_fault(exc: BaseException) -> bool:
     if not isinstance(exc, Exception) or isinstance(exc, (CleanAIError, MemoryError)):
         return False
     return type(exc).__name__ != "OutOfMemoryError"  # torch.OutOfMemoryError, without importing torch here
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``value`` as an error message shows it: a module by its class (a network's ``repr``
+    is one line per layer: a model passed where a path goes printed all of them), a tensor
+    by its type and shape (its ``repr`` prints the values), anything else by its ``repr``,
+    cut at ``limit`` characters."""
+    import torch
+
+    if isinstance(value, torch.nn.Module):
+        first = repr(value).splitlines()[0]
+        if first.endswith("(") or len(first) > limit:  # a container: "ResNet("
+            return f"a {type(value).__name__} module"
+        return f"the module {first}"
+    if isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -46,7 +46,7 @@ from cleanai_core.bn_correction import norms_with_running_stats
 from cleanai_core.bn_refresh import reestimate_batchnorm
 from cleanai_core.calibration import iterate, split_batch
 from cleanai_core.collect import check_iterable, model_failure
-from cleanai_core.errors import UserError, model_fault
+from cleanai_core.errors import UserError, model_fault, shown
 from cleanai_core.interfaces import slice_tensor
 from cleanai_core.metrics import count_flops
 from cleanai_core.model_state import copy_model
@@ -305,7 +305,9 @@ class GradualPruner:
 
         options.check_model(model, "GradualPruner")
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise UserError(f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {optimizer!r}")
+            raise UserError(
+                f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {shown(optimizer)}"
+            )
         own = {id(q) for q in model.parameters()}
         if not any(id(q) in own for g in optimizer.param_groups for q in g["params"]):
             # training would then step tensors the model no longer uses, and the model would never change

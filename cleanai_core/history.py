@@ -11,7 +11,7 @@ import attrs
 import torch
 from torch import nn
 
-from cleanai_core.errors import UserError
+from cleanai_core.errors import UserError, shown
 from cleanai_core.slicing import SliceEdit, apply_edits, get_submodule_and_attr
 from cleanai_core.special_files import check_not_special
 
@@ -41,7 +41,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def _file_path(path: Any, verb: str) -> Path:
     if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise UserError(f"PruningHistory.{verb} needs a file path (str or Path), got {path!r}")
+        raise UserError(f"PruningHistory.{verb} needs a file path (str or Path), got {shown(path)}")
     return Path(path)
 
 
@@ -103,6 +103,8 @@ class PruningHistory:
         check_modules(model)  # a lazy layer not run yet raised "Can't access the shape of an uninitialized parameter"
         work = copy_model(model)
         for i, step in enumerate(self.steps):
+            if not step:  # slices nothing (a step that removed no unit): nothing to scan the model for
+                continue
             check_shapes(self, i, work)
             before = shapes_of(work, self._recorded("shapes_after", i) or {})
             try:

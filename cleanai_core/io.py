@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cleanai_core import __version__
-from cleanai_core.errors import UserError
+from cleanai_core.errors import UserError, shown
 from cleanai_core.interfaces import memory_format_of
 from cleanai_core.out_folder import (
     INSIDE,
@@ -164,7 +164,7 @@ def save_pruned(
     if not isinstance(spec, str) or not spec.strip():
         raise UserError(
             f"save_pruned needs the spec that rebuilds the unpruned architecture (e.g. 'torchvision:resnet18' or "
-            f"'package.module:factory'), got {spec!r}"
+            f"'package.module:factory'), got {shown(spec)}"
         )
     resolved(out)  # a loop of symbolic links on the way is named
     if out.exists() and not out.is_dir():
@@ -256,25 +256,16 @@ def _rebuild_problem(
     (``weight_norm``) added after the model was built. ``None`` when they fit, or when the
     architecture cannot be rebuilt here (a pickled model, a factory that needs real
     tensors): ``load_pruned`` then says why."""
-    import warnings
-
-    from cleanai_core.plugins import get_plugin_manager, load_model
-    from cleanai_core.saved_folder import lazy_module, replay_history, state_dict_problems
+    from cleanai_core.saved_folder import state_dict_problems
 
     opts = dict(options, pretrained=False, weights=None, trust_model=False, trust_code=True)
     opts["warn_random_weights"] = False
-    pm = get_plugin_manager()
     try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fresh = load_model(pm, spec, opts)
-            if not isinstance(fresh, nn.Module):
-                return None
-            fresh = history.described(fresh)
-            lazy = lazy_module(fresh)
-            if lazy is not None:  # load_pruned runs the model once on the recorded input shape first
-                return None if example_input_shape is not None else _lazy_problem(spec, lazy, fresh)
-            replay_history(history, fresh, Path("history.json"), pm)
+        fresh = _meta_rebuild(spec, opts, history)
+        if isinstance(fresh, str):  # load_pruned runs a lazy model once on the recorded input shape first
+            return None if example_input_shape is not None else _lazy_problem(spec, fresh)
+        if fresh is None:
+            return None
         own = fresh.state_dict()
         state = model.state_dict()
         problems = [p for p in state_dict_problems(own, state) if "meta device" not in p]
@@ -298,13 +289,37 @@ def _rebuild_problem(
     )
 
 
-def _lazy_problem(spec: str, name: str, fresh: nn.Module) -> str:
-    """The folder of a model with lazy layers saved without an input shape: ``load_pruned``
-    failed replaying the history on them (``RuntimeError: Can't access the shape of an
-    uninitialized parameter``)."""
+def _meta_rebuild(spec: str, options: dict[str, Any], history: Any, pm: Any = None) -> nn.Module | str | None:
+    """The model ``spec`` and ``options`` build, with ``history`` replayed, on the meta
+    device (nothing allocated, whatever sizes the options ask for); the name and class of a
+    lazy layer (``"conv (LazyConv2d)"``) where it has one, which takes its shape from a first
+    forward; ``None`` where the loader gives no module. Failures raise, as the loader's."""
+    import warnings
+
+    from cleanai_core.plugins import get_plugin_manager, load_model
+    from cleanai_core.saved_folder import lazy_module, replay_history
+
+    pm = pm or get_plugin_manager()
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = load_model(pm, spec, options)
+        if not isinstance(fresh, nn.Module):
+            return None
+        fresh = history.described(fresh)
+        lazy = lazy_module(fresh)
+        if lazy is not None:
+            return f"{lazy!r}, {type(fresh.get_submodule(lazy)).__name__}"
+        replay_history(history, fresh, Path("history.json"), pm)
+    return fresh
+
+
+def _lazy_problem(spec: str, lazy: str) -> str:
+    """The folder of a model with lazy layers (``lazy``: the name and class of one) saved
+    without an input shape: ``load_pruned`` failed replaying the history on them
+    (``RuntimeError: Can't access the shape of an uninitialized parameter``)."""
     return (
-        f"load_pruned could not load the folder: the model {spec!r} has lazy layers ({name!r}, "
-        f"{type(fresh.get_submodule(name)).__name__}), which take their shapes from a first input; give "
+        f"load_pruned could not load the folder: the model {spec!r} has lazy layers ({lazy}), which take their "
+        "shapes from a first input; give "
         "example_input_shape=[1, C, H, W] (the shape of one input) so that load_pruned can run it once"
     )
 
@@ -390,7 +405,7 @@ def _checked_options(options: Any) -> dict[str, Any]:
     """The architecture options of ``options`` (others are left out), as ``load_pruned``
     will accept them: a folder with ``num_classes="10"`` was written, then refused."""
     if options is not None and not isinstance(options, dict):
-        raise UserError(f"save_pruned options must be a dict such as {{'num_classes': 10}}, got {options!r}")
+        raise UserError(f"save_pruned options must be a dict such as {{'num_classes': 10}}, got {shown(options)}")
     kept = {k: v for k, v in (options or {}).items() if k in ARCH_OPTIONS and v is not None}
     problem = arch_option_problem(kept)
     if problem is None:
@@ -404,8 +419,12 @@ def _checked_options(options: Any) -> dict[str, Any]:
 
 
 def _folder_arg(path: Any, verb: str) -> Path:
+    """``path`` as a ``Path``; anything else is named briefly (a model given first, as
+    ``save_pruned(model, "out", ...)``, printed the whole network's repr)."""
     if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise UserError(f"{verb} needs a folder path (str or Path), got {path!r}")
+        order = " (save_pruned(out_dir, model, history, spec): the folder comes first)"
+        order = order if verb == "save_pruned" and isinstance(path, nn.Module) else ""
+        raise UserError(f"{verb} needs a folder path (str or Path), got {shown(path)}{order}")
     return Path(path)
 
 
@@ -496,6 +515,7 @@ def load_pruned(
         warn_random_weights=False,
     )
     pm = get_plugin_manager()
+    state = _checked_on_meta(spec, options, history, out, map_location, pm)
     try:
         model = load_model(pm, spec, options)
     except UserError as exc:
@@ -509,13 +529,35 @@ def load_pruned(
     model = history.described(model)  # a factory returning torch.compile(model): the module it wraps
     initialise_lazy(model, out / "architecture.json")
     replay_history(history, model, out / "history.json", pm)
-    state = read_state(out / "model.pt", model, map_location)
+    state = read_state(out / "model.pt", model, map_location, state)
     model.to(map_location)
     take_saved_form(model, state)
     model.load_state_dict(state, strict=True)
     arch = out / "architecture.json"
     apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location))
     return model.eval()
+
+
+def _checked_on_meta(
+    spec: str, options: dict[str, Any], history: Any, out: Path, map_location: Any, pm: Any
+) -> dict[str, torch.Tensor] | None:
+    """``model.pt``'s state, checked against the architecture rebuilt on the meta device
+    (``history`` replayed) before ``load_pruned`` builds it for real: an ``architecture.json``
+    edited to ask for a huge model (``num_classes`` of 10**7: 20 GB for a ResNet-18's head,
+    the out-of-memory killer) is a damaged folder without allocating it. ``None`` where the
+    architecture cannot be rebuilt there (a pickled model, whose rebuild runs its code; a
+    loader that needs real tensors; lazy layers): the real build then checks, as before."""
+    from cleanai_core.saved_folder import read_state
+
+    if Path(spec).exists():  # a pickled model file: unpickling runs its code, once is enough
+        return None
+    try:
+        fresh = _meta_rebuild(spec, options, history, pm)
+    except Exception:  # noqa: BLE001 - best effort: the real build reports its own failures
+        return None
+    if not isinstance(fresh, nn.Module):
+        return None
+    return read_state(out / "model.pt", fresh, map_location)
 
 
 def take_saved_form(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from cleanai_core.errors import UserError
+from cleanai_core.errors import UserError, shown
 
 __all__ = [
     "ROUND_MODES",
@@ -100,14 +100,7 @@ def _shown_spec(spec: Any, model: nn.Module) -> str:
             return f"the parameter {name!r} (a tensor, not a layer; give its module" + (
                 f" {owner!r})" if owner else ", or list it in unwrapped_parameters)"
             )
-        return f"a {type(spec).__name__} of shape {tuple(spec.shape)}"
-    if isinstance(spec, nn.Module):
-        first = repr(spec).splitlines()[0]
-        if first.endswith("(") or len(first) > 80:  # a container: "ResNet("
-            return f"a {type(spec).__name__} module"
-        return f"the module {first}"
-    text = repr(spec)
-    return text if len(text) <= 80 else text[:80] + "..."
+    return shown(spec)
 
 
 def _lookalike_hint(spec: Any, named: list[tuple[str, nn.Module]]) -> str:

@@ -256,6 +256,8 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
     """Replay ``history`` on a freshly built ``model``; any failure is a :class:`UserError`
     naming ``path`` and the step."""
     for i, step in enumerate(history.steps):
+        if not step:  # slices nothing; each replayed step scans the model (2,000 of them: 17 s, 10**6: hours)
+            continue
         where = f"step {i}"
         _check_targets(path, model, step, where)
         found = shape_mismatch(history, i, model)
@@ -292,13 +294,17 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
         raise _bad(path, f"'added_biases' names {problem}")
 
 
-def read_state(path: Path, model: nn.Module, map_location: Any = "cpu") -> dict:
-    """``model.pt`` read with ``weights_only=True`` and checked against ``model``'s
-    ``state_dict``: the same keys, shapes and kinds of dtype."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise _bad(path, f"cannot be read as plain tensors ({type(exc).__name__}: {str(exc)[:200]})") from None
+def read_state(path: Path, model: nn.Module, map_location: Any = "cpu", state: dict | None = None) -> dict:
+    """``model.pt`` read with ``weights_only=True`` (or ``state``, read from it before) and
+    checked against ``model``'s ``state_dict``: the same keys, shapes and kinds of dtype."""
+    from cleanai_core.special_files import check_not_packed
+
+    if state is None:
+        check_not_packed(path, "the saved folder's file")
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise _bad(path, f"cannot be read as plain tensors ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):

@@ -247,10 +247,32 @@ class WeightActivationImportance:
             a = (var if use_var else second) / count.clamp(min=1)
             w_t, a_t = mean_normalized(w), mean_normalized(a)
             if self.form == "multiplicative":
-                scores.append(w_t.clamp(min=0) ** self.alpha * a_t.clamp(min=0) ** self.beta)
+                w_t, a_t = w_t.clamp(min=0), a_t.clamp(min=0)
+                s = w_t**self.alpha * a_t**self.beta
+                under = int(((s == 0) & (w_t > 0) & (a_t > 0)).sum())  # underflowed from two terms above 0
             else:
-                scores.append(self.alpha * w_t + self.beta * a_t)
+                s = self.alpha * w_t + self.beta * a_t
+                under = 0
+            # units that float64 cannot tell apart at these ratios (two or more inf, or 0 by underflow; a
+            # NaN from inf * 0) were ranked by their index, without a word
+            lost = max(under, int(torch.isinf(s).sum()))
+            if lost > 1 or bool(torch.isnan(s).any()):
+                self._out_of_range(group, max(lost, int(torch.isnan(s).sum())))
+            scores.append(s)
         return self.reduce(torch.stack(scores))
+
+    def _out_of_range(self, group: Group, count: int) -> None:
+        """The :class:`UserError` of scores that float64 cannot hold at these ratios (units
+        scored inf or 0 alike were ranked by their index, without a word)."""
+        how = "exponents of" if self.form == "multiplicative" else "factors of"
+        top = max(self.alpha, self.beta)
+        raise UserError(
+            f"weight_ratio={self.alpha:g} and activation_ratio={self.beta:g} (--alpha/--beta) are {how} the "
+            f"{self.form} Weight Magnitude - Activation score, and at these values {count} unit score(s) of the group "
+            f"of {group.size} units go beyond what float64 holds (inf or 0), so those units cannot be ranked. Only "
+            f"their ratio matters: give numbers of the same ratio near 1 (e.g. weight_ratio={self.alpha / top:.3g}, "
+            f"activation_ratio={self.beta / top:.3g})."
+        )
 
 
 # -- registries ---------------------------------------------------------------

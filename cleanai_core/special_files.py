@@ -3,18 +3,24 @@ device (``/dev/zero``, ``/dev/stdin``), a socket, or a loop of symbolic links (w
 "does not exist"). Reading one waits for a writer that
 never comes (a FIFO) or never ends (``/dev/zero``: the process read it until the
 out-of-memory killer stopped it); ``Path.is_file()`` is false for them, so they were
-reported as files that "do not exist"."""
+reported as files that "do not exist".
+
+Also a ``torch.save`` archive whose records were compressed (:func:`check_not_packed`):
+``torch.save`` stores them as they are, and ``torch.load`` inflates whatever it finds, so a
+file of a few hundred KB asked for hundreds of MB (10 MB for 10 GB: the out-of-memory
+killer)."""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
+import zipfile
 from typing import Any
 
 from cleanai_core.errors import UserError
 
-__all__ = ["check_not_special", "special_kind"]
+__all__ = ["check_not_packed", "check_not_special", "special_kind"]
 
 LOOP = "a loop of symbolic links"
 _KINDS = (
@@ -52,4 +58,30 @@ def check_not_special(path: Any, what: str) -> None:
         raise UserError(
             f"{what} {str(path)!r} is {kind}, not a regular file: reading it would wait for a writer or never end. "
             "Save the content to a file on disk and give that file."
+        )
+
+
+# how far a torch.save archive may unpack beyond its own size before it is refused: torch.save
+# stores its records uncompressed (about 1x); a zip tool repacking one with deflate gains a few x
+_PACKED_RATIO = 16
+
+
+def check_not_packed(path: Any, what: str) -> None:
+    """A :class:`UserError` naming ``what`` when ``path`` is a zip archive (``torch.save``'s
+    format) whose compressed records unpack to more than 16 times the file's size (and
+    more than 1 MiB): not something ``torch.save`` writes, and ``torch.load`` would inflate
+    it all into memory. Reads the zip's directory only."""
+    try:
+        size = os.path.getsize(path)
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as z:
+            packed = sum(i.file_size for i in z.infolist() if i.compress_type != zipfile.ZIP_STORED)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return  # unreadable: torch.load's own error says so
+    if packed > _PACKED_RATIO * size + 2**20:
+        raise UserError(
+            f"{what} {str(path)!r} is a zip archive of {size:,} bytes whose compressed records unpack to "
+            f"{packed:,} bytes; torch.save stores records uncompressed, so it was not written by torch.save (or was "
+            "repacked, or built to exhaust memory) and is not read. Save it again with torch.save."
         )

@@ -29,15 +29,33 @@ def use_plugins(disabled: list[str], extra: list[str]) -> None:
     the user's choice, as for ``--model package.module:factory``)."""
     if not disabled and not extra:
         return
+    from pluggy import PluginValidationError
+
     from cleanai_core.plugins import make_plugin_manager, set_plugin_manager
 
     pm = make_plugin_manager(disabled=disabled)
     for name in extra:
         try:
-            pm.register(importlib.import_module(name), name=name)
-        except (ImportError, ValueError) as exc:  # ValueError: already registered (a built-in)
+            module = importlib.import_module(name)
+        except ImportError as exc:
             raise UserError(f"--plugin {name}: {exc}; give the import name of a plugin module") from None
-    pm.check_pending()
+        except (Exception, SystemExit) as exc:  # its own code failed at import: a traceback, or exit 0 doing nothing
+            exited = isinstance(exc, SystemExit)
+            what = f"called sys.exit({exc.code!r})" if exited else f"raised {type(exc).__name__}: {str(exc)[:200]}"
+            raise UserError(
+                f"--plugin {name}: importing the module {what}; nothing was run. Fix the module or leave --plugin "
+                f"{name} out."
+            ) from None
+        try:
+            pm.register(module, name=name)
+            pm.check_pending()  # a hook implementation of a name no hook has (a misspelling)
+        except PluginValidationError as exc:  # ... or of arguments the hook does not have
+            raise UserError(f"--plugin {name}: {exc}; see `cleanai plugins` and docs/hooks.md for the hooks") from None
+        except ValueError:  # already registered: pluggy's message printed every registered plugin's module
+            raise UserError(
+                f"--plugin {name}: the module is registered already (a built-in plugin, an installed one, or given "
+                f"twice); leave --plugin {name} out."
+            ) from None
     set_plugin_manager(pm)
 
 

@@ -228,7 +228,7 @@ def _execute(
                         "the data and run again.")  # fmt: skip
     try:
         with torch.no_grad():
-            model(example) if not isinstance(example, dict) else model(**example)
+            output = model(example) if not isinstance(example, dict) else model(**example)
     except Exception as exc:
         shape = tuple(example.shape) if isinstance(example, torch.Tensor) else "dict"
         raise UserError(
@@ -236,6 +236,7 @@ def _execute(
             f"{_input_dtype_hint(example, model)}Check that the data matches what the model expects (channels, "
             "image size, --num-classes)."
         ) from exc
+    _check_output(output, cfg)
 
     importance_opts: dict[str, Any] = {}
     if cfg.get("alpha") is not None:
@@ -379,6 +380,23 @@ def _execute(
             + (f", {report['tokenizer_folder']}/" if report.get("tokenizer_folder") else "")
         )
     return report
+
+
+def _check_output(output: Any, cfg: dict[str, Any]) -> None:
+    """A :class:`UserError` where the model's output on the first sample holds no tensor
+    (``None``, a number, text): the command line has no ``output_transform``, which the
+    trace's message advised (``cleanai prune: failed: ... pass output_transform=lambda
+    out: ...``, exit 1)."""
+    from torch.utils._pytree import tree_flatten
+
+    if any(isinstance(t, torch.Tensor) for t in tree_flatten(output)[0]):
+        return
+    raise UserError(
+        f"--model {cfg.get('model')!r} returned {type(output).__name__} on an input from --data, not tensors: CleanAI "
+        "checks the pruned model's outputs against the original's and measures accuracy on them. Make its forward "
+        "return the output tensor(s) (e.g. a factory that wraps the model in a module whose forward returns the "
+        "logits)."
+    )
 
 
 def _input_dtype_hint(example: Any, model: torch.nn.Module) -> str:

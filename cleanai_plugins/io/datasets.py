@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, TensorDataset
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.runtime import label_indices, not_class_labels
-from cleanai_core.special_files import special_kind
+from cleanai_core.special_files import check_not_packed, special_kind
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
 log = logging.getLogger("cleanai")
@@ -77,52 +77,99 @@ _NPY_WIDER = {
 }
 
 
-def _read_npy(data: bytes, name: str) -> torch.Tensor:
-    if data[:6] != b"\x93NUMPY":
+# numpy's own limit on a header (np.load(max_header_size=10000)); a longer one is no array's
+_NPY_MAX_HEADER = 10_000
+_NPY_SIZES = {k: int(k[1]) for k in ("u1", "i1", "b1", "i2", "u2", "f2", "i4", "u4", "f4", "i8", "u8", "f8")}
+
+
+def _npy_header(f: Any, name: str) -> tuple[str, bool, tuple[int, ...], int]:
+    """``descr``, ``fortran_order``, ``shape`` and the header's length in bytes, read from
+    the open member ``f`` and checked as numpy checks them: a header of at most 10,000
+    bytes, ``fortran_order`` a bool and ``shape`` a tuple of sizes >= 0 (a negative size
+    was taken by ``reshape`` as "the rest", a text ``fortran_order`` as true)."""
+    magic = f.read(8)
+    if magic[:6] != b"\x93NUMPY" or len(magic) < 8:
         raise UserError(f"array {name!r} in the .npz is not in .npy format.")
-    major = data[6]
-    if major == 1:
-        (hlen,) = struct.unpack("<H", data[8:10])
-        start = 10
-    else:
-        (hlen,) = struct.unpack("<I", data[8:12])
-        start = 12
-    header = ast.literal_eval(data[start : start + hlen].decode("latin1"))
-    descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+    size = struct.unpack("<H", f.read(2)) if magic[6] == 1 else struct.unpack("<I", f.read(4))
+    hlen = size[0]
+    if hlen > _NPY_MAX_HEADER:
+        raise ValueError(f"a header of {hlen:,} bytes; a .npy header is at most {_NPY_MAX_HEADER:,}")
+    text = f.read(hlen)
+    header = ast.literal_eval(text.decode("latin1"))
+    if not isinstance(header, dict) or not {"descr", "fortran_order", "shape"} <= set(header):
+        raise ValueError(f"a header without 'descr', 'fortran_order' and 'shape': {text[:60]!r}")
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    if not isinstance(fortran, bool):
+        raise ValueError(f"'fortran_order' is {fortran!r}, expected True or False")
+    if not isinstance(shape, tuple) or not all(type(d) is int and 0 <= d < 2**62 for d in shape) or len(shape) > 64:
+        raise ValueError(f"'shape' is {str(shape)[:40]}, expected a tuple of sizes >= 0")
+    return descr, fortran, shape, (10 if magic[6] == 1 else 12) + hlen
+
+
+def _npy_kind(descr: Any, name: str) -> str:
+    """The dtype code of ``descr`` (``"f4"``), refusing what CleanAI does not read."""
     if not isinstance(descr, str):
         raise UserError(
             f"array {name!r} has a structured dtype (fields {[f[0] for f in descr][:5]}); store plain numeric "
             "arrays: inputs x and integer labels y (np.savez(path, x=x, y=y))."
         )
-    kind = descr[1:] if descr[0] in "<>|=" else descr
+    kind = descr[1:] if descr[:1] in ("<", ">", "|", "=") else descr
     if kind[:1] in ("U", "S") or kind == "O":
         what = "Python objects (a pickle)" if kind == "O" else "text"
         raise UserError(
             f"array {name!r} holds {what} (dtype {descr!r}); CleanAI reads numeric arrays only and never unpickles. "
             "Store inputs as numbers and labels as integer class indices 0..N-1 (np.savez(path, x=x, y=y))."
         )
-    if kind in _NPY_WIDER and descr[0] != ">":  # unsigned integers torch barely computes with: widened
+    if kind not in _NPY_SIZES or descr[:1] == ">":
+        order = "big-endian " if descr[:1] == ">" else ""
+        raise UserError(
+            f"array {name!r} has {order}dtype {descr!r}, which CleanAI does not read; store little-endian "
+            "bool, int8-64, uint8-64 or float16/32/64 arrays (e.g. x.astype('float32'), y.astype('int64'))."
+        )
+    return kind
+
+
+def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> torch.Tensor:
+    """One member of an ``.npz``: its header first, then exactly the bytes its shape and
+    dtype take, as the member's recorded size says. The whole member was read at once: a
+    1 MB file of compressed zeros under a small header asked for 1 GiB (a ``MemoryError``
+    traceback), 10 MB for 10 GiB (the out-of-memory killer)."""
+    name = info.filename
+    with zf.open(info) as f:
+        descr, fortran, shape, head = _npy_header(f, name)
+        kind = _npy_kind(descr, name)
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * _NPY_SIZES[kind]
+        if nbytes != info.file_size - head:
+            raise UserError(
+                f"{source!r}: array {name!r} says shape {shape} of {descr} ({nbytes:,} bytes), but the file holds "
+                f"{max(info.file_size - head, 0):,} bytes of values; it is damaged or was not written by numpy. Write "
+                "it again with numpy.savez(path, x=x, y=y)."
+            )
+        try:
+            raw = bytearray(f.read(nbytes))
+        except MemoryError:
+            raise UserError(
+                f"{source!r}: array {name!r} of shape {shape} takes {nbytes / 2**30:,.1f} GiB, more memory than there "
+                "is; give a smaller data set (or a package.module:function that reads it lazily)."
+            ) from None
+    if len(raw) != nbytes:
+        raise UserError(f"{source!r}: array {name!r} ends after {len(raw):,} of its {nbytes:,} bytes; it is truncated.")
+    if kind in _NPY_WIDER:  # unsigned integers torch barely computes with: widened
         signed, wide, mask = _NPY_WIDER[kind]
-        raw = bytearray(data[start + hlen :])
         t = torch.frombuffer(raw, dtype=signed) if raw else torch.empty(0, dtype=signed)
         if kind == "u8":
             if bool((t < 0).any()):
                 raise UserError(f"array {name!r} (uint64) holds values of 2**63 or more; store labels as int64.")
         else:
             t = t.to(wide) & mask
-        t = t.reshape(tuple(reversed(shape))).permute(*reversed(range(len(shape)))) if fortran else t.reshape(shape)
-        return t.contiguous().clone()
-    if kind not in _NPY_DTYPES or descr[0] == ">":
-        order = "big-endian " if descr[0] == ">" else ""
-        raise UserError(
-            f"array {name!r} has {order}dtype {descr!r}, which CleanAI does not read; store little-endian "
-            "bool, int8-64, uint8-64 or float16/32/64 arrays (e.g. x.astype('float32'), y.astype('int64'))."
-        )
-    buf = bytearray(data[start + hlen :])
-    t = torch.frombuffer(buf, dtype=_NPY_DTYPES[kind]) if buf else torch.empty(0, dtype=_NPY_DTYPES[kind])
+    else:
+        t = torch.frombuffer(raw, dtype=_NPY_DTYPES[kind]) if raw else torch.empty(0, dtype=_NPY_DTYPES[kind])
     if fortran:
         return t.reshape(tuple(reversed(shape))).permute(*reversed(range(len(shape)))).contiguous()
-    return t.reshape(shape).clone()
+    return t.reshape(shape)
 
 
 _NPZ_ERRORS = (ValueError, SyntaxError, KeyError, TypeError, IndexError, RuntimeError, struct.error, EOFError)
@@ -130,18 +177,27 @@ _NPZ_ERRORS = (ValueError, SyntaxError, KeyError, TypeError, IndexError, Runtime
 
 def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Arrays of an ``.npz`` file as tensors (numeric dtypes; no numpy needed, no pickles).
-    A truncated, corrupt or foreign file is a :class:`UserError` naming the array."""
+    A truncated, corrupt or foreign file is a :class:`UserError` naming the array; so is an
+    array name that appears twice (the last one was taken without a word)."""
     import zlib
 
     out = {}
     try:
         with zipfile.ZipFile(path) as zf:
-            for n in zf.namelist():
+            names = zf.namelist()
+            twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if twice is not None:
+                raise UserError(
+                    f"{str(path)!r} holds the array {twice!r} twice (the zip was appended to); numpy would read only "
+                    "the last. Write the file again with numpy.savez(path, x=x, y=y)."
+                )
+            for info in zf.infolist():
+                n = info.filename
                 try:
-                    out[n[:-4] if n.endswith(".npy") else n] = _read_npy(zf.read(n), n)
+                    out[n[:-4] if n.endswith(".npy") else n] = _read_npy(zf, info, str(path))
                 except UserError:
                     raise
-                except (*_NPZ_ERRORS, zlib.error, zipfile.BadZipFile) as exc:
+                except (*_NPZ_ERRORS, zlib.error, zipfile.BadZipFile, NotImplementedError) as exc:
                     raise UserError(
                         f"{str(path)!r}: array {n!r} is damaged or not a .npy array ({type(exc).__name__}: "
                         f"{str(exc)[:120]}). Write the file again with numpy.savez(path, x=x, y=y)."
@@ -183,7 +239,33 @@ def _plain(t: torch.Tensor, what: str, source: str) -> torch.Tensor:
     return t
 
 
+def _stacked(x: Any, source: str) -> Any:
+    """A list or tuple of input tensors of one shape as one tensor (``torch.save((xs, y))``
+    with ``xs`` a list of images said "the inputs are a list, expected a tensor"); of
+    several shapes, an error naming two of them."""
+    if not isinstance(x, (list, tuple)) or not x or not all(isinstance(t, torch.Tensor) for t in x):
+        return x
+    shapes = sorted({tuple(t.shape) for t in x})
+    if len(shapes) > 1:
+        raise UserError(
+            f"{source}: the inputs are a {type(x).__name__} of {len(x)} tensors of {len(shapes)} shapes (e.g. "
+            f"{shapes[0]} and {shapes[-1]}); give one tensor of shape (N, ...): resize the inputs to one size and "
+            "torch.stack them."
+        )
+    return torch.stack(list(x))
+
+
+def _samples(obj: Any) -> bool:
+    """Whether ``obj`` is a list of ``(input tensor, label)`` samples."""
+    return (
+        isinstance(obj, (list, tuple))
+        and len(obj) >= 2
+        and all(isinstance(s, (list, tuple)) and len(s) == 2 and isinstance(s[0], torch.Tensor) for s in obj)
+    )
+
+
 def _from_tensors(x: Any, y: Any, source: str, x_max: float = 255.0) -> Dataset:
+    x = _stacked(x, source)
     if not isinstance(x, torch.Tensor):
         raise UserError(f"{source}: the inputs are a {type(x).__name__}, expected a tensor.")
     if x.dim() == 0:
@@ -234,6 +316,7 @@ def class_labels(y: Any, source: str) -> torch.Tensor:
 
 
 def _load_pt(path: Path) -> Dataset:
+    check_not_packed(path, "--data")
     try:
         with torch.serialization.safe_globals([TensorDataset]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -256,6 +339,11 @@ def _from_object(obj: Any, source: str) -> Dataset:
         return _from_tensors(tensors[0], tensors[1] if len(tensors) > 1 else None, source)
     if isinstance(obj, torch.Tensor):
         return _from_tensors(obj, None, source)
+    if _samples(obj):  # [(x1, y1), (x2, y2), ...]: said "holds a list; expected ..."
+        labels = [s[1] for s in obj]
+        if all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in labels):
+            labels = torch.stack(labels)
+        return _from_tensors([s[0] for s in obj], labels, source)
     if isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 2:
         return _from_tensors(obj[0], obj[1] if len(obj) > 1 else None, source)
     if isinstance(obj, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in obj):  # (x, y, extra) said no more
@@ -417,9 +505,11 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
             return _image_files(directory, class_to_idx, extensions, allow_empty, str(path))
 
         def __getitem__(self, index: int) -> Any:
+            from PIL.Image import DecompressionBombError  # more pixels than PIL reads: said "reading item 6 failed"
+
             try:
                 return super().__getitem__(index)
-            except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError, truncated files
+            except (OSError, ValueError, SyntaxError, DecompressionBombError) as exc:  # unidentified, truncated
                 file = self.samples[index][0]
                 raise UserError(
                     f"cannot read image {file!r} in --data {str(path)!r} ({type(exc).__name__}: {str(exc)[:150]}); "
@@ -439,7 +529,7 @@ def _x_max(arrays: dict[str, torch.Tensor], spec: str) -> float:
     if "x_max" not in arrays:
         return 255.0
     m = arrays["x_max"]
-    if m.numel() != 1 or not float(m.reshape(-1)[0]) > 0:
+    if m.numel() != 1 or not 0 < float(m.reshape(-1)[0]) < float("inf"):  # inf made every input 0
         raise UserError(f"{spec!r}: x_max must be one positive number (the largest input value), got {m.tolist()}")
     return float(m.reshape(-1)[0])
 

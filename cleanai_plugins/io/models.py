@@ -29,7 +29,7 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.saved_folder import nan_tensor, state_dict_problems
-from cleanai_core.special_files import check_not_special
+from cleanai_core.special_files import check_not_packed, check_not_special
 
 log = logging.getLogger("cleanai")
 
@@ -121,6 +121,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"wrote.{_saved_folder_note(path)}"
         )
     check_not_special(path, "weights file")
+    check_not_packed(path, "weights file")
     if not path.is_file():
         raise UserError(f"weights file {str(path)!r} does not exist.")
     if _is_torchscript(path):
@@ -163,13 +164,55 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = {k[len(prefix) :]: v for k, v in obj.items()}
 
 
+def _fitting_parts(
+    state: dict[str, torch.Tensor], keys: set[str], prefix: str = "", depth: int = 4
+) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """Every ``(prefix, tensors)`` of ``state`` whose names, under that prefix (up to
+    ``depth`` names deep), are exactly ``keys``: a wrapper module's ``model.``."""
+    if depth == 0:
+        return []
+    found = []
+    for head in sorted({k.split(".", 1)[0] for k in state if "." in k}):
+        part = {k[len(head) + 1 :]: v for k, v in state.items() if k.startswith(head + ".")}
+        here = f"{prefix}{head}."
+        found += [(here, part)] if set(part) == keys else _fitting_parts(part, keys, here, depth - 1)
+    return found
+
+
+def _without_wrapper_prefix(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` under one leading name (``model.``, ``net.backbone.``), that
+    name stripped, where their names are then exactly the model's and no other part's are: a
+    PyTorch Lightning checkpoint (``{"state_dict": {"model.conv.weight": ..., "loss.weight":
+    ...}}``, the module held as ``self.model``) did not fit, "20 unexpected tensor(s) (e.g.
+    ['model.features.0.weight', ...])". Where two parts fit (a teacher and a student),
+    nothing is chosen."""
+    if set(state) == set(own):
+        return state
+    found = _fitting_parts(state, set(own))
+    if len(found) != 1:
+        return state
+    prefix, fitted = found[0]
+    left = len(state) - len(fitted)
+    log.info("weights: read the tensors under %r (a wrapper module's)%s.", prefix,
+             f"; {left} other tensor(s) of the file are not the model's" if left else "")  # fmt: skip
+    return fitted
+
+
 def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
-    state = load_state_dict_file(weights)
+    state = _without_wrapper_prefix(load_state_dict_file(weights), model.state_dict())
     parts = state_dict_problems(model.state_dict(), state)
     if parts:
+        fits = [prefix for prefix, _ in _fitting_parts(state, set(model.state_dict()))]
+        several = (
+            f" The file holds this architecture {len(fits)} times, under {', '.join(map(repr, fits))} (a teacher and a "
+            "student?): save the one to prune alone, e.g. torch.save(module.student.state_dict(), path)."
+            if len(fits) > 1
+            else ""
+        )
         raise UserError(
             f"the weights in {weights!r} do not fit {spec!r}: " + "; ".join(parts) + ". "
             "Use the architecture the weights were trained with (and --num-classes if the head differs)."
+            + several
             + _saved_folder_note(Path(weights).parent)
         )
     nan = nan_tensor(state)
@@ -192,6 +235,7 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
 
 def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
     check_not_special(path, "--model")
+    check_not_packed(path, "--model")
     suffix = path.suffix.lower()
     if suffix in (".onnx", ".tflite", ".pb", ".h5", ".keras", ".safetensors", ".engine"):
         raise UserError(

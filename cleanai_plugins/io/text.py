@@ -582,6 +582,9 @@ def _keyword_pt(path: Path, model: Any) -> TextItems | None:
 
 
 def _tokenized_pt(path: Path, model: Any) -> TextItems | None:
+    from cleanai_core.special_files import check_not_packed
+
+    check_not_packed(path, "--data")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
