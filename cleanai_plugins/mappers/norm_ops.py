@@ -103,18 +103,29 @@ def group_norm(call, ctx):
 _MASK_INVARIANT = {"sum", "nansum", "norm", "linalg_vector_norm", "any", "count_nonzero"}
 
 
-def _reduce_channels(call, ctx, lab, name, dims: list[int] | None = None) -> None:
+# reductions that a norm written by hand takes over the channels and brings back onto them
+_STATISTICS = {"mean", "nanmean", "var", "std", "var_mean", "std_mean", "amax", "amin", "logsumexp"}
+
+
+def _reduce_channels(call, ctx, lab, name, dims: list[int] | None = None, keep: bool = False) -> None:
     """A reduction across the channels: the label is dropped when zeroed channels do not
     change the result (a sum over fewer channels); otherwise (mean, max, var...) the
     result depends on how many channels there are, so they are frozen. When the label
     came from a reshape split whose outer part is not reduced (timm EvoNorm-S
     ``x.reshape(B, groups, C // groups, H, W).var(dim=(2, 3, 4))``), the kernel is asked
-    to trace again with the outer part carrying the channels: whole groups then go."""
+    to trace again with the outer part carrying the channels: whole groups then go.
+    A statistic kept as a size-1 dim (``keep``) waits: where it only comes back onto
+    these channels (a norm written by hand) they normalise (graph/statistics.py)."""
     if name in _MASK_INVARIANT:
         return
     if dims is not None and lab.origin is not None and lab.origin[1] > 0 and lab.dim - 1 not in dims:
         ctx.request_split(lab.origin, lab.origin[1] - 1)
-    ctx.freeze(lab.atoms, f"{ctx.where()}: {name} across channels depends on their number")
+    why = f"{ctx.where()}: {name} across channels depends on their number"
+    src = call.args[0]
+    if keep and name in _STATISTICS and all(o.ndim == src.ndim and o.shape[lab.dim] == 1 for o in call.outputs):
+        ctx.statistic(call.outputs, lab.atoms, why)
+        return
+    ctx.freeze(lab.atoms, why)
 
 
 @table.register(
@@ -166,7 +177,7 @@ def reduce(call, ctx):
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [x % src.ndim for x in dims]
     if lab.dim in dims:
-        _reduce_channels(call, ctx, lab, name, dims)
+        _reduce_channels(call, ctx, lab, name, dims, keep is True)
         _reduce_second(ctx, lab, name, dims)
         return
     d = lab.dim if keep is True else lab.dim - sum(x < lab.dim for x in dims)
