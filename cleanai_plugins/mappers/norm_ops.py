@@ -21,11 +21,37 @@ def _couple_affine(ctx, atoms, params) -> None:
             ctx.freeze_tensor(p, f"{ctx.where()}: affine tensor of unexpected shape")
 
 
+def _couple_wide_affine(ctx, lab, first: int, params) -> bool:
+    """A norm over several trailing dims, the channels among them: couple each affine
+    tensor's dim that stands over the channels (a bare ``(C, H, W)`` weight takes that dim,
+    :meth:`~cleanai_core.graph.context.TraceContext.regard_bare`). ``False`` (nothing
+    coupled) where the channels stand before the normalised dims or an affine tensor
+    cannot follow them."""
+    if lab.dim < first:
+        return False
+    plans = []
+    for p in params:
+        if p is None or not hasattr(p, "key"):
+            continue
+        pdim = lab.dim - first  # the affine tensors have the normalised dims' shape
+        plab = ctx.label_of(p)
+        if plab is not None and plab.dim != pdim and ctx.is_bare(plab):
+            plab = ctx.regard_bare(p, plab, pdim)
+        if plab is None or plab.dim != pdim or plab.atoms.numel() != lab.atoms.numel():
+            return False
+        plans.append(plab.atoms)
+    for atoms in plans:
+        ctx.union(lab.atoms, atoms)
+    return True
+
+
 def _stored_shape(ctx, shape: list) -> bool:
     """The norm runs in the ``forward`` of a module (no layer pruner claimed it) that
     passes its own ``normalized_shape`` attribute: after slicing it would still hold the
     old width, so the pruned model would fail to run."""
     stored = getattr(ctx.scope_module(), "normalized_shape", None)
+    if isinstance(stored, int) and not isinstance(stored, bool):  # I-BERT's IntLayerNorm keeps a plain int
+        stored = (stored,)
     return isinstance(stored, (tuple, list, torch.Size)) and [int(n) for n in stored] == [int(n) for n in shape]
 
 
@@ -45,6 +71,11 @@ def layer_norm(call, ctx):
         ctx.freeze(lab.atoms, why)
         for p in params:
             ctx.freeze_tensor(p, f"{ctx.where()}: affine of a frozen norm")
+        return
+    if lab is not None and len(shape) > 1 and _couple_wide_affine(ctx, lab, x.ndim - len(shape), params):
+        # over several dims, the channels among them (``F.layer_norm(y, y.shape[1:])`` over C, H, W)
+        ctx.normalize(lab.atoms)
+        ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
         return
     if lab is None or len(shape) != 1 or lab.dim != x.ndim - 1:
         if lab is not None:
@@ -123,8 +154,13 @@ def _reduce_channels(call, ctx, lab, name, dims: list[int] | None = None, keep: 
     why = f"{ctx.where()}: {name} across channels depends on their number"
     src = call.args[0]
     if keep and name in _STATISTICS and all(o.ndim == src.ndim and o.shape[lab.dim] == 1 for o in call.outputs):
-        ctx.statistic(call.outputs, lab.atoms, why)
-        return
+        # a module of its own that stores the width it normalises (I-BERT's IntLayerNorm keeps
+        # ``normalized_shape`` and its quantised mode reads it) stays whole, as F.layer_norm's does
+        if _stored_shape(ctx, [lab.atoms.numel()]):
+            why = f"{ctx.where()} normalises over a width stored in its module's normalized_shape, which no plugin rewrites"
+        else:
+            ctx.statistic(call.outputs, lab.atoms, why)
+            return
     ctx.freeze(lab.atoms, why)
 
 
