@@ -45,6 +45,9 @@ def _couple_wide_affine(ctx, lab, first: int, params) -> bool:
     return True
 
 
+_STORED_WHY = "{where} normalises over a width stored in its module's normalized_shape, which no plugin rewrites"
+
+
 def _stored_shape(ctx, shape: list) -> bool:
     """The norm runs in the ``forward`` of a module (no layer pruner claimed it) that
     passes its own ``normalized_shape`` attribute: after slicing it would still hold the
@@ -67,8 +70,7 @@ def layer_norm(call, ctx):
         ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
         return
     if lab is not None and _stored_shape(ctx, shape):
-        why = f"{ctx.where()} normalises over a width stored in its module's normalized_shape, which no plugin rewrites"
-        ctx.freeze(lab.atoms, why)
+        ctx.freeze(lab.atoms, _STORED_WHY.format(where=ctx.where()))
         for p in params:
             ctx.freeze_tensor(p, f"{ctx.where()}: affine of a frozen norm")
         return
@@ -157,7 +159,7 @@ def _reduce_channels(call, ctx, lab, name, dims: list[int] | None = None, keep: 
         # a module of its own that stores the width it normalises (I-BERT's IntLayerNorm keeps
         # ``normalized_shape`` and its quantised mode reads it) stays whole, as F.layer_norm's does
         if _stored_shape(ctx, [lab.atoms.numel()]):
-            why = f"{ctx.where()} normalises over a width stored in its module's normalized_shape, which no plugin rewrites"
+            why = _STORED_WHY.format(where=ctx.where())
         else:
             ctx.statistic(call.outputs, lab.atoms, why)
             return
