@@ -368,6 +368,26 @@ def test_a_statistic_over_channels_that_escapes_or_only_centres_still_freezes_th
         StructuredPruner(model, X, "magnitude")
 
 
+class StoredWidthNorm(nn.Module):
+    """A norm written by hand in a module that stores its width as a plain int (I-BERT's
+    ``IntLayerNorm``, whose quantised mode reads it): nothing rewrites it after slicing."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.normalized_shape, self.weight = width, nn.Parameter(torch.rand(width) + 0.5)
+
+    def forward(self, h):
+        u = h.mean(-1, keepdim=True)
+        return (h - u) / torch.sqrt((h - u).pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+
+
+def test_a_norm_written_in_a_module_that_stores_its_width_keeps_its_channels():
+    model = _seeded(lambda: nn.Sequential(nn.Linear(5, 12), StoredWidthNorm(12), nn.Linear(12, 3)))
+    (group,) = [g for g in DependencyGraph(model, torch.randn(2, 5)).groups() if g.size == 12]
+    assert group.prunable == 0
+    assert any("normalises over a width stored in its module's normalized_shape" in r for r in group.reasons)
+
+
 # -- floor division --------------------------------------------------------------------------------
 
 
