@@ -113,6 +113,24 @@ def test_check_pruner_keeps_whole_the_groups_the_model_cannot_run_without(factor
         assert count_params(_prune(model, x).pruned) == after  # what prune() keeps
 
 
+@pytest.mark.corpus
+@pytest.mark.parametrize(
+    "name, kept, before, after",
+    [("dpt", 4, 427_169, 188_561), ("aimv2-vision", 1, 95_808, 60_992), ("hiera", 4, 249_714, 162_194)],
+)
+def test_check_pruner_on_dpt_aimv2_and_hiera_keeps_their_width_readers_whole(name, kept, before, after):
+    """The models of ``docs/compatibility.md``'s session 20 leftover: DPT's readout
+    reshaped to the backbone's ``feature_shape``, AIMv2's pooling head sized from its
+    input, Hiera's mask units: ``check_pruner`` failed on each."""
+    pytest.importorskip("transformers")
+    import test_hf_vision
+
+    model, side = test_hf_vision.build(name)
+    report = check_pruner(model, (test_hf_vision.pixels(side),), ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
+    assert (len(report.kept_whole), report.params_before, report.params_after) == (kept, before, after)
+
+
 class ScalesByWidth(nn.Module):
     """A width read at run time that changes the numbers, not the shapes (RAFT's
     ``1 / sqrt(channels)``): each group runs sliced alone, so the oracle reports it."""
