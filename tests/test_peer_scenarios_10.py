@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_peer_scenarios_2 import _exact
-from test_peer_scenarios_6 import _prune, _seeded
+from test_peer_scenarios_6 import _prune, _seeded, _two_step_replay
 from torch import nn
 
 from cleanai_core import DependencyGraph, StructuredPruner
@@ -496,3 +496,20 @@ def test_the_peers_concat_split_and_customised_layer_tests_prune_exactly(factory
     small = _prune(model, x).pruned
     assert (count_params(model), count_params(small)) == (before, after)
     assert small(x).shape == model(x).shape
+
+
+@pytest.mark.parametrize(
+    "factory, shape, after",
+    [
+        (HandConvNeXt, (2, 3, 8, 8), 591),
+        (lambda: PreNormBlock("layer", True), (2, 5, 8), 249),
+        (lambda: NormOverMaps("functional"), (2, 4, 6, 6), 174),
+        (HandGRN, (2, 3, 5, 5), 34),
+    ],
+    ids=["convnext", "layer_norm", "functional_over_maps", "response_norm"],
+)
+def test_two_step_histories_of_hand_written_norms_replay_on_fresh_copies(factory, shape, after, tmp_path):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    pruner, small, fresh = _two_step_replay(factory, x, tmp_path)
+    assert len(pruner.history) == 2 and count_params(fresh) == count_params(small) == after
+    assert torch.equal(fresh(x), small(x))
