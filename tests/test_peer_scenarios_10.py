@@ -339,10 +339,25 @@ class ScaledByStd(nn.Module):
         return self.o(h / (h.std(-1, keepdim=True) + 1))
 
 
+class CastAndExpanded(nn.Module):
+    """Statistics cast to another dtype and expanded back over the channels before they
+    come back (``u.expand_as(y)``, ``v.double()...to(y.dtype)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        u = y.mean(1, keepdim=True).expand_as(y)
+        v = (y - u).pow(2).mean(1, keepdim=True).double().expand_as(y)
+        return self.b((y - u) / (v + 1e-5).sqrt().to(y.dtype))
+
+
 @pytest.mark.parametrize(
     "factory, x, before, after",
-    [(HandGRN, X, 66, 34), (ScaledByStd, torch.randn(2, 5), 147, 75)],
-    ids=["response_norm", "scaled_by_std"],
+    [(HandGRN, X, 66, 34), (ScaledByStd, torch.randn(2, 5), 147, 75), (CastAndExpanded, X, 50, 26)],
+    ids=["response_norm", "scaled_by_std", "cast_and_expanded"],
 )
 def test_channels_rescaled_by_their_own_statistic_prune_as_normalised(factory, x, before, after):
     model = _seeded(factory)

@@ -614,7 +614,7 @@ class TraceContext:
         if self.unbinds.tags:
             self.unbinds.carry(event, self)
         if self.statistics.pending:
-            self.statistics.escape(event.inputs)
+            self.statistics.escape(event, self)
         for ref in event.inputs:
             lab = self._labels.get(ref.key)
             if lab is None:

@@ -37,6 +37,9 @@ import torch
 
 __all__ = ["Statistics"]
 
+#: ops that pass a statistic on unchanged in value (casts, copies, broadcasting views)
+_CARRIED_BY = {"_to_copy", "clone", "detach", "alias", "lift_fresh", "expand", "contiguous"}
+
 #: element-wise ops through which a statistic coming back rescales the channels
 _SCALING = {"mul", "div", "true_divide", "addcmul", "addcdiv"}
 
@@ -75,8 +78,11 @@ class Statistics:
         own = {id(s) for _, s in stats}
         if not labels:
             if len(own) == 1:  # ``v + eps``, ``rsqrt(v)``: still the statistic
+                spread = set().union(*(ctx.spread.get(r.key, set()) for r, _ in stats))
                 for out in call.outputs:
                     self.pending[out.key] = stats[0][1]
+                    if spread and out.ndim == stats[0][0].ndim:  # expanded back over the channels, still
+                        ctx.spread[out.key] = set(spread)
                 return
             for _, s in stats:
                 s.escaped = True
@@ -89,11 +95,21 @@ class Statistics:
             else:
                 s.escaped = True
 
-    def escape(self, inputs: list[Any]) -> None:
-        """After an event: statistics it read and did not handle in :meth:`meet` escape."""
-        for r in inputs:
-            if r.key in self.pending and r.key not in self._met:
-                self.pending[r.key].escaped = True
+    def escape(self, event: Any, ctx: Any) -> None:
+        """After an event: statistics it read and did not handle in :meth:`meet` escape,
+        unless the event only copies or expands one of them (a cast to the input's dtype,
+        ``u.expand_as(x)``): its outputs are the statistic still."""
+        stats = [r for r in event.inputs if r.key in self.pending and r.key not in self._met]
+        op = getattr(getattr(event, "op", None), "overloadpacket", None)
+        if len(stats) == 1 and len(event.inputs) == 1 and getattr(op, "__name__", "") in _CARRIED_BY:
+            spread = ctx.spread.get(stats[0].key)
+            for out in event.outputs:
+                self.pending[out.key] = self.pending[stats[0].key]
+                if spread and out.ndim == stats[0].ndim and out.key not in ctx.spread:  # a cast keeps it
+                    ctx.spread[out.key] = set(spread)
+            stats = []
+        for r in stats:
+            self.pending[r.key].escaped = True
         self._met = set()
 
     def settle(self, ctx: Any, outputs: list[Any]) -> None:
