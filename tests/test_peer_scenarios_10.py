@@ -528,19 +528,3 @@ def test_two_step_histories_of_hand_written_norms_replay_on_fresh_copies(factory
     pruner, small, fresh = _two_step_replay(factory, x, tmp_path)
     assert len(pruner.history) == 2 and count_params(fresh) == count_params(small) == after
     assert torch.equal(fresh(x), small(x))
-
-
-# -- ignored_layers naming a module that no plugin claims ------------------------------------------
-
-
-@pytest.mark.parametrize("way, after", [("module", 1131), ("name", 1131), ("container", 1419)])
-def test_ignoring_a_module_no_plugin_claims_keeps_the_channels_of_its_bare_tensors(way, after):
-    """``ignored_layers=[model.n0]`` (a hand-written norm: its ``weight`` and ``bias`` are
-    bare tensors) was silently not honoured: the stream and ``n0.weight`` were pruned (591)."""
-    model, x = _seeded(HandConvNeXt), torch.randn(2, 3, 8, 8)
-    ignored = {"module": [model.n0], "name": ["n0"], "container": [model.down]}[way]
-    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=ignored).prune()
-    assert small.stem.out_channels == 8 and small.n0.weight.shape == (8,) and small.down[0].weight.shape == (8,)
-    assert small.down[1].out_channels == (16 if way == "container" else 8) and count_params(small) == after
-    reasons = {r for g in DependencyGraph(model, x, ignored_layers=["n0"]).groups() for r in g.reasons}
-    assert "ignored layer n0" in reasons

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from cleanai_core.errors import TraceError, UserError
-from cleanai_core.graph.context import CROSS_MARK, SliceSpec, TraceContext, tensor_name
+from cleanai_core.graph.context import SliceSpec, TraceContext
 from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups, unique
@@ -325,12 +325,6 @@ class DependencyGraph:
         for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":
                 ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
-            elif spec.module == "" and CROSS_MARK not in spec.name and self.ignored:
-                # a bare tensor of an ignored module no plugin claims (a norm or layer scale written by
-                # hand: ``n0.weight``) keeps its channels too; it was sliced as if nothing were ignored
-                owner = tensor_name(spec.name).rpartition(".")[0]
-                if owner in self.ignored:
-                    ctx.freeze(spec.atoms, f"ignored layer {owner}")
         self._tie_shares(ctx)
 
     def _tie_shares(self, ctx: TraceContext) -> None:
