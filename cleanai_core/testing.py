@@ -9,7 +9,7 @@ Example::
 
     from cleanai_core.testing import check_pruner
     report = check_pruner(MyModel(), torch.randn(2, 3, 32, 32))
-    assert report.max_abs_diff < 1e-5
+    assert report.max_abs_diff < 1e-5 and report.kept_whole == ()
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ import attrs
 import torch
 from torch import nn
 
+from cleanai_core.errors import PruningError
 from cleanai_core.graph.dependency import DependencyGraph
-from cleanai_core.masking import masked_model, masked_outputs
+from cleanai_core.masking import exact_tolerance, masked_model, masked_outputs
 from cleanai_core.model_state import copy_model
-from cleanai_core.planning import uniform_counts
+from cleanai_core.planning import GroupPlan, PruningPlan, uniform_counts
 from cleanai_core.plugins import temporary_plugin
 from cleanai_core.slicing import SliceEdit, apply_edits
-from cleanai_core.verify import model_outputs
+from cleanai_core.verify import build_skipping_breakers, check_outputs, model_outputs, reference
 
 __all__ = [
     "OracleReport",
@@ -91,13 +92,18 @@ def masked_forward(
 
 @attrs.frozen
 class OracleReport:
-    """What :func:`check_pruner` found."""
+    """What :func:`check_pruner` found. ``kept_whole``: a message per group left unpruned
+    because slicing it made the copy fail to run, change its output shapes or give NaN
+    (the model takes a width from another tensor or from a literal: ``reshape(f.shape)``,
+    ``expand(-1, 8, ...)``, ``tensor_split``), as ``prune()``'s verification leaves it;
+    empty where every group was sliced."""
 
     max_abs_diff: float
     params_before: int
     params_after: int
     output_shapes_equal: bool
     pruned_units: int
+    kept_whole: tuple[str, ...] = ()
 
 
 def check_pruner(
@@ -110,27 +116,106 @@ def check_pruner(
 ) -> OracleReport:
     """Prune ``ratio`` of every group at random on a copy of ``model`` and compare the
     pruned model's output with the masked original (normalising groups excluded).
-    ``model`` must be in eval mode for a meaningful comparison."""
+    ``model`` must be in eval mode for a meaningful comparison.
+
+    A group whose slicing the model cannot run with (the copy raises, changes its output
+    shapes or gives NaN / inf where the original's outputs are finite: a width the model
+    reads from another tensor, which no trace sees) is kept whole, as ``prune()``'s
+    verification keeps it, and named in :attr:`OracleReport.kept_whole`; the other
+    groups are sliced and compared. So is a group that runs only sliced together with
+    another and then differs (timm's ``reshape(B, N, 3, h, C // h)`` with ``C`` the
+    stream's width): each fails to run sliced alone. A copy that runs but differs from
+    the masked original, with groups that run alone, is what the oracle reports
+    (``max_abs_diff``): nothing is kept whole for it. Assert ``kept_whole == ()`` where
+    the model reads no width at run time: a plugin whose slicing breaks the model shows
+    up there."""
     graph = DependencyGraph(model, inputs, forward_fn=forward_fn, **graph_kwargs)
     pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed), exclude_normalized=True)
     transform = graph_kwargs.get("output_transform")
-    expected = masked_forward(graph, pruned, inputs, forward_fn, transform)
-    small = copy_model(model)
-    edits = [SliceEdit(m, s, k, _dim(graph, m, s)) for (m, s), k in graph.keep_indices(pruned).items()]
-    apply_edits(small, edits, graph.pm)
-    got = run_model(small, inputs, forward_fn, transform)
-    same = [a.shape for a in got] == [b.shape for b in expected]
-    diff = max(
-        (float((a - b).abs().max()) for a, b in zip(got, expected, strict=False) if a.shape == b.shape and a.numel()),
-        default=float("inf"),
-    )
+    ref: list = []
+
+    def original() -> Any:
+        if not ref:
+            ref.append(reference(model, inputs, forward_fn, transform))
+        return ref[0]
+
+    def build(units: torch.Tensor) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        small = copy_model(model)
+        edits = [SliceEdit(m, s, k, _dim(graph, m, s)) for (m, s), k in graph.keep_indices(units).items()]
+        apply_edits(small, edits, graph.pm)
+        expected = masked_forward(graph, units, inputs, forward_fn, transform)
+        # a count of detections is compared with the masked original's, other shapes with the original's
+        return small, check_outputs(small, inputs, original, forward_fn, transform, like=expected), expected, units
+
+    def plan(units: torch.Tensor) -> PruningPlan:
+        groups = [g for g in graph.groups(prunable_only=True) if bool(units[g.units].any())]
+        plans = [GroupPlan(g, torch.zeros(g.size), units[g.units].clone(), ratio) for g in groups]
+        return PruningPlan(plans, units.numel())
+
+    kept_whole: list[str] = []
+    small, got, expected, pruned = build_skipping_breakers(plan(pruned), build, kept_whole.append)
+    if _diff(got, expected) > exact_tolerance(expected):
+        readers: list[str] = []
+        fewer = _without_width_readers(plan(pruned), build, readers)
+        try:
+            small, got, expected, pruned = build(fewer)
+            kept_whole += readers
+        except PruningError:  # a group left ran only beside one taken out: report the first build
+            pass
+    diff = _diff(got, expected)
     return OracleReport(
-        max_abs_diff=diff if same else float("inf"),
+        max_abs_diff=diff,
         params_before=sum(p.numel() for p in model.parameters()),
         params_after=sum(p.numel() for p in small.parameters()),
-        output_shapes_equal=same,
+        output_shapes_equal=[a.shape for a in got] == [b.shape for b in expected],
         pruned_units=int(pruned.sum()),
+        kept_whole=tuple(kept_whole),
     )
+
+
+def _diff(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """The largest difference between outputs of equal shapes (inf where any shape differs)."""
+    if [a.shape for a in got] != [b.shape for b in expected]:
+        return float("inf")
+    pairs = [(a, b) for a, b in zip(got, expected, strict=True) if a.numel()]
+    return max((float((a - b).abs().max()) for a, b in pairs), default=0.0 if got else float("inf"))
+
+
+def _without_width_readers(plan: PruningPlan, build: Callable, kept_whole: list[str]) -> torch.Tensor:
+    """``plan``'s units without the groups that make the sliced model differ from the
+    masked one *and* break it when sliced alone: groups that run only together, where the
+    model reads one group's width from another's tensor (timm's ``reshape(B, N, 3, h,
+    C // h)`` with ``C`` the input's width: the stream and the heads shrink to a shape
+    that fits, with heads mixed up). Such a group is kept whole and named in
+    ``kept_whole``; a group that runs alone and differs stays: that is the oracle's finding."""
+    whole = plan.pruned_units()
+
+    def close(units: torch.Tensor) -> Any:
+        built = build(units)
+        diff = _diff(built[1], built[2])
+        if diff > exact_tolerance(built[2]):
+            raise PruningError(f"the sliced model's outputs differ from the masked ones by {diff:.3g}")
+        return built
+
+    before = {id(gp): gp.pruned.clone() for gp in plan.groups}
+    try:
+        build_skipping_breakers(plan, close, lambda _msg: None)
+    except PruningError:  # the groups left still differ (a model whose runs differ): the culprits are marked
+        pass
+    for gp in plan.groups:
+        if torch.equal(gp.pruned, before[id(gp)]):
+            continue  # not at fault
+        alone = torch.zeros_like(whole)
+        alone[gp.group.units[before[id(gp)]]] = True
+        try:
+            build(alone)
+        except PruningError as exc:
+            whole[alone] = False
+            kept_whole.append(
+                f"group {gp.group.id} ({', '.join(gp.group.modules()[:4])}): sliced alone it breaks the model ({exc}); "
+                "with other groups it runs but differs from zeroing: the model reads its width from another tensor"
+            )
+    return whole
 
 
 def _dim(graph: DependencyGraph, module: str, name: str) -> int | None:

@@ -619,7 +619,8 @@ def test_two_step_histories_of_the_new_scenarios_replay_on_fresh_copies(name, tm
 class Across(nn.Module):
     def __init__(self, op: str) -> None:
         super().__init__()
-        self.op, self.fc, self.o = op, nn.Linear(5, 16), nn.Linear(8 if op == "adaptive_pool" else 16, 3)
+        width = {"adaptive_pool": 8, "std": 17}.get(op, 16)
+        self.op, self.fc, self.o = op, nn.Linear(5, 16), nn.Linear(width, 3)
         self.pool = nn.AdaptiveAvgPool1d(8)
 
     def forward(self, x):
@@ -628,8 +629,8 @@ class Across(nn.Module):
             h = h.sort(-1)[0]
         elif self.op == "topk":
             h = h.topk(4, -1)[0].sum(-1, keepdim=True) * h
-        elif self.op == "std":
-            h = h / (h.std(-1, keepdim=True) + 1)
+        elif self.op == "std":  # a feature of its own (``h / (std + 1)`` normalises: test_peer_scenarios_10)
+            h = torch.cat([h, h.std(-1, keepdim=True)], -1)
         elif self.op == "log_softmax":
             h = F.log_softmax(h, -1)
         elif self.op == "adaptive_pool":

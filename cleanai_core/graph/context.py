@@ -24,6 +24,7 @@ import attrs
 import torch
 
 from cleanai_core.graph.findings import ModelFindings
+from cleanai_core.graph.statistics import Statistics
 from cleanai_core.graph.trace import TRef
 from cleanai_core.graph.unbound import Unbinds
 
@@ -166,6 +167,8 @@ class TraceContext:
         self.spread: dict[int, set[int]] = {}
         #: atoms an op normalises across (``F.layer_norm`` outside a claimed module): see :meth:`normalize`
         self.normalized: list[torch.Tensor] = []
+        #: statistics over channels kept as a size-1 dim (a norm written by hand): see :meth:`statistic`
+        self.statistics = Statistics()
         #: modules whose pruner ties coarser units on this pass (see :meth:`offer_coarser`)
         self.coarse: set[str] = set()
         #: ``module -> (atoms, ...)`` offered by pruners that could tie coarser units
@@ -206,6 +209,15 @@ class TraceContext:
         them out (:attr:`~cleanai_core.graph.groups.Group.normalizes`)."""
         if atoms.numel():
             self.normalized.append(atoms.reshape(-1))
+
+    def statistic(self, outputs: list[Any], atoms: torch.Tensor, reason: str) -> None:
+        """``outputs`` are a statistic over the channels ``atoms`` that depends on their
+        number (``x.mean(1, keepdim=True)``, a variance, a maximum), kept as a size-1 dim.
+        Where it only comes back onto those same channels through element-wise ops (a
+        LayerNorm, RMSNorm or response norm written by hand: ``(x - u) / sqrt(v + eps)``),
+        the channels normalise (:meth:`normalize`) after tracing; where it reaches anything
+        else, they freeze with ``reason``."""
+        self.statistics.add(outputs, atoms, reason)
 
     def tie(self, atoms: torch.Tensor, shape: tuple[int, ...], keep_dim: int) -> torch.Tensor:
         """View ``atoms`` as ``shape`` and union along every dimension but ``keep_dim``;
@@ -601,6 +613,8 @@ class TraceContext:
             self.made_by[ref.key] = event
         if self.unbinds.tags:
             self.unbinds.carry(event, self)
+        if self.statistics.pending:
+            self.statistics.escape(event, self)
         for ref in event.inputs:
             lab = self._labels.get(ref.key)
             if lab is None:

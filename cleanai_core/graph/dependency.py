@@ -318,6 +318,7 @@ class DependencyGraph:
         self._couple_shared_parameters(ctx)
         self._freeze_outside_reads(ctx)
         outputs = self.recording.outputs()
+        ctx.statistics.settle(ctx, outputs)
         ctx.freeze_untaken_cross({id(lab.cross[1]) for r in outputs if (lab := ctx.label_of(r)) and lab.cross})
         for ref in outputs:
             ctx.freeze_tensor(ref, "model output")

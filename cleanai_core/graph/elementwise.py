@@ -16,7 +16,7 @@ __all__ = ["broadcast", "elementwise", "is_pointwise"]
 # element-wise ops ATen does not tag ``pointwise`` (for every overload)
 _UNTAGGED = {
     "hardswish", "where", "masked_fill", "log_sigmoid_forward", "_prelu_kernel", "prelu", "rrelu_with_noise",
-    "complex", "polar",
+    "complex", "polar", "floor_divide",
 }  # fmt: skip
 
 
@@ -148,5 +148,7 @@ def _cross_meets(lab: Any, ref: Any, nd: int, dim: int, first: Any) -> bool:
 def elementwise(call: Any, ctx: TraceContext) -> None:
     """Element-wise op: every tensor argument broadcasts into every output."""
     inputs = call.inputs
+    if ctx.statistics.pending:
+        ctx.statistics.meet(call, ctx)
     for out in call.outputs:
         broadcast(ctx, inputs, out)

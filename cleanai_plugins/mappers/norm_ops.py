@@ -21,11 +21,40 @@ def _couple_affine(ctx, atoms, params) -> None:
             ctx.freeze_tensor(p, f"{ctx.where()}: affine tensor of unexpected shape")
 
 
+def _couple_wide_affine(ctx, lab, first: int, params) -> bool:
+    """A norm over several trailing dims, the channels among them: couple each affine
+    tensor's dim that stands over the channels (a bare ``(C, H, W)`` weight takes that dim,
+    :meth:`~cleanai_core.graph.context.TraceContext.regard_bare`). ``False`` (nothing
+    coupled) where the channels stand before the normalised dims or an affine tensor
+    cannot follow them."""
+    if lab.dim < first:
+        return False
+    plans = []
+    for p in params:
+        if p is None or not hasattr(p, "key"):
+            continue
+        pdim = lab.dim - first  # the affine tensors have the normalised dims' shape
+        plab = ctx.label_of(p)
+        if plab is not None and plab.dim != pdim and ctx.is_bare(plab):
+            plab = ctx.regard_bare(p, plab, pdim)
+        if plab is None or plab.dim != pdim or plab.atoms.numel() != lab.atoms.numel():
+            return False
+        plans.append(plab.atoms)
+    for atoms in plans:
+        ctx.union(lab.atoms, atoms)
+    return True
+
+
+_STORED_WHY = "{where} normalises over a width stored in its module's normalized_shape, which no plugin rewrites"
+
+
 def _stored_shape(ctx, shape: list) -> bool:
     """The norm runs in the ``forward`` of a module (no layer pruner claimed it) that
     passes its own ``normalized_shape`` attribute: after slicing it would still hold the
     old width, so the pruned model would fail to run."""
     stored = getattr(ctx.scope_module(), "normalized_shape", None)
+    if isinstance(stored, int) and not isinstance(stored, bool):  # I-BERT's IntLayerNorm keeps a plain int
+        stored = (stored,)
     return isinstance(stored, (tuple, list, torch.Size)) and [int(n) for n in stored] == [int(n) for n in shape]
 
 
@@ -41,10 +70,14 @@ def layer_norm(call, ctx):
         ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
         return
     if lab is not None and _stored_shape(ctx, shape):
-        why = f"{ctx.where()} normalises over a width stored in its module's normalized_shape, which no plugin rewrites"
-        ctx.freeze(lab.atoms, why)
+        ctx.freeze(lab.atoms, _STORED_WHY.format(where=ctx.where()))
         for p in params:
             ctx.freeze_tensor(p, f"{ctx.where()}: affine of a frozen norm")
+        return
+    if lab is not None and len(shape) > 1 and _couple_wide_affine(ctx, lab, x.ndim - len(shape), params):
+        # over several dims, the channels among them (``F.layer_norm(y, y.shape[1:])`` over C, H, W)
+        ctx.normalize(lab.atoms)
+        ctx.set_label(call.outputs[0], lab.dim, lab.atoms, lab.origin)
         return
     if lab is None or len(shape) != 1 or lab.dim != x.ndim - 1:
         if lab is not None:
@@ -103,18 +136,34 @@ def group_norm(call, ctx):
 _MASK_INVARIANT = {"sum", "nansum", "norm", "linalg_vector_norm", "any", "count_nonzero"}
 
 
-def _reduce_channels(call, ctx, lab, name, dims: list[int] | None = None) -> None:
+# reductions that a norm written by hand takes over the channels and brings back onto them
+_STATISTICS = {"mean", "nanmean", "var", "std", "var_mean", "std_mean", "amax", "amin", "logsumexp"}
+
+
+def _reduce_channels(call, ctx, lab, name, dims: list[int] | None = None, keep: bool = False) -> None:
     """A reduction across the channels: the label is dropped when zeroed channels do not
     change the result (a sum over fewer channels); otherwise (mean, max, var...) the
     result depends on how many channels there are, so they are frozen. When the label
     came from a reshape split whose outer part is not reduced (timm EvoNorm-S
     ``x.reshape(B, groups, C // groups, H, W).var(dim=(2, 3, 4))``), the kernel is asked
-    to trace again with the outer part carrying the channels: whole groups then go."""
+    to trace again with the outer part carrying the channels: whole groups then go.
+    A statistic kept as a size-1 dim (``keep``) waits: where it only comes back onto
+    these channels (a norm written by hand) they normalise (graph/statistics.py)."""
     if name in _MASK_INVARIANT:
         return
     if dims is not None and lab.origin is not None and lab.origin[1] > 0 and lab.dim - 1 not in dims:
         ctx.request_split(lab.origin, lab.origin[1] - 1)
-    ctx.freeze(lab.atoms, f"{ctx.where()}: {name} across channels depends on their number")
+    why = f"{ctx.where()}: {name} across channels depends on their number"
+    src = call.args[0]
+    if keep and name in _STATISTICS and all(o.ndim == src.ndim and o.shape[lab.dim] == 1 for o in call.outputs):
+        # a module of its own that stores the width it normalises (I-BERT's IntLayerNorm keeps
+        # ``normalized_shape`` and its quantised mode reads it) stays whole, as F.layer_norm's does
+        if _stored_shape(ctx, [lab.atoms.numel()]):
+            why = _STORED_WHY.format(where=ctx.where())
+        else:
+            ctx.statistic(call.outputs, lab.atoms, why)
+            return
+    ctx.freeze(lab.atoms, why)
 
 
 @table.register(
@@ -166,7 +215,7 @@ def reduce(call, ctx):
     dims = [dims] if isinstance(dims, int) else list(dims)
     dims = [x % src.ndim for x in dims]
     if lab.dim in dims:
-        _reduce_channels(call, ctx, lab, name, dims)
+        _reduce_channels(call, ctx, lab, name, dims, keep is True)
         _reduce_second(ctx, lab, name, dims)
         return
     d = lab.dim if keep is True else lab.dim - sum(x < lab.dim for x in dims)
