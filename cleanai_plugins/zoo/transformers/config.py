@@ -41,7 +41,7 @@ from torch import nn
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 from cleanai_plugins.zoo.transformers.bias import declare_biases
 from cleanai_plugins.zoo.transformers.experts import expert_width
-from cleanai_plugins.zoo.transformers.reload_path import HEADS, MLP, reasons
+from cleanai_plugins.zoo.transformers.reload_path import ALIBI, HEADS, MLP, reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
 __all__ = ["SHARED_KEYS", "config_owner", "fix_config", "rebuild_mismatches", "rebuilt_shapes"]
@@ -422,8 +422,11 @@ def _scale_mismatches(model: nn.Module, ref: nn.Module) -> list[str]:
     ``model``'s modules that the model rebuilt from its config (``ref``) computes anew
     (M2M100's, mBART's, Gemma's embedding scale ``sqrt(hidden_size)``; an attention's
     ``scaling``), and T5's ``model_dim`` that scales tied logits. A smaller hidden size
-    rebuilds them differently, so ``from_pretrained`` would not give the same model."""
-    out = []
+    rebuilds them differently, so ``from_pretrained`` would not give the same model. An
+    ALiBi attention with pruned heads (``cleanai_kept_heads``) too: the rebuilt model's
+    slopes are those of its head count, not of the heads kept (Bloom, Falcon with the hidden
+    size pruned with the heads keep the head size, and every shape agrees)."""
+    out = [ALIBI] if any(getattr(m, "cleanai_kept_heads", None) is not None for m in model.modules()) else []
     built = dict(ref.named_modules())
     for name, module in model.named_modules():
         other = built.get(name)

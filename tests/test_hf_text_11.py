@@ -1,0 +1,103 @@
+"""Hugging Face text models, session 21: one cause per test (tiny models from configs,
+nothing downloaded). Falcon's ALiBi heads."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_families import V  # noqa: E402
+
+from cleanai_core.cli import main  # noqa: E402
+from cleanai_core.io import load_pruned  # noqa: E402
+from cleanai_core.testing import check_pruner  # noqa: E402
+
+ARGS = ["--threads", "1", "--latency-repeats", "1", "--quiet"]
+NO_KEEP = ["--disable-plugin", "cleanai_plugins.zoo.transformers_hidden"]  # heads and hidden size prune too
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def ids(*shape: int, seed: int = 3) -> torch.Tensor:
+    return torch.randint(5, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def padded() -> dict:
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, :3] = 0  # a left-padded row
+    return {"input_ids": ids(2, 8, seed=4), "attention_mask": mask}
+
+
+def prune_job(model, tmp_path: Path, *extra: str, pre: tuple[str, ...] = ()) -> tuple[int, dict]:
+    """``cleanai prune`` of ``model`` saved as a folder, on 24 x 16 token ids."""
+    model.save_pretrained(tmp_path / "m")
+    torch.save({"input_ids": ids(24, 16)}, tmp_path / "d.pt")
+    rc = main([*pre, "prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"),
+               "--out", str(tmp_path / "o"), *ARGS, *extra])  # fmt: skip
+    report = tmp_path / "o" / "report.json"
+    return rc, json.loads(report.read_text()) if report.exists() else {}
+
+
+def falcon(**kw):
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       alibi=True, **kw)  # fmt: skip
+    return transformers.FalconForCausalLM(config).eval()
+
+
+FALCON_LAYOUTS = {  # heads pruned per layer (of 4) at 0.5: multi-query keeps its one KV head
+    "multi-query": ({}, 2 * 2),
+    "multi-head": ({"multi_query": False}, 2 * 2),
+    "grouped": ({"new_decoder_architecture": True, "num_kv_heads": 2}, 2 * 1),  # whole KV groups of 2
+}
+
+
+@pytest.mark.parametrize("layout", sorted(FALCON_LAYOUTS))
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_falcon_heads_prune_under_its_alibi(layout, impl):
+    """Falcon built with ``alibi=True`` adds one ALiBi tensor of ``(batch, heads, 1, keys)``,
+    built once for every layer, to its scores (eager), and folds it into the attention mask
+    ``(batch, heads, queries, keys)`` (sdpa reads that mask): the heads froze (``heads meet
+    an attention mask that cannot shrink``), only the MLP pruned (256 units). Each pruned
+    ``FalconAttention`` now takes its kept heads' rows of both, as Bloom's and MPT's do."""
+    kw, heads = FALCON_LAYOUTS[layout]
+    model = falcon(**kw, attn_implementation=impl)
+    for inputs in ((ids(1, 8),), padded()):
+        report = check_pruner(model, inputs, ratio=0.5)
+        assert report.pruned_units == 2 * 128 + heads  # 128 of 256 MLP units in each layer, and the heads
+        assert report.max_abs_diff < 1e-5
+
+
+def test_falcon_alibi_heads_reload_with_load_pruned_only(tmp_path):
+    """With the heads and the hidden size pruned alike, the head size stays and every shape
+    the rewritten config rebuilds agrees, so ``cleanai_pruning`` said ``from_pretrained:
+    true``; the rebuilt model's ALiBi slopes are those of 2 heads, not of the 2 kept of 4 (the
+    job's reload check refused it: `reloaded logits differ ... (max relative error 0.0325)`).
+    A model whose ALiBi heads were sliced now says ``load_pruned`` with the reason, which
+    reloads it with the same logits; ``generate()`` the same with and without the cache."""
+    model = falcon()
+    rc, report = prune_job(model, tmp_path, "--ratio", "0.5", pre=tuple(NO_KEEP))
+    assert rc == 0, report
+    assert (report["params_before"], report["params_after"]) == (92_800, 25_920)
+    assert report["hf_reload_path"] == "load_pruned" and "ALiBi" in report["hf_reload"]
+    small = load_pruned(tmp_path / "o")
+    record = small.config.cleanai_pruning
+    assert record["from_pretrained"] is False and any("ALiBi" in why for why in record["why"])
+    assert [a.num_heads for a in (b.self_attention for b in small.transformer.h)] == [2, 2]
+    pruned = torch.load(tmp_path / "o" / "model.pt", weights_only=True)
+    assert pruned.keys() == small.state_dict().keys()
+    assert all(torch.equal(pruned[k], v) for k, v in small.state_dict().items())
+    x = ids(1, 6, seed=5)
+    with torch.no_grad():
+        cached = small.generate(x, max_new_tokens=6, do_sample=False)
+        plain = small.generate(x, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
