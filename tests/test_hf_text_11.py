@@ -101,3 +101,69 @@ def test_falcon_alibi_heads_reload_with_load_pruned_only(tmp_path):
         cached = small.generate(x, max_new_tokens=6, do_sample=False)
         plain = small.generate(x, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
+
+
+def rwkv():
+    torch.manual_seed(0)
+    config = transformers.RwkvConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                     intermediate_size=64, context_length=64)  # fmt: skip
+    return transformers.RwkvForCausalLM(config).eval()
+
+
+def recurrent_gemma():
+    torch.manual_seed(0)
+    config = transformers.RecurrentGemmaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                               num_key_value_heads=1, intermediate_size=96, lru_width=64,
+                                               attention_window_size=8)  # fmt: skip
+    return transformers.RecurrentGemmaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    "family, before, after, key, written",
+    [
+        (rwkv, 25_664, 22_464, "intermediate_size", 39),  # feed_forward.key: 39 of 64
+        (recurrent_gemma, 75_360, 64_302, "intermediate_size", 2 * 29),  # mlp_block: 29 of 48 (intermediate_size // 2)
+    ],
+)
+def test_an_mlp_width_the_config_states_or_derives_by_a_factor_reloads(family, before, after, key, written, tmp_path):
+    """RWKV's channel mixing (``feed_forward.key``, then ``value``) is ``intermediate_size``
+    wide, and RecurrentGemma's ``mlp_block`` ``intermediate_size // 2``: no key was written
+    for either, so the default found no width its config could say, pruned everything with
+    a warning (``config can describe none of its prunable widths``) and reloaded only with
+    ``load_pruned`` (no ``hf/``; RecurrentGemma's heads too: 62,254 parameters). Both names
+    are MLP first projections now, and a key that the layers divide by a factor (read from
+    the unpruned config rebuilt on the meta device) is written times that factor: the
+    default prunes the MLP alone and ``hf/`` reloads with ``from_pretrained``."""
+    model = family()
+    rc, report = prune_job(model, tmp_path, "--ratio", "0.4")
+    assert rc == 0, report
+    assert (report["params_before"], report["params_after"]) == (before, after)
+    assert report["hf_reload_path"] == "from_pretrained", report["hf_reload"]
+    assert json.loads((tmp_path / "o" / "hf" / "config.json").read_text())[key] == written
+    again = type(model).from_pretrained(tmp_path / "o" / "hf").eval()
+    small = load_pruned(tmp_path / "o")
+    x = ids(2, 6, seed=5)
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, small(x).logits)
+        cached = again.generate(x[:1], max_new_tokens=5, do_sample=False)
+        plain = again.generate(x[:1], max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+def test_longformer_classifier_with_global_attention_traces():
+    """``LongformerForSequenceClassification`` gives its first token global attention, which
+    writes the global keys with ``index_put_``; the mapper called ``numel()`` on a traced
+    tensor and the trace failed (``AttributeError: 'TRef' object has no attribute
+    'numel'``): no prune, no oracle. The MLM head (no global attention) traced."""
+    torch.manual_seed(0)
+    config = transformers.LongformerConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=96, attention_window=4, max_position_embeddings=66,
+                                           pad_token_id=1, num_labels=3)  # fmt: skip
+    model = transformers.LongformerForSequenceClassification(config).eval()
+    inputs = padded()
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.pruned_units == 2 * 64 and report.max_abs_diff < 1e-5  # the MLP (heads: as_strided chunks)
+    glob = torch.tensor([[1, 0, 0, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0]])
+    report = check_pruner(model, {**inputs, "global_attention_mask": glob}, ratio=0.5)
+    assert report.pruned_units == 128 and report.max_abs_diff < 1e-5
+    assert report.params_after == 84_323

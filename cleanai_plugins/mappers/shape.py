@@ -809,7 +809,7 @@ def index_put(call, ctx):
         ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
         return
     if ld is not None:  # values without channels: a scalar or a width of its own
-        if isinstance(values, TRef) and values.numel() > 1 and values.shape[ld.dim - n + 1 :][:1] != (1,):
+        if isinstance(values, TRef) and math.prod(values.shape) > 1 and values.shape[ld.dim - n + 1 :][:1] != (1,):
             ctx.freeze(ld.atoms, f"{ctx.where()} writes values that cannot shrink with the channels")
         ctx.set_label(out, ld.dim, ld.atoms, ld.origin)
         return
