@@ -167,3 +167,27 @@ def test_longformer_classifier_with_global_attention_traces():
     report = check_pruner(model, {**inputs, "global_attention_mask": glob}, ratio=0.5)
     assert report.pruned_units == 128 and report.max_abs_diff < 1e-5
     assert report.params_after == 84_323
+
+
+def test_a_bias_switch_the_config_refuses_alone_is_not_declared(tmp_path):
+    """InternLM3 (``LlamaForCausalLM`` with its own config) validates ``attention_bias ==
+    mlp_bias``. Compensation gave ``down_proj`` biases and set ``mlp_bias`` alone, which the
+    config then refused: ``hf_reload_path: "load_pruned"``, ``rebuild failed: ... InternLM3
+    with `qkv_bias` different from `bias` is not supported`` (60,328 parameters with the new
+    biases). A switch the config's own validation refuses set alone is no switch: the MLP
+    gets no new bias (as Qwen2's), and ``hf/`` reloads with ``from_pretrained``."""
+    torch.manual_seed(0)
+    config = transformers.InternLM3Config(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                                          max_position_embeddings=64, pad_token_id=0)  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    rc, report = prune_job(model, tmp_path, "--ratio", "0.4")
+    assert rc == 0, report
+    assert (report["params_before"], report["params_after"]) == (74_560, 59_968)
+    assert report["hf_reload_path"] == "from_pretrained", report["hf_reload"]
+    saved = json.loads((tmp_path / "o" / "hf" / "config.json").read_text())
+    assert (saved["model_type"], saved["attention_bias"], saved["mlp_bias"]) == ("internlm3", False, False)
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "o" / "hf").eval()
+    x = ids(2, 6, seed=5)
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, load_pruned(tmp_path / "o")(x).logits)
