@@ -191,3 +191,36 @@ def test_a_bias_switch_the_config_refuses_alone_is_not_declared(tmp_path):
     x = ids(2, 6, seed=5)
     with torch.no_grad():
         assert torch.equal(again(x).logits, load_pruned(tmp_path / "o")(x).logits)
+
+
+def test_a_model_whose_input_embeddings_are_a_parameter_prunes_from_text(tmp_path):
+    """Perceiver's ``get_input_embeddings()`` returns its latents array, an ``nn.Parameter``
+    (its text preprocessor embeds the token ids). The keep-hidden plugin handed it to the
+    ignore list and every default prune failed in the constructor (``UserError: cannot match
+    layers with the parameter 'perceiver.embeddings.latents'``); and ``cleanai prune`` took a
+    ``.pt`` of token ids for an image tensor file (``expected keys 'x' and 'y'``). A
+    parameter is no embedding layer: the embeddings outside the layers are kept as for
+    CANINE, and the model reads token ids (its MLM decoder writes ``max_position_embeddings``
+    positions, so the rows are that long)."""
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    config = transformers.PerceiverConfig(vocab_size=V, d_model=64, d_latents=64, num_latents=16, num_blocks=1,
+                                          num_self_attends_per_block=2, num_self_attention_heads=4,
+                                          num_cross_attention_heads=4, max_position_embeddings=16)  # fmt: skip
+    model = transformers.PerceiverForMaskedLM(config).eval()
+    pruner = StructuredPruner(model, {"inputs": ids(2, 16)}, importance="magnitude", pruning_ratio=0.4)
+    assert "perceiver.input_preprocessor.embeddings" in pruner.ignored
+    model.save_pretrained(tmp_path / "m")
+    torch.save({"input_ids": ids(24, 16)}, tmp_path / "d.pt")
+    with pytest.warns(RuntimeWarning, match="config can describe none of its prunable widths"):
+        rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"),
+                   "--out", str(tmp_path / "o"), "--ratio", "0.4", *ARGS])  # fmt: skip
+    assert rc == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["params_before"] == 135_652 and report["params_after"] == 66_544
+    assert abs(report["perplexity_after"] - report["perplexity_before"]) < 1.0  # a random 100-token model
+    small = load_pruned(tmp_path / "o")
+    assert params(small) == report["params_after"]
+    with torch.no_grad():
+        assert small(inputs=ids(2, 16)).logits.shape == (2, 16, V)

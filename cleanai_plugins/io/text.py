@@ -350,11 +350,13 @@ def reads_token_ids(model: Any) -> bool:
 
 
 def _no_embedding_table(model: Any) -> bool:
+    """``get_input_embeddings`` is not implemented, or gives no layer (Perceiver's gives its
+    latents array, a parameter: its text preprocessor embeds the token ids)."""
     try:
-        model.get_input_embeddings()
+        emb = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return True
-    return False
+    return emb is not None and not isinstance(emb, torch.nn.Module)
 
 
 def _context(model: Any) -> int | None:
