@@ -224,3 +224,36 @@ def test_a_model_whose_input_embeddings_are_a_parameter_prunes_from_text(tmp_pat
     assert params(small) == report["params_after"]
     with torch.no_grad():
         assert small(inputs=ids(2, 16)).logits.shape == (2, 16, V)
+
+
+def test_a_folder_whose_config_returns_tuples_is_pruned_and_keeps_its_setting(tmp_path):
+    """A folder whose ``config.json`` says ``"return_dict": false``: a BERT classifier with
+    labels got ``accuracy_note: BertForSequenceClassification returns no logits (a model
+    without a task head ...)`` (its tuple has no ``.logits``), and a Llama failed, blamed on
+    the data (``the model failed on an input from --data ...: 'tuple' object has no
+    attribute 'last_hidden_state'``: transformers' own forward, unpruned too). The job's
+    copy now returns output objects; ``hf/`` keeps ``return_dict: false``."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=96, num_labels=3, return_dict=False)  # fmt: skip
+    model = transformers.BertForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "m")
+    x = ids(24, 16)
+    with torch.no_grad():
+        labels = model(x)[0].argmax(-1)  # the model's own answers: accuracy 1.0
+    torch.save({"input_ids": x, "labels": labels}, tmp_path / "d.pt")
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"),
+               "--out", str(tmp_path / "o"), "--ratio", "0.4", *ARGS])  # fmt: skip
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rc == 0 and report["accuracy_before"] == 1.0 and report["accuracy_note"] is None
+    assert report["hf_reload_path"] == "from_pretrained"
+    assert json.loads((tmp_path / "o" / "hf" / "config.json").read_text())["return_dict"] is False
+    again = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "o" / "hf").eval()
+    with torch.no_grad():
+        out = again(x[:2])
+    assert isinstance(out, tuple) and out[0].shape == (2, 3)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96, return_dict=False)  # fmt: skip
+    llama = transformers.LlamaForCausalLM(config).eval()
+    rc, report = prune_job(llama, tmp_path / "llama", "--ratio", "0.4")
+    assert rc == 0 and report["params_after"] == 60_328 and report["perplexity_after"] > 1
