@@ -257,3 +257,24 @@ def test_a_folder_whose_config_returns_tuples_is_pruned_and_keeps_its_setting(tm
     llama = transformers.LlamaForCausalLM(config).eval()
     rc, report = prune_job(llama, tmp_path / "llama", "--ratio", "0.4")
     assert rc == 0 and report["params_after"] == 60_328 and report["perplexity_after"] > 1
+
+
+@pytest.mark.parametrize("family, before, after", [("ibert", 73_828, 64_024), ("luke", 118_222, 108_418)])
+def test_masked_lms_with_an_embedding_of_their_own_class_or_a_broken_tokenizer_method_take_token_ids(
+    family, before, after, tmp_path
+):
+    """``cleanai prune --model hf:DIR --data ids.pt`` of an I-BERT masked LM: refused, ``holds
+    a dict with keys ['input_ids']; expected keys 'x' and 'y'`` (its input embedding is a
+    ``QuantEmbedding``, no ``nn.Embedding``, so it did not count as reading token ids); of a
+    LUKE masked LM: a raw ``TypeError: super(type, obj): obj must be an instance or subtype
+    of type`` from ``LukeTokenizer.get_special_tokens_mask`` (broken in transformers itself)
+    while masking the tokens. An embedding table of any class counts; the special tokens are
+    the tokenizer's special ids where its own method fails."""
+    from hf_families import build
+
+    model, _, _ = build(family)
+    rc, report = prune_job(model.eval(), tmp_path, "--ratio", "0.4")
+    assert rc == 0, report
+    assert (report["params_before"], report["params_after"]) == (before, after)
+    assert report["perplexity_before"] > 50 and report["accuracy_note"] is None  # masked tokens scored (random model)
+    assert report["hf_reload_path"] == "from_pretrained"
