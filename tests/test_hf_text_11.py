@@ -278,3 +278,28 @@ def test_masked_lms_with_an_embedding_of_their_own_class_or_a_broken_tokenizer_m
     assert (report["params_before"], report["params_after"]) == (before, after)
     assert report["perplexity_before"] > 50 and report["accuracy_note"] is None  # masked tokens scored (random model)
     assert report["hf_reload_path"] == "from_pretrained"
+
+
+def test_experts_of_a_half_precision_checkpoint_keep_rows_its_grouped_matmul_takes(tmp_path):
+    """``cleanai prune --model hf:DIR`` of a bfloat16 Qwen3-MoE folder: the job computes in
+    float32, where 16-byte expert rows are 4 units, kept 20 of 32 expert units and wrote the
+    model back in bfloat16, where 20 units are 40 bytes: ``from_pretrained`` and every
+    forward of ``load_pruned``'s model failed in torch's grouped matmul (``strides should be
+    multiple of 16 bytes``); ``hf_reload_path: "load_pruned"`` for a model nothing could run.
+    The experts' rows now suit the dtype the config declares too (the ``hf:`` loader keeps
+    the folder's), so 24 units are kept."""
+    from hf_families import build
+
+    model, _, _ = build("qwen3-moe")
+    rc, report = prune_job(model.eval().to(torch.bfloat16), tmp_path, "--ratio", "0.4")
+    assert rc == 0, report
+    assert (report["params_before"], report["params_after"]) == (87_424, 75_136)
+    assert report["hf_reload_path"] == "from_pretrained", report["hf_reload"]
+    small = load_pruned(tmp_path / "o")
+    experts = small.model.layers[0].mlp.experts
+    assert small.dtype == torch.bfloat16 and experts.down_proj.shape[-1] == 24
+    x = ids(2, 6, seed=5)
+    with torch.no_grad():
+        cached = small.generate(x, max_new_tokens=5, do_sample=False)
+        plain = small.generate(x, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)

@@ -226,6 +226,7 @@ def cleanai_load_model(spec, options):
     stored = source_dtype(model)
     if stored is not None:  # computed in float32; the pruned weights are written back in this dtype
         options["stored_dtype"] = stored
+        model.config.dtype = stored  # the dtype the widths must suit (experts: 16-byte rows in it)
     return model
 
 
