@@ -303,3 +303,30 @@ def test_experts_of_a_half_precision_checkpoint_keep_rows_its_grouped_matmul_tak
         cached = small.generate(x, max_new_tokens=5, do_sample=False)
         plain = small.generate(x, max_new_tokens=5, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
+
+
+def test_flex_attention_is_refused_with_the_switch_that_prunes_it():
+    """A model built with ``attn_implementation="flex_attention"`` failed to trace with
+    ``NotImplementedError: There was no rule registered for HigherOrderOperator flex_attention
+    and mode <cleanai_core.model_state._WriteGuard object at 0x...>`` and a hint to set an
+    attribute of CleanAI's objects (torch compiles flex attention, which cannot run under a
+    dispatch mode). The error now says what to do: switch to ``sdpa`` to prune; the pruned
+    model switched back to flex attention gives the same logits."""
+    from cleanai_core import StructuredPruner
+    from cleanai_core.errors import TraceError
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=96,
+                                      attn_implementation="flex_attention")  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    x = ids(1, 8)
+    with pytest.raises(TraceError, match=r"set_attn_implementation\('sdpa'\)"):
+        StructuredPruner(model, (x,), importance="magnitude", pruning_ratio=0.5)
+    model.set_attn_implementation("sdpa")
+    small = StructuredPruner(model, (x,), importance="magnitude", pruning_ratio=0.5).prune()
+    assert params(small) == 43_840
+    with torch.no_grad():
+        ref = small(x).logits
+        small.set_attn_implementation("flex_attention")
+        torch.testing.assert_close(small(x).logits, ref, rtol=0, atol=1e-5)
