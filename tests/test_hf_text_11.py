@@ -330,3 +330,30 @@ def test_flex_attention_is_refused_with_the_switch_that_prunes_it():
         ref = small(x).logits
         small.set_attn_implementation("flex_attention")
         torch.testing.assert_close(small(x).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_a_model_with_pruned_alibi_heads_prunes_again():
+    """Bloom after the default prune (its heads go, each attention slicing the ALiBi rows of
+    the heads it kept in a forward pre-hook) could not be pruned or checked again: the hook,
+    defined by CleanAI, counted as the user's, so the masked original ran without it and
+    copies dropped it (``The expanded size of the tensor (12) must match the existing size
+    (16)``). A hook a fix-up marks as part of the model (``model_state.MODEL_HOOK``) is the
+    model's, like torch's own: copies keep it."""
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=V, hidden_size=64, n_layer=2, n_head=8)
+    model = transformers.BloomForCausalLM(config).eval()
+    x = {"input_ids": ids(2, 8)}
+    with pytest.warns(RuntimeWarning, match="config can describe none of its prunable widths"):
+        once = StructuredPruner(model, x, importance="magnitude", pruning_ratio=0.3).prune()
+        report = check_pruner(once, x, ratio=0.5)
+        twice = StructuredPruner(once, x, importance="magnitude", pruning_ratio=0.3).prune()
+    assert [a.self_attention.num_heads for a in once.transformer.h] == [6, 6]
+    assert report.pruned_units == 186 and report.max_abs_diff < 1e-5
+    assert [a.self_attention.num_heads for a in twice.transformer.h] == [5, 5]
+    assert all(len(a.self_attention.cleanai_kept_heads) == 5 for a in twice.transformer.h)
+    with torch.no_grad():
+        cached = twice.generate(x["input_ids"][:1], max_new_tokens=5, do_sample=False)
+        plain = twice.generate(x["input_ids"][:1], max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)

@@ -78,6 +78,9 @@ def _slice_alibi(module: nn.Module, args: tuple, kwargs: dict):
     return args, {**kwargs, **sliced}
 
 
+_slice_alibi.cleanai_model_hook = True  # part of the pruned model (model_state.MODEL_HOOK): copies keep it
+
+
 def fix_alibi_heads(module: nn.Module, name: str, edits: dict) -> None:
     """After the heads' projection lost rows or columns (whole heads: Bloom's
     ``query_key_value`` holds ``3 * head_dim`` rows per head; MPT's ``Wqkv`` q, k, v one after
