@@ -226,7 +226,9 @@ def cleanai_load_model(spec, options):
     stored = source_dtype(model)
     if stored is not None:  # computed in float32; the pruned weights are written back in this dtype
         options["stored_dtype"] = stored
-        model.config.dtype = stored  # the dtype the widths must suit (experts: 16-byte rows in it)
+        configs = (getattr(m, "config", None) for m in model.modules())
+        for config in {id(c): c for c in configs if hasattr(c, "to_dict")}.values():
+            config.dtype = stored  # the dtype the widths must suit (experts: 16-byte rows in it), sub-configs too
     return model
 
 
