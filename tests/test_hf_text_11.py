@@ -357,3 +357,26 @@ def test_a_model_with_pruned_alibi_heads_prunes_again():
         cached = twice.generate(x["input_ids"][:1], max_new_tokens=5, do_sample=False)
         plain = twice.generate(x["input_ids"][:1], max_new_tokens=5, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
+
+
+def test_experts_in_a_sub_config_of_a_half_precision_checkpoint_keep_their_rows(tmp_path):
+    """The same for a vision-language MoE (Qwen3-VL-MoE, run on token ids): its experts read
+    the text config, a sub-config, whose dtype the ``hf:`` loader had not kept (131,008
+    parameters, ``strides should be multiple of 16 bytes`` on every reload)."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                             "mrope_section": [2, 3, 3]})  # fmt: skip
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0])  # fmt: skip
+    config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    model = transformers.Qwen3VLMoeForConditionalGeneration(config).eval().to(torch.bfloat16)
+    rc, report = prune_job(model, tmp_path, "--ratio", "0.4")
+    assert rc == 0, report
+    assert (report["params_before"], report["params_after"]) == (149_440, 137_152)
+    assert report["hf_reload_path"] == "from_pretrained", report["hf_reload"]
+    small = load_pruned(tmp_path / "o")
+    with torch.no_grad():
+        assert small(input_ids=ids(2, 6, seed=5)).logits.shape == (2, 6, V)
