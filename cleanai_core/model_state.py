@@ -560,7 +560,14 @@ def user_hooks(model: nn.Module) -> list[tuple[str, str, int]]:
     return out
 
 
+#: attribute of a hook function that a plugin's fix-up installs as part of how the pruned
+#: model computes (the ALiBi rows of the kept heads): the model's, kept in copies like torch's
+MODEL_HOOK = "cleanai_model_hook"
+
+
 def _model_hook(fn: Any, held: set[int], module: nn.Module) -> bool:
+    if getattr(fn, MODEL_HOOK, False):
+        return True
     owner = getattr(fn, "__self__", None)
     if owner is not None and id(owner) in held:
         return True

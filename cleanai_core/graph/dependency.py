@@ -194,8 +194,17 @@ class DependencyGraph:
                 else ""
             )
             also = " and that forward_fn calls the model as it should" if forward_fn is not None else ""
+            text = _exception_text(exc)
+            if "HigherOrderOperator" in text or "non-infra torch dispatch mode" in text:
+                raise TraceError(
+                    f"the model failed to run while tracing: {text}. A part of it runs a higher-order operator "
+                    "or torch.compile (transformers' attn_implementation='flex_attention' does), which cannot run "
+                    "under the dispatch mode CleanAI traces with: prune it with an eager implementation of that "
+                    "part (for transformers: model.set_attn_implementation('sdpa') or 'eager'; the pruned model "
+                    "can be switched back)."
+                ) from exc
             raise TraceError(
-                f"the model failed to run on the example inputs{through} while tracing: {_exception_text(exc)}."
+                f"the model failed to run on the example inputs{through} while tracing: {text}."
                 f"{alone} Check that example_inputs match what the model's forward expects "
                 f"(a tensor, a tuple of positional inputs, or a dict of keyword inputs){also}."
             ) from exc

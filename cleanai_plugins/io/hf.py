@@ -114,7 +114,24 @@ def load_hf_model(spec: str) -> nn.Module:
             f"({type(exc).__name__}: {str(exc)[:300]})."
         ) from exc
     _check_span_head(model, spec)
+    if getattr(model.config, "return_dict", True) is False:
+        _returns_outputs(model)
     return model.eval()
+
+
+#: a model loaded from a folder whose config says ``return_dict: false`` (set back in ``hf/``)
+TUPLE_OUTPUTS = "cleanai_config_returns_tuples"
+
+
+def _returns_outputs(model: nn.Module) -> None:
+    """A config with ``return_dict: false`` makes the model return tuples, which the job
+    cannot read by name (a BERT classifier's logits were taken for a model without a head),
+    and with which transformers' own causal LMs fail (``'tuple' object has no attribute
+    'last_hidden_state'``, unpruned too): the job's copy returns output objects; the ``hf/``
+    folder keeps the user's setting (:func:`save_and_verify`)."""
+    model.config.return_dict = True
+    setattr(model, TUPLE_OUTPUTS, True)
+    log.info("config.return_dict set to true while pruning (the folder's config says false; hf/ keeps false)")
 
 
 def _check_span_head(model: nn.Module, spec: str) -> None:
@@ -209,6 +226,9 @@ def cleanai_load_model(spec, options):
     stored = source_dtype(model)
     if stored is not None:  # computed in float32; the pruned weights are written back in this dtype
         options["stored_dtype"] = stored
+        configs = (getattr(m, "config", None) for m in model.modules())
+        for config in {id(c): c for c in configs if hasattr(c, "to_dict")}.values():
+            config.dtype = stored  # the dtype the widths must suit (experts: 16-byte rows in it), sub-configs too
     return model
 
 
@@ -481,12 +501,21 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
         why = "; ".join(record["why"])
         log.warning("hf/ not written: the config cannot describe the pruned model (%s)", why)
         return {"hf_folder": None, "hf_reload": f"not possible: {why}", "hf_reload_path": "load_pruned"}
+    tuples = getattr(model, TUPLE_OUTPUTS, False) and model.config.return_dict is True
     try:
-        model.save_pretrained(folder)
+        if tuples:  # the user's return_dict: false (see _returns_outputs)
+            model.config.return_dict = False
+        try:
+            model.save_pretrained(folder)
+        finally:
+            if tuples:
+                model.config.return_dict = True
         tokenizer = load_tokenizer(model, required=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         reloaded = _quiet_reload(model.config, folder, dtype)
+        if tuples:  # compared by name, as the pruned model answers
+            reloaded.config.return_dict = True
         with torch.no_grad():
             inputs = move_to(example, torch.device("cpu"))
             call = (lambda m: m(**inputs)) if isinstance(inputs, dict) else (lambda m: m(inputs))

@@ -302,14 +302,23 @@ def masked_tokens(ids: torch.Tensor, mask: torch.Tensor | None, tok: Any) -> dic
     mask_id = getattr(tok, "mask_token_id", None) if tok is not None else None
     if mask_id is None:
         return {}
-    special = torch.tensor(
-        [tok.get_special_tokens_mask(row, already_has_special_tokens=True) for row in ids.tolist()], dtype=torch.bool
-    )
+    special = _special_tokens(ids, tok)
     real = ~special if mask is None else mask.bool() & ~special
     picked = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < MASKED_SHARE) & real
     empty = ~picked.any(dim=1) & real.any(dim=1)
     picked[empty, real[empty].float().argmax(dim=1)] = True
     return {"input_ids": ids.masked_fill(picked, mask_id), "labels": ids.masked_fill(~picked, -100)}
+
+
+def _special_tokens(ids: torch.Tensor, tok: Any) -> torch.Tensor:
+    """Where ``ids`` holds the tokenizer's special tokens. ``get_special_tokens_mask`` where it
+    works; LUKE's fails in transformers itself (``super(type, obj): obj must be an instance
+    or subtype of type``): its special ids then."""
+    try:
+        rows = [tok.get_special_tokens_mask(row, already_has_special_tokens=True) for row in ids.tolist()]
+        return torch.tensor(rows, dtype=torch.bool).reshape(ids.shape)
+    except Exception:  # noqa: BLE001 - the tokenizer's own method is broken: its special ids say the same
+        return torch.isin(ids, torch.tensor(sorted(set(getattr(tok, "all_special_ids", []) or [])), dtype=ids.dtype))
 
 
 def vocab_size(model: Any) -> int | None:
@@ -321,6 +330,9 @@ def vocab_size(model: Any) -> int | None:
         emb = None
     if isinstance(emb, torch.nn.Embedding):
         return int(emb.num_embeddings)
+    weight = getattr(emb, "weight", None)  # I-BERT's QuantEmbedding: a table of its own class
+    if "Embedding" in type(emb).__name__ and isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        return int(weight.shape[0])
     return None
 
 
@@ -353,11 +365,13 @@ def reads_token_ids(model: Any) -> bool:
 
 
 def _no_embedding_table(model: Any) -> bool:
+    """``get_input_embeddings`` is not implemented, or gives no layer (Perceiver's gives its
+    latents array, a parameter: its text preprocessor embeds the token ids)."""
     try:
-        model.get_input_embeddings()
+        emb = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
         return True
-    return False
+    return emb is not None and not isinstance(emb, torch.nn.Module)
 
 
 def _context(model: Any) -> int | None:

@@ -383,6 +383,8 @@ class _SDPA:
                 if ml is not None and ml.dim == md and ml.atoms.numel() == head.atoms.numel():
                     ctx.union(head.atoms, ml.atoms)
                     mask = None
+                elif ml is None and md >= 0 and ctx.scope_module() in ctx.findings.get(HEAD_INPUTS, ()):
+                    mask = None  # a per-head mask the module slices to its kept heads (Falcon's ALiBi)
                 elif md >= 0 and mask.shape[md] > 1:
                     ctx.freeze(head.atoms, f"{ctx.where()}: heads meet an attention mask that cannot shrink")
             atoms = head.atoms

@@ -80,6 +80,8 @@ def cleanai_default_ignores(model):
         return outer_embeddings(model) or None
     if emb is None:
         return None
+    if not isinstance(emb, nn.Module):  # Perceiver's is its latents array (a parameter): no embedding layer
+        return outer_embeddings(model) or None
     return [emb, *tied_copies(model, emb), *entry_projections(model, emb), *decoder_embeddings(model, emb)]
 
 

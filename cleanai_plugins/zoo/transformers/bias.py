@@ -48,12 +48,28 @@ def _with(config, flags: list[str]):
     return config
 
 
+def _valid(config) -> bool:
+    """The config passes its own validation (``save_pretrained`` and ``from_pretrained`` run
+    it): InternLM3's refuses ``attention_bias`` different from ``mlp_bias``."""
+    validate = getattr(config, "validate", None)
+    try:
+        if callable(validate):
+            validate()
+    except Exception:  # noqa: BLE001 - the family's own validation error: the switch cannot be set alone
+        return False
+    return True
+
+
 def _switches(model: nn.Module, config, base: set[str], flags) -> dict[str, set[str]]:
-    """``{flag: bias keys it adds}`` for each flag whose every layer can take a bias."""
+    """``{flag: bias keys it adds}`` for each flag whose every layer can take a bias and
+    that the config's validation accepts set alone."""
     names = dict(model.named_modules())
     usable = {}
     for flag in flags:
-        controlled = (_bias_keys(model, _with(config, [flag])) or set()) - base
+        switched = _with(config, [flag])
+        if not _valid(switched):
+            continue
+        controlled = (_bias_keys(model, switched) or set()) - base
         if controlled and all(proj_width(names.get(k.rpartition(".")[0])) is not None for k in controlled):
             usable[flag] = controlled
     return usable

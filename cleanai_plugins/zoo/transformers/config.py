@@ -41,7 +41,7 @@ from torch import nn
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 from cleanai_plugins.zoo.transformers.bias import declare_biases
 from cleanai_plugins.zoo.transformers.experts import expert_width
-from cleanai_plugins.zoo.transformers.reload_path import HEADS, MLP, reasons
+from cleanai_plugins.zoo.transformers.reload_path import ALIBI, HEADS, MLP, reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
 __all__ = ["SHARED_KEYS", "config_owner", "fix_config", "rebuild_mismatches", "rebuilt_shapes"]
@@ -50,12 +50,14 @@ __all__ = ["SHARED_KEYS", "config_owner", "fix_config", "rebuild_mismatches", "r
 _MLP_UP = re.compile(
     r"(^|\.)((mlp|feed_forward)\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in|gate_up_proj|w1)|intermediate\.dense|"
     r"ffn\.lin1|DenseReluDense\.wi(_0)?|fc1|ffn|mlp\.Wi|ffn\.linear_1|ff\.layer_1|mlp\.wi|experts\.expert_\d+\.wi|mixer\.up_proj|"
-    r"ffn\.0|intermediate\.conv1d|mlp\.input_linear|ffn\.w_in\.w_0|feed_forward\.intermediate)$"
+    r"ffn\.0|intermediate\.conv1d|mlp\.input_linear|ffn\.w_in\.w_0|feed_forward\.intermediate|feed_forward\.key|mlp_block\.gate_proj)$"
 )  # up_proj alone: an MLP without a gate (Nemotron); ffn.linear_1: Funnel; ff.layer_1: XLNet;
 #  feed_forward: the hybrid Mamba models (Bamba, Jamba, Zamba); mlp.wi, experts.expert_<i>.wi: SwitchTransformers;
 #  mixer.up_proj: Nemotron-H's MLP layers; feed_forward.w1 (w1, w3, w2): LFM2, LFM3; ffn.0: an nn.Sequential MLP (CTRL);
 #  intermediate.conv1d: SqueezeBERT's grouped pointwise convolutions; mlp.input_linear: JetMoE's experts;
-#  ffn.w_in.w_0 (w_0 gate, w_1 up, then w_out): CPM-Ant, width dim_ff; feed_forward.intermediate: ProphetNet
+#  ffn.w_in.w_0 (w_0 gate, w_1 up, then w_out): CPM-Ant, width dim_ff; feed_forward.intermediate: ProphetNet;
+#  feed_forward.key (key, then value; receptance gates the output): RWKV's channel mixing, width intermediate_size
+#  mlp_block.gate_proj: RecurrentGemma, width intermediate_size // 2 (:func:`_unscale_mlp_key`)
 #: MLP projections whose output stacks two halves (gate and up) of the MLP width
 _MLP_STACKED = ("gate_up_proj", ".Wi", "mlp.input_linear")
 #: a shared expert beside the routed ones: its own config key (Qwen2-MoE's
@@ -302,7 +304,8 @@ def fix_config(model: nn.Module) -> None:
         _fix_hidden_attrs(model, entry["config"], old)
     _write_embedding_width(model, root, record)
     declared = declare_biases(model)  # compensation's biases, where a config switch allows them
-    mismatched = _keep_what_rebuilds(model, before, _switch_off_derivations(model, rebuild_mismatches(model)))
+    mismatched = _unscale_mlp_key(model, before, _switch_off_derivations(model, rebuild_mismatches(model)))
+    mismatched = _keep_what_rebuilds(model, before, mismatched)
     root.cleanai_pruning = {
         "uniform": not record,
         "from_pretrained": not mismatched,
@@ -338,6 +341,34 @@ def _switch_off_derivations(model: nn.Module, mismatched: list[str]) -> list[str
     for key, plain in _DERIVING_SWITCHES.items():
         if mismatched and getattr(model.config, key, plain) != plain:
             mismatched = _set_if_it_rebuilds_more(model, model.config, key, plain, mismatched)
+    return mismatched
+
+
+def _unscale_mlp_key(model: nn.Module, before: list[tuple[object, dict]], mismatched: list[str]) -> list[str]:
+    """Where the rewritten config does not rebuild the model, and its layers derive their MLP
+    width from the key by a factor (RecurrentGemma: ``intermediate_size // 2``), write the key
+    that gives the kept width: the width times the key over the width the unpruned config
+    builds (read from the model rebuilt from the config as it was, on the meta device), kept
+    if that rebuilds more. Returns what still mismatches."""
+    for config, old in before:
+        key = next((k for k in _MLP_KEYS if hasattr(config, k)), None)
+        if not mismatched or key is None:
+            return mismatched
+        new, value = getattr(config, key), old.get(key)
+        if type(new) is not int or type(value) is not int or new == value or new <= 0:
+            continue
+        now = dict(vars(config))
+        vars(config).update(old)  # the unpruned config, for one rebuild
+        ref = _rebuilt(model)
+        vars(config).update(now)
+        if isinstance(ref, str):
+            continue
+        widths = {w for e in _collect(ref).values() if type(e["config"]) is type(config) for w in e["values"]["mlp"]}
+        if len(widths) != 1 or (scale := Fraction(value, widths.pop())) == 1:
+            continue
+        width = new * scale
+        if width.denominator == 1:
+            mismatched = _set_if_it_rebuilds_more(model, config, key, int(width), mismatched)
     return mismatched
 
 
@@ -422,8 +453,11 @@ def _scale_mismatches(model: nn.Module, ref: nn.Module) -> list[str]:
     ``model``'s modules that the model rebuilt from its config (``ref``) computes anew
     (M2M100's, mBART's, Gemma's embedding scale ``sqrt(hidden_size)``; an attention's
     ``scaling``), and T5's ``model_dim`` that scales tied logits. A smaller hidden size
-    rebuilds them differently, so ``from_pretrained`` would not give the same model."""
-    out = []
+    rebuilds them differently, so ``from_pretrained`` would not give the same model. An
+    ALiBi attention with pruned heads (``cleanai_kept_heads``) too: the rebuilt model's
+    slopes are those of its head count, not of the heads kept (Bloom, Falcon with the hidden
+    size pruned with the heads keep the head size, and every shape agrees)."""
+    out = [ALIBI] if any(getattr(m, "cleanai_kept_heads", None) is not None for m in model.modules()) else []
     built = dict(ref.named_modules())
     for name, module in model.named_modules():
         other = built.get(name)

@@ -99,15 +99,28 @@ def _bias(module: nn.Module, attr: str) -> torch.Tensor | None:
     return b if isinstance(b, nn.Parameter) and b.ndim == 2 else None
 
 
+def _row_multiple(module: nn.Module) -> int:
+    """Rows a kept width must be a multiple of: torch's grouped matmul (transformers' default
+    experts path) needs every row stride, of the weights and of the tokens, a multiple of 16
+    bytes, in the dtype the model runs in and in the one its config declares (a bfloat16
+    checkpoint that the job computes in float32 and writes back in bfloat16: a width of 20
+    made every reloaded model fail, ``strides should be multiple of 16 bytes``)."""
+    size = module.down_proj.element_size()
+    declared = getattr(getattr(module, "config", None), "dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    if isinstance(declared, torch.dtype) and declared.is_floating_point:
+        size = min(size, declared.itemsize)
+    return max(1, 16 // size)
+
+
 class ExpertsPruner(LayerPruner):
     name = "transformers_experts"
 
     def trace(self, module, call, ctx):
         x = call.args[0] if call.args else call.kwargs.get("hidden_states")
         experts, hidden, inter, _ = _layout(module)
-        # torch's grouped matmul (transformers' default experts path) needs every row
-        # stride, of the weights and of the tokens, a multiple of 16 bytes
-        multiple = max(1, 16 // module.down_proj.element_size())
+        multiple = _row_multiple(module)
         ctx.bind(call.name, "hidden_in", ctx.labels(x, -1), "in", arg=0, dim=-1, multiple=multiple)
         for ref in (*call.args[1:], *call.kwargs.values()):
             ctx.label_of(ref)  # routing indices and weights carry no channels

@@ -52,6 +52,6 @@ def reasons(model: nn.Module, mismatched: list[str]) -> list[str]:
                 why = f"{module}: its width is not a key of the config"
         if why not in found:
             found.append(why)
-    if any(getattr(m, "cleanai_kept_heads", None) is not None for m in names.values()):
+    if ALIBI not in found and any(getattr(m, "cleanai_kept_heads", None) is not None for m in names.values()):
         found.append(ALIBI)
     return found
