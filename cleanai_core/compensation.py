@@ -9,7 +9,12 @@ calls it with ``own``). Per consumer, from its calibration statistics:
 - otherwise, or where the pruner cannot fold it: the removed channels' mean, folded into
   the bias by the layer pruner's ``compensate``;
 - a layer whose pruner says ``new_bias = False`` and that has no bias gets none: the
-  regression is made through the origin (on second moments) and the mean is not folded.
+  regression is made through the origin (on second moments) and the mean is not folded;
+- a layer that had no bias and whose output only a norm with running statistics reads
+  (a conv before its BatchNorm) keeps none either: once the pruning step is done
+  (:func:`absorb_new_biases`, after the BatchNorm correction) the constant it was given
+  moves into the norm's ``running_mean`` (:func:`bias_absorbers`), exact in eval mode; in
+  train mode the norm subtracts the batch mean, bias or not.
 
 Under ``torch.distributed`` each solve runs on one rank and is broadcast to the others.
 
@@ -27,12 +32,14 @@ import torch
 from torch import nn
 
 from cleanai_core import distributed
+from cleanai_core.bn_correction import norms_with_running_stats
 from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.graph.trace import ModuleCall
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.parametrized import is_parametrized
 from cleanai_core.runtime import device_of
 
-__all__ = ["compensate", "compensated_copy", "new_bias_params", "regress"]
+__all__ = ["absorb_new_biases", "bias_absorbers", "compensate", "compensated_copy", "new_bias_params", "regress"]
 
 
 #: a consumer gets ``B @ coef`` solved for directly where its kept rows ``n`` are at most
@@ -207,6 +214,87 @@ def compensate(
                 spec.pruner.compensate(module, spec.name, idx.to(dev), st.mean[idx].to(dev))
 
 
+def absorb_new_biases(model: nn.Module, graph: DependencyGraph, before: nn.Module) -> list[str]:
+    """Move the biases compensation gave layers of ``model`` (the pruned copy of ``before``,
+    whose graph is ``graph``) that ``before`` lacked into the norm that alone reads each
+    (:func:`bias_absorbers`: ``running_mean -= bias``), and drop them: the pruned model
+    keeps the architecture it had. Runs after the BatchNorm correction, whose estimate
+    reads the norm's trained statistics in the frame of its input as compensated. Returns
+    the layers whose bias went."""
+    lacked = set()
+    for name, module in model.named_modules():
+        old = _submodule(before, name)
+        if isinstance(getattr(module, "bias", None), torch.Tensor) and old is not None and old.bias is None:
+            lacked.add(name)
+    gone = []
+    with torch.no_grad():
+        for name, norm_name in bias_absorbers(model, graph, lacked).items():
+            module, norm = model.get_submodule(name), model.get_submodule(norm_name)
+            if module.bias.shape != norm.running_mean.shape:
+                continue
+            norm.running_mean.sub_(module.bias.detach().to(norm.running_mean))
+            module.bias = None
+            gone.append(name)
+    return gone
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def bias_absorbers(model: nn.Module, graph: DependencyGraph, names: Any) -> dict[str, str]:
+    """Per layer of ``names`` (layers without a bias that compensation may give one): the
+    norm with running statistics (:func:`~cleanai_core.bn_correction.norms_with_running_stats`)
+    that alone reads its output, which therefore holds the constant instead
+    (``running_mean -= bias``). Only where the trace shows it: every call of the layer has
+    one output, no model output, with its own channels on dim 1 (where the norm reads
+    them, as :mod:`cleanai_core.bn_correction` assumes), read by that norm alone; every
+    call of the norm reads such an output; and neither is parametrized."""
+    names = {n for n in names if not is_parametrized(model.get_submodule(n))}
+    if not names:
+        return {}
+    norms = norms_with_running_stats(model)
+    calls: dict[str, list[ModuleCall]] = defaultdict(list)
+    for event in graph.recording.events:
+        if isinstance(event, ModuleCall):
+            calls[event.name].append(event)
+    outputs = {r.key for r in graph.recording.outputs()}
+    found: dict[str, str] = {}
+    for name in names:
+        spec = graph.ctx.slices.get((name, "out"))
+        read_by: set[str] = set()
+        keys: set[int] = set()
+        for event in calls.get(name) or [None]:
+            if event is None or spec is None or len(event.outputs) != 1:
+                break
+            ref = event.outputs[0]
+            label = graph.ctx.label_of(ref)
+            readers = graph.ctx.readers(ref)
+            if ref.key in outputs or label is None or label.dim != 1 or label.atoms is not spec.atoms:
+                break
+            if ref.ndim < 2 or ref.shape[1] != spec.atoms.numel() or len(readers) != 1:
+                break
+            reader = readers[0]
+            if not isinstance(reader, ModuleCall) or reader.name not in norms:
+                break
+            if [r.key for r in reader.inputs[:1]] != [ref.key]:
+                break
+            read_by.add(reader.name)
+            keys.add(ref.key)
+        else:
+            if len(read_by) != 1:
+                continue
+            norm_name = read_by.pop()
+            if is_parametrized(norms[norm_name]):
+                continue
+            if all(e.inputs[:1] and e.inputs[0].key in keys for e in calls[norm_name]):
+                found[name] = norm_name
+    return found
+
+
 def _folded(graph: DependencyGraph, stats: dict, pruned: torch.Tensor) -> Any:
     """``(slice, statistics, removed mask)`` of each consumer input that compensation folds:
     one with statistics, a layer pruner and a removed channel."""
@@ -228,6 +316,9 @@ def new_bias_params(model: nn.Module, graph: DependencyGraph, stats: dict, prune
     pruners: dict[str, Any] = {}
     for spec, _, _ in _folded(graph, stats, pruned):
         pruners.setdefault(spec.module, spec.pruner)
+    lacked = {n for n in pruners if getattr(model.get_submodule(n), "bias", None) is None}
+    for name in bias_absorbers(model, graph, lacked):  # the norm after it holds the constant
+        del pruners[name]
     count = 0
     for name, pruner in pruners.items():
         module = model.get_submodule(name)
