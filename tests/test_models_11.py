@@ -3,6 +3,8 @@ the real models under ``@pytest.mark.corpus``)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -211,3 +213,62 @@ def test_inception_v3_traced_below_299_px_trains_once_pruned():
     back.load_state_dict(small.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(back.eval()(x), small(x))
+
+
+# -- a module that reads its state_dict version (torchvision MNASNet) --------------------------------
+
+
+class Versioned(nn.Module):
+    """A layer whose ``_load_from_state_dict`` refuses a state without its version, as
+    torchvision's MNASNet does ("version should be set to 1 or 2 instead of None")."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be set to 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_a_recovery_keeps_the_versions_a_module_reads_when_it_loads_its_best_state():
+    from torch.utils.data import TensorDataset
+
+    from cleanai_core.recovery import recover
+
+    torch.manual_seed(0)
+    teacher = Versioned().eval()
+    student = copy.deepcopy(teacher)
+    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,)))
+    # raised "version should be set to 2 instead of None" when it loaded the best state back
+    recovered, result = recover(student, teacher, data, epochs=1, lr=1e-3, progress=False)
+    assert result.epochs == 1 and recovered.fc.out_features == 3
+
+
+def test_mnasnet_saves_and_reloads_with_its_state_dict_versions(tmp_path):
+    tv = pytest.importorskip("torchvision")
+    from cleanai_core import load_pruned
+    from cleanai_core.io import save_pruned
+
+    torch.manual_seed(0)
+    model = tv.models.mnasnet0_5(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    save_pruned(tmp_path / "o", small, pruner.history, "torchvision:mnasnet0_5", {"num_classes": 10})
+    saved = torch.load(tmp_path / "o" / "model.pt", weights_only=True)
+    assert saved._metadata[""] == {"version": 2}  # a plain torch.load + load_state_dict works too
+    back = load_pruned(tmp_path / "o")  # raised "version should be set to 1 or 2 instead of None"
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+    plain = {k: v for k, v in saved.items()}  # a folder written before: no versions in model.pt
+    torch.save(plain, tmp_path / "o" / "model.pt")
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "o")(x), small(x))
