@@ -23,6 +23,7 @@ A new compensation method goes here.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -252,47 +253,94 @@ def bias_absorbers(model: nn.Module, graph: DependencyGraph, names: Any) -> dict
     (``running_mean -= bias``). Only where the trace shows it: every call of the layer has
     one output, no model output, with its own channels on dim 1 (where the norm reads
     them, as :mod:`cleanai_core.bn_correction` assumes), read by that norm alone; every
-    call of the norm reads such an output; and neither is parametrized."""
+    call of the norm reads such an output; and neither is parametrized. A norm no plugin
+    claims (torchvision's ``FrozenBatchNorm2d``) is traced as its operations: they must
+    read nothing but the layer's output, the norm's own tensors and what they made, and a
+    probe on a copy of the norm must show that it holds a shift (:func:`_holds_a_shift`)."""
     names = {n for n in names if not is_parametrized(model.get_submodule(n))}
     if not names:
         return {}
     norms = norms_with_running_stats(model)
     calls: dict[str, list[ModuleCall]] = defaultdict(list)
+    scoped: dict[str, list[Any]] = defaultdict(list)  # the operations run directly in each module
+    made_in: dict[int, str] = {}  # traced tensor -> the module whose operation made it
     for event in graph.recording.events:
         if isinstance(event, ModuleCall):
             calls[event.name].append(event)
+        else:
+            scoped[event.scope].append(event)
+            made_in.update((r.key, event.scope) for r in event.outputs)
     outputs = {r.key for r in graph.recording.outputs()}
     found: dict[str, str] = {}
     for name in names:
         spec = graph.ctx.slices.get((name, "out"))
         read_by: set[str] = set()
         keys: set[int] = set()
+        shape: tuple[int, ...] = ()
         for event in calls.get(name) or [None]:
             if event is None or spec is None or len(event.outputs) != 1:
                 break
             ref = event.outputs[0]
             label = graph.ctx.label_of(ref)
-            readers = graph.ctx.readers(ref)
             if ref.key in outputs or label is None or label.dim != 1 or label.atoms is not spec.atoms:
                 break
-            if ref.ndim < 2 or ref.shape[1] != spec.atoms.numel() or len(readers) != 1:
+            if ref.ndim < 2 or ref.shape[1] != spec.atoms.numel():
                 break
-            reader = readers[0]
-            if not isinstance(reader, ModuleCall) or reader.name not in norms:
+            norm_name = _reading_norm(ref, graph.ctx.readers(ref), norms, calls)
+            if norm_name is None:
                 break
-            if [r.key for r in reader.inputs[:1]] != [ref.key]:
-                break
-            read_by.add(reader.name)
+            read_by.add(norm_name)
             keys.add(ref.key)
+            shape = ref.shape
         else:
             if len(read_by) != 1:
                 continue
             norm_name = read_by.pop()
-            if is_parametrized(norms[norm_name]):
+            norm = norms[norm_name]
+            if is_parametrized(norm):
                 continue
-            if all(e.inputs[:1] and e.inputs[0].key in keys for e in calls[norm_name]):
+            if norm_name in calls:
+                holds = all(e.inputs[:1] and e.inputs[0].key in keys for e in calls[norm_name])
+            else:
+                own = all(r.param is not None or r.key in keys or made_in.get(r.key) == norm_name
+                          for e in scoped[norm_name] for r in e.inputs)  # fmt: skip
+                holds = own and _holds_a_shift(norm, shape)
+            if holds:
                 found[name] = norm_name
     return found
+
+
+def _reading_norm(ref: Any, readers: list, norms: dict[str, nn.Module], calls: dict) -> str | None:
+    """The norm that alone reads the traced tensor ``ref``: a claimed norm's call with it as
+    its first input, or operations all run directly in one norm that no plugin claims."""
+    if len(readers) == 1 and isinstance(readers[0], ModuleCall):
+        r = readers[0]
+        return r.name if r.name in norms and [t.key for t in r.inputs[:1]] == [ref.key] else None
+    scopes = {None if isinstance(r, ModuleCall) else r.scope for r in readers}
+    scope = scopes.pop() if len(scopes) == 1 else None
+    return scope if scope in norms and scope not in calls else None
+
+
+def _holds_a_shift(norm: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether ``norm(x + c)`` equals ``norm(x)`` with ``running_mean - c`` (a per-channel
+    ``c`` on dim 1), probed on a copy of ``norm`` in eval mode at one position per channel
+    of an input with as many dimensions as ``shape``. For a norm whose forward the kernel does not know."""
+    probe = copy.deepcopy(norm).eval()
+    mean = probe.running_mean
+    at = (1, mean.numel()) + (1,) * (len(shape) - 2)  # the norm's width: the model may be a sliced copy
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(at, generator=gen, dtype=mean.dtype).to(mean.device)
+    c = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(mean.device)
+    try:
+        with torch.no_grad():
+            want = probe(x + c.reshape(at))
+            mean.sub_(c)
+            got, moved = probe(x), probe(x + c.reshape(at))  # moved: the statistics are read at all
+    except Exception:  # noqa: BLE001 - a norm that does not run on such an input holds nothing
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.shape == want.shape for t in (want, got, moved)):
+        return False
+    return bool(torch.allclose(want, got, rtol=1e-4, atol=1e-5)) and not bool(torch.allclose(want, moved))
 
 
 def _folded(graph: DependencyGraph, stats: dict, pruned: torch.Tensor) -> Any:

@@ -25,23 +25,24 @@ class ConvBN(nn.Module):
     """Three bias-free convs, each read by its BatchNorm alone, then a head; ``shared``: the
     second conv's output also feeds a side branch (then its bias must stay)."""
 
-    def __init__(self, shared: bool = False) -> None:
+    def __init__(self, shared: bool = False, norm: type = nn.BatchNorm2d) -> None:
         super().__init__()
         self.shared = shared
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.bn1 = norm(16)
         self.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
+        self.bn2 = norm(16)
         self.conv3 = nn.Conv2d(16, 24, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(24)
+        self.bn3 = norm(24)
         self.fc = nn.Linear(24, 5)
         torch.manual_seed(0)
         with torch.no_grad():
             for bn in (self.bn1, self.bn2, self.bn3):
                 bn.running_mean.uniform_(-0.3, 0.3)
                 bn.running_var.uniform_(0.5, 1.5)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
+                if hasattr(bn, "weight"):
+                    bn.weight.uniform_(0.5, 1.5)
+                    bn.bias.uniform_(-0.5, 0.5)
         self.eval()
 
     def forward(self, x):
@@ -136,6 +137,36 @@ def test_the_target_search_counts_no_bias_that_a_norm_takes():
     small.collect_activations(_batches(), progress=False)
     pruned = small.prune()
     assert pruned.conv2.bias is None and n_params(pruned) <= 0.5 * n_params(model) + 30
+
+
+class ScaledByItsMean(nn.Module):
+    """Not a norm, though it holds running statistics: it scales by them (no plugin claims it)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.register_buffer("running_mean", torch.rand(c) + 0.5)
+        self.register_buffer("running_var", torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x * self.running_mean.view(1, -1, 1, 1) + self.running_var.view(1, -1, 1, 1)
+
+
+def test_a_frozen_batchnorm_traced_as_its_operations_takes_the_bias_too():
+    tv = pytest.importorskip("torchvision")
+    model = ConvBN(norm=tv.ops.misc.FrozenBatchNorm2d)
+    x = _batches(1, seed=9)[0]
+    p = _pruner(model, recalibrate_bn=False, reconstruction=False)
+    small = p.prune()
+    assert (small.conv2.bias, small.conv3.bias) == (None, None)  # each got a bias before
+    with_bias, _ = p.build(p.plan().pruned_units())
+    assert with_bias.conv2.bias is not None and n_params(with_bias) - n_params(small) == 8 + 12
+    small.train(), with_bias.train()  # a frozen norm reads its statistics in train mode too
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), with_bias(x), rtol=0, atol=1e-5)
+    odd = ConvBN(norm=ScaledByItsMean)
+    q = _pruner(odd, recalibrate_bn=False, reconstruction=False)
+    assert bias_absorbers(odd, q.graph, {"conv2", "conv3"}) == {}  # its statistics hold no shift
+    assert q.prune().conv2.bias is not None
 
 
 # -- a training-only head that needs a larger image than the example (Inception-v3's aux) ---------
