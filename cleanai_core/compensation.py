@@ -225,7 +225,8 @@ def absorb_new_biases(model: nn.Module, graph: DependencyGraph, before: nn.Modul
     lacked = set()
     for name, module in model.named_modules():
         old = _submodule(before, name)
-        if isinstance(getattr(module, "bias", None), torch.Tensor) and old is not None and old.bias is None:
+        had = getattr(old, "bias", False)  # False: no such module there, or one without a bias attribute
+        if isinstance(getattr(module, "bias", None), torch.Tensor) and had is None:
             lacked.add(name)
     gone = []
     with torch.no_grad():
