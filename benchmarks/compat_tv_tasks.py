@@ -138,17 +138,25 @@ def main(argv=None) -> int:
         default="magnitude",
         help="criterion of the pruner step; 'default': the default path, calibrated on the input twice",
     )
+    p.add_argument("--side", type=int, default=None, help="image side (last two dimensions) instead of each case's")
+    p.add_argument(
+        "--importance-list", default=None, help="criteria run in turn on each model, comma separated (as --importance)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     todo = cases()
+    if args.side:
+        todo = {k: (kw, (*shape[:-2], args.side, args.side), fn, tr) for k, (kw, shape, fn, tr) in todo.items()}
     names = args.filter.split(",") if args.filter else sorted(todo)
+    criteria = args.importance_list.split(",") if args.importance_list else [args.importance]
     for name in names:
-        rec = {**check(name, todo[name], args.importance), "importance": args.importance}
-        line = json.dumps(rec)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as fh:
-                fh.write(line + "\n")
+        for importance in criteria:
+            rec = {**check(name, todo[name], importance), "importance": importance}
+            line = json.dumps(rec)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as fh:
+                    fh.write(line + "\n")
     return 0
 
 

@@ -9,7 +9,12 @@ calls it with ``own``). Per consumer, from its calibration statistics:
 - otherwise, or where the pruner cannot fold it: the removed channels' mean, folded into
   the bias by the layer pruner's ``compensate``;
 - a layer whose pruner says ``new_bias = False`` and that has no bias gets none: the
-  regression is made through the origin (on second moments) and the mean is not folded.
+  regression is made through the origin (on second moments) and the mean is not folded;
+- a layer that had no bias and whose output only a norm with running statistics reads
+  (a conv before its BatchNorm) keeps none either: once the pruning step is done
+  (:func:`absorb_new_biases`, after the BatchNorm correction) the constant it was given
+  moves into the norm's ``running_mean`` (:func:`bias_absorbers`), exact in eval mode; in
+  train mode the norm subtracts the batch mean, bias or not.
 
 Under ``torch.distributed`` each solve runs on one rank and is broadcast to the others.
 
@@ -18,6 +23,7 @@ A new compensation method goes here.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -27,12 +33,14 @@ import torch
 from torch import nn
 
 from cleanai_core import distributed
+from cleanai_core.bn_correction import norms_with_running_stats
 from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.graph.trace import ModuleCall
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.parametrized import is_parametrized
 from cleanai_core.runtime import device_of
 
-__all__ = ["compensate", "compensated_copy", "new_bias_params", "regress"]
+__all__ = ["absorb_new_biases", "bias_absorbers", "compensate", "compensated_copy", "new_bias_params", "regress"]
 
 
 #: a consumer gets ``B @ coef`` solved for directly where its kept rows ``n`` are at most
@@ -207,6 +215,135 @@ def compensate(
                 spec.pruner.compensate(module, spec.name, idx.to(dev), st.mean[idx].to(dev))
 
 
+def absorb_new_biases(model: nn.Module, graph: DependencyGraph, before: nn.Module) -> list[str]:
+    """Move the biases compensation gave layers of ``model`` (the pruned copy of ``before``,
+    whose graph is ``graph``) that ``before`` lacked into the norm that alone reads each
+    (:func:`bias_absorbers`: ``running_mean -= bias``), and drop them: the pruned model
+    keeps the architecture it had. Runs after the BatchNorm correction, whose estimate
+    reads the norm's trained statistics in the frame of its input as compensated. Returns
+    the layers whose bias went."""
+    lacked = set()
+    for name, module in model.named_modules():
+        old = _submodule(before, name)
+        had = getattr(old, "bias", False)  # False: no such module there, or one without a bias attribute
+        if isinstance(getattr(module, "bias", None), torch.Tensor) and had is None:
+            lacked.add(name)
+    gone = []
+    with torch.no_grad():
+        for name, norm_name in bias_absorbers(model, graph, lacked).items():
+            module, norm = model.get_submodule(name), model.get_submodule(norm_name)
+            if module.bias.shape != norm.running_mean.shape:
+                continue
+            norm.running_mean.sub_(module.bias.detach().to(norm.running_mean))
+            module.bias = None
+            gone.append(name)
+    return gone
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def bias_absorbers(model: nn.Module, graph: DependencyGraph, names: Any) -> dict[str, str]:
+    """Per layer of ``names`` (layers without a bias that compensation may give one): the
+    norm with running statistics (:func:`~cleanai_core.bn_correction.norms_with_running_stats`)
+    that alone reads its output, which therefore holds the constant instead
+    (``running_mean -= bias``). Only where the trace shows it: every call of the layer has
+    one output, no model output, with its own channels on dim 1 (where the norm reads
+    them, as :mod:`cleanai_core.bn_correction` assumes), read by that norm alone; every
+    call of the norm reads such an output; and neither is parametrized. A norm no plugin
+    claims (torchvision's ``FrozenBatchNorm2d``) is traced as its operations: they must
+    read nothing but the layer's output, the norm's own tensors and what they made, and a
+    probe on a copy of the norm must show that it holds a shift (:func:`_holds_a_shift`)."""
+    names = {n for n in names if not is_parametrized(model.get_submodule(n))}
+    if not names:
+        return {}
+    norms = norms_with_running_stats(model)
+    calls: dict[str, list[ModuleCall]] = defaultdict(list)
+    scoped: dict[str, list[Any]] = defaultdict(list)  # the operations run directly in each module
+    made_in: dict[int, str] = {}  # traced tensor -> the module whose operation made it
+    for event in graph.recording.events:
+        if isinstance(event, ModuleCall):
+            calls[event.name].append(event)
+        else:
+            scoped[event.scope].append(event)
+            made_in.update((r.key, event.scope) for r in event.outputs)
+    outputs = {r.key for r in graph.recording.outputs()}
+    found: dict[str, str] = {}
+    for name in names:
+        spec = graph.ctx.slices.get((name, "out"))
+        read_by: set[str] = set()
+        keys: set[int] = set()
+        shape: tuple[int, ...] = ()
+        for event in calls.get(name) or [None]:
+            if event is None or spec is None or len(event.outputs) != 1:
+                break
+            ref = event.outputs[0]
+            label = graph.ctx.label_of(ref)
+            if ref.key in outputs or label is None or label.dim != 1 or label.atoms is not spec.atoms:
+                break
+            if ref.ndim < 2 or ref.shape[1] != spec.atoms.numel():
+                break
+            norm_name = _reading_norm(ref, graph.ctx.readers(ref), norms, calls)
+            if norm_name is None:
+                break
+            read_by.add(norm_name)
+            keys.add(ref.key)
+            shape = ref.shape
+        else:
+            if len(read_by) != 1:
+                continue
+            norm_name = read_by.pop()
+            norm = norms[norm_name]
+            if is_parametrized(norm):
+                continue
+            if norm_name in calls:
+                holds = all(e.inputs[:1] and e.inputs[0].key in keys for e in calls[norm_name])
+            else:
+                own = all(r.param is not None or r.key in keys or made_in.get(r.key) == norm_name
+                          for e in scoped[norm_name] for r in e.inputs)  # fmt: skip
+                holds = own and _holds_a_shift(norm, shape)
+            if holds:
+                found[name] = norm_name
+    return found
+
+
+def _reading_norm(ref: Any, readers: list, norms: dict[str, nn.Module], calls: dict) -> str | None:
+    """The norm that alone reads the traced tensor ``ref``: a claimed norm's call with it as
+    its first input, or operations all run directly in one norm that no plugin claims."""
+    if len(readers) == 1 and isinstance(readers[0], ModuleCall):
+        r = readers[0]
+        return r.name if r.name in norms and [t.key for t in r.inputs[:1]] == [ref.key] else None
+    scopes = {None if isinstance(r, ModuleCall) else r.scope for r in readers}
+    scope = scopes.pop() if len(scopes) == 1 else None
+    return scope if scope in norms and scope not in calls else None
+
+
+def _holds_a_shift(norm: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether ``norm(x + c)`` equals ``norm(x)`` with ``running_mean - c`` (a per-channel
+    ``c`` on dim 1), probed on a copy of ``norm`` in eval mode at one position per channel
+    of an input with as many dimensions as ``shape``. For a norm whose forward the kernel does not know."""
+    probe = copy.deepcopy(norm).eval()
+    mean = probe.running_mean
+    at = (1, mean.numel()) + (1,) * (len(shape) - 2)  # the norm's width: the model may be a sliced copy
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(at, generator=gen, dtype=mean.dtype).to(mean.device)
+    c = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(mean.device)
+    try:
+        with torch.no_grad():
+            want = probe(x + c.reshape(at))
+            mean.sub_(c)
+            got, moved = probe(x), probe(x + c.reshape(at))  # moved: the statistics are read at all
+    except Exception:  # noqa: BLE001 - a norm that does not run on such an input holds nothing
+        return False
+    if not all(isinstance(t, torch.Tensor) and t.shape == want.shape for t in (want, got, moved)):
+        return False
+    return bool(torch.allclose(want, got, rtol=1e-4, atol=1e-5)) and not bool(torch.allclose(want, moved))
+
+
 def _folded(graph: DependencyGraph, stats: dict, pruned: torch.Tensor) -> Any:
     """``(slice, statistics, removed mask)`` of each consumer input that compensation folds:
     one with statistics, a layer pruner and a removed channel."""
@@ -228,6 +365,9 @@ def new_bias_params(model: nn.Module, graph: DependencyGraph, stats: dict, prune
     pruners: dict[str, Any] = {}
     for spec, _, _ in _folded(graph, stats, pruned):
         pruners.setdefault(spec.module, spec.pruner)
+    lacked = {n for n in pruners if getattr(model.get_submodule(n), "bias", None) is None}
+    for name in bias_absorbers(model, graph, lacked):  # the norm after it holds the constant
+        del pruners[name]
     count = 0
     for name, pruner in pruners.items():
         module = model.get_submodule(name)

@@ -27,6 +27,7 @@ from torch import nn
 from cleanai_core import __version__
 from cleanai_core.errors import UserError, shown
 from cleanai_core.interfaces import memory_format_of
+from cleanai_core.model_state import state_with_versions
 from cleanai_core.out_folder import (
     INSIDE,
     TrackedWriter,
@@ -212,7 +213,7 @@ def save_pruned(
 
     with staged_folder(out, check=unchanged, expected=before) as tmp:
         # dense in the layout each tensor had: made contiguous, a channels-last model came back NCHW
-        state = {k: _saved_tensor(v) for k, v in model.state_dict().items()}
+        state = state_with_versions(model, {k: _saved_tensor(v) for k, v in model.state_dict().items()})
         _atomic(tmp / "model.pt", lambda fh: torch.save(state, fh))
         atomic_write_text(tmp / "history.json", _json(history.to_json()))
         arch = {
@@ -532,7 +533,7 @@ def load_pruned(
     state = read_state(out / "model.pt", model, map_location, state)
     model.to(map_location)
     take_saved_form(model, state)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state_with_versions(model, state), strict=True)
     arch = out / "architecture.json"
     apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location))
     return model.eval()

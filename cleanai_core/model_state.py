@@ -68,6 +68,7 @@ __all__ = [
     "drop_user_hooks",
     "preserved",
     "reads_preserved",
+    "state_with_versions",
     "stored_in",
     "transplant",
     "user_hooks",
@@ -628,3 +629,16 @@ def user_hooks_off(model: nn.Module) -> Iterator[None]:
         for where, table in tables.items():
             table.clear()
             table.update(saved[where])
+
+
+def state_with_versions(model: nn.Module, state: dict[str, torch.Tensor]) -> OrderedDict:
+    """``state`` (tensors by name) as ``load_state_dict`` reads a ``state_dict``: with the
+    per-module versions (``_metadata``) of ``model``'s own, which a plain dict of its
+    tensors lost. A module's ``_load_from_state_dict`` reads its version and may refuse
+    without one (torchvision MNASNet: "version should be set to 1 or 2 instead of None",
+    on every ``load_pruned`` and at the end of a recovery). The versions are ``model``'s,
+    never ones read from a file (an old version number sends a module down its legacy
+    conversion path)."""
+    out = OrderedDict(state)
+    out._metadata = getattr(model.state_dict(keep_vars=True), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return out

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError, model_fault
 from cleanai_core.metrics import call_model, ctc_errors, eval_mode, perplexity
-from cleanai_core.model_state import copy_model
+from cleanai_core.model_state import copy_model, state_with_versions
 from cleanai_core.options import check_callables, check_modules, check_not_meta, check_switches, plain_number
 from cleanai_core.runtime import (
     checked_device,
@@ -858,7 +858,7 @@ def recover(
         bar.close()
         for m, mode in student_modes + teacher_modes:
             m.training = mode
-    student.load_state_dict(best_state)
+    student.load_state_dict(state_with_versions(student, best_state))
     result = RecoveryResult(
         metric=metric,
         higher_is_better=higher,

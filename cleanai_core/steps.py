@@ -246,9 +246,12 @@ def prune_in_steps(pruner: Any) -> nn.Module:
     """The pruning steps of a :class:`~cleanai_core.pruner.StructuredPruner` (one unless
     ``iterative_steps``), each: re-trace and re-calibrate the previous step's model (after
     the first), plan, build (slice, compensate, verify; groups that break the model are
-    skipped), record the edits, correct BatchNorm statistics. Returns the last model."""
+    skipped), correct BatchNorm statistics, move the biases compensation gave a layer before
+    a BatchNorm into the norm (:func:`~cleanai_core.compensation.absorb_new_biases`), record
+    the edits. Returns the last model."""
     from cleanai_core import distributed
     from cleanai_core.collect import CalibrationSetup, correct_batchnorm_after, recalibrate
+    from cleanai_core.compensation import absorb_new_biases
     from cleanai_core.errors import PruningError, model_fault
     from cleanai_core.metrics import count_flops
     from cleanai_core.verify import build_skipping_breakers
@@ -282,7 +285,6 @@ def prune_in_steps(pruner: Any) -> nn.Module:
         build = lambda pruned, c=current, g=graph, s=cal.stats: p.build(pruned, c, g, s, exact=True)  # noqa: E731
         pruned_model, edits = build_skipping_breakers(plan, build, p._skip)
         p._pruned_plans.append((graph, plan))
-        p.history.record(edits, before=current, after=pruned_model)
         if p.recalibrate_bn and p.calibration.data is not None:
             keep = {e.module: e.keep for e in edits}
             try:
@@ -300,6 +302,8 @@ def prune_in_steps(pruner: Any) -> nn.Module:
                     "only; ignore the layers whose width the model reads (or pass recalibrate_bn=False, command "
                     "line: --no-bn-recalibration), and report it."
                 ) from exc
+        absorb_new_biases(pruned_model, graph, current)
+        p.history.record(edits, before=current, after=pruned_model)
         current = pruned_model
     if steps > 1:  # plan() now answers for every step, on the original graph
         p._plan = whole_plan(p.graph, p._pruned_plans[0][1], p.history.steps)

@@ -211,6 +211,9 @@ DEFAULT_PATH = [
     ("tv:quantized_shufflenet_v2_x0_5", {}, (3, 64, 64)),
     ("timm:vit_small_patch16_rope_mixed_224", {"img_size": 64}, (3, 64, 64)),  # freqs by head (0.337 -> 0.254)
     ("tv:googlenet", {}, (3, 64, 64)),  # aux classifiers (training only) traced and sliced (0.578 -> 0.252)
+    # session 21
+    ("tv:inception_v3", {"init_weights": False}, (3, 75, 75)),  # aux head traced on an enlarged image (0.330 -> 0.251)
+    ("tv:mnasnet0_5", {}, (3, 64, 64)),  # reload kept its state_dict versions (load_pruned raised before)
 ]
 
 

@@ -289,10 +289,14 @@ def test_history_round_trip_replay_reproduces_outputs(tmp_path):
 
 def test_history_with_compensation_needs_bias_created_first():
     net = make_net()
+    net.bn2 = nn.Identity()  # with its BatchNorm, conv2's new bias would go into the norm's running mean
     p = pruner(net, pruning_ratio=0.4, bias_compensation=True)
     small = p.prune()
-    assert small.conv2.bias is not None  # compensation added a bias to a bias-free conv
-    fresh = PruningHistory.from_json(json.loads(json.dumps(p.history.to_json()))).replay(make_net(seed=1))
+    assert small.conv2.bias is not None and small.conv3.bias is None  # compensation added a bias to conv2
+    assert p.history.meta["added_biases"] == ["conv2"]
+    rebuilt = make_net(seed=1)
+    rebuilt.bn2 = nn.Identity()
+    fresh = PruningHistory.from_json(json.loads(json.dumps(p.history.to_json()))).replay(rebuilt)
     for name in ("conv1", "conv2", "conv3"):
         mod = getattr(fresh, name)
         if getattr(small, name).bias is not None and mod.bias is None:

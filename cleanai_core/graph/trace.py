@@ -303,8 +303,11 @@ def _training_pass(
       cannot be broadcast to indexing result of shape [20, 16]").
 
     Their couplings join the eval pass's, so the pruned model still trains. A training
-    forward that fails (detection models want targets) or reaches none of them is
-    dropped. ``(index of its first event, its output)``, or ``(None, None)``."""
+    forward that fails on the example inputs runs again on them enlarged
+    (:data:`TRAINING_PASS_SCALES`: layers that need a larger image, as Inception-v3's
+    auxiliary head does); one that fails at every size (detection models want targets) or
+    reaches none of them is dropped. ``(index of its first event, its output)``, or
+    ``(None, None)``."""
     called = {e.module for e in rec.events if isinstance(e, ModuleCall)}
     missed = {m for m in claimed if m not in called and any(True for _ in m.parameters(recurse=False))}
     covered = {id(p) for m in called for p in m.parameters()} | rec.read
@@ -316,24 +319,58 @@ def _training_pass(
     start = len(rec.events)
     read_before = set(rec.read)
     cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
-    # dropout's draws leave the user's random streams alone
-    with torch.random.fork_rng(devices=cuda):
-        try:
-            model.train()
-            with rec:
-                out = call_model(model, inputs, forward_fn, copy=False)
-            if output_transform is not None:
-                out = output_transform(out)
-            reached = any(isinstance(e, ModuleCall) and e.module in missed for e in rec.events[start:])
-            if reached or (unread & (rec.read - read_before)):
-                return start, tree_map(lambda a: rec.ref(a) if isinstance(a, torch.Tensor) else a, _plain(out))
-        except Exception:
-            pass
-        finally:
-            model.eval()
-            rec.depth, rec.scope = 0, [""]
-    del rec.events[start:]
+    for scale in TRAINING_PASS_SCALES:
+        given = inputs if scale == 1 else _enlarged(inputs, scale)
+        ran = False
+        if given is None:
+            break
+        # dropout's draws leave the user's random streams alone
+        with torch.random.fork_rng(devices=cuda):
+            try:
+                model.train()
+                with rec:
+                    out = call_model(model, given, forward_fn, copy=False)
+                if output_transform is not None:
+                    out = output_transform(out)
+                reached = any(isinstance(e, ModuleCall) and e.module in missed for e in rec.events[start:])
+                if reached or (unread & (rec.read - read_before)):
+                    return start, tree_map(lambda a: rec.ref(a) if isinstance(a, torch.Tensor) else a, _plain(out))
+                ran = True  # and reached none of them: a larger input would not either
+            except Exception:
+                pass
+            finally:
+                model.eval()
+                rec.depth, rec.scope = 0, [""]
+        del rec.events[start:]
+        if ran:
+            break
     return None, None
+
+
+#: the training pass runs on the example inputs, and where that fails on images enlarged this
+#: many times on each side: Inception-v3's auxiliary classifier pools 5 x 5 over a 17 x 17
+#: map, which only inputs of 299 px give; traced on 75 px the pass failed, was dropped, and
+#: the pruned model failed in training mode (its aux head kept every input channel)
+TRAINING_PASS_SCALES = (1, 2, 4)
+#: no enlarged side longer than this (a pass that failed at 224 px is not tried at 896)
+TRAINING_PASS_MAX_SIDE = 640
+
+
+def _enlarged(inputs: Any, scale: int) -> Any:
+    """``inputs`` with every floating-point tensor of 4 or 5 dimensions (images, videos:
+    ``(N, C, H, W)``, ``(N, C, T, H, W)``) repeated ``scale`` times along its last two
+    dimensions (nearest-neighbour upsampling); ``None`` where there is none or a side would
+    exceed :data:`TRAINING_PASS_MAX_SIDE`."""
+
+    def image(a: Any) -> bool:
+        return isinstance(a, torch.Tensor) and a.is_floating_point() and a.ndim in (4, 5)
+
+    images = [a for a in tree_flatten(inputs)[0] if image(a)]
+    if not images or any(max(a.shape[-2:]) * scale > TRAINING_PASS_MAX_SIDE for a in images):
+        return None
+    return tree_map(
+        lambda a: a.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2) if image(a) else a, inputs
+    )
 
 
 def _sibling_sets(model: nn.Module) -> dict[nn.Module, int]:
