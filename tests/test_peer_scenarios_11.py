@@ -1,0 +1,72 @@
+"""An eleventh set of the scenarios users bring from Torch-Pruning's test suite and
+examples, written for CleanAI's API (see ``test_peer_scenarios.py`` to ``_10``): detection
+necks and heads (deformable convolutions), ...
+
+Each test asserts widths, parameter counts, and the masking oracle where slicing must equal
+zeroing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_peer_scenarios_6 import _seeded, _two_step_replay
+from torch import nn
+
+from cleanai_core import DependencyGraph, StructuredPruner
+from cleanai_core.metrics import count_params
+from cleanai_core.testing import check_pruner
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+
+
+# -- deformable convolutions (DCNv2 in detection necks and heads) --------------------------------
+
+
+class DeformBlock(nn.Module):
+    """A DCNv2 block as detection necks write it: one conv computes the offsets and the
+    modulation mask from the features, ``torchvision.ops.DeformConv2d`` reads them."""
+
+    def __init__(self, offset_groups: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        from torchvision.ops import DeformConv2d
+
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.om = nn.Conv2d(8, 27 * offset_groups, 3, padding=1)
+        self.d, self.o = DeformConv2d(8, 8, 3, padding=1, groups=groups), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        o1, o2, m = self.om(a).chunk(3, 1)
+        return self.o(torch.relu(self.d(a, torch.cat([o1, o2], 1), m.sigmoid())))
+
+
+DX = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_deformable_convolution_prunes_its_filters_and_inputs_exactly(tmp_path):
+    """``torchvision.deform_conv2d`` had no mapper: "channels reach op
+    torchvision.deform_conv2d.default in d, which ignored them", nothing pruned."""
+    pytest.importorskip("torchvision")
+    report = check_pruner(_seeded(DeformBlock), DX)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    assert (report.params_before, report.params_after) == (2797, 1269)
+    small = StructuredPruner(_seeded(DeformBlock), DX, "magnitude", pruning_ratio=0.5, round_to=None).prune()
+    assert small.d.weight.shape == (4, 4, 3, 3) and small.d.bias.shape == (4,)
+    assert (small.d.in_channels, small.d.out_channels, small.om.out_channels) == (4, 4, 27)
+    pruner, small, fresh = _two_step_replay(DeformBlock, DX, tmp_path)
+    assert count_params(fresh) == count_params(small) < 2797 and torch.equal(fresh(DX), small(DX))
+    assert fresh.d.out_channels == small.d.weight.shape[0]
+
+
+def test_deformable_offset_groups_keep_the_inputs_and_a_grouped_weight_keeps_all():
+    """Several offset groups each move a fixed share of the input channels: those stay, the
+    filters go; a grouped weight keeps every channel it touches, each with the reason."""
+    pytest.importorskip("torchvision")
+    report = check_pruner(_seeded(lambda: DeformBlock(offset_groups=2)), DX)
+    assert report.max_abs_diff < 1e-5 and (report.params_before, report.params_after) == (4768, 4468)
+    text = DependencyGraph(_seeded(lambda: DeformBlock(offset_groups=2)), DX).explain()
+    assert "splits its input channels into 2 offset groups" in text
+    assert "reads offsets and a mask per kernel position, which cannot shrink" in text
+    graph = DependencyGraph(_seeded(lambda: DeformBlock(groups=2)), DX)
+    assert not graph.groups(prunable_only=True)
+    assert "convolves channels with a weight that cannot shrink" in graph.explain()
