@@ -70,3 +70,53 @@ def test_deformable_offset_groups_keep_the_inputs_and_a_grouped_weight_keeps_all
     graph = DependencyGraph(_seeded(lambda: DeformBlock(groups=2)), DX)
     assert not graph.groups(prunable_only=True)
     assert "convolves channels with a weight that cannot shrink" in graph.explain()
+
+
+class DeformNoBias(nn.Module):
+    """``DeformConv2d(bias=False)`` before a BatchNorm: torchvision runs the op with a bias
+    of ``zeros(weight.shape[0])`` made at run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import DeformConv2d
+
+        self.a, self.off = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 18, 3, padding=1)
+        self.d, self.bn, self.o = DeformConv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.a(x))
+        return self.o(torch.relu(self.bn(self.d(a, self.off(a)))))
+
+
+class DeformFunctional(nn.Module):
+    """mmcv's way: the module holds its own weight and bias and calls
+    ``torchvision.ops.deform_conv2d`` with them, at stride 2, without a mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.off = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 18, 3, 2, padding=1, bias=False)
+        self.weight, self.bias = nn.Parameter(torch.randn(6, 8, 3, 3) * 0.2), nn.Parameter(torch.randn(6))
+        self.o = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        from torchvision.ops import deform_conv2d
+
+        a = torch.relu(self.a(x))
+        return self.o(deform_conv2d(a, self.off(a), self.weight, self.bias, stride=2, padding=1))
+
+
+@pytest.mark.parametrize(
+    "factory, before, after, weight, side",
+    [(DeformNoBias, 2148, 940, (4, 4, 3, 3), 8), (DeformFunctional, 1972, 879, (3, 4, 3, 3), 4)],
+    ids=["without_bias", "functional_own_weight"],
+)
+def test_deformable_convolutions_without_bias_or_functional_prune_exactly(factory, before, after, weight, side):
+    """Without a bias, the filters froze: "input without traced channels (op
+    torchvision.deform_conv2d.default in d)" (the zeros torchvision makes)."""
+    pytest.importorskip("torchvision")
+    report = check_pruner(_seeded(factory), DX)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    assert (report.params_before, report.params_after) == (before, after)
+    small = StructuredPruner(_seeded(factory), DX, "magnitude", pruning_ratio=0.5, round_to=None).prune()
+    assert (small.d if factory is DeformNoBias else small).weight.shape == weight
+    assert small(DX).shape == (2, 2, side, side)

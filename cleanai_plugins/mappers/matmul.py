@@ -193,7 +193,8 @@ def deform_conv2d(call, ctx):
     input channels shrink with the input's. The offsets and the mask are read per kernel
     position (``2 * offset_groups * kh * kw`` and ``offset_groups * kh * kw`` channels): the
     layers that compute them keep their channels. Several offset groups (each a fixed share
-    of the input channels) keep the input's channels, a grouped weight all of them. Before
+    of the input channels) keep the input's channels, a grouped weight all of them. Without
+    a bias, torchvision passes ``zeros(weight.shape[0])``: it follows the kept filters. Before
     2026-12-02 no mapper knew the op: every channel around it froze ("which ignored them")."""
     x, w, out = call.args[0], call.args[1], call.outputs[0]
     groups, offset_groups = arg(call, 11, "groups", 1), arg(call, 12, "offset_groups", 1)
@@ -205,7 +206,10 @@ def deform_conv2d(call, ctx):
     if offset_groups != 1:  # offset group i moves the i-th share of the input channels
         ctx.freeze_tensor(x, f"{ctx.where()} splits its input channels into {offset_groups} offset groups")
     bare = isinstance(w, TRef) and w.param is not None and ctx.param_owner.get(w.param) is None
-    _bare_weight(ctx, x, w, arg(call, 4, "bias"), out, bare and groups == 1, transposed=False)
+    bias = arg(call, 4, "bias")
+    if isinstance(bias, TRef) and bias.param is None and ctx.label_of(bias) is None:
+        bias = None  # no bias: torchvision passes zeros(weight.shape[0]), as wide as the filters kept
+    _bare_weight(ctx, x, w, bias, out, bare and groups == 1, transposed=False)
 
 
 def _depthwise(x, w, lab, groups: int, transposed: bool) -> bool:
