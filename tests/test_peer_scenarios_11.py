@@ -120,3 +120,61 @@ def test_deformable_convolutions_without_bias_or_functional_prune_exactly(factor
     small = StructuredPruner(_seeded(factory), DX, "magnitude", pruning_ratio=0.5, round_to=None).prune()
     assert (small.d if factory is DeformNoBias else small).weight.shape == weight
     assert small(DX).shape == (2, 2, side, side)
+
+
+# -- gradual pruning of nn.Transformer (the peer's iterative steps inside training) --------------
+
+
+class QueryDecoder(nn.Module):
+    """DETR's shape: a conv backbone, ``nn.Transformer`` over the feature map, learned
+    object queries (``nn.Embedding.weight`` repeated over the batch), class and box heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bb, self.proj, self.q = nn.Conv2d(3, 16, 3, 2, 1), nn.Conv2d(16, 12, 1), nn.Embedding(5, 12)
+        self.tr = nn.Transformer(12, 2, 1, 1, 24, dropout=0.0, batch_first=True)
+        self.cls, self.box = nn.Linear(12, 3), nn.Linear(12, 4)
+
+    def forward(self, x):
+        src = self.proj(torch.relu(self.bb(x))).flatten(2).transpose(1, 2)
+        h = self.tr(src, self.q.weight.unsqueeze(0).repeat(x.shape[0], 1, 1))
+        return torch.cat([self.cls(h), self.box(h).sigmoid()], -1)
+
+
+def test_kept_indices_see_through_the_query_rescale_of_multihead_attention():
+    """``nn.MultiheadAttention``'s pruner multiplies the query rows by ``sqrt(new / old)``
+    where the head width shrinks: the position tags were no longer integers and
+    ``kept_indices`` raised "slicing tr.encoder.layers.0.self_attn.in_proj_weight changed
+    its values, not only its shape"."""
+    from cleanai_core.gradual import kept_indices, position_tagged_copy
+
+    model, x = _seeded(QueryDecoder), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.3, round_to=None)
+    small, edits = pruner.build(pruner.plan().pruned_units())
+    kept = kept_indices(position_tagged_copy(model), edits)
+    name = "tr.encoder.layers.0.self_attn.in_proj_weight"
+    rows, cols = kept[name]
+    old, new = model.get_parameter(name).detach(), small.get_parameter(name).detach()
+    e = new.shape[1]
+    assert new.shape == (3 * e, e) and e < 12 and rows.shape == (3 * e,) and cols.shape == (e,)
+    sliced = old[rows][:, cols]
+    assert torch.equal(new[e:], sliced[e:])  # keys and values: a selection
+    assert torch.allclose(new[:e], sliced[:e] * (e / 2 / 6) ** 0.5, atol=1e-6)  # queries: rescaled
+
+
+def test_gradual_pruning_of_a_transformer_carries_the_optimizer_state():
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    model, x = _seeded(QueryDecoder).train(), torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    gp = GradualPruner(model, x[:2], opt, PruningSchedule(final=0.5, steps=2))
+    for _ in range(2):
+        model, opt = gp.step([x])
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    assert gp.done and count_params(model) < 3000
+    for p in model.parameters():
+        assert opt.state[p]["exp_avg"].shape == p.shape and torch.isfinite(p).all()
