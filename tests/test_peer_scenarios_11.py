@@ -178,3 +178,30 @@ def test_gradual_pruning_of_a_transformer_carries_the_optimizer_state():
     assert gp.done and count_params(model) < 3000
     for p in model.parameters():
         assert opt.state[p]["exp_avg"].shape == p.shape and torch.isfinite(p).all()
+
+
+# -- a FLOPs target on a model that reads a width from another tensor ----------------------------
+
+
+def test_a_flops_target_keeps_whole_the_groups_the_model_cannot_run_without():
+    """FLOPs are counted by running each trial plan: where a group's slicing breaks the
+    model (AIMv2's head size from the input's width), the model's own ``RuntimeError``
+    ("shape '[2, 5, 2, 8]' is invalid for input of size 100") ended the search and every
+    gradual step by FLOPs. The group is now measured whole, as verification keeps it."""
+    from test_peer_scenarios_10 import HeadFromInputWidth
+
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+    from cleanai_core.metrics import count_flops
+
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    model = _seeded(HeadFromInputWidth)
+    pruner = StructuredPruner(model, x, "magnitude", target_flops=0.6)
+    small = pruner.prune()
+    assert (count_params(model), count_params(small)) == (568, 330)
+    assert count_flops(small, x) / count_flops(model, x) == pytest.approx(0.562, abs=1e-3)
+    assert len(pruner.report()["skipped_groups"]) == 1 and small(x).shape == (2, 5, 8)
+    net = _seeded(HeadFromInputWidth).train()
+    gp = GradualPruner(net, x, torch.optim.SGD(net.parameters(), 0.1), PruningSchedule(final=0.4, steps=2))
+    for _ in range(2):
+        net, _opt = gp.step([x])
+    assert gp.done and count_params(net) < 568 and net(x).shape == (2, 5, 8)
