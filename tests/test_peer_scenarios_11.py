@@ -205,3 +205,36 @@ def test_a_flops_target_keeps_whole_the_groups_the_model_cannot_run_without():
     for _ in range(2):
         net, _opt = gp.step([x])
     assert gp.done and count_params(net) < 568 and net(x).shape == (2, 5, 8)
+
+
+# -- calibration batches of a model with several inputs (the peer's multiple-inputs test) --------
+
+
+class CrossDecoder(nn.Module):
+    """A decoder layer with cross-attention over encoded source features: two inputs of
+    different shapes (features and target token ids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.src, self.tgt = nn.Linear(6, 16), nn.Embedding(10, 16)
+        self.dec = nn.TransformerDecoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x, t):
+        return self.out(self.dec(self.tgt(t), self.src(x)))
+
+
+def test_a_tuple_batch_of_several_inputs_is_answered_with_how_to_give_them():
+    """``[(features, tokens)]`` is read as ``(input, label)``: the model missed ``t`` and the
+    error said only "give calibration batches shaped like example_inputs", which they were
+    (the hint named the layout only for two tensors of one shape)."""
+    from cleanai_core.errors import UserError
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 7, 6, generator=g), torch.randint(0, 10, (4, 5), generator=g)
+    pruner = StructuredPruner(_seeded(CrossDecoder), (x[:2], t[:2]), "weight_activation", pruning_ratio=0.5)
+    with pytest.raises(UserError, match=r"missing 1 required positional argument: 't'.*\(\(x1, x2\), label\)"):
+        pruner.collect_activations([(x, t)])
+    pruner.collect_activations([((x, t), None)])
+    small = pruner.prune()
+    assert count_params(small) < 3786 and small(x, t).shape == (4, 5, 10)
