@@ -335,16 +335,21 @@ def model_failure(index: int, inputs: Any, batch: Any = None) -> Iterator[None]:
             f"{type(exc).__name__}: {str(exc)[:300]}. Give calibration batches shaped like example_inputs, with "
             "the batch as the first dimension (a DataLoader over the dataset, not the dataset itself)."
             + unused_key_hint(exc, inputs)
-            + _pair_hint(batch)
+            + _pair_hint(batch, exc)
         ) from exc
 
 
-def _pair_hint(batch: Any) -> str:
+def _pair_hint(batch: Any, exc: BaseException | None = None) -> str:
     """A sentence when the batch was a tuple of tensors shaped alike (two images, as an
-    optical-flow model takes): it was read as ``(input, label)``, so the model got only the first."""
+    optical-flow model takes), or any tuple of tensors where the model's ``forward`` then
+    missed a positional argument (a decoder's source features and target tokens): it was
+    read as ``(input, label)``, so the model got only the first."""
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         return ""
-    if not all(isinstance(t, torch.Tensor) for t in batch) or batch[0].ndim < 2 or batch[1].shape != batch[0].shape:
+    if not all(isinstance(t, torch.Tensor) for t in batch) or batch[0].ndim < 2:
+        return ""
+    missed = isinstance(exc, TypeError) and "required positional argument" in str(exc)
+    if batch[1].shape != batch[0].shape and not missed:
         return ""
     return (
         f" A tuple batch is read as (input, label), so the model got only its first tensor {tuple(batch[0].shape)}: "

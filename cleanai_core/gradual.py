@@ -107,9 +107,21 @@ def position_tagged_copy(model: nn.Module) -> nn.Module:
 def kept_indices(tagged: nn.Module, edits: list[SliceEdit], pm: Any = None) -> dict[str, list[torch.Tensor | None]]:
     """For each parameter of a :func:`position_tagged_copy` (by name), the old indices
     that ``edits`` keep along each dimension (``None``: the dimension is untouched).
-    The edits are applied to ``tagged`` (it is consumed)."""
+    The edits are applied to ``tagged`` (it is consumed).
+
+    A layer pruner may rescale what it keeps (``nn.MultiheadAttention``'s query rows by
+    ``sqrt(new / old)`` where the head width shrinks, so that the attention scale holds):
+    the edits also run on a copy of ones, and each position is the tag divided by what its
+    one became. Before 2026-12-02 such a rescale stopped a gradual step on ``nn.Transformer``
+    ("slicing ... changed its values, not only its shape")."""
     shapes = {name: tuple(p.shape) for name, p in tagged.named_parameters()}
+    ones = copy_model(tagged)
+    with torch.no_grad():
+        for p in ones.parameters():
+            p.fill_(1.0)
     apply_edits(tagged, edits, pm)
+    apply_edits(ones, edits, pm)
+    scales = dict(ones.named_parameters())
     out: dict[str, list[torch.Tensor | None]] = {}
     for name, tag in tagged.named_parameters():
         old = shapes.get(name)
@@ -118,9 +130,13 @@ def kept_indices(tagged: nn.Module, edits: list[SliceEdit], pm: Any = None) -> d
         if tuple(tag.shape) == old:
             out[name] = [None] * len(old)
             continue
-        flat = tag.detach().to(torch.float64)
-        if not bool((flat == flat.round()).all()) or flat.numel() and (flat.min() < 0 or flat.max() >= math.prod(old)):
+        scale = scales[name].detach() if name in scales and scales[name].shape == tag.shape else 1.0
+        flat = tag.detach().to(torch.float64) / scale
+        near = flat.round()
+        outside = flat.numel() and (near.min() < 0 or near.max() >= math.prod(old))
+        if not bool(((flat - near).abs() <= 1e-6).all()) or outside:
             raise RuntimeError(f"slicing {name} changed its values, not only its shape; cannot map optimizer state")
+        flat = near
         coords = torch.unravel_index(flat.long(), old)
         dims: list[torch.Tensor | None] = []
         for d, c in enumerate(coords):

@@ -417,10 +417,11 @@ class StructuredPruner:
         if target is not None:
             sizes: dict[float, float] = {}
             stats = ((cal.stats if cal is not None else self.stats) or None) if self.bias_compensation else None
+            breakers: set[int] = set()  # groups whose slicing the model cannot run with: kept whole, as verified
 
             def size_at(r: float) -> float:
                 if r not in sizes:
-                    sizes[r] = pruned_size(model, graph, self.make_plan(r, scores, graph), measure, stats)
+                    sizes[r] = pruned_size(model, graph, self.make_plan(r, scores, graph), measure, stats, breakers)
                 return sizes[r]
 
             base = measure(model)

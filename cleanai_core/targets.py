@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from cleanai_core.compensation import new_bias_params
+from cleanai_core.errors import PruningError, model_fault
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.metrics import FlopsOfCopies, count_flops, count_params
 from cleanai_core.planning import PruningPlan
 from cleanai_core.slicing import edits_for, sliced_copy
+from cleanai_core.verify import build_skipping_breakers
 
 __all__ = ["flops_measure", "params_measure", "pruned_size", "ratio_for_target", "unshrunk_params"]
 
@@ -36,16 +39,43 @@ params_measure: Measure = count_params
 
 
 def pruned_size(
-    model: nn.Module, graph: DependencyGraph, plan: PruningPlan, measure: Measure, stats: dict | None = None
+    model: nn.Module,
+    graph: DependencyGraph,
+    plan: PruningPlan,
+    measure: Measure,
+    stats: dict | None = None,
+    breakers: set[int] | None = None,
 ) -> float:
     """``measure`` of ``model`` sliced as ``plan`` says (a copy, sharing what it left
     unsliced; no compensation). With ``stats`` (bias compensation on), parameters count the
-    biases compensation will add (:func:`~cleanai_core.compensation.new_bias_params`)."""
-    pruned = plan.pruned_units()
-    copy = sliced_copy(model, edits_for(graph, pruned), graph.pm, share=True)
-    size = measure(copy)
-    if stats and measure is params_measure:
-        size += new_bias_params(copy, graph, stats, pruned)
+    biases compensation will add (:func:`~cleanai_core.compensation.new_bias_params`).
+
+    A copy that fails to run (FLOPs are counted by running it: a width the model reads
+    from another tensor, which no trace sees) is measured without the groups at fault, as
+    ``prune()``'s verification keeps them whole (:func:`~cleanai_core.verify.build_skipping_breakers`;
+    ``plan`` is changed). ``breakers``: the ids of groups found at fault, read and added to
+    across the calls of one search. Before 2026-12-02 the model's own error ended a
+    ``target_flops`` search (and every gradual step by FLOPs) on such a model."""
+
+    def size_of(pruned: torch.Tensor) -> float:
+        copy = sliced_copy(model, edits_for(graph, pruned), graph.pm, share=True)
+        try:
+            size = measure(copy)
+        except Exception as exc:
+            if not model_fault(exc):
+                raise
+            raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
+        if stats and measure is params_measure:
+            size += new_bias_params(copy, graph, stats, pruned)
+        return size
+
+    known = set() if breakers is None else breakers
+    for gp in plan.groups:
+        if gp.group.id in known:
+            gp.pruned[:] = False
+    before = {gp.group.id for gp in plan.groups if gp.n_pruned}
+    size = build_skipping_breakers(plan, size_of, lambda _message: None)
+    known.update(before - {gp.group.id for gp in plan.groups if gp.n_pruned})
     return size
 
 

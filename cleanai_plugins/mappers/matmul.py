@@ -159,7 +159,15 @@ def convolution(call, ctx):
             ctx.union(lab.atoms, ctx.labels(bias, 0))
         ctx.set_label(out, 1, lab.atoms, lab.origin)
         return
-    if not bare or groups != 1 or w.ndim != x.ndim:
+    _bare_weight(ctx, x, w, arg(call, 2, "bias"), out, bare and groups == 1, transposed)
+
+
+def _bare_weight(ctx, x, w, bias, out, plain: bool, transposed: bool) -> None:
+    """A convolution with a bare, ungrouped weight (``plain``): its filters are fresh channels
+    that the bias and the output follow, its input channels shrink with ``x``'s channels
+    (dim 1). Anything else freezes ``x`` and ``w`` with the reason."""
+    lab, (din, dout) = ctx.label_of(x), ((0, 1) if transposed else (1, 0))
+    if not plain or w.ndim != x.ndim:
         why = f"{ctx.where()} convolves channels with a weight that cannot shrink"
         ctx.freeze_tensor(x, why)
         ctx.freeze_tensor(w, why)
@@ -170,10 +178,38 @@ def convolution(call, ctx):
         ctx.freeze(lab.atoms, f"{ctx.where()} convolves over the channels' dimension")
     atoms = ctx.produce("", w.param, w.shape[dout], dim=dout)
     ctx.slices[("", w.param)].kind = "param"
-    bias = arg(call, 2, "bias")
     if isinstance(bias, TRef):
         ctx.union(atoms, ctx.labels(bias, 0))
     ctx.set_label(out, 1, atoms)
+
+
+@table.register("deform_conv2d")
+def deform_conv2d(call, ctx):
+    """torchvision's deformable convolution (``torchvision.ops.DeformConv2d``, DCN in
+    detection necks and heads; ``torchvision.ops.deform_conv2d`` with a bare weight):
+    ``(input, weight, offset, mask, bias, ..., groups, offset_groups, use_mask)``. The
+    weight (the module's, which no layer pruner claims) maps like a bare ``F.conv2d``
+    weight: its filters are fresh channels that the bias and the output follow, its
+    input channels shrink with the input's. The offsets and the mask are read per kernel
+    position (``2 * offset_groups * kh * kw`` and ``offset_groups * kh * kw`` channels): the
+    layers that compute them keep their channels. Several offset groups (each a fixed share
+    of the input channels) keep the input's channels, a grouped weight all of them. Without
+    a bias, torchvision passes ``zeros(weight.shape[0])``: it follows the kept filters. Before
+    2026-12-02 no mapper knew the op: every channel around it froze ("which ignored them")."""
+    x, w, out = call.args[0], call.args[1], call.outputs[0]
+    groups, offset_groups = arg(call, 11, "groups", 1), arg(call, 12, "offset_groups", 1)
+    why = f"{ctx.where()} reads offsets and a mask per kernel position, which cannot shrink"
+    for name, i in (("offset", 2), ("mask", 3)):
+        t = arg(call, i, name)
+        if isinstance(t, TRef):
+            ctx.freeze_tensor(t, why)
+    if offset_groups != 1:  # offset group i moves the i-th share of the input channels
+        ctx.freeze_tensor(x, f"{ctx.where()} splits its input channels into {offset_groups} offset groups")
+    bare = isinstance(w, TRef) and w.param is not None and ctx.param_owner.get(w.param) is None
+    bias = arg(call, 4, "bias")
+    if isinstance(bias, TRef) and bias.param is None and ctx.label_of(bias) is None:
+        bias = None  # no bias: torchvision passes zeros(weight.shape[0]), as wide as the filters kept
+    _bare_weight(ctx, x, w, bias, out, bare and groups == 1, transposed=False)
 
 
 def _depthwise(x, w, lab, groups: int, transposed: bool) -> bool:

@@ -19,6 +19,9 @@ inputs and the mask / keypoint heads prune with it. Traced through a ``forward_f
 skips the ROI heads (backbone and RPN head), those read the FPN's outputs untraced: pruning
 them left a model whose whole forward failed (``box_head.fc6`` still wanted 256 x 7 x 7
 inputs), so then the FPN's output channels are kept (``cleanai_default_freezes``).
+
+``torchvision.ops.DeformConv2d``'s weight and bias are sliced as bare tensors (the
+``deform_conv2d`` mapper); its ``in_channels`` / ``out_channels`` follow the weight.
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ def _poolers():
     return loaded("torchvision.ops.poolers")
 
 
+def _deform_conv():
+    return loaded("torchvision.ops.deform_conv")
+
+
 RAFT_KEY = "torchvision_raft_channels"  # findings: {corr block name: the feature width it scales by}
 
 
@@ -60,6 +67,15 @@ def fix_vit(module: nn.Module, name: str, edits) -> None:
     vit = _vit()
     if vit is not None and isinstance(module, vit.VisionTransformer):
         module.hidden_dim = module.conv_proj.out_channels
+
+
+def fix_deform_conv(module: nn.Module) -> None:
+    """A deformable convolution's widths as its sliced weight says (its ``forward`` reads
+    the weight; these are what ``repr`` and a user's code read)."""
+    dc = _deform_conv()
+    if dc is not None and isinstance(module, dc.DeformConv2d):
+        module.out_channels = module.weight.shape[0]
+        module.in_channels = module.weight.shape[1] * module.groups
 
 
 def _heads_from_keep(keep: torch.Tensor, heads: int, head_dim: int, stacks: int) -> tuple[int, int]:
@@ -204,6 +220,7 @@ def cleanai_prepare_model(model):
 def cleanai_after_prune(module, name, edits, findings):
     fix_maxvit_attention(module, name, edits)
     fix_vit(module, name, edits)
+    fix_deform_conv(module)
     fix_raft_correlation(module, name, findings)
     fix_raft_hidden_size(module, name, edits)
 
