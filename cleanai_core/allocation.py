@@ -15,6 +15,7 @@ Glossary:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -177,7 +178,32 @@ def allocate_ratios(
     kl = {name: float(v.mean()) for name, v in losses.items()}
     by_group = {c.group: c.layer for c in curves}
     layer_ratios = {**stuck, **{by_group[gid]: r for gid, r in sorted(best.items())}}
+    _warn_beyond_curves(kind, target, cost({gid: pts[-1][0] for gid, pts in grids.items()}), grids)
     return Allocation(layer_ratios, method, kind, cost(best), kl, chosen)
+
+
+def _warn_beyond_curves(kind: str, target: float, kept: float, grids: dict[int, list]) -> None:
+    """Warn where every group at the highest ratio its curve measured keeps more than the
+    target asks: the allocation stops there, and said so only in an info line (BART with
+    its heads kept, ``--target-params 0.6 --auto``: 0.79 kept, every MLP at 0.75, where one
+    ratio for every group reaches 0.73)."""
+    from cleanai_core.pruner import TARGET_SLACK
+
+    if kept - target <= TARGET_SLACK:
+        return
+    top = max(pts[-1][0] for pts in grids.values())
+    more = (
+        "measure higher ratios (--sensitivity-ratios 0.25,0.5,0.75,0.9; sensitivity_ratios in Python), "
+        if top < 0.9
+        else "the parameters outside the groups do not shrink (`cleanai explain` says why); "
+    )
+    warnings.warn(
+        f"target_{kind}={target:g} cannot be reached by the allocation: every group at the highest ratio its "
+        f"sensitivity curve measured (at most {top:g}) keeps {kept:.2f} of the original's {kind}; {more}or ask "
+        f"for a target above {kept:.2f}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _choose(losses: dict[str, torch.Tensor], hits: dict[str, float | None], z: float = 2.0) -> str:

@@ -64,3 +64,31 @@ def test_auto_meets_a_parameter_target_on_experts_no_layer_names(tmp_path):
         cached = small.generate(x, max_new_tokens=6, do_sample=False)
         plain = small.generate(x, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
+
+
+def bart():
+    torch.manual_seed(0)
+    config = transformers.BartConfig(vocab_size=V, d_model=64, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
+                                     decoder_ffn_dim=96, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                                     bos_token_id=2, decoder_start_token_id=1)  # fmt: skip
+    return transformers.BartForConditionalGeneration(config).eval()
+
+
+def test_auto_says_when_its_curves_cannot_reach_the_target(tmp_path):
+    """BART keeps its heads on the default path (the config derives the head size), so its
+    MLPs are all the allocation can shrink; with each at the highest ratio its curve
+    measured (0.75), ``--target-params 0.6 --auto`` kept 0.78 and said so only in an info
+    line (without ``--auto``, ``cannot be reached`` is a warning). It warns now, with the
+    fix: measure higher ratios; with 0.9 measured too, the rest that does not shrink."""
+    with pytest.warns(RuntimeWarning, match=r"target_params=0.6 cannot be reached by the allocation: .*\(at most "
+                      r"0\.75\) keeps 0\.\d\d .*--sensitivity-ratios 0\.25,0\.5,0\.75,0\.9") as seen:  # fmt: skip
+        rc, report = prune_job(bart(), tmp_path, "--target-params", "0.6", "--auto")
+    assert rc == 0 and report["allocation"]["cost"] > 0.65, report.get("allocation")
+    assert set(report["allocation"]["layer_ratios"].values()) == {0.75}
+    assert report["params_after"] / report["params_before"] == pytest.approx(report["allocation"]["cost"], abs=1e-3)
+    assert len([w for w in seen if "by the allocation" in str(w.message)]) == 1
+    with pytest.warns(RuntimeWarning, match=r"\(at most 0\.9\) .* the parameters outside the groups do not shrink"):
+        rc, _ = prune_job(bart(), tmp_path / "again", "--target-params", "0.6", "--auto",
+                          "--sensitivity-ratios", "0.25,0.5,0.75,0.9")  # fmt: skip
+    assert rc == 0
