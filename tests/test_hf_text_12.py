@@ -92,3 +92,36 @@ def test_auto_says_when_its_curves_cannot_reach_the_target(tmp_path):
         rc, _ = prune_job(bart(), tmp_path / "again", "--target-params", "0.6", "--auto",
                           "--sensitivity-ratios", "0.25,0.5,0.75,0.9")  # fmt: skip
     assert rc == 0
+
+
+@pytest.mark.parametrize(
+    "cls, config, kw",
+    [
+        ("Gemma2ForCausalLM", "Gemma2Config", {"head_dim": 16}),
+        ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 16}),
+        ("CohereForCausalLM", "CohereConfig", {}),
+    ],
+)
+def test_a_folder_without_tokenizer_files_has_no_tokenizer(cls, config, kw, tmp_path, capsys):
+    """A model folder holding no tokenizer file: transformers 5 builds the tokenizer of the
+    config's model type with no vocabulary (Gemma-2's: 5 ids, every word one ``<unk>``), and
+    ``.txt`` data was pruned and scored on it (one token per line, perplexity reported; Qwen3's
+    made none: "0 tokens make fewer than 2 blocks", blamed on the text); with
+    token ids the job wrote that empty tokenizer into ``hf/`` (or ``tokenizer/``) as if it
+    were the model's. Such a folder now has no tokenizer: text is refused with the fix, and
+    token ids are pruned with no tokenizer written."""
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, config)(
+        vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, max_position_embeddings=64, pad_token_id=0, **kw)).eval()  # fmt: skip
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "d.txt").write_text("pruning removes whole channels\nthe model is smaller and faster\n" * 40)
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.txt"),
+               "--out", str(tmp_path / "t"), "--seq-len", "8", *ARGS])  # fmt: skip
+    assert rc == 2 and not (tmp_path / "t" / "report.json").exists()
+    assert "no tokenizer next to the model" in capsys.readouterr().err
+    rc, report = prune_job(model, tmp_path / "ids", "--ratio", "0.4")
+    assert rc == 0 and report["hf_reload_path"] == "from_pretrained" and "tokenizer_folder" not in report
+    written = sorted(p.name for p in (tmp_path / "ids" / "o" / "hf").iterdir())
+    assert written == ["config.json", "generation_config.json", "model.safetensors"]
+    assert not (tmp_path / "ids" / "o" / "tokenizer").exists()
