@@ -125,3 +125,42 @@ def test_a_folder_without_tokenizer_files_has_no_tokenizer(cls, config, kw, tmp_
     written = sorted(p.name for p in (tmp_path / "ids" / "o" / "hf").iterdir())
     assert written == ["config.json", "generation_config.json", "model.safetensors"]
     assert not (tmp_path / "ids" / "o" / "tokenizer").exists()
+
+
+@pytest.mark.parametrize(
+    "cls, config",
+    [
+        ("RobertaForSequenceClassification", "RobertaConfig"),
+        ("XLMRobertaForSequenceClassification", "XLMRobertaConfig"),
+        ("CamembertForSequenceClassification", "CamembertConfig"),
+    ],
+)
+def test_rows_fit_the_positions_of_a_model_that_numbers_them_after_its_padding(cls, config, tmp_path, capsys):
+    """RoBERTa's family numbers positions from ``padding_idx + 1`` (roberta-base: 514
+    positions, rows of 512). Long ``.jsonl`` lines were cut to ``max_position_embeddings``
+    tokens and every prune failed, blamed on the data (``the model failed on an input from
+    --data ...: index 66 is out of bounds for dimension 1 with size 66. Check that the data
+    matches what the model expects (channels, image size, --num-classes)``); a ``.pt`` of
+    such rows the same. The context is the positions after the offset."""
+    from transformers import ByT5Tokenizer
+
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(getattr(transformers, config)(
+        vocab_size=259, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=66, pad_token_id=1, num_labels=2)).eval()  # fmt: skip
+    model.save_pretrained(tmp_path / "m")
+    ByT5Tokenizer(extra_ids=0).save_pretrained(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "word " * (5 + 7 * i), "label": i % 2}) for i in range(30)))
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(data), "--out", str(tmp_path / "o"),
+               "--ratio", "0.4", *ARGS])  # fmt: skip
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rc == 0 and report["accuracy_before"] is not None and report["params_after"] < report["params_before"]
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(data), "--out", str(tmp_path / "long"),
+               "--seq-len", "65", *ARGS])  # fmt: skip
+    assert rc == 2 and "--seq-len 65 is longer than the model's context (64 positions)" in capsys.readouterr().err
+    torch.save({"input_ids": torch.randint(5, 250, (8, 65)), "labels": torch.zeros(8, dtype=torch.long)},
+               tmp_path / "rows.pt")  # fmt: skip
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "rows.pt"),
+               "--out", str(tmp_path / "pt"), *ARGS])  # fmt: skip
+    assert rc == 2 and "rows of 65 tokens are longer than the model's context (64 positions)" in capsys.readouterr().err
