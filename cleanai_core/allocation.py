@@ -15,6 +15,7 @@ Glossary:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +43,10 @@ def _plan(pruner: Any, scores: dict, group_ratios: dict[int, float], others: flo
 class Allocation:
     """Per-layer ratios meeting a target, how they were chosen, and what they measured.
 
-    ``layer_ratios`` goes to ``StructuredPruner(layer_pruning_ratios=...)`` (with the
-    same ``pruning_ratio``: groups no single layer names keep it). ``method`` says which
+    ``layer_ratios`` goes to ``StructuredPruner(layer_pruning_ratios=...)``, ``others`` to its
+    ``pruning_ratio`` (``None``: keep it): the ratio of the groups no single layer names, such
+    as the experts of a fused mixture-of-experts module (one module, one group per expert),
+    the uniform ratio that meets the target. ``method`` says which
     candidate was chosen: ``"sensitivity"`` (the curves' allocation), ``"uniform"`` (one
     ratio for all) or ``"global"`` (scores ranked across groups); ``kl`` holds each
     candidate's mean fidelity loss on the evaluation batches. The curves assume that the
@@ -56,6 +59,7 @@ class Allocation:
     target: str
     cost: float
     kl: dict[str, float]
+    others: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -92,10 +96,16 @@ def allocate_ratios(
     graph, model = pruner.graph, pruner.model
     live = {g.id for g in graph.groups(prunable_only=True)}
     curves = [c for c in result.curves if c.layer is not None and c.group in live]
-    # what the prune with ``layer_ratios`` does to the groups the allocation cannot name:
-    # they keep the pruner's ratio (``others``); the named groups without a curve stay whole
-    others = pruner.pruning_ratio
-    fixed = {g: (0.0 if g in {c.group for c in curves} else others) for g in live}
+    named = {c.group for c in curves}
+    scores = pruner.score()
+    # the groups the allocation cannot name take the pruner's ratio (``others``): a fused
+    # mixture-of-experts module holds one group per expert and is no name of any one, and
+    # the pruner's ratio (0.3 from the job) kept Mixtral's experts at 0.7 whatever the
+    # target (--target-params 0.6 --auto kept 0.73). They take the uniform ratio that meets
+    # the target, and the named groups are allocated around it. The named groups without a
+    # curve stay whole.
+    others, chosen = pruner.pruning_ratio, None
+    fixed = {g: (0.0 if g in named else others) for g in live}
     stuck = {c.layer: 0.0 for c in curves if len(c.ratios) == 1}
     curves = [c for c in curves if len(c.ratios) > 1]
     if not curves:
@@ -112,7 +122,6 @@ def allocate_ratios(
     def choose(lam: float) -> dict[int, float]:
         return {gid: min(pts, key=lambda p: (p[1] - lam * p[2], p[0]))[0] for gid, pts in grids.items()}
 
-    scores = pruner.score()
     ex, fwd = pruner.example_inputs, pruner.forward_fn
     if kind == "flops":
         measure, base_size = flops_measure(ex, fwd, model), result.base_flops
@@ -124,15 +133,22 @@ def allocate_ratios(
     measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
     stats = pruner.stats if pruner.bias_compensation else None  # the biases compensation adds count as parameters
 
-    def cost(ratios: dict[int, float]) -> float:
-        key = tuple(sorted(ratios.items()))
+    def cost(ratios: dict[int, float], rest: float | None = None) -> float:
+        key = (rest, *sorted(ratios.items()))
         if key not in measured:
-            plan = _plan(pruner, scores, {**fixed, **ratios}, others)
+            plan = _plan(pruner, scores, {**fixed, **ratios}, others if rest is None else rest)
             if not any(gp.n_pruned for gp in plan.groups):  # the original itself: not measured, where a
                 measured[key] = 1.0  # noisy latency could read it below the target and prune nothing
             else:
                 measured[key] = pruned_size(model, graph, plan, measure, stats) / base_size
         return measured[key]
+
+    def uniform_cost(r: float) -> float:  # every group at r
+        return cost(dict.fromkeys(live, r), r)
+
+    if live - named:
+        others = chosen = _search(lambda r: round(min(r, 0.95), 6), uniform_cost, target, iterations, linear=True)
+        fixed = {g: (0.0 if g in named else others) for g in live}
 
     def ranked(r: float) -> dict[int, float]:  # global ranking at ratio r, as per-group ratios
         plan = _plan(pruner, scores, {}, min(r, 0.95), ranked=True)
@@ -161,7 +177,33 @@ def allocate_ratios(
     best = candidates[method]
     kl = {name: float(v.mean()) for name, v in losses.items()}
     by_group = {c.group: c.layer for c in curves}
-    return Allocation({**stuck, **{by_group[gid]: r for gid, r in sorted(best.items())}}, method, kind, cost(best), kl)
+    layer_ratios = {**stuck, **{by_group[gid]: r for gid, r in sorted(best.items())}}
+    _warn_beyond_curves(kind, target, cost({gid: pts[-1][0] for gid, pts in grids.items()}), grids)
+    return Allocation(layer_ratios, method, kind, cost(best), kl, chosen)
+
+
+def _warn_beyond_curves(kind: str, target: float, kept: float, grids: dict[int, list]) -> None:
+    """Warn where every group at the highest ratio its curve measured keeps more than the
+    target asks: the allocation stops there, and said so only in an info line (BART with
+    its heads kept, ``--target-params 0.6 --auto``: 0.79 kept, every MLP at 0.75, where one
+    ratio for every group reaches 0.73)."""
+    from cleanai_core.pruner import TARGET_SLACK
+
+    if kept - target <= TARGET_SLACK:
+        return
+    top = max(pts[-1][0] for pts in grids.values())
+    more = (
+        "measure higher ratios (--sensitivity-ratios 0.25,0.5,0.75,0.9; sensitivity_ratios in Python), "
+        if top < 0.9
+        else "the parameters outside the groups do not shrink (`cleanai explain` says why); "
+    )
+    warnings.warn(
+        f"target_{kind}={target:g} cannot be reached by the allocation: every group at the highest ratio its "
+        f"sensitivity curve measured (at most {top:g}) keeps {kept:.2f} of the original's {kind}; {more}or ask "
+        f"for a target above {kept:.2f}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _choose(losses: dict[str, torch.Tensor], hits: dict[str, float | None], z: float = 2.0) -> str:

@@ -273,6 +273,8 @@ def test_masked_lms_with_an_embedding_of_their_own_class_or_a_broken_tokenizer_m
     from hf_families import build
 
     model, _, _ = build(family)
+    model.save_pretrained(tmp_path / "m")  # with its type's tokenizer saved: a folder without one has none (21b)
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "m").save_pretrained(tmp_path / "m")
     rc, report = prune_job(model.eval(), tmp_path, "--ratio", "0.4")
     assert rc == 0, report
     assert (report["params_before"], report["params_after"]) == (before, after)

@@ -42,6 +42,8 @@ def sensitivity_and_ratios(cfg: dict[str, Any], pruner: Any, data: Any, progress
         for name, r in alloc.layer_ratios.items():
             ratios.setdefault(name, r)
         pruner.set_layer_ratios(ratios)
+        if alloc.others is not None:  # the groups no layer names (a fused MoE module's experts)
+            pruner.pruning_ratio = alloc.others
         out["allocation"] = alloc.to_json()
         log.info(f"auto ratios: {alloc.method} allocation keeps {alloc.cost:.3f} of the {alloc.target}")
     return out

@@ -164,6 +164,8 @@ def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
     tf = _transformers()
     where = getattr(model.config, "name_or_path", "") or ""
     try:
+        if where and Path(where).is_dir() and not any(_is_tokenizer_file(f.name) for f in Path(where).iterdir()):
+            raise OSError("the folder holds no tokenizer file")  # none to read: transformers 5 makes an empty one
         tok = tf.AutoTokenizer.from_pretrained(where, local_files_only=True)
         if _makes_tokens(tok):
             return tok
@@ -187,6 +189,20 @@ def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
             "tokenizer.save_pretrained(model_folder), or give already tokenized data as a .pt file "
             f"(a LongTensor of ids (N, L) or a dict with input_ids). ({type(exc).__name__}: {_one_line(exc)})"
         ) from exc
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    """A file a tokenizer is read from (``tokenizer_config.json``, which every
+    ``save_pretrained`` writes, ``tokenizer.json``, a vocabulary, merges, a SentencePiece or
+    tiktoken model). Without one, transformers 5 builds the tokenizer of the config's model
+    type with no vocabulary (Gemma's, Qwen3's, Cohere's: every word one ``<unk>``), and text
+    data was pruned and scored on it, the tokenizer written into ``hf/``."""
+    name = name.lower()
+    return (
+        "tokenizer" in name
+        or name.startswith(("vocab", "merges", "special_tokens_map", "added_tokens"))
+        or name.endswith((".model", ".spm", ".tiktoken"))
+    )
 
 
 def _makes_tokens(tok: Any) -> bool:

@@ -378,7 +378,16 @@ def _context(model: Any) -> int | None:
     """The longest rows the model's positions take; ``None``: no limit (XLNet's relative
     positions: ``max_position_embeddings = -1``)."""
     limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    return int(limit) if isinstance(limit, (int, float)) and limit > 0 else None
+    if not (isinstance(limit, (int, float)) and limit > 0):
+        return None
+    # RoBERTa's family (XLM-R, CamemBERT, Longformer, Data2Vec, ESM, I-BERT) numbers positions
+    # from padding_idx + 1: roberta-base's 514 positions take rows of 512 tokens
+    offset = max(
+        (int(m.padding_idx) + 1 for n, m in model.named_modules()
+         if n.endswith("position_embeddings") and isinstance(getattr(m, "padding_idx", None), int)),
+        default=0,
+    )  # fmt: skip
+    return int(limit) - offset
 
 
 def _check_text_model(model: Any, spec: str, tokenized: bool = False) -> None:
