@@ -212,6 +212,8 @@ def test_a_model_whose_input_embeddings_are_a_parameter_prunes_from_text(tmp_pat
     pruner = StructuredPruner(model, {"inputs": ids(2, 16)}, importance="magnitude", pruning_ratio=0.4)
     assert "perceiver.input_preprocessor.embeddings" in pruner.ignored
     model.save_pretrained(tmp_path / "m")
+    # its byte tokenizer (no vocabulary file): a folder without one has none, and then masks nothing (21b)
+    transformers.PerceiverTokenizer().save_pretrained(tmp_path / "m")
     torch.save({"input_ids": ids(24, 16)}, tmp_path / "d.pt")
     with pytest.warns(RuntimeWarning, match="config can describe none of its prunable widths"):
         rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"),
