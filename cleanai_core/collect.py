@@ -43,7 +43,7 @@ from cleanai_core.calibration import (
     total_batches,
 )
 from cleanai_core.errors import UserError, model_fault
-from cleanai_core.model_state import copy_model, preserved
+from cleanai_core.model_state import copy_model, holds_history, preserved
 from cleanai_core.replay import CalibrationData, Pool, batch_bytes, samples_in, spread
 from cleanai_core.runtime import (
     check_labels,
@@ -445,21 +445,25 @@ def accumulate_gradients(
                     raise
             else:
                 per = None
+        # a cache the forward filled under gradients (LeViT's attention biases) is read by
+        # the next batches too: its graph must outlive this batch's backward
+        cached = holds_history(clone)
         if not squared and per is not None:
-            per[0].backward()
+            per[0].backward(retain_graph=cached)
         elif not squared:
-            nn.functional.cross_entropy(out, labels).backward()
+            nn.functional.cross_entropy(out, labels).backward(retain_graph=cached)
         else:
             if per is None:
                 per = nn.functional.cross_entropy(out, labels, reduction="none")
                 per = per.reshape(per.shape[0], -1).mean(1) if per.dim() > 0 else per.reshape(1)
             for i, loss in enumerate(per):
                 grads = torch.autograd.grad(
-                    loss, [p for _, p in named], retain_graph=i < len(per) - 1, allow_unused=True
+                    loss, [p for _, p in named], retain_graph=cached or i < len(per) - 1, allow_unused=True
                 )
                 for (name, _), g in zip(named, grads, strict=True):
                     if g is not None:
                         sums[name] = sums[name] + g.detach() ** 2 if name in sums else g.detach() ** 2
+        raw = logits = out = per = None  # this batch's graph goes before the next forward (kept by `cached`)
         seen = True
     if not seen and not distributed.is_distributed():
         raise UserError(f"the calibration data is empty{spent(batches)}")

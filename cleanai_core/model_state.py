@@ -66,6 +66,7 @@ __all__ = [
     "copy_model",
     "copy_tensor",
     "drop_user_hooks",
+    "holds_history",
     "preserved",
     "reads_preserved",
     "state_with_versions",
@@ -539,6 +540,27 @@ def _detached_into(value: Any, memo: dict[int, Any], depth: int) -> None:
     elif depth > 0 and isinstance(value, dict):
         for v in value.values():
             _detached_into(v, memo, depth - 1)
+
+
+def holds_history(model: nn.Module) -> bool:
+    """Whether a module of ``model`` keeps, in a plain attribute (or a list, tuple or dict
+    there), a tensor with autograd history: a cache its forward filled under gradients
+    (timm LeViT's and EfficientFormer's ``attention_bias_cache`` in eval mode). Every later
+    forward reads the same graph, so a backward that frees it breaks the next one ("Trying
+    to backward through the graph a second time")."""
+    return any(
+        _has_history(value, 3) for m in model.modules() for key, value in m.__dict__.items() if key not in _TABLES
+    )
+
+
+def _has_history(value: Any, depth: int) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.grad_fn is not None
+    if depth > 0 and isinstance(value, (list, tuple)):
+        return any(_has_history(v, depth - 1) for v in value)
+    if depth > 0 and isinstance(value, dict):
+        return any(_has_history(v, depth - 1) for v in value.values())
+    return False
 
 
 def user_hooks(model: nn.Module) -> list[tuple[str, str, int]]:
