@@ -44,7 +44,8 @@ def test_reconstructions_options_beside_no_bias_compensation_are_refused(job, tm
     err = capsys.readouterr().err
     assert f"{option[0]} (command line)" in err and "which --no-bias-compensation turns off" in err
     assert not (tmp_path / "o").exists()
-    assert main([*job, "--no-bias-compensation", "--covariance-rows", "256"]) == 0  # the default's value: read as not given
+    # the default's value (a config.json holds every option) is read as not given
+    assert main([*job, "--no-bias-compensation", "--covariance-rows", "256"]) == 0
 
 
 @pytest.mark.parametrize("option", [["--global"], ["--round-to", "8"], ["--global", "--isomorphic"]])
@@ -63,7 +64,8 @@ def test_the_library_refuses_prune_dead_only_with_global_ranking_or_rounding():
         with pytest.raises(UserError, match="global_pruning and round_to do not apply"):
             StructuredPruner(DigitsCNN(), torch.rand(1, 1, 8, 8), prune_dead_only=True, **kwargs)
     for round_to in ("auto", None, 1):  # the device's default, or no rounding
-        assert StructuredPruner(DigitsCNN(), torch.rand(1, 1, 8, 8), prune_dead_only=True, round_to=round_to).prune_dead_only
+        pruner = StructuredPruner(DigitsCNN(), torch.rand(1, 1, 8, 8), prune_dead_only=True, round_to=round_to)
+        assert pruner.prune_dead_only and not pruner.global_pruning
 
 
 @pytest.mark.parametrize("preset", [[], ["--preset", "aggressive"]])
