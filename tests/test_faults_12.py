@@ -103,3 +103,45 @@ def test_bn_samples_for_a_model_without_batchnorm_is_refused(job, tmp_path, monk
     assert main([*args, "--out", "o2", "--config", "b.toml"]) == 0
     assert "--bn-samples (config file) is read by the BatchNorm correction" in caplog.text
     assert main([*job, "--bn-samples", "5"]) == 0  # DigitsCNN has BatchNorm: read
+
+
+# -- image folders -------------------------------------------------------------------------------------
+
+
+def _images(root, classes, n=2):
+    from PIL import Image
+
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("L", (8, 8), color=(k * 20 + i) % 256).save(root / c / f"{i}.png")
+
+
+def test_hidden_folders_and_files_in_an_image_folder_are_no_class_and_no_image(tmp_path):
+    from cleanai_plugins.io.datasets import load_dataset
+
+    _images(tmp_path / "imgs", [str(k) for k in range(10)])
+    plain = load_dataset(str(tmp_path / "imgs"), {})
+    # Jupyter's checkpoints folder was class 0, every real label one higher ("labels go from 1 to 10"), and
+    # a macOS resource fork '._0.png' (not an image) stopped the run
+    _images(tmp_path / "imgs", [".ipynb_checkpoints"])
+    (tmp_path / "imgs" / "3" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    ds = load_dataset(str(tmp_path / "imgs"), {})
+    assert ds.classes == [str(k) for k in range(10)] == plain.classes
+    assert [y for _, y in ds.samples] == [k for k in range(10) for _ in range(2)] == [y for _, y in plain.samples]
+    assert all(torch.equal(ds[i][0], plain[i][0]) for i in range(len(plain)))
+    (tmp_path / "only").mkdir()
+    _images(tmp_path / "only", [".hidden"])
+    with pytest.raises(UserError, match="has no class sub-folders but hidden ones"):
+        load_dataset(str(tmp_path / "only"), {})
+
+
+def test_an_empty_class_folder_is_named_with_what_its_removal_does(tmp_path):
+    from cleanai_plugins.io.datasets import load_dataset
+
+    _images(tmp_path / "imgs", ["a", "b"])
+    (tmp_path / "imgs" / "c").mkdir()
+    (tmp_path / "imgs" / "c" / "notes.txt").write_text("not an image")
+    # said torchvision's "Found no valid file for the classes c." and nothing of the fix
+    with pytest.raises(UserError, match=r"the class folder\(s\) 'c' hold no image \(\.jpg.*labels 0\.\.2: add images"):
+        load_dataset(str(tmp_path / "imgs"), {})
