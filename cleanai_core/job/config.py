@@ -311,6 +311,11 @@ MAX_LATENCY_REPEATS = 10_000
 #: fix)``. Given without it, they were ignored without a word (``--recover-lr 0.1`` with no
 #: recovery, ``--sensitivity-ratios`` with no sensitivity analysis)
 _READ_ONLY_WITH = (
+    # cleanai sensitivity prunes nothing and writes no model: recovery, the pickle and the dead
+    # units' pruning were skipped with exit 0
+    *((key, lambda c: not c.get("_analysis_only"),
+       "is not read by cleanai sensitivity, which prunes nothing and writes no model: leave {flag} out, or run "
+       "cleanai prune") for key in ("recover_epochs", "save_pickle", "prune_dead_only")),
     ("recover_lr", lambda c: c.get("recover_epochs"),
      "is the learning rate of recovery, which runs only with --recover-epochs N (N >= 1): add it, or leave {flag} out"),
     ("sensitivity_batches", lambda c: c.get("sensitivity") or c.get("auto"),
