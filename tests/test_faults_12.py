@@ -83,16 +83,26 @@ def test_the_config_json_of_a_prune_dead_only_run_reruns_it(job, tmp_path, capsy
     assert "so --ratio (config file) does not apply" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option", [["--recover-epochs", "1"], ["--save-pickle"], ["--prune-dead-only"]])
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--recover-epochs", "1"],
+        ["--save-pickle"],
+        ["--prune-dead-only"],
+        ["--ratio", "0.5"],
+        ["--target-flops", "0.5"],
+    ],
+)
 def test_cleanai_sensitivity_refuses_what_only_a_pruned_model_reads(job, tmp_path, capsys, caplog, option):
-    # exit 0 with sensitivity.svg and the report: no recovery ran, no pickle, nothing pruned
+    # exit 0 with sensitivity.svg and the report: no recovery ran, no pickle, nothing pruned, no ratio or target
+    # read (a target is, with --auto)
     args = ["sensitivity", *job[1:]]
     assert main([*args, *option]) == 2
-    assert f"{option[0]} (command line) is not read by cleanai sensitivity" in capsys.readouterr().err
+    assert f"{option[0]} (command line) is " in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    (tmp_path / "s.toml").write_text(option[0][2:] + (" = 1\n" if len(option) > 1 else " = true\n"))
+    (tmp_path / "s.toml").write_text(f"{option[0][2:]} = {option[1] if len(option) > 1 else 'true'}\n")
     assert main([*args[:-3], "--out", "o2", "-q", "--config", "s.toml"]) == 0  # a file serving prune runs too
-    assert f"{option[0]} (config file) is not read by cleanai sensitivity" in caplog.text
+    assert f"{option[0]} (config file) is " in caplog.text and "cleanai sensitivity" in caplog.text
     assert sorted(p.name for p in (tmp_path / "o2").iterdir()) == [
         "config.json", "report.json", "report.md", "sensitivity.svg"]  # fmt: skip
 

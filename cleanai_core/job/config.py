@@ -316,6 +316,11 @@ _READ_ONLY_WITH = (
     *((key, lambda c: not c.get("_analysis_only"),
        "is not read by cleanai sensitivity, which prunes nothing and writes no model: leave {flag} out, or run "
        "cleanai prune") for key in ("recover_epochs", "save_pickle", "prune_dead_only")),
+    ("ratio", lambda c: not c.get("_analysis_only"),
+     "is not read by cleanai sensitivity, which tries each layer at --sensitivity-ratios: give those instead"),
+    *((key, lambda c: not c.get("_analysis_only") or c.get("auto"),
+       "is read by cleanai sensitivity only with --auto (the per-layer ratios it allocates): add --auto, or leave "
+       "{flag} out") for key in ("target_flops", "target_params")),
     ("recover_lr", lambda c: c.get("recover_epochs"),
      "is the learning rate of recovery, which runs only with --recover-epochs N (N >= 1): add it, or leave {flag} out"),
     ("sensitivity_batches", lambda c: c.get("sensitivity") or c.get("auto"),
