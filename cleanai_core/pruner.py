@@ -187,16 +187,18 @@ class StructuredPruner:
         ignored_layers = options.as_specs(ignored_layers, "ignored_layers")
         layer_pruning_ratios = options.as_ratio_table(layer_pruning_ratios)
         importance = options.as_importance(importance)
+        rounded = round_to not in ("auto", None, 1)  # "auto": the device's default, not asked for
         round_to = default_round_to(device_of(model)) if round_to == "auto" else round_to
         zero_ok = bool(layer_pruning_ratios) or bool(prune_dead_only)  # pruning_ratio=0: only those decide
         options.check_targets(pruning_ratio, target_flops, target_params, iterative_steps, zero_ok)
         options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes, min_channels, bn_samples)
         options.check_round_mode(round_mode)
         options.check_ranking(global_pruning, isomorphic)
-        if prune_dead_only and (target_flops is not None or target_params is not None or layer_pruning_ratios):
+        if prune_dead_only and (target_flops is not None or target_params is not None or layer_pruning_ratios
+                                or global_pruning or rounded):  # fmt: skip
             raise UserError(  # they were ignored: the dead units alone set what goes
-                "prune_dead_only=True removes exactly the units that never activate; target_flops, target_params "
-                "and layer_pruning_ratios do not apply: drop them or prune_dead_only"
+                "prune_dead_only=True removes exactly the units that never activate; target_flops, target_params, "
+                "layer_pruning_ratios, global_pruning and round_to do not apply: drop them or prune_dead_only"
             )
         example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         options.check_example_inputs(example_inputs)

@@ -201,14 +201,15 @@ CONFIG_HELP = (
 def pruner_options(cfg: dict[str, Any]) -> dict[str, Any]:
     """:class:`~cleanai_core.pruner.StructuredPruner` keywords for a resolved job config
     (``--auto`` leaves the targets to the allocation)."""
-    auto = bool(cfg.get("auto"))
+    auto, dead = bool(cfg.get("auto")), bool(cfg.get("prune_dead_only"))
     return {
         API_NAMES["ratio"]: float(cfg["ratio"]) if cfg.get("ratio") is not None else DEFAULT_RATIO,
         API_NAMES["layer_ratio"]: cfg.get("layer_ratio") or None,
         API_NAMES["ignore"]: list(cfg.get("ignore") or []) or None,
-        "global_pruning": bool(cfg.get("global_pruning")),
-        "isomorphic": bool(cfg.get("isomorphic")),
-        "round_to": cfg.get("round_to") if cfg.get("round_to") is not None else "auto",
+        # a preset's ranking and rounding do not apply to the dead units (given, they are refused)
+        "global_pruning": bool(cfg.get("global_pruning")) and not dead,
+        "isomorphic": bool(cfg.get("isomorphic")) and not dead,
+        "round_to": cfg.get("round_to") if cfg.get("round_to") is not None and not dead else "auto",
         "round_mode": cfg.get("round_mode") or "up",
         "target_flops": None if auto else cfg.get("target_flops"),
         "target_params": None if auto else cfg.get("target_params"),
@@ -310,6 +311,16 @@ MAX_LATENCY_REPEATS = 10_000
 #: fix)``. Given without it, they were ignored without a word (``--recover-lr 0.1`` with no
 #: recovery, ``--sensitivity-ratios`` with no sensitivity analysis)
 _READ_ONLY_WITH = (
+    # cleanai sensitivity prunes nothing and writes no model: recovery, the pickle and the dead
+    # units' pruning were skipped with exit 0
+    *((key, lambda c: not c.get("_analysis_only"),
+       "is not read by cleanai sensitivity, which prunes nothing and writes no model: leave {flag} out, or run "
+       "cleanai prune") for key in ("recover_epochs", "save_pickle", "prune_dead_only")),
+    ("ratio", lambda c: not c.get("_analysis_only"),
+     "is not read by cleanai sensitivity, which tries each layer at --sensitivity-ratios: give those instead"),
+    *((key, lambda c: not c.get("_analysis_only") or c.get("auto"),
+       "is read by cleanai sensitivity only with --auto (the per-layer ratios it allocates): add --auto, or leave "
+       "{flag} out") for key in ("target_flops", "target_params")),
     ("recover_lr", lambda c: c.get("recover_epochs"),
      "is the learning rate of recovery, which runs only with --recover-epochs N (N >= 1): add it, or leave {flag} out"),
     ("sensitivity_batches", lambda c: c.get("sensitivity") or c.get("auto"),
@@ -318,37 +329,48 @@ _READ_ONLY_WITH = (
      "is read by the sensitivity analysis, which runs only with --sensitivity or --auto: add one, or leave {flag} out"),
     ("bn_samples", lambda c: c.get("bn_recalibration"),
      "is read by the BatchNorm recalibration, which --no-bn-recalibration turns off: drop one of them"),
-    ("covariance_rows", lambda c: c.get("reconstruction"),
-     "feeds the covariances of reconstruction, which --no-reconstruction turns off: drop one of them"),
-    ("stats_budget_mib", lambda c: c.get("reconstruction"),
-     "is the memory for the covariances of reconstruction, which --no-reconstruction turns off: drop one of them"),
+    # reconstruction folds into the bias compensation: --no-bias-compensation turns it off too
+    ("covariance_rows", lambda c: c.get("reconstruction") and c.get("bias_compensation"),
+     "feeds the covariances of reconstruction, which {off} turns off: drop one of them"),
+    ("stats_budget_mib", lambda c: c.get("reconstruction") and c.get("bias_compensation"),
+     "is the memory for the covariances of reconstruction, which {off} turns off: drop one of them"),
     ("round_mode", lambda c: c.get("round_to") is not None or default_round_to(c.get("device")) is not None,
      "says how --round-to rounds, and no rounding is on (no --round-to, and none is the default on --device "
      "{device}): add --round-to N, or leave {flag} out"),
 )  # fmt: skip
 
 
-def check_unread(cfg: dict[str, Any]) -> None:
+def _asks(value: Any, key: str, where: str, baseline: Mapping[str, Any]) -> bool:
+    """Whether an option from ``where`` asks for something (``--round-to 1`` rounds nothing).
+    From a file or the environment, what the defaults and the preset give is not asked: a
+    ``config.json`` of an earlier run holds every option (a ``--prune-dead-only`` run's was
+    refused for its default ratio 0.3)."""
+    if where in ("default", "preset") or not value or (key == "round_to" and value == 1):
+        return False
+    return where == "command line" or value != baseline.get(key)
+
+
+def check_unread(cfg: dict[str, Any], rules: tuple = _READ_ONLY_WITH) -> None:
     """Refuse an option the user gave (not a default or a preset's, and not the default's
     value: a ``config.json`` of an earlier run holds every option) that the job would not
     read, since the option it goes with is off. Run on the job's final options (``cleanai
     sensitivity`` sets ``sensitivity`` itself). From a config file or the environment, which
-    serve many runs, it is a warning."""
+    serve many runs, it is a warning. ``rules``: ``(option, whether it is read, why not)``
+    (:func:`cleanai_core.job.run.check_model_reads` passes the ones the model decides)."""
     import logging
 
     sources = cfg.get("_sources", {})
-    for key, read, why in _READ_ONLY_WITH:
+    for key, read, why in rules:
         where = sources.get(key, "default")
         if where in ("default", "preset") or cfg.get(key) == DEFAULTS[key] or read(cfg):
             continue
         flag = "--" + key.replace("_", "-")
+        off = "--no-reconstruction" if not cfg.get("reconstruction") else "--no-bias-compensation"
+        why = why.format(flag=flag, device=cfg.get("device"), off=off, model=cfg.get("model"))
         if where != "command line":
-            log = logging.getLogger("cleanai")
-            log.warning(
-                "warning: %s (%s) %s; it was ignored.", flag, where, why.format(flag=flag, device=cfg.get("device"))
-            )
+            logging.getLogger("cleanai").warning("warning: %s (%s) %s; it was ignored.", flag, where, why)
             continue
-        raise UserError(f"{flag} ({where}) {why.format(flag=flag, device=cfg.get('device'))}.")
+        raise UserError(f"{flag} ({where}) {why}.")
 
 
 def _check_number(
@@ -498,7 +520,10 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None, objects: tu
             f"({sources['global_pruning']}): add --global (global = true in a config file)."
         )
     if cfg.get("prune_dead_only"):  # the amount is the dead units: a ratio or target given with it was ignored
-        asked = [k for k in (*AMOUNTS, "layer_ratio") if cfg.get(k) and sources.get(k) not in ("default", "preset")]
+        # so were the ranking and the rounding (--global, --round-to 8: the same units went)
+        given = [*AMOUNTS, "layer_ratio", "global_pruning", "isomorphic", "round_to"]
+        baseline = {**DEFAULTS, "ratio": DEFAULT_RATIO, **preset_options(preset, where)}
+        asked = [k for k in given if _asks(cfg.get(k), k, sources.get(k, "default"), baseline)]
         if asked:
             flag = f"--{asked[0].replace('_', '-')}"
             raise UserError(

@@ -237,6 +237,7 @@ def _execute(
             "image size, --num-classes)."
         ) from exc
     _check_output(output, cfg)
+    check_model_reads(cfg, model)
 
     importance_opts: dict[str, Any] = {}
     if cfg.get("alpha") is not None:
@@ -397,6 +398,17 @@ def _check_output(output: Any, cfg: dict[str, Any]) -> None:
         "return the output tensor(s) (e.g. a factory that wraps the model in a module whose forward returns the "
         "logits)."
     )
+
+
+def check_model_reads(cfg: dict[str, Any], model: torch.nn.Module) -> None:
+    """:func:`~cleanai_core.job.config.check_unread` for options the model leaves unread:
+    ``--bn-samples`` on a model without BatchNorm (nothing to correct) ran without a word."""
+    from cleanai_core.bn_correction import norms_with_running_stats
+
+    has_bn = bool(norms_with_running_stats(model))
+    why = ("is read by the BatchNorm correction, and --model {model!r} has no norm layer with running statistics "
+           "(BatchNorm) to correct: leave {flag} out")  # fmt: skip
+    check_unread(cfg, (("bn_samples", lambda c: has_bn, why),))
 
 
 def _input_dtype_hint(example: Any, model: torch.nn.Module) -> str:

@@ -427,6 +427,12 @@ def _image_loader(model: Any):
     return load
 
 
+def _hidden(name: str) -> bool:
+    """A hidden file or folder (``.ipynb_checkpoints``, ``.git``, macOS's ``._img.png``
+    resource forks): never a class and never an image of ``--data``."""
+    return name.startswith(".")
+
+
 def _image_files(
     directory: Any, class_to_idx: dict[str, int], extensions: Any, allow_empty: bool, spec: str
 ) -> list[tuple[str, int]]:
@@ -441,7 +447,7 @@ def _image_files(
 
     samples: list[tuple[str, int]] = []
     owner: dict[str, tuple[str, str]] = {}  # real path -> (class, the path it was first reached by)
-    repeats = 0
+    repeats = hidden = 0
     for target in sorted(class_to_idx):
         found: list[tuple[str, str]] = []
         seen_dirs: set[str] = set()
@@ -452,8 +458,10 @@ def _image_files(
                 repeats += 1
                 continue
             seen_dirs.add(real_root)
-            dirs.sort()  # the first path to an image (the one named) does not depend on the file system's order
-            for fname in sorted(files):
+            hidden += sum(_hidden(n) for n in (*dirs, *files))
+            # the first path to an image (the one named) does not depend on the file system's order
+            dirs[:] = sorted(d for d in dirs if not _hidden(d))
+            for fname in sorted(f for f in files if not _hidden(f)):
                 file = os.path.join(root, fname)
                 if extensions is not None and not has_file_allowed_extension(file, extensions):
                     continue
@@ -475,9 +483,18 @@ def _image_files(
             "image folder %r: %d folder(s) or file(s) are reached again through links (a link back up the tree?); "
             "each image is read once.", spec, repeats,
         )  # fmt: skip
+    if hidden:
+        log.info("image folder %r: %d hidden file(s) or folder(s) (names starting with '.') are not read.",
+                 spec, hidden)  # fmt: skip
     empty = sorted(set(class_to_idx) - {t for t, _ in owner.values()})
-    if empty and not allow_empty:
-        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}.")
+    if empty and not allow_empty:  # said "Found no valid file for the classes c." (torchvision's words)
+        kinds = ", ".join(extensions) if isinstance(extensions, (tuple, list)) else "images"
+        named = ", ".join(repr(c) for c in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise UserError(
+            f"image folder {spec!r}: the class folder(s) {named} hold no image ({kinds}). The class folders, sorted, "
+            f"are the labels 0..{len(class_to_idx) - 1}: add images to each, or move out a folder that is not one of "
+            "the model's classes (the classes after it are numbered one lower)."
+        )
     return samples
 
 
@@ -497,7 +514,17 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
 
     class CheckedImageFolder(ImageFolder):
         """An image that cannot be read names its file (``--data`` is the user's input); each
-        image file is read once however many links lead to it (:func:`_image_files`)."""
+        image file is read once however many links lead to it (:func:`_image_files`); hidden
+        folders are no class (torchvision made ``.ipynb_checkpoints`` class 0, every label
+        one higher)."""
+
+        def find_classes(self, directory: Any) -> tuple[list[str], dict[str, int]]:
+            classes, _ = super().find_classes(directory)
+            classes = [c for c in classes if not _hidden(c)]
+            if not classes:
+                raise UserError(f"image folder {str(path)!r} has no class sub-folders but hidden ones (names "
+                                "starting with '.'). Put images in one sub-folder per class.")  # fmt: skip
+            return classes, {c: i for i, c in enumerate(classes)}
 
         @staticmethod
         def make_dataset(directory: Any, class_to_idx: dict[str, int], extensions: Any = None,
