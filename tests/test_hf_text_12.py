@@ -14,25 +14,10 @@ transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hf_families import V  # noqa: E402
+from test_hf_text_10 import ARGS, ids, prune_job  # noqa: E402  (the same job, one copy)
 
 from cleanai_core.cli import main  # noqa: E402
 from cleanai_core.io import load_pruned  # noqa: E402
-
-ARGS = ["--threads", "1", "--latency-repeats", "1", "--quiet"]
-
-
-def ids(*shape: int, seed: int = 3) -> torch.Tensor:
-    return torch.randint(5, V, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def prune_job(model, tmp_path: Path, *extra: str) -> tuple[int, dict]:
-    """``cleanai prune`` of ``model`` saved as a folder, on 24 x 16 token ids."""
-    model.save_pretrained(tmp_path / "m")
-    torch.save({"input_ids": ids(24, 16)}, tmp_path / "d.pt")
-    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"),
-               "--out", str(tmp_path / "o"), *ARGS, *extra])  # fmt: skip
-    report = tmp_path / "o" / "report.json"
-    return rc, json.loads(report.read_text()) if report.exists() else {}
 
 
 def mixtral():
