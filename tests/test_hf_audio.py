@@ -581,3 +581,26 @@ def test_rows_written_with_a_broadcast_value_prune_and_a_fresh_full_width_write_
     assert small.up.out_features == 4 and small(x).shape == (4, 3, 2)
     with pytest.raises(Exception, match="writes values that cannot shrink with the channels"):
         StructuredPruner(WritesRows(fresh=True).eval(), (x,), importance="magnitude", pruning_ratio=0.5).prune()
+
+
+def test_a_packed_data_file_of_the_models_own_inputs_is_refused_before_it_is_inflated(tmp_path, capsys):
+    """The keyword reader goes through the same guard as the other ``.pt`` readers (faults11's
+    zip-bomb check): a small file of deflated zeros is not unpacked."""
+    import zipfile
+
+    model, _ = build("wav2vec2-seq-cls")
+    torch.save(
+        {"input_values": torch.zeros(2**13, 1600), "labels": torch.zeros(2**13, dtype=torch.long)}, tmp_path / "z.pt"
+    )
+    with zipfile.ZipFile(tmp_path / "z.pt") as z, zipfile.ZipFile(tmp_path / "d.pt", "w", zipfile.ZIP_DEFLATED) as out:
+        for info in z.infolist():
+            out.writestr(info.filename, z.read(info.filename))
+    assert (tmp_path / "d.pt").stat().st_size < 2**20 < (tmp_path / "z.pt").stat().st_size
+    from cleanai_core.cli import main
+
+    model.save_pretrained(tmp_path / "m")
+    rc = main(
+        ["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"), "--out", str(tmp_path / "o")]
+    )
+    assert rc == 2 and "is a zip archive of" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -560,10 +560,7 @@ def _keyword_pt(path: Path, model: Any) -> TextItems | None:
     of the forward (the other ``.pt`` readers explain)."""
     import inspect
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None
+    obj = _plain_pt(path)
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         return None
     takes = inspect.signature(model.forward).parameters
@@ -604,14 +601,21 @@ def _keyword_pt(path: Path, model: Any) -> TextItems | None:
     return TextItems(items)
 
 
-def _tokenized_pt(path: Path, model: Any) -> TextItems | None:
+def _plain_pt(path: Path) -> Any:
+    """What a ``.pt`` data file holds, read as plain tensors only and never inflated past
+    its size (:func:`~cleanai_core.special_files.check_not_packed`); ``None`` where it is
+    not plain tensors (the other ``.pt`` readers explain)."""
     from cleanai_core.special_files import check_not_packed
 
     check_not_packed(path, "--data")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        return None  # not plain tensors: the other .pt readers explain
+        return None
+
+
+def _tokenized_pt(path: Path, model: Any) -> TextItems | None:
+    obj = _plain_pt(path)
     if isinstance(obj, torch.Tensor):
         obj = {"input_ids": obj}
     if not isinstance(obj, dict) or not isinstance(obj.get("input_ids"), torch.Tensor):
