@@ -44,11 +44,12 @@ from __future__ import annotations
 import copy
 import copyreg
 import functools
+import operator
 import sys
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
@@ -97,6 +98,13 @@ class _Snapshot:
             for m in self.modules
         ]
         self.attrs = [{k: v for k, v in m.__dict__.items() if k not in _TABLES} for m in self.modules]
+        # per module, the attributes' names, a getter of their values in that order and the
+        # values, and how many entries its ``__dict__`` had: :meth:`restore` checks a module
+        # with two C-level calls where nothing changed (nearly always), not one per attribute
+        self.attr_check = [
+            (len(m.__dict__), _getter(tuple(a)), tuple(a.values()))
+            for m, a in zip(self.modules, self.attrs, strict=True)
+        ]
         # the entries of the parameter, buffer and module tables: a forward that registers a
         # buffer (a rotary cache grown for a longer input) or builds a layer on its first call
         # (``self.head = nn.Linear(...)``) left it in the user's model
@@ -104,7 +112,15 @@ class _Snapshot:
         # the hook ids of every module: a forward that registers a hook (transformers' output
         # capture, installed once per model behind an attribute this snapshot removes again)
         # left it in the user's model, and each later run added one more
-        self.hooks = [tuple(frozenset(getattr(m, t)) for t in _CALL_HOOKS) for m in self.modules]
+        self.hooks = [
+            (
+                frozenset(m._forward_hooks),
+                frozenset(m._forward_pre_hooks),
+                frozenset(m._backward_hooks),
+                frozenset(m._backward_pre_hooks),
+            )
+            for m in self.modules
+        ]  # the order of _CALL_HOOKS
         self.module_ids = {id(m) for m in self.modules}
         # parameters (their data: a forward may assign ``p.data = ...``, and their version:
         # a write the guard did not see), as (module, name, parameter, data, version); the
@@ -152,13 +168,16 @@ class _Snapshot:
     def restore(self) -> None:
         with torch.no_grad():
             self._restore_params()
-            for m, bufs, attrs, tables in zip(self.modules, self.buffers, self.attrs, self.tables, strict=True):
+            for m, bufs, attrs, tables, check in zip(
+                self.modules, self.buffers, self.attrs, self.tables, self.attr_check, strict=True
+            ):
                 state = m.__dict__
-                for key in state.keys() - attrs.keys() - _TABLES:
-                    del state[key]  # set by a forward
-                for key, value in attrs.items():
-                    if state.get(key, _MISSING) is not value:
-                        state[key] = value  # includes ``training``
+                if not _same_attrs(state, check):
+                    for key, value in attrs.items():
+                        if state.get(key, _MISSING) is not value:
+                            state[key] = value  # includes ``training``
+                    for key in state.keys() - attrs.keys() - _TABLES:
+                        del state[key]  # set by a forward
                 params, buffer_names, modules = tables
                 _put_table(m._parameters, params)
                 _put_table(m._modules, modules)
@@ -201,12 +220,33 @@ def _drop_new_hooks(m: nn.Module, saved: tuple[frozenset, ...]) -> None:
     """Remove the hooks registered on ``m`` since ``saved`` (its hook ids per table)."""
     for table, ids in zip(_CALL_HOOKS, saved, strict=True):
         hooks = getattr(m, table)
-        if len(hooks) == len(ids) and all(k in ids for k in hooks):
+        if not hooks or (len(hooks) == len(ids) and all(k in ids for k in hooks)):
             continue
         for key in [k for k in hooks if k not in ids]:
             del hooks[key]
             for flags in _HOOK_FLAGS:
                 getattr(m, flags, {}).pop(key, None)
+
+
+def _getter(keys: tuple[str, ...]) -> Callable[[dict], tuple]:
+    """A function giving the values of ``keys`` in a dict as a tuple (``KeyError`` where one is missing)."""
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda d: (d[key],)
+    return operator.itemgetter(*keys) if keys else lambda d: ()
+
+
+def _same_attrs(state: dict[str, Any], check: tuple[int, Callable[[dict], tuple], tuple]) -> bool:
+    """Whether a module's ``__dict__`` holds the very objects it held at the snapshot
+    (``check``: its length then, the getter and the values) and no other entry."""
+    size, values_of, values = check
+    if len(state) != size:
+        return False
+    try:
+        now = values_of(state)
+    except KeyError:
+        return False
+    return all(map(operator.is_, now, values))
 
 
 def _version(t: torch.Tensor) -> int:
@@ -308,6 +348,8 @@ def _guarded_call(model: nn.Module, snaps: list[_Snapshot]) -> Iterator[None]:
 def _put_table(table: dict[str, Any], saved: dict[str, Any]) -> None:
     """Make a module's parameter or module table hold ``saved``'s entries again (an entry a
     forward added is dropped, one it replaced put back); untouched, it is not written."""
+    if not table and not saved:
+        return
     if table.keys() == saved.keys() and all(table[k] is v for k, v in saved.items()):
         return
     for key in table.keys() - saved.keys():
@@ -572,15 +614,18 @@ def user_hooks(model: nn.Module) -> list[tuple[str, str, int]]:
     installed library defines for its own modules (transformers' output capture: dropped
     from a copy that kept the attribute saying they are installed, the pruned model
     returned no ``hidden_states``)."""
-    held = {id(v) for m in model.modules() for k, v in m.__dict__.items() if k not in _TABLES}
-    held |= {id(m) for m in model.modules()}
-    out = []
-    for name, m in model.named_modules():
-        for table in _CALL_HOOKS:
-            for key, fn in getattr(m, table, {}).items():
-                if not _model_hook(fn, held, m):
-                    out.append((name, table, key))
-    return out
+    named = list(model.named_modules())
+    found = [
+        (name, m, table, key, fn)
+        for name, m in named
+        for table in _CALL_HOOKS
+        for key, fn in getattr(m, table, {}).items()
+    ]
+    if not found:  # most models: no hook at all, and no need for the ids below (a third of the walk's cost)
+        return []
+    held = {id(v) for _, m in named for k, v in m.__dict__.items() if k not in _TABLES}
+    held |= {id(m) for _, m in named}
+    return [(name, table, key) for name, m, table, key, fn in found if not _model_hook(fn, held, m)]
 
 
 #: attribute of a hook function that a plugin's fix-up installs as part of how the pruned

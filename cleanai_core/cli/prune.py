@@ -60,9 +60,10 @@ def run(args: argparse.Namespace, **fixed: Any) -> int:
     cfg["device"], started = distributed.init_from_env(cfg["device"])
     try:
         execute(cfg)
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    except BaseException:
+        if started:  # no barrier: the other ranks may never reach it (torchrun stops them)
+            distributed.close_group(wait=False)
+        raise
+    if started:
+        distributed.close_group(wait=True)
     return 0
