@@ -189,10 +189,11 @@ def test_weights_saved_from_a_compiled_model_load(ws, capsys, wrap):
                        torch.load(ws / "o2" / "model.pt")["features.0.weight"])  # fmt: skip
 
 
-def test_a_saved_folder_as_weights_or_model_says_how_to_load_it(ws, capsys):
+def test_a_saved_folder_as_weights_or_its_model_file_says_how_to_load_it(ws, capsys):
+    # (session 22: the folder itself as --model prunes it further, tests/test_lead_22.py)
     assert _prune_cli(ws, "--out", "saved") == 0
     capsys.readouterr()
-    for args in (["--weights", "saved"], ["--model", "saved"], ["--model", "saved/model.pt"]):
+    for args in (["--weights", "saved"], ["--model", "saved/model.pt"]):
         rc = main(["prune", "--model", DEMO, "--data", "data.pt", "--out", "o", "--quiet", *args])
         err = capsys.readouterr().err
         assert rc == 2 and "The folder 'saved' was written by `cleanai prune`" in err, err

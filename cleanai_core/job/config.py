@@ -83,7 +83,8 @@ class PruneConfig:
 
     # inputs
     model: str | None = _opt(None, "timm:NAME, torchvision:NAME, hf:FOLDER_OR_NAME (transformers, no download), "
-                             "package.module:factory, or a pickled model file", "inputs", "-m",
+                             "package.module:factory, a pickled model file, or a folder cleanai prune wrote (to "
+                             "prune it further)", "inputs", "-m",
                              metavar="M")  # fmt: skip
     weights: str | None = _opt(None, "state_dict to load into the model (torch.save(sd, FILE))", "inputs",
                                metavar="FILE")  # fmt: skip

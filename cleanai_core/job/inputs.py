@@ -85,6 +85,8 @@ def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
         "trust_model": bool(cfg.get("trust_model")),
         "num_classes": cfg.get("num_classes"),
         "pretrained": False,
+        # a saved folder's own architecture.json runs code only with the explicit flag
+        "trust_folder_code": bool(cfg.get("trust_code")),
         **spec_options(cfg, "model"),
     }
 
@@ -130,6 +132,9 @@ def load_inputs(cfg: dict[str, Any], model: Any = None, dataset: Any = None) -> 
             cfg["_model_spec"] = model_options["resolved_spec"]
         if isinstance(model_options.get("stored_dtype"), torch.dtype):  # the files' dtype, narrower than the model's
             cfg["_stored_dtype"] = model_options["stored_dtype"]
+        if model_options.get("prior_history") is not None:  # --model FOLDER: pruned before, by cleanai
+            cfg["_prior_history"] = model_options["prior_history"]
+            cfg["_arch_options"] = model_options.get("arch_options") or {}
     if dataset is None:
         dataset = pm.hook.cleanai_load_dataset(
             spec=cfg["data"],

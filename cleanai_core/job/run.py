@@ -342,6 +342,10 @@ def _execute(
     arch_options = dict(spec_options or {})
     if cfg.get("num_classes") is not None:
         arch_options.setdefault("num_classes", cfg["num_classes"])
+    history = pruner.history
+    if cfg.get("_prior_history") is not None:  # --model FOLDER: its steps, then this job's, on its architecture
+        arch_options = dict(cfg.get("_arch_options") or {})
+        history = cfg["_prior_history"].then(history)
     # the options, then where each came from; --config reads it back and skips the "_" keys
     resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
     resolved["_sources"] = cfg.get("_sources") or {}
@@ -354,7 +358,7 @@ def _execute(
         cio.save_pruned(
             tmp,
             saved,
-            pruner.history,
+            history,
             spec,
             options=arch_options,
             save_pickle=bool(cfg.get("save_pickle")),

@@ -8,7 +8,9 @@
   sets it for a spec typed there; a spec read from a config file or a saved folder needs
   ``--trust-code`` / ``trust_code=True``,
 - a whole pickled model file (``torch.save(model, path)``), only with ``--trust-model``,
-  because unpickling runs code stored in the file.
+  because unpickling runs code stored in the file,
+- a folder ``cleanai prune`` / ``save_pruned`` wrote, to prune its model further
+  (:func:`load_saved_folder`).
 """
 
 from __future__ import annotations
@@ -99,15 +101,46 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
+def is_saved_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder ``cleanai prune`` / ``save_pruned`` wrote (its three own files)."""
+    return path.is_dir() and all((path / n).is_file() for n in ("architecture.json", "history.json", "model.pt"))
+
+
 def _saved_folder_note(path: Path) -> str:
-    """A sentence for a folder written by ``cleanai prune`` / ``save_pruned`` given as a model or weights."""
-    if not all((path / n).is_file() for n in ("architecture.json", "history.json", "model.pt")):
+    """A sentence for a folder written by ``cleanai prune`` / ``save_pruned`` given as weights."""
+    if not is_saved_folder(path):
         return ""
     return (
         f" The folder {str(path)!r} was written by `cleanai prune` or save_pruned() and holds a pruned model, whose "
-        "model.pt does not fit the unpruned architecture: rebuild it in Python with "
-        f"cleanai_core.io.load_pruned({str(path)!r}) (and prune that model further with StructuredPruner)."
+        "model.pt does not fit the unpruned architecture: give the folder itself as --model to prune it further "
+        f"(in Python: cleanai_core.io.load_pruned({str(path)!r}))."
     )
+
+
+def load_saved_folder(path: Path, options: dict[str, Any]) -> nn.Module:
+    """The pruned model in a folder ``cleanai prune`` / ``save_pruned`` wrote, to prune it
+    further (``--model FOLDER``): rebuilt by :func:`~cleanai_core.io.load_pruned` with the
+    consent given on the command line for the folder's own contents (``--trust-model`` for a
+    pickled original, ``--trust-code`` for an import spec in its ``architecture.json``:
+    typing the folder's name consents to reading it, not to running what it names). Then
+    ``--weights`` (e.g. the pruned model fine-tuned since) replace its weights. Writes back
+    into ``options``: ``resolved_spec`` and ``arch_options`` (the unpruned architecture the
+    new folder names again) and ``prior_history`` (replayed before this job's steps)."""
+    from cleanai_core.io import load_pruned
+    from cleanai_core.saved_folder import read_architecture, read_history
+
+    if options.get("num_classes") is not None:
+        raise UserError(
+            f"--model {str(path)!r} is a saved folder, whose architecture.json fixes the architecture; leave out "
+            "--num-classes (it applies to timm:/torchvision: specs)."
+        )
+    trust_code = bool(options.get("trust_folder_code"))
+    model = load_pruned(path, trust_model=bool(options.get("trust_model")), trust_code=trust_code)
+    spec, arch_options = read_architecture(path / "architecture.json", trust_code=trust_code)
+    options.update(resolved_spec=spec, arch_options=arch_options, prior_history=read_history(path / "history.json"))
+    if options.get("weights"):
+        _apply_weights(model, options["weights"], str(path))
+    return model
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -328,9 +361,12 @@ def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
             kwargs.setdefault("weights_backbone", None)
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     elif path.exists():
+        if is_saved_folder(path):
+            return load_saved_folder(path, options)
         if path.is_dir():
             raise UserError(
-                f"--model {spec!r} is a folder; give a model file or a spec ({MODEL_FORMS}).{_saved_folder_note(path)}"
+                f"--model {spec!r} is a folder; give a model file, a spec ({MODEL_FORMS}) or a folder written by "
+                "`cleanai prune`."
             )
         model = _load_model_file(path, options)
         if options.get("weights"):
