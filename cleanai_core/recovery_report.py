@@ -26,15 +26,19 @@ def recovery_summary(rec: dict[str, Any]) -> str:
         return (
             f"Recovery: held-out {rec['metric']} {_num(rec['initial']) or 'NaN/inf'} -> "
             f"{_num(rec['best']) or 'NaN/inf'} "
-            f"({rec['epochs']} epochs, {rec['seconds']:.1f} s{stop})"
+            f"({_epochs(rec)}, {rec['seconds']:.1f} s{stop})"
         )
     gap = rec.get("gap_recovered")
     gap_text = f", {100 * gap:.0f}% of the gap recovered" if gap is not None else ""
     return (
         f"Recovery: accuracy {_pct(rec.get('accuracy_original'))} original, {_pct(rec.get('accuracy_pruned'))} "
-        f"pruned, {_pct(rec.get('accuracy_recovered'))} recovered{gap_text} ({rec['epochs']} epochs, "
+        f"pruned, {_pct(rec.get('accuracy_recovered'))} recovered{gap_text} ({_epochs(rec)}, "
         f"{rec['seconds']:.1f} s{stop})"
     )
+
+
+def _epochs(rec: dict[str, Any]) -> str:
+    return f"{rec['epochs']} epoch{'' if rec['epochs'] == 1 else 's'}"
 
 
 def _num(value: float | None) -> str:
@@ -64,7 +68,7 @@ def recovery_markdown(rec: dict[str, Any], plot: str | None) -> str:
     if gap is not None:
         lines.append(f"Fraction of the accuracy gap recovered: **{100 * gap:.1f}%**.")
     lines += [
-        f"Distillation from the original model for {rec['epochs']} epoch(s) in {rec['seconds']:.1f} s"
+        f"Distillation from the original model for {_epochs(rec)} in {rec['seconds']:.1f} s"
         + (
             " (stopped: the training loss became NaN or inf, a learning rate too high or NaN/inf in the training "
             "data; the best epoch's weights are kept)"

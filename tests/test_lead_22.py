@@ -156,3 +156,11 @@ def test_a_saved_folder_as_model_takes_weights_of_its_own_shapes_only(tmp_path, 
     got, was = dict(out.named_parameters())[first], dict(tuned.named_parameters())[first]
     assert got.shape[1] == was.shape[1] == 1 and got.shape[0] < was.shape[0]  # filters removed, input whole
     assert all(any(torch.equal(r, w) for w in was.unbind(0)) for r in got.unbind(0))
+
+
+def test_the_recovery_lines_count_one_epoch_in_the_singular():
+    from cleanai_core.recovery_report import recovery_summary
+
+    rec = {"metric": "perplexity", "initial": 9.0, "best": 8.0, "seconds": 1.0}
+    assert recovery_summary({**rec, "epochs": 1}).endswith("(1 epoch, 1.0 s)")
+    assert recovery_summary({**rec, "epochs": 3}).endswith("(3 epochs, 1.0 s)")
