@@ -132,6 +132,8 @@ def allocate_ratios(
         base_size = measure(model)
     measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
     stats = pruner.stats if pruner.bias_compensation else None  # the biases compensation adds count as parameters
+    breakers: set[int] = set()  # groups the model cannot run without: costed whole, as the prune keeps them
+    check = pruner.trial_check()
 
     def cost(ratios: dict[int, float], rest: float | None = None) -> float:
         key = (rest, *sorted(ratios.items()))
@@ -140,7 +142,7 @@ def allocate_ratios(
             if not any(gp.n_pruned for gp in plan.groups):  # the original itself: not measured, where a
                 measured[key] = 1.0  # noisy latency could read it below the target and prune nothing
             else:
-                measured[key] = pruned_size(model, graph, plan, measure, stats) / base_size
+                measured[key] = pruned_size(model, graph, plan, measure, stats, breakers, check) / base_size
         return measured[key]
 
     def uniform_cost(r: float) -> float:  # every group at r

@@ -552,8 +552,8 @@ def _checked_on_meta(
 
     if Path(spec).exists():  # a pickled model file: unpickling runs its code, once is enough
         return None
-    try:
-        fresh = _meta_rebuild(spec, options, history, pm)
+    try:  # a factory the user trusts declines the probe (it ran twice: once here, once for real)
+        fresh = _meta_rebuild(spec, dict(options, meta_probe=True), history, pm)
     except Exception:  # noqa: BLE001 - best effort: the real build reports its own failures
         return None
     if not isinstance(fresh, nn.Module):

@@ -45,6 +45,7 @@ def pruned_size(
     measure: Measure,
     stats: dict | None = None,
     breakers: set[int] | None = None,
+    check: Callable[[nn.Module], object] | None = None,
 ) -> float:
     """``measure`` of ``model`` sliced as ``plan`` says (a copy, sharing what it left
     unsliced; no compensation). With ``stats`` (bias compensation on), parameters count the
@@ -55,10 +56,19 @@ def pruned_size(
     ``prune()``'s verification keeps them whole (:func:`~cleanai_core.verify.build_skipping_breakers`;
     ``plan`` is changed). ``breakers``: the ids of groups found at fault, read and added to
     across the calls of one search. Before 2026-12-02 the model's own error ended a
-    ``target_flops`` search (and every gradual step by FLOPs) on such a model."""
+    ``target_flops`` search (and every gradual step by FLOPs) on such a model.
+
+    ``check(copy)`` (raises :class:`~cleanai_core.errors.PruningError`; the pruner's
+    verification) runs a copy that measuring does not run: parameters are counted, and
+    FLOPs of a model of convolutions and linear layers computed from their sizes, so a
+    group that verification would keep whole (a split into sizes the module stores) was
+    counted as pruned, and the result kept more than the target (0.76 of the parameters
+    at ``target_params=0.6``)."""
 
     def size_of(pruned: torch.Tensor) -> float:
         copy = sliced_copy(model, edits_for(graph, pruned), graph.pm, share=True)
+        if check is not None and not _runs(measure, copy):
+            check(copy)
         try:
             size = measure(copy)
         except Exception as exc:
@@ -77,6 +87,13 @@ def pruned_size(
     size = build_skipping_breakers(plan, size_of, lambda _message: None)
     known.update(before - {gp.group.id for gp in plan.groups if gp.n_pruned})
     return size
+
+
+def _runs(measure: Measure, copy: nn.Module) -> bool:
+    """Whether ``measure(copy)`` runs ``copy`` (parameters are counted; a measure with a
+    ``runs`` method says; any other, such as latency, runs it)."""
+    runs = getattr(measure, "runs", None)
+    return bool(runs(copy)) if callable(runs) else measure is not params_measure
 
 
 def unshrunk_params(model: nn.Module, graph: DependencyGraph, plan: PruningPlan) -> list[tuple[str, int]]:
