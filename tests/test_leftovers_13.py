@@ -165,3 +165,34 @@ def test_a_hugging_face_weights_file_that_unpacks_far_beyond_its_size_is_not_loa
     with pytest.raises(UserError, match=r"the weights file '.*pytorch_model.bin' is a zip archive of [\d,]+ bytes "
                        r"whose compressed records unpack to 100,66\d,\d{3} bytes"):  # fmt: skip
         load_hf_model(f"hf:{tmp_path / 'bomb'}")
+
+
+# -- 7. an --out name as long as the file system allows ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["o" * 250, "p" * 255, "é" * 127], ids=["250", "255", "254-bytes-utf8"])
+def test_an_out_name_as_long_as_the_file_system_allows_is_written_and_overwritten(tmp_path, monkeypatch, name):
+    """``--out`` with a 250-character name exited 2 ("cannot create a lock file next to ...:
+    the path is too long"): the lock ``.NAME.lock`` and the staged ``.NAME.tmp-*`` were
+    longer than a name may be. Long names now get a shortened prefix with NAME's hash."""
+    from cleanai_core.cli import main
+    from cleanai_core.io import load_pruned
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), "w.pt")
+    torch.save((torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))), "d.pt")
+    args = ["prune", "--model", "cleanai_plugins.io.demo:DigitsCNN", "--weights", "w.pt", "--data", "d.pt"]
+    assert main([*args, "--out", name, "-q"]) == 0  # was 2
+    assert main([*args, "--out", name, "-q", "--overwrite", "--ratio", "0.5"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["d.pt", "w.pt", name])  # no lock or stage left
+    assert count_params(load_pruned(name, trust_code=True)) < count_params(DigitsCNN())
+
+
+def test_sibling_prefixes_of_long_names_fit_and_stay_apart(tmp_path):
+    from cleanai_core.out_folder import sibling_prefix
+
+    assert sibling_prefix("out", tmp_path) == ".out."
+    a, b = sibling_prefix("x" * 240 + "a", tmp_path), sibling_prefix("x" * 240 + "b", tmp_path)
+    assert a != b and len(a) + 24 <= 255 and a.startswith(".xxx") and a.endswith(".")
