@@ -3,6 +3,8 @@ fails on the code before its fix (``git`` 46a3cd4) and names the number it pins.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_peer_scenarios_6 import _seeded
@@ -196,3 +198,52 @@ def test_sibling_prefixes_of_long_names_fit_and_stay_apart(tmp_path):
     assert sibling_prefix("out", tmp_path) == ".out."
     a, b = sibling_prefix("x" * 240 + "a", tmp_path), sibling_prefix("x" * 240 + "b", tmp_path)
     assert a != b and len(a) + 24 <= 255 and a.startswith(".xxx") and a.endswith(".")
+
+
+# -- 8. recover() with the student as its own teacher ----------------------------------------------
+
+
+def _student_and_data():
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(256, 6, generator=g)
+    return model, TensorDataset(x, (x @ torch.randn(6, 3, generator=g)).argmax(1))  # labels it can learn
+
+
+def test_recover_warns_when_the_teacher_is_the_student_and_keeps_it_as_given_in_place():
+    """``recover(m, m, ...)`` (usually a model pruned with ``inplace=True``, so the
+    "original" is the pruned object) distilled towards the pruned model's own outputs
+    without a word; with ``inplace=True`` the teacher trained with the student, so its
+    targets followed every step. It warns now, and in place the teacher is a copy of
+    what was given: the same weights as with a separate copy as teacher."""
+    import copy
+
+    from cleanai_core.recovery import recover
+
+    model, data = _student_and_data()
+    apart = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a separate teacher: no warning
+        expected, _ = recover(apart, copy.deepcopy(model), data, epochs=2, inplace=True, progress=False, lr=1e-2)
+    with pytest.warns(RuntimeWarning, match=r"the teacher is the pruned model itself, so the distillation pulls") as w:
+        got, _ = recover(model, model, data, epochs=2, inplace=True, progress=False, lr=1e-2)
+    assert w[0].filename == __file__  # the caller's line
+    assert got is model
+    for a, b in zip(got.parameters(), expected.parameters(), strict=True):
+        assert torch.equal(a, b)  # the teacher followed the student: other weights
+
+
+def test_recover_warns_when_the_teacher_shares_the_students_parameters():
+    import copy
+
+    from cleanai_core.recovery import recover
+
+    model, data = _student_and_data()
+    shallow = copy.copy(model)  # the same parameter objects
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match=r"the teacher shares parameters with the pruned model"):
+        recover(model, shallow, data, epochs=1, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))  # not in place
