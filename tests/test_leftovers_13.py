@@ -247,3 +247,54 @@ def test_recover_warns_when_the_teacher_shares_the_students_parameters():
     with pytest.warns(RuntimeWarning, match=r"the teacher shares parameters with the pruned model"):
         recover(model, shallow, data, epochs=1, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))  # not in place
+
+
+# -- 4. --global --auto prunes what the allocation costed ------------------------------------------
+
+
+def test_global_auto_keeps_what_the_allocation_measured(tmp_path):
+    """``--global --auto --target-params 0.6`` on Mixtral kept 0.603 of the parameters where
+    the allocation said 0.570: its fused experts (no layer names one expert) take the
+    allocation's ``others`` ratio, which the prune ranks across them under global ranking,
+    while the allocation costed each expert at that ratio. It now costs the plan the prune
+    makes."""
+    pytest.importorskip("transformers")
+    from test_hf_text_12 import mixtral, prune_job
+
+    rc, report = prune_job(mixtral(), tmp_path, "--target-params", "0.6", "--auto", "--global")
+    assert rc == 0, report
+    kept = report["params_after"] / report["params_before"]
+    assert kept == pytest.approx(report["allocation"]["cost"], abs=1e-6) and kept <= 0.6  # was 0.603 against 0.570
+
+
+# -- 3. round_to that keeps groups of wide units whole says so --------------------------------------
+
+
+class GroupedOfThree(nn.Module):
+    """A grouped convolution of 3 groups of 8 channels: its units are the 8 positions in a
+    group, each 3 channels wide (one per group), as regnety_002's (8 units of 46)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.g = nn.Conv2d(3, 24, 1), nn.Conv2d(24, 24, 3, padding=1, groups=3)
+        self.n, self.b, self.h = nn.BatchNorm2d(24), nn.Conv2d(24, 32, 1), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        return self.h(torch.relu(self.b(torch.relu(self.n(self.g(torch.relu(self.a(x))))))))
+
+
+def test_round_to_that_keeps_groups_of_wide_units_whole_says_so_and_what_shrinks_them():
+    """At ``round_to=16`` only all 8 units of 3 channels make a multiple of 16, so the grouped
+    convolution's groups stay whole at any ratio (regnety_002 kept 0.52 of its parameters at
+    0.5, 0.27 without rounding), as documented, but without a word. It warns now, naming
+    the round_to that lets them shrink (4: 4 units of 3 channels are 12)."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = _seeded(GroupedOfThree)
+    with pytest.warns(RuntimeWarning, match=r"round_to=16 keeps 2 group\(s\) whole whatever the ratio \(a, g: 8 "
+                      r"units of 3 channels\): .* round_to=4 lets them shrink"):  # fmt: skip
+        small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, round_to=16).prune()
+    assert (small.g.out_channels, small.b.out_channels) == (24, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, round_to=4).prune()
+    assert (small.g.out_channels, small.b.out_channels) == (12, 16)
