@@ -25,7 +25,7 @@ from torch import nn
 
 from cleanai_core.errors import PruningError, UserError
 from cleanai_core.metrics import measure_latency
-from cleanai_core.targets import flops_measure, params_measure, pruned_size
+from cleanai_core.targets import TrialMemory, flops_measure, params_measure, pruned_size
 
 if TYPE_CHECKING:
     from cleanai_core.sensitivity import SensitivityResult
@@ -139,8 +139,7 @@ def allocate_ratios(
         base_size = measure(model)
     measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
     stats = pruner.stats if pruner.bias_compensation else None  # the biases compensation adds count as parameters
-    breakers: set[int] = set()  # groups the model cannot run without: costed whole, as the prune keeps them
-    check = pruner.trial_check()
+    memory, check = TrialMemory(), pruner.trial_check()  # groups that break the model: costed whole, as pruned
 
     def cost(ratios: dict[int, float], rest: float | None = None) -> float:
         key = (rest, *sorted(ratios.items()))
@@ -149,7 +148,7 @@ def allocate_ratios(
             if not any(gp.n_pruned for gp in plan.groups):  # the original itself: not measured, where a
                 measured[key] = 1.0  # noisy latency could read it below the target and prune nothing
             else:
-                measured[key] = pruned_size(model, graph, plan, measure, stats, breakers, check) / base_size
+                measured[key] = pruned_size(model, graph, plan, measure, stats, memory, check) / base_size
         return measured[key]
 
     def uniform_cost(r: float) -> float:  # every group at r (the ones without a ratio as the prune ranks them)

@@ -34,7 +34,14 @@ from cleanai_core.runtime import copy_modes, device_of, plain_inputs
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
-from cleanai_core.targets import flops_measure, params_measure, pruned_size, ratio_for_target, unshrunk_params
+from cleanai_core.targets import (
+    TrialMemory,
+    flops_measure,
+    params_measure,
+    pruned_size,
+    ratio_for_target,
+    unshrunk_params,
+)
 from cleanai_core.verify import (
     Reference,
     check_outputs,
@@ -438,13 +445,12 @@ class StructuredPruner:
         if target is not None:
             sizes: dict[float, float] = {}
             stats = ((cal.stats if cal is not None else self.stats) or None) if self.bias_compensation else None
-            breakers: set[int] = set()  # groups whose slicing the model cannot run with: kept whole, as verified
-            check = self.trial_check()
+            memory, check = TrialMemory(), self.trial_check()  # groups kept whole, as verification keeps them
 
             def size_at(r: float) -> float:
                 if r not in sizes:
                     plan = self.make_plan(r, scores, graph)
-                    sizes[r] = pruned_size(model, graph, plan, measure, stats, breakers, check)
+                    sizes[r] = pruned_size(model, graph, plan, measure, stats, memory, check)
                 return sizes[r]
 
             base = measure(model)
