@@ -140,9 +140,9 @@ def test_a_hugging_face_weights_file_that_unpacks_far_beyond_its_size_is_not_loa
     """``--model hf:FOLDER`` handed ``pytorch_model.bin`` to transformers' ``torch.load``
     unchecked: a 300 KB archive of deflated zeros inflated 96 MiB in memory (10 MB: 10 GB)
     where ``.pt`` data, weights and saved folders were refused. An ordinary one loads."""
-    import zipfile
-
     transformers = pytest.importorskip("transformers")
+    from test_faults_11 import _repack
+
     from cleanai_core.errors import UserError
     from cleanai_plugins.io.hf import load_hf_model
 
@@ -160,9 +160,7 @@ def test_a_hugging_face_weights_file_that_unpacks_far_beyond_its_size_is_not_loa
     model.save_pretrained(tmp_path / "bomb", safe_serialization=False)
     torch.save({"x": torch.zeros(2**23, 3)}, tmp_path / "zeros.pt")  # 96 MiB
     weights = tmp_path / "bomb" / "pytorch_model.bin"
-    with zipfile.ZipFile(tmp_path / "zeros.pt") as z, zipfile.ZipFile(weights, "w", zipfile.ZIP_DEFLATED) as out:
-        for info in z.infolist():
-            out.writestr(info.filename, z.read(info.filename))
+    _repack(tmp_path / "zeros.pt", weights)
     assert weights.stat().st_size < 2**20
     with pytest.raises(UserError, match=r"the weights file '.*pytorch_model.bin' is a zip archive of [\d,]+ bytes "
                        r"whose compressed records unpack to 100,66\d,\d{3} bytes"):  # fmt: skip
