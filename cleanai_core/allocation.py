@@ -25,7 +25,7 @@ from torch import nn
 
 from cleanai_core.errors import PruningError, UserError
 from cleanai_core.metrics import measure_latency
-from cleanai_core.targets import flops_measure, params_measure, pruned_size
+from cleanai_core.targets import TrialMemory, flops_measure, params_measure, pruned_size
 
 if TYPE_CHECKING:
     from cleanai_core.sensitivity import SensitivityResult
@@ -34,9 +34,13 @@ __all__ = ["Allocation", "allocate_ratios"]
 
 
 def _plan(pruner: Any, scores: dict, group_ratios: dict[int, float], others: float, ranked: bool = False) -> Any:
-    """A plan with ``group_ratios`` where given and ``others`` elsewhere; ``ranked``:
-    instead, ``others`` of all units ranked together (global pruning)."""
-    return pruner.make_plan(others, scores, ratios={} if ranked else group_ratios, ranked=ranked)
+    """A plan with ``group_ratios`` where given and ``others`` elsewhere, as the pruner
+    will make it (with ``global_pruning``, the groups without a ratio lose ``others`` of
+    their units ranked together); ``ranked``: instead, ``others`` of all units ranked
+    together (the global candidate)."""
+    if ranked:
+        return pruner.make_plan(others, scores, ratios={}, ranked=True)
+    return pruner.make_plan(others, scores, ratios=group_ratios)
 
 
 @attrs.define
@@ -105,7 +109,10 @@ def allocate_ratios(
     # the target, and the named groups are allocated around it. The named groups without a
     # curve stay whole.
     others, chosen = pruner.pruning_ratio, None
-    fixed = {g: (0.0 if g in named else others) for g in live}
+    # the named groups without an allocated ratio stay whole; the others take ``others`` as the prune gives it
+    # them (each, or ranked together under global pruning: costed each, --global --auto kept 0.603 of Mixtral's
+    # parameters where the allocation said 0.570)
+    fixed = dict.fromkeys(named, 0.0)
     stuck = {c.layer: 0.0 for c in curves if len(c.ratios) == 1}
     curves = [c for c in curves if len(c.ratios) > 1]
     if not curves:
@@ -132,6 +139,7 @@ def allocate_ratios(
         base_size = measure(model)
     measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
     stats = pruner.stats if pruner.bias_compensation else None  # the biases compensation adds count as parameters
+    memory, check = TrialMemory(), pruner.trial_check()  # groups that break the model: costed whole, as pruned
 
     def cost(ratios: dict[int, float], rest: float | None = None) -> float:
         key = (rest, *sorted(ratios.items()))
@@ -140,15 +148,14 @@ def allocate_ratios(
             if not any(gp.n_pruned for gp in plan.groups):  # the original itself: not measured, where a
                 measured[key] = 1.0  # noisy latency could read it below the target and prune nothing
             else:
-                measured[key] = pruned_size(model, graph, plan, measure, stats) / base_size
+                measured[key] = pruned_size(model, graph, plan, measure, stats, memory, check) / base_size
         return measured[key]
 
-    def uniform_cost(r: float) -> float:  # every group at r
-        return cost(dict.fromkeys(live, r), r)
+    def uniform_cost(r: float) -> float:  # every group at r (the ones without a ratio as the prune ranks them)
+        return cost(dict.fromkeys(named, r), r)
 
     if live - named:
         others = chosen = _search(lambda r: round(min(r, 0.95), 6), uniform_cost, target, iterations, linear=True)
-        fixed = {g: (0.0 if g in named else others) for g in live}
 
     def ranked(r: float) -> dict[int, float]:  # global ranking at ratio r, as per-group ratios
         plan = _plan(pruner, scores, {}, min(r, 0.95), ranked=True)

@@ -257,6 +257,10 @@ def cleanai_load_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
         A loader that builds the model in float32 from files that store it in a narrower
         floating dtype (a ``bfloat16`` checkpoint) may set ``options["stored_dtype"]`` to
         that ``torch.dtype``; ``cleanai prune`` writes the pruned weights in it.
+        ``options["meta_probe"]`` is true where ``load_pruned`` builds the architecture on
+        the meta device to check the folder's shapes before the real build: a loader that
+        runs code the user consented to (an import spec's factory) returns ``None`` there,
+        so that the code runs once (the real build checks the shapes then).
     """
 
 

@@ -34,6 +34,7 @@ from cleanai_core.out_folder import (
     current_umask,
     holds_the_working_folder,
     resolved,
+    sibling_prefix,
     snapshot,
     staged_folder,
     target_of,
@@ -47,7 +48,7 @@ __all__ = ["atomic_write_bytes", "atomic_write_files", "atomic_write_text", "loa
 
 def _atomic(path: Path, write) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=sibling_prefix(path.name, path.parent), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             writer = TrackedWriter(fh)
@@ -93,7 +94,7 @@ def atomic_write_files(folder: str | os.PathLike, files: dict[str, bytes], what:
     temps: dict[str, str] = {}
     try:
         for name, data in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            fd, tmp = tempfile.mkstemp(prefix=sibling_prefix(name, folder), suffix=".tmp", dir=folder)
             temps[name] = tmp
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -552,8 +553,8 @@ def _checked_on_meta(
 
     if Path(spec).exists():  # a pickled model file: unpickling runs its code, once is enough
         return None
-    try:
-        fresh = _meta_rebuild(spec, options, history, pm)
+    try:  # a factory the user trusts declines the probe (it ran twice: once here, once for real)
+        fresh = _meta_rebuild(spec, dict(options, meta_probe=True), history, pm)
     except Exception:  # noqa: BLE001 - best effort: the real build reports its own failures
         return None
     if not isinstance(fresh, nn.Module):

@@ -308,17 +308,26 @@ class FlopsOfCopies:
 
     def __call__(self, copy: nn.Module) -> int:
         """The FLOPs of one forward pass of ``copy`` (a pruned copy of the model) on the inputs."""
+        total = self.from_sizes(copy)
+        return count_flops(copy, self.inputs, self.forward_fn) if total is None else total
+
+    def runs(self, copy: nn.Module) -> bool:
+        """Whether measuring ``copy`` runs it (a copy that cannot run then fails here)."""
+        return self.from_sizes(copy) is None
+
+    def from_sizes(self, copy: nn.Module) -> int | None:
+        """``copy``'s FLOPs from its layers' sizes; None where it must be counted by running."""
         if self.layers is None:
-            return count_flops(copy, self.inputs, self.forward_fn)
+            return None
         mods = dict(copy.named_modules())
         if {n for n, m in mods.items() if isinstance(m, _WEIGHT_PROPORTIONAL)} != self.names:
-            return count_flops(copy, self.inputs, self.forward_fn)
+            return None
         total = 0
         for name, (kind, per, _) in self.layers.items():
             m = mods.get(name)
             w = getattr(m, "weight", None)
             if type(m) is not kind or not isinstance(w, torch.Tensor):
-                return count_flops(copy, self.inputs, self.forward_fn)
+                return None
             total += per * w.numel()
         return total
 

@@ -46,6 +46,7 @@ __all__ = [
     "snapshot",
     "staged_folder",
     "resolved",
+    "sibling_prefix",
     "target_of",
     "write_probe",
 ]
@@ -103,8 +104,37 @@ def is_mount(target: Path) -> bool:
 
 def home_of(target: Path) -> tuple[Path, str]:
     """Where the staged folder, the probe and the lock go, and their name prefix: next to
-    ``target`` (``.NAME.``), or inside it when it is a mount point (``.cleanai.``)."""
-    return (target, INSIDE) if is_mount(target) else (target.parent, f".{target.name}.")
+    ``target`` (``.NAME.``, :func:`sibling_prefix`), or inside it when it is a mount point
+    (``.cleanai.``)."""
+    return (target, INSIDE) if is_mount(target) else (target.parent, sibling_prefix(target.name, target.parent))
+
+
+#: bytes kept for what follows a sibling's prefix: ``swap.old-`` and mkdtemp's 8 characters
+_SUFFIX_ROOM = 24
+
+
+def sibling_prefix(name: str, folder: Path) -> str:
+    """The prefix of the temporary files and folders written next to ``name`` in
+    ``folder`` (a staged folder, the lock, a file being replaced): ``.NAME.``, or, where
+    that and a suffix would pass the file system's longest name (255 bytes), the start of
+    NAME that fits with ``~`` and 8 hex digits of NAME's hash. A ``--out`` name of 250
+    characters, which the file system accepts, was refused as "the path is too long": its
+    ``.NAME.lock`` was longer than a name may be."""
+    import hashlib
+
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    raw = os.fsencode(name)
+    if len(raw) + 2 + _SUFFIX_ROOM <= longest:
+        return f".{name}."
+    digest = hashlib.sha1(raw).hexdigest()[:8]
+    keep = max(0, longest - _SUFFIX_ROOM - 2 - len(digest) - 1)
+    start = raw[:keep].decode(errors="ignore")  # a character cut in half is dropped (bytes of a UTF-8 name)
+    while len(os.fsencode(start)) > keep:  # surrogate-escaped bytes of a name not in UTF-8
+        start = start[:-1]
+    return f".{start}~{digest}."
 
 
 def target_of(out: Path) -> Path:
@@ -287,7 +317,7 @@ def commit_folder(staged: Path, out: Path, expected: Any = UNCHECKED) -> None:
         os.rename(staged, target)  # an empty folder created meanwhile is replaced; a full one: ENOTEMPTY
         return
     os.chmod(staged, target.stat().st_mode & 0o7777)
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.swap.old-", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=f"{sibling_prefix(target.name, target.parent)}swap.old-", dir=target.parent))
     try:
         try:
             os.rename(target, old / "x")

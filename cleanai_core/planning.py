@@ -22,6 +22,7 @@ __all__ = [
     "tied_sets",
     "uniform_alignments",
     "uniform_counts",
+    "unroundable_note",
 ]
 
 
@@ -201,6 +202,27 @@ def _round_step(group: Group, round_to: int | None) -> int:
     if not round_to or round_to <= 1:
         return 1
     return round_to // math.gcd(round_to, _multiplicity(group))
+
+
+def unroundable_note(groups: list[Group], round_to: int | None) -> str | None:
+    """Why ``round_to`` keeps whole some of ``groups`` (those a plan left whole) whatever the
+    ratio, or ``None``: groups of more than one prunable unit whose units span several
+    channels, with no multiple of ``round_to`` channels below their width (regnety_002's
+    grouped convolutions: 8 units of 46 channels, and only all 8 make a multiple of 16), and
+    the largest power of two below ``round_to`` that lets them shrink."""
+    stuck = [g for g in groups if g.prunable > 1 and _multiplicity(g) > 1 and _round_step(g, round_to) >= g.size]
+    if not stuck or not round_to:
+        return None
+    better = 1 << (round_to.bit_length() - 1)
+    while better > 1 and any(_round_step(g, better) >= g.size for g in stuck):
+        better //= 2
+    g = max(stuck, key=lambda g: g.size * _multiplicity(g))
+    return (
+        f"round_to={round_to} keeps {len(stuck)} group(s) whole whatever the ratio ({', '.join(g.modules()[:2])}: "
+        f"{g.size} units of {_multiplicity(g)} channels): their units span several channels, and no multiple of "
+        f"{round_to} channels lies below their width. round_to={better if better > 1 else None} lets them shrink; "
+        "or keep it where aligned widths matter more"
+    )
 
 
 def uniform_counts(

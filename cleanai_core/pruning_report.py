@@ -151,6 +151,7 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
     before = pruner._before
     if "flops_after" not in before:
         before["flops_after"] = count_flops(pruner.pruned_model, pruner.example_inputs, pruner.forward_fn)
+    groups = _group_records(pruner)
     return {
         "params_before": before.get("params"),
         "params_after": count_params(pruner.pruned_model),
@@ -167,8 +168,13 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "prune_dead_only": bool(pruner.prune_dead_only),
         # per layer name: "pruning ratio 0" was all a run with layer_pruning_ratios={"fc1": 0.5} said
         "layer_ratios": dict(pruner.layer_ratios) or None,
+        # what the ratio is a share of: units, per group or of all groups ranked together (a global
+        # 0.3 kept 0.67 of a MobileNet-V3's parameters, and nothing said the ratio counts units)
+        "ranking": "isomorphic" if pruner.isomorphic else "global" if pruner.global_pruning else "per group",
+        "units_before": sum(g["units"] for g in groups),
+        "units_after": sum(g["units"] - g["pruned"] for g in groups),
         "skipped_groups": list(pruner.skipped_groups),
-        "groups": _group_records(pruner),
+        "groups": groups,
         "layers": _step_records(pruner),
         "dead_units": [f.to_json() for f in find_dead_units(pruner.graph, pruner.stats)] if pruner.stats else None,
     }

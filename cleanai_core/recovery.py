@@ -622,6 +622,28 @@ def _train_modes(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if not _is_frozen_norm(m, m.training, root)]
 
 
+def _teacher_apart(pruned: nn.Module, teacher: nn.Module, inplace: Any) -> nn.Module:
+    """``teacher``, warned about where it is the student itself or shares its parameters:
+    the usual cause is a model pruned in place (``inplace=True``) passed as both, so the
+    distillation pulls towards the pruned model's own outputs, not the original's. That is
+    a legal control run, so it is not refused; with ``inplace=True`` the student trains in
+    place, so the teacher becomes a copy of what was given (it changed with the student,
+    against "never modified", and its targets followed every step)."""
+    own = {id(p) for p in pruned.parameters()}
+    if teacher is not pruned and not any(id(p) in own for p in teacher.parameters()):
+        return teacher
+    which = "is the pruned model itself" if teacher is pruned else "shares parameters with the pruned model"
+    warnings.warn(
+        f"recover(): the teacher {which}, so the distillation pulls the student towards the pruned model's own "
+        "outputs, not the original's (a model pruned with inplace=True is the original object). Pass the "
+        "unpruned model as teacher (prune a copy: StructuredPruner(..., inplace=False), the default), or "
+        "teacher=None for plain fine-tuning; as a control run this is what you asked for.",
+        RuntimeWarning,
+        stacklevel=6,  # the caller of recover(): past it and its three wrappers
+    )
+    return copy_model(teacher) if inplace is True else teacher
+
+
 @_private_rng
 @torch.inference_mode(False)  # called under no_grad or inference_mode, it trained nothing ("no labels")
 @torch.enable_grad()
@@ -667,7 +689,10 @@ def recover(
         stays frozen); in eval mode (as pruning returns it) it trains whole, except norms
         whose parameters all have ``requires_grad=False``: their running statistics stay.
         The global RNG is not touched: ``seed`` drives a fork of it.
-    :param teacher: the original model; never modified. ``None``: plain fine-tuning.
+    :param teacher: the original model; never modified. ``None``: plain fine-tuning. The
+        pruned model itself (or one sharing its parameters: a model pruned in place) is a
+        ``RuntimeWarning``, as it is usually a mistake; it distils towards the pruned
+        model's outputs as given (with ``inplace=True``, a copy taken before training).
     :param train_data: a data set or DataLoader of ``(x, y)``, ``x`` or dict batches.
         Never pass the split that measures your reported accuracy.
     :param val_data: held-out data for early stopping; default: ``val_fraction`` of
@@ -743,6 +768,8 @@ def recover(
     device = checked_device(device, "device=") if device is not None else _device_of(pruned)
     torch.manual_seed(seed)  # on the fork made by _private_rng: the caller's RNG state is restored after
     train_loader, held_loader, n_train, n_held = split_train_data(train_data, val_data, val_fraction, batch_size, seed)
+    if teacher is not None:  # after the arguments' checks: a refused call says nothing else
+        teacher = _teacher_apart(pruned, teacher, inplace)
     student = pruned if inplace else copy_model(pruned)
     student_modes = [(m, m.training) for m in student.modules()]
     training = _train_modes(student)

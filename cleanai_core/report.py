@@ -122,6 +122,20 @@ _NOTES = (
 )
 
 
+def _ratio_note(report: dict[str, Any], note: str) -> str:
+    """The pruning ratio's note, saying what it is a share of where units were ranked
+    across groups: the units of all groups (or of each isomorphic set), not the parameters,
+    which the cheapest units leave mostly in place."""
+    ranking, before, after = report.get("ranking"), report.get("units_before"), report.get("units_after")
+    if ranking not in ("global", "isomorphic") or not before or after is None:
+        return note
+    what = "all groups' units ranked together" if ranking == "global" else "the units of each isomorphic set"
+    return (
+        f"{note}: a share of {what}, not of the parameters ({before - after:,} of {before:,} units removed; "
+        "for a share of the parameters give `target_params`)"
+    )
+
+
 def _batch(shape: Any) -> int | None:
     """The first size the input's tensors share (their batch), ``None`` where they do not."""
     shapes = list(shape.values()) if isinstance(shape, dict) else [shape]
@@ -198,10 +212,11 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         and (report.get(key) or key not in ("model", "importance", "prune_dead_only"))
         and (key != "scored_samples" or report[key] != report.get("calibration_samples"))
     ]
+    ratio = f"pruning ratio {report.get('pruning_ratio')}"
     if report.get("layer_ratios"):  # the ratio then holds for the layers not named only
-        ratio = f"pruning ratio {report.get('pruning_ratio')}"
         notes = [f"{n} for the other layers" if n == ratio else n for n in notes]
         notes.insert(1 if report.get("model") else 0, _layer_ratio_note(report["layer_ratios"]))
+    notes = [_ratio_note(report, n) if n in (ratio, f"{ratio} for the other layers") else n for n in notes]
     shape = report.get("input_shape")
     if shape:
         text = ", ".join(f"`{k}` {v}" for k, v in shape.items()) if isinstance(shape, dict) else str(shape)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
@@ -22,7 +23,14 @@ from cleanai_core.planning import PruningPlan
 from cleanai_core.slicing import edits_for, sliced_copy
 from cleanai_core.verify import build_skipping_breakers
 
-__all__ = ["flops_measure", "params_measure", "pruned_size", "ratio_for_target", "unshrunk_params"]
+__all__ = [
+    "TrialMemory",
+    "flops_measure",
+    "params_measure",
+    "pruned_size",
+    "ratio_for_target",
+    "unshrunk_params",
+]
 
 Measure = Callable[[nn.Module], float]
 
@@ -38,13 +46,25 @@ def flops_measure(example_inputs: Any, forward_fn: Callable | None = None, model
 params_measure: Measure = count_params
 
 
+@attrs.define
+class TrialMemory:
+    """What the trials of one search learnt about running their copies: ``faulty``, the
+    ids of groups whose slicing the model cannot run with (kept whole, as verification
+    keeps them); ``ran``, the sets of pruned groups whose copy ran (a trial pruning only
+    groups of such a set is not run again: a stored size breaks at any count)."""
+
+    faulty: set[int] = attrs.field(factory=set)
+    ran: list[frozenset[int]] = attrs.field(factory=list)
+
+
 def pruned_size(
     model: nn.Module,
     graph: DependencyGraph,
     plan: PruningPlan,
     measure: Measure,
     stats: dict | None = None,
-    breakers: set[int] | None = None,
+    memory: TrialMemory | None = None,
+    check: Callable[[nn.Module], object] | None = None,
 ) -> float:
     """``measure`` of ``model`` sliced as ``plan`` says (a copy, sharing what it left
     unsliced; no compensation). With ``stats`` (bias compensation on), parameters count the
@@ -53,12 +73,26 @@ def pruned_size(
     A copy that fails to run (FLOPs are counted by running it: a width the model reads
     from another tensor, which no trace sees) is measured without the groups at fault, as
     ``prune()``'s verification keeps them whole (:func:`~cleanai_core.verify.build_skipping_breakers`;
-    ``plan`` is changed). ``breakers``: the ids of groups found at fault, read and added to
-    across the calls of one search. Before 2026-12-02 the model's own error ended a
-    ``target_flops`` search (and every gradual step by FLOPs) on such a model."""
+    ``plan`` is changed). ``memory``: what the calls of one search found, read and added
+    to. Before 2026-12-02 the model's own error ended a ``target_flops`` search (and every
+    gradual step by FLOPs) on such a model.
+
+    ``check(copy)`` (raises :class:`~cleanai_core.errors.PruningError`; the pruner's
+    verification) runs a copy that measuring does not run: parameters are counted, and
+    FLOPs of a model of convolutions and linear layers computed from their sizes, so a
+    group that verification would keep whole (a split into sizes the module stores) was
+    counted as pruned, and the result kept more than the target (0.76 of the parameters
+    at ``target_params=0.6``). A copy pruning only groups that ran together before is not
+    run again (``memory.ran``): EfficientNet-B0's ``target_params`` search runs 1-2 copies."""
+    memory = TrialMemory() if memory is None else memory
 
     def size_of(pruned: torch.Tensor) -> float:
         copy = sliced_copy(model, edits_for(graph, pruned), graph.pm, share=True)
+        if check is not None and not _runs(measure, copy):
+            cut = frozenset(gp.group.id for gp in plan.groups if bool(pruned[gp.group.units].any()))
+            if not any(cut <= ran for ran in memory.ran):
+                check(copy)
+                memory.ran.append(cut)
         try:
             size = measure(copy)
         except Exception as exc:
@@ -69,14 +103,20 @@ def pruned_size(
             size += new_bias_params(copy, graph, stats, pruned)
         return size
 
-    known = set() if breakers is None else breakers
     for gp in plan.groups:
-        if gp.group.id in known:
+        if gp.group.id in memory.faulty:
             gp.pruned[:] = False
     before = {gp.group.id for gp in plan.groups if gp.n_pruned}
     size = build_skipping_breakers(plan, size_of, lambda _message: None)
-    known.update(before - {gp.group.id for gp in plan.groups if gp.n_pruned})
+    memory.faulty.update(before - {gp.group.id for gp in plan.groups if gp.n_pruned})
     return size
+
+
+def _runs(measure: Measure, copy: nn.Module) -> bool:
+    """Whether ``measure(copy)`` runs ``copy`` (parameters are counted; a measure with a
+    ``runs`` method says; any other, such as latency, runs it)."""
+    runs = getattr(measure, "runs", None)
+    return bool(runs(copy)) if callable(runs) else measure is not params_measure
 
 
 def unshrunk_params(model: nn.Module, graph: DependencyGraph, plan: PruningPlan) -> list[tuple[str, int]]:

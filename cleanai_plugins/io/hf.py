@@ -104,6 +104,7 @@ def load_hf_model(spec: str) -> nn.Module:
             f"written by save_pretrained. ({type(exc).__name__}: {str(exc)[:200]})"
         ) from exc
     cls = auto_class(config)
+    _check_weight_files(path if path.exists() else _cached_folder(src), spec)
     try:
         model = cls.from_pretrained(
             str(path) if path.exists() else src, config=config, local_files_only=True, dtype=torch.float32
@@ -117,6 +118,28 @@ def load_hf_model(spec: str) -> nn.Module:
     if getattr(model.config, "return_dict", True) is False:
         _returns_outputs(model)
     return model.eval()
+
+
+def _cached_folder(src: str) -> Path | None:
+    """The Hugging Face cache's folder of the model named ``src`` (its ``config.json``'s)."""
+    try:
+        found = _transformers().utils.cached_file(src, "config.json", local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return Path(found).parent if found else None
+
+
+def _check_weight_files(folder: Path | None, spec: str) -> None:
+    """Refuse a folder whose ``torch.save`` weights (``pytorch_model.bin`` and its shards,
+    which transformers reads with ``torch.load``) are zip archives of compressed records
+    that unpack far beyond their size (:func:`~cleanai_core.special_files.check_not_packed`,
+    as for ``.pt`` files): a 1 MB file unpacked to GBs in ``from_pretrained``."""
+    from cleanai_core.special_files import check_not_packed
+
+    if folder is None or not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.bin")):
+        check_not_packed(path, f"--model {spec!r}: the weights file")
 
 
 #: a model loaded from a folder whose config says ``return_dict: false`` (set back in ``hf/``)

@@ -373,6 +373,8 @@ def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
             _apply_weights(model, options["weights"], spec)
         return model
     elif _FACTORY_RE.match(spec) and not spec.startswith(("timm:", "torchvision:")):
+        if options.get("meta_probe"):  # load_pruned's shape check: the factory runs once, in the real build
+            return None
         model = call_spec(spec, "model factory", kwargs, options)
         if not isinstance(model, nn.Module):
             raise UserError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module.")
