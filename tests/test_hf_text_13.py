@@ -71,3 +71,104 @@ def test_layers_that_reuse_keys_prune_query_heads_per_group_with_the_group_size(
     assert small.config.cleanai_pruning["from_pretrained"] is True and params(small) < 0.7 * params(model)
     assert reload_diff(small, tmp_path) <= 1e-6
     assert_generates_alike(small, inputs)
+
+
+class Samples(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def seq2seq(family: str):
+    torch.manual_seed(0)
+    if family == "t5":
+        config = transformers.T5Config(vocab_size=V, d_model=64, d_ff=96, d_kv=16, num_layers=2, num_heads=4,
+                                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+        return transformers.T5ForConditionalGeneration(config).eval()
+    config = transformers.BartConfig(vocab_size=V, d_model=64, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=96,
+                                     decoder_ffn_dim=96, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                                     bos_token_id=2, decoder_start_token_id=1)  # fmt: skip
+    return transformers.BartForConditionalGeneration(config).eval()
+
+
+def text_target_rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows as ``tokenizer(text, text_target=target)`` gives them: ``input_ids``,
+    ``attention_mask`` and ``labels`` (the target, padding -100), no decoder inputs."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        labels = torch.randint(3, V, (6,), generator=g)
+        labels[5:] = -100
+        rows.append({"input_ids": torch.randint(3, V, (10,), generator=g), "attention_mask": torch.ones(10).long(),
+                     "labels": labels})  # fmt: skip
+    return rows
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_an_encoder_decoder_calibrates_and_recovers_on_batches_of_ids_and_labels(family):
+    """A seq2seq batch as the tokenizer makes it (``input_ids``, ``attention_mask``,
+    ``labels``; no decoder inputs: the model's forward shifts the labels itself). CleanAI
+    takes ``labels`` out as the target, so the model got no decoder inputs: every
+    calibration batch, the sensitivity and recovery failed (``the model failed on
+    calibration batch 0 ...: You must specify exactly one of input_ids or inputs_embeds.
+    Give calibration batches shaped like example_inputs``). The decoder inputs are now
+    made from the labels by the model's own ``prepare_decoder_input_ids_from_labels``."""
+    from cleanai_core import StructuredPruner
+    from cleanai_core.recovery import recover
+    from cleanai_core.runtime import split_batch
+
+    model = seq2seq(family)
+    rows = text_target_rows(24)
+    loader = torch.utils.data.DataLoader(Samples(rows), batch_size=4)
+    batch = next(iter(loader))
+    example = {"input_ids": batch["input_ids"][:1], "decoder_input_ids": batch["labels"][:1].clamp(min=0)}
+    pruner = StructuredPruner(model, example, pruning_ratio=0.4)
+    pruner.collect_activations(loader, num_batches=3)
+    small = pruner.prune()
+    assert params(small) < 0.9 * params(model)
+    inputs, target = split_batch(batch, model)
+    with torch.no_grad():  # the decoder inputs are those the model's forward makes from the labels
+        own = model(**batch).loss
+        logits = model(**inputs).logits
+    by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, V), target.reshape(-1), ignore_index=-100)
+    assert float((own - by_hand).abs()) < 1e-6
+    val = Samples(text_target_rows(4, seed=1))
+    recovered, result = recover(small, model, Samples(rows), val_data=val, epochs=1, batch_size=4, progress=False)
+    assert result.task == "token"  # the labels at their own positions (decoder inputs are shifted already)
+    with torch.no_grad():
+        loss = small(**next(iter(torch.utils.data.DataLoader(val, batch_size=4)))).loss
+    assert result.initial == pytest.approx(float(loss.exp()), rel=1e-5)  # the held-out perplexity of the labels
+    assert params(recovered) == params(small)
+
+
+def test_recover_scores_a_masked_lm_at_its_masked_positions():
+    """``recover(task="auto")`` took every ``(N, T, V)`` output for a causal LM's: a masked
+    LM (and an encoder-decoder) was trained and scored on each position's next label
+    (``task: "causal_lm"``, a held-out perplexity of shifted labels), which it never
+    predicts. A Hugging Face model that cannot generate, an encoder-decoder or a
+    ``causal=False`` LM head now trains on its labels where they stand (``"token"``)."""
+    from cleanai_core import StructuredPruner
+    from cleanai_core.recovery import recover
+
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(transformers.BertConfig(**LM)).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(20):
+        x = torch.randint(5, V, (12,), generator=g)
+        labels = torch.full_like(x, -100)
+        labels[2::4] = x[2::4]
+        rows.append({"input_ids": x.masked_fill(labels != -100, 4), "labels": labels})
+    small = StructuredPruner(model, {"input_ids": rows[0]["input_ids"][None]}, "magnitude", pruning_ratio=0.4).prune()
+    val = Samples(rows[:4])
+    _, result = recover(small, model, Samples(rows[4:]), val_data=val, epochs=1, batch_size=4, progress=False)
+    assert result.task == "token"  # was "causal_lm"
+    with torch.no_grad():
+        loss = small(**next(iter(torch.utils.data.DataLoader(val, batch_size=4)))).loss  # BERT's own masked-LM loss
+    assert result.initial == pytest.approx(float(loss.exp()), rel=1e-5)

@@ -377,7 +377,7 @@ def cleanai_evaluate(model, loader, device):
     kind = head_kind(model)
     with torch.no_grad():
         for batch in loader:
-            inputs, labels = split_batch(batch)
+            inputs, labels = split_batch(batch, model)
             if labels is None:
                 return None
             inputs = move_to(inputs, device)  # a tensor goes in first place: input_ids, or pixel_values for ViT
