@@ -378,7 +378,10 @@ def split_train_data(
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (the held-out share of train_data)")
     dataset = train_data.dataset if isinstance(train_data, DataLoader) else train_data
-    if not _map_style(dataset):
+    # a DataLoader's list holds samples (``DataLoader(rows, batch_size=8)``, rows of tokenized text: it was
+    # refused as "a DataLoader: it must be a data set or a DataLoader over one"); a bare list holds batches
+    over_list = isinstance(train_data, DataLoader) and isinstance(dataset, (list, tuple)) and train_data.batch_size
+    if not (_map_style(dataset) or over_list):
         raise UserError(  # a list, a tensor or an (x, y) tuple was refused without saying what it was
             f"train_data is a {type(train_data).__name__}: it must be a data set or a DataLoader over one (with "
             "len()), so that a held-out part can be split from it (tensors: TensorDataset(x, y)); or pass val_data= "

@@ -172,3 +172,20 @@ def test_recover_scores_a_masked_lm_at_its_masked_positions():
     with torch.no_grad():
         loss = small(**next(iter(torch.utils.data.DataLoader(val, batch_size=4)))).loss  # BERT's own masked-LM loss
     assert result.initial == pytest.approx(float(loss.exp()), rel=1e-5)
+
+
+def test_recover_takes_a_dataloader_over_a_list_of_tokenized_rows():
+    """``recover(small, model, DataLoader(rows, batch_size=4), ...)`` with ``rows`` a list
+    of tokenized texts (dicts of ``input_ids``): refused, ``train_data is a DataLoader: it
+    must be a data set or a DataLoader over one``, though a DataLoader's list holds samples
+    (a bare list still holds batches). It is split like any data set."""
+    from cleanai_core import StructuredPruner
+    from cleanai_core.recovery import recover
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LM, num_key_value_heads=2)).eval()
+    small = StructuredPruner(model, (ids(1, 8),), "magnitude", pruning_ratio=0.4).prune()
+    rows = [{"input_ids": ids(12, seed=i)} for i in range(20)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=4)
+    _, result = recover(small, model, loader, epochs=1, progress=False)
+    assert (result.train_samples, result.held_out_samples, result.task) == (18, 2, "causal_lm")
