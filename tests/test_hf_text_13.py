@@ -4,6 +4,7 @@ prune."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -189,3 +190,49 @@ def test_recover_takes_a_dataloader_over_a_list_of_tokenized_rows():
     loader = torch.utils.data.DataLoader(rows, batch_size=4)
     _, result = recover(small, model, loader, epochs=1, progress=False)
     assert (result.train_samples, result.held_out_samples, result.task) == (18, 2, "causal_lm")
+
+
+@pytest.mark.parametrize(
+    "family, dtype, kept",
+    [("t5", torch.float16, "encoder.block.0.layer.1.DenseReluDense.wo.weight"),
+     ("deepseek-v3", torch.bfloat16, "model.layers.1.mlp.gate.weight")],
+)  # fmt: skip
+def test_a_half_precision_folder_keeps_the_tensors_its_family_keeps_in_float32(family, dtype, kept, tmp_path):
+    """A float16 T5 folder (``_keep_in_fp32_modules = ["wo"]``) or a bfloat16 DeepSeek-V3
+    (``_keep_in_fp32_modules_strict``: the routers' ``gate.weight``): ``from_pretrained``
+    keeps those tensors in float32 and the folder stores them so, but ``cleanai prune``
+    wrote every tensor in the folder's dtype: T5's ``wo`` in float16 (the overflow the
+    family guards against), and ``hf/`` refused (``reloaded logits differ ... (max
+    relative error 0.000747)``, ``hf_reload_path: "load_pruned"``); DeepSeek's routers
+    rounded to bfloat16. They stay float32 now, in ``model.pt`` and ``hf/``."""
+    from hf_families import build
+    from test_hf_text_10 import ARGS
+
+    from cleanai_core.cli import main
+    from cleanai_core.io import load_pruned
+
+    if family == "t5":
+        model = seq2seq("t5")
+        data = {"input_ids": ids(24, 12), "labels": ids(24, 6, seed=2)}
+    else:
+        model = build(family)[0]
+        data = {"input_ids": ids(24, 12)}
+    model.save_pretrained(tmp_path / "float32")
+    source = type(model).from_pretrained(tmp_path / "float32", dtype=dtype)  # as a half-precision checkpoint is
+    assert source.state_dict()[kept].dtype == torch.float32 and source.config.dtype == dtype
+    source.save_pretrained(tmp_path / "m")
+    torch.save(data, tmp_path / "d.pt")
+    rc = main(["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"),
+               "--out", str(tmp_path / "o"), "--ratio", "0.4", *ARGS])  # fmt: skip
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rc == 0 and report["hf_reload_path"] == "from_pretrained"  # was "load_pruned" for T5
+    assert report["params_after"] < report["params_before"]
+    small = load_pruned(tmp_path / "o")
+    assert small.state_dict()[kept].dtype == torch.float32  # was float16 / bfloat16
+    assert small.state_dict()["lm_head.weight"].dtype == dtype
+    if family != "t5":  # the router keeps every expert: its float32 weights as they were
+        assert torch.equal(small.state_dict()[kept], source.state_dict()[kept])
+    again = type(small).from_pretrained(tmp_path / "o" / "hf").eval()
+    inputs = {"input_ids": ids(2, 8), **({"decoder_input_ids": ids(2, 5, seed=4)} if family == "t5" else {})}
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, small(**inputs).logits)
