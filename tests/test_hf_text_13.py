@@ -236,3 +236,46 @@ def test_a_half_precision_folder_keeps_the_tensors_its_family_keeps_in_float32(f
     inputs = {"input_ids": ids(2, 8), **({"decoder_input_ids": ids(2, 5, seed=4)} if family == "t5" else {})}
     with torch.no_grad():
         assert torch.equal(again(**inputs).logits, small(**inputs).logits)
+
+
+def test_a_config_with_per_layer_head_counts_prunes_and_writes_them_per_layer(tmp_path):
+    """transformers' heterogeneous configs (``per_layer_config``): Gemma 4's full-attention
+    layers take ``num_global_key_value_heads`` and ``global_head_dim`` (as the released
+    Gemma 4 checkpoints do), Step-3.7's sliding-window layers ``num_sliding_attention_heads``.
+    Reading such a per-layer key from the global config raises, and every prune failed in
+    the config fix-up, the oracle too (``AmbiguousGlobalPerLayerAttributeError:
+    'num_key_value_heads' is a per-layer attribute``). The fix-up reads the global values
+    and writes a per-layer key layer by layer: ``from_pretrained`` rebuilds the pruned model."""
+    config = transformers.Gemma4TextConfig(**{
+        **LM, "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32, "num_global_key_value_heads": 4,
+        "attention_k_eq_v": True, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4,
+        "hidden_size_per_layer_input": 0})  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForCausalLM(config).eval()
+    assert [a.k_proj.out_features for a in (layer.self_attn for layer in model.model.layers)] == [32, 128]
+    inputs = (ids(1, 8),)
+    assert check_pruner(model, padded(), ratio=0.5).max_abs_diff < 1e-5
+    _, small = default_prune(model, inputs, 0.5)
+    attns = [layer.self_attn for layer in small.model.layers]
+    assert [(a.q_proj.out_features, a.k_proj.out_features) for a in attns] == [(32, 16), (64, 64)]
+    written = small.config.to_dict()
+    assert (written["num_attention_heads"], written["num_key_value_heads"]) == (2, 1)
+    assert written["per_layer_config"] == {"1": {"head_dim": 32, "num_key_value_heads": 2}}  # was 4
+    assert small.config.cleanai_pruning["from_pretrained"] is True
+    assert reload_diff(small, tmp_path / "gemma4") <= 1e-6
+    assert_generates_alike(small, inputs)
+
+    config = transformers.Step3p7TextConfig(**{
+        **LM, "num_key_value_heads": 2, "head_dim": 16, "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 4, "num_sliding_attention_heads": 8, "mlp_layer_types": ["dense", "dense"]})  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Step3p7TextModel(config).eval()
+    assert check_pruner(model, padded(), ratio=0.5).max_abs_diff < 1e-5
+    _, small = default_prune(model, inputs, 0.5)
+    assert [layer.self_attn.q_proj.out_features for layer in small.layers] == [64, 32]  # 8 -> 4 and 4 -> 2 heads
+    assert small.config.to_dict()["per_layer_config"] == {"0": {"num_attention_heads": 4}}
+    small.save_pretrained(tmp_path / "step")
+    again = transformers.Step3p7TextModel.from_pretrained(tmp_path / "step").eval()
+    with torch.no_grad():
+        diff = (again(**padded()).last_hidden_state - small(**padded()).last_hidden_state).abs().max()
+    assert float(diff) <= 1e-6
