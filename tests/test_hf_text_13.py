@@ -279,3 +279,37 @@ def test_a_config_with_per_layer_head_counts_prunes_and_writes_them_per_layer(tm
     with torch.no_grad():
         diff = (again(**padded()).last_hidden_state - small(**padded()).last_hidden_state).abs().max()
     assert float(diff) <= 1e-6
+
+
+def test_latent_attention_with_an_indexer_keeps_the_hidden_size_in_every_config_copy(tmp_path):
+    """Dots3-Note: latent attention (``q_proj = None`` beside ``q_a_proj``), per-layer
+    config copies (its sliding-window layers' own head counts) and a DSA indexer holding a
+    copy of its own. The fix-up read the attention's input width from ``q_proj`` (None), so
+    each copy took its hidden size from the norms it owns: the indexer's copy got 16 (its
+    key norm and the LoRA norms outnumber the residual stream's), the router reading it
+    failed (``mat1 and mat2 shapes cannot be multiplied (32x16 and 64x4)``) and every prune
+    was refused. The input width is the first input projection that exists
+    (``q_a_proj``), and the copies of the model's config share its hidden size; the
+    shared experts' key ``shared_experts_intermediate_size`` is written too."""
+    config = transformers.Dots3NoteTextConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+        q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, head_dim=16, index_topk=8,
+        index_head_dim=16, index_n_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        shared_experts_intermediate_size=32, swa_num_attention_heads=2, swa_num_key_value_heads=2,
+        swa_q_lora_rank=16, swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=8,
+        sliding_window_size=4, use_dsa=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Dots3NoteForCausalLM(config).eval()
+    assert config.layer_types == ["indexed_attention"] * 2 + ["sliding_attention"] * 2
+    inputs = (ids(1, 8),)
+    assert check_pruner(model, padded(), ratio=0.5).max_abs_diff < 1e-5
+    _, small = default_prune(model, inputs, 0.5)
+    assert (params(model), params(small)) == (151_584, 96_288)
+    copies = {id(m.config): m.config for m in small.modules() if hasattr(getattr(m, "config", None), "to_dict")}
+    assert {c.__dict__["hidden_size"] for c in copies.values()} == {64}  # was 16 in the indexers' copies
+    written = small.config.to_dict()
+    assert (written["moe_intermediate_size"], written["shared_experts_intermediate_size"]) == (16, 16)
+    assert small.config.cleanai_pruning["from_pretrained"] is True
+    assert reload_diff(small, tmp_path) <= 1e-6
+    assert_generates_alike(small, inputs)

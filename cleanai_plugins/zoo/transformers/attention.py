@@ -46,7 +46,10 @@ QUERY_PROJS = (
     ("c_attn", 3), ("qkv", 3), ("Wqkv", 3), ("in_proj", 3),
 )  # fmt: skip
 KEY_PROJS = ("k_proj", "key", "k", "k_lin", "key_proj", "project_k")
-INPUT_PROJS = (*(c for c, _ in QUERY_PROJS), "qkv_proj", "query_key_value")
+#: the projections that read an attention's input (the residual stream): latent attention's (DeepSeek-V3,
+#: Dots3) first query and key/value projections too, where the norms inside it (its LoRA ranks, an indexer's
+#: keys) can outnumber the residual stream's and made their width the hidden size
+INPUT_PROJS = (*(c for c, _ in QUERY_PROJS), "qkv_proj", "query_key_value", "q_a_proj", "kv_a_proj_with_mqa")
 #: children that compute keys besides those starting with ``k`` or holding ``kv`` (fused projections)
 _MAKES_KEYS = (*KEY_PROJS, *(c for c, stacks in QUERY_PROJS if stacks > 1), "qkv_proj", "query_key_value")
 

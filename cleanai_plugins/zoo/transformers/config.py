@@ -80,7 +80,8 @@ _MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "f
 
 
 #: config keys that give shared experts a width of their own (Qwen2-MoE's, GraniteMoeShared's, Nemotron-H's)
-SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size")
+SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size",
+               "shared_experts_intermediate_size")  # fmt: skip
 
 
 def config_owner(names: dict[str, nn.Module], name: str) -> tuple[str, object] | None:
@@ -138,7 +139,8 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
                 entry["norms"][int(w.shape[0])] += 1
         if is_attention(module):
             counts = head_counts(module)
-            width = next((proj_in_width(getattr(module, c, None)) for c in INPUT_PROJS if hasattr(module, c)), None)
+            # the first input projection it has (Dots3's latent attention sets ``q_proj = None`` beside ``q_a_proj``)
+            width = next((w for w in (proj_in_width(getattr(module, c, None)) for c in INPUT_PROJS) if w), None)
             if width is not None:
                 entry["inputs"][width] += 1  # the residual stream the attention reads
             if counts is not None:
@@ -325,13 +327,18 @@ def _fix_config(model: nn.Module) -> None:
     root = model.config
     mine = found.setdefault(id(root), _entry(root))
     for entry in list(found.values()):
-        # a submodel built from a copy of the model's config (T5's encoder and decoder stacks)
+        # a submodel built from a copy of the model's config (T5's encoder and decoder stacks; a heterogeneous
+        # config's per-layer copies, Dots3's indexer's): the same hidden size, read from all of them together (an
+        # indexer's own key norms made its copy's hidden_size 16, and the router reading it failed)
         if entry is not mine and type(entry["config"]) is type(root):
             mine["norms"].update(entry["norms"])
             mine["inputs"].update(entry["inputs"])
-            for part in ("values", "scaled"):
+            for part in ("values", "scaled", "at"):
                 for key, widths in entry[part].items():
                     mine[part][key].extend(widths)
+    for entry in found.values():
+        if entry is not mine and type(entry["config"]) is type(root):
+            entry["norms"], entry["inputs"] = mine["norms"], mine["inputs"]
     record = {}
     entry_width = _entry_width(model)
     before = [(entry["config"], dict(vars(entry["config"]))) for entry in found.values()]
