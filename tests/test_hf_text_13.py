@@ -313,3 +313,27 @@ def test_latent_attention_with_an_indexer_keeps_the_hidden_size_in_every_config_
     assert small.config.cleanai_pruning["from_pretrained"] is True
     assert reload_diff(small, tmp_path) <= 1e-6
     assert_generates_alike(small, inputs)
+
+
+def test_phi3_pruned_per_kv_group_reloads_with_load_pruned_without_the_plugin(tmp_path):
+    """Phi-3's fused ``qkv_proj`` pruned with the query-heads-per-group plugin:
+    ``load_pruned`` replays the history without that plugin, and its attention fix-up,
+    which read the head counts from the fused width and the mode the plugin named, took
+    the width for whole KV groups gone: every forward failed (``mat1 and mat2 shapes
+    cannot be multiplied (24x64 and 32x64)``). The query heads are read from the output
+    projection's input width, the same in both modes."""
+    from cleanai_core.io import load_pruned, save_pruned
+
+    config = transformers.Phi3Config(**{**LM, "num_attention_heads": 8, "num_key_value_heads": 2})
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "original")
+    with temporary_plugin(gqa, name="transformers_gqa"):
+        pruner, small = default_prune(model, (ids(1, 8),), 0.5)
+    assert [layer.self_attn.qkv_proj.out_features for layer in small.model.layers] == [64, 64]  # 4 + 2 + 2 heads
+    save_pruned(tmp_path / "out", small, pruner.history, spec=f"hf:{tmp_path / 'original'}")
+    again = load_pruned(tmp_path / "out")
+    assert [layer.self_attn.num_key_value_groups for layer in again.model.layers] == [2, 2]
+    with torch.no_grad():
+        assert torch.equal(again(**padded()).logits, small(**padded()).logits)
+    assert_generates_alike(again, (ids(1, 8),))

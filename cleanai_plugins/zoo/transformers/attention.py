@@ -196,6 +196,14 @@ def head_counts(
     fused = proj_width(getattr(module, "qkv_proj", None))
     groups = getattr(module, "num_key_value_groups", None)
     kv_heads = getattr(module, "num_key_value_heads", None)
+    o_in = proj_in_width(getattr(module, "o_proj", None))
+    if fused is not None and isinstance(groups, int) and o_in is not None and o_in % hd == 0:
+        # Phi-3: rows [q, k, v]; the output projection reads the query heads, so both modes read alike (a width
+        # alone cannot tell whole KV groups gone from query heads per group, and load_pruned, which replays
+        # the history without the plugin that chose the mode, rebuilt a Phi-3 pruned per group wrongly)
+        heads, rest = divmod(fused // hd - o_in // hd, 2)
+        if not rest and heads > 0 and fused % hd == 0:
+            return o_in // hd, heads, hd
     if fused is not None and kv_kept and isinstance(kv_heads, int) and fused // hd > 2 * kv_heads:
         return fused // hd - 2 * kv_heads, kv_heads, hd
     if has_fused_mqa(module):
@@ -221,7 +229,6 @@ def head_counts(
                 w, stacks = proj_width(getattr(module, "q_attn", None)), 1
             width = w // stacks
             break
-    o_in = proj_in_width(getattr(module, "o_proj", None))
     if width is not None and o_in is not None and width == 2 * o_in:
         width = o_in  # a query and a gate per head (Qwen3-Next's q_proj: 2 x heads x head_dim rows)
     if width is None or hd <= 0 or width % hd:
