@@ -219,7 +219,7 @@ def calibrate(
                         if len(chosen) * batch_bytes(first) <= data.budget:
                             pool[0] = Pool(len(chosen), planned=chosen)
                 data.keep(first)
-                inputs = inputs_for(model, split_batch(first)[0])
+                inputs = inputs_for(model, split_batch(first, model)[0])
                 if may_run_channels_last(model, inputs):
                     # the first batch channels-last, then its first samples as they are: the
                     # layout is kept where the outputs agree (:func:`channels_last_layout`)
@@ -246,7 +246,7 @@ def calibrate(
                         out.samples.active = slot is not None
                     else:
                         out.samples.active = planned[0] is None or i in planned[0]
-                    inputs = split_batch(batch)[0]
+                    inputs = split_batch(batch, model)[0]
                     with model_failure(i, inputs, batch):
                         run_batch(model, data.layout(inputs), setup.forward_fn)
                     out.end_batch()
@@ -385,7 +385,7 @@ def recalibrate(
     model.eval()
     with collector.hooks(), recording(model, out.moments), sampling(model, out.samples), torch.no_grad():
         for batch in data.replay():
-            run_batch(model, data.layout(split_batch(batch)[0]), setup.forward_fn)
+            run_batch(model, data.layout(split_batch(batch, model)[0]), setup.forward_fn)
             out.end_batch()
     out.stats = collector.stats
     if setup.gradients:
@@ -423,7 +423,7 @@ def accumulate_gradients(
     sums: dict[str, torch.Tensor] = {}
     seen = False
     for batch in batches:
-        inputs, target = split_batch(batch)
+        inputs, target = split_batch(batch, model)
         if target is None:
             raise UserError(
                 f"{criterion} importance needs labels (it scores with the gradients of the loss), but the data yields "
@@ -538,7 +538,7 @@ def correct_batchnorm_after(
         chosen = None  # which calls each batch made is not known: every batch
 
     def run(model: nn.Module, batch: Any) -> None:  # in the layout the original's moments were measured in
-        run_batch(model, data.layout(split_batch(batch)[0]), forward_fn)
+        run_batch(model, data.layout(split_batch(batch, model)[0]), forward_fn)
 
     def batches() -> Iterator[Any]:
         if chosen is None:

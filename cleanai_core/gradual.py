@@ -569,7 +569,7 @@ class GradualPruner:
         return None
 
     def _run(self, model: nn.Module, batch: Any, index: int = 0) -> Any:
-        inputs = split_batch(batch)[0]
+        inputs = split_batch(batch, model)[0]
         with model_failure(index, inputs):  # the model's own traceback, where calibration names the batch
             return run_batch(model, inputs, self.options.get("forward_fn"))
 

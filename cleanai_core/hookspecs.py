@@ -256,7 +256,9 @@ def cleanai_load_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
         (``hf:/abs/folder``); ``cleanai prune`` writes that one to ``architecture.json``.
         A loader that builds the model in float32 from files that store it in a narrower
         floating dtype (a ``bfloat16`` checkpoint) may set ``options["stored_dtype"]`` to
-        that ``torch.dtype``; ``cleanai prune`` writes the pruned weights in it.
+        that ``torch.dtype``; ``cleanai prune`` writes the pruned weights in it, except the
+        parameters and buffers named in ``options["stored_float32"]`` (names as in the
+        model's ``state_dict``), which the files keep in float32 beside the rest.
         ``options["meta_probe"]`` is true where ``load_pruned`` builds the architecture on
         the meta device to check the folder's shapes before the real build: a loader that
         runs code the user consented to (an import spec's factory) returns ``None`` there,

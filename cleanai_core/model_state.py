@@ -49,7 +49,7 @@ import sys
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from pathlib import Path
@@ -436,20 +436,24 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
                     t.__dict__[key] = value
 
 
-def stored_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def stored_in(model: nn.Module, dtype: torch.dtype, keep: Iterable[str] = ()) -> nn.Module:
     """A copy of ``model`` with its floating parameters and saved buffers in ``dtype``: the
     dtype its files store it in, where a loader built it in float32 to compute (a
     ``bfloat16`` checkpoint written back in float32 was twice its size). Buffers that are
-    not saved (a rotary ``inv_freq``) stay as they are, as a fresh load computes them."""
-    model = copy_model(model)
+    not saved (a rotary ``inv_freq``) stay as they are, as a fresh load computes them, and
+    so do the parameters and buffers named in ``keep``: those the files store in float32
+    beside the rest (T5's ``wo`` in a float16 checkpoint, routers' ``gate.weight``)."""
+    model, keep = copy_model(model), set(keep)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and name not in keep:
                 p.data = p.data.to(dtype)
-        for m in model.modules():
+        for prefix, m in model.named_modules():
             for name, b in m._buffers.items():
-                if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set:
-                    m._buffers[name] = b.to(dtype)
+                whole = f"{prefix}.{name}" if prefix else name
+                if b is None or not b.is_floating_point() or name in m._non_persistent_buffers_set or whole in keep:
+                    continue
+                m._buffers[name] = b.to(dtype)
     return model
 
 

@@ -170,7 +170,8 @@ def _token_targets(logits: torch.Tensor, inputs: Any, target: Any) -> tuple[torc
 def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None, target: Any = None) -> str:
     """``task``, or from the logits' shape where it is ``"auto"``: ``(N, C)`` classification;
     ``(N, T, C)`` a causal LM, unless the model's Hugging Face config says its outputs are
-    ``num_labels`` tags and not the vocabulary: then ``"token"`` (a tagger trained as a
+    ``num_labels`` tags and not the vocabulary, or the model predicts each position's own
+    token (:func:`_predicts_own_positions`): then ``"token"`` (a tagger trained as a
     causal LM learned each position's tag from the next one's)."""
     if task != "auto":
         return task
@@ -184,10 +185,24 @@ def _task_of(logits: torch.Tensor, task: str, model: nn.Module | None = None, ta
     if logits.dim() == 3:
         vocab, labels = getattr(config, "vocab_size", None), getattr(config, "num_labels", None)
         tagger = type(model).__name__.endswith("ForTokenClassification")
-        if tagger or (logits.shape[-1] == labels and logits.shape[-1] != vocab):
+        if tagger or (logits.shape[-1] == labels and logits.shape[-1] != vocab) or _predicts_own_positions(model):
             return "token"
         return "causal_lm"
     raise UserError(f"logits of shape {tuple(logits.shape)}: give task='classification', 'causal_lm' or 'token'")
+
+
+def _predicts_own_positions(model: nn.Module | None) -> bool:
+    """A Hugging Face model whose ``(N, T, V)`` logits score each position's own label, not
+    the next token: an encoder-decoder (its decoder inputs are the labels shifted right
+    already), a model that cannot generate (a masked LM: BERT, RoBERTa, ModernBERT) or an LM
+    head whose config has no causal mask (``causal=False``: XLM, Flaubert). ``recover()``
+    with ``task="auto"`` trained them as causal LMs, each position on the next one's
+    label (only the command line named their task)."""
+    config, generates = getattr(model, "config", None), getattr(model, "can_generate", None)
+    if config is None or not callable(generates):
+        return False
+    return bool(getattr(config, "is_encoder_decoder", False) or getattr(config, "causal", None) is False
+                or not generates())  # fmt: skip
 
 
 # -- loss ----------------------------------------------------------------------------------------
@@ -363,7 +378,10 @@ def split_train_data(
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction={val_fraction} must be between 0 and 1 (the held-out share of train_data)")
     dataset = train_data.dataset if isinstance(train_data, DataLoader) else train_data
-    if not _map_style(dataset):
+    # a DataLoader's list holds samples (``DataLoader(rows, batch_size=8)``, rows of tokenized text: it was
+    # refused as "a DataLoader: it must be a data set or a DataLoader over one"); a bare list holds batches
+    over_list = isinstance(train_data, DataLoader) and isinstance(dataset, (list, tuple)) and train_data.batch_size
+    if not (_map_style(dataset) or over_list):
         raise UserError(  # a list, a tensor or an (x, y) tuple was refused without saying what it was
             f"train_data is a {type(train_data).__name__}: it must be a data set or a DataLoader over one (with "
             "len()), so that a held-out part can be split from it (tensors: TensorDataset(x, y)); or pass val_data= "
@@ -481,7 +499,7 @@ def held_out_metric_and_loss(
     opts = {"temperature": 2.0, "kd_weight": 1.0, "ce_weight": 1.0, **(loss_options or {})}
     with eval_mode(model), torch.no_grad(), eval_mode(teacher) if teacher is not None else contextlib.nullcontext():
         for batch in loader:
-            inputs, target = split_batch(batch)
+            inputs, target = split_batch(batch, model)
             inputs, target = move_to(inputs, device), move_to(target, device)
             logits = _forward(model, inputs, forward_fn, "pruned model").float()
             t_logits = None
@@ -799,7 +817,7 @@ def recover(
         batch = next(iter(held_loader), None)
         if batch is None:
             raise UserError("the held-out data (val_data) is empty; give at least one batch, or leave val_data out")
-        first, target = (move_to(part, device) for part in split_batch(batch))
+        first, target = (move_to(part, device) for part in split_batch(batch, student))
         with eval_mode(student), torch.no_grad():
             task = _task_of(_forward(student, first, forward_fn, "pruned model"), task, student, target)
     loss_options = {"temperature": temperature, "kd_weight": kd_weight, "ce_weight": ce_weight}
@@ -828,7 +846,7 @@ def recover(
                 m.training = True  # this module only: the frozen norms inside stay in eval mode
             running, count = 0.0, 0
             for batch in train_loader:
-                inputs, target = split_batch(batch)
+                inputs, target = split_batch(batch, student)
                 inputs, target = move_to(inputs, device), move_to(target, device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     t_logits = None

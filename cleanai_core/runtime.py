@@ -30,6 +30,7 @@ __all__ = [
     "class_logits",
     "checked_device",
     "copy_modes",
+    "decoder_inputs_from_labels",
     "device_of",
     "dtype_advice",
     "find_logits",
@@ -518,10 +519,12 @@ def text_error(obj: Any, what: str) -> UserError | None:
 LABEL_KEYS = ("label", "labels", "y", "target", "targets")
 
 
-def split_batch(batch: Any) -> tuple[Any, Any]:
+def split_batch(batch: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
     """``(inputs, target)`` from a batch: a tensor, an ``(x, y)`` pair or a dict (or another
     mapping: a tokenizer's ``BatchEncoding``). Text
-    (strings where the inputs go) is refused with the fix: tokenize it first."""
+    (strings where the inputs go) is refused with the fix: tokenize it first. ``model``: the
+    model the inputs are for, which may make decoder inputs from the labels
+    (:func:`decoder_inputs_from_labels`)."""
     if isinstance(batch, torch.Tensor):
         return batch, None
     batch = plain_inputs(batch)
@@ -548,7 +551,31 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     error = text_error(inputs, "the data loader's batch")
     if error is not None:
         raise error
-    return inputs, target
+    return decoder_inputs_from_labels(model, inputs, target), target
+
+
+def decoder_inputs_from_labels(model: nn.Module | None, inputs: Any, target: Any) -> Any:
+    """``inputs`` with the ``decoder_input_ids`` an encoder-decoder makes from its labels
+    where a dict batch has labels and no decoder inputs (``tokenizer(texts,
+    text_target=targets)``, a seq2seq collator without the model): the model's forward
+    shifts the labels right itself when it gets them, but CleanAI takes them out as the
+    target, and every calibration, recovery and evaluation run of T5, BART, Marian, ...
+    failed (``You must specify exactly one of input_ids or inputs_embeds``). Made by the
+    model's own ``prepare_decoder_input_ids_from_labels``; other inputs are returned as
+    they are."""
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if (
+        not isinstance(inputs, dict)
+        or not callable(prepare)
+        or not getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        or not isinstance(target, torch.Tensor)
+        or target.dim() != 2
+        or target.is_floating_point()
+        or "decoder_input_ids" in inputs
+        or "decoder_inputs_embeds" in inputs
+    ):
+        return inputs
+    return {**inputs, "decoder_input_ids": prepare(labels=target.long())}
 
 
 def move_to(x: Any, device: torch.device | None) -> Any:

@@ -281,7 +281,7 @@ def analyse_sensitivity(
     t0 = time.perf_counter()
     model, graph = pruner.model, pruner.graph
     device = next((p.device for p in model.parameters()), None)
-    batches = [(move_to(x, device), y) for x, y in (split_batch(b) for b in iterate(data, num_batches))]
+    batches = [(move_to(x, device), y) for x, y in (split_batch(b, model) for b in iterate(data, num_batches))]
     if not batches:
         raise UserError("the sensitivity data is empty: give at least one batch")
     layout = channels_last_layout(model, batches[0][0], pruner.forward_fn)  # the trials' forward passes, faster

@@ -165,7 +165,7 @@ def _run_blocks(model, prefix, block_list, inside, outside, loader, num_batches,
                     for seen, inputs in enumerate(iterate(loader, num_batches), 1):
                         batch[0] = seen - 1
                         try:
-                            forward(model, move_to(split_batch(inputs)[0], device))
+                            forward(model, move_to(split_batch(inputs, model)[0], device))
                         except _Stop:
                             pass
                         if len(produced) > seen:

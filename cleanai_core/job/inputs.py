@@ -132,6 +132,7 @@ def load_inputs(cfg: dict[str, Any], model: Any = None, dataset: Any = None) -> 
             cfg["_model_spec"] = model_options["resolved_spec"]
         if isinstance(model_options.get("stored_dtype"), torch.dtype):  # the files' dtype, narrower than the model's
             cfg["_stored_dtype"] = model_options["stored_dtype"]
+            cfg["_stored_float32"] = tuple(model_options.get("stored_float32") or ())  # tensors the files keep float32
         if model_options.get("prior_history") is not None:  # --model FOLDER: pruned before, by cleanai
             cfg["_prior_history"] = model_options["prior_history"]
             cfg["_arch_options"] = model_options.get("arch_options") or {}

@@ -354,7 +354,7 @@ def _execute(
         spec = cfg.get("_model_spec") or spec
         saved = pruned.cpu()
         if cfg.get("_stored_dtype") is not None:  # the dtype the model's files store it in (bfloat16)
-            saved = stored_in(saved, cfg["_stored_dtype"])
+            saved = stored_in(saved, cfg["_stored_dtype"], cfg.get("_stored_float32", ()))
         cio.save_pruned(
             tmp,
             saved,

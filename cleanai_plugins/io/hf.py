@@ -265,6 +265,7 @@ def cleanai_load_model(spec, options):
     stored = source_dtype(model)
     if stored is not None:  # computed in float32; the pruned weights are written back in this dtype
         options["stored_dtype"] = stored
+        options["stored_float32"] = kept_in_float32(model, stored)
         configs = (getattr(m, "config", None) for m in model.modules())
         for config in {id(c): c for c in configs if hasattr(c, "to_dict")}.values():
             config.dtype = stored  # the dtype the widths must suit (experts: 16-byte rows in it), sub-configs too
@@ -400,7 +401,7 @@ def cleanai_evaluate(model, loader, device):
     kind = head_kind(model)
     with torch.no_grad():
         for batch in loader:
-            inputs, labels = split_batch(batch)
+            inputs, labels = split_batch(batch, model)
             if labels is None:
                 return None
             inputs = move_to(inputs, device)  # a tensor goes in first place: input_ids, or pixel_values for ViT
@@ -506,6 +507,27 @@ def source_dtype(model: nn.Module) -> torch.dtype | None:
         dtype = getattr(torch, dtype, None)
     floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
     return dtype if floating and dtype != torch.float32 else None
+
+
+def kept_in_float32(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """The ``state_dict`` names that ``from_pretrained(..., dtype=dtype)`` keeps in float32:
+    those its class's ``_keep_in_fp32_modules`` (for float16) and
+    ``_keep_in_fp32_modules_strict`` (float16 and bfloat16) patterns find, as transformers
+    matches them (``*`` any text, found anywhere in the name). The job wrote them in the
+    folder's dtype: T5's ``wo`` in float16 (which the family keeps in float32 against
+    overflow; ``hf/`` was then refused, its reload differing), routers' ``gate.weight``
+    rounded to bfloat16."""
+    import re
+
+    plan = getattr(model, "_get_dtype_plan", None)
+    try:
+        patterns = [k for k, v in plan(dtype).items() if v == torch.float32] if callable(plan) else []
+    except Exception:  # noqa: BLE001 - a transformers without the plan: nothing kept
+        return []
+    if not patterns:
+        return []
+    found = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
+    return [name for name in model.state_dict() if found.search(name)]
 
 
 def _compared(out: Any) -> list[torch.Tensor]:

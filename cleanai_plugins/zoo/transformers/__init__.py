@@ -38,6 +38,7 @@ from cleanai_plugins.zoo.timm.width_attention import TiedLinearPruner
 from cleanai_plugins.zoo.transformers.alibi import fix_alibi_heads, is_alibi_attention
 from cleanai_plugins.zoo.transformers.attention import (
     fix_attention,
+    fix_attentions,
     has_fused_mqa,
     has_fused_qkv,
     input_width_query,
@@ -164,9 +165,7 @@ def cleanai_after_prune(module, name, edits, findings=None):
             if is_alibi_attention(attn):
                 fix_alibi_heads(attn, sub, edits)
         for _, model in outermost(module, pretrained):
-            for attn in model.modules():
-                if is_attention(attn):
-                    fix_attention(attn, attn in kept)
+            fix_attentions(model, kept)
             fix_config(model)
 
 

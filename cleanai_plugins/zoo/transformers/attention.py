@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+from collections.abc import Container
 
 from torch import nn
 
@@ -22,6 +23,7 @@ from cleanai_plugins.zoo.transformers.quant_linear import is_quant_linear
 __all__ = [
     "INPUT_PROJS",
     "fix_attention",
+    "fix_attentions",
     "input_width_query",
     "has_fused_mqa",
     "has_fused_qkv",
@@ -29,6 +31,7 @@ __all__ = [
     "is_attention",
     "proj_in_width",
     "proj_width",
+    "reuses_keys",
 ]
 
 HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size", "dim_head")
@@ -43,7 +46,12 @@ QUERY_PROJS = (
     ("c_attn", 3), ("qkv", 3), ("Wqkv", 3), ("in_proj", 3),
 )  # fmt: skip
 KEY_PROJS = ("k_proj", "key", "k", "k_lin", "key_proj", "project_k")
-INPUT_PROJS = (*(c for c, _ in QUERY_PROJS), "qkv_proj", "query_key_value")
+#: the projections that read an attention's input (the residual stream): latent attention's (DeepSeek-V3,
+#: Dots3) first query and key/value projections too, where the norms inside it (its LoRA ranks, an indexer's
+#: keys) can outnumber the residual stream's and made their width the hidden size
+INPUT_PROJS = (*(c for c, _ in QUERY_PROJS), "qkv_proj", "query_key_value", "q_a_proj", "kv_a_proj_with_mqa")
+#: children that compute keys besides those starting with ``k`` or holding ``kv`` (fused projections)
+_MAKES_KEYS = (*KEY_PROJS, *(c for c, stacks in QUERY_PROJS if stacks > 1), "qkv_proj", "query_key_value")
 
 
 def has_fused_qkv(module: nn.Module) -> bool:
@@ -164,12 +172,16 @@ def _int_attr(module: nn.Module, names: tuple[str, ...]) -> str | None:
     return None
 
 
-def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | None, int] | None:
+def head_counts(
+    module: nn.Module, kv_kept: bool = False, shared_kv: int | None = None
+) -> tuple[int, int | None, int] | None:
     """``(query heads, key/value heads or None, head_dim)`` of an attention module, read
     from its projections' widths; ``None`` when they cannot be read. ``kv_kept``: the
     module pruned query heads per group and kept its key/value heads
     (:mod:`cleanai_plugins.mappers.gqa`), which a fused ``qkv_proj``'s width alone
-    cannot tell from whole groups gone."""
+    cannot tell from whole groups gone. ``shared_kv``: the key/value heads of the layer
+    whose keys and values a module without a key projection of its own reuses
+    (:func:`reuses_keys`)."""
     hd_attr = _int_attr(module, HEAD_DIM_ATTRS)
     if hd_attr is not None:
         hd = getattr(module, hd_attr)
@@ -184,6 +196,14 @@ def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | No
     fused = proj_width(getattr(module, "qkv_proj", None))
     groups = getattr(module, "num_key_value_groups", None)
     kv_heads = getattr(module, "num_key_value_heads", None)
+    o_in = proj_in_width(getattr(module, "o_proj", None))
+    if fused is not None and isinstance(groups, int) and o_in is not None and o_in % hd == 0:
+        # Phi-3: rows [q, k, v]; the output projection reads the query heads, so both modes read alike (a width
+        # alone cannot tell whole KV groups gone from query heads per group, and load_pruned, which replays
+        # the history without the plugin that chose the mode, rebuilt a Phi-3 pruned per group wrongly)
+        heads, rest = divmod(fused // hd - o_in // hd, 2)
+        if not rest and heads > 0 and fused % hd == 0:
+            return o_in // hd, heads, hd
     if fused is not None and kv_kept and isinstance(kv_heads, int) and fused // hd > 2 * kv_heads:
         return fused // hd - 2 * kv_heads, kv_heads, hd
     if has_fused_mqa(module):
@@ -209,20 +229,52 @@ def head_counts(module: nn.Module, kv_kept: bool = False) -> tuple[int, int | No
                 w, stacks = proj_width(getattr(module, "q_attn", None)), 1
             width = w // stacks
             break
-    o_in = proj_in_width(getattr(module, "o_proj", None))
     if width is not None and o_in is not None and width == 2 * o_in:
         width = o_in  # a query and a gate per head (Qwen3-Next's q_proj: 2 x heads x head_dim rows)
     if width is None or hd <= 0 or width % hd:
         return None
     kv_width = next((proj_width(getattr(module, c, None)) for c in KEY_PROJS if hasattr(module, c)), None)
     kv = kv_width // hd if kv_width is not None and kv_width % hd == 0 else None
+    if kv is None and shared_kv is not None and reuses_keys(module):
+        kv = shared_kv
     return width // hd, kv, hd
 
 
-def fix_attention(module: nn.Module, kv_kept: bool = False) -> None:
+def reuses_keys(module: nn.Module) -> bool:
+    """A grouped-query attention module with a query projection and nothing that makes keys
+    (no child named ``k...`` or ``...kv...``): it reuses the keys and values an earlier
+    layer of its ``layer_type`` computed (Gemma3n's and Gemma 4's KV-shared layers,
+    ``is_kv_shared_layer``)."""
+    return (
+        isinstance(getattr(module, "num_key_value_groups", None), int)
+        and any(proj_width(getattr(module, c, None)) is not None for c, stacks in QUERY_PROJS if stacks == 1)
+        and not any(n.startswith("k") or "kv" in n or n in _MAKES_KEYS for n, _ in module.named_children())
+    )
+
+
+def fix_attentions(model: nn.Module, kept: Container[nn.Module]) -> None:
+    """:func:`fix_attention` on every transformers attention module of ``model``, in order.
+    A module that reuses an earlier layer's keys and values (:func:`reuses_keys`) has the
+    key/value heads of the last layer of its ``layer_type`` that computed its own: with
+    whole KV groups pruned its group size stays either way, but with query heads pruned
+    per group (``kept``) it shrinks, and a group size left as it was made ``repeat_kv``
+    repeat the keys for heads that are gone (``The size of tensor a (4) must match the
+    size of tensor b (8)``)."""
+    last_kv: dict[object, int] = {}
+    for attn in model.modules():
+        if not is_attention(attn):
+            continue
+        kind = getattr(attn, "layer_type", None)
+        fix_attention(attn, attn in kept, last_kv.get(kind))
+        counts = None if reuses_keys(attn) else head_counts(attn, attn in kept)
+        if counts is not None and counts[1] is not None:
+            last_kv[kind] = counts[1]
+
+
+def fix_attention(module: nn.Module, kv_kept: bool = False, shared_kv: int | None = None) -> None:
     """Set the head counts and widths of a pruned attention module from its projections
-    (``kv_kept``: see :func:`head_counts`)."""
-    counts = head_counts(module, kv_kept)
+    (``kv_kept``, ``shared_kv``: see :func:`head_counts`)."""
+    counts = head_counts(module, kv_kept, shared_kv)
     if counts is None:
         return
     heads, kv, hd = counts

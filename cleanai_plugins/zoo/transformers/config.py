@@ -41,6 +41,13 @@ from torch import nn
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 from cleanai_plugins.zoo.transformers.bias import declare_biases
 from cleanai_plugins.zoo.transformers.experts import expert_width
+from cleanai_plugins.zoo.transformers.per_layer import (
+    global_reads,
+    layer_index,
+    per_layer_keys,
+    without_global_reads,
+    write_per_layer,
+)
 from cleanai_plugins.zoo.transformers.reload_path import ALIBI, HEADS, MLP, reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
@@ -73,7 +80,8 @@ _MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "f
 
 
 #: config keys that give shared experts a width of their own (Qwen2-MoE's, GraniteMoeShared's, Nemotron-H's)
-SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size")
+SHARED_KEYS = ("shared_expert_intermediate_size", "shared_intermediate_size", "moe_shared_expert_intermediate_size",
+               "shared_experts_intermediate_size")  # fmt: skip
 
 
 def config_owner(names: dict[str, nn.Module], name: str) -> tuple[str, object] | None:
@@ -108,13 +116,14 @@ def _set(config, key: str, values: list[int], record: dict) -> None:
 
 def _entry(config) -> dict:
     return {"config": config, "norms": Counter(), "inputs": Counter(), "values": defaultdict(list),
-            "scaled": defaultdict(list), "mlps": set()}  # fmt: skip
+            "scaled": defaultdict(list), "mlps": set(), "at": defaultdict(list)}  # fmt: skip
 
 
 def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None]] | None = None) -> dict[int, dict]:
     """Per config object: the widths its modules show (norms, heads, MLP widths).
     ``scales``: per attention module, its head and key/value head counts over the config's
-    (:func:`_count_scales`); the counts divided by them go to ``"scaled"``."""
+    (:func:`_count_scales`); the counts divided by them go to ``"scaled"``. ``"at"``: per
+    key, the layer of each value (:func:`~.per_layer.layer_index`)."""
     names = dict(model.named_modules())
     found: dict[int, dict] = {}
     for name, module in names.items():
@@ -122,7 +131,7 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
         if owner is None:
             continue
         entry = found.setdefault(id(owner[1]), _entry(owner[1]))
-        values = entry["values"]
+        values, at, layer = entry["values"], entry["at"], layer_index(name, module)
         side = _side(name) if hasattr(owner[1], "encoder_ffn_dim") else ""
         if isinstance(module, nn.LayerNorm) or (type(module).__name__.endswith("RMSNorm")):
             w = getattr(module, "weight", None)
@@ -130,21 +139,25 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
                 entry["norms"][int(w.shape[0])] += 1
         if is_attention(module):
             counts = head_counts(module)
-            width = next((proj_in_width(getattr(module, c, None)) for c in INPUT_PROJS if hasattr(module, c)), None)
+            # the first input projection it has (Dots3's latent attention sets ``q_proj = None`` beside ``q_a_proj``)
+            width = next((w for w in (proj_in_width(getattr(module, c, None)) for c in INPUT_PROJS) if w), None)
             if width is not None:
                 entry["inputs"][width] += 1  # the residual stream the attention reads
             if counts is not None:
                 heads, kv, hd = counts
                 key = f"{side}attention_heads" if side else "num_attention_heads"
                 values[key].append(heads)
+                at[key].append(layer)
                 scale = (scales or {}).get(name)
                 if scale is not None:
                     entry["scaled"][key].append(_unscaled(heads, scale[0]))
                 if kv is not None:
                     values["num_key_value_heads"].append(kv)
+                    at["num_key_value_heads"].append(layer)
                     if scale is not None:
                         entry["scaled"]["num_key_value_heads"].append(_unscaled(kv, scale[1]))
                 values["head_dim"].append(hd)
+                at["head_dim"].append(layer)
                 if isinstance(getattr(module, "attention_head_size", None), int):  # DeBERTa-v2 reads it
                     values["attention_head_size"].append(hd)
         width = expert_width(module)
@@ -157,20 +170,30 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
             if width is not None:
                 if name.endswith((*_MLP_STACKED, "shared_mlp.input_linear")):
                     width //= 2
-                values["shared_expert" if shared else f"{side}ffn_dim" if side else "mlp"].append(width)
+                part = "shared_expert" if shared else f"{side}ffn_dim" if side else "mlp"
+                values[part].append(width)
+                at[part].append(layer)
                 entry["mlps"].add(mlp)
     return found
 
 
 def _write(entry: dict) -> dict:
-    """Write one config's widths; returns the keys whose layers disagree."""
-    config, values = entry["config"], entry["values"]
+    """Write one config's widths; returns the keys whose layers disagree. A key of a
+    heterogeneous config that some layer overrides is written layer by layer
+    (:func:`~.per_layer.write_per_layer`)."""
+    config, values, at = entry["config"], entry["values"], entry["at"]
     record: dict = {}
+    layer_keys = per_layer_keys(config)
+
+    def layered(key: str, part: str) -> bool:
+        return key in layer_keys and write_per_layer(config, key, values.get(part, []), at.get(part, []))
+
     widths = entry["inputs"] or entry["norms"]
     if widths:
         _set(config, "hidden_size", [widths.most_common(1)[0][0]], record)
     for key in ("num_attention_heads", "encoder_attention_heads", "decoder_attention_heads"):
-        _set(config, key, _counts_of(entry, key), record)
+        if not layered(key, key):
+            _set(config, key, _counts_of(entry, key), record)
     per_layer = getattr(config, "num_attention_heads_per_layer", None)  # Laguna: a head count per layer
     heads = values.get("num_attention_heads", [])
     if isinstance(per_layer, list) and len(per_layer) == len(heads):
@@ -178,10 +201,12 @@ def _write(entry: dict) -> dict:
         record.pop("num_attention_heads", None)
     for key in ("head_dim", "attention_head_size"):  # explicit: no hidden_size / heads division
         if values.get(key) and not is_staged(config) and not isinstance(getattr(type(config), key, None), property):
-            setattr(config, key, values[key][0])  # (Swin derives it per stage; Falcon's is a read-only property)
+            if not layered(key, key):
+                setattr(config, key, values[key][0])  # (Swin derives it per stage; Falcon's is a read-only property)
     for key in ("num_key_value_heads", "num_kv_heads"):
         if values.get("num_key_value_heads") and getattr(config, key, None) is not None:
-            _set(config, key, _counts_of(entry, "num_key_value_heads"), record)
+            if not layered(key, "num_key_value_heads"):
+                _set(config, key, _counts_of(entry, "num_key_value_heads"), record)
     for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
         _set(config, key, values.get(key, []), record)
     if not hasattr(config, "encoder_ffn_dim"):
@@ -196,7 +221,7 @@ def _write(entry: dict) -> dict:
         for key in SHARED_KEYS:
             _set(config, key, values.get("shared_expert", []), record)
         key = next((k for k in _MLP_KEYS if hasattr(config, k)), None)
-        if key is not None:
+        if key is not None and not (mlp == values.get("mlp", []) and layered(key, "mlp")):
             _set(config, key, mlp, record)
         elif mlp and not is_staged(config):  # (Swin's per-stage ratio is written by :mod:`.staged`)
             _set_mlp_ratio(config, mlp, record)
@@ -230,6 +255,11 @@ def _count_scales(model: nn.Module) -> dict[str, tuple[Fraction, Fraction | None
     ref = _rebuilt(model)
     if isinstance(ref, str):
         return {}
+    with global_reads(_configs(ref)):
+        return _scales_of(ref)
+
+
+def _scales_of(ref: nn.Module) -> dict[str, tuple[Fraction, Fraction | None]]:
     names = dict(ref.named_modules())
     out: dict[str, tuple[Fraction, Fraction | None]] = {}
     for name, module in names.items():
@@ -277,20 +307,38 @@ def _set_mlp_ratio(config, mlp: list[int], record: dict) -> None:
 
 def fix_config(model: nn.Module) -> None:
     """Rewrite the config of a transformers model (and of its sub-configs) from its
-    modules, then check that the model rebuilt from it has the pruned shapes."""
+    modules, then check that the model rebuilt from it has the pruned shapes. The global
+    values of a heterogeneous config's per-layer keys are read as any other
+    (:func:`~.per_layer.global_reads`)."""
+    with global_reads(_configs(model)):
+        _fix_config(model)
+
+
+def _configs(model: nn.Module) -> list:
+    """The transformers configs of ``model``'s modules, each once."""
+    configs = [m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")]
+    return list({id(c): c for c in configs}.values())
+
+
+def _fix_config(model: nn.Module) -> None:
     found = _collect(model)
     if _disagree(found):  # layers that derive their counts from one key by factors of their own
         found = _collect(model, _count_scales(model))
     root = model.config
     mine = found.setdefault(id(root), _entry(root))
     for entry in list(found.values()):
-        # a submodel built from a copy of the model's config (T5's encoder and decoder stacks)
+        # a submodel built from a copy of the model's config (T5's encoder and decoder stacks; a heterogeneous
+        # config's per-layer copies, Dots3's indexer's): the same hidden size, read from all of them together (an
+        # indexer's own key norms made its copy's hidden_size 16, and the router reading it failed)
         if entry is not mine and type(entry["config"]) is type(root):
             mine["norms"].update(entry["norms"])
             mine["inputs"].update(entry["inputs"])
-            for part in ("values", "scaled"):
+            for part in ("values", "scaled", "at"):
                 for key, widths in entry[part].items():
                     mine[part][key].extend(widths)
+    for entry in found.values():
+        if entry is not mine and type(entry["config"]) is type(root):
+            entry["norms"], entry["inputs"] = mine["norms"], mine["inputs"]
     record = {}
     entry_width = _entry_width(model)
     before = [(entry["config"], dict(vars(entry["config"]))) for entry in found.values()]
@@ -503,6 +551,7 @@ def _rebuilt(model: nn.Module) -> nn.Module | str:
     (its name and message)."""
     try:
         config = copy.deepcopy(model.config)
+        without_global_reads(config)  # the rebuilt model reads its per-layer keys as from_pretrained will
         validate = getattr(config, "validate", None)
         if callable(validate):
             validate()
