@@ -422,9 +422,36 @@ def _image_loader(model: Any):
         if kind is not None:  # opening a named pipe waited for a writer for ever
             raise OSError(f"it is {kind}, not a regular file")
         with open(file, "rb") as fh:
-            return Image.open(fh).convert(mode)
+            return _eight_bit(Image.open(fh), file).convert(mode)
 
     return load
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _eight_bit(image: Any, file: str) -> Any:
+    """``image`` with its values on the 8-bit scale that ``convert("L")`` / ``"RGB"`` and
+    ``ToTensor`` read. PIL's conversion of a wider image clips at 255 instead of scaling:
+    a 16-bit grayscale PNG or TIFF (X-rays, depth maps) was read all but white, a 32-bit
+    float TIFF (values in [0, 1]) all black, and the job pruned and reported on them with
+    exit 0. A 16-bit image is scaled by 255 / 65535 (as torchvision's
+    ``convert_image_dtype`` reads ``uint16``); a 32-bit integer image whose values fit 16
+    bits likewise (older PIL opened 16-bit PNGs as mode ``"I"``), within 8 bits as it is;
+    a float image, or integers beyond 16 bits, have no range to scale by and are refused."""
+    if image.mode not in (*_SIXTEEN_BIT, "I", "F"):
+        return image
+    low, high = image.convert("I").getextrema() if image.mode != "F" else image.getextrema()
+    if image.mode in _SIXTEEN_BIT or (image.mode == "I" and 255 < high <= 65535 and low >= 0):
+        return image.convert("I").point(lambda v: v / 257 + 0.5)  # 0..65535 -> 0..255, rounded
+    if image.mode == "I" and 0 <= low and high <= 255:
+        return image
+    kind = "32-bit floating-point" if image.mode == "F" else "32-bit integer"
+    raise UserError(
+        f"cannot read image {file!r}: it is a {kind} image (PIL mode {image.mode!r}, values {low:g} to {high:g}), "
+        "which has no fixed range to scale to the model's inputs (read as 8 bits, its values were cut to 0..255). "
+        "Save the images as 8- or 16-bit PNG, or the inputs as tensors: torch.save((x, y), 'data.pt')."
+    )
 
 
 def _hidden(name: str) -> bool:
@@ -536,6 +563,8 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
 
             try:
                 return super().__getitem__(index)
+            except UserError:  # names the file itself (an image of 32-bit values)
+                raise
             except (OSError, ValueError, SyntaxError, DecompressionBombError) as exc:  # unidentified, truncated
                 file = self.samples[index][0]
                 raise UserError(

@@ -44,6 +44,7 @@ model folder.
 from __future__ import annotations
 
 import json
+import math
 import logging
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cleanai_core import hookimpl
-from cleanai_core.errors import UserError
+from cleanai_core.errors import UserError, shown
 from cleanai_plugins.io.hf import head_kind, is_hf_model, is_masked_lm, load_tokenizer
 
 __all__ = ["TextItems", "blocks_of", "load_text_dataset", "masked_tokens", "read_jsonl", "read_text", "reads_token_ids"]
@@ -121,8 +122,9 @@ def read_jsonl(path: Path, label: str = "label") -> tuple[list[str], list[Any] |
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{str(path)!r} line {i} is not JSON ({exc.msg}); write one JSON object per line.") from exc
+        except (ValueError, RecursionError) as exc:  # a number of over 4,300 digits, nesting past the stack
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)[:120] or type(exc).__name__
+            raise UserError(f"{str(path)!r} line {i} is not JSON ({why}); write one JSON object per line.") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise UserError(f"{str(path)!r} line {i}: each line needs a string field 'text'.")
         texts.append(obj["text"])
@@ -151,15 +153,28 @@ def blocks_of(ids: torch.Tensor, seq_len: int, source: str) -> dict[str, torch.T
     return {"input_ids": x, "labels": x.clone()}
 
 
+def _float32_or_nan(value: float) -> float:
+    """``value`` as float32 holds it, or NaN where it cannot (an integer past float64's range)."""
+    try:
+        return float(torch.tensor(float(value), dtype=torch.float32))
+    except OverflowError:
+        return math.nan
+
+
 def _label_ids(labels: list[Any], model: Any, source: str, one: bool = False) -> torch.Tensor:
     """Class indices of ``labels`` (integers or the config's label names); a regression
     head's numbers; a multi-label head's lists as multi-hot rows (``one``: a single list's
     classes)."""
     if head_kind(model) == "regression":  # one number per text: kept as it is (cast to integers before)
-        if any(isinstance(lab, bool) or not isinstance(lab, (int, float)) for lab in labels):
-            bad = next(lab for lab in labels if isinstance(lab, bool) or not isinstance(lab, (int, float)))
+        bad = next((lab for lab in labels if isinstance(lab, bool) or not isinstance(lab, (int, float))), None)
+        if bad is not None:
             raise UserError(f"{source}: label {bad!r} is not a number; the model is a regression head (one output).")
-        return torch.tensor(labels, dtype=torch.float32)
+        y = torch.tensor([_float32_or_nan(lab) for lab in labels])
+        if not bool(torch.isfinite(y).all()):  # NaN, inf (JSON's 1e400), past float32: the loss was NaN
+            bad = labels[int((~torch.isfinite(y)).nonzero()[0])]
+            raise UserError(f"{source}: label {shown(bad)} is not a finite number within float32's range; the "
+                            "model is a regression head: give each text a finite target.")  # fmt: skip
+        return y
     names = getattr(model.config, "label2id", None) or {}
     n = getattr(model.config, "num_labels", None)
     if head_kind(model) == "multilabel" and not one:  # each text: a list of its classes -> a multi-hot row
@@ -180,10 +195,10 @@ def _label_ids(labels: list[Any], model: Any, source: str, one: bool = False) ->
                 raise UserError(f"{source}: label {lab!r} is not one of the model's labels {sorted(names)}.")
             lab = names[lab]
         out.append(int(lab))
-    y = torch.tensor(out, dtype=torch.long)
-    if n and (int(y.min()) < 0 or int(y.max()) >= n):
-        raise UserError(f"{source}: labels go from {int(y.min())} to {int(y.max())}; the model has {n} classes.")
-    return y
+    # checked before the tensor is made: a label of 10**30 raised "Overflow when unpacking long long"
+    if out and ((n and (min(out) < 0 or max(out) >= n)) or min(out) < -(2**63) or max(out) >= 2**63):
+        raise UserError(f"{source}: labels go from {min(out)} to {max(out)}; the model has {n} classes.")
+    return torch.tensor(out, dtype=torch.long)
 
 
 def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: int, source: str) -> TextItems:

@@ -1,0 +1,128 @@
+"""Thirteenth round of bad input and faults (docs/reliability.md, "Session 22: faults13"):
+values a file holds in a wider type than the reader assumed (16-bit and float images, JSON
+numbers past int64 or float32), and the cases below each heading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cleanai_core.cli import main
+from cleanai_core.errors import UserError
+from cleanai_plugins.io.datasets import load_dataset
+from cleanai_plugins.io.demo import DigitsCNN
+
+DEMO = "cleanai_plugins.io.demo:DigitsCNN"
+
+
+# -- images wider than 8 bits --------------------------------------------------------------------------
+
+
+def _image_folder(root, make, ext="png", n=3):
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            make(i).save(root / c / f"{i}.{ext}")
+    return root
+
+
+def _pixels(root, model):
+    ds = load_dataset(str(root), {"model": model, "image_size": 8})
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_16_bit_image_reads_as_the_8_bit_image_it_scales_to(tmp_path, mode, channels):
+    # PIL's convert("L") / ("RGB") clips a 16-bit image at 255: an X-ray folder read all but white
+    # (every normalised pixel 2.44 for the one-channel model) and the job pruned on it, exit 0
+    np = pytest.importorskip("numpy")
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    eight = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(3)]
+    wide = (lambda v: Image.fromarray(v.astype(np.uint16) * 257)) if mode == "I;16" else (
+        lambda v: Image.fromarray(v.astype(np.int32) * 257, "I"))  # fmt: skip
+    ext = "png" if mode == "I;16" else "tiff"  # PNG does not store mode I
+    a = _image_folder(tmp_path / "wide", lambda i: wide(eight[i]), ext=ext)
+    b = _image_folder(tmp_path / "eight", lambda i: Image.fromarray(eight[i]))
+    model = DigitsCNN() if channels == 1 else torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    got, want = _pixels(a, model), _pixels(b, model)
+    assert Image.open(a / "a" / f"0.{ext}").mode == mode
+    assert got.shape == want.shape == (6, channels, 8, 8)
+    assert torch.equal(got, want)
+    assert float(want.max()) - float(want.min()) > 3  # a real spread of values, not one white level
+
+
+@pytest.mark.parametrize("array, mode", [("float", "F"), ("wide_int", "I")])
+def test_an_image_of_32_bit_values_is_refused_by_name(tmp_path, capsys, array, mode):
+    # a float TIFF of values in [0, 1] read all black (every value cut to 0), exit 0
+    np = pytest.importorskip("numpy")
+    from PIL import Image
+
+    values = {"float": np.linspace(0, 1, 64, dtype=np.float32), "wide_int": np.arange(64, dtype=np.int32) * 2**20}
+    imgs = _image_folder(tmp_path / "imgs", lambda i: Image.fromarray(values[array].reshape(8, 8)), ext="tiff")
+    torch.save(DigitsCNN().state_dict(), tmp_path / "w.pt")
+    code = main(["prune", "--model", DEMO, "--weights", str(tmp_path / "w.pt"), "--data", str(imgs),
+                 "--image-size", "8", "--out", str(tmp_path / "o"), "-q"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"(PIL mode '{mode}', values 0 to " in err and "imgs/" in err and ".tiff': it is a 32-bit" in err
+    assert "Save the images as 8- or 16-bit PNG" in err
+    assert not (tmp_path / "o").exists()
+
+
+# -- JSON numbers past what a tensor holds -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert_heads(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from test_hf_job import save
+
+    root = tmp_path_factory.mktemp("faults13_bert")
+    for name, kw in [("cls", {"num_labels": 3}), ("reg", {"num_labels": 1, "problem_type": "regression"})]:
+        cfg = transformers.BertConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, max_position_embeddings=64, **kw)  # fmt: skip
+        torch.manual_seed(0)
+        save(transformers.BertForSequenceClassification(cfg).eval(), root / name)
+    return root
+
+
+def _jsonl(path, bad: str) -> None:
+    path.write_text("\n".join('{"text": "hello world", "label": %s}' % (bad if i == 5 else i % 2) for i in range(20)))
+
+
+@pytest.mark.parametrize(
+    "head, bad, words",
+    [
+        ("cls", str(10**30), "labels go from 0 to 1000000000000000000000000000000; the model has 3 classes"),
+        ("cls", "1" * 5000, "line 6 is not JSON (Exceeds the limit (4300 digits)"),
+        ("reg", str(10**400), "is not a finite number within float32's range; the model is a regression head"),
+        ("reg", "NaN", "label nan is not a finite number within float32's range"),
+        ("reg", "1e400", "label inf is not a finite number"),
+        ("reg", "1e39", "label 1e+39 is not a finite number within float32's range"),
+    ],
+)
+def test_jsonl_labels_past_int64_or_float32_are_refused(tmp_path, capsys, bert_heads, head, bad, words):
+    # 10**30 raised "ValueError: Overflow when unpacking long long" (10**400 for a regression head
+    # "OverflowError: int too large to convert to float"), tracebacks; a 5,000-digit number Python's
+    # own ValueError; NaN, 1e400 and 1e39 targets of a regression head pruned with exit 0 on a NaN loss
+    from test_hf_job import FAST
+
+    _jsonl(tmp_path / "d.jsonl", bad)
+    code = main(["prune", "--model", f"hf:{bert_heads / head}", "--data", str(tmp_path / "d.jsonl"),
+                 "--out", str(tmp_path / "o"), *FAST])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and words in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_jsonl_line_nested_past_the_stack_is_not_json(tmp_path):
+    from cleanai_plugins.io.text import read_jsonl
+
+    (tmp_path / "deep.jsonl").write_text(json.dumps({"text": "a", "label": 0}) + "\n" + "[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match=r"'.*deep.jsonl' line 2 is not JSON \(maximum recursion depth"):
+        read_jsonl(tmp_path / "deep.jsonl")
