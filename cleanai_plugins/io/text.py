@@ -44,8 +44,8 @@ model folder.
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
