@@ -20,6 +20,7 @@ from cleanai_core.model_state import writes_guarded
 
 __all__ = [
     "call_model",
+    "cast_within_range",
     "copied_inputs",
     "channels_last_layout",
     "may_run_channels_last",
@@ -295,6 +296,24 @@ def inputs_for(model: nn.Module, inputs: Any) -> Any:
     else:
         cast = lambda t: t.dtype == torch.float64 and p.dtype != torch.float64  # noqa: E731
     return tree_map(lambda t: t.to(p.dtype) if isinstance(t, torch.Tensor) and cast(t) else t, inputs)
+
+
+def cast_within_range(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """``t`` in the floating ``dtype``; a finite value the cast makes infinite (float64 data
+    of 1e300 for a float32 model, 1e5 for a float16 one) is a :class:`UserError` naming
+    ``where`` and the largest value. A data file of such values was refused with "contains
+    NaN or inf values; clean the data", values it did not hold."""
+    out = t.to(dtype)
+    if t.dtype == dtype or torch.finfo(dtype).max >= torch.finfo(t.dtype).max or bool(torch.isfinite(out).all()):
+        return out
+    lost = torch.isfinite(t) & ~torch.isfinite(out)
+    if bool(lost.any()):
+        raise UserError(
+            f"{where}: {str(t.dtype).replace('torch.', '')} values up to {float(t[lost].abs().max()):.3g} in "
+            f"magnitude do not fit in {str(dtype).replace('torch.', '')} (at most {torch.finfo(dtype).max:.3g}), "
+            "the dtype they are read in for the model: scale or normalise the inputs as the model was trained on them."
+        )
+    return out
 
 
 def dtype_advice(model: nn.Module, inputs: Any, name: str = "example_inputs") -> str:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cleanai_core.calibration import ChannelStats
-from cleanai_core.errors import PruningError, UserError
+from cleanai_core.errors import UserError, shown
 from cleanai_core.graph.context import SliceSpec
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.graph.groups import Group
@@ -335,8 +335,27 @@ def score_groups(importance: Any, graph: DependencyGraph, ctx: ScoringContext) -
         )
     out = {}
     for g in graph.groups(prunable_only=True):
-        s = torch.as_tensor(importance(g, ctx), dtype=torch.float64).reshape(-1)
-        if s.numel() != g.size:
-            raise PruningError(f"{type(importance).__name__} returned {s.numel()} scores for {g.size} units")
-        out[g.id] = torch.nan_to_num(s, nan=0.0)
+        out[g.id] = torch.nan_to_num(_unit_scores(importance, importance(g, ctx), g), nan=0.0)
     return out
+
+
+def _unit_scores(importance: Any, scores: Any, g: Group) -> torch.Tensor:
+    """``scores``, what ``importance`` returned for ``g``, as ``g.size`` float64 numbers, or a
+    :class:`UserError` naming the criterion, the group and the form it must return: a
+    criterion of the user's (a function) returning ``None``, text or a generator raised
+    ``TypeError: must be real number, not NoneType`` from the conversion, and one on the
+    meta device (no values) pruned nothing without a word."""
+    try:
+        s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        s = None
+    if s is None or s.is_meta or s.numel() != g.size:
+        got = "a tensor on the meta device (no values)" if s is not None and s.is_meta else (
+            f"{s.numel()} score(s)" if s is not None else shown(scores))  # fmt: skip
+        name = getattr(importance, "__name__", None) or importance_name(importance)
+        raise UserError(
+            f"importance {name!r} returned {got} for group {g.id} ({', '.join(g.modules()[:4])}), which has "
+            f"{g.size} units: an importance returns one score per unit, a tensor of shape ({g.size},) (higher "
+            "keeps the unit)"
+        )
+    return s.detach()

@@ -126,3 +126,67 @@ def test_a_jsonl_line_nested_past_the_stack_is_not_json(tmp_path):
     (tmp_path / "deep.jsonl").write_text(json.dumps({"text": "a", "label": 0}) + "\n" + "[" * 100_000 + "]" * 100_000)
     with pytest.raises(UserError, match=r"'.*deep.jsonl' line 2 is not JSON \(maximum recursion depth"):
         read_jsonl(tmp_path / "deep.jsonl")
+
+
+# -- a criterion of the user's that returns no scores --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "returned, words",
+    [
+        (lambda g: None, "returned None for group"),
+        (lambda g: "abc", "returned 'abc' for group"),
+        (lambda g: (i for i in range(g.size)), "returned <generator object"),
+        (lambda g: torch.ones(3), "returned 3 score(s) for group"),
+        (lambda g: torch.empty(g.size, device="meta"), "returned a tensor on the meta device (no values)"),
+    ],
+)
+def test_an_importance_that_returns_no_scores_names_itself_the_group_and_the_form(returned, words):
+    # None, text or a generator raised "TypeError: must be real number, not NoneType" from the
+    # conversion; a meta tensor pruned nothing without a word
+    from cleanai_core import StructuredPruner
+
+    def my_scores(group, ctx):
+        return returned(group)
+
+    model = DigitsCNN().eval()
+    pruner = StructuredPruner(model, torch.rand(2, 1, 8, 8), importance=my_scores)
+    with pytest.raises(UserError) as info:
+        pruner.prune()
+    text = str(info.value)
+    assert "importance 'my_scores' " in text and words in text, text
+    assert "(features.0, features.1, features.3), which has 32 units" in text
+    assert "one score per unit, a tensor of shape (32,)" in text
+    # a list of numbers, a column and integer scores are scores
+    for ok in (lambda g: [1.0] * g.size, lambda g: torch.rand(g.size, 1), lambda g: torch.arange(g.size)):
+        kept = StructuredPruner(DigitsCNN().eval(), torch.rand(2, 1, 8, 8), importance=lambda g, c, f=ok: f(g))
+        assert sum(p.numel() for p in kept.prune().parameters()) == 28433
+
+
+# -- values a narrower dtype cannot hold -------------------------------------------------------------------
+
+
+def test_data_values_beyond_the_dtype_they_are_read_in_are_named_not_called_nan(tmp_path, capsys, monkeypatch):
+    # float64 data of 1e300 (read as float32) was refused with "contains NaN or inf values ... clean the
+    # data"; float32 data of 1e5 for a float16 model alike, or "non-finite activations" from a later item
+    monkeypatch.chdir(tmp_path)
+    y = torch.arange(40) % 10
+    torch.save(DigitsCNN().state_dict(), "w.pt")
+    torch.save((torch.rand(40, 1, 8, 8, dtype=torch.float64) * 1e300, y), "f64.pt")
+    x = torch.rand(40, 1, 8, 8)
+    x[7, 0, 1, 1] = 1e5
+    torch.save((x, y), "big.pt")
+    args = ["prune", "--model", DEMO, "--weights", "w.pt", "--out", "o", "-q"]
+    assert main([*args, "--data", "f64.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "f64.pt: float64 values up to 1e+300 in magnitude do not fit in float32 (at most 3.4e+38)" in err
+    assert "NaN" not in err and not (tmp_path / "o").exists()
+    from cleanai_core.job.inputs import CheckedDataset
+    from cleanai_plugins.io.datasets import load_dataset
+
+    half = CheckedDataset(load_dataset("big.pt", {}), DigitsCNN().half(), "big.pt")
+    assert half[6][0].dtype == torch.float16
+    with pytest.raises(UserError, match=r"--data 'big.pt': item 7: float32 values up to 1e\+05 in magnitude do "
+                       r"not fit in float16 \(at most 6.55e\+04\)"):  # fmt: skip
+        half[7]
+    assert CheckedDataset(load_dataset("big.pt", {}), DigitsCNN().bfloat16(), "big.pt")[7][0].dtype == torch.bfloat16

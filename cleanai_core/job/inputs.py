@@ -14,6 +14,7 @@ import torch
 from cleanai_core.config_sources import ENV_PREFIX
 from cleanai_core.errors import UserError
 from cleanai_core.options import meta_tensor
+from cleanai_core.runtime import cast_within_range
 
 __all__ = [
     "check_real",
@@ -265,11 +266,17 @@ def _as_tensor(a: Any) -> torch.Tensor:
     return torch.as_tensor(a)
 
 
-def _cast_inputs(item: Any, dtype: torch.dtype | None) -> Any:
-    """An item's floating inputs in ``dtype`` (labels, integer ids and masks untouched)."""
+def _cast_inputs(item: Any, dtype: torch.dtype | None, where: str = "an input") -> Any:
+    """An item's floating inputs in ``dtype`` (labels, integer ids and masks untouched), each
+    within the dtype's range (:func:`~cleanai_core.runtime.cast_within_range`)."""
     if dtype is None:
         return item
-    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+
+    def cast(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t
+        return cast_within_range(t, dtype, where)
+
     if isinstance(item, torch.Tensor):
         return cast(item)
     if isinstance(item, (tuple, list)) and item:
@@ -318,7 +325,7 @@ class CheckedDataset(torch.utils.data.Dataset):
             raise UserError(
                 f"--data {self.spec!r}: reading item {index} failed ({type(exc).__name__}: {str(exc)[:200]}).{hint}"
             ) from None
-        return _cast_inputs(_numpy_as_tensors(item), self.dtype)
+        return _cast_inputs(_numpy_as_tensors(item), self.dtype, f"--data {self.spec!r}: item {index}")
 
 
 def checked_collate(items: list[Any]) -> Any:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.runtime import label_indices, not_class_labels
+from cleanai_core.runtime import cast_within_range, label_indices, not_class_labels
 from cleanai_core.special_files import check_not_packed, special_kind
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
@@ -207,7 +207,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
-def _as_inputs(x: torch.Tensor, x_max: float = 255.0) -> torch.Tensor:
+def _as_inputs(x: torch.Tensor, x_max: float = 255.0, source: str = "--data") -> torch.Tensor:
     """uint8 images -> float in [0, 1] (divided by ``x_max``); NHWC (last dim 1 or 3) ->
     NCHW; NHW -> N1HW."""
     if x.dtype == torch.uint8:
@@ -217,7 +217,7 @@ def _as_inputs(x: torch.Tensor, x_max: float = 255.0) -> torch.Tensor:
             x = x.unsqueeze(1)
         return x.float().div_(x_max)
     if x.dtype in (torch.float16, torch.float64, torch.bfloat16):
-        return x.float()
+        return cast_within_range(x, torch.float32, source)
     return x
 
 
@@ -270,7 +270,7 @@ def _from_tensors(x: Any, y: Any, source: str, x_max: float = 255.0) -> Dataset:
         raise UserError(f"{source}: the inputs are a {type(x).__name__}, expected a tensor.")
     if x.dim() == 0:
         raise UserError(f"{source}: the inputs are a single number; give a tensor with one row per sample.")
-    x = _as_inputs(_plain(x, "inputs", source), x_max)
+    x = _as_inputs(_plain(x, "inputs", source), x_max, source)
     if y is None:
         return Unlabelled(x)
     if isinstance(y, torch.Tensor):
