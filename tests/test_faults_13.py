@@ -190,3 +190,35 @@ def test_data_values_beyond_the_dtype_they_are_read_in_are_named_not_called_nan(
                        r"not fit in float16 \(at most 6.55e\+04\)"):  # fmt: skip
         half[7]
     assert CheckedDataset(load_dataset("big.pt", {}), DigitsCNN().bfloat16(), "big.pt")[7][0].dtype == torch.bfloat16
+
+
+# -- an output folder a command calls its own ----------------------------------------------------------
+
+
+def test_a_second_demo_replaces_only_its_own_unchanged_files(tmp_path, monkeypatch, capsys):
+    # the demo replaced its earlier output folder whole once the marker was in it: a user's notes and a
+    # fine-tuned copy put there were deleted, an edited report.md overwritten, without --overwrite
+    monkeypatch.chdir(tmp_path)
+    demo = ["demo", "--epochs", "1", "-q"]
+    assert main(demo) == 0
+    out = tmp_path / "cleanai-demo-out"
+    assert main(demo) == 0  # its own, unchanged: replaced
+    assert "note: replacing the previous demo output" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
+    (out / "tuned").mkdir()
+    (out / "tuned" / "w.pt").write_bytes(b"mine too")
+    assert main(demo) == 2
+    err = capsys.readouterr().err
+    assert "files it did not write or that changed since (notes.txt, tuned/, tuned/w.pt)" in err
+    assert "note: replacing" not in err and "Traceback" not in err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "tuned" / "w.pt").read_bytes() == b"mine too"
+    (out / "notes.txt").unlink()
+    (out / "tuned" / "w.pt").unlink()
+    (out / "tuned").rmdir()
+    with (out / "report.md").open("a") as fh:
+        fh.write("my conclusions\n")
+    assert main(demo) == 2
+    assert "(report.md); replacing the folder would delete them" in capsys.readouterr().err
+    assert (out / "report.md").read_text().endswith("my conclusions\n")
+    assert main([*demo, "--overwrite"]) == 0  # asked for
+    assert not (out / "report.md").read_text().endswith("my conclusions\n")

@@ -11,7 +11,7 @@ from typing import Any
 from cleanai_core.errors import UserError
 from cleanai_core.out_folder import holds_the_working_folder, resolved
 
-__all__ = ["check_out_dir", "guard_out"]
+__all__ = ["check_out_dir", "guard_out", "marker_text"]
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -57,9 +57,65 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_mark
             raise UserError(f"--out {str(out)!r} is inside your input folder {item!r}; choose another folder.")
     if out.is_dir() and any(out.iterdir()):
         if own_marker and (out / own_marker).is_file():
-            return
+            foreign = _not_written_by_marker(out, own_marker)
+            if not foreign or overwrite:
+                return
+            raise UserError(
+                f"--out {str(out)!r} holds an earlier output of this command, and also files it did not write or "
+                f"that changed since ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); replacing the "
+                "folder would delete them. Move them out, choose another --out, or add --overwrite."
+            )
         if not overwrite:
             raise UserError(f"--out {str(out)!r} exists and is not empty; choose a new folder or add --overwrite.")
+
+
+def _digests(folder: Path, skip: str) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` but ``skip``, by path relative to it (folders
+    end in ``/``, links and other entries are named with ``?``)."""
+    import hashlib
+
+    found: dict[str, str] = {}
+    for p in sorted(folder.rglob("*")):
+        name = p.relative_to(folder).as_posix()
+        if name == skip:
+            continue
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            found[name] = "?"
+        elif p.is_dir():
+            found[name + "/"] = ""
+        else:
+            h = hashlib.sha256()
+            with p.open("rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            found[name] = h.hexdigest()
+    return found
+
+
+def marker_text(folder: Path, marker: str, writer: str) -> str:
+    """The marker that makes ``folder`` a command's own output (``cleanai demo`` replaces its
+    own without ``--overwrite``): who wrote it and the SHA-256 of every file it holds, so a
+    later run replaces only what it wrote."""
+    import json
+
+    return json.dumps({"written by": writer, "files": _digests(folder, marker)}, indent=1) + "\n"
+
+
+def _not_written_by_marker(out: Path, marker: str) -> list[str]:
+    """The entries of ``out`` its marker does not list or lists with other contents. A
+    marker of the earlier form (no list) vouches for nothing: every entry but it is named.
+    ``cleanai demo`` replaced its output folder whole once the marker was there, so the
+    files a user had put in it (notes, a fine-tuned copy) were deleted without a word."""
+    import json
+
+    try:
+        listed = json.loads((out / marker).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, TypeError, KeyError):
+        listed = {}
+    if not isinstance(listed, dict):
+        listed = {}
+    now = _digests(out, marker)
+    return [name for name, digest in now.items() if listed.get(name) != digest]
 
 
 def guard_out(out: Path, stack: contextlib.ExitStack) -> tuple[Any, Any]:

@@ -28,7 +28,7 @@ from cleanai_core.job.inputs import (
     split_dataset,
     to_device,
 )
-from cleanai_core.job.outputs import check_out_dir, guard_out
+from cleanai_core.job.outputs import check_out_dir, guard_out, marker_text
 from cleanai_core.job.recovery import check_train_data
 from cleanai_core.model_state import copy_model, preserved, stored_in
 from cleanai_core.pruning_report import input_shape
@@ -361,13 +361,13 @@ def _execute(
             example_input_shape=report["input_shape"] if isinstance(report["input_shape"], list) else None,
         )
         cio.atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
-        if cfg.get("_own_marker"):
-            cio.atomic_write_text(tmp / cfg["_own_marker"], "written by cleanai demo\n")
         for extra in pm.hook.cleanai_save_outputs(
             model=saved.eval(), folder=tmp, options={"example": example, "model_spec": cfg["model"]}
         ):
             report.update(extra or {})
         report = write_report(tmp, report)
+        if cfg.get("_own_marker"):  # last: it lists what the folder holds, which a later demo may replace
+            cio.atomic_write_text(tmp / cfg["_own_marker"], marker_text(tmp, cfg["_own_marker"], "cleanai demo"))
     if True:  # the headline is the result: printed even with --quiet
         print(headline_text(report))
         if report["accuracy_note"]:
