@@ -222,3 +222,61 @@ def test_a_second_demo_replaces_only_its_own_unchanged_files(tmp_path, monkeypat
     assert (out / "report.md").read_text().endswith("my conclusions\n")
     assert main([*demo, "--overwrite"]) == 0  # asked for
     assert not (out / "report.md").read_text().endswith("my conclusions\n")
+
+
+# -- tokenized data whose mask or labels are not what the model reads ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from test_hf_job import save, tiny_llama
+
+    return save(tiny_llama(), tmp_path_factory.mktemp("faults13_llama") / "llama")
+
+
+IDS = torch.randint(3, 259, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ({"attention_mask": torch.full((8, 32), 0.5)}, "attention_mask holds 0.5; a mask is 1 at real tokens"),
+        ({"attention_mask": torch.full((8, 32), 2)}, "attention_mask holds 2; a mask is 1 at real tokens and 0 at"),
+        ({"attention_mask": torch.zeros(8, 32, dtype=torch.long)}, "attention_mask is 0 everywhere: no row holds"),
+        ({"labels": IDS + 0.25}, "labels must be integers (class indices or token ids), not torch.float32"),
+        ({"labels": IDS[:, :16]}, "labels (8, 16) must match input_ids (8, 32): one label per token"),
+        ({"labels": torch.full((8, 32), 10**6)}, "labels go from 1000000 to 1000000, but the vocabulary has 259 ids"),
+    ],
+)
+def test_tokenized_data_with_a_mask_or_labels_the_model_cannot_read_is_refused(tmp_path, capsys, llama, extra, words):
+    # a float mask (cut to 0 by .long()) or one of zeros: "the calibration data holds no samples (every batch
+    # is empty)"; a mask of 2: read as 1; float labels: cut to integers and a perplexity reported on them
+    # (exit 0); other label shapes / ids: the model's own error from the held-out pass
+    from test_hf_job import FAST
+
+    torch.save({"input_ids": IDS, **extra}, tmp_path / "t.pt")
+    code = main(["prune", "--model", f"hf:{llama}", "--data", str(tmp_path / "t.pt"), "--out", str(tmp_path / "o"),
+                 *FAST])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and f"t.pt': {words}" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenized_data_with_padding_rows_and_ignored_labels_still_prunes(tmp_path, llama):
+    from cleanai_plugins.io.text import load_text_dataset
+
+    mask = torch.ones(8, 32, dtype=torch.long)
+    mask[3] = 0  # an empty document: a row of padding only
+    mask[:, 28:] = 0
+    labels = IDS.masked_fill(mask == 0, -100).double()  # whole numbers in float64 are token ids
+    torch.save({"input_ids": IDS, "attention_mask": mask.bool(), "labels": labels}, tmp_path / "t.pt")
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama)
+    items = load_text_dataset(str(tmp_path / "t.pt"), {"model": model, "seq_len": 32})
+    assert len(items) == 8
+    first = items[0]
+    assert first["attention_mask"].dtype == torch.long and int(first["attention_mask"].sum()) == 28
+    assert first["labels"].dtype == torch.long and torch.equal(first["labels"][:28], IDS[0, :28])
+    assert int((items[3]["labels"] == -100).sum()) == 32
