@@ -280,3 +280,27 @@ def test_tokenized_data_with_padding_rows_and_ignored_labels_still_prunes(tmp_pa
     assert first["attention_mask"].dtype == torch.long and int(first["attention_mask"].sum()) == 28
     assert first["labels"].dtype == torch.long and torch.equal(first["labels"][:28], IDS[0, :28])
     assert int((items[3]["labels"] == -100).sum()) == 32
+
+
+def test_class_folders_named_by_numbers_out_of_text_order_are_warned_about(tmp_path, caplog):
+    # folders 0..11 are labels in text order (0, 1, 10, 11, 2, ...), as torchvision's ImageFolder reads
+    # them: where the names are the class indices, accuracy was measured against shuffled labels, silently
+    from PIL import Image
+
+    for c in map(str, range(12)):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        Image.new("L", (8, 8), int(c) * 20).save(tmp_path / "imgs" / c / "0.png")
+    caplog.set_level("WARNING", logger="cleanai")
+    ds = load_dataset(str(tmp_path / "imgs"), {"model": DigitsCNN(), "image_size": 8})
+    assert [ds[i][1] for i in range(12)] == list(range(12))  # unchanged: torchvision's labels
+    assert ds.classes[2] == "10"
+    text = caplog.text
+    assert "folder '10' is label 2 (in numeric order it would be 10)" in text
+    assert "name them with leading zeros (00 .. 11)" in text
+    for c in map(str, range(12)):  # zero-padded: text order is numeric order, no warning
+        (tmp_path / "imgs" / c).rename(tmp_path / "imgs" / f"x{c.zfill(2)}")
+    for c in range(12):
+        (tmp_path / "imgs" / f"x{c:02d}").rename(tmp_path / "imgs" / f"{c:02d}")
+    caplog.clear()
+    load_dataset(str(tmp_path / "imgs"), {"model": DigitsCNN(), "image_size": 8})
+    assert "numbers" not in caplog.text

@@ -525,6 +525,27 @@ def _image_files(
     return samples
 
 
+def _warn_numbers_in_text_order(classes: list[str], spec: str) -> None:
+    """A warning where the class folders are whole numbers whose text order (torchvision's,
+    and so CleanAI's labels) is not their numeric order: folders ``0`` .. ``11`` give
+    ``10`` the label 2. Where the names are the class indices the model was trained on,
+    accuracy was measured against shuffled labels without a word."""
+    if not all(c.isdigit() for c in classes):
+        return
+    numeric = sorted(classes, key=int)
+    if numeric == classes:
+        return
+    c = next(c for i, c in enumerate(classes) if numeric[i] != c)
+    width = max(len(c) for c in classes)
+    log.warning(
+        "image folder %r: the class folders are numbers, read in text order as torchvision's ImageFolder reads "
+        "them: folder '%s' is label %d (in numeric order it would be %d). If the folder names are the class "
+        "indices, name them with leading zeros (%s .. %s); if the model was trained with ImageFolder on these "
+        "folders, the labels are right.",
+        spec, c, classes.index(c), numeric.index(c), numeric[0].zfill(width), numeric[-1].zfill(width),
+    )  # fmt: skip
+
+
 def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
     try:
         from torchvision.datasets import ImageFolder
@@ -551,6 +572,7 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
             if not classes:
                 raise UserError(f"image folder {str(path)!r} has no class sub-folders but hidden ones (names "
                                 "starting with '.'). Put images in one sub-folder per class.")  # fmt: skip
+            _warn_numbers_in_text_order(classes, str(path))
             return classes, {c: i for i, c in enumerate(classes)}
 
         @staticmethod
