@@ -304,3 +304,42 @@ def test_class_folders_named_by_numbers_out_of_text_order_are_warned_about(tmp_p
     caplog.clear()
     load_dataset(str(tmp_path / "imgs"), {"model": DigitsCNN(), "image_size": 8})
     assert "numbers" not in caplog.text
+
+
+# -- weights whose values the model cannot hold -----------------------------------------------------------
+
+
+def test_weights_beyond_the_models_dtype_or_a_negative_running_variance_are_named(tmp_path, monkeypatch, capsys):
+    # float32 weights of 1e5 in a float16 model: loading made them inf and the refusal blamed
+    # --alpha/--beta; a running_var below 0: "non-finite activations ...; check the data"
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "halfnet.py").write_text(
+        "from cleanai_plugins.io.demo import DigitsCNN\n\ndef build():\n    return DigitsCNN().half()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("halfnet", None)
+    torch.manual_seed(0)
+    torch.save((torch.rand(40, 1, 8, 8), torch.arange(40) % 10), "d.pt")
+    state = DigitsCNN().state_dict()
+    torch.save({**state, "fc.weight": state["fc.weight"].sign() * 1.25e5}, "big.pt")
+    torch.save({**state, "features.1.running_var": -state["features.1.running_var"] - 1}, "negvar.pt")
+    base = ["prune", "--data", "d.pt", "--out", "o", "-q"]
+    assert main([*base, "--model", "halfnet:build", "--weights", "big.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "the weights in 'big.pt' hold values the model's dtype cannot: fc.weight (float32 values up to 1.25e+05; " \
+        "the model's float16 holds at most 6.55e+04)" in err  # fmt: skip
+    assert "--alpha" not in err and not (tmp_path / "o").exists()
+    assert main([*base, "--model", DEMO, "--weights", "negvar.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "'features.1.running_var' holds 32 negative running variance(s) (down to -2)" in err
+    assert "check the data" not in err and not (tmp_path / "o").exists()
+    # the library refuses the same model before anything runs, and leaves it as it was
+    from cleanai_core import StructuredPruner
+
+    model = DigitsCNN().eval()
+    model.features[1].running_var.fill_(-0.5)
+    with pytest.raises(UserError, match=r"'features.1.running_var' holds 32 negative running variance\(s\) \(down to"):
+        StructuredPruner(model, torch.rand(2, 1, 8, 8))
+    assert bool((model.features[1].running_var == -0.5).all())

@@ -28,7 +28,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.saved_folder import nan_tensor, state_dict_problems
+from cleanai_core.saved_folder import beyond_dtype, nan_tensor, state_dict_problems
 from cleanai_core.special_files import check_not_packed, check_not_special
 
 log = logging.getLogger("cleanai")
@@ -214,6 +214,13 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
             "Use the architecture the weights were trained with (and --num-classes if the head differs)."
             + several
             + _saved_folder_note(Path(weights).parent)
+        )
+    wide = beyond_dtype(model.state_dict(), state)
+    if wide:
+        raise UserError(
+            f"the weights in {weights!r} hold values the model's dtype cannot: {'; '.join(wide[:3])}. The model "
+            f"{spec!r} computes in a narrower dtype than the weights were saved in: build it in the weights' dtype, or "
+            "give weights trained in its own."
         )
     nan = nan_tensor(state)
     if nan:  # blamed on the data ("non-finite activations ... check the data"), or pruned without a word
