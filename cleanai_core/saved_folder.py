@@ -37,6 +37,7 @@ __all__ = [
     "FORMAT_VERSION",
     "arch_option_problem",
     "apply_settings",
+    "beyond_dtype",
     "module_settings",
     "read_settings",
     "read_architecture",

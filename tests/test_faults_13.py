@@ -343,3 +343,46 @@ def test_weights_beyond_the_models_dtype_or_a_negative_running_variance_are_name
     with pytest.raises(UserError, match=r"'features.1.running_var' holds 32 negative running variance\(s\) \(down to"):
         StructuredPruner(model, torch.rand(2, 1, 8, 8))
     assert bool((model.features[1].running_var == -0.5).all())
+
+
+# -- run_job as a library call ------------------------------------------------------------------------------
+
+
+def test_run_job_leaves_the_callers_random_state_threads_and_logging_as_they_were(tmp_path, monkeypatch):
+    # run_job seeded the global generator with its seed (the caller's next draws repeated from it, as
+    # recover()'s did before it forked the generator), kept --threads and the 'cleanai' logger's level
+    import logging
+
+    from cleanai_core import run_job
+
+    monkeypatch.chdir(tmp_path)
+    data = torch.utils.data.TensorDataset(torch.rand(40, 1, 8, 8), torch.arange(40) % 10)
+    threads, logger = torch.get_num_threads(), logging.getLogger("cleanai")
+    level = logger.level
+    model = DigitsCNN()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    cfg = {"model": DEMO, "out": "o", "quiet": True, "batch_size": 8, "latency_repeats": 1, "seed": 0,
+           "threads": 1 if threads > 1 else 2}  # fmt: skip
+    report = run_job(cfg, model=model, dataset=data)
+    assert report["params_after"] < report["params_before"] == 56554
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.get_num_threads() == threads and logger.level == level
+    # the same seed gives the same job: the fork does not change what the job draws
+    again = run_job({**cfg, "out": "o2"}, model=DigitsCNN(), dataset=data)
+    assert again["params_after"] == report["params_after"]
+
+
+@pytest.mark.parametrize("kind", ["scripted", "meta"])
+def test_run_job_refuses_a_model_the_pruner_cannot_take_by_name(tmp_path, kind):
+    # a scripted model raised "TypeError: contains(): incompatible function arguments" (BufferDict), a model
+    # on the meta device "NotImplementedError: aten::equal ... Meta tensors", from the job's internals
+    from cleanai_core import run_job
+
+    model = torch.jit.script(DigitsCNN()) if kind == "scripted" else DigitsCNN().to("meta")
+    data = torch.utils.data.TensorDataset(torch.rand(40, 1, 8, 8), torch.arange(40) % 10)
+    words = "is a TorchScript module" if kind == "scripted" else "tensors are on the meta device"
+    with pytest.raises(UserError, match=words):
+        run_job({"model": DEMO, "out": str(tmp_path / "o"), "quiet": True}, model=model, dataset=data)
+    assert not (tmp_path / "o").exists()

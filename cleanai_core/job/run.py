@@ -46,8 +46,34 @@ def run_job(config: PruneConfig | dict[str, Any], model: Any = None, dataset: An
     command line). Returns the report (``None`` for a dry run)."""
     if model is not None and not isinstance(model, torch.nn.Module):
         raise UserError(f"run_job(model=...) must be a torch.nn.Module, got {type(model).__name__}")
+    if model is not None:  # a scripted model raised TypeError from BufferDict, a meta one aten::equal's error
+        from cleanai_core.options import check_model
+
+        check_model(model, who="run_job")
     objects = tuple(k for k, v in (("model", model), ("data", dataset)) if v is not None)
-    return execute(resolve_config(config, objects=objects), model=model, dataset=dataset)
+    cfg = resolve_config(config, objects=objects)
+    with _process_state_kept(cfg):
+        return execute(cfg, model=model, dataset=dataset)
+
+
+@contextlib.contextmanager
+def _process_state_kept(cfg: dict[str, Any]) -> Any:
+    """The caller's process as it was after the job: its random state (the job seeds the
+    global generator with ``seed``; a user's own draws after ``run_job`` repeated from it,
+    as they did after ``recover()`` before it forked the generator), torch's thread count
+    (``threads``) and the ``cleanai`` logger's level (``quiet``)."""
+    threads, logger = torch.get_num_threads(), logging.getLogger("cleanai")
+    level = logger.level
+    device = torch.device(str(cfg.get("device") or "cpu"))
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if (
+        device.type == "cuda" and torch.cuda.is_available()) else []  # fmt: skip
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        logger.setLevel(level)
 
 
 def _accuracy_note(note: str | None, *results: dict[str, Any] | None) -> str | None:
