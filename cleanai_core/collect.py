@@ -156,10 +156,7 @@ def calibrate(
     """Stream statistics at the inputs of ``slices``' consumers over ``loader``; ``model``'s
     modes and buffers come back as they were. ``sequential``: one block at a time
     (:mod:`cleanai_core.sequential`; the batches are not kept)."""
-    if num_batches is not None and (
-        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
-    ):  # "2" raised TypeError comparing str and int
-        raise UserError(f"num_batches={num_batches!r} must be an integer, at least 1 (or None: every batch)")
+    check_num_batches(num_batches)
     data = CalibrationData(loader, num_batches)
     out = Calibration(data=data)
     if sequential:
@@ -301,13 +298,22 @@ def _from_pool(pool: Pool, out: Calibration, data: CalibrationData) -> None:
     data.pool = [(i, batch) for i, batch, _ in kept]
 
 
-def check_iterable(loader: Any) -> Any:
+def check_num_batches(num_batches: Any) -> None:
+    """``num_batches`` is ``None`` (every batch) or an integer of at least 1: ``"2"`` raised
+    ``TypeError`` comparing text and an integer, and ``-1`` read no batch ("the data is empty")."""
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
+        raise UserError(f"num_batches={num_batches!r} must be an integer, at least 1 (or None: every batch)")
+
+
+def check_iterable(loader: Any, what: str = "the calibration data") -> Any:
     """``loader`` if it can be iterated (a DataLoader, a list of batches, a generator)."""
     # by type, not by calling iter(): that would read a loader once more (start a
     # DataLoader's workers, advance a one-shot generator's source)
     if not isinstance(loader, Iterable) and not hasattr(type(loader), "__getitem__"):
         raise UserError(
-            f"the calibration data is a {type(loader).__name__}, which cannot be iterated; give a DataLoader or "
+            f"{what} is a {type(loader).__name__}, which cannot be iterated; give a DataLoader or "
             "a list of batches (tensors, (input, label) pairs or dicts)"
         )
     return loader

@@ -386,3 +386,74 @@ def test_run_job_refuses_a_model_the_pruner_cannot_take_by_name(tmp_path, kind):
     with pytest.raises(UserError, match=words):
         run_job({"model": DEMO, "out": str(tmp_path / "o"), "quiet": True}, model=model, dataset=data)
     assert not (tmp_path / "o").exists()
+
+
+# -- the analysis functions' arguments ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def analysed():
+    from cleanai_core import StructuredPruner
+    from cleanai_core.sensitivity import analyse_sensitivity
+
+    torch.manual_seed(0)
+    batches = [(torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))) for _ in range(2)]
+    pruner = StructuredPruner(DigitsCNN().eval(), torch.rand(2, 1, 8, 8))
+    pruner.collect_activations(batches, progress=False)
+    return pruner, batches, analyse_sensitivity(pruner, batches, ratios=[0.5], progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"ratios": "0.5"}, "ratios='0.5': give a list of ratios strictly between 0 and 1"),
+        ({"ratios": None}, "ratios=None: give a list of ratios"),
+        ({"num_batches": "2"}, "num_batches='2' must be an integer, at least 1"),
+        ({"num_batches": -1}, "num_batches=-1 must be an integer, at least 1"),
+        ({"bn_samples": -1}, "bn_samples=-1 must be an integer >= 0"),
+        ({"bn_passes": 1.5}, "bn_passes=1.5 must be an integer >= 0"),
+        ({"data": None}, "the sensitivity data is a NoneType, which cannot be iterated"),
+        ({"pruner": "model"}, "analyse_sensitivity needs the StructuredPruner whose groups it tries"),
+    ],
+)
+def test_analyse_sensitivity_names_an_argument_out_of_form(analysed, kwargs, words):
+    # ratios="0.5": "ValueError: could not convert string to float: '.'"; num_batches="2", data=None:
+    # TypeError; num_batches=-1: "the data is empty"; a model for the pruner: AttributeError; bn_samples=-1
+    # and bn_passes=1.5 were taken
+    from cleanai_core.sensitivity import analyse_sensitivity
+
+    pruner, batches, _ = analysed
+    args = {"pruner": pruner, "data": batches, "progress": False, **kwargs}
+    if args["pruner"] == "model":
+        args["pruner"] = DigitsCNN()
+    with pytest.raises(UserError) as info:
+        analyse_sensitivity(**args)
+    assert words in str(info.value)
+
+
+def test_allocate_ratios_and_history_then_name_an_argument_out_of_form(analysed):
+    # allocate_ratios(p, None, ...): AttributeError 'curves'; target_flops="0.5": TypeError comparing str
+    # and float; target_flops=0: "give exactly one of ..." though one was given; history.then(5): AttributeError
+    from cleanai_core.allocation import allocate_ratios
+
+    pruner, _, result = analysed
+    with pytest.raises(UserError, match="needs the SensitivityResult of analyse_sensitivity"):
+        allocate_ratios(pruner, None, target_flops=0.5)
+    with pytest.raises(UserError, match="target_flops='0.5': give the share to keep, strictly between 0 and 1"):
+        allocate_ratios(pruner, result, target_flops="0.5")
+    with pytest.raises(UserError, match="target_params=0: give the share to keep"):
+        allocate_ratios(pruner, result, target_params=0)
+    kept = allocate_ratios(pruner, result, target_flops=torch.tensor(0.6))  # a 0-d tensor is a number
+    assert 0 < kept.cost <= 0.6
+    with pytest.raises(UserError, match=r"then\(\) needs the PruningHistory of the later prune .*got 5"):
+        pruner.history.then(5)
+
+
+def test_a_pickled_checkpoint_given_as_model_names_the_entry_holding_the_module(tmp_path, capsys):
+    torch.save({"epoch": 3, "model": DigitsCNN()}, tmp_path / "ckpt.pt")
+    torch.save((torch.rand(40, 1, 8, 8), torch.arange(40) % 10), tmp_path / "d.pt")
+    code = main(["prune", "--model", str(tmp_path / "ckpt.pt"), "--trust-model", "--data", str(tmp_path / "d.pt"),
+                 "--out", str(tmp_path / "o"), "-q"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "holds a dict, not a torch.nn.Module. Its entry ['model'] is a DigitsCNN" in err
+    assert "torch.save(checkpoint['model'], 'model.pt')" in err and not (tmp_path / "o").exists()

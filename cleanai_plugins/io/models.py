@@ -296,8 +296,23 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
             "class importable here: install the package that defines it, or use package.module:factory."
         ) from exc
     if not isinstance(obj, nn.Module):
-        raise UserError(f"{str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module.")
+        raise UserError(f"{str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module.{_module_inside(obj)}")
     return obj
+
+
+def _module_inside(obj: Any) -> str:
+    """Where a pickled checkpoint (a dict, list or tuple: ``{"model": net, "epoch": 3}``)
+    holds a module, a sentence on saving it alone; else ``""``. The refusal said only
+    "holds a dict, not a torch.nn.Module"."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    found = [(k, v) for k, v in items if isinstance(v, nn.Module)]
+    if not found:
+        return ""
+    key, module = found[0]
+    return (
+        f" Its entry [{key!r}] is a {type(module).__name__} (a checkpoint?): save that alone, "
+        f"torch.save(checkpoint[{key!r}], 'model.pt'), and give that file as --model."
+    )
 
 
 def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
