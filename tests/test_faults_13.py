@@ -202,6 +202,12 @@ def test_a_second_demo_replaces_only_its_own_unchanged_files(tmp_path, monkeypat
     demo = ["demo", "--epochs", "1", "-q"]
     assert main(demo) == 0
     out = tmp_path / "cleanai-demo-out"
+    # its config.json cannot be rerun by cleanai prune (the model is trained in the run): it was read as the
+    # import spec 'embedded:digits.npz' and --trust-code was offered
+    assert main(["prune", "--config", str(out / "config.json"), "--out", "again", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "'embedded:digits.npz' is the data set cleanai demo embeds" in err and "trust" not in err
+    assert not (tmp_path / "again").exists()
     assert main(demo) == 0  # its own, unchanged: replaced
     assert "note: replacing the previous demo output" in capsys.readouterr().err
     (out / "notes.txt").write_text("mine")

@@ -113,6 +113,16 @@ def load_inputs(cfg: dict[str, Any], model: Any = None, dataset: Any = None) -> 
 
     pm = get_plugin_manager()
     data = cfg["data"]
+    if dataset is None and str(data).startswith("embedded:") and not Path(data).exists():
+        # the name cleanai demo gives its own data in config.json: read as an import spec, its rerun was
+        # offered --trust-code (and then would have pruned an untrained network: the demo's trained weights
+        # are in no file)
+        raise UserError(
+            f"--data {data!r} is the data set cleanai demo embeds and trains on in the run; a config.json of "
+            "cleanai demo records it, but its model is trained in that run and saved nowhere, so cleanai prune "
+            "cannot rerun it. Run cleanai demo again (with the --seed and --ratio its config.json holds), or give "
+            "--model and --data of your own."
+        )
     path_like = Path(data).suffix or "/" in data or os.sep in data
     if dataset is None and not Path(data).exists() and path_like and ":" not in data:
         raise UserError(f"--data {data!r}: no such file or folder. Give {input_forms('data', pm)}.")
