@@ -49,6 +49,7 @@ from cleanai_core.runtime import (
     check_labels,
     class_logits,
     device_of,
+    dtype_advice,
     inputs_for,
     logits_of,
     may_run_channels_last,
@@ -230,7 +231,7 @@ def calibrate(
                     if not fits:  # the statistics start again, from the inputs as they are
                         data.layout, collector = same_layout, fresh()
                 if data.layout is same_layout:
-                    with collecting(), model_failure(0, inputs, first):
+                    with collecting(), model_failure(0, inputs, first, model):
                         run_batch(model, inputs, setup.forward_fn)
                 out.end_batch()
                 _to_pool(pool[0], pool[0].slot_for(0) if pool[0] is not None else None, 0, first, out)
@@ -244,7 +245,7 @@ def calibrate(
                     else:
                         out.samples.active = planned[0] is None or i in planned[0]
                     inputs = split_batch(batch)[0]
-                    with model_failure(i, inputs, batch):
+                    with model_failure(i, inputs, batch, model):
                         run_batch(model, data.layout(inputs), setup.forward_fn)
                     out.end_batch()
                     _to_pool(pool[0], slot, i, batch, out)
@@ -327,7 +328,7 @@ def _shapes(inputs: Any) -> str:
 
 
 @contextlib.contextmanager
-def model_failure(index: int, inputs: Any, batch: Any = None) -> Iterator[None]:
+def model_failure(index: int, inputs: Any, batch: Any = None, model: nn.Module | None = None) -> Iterator[None]:
     """An error of the model on a calibration batch becomes a :class:`UserError` naming the
     batch and its shapes (the loader's own errors pass through unchanged); ``batch``, as the
     loader gave it, for the hint about a pair read as ``(input, label)``."""
@@ -340,6 +341,7 @@ def model_failure(index: int, inputs: Any, batch: Any = None) -> Iterator[None]:
             f"the model failed on calibration batch {index} (input shape {_shapes(inputs)}): "
             f"{type(exc).__name__}: {str(exc)[:300]}. Give calibration batches shaped like example_inputs, with "
             "the batch as the first dimension (a DataLoader over the dataset, not the dataset itself)."
+            + (dtype_advice(model, inputs, "Its inputs", exc) if model is not None else "")
             + unused_key_hint(exc, inputs)
             + _pair_hint(batch, exc)
         ) from exc

@@ -316,19 +316,34 @@ def cast_within_range(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.
     return out
 
 
-def dtype_advice(model: nn.Module, inputs: Any, name: str = "example_inputs") -> str:
-    """A sentence when ``inputs`` hold floating tensors of a dtype the model computes in
-    nowhere (float64 inputs for a float32 model), else ``""``: the trace's error said only
-    "Input type (double) and bias type (float) should be the same"."""
+_DTYPE_WORDS = ("scalar type", "not implemented for '", "Input type", "dtype", "should be the same")
+
+
+def dtype_advice(model: nn.Module, inputs: Any, name: str = "example_inputs", exc: BaseException | None = None) -> str:
+    """A sentence when ``inputs`` hold tensors of a dtype the model computes in nowhere:
+    floating ones of another precision (float64 inputs for a float32 model: the trace's
+    error said only "Input type (double) and bias type (float) should be the same"), or,
+    where ``exc`` is a dtype error, integers, booleans or complex numbers for a floating
+    model (uint8 images: "expected scalar type Byte but found Float", and the advice was
+    about shapes); else ``""``. Integer token ids are what an embedding reads, so they get
+    the sentence only when the model failed on their dtype."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    given = {t.dtype for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    if len(dtypes) != 1 or not given or given & dtypes:
+    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    given = {t.dtype for t in leaves if t.is_floating_point()}
+    if len(dtypes) != 1 or given & dtypes:
         return ""
     want = str(next(iter(dtypes)))
-    return (
-        f" {name} are {', '.join(sorted(map(str, given)))} but the model's parameters are {want}: give them in "
-        f"the model's dtype (x.to({want}))."
-    )
+    if given:
+        return (
+            f" {name} are {', '.join(sorted(map(str, given)))} but the model's parameters are {want}: give them in "
+            f"the model's dtype (x.to({want}))."
+        )
+    odd = sorted({str(t.dtype) for t in leaves})
+    if not odd or exc is None or not any(w in str(exc) for w in _DTYPE_WORDS):
+        return ""
+    fix = "real numbers (x.real, or x.abs())" if any("complex" in d for d in odd) else (
+        "floating-point values (x.float(), divided by 255 for 8-bit pixel values)")  # fmt: skip
+    return f" {name} are {', '.join(odd)} but the model computes in {want}: give {fix}."
 
 
 def run_batch(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:

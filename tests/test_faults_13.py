@@ -463,3 +463,40 @@ def test_a_pickled_checkpoint_given_as_model_names_the_entry_holding_the_module(
     err = capsys.readouterr().err
     assert code == 2 and "holds a dict, not a torch.nn.Module. Its entry ['model'] is a DigitsCNN" in err
     assert "torch.save(checkpoint['model'], 'model.pt')" in err and not (tmp_path / "o").exists()
+
+
+# -- inputs of a dtype the model does not compute in ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "batch, words",
+    [
+        (torch.randint(0, 255, (4, 1, 8, 8), dtype=torch.uint8), "Its inputs are torch.uint8 but the model computes in "
+         "torch.float32: give floating-point values (x.float(), divided by 255 for 8-bit pixel values)"),
+        (torch.ones(4, 1, 8, 8, dtype=torch.bool), "Its inputs are torch.bool but the model computes in torch.float32"),
+        (torch.ones(4, 1, 8, 8, dtype=torch.cfloat), "Its inputs are torch.complex64 but the model computes in "
+         "torch.float32: give real numbers"),
+    ],
+)  # fmt: skip
+def test_a_batch_of_integers_booleans_or_complex_numbers_is_named_by_its_dtype(batch, words):
+    # the advice was about shapes only ("Give calibration batches shaped like example_inputs"), after
+    # "expected scalar type Byte but found Float"
+    from cleanai_core import StructuredPruner
+
+    pruner = StructuredPruner(DigitsCNN().eval(), torch.rand(2, 1, 8, 8))
+    with pytest.raises(UserError) as info:
+        pruner.collect_activations([batch], progress=False)
+    assert words in str(info.value)
+    with pytest.raises(Exception) as info:  # the trace of such example inputs alike
+        StructuredPruner(DigitsCNN().eval(), batch[:2])
+    assert words.replace("Its inputs", "example_inputs") in str(info.value)
+
+
+def test_token_ids_that_fail_for_another_reason_get_no_dtype_advice():
+    from cleanai_core import StructuredPruner
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 4)).eval()
+    pruner = StructuredPruner(model, torch.randint(0, 10, (2, 5)))
+    with pytest.raises(UserError) as info:
+        pruner.collect_activations([torch.full((2, 5), 50)], progress=False)  # beyond the vocabulary
+    assert "index out of range" in str(info.value) and "computes in" not in str(info.value)
