@@ -500,3 +500,28 @@ def test_token_ids_that_fail_for_another_reason_get_no_dtype_advice():
     with pytest.raises(UserError) as info:
         pruner.collect_activations([torch.full((2, 5), 50)], progress=False)  # beyond the vocabulary
     assert "index out of range" in str(info.value) and "computes in" not in str(info.value)
+
+
+# -- an output folder that holds the model folder a loader read ------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["the folder", "its parent", "inside it"])
+def test_out_is_refused_where_it_holds_or_lies_in_the_hf_model_folder(tmp_path, monkeypatch, capsys, where):
+    # --model hf:llama --out llama --overwrite replaced the user's model folder with the result (and its
+    # architecture.json then named a folder without the model); --out llama/pruned wrote into it
+    pytest.importorskip("transformers")
+    from test_hf_job import FAST, TEXT, save, tiny_llama
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outer").mkdir()
+    save(tiny_llama(), tmp_path / "outer" / "llama")
+    (tmp_path / "docs.txt").write_text(TEXT)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "outer" / "llama").iterdir()}
+    out = {"the folder": "outer/llama", "its parent": "outer", "inside it": "outer/llama/pruned"}[where]
+    code = main(["prune", "--model", "hf:outer/llama", "--data", "docs.txt", "--out", out, "--overwrite", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert ("is inside your input folder" if where == "inside it" else "contains your input") in err
+    assert f"{tmp_path / 'outer' / 'llama'}'; choose another folder" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "outer" / "llama").iterdir()} == before
+    assert sorted(p.name for p in (tmp_path / "outer").iterdir()) == ["llama"]

@@ -11,7 +11,7 @@ from typing import Any
 from cleanai_core.errors import UserError
 from cleanai_core.out_folder import holds_the_working_folder, resolved
 
-__all__ = ["check_out_dir", "guard_out", "marker_text"]
+__all__ = ["check_out_apart", "check_out_dir", "guard_out", "marker_text", "resolved_spec_path"]
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -48,13 +48,7 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_mark
         raise UserError(f"--out {str(out)!r} is a file; give a folder path.")
     if holds_the_working_folder(out):
         raise UserError(f"--out {str(out)!r} is the current folder, a parent of it or your home; give a new folder.")
-    for item in [p for spec in inputs for p in [spec, *_spec_sources(spec)]]:
-        if not item or not Path(item).exists():
-            continue
-        if _is_within(Path(item), out):
-            raise UserError(f"--out {str(out)!r} contains your input {item!r}; choose another folder.")
-        if Path(item).is_dir() and _is_within(out, Path(item)):
-            raise UserError(f"--out {str(out)!r} is inside your input folder {item!r}; choose another folder.")
+    check_out_apart(out, [p for spec in inputs for p in [spec, *_spec_sources(spec)]])
     if out.is_dir() and any(out.iterdir()):
         if own_marker and (out / own_marker).is_file():
             foreign = _not_written_by_marker(out, own_marker)
@@ -67,6 +61,27 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_mark
             )
         if not overwrite:
             raise UserError(f"--out {str(out)!r} exists and is not empty; choose a new folder or add --overwrite.")
+
+
+def check_out_apart(out: Path, inputs: list[str | None]) -> None:
+    """Refuse an ``out`` that contains one of ``inputs`` (files or folders) or lies inside one
+    of the folders."""
+    for item in inputs:
+        if not item or not Path(item).exists():
+            continue
+        if _is_within(Path(item), out):
+            raise UserError(f"--out {str(out)!r} contains your input {item!r}; choose another folder.")
+        if Path(item).is_dir() and _is_within(out, Path(item)):
+            raise UserError(f"--out {str(out)!r} is inside your input folder {item!r}; choose another folder.")
+
+
+def resolved_spec_path(spec: str | None) -> str | None:
+    """The folder or file a loader's resolved spec names (``hf:/abs/folder``: a loader sets
+    ``options["resolved_spec"]`` where its spec is a path), else ``None``. ``--model
+    hf:llama --out llama --overwrite`` replaced the user's model folder with the result: the
+    spec ``hf:llama`` is no path, so the check of ``--out`` against the inputs passed it by."""
+    rest = str(spec or "").partition(":")[2]
+    return rest if rest and Path(rest).is_absolute() and Path(rest).exists() else None
 
 
 def _digests(folder: Path, skip: str) -> dict[str, str]:

@@ -28,7 +28,7 @@ from cleanai_core.job.inputs import (
     split_dataset,
     to_device,
 )
-from cleanai_core.job.outputs import check_out_dir, guard_out, marker_text
+from cleanai_core.job.outputs import check_out_apart, check_out_dir, guard_out, marker_text, resolved_spec_path
 from cleanai_core.job.recovery import check_train_data
 from cleanai_core.model_state import copy_model, preserved, stored_in
 from cleanai_core.pruning_report import input_shape
@@ -204,6 +204,8 @@ def _execute(
     if model is None or dataset is None:
         with heap_growing(runs_user_code=True):  # the model, the data and the imports they take live to the end
             model, dataset, pm = load_inputs(cfg, model, dataset)
+        if out is not None and not cfg.get("dry_run"):  # the folder a loader read the model from (hf:FOLDER)
+            check_out_apart(out, [resolved_spec_path(cfg.get("_model_spec"))])
     else:
         pm = get_plugin_manager()
         dataset = checked_dataset(dataset, model, str(cfg["data"]))
