@@ -525,3 +525,39 @@ def test_out_is_refused_where_it_holds_or_lies_in_the_hf_model_folder(tmp_path, 
     assert f"{tmp_path / 'outer' / 'llama'}'; choose another folder" in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "outer" / "llama").iterdir()} == before
     assert sorted(p.name for p in (tmp_path / "outer").iterdir()) == ["llama"]
+
+
+# -- a NUL in a path option; errors met in frozen standard-library code ------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["out", "data", "weights", "train_data"])
+def test_a_nul_character_in_a_path_option_is_refused_by_name(tmp_path, monkeypatch, capsys, key):
+    # a config file's out = "x\u0000y" ended in "failed: ValueError: embedded null byte, raised by code outside
+    # CleanAI (<frozen posixpath>:451: the model's forward, a data set, a factory or a plugin)", exit 1
+    monkeypatch.chdir(tmp_path)
+    cfg = {"model": DEMO, "data": "d.pt", "out": "o", "quiet": True, key: "x\u0000y"}
+    if key == "train_data":
+        cfg["recover_epochs"] = 1
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert main(["prune", "--config", "c.json"]) == 2
+    err = capsys.readouterr().err
+    flag = "--" + key.replace("_", "-")
+    assert f"{flag} 'x\\x00y' holds a NUL character (\\x00), which no name or path can hold (from the config " in err
+    assert "outside CleanAI" not in err and not list(tmp_path.glob("o*"))
+
+
+def test_an_error_cleanai_meets_in_frozen_standard_library_code_is_cleanais_not_the_users():
+    # the innermost frame '<frozen posixpath>' went through os.path.abspath and became a path in the
+    # working folder: the error was blamed on the user's code (exit 1, no traceback)
+    import os
+
+    import cleanai_core.cli as cli
+    from cleanai_plugins.io import datasets
+
+    with pytest.raises(TypeError) as ours:
+        datasets._image_files(5, {"a": 0}, None, True, "x")  # cleanai_plugins -> os.path.expanduser
+    assert ours.value.__traceback__ is not None
+    assert cli._user_code_frame(ours.value) is None
+    with pytest.raises(TypeError) as users:
+        os.path.join("a", 5)  # this file (the user's code) -> <frozen posixpath>
+    assert cli._user_code_frame(users.value).startswith(__file__ + ":")

@@ -299,6 +299,9 @@ def _check_kinds(cfg: dict, sources: dict[str, str]) -> None:
                 cfg[key] = os.fspath(v)
             elif not isinstance(v, str):
                 raise UserError(f"{flag} must be text (a name or a path), not {v!r} (from the {where}).")
+            if "\x00" in cfg[key]:  # --out: "ValueError: embedded null byte", blamed on the user's code (exit 1)
+                raise UserError(f"{flag} {cfg[key]!r} holds a NUL character (\\x00), which no name or path can hold "
+                                f"(from the {where}); remove it.")  # fmt: skip
 
 
 #: the largest ``--image-size``: one 3 x 8192 x 8192 float32 image is 805 MB
