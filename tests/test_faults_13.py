@@ -561,3 +561,23 @@ def test_an_error_cleanai_meets_in_frozen_standard_library_code_is_cleanais_not_
     with pytest.raises(TypeError) as users:
         os.path.join("a", 5)  # this file (the user's code) -> <frozen posixpath>
     assert cli._user_code_frame(users.value).startswith(__file__ + ":")
+
+
+def test_a_tilde_in_a_config_files_paths_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    # no shell expands a config file's "~/pruned": the run refused "the folder '/cwd/~' it goes in does not
+    # exist" (or, where it did, wrote into a folder named "~" beside the config); data = "~/d.pt": no such file
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    torch.save((torch.rand(40, 1, 8, 8), torch.arange(40) % 10), home / "d.pt")
+    torch.save(DigitsCNN().state_dict(), home / "w.pt")
+    (work / "c.toml").write_text('out = "~/pruned"\ndata = "~/d.pt"\nweights = "~/w.pt"\n')
+    assert main(["prune", "--model", DEMO, "--config", "c.toml", "-q"]) == 0, capsys.readouterr().err
+    assert (home / "pruned" / "model.pt").is_file() and sorted(p.name for p in work.iterdir()) == ["c.toml"]
+    saved = json.loads((home / "pruned" / "config.json").read_text())
+    assert saved["out"] == str(home / "pruned") and saved["data"] == str(home / "d.pt")
+    monkeypatch.setenv("CLEANAI_OUT", "~/again")  # the environment alike
+    assert main(["prune", "--model", DEMO, "--data", str(home / "d.pt"), "-q"]) == 0
+    assert (home / "again" / "model.pt").is_file() and not (work / "~").exists()
