@@ -581,3 +581,15 @@ def test_a_tilde_in_a_config_files_paths_is_the_home_folder(tmp_path, monkeypatc
     monkeypatch.setenv("CLEANAI_OUT", "~/again")  # the environment alike
     assert main(["prune", "--model", DEMO, "--data", str(home / "d.pt"), "-q"]) == 0
     assert (home / "again" / "model.pt").is_file() and not (work / "~").exists()
+
+
+def test_a_torch_save_file_named_npz_is_named_as_one(tmp_path, capsys):
+    # "array 'weights/data.pkl' in the .npz is not in .npy format": the file is torch.save's, named .npz
+    torch.save((torch.rand(40, 1, 8, 8), torch.arange(40) % 10), tmp_path / "data.npz")
+    code = main(["prune", "--model", DEMO, "--data", str(tmp_path / "data.npz"), "--out", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file written by torch.save (it holds 'data/data.pkl'), not by numpy.savez" in err
+    assert "give it the .pt suffix" in err and not (tmp_path / "o").exists()
+    (tmp_path / "data.npz").rename(tmp_path / "data.pt")  # renamed, it is read
+    args = ["prune", "--model", DEMO, "--data", str(tmp_path / "data.pt"), "--out", str(tmp_path / "o"), "-q"]
+    assert main(args) == 0

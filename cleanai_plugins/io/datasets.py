@@ -191,6 +191,12 @@ def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                     f"{str(path)!r} holds the array {twice!r} twice (the zip was appended to); numpy would read only "
                     "the last. Write the file again with numpy.savez(path, x=x, y=y)."
                 )
+            pickle = next((n for n in names if n.endswith("/data.pkl")), None)
+            if pickle is not None:  # said "array 'w/data.pkl' in the .npz is not in .npy format"
+                raise UserError(
+                    f"{str(path)!r} is a file written by torch.save (it holds {pickle!r}), not by numpy.savez, named "
+                    ".npz: give it the .pt suffix it is read by."
+                )
             for info in zf.infolist():
                 n = info.filename
                 try:
