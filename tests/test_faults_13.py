@@ -593,3 +593,39 @@ def test_a_torch_save_file_named_npz_is_named_as_one(tmp_path, capsys):
     (tmp_path / "data.npz").rename(tmp_path / "data.pt")  # renamed, it is read
     args = ["prune", "--model", DEMO, "--data", str(tmp_path / "data.pt"), "--out", str(tmp_path / "o"), "-q"]
     assert main(args) == 0
+
+
+# -- options set on the pruner after it was built ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "attr, value, words",
+    [
+        ("pruning_ratio", 1.5, "pruning_ratio=1.5 must be a number strictly between 0 and 1"),
+        ("pruning_ratio", "0.5", "pruning_ratio='0.5' must be a number strictly between 0 and 1"),
+        ("pruning_ratio", float("nan"), "pruning_ratio=nan must be a number strictly between 0 and 1"),
+        ("round_to", 0, "round_to=0 must be a positive integer"),
+        ("target_flops", 2.0, "target_flops=2.0: give the share of FLOPs to keep"),
+        ("global_pruning", "no", "global_pruning='no' must be True or False"),
+    ],
+)
+def test_an_option_set_on_the_pruner_after_it_was_built_is_checked_before_it_prunes(attr, value, words):
+    # pruner.pruning_ratio = 1.5 pruned 56,554 parameters to 53 without a word; "0.5" and NaN raised
+    # TypeError / ValueError from planning; global_pruning = "no" ranked globally
+    from cleanai_core import StructuredPruner
+
+    model = DigitsCNN().eval()
+    pruner = StructuredPruner(model, torch.rand(2, 1, 8, 8), importance="magnitude")
+    setattr(pruner, attr, value)
+    for call in (pruner.plan, pruner.prune):
+        with pytest.raises(UserError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            call()
+    assert sum(p.numel() for p in model.parameters()) == 56554 and pruner.pruned_model is None
+
+
+def test_an_importance_name_or_a_ratio_set_after_construction_is_taken():
+    from cleanai_core import StructuredPruner
+
+    pruner = StructuredPruner(DigitsCNN().eval(), torch.rand(2, 1, 8, 8), importance="magnitude")
+    pruner.importance, pruner.pruning_ratio = "magnitude", torch.tensor(0.5)  # 'str' object is not callable
+    assert sum(p.numel() for p in pruner.prune().parameters()) == 14458
