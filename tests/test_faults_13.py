@@ -120,6 +120,22 @@ def test_jsonl_labels_past_int64_or_float32_are_refused(tmp_path, capsys, bert_h
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e39])
+def test_tokenized_regression_targets_that_are_not_finite_are_refused(tmp_path, bert_heads, bad):
+    # the same targets in a tokenized .pt: taken with .float(), pruned and reported on a NaN loss
+    import transformers
+
+    from cleanai_plugins.io.text import load_text_dataset
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(bert_heads / "reg")
+    labels = torch.rand(8, dtype=torch.float64)
+    labels[3] = bad
+    torch.save({"input_ids": torch.randint(5, 259, (8, 16)), "labels": labels}, tmp_path / "t.pt")
+    with pytest.raises(UserError, match="labels hold NaN, inf or values beyond float32's range; the model is a "
+                       "regression head: give finite targets"):  # fmt: skip
+        load_text_dataset(str(tmp_path / "t.pt"), {"model": model, "seq_len": 16})
+
+
 def test_a_jsonl_line_nested_past_the_stack_is_not_json(tmp_path):
     from cleanai_plugins.io.text import read_jsonl
 

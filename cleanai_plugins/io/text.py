@@ -486,6 +486,9 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
         labels = torch.as_tensor(labels)
         if kind in ("regression", "multilabel"):
             items["labels"] = labels.float()
+            if labels.is_complex() or not bool(torch.isfinite(items["labels"]).all()):  # a NaN loss, exit 0
+                raise UserError(f"{source}: labels hold NaN, inf or values beyond float32's range; the model is a "
+                                f"{kind} head: give finite targets.")  # fmt: skip
         else:
             items["labels"] = _checked_token_labels(labels, ids, model, kind, source)
     elif is_masked_lm(model):  # masked with the folder's tokenizer, where it has one with a mask token
