@@ -174,6 +174,18 @@ def mean_normalized(x: torch.Tensor) -> torch.Tensor:
     return x / m if float(m) > 0 else torch.ones_like(x)
 
 
+def _checked_ratios(weight_ratio: Any, activation_ratio: Any) -> None:
+    """Both finite numbers >= 0, at least one > 0."""
+    for name, v in (("weight_ratio", weight_ratio), ("activation_ratio", activation_ratio)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise UserError(f"{name}={v!r} must be a finite number >= 0 (e.g. 0.5)")
+    if weight_ratio < 0 or activation_ratio < 0 or weight_ratio + activation_ratio <= 0:
+        raise UserError(
+            f"weight_ratio={weight_ratio} and activation_ratio={activation_ratio}: both must be >= 0 "
+            "and at least one > 0 (e.g. 0.5 and 0.5)"
+        )
+
+
 class WeightActivationImportance:
     """Weight Magnitude - Activation: small weights *and* weak activations go first.
 
@@ -210,20 +222,36 @@ class WeightActivationImportance:
         statistic: str = "auto",
         reducer: str = "mean",
     ) -> None:
-        for name, v in (("weight_ratio", weight_ratio), ("activation_ratio", activation_ratio)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise UserError(f"{name}={v!r} must be a finite number >= 0 (e.g. 0.5)")
-        if weight_ratio < 0 or activation_ratio < 0 or weight_ratio + activation_ratio <= 0:
-            raise UserError(
-                f"weight_ratio={weight_ratio} and activation_ratio={activation_ratio}: both must be >= 0 "
-                "and at least one > 0 (e.g. 0.5 and 0.5)"
-            )
-        if form not in ("multiplicative", "additive"):
-            raise UserError(f"form={form!r}: use 'multiplicative' or 'additive'")
-        if statistic not in ("auto", "second_moment", "variance"):
-            raise UserError(f"statistic={statistic!r}: use 'auto', 'second_moment' or 'variance'")
+        _checked_ratios(weight_ratio, activation_ratio)
         self.alpha, self.beta, self.form, self.statistic = weight_ratio, activation_ratio, form, statistic
-        self.reducer, self.reduce = reducer, get_reducer(reducer)
+        self.reducer = reducer
+
+    #: the constructor's names of ``alpha`` and ``beta``
+    _ALIASES = {"weight_ratio": "alpha", "activation_ratio": "beta"}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Every option checked as the constructor checks it, also when set afterwards:
+        ``imp.weight_ratio = 0.8`` set an attribute nothing read (the scores stayed at 0.5),
+        ``imp.alpha = -1`` or ``imp.form = "nope"`` were taken."""
+        name = self._ALIASES.get(name, name)
+        if name in ("alpha", "beta"):
+            other = getattr(self, "beta" if name == "alpha" else "alpha", 1.0)  # the constructor checked both
+            _checked_ratios(*((value, other) if name == "alpha" else (other, value)))
+        elif name == "form" and value not in ("multiplicative", "additive"):
+            raise UserError(f"form={value!r}: use 'multiplicative' or 'additive'")
+        elif name == "statistic" and value not in ("auto", "second_moment", "variance"):
+            raise UserError(f"statistic={value!r}: use 'auto', 'second_moment' or 'variance'")
+        elif name == "reducer":
+            object.__setattr__(self, "reduce", get_reducer(value))
+        object.__setattr__(self, name, value)
+
+    @property
+    def weight_ratio(self) -> float:
+        return self.alpha
+
+    @property
+    def activation_ratio(self) -> float:
+        return self.beta
 
     def __repr__(self) -> str:
         # the options that change the scores beyond the defaults' (statistic, reducer) are named too

@@ -645,3 +645,22 @@ def test_an_importance_name_or_a_ratio_set_after_construction_is_taken():
     pruner = StructuredPruner(DigitsCNN().eval(), torch.rand(2, 1, 8, 8), importance="magnitude")
     pruner.importance, pruner.pruning_ratio = "magnitude", torch.tensor(0.5)  # 'str' object is not callable
     assert sum(p.numel() for p in pruner.prune().parameters()) == 14458
+
+
+def test_weight_activation_options_set_afterwards_are_checked_and_read():
+    # imp.weight_ratio = 0.8 set an attribute the scores never read (they stayed at alpha = 0.5);
+    # imp.alpha = -1 and imp.form = "nope" were taken
+    from cleanai_core import WeightActivationImportance
+
+    imp = WeightActivationImportance()
+    imp.weight_ratio = 0.8
+    assert imp.alpha == 0.8 and "weight_ratio=0.8" in repr(imp)
+    for name, value, words in [("alpha", -1, "both must be >= 0"), ("activation_ratio", float("nan"), "finite"),
+                               ("form", "nope", "use 'multiplicative' or 'additive'"),
+                               ("statistic", "mean", "use 'auto', 'second_moment' or 'variance'"),
+                               ("reducer", "nope", "unknown reducer 'nope'")]:  # fmt: skip
+        with pytest.raises(UserError, match=words):
+            setattr(imp, name, value)
+    assert (imp.alpha, imp.beta, imp.form, imp.statistic, imp.reducer) == (0.8, 0.5, "multiplicative", "auto", "mean")
+    assert repr(WeightActivationImportance(0, 1)) == "WeightActivationImportance(weight_ratio=0, activation_ratio=1, " \
+        "form='multiplicative')"  # fmt: skip
