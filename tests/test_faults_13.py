@@ -244,6 +244,12 @@ def test_a_second_demo_replaces_only_its_own_unchanged_files(tmp_path, monkeypat
     assert (out / "report.md").read_text().endswith("my conclusions\n")
     assert main([*demo, "--overwrite"]) == 0  # asked for
     assert not (out / "report.md").read_text().endswith("my conclusions\n")
+    # a folder of an earlier version's demo (a marker without digests) is still its own by its file names
+    (out / ".cleanai-demo").write_text("written by cleanai demo\n")
+    assert main(demo) == 0
+    (out / ".cleanai-demo").write_text("written by cleanai demo\n")
+    (out / "notes.txt").write_text("mine")
+    assert main(demo) == 2 and "(notes.txt); replacing the folder" in capsys.readouterr().err
 
 
 # -- tokenized data whose mask or labels are not what the model reads ------------------------------------

@@ -117,20 +117,26 @@ def marker_text(folder: Path, marker: str, writer: str) -> str:
 
 
 def _not_written_by_marker(out: Path, marker: str) -> list[str]:
-    """The entries of ``out`` its marker does not list or lists with other contents. A
-    marker of the earlier form (no list) vouches for nothing: every entry but it is named.
+    """The entries of ``out`` its marker does not list or lists with other contents.
     ``cleanai demo`` replaced its output folder whole once the marker was there, so the
-    files a user had put in it (notes, a fine-tuned copy) were deleted without a word."""
+    files a user had put in it (notes, a fine-tuned copy) were deleted without a word. A
+    marker of the earlier form (no list) vouches for the files a run writes, by name."""
     import json
 
     try:
         listed = json.loads((out / marker).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, TypeError, KeyError):
-        listed = {}
-    if not isinstance(listed, dict):
-        listed = {}
+        listed = None
     now = _digests(out, marker)
+    if not isinstance(listed, dict):  # a marker of the earlier form: the files a run writes, by name
+        return [name for name in now if name not in _OUTPUT_NAMES]
     return [name for name, digest in now.items() if listed.get(name) != digest]
+
+
+#: what a run writes into its output folder (a marker of the earlier form, without digests, vouches for these)
+_OUTPUT_NAMES = (
+    "model.pt", "history.json", "architecture.json", "config.json", "report.json", "report.md", "report.svg"
+)  # fmt: skip
 
 
 def guard_out(out: Path, stack: contextlib.ExitStack) -> tuple[Any, Any]:
