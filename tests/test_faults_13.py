@@ -670,3 +670,17 @@ def test_weight_activation_options_set_afterwards_are_checked_and_read():
     assert (imp.alpha, imp.beta, imp.form, imp.statistic, imp.reducer) == (0.8, 0.5, "multiplicative", "auto", "mean")
     assert repr(WeightActivationImportance(0, 1)) == "WeightActivationImportance(weight_ratio=0, activation_ratio=1, " \
         "form='multiplicative')"  # fmt: skip
+
+
+def test_training_data_with_nan_is_refused_as_the_data_is(tmp_path, monkeypatch, capsys):
+    # --train-data of NaN: recovery stopped at once on a NaN loss, with a warning, and the run exited 0
+    monkeypatch.chdir(tmp_path)
+    y = torch.arange(40) % 10
+    torch.save(DigitsCNN().state_dict(), "w.pt")
+    torch.save((torch.rand(40, 1, 8, 8), y), "d.pt")
+    torch.save((torch.full((40, 1, 8, 8), float("nan")), y), "t.pt")
+    args = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--out", "o", "-q"]
+    assert main([*args, "--recover-epochs", "1", "--train-data", "t.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "--train-data 't.pt' contains NaN or inf values (in its first sample); clean the data" in err
+    assert not (tmp_path / "o").exists()

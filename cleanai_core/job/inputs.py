@@ -31,6 +31,15 @@ __all__ = [
 ]
 
 
+def first_not_finite(example: Any) -> bool:
+    """Whether the floating tensors of a first input (a tensor or a dict of them) hold NaN
+    or inf: such data is refused before anything runs (``--data``, ``--train-data``)."""
+    tensors = [example] if isinstance(example, torch.Tensor) else list(dict(example).values())
+    return any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors
+    )
+
+
 def first_input(dataset: Any) -> Any:
     from cleanai_core.calibration import split_batch
 

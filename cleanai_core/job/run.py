@@ -23,6 +23,7 @@ from cleanai_core.job.inputs import (
     checked_collate,
     checked_dataset,
     first_input,
+    first_not_finite,
     has_labels,
     load_inputs,
     split_dataset,
@@ -247,10 +248,7 @@ def _execute(
     elif eval_loader is None:
         accuracy_note = "the data has no labels"
     example = to_device(first_input(calib), device)
-    tensors = [example] if isinstance(example, torch.Tensor) else [v for v in dict(example).values()]
-    if any(
-        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors
-    ):
+    if first_not_finite(example):
         # said "example_inputs contain NaN or inf values", an argument the command line has not
         raise UserError(f"--data {cfg['data']!r} contains NaN or inf values (in the first calibration sample); clean "
                         "the data and run again.")  # fmt: skip
