@@ -684,3 +684,16 @@ def test_training_data_with_nan_is_refused_as_the_data_is(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "--train-data 't.pt' contains NaN or inf values (in its first sample); clean the data" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_num_classes_a_model_does_not_read_is_refused(tmp_path, monkeypatch, capsys):
+    # --num-classes 5 with a pickled model of 10 outputs: exit 0, the option ignored without a word
+    monkeypatch.chdir(tmp_path)
+    torch.save(DigitsCNN(), "pickled.pt")
+    torch.save((torch.rand(40, 1, 8, 8), torch.arange(40) % 10), "d.pt")
+    args = ["prune", "--model", "pickled.pt", "--trust-model", "--data", "d.pt", "-q"]
+    assert main([*args, "--out", "o", "--num-classes", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-classes (command line) builds the model's head" in err and "gives 10 class scores" in err
+    assert not (tmp_path / "o").exists()
+    assert main([*args, "--out", "o", "--num-classes", "10"]) == 0  # what it has: read as given

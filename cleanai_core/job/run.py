@@ -263,7 +263,7 @@ def _execute(
             "image size, --num-classes)."
         ) from exc
     _check_output(output, cfg)
-    check_model_reads(cfg, model)
+    check_model_reads(cfg, model, output)
 
     importance_opts: dict[str, Any] = {}
     if cfg.get("alpha") is not None:
@@ -426,15 +426,29 @@ def _check_output(output: Any, cfg: dict[str, Any]) -> None:
     )
 
 
-def check_model_reads(cfg: dict[str, Any], model: torch.nn.Module) -> None:
+def check_model_reads(cfg: dict[str, Any], model: torch.nn.Module, output: Any = None) -> None:
     """:func:`~cleanai_core.job.config.check_unread` for options the model leaves unread:
-    ``--bn-samples`` on a model without BatchNorm (nothing to correct) ran without a word."""
+    ``--bn-samples`` on a model without BatchNorm (nothing to correct) ran without a word;
+    so did ``--num-classes 5`` for a model that gives another number of class scores on its
+    first sample (a pickled model keeps its own head, and so does a factory that takes no
+    ``num_classes``)."""
     from cleanai_core.bn_correction import norms_with_running_stats
+    from cleanai_core.runtime import find_logits
 
     has_bn = bool(norms_with_running_stats(model))
     why = ("is read by the BatchNorm correction, and --model {model!r} has no norm layer with running statistics "
            "(BatchNorm) to correct: leave {flag} out")  # fmt: skip
-    check_unread(cfg, (("bn_samples", lambda c: has_bn, why),))
+    logits = find_logits(output) if output is not None else None
+    classes = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None  # (N, classes)
+    heads = (f"builds the model's head (timm:, torchvision:, a factory taking num_classes), but --model {{model!r}} "
+             f"gives {classes} class scores: leave {{flag}} out, or give a model with that head")  # fmt: skip
+    check_unread(
+        cfg,
+        (
+            ("bn_samples", lambda c: has_bn, why),
+            ("num_classes", lambda c: classes is None or classes == c.get("num_classes"), heads),
+        ),
+    )
 
 
 def _input_dtype_hint(example: Any, model: torch.nn.Module) -> str:
