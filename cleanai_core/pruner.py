@@ -228,8 +228,8 @@ class StructuredPruner:
         self.forward_fn, self.output_transform = forward_fn, output_transform
         self.normalizer = scoring.get_normalizer(normalizer)
         self.prune_dead_only = prune_dead_only
+        self._ignored_specs = ignored_layers
         self.set_layer_ratios(layer_pruning_ratios or {})
-        options.check_ignored_ratios(model, ignored_layers, layer_pruning_ratios or {})  # the ratio was dropped
         self.ignored = options.ignored_modules(model, ignored_layers or ())
         self.history, self.calibration = PruningHistory(), Calibration()
         self._plan: PruningPlan | None = None
@@ -364,9 +364,13 @@ class StructuredPruner:
     def set_layer_ratios(self, ratios: Mapping[ModuleSpec, float]) -> None:
         """Replace the per-layer ratios (``{module | name | glob | type: ratio}``, 0 keeps
         a layer whole; the first entry matching a layer wins), e.g. with the ones
-        :func:`cleanai_core.sensitivity.allocate_ratios` chose. Forgets any plan made."""
-        self.layer_ratios = options.layer_ratios(self.model, options.as_ratio_table(ratios))  # None: no ratios
-        self._plan = None
+        :func:`cleanai_core.sensitivity.allocate_ratios` chose. Forgets any plan made. A ratio
+        above 0 for an ignored layer is refused, here as in the constructor (it was dropped
+        without a word when set here)."""
+        table = options.as_ratio_table(ratios)
+        named = options.layer_ratios(self.model, table)  # None: no ratios
+        options.check_ignored_ratios(self.model, getattr(self, "_ignored_specs", None), table or {})
+        self.layer_ratios, self._plan = named, None
 
     def _check_attributes(self) -> None:
         """The options as the attributes hold them now, by the constructor's checks: an

@@ -697,3 +697,16 @@ def test_num_classes_a_model_does_not_read_is_refused(tmp_path, monkeypatch, cap
     assert "--num-classes (command line) builds the model's head" in err and "gives 10 class scores" in err
     assert not (tmp_path / "o").exists()
     assert main([*args, "--out", "o", "--num-classes", "10"]) == 0  # what it has: read as given
+
+
+def test_set_layer_ratios_refuses_a_ratio_for_an_ignored_layer_as_the_constructor_does():
+    # the constructor refused ignored_layers=["features.0"] beside a ratio for it; set_layer_ratios took it
+    # and dropped it without a word (features.0 kept its 32 channels)
+    from cleanai_core import StructuredPruner
+
+    pruner = StructuredPruner(DigitsCNN().eval(), torch.rand(2, 1, 8, 8), importance="magnitude",
+                              ignored_layers=["features.0"], layer_pruning_ratios={"features.3": 0.25})  # fmt: skip
+    with pytest.raises(UserError, match="layer 'features.0' is ignored .* and given ratio 0.5"):
+        pruner.set_layer_ratios({"features.0": 0.5})
+    pruned = pruner.prune()  # the ratios it had stay
+    assert (pruned.features[0].out_channels, pruned.features[3].out_channels) == (32, 48)
