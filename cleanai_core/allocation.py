@@ -91,12 +91,21 @@ def allocate_ratios(
     gives it (default: median milliseconds of a forward pass on the pruner's example
     inputs, :func:`~cleanai_core.metrics.measure_latency`, on the model's device). Each
     candidate's cost is measured once; ``Allocation.cost`` is that measurement's share."""
-    given = [(n, t) for n, t in (("flops", target_flops), ("params", target_params), ("latency", target_latency)) if t]
+    from cleanai_core.errors import shown
+    from cleanai_core.options import plain_number
+    from cleanai_core.sensitivity import SensitivityResult
+
+    if not isinstance(result, SensitivityResult):  # None raised "AttributeError: ... has no attribute 'curves'"
+        raise UserError(f"allocate_ratios needs the SensitivityResult of analyse_sensitivity(pruner, ...), got "
+                        f"{shown(result)}")  # fmt: skip
+    targets = (("flops", target_flops), ("params", target_params), ("latency", target_latency))
+    given = [(n, plain_number(t)) for n, t in targets if t is not None]
     if len(given) != 1:
         raise UserError("give exactly one of target_flops, target_params or target_latency (a share to keep, 0-1)")
     kind, target = given[0]
-    if not 0.0 < float(target) < 1.0:
-        raise UserError(f"target_{kind}={target}: give the share to keep, strictly between 0 and 1")
+    # text raised "TypeError: '>' not supported between instances of 'float' and 'str'"
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < float(target) < 1.0:
+        raise UserError(f"target_{kind}={shown(target)}: give the share to keep, strictly between 0 and 1")
     graph, model = pruner.graph, pruner.model
     live = {g.id for g in graph.groups(prunable_only=True)}
     curves = [c for c in result.curves if c.layer is not None and c.group in live]

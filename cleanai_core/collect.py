@@ -49,6 +49,7 @@ from cleanai_core.runtime import (
     check_labels,
     class_logits,
     device_of,
+    dtype_advice,
     inputs_for,
     logits_of,
     may_run_channels_last,
@@ -156,10 +157,7 @@ def calibrate(
     """Stream statistics at the inputs of ``slices``' consumers over ``loader``; ``model``'s
     modes and buffers come back as they were. ``sequential``: one block at a time
     (:mod:`cleanai_core.sequential`; the batches are not kept)."""
-    if num_batches is not None and (
-        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
-    ):  # "2" raised TypeError comparing str and int
-        raise UserError(f"num_batches={num_batches!r} must be an integer, at least 1 (or None: every batch)")
+    check_num_batches(num_batches)
     data = CalibrationData(loader, num_batches)
     out = Calibration(data=data)
     if sequential:
@@ -233,7 +231,7 @@ def calibrate(
                     if not fits:  # the statistics start again, from the inputs as they are
                         data.layout, collector = same_layout, fresh()
                 if data.layout is same_layout:
-                    with collecting(), model_failure(0, inputs, first):
+                    with collecting(), model_failure(0, inputs, first, model):
                         run_batch(model, inputs, setup.forward_fn)
                 out.end_batch()
                 _to_pool(pool[0], pool[0].slot_for(0) if pool[0] is not None else None, 0, first, out)
@@ -247,7 +245,7 @@ def calibrate(
                     else:
                         out.samples.active = planned[0] is None or i in planned[0]
                     inputs = split_batch(batch, model)[0]
-                    with model_failure(i, inputs, batch):
+                    with model_failure(i, inputs, batch, model):
                         run_batch(model, data.layout(inputs), setup.forward_fn)
                     out.end_batch()
                     _to_pool(pool[0], slot, i, batch, out)
@@ -301,13 +299,22 @@ def _from_pool(pool: Pool, out: Calibration, data: CalibrationData) -> None:
     data.pool = [(i, batch) for i, batch, _ in kept]
 
 
-def check_iterable(loader: Any) -> Any:
+def check_num_batches(num_batches: Any) -> None:
+    """``num_batches`` is ``None`` (every batch) or an integer of at least 1: ``"2"`` raised
+    ``TypeError`` comparing text and an integer, and ``-1`` read no batch ("the data is empty")."""
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
+    ):
+        raise UserError(f"num_batches={num_batches!r} must be an integer, at least 1 (or None: every batch)")
+
+
+def check_iterable(loader: Any, what: str = "the calibration data") -> Any:
     """``loader`` if it can be iterated (a DataLoader, a list of batches, a generator)."""
     # by type, not by calling iter(): that would read a loader once more (start a
     # DataLoader's workers, advance a one-shot generator's source)
     if not isinstance(loader, Iterable) and not hasattr(type(loader), "__getitem__"):
         raise UserError(
-            f"the calibration data is a {type(loader).__name__}, which cannot be iterated; give a DataLoader or "
+            f"{what} is a {type(loader).__name__}, which cannot be iterated; give a DataLoader or "
             "a list of batches (tensors, (input, label) pairs or dicts)"
         )
     return loader
@@ -321,7 +328,7 @@ def _shapes(inputs: Any) -> str:
 
 
 @contextlib.contextmanager
-def model_failure(index: int, inputs: Any, batch: Any = None) -> Iterator[None]:
+def model_failure(index: int, inputs: Any, batch: Any = None, model: nn.Module | None = None) -> Iterator[None]:
     """An error of the model on a calibration batch becomes a :class:`UserError` naming the
     batch and its shapes (the loader's own errors pass through unchanged); ``batch``, as the
     loader gave it, for the hint about a pair read as ``(input, label)``."""
@@ -334,6 +341,7 @@ def model_failure(index: int, inputs: Any, batch: Any = None) -> Iterator[None]:
             f"the model failed on calibration batch {index} (input shape {_shapes(inputs)}): "
             f"{type(exc).__name__}: {str(exc)[:300]}. Give calibration batches shaped like example_inputs, with "
             "the batch as the first dimension (a DataLoader over the dataset, not the dataset itself)."
+            + (dtype_advice(model, inputs, "Its inputs", exc) if model is not None else "")
             + unused_key_hint(exc, inputs)
             + _pair_hint(batch, exc)
         ) from exc

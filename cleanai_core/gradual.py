@@ -570,7 +570,7 @@ class GradualPruner:
 
     def _run(self, model: nn.Module, batch: Any, index: int = 0) -> Any:
         inputs = split_batch(batch, model)[0]
-        with model_failure(index, inputs):  # the model's own traceback, where calibration names the batch
+        with model_failure(index, inputs, model=model):  # the model's own traceback, where calibration names the batch
             return run_batch(model, inputs, self.options.get("forward_fn"))
 
     def flops_share(self) -> float:

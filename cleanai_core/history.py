@@ -184,6 +184,8 @@ class PruningHistory:
             twice = StructuredPruner(once, x, pruning_ratio=0.3).prune()  # its history starts at `once`
             save_pruned("out/", twice, first.history.then(second.history), "timm:vit_small_patch16_224")
         """
+        if not isinstance(later, PruningHistory):  # AttributeError: 'int' object has no attribute '_shapes'
+            raise UserError(f"then() needs the PruningHistory of the later prune (second.history), got {shown(later)}")
         meta: dict[str, Any] = {}
         for key in ("shapes", "shapes_after"):
             shapes = [*self._shapes(key), *later._shapes(key)]

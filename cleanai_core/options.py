@@ -509,6 +509,17 @@ def check_finite(model: nn.Module, name: str = "model") -> None:
             "be meaningless. Load finite weights (a training run that diverged, or a damaged checkpoint, saves "
             "NaN); nothing was pruned"
         )
+    # a norm's running variance below 0 (an edited or damaged checkpoint): every output NaN, and the
+    # calibration blamed "non-finite activations ...; check the data"
+    for key, buf in model.named_buffers():
+        if key.rpartition(".")[2] == "running_var" and buf.is_floating_point() and buf.numel():
+            low = float(buf.detach().min())
+            if low < 0:
+                raise UserError(
+                    f"the {name}'s tensor {key!r} holds {int((buf < 0).sum())} negative running variance(s) (down "
+                    f"to {low:.3g}): a variance is never negative, so the norm's outputs would be NaN. The weights are "
+                    "damaged or were edited; load the checkpoint the model was trained to; nothing was pruned"
+                )
 
 
 def check_example_inputs(example_inputs: Any) -> None:

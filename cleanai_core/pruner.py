@@ -243,8 +243,8 @@ class StructuredPruner:
         self.forward_fn, self.output_transform = forward_fn, output_transform
         self.normalizer = scoring.get_normalizer(normalizer)
         self.prune_dead_only = prune_dead_only
+        self._ignored_specs = ignored_layers
         self.set_layer_ratios(layer_pruning_ratios or {})
-        options.check_ignored_ratios(model, ignored_layers, layer_pruning_ratios or {})  # the ratio was dropped
         self.ignored = options.ignored_modules(model, ignored_layers or ())
         self.history, self.calibration = PruningHistory(), Calibration()
         self._plan: PruningPlan | None = None
@@ -379,12 +379,52 @@ class StructuredPruner:
     def set_layer_ratios(self, ratios: Mapping[ModuleSpec, float]) -> None:
         """Replace the per-layer ratios (``{module | name | glob | type: ratio}``, 0 keeps
         a layer whole; the first entry matching a layer wins), e.g. with the ones
-        :func:`cleanai_core.sensitivity.allocate_ratios` chose. Forgets any plan made."""
-        self.layer_ratios = options.layer_ratios(self.model, options.as_ratio_table(ratios))  # None: no ratios
-        self._plan = None
+        :func:`cleanai_core.sensitivity.allocate_ratios` chose. Forgets any plan made. A ratio
+        above 0 for an ignored layer is refused, here as in the constructor (it was dropped
+        without a word when set here)."""
+        table = options.as_ratio_table(ratios)
+        named = options.layer_ratios(self.model, table)  # None: no ratios
+        options.check_ignored_ratios(self.model, getattr(self, "_ignored_specs", None), table or {})
+        self.layer_ratios, self._plan = named, None
+
+    def _check_attributes(self) -> None:
+        """The options as the attributes hold them now, by the constructor's checks: an
+        attribute set after construction (``pruner.pruning_ratio = 1.5``) went unchecked, so
+        56,554 parameters were pruned to 53 without a word, ``"0.5"`` and NaN raised
+        ``TypeError`` / ``ValueError`` from planning, ``global_pruning = "no"`` ranked
+        globally, and ``importance = "magnitude"`` raised ``'str' object is not callable``."""
+        number = options.plain_number
+        self.pruning_ratio, self.max_layer_ratio = number(self.pruning_ratio), number(self.max_layer_ratio)
+        self.target_flops, self.target_params = number(self.target_flops), number(self.target_params)
+        self.round_to, self.iterative_steps = number(self.round_to), number(self.iterative_steps)
+        options.check_switches(
+            global_pruning=self.global_pruning,
+            bias_compensation=self.bias_compensation,
+            reconstruction=self.reconstruction,
+            recalibrate_bn=self.recalibrate_bn,
+            inplace=self.inplace,
+            verify=self.verify,
+            prune_dead_only=self.prune_dead_only,
+        )
+        zero_ok = bool(self.layer_ratios) or bool(self.prune_dead_only)
+        options.check_targets(self.pruning_ratio, self.target_flops, self.target_params, self.iterative_steps, zero_ok)
+        options.check_options(
+            self.max_layer_ratio,
+            self.round_to,
+            self.covariance_rows,
+            self.stats_budget_bytes,
+            self.min_channels,
+            self.bn_samples,
+        )
+        options.check_round_mode(self.round_mode)
+        options.check_ranking(self.global_pruning, self.isomorphic)
+        options.check_callables(forward_fn=self.forward_fn, output_transform=self.output_transform)
+        importance = options.as_importance(self.importance)
+        self.importance = get_importance(importance) if isinstance(importance, str) else importance
 
     def plan(self) -> PruningPlan:
         """The dry run: which units would go. Changes nothing."""
+        self._check_attributes()
         with _autograd_on(self.model):
             if self._plan is None:
                 dead = self.prune_dead_only
@@ -625,6 +665,7 @@ class StructuredPruner:
         """Slice the model; return the pruned model (a copy unless ``inplace=True``). Called
         again, it prunes the original again, with a fresh :attr:`history` (the steps of an
         earlier call were kept, so the saved history replayed both and did not load)."""
+        self._check_attributes()
         with _autograd_on():
             if self.inplace and self.pruned_model is not None:  # the graph and statistics describe the unpruned model
                 raise UserError(

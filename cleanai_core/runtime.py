@@ -20,6 +20,7 @@ from cleanai_core.model_state import writes_guarded
 
 __all__ = [
     "call_model",
+    "cast_within_range",
     "copied_inputs",
     "channels_last_layout",
     "may_run_channels_last",
@@ -298,19 +299,52 @@ def inputs_for(model: nn.Module, inputs: Any) -> Any:
     return tree_map(lambda t: t.to(p.dtype) if isinstance(t, torch.Tensor) and cast(t) else t, inputs)
 
 
-def dtype_advice(model: nn.Module, inputs: Any, name: str = "example_inputs") -> str:
-    """A sentence when ``inputs`` hold floating tensors of a dtype the model computes in
-    nowhere (float64 inputs for a float32 model), else ``""``: the trace's error said only
-    "Input type (double) and bias type (float) should be the same"."""
+def cast_within_range(t: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """``t`` in the floating ``dtype``; a finite value the cast makes infinite (float64 data
+    of 1e300 for a float32 model, 1e5 for a float16 one) is a :class:`UserError` naming
+    ``where`` and the largest value. A data file of such values was refused with "contains
+    NaN or inf values; clean the data", values it did not hold."""
+    out = t.to(dtype)
+    if t.dtype == dtype or torch.finfo(dtype).max >= torch.finfo(t.dtype).max or bool(torch.isfinite(out).all()):
+        return out
+    lost = torch.isfinite(t) & ~torch.isfinite(out)
+    if bool(lost.any()):
+        raise UserError(
+            f"{where}: {str(t.dtype).replace('torch.', '')} values up to {float(t[lost].abs().max()):.3g} in "
+            f"magnitude do not fit in {str(dtype).replace('torch.', '')} (at most {torch.finfo(dtype).max:.3g}), "
+            "the dtype they are read in for the model: scale or normalise the inputs as the model was trained on them."
+        )
+    return out
+
+
+_DTYPE_WORDS = ("scalar type", "not implemented for '", "Input type", "dtype", "should be the same")
+
+
+def dtype_advice(model: nn.Module, inputs: Any, name: str = "example_inputs", exc: BaseException | None = None) -> str:
+    """A sentence when ``inputs`` hold tensors of a dtype the model computes in nowhere:
+    floating ones of another precision (float64 inputs for a float32 model: the trace's
+    error said only "Input type (double) and bias type (float) should be the same"), or,
+    where ``exc`` is a dtype error, integers, booleans or complex numbers for a floating
+    model (uint8 images: "expected scalar type Byte but found Float", and the advice was
+    about shapes); else ``""``. Integer token ids are what an embedding reads, so they get
+    the sentence only when the model failed on their dtype."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    given = {t.dtype for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    if len(dtypes) != 1 or not given or given & dtypes:
+    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    given = {t.dtype for t in leaves if t.is_floating_point()}
+    if len(dtypes) != 1 or given & dtypes:
         return ""
     want = str(next(iter(dtypes)))
-    return (
-        f" {name} are {', '.join(sorted(map(str, given)))} but the model's parameters are {want}: give them in "
-        f"the model's dtype (x.to({want}))."
-    )
+    if given:
+        return (
+            f" {name} are {', '.join(sorted(map(str, given)))} but the model's parameters are {want}: give them in "
+            f"the model's dtype (x.to({want}))."
+        )
+    odd = sorted({str(t.dtype) for t in leaves})
+    if not odd or exc is None or not any(w in str(exc) for w in _DTYPE_WORDS):
+        return ""
+    fix = "real numbers (x.real, or x.abs())" if any("complex" in d for d in odd) else (
+        "floating-point values (x.float(), divided by 255 for 8-bit pixel values)")  # fmt: skip
+    return f" {name} are {', '.join(odd)} but the model computes in {want}: give {fix}."
 
 
 def run_batch(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> Any:

@@ -37,6 +37,7 @@ __all__ = [
     "FORMAT_VERSION",
     "arch_option_problem",
     "apply_settings",
+    "beyond_dtype",
     "module_settings",
     "read_settings",
     "read_architecture",
@@ -364,6 +365,26 @@ def state_dict_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Ten
     if kinds:
         problems.append(f"integer/float dtypes that do not fit: {kinds[:3]}")
     return problems
+
+
+def beyond_dtype(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """The floating tensors of ``state`` holding finite values that the model's own narrower
+    dtype (``own``, its ``state_dict``) cannot hold, in words: ``load_state_dict`` made them
+    inf (float32 weights of 1e6 in a float16 model), and the scores that overflowed were
+    blamed on ``--alpha`` / ``--beta``."""
+    return [
+        f"{k} ({str(v.dtype).replace('torch.', '')} values up to {float(v[torch.isfinite(v)].abs().max()):.3g}; the "
+        f"model's {str(own[k].dtype).replace('torch.', '')} holds at most {torch.finfo(own[k].dtype).max:.3g})"
+        for k, v in state.items()
+        if k in own
+        and v.is_floating_point()
+        and own[k].is_floating_point()
+        and v.layout == torch.strided
+        and not v.is_meta
+        and v.numel()
+        and torch.finfo(own[k].dtype).max < torch.finfo(v.dtype).max
+        and bool((torch.isfinite(v) & ~torch.isfinite(v.to(own[k].dtype))).any())
+    ]
 
 
 def _add_missing_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

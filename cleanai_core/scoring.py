@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cleanai_core.calibration import ChannelStats
-from cleanai_core.errors import PruningError, UserError
+from cleanai_core.errors import UserError, shown
 from cleanai_core.graph.context import SliceSpec
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.graph.groups import Group
@@ -174,6 +174,18 @@ def mean_normalized(x: torch.Tensor) -> torch.Tensor:
     return x / m if float(m) > 0 else torch.ones_like(x)
 
 
+def _checked_ratios(weight_ratio: Any, activation_ratio: Any) -> None:
+    """Both finite numbers >= 0, at least one > 0."""
+    for name, v in (("weight_ratio", weight_ratio), ("activation_ratio", activation_ratio)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise UserError(f"{name}={v!r} must be a finite number >= 0 (e.g. 0.5)")
+    if weight_ratio < 0 or activation_ratio < 0 or weight_ratio + activation_ratio <= 0:
+        raise UserError(
+            f"weight_ratio={weight_ratio} and activation_ratio={activation_ratio}: both must be >= 0 "
+            "and at least one > 0 (e.g. 0.5 and 0.5)"
+        )
+
+
 class WeightActivationImportance:
     """Weight Magnitude - Activation: small weights *and* weak activations go first.
 
@@ -210,20 +222,36 @@ class WeightActivationImportance:
         statistic: str = "auto",
         reducer: str = "mean",
     ) -> None:
-        for name, v in (("weight_ratio", weight_ratio), ("activation_ratio", activation_ratio)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise UserError(f"{name}={v!r} must be a finite number >= 0 (e.g. 0.5)")
-        if weight_ratio < 0 or activation_ratio < 0 or weight_ratio + activation_ratio <= 0:
-            raise UserError(
-                f"weight_ratio={weight_ratio} and activation_ratio={activation_ratio}: both must be >= 0 "
-                "and at least one > 0 (e.g. 0.5 and 0.5)"
-            )
-        if form not in ("multiplicative", "additive"):
-            raise UserError(f"form={form!r}: use 'multiplicative' or 'additive'")
-        if statistic not in ("auto", "second_moment", "variance"):
-            raise UserError(f"statistic={statistic!r}: use 'auto', 'second_moment' or 'variance'")
+        _checked_ratios(weight_ratio, activation_ratio)
         self.alpha, self.beta, self.form, self.statistic = weight_ratio, activation_ratio, form, statistic
-        self.reducer, self.reduce = reducer, get_reducer(reducer)
+        self.reducer = reducer
+
+    #: the constructor's names of ``alpha`` and ``beta``
+    _ALIASES = {"weight_ratio": "alpha", "activation_ratio": "beta"}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Every option checked as the constructor checks it, also when set afterwards:
+        ``imp.weight_ratio = 0.8`` set an attribute nothing read (the scores stayed at 0.5),
+        ``imp.alpha = -1`` or ``imp.form = "nope"`` were taken."""
+        name = self._ALIASES.get(name, name)
+        if name in ("alpha", "beta"):
+            other = getattr(self, "beta" if name == "alpha" else "alpha", 1.0)  # the constructor checked both
+            _checked_ratios(*((value, other) if name == "alpha" else (other, value)))
+        elif name == "form" and value not in ("multiplicative", "additive"):
+            raise UserError(f"form={value!r}: use 'multiplicative' or 'additive'")
+        elif name == "statistic" and value not in ("auto", "second_moment", "variance"):
+            raise UserError(f"statistic={value!r}: use 'auto', 'second_moment' or 'variance'")
+        elif name == "reducer":
+            object.__setattr__(self, "reduce", get_reducer(value))
+        object.__setattr__(self, name, value)
+
+    @property
+    def weight_ratio(self) -> float:
+        return self.alpha
+
+    @property
+    def activation_ratio(self) -> float:
+        return self.beta
 
     def __repr__(self) -> str:
         # the options that change the scores beyond the defaults' (statistic, reducer) are named too
@@ -335,8 +363,27 @@ def score_groups(importance: Any, graph: DependencyGraph, ctx: ScoringContext) -
         )
     out = {}
     for g in graph.groups(prunable_only=True):
-        s = torch.as_tensor(importance(g, ctx), dtype=torch.float64).reshape(-1)
-        if s.numel() != g.size:
-            raise PruningError(f"{type(importance).__name__} returned {s.numel()} scores for {g.size} units")
-        out[g.id] = torch.nan_to_num(s, nan=0.0)
+        out[g.id] = torch.nan_to_num(_unit_scores(importance, importance(g, ctx), g), nan=0.0)
     return out
+
+
+def _unit_scores(importance: Any, scores: Any, g: Group) -> torch.Tensor:
+    """``scores``, what ``importance`` returned for ``g``, as ``g.size`` float64 numbers, or a
+    :class:`UserError` naming the criterion, the group and the form it must return: a
+    criterion of the user's (a function) returning ``None``, text or a generator raised
+    ``TypeError: must be real number, not NoneType`` from the conversion, and one on the
+    meta device (no values) pruned nothing without a word."""
+    try:
+        s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        s = None
+    if s is None or s.is_meta or s.numel() != g.size:
+        got = "a tensor on the meta device (no values)" if s is not None and s.is_meta else (
+            f"{s.numel()} score(s)" if s is not None else shown(scores))  # fmt: skip
+        name = getattr(importance, "__name__", None) or importance_name(importance)
+        raise UserError(
+            f"importance {name!r} returned {got} for group {g.id} ({', '.join(g.modules()[:4])}), which has "
+            f"{g.size} units: an importance returns one score per unit, a tensor of shape ({g.size},) (higher "
+            "keeps the unit)"
+        )
+    return s.detach()

@@ -35,6 +35,7 @@ from cleanai_core.allocation import Allocation, _plan, allocate_ratios  # the al
 from cleanai_core.calibration import iterate, move_to, split_batch
 from cleanai_core.errors import PruningError, UserError, model_fault
 from cleanai_core.metrics import FlopsOfCopies, call_model, count_params, eval_mode
+from cleanai_core.options import plain_number
 from cleanai_core.prefix_cache import PrefixCache
 from cleanai_core.runtime import channels_last_layout
 from cleanai_core.trial_norms import TrialNorms
@@ -242,6 +243,33 @@ def _check_the_original_runs(exc: PruningError, ev: _Evaluator, model: nn.Module
         ) from again
 
 
+def _check_arguments(pruner: Any, data: Any, num_batches: Any, ratios: Any, bn_passes: Any, bn_samples: Any) -> None:
+    """:func:`analyse_sensitivity`'s arguments, each named where it is out of form: a pruner
+    that is no pruner raised ``AttributeError: ... has no attribute 'model'``, ``ratios="0.5"``
+    ``could not convert string to float: '.'``, ``num_batches="2"`` and ``data=None``
+    ``TypeError``; ``num_batches=-1`` read no batch ("the data is empty"); ``bn_samples=-1`` and
+    ``bn_passes=1.5`` were taken."""
+    from cleanai_core.collect import check_iterable, check_num_batches
+    from cleanai_core.errors import shown
+
+    if not all(hasattr(pruner, a) for a in ("model", "graph", "score")):
+        raise UserError(
+            f"analyse_sensitivity needs the StructuredPruner whose groups it tries (after collect_activations), "
+            f"got {shown(pruner)}"
+        )
+    check_iterable(data, "the sensitivity data")
+    check_num_batches(num_batches)
+    values = [plain_number(r) for r in ratios] if isinstance(ratios, Iterable) and not isinstance(ratios, str) else None
+    if not values or any(isinstance(r, bool) or not isinstance(r, (int, float)) for r in values):
+        raise UserError(
+            f"ratios={shown(ratios)}: give a list of ratios strictly between 0 and 1, e.g. [0.25, 0.5, 0.75]"
+        )
+    for name, value in (("bn_passes", bn_passes), ("bn_samples", bn_samples)):
+        value = plain_number(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{name}={shown(value)} must be an integer >= 0")
+
+
 def analyse_sensitivity(
     pruner: Any,
     data: Iterable[Any],
@@ -273,7 +301,8 @@ def analyse_sensitivity(
     model than the prune builds: on a plain conv-BN chain they overstated the loss of the
     early groups tenfold and the allocation from them lost to uniform ratios (#18).
     """
-    ratios = sorted({float(r) for r in ratios})
+    _check_arguments(pruner, data, num_batches, ratios, bn_passes, bn_samples)
+    ratios = sorted({float(plain_number(r)) for r in ratios})
     if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
         raise UserError(f"ratios={list(ratios)}: give ratios strictly between 0 and 1, e.g. 0.25,0.5,0.75")
     from tqdm.auto import tqdm

@@ -213,14 +213,24 @@ def _run_command(argv: list[str] | None) -> int:
 
 def _user_code_frame(exc: BaseException) -> str | None:
     """``"file:line"`` of the frame that raised ``exc`` where it is the user's code (not
-    CleanAI's, its plugins', torch's or the standard library's), else ``None``."""
+    CleanAI's, its plugins', torch's or the standard library's), else ``None``. Frozen
+    standard-library frames (``<frozen posixpath>``) are passed over to the frame that
+    called them: ``os.path.abspath`` made such a name a path in the working folder, so an
+    error CleanAI's own code met in ``os.path`` (``ValueError: embedded null byte``) was
+    blamed on "code outside CleanAI (the model's forward, a data set, a factory or a
+    plugin)", exit 1, without its traceback."""
     import sysconfig
 
     tb = exc.__traceback__
     if tb is None:
         return None
-    while tb.tb_next is not None:
+    frames = []
+    while tb is not None:
+        frames.append(tb)
         tb = tb.tb_next
+    tb = next((t for t in reversed(frames) if not t.tb_frame.f_code.co_filename.startswith("<")), None)
+    if tb is None:
+        return None
     file = os.path.abspath(tb.tb_frame.f_code.co_filename)
     # the folder that holds cleanai_core (this file is cleanai_core/cli/__init__.py): two levels up was
     # cleanai_core itself, so in a source checkout or an editable install CleanAI's own errors were
@@ -228,7 +238,7 @@ def _user_code_frame(exc: BaseException) -> str | None:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     ours = [os.path.join(root, "cleanai_core"), os.path.join(root, "cleanai_plugins")]
     libs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    if file.startswith("<") or any(file.startswith(d + os.sep) for d in (*ours, *libs)):
+    if any(file.startswith(d + os.sep) for d in (*ours, *libs)):
         return None
     return f"{file}:{tb.tb_lineno}"
 

@@ -189,7 +189,7 @@ class DependencyGraph:
             alone = (
                 " It fails the same way run plainly, without CleanAI's hooks: the inputs or the model itself "
                 "(or the configuration it was built from) are at fault, not the trace."
-                + dtype_advice(model, example_inputs)
+                + dtype_advice(model, example_inputs, exc=exc)
                 if _fails_untraced(model, example_inputs, forward_fn)
                 else ""
             )

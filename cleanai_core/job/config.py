@@ -274,6 +274,8 @@ def _parse_ratios(value: Any) -> list[float]:
 
 # options whose value is text (a path, a spec, a name); the rest of the non-numbers are switches
 _TEXT = ("model", "weights", "data", "preset", "importance", "device", "train_data", "out")
+#: the text options that name files or folders (a ``~`` from a config file or the environment is the home)
+_PATHS = ("model", "weights", "data", "train_data", "out")
 
 
 def max_threads() -> int:
@@ -300,6 +302,12 @@ def _check_kinds(cfg: dict, sources: dict[str, str]) -> None:
                 cfg[key] = os.fspath(v)
             elif not isinstance(v, str):
                 raise UserError(f"{flag} must be text (a name or a path), not {v!r} (from the {where}).")
+            if key in _PATHS and where in ("config file", "environment") and cfg[key].startswith("~"):
+                # no shell expands a config file's "~/pruned": --out made a folder named "~" in the working folder
+                cfg[key] = os.path.expanduser(cfg[key])
+            if "\x00" in cfg[key]:  # --out: "ValueError: embedded null byte", blamed on the user's code (exit 1)
+                raise UserError(f"{flag} {cfg[key]!r} holds a NUL character (\\x00), which no name or path can hold "
+                                f"(from the {where}); remove it.")  # fmt: skip
 
 
 #: the largest ``--image-size``: one 3 x 8192 x 8192 float32 image is 805 MB

@@ -14,6 +14,7 @@ import torch
 from cleanai_core.config_sources import ENV_PREFIX
 from cleanai_core.errors import UserError
 from cleanai_core.options import meta_tensor
+from cleanai_core.runtime import cast_within_range
 
 __all__ = [
     "check_real",
@@ -28,6 +29,15 @@ __all__ = [
     "split_dataset",
     "to_device",
 ]
+
+
+def first_not_finite(example: Any) -> bool:
+    """Whether the floating tensors of a first input (a tensor or a dict of them) hold NaN
+    or inf: such data is refused before anything runs (``--data``, ``--train-data``)."""
+    tensors = [example] if isinstance(example, torch.Tensor) else list(dict(example).values())
+    return any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors
+    )
 
 
 def first_input(dataset: Any) -> Any:
@@ -114,6 +124,16 @@ def load_inputs(cfg: dict[str, Any], model: Any = None, dataset: Any = None) -> 
 
     pm = get_plugin_manager()
     data = cfg["data"]
+    if dataset is None and str(data).startswith("embedded:") and not Path(data).exists():
+        # the name cleanai demo gives its own data in config.json: read as an import spec, its rerun was
+        # offered --trust-code (and then would have pruned an untrained network: the demo's trained weights
+        # are in no file)
+        raise UserError(
+            f"--data {data!r} is the data set cleanai demo embeds and trains on in the run; a config.json of "
+            "cleanai demo records it, but its model is trained in that run and saved nowhere, so cleanai prune "
+            "cannot rerun it. Run cleanai demo again (with the --seed and --ratio its config.json holds), or give "
+            "--model and --data of your own."
+        )
     path_like = Path(data).suffix or "/" in data or os.sep in data
     if dataset is None and not Path(data).exists() and path_like and ":" not in data:
         raise UserError(f"--data {data!r}: no such file or folder. Give {input_forms('data', pm)}.")
@@ -271,11 +291,17 @@ def _as_tensor(a: Any) -> torch.Tensor:
     return torch.as_tensor(a)
 
 
-def _cast_inputs(item: Any, dtype: torch.dtype | None) -> Any:
-    """An item's floating inputs in ``dtype`` (labels, integer ids and masks untouched)."""
+def _cast_inputs(item: Any, dtype: torch.dtype | None, where: str = "an input") -> Any:
+    """An item's floating inputs in ``dtype`` (labels, integer ids and masks untouched), each
+    within the dtype's range (:func:`~cleanai_core.runtime.cast_within_range`)."""
     if dtype is None:
         return item
-    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+
+    def cast(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return t
+        return cast_within_range(t, dtype, where)
+
     if isinstance(item, torch.Tensor):
         return cast(item)
     if isinstance(item, (tuple, list)) and item:
@@ -324,7 +350,7 @@ class CheckedDataset(torch.utils.data.Dataset):
             raise UserError(
                 f"--data {self.spec!r}: reading item {index} failed ({type(exc).__name__}: {str(exc)[:200]}).{hint}"
             ) from None
-        return _cast_inputs(_numpy_as_tensors(item), self.dtype)
+        return _cast_inputs(_numpy_as_tensors(item), self.dtype, f"--data {self.spec!r}: item {index}")
 
 
 def checked_collate(items: list[Any]) -> Any:

@@ -26,7 +26,7 @@ def _training_data(cfg: dict[str, Any], pm: Any, model: nn.Module, calib: Any) -
             f"no --train-data: trained on the {len(calib)} calibration samples of --data (10% of them held out for "
             "early stopping), never on the held-out evaluation samples"
         )
-    from cleanai_core.job.inputs import spec_options
+    from cleanai_core.job.inputs import first_input, first_not_finite, spec_options
 
     check_train_data(cfg)
     options = {
@@ -40,6 +40,9 @@ def _training_data(cfg: dict[str, Any], pm: Any, model: nn.Module, calib: Any) -
         raise UserError(f"--train-data {spec!r}: no such file or folder, or not a form this tool reads.")
     if len(data) < 2:
         raise UserError(f"--train-data {spec!r} has {len(data)} item(s); at least 2 are needed.")
+    if first_not_finite(first_input(data)):  # recovery stopped on a NaN loss with a warning, exit 0
+        raise UserError(f"--train-data {spec!r} contains NaN or inf values (in its first sample); clean the data "
+                        "and run again.")  # fmt: skip
     return data, f"--train-data {spec} ({len(data)} samples, 10% held out for early stopping)"
 
 

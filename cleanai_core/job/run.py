@@ -23,12 +23,13 @@ from cleanai_core.job.inputs import (
     checked_collate,
     checked_dataset,
     first_input,
+    first_not_finite,
     has_labels,
     load_inputs,
     split_dataset,
     to_device,
 )
-from cleanai_core.job.outputs import check_out_dir, guard_out
+from cleanai_core.job.outputs import check_out_apart, check_out_dir, guard_out, marker_text, resolved_spec_path
 from cleanai_core.job.recovery import check_train_data
 from cleanai_core.model_state import copy_model, preserved, stored_in
 from cleanai_core.pruning_report import input_shape
@@ -46,8 +47,34 @@ def run_job(config: PruneConfig | dict[str, Any], model: Any = None, dataset: An
     command line). Returns the report (``None`` for a dry run)."""
     if model is not None and not isinstance(model, torch.nn.Module):
         raise UserError(f"run_job(model=...) must be a torch.nn.Module, got {type(model).__name__}")
+    if model is not None:  # a scripted model raised TypeError from BufferDict, a meta one aten::equal's error
+        from cleanai_core.options import check_model
+
+        check_model(model, who="run_job")
     objects = tuple(k for k, v in (("model", model), ("data", dataset)) if v is not None)
-    return execute(resolve_config(config, objects=objects), model=model, dataset=dataset)
+    cfg = resolve_config(config, objects=objects)
+    with _process_state_kept(cfg):
+        return execute(cfg, model=model, dataset=dataset)
+
+
+@contextlib.contextmanager
+def _process_state_kept(cfg: dict[str, Any]) -> Any:
+    """The caller's process as it was after the job: its random state (the job seeds the
+    global generator with ``seed``; a user's own draws after ``run_job`` repeated from it,
+    as they did after ``recover()`` before it forked the generator), torch's thread count
+    (``threads``) and the ``cleanai`` logger's level (``quiet``)."""
+    threads, logger = torch.get_num_threads(), logging.getLogger("cleanai")
+    level = logger.level
+    device = torch.device(str(cfg.get("device") or "cpu"))
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if (
+        device.type == "cuda" and torch.cuda.is_available()) else []  # fmt: skip
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        logger.setLevel(level)
 
 
 def _accuracy_note(note: str | None, *results: dict[str, Any] | None) -> str | None:
@@ -178,6 +205,8 @@ def _execute(
     if model is None or dataset is None:
         with heap_growing(runs_user_code=True):  # the model, the data and the imports they take live to the end
             model, dataset, pm = load_inputs(cfg, model, dataset)
+        if out is not None and not cfg.get("dry_run"):  # the folder a loader read the model from (hf:FOLDER)
+            check_out_apart(out, [resolved_spec_path(cfg.get("_model_spec"))])
     else:
         pm = get_plugin_manager()
         dataset = checked_dataset(dataset, model, str(cfg["data"]))
@@ -219,10 +248,7 @@ def _execute(
     elif eval_loader is None:
         accuracy_note = "the data has no labels"
     example = to_device(first_input(calib), device)
-    tensors = [example] if isinstance(example, torch.Tensor) else [v for v in dict(example).values()]
-    if any(
-        isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in tensors
-    ):
+    if first_not_finite(example):
         # said "example_inputs contain NaN or inf values", an argument the command line has not
         raise UserError(f"--data {cfg['data']!r} contains NaN or inf values (in the first calibration sample); clean "
                         "the data and run again.")  # fmt: skip
@@ -237,7 +263,7 @@ def _execute(
             "image size, --num-classes)."
         ) from exc
     _check_output(output, cfg)
-    check_model_reads(cfg, model)
+    check_model_reads(cfg, model, output)
 
     importance_opts: dict[str, Any] = {}
     if cfg.get("alpha") is not None:
@@ -365,13 +391,13 @@ def _execute(
             example_input_shape=report["input_shape"] if isinstance(report["input_shape"], list) else None,
         )
         cio.atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
-        if cfg.get("_own_marker"):
-            cio.atomic_write_text(tmp / cfg["_own_marker"], "written by cleanai demo\n")
         for extra in pm.hook.cleanai_save_outputs(
             model=saved.eval(), folder=tmp, options={"example": example, "model_spec": cfg["model"]}
         ):
             report.update(extra or {})
         report = write_report(tmp, report)
+        if cfg.get("_own_marker"):  # last: it lists what the folder holds, which a later demo may replace
+            cio.atomic_write_text(tmp / cfg["_own_marker"], marker_text(tmp, cfg["_own_marker"], "cleanai demo"))
     if True:  # the headline is the result: printed even with --quiet
         print(headline_text(report))
         if report["accuracy_note"]:
@@ -404,15 +430,29 @@ def _check_output(output: Any, cfg: dict[str, Any]) -> None:
     )
 
 
-def check_model_reads(cfg: dict[str, Any], model: torch.nn.Module) -> None:
+def check_model_reads(cfg: dict[str, Any], model: torch.nn.Module, output: Any = None) -> None:
     """:func:`~cleanai_core.job.config.check_unread` for options the model leaves unread:
-    ``--bn-samples`` on a model without BatchNorm (nothing to correct) ran without a word."""
+    ``--bn-samples`` on a model without BatchNorm (nothing to correct) ran without a word;
+    so did ``--num-classes 5`` for a model that gives another number of class scores on its
+    first sample (a pickled model keeps its own head, and so does a factory that takes no
+    ``num_classes``)."""
     from cleanai_core.bn_correction import norms_with_running_stats
+    from cleanai_core.runtime import find_logits
 
     has_bn = bool(norms_with_running_stats(model))
     why = ("is read by the BatchNorm correction, and --model {model!r} has no norm layer with running statistics "
            "(BatchNorm) to correct: leave {flag} out")  # fmt: skip
-    check_unread(cfg, (("bn_samples", lambda c: has_bn, why),))
+    logits = find_logits(output) if output is not None else None
+    classes = logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None  # (N, classes)
+    heads = (f"builds the model's head (timm:, torchvision:, a factory taking num_classes), but --model {{model!r}} "
+             f"gives {classes} class scores: leave {{flag}} out, or give a model with that head")  # fmt: skip
+    check_unread(
+        cfg,
+        (
+            ("bn_samples", lambda c: has_bn, why),
+            ("num_classes", lambda c: classes is None or classes == c.get("num_classes"), heads),
+        ),
+    )
 
 
 def _input_dtype_hint(example: Any, model: torch.nn.Module) -> str:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.runtime import label_indices, not_class_labels
+from cleanai_core.runtime import cast_within_range, label_indices, not_class_labels
 from cleanai_core.special_files import check_not_packed, special_kind
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
@@ -191,6 +191,12 @@ def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                     f"{str(path)!r} holds the array {twice!r} twice (the zip was appended to); numpy would read only "
                     "the last. Write the file again with numpy.savez(path, x=x, y=y)."
                 )
+            pickle = next((n for n in names if n.endswith("/data.pkl")), None)
+            if pickle is not None:  # said "array 'w/data.pkl' in the .npz is not in .npy format"
+                raise UserError(
+                    f"{str(path)!r} is a file written by torch.save (it holds {pickle!r}), not by numpy.savez, named "
+                    ".npz: give it the .pt suffix it is read by."
+                )
             for info in zf.infolist():
                 n = info.filename
                 try:
@@ -207,7 +213,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
-def _as_inputs(x: torch.Tensor, x_max: float = 255.0) -> torch.Tensor:
+def _as_inputs(x: torch.Tensor, x_max: float = 255.0, source: str = "--data") -> torch.Tensor:
     """uint8 images -> float in [0, 1] (divided by ``x_max``); NHWC (last dim 1 or 3) ->
     NCHW; NHW -> N1HW."""
     if x.dtype == torch.uint8:
@@ -217,7 +223,7 @@ def _as_inputs(x: torch.Tensor, x_max: float = 255.0) -> torch.Tensor:
             x = x.unsqueeze(1)
         return x.float().div_(x_max)
     if x.dtype in (torch.float16, torch.float64, torch.bfloat16):
-        return x.float()
+        return cast_within_range(x, torch.float32, source)
     return x
 
 
@@ -270,7 +276,7 @@ def _from_tensors(x: Any, y: Any, source: str, x_max: float = 255.0) -> Dataset:
         raise UserError(f"{source}: the inputs are a {type(x).__name__}, expected a tensor.")
     if x.dim() == 0:
         raise UserError(f"{source}: the inputs are a single number; give a tensor with one row per sample.")
-    x = _as_inputs(_plain(x, "inputs", source), x_max)
+    x = _as_inputs(_plain(x, "inputs", source), x_max, source)
     if y is None:
         return Unlabelled(x)
     if isinstance(y, torch.Tensor):
@@ -422,9 +428,36 @@ def _image_loader(model: Any):
         if kind is not None:  # opening a named pipe waited for a writer for ever
             raise OSError(f"it is {kind}, not a regular file")
         with open(file, "rb") as fh:
-            return Image.open(fh).convert(mode)
+            return _eight_bit(Image.open(fh), file).convert(mode)
 
     return load
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _eight_bit(image: Any, file: str) -> Any:
+    """``image`` with its values on the 8-bit scale that ``convert("L")`` / ``"RGB"`` and
+    ``ToTensor`` read. PIL's conversion of a wider image clips at 255 instead of scaling:
+    a 16-bit grayscale PNG or TIFF (X-rays, depth maps) was read all but white, a 32-bit
+    float TIFF (values in [0, 1]) all black, and the job pruned and reported on them with
+    exit 0. A 16-bit image is scaled by 255 / 65535 (as torchvision's
+    ``convert_image_dtype`` reads ``uint16``); a 32-bit integer image whose values fit 16
+    bits likewise (older PIL opened 16-bit PNGs as mode ``"I"``), within 8 bits as it is;
+    a float image, or integers beyond 16 bits, have no range to scale by and are refused."""
+    if image.mode not in (*_SIXTEEN_BIT, "I", "F"):
+        return image
+    low, high = image.convert("I").getextrema() if image.mode != "F" else image.getextrema()
+    if image.mode in _SIXTEEN_BIT or (image.mode == "I" and 255 < high <= 65535 and low >= 0):
+        return image.convert("I").point(lambda v: v / 257 + 0.5)  # 0..65535 -> 0..255, rounded
+    if image.mode == "I" and 0 <= low and high <= 255:
+        return image
+    kind = "32-bit floating-point" if image.mode == "F" else "32-bit integer"
+    raise UserError(
+        f"cannot read image {file!r}: it is a {kind} image (PIL mode {image.mode!r}, values {low:g} to {high:g}), "
+        "which has no fixed range to scale to the model's inputs (read as 8 bits, its values were cut to 0..255). "
+        "Save the images as 8- or 16-bit PNG, or the inputs as tensors: torch.save((x, y), 'data.pt')."
+    )
 
 
 def _hidden(name: str) -> bool:
@@ -498,6 +531,27 @@ def _image_files(
     return samples
 
 
+def _warn_numbers_in_text_order(classes: list[str], spec: str) -> None:
+    """A warning where the class folders are whole numbers whose text order (torchvision's,
+    and so CleanAI's labels) is not their numeric order: folders ``0`` .. ``11`` give
+    ``10`` the label 2. Where the names are the class indices the model was trained on,
+    accuracy was measured against shuffled labels without a word."""
+    if not all(c.isdigit() for c in classes):
+        return
+    numeric = sorted(classes, key=int)
+    if numeric == classes:
+        return
+    c = next(c for i, c in enumerate(classes) if numeric[i] != c)
+    width = max(len(c) for c in classes)
+    log.warning(
+        "image folder %r: the class folders are numbers, read in text order as torchvision's ImageFolder reads "
+        "them: folder '%s' is label %d (in numeric order it would be %d). If the folder names are the class "
+        "indices, name them with leading zeros (%s .. %s); if the model was trained with ImageFolder on these "
+        "folders, the labels are right.",
+        spec, c, classes.index(c), numeric.index(c), numeric[0].zfill(width), numeric[-1].zfill(width),
+    )  # fmt: skip
+
+
 def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
     try:
         from torchvision.datasets import ImageFolder
@@ -524,6 +578,7 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
             if not classes:
                 raise UserError(f"image folder {str(path)!r} has no class sub-folders but hidden ones (names "
                                 "starting with '.'). Put images in one sub-folder per class.")  # fmt: skip
+            _warn_numbers_in_text_order(classes, str(path))
             return classes, {c: i for i, c in enumerate(classes)}
 
         @staticmethod
@@ -536,6 +591,8 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
 
             try:
                 return super().__getitem__(index)
+            except UserError:  # names the file itself (an image of 32-bit values)
+                raise
             except (OSError, ValueError, SyntaxError, DecompressionBombError) as exc:  # unidentified, truncated
                 file = self.samples[index][0]
                 raise UserError(

@@ -62,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
     if not -(2**63) <= args.seed < 2**64:  # "Overflow when unpacking long long" (exit 1)
         raise UserError(f"--seed={args.seed} is out of range: it must be in [-2**63, 2**64) (what torch takes).")
     out = Path(args.out)
-    if out.is_dir() and (out / MARKER).is_file():
+    earlier = out.is_dir() and (out / MARKER).is_file()
+    check_out_dir(out, args.overwrite, [], own_marker=MARKER)  # refuses files the earlier demo did not write
+    if earlier:
         print(f"note: replacing the previous demo output in {out}/", file=sys.stderr)
-    check_out_dir(out, args.overwrite, [], own_marker=MARKER)
     logging.getLogger("cleanai").setLevel(logging.WARNING if args.quiet else logging.INFO)
 
     # a model this small runs fastest on one thread (and is not slowed by a busy machine)

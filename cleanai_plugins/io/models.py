@@ -30,7 +30,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.saved_folder import nan_tensor, state_dict_problems
+from cleanai_core.saved_folder import beyond_dtype, nan_tensor, state_dict_problems
 from cleanai_core.special_files import check_not_packed, check_not_special
 
 log = logging.getLogger("cleanai")
@@ -248,6 +248,13 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
             + several
             + _saved_folder_note(Path(weights).parent)
         )
+    wide = beyond_dtype(model.state_dict(), state)
+    if wide:
+        raise UserError(
+            f"the weights in {weights!r} hold values the model's dtype cannot: {'; '.join(wide[:3])}. The model "
+            f"{spec!r} computes in a narrower dtype than the weights were saved in: build it in the weights' dtype, or "
+            "give weights trained in its own."
+        )
     nan = nan_tensor(state)
     if nan:  # blamed on the data ("non-finite activations ... check the data"), or pruned without a word
         raise UserError(
@@ -322,8 +329,23 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
             "class importable here: install the package that defines it, or use package.module:factory."
         ) from exc
     if not isinstance(obj, nn.Module):
-        raise UserError(f"{str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module.")
+        raise UserError(f"{str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module.{_module_inside(obj)}")
     return obj
+
+
+def _module_inside(obj: Any) -> str:
+    """Where a pickled checkpoint (a dict, list or tuple: ``{"model": net, "epoch": 3}``)
+    holds a module, a sentence on saving it alone; else ``""``. The refusal said only
+    "holds a dict, not a torch.nn.Module"."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    found = [(k, v) for k, v in items if isinstance(v, nn.Module)]
+    if not found:
+        return ""
+    key, module = found[0]
+    return (
+        f" Its entry [{key!r}] is a {type(module).__name__} (a checkpoint?): save that alone, "
+        f"torch.save(checkpoint[{key!r}], 'model.pt'), and give that file as --model."
+    )
 
 
 def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cleanai_core import hookimpl
-from cleanai_core.errors import UserError
+from cleanai_core.errors import UserError, shown
 from cleanai_plugins.io.hf import head_kind, is_hf_model, is_masked_lm, load_tokenizer
 
 __all__ = ["TextItems", "blocks_of", "load_text_dataset", "masked_tokens", "read_jsonl", "read_text", "reads_token_ids"]
@@ -121,8 +122,9 @@ def read_jsonl(path: Path, label: str = "label") -> tuple[list[str], list[Any] |
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{str(path)!r} line {i} is not JSON ({exc.msg}); write one JSON object per line.") from exc
+        except (ValueError, RecursionError) as exc:  # a number of over 4,300 digits, nesting past the stack
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)[:120] or type(exc).__name__
+            raise UserError(f"{str(path)!r} line {i} is not JSON ({why}); write one JSON object per line.") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise UserError(f"{str(path)!r} line {i}: each line needs a string field 'text'.")
         texts.append(obj["text"])
@@ -151,15 +153,28 @@ def blocks_of(ids: torch.Tensor, seq_len: int, source: str) -> dict[str, torch.T
     return {"input_ids": x, "labels": x.clone()}
 
 
+def _float32_or_nan(value: float) -> float:
+    """``value`` as float32 holds it, or NaN where it cannot (an integer past float64's range)."""
+    try:
+        return float(torch.tensor(float(value), dtype=torch.float32))
+    except OverflowError:
+        return math.nan
+
+
 def _label_ids(labels: list[Any], model: Any, source: str, one: bool = False) -> torch.Tensor:
     """Class indices of ``labels`` (integers or the config's label names); a regression
     head's numbers; a multi-label head's lists as multi-hot rows (``one``: a single list's
     classes)."""
     if head_kind(model) == "regression":  # one number per text: kept as it is (cast to integers before)
-        if any(isinstance(lab, bool) or not isinstance(lab, (int, float)) for lab in labels):
-            bad = next(lab for lab in labels if isinstance(lab, bool) or not isinstance(lab, (int, float)))
+        bad = next((lab for lab in labels if isinstance(lab, bool) or not isinstance(lab, (int, float))), None)
+        if bad is not None:
             raise UserError(f"{source}: label {bad!r} is not a number; the model is a regression head (one output).")
-        return torch.tensor(labels, dtype=torch.float32)
+        y = torch.tensor([_float32_or_nan(lab) for lab in labels])
+        if not bool(torch.isfinite(y).all()):  # NaN, inf (JSON's 1e400), past float32: the loss was NaN
+            bad = labels[int((~torch.isfinite(y)).nonzero()[0])]
+            raise UserError(f"{source}: label {shown(bad)} is not a finite number within float32's range; the "
+                            "model is a regression head: give each text a finite target.")  # fmt: skip
+        return y
     names = getattr(model.config, "label2id", None) or {}
     n = getattr(model.config, "num_labels", None)
     if head_kind(model) == "multilabel" and not one:  # each text: a list of its classes -> a multi-hot row
@@ -180,10 +195,10 @@ def _label_ids(labels: list[Any], model: Any, source: str, one: bool = False) ->
                 raise UserError(f"{source}: label {lab!r} is not one of the model's labels {sorted(names)}.")
             lab = names[lab]
         out.append(int(lab))
-    y = torch.tensor(out, dtype=torch.long)
-    if n and (int(y.min()) < 0 or int(y.max()) >= n):
-        raise UserError(f"{source}: labels go from {int(y.min())} to {int(y.max())}; the model has {n} classes.")
-    return y
+    # checked before the tensor is made: a label of 10**30 raised "Overflow when unpacking long long"
+    if out and ((n and (min(out) < 0 or max(out) >= n)) or min(out) < -(2**63) or max(out) >= 2**63):
+        raise UserError(f"{source}: labels go from {min(out)} to {max(out)}; the model has {n} classes.")
+    return torch.tensor(out, dtype=torch.long)
 
 
 def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: int, source: str) -> TextItems:
@@ -445,7 +460,7 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
     if mask is not None:
         if tuple(mask.shape) != tuple(ids.shape):
             raise UserError(f"{source}: attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}.")
-        items["attention_mask"] = mask.long()
+        items["attention_mask"] = _checked_mask(mask, source)
     obj = _answer_spans(obj, ids, kind, source)
     if getattr(model.config, "pad_token_id", 0) is None and kind in ("sequence", "regression", "multilabel"):
         tok = load_tokenizer(model, False)
@@ -469,10 +484,67 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
         labels = ids.long().masked_fill(items["attention_mask"] == 0, -100) if mask is not None else ids.long()
     if labels is not None:  # a regression head's numbers stay numbers, a multi-label head's rows too
         labels = torch.as_tensor(labels)
-        items["labels"] = labels.float() if kind in ("regression", "multilabel") else labels.long()
+        if kind in ("regression", "multilabel"):
+            items["labels"] = labels.float()
+            if labels.is_complex() or not bool(torch.isfinite(items["labels"]).all()):  # a NaN loss, exit 0
+                raise UserError(f"{source}: labels hold NaN, inf or values beyond float32's range; the model is a "
+                                f"{kind} head: give finite targets.")  # fmt: skip
+        else:
+            items["labels"] = _checked_token_labels(labels, ids, model, kind, source)
     elif is_masked_lm(model):  # masked with the folder's tokenizer, where it has one with a mask token
         items.update(masked_tokens(items["input_ids"], items.get("attention_mask"), load_tokenizer(model, False)))
     return TextItems(items)
+
+
+def _checked_mask(mask: torch.Tensor, source: str) -> torch.Tensor:
+    """An attention mask of 0 and 1 with a real token somewhere, as integers. A float mask of
+    other values was cut to 0 (``mask.long()``: a mask of ``torch.rand`` became all 0) and a
+    mask of zeros made every token padding; both ended in "the calibration data holds no
+    samples (every batch is empty)"; a 2 was read as 1 without a word. A row of zeros
+    among others (an empty document) stays: it is padding only."""
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        odd = mask[(mask != 0) & (mask != 1)].reshape(-1)[:1].tolist() if not mask.is_complex() else ["complex"]
+        raise UserError(
+            f"{source}: attention_mask holds {odd[0]!r}; a mask is 1 at real tokens and 0 at padding (the tokenizer's "
+            "attention_mask), in integers or booleans."
+        )
+    if not bool(mask.bool().any()):
+        raise UserError(
+            f"{source}: attention_mask is 0 everywhere: no row holds a real token (a mask is 1 at the tokens and 0 "
+            "at padding); give the tokenizer's attention_mask."
+        )
+    return mask.long()
+
+
+def _checked_token_labels(labels: torch.Tensor, ids: torch.Tensor, model: Any, kind: str, source: str) -> torch.Tensor:
+    """Class or token labels as integers: whole numbers, and for a label per token (a causal
+    or masked LM's next or hidden tokens, a tagger's tags) within what the head predicts,
+    ``-100`` marking positions left out; a causal LM's shaped like ``input_ids`` (a tagger's
+    of another shape leave accuracy unmeasured, with a note naming the shapes). Float labels were
+    cut to integers (a causal LM's ``torch.rand`` labels became all 0 and the report gave a
+    perplexity of them), other shapes and ids beyond the vocabulary failed in the held-out
+    pass with the model's own ``Expected input batch_size (124) to match target batch_size
+    (60)`` / ``Target 1000000 is out of bounds``."""
+    if labels.is_complex() or (labels.is_floating_point() and not bool((labels == labels.round()).all())):
+        odd = labels[labels != labels.round()] if labels.is_floating_point() else labels
+        raise UserError(f"{source}: labels must be integers (class indices or token ids), not {labels.dtype} values "
+                        f"such as {odd.reshape(-1)[:1].tolist()[0]!r}.")  # fmt: skip
+    labels = labels.long()
+    causal = _is_causal(model)
+    if not (causal or kind in ("masked", "token")):
+        return labels
+    if tuple(labels.shape) != tuple(ids.shape):
+        if not causal:  # a tagger given a label per text: the evaluator's note names the shapes
+            return labels
+        raise UserError(f"{source}: labels {tuple(labels.shape)} must match input_ids {tuple(ids.shape)}: one label "
+                        "per token (-100 where none is scored).")  # fmt: skip
+    n = getattr(model.config, "num_labels", None) if kind == "token" else vocab_size(model)
+    scored = labels[labels != -100]
+    if n and scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= n):
+        what = f"the model has {n} tags (0..{n - 1})" if kind == "token" else f"the vocabulary has {n} ids (0..{n - 1})"
+        raise UserError(f"{source}: labels go from {int(scored.min())} to {int(scored.max())}, but {what}; -100 marks "
+                        "a position that is not scored.")  # fmt: skip
+    return labels
 
 
 _TOKEN_KEYS = ("input_ids", "x", "attention_mask", "labels", "y")
