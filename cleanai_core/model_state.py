@@ -591,10 +591,11 @@ MODEL_HOOK = "cleanai_model_hook"
 def _model_hook(fn: Any, held: set[int], module: nn.Module) -> bool:
     if getattr(fn, MODEL_HOOK, False):
         return True
+    while isinstance(fn, functools.partial):  # timm's FeatureHooks: partial(self._collect_output_hook, name)
+        fn = fn.func
     owner = getattr(fn, "__self__", None)
     if owner is not None and id(owner) in held:
         return True
-    fn = getattr(fn, "func", fn)  # functools.partial
     where = getattr(fn, "__module__", None) or type(fn).__module__ or ""
     if where == "torch" or where.startswith("torch."):
         return True

@@ -1,0 +1,71 @@
+"""Session 22 model coverage (models13): wrappers and feature extractors on the default path
+(timm ``features_only`` nets, torchvision feature extractors and detection backbones); one
+focused check per cause fixed (tiny models, default suite; real models under
+``@pytest.mark.corpus``)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import partial
+
+import pytest
+import torch
+from test_models_6 import n_params
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.model_state import user_hooks
+from cleanai_core.testing import check_pruner
+
+# -- features taken by forward hooks a helper object of the model holds (timm FeatureHooks) ----------
+
+
+class Collector:
+    """What timm's ``FeatureHooks`` is: an object held by the model whose bound method,
+    wrapped in ``functools.partial``, is registered as a forward hook on plain torch layers
+    and stores their outputs for the model's ``forward`` to return."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.outputs: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.handles = [m.register_forward_hook(partial(self._keep, name)) for name, m in modules.items()]
+
+    def _keep(self, name: str, module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        self.outputs[name] = out
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = list(self.outputs.values()), OrderedDict()
+        return out
+
+
+class HookedFeatures(nn.Module):
+    """A ``features_only`` net of the hook kind (timm xception41, nasnet, pnasnet,
+    EfficientNet ``feature_location='expansion'``): the forward returns what the hooks on
+    two ``nn.ReLU`` layers collected, and the last layer's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(16, 12, 1), nn.ReLU(), nn.Conv2d(12, 6, 1),
+        )  # fmt: skip
+        self.hooks = Collector({"low": self.body[1], "mid": self.body[3]})
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self.body(x)
+        return [*self.hooks.take(), y]
+
+
+def test_features_collected_by_the_models_own_partial_hooks_come_out_of_the_pruned_copy():
+    model = HookedFeatures().eval()
+    x = torch.randn(2, 3, 8, 8)
+    assert user_hooks(model) == []  # the helper's hooks were "the user's", dropped from every copy
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5  # inf before: the pruned copy gave [y] only
+    p = StructuredPruner(model, x, pruning_ratio=0.5)
+    p.collect_activations([torch.randn(2, 3, 8, 8) for _ in range(2)], progress=False)
+    small = p.prune()
+    assert [tuple(t.shape) for t in small(x)] == [(2, 8, 8, 8), (2, 16, 4, 4), (2, 6, 4, 4)]
+    # the hooked features are outputs and stay whole; 6 of the 12 inner channels go (weights, biases, inputs)
+    assert n_params(small) == n_params(model) - 6 * 16 - 6 - 6 * 6
+    assert small.hooks is not model.hooks and model.hooks.outputs == OrderedDict()  # the copy fills its own
