@@ -58,6 +58,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "cleanai_plugins.zoo.torchvision",
     "cleanai_plugins.zoo.torchvision_swin",
     "cleanai_plugins.zoo.torchvision_shuffle",
+    "cleanai_plugins.zoo.fx_graphs",
     "cleanai_plugins.zoo.transformers",
     "cleanai_plugins.zoo.transformers_hidden",
     "cleanai_plugins.io.hf",  # before loaders: built-in claims are asked in this order

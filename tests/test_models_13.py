@@ -10,10 +10,12 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_models_6 import n_params
 from torch import nn
 
-from cleanai_core import StructuredPruner
+from cleanai_core import StructuredPruner, load_pruned
+from cleanai_core.io import save_pruned
 from cleanai_core.model_state import user_hooks
 from cleanai_core.testing import check_pruner
 
@@ -69,3 +71,51 @@ def test_features_collected_by_the_models_own_partial_hooks_come_out_of_the_prun
     # the hooked features are outputs and stay whole; 6 of the 12 inner channels go (weights, biases, inputs)
     assert n_params(small) == n_params(model) - 6 * 16 - 6 - 6 * 6
     assert small.hooks is not model.hooks and model.hooks.outputs == OrderedDict()  # the copy fills its own
+
+
+# -- widths that fx tracing wrote into a GraphModule's code (create_feature_extractor, feature_cls='fx') --
+
+
+class ChannelsNorm(nn.LayerNorm):
+    """torchvision ConvNeXt's ``LayerNorm2d``: outside ``torch.nn``, so fx traces through its
+    forward and writes ``self.normalized_shape`` into the code as a literal."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class NormedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = ChannelsNorm(16)
+        self.conv = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(self.norm(self.stem(x)))).mean((2, 3)))
+
+
+def traced_norm_net() -> nn.Module:
+    """The factory a saved folder rebuilds from (``test_models_13:traced_norm_net``)."""
+    torch.manual_seed(0)
+    return torch.fx.symbolic_trace(NormedNet()).eval()
+
+
+def test_a_norm_width_fx_wrote_into_the_code_follows_the_slicing(tmp_path):
+    model = traced_norm_net()
+    assert "(16,)" in model.code  # the literal
+    x = torch.randn(2, 3, 8, 8)
+    p = StructuredPruner(model, x, pruning_ratio=0.5)
+    p.collect_activations([torch.randn(2, 3, 8, 8) for _ in range(2)], progress=False)
+    small = p.prune()
+    assert p.skipped_groups == []  # the stem / norm group "broke the model" and stayed whole before
+    assert small.norm.weight.shape == (8,) and "(8,)" in small.code and "(16,)" in model.code
+    # half the stem's filters (27 + a bias each), the norm's weights and biases and conv's columns (8 rows); then
+    # half of conv's rows (8 + a bias each) and the head's columns
+    assert n_params(small) == n_params(model) - (8 * 28 + 16 + 8 * 8) - 4 * 9 - 4 * 5
+    assert small(x).shape == (2, 5)
+    save_pruned(tmp_path / "o", small, p.history, "test_models_13:traced_norm_net")
+    back = load_pruned(tmp_path / "o", trust_code=True)  # the replay rewrites the literal too
+    torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
