@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "cleanai_plugins.layers.activation",
     "cleanai_plugins.layers.attention",
     "cleanai_plugins.layers.recurrent",
+    "cleanai_plugins.layers.observers",
     "cleanai_plugins.layers.parameters",
     "cleanai_plugins.mappers.shape",
     "cleanai_plugins.mappers.join",

@@ -119,3 +119,66 @@ def test_a_norm_width_fx_wrote_into_the_code_follows_the_slicing(tmp_path):
     save_pruned(tmp_path / "o", small, p.history, "test_models_13:traced_norm_net")
     back = load_pruned(tmp_path / "o", trust_code=True)  # the replay rewrites the literal too
     torch.testing.assert_close(back(x), small(x), rtol=0, atol=0)
+
+
+# -- observers of a model prepared for quantization (torch.ao.quantization prepare / prepare_fx) ------
+
+
+class Quantizable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.shortcut = nn.Conv2d(3, 16, 1)
+        self.skip = torch.ao.nn.quantized.FloatFunctional()  # calls its observer itself, as a submodule
+        self.conv2 = nn.Conv2d(16, 8, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        x = self.skip.add(self.relu(self.conv1(x)), self.shortcut(x))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.dequant(self.fc(x.flatten(1)))
+
+
+def _prepared(kind: str) -> nn.Module:
+    from torch.ao import quantization as tq
+
+    torch.manual_seed(0)
+    model = Quantizable().eval()
+    x = torch.randn(2, 3, 8, 8)
+    if kind == "fx":
+        from torch.ao.quantization.quantize_fx import prepare_fx
+
+        model = prepare_fx(model, tq.get_default_qconfig_mapping("x86"), (x,))
+    else:
+        model.qconfig = tq.get_default_qconfig("x86")
+        tq.prepare(model, inplace=True)
+    model(x)  # observed once
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("kind", ["eager", "fx"])
+def test_a_model_prepared_for_quantization_prunes_through_its_observers_and_converts(kind):
+    from torch.ao import quantization as tq
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    model = _prepared(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8)
+    report = check_pruner(model, x, ratio=0.5)  # "nothing in this model can be pruned" before (the histograms)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    p = StructuredPruner(model, x, pruning_ratio=0.5)
+    p.collect_activations([torch.randn(2, 3, 8, 8) for _ in range(2)], progress=False)
+    small = p.prune()
+    # 8 of conv1's filters (27 + a bias each), of the shortcut's (3 + 1) and of conv2's columns; 4 of conv2's rows
+    # (8 + a bias) and fc's columns
+    assert n_params(small) == n_params(model) - 8 * 28 - 8 * 4 - 8 * 8 - 4 * 9 - 4 * 5
+    state = model.state_dict()  # the user's observers saw none of the calibration
+    assert state.keys() == before.keys() and all(torch.equal(before[k], state[k]) for k in before)
+    small(x)  # observes the pruned widths
+    quantized = convert_fx(small) if kind == "fx" else tq.convert(small)
+    assert quantized(x).shape == (2, 5)
