@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from test_models_6 import n_params
 from torch import nn
 
-from cleanai_core import StructuredPruner, load_pruned
+from cleanai_core import StructuredPruner, hookimpl, load_pruned
 from cleanai_core.io import save_pruned
 from cleanai_core.model_state import user_hooks
-from cleanai_core.testing import check_pruner
+from cleanai_core.testing import check_pruner, temporary_plugin
 
 # -- features taken by forward hooks a helper object of the model holds (timm FeatureHooks) ----------
 
@@ -182,3 +182,60 @@ def test_a_model_prepared_for_quantization_prunes_through_its_observers_and_conv
     small(x)  # observes the pruned widths
     quantized = convert_fx(small) if kind == "fx" else tq.convert(small)
     assert quantized(x).shape == (2, 5)
+
+
+# -- a buffer the forward sizes by the input (timm ConViT's rel_indices) -------------------------------
+
+
+class PositionCache(nn.Module):
+    """timm ConViT's ``GPSA``: a non-persistent ``(1, 1)`` placeholder the forward replaces
+    with a table sized by the input the first time it sees that size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.register_buffer("positions", torch.zeros(1, 1), persistent=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1] * x.shape[-2]
+        if self.positions.shape[-1] != n:
+            self.positions = torch.linspace(0, 1, n).unsqueeze(0)
+        return self.head((self.conv(x).flatten(2) * self.positions).mean(2))
+
+
+class PositionCacheLoader:
+    @hookimpl
+    def cleanai_load_model(self, spec, options):
+        return PositionCache() if spec == "toy:position_cache" else None
+
+
+def test_a_buffer_the_forward_sizes_by_the_input_does_not_stop_the_save(tmp_path):
+    torch.manual_seed(0)
+    model, x = PositionCache().eval(), torch.randn(2, 3, 4, 4)
+    model(x)  # the placeholder is (1, 16) now, as in every model that ran before it was pruned
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    with temporary_plugin(PositionCacheLoader(), name="position_cache"):
+        # refused before: "positions (1, 16) vs model (1, 1) (a buffer outside the state_dict)"
+        save_pruned(tmp_path / "p", small, pruner.history, "toy:position_cache")
+        back = load_pruned(tmp_path / "p")
+    assert back.positions.shape == (1, 1) and back.conv.out_channels == 4
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
+
+
+@pytest.mark.corpus
+def test_convit_saves_and_reloads_after_it_ran(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "features_only": True}
+    model, x = timm.create_model("convit_tiny", pretrained=False, **kwargs).eval(), torch.randn(2, 3, 32, 32)
+    model(x)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    save_pruned(tmp_path / "c", small, pruner.history, "timm:convit_tiny", {"model_kwargs": kwargs})
+    back = load_pruned(tmp_path / "c", trust_code=True)
+    with torch.no_grad():
+        for a, b in zip(back(x), small(x), strict=True):
+            assert torch.equal(a, b)
