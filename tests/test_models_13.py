@@ -239,3 +239,69 @@ def test_convit_saves_and_reloads_after_it_ran(tmp_path):
     with torch.no_grad():
         for a, b in zip(back(x), small(x), strict=True):
             assert torch.equal(a, b)
+
+
+# -- the real models (slow) ---------------------------------------------------------------------------
+
+
+def _default_path(model: nn.Module, x: torch.Tensor) -> tuple[StructuredPruner, nn.Module]:
+    g = torch.Generator().manual_seed(1)
+    p = StructuredPruner(model, x, pruning_ratio=0.5)
+    p.collect_activations([torch.randn(x.shape, generator=g) for _ in range(2)], progress=False)
+    return p, p.prune()
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("xception41", {}), ("efficientnet_b0", {"feature_location": "expansion"})],
+    ids=["xception41", "efficientnet_b0_expansion"],
+)
+def test_timm_hook_feature_nets_return_their_features_once_pruned(tmp_path, name, kwargs):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kwargs = {"features_only": True, **kwargs}
+    model, x = timm.create_model(name, pretrained=False, **kwargs).eval(), torch.randn(2, 3, 64, 64)
+    want = [t.shape for t in model(x)]
+    p, small = _default_path(model, x)
+    assert [t.shape for t in small(x)] == want  # [] (efficientnet) or the last map alone (xception41) before
+    assert n_params(small) < 0.4 * n_params(model)
+    save_pruned(tmp_path / "f", small, p.history, f"timm:{name}", {"model_kwargs": kwargs})
+    back = load_pruned(tmp_path / "f", trust_code=True)
+    with torch.no_grad():
+        for a, b in zip(back(x), small(x), strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.corpus
+def test_torchvision_convnext_feature_extractor_prunes_its_streams():
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    torch.manual_seed(0)
+    net = torchvision.models.convnext_tiny(num_classes=10)
+    model = create_feature_extractor(net, {"features.3": "f3", "classifier": "out"}).eval()
+    x = torch.randn(2, 3, 64, 64)
+    p, small = _default_path(model, x)
+    assert p.skipped_groups == []  # three streams "broke the model" before (0.535 kept)
+    assert n_params(small) < 0.3 * n_params(model)
+    assert {k: v.shape for k, v in small(x).items()} == {"f3": (2, 192, 8, 8), "out": (2, 10)}
+
+
+@pytest.mark.corpus
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_torchvision_quantizable_resnet18_prepared_for_calibration_prunes_and_converts():
+    torchvision = pytest.importorskip("torchvision")
+    from torch.ao import quantization as tq
+
+    torch.manual_seed(0)
+    model = torchvision.models.quantization.resnet18(num_classes=10, quantize=False).eval()
+    model.fuse_model()
+    model.qconfig = tq.get_default_qconfig("x86")
+    tq.prepare(model, inplace=True)
+    x = torch.randn(2, 3, 64, 64)
+    model(x)
+    _, small = _default_path(model, x)  # "nothing in this model can be pruned" before
+    assert n_params(small) < 0.26 * n_params(model)
+    small(x)
+    assert tq.convert(small)(x).shape == (2, 10)
