@@ -15,6 +15,7 @@ from test_models_6 import n_params
 from torch import nn
 
 from cleanai_core import StructuredPruner, hookimpl, load_pruned
+from cleanai_core.errors import UserError
 from cleanai_core.io import save_pruned
 from cleanai_core.model_state import user_hooks
 from cleanai_core.testing import check_pruner, temporary_plugin
@@ -305,3 +306,35 @@ def test_torchvision_quantizable_resnet18_prepared_for_calibration_prunes_and_co
     assert n_params(small) < 0.26 * n_params(model)
     small(x)
     assert tq.convert(small)(x).shape == (2, 10)
+
+
+# -- a gradient criterion on a model that returns features (FPN backbones, feature nets) -----------------
+
+
+class PyramidOut(nn.Module):
+    """An FPN backbone's output: an ``OrderedDict`` of maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        a = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return OrderedDict([("0", a), ("1", self.c3(a))])
+
+
+@pytest.mark.parametrize("importance", ["taylor", "hessian"])
+def test_a_gradient_criterion_on_a_model_returning_features_names_the_output_and_the_fix(importance):
+    torch.manual_seed(0)
+    model, x = PyramidOut().eval(), torch.randn(2, 3, 8, 8)
+    data = [(x, torch.tensor([0, 1]))]
+    p = StructuredPruner(model, x, importance, pruning_ratio=0.5)
+    # AttributeError: 'collections.OrderedDict' object has no attribute 'dim' before
+    with pytest.raises(UserError, match=r"model returns an OrderedDict with keys '0', '1'\); pass output_transform"):
+        p.collect_activations(data, progress=False)
+    p = StructuredPruner(model, x, importance, pruning_ratio=0.5, output_transform=lambda out: out["1"].mean((2, 3)))
+    p.collect_activations(data, progress=False)
+    small = p.prune()
+    # what the transform computes is traced: the pooled map's channels are the output's (c3 "broke the model" and
+    # was skipped by the verification before)
+    assert p.skipped_groups == [] and small.c1.out_channels == 4 and small.c3.out_channels == 8
