@@ -347,17 +347,19 @@ def _buffer_problems(fresh: nn.Module, model: nn.Module, state: dict[str, torch.
 
 @functools.cache
 def _refilled_by_a_method(cls: type, attr: str) -> bool:
-    """Whether a method of ``cls`` other than ``__init__`` assigns ``self.<attr>``: a buffer
-    the forward recomputes for the input it gets (timm ConViT's ``rel_indices``, a
-    ``(1, 1, 1, 3)`` placeholder until the first forward sizes it by the patches), which a
-    rebuilt model has in its built shape and fills the same way. ``False`` where the source
-    cannot be read."""
-    assign = re.compile(rf"\bself\.{re.escape(attr)}\s*=[^=]|register_buffer\(\s*['\"]{re.escape(attr)}['\"]")
+    """Whether the forward of ``cls`` assigns ``self.<attr>``: a buffer the forward
+    recomputes for the input it gets (timm ConViT's ``rel_indices``, a ``(1, 1, 1, 3)``
+    placeholder until the first forward sizes it by the patches), which a rebuilt model has
+    in its built shape and fills the same way. Only ``forward`` (and ``_forward*``) count:
+    timm's ``set_input_size`` re-registers window tables too, and a model saved without the
+    ``img_size`` that sized them must still be refused. ``False`` where the source cannot
+    be read."""
+    assign = re.compile(rf"\bself\.{re.escape(attr)}\s*=[^=]")
     for klass in cls.__mro__:
         if klass.__module__.startswith("torch.nn") or klass is object:
             continue
         for key, fn in vars(klass).items():
-            if key == "__init__" or not inspect.isfunction(fn):
+            if not (key == "forward" or key.startswith("_forward")) or not inspect.isfunction(fn):
                 continue
             try:
                 source = inspect.getsource(fn)

@@ -226,6 +226,41 @@ def test_a_buffer_the_forward_sizes_by_the_input_does_not_stop_the_save(tmp_path
         assert torch.equal(back(x), small(x))
 
 
+class ResizableTable(nn.Module):
+    """timm's ``set_input_size``: a method other than the forward re-sizes a window table;
+    a model saved without the size that built it must still be refused."""
+
+    def __init__(self, window: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.register_buffer("index", torch.arange(16), persistent=False)
+        self.set_window(window)
+        self.head = nn.Linear(8, 3)
+
+    def set_window(self, window: int) -> None:
+        self.index = torch.arange(window * window)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).flatten(2)[..., self.index].mean(2))
+
+
+class ResizableTableLoader:
+    @hookimpl
+    def cleanai_load_model(self, spec, options):
+        return ResizableTable() if spec == "toy:resizable_table" else None
+
+
+def test_a_table_resized_outside_the_forward_still_stops_the_save(tmp_path):
+    torch.manual_seed(0)
+    model, x = ResizableTable(window=2).eval(), torch.randn(2, 3, 2, 2)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
+    small = pruner.prune()
+    with temporary_plugin(ResizableTableLoader(), name="resizable_table"):
+        with pytest.raises(UserError, match=r"index \(4,\) vs model \(16,\) \(a buffer outside the state_dict\)"):
+            save_pruned(tmp_path / "t", small, pruner.history, "toy:resizable_table")
+    assert not (tmp_path / "t").exists()
+
+
 @pytest.mark.corpus
 def test_convit_saves_and_reloads_after_it_ran(tmp_path):
     timm = pytest.importorskip("timm")
