@@ -185,6 +185,26 @@ def test_a_model_prepared_for_quantization_prunes_through_its_observers_and_conv
     assert quantized(x).shape == (2, 5)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("kind", ["convert", "quantize_dynamic"])
+def test_a_quantized_model_is_refused_with_the_layers_and_the_order_that_works(kind):
+    from torch.ao import quantization as tq
+
+    if kind == "convert":
+        model = tq.convert(_prepared("eager"))
+        layers = "conv1, shortcut, conv2 ..."
+    else:
+        torch.manual_seed(0)
+        float_model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        model, layers = tq.quantize_dynamic(float_model, {nn.Linear}, dtype=torch.qint8), "0, 2"
+    x = torch.randn(2, 3, 8, 8) if kind == "convert" else torch.randn(2, 4)
+    # said only "nothing in this model can be pruned ... or ignore fewer layers"
+    with pytest.raises(
+        UserError, match=rf"quantized weights \({layers}\), which cannot be sliced: prune the float model"
+    ):
+        StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+
+
 # -- a buffer the forward sizes by the input (timm ConViT's rel_indices) -------------------------------
 
 
