@@ -74,6 +74,19 @@ def test_features_collected_by_the_models_own_partial_hooks_come_out_of_the_prun
     assert small.hooks is not model.hooks and model.hooks.outputs == OrderedDict()  # the copy fills its own
 
 
+def test_features_collected_by_the_models_own_hooks_come_out_of_a_model_pruned_in_place():
+    model = HookedFeatures().eval()
+    x = torch.randn(2, 3, 8, 8)
+    collector = model.hooks
+    p = StructuredPruner(model, x, pruning_ratio=0.5, inplace=True)
+    p.collect_activations([torch.randn(2, 3, 8, 8) for _ in range(2)], progress=False)
+    small = p.prune()
+    # the model's modules keep their hook tables, whose hooks fill this collector: the copy's replaced it and the
+    # forward read an empty one ([y] alone, also before the hooks counted as the model's)
+    assert small is model and model.hooks is collector
+    assert [tuple(t.shape) for t in small(x)] == [(2, 8, 8, 8), (2, 16, 4, 4), (2, 6, 4, 4)]
+
+
 # -- widths that fx tracing wrote into a GraphModule's code (create_feature_extractor, feature_cls='fx') --
 
 
