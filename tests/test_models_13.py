@@ -238,10 +238,13 @@ class PositionCache(nn.Module):
         return self.head((self.conv(x).flatten(2) * self.positions).mean(2))
 
 
-class PositionCacheLoader:
+class ToyLoader:
+    """Builds the toy models of this file from ``toy:<name>`` specs."""
+
     @hookimpl
     def cleanai_load_model(self, spec, options):
-        return PositionCache() if spec == "toy:position_cache" else None
+        build = {"toy:position_cache": PositionCache, "toy:resizable_table": ResizableTable}.get(spec)
+        return build() if build is not None else None
 
 
 def test_a_buffer_the_forward_sizes_by_the_input_does_not_stop_the_save(tmp_path):
@@ -250,7 +253,7 @@ def test_a_buffer_the_forward_sizes_by_the_input_does_not_stop_the_save(tmp_path
     model(x)  # the placeholder is (1, 16) now, as in every model that ran before it was pruned
     pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
     small = pruner.prune()
-    with temporary_plugin(PositionCacheLoader(), name="position_cache"):
+    with temporary_plugin(ToyLoader(), name="toy"):
         # refused before: "positions (1, 16) vs model (1, 1) (a buffer outside the state_dict)"
         save_pruned(tmp_path / "p", small, pruner.history, "toy:position_cache")
         back = load_pruned(tmp_path / "p")
@@ -277,18 +280,12 @@ class ResizableTable(nn.Module):
         return self.head(self.conv(x).flatten(2)[..., self.index].mean(2))
 
 
-class ResizableTableLoader:
-    @hookimpl
-    def cleanai_load_model(self, spec, options):
-        return ResizableTable() if spec == "toy:resizable_table" else None
-
-
 def test_a_table_resized_outside_the_forward_still_stops_the_save(tmp_path):
     torch.manual_seed(0)
     model, x = ResizableTable(window=2).eval(), torch.randn(2, 3, 2, 2)
     pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.head])
     small = pruner.prune()
-    with temporary_plugin(ResizableTableLoader(), name="resizable_table"):
+    with temporary_plugin(ToyLoader(), name="toy"):
         with pytest.raises(UserError, match=r"index \(4,\) vs model \(16,\) \(a buffer outside the state_dict\)"):
             save_pruned(tmp_path / "t", small, pruner.history, "toy:resizable_table")
     assert not (tmp_path / "t").exists()
