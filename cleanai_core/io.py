@@ -14,8 +14,11 @@ An output directory holds:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -336,8 +339,36 @@ def _buffer_problems(fresh: nn.Module, model: nn.Module, state: dict[str, torch.
     for name, buf in model.named_buffers():
         other = own.get(name)
         if name not in state and other is not None and tuple(other.shape) != tuple(buf.shape):
+            owner, _, attr = name.rpartition(".")
+            if _refilled_by_a_method(type(model.get_submodule(owner)), attr):
+                continue  # a cache sized by the input, as the rebuilt model fills it at its first forward
             found.append(f"{name} {tuple(buf.shape)} vs model {tuple(other.shape)} (a buffer outside the state_dict)")
     return found[:3]
+
+
+@functools.cache
+def _refilled_by_a_method(cls: type, attr: str) -> bool:
+    """Whether the forward of ``cls`` assigns ``self.<attr>``: a buffer the forward
+    recomputes for the input it gets (timm ConViT's ``rel_indices``, a ``(1, 1, 1, 3)``
+    placeholder until the first forward sizes it by the patches), which a rebuilt model has
+    in its built shape and fills the same way. Only ``forward`` (and ``_forward*``) count:
+    timm's ``set_input_size`` re-registers window tables too, and a model saved without the
+    ``img_size`` that sized them must still be refused. ``False`` where the source cannot
+    be read."""
+    assign = re.compile(rf"\bself\.{re.escape(attr)}\s*=[^=]")
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.nn") or klass is object:
+            continue
+        for key, fn in vars(klass).items():
+            if not (key == "forward" or key.startswith("_forward")) or not inspect.isfunction(fn):
+                continue
+            try:
+                source = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            if assign.search(source):
+                return True
+    return False
 
 
 def _save_pickle(path: Path, model: nn.Module) -> None:

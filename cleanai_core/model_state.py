@@ -424,6 +424,10 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
     end: one that came mid-way left the user's model half pruned (a conv sliced, its
     BatchNorm not), a model that no longer ran."""
     mine = dict(target.named_modules())
+    # the objects whose methods the kept hook tables call (timm's FeatureHooks, which the
+    # forward then reads the features from) stay too: the copy's got none of those calls
+    owners = {id(_owner(fn)) for m in mine.values() for t in _CALL_HOOKS for fn in getattr(m, t, {}).values()}
+    owners.discard(id(None))
     with signals_deferred():
         for name, m in source.named_modules():
             t = mine.get(name)
@@ -432,7 +436,7 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
             if type(t) is not type(m):  # a plugin may swap a pruned module's class
                 t.__class__ = type(m)
             for key, value in m.__dict__.items():
-                if key != "_modules" and key not in HOOK_ATTRIBUTES:
+                if key != "_modules" and key not in HOOK_ATTRIBUTES and id(t.__dict__.get(key)) not in owners:
                     t.__dict__[key] = value
 
 
@@ -637,13 +641,22 @@ def user_hooks(model: nn.Module) -> list[tuple[str, str, int]]:
 MODEL_HOOK = "cleanai_model_hook"
 
 
+def _owner(fn: Any) -> Any:
+    """The object a hook is a bound method of, through ``functools.partial`` (timm's
+    ``FeatureHooks`` registers ``partial(self._collect_output_hook, name)``); else None."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__self__", None)
+
+
 def _model_hook(fn: Any, held: set[int], module: nn.Module) -> bool:
     if getattr(fn, MODEL_HOOK, False):
         return True
-    owner = getattr(fn, "__self__", None)
+    owner = _owner(fn)
     if owner is not None and id(owner) in held:
         return True
-    fn = getattr(fn, "func", fn)  # functools.partial
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     where = getattr(fn, "__module__", None) or type(fn).__module__ or ""
     if where == "torch" or where.startswith("torch."):
         return True

@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "cleanai_plugins.layers.activation",
     "cleanai_plugins.layers.attention",
     "cleanai_plugins.layers.recurrent",
+    "cleanai_plugins.layers.observers",
     "cleanai_plugins.layers.parameters",
     "cleanai_plugins.mappers.shape",
     "cleanai_plugins.mappers.join",
@@ -58,6 +59,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "cleanai_plugins.zoo.torchvision",
     "cleanai_plugins.zoo.torchvision_swin",
     "cleanai_plugins.zoo.torchvision_shuffle",
+    "cleanai_plugins.zoo.fx_graphs",
     "cleanai_plugins.zoo.transformers",
     "cleanai_plugins.zoo.transformers_hidden",
     "cleanai_plugins.io.hf",  # before loaders: built-in claims are asked in this order

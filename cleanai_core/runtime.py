@@ -386,10 +386,23 @@ def class_logits(logits: torch.Tensor) -> torch.Tensor:
     """Classification logits ``(N, C, ...)`` with one logit per class: a single logit ``z``
     (a binary classifier, ``(N, 1)``) as the two classes' ``(0, z)``, whose softmax is
     ``(1 - sigmoid(z), sigmoid(z))``: cross-entropy on it is the binary cross-entropy, its
-    argmax the logit's sign. Other logits as they are."""
-    if logits.dim() == 2 and logits.shape[1] == 1:
+    argmax the logit's sign. Other logits (and outputs that are no tensor: a feature net's list
+    or dict, which the label check then refuses with the fix) as they are."""
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] == 1:
         return torch.cat([torch.zeros_like(logits), logits], 1)
     return logits
+
+
+def _kind_of(out: Any) -> str:
+    """A model output's kind as a message names it: ``a dict with keys '0', '1', 'pool'``."""
+    name = type(out).__name__
+    kind = f"{'an' if name[:1] in 'AEIOU' else 'a'} {name}"
+    if isinstance(out, dict):
+        keys = ", ".join(repr(str(k)) for k in list(out)[:4])
+        return f"{kind} with keys {keys}{' ...' if len(out) > 4 else ''}"
+    if isinstance(out, (list, tuple)):
+        return f"{kind} of {len(out)}"
+    return kind
 
 
 def check_labels(out: Any, target: Any, criterion: str = "taylor") -> torch.Tensor:
@@ -415,8 +428,9 @@ def check_labels(out: Any, target: Any, criterion: str = "taylor") -> torch.Tens
             "class indices 0..N-1, one per input"
         )
     if not isinstance(out, torch.Tensor) or not isinstance(target, torch.Tensor):
+        got = "" if isinstance(out, torch.Tensor) else f" (the model returns {_kind_of(out)})"
         raise UserError(
-            f"{criterion} importance needs a tensor of logits and a tensor of labels; pass "
+            f"{criterion} importance needs a tensor of logits and a tensor of labels{got}; pass "
             "output_transform=lambda out: <the logits> for models that return something else"
         )
     if target.is_floating_point() and target.dim() == 1 and target.shape != out.shape:

@@ -599,9 +599,18 @@ def prunable_graph(
                 reasons.update(dict.fromkeys(g.reasons))
         why = "; ".join(list(reasons)[:5])
         outputs = any(r.startswith("model output") for r in reasons)
+        quantized = _quantized_layers(model)
+        named = ", ".join(quantized[:3]) + (" ..." if len(quantized) > 3 else "")
         raise UserError(
             f"nothing in this model can be pruned{' (every layer is ignored)' if everything else ''}: no group "
             f"of coupled channels is free to shrink{f' (frozen by: {why})' if why else ''}. "
+            + (
+                f"Its layers hold quantized weights ({named}), "
+                "which cannot be sliced: prune the float model, then quantize the pruned one (prepare / convert, "
+                "quantize_dynamic). "
+                if quantized
+                else ""
+            )
             + (
                 "Channels that reach the model's output are kept so that its output shapes stay the same; "
                 "pass output_transform=lambda out: <only the outputs to keep> if the others may shrink. "
@@ -611,6 +620,22 @@ def prunable_graph(
             + "Run `cleanai explain` to see which operations froze them, or ignore fewer layers."
         )
     return graph
+
+
+def _quantized_layers(model: nn.Module) -> list[str]:
+    """The modules whose saved state holds quantized tensors (a converted or dynamically
+    quantized model: packed int8 weights, which no slice can cut), in order."""
+    from torch.utils._pytree import tree_flatten
+
+    found: dict[str, None] = {}
+    try:
+        state = model.state_dict()
+    except Exception:  # noqa: BLE001 - only a hint for an error already raised
+        return []
+    for key, value in state.items():
+        if any(isinstance(t, torch.Tensor) and t.is_quantized for t in tree_flatten(value)[0]):
+            found[key.rsplit(".", 1)[0].removesuffix("._packed_params")] = None
+    return list(found)
 
 
 def _note_reads(recording: Recording, slices: list[SliceSpec]) -> None:

@@ -273,9 +273,9 @@ def record(
             with rec:
                 out = call_model(model, example_inputs, forward_fn, copy=False)
                 _run_unrun_siblings(rec, siblings, first_calls, ran)
-            if output_transform is not None:
-                out = transformed(output_transform, out)
-            elif hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+                if output_transform is not None:  # traced: what it computes (a pooled map) is an output too
+                    out = transformed(output_transform, out)
+            if output_transform is None and hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
                 out = out.logits
             out_refs = tree_map(lambda a: rec.ref(a) if isinstance(a, torch.Tensor) else a, _plain(out))
             train_from, train_refs = _training_pass(rec, model, example_inputs, claimed, forward_fn, output_transform)
@@ -330,8 +330,8 @@ def _training_pass(
                 model.train()
                 with rec:
                     out = call_model(model, given, forward_fn, copy=False)
-                if output_transform is not None:
-                    out = output_transform(out)
+                    if output_transform is not None:
+                        out = output_transform(out)
                 reached = any(isinstance(e, ModuleCall) and e.module in missed for e in rec.events[start:])
                 if reached or (unread & (rec.read - read_before)):
                     return start, tree_map(lambda a: rec.ref(a) if isinstance(a, torch.Tensor) else a, _plain(out))
