@@ -289,7 +289,7 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
                 f"{where} left {name} of shape {actual}, where it left {shape} when it was recorded: its edits do not "
                 "agree with each other (an edit removed, a 'keep' list changed or a slice renamed)",
             )
-    problem = add_recorded_biases(model, history.meta.get("added_biases", ()))
+    problem = add_recorded_biases(model, history.meta.get("added_biases", ()), pm)
     if problem:
         raise _bad(path, f"'added_biases' names {problem}")
 
