@@ -53,3 +53,51 @@ def test_a_replayed_transformers_model_declares_compensation_biases_and_prunes_f
     want = _pruned_twice_widths(pruned, ids)
     assert want["model.layers.0.self_attn.q_proj.weight"] == (32, 32)
     assert _pruned_twice_widths(loaded, ids) == want
+
+
+# -- recovery of a model the report does not score by accuracy names the report's own figures ------
+
+REGRESSION_NET = """
+import torch
+from torch import nn
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+"""
+
+
+def test_recovery_of_a_regression_gives_the_reports_held_out_error_for_the_original_pruned_and_recovered_model(
+    tmp_path, monkeypatch, capsys
+):
+    import json
+
+    from cleanai_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "net_o12.py").write_text(REGRESSION_NET)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g)
+    torch.save((x, x @ torch.randn(8, 3, generator=g) + 0.1 * torch.randn(200, 3, generator=g)), "reg.pt")
+    common = ["--model", "net_o12:net", "--data", "reg.pt", "--ratio", "0.5", "--quiet", "--latency-repeats", "1"]
+    assert main(["prune", *common, "--out", "plain"]) == 0
+    assert main(["prune", *common, "--out", "rec", "--recover-epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    report = json.loads((tmp_path / "rec" / "report.json").read_text())
+    rec = report["recovery"]
+    # the pruned model's error before recovery (the run without it measures the same model) was nowhere
+    assert rec["evaluation_metric"] == "mse"
+    assert rec["evaluation_original"] == report["mse_before"] == plain["mse_before"]
+    assert rec["evaluation_pruned"] == plain["mse_after"]
+    assert rec["evaluation_recovered"] == report["mse_after"] < rec["evaluation_pruned"]
+    # the terminal named the early-stopping split's figures "held-out mse" beside the report's other ones
+    line = next(s for s in out.splitlines() if s.startswith("Recovery:"))
+    figures = (report["mse_before"], plain["mse_after"], report["mse_after"])
+    assert line.startswith(
+        "Recovery: held-out mean squared error {:.4g} original, {:.4g} pruned, {:.4g} recovered".format(*figures)
+    )
+    md = (tmp_path / "rec" / "report.md").read_text()
+    assert f"| right after pruning | {plain['mse_after']:.4g} |" in md and "The data has no labels" not in md

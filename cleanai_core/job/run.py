@@ -283,13 +283,12 @@ def _execute(
 
         evaluated: list[tuple[Any, dict[str, Any] | None]] = []  # (model, the evaluator's whole result)
 
-        def acc(m: Any) -> float | None:
+        def evaluate(m: Any) -> dict[str, Any] | None:
             evaluated.append((m, _evaluate(pm, m, eval_loader, device, pruned=True)))
-            return (evaluated[-1][1] or {}).get("accuracy")
+            return evaluated[-1][1]
 
-        accs = (before_acc or {}).get("accuracy"), (after_acc or {}).get("accuracy")
         task = (before_acc or {}).get("recovery_task", "auto")  # how the labels align, where the evaluator says
-        pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, acc, *accs, task=task)
+        pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, evaluate, before_acc, after_acc, task=task)
         # the recovered model's whole result, on the same held-out split: a masked LM's report kept its accuracy
         # alone (perplexity_after and evaluation_tokens null, the perplexity row gone from report.md)
         done = [result for m, result in evaluated if m is pruned]
