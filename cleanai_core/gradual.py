@@ -224,8 +224,16 @@ def slice_optimizer(
             continue
         sibling = (every_name or new_params).get(name.rpartition(".")[0] + ".weight")
         for group in optimizer.param_groups:
-            if sibling is not None and any(r is sibling for r in group["params"]):
+            at = next((i for i, r in enumerate(group["params"]) if r is sibling), None) if sibling is not None else None
+            if at is not None:
                 group["params"].append(q)
+                if isinstance(group.get("param_names"), list) and len(group["param_names"]) == len(group["params"]) - 1:
+                    # an optimizer built from named_parameters(): the names stay aligned with the tensors, in the
+                    # user's spelling of the weight's name (the bias went unnamed, and every name after the
+                    # appended tensor's place in optimizer.state_dict() was one short)
+                    owner = str(group["param_names"][at]).rpartition(".")[0]
+                    leaf = name.rpartition(".")[2]
+                    group["param_names"].append(f"{owner}.{leaf}" if owner else leaf)
                 break
 
 

@@ -101,3 +101,69 @@ def test_recovery_of_a_regression_gives_the_reports_held_out_error_for_the_origi
     )
     md = (tmp_path / "rec" / "report.md").read_text()
     assert f"| right after pruning | {plain['mse_after']:.4g} |" in md and "The data has no labels" not in md
+
+
+# -- GradualPruner and an optimizer built from named_parameters() --------------------------------
+
+
+def _cnn():
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )  # fmt: skip
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g)
+    return [(x[i * 16 : (i + 1) * 16], y[i * 16 : (i + 1) * 16]) for i in range(4)]
+
+
+def _train(model, opt, batches):
+    import torch.nn.functional as F
+
+    model.train()
+    for xb, yb in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+
+
+def test_a_bias_compensation_adds_is_named_in_an_optimizer_built_from_named_parameters():
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    batches = _batches()
+    model = _cnn()
+    groups = [
+        {"params": [(f"net.{n}", p) for n, p in model.named_parameters() if n.startswith("0.")], "lr": 1e-3},
+        {"params": [(f"net.{n}", p) for n, p in model.named_parameters() if not n.startswith("0.")], "lr": 1e-2},
+    ]
+    opt = torch.optim.AdamW(groups)
+    _train(model, opt, batches)
+    gp = GradualPruner(model, batches[0][0][:2], opt, PruningSchedule(final=0.5, steps=2), by="ratio")
+    gp.step(batches)
+    assert model[2].bias is not None  # compensation gave the second convolution a bias, trained with its weight
+    for group in opt.param_groups:  # the bias went unnamed: 4 tensors and 3 names, the state_dict one name short
+        assert len(group["param_names"]) == len(group["params"])
+    named = {n: p for g in opt.param_groups for n, p in zip(g["param_names"], g["params"], strict=True)}
+    assert named == {f"net.{n}": p for n, p in model.named_parameters()}
+    _train(model, opt, batches)
+    state = opt.state_dict()
+    # a resumed run (rebuilt unpruned, the pruner's checkpoint loaded, then the optimizer's) has the same names
+    again = _cnn()
+    opt2 = torch.optim.AdamW(
+        [
+            {**g, "params": [(f"net.{n}", p) for n, p in again.named_parameters() if n.startswith("0.") == (i == 0)]}
+            for i, g in enumerate(groups)
+        ]
+    )
+    gp2 = GradualPruner(again, batches[0][0][:2], opt2, PruningSchedule(final=0.5, steps=2), by="ratio")
+    gp2.load_state_dict(gp.state_dict())
+    again.load_state_dict(model.state_dict())
+    opt2.load_state_dict(state)
+    named2 = {n: p for g in opt2.param_groups for n, p in zip(g["param_names"], g["params"], strict=True)}
+    assert named2 == {f"net.{n}": p for n, p in again.named_parameters()}
+    assert torch.equal(opt2.state[again[2].bias]["exp_avg"], opt.state[model[2].bias]["exp_avg"])
