@@ -42,7 +42,14 @@ from cleanai_core.out_folder import (
 # options that shape the architecture (everything else, like data paths, is left out)
 from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION, arch_option_problem, module_settings
 
-__all__ = ["atomic_write_bytes", "atomic_write_files", "atomic_write_text", "load_pruned", "save_pruned"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_files",
+    "atomic_write_text",
+    "load_pruned",
+    "rebuild_pruned",
+    "save_pruned",
+]
 
 
 def _atomic(path: Path, write) -> None:
@@ -469,6 +476,23 @@ def load_pruned(
     ``trust_code`` allows an import spec (``package.module:factory``) and its keyword
     arguments; ``trust_model`` allows a pickled model file (rebuilding unpickles it again).
     """
+    return rebuild_pruned(out_dir, map_location, trust_model, trust_code)[0]
+
+
+def rebuild_pruned(
+    out_dir: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    trust_model: bool = False,
+    trust_code: bool = False,
+    *,
+    saved_dtypes: bool = True,
+) -> tuple[nn.Module, torch.dtype | None]:
+    """:func:`load_pruned`, and the one floating dtype ``model.pt`` stores where it is
+    narrower than the float32 the architecture is rebuilt in (a ``bfloat16`` checkpoint's
+    pruned model), else ``None``. ``saved_dtypes=False``: such a model keeps the rebuilt
+    float32 (holding ``model.pt``'s values exactly), to be computed in and written back in
+    the stored dtype, as ``cleanai prune`` does with the checkpoint it pruned first
+    (``--model FOLDER``)."""
     from cleanai_core.options import check_switches
     from cleanai_core.plugins import get_plugin_manager, load_model
     from cleanai_core.runtime import checked_device
@@ -532,11 +556,24 @@ def load_pruned(
     replay_history(history, model, out / "history.json", pm)
     state = read_state(out / "model.pt", model, map_location, state)
     model.to(map_location)
-    take_saved_form(model, state)
+    stored = narrower_stored_dtype(model, state)
+    take_saved_form(model, state, dtypes=saved_dtypes or stored is None)
     model.load_state_dict(state_with_versions(model, state), strict=True)
     arch = out / "architecture.json"
     apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location))
-    return model.eval()
+    return model.eval(), stored
+
+
+def narrower_stored_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The one floating dtype of ``state``'s tensors where it is narrower than the float32
+    every corresponding tensor of ``model`` has (``None`` otherwise: mixed dtypes, float64...)."""
+    own = dict([*model.named_parameters(), *model.named_buffers()])
+    floats = [k for k, v in state.items() if v.is_floating_point() and k in own]
+    saved = {state[k].dtype for k in floats}
+    if len(saved) != 1 or {own[k].dtype for k in floats} != {torch.float32}:
+        return None
+    dtype = saved.pop()
+    return dtype if dtype.itemsize < 4 else None
 
 
 def _checked_on_meta(
@@ -561,18 +598,19 @@ def _checked_on_meta(
     return read_state(out / "model.pt", fresh, map_location)
 
 
-def take_saved_form(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def take_saved_form(model: nn.Module, state: dict[str, torch.Tensor], dtypes: bool = True) -> None:
     """Give every parameter and buffer of ``model`` the dtype and memory format of its
     tensor in ``state``: the architecture is rebuilt in float32 NCHW, and
     ``load_state_dict`` copies into it, so a float16, bfloat16 or float64 model came back
     as float32 (other outputs, twice the size) and a channels-last one came back NCHW
-    (slower on channels-last inputs). The parameter objects stay (tied weights stay tied)."""
+    (slower on channels-last inputs). The parameter objects stay (tied weights stay tied).
+    ``dtypes=False``: the memory formats only."""
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             saved = state.get(name)
             if saved is None:
                 continue
-            if saved.dtype != t.dtype:
+            if dtypes and saved.dtype != t.dtype:
                 t.data = t.data.to(saved.dtype)
             fmt = memory_format_of(saved)
             if saved.shape == t.shape and fmt != memory_format_of(t):

@@ -71,6 +71,7 @@ __all__ = [
     "preserved",
     "reads_preserved",
     "state_with_versions",
+    "round_through",
     "stored_in",
     "transplant",
     "user_hooks",
@@ -436,6 +437,19 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
                     t.__dict__[key] = value
 
 
+def _saved_floats(model: nn.Module) -> list[tuple[dict[str, Any], str, torch.Tensor]]:
+    """``(table, name, tensor)`` of every floating parameter and saved buffer of ``model``
+    (non-persistent buffers, such as a rotary ``inv_freq``, are left out: a fresh load
+    computes them)."""
+    out = []
+    for m in model.modules():
+        for table, skip in ((m._parameters, ()), (m._buffers, m._non_persistent_buffers_set)):
+            out += [
+                (table, n, t) for n, t in table.items() if t is not None and t.is_floating_point() and n not in skip
+            ]
+    return out
+
+
 def stored_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of ``model`` with its floating parameters and saved buffers in ``dtype``: the
     dtype its files store it in, where a loader built it in float32 to compute (a
@@ -443,13 +457,23 @@ def stored_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     not saved (a rotary ``inv_freq``) stay as they are, as a fresh load computes them."""
     model = copy_model(model)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.data = p.data.to(dtype)
-        for m in model.modules():
-            for name, b in m._buffers.items():
-                if b is not None and b.is_floating_point() and name not in m._non_persistent_buffers_set:
-                    m._buffers[name] = b.to(dtype)
+        for table, name, t in _saved_floats(model):
+            if isinstance(t, nn.Parameter):
+                t.data = t.data.to(dtype)
+            else:
+                table[name] = t.to(dtype)
+    return model
+
+
+def round_through(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` (in place, and returned) with its floating parameters and saved buffers
+    rounded to the values ``dtype`` holds, in their own dtype, layout and objects: a model
+    computed in float32 and written in ``bfloat16`` (:func:`stored_in`) is then measured as
+    it is written."""
+    with torch.no_grad():
+        for _table, _name, t in _saved_floats(model):
+            if t.dtype != dtype:
+                t.copy_(t.to(dtype))
     return model
 
 

@@ -167,3 +167,33 @@ def test_a_bias_compensation_adds_is_named_in_an_optimizer_built_from_named_para
     named2 = {n: p for g in opt2.param_groups for n, p in zip(g["param_names"], g["params"], strict=True)}
     assert named2 == {f"net.{n}": p for n, p in again.named_parameters()}
     assert torch.equal(opt2.state[again[2].bias]["exp_avg"], opt.state[model[2].bias]["exp_avg"])
+
+
+# -- a bfloat16 checkpoint: the report measures the weights as written, and pruning further starts there ---
+
+
+def test_a_bfloat16_checkpoints_report_measures_the_saved_weights_and_the_folder_prunes_further_from_them(
+    tmp_path, monkeypatch
+):
+    import json
+
+    pytest.importorskip("transformers")
+    from cleanai_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+    torch.save({"input_ids": torch.randint(0, 61, (16, 12), generator=g)}, "ids.pt")
+    common = ["--data", "ids.pt", "--ratio", "0.3", "--quiet", "--latency-repeats", "1", "--threads", "1"]
+    assert main(["prune", "--model", "hf:model", *common, "--out", "a"]) == 0
+    assert main(["prune", "--model", "a", *common, "--out", "b"]) == 0
+    first, second = (json.loads((tmp_path / d / "report.json").read_text()) for d in "ab")
+    # the same model, measured twice on the same held-out split: the first report gave the float32 pruned model's
+    # perplexity (written in bfloat16), and the second run computed in bfloat16
+    assert second["perplexity_before"] == first["perplexity_after"]
+    assert second["params_before"] == first["params_after"] > second["params_after"]
+    for d in "ab":
+        assert {v.dtype for v in torch.load(tmp_path / d / "model.pt").values() if v.is_floating_point()} == {
+            torch.bfloat16
+        }
+    assert load_pruned(tmp_path / "b").model.embed_tokens.weight.dtype == torch.bfloat16

@@ -30,7 +30,7 @@ from cleanai_core.job.inputs import (
 )
 from cleanai_core.job.outputs import check_out_dir, guard_out
 from cleanai_core.job.recovery import check_train_data
-from cleanai_core.model_state import copy_model, preserved, stored_in
+from cleanai_core.model_state import copy_model, preserved, round_through, stored_in
 from cleanai_core.pruning_report import input_shape
 from cleanai_core.runtime import device_of
 from cleanai_core.special_files import check_not_special
@@ -275,7 +275,14 @@ def _execute(
         raise UserError(f"{pruner.why_nothing_pruned()} (--round-to, --ratio); nothing was written.")
     before_acc = _evaluate(pm, model, eval_loader, device)
     repeats = int(cfg.get("latency_repeats") or 20)
-    pruned = pruner.prune()
+    stored = cfg.get("_stored_dtype")  # the dtype the folder is written in (bfloat16), narrower than the computing one
+
+    def rounded(m: Any) -> Any:
+        # measured as written: a bfloat16 checkpoint's report gave the float32 pruned model's perplexity, and the
+        # same folder pruned further (--model FOLDER) started from another one
+        return round_through(m, stored) if stored is not None else m
+
+    pruned = rounded(pruner.prune())
     after_acc = _evaluate(pm, pruned, eval_loader, device, pruned=True)
     recovery = None
     if cfg.get("recover_epochs"):
@@ -283,8 +290,8 @@ def _execute(
 
         evaluated: list[tuple[Any, dict[str, Any] | None]] = []  # (model, the evaluator's whole result)
 
-        def evaluate(m: Any) -> dict[str, Any] | None:
-            evaluated.append((m, _evaluate(pm, m, eval_loader, device, pruned=True)))
+        def evaluate(m: Any) -> dict[str, Any] | None:  # the recovered model (the job's own copy), as written
+            evaluated.append((m, _evaluate(pm, rounded(m), eval_loader, device, pruned=True)))
             return evaluated[-1][1]
 
         task = (before_acc or {}).get("recovery_task", "auto")  # how the labels align, where the evaluator says
@@ -292,7 +299,7 @@ def _execute(
         # the recovered model's whole result, on the same held-out split: a masked LM's report kept its accuracy
         # alone (perplexity_after and evaluation_tokens null, the perplexity row gone from report.md)
         done = [result for m, result in evaluated if m is pruned]
-        after_acc = done[-1] if done else _evaluate(pm, pruned, eval_loader, device, pruned=True)
+        after_acc = done[-1] if done else _evaluate(pm, rounded(pruned), eval_loader, device, pruned=True)
     lat_before, lat_after, repeats = _latencies(model, pruned, example, repeats)
 
     report = {

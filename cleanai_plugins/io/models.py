@@ -126,7 +126,7 @@ def load_saved_folder(path: Path, options: dict[str, Any]) -> nn.Module:
     ``--weights`` (e.g. the pruned model fine-tuned since) replace its weights. Writes back
     into ``options``: ``resolved_spec`` and ``arch_options`` (the unpruned architecture the
     new folder names again) and ``prior_history`` (replayed before this job's steps)."""
-    from cleanai_core.io import load_pruned
+    from cleanai_core.io import rebuild_pruned
     from cleanai_core.saved_folder import read_architecture, read_history
 
     if options.get("num_classes") is not None:
@@ -135,7 +135,13 @@ def load_saved_folder(path: Path, options: dict[str, Any]) -> nn.Module:
             "--num-classes (it applies to timm:/torchvision: specs)."
         )
     trust_code = bool(options.get("trust_folder_code"))
-    model = load_pruned(path, trust_model=bool(options.get("trust_model")), trust_code=trust_code)
+    # a bfloat16 checkpoint pruned by cleanai prune is computed in float32 and written back in bfloat16, as it was
+    # the first time (it was pruned in bfloat16, and its perplexity before differed from the first run's after)
+    model, stored = rebuild_pruned(
+        path, trust_model=bool(options.get("trust_model")), trust_code=trust_code, saved_dtypes=False
+    )
+    if stored is not None:
+        options["stored_dtype"] = stored
     spec, arch_options = read_architecture(path / "architecture.json", trust_code=trust_code)
     options.update(resolved_spec=spec, arch_options=arch_options, prior_history=read_history(path / "history.json"))
     if options.get("weights"):
