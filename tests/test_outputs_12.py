@@ -197,3 +197,20 @@ def test_a_bfloat16_checkpoints_report_measures_the_saved_weights_and_the_folder
             torch.bfloat16
         }
     assert load_pruned(tmp_path / "b").model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_a_cleanai_folder_given_as_hf_spec_is_named_as_such(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    from cleanai_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _tiny_llama().save_pretrained(tmp_path / "model")
+    torch.save({"input_ids": torch.randint(0, 61, (16, 12), generator=torch.Generator().manual_seed(0))}, "ids.pt")
+    common = ["--data", "ids.pt", "--ratio", "0.3", "--quiet", "--latency-repeats", "1", "--threads", "1"]
+    assert main(["prune", "--model", "hf:model", *common, "--out", "a"]) == 0
+    capsys.readouterr()
+    # it said "no such local folder, and 'a' is not in the Hugging Face cache ... Unrecognized model"
+    assert main(["prune", "--model", "hf:a", *common, "--out", "b"]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder `cleanai prune` wrote" in err and "without hf:" in err and "hf:a/hf" in err
+    assert not (tmp_path / "b").exists()
