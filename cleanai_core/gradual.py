@@ -380,6 +380,19 @@ class GradualPruner:
     def done(self) -> bool:
         return self.steps_done >= self.schedule.steps
 
+    @property
+    def history(self) -> Any:
+        """The steps done as one :class:`~cleanai_core.history.PruningHistory` (each step's
+        joined with :meth:`~cleanai_core.history.PruningHistory.then`): the one to replay on a
+        fresh model or to give ``save_pruned``, as ``StructuredPruner.history`` (there was only
+        the list ``histories``, one per step, which neither takes)."""
+        from cleanai_core.history import PruningHistory
+
+        joined = PruningHistory()
+        for h in self.histories:
+            joined = joined.then(h)
+        return joined
+
     def _increment(self) -> dict[str, float]:
         removed = self.schedule.removed_after(self.steps_done + 1)
         if self.by == "flops":

@@ -214,3 +214,48 @@ def test_a_cleanai_folder_given_as_hf_spec_is_named_as_such(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "is a folder `cleanai prune` wrote" in err and "without hf:" in err and "hf:a/hf" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_gradual_runs_history_saves_and_replays_the_model_it_pruned(tmp_path, monkeypatch):
+    import textwrap
+
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    (tmp_path / "cnn_o12.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+
+            def cnn():
+                torch.manual_seed(0)
+                return nn.Sequential(
+                    nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.ReLU(),
+                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+                )
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from cnn_o12 import cnn
+
+    batches = _batches()
+    model = cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gp = GradualPruner(model, batches[0][0][:2], opt, PruningSchedule(final=0.6, steps=3), by="ratio")
+    for _ in range(3):
+        _train(model, opt, batches)
+        gp.step(batches)
+    _train(model, opt, batches)
+    history = gp.history
+    assert len(history.steps) == sum(len(h.steps) for h in gp.histories) == 3
+    assert history.meta["added_biases"] == ["2"]  # compensation's bias, created once by the replay
+    save_pruned(tmp_path / "out", model, history, "cnn_o12:cnn")
+    loaded = load_pruned(tmp_path / "out", trust_code=True)
+    replayed = PruningHistory.from_json(history.to_json()).replay(cnn())
+    assert {n: p.shape for n, p in replayed.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
+    x = batches[0][0]
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model.eval()(x))
+    assert [p.shape[0] for p in (model[0].weight, model[2].weight)] == [7, 7]  # 16 * (1 - 0.6), rounded up
