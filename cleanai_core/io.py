@@ -196,7 +196,8 @@ def save_pruned(
     problem = _before_its_history(model, history)
     if problem:  # the folder was written, and load_pruned then called it damaged or tampered with
         raise UserError(f"save_pruned: {problem}. Nothing was written.")
-    problem = _rebuild_problem(spec, options, model, history, example_input_shape)
+    added: dict[str, dict[str, Any]] = {}  # plain attributes set after building (model.class_names): kept
+    problem = _rebuild_problem(spec, options, model, history, example_input_shape, added)
     if problem:  # written, then refused by load_pruned as "damaged or tampered with"
         raise UserError(f"save_pruned: {problem}. Nothing was written.")
     if example_input_shape is not None and (
@@ -231,6 +232,7 @@ def save_pruned(
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "example_input_shape": list(example_input_shape) if example_input_shape is not None else None,
             "settings": module_settings(model),  # bn.eps set after building was lost on reload
+            **({"added_settings": added} if added else {}),
         }
         atomic_write_text(tmp / "architecture.json", _json(arch))
         if save_pickle:
@@ -256,14 +258,21 @@ def _foreign_own_files(out: Path) -> list[str]:
 
 
 def _rebuild_problem(
-    spec: str, options: dict[str, Any], model: nn.Module, history: Any, example_input_shape: Any = None
+    spec: str,
+    options: dict[str, Any],
+    model: nn.Module,
+    history: Any,
+    example_input_shape: Any = None,
+    added: dict[str, dict[str, Any]] | None = None,
 ) -> str | None:
     """Why the folder would not load: the tensors of what ``load_pruned`` rebuilds (``spec``
     and ``options``, ``history`` replayed; built on the meta device, so nothing is
     allocated) do not fit ``model``'s, because a layer was replaced or a parametrization
     (``weight_norm``) added after the model was built. ``None`` when they fit, or when the
     architecture cannot be rebuilt here (a pickled model, a factory that needs real
-    tensors): ``load_pruned`` then says why."""
+    tensors): ``load_pruned`` then says why. ``added`` receives the plain attributes set on
+    ``model`` after it was built (the rebuilt model lacks them), by module name, for
+    ``architecture.json``'s ``added_settings``; the others are named in a warning."""
     from cleanai_core.saved_folder import state_dict_problems
 
     opts = dict(options, pretrained=False, weights=None, trust_model=False, trust_code=True)
@@ -278,8 +287,20 @@ def _rebuild_problem(
         state = model.state_dict()
         problems = [p for p in state_dict_problems(own, state) if "meta device" not in p]
         problems += _buffer_problems(fresh, model, state)
+        lost = [] if problems else _added_attributes(fresh, model, added if added is not None else {})
     except Exception:  # noqa: BLE001 - the check is best effort; load_pruned reports its own failures
         return None
+    if lost:
+        import warnings
+
+        warnings.warn(
+            f"save_pruned: {', '.join(lost)}, set on the model after it was built, "
+            f"{'is not a plain value' if len(lost) == 1 else 'are not plain values'} (numbers, text, flags or lists "
+            "of them, which architecture.json keeps): the model load_pruned returns will not have "
+            f"{'it' if len(lost) == 1 else 'them'}. Set them again after loading, or store them as plain values.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if not problems:
         return None
     hint = (
@@ -330,6 +351,29 @@ def _lazy_problem(spec: str, lazy: str) -> str:
         "shapes from a first input; give "
         "example_input_shape=[1, C, H, W] (the shape of one input) so that load_pruned can run it once"
     )
+
+
+def _added_attributes(fresh: nn.Module, model: nn.Module, added: dict[str, dict[str, Any]]) -> list[str]:
+    """Attributes of ``model``'s modules that the rebuilt ``fresh`` lacks (set after
+    building): the plain ones into ``added`` (by module name), and the names of the others,
+    which ``architecture.json`` cannot keep (``["model.meta (dict)"]``, at most 5)."""
+    from cleanai_core.saved_folder import module_settings, unsaved_setting
+
+    built = dict(fresh.named_modules())
+    plain = module_settings(model)
+    lost = []
+    for name, m in model.named_modules():
+        other = built.get(name)
+        if other is None:
+            continue
+        for key, value in vars(m).items():
+            if key in vars(other) or hasattr(other, key):
+                continue
+            if key in plain.get(name, {}):
+                added.setdefault(name, {})[key] = plain[name][key]
+            elif unsaved_setting(key, value):
+                lost.append(f"{'.'.join(['model', name] if name else ['model'])}.{key} ({type(value).__name__})")
+    return lost[:5]
 
 
 def _buffer_problems(fresh: nn.Module, model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
@@ -560,7 +604,8 @@ def rebuild_pruned(
     take_saved_form(model, state, dtypes=saved_dtypes or stored is None)
     model.load_state_dict(state_with_versions(model, state), strict=True)
     arch = out / "architecture.json"
-    apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location))
+    added = read_settings(arch, "added_settings")
+    apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location), added)
     return model.eval(), stored
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "read_state",
     "replay_history",
     "state_dict_problems",
+    "unsaved_setting",
 ]
 
 FORMAT_VERSION = 1
@@ -413,6 +414,12 @@ def _setting(key: str) -> bool:
     return not key.startswith("_") and key != "training" and "device" not in key
 
 
+def unsaved_setting(key: str, value: Any) -> bool:
+    """Whether a module's attribute ``key`` is a setting (see above) that ``architecture.json``
+    cannot keep: not a plain value (a dict, an object, a function)."""
+    return _setting(key) and not _plain(value)
+
+
 def module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every module's settings (see above), by module name, for ``architecture.json``."""
     out: dict[str, dict[str, Any]] = {}
@@ -423,15 +430,15 @@ def module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def read_settings(path: Path) -> dict[str, dict[str, Any]]:
-    """The ``settings`` of ``architecture.json`` (none in folders written before they were
-    saved), checked for form."""
-    settings = _read_json(path).get("settings") or {}
+def read_settings(path: Path, key: str = "settings") -> dict[str, dict[str, Any]]:
+    """The ``settings`` (or ``added_settings``) of ``architecture.json`` (none in folders
+    written before they were saved), checked for form."""
+    settings = _read_json(path).get(key) or {}
     if not isinstance(settings, dict) or not all(
         isinstance(k, str) and isinstance(v, dict) and all(isinstance(a, str) and _plain(x) for a, x in v.items())
         for k, v in settings.items()
     ):
-        raise _bad(path, "'settings' must map module names to objects of numbers, text and flags")
+        raise _bad(path, f"{key!r} must map module names to objects of numbers, text and flags")
     return settings
 
 
@@ -452,10 +459,15 @@ def apply_settings(
     path: Path | None = None,
     pm: Any = None,
     probe: torch.Tensor | None = None,
+    added: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Give ``model``'s modules the saved settings. Only an attribute the rebuilt module has,
     of the same kind, is set (values only: nothing is imported or called); others, e.g. from
     another version of the model's library, are left as the architecture builds them.
+    ``added``: the attributes ``save_pruned`` found set on the model after it was built
+    (``added_settings``: ``model.class_names``, a threshold), given to the modules that lack
+    them altogether (no attribute, method, parameter or submodule of that name; a tuple
+    comes back as a list). Before 2026-12-02 they were saved and then dropped.
 
     With ``path`` (the ``architecture.json`` they came from), every module whose settings
     changed is then checked by the plugin that claims it
@@ -466,6 +478,11 @@ def apply_settings(
     it, though it ran without them (a negative ``eps``, a stride of 0), are refused too."""
     modules = dict(model.named_modules())
     changes = []
+    for name, values in (added or {}).items():
+        m = modules.get(name)
+        for key, value in values.items() if m is not None else ():
+            if _setting(key) and key not in vars(m) and not hasattr(m, key):
+                changes.append((name, vars(m), key, value))
     for name, values in settings.items():
         m = modules.get(name)
         if m is None:

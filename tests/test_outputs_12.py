@@ -259,3 +259,55 @@ def test_a_gradual_runs_history_saves_and_replays_the_model_it_pruned(tmp_path, 
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model.eval()(x))
     assert [p.shape[0] for p in (model[0].weight, model[2].weight)] == [7, 7]  # 16 * (1 - 0.6), rounded up
+
+
+# -- attributes set on the model after it was built come back from load_pruned -----------------------
+
+
+def test_attributes_set_after_building_come_back_from_load_pruned_or_are_named(tmp_path, monkeypatch):
+    import json
+    import textwrap
+    import warnings
+
+    (tmp_path / "attrs_o12.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+
+            def net():
+                torch.manual_seed(0)
+                return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from attrs_o12 import net
+
+    model = net().eval()
+    model.class_names = ["cat", "dog", "eel", "fox"]
+    model.threshold = 0.7
+    model.meta = {"epochs": 3}  # not a plain value: named, not kept
+    model[0].note = "stem"
+    x = torch.rand(4, 3, 8, 8)
+    pruner = StructuredPruner(model, x[:1], pruning_ratio=0.5)
+    pruner.collect_activations([x], progress=False)
+    pruned = pruner.prune()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        save_pruned(tmp_path / "out", pruned, pruner.history, "attrs_o12:net")
+    said = [str(w.message) for w in caught if "save_pruned" in str(w.message)]
+    assert len(said) == 1 and "model.meta (dict)" in said[0] and "class_names" not in said[0]
+    loaded = load_pruned(tmp_path / "out", trust_code=True)
+    # architecture.json held them under 'settings', and load_pruned dropped them: the rebuilt modules lack them
+    assert loaded.class_names == ["cat", "dog", "eel", "fox"] and loaded.threshold == 0.7 and loaded[0].note == "stem"
+    assert not hasattr(loaded, "meta")
+    arch = json.loads((tmp_path / "out" / "architecture.json").read_text())
+    assert arch["added_settings"] == {
+        "": {"class_names": ["cat", "dog", "eel", "fox"], "threshold": 0.7},
+        "0": {"note": "stem"},
+    }
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
