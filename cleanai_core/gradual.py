@@ -280,6 +280,23 @@ def _check_follower(net: nn.Module, follower: nn.Module, i: int) -> None:
         )
 
 
+def _warn_unoptimized(held: set[int], old: dict[str, nn.Parameter], new: dict[str, nn.Parameter]) -> None:
+    """A warning naming the trainable parameters a step replaced that none of the given
+    optimizers held (``held``: their parameters' ids before the step): an optimizer not given
+    to :class:`GradualPruner` (a second one, for the head) kept stepping the old tensors, and
+    that part of the model never trained again, without a word."""
+    missed = [n for n, p in old.items() if p.requires_grad and id(p) not in held and new.get(n) is not p]
+    if missed:
+        warnings.warn(
+            f"this step replaced the trainable parameter(s) {missed[:5]}, which no optimizer given to GradualPruner "
+            "holds: an optimizer of yours that holds them now steps tensors the model no longer uses. Give every "
+            "optimizer: GradualPruner(model, x, [optimizer, head_optimizer], ...), or set requires_grad=False on "
+            "parameters you do not train",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def _every_name(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
 
@@ -293,7 +310,8 @@ class GradualPruner:
 
     :param model: the model being trained; sliced in place (the same object throughout).
     :param example_inputs: one batch of inputs for tracing.
-    :param optimizer: its optimizer; after each step it holds the new parameters with
+    :param optimizer: its optimizer, or a list of them where several train parts of the
+        model (one for the backbone, one for the head); after each step each holds the new parameters with
         their state and gradients sliced (the same object: LR schedulers keep working).
     :param schedule: a :class:`PruningSchedule`.
     :param by: ``"flops"`` (the schedule is the share of FLOPs removed) or ``"ratio"``
@@ -315,7 +333,7 @@ class GradualPruner:
         self,
         model: nn.Module,
         example_inputs: Any,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | tuple[torch.optim.Optimizer, ...],
         schedule: PruningSchedule,
         *,
         by: str = "flops",
@@ -328,12 +346,14 @@ class GradualPruner:
         from cleanai_core.pruner import StructuredPruner
 
         options.check_model(model, "GradualPruner")
-        if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
             raise UserError(
-                f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {shown(optimizer)}"
+                "optimizer must be a torch.optim.Optimizer over the model's parameters (or a list of them), got "
+                f"{shown(optimizer)}"
             )
         own = {id(q) for q in model.parameters()}
-        if not any(id(q) in own for g in optimizer.param_groups for q in g["params"]):
+        if not any(id(q) in own for o in optimizers for g in o.param_groups for q in g["params"]):
             # training would then step tensors the model no longer uses, and the model would never change
             raise UserError(
                 "the optimizer holds none of the model's parameters; build it over this model "
@@ -353,6 +373,7 @@ class GradualPruner:
             if key in pruner_options:
                 raise UserError(f"GradualPruner sets {key} itself from the schedule; remove it from the options")
         self.model, self.example_inputs, self.optimizer = model, example_inputs, optimizer
+        self._optimizers = optimizers
         # a torch.compile wrapper: the steps prune the module it runs (step() returns the wrapper; through it,
         # each step's tracing and calibration ran TorchDynamo, and the replayed history did not find its names)
         self.net = options.compiled_inner(model)
@@ -403,7 +424,8 @@ class GradualPruner:
 
     def step(self, data: Any, num_batches: int | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Prune the next increment, scoring on ``data`` (a loader of batches), and
-        return ``(model, optimizer)`` — the same objects, sliced. After the last step it
+        return ``(model, optimizer)`` — the same objects (the optimizer as given: one or a
+        list), sliced. After the last step it
         changes nothing."""
         if self.done:
             return self.model, self.optimizer
@@ -429,7 +451,8 @@ class GradualPruner:
             self.histories.append(PruningHistory())
             self.steps_done += 1
             return
-        check_optimizer_state(self.optimizer, dict(self.net.named_parameters()))
+        for opt in self._optimizers:
+            check_optimizer_state(opt, dict(self.net.named_parameters()))
         for i, f in enumerate(self.followers):  # in step with the model, or nothing changes
             _check_follower(self.net, f, i)
         # a step that fails before pruning (a NaN batch the calibration refuses) puts back the
@@ -459,7 +482,11 @@ class GradualPruner:
             pruner.prune()
         kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
         del tagged
-        slice_optimizer(self.optimizer, old_params, dict(self.net.named_parameters()), kept, _every_name(self.net))
+        held = {id(p) for o in self._optimizers for g in o.param_groups for p in g["params"]}
+        new_params = dict(self.net.named_parameters())
+        for opt in self._optimizers:
+            slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net))
+        _warn_unoptimized(held, old_params, new_params)
         with torch.no_grad():
             for f in self.followers:
                 pruner.history.replay(f)
@@ -546,7 +573,8 @@ class GradualPruner:
                     kept = kept_indices(tagged, [e for step in history.steps for e in step])
                     del tagged
                     new_params = dict(self.net.named_parameters())
-                    slice_optimizer(self.optimizer, old_params, new_params, kept, _every_name(self.net))
+                    for opt in self._optimizers:
+                        slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net))
             if shapes() != want:
                 raise UserError(
                     "the checkpoint's pruning steps do not bring this model to the checkpoint's shapes: build the "

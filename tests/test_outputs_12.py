@@ -311,3 +311,52 @@ def test_attributes_set_after_building_come_back_from_load_pruned_or_are_named(t
     }
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned(x))
+
+
+# -- GradualPruner and a model trained by several optimizers -----------------------------------------
+
+
+def _two_optimizers(model):
+    backbone = torch.optim.SGD(
+        [p for n, p in model.named_parameters() if not n.startswith("6.")], lr=0.05, momentum=0.9
+    )
+    return backbone, torch.optim.Adam(model[6].parameters(), lr=1e-2)
+
+
+def test_gradual_pruning_keeps_every_optimizer_it_is_given_and_names_parameters_none_holds():
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    batches = _batches()
+    model = _cnn()
+    backbone, head = _two_optimizers(model)
+
+    def train(m, optimizers):
+        import torch.nn.functional as F
+
+        m.train()
+        for xb, yb in batches:
+            for o in optimizers:
+                o.zero_grad()
+            F.cross_entropy(m(xb), yb).backward()
+            for o in optimizers:
+                o.step()
+
+    train(model, (backbone, head))
+    exp_avg = head.state[model[6].weight]["exp_avg"].clone()
+    gp = GradualPruner(model, batches[0][0][:2], [backbone, head], PruningSchedule(final=0.5, steps=2), by="ratio")
+    assert gp.step(batches)[1] == [backbone, head]
+    kept = gp.histories[0].steps[0]
+    cols = next(e.keep for e in kept if e.module == "6" and e.slice != "outputs")  # the head's kept inputs
+    # the head's optimizer holds the new weight, its Adam state sliced with it, and it trains on
+    assert any(p is model[6].weight for p in head.param_groups[0]["params"])
+    assert torch.equal(head.state[model[6].weight]["exp_avg"], exp_avg[:, cols])
+    before = model[6].weight.detach().clone()
+    train(model, (backbone, head))
+    assert not torch.equal(before, model[6].weight)
+    # given the backbone's optimizer alone, the head's kept stepping the old tensors: the head never trained again
+    other = _cnn()
+    backbone, head = _two_optimizers(other)
+    train(other, (backbone, head))
+    gp = GradualPruner(other, batches[0][0][:2], backbone, PruningSchedule(final=0.5, steps=2), by="ratio")
+    with pytest.warns(RuntimeWarning, match=r"replaced the trainable parameter\(s\) \['6.weight'.*no optimizer given"):
+        gp.step(batches)
