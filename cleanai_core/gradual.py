@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -297,6 +298,19 @@ def _warn_unoptimized(held: set[int], old: dict[str, nn.Parameter], new: dict[st
         )
 
 
+def _without_autocast() -> contextlib.ExitStack:
+    """A context that switches off the caller's ``torch.autocast`` (CPU, and CUDA where there
+    is one): a step measures, scores, compensates and verifies in the model's own dtype. A
+    step called inside a training loop's ``torch.autocast("cpu", dtype=torch.bfloat16)``
+    scored on bfloat16 activations and refreshed the BatchNorm statistics from them: a
+    ResNet-18 lost other channels than the same step outside it."""
+    stack = contextlib.ExitStack()
+    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
+
+
 def _every_name(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
 
@@ -434,7 +448,7 @@ class GradualPruner:
         # model.train(training) switched it back to train mode); the step under the user's
         # inference_mode made the parameters inference tensors, which training cannot use
         modes = {name: m.training for name, m in self.net.named_modules()}
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), _without_autocast():
             self._step(data, num_batches)
         for name, m in self.net.named_modules():
             m.training = modes.get(name, self.net.training)

@@ -360,3 +360,30 @@ def test_gradual_pruning_keeps_every_optimizer_it_is_given_and_names_parameters_
     gp = GradualPruner(other, batches[0][0][:2], backbone, PruningSchedule(final=0.5, steps=2), by="ratio")
     with pytest.warns(RuntimeWarning, match=r"replaced the trainable parameter\(s\) \['6.weight'.*no optimizer given"):
         gp.step(batches)
+
+
+def test_a_gradual_step_inside_a_bfloat16_autocast_training_loop_prunes_as_outside_it():
+    from torch import nn
+
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    def run(autocast: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, bias=False),
+            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+        )  # fmt: skip
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        _train(model, opt, batches)
+        gp = GradualPruner(model, batches[0][0][:2], opt, PruningSchedule(final=0.5, steps=2), by="ratio")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the user's training loop's context
+            gp.step(batches)
+        return model, gp
+
+    batches = _batches()
+    (plain, gp_plain), (amp, gp_amp) = run(False), run(True)
+    # the step scored on bfloat16 activations and refreshed the BatchNorm statistics from them: other weights
+    # (1e-3 apart here; other channels on a ResNet-18)
+    assert gp_amp.history.to_json() == gp_plain.history.to_json()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), amp.state_dict().values(), strict=True))
+    assert plain[0].weight.shape[0] < 16
