@@ -363,8 +363,8 @@ class GradualPruner:
         optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
             raise UserError(
-                "optimizer must be a torch.optim.Optimizer over the model's parameters (or a list of them), got "
-                f"{shown(optimizer)}"
+                "optimizer must be a torch.optim.Optimizer (or a list of them, one per part of the model) over the "
+                f"model's parameters, got {shown(optimizer)}"
             )
         own = {id(q) for q in model.parameters()}
         if not any(id(q) in own for o in optimizers for g in o.param_groups for q in g["params"]):

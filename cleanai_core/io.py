@@ -185,6 +185,7 @@ def save_pruned(
     check_not_meta(model)  # NotImplementedError: Cannot copy out of meta tensor
     check_masks(model)  # "the history's step 0 slices 3.weight, which this model does not have" (weight_orig)
     nan = nan_tensor(model.state_dict())
+    _check_extra_state(model)
     if nan:  # written, then refused by load_pruned as damaged
         raise UserError(
             f"save_pruned: the model is not finite: {nan}; load_pruned would refuse it. Nothing was written."
@@ -446,9 +447,41 @@ def _before_its_history(model: nn.Module, history: Any) -> str | None:
     )
 
 
-def _saved_tensor(v: torch.Tensor) -> torch.Tensor:
+def _check_extra_state(model: nn.Module) -> None:
+    """A :class:`UserError` where a module's extra state (``get_extra_state()``) is not plain
+    data that ``load_pruned`` reads without running code (``torch.load(weights_only=True)``:
+    tensors, numbers, text, lists and dicts of them). Such a module's state crashed
+    ``save_pruned`` (``AttributeError: 'dict' object has no attribute 'layout'``)."""
+    import io as _io
+
+    from cleanai_core.saved_folder import is_extra_state
+
+    extra = {k: v for k, v in model.state_dict().items() if is_extra_state(k)}
+    if not extra:
+        return
+    buffer = _io.BytesIO()
+    try:
+        torch.save(extra, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception:  # noqa: BLE001 - pickling or the safe loader refusing: either way not plain data
+        owners = [k.rpartition(".")[0] for k in extra]
+        names = ", ".join(f"module {o!r}" if o else "the model" for o in owners[:3])
+        raise UserError(
+            f"save_pruned: the extra state of {names} (get_extra_state()) is not plain data, which model.pt must hold "
+            "for load_pruned to read it without running code: return tensors, numbers, text, or lists and dicts of "
+            "them from get_extra_state. Nothing was written."
+        ) from None
+
+
+def _saved_tensor(v: Any) -> Any:
     """``v`` on the CPU, dense in the layout it had (a sparse buffer as it is: it has no
-    memory format, and ``contiguous`` refused it before 2026-12-02)."""
+    memory format, and ``contiguous`` refused it before 2026-12-02). A module's extra state
+    (not a tensor) with its tensors on the CPU."""
+    if not isinstance(v, torch.Tensor):
+        from torch.utils._pytree import tree_map
+
+        return tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, v)
     v = v.detach().cpu()
     return v if v.layout != torch.strided else v.contiguous(memory_format=memory_format_of(v))
 
@@ -613,7 +646,7 @@ def narrower_stored_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> t
     """The one floating dtype of ``state``'s tensors where it is narrower than the float32
     every corresponding tensor of ``model`` has (``None`` otherwise: mixed dtypes, float64...)."""
     own = dict([*model.named_parameters(), *model.named_buffers()])
-    floats = [k for k, v in state.items() if v.is_floating_point() and k in own]
+    floats = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and k in own]
     saved = {state[k].dtype for k in floats}
     if len(saved) != 1 or {own[k].dtype for k in floats} != {torch.float32}:
         return None

@@ -72,6 +72,7 @@ __all__ = [
     "reads_preserved",
     "state_with_versions",
     "round_through",
+    "state_copy",
     "stored_in",
     "transplant",
     "user_hooks",
@@ -720,6 +721,16 @@ def user_hooks_off(model: nn.Module) -> Iterator[None]:
         for where, table in tables.items():
             table.clear()
             table.update(saved[where])
+
+
+def state_copy(model: nn.Module) -> dict[str, Any]:
+    """A copy of ``model.state_dict()``: its tensors detached and cloned, a module's extra
+    state (``get_extra_state()``: a dict of class names and tensors) rebuilt with its tensors
+    cloned (``v.detach()`` on it raised "'dict' object has no attribute 'detach'")."""
+    from torch.utils._pytree import tree_map
+
+    clone = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return {k: clone(v) if isinstance(v, torch.Tensor) else tree_map(clone, v) for k, v in model.state_dict().items()}
 
 
 def state_with_versions(model: nn.Module, state: dict[str, torch.Tensor]) -> OrderedDict:

@@ -48,7 +48,9 @@ __all__ = [
     "read_probe",
     "read_state",
     "replay_history",
+    "is_extra_state",
     "state_dict_problems",
+    "tensors_of",
     "unsaved_setting",
 ]
 
@@ -57,6 +59,7 @@ ARCH_OPTIONS = ("num_classes", "model_kwargs")
 _MAX_INDEX = 2**62  # a channel index beyond this is no tensor's: torch cannot even hold it
 _MAX_DIMS = 64  # torch's limit on a tensor's dimensions
 _REPLAY_ERRORS = (IndexError, KeyError, RuntimeError, ValueError, TypeError, AttributeError)
+_EXTRA_STATE = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX  # "_extra_state": get_extra_state()'s value
 
 
 def _bad(path: Path | str, problem: str) -> UserError:
@@ -307,7 +310,7 @@ def read_state(path: Path, model: nn.Module, map_location: Any = "cpu", state: d
         except Exception as exc:
             raise _bad(path, f"cannot be read as plain tensors ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        isinstance(k, str) and (isinstance(v, torch.Tensor) or is_extra_state(k)) for k, v in state.items()
     ):
         raise _bad(path, "does not hold a state_dict (a dict of names to tensors)")
     _add_missing_biases(model, state)
@@ -322,19 +325,32 @@ def read_state(path: Path, model: nn.Module, map_location: Any = "cpu", state: d
     return state
 
 
+def is_extra_state(key: str) -> bool:
+    """Whether a ``state_dict`` key holds a module's extra state (``get_extra_state()``, any
+    value the module returns: ``<module>._extra_state``)."""
+    return key.rpartition(".")[2] == _EXTRA_STATE
+
+
+def tensors_of(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``state`` without the modules' extra state (values that need not be tensors)."""
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) or not is_extra_state(k)}
+
+
 def nan_tensor(state: dict[str, torch.Tensor]) -> str | None:
     """Which tensor of a state_dict holds NaN, in words, or ``None``. Inf is allowed: a
     buffer may start there (quantization observers), and parameters are checked for it
     when the model is pruned (:func:`~cleanai_core.options.check_finite`)."""
-    found = non_finite(((k, v) for k, v in state.items() if v.layout == torch.strided), allow_inf=True)
+    found = non_finite(((k, v) for k, v in tensors_of(state).items() if v.layout == torch.strided), allow_inf=True)
     return None if found is None else f"{found[0]} holds {found[1]} NaN value(s) (of {found[2]})"
 
 
 def state_dict_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
     """How ``state`` fails to fit a model whose ``state_dict`` is ``own``: missing and
-    unexpected keys, shapes, integer-vs-float dtypes (empty when it fits)."""
+    unexpected keys, shapes, integer-vs-float dtypes (empty when it fits). A module's extra
+    state (``get_extra_state``: ``..._extra_state``, any plain value) counts as a key only."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    own, state = tensors_of(own), tensors_of(state)
     shapes = [
         f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
@@ -372,7 +388,7 @@ def _add_missing_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
     (folders written before ``added_biases`` was recorded). Only a 1-d bias that fits the
     layer's weight is created."""
     own = model.state_dict()
-    for key, value in state.items():
+    for key, value in tensors_of(state).items():
         mod_name, _, attr = key.rpartition(".")
         if key in own or attr != "bias" or value.dim() != 1:
             continue

@@ -387,3 +387,64 @@ def test_a_gradual_step_inside_a_bfloat16_autocast_training_loop_prunes_as_outsi
     assert gp_amp.history.to_json() == gp_plain.history.to_json()
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), amp.state_dict().values(), strict=True))
     assert plain[0].weight.shape[0] < 16
+
+
+# -- a module's extra state (get_extra_state) through save_pruned, load_pruned and recover -------
+
+
+EXTRA_STATE_NET = """
+import torch
+from torch import nn
+
+
+class Labelled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        self.classes = ["a", "b", "c", "d"]
+        self.calib = torch.zeros(4)
+
+    def get_extra_state(self):
+        return {"classes": self.classes, "calib": self.calib}
+
+    def set_extra_state(self, state):
+        self.classes, self.calib = list(state["classes"]), state["calib"]
+
+    def forward(self, x):
+        return self.body(x) + self.calib
+"""
+
+
+def test_a_models_extra_state_saves_loads_and_survives_recovery(tmp_path, monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from cleanai_core.errors import UserError
+    from cleanai_core.recovery import recover
+
+    (tmp_path / "extra_o12.py").write_text(EXTRA_STATE_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from extra_o12 import Labelled
+
+    model = Labelled().eval()
+    model.classes, model.calib = ["cat", "dog", "eel", "fox"], torch.tensor([0.1, 0.2, 0.3, 0.4])
+    x = torch.rand(8, 3, 8, 8)
+    pruner = StructuredPruner(model, x[:1], pruning_ratio=0.5)
+    pruner.collect_activations([x], progress=False)
+    pruned = pruner.prune()
+    # save_pruned raised AttributeError: 'dict' object has no attribute 'layout'
+    save_pruned(tmp_path / "out", pruned, pruner.history, "extra_o12:Labelled")
+    loaded = load_pruned(tmp_path / "out", trust_code=True)
+    assert loaded.classes == ["cat", "dog", "eel", "fox"] and torch.equal(loaded.calib, pruned.calib)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    # recover() raised AttributeError: 'dict' object has no attribute 'detach' (its copy of the best epoch)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g))
+    recovered, _ = recover(pruned, model, data, epochs=1, progress=False)
+    assert recovered.classes == ["cat", "dog", "eel", "fox"] and torch.equal(recovered.calib, pruned.calib)
+    pruned.classes = object()  # not plain data: refused before anything is written
+    with pytest.raises(UserError, match="extra state of the model .*not plain data"):
+        save_pruned(tmp_path / "bad", pruned, pruner.history, "extra_o12:Labelled")
+    assert not (tmp_path / "bad").exists()
