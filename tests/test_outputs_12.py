@@ -448,3 +448,27 @@ def test_a_models_extra_state_saves_loads_and_survives_recovery(tmp_path, monkey
     with pytest.raises(UserError, match="extra state of the model .*not plain data"):
         save_pruned(tmp_path / "bad", pruned, pruner.history, "extra_o12:Labelled")
     assert not (tmp_path / "bad").exists()
+
+
+def test_cleanai_prune_takes_weights_with_a_models_extra_state_and_writes_it_back(tmp_path, monkeypatch):
+    import json
+
+    from cleanai_core.cli import main
+
+    (tmp_path / "extra_o12b.py").write_text(EXTRA_STATE_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    from extra_o12b import Labelled
+
+    model = Labelled()
+    model.classes, model.calib = ["cat", "dog", "eel", "fox"], torch.tensor([0.1, 0.2, 0.3, 0.4])
+    torch.save(model.state_dict(), "w.pt")
+    g = torch.Generator().manual_seed(0)
+    torch.save((torch.rand(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)), "d.pt")
+    common = ["--data", "d.pt", "--ratio", "0.5", "--quiet", "--latency-repeats", "1", "--recover-epochs", "1"]
+    # "'w.pt' does not hold a state_dict (a dict of parameter names to tensors)"
+    assert main(["prune", "--model", "extra_o12b:Labelled", "--weights", "w.pt", *common, "--out", "o"]) == 0
+    loaded = load_pruned(tmp_path / "o", trust_code=True)
+    assert loaded.classes == ["cat", "dog", "eel", "fox"] and torch.equal(loaded.calib, model.calib)
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert sum(p.numel() for p in loaded.parameters()) == report["params_after"] < report["params_before"]

@@ -30,7 +30,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.saved_folder import nan_tensor, state_dict_problems
+from cleanai_core.saved_folder import is_extra_state, nan_tensor, state_dict_problems, tensors_of
 from cleanai_core.special_files import check_not_packed, check_not_special
 
 log = logging.getLogger("cleanai")
@@ -192,7 +192,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(
+        isinstance(v, torch.Tensor) or (isinstance(k, str) and is_extra_state(k)) for k, v in obj.items()
+    ):  # a module's extra state (get_extra_state) may be any plain value
         raise UserError(f"{str(path)!r} does not hold a state_dict (a dict of parameter names to tensors).")
     # the prefixes of DataParallel / DistributedDataParallel and of torch.compile (a compiled model's
     # state_dict named every tensor '_orig_mod.*' and did not fit the architecture), in any nesting
@@ -262,7 +264,7 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
         )
     # a model built on the meta device (shapes only) takes the file's tensors themselves: copying into
     # it was a no-op with a warning per tensor, and the run then failed on a model without values
-    assign = any(t.is_meta for t in model.state_dict().values())
+    assign = any(t.is_meta for t in tensors_of(model.state_dict()).values())
     try:
         model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
