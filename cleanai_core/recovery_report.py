@@ -33,7 +33,10 @@ def _evaluated(rec: dict[str, Any]) -> str | None:
 def _fig(rec: dict[str, Any], value: Any) -> str:
     if value is None:
         return "n/a"
-    return f"{100 * value:.2f}%" if rec.get("evaluation_metric") == "error_rate" else f"{value:.4g}"
+    metric = rec.get("evaluation_metric")  # as the report's headline rows write them
+    if metric == "error_rate":
+        return f"{100 * value:.2f}%"
+    return f"{value:.3f}" if metric == "perplexity" else f"{value:.4g}"
 
 
 def _gap_text(rec: dict[str, Any], sentence: bool = False) -> str:
