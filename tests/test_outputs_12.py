@@ -192,6 +192,9 @@ def test_a_bfloat16_checkpoints_report_measures_the_saved_weights_and_the_folder
     # perplexity (written in bfloat16), and the second run computed in bfloat16
     assert second["perplexity_before"] == first["perplexity_after"]
     assert second["params_before"] == first["params_after"] > second["params_after"]
+    # "before" is the folder's pruned model: the report says it was pruned before (it read as the original)
+    assert first["pruned_before_steps"] is None and second["pruned_before_steps"] == 1
+    assert "pruned before by CleanAI in 1 step(s)" in (tmp_path / "b" / "report.md").read_text()
     for d in "ab":
         assert {v.dtype for v in torch.load(tmp_path / d / "model.pt").values() if v.is_floating_point()} == {
             torch.bfloat16

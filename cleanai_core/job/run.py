@@ -338,6 +338,8 @@ def _execute(
         "evaluation_samples": len(held) if held is not None else 0,
         "input_shape": input_shape(example),
         "recovery": recovery,
+        # --model FOLDER: the figures "before" are the folder's pruned model's; its own steps come first in history.json
+        "pruned_before_steps": len(cfg["_prior_history"].steps) if cfg.get("_prior_history") is not None else None,
     }
     if any(cfg.get(k) is not None for k in ("target_flops", "target_params", "target_latency")):
         report["pruning_ratio"] = None  # --auto: the allocation's target (the pruner itself has none)
