@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -224,8 +225,16 @@ def slice_optimizer(
             continue
         sibling = (every_name or new_params).get(name.rpartition(".")[0] + ".weight")
         for group in optimizer.param_groups:
-            if sibling is not None and any(r is sibling for r in group["params"]):
+            at = next((i for i, r in enumerate(group["params"]) if r is sibling), None) if sibling is not None else None
+            if at is not None:
                 group["params"].append(q)
+                if isinstance(group.get("param_names"), list) and len(group["param_names"]) == len(group["params"]) - 1:
+                    # an optimizer built from named_parameters(): the names stay aligned with the tensors, in the
+                    # user's spelling of the weight's name (the bias went unnamed, and every name after the
+                    # appended tensor's place in optimizer.state_dict() was one short)
+                    owner = str(group["param_names"][at]).rpartition(".")[0]
+                    leaf = name.rpartition(".")[2]
+                    group["param_names"].append(f"{owner}.{leaf}" if owner else leaf)
                 break
 
 
@@ -272,6 +281,36 @@ def _check_follower(net: nn.Module, follower: nn.Module, i: int) -> None:
         )
 
 
+def _warn_unoptimized(held: set[int], old: dict[str, nn.Parameter], new: dict[str, nn.Parameter]) -> None:
+    """A warning naming the trainable parameters a step replaced that none of the given
+    optimizers held (``held``: their parameters' ids before the step): an optimizer not given
+    to :class:`GradualPruner` (a second one, for the head) kept stepping the old tensors, and
+    that part of the model never trained again, without a word."""
+    missed = [n for n, p in old.items() if p.requires_grad and id(p) not in held and new.get(n) is not p]
+    if missed:
+        warnings.warn(
+            f"this step replaced the trainable parameter(s) {missed[:5]}, which no optimizer given to GradualPruner "
+            "holds: an optimizer of yours that holds them now steps tensors the model no longer uses. Give every "
+            "optimizer: GradualPruner(model, x, [optimizer, head_optimizer], ...), or set requires_grad=False on "
+            "parameters you do not train",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _without_autocast() -> contextlib.ExitStack:
+    """A context that switches off the caller's ``torch.autocast`` (CPU, and CUDA where there
+    is one): a step measures, scores, compensates and verifies in the model's own dtype. A
+    step called inside a training loop's ``torch.autocast("cpu", dtype=torch.bfloat16)``
+    scored on bfloat16 activations and refreshed the BatchNorm statistics from them: a
+    ResNet-18 lost other channels than the same step outside it."""
+    stack = contextlib.ExitStack()
+    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
+
+
 def _every_name(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
 
@@ -285,7 +324,8 @@ class GradualPruner:
 
     :param model: the model being trained; sliced in place (the same object throughout).
     :param example_inputs: one batch of inputs for tracing.
-    :param optimizer: its optimizer; after each step it holds the new parameters with
+    :param optimizer: its optimizer, or a list of them where several train parts of the
+        model (one for the backbone, one for the head); after each step each holds the new parameters with
         their state and gradients sliced (the same object: LR schedulers keep working).
     :param schedule: a :class:`PruningSchedule`.
     :param by: ``"flops"`` (the schedule is the share of FLOPs removed) or ``"ratio"``
@@ -307,7 +347,7 @@ class GradualPruner:
         self,
         model: nn.Module,
         example_inputs: Any,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | tuple[torch.optim.Optimizer, ...],
         schedule: PruningSchedule,
         *,
         by: str = "flops",
@@ -320,12 +360,14 @@ class GradualPruner:
         from cleanai_core.pruner import StructuredPruner
 
         options.check_model(model, "GradualPruner")
-        if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
             raise UserError(
-                f"optimizer must be a torch.optim.Optimizer over the model's parameters, got {shown(optimizer)}"
+                "optimizer must be a torch.optim.Optimizer (or a list of them, one per part of the model) over the "
+                f"model's parameters, got {shown(optimizer)}"
             )
         own = {id(q) for q in model.parameters()}
-        if not any(id(q) in own for g in optimizer.param_groups for q in g["params"]):
+        if not any(id(q) in own for o in optimizers for g in o.param_groups for q in g["params"]):
             # training would then step tensors the model no longer uses, and the model would never change
             raise UserError(
                 "the optimizer holds none of the model's parameters; build it over this model "
@@ -345,6 +387,7 @@ class GradualPruner:
             if key in pruner_options:
                 raise UserError(f"GradualPruner sets {key} itself from the schedule; remove it from the options")
         self.model, self.example_inputs, self.optimizer = model, example_inputs, optimizer
+        self._optimizers = optimizers
         # a torch.compile wrapper: the steps prune the module it runs (step() returns the wrapper; through it,
         # each step's tracing and calibration ran TorchDynamo, and the replayed history did not find its names)
         self.net = options.compiled_inner(model)
@@ -372,6 +415,19 @@ class GradualPruner:
     def done(self) -> bool:
         return self.steps_done >= self.schedule.steps
 
+    @property
+    def history(self) -> Any:
+        """The steps done as one :class:`~cleanai_core.history.PruningHistory` (each step's
+        joined with :meth:`~cleanai_core.history.PruningHistory.then`): the one to replay on a
+        fresh model or to give ``save_pruned``, as ``StructuredPruner.history`` (there was only
+        the list ``histories``, one per step, which neither takes)."""
+        from cleanai_core.history import PruningHistory
+
+        joined = PruningHistory()
+        for h in self.histories:
+            joined = joined.then(h)
+        return joined
+
     def _increment(self) -> dict[str, float]:
         removed = self.schedule.removed_after(self.steps_done + 1)
         if self.by == "flops":
@@ -382,7 +438,8 @@ class GradualPruner:
 
     def step(self, data: Any, num_batches: int | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Prune the next increment, scoring on ``data`` (a loader of batches), and
-        return ``(model, optimizer)`` — the same objects, sliced. After the last step it
+        return ``(model, optimizer)`` — the same objects (the optimizer as given: one or a
+        list), sliced. After the last step it
         changes nothing."""
         if self.done:
             return self.model, self.optimizer
@@ -391,7 +448,7 @@ class GradualPruner:
         # model.train(training) switched it back to train mode); the step under the user's
         # inference_mode made the parameters inference tensors, which training cannot use
         modes = {name: m.training for name, m in self.net.named_modules()}
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), _without_autocast():
             self._step(data, num_batches)
         for name, m in self.net.named_modules():
             m.training = modes.get(name, self.net.training)
@@ -408,7 +465,8 @@ class GradualPruner:
             self.histories.append(PruningHistory())
             self.steps_done += 1
             return
-        check_optimizer_state(self.optimizer, dict(self.net.named_parameters()))
+        for opt in self._optimizers:
+            check_optimizer_state(opt, dict(self.net.named_parameters()))
         for i, f in enumerate(self.followers):  # in step with the model, or nothing changes
             _check_follower(self.net, f, i)
         # a step that fails before pruning (a NaN batch the calibration refuses) puts back the
@@ -438,7 +496,11 @@ class GradualPruner:
             pruner.prune()
         kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
         del tagged
-        slice_optimizer(self.optimizer, old_params, dict(self.net.named_parameters()), kept, _every_name(self.net))
+        held = {id(p) for o in self._optimizers for g in o.param_groups for p in g["params"]}
+        new_params = dict(self.net.named_parameters())
+        for opt in self._optimizers:
+            slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net))
+        _warn_unoptimized(held, old_params, new_params)
         with torch.no_grad():
             for f in self.followers:
                 pruner.history.replay(f)
@@ -525,7 +587,8 @@ class GradualPruner:
                     kept = kept_indices(tagged, [e for step in history.steps for e in step])
                     del tagged
                     new_params = dict(self.net.named_parameters())
-                    slice_optimizer(self.optimizer, old_params, new_params, kept, _every_name(self.net))
+                    for opt in self._optimizers:
+                        slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net))
             if shapes() != want:
                 raise UserError(
                     "the checkpoint's pruning steps do not bring this model to the checkpoint's shapes: build the "

@@ -118,7 +118,7 @@ class PruningHistory:
                     "architecture it was recorded on; the model was not changed."
                 ) from None
             check_result(self, i, before, work, "this history", "; the model was not changed.")
-        problem = add_recorded_biases(work, self.meta.get("added_biases", ()))
+        problem = add_recorded_biases(work, self.meta.get("added_biases", ()), pm)
         if problem:
             raise UserError(f"this history adds a bias to {problem}; the model was not changed.")
         transplant(model, work)
@@ -224,12 +224,19 @@ def shapes_sliced(model: nn.Module, edits: list[SliceEdit]) -> dict[str, list[in
     return out
 
 
-def add_recorded_biases(model: nn.Module, names: Any) -> str | None:
+def add_recorded_biases(model: nn.Module, names: Any, pm: Any = None) -> str | None:
     """Give each layer named in ``names`` (``meta["added_biases"]``) that has none a zero bias
     of its weight's rows, dtype and device, as bias compensation gave it. Returns what is
     wrong instead (``"'2', which is a ReLU, not a layer with a weight and a bias"``), before
     anything is added; a name that is not a layer with a weight and a bias raised
-    ``AttributeError: 'ReLU' object has no attribute 'weight'`` from ``replay``."""
+    ``AttributeError: 'ReLU' object has no attribute 'weight'`` from ``replay``.
+
+    Where a bias was added, the after-prune fix-ups run again (no slice edits), as they run
+    after compensation when pruning: a transformers config then declares the new biases
+    (``mlp_bias``). Before 2026-12-02 the replayed model's config did not, so it no longer
+    rebuilt its own model; pruning the model ``load_pruned`` returned (``cleanai prune
+    --model FOLDER``) then took that for a config that describes nothing and cut the heads
+    the first prune had kept for ``from_pretrained`` (no ``hf/`` folder)."""
     modules = dict(model.named_modules())
     for name in names:
         module = modules.get(name)
@@ -238,11 +245,15 @@ def add_recorded_biases(model: nn.Module, names: Any) -> str | None:
         w = getattr(module, "weight", None)
         if not isinstance(w, torch.Tensor) or w.dim() < 1 or not hasattr(module, "bias"):
             return f"{name!r}, which is a {type(module).__name__}, not a layer with a weight and a bias"
+    added = False
     for name in names:
         module = modules[name]
         if module.bias is None:
             w = module.weight
             module.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+            added = True
+    if added:
+        apply_edits(model, [], pm)
     return None
 
 

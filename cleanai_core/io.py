@@ -46,7 +46,14 @@ from cleanai_core.out_folder import (
 # options that shape the architecture (everything else, like data paths, is left out)
 from cleanai_core.saved_folder import ARCH_OPTIONS, FORMAT_VERSION, arch_option_problem, module_settings
 
-__all__ = ["atomic_write_bytes", "atomic_write_files", "atomic_write_text", "load_pruned", "save_pruned"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_files",
+    "atomic_write_text",
+    "load_pruned",
+    "rebuild_pruned",
+    "save_pruned",
+]
 
 
 def _atomic(path: Path, write) -> None:
@@ -182,6 +189,7 @@ def save_pruned(
     check_not_meta(model)  # NotImplementedError: Cannot copy out of meta tensor
     check_masks(model)  # "the history's step 0 slices 3.weight, which this model does not have" (weight_orig)
     nan = nan_tensor(model.state_dict())
+    _check_extra_state(model)
     if nan:  # written, then refused by load_pruned as damaged
         raise UserError(
             f"save_pruned: the model is not finite: {nan}; load_pruned would refuse it. Nothing was written."
@@ -193,7 +201,8 @@ def save_pruned(
     problem = _before_its_history(model, history)
     if problem:  # the folder was written, and load_pruned then called it damaged or tampered with
         raise UserError(f"save_pruned: {problem}. Nothing was written.")
-    problem = _rebuild_problem(spec, options, model, history, example_input_shape)
+    added: dict[str, dict[str, Any]] = {}  # plain attributes set after building (model.class_names): kept
+    problem = _rebuild_problem(spec, options, model, history, example_input_shape, added)
     if problem:  # written, then refused by load_pruned as "damaged or tampered with"
         raise UserError(f"save_pruned: {problem}. Nothing was written.")
     if example_input_shape is not None and (
@@ -228,6 +237,7 @@ def save_pruned(
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "example_input_shape": list(example_input_shape) if example_input_shape is not None else None,
             "settings": module_settings(model),  # bn.eps set after building was lost on reload
+            **({"added_settings": added} if added else {}),
         }
         atomic_write_text(tmp / "architecture.json", _json(arch))
         if save_pickle:
@@ -253,14 +263,21 @@ def _foreign_own_files(out: Path) -> list[str]:
 
 
 def _rebuild_problem(
-    spec: str, options: dict[str, Any], model: nn.Module, history: Any, example_input_shape: Any = None
+    spec: str,
+    options: dict[str, Any],
+    model: nn.Module,
+    history: Any,
+    example_input_shape: Any = None,
+    added: dict[str, dict[str, Any]] | None = None,
 ) -> str | None:
     """Why the folder would not load: the tensors of what ``load_pruned`` rebuilds (``spec``
     and ``options``, ``history`` replayed; built on the meta device, so nothing is
     allocated) do not fit ``model``'s, because a layer was replaced or a parametrization
     (``weight_norm``) added after the model was built. ``None`` when they fit, or when the
     architecture cannot be rebuilt here (a pickled model, a factory that needs real
-    tensors): ``load_pruned`` then says why."""
+    tensors): ``load_pruned`` then says why. ``added`` receives the plain attributes set on
+    ``model`` after it was built (the rebuilt model lacks them), by module name, for
+    ``architecture.json``'s ``added_settings``; the others are named in a warning."""
     from cleanai_core.saved_folder import state_dict_problems
 
     opts = dict(options, pretrained=False, weights=None, trust_model=False, trust_code=True)
@@ -275,8 +292,20 @@ def _rebuild_problem(
         state = model.state_dict()
         problems = [p for p in state_dict_problems(own, state) if "meta device" not in p]
         problems += _buffer_problems(fresh, model, state)
+        lost = [] if problems else _added_attributes(fresh, model, added if added is not None else {})
     except Exception:  # noqa: BLE001 - the check is best effort; load_pruned reports its own failures
         return None
+    if lost:
+        import warnings
+
+        warnings.warn(
+            f"save_pruned: {', '.join(lost)}, set on the model after it was built, "
+            f"{'is not a plain value' if len(lost) == 1 else 'are not plain values'} (numbers, text, flags or lists "
+            "of them, which architecture.json keeps): the model load_pruned returns will not have "
+            f"{'it' if len(lost) == 1 else 'them'}. Set them again after loading, or store them as plain values.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if not problems:
         return None
     hint = (
@@ -327,6 +356,29 @@ def _lazy_problem(spec: str, lazy: str) -> str:
         "shapes from a first input; give "
         "example_input_shape=[1, C, H, W] (the shape of one input) so that load_pruned can run it once"
     )
+
+
+def _added_attributes(fresh: nn.Module, model: nn.Module, added: dict[str, dict[str, Any]]) -> list[str]:
+    """Attributes of ``model``'s modules that the rebuilt ``fresh`` lacks (set after
+    building): the plain ones into ``added`` (by module name), and the names of the others,
+    which ``architecture.json`` cannot keep (``["model.meta (dict)"]``, at most 5)."""
+    from cleanai_core.saved_folder import module_settings, unsaved_setting
+
+    built = dict(fresh.named_modules())
+    plain = module_settings(model)
+    lost = []
+    for name, m in model.named_modules():
+        other = built.get(name)
+        if other is None:
+            continue
+        for key, value in vars(m).items():
+            if key in vars(other) or hasattr(other, key):
+                continue
+            if key in plain.get(name, {}):
+                added.setdefault(name, {})[key] = plain[name][key]
+            elif unsaved_setting(key, value):
+                lost.append(f"{'.'.join(['model', name] if name else ['model'])}.{key} ({type(value).__name__})")
+    return lost[:5]
 
 
 def _buffer_problems(fresh: nn.Module, model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
@@ -427,9 +479,41 @@ def _before_its_history(model: nn.Module, history: Any) -> str | None:
     )
 
 
-def _saved_tensor(v: torch.Tensor) -> torch.Tensor:
+def _check_extra_state(model: nn.Module) -> None:
+    """A :class:`UserError` where a module's extra state (``get_extra_state()``) is not plain
+    data that ``load_pruned`` reads without running code (``torch.load(weights_only=True)``:
+    tensors, numbers, text, lists and dicts of them). Such a module's state crashed
+    ``save_pruned`` (``AttributeError: 'dict' object has no attribute 'layout'``)."""
+    import io as _io
+
+    from cleanai_core.saved_folder import is_extra_state
+
+    extra = {k: v for k, v in model.state_dict().items() if is_extra_state(k)}
+    if not extra:
+        return
+    buffer = _io.BytesIO()
+    try:
+        torch.save(extra, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception:  # noqa: BLE001 - pickling or the safe loader refusing: either way not plain data
+        owners = [k.rpartition(".")[0] for k in extra]
+        names = ", ".join(f"module {o!r}" if o else "the model" for o in owners[:3])
+        raise UserError(
+            f"save_pruned: the extra state of {names} (get_extra_state()) is not plain data, which model.pt must hold "
+            "for load_pruned to read it without running code: return tensors, numbers, text, or lists and dicts of "
+            "them from get_extra_state. Nothing was written."
+        ) from None
+
+
+def _saved_tensor(v: Any) -> Any:
     """``v`` on the CPU, dense in the layout it had (a sparse buffer as it is: it has no
-    memory format, and ``contiguous`` refused it before 2026-12-02)."""
+    memory format, and ``contiguous`` refused it before 2026-12-02). A module's extra state
+    (not a tensor) with its tensors on the CPU."""
+    if not isinstance(v, torch.Tensor):
+        from torch.utils._pytree import tree_map
+
+        return tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, v)
     v = v.detach().cpu()
     return v if v.layout != torch.strided else v.contiguous(memory_format=memory_format_of(v))
 
@@ -501,6 +585,23 @@ def load_pruned(
     ``trust_code`` allows an import spec (``package.module:factory``) and its keyword
     arguments; ``trust_model`` allows a pickled model file (rebuilding unpickles it again).
     """
+    return rebuild_pruned(out_dir, map_location, trust_model, trust_code)[0]
+
+
+def rebuild_pruned(
+    out_dir: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    trust_model: bool = False,
+    trust_code: bool = False,
+    *,
+    saved_dtypes: bool = True,
+) -> tuple[nn.Module, torch.dtype | None]:
+    """:func:`load_pruned`, and the one floating dtype ``model.pt`` stores where it is
+    narrower than the float32 the architecture is rebuilt in (a ``bfloat16`` checkpoint's
+    pruned model), else ``None``. ``saved_dtypes=False``: such a model keeps the rebuilt
+    float32 (holding ``model.pt``'s values exactly), to be computed in and written back in
+    the stored dtype, as ``cleanai prune`` does with the checkpoint it pruned first
+    (``--model FOLDER``)."""
     from cleanai_core.options import check_switches
     from cleanai_core.plugins import get_plugin_manager, load_model
     from cleanai_core.runtime import checked_device
@@ -564,11 +665,25 @@ def load_pruned(
     replay_history(history, model, out / "history.json", pm)
     state = read_state(out / "model.pt", model, map_location, state)
     model.to(map_location)
-    take_saved_form(model, state)
+    stored = narrower_stored_dtype(model, state)
+    take_saved_form(model, state, dtypes=saved_dtypes or stored is None)
     model.load_state_dict(state_with_versions(model, state), strict=True)
     arch = out / "architecture.json"
-    apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location))
-    return model.eval()
+    added = read_settings(arch, "added_settings")
+    apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location), added)
+    return model.eval(), stored
+
+
+def narrower_stored_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The one floating dtype of ``state``'s tensors where it is narrower than the float32
+    every corresponding tensor of ``model`` has (``None`` otherwise: mixed dtypes, float64...)."""
+    own = dict([*model.named_parameters(), *model.named_buffers()])
+    floats = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and k in own]
+    saved = {state[k].dtype for k in floats}
+    if len(saved) != 1 or {own[k].dtype for k in floats} != {torch.float32}:
+        return None
+    dtype = saved.pop()
+    return dtype if dtype.itemsize < 4 else None
 
 
 def _checked_on_meta(
@@ -593,18 +708,19 @@ def _checked_on_meta(
     return read_state(out / "model.pt", fresh, map_location)
 
 
-def take_saved_form(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def take_saved_form(model: nn.Module, state: dict[str, torch.Tensor], dtypes: bool = True) -> None:
     """Give every parameter and buffer of ``model`` the dtype and memory format of its
     tensor in ``state``: the architecture is rebuilt in float32 NCHW, and
     ``load_state_dict`` copies into it, so a float16, bfloat16 or float64 model came back
     as float32 (other outputs, twice the size) and a channels-last one came back NCHW
-    (slower on channels-last inputs). The parameter objects stay (tied weights stay tied)."""
+    (slower on channels-last inputs). The parameter objects stay (tied weights stay tied).
+    ``dtypes=False``: the memory formats only."""
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             saved = state.get(name)
             if saved is None:
                 continue
-            if saved.dtype != t.dtype:
+            if dtypes and saved.dtype != t.dtype:
                 t.data = t.data.to(saved.dtype)
             fmt = memory_format_of(saved)
             if saved.shape == t.shape and fmt != memory_format_of(t):

@@ -71,6 +71,8 @@ __all__ = [
     "preserved",
     "reads_preserved",
     "state_with_versions",
+    "round_through",
+    "state_copy",
     "stored_in",
     "transplant",
     "user_hooks",
@@ -440,6 +442,22 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
                     t.__dict__[key] = value
 
 
+def _saved_floats(model: nn.Module, keep: Iterable[str] = ()) -> list[tuple[dict[str, Any], str, torch.Tensor]]:
+    """``(table, name, tensor)`` of every floating parameter and saved buffer of ``model``
+    (non-persistent buffers, such as a rotary ``inv_freq``, are left out: a fresh load
+    computes them), but those whose ``state_dict`` names are in ``keep``."""
+    keep, out = set(keep), []
+    for prefix, m in model.named_modules():
+        pre = f"{prefix}." if prefix else ""
+        for table, skip in ((m._parameters, ()), (m._buffers, m._non_persistent_buffers_set)):
+            out += [
+                (table, n, t)
+                for n, t in table.items()
+                if t is not None and t.is_floating_point() and n not in skip and pre + n not in keep
+            ]
+    return out
+
+
 def stored_in(model: nn.Module, dtype: torch.dtype, keep: Iterable[str] = ()) -> nn.Module:
     """A copy of ``model`` with its floating parameters and saved buffers in ``dtype``: the
     dtype its files store it in, where a loader built it in float32 to compute (a
@@ -449,15 +467,23 @@ def stored_in(model: nn.Module, dtype: torch.dtype, keep: Iterable[str] = ()) ->
     beside the rest (T5's ``wo`` in a float16 checkpoint, routers' ``gate.weight``)."""
     model, keep = copy_model(model), set(keep)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.is_floating_point() and name not in keep:
-                p.data = p.data.to(dtype)
-        for prefix, m in model.named_modules():
-            for name, b in m._buffers.items():
-                whole = f"{prefix}.{name}" if prefix else name
-                if b is None or not b.is_floating_point() or name in m._non_persistent_buffers_set or whole in keep:
-                    continue
-                m._buffers[name] = b.to(dtype)
+        for table, name, t in _saved_floats(model, keep):
+            if isinstance(t, nn.Parameter):
+                t.data = t.data.to(dtype)
+            else:
+                table[name] = t.to(dtype)
+    return model
+
+
+def round_through(model: nn.Module, dtype: torch.dtype, keep: Iterable[str] = ()) -> nn.Module:
+    """``model`` (in place, and returned) with its floating parameters and saved buffers
+    rounded to the values ``dtype`` holds, in their own dtype, layout and objects: a model
+    computed in float32 and written in ``bfloat16`` (:func:`stored_in`) is then measured as
+    it is written. ``keep``: as for :func:`stored_in` (tensors the files keep in float32)."""
+    with torch.no_grad():
+        for _table, _name, t in _saved_floats(model, keep):
+            if t.dtype != dtype:
+                t.copy_(t.to(dtype))
     return model
 
 
@@ -713,6 +739,16 @@ def user_hooks_off(model: nn.Module) -> Iterator[None]:
         for where, table in tables.items():
             table.clear()
             table.update(saved[where])
+
+
+def state_copy(model: nn.Module) -> dict[str, Any]:
+    """A copy of ``model.state_dict()``: its tensors detached and cloned, a module's extra
+    state (``get_extra_state()``: a dict of class names and tensors) rebuilt with its tensors
+    cloned (``v.detach()`` on it raised "'dict' object has no attribute 'detach'")."""
+    from torch.utils._pytree import tree_map
+
+    clone = lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return {k: clone(v) if isinstance(v, torch.Tensor) else tree_map(clone, v) for k, v in model.state_dict().items()}
 
 
 def state_with_versions(model: nn.Module, state: dict[str, torch.Tensor]) -> OrderedDict:

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError, model_fault
 from cleanai_core.metrics import call_model, ctc_errors, eval_mode, perplexity
-from cleanai_core.model_state import copy_model, state_with_versions
+from cleanai_core.model_state import copy_model, state_copy, state_with_versions
 from cleanai_core.options import check_callables, check_modules, check_not_meta, check_switches, plain_number
 from cleanai_core.runtime import (
     checked_device,
@@ -828,7 +828,7 @@ def recover(
     )
     higher = metric not in LOWER_IS_BETTER
     best, best_epoch, best_loss = initial, 0, initial_loss
-    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    best_state = state_copy(student)
     history: list[float] = []
     held_losses: list[float] = []
     losses: list[float] = []
@@ -885,7 +885,7 @@ def recover(
             stale = 0 if better else stale + 1
             if better:
                 best, best_epoch, best_loss = value, epoch, held_loss
-                best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+                best_state = state_copy(student)
             if diverged:
                 stopped_early = True
                 warnings.warn(

@@ -19,20 +19,54 @@ def _no_accuracy(rec: dict[str, Any]) -> bool:
     return all(rec.get(k) is None for k in ("accuracy_original", "accuracy_pruned", "accuracy_recovered"))
 
 
+#: how the report's own figures read, by ``evaluation_metric``
+_EVALUATED = {"perplexity": "perplexity", "mse": "mean squared error", "error_rate": "token error rate"}
+
+
+def _evaluated(rec: dict[str, Any]) -> str | None:
+    """The report's held-out figure the entry gives for the three models, where it is not
+    accuracy (a language model's perplexity, a regression's mean squared error, ...)."""
+    name = rec.get("evaluation_metric")
+    return name if name in _EVALUATED else None
+
+
+def _fig(rec: dict[str, Any], value: Any) -> str:
+    if value is None:
+        return "n/a"
+    metric = rec.get("evaluation_metric")  # as the report's headline rows write them
+    if metric == "error_rate":
+        return f"{100 * value:.2f}%"
+    return f"{value:.3f}" if metric == "perplexity" else f"{value:.4g}"
+
+
+def _gap_text(rec: dict[str, Any], sentence: bool = False) -> str:
+    gap = rec.get("gap_recovered")
+    if gap is None:
+        return ""
+    what = "accuracy" if _evaluated(rec) is None else _EVALUATED[_evaluated(rec)]
+    if sentence:
+        return f"Fraction of the {what} gap recovered: **{100 * gap:.1f}%**."
+    return f", {100 * gap:.0f}% of the gap recovered"
+
+
 def recovery_summary(rec: dict[str, Any]) -> str:
     """One line for the terminal."""
     stop = "; stopped at a NaN/inf training loss: lower --recover-lr" if rec.get("diverged") else ""
+    if _evaluated(rec):  # the report's held-out figure, as its headline gives it (not the early-stopping split's)
+        return (
+            f"Recovery: held-out {_EVALUATED[_evaluated(rec)]} {_fig(rec, rec.get('evaluation_original'))} original, "
+            f"{_fig(rec, rec.get('evaluation_pruned'))} pruned, {_fig(rec, rec.get('evaluation_recovered'))} "
+            f"recovered{_gap_text(rec)} ({_epochs(rec)}, {rec['seconds']:.1f} s{stop})"
+        )
     if _no_accuracy(rec):
         return (
             f"Recovery: held-out {rec['metric']} {_num(rec['initial']) or 'NaN/inf'} -> "
             f"{_num(rec['best']) or 'NaN/inf'} "
             f"({_epochs(rec)}, {rec['seconds']:.1f} s{stop})"
         )
-    gap = rec.get("gap_recovered")
-    gap_text = f", {100 * gap:.0f}% of the gap recovered" if gap is not None else ""
     return (
         f"Recovery: accuracy {_pct(rec.get('accuracy_original'))} original, {_pct(rec.get('accuracy_pruned'))} "
-        f"pruned, {_pct(rec.get('accuracy_recovered'))} recovered{gap_text} ({_epochs(rec)}, "
+        f"pruned, {_pct(rec.get('accuracy_recovered'))} recovered{_gap_text(rec)} ({_epochs(rec)}, "
         f"{rec['seconds']:.1f} s{stop})"
     )
 
@@ -62,11 +96,19 @@ def recovery_markdown(rec: dict[str, Any], plot: str | None) -> str:
         f"| after recovery | {_pct(rec.get('accuracy_recovered'))} |",
         "",
     ]
-    if _no_accuracy(rec):
+    if _evaluated(rec):
+        lines = [
+            f"| | held-out {_EVALUATED[_evaluated(rec)]} |",
+            "|---|---:|",
+            f"| original | {_fig(rec, rec.get('evaluation_original'))} |",
+            f"| right after pruning | {_fig(rec, rec.get('evaluation_pruned'))} |",
+            f"| after recovery | {_fig(rec, rec.get('evaluation_recovered'))} |",
+            "",
+        ]
+    elif _no_accuracy(rec):
         lines = ["The data has no labels, so accuracy is not measured; the metric below is from training.", ""]
-    gap = rec.get("gap_recovered")
-    if gap is not None:
-        lines.append(f"Fraction of the accuracy gap recovered: **{100 * gap:.1f}%**.")
+    if rec.get("gap_recovered") is not None:
+        lines.append(_gap_text(rec, sentence=True))
     lines += [
         f"Distillation from the original model for {_epochs(rec)} in {rec['seconds']:.1f} s"
         + (

@@ -109,6 +109,8 @@ def _pct(after: Any, before: Any) -> str:
 # (report key, how it reads in the notes line under the headline table)
 _NOTES = (
     ("model", "Model `{}`"),
+    # --model FOLDER: "before" is the folder's pruned model, not the architecture's original
+    ("pruned_before_steps", "pruned before by CleanAI in {} step(s), which history.json holds with this run's"),
     ("pruning_ratio", "pruning ratio {}"),
     ("target_flops", "target FLOPs {}"),
     ("target_params", "target parameters {}"),

@@ -49,7 +49,10 @@ __all__ = [
     "read_probe",
     "read_state",
     "replay_history",
+    "is_extra_state",
     "state_dict_problems",
+    "tensors_of",
+    "unsaved_setting",
 ]
 
 FORMAT_VERSION = 1
@@ -57,6 +60,7 @@ ARCH_OPTIONS = ("num_classes", "model_kwargs")
 _MAX_INDEX = 2**62  # a channel index beyond this is no tensor's: torch cannot even hold it
 _MAX_DIMS = 64  # torch's limit on a tensor's dimensions
 _REPLAY_ERRORS = (IndexError, KeyError, RuntimeError, ValueError, TypeError, AttributeError)
+_EXTRA_STATE = torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX  # "_extra_state": get_extra_state()'s value
 
 
 def _bad(path: Path | str, problem: str) -> UserError:
@@ -290,7 +294,7 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
                 f"{where} left {name} of shape {actual}, where it left {shape} when it was recorded: its edits do not "
                 "agree with each other (an edit removed, a 'keep' list changed or a slice renamed)",
             )
-    problem = add_recorded_biases(model, history.meta.get("added_biases", ()))
+    problem = add_recorded_biases(model, history.meta.get("added_biases", ()), pm)
     if problem:
         raise _bad(path, f"'added_biases' names {problem}")
 
@@ -307,7 +311,7 @@ def read_state(path: Path, model: nn.Module, map_location: Any = "cpu", state: d
         except Exception as exc:
             raise _bad(path, f"cannot be read as plain tensors ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        isinstance(k, str) and (isinstance(v, torch.Tensor) or is_extra_state(k)) for k, v in state.items()
     ):
         raise _bad(path, "does not hold a state_dict (a dict of names to tensors)")
     _add_missing_biases(model, state)
@@ -322,19 +326,32 @@ def read_state(path: Path, model: nn.Module, map_location: Any = "cpu", state: d
     return state
 
 
+def is_extra_state(key: str) -> bool:
+    """Whether a ``state_dict`` key holds a module's extra state (``get_extra_state()``, any
+    value the module returns: ``<module>._extra_state``)."""
+    return key.rpartition(".")[2] == _EXTRA_STATE
+
+
+def tensors_of(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``state`` without the modules' extra state (values that need not be tensors)."""
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) or not is_extra_state(k)}
+
+
 def nan_tensor(state: dict[str, torch.Tensor]) -> str | None:
     """Which tensor of a state_dict holds NaN, in words, or ``None``. Inf is allowed: a
     buffer may start there (quantization observers), and parameters are checked for it
     when the model is pruned (:func:`~cleanai_core.options.check_finite`)."""
-    found = non_finite(((k, v) for k, v in state.items() if v.layout == torch.strided), allow_inf=True)
+    found = non_finite(((k, v) for k, v in tensors_of(state).items() if v.layout == torch.strided), allow_inf=True)
     return None if found is None else f"{found[0]} holds {found[1]} NaN value(s) (of {found[2]})"
 
 
 def state_dict_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
     """How ``state`` fails to fit a model whose ``state_dict`` is ``own``: missing and
-    unexpected keys, shapes, integer-vs-float dtypes (empty when it fits)."""
+    unexpected keys, shapes, integer-vs-float dtypes (empty when it fits). A module's extra
+    state (``get_extra_state``: ``..._extra_state``, any plain value) counts as a key only."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    own, state = tensors_of(own), tensors_of(state)
     shapes = [
         f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
@@ -392,7 +409,7 @@ def _add_missing_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> Non
     (folders written before ``added_biases`` was recorded). Only a 1-d bias that fits the
     layer's weight is created."""
     own = model.state_dict()
-    for key, value in state.items():
+    for key, value in tensors_of(state).items():
         mod_name, _, attr = key.rpartition(".")
         if key in own or attr != "bias" or value.dim() != 1:
             continue
@@ -434,6 +451,12 @@ def _setting(key: str) -> bool:
     return not key.startswith("_") and key != "training" and "device" not in key
 
 
+def unsaved_setting(key: str, value: Any) -> bool:
+    """Whether a module's attribute ``key`` is a setting (see above) that ``architecture.json``
+    cannot keep: not a plain value (a dict, an object, a function)."""
+    return _setting(key) and not _plain(value)
+
+
 def module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every module's settings (see above), by module name, for ``architecture.json``."""
     out: dict[str, dict[str, Any]] = {}
@@ -444,15 +467,15 @@ def module_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
-def read_settings(path: Path) -> dict[str, dict[str, Any]]:
-    """The ``settings`` of ``architecture.json`` (none in folders written before they were
-    saved), checked for form."""
-    settings = _read_json(path).get("settings") or {}
+def read_settings(path: Path, key: str = "settings") -> dict[str, dict[str, Any]]:
+    """The ``settings`` (or ``added_settings``) of ``architecture.json`` (none in folders
+    written before they were saved), checked for form."""
+    settings = _read_json(path).get(key) or {}
     if not isinstance(settings, dict) or not all(
         isinstance(k, str) and isinstance(v, dict) and all(isinstance(a, str) and _plain(x) for a, x in v.items())
         for k, v in settings.items()
     ):
-        raise _bad(path, "'settings' must map module names to objects of numbers, text and flags")
+        raise _bad(path, f"{key!r} must map module names to objects of numbers, text and flags")
     return settings
 
 
@@ -473,10 +496,15 @@ def apply_settings(
     path: Path | None = None,
     pm: Any = None,
     probe: torch.Tensor | None = None,
+    added: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Give ``model``'s modules the saved settings. Only an attribute the rebuilt module has,
     of the same kind, is set (values only: nothing is imported or called); others, e.g. from
     another version of the model's library, are left as the architecture builds them.
+    ``added``: the attributes ``save_pruned`` found set on the model after it was built
+    (``added_settings``: ``model.class_names``, a threshold), given to the modules that lack
+    them altogether (no attribute, method, parameter or submodule of that name; a tuple
+    comes back as a list). Before 2026-12-02 they were saved and then dropped.
 
     With ``path`` (the ``architecture.json`` they came from), every module whose settings
     changed is then checked by the plugin that claims it
@@ -487,6 +515,11 @@ def apply_settings(
     it, though it ran without them (a negative ``eps``, a stride of 0), are refused too."""
     modules = dict(model.named_modules())
     changes = []
+    for name, values in (added or {}).items():
+        m = modules.get(name)
+        for key, value in values.items() if m is not None else ():
+            if _setting(key) and key not in vars(m) and not hasattr(m, key):
+                changes.append((name, vars(m), key, value))
     for name, values in settings.items():
         m = modules.get(name)
         if m is None:

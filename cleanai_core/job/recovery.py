@@ -6,6 +6,7 @@ report's ``"recovery"`` entry (rendered by :mod:`cleanai_core.recovery_report`).
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any
 
 import torch
@@ -80,6 +81,27 @@ def _same_data(a: str, b: str) -> bool:
         return False
 
 
+#: the evaluator's held-out figures a recovery is judged by, in the order the report's headline prefers
+#: them, with whether higher is better
+EVALUATION_METRICS = (("accuracy", True), ("perplexity", False), ("mse", False), ("error_rate", False))
+
+
+def evaluation_metric(*results: dict[str, Any] | None) -> tuple[str, bool] | None:
+    """``(name, higher_is_better)`` of the first figure of :data:`EVALUATION_METRICS` that
+    every one of the evaluator's ``results`` gives; ``None`` where they share none."""
+    for name, higher in EVALUATION_METRICS:
+        if all(_number((r or {}).get(name)) is not None for r in results):
+            return name, higher
+    return None
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float (an evaluator plugin's numpy scalar or 0-d tensor too), else ``None``."""
+    if getattr(value, "shape", None) == () and callable(getattr(value, "item", None)):
+        value = value.item()
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
+
+
 def recover_for_report(
     cfg: dict[str, Any],
     pm: Any,
@@ -87,13 +109,21 @@ def recover_for_report(
     pruned: nn.Module,
     calib: Any,
     evaluate: Any,
-    acc_before: float | None,
-    acc_pruned: float | None,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
     task: str = "auto",
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Recover ``pruned`` (teacher ``model``); ``evaluate(m)`` gives the report's
-    held-out accuracy (or ``None``); ``task`` as for :func:`~cleanai_core.recovery.recover`
-    (the evaluator's ``recovery_task``: a token classifier's labels are not shifted)."""
+    """Recover ``pruned`` (teacher ``model``); ``evaluate(m)`` gives the evaluator's result
+    for ``m`` on the report's held-out split (or ``None``), ``before`` / ``after`` its results
+    for the original and the pruned model; ``task`` as for :func:`~cleanai_core.recovery.recover`
+    (the evaluator's ``recovery_task``: a token classifier's labels are not shifted).
+
+    The entry names the report's own figure for the three models (``evaluation_metric``,
+    ``evaluation_original`` / ``_pruned`` / ``_recovered``: accuracy, else perplexity, mean
+    squared error or token error rate) beside ``accuracy_*``. Before 2026-12-02 a regression's
+    or a language model's entry had only the accuracy keys (all null): the pruned model's figure
+    before recovery was nowhere, and the terminal's "Recovery: held-out mse 10.0166 -> 9.9963"
+    gave the early-stopping split's figures beside the report's "11.59 -> 11.54" for the same words."""
     from cleanai_core.recovery import recover
 
     data, source = _training_data(cfg, pm, model, calib)
@@ -110,16 +140,28 @@ def recover_for_report(
         progress=not cfg.get("quiet"),
         task=task,
     )
-    acc_rec = evaluate(recovered)
+    rec = evaluate(recovered)
+    found = evaluation_metric(before, after, rec)
+    name, higher = found if found is not None else (None, True)
+    original, pruned_value, recovered_value = (
+        _number((r or {}).get(name)) if name else None for r in (before, after, rec)
+    )
     gap = None
-    if None not in (acc_before, acc_pruned, acc_rec) and acc_before - acc_pruned > 1e-12:
-        gap = (acc_rec - acc_pruned) / (acc_before - acc_pruned)
+    if name is not None:
+        lost = (original - pruned_value) if higher else (pruned_value - original)
+        if lost > 1e-12:  # the share of what pruning lost that recovery won back
+            gap = ((recovered_value - pruned_value) if higher else (pruned_value - recovered_value)) / lost
+    accuracy = name == "accuracy"
     entry = {
-        "accuracy_original": acc_before,
-        "accuracy_pruned": acc_pruned,
-        "accuracy_recovered": acc_rec,
+        "accuracy_original": original if accuracy else None,
+        "accuracy_pruned": pruned_value if accuracy else None,
+        "accuracy_recovered": recovered_value if accuracy else None,
+        "evaluation_metric": name,
+        "evaluation_original": original,
+        "evaluation_pruned": pruned_value,
+        "evaluation_recovered": recovered_value,
         "gap_recovered": gap,
         "training_data": source,
         **finite_or_none(result.to_json()),  # NaN / inf as None: a diverged run's losses
     }
-    return recovered, entry
+    return recovered, finite_or_none(entry)

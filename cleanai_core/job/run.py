@@ -31,7 +31,7 @@ from cleanai_core.job.inputs import (
 )
 from cleanai_core.job.outputs import check_out_apart, check_out_dir, guard_out, marker_text, resolved_spec_path
 from cleanai_core.job.recovery import check_train_data
-from cleanai_core.model_state import copy_model, preserved, stored_in
+from cleanai_core.model_state import copy_model, preserved, round_through, stored_in
 from cleanai_core.pruning_report import input_shape
 from cleanai_core.runtime import device_of
 from cleanai_core.special_files import check_not_special
@@ -301,7 +301,14 @@ def _execute(
         raise UserError(f"{pruner.why_nothing_pruned()} (--round-to, --ratio); nothing was written.")
     before_acc = _evaluate(pm, model, eval_loader, device)
     repeats = int(cfg.get("latency_repeats") or 20)
-    pruned = pruner.prune()
+    stored = cfg.get("_stored_dtype")  # the dtype the folder is written in (bfloat16), narrower than the computing one
+
+    def rounded(m: Any) -> Any:
+        # measured as written: a bfloat16 checkpoint's report gave the float32 pruned model's perplexity, and the
+        # same folder pruned further (--model FOLDER) started from another one
+        return round_through(m, stored, cfg.get("_stored_float32", ())) if stored is not None else m
+
+    pruned = rounded(pruner.prune())
     after_acc = _evaluate(pm, pruned, eval_loader, device, pruned=True)
     recovery = None
     if cfg.get("recover_epochs"):
@@ -309,17 +316,16 @@ def _execute(
 
         evaluated: list[tuple[Any, dict[str, Any] | None]] = []  # (model, the evaluator's whole result)
 
-        def acc(m: Any) -> float | None:
-            evaluated.append((m, _evaluate(pm, m, eval_loader, device, pruned=True)))
-            return (evaluated[-1][1] or {}).get("accuracy")
+        def evaluate(m: Any) -> dict[str, Any] | None:  # the recovered model (the job's own copy), as written
+            evaluated.append((m, _evaluate(pm, rounded(m), eval_loader, device, pruned=True)))
+            return evaluated[-1][1]
 
-        accs = (before_acc or {}).get("accuracy"), (after_acc or {}).get("accuracy")
         task = (before_acc or {}).get("recovery_task", "auto")  # how the labels align, where the evaluator says
-        pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, acc, *accs, task=task)
+        pruned, recovery = recover_for_report(cfg, pm, model, pruned, calib, evaluate, before_acc, after_acc, task=task)
         # the recovered model's whole result, on the same held-out split: a masked LM's report kept its accuracy
         # alone (perplexity_after and evaluation_tokens null, the perplexity row gone from report.md)
         done = [result for m, result in evaluated if m is pruned]
-        after_acc = done[-1] if done else _evaluate(pm, pruned, eval_loader, device, pruned=True)
+        after_acc = done[-1] if done else _evaluate(pm, rounded(pruned), eval_loader, device, pruned=True)
     lat_before, lat_after, repeats = _latencies(model, pruned, example, repeats)
 
     report = {
@@ -358,6 +364,8 @@ def _execute(
         "evaluation_samples": len(held) if held is not None else 0,
         "input_shape": input_shape(example),
         "recovery": recovery,
+        # --model FOLDER: the figures "before" are the folder's pruned model's; its own steps come first in history.json
+        "pruned_before_steps": len(cfg["_prior_history"].steps) if cfg.get("_prior_history") is not None else None,
     }
     if any(cfg.get(k) is not None for k in ("target_flops", "target_params", "target_latency")):
         report["pruning_ratio"] = None  # --auto: the allocation's target (the pruner itself has none)

@@ -38,6 +38,7 @@ from cleanai_core import hookimpl
 from cleanai_core.calibration import split_batch
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import ctc_errors, perplexity
+from cleanai_plugins.io.models import is_saved_folder
 
 __all__ = ["auto_class", "is_hf_model", "is_masked_lm", "load_hf_model", "load_tokenizer"]
 
@@ -91,6 +92,16 @@ def load_hf_model(spec: str) -> nn.Module:
     tf = _transformers()
     src = _source(spec)
     path = Path(src).expanduser()
+    if is_saved_folder(path):  # its config.json is the job's options: "no such local folder ... Unrecognized model"
+        hf = (
+            f" (or --model hf:{path / 'hf'} for its Hugging Face copy)"
+            if (path / "hf" / "config.json").is_file()
+            else ""
+        )
+        raise UserError(
+            f"--model {spec!r}: {str(path)!r} is a folder `cleanai prune` wrote (its config.json holds the job's "
+            f"options, not a transformers config); give --model {str(path)!r} without hf: to prune it further{hf}."
+        )
     if path.exists() and not (path / "config.json").is_file():
         raise UserError(
             f"--model {spec!r}: {str(path)!r} has no config.json; give a folder written by save_pretrained."

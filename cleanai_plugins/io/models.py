@@ -30,7 +30,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.saved_folder import beyond_dtype, nan_tensor, state_dict_problems
+from cleanai_core.saved_folder import beyond_dtype, is_extra_state, nan_tensor, state_dict_problems, tensors_of
 from cleanai_core.special_files import check_not_packed, check_not_special
 
 log = logging.getLogger("cleanai")
@@ -126,7 +126,7 @@ def load_saved_folder(path: Path, options: dict[str, Any]) -> nn.Module:
     ``--weights`` (e.g. the pruned model fine-tuned since) replace its weights. Writes back
     into ``options``: ``resolved_spec`` and ``arch_options`` (the unpruned architecture the
     new folder names again) and ``prior_history`` (replayed before this job's steps)."""
-    from cleanai_core.io import load_pruned
+    from cleanai_core.io import rebuild_pruned
     from cleanai_core.saved_folder import read_architecture, read_history
 
     if options.get("num_classes") is not None:
@@ -135,7 +135,13 @@ def load_saved_folder(path: Path, options: dict[str, Any]) -> nn.Module:
             "--num-classes (it applies to timm:/torchvision: specs)."
         )
     trust_code = bool(options.get("trust_folder_code"))
-    model = load_pruned(path, trust_model=bool(options.get("trust_model")), trust_code=trust_code)
+    # a bfloat16 checkpoint pruned by cleanai prune is computed in float32 and written back in bfloat16, as it was
+    # the first time (it was pruned in bfloat16, and its perplexity before differed from the first run's after)
+    model, stored = rebuild_pruned(
+        path, trust_model=bool(options.get("trust_model")), trust_code=trust_code, saved_dtypes=False
+    )
+    if stored is not None:
+        options["stored_dtype"] = stored
     spec, arch_options = read_architecture(path / "architecture.json", trust_code=trust_code)
     options.update(resolved_spec=spec, arch_options=arch_options, prior_history=read_history(path / "history.json"))
     if options.get("weights"):
@@ -186,7 +192,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(
+        isinstance(v, torch.Tensor) or (isinstance(k, str) and is_extra_state(k)) for k, v in obj.items()
+    ):  # a module's extra state (get_extra_state) may be any plain value
         raise UserError(f"{str(path)!r} does not hold a state_dict (a dict of parameter names to tensors).")
     # the prefixes of DataParallel / DistributedDataParallel and of torch.compile (a compiled model's
     # state_dict named every tensor '_orig_mod.*' and did not fit the architecture), in any nesting
@@ -263,7 +271,7 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
         )
     # a model built on the meta device (shapes only) takes the file's tensors themselves: copying into
     # it was a no-op with a warning per tensor, and the run then failed on a model without values
-    assign = any(t.is_meta for t in model.state_dict().values())
+    assign = any(t.is_meta for t in tensors_of(model.state_dict()).values())
     try:
         model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as exc:
