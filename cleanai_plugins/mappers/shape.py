@@ -12,6 +12,7 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
 from cleanai_core.interfaces import LayerPruner
+from cleanai_core.model_state import from_library
 from cleanai_plugins.mappers._registry import MapperTable, arg
 from cleanai_plugins.mappers.gqa import expand_group_dim
 
@@ -268,10 +269,16 @@ def _stored_parts(ctx, grid: tuple, dims: list[int], sizes: list | None) -> set[
     refused the group ("pruning it breaks the model")."""
     if sizes is None or ctx.keeps_whole_heads() or ctx.scope_module() in ctx.findings.get(REWRITTEN_COUNTS, ()):
         return set()
+    stored = {i for i, n in enumerate(grid) if stored_width(ctx, n)}
     free = {i for i in range(len(grid)) if sizes[dims[i]] == -1}
-    if not free:
-        return set()
-    return {i for i, n in enumerate(grid) if i not in free and stored_width(ctx, n)}
+    if not free and not from_library(ctx.scope_module()):
+        # the ``-1`` was resolved before the view reached the trace (``x.unflatten(-1, (3,
+        # self.heads, -1))`` views with the sizes it computed, as ``view(B, N, 3, self.heads,
+        # C // self.heads)`` does): in the user's own module, the parts sized by no stored
+        # number are the computed ones. A library's module may store numbers that its zoo
+        # plugin's fix-up rewrites (timm's EvoNorm ``groups``): those keep the cheapest part
+        free = set(range(len(grid))) - stored
+    return stored - free if free else set()
 
 
 def reshape_label(ctx, src: TRef, out: TRef, sizes: list | None = None) -> None:

@@ -1,0 +1,262 @@
+"""A twelfth set of the scenarios users bring from Torch-Pruning's test suite, written for
+CleanAI's API (see ``test_peer_scenarios.py`` to ``_11``): attention whose head count is
+given to ``unflatten`` or to a view with a computed head width, layer subclasses that carry
+tensors of their own (LoRA, a per-channel gain), a hand-written GELU over 16 features, and
+``check_pruner`` on a model with the user's own hooks.
+
+Each test asserts widths, parameter counts, and the masking oracle where slicing must equal
+zeroing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_peer_scenarios_6 import _seeded, _two_step_replay
+from torch import nn
+
+from cleanai_core import DependencyGraph, StructuredPruner
+from cleanai_core.metrics import count_params
+from cleanai_core.testing import check_pruner
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+
+
+def _group_of(graph: DependencyGraph, module: str, slice_name: str = "out"):
+    return next(g for g in graph.groups() if any(s.module == module and s.name == slice_name for s in g.slices))
+
+
+# -- a head count given to unflatten, or a head width computed from the stream -----------------
+
+
+class CountedHeads(nn.Module):
+    """``qkv(x).unflatten(-1, (3, self.h, -1))`` or ``view(b, n, 3, self.h, c // self.h)``:
+    the head count is a number the module stores, the head width is computed. Neither
+    view reaches the trace with a ``-1``: ``unflatten`` and ``c // self.h`` hand it the
+    sizes they computed."""
+
+    def __init__(self, form: str, dim: int = 32, h: int = 8, sdpa: bool = False) -> None:
+        super().__init__()
+        self.form, self.h, self.sdpa = form, h, sdpa
+        self.inp, self.qkv = nn.Linear(5, dim), nn.Linear(dim, 3 * dim)
+        self.proj, self.out = nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, n, c = x.shape
+        if self.form == "unflatten":
+            t = self.qkv(x).unflatten(-1, (3, self.h, -1))
+        else:
+            t = self.qkv(x).view(b, n, 3, self.h, c // self.h)
+        q, k, v = t.permute(2, 0, 3, 1, 4)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1) @ v
+        return self.out(x + self.proj(y.transpose(1, 2).reshape(b, n, -1)))
+
+
+X5 = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("form", ["unflatten", "computed_width"])
+@pytest.mark.parametrize("heads", [8, 2], ids=["8_heads_of_4", "2_heads_of_16"])
+def test_a_head_count_given_to_unflatten_or_a_computed_view_leaves_the_head_width_to_prune(form, heads):
+    """The stored-count rule looked for a ``-1`` in the view's sizes; without one, the
+    cheapest part was chosen: 8 heads of 4 chose the heads, the sliced model ran with the
+    stored count and mixed them (``unflatten``: oracle 2.9e-3, nothing named; the computed
+    width: both groups kept whole, 4,515 parameters before and after)."""
+    model = _seeded(lambda: CountedHeads(form, h=heads))
+    report = check_pruner(model, X5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    width = _group_of(DependencyGraph(model, X5), "qkv")
+    assert width.units.numel() == width.prunable == 32 // heads  # a dim of every head, never a head
+    small = StructuredPruner(model, X5, "magnitude", pruning_ratio=0.5).prune()
+    assert small.qkv.out_features == 48 and small.proj.in_features == 16 and small.inp.out_features == 16
+    assert (count_params(model), count_params(small)) == (4515, 1235)
+    assert small(X5).shape == (2, 5, 3)
+
+
+@pytest.mark.parametrize("dim, heads", [(32, 8), (16, 4)], ids=["8_heads_of_4", "4_heads_of_4"])
+def test_sdpa_after_unflatten_keeps_the_head_width_with_the_reason_and_prunes_the_stream(dim, heads):
+    """With SDPA's default scale the head width cannot shrink; the heads were chosen in its
+    place and mixed (oracle 2.9e-3 / 4.6e-3). 16 features in 4 heads of 4: the head count
+    and the head width are the same stored number, and the qkv outputs stay whole."""
+    model = _seeded(lambda: CountedHeads("unflatten", dim=dim, h=heads, sdpa=True))
+    report = check_pruner(model, X5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    qkv = _group_of(DependencyGraph(model, X5), "qkv")
+    assert qkv.prunable == 0
+    small = StructuredPruner(model, X5, "magnitude", pruning_ratio=0.5).prune()
+    assert small.qkv.out_features == 3 * dim and small.inp.out_features == dim // 2
+    assert count_params(small) == {32: 2307, 16: 643}[dim]
+
+
+def test_the_computed_width_with_sdpa_names_the_scale_and_keeps_the_stream_whole():
+    """``view(b, n, 3, self.h, c // self.h)`` before SDPA: the head width is frozen in the
+    graph by the default scale; the stream, whose width sets ``c // self.h``, is the one
+    group verification keeps whole (it named the head-width group too)."""
+    model = _seeded(lambda: CountedHeads("computed_width", sdpa=True))
+    graph = DependencyGraph(model, X5)
+    assert any("head dimension with the default scale" in r for r in _group_of(graph, "qkv").reasons)
+    report = check_pruner(model, X5)
+    assert report.max_abs_diff == 0 and len(report.kept_whole) == 1
+    assert "(inp, out, proj, qkv" in report.kept_whole[0] and "breaks the model" in report.kept_whole[0]
+
+
+# -- layer subclasses that carry tensors of their own ------------------------------------------
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer with a low-rank update of its own: ``x @ A^T @ B^T`` beside the weight."""
+
+    def __init__(self, fin: int, fout: int, rank: int = 2) -> None:
+        super().__init__(fin, fout)
+        self.A, self.B = nn.Parameter(torch.randn(rank, fin) * 0.3), nn.Parameter(torch.randn(fout, rank) * 0.3)
+
+    def forward(self, x):
+        return super().forward(x) + (x @ self.A.t()) @ self.B.t()
+
+
+class PeftLinear(nn.Linear):
+    """PEFT's way: the update's factors are linear submodules, scaled by a float."""
+
+    def __init__(self, fin: int, fout: int, rank: int = 2) -> None:
+        super().__init__(fin, fout)
+        self.lora_A, self.lora_B = nn.Linear(fin, rank, bias=False), nn.Linear(rank, fout, bias=False)
+        self.scaling = 0.5
+        nn.init.normal_(self.lora_B.weight)
+
+    def forward(self, x):
+        return super().forward(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+class GainLinear(nn.Linear):
+    """A per-output gain multiplied after ``F.linear``."""
+
+    def __init__(self, fin: int, fout: int) -> None:
+        super().__init__(fin, fout)
+        self.g = nn.Parameter(torch.rand(fout) + 0.5)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) * self.g
+
+
+class ClippingLinear(nn.Linear):
+    """A forward that only clips the weight around ``super().forward``: nothing of its own."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.weight.clamp_(-0.5, 0.5)
+        return super().forward(x)
+
+
+class Stack(nn.Module):
+    def __init__(self, layer) -> None:
+        super().__init__()
+        self.a, self.b, self.c = layer(6, 16), layer(16, 16), layer(16, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+T6 = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "layer, after",
+    [(LoRALinear, 196), (PeftLinear, 196), (GainLinear, 174)],
+    ids=["own_parameters", "submodules", "gain"],
+)
+def test_a_layer_subclass_with_tensors_of_its_own_prunes_through_its_forward(layer, after, tmp_path):
+    """The linear pruner claimed any ``nn.Linear`` and sliced its weight and bias only: the
+    update's factors (or the gain) kept 16 columns, the copy failed ("The size of tensor a
+    (8) must match the size of tensor b (16)") and verification kept both hidden groups
+    whole (581 parameters before and after); PEFT's scaling of 0.5 over 16 features was
+    also taken for an attention scale. Such a module is now traced through its forward."""
+    model = _seeded(lambda: Stack(layer))
+    report = check_pruner(model, T6)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    pruner = StructuredPruner(model, T6, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert pruner.skipped_groups == [] and count_params(small) == after
+    assert small.b.weight.shape == (8, 8) and small(T6).shape == (2, 5, 3)
+    if layer is PeftLinear:
+        assert small.b.lora_A.in_features == 8 and small.b.lora_B.out_features == 8
+    _, small, fresh = _two_step_replay(lambda: Stack(layer), T6, tmp_path)
+    assert count_params(fresh) == count_params(small) < count_params(model)
+    assert torch.equal(fresh(T6), small(T6))
+
+
+def test_a_subclass_that_only_wraps_super_forward_stays_claimed():
+    model = _seeded(lambda: Stack(ClippingLinear))
+    text = DependencyGraph(model, T6).explain()
+    assert "b: ClippingLinear -> cleanai_plugins.layers.linear" in text
+    small = StructuredPruner(model, T6, "magnitude", pruning_ratio=0.5).prune()
+    assert small.b.in_features == small.b.out_features == 8 and count_params(small) == 155
+
+
+# -- a scalar that equals the fourth root of an attention scale --------------------------------
+
+
+class TokenGelu(nn.Module):
+    """A GELU written out (``0.5 * y * (1 + erf(y / sqrt 2))``) over 16 features: 0.5 is
+    ``16 ** -0.25``, the factor SDPA's math path puts on ``q`` and ``k``."""
+
+    def __init__(self, width: int = 16, factor: float = 0.5) -> None:
+        super().__init__()
+        self.factor = factor
+        self.a, self.b = nn.Linear(6, width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y * self.factor * (1 + torch.erf(y * 0.7071067811865476)))
+
+
+@pytest.mark.parametrize("width, factor, after", [(16, 0.5, 83), (256, 0.25, 1283)], ids=["16", "256"])
+def test_a_scalar_equal_to_the_attention_scale_elsewhere_is_element_wise(width, factor, after):
+    """It froze the features: "attention scale depends on the head size"; nothing pruned."""
+    model = _seeded(lambda: TokenGelu(width, factor))
+    report = check_pruner(model, T6)
+    assert report.max_abs_diff < 1e-5 and report.kept_whole == () and report.params_after == after
+
+
+def test_the_scale_of_sdpas_math_path_still_keeps_the_head_width():
+    """``q * E ** -0.25`` expanded and viewed for ``bmm`` (SDPA run through its math path)
+    still keeps the head width whole, with the reason."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class MathPath(CountedHeads):
+        def forward(self, x):
+            with sdpa_kernel(SDPBackend.MATH):
+                return super().forward(x)
+
+    model = _seeded(lambda: MathPath("unflatten", dim=64, h=4, sdpa=True))
+    graph = DependencyGraph(model, X5)
+    reasons = _group_of(graph, "qkv").reasons
+    assert any("attention scale depends on the head size" in r for r in reasons)
+    report = check_pruner(model, X5)
+    assert report.max_abs_diff < 1e-5 and report.kept_whole == ()
+
+
+# -- the user's hooks -----------------------------------------------------------------------------
+
+
+class Hooked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Linear(8, 4)
+        self.a.register_forward_pre_hook(lambda m, i: (i[0] * 2,))
+        self.bn.register_forward_hook(lambda m, i, o: o * 0.5 + 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.bn(self.a(x))))).mean((2, 3)))
+
+
+def test_check_pruner_compares_without_the_users_hooks_as_prune_does():
+    """The masked original ran without the user's hooks, the sliced copy with copies of
+    them: 0.067 apart for every group."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    report = check_pruner(_seeded(Hooked), x)
+    assert report.max_abs_diff < 1e-6 and (report.params_before, report.params_after) == (860, 288)
