@@ -188,6 +188,36 @@ def test_a_layer_subclass_with_tensors_of_its_own_prunes_through_its_forward(lay
     assert torch.equal(fresh(T6), small(T6))
 
 
+class GatedBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm with a per-channel gate of its own after ``super().forward``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.gate = nn.Parameter(torch.rand(channels, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return super().forward(x) * self.gate
+
+
+class GatedConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.c = nn.Conv2d(3, 8, 3, padding=1), GatedBatchNorm(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.bn(self.a(x))))
+
+
+def test_a_norm_subclass_with_a_gate_of_its_own_prunes_through_its_forward():
+    """The gate kept 8 channels, verification kept the group whole (284 before and after)."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = _seeded(GatedConvNet)
+    report = check_pruner(model, x)
+    assert report.max_abs_diff < 1e-5 and report.kept_whole == () and report.params_after == 144
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    assert small.bn.gate.shape == (4, 1, 1) and small.bn.running_mean.shape == (4,) and count_params(small) == 144
+
+
 def test_a_subclass_that_only_wraps_super_forward_stays_claimed():
     model = _seeded(lambda: Stack(ClippingLinear))
     text = DependencyGraph(model, T6).explain()
