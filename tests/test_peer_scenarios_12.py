@@ -290,3 +290,30 @@ def test_check_pruner_compares_without_the_users_hooks_as_prune_does():
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     report = check_pruner(_seeded(Hooked), x)
     assert report.max_abs_diff < 1e-6 and (report.params_before, report.params_after) == (860, 288)
+
+
+# -- ignoring a bare tensor ---------------------------------------------------------------------
+
+
+class Positions(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.e, self.pos, self.o = nn.Linear(6, 16), nn.Parameter(torch.randn(1, 5, 16)), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.e(x) + self.pos))
+
+
+def test_ignoring_a_bare_tensor_says_how_to_keep_its_channels():
+    """The peer ignores modules only; given ``model.pos`` the error pointed to an
+    ``unwrapped_parameters`` option CleanAI does not have, and ``"pos"`` got no hint."""
+    from cleanai_core.errors import UserError
+
+    model = _seeded(Positions)
+    for spec in (model.pos, "pos"):
+        with pytest.raises(UserError) as caught:
+            StructuredPruner(model, T6, "magnitude", ignored_layers=[spec])
+        text = str(caught.value)
+        assert "unwrapped_parameters" not in text and "not a layer" in text and "ignore" in text
+    assert _group_of(DependencyGraph(model, T6), "", "pos").prunable == 16  # found by itself
+    assert not DependencyGraph(model, T6, ignored_layers=[model.e]).groups(prunable_only=True)  # the way named
