@@ -9,6 +9,9 @@ zeroing."""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,6 +105,57 @@ def test_the_computed_width_with_sdpa_names_the_scale_and_keeps_the_stream_whole
     report = check_pruner(model, X5)
     assert report.max_abs_diff == 0 and len(report.kept_whole) == 1
     assert "(inp, out, proj, qkv" in report.kept_whole[0] and "breaks the model" in report.kept_whole[0]
+
+
+@dataclasses.dataclass
+class Settings:
+    heads: int = 8
+    layers: int = 2
+
+
+class HeadsConfig:
+    """A plain settings class, named as transformers names its own."""
+
+    def __init__(self) -> None:
+        self.heads, self.vocab = 8, 100
+
+
+class HeadsFromSettings(nn.Module):
+    """``reshape(b, n, 3, self.cfg.heads, -1)``: the head count is read from a settings
+    object the module holds, not from an int attribute of its own."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.cfg = {
+            "dataclass": Settings(),
+            "namespace": types.SimpleNamespace(heads=8, layers=2),
+            "dict": {"heads": 8, "layers": 2},
+            "config_class": HeadsConfig(),
+        }[kind]
+        self.inp, self.qkv = nn.Linear(5, 32), nn.Linear(32, 96)
+        self.proj, self.out = nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, n, _ = x.shape
+        heads = self.cfg["heads"] if self.kind == "dict" else self.cfg.heads
+        q, k, v = self.qkv(x).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        y = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1) @ v
+        return self.out(x + self.proj(y.transpose(1, 2).reshape(b, n, -1)))
+
+
+@pytest.mark.parametrize("kind", ["dataclass", "namespace", "dict", "config_class"])
+def test_a_head_count_read_from_a_settings_object_is_a_stored_number(kind):
+    """Only int attributes of the module counted as stored: the 8 heads of 4 were chosen
+    and mixed (``check_pruner`` 4e-3 off; ``prune()``'s verification kept the group, 2,307)."""
+    model = _seeded(lambda: HeadsFromSettings(kind))
+    report = check_pruner(model, X5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    width = _group_of(DependencyGraph(model, X5), "qkv")
+    assert width.units.numel() == width.prunable == 4
+    small = StructuredPruner(model, X5, "magnitude", pruning_ratio=0.5).prune()
+    assert small.qkv.out_features == 48 and count_params(small) == 1235
 
 
 # -- layer subclasses that carry tensors of their own ------------------------------------------
@@ -317,3 +371,38 @@ def test_ignoring_a_bare_tensor_says_how_to_keep_its_channels():
         assert "unwrapped_parameters" not in text and "not a layer" in text and "ignore" in text
     assert _group_of(DependencyGraph(model, T6), "", "pos").prunable == 16  # found by itself
     assert not DependencyGraph(model, T6, ignored_layers=[model.e]).groups(prunable_only=True)  # the way named
+
+
+# -- the default criterion on a model without a layer input to measure ------------------------
+
+
+class BareMLP(nn.Module):
+    """The peer's unwrapped parameters: weights used by ``F.linear`` directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 6) * 0.3), nn.Parameter(torch.zeros(16))
+        self.w2 = nn.Parameter(torch.randn(3, 16) * 0.3)
+
+    def forward(self, x):
+        return F.linear(torch.relu(F.linear(x, self.w1, self.b1)), self.w2)
+
+
+@pytest.mark.parametrize("factory, after", [(BareMLP, 80), (lambda: Stack(LoRALinear), 196)], ids=["bare", "lora"])
+def test_weight_activation_scores_a_model_whose_groups_no_layer_input_measures(factory, after):
+    """``collect_activations`` found no layer input to measure, and scoring then refused:
+    "WeightActivationImportance scores activations: call pruner.collect_activations(loader)
+    first", which had been called. Such groups fall back to their weights."""
+    model = _seeded(factory)
+    pruner = StructuredPruner(model, T6, "weight_activation", pruning_ratio=0.5)
+    pruner.collect_activations([T6, T6], progress=False)
+    small = pruner.prune()
+    assert count_params(small) == after and small(T6).shape == (2, 5, 3)
+
+
+def test_weight_activation_still_asks_for_the_data_where_a_layer_input_measures_it():
+    from cleanai_core.errors import UserError
+
+    pruner = StructuredPruner(_seeded(lambda: Stack(nn.Linear)), T6, "weight_activation", pruning_ratio=0.5)
+    with pytest.raises(UserError, match="call pruner.collect_activations"):
+        pruner.prune()
