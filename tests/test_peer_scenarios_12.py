@@ -406,3 +406,27 @@ def test_weight_activation_still_asks_for_the_data_where_a_layer_input_measures_
     pruner = StructuredPruner(_seeded(lambda: Stack(nn.Linear)), T6, "weight_activation", pruning_ratio=0.5)
     with pytest.raises(UserError, match="call pruner.collect_activations"):
         pruner.prune()
+
+
+# -- ignoring a layer no plugin claims ----------------------------------------------------------
+
+
+def test_ignoring_a_layer_traced_through_keeps_its_output_channels():
+    """A LoRA linear (traced through) and a channels-first LayerNorm written by hand were
+    ignored in name only: their output channels were pruned (16 -> 8; the ConvNeXt stream
+    8 -> 4). A custom layer inside an ignored container stays free (the container's claimed
+    layers are what it keeps)."""
+    from test_peer_scenarios_10 import HandConvNeXt
+
+    model = _seeded(lambda: Stack(LoRALinear))
+    small = StructuredPruner(model, T6, "magnitude", pruning_ratio=0.5, ignored_layers=[model.a]).prune()
+    assert small.a.weight.shape == (16, 6) and small.b.weight.shape == (8, 16) and small.a.B.shape[0] == 16
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = _seeded(HandConvNeXt)
+    graph = DependencyGraph(model, x, ignored_layers=[model.n0])
+    stream = _group_of(graph, "stem")
+    assert stream.prunable == 0 and any("ignored layer n0" in r for r in stream.reasons)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.n0]).prune()
+    assert small.stem.out_channels == 8 and small.n0.weight.shape == (8,) and count_params(small) == 1131
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.down]).prune()
+    assert small.stem.out_channels == 4 and small.down[1].out_channels == 16

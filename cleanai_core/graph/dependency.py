@@ -181,7 +181,10 @@ class DependencyGraph:
         self._mappers: dict[Any, Any] = {}
         claimed = {node.module: name for name, node in self.nodes.items()}
         try:
-            self.recording: Recording = record(model, example_inputs, claimed, forward_fn, output_transform)
+            watched = self._ignored_custom_layers(set(claimed.values()))
+            self.recording: Recording = record(
+                model, example_inputs, claimed, forward_fn, output_transform, watched=watched
+            )
         except UserError:  # output_transform failed: it names itself
             raise
         except Exception as exc:
@@ -244,6 +247,26 @@ class DependencyGraph:
                 out.update(match_modules(self.model, [self.model.get_submodule(found)]))
             else:
                 out.add(found)
+        return out
+
+    def _ignored_custom_layers(self, claimed: set[str]) -> set[str]:
+        """The ignored layers no plugin claims and whose weights are bare tensors to the
+        trace (a custom layer, a LoRA linear traced through): leaves with parameters of
+        their own, not inside another ignored module. Their outputs are frozen where the
+        trace ends (:meth:`_propagate`): before 2026-12-02 no slice of theirs was named
+        after them, and ``ignored_layers=[layer]`` kept nothing. Bare tensors of a custom
+        layer inside an ignored container stay free (YOLOv7's ``ImplicitA`` before an
+        ignored ``Detect`` meets the channels on its input side, which still prune)."""
+        out = set()
+        for name in self.ignored - claimed:
+            if not name:
+                continue
+            module = self.model.get_submodule(name)
+            if next(module.children(), None) is not None or next(module.parameters(recurse=False), None) is None:
+                continue
+            parts = name.split(".")
+            if not any(".".join(parts[:i]) in self.ignored for i in range(1, len(parts))):
+                out.add(name)
         return out
 
     def mapper_for(self, op: Any) -> Any:
@@ -334,6 +357,9 @@ class DependencyGraph:
         for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":
                 ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
+        for name, refs in self.recording.module_outputs.items():
+            for ref in refs:
+                ctx.freeze_tensor(ref, f"ignored layer {name}")
         self._tie_shares(ctx)
 
     def _tie_shares(self, ctx: TraceContext) -> None:
