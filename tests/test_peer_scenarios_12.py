@@ -411,6 +411,23 @@ def test_weight_activation_still_asks_for_the_data_where_a_layer_input_measures_
 # -- ignoring a layer no plugin claims ----------------------------------------------------------
 
 
+def test_a_ratio_for_a_layer_traced_through_applies_to_its_output_channels():
+    """``layer_pruning_ratios={layer: r}`` for a layer without slices of its own (its
+    tensors are bare) changed nothing: the LoRA linear kept 16 outputs, the ConvNeXt
+    stream 8 (1,691 before and after)."""
+    from test_peer_scenarios_10 import HandConvNeXt
+
+    model = _seeded(lambda: Stack(LoRALinear))
+    small = StructuredPruner(model, T6, "magnitude", pruning_ratio=0.0, layer_pruning_ratios={model.a: 0.75}).prune()
+    assert small.a.weight.shape == (4, 6) and small.b.weight.shape == (16, 4) and small.c.weight.shape == (3, 16)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = _seeded(HandConvNeXt)
+    assert "n0" in _group_of(DependencyGraph(model, x), "stem").layers
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.0, layer_pruning_ratios={"n0": 0.5}).prune()
+    assert small.stem.out_channels == small.n0.weight.numel() == 4 and small.p1.out_features == 32
+    assert count_params(small) == 895
+
+
 def test_ignoring_a_layer_traced_through_keeps_its_output_channels():
     """A LoRA linear (traced through) and a channels-first LayerNorm written by hand were
     ignored in name only: their output channels were pruned (16 -> 8; the ConvNeXt stream

@@ -16,7 +16,7 @@ from cleanai_core.errors import TraceError, UserError
 from cleanai_core.graph.context import SliceSpec, TraceContext
 from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
-from cleanai_core.graph.groups import Group, components, make_groups, unique
+from cleanai_core.graph.groups import Group, components, make_groups, named_alone, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.model_state import reads_preserved
@@ -181,7 +181,7 @@ class DependencyGraph:
         self._mappers: dict[Any, Any] = {}
         claimed = {node.module: name for name, node in self.nodes.items()}
         try:
-            watched = self._ignored_custom_layers(set(claimed.values()))
+            watched = self._custom_layers(set(claimed.values()))
             self.recording: Recording = record(
                 model, example_inputs, claimed, forward_fn, output_transform, watched=watched
             )
@@ -249,24 +249,17 @@ class DependencyGraph:
                 out.add(found)
         return out
 
-    def _ignored_custom_layers(self, claimed: set[str]) -> set[str]:
-        """The ignored layers no plugin claims and whose weights are bare tensors to the
-        trace (a custom layer, a LoRA linear traced through): leaves with parameters of
-        their own, not inside another ignored module. Their outputs are frozen where the
-        trace ends (:meth:`_propagate`): before 2026-12-02 no slice of theirs was named
-        after them, and ``ignored_layers=[layer]`` kept nothing. Bare tensors of a custom
-        layer inside an ignored container stay free (YOLOv7's ``ImplicitA`` before an
-        ignored ``Detect`` meets the channels on its input side, which still prune)."""
+    def _custom_layers(self, claimed: set[str]) -> set[str]:
+        """The layers no plugin claims and whose weights are bare tensors to the trace (a
+        custom layer, a LoRA linear traced through): leaves with parameters of their own.
+        The trace notes their outputs (:attr:`Recording.module_outputs`): no slice is named
+        after them, so before 2026-12-02 ``ignored_layers=[layer]`` kept nothing and
+        ``layer_pruning_ratios={layer: r}`` changed nothing."""
         out = set()
-        for name in self.ignored - claimed:
-            if not name:
-                continue
-            module = self.model.get_submodule(name)
-            if next(module.children(), None) is not None or next(module.parameters(recurse=False), None) is None:
-                continue
-            parts = name.split(".")
-            if not any(".".join(parts[:i]) in self.ignored for i in range(1, len(parts))):
-                out.add(name)
+        for name, module in self.model.named_modules():
+            if name and name not in claimed and next(module.children(), None) is None:
+                if next(module.parameters(recurse=False), None) is not None:
+                    out.add(name)
         return out
 
     def mapper_for(self, op: Any) -> Any:
@@ -358,8 +351,11 @@ class DependencyGraph:
             if spec.module in self.ignored and spec.kind != "in":
                 ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
         for name, refs in self.recording.module_outputs.items():
-            for ref in refs:
-                ctx.freeze_tensor(ref, f"ignored layer {name}")
+            # a custom layer inside an ignored container stays free (YOLOv7's ``ImplicitA``
+            # before an ignored ``Detect`` meets the channels on its input side, which prune)
+            if named_alone(name, self.ignored):
+                for ref in refs:
+                    ctx.freeze_tensor(ref, f"ignored layer {name}")
         self._tie_shares(ctx)
 
     def _tie_shares(self, ctx: TraceContext) -> None:
@@ -468,6 +464,23 @@ class DependencyGraph:
         normalized = torch.cat(ctx.normalized) if ctx.normalized else None
         self._groups = make_groups(self.root, frozen, self.slices, reasons, normalized)
         self._unit_group: torch.Tensor | None = None  # for check_removal()
+        self._note_custom_layers(ctx)
+
+    def _note_custom_layers(self, ctx: TraceContext) -> None:
+        """:attr:`Group.layers`: the custom layers whose outputs carry each group's units."""
+        if not self.recording.module_outputs:
+            return
+        at = torch.full((ctx.n_atoms,), -1, dtype=torch.int64)
+        for i, g in enumerate(self._groups):
+            at[g.units] = i
+        found: dict[int, list[str]] = {}
+        for name, refs in self.recording.module_outputs.items():
+            labels = [lab for r in refs if (lab := ctx.label_of(r)) is not None]
+            hit = {i for lab in labels for i in at[self.root[lab.atoms]].unique().tolist() if i >= 0}
+            for i in hit:
+                found.setdefault(i, []).append(name)
+        for i, names in found.items():
+            self._groups[i].layers = tuple(sorted(set(names)))
 
     def apply_default_freezes(self, ratio: float | None = None) -> None:
         """Freeze what the ``cleanai_default_freezes`` hook names (the pruner's defaults
