@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 
 import pytest
 import torch
@@ -447,3 +448,30 @@ def test_ignoring_a_layer_traced_through_keeps_its_output_channels():
     assert small.stem.out_channels == 8 and small.n0.weight.shape == (8,) and count_params(small) == 1131
     small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=[model.down]).prune()
     assert small.stem.out_channels == 4 and small.down[1].out_channels == 16
+
+
+# -- a layer the example inputs never run -------------------------------------------------------
+
+
+class TwoTasks(nn.Module):
+    """A shared trunk and a head per task, chosen by an argument: the example inputs run one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.heads = nn.ModuleDict({"cls": nn.Linear(16, 5), "reg": nn.Linear(16, 2)})
+
+    def forward(self, x, task: str = "cls"):
+        return self.heads[task](self.trunk(x))
+
+
+def test_a_head_the_example_inputs_never_run_is_named_in_a_warning():
+    """The trunk shrank, the other task's head kept 16 inputs, and ``model(x, "reg")``
+    failed afterwards ("mat1 and mat2 shapes cannot be multiplied") without a word."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) never ran on the example inputs \(heads.reg\)"):
+        small = StructuredPruner(_seeded(TwoTasks), x, "magnitude", pruning_ratio=0.5).prune()
+    assert small.heads.cls.in_features == 8 and small.heads.reg.in_features == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every layer ran: no such warning
+        StructuredPruner(_seeded(lambda: Stack(nn.Linear)), T6, "magnitude", pruning_ratio=0.5).prune()
