@@ -263,6 +263,32 @@ class GatedConvNet(nn.Module):
         return self.c(torch.relu(self.bn(self.a(x))))
 
 
+def test_a_timm_vit_with_lora_linears_prunes_its_mlps_and_stream():
+    """Every linear of a timm ViT's blocks replaced by the LoRA subclass: every group was
+    kept whole by verification (1,052,165 parameters before and after). Traced through,
+    the MLPs and the stream prune exactly; verification keeps the head groups whole (the
+    attention reshapes by its stored ``head_dim``: "shape '[1, 5, 3, 3, 64]' is invalid")."""
+    timm = pytest.importorskip("timm")
+
+    def lora_vit() -> nn.Module:
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=5, depth=2)
+        for parent in list(model.blocks.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    lora = LoRALinear(child.in_features, child.out_features)
+                    lora.load_state_dict(child.state_dict(), strict=False)
+                    setattr(parent, name, lora)
+        return model
+
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model = _seeded(lora_vit)
+    report = check_pruner(model, x)
+    assert report.max_abs_diff < 1e-5 and len(report.kept_whole) == 2  # one head group per block
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    assert (count_params(model), count_params(small)) == (1052165, 376901) and small(x).shape == (1, 5)
+    assert small.blocks[0].mlp.fc1.weight.shape == (384, 96) and small.blocks[0].mlp.fc1.A.shape[1] == 96
+
+
 def test_a_norm_subclass_with_a_gate_of_its_own_prunes_through_its_forward():
     """The gate kept 8 channels, verification kept the group whole (284 before and after)."""
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
