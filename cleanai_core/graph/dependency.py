@@ -278,6 +278,7 @@ class DependencyGraph:
             ctx = TraceContext(choices, self.findings)
             ctx.modules = modules
             ctx.whole_heads = whole_heads
+            ctx.call_numbers = self.recording.call_numbers
             ctx.coarse = set(coarse)
             self._setup_params(ctx)
             self._run(ctx)

@@ -128,6 +128,8 @@ class Recording:
     train_output: Any = None  # that pass's output (pytree of TRef)
     #: the outputs of every call of the ``watched`` modules of :func:`record`, by name
     module_outputs: dict[str, list[TRef]] = attrs.field(factory=dict)
+    #: the plain ints handed to each unclaimed module's ``forward`` (``self.attn(x, heads)``)
+    call_numbers: dict[str, set[int]] = attrs.field(factory=dict)
 
     def outputs(self) -> list[TRef]:
         """Every traced output, the training-mode pass's too."""
@@ -244,8 +246,14 @@ def record(
     first_calls: dict[int, list[Any]] = {}  # sibling set -> [module, args, kwargs, output] of its first call
     ran: set[int] = set()
 
+    numbers: dict[str, set[int]] = {}
+
     def pre(module: nn.Module, args: tuple, kwargs: dict, name: str) -> None:
         rec.scope.append(name)
+        if rec.depth == 0 and module not in claimed:
+            ints = {a for a in (*args, *kwargs.values()) if type(a) is int}
+            if ints:
+                numbers.setdefault(name, set()).update(ints)
         if module in siblings:
             ran.add(id(module))
             first_calls.setdefault(siblings[module], [module, args, kwargs, None])
@@ -292,7 +300,7 @@ def record(
     finally:
         for h in handles:
             h.remove()
-    return Recording(rec.events, input_refs, out_refs, train_from, train_refs, noted)
+    return Recording(rec.events, input_refs, out_refs, train_from, train_refs, noted, numbers)
 
 
 def _training_pass(

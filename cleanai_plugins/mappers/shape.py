@@ -112,10 +112,13 @@ def stored_width(ctx, width: int, settings: bool = False) -> bool:
     built from it, a number that does not shrink with the channels (JetMoE's mixture of
     attention writes its experts' outputs into ``zeros(tokens, self.hidden_size)``; a
     hand-written attention views its projection ``(B, N, 3, self.heads, -1)``).
-    ``settings``: also in the settings objects it holds (:func:`_stored_numbers`)."""
+    ``settings``: also in the settings objects it holds (:func:`_stored_numbers`) and among
+    the ints its ``forward`` was handed (a head count its parent stores)."""
     module = ctx.scope_module()
     if module is None or width <= 1:
         return False
+    if settings and width in ctx.scope_numbers():  # handed to its forward: ``self.attn(x, self.heads)``
+        return True
     values = _stored_numbers(module) if settings else vars(module).values()
     return any(type(v) is int and v == width for v in values)
 
