@@ -177,6 +177,7 @@ class DependencyGraph:
         self.findings = prepare_model(model, self.pm)
         self.nodes = resolve_modules(model, self.pm, self.findings)
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self._named = dict(model.named_modules())
         self.ignored = self._ignored_names(ignored_layers)
         self._mappers: dict[Any, Any] = {}
         claimed = {node.module: name for name, node in self.nodes.items()}
@@ -256,7 +257,7 @@ class DependencyGraph:
         after them, so before 2026-12-02 ``ignored_layers=[layer]`` kept nothing and
         ``layer_pruning_ratios={layer: r}`` changed nothing."""
         out = set()
-        for name, module in self.model.named_modules():
+        for name, module in self._named.items():
             if name and name not in claimed and next(module.children(), None) is None:
                 if next(module.parameters(recurse=False), None) is not None:
                     out.add(name)
@@ -269,7 +270,7 @@ class DependencyGraph:
 
     def _propagate(self) -> TraceContext:
         choices: dict[int, int] = {}
-        modules = dict(self.model.named_modules())
+        modules = self._named
         heads = {id(m) for res in self.pm.hook.cleanai_whole_heads(model=self.model) for m in res or ()}
         whole_heads = {name for name, m in modules.items() if id(m) in heads}
         coarse: set[str] = set()
