@@ -333,6 +333,41 @@ def test_a_norm_subclass_with_a_gate_of_its_own_prunes_through_its_forward():
     assert small.bn.gate.shape == (4, 1, 1) and small.bn.running_mean.shape == (4,) and count_params(small) == 144
 
 
+class StatConv(nn.Conv2d):
+    """A conv that keeps a running mean of its output channels in a buffer of its own."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("ema", torch.zeros(self.out_channels))
+
+    def forward(self, x):
+        y = super().forward(x)
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(0.1 * y.mean((0, 2, 3)))
+        return y
+
+
+class StatNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = StatConv(3, 8, 3, padding=1), StatConv(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_conv_subclass_tracking_its_outputs_in_a_buffer_prunes_the_buffer_too():
+    """The buffer kept 8 entries and the copy failed ("The size of tensor a (8) must match
+    the size of tensor b (4)"): both groups kept whole, 844 parameters before and after."""
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model = _seeded(StatNet)
+    report = check_pruner(model, x)
+    assert report.max_abs_diff < 1e-6 and report.kept_whole == () and report.params_after == 280
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    small(x)
+    assert small.a.ema.shape == (4,) and small.b.weight.shape == (4, 4, 3, 3) and count_params(small) == 280
+
+
 def test_a_subclass_that_only_wraps_super_forward_stays_claimed():
     model = _seeded(lambda: Stack(ClippingLinear))
     text = DependencyGraph(model, T6).explain()
