@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from cleanai_core.model_state import from_library
+
 if TYPE_CHECKING:
     from cleanai_core.graph.context import Label, TraceContext
     from cleanai_core.graph.groups import Group
@@ -48,6 +50,7 @@ __all__ = [
     "at_rows",
     "keep_positions",
     "memory_format_of",
+    "runs_own_forward",
     "settings_mismatch",
     "shape_of",
     "slice_tensor",
@@ -215,6 +218,28 @@ class Reducer(Protocol):
 
 
 _SQUARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def runs_own_forward(module: nn.Module, known: tuple[str, ...] = ("weight", "bias")) -> bool:
+    """Whether ``module``'s ``forward`` is written in the user's code (not torch's, nor an
+    installed library's, which their plugins know) and the module holds tensors beyond
+    ``known`` (names of tensors and submodules), the ones a built-in pruner of its torch
+    base class slices: parameters or buffers of its own (a low-rank update ``x @
+    self.A.t() @ self.B.t()``, a per-channel gain) or in submodules (PEFT's ``lora_A`` /
+    ``lora_B``). A pruner that claimed it would leave those whole while the module's
+    channels shrink; unclaimed, the module is traced through its operations like any
+    custom layer. A forward that only adds work around ``super().forward(x)`` (clipping,
+    logging) holds nothing more and stays claimed."""
+    owner = next(c for c in type(module).__mro__ if "forward" in vars(c))
+    if from_library(owner):
+        return False
+    own = (k for k, t in (*module._parameters.items(), *module._buffers.items()) if t is not None)
+    held = (
+        k
+        for k, c in module.named_children()
+        if next(c.parameters(), None) is not None or next(c.buffers(), None) is not None
+    )
+    return any(k not in known for k in (*own, *held))
 
 
 def squared_weight(weight: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

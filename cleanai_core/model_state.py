@@ -67,6 +67,7 @@ __all__ = [
     "copy_model",
     "copy_tensor",
     "drop_user_hooks",
+    "from_library",
     "holds_history",
     "preserved",
     "reads_preserved",
@@ -686,8 +687,15 @@ def _model_hook(fn: Any, held: set[int], module: nn.Module) -> bool:
     where = getattr(fn, "__module__", None) or type(fn).__module__ or ""
     if where == "torch" or where.startswith("torch."):
         return True
-    package = where.partition(".")[0]
-    return package == type(module).__module__.partition(".")[0] and _installed(package)
+    return where.partition(".")[0] == type(module).__module__.partition(".")[0] and from_library(module)
+
+
+def from_library(obj: Any) -> bool:
+    """Whether ``obj`` (a class, or an object of it) is defined in an installed library
+    (torch, timm, transformers: under a site-packages folder), not in the user's script
+    or project."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return _installed(cls.__module__.partition(".")[0])
 
 
 @functools.cache

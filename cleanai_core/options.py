@@ -97,8 +97,11 @@ def _shown_spec(spec: Any, model: nn.Module) -> str:
         name = next((n for n, p in model.named_parameters() if p is spec), None)
         if name is not None:
             owner = name.rpartition(".")[0]
-            return f"the parameter {name!r} (a tensor, not a layer; give its module" + (
-                f" {owner!r})" if owner else ", or list it in unwrapped_parameters)"
+            return f"the parameter {name!r} (a tensor, not a layer; " + (
+                f"give its module {owner!r})"
+                if owner
+                # no ``unwrapped_parameters`` option: bare tensors are found by themselves
+                else "its channels are kept with the layers that make the channels it meets: ignore those)"
             )
     return shown(spec)
 
@@ -107,12 +110,15 @@ def _lookalike_hint(spec: Any, named: list[tuple[str, nn.Module]]) -> str:
     """For a module that is not in the model but whose twin is (a layer of the model before
     ``copy.deepcopy``, or of the unpruned model): which name to give. For a name that is a
     parameter's (``"fc.weight"``): its module's."""
-    if isinstance(spec, str) and "." in spec:
+    if isinstance(spec, str):
         owner, _, attr = spec.rpartition(".")
         module = dict(named).get(owner)
         if module is not None and attr in module._parameters:
+            if not owner:  # a bare tensor of the model itself (``pos_embed``)
+                return f". {spec!r} is a tensor of the model, not a layer: ignore the layers that make its channels"
             return f". {spec!r} is a parameter of {owner!r}, not a layer: give {owner!r}"
-        return ""
+        if "." in spec:
+            return ""
     if not isinstance(spec, nn.Module) or len(named) > 100_000:
         return ""
     shown = repr(spec)

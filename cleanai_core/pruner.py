@@ -679,6 +679,8 @@ class StructuredPruner:
             self._pruned_plans = []
             if not self.inplace:
                 _warn_user_hooks(user_hooks(self.model))
+            if self._other_path is None:  # no calibration batch ran them: verification cannot try that path
+                _warn_untraced(untraced_layers(self.graph))
             try:
                 with reads_preserved(self.model):  # the copies are made, sliced and checked beside it
                     current = prune_in_steps(self)
@@ -707,6 +709,24 @@ def _within(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
         return torch.equal(a, b)
     same = (a == b) | (a.isnan() & b.isnan())
     return bool(same.all()) or float((a.float() - b.float()).abs()[~same].max()) <= tol
+
+
+def _warn_untraced(layers: Mapping[str, nn.Module]) -> None:
+    """Say that layers the example inputs never ran keep their input widths (another task's
+    head, a branch the forward takes for other inputs): before 2026-12-02 the pruned model
+    failed there without a word ("mat1 and mat2 shapes cannot be multiplied")."""
+    if layers:
+        names = sorted(layers)
+        warnings.warn(
+            f"{len(names)} layer(s) never ran on the example inputs ({', '.join(names[:4])}"
+            f"{' ...' if len(names) > 4 else ''}): the trace cannot see which channels they read, so they keep "
+            "their input width while the layers before them may shrink, and the pruned model fails where the "
+            "forward takes them (another task's head, another branch). Give example inputs or a forward_fn that "
+            "run them, calibration batches that do (prune() then checks that path), or ignore the layers that "
+            "feed them; a layer the forward never uses loses nothing",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_user_hooks(hooks: list[tuple[str, str, int]]) -> None:

@@ -355,14 +355,20 @@ def get_normalizer(name: str) -> Any:
 
 
 def score_groups(importance: Any, graph: DependencyGraph, ctx: ScoringContext) -> dict[int, torch.Tensor]:
-    """Every prunable group's unit scores (float64, NaN as 0) by ``importance``."""
-    if getattr(importance, "needs_activations", False) and not ctx.stats:
+    """Every prunable group's unit scores (float64, NaN as 0) by ``importance``. Criteria
+    that read activations need statistics, unless no prunable group has a layer's input to
+    measure them at (a model of layers traced through, whose weights are bare tensors: its
+    groups fall back to their weights, as such groups do in any model; before 2026-12-02
+    the default criterion refused it, after ``collect_activations`` too)."""
+    groups = graph.groups(prunable_only=True)
+    measured = any(s.kind == "in" for g in groups for s in g.slices)
+    if getattr(importance, "needs_activations", False) and not ctx.stats and measured:
         raise UserError(
             f"{type(importance).__name__} scores activations: call "
             "pruner.collect_activations(loader) first, or choose a data-free importance such as 'magnitude'"
         )
     out = {}
-    for g in graph.groups(prunable_only=True):
+    for g in groups:
         out[g.id] = torch.nan_to_num(_unit_scores(importance, importance(g, ctx), g), nan=0.0)
     return out
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cleanai_core.graph.groups import Group
+from cleanai_core.graph.groups import Group, named_alone
 from cleanai_core.planning import GroupPlan, PruningPlan
 
 __all__ = [
@@ -191,7 +191,10 @@ def group_ratios(
     step), how far along to the ``targets`` it ends."""
 
     def named(g: Group) -> float | None:
-        return next((layer_ratios[s.module] for s in g.slices if s.kind != "in" and s.module in layer_ratios), None)
+        found = next((layer_ratios[s.module] for s in g.slices if s.kind != "in" and s.module in layer_ratios), None)
+        if found is None:  # a custom layer named for itself whose outputs carry the group (its tensors are bare)
+            found = next((layer_ratios[n] for n in g.layers if named_alone(n, layer_ratios)), None)
+        return found
 
     if (steps > 1 or share is not None) and targets:
         ratios = step_group_ratios(groups, targets, step, steps, graph, share)

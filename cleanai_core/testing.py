@@ -24,7 +24,7 @@ from torch import nn
 from cleanai_core.errors import PruningError
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.masking import exact_tolerance, masked_model, masked_outputs
-from cleanai_core.model_state import copy_model
+from cleanai_core.model_state import copy_model, drop_user_hooks, user_hooks
 from cleanai_core.planning import GroupPlan, PruningPlan, uniform_counts
 from cleanai_core.plugins import temporary_plugin
 from cleanai_core.slicing import SliceEdit, apply_edits
@@ -141,6 +141,7 @@ def check_pruner(
 
     def build(units: torch.Tensor) -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         small = copy_model(model)
+        drop_user_hooks(small, user_hooks(model))  # as prune()'s copy and the masked original have none
         edits = [SliceEdit(m, s, k, _dim(graph, m, s)) for (m, s), k in graph.keep_indices(units).items()]
         apply_edits(small, edits, graph.pm)
         expected = masked_forward(graph, units, inputs, forward_fn, transform)

@@ -94,7 +94,7 @@ class WidthOfTheStream(nn.Module):
         (TensorSplit, (2, 3, 5, 5), 264, 264, ["(a, c; "]),
         (LiteralExpand, (2, 3, 5, 5), 264, 264, ["(a, b; "]),
         (HeadFromInputWidth, (2, 5, 8), 568, 432, ["(k, q; "]),
-        (WidthOfTheStream, (2, 4, 6, 6), 1219, 1219, ["(a, o, p, qkv)", "(p, qkv)"]),
+        (WidthOfTheStream, (2, 4, 6, 6), 1219, 1219, ["(a, o, p, qkv"]),
     ],
     ids=["tensor_split", "literal_expand", "head_from_input_width", "width_of_the_stream"],
 )

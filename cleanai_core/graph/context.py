@@ -152,6 +152,8 @@ class TraceContext:
         #: rewrites the split sizes after slicing (the split mapper reads this)
         self.unequal_splits: set[int] = set()
         self.whole_heads: set[str] = set()  # attention modules whose reshape splits keep the heads
+        #: the plain ints each module's forward was handed (``self.attn(x, self.heads)``), by name
+        self.call_numbers: dict[str, set[int]] = {}
         #: ``(owner, attribute, reason)`` of tensors read outside their claimed module that no
         #: pruner labelled: the owner's slices that cut them are frozen after tracing
         self.outside_reads: list[tuple[str, str, str]] = []
@@ -594,6 +596,10 @@ class TraceContext:
         """The module whose ``forward`` runs the op being traced (``None`` for a module
         call): a mapper may trust what that module's fix-up repairs."""
         return self.modules.get(getattr(self.event, "scope", None))
+
+    def scope_numbers(self) -> set[int]:
+        """The plain ints handed to the ``forward`` that runs the op being traced."""
+        return self.call_numbers.get(getattr(self.event, "scope", None), set())
 
     def keeps_whole_heads(self) -> bool:
         """Whether the op being traced runs directly in an attention module whose heads

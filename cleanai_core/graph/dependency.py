@@ -16,7 +16,7 @@ from cleanai_core.errors import TraceError, UserError
 from cleanai_core.graph.context import SliceSpec, TraceContext
 from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
-from cleanai_core.graph.groups import Group, components, make_groups, unique
+from cleanai_core.graph.groups import Group, components, make_groups, named_alone, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.model_state import reads_preserved
@@ -177,11 +177,15 @@ class DependencyGraph:
         self.findings = prepare_model(model, self.pm)
         self.nodes = resolve_modules(model, self.pm, self.findings)
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self._named = dict(model.named_modules())
         self.ignored = self._ignored_names(ignored_layers)
         self._mappers: dict[Any, Any] = {}
         claimed = {node.module: name for name, node in self.nodes.items()}
         try:
-            self.recording: Recording = record(model, example_inputs, claimed, forward_fn, output_transform)
+            watched = self._custom_layers(set(claimed.values()))
+            self.recording: Recording = record(
+                model, example_inputs, claimed, forward_fn, output_transform, watched=watched
+            )
         except UserError:  # output_transform failed: it names itself
             raise
         except Exception as exc:
@@ -246,6 +250,19 @@ class DependencyGraph:
                 out.add(found)
         return out
 
+    def _custom_layers(self, claimed: set[str]) -> set[str]:
+        """The layers no plugin claims and whose weights are bare tensors to the trace (a
+        custom layer, a LoRA linear traced through): leaves with parameters of their own.
+        The trace notes their outputs (:attr:`Recording.module_outputs`): no slice is named
+        after them, so before 2026-12-02 ``ignored_layers=[layer]`` kept nothing and
+        ``layer_pruning_ratios={layer: r}`` changed nothing."""
+        out = set()
+        for name, module in self._named.items():
+            if name and name not in claimed and next(module.children(), None) is None:
+                if next(module.parameters(recurse=False), None) is not None:
+                    out.add(name)
+        return out
+
     def mapper_for(self, op: Any) -> Any:
         if op not in self._mappers:
             self._mappers[op] = self.pm.hook.cleanai_index_mapper(op=op)
@@ -253,7 +270,7 @@ class DependencyGraph:
 
     def _propagate(self) -> TraceContext:
         choices: dict[int, int] = {}
-        modules = dict(self.model.named_modules())
+        modules = self._named
         heads = {id(m) for res in self.pm.hook.cleanai_whole_heads(model=self.model) for m in res or ()}
         whole_heads = {name for name, m in modules.items() if id(m) in heads}
         coarse: set[str] = set()
@@ -262,6 +279,7 @@ class DependencyGraph:
             ctx = TraceContext(choices, self.findings)
             ctx.modules = modules
             ctx.whole_heads = whole_heads
+            ctx.call_numbers = self.recording.call_numbers
             ctx.coarse = set(coarse)
             self._setup_params(ctx)
             self._run(ctx)
@@ -334,6 +352,12 @@ class DependencyGraph:
         for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":
                 ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
+        for name, refs in self.recording.module_outputs.items():
+            # a custom layer inside an ignored container stays free (YOLOv7's ``ImplicitA``
+            # before an ignored ``Detect`` meets the channels on its input side, which prune)
+            if named_alone(name, self.ignored):
+                for ref in refs:
+                    ctx.freeze_tensor(ref, f"ignored layer {name}")
         self._tie_shares(ctx)
 
     def _tie_shares(self, ctx: TraceContext) -> None:
@@ -442,6 +466,23 @@ class DependencyGraph:
         normalized = torch.cat(ctx.normalized) if ctx.normalized else None
         self._groups = make_groups(self.root, frozen, self.slices, reasons, normalized)
         self._unit_group: torch.Tensor | None = None  # for check_removal()
+        self._note_custom_layers(ctx)
+
+    def _note_custom_layers(self, ctx: TraceContext) -> None:
+        """:attr:`Group.layers`: the custom layers whose outputs carry each group's units."""
+        if not self.recording.module_outputs:
+            return
+        at = torch.full((ctx.n_atoms,), -1, dtype=torch.int64)
+        for i, g in enumerate(self._groups):
+            at[g.units] = i
+        found: dict[int, list[str]] = {}
+        for name, refs in self.recording.module_outputs.items():
+            labels = [lab for r in refs if (lab := ctx.label_of(r)) is not None]
+            hit = {i for lab in labels for i in at[self.root[lab.atoms]].unique().tolist() if i >= 0}
+            for i in hit:
+                found.setdefault(i, []).append(name)
+        for i, names in found.items():
+            self._groups[i].layers = tuple(sorted(set(names)))
 
     def apply_default_freezes(self, ratio: float | None = None) -> None:
         """Freeze what the ``cleanai_default_freezes`` hook names (the pruner's defaults

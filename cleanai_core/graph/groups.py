@@ -7,6 +7,7 @@ output channels of ``conv1`` together with ``bn1`` and the input columns of ``co
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -14,7 +15,7 @@ import torch
 
 from cleanai_core.graph.context import SliceSpec
 
-__all__ = ["Group", "components", "make_groups", "unique"]
+__all__ = ["Group", "components", "make_groups", "named_alone", "unique"]
 
 
 def unique(t: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,9 @@ class Group:
     slices: list[SliceSpec]
     reasons: list[str] = attrs.field(factory=list)
     normalizes: bool = False
+    #: the layers no plugin claims (custom layers, subclasses traced through) whose outputs
+    #: carry units of the group: ``layer_pruning_ratios`` naming one of them applies here
+    layers: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -108,6 +112,14 @@ class Group:
     def describe(self) -> str:
         parts = ", ".join(f"{s.module or '<param>'}:{s.name}({s.kind})" for s in self.slices)
         return f"group {self.id}: {self.size} units ({self.prunable} prunable) -> {parts}"
+
+
+def named_alone(name: str, names: Collection[str]) -> bool:
+    """Whether the module ``name`` is in ``names`` and no module it sits in is: named for
+    itself, not as a part of a container that was named (``ignored_layers``,
+    ``layer_pruning_ratios`` cover every module inside a container)."""
+    parts = name.split(".")
+    return name in names and not any(".".join(parts[:i]) in names for i in range(1, len(parts)))
 
 
 def make_groups(

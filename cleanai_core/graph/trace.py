@@ -126,6 +126,10 @@ class Recording:
     #: where the training-mode pass begins in :attr:`events` (see :func:`record`), else None
     train_from: int | None = None
     train_output: Any = None  # that pass's output (pytree of TRef)
+    #: the outputs of every call of the ``watched`` modules of :func:`record`, by name
+    module_outputs: dict[str, list[TRef]] = attrs.field(factory=dict)
+    #: the plain ints handed to each unclaimed module's ``forward`` (``self.attn(x, heads)``)
+    call_numbers: dict[str, set[int]] = attrs.field(factory=dict)
 
     def outputs(self) -> list[TRef]:
         """Every traced output, the training-mode pass's too."""
@@ -218,6 +222,7 @@ def record(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     output_transform: Callable[[Any], Any] | None = None,
     names: Iterable[tuple[str, nn.Module]] | None = None,
+    watched: Iterable[str] = (),
 ) -> Recording:
     """Run ``model`` once on ``example_inputs`` (in eval mode, restored afterwards) and
     record its dataflow.
@@ -227,6 +232,8 @@ def record(
         with a tensor, a tuple (positional) or a dict (keywords).
     :param output_transform: maps the model output to the tensors that matter
         (e.g. ``lambda out: out.logits``).
+    :param watched: names of unclaimed modules whose outputs to note
+        (:attr:`Recording.module_outputs`).
     """
     tensor_names: dict[int, str] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
@@ -239,8 +246,14 @@ def record(
     first_calls: dict[int, list[Any]] = {}  # sibling set -> [module, args, kwargs, output] of its first call
     ran: set[int] = set()
 
+    numbers: dict[str, set[int]] = {}
+
     def pre(module: nn.Module, args: tuple, kwargs: dict, name: str) -> None:
         rec.scope.append(name)
+        if rec.depth == 0 and module not in claimed:
+            ints = {a for a in (*args, *kwargs.values()) if type(a) is int}
+            if ints:
+                numbers.setdefault(name, set()).update(ints)
         if module in siblings:
             ran.add(id(module))
             first_calls.setdefault(siblings[module], [module, args, kwargs, None])
@@ -249,8 +262,13 @@ def record(
                 rec.events.append(ModuleCall(len(rec.events), name, module, rec.refs(args), rec.refs(kwargs), None))
             rec.depth += 1
 
+    watched = set(watched)
+    noted: dict[str, list[TRef]] = {}
+
     def post(module: nn.Module, args: tuple, kwargs: dict, out: Any, name: str) -> None:
         rec.scope.pop()
+        if name in watched and rec.depth == 0:
+            noted.setdefault(name, []).extend(r for r in tree_flatten(rec.refs(out))[0] if isinstance(r, TRef))
         if module in siblings and (first := first_calls[siblings[module]])[0] is module and first[3] is None:
             first[3] = out
         if module in claimed:
@@ -282,7 +300,7 @@ def record(
     finally:
         for h in handles:
             h.remove()
-    return Recording(rec.events, input_refs, out_refs, train_from, train_refs)
+    return Recording(rec.events, input_refs, out_refs, train_from, train_refs, noted, numbers)
 
 
 def _training_pass(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from cleanai_core import hookimpl
+from cleanai_core.interfaces import runs_own_forward
 from cleanai_plugins.layers.norm import _PassThrough
 
 __all__ = ["PReLUPruner"]
@@ -21,5 +22,5 @@ class PReLUPruner(_PassThrough):
 @hookimpl(trylast=True)
 def cleanai_layer_pruner(module):
     if isinstance(module, nn.PReLU) and module.num_parameters > 1:
-        return PReLUPruner()
+        return None if runs_own_forward(module, ("weight",)) else PReLUPruner()
     return None

@@ -12,6 +12,7 @@ from cleanai_core.interfaces import (
     add_to_bias,
     at_rows,
     replace_param,
+    runs_own_forward,
     settings_mismatch,
     shape_of,
     squared_weight,
@@ -264,5 +265,5 @@ def _within(k: torch.Tensor, g: int, c: int) -> torch.Tensor:
 @hookimpl(trylast=True)
 def cleanai_layer_pruner(module):
     if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
-        return ConvPruner()
+        return None if runs_own_forward(module) else ConvPruner()
     return None

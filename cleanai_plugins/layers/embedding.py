@@ -6,7 +6,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.graph.context import Label
-from cleanai_core.interfaces import LayerPruner, replace_param, settings_mismatch, shape_of
+from cleanai_core.interfaces import LayerPruner, replace_param, runs_own_forward, settings_mismatch, shape_of
 
 __all__ = ["EmbeddingPruner"]
 
@@ -53,5 +53,5 @@ class EmbeddingPruner(LayerPruner):
 @hookimpl(trylast=True)
 def cleanai_layer_pruner(module):
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return EmbeddingPruner()
+        return None if runs_own_forward(module, ("weight",)) else EmbeddingPruner()
     return None

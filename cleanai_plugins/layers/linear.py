@@ -20,6 +20,7 @@ from cleanai_core.interfaces import (
     add_to_bias,
     at_rows,
     replace_param,
+    runs_own_forward,
     settings_mismatch,
     shape_of,
     squared_weight,
@@ -199,6 +200,8 @@ class BilinearPruner(LayerPruner):
 
 @hookimpl(trylast=True)
 def cleanai_layer_pruner(module, findings=None):
+    if isinstance(module, (nn.Linear, nn.Bilinear)) and runs_own_forward(module):
+        return None
     if isinstance(module, nn.Linear) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return LinearPruner(new_bias=module not in (findings or {}).get(NO_NEW_BIAS, ()))
     if isinstance(module, nn.Bilinear) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):

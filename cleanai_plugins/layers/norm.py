@@ -13,7 +13,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.graph.context import Label
-from cleanai_core.interfaces import LayerPruner, settings_mismatch, shape_of, slice_params
+from cleanai_core.interfaces import LayerPruner, runs_own_forward, settings_mismatch, shape_of, slice_params
 
 __all__ = [
     "BatchNormPruner",
@@ -303,8 +303,22 @@ def _custom_layer_norm(module: nn.Module) -> bool:
     return next(module.children(), None) is None and len(list(module.parameters())) == 1 + (bias is not None)
 
 
+_TORCH_NORMS = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+)
+#: the tensors the norm pruners slice
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
 @hookimpl(trylast=True)
 def cleanai_layer_pruner(module):
+    if isinstance(module, _TORCH_NORMS) and runs_own_forward(module, _NORM_TENSORS):
+        return None
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return BatchNormPruner()
     if isinstance(module, nn.modules.instancenorm._InstanceNorm):

@@ -335,12 +335,37 @@ def mul(call, ctx):
     if isinstance(scalar, float) and hasattr(src, "key") and src.ndim >= 2:
         lab = ctx.label_of(src)
         n = src.shape[lab.dim] if lab is not None else 0
-        scaled = n > 1 and math.isclose(scalar, n**-0.25, rel_tol=1e-5)
+        scaled = n > 1 and math.isclose(scalar, n**-0.25, rel_tol=1e-5) and _reaches_product(ctx, call.outputs[0])
         if lab is not None and lab.dim >= src.ndim - 2 and scaled and not _keeps_trained_scale(ctx):
             if lab.origin is not None:
                 ctx.request_split(lab.origin, lab.origin[1] - 1)
             ctx.freeze(lab.atoms, f"{ctx.where()}: attention scale depends on the head size")
     elementwise(call, ctx)
+
+
+#: ops that only lay out a tensor, between an attention's scale and its matrix product
+_LAYOUT = frozenset({"expand", "view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "permute",
+                     "clone", "contiguous", "unsqueeze", "squeeze"})  # fmt: skip
+_PRODUCTS = frozenset({"mm", "bmm", "matmul", "baddbmm", "addmm", "addbmm"})
+
+
+def _reaches_product(ctx, ref, steps: int = 4) -> bool:
+    """Whether ``ref`` is an operand of a matrix product, through at most ``steps`` ops that
+    only lay it out (SDPA's math path: ``q * E ** -0.25`` expanded and viewed for ``bmm``).
+    A scalar that only happens to be ``E ** -0.25`` elsewhere (GELU's ``0.5 * x`` over 16
+    channels, ``x * 0.25`` over 256) scales nothing that depends on the width: before
+    2026-12-02 it froze those channels ("attention scale depends on the head size")."""
+    todo, seen = [(ref, 0)], set()
+    while todo:
+        r, depth = todo.pop()
+        for event in ctx.readers(r):
+            name = getattr(getattr(getattr(event, "op", None), "overloadpacket", None), "__name__", "")
+            if name in _PRODUCTS:
+                return True
+            if name in _LAYOUT and depth < steps and id(event) not in seen:
+                seen.add(id(event))
+                todo += [(o, depth + 1) for o in event.outputs]
+    return False
 
 
 def _keeps_trained_scale(ctx) -> bool:

@@ -4,7 +4,12 @@ expand/repeat, select/slice/narrow, split/chunk/unbind, unfold, copies and ``*_l
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
+import types
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,6 +17,7 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_core.graph.trace import TRef
 from cleanai_core.interfaces import LayerPruner
+from cleanai_core.model_state import from_library
 from cleanai_plugins.mappers._registry import MapperTable, arg
 from cleanai_plugins.mappers.gqa import expand_group_dim
 
@@ -100,16 +106,38 @@ def rewrites_stored_counts(*modules) -> dict[str, set]:
     return {REWRITTEN_COUNTS: set(modules)}
 
 
-def stored_width(ctx, width: int) -> bool:
+def stored_width(ctx, width: int, settings: bool = False) -> bool:
     """Whether the module whose ``forward`` runs the current op holds ``width`` as a plain
     int attribute (``self.hidden_size``, ``self.heads``): a size equal to it was most likely
     built from it, a number that does not shrink with the channels (JetMoE's mixture of
     attention writes its experts' outputs into ``zeros(tokens, self.hidden_size)``; a
-    hand-written attention views its projection ``(B, N, 3, self.heads, -1)``)."""
+    hand-written attention views its projection ``(B, N, 3, self.heads, -1)``).
+    ``settings``: also in the settings objects it holds (:func:`_stored_numbers`) and among
+    the ints its ``forward`` was handed (a head count its parent stores)."""
     module = ctx.scope_module()
     if module is None or width <= 1:
         return False
-    return any(type(v) is int and v == width for v in vars(module).values())
+    if settings and width in ctx.scope_numbers():  # handed to its forward: ``self.attn(x, self.heads)``
+        return True
+    values = _stored_numbers(module) if settings else vars(module).values()
+    return any(type(v) is int and v == width for v in values)
+
+
+def _stored_numbers(module: nn.Module) -> Iterator[Any]:
+    """The plain values ``module`` holds, and those of the settings objects it holds (a
+    dataclass, a namespace, a dict by name, a ``*Config`` object such as transformers':
+    ``self.config.num_heads``, ``self.args["heads"]``). Before 2026-12-02 a head count read
+    from ``self.cfg.heads`` was not seen as stored: the heads were chosen and mixed
+    (``check_pruner`` 4e-3 off)."""
+    for v in vars(module).values():
+        yield v
+        if isinstance(v, (types.SimpleNamespace, argparse.Namespace)) or (
+            not isinstance(v, type)
+            and (dataclasses.is_dataclass(v) or (type(v).__name__.endswith("Config") and hasattr(v, "__dict__")))
+        ):
+            yield from vars(v).values()
+        elif type(v) is dict and len(v) <= 1000:
+            yield from v.values()
 
 
 def fresh_destination_problem(ctx, width: int) -> str | None:
@@ -268,10 +296,16 @@ def _stored_parts(ctx, grid: tuple, dims: list[int], sizes: list | None) -> set[
     refused the group ("pruning it breaks the model")."""
     if sizes is None or ctx.keeps_whole_heads() or ctx.scope_module() in ctx.findings.get(REWRITTEN_COUNTS, ()):
         return set()
+    stored = {i for i, n in enumerate(grid) if stored_width(ctx, n, settings=True)}
     free = {i for i in range(len(grid)) if sizes[dims[i]] == -1}
-    if not free:
-        return set()
-    return {i for i, n in enumerate(grid) if i not in free and stored_width(ctx, n)}
+    if not free and not from_library(ctx.scope_module()):
+        # the ``-1`` was resolved before the view reached the trace (``x.unflatten(-1, (3,
+        # self.heads, -1))`` views with the sizes it computed, as ``view(B, N, 3, self.heads,
+        # C // self.heads)`` does): in the user's own module, the parts sized by no stored
+        # number are the computed ones. A library's module may store numbers that its zoo
+        # plugin's fix-up rewrites (timm's EvoNorm ``groups``): those keep the cheapest part
+        free = set(range(len(grid))) - stored
+    return stored - free if free else set()
 
 
 def reshape_label(ctx, src: TRef, out: TRef, sizes: list | None = None) -> None:
