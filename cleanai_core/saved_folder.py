@@ -393,7 +393,8 @@ def beyond_dtype(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -
         f"{k} ({str(v.dtype).replace('torch.', '')} values up to {float(v[torch.isfinite(v)].abs().max()):.3g}; the "
         f"model's {str(own[k].dtype).replace('torch.', '')} holds at most {torch.finfo(own[k].dtype).max:.3g})"
         for k, v in state.items()
-        if k in own
+        if isinstance(v, torch.Tensor)  # a module's extra state may be any value (get_extra_state)
+        and isinstance(own.get(k), torch.Tensor)
         and v.is_floating_point()
         and own[k].is_floating_point()
         and v.layout == torch.strided
