@@ -304,8 +304,8 @@ def check_family(name: str, tmp_path) -> float:
     want, got, reloaded = floats(model, x), floats(small, x), floats(again, x)
     assert [t.shape for t in got] == [t.shape for t in want]
     assert len(reloaded) == len(got)
-    for a, b in zip(got, reloaded, strict=True):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    for a, b in zip(got, reloaded, strict=True):  # float rounding apart (OWL-ViT's reload: 2 ulp at 13.5)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
     train_step(small, inputs(2, 5))
     assert all(p.grad is None or p.grad.shape == p.shape for p in small.parameters())
     return after / before
