@@ -37,7 +37,6 @@ __all__ = [
     "combine_moments",
     "combine_gradients",
     "combine_stats",
-    "close_group",
     "init_from_env",
     "is_distributed",
     "is_writer",
@@ -102,26 +101,6 @@ def init_from_env(device: str) -> tuple[str, bool]:
     timeout = datetime.timedelta(seconds=dist_timeout())
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return device, True
-
-
-def close_group(wait: bool) -> None:
-    """End the process group :func:`init_from_env` started. ``wait``: first wait until
-    every rank is here (a barrier), so that no rank tears its communicator down while
-    another still works (rank 0 evaluates and writes after the last collective). In one
-    CI run of session 21, rank 1 of the two-rank example aborted at some point with
-    "terminate called without an active exception" (C++, exit -6) while rank 0 was still
-    running; ten runs on a loaded machine did not reproduce it, so whether ranks leaving
-    one by one was the cause is not known. Not used on an error: the other ranks may
-    never reach the barrier (torchrun stops them)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    try:
-        if wait:
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _env_int(name: str, default: str | None, below: int | None = None) -> int:

@@ -1,12 +1,11 @@
-"""Session 22 (lead): the model snapshot's fast path, the user-hook scan, and the end of
-a process group the command line started."""
+"""Session 22 (lead): the model snapshot's fast path, the user-hook scan, a saved folder
+pruned further from the command line, and the recovery line's wording."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from cleanai_core import distributed
 from cleanai_core.model_state import preserved, user_hooks
 
 
@@ -61,18 +60,6 @@ def test_user_hooks_lists_the_users_hooks_and_nothing_on_a_model_without_hooks()
     assert user_hooks(m) == []
     h = m[1][1].register_forward_pre_hook(lambda mod, a: None)
     assert user_hooks(m) == [("1.1", "_forward_pre_hooks", h.id)]
-
-
-def test_close_group_ends_the_process_group_with_and_without_the_barrier(tmp_path):
-    import torch.distributed as dist
-
-    for wait in (True, False):
-        store = dist.FileStore(str(tmp_path / f"store-{wait}"), 1)
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-        assert dist.is_initialized()
-        distributed.close_group(wait=wait)
-        assert not dist.is_initialized()
-    distributed.close_group(wait=True)  # no group: nothing to do
 
 
 # -- a folder cleanai prune wrote, given as --model, is pruned further --------------------------

@@ -60,10 +60,9 @@ def run(args: argparse.Namespace, **fixed: Any) -> int:
     cfg["device"], started = distributed.init_from_env(cfg["device"])
     try:
         execute(cfg)
-    except BaseException:
-        if started:  # no barrier: the other ranks may never reach it (torchrun stops them)
-            distributed.close_group(wait=False)
-        raise
-    if started:
-        distributed.close_group(wait=True)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
