@@ -32,9 +32,12 @@ def test_the_objects_of_the_start_are_frozen_in_the_block_and_handed_back_after_
     with frozen_heap():
         assert gc.get_freeze_count() >= before * 0.9  # what existed is out of the passes
         inside = gc.get_freeze_count()
-        with frozen_heap():  # nested: the outer block's freeze stays, nothing more
-            assert gc.get_freeze_count() == inside
-        assert gc.get_freeze_count() == inside
+        # nested: the outer block's freeze stays, nothing more is frozen. Frozen objects may
+        # die meanwhile (another thread's: pytest-xdist's), so the count may drop (by 2 in
+        # one CI run of session 22), never grow
+        with frozen_heap():
+            assert 0.9 * inside <= gc.get_freeze_count() <= inside
+        assert 0.9 * inside <= gc.get_freeze_count() <= inside
     assert gc.get_freeze_count() == 0
 
 
