@@ -92,38 +92,43 @@ _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_f
 
 class _Snapshot:
     """Modes, buffers (object and a copy of its values), plain attributes and parameters
-    (object, its data and version) of every module."""
+    (object, its data and version) of every module.
+
+    A snapshot is taken around every forward CleanAI runs on a model (four in a data-free
+    ``prune()``), so it keeps per module only what differs from the common case: a module
+    without buffers, parameters, children or hooks shares one empty table with every
+    other, and modules whose ``__dict__`` has the same keys share one getter. Fewer
+    objects made is less time, and fewer objects for the garbage collector's passes, whose
+    full pass over torch's heap costs 0.2 s (one every few ``prune()`` calls in a loop)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = list(model.modules())
         self.buffers = [
-            {k: (b, b.detach().clone()) for k, b in m._buffers.items() if isinstance(b, torch.Tensor)}
+            {k: (b, b.detach().clone()) for k, b in bufs.items() if isinstance(b, torch.Tensor)}
+            if (bufs := m._buffers)
+            else _EMPTY_DICT
             for m in self.modules
         ]
-        self.attrs = [{k: v for k, v in m.__dict__.items() if k not in _TABLES} for m in self.modules]
-        # per module, the attributes' names, a getter of their values in that order and the
-        # values, and how many entries its ``__dict__`` had: :meth:`restore` checks a module
-        # with two C-level calls where nothing changed (nearly always), not one per attribute
-        self.attr_check = [
-            (len(m.__dict__), _getter(tuple(a)), tuple(a.values()))
-            for m, a in zip(self.modules, self.attrs, strict=True)
-        ]
+        # per module: its plain attributes' names (with a getter of their values in that
+        # order) and the values, and how many entries its ``__dict__`` had: :meth:`restore`
+        # checks a module with two C-level calls where nothing changed (nearly always), not
+        # one per attribute
+        self.attr_check = [_attr_check(m.__dict__) for m in self.modules]
         # the entries of the parameter, buffer and module tables: a forward that registers a
         # buffer (a rotary cache grown for a longer input) or builds a layer on its first call
         # (``self.head = nn.Linear(...)``) left it in the user's model
-        self.tables = [(dict(m._parameters), set(m._buffers), dict(m._modules)) for m in self.modules]
+        self.tables = [
+            (
+                dict(m._parameters) if m._parameters else _EMPTY_DICT,
+                frozenset(m._buffers) if m._buffers else _NO_IDS,
+                dict(m._modules) if m._modules else _EMPTY_DICT,
+            )
+            for m in self.modules
+        ]
         # the hook ids of every module: a forward that registers a hook (transformers' output
         # capture, installed once per model behind an attribute this snapshot removes again)
         # left it in the user's model, and each later run added one more
-        self.hooks = [
-            (
-                frozenset(m._forward_hooks),
-                frozenset(m._forward_pre_hooks),
-                frozenset(m._backward_hooks),
-                frozenset(m._backward_pre_hooks),
-            )
-            for m in self.modules
-        ]  # the order of _CALL_HOOKS
+        self.hooks = [_hook_ids(m) for m in self.modules]  # the order of _CALL_HOOKS
         self.module_ids = {id(m) for m in self.modules}
         # parameters (their data: a forward may assign ``p.data = ...``, and their version:
         # a write the guard did not see), as (module, name, parameter, data, version); the
@@ -146,8 +151,8 @@ class _Snapshot:
             tensors = [p for _, _, p, _, _ in self.params.values()]
             tensors += [
                 v
-                for attrs in self.attrs
-                for v in attrs.values()
+                for _, _, _, values in self.attr_check
+                for v in values
                 if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)
             ]
             for t in tensors:
@@ -171,15 +176,14 @@ class _Snapshot:
     def restore(self) -> None:
         with torch.no_grad():
             self._restore_params()
-            for m, bufs, attrs, tables, check in zip(
-                self.modules, self.buffers, self.attrs, self.tables, self.attr_check, strict=True
-            ):
+            for m, bufs, tables, check in zip(self.modules, self.buffers, self.tables, self.attr_check, strict=True):
                 state = m.__dict__
                 if not _same_attrs(state, check):
-                    for key, value in attrs.items():
+                    keys, values = check[0], check[3]
+                    for key, value in zip(keys, values, strict=True):
                         if state.get(key, _MISSING) is not value:
                             state[key] = value  # includes ``training``
-                    for key in state.keys() - attrs.keys() - _TABLES:
+                    for key in state.keys() - set(keys) - _TABLES:
                         del state[key]  # set by a forward
                 params, buffer_names, modules = tables
                 _put_table(m._parameters, params)
@@ -231,18 +235,41 @@ def _drop_new_hooks(m: nn.Module, saved: tuple[frozenset, ...]) -> None:
                 getattr(m, flags, {}).pop(key, None)
 
 
+_EMPTY_DICT: dict = {}  # shared by every module with an empty table: never written
+_NO_IDS: frozenset = frozenset()
+_NO_HOOKS = (_NO_IDS,) * len(_CALL_HOOKS)
+
+
+def _hook_ids(m: nn.Module) -> tuple[frozenset, ...]:
+    """The ids of ``m``'s hooks per table of :data:`_CALL_HOOKS`."""
+    tables = m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks
+    if not any(tables):
+        return _NO_HOOKS
+    return tuple(frozenset(t) if t else _NO_IDS for t in tables)
+
+
+@functools.lru_cache(maxsize=4096)
 def _getter(keys: tuple[str, ...]) -> Callable[[dict], tuple]:
-    """A function giving the values of ``keys`` in a dict as a tuple (``KeyError`` where one is missing)."""
+    """A function giving the values of ``keys`` in a dict as a tuple (``KeyError`` where
+    one is missing); one per set of names (every ``Conv2d`` has the same)."""
     if len(keys) == 1:
         key = keys[0]
         return lambda d: (d[key],)
     return operator.itemgetter(*keys) if keys else lambda d: ()
 
 
-def _same_attrs(state: dict[str, Any], check: tuple[int, Callable[[dict], tuple], tuple]) -> bool:
+def _attr_check(state: dict[str, Any]) -> tuple[tuple[str, ...], int, Callable[[dict], tuple], tuple]:
+    """A module's plain attributes (those of its ``__dict__`` outside :data:`_TABLES`):
+    ``(names, size of the dict, getter of their values, values)``."""
+    keys = tuple(k for k in state if k not in _TABLES)
+    values_of = _getter(keys)
+    return keys, len(state), values_of, values_of(state)
+
+
+def _same_attrs(state: dict[str, Any], check: tuple[tuple[str, ...], int, Callable[[dict], tuple], tuple]) -> bool:
     """Whether a module's ``__dict__`` holds the very objects it held at the snapshot
-    (``check``: its length then, the getter and the values) and no other entry."""
-    size, values_of, values = check
+    (``check``: see :func:`_attr_check`) and no other entry."""
+    _, size, values_of, values = check
     if len(state) != size:
         return False
     try:
