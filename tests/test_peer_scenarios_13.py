@@ -1,0 +1,155 @@
+"""A thirteenth set of the scenarios users bring from Torch-Pruning's test suite, written for
+CleanAI's API (see ``test_peer_scenarios.py`` to ``_12``): gradient criteria (Taylor, Hessian)
+on a sequence model written in plain PyTorch, whose logits are ``(N, T, vocab)`` with one
+label per token; Taylor scored with the gradients of the user's own loss, left on the
+parameters by its backward (the peer's ``loss.backward(); pruner.step()``).
+
+Each test asserts widths, parameter counts, gradients against a hand-computed loss, and
+the masking oracle where slicing must equal zeroing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from test_peer_scenarios_6 import _seeded
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.collect import accumulate_gradients
+from cleanai_core.errors import UserError
+from cleanai_core.metrics import count_params
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+
+
+# -- gradient criteria on a language model's (N, T, vocab) logits -------------------------------
+
+
+class TinyLM(nn.Module):
+    """Embedding -> RNN -> a linear over the vocabulary at every position: ``(N, T, 30)``."""
+
+    def __init__(self, vocab: int = 30) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.head = nn.Embedding(vocab, 12), nn.RNN(12, 16, batch_first=True), nn.Linear(16, vocab)
+
+    def forward(self, x):
+        return self.head(self.rnn(self.emb(x))[0])
+
+
+def _tokens(seed: int, n: int = 4, t: int = 5, vocab: int = 30) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "hessian"])
+def test_gradient_criteria_score_a_plain_language_model_on_its_tokens(criterion):
+    """The peer's Taylor / Hessian examples on an LM: labels ``(N, T)`` for logits
+    ``(N, T, vocab)``. Cross-entropy read the ``T`` positions as the classes and refused:
+    "needs integer labels of shape (4, 30); got labels of shape (4, 5)". The classes are
+    the last dim where the labels fit the positions before it."""
+    model = _seeded(TinyLM)
+    data = [(_tokens(1), _tokens(2)), (_tokens(3), _tokens(4))]
+    pruner = StructuredPruner(model, _tokens(0), criterion, pruning_ratio=0.5)
+    small = pruner.collect_activations(data, progress=False).prune()
+    assert (small.emb.embedding_dim, small.rnn.hidden_size, small.head.out_features) == (6, 8, 30)
+    assert (count_params(model), count_params(small)) == (1350, 578)
+    assert small(_tokens(0)).shape == (4, 5, 30)
+
+
+def test_the_gradients_of_a_language_model_are_those_of_its_per_token_cross_entropy():
+    model = _seeded(TinyLM)
+    x, y = _tokens(1), _tokens(2)
+    y[0, :2] = -100  # positions without a label are not scored, as in cross-entropy
+    grads = accumulate_gradients(model, [(x, y)], None, None)
+    squares = accumulate_gradients(model, [(x, y)], None, None, squared=True)
+    model.zero_grad()
+    F.cross_entropy(model(x).transpose(1, 2), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-8)
+    want = {}
+    for i in range(4):  # each sequence's own gradient, squared: the empirical Fisher
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]).transpose(1, 2), y[i : i + 1]).backward()
+        for name, p in model.named_parameters():
+            want[name] = want.get(name, 0) + p.grad**2
+    for name in want:
+        torch.testing.assert_close(squares[name], want[name], rtol=1e-4, atol=1e-10)
+
+
+def test_labels_that_fit_neither_the_positions_nor_dim_1_are_still_refused():
+    model = _seeded(TinyLM)
+    with pytest.raises(UserError, match=r"needs integer labels of shape \(4, 30\); got labels of shape \(4, 3\)"):
+        accumulate_gradients(model, [(_tokens(1), _tokens(2)[:, :3])], None, None)
+    with pytest.raises(UserError, match="class label 31 but the output has 30 classes"):
+        accumulate_gradients(model, [(_tokens(1), torch.full((4, 5), 31))], None, None)
+
+
+# -- Taylor with the gradients of the user's own loss --------------------------------------------
+
+
+class TransposeModel(nn.Module):
+    """The peer's ``test_pruner_TransposeConv`` model: its output is a feature map, scored
+    there with ``model(x).sum().backward()`` before each ``pruner.step()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.ConvTranspose2d(16, 64, 2, stride=2), nn.BatchNorm2d(64)
+        self.conv3, self.bn3 = nn.Conv2d(64, 8, 3, 1, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn3(self.conv3(F.relu(self.bn2(self.conv2(x))))))
+
+
+XT = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def test_taylor_scores_with_the_gradients_the_users_own_backward_left():
+    """Without labelled batches Taylor refused ("call pruner.collect_activations(loader)
+    first"), and ``collect_activations`` refused a feature map's unlabelled batches: a model
+    whose loss is not a classifier's could not be scored by Taylor at all."""
+    model = _seeded(TransposeModel)
+    pruner = StructuredPruner(model, XT, "taylor", pruning_ratio=0.5)
+    with pytest.raises(UserError, match="with labelled batches, or run your own loss's backward on the model"):
+        pruner.prune()
+    model(XT).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    small = pruner.prune()
+    assert (small.conv1.out_channels, small.conv2.out_channels, small.conv3.out_channels) == (8, 32, 8)
+    assert (count_params(model), count_params(small)) == (9400, 3688)
+    assert small(XT).shape == (1, 8, 32, 32)
+    # the scores are (w * dL/dw)^2 summed over each unit's weights: conv1's filters (their weights: the
+    # energies leave a layer's bias out), bn1's scale and shift, conv2's inputs
+    stem = next(g for g in pruner.graph.groups() if any(s.module == "conv1" and s.name == "out" for s in g.slices))
+    term = {n: (p.detach() * grads[n]) ** 2 for n, p in model.named_parameters()}
+    own = term["conv1.weight"].sum((1, 2, 3)) + term["bn1.weight"] + term["bn1.bias"]
+    own = own + term["conv2.weight"].sum((1, 2, 3))  # a transposed conv's inputs are its weight's dim 0
+    torch.testing.assert_close(pruner.score()[stem.id], own.double(), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())  # the user's gradients stay
+
+
+def test_taylor_from_the_users_backward_chooses_what_labelled_batches_choose():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    labelled = StructuredPruner(model, x, "taylor", pruning_ratio=0.5).collect_activations([(x, y)], progress=False)
+    F.cross_entropy(model(x), y).backward()
+    held = StructuredPruner(model, x, "taylor", pruning_ratio=0.5)
+    want, got = labelled.score(), held.score()
+    assert sorted(want) == sorted(got) and len(got) == 12
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=0)
+    assert torch.equal(held.plan().pruned_units(), labelled.plan().pruned_units())
+
+
+def test_gradients_of_the_users_backward_that_cannot_score_are_refused_with_the_way():
+    model = _seeded(TransposeModel)
+    model(XT).sum().backward()
+    with pytest.raises(UserError, match=r"score one step, but iterative_steps=3: .* inplace=True\)\.prune\(\)"):
+        StructuredPruner(model, XT, "taylor", pruning_ratio=0.5, iterative_steps=3).prune()
+    with pytest.raises(UserError, match="hessian importance needs each sample's own gradient, but the gradients on"):
+        StructuredPruner(model, XT, "hessian", pruning_ratio=0.5).prune()
+    assert model.conv1.out_channels == 16
