@@ -43,7 +43,7 @@ from cleanai_core.calibration import (
     total_batches,
 )
 from cleanai_core.errors import UserError, model_fault
-from cleanai_core.model_state import copy_model, holds_history, preserved
+from cleanai_core.model_state import copy_model, holds_history, preserved, set_mode
 from cleanai_core.replay import CalibrationData, Pool, batch_bytes, samples_in, spread
 from cleanai_core.runtime import (
     check_labels,
@@ -392,7 +392,7 @@ def recalibrate(
     collector = StatsCollector(
         model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
     )
-    model.eval()
+    set_mode(model, False)
     with collector.hooks(), recording(model, out.moments), sampling(model, out.samples), torch.no_grad():
         for batch in data.replay():
             run_batch(model, data.layout(split_batch(batch, model)[0]), setup.forward_fn)
@@ -424,7 +424,7 @@ def accumulate_gradients(
     sample's own gradient (its loss averaged over its positions), summed: the diagonal of
     the empirical Fisher, times the number of samples; one backward pass per sample.
     ``criterion``: the criterion's name, which errors about the labels give."""
-    clone = copy_model(model).eval()
+    clone = set_mode(copy_model(model), False)
     device = device_of(model)
     named = list(clone.named_parameters())
     for _, p in named:

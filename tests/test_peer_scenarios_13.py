@@ -2,7 +2,8 @@
 CleanAI's API (see ``test_peer_scenarios.py`` to ``_12``): gradient criteria (Taylor, Hessian)
 on a sequence model written in plain PyTorch, whose logits are ``(N, T, vocab)`` with one
 label per token; Taylor scored with the gradients of the user's own loss, left on the
-parameters by its backward (the peer's ``loss.backward(); pruner.step()``).
+parameters by its backward (the peer's ``loss.backward(); pruner.step()``); a model exported
+with ``torch.export`` (``ExportedProgram.module()``), whose ``eval()`` refuses.
 
 Each test asserts widths, parameter counts, gradients against a hand-computed loss, and
 the masking oracle where slicing must equal zeroing."""
@@ -20,6 +21,7 @@ from cleanai_core import StructuredPruner
 from cleanai_core.collect import accumulate_gradients
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import count_params
+from cleanai_core.testing import check_pruner
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
@@ -153,3 +155,66 @@ def test_gradients_of_the_users_backward_that_cannot_score_are_refused_with_the_
     with pytest.raises(UserError, match="hessian importance needs each sample's own gradient, but the gradients on"):
         StructuredPruner(model, XT, "hessian", pruning_ratio=0.5).prune()
     assert model.conv1.out_channels == 16
+
+
+# -- a model exported with torch.export --------------------------------------------------------
+
+
+class ResidualNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2, self.fc = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        return self.fc((y + F.relu(self.bn2(self.conv2(y)))).mean((2, 3)))
+
+
+X8 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _exported(factory, x):
+    return torch.export.export(_seeded(factory), (x,)).module()
+
+
+def test_a_model_exported_with_torch_export_prunes_like_the_module_it_came_from():
+    """``torch.export.export(model, (x,)).module()`` raises ``NotImplementedError: Calling
+    eval() is not supported yet`` from ``eval()`` / ``train()``; tracing, scoring and
+    verification switch modes and stopped there. Its mode was fixed when it was exported:
+    the flags are set directly. Its convolutions run ``aten.conv2d`` on bare weights, which
+    prune like the modules'."""
+    exported = _exported(ResidualNet, X8)
+    before = {n: p.detach().clone() for n, p in exported.named_parameters()}
+    modes = [m.training for m in exported.modules()]
+    report = check_pruner(exported, X8)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-6 and report.kept_whole == ()
+    small = StructuredPruner(exported, X8, "magnitude", pruning_ratio=0.5).prune()
+    eager = StructuredPruner(_seeded(ResidualNet), X8, "magnitude", pruning_ratio=0.5).prune()
+    assert (count_params(exported), count_params(small), count_params(eager)) == (876, 296, 296)
+    # the same widths (its bare tensors score a little otherwise: its BatchNorms' running statistics are
+    # tensors of the graph beside their weights, so other channels may go)
+    assert {n: p.shape for n, p in small.named_parameters()} == {n: p.shape for n, p in eager.named_parameters()}
+    assert small(X8).shape == (2, 4)
+    assert [m.training for m in exported.modules()] == modes  # the user's module as it was
+    assert all(torch.equal(p, before[n]) for n, p in exported.named_parameters())
+
+
+@pytest.mark.parametrize("criterion", ["weight_activation", "taylor"])
+def test_an_exported_model_is_calibrated_and_scored_on_data(criterion):
+    exported = _exported(ResidualNet, X8)
+    data = [(X8, torch.tensor([0, 3])), (X8 * 2, torch.tensor([1, 2]))]
+    pruner = StructuredPruner(exported, X8, criterion, pruning_ratio=0.5)
+    small = pruner.collect_activations(data, progress=False).prune()
+    assert count_params(small) == 296 and small(X8).shape == (2, 4)
+
+
+def test_an_exported_torchvision_resnet_prunes_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    exported = torch.export.export(torchvision.models.resnet18(num_classes=10).eval(), (x,)).module()
+    report = check_pruner(exported, x)
+    assert report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    small = StructuredPruner(exported, x, "magnitude", pruning_ratio=0.5).prune()
+    assert (count_params(exported), count_params(small)) == (11181642, 2801450)
+    assert small(x).shape == (2, 10)
