@@ -507,7 +507,17 @@ def held_gradients(model: nn.Module, importance: Any) -> dict[str, torch.Tensor]
     with the way to give them."""
     if not getattr(importance, "needs_gradients", False):
         return None
-    held = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
+    named = list(model.named_parameters())
+    held = {n: p.grad.detach() for n, p in named if p.grad is not None}
+    missing = [n for n, p in named if p.grad is None and p.is_floating_point()]
+    if held and missing:  # scored as zero, their units would go first
+        raise UserError(
+            f"{importance_name(importance)} importance scores with the gradients on the model's parameters, but "
+            f"{len(missing)} of them have none ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}: "
+            "requires_grad=False, or your loss does not reach them), and their units would score 0. Give labelled "
+            "batches to collect_activations (the gradients are then taken for every parameter), or set "
+            "requires_grad=True on them before your backward"
+        )
     if held and getattr(importance, "needs_squared_gradients", False):
         raise UserError(
             f"{importance_name(importance)} importance needs each sample's own gradient, but the gradients on the "

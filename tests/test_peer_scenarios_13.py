@@ -154,6 +154,9 @@ def test_gradients_of_the_users_backward_that_cannot_score_are_refused_with_the_
         StructuredPruner(model, XT, "taylor", pruning_ratio=0.5, iterative_steps=3).prune()
     with pytest.raises(UserError, match="hessian importance needs each sample's own gradient, but the gradients on"):
         StructuredPruner(model, XT, "hessian", pruning_ratio=0.5).prune()
+    model.conv1.weight.grad = None  # a frozen layer's: its units would score 0 and go first
+    with pytest.raises(UserError, match=r"but 1 of them have none \(conv1.weight: requires_grad=False, or your loss"):
+        StructuredPruner(model, XT, "taylor", pruning_ratio=0.5).prune()
     assert model.conv1.out_channels == 16
 
 
