@@ -3,7 +3,8 @@ CleanAI's API (see ``test_peer_scenarios.py`` to ``_12``): gradient criteria (Ta
 on a sequence model written in plain PyTorch, whose logits are ``(N, T, vocab)`` with one
 label per token; Taylor scored with the gradients of the user's own loss, left on the
 parameters by its backward (the peer's ``loss.backward(); pruner.step()``); a model exported
-with ``torch.export`` (``ExportedProgram.module()``), whose ``eval()`` refuses.
+with ``torch.export`` (``ExportedProgram.module()``), whose ``eval()`` refuses; the peer's
+``get_pruning_group(layer, prune_fn, idxs)`` as ``graph.removal(layer, idxs)``.
 
 Each test asserts widths, parameter counts, gradients against a hand-computed loss, and
 the masking oracle where slicing must equal zeroing."""
@@ -17,11 +18,11 @@ import torchvision
 from test_peer_scenarios_6 import _seeded
 from torch import nn
 
-from cleanai_core import StructuredPruner
+from cleanai_core import DependencyGraph, StructuredPruner
 from cleanai_core.collect import accumulate_gradients
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import count_params
-from cleanai_core.testing import check_pruner
+from cleanai_core.testing import check_pruner, masked_forward
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
@@ -221,3 +222,57 @@ def test_an_exported_torchvision_resnet_prunes_exactly():
     small = StructuredPruner(exported, x, "magnitude", pruning_ratio=0.5).prune()
     assert (count_params(exported), count_params(small)) == (11181642, 2801450)
     assert small(x).shape == (2, 10)
+
+
+# -- hand-picked indices of one layer, whatever order its group lists them in ---------------------
+
+
+class FlippedResidual(nn.Module):
+    """``p(x).flip(1) + a(x)``: ``a``'s channel ``i`` meets ``p``'s channel ``7 - i``, and the
+    group lists its units in ``p``'s order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p, self.a, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c(self.p(x).flip(1) + self.a(x))
+
+
+def test_indices_picked_for_one_layer_remove_that_layers_channels_and_their_partners():
+    """The documented idiom ``mask[group.units[idxs]] = True`` removed ``a``'s channels
+    5, 1 and 0 where 2, 6 and 7 were meant: the group's unit ``i`` is
+    ``p``'s channel ``i``, ``a``'s ``7 - i``. ``graph.removal(layer, idxs)`` maps the
+    layer's own indices."""
+    model = _seeded(FlippedResidual)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    pruner = StructuredPruner(model, x, "magnitude", bias_compensation=False, recalibrate_bn=False)
+    group = next(g for g in pruner.graph.groups() if any(s.module == "a" for s in g.slices))
+    idiom = torch.zeros(pruner.graph.root.numel(), dtype=torch.bool)
+    idiom[group.units[[2, 6, 7]]] = True
+    assert pruner.graph.keep_indices(idiom)[("a", "out")].tolist() == [2, 3, 4, 6, 7]  # a's 0, 1, 5 went
+    mask = pruner.graph.removal(model.a, [2, 6, 7])
+    assert torch.equal(mask, pruner.graph.removal("a", torch.tensor([2, 6, 7])))
+    small, _ = pruner.build(mask)
+    kept = [0, 1, 3, 4, 5]
+    assert torch.equal(small.a.weight, model.a.weight[kept])
+    assert torch.equal(small.p.weight, model.p.weight[[7 - i for i in reversed(kept)]])
+    assert torch.equal(small.c.weight, model.c.weight[:, kept])
+    torch.testing.assert_close(small(x), masked_forward(pruner.graph, mask, x)[0], rtol=0, atol=1e-6)
+    # the peer's conv1 group of resnet18 by the layer's indices, and by a BatchNorm's
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    graph = DependencyGraph(net, torch.randn(1, 3, 32, 32))
+    assert torch.equal(graph.removal(net.conv1, [2, 6, 9]), graph.removal(net.layer1[1].bn2, [2, 6, 9], "channels"))
+    assert int(graph.removal(net.layer2[0].conv1, [2, 6, 9], "in").sum()) == 3
+
+
+def test_indices_for_a_layer_that_the_graph_cannot_map_are_refused_by_name():
+    model = _seeded(FlippedResidual)
+    graph = DependencyGraph(model, torch.randn(1, 3, 4, 4))
+    with pytest.raises(UserError, match=r"indices to remove from a:out must be integers in 0..7; got \[2, 8\]"):
+        graph.removal(model.a, [2, 8])
+    with pytest.raises(UserError, match=r"module 'a' has no slice 'channels' \(its slices: 'in', 'out'\)"):
+        graph.removal("a", [1], "channels")
+    with pytest.raises(UserError, match="'Conv2d' is not a module of the traced model"):
+        graph.removal(nn.Conv2d(3, 8, 1), [1])
