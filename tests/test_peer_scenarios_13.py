@@ -4,12 +4,15 @@ on a sequence model written in plain PyTorch, whose logits are ``(N, T, vocab)``
 label per token; Taylor scored with the gradients of the user's own loss, left on the
 parameters by its backward (the peer's ``loss.backward(); pruner.step()``); a model exported
 with ``torch.export`` (``ExportedProgram.module()``), whose ``eval()`` refuses; the peer's
-``get_pruning_group(layer, prune_fn, idxs)`` as ``graph.removal(layer, idxs)``.
+``get_pruning_group(layer, prune_fn, idxs)`` as ``graph.removal(layer, idxs)``; a head count
+read from a settings dataclass with ``slots=True``.
 
 Each test asserts widths, parameter counts, gradients against a hand-computed loss, and
 the masking oracle where slicing must equal zeroing."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -276,3 +279,47 @@ def test_indices_for_a_layer_that_the_graph_cannot_map_are_refused_by_name():
         graph.removal("a", [1], "channels")
     with pytest.raises(UserError, match="'Conv2d' is not a module of the traced model"):
         graph.removal(nn.Conv2d(3, 8, 1), [1])
+
+
+# -- a head count read from a settings dataclass with slots ------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class SlottedSettings:
+    heads: int = 8
+    layers: int = 2
+
+
+class HeadsFromSlottedSettings(nn.Module):
+    """``reshape(b, n, 3, self.cfg.heads, -1)`` with ``self.cfg`` a dataclass with
+    ``slots=True`` (no ``__dict__``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = SlottedSettings()
+        self.inp, self.qkv = nn.Linear(5, 32), nn.Linear(32, 96)
+        self.proj, self.out = nn.Linear(32, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.cfg.heads, -1).permute(2, 0, 3, 1, 4)
+        y = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1) @ v
+        return self.out(x + self.proj(y.transpose(1, 2).reshape(b, n, -1)))
+
+
+def test_a_head_count_read_from_a_slotted_settings_dataclass_is_a_stored_number():
+    """Reading the settings object's values with ``vars()`` failed on a dataclass with
+    ``slots=True``: ``TraceError: tracing failed at op aten.view.default ... TypeError:
+    vars() argument must have __dict__ attribute`` (also torch.export's modules, which hold
+    such dataclasses). Its fields are read instead."""
+    x = torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(0))
+    model = _seeded(HeadsFromSlottedSettings)
+    report = check_pruner(model, x)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    width = next(
+        g for g in DependencyGraph(model, x).groups() if any((s.module, s.name) == ("qkv", "out") for s in g.slices)
+    )
+    assert width.units.numel() == width.prunable == 4  # a dim of every head, never a head
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    assert small.qkv.out_features == 48 and (count_params(model), count_params(small)) == (4515, 1235)
