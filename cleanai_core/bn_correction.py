@@ -68,7 +68,7 @@ from cleanai_core.bn_estimate import (
     sample_rows,
 )
 from cleanai_core.calibration import finite_moments, merged_moments
-from cleanai_core.model_state import preserved
+from cleanai_core.model_state import preserved, set_mode
 
 __all__ = [
     "BN_SAMPLES",
@@ -410,7 +410,7 @@ def correct_batchnorm(
         return 0
     handles = [m.register_forward_pre_hook(fixes[name]) for name, m in norms.items() if name in fixes]
     modes = [(m, m.training) for m in pruned.modules()]
-    pruned.eval()
+    set_mode(pruned, False)
     stored = original_samples is not None and original_samples.complete and run_original is None
     try:
         with torch.no_grad():

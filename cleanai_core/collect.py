@@ -43,11 +43,12 @@ from cleanai_core.calibration import (
     total_batches,
 )
 from cleanai_core.errors import UserError, model_fault
-from cleanai_core.model_state import copy_model, holds_history, preserved
+from cleanai_core.model_state import copy_model, holds_history, preserved, set_mode
 from cleanai_core.replay import CalibrationData, Pool, batch_bytes, samples_in, spread
 from cleanai_core.runtime import (
     check_labels,
     class_logits,
+    classes_on_dim1,
     device_of,
     dtype_advice,
     inputs_for,
@@ -69,6 +70,7 @@ __all__ = [
     "Calibration",
     "CalibrationSetup",
     "accumulate_gradients",
+    "held_gradients",
     "calibrate",
     "correct_batchnorm_after",
     "recalibrate",
@@ -390,7 +392,7 @@ def recalibrate(
     collector = StatsCollector(
         model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
     )
-    model.eval()
+    set_mode(model, False)
     with collector.hooks(), recording(model, out.moments), sampling(model, out.samples), torch.no_grad():
         for batch in data.replay():
             run_batch(model, data.layout(split_batch(batch, model)[0]), setup.forward_fn)
@@ -422,7 +424,7 @@ def accumulate_gradients(
     sample's own gradient (its loss averaged over its positions), summed: the diagonal of
     the empirical Fisher, times the number of samples; one backward pass per sample.
     ``criterion``: the criterion's name, which errors about the labels give."""
-    clone = copy_model(model).eval()
+    clone = set_mode(copy_model(model), False)
     device = device_of(model)
     named = list(clone.named_parameters())
     for _, p in named:
@@ -430,6 +432,7 @@ def accumulate_gradients(
         p.grad = None
     sums: dict[str, torch.Tensor] = {}
     seen = False
+    own_loss = _takes_labels(model)  # it may shift its labels itself (a causal LM): scored on its loss, below
     for batch in batches:
         inputs, target = split_batch(batch, model)
         if target is None:
@@ -440,6 +443,8 @@ def accumulate_gradients(
         raw = run_batch(clone, inputs, forward_fn)
         logits = logits_of(raw, output_transform)
         out = class_logits(logits)  # one logit: a binary classifier's two classes
+        if not own_loss:
+            out = classes_on_dim1(out, target)  # (N, T, vocab) with (N, T) labels: the classes on the last dim
         if reads_as_regression(logits, target):  # squared error per sample, averaged over its outputs
             y = regression_targets(logits, move_to(target, device))
             rows = (logits.float() - y.float()).square().reshape(len(y), -1).mean(1)
@@ -463,7 +468,11 @@ def accumulate_gradients(
         else:
             if per is None:
                 per = nn.functional.cross_entropy(out, labels, reduction="none")
-                per = per.reshape(per.shape[0], -1).mean(1) if per.dim() > 0 else per.reshape(1)
+                if per.dim() > 0:  # each sample's mean over its labelled positions (-100: none), as in its batch
+                    counted = (labels != -100).reshape(per.shape[0], -1).sum(1).clamp(min=1)
+                    per = per.reshape(per.shape[0], -1).sum(1) / counted
+                else:
+                    per = per.reshape(1)
             for i, loss in enumerate(per):
                 grads = torch.autograd.grad(
                     loss, [p for _, p in named], retain_graph=cached or i < len(per) - 1, allow_unused=True
@@ -487,6 +496,36 @@ def _takes_labels(model: nn.Module) -> bool:
         return "labels" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def held_gradients(model: nn.Module, importance: Any) -> dict[str, torch.Tensor] | None:
+    """The gradients the user's own backward left on ``model``'s parameters (the peer's
+    ``loss.backward()`` before ``pruner.step()``: any loss, a detector's or a dummy
+    ``out.sum()``), for a criterion that scores with gradients summed over the data
+    (Taylor); ``None`` where the criterion needs none or no parameter holds one. A criterion
+    that needs each sample's own gradient (Hessian) cannot use a batch's sum: it is refused
+    with the way to give them."""
+    if not getattr(importance, "needs_gradients", False):
+        return None
+    named = list(model.named_parameters())
+    held = {n: p.grad.detach() for n, p in named if p.grad is not None}
+    missing = [n for n, p in named if p.grad is None and p.is_floating_point()]
+    if held and missing:  # scored as zero, their units would go first
+        raise UserError(
+            f"{importance_name(importance)} importance scores with the gradients on the model's parameters, but "
+            f"{len(missing)} of them have none ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}: "
+            "requires_grad=False, or your loss does not reach them), and their units would score 0. Give labelled "
+            "batches to collect_activations (the gradients are then taken for every parameter), or set "
+            "requires_grad=True on them before your backward"
+        )
+    if held and getattr(importance, "needs_squared_gradients", False):
+        raise UserError(
+            f"{importance_name(importance)} importance needs each sample's own gradient, but the gradients on the "
+            "model's parameters (your own loss's backward) are summed over the batch; give labelled batches to "
+            "collect_activations (one backward per sample is taken there), or use importance='taylor', which scores "
+            "with the gradients you computed"
+        )
+    return held or None
 
 
 def _own_losses(

@@ -73,6 +73,7 @@ __all__ = [
     "reads_preserved",
     "state_with_versions",
     "round_through",
+    "set_mode",
     "state_copy",
     "stored_in",
     "transplant",
@@ -407,6 +408,20 @@ def _put_back(obj: torch.Tensor, saved: torch.Tensor) -> None:
         obj.copy_(saved)
 
 
+def set_mode(model: nn.Module, training: bool = False) -> nn.Module:
+    """``model.train(training)``, also for a module that refuses to switch: torch.export's
+    ``ExportedProgram.module()`` raises ``NotImplementedError`` from ``eval()`` and
+    ``train()`` (its mode was fixed when it was exported, its graph ignores the flags), so
+    its modules' flags are set directly. Before 2026-12-02 tracing, scoring and
+    verification stopped there with "Calling eval() is not supported yet"."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        for m in model.modules():
+            m.training = training
+    return model
+
+
 @contextmanager
 def preserved(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     """Run the block (in eval mode unless ``eval_mode=False``) and restore every module's
@@ -414,7 +429,7 @@ def preserved(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
     the module doc) afterwards, also on error or Ctrl-C."""
     snap = _Snapshot(model)
     if eval_mode and not _in_eval(model, snap.modules):
-        model.eval()
+        set_mode(model, False)
     token = _OPEN.set((*_OPEN.get(), snap))
     try:
         yield model

@@ -15,7 +15,7 @@ from torch import nn
 from cleanai_core import distributed, options, scoring
 from cleanai_core.bn_correction import BN_SAMPLES
 from cleanai_core.calibration import COVARIANCE_BUDGET_BYTES, COVARIANCE_ROWS
-from cleanai_core.collect import Calibration, CalibrationSetup, calibrate
+from cleanai_core.collect import Calibration, CalibrationSetup, calibrate, held_gradients
 from cleanai_core.compensation import compensated_copy
 from cleanai_core.dead_units import dead_plan
 from cleanai_core.device_defaults import default_round_to
@@ -323,9 +323,8 @@ class StructuredPruner:
         graph = self.graph if graph is None else graph
         model = self.model if model is None else model
         cal = self.calibration if calibration is None else calibration
-        ctx = ScoringContext(
-            graph, cal.stats, model, bias_compensation=self.bias_compensation, gradients=cal.gradients or None
-        )
+        grads = cal.gradients or (held_gradients(model, self.importance) if model is self.model else None)
+        ctx = ScoringContext(graph, cal.stats, model, bias_compensation=self.bias_compensation, gradients=grads)
         return score_groups(self.importance, graph, ctx)
 
     def make_plan(
@@ -671,6 +670,13 @@ class StructuredPruner:
                 raise UserError(
                     "this pruner already pruned the model in place; to prune further, build a new StructuredPruner on "
                     "the pruned model (and collect activations again)"
+                )
+            if self.iterative_steps > 1 and not self.gradients and held_gradients(self.model, self.importance):
+                raise UserError(
+                    f"the gradients on the model's parameters (your own loss's backward) score one step, but "
+                    f"iterative_steps={self.iterative_steps}: each later step scores a smaller model they do not "
+                    "fit. Give labelled batches to collect_activations (the gradients are taken again at every "
+                    "step), or prune one step at a time: backward, then StructuredPruner(..., inplace=True).prune()"
                 )
             self.history = PruningHistory()
             self._before = {"params": count_params(self.model)}

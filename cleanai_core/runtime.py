@@ -29,6 +29,7 @@ __all__ = [
     "runs_the_same",
     "check_labels",
     "class_logits",
+    "classes_on_dim1",
     "checked_device",
     "copy_modes",
     "decoder_inputs_from_labels",
@@ -391,6 +392,20 @@ def class_logits(logits: torch.Tensor) -> torch.Tensor:
     if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] == 1:
         return torch.cat([torch.zeros_like(logits), logits], 1)
     return logits
+
+
+def classes_on_dim1(logits: Any, target: Any) -> Any:
+    """A sequence model's logits ``(N, T, classes)`` with one integer label per position
+    ``(N, T)`` (a language model or tagger written in plain PyTorch), with the classes moved to
+    dim 1, where cross-entropy reads them; other logits as they are. Where the labels fit
+    dim 1 too (``T`` equal to the number of classes), dim 1 stays the classes."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor) or logits.dim() < 3:
+        return logits
+    if target.is_floating_point() or target.is_complex() or tuple(target.shape) != tuple(logits.shape[:-1]):
+        return logits
+    if tuple(target.shape) == (logits.shape[0], *logits.shape[2:]):
+        return logits
+    return logits.movedim(-1, 1)
 
 
 def _kind_of(out: Any) -> str:

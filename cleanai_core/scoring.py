@@ -362,10 +362,13 @@ def score_groups(importance: Any, graph: DependencyGraph, ctx: ScoringContext) -
     the default criterion refused it, after ``collect_activations`` too)."""
     groups = graph.groups(prunable_only=True)
     measured = any(s.kind == "in" for g in groups for s in g.slices)
-    if getattr(importance, "needs_activations", False) and not ctx.stats and measured:
+    from_gradients = bool(ctx.gradients) and getattr(importance, "needs_gradients", False)  # held ones: no data
+    if getattr(importance, "needs_activations", False) and not ctx.stats and measured and not from_gradients:
+        summed = getattr(importance, "needs_gradients", False) and not getattr(importance, "needs_squared_gradients", 0)
+        held = " with labelled batches, or run your own loss's backward on the model" if summed else ""
         raise UserError(
             f"{type(importance).__name__} scores activations: call "
-            "pruner.collect_activations(loader) first, or choose a data-free importance such as 'magnitude'"
+            f"pruner.collect_activations(loader) first{held}, or choose a data-free importance such as 'magnitude'"
         )
     out = {}
     for g in groups:

@@ -542,6 +542,44 @@ class DependencyGraph:
                     "Keep at least one unit of every group; nothing was changed"
                 )
 
+    def removal(
+        self, layer: nn.Module | str, indices: Iterable[int] | torch.Tensor, slice: str = "out"
+    ) -> torch.Tensor:
+        """A boolean mask over :attr:`root`'s units that removes ``indices`` of ``layer``'s
+        ``slice`` (``"out"``: its output channels, ``"in"``: its inputs, a norm's
+        ``"channels"``) and every index coupled with them: Torch-Pruning's
+        ``DG.get_pruning_group(layer, prune_conv_out_channels, idxs)``. Give it to
+        ``pruner.build(mask)``; where several indices form one unit (a head, a channel of
+        every norm group) the whole unit goes. The indices are the layer's own:
+        ``group.units[i]`` is the group's unit ``i``, which for a layer whose channels reach
+        the group in another order (flipped, shuffled, gathered) is another channel.
+
+        Example::
+
+            mask = pruner.graph.removal(model.conv1, [2, 6, 9])
+            small, _ = pruner.build(mask)
+        """
+        name = self.module_names.get(id(layer)) if isinstance(layer, nn.Module) else layer
+        if name is None or name not in self._named:
+            raise UserError(
+                f"{layer if isinstance(layer, str) else type(layer).__name__!r} is not a module of the traced model; "
+                "give the module object or its name as model.named_modules() lists it"
+            )
+        specs = [s for s in self.slices if s.module == name]
+        spec = next((s for s in specs if s.name == slice), None)
+        if spec is None:
+            have = ", ".join(repr(s.name) for s in specs) or "none: no plugin slices it, or the trace never ran it"
+            raise UserError(f"module {name!r} has no slice {slice!r} (its slices: {have})")
+        width = spec.atoms.numel()
+        idx = torch.as_tensor(list(indices) if not isinstance(indices, torch.Tensor) else indices, dtype=torch.int64)
+        if idx.dim() != 1 or bool(((idx < -width) | (idx >= width)).any()):
+            raise UserError(
+                f"the indices to remove from {name}:{slice} must be integers in 0..{width - 1}; got {idx.tolist()}"
+            )
+        pruned = torch.zeros(self.root.numel(), dtype=torch.bool)
+        pruned[self.unit_of(spec)[idx]] = True
+        return pruned
+
     def unit_of(self, spec: SliceSpec) -> torch.Tensor:
         """The unit (root atom) of every index of a slice."""
         return self.root[spec.atoms]

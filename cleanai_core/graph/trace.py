@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from cleanai_core.model_state import preserved
+from cleanai_core.model_state import preserved, set_mode
 from cleanai_core.runtime import call_model, copied_inputs
 from cleanai_core.shapes import ShapeOnlyMode, map_tensors
 
@@ -345,7 +345,7 @@ def _training_pass(
         # dropout's draws leave the user's random streams alone
         with torch.random.fork_rng(devices=cuda):
             try:
-                model.train()
+                set_mode(model, True)
                 with rec:
                     out = call_model(model, given, forward_fn, copy=False)
                     if output_transform is not None:
@@ -357,7 +357,7 @@ def _training_pass(
             except Exception:
                 pass
             finally:
-                model.eval()
+                set_mode(model, False)
                 rec.depth, rec.scope = 0, [""]
         del rec.events[start:]
         if ran:

@@ -131,9 +131,12 @@ def _stored_numbers(module: nn.Module) -> Iterator[Any]:
     (``check_pruner`` 4e-3 off)."""
     for v in vars(module).values():
         yield v
-        if isinstance(v, (types.SimpleNamespace, argparse.Namespace)) or (
-            not isinstance(v, type)
-            and (dataclasses.is_dataclass(v) or (type(v).__name__.endswith("Config") and hasattr(v, "__dict__")))
+        if isinstance(v, type):
+            continue
+        if dataclasses.is_dataclass(v):  # by its fields: one with ``slots=True`` has no ``__dict__``
+            yield from (getattr(v, f.name, None) for f in dataclasses.fields(v))
+        elif isinstance(v, (types.SimpleNamespace, argparse.Namespace)) or (
+            type(v).__name__.endswith("Config") and hasattr(v, "__dict__")
         ):
             yield from vars(v).values()
         elif type(v) is dict and len(v) <= 1000:
