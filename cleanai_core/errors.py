@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CleanAIError", "PruningError", "TraceError", "UserError", "model_fault", "shown"]
+__all__ = ["CleanAIError", "PruningError", "TraceError", "UserError", "model_fault", "printable", "shown", "shown_name"]
 
 
 class CleanAIError(Exception):
@@ -51,3 +51,22 @@ def shown(value: Any, limit: int = 80) -> str:
         return f"a {type(value).__name__} of shape {tuple(value.shape)}"
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (newlines, tabs, escape
+    sequences, other control and format characters) written as its Python escape
+    (``\\n``, ``\\x1b``): a module name holding ``"\\x1b[2J"`` cleared the screen of
+    ``cleanai explain`` and one holding a newline broke its lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def shown_name(name: str) -> str:
+    """A module name as the terminal shows it: as it is where it is plain text without
+    blanks (``features.0``, ``blocks.ünï``), else as the Python string that names it in
+    ``ignored_layers`` (``'head\\nfc'``, ``'layers.with space'``), so it reads as one name."""
+    if name.isprintable() and not any(c.isspace() for c in name):
+        return name
+    return repr(name)

@@ -26,6 +26,7 @@ __all__ = [
     "may_run_channels_last",
     "output_leaves_of",
     "plain_inputs",
+    "private_rng",
     "runs_the_same",
     "check_labels",
     "class_logits",
@@ -274,6 +275,18 @@ def checked_device(value: Any, name: str) -> torch.device:
                 f"{str(exc)[:200]}); use cpu, or cuda on a machine with a GPU."
             ) from None
     return device
+
+
+@contextmanager
+def private_rng(device: torch.device | None = None) -> Iterator[None]:
+    """Run the block on a fork of the global random generators (the CPU's, and ``device``'s
+    where it is a CUDA device): what the block draws (layers initialised when a model is
+    built, dropout, shuffling) leaves the caller's random state as it was."""
+    cuda = []
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        yield
 
 
 def device_of(model: nn.Module) -> torch.device | None:

@@ -33,7 +33,7 @@ from cleanai_core.job.outputs import check_out_apart, check_out_dir, guard_out, 
 from cleanai_core.job.recovery import check_train_data
 from cleanai_core.model_state import copy_model, preserved, round_through, stored_in
 from cleanai_core.pruning_report import input_shape
-from cleanai_core.runtime import device_of
+from cleanai_core.runtime import device_of, private_rng
 from cleanai_core.special_files import check_not_special
 
 __all__ = ["execute", "run_job"]
@@ -65,11 +65,8 @@ def _process_state_kept(cfg: dict[str, Any]) -> Any:
     (``threads``) and the ``cleanai`` logger's level (``quiet``)."""
     threads, logger = torch.get_num_threads(), logging.getLogger("cleanai")
     level = logger.level
-    device = torch.device(str(cfg.get("device") or "cpu"))
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if (
-        device.type == "cuda" and torch.cuda.is_available()) else []  # fmt: skip
     try:
-        with torch.random.fork_rng(devices=cuda):
+        with private_rng(torch.device(str(cfg.get("device") or "cpu"))):
             yield
     finally:
         if torch.get_num_threads() != threads:
@@ -397,12 +394,10 @@ def _execute(
             options=arch_options,
             save_pickle=bool(cfg.get("save_pickle")),
             example_input_shape=report["input_shape"] if isinstance(report["input_shape"], list) else None,
+            example_inputs=example,
+            report=report,  # the output plugins' entries (hf_folder, hf_reload)
         )
         cio.atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
-        for extra in pm.hook.cleanai_save_outputs(
-            model=saved.eval(), folder=tmp, options={"example": example, "model_spec": cfg["model"]}
-        ):
-            report.update(extra or {})
         report = write_report(tmp, report)
         if cfg.get("_own_marker"):  # last: it lists what the folder holds, which a later demo may replace
             cio.atomic_write_text(tmp / cfg["_own_marker"], marker_text(tmp, cfg["_own_marker"], "cleanai demo"))
