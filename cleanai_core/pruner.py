@@ -30,7 +30,7 @@ from cleanai_core.model_state import reads_preserved, transplant, user_hooks
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
 from cleanai_core.pruning_report import pruner_report
-from cleanai_core.runtime import copy_modes, device_of, plain_inputs
+from cleanai_core.runtime import copy_modes, device_of, plain_inputs, without_autocast
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
@@ -56,7 +56,9 @@ __all__ = ["StructuredPruner", "match_modules"]
 
 
 def _autograd_on(model: nn.Module | None = None) -> contextlib.ExitStack:
-    """Autograd on, also when called under ``torch.no_grad()`` or ``torch.inference_mode()``:
+    """Autograd on and the caller's ``torch.autocast`` off (``runtime.without_autocast``: under
+    a bfloat16 autocast the statistics were bfloat16 activations' and another ResNet-18 plan
+    came out), also when called under ``torch.no_grad()`` or ``torch.inference_mode()``:
     gradient criteria raised ``element 0 of tensors does not require grad``, and under
     inference mode the tensors made there cannot be updated in place. A ``with`` block, not
     a decorator: the warnings' ``stacklevel`` counts the frames to the user's line.
@@ -69,6 +71,7 @@ def _autograd_on(model: nn.Module | None = None) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
+    stack.enter_context(without_autocast())  # the caller's bfloat16 autocast: statistics in the model's dtype
     if model is not None:
         stack.enter_context(reads_preserved(model))
     return stack

@@ -29,6 +29,7 @@ from cleanai_core.job.inputs import (
     split_dataset,
     to_device,
 )
+from cleanai_core.job.memory import check_batches_fit, is_out_of_memory, out_of_memory_error, sample_peak
 from cleanai_core.job.outputs import check_out_apart, check_out_dir, guard_out, marker_text, resolved_spec_path
 from cleanai_core.job.recovery import check_train_data
 from cleanai_core.model_state import copy_model, preserved, round_through, stored_in
@@ -169,7 +170,12 @@ def execute(
             distributed.collectively(check, "checking --out")
             if distributed.is_writer():
                 at_commit = guard_out(out, guard)
-        return _execute(cfg, model, dataset, spec_options, out, at_commit)
+        try:
+            return _execute(cfg, model, dataset, spec_options, out, at_commit)
+        except Exception as exc:  # an allocation that failed: a traceback from wherever it happened
+            if is_out_of_memory(exc):
+                raise out_of_memory_error(exc, cfg) from exc
+            raise
 
 
 def _execute(
@@ -250,9 +256,11 @@ def _execute(
         raise UserError(f"--data {cfg['data']!r} contains NaN or inf values (in the first calibration sample); clean "
                         "the data and run again.")  # fmt: skip
     try:
-        with torch.no_grad():
+        with torch.no_grad(), sample_peak() as peak:  # what one sample needs, for the batches' check below
             output = model(example) if not isinstance(example, dict) else model(**example)
     except Exception as exc:
+        if is_out_of_memory(exc):
+            raise out_of_memory_error(exc, cfg) from exc
         shape = tuple(example.shape) if isinstance(example, torch.Tensor) else "dict"
         raise UserError(
             f"the model failed on an input from --data (shape {shape}): {type(exc).__name__}: {str(exc)[:300]}. "
@@ -261,6 +269,8 @@ def _execute(
         ) from exc
     _check_output(output, cfg)
     check_model_reads(cfg, model, output)
+    # --image-size 8192 --batch-size 32 was killed for memory without a word
+    check_batches_fit(cfg, peak(), input_shape(example), device)
 
     importance_opts: dict[str, Any] = {}
     if cfg.get("alpha") is not None:
