@@ -651,13 +651,13 @@ def rebuild_pruned(
     trust_code: bool = False,
     *,
     saved_dtypes: bool = True,
-) -> tuple[nn.Module, torch.dtype | None]:
-    """:func:`load_pruned`, and the one floating dtype ``model.pt`` stores where it is
-    narrower than the float32 the architecture is rebuilt in (a ``bfloat16`` checkpoint's
-    pruned model), else ``None``. ``saved_dtypes=False``: such a model keeps the rebuilt
-    float32 (holding ``model.pt``'s values exactly), to be computed in and written back in
-    the stored dtype, as ``cleanai prune`` does with the checkpoint it pruned first
-    (``--model FOLDER``)."""
+) -> tuple[nn.Module, torch.dtype | None, list[str]]:
+    """:func:`load_pruned`, the floating dtype ``model.pt`` stores where it is narrower than
+    the float32 the architecture is rebuilt in (a ``bfloat16`` checkpoint's pruned model),
+    else ``None``, and the tensors it keeps in float32 beside it (a MoE model's routers).
+    ``saved_dtypes=False``: such a model keeps the rebuilt float32 (holding ``model.pt``'s
+    values exactly), to be computed in and written back in the stored dtypes, as ``cleanai
+    prune`` does with the checkpoint it pruned first (``--model FOLDER``)."""
     from cleanai_core.options import check_switches
     from cleanai_core.plugins import get_plugin_manager, load_model
     from cleanai_core.runtime import checked_device, private_rng
@@ -722,25 +722,31 @@ def rebuild_pruned(
         replay_history(history, model, out / "history.json", pm)
         state = read_state(out / "model.pt", model, map_location, state)
         model.to(map_location)
-        stored = narrower_stored_dtype(model, state)
+        stored, kept_float32 = narrower_stored_dtype(model, state)
         take_saved_form(model, state, dtypes=saved_dtypes or stored is None)
         model.load_state_dict(state_with_versions(model, state), strict=True)
         arch = out / "architecture.json"
         added = read_settings(arch, "added_settings")
         apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location), added)
-        return model.eval(), stored
+        return model.eval(), stored, kept_float32
 
 
-def narrower_stored_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.dtype | None:
-    """The one floating dtype of ``state``'s tensors where it is narrower than the float32
-    every corresponding tensor of ``model`` has (``None`` otherwise: mixed dtypes, float64...)."""
+def narrower_stored_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[torch.dtype | None, list[str]]:
+    """The floating dtype narrower than float32 that ``state`` stores the tensors of a float32
+    ``model`` in, and the names it keeps in float32 beside it (a bfloat16 MoE checkpoint's
+    routers: ``from_pretrained`` keeps them float32); ``(None, [])`` where there is no such
+    dtype (a float32 or float64 model, two narrow dtypes, a model rebuilt in another
+    dtype). Such a folder given as ``--model FOLDER`` was pruned in its stored dtypes, in
+    bfloat16, where its first prune had computed in float32."""
     own = dict([*model.named_parameters(), *model.named_buffers()])
     floats = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and k in own]
-    saved = {state[k].dtype for k in floats}
-    if len(saved) != 1 or {own[k].dtype for k in floats} != {torch.float32}:
-        return None
-    dtype = saved.pop()
-    return dtype if dtype.itemsize < 4 else None
+    narrow = {state[k].dtype for k in floats} - {torch.float32}
+    if len(narrow) != 1 or {own[k].dtype for k in floats} != {torch.float32}:
+        return None, []
+    dtype = narrow.pop()
+    if dtype.itemsize >= 4:
+        return None, []
+    return dtype, [k for k in floats if state[k].dtype == torch.float32]
 
 
 def _checked_on_meta(
