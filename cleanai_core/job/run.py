@@ -33,7 +33,7 @@ from cleanai_core.job.memory import check_batches_fit, is_out_of_memory, out_of_
 from cleanai_core.job.outputs import check_out_apart, check_out_dir, guard_out, marker_text, resolved_spec_path
 from cleanai_core.job.recovery import check_train_data
 from cleanai_core.model_state import copy_model, preserved, round_through, stored_in
-from cleanai_core.pruning_report import input_shape
+from cleanai_core.pruning_report import indices_in_original, input_shape
 from cleanai_core.runtime import device_of, private_rng
 from cleanai_core.special_files import check_not_special
 
@@ -374,6 +374,8 @@ def _execute(
         # --model FOLDER: the figures "before" are the folder's pruned model's; its own steps come first in history.json
         "pruned_before_steps": len(cfg["_prior_history"].steps) if cfg.get("_prior_history") is not None else None,
     }
+    if cfg.get("_prior_history") is not None:  # --model FOLDER: pruned_indices index the folder's model
+        indices_in_original(report["layers"], cfg["_prior_history"])
     if any(cfg.get(k) is not None for k in ("target_flops", "target_params", "target_latency")):
         report["pruning_ratio"] = None  # --auto: the allocation's target (the pruner itself has none)
     if sensitivity is not None:
