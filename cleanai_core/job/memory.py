@@ -43,7 +43,10 @@ def _bytes(value: Any) -> int:
 
 
 def _size(n: float) -> str:
-    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+    for unit, scale in (("GB", GB), ("MB", 1e6)):
+        if n >= 0.1 * scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.1f} kB"
 
 
 @contextmanager
