@@ -313,10 +313,11 @@ def test_a_bfloat16_folder_with_float32_routers_prunes_further_in_float32(tmp_pa
 
 
 def test_a_folders_report_traces_removed_channels_to_the_original_and_says_so(cnn_job):
-    """``--model FOLDER``'s report gave ``pruned_indices`` of the folder's model (channel 5
-    of the 12 the first run left) with nothing saying so; the original's index is 5 only
-    by chance. Each layer now has ``original_indices`` too, traced through the folder's
-    history; report.md lists those and says which is which; the joined history replays."""
+    """``--model FOLDER``'s report gave ``pruned_indices`` of the folder's model (channels
+    5, 7, 8 of the 12 the first run left, which are 5, 11, 12 of the original 16) with
+    nothing saying so. Each layer now has ``original_indices`` too, traced through the
+    folder's history; report.md lists those and says which is which; the joined history
+    replays."""
     from cleanai_core.cli import main
     from cleanai_core.history import PruningHistory
 
