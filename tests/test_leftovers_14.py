@@ -21,13 +21,10 @@ ARGS = ["--ratio", "0.25", "--quiet", "--latency-repeats", "1", "--threads", "1"
 
 
 def _tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=32, tie_word_embeddings=False, attn_implementation="sdpa",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    from test_outputs_12 import _tiny_llama as tiny
+
+    return tiny()
 
 
 def _ids(n: int = 4, t: int = 12, seed: int = 0) -> torch.Tensor:
