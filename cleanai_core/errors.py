@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CleanAIError", "PruningError", "TraceError", "UserError", "model_fault", "printable", "shown", "shown_name"]
+__all__ = [
+    "CleanAIError",
+    "PruningError",
+    "TraceError",
+    "UserError",
+    "is_out_of_memory",
+    "model_fault",
+    "printable",
+    "shown",
+    "shown_name",
+]
 
 
 class CleanAIError(Exception):
@@ -30,9 +40,19 @@ def model_fault(exc: BaseException) -> bool:
     are. The call sites caught a list of types (``RuntimeError``, ``ValueError``, ...), so an
     ``AssertionError``, ``KeyError``, ``StopIteration`` or a model's own exception class came
     out of the command line as a traceback (exit 1)."""
-    if not isinstance(exc, Exception) or isinstance(exc, (CleanAIError, MemoryError)):
+    if not isinstance(exc, Exception) or isinstance(exc, CleanAIError):
         return False
-    return type(exc).__name__ != "OutOfMemoryError"  # torch.OutOfMemoryError, without importing torch here
+    return not is_out_of_memory(exc)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed: Python's ``MemoryError``, torch's
+    ``OutOfMemoryError`` (named, without importing torch here) or the CPU allocator's
+    ``RuntimeError: DefaultCPUAllocator: can't allocate memory``, which calibration called
+    the model's own failure ("give calibration batches shaped like example_inputs")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def shown(value: Any, limit: int = 80) -> str:

@@ -207,21 +207,45 @@ def test_a_batch_beyond_the_free_memory_is_refused_with_the_batch_size_that_fits
     assert main([*cnn_job, "--batch-size", "32", "--out", "o"]) == 0
 
 
-def test_an_allocation_that_fails_is_named_with_the_options_that_shrink_it(cnn_job, monkeypatch, capsys):
-    """An allocation that fails (the CPU allocator's ``can't allocate memory``, torch's
-    ``OutOfMemoryError``) came out as a traceback; it is a clear error now, exit 2."""
+GREEDY = """
+import torch
+from torch import nn
+
+
+class Greedy(nn.Module):  # what the CPU allocator says when a batch does not fit
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 4:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 25769803776 bytes. "
+                               "Error code 12 (Cannot allocate memory)")
+        return self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+def build():
+    torch.manual_seed(0)
+    return Greedy()
+"""
+
+
+def test_an_allocation_that_fails_is_named_with_the_options_that_shrink_it(cnn_job, capsys):
+    """An allocation that failed in calibration (the CPU allocator's ``can't allocate
+    memory``) was taken for the model's own failure: "the model failed on calibration batch
+    0 ... Give calibration batches shaped like example_inputs", which they were. It is named
+    as running out of memory now, with the batch size to try (exit 2, nothing written)."""
     from cleanai_core.cli import main
 
-    def fail(*args, **kwargs):
-        raise RuntimeError(
-            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 25769803776 bytes. Error code 12"
-        )
-
-    monkeypatch.setattr(StructuredPruner, "collect_activations", fail)
-    assert main([*cnn_job, "--batch-size", "32", "--out", "o"]) == 2
+    open("greedy14.py", "w").write(GREEDY)
+    args = ["prune", "--model", "greedy14:build", "--data", "d.pt", *ARGS, "--batch-size", "32", "--out", "o"]
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "the run ran out of memory on cpu (RuntimeError: DefaultCPUAllocator: can't allocate memory" in err
-    assert "give --batch-size 16 or less" in err
+    assert "give --batch-size 16 or less" in err and "shaped like example_inputs" not in err
+    assert not os.path.exists("o")
+    args[args.index("32")] = "4"
+    assert main(args) == 0
 
 
 # -- 5. StructuredPruner under the caller's autocast ---------------------------------------------

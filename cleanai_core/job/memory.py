@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 
 from cleanai_core.errors import UserError
 
-__all__ = ["check_batches_fit", "free_memory", "is_out_of_memory", "out_of_memory_error", "sample_peak"]
+__all__ = ["check_batches_fit", "free_memory", "out_of_memory_error", "sample_peak"]
 
 GB = 1e9
 
@@ -107,15 +107,6 @@ def check_batches_fit(cfg: dict[str, Any], per_sample: int, shape: Any, device: 
         f"{_size(free)} of memory free on {device}; the run would be killed for memory. {_fix(cfg, fits)}. "
         "Nothing was written."
     )
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocation that failed (Python's ``MemoryError``, torch's
-    ``OutOfMemoryError``, the CPU allocator's ``can't allocate memory``)."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 def out_of_memory_error(exc: BaseException, cfg: dict[str, Any]) -> UserError:

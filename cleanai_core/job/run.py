@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cleanai_core import distributed
-from cleanai_core.errors import PruningError, UserError, model_fault
+from cleanai_core.errors import PruningError, UserError, is_out_of_memory, model_fault
 from cleanai_core.heap import heap_growing
 from cleanai_core.job.config import PruneConfig, check_unread, pruner_options, resolve_config
 from cleanai_core.job.inputs import (
@@ -29,7 +29,7 @@ from cleanai_core.job.inputs import (
     split_dataset,
     to_device,
 )
-from cleanai_core.job.memory import check_batches_fit, is_out_of_memory, out_of_memory_error, sample_peak
+from cleanai_core.job.memory import check_batches_fit, out_of_memory_error, sample_peak
 from cleanai_core.job.outputs import check_out_apart, check_out_dir, guard_out, marker_text, resolved_spec_path
 from cleanai_core.job.recovery import check_train_data
 from cleanai_core.model_state import copy_model, preserved, round_through, stored_in
