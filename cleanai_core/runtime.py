@@ -290,17 +290,19 @@ def private_rng(device: torch.device | None = None) -> Iterator[None]:
         yield
 
 
-def without_autocast() -> ExitStack:
-    """A context that switches off the caller's ``torch.autocast`` (CPU, and CUDA where there
-    is one): pruning traces, measures, scores, compensates and verifies in the model's own
-    dtype. A ``GradualPruner`` step inside a training loop's ``torch.autocast("cpu",
-    dtype=torch.bfloat16)`` scored on bfloat16 activations (a ResNet-18 lost other channels
-    than outside it, weights up to 4.7 apart), and so did ``StructuredPruner`` called there."""
-    stack = ExitStack()
-    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
-        if torch.is_autocast_enabled(device):
-            stack.enter_context(torch.autocast(device, enabled=False))
-    return stack
+@contextmanager
+def without_autocast() -> Iterator[None]:
+    """A context (or decorator) that switches off the caller's ``torch.autocast`` (CPU, and
+    CUDA where there is one): pruning traces, measures, scores, compensates and verifies in
+    the model's own dtype. A ``GradualPruner`` step inside a training loop's
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` scored on bfloat16 activations (a
+    ResNet-18 lost other channels than outside it, weights up to 4.7 apart), and so did
+    ``StructuredPruner`` and ``analyse_sensitivity`` called there."""
+    with ExitStack() as stack:
+        for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
 
 
 def device_of(model: nn.Module) -> torch.device | None:

@@ -254,8 +254,10 @@ def test_an_allocation_that_fails_is_named_with_the_options_that_shrink_it(cnn_j
 def test_structured_pruner_under_a_bfloat16_autocast_prunes_as_outside_it():
     """Called inside ``torch.autocast("cpu", dtype=torch.bfloat16)``, ``StructuredPruner``
     traced, calibrated and verified on bfloat16 activations: a ResNet-18 lost other
-    channels (weights up to 7.0 apart). It switches autocast off as a gradual step does."""
+    channels (weights up to 7.0 apart), and ``analyse_sensitivity`` measured its trials in
+    bfloat16. Both switch autocast off as a gradual step does."""
     tv = pytest.importorskip("torchvision")
+    from cleanai_core.sensitivity import analyse_sensitivity
 
     def run(autocast: bool):
         torch.manual_seed(0)
@@ -264,12 +266,14 @@ def test_structured_pruner_under_a_bfloat16_autocast_prunes_as_outside_it():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             pruner = StructuredPruner(model, x[:1], pruning_ratio=0.3)
             pruner.collect_activations([x], progress=False)
+            curves = analyse_sensitivity(pruner, [x], ratios=[0.5], progress=False).curves
             small = pruner.prune()
-        return pruner.history.to_json(), small.state_dict()
+        return pruner.history.to_json(), small.state_dict(), {c.group: c.kl for c in curves}
 
-    (h0, s0), (h1, s1) = run(False), run(True)
+    (h0, s0, kl0), (h1, s1, kl1) = run(False), run(True)
     assert h0 == h1
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert kl1 == kl0  # group 1 at 0.5: 0.0042779 (was 0.0042243 under autocast)
 
 
 # -- 6. options set after construction: the constructor's checks, one code path -------------------
