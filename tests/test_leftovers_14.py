@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 
 import pytest
@@ -147,6 +148,54 @@ def test_explain_and_plan_summaries_escape_control_characters_in_module_names(tm
     )
     assert "\x1b" not in summary and "'layers.a\\nb'" in summary
     assert len(summary.splitlines()) == 1 + 3  # the headline and one line per group (a name's "\n" split one)
+
+
+LOUD = """
+import warnings
+
+import torch
+from torch import nn
+
+
+class Loud(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3))
+
+
+def build():
+    warnings.warn("layer \\x1b[2Jred is slow")
+    return Loud()
+
+
+def broken():
+    raise ValueError("no layer \\x1b[31mred\\r here")
+"""
+
+
+def test_the_command_line_escapes_control_characters_in_warnings_and_errors(tmp_path, monkeypatch, capsys):
+    """The same characters in a warning or an error message (a layer name the model's code
+    put there) reached the terminal as they were; each line is escaped now."""
+    from cleanai_core.cli import main
+
+    (tmp_path / "loud14.py").write_text(LOUD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["explain", "--model", "loud14:broken"]) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        monkeypatch.setattr(  # as Python shows a warning outside pytest
+            warnings, "showwarning", lambda m, c, f, n, file=None, line=None: print(
+                warnings.formatwarning(m, c, f, n, line), file=sys.stderr, end=""
+            ),
+        )  # fmt: skip
+        assert main(["explain", "--model", "loud14:build", "--input-shape", "1,3,8,8"]) == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err
+    assert "ValueError: no layer \\x1b[31mred\\r here" in err
+    assert "layer \\x1b[2Jred is slow" in err
 
 
 # -- 4. a batch beyond the free memory is refused with the batch size that fits -------------------
