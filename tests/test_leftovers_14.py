@@ -383,6 +383,22 @@ def test_a_bfloat16_folder_with_float32_routers_prunes_further_in_float32(tmp_pa
     assert torch.equal(torch.load("b/model.pt")[router], torch.load("a/model.pt")[router])
 
 
+def test_a_bias_beside_a_weight_kept_in_float32_is_written_in_float32():
+    """A layer the files keep in float32 (a router) that compensation gave a bias after they
+    were read: ``stored_in`` wrote the new bias in bfloat16 beside the float32 weight, and
+    the layer could not run (``self and mat2 must have the same dtype``)."""
+    from cleanai_core.model_state import stored_in
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    written = stored_in(model, torch.bfloat16, ["1.weight"])
+    assert {k: v.dtype for k, v in written.state_dict().items()} == {
+        "0.weight": torch.bfloat16, "0.bias": torch.bfloat16, "1.weight": torch.float32, "1.bias": torch.float32,
+    }  # fmt: skip
+    x = torch.randn(3, 4, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert written[1](written[0](x).float()).shape == (3, 2)
+
+
 # -- 8. --model FOLDER: the report's indices ------------------------------------------------------
 
 
