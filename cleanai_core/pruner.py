@@ -77,13 +77,16 @@ def _autograd_on(model: nn.Module | None = None) -> contextlib.ExitStack:
     return stack
 
 
-#: the options :func:`_checked_options` checks, by the constructor's names (and attributes)
-_CHECKED = (
-    "pruning_ratio", "max_layer_ratio", "round_to", "min_channels",  # numbers
-    "target_flops", "target_params", "iterative_steps", "covariance_rows", "stats_budget_bytes", "bn_samples",
-    "global_pruning", "bias_compensation", "reconstruction", "recalibrate_bn", "inplace", "verify",  # switches
-    "prune_dead_only", "isomorphic", "round_mode", "forward_fn", "output_transform", "importance",
+#: the options :func:`_checked_options` checks, by the constructor's names (and attributes):
+#: numbers, switches (``True`` / ``False``) and the rest
+_NUMBERS = (
+    "pruning_ratio", "max_layer_ratio", "round_to", "min_channels", "target_flops", "target_params",
+    "iterative_steps", "covariance_rows", "stats_budget_bytes", "bn_samples",
 )  # fmt: skip
+_SWITCHES = (
+    "global_pruning", "bias_compensation", "reconstruction", "recalibrate_bn", "inplace", "verify", "prune_dead_only",
+)  # fmt: skip
+_CHECKED = (*_NUMBERS, *_SWITCHES, "isomorphic", "round_mode", "forward_fn", "output_transform", "importance")
 
 
 def _checked_options(
@@ -94,8 +97,8 @@ def _checked_options(
     "auto"`` resolved for ``device`` and an importance name resolved: one code path for the
     constructor and for attributes set after it (``pruner.pruning_ratio = 1.5``), which had
     a near-copy of these checks. ``rounded``: ``round_to`` was asked for (not ``"auto"``)."""
-    o = {k: options.plain_number(v) if k in _CHECKED[:10] else v for k, v in given.items()}
-    options.check_switches(**{k: o[k] for k in _CHECKED[10:18]})
+    o = {k: options.plain_number(v) if k in _NUMBERS else v for k, v in given.items()}
+    options.check_switches(**{k: o[k] for k in _SWITCHES})
     options.check_callables(forward_fn=o["forward_fn"], output_transform=o["output_transform"])
     importance = options.as_importance(o["importance"])
     o["importance"] = get_importance(importance) if isinstance(importance, str) else importance
@@ -227,14 +230,18 @@ class StructuredPruner:
         options.check_model(model)
         ignored_layers = options.as_specs(ignored_layers, "ignored_layers")
         layer_pruning_ratios = options.as_ratio_table(layer_pruning_ratios)
-        rounded = round_to not in ("auto", None, 1)  # "auto": the device's default, not asked for
-        given = dict(locals())
+        rounded = options.plain_number(round_to) not in ("auto", None, 1)  # "auto": the device's default
+        given = dict(locals())  # the arguments, by name
         checked = _checked_options({k: given[k] for k in _CHECKED}, layer_pruning_ratios, rounded, device_of(model))
-        pruning_ratio, max_layer_ratio, round_to, min_channels = (checked[k] for k in _CHECKED[:4])
-        target_flops, target_params, iterative_steps, covariance_rows, stats_budget_bytes, bn_samples = (
-            checked[k] for k in _CHECKED[4:10]
+        pruning_ratio, max_layer_ratio, round_to, min_channels = (
+            checked[k] for k in ("pruning_ratio", "max_layer_ratio", "round_to", "min_channels")
         )
-        importance = checked["importance"]
+        target_flops, target_params, iterative_steps = (
+            checked[k] for k in ("target_flops", "target_params", "iterative_steps")
+        )
+        covariance_rows, stats_budget_bytes, bn_samples, importance = (
+            checked[k] for k in ("covariance_rows", "stats_budget_bytes", "bn_samples", "importance")
+        )
         example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         options.check_example_inputs(example_inputs)
         # a torch.compile wrapper: the work runs on the module it wraps; in place, prune() returns the
