@@ -270,7 +270,9 @@ def _execute(
     _check_output(output, cfg)
     check_model_reads(cfg, model, output)
     # --image-size 8192 --batch-size 32 was killed for memory without a word
-    check_batches_fit(cfg, peak(), input_shape(example), device)
+    distributed.collectively(  # one rank short of memory stops every rank (none waits in a collective)
+        lambda: check_batches_fit(cfg, peak(), input_shape(example), device), "checking the batches' memory"
+    )
 
     importance_opts: dict[str, Any] = {}
     if cfg.get("alpha") is not None:
