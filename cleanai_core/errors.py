@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CleanAIError", "PruningError", "TraceError", "UserError", "model_fault", "shown"]
+__all__ = [
+    "CleanAIError",
+    "PruningError",
+    "TraceError",
+    "UserError",
+    "is_out_of_memory",
+    "model_fault",
+    "printable",
+    "shown",
+    "shown_name",
+]
 
 
 class CleanAIError(Exception):
@@ -30,9 +40,19 @@ def model_fault(exc: BaseException) -> bool:
     are. The call sites caught a list of types (``RuntimeError``, ``ValueError``, ...), so an
     ``AssertionError``, ``KeyError``, ``StopIteration`` or a model's own exception class came
     out of the command line as a traceback (exit 1)."""
-    if not isinstance(exc, Exception) or isinstance(exc, (CleanAIError, MemoryError)):
+    if not isinstance(exc, Exception) or isinstance(exc, CleanAIError):
         return False
-    return type(exc).__name__ != "OutOfMemoryError"  # torch.OutOfMemoryError, without importing torch here
+    return not is_out_of_memory(exc)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed: Python's ``MemoryError``, torch's
+    ``OutOfMemoryError`` (named, without importing torch here) or the CPU allocator's
+    ``RuntimeError: DefaultCPUAllocator: can't allocate memory``, which calibration called
+    the model's own failure ("give calibration batches shaped like example_inputs")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def shown(value: Any, limit: int = 80) -> str:
@@ -51,3 +71,22 @@ def shown(value: Any, limit: int = 80) -> str:
         return f"a {type(value).__name__} of shape {tuple(value.shape)}"
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (newlines, tabs, escape
+    sequences, other control and format characters) written as its Python escape
+    (``\\n``, ``\\x1b``): a module name holding ``"\\x1b[2J"`` cleared the screen of
+    ``cleanai explain`` and one holding a newline broke its lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def shown_name(name: str) -> str:
+    """A module name as the terminal shows it: as it is where it is plain text without
+    blanks (``features.0``, ``blocks.ünï``), else as the Python string that names it in
+    ``ignored_layers`` (``'head\\nfc'``, ``'layers.with space'``), so it reads as one name."""
+    if name.isprintable() and not any(c.isspace() for c in name):
+        return name
+    return repr(name)

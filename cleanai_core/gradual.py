@@ -32,7 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import warnings
@@ -51,7 +50,7 @@ from cleanai_core.errors import UserError, model_fault, shown
 from cleanai_core.interfaces import slice_tensor
 from cleanai_core.metrics import count_flops
 from cleanai_core.model_state import copy_model
-from cleanai_core.runtime import run_batch
+from cleanai_core.runtime import run_batch, without_autocast
 from cleanai_core.slicing import SliceEdit, apply_edits
 
 __all__ = ["GradualPruner", "PruningSchedule", "kept_indices", "position_tagged_copy", "slice_optimizer"]
@@ -298,19 +297,6 @@ def _warn_unoptimized(held: set[int], old: dict[str, nn.Parameter], new: dict[st
         )
 
 
-def _without_autocast() -> contextlib.ExitStack:
-    """A context that switches off the caller's ``torch.autocast`` (CPU, and CUDA where there
-    is one): a step measures, scores, compensates and verifies in the model's own dtype. A
-    step called inside a training loop's ``torch.autocast("cpu", dtype=torch.bfloat16)``
-    scored on bfloat16 activations and refreshed the BatchNorm statistics from them: a
-    ResNet-18 lost other channels than the same step outside it."""
-    stack = contextlib.ExitStack()
-    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
-        if torch.is_autocast_enabled(device):
-            stack.enter_context(torch.autocast(device, enabled=False))
-    return stack
-
-
 def _every_name(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
 
@@ -448,7 +434,7 @@ class GradualPruner:
         # model.train(training) switched it back to train mode); the step under the user's
         # inference_mode made the parameters inference tensors, which training cannot use
         modes = {name: m.training for name, m in self.net.named_modules()}
-        with torch.inference_mode(False), _without_autocast():
+        with torch.inference_mode(False), without_autocast():
             self._step(data, num_batches)
         for name, m in self.net.named_modules():
             m.training = modes.get(name, self.net.training)

@@ -288,13 +288,16 @@ def cleanai_evaluate(model: nn.Module, loader: Any, device: torch.device) -> dic
 @hookspec
 def cleanai_save_outputs(model: nn.Module, folder: Any, options: dict[str, Any]) -> dict[str, Any] | None:
     """Write extra files for the pruned model into the output folder of ``cleanai prune``
-    (a Hugging Face ``save_pretrained`` folder, an export). Called after ``model.pt`` and
-    ``history.json`` are written and before the report, inside the folder that replaces
-    ``--out`` when the job succeeds.
+    or ``save_pruned`` (a Hugging Face ``save_pretrained`` folder, an export). Called after
+    ``model.pt`` and ``history.json`` are written and before the report, inside the staged
+    folder that replaces ``--out`` (or ``save_pruned``'s folder) when the save succeeds; the
+    entries written are listed in ``architecture.json`` (``outputs``) and replaced by a
+    later save.
 
     :param model: the pruned model, on the CPU, in eval mode.
     :param folder: the output folder (a ``pathlib.Path``).
-    :param options: ``example`` (one input batch, as the model is called), ``model_spec``.
+    :param options: ``example`` (one input batch, as the model is called; ``None`` where
+        ``save_pruned`` was given no ``example_inputs``), ``model_spec``.
     :returns: entries to add to ``report.json`` (e.g. ``{"hf_folder": "hf"}``), or ``None``.
         Results of all plugins are merged.
     """

@@ -147,15 +147,32 @@ def save_pruned(
     options: dict[str, Any] | None = None,
     save_pickle: bool = False,
     example_input_shape: list[int] | tuple[int, ...] | None = None,
+    *,
+    example_inputs: Any = None,
+    report: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model.pt``, ``history.json`` and ``architecture.json`` (and ``model_full.pt``
     with ``save_pickle``) into ``out_dir``, atomically as a whole: the files are written to a
     staged folder that then replaces ``out_dir`` (created if missing). Other files already in
     ``out_dir`` are kept; an interrupt or a full disk leaves ``out_dir`` as it was.
 
+    Output plugins (the ``cleanai_save_outputs`` hook) add their files, as for ``cleanai
+    prune``: a Hugging Face model gets ``hf/``, a ``save_pretrained`` folder that
+    ``from_pretrained`` loads, kept only where the reload gives the pruned model's outputs.
+
     :param spec: how to rebuild the unpruned architecture: a ``--model`` spec such as
         ``timm:resnet18``, ``torchvision:resnet18`` or ``package.module:factory``.
     :param options: loader options that shape the architecture (``num_classes``...).
+    :param example_inputs: one batch as the model is called, on which an output plugin
+        checks its files (the reloaded ``hf/`` model's outputs); ``None``: the plugin's own
+        default (a few token ids, or noise of the shape a Hugging Face config describes).
+    :param report: a dict that receives what the output plugins say about their files
+        (``hf_folder``: ``"hf"`` or ``None``; ``hf_reload``: why not, or how close).
+
+    Example::
+
+        pruned = pruner.prune()
+        save_pruned("pruned/", pruned, pruner.history, "hf:my-llama")  # pruned/hf/ loads with from_pretrained
 
     A ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel`` wrapper is saved
     as the module it wraps where the history names that module's layers (what
@@ -242,9 +259,45 @@ def save_pruned(
         atomic_write_text(tmp / "architecture.json", _json(arch))
         if save_pickle:
             _save_pickle(tmp / "model_full.pt", model)
+        written = _save_outputs(model, tmp, example_inputs, spec, report)
+        if written:  # named, so that a later save into the folder replaces them rather than keeping stale ones
+            arch["outputs"] = written
+            atomic_write_text(tmp / "architecture.json", _json(arch))
         if before:
-            _carry_over(target, tmp, skip=OWN_FILES)
+            _carry_over(target, tmp, skip=(*OWN_FILES, *written, *_earlier_outputs(target)))
     return out
+
+
+def _save_outputs(model: nn.Module, folder: Path, example: Any, spec: str, report: dict[str, Any] | None) -> list[str]:
+    """Run the ``cleanai_save_outputs`` plugins on ``folder`` (the Hugging Face plugin writes
+    ``hf/``): the one code path of ``save_pruned`` and ``cleanai prune``, which wrote ``hf/``
+    alone (a Python user's HF model got no folder ``from_pretrained`` loads). The plugins
+    get the model on the CPU in eval mode, without moving or switching the caller's. Returns
+    the names of the entries they added; their report entries go into ``report``."""
+    from cleanai_core.model_state import copy_model, preserved
+    from cleanai_core.plugins import get_plugin_manager
+    from cleanai_core.runtime import device_of
+
+    present = {p.name for p in folder.iterdir()}
+    with preserved(model):  # the caller's modes and attributes put back
+        on_cpu = model if device_of(model) in (None, torch.device("cpu")) else copy_model(model).cpu()
+        results = get_plugin_manager().hook.cleanai_save_outputs(
+            model=on_cpu.eval(), folder=folder, options={"example": example, "model_spec": spec}
+        )
+    for extra in results:
+        if report is not None:
+            report.update(extra or {})
+    return sorted(p.name for p in folder.iterdir() if p.name not in present)
+
+
+def _earlier_outputs(folder: Path) -> list[str]:
+    """The entries an earlier ``save_pruned`` into ``folder`` had its output plugins write
+    (``outputs`` in its ``architecture.json``): replaced, never carried over stale."""
+    try:
+        names = json.loads((folder / "architecture.json").read_text()).get("outputs") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")]
 
 
 def _foreign_own_files(out: Path) -> list[str]:
@@ -584,6 +637,9 @@ def load_pruned(
     registered model source (``timm:``, ``torchvision:``, installed loader plugins).
     ``trust_code`` allows an import spec (``package.module:factory``) and its keyword
     arguments; ``trust_model`` allows a pickled model file (rebuilding unpickles it again).
+
+    The caller's random state is left as it was (the architecture's layers initialise
+    randomly before the saved weights replace them, on a fork of the generators).
     """
     return rebuild_pruned(out_dir, map_location, trust_model, trust_code)[0]
 
@@ -595,16 +651,16 @@ def rebuild_pruned(
     trust_code: bool = False,
     *,
     saved_dtypes: bool = True,
-) -> tuple[nn.Module, torch.dtype | None]:
-    """:func:`load_pruned`, and the one floating dtype ``model.pt`` stores where it is
-    narrower than the float32 the architecture is rebuilt in (a ``bfloat16`` checkpoint's
-    pruned model), else ``None``. ``saved_dtypes=False``: such a model keeps the rebuilt
-    float32 (holding ``model.pt``'s values exactly), to be computed in and written back in
-    the stored dtype, as ``cleanai prune`` does with the checkpoint it pruned first
-    (``--model FOLDER``)."""
+) -> tuple[nn.Module, torch.dtype | None, list[str]]:
+    """:func:`load_pruned`, the floating dtype ``model.pt`` stores where it is narrower than
+    the float32 the architecture is rebuilt in (a ``bfloat16`` checkpoint's pruned model),
+    else ``None``, and the tensors it keeps in float32 beside it (a MoE model's routers).
+    ``saved_dtypes=False``: such a model keeps the rebuilt float32 (holding ``model.pt``'s
+    values exactly), to be computed in and written back in the stored dtypes, as ``cleanai
+    prune`` does with the checkpoint it pruned first (``--model FOLDER``)."""
     from cleanai_core.options import check_switches
     from cleanai_core.plugins import get_plugin_manager, load_model
-    from cleanai_core.runtime import checked_device
+    from cleanai_core.runtime import checked_device, private_rng
     from cleanai_core.saved_folder import (
         apply_settings,
         initialise_lazy,
@@ -648,42 +704,49 @@ def rebuild_pruned(
         spec_source=str(out / "architecture.json"),
         warn_random_weights=False,
     )
-    pm = get_plugin_manager()
-    state = _checked_on_meta(spec, options, history, out, map_location, pm)
-    try:
-        model = load_model(pm, spec, options)
-    except UserError as exc:
-        where = str(out / "architecture.json")
-        raise (exc if where in str(exc) else UserError(f"{where!r}: {exc}")) from None
-    if model is None:
-        raise UserError(
-            f"{str(out / 'architecture.json')!r}: no installed loader can rebuild {spec!r}; install the plugin or "
-            "package that provides it."
-        )
-    model = history.described(model)  # a factory returning torch.compile(model): the module it wraps
-    initialise_lazy(model, out / "architecture.json")
-    replay_history(history, model, out / "history.json", pm)
-    state = read_state(out / "model.pt", model, map_location, state)
-    model.to(map_location)
-    stored = narrower_stored_dtype(model, state)
-    take_saved_form(model, state, dtypes=saved_dtypes or stored is None)
-    model.load_state_dict(state_with_versions(model, state), strict=True)
-    arch = out / "architecture.json"
-    added = read_settings(arch, "added_settings")
-    apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location), added)
-    return model.eval(), stored
+    with private_rng(map_location):  # building the architecture drew from the caller's random state
+        pm = get_plugin_manager()
+        state = _checked_on_meta(spec, options, history, out, map_location, pm)
+        try:
+            model = load_model(pm, spec, options)
+        except UserError as exc:
+            where = str(out / "architecture.json")
+            raise (exc if where in str(exc) else UserError(f"{where!r}: {exc}")) from None
+        if model is None:
+            raise UserError(
+                f"{str(out / 'architecture.json')!r}: no installed loader can rebuild {spec!r}; install the plugin or "
+                "package that provides it."
+            )
+        model = history.described(model)  # a factory returning torch.compile(model): the module it wraps
+        initialise_lazy(model, out / "architecture.json")
+        replay_history(history, model, out / "history.json", pm)
+        state = read_state(out / "model.pt", model, map_location, state)
+        model.to(map_location)
+        stored, kept_float32 = narrower_stored_dtype(model, state)
+        take_saved_form(model, state, dtypes=saved_dtypes or stored is None)
+        model.load_state_dict(state_with_versions(model, state), strict=True)
+        arch = out / "architecture.json"
+        added = read_settings(arch, "added_settings")
+        apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location), added)
+        return model.eval(), stored, kept_float32
 
 
-def narrower_stored_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> torch.dtype | None:
-    """The one floating dtype of ``state``'s tensors where it is narrower than the float32
-    every corresponding tensor of ``model`` has (``None`` otherwise: mixed dtypes, float64...)."""
+def narrower_stored_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[torch.dtype | None, list[str]]:
+    """The floating dtype narrower than float32 that ``state`` stores the tensors of a float32
+    ``model`` in, and the names it keeps in float32 beside it (a bfloat16 MoE checkpoint's
+    routers: ``from_pretrained`` keeps them float32); ``(None, [])`` where there is no such
+    dtype (a float32 or float64 model, two narrow dtypes, a model rebuilt in another
+    dtype). Such a folder given as ``--model FOLDER`` was pruned in its stored dtypes, in
+    bfloat16, where its first prune had computed in float32."""
     own = dict([*model.named_parameters(), *model.named_buffers()])
     floats = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and k in own]
-    saved = {state[k].dtype for k in floats}
-    if len(saved) != 1 or {own[k].dtype for k in floats} != {torch.float32}:
-        return None
-    dtype = saved.pop()
-    return dtype if dtype.itemsize < 4 else None
+    narrow = {state[k].dtype for k in floats} - {torch.float32}
+    if len(narrow) != 1 or {own[k].dtype for k in floats} != {torch.float32}:
+        return None, []
+    dtype = narrow.pop()
+    if dtype.itemsize >= 4:
+        return None, []
+    return dtype, [k for k in floats if state[k].dtype == torch.float32]
 
 
 def _checked_on_meta(

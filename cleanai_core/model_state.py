@@ -488,7 +488,9 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
 def _saved_floats(model: nn.Module, keep: Iterable[str] = ()) -> list[tuple[dict[str, Any], str, torch.Tensor]]:
     """``(table, name, tensor)`` of every floating parameter and saved buffer of ``model``
     (non-persistent buffers, such as a rotary ``inv_freq``, are left out: a fresh load
-    computes them), but those whose ``state_dict`` names are in ``keep``."""
+    computes them), but those whose ``state_dict`` names are in ``keep``, and the ``bias``
+    beside a kept ``weight`` (one compensation gave a float32 layer after the files were
+    read: written in the narrow dtype beside its float32 weight, the layer could not run)."""
     keep, out = set(keep), []
     for prefix, m in model.named_modules():
         pre = f"{prefix}." if prefix else ""
@@ -496,7 +498,11 @@ def _saved_floats(model: nn.Module, keep: Iterable[str] = ()) -> list[tuple[dict
             out += [
                 (table, n, t)
                 for n, t in table.items()
-                if t is not None and t.is_floating_point() and n not in skip and pre + n not in keep
+                if t is not None
+                and t.is_floating_point()
+                and n not in skip
+                and pre + n not in keep
+                and not (n == "bias" and pre + "weight" in keep)
             ]
     return out
 

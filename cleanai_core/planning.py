@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 import torch
 
+from cleanai_core.errors import shown_name
 from cleanai_core.graph.groups import Group
 
 __all__ = [
@@ -76,7 +77,7 @@ class PruningPlan:
         total = sum(gp.group.size for gp in self.groups)
         lines = [f"{self.n_pruned} of {total} units pruned across {sum(gp.n_pruned > 0 for gp in self.groups)} groups"]
         for gp in self.groups[:max_rows]:
-            mods = gp.group.modules()
+            mods = [shown_name(m) for m in gp.group.modules()]
             lines.append(
                 f"  group {gp.group.id:>3}: {gp.n_pruned:>5}/{gp.group.size:<5} {', '.join(mods[:3])}"
                 + (f" (+{len(mods) - 3})" if len(mods) > 3 else "")

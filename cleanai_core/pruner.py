@@ -30,7 +30,7 @@ from cleanai_core.model_state import reads_preserved, transplant, user_hooks
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
 from cleanai_core.pruning_report import pruner_report
-from cleanai_core.runtime import copy_modes, device_of, plain_inputs
+from cleanai_core.runtime import copy_modes, device_of, plain_inputs, without_autocast
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
@@ -56,7 +56,9 @@ __all__ = ["StructuredPruner", "match_modules"]
 
 
 def _autograd_on(model: nn.Module | None = None) -> contextlib.ExitStack:
-    """Autograd on, also when called under ``torch.no_grad()`` or ``torch.inference_mode()``:
+    """Autograd on and the caller's ``torch.autocast`` off (``runtime.without_autocast``: under
+    a bfloat16 autocast the statistics were bfloat16 activations' and another ResNet-18 plan
+    came out), also when called under ``torch.no_grad()`` or ``torch.inference_mode()``:
     gradient criteria raised ``element 0 of tensors does not require grad``, and under
     inference mode the tensors made there cannot be updated in place. A ``with`` block, not
     a decorator: the warnings' ``stacklevel`` counts the frames to the user's line.
@@ -69,9 +71,54 @@ def _autograd_on(model: nn.Module | None = None) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
+    stack.enter_context(without_autocast())  # the caller's bfloat16 autocast: statistics in the model's dtype
     if model is not None:
         stack.enter_context(reads_preserved(model))
     return stack
+
+
+#: the options :func:`_checked_options` checks, by the constructor's names (and attributes):
+#: numbers, switches (``True`` / ``False``) and the rest
+_NUMBERS = (
+    "pruning_ratio", "max_layer_ratio", "round_to", "min_channels", "target_flops", "target_params",
+    "iterative_steps", "covariance_rows", "stats_budget_bytes", "bn_samples",
+)  # fmt: skip
+_SWITCHES = (
+    "global_pruning", "bias_compensation", "reconstruction", "recalibrate_bn", "inplace", "verify", "prune_dead_only",
+)  # fmt: skip
+_CHECKED = (*_NUMBERS, *_SWITCHES, "isomorphic", "round_mode", "forward_fn", "output_transform", "importance")
+
+
+def _checked_options(
+    given: dict[str, Any], layer_ratios: Any, rounded: bool, device: torch.device | None
+) -> dict[str, Any]:
+    """The options of ``given`` (every name of :data:`_CHECKED`) checked, NumPy and 0-d
+    torch numbers made Python ones (``np.float32(0.5)`` was "not a number"), ``round_to=
+    "auto"`` resolved for ``device`` and an importance name resolved: one code path for the
+    constructor and for attributes set after it (``pruner.pruning_ratio = 1.5``), which had
+    a near-copy of these checks. ``rounded``: ``round_to`` was asked for (not ``"auto"``)."""
+    o = {k: options.plain_number(v) if k in _NUMBERS else v for k, v in given.items()}
+    options.check_switches(**{k: o[k] for k in _SWITCHES})
+    options.check_callables(forward_fn=o["forward_fn"], output_transform=o["output_transform"])
+    importance = options.as_importance(o["importance"])
+    o["importance"] = get_importance(importance) if isinstance(importance, str) else importance
+    if o["round_to"] == "auto":  # the device's default
+        o["round_to"] = default_round_to(device)
+    zero_ok = bool(layer_ratios) or bool(o["prune_dead_only"])  # pruning_ratio=0: only those decide
+    options.check_targets(o["pruning_ratio"], o["target_flops"], o["target_params"], o["iterative_steps"], zero_ok)
+    options.check_options(
+        o["max_layer_ratio"], o["round_to"], o["covariance_rows"], o["stats_budget_bytes"], o["min_channels"],
+        o["bn_samples"],
+    )  # fmt: skip
+    options.check_round_mode(o["round_mode"])
+    options.check_ranking(o["global_pruning"], o["isomorphic"])
+    asked = o["target_flops"] is not None or o["target_params"] is not None or layer_ratios
+    if o["prune_dead_only"] and (asked or o["global_pruning"] or rounded):
+        raise UserError(  # they were ignored: the dead units alone set what goes
+            "prune_dead_only=True removes exactly the units that never activate; target_flops, target_params, "
+            "layer_pruning_ratios, global_pruning and round_to do not apply: drop them or prune_dead_only"
+        )
+    return o
 
 
 class StructuredPruner:
@@ -180,49 +227,27 @@ class StructuredPruner:
         prune_dead_only: bool = False,
         bn_samples: int = BN_SAMPLES,
     ) -> None:
-        # NumPy and 0-d torch numbers as Python ones (np.float32(0.5) was "not a number")
-        pruning_ratio, max_layer_ratio, round_to, min_channels = map(
-            options.plain_number, (pruning_ratio, max_layer_ratio, round_to, min_channels)
-        )
-        target_flops, target_params, iterative_steps, covariance_rows, stats_budget_bytes, bn_samples = map(
-            options.plain_number,
-            (target_flops, target_params, iterative_steps, covariance_rows, stats_budget_bytes, bn_samples),
-        )
         options.check_model(model)
-        options.check_switches(
-            global_pruning=global_pruning,
-            bias_compensation=bias_compensation,
-            reconstruction=reconstruction,
-            recalibrate_bn=recalibrate_bn,
-            inplace=inplace,
-            verify=verify,
-            prune_dead_only=prune_dead_only,
-        )
-        options.check_callables(forward_fn=forward_fn, output_transform=output_transform)
         ignored_layers = options.as_specs(ignored_layers, "ignored_layers")
         layer_pruning_ratios = options.as_ratio_table(layer_pruning_ratios)
-        importance = options.as_importance(importance)
-        rounded = round_to not in ("auto", None, 1)  # "auto": the device's default, not asked for
-        round_to = default_round_to(device_of(model)) if round_to == "auto" else round_to
-        zero_ok = bool(layer_pruning_ratios) or bool(prune_dead_only)  # pruning_ratio=0: only those decide
-        options.check_targets(pruning_ratio, target_flops, target_params, iterative_steps, zero_ok)
-        options.check_options(max_layer_ratio, round_to, covariance_rows, stats_budget_bytes, min_channels, bn_samples)
-        options.check_round_mode(round_mode)
-        options.check_ranking(global_pruning, isomorphic)
-        if prune_dead_only and (target_flops is not None or target_params is not None or layer_pruning_ratios
-                                or global_pruning or rounded):  # fmt: skip
-            raise UserError(  # they were ignored: the dead units alone set what goes
-                "prune_dead_only=True removes exactly the units that never activate; target_flops, target_params, "
-                "layer_pruning_ratios, global_pruning and round_to do not apply: drop them or prune_dead_only"
-            )
+        rounded = options.plain_number(round_to) not in ("auto", None, 1)  # "auto": the device's default
+        given = dict(locals())  # the arguments, by name
+        checked = _checked_options({k: given[k] for k in _CHECKED}, layer_pruning_ratios, rounded, device_of(model))
+        pruning_ratio, max_layer_ratio, round_to, min_channels = (
+            checked[k] for k in ("pruning_ratio", "max_layer_ratio", "round_to", "min_channels")
+        )
+        target_flops, target_params, iterative_steps = (
+            checked[k] for k in ("target_flops", "target_params", "iterative_steps")
+        )
+        covariance_rows, stats_budget_bytes, bn_samples, importance = (
+            checked[k] for k in ("covariance_rows", "stats_budget_bytes", "bn_samples", "importance")
+        )
         example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         options.check_example_inputs(example_inputs)
         # a torch.compile wrapper: the work runs on the module it wraps; in place, prune() returns the
         # wrapper (it recompiles for the new shapes), else the pruned module, to compile again
         self._given, model = model, options.compiled_inner(model)
         self.model, self.example_inputs = model, example_inputs
-        if isinstance(importance, str):
-            importance = get_importance(importance)
         self.importance = importance if importance is not None else WeightActivationImportance()
         self.pruning_ratio = float(pruning_ratio)
         self.global_pruning, self.max_layer_ratio = global_pruning, max_layer_ratio
@@ -392,34 +417,9 @@ class StructuredPruner:
         56,554 parameters were pruned to 53 without a word, ``"0.5"`` and NaN raised
         ``TypeError`` / ``ValueError`` from planning, ``global_pruning = "no"`` ranked
         globally, and ``importance = "magnitude"`` raised ``'str' object is not callable``."""
-        number = options.plain_number
-        self.pruning_ratio, self.max_layer_ratio = number(self.pruning_ratio), number(self.max_layer_ratio)
-        self.target_flops, self.target_params = number(self.target_flops), number(self.target_params)
-        self.round_to, self.iterative_steps = number(self.round_to), number(self.iterative_steps)
-        options.check_switches(
-            global_pruning=self.global_pruning,
-            bias_compensation=self.bias_compensation,
-            reconstruction=self.reconstruction,
-            recalibrate_bn=self.recalibrate_bn,
-            inplace=self.inplace,
-            verify=self.verify,
-            prune_dead_only=self.prune_dead_only,
-        )
-        zero_ok = bool(self.layer_ratios) or bool(self.prune_dead_only)
-        options.check_targets(self.pruning_ratio, self.target_flops, self.target_params, self.iterative_steps, zero_ok)
-        options.check_options(
-            self.max_layer_ratio,
-            self.round_to,
-            self.covariance_rows,
-            self.stats_budget_bytes,
-            self.min_channels,
-            self.bn_samples,
-        )
-        options.check_round_mode(self.round_mode)
-        options.check_ranking(self.global_pruning, self.isomorphic)
-        options.check_callables(forward_fn=self.forward_fn, output_transform=self.output_transform)
-        importance = options.as_importance(self.importance)
-        self.importance = get_importance(importance) if isinstance(importance, str) else importance
+        now = {k: getattr(self, k) for k in _CHECKED}
+        for key, value in _checked_options(now, self.layer_ratios, False, device_of(self.model)).items():
+            setattr(self, key, value)
 
     def plan(self) -> PruningPlan:
         """The dry run: which units would go. Changes nothing."""

@@ -12,7 +12,7 @@ import torch
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.planning import PruningPlan
 
-__all__ = ["describe_importance", "input_shape", "layer_records", "pruner_report"]
+__all__ = ["describe_importance", "indices_in_original", "input_shape", "layer_records", "pruner_report"]
 
 
 def layer_records(
@@ -100,10 +100,31 @@ def _step_records(pruner: Any) -> list[dict[str, Any]]:
             out.append({**rec, "step": k + 1})
         edits = pruner.history.steps[k] if k < len(pruner.history.steps) else []
         for e in edits:
-            key = (e.module or e.slice, e.slice if e.module else "tensor")
+            key = _edit_key(e)
             if key in origin:
                 origin[key] = [origin[key][i] for i in e.keep.tolist()]
     return out
+
+
+def _edit_key(e: Any) -> tuple[str, str]:
+    """An edit's ``(name, slice)`` as the layer records name it."""
+    return (e.module or e.slice, e.slice if e.module else "tensor")
+
+
+def indices_in_original(layers: list[dict[str, Any]], earlier: Any) -> None:
+    """Give every layer record the ``original_indices`` of the channels it removed, traced
+    back through the steps of ``earlier`` (the history of the model this run started
+    from: ``cleanai prune --model FOLDER``), in place. Its ``pruned_indices`` index the
+    folder's model, and nothing said so: channel 5 of a layer the first run had cut from 16
+    to 12 read as the original's channel 5 (it is 7 there)."""
+    for rec in layers:
+        key = (rec["name"], rec["slice"])
+        idx = list(rec.get("original_indices") or rec.get("pruned_indices") or [])
+        for step in reversed(earlier.steps):
+            keep = next((e.keep.tolist() for e in step if _edit_key(e) == key), None)
+            if keep is not None:
+                idx = [keep[i] for i in idx]
+        rec["original_indices"] = idx
 
 
 def _group_records(pruner: Any) -> list[dict[str, Any]]:

@@ -63,6 +63,7 @@ from cleanai_core.runtime import (
     find_logits,
     label_indices,
     not_class_labels,
+    private_rng,
     reads_as_regression,
     regression_targets,
     unused_key_hint,
@@ -613,8 +614,7 @@ def _private_rng(fn: Callable) -> Callable:
             )  # fmt: skip
         except UserError:  # not a device here: ``fn`` says so
             dev = torch.device("cpu")
-        cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        with private_rng(dev):
             return fn(pruned, *args, **kwargs)
 
     return wrapper

@@ -243,7 +243,15 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         "| layer | channels before | after | pruned | removed: index (score) | kept scores |",
         "|---|---:|---:|---:|---|---|",
     ]
-    if any(layer.get("step") for layer in layers):
+    if report.get("pruned_before_steps"):  # --model FOLDER
+        lines[-4:-2] = [
+            "Removed channels by their index in the original model (before the folder's own "
+            f"{report['pruned_before_steps']} step(s)), with their importance scores; channel counts are those of "
+            f"the folder's model (at most {MAX_LISTED} listed per layer; all are in `report.json`, where "
+            "`pruned_indices` index the folder's model and `original_indices` the original).",
+            "",
+        ]
+    elif any(layer.get("step") for layer in layers):
         lines[-4:-2] = [
             "Iterative pruning: one row per layer and step, channel counts of that step's model; removed "
             "channels by their index in the original model, with the score they had at that step "

@@ -37,7 +37,7 @@ from cleanai_core.errors import PruningError, UserError, model_fault
 from cleanai_core.metrics import FlopsOfCopies, call_model, count_params, eval_mode
 from cleanai_core.options import plain_number
 from cleanai_core.prefix_cache import PrefixCache
-from cleanai_core.runtime import channels_last_layout
+from cleanai_core.runtime import channels_last_layout, without_autocast
 from cleanai_core.trial_norms import TrialNorms
 
 __all__ = ["Allocation", "GroupCurve", "SensitivityResult", "allocate_ratios", "analyse_sensitivity"]
@@ -270,6 +270,7 @@ def _check_arguments(pruner: Any, data: Any, num_batches: Any, ratios: Any, bn_p
             raise UserError(f"{name}={shown(value)} must be an integer >= 0")
 
 
+@without_autocast()  # the trials in the model's own dtype, as the prune runs them
 def analyse_sensitivity(
     pruner: Any,
     data: Iterable[Any],

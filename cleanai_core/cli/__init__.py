@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in args_list if not a.startswith("-")), "")
     _printable_stdout()
     try:
-        with _sigterm_raises():
+        with _sigterm_raises(), _warnings_escaped():
             return _main(argv, heap=argv is None)
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
@@ -162,7 +162,7 @@ def _run_command(argv: list[str] | None) -> int:
         try:
             use_plugins(known.disable_plugin, known.plugin)
         except UserError as exc:
-            print(f"cleanai: error: {exc}", file=sys.stderr)
+            print(f"cleanai: error: {_terminal(exc)}", file=sys.stderr)
             return 2
         parser = build_parser()
     args = parser.parse_args(argv)
@@ -174,10 +174,10 @@ def _run_command(argv: list[str] | None) -> int:
     try:
         return int(args._run(args) or 0)
     except UserError as exc:
-        print(f"cleanai {args.command}: error: {exc}", file=sys.stderr)
+        print(f"cleanai {args.command}: error: {_terminal(exc)}", file=sys.stderr)
         return 2
     except CleanAIError as exc:
-        print(f"cleanai {args.command}: failed: {exc}", file=sys.stderr)
+        print(f"cleanai {args.command}: failed: {_terminal(exc)}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the reader of the output went away (cleanai plugins | head -1)
         # it said "cannot use: Broken pipe. Check the path (its length, links and permissions) and the disk"
@@ -193,7 +193,8 @@ def _run_command(argv: list[str] | None) -> int:
         # a model whose forward fails on some calls only, raising in a stage no message covers
         # (FLOPs counting, a sensitivity trial's BatchNorm pass): a traceback, exit 1
         print(
-            f"cleanai {args.command}: failed: {type(exc).__name__}: {str(exc)[:300]}, raised by code outside CleanAI "
+            f"cleanai {args.command}: failed: {type(exc).__name__}: {_terminal(str(exc)[:300])}, raised by code "
+            "outside CleanAI "
             f"({where}: the model's forward, a data set, a factory or a plugin); the run stopped there and wrote "
             "nothing. Fix it there and run again.",
             file=sys.stderr,
@@ -241,6 +242,32 @@ def _user_code_frame(exc: BaseException) -> str | None:
     if any(file.startswith(d + os.sep) for d in (*ours, *libs)):
         return None
     return f"{file}:{tb.tb_lineno}"
+
+
+def _terminal(message: Any) -> str:
+    """A message as the terminal gets it: each line with the characters a terminal acts on
+    (escape sequences, carriage returns) escaped (``errors.printable``). A module name in a
+    model's code reaches errors and warnings as it is: ``"\\x1b[2J"`` cleared the screen."""
+    from cleanai_core.errors import printable
+
+    return "\n".join(printable(line) for line in str(message).split("\n"))
+
+
+@contextlib.contextmanager
+def _warnings_escaped() -> Iterator[None]:
+    """Warnings printed during the command pass :func:`_terminal` (put back afterwards)."""
+    import warnings
+
+    shown = warnings.formatwarning
+
+    def formatted(message: Any, *args: Any, **kwargs: Any) -> str:
+        return shown(_terminal(message), *args, **kwargs)
+
+    warnings.formatwarning = formatted
+    try:
+        yield
+    finally:
+        warnings.formatwarning = shown
 
 
 def _printable_stdout() -> None:

@@ -59,7 +59,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _default_shape(model: torch.nn.Module) -> tuple[int, ...]:
+def default_shape(model: torch.nn.Module) -> tuple[int, ...]:
     if token_vocabulary(model) is not None:
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         return (1, min(TEXT_LENGTH, int(limit))) if isinstance(limit, int) and limit > 0 else (1, TEXT_LENGTH)
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_groups < 0:  # -1 listed all groups but one, then "... 6 more"
         raise UserError(f"--max-groups={args.max_groups} is out of range: it must be >= 0.")
     model.eval()
-    shape = parse_shape(args.input_shape) if args.input_shape else _default_shape(model)
+    shape = parse_shape(args.input_shape) if args.input_shape else default_shape(model)
     tried = ",".join(map(str, shape))
     # the example in the model's floating dtype: a float16 model failed on float32 noise
     dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)

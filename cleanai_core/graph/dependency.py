@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from cleanai_core.errors import TraceError, UserError
+from cleanai_core.errors import TraceError, UserError, printable, shown_name
 from cleanai_core.graph.context import SliceSpec, TraceContext
 from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
@@ -610,19 +610,19 @@ class DependencyGraph:
         """A readable account: who claims each module, the groups, and what was frozen."""
         lines = ["Modules and the plugins that claim them:"]
         for name, node in self.nodes.items():
-            lines.append(f"  {name or '<model>'}: {type(node.module).__name__} -> {node.plugin}")
+            lines.append(f"  {shown_name(name) if name else '<model>'}: {type(node.module).__name__} -> {node.plugin}")
         groups = self.groups()
         lines.append(f"\n{len(groups)} groups ({sum(g.prunable > 0 for g in groups)} prunable):")
         for g in groups[:max_groups]:
             lines.append("  " + g.describe())
             for r in g.reasons:
-                lines.append(f"      frozen: {r}")
+                lines.append(f"      frozen: {printable(r)}")
         if max_groups is not None and len(groups) > max_groups:
             lines.append(f"  ... {len(groups) - max_groups} more")
         if self.ctx.unknown_ops:
             lines.append("\nOperations not understood (their channels are frozen):")
             for op, n in self.ctx.unknown_ops.most_common():
-                lines.append(f"  {op} x{n}")
+                lines.append(f"  {printable(op)} x{n}")
         return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 import torch
 
+from cleanai_core.errors import shown_name
 from cleanai_core.graph.context import SliceSpec
 
 __all__ = ["Group", "components", "make_groups", "named_alone", "unique"]
@@ -110,7 +111,7 @@ class Group:
         return sorted({s.module or s.name for s in self.slices})
 
     def describe(self) -> str:
-        parts = ", ".join(f"{s.module or '<param>'}:{s.name}({s.kind})" for s in self.slices)
+        parts = ", ".join(f"{shown_name(s.module) if s.module else '<param>'}:{s.name}({s.kind})" for s in self.slices)
         return f"group {self.id}: {self.size} units ({self.prunable} prunable) -> {parts}"
 
 

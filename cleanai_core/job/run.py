@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from cleanai_core import distributed
-from cleanai_core.errors import PruningError, UserError, model_fault
+from cleanai_core.errors import PruningError, UserError, is_out_of_memory, model_fault
 from cleanai_core.heap import heap_growing
 from cleanai_core.job.config import PruneConfig, check_unread, pruner_options, resolve_config
 from cleanai_core.job.inputs import (
@@ -29,11 +29,12 @@ from cleanai_core.job.inputs import (
     split_dataset,
     to_device,
 )
+from cleanai_core.job.memory import check_batches_fit, out_of_memory_error, sample_peak
 from cleanai_core.job.outputs import check_out_apart, check_out_dir, guard_out, marker_text, resolved_spec_path
 from cleanai_core.job.recovery import check_train_data
 from cleanai_core.model_state import copy_model, preserved, round_through, stored_in
-from cleanai_core.pruning_report import input_shape
-from cleanai_core.runtime import device_of
+from cleanai_core.pruning_report import indices_in_original, input_shape
+from cleanai_core.runtime import device_of, private_rng
 from cleanai_core.special_files import check_not_special
 
 __all__ = ["execute", "run_job"]
@@ -65,11 +66,8 @@ def _process_state_kept(cfg: dict[str, Any]) -> Any:
     (``threads``) and the ``cleanai`` logger's level (``quiet``)."""
     threads, logger = torch.get_num_threads(), logging.getLogger("cleanai")
     level = logger.level
-    device = torch.device(str(cfg.get("device") or "cpu"))
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if (
-        device.type == "cuda" and torch.cuda.is_available()) else []  # fmt: skip
     try:
-        with torch.random.fork_rng(devices=cuda):
+        with private_rng(torch.device(str(cfg.get("device") or "cpu"))):
             yield
     finally:
         if torch.get_num_threads() != threads:
@@ -172,7 +170,12 @@ def execute(
             distributed.collectively(check, "checking --out")
             if distributed.is_writer():
                 at_commit = guard_out(out, guard)
-        return _execute(cfg, model, dataset, spec_options, out, at_commit)
+        try:
+            return _execute(cfg, model, dataset, spec_options, out, at_commit)
+        except Exception as exc:  # an allocation that failed: a traceback from wherever it happened
+            if is_out_of_memory(exc):
+                raise out_of_memory_error(exc, cfg) from exc
+            raise
 
 
 def _execute(
@@ -253,9 +256,11 @@ def _execute(
         raise UserError(f"--data {cfg['data']!r} contains NaN or inf values (in the first calibration sample); clean "
                         "the data and run again.")  # fmt: skip
     try:
-        with torch.no_grad():
+        with torch.no_grad(), sample_peak() as peak:  # what one sample needs, for the batches' check below
             output = model(example) if not isinstance(example, dict) else model(**example)
     except Exception as exc:
+        if is_out_of_memory(exc):
+            raise out_of_memory_error(exc, cfg) from exc
         shape = tuple(example.shape) if isinstance(example, torch.Tensor) else "dict"
         raise UserError(
             f"the model failed on an input from --data (shape {shape}): {type(exc).__name__}: {str(exc)[:300]}. "
@@ -264,6 +269,10 @@ def _execute(
         ) from exc
     _check_output(output, cfg)
     check_model_reads(cfg, model, output)
+    # --image-size 8192 --batch-size 32 was killed for memory without a word
+    distributed.collectively(  # one rank short of memory stops every rank (none waits in a collective)
+        lambda: check_batches_fit(cfg, peak(), input_shape(example), device), "checking the batches' memory"
+    )
 
     importance_opts: dict[str, Any] = {}
     if cfg.get("alpha") is not None:
@@ -367,6 +376,8 @@ def _execute(
         # --model FOLDER: the figures "before" are the folder's pruned model's; its own steps come first in history.json
         "pruned_before_steps": len(cfg["_prior_history"].steps) if cfg.get("_prior_history") is not None else None,
     }
+    if cfg.get("_prior_history") is not None:  # --model FOLDER: pruned_indices index the folder's model
+        indices_in_original(report["layers"], cfg["_prior_history"])
     if any(cfg.get(k) is not None for k in ("target_flops", "target_params", "target_latency")):
         report["pruning_ratio"] = None  # --auto: the allocation's target (the pruner itself has none)
     if sensitivity is not None:
@@ -397,12 +408,10 @@ def _execute(
             options=arch_options,
             save_pickle=bool(cfg.get("save_pickle")),
             example_input_shape=report["input_shape"] if isinstance(report["input_shape"], list) else None,
+            example_inputs=example,
+            report=report,  # the output plugins' entries (hf_folder, hf_reload)
         )
         cio.atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
-        for extra in pm.hook.cleanai_save_outputs(
-            model=saved.eval(), folder=tmp, options={"example": example, "model_spec": cfg["model"]}
-        ):
-            report.update(extra or {})
         report = write_report(tmp, report)
         if cfg.get("_own_marker"):  # last: it lists what the folder holds, which a later demo may replace
             cio.atomic_write_text(tmp / cfg["_own_marker"], marker_text(tmp, cfg["_own_marker"], "cleanai demo"))

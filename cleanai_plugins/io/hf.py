@@ -612,11 +612,31 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
     }
 
 
+def default_example(model: nn.Module) -> Any:
+    """The input ``cleanai explain`` traces a Hugging Face model with where none is given: a
+    few token ids within its vocabulary, or noise of the shape its config describes for a
+    speech, audio or image model (drawn from a generator of its own); ``None`` if neither."""
+    from cleanai_core.cli.explain import default_shape, example_input, signal_example, token_vocabulary
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    signal = signal_example(model, dtype)
+    if signal is not None:
+        return signal
+    return example_input(model, default_shape(model), dtype) if token_vocabulary(model) is not None else None
+
+
 @hookimpl(trylast=True)
 def cleanai_save_outputs(model, folder, options):
     if not is_hf_model(model) or not hasattr(model, "save_pretrained"):
         return None
-    result = save_and_verify(model, Path(folder) / "hf", options.get("example"))
+    example = options.get("example")
+    if example is None:  # save_pruned without example_inputs
+        example = default_example(model)
+    if example is None:
+        why = "no example input to check the reload on; give save_pruned(..., example_inputs=one_batch)"
+        log.warning("hf/ not written: %s", why)
+        return {"hf_folder": None, "hf_reload": f"not checked: {why}", "hf_reload_path": "load_pruned"}
+    result = save_and_verify(model, Path(folder) / "hf", example)
     if not result.get("hf_folder"):  # no hf/ (which holds it): keep the tokenizer beside model.pt
         tokenizer = load_tokenizer(model, required=False)
         if tokenizer is not None:

@@ -137,11 +137,11 @@ def load_saved_folder(path: Path, options: dict[str, Any]) -> nn.Module:
     trust_code = bool(options.get("trust_folder_code"))
     # a bfloat16 checkpoint pruned by cleanai prune is computed in float32 and written back in bfloat16, as it was
     # the first time (it was pruned in bfloat16, and its perplexity before differed from the first run's after)
-    model, stored = rebuild_pruned(
+    model, stored, kept_float32 = rebuild_pruned(
         path, trust_model=bool(options.get("trust_model")), trust_code=trust_code, saved_dtypes=False
     )
-    if stored is not None:
-        options["stored_dtype"] = stored
+    if stored is not None:  # a bfloat16 MoE folder's routers stay float32 (it was pruned in bfloat16)
+        options["stored_dtype"], options["stored_float32"] = stored, kept_float32
     spec, arch_options = read_architecture(path / "architecture.json", trust_code=trust_code)
     options.update(resolved_spec=spec, arch_options=arch_options, prior_history=read_history(path / "history.json"))
     if options.get("weights"):
