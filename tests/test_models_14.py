@@ -257,6 +257,32 @@ def test_an_attention_fused_before_pruning_prunes_like_the_unfused_one(kind):
     assert kept["fused"] < 0.7 and kept["unfused"] < 0.7
 
 
+# -- heads behind a rotary embedding that cuts the head dimension into fixed ranges (Gemma-4 ViT) ----
+
+
+def _gemma4(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    arch = dict(img_size=32, embed_dim=64, depth=2, num_heads=4, head_dim=16, intermediate_size=96)
+    arch.update(position_embedding_size=8)
+    return timm.create_model("gemma4_vit_167m", num_classes=5, **arch, **kw).eval()
+
+
+def test_heads_whose_rotary_embedding_slices_the_head_dimension_prune_whole():
+    model = _gemma4()  # its projections wrap their linear (``Gemma4ClippableLinear``)
+    x = _images(2, side=32)
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.max_abs_diff < 1e-4 and report.kept_whole == ()
+    p = StructuredPruner(model, x, pruning_ratio=0.5)
+    p.collect_activations([_images(2, s, 32) for s in (2, 3)], progress=False)
+    small = p.prune()
+    # before: q / k kept their channels on the head dimension, whose halves the rotary
+    # embedding slices (frozen), and v's heads met them there: every head stayed (12 of 12)
+    attn = small.encoder.blocks[0].attn
+    assert (attn.num_heads, attn.q_proj.linear.out_features, attn.num_kv_heads) == (2, 32, 2)
+    assert p.skipped_groups == [] and n_params(small) < 0.4 * n_params(model)
+    assert run_model(small, x)[0].shape == (2, 5)
+
+
 # -- real models (corpus) ---------------------------------------------------------------------------
 
 REPARAM = {
