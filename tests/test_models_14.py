@@ -283,6 +283,28 @@ def test_heads_whose_rotary_embedding_slices_the_head_dimension_prune_whole():
     assert run_model(small, x)[0].shape == (2, 5)
 
 
+def test_query_heads_sharing_one_key_value_head_prune_one_by_one(tmp_path):
+    from cleanai_core import load_pruned
+    from cleanai_core.io import save_pruned
+
+    torch.manual_seed(0)
+    kw = dict(img_size=28, attn_type="rope", num_heads=6, num_kv_heads=1, embed_dim=96, depth=2, qkv_fused=False)
+    model = timm.create_model("eva02_tiny_patch14_224", num_classes=5, **kw).eval()
+    x = _images(2, side=28)
+    assert check_pruner(model, x, ratio=0.5).max_abs_diff < 1e-4
+    p = StructuredPruner(model, x, pruning_ratio=0.5)
+    p.collect_activations([_images(2, s, 28) for s in (2, 3)], progress=False)
+    small = p.prune()
+    attn = small.blocks[0].attn
+    # before: the key / value head, viewed (B, N, 1, 16), kept its channels on the head dimension and
+    # every query head stayed (q_proj 96 wide, 0.354 of the parameters at 64 px)
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features) == (48, 16, 16)
+    assert (attn.num_heads, attn.num_kv_heads, attn.num_kv_groups) == (3, 1, 3)
+    save_pruned(tmp_path / "m", small, p.history, "timm:eva02_tiny_patch14_224", {"num_classes": 5, "model_kwargs": kw})
+    back = load_pruned(tmp_path / "m", trust_code=True)
+    assert torch.equal(run_model(back, x)[0], run_model(small, x)[0])
+
+
 # -- real models (corpus) ---------------------------------------------------------------------------
 
 REPARAM = {

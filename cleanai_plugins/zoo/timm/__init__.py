@@ -37,6 +37,7 @@ from cleanai_plugins.zoo.timm.attention import (
     pairs_sub_heads,
     rewrites_bottleneck_counts,
     rewrites_head_count,
+    shares_one_kv_head,
     splits_heads_unevenly,
     splits_qk_from_v,
 )
@@ -130,7 +131,7 @@ def cleanai_prepare_model(model):
 
 
 #: the attentions whose heads must stay whole (``cleanai_whole_heads``)
-WHOLE_HEADS = (mixes_heads, splits_heads_unevenly, pairs_sub_heads)
+WHOLE_HEADS = (mixes_heads, splits_heads_unevenly, pairs_sub_heads, shares_one_kv_head)
 
 
 @hookimpl

@@ -30,6 +30,7 @@ __all__ = [
     "fix_multi_query_attention",
     "fix_rel_pos",
     "rewrites_head_count",
+    "shares_one_kv_head",
     "splits_qk_from_v",
     "splits_heads_unevenly",
 ]
@@ -199,6 +200,19 @@ def splits_heads_unevenly(module: nn.Module) -> bool:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, kd, vd)):
         return False
     return kd != vd and heads >= 1 and any(hasattr(module, p) for p in ("qkv", "kv"))
+
+
+@triggered_by("num_kv_heads")
+def shares_one_kv_head(module: nn.Module) -> bool:
+    """Multi-query attention (timm ``AttentionRope`` / ``Gemma4Attention`` with
+    ``num_kv_heads=1``): the key and value are viewed ``(B, N, 1, head_dim)`` and
+    ``repeat_interleave``-d to every query head. A dimension of size 1 carried no channels, so
+    they stayed on the head dimension and the query heads, meeting them there, stayed whole
+    (0.354 kept at a ratio of 0.5). Its heads stay whole (the rotary embedding and SDPA's
+    default scale hold the head size anyway): the one key / value head is a unit of its own
+    and the query heads prune one by one, as transformers' multi-query attention does."""
+    kv, heads = getattr(module, "num_kv_heads", None), getattr(module, "num_heads", None)
+    return type(kv) is int and type(heads) is int and kv == 1 < heads
 
 
 @triggered_by("lambda_init")
