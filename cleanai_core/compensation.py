@@ -281,9 +281,9 @@ def bias_absorbers(model: nn.Module, graph: DependencyGraph, names: Any) -> dict
         for event in calls.get(name) or [None]:
             if event is None or spec is None or len(event.outputs) != 1:
                 break
-            ref = event.outputs[0]
+            ref = _through_reshapes(graph, event.outputs[0], spec.atoms, outputs)
             label = graph.ctx.label_of(ref)
-            if ref.key in outputs or label is None or label.dim != 1 or label.atoms is not spec.atoms:
+            if ref.key in outputs or label is None or label.dim != 1 or not _same_atoms(label.atoms, spec.atoms):
                 break
             if ref.ndim < 2 or ref.shape[1] != spec.atoms.numel():
                 break
@@ -309,6 +309,35 @@ def bias_absorbers(model: nn.Module, graph: DependencyGraph, names: Any) -> dict
             if holds:
                 found[name] = norm_name
     return found
+
+
+#: operations that only move a tensor's elements: a per-channel constant stays one through them
+_RESHAPES = frozenset({"view", "_unsafe_view", "reshape", "flatten", "transpose", "permute", "contiguous", "clone"})
+
+
+def _through_reshapes(graph: DependencyGraph, ref: Any, atoms: torch.Tensor, outputs: set[int]) -> Any:
+    """The tensor a norm may read ``ref`` as: ``ref``, or the end of a chain of reshapes that
+    each alone read the one before and keep its channels whole on one dimension (LeViT's
+    ``LinearNorm``: ``bn(linear(x).flatten(0, 1))``, channels last to dim 1)."""
+    while ref.key not in outputs:
+        readers = graph.ctx.readers(ref)
+        if len(readers) != 1 or isinstance(readers[0], ModuleCall) or len(readers[0].outputs) != 1:
+            break
+        op = getattr(getattr(readers[0].op, "overloadpacket", None), "__name__", "")
+        nxt = readers[0].outputs[0]
+        label = graph.ctx.label_of(nxt)
+        if op not in _RESHAPES or [t.key for t in readers[0].inputs[:1]] != [ref.key] or label is None:
+            break
+        if not _same_atoms(label.atoms, atoms):
+            break
+        if nxt.shape[label.dim] != atoms.numel():
+            break
+        ref = nxt
+    return ref
+
+
+def _same_atoms(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and bool(torch.equal(a, b)))
 
 
 def _reading_norm(ref: Any, readers: list, norms: dict[str, nn.Module], calls: dict) -> str | None:

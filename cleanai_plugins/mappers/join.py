@@ -44,7 +44,14 @@ def cat(call, ctx):
     if all(lab is None for lab in labs):
         return
     if any(lab is not None and lab.dim == dim for lab in labs):
-        ctx.set_label(out, dim, torch.cat([_atoms_at(ctx, t, dim) for t in tensors]))
+        # the head dimension cut by a rotary embedding and put back together (Gemma-4's ViT:
+        # ``cat([-x2, x1])`` of its halves): every piece from one reshape split keeps its
+        # origin, so attention after it can still ask for the other split (whole heads)
+        origins = {lab.origin if lab is not None and lab.dim == dim else None for lab in labs}
+        origin = origins.pop() if len(origins) == 1 else None
+        if origin is not None and origin[2][origin[1]] != out.shape[dim]:  # not the split's part put back
+            origin = None
+        ctx.set_label(out, dim, torch.cat([_atoms_at(ctx, t, dim) for t in tensors]), origin)
         return
     ldim = next(lab.dim for lab in labs if lab is not None)
     first = _atoms_at(ctx, tensors[0], ldim)

@@ -37,6 +37,7 @@ from cleanai_plugins.zoo.timm.attention import (
     pairs_sub_heads,
     rewrites_bottleneck_counts,
     rewrites_head_count,
+    shares_one_kv_head,
     splits_heads_unevenly,
     splits_qk_from_v,
 )
@@ -61,6 +62,7 @@ from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import StdConvPruner, fix_group_count, is_std_conv
 from cleanai_plugins.zoo.timm.output_width import fix_output_width
 from cleanai_plugins.zoo.timm.partial_attention import fix_partial_attention
+from cleanai_plugins.zoo.timm.reparam import fix_reparam_widths
 from cleanai_plugins.zoo.timm.rope_mixed import fix_rope_mixed, rope_mixed_dim
 from cleanai_plugins.zoo.timm.scan import KEY, scan_model, scan_of
 from cleanai_plugins.zoo.timm.split_scales import fix_split_scales
@@ -98,6 +100,7 @@ FIXUPS = (
     fix_trained_scale,
     fix_linear_attention,
     fix_filter_channels,
+    fix_reparam_widths,
 )
 
 
@@ -128,7 +131,7 @@ def cleanai_prepare_model(model):
 
 
 #: the attentions whose heads must stay whole (``cleanai_whole_heads``)
-WHOLE_HEADS = (mixes_heads, splits_heads_unevenly, pairs_sub_heads)
+WHOLE_HEADS = (mixes_heads, splits_heads_unevenly, pairs_sub_heads, shares_one_kv_head)
 
 
 @hookimpl

@@ -30,6 +30,7 @@ __all__ = [
     "fix_multi_query_attention",
     "fix_rel_pos",
     "rewrites_head_count",
+    "shares_one_kv_head",
     "splits_qk_from_v",
     "splits_heads_unevenly",
 ]
@@ -48,6 +49,22 @@ _QUERY_PROJECTIONS = (
 )
 
 
+def _linear(proj: object) -> nn.Linear | None:
+    """A projection's linear layer: the projection, or the ``linear`` it wraps (Gemma-4's
+    ``Gemma4ClippableLinear``, which clamps the linear's input and output)."""
+    if isinstance(proj, nn.Linear):
+        return proj
+    inner = getattr(proj, "linear", None) if isinstance(proj, nn.Module) else None
+    return inner if isinstance(inner, nn.Linear) else None
+
+
+def _projection_keep(edits, name: str, child: str):
+    """The kept output channels of the projection ``child`` of the module ``name`` (or of the linear it wraps)."""
+    at = f"{name}.{child}" if name else child
+    keep = edits.get((at, "out"))
+    return keep if keep is not None else edits.get((f"{at}.linear", "out"))
+
+
 @triggered_by("num_heads")
 def scan_head_sizes(modules: list[nn.Module]) -> dict[nn.Module, int]:
     """Attentions that keep ``num_heads`` but no head size (timm's Hiera-Det / SAM2
@@ -63,9 +80,9 @@ def scan_head_sizes(modules: list[nn.Module]) -> dict[nn.Module, int]:
         if any(isinstance(getattr(module, a, None), int) for a in ("head_dim", "dim_head", "key_dim", "val_dim")):
             continue  # a stored head size, or per-head parts of unequal sizes (LeViT, TinyViT, EfficientFormer)
         for child, stacks in _QUERY_PROJECTIONS:
-            proj = getattr(module, child, None)
+            proj = _linear(getattr(module, child, None))
             width = getattr(proj, "out_features", None)
-            if isinstance(proj, nn.Linear) and width % (stacks * heads) == 0:
+            if proj is not None and width % (stacks * heads) == 0:
                 found[module] = width // (stacks * heads)
                 break
     return found
@@ -78,7 +95,7 @@ def rewrites_head_count(module: nn.Module) -> bool:
     heads = getattr(module, "num_heads", getattr(module, "heads", None))
     if not isinstance(heads, int) or isinstance(heads, bool):
         return False
-    return any(isinstance(getattr(module, child, None), nn.Linear) for child, _ in _QUERY_PROJECTIONS)
+    return any(_linear(getattr(module, child, None)) is not None for child, _ in _QUERY_PROJECTIONS)
 
 
 @triggered_by("num_heads", "heads")
@@ -93,7 +110,7 @@ def fix_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     if not isinstance(heads, int) or isinstance(heads, bool) or not isinstance(head_dim, int):
         return
     for child, stacks in _QUERY_PROJECTIONS:
-        keep = edits.get((f"{name}.{child}" if name else child, "out"))
+        keep = _projection_keep(edits, name, child)
         if keep is None:
             continue
         if getattr(module, "head_first", False) is True:  # MaxViT: (heads, stacks * head_dim) layout
@@ -128,7 +145,7 @@ def _fix_head_count(module: nn.Module, name: str, edits, heads: int, head_dim: i
     """``num_heads`` follows the kept heads of the query projection (a head size changed
     alike in every head needs nothing: the reshape reads it with ``-1``)."""
     for child, _ in _QUERY_PROJECTIONS:
-        keep = edits.get((f"{name}.{child}" if name else child, "out"))
+        keep = _projection_keep(edits, name, child)
         if keep is None:
             continue
         q_keep = keep[keep < heads * head_dim]
@@ -142,8 +159,8 @@ def _fix_kv_heads(module: nn.Module, name: str, edits, head_dim: int) -> None:
     """Grouped-query attention (``num_kv_heads``, ``num_kv_groups``, ``kv_dim``): the key
     heads follow the key projection's width."""
     kv_heads = getattr(module, "num_kv_heads", None)
-    k = getattr(module, "k_proj", None)
-    if not isinstance(kv_heads, int) or not isinstance(k, nn.Linear) or head_dim <= 0:
+    k = _linear(getattr(module, "k_proj", None))
+    if not isinstance(kv_heads, int) or k is None or head_dim <= 0:
         return
     if k.out_features % head_dim:
         return
@@ -183,6 +200,19 @@ def splits_heads_unevenly(module: nn.Module) -> bool:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (heads, kd, vd)):
         return False
     return kd != vd and heads >= 1 and any(hasattr(module, p) for p in ("qkv", "kv"))
+
+
+@triggered_by("num_kv_heads")
+def shares_one_kv_head(module: nn.Module) -> bool:
+    """Multi-query attention (timm ``AttentionRope`` / ``Gemma4Attention`` with
+    ``num_kv_heads=1``): the key and value are viewed ``(B, N, 1, head_dim)`` and
+    ``repeat_interleave``-d to every query head. A dimension of size 1 carried no channels, so
+    they stayed on the head dimension and the query heads, meeting them there, stayed whole
+    (0.354 kept at a ratio of 0.5). Its heads stay whole (the rotary embedding and SDPA's
+    default scale hold the head size anyway): the one key / value head is a unit of its own
+    and the query heads prune one by one, as transformers' multi-query attention does."""
+    kv, heads = getattr(module, "num_kv_heads", None), getattr(module, "num_heads", None)
+    return type(kv) is int and type(heads) is int and kv == 1 < heads
 
 
 @triggered_by("lambda_init")

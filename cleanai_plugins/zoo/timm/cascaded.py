@@ -27,6 +27,7 @@ from torch import nn
 
 from cleanai_plugins.zoo.timm.lookup import triggered_by
 from cleanai_plugins.zoo.timm.pruned import pruned_variant, variant_lookup
+from cleanai_plugins.zoo.timm.widths import out_channels
 
 if TYPE_CHECKING:
     from cleanai_plugins.zoo.timm.scan import TimmScan
@@ -45,7 +46,7 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if head_idx > 0:
             feat = feat + feats_in[head_idx]
         feat = qkv(feat)
-        key = dws.conv.in_channels
+        key = getattr(dws, "conv", dws).in_channels  # ``fuse()`` makes the ConvNorm one conv
         q, k, v = feat.view(B, -1, H, W).split([key, key, feat.shape[1] - 2 * key], dim=1)
         q = dws(q)
         q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
@@ -73,7 +74,7 @@ def scan_cascaded_attention(modules: list[nn.Module]) -> set[nn.Module]:
         if type(m) not in (_BASE, PrunedCascadedGroupAttention):  # pruned again: its heads' widths may differ
             continue
         dws = getattr(m, "dws", None)
-        convs = [getattr(d, "conv", None) for d in dws] if isinstance(dws, nn.ModuleList) else []
+        convs = [getattr(d, "conv", d) for d in dws] if isinstance(dws, nn.ModuleList) else []  # fused: a conv
         if convs and all(isinstance(c, nn.Conv2d) for c in convs):
             found.add(m)
     return found
@@ -86,5 +87,5 @@ def fix_cascaded_attention(module: nn.Module, name: str, edits, scan: TimmScan) 
     if module not in scan.cascaded_attention or PrunedCascadedGroupAttention is None:
         return
     module.__class__ = PrunedCascadedGroupAttention
-    key = module.dws[0].conv.in_channels
-    module.key_dim, module.val_dim = key, module.qkvs[0].conv.out_channels - 2 * key
+    key = getattr(module.dws[0], "conv", module.dws[0]).in_channels
+    module.key_dim, module.val_dim = key, out_channels(module.qkvs[0]) - 2 * key

@@ -57,7 +57,7 @@ def scan_partial_attention(modules: list[nn.Module]) -> dict[nn.Module, tuple[in
         return {}
     found = {}
     for m in modules:
-        if type(m) in (_BASE, PrunedSHSA) and isinstance(getattr(getattr(m, "qkv", None), "c", None), nn.Conv2d):
+        if type(m) in (_BASE, PrunedSHSA) and isinstance(_qkv_conv(m), nn.Conv2d):
             found[m] = (m.qk_dim, getattr(m, "v_dim", m.pdim))
     return found
 
@@ -70,9 +70,17 @@ def fix_partial_attention(module: nn.Module, name: str, edits, scan: TimmScan) -
     if widths is None or PrunedSHSA is None:
         return
     qk, v = widths
-    keep = edits.get((f"{name}.qkv.c" if name else "qkv.c", "out"))
+    conv = _qkv_conv(module)
+    qkv = "qkv.c" if conv is not module.qkv else "qkv"
+    keep = edits.get((f"{name}.{qkv}" if name else qkv, "out"))
     if keep is not None:
         qk = int((keep < qk).sum())
         v = int((keep >= 2 * widths[0]).sum())
     module.__class__ = PrunedSHSA
-    module.pdim, module.qk_dim, module.v_dim = module.qkv.c.in_channels, qk, v
+    module.pdim, module.qk_dim, module.v_dim = conv.in_channels, qk, v
+
+
+def _qkv_conv(module: nn.Module) -> nn.Module | None:
+    """The conv of ``qkv``: a ``ConvNorm``'s ``c``, or ``qkv`` itself once ``fuse()`` made it one conv."""
+    qkv = getattr(module, "qkv", None)
+    return getattr(qkv, "c", qkv)

@@ -34,6 +34,7 @@ from cleanai_plugins.zoo.timm.lookup import acts_on, names_of, trigger_names
 from cleanai_plugins.zoo.timm.norms import scan_group_norms, scan_whole_group_convs
 from cleanai_plugins.zoo.timm.output_width import scan_output_width
 from cleanai_plugins.zoo.timm.partial_attention import scan_partial_attention
+from cleanai_plugins.zoo.timm.reparam import Witnesses, scan_reparam_widths
 from cleanai_plugins.zoo.timm.split_scales import scan_split_scales
 from cleanai_plugins.zoo.timm.width_attention import scan_width_attention
 
@@ -97,6 +98,8 @@ class TimmScan:
     output_width: set[nn.Module] = attrs.field(factory=set)
     #: MobileViT-V2 separable linear attentions: their ``[1, embed_dim, embed_dim]`` split follows the kept keys
     linear_attention: set[nn.Module] = attrs.field(factory=set)
+    #: re-parameterisable blocks (RepVGG style) -> the widths their fusion reads and their witnesses
+    reparam_widths: dict[nn.Module, Witnesses] = attrs.field(factory=dict)
 
 
 _SCANS = (
@@ -121,6 +124,7 @@ _SCANS = (
     scan_inception_dw,
     scan_trained_scale,
     scan_linear_attention,
+    scan_reparam_widths,
 )
 
 
@@ -164,6 +168,7 @@ def scan_model(model: nn.Module, fixups: Sequence[Callable] = ()) -> TimmScan:
         trained_scale=scan_trained_scale(having(scan_trained_scale)),
         output_width=output_width,
         linear_attention=scan_linear_attention(having(scan_linear_attention)),
+        reparam_widths=scan_reparam_widths(having(scan_reparam_widths)),
         head_sizes={m: d for m, d in scan_head_sizes(having(scan_head_sizes)).items() if m not in bound_or_xca},
         fixups=_acting(fixups, modules, names),
     )
