@@ -1,0 +1,139 @@
+"""Hugging Face text models, session 23 (text14): one cause per test (tiny models from
+configs, nothing downloaded). Models as users hand them over after training: gradient
+checkpointing still on, code of their own in the folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_families import LM, V  # noqa: E402
+
+from cleanai_core import StructuredPruner  # noqa: E402
+from cleanai_core.cli import main  # noqa: E402
+from cleanai_core.errors import UserError  # noqa: E402
+from cleanai_core.io import load_pruned  # noqa: E402
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def ids(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def llama(**kw):
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LM, "num_key_value_heads": 2, **kw})).eval()
+
+
+def test_a_model_with_gradient_checkpointing_keeps_the_hook_that_feeds_its_checkpoints_gradients():
+    """``gradient_checkpointing_enable()`` (as after training with it) registers
+    transformers' ``make_inputs_require_grads`` forward hook on the token embedding, an
+    ``nn.Embedding``: a hook of another library than its module's was taken for the
+    user's, dropped from the pruned copy with a warning to register it again. With
+    reentrant checkpointing and frozen embeddings (adapters, partial fine-tuning) the
+    pruned layers then got no gradient at all."""
+    model = llama()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model.model.embed_tokens.weight.requires_grad_(False)
+    x = ids(2, 8)
+    pruner = StructuredPruner(model, (x,), pruning_ratio=0.4)
+    pruner.collect_activations([(x,)], num_batches=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # was: "1 forward/backward hook(s) on model.embed_tokens ..."
+        small = pruner.prune()
+    assert params(small) == 60_328 < params(model) == 74_560
+    assert len(small.model.embed_tokens._forward_hooks) == 1  # was 0
+    small.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: use_cache is off under checkpointing
+        small(input_ids=x, labels=x).loss.backward()
+    grads = [small.model.layers[i].mlp.down_proj.weight.grad for i in range(2)]
+    assert all(g is not None and float(g.abs().sum()) > 0 for g in grads)  # was None: no gradient reached them
+    small.disable_input_require_grads()  # the copy's handle removes the copy's hook, not the user's
+    assert len(small.model.embed_tokens._forward_hooks) == 0
+    assert len(model.model.embed_tokens._forward_hooks) == 1
+
+
+CONFIG_CODE = """
+from transformers import LlamaConfig
+
+
+class Text14Config(LlamaConfig):
+    model_type = "cleanai_text14_llama"
+"""
+MODEL_CODE = """
+from transformers import LlamaForCausalLM
+
+from .configuration_text14 import Text14Config
+
+
+class Text14ForCausalLM(LlamaForCausalLM):
+    config_class = Text14Config
+"""
+
+
+def remote_code_folder(folder: Path) -> None:
+    """A Llama saved with code of its own: ``config.json`` maps the auto classes to the
+    ``configuration_text14.py`` / ``modeling_text14.py`` files beside the weights."""
+    llama().save_pretrained(folder)
+    (folder / "configuration_text14.py").write_text(CONFIG_CODE)
+    (folder / "modeling_text14.py").write_text(MODEL_CODE)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="cleanai_text14_llama", architectures=["Text14ForCausalLM"])
+    config["auto_map"] = {
+        "AutoConfig": "configuration_text14.Text14Config",
+        "AutoModelForCausalLM": "modeling_text14.Text14ForCausalLM",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_an_hf_folder_with_code_of_its_own_prunes_with_trust_code_and_reloads(tmp_path, capsys):
+    """A folder whose ``config.json`` names its own code (``auto_map``, as many hub text
+    models): ``cleanai prune --model hf:DIR`` left the choice to transformers, which asked
+    on the terminal (``Do you wish to run the custom code? [y/N]``) and, refused, was
+    reported as ``no such local folder, and ... is not in the Hugging Face cache``;
+    ``--trust-code`` could not help. The code now runs only with ``--trust-code``, which
+    the refusal names; ``hf/`` keeps the code and reloads with ``trust_remote_code``."""
+    remote_code_folder(tmp_path / "m")
+    torch.save({"input_ids": ids(24, 16, seed=3)}, tmp_path / "d.pt")
+    argv = [
+        "prune",
+        "--model",
+        f"hf:{tmp_path / 'm'}",
+        "--data",
+        str(tmp_path / "d.pt"),
+        "--out",
+        str(tmp_path / "o"),
+        "--threads",
+        "1",
+        "--latency-repeats",
+        "1",
+    ]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "names Python code that comes with it" in err and "--trust-code" in err and "no such local" not in err
+    assert "modeling_text14.Text14ForCausalLM" in err and not (tmp_path / "o").exists()
+
+    assert main([*argv, "--quiet", "--trust-code"]) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["hf_reload_path"] == "from_pretrained" and report["hf_folder"] == "hf"
+    assert (tmp_path / "o" / "hf" / "modeling_text14.py").is_file()
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "hf", trust_remote_code=True).eval()
+    assert type(again).__name__ == "Text14ForCausalLM" and params(again) < 74_560
+    with pytest.raises(UserError, match="names Python code that comes with it"):
+        load_pruned(tmp_path / "o")  # the saved folder names hf:DIR: its code runs only with consent
+    small = load_pruned(tmp_path / "o", trust_code=True)
+    x = ids(2, 8)
+    with torch.no_grad():
+        assert torch.equal(small(x).logits, again(x).logits)
