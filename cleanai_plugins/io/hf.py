@@ -557,7 +557,9 @@ def _quiet_reload(
 
 def source_dtype(model: nn.Module) -> torch.dtype | None:
     """The floating dtype the folder ``model`` was loaded from stores its weights in (its
-    config's ``dtype``), where it is not the float32 the job computes in; else ``None``."""
+    config's ``dtype``; where the config names none, as older and converted checkpoints,
+    the dtype most of the ``.safetensors`` weights have), where it is not the float32 the
+    job computes in; else ``None``."""
     where = getattr(model.config, "name_or_path", "") or ""
     try:
         remote = trusts_remote_code(model)
@@ -566,8 +568,37 @@ def source_dtype(model: nn.Module) -> torch.dtype | None:
         return None
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
+    if dtype is None:  # a bfloat16 folder without the key was written back in float32: 1.7x its bytes
+        folder = Path(where) if Path(where).is_dir() else _cached_folder(where)
+        dtype = _weights_dtype(folder) if folder is not None else None
     floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
     return dtype if floating and dtype != torch.float32 else None
+
+
+#: floating dtypes of the ``.safetensors`` header, by their names there
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _weights_dtype(folder: Path) -> torch.dtype | None:
+    """The floating dtype holding most of the values in ``folder``'s ``.safetensors`` files,
+    read from their JSON headers alone (8 bytes of length, then the header); ``None`` when
+    there is none to read (``pytorch_model.bin`` only)."""
+    import math
+
+    counts: dict[torch.dtype, int] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size)) if 0 < size <= 100_000_000 else {}  # safetensors' own limit
+        except (OSError, ValueError):
+            continue
+        for name, entry in header.items() if isinstance(header, dict) else ():
+            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+            shape = entry.get("shape") if dtype is not None and name != "__metadata__" else None
+            if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+                counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+    return max(counts, key=counts.__getitem__) if counts else None
 
 
 def kept_in_float32(model: nn.Module, dtype: torch.dtype) -> list[str]:
