@@ -160,3 +160,57 @@ def test_a_half_precision_folder_whose_config_names_no_dtype_is_written_back_in_
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "hf")
     assert {p.dtype for p in again.parameters()} == {dtype}
     assert {p.dtype for p in load_pruned(tmp_path / "o").parameters()} == {dtype}
+
+
+TAGGER_CODE = """
+from torch import nn
+from transformers import LlamaModel, LlamaPreTrainedModel
+from transformers.modeling_outputs import TokenClassifierOutput
+
+from .configuration_text14 import Text14Config
+
+
+class Text14Model(LlamaModel):
+    config_class = Text14Config
+
+
+class Text14ForTokenClassification(LlamaPreTrainedModel):
+    config_class = Text14Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = LlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return TokenClassifierOutput(logits=self.score(hidden))
+"""
+
+
+def test_a_task_head_of_a_folders_own_code_loads_with_the_auto_class_its_auto_map_names(tmp_path):
+    """An ``hf:`` folder with its own token classifier (``architectures``
+    ``Text14ForTokenClassification``, ``auto_map`` naming ``AutoModel`` and
+    ``AutoModelForTokenClassification``): a class transformers does not define was loaded
+    with ``AutoModel``, the bare model, its head's weights dropped (no logits to score).
+    The auto class the ``auto_map`` maps to the named class loads it."""
+    from cleanai_plugins.io.hf import load_hf_model
+
+    folder = tmp_path / "m"
+    torch.manual_seed(0)
+    tagger = transformers.LlamaForTokenClassification(transformers.LlamaConfig(**{**LM, "num_labels": 5}))
+    tagger.save_pretrained(folder)
+    (folder / "configuration_text14.py").write_text(CONFIG_CODE)
+    (folder / "modeling_text14.py").write_text(TAGGER_CODE)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="cleanai_text14_llama", architectures=["Text14ForTokenClassification"])
+    config["auto_map"] = {
+        "AutoConfig": "configuration_text14.Text14Config",
+        "AutoModel": "modeling_text14.Text14Model",
+        "AutoModelForTokenClassification": "modeling_text14.Text14ForTokenClassification",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    model = load_hf_model(f"hf:{folder}", trust_remote_code=True)
+    assert type(model).__name__ == "Text14ForTokenClassification"  # was Text14Model
+    assert torch.equal(model.score.weight, tagger.score.weight)

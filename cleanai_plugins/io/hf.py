@@ -67,12 +67,16 @@ def is_hf_model(model: Any) -> bool:
 def auto_class(config: Any) -> Any:
     """The class for a config, from its ``architectures``: the named transformers class
     when transformers has it (``BertForMaskedLM``, ``SwinForImageClassification``: the
-    saved weights carry its head and prefixes), else the ``AutoModel*`` class."""
+    saved weights carry its head and prefixes), else the ``AutoModel*`` class (the one the
+    config's ``auto_map`` maps to that class, for a folder with code of its own)."""
     tf = _transformers()
     arch = (getattr(config, "architectures", None) or [""])[0]
     named = getattr(tf, arch, None) if arch.isidentifier() else None
     if isinstance(named, type) and hasattr(named, "from_pretrained") and hasattr(named, "config_class"):
         return named
+    for key, ref in (getattr(config, "auto_map", None) or {}).items():  # code of the folder's own (auto_map)
+        if isinstance(ref, str) and ref.rpartition(".")[2] == arch and key.startswith("AutoModel") and hasattr(tf, key):
+            return getattr(tf, key)  # AutoModelForTokenClassification for its token classifier: AutoModel lost the head
     if arch.endswith(("ForCausalLM", "LMHeadModel")):
         return tf.AutoModelForCausalLM
     if arch.endswith("ForSequenceClassification"):
