@@ -214,3 +214,25 @@ def test_a_task_head_of_a_folders_own_code_loads_with_the_auto_class_its_auto_ma
     model = load_hf_model(f"hf:{folder}", trust_remote_code=True)
     assert type(model).__name__ == "Text14ForTokenClassification"  # was Text14Model
     assert torch.equal(model.score.weight, tagger.score.weight)
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("accelerate") is not None, reason="transformers can load them here"
+)
+@pytest.mark.parametrize("method", ["bitsandbytes", "gptq", "fp8", "mxfp4"])
+def test_a_quantized_folder_is_refused_by_name_not_with_a_traceback(method, tmp_path, capsys):
+    """A folder whose config holds a ``quantization_config`` (bitsandbytes, GPTQ, FP8, the
+    MXFP4 of GPT-OSS checkpoints): transformers raised ``ImportError`` for the package it
+    needs (``accelerate``, ``optimum``), which escaped the loader: a raw traceback, exit 1."""
+    llama().save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    extra = {"bitsandbytes": {"load_in_8bit": True}, "gptq": {"bits": 4}}.get(method, {})
+    config["quantization_config"] = {"quant_method": method, **extra}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    torch.save({"input_ids": ids(4, 16, seed=3)}, tmp_path / "d.pt")
+    argv = ["prune", "--model", f"hf:{tmp_path / 'm'}", "--data", str(tmp_path / "d.pt"), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--quiet"]) == 2  # was 1
+    err = capsys.readouterr().err
+    assert "needs a package that is not installed" in err and f"quant_method {method!r}" in err
+    assert "Give the unquantized checkpoint" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -131,6 +131,11 @@ def load_hf_model(spec: str, trust_remote_code: bool = False) -> nn.Module:
         model = cls.from_pretrained(
             where, config=config, local_files_only=True, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
+    except ImportError as exc:  # a raw traceback, exit 1: bitsandbytes / GPTQ / FP8 folders need accelerate, optimum
+        raise UserError(
+            f"--model {spec!r}: transformers needs a package that is not installed to load this model "
+            f"({_one_line(exc)}).{_quantized_note(config) or ' Install it, then run again.'}"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise UserError(
             f"--model {spec!r}: transformers could not load the weights with {cls.__name__} "
@@ -140,6 +145,21 @@ def load_hf_model(spec: str, trust_remote_code: bool = False) -> nn.Module:
     if getattr(model.config, "return_dict", True) is False:
         _returns_outputs(model)
     return model.eval()
+
+
+def _quantized_note(config: Any) -> str:
+    """What to do with a checkpoint whose config holds a ``quantization_config``; ``""``
+    for any other."""
+    quant = getattr(config, "quantization_config", None)
+    if not quant:
+        return ""
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    return (
+        f" The folder holds a quantized model (quantization_config: quant_method {method!r}): CleanAI slices "
+        "floating-point weights, which a quantized checkpoint does not hold. Give the unquantized checkpoint "
+        "(float32, bfloat16 or float16), prune it, and quantize the pruned model afterwards."
+    )
 
 
 def _names_code(spec: str) -> bool:
