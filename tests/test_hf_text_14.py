@@ -236,3 +236,63 @@ def test_a_quantized_folder_is_refused_by_name_not_with_a_traceback(method, tmp_
     assert "needs a package that is not installed" in err and f"quant_method {method!r}" in err
     assert "Give the unquantized checkpoint" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "family, before, after", [("deepseek-v3", 85_152, 63_240), ("minicpm3", 66_208, 48_880)]
+)  # fmt: skip
+def test_latent_attention_prunes_its_query_lora_rank_and_writes_it(family, before, after, tmp_path):
+    """Latent attention's query LoRA (``q_a_proj`` -> ``q_a_layernorm`` -> ``q_b_proj``,
+    DeepSeek-V2 / V3 / V3.2, MiniCPM3, Youtu): the default kept its rank, blamed on the
+    heads (``this family's config derives the head size from the width``): no fix-up wrote
+    ``q_lora_rank``, so a pruned rank did not rebuild (DeepSeek-V3 66,336 parameters at
+    0.4, MiniCPM3 51,976). The rank is written; it prunes and reloads."""
+    from hf_families import build
+    from test_hf_text_7 import assert_generates_alike, default_prune
+
+    model, inputs, _ = build(family)
+    model.eval()
+    _, small = default_prune(model, inputs, 0.4)
+    ranks = {layer.self_attn.q_a_proj.out_features for layer in small.model.layers}
+    assert ranks == {20} and small.config.q_lora_rank == 20  # was 32, kept
+    assert (params(model), params(small)) == (before, after)
+    assert small.config.cleanai_pruning["from_pretrained"] is True
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    x = ids(2, 8)
+    with torch.no_grad():
+        assert float((small(x).logits - again(x).logits).abs().max()) <= 1e-6
+    assert_generates_alike(small, inputs)
+
+
+def test_a_scale_derived_from_the_query_rank_keeps_it_with_that_reason():
+    """Dots3-Note derives ``q_lora_scale`` from ``q_lora_rank``: with the rank written, a
+    pruned rank rebuilds every shape but not that scale. The default keeps the rank with
+    that reason (it was blamed on the heads), and a scale mismatch no longer outweighs
+    tensors of another shape when the fix-up puts a written key back (its 4 scales had put
+    the dense MLP's ``intermediate_size`` back, and the MLP was then kept)."""
+    from cleanai_core.graph.dependency import DependencyGraph
+    from cleanai_plugins.zoo.transformers.describable import undescribable
+
+    config = transformers.Dots3NoteTextConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+        q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, head_dim=16, index_topk=8,
+        index_head_dim=16, index_n_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        shared_experts_intermediate_size=32, swa_num_attention_heads=2, swa_num_key_value_heads=2,
+        swa_q_lora_rank=16, swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=8,
+        sliding_window_size=4, use_dsa=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Dots3NoteForCausalLM(config).eval()
+    graph = DependencyGraph(model, (ids(1, 8),))
+    kept = undescribable(graph, 0.5)
+    why = {}
+    for group in graph.groups(prunable_only=True):
+        first = group.slices[0].module
+        for units, reason in kept:
+            if torch.isin(group.units, torch.as_tensor(units)).any():
+                why[first] = reason.partition(" (")[0]
+    ranks = {m: w for m, w in why.items() if m.endswith("q_a_proj")}
+    assert len(ranks) == 4  # a scale of the same attention (q_lora_scale, kv_lora_scale), was "heads: ..."
+    assert all(w.startswith(m.removesuffix("q_a_proj")) and w.endswith("lora_scale") for m, w in ranks.items())
+    assert "model.layers.0.mlp.gate_proj" not in why  # the dense MLP prunes
