@@ -139,14 +139,20 @@ def test_an_hf_folder_with_code_of_its_own_prunes_with_trust_code_and_reloads(tm
         assert torch.equal(small(x).logits, again(x).logits)
 
 
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_half_precision_folder_whose_config_names_no_dtype_is_written_back_in_its_own(dtype, tmp_path):
+def test_a_half_precision_folder_whose_config_names_no_dtype_is_written_back_in_its_own(dtype, weights, tmp_path):
     """A ``bfloat16`` / ``float16`` checkpoint whose ``config.json`` has no ``dtype`` (older
-    and converted checkpoints): the job read the stored dtype from the config alone and
-    wrote ``model.pt`` and ``hf/`` in the float32 it computes in, 1.7x the bytes of the
-    folder it pruned (259,528 bytes of safetensors for a 151,256-byte checkpoint). The
-    weight files' own headers now say it."""
-    llama().to(dtype).save_pretrained(tmp_path / "m")
+    and converted checkpoints, ``pytorch_model.bin`` ones too): the job read the stored
+    dtype from the config alone and wrote ``model.pt`` and ``hf/`` in the float32 it
+    computes in, 1.7x the bytes of the folder it pruned (259,528 bytes of safetensors for
+    a 151,256-byte checkpoint). The weight files say it now: the ``.safetensors`` headers,
+    else the ``.bin`` tensors' dtypes (memory-mapped, no value read)."""
+    model = llama().to(dtype)
+    model.save_pretrained(tmp_path / "m")
+    if weights.endswith(".bin"):  # as older transformers wrote them
+        (tmp_path / "m" / "model.safetensors").unlink()
+        torch.save(model.state_dict(), tmp_path / "m" / weights)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config.pop("dtype") == str(dtype).removeprefix("torch.")
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
@@ -155,7 +161,7 @@ def test_a_half_precision_folder_whose_config_names_no_dtype_is_written_back_in_
     assert main([*argv, "--quiet", "--threads", "1", "--latency-repeats", "1"]) == 0
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["hf_dtype"] == str(dtype).removeprefix("torch.")  # was float32
-    source = (tmp_path / "m" / "model.safetensors").stat().st_size
+    source = (tmp_path / "m" / weights).stat().st_size
     assert (tmp_path / "o" / "hf" / "model.safetensors").stat().st_size < 0.9 * source  # was 1.7x
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "hf")
     assert {p.dtype for p in again.parameters()} == {dtype}

@@ -605,11 +605,20 @@ _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torc
 
 def _weights_dtype(folder: Path) -> torch.dtype | None:
     """The floating dtype holding most of the values in ``folder``'s ``.safetensors`` files,
-    read from their JSON headers alone (8 bytes of length, then the header); ``None`` when
-    there is none to read (``pytorch_model.bin`` only)."""
+    read from their JSON headers alone (8 bytes of length, then the header), else in its
+    ``.bin`` files (older checkpoints: ``torch.load`` of tensors only, memory-mapped, so no
+    value is read); ``None`` when there is none to read."""
     import math
 
     counts: dict[torch.dtype, int] = {}
+    for path in [] if any(folder.glob("*.safetensors")) else sorted(folder.glob("*.bin")):
+        try:  # checked for packed records first (_check_weight_files); transformers reads them the same way
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - an older (not zip) file or another kind of .bin: no answer from it
+            continue
+        for tensor in state.values() if isinstance(state, dict) else ():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
     for path in sorted(folder.glob("*.safetensors")):
         try:
             with path.open("rb") as f:
