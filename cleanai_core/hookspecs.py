@@ -251,6 +251,10 @@ def cleanai_load_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
         ``load_pruned(..., trust_code=True)``); ``spec_source`` says where the spec came
         from, for messages. A loader that resolves names it registered itself needs no
         consent; one that imports what the spec names must refuse without ``trust_code``.
+        Code that the folder a spec names ships (a saved folder's import spec, an ``hf:``
+        folder's ``auto_map``) needs more: typing the folder's name is no consent to run it;
+        ``options["trust_folder_code"]``, where present, is the command line's
+        ``--trust-code`` alone (``load_pruned`` passes only ``trust_code``).
         A loader whose spec depends on the working directory (a relative folder) may set
         ``options["resolved_spec"]`` to a spec that names the same model from anywhere
         (``hf:/abs/folder``); ``cleanai prune`` writes that one to ``architecture.json``.

@@ -696,7 +696,10 @@ def user_hooks(model: nn.Module) -> list[tuple[str, str, int]]:
     ``FeatureHooks`` of a ``features_only`` net, copied with the model) and hooks an
     installed library defines for its own modules (transformers' output capture: dropped
     from a copy that kept the attribute saying they are installed, the pruned model
-    returned no ``hidden_states``)."""
+    returned no ``hidden_states``), also on a module of another library inside the model
+    (transformers' ``enable_input_require_grads``, which ``gradient_checkpointing_enable``
+    puts on the ``nn.Embedding`` of token ids: dropped from the pruned copy, with a warning
+    telling the user to register it again)."""
     named = list(model.named_modules())
     found = [
         (name, m, table, key, fn)
@@ -708,7 +711,13 @@ def user_hooks(model: nn.Module) -> list[tuple[str, str, int]]:
         return []
     held = {id(v) for _, m in named for k, v in m.__dict__.items() if k not in _TABLES}
     held |= {id(m) for _, m in named}
-    return [(name, table, key) for name, m, table, key, fn in found if not _model_hook(fn, held, m)]
+    libraries = {_package(m) for _, m in named if from_library(m)}
+    return [(name, table, key) for name, m, table, key, fn in found if not _model_hook(fn, held, libraries)]
+
+
+def _package(obj: Any) -> str:
+    """The top-level package that defines ``obj``'s class (``transformers``, ``torch``)."""
+    return type(obj).__module__.partition(".")[0]
 
 
 #: attribute of a hook function that a plugin's fix-up installs as part of how the pruned
@@ -724,7 +733,10 @@ def _owner(fn: Any) -> Any:
     return getattr(fn, "__self__", None)
 
 
-def _model_hook(fn: Any, held: set[int], module: nn.Module) -> bool:
+def _model_hook(fn: Any, held: set[int], libraries: set[str]) -> bool:
+    """Whether the hook ``fn`` is part of the model: marked so by a fix-up, a bound method
+    of an object the model holds, or defined by torch or by an installed library that
+    defines one of the model's modules (``libraries``)."""
     if getattr(fn, MODEL_HOOK, False):
         return True
     owner = _owner(fn)
@@ -735,7 +747,7 @@ def _model_hook(fn: Any, held: set[int], module: nn.Module) -> bool:
     where = getattr(fn, "__module__", None) or type(fn).__module__ or ""
     if where == "torch" or where.startswith("torch."):
         return True
-    return where.partition(".")[0] == type(module).__module__.partition(".")[0] and from_library(module)
+    return where.partition(".")[0] in libraries
 
 
 def from_library(obj: Any) -> bool:

@@ -84,7 +84,7 @@ def test_a_model_whose_output_has_no_logits_field_reloads_into_hf(cls, outputs, 
     # a reload whose outputs differ is still refused
     import cleanai_plugins.io.hf as hf
 
-    def off(config, folder, dtype=torch.float32):
+    def off(config, folder, dtype=torch.float32, remote_code=False):
         m = type(small).from_pretrained(folder).eval()
         with torch.no_grad():
             m.get_input_embeddings().weight.mul_(1.5)

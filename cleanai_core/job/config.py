@@ -92,7 +92,8 @@ class PruneConfig:
                                    metavar="N")  # fmt: skip
     trust_model: bool = _opt(False, "allow loading a pickled model file (unpickling runs code from the file)", "inputs")
     trust_code: bool = _opt(False, "allow package.module:callable specs read from --config (importing and calling "
-                            "them runs code); specs typed on the command line need no flag", "inputs")  # fmt: skip
+                            "them runs code); specs typed on the command line need no flag. Also needed for an "
+                            "hf: folder whose config.json names code of its own (auto_map)", "inputs")  # fmt: skip
     data: str | None = _opt(None, "image folder (class sub-folders), .pt tensor file, .npz (x, y), "
                             "package.module:function; for hf: models also .txt (a document per line), .jsonl "
                             "(text, label) or tokenized .pt", "inputs", "-d", metavar="D")  # fmt: skip

@@ -67,12 +67,16 @@ def is_hf_model(model: Any) -> bool:
 def auto_class(config: Any) -> Any:
     """The class for a config, from its ``architectures``: the named transformers class
     when transformers has it (``BertForMaskedLM``, ``SwinForImageClassification``: the
-    saved weights carry its head and prefixes), else the ``AutoModel*`` class."""
+    saved weights carry its head and prefixes), else the ``AutoModel*`` class (the one the
+    config's ``auto_map`` maps to that class, for a folder with code of its own)."""
     tf = _transformers()
     arch = (getattr(config, "architectures", None) or [""])[0]
     named = getattr(tf, arch, None) if arch.isidentifier() else None
     if isinstance(named, type) and hasattr(named, "from_pretrained") and hasattr(named, "config_class"):
         return named
+    for key, ref in (getattr(config, "auto_map", None) or {}).items():  # code of the folder's own (auto_map)
+        if isinstance(ref, str) and ref.rpartition(".")[2] == arch and key.startswith("AutoModel") and hasattr(tf, key):
+            return getattr(tf, key)  # AutoModelForTokenClassification for its token classifier: AutoModel lost the head
     if arch.endswith(("ForCausalLM", "LMHeadModel")):
         return tf.AutoModelForCausalLM
     if arch.endswith("ForSequenceClassification"):
@@ -87,8 +91,12 @@ def _source(spec: str) -> str:
     return src
 
 
-def load_hf_model(spec: str) -> nn.Module:
-    """Load ``hf:PATH`` from a local folder or the Hugging Face cache (never the network)."""
+def load_hf_model(spec: str, trust_remote_code: bool = False) -> nn.Module:
+    """Load ``hf:PATH`` from a local folder or the Hugging Face cache (never the network).
+    A folder whose config names code of its own (``auto_map``: ``modeling_*.py`` beside the
+    weights) loads only with ``trust_remote_code`` (the user's ``--trust-code``): importing
+    it runs that code. Without it, transformers asked on the terminal (``Do you wish to run
+    the custom code? [y/N]``) and the refusal read ``no such local folder``."""
     tf = _transformers()
     src = _source(spec)
     path = Path(src).expanduser()
@@ -106,9 +114,12 @@ def load_hf_model(spec: str) -> nn.Module:
         raise UserError(
             f"--model {spec!r}: {str(path)!r} has no config.json; give a folder written by save_pretrained."
         )
+    where = str(path) if path.exists() else src
     try:
-        config = tf.AutoConfig.from_pretrained(str(path) if path.exists() else src, local_files_only=True)
+        config = tf.AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise UserError(_remote_code_refusal(spec, path if path.exists() else _cached_folder(src))) from exc
         raise UserError(
             f"--model {spec!r}: no such local folder, and {src!r} is not in the Hugging Face cache "
             f"(nothing is downloaded). Download it first (huggingface-cli download {src}) or give a folder "
@@ -118,8 +129,13 @@ def load_hf_model(spec: str) -> nn.Module:
     _check_weight_files(path if path.exists() else _cached_folder(src), spec)
     try:
         model = cls.from_pretrained(
-            str(path) if path.exists() else src, config=config, local_files_only=True, dtype=torch.float32
+            where, config=config, local_files_only=True, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
+    except ImportError as exc:  # a raw traceback, exit 1: bitsandbytes / GPTQ / FP8 folders need accelerate, optimum
+        raise UserError(
+            f"--model {spec!r}: transformers needs a package that is not installed to load this model "
+            f"({_one_line(exc)}).{_quantized_note(config) or ' Install it, then run again.'}"
+        ) from exc
     except (OSError, ValueError) as exc:
         raise UserError(
             f"--model {spec!r}: transformers could not load the weights with {cls.__name__} "
@@ -129,6 +145,53 @@ def load_hf_model(spec: str) -> nn.Module:
     if getattr(model.config, "return_dict", True) is False:
         _returns_outputs(model)
     return model.eval()
+
+
+def _quantized_note(config: Any) -> str:
+    """What to do with a checkpoint whose config holds a ``quantization_config``; ``""``
+    for any other."""
+    quant = getattr(config, "quantization_config", None)
+    if not quant:
+        return ""
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
+    return (
+        f" The folder holds a quantized model (quantization_config: quant_method {method!r}): CleanAI slices "
+        "floating-point weights, which a quantized checkpoint does not hold. Give the unquantized checkpoint "
+        "(float32, bfloat16 or float16), prune it, and quantize the pruned model afterwards."
+    )
+
+
+def _names_code(spec: str) -> bool:
+    """Whether the folder ``spec`` names has a config with ``auto_map`` (code of its own)."""
+    src = _source(spec)
+    path = Path(src).expanduser()
+    folder = path if path.exists() else _cached_folder(src)
+    try:
+        return bool(json.loads((folder / "config.json").read_text()).get("auto_map")) if folder else False
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remote_code_refusal(spec: str, folder: Path | None) -> str:
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map") if folder else None
+    except (OSError, ValueError, AttributeError):
+        auto_map = None
+    named = sorted({str(v) for v in (auto_map or {}).values() if isinstance(v, str)})
+    return (
+        f"--model {spec!r}: the model's config.json names Python code that comes with it (auto_map: "
+        f"{', '.join(named) or 'custom code'}); building the model imports and runs that code. If you trust the "
+        "folder, pass --trust-code (load_pruned(..., trust_code=True)); else give a folder of a model "
+        "transformers defines itself."
+    )
+
+
+def trusts_remote_code(model: nn.Module) -> bool:
+    """Whether ``model``'s class is code its folder ships (``auto_map``), which transformers
+    imports as ``transformers_modules...``: the user consented to it when the model was
+    loaded, so the folder's config and tokenizer and the ``hf/`` copy are read with it."""
+    return type(model).__module__.startswith("transformers_modules")
 
 
 def _cached_folder(src: str) -> Path | None:
@@ -200,7 +263,9 @@ def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
     try:
         if where and Path(where).is_dir() and not any(_is_tokenizer_file(f.name) for f in Path(where).iterdir()):
             raise OSError("the folder holds no tokenizer file")  # none to read: transformers 5 makes an empty one
-        tok = tf.AutoTokenizer.from_pretrained(where, local_files_only=True)
+        tok = tf.AutoTokenizer.from_pretrained(
+            where, local_files_only=True, trust_remote_code=trusts_remote_code(model)
+        )
         if _makes_tokens(tok):
             return tok
         return _declared_tokenizer(tf, where) or tok
@@ -272,7 +337,10 @@ def cleanai_load_model(spec, options):
     path = Path(_source(spec)).expanduser()
     if path.is_dir():  # the saved architecture.json must rebuild it from any working directory
         options["resolved_spec"] = PREFIX + str(path.resolve())
-    model = load_hf_model(spec)
+    consent = options.get("trust_folder_code", options.get("trust_code"))  # the command line's --trust-code
+    if consent and options.get("meta_probe") and _names_code(spec):
+        return None  # load_pruned's shape check: the folder's code runs once, in the real build
+    model = load_hf_model(spec, trust_remote_code=bool(consent))
     stored = source_dtype(model)
     if stored is not None:  # computed in float32; the pruned weights are written back in this dtype
         options["stored_dtype"] = stored
@@ -495,29 +563,75 @@ def cleanai_evaluate(model, loader, device):
 # ---------------------------------------------------------------------------
 
 
-def _quiet_reload(config: Any, folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """``from_pretrained`` without transformers' load report (a mismatch raises anyway)."""
+def _quiet_reload(
+    config: Any, folder: Path, dtype: torch.dtype = torch.float32, remote_code: bool = False
+) -> nn.Module:
+    """``from_pretrained`` without transformers' load report (a mismatch raises anyway);
+    ``remote_code``: the folder's own code, copied by ``save_pretrained`` from a model loaded
+    with the user's consent (:func:`trusts_remote_code`)."""
     tf_logging = _transformers().utils.logging
     level = tf_logging.get_verbosity()
     tf_logging.set_verbosity_error()
     try:
-        return auto_class(config).from_pretrained(folder, local_files_only=True, dtype=dtype).eval()
+        cls = auto_class(config)
+        return cls.from_pretrained(folder, local_files_only=True, dtype=dtype, trust_remote_code=remote_code).eval()
     finally:
         tf_logging.set_verbosity(level)
 
 
 def source_dtype(model: nn.Module) -> torch.dtype | None:
     """The floating dtype the folder ``model`` was loaded from stores its weights in (its
-    config's ``dtype``), where it is not the float32 the job computes in; else ``None``."""
+    config's ``dtype``; where the config names none, as older and converted checkpoints,
+    the dtype most of the ``.safetensors`` weights have), where it is not the float32 the
+    job computes in; else ``None``."""
     where = getattr(model.config, "name_or_path", "") or ""
     try:
-        dtype = _transformers().AutoConfig.from_pretrained(where, local_files_only=True).dtype
+        remote = trusts_remote_code(model)
+        dtype = _transformers().AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=remote).dtype
     except (OSError, ValueError, TypeError):
         return None
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
+    if dtype is None:  # a bfloat16 folder without the key was written back in float32: 1.7x its bytes
+        folder = Path(where) if Path(where).is_dir() else _cached_folder(where)
+        dtype = _weights_dtype(folder) if folder is not None else None
     floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
     return dtype if floating and dtype != torch.float32 else None
+
+
+#: floating dtypes of the ``.safetensors`` header, by their names there
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _weights_dtype(folder: Path) -> torch.dtype | None:
+    """The floating dtype holding most of the values in ``folder``'s ``.safetensors`` files,
+    read from their JSON headers alone (8 bytes of length, then the header), else in its
+    ``.bin`` files (older checkpoints: ``torch.load`` of tensors only, memory-mapped, so no
+    value is read); ``None`` when there is none to read."""
+    import math
+
+    counts: dict[torch.dtype, int] = {}
+    for path in [] if any(folder.glob("*.safetensors")) else sorted(folder.glob("*.bin")):
+        try:  # checked for packed records first (_check_weight_files); transformers reads them the same way
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - an older (not zip) file or another kind of .bin: no answer from it
+            continue
+        for tensor in state.values() if isinstance(state, dict) else ():
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size)) if 0 < size <= 100_000_000 else {}  # safetensors' own limit
+        except (OSError, ValueError):
+            continue
+        for name, entry in header.items() if isinstance(header, dict) else ():
+            dtype = _SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+            shape = entry.get("shape") if dtype is not None and name != "__metadata__" else None
+            if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+                counts[dtype] = counts.get(dtype, 0) + math.prod(shape)
+    return max(counts, key=counts.__getitem__) if counts else None
 
 
 def kept_in_float32(model: nn.Module, dtype: torch.dtype) -> list[str]:
@@ -585,7 +699,7 @@ def save_and_verify(model: nn.Module, folder: Path, example: Any) -> dict[str, A
         tokenizer = load_tokenizer(model, required=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        reloaded = _quiet_reload(model.config, folder, dtype)
+        reloaded = _quiet_reload(model.config, folder, dtype, trusts_remote_code(model))
         if tuples:  # compared by name, as the pruned model answers
             reloaded.config.return_dict = True
         with torch.no_grad():

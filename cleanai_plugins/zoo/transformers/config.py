@@ -160,6 +160,10 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
                 at["head_dim"].append(layer)
                 if isinstance(getattr(module, "attention_head_size", None), int):  # DeBERTa-v2 reads it
                     values["attention_head_size"].append(hd)
+            rank = proj_width(getattr(module, "q_a_proj", None))  # latent attention's query LoRA (DeepSeek, MiniCPM3)
+            if rank is not None:
+                values["q_lora_rank"].append(rank)
+                at["q_lora_rank"].append(layer)
         width = expert_width(module)
         if width is not None:  # Mixtral's, Qwen3-MoE's, GPT-OSS's 3-D expert MLPs
             values["experts"].append(width)
@@ -207,6 +211,8 @@ def _write(entry: dict) -> dict:
         if values.get("num_key_value_heads") and getattr(config, key, None) is not None:
             if not layered(key, "num_key_value_heads"):
                 _set(config, key, _counts_of(entry, "num_key_value_heads"), record)
+    if getattr(config, "q_lora_rank", None) and not layered("q_lora_rank", "q_lora_rank"):  # None: no query LoRA
+        _set(config, "q_lora_rank", values.get("q_lora_rank", []), record)
     for key in ("encoder_ffn_dim", "decoder_ffn_dim"):
         _set(config, key, values.get(key, []), record)
     if not hasattr(config, "encoder_ffn_dim"):
@@ -426,10 +432,18 @@ def _set_if_it_rebuilds_more(model: nn.Module, config, key: str, value, mismatch
     old = getattr(config, key)
     setattr(config, key, value)
     again = rebuild_mismatches(model)
-    if len(again) < len(mismatched):
+    if _weight(again) < _weight(mismatched):
         return again
     setattr(config, key, old)
     return mismatched
+
+
+def _weight(mismatched: list[str]) -> tuple[int, int]:
+    """How far a rebuild is from the model: tensors of another shape (or a failed rebuild)
+    first, then scales computed anew (which :func:`rebuild_mismatches` lists only where every
+    shape agrees). Counted together, Dots3's 4 ``q_lora_scale`` of a pruned query rank
+    lost to 3 tensors of its dense MLP, whose pruned width was put back out of the config."""
+    return sum(1 for m in mismatched if " " not in m or m.startswith("<")), len(mismatched)
 
 
 def _keep_what_rebuilds(model: nn.Module, before: list[tuple[object, dict]], mismatched: list[str]) -> list[str]:

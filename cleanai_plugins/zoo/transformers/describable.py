@@ -35,7 +35,7 @@ from cleanai_core.graph.cut import cut_dims
 from cleanai_core.planning import tie_counts, uniform_counts
 from cleanai_core.slicing import apply_edits, edits_for
 from cleanai_plugins.zoo.transformers.config import rebuild_mismatches, rebuilt_shapes
-from cleanai_plugins.zoo.transformers.reload_path import reasons
+from cleanai_plugins.zoo.transformers.reload_path import ALIBI, reasons
 
 __all__ = ["KEPT", "meta_copy", "undescribable"]
 
@@ -215,8 +215,18 @@ def _check_rounds(graph, hf: list[str], share: float | None, kept: set[int], fou
             bad.update({f"{name}.{k}" if name else k: d for k, d in dims.items()})
         else:
             hit = _touching(graph, groups, bad) if bad else {}
-            if not hit:
+            scales = [] if hit else [w for name in hf for w in _derived_scales(small.get_submodule(name))]
+            if not hit and not scales:
                 return True
+            if not hit:  # every shape rebuilds, a scale the config derives from a width pruned in its module does not
+                for g in groups:
+                    why = next((w for w in scales if _cuts_inside(g, w.partition(" ")[0].rpartition(".")[0])), None)
+                    if why is not None:
+                        kept.add(g.id)
+                        found.append((g.units[~g.frozen], f"{reasons(model, [why])[0]}: {KEPT}"))
+                if not any(g.id in kept for g in groups):
+                    return True
+                continue
             by_id = {g.id: g for g in groups}
             for gid, key in hit.items():
                 kept.add(gid)
@@ -253,6 +263,18 @@ def _sliced_meta(graph, groups: list, counts: dict[int, int]) -> nn.Module | Non
         )
         return None
     return small
+
+
+def _derived_scales(model: nn.Module) -> list[str]:
+    """The scales the model rebuilt from its rewritten config computes anew where every
+    shape agrees (Dots3's ``q_lora_scale`` from ``q_lora_rank``; not ALiBi slopes, which
+    pruned heads keep by design and reload through ``load_pruned``)."""
+    return [m for m in rebuild_mismatches(model) if m != ALIBI and "from the pruned one" in m]
+
+
+def _cuts_inside(group, module: str) -> bool:
+    """Whether ``group`` slices a module inside ``module`` (or ``module`` itself)."""
+    return bool(module) and any(s.module == module or s.module.startswith(f"{module}.") for s in group.slices)
 
 
 def _failing_groups(graph, hf: list[str], groups: list, counts: dict[int, int]) -> list:
