@@ -42,6 +42,7 @@ __all__ = [
     "is_writer",
     "rank_and_world",
     "shard",
+    "spread_over_ranks",
     "stage",
 ]
 
@@ -146,7 +147,11 @@ def shard(data: Any, rank: int | None = None, world: int | None = None) -> Any:
     - a map-style dataset (``len`` and indexing): the contiguous block
       ``[n * rank // world, n * (rank + 1) // world)`` as a ``Subset``;
     - a ``DataLoader`` over such a dataset without a custom sampler: the same loader
-      rebuilt over that block (batch size, collate, workers kept);
+      rebuilt over the contiguous block of its *batches* ``[b * rank // world, b * (rank +
+      1) // world)`` (batch size, collate, workers kept), so every rank's batches are
+      batches of the loader itself, and the ranks together hold exactly its batches, in
+      order (the BatchNorm correction then reads the batches one process reads:
+      :func:`spread_over_ranks`). A block of samples cut batches at other places;
     - any other iterable of batches: every ``world``-th batch, from the ``rank``-th.
     """
     from torch.utils.data import DataLoader, Subset
@@ -161,8 +166,11 @@ def shard(data: Any, rank: int | None = None, world: int | None = None) -> Any:
     if isinstance(data, DataLoader):
         sampler = getattr(data, "sampler", None)
         if _sized(data.dataset) and isinstance(sampler, SequentialSampler) and data.batch_size is not None:
+            n, size = len(data.dataset), data.batch_size
+            batches = -(-n // size)
+            first, end = batches * rank // world * size, min(n, batches * (rank + 1) // world * size)
             return DataLoader(
-                shard(data.dataset, rank, world),
+                Subset(data.dataset, range(first, max(first, end))),
                 batch_size=data.batch_size,
                 shuffle=False,
                 collate_fn=data.collate_fn,
@@ -239,6 +247,33 @@ def share_out(jobs: list[tuple[Callable[[], list[torch.Tensor]], list[tuple[int,
             dist.broadcast(t, src=owner)
         out.append([t.cpu() for t in tensors])
     return out
+
+
+def spread_over_ranks(sizes: list[int], samples: int | None) -> list[int] | None:
+    """:func:`~cleanai_core.replay.spread` over the batches of every rank, taken in rank
+    order (rank 0's, then rank 1's, ...): the indices among this rank's ``sizes`` of the
+    batches it reads, ``None`` for all of them. ``samples`` then counts the samples of the
+    whole job, as in one process, and where the ranks hold contiguous blocks of one
+    process's batches (:func:`shard`) they read the very batches one process reads. Each
+    rank spread ``samples`` over its own shard before 2026-12-02: two ranks read twice the
+    BatchNorm correction's samples, and the pruned model's running statistics differed
+    from one process's (DigitsCNN under ``torchrun``: by up to 0.012). A collective: every
+    rank calls it with its own ``sizes``. Without a process group, :func:`spread` itself."""
+    from cleanai_core.replay import spread
+
+    if not is_distributed():
+        return spread(sizes, samples)
+    rank, world = rank_and_world()
+    counts = torch.zeros(world, dtype=torch.float64)
+    counts[rank] = len(sizes)
+    counts = _sum(counts)
+    offset, total = int(counts[:rank].sum()), int(counts.sum())
+    every = torch.zeros(total, dtype=torch.float64)
+    every[offset : offset + len(sizes)] = torch.tensor(sizes, dtype=torch.float64)
+    chosen = spread([int(n) for n in _sum(every).tolist()], samples)
+    if chosen is None:
+        return None
+    return [i - offset for i in chosen if offset <= i < offset + len(sizes)]
 
 
 def collectively(fn: Callable[[], T], what: str) -> T:
