@@ -263,7 +263,7 @@ def _followers(net: nn.Module, given: Any) -> list[nn.Module]:
         inner = getattr(f, "module", None)
         if isinstance(inner, nn.Module) and _shapes(inner) == _shapes(net):
             f = inner  # AveragedModel / ModelEma: the copy it averages into
-        f = options.compiled_inner(f)
+        f = options.pruned_module(f)
         if f is net:
             raise UserError(f"followers[{i}] is the model itself; give its copies (an EMA of its weights)")
         _check_follower(net, f, i)
@@ -390,7 +390,7 @@ class GradualPruner:
         self._optimizers = optimizers
         # a torch.compile wrapper: the steps prune the module it runs (step() returns the wrapper; through it,
         # each step's tracing and calibration ran TorchDynamo, and the replayed history did not find its names)
-        self.net = options.compiled_inner(model)
+        self.net = options.pruned_module(model)  # also DataParallel's: the history and checkpoint name its layers
         self.followers = _followers(self.net, followers)
         self.schedule, self.by, self.options = schedule, by, pruner_options
         self.refresh_bn = refresh_bn

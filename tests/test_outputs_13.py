@@ -108,3 +108,82 @@ def test_a_sharded_loader_holds_whole_batches_of_the_loader_in_order():
         assert sum(parts, []) == whole, (bs, world)  # the loader's own batches, every one once, in order
         sizes = [len(p) for p in parts]
         assert max(sizes) - min(sizes) <= 1, (bs, world, sizes)
+
+
+# -- a DataParallel model: the history names the layers of the module it runs ----------------------
+
+DIGITS = "cleanai_plugins.io.demo:DigitsCNN"
+
+
+def _digits() -> nn.Module:
+    from cleanai_plugins.io.demo import DigitsCNN
+
+    torch.manual_seed(0)
+    return DigitsCNN().eval()
+
+
+def _digit_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return [torch.rand(8, 1, 8, 8, generator=g) for _ in range(3)]
+
+
+def test_a_data_parallel_model_pruned_saves_loads_and_replays_on_the_bare_architecture(tmp_path):
+    """``StructuredPruner(nn.DataParallel(model))`` recorded every layer as ``module.*``: the
+    history replayed on no fresh model of the architecture, ``save_pruned`` refused the module
+    inside, and a folder saved with the wrapper did not load ("step 0 names module
+    'module.features.0', which the architecture ... does not have")."""
+    from cleanai_core.history import PruningHistory
+    from cleanai_core.io import load_pruned, save_pruned
+
+    x = _digit_batches()
+    plain = StructuredPruner(_digits(), x[0][:1], pruning_ratio=0.5, ignored_layers=["features.3"])
+    plain.collect_activations(x, progress=False)
+    want = plain.prune()
+    for inplace in (False, True):
+        model = _digits()
+        wrapped = nn.DataParallel(model)
+        pruner = StructuredPruner(
+            wrapped, x[0][:1], pruning_ratio=0.5, ignored_layers=["module.features.3"], inplace=inplace
+        )
+        pruner.collect_activations(x, progress=False)
+        pruned = pruner.prune()
+        assert pruned is (wrapped if inplace else pruner.pruned_model)
+        inner = wrapped.module if inplace else pruned
+        assert type(inner).__name__ == "DigitsCNN"
+        names = {e.module for step in pruner.history.steps for e in step}
+        assert names and not any(n.startswith("module.") for n in names), names
+        assert inner.features[3].out_channels == 64  # ignored through the wrapper's name: kept whole
+        assert [p.shape for p in inner.parameters()] == [p.shape for p in want.parameters()]
+        assert torch.equal(inner(x[1]), want(x[1]))
+        fresh = _digits()
+        PruningHistory.from_json(pruner.history.to_json()).replay(fresh)
+        fresh.load_state_dict(inner.state_dict())
+        assert torch.equal(fresh(x[1]), want(x[1]))
+        for label, saved in (("inner", inner), ("wrapped", nn.DataParallel(inner))):
+            save_pruned(tmp_path / f"{inplace}-{label}", saved, pruner.history, DIGITS)
+            loaded = load_pruned(tmp_path / f"{inplace}-{label}", trust_code=True).eval()
+            assert torch.equal(loaded(x[1]), want(x[1])), (inplace, label)
+
+
+def test_gradual_pruning_of_a_data_parallel_model_replays_and_resumes_on_the_bare_model():
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    x = _digit_batches()
+    model = _digits().train()
+    wrapped = nn.DataParallel(model)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    gp = GradualPruner(wrapped, x[0][:2], opt, PruningSchedule(final=0.5, steps=2))
+    out, _ = gp.step(x)
+    assert out is wrapped
+    state = gp.state_dict()
+    assert set(state["shapes"]) == {n for n, _ in model.named_parameters()}  # no 'module.' prefix
+    fresh = _digits().train()
+    gp2 = GradualPruner(
+        fresh, x[0][:2], torch.optim.SGD(fresh.parameters(), lr=0.1), PruningSchedule(final=0.5, steps=2)
+    )
+    gp2.load_state_dict(state)
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in model.parameters()]
+    assert sum(p.numel() for p in fresh.parameters()) < sum(p.numel() for p in _digits().parameters())
+    again = _digits()
+    gp.history.replay(again)
+    assert [p.shape for p in again.parameters()] == [p.shape for p in model.parameters()]
