@@ -187,3 +187,37 @@ def test_gradual_pruning_of_a_data_parallel_model_replays_and_resumes_on_the_bar
     again = _digits()
     gp.history.replay(again)
     assert [p.shape for p in again.parameters()] == [p.shape for p in model.parameters()]
+
+
+# -- recovery: a last training batch of one sample ------------------------------------------------
+
+
+def test_recovery_leaves_out_a_last_training_batch_of_one_sample_that_batchnorm_cannot_train_on():
+    """70 samples, 7 held out, batches of 31: the last training batch held 1 sample, and a
+    model with ``BatchNorm1d`` failed on it in train mode ("Expected more than 1 value per
+    channel when training", reported as a batch "shaped" wrongly), one run in ``batch_size``;
+    a DataLoader's ``drop_last=True`` was dropped when it was split."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cleanai_core.recovery import recover
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    g = torch.Generator().manual_seed(4)
+    data = TensorDataset(torch.randn(70, 6, generator=g), torch.randint(0, 3, (70,), generator=g))
+    seen: list[int] = []
+    hook = model[1].register_forward_pre_hook(lambda m, args: seen.append(len(args[0])) if m.training else None)
+    try:
+        for given in (data, DataLoader(data, batch_size=31, drop_last=True)):
+            seen.clear()
+            recovered, result = recover(model, None, given, epochs=2, batch_size=31, progress=False)
+            assert (result.train_samples, result.held_out_samples, result.epochs) == (63, 7, 2)
+            assert seen == [31, 31, 31, 31]  # two epochs of two whole batches: the sample left over is left out
+            assert not torch.equal(recovered[0].weight, model[0].weight)  # it trained
+        # a held-out set given apart: the training data set alone is batched, and the same holds
+        seen.clear()
+        held = TensorDataset(torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g))
+        recover(model, None, TensorDataset(*data[:63]), val_data=held, epochs=1, batch_size=31, progress=False)
+        assert seen == [31, 31]
+    finally:
+        hook.remove()
