@@ -100,8 +100,22 @@ def init_from_env(device: str) -> tuple[str, bool]:
     if cuda:
         torch.cuda.set_device(torch.device(device))
     timeout = datetime.timedelta(seconds=dist_timeout())
+    _bind_group_defaults_early()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return device, True
+
+
+def _bind_group_defaults_early() -> None:
+    """Import ``torch.distributed.nn.functional`` before the process group starts. Its
+    functions take ``group=group.WORLD`` as a default argument, read when the module is
+    imported: imported later (tracing a model with hooks imports ``torch._dynamo``, which
+    imports it), ten defaults held the live group, so ``destroy_process_group()`` could not
+    free it: each rank of ``cleanai prune`` under ``torchrun`` left its gloo threads
+    (``gloo_tcp_loop``, ``pt_gloo_runloop``) running to the interpreter's teardown, where the
+    group was destroyed at last. Imported first, the defaults hold ``None``."""
+    import importlib
+
+    importlib.import_module("torch.distributed.nn.functional")
 
 
 def _env_int(name: str, default: str | None, below: int | None = None) -> int:
