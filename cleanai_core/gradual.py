@@ -311,6 +311,24 @@ def _without_autocast() -> contextlib.ExitStack:
     return stack
 
 
+def _check_not_wrapping(optimizer: torch.optim.Optimizer) -> None:
+    """A :class:`UserError` for an optimizer whose steps run another optimizer it holds with
+    parameter groups of its own (``ZeroRedundancyOptimizer``'s ``optim``: this rank's shard):
+    a step slices the groups it can see, the inner one kept the old tensors, and training
+    then moved nothing the model uses, without a word. A wrapper that shares its inner
+    optimizer's groups (``param_groups`` the same list) is sliced through them."""
+    for name, inner in vars(optimizer).items():
+        if isinstance(inner, torch.optim.Optimizer) and inner.param_groups is not optimizer.param_groups:
+            raise UserError(
+                f"the optimizer is a {type(optimizer).__name__}, whose steps run the {type(inner).__name__} it holds "
+                f"(.{name}) over parameter groups of its own (a shard of the parameters it was built with): "
+                "GradualPruner slices the groups of the optimizer it is given, so after a step training would "
+                "update tensors the model no longer uses. Prune with a plain optimizer over the model "
+                "(torch.optim.AdamW(model.parameters(), ...)), and build the sharded one over the pruned model's "
+                "parameters after the last step"
+            )
+
+
 def _every_name(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
 
@@ -366,6 +384,8 @@ class GradualPruner:
                 "optimizer must be a torch.optim.Optimizer (or a list of them, one per part of the model) over the "
                 f"model's parameters, got {shown(optimizer)}"
             )
+        for o in optimizers:
+            _check_not_wrapping(o)
         own = {id(q) for q in model.parameters()}
         if not any(id(q) in own for o in optimizers for g in o.param_groups for q in g["params"]):
             # training would then step tensors the model no longer uses, and the model would never change

@@ -264,7 +264,7 @@ def test_the_command_lines_process_group_ends_with_the_command(tmp_path):
     whose functions' ``group=group.WORLD`` defaults then held the live group. (Rank 1 of the
     two-rank example aborted once in CI with "terminate called without an active exception"
     while rank 0 still worked; a group destroyed only at teardown is the likely cause, not
-    reproduced in 62 runs here.)"""
+    reproduced in 65 runs here.)"""
     import os
     import socket
 
@@ -283,3 +283,58 @@ def test_the_command_lines_process_group_ends_with_the_command(tmp_path):
         assert (code, held) == ("0", "0"), rank
         assert not [t for t in threads.split() if "gloo" in t], (rank, threads)
     assert (tmp_path / "out" / "model.pt").exists()
+
+
+# -- gradual pruning with an optimizer that runs another one ---------------------------------------
+
+
+class _SharedGroups(torch.optim.Optimizer):
+    """A wrapper in the style of Lookahead or accelerate's: it steps the optimizer it holds,
+    whose parameter groups it shares."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.optimizer = inner
+        self.defaults = inner.defaults
+        self.param_groups = inner.param_groups
+        self.state = inner.state
+
+    def step(self, closure=None):
+        return self.optimizer.step(closure)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).train()
+
+
+def test_gradual_pruning_refuses_an_optimizer_stepping_a_shard_of_its_own_and_slices_one_sharing_its_groups(tmp_path):
+    """With ``ZeroRedundancyOptimizer`` (PyTorch's sharded optimizer beside DDP) a step sliced
+    its groups but not the shard optimizer it runs (``.optim``): training afterwards moved no
+    weight of the pruned model (``m[0].weight`` equal before and after ``opt.step()``)."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from cleanai_core.errors import UserError
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    schedule = PruningSchedule(final=0.5, steps=2)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = _mlp()
+        zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1)
+        with pytest.raises(UserError, match=r"ZeroRedundancyOptimizer, whose steps run the SGD it holds \(\.optim\)"):
+            GradualPruner(model, x[:2], zero, schedule, by="ratio")
+        assert model[0].weight.shape == (16, 6)  # nothing changed
+    finally:
+        dist.destroy_process_group()
+    model = _mlp()
+    opt = _SharedGroups(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    gp = GradualPruner(model, x[:2], opt, schedule, by="ratio")
+    gp.step([(x, y)])
+    assert model[0].weight.shape == (9, 6)  # 16 -> 8 over two steps (cubic): 9 after the first
+    before = model[0].weight.detach().clone()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(before, model[0].weight)  # the wrapper steps the pruned model's tensors
