@@ -160,8 +160,10 @@ def shard(data: Any, rank: int | None = None, world: int | None = None) -> Any:
 
     - a map-style dataset (``len`` and indexing): the contiguous block
       ``[n * rank // world, n * (rank + 1) // world)`` as a ``Subset``;
-    - a ``DataLoader`` over such a dataset without a custom sampler: the same loader
-      rebuilt over the contiguous block of its *batches* ``[b * rank // world, b * (rank +
+    - a ``DataLoader`` over such a dataset without a custom sampler, or with a
+      ``DistributedSampler`` (PyTorch's idiom for sharding, which this one replaces: sharded
+      again round-robin, the ranks read 11 of 21 samples): the same loader rebuilt over the
+      contiguous block of its *batches* ``[b * rank // world, b * (rank +
       1) // world)`` (batch size, collate, workers kept), so every rank's batches are
       batches of the loader itself, and the ranks together hold exactly its batches, in
       order (the BatchNorm correction then reads the batches one process reads:
@@ -169,6 +171,7 @@ def shard(data: Any, rank: int | None = None, world: int | None = None) -> Any:
     - any other iterable of batches: every ``world``-th batch, from the ``rank``-th.
     """
     from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.distributed import DistributedSampler
     from torch.utils.data.sampler import SequentialSampler
 
     if rank is None or world is None:
@@ -179,7 +182,8 @@ def shard(data: Any, rank: int | None = None, world: int | None = None) -> Any:
         return data
     if isinstance(data, DataLoader):
         sampler = getattr(data, "sampler", None)
-        if _sized(data.dataset) and isinstance(sampler, SequentialSampler) and data.batch_size is not None:
+        whole = isinstance(sampler, (SequentialSampler, DistributedSampler))
+        if _sized(data.dataset) and whole and data.batch_size is not None:
             n, size = len(data.dataset), data.batch_size
             batches = -(-n // size)
             first, end = batches * rank // world * size, min(n, batches * (rank + 1) // world * size)

@@ -110,6 +110,24 @@ def test_a_sharded_loader_holds_whole_batches_of_the_loader_in_order():
         assert max(sizes) - min(sizes) <= 1, (bs, world, sizes)
 
 
+def test_a_loader_with_a_distributed_sampler_is_sharded_over_its_data_set_once():
+    """PyTorch's idiom, ``DataLoader(ds, sampler=DistributedSampler(ds))``, given to ``shard``
+    (as the user guide shows for any loader) was sharded again round-robin: the two ranks read
+    11 of 21 samples (rank 0 [0, 2, 4, 6, 16, 18, 20], rank 1 [9, 11, 13, 15]); the sampler's
+    own shards pad with a repeated sample (rank 1 ended [17, 19, 0])."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = torch.utils.data.TensorDataset(torch.arange(21))
+    parts = []
+    for rank in range(2):
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler)
+        parts.append([b[0].tolist() for b in shard(loader, rank, 2)])
+    whole = [b[0].tolist() for b in torch.utils.data.DataLoader(data, batch_size=4)]
+    assert parts[0] + parts[1] == whole  # every sample once: the loader's batches over the data set, in order
+    assert [len(p) for p in parts] == [3, 3]
+
+
 # -- a DataParallel model: the history names the layers of the module it runs ----------------------
 
 DIGITS = "cleanai_plugins.io.demo:DigitsCNN"
