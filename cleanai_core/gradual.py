@@ -470,6 +470,7 @@ class GradualPruner:
         modes = {name: m.training for name, m in self.net.named_modules()}
         with torch.inference_mode(False), _without_autocast():
             self._step(data, num_batches)
+            self._warn_if_final_missed()
         for name, m in self.net.named_modules():
             m.training = modes.get(name, self.net.training)
         return self.model, self.optimizer
@@ -513,6 +514,10 @@ class GradualPruner:
             # a step the earlier ones already brought to its count removes nothing (as by FLOPs, silently):
             # "raise the ratio" was advice the user cannot take inside a schedule
             warnings.filterwarnings("ignore", message="the plan removes no unit")
+            # the step's own FLOPs target is a share of the model as it is now, not of the original, and the advice
+            # (`cleanai prune --auto`) is not the schedule's: the later steps aim from where this one lands, and the
+            # last one is judged against the schedule below
+            warnings.filterwarnings("ignore", message=r"target_flops=\S+: the pruned model keeps")
             pruner.prune()
         kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
         del tagged
@@ -526,6 +531,23 @@ class GradualPruner:
                 pruner.history.replay(f)
         self.histories.append(pruner.history)
         self.steps_done += 1
+
+    def _warn_if_final_missed(self) -> None:
+        """After the last step by FLOPs: a warning where the model keeps clearly less of the
+        original's FLOPs than the schedule's end asks (channels go in whole units)."""
+        from cleanai_core.pruner import TARGET_SLACK
+
+        if self.by != "flops" or not self.done:
+            return
+        keep, share = 1.0 - self.schedule.final, self.flops_share()
+        if keep - share > TARGET_SLACK:
+            warnings.warn(
+                f"GradualPruner's last step left {share:.2f} of the original's FLOPs where the schedule ends at "
+                f"{keep:.2f} (final={self.schedule.final}): its groups' channels go in units too coarse to land "
+                "closer; more steps, or a smaller round_to, land closer",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of step()
+            )
 
     def _aim(self, pruner: Any) -> None:
         """Point this step's ``pruner`` at counts taken from the original widths, as

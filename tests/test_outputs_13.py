@@ -356,3 +356,50 @@ def test_gradual_pruning_refuses_an_optimizer_stepping_a_shard_of_its_own_and_sl
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     assert not torch.equal(before, model[0].weight)  # the wrapper steps the pruned model's tensors
+
+
+def _cnn16() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("final", "steps", "options", "shares", "warned"),
+    [
+        (0.5, 2, {}, [0.507, 0.428], True),
+        (0.75, 3, {}, [0.428, 0.23, 0.23], False),
+        (0.5, 2, {"round_to": 8}, [0.29, 0.29], True),
+    ],
+)
+def test_gradual_pruning_by_flops_warns_in_the_schedules_terms_once_at_the_end(final, steps, options, shares, warned):
+    """Each step by FLOPs warned "target_flops=0.5625: the pruned model keeps 0.51 of the
+    original's flops ... `cleanai prune --auto`, or allocate_ratios()": the step's own target,
+    a share of the model as it was then, called the original's, with advice a schedule cannot
+    take; a last step that missed the schedule's end (0.43 of the FLOPs for 0.50) said nothing
+    of the schedule."""
+    import warnings
+
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+    model = _cnn16()
+    gp = GradualPruner(model, data[0][0][:2], torch.optim.SGD(model.parameters(), lr=0.1),
+                       PruningSchedule(final=final, steps=steps), **options)  # fmt: skip
+    got = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            gp.step(data)
+            got.append(round(gp.flops_share(), 3))
+    assert got == shares
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "cleanai prune --auto" in m or "target_flops=" in m], said
+    last = [m for m in said if m.startswith("GradualPruner's last step left")]
+    assert len(last) == (1 if warned else 0), said
+    if warned:
+        assert f"left {shares[-1]:.2f} of the original's FLOPs where the schedule ends at {1 - final:.2f}" in last[0]
