@@ -275,9 +275,32 @@ def check_model(model: Any, who: str = "StructuredPruner") -> None:
             f"({who}(ddp.module, ...)) and wrap the pruned model again: DistributedDataParallel(pruned, ...)"
             + (" after each step" if who == "GradualPruner" else "")
         )
+    sharded = _fsdp_module(model)
+    if sharded is not None:
+        # FSDP's flat parameters (FSDP1) are not picklable ("TypeError: cannot pickle 'module' object"), and
+        # fully_shard's modules (FSDP2) refuse a copy ("AssertionError: FSDP does not support deepcopy")
+        name, kind = sharded
+        where = "the model" if not name else f"its layer {name!r}"
+        raise UserError(
+            f"{who} got a model sharded by FSDP ({where} is a {kind}): its parameters are shards spread over the "
+            "ranks, which cannot be traced, copied or sliced. Prune the unsharded model (before "
+            "FullyShardedDataParallel / fully_shard, or one rebuilt from a full state dict), then shard the pruned "
+            "model"
+        )
     check_modules(model)
     check_not_meta(model)
     check_finite(model)
+
+
+def _fsdp_module(model: nn.Module) -> tuple[str, str] | None:
+    """``(name, class name)`` of the first module of ``model`` that FSDP made (a
+    ``FullyShardedDataParallel`` wrapper, or a module ``fully_shard`` gave an ``FSDPModule``
+    class), else ``None``; found by the classes' modules, so ``torch.distributed.fsdp`` is
+    not imported."""
+    for name, m in model.named_modules():
+        if any(c.__module__.startswith("torch.distributed.fsdp") for c in type(m).__mro__):
+            return name, type(m).__name__
+    return None
 
 
 def check_modules(model: nn.Module, masks: bool = True, name: str = "model") -> None:

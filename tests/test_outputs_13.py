@@ -403,3 +403,35 @@ def test_gradual_pruning_by_flops_warns_in_the_schedules_terms_once_at_the_end(f
     assert len(last) == (1 if warned else 0), said
     if warned:
         assert f"left {shares[-1]:.2f} of the original's FLOPs where the schedule ends at {1 - final:.2f}" in last[0]
+
+
+def test_the_pruners_refuse_a_model_sharded_by_fsdp_naming_the_recipe(tmp_path):
+    """A model sharded by FSDP (``FullyShardedDataParallel``, or ``fully_shard``, whole or layer
+    by layer) failed inside the pruners with "TypeError: cannot pickle 'module' object" (FSDP1)
+    or "AssertionError: FSDP does not support deepcopy" (FSDP2), as DDP is refused by name."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard  # before the group: see init_from_env
+
+    from cleanai_core.errors import UserError
+    from cleanai_core.gradual import GradualPruner, PruningSchedule
+
+    x = torch.randn(8, 6)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        wrappers = {
+            "FullyShardedDataParallel": lambda m: FullyShardedDataParallel(m, device_id=torch.device("cpu")),
+            "FSDPSequential": fully_shard,
+            "FSDPLinear": lambda m: (fully_shard(m[2]), m)[1],  # one layer sharded: 'its layer '2''
+        }
+        for kind, wrap in wrappers.items():
+            model = wrap(_mlp())
+            before = [p.detach().clone() for p in model.parameters()]
+            where = "its layer '2'" if kind == "FSDPLinear" else "the model"
+            pattern = rf"got a model sharded by FSDP \({where} is a {kind}\).*Prune the unsharded model"
+            with pytest.raises(UserError, match=pattern):
+                StructuredPruner(model, x, pruning_ratio=0.5)
+            with pytest.raises(UserError, match=pattern):
+                GradualPruner(model, x, torch.optim.SGD(model.parameters(), lr=0.1), PruningSchedule(final=0.5))
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    finally:
+        dist.destroy_process_group()
