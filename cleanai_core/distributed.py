@@ -112,10 +112,19 @@ def _bind_group_defaults_early() -> None:
     imports it), ten defaults held the live group, so ``destroy_process_group()`` could not
     free it: each rank of ``cleanai prune`` under ``torchrun`` left its gloo threads
     (``gloo_tcp_loop``, ``pt_gloo_runloop``) running to the interpreter's teardown, where the
-    group was destroyed at last. Imported first, the defaults hold ``None``."""
+    group was destroyed at last. Imported first, the defaults hold ``None``. Also run when
+    this module is imported, for the process groups users start themselves."""
     import importlib
 
-    importlib.import_module("torch.distributed.nn.functional")
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized():
+        importlib.import_module("torch.distributed.nn.functional")
+
+
+# at import (``from cleanai_core import StructuredPruner``), usually before the user's own
+# ``init_process_group``: their ``destroy_process_group()`` then frees the group too
+_bind_group_defaults_early()
 
 
 def _env_int(name: str, default: str | None, below: int | None = None) -> int:

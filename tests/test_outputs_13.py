@@ -65,6 +65,8 @@ def _bn_worker(rank: int, init_file: str, out: str) -> None:
             torch.save(_bn_prune(shard(loader), cap), Path(out) / f"{name}-{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # a group the user started, destroyed after pruning (tracing imported torch._dynamo meanwhile): freed
+    Path(out, f"threads-{rank}.txt").write_text(" ".join(_threads()))
 
 
 @pytest.mark.slow
@@ -78,6 +80,9 @@ def test_two_ranks_correct_batchnorm_on_the_samples_one_process_reads(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_bn_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        threads = (tmp_path / f"threads-{rank}.txt").read_text().split()
+        assert threads and not [t for t in threads if "gloo" in t], threads
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
