@@ -119,7 +119,10 @@ def _bind_group_defaults_early() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and not dist.is_initialized():
-        importlib.import_module("torch.distributed.nn.functional")
+        try:
+            importlib.import_module("torch.distributed.nn.functional")
+        except ImportError:  # a build without it: nothing there to hold a group
+            pass
 
 
 # at import (``from cleanai_core import StructuredPruner``), usually before the user's own
