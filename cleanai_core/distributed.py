@@ -168,7 +168,7 @@ def dist_timeout() -> float:
 
 def shard(data: Any, rank: int | None = None, world: int | None = None) -> Any:
     """This rank's disjoint share of ``data``, with no padding and no duplicates (unlike
-    ``DistributedSampler``): shards may differ in size by one item, or be empty.
+    ``DistributedSampler``): shards may differ in size by one item (a loader's by one batch), or be empty.
 
     - a map-style dataset (``len`` and indexing): the contiguous block
       ``[n * rank // world, n * (rank + 1) // world)`` as a ``Subset``;
