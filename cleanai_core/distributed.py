@@ -41,6 +41,7 @@ __all__ = [
     "is_distributed",
     "is_writer",
     "rank_and_world",
+    "samples_before",
     "shard",
     "spread_over_ranks",
     "stage",
@@ -304,6 +305,19 @@ def spread_over_ranks(sizes: list[int], samples: int | None) -> list[int] | None
     if chosen is None:
         return None
     return [i - offset for i in chosen if offset <= i < offset + len(sizes)]
+
+
+def samples_before(count: int) -> int:
+    """The samples of the ranks before this one (each rank gives its own ``count``): where
+    the ranks hold contiguous blocks of the data in rank order (:func:`shard`), this rank's
+    first sample is sample ``samples_before(count)`` of the whole. A collective; 0 without
+    a process group."""
+    if not is_distributed():
+        return 0
+    rank, world = rank_and_world()
+    counts = torch.zeros(world, dtype=torch.float64)
+    counts[rank] = count
+    return int(_sum(counts)[:rank].sum())
 
 
 def collectively(fn: Callable[[], T], what: str) -> T:
