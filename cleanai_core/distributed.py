@@ -294,10 +294,8 @@ def spread_over_ranks(sizes: list[int], samples: int | None) -> list[int] | None
 
     if not is_distributed():
         return spread(sizes, samples)
-    rank, world = rank_and_world()
-    counts = torch.zeros(world, dtype=torch.float64)
-    counts[rank] = len(sizes)
-    counts = _sum(counts)
+    rank, _ = rank_and_world()
+    counts = _per_rank(len(sizes))
     offset, total = int(counts[:rank].sum()), int(counts.sum())
     every = torch.zeros(total, dtype=torch.float64)
     every[offset : offset + len(sizes)] = torch.tensor(sizes, dtype=torch.float64)
@@ -314,10 +312,15 @@ def samples_before(count: int) -> int:
     a process group."""
     if not is_distributed():
         return 0
+    return int(_per_rank(count)[: rank_and_world()[0]].sum())
+
+
+def _per_rank(value: float) -> torch.Tensor:
+    """Every rank's ``value``, by rank (float64; one sum over the ranks)."""
     rank, world = rank_and_world()
-    counts = torch.zeros(world, dtype=torch.float64)
-    counts[rank] = count
-    return int(_sum(counts)[:rank].sum())
+    values = torch.zeros(world, dtype=torch.float64)
+    values[rank] = value
+    return _sum(values)
 
 
 def collectively(fn: Callable[[], T], what: str) -> T:
@@ -333,10 +336,8 @@ def collectively(fn: Callable[[], T], what: str) -> T:
         result = fn()
     except BaseException as exc:  # also KeyboardInterrupt: the other ranks must not hang
         error = exc
-    rank, world = rank_and_world()
-    flags = torch.zeros(world, dtype=torch.float64)
-    flags[rank] = 1.0 if error is not None else 0.0
-    flags = _sum(flags)
+    world = rank_and_world()[1]
+    flags = _per_rank(1.0 if error is not None else 0.0)
     if error is not None:
         raise error
     failed = [r for r in range(world) if flags[r] > 0]
