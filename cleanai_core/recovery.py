@@ -740,6 +740,8 @@ def recover(
         best epoch's weights are returned. A NaN or inf training loss stops at once
         (a ``RuntimeWarning``; no step is taken on it), also with ``patience=None``.
     :param batch_size: for a data set (map-style or iterable); a DataLoader keeps its own.
+        A last training batch of one sample is left out (a different one each epoch), as is
+        a DataLoader's partial one where it drops it (``drop_last``).
         Data without ``len()`` (a DataLoader over an IterableDataset) is counted by one
         pass for the schedule; a one-shot iterator is refused (it would be empty from the
         second epoch on).
