@@ -208,7 +208,9 @@ def calibrate(
             batches = iter(iterate(check_iterable(loader), num_batches))
             first = next(batches, _NO_BATCH)
             if first is not _NO_BATCH:
-                if total is not None:  # batches like the first: the spread the correction reads
+                if total is not None and not distributed.is_distributed():
+                    # batches like the first: the spread the correction reads (over ranks, it is chosen over
+                    # every rank's batches when it runs: :func:`~cleanai_core.distributed.spread_over_ranks`)
                     planned[0] = spread([samples_in(first)] * total, setup.bn_samples)
                     out.samples.batches = planned[0]
                 if setup.bn_samples and norms_with_running_stats(model) and (total is None or data.one_shot):
@@ -577,10 +579,11 @@ def correct_batchnorm_after(
     ``samples_cap``: the correction reads batches spread evenly over the calibration data
     that hold at least this many samples (:func:`~cleanai_core.replay.spread`), not all of
     them; ``batch_calls`` (:attr:`Calibration.batch_calls`) says which of ``moments``'
-    calls each batch made. Under ``torch.distributed`` the cap is per rank."""
+    calls each batch made. Under ``torch.distributed`` the cap counts the samples of every
+    rank (:func:`~cleanai_core.distributed.spread_over_ranks`)."""
     norms = norms_with_running_stats(pruned)
     keep = {name: k for name, k in keep.items() if name in norms}
-    chosen = spread(data.sizes, samples_cap)
+    chosen = distributed.spread_over_ranks(data.sizes, samples_cap)
     if chosen is not None and data.cached and (batch_calls is None or len(batch_calls) != len(data.sizes)):
         chosen = None  # which calls each batch made is not known: every batch
 

@@ -41,7 +41,9 @@ __all__ = [
     "is_distributed",
     "is_writer",
     "rank_and_world",
+    "samples_before",
     "shard",
+    "spread_over_ranks",
     "stage",
 ]
 
@@ -99,8 +101,34 @@ def init_from_env(device: str) -> tuple[str, bool]:
     if cuda:
         torch.cuda.set_device(torch.device(device))
     timeout = datetime.timedelta(seconds=dist_timeout())
+    _bind_group_defaults_early()
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return device, True
+
+
+def _bind_group_defaults_early() -> None:
+    """Import ``torch.distributed.nn.functional`` before the process group starts. Its
+    functions take ``group=group.WORLD`` as a default argument, read when the module is
+    imported: imported later (tracing a model with hooks imports ``torch._dynamo``, which
+    imports it), ten defaults held the live group, so ``destroy_process_group()`` could not
+    free it: each rank of ``cleanai prune`` under ``torchrun`` left its gloo threads
+    (``gloo_tcp_loop``, ``pt_gloo_runloop``) running to the interpreter's teardown, where the
+    group was destroyed at last. Imported first, the defaults hold ``None``. Also run when
+    this module is imported, for the process groups users start themselves."""
+    import importlib
+
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized():
+        try:
+            importlib.import_module("torch.distributed.nn.functional")
+        except ImportError:  # a build without it: nothing there to hold a group
+            pass
+
+
+# at import (``from cleanai_core import StructuredPruner``), usually before the user's own
+# ``init_process_group``: their ``destroy_process_group()`` then frees the group too
+_bind_group_defaults_early()
 
 
 def _env_int(name: str, default: str | None, below: int | None = None) -> int:
@@ -141,15 +169,22 @@ def dist_timeout() -> float:
 
 def shard(data: Any, rank: int | None = None, world: int | None = None) -> Any:
     """This rank's disjoint share of ``data``, with no padding and no duplicates (unlike
-    ``DistributedSampler``): shards may differ in size by one item, or be empty.
+    ``DistributedSampler``): shards may differ in size by one item (a loader's by one batch), or be empty.
 
     - a map-style dataset (``len`` and indexing): the contiguous block
       ``[n * rank // world, n * (rank + 1) // world)`` as a ``Subset``;
-    - a ``DataLoader`` over such a dataset without a custom sampler: the same loader
-      rebuilt over that block (batch size, collate, workers kept);
+    - a ``DataLoader`` over such a dataset without a custom sampler, or with a
+      ``DistributedSampler`` (PyTorch's idiom for sharding, which this one replaces: sharded
+      again round-robin, the ranks read 11 of 21 samples): the same loader rebuilt over the
+      contiguous block of its *batches* ``[b * rank // world, b * (rank +
+      1) // world)`` (batch size, collate, workers kept), so every rank's batches are
+      batches of the loader itself, and the ranks together hold exactly its batches, in
+      order (the BatchNorm correction then reads the batches one process reads:
+      :func:`spread_over_ranks`). A block of samples cut batches at other places;
     - any other iterable of batches: every ``world``-th batch, from the ``rank``-th.
     """
     from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.distributed import DistributedSampler
     from torch.utils.data.sampler import SequentialSampler
 
     if rank is None or world is None:
@@ -160,9 +195,13 @@ def shard(data: Any, rank: int | None = None, world: int | None = None) -> Any:
         return data
     if isinstance(data, DataLoader):
         sampler = getattr(data, "sampler", None)
-        if _sized(data.dataset) and isinstance(sampler, SequentialSampler) and data.batch_size is not None:
+        whole = isinstance(sampler, (SequentialSampler, DistributedSampler))
+        if _sized(data.dataset) and whole and data.batch_size is not None:
+            n, size = len(data.dataset), data.batch_size
+            batches = -(-n // size)
+            first, end = batches * rank // world * size, min(n, batches * (rank + 1) // world * size)
             return DataLoader(
-                shard(data.dataset, rank, world),
+                Subset(data.dataset, range(first, max(first, end))),
                 batch_size=data.batch_size,
                 shuffle=False,
                 collate_fn=data.collate_fn,
@@ -241,6 +280,49 @@ def share_out(jobs: list[tuple[Callable[[], list[torch.Tensor]], list[tuple[int,
     return out
 
 
+def spread_over_ranks(sizes: list[int], samples: int | None) -> list[int] | None:
+    """:func:`~cleanai_core.replay.spread` over the batches of every rank, taken in rank
+    order (rank 0's, then rank 1's, ...): the indices among this rank's ``sizes`` of the
+    batches it reads, ``None`` for all of them. ``samples`` then counts the samples of the
+    whole job, as in one process, and where the ranks hold contiguous blocks of one
+    process's batches (:func:`shard`) they read the very batches one process reads. Each
+    rank spread ``samples`` over its own shard before 2026-12-02: two ranks read twice the
+    BatchNorm correction's samples, and the pruned model's running statistics differed
+    from one process's (DigitsCNN under ``torchrun``: by up to 0.012). A collective: every
+    rank calls it with its own ``sizes``. Without a process group, :func:`spread` itself."""
+    from cleanai_core.replay import spread
+
+    if not is_distributed():
+        return spread(sizes, samples)
+    rank, _ = rank_and_world()
+    counts = _per_rank(len(sizes))
+    offset, total = int(counts[:rank].sum()), int(counts.sum())
+    every = torch.zeros(total, dtype=torch.float64)
+    every[offset : offset + len(sizes)] = torch.tensor(sizes, dtype=torch.float64)
+    chosen = spread([int(n) for n in _sum(every).tolist()], samples)
+    if chosen is None:
+        return None
+    return [i - offset for i in chosen if offset <= i < offset + len(sizes)]
+
+
+def samples_before(count: int) -> int:
+    """The samples of the ranks before this one (each rank gives its own ``count``): where
+    the ranks hold contiguous blocks of the data in rank order (:func:`shard`), this rank's
+    first sample is sample ``samples_before(count)`` of the whole. A collective; 0 without
+    a process group."""
+    if not is_distributed():
+        return 0
+    return int(_per_rank(count)[: rank_and_world()[0]].sum())
+
+
+def _per_rank(value: float) -> torch.Tensor:
+    """Every rank's ``value``, by rank (float64; one sum over the ranks)."""
+    rank, world = rank_and_world()
+    values = torch.zeros(world, dtype=torch.float64)
+    values[rank] = value
+    return _sum(values)
+
+
 def collectively(fn: Callable[[], T], what: str) -> T:
     """Run ``fn`` on every rank; if it raises on any rank, raise on every rank (the failing
     rank its own error, the others a :class:`UserError` naming the rank), so no rank is
@@ -254,10 +336,8 @@ def collectively(fn: Callable[[], T], what: str) -> T:
         result = fn()
     except BaseException as exc:  # also KeyboardInterrupt: the other ranks must not hang
         error = exc
-    rank, world = rank_and_world()
-    flags = torch.zeros(world, dtype=torch.float64)
-    flags[rank] = 1.0 if error is not None else 0.0
-    flags = _sum(flags)
+    world = rank_and_world()[1]
+    flags = _per_rank(1.0 if error is not None else 0.0)
     if error is not None:
         raise error
     failed = [r for r in range(world) if flags[r] > 0]

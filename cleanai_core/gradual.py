@@ -262,7 +262,7 @@ def _followers(net: nn.Module, given: Any) -> list[nn.Module]:
         inner = getattr(f, "module", None)
         if isinstance(inner, nn.Module) and _shapes(inner) == _shapes(net):
             f = inner  # AveragedModel / ModelEma: the copy it averages into
-        f = options.compiled_inner(f)
+        f = options.pruned_module(f)
         if f is net:
             raise UserError(f"followers[{i}] is the model itself; give its copies (an EMA of its weights)")
         _check_follower(net, f, i)
@@ -295,6 +295,24 @@ def _warn_unoptimized(held: set[int], old: dict[str, nn.Parameter], new: dict[st
             RuntimeWarning,
             stacklevel=4,
         )
+
+
+def _check_not_wrapping(optimizer: torch.optim.Optimizer) -> None:
+    """A :class:`UserError` for an optimizer whose steps run another optimizer it holds with
+    parameter groups of its own (``ZeroRedundancyOptimizer``'s ``optim``: this rank's shard):
+    a step slices the groups it can see, the inner one kept the old tensors, and training
+    then moved nothing the model uses, without a word. A wrapper that shares its inner
+    optimizer's groups (``param_groups`` the same list) is sliced through them."""
+    for name, inner in vars(optimizer).items():
+        if isinstance(inner, torch.optim.Optimizer) and inner.param_groups is not optimizer.param_groups:
+            raise UserError(
+                f"the optimizer is a {type(optimizer).__name__}, whose steps run the {type(inner).__name__} it holds "
+                f"(.{name}) over parameter groups of its own (a shard of the parameters it was built with): "
+                "GradualPruner slices the groups of the optimizer it is given, so after a step training would "
+                "update tensors the model no longer uses. Prune with a plain optimizer over the model "
+                "(torch.optim.AdamW(model.parameters(), ...)), and build the sharded one over the pruned model's "
+                "parameters after the last step"
+            )
 
 
 def _every_name(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -352,6 +370,8 @@ class GradualPruner:
                 "optimizer must be a torch.optim.Optimizer (or a list of them, one per part of the model) over the "
                 f"model's parameters, got {shown(optimizer)}"
             )
+        for o in optimizers:
+            _check_not_wrapping(o)
         own = {id(q) for q in model.parameters()}
         if not any(id(q) in own for o in optimizers for g in o.param_groups for q in g["params"]):
             # training would then step tensors the model no longer uses, and the model would never change
@@ -376,7 +396,7 @@ class GradualPruner:
         self._optimizers = optimizers
         # a torch.compile wrapper: the steps prune the module it runs (step() returns the wrapper; through it,
         # each step's tracing and calibration ran TorchDynamo, and the replayed history did not find its names)
-        self.net = options.compiled_inner(model)
+        self.net = options.pruned_module(model)  # also DataParallel's: the history and checkpoint name its layers
         self.followers = _followers(self.net, followers)
         self.schedule, self.by, self.options = schedule, by, pruner_options
         self.refresh_bn = refresh_bn
@@ -436,6 +456,7 @@ class GradualPruner:
         modes = {name: m.training for name, m in self.net.named_modules()}
         with torch.inference_mode(False), without_autocast():
             self._step(data, num_batches)
+            self._warn_if_final_missed()
         for name, m in self.net.named_modules():
             m.training = modes.get(name, self.net.training)
         return self.model, self.optimizer
@@ -479,6 +500,10 @@ class GradualPruner:
             # a step the earlier ones already brought to its count removes nothing (as by FLOPs, silently):
             # "raise the ratio" was advice the user cannot take inside a schedule
             warnings.filterwarnings("ignore", message="the plan removes no unit")
+            # the step's own FLOPs target is a share of the model as it is now, not of the original, and the advice
+            # (`cleanai prune --auto`) is not the schedule's: the later steps aim from where this one lands, and the
+            # last one is judged against the schedule below
+            warnings.filterwarnings("ignore", message=r"target_flops=\S+: the pruned model keeps")
             pruner.prune()
         kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
         del tagged
@@ -492,6 +517,23 @@ class GradualPruner:
                 pruner.history.replay(f)
         self.histories.append(pruner.history)
         self.steps_done += 1
+
+    def _warn_if_final_missed(self) -> None:
+        """After the last step by FLOPs: a warning where the model keeps clearly less of the
+        original's FLOPs than the schedule's end asks (channels go in whole units)."""
+        from cleanai_core.pruner import TARGET_SLACK
+
+        if self.by != "flops" or not self.done:
+            return
+        keep, share = 1.0 - self.schedule.final, self.flops_share()
+        if keep - share > TARGET_SLACK:
+            warnings.warn(
+                f"GradualPruner's last step left {share:.2f} of the original's FLOPs where the schedule ends at "
+                f"{keep:.2f} (final={self.schedule.final}): its groups' channels go in units too coarse to land "
+                "closer; more steps, or a smaller round_to, land closer",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of step()
+            )
 
     def _aim(self, pruner: Any) -> None:
         """Point this step's ``pruner`` at counts taken from the original widths, as

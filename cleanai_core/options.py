@@ -133,15 +133,22 @@ def _lookalike_hint(spec: Any, named: list[tuple[str, nn.Module]]) -> str:
 
 #: the name ``torch.compile``'s wrapper gives the module it runs
 COMPILED_PREFIX = "_orig_mod."
+#: the names the wrappers the pruners see through give the module they run (``torch.compile``,
+#: ``nn.DataParallel``)
+WRAPPER_PREFIXES = (COMPILED_PREFIX, "module.")
 
 
 def _without_wrapper_prefix(spec: str, model: nn.Module) -> str:
-    """``spec`` without the ``_orig_mod.`` prefixes of a ``torch.compile`` wrapper's names
-    (``compiled.named_modules()``): the pruner works on the module inside the wrapper, whose
-    names lack them, so ``"_orig_mod.fc"`` matched nothing. A model that has a child of
-    that name keeps the spec as it is."""
-    while spec.startswith(COMPILED_PREFIX) and "_orig_mod" not in model._modules:
-        spec = spec[len(COMPILED_PREFIX) :]
+    """``spec`` without the ``_orig_mod.`` / ``module.`` prefixes of a ``torch.compile`` or
+    ``DataParallel`` wrapper's names (``compiled.named_modules()``): the pruner works on the
+    module inside the wrapper, whose names lack them, so ``"_orig_mod.fc"`` matched nothing.
+    A model that has a child of that name keeps the spec as it is."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if spec.startswith(prefix) and prefix[:-1] not in model._modules:
+                spec, stripped = spec[len(prefix) :], True
     return spec
 
 
@@ -268,9 +275,32 @@ def check_model(model: Any, who: str = "StructuredPruner") -> None:
             f"({who}(ddp.module, ...)) and wrap the pruned model again: DistributedDataParallel(pruned, ...)"
             + (" after each step" if who == "GradualPruner" else "")
         )
+    sharded = _fsdp_module(model)
+    if sharded is not None:
+        # FSDP's flat parameters (FSDP1) are not picklable ("TypeError: cannot pickle 'module' object"), and
+        # fully_shard's modules (FSDP2) refuse a copy ("AssertionError: FSDP does not support deepcopy")
+        name, kind = sharded
+        where = "the model" if not name else f"its layer {name!r}"
+        raise UserError(
+            f"{who} got a model sharded by FSDP ({where} is a {kind}): its parameters are shards spread over the "
+            "ranks, which cannot be traced, copied or sliced. Prune the unsharded model (before "
+            "FullyShardedDataParallel / fully_shard, or one rebuilt from a full state dict), then shard the pruned "
+            "model"
+        )
     check_modules(model)
     check_not_meta(model)
     check_finite(model)
+
+
+def _fsdp_module(model: nn.Module) -> tuple[str, str] | None:
+    """``(name, class name)`` of the first module of ``model`` that FSDP made (a
+    ``FullyShardedDataParallel`` wrapper, or a module ``fully_shard`` gave an ``FSDPModule``
+    class), else ``None``; found by the classes' modules, so ``torch.distributed.fsdp`` is
+    not imported."""
+    for name, m in model.named_modules():
+        if any(c.__module__.startswith("torch.distributed.fsdp") for c in type(m).__mro__):
+            return name, type(m).__name__
+    return None
 
 
 def check_modules(model: nn.Module, masks: bool = True, name: str = "model") -> None:
@@ -342,6 +372,22 @@ def compiled_inner(model: Any) -> Any:
     while type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
         model = model._modules["_orig_mod"]
     return model
+
+
+def pruned_module(model: Any) -> Any:
+    """The module the pruners work on: ``model`` without its ``torch.compile`` and
+    ``nn.DataParallel`` wrappers (``DistributedDataParallel`` is refused: :func:`check_model`).
+    Through a ``DataParallel`` wrapper, the history named every layer ``module.*`` (``module.0``):
+    it replayed on no fresh model of the architecture, ``save_pruned`` refused the module
+    inside, and a folder saved with the wrapper did not load ("step 0 names module
+    'module.features.0', which the architecture ... does not have")."""
+    while True:
+        inner = compiled_inner(model)
+        if type(inner) is nn.DataParallel and isinstance(inner._modules.get("module"), nn.Module):
+            inner = inner.module
+        if inner is model:
+            return model
+        model = inner
 
 
 def bare_module(model: Any) -> Any:

@@ -140,7 +140,8 @@ class PrefixCache:
                 for h in handles:
                     h.remove()
             seen.append({n: Span(*s) for n, s in spans.items()})
-        self.spans = seen[0] if all(s == seen[0] for s in seen) else None
+        # no batch (a rank whose share of the batches is empty): no spans, every trial runs whole
+        self.spans = seen[0] if seen and all(s == seen[0] for s in seen) else None
         return outs
 
     def prefix(self, trial: nn.Module) -> list[str] | None:

@@ -244,9 +244,10 @@ class StructuredPruner:
         )
         example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         options.check_example_inputs(example_inputs)
-        # a torch.compile wrapper: the work runs on the module it wraps; in place, prune() returns the
-        # wrapper (it recompiles for the new shapes), else the pruned module, to compile again
-        self._given, model = model, options.compiled_inner(model)
+        # a torch.compile or DataParallel wrapper: the work runs on the module it wraps (the history names its
+        # layers); in place, prune() returns the wrapper (it recompiles for the new shapes), else the pruned
+        # module, to compile or wrap again
+        self._given, model = model, options.pruned_module(model)
         self.model, self.example_inputs = model, example_inputs
         self.importance = importance if importance is not None else WeightActivationImportance()
         self.pruning_ratio = float(pruning_ratio)

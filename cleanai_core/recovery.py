@@ -397,12 +397,23 @@ def split_train_data(
     bs = train_data.batch_size if isinstance(train_data, DataLoader) and train_data.batch_size else batch_size
     collate = train_data.collate_fn if isinstance(train_data, DataLoader) else None
     gen = torch.Generator().manual_seed(seed)
+    drop = _drop_last(len(train), bs, isinstance(train_data, DataLoader) and bool(train_data.drop_last))
     return (
-        DataLoader(train, batch_size=bs, shuffle=True, generator=gen, collate_fn=collate),
+        DataLoader(train, batch_size=bs, shuffle=True, generator=gen, collate_fn=collate, drop_last=drop),
         DataLoader(held, batch_size=bs, shuffle=False, collate_fn=collate),
         len(train),
         len(held),
     )
+
+
+def _drop_last(n: int, batch_size: int, asked: bool) -> bool:
+    """Whether the training loader over ``n`` samples drops its last, partial batch: where
+    the user's DataLoader did (it was rebuilt without), or where that batch would hold a
+    single sample (more than one batch): a model with ``BatchNorm1d`` (or any norm over the
+    batch) failed on it in train mode ("Expected more than 1 value per channel when
+    training"), one run in ``batch_size`` (70 samples, 7 held out, batches of 31). The
+    loader shuffles every epoch, so each epoch leaves out another sample."""
+    return asked or (batch_size > 1 and n > batch_size and n % batch_size == 1)
 
 
 def _map_style(data: Any) -> bool:
@@ -422,7 +433,10 @@ def _loader(data: Any, batch_size: int, shuffle: bool, seed: int, what: str = "t
         return DataLoader(data, batch_size=batch_size)
     if _map_style(data):
         gen = torch.Generator().manual_seed(seed)
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None)
+        drop = shuffle and _drop_last(len(data), batch_size, False)  # training batches only
+        return DataLoader(
+            data, batch_size=batch_size, shuffle=shuffle, generator=gen if shuffle else None, drop_last=drop
+        )
     try:
         one_shot = iter(data) is data
     except TypeError:
@@ -726,6 +740,8 @@ def recover(
         best epoch's weights are returned. A NaN or inf training loss stops at once
         (a ``RuntimeWarning``; no step is taken on it), also with ``patience=None``.
     :param batch_size: for a data set (map-style or iterable); a DataLoader keeps its own.
+        A last training batch of one sample is left out (a different one each epoch), as is
+        a DataLoader's partial one where it drops it (``drop_last``).
         Data without ``len()`` (a DataLoader over an IterableDataset) is counted by one
         pass for the schedule; a one-shot iterator is refused (it would be empty from the
         second epoch on).

@@ -37,6 +37,7 @@ from cleanai_core.bn_correction import (
     sampling,
 )
 from cleanai_core.calibration import move_to, split_batch
+from cleanai_core.distributed import samples_before
 from cleanai_core.errors import PruningError
 from cleanai_core.prefix_cache import PrefixCache
 from cleanai_core.replay import samples_in
@@ -76,8 +77,12 @@ class TrialNorms:
         data, model = pruner.calibration.data, pruner.model
         if not pruner.recalibrate_bn or data is None or data.one_shot or not norms_with_running_stats(model):
             return None
+        # under torch.distributed, the first samples of the whole calibration data (the ranks hold it in rank
+        # order): each rank took its own first ones, and the summed correction read other samples than one
+        # process; a rank whose shard starts past them reads none
+        samples -= min(samples, samples_before(sum(data.sizes)))
         batches, n = [], 0
-        for batch in data.replay():
+        for batch in data.replay() if samples > 0 else ():
             x = split_batch(batch)[0]
             size = samples_in(x)
             if n + size > samples:  # as many samples as the trials run on, no more
