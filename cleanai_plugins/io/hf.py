@@ -37,6 +37,7 @@ from torch import nn
 from cleanai_core import hookimpl
 from cleanai_core.calibration import split_batch
 from cleanai_core.errors import UserError
+from cleanai_core.extras import import_extra
 from cleanai_core.metrics import ctc_errors, perplexity
 from cleanai_plugins.io.models import is_saved_folder
 
@@ -50,13 +51,7 @@ RELOAD_RTOL = 1e-4
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as exc:
-        raise UserError(
-            "hf:PATH models need the transformers package: pip install 'cleanai[hf]' (or pip install transformers)."
-        ) from exc
-    return transformers
+    return import_extra("transformers", "an hf:PATH model", "pip install 'cleanai[hf]' (or pip install transformers)")
 
 
 def is_hf_model(model: Any) -> bool:

@@ -30,6 +30,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
+from cleanai_core.extras import import_extra
 from cleanai_core.saved_folder import beyond_dtype, is_extra_state, nan_tensor, state_dict_problems, tensors_of
 from cleanai_core.special_files import check_not_packed, check_not_special
 
@@ -365,10 +366,7 @@ def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
         kwargs["num_classes"] = int(num_classes)
     path = Path(spec)
     if spec.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as exc:
-            raise UserError("timm:NAME needs timm: pip install timm") from exc
+        timm = import_extra("timm", "timm:NAME", "pip install timm")
         name = spec[len("timm:") :]
         pretrained = bool(options.get("pretrained", False))
         try:
@@ -378,10 +376,7 @@ def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
                 raise UserError(f"timm has no model {name!r}; list them with timm.list_models('*pattern*').") from exc
             raise UserError(f"timm could not build {name!r}: {exc}") from exc
     elif spec.startswith("torchvision:"):
-        try:
-            import torchvision
-        except ImportError as exc:
-            raise UserError("torchvision:NAME needs torchvision: pip install torchvision") from exc
+        torchvision = import_extra("torchvision", "torchvision:NAME", "pip install torchvision")
         name = spec[len("torchvision:") :]
         if name not in torchvision.models.list_models():
             raise UserError(f"torchvision has no model {name!r}; see torchvision.models.list_models().")

@@ -1,0 +1,76 @@
+"""Optional extras (timm, torchvision, transformers, PyYAML) imported where a feature needs
+them, with an error that says which package is at fault.
+
+Glossary:
+
+- *extra*: a package CleanAI runs without, imported only by the feature that reads it
+  (``timm:NAME`` specs, image folders, ``hf:`` models, YAML configs).
+- *missing*: the extra itself is not installed: the fix is to install it.
+- *broken*: the extra is installed but importing it fails, because a package it imports
+  is missing (torchvision without Pillow or NumPy) or it was built for another torch
+  (``RuntimeError: operator torchvision::nms does not exist``). Installing it again
+  as the message said for *missing* does nothing; the fix is the package it names or a
+  version that matches torch.
+
+The import sites caught ``ImportError`` and said "needs torchvision: pip install
+torchvision" for all three (torchvision installed, Pillow missing), or caught nothing, so a
+torchvision built for another torch stopped the run as "raised by code outside CleanAI (the
+model's forward, a data set, a factory or a plugin)", exit 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from cleanai_core.errors import UserError
+
+__all__ = ["import_extra"]
+
+
+def import_extra(name: str, use: str, install: str, instead: str = "", package: str = "") -> ModuleType:
+    """``importlib.import_module(name)``; a :class:`UserError` that names the problem where
+    it fails. ``use`` says what needs it (``"timm:NAME"``, ``"reading image folders"``),
+    ``install`` how to get it (``"pip install timm"``), ``instead`` a sentence on doing
+    without it, ``package`` the distribution's name where it is not the module's
+    (``PyYAML`` for ``yaml``).
+
+    >>> import_extra("json", "reading JSON", "it ships with Python").__name__
+    'json'
+    """
+    root = name.split(".")[0]
+    package = package or root
+    tail = f" {instead}" if instead else ""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if not _installed(root):
+            raise UserError(f"{use} needs {package}, which is not installed: {install}.{tail}") from None
+        gone = exc.name or ""
+        if gone and gone != root and not gone.startswith(root + "."):
+            raise UserError(
+                f"{use} needs {package}, which is installed but cannot be imported: it imports {gone!r}, which is "
+                f"missing ({type(exc).__name__}: {exc}). Install the package that provides {gone!r}, or reinstall "
+                f"{package} with its dependencies (pip install --force-reinstall {package}).{tail}"
+            ) from exc
+        raise _broken(package, use, install, tail, exc) from exc
+    except Exception as exc:  # noqa: BLE001 - any failure at import is the installation's, not the run's
+        raise _broken(package, use, install, tail, exc) from exc
+
+
+def _installed(root: str) -> bool:
+    try:
+        return importlib.util.find_spec(root) is not None
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without __spec__
+        return True
+
+
+def _broken(package: str, use: str, install: str, tail: str, exc: BaseException) -> UserError:
+    import torch
+
+    return UserError(
+        f"{use} needs {package}, which is installed but fails to import ({type(exc).__name__}: {exc}). Its install "
+        f"is damaged or does not fit the packages beside it (a build for another torch: this is torch "
+        f"{torch.__version__}): reinstall a matching version ({install}).{tail}"
+    )

@@ -1,0 +1,189 @@
+"""Fourteenth round of bad input and faults (docs/reliability.md, "Session 23: faults14"):
+a model holding what cannot be copied, optional extras that are missing or broken, and the
+cases below each heading."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from cleanai_core import StructuredPruner
+from cleanai_core.cli import main
+from cleanai_core.errors import UserError
+from cleanai_core.extras import import_extra
+from cleanai_plugins.io.demo import DigitsCNN
+
+DEMO = "cleanai_plugins.io.demo:DigitsCNN"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _digits_files(tmp_path):
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), tmp_path / "w.pt")
+    torch.save((torch.rand(24, 1, 8, 8), torch.randint(0, 10, (24,))), tmp_path / "d.pt")
+
+
+def _bytes(folder):
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
+# -- a model holding an object copy.deepcopy cannot copy --------------------------------------------------
+
+
+class _Hooker:
+    """An object whose bound method is a hook, holding a lock (a logger with a file handle)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def hook(self, module, inputs, output):
+        return None
+
+
+class _NoCopy(DigitsCNN):
+    def __deepcopy__(self, memo):
+        raise RuntimeError("this model cannot be copied")
+
+
+def _with(kind):
+    model = DigitsCNN()
+    if kind == "lock":
+        model.features[0].guard = threading.Lock()
+    elif kind == "generator_in_a_list":
+        model.fc.sources = [1, (i for i in range(3))]
+    elif kind == "open_file":
+        model.log = open(os.devnull, "w")  # noqa: SIM115 - held by the model, as a training logger's file is
+    elif kind == "hook_of_a_locked_object":
+        model.fc.register_forward_hook(_Hooker().hook)
+    elif kind == "own_deepcopy":
+        model = _NoCopy()
+    return model
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("lock", "the attribute 'guard' of module 'features.0' (Conv2d) holds a _thread.lock"),
+        ("generator_in_a_list", "the attribute 'sources' of module 'fc' (Linear) holds a list holding an object"),
+        ("open_file", "the attribute 'log' of the model (DigitsCNN) holds a _io.TextIOWrapper"),
+        ("hook_of_a_locked_object", "the forward hook _Hooker.hook of module 'fc' (Linear) is bound to an object"),
+        ("own_deepcopy", "the model (_NoCopy) fails to copy itself (its class's own copy protocol)"),
+    ],
+)
+def test_a_model_holding_what_cannot_be_copied_is_named_with_the_attribute(kind, words):
+    # a model holding a lock, an open file, a generator (a TensorBoard writer, a logger) raised a bare
+    # "TypeError: cannot pickle '_thread.lock' object" from copy.py, naming nothing of the model
+    model = _with(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(UserError) as info:
+        StructuredPruner(model, x, importance="magnitude", pruning_ratio=0.5).prune()
+    text = str(info.value)
+    assert text.startswith("the model cannot be copied: ") and words in text, text
+    assert "CleanAI prunes, checks and measures copies of the model" in text
+    fix = {"own_deepcopy": "make copy.deepcopy work on _NoCopy", "hook_of_a_locked_object": "handle.remove()"}
+    assert fix.get(kind, "delete the attribute and set it again on the pruned model") in text
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_model_with_a_copyable_attribute_still_prunes():
+    model = DigitsCNN()
+    model.notes = {"epochs": 3, "history": [0.5, 0.7]}
+    pruned = StructuredPruner(model, torch.rand(2, 1, 8, 8), importance="magnitude", pruning_ratio=0.5).prune()
+    assert pruned.notes == model.notes and pruned.notes is not model.notes
+    assert pruned.features[0].out_channels == 16 and pruned.fc.in_features == 32
+
+
+def test_the_command_line_names_the_attribute_that_cannot_be_copied_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    # a --model factory whose model holds a lock: "failed: TypeError: cannot pickle '_thread.lock' object",
+    # blamed on code outside CleanAI, exit 1
+    monkeypatch.chdir(tmp_path)
+    _digits_files(tmp_path)
+    (tmp_path / "locked_models.py").write_text(
+        "import threading\nfrom cleanai_plugins.io.demo import DigitsCNN\n\n\n"
+        "def locked():\n    m = DigitsCNN()\n    m.lock = threading.Lock()\n    return m\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = _bytes(tmp_path)
+    code = main(["prune", "--model", "locked_models:locked", "--weights", "w.pt", "--data", "d.pt", "--out", "o", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "the attribute 'lock' of the model (DigitsCNN) holds a _thread.lock" in err
+    assert not (tmp_path / "o").exists()
+    assert _bytes(tmp_path) == before
+
+
+# -- optional extras missing, or installed and broken ------------------------------------------------------
+
+
+def _package(root, name, body):
+    (root / name).mkdir()
+    (root / name / "__init__.py").write_text(body)
+
+
+def test_import_extra_tells_a_missing_extra_from_a_broken_one(tmp_path, monkeypatch):
+    # every import site caught ImportError and said "needs torchvision: pip install torchvision" where torchvision
+    # was installed and Pillow missing; a RuntimeError at import (a build for another torch) was not caught at all
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _package(tmp_path, "cleanai_x_broken", "raise RuntimeError('operator cleanai_x::nms does not exist')\n")
+    _package(tmp_path, "cleanai_x_needs", "import cleanai_x_absent_dependency\n")
+    with pytest.raises(UserError) as missing:
+        import_extra("cleanai_x_absent", "reading it", "pip install cleanai-x", "Or do without.")
+    assert (
+        str(missing.value)
+        == "reading it needs cleanai_x_absent, which is not installed: pip install cleanai-x. Or do without."
+    )
+    with pytest.raises(UserError) as broken:
+        import_extra("cleanai_x_broken.sub", "reading it", "pip install cleanai-x")
+    assert "needs cleanai_x_broken, which is installed but fails to import (RuntimeError: operator" in str(broken.value)
+    assert f"this is torch {torch.__version__}): reinstall a matching version (pip install cleanai-x)." in str(
+        broken.value
+    )
+    with pytest.raises(UserError) as needs:
+        import_extra("cleanai_x_needs", "reading it", "pip install cleanai-x")
+    assert "it imports 'cleanai_x_absent_dependency', which is missing" in str(needs.value)
+    assert "pip install --force-reinstall cleanai_x_needs" in str(needs.value)
+    assert import_extra("json", "reading JSON", "-").loads("[1]") == [1]
+
+
+def test_a_yaml_config_without_pyyaml_names_the_package_and_the_other_formats(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _digits_files(tmp_path)
+    (tmp_path / "c.yaml").write_text("ratio: 0.4\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # what an environment without PyYAML finds
+    code = main(["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--config", "c.yaml", "--out", "o"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "is YAML; reading it needs PyYAML, which is not installed: pip install 'cleanai[yaml]'" in err
+    assert "Or write the file as TOML or JSON." in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "args, use",
+    [
+        (["explain", "--model", "torchvision:resnet18"], "torchvision:NAME needs torchvision"),
+        (["prune", "--model", DEMO, "--data", "imgs", "--image-size", "8", "--out", "o"], "reading image folders"),
+    ],
+)
+def test_a_torchvision_that_fails_to_import_is_named_as_the_installs_fault(tmp_path, args, use):
+    # torchvision built for another torch raises RuntimeError at import: exit 1, "raised by code outside CleanAI
+    # (the model's forward, a data set, a factory or a plugin)"
+    fake = tmp_path / "site"
+    fake.mkdir()
+    _package(fake, "torchvision", "raise RuntimeError('operator torchvision::nms does not exist')\n")
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=f"{fake}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "cleanai_core.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert use in run.stderr
+    assert "torchvision, which is installed but fails to import (RuntimeError: operator torchvision::nms" in run.stderr
+    assert "reinstall a matching version (pip install torchvision)" in run.stderr
+    assert not (tmp_path / "o").exists()
