@@ -1,5 +1,6 @@
-"""Optional extras (timm, torchvision, transformers, PyYAML) imported where a feature needs
-them, with an error that says which package is at fault.
+"""Imports a run needs, with an error that says what is at fault: optional extras (timm,
+torchvision, transformers, PyYAML) imported where a feature needs them, and modules the user
+names (``--plugin MODULE``, ``package.module:callable`` specs).
 
 Glossary:
 
@@ -22,11 +23,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
 from types import ModuleType
 
 from cleanai_core.errors import UserError
 
-__all__ = ["import_extra"]
+__all__ = ["file_spec_problem", "import_extra", "module_name_problem", "search_path_hint"]
 
 
 def import_extra(name: str, use: str, install: str, instead: str = "", package: str = "") -> ModuleType:
@@ -73,4 +78,49 @@ def _broken(package: str, use: str, install: str, tail: str, exc: BaseException)
         f"{use} needs {package}, which is installed but fails to import ({type(exc).__name__}: {exc}). Its install "
         f"is damaged or does not fit the packages beside it (a build for another torch: this is torch "
         f"{torch.__version__}): reinstall a matching version ({install}).{tail}"
+    )
+
+
+def module_name_problem(name: str) -> str | None:
+    """Why ``name`` is no module name, as the rest of a sentence that starts with what the
+    user gave (``"--plugin 'x.py' "``), or ``None``. Nothing is imported."""
+    if not name.strip():
+        return "is empty; give a module's import name (package.module)."
+    path = Path(name)
+    a_file = name.endswith(".py") and (path.is_file() or "." not in name[: -len(".py")])  # not package.py
+    if not (a_file or "/" in name or os.sep in name or name.startswith(".")):
+        return None
+    module = path.stem if path.suffix == ".py" else path.name
+    folder = str(path.parent) if str(path.parent) not in ("", ".") else "."
+    found = "" if path.is_file() else " (there is no such file either)"
+    return (
+        f"is a file path{found}, where a module's import name goes: give {module!r} and put its folder on Python's "
+        f"module search path (PYTHONPATH={folder} cleanai ...)."
+    )
+
+
+#: ``PATH.py:callable``: a model factory or data function named by its file
+_FILE_SPEC = re.compile(r"^(?P<file>.+\.py):[A-Za-z_][\w.]*$")
+
+
+def file_spec_problem(spec: str) -> str | None:
+    """For a ``package.module:callable`` spec written with a file path (``./models.py:build``),
+    why it is none, as :func:`module_name_problem` says it; else ``None``."""
+    match = _FILE_SPEC.match(spec)
+    return module_name_problem(match["file"]) if match else None
+
+
+def search_path_hint(name: str, exc: ImportError) -> str:
+    """A sentence (with a leading space) where ``name`` failed to import because its top
+    package is not on the search path but is in the current folder; else ``""``."""
+    top = name.split(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or exc.name != top:
+        return ""
+    here = Path.cwd()
+    found = next((f for f in (f"{top}.py", f"{top}/__init__.py") if (here / f).is_file()), None)
+    if found is None or any(os.path.abspath(p or ".") == str(here) for p in sys.path):
+        return ""
+    return (
+        f" There is {found!r} in the current folder, but the cleanai command does not import from the current folder: "
+        "run it as PYTHONPATH=. cleanai ..."
     )

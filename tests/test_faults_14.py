@@ -187,3 +187,58 @@ def test_a_torchvision_that_fails_to_import_is_named_as_the_installs_fault(tmp_p
     assert "torchvision, which is installed but fails to import (RuntimeError: operator torchvision::nms" in run.stderr
     assert "reinstall a matching version (pip install torchvision)" in run.stderr
     assert not (tmp_path / "o").exists()
+
+
+# -- a file path where a module name goes; a module in the current folder the command cannot see -----------
+
+
+@pytest.mark.parametrize(
+    "args, shown, module",
+    [
+        (["--plugin", "x.py", "plugins"], "--plugin 'x.py' is a file path", "'x'"),
+        (["--plugin", "./x.py", "plugins"], "--plugin './x.py' is a file path", "'x'"),
+        (["prune", "--model", "x.py:build", "--data", "d.pt", "--out", "o"], "'x.py' is a file path", "'x'"),
+        (["prune", "--model", "./x.py:build", "--data", "d.pt", "--out", "o"], "'./x.py' is a file path", "'x'"),
+        (["prune", "--model", DEMO, "--data", "sub/x.py:data", "--out", "o"], "'sub/x.py' is a file path", "'x'"),
+    ],
+)
+def test_a_file_path_given_for_a_module_name_is_named_and_runs_nothing(
+    tmp_path, monkeypatch, capsys, args, shown, module
+):
+    # --plugin x.py imported x (running its code) and then said "No module named 'x.py'; 'x' is not a package";
+    # ./x.py: "the 'package' argument is required to perform a relative import"; --model ./x.py:build: "(no such
+    # file)" for a file that is there
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _digits_files(tmp_path)
+    (tmp_path / "sub").mkdir()
+    for where in ("x.py", "sub/x.py"):
+        (tmp_path / where).write_text("import pathlib\npathlib.Path('RAN').touch()\n\n\ndef build():\n    return 1\n")
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert shown in err and f"where a module's import name goes: give {module}" in err
+    folder = "sub" if "sub/" in " ".join(args) else "."
+    assert f"(PYTHONPATH={folder} cleanai ...)" in err
+    assert not (tmp_path / "RAN").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_module_in_the_current_folder_outside_the_search_path_gets_the_pythonpath_hint(tmp_path, monkeypatch, capsys):
+    # the cleanai command does not import from the current folder (python -m does): --model mymodels:build beside
+    # mymodels.py said only "No module named 'mymodels'. Check the spelling and that the package is installed"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    _digits_files(tmp_path)
+    (tmp_path / "mymodels.py").write_text("def build():\n    return None\n")
+    code = main(["prune", "--model", "mymodels:build", "--weights", "w.pt", "--data", "d.pt", "--out", "o"])
+    code_plugin = main(["--plugin", "mymodels", "plugins"])
+    err = capsys.readouterr().err
+    assert code == code_plugin == 2 and "Traceback" not in err
+    hint = (
+        "There is 'mymodels.py' in the current folder, but the cleanai command does not import from the current folder"
+    )
+    assert err.count(hint) == 2 and "run it as PYTHONPATH=. cleanai ..." in err
+    assert "No module named 'mymodels'" in err and not (tmp_path / "o").exists()
+    (tmp_path / "mymodels.py").unlink()
+    assert main(["--plugin", "mymodels", "plugins"]) == 2
+    assert "current folder" not in capsys.readouterr().err  # no such file: no hint

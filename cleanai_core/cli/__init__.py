@@ -17,6 +17,7 @@ from typing import Any
 
 from cleanai_core import __version__
 from cleanai_core.errors import CleanAIError, UserError
+from cleanai_core.extras import module_name_problem, search_path_hint
 
 __all__ = ["main"]
 
@@ -35,10 +36,15 @@ def use_plugins(disabled: list[str], extra: list[str]) -> None:
 
     pm = make_plugin_manager(disabled=disabled)
     for name in extra:
+        problem = module_name_problem(name)
+        if problem:
+            raise UserError(f"--plugin {name!r} {problem}")
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
-            raise UserError(f"--plugin {name}: {exc}; give the import name of a plugin module") from None
+            raise UserError(
+                f"--plugin {name}: {exc}; give the import name of a plugin module.{search_path_hint(name, exc)}"
+            ) from None
         except (Exception, SystemExit) as exc:  # its own code failed at import: a traceback, or exit 0 doing nothing
             exited = isinstance(exc, SystemExit)
             what = f"called sys.exit({exc.code!r})" if exited else f"raised {type(exc).__name__}: {str(exc)[:200]}"

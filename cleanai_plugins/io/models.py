@@ -30,7 +30,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
-from cleanai_core.extras import import_extra
+from cleanai_core.extras import import_extra, module_name_problem, search_path_hint
 from cleanai_core.saved_folder import beyond_dtype, is_extra_state, nan_tensor, state_dict_problems, tensors_of
 from cleanai_core.special_files import check_not_packed, check_not_special
 
@@ -48,11 +48,14 @@ MODEL_FORMS = (
 
 def _import_attr(spec: str, what: str) -> Any:
     module_name, _, attr = spec.partition(":")
+    problem = module_name_problem(module_name)
+    if problem:
+        raise UserError(f"{what} {spec!r}: {module_name!r} {problem}")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise UserError(
-            f"cannot import module {module_name!r} for {what} {spec!r}: {exc}. "
+            f"cannot import module {module_name!r} for {what} {spec!r}: {exc}.{search_path_hint(module_name, exc)} "
             "Check the spelling and that the package is installed in this Python environment."
         ) from exc
     for part in attr.split("."):
