@@ -242,3 +242,36 @@ def test_a_module_in_the_current_folder_outside_the_search_path_gets_the_pythonp
     (tmp_path / "mymodels.py").unlink()
     assert main(["--plugin", "mymodels", "plugins"]) == 2
     assert "current folder" not in capsys.readouterr().err  # no such file: no hint
+
+
+# -- DependencyGraph's public queries given what they do not take ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mask, got",
+    [
+        (
+            torch.tensor([3, 5]),
+            "got a torch.int64 tensor of shape (2,) (indices: make the mask with mask = torch.zeros(171",
+        ),
+        ([0, 1], "got [0, 1] (indices: make the mask"),
+        (torch.zeros(5, dtype=torch.bool), "got a torch.bool tensor of shape (5,)"),
+    ],
+)
+def test_keep_indices_names_a_mask_of_the_wrong_form(mask, got):
+    # keep_indices (docs/api.md) given unit indices or a list: IndexError: index 1 is out of bounds for dimension 0
+    # with size 1 / TypeError: bad operand type for unary ~: 'list', from inside it
+    from cleanai_core import DependencyGraph
+
+    graph = DependencyGraph(DigitsCNN(), torch.rand(1, 1, 8, 8))
+    with pytest.raises(UserError) as info:
+        graph.keep_indices(mask)
+    assert "keep_indices' pruned_units must be a boolean mask over the graph's 171 units" in str(info.value)
+    assert got in str(info.value)
+    good = torch.zeros(171, dtype=torch.bool)
+    good[graph.groups(prunable_only=True)[0].units[:4]] = True
+    kept = graph.keep_indices(good)
+    assert kept[("features.0", "out")].tolist() == list(range(4, 32))
+    with pytest.raises(UserError, match=r"explain\(max_groups='5'\) must be an integer >= 0"):
+        graph.explain("5")
+    assert "5 groups (3 prunable):\n  ... 5 more" in graph.explain(0) and "group 0:" not in graph.explain(0)
