@@ -275,3 +275,29 @@ def test_keep_indices_names_a_mask_of_the_wrong_form(mask, got):
     with pytest.raises(UserError, match=r"explain\(max_groups='5'\) must be an integer >= 0"):
         graph.explain("5")
     assert "5 groups (3 prunable):\n  ... 5 more" in graph.explain(0) and "group 0:" not in graph.explain(0)
+
+
+# -- an input named through a link inside --out ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--data", "--weights", "--config"])
+def test_an_input_given_as_a_link_inside_out_is_refused_with_overwrite(tmp_path, monkeypatch, capsys, option):
+    # --data o/d.pt (a link to ../d.pt) --out o --overwrite: exit 0, and the link the user named was deleted with
+    # the old folder (the check compared the followed path, outside o); --config's path was resolved when read
+    monkeypatch.chdir(tmp_path)
+    _digits_files(tmp_path)
+    (tmp_path / "c.toml").write_text("ratio = 0.4\n")
+    (tmp_path / "o").mkdir()
+    target = {"--data": "d.pt", "--weights": "w.pt", "--config": "c.toml"}[option]
+    (tmp_path / "o" / target).symlink_to(Path("..") / target)
+    args = {"--data": "d.pt", "--weights": "w.pt", "--config": None, option: f"o/{target}"}
+    argv = ["prune", "--model", DEMO, "--out", "o", "--overwrite", "-q"]
+    argv += [a for k, v in args.items() if v for a in (k, v)]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--out 'o' contains your input '" in err and f"o/{target}'; choose another folder." in err
+    assert (tmp_path / "o" / target).is_symlink() and sorted(p.name for p in (tmp_path / "o").iterdir()) == [target]
+    (tmp_path / "o" / target).unlink()  # the same run with the file itself outside: written
+    argv = [a if a != f"o/{target}" else target for a in argv]
+    assert main(argv) == 0 and (tmp_path / "o" / "model.pt").is_file()
