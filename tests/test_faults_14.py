@@ -301,3 +301,37 @@ def test_an_input_given_as_a_link_inside_out_is_refused_with_overwrite(tmp_path,
     (tmp_path / "o" / target).unlink()  # the same run with the file itself outside: written
     argv = [a if a != f"o/{target}" else target for a in argv]
     assert main(argv) == 0 and (tmp_path / "o" / "model.pt").is_file()
+
+
+# -- a local Hugging Face folder whose config.json transformers cannot read ------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ("{", "'e/config.json' is not valid JSON (JSONDecodeError: "),
+        ('{"model_type": "nosuchmodel"}', "cannot read 'e/config.json' (ValueError: "),
+        (
+            '{"model_type": "custom", "auto_map": {"AutoModel": "modeling.M"}}',
+            "'e/config.json' names model code of its own (auto_map: modeling.M), which CleanAI neither imports",
+        ),
+    ],
+)
+def test_a_local_hf_folder_with_an_unreadable_config_is_named_as_the_folder_it_is(
+    tmp_path, monkeypatch, capsys, config, words
+):
+    # all three said "no such local folder, and 'e' is not in the Hugging Face cache ... huggingface-cli download e"
+    # of a folder that is there
+    tf = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    _digits_files(tmp_path)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text(config)
+    (tmp_path / "e" / "modeling.py").write_text("import pathlib\npathlib.Path('RAN').touch()\n")
+    code = main(["prune", "--model", "hf:e", "--data", "d.pt", "--out", "o", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert words in err and "no such local folder" not in err and "huggingface-cli download" not in err
+    if "nosuchmodel" in config:
+        assert f"transformers {tf.__version__} cannot read" in err and "pip install -U transformers" in err
+    assert not (tmp_path / "RAN").exists() and not (tmp_path / "o").exists()

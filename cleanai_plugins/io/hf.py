@@ -104,6 +104,8 @@ def load_hf_model(spec: str) -> nn.Module:
     try:
         config = tf.AutoConfig.from_pretrained(str(path) if path.exists() else src, local_files_only=True)
     except (OSError, ValueError) as exc:
+        if path.exists():  # said "no such local folder, and 'e' is not in the Hugging Face cache" of a folder here
+            raise UserError(_unreadable_config(spec, path / "config.json", tf.__version__, exc)) from exc
         raise UserError(
             f"--model {spec!r}: no such local folder, and {src!r} is not in the Hugging Face cache "
             f"(nothing is downloaded). Download it first (huggingface-cli download {src}) or give a folder "
@@ -124,6 +126,30 @@ def load_hf_model(spec: str) -> nn.Module:
     if getattr(model.config, "return_dict", True) is False:
         _returns_outputs(model)
     return model.eval()
+
+
+def _unreadable_config(spec: str, config: Path, version: str, exc: Exception) -> str:
+    """Why transformers could not read the ``config.json`` of a local folder, and the fix."""
+    said = f"({type(exc).__name__}: {str(exc)[:200]})"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as bad:
+        return (
+            f"--model {spec!r}: {str(config)!r} is not valid JSON ({type(bad).__name__}: {bad}); it may be truncated "
+            "or edited by hand. Save the model again with save_pretrained."
+        )
+    if isinstance(data, dict) and data.get("auto_map"):
+        return (
+            f"--model {spec!r}: {str(config)!r} names model code of its own (auto_map: "
+            f"{', '.join(map(str, data['auto_map'].values()))[:120]}), which CleanAI neither imports nor runs "
+            "(transformers' trust_remote_code). Give a model of a class transformers ships, or build it in Python and "
+            f"prune it with StructuredPruner {said}."
+        )
+    return (
+        f"--model {spec!r}: transformers {version} cannot read {str(config)!r} {said}. A model type newer than this "
+        "transformers needs an upgrade (pip install -U transformers); otherwise save the model again with "
+        "save_pretrained."
+    )
 
 
 def _cached_folder(src: str) -> Path | None:
