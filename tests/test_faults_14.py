@@ -4,6 +4,7 @@ cases below each heading."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -335,3 +336,37 @@ def test_a_local_hf_folder_with_an_unreadable_config_is_named_as_the_folder_it_i
     if "nosuchmodel" in config:
         assert f"transformers {tf.__version__} cannot read" in err and "pip install -U transformers" in err
     assert not (tmp_path / "RAN").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "config_sizes"])
+def test_a_local_hf_folder_with_damaged_weights_exits_2_naming_the_folder(tmp_path, monkeypatch, capsys, damage):
+    # from_pretrained's SafetensorError (a truncated or empty model.safetensors) and RuntimeError (config.json's
+    # sizes unlike the weights') came out of cleanai prune / explain as tracebacks, exit 1
+    tf = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    # transformers' load report (a warning) goes to a handler that may hold an earlier test's closed stderr
+    monkeypatch.setattr(logging.getLogger("transformers"), "level", logging.ERROR)
+    cfg = tf.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100
+    )
+    tf.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:3000])
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    else:
+        config = tmp_path / "m" / "config.json"
+        config.write_text(config.read_text().replace('"hidden_size": 32', '"hidden_size": 48'))
+    torch.save({"input_ids": torch.randint(0, 100, (16, 12)), "labels": torch.randint(0, 2, (16,))}, "ids.pt")
+    before = _bytes(tmp_path / "m")
+    codes = [
+        main(["prune", "--model", "hf:m", "--data", "ids.pt", "--out", "o", "-q"]),
+        main(["explain", "--model", "hf:m"]),
+    ]
+    err = capsys.readouterr().err
+    assert codes == [2, 2] and "Traceback" not in err
+    said = {"truncated": "SafetensorError: ", "empty": "SafetensorError: ", "config_sizes": "RuntimeError: "}[damage]
+    assert err.count("transformers could not load the weights with BertForSequenceClassification (" + said) == 2
+    assert "The weights files in 'm' may be truncated or damaged, or not fit its config.json (sizes)" in err
+    assert _bytes(tmp_path / "m") == before and not (tmp_path / "o").exists()

@@ -36,7 +36,7 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.calibration import split_batch
-from cleanai_core.errors import UserError
+from cleanai_core.errors import UserError, model_fault
 from cleanai_core.extras import import_extra
 from cleanai_core.metrics import ctc_errors, perplexity
 from cleanai_plugins.io.models import is_saved_folder
@@ -103,7 +103,9 @@ def load_hf_model(spec: str) -> nn.Module:
         )
     try:
         config = tf.AutoConfig.from_pretrained(str(path) if path.exists() else src, local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if not model_fault(exc):  # CleanAI's own errors, running out of memory
+            raise
         if path.exists():  # said "no such local folder, and 'e' is not in the Hugging Face cache" of a folder here
             raise UserError(_unreadable_config(spec, path / "config.json", tf.__version__, exc)) from exc
         raise UserError(
@@ -117,10 +119,14 @@ def load_hf_model(spec: str) -> nn.Module:
         model = cls.from_pretrained(
             str(path) if path.exists() else src, config=config, local_files_only=True, dtype=torch.float32
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a damaged weights file: safetensors' SafetensorError; sizes unlike config.json's:
+        if not model_fault(exc):  # RuntimeError (both were tracebacks, exit 1)
+            raise
+        where = str(path) if path.exists() else src
         raise UserError(
             f"--model {spec!r}: transformers could not load the weights with {cls.__name__} "
-            f"({type(exc).__name__}: {str(exc)[:300]})."
+            f"({type(exc).__name__}: {str(exc)[:300]}). The weights files in {where!r} may be truncated or damaged, "
+            "or not fit its config.json (sizes); save the model again with save_pretrained."
         ) from exc
     _check_span_head(model, spec)
     if getattr(model.config, "return_dict", True) is False:
