@@ -370,3 +370,26 @@ def test_a_local_hf_folder_with_damaged_weights_exits_2_naming_the_folder(tmp_pa
     assert err.count("transformers could not load the weights with BertForSequenceClassification (" + said) == 2
     assert "The weights files in 'm' may be truncated or damaged, or not fit its config.json (sizes)" in err
     assert _bytes(tmp_path / "m") == before and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no_added_tokens", "empty"])
+def test_a_damaged_tokenizer_is_named_as_damaged_not_missing(tmp_path, monkeypatch, capsys, damage):
+    # a tokenizer.json without 'added_tokens': KeyError traceback from transformers, exit 1; truncated or empty:
+    # "no tokenizer next to the model", of a folder holding one
+    tf = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(logging.getLogger("transformers"), "level", logging.ERROR)
+    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=40)
+    tf.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "m")
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghij"]))
+    tf.BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "m")
+    tokenizer = tmp_path / "m" / "tokenizer.json"
+    bad = {"truncated": tokenizer.read_text()[:300], "no_added_tokens": '{"version": "1.0"}', "empty": ""}[damage]
+    tokenizer.write_text(bad)
+    (tmp_path / "docs.txt").write_text("a b c d e f\n" * 20)
+    code = main(["prune", "--model", "hf:m", "--data", "docs.txt", "--out", "o", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "the tokenizer in 'm' (tokenizer.json, tokenizer_config.json) cannot be read (" in err
+    assert "a file may be truncated or damaged. Save it again with tokenizer.save_pretrained" in err
+    assert "no tokenizer next to" not in err and tokenizer.read_text() == bad and not (tmp_path / "o").exists()

@@ -239,16 +239,28 @@ def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
             "Install it, or give already tokenized data as a .pt file (a LongTensor of ids (N, L) or a dict "
             "with input_ids)."
         ) from exc
-    except (OSError, ValueError, TypeError) as exc:
+    except Exception as exc:  # a damaged tokenizer.json: KeyError, the tokenizers library's bare Exception
+        if not model_fault(exc):
+            raise
         declared = _declared_tokenizer(tf, where)
         if declared is not None:
             return declared
         if not required:
             return None
+        said = f"({type(exc).__name__}: {_one_line(exc)})"
+        files = (
+            sorted(f.name for f in Path(where).iterdir() if _is_tokenizer_file(f.name)) if Path(where).is_dir() else []
+        )
+        if files:  # said "no tokenizer next to the model" of a folder holding one that does not read
+            raise UserError(
+                f"the tokenizer in {where!r} ({', '.join(files)}) cannot be read {said}: a file may be truncated or "
+                "damaged. Save it again with tokenizer.save_pretrained(model_folder), or give already tokenized data "
+                "as a .pt file (a LongTensor of ids (N, L) or a dict with input_ids)."
+            ) from exc
         raise UserError(
             f"no tokenizer next to the model ({where!r}): text data needs one. Save it with "
             "tokenizer.save_pretrained(model_folder), or give already tokenized data as a .pt file "
-            f"(a LongTensor of ids (N, L) or a dict with input_ids). ({type(exc).__name__}: {_one_line(exc)})"
+            f"(a LongTensor of ids (N, L) or a dict with input_ids). {said}"
         ) from exc
 
 
@@ -285,7 +297,9 @@ def _declared_tokenizer(tf: Any, where: str) -> Any | None:
         return None
     try:
         tok = cls.from_pretrained(where, local_files_only=True)
-    except (OSError, ValueError, TypeError, ImportError):
+    except Exception as exc:  # noqa: BLE001 - any failure: the caller says what the folder lacks
+        if not model_fault(exc):
+            raise
         return None
     return tok if _makes_tokens(tok) else None
 
