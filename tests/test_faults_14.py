@@ -393,3 +393,40 @@ def test_a_damaged_tokenizer_is_named_as_damaged_not_missing(tmp_path, monkeypat
     assert "the tokenizer in 'm' (tokenizer.json, tokenizer_config.json) cannot be read (" in err
     assert "a file may be truncated or damaged. Save it again with tokenizer.save_pretrained" in err
     assert "no tokenizer next to" not in err and tokenizer.read_text() == bad and not (tmp_path / "o").exists()
+
+
+# -- a network name offline; an operating-system error that names no file ---------------------------------
+
+
+def test_a_timm_hub_name_not_in_the_cache_is_refused_at_once(tmp_path, monkeypatch, capsys):
+    # timm:hf-hub:NAME fetched its config from the Hub (pretrained or not): offline, some 40 s of retries, then
+    # "cannot use: An error happened while trying to locate the file on the Hub ... Check the path (its length,
+    # links and permissions) and the disk"
+    pytest.importorskip("timm")
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    code = main(["explain", "--model", "timm:hf-hub:timm/resnet18.a1_in1k"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "Retrying" not in err
+    assert "timm reads 'timm/resnet18.a1_in1k' from the Hugging Face Hub, and it is not in the local cache" in err
+    assert "huggingface-cli download timm/resnet18.a1_in1k" in err
+
+
+def test_an_os_error_naming_no_file_is_not_blamed_on_a_path(tmp_path, monkeypatch, capsys):
+    # a plugin's loader meeting a network error: "cannot use: Name or service not known. Check the path (its length,
+    # links and permissions) and the disk"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _digits_files(tmp_path)
+    (tmp_path / "netloader.py").write_text(
+        "from cleanai_core import hookimpl\n\n\n@hookimpl\ndef cleanai_load_model(spec, options):\n"
+        "    if spec.startswith('net:'):\n        raise ConnectionError('Name or service not known')\n"
+    )
+    code = main(["--plugin", "netloader", "prune", "--model", "net:x", "--data", "d.pt", "--out", "o", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "ConnectionError: Name or service not known. An operating-system or network error that names no file" in err
+    assert "Check the path" not in err and not (tmp_path / "o").exists()

@@ -279,10 +279,18 @@ def os_error_message(exc: OSError) -> str:
     OS's reason and what to do."""
     path = exc.filename if exc.filename is not None else ""
     shown = str(path) if len(str(path)) <= 120 else str(path)[:100] + "..." + str(path)[-16:]
-    where = f" {shown!r}" if path != "" else ""
     reason = exc.strerror or str(exc) or type(exc).__name__
+    if path == "":  # no file named: a connection a library opened (a model hub), a pipe, a device
+        # it said "cannot use: An error happened while trying to locate the file on the Hub ... Check the path
+        # (its length, links and permissions) and the disk" of no path at all
+        return (
+            f"{type(exc).__name__}: {str(reason)[:300]}. An operating-system or network error that names no file; "
+            "CleanAI itself downloads nothing, so a model or data a library would fetch must be on this machine. "
+            "Nothing was written."
+        )
     return (
-        f"cannot use{where}: {reason}. Check the path (its length, links and permissions) and the disk, then run again."
+        f"cannot use {shown!r}: {reason}. Check the path (its length, links and permissions) and the disk, then run "
+        "again."
     )
 
 
