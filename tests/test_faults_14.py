@@ -430,3 +430,41 @@ def test_an_os_error_naming_no_file_is_not_blamed_on_a_path(tmp_path, monkeypatc
     assert code == 2 and "Traceback" not in err
     assert "ConnectionError: Name or service not known. An operating-system or network error that names no file" in err
     assert "Check the path" not in err and not (tmp_path / "o").exists()
+
+
+# -- a layer ratio for a layer whose output channels no group can prune ----------------------------------
+
+
+def test_a_layer_ratio_for_a_layer_whose_outputs_cannot_be_pruned_is_refused(tmp_path, monkeypatch, capsys):
+    # --layer-ratio fc=0.5 (the classifier, whose outputs are the model's): exit 0 with the group of fc's inputs
+    # pruned at the global 0.1 (6 of 64 units), the 0.5 dropped without a word
+    x = torch.rand(2, 1, 8, 8)
+    for spec in ("fc", "Linear"):
+        with pytest.raises(UserError) as info:
+            StructuredPruner(
+                DigitsCNN(), x, importance="magnitude", pruning_ratio=0.1, layer_pruning_ratios={spec: 0.5}
+            )
+        assert (
+            f"layer_pruning_ratios[{spec!r}]=0.5 (--layer-ratio): the output channels of 'fc' (group 4: model output)"
+            in str(info.value)
+        )
+        assert "its input channels are group 3's, produced by 'features.7': give the ratio to that layer" in str(
+            info.value
+        )
+    pruner = StructuredPruner(
+        DigitsCNN(), x, importance="magnitude", pruning_ratio=0.1, layer_pruning_ratios={"*": 0.5}
+    )
+    with pytest.raises(UserError, match=r"layer_pruning_ratios\['fc'\]=0.5"):
+        pruner.set_layer_ratios({"fc": 0.5})
+    assert pruner.layer_ratios["features.7"] == 0.5  # kept what it had
+    assert [g.n_pruned for g in pruner.plan().groups] == [16, 32, 32]  # a region holding fc: valid
+    ok = StructuredPruner(DigitsCNN(), x, importance="magnitude", pruning_ratio=0.1, layer_pruning_ratios={"fc": 0.0})
+    assert [g.n_pruned for g in ok.plan().groups] == [3, 6, 6]  # a ratio of 0 keeps a layer whole: no conflict
+    monkeypatch.chdir(tmp_path)
+    _digits_files(tmp_path)
+    code = main(
+        ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--layer-ratio", "fc=0.5", "--out", "o"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "the output channels of 'fc'" in err
+    assert not (tmp_path / "o").exists()
