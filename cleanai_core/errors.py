@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CleanAIError", "PruningError", "TraceError", "UserError", "model_fault", "shown"]
+__all__ = ["CleanAIError", "PruningError", "SpecError", "TraceError", "UserError", "model_fault", "shown"]
 
 
 class CleanAIError(Exception):
@@ -13,6 +13,12 @@ class CleanAIError(Exception):
 
 class UserError(CleanAIError, ValueError):
     """Bad input: the message names the problem and what to do. The CLI exits with 2."""
+
+
+class SpecError(UserError):
+    """A ``package.module:callable`` spec that names nothing to call: its module does not
+    import, or has no such attribute, or it is no callable. Whoever only checks a spec
+    (``save_pruned``'s trial rebuild) can tell it from a failure of the call itself."""
 
 
 class TraceError(CleanAIError, RuntimeError):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cleanai_core import __version__
-from cleanai_core.errors import UserError, shown
+from cleanai_core.errors import SpecError, UserError, shown
 from cleanai_core.interfaces import memory_format_of
 from cleanai_core.model_state import state_with_versions
 from cleanai_core.out_folder import (
@@ -286,13 +286,19 @@ def _rebuild_problem(
         fresh = _meta_rebuild(spec, opts, history)
         if isinstance(fresh, str):  # load_pruned runs a lazy model once on the recorded input shape first
             return None if example_input_shape is not None else _lazy_problem(spec, fresh)
-        if fresh is None:
-            return None
+        if fresh is None:  # no loader claims the spec: the folder was written, load_pruned then refused it
+            return (
+                f"load_pruned could not load the folder: no installed loader can rebuild {spec!r} (give timm:NAME, "
+                "torchvision:NAME, a package.module:factory that builds the unpruned model, or a spec an installed "
+                "loader plugin reads)"
+            )
         own = fresh.state_dict()
         state = model.state_dict()
         problems = [p for p in state_dict_problems(own, state) if "meta device" not in p]
         problems += _buffer_problems(fresh, model, state)
         lost = [] if problems else _added_attributes(fresh, model, added if added is not None else {})
+    except SpecError as exc:  # a factory spec naming nothing to call: the folder was written, and never loaded
+        return f"load_pruned could not load the folder: {str(exc).rstrip('.')}"
     except Exception:  # noqa: BLE001 - the check is best effort; load_pruned reports its own failures
         return None
     if lost:

@@ -468,3 +468,32 @@ def test_a_layer_ratio_for_a_layer_whose_outputs_cannot_be_pruned_is_refused(tmp
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "the output channels of 'fc'" in err
     assert not (tmp_path / "o").exists()
+
+
+# -- save_pruned with a spec that rebuilds nothing -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("nope_pkg:build", "cannot import module 'nope_pkg' for model factory 'nope_pkg:build'"),
+        ("cleanai_plugins.io.demo:Nope", "module 'cleanai_plugins.io.demo' has no attribute 'Nope'"),
+        ("whatever", "no installed loader can rebuild 'whatever'"),
+    ],
+)
+def test_save_pruned_refuses_a_spec_that_rebuilds_nothing(tmp_path, spec, words):
+    # the folder was written, and load_pruned then refused it ("cannot import module", "no installed loader can
+    # rebuild"): save_pruned's trial rebuild took any failure as "cannot tell here"
+    from cleanai_core.io import save_pruned
+
+    pruner = StructuredPruner(DigitsCNN(), torch.rand(2, 1, 8, 8), importance="magnitude", pruning_ratio=0.5)
+    model = pruner.prune()
+    with pytest.raises(UserError) as info:
+        save_pruned(tmp_path / "o", model, pruner.history, spec)
+    assert str(info.value).startswith("save_pruned: load_pruned could not load the folder: ") and words in str(
+        info.value
+    )
+    assert str(info.value).endswith(". Nothing was written.") and ".." not in str(info.value)
+    assert not (tmp_path / "o").exists()
+    save_pruned(tmp_path / "o", model, pruner.history, DEMO)  # the spec that builds it: written
+    assert (tmp_path / "o" / "model.pt").is_file()

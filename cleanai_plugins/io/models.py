@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_core.errors import UserError, model_fault
+from cleanai_core.errors import SpecError, UserError, model_fault
 from cleanai_core.extras import import_extra, module_name_problem, search_path_hint
 from cleanai_core.saved_folder import beyond_dtype, is_extra_state, nan_tensor, state_dict_problems, tensors_of
 from cleanai_core.special_files import check_not_packed, check_not_special
@@ -50,20 +50,20 @@ def _import_attr(spec: str, what: str) -> Any:
     module_name, _, attr = spec.partition(":")
     problem = module_name_problem(module_name)
     if problem:
-        raise UserError(f"{what} {spec!r}: {module_name!r} {problem}")
+        raise SpecError(f"{what} {spec!r}: {module_name!r} {problem}")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(
+        raise SpecError(
             f"cannot import module {module_name!r} for {what} {spec!r}: {exc}.{search_path_hint(module_name, exc)} "
             "Check the spelling and that the package is installed in this Python environment."
         ) from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UserError(f"module {module_name!r} has no attribute {attr!r} (from {what} {spec!r}).")
+            raise SpecError(f"module {module_name!r} has no attribute {attr!r} (from {what} {spec!r}).")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise UserError(f"{what} {spec!r} names {type(obj).__name__}, not a callable.")
+        raise SpecError(f"{what} {spec!r} names {type(obj).__name__}, not a callable.")
     return obj
 
 
