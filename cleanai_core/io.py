@@ -349,6 +349,12 @@ def _meta_rebuild(spec: str, options: dict[str, Any], history: Any, pm: Any = No
         lazy = lazy_module(fresh)
         if lazy is not None:
             return f"{lazy!r}, {type(fresh.get_submodule(lazy)).__name__}"
+        missing = _first_missing(fresh, history, first_only=True)
+        if missing:  # another architecture (save_pruned with the spec of another model): said nothing
+            raise SpecError(
+                f"{missing}, which the model {spec!r} builds does not have: the spec builds another architecture "
+                "than the one pruned; give the spec (and options) of the model the history was recorded on"
+            )
         replay_history(history, fresh, Path("history.json"), pm)
     return fresh
 
@@ -446,26 +452,40 @@ def _save_pickle(path: Path, model: nn.Module) -> None:
         ) from None
 
 
+def _first_missing(model: nn.Module, history: Any, first_only: bool = False) -> str | None:
+    """``"the history's step 0 slices features.0.weight"`` where ``model`` lacks a tensor
+    the history slices (another architecture), else ``None``. ``first_only``: the first
+    step that slices anything alone (the unpruned architecture lacks the biases that bias
+    compensation adds and later steps slice)."""
+    from cleanai_core.graph.context import tensor_name
+
+    have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    have |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    for i, shapes in enumerate(history._shapes()):
+        missing = sorted(n for n in (shapes or {}) if tensor_name(n) not in have)
+        if missing:
+            return f"the history's step {i} slices {missing[0]}"
+        if first_only and shapes:
+            return None
+    return None
+
+
 def _before_its_history(model: nn.Module, history: Any) -> str | None:
     """Why ``model`` is not what ``history`` made: the history's tensors are missing from it
     (another model), or it has the shapes the history's last step slices from and that step
     would change them (the model before pruning, e.g. the original instead of what
     ``prune()`` returned). ``None`` when neither is seen."""
-    from cleanai_core.graph.context import tensor_name
     from cleanai_core.history import shape_mismatch, shapes_sliced
     from cleanai_core.model_state import copy_model
     from cleanai_core.slicing import apply_edits
 
     recorded = history._shapes()
-    have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    have |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
-    for i, shapes in enumerate(recorded):
-        missing = sorted(n for n in (shapes or {}) if tensor_name(n) not in have)
-        if missing:
-            return (
-                f"the history's step {i} slices {missing[0]}, which this model does not have; pass the model "
-                "this history was recorded with (what pruner.prune() returned, with pruner.history)"
-            )
+    missing = _first_missing(model, history)
+    if missing:
+        return (
+            f"{missing}, which this model does not have; pass the model this history was recorded with (what "
+            "pruner.prune() returned, with pruner.history)"
+        )
     last = max((i for i, step in enumerate(history.steps) if step and recorded[i]), default=None)
     if last is None or shape_mismatch(history, last, model) is not None:
         return None

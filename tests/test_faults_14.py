@@ -479,6 +479,10 @@ def test_a_layer_ratio_for_a_layer_whose_outputs_cannot_be_pruned_is_refused(tmp
         ("nope_pkg:build", "cannot import module 'nope_pkg' for model factory 'nope_pkg:build'"),
         ("cleanai_plugins.io.demo:Nope", "module 'cleanai_plugins.io.demo' has no attribute 'Nope'"),
         ("whatever", "no installed loader can rebuild 'whatever'"),
+        (
+            "torchvision:resnet18",
+            "the history's step 0 slices features.0.weight, which the model 'torchvision:resnet18'",
+        ),
     ],
 )
 def test_save_pruned_refuses_a_spec_that_rebuilds_nothing(tmp_path, spec, words):
