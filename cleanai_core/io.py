@@ -350,10 +350,13 @@ def _meta_rebuild(spec: str, options: dict[str, Any], history: Any, pm: Any = No
         if lazy is not None:
             return f"{lazy!r}, {type(fresh.get_submodule(lazy)).__name__}"
         missing = _first_missing(fresh, history, first_only=True)
-        if missing:  # another architecture (save_pruned with the spec of another model): said nothing
+        # another architecture (save_pruned with the spec of another model: written, never loaded); a layer the
+        # architecture has, changed after it was built (weight_norm added), is named by the shapes' comparison
+        if missing and missing[1].split(".")[0] not in dict(fresh.named_children()):
             raise SpecError(
-                f"{missing}, which the model {spec!r} builds does not have: the spec builds another architecture "
-                "than the one pruned; give the spec (and options) of the model the history was recorded on"
+                f"the history's step {missing[0]} slices {missing[1]}, which the model {spec!r} builds does not have: "
+                "the spec builds another architecture than the one pruned; give the spec (and options) of the model "
+                "the history was recorded on"
             )
         replay_history(history, fresh, Path("history.json"), pm)
     return fresh
@@ -452,11 +455,11 @@ def _save_pickle(path: Path, model: nn.Module) -> None:
         ) from None
 
 
-def _first_missing(model: nn.Module, history: Any, first_only: bool = False) -> str | None:
-    """``"the history's step 0 slices features.0.weight"`` where ``model`` lacks a tensor
-    the history slices (another architecture), else ``None``. ``first_only``: the first
-    step that slices anything alone (the unpruned architecture lacks the biases that bias
-    compensation adds and later steps slice)."""
+def _first_missing(model: nn.Module, history: Any, first_only: bool = False) -> tuple[int, str] | None:
+    """The step and name of the first tensor the history slices that ``model`` lacks
+    (another architecture), else ``None``. ``first_only``: the first step that slices
+    anything alone (the unpruned architecture lacks the biases that bias compensation adds
+    and later steps slice)."""
     from cleanai_core.graph.context import tensor_name
 
     have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
@@ -464,7 +467,7 @@ def _first_missing(model: nn.Module, history: Any, first_only: bool = False) -> 
     for i, shapes in enumerate(history._shapes()):
         missing = sorted(n for n in (shapes or {}) if tensor_name(n) not in have)
         if missing:
-            return f"the history's step {i} slices {missing[0]}"
+            return i, missing[0]
         if first_only and shapes:
             return None
     return None
@@ -483,8 +486,8 @@ def _before_its_history(model: nn.Module, history: Any) -> str | None:
     missing = _first_missing(model, history)
     if missing:
         return (
-            f"{missing}, which this model does not have; pass the model this history was recorded with (what "
-            "pruner.prune() returned, with pruner.history)"
+            f"the history's step {missing[0]} slices {missing[1]}, which this model does not have; pass the model "
+            "this history was recorded with (what pruner.prune() returned, with pruner.history)"
         )
     last = max((i for i, step in enumerate(history.steps) if step and recorded[i]), default=None)
     if last is None or shape_mismatch(history, last, model) is not None:
