@@ -31,7 +31,7 @@ from types import ModuleType
 
 from cleanai_core.errors import UserError
 
-__all__ = ["file_spec_problem", "import_extra", "module_name_problem", "search_path_hint"]
+__all__ = ["check_file_spec", "file_spec_problem", "import_extra", "module_name_problem", "search_path_hint"]
 
 
 def import_extra(name: str, use: str, install: str, instead: str = "", package: str = "") -> ModuleType:
@@ -108,6 +108,14 @@ def file_spec_problem(spec: str) -> str | None:
     why it is none, as :func:`module_name_problem` says it; else ``None``."""
     match = _FILE_SPEC.match(spec)
     return module_name_problem(match["file"]) if match else None
+
+
+def check_file_spec(spec: str, flag: str, what: str) -> None:
+    """A :class:`UserError` where ``spec`` (given as ``flag``) is a ``PATH.py:callable``
+    that is not itself a file: ``what`` it names (``"a model factory"``) is by its file."""
+    problem = file_spec_problem(spec) if not Path(spec).exists() else None
+    if problem:
+        raise UserError(f"{flag} {spec!r} names {what} by its file: {spec.partition(':')[0]!r} {problem}")
 
 
 def search_path_hint(name: str, exc: ImportError) -> str:

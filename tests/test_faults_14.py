@@ -201,6 +201,7 @@ def test_a_torchvision_that_fails_to_import_is_named_as_the_installs_fault(tmp_p
         (["prune", "--model", "x.py:build", "--data", "d.pt", "--out", "o"], "'x.py' is a file path", "'x'"),
         (["prune", "--model", "./x.py:build", "--data", "d.pt", "--out", "o"], "'./x.py' is a file path", "'x'"),
         (["prune", "--model", DEMO, "--data", "sub/x.py:data", "--out", "o"], "'sub/x.py' is a file path", "'x'"),
+        (["explain", "--model", "./x.py:build"], "names a model factory by its file: './x.py' is a file path", "'x'"),
     ],
 )
 def test_a_file_path_given_for_a_module_name_is_named_and_runs_nothing(

@@ -13,7 +13,7 @@ import torch
 
 from cleanai_core.config_sources import ENV_PREFIX
 from cleanai_core.errors import UserError
-from cleanai_core.extras import file_spec_problem
+from cleanai_core.extras import check_file_spec
 from cleanai_core.options import meta_tensor
 from cleanai_core.runtime import cast_within_range
 
@@ -136,20 +136,13 @@ def load_inputs(cfg: dict[str, Any], model: Any = None, dataset: Any = None) -> 
             "--model and --data of your own."
         )
     path_like = Path(data).suffix or "/" in data or os.sep in data
-    if dataset is None and file_spec_problem(data) and not Path(data).exists():
-        raise UserError(
-            f"--data {data!r} names a data function by its file: {data.partition(':')[0]!r} {file_spec_problem(data)}"
-        )
+    if dataset is None:
+        check_file_spec(data, "--data", "a data function")
     if dataset is None and not Path(data).exists() and path_like and ":" not in data:
         raise UserError(f"--data {data!r}: no such file or folder. Give {input_forms('data', pm)}.")
     if model is None:
         model_options = _model_options(cfg)
-        problem = file_spec_problem(cfg["model"]) if not Path(cfg["model"]).exists() else None
-        if problem:
-            raise UserError(
-                f"--model {cfg['model']!r} names a model factory by its file: {cfg['model'].partition(':')[0]!r} "
-                f"{problem}"
-            )
+        check_file_spec(cfg["model"], "--model", "a model factory")
         model = load_model(pm, cfg["model"], model_options)
         if model is None:
             hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""
