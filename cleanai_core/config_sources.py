@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanai_core.errors import UserError
+from cleanai_core.extras import import_extra
 from cleanai_core.special_files import check_not_special
 
 __all__ = ["ENV_PREFIX", "PRESETS", "SOURCES", "env_options", "preset_options", "read_config_file"]
@@ -117,13 +118,13 @@ def _load(path: str) -> tuple[Any, str]:
 
 def _parse(path: str, suffix: str, text: str) -> tuple[Any, str]:
     if suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise UserError(
-                f"config file {path!r} is YAML, which needs PyYAML: pip install 'cleanai[yaml]' (or pyyaml), "
-                "or write the file as TOML or JSON."
-            ) from None
+        yaml = import_extra(
+            "yaml",
+            f"config file {path!r} is YAML; reading it",
+            "pip install 'cleanai[yaml]' (or pyyaml)",
+            "Or write the file as TOML or JSON.",
+            package="PyYAML",
+        )
         try:
             return yaml.load(text, Loader=_yaml_loader(yaml)), "YAML"
         except (yaml.YAMLError, ValueError) as exc:  # ValueError: a number too long to convert

@@ -7,6 +7,7 @@ from typing import Any
 __all__ = [
     "CleanAIError",
     "PruningError",
+    "SpecError",
     "TraceError",
     "UserError",
     "is_out_of_memory",
@@ -23,6 +24,12 @@ class CleanAIError(Exception):
 
 class UserError(CleanAIError, ValueError):
     """Bad input: the message names the problem and what to do. The CLI exits with 2."""
+
+
+class SpecError(UserError):
+    """A ``package.module:callable`` spec that names nothing to call: its module does not
+    import, or has no such attribute, or it is no callable. Whoever only checks a spec
+    (``save_pruned``'s trial rebuild) can tell it from a failure of the call itself."""
 
 
 class TraceError(CleanAIError, RuntimeError):

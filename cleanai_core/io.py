@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from cleanai_core import __version__
-from cleanai_core.errors import UserError, shown
+from cleanai_core.errors import SpecError, UserError, shown
 from cleanai_core.interfaces import memory_format_of
 from cleanai_core.model_state import state_with_versions
 from cleanai_core.out_folder import (
@@ -339,13 +339,19 @@ def _rebuild_problem(
         fresh = _meta_rebuild(spec, opts, history)
         if isinstance(fresh, str):  # load_pruned runs a lazy model once on the recorded input shape first
             return None if example_input_shape is not None else _lazy_problem(spec, fresh)
-        if fresh is None:
-            return None
+        if fresh is None:  # no loader claims the spec: the folder was written, load_pruned then refused it
+            return (
+                f"load_pruned could not load the folder: no installed loader can rebuild {spec!r} (give timm:NAME, "
+                "torchvision:NAME, a package.module:factory that builds the unpruned model, or a spec an installed "
+                "loader plugin reads)"
+            )
         own = fresh.state_dict()
         state = model.state_dict()
         problems = [p for p in state_dict_problems(own, state) if "meta device" not in p]
         problems += _buffer_problems(fresh, model, state)
         lost = [] if problems else _added_attributes(fresh, model, added if added is not None else {})
+    except SpecError as exc:  # a factory spec naming nothing to call: the folder was written, and never loaded
+        return f"load_pruned could not load the folder: {str(exc).rstrip('.')}"
     except Exception:  # noqa: BLE001 - the check is best effort; load_pruned reports its own failures
         return None
     if lost:
@@ -396,6 +402,15 @@ def _meta_rebuild(spec: str, options: dict[str, Any], history: Any, pm: Any = No
         lazy = lazy_module(fresh)
         if lazy is not None:
             return f"{lazy!r}, {type(fresh.get_submodule(lazy)).__name__}"
+        missing = _first_missing(fresh, history, first_only=True)
+        # another architecture (save_pruned with the spec of another model: written, never loaded); a layer the
+        # architecture has, changed after it was built (weight_norm added), is named by the shapes' comparison
+        if missing and missing[1].split(".")[0] not in dict(fresh.named_children()):
+            raise SpecError(
+                f"the history's step {missing[0]} slices {missing[1]}, which the model {spec!r} builds does not have: "
+                "the spec builds another architecture than the one pruned; give the spec (and options) of the model "
+                "the history was recorded on"
+            )
         replay_history(history, fresh, Path("history.json"), pm)
     return fresh
 
@@ -493,26 +508,40 @@ def _save_pickle(path: Path, model: nn.Module) -> None:
         ) from None
 
 
+def _first_missing(model: nn.Module, history: Any, first_only: bool = False) -> tuple[int, str] | None:
+    """The step and name of the first tensor the history slices that ``model`` lacks
+    (another architecture), else ``None``. ``first_only``: the first step that slices
+    anything alone (the unpruned architecture lacks the biases that bias compensation adds
+    and later steps slice)."""
+    from cleanai_core.graph.context import tensor_name
+
+    have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    have |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    for i, shapes in enumerate(history._shapes()):
+        missing = sorted(n for n in (shapes or {}) if tensor_name(n) not in have)
+        if missing:
+            return i, missing[0]
+        if first_only and shapes:
+            return None
+    return None
+
+
 def _before_its_history(model: nn.Module, history: Any) -> str | None:
     """Why ``model`` is not what ``history`` made: the history's tensors are missing from it
     (another model), or it has the shapes the history's last step slices from and that step
     would change them (the model before pruning, e.g. the original instead of what
     ``prune()`` returned). ``None`` when neither is seen."""
-    from cleanai_core.graph.context import tensor_name
     from cleanai_core.history import shape_mismatch, shapes_sliced
     from cleanai_core.model_state import copy_model
     from cleanai_core.slicing import apply_edits
 
     recorded = history._shapes()
-    have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    have |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
-    for i, shapes in enumerate(recorded):
-        missing = sorted(n for n in (shapes or {}) if tensor_name(n) not in have)
-        if missing:
-            return (
-                f"the history's step {i} slices {missing[0]}, which this model does not have; pass the model "
-                "this history was recorded with (what pruner.prune() returned, with pruner.history)"
-            )
+    missing = _first_missing(model, history)
+    if missing:
+        return (
+            f"the history's step {missing[0]} slices {missing[1]}, which this model does not have; pass the model "
+            "this history was recorded with (what pruner.prune() returned, with pruner.history)"
+        )
     last = max((i for i, step in enumerate(history.steps) if step and recorded[i]), default=None)
     if last is None or shape_mismatch(history, last, model) is not None:
         return None

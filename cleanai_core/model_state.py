@@ -59,6 +59,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from cleanai_core.errors import UserError
 from cleanai_core.out_folder import signals_deferred
 
 __all__ = [
@@ -554,10 +555,75 @@ def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
     ``deepcopy`` calls, 0.1 s). Other modules (ScriptModules, parametrized ones) go
     through ``deepcopy`` itself. A copy of a model known to write none of its tensors in
     forward is known as such too (the write guard, see the module doc)."""
-    out = _Copier(memo).module(model)
+    try:
+        out = _Copier(memo).module(model)
+    except Exception as exc:  # noqa: BLE001 - a copy of the user's objects failed: name which one
+        found = _uncopyable(model, memo)
+        if found is None:
+            raise
+        what, fix = found
+        raise UserError(
+            f"the model cannot be copied: {what} ({type(exc).__name__}: {exc}). CleanAI prunes, checks and "
+            f"measures copies of the model, so all it holds must be copyable: {fix}"
+        ) from exc
     if model in _WRITES_NOTHING:
         _WRITES_NOTHING.add(out)
     return out
+
+
+def _uncopyable(model: nn.Module, memo: dict[int, Any] | None) -> tuple[str, str] | None:
+    """What in ``model`` :func:`copy_model` cannot copy and what to do, in words (``"the
+    attribute 'writer' of module 'features.0' (Conv2d) holds a _thread.lock ..."``), or
+    ``None`` where no single attribute, tensor, hook or module's own copy protocol fails on
+    its own. Each is copied alone: this runs only after a copy failed (a model holding a
+    lock, an open file, a generator, a TensorBoard writer raised a bare ``TypeError: cannot
+    pickle '_thread.lock' object`` from ``copy.py``)."""
+    named = list(model.named_modules(remove_duplicate=True))
+    for name, m in named:
+        where = f"module {name!r} ({type(m).__name__})" if name else f"the model ({type(m).__name__})"
+        for key, value in m.__dict__.items():
+            table = key in _TABLES and isinstance(value, dict)
+            for k, v in value.items() if table else [(key, value)]:
+                if isinstance(v, nn.Module) or v is None:
+                    continue
+                try:
+                    _Copier(memo).value(v)
+                except Exception:  # noqa: BLE001 - the one that fails is the answer
+                    if key in HOOK_ATTRIBUTES:
+                        hook = getattr(v, "__qualname__", type(v).__qualname__)
+                        return (
+                            f"the {key.strip('_')[:-1].replace('_', ' ')} {hook} of {where} is bound to an object "
+                            "that copy.deepcopy cannot copy",
+                            "remove the hook before pruning (handle.remove()) and register it again on the pruned "
+                            "model, or give the object's class a __deepcopy__ that shares or recreates it.",
+                        )
+                    what = key.strip("_")[:-1] if table else "attribute"
+                    return (
+                        f"the {what} {k!r} of {where} holds {_kind_of(v)}, which copy.deepcopy cannot copy",
+                        "take it off the model before pruning (keep it in a variable, delete the attribute and set "
+                        "it again on the pruned model), or give its class a __deepcopy__ that shares or recreates it.",
+                    )
+    for name, m in reversed(named):  # a class's own __deepcopy__ / __reduce_ex__, leaves first
+        if not _copies_plainly(type(m)):
+            try:
+                copy.deepcopy(m, dict(memo or {}))
+            except Exception:  # noqa: BLE001
+                where = f"module {name!r}" if name else "the model"
+                return (
+                    f"{where} ({type(m).__name__}) fails to copy itself (its class's own copy protocol)",
+                    f"make copy.deepcopy work on {type(m).__name__} (its __deepcopy__, __reduce_ex__ or "
+                    "__getstate__), or remove that method so that the module copies the default way.",
+                )
+    return None
+
+
+def _kind_of(value: Any) -> str:
+    cls = type(value)
+    article = "an" if cls.__name__[:1].lower() in "aeiou" else "a"
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"{article} {cls.__name__} holding an object"
+    named = cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return f"{article} {named}"
 
 
 class _Copier:

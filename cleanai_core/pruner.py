@@ -286,6 +286,7 @@ class StructuredPruner:
         self._pruned_plans: list[tuple[DependencyGraph, PruningPlan]] = []  # per step, for the report
         with _autograd_on(model):
             self.graph = self._build_graph(model)
+        self._check_ratios_reach(options.as_ratio_table(layer_pruning_ratios or {}) or {})
         units = sum(g.size for g in self.graph.groups(prunable_only=True))
         if iterative_steps > units:  # 10**9 steps ran until killed, each re-tracing and removing nothing
             raise UserError(
@@ -410,7 +411,42 @@ class StructuredPruner:
         table = options.as_ratio_table(ratios)
         named = options.layer_ratios(self.model, table)  # None: no ratios
         options.check_ignored_ratios(self.model, getattr(self, "_ignored_specs", None), table or {})
+        if getattr(self, "graph", None) is not None:  # the constructor checks once the graph is built
+            self._check_ratios_reach(table or {})
         self.layer_ratios, self._plan = named, None
+
+    def _check_ratios_reach(self, table: Mapping[ModuleSpec, float]) -> None:
+        """A :class:`UserError` for a layer ratio above 0 whose layers carry the channels of
+        no prunable group: ``layer_pruning_ratios={"fc": 0.5}`` for the classifier (its
+        outputs are the model's) was dropped without a word, the group of its inputs pruned
+        at the global ratio. A pattern matching some such layers among others stays valid."""
+        reach: set[str] = set()
+        for g in self.graph.groups(prunable_only=True):
+            reach.update(s.module for s in g.slices if s.kind != "in")
+            reach.update(g.layers)
+        for spec, r in table.items():
+            names = list(options.match_modules(self.model, [spec]))
+            if not options.plain_number(r) or not names or any(n in reach for n in names):
+                continue
+            first = names[0]
+            held = next(
+                (g for g in self.graph.groups() if any(s.module == first and s.kind != "in" for s in g.slices)), None
+            )
+            why = f" (group {held.id}: {held.reasons[0] if held.reasons else 'frozen'})" if held is not None else ""
+            feeds = next(
+                (g for g in self.graph.groups(prunable_only=True) if any(s.module == first for s in g.slices)), None
+            )
+            producers = sorted({sl.module for sl in feeds.slices if sl.kind == "out"}) if feeds is not None else []
+            instead = (
+                f"; its input channels are group {feeds.id}'s, produced by {', '.join(map(repr, producers[:3]))}: give "
+                "the ratio to that layer"
+                if producers
+                else ""
+            )
+            raise UserError(
+                f"layer_pruning_ratios[{spec!r}]={options.plain_number(r)} (--layer-ratio): the output channels of "
+                f"{first!r}{why} cannot be pruned, so the ratio would do nothing{instead}, or drop it"
+            )
 
     def _check_attributes(self) -> None:
         """The options as the attributes hold them now, by the constructor's checks: an

@@ -17,6 +17,7 @@ from typing import Any
 
 from cleanai_core import __version__
 from cleanai_core.errors import CleanAIError, UserError
+from cleanai_core.extras import module_name_problem, search_path_hint
 
 __all__ = ["main"]
 
@@ -35,10 +36,15 @@ def use_plugins(disabled: list[str], extra: list[str]) -> None:
 
     pm = make_plugin_manager(disabled=disabled)
     for name in extra:
+        problem = module_name_problem(name)
+        if problem:
+            raise UserError(f"--plugin {name!r} {problem}")
         try:
             module = importlib.import_module(name)
         except ImportError as exc:
-            raise UserError(f"--plugin {name}: {exc}; give the import name of a plugin module") from None
+            raise UserError(
+                f"--plugin {name}: {exc}; give the import name of a plugin module.{search_path_hint(name, exc)}"
+            ) from None
         except (Exception, SystemExit) as exc:  # its own code failed at import: a traceback, or exit 0 doing nothing
             exited = isinstance(exc, SystemExit)
             what = f"called sys.exit({exc.code!r})" if exited else f"raised {type(exc).__name__}: {str(exc)[:200]}"
@@ -300,10 +306,18 @@ def os_error_message(exc: OSError) -> str:
     OS's reason and what to do."""
     path = exc.filename if exc.filename is not None else ""
     shown = str(path) if len(str(path)) <= 120 else str(path)[:100] + "..." + str(path)[-16:]
-    where = f" {shown!r}" if path != "" else ""
     reason = exc.strerror or str(exc) or type(exc).__name__
+    if path == "":  # no file named: a connection a library opened (a model hub), a pipe, a device
+        # it said "cannot use: An error happened while trying to locate the file on the Hub ... Check the path
+        # (its length, links and permissions) and the disk" of no path at all
+        return (
+            f"{type(exc).__name__}: {str(reason)[:300]}. An operating-system or network error that names no file; "
+            "CleanAI itself downloads nothing, so a model or data a library would fetch must be on this machine. "
+            "Nothing was written."
+        )
     return (
-        f"cannot use{where}: {reason}. Check the path (its length, links and permissions) and the disk, then run again."
+        f"cannot use {shown!r}: {reason}. Check the path (its length, links and permissions) and the disk, then run "
+        "again."
     )
 
 

@@ -153,6 +153,7 @@ def signal_example(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
 
 
 def run(args: argparse.Namespace) -> int:
+    from cleanai_core.extras import check_file_spec
     from cleanai_core.graph.dependency import DependencyGraph
     from cleanai_core.job.inputs import check_real
     from cleanai_core.options import ignored_modules
@@ -169,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         "spec_source": "--model",
     }
     check_not_special(args.model, "--model")  # a loop of links said "not a model this tool can load"
+    check_file_spec(args.model, "--model", "a model factory")
     model = load_model(get_plugin_manager(), args.model, options)
     if model is None:
         raise UserError(f"--model {args.model!r}: not a model this tool can load. Give {input_forms('model')}.")

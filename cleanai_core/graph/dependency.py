@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from cleanai_core.errors import TraceError, UserError, printable, shown_name
+from cleanai_core.errors import TraceError, UserError, printable, shown, shown_name
 from cleanai_core.graph.context import SliceSpec, TraceContext
 from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
@@ -507,17 +507,7 @@ class DependencyGraph:
         group keeps at least one unit. A hand-made mask that broke either rule was sliced
         anyway and failed only when the pruned model ran ("expected weight to be at least
         1 at dimension 0")."""
-        n = self.root.numel()
-        if not isinstance(pruned, torch.Tensor) or pruned.dtype != torch.bool or tuple(pruned.shape) != (n,):
-            got = (
-                f"a {pruned.dtype} tensor of shape {tuple(pruned.shape)}"
-                if isinstance(pruned, torch.Tensor)
-                else type(pruned).__name__
-            )
-            raise UserError(
-                f"the units to remove must be a boolean mask over the graph's {n} units (mask[group.units[i]] = True "
-                f"removes unit i of a group); got {got}"
-            )
+        n = self._check_mask(pruned, "the units to remove")
         if self._unit_group is None:
             self._unit_group = torch.full((n,), -1, dtype=torch.int64)
             for i, g in enumerate(self._groups):
@@ -580,12 +570,33 @@ class DependencyGraph:
         pruned[self.unit_of(spec)[idx]] = True
         return pruned
 
+    def _check_mask(self, mask: Any, what: str) -> int:
+        """The graph's unit count; a :class:`UserError` unless ``mask`` is a boolean mask over
+        them (an index tensor or a list given to :meth:`keep_indices` was an ``IndexError``
+        or ``TypeError`` from inside it)."""
+        n = self.root.numel()
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (n,):
+            got = (
+                f"a {mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else shown(mask)
+            )
+            hint = (
+                f" (indices: make the mask with mask = torch.zeros({n}, dtype=torch.bool); mask[indices] = True)"
+                if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                else ""
+            )
+            raise UserError(
+                f"{what} must be a boolean mask over the graph's {n} units (mask[group.units[i]] = True marks unit i "
+                f"of a group); got {got}{hint}"
+            )
+        return n
+
     def unit_of(self, spec: SliceSpec) -> torch.Tensor:
         """The unit (root atom) of every index of a slice."""
         return self.root[spec.atoms]
 
     def keep_indices(self, pruned_units: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
         """For a boolean mask over units, the kept indices of every slice that shrinks."""
+        self._check_mask(pruned_units, "keep_indices' pruned_units")
         kept = self.indices_in(~pruned_units)
         return {(s.module, s.name): k for s, k in zip(self.slices, kept, strict=True) if k.numel() < s.atoms.numel()}
 
@@ -608,6 +619,10 @@ class DependencyGraph:
 
     def explain(self, max_groups: int | None = 50) -> str:
         """A readable account: who claims each module, the groups, and what was frozen."""
+        if max_groups is not None and (
+            isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 0
+        ):
+            raise UserError(f"explain(max_groups={shown(max_groups)}) must be an integer >= 0, or None for every group")
         lines = ["Modules and the plugins that claim them:"]
         for name, node in self.nodes.items():
             lines.append(f"  {shown_name(name) if name else '<model>'}: {type(node.module).__name__} -> {node.plugin}")

@@ -22,7 +22,6 @@ import math
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -498,7 +497,7 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None, objects: tu
     _apply(cfg, sources, preset_options(preset, where), "preset")
     _apply(cfg, sources, from_file, "config file")
     if config_file:
-        cfg["config"] = str(Path(config_file).resolve())
+        cfg["config"] = os.path.abspath(config_file)  # a link as given: --out holding it is refused
     _apply(cfg, sources, from_env, "environment")
     cfg["layer_ratio"] = _parse_layer_ratios(cfg.get("layer_ratio"), f"layer_ratio from the {sources['layer_ratio']}")
     if "layer_ratio" in given:

@@ -13,6 +13,7 @@ import torch
 
 from cleanai_core.config_sources import ENV_PREFIX
 from cleanai_core.errors import UserError
+from cleanai_core.extras import check_file_spec
 from cleanai_core.options import meta_tensor
 from cleanai_core.runtime import cast_within_range
 
@@ -135,10 +136,13 @@ def load_inputs(cfg: dict[str, Any], model: Any = None, dataset: Any = None) -> 
             "--model and --data of your own."
         )
     path_like = Path(data).suffix or "/" in data or os.sep in data
+    if dataset is None:
+        check_file_spec(data, "--data", "a data function")
     if dataset is None and not Path(data).exists() and path_like and ":" not in data:
         raise UserError(f"--data {data!r}: no such file or folder. Give {input_forms('data', pm)}.")
     if model is None:
         model_options = _model_options(cfg)
+        check_file_spec(cfg["model"], "--model", "a model factory")
         model = load_model(pm, cfg["model"], model_options)
         if model is None:
             hint = " (no such file)" if ("/" in cfg["model"] or "." in Path(cfg["model"]).suffix) else ""

@@ -5,6 +5,7 @@ did not write, lock ``--out``, and check at the moment of the swap that nobody c
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,14 @@ __all__ = ["check_out_apart", "check_out_dir", "guard_out", "marker_text", "reso
 
 
 def _is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
+    """Whether ``path`` lies in ``folder``, with links followed, or as written: a link
+    inside ``folder`` (``--data out/d.pt`` linking to ``../d.pt``) is the user's input by
+    the name they gave, and replacing the folder deleted it (the followed path alone lay
+    outside)."""
+    for a, b in ((path.resolve(), folder.resolve()), (Path(os.path.abspath(path)), Path(os.path.abspath(folder)))):
+        if a == b or b in a.parents:
+            return True
+    return False
 
 
 def _spec_sources(spec: str | None) -> list[str]:
@@ -67,7 +71,7 @@ def check_out_apart(out: Path, inputs: list[str | None]) -> None:
     """Refuse an ``out`` that contains one of ``inputs`` (files or folders) or lies inside one
     of the folders."""
     for item in inputs:
-        if not item or not Path(item).exists():
+        if not item or not (Path(item).exists() or Path(item).is_symlink()):
             continue
         if _is_within(Path(item), out):
             raise UserError(f"--out {str(out)!r} contains your input {item!r}; choose another folder.")

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
+from cleanai_core.extras import import_extra
 from cleanai_core.runtime import cast_within_range, label_indices, not_class_labels
 from cleanai_core.special_files import check_not_packed, special_kind
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
@@ -553,13 +554,12 @@ def _warn_numbers_in_text_order(classes: list[str], spec: str) -> None:
 
 
 def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
-    try:
-        from torchvision.datasets import ImageFolder
-    except ImportError as exc:
-        raise UserError(
-            f"{str(path)!r} is a folder; reading image folders needs torchvision (pip install torchvision). "
-            "Or save the images as tensors: torch.save((x, y), 'data.pt')."
-        ) from exc
+    ImageFolder = import_extra(
+        "torchvision.datasets",
+        f"{str(path)!r} is a folder; reading image folders",
+        "pip install torchvision",
+        "Or save the images as tensors: torch.save((x, y), 'data.pt').",
+    ).ImageFolder
     if not any(p.is_dir() for p in path.iterdir()):
         raise UserError(
             f"image folder {str(path)!r} has no class sub-folders. Put images in one sub-folder per class "

@@ -36,7 +36,8 @@ from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.calibration import split_batch
-from cleanai_core.errors import UserError
+from cleanai_core.errors import UserError, model_fault
+from cleanai_core.extras import import_extra
 from cleanai_core.metrics import ctc_errors, perplexity
 from cleanai_plugins.io.models import is_saved_folder
 
@@ -50,13 +51,7 @@ RELOAD_RTOL = 1e-4
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as exc:
-        raise UserError(
-            "hf:PATH models need the transformers package: pip install 'cleanai[hf]' (or pip install transformers)."
-        ) from exc
-    return transformers
+    return import_extra("transformers", "an hf:PATH model", "pip install 'cleanai[hf]' (or pip install transformers)")
 
 
 def is_hf_model(model: Any) -> bool:
@@ -117,9 +112,15 @@ def load_hf_model(spec: str, trust_remote_code: bool = False) -> nn.Module:
     where = str(path) if path.exists() else src
     try:
         config = tf.AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if not model_fault(exc):  # CleanAI's own errors, running out of memory
+            raise
         if "trust_remote_code" in str(exc):
             raise UserError(_remote_code_refusal(spec, path if path.exists() else _cached_folder(src))) from exc
+        if path.exists():  # said "no such local folder, and 'e' is not in the Hugging Face cache" of a folder here
+            raise UserError(
+                _unreadable_config(spec, path / "config.json", tf.__version__, exc, trust_remote_code)
+            ) from exc
         raise UserError(
             f"--model {spec!r}: no such local folder, and {src!r} is not in the Hugging Face cache "
             f"(nothing is downloaded). Download it first (huggingface-cli download {src}) or give a folder "
@@ -136,10 +137,13 @@ def load_hf_model(spec: str, trust_remote_code: bool = False) -> nn.Module:
             f"--model {spec!r}: transformers needs a package that is not installed to load this model "
             f"({_one_line(exc)}).{_quantized_note(config) or ' Install it, then run again.'}"
         ) from exc
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a damaged weights file: safetensors' SafetensorError; sizes unlike config.json's:
+        if not model_fault(exc):  # RuntimeError (both were tracebacks, exit 1)
+            raise
         raise UserError(
             f"--model {spec!r}: transformers could not load the weights with {cls.__name__} "
-            f"({type(exc).__name__}: {str(exc)[:300]})."
+            f"({type(exc).__name__}: {str(exc)[:300]}). The weights files in {where!r} may be truncated or damaged, "
+            "or not fit its config.json (sizes); save the model again with save_pretrained."
         ) from exc
     _check_span_head(model, spec)
     if getattr(model.config, "return_dict", True) is False:
@@ -192,6 +196,35 @@ def trusts_remote_code(model: nn.Module) -> bool:
     imports as ``transformers_modules...``: the user consented to it when the model was
     loaded, so the folder's config and tokenizer and the ``hf/`` copy are read with it."""
     return type(model).__module__.startswith("transformers_modules")
+
+
+def _unreadable_config(spec: str, config: Path, version: str, exc: Exception, trusted: bool = False) -> str:
+    """Why transformers could not read the ``config.json`` of a local folder, and the fix
+    (``trusted``: ``--trust-code`` was given)."""
+    said = f"({type(exc).__name__}: {str(exc)[:200]})"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as bad:
+        return (
+            f"--model {spec!r}: {str(config)!r} is not valid JSON ({type(bad).__name__}: {bad}); it may be truncated "
+            "or edited by hand. Save the model again with save_pretrained."
+        )
+    if isinstance(data, dict) and data.get("auto_map"):
+        return (
+            f"--model {spec!r}: {str(config)!r} names model code of its own (auto_map: "
+            f"{', '.join(map(str, data['auto_map'].values()))[:120]}), "
+            + (
+                f"which could not be loaded {said}; check the folder holds the .py files auto_map names."
+                if trusted
+                else "which CleanAI neither imports nor runs without --trust-code: pass it if you trust the folder, "
+                f"or give a model of a class transformers ships {said}."
+            )
+        )
+    return (
+        f"--model {spec!r}: transformers {version} cannot read {str(config)!r} {said}. A model type newer than this "
+        "transformers needs an upgrade (pip install -U transformers); otherwise save the model again with "
+        "save_pretrained."
+    )
 
 
 def _cached_folder(src: str) -> Path | None:
@@ -277,16 +310,28 @@ def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
             "Install it, or give already tokenized data as a .pt file (a LongTensor of ids (N, L) or a dict "
             "with input_ids)."
         ) from exc
-    except (OSError, ValueError, TypeError) as exc:
+    except Exception as exc:  # a damaged tokenizer.json: KeyError, the tokenizers library's bare Exception
+        if not model_fault(exc):
+            raise
         declared = _declared_tokenizer(tf, where)
         if declared is not None:
             return declared
         if not required:
             return None
+        said = f"({type(exc).__name__}: {_one_line(exc)})"
+        files = (
+            sorted(f.name for f in Path(where).iterdir() if _is_tokenizer_file(f.name)) if Path(where).is_dir() else []
+        )
+        if files:  # said "no tokenizer next to the model" of a folder holding one that does not read
+            raise UserError(
+                f"the tokenizer in {where!r} ({', '.join(files)}) cannot be read {said}: a file may be truncated or "
+                "damaged. Save it again with tokenizer.save_pretrained(model_folder), or give already tokenized data "
+                "as a .pt file (a LongTensor of ids (N, L) or a dict with input_ids)."
+            ) from exc
         raise UserError(
             f"no tokenizer next to the model ({where!r}): text data needs one. Save it with "
             "tokenizer.save_pretrained(model_folder), or give already tokenized data as a .pt file "
-            f"(a LongTensor of ids (N, L) or a dict with input_ids). ({type(exc).__name__}: {_one_line(exc)})"
+            f"(a LongTensor of ids (N, L) or a dict with input_ids). {said}"
         ) from exc
 
 
@@ -323,7 +368,9 @@ def _declared_tokenizer(tf: Any, where: str) -> Any | None:
         return None
     try:
         tok = cls.from_pretrained(where, local_files_only=True)
-    except (OSError, ValueError, TypeError, ImportError):
+    except Exception as exc:  # noqa: BLE001 - any failure: the caller says what the folder lacks
+        if not model_fault(exc):
+            raise
         return None
     return tok if _makes_tokens(tok) else None
 

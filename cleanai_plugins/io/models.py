@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from cleanai_core import hookimpl
-from cleanai_core.errors import UserError
+from cleanai_core.errors import SpecError, UserError, model_fault
+from cleanai_core.extras import import_extra, module_name_problem, search_path_hint
 from cleanai_core.saved_folder import beyond_dtype, is_extra_state, nan_tensor, state_dict_problems, tensors_of
 from cleanai_core.special_files import check_not_packed, check_not_special
 
@@ -47,19 +48,22 @@ MODEL_FORMS = (
 
 def _import_attr(spec: str, what: str) -> Any:
     module_name, _, attr = spec.partition(":")
+    problem = module_name_problem(module_name)
+    if problem:
+        raise SpecError(f"{what} {spec!r}: {module_name!r} {problem}")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UserError(
-            f"cannot import module {module_name!r} for {what} {spec!r}: {exc}. "
+        raise SpecError(
+            f"cannot import module {module_name!r} for {what} {spec!r}: {exc}.{search_path_hint(module_name, exc)} "
             "Check the spelling and that the package is installed in this Python environment."
         ) from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise UserError(f"module {module_name!r} has no attribute {attr!r} (from {what} {spec!r}).")
+            raise SpecError(f"module {module_name!r} has no attribute {attr!r} (from {what} {spec!r}).")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise UserError(f"{what} {spec!r} names {type(obj).__name__}, not a callable.")
+        raise SpecError(f"{what} {spec!r} names {type(obj).__name__}, not a callable.")
     return obj
 
 
@@ -356,6 +360,29 @@ def _module_inside(obj: Any) -> str:
     )
 
 
+def _check_hub_cached(name: str, spec: str) -> None:
+    """``timm:hf-hub:ORG/NAME`` reads the model's config from the Hugging Face Hub, also
+    without pretrained weights: offline it retried for some 40 s and then said "cannot use:
+    An error happened while trying to locate the file on the Hub ... Check the path (its
+    length, links and permissions) and the disk". CleanAI downloads nothing: a name that is
+    not in the local cache is refused at once."""
+    if not name.startswith("hf-hub:"):
+        return
+    repo = name[len("hf-hub:") :].split("@")[0]
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, "config.json")
+    except Exception:  # noqa: BLE001 - no hub library, or a name it refuses: timm says what is wrong
+        return
+    if not isinstance(found, str):
+        raise UserError(
+            f"--model {spec!r}: timm reads {repo!r} from the Hugging Face Hub, and it is not in the local cache "
+            f"(CleanAI downloads nothing). Download it first (huggingface-cli download {repo}), or give the "
+            "architecture as timm:NAME with its weights as --weights FILE."
+        )
+
+
 def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
     """Build the model named by ``spec`` (see the module docstring), or ``None`` if the
     spec is none of the built-in forms."""
@@ -365,23 +392,20 @@ def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
         kwargs["num_classes"] = int(num_classes)
     path = Path(spec)
     if spec.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as exc:
-            raise UserError("timm:NAME needs timm: pip install timm") from exc
+        timm = import_extra("timm", "timm:NAME", "pip install timm")
         name = spec[len("timm:") :]
         pretrained = bool(options.get("pretrained", False))
+        _check_hub_cached(name, spec)
         try:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
-        except RuntimeError as exc:
+        except Exception as exc:  # noqa: BLE001 - timm's own errors about the name or its arguments
+            if not model_fault(exc):
+                raise
             if "Unknown model" in str(exc):
                 raise UserError(f"timm has no model {name!r}; list them with timm.list_models('*pattern*').") from exc
-            raise UserError(f"timm could not build {name!r}: {exc}") from exc
+            raise UserError(f"timm could not build {name!r}: {type(exc).__name__}: {str(exc)[:300]}") from exc
     elif spec.startswith("torchvision:"):
-        try:
-            import torchvision
-        except ImportError as exc:
-            raise UserError("torchvision:NAME needs torchvision: pip install torchvision") from exc
+        torchvision = import_extra("torchvision", "torchvision:NAME", "pip install torchvision")
         name = spec[len("torchvision:") :]
         if name not in torchvision.models.list_models():
             raise UserError(f"torchvision has no model {name!r}; see torchvision.models.list_models().")
