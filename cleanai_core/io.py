@@ -150,6 +150,7 @@ def save_pruned(
     *,
     example_inputs: Any = None,
     report: dict[str, Any] | None = None,
+    rebuild_check: bool = True,
 ) -> Path:
     """Write ``model.pt``, ``history.json`` and ``architecture.json`` (and ``model_full.pt``
     with ``save_pickle``) into ``out_dir``, atomically as a whole: the files are written to a
@@ -168,6 +169,9 @@ def save_pruned(
         default (a few token ids, or noise of the shape a Hugging Face config describes).
     :param report: a dict that receives what the output plugins say about their files
         (``hf_folder``: ``"hf"`` or ``None``; ``hf_reload``: why not, or how close).
+    :param rebuild_check: refuse (the default) where no installed loader rebuilds ``spec``;
+        ``False`` writes the folder with a warning instead (``run_job`` given a model object
+        built in the caller's code: its ``model.pt`` loads into the caller's own architecture).
 
     Example::
 
@@ -220,7 +224,11 @@ def save_pruned(
         raise UserError(f"save_pruned: {problem}. Nothing was written.")
     added: dict[str, dict[str, Any]] = {}  # plain attributes set after building (model.class_names): kept
     problem = _rebuild_problem(spec, options, model, history, example_input_shape, added)
-    if problem:  # written, then refused by load_pruned as "damaged or tampered with"
+    if problem and not rebuild_check and _UNCLAIMED in problem:
+        import warnings
+
+        warnings.warn(f"save_pruned: {problem}; the folder is written all the same", RuntimeWarning, stacklevel=2)
+    elif problem:  # written, then refused by load_pruned as "damaged or tampered with"
         raise UserError(f"save_pruned: {problem}. Nothing was written.")
     if example_input_shape is not None and (
         not isinstance(example_input_shape, (list, tuple))
@@ -315,6 +323,10 @@ def _foreign_own_files(out: Path) -> list[str]:
     return [] if isinstance(arch, dict) and "spec" in arch and "format" in arch else present
 
 
+#: what :func:`_rebuild_problem` says of a spec no installed loader claims
+_UNCLAIMED = "no installed loader can rebuild"
+
+
 def _rebuild_problem(
     spec: str,
     options: dict[str, Any],
@@ -341,7 +353,7 @@ def _rebuild_problem(
             return None if example_input_shape is not None else _lazy_problem(spec, fresh)
         if fresh is None:  # no loader claims the spec: the folder was written, load_pruned then refused it
             return (
-                f"load_pruned could not load the folder: no installed loader can rebuild {spec!r} (give timm:NAME, "
+                f"load_pruned could not load the folder: {_UNCLAIMED} {spec!r} (give timm:NAME, "
                 "torchvision:NAME, a package.module:factory that builds the unpruned model, or a spec an installed "
                 "loader plugin reads)"
             )

@@ -54,6 +54,7 @@ def run_job(config: PruneConfig | dict[str, Any], model: Any = None, dataset: An
         check_model(model, who="run_job")
     objects = tuple(k for k, v in (("model", model), ("data", dataset)) if v is not None)
     cfg = resolve_config(config, objects=objects)
+    cfg["_model_object"] = model is not None  # its spec may name no loader (save_pruned's rebuild_check)
     with _process_state_kept(cfg):
         return execute(cfg, model=model, dataset=dataset)
 
@@ -410,6 +411,9 @@ def _execute(
             example_input_shape=report["input_shape"] if isinstance(report["input_shape"], list) else None,
             example_inputs=example,
             report=report,  # the output plugins' entries (hf_folder, hf_reload)
+            # run_job(cfg, model=m) of a model built in the caller's code: no loader may rebuild its spec, and the
+            # job's work is not thrown away for it (model.pt loads into the caller's own architecture)
+            rebuild_check=not cfg.get("_model_object"),
         )
         cio.atomic_write_text(tmp / "config.json", json.dumps(resolved, indent=2, default=str) + "\n")
         report = write_report(tmp, report)
