@@ -350,7 +350,7 @@ class StructuredPruner:
         graph = self.graph if graph is None else graph
         model = self.model if model is None else model
         cal = self.calibration if calibration is None else calibration
-        grads = cal.gradients or (held_gradients(model, self.importance) if model is self.model else None)
+        grads = cal.gradients or (held_gradients(model, self.importance, self.graph) if model is self.model else None)
         ctx = ScoringContext(graph, cal.stats, model, bias_compensation=self.bias_compensation, gradients=grads)
         return score_groups(self.importance, graph, ctx)
 
@@ -708,7 +708,8 @@ class StructuredPruner:
                     "this pruner already pruned the model in place; to prune further, build a new StructuredPruner on "
                     "the pruned model (and collect activations again)"
                 )
-            if self.iterative_steps > 1 and not self.gradients and held_gradients(self.model, self.importance):
+            several = self.iterative_steps > 1 and not self.gradients
+            if several and held_gradients(self.model, self.importance, self.graph):
                 raise UserError(
                     f"the gradients on the model's parameters (your own loss's backward) score one step, but "
                     f"iterative_steps={self.iterative_steps}: each later step scores a smaller model they do not "
