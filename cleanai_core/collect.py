@@ -514,7 +514,7 @@ def held_gradients(model: nn.Module, importance: Any, graph: Any = None) -> dict
     named = list(model.named_parameters())
     held = {n: p.grad.detach() for n, p in named if p.grad is not None}
     scored = None if graph is None or not held else _scored_parameters(model, graph)
-    missing = [n for n, p in named if p.grad is None and p.is_floating_point() and (scored is None or n in scored)]
+    missing = [n for n, p in named if p.grad is None and p.is_floating_point() and (scored is None or id(p) in scored)]
     if held and missing:  # scored as zero, their units would go first
         raise UserError(
             f"{importance_name(importance)} importance scores with the gradients on the model's parameters, but "
@@ -533,20 +533,19 @@ def held_gradients(model: nn.Module, importance: Any, graph: Any = None) -> dict
     return held or None
 
 
-def _scored_parameters(model: nn.Module, graph: Any) -> set[str]:
-    """The names of the parameters the prunable groups of ``graph`` read: those of each
-    slice's module (and the bare parameters its slices name)."""
-    out: set[str] = set()
-    for spec in {(s.module, s.name) for g in graph.groups(prunable_only=True) for s in g.slices}:
-        module, name = spec
-        if module == "":
-            out.add(name)
-            continue
+def _scored_parameters(model: nn.Module, graph: Any) -> set[int]:
+    """The ids of the parameters the prunable groups of ``graph`` read: those of each
+    slice's module, and the bare parameters its slices name (by id: a tied parameter has
+    one name in ``named_parameters()``, maybe not the one its group reads it under)."""
+    out: set[int] = set()
+    for module, name in {(s.module, s.name) for g in graph.groups(prunable_only=True) for s in g.slices}:
         try:
-            sub = model.get_submodule(module)
+            if module == "":
+                out.add(id(model.get_parameter(name)))
+            else:
+                out.update(id(p) for p in model.get_submodule(module).parameters())
         except AttributeError:
             continue
-        out.update(n for n, _ in sub.named_parameters(prefix=module))
     return out
 
 

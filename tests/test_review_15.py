@@ -21,6 +21,7 @@ from cleanai_core.cli import main
 from cleanai_core.errors import UserError
 from cleanai_core.io import save_pruned
 from cleanai_core.metrics import count_params
+from cleanai_core.report import render_markdown
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
@@ -133,3 +134,23 @@ def test_taylor_from_the_users_backward_with_a_frozen_ignored_stem_prunes_as_wit
     frozen[1].weight.grad = frozen[1].bias.grad = None
     with pytest.raises(UserError, match=r"4 of them have none \(0.weight, 0.bias, 1.weight"):
         StructuredPruner(frozen, x[:1], "taylor", pruning_ratio=0.5).prune()
+
+
+def test_the_report_says_taylor_scored_with_the_gradients_the_users_backward_left():
+    """After a training loop the parameters hold the last batch's gradients (taken before
+    its optimizer step); Taylor without labelled calibration data scores with them, and
+    nothing said so. The report names them; with labelled batches it does not."""
+    x, y = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 3])
+    model = _net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    pruner = StructuredPruner(model, x[:1], "taylor", pruning_ratio=0.5)
+    assert count_params(pruner.prune()) == 452
+    report = pruner.report()
+    assert report["gradients"] is not None and "your own loss's backward" in report["gradients"]
+    assert "scored with the gradients on the model's parameters" in render_markdown(report)
+    labelled = StructuredPruner(model, x[:1], "taylor", pruning_ratio=0.5).collect_activations([(x, y)], progress=False)
+    assert count_params(labelled.prune()) == 452 and labelled.report()["gradients"] is None
