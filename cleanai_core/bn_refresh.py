@@ -32,6 +32,7 @@ from torch import nn
 from cleanai_core.bn_correction import _moments, norms_with_running_stats, set_running_stats
 from cleanai_core.calibration import _chan_merge
 from cleanai_core.distributed import combine_moments
+from cleanai_core.model_state import set_mode
 
 __all__ = ["reestimate_batchnorm"]
 
@@ -79,7 +80,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], run: Callable
     estimates = {name: _Estimate(m) for name, m in norms.items()}
     handles = [m.register_forward_pre_hook(estimates[name]) for name, m in norms.items()]
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    set_mode(model, False)
     try:
         with torch.no_grad():
             for batch in batches:

@@ -500,18 +500,21 @@ def _takes_labels(model: nn.Module) -> bool:
         return False
 
 
-def held_gradients(model: nn.Module, importance: Any) -> dict[str, torch.Tensor] | None:
+def held_gradients(model: nn.Module, importance: Any, graph: Any = None) -> dict[str, torch.Tensor] | None:
     """The gradients the user's own backward left on ``model``'s parameters (the peer's
     ``loss.backward()`` before ``pruner.step()``: any loss, a detector's or a dummy
     ``out.sum()``), for a criterion that scores with gradients summed over the data
     (Taylor); ``None`` where the criterion needs none or no parameter holds one. A criterion
     that needs each sample's own gradient (Hessian) cannot use a batch's sum: it is refused
-    with the way to give them."""
+    with the way to give them. ``graph``: the model's :class:`DependencyGraph`; a parameter
+    without a gradient is refused only where a prunable group reads it (a frozen backbone
+    or embedding under ignored layers, or outside every group, scores no unit)."""
     if not getattr(importance, "needs_gradients", False):
         return None
     named = list(model.named_parameters())
     held = {n: p.grad.detach() for n, p in named if p.grad is not None}
-    missing = [n for n, p in named if p.grad is None and p.is_floating_point()]
+    scored = None if graph is None or not held else _scored_parameters(model, graph)
+    missing = [n for n, p in named if p.grad is None and p.is_floating_point() and (scored is None or id(p) in scored)]
     if held and missing:  # scored as zero, their units would go first
         raise UserError(
             f"{importance_name(importance)} importance scores with the gradients on the model's parameters, but "
@@ -528,6 +531,22 @@ def held_gradients(model: nn.Module, importance: Any) -> dict[str, torch.Tensor]
             "with the gradients you computed"
         )
     return held or None
+
+
+def _scored_parameters(model: nn.Module, graph: Any) -> set[int]:
+    """The ids of the parameters the prunable groups of ``graph`` read: those of each
+    slice's module, and the bare parameters its slices name (by id: a tied parameter has
+    one name in ``named_parameters()``, maybe not the one its group reads it under)."""
+    out: set[int] = set()
+    for module, name in {(s.module, s.name) for g in graph.groups(prunable_only=True) for s in g.slices}:
+        try:
+            if module == "":
+                out.add(id(model.get_parameter(name)))
+            else:
+                out.update(id(p) for p in model.get_submodule(module).parameters())
+        except AttributeError:
+            continue
+    return out
 
 
 def _own_losses(

@@ -30,7 +30,7 @@ from torch import nn
 from cleanai_core import __version__
 from cleanai_core.errors import SpecError, UserError, shown
 from cleanai_core.interfaces import memory_format_of
-from cleanai_core.model_state import state_with_versions
+from cleanai_core.model_state import set_mode, state_with_versions
 from cleanai_core.out_folder import (
     INSIDE,
     TrackedWriter,
@@ -290,7 +290,7 @@ def _save_outputs(model: nn.Module, folder: Path, example: Any, spec: str, repor
     with preserved(model):  # the caller's modes and attributes put back
         on_cpu = model if device_of(model) in (None, torch.device("cpu")) else copy_model(model).cpu()
         results = get_plugin_manager().hook.cleanai_save_outputs(
-            model=on_cpu.eval(), folder=folder, options={"example": example, "model_spec": spec}
+            model=set_mode(on_cpu, False), folder=folder, options={"example": example, "model_spec": spec}
         )
     for extra in results:
         if report is not None:
@@ -768,8 +768,9 @@ def rebuild_pruned(
         model.load_state_dict(state_with_versions(model, state), strict=True)
         arch = out / "architecture.json"
         added = read_settings(arch, "added_settings")
-        apply_settings(model.eval(), read_settings(arch), arch, pm, read_probe(arch, model, map_location), added)
-        return model.eval(), stored, kept_float32
+        set_mode(model, False)  # not model.eval(): a module exported with torch.export refuses it
+        apply_settings(model, read_settings(arch), arch, pm, read_probe(arch, model, map_location), added)
+        return set_mode(model, False), stored, kept_float32
 
 
 def narrower_stored_dtype(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[torch.dtype | None, list[str]]:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from cleanai_core.model_state import copy_model
+from cleanai_core.model_state import copy_model, set_mode
 from cleanai_core.runtime import call_model
 
 __all__ = ["PrefixCache", "Span"]
@@ -105,7 +105,7 @@ class PrefixCache:
         self.spans: dict[str, Span] | None = None
         self.outputs: dict[str, list[Any]] = {}  # module name -> its output on every batch
         self.opaque: set[str] = set()  # modules whose outputs are not plain tensors: never cached
-        self.base.eval()
+        set_mode(self.base, False)
 
     def reference(self) -> list[Any]:
         """Run the original on every batch, recording the spans; returns its outputs."""

@@ -273,6 +273,7 @@ class StructuredPruner:
         self.set_layer_ratios(layer_pruning_ratios or {})
         self.ignored = options.ignored_modules(model, ignored_layers or ())
         self.history, self.calibration = PruningHistory(), Calibration()
+        self.scored_with_held_gradients = False  # Taylor scored with the gradients the user's backward left
         self._plan: PruningPlan | None = None
         self.pruned_model: nn.Module | None = None
         self.skipped_groups: list[str] = []
@@ -350,7 +351,10 @@ class StructuredPruner:
         graph = self.graph if graph is None else graph
         model = self.model if model is None else model
         cal = self.calibration if calibration is None else calibration
-        grads = cal.gradients or (held_gradients(model, self.importance) if model is self.model else None)
+        held = None if cal.gradients or model is not self.model else held_gradients(model, self.importance, self.graph)
+        if model is self.model:  # the report says so: scored on no data, with whatever backward left them
+            self.scored_with_held_gradients = bool(held)
+        grads = cal.gradients or held
         ctx = ScoringContext(graph, cal.stats, model, bias_compensation=self.bias_compensation, gradients=grads)
         return score_groups(self.importance, graph, ctx)
 
@@ -708,7 +712,8 @@ class StructuredPruner:
                     "this pruner already pruned the model in place; to prune further, build a new StructuredPruner on "
                     "the pruned model (and collect activations again)"
                 )
-            if self.iterative_steps > 1 and not self.gradients and held_gradients(self.model, self.importance):
+            several = self.iterative_steps > 1 and not self.gradients
+            if several and held_gradients(self.model, self.importance, self.graph):
                 raise UserError(
                     f"the gradients on the model's parameters (your own loss's backward) score one step, but "
                     f"iterative_steps={self.iterative_steps}: each later step scores a smaller model they do not "

@@ -181,6 +181,9 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         # the example's shape: FLOPs of a batch of 4 read "FLOPs (1 input)" in report.md, 4x the CLI's figure
         "input_shape": input_shape(pruner.example_inputs),
         "importance": describe_importance(pruner.importance),
+        # Taylor without labelled calibration data: the gradients on the parameters, from whatever backward ran
+        # last (a training loop's last batch, before its optimizer step, is scored without a word otherwise)
+        "gradients": HELD_GRADIENTS if getattr(pruner, "scored_with_held_gradients", False) else None,
         # what set the amount: a target or the dead units leave the ratio unused (it read 0.3, the default)
         "pruning_ratio": None if _amount_set_otherwise(pruner) else pruner.pruning_ratio,
         "target_flops": pruner.target_flops,
@@ -199,6 +202,13 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "layers": _step_records(pruner),
         "dead_units": [f.to_json() for f in find_dead_units(pruner.graph, pruner.stats)] if pruner.stats else None,
     }
+
+
+#: the report's ``gradients`` where a gradient criterion scored with the gradients found on the parameters
+HELD_GRADIENTS = (
+    "the gradients on the model's parameters when it was scored (left by your own loss's backward), not gradients "
+    "taken on calibration data"
+)
 
 
 def describe_importance(importance: Any) -> str:

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError, model_fault
 from cleanai_core.metrics import call_model, ctc_errors, eval_mode, perplexity
-from cleanai_core.model_state import copy_model, state_copy, state_with_versions
+from cleanai_core.model_state import copy_model, set_mode, state_copy, state_with_versions
 from cleanai_core.options import check_callables, check_modules, check_not_meta, check_switches, plain_number
 from cleanai_core.runtime import (
     checked_device,
@@ -855,7 +855,7 @@ def recover(
     bar = tqdm(total=total, desc="recovering", unit="step", disable=not progress, leave=False)
     teacher_modes = [(m, m.training) for m in teacher.modules()] if teacher is not None else []
     if teacher is not None:
-        teacher.eval()  # BN and dropout in inference mode; restored at the end
+        set_mode(teacher, False)  # BN and dropout in inference mode; restored at the end
     try:
         for epoch in range(1, epochs + 1):
             for m in training:

@@ -117,6 +117,7 @@ _NOTES = (
     ("target_latency", "target latency {}"),
     ("prune_dead_only", "dead units only (`prune_dead_only`)"),
     ("importance", "importance `{}`"),
+    ("gradients", "scored with {}"),
     ("calibration_samples", "{} calibration samples"),
     ("scored_samples", "{} of them scored the channels"),
     ("evaluation_samples", "{} held-out evaluation samples"),

@@ -37,6 +37,7 @@ from cleanai_core.calibration import (
     split_batch,
 )
 from cleanai_core.errors import UserError
+from cleanai_core.model_state import set_mode
 from cleanai_core.runtime import device_of
 
 __all__ = ["collect_sequential", "find_blocks"]
@@ -106,14 +107,14 @@ def collect_sequential(
         return StatsCollector(model, group, covariance_budget=granted, **options)
 
     was_training = model.training
-    model.eval()
+    set_mode(model, False)
     try:
         with torch.no_grad():
             stats.update(
                 _run_blocks(model, prefix, block_list, inside, outside, loader, num_batches, forward, collector)
             )
     finally:
-        model.train(was_training)
+        set_mode(model, was_training)
     return stats
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from cleanai_core.errors import UserError
+from cleanai_core.model_state import set_mode
 
 __all__ = ["add_parser", "example_input", "parse_shape", "run", "token_vocabulary"]
 
@@ -177,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     check_real(model, args.model)
     if args.max_groups < 0:  # -1 listed all groups but one, then "... 6 more"
         raise UserError(f"--max-groups={args.max_groups} is out of range: it must be >= 0.")
-    model.eval()
+    set_mode(model, False)
     shape = parse_shape(args.input_shape) if args.input_shape else default_shape(model)
     tried = ",".join(map(str, shape))
     # the example in the model's floating dtype: a float16 model failed on float32 noise

@@ -14,6 +14,7 @@ import torch
 from cleanai_core.config_sources import ENV_PREFIX
 from cleanai_core.errors import UserError
 from cleanai_core.extras import check_file_spec
+from cleanai_core.model_state import set_mode
 from cleanai_core.options import meta_tensor
 from cleanai_core.runtime import cast_within_range
 
@@ -149,7 +150,7 @@ def load_inputs(cfg: dict[str, Any], model: Any = None, dataset: Any = None) -> 
             forms = input_forms("model", pm)
             raise UserError(f"--model {cfg['model']!r}{hint}: not a model this tool can load. Give {forms}.")
         check_real(model, cfg["model"])
-        model = model.eval().to(cfg["device"])
+        model = set_mode(model, False).to(cfg["device"])
         if model_options.get(
             "resolved_spec"
         ):  # a loader's spec that works from any folder (a relative path made absolute)

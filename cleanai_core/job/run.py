@@ -32,7 +32,7 @@ from cleanai_core.job.inputs import (
 from cleanai_core.job.memory import check_batches_fit, out_of_memory_error, sample_peak
 from cleanai_core.job.outputs import check_out_apart, check_out_dir, guard_out, marker_text, resolved_spec_path
 from cleanai_core.job.recovery import check_train_data
-from cleanai_core.model_state import copy_model, preserved, round_through, stored_in
+from cleanai_core.model_state import copy_model, preserved, round_through, set_mode, stored_in
 from cleanai_core.pruning_report import indices_in_original, input_shape
 from cleanai_core.runtime import device_of, private_rng
 from cleanai_core.special_files import check_not_special
@@ -120,7 +120,7 @@ def _latencies(before: Any, after: Any, example: Any, repeats: int) -> tuple[flo
 
     cpu = torch.device("cpu")
     x = to_device(example, cpu)
-    models = [copy_model(m).cpu().eval() for m in (before, after)]
+    models = [set_mode(copy_model(m).cpu(), False) for m in (before, after)]
     per_round = max(1, math.ceil(repeats / LATENCY_ROUNDS))
     times: list[list[float]] = [[], []]
     for _ in range(LATENCY_ROUNDS):
@@ -205,7 +205,7 @@ def _execute(
     if model is not None:
         if device_of(model) not in (None, device):  # the user's model stays where it is
             model = copy_model(model)
-        model = model.eval().to(device)
+        model = set_mode(model, False).to(device)
     if model is None or dataset is None:
         with heap_growing(runs_user_code=True):  # the model, the data and the imports they take live to the end
             model, dataset, pm = load_inputs(cfg, model, dataset)

@@ -8,6 +8,7 @@ import torch
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
+from cleanai_core.model_state import set_mode
 from cleanai_core.recovery import IGNORE_INDEX
 from cleanai_core.runtime import class_logits, find_logits, reads_as_regression, regression_targets
 from cleanai_plugins.io.datasets import label_indices, not_class_labels
@@ -31,7 +32,7 @@ def cleanai_evaluate(model, loader, device):
 
     correct = total = ignored = 0
     squared, values, samples, regression = 0.0, 0, 0, False
-    model.eval()
+    set_mode(model, False)
     quiet = not log.isEnabledFor(logging.INFO)
     with torch.no_grad():
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=quiet, leave=False):
