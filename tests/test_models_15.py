@@ -81,3 +81,66 @@ def test_a_layer_that_ran_but_no_group_cut_is_not_called_unrun_and_the_prune_fal
     again = load_pruned(tmp_path / "out").eval()
     for a, b in zip(floats(again, x), floats(small, x), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+VIDEO = dict(image_size=32, patch_size=8, num_frames=2, num_hidden_layers=2, hidden_size=64, num_attention_heads=4)
+#: family -> (model class, config class, config keys, one input's shape)
+DEFAULT_EXAMPLE_FAMILIES = {
+    "videomae": (
+        "VideoMAEForVideoClassification",
+        "VideoMAEConfig",
+        dict(VIDEO, intermediate_size=96, tubelet_size=2, num_labels=4),
+        (2, 3, 32, 32),
+    ),
+    "timesformer": (
+        "TimesformerForVideoClassification",
+        "TimesformerConfig",
+        dict(VIDEO, intermediate_size=96, num_labels=4),
+        (2, 3, 32, 32),
+    ),
+    "vitpose": (  # the image size is the backbone's: the top config has none
+        "VitPoseForPoseEstimation",
+        "VitPoseConfig",
+        dict(
+            backbone_config=dict(
+                model_type="vitpose_backbone",
+                image_size=[32, 32],
+                patch_size=[8, 8],
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                mlp_ratio=2,
+                out_indices=[2],
+            ),
+            num_labels=5,
+        ),
+        (3, 32, 32),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_EXAMPLE_FAMILIES))
+def test_a_video_or_backbone_sized_model_saved_without_an_example_gets_its_hf_folder(name, tmp_path):
+    """``save_pruned`` without ``example_inputs`` checks the ``hf/`` folder on an input
+    built from the config, as ``cleanai explain`` traces one: a video model (VideoMAE,
+    TimesFormer, ViViT, V-JEPA 2) got a (1, 3, 224, 224) image ("not enough values to
+    unpack (expected 5, got 4)") and ViTPose, whose image size is its backbone's, a 224
+    image ("Input image size (224*224) doesn't match model (32*32)"): no ``hf/`` folder,
+    though from_pretrained rebuilds the pruned model. The example now has the config's
+    frames (``(1, frames, C, H, W)``) and the backbone's image size."""
+    cls, config, keys, shape = DEFAULT_EXAMPLE_FAMILIES[name]
+    torch.manual_seed(0)
+    model = getattr(T, cls)(getattr(T, config)(**keys)).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, *shape, generator=gen)
+    pruner = StructuredPruner(model, (x,), pruning_ratio=0.5)
+    pruner.collect_activations([(torch.randn(2, *shape, generator=gen),) for _ in range(2)], progress=False)
+    small = pruner.prune()
+    assert params(small) < 0.9 * params(model)
+    model.save_pretrained(tmp_path / "original")
+    save_pruned(tmp_path / "out", small, pruner.history, spec=f"hf:{tmp_path / 'original'}")
+    assert (tmp_path / "out" / "hf" / "config.json").is_file()
+    again = getattr(T, cls).from_pretrained(tmp_path / "out" / "hf").eval()
+    assert params(again) == params(small)
+    for a, b in zip(floats(again, x), floats(small, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
