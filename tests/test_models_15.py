@@ -144,3 +144,14 @@ def test_a_video_or_backbone_sized_model_saved_without_an_example_gets_its_hf_fo
     assert params(again) == params(small)
     for a, b in zip(floats(again, x), floats(small, x), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_cleanai_explain_traces_a_video_folder_with_its_frames(tmp_path, capsys):
+    """``cleanai explain --model hf:DIR`` of a VideoMAE folder traced a (1, 3, 224, 224)
+    image and failed ("not enough values to unpack"); it traces (1, frames, 3, H, W) now."""
+    from cleanai_core.cli import main
+
+    cls, config, keys, _ = DEFAULT_EXAMPLE_FAMILIES["videomae"]
+    getattr(T, cls)(getattr(T, config)(**keys)).save_pretrained(tmp_path / "m")
+    assert main(["explain", "--model", f"hf:{tmp_path / 'm'}"]) == 0
+    assert "videomae.encoder.layer.0.intermediate.dense" in capsys.readouterr().out
