@@ -100,16 +100,20 @@ def example_input(model: torch.nn.Module, shape: tuple[int, ...], dtype: torch.d
 
 
 #: the forward arguments of a Hugging Face model that reads a signal, not token ids
-SIGNALS = ("input_values", "input_features", "pixel_values")
+SIGNALS = ("input_values", "input_features", "pixel_values", "pixel_values_videos")
 
 
 def signal_example(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
-    """A default example for a Hugging Face speech, audio or image model (its forward takes
-    ``input_values``, ``input_features`` or ``pixel_values`` and no ``input_ids``): noise
-    of the shape its config describes (one second at 16 kHz for a raw-audio encoder; the
-    mel frames Whisper's encoder is built for; the config's image size), with the decoder's
-    start token for an encoder-decoder. ``None`` where it is no such model. Without it,
-    ``explain`` traced a wav2vec2 folder with a (1, 3, 224, 224) image and refused it."""
+    """A default example for a Hugging Face speech, audio, image or video model (its forward
+    takes ``input_values``, ``input_features``, ``pixel_values`` or ``pixel_values_videos``
+    and no ``input_ids``): noise of the shape its config describes (one second at 16 kHz for
+    a raw-audio encoder; the mel frames Whisper's encoder is built for; the config's image
+    size, or its backbone's (ViTPose); ``(1, frames, channels, height, width)`` for a video
+    model whose config names its frames, the frames as the batch for X-CLIP's vision tower),
+    with the decoder's start token for an encoder-decoder. ``None`` where it is no such
+    model. Without it, ``explain`` traced a wav2vec2 folder with a (1, 3, 224, 224) image and
+    refused it; a video model (VideoMAE, TimesFormer, ViViT, V-JEPA 2) was given an image and
+    failed, and ``save_pruned`` wrote no ``hf/`` folder for it."""
     import inspect
 
     config = getattr(model, "config", None)
@@ -121,12 +125,16 @@ def signal_example(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
     if config is None or key is None or "input_ids" in takes:
         return None
 
-    def num(name: str) -> int | None:
+    def value(name: str):  # the config's, else its backbone's
         v = getattr(config, name, None)
+        return v if v is not None else getattr(getattr(config, "backbone_config", None), name, None)
+
+    def num(name: str) -> int | None:
+        v = value(name)
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
-    if key == "pixel_values":
-        size = getattr(config, "image_size", None)
+    if key.startswith("pixel_values"):
+        size = value("image_size") or value("crop_size")
         h, w = (
             (size, size)
             if isinstance(size, int)
@@ -134,7 +142,12 @@ def signal_example(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
             if isinstance(size, (list, tuple))
             else (224, 224)
         )
-        shape = (1, num("num_channels") or 3, h, w)
+        frames = num("num_frames") or num("frames_per_clip")
+        chw = (num("num_channels") or num("in_chans") or 3, h, w)
+        if frames and value("mit_hidden_size"):  # X-CLIP's vision tower: frames folded into the batch
+            shape = (frames, *chw)
+        else:
+            shape = (1, *([frames] if frames else []), *chw)
     elif key == "input_values":  # AST reads spectrogram frames; the wav2vec2 family raw audio
         frames, mels = num("max_length"), num("num_mel_bins")
         shape = (1, frames, mels) if frames and mels else (1, 16000)

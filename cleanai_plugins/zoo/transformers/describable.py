@@ -34,6 +34,7 @@ from torch import nn
 from cleanai_core.graph.cut import cut_dims
 from cleanai_core.planning import tie_counts, uniform_counts
 from cleanai_core.slicing import apply_edits, edits_for
+from cleanai_core.verify import untraced_layers
 from cleanai_plugins.zoo.transformers.config import rebuild_mismatches, rebuilt_shapes
 from cleanai_plugins.zoo.transformers.reload_path import ALIBI, reasons
 
@@ -109,13 +110,21 @@ def _touching(graph, groups: list, bad: dict[str, set[int]]) -> dict[int, str]:
                 if cut is None or set(cut) & dims:
                     hit.setdefault(group.id, key)
                     explained.add(key)
-    for key in sorted(set(bad) - explained):  # no group cut it: sized from a count that changed
+    unexplained = sorted(set(bad) - explained)
+    untraced = untraced_layers(graph) if unexplained else {}
+    for key in unexplained:  # no group cut it: sized from a count that changed
         near = _nearest_cutters(groups, key)
         for gid in near:
             hit.setdefault(gid, key)
         holder = key.rpartition(".")[0]
+        # a holder in the graph ran: no group cut it, yet its rebuilt width changed (Mask2Former's
+        # input projection read a backbone width another key sets); "did not run" would be
+        # false there, and that reason alone refuses the prune instead of falling back
+        ran = holder in graph.nodes and holder not in untraced
+        state = "ran but no group cut it" if ran else _UNRUN
+        why = f"{holder} {state} and keeps its width, which its config key gives this one too"
         for gid in [] if near else _same_role_cutters(groups, holder):
-            hit.setdefault(gid, f"{holder} {_UNRUN} and keeps its width, which its config key gives this one too")
+            hit.setdefault(gid, why)
     return hit
 
 
