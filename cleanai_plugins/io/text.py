@@ -43,6 +43,7 @@ model folder.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
@@ -98,13 +99,24 @@ def _seq_len(model: Any, asked: int | None) -> int:
     return n
 
 
+#: byte-order marks of the UTF-16 / UTF-32 files some editors save "Unicode" text as (Windows
+#: Notepad: UTF-16 LE), longest first (UTF-32 LE starts with UTF-16 LE's mark)
+_UNICODE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                 (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+
+
 def read_text(path: Path) -> str:
-    """The file as UTF-8 text (a byte-order mark is dropped), or a :class:`UserError` naming
-    the first byte that is not UTF-8."""
+    """The file as UTF-8 text (a byte-order mark is dropped), or as UTF-16 / UTF-32 where it
+    starts with their byte-order mark; else a :class:`UserError` naming the first byte that
+    is not UTF-8."""
     data = path.read_bytes()
+    codec = next((name for bom, name in _UNICODE_BOMS if data.startswith(bom)), "utf-8-sig")
     try:
-        return data.decode("utf-8-sig")
+        return data.decode(codec)
     except UnicodeDecodeError as exc:
+        if codec != "utf-8-sig":
+            raise UserError(f"{str(path)!r} starts with a {codec.upper()} byte-order mark but is not {codec.upper()} "
+                            f"text (byte {exc.start}); save it as UTF-8.") from None  # fmt: skip
         bad = data[exc.start : exc.start + 1]
         line = data.count(b"\n", 0, exc.start) + 1
         raise UserError(
@@ -113,11 +125,19 @@ def read_text(path: Path) -> str:
         ) from None
 
 
+def text_lines(text: str) -> list[str]:
+    """``text``'s lines as a file is read line by line: split at ``\\n``, ``\\r\\n`` and ``\\r``
+    only. ``str.splitlines`` also splits at U+2028, U+2029, NEL (U+0085) and form feeds, which
+    a JSON string holds as they are (``json.dumps(..., ensure_ascii=False)``): a valid
+    ``.jsonl`` line was refused as "not JSON", and a ``.txt`` document cut in two."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def read_jsonl(path: Path, label: str = "label") -> tuple[list[str], list[Any] | None]:
     """Texts and labels (``None`` when no line has one) of a ``.jsonl`` file; ``label`` is
     the field that holds them (``"target"``: an encoder-decoder's target text)."""
     texts, labels = [], []
-    for i, line in enumerate(read_text(path).splitlines(), 1):
+    for i, line in enumerate(text_lines(read_text(path)), 1):
         if not line.strip():
             continue
         try:
@@ -753,7 +773,7 @@ def load_text_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
     if suffix == ".jsonl":
         texts, labels = read_jsonl(path, "target" if head_kind(model) == "seq2seq" else "label")
         return _tokenize(texts, labels, model, seq_len, spec)
-    texts = [line for f in (files or [path]) for line in read_text(f).splitlines() if line.strip()]
+    texts = [line for f in (files or [path]) for line in text_lines(read_text(f)) if line.strip()]
     if not texts:
         what = f"the {len(files)} .txt file(s) in {spec!r} hold" if files else f"{spec!r} holds"
         raise UserError(f"{what} no text (only empty lines); give at least a few lines of text.")

@@ -1,0 +1,115 @@
+"""Hugging Face text models, session 23b (text15): the data side of ``cleanai prune
+--model hf:``, one cause per test (tiny models from configs and a character tokenizer
+built here, nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+from cleanai_core.errors import UserError  # noqa: E402
+from cleanai_plugins.io.text import load_text_dataset  # noqa: E402
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,'"
+VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}
+WORDS = "the cat sat on a mat and dog ran to park with ball it was fun day".split()
+
+
+def char_tokenizer(bos: bool = True):
+    """One token per character; ``<s>`` before each text where ``bos`` (as Llama's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel(dict(VOCAB), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+def folder(tmp_path: Path, head: str = "causal", bos: bool = True) -> Path:
+    """A tiny Llama (causal LM, or a 3-class sequence classifier) saved with its tokenizer."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=0, num_labels=3)  # fmt: skip
+    cls = transformers.LlamaForCausalLM if head == "causal" else transformers.LlamaForSequenceClassification
+    out = tmp_path / f"{head}-{int(bos)}"
+    cls(cfg).save_pretrained(out)
+    char_tokenizer(bos).save_pretrained(out)
+    return out
+
+
+def load(path: Path):
+    cfg = transformers.AutoConfig.from_pretrained(path)
+    cls = transformers.LlamaForCausalLM if cfg.architectures[0].endswith("CausalLM") else (
+        transformers.LlamaForSequenceClassification)  # fmt: skip
+    return cls.from_pretrained(path).eval()
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (3 + k % 7,), generator=g)) for k in range(n)]
+
+
+def items(data) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([data[i][k] for i in range(len(data))]) for k in data[0]}
+
+
+def test_a_jsonl_text_holding_a_line_separator_is_one_line_of_json(tmp_path):
+    """``json.dumps(..., ensure_ascii=False)`` writes U+2028, U+2029 and NEL (U+0085) as
+    they are, which JSON allows inside a string; ``str.splitlines`` cut the line there and
+    a valid file was refused (``line 6 is not JSON (Unterminated string ...)``). A ``.txt``
+    line holding one was two documents."""
+    model = load(folder(tmp_path, "sequence"))
+    rows = [{"text": t, "label": i % 3} for i, t in enumerate(texts(12))]
+    for i, sep in ((5, "\u2028"), (7, "\u2029"), (9, "\x85"), (10, "\x0c")):
+        rows[i]["text"] = rows[i]["text"].replace(" ", sep, 1)
+    raw, escaped = tmp_path / "raw.jsonl", tmp_path / "escaped.jsonl"
+    raw.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    escaped.write_text("\r\n".join(json.dumps(r) for r in rows) + "\r\n", encoding="utf-8")  # Windows line ends
+    got = items(load_text_dataset(str(raw), {"model": model, "seq_len": 32}))  # was: UserError
+    want = items(load_text_dataset(str(escaped), {"model": model, "seq_len": 32}))
+    assert got["input_ids"].shape == (12, 32) and got["labels"].tolist() == [i % 3 for i in range(12)]
+    assert torch.equal(got["input_ids"], want["input_ids"])
+
+    causal = load(folder(tmp_path))
+    lines = texts(40)
+    lines[3] = lines[3].replace(" ", "\u2028", 1)
+    (tmp_path / "d.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    blocks = items(load_text_dataset(str(tmp_path / "d.txt"), {"model": causal, "seq_len": 16}))["input_ids"]
+    tok = char_tokenizer()
+    stream = torch.cat([torch.tensor(tok(t)["input_ids"]) for t in lines])  # 40 documents, 40 <s>; was 41
+    assert torch.equal(blocks.flatten(), stream[: blocks.numel()])
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_text_file_saved_as_utf16_or_utf32_with_its_byte_order_mark_is_read(tmp_path, encoding):
+    """Windows Notepad's "Unicode" is UTF-16 LE with a byte-order mark: refused as ``not
+    UTF-8 text (byte 0, line 1, is b'\\xff')`` with advice to convert from latin1, which
+    would have garbled it. A byte-order mark names its encoding: the file is read in it."""
+    model = load(folder(tmp_path))
+    lines = "\n".join(texts(60)) + "\n"
+    (tmp_path / "utf8.txt").write_text(lines, encoding="utf-8")
+    data = tmp_path / "other.txt"
+    bom = {"utf-16-be": b"\xfe\xff"}.get(encoding, b"")
+    data.write_bytes(bom + lines.encode(encoding))
+    got = items(load_text_dataset(str(data), {"model": model, "seq_len": 16}))  # was: UserError
+    want = items(load_text_dataset(str(tmp_path / "utf8.txt"), {"model": model, "seq_len": 16}))
+    assert got["input_ids"].shape == want["input_ids"].shape == (len(want["input_ids"]), 16)
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    broken = tmp_path / "broken.txt"
+    broken.write_bytes(b"\xff\xfe" + "the cat".encode("utf-16-le") + b"\x00")  # an odd byte: no UTF-16
+    with pytest.raises(UserError, match="UTF-16 byte-order mark but is not UTF-16 text"):
+        load_text_dataset(str(broken), {"model": model, "seq_len": 16})
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"is not UTF-8 text \(byte 3, line 1"):
+        load_text_dataset(str(latin), {"model": model, "seq_len": 16})
