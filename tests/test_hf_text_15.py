@@ -156,3 +156,81 @@ def test_a_recovery_after_a_prune_that_lost_nothing_measurable_gives_no_share_of
     assert held_out_perplexity(small, blocks) == pytest.approx(report["perplexity_after"], rel=1e-5)
     assert sum(p.numel() for p in small.parameters()) == report["params_after"] < report["params_before"]
     assert small.generate(blocks[:2, :5], max_new_tokens=4, do_sample=False).shape == (2, 9)
+
+
+FACTORIES = """
+import torch
+from torch.utils.data import Dataset
+
+IDS = torch.randint(4, 34, (40, 24), generator=torch.Generator().manual_seed(0))
+
+
+def tensor():
+    return IDS
+
+
+def mapping():
+    return {"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}
+
+
+def too_large():
+    return IDS + 100
+
+
+class Rows(Dataset):
+    def __init__(self, padded):
+        self.padded = padded
+
+    def __len__(self):
+        return len(IDS)
+
+    def __getitem__(self, i):
+        if not self.padded:
+            return IDS[i]
+        mask = torch.ones(24, dtype=torch.long)
+        mask[: i % 5] = 0
+        return {"input_ids": IDS[i], "attention_mask": mask}
+
+
+def rows():
+    return Rows(False)
+
+
+def padded():
+    return Rows(True)
+"""
+
+
+def test_token_ids_from_a_data_function_are_read_as_a_pt_of_them_is(tmp_path, monkeypatch):
+    """``--data package.module:function`` returning what a ``.pt`` holds (the user guide:
+    "or what a .pt file holds"): token ids ``(N, L)`` for a causal LM gave ``Accuracy not
+    measured: the data has no labels`` (the ``.pt``: the held-out perplexity), a dict with
+    ``input_ids`` failed ``reading item 1 failed (KeyError: 1)``, a data set of unlabelled id
+    rows had no labels either, and ids beyond the vocabulary were not checked. Now each is
+    read as the ``.pt`` is: a causal LM's labels are its own ids, -100 where the mask hides."""
+    from cleanai_core.job.inputs import has_labels
+    from cleanai_plugins.io.datasets import load_dataset
+
+    (tmp_path / "text15_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = load(folder(tmp_path))
+    opts = {"model": model, "trust_code": True, "spec_source": "--data"}
+    ids = torch.randint(4, 34, (40, 24), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    want = items(load_text_dataset(str(tmp_path / "ids.pt"), {"model": model}))
+    assert torch.equal(want["labels"], ids)
+    for name in ("tensor", "mapping", "rows"):
+        data = load_dataset(f"text15_factories:{name}", opts)
+        assert len(data) == 40 and has_labels(data)  # was False: "the data has no labels" / KeyError: 1
+        got = items(data)
+        assert torch.equal(got["input_ids"], ids) and torch.equal(got["labels"], want["labels"])
+    got = items(load_dataset("text15_factories:padded", opts))
+    hidden = got["attention_mask"] == 0
+    assert int(hidden.sum()) == sum(i % 5 for i in range(40)) == 80
+    assert (got["labels"][hidden] == -100).all() and torch.equal(got["labels"][~hidden], ids[~hidden])
+    with pytest.raises(UserError, match="vocabulary has 34 entries"):
+        load_dataset("text15_factories:too_large", opts)
+
+    classifier = load(folder(tmp_path, "sequence"))  # not a causal LM: its id rows get no labels of their own
+    data = load_dataset("text15_factories:rows", {**opts, "model": classifier})
+    assert torch.equal(data[3], ids[3]) and not has_labels(data)

@@ -501,7 +501,7 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
         items.update(seq2seq_targets(model, target.masked_fill(target == -100, 0), (target != -100).long()))
         return TextItems(items)
     if labels is None and _is_causal(model):
-        labels = ids.long().masked_fill(items["attention_mask"] == 0, -100) if mask is not None else ids.long()
+        labels = own_next_tokens(items)  # -100 where the attention mask hides a position
     if labels is not None:  # a regression head's numbers stay numbers, a multi-label head's rows too
         labels = torch.as_tensor(labels)
         if kind in ("regression", "multilabel"):
@@ -514,6 +514,55 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
     elif is_masked_lm(model):  # masked with the folder's tokenizer, where it has one with a mask token
         items.update(masked_tokens(items["input_ids"], items.get("attention_mask"), load_tokenizer(model, False)))
     return TextItems(items)
+
+
+def own_next_tokens(item: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A causal LM's labels: its own ``input_ids`` (it predicts each next one), -100 where
+    the ``attention_mask`` hides a position."""
+    labels = item["input_ids"].long()
+    mask = item.get("attention_mask")
+    return labels.masked_fill(mask == 0, -100) if isinstance(mask, torch.Tensor) else labels
+
+
+class _OwnLabels(Dataset):
+    """A data function's data set for a causal LM whose items are token ids without labels
+    (a row of ids, or a dict with ``input_ids``): each item with :func:`own_next_tokens`."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.data[i]
+        if _integer(item) and item.dim() == 1:
+            return {"input_ids": item.long(), "labels": item.long()}
+        if isinstance(item, dict) and "labels" not in item and _integer(item.get("input_ids")):
+            return {**item, "labels": own_next_tokens(item)}
+        return item
+
+
+def _integer(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def function_data(data: Any, model: Any, spec: str) -> Any:
+    """What a data function (``--data package.module:function``) returned, for a
+    ``transformers`` model: token ids as a ``.pt`` holds them (a tensor ``(N, L)``, or a dict
+    with ``input_ids``) are read as that file is (ids checked against the vocabulary and the
+    context; a causal LM's labels are its own ids); a causal LM's data set of unlabelled ids
+    gets those labels item by item. Anything else is returned as it is. The same ids gave
+    ``Accuracy not measured: the data has no labels`` (a tensor, a data set) or ``reading item
+    1 failed (KeyError: 1)`` (a dict) where a ``.pt`` of them gave the held-out perplexity."""
+    if _integer(data) and data.dim() == 2:
+        data = {"input_ids": data}
+    if isinstance(data, dict) and isinstance(data.get("input_ids"), torch.Tensor):
+        _check_text_model(model, spec, tokenized=True)
+        return _token_items(data, model, spec)
+    if _is_causal(model) and hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        return _OwnLabels(data)
+    return data
 
 
 def _checked_mask(mask: torch.Tensor, source: str) -> torch.Tensor:
