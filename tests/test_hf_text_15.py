@@ -21,7 +21,7 @@ VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in en
 WORDS = "the cat sat on a mat and dog ran to park with ball it was fun day".split()
 
 
-def char_tokenizer(bos: bool = True):
+def char_tokenizer(bos: bool = True, pad: bool = True):
     """One token per character; ``<s>`` before each text where ``bos`` (as Llama's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
@@ -29,21 +29,20 @@ def char_tokenizer(bos: bool = True):
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", **({"pad_token": "<pad>"} if pad else {})}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
-def folder(tmp_path: Path, head: str = "causal", bos: bool = True) -> Path:
+def folder(tmp_path: Path, head: str = "causal", bos: bool = True, pad: int | None = 0, tok_pad: bool = True) -> Path:
     """A tiny Llama (causal LM, or a 3-class sequence classifier) saved with its tokenizer."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   bos_token_id=1, eos_token_id=2, pad_token_id=0, num_labels=3)  # fmt: skip
+                                   bos_token_id=1, eos_token_id=2, pad_token_id=pad, num_labels=3)  # fmt: skip
     cls = transformers.LlamaForCausalLM if head == "causal" else transformers.LlamaForSequenceClassification
-    out = tmp_path / f"{head}-{int(bos)}"
+    out = tmp_path / f"{head}-{int(bos)}-{pad}-{int(tok_pad)}"
     cls(cfg).save_pretrained(out)
-    char_tokenizer(bos).save_pretrained(out)
+    char_tokenizer(bos, tok_pad).save_pretrained(out)
     return out
 
 
@@ -234,3 +233,30 @@ def test_token_ids_from_a_data_function_are_read_as_a_pt_of_them_is(tmp_path, mo
     classifier = load(folder(tmp_path, "sequence"))  # not a causal LM: its id rows get no labels of their own
     data = load_dataset("text15_factories:rows", {**opts, "model": classifier})
     assert torch.equal(data[3], ids[3]) and not has_labels(data)
+
+
+def test_a_classifier_whose_tokenizer_has_no_pad_token_pads_with_its_configs_pad_token_id(tmp_path):
+    """A Llama / GPT-2 classifier fine-tuned with ``model.config.pad_token_id =
+    tokenizer.eos_token_id`` and its tokenizer saved without a pad token: refused, ``the
+    tokenizer ... has no pad token; set one and save it``, though the config names the
+    token the model skips. Rows are padded with it, and each padded row's logits equal
+    the row's own, unpadded; with no pad id anywhere the message says how to set one."""
+    src = folder(tmp_path, "sequence", pad=2, tok_pad=False)
+    model = load(src)
+    rows = [{"text": t, "label": i % 3} for i, t in enumerate(texts(30))]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = items(load_text_dataset(str(tmp_path / "d.jsonl"), {"model": model, "seq_len": 64}))  # was: UserError
+    assert got["labels"].tolist() == [i % 3 for i in range(30)]
+    padded = got["attention_mask"] == 0
+    assert int(padded.sum()) > 100 and (got["input_ids"][padded] == 2).all()
+    with torch.no_grad():
+        logits = model(input_ids=got["input_ids"], attention_mask=got["attention_mask"]).logits
+        tok = char_tokenizer(pad=False)
+        for i, r in enumerate(rows):
+            alone = model(input_ids=torch.tensor([tok(r["text"])["input_ids"]])).logits[0]
+            torch.testing.assert_close(logits[i], alone, rtol=1e-4, atol=1e-5)
+    assert transformers.AutoTokenizer.from_pretrained(src).pad_token is None  # the folder is not changed
+
+    bare = load(folder(tmp_path, "sequence", pad=None, tok_pad=False))
+    with pytest.raises(UserError, match=r"no pad token and its config.json no pad_token_id .* tokenizer.pad_token ="):
+        load_text_dataset(str(tmp_path / "d.jsonl"), {"model": bare, "seq_len": 64})

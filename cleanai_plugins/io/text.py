@@ -226,8 +226,7 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
     if _is_causal(model):
         ids = [torch.tensor(tok(t)["input_ids"], dtype=torch.long) for t in texts]
         return TextItems(blocks_of(torch.cat(ids), seq_len, source))
-    if tok.pad_token_id is None:
-        raise UserError(f"the tokenizer of {model.config.name_or_path!r} has no pad token; set one and save it.")
+    _pad_with_the_models_own(tok, model)
     _pad_token_for(model, tok.pad_token_id, source)
     enc = _encoded(tok, texts, seq_len, source)
     items = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -241,6 +240,27 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
     elif is_masked_lm(model):
         items.update(masked_tokens(items["input_ids"], items["attention_mask"], tok))
     return TextItems(items)
+
+
+def _pad_with_the_models_own(tok: Any, model: Any) -> None:
+    """Rows of several lengths are padded: a tokenizer without a pad token pads with the
+    config's ``pad_token_id`` (a classifier fine-tuned with ``model.config.pad_token_id =
+    tokenizer.eos_token_id``, whose tokenizer was saved without one: refused before, though
+    the model names the token it was trained to skip); without either, a :class:`UserError`
+    says how to set one. Only the loaded tokenizer changes, never the folder."""
+    if tok.pad_token_id is not None:
+        return
+    pad = getattr(model.config, "pad_token_id", None)
+    name = tok.convert_ids_to_tokens(int(pad)) if isinstance(pad, int) and 0 <= pad < len(tok) else None
+    if name is None:
+        where = model.config.name_or_path
+        raise UserError(
+            f"the tokenizer of {where!r} has no pad token and its config.json no pad_token_id that the tokenizer "
+            "holds, so rows of several lengths cannot be padded; set one and save it (e.g. tokenizer.pad_token = "
+            f"tokenizer.eos_token; tokenizer.save_pretrained({where!r})) and run again."
+        )
+    tok.pad_token = name
+    log.info("the tokenizer has no pad token: padding with the config's pad_token_id %d (%r)", pad, name)
 
 
 def _pad_token_for(model: Any, pad: int | None, source: str) -> None:
