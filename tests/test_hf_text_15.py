@@ -260,3 +260,15 @@ def test_a_classifier_whose_tokenizer_has_no_pad_token_pads_with_its_configs_pad
     bare = load(folder(tmp_path, "sequence", pad=None, tok_pad=False))
     with pytest.raises(UserError, match=r"no pad token and its config.json no pad_token_id .* tokenizer.pad_token ="):
         load_text_dataset(str(tmp_path / "d.jsonl"), {"model": bare, "seq_len": 64})
+
+
+def test_a_causal_lm_refuses_blocks_of_one_token(tmp_path):
+    """``--seq-len 1`` on a causal LM: blocks of one token, none of which has a next token
+    to predict; the run ended with ``Accuracy not measured: the data has no labels`` and no
+    perplexity. It is refused by name; 2 gives one predicted token a block."""
+    model = load(folder(tmp_path))
+    (tmp_path / "d.txt").write_text("\n".join(texts(20)) + "\n")
+    with pytest.raises(UserError, match="--seq-len 1 cuts the text into blocks of one token"):
+        load_text_dataset(str(tmp_path / "d.txt"), {"model": model, "seq_len": 1})
+    two = items(load_text_dataset(str(tmp_path / "d.txt"), {"model": model, "seq_len": 2}))
+    assert two["input_ids"].shape[1] == 2 and torch.equal(two["labels"], two["input_ids"])

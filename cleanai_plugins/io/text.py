@@ -162,7 +162,14 @@ def read_jsonl(path: Path, label: str = "label") -> tuple[list[str], list[Any] |
 
 
 def blocks_of(ids: torch.Tensor, seq_len: int, source: str) -> dict[str, torch.Tensor]:
-    """Cut one token stream into ``(N, seq_len)`` blocks; the tail that does not fill a block goes."""
+    """Cut one token stream into ``(N, seq_len)`` blocks; the tail that does not fill a block goes.
+    A block of one token predicts no next token: ``--seq-len 1`` reported "the data has no
+    labels" where it meant that, and no perplexity."""
+    if seq_len < 2:
+        raise UserError(
+            f"{source}: --seq-len {seq_len} cuts the text into blocks of one token, and a causal language model "
+            "predicts each next token of a block: give --seq-len 2 or more (the default is 128)."
+        )
     n = ids.numel() // seq_len
     if n < 2:
         raise UserError(
