@@ -272,3 +272,18 @@ def test_a_causal_lm_refuses_blocks_of_one_token(tmp_path):
         load_text_dataset(str(tmp_path / "d.txt"), {"model": model, "seq_len": 1})
     two = items(load_text_dataset(str(tmp_path / "d.txt"), {"model": model, "seq_len": 2}))
     assert two["input_ids"].shape[1] == 2 and torch.equal(two["labels"], two["input_ids"])
+
+
+def test_an_empty_text_is_named_as_empty_not_blamed_on_the_tokenizer(tmp_path):
+    """A ``.jsonl`` line with ``"text": ""`` for a classifier whose tokenizer adds no token
+    of its own (GPT-2's): ``the tokenizer ... made no tokens of 1 of 12 texts (the first:
+    ''); check that the model folder holds this model's own tokenizer``. It names the text."""
+    model = load(folder(tmp_path, "sequence", bos=False))
+    rows = [{"text": t, "label": i % 3} for i, t in enumerate(texts(12))]
+    rows[4]["text"] = ""
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(UserError, match=r"1 of 12 texts are empty \(the first: text 5\)"):
+        load_text_dataset(str(tmp_path / "d.jsonl"), {"model": model, "seq_len": 32})
+    rows[4]["text"] = "xyz"
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert len(load_text_dataset(str(tmp_path / "d.jsonl"), {"model": model, "seq_len": 32})) == 12

@@ -321,6 +321,12 @@ def _word_tags(tok: Any, texts: list[str], labels: list[Any], model: Any, seq_le
 def _encoded(tok: Any, texts: list[str], seq_len: int, source: str) -> Any:
     enc = tok(texts, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
     empty = (enc["attention_mask"].sum(dim=1) == 0).nonzero().flatten().tolist()
+    blank = [i for i in empty if not texts[i].strip()]
+    if blank:  # an empty 'text' in a .jsonl; the tokenizer is not to blame
+        raise UserError(
+            f"{source}: {len(blank)} of {len(texts)} texts are empty (the first: text {blank[0] + 1}) and the "
+            f"tokenizer adds no token of its own to them; give each a text or leave it out."
+        )
     if empty:  # a zero-length row fails inside the model with a reshape error that names nothing
         raise UserError(
             f"{source}: the tokenizer ({type(tok).__name__}) made no tokens of {len(empty)} of {len(texts)} texts "
