@@ -197,6 +197,10 @@ def rows():
 
 def padded():
     return Rows(True)
+
+
+def pair():
+    return IDS, IDS
 """
 
 
@@ -227,6 +231,8 @@ def test_token_ids_from_a_data_function_are_read_as_a_pt_of_them_is(tmp_path, mo
     hidden = got["attention_mask"] == 0
     assert int(hidden.sum()) == sum(i % 5 for i in range(40)) == 80
     assert (got["labels"][hidden] == -100).all() and torch.equal(got["labels"][~hidden], ids[~hidden])
+    x, y = load_dataset("text15_factories:pair", opts)[7]  # (x, y) tensors: still rows of a pair, 40 of them
+    assert torch.equal(x, ids[7]) and torch.equal(y, ids[7])
     with pytest.raises(UserError, match="vocabulary has 34 entries"):
         load_dataset("text15_factories:too_large", opts)
 

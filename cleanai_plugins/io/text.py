@@ -593,7 +593,7 @@ def function_data(data: Any, model: Any, spec: str) -> Any:
     if isinstance(data, dict) and isinstance(data.get("input_ids"), torch.Tensor):
         _check_text_model(model, spec, tokenized=True)
         return _token_items(data, model, spec)
-    if _is_causal(model) and hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+    if _is_causal(model) and isinstance(data, (Dataset, list)):  # an (x, y) pair stays a pair
         return _OwnLabels(data)
     return data
 
