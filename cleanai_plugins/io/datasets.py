@@ -28,6 +28,7 @@ from cleanai_core.errors import UserError
 from cleanai_core.extras import import_extra
 from cleanai_core.runtime import cast_within_range, label_indices, not_class_labels
 from cleanai_core.special_files import check_not_packed, special_kind
+from cleanai_plugins.io.hf import is_hf_model
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
 log = logging.getLogger("cleanai")
@@ -637,6 +638,10 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
         from cleanai_core.job.inputs import is_pair
 
         ds = call_spec(spec, "data function", {}, options)
+        if is_hf_model(options.get("model")):  # token ids, read as a .pt of them is
+            from cleanai_plugins.io.text import function_data
+
+            ds = function_data(ds, options["model"], spec)
         if isinstance(ds, dict) and any(k in ds for k in ("x", "inputs", "data", "images")) or is_pair(ds):
             # (x, y) tensors were read as a data set of two items: "the model failed on an input (shape (1, 16, ...))"
             return _from_object(ds, spec)

@@ -43,6 +43,7 @@ model folder.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
@@ -98,13 +99,24 @@ def _seq_len(model: Any, asked: int | None) -> int:
     return n
 
 
+#: byte-order marks of the UTF-16 / UTF-32 files some editors save "Unicode" text as (Windows
+#: Notepad: UTF-16 LE), longest first (UTF-32 LE starts with UTF-16 LE's mark)
+_UNICODE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                 (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+
+
 def read_text(path: Path) -> str:
-    """The file as UTF-8 text (a byte-order mark is dropped), or a :class:`UserError` naming
-    the first byte that is not UTF-8."""
+    """The file as UTF-8 text (a byte-order mark is dropped), or as UTF-16 / UTF-32 where it
+    starts with their byte-order mark; else a :class:`UserError` naming the first byte that
+    is not UTF-8."""
     data = path.read_bytes()
+    codec = next((name for bom, name in _UNICODE_BOMS if data.startswith(bom)), "utf-8-sig")
     try:
-        return data.decode("utf-8-sig")
+        return data.decode(codec)
     except UnicodeDecodeError as exc:
+        if codec != "utf-8-sig":
+            raise UserError(f"{str(path)!r} starts with a {codec.upper()} byte-order mark but is not {codec.upper()} "
+                            f"text (byte {exc.start}); save it as UTF-8.") from None  # fmt: skip
         bad = data[exc.start : exc.start + 1]
         line = data.count(b"\n", 0, exc.start) + 1
         raise UserError(
@@ -113,11 +125,19 @@ def read_text(path: Path) -> str:
         ) from None
 
 
+def text_lines(text: str) -> list[str]:
+    """``text``'s lines as a file is read line by line: split at ``\\n``, ``\\r\\n`` and ``\\r``
+    only. ``str.splitlines`` also splits at U+2028, U+2029, NEL (U+0085) and form feeds, which
+    a JSON string holds as they are (``json.dumps(..., ensure_ascii=False)``): a valid
+    ``.jsonl`` line was refused as "not JSON", and a ``.txt`` document cut in two."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def read_jsonl(path: Path, label: str = "label") -> tuple[list[str], list[Any] | None]:
     """Texts and labels (``None`` when no line has one) of a ``.jsonl`` file; ``label`` is
     the field that holds them (``"target"``: an encoder-decoder's target text)."""
     texts, labels = [], []
-    for i, line in enumerate(read_text(path).splitlines(), 1):
+    for i, line in enumerate(text_lines(read_text(path)), 1):
         if not line.strip():
             continue
         try:
@@ -142,7 +162,14 @@ def read_jsonl(path: Path, label: str = "label") -> tuple[list[str], list[Any] |
 
 
 def blocks_of(ids: torch.Tensor, seq_len: int, source: str) -> dict[str, torch.Tensor]:
-    """Cut one token stream into ``(N, seq_len)`` blocks; the tail that does not fill a block goes."""
+    """Cut one token stream into ``(N, seq_len)`` blocks; the tail that does not fill a block goes.
+    A block of one token predicts no next token: ``--seq-len 1`` reported "the data has no
+    labels" where it meant that, and no perplexity."""
+    if seq_len < 2:
+        raise UserError(
+            f"{source}: --seq-len {seq_len} cuts the text into blocks of one token, and a causal language model "
+            "predicts each next token of a block: give --seq-len 2 or more (the default is 128)."
+        )
     n = ids.numel() // seq_len
     if n < 2:
         raise UserError(
@@ -206,8 +233,7 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
     if _is_causal(model):
         ids = [torch.tensor(tok(t)["input_ids"], dtype=torch.long) for t in texts]
         return TextItems(blocks_of(torch.cat(ids), seq_len, source))
-    if tok.pad_token_id is None:
-        raise UserError(f"the tokenizer of {model.config.name_or_path!r} has no pad token; set one and save it.")
+    _pad_with_the_models_own(tok, model)
     _pad_token_for(model, tok.pad_token_id, source)
     enc = _encoded(tok, texts, seq_len, source)
     items = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -221,6 +247,27 @@ def _tokenize(texts: list[str], labels: list[Any] | None, model: Any, seq_len: i
     elif is_masked_lm(model):
         items.update(masked_tokens(items["input_ids"], items["attention_mask"], tok))
     return TextItems(items)
+
+
+def _pad_with_the_models_own(tok: Any, model: Any) -> None:
+    """Rows of several lengths are padded: a tokenizer without a pad token pads with the
+    config's ``pad_token_id`` (a classifier fine-tuned with ``model.config.pad_token_id =
+    tokenizer.eos_token_id``, whose tokenizer was saved without one: refused before, though
+    the model names the token it was trained to skip); without either, a :class:`UserError`
+    says how to set one. Only the loaded tokenizer changes, never the folder."""
+    if tok.pad_token_id is not None:
+        return
+    pad = getattr(model.config, "pad_token_id", None)
+    name = tok.convert_ids_to_tokens(int(pad)) if isinstance(pad, int) and 0 <= pad < len(tok) else None
+    if name is None:
+        where = model.config.name_or_path
+        raise UserError(
+            f"the tokenizer of {where!r} has no pad token and its config.json no pad_token_id that the tokenizer "
+            "holds, so rows of several lengths cannot be padded; set one and save it (e.g. tokenizer.pad_token = "
+            f"tokenizer.eos_token; tokenizer.save_pretrained({where!r})) and run again."
+        )
+    tok.pad_token = name
+    log.info("the tokenizer has no pad token: padding with the config's pad_token_id %d (%r)", pad, name)
 
 
 def _pad_token_for(model: Any, pad: int | None, source: str) -> None:
@@ -274,6 +321,12 @@ def _word_tags(tok: Any, texts: list[str], labels: list[Any], model: Any, seq_le
 def _encoded(tok: Any, texts: list[str], seq_len: int, source: str) -> Any:
     enc = tok(texts, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
     empty = (enc["attention_mask"].sum(dim=1) == 0).nonzero().flatten().tolist()
+    blank = [i for i in empty if not texts[i].strip()]
+    if blank:  # an empty 'text' in a .jsonl; the tokenizer is not to blame
+        raise UserError(
+            f"{source}: {len(blank)} of {len(texts)} texts are empty (the first: text {blank[0] + 1}) and the "
+            f"tokenizer adds no token of its own to them; give each a text or leave it out."
+        )
     if empty:  # a zero-length row fails inside the model with a reshape error that names nothing
         raise UserError(
             f"{source}: the tokenizer ({type(tok).__name__}) made no tokens of {len(empty)} of {len(texts)} texts "
@@ -481,7 +534,7 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
         items.update(seq2seq_targets(model, target.masked_fill(target == -100, 0), (target != -100).long()))
         return TextItems(items)
     if labels is None and _is_causal(model):
-        labels = ids.long().masked_fill(items["attention_mask"] == 0, -100) if mask is not None else ids.long()
+        labels = own_next_tokens(items)  # -100 where the attention mask hides a position
     if labels is not None:  # a regression head's numbers stay numbers, a multi-label head's rows too
         labels = torch.as_tensor(labels)
         if kind in ("regression", "multilabel"):
@@ -494,6 +547,55 @@ def _token_items(obj: dict[str, Any], model: Any, source: str) -> TextItems:
     elif is_masked_lm(model):  # masked with the folder's tokenizer, where it has one with a mask token
         items.update(masked_tokens(items["input_ids"], items.get("attention_mask"), load_tokenizer(model, False)))
     return TextItems(items)
+
+
+def own_next_tokens(item: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A causal LM's labels: its own ``input_ids`` (it predicts each next one), -100 where
+    the ``attention_mask`` hides a position."""
+    labels = item["input_ids"].long()
+    mask = item.get("attention_mask")
+    return labels.masked_fill(mask == 0, -100) if isinstance(mask, torch.Tensor) else labels
+
+
+class _OwnLabels(Dataset):
+    """A data function's data set for a causal LM whose items are token ids without labels
+    (a row of ids, or a dict with ``input_ids``): each item with :func:`own_next_tokens`."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.data[i]
+        if _integer(item) and item.dim() == 1:
+            return {"input_ids": item.long(), "labels": item.long()}
+        if isinstance(item, dict) and "labels" not in item and _integer(item.get("input_ids")):
+            return {**item, "labels": own_next_tokens(item)}
+        return item
+
+
+def _integer(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def function_data(data: Any, model: Any, spec: str) -> Any:
+    """What a data function (``--data package.module:function``) returned, for a
+    ``transformers`` model: token ids as a ``.pt`` holds them (a tensor ``(N, L)``, or a dict
+    with ``input_ids``) are read as that file is (ids checked against the vocabulary and the
+    context; a causal LM's labels are its own ids); a causal LM's data set of unlabelled ids
+    gets those labels item by item. Anything else is returned as it is. The same ids gave
+    ``Accuracy not measured: the data has no labels`` (a tensor, a data set) or ``reading item
+    1 failed (KeyError: 1)`` (a dict) where a ``.pt`` of them gave the held-out perplexity."""
+    if _integer(data) and data.dim() == 2:
+        data = {"input_ids": data}
+    if isinstance(data, dict) and isinstance(data.get("input_ids"), torch.Tensor):
+        _check_text_model(model, spec, tokenized=True)
+        return _token_items(data, model, spec)
+    if _is_causal(model) and isinstance(data, (Dataset, list)):  # an (x, y) pair stays a pair
+        return _OwnLabels(data)
+    return data
 
 
 def _checked_mask(mask: torch.Tensor, source: str) -> torch.Tensor:
@@ -753,7 +855,7 @@ def load_text_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
     if suffix == ".jsonl":
         texts, labels = read_jsonl(path, "target" if head_kind(model) == "seq2seq" else "label")
         return _tokenize(texts, labels, model, seq_len, spec)
-    texts = [line for f in (files or [path]) for line in read_text(f).splitlines() if line.strip()]
+    texts = [line for f in (files or [path]) for line in text_lines(read_text(f)) if line.strip()]
     if not texts:
         what = f"the {len(files)} .txt file(s) in {spec!r} hold" if files else f"{spec!r} holds"
         raise UserError(f"{what} no text (only empty lines); give at least a few lines of text.")
