@@ -60,3 +60,64 @@ def test_a_bare_table_read_by_embedding_bag_prunes_its_columns(mode, flat):
     assert tuple(small.table.shape) == (20, 6) and small.fc.in_features == 6 and small.fc.out_features == 8
     assert (count_params(model), count_params(small)) == (499, 20 * 6 + 6 * 8 + 8 + 8 * 3 + 3)
     assert small(ids).shape == (2, 3)
+
+
+# -- grouped convolutions with a bare weight -----------------------------------------------------
+
+
+class BareGroupedConv(nn.Module):
+    """``F.conv2d`` / ``F.conv1d`` with a bare weight and a literal ``groups``: the weight
+    reads one group's channels, so the group count must stay."""
+
+    def __init__(self, groups: int, dims: int = 2) -> None:
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv1d
+        self.groups, self.fn = groups, F.conv2d if dims == 2 else F.conv1d
+        self.a = conv(3, 8, 1)
+        self.weight = nn.Parameter(torch.randn(12, 8 // groups, *(3,) * dims))
+        self.bias = nn.Parameter(torch.randn(12))
+        self.head = conv(12, 4, 1)
+
+    def forward(self, x):
+        h = self.fn(torch.relu(self.a(x)), self.weight, self.bias, padding=1, groups=self.groups)
+        return self.head(torch.relu(h))
+
+
+@pytest.mark.parametrize(("groups", "dims", "filters"), [(2, 2, 6), (4, 2, 8), (2, 1, 6)])
+def test_a_bare_grouped_convolution_weight_keeps_its_group_count(groups, dims, filters):
+    """The peer's unwrapped conv weight with ``groups``: channel j of every group is one
+    unit, on the inputs as on the filters (as ``nn.Conv2d``'s pruner ties them): with 4
+    groups of 3 filters, one of the 3 goes (8 kept). Before, a grouped bare weight froze
+    its input and its filters: nothing around it shrank."""
+    x = torch.randn(2, 3, *(8,) * dims, generator=torch.Generator().manual_seed(0))
+    report = check_pruner(_seeded(lambda: BareGroupedConv(groups, dims)), x, 0.5)
+    assert report.max_abs_diff < 1e-5 and report.kept_whole == () and report.output_shapes_equal
+    model = _seeded(lambda: BareGroupedConv(groups, dims))
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, round_to=None).prune()
+    k = 3**dims
+    assert small.a.out_channels == 4 and tuple(small.weight.shape) == (filters, 4 // groups, *(3,) * dims)
+    assert small.head.in_channels == filters and small.bias.shape == (filters,)
+    before = 3 * 8 + 8 + 12 * (8 // groups) * k + 12 + 12 * 4 + 4
+    after = 3 * 4 + 4 + filters * (4 // groups) * k + filters + filters * 4 + 4
+    assert (count_params(model), count_params(small)) == (before, after)
+    assert small(x).shape == (2, 4, *(8,) * dims)
+
+
+def test_a_grouped_deformable_convolution_with_offset_groups_prunes_and_replays(tmp_path):
+    """``DeformConv2d(groups=2)`` reading two offset groups (torchvision derives both counts
+    from the widths): channel j of every group and of every offset share goes together, the
+    counts stay, and the history replays on a fresh model."""
+    pytest.importorskip("torchvision")
+    from test_peer_scenarios_6 import _two_step_replay
+    from test_peer_scenarios_11 import DX, DeformBlock
+
+    report = check_pruner(_seeded(lambda: DeformBlock(groups=2, offset_groups=2)), DX)
+    assert report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    assert (report.params_before, report.params_after) == (4480, 2196)
+    small = StructuredPruner(
+        _seeded(lambda: DeformBlock(groups=2, offset_groups=2)), DX, "magnitude", pruning_ratio=0.5, round_to=None
+    ).prune()
+    assert tuple(small.d.weight.shape) == (4, 2, 3, 3) and small.om.out_channels == 54
+    assert (small.d.in_channels, small.d.out_channels, small.d.groups) == (4, 4, 2)
+    _, small, fresh = _two_step_replay(lambda: DeformBlock(groups=2, offset_groups=2), DX, tmp_path)
+    assert count_params(fresh) == count_params(small) < 4480 and torch.equal(fresh(DX), small(DX))
