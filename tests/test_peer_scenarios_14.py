@@ -121,3 +121,36 @@ def test_a_grouped_deformable_convolution_with_offset_groups_prunes_and_replays(
     assert (small.d.in_channels, small.d.out_channels, small.d.groups) == (4, 4, 2)
     _, small, fresh = _two_step_replay(lambda: DeformBlock(groups=2, offset_groups=2), DX, tmp_path)
     assert count_params(fresh) == count_params(small) < 4480 and torch.equal(fresh(DX), small(DX))
+
+
+class BareGroupedConvTranspose(nn.Module):
+    """``F.conv_transpose2d`` with a bare grouped weight ``(in, out // groups, k, k)``: dim 0
+    holds every input channel, dim 1 one group's filters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.weight = nn.Parameter(torch.randn(8, 3, 2, 2))
+        self.bias = nn.Parameter(torch.randn(6))
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        h = F.conv_transpose2d(torch.relu(self.a(x)), self.weight, self.bias, stride=2, groups=2)
+        return self.head(torch.relu(h))
+
+
+def test_a_bare_grouped_transposed_convolution_weight_keeps_its_group_count(tmp_path):
+    """Input channel j of both groups goes together (dim 0 of the weight), and filter j of
+    both groups (dim 1, one group's share; the output and the bias hold it per group)."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    report = check_pruner(_seeded(BareGroupedConvTranspose), x, 0.5)
+    assert report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    assert (report.params_before, report.params_after) == (162, 72)
+    model = _seeded(BareGroupedConvTranspose)
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, round_to=None)
+    small = pruner.prune()
+    assert tuple(small.weight.shape) == (4, 2, 2, 2) and small.bias.shape == (4,) and small.head.in_channels == 4
+    assert small(x).shape == (2, 4, 8, 8)
+    fresh = _seeded(BareGroupedConvTranspose)
+    pruner.history.replay(fresh).load_state_dict(small.state_dict())
+    assert torch.equal(fresh(x), small(x))

@@ -168,29 +168,32 @@ def _bare_weight(ctx, x, w, bias, out, bare: bool, transposed: bool, groups: int
     ``groups`` (a number the model passes, or torchvision's ``deform_conv2d`` derives from
     the widths) the group count stays: the j-th channel of every group is one unit, on
     the input as on the filters, as :class:`~cleanai_plugins.layers.conv.ConvPruner` ties
-    a grouped ``nn.Conv2d`` (froze both before 2026-12-02). A transposed grouped weight, a
-    weight of the wrong rank or a claimed module's weight freezes ``x`` and ``w`` with the
-    reason."""
+    a grouped ``nn.Conv2d`` (froze both before 2026-12-02). The weight holds one group's
+    share of a dim (the inputs, or a transposed weight's filters: dim 1) and every channel
+    of the other. A weight of the wrong rank or shape for ``groups``, or a claimed
+    module's weight, freezes ``x`` and ``w`` with the reason."""
     lab, (din, dout) = ctx.label_of(x), ((0, 1) if transposed else (1, 0))
     grouped = groups != 1
-    if (
-        not bare
-        or w.ndim != x.ndim
-        or (grouped and (transposed or x.shape[1] != groups * w.shape[1] or w.shape[0] % groups))
-    ):
+    cin = w.shape[din] * (1 if transposed else groups)  # the input channels the weight reads
+    split = cin % groups or (not transposed and w.shape[dout] % groups)  # groups that do not divide
+    if not bare or w.ndim != x.ndim or x.shape[1] != cin or split:
         why = f"{ctx.where()} convolves channels with a weight that cannot shrink"
         ctx.freeze_tensor(x, why)
         ctx.freeze_tensor(w, why)
         return
     if lab is not None and lab.dim == 1:
-        # the weight's input dim holds one group's channels: channel j of every group
-        cols = ctx.tie(lab.atoms, (groups, w.shape[1]), 1) if grouped else lab.atoms
+        cols = lab.atoms
+        if grouped:  # channel j of every group; a plain weight's dim 1 holds one group's share
+            share = ctx.tie(lab.atoms, (groups, cin // groups), 1)
+            cols = lab.atoms if transposed else share
         ctx.bind("", f"{w.param}{CROSS_MARK}{din}", cols, "param", dim=din)
     elif lab is not None:
         ctx.freeze(lab.atoms, f"{ctx.where()} convolves over the channels' dimension")
     atoms = ctx.produce("", w.param, w.shape[dout], dim=dout)
     ctx.slices[("", w.param)].kind = "param"
-    if grouped:
+    if grouped and transposed:  # the weight holds one group's filters: filter j of every group
+        atoms = atoms.repeat(groups)
+    elif grouped:
         ctx.tie(atoms, (groups, w.shape[dout] // groups), 1)
     if isinstance(bias, TRef):
         ctx.union(atoms, ctx.labels(bias, 0))
