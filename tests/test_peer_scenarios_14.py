@@ -1,7 +1,9 @@
 """A fourteenth set of the scenarios users bring from Torch-Pruning's test suite, written
 for CleanAI's API (see ``test_peer_scenarios.py`` to ``_13``): the peer's "unwrapped
-parameters" read by functional ops that no mapper knew (``F.embedding_bag`` with a bare
-table).
+parameters" read by functional ops that froze or dropped their channels: ``F.embedding_bag``
+with a bare table, a bare grouped convolution weight (``F.conv2d`` / ``conv1d`` /
+``conv_transpose2d`` with ``groups``, ``DeformConv2d`` with groups and offset groups) and
+``F.bilinear`` with a bare 3-D weight.
 
 Each test asserts widths, parameter counts and the masking oracle where slicing must equal
 zeroing."""
@@ -154,3 +156,39 @@ def test_a_bare_grouped_transposed_convolution_weight_keeps_its_group_count(tmp_
     fresh = _seeded(BareGroupedConvTranspose)
     pruner.history.replay(fresh).load_state_dict(small.state_dict())
     assert torch.equal(fresh(x), small(x))
+
+
+# -- F.bilinear with a bare weight ---------------------------------------------------------------
+
+
+class BareBilinear(nn.Module):
+    """``F.bilinear`` of two branches with a bare ``(out, in1, in2)`` weight and bias, on
+    vectors or on sequences ``(N, T, C)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(6, 12)
+        self.weight = nn.Parameter(torch.randn(10, 16, 12) / 8)
+        self.bias = nn.Parameter(torch.randn(10))
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        h = F.bilinear(torch.relu(self.a(x)), torch.relu(self.b(x)), self.weight, self.bias)
+        return self.head(torch.relu(h))
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (2, 5, 6)])
+def test_a_bare_bilinear_weight_shrinks_along_each_of_its_three_dims(shape):
+    """Its dim 1 follows the first input's channels, dim 2 the second's, dim 0 (with the
+    bias) the output's. Before, ``_trilinear`` had no mapper: "channels reach op
+    aten._trilinear.default in model, which ignored them", and only ``head`` was left."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    report = check_pruner(_seeded(BareBilinear), x, 0.5)
+    assert report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    assert report.pruned_units == 8 + 6 + 5
+    model = _seeded(BareBilinear)
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    assert tuple(small.weight.shape) == (5, 8, 6) and small.bias.shape == (5,)
+    assert (small.a.out_features, small.b.out_features, small.head.in_features) == (8, 6, 5)
+    assert (count_params(model), count_params(small)) == (2159, 6 * 8 + 8 + 6 * 6 + 6 + 5 * 8 * 6 + 5 + 5 * 3 + 3)
+    assert small(x).shape == (*shape[:-1], 3)

@@ -200,6 +200,34 @@ def _bare_weight(ctx, x, w, bias, out, bare: bool, transposed: bool, groups: int
     ctx.set_label(out, 1, atoms)
 
 
+@table.register("_trilinear")
+def trilinear(call, ctx):
+    """``F.bilinear(x1, x2, self.weight)`` with a bare ``(out, in1, in2)`` weight (the peer's
+    unwrapped parameter; ``nn.Bilinear`` has its own pruner): ATen runs
+    ``_trilinear(x1, weight, x2, [1, 3], [0], [1, 2], [2, 3])`` on ``(N, in1)`` and
+    ``(N, in2)``. The weight's dim 1 shrinks with ``x1``'s channels, its dim 2 with
+    ``x2``'s, its dim 0 is fresh channels the output follows. Any other ``_trilinear``, or
+    a claimed module's weight, freezes the channels it meets. Before 2026-12-02 no mapper
+    knew the op: "channels reach op aten._trilinear.default, which ignored them"."""
+    x1, w, x2, out = call.args[0], call.args[1], call.args[2], call.outputs[0]
+    pattern = [list(arg(call, i, name)) for i, name in ((3, "expand1"), (4, "expand2"), (5, "expand3"), (6, "sumdim"))]
+    bare = isinstance(w, TRef) and w.param is not None and ctx.param_owner.get(w.param) is None
+    if not bare or pattern != [[1, 3], [0], [1, 2], [2, 3]] or w.ndim != 3 or x1.ndim != 2 or x2.ndim != 2:
+        why = f"{ctx.where()} contracts channels with a weight that cannot shrink"
+        for t in (x1, w, x2):
+            ctx.freeze_tensor(t, why)
+        return
+    for x, dim in ((x1, 1), (x2, 2)):
+        lab = ctx.label_of(x)
+        if lab is not None and lab.dim == 1:
+            ctx.bind("", f"{w.param}{CROSS_MARK}{dim}", lab.atoms, "param", dim=dim)
+        elif lab is not None:
+            ctx.freeze(lab.atoms, f"{ctx.where()} contracts over the channels' dimension")
+    atoms = ctx.produce("", w.param, w.shape[0], dim=0)
+    ctx.slices[("", w.param)].kind = "param"
+    ctx.set_label(out, 1, atoms)
+
+
 @table.register("deform_conv2d")
 def deform_conv2d(call, ctx):
     """torchvision's deformable convolution (``torchvision.ops.DeformConv2d``, DCN in
