@@ -159,27 +159,72 @@ def convolution(call, ctx):
             ctx.union(lab.atoms, ctx.labels(bias, 0))
         ctx.set_label(out, 1, lab.atoms, lab.origin)
         return
-    _bare_weight(ctx, x, w, arg(call, 2, "bias"), out, bare and groups == 1, transposed)
+    _bare_weight(ctx, x, w, arg(call, 2, "bias"), out, bare, transposed, groups)
 
 
-def _bare_weight(ctx, x, w, bias, out, plain: bool, transposed: bool) -> None:
-    """A convolution with a bare, ungrouped weight (``plain``): its filters are fresh channels
-    that the bias and the output follow, its input channels shrink with ``x``'s channels
-    (dim 1). Anything else freezes ``x`` and ``w`` with the reason."""
+def _bare_weight(ctx, x, w, bias, out, bare: bool, transposed: bool, groups: int = 1) -> None:
+    """A convolution with a bare weight: its filters are fresh channels that the bias and
+    the output follow, its input channels shrink with ``x``'s channels (dim 1). With
+    ``groups`` (a number the model passes, or torchvision's ``deform_conv2d`` derives from
+    the widths) the group count stays: the j-th channel of every group is one unit, on
+    the input as on the filters, as :class:`~cleanai_plugins.layers.conv.ConvPruner` ties
+    a grouped ``nn.Conv2d`` (froze both before 2026-12-02). The weight holds one group's
+    share of a dim (the inputs, or a transposed weight's filters: dim 1) and every channel
+    of the other. A weight of the wrong rank or shape for ``groups``, or a claimed
+    module's weight, freezes ``x`` and ``w`` with the reason."""
     lab, (din, dout) = ctx.label_of(x), ((0, 1) if transposed else (1, 0))
-    if not plain or w.ndim != x.ndim:
+    grouped = groups != 1
+    cin = w.shape[din] * (1 if transposed else groups)  # the input channels the weight reads
+    split = cin % groups or (not transposed and w.shape[dout] % groups)  # groups that do not divide
+    if not bare or w.ndim != x.ndim or x.shape[1] != cin or split:
         why = f"{ctx.where()} convolves channels with a weight that cannot shrink"
         ctx.freeze_tensor(x, why)
         ctx.freeze_tensor(w, why)
         return
     if lab is not None and lab.dim == 1:
-        ctx.bind("", f"{w.param}{CROSS_MARK}{din}", lab.atoms, "param", dim=din)
+        cols = lab.atoms
+        if grouped:  # channel j of every group; a plain weight's dim 1 holds one group's share
+            share = ctx.tie(lab.atoms, (groups, cin // groups), 1)
+            cols = lab.atoms if transposed else share
+        ctx.bind("", f"{w.param}{CROSS_MARK}{din}", cols, "param", dim=din)
     elif lab is not None:
         ctx.freeze(lab.atoms, f"{ctx.where()} convolves over the channels' dimension")
     atoms = ctx.produce("", w.param, w.shape[dout], dim=dout)
     ctx.slices[("", w.param)].kind = "param"
+    if grouped and transposed:  # the weight holds one group's filters: filter j of every group
+        atoms = atoms.repeat(groups)
+    elif grouped:
+        ctx.tie(atoms, (groups, w.shape[dout] // groups), 1)
     if isinstance(bias, TRef):
         ctx.union(atoms, ctx.labels(bias, 0))
+    ctx.set_label(out, 1, atoms)
+
+
+@table.register("_trilinear")
+def trilinear(call, ctx):
+    """``F.bilinear(x1, x2, self.weight)`` with a bare ``(out, in1, in2)`` weight (the peer's
+    unwrapped parameter; ``nn.Bilinear`` has its own pruner): ATen runs
+    ``_trilinear(x1, weight, x2, [1, 3], [0], [1, 2], [2, 3])`` on ``(N, in1)`` and
+    ``(N, in2)``. The weight's dim 1 shrinks with ``x1``'s channels, its dim 2 with
+    ``x2``'s, its dim 0 is fresh channels the output follows. Any other ``_trilinear``, or
+    a claimed module's weight, freezes the channels it meets. Before 2026-12-02 no mapper
+    knew the op: "channels reach op aten._trilinear.default, which ignored them"."""
+    x1, w, x2, out = call.args[0], call.args[1], call.args[2], call.outputs[0]
+    pattern = [list(arg(call, i, name)) for i, name in ((3, "expand1"), (4, "expand2"), (5, "expand3"), (6, "sumdim"))]
+    bare = isinstance(w, TRef) and w.param is not None and ctx.param_owner.get(w.param) is None
+    if not bare or pattern != [[1, 3], [0], [1, 2], [2, 3]] or w.ndim != 3 or x1.ndim != 2 or x2.ndim != 2:
+        why = f"{ctx.where()} contracts channels with a weight that cannot shrink"
+        for t in (x1, w, x2):
+            ctx.freeze_tensor(t, why)
+        return
+    for x, dim in ((x1, 1), (x2, 2)):
+        lab = ctx.label_of(x)
+        if lab is not None and lab.dim == 1:
+            ctx.bind("", f"{w.param}{CROSS_MARK}{dim}", lab.atoms, "param", dim=dim)
+        elif lab is not None:
+            ctx.freeze(lab.atoms, f"{ctx.where()} contracts over the channels' dimension")
+    atoms = ctx.produce("", w.param, w.shape[0], dim=0)
+    ctx.slices[("", w.param)].kind = "param"
     ctx.set_label(out, 1, atoms)
 
 
@@ -203,13 +248,18 @@ def deform_conv2d(call, ctx):
         t = arg(call, i, name)
         if isinstance(t, TRef):
             ctx.freeze_tensor(t, why)
-    if offset_groups != 1:  # offset group i moves the i-th share of the input channels
+    lab = ctx.label_of(x)
+    if offset_groups != 1 and lab is not None and lab.dim == 1 and x.shape[1] % offset_groups == 0:
+        # offset group i moves the i-th share of the input channels: channel j of every share
+        # goes together, so each share keeps its width (froze every input before 2026-12-02)
+        ctx.tie(lab.atoms, (offset_groups, x.shape[1] // offset_groups), 1)
+    elif offset_groups != 1:
         ctx.freeze_tensor(x, f"{ctx.where()} splits its input channels into {offset_groups} offset groups")
     bare = isinstance(w, TRef) and w.param is not None and ctx.param_owner.get(w.param) is None
     bias = arg(call, 4, "bias")
     if isinstance(bias, TRef) and bias.param is None and ctx.label_of(bias) is None:
         bias = None  # no bias: torchvision passes zeros(weight.shape[0]), as wide as the filters kept
-    _bare_weight(ctx, x, w, bias, out, bare and groups == 1, transposed=False)
+    _bare_weight(ctx, x, w, bias, out, bare, False, groups)
 
 
 def _depthwise(x, w, lab, groups: int, transposed: bool) -> bool:

@@ -297,14 +297,21 @@ def _fixed_positions(call, ctx, src, lab, positions) -> bool:
     return True
 
 
-@table.register("index_select", "gather", "embedding")
+#: ``F.embedding_bag`` with a bare table (``(table, indices, offsets, ...)``): each bag's
+#: rows are summed, averaged or maxed per column, so the columns pass as ``embedding``'s
+#: do; the output is the first of its four results. No mapper knew the op before
+#: 2026-12-02: the columns were dropped and the consumer's inputs froze
+_EMBEDDING_BAGS = ("_embedding_bag", "_embedding_bag_forward_only")
+
+
+@table.register("index_select", "gather", "embedding", *_EMBEDDING_BAGS)
 def index_select(call, ctx):
     src, out = call.args[0], call.outputs[0]
     lab = ctx.label_of(src)
     if lab is None:
         return
     name = call.op.overloadpacket.__name__
-    if name == "embedding":
+    if name == "embedding" or name in _EMBEDDING_BAGS:
         if lab.dim == src.ndim - 1:
             ctx.set_label(out, out.ndim - 1, lab.atoms)
             return
