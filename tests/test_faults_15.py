@@ -1,0 +1,96 @@
+"""Session 23b, faults15: bad input through the Python API (docs/reliability.md, "Session 23b: faults15")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.errors import UserError
+from cleanai_core.metrics import count_flops, count_params, measure_latency
+from cleanai_core.sensitivity import analyse_sensitivity
+
+
+def _net(classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes),
+    ).eval()  # fmt: skip
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m: count_params("resnet18"), "count_params needs a torch.nn.Module, got 'resnet18'"),
+        (lambda m: count_flops(None, X), "count_flops needs a torch.nn.Module, got None"),
+        (lambda m: count_flops(m, X.numpy()), "count_flops's inputs holds a NumPy array, not a tensor"),
+        (lambda m: count_flops(m, None), "count_flops's inputs holds no tensor"),
+        (lambda m: count_flops(m, X, forward_fn="m(x)"), "forward_fn='m(x)' is not a function"),
+        (lambda m: measure_latency(m, X, repeats=0), "measure_latency: repeats=0 must be an integer >= 1"),
+        (lambda m: measure_latency(m, X, repeats="5"), "measure_latency: repeats='5' must be an integer >= 1"),
+        (lambda m: measure_latency(m, X, repeats=2.5), "measure_latency: repeats=2.5 must be an integer >= 1"),
+        (lambda m: measure_latency(m, X, warmup=-1), "measure_latency: warmup=-1 must be an integer >= 0"),
+        (lambda m: measure_latency(m, ["x"]), "measure_latency's inputs holds text ('x')"),
+    ],
+)
+def test_the_measuring_functions_name_an_argument_out_of_form(call, message):
+    model = _net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError) as info:
+        call(model)
+    assert message in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_measuring_functions_still_take_numpy_counts_and_a_forward_fn_with_its_own_inputs():
+    import numpy as np
+
+    model = _net()
+    assert count_params(model) == 3 * 8 * 9 + 8 + 16 + 8 * 8 * 9 + 8 + 8 * 4 + 4
+    flops = count_flops(model, X)
+    assert flops == count_flops(model, {"image": X}, forward_fn=lambda m, b: m(b["image"]))
+    assert measure_latency(model, X, repeats=np.int64(2), warmup=np.int64(0)) > 0
+
+
+def _sensitivity(model: nn.Module, data: list) -> object:
+    pruner = StructuredPruner(model, X, importance="magnitude")
+    return analyse_sensitivity(pruner, data, ratios=[0.5], progress=False, bn_passes=0)
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (torch.tensor([0, 1, 2]), "the sensitivity data's labels have shape (3,) but the model's outputs (2, 4)"),
+        (torch.tensor([7, 9]), "labels go from 7 to 9 but the model has 4 outputs; give class indices 0..3"),
+        (torch.tensor([[-3], [1]]), "labels go from -3 to 1 but the model has 4 outputs"),
+    ],
+)
+def test_sensitivity_labels_that_cannot_be_the_models_classes_are_refused(labels, message):
+    with pytest.raises(UserError) as info:
+        _sensitivity(_net(), [(X, labels)])
+    assert message in str(info.value)
+
+
+def test_sensitivity_accuracy_of_a_one_logit_classifier_reads_the_logits_sign():
+    model = _net(classes=1)
+    with torch.no_grad():
+        logit = model(X)[:, 0]
+    labels = (logit > 0).long()  # the model's own predictions: 100 %
+    result = _sensitivity(model, [(X, labels)])
+    assert result.base_accuracy == 100.0
+    assert _sensitivity(model, [(X, 1 - labels)]).base_accuracy == 0.0
+    with pytest.raises(UserError, match="1 output \\(a binary classifier: labels 0 and 1\\)"):
+        _sensitivity(model, [(X, torch.tensor([0, 2]))])
+
+
+def test_sensitivity_without_class_labels_keeps_the_curves_without_accuracy():
+    result = _sensitivity(_net(), [(X, torch.tensor([0.5, 1.5]))])
+    assert result.base_accuracy is None
+    assert len(result.curves) == 2
+    exact = _sensitivity(_net(), [(X, torch.tensor([0, 1]))])
+    assert exact.base_accuracy in (0.0, 50.0, 100.0)
