@@ -19,7 +19,7 @@ from cleanai_core.collect import Calibration, CalibrationSetup, calibrate, held_
 from cleanai_core.compensation import compensated_copy
 from cleanai_core.dead_units import dead_plan
 from cleanai_core.device_defaults import default_round_to
-from cleanai_core.errors import PruningError, UserError, model_fault
+from cleanai_core.errors import PruningError, UserError, model_fault, shown
 from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
 from cleanai_core.graph.groups import Group
 from cleanai_core.history import PruningHistory
@@ -349,6 +349,7 @@ class StructuredPruner:
         """Every prunable group's unit scores (the original model's unless given)."""
         graph = self.graph if graph is None else graph
         model = self.model if model is None else model
+        _check_graph_of(graph, model, "score")
         cal = self.calibration if calibration is None else calibration
         grads = cal.gradients or (held_gradients(model, self.importance) if model is self.model else None)
         ctx = ScoringContext(graph, cal.stats, model, bias_compensation=self.bias_compensation, gradients=grads)
@@ -509,6 +510,10 @@ class StructuredPruner:
         (default ``target_flops`` or ``target_params``); scores computed once."""
         graph = self.graph if graph is None else graph
         model = self.model if model is None else model
+        target = options.plain_number(target)
+        number = isinstance(target, (int, float)) and not isinstance(target, bool)
+        if target is not None and not (number and 0 < target < math.inf):
+            raise UserError(f"plan_for: target={target!r} must be a positive number: the share of FLOPs to keep")
         scores = self.score(graph, model, cal)
         final = target is None  # the user's own target (a step of iterative pruning passes its own)
         target = target if target is not None else self.target_flops
@@ -743,6 +748,20 @@ class StructuredPruner:
         Call after :meth:`prune`."""
         with reads_preserved(self.model):
             return pruner_report(self)
+
+
+def _check_graph_of(graph: Any, model: Any, who: str) -> None:
+    """A :class:`UserError` for a ``graph`` / ``model`` pair given to a public method that cannot
+    go together: ``pruner.score(graph="g")`` raised ``AttributeError: 'str' object has no attribute
+    'groups'``, a model of another architecture ``Linear has no attribute `0```."""
+    if not isinstance(graph, DependencyGraph):
+        raise UserError(f"{who}: graph={shown(graph)} must be a DependencyGraph (default: the pruner's)")
+    if graph.model is not model:
+        raise UserError(
+            f"{who}: the model given is {shown(model)}, not the one the graph was built on "
+            f"({shown(graph.model)}): give both of one model, e.g. DependencyGraph(model, example_inputs) with that "
+            "model, or neither (the pruner's own)"
+        )
 
 
 def _within(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:

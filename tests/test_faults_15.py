@@ -94,3 +94,43 @@ def test_sensitivity_without_class_labels_keeps_the_curves_without_accuracy():
     assert len(result.curves) == 2
     exact = _sensitivity(_net(), [(X, torch.tensor([0, 1]))])
     assert exact.base_accuracy in (0.0, 50.0, 100.0)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p: p.make_plan("0.5", p.score()), "make_plan: ratio='0.5' must be a number from 0 up to"),
+        (lambda p: p.make_plan(float("nan"), p.score()), "make_plan: ratio=nan must be a number"),
+        (lambda p: p.make_plan(1.0, p.score()), "make_plan: ratio=1.0 must be a number"),
+        (lambda p: p.make_plan(0.5, None), "make_plan: scores=None must be a dict of unit scores per group id"),
+        (
+            lambda p: p.make_plan(0.5, {1: torch.zeros(3)}),
+            "make_plan: scores[1] is a tensor of shape (3,), but group 1 (0, 1, 3) has 8 units",
+        ),
+        (lambda p: p.make_plan(0.5, {}), "make_plan: scores[1] is None, but group 1 (0, 1, 3) has 8 units"),
+        (lambda p: p.score(graph="g"), "score: graph='g' must be a DependencyGraph"),
+        (lambda p: p.score(model=nn.Linear(2, 2)), "score: the model given is the module Linear(in_features=2"),
+        (lambda p: p.plan_for(target="0.5"), "plan_for: target='0.5' must be a positive number"),
+        (lambda p: p.plan_for(target=float("nan")), "plan_for: target=nan must be a positive number"),
+    ],
+)
+def test_the_pruners_planning_methods_name_an_argument_that_cannot_make_a_plan(call, message):
+    model = _net()
+    pruner = StructuredPruner(model, X, importance="magnitude")
+    with pytest.raises(UserError) as info:
+        call(pruner)
+    assert message in str(info.value)
+    assert pruner.prune() is not model  # the pruner still works after the refusal
+
+
+def test_the_planning_methods_take_numpy_ratios_and_their_own_scores():
+    import numpy as np
+
+    pruner = StructuredPruner(_net(), X, importance="magnitude")
+    scores = pruner.score()
+    plan = pruner.make_plan(np.float32(0.5), scores)
+    assert [p.n_pruned for p in plan.groups] == [4, 4]
+    assert [p.n_pruned for p in pruner.make_plan(torch.tensor(0.0), scores).groups] == [0, 0]
+    assert [p.n_pruned for p in pruner.plan_for(target=np.float64(0.5)).groups] == [
+        p.n_pruned for p in pruner.plan_for(target=0.5).groups
+    ]
