@@ -267,7 +267,7 @@ class StructuredPruner:
         self.recalibrate_bn, self.inplace, self.verify = recalibrate_bn, inplace, verify
         self.bn_samples = bn_samples
         self.forward_fn, self.output_transform = forward_fn, output_transform
-        self.normalizer = scoring.get_normalizer(normalizer)
+        self.normalizer = normalizer  # the name, resolved by the setter
         self.prune_dead_only = prune_dead_only
         self._ignored_specs = ignored_layers
         self.set_layer_ratios(layer_pruning_ratios or {})
@@ -294,6 +294,40 @@ class StructuredPruner:
                 f"(each step removes at least one, or only repeats the work); give at most {units} (a few steps are "
                 "usual)"
             )
+
+    # constructor options kept in another form: set after construction, they were plain new attributes that
+    # nothing read (pruner.layer_pruning_ratios = {"fc": 0.9} pruned as before, without a word)
+    @property
+    def layer_pruning_ratios(self) -> dict[str, float]:
+        """The per-layer ratios, by layer name; setting it is :meth:`set_layer_ratios`."""
+        return dict(self.layer_ratios or {})
+
+    @layer_pruning_ratios.setter
+    def layer_pruning_ratios(self, ratios: Mapping[ModuleSpec, float] | None) -> None:
+        self.set_layer_ratios(ratios or {})
+
+    @property
+    def ignored_layers(self) -> list[Any]:
+        """The ``ignored_layers`` given; fixed once the graph is built (its groups depend on them)."""
+        return list(self._ignored_specs or ())
+
+    @ignored_layers.setter
+    def ignored_layers(self, specs: Any) -> None:
+        raise UserError(
+            "ignored_layers cannot change after the pruner is built: its groups and statistics depend on them. Build "
+            "a new pruner with them: StructuredPruner(model, example_inputs, ..., ignored_layers=[...])"
+        )
+
+    @property
+    def normalizer(self) -> Any:
+        """The normaliser of global ranking (a function); set it by name (``"mean"``, ``"max"``, ...)."""
+        return self._normalizer
+
+    @normalizer.setter
+    def normalizer(self, name: str) -> None:
+        if not isinstance(name, str):  # a list raised "unhashable type" from the look-up
+            raise UserError(f"normalizer={shown(name)} must be the name of a normaliser, e.g. 'mean'")
+        self._normalizer = scoring.get_normalizer(name)
 
     @property
     def stats(self) -> dict:

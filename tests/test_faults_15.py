@@ -134,3 +134,22 @@ def test_the_planning_methods_take_numpy_ratios_and_their_own_scores():
     assert [p.n_pruned for p in pruner.plan_for(target=np.float64(0.5)).groups] == [
         p.n_pruned for p in pruner.plan_for(target=0.5).groups
     ]
+
+
+def test_options_set_by_their_constructor_names_after_construction_take_effect_or_are_refused():
+    base = StructuredPruner(_net(), X, importance="magnitude")
+    assert count_params(base.prune()) == 538
+    pruner = StructuredPruner(_net(), X, importance="magnitude")
+    pruner.layer_pruning_ratios = {"0": 0.9}  # was a new attribute nothing read: 538 parameters again
+    assert pruner.layer_pruning_ratios == {"0": 0.9}
+    assert count_params(pruner.prune()) == 118
+    with pytest.raises(UserError, match="ignored_layers cannot change after the pruner is built"):
+        pruner.ignored_layers = ["0"]
+    assert pruner.ignored_layers == []
+    with pytest.raises(UserError, match="unknown normaliser 'nope'; choose one of"):
+        pruner.normalizer = "nope"
+    with pytest.raises(UserError, match="normalizer=\\['mean'\\] must be the name of a normaliser"):
+        StructuredPruner(_net(), X, importance="magnitude", normalizer=["mean"])
+    ranked = StructuredPruner(_net(), X, importance="magnitude", global_pruning=True, pruning_ratio=0.5)
+    ranked.normalizer = "max"  # global ranking reads it: 254 parameters with the default "mean"
+    assert count_params(ranked.prune()) == 302
