@@ -26,7 +26,7 @@ from cleanai_core.history import PruningHistory
 from cleanai_core.isomorphic import Signatures, scopes_of, signatures
 from cleanai_core.masking import check_exact, exact_tolerance, exact_units, masked_outputs
 from cleanai_core.metrics import count_flops, count_params
-from cleanai_core.model_state import reads_preserved, transplant, user_hooks
+from cleanai_core.model_state import layout_change, layout_of, reads_preserved, transplant, user_hooks
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
 from cleanai_core.pruning_report import pruner_report
@@ -286,6 +286,7 @@ class StructuredPruner:
         self._pruned_plans: list[tuple[DependencyGraph, PruningPlan]] = []  # per step, for the report
         with _autograd_on(model):
             self.graph = self._build_graph(model)
+        self._layout = layout_of(model)  # what the graph describes (_check_unchanged)
         self._check_ratios_reach(options.as_ratio_table(layer_pruning_ratios or {}) or {})
         units = sum(g.size for g in self.graph.groups(prunable_only=True))
         if iterative_steps > units:  # 10**9 steps ran until killed, each re-tracing and removing nothing
@@ -366,6 +367,7 @@ class StructuredPruner:
         shard (:func:`cleanai_core.distributed.shard`), ``num_batches`` counts this rank's
         batches, and the statistics are summed over ranks."""
         num_batches = options.plain_number(num_batches)
+        self._check_unchanged()
         with _autograd_on(self.model):
             setup = CalibrationSetup.of(self)
             with other_paths(self.model, untraced_layers(self.graph)) as seen:
@@ -483,6 +485,18 @@ class StructuredPruner:
                 f"{first!r}{why} cannot be pruned, so the ratio would do nothing{instead}, or drop it"
             )
 
+    def _check_unchanged(self) -> None:
+        """A :class:`UserError` where the model's layers changed after the pruner traced it (a
+        layer replaced or widened, one added): the graph, groups and statistics describe the
+        model as it was, and verification then skipped the changed groups with a warning that
+        blamed a channel count read at run time."""
+        change = layout_change(self._layout, self.model) if self.pruned_model is None or not self.inplace else None
+        if change is not None:
+            raise UserError(
+                f"the model changed after the pruner was built: {change}. Its graph and statistics describe the model "
+                "as it was; build a new StructuredPruner once the model is as it will be pruned"
+            )
+
     def _check_attributes(self) -> None:
         """The options as the attributes hold them now, by the constructor's checks: an
         attribute set after construction (``pruner.pruning_ratio = 1.5``) went unchecked, so
@@ -496,6 +510,7 @@ class StructuredPruner:
     def plan(self) -> PruningPlan:
         """The dry run: which units would go. Changes nothing."""
         self._check_attributes()
+        self._check_unchanged()
         with _autograd_on(self.model):
             if self._plan is None:
                 dead = self.prune_dead_only
@@ -741,6 +756,7 @@ class StructuredPruner:
         again, it prunes the original again, with a fresh :attr:`history` (the steps of an
         earlier call were kept, so the saved history replayed both and did not load)."""
         self._check_attributes()
+        self._check_unchanged()
         with _autograd_on():
             if self.inplace and self.pruned_model is not None:  # the graph and statistics describe the unpruned model
                 raise UserError(

@@ -153,3 +153,45 @@ def test_options_set_by_their_constructor_names_after_construction_take_effect_o
     ranked = StructuredPruner(_net(), X, importance="magnitude", global_pruning=True, pruning_ratio=0.5)
     ranked.normalizer = "max"  # global ranking reads it: 254 parameters with the default "mean"
     assert count_params(ranked.prune()) == 302
+
+
+def _widen(model: nn.Module) -> None:
+    model[3], model[7] = nn.Conv2d(8, 16, 1), nn.Linear(16, 4)
+
+
+def _append(model: nn.Module) -> None:
+    model.append(nn.Softmax(1))
+
+
+def _drop(model: nn.Module) -> None:
+    del model[4]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_widen, "the parameters of '3' (Conv2d) were {'weight': (8, 8, 3, 3), 'bias': (8,)} and are now"),
+        (_append, "the layer '8' (Softmax) was added"),
+        (_drop, "the layer '4' was ReLU and is now AdaptiveAvgPool2d"),
+    ],
+)
+@pytest.mark.parametrize("when", ["prune", "collect_activations"])
+def test_a_model_changed_after_the_pruner_was_built_is_refused_naming_the_change(change, message, when):
+    model = _net()
+    pruner = StructuredPruner(model, X, importance="magnitude")
+    change(model)
+    with pytest.raises(UserError) as info:
+        pruner.prune() if when == "prune" else pruner.collect_activations([X], progress=False)
+    assert "the model changed after the pruner was built: " + message in str(info.value)
+    assert "build a new StructuredPruner once the model is as it will be pruned" in str(info.value)
+    assert count_params(StructuredPruner(model, X, importance="magnitude").prune()) < count_params(model)
+
+
+def test_new_weights_of_the_same_shapes_and_an_in_place_prune_are_not_a_change():
+    model = _net()
+    pruner = StructuredPruner(model, X, importance="magnitude", inplace=True)
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)  # values, not layout: scored as they are now
+    model.eval()
+    assert count_params(pruner.prune()) == 538
+    assert count_params(model) == 538
