@@ -367,6 +367,7 @@ class StructuredPruner:
         shard (:func:`cleanai_core.distributed.shard`), ``num_batches`` counts this rank's
         batches, and the statistics are summed over ranks."""
         num_batches = options.plain_number(num_batches)
+        options.check_switches(progress=progress)  # "no" showed the bar
         self._check_unchanged()
         with _autograd_on(self.model):
             setup = CalibrationSetup.of(self)

@@ -35,7 +35,7 @@ from cleanai_core.allocation import Allocation, _plan, allocate_ratios  # the al
 from cleanai_core.calibration import iterate, move_to, split_batch
 from cleanai_core.errors import PruningError, UserError, model_fault
 from cleanai_core.metrics import FlopsOfCopies, call_model, count_params, eval_mode
-from cleanai_core.options import plain_number
+from cleanai_core.options import check_switches, plain_number
 from cleanai_core.prefix_cache import PrefixCache
 from cleanai_core.recovery import _check_logits
 from cleanai_core.runtime import channels_last_layout, class_logits, without_autocast
@@ -259,7 +259,9 @@ def _check_the_original_runs(exc: PruningError, ev: _Evaluator, model: nn.Module
         ) from again
 
 
-def _check_arguments(pruner: Any, data: Any, num_batches: Any, ratios: Any, bn_passes: Any, bn_samples: Any) -> None:
+def _check_arguments(
+    pruner: Any, data: Any, num_batches: Any, ratios: Any, bn_passes: Any, bn_samples: Any, progress: Any, fast: Any
+) -> None:
     """:func:`analyse_sensitivity`'s arguments, each named where it is out of form: a pruner
     that is no pruner raised ``AttributeError: ... has no attribute 'model'``, ``ratios="0.5"``
     ``could not convert string to float: '.'``, ``num_batches="2"`` and ``data=None``
@@ -275,6 +277,7 @@ def _check_arguments(pruner: Any, data: Any, num_batches: Any, ratios: Any, bn_p
         )
     check_iterable(data, "the sensitivity data")
     check_num_batches(num_batches)
+    check_switches(progress=progress, fast=fast)  # fast="no" ran the fast path
     values = [plain_number(r) for r in ratios] if isinstance(ratios, Iterable) and not isinstance(ratios, str) else None
     if not values or any(isinstance(r, bool) or not isinstance(r, (int, float)) for r in values):
         raise UserError(
@@ -318,7 +321,7 @@ def analyse_sensitivity(
     model than the prune builds: on a plain conv-BN chain they overstated the loss of the
     early groups tenfold and the allocation from them lost to uniform ratios (#18).
     """
-    _check_arguments(pruner, data, num_batches, ratios, bn_passes, bn_samples)
+    _check_arguments(pruner, data, num_batches, ratios, bn_passes, bn_samples, progress, fast)
     ratios = sorted({float(plain_number(r)) for r in ratios})
     if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
         raise UserError(f"ratios={list(ratios)}: give ratios strictly between 0 and 1, e.g. 0.25,0.5,0.75")

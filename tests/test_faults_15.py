@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from cleanai_core import StructuredPruner
+from cleanai_core import StructuredPruner, recover
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import count_flops, count_params, measure_latency
 from cleanai_core.sensitivity import analyse_sensitivity
@@ -195,3 +196,24 @@ def test_new_weights_of_the_same_shapes_and_an_in_place_prune_are_not_a_change()
     model.eval()
     assert count_params(pruner.prune()) == 538
     assert count_params(model) == 538
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p: p.graph.groups(prunable_only="no"), "prunable_only='no' must be True or False"),
+        (lambda p: p.collect_activations([X], progress="no"), "progress='no' must be True or False"),
+        (lambda p: analyse_sensitivity(p, [X], fast="no", progress=False), "fast='no' must be True or False"),
+        (lambda p: analyse_sensitivity(p, [X], progress="off"), "progress='off' must be True or False"),
+        (
+            lambda p: recover(p.model, None, TensorDataset(X, torch.tensor([0, 1])), epochs=1, progress="no"),
+            "progress='no' must be True or False",
+        ),
+    ],
+)
+def test_on_off_arguments_of_public_methods_refuse_text(call, message):
+    pruner = StructuredPruner(_net(), X, importance="magnitude")
+    with pytest.raises(UserError, match=message):
+        call(pruner)
+    assert [g.size for g in pruner.graph.groups(prunable_only=False)] == [g.size for g in pruner.graph.groups()]
+    assert len(pruner.graph.groups(prunable_only=True)) == 2 < len(pruner.graph.groups(prunable_only=0))
