@@ -14,7 +14,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from cleanai_core.errors import UserError, shown
 from cleanai_core.model_state import preserved
+from cleanai_core.options import check_callables, input_tensors, plain_number
 from cleanai_core.runtime import call_model, copied_inputs
 
 __all__ = [
@@ -30,8 +32,24 @@ __all__ = [
 ]
 
 
+def _check_measured(who: str, model: Any, inputs: Any = None, forward_fn: Any = None, runs: bool = True) -> None:
+    """A :class:`UserError` naming the argument of the public measuring function ``who``
+    that is out of form, before anything runs: a model that is no module raised
+    ``AttributeError: 'str' object has no attribute 'parameters'``, inputs of NumPy arrays
+    or ``None`` conv2d's "received an invalid combination of arguments" (with a
+    ``forward_fn``, the inputs are whatever it takes)."""
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{who} needs a torch.nn.Module, got {shown(model)}")
+    if not runs:
+        return
+    check_callables(forward_fn=forward_fn)
+    if forward_fn is None:
+        input_tensors(inputs, f"{who}'s inputs")
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameters (shared tensors counted once)."""
+    _check_measured("count_params", model, runs=False)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -157,6 +175,7 @@ def count_flops(model: nn.Module, inputs: Any, forward_fn: Callable | None = Non
     Attention is counted through the math backend, since fused CPU kernels are not
     seen by the counter. Counting needs shapes only, so the heavy ops run on the meta
     device (:class:`~cleanai_core.shapes.ShapeOnlyMode`)."""
+    _check_measured("count_flops", model, inputs, forward_fn)
     counter = flop_counter()
     _count_into(counter, model, inputs, forward_fn)
     return int(counter.get_total_flops())
@@ -341,6 +360,12 @@ def measure_latency(
     the pass would shrink every speed-up. On a GPU the copy is waited for before the clock
     starts and the pass before it stops (the copy was only queued, so it was timed with the
     pass); a CPU model is timed without waiting on a GPU the machine happens to have."""
+    _check_measured("measure_latency", model, inputs, forward_fn)
+    repeats, warmup = plain_number(repeats), plain_number(warmup)
+    for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            # repeats=0 raised statistics.StatisticsError: "no median for empty data"; warmup=-1 was taken
+            raise UserError(f"measure_latency: {name}={shown(value)} must be an integer >= {least}")
     on = {t.device.type for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)}
     on |= {p.device.type for p in model.parameters()}
     sync = torch.cuda.synchronize if "cuda" in on else (lambda: None)

@@ -70,6 +70,8 @@ __all__ = [
     "drop_user_hooks",
     "from_library",
     "holds_history",
+    "layout_change",
+    "layout_of",
     "preserved",
     "reads_preserved",
     "state_with_versions",
@@ -896,3 +898,31 @@ def state_with_versions(model: nn.Module, state: dict[str, torch.Tensor]) -> Ord
     out = OrderedDict(state)
     out._metadata = getattr(model.state_dict(keep_vars=True), "_metadata", OrderedDict())  # type: ignore[attr-defined]
     return out
+
+
+def layout_of(model: nn.Module) -> dict[str, tuple[str, tuple[tuple[str, tuple[int, ...]], ...]]]:
+    """Per module name, its class and its own parameters' shapes: what a graph built on
+    ``model`` describes (buffers left out: a model may fill caches of them as it runs)."""
+    return {
+        name: (type(m).__name__, tuple((k, tuple(p.shape)) for k, p in m._parameters.items() if p is not None))
+        for name, m in model.named_modules()
+    }
+
+
+def layout_change(before: dict[str, Any], model: nn.Module) -> str | None:
+    """How ``model`` differs from the :func:`layout_of` taken ``before`` (the first module
+    added, removed, replaced by another class or reshaped), or None where it does not."""
+    now = layout_of(model)
+    for name in [*before, *(n for n in now if n not in before)]:  # in the model's order: the first change
+        was, is_ = before.get(name), now.get(name)
+        if was == is_:
+            continue
+        shown = repr(name) if name else "the model"
+        if was is None:
+            return f"the layer {shown} ({is_[0]}) was added"
+        if is_ is None:
+            return f"the layer {shown} ({was[0]}) was removed"
+        if was[0] != is_[0]:
+            return f"the layer {shown} was {was[0]} and is now {is_[0]}"
+        return f"the parameters of {shown} ({is_[0]}) were {dict(was[1])} and are now {dict(is_[1])}"
+    return None

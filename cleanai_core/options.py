@@ -574,20 +574,29 @@ def check_finite(model: nn.Module, name: str = "model") -> None:
                 )
 
 
-def check_example_inputs(example_inputs: Any) -> None:
-    leaves = [t for t in tree_flatten(example_inputs)[0] if isinstance(t, torch.Tensor)]
+def input_tensors(inputs: Any, name: str = "example_inputs") -> list[torch.Tensor]:
+    """The tensors of one batch of ``inputs``; a :class:`UserError` naming ``name`` where it
+    holds none (text, NumPy arrays, ``None``): the pruner's ``example_inputs`` and the
+    measuring functions' ``inputs`` (``count_flops(model, x.numpy())`` raised conv2d's
+    "received an invalid combination of arguments")."""
+    leaves = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
     if not leaves:
         from cleanai_core.runtime import text_error
 
-        error = text_error(example_inputs, "example_inputs")
+        error = text_error(inputs, name)
         if error is not None:
             raise error
-        if any(type(a).__module__ == "numpy" for a in tree_flatten(example_inputs)[0]):
+        if any(type(a).__module__ == "numpy" for a in tree_flatten(inputs)[0]):
             raise UserError(
-                "example_inputs holds a NumPy array, not a tensor: give torch.from_numpy(x) (in the model's dtype, "
+                f"{name} holds a NumPy array, not a tensor: give torch.from_numpy(x) (in the model's dtype, "
                 "e.g. torch.from_numpy(x).float())"
             )
-        raise UserError("example_inputs holds no tensor: give one batch of inputs, e.g. torch.randn(1, 3, 224, 224)")
+        raise UserError(f"{name} holds no tensor: give one batch of inputs, e.g. torch.randn(1, 3, 224, 224)")
+    return leaves
+
+
+def check_example_inputs(example_inputs: Any) -> None:
+    leaves = input_tensors(example_inputs)
     if any(t.is_meta for t in leaves):
         raise UserError(
             "example_inputs are on the meta device (shapes without data): give real tensors on the model's "

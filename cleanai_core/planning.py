@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 import torch
 
-from cleanai_core.errors import shown_name
+from cleanai_core.errors import UserError, shown, shown_name
 from cleanai_core.graph.groups import Group
 
 __all__ = [
@@ -318,6 +318,34 @@ def _rank(
             taken += 1
 
 
+def _checked_plan_inputs(groups: list[Group], scores: Any, ratio: Any) -> float:
+    """``ratio`` as a float, after a :class:`UserError` for a ratio or scores that cannot make
+    a plan (``StructuredPruner.make_plan`` is public): ``ratio="0.5"`` raised ``TypeError: can
+    only concatenate str``, NaN ``cannot convert float NaN to integer``, ``scores=None`` "'NoneType'
+    object is not subscriptable", a group's scores of another length an ``IndexError`` about a
+    mask's shape. Cheap: one look per group (the target searches plan a few dozen times)."""
+    from cleanai_core.options import plain_number
+
+    value = plain_number(ratio)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise UserError(f"make_plan: ratio={shown(ratio)} must be a number from 0 up to (not including) 1")
+    if not isinstance(scores, Mapping):
+        raise UserError(
+            f"make_plan: scores={shown(scores)} must be a dict of unit scores per group id, as pruner.score() "
+            "returns it"
+        )
+    for g in groups:
+        got = scores.get(g.id)
+        if not isinstance(got, torch.Tensor) or got.dim() != 1 or got.numel() != g.size:
+            has = f"a tensor of shape {tuple(got.shape)}" if isinstance(got, torch.Tensor) else shown(got)
+            raise UserError(
+                f"make_plan: scores[{g.id}] is {has}, but group {g.id} ({', '.join(g.modules()[:3])}) has {g.size} "
+                "units: give one score per unit of every prunable group of the graph, as pruner.score() returns "
+                "them (scores of another model or graph do not fit)"
+            )
+    return float(value)
+
+
 def make_plan(
     groups: list[Group],
     scores: dict[int, torch.Tensor],
@@ -351,6 +379,7 @@ def make_plan(
     rank in one scope together. Groups whose slices must keep the same count, or the
     same share (:func:`equalize_ties`), keep the most any of them asks.
     """
+    ratio = _checked_plan_inputs(groups, scores, ratio)
     group_ratios = group_ratios or {}
     plans = []
     if not global_pruning:

@@ -19,14 +19,14 @@ from cleanai_core.collect import Calibration, CalibrationSetup, calibrate, held_
 from cleanai_core.compensation import compensated_copy
 from cleanai_core.dead_units import dead_plan
 from cleanai_core.device_defaults import default_round_to
-from cleanai_core.errors import PruningError, UserError, model_fault
+from cleanai_core.errors import PruningError, UserError, model_fault, shown
 from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
 from cleanai_core.graph.groups import Group
 from cleanai_core.history import PruningHistory
 from cleanai_core.isomorphic import Signatures, scopes_of, signatures
 from cleanai_core.masking import check_exact, exact_tolerance, exact_units, masked_outputs
 from cleanai_core.metrics import count_flops, count_params
-from cleanai_core.model_state import reads_preserved, transplant, user_hooks
+from cleanai_core.model_state import layout_change, layout_of, reads_preserved, transplant, user_hooks
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
 from cleanai_core.pruning_report import pruner_report
@@ -267,7 +267,7 @@ class StructuredPruner:
         self.recalibrate_bn, self.inplace, self.verify = recalibrate_bn, inplace, verify
         self.bn_samples = bn_samples
         self.forward_fn, self.output_transform = forward_fn, output_transform
-        self.normalizer = scoring.get_normalizer(normalizer)
+        self.normalizer = normalizer  # the name, resolved by the setter
         self.prune_dead_only = prune_dead_only
         self._ignored_specs = ignored_layers
         self.set_layer_ratios(layer_pruning_ratios or {})
@@ -287,6 +287,7 @@ class StructuredPruner:
         self._pruned_plans: list[tuple[DependencyGraph, PruningPlan]] = []  # per step, for the report
         with _autograd_on(model):
             self.graph = self._build_graph(model)
+        self._layout = layout_of(model)  # what the graph describes (_check_unchanged)
         self._check_ratios_reach(options.as_ratio_table(layer_pruning_ratios or {}) or {})
         units = sum(g.size for g in self.graph.groups(prunable_only=True))
         if iterative_steps > units:  # 10**9 steps ran until killed, each re-tracing and removing nothing
@@ -295,6 +296,40 @@ class StructuredPruner:
                 f"(each step removes at least one, or only repeats the work); give at most {units} (a few steps are "
                 "usual)"
             )
+
+    # constructor options kept in another form: set after construction, they were plain new attributes that
+    # nothing read (pruner.layer_pruning_ratios = {"fc": 0.9} pruned as before, without a word)
+    @property
+    def layer_pruning_ratios(self) -> dict[str, float]:
+        """The per-layer ratios, by layer name; setting it is :meth:`set_layer_ratios`."""
+        return dict(self.layer_ratios or {})
+
+    @layer_pruning_ratios.setter
+    def layer_pruning_ratios(self, ratios: Mapping[ModuleSpec, float] | None) -> None:
+        self.set_layer_ratios(ratios or {})
+
+    @property
+    def ignored_layers(self) -> list[Any]:
+        """The ``ignored_layers`` given; fixed once the graph is built (its groups depend on them)."""
+        return list(self._ignored_specs or ())
+
+    @ignored_layers.setter
+    def ignored_layers(self, specs: Any) -> None:
+        raise UserError(
+            "ignored_layers cannot change after the pruner is built: its groups and statistics depend on them. Build "
+            "a new pruner with them: StructuredPruner(model, example_inputs, ..., ignored_layers=[...])"
+        )
+
+    @property
+    def normalizer(self) -> Any:
+        """The normaliser of global ranking (a function); set it by name (``"mean"``, ``"max"``, ...)."""
+        return self._normalizer
+
+    @normalizer.setter
+    def normalizer(self, name: str) -> None:
+        if not isinstance(name, str):  # a list raised "unhashable type" from the look-up
+            raise UserError(f"normalizer={shown(name)} must be the name of a normaliser, e.g. 'mean'")
+        self._normalizer = scoring.get_normalizer(name)
 
     @property
     def stats(self) -> dict:
@@ -333,6 +368,8 @@ class StructuredPruner:
         shard (:func:`cleanai_core.distributed.shard`), ``num_batches`` counts this rank's
         batches, and the statistics are summed over ranks."""
         num_batches = options.plain_number(num_batches)
+        options.check_switches(progress=progress)  # "no" showed the bar
+        self._check_unchanged()
         with _autograd_on(self.model):
             setup = CalibrationSetup.of(self)
             with other_paths(self.model, untraced_layers(self.graph)) as seen:
@@ -350,6 +387,7 @@ class StructuredPruner:
         """Every prunable group's unit scores (the original model's unless given)."""
         graph = self.graph if graph is None else graph
         model = self.model if model is None else model
+        _check_graph_of(graph, model, "score")
         cal = self.calibration if calibration is None else calibration
         held = None if cal.gradients or model is not self.model else held_gradients(model, self.importance, self.graph)
         if model is self.model:  # the report says so: scored on no data, with whatever backward left them
@@ -452,6 +490,18 @@ class StructuredPruner:
                 f"{first!r}{why} cannot be pruned, so the ratio would do nothing{instead}, or drop it"
             )
 
+    def _check_unchanged(self) -> None:
+        """A :class:`UserError` where the model's layers changed after the pruner traced it (a
+        layer replaced or widened, one added): the graph, groups and statistics describe the
+        model as it was, and verification then skipped the changed groups with a warning that
+        blamed a channel count read at run time."""
+        change = layout_change(self._layout, self.model) if self.pruned_model is None or not self.inplace else None
+        if change is not None:
+            raise UserError(
+                f"the model changed after the pruner was built: {change}. Its graph and statistics describe the model "
+                "as it was; build a new StructuredPruner once the model is as it will be pruned"
+            )
+
     def _check_attributes(self) -> None:
         """The options as the attributes hold them now, by the constructor's checks: an
         attribute set after construction (``pruner.pruning_ratio = 1.5``) went unchecked, so
@@ -465,6 +515,7 @@ class StructuredPruner:
     def plan(self) -> PruningPlan:
         """The dry run: which units would go. Changes nothing."""
         self._check_attributes()
+        self._check_unchanged()
         with _autograd_on(self.model):
             if self._plan is None:
                 dead = self.prune_dead_only
@@ -513,6 +564,10 @@ class StructuredPruner:
         (default ``target_flops`` or ``target_params``); scores computed once."""
         graph = self.graph if graph is None else graph
         model = self.model if model is None else model
+        target = options.plain_number(target)
+        number = isinstance(target, (int, float)) and not isinstance(target, bool)
+        if target is not None and not (number and 0 < target < math.inf):
+            raise UserError(f"plan_for: target={target!r} must be a positive number: the share of FLOPs to keep")
         scores = self.score(graph, model, cal)
         final = target is None  # the user's own target (a step of iterative pruning passes its own)
         target = target if target is not None else self.target_flops
@@ -706,6 +761,7 @@ class StructuredPruner:
         again, it prunes the original again, with a fresh :attr:`history` (the steps of an
         earlier call were kept, so the saved history replayed both and did not load)."""
         self._check_attributes()
+        self._check_unchanged()
         with _autograd_on():
             if self.inplace and self.pruned_model is not None:  # the graph and statistics describe the unpruned model
                 raise UserError(
@@ -748,6 +804,20 @@ class StructuredPruner:
         Call after :meth:`prune`."""
         with reads_preserved(self.model):
             return pruner_report(self)
+
+
+def _check_graph_of(graph: Any, model: Any, who: str) -> None:
+    """A :class:`UserError` for a ``graph`` / ``model`` pair given to a public method that cannot
+    go together: ``pruner.score(graph="g")`` raised ``AttributeError: 'str' object has no attribute
+    'groups'``, a model of another architecture ``Linear has no attribute `0```."""
+    if not isinstance(graph, DependencyGraph):
+        raise UserError(f"{who}: graph={shown(graph)} must be a DependencyGraph (default: the pruner's)")
+    if graph.model is not model:
+        raise UserError(
+            f"{who}: the model given is {shown(model)}, not the one the graph was built on "
+            f"({shown(graph.model)}): give both of one model, e.g. DependencyGraph(model, example_inputs) with that "
+            "model, or neither (the pruner's own)"
+        )
 
 
 def _within(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:

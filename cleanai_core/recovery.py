@@ -778,7 +778,7 @@ def recover(
         raise UserError(f"epochs={epochs!r} must be a positive integer")
     if task not in TASKS:
         raise UserError(f"task={task!r}: choose one of {', '.join(TASKS)}")
-    check_switches(inplace=inplace, amp=amp)  # inplace="no" trained the user's model in place
+    check_switches(inplace=inplace, amp=amp, progress=progress)  # inplace="no" trained the user's model in place
     _check_number("lr", lr)  # 0: a control run; weights stay, train-mode BatchNorm statistics still adapt
     _check_number("temperature", temperature, positive=True)
     _check_number("weight_decay", weight_decay)

@@ -35,9 +35,10 @@ from cleanai_core.allocation import Allocation, _plan, allocate_ratios  # the al
 from cleanai_core.calibration import iterate, move_to, split_batch
 from cleanai_core.errors import PruningError, UserError, model_fault
 from cleanai_core.metrics import FlopsOfCopies, call_model, count_params, eval_mode
-from cleanai_core.options import plain_number
+from cleanai_core.options import check_switches, plain_number
 from cleanai_core.prefix_cache import PrefixCache
-from cleanai_core.runtime import channels_last_layout, without_autocast
+from cleanai_core.recovery import _check_logits
+from cleanai_core.runtime import channels_last_layout, class_logits, without_autocast
 from cleanai_core.trial_norms import TrialNorms
 
 __all__ = ["Allocation", "GroupCurve", "SensitivityResult", "allocate_ratios", "analyse_sensitivity"]
@@ -135,11 +136,26 @@ def _fidelity(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _correct(out: torch.Tensor, target: Any) -> int | None:
-    if not isinstance(target, torch.Tensor) or out.dim() != 2 or target.shape[:1] != out.shape[:1]:
+    """How many rows of class scores ``out`` pick their integer class label in ``target``
+    (a one-logit binary classifier by the logit's sign); None where ``target`` holds no
+    class labels (none, floating values, per-position labels). Labels that cannot be this
+    output's classes are a :class:`UserError`: labels of another batch size were taken as
+    "no labels" and the accuracy dropped without a word, labels beyond the classes (or 1 for
+    a one-logit model, always "wrong" under ``argmax``) gave 0 % for every trial."""
+    if not isinstance(target, torch.Tensor) or out.dim() != 2 or target.is_floating_point():
         return None
-    if target.dtype.is_floating_point or target.dim() != 1:
+    labels = target[:, 0] if target.dim() == 2 and target.shape[1] == 1 else target  # a column of indices
+    if labels.dim() != 1:
         return None
-    return int((out.argmax(1) == target.to(out.device)).sum())
+    if labels.shape[0] != out.shape[0]:
+        raise UserError(
+            f"the sensitivity data's labels have shape {tuple(target.shape)} but the model's outputs "
+            f"{tuple(out.shape)}: give one class index per sample ((inputs, labels) pairs of the same batch), "
+            "or batches without labels (the curves then measure the output change alone)"
+        )
+    scores = class_logits(out)
+    _check_logits(scores, None, labels, binary=out.shape[1] == 1)  # labels beyond the model's classes
+    return int((scores.argmax(1) == labels.to(out.device)).sum())
 
 
 def _layer_keys(groups: list) -> dict[int, str | None]:
@@ -243,7 +259,9 @@ def _check_the_original_runs(exc: PruningError, ev: _Evaluator, model: nn.Module
         ) from again
 
 
-def _check_arguments(pruner: Any, data: Any, num_batches: Any, ratios: Any, bn_passes: Any, bn_samples: Any) -> None:
+def _check_arguments(
+    pruner: Any, data: Any, num_batches: Any, ratios: Any, bn_passes: Any, bn_samples: Any, progress: Any, fast: Any
+) -> None:
     """:func:`analyse_sensitivity`'s arguments, each named where it is out of form: a pruner
     that is no pruner raised ``AttributeError: ... has no attribute 'model'``, ``ratios="0.5"``
     ``could not convert string to float: '.'``, ``num_batches="2"`` and ``data=None``
@@ -259,6 +277,7 @@ def _check_arguments(pruner: Any, data: Any, num_batches: Any, ratios: Any, bn_p
         )
     check_iterable(data, "the sensitivity data")
     check_num_batches(num_batches)
+    check_switches(progress=progress, fast=fast)  # fast="no" ran the fast path
     values = [plain_number(r) for r in ratios] if isinstance(ratios, Iterable) and not isinstance(ratios, str) else None
     if not values or any(isinstance(r, bool) or not isinstance(r, (int, float)) for r in values):
         raise UserError(
@@ -302,7 +321,7 @@ def analyse_sensitivity(
     model than the prune builds: on a plain conv-BN chain they overstated the loss of the
     early groups tenfold and the allocation from them lost to uniform ratios (#18).
     """
-    _check_arguments(pruner, data, num_batches, ratios, bn_passes, bn_samples)
+    _check_arguments(pruner, data, num_batches, ratios, bn_passes, bn_samples, progress, fast)
     ratios = sorted({float(plain_number(r)) for r in ratios})
     if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
         raise UserError(f"ratios={list(ratios)}: give ratios strictly between 0 and 1, e.g. 0.25,0.5,0.75")

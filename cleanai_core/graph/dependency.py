@@ -20,7 +20,7 @@ from cleanai_core.graph.groups import Group, components, make_groups, named_alon
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.model_state import reads_preserved
-from cleanai_core.options import check_callables, check_example_inputs, check_modules
+from cleanai_core.options import check_callables, check_example_inputs, check_modules, check_switches
 from cleanai_core.plugins import get_plugin_manager
 from cleanai_core.runtime import call_model, dtype_advice, plain_inputs
 
@@ -497,6 +497,8 @@ class DependencyGraph:
     # -- queries ----------------------------------------------------------------
     def groups(self, prunable_only: bool = False) -> list[Group]:
         """All groups (or only those with at least one prunable unit)."""
+        if prunable_only is not True and prunable_only is not False:  # "no" read as true: prunable groups only
+            check_switches(prunable_only=prunable_only)
         if prunable_only:
             return [g for g in self._groups if g.prunable > 0]
         return list(self._groups)
