@@ -19,6 +19,23 @@ def _ids(n: int = 8) -> torch.Tensor:
     return torch.randint(3, V, (1, n), generator=torch.Generator().manual_seed(1))
 
 
+def dots3_note() -> Any:
+    """A tiny Dots3-Note (latent attention, per-layer config copies for its sliding-window
+    layers, a DSA indexer with a config copy of its own), seeded, in eval mode."""
+    import transformers
+
+    config = transformers.Dots3NoteTextConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+        q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, head_dim=16, index_topk=8,
+        index_head_dim=16, index_n_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        shared_experts_intermediate_size=32, swa_num_attention_heads=2, swa_num_key_value_heads=2,
+        swa_q_lora_rank=16, swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=8,
+        sliding_window_size=4, use_dsa=True)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Dots3NoteForCausalLM(config).eval()
+
+
 def _pixels(size: int = 32, channels: int = 3) -> torch.Tensor:
     return torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(1))
 

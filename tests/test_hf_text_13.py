@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_families import LM, V  # noqa: E402
+from hf_families import LM, V, dots3_note  # noqa: E402
 from test_hf_text_7 import assert_generates_alike, default_prune, padded, params  # noqa: E402
 
 import cleanai_plugins.zoo.transformers_gqa as gqa  # noqa: E402
@@ -291,16 +291,8 @@ def test_latent_attention_with_an_indexer_keeps_the_hidden_size_in_every_config_
     was refused. The input width is the first input projection that exists
     (``q_a_proj``), and the copies of the model's config share its hidden size; the
     shared experts' key ``shared_experts_intermediate_size`` is written too."""
-    config = transformers.Dots3NoteTextConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
-        q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, head_dim=16, index_topk=8,
-        index_head_dim=16, index_n_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        shared_experts_intermediate_size=32, swa_num_attention_heads=2, swa_num_key_value_heads=2,
-        swa_q_lora_rank=16, swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=8,
-        sliding_window_size=4, use_dsa=True)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.Dots3NoteForCausalLM(config).eval()
+    model = dots3_note()
+    config = model.config
     assert config.layer_types == ["indexed_attention"] * 2 + ["sliding_attention"] * 2
     inputs = (ids(1, 8),)
     assert check_pruner(model, padded(), ratio=0.5).max_abs_diff < 1e-5

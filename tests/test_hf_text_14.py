@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hf_families import LM, V  # noqa: E402
+from hf_families import LM, V, dots3_note  # noqa: E402
 
 from cleanai_core import StructuredPruner  # noqa: E402
 from cleanai_core.cli import main  # noqa: E402
@@ -83,17 +83,26 @@ class Text14ForCausalLM(LlamaForCausalLM):
 """
 
 
-def remote_code_folder(folder: Path) -> None:
-    """A Llama saved with code of its own: ``config.json`` maps the auto classes to the
-    ``configuration_text14.py`` / ``modeling_text14.py`` files beside the weights."""
-    llama().save_pretrained(folder)
+def remote_code_folder(
+    folder: Path,
+    model=None,
+    code: str | None = None,
+    architecture: str = "Text14ForCausalLM",
+    classes: dict[str, str] | None = None,
+) -> None:
+    """``model`` (a Llama by default) saved with code of its own: ``config.json`` maps the
+    auto classes (``classes``: auto class -> class of ``modeling_text14.py``, beside
+    ``AutoConfig``) to the ``configuration_text14.py`` / ``modeling_text14.py`` files
+    beside the weights."""
+    (model if model is not None else llama()).save_pretrained(folder)
     (folder / "configuration_text14.py").write_text(CONFIG_CODE)
-    (folder / "modeling_text14.py").write_text(MODEL_CODE)
+    (folder / "modeling_text14.py").write_text(MODEL_CODE if code is None else code)
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="cleanai_text14_llama", architectures=["Text14ForCausalLM"])
+    config.update(model_type="cleanai_text14_llama", architectures=[architecture])
+    classes = classes or {"AutoModelForCausalLM": "Text14ForCausalLM"}
     config["auto_map"] = {
         "AutoConfig": "configuration_text14.Text14Config",
-        "AutoModelForCausalLM": "modeling_text14.Text14ForCausalLM",
+        **{auto: f"modeling_text14.{cls}" for auto, cls in classes.items()},
     }
     (folder / "config.json").write_text(json.dumps(config))
 
@@ -206,17 +215,13 @@ def test_a_task_head_of_a_folders_own_code_loads_with_the_auto_class_its_auto_ma
     folder = tmp_path / "m"
     torch.manual_seed(0)
     tagger = transformers.LlamaForTokenClassification(transformers.LlamaConfig(**{**LM, "num_labels": 5}))
-    tagger.save_pretrained(folder)
-    (folder / "configuration_text14.py").write_text(CONFIG_CODE)
-    (folder / "modeling_text14.py").write_text(TAGGER_CODE)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="cleanai_text14_llama", architectures=["Text14ForTokenClassification"])
-    config["auto_map"] = {
-        "AutoConfig": "configuration_text14.Text14Config",
-        "AutoModel": "modeling_text14.Text14Model",
-        "AutoModelForTokenClassification": "modeling_text14.Text14ForTokenClassification",
-    }
-    (folder / "config.json").write_text(json.dumps(config))
+    remote_code_folder(
+        folder,
+        tagger,
+        TAGGER_CODE,
+        "Text14ForTokenClassification",
+        {"AutoModel": "Text14Model", "AutoModelForTokenClassification": "Text14ForTokenClassification"},
+    )
     model = load_hf_model(f"hf:{folder}", trust_remote_code=True)
     assert type(model).__name__ == "Text14ForTokenClassification"  # was Text14Model
     assert torch.equal(model.score.weight, tagger.score.weight)
@@ -280,16 +285,7 @@ def test_a_scale_derived_from_the_query_rank_keeps_it_with_that_reason():
     from cleanai_core.graph.dependency import DependencyGraph
     from cleanai_plugins.zoo.transformers.describable import undescribable
 
-    config = transformers.Dots3NoteTextConfig(
-        vocab_size=V, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
-        q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, head_dim=16, index_topk=8,
-        index_head_dim=16, index_n_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        shared_experts_intermediate_size=32, swa_num_attention_heads=2, swa_num_key_value_heads=2,
-        swa_q_lora_rank=16, swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=8,
-        sliding_window_size=4, use_dsa=True)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.Dots3NoteForCausalLM(config).eval()
+    model = dots3_note()
     graph = DependencyGraph(model, (ids(1, 8),))
     kept = undescribable(graph, 0.5)
     why = {}
