@@ -191,11 +191,39 @@ def _remote_code_refusal(spec: str, folder: Path | None) -> str:
     )
 
 
+#: folders whose own code the user consented to in this process (``--trust-code`` or
+#: ``load_pruned(..., trust_code=True)`` when the model was loaded from them), resolved
+_CONSENTED: set[str] = set()
+
+
+def _folder_key(where: str) -> str:
+    try:
+        return str(Path(where).expanduser().resolve())
+    except (OSError, RuntimeError, ValueError):
+        return where
+
+
 def trusts_remote_code(model: nn.Module) -> bool:
-    """Whether ``model``'s class is code its folder ships (``auto_map``), which transformers
-    imports as ``transformers_modules...``: the user consented to it when the model was
-    loaded, so the folder's config and tokenizer and the ``hf/`` copy are read with it."""
-    return type(model).__module__.startswith("transformers_modules")
+    """Whether the user consented to the code ``model``'s folder ships (``auto_map`` in its
+    config or its tokenizer's config): its class is such code (transformers imports it as
+    ``transformers_modules...``), or it was loaded from the folder with ``--trust-code``.
+    The folder's config and tokenizer and the ``hf/`` copy are then read with it."""
+    if type(model).__module__.startswith("transformers_modules"):
+        return True
+    where = getattr(getattr(model, "config", None), "name_or_path", "") or ""
+    return bool(where) and _folder_key(where) in _CONSENTED
+
+
+def _tokenizer_code(where: str) -> list[str]:
+    """The Python classes ``where/tokenizer_config.json`` maps to code of the folder's own
+    (``auto_map``: ``tokenization_x.MyTokenizer``)."""
+    try:
+        auto_map = json.loads((Path(where) / "tokenizer_config.json").read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return []
+    refs = auto_map.values() if isinstance(auto_map, dict) else auto_map if isinstance(auto_map, list) else []
+    flat = [r for ref in refs for r in (ref if isinstance(ref, (list, tuple)) else [ref])]
+    return sorted({r for r in flat if isinstance(r, str) and r})
 
 
 def _unreadable_config(spec: str, config: Path, version: str, exc: Exception, trusted: bool = False) -> str:
@@ -319,6 +347,14 @@ def load_tokenizer(model: nn.Module, required: bool = True) -> Any | None:
         if not required:
             return None
         said = f"({type(exc).__name__}: {_one_line(exc)})"
+        code = [] if trusts_remote_code(model) else _tokenizer_code(where)
+        if code:  # transformers refused to import it: no consent, not a damaged file
+            raise UserError(
+                f"the tokenizer in {where!r} is Python code that comes with the folder (tokenizer_config.json "
+                f"auto_map: {', '.join(code)}); building it imports and runs that code. If you trust the folder, "
+                "pass --trust-code (load_pruned(..., trust_code=True)); or give already tokenized data as a .pt "
+                "file (a LongTensor of ids (N, L) or a dict with input_ids)."
+            ) from exc
         files = (
             sorted(f.name for f in Path(where).iterdir() if _is_tokenizer_file(f.name)) if Path(where).is_dir() else []
         )
@@ -388,6 +424,8 @@ def cleanai_load_model(spec, options):
     if consent and options.get("meta_probe") and _names_code(spec):
         return None  # load_pruned's shape check: the folder's code runs once, in the real build
     model = load_hf_model(spec, trust_remote_code=bool(consent))
+    if consent and getattr(model.config, "name_or_path", ""):  # its tokenizer's code too (auto_map)
+        _CONSENTED.add(_folder_key(model.config.name_or_path))
     stored = source_dtype(model)
     if stored is not None:  # computed in float32; the pruned weights are written back in this dtype
         options["stored_dtype"] = stored
