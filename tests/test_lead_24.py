@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from cleanai_core.cli import main  # noqa: E402
 from test_hf_text_15 import folder  # noqa: E402
+
+from cleanai_core.cli import main  # noqa: E402
 
 TOKENIZER_CODE = """import pathlib
 pathlib.Path({sentinel!r}).write_text("the folder's tokenizer code ran")
