@@ -37,6 +37,7 @@ __all__ = [
     "combine_moments",
     "combine_gradients",
     "combine_stats",
+    "from_writer",
     "init_from_env",
     "is_distributed",
     "is_writer",
@@ -323,10 +324,13 @@ def _per_rank(value: float) -> torch.Tensor:
     return _sum(values)
 
 
-def collectively(fn: Callable[[], T], what: str) -> T:
+def collectively(fn: Callable[[], T], what: str, shared: tuple[type[BaseException], ...] = ()) -> T:
     """Run ``fn`` on every rank; if it raises on any rank, raise on every rank (the failing
     rank its own error, the others a :class:`UserError` naming the rank), so no rank is
-    left waiting in a collective. A no-op wrapper without a process group."""
+    left waiting in a collective. An error of a ``shared`` type (an expected outcome, as a
+    trial that cannot be pruned that far) is raised on every rank as that type where no
+    rank failed otherwise: the ranks take the same branch. A no-op wrapper without a
+    process group."""
     if not is_distributed():
         return fn()
 
@@ -336,14 +340,31 @@ def collectively(fn: Callable[[], T], what: str) -> T:
         result = fn()
     except BaseException as exc:  # also KeyboardInterrupt: the other ranks must not hang
         error = exc
+    expected = error is not None and bool(shared) and isinstance(error, shared)
     world = rank_and_world()[1]
-    flags = _per_rank(1.0 if error is not None else 0.0)
-    if error is not None:
+    flags = _per_rank(0.0 if error is None else 1.0 if expected else 2.0)
+    failed = [r for r in range(world) if flags[r] > 1.5]
+    if error is not None and (not expected or not failed):
         raise error
-    failed = [r for r in range(world) if flags[r] > 0]
     if failed:
         raise UserError(f"{what} failed on rank(s) {failed}; see that rank's error above. Every rank stops.")
+    others = [r for r in range(world) if flags[r] > 0.5]
+    if others:
+        raise shared[0](f"{what}: rank(s) {others} raised {shared[0].__name__}; every rank takes it")
     return result  # type: ignore[return-value]
+
+
+def from_writer(value: T) -> T:
+    """Rank 0's ``value`` on every rank (a collective; ``value`` itself without a process
+    group): for a choice the ranks make from measurements that differ between them (the
+    latency of ``--auto --target-latency``), so that they all prune the same way."""
+    if not is_distributed():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=_comm_device())
+    return box[0]
 
 
 def stage(what: str, then: Callable[..., Any] | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:

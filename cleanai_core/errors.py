@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = [
     "CleanAIError",
@@ -50,6 +50,17 @@ def model_fault(exc: BaseException) -> bool:
     if not isinstance(exc, Exception) or isinstance(exc, CleanAIError):
         return False
     return not is_out_of_memory(exc)
+
+
+def pruned_run_failed(exc: Exception) -> NoReturn:
+    """Raise for a pruned (or trial) model whose run raised ``exc``: a :class:`PruningError`
+    where the failure is the model's (the pruning broke it), ``exc`` itself where it is not
+    (CleanAI's own errors; running out of memory, which is no property of the pruning and
+    was taken for one: a trial out of memory ended its group's sensitivity curve, and
+    verification kept the group whole)."""
+    if not model_fault(exc):
+        raise exc
+    raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -33,7 +33,8 @@ from torch import nn
 
 from cleanai_core.allocation import Allocation, _plan, allocate_ratios  # the allocation, importable from here
 from cleanai_core.calibration import iterate, move_to, split_batch
-from cleanai_core.errors import PruningError, UserError, model_fault
+from cleanai_core.distributed import collectively
+from cleanai_core.errors import PruningError, UserError, model_fault, pruned_run_failed
 from cleanai_core.metrics import FlopsOfCopies, call_model, count_params, eval_mode
 from cleanai_core.options import check_switches, plain_number
 from cleanai_core.prefix_cache import PrefixCache
@@ -184,6 +185,11 @@ class _Evaluator:
     output_transform: Any
     ref: list[torch.Tensor] = attrs.field(factory=list)
     cache: PrefixCache | None = None
+    #: the original's accuracy on the batches, its cost (FLOPs of copies, parameters)
+    base_acc: float | None = None
+    flops: Any = None
+    base_flops: float = 0.0
+    base_params: int = 0
 
     def outputs(self, m: nn.Module) -> list[torch.Tensor]:
         with eval_mode(m), torch.no_grad():
@@ -209,10 +215,8 @@ class _Evaluator:
                     outs = [
                         _logits(self.cache.run(m, names, i), self.output_transform) for i in range(len(self.batches))
                     ]
-        except UserError:
-            raise
         except Exception as exc:
-            raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
+            pruned_run_failed(exc)
         for a, b in zip(self.ref, outs, strict=True):
             if a.shape != b.shape:
                 raise PruningError(f"the pruned model's output shape {tuple(b.shape)} differs from {tuple(a.shape)}")
@@ -325,10 +329,39 @@ def analyse_sensitivity(
     ratios = sorted({float(plain_number(r)) for r in ratios})
     if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
         raise UserError(f"ratios={list(ratios)}: give ratios strictly between 0 and 1, e.g. 0.25,0.5,0.75")
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    model, graph = pruner.model, pruner.graph
+    # three stages, each run collectively under torch.distributed (every rank runs the same
+    # trials on the same batches): an error on one rank stops every rank with its name
+    # instead of leaving the others in the next collective (the norms' sample count)
+    what = "the sensitivity analysis"
+    setup = collectively(lambda: _setup(pruner, data, num_batches, fast), what)
+    ev, cache, layout = setup
+    norms = collectively(
+        lambda: TrialNorms.of(pruner, min(bn_samples, ev.samples), bn_passes, fast, layout) if bn_passes > 0 else None,
+        what,
+    )
+    curves = _trials(pruner, ev, cache, norms, ratios, progress, fast)  # each trial's steps agreed by the ranks
+    ev.cache = None  # the cached outputs are large; the allocation runs whole models
+    if norms is not None:
+        norms.cache = None
+    groups = pruner.graph.groups(prunable_only=True)
+    return SensitivityResult(
+        [curves[g.id] for g in groups],
+        ratios,
+        ev.base_flops,
+        ev.base_params,
+        ev.base_acc,
+        ev.samples,
+        time.perf_counter() - t0,
+        evaluator=ev,
+        norms=norms,
+    )
+
+
+def _setup(pruner: Any, data: Iterable[Any], num_batches: int | None, fast: bool) -> tuple[Any, Any, Any]:
+    """The evaluation batches, their reference outputs and the original's cost:
+    ``(evaluator, prefix cache or None, the trials' input layout)``."""
+    model = pruner.model
     device = next((p.device for p in model.parameters()), None)
     batches = [(move_to(x, device), y) for x, y in (split_batch(b, model) for b in iterate(data, num_batches))]
     if not batches:
@@ -347,15 +380,32 @@ def analyse_sensitivity(
             "like example_inputs that the model runs on (command line: check that every sample of --data fits the "
             "model)"
         ) from exc
-    base_acc = ev.accuracy(ev.ref)
-    flops = FlopsOfCopies(model, pruner.example_inputs, pruner.forward_fn)
-    base_flops = flops.total
-    base_params = count_params(model)
-    groups = graph.groups(prunable_only=True)
+    ev.base_acc = ev.accuracy(ev.ref)
+    ev.flops = FlopsOfCopies(model, pruner.example_inputs, pruner.forward_fn)
+    ev.base_flops = ev.flops.total
+    ev.base_params = count_params(model)
+    return ev, cache, layout
+
+
+def _trials(
+    pruner: Any, ev: Any, cache: PrefixCache | None, norms: TrialNorms | None, ratios: list[float], progress: bool,
+    fast: bool,
+) -> dict[int, GroupCurve]:  # fmt: skip
+    """Each group's curve: the group alone pruned at each of ``ratios``."""
+    from tqdm.auto import tqdm
+
+    model, flops, base_acc = pruner.model, ev.flops, ev.base_acc
+    base_flops, base_params = ev.base_flops, ev.base_params
+    groups = pruner.graph.groups(prunable_only=True)
     keys = _layer_keys(groups)
-    scores = pruner.score()
-    norms = TrialNorms.of(pruner, min(bn_samples, ev.samples), bn_passes, fast, layout) if bn_passes > 0 else None
+    scores = collectively(pruner.score, "the sensitivity analysis")
     curves = {}
+
+    def agreed(fn: Any, what: str = "a sensitivity trial") -> Any:
+        # under torch.distributed a trial's BatchNorm correction sums over the ranks: a step that
+        # fails (or cannot prune the group that far) on one rank ends the trial on every rank
+        return collectively(fn, what, (PruningError,))
+
     trials = tqdm(total=len(groups) * len(ratios), disable=not progress, desc="sensitivity", unit="trial", leave=False)
     for g in _in_running_order(groups, cache):
         curve = GroupCurve(g.id, keys[g.id], g.modules(), g.size, [0.0], [0.0], [base_acc], [0], [0])
@@ -365,10 +415,12 @@ def analyse_sensitivity(
             if plan.n_pruned == 0 and len(curve.ratios) > 1:  # the group is too small to lose more
                 break
             try:
-                trial, edits = pruner.build(plan.pruned_units(), verify=False if fast else None, share=True)
+                trial, edits = agreed(
+                    lambda: pruner.build(plan.pruned_units(), verify=False if fast else None, share=True)  # noqa: B023
+                )
                 if norms is not None:
                     norms(trial, edits)
-                kl, acc = ev.fidelity(trial, ev.trial_outputs(trial) if fast else None)
+                kl, acc = agreed(lambda: ev.fidelity(trial, ev.trial_outputs(trial) if fast else None))  # noqa: B023
             except PruningError as exc:
                 _check_the_original_runs(exc, ev, model)
                 break  # this group cannot be pruned this far: the curve ends here
@@ -379,20 +431,7 @@ def analyse_sensitivity(
             curve.params_saved.append(base_params - count_params(trial))
         curves[g.id] = curve
     trials.close()
-    ev.cache = None  # the cached outputs are large; the allocation runs whole models
-    if norms is not None:
-        norms.cache = None
-    return SensitivityResult(
-        [curves[g.id] for g in groups],
-        ratios,
-        base_flops,
-        base_params,
-        base_acc,
-        ev.samples,
-        time.perf_counter() - t0,
-        evaluator=ev,
-        norms=norms,
-    )
+    return curves
 
 
 def _in_running_order(groups: list, cache: PrefixCache | None) -> list:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cleanai_core.compensation import new_bias_params
-from cleanai_core.errors import PruningError, model_fault
+from cleanai_core.errors import pruned_run_failed
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.metrics import FlopsOfCopies, count_flops, count_params
 from cleanai_core.planning import PruningPlan
@@ -96,9 +96,7 @@ def pruned_size(
         try:
             size = measure(copy)
         except Exception as exc:
-            if not model_fault(exc):
-                raise
-            raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
+            pruned_run_failed(exc)
         if stats and measure is params_measure:
             size += new_bias_params(copy, graph, stats, pruned)
         return size

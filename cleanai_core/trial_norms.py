@@ -38,7 +38,7 @@ from cleanai_core.bn_correction import (
 )
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.distributed import samples_before
-from cleanai_core.errors import PruningError
+from cleanai_core.errors import pruned_run_failed
 from cleanai_core.prefix_cache import PrefixCache
 from cleanai_core.replay import samples_in
 from cleanai_core.runtime import device_of, run_batch, same_layout
@@ -127,4 +127,4 @@ class TrialNorms:
                     original_samples=self.samples,
                 )
         except Exception as exc:
-            raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
+            pruned_run_failed(exc)

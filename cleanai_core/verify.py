@@ -25,7 +25,7 @@ import attrs
 import torch
 from torch import nn
 
-from cleanai_core.errors import PruningError
+from cleanai_core.errors import PruningError, pruned_run_failed
 from cleanai_core.model_state import preserved
 from cleanai_core.planning import tied_sets
 from cleanai_core.runtime import call_model
@@ -115,7 +115,7 @@ def run_outputs(
     try:
         return model_outputs(model, inputs, forward_fn, output_transform)
     except Exception as exc:
-        raise PruningError(f"the pruned model fails to run: {type(exc).__name__}: {exc}") from exc
+        pruned_run_failed(exc)
 
 
 def check_outputs(

@@ -25,19 +25,26 @@ def sensitivity_and_ratios(cfg: dict[str, Any], pruner: Any, data: Any, progress
     top = ", ".join(f"{c.layer or c.modules[0]} ({c.mean_kl:.3g})" for c in result.ranked()[:3])
     log.info(f"sensitivity: {len(result.curves)} groups in {result.seconds:.1f} s; most sensitive: {top}")
     if cfg.get("auto"):
+        from cleanai_core import distributed
         from cleanai_core.metrics import measure_latency
 
         repeats = int(cfg.get("latency_repeats") or 20)
-        alloc = allocate_ratios(
-            pruner,
-            result,
-            target_flops=cfg.get("target_flops"),
-            target_params=cfg.get("target_params"),
-            target_latency=cfg.get("target_latency"),
-            latency_measure=lambda m: measure_latency(
-                m, pruner.example_inputs, repeats=repeats, forward_fn=pruner.forward_fn
-            ),  # fmt: skip
+        alloc = distributed.collectively(
+            lambda: allocate_ratios(
+                pruner,
+                result,
+                target_flops=cfg.get("target_flops"),
+                target_params=cfg.get("target_params"),
+                target_latency=cfg.get("target_latency"),
+                latency_measure=lambda m: measure_latency(
+                    m, pruner.example_inputs, repeats=repeats, forward_fn=pruner.forward_fn
+                ),  # fmt: skip
+            ),
+            "the --auto allocation",
         )
+        # every rank prunes as rank 0 allocated: measured latencies differ between ranks, and ranks that
+        # chose differently stopped with "the ranks computed different pruning plans"
+        alloc = distributed.from_writer(alloc)
         ratios = dict(cfg.get("layer_ratio") or {})  # the user's own layer ratios come first, and win
         for name, r in alloc.layer_ratios.items():
             ratios.setdefault(name, r)
