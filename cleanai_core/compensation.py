@@ -223,9 +223,9 @@ def absorb_new_biases(model: nn.Module, graph: DependencyGraph, before: nn.Modul
     reads the norm's trained statistics in the frame of its input as compensated. Returns
     the layers whose bias went."""
     lacked = set()
+    old_modules = dict(before.named_modules(remove_duplicate=False))  # one walk, not a path walk per layer
     for name, module in model.named_modules():
-        old = _submodule(before, name)
-        had = getattr(old, "bias", False)  # False: no such module there, or one without a bias attribute
+        had = getattr(old_modules.get(name), "bias", False)  # False: no such module there, or one without a bias
         if isinstance(getattr(module, "bias", None), torch.Tensor) and had is None:
             lacked.add(name)
     gone = []
@@ -238,13 +238,6 @@ def absorb_new_biases(model: nn.Module, graph: DependencyGraph, before: nn.Modul
             module.bias = None
             gone.append(name)
     return gone
-
-
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def bias_absorbers(model: nn.Module, graph: DependencyGraph, names: Any) -> dict[str, str]:
