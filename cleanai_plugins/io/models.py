@@ -23,7 +23,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import SpecError, UserError, model_fault
 from cleanai_core.extras import import_extra, module_name_problem, search_path_hint
 from cleanai_core.saved_folder import beyond_dtype, is_extra_state, nan_tensor, state_dict_problems, tensors_of
-from cleanai_core.special_files import check_not_packed, check_not_special
+from cleanai_core.special_files import check_not_packed, check_not_special, not_torch_save_error
 
 log = logging.getLogger("cleanai")
 
@@ -174,24 +174,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only load failed" not in str(exc).lower():
-            raise UserError(f"cannot read weights from {str(path)!r}: it is damaged ({str(exc)[:200]}).") from exc
-        raise UserError(
-            f"{str(path)!r} holds Python objects (a pickled model or checkpoint), not a plain state_dict; reading "
-            "it would run code from the file. Give the model itself as --model with --trust-model if you trust the "
-            "file, or save the weights with torch.save(model.state_dict(), path)."
-        ) from None
     except Exception as exc:
-        if path.stat().st_size == 0:  # said "(EOFError: )"
-            raise UserError(
-                f"weights file {str(path)!r} is empty (0 bytes); save them again with "
-                "torch.save(model.state_dict(), path)."
-            ) from None
-        raise UserError(
-            f"cannot read weights from {str(path)!r} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}); it "
-            "may be truncated or damaged. Save them with torch.save(model.state_dict(), path)."
-        ) from exc
+        # JSON, text, an image, an .npz: "holds Python objects (a pickled model) ... --trust-model"
+        fix = "Save the weights with torch.save(model.state_dict(), path)."
+        other = not_torch_save_error(path, "weights file", fix)
+        if other is not None:
+            raise other from None
+        _unreadable_weights(path, exc)
     for key in ("state_dict", "model_state_dict", "model", "state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -207,6 +196,26 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if prefix is None:
             return obj
         obj = {k[len(prefix) :]: v for k, v in obj.items()}
+
+
+def _unreadable_weights(path: Path, exc: Exception) -> NoReturn:
+    """The :class:`UserError` for a weights file ``torch.load`` could not read safely."""
+    if isinstance(exc, pickle.UnpicklingError):
+        if "weights only load failed" not in str(exc).lower():
+            raise UserError(f"cannot read weights from {str(path)!r}: it is damaged ({str(exc)[:200]}).") from exc
+        raise UserError(
+            f"{str(path)!r} holds Python objects (a pickled model or checkpoint), not a plain state_dict; reading "
+            "it would run code from the file. Give the model itself as --model with --trust-model if you trust the "
+            "file, or save the weights with torch.save(model.state_dict(), path)."
+        ) from None
+    if path.stat().st_size == 0:  # said "(EOFError: )"
+        raise UserError(
+            f"weights file {str(path)!r} is empty (0 bytes); save them again with torch.save(model.state_dict(), path)."
+        ) from None
+    raise UserError(
+        f"cannot read weights from {str(path)!r} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}); it "
+        "may be truncated or damaged. Save them with torch.save(model.state_dict(), path)."
+    ) from exc
 
 
 def _fitting_parts(
@@ -300,6 +309,9 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
             "give the architecture as timm:NAME, torchvision:NAME or package.module:factory and the weights "
             "with --weights FILE (a state_dict)."
         )
+    other = not_torch_save_error(path, "--model", f"Give the model as {MODEL_FORMS}.")
+    if other is not None:
+        raise other
     with open(path, "rb") as fh:
         head = fh.read(2)
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):

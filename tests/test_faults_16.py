@@ -1,0 +1,115 @@
+"""Sixteenth round of bad input and faults through the command line (docs/reliability.md,
+"Session 24: faults16"): the cases below each heading."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from cleanai_core.cli import main
+from cleanai_plugins.io.demo import DigitsCNN
+
+DEMO = "cleanai_plugins.io.demo:DigitsCNN"
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A fresh current folder holding the demo's weights ``w.pt`` and data ``d.pt``."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    torch.save(DigitsCNN().state_dict(), "w.pt")
+    torch.save((torch.rand(24, 1, 8, 8), torch.randint(0, 10, (24,))), "d.pt")
+    return tmp_path
+
+
+def _bytes(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def saved(ws):
+    """``o/``: a folder ``cleanai prune`` wrote."""
+    assert main(["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--out", "o", "--quiet"]) == 0
+    return ws / "o"
+
+
+# -- a file of another format where a torch.save file goes -----------------------------------------------
+
+
+def _other_files(folder: Path) -> dict[str, str]:
+    """File name -> the words that must name what it is."""
+    (folder / "cfg.pt").write_text('{"ratio": 0.5}')
+    (folder / "notes.pt").write_text("epoch 3: loss 0.2\n")
+    (folder / "img.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    (folder / "arr.npy").write_bytes(b"\x93NUMPY\x01\x00" + bytes(64))
+    (folder / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x00" + bytes(64))
+    with zipfile.ZipFile(folder / "arrays.pt", "w") as z:
+        z.writestr("x.npy", b"\x93NUMPY")
+        z.writestr("y.npy", b"\x93NUMPY")
+    return {
+        "cfg.pt": "it is a JSON file",
+        "notes.pt": "it is a text file",
+        "img.pt": "it is a PNG image",
+        "arr.npy": "it is a NumPy array file (numpy.save, .npy)",
+        "model.onnx": "it is an ONNX model (.onnx)",
+        "arrays.pt": "it is a NumPy .npz archive (numpy.savez)",
+    }
+
+
+@pytest.mark.parametrize("role", ["--weights", "--data", "--model"])
+def test_a_file_of_another_format_is_named_as_what_it_is_not_as_a_pickle(ws, capsys, role):
+    """A JSON, text, image, .npy, ONNX or .npz file given where torch.save's file goes was
+    "holds Python objects (a pickled model or checkpoint) ... add --trust-model" as
+    --weights, and "UnpicklingError: Weights only load failed. In PyTorch 2.6, we changed
+    the default ..." as --data."""
+    files = _other_files(ws)
+    for name, words in files.items():
+        if (role == "--model" and name == "model.onnx") or (role == "--data" and not name.endswith(".pt")):
+            continue  # refused by their suffix before anything is read (test_catalogue)
+        args = {"--weights": ["--model", DEMO, "--data", "d.pt", "--weights", name]}.get(role)
+        args = args or (["--model", DEMO, "--weights", "w.pt", "--data", name] if role == "--data" else None)
+        args = args or ["--model", name, "--data", "d.pt"]
+        before = _bytes(ws)
+        assert main(["prune", *args, "--out", "o", "--quiet"]) == 2, name
+        err = capsys.readouterr().err
+        what = {"--weights": "weights file", "--data": "--data", "--model": "--model"}[role]
+        assert f"{what} {name!r} is not a file written by torch.save: {words}." in err, err
+        assert "Traceback" not in err and "pickled" not in err and "PyTorch 2.6" not in err
+        assert _bytes(ws) == before and not (ws / "o").exists()
+
+
+def test_a_cleanai_json_file_given_as_weights_is_named_by_its_role(saved, capsys):
+    for name, words in [
+        ("history.json", "it is a pruning history (history.json of a folder cleanai prune or save_pruned wrote)"),
+        ("architecture.json", "it is the architecture.json of a folder cleanai prune or save_pruned wrote"),
+        ("report.json", "it is a report.json that cleanai prune wrote"),
+        ("config.json", "it is a config.json that cleanai prune wrote (give it as --config)"),
+    ]:
+        assert main(["prune", "--model", DEMO, "--weights", f"o/{name}", "--data", "d.pt", "--out", "p"]) == 2
+        assert f"weights file 'o/{name}' is not a file written by torch.save: {words}." in capsys.readouterr().err
+
+
+def test_a_saved_folder_whose_model_pt_is_another_format_is_named(saved, capsys):
+    shutil.copytree(saved, "s")
+    Path("s/model.pt").write_text('{"fc.weight": [1, 2]}')
+    assert main(["prune", "--model", "s", "--data", "d.pt", "--out", "p", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "'s/model.pt': not a file written by torch.save but a JSON file. The folder is damaged" in err
+    assert "PyTorch 2.6" not in err and not Path("p").exists()
+
+
+def test_torch_save_files_that_are_damaged_keep_their_own_messages(ws, capsys):
+    """A truncated torch.save zip and a cut pickle are torch.save files gone wrong, not
+    another format: "truncated or damaged" as before."""
+    data = Path("w.pt").read_bytes()
+    Path("cut.pt").write_bytes(data[: len(data) // 2])
+    torch.save(DigitsCNN().state_dict(), "old.pt", _use_new_zipfile_serialization=False)
+    Path("cutpickle.pt").write_bytes(Path("old.pt").read_bytes()[:300])
+    for name in ("cut.pt", "cutpickle.pt"):
+        assert main(["prune", "--model", DEMO, "--data", "d.pt", "--weights", name, "--out", "o"]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot read weights from {name!r} as a state_dict" in err and "not a file written" not in err
