@@ -323,7 +323,7 @@ def read_state(path: Path, model: nn.Module, map_location: Any = "cpu", state: d
         raise _bad(
             path, "does not fit the model rebuilt from architecture.json and history.json: " + "; ".join(problems)
         )
-    nan = nan_tensor(state)
+    nan = nan_tensor(state, dict(model.named_parameters()))
     if nan:
         raise _bad(path, nan)
     return state
@@ -340,12 +340,19 @@ def tensors_of(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) or not is_extra_state(k)}
 
 
-def nan_tensor(state: dict[str, torch.Tensor]) -> str | None:
-    """Which tensor of a state_dict holds NaN, in words, or ``None``. Inf is allowed: a
-    buffer may start there (quantization observers), and parameters are checked for it
-    when the model is pruned (:func:`~cleanai_core.options.check_finite`)."""
-    found = non_finite(((k, v) for k, v in tensors_of(state).items() if v.layout == torch.strided), allow_inf=True)
-    return None if found is None else f"{found[0]} holds {found[1]} NaN value(s) (of {found[2]})"
+def nan_tensor(state: dict[str, torch.Tensor], parameters: Any = ()) -> str | None:
+    """Which tensor of a state_dict holds NaN, or inf where it is one of ``parameters`` (the
+    names of the model's parameters) other than a bias (:func:`~cleanai_core.options.inf_refused`),
+    in words; ``None`` when there is none. Buffers may hold inf (quantization observers)."""
+    from cleanai_core.options import inf_refused
+
+    names = set(parameters)
+    dense = {k: v for k, v in tensors_of(state).items() if v.layout == torch.strided}
+    found = non_finite(dense.items(), allow_inf=lambda k: k not in names or not inf_refused(k))
+    if found is None:
+        return None
+    what = "NaN" if bool(torch.isnan(dense[found[0]]).any()) else "inf"
+    return f"{found[0]} holds {found[1]} {what} value(s) (of {found[2]})"
 
 
 def state_dict_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:

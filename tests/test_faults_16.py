@@ -113,3 +113,59 @@ def test_torch_save_files_that_are_damaged_keep_their_own_messages(ws, capsys):
         assert main(["prune", "--model", DEMO, "--data", "d.pt", "--weights", name, "--out", "o"]) == 2
         err = capsys.readouterr().err
         assert f"cannot read weights from {name!r} as a state_dict" in err and "not a file written" not in err
+
+
+# -- inf in a weight (not a bias) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tensor", ["features.0.weight", "features.1.weight", "fc.weight"])
+def test_inf_in_a_weight_is_named_with_its_tensor_on_the_command_line(ws, capsys, tensor):
+    """It was "non-finite activations ... check the data" (features.0 / .1), or, for fc, "weight_ratio=0.5 and
+    activation_ratio=0.5 (--alpha/--beta) ... give numbers of the same ratio near 1"."""
+    state = torch.load("w.pt")
+    state[tensor].view(-1)[0] = float("inf")
+    torch.save(state, "winf.pt")
+    before = _bytes(ws)
+    assert main(["prune", "--model", DEMO, "--weights", "winf.pt", "--data", "d.pt", "--out", "o", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"the weights in 'winf.pt' are not finite: {tensor} holds 1 inf value(s) (of " in err
+    assert "--alpha" not in err and _bytes(ws) == before and not Path("o").exists()
+
+
+def test_inf_in_a_saved_folders_weight_or_a_models_weight_is_refused_and_save_pruned_writes_nothing(saved, capsys):
+    from cleanai_core import StructuredPruner
+    from cleanai_core.errors import UserError
+    from cleanai_core.history import PruningHistory
+    from cleanai_core.io import load_pruned, save_pruned
+
+    shutil.copytree(saved, "s")
+    state = torch.load("s/model.pt")
+    state["fc.weight"][0, 0] = float("-inf")
+    torch.save(state, "s/model.pt")
+    assert main(["prune", "--model", "s", "--data", "d.pt", "--out", "p", "--quiet"]) == 2
+    assert "'s/model.pt': fc.weight holds 1 inf value(s) (of 450). The folder is damaged" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"fc.weight holds 1 inf value\(s\) \(of 450\)"):
+        load_pruned("s")
+    model = load_pruned("o")
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("inf")
+    with pytest.raises(UserError, match=r"save_pruned: the model is not finite: fc.weight holds 1 inf value"):
+        save_pruned("t", model, PruningHistory.load("o/history.json"), DEMO)
+    assert not Path("t").exists()
+    with pytest.raises(UserError, match=r"the model's tensor 'fc.weight' holds 1 inf value\(s\) \(of 450\)"):
+        StructuredPruner(model, torch.rand(2, 1, 8, 8), "magnitude", pruning_ratio=0.5)
+
+
+def test_an_infinite_running_variance_is_refused_and_an_inf_bias_still_prunes(ws):
+    from cleanai_core import StructuredPruner
+    from cleanai_core.errors import UserError
+
+    model = DigitsCNN().eval()
+    model.features[1].running_var[3] = float("inf")
+    with pytest.raises(UserError, match=r"'features.1.running_var' holds 1 infinite running variance\(s\)"):
+        StructuredPruner(model, torch.rand(2, 1, 8, 8), "magnitude", pruning_ratio=0.5)
+    model = DigitsCNN().eval()
+    with torch.no_grad():
+        model.fc.bias[0] = float("inf")
+    pruned = StructuredPruner(model, torch.rand(2, 1, 8, 8), "magnitude", pruning_ratio=0.5).prune()
+    assert pruned.features[0].out_channels == 16

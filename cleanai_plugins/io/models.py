@@ -276,7 +276,7 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
             f"{spec!r} computes in a narrower dtype than the weights were saved in: build it in the weights' dtype, or "
             "give weights trained in its own."
         )
-    nan = nan_tensor(state)
+    nan = nan_tensor(state, dict(model.named_parameters()))
     if nan:  # blamed on the data ("non-finite activations ... check the data"), or pruned without a word
         raise UserError(
             f"the weights in {weights!r} are not finite: {nan}. The training run that saved them diverged or the "
