@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -169,3 +171,34 @@ def test_an_infinite_running_variance_is_refused_and_an_inf_bias_still_prunes(ws
         model.fc.bias[0] = float("inf")
     pruned = StructuredPruner(model, torch.rand(2, 1, 8, 8), "magnitude", pruning_ratio=0.5).prune()
     assert pruned.features[0].out_channels == 16
+
+
+# -- config.json of a run, read back from another folder -------------------------------------------------
+
+
+def test_the_config_json_of_a_run_reproduces_it_from_another_folder(saved, capsys, monkeypatch):
+    """config.json recorded 'w.pt', 'd.pt' and 'o' as typed: `cleanai prune --config o/config.json` from another
+    folder said "--data 'd.pt': no such file or folder"."""
+    recorded = json.loads(Path("o/config.json").read_text())
+    assert recorded["weights"] == str(saved.parent / "w.pt") and recorded["data"] == str(saved.parent / "d.pt")
+    assert recorded["out"] == str(saved) and recorded["model"] == DEMO  # a spec stays as it is
+    (saved.parent / "elsewhere").mkdir()
+    monkeypatch.chdir(saved.parent / "elsewhere")
+    assert main(["prune", "--config", "../o/config.json", "--out", "again", "--quiet"]) == 0
+    first, second = torch.load(saved / "model.pt"), torch.load("again/model.pt")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_relative_path_from_a_config_file_that_is_not_there_names_the_folder_it_was_read_from(ws, capsys):
+    Path("sub").mkdir()
+    Path("sub/c.toml").write_text(f'model = "{DEMO}"\nweights = "w.pt"\ndata = "d.pt"\nout = "o"\n')
+    Path("run").mkdir()
+    os.chdir("run")
+    assert main(["prune", "--config", "../sub/c.toml"]) == 2
+    err = capsys.readouterr().err
+    config, here = os.path.abspath("../sub/c.toml"), os.getcwd()
+    assert (
+        f"--weights 'w.pt' (from config file {config!r}) does not exist in the current folder {here!r}: a relative "
+        "path in a config file is read from the folder cleanai runs in." in err
+    )
+    assert main(["prune", "--config", "../sub/c.toml", "--weights", "../w.pt", "--data", "../d.pt", "--dry-run"]) == 0

@@ -18,7 +18,7 @@ import torch
 from cleanai_core import distributed
 from cleanai_core.errors import PruningError, UserError, is_out_of_memory, model_fault
 from cleanai_core.heap import heap_growing
-from cleanai_core.job.config import PruneConfig, check_unread, pruner_options, resolve_config
+from cleanai_core.job.config import PruneConfig, check_unread, pruner_options, recorded_config, resolve_config
 from cleanai_core.job.inputs import (
     checked_collate,
     checked_dataset,
@@ -393,8 +393,7 @@ def _execute(
         arch_options = dict(cfg.get("_arch_options") or {})
         history = cfg["_prior_history"].then(history)
     # the options, then where each came from; --config reads it back and skips the "_" keys
-    resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    resolved["_sources"] = cfg.get("_sources") or {}
+    resolved = recorded_config(cfg)
     with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:
         spec = str(Path(cfg["model"]).resolve()) if Path(cfg["model"]).is_file() else cfg["model"]
         spec = cfg.get("_model_spec") or spec
