@@ -47,6 +47,7 @@ __all__ = [
     "read_history",
     "nan_tensor",
     "read_probe",
+    "recorded_input_shape",
     "read_state",
     "replay_history",
     "is_extra_state",
@@ -573,15 +574,26 @@ def _failure(model: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
+def recorded_input_shape(path: Path) -> tuple[int, ...] | None:
+    """The ``example_input_shape`` ``architecture.json`` at ``path`` records, batch of one;
+    ``None`` where none is recorded, or one out of form or of more than 2**24 values."""
+    try:
+        arch = _read_json(path)
+    except UserError:
+        return None
+    shape = arch.get("example_input_shape") if isinstance(arch, dict) else None
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(_is_int(d) and d > 0 for d in shape):
+        return None
+    shape = (1, *shape[1:])
+    return shape if math.prod(shape) <= 2**24 else None
+
+
 def read_probe(path: Path, model: nn.Module, device: Any) -> torch.Tensor | None:
     """Zeros of the ``example_input_shape`` that ``architecture.json`` records (batch of one,
     in the model's floating dtype), to check saved settings on; ``None`` where none is
     recorded, or one out of form or too large to allocate cheaply."""
-    shape = _read_json(path).get("example_input_shape")
-    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(_is_int(d) and d > 0 for d in shape):
-        return None
-    shape = [1, *shape[1:]]
-    if math.prod(shape) > 2**24:
+    shape = recorded_input_shape(path)
+    if shape is None:
         return None
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return torch.zeros(shape, dtype=dtype, device=device)

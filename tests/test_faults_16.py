@@ -202,3 +202,19 @@ def test_a_relative_path_from_a_config_file_that_is_not_there_names_the_folder_i
         "path in a config file is read from the folder cleanai runs in." in err
     )
     assert main(["prune", "--config", "../sub/c.toml", "--weights", "../w.pt", "--data", "../d.pt", "--dry-run"]) == 0
+
+
+# -- cleanai explain of a folder cleanai prune wrote -----------------------------------------------------
+
+
+def test_explain_of_a_saved_folder_traces_it_with_its_recorded_input_shape(saved, capsys):
+    """It traced with a (1, 3, 224, 224) image: "expected input[1, 3, 224, 224] to have 1 channels ... Tried
+    --input-shape 1,3,224,224; pass the right one", for a folder whose architecture.json records [1, 1, 8, 8]."""
+    capsys.readouterr()
+    assert main(["explain", "--model", "o"]) == 0
+    out = capsys.readouterr().out
+    widths = json.loads(Path("o/architecture.json").read_text())["settings"]
+    assert f"group 1: {widths['features.0']['out_channels']} units" in out
+    assert "group 4: 10 units (0 prunable) -> fc:out(out)" in out
+    assert main(["explain", "--model", "o", "--input-shape", "1,3,8,8"]) == 2  # a shape given still wins
+    assert "Tried --input-shape 1,3,8,8; pass the right one" in capsys.readouterr().err
