@@ -24,7 +24,15 @@ from typing import Any
 
 from cleanai_core.errors import UserError
 
-__all__ = ["check_not_packed", "check_not_special", "not_torch_save", "not_torch_save_error", "special_kind"]
+__all__ = [
+    "check_not_packed",
+    "check_not_special",
+    "cleanai_folder_kind",
+    "cleanai_json_kind",
+    "not_torch_save",
+    "not_torch_save_error",
+    "special_kind",
+]
 
 LOOP = "a loop of symbolic links"
 _KINDS = (
@@ -166,16 +174,22 @@ def _json_kind(path: Any) -> str:
             data = json.load(fh) if os.path.getsize(path) <= 64 * 2**20 else None
     except (OSError, ValueError, RecursionError):
         return "a JSON (or other text) file"
-    if isinstance(data, dict):
-        if str(data.get("format", "")).startswith("cleanai-history"):
-            return "a pruning history (history.json of a folder cleanai prune or save_pruned wrote)"
-        if "spec" in data and "format" in data:
-            return "the architecture.json of a folder cleanai prune or save_pruned wrote"
-        if "params_before" in data or "skipped_groups" in data:
-            return "a report.json that cleanai prune wrote"
-        if "_sources" in data:
-            return "a config.json that cleanai prune wrote (give it as --config)"
-    return "a JSON file"
+    return cleanai_json_kind(data) or "a JSON file"
+
+
+def cleanai_json_kind(data: Any) -> str | None:
+    """Which file of a CleanAI run ``data`` (read from JSON) is, in words, else ``None``."""
+    if not isinstance(data, dict):
+        return None
+    if str(data.get("format", "")).startswith("cleanai-history"):
+        return "a pruning history (history.json of a folder cleanai prune or save_pruned wrote)"
+    if "spec" in data and "format" in data and "settings" in data:
+        return "the architecture.json of a folder cleanai prune or save_pruned wrote"
+    if "params_before" in data or "skipped_groups" in data or isinstance(data.get("sensitivity"), dict):
+        return "a report.json that cleanai prune or cleanai sensitivity wrote"
+    if "_sources" in data:
+        return "a config.json that cleanai prune wrote (give it as --config)"
+    return None
 
 
 def not_torch_save_error(path: Any, what: str, fix: str) -> UserError | None:
@@ -185,3 +199,34 @@ def not_torch_save_error(path: Any, what: str, fix: str) -> UserError | None:
     if kind is None:
         return None
     return UserError(f"{what} {str(path)!r} is not a file written by torch.save: it is {kind}. {fix}")
+
+
+_SAVED_FILES = ("architecture.json", "history.json", "model.pt")
+
+
+def cleanai_folder_kind(path: Any) -> tuple[str, str] | None:
+    """Which folder of a CleanAI run ``path`` is and what to do, in words, else ``None``: a
+    pruned model (``cleanai prune`` / ``save_pruned``), one missing some of its three files,
+    or an analysis ``cleanai sensitivity`` wrote. As ``--data`` they were "image folder ...
+    has no class sub-folders"; as ``--model`` an incomplete one or an analysis was "a folder;
+    give a model file, ... or a folder written by `cleanai prune`"."""
+    try:
+        folder = os.fspath(path)
+        if not os.path.isdir(folder):
+            return None
+        present = [n for n in _SAVED_FILES if os.path.isfile(os.path.join(folder, n))]
+        if len(present) == len(_SAVED_FILES):
+            return (
+                "a folder cleanai prune or save_pruned wrote, a pruned model",
+                "give it as --model to prune it further",
+            )
+        if all(os.path.isfile(os.path.join(folder, n)) for n in ("sensitivity.svg", "report.json")):
+            what = "a folder cleanai sensitivity wrote, an analysis that holds no model"
+            return what, "its config.json names the model and data it measured"
+        if "architecture.json" in present or "history.json" in present:
+            missing = " and ".join(n for n in _SAVED_FILES if n not in present)
+            what = f"a folder cleanai prune or save_pruned wrote that lacks {missing}"
+            return what, "a copy that missed files, or a damaged folder: save the pruned model again or copy all of it"
+    except (OSError, TypeError, ValueError):
+        return None
+    return None

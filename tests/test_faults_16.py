@@ -218,3 +218,48 @@ def test_explain_of_a_saved_folder_traces_it_with_its_recorded_input_shape(saved
     assert "group 4: 10 units (0 prunable) -> fc:out(out)" in out
     assert main(["explain", "--model", "o", "--input-shape", "1,3,8,8"]) == 2  # a shape given still wins
     assert "Tried --input-shape 1,3,8,8; pass the right one" in capsys.readouterr().err
+
+
+# -- what a CleanAI run wrote, given in another role -----------------------------------------------------
+
+
+def test_a_file_a_run_wrote_given_as_config_is_named_with_the_runs_config_json(saved, capsys):
+    """It said "unknown key(s) 'params_before', 'params_after', ..." and listed every valid key."""
+    for name, words in [
+        ("report.json", "a report.json that cleanai prune or cleanai sensitivity wrote"),
+        ("history.json", "a pruning history (history.json of a folder cleanai prune or save_pruned wrote)"),
+        ("architecture.json", "the architecture.json of a folder cleanai prune or save_pruned wrote"),
+    ]:
+        assert main(["prune", "--config", f"o/{name}", "--out", "p"]) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"config file 'o/{name}' is {words}, not a config. Give the config.json of that run ('o/config.json' "
+            in err
+        )
+        assert "unknown key" not in err and not Path("p").exists()
+
+
+def test_folders_a_run_wrote_given_as_data_or_model_are_named(saved, capsys):
+    """As --data they were "image folder 'o' has no class sub-folders"; as --model a folder missing a file or an
+    analysis was "is a folder; give a model file, ... or a folder written by `cleanai prune`"."""
+    assert main(["sensitivity", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--out", "sens", "-q"]) == 0
+    shutil.copytree(saved, "part")
+    Path("part/history.json").unlink()
+    capsys.readouterr()
+    args = ["--model", DEMO, "--weights", "w.pt", "--out", "p", "--quiet"]
+    cases = [
+        (["--data", "o", *args], "--data 'o' is a folder cleanai prune or save_pruned wrote, a pruned model, not data "
+         "(give it as --model to prune it further)"),
+        (["--data", "sens", *args], "--data 'sens' is a folder cleanai sensitivity wrote, an analysis that holds no "
+         "model, not data (its config.json names the model and data it measured)"),
+        (["--model", "sens", "--data", "d.pt", "--out", "p"], "--model 'sens' is a folder cleanai sensitivity wrote, "
+         "an analysis that holds no model: its config.json names the model and data it measured."),
+        (["--model", "part", "--data", "d.pt", "--out", "p"], "--model 'part' is a folder cleanai prune or "
+         "save_pruned wrote that lacks history.json: a copy that missed files, or a damaged folder"),
+    ]  # fmt: skip
+    for argv, words in cases:
+        before = _bytes(saved.parent)
+        assert main(["prune", *argv]) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+        assert _bytes(saved.parent) == before and not Path("p").exists()

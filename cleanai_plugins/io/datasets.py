@@ -27,7 +27,7 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.extras import import_extra
 from cleanai_core.runtime import cast_within_range, label_indices, not_class_labels
-from cleanai_core.special_files import check_not_packed, not_torch_save_error, special_kind
+from cleanai_core.special_files import check_not_packed, cleanai_folder_kind, not_torch_save_error, special_kind
 from cleanai_plugins.io.hf import is_hf_model
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
@@ -564,6 +564,12 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
         "pip install torchvision",
         "Or save the images as tensors: torch.save((x, y), 'data.pt').",
     ).ImageFolder
+    kind = cleanai_folder_kind(path)
+    if kind is not None:  # "image folder ... has no class sub-folders"
+        raise UserError(
+            f"--data {str(path)!r} is {kind[0]}, not data ({kind[1]}). Give an image folder with one sub-folder per "
+            "class, or the data as (x, y) tensors: torch.save((x, y), path)."
+        )
     if not any(p.is_dir() for p in path.iterdir()):
         raise UserError(
             f"image folder {str(path)!r} has no class sub-folders. Put images in one sub-folder per class "

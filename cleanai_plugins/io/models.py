@@ -32,7 +32,12 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import SpecError, UserError, model_fault
 from cleanai_core.extras import import_extra, module_name_problem, search_path_hint
 from cleanai_core.saved_folder import beyond_dtype, is_extra_state, nan_tensor, state_dict_problems, tensors_of
-from cleanai_core.special_files import check_not_packed, check_not_special, not_torch_save_error
+from cleanai_core.special_files import (
+    check_not_packed,
+    check_not_special,
+    cleanai_folder_kind,
+    not_torch_save_error,
+)
 
 log = logging.getLogger("cleanai")
 
@@ -430,6 +435,9 @@ def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
         if is_saved_folder(path):
             return load_saved_folder(path, options)
         if path.is_dir():
+            kind = cleanai_folder_kind(path)
+            if kind is not None:  # an analysis, or a pruned model's folder missing a file: "is a folder"
+                raise UserError(f"--model {spec!r} is {kind[0]}: {kind[1]}. Give the model as {MODEL_FORMS}.")
             raise UserError(
                 f"--model {spec!r} is a folder; give a model file, a spec ({MODEL_FORMS}) or a folder written by "
                 "`cleanai prune`."
