@@ -263,3 +263,41 @@ def test_folders_a_run_wrote_given_as_data_or_model_are_named(saved, capsys):
         err = capsys.readouterr().err
         assert words in err, err
         assert _bytes(saved.parent) == before and not Path("p").exists()
+
+
+# -- one option given twice on the command line ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, twice, shown",
+    [
+        ("prune", ["--ratio", "0.3", "--pruning-ratio", "0.6"], "argument --ratio/--pruning-ratio/-r: given twice "
+         "(0.3, then 0.6); give it once (a default belongs in --config or CLEANAI_RATIO"),
+        ("prune", ["--out", "a", "--out", "b"], "argument --out/-o: given twice ('a', then 'b')"),
+        ("prune", ["--weights", "w.pt", "--weights", "other.pt"], "argument --weights: given twice ('w.pt', then "
+         "'other.pt')"),
+        ("sensitivity", ["--batch-size", "4", "--batch-size", "8"], "argument --batch-size: given twice (4, then 8)"),
+    ],
+)  # fmt: skip
+def test_an_option_given_twice_with_two_values_is_refused(ws, capsys, command, twice, shown):
+    """The last value was taken without a word: `--ratio 0.3 --pruning-ratio 0.6` pruned at 0.6, `--out a --out b`
+    wrote b. A repeated key in a config file is refused the same way."""
+    base = {"--model": DEMO, "--weights": "w.pt", "--data": "d.pt", "--out": "o"}
+    argv = [command, *twice]
+    for flag, value in base.items():
+        if flag not in twice:
+            argv += [flag, value]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--quiet"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert shown in err and "Traceback" not in err
+    assert not any(Path(n).exists() for n in ("o", "a", "b"))
+
+
+def test_an_option_given_twice_with_one_value_and_repeatable_options_still_run(ws, capsys):
+    argv = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--ratio", "0.5", "-r", "0.5"]
+    argv += ["--ignore", "features.0", "--ignore", "features.3", "--dry-run", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "32/64    fc, features.7, features.8" in out and "features.0, features.1" not in out

@@ -18,9 +18,27 @@ from cleanai_core import distributed
 from cleanai_core.job.config import CONFIG_HELP, DEFAULTS, option_fields, resolve_config
 from cleanai_core.job.run import execute
 
-__all__ = ["DEFAULTS", "add_options", "add_parser", "run"]
+__all__ = ["DEFAULTS", "GivenOnce", "add_options", "add_parser", "run"]
 
 GROUPS = ("inputs", "pruning", "data use", "recovery", "output")
+
+
+class GivenOnce(argparse.Action):
+    """Store an option's value; the same option given again with another value (``--ratio 0.3
+    --ratio 0.5``, or under its other spelling ``--pruning-ratio 0.5``) is an error. The last
+    one was taken without a word, as a repeated key in a config file was (which is refused).
+    Needs the parser's ``argument_default=argparse.SUPPRESS``: an option not given yet is no
+    attribute of the namespace."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        if hasattr(namespace, self.dest) and getattr(namespace, self.dest) != values:
+            raise argparse.ArgumentError(
+                self,
+                f"given twice ({getattr(namespace, self.dest)!r}, then {values!r}); give it once (a default belongs "
+                f"in --config or CLEANAI_{self.dest.upper()}, which the command line overrides)",
+            )
+        setattr(namespace, self.dest, values)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,6 +63,8 @@ def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if isinstance(field.default, bool):  # a switch: on, or off for options that are on by default
             flag = "--no-" + flag[2:] if field.default else flag
             kwargs.update(action="store_false" if field.default else "store_true", default=argparse.SUPPRESS)
+        elif "action" not in kwargs:  # one value: a second, other one is refused (repeatable options append)
+            kwargs["action"] = GivenOnce
         flags = [flag, *meta["flags"]]
         flags.sort(key=lambda f: (not f.startswith("--"), f != flag))  # the option's own name first
         groups[meta["group"]].add_argument(*flags, **kwargs)
