@@ -271,21 +271,20 @@ def test_folders_a_run_wrote_given_as_data_or_model_are_named(saved, capsys):
 @pytest.mark.parametrize(
     "command, twice, shown",
     [
-        ("prune", ["--ratio", "0.3", "--pruning-ratio", "0.6"], "argument --ratio/--pruning-ratio/-r: given twice "
-         "(0.3, then 0.6); give it once (a default belongs in --config or CLEANAI_RATIO"),
-        ("prune", ["--out", "a", "--out", "b"], "argument --out/-o: given twice ('a', then 'b')"),
-        ("prune", ["--weights", "w.pt", "--weights", "other.pt"], "argument --weights: given twice ('w.pt', then "
-         "'other.pt')"),
-        ("sensitivity", ["--batch-size", "4", "--batch-size", "8"], "argument --batch-size: given twice (4, then 8)"),
+        ("prune", ["--ratio", "0.3", "--pruning-ratio", "0.6"], "argument --ratio/--pruning-ratio/-r: given twice, "
+         "as --ratio 0.3 and --pruning-ratio 0.6; give it once (a default belongs in --config or CLEANAI_RATIO"),
+        ("prune", ["--out", "a", "-o", "b"], "argument --out/-o: given twice, as --out 'a' and -o 'b'"),
+        ("sensitivity", ["--model", DEMO, "-m", "other:m"], "argument --model/-m: given twice, as --model "
+         f"{DEMO!r} and -m 'other:m'"),
     ],
 )  # fmt: skip
-def test_an_option_given_twice_with_two_values_is_refused(ws, capsys, command, twice, shown):
-    """The last value was taken without a word: `--ratio 0.3 --pruning-ratio 0.6` pruned at 0.6, `--out a --out b`
+def test_an_option_given_under_two_spellings_with_two_values_is_refused(ws, capsys, command, twice, shown):
+    """The last value was taken without a word: `--ratio 0.3 --pruning-ratio 0.6` pruned at 0.6, `--out a -o b`
     wrote b. A repeated key in a config file is refused the same way."""
     base = {"--model": DEMO, "--weights": "w.pt", "--data": "d.pt", "--out": "o"}
     argv = [command, *twice]
     for flag, value in base.items():
-        if flag not in twice:
+        if flag not in twice and not (flag == "--model" and "-m" in twice):
             argv += [flag, value]
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--quiet"])
@@ -295,9 +294,12 @@ def test_an_option_given_twice_with_two_values_is_refused(ws, capsys, command, t
     assert not any(Path(n).exists() for n in ("o", "a", "b"))
 
 
-def test_an_option_given_twice_with_one_value_and_repeatable_options_still_run(ws, capsys):
-    argv = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--ratio", "0.5", "-r", "0.5"]
-    argv += ["--ignore", "features.0", "--ignore", "features.3", "--dry-run", "--quiet"]
+def test_one_spelling_given_twice_uses_the_last_with_a_warning_and_repeatable_options_add_up(ws, capsys):
+    """A wrapper script's defaults overridden by its arguments keep working (as in other tools), now said."""
+    argv = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--ratio", "0.3", "--ratio", "0.5"]
+    argv += ["--ratio", "0.5", "--ignore", "features.0", "--ignore", "features.3", "--dry-run", "--quiet"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "32/64    fc, features.7, features.8" in out and "features.0, features.1" not in out
+    captured = capsys.readouterr()
+    assert "cleanai prune: warning: --ratio given twice (0.3, then 0.5); the last is used." in captured.err
+    assert captured.err.count("given twice") == 1  # the same value again says nothing
+    assert "32/64    fc, features.7, features.8" in captured.out and "features.0, features.1" not in captured.out

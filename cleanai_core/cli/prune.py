@@ -12,6 +12,7 @@ which ``--config`` reads back.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from cleanai_core import distributed
@@ -24,20 +25,31 @@ GROUPS = ("inputs", "pruning", "data use", "recovery", "output")
 
 
 class GivenOnce(argparse.Action):
-    """Store an option's value; the same option given again with another value (``--ratio 0.3
-    --ratio 0.5``, or under its other spelling ``--pruning-ratio 0.5``) is an error. The last
-    one was taken without a word, as a repeated key in a config file was (which is refused).
-    Needs the parser's ``argument_default=argparse.SUPPRESS``: an option not given yet is no
-    attribute of the namespace."""
+    """Store an option's value. The same option given again with another value under another
+    spelling (``--ratio 0.3 --pruning-ratio 0.6``) is an error; under the same spelling the
+    last value is used, as in other tools (a wrapper script's defaults overridden by its
+    arguments), with a warning. The last one was taken without a word either way. Needs the
+    parser's ``argument_default=argparse.SUPPRESS``: an option not given yet is no attribute
+    of the namespace."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:  # fmt: skip
-        if hasattr(namespace, self.dest) and getattr(namespace, self.dest) != values:
-            raise argparse.ArgumentError(
-                self,
-                f"given twice ({getattr(namespace, self.dest)!r}, then {values!r}); give it once (a default belongs "
-                f"in --config or CLEANAI_{self.dest.upper()}, which the command line overrides)",
+        spellings = getattr(namespace, "_spellings", {})
+        before = spellings.get(self.dest)
+        if before is not None and getattr(namespace, self.dest, values) != values:
+            old = getattr(namespace, self.dest)
+            if before != option_string:
+                raise argparse.ArgumentError(
+                    self,
+                    f"given twice, as {before} {old!r} and {option_string} {values!r}; give it once (a default "
+                    f"belongs in --config or CLEANAI_{self.dest.upper()}, which the command line overrides)",
+                )
+            print(
+                f"{parser.prog}: warning: {option_string} given twice ({old!r}, then {values!r}); the last is used.",
+                file=sys.stderr,
             )
+        spellings[self.dest] = option_string
+        namespace._spellings = spellings
         setattr(namespace, self.dest, values)
 
 
