@@ -303,3 +303,51 @@ def test_one_spelling_given_twice_uses_the_last_with_a_warning_and_repeatable_op
     assert "cleanai prune: warning: --ratio given twice (0.3, then 0.5); the last is used." in captured.err
     assert captured.err.count("given twice") == 1  # the same value again says nothing
     assert "32/64    fc, features.7, features.8" in captured.out and "features.0, features.1" not in captured.out
+
+
+# -- a .pt dict, an .npz or a TensorDataset with other names or more tensors -----------------------------
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        lambda x, y: {"x": x, "labels": y},
+        lambda x, y: {"inputs": x, "y": y},
+        lambda x, y: {"images": x, "targets": y},
+        lambda x, y: {"data": x, "label": y, "classes": [str(i) for i in range(10)]},
+    ],
+    ids=["x+labels", "inputs+y", "images+targets", "data+label+class-names"],
+)
+def test_labels_under_any_of_their_names_are_read_with_inputs_under_any_of_theirs(ws, capsys, held):
+    """{'x': x, 'labels': y} ran as data without labels: "Accuracy not measured: the data has no labels"."""
+    x, y = torch.load("d.pt")
+    torch.save(held(x, y), "named.pt")
+    args = ["--model", DEMO, "--weights", "w.pt", "--quiet"]
+    assert main(["prune", *args, "--data", "d.pt", "--out", "plain"]) == 0
+    assert main(["prune", *args, "--data", "named.pt", "--out", "named"]) == 0
+    plain, named = (json.loads(Path(f"{o}/report.json").read_text()) for o in ("plain", "named"))
+    assert named["accuracy_before"] is not None and named["accuracy_before"] == plain["accuracy_before"]
+    assert named["params_after"] == plain["params_after"]
+
+
+def test_a_third_tensor_or_two_names_for_the_labels_are_refused_not_dropped(ws, capsys):
+    import numpy as np
+
+    x, y = torch.load("d.pt")
+    cases = {
+        "tds.pt": (torch.utils.data.TensorDataset(x, y, torch.ones(24)), "'tds.pt' holds a TensorDataset of 3 "
+                   "tensors; expected (x, y): inputs and labels only"),
+        "w.pt.pt": ({"x": x, "y": y, "w": torch.ones(24)}, "'w.pt.pt' holds the tensor(s) ['w'] besides the inputs "
+                    "'x' and labels 'y'; CleanAI reads inputs and labels only"),
+        "two.pt": ({"x": x, "y": y, "labels": y}, "'two.pt' holds both 'y' and 'labels'; give one inputs entry"),
+    }  # fmt: skip
+    for name, (held, _) in cases.items():
+        torch.save(held, name)
+    np.savez("w.npz", x=x.numpy(), y=y.numpy(), mask=np.ones(24))
+    cases["w.npz"] = (None, "'w.npz' holds the tensor(s) ['mask'] besides the inputs 'x' and labels 'y'")
+    for name, (_, words) in cases.items():
+        before = _bytes(ws)
+        assert main(["prune", "--model", DEMO, "--weights", "w.pt", "--data", name, "--out", "o", "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert words in err, err
+        assert _bytes(ws) == before and not Path("o").exists()

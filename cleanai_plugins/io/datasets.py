@@ -342,11 +342,47 @@ def _load_pt(path: Path) -> Dataset:
     return _from_object(obj, str(path))
 
 
+#: the names of the inputs and of the labels in a dict or an .npz, in the order they are looked for
+INPUT_KEYS = ("x", "inputs", "data", "images")
+LABEL_KEYS = ("y", "labels", "targets", "label", "target")
+
+
+def inputs_and_labels(named: dict[str, Any], source: str, also: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """The inputs and the labels (or ``None``) of a dict or an ``.npz``, by any of the names
+    :data:`INPUT_KEYS` / :data:`LABEL_KEYS`. Each name went with one other (``x`` with ``y``,
+    ``inputs`` with ``labels``), so ``{'x': x, 'labels': y}`` ran as data without labels
+    ("Accuracy not measured") and a third tensor (sample weights, a mask) was dropped, without
+    a word; two names of one kind, or a tensor of neither, are refused. Entries that are not
+    tensors (class names, notes) and the names in ``also`` are left alone."""
+    xs = [k for k in INPUT_KEYS if k in named]
+    ys = [k for k in LABEL_KEYS if k in named]
+    if len(xs) > 1 or len(ys) > 1:
+        both = xs if len(xs) > 1 else ys
+        raise UserError(
+            f"{source!r} holds both {both[0]!r} and {both[1]!r}; give one inputs entry (one of {list(INPUT_KEYS)}) "
+            f"and at most one labels entry (one of {list(LABEL_KEYS)})."
+        )
+    other = [str(k) for k, v in named.items() if k not in (*xs, *ys, *also) and isinstance(v, torch.Tensor)]
+    if other:
+        found = f"inputs {xs[0]!r}" + (f" and labels {ys[0]!r}" if ys else "")
+        raise UserError(
+            f"{source!r} holds the tensor(s) {other[:5]} besides the {found}; CleanAI reads inputs and labels "
+            f"only (labels named one of {list(LABEL_KEYS)}): save those two alone, e.g. torch.save({{'x': x, "
+            "'y': y}, path)."
+        )
+    return named[xs[0]], named[ys[0]] if ys else None
+
+
 def _from_object(obj: Any, source: str) -> Dataset:
     """The data set a ``.pt`` file (or a data function) holds: a ``TensorDataset``, a
     tensor, ``(x, y)`` or ``{'x': x, 'y': y}``."""
     if isinstance(obj, TensorDataset):
         tensors = obj.tensors
+        if len(tensors) > 2:  # the third and later were dropped without a word; a tuple of 3 is refused
+            raise UserError(
+                f"{source!r} holds a TensorDataset of {len(tensors)} tensors; expected (x, y): inputs and labels only "
+                "(e.g. TensorDataset(x, y))."
+            )
         return _from_tensors(tensors[0], tensors[1] if len(tensors) > 1 else None, source)
     if isinstance(obj, torch.Tensor):
         return _from_tensors(obj, None, source)
@@ -363,9 +399,8 @@ def _from_object(obj: Any, source: str) -> Dataset:
             "labels only (e.g. torch.save((x, y), path))."
         )
     if isinstance(obj, dict):
-        for xk, yk in (("x", "y"), ("inputs", "labels"), ("data", "targets"), ("images", "labels")):
-            if xk in obj:
-                return _from_tensors(obj[xk], obj.get(yk), source)
+        if any(k in obj for k in INPUT_KEYS):
+            return _from_tensors(*inputs_and_labels(obj, source), source)
         if (
             obj
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -641,7 +676,7 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
             arrays = read_npz(path)
             if "x" not in arrays:
                 raise UserError(f"{spec!r} has arrays {sorted(arrays)}; it needs 'x' (inputs) and optionally 'y'.")
-            return _from_tensors(arrays["x"], arrays.get("y"), spec, _x_max(arrays, spec))
+            return _from_tensors(*inputs_and_labels(arrays, spec, ("x_max",)), spec, _x_max(arrays, spec))
         raise UserError(f"data file {spec!r}: {suffix or 'no extension'} is not supported; give {DATA_FORMS}.")
     if _FACTORY_RE.match(spec):
         from cleanai_core.job.inputs import is_pair
@@ -651,7 +686,7 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
             from cleanai_plugins.io.text import function_data
 
             ds = function_data(ds, options["model"], spec)
-        if isinstance(ds, dict) and any(k in ds for k in ("x", "inputs", "data", "images")) or is_pair(ds):
+        if isinstance(ds, dict) and any(k in ds for k in INPUT_KEYS) or is_pair(ds):
             # (x, y) tensors were read as a data set of two items: "the model failed on an input (shape (1, 16, ...))"
             return _from_object(ds, spec)
         if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
