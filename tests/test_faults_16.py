@@ -351,3 +351,59 @@ def test_a_third_tensor_or_two_names_for_the_labels_are_refused_not_dropped(ws, 
         err = capsys.readouterr().err
         assert words in err, err
         assert _bytes(ws) == before and not Path("o").exists()
+
+
+# -- a model whose outputs on the data are NaN or all inf ------------------------------------------------
+
+_NAN_MODELS = """
+from cleanai_plugins.io.demo import DigitsCNN
+
+
+class NaNInside(DigitsCNN):
+    def forward(self, x):
+        hidden = self.features[0](x)
+        return super().forward(x) + (hidden / 0.0 * 0.0).mean()  # 0 / 0: NaN reaches no layer, only the output
+
+
+class Infinite(DigitsCNN):
+    def forward(self, x):
+        return super().forward(x) * float("inf")
+
+
+class MaskedClass(DigitsCNN):
+    def forward(self, x):
+        out = super().forward(x).clone()
+        out[:, 0] = float("-inf")  # a class masked out: the other logits are finite
+        return out
+
+
+def nan_inside():
+    return NaNInside()
+
+
+def infinite():
+    return Infinite()
+
+
+def masked_class():
+    return MaskedClass()
+"""
+
+
+@pytest.mark.parametrize(
+    "factory, words",
+    [("nan_inside", "gives NaN in 10 of its 10 output values on the first sample of --data, before anything is "
+      "pruned"), ("infinite", "gives inf in all of its 10 output values on the first sample of --data")],
+)  # fmt: skip
+def test_a_model_whose_output_on_the_data_is_nan_or_all_inf_is_refused(ws, capsys, monkeypatch, factory, words):
+    """Exit 0, the result written: every check of the pruned model against the original passes where the original's
+    output is not finite, and accuracy was "0.00% -> 0.00%"."""
+    Path("nanmodels.py").write_text(_NAN_MODELS)
+    monkeypatch.syspath_prepend(str(ws))
+    before = _bytes(ws)
+    assert main(["prune", "--model", f"nanmodels:{factory}", "--data", "d.pt", "--out", "o", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model 'nanmodels:{factory}' {words}" in err and "nothing was written" in err
+    assert _bytes(ws) == before and not Path("o").exists()
+    assert main(["prune", "--model", "nanmodels:masked_class", "--data", "d.pt", "--out", "m", "--quiet"]) == 0
+    assert json.loads(Path("m/report.json").read_text())["params_after"] < 56554
