@@ -407,3 +407,28 @@ def test_a_model_whose_output_on_the_data_is_nan_or_all_inf_is_refused(ws, capsy
     assert _bytes(ws) == before and not Path("o").exists()
     assert main(["prune", "--model", "nanmodels:masked_class", "--data", "d.pt", "--out", "m", "--quiet"]) == 0
     assert json.loads(Path("m/report.json").read_text())["params_after"] < 56554
+
+
+# -- --image-size with data that has no images to size -------------------------------------------------
+
+
+def test_image_size_with_tensor_data_is_refused_and_with_an_image_folder_read(ws, capsys):
+    """--image-size 16 with a .pt of 8 x 8 inputs ran at 8 x 8 without a word."""
+    assert (
+        main(["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--image-size", "16", "--out", "o"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        "--image-size (command line) sizes the images of an image folder (or a data function that takes it), and "
+        "the data is read from tensor or text files as it is: leave --image-size out." in err
+    )
+    assert not Path("o").exists()
+    from PIL import Image
+
+    for c in ("a", "b"):
+        Path(f"imgs/{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (5, 7), color=40 * i).save(f"imgs/{c}/{i}.png")
+    argv = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "imgs", "--image-size", "8", "--out", "p", "-q"]
+    assert main(argv) == 0
+    assert json.loads(Path("p/report.json").read_text())["input_shape"] == [1, 1, 8, 8]

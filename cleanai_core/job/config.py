@@ -346,10 +346,22 @@ _READ_ONLY_WITH = (
      "feeds the covariances of reconstruction, which {off} turns off: drop one of them"),
     ("stats_budget_mib", lambda c: c.get("reconstruction") and c.get("bias_compensation"),
      "is the memory for the covariances of reconstruction, which {off} turns off: drop one of them"),
+    # files whose tensors or text are read as they are: --image-size 16 with a .pt ran without a word (--seq-len
+    # with token ids in a .pt stays quiet: shared argument lists of text runs carry it for every kind of data)
+    ("image_size", lambda c: not _data_files_only(c, (".pt", ".pth", ".npz", ".txt", ".jsonl")),
+     "sizes the images of an image folder (or a data function that takes it), and the data is read from tensor "
+     "or text files as it is: leave {flag} out"),
     ("round_mode", lambda c: c.get("round_to") is not None or default_round_to(c.get("device")) is not None,
      "says how --round-to rounds, and no rounding is on (no --round-to, and none is the default on --device "
      "{device}): add --round-to N, or leave {flag} out"),
 )  # fmt: skip
+
+
+def _data_files_only(cfg: Mapping[str, Any], suffixes: tuple[str, ...]) -> bool:
+    """Whether ``--data`` and ``--train-data`` (where given) are files with one of ``suffixes``."""
+    sources = [cfg.get("data"), cfg.get("train_data")]
+    given = [s for s in sources if isinstance(s, str) and s]
+    return bool(given) and all(os.path.isfile(s) and os.path.splitext(s)[1].lower() in suffixes for s in given)
 
 
 def _asks(value: Any, key: str, where: str, baseline: Mapping[str, Any]) -> bool:
