@@ -88,7 +88,7 @@ def test_a_cleanai_json_file_given_as_weights_is_named_by_its_role(saved, capsys
     for name, words in [
         ("history.json", "it is a pruning history (history.json of a folder cleanai prune or save_pruned wrote)"),
         ("architecture.json", "it is the architecture.json of a folder cleanai prune or save_pruned wrote"),
-        ("report.json", "it is a report.json that cleanai prune wrote"),
+        ("report.json", "it is a report.json that cleanai prune or cleanai sensitivity wrote"),
         ("config.json", "it is a config.json that cleanai prune wrote (give it as --config)"),
     ]:
         assert main(["prune", "--model", DEMO, "--weights", f"o/{name}", "--data", "d.pt", "--out", "p"]) == 2
