@@ -432,3 +432,18 @@ def test_image_size_with_tensor_data_is_refused_and_with_an_image_folder_read(ws
     argv = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "imgs", "--image-size", "8", "--out", "p", "-q"]
     assert main(argv) == 0
     assert json.loads(Path("p/report.json").read_text())["input_shape"] == [1, 1, 8, 8]
+
+
+def test_a_train_data_file_of_another_kind_is_named_as_train_data(saved, capsys):
+    """The data readers named every file --data: an empty --train-data file was "--data 't.pt' is empty"."""
+    Path("t.pt").write_text('{"x": 1}')
+    Path("e.pt").write_bytes(b"")
+    args = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--recover-epochs", "1", "--out", "p"]
+    for train, words in [
+        ("t.pt", "--train-data 't.pt' is not a file written by torch.save: it is a JSON file."),
+        ("e.pt", "--train-data 'e.pt' is empty (0 bytes)"),
+        ("o", "--train-data 'o' is a folder cleanai prune or save_pruned wrote, a pruned model, not data"),
+    ]:
+        assert main([*args, "--train-data", train, "--quiet"]) == 2
+        assert words in capsys.readouterr().err
+        assert not Path("p").exists()

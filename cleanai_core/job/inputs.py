@@ -88,7 +88,9 @@ def spec_options(cfg: dict[str, Any], key: str) -> dict[str, Any]:
         source = f"{ENV_PREFIX}{key.upper()} in the environment"
     elif from_config:
         source = f"{key} in config file {cfg.get('config')!r}"
-    return {"trust_code": bool(cfg.get("trust_code")) or not from_config, "spec_source": source}
+    # "flag": the option the loaders' messages name (a --train-data file was called --data)
+    flag = f"--{key.replace('_', '-')}"
+    return {"trust_code": bool(cfg.get("trust_code")) or not from_config, "spec_source": source, "flag": flag}
 
 
 def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -323,15 +323,15 @@ def class_labels(y: Any, source: str) -> torch.Tensor:
     return idx
 
 
-def _load_pt(path: Path) -> Dataset:
-    check_not_packed(path, "--data")
+def _load_pt(path: Path, flag: str = "--data") -> Dataset:
+    check_not_packed(path, flag)
     try:
         with torch.serialization.safe_globals([TensorDataset]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if path.stat().st_size == 0:
-            raise UserError(f"--data {str(path)!r} is empty (0 bytes); write the data again.") from None
-        other = not_torch_save_error(path, "--data", "Save plain tensors: torch.save((x, y), path).")
+            raise UserError(f"{flag} {str(path)!r} is empty (0 bytes); write the data again.") from None
+        other = not_torch_save_error(path, flag, "Save plain tensors: torch.save((x, y), path).")
         if other is not None:  # said "UnpicklingError: Weights only load failed. In PyTorch 2.6, we changed ..."
             raise other from None
         raise UserError(
@@ -601,8 +601,9 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
     ).ImageFolder
     kind = cleanai_folder_kind(path)
     if kind is not None:  # "image folder ... has no class sub-folders"
+        flag = options.get("flag") or "--data"
         raise UserError(
-            f"--data {str(path)!r} is {kind[0]}, not data ({kind[1]}). Give an image folder with one sub-folder per "
+            f"{flag} {str(path)!r} is {kind[0]}, not data ({kind[1]}). Give an image folder with one sub-folder per "
             "class, or the data as (x, y) tensors: torch.save((x, y), path)."
         )
     if not any(p.is_dir() for p in path.iterdir()):
@@ -671,7 +672,7 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".pt", ".pth"):
-            return _load_pt(path)
+            return _load_pt(path, options.get("flag") or "--data")
         if suffix == ".npz":
             arrays = read_npz(path)
             if "x" not in arrays:
