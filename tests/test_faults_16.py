@@ -447,3 +447,19 @@ def test_a_train_data_file_of_another_kind_is_named_as_train_data(saved, capsys)
         assert main([*args, "--train-data", train, "--quiet"]) == 2
         assert words in capsys.readouterr().err
         assert not Path("p").exists()
+
+
+def test_the_unpruned_weights_given_with_a_pruned_models_folder_are_named_as_such(saved, capsys):
+    assert main(["prune", "--model", "o", "--weights", "w.pt", "--data", "d.pt", "--out", "p", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the weights in 'w.pt' do not fit 'o': shape mismatch" in err
+    assert (
+        "They are the unpruned model's weights (the shapes history.json records before the first prune): to prune "
+        f"them, give --model {DEMO} --weights w.pt; to prune the folder's model further, leave --weights out" in err
+    )
+    state = torch.load("w.pt")
+    state["fc.weight"] = torch.zeros(5, 64)  # weights of neither
+    torch.save(state, "other.pt")
+    assert main(["prune", "--model", "o", "--weights", "other.pt", "--data", "d.pt", "--out", "p", "--quiet"]) == 2
+    assert "do not fit 'o'" in (err := capsys.readouterr().err) and "unpruned model's weights" not in err
+    assert not Path("p").exists()

@@ -152,10 +152,35 @@ def load_saved_folder(path: Path, options: dict[str, Any]) -> nn.Module:
     if stored is not None:  # a bfloat16 MoE folder's routers stay float32 (it was pruned in bfloat16)
         options["stored_dtype"], options["stored_float32"] = stored, kept_float32
     spec, arch_options = read_architecture(path / "architecture.json", trust_code=trust_code)
-    options.update(resolved_spec=spec, arch_options=arch_options, prior_history=read_history(path / "history.json"))
+    history = read_history(path / "history.json")
+    options.update(resolved_spec=spec, arch_options=arch_options, prior_history=history)
     if options.get("weights"):
-        _apply_weights(model, options["weights"], str(path))
+        try:
+            _apply_weights(model, options["weights"], str(path))
+        except UserError as exc:
+            note = _unpruned_weights_note(options["weights"], history, spec)
+            if note is None:
+                raise
+            raise UserError(f"{exc} {note}") from None
     return model
+
+
+def _unpruned_weights_note(weights: str, history: Any, spec: str) -> str | None:
+    """A sentence where ``weights``, given with a pruned model's folder, have the shapes the
+    folder's history records before its first step: the unpruned model's (they did "not fit
+    'o'", with advice about the architecture and --num-classes)."""
+    shapes = (history.meta.get("shapes") or [None])[0]
+    try:
+        state = load_state_dict_file(weights)
+    except UserError:
+        return None
+    if not shapes or not all(k in state and list(state[k].shape) == list(v) for k, v in shapes.items()):
+        return None
+    return (
+        f"They are the unpruned model's weights (the shapes history.json records before the first prune): to prune "
+        f"them, give --model {spec} --weights {weights}; to prune the folder's model further, leave --weights out "
+        "(or give its weights fine-tuned since)."
+    )
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
