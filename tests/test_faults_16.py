@@ -463,3 +463,13 @@ def test_the_unpruned_weights_given_with_a_pruned_models_folder_are_named_as_suc
     assert main(["prune", "--model", "o", "--weights", "other.pt", "--data", "d.pt", "--out", "p", "--quiet"]) == 2
     assert "do not fit 'o'" in (err := capsys.readouterr().err) and "unpruned model's weights" not in err
     assert not Path("p").exists()
+
+
+def test_two_config_files_use_the_last_with_a_warning(ws, capsys):
+    Path("a.toml").write_text("ratio = 0.5\n")
+    Path("b.toml").write_text("ratio = 0.2\n")
+    argv = ["prune", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--dry-run", "--quiet"]
+    assert main([*argv, "--config", "a.toml", "--config", "b.toml"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: --config given twice ('a.toml', then 'b.toml'); the last is used." in captured.err
+    assert "6/32    features.0, features.1, features.3" in captured.out  # 0.2 of 32, not 0.5

@@ -81,7 +81,7 @@ def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         flags.sort(key=lambda f: (not f.startswith("--"), f != flag))  # the option's own name first
         groups[meta["group"]].add_argument(*flags, **kwargs)
         if field.name == "seq_len":
-            groups["inputs"].add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+            groups["inputs"].add_argument("--config", metavar="FILE", help=CONFIG_HELP, action=GivenOnce)
     return p
 
 
