@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,22 @@ def _yaml_loader(yaml: Any) -> Any:
     return UniqueKeyLoader
 
 
+def _check_not_an_output(path: str, data: dict) -> None:
+    """A :class:`UserError` for a file a CleanAI run wrote other than its ``config.json``
+    (``report.json``, ``history.json``, ``architecture.json``) given as ``--config``: it said
+    "unknown key(s) 'params_before', 'params_after', ..." and every valid key."""
+    from cleanai_core.special_files import cleanai_json_kind
+
+    kind = cleanai_json_kind(data)
+    if kind is not None and "config.json" not in kind:
+        config = os.path.join(os.path.dirname(path), "config.json")
+        there = f" ({config!r} beside it)" if os.path.isfile(config) else ""
+        raise UserError(
+            f"config file {path!r} is {kind}, not a config. Give the config.json of that run{there}, or a .toml, "
+            ".yaml or .json file of options."
+        )
+
+
 def read_config_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
     """The options in a TOML, YAML (``.yaml``/``.yml``) or JSON (``.json``) file, keys
     normalised to the names in ``known``. A single ``[prune]`` table is unwrapped; keys
@@ -188,6 +205,7 @@ def read_config_file(path: str, known: Mapping[str, Any]) -> dict[str, Any]:
         raise UserError(
             f"config file {path!r}: the {kind} must be a table of option = value, not a {type(data).__name__}."
         )
+    _check_not_an_output(path, data)
     if isinstance(data.get("prune"), dict) and len(data) == 1:
         data = data["prune"]
     elif isinstance(data.get("prune"), dict):  # said "unknown key(s) 'prune'", a key the docs name

@@ -209,7 +209,7 @@ def save_pruned(
         )
     check_not_meta(model)  # NotImplementedError: Cannot copy out of meta tensor
     check_masks(model)  # "the history's step 0 slices 3.weight, which this model does not have" (weight_orig)
-    nan = nan_tensor(model.state_dict())
+    nan = nan_tensor(model.state_dict(), dict(model.named_parameters()))
     _check_extra_state(model)
     if nan:  # written, then refused by load_pruned as damaged
         raise UserError(

@@ -8,7 +8,7 @@ import fnmatch
 import fractions
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -532,9 +532,10 @@ def check_not_meta(model: nn.Module, name: str = "model", var: str | None = None
         )
 
 
-def non_finite(named: Any, allow_inf: bool = False) -> tuple[str, int, int] | None:
+def non_finite(named: Any, allow_inf: bool | Callable[[str], bool] = False) -> tuple[str, int, int] | None:
     """The first floating tensor of ``named`` (name, tensor pairs) holding NaN (or inf, unless
-    ``allow_inf``), as ``(name, how many, of how many)``; ``None`` when all are finite."""
+    ``allow_inf``: a flag, or a test of the name), as ``(name, how many, of how many)``;
+    ``None`` when all are finite."""
     for name, t in named:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta or t.numel() == 0:
             continue
@@ -542,24 +543,40 @@ def non_finite(named: Any, allow_inf: bool = False) -> tuple[str, int, int] | No
         # for the (usual) finite tensor; a sum that only overflowed is checked in full
         if bool(torch.isfinite(t.detach().sum(dtype=torch.float32))):
             continue
-        bad = torch.isnan(t) if allow_inf else ~torch.isfinite(t)
+        bad = torch.isnan(t) if (allow_inf(name) if callable(allow_inf) else allow_inf) else ~torch.isfinite(t)
         if bool(bad.any()):
             return name, int(bad.sum()), t.numel()
     return None
 
 
+def inf_refused(name: str) -> bool:
+    """Whether a parameter named ``name`` may not hold inf: any but a bias. A weight (or a
+    scale, an embedding, a token) of inf makes what it multiplies inf and, times a 0, NaN: an
+    inf in ``features.0.weight`` was "non-finite activations ... check the data", and in
+    ``fc.weight`` "weight_ratio=0.5 and activation_ratio=0.5 (--alpha/--beta) ... go beyond
+    what float64 holds: give numbers of the same ratio near 1". A bias only adds: its output
+    is inf, which the verification knows to be non-finite. Buffers may hold inf
+    (quantization observers start at +-inf, attention masks)."""
+    return not name.rpartition(".")[2].endswith("bias")
+
+
 def check_finite(model: nn.Module, name: str = "model") -> None:
-    """A :class:`UserError` for a model whose parameters or buffers hold NaN: magnitude
-    criteria ranked the NaN channels as they came and pruned without a word; activation
-    criteria blamed the data. Inf is allowed (quantization observers start at +-inf, a bias
-    of inf is an output the verification knows to be non-finite)."""
-    found = non_finite([*model.named_parameters(), *model.named_buffers()], allow_inf=True)
+    """A :class:`UserError` for a model whose parameters or buffers hold NaN, or whose
+    parameters other than biases hold inf (:func:`inf_refused`): magnitude criteria ranked
+    the NaN channels as they came and pruned without a word; activation criteria blamed the
+    data."""
+    found = non_finite(model.named_parameters(), allow_inf=lambda n: not inf_refused(n))
+    found = found or non_finite(model.named_buffers(), allow_inf=True)
     if found is not None:
         tensor, count, total = found
+        t = {**dict(model.named_buffers()), **dict(model.named_parameters())}[tensor]
+        what = {(True, False): "NaN", (False, True): "inf"}.get(
+            (bool(torch.isnan(t).any()), bool(torch.isinf(t).any()) and inf_refused(tensor)), "NaN or inf"
+        )
         raise UserError(
-            f"the {name}'s tensor {tensor!r} holds {count} NaN value(s) (of {total}): its scores and outputs would "
-            "be meaningless. Load finite weights (a training run that diverged, or a damaged checkpoint, saves "
-            "NaN); nothing was pruned"
+            f"the {name}'s tensor {tensor!r} holds {count} {what} value(s) (of {total}): its scores and outputs would "
+            f"be meaningless. Load finite weights (a training run that diverged, or a damaged checkpoint, saves "
+            f"{what}); nothing was pruned"
         )
     # a norm's running variance below 0 (an edited or damaged checkpoint): every output NaN, and the
     # calibration blamed "non-finite activations ...; check the data"
@@ -571,6 +588,13 @@ def check_finite(model: nn.Module, name: str = "model") -> None:
                     f"the {name}'s tensor {key!r} holds {int((buf < 0).sum())} negative running variance(s) (down "
                     f"to {low:.3g}): a variance is never negative, so the norm's outputs would be NaN. The weights are "
                     "damaged or were edited; load the checkpoint the model was trained to; nothing was pruned"
+                )
+            if math.isinf(float(buf.detach().max())):  # the channel's output a constant: pruned as if dead
+                raise UserError(
+                    f"the {name}'s tensor {key!r} holds {int(torch.isinf(buf).sum())} infinite running variance(s): "
+                    "the norm divides its input by it, so those channels would output a constant whatever the data. "
+                    "The weights are damaged or were edited; load the checkpoint the model was trained to; nothing "
+                    "was pruned"
                 )
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "read_history",
     "nan_tensor",
     "read_probe",
+    "recorded_input_shape",
     "read_state",
     "replay_history",
     "is_extra_state",
@@ -302,13 +303,16 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
 def read_state(path: Path, model: nn.Module, map_location: Any = "cpu", state: dict | None = None) -> dict:
     """``model.pt`` read with ``weights_only=True`` (or ``state``, read from it before) and
     checked against ``model``'s ``state_dict``: the same keys, shapes and kinds of dtype."""
-    from cleanai_core.special_files import check_not_packed
+    from cleanai_core.special_files import check_not_packed, not_torch_save
 
     if state is None:
         check_not_packed(path, "the saved folder's file")
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:
+            kind = not_torch_save(path)  # said "UnpicklingError: Weights only load failed. In PyTorch 2.6, ..."
+            if kind is not None:
+                raise _bad(path, f"not a file written by torch.save but {kind}") from None
             raise _bad(path, f"cannot be read as plain tensors ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and (isinstance(v, torch.Tensor) or is_extra_state(k)) for k, v in state.items()
@@ -320,7 +324,7 @@ def read_state(path: Path, model: nn.Module, map_location: Any = "cpu", state: d
         raise _bad(
             path, "does not fit the model rebuilt from architecture.json and history.json: " + "; ".join(problems)
         )
-    nan = nan_tensor(state)
+    nan = nan_tensor(state, dict(model.named_parameters()))
     if nan:
         raise _bad(path, nan)
     return state
@@ -337,12 +341,19 @@ def tensors_of(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) or not is_extra_state(k)}
 
 
-def nan_tensor(state: dict[str, torch.Tensor]) -> str | None:
-    """Which tensor of a state_dict holds NaN, in words, or ``None``. Inf is allowed: a
-    buffer may start there (quantization observers), and parameters are checked for it
-    when the model is pruned (:func:`~cleanai_core.options.check_finite`)."""
-    found = non_finite(((k, v) for k, v in tensors_of(state).items() if v.layout == torch.strided), allow_inf=True)
-    return None if found is None else f"{found[0]} holds {found[1]} NaN value(s) (of {found[2]})"
+def nan_tensor(state: dict[str, torch.Tensor], parameters: Any = ()) -> str | None:
+    """Which tensor of a state_dict holds NaN, or inf where it is one of ``parameters`` (the
+    names of the model's parameters) other than a bias (:func:`~cleanai_core.options.inf_refused`),
+    in words; ``None`` when there is none. Buffers may hold inf (quantization observers)."""
+    from cleanai_core.options import inf_refused
+
+    names = set(parameters)
+    dense = {k: v for k, v in tensors_of(state).items() if v.layout == torch.strided}
+    found = non_finite(dense.items(), allow_inf=lambda k: k not in names or not inf_refused(k))
+    if found is None:
+        return None
+    what = "NaN" if bool(torch.isnan(dense[found[0]]).any()) else "inf"
+    return f"{found[0]} holds {found[1]} {what} value(s) (of {found[2]})"
 
 
 def state_dict_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
@@ -563,15 +574,26 @@ def _failure(model: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
+def recorded_input_shape(path: Path) -> tuple[int, ...] | None:
+    """The ``example_input_shape`` ``architecture.json`` at ``path`` records, batch of one;
+    ``None`` where none is recorded, or one out of form or of more than 2**24 values."""
+    try:
+        arch = _read_json(path)
+    except UserError:
+        return None
+    shape = arch.get("example_input_shape") if isinstance(arch, dict) else None
+    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(_is_int(d) and d > 0 for d in shape):
+        return None
+    shape = (1, *shape[1:])
+    return shape if math.prod(shape) <= 2**24 else None
+
+
 def read_probe(path: Path, model: nn.Module, device: Any) -> torch.Tensor | None:
     """Zeros of the ``example_input_shape`` that ``architecture.json`` records (batch of one,
     in the model's floating dtype), to check saved settings on; ``None`` where none is
     recorded, or one out of form or too large to allocate cheaply."""
-    shape = _read_json(path).get("example_input_shape")
-    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(_is_int(d) and d > 0 for d in shape):
-        return None
-    shape = [1, *shape[1:]]
-    if math.prod(shape) > 2**24:
+    shape = recorded_input_shape(path)
+    if shape is None:
         return None
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return torch.zeros(shape, dtype=dtype, device=device)

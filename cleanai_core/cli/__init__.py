@@ -173,6 +173,7 @@ def _run_command(argv: list[str] | None) -> int:
         parser = build_parser()
     args = parser.parse_args(argv)
     vars(args).pop("plugin", None)  # not a command option
+    vars(args).pop("_spellings", None)  # how each option was spelt (prune.GivenOnce), not an option
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -74,6 +74,20 @@ def default_shape(model: torch.nn.Module) -> tuple[int, ...]:
 TEXT_LENGTH = 16  # tokens in the default example of a text model
 
 
+def saved_input_shape(spec: str) -> tuple[int, ...] | None:
+    """The input shape a folder ``cleanai prune`` / ``save_pruned`` wrote records
+    (``example_input_shape`` in its ``architecture.json``), for ``--model FOLDER``; else ``None``."""
+    from pathlib import Path
+
+    from cleanai_core.saved_folder import recorded_input_shape
+
+    try:
+        folder = Path(spec)
+        return recorded_input_shape(folder / "architecture.json") if folder.is_dir() else None
+    except (OSError, ValueError):
+        return None
+
+
 def token_vocabulary(model: torch.nn.Module) -> int | None:
     """How many token ids the model reads (``0..V-1``), or ``None`` when its input is not
     token ids: the rows of its input embedding, found by the Hugging Face convention
@@ -192,14 +206,16 @@ def run(args: argparse.Namespace) -> int:
     if args.max_groups < 0:  # -1 listed all groups but one, then "... 6 more"
         raise UserError(f"--max-groups={args.max_groups} is out of range: it must be >= 0.")
     set_mode(model, False)
-    shape = parse_shape(args.input_shape) if args.input_shape else default_shape(model)
+    # a folder cleanai prune wrote records the shape of its inputs: it was traced with 1,3,224,224
+    recorded = None if args.input_shape else saved_input_shape(args.model)
+    shape = parse_shape(args.input_shape) if args.input_shape else recorded or default_shape(model)
     tried = ",".join(map(str, shape))
     # the example in the model's floating dtype: a float16 model failed on float32 noise
     dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
     from cleanai_core.errors import TraceError
 
     ignored = sorted(ignored_modules(model, ()))
-    signal = None if args.input_shape else signal_example(model, dtype)
+    signal = None if args.input_shape or recorded else signal_example(model, dtype)
     if signal is not None:
         tried = "; ".join(f"{k} {','.join(map(str, v.shape))}" for k, v in signal.items())
     try:

@@ -12,15 +12,45 @@ which ``--config`` reads back.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from cleanai_core import distributed
 from cleanai_core.job.config import CONFIG_HELP, DEFAULTS, option_fields, resolve_config
 from cleanai_core.job.run import execute
 
-__all__ = ["DEFAULTS", "add_options", "add_parser", "run"]
+__all__ = ["DEFAULTS", "GivenOnce", "add_options", "add_parser", "run"]
 
 GROUPS = ("inputs", "pruning", "data use", "recovery", "output")
+
+
+class GivenOnce(argparse.Action):
+    """Store an option's value. The same option given again with another value under another
+    spelling (``--ratio 0.3 --pruning-ratio 0.6``) is an error; under the same spelling the
+    last value is used, as in other tools (a wrapper script's defaults overridden by its
+    arguments), with a warning. The last one was taken without a word either way. Needs the
+    parser's ``argument_default=argparse.SUPPRESS``: an option not given yet is no attribute
+    of the namespace."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        spellings = getattr(namespace, "_spellings", {})
+        before = spellings.get(self.dest)
+        if before is not None and getattr(namespace, self.dest, values) != values:
+            old = getattr(namespace, self.dest)
+            if before != option_string:
+                raise argparse.ArgumentError(
+                    self,
+                    f"given twice, as {before} {old!r} and {option_string} {values!r}; give it once (a default "
+                    f"belongs in --config or CLEANAI_{self.dest.upper()}, which the command line overrides)",
+                )
+            print(
+                f"{parser.prog}: warning: {option_string} given twice ({old!r}, then {values!r}); the last is used.",
+                file=sys.stderr,
+            )
+        spellings[self.dest] = option_string
+        namespace._spellings = spellings
+        setattr(namespace, self.dest, values)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,11 +75,13 @@ def add_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if isinstance(field.default, bool):  # a switch: on, or off for options that are on by default
             flag = "--no-" + flag[2:] if field.default else flag
             kwargs.update(action="store_false" if field.default else "store_true", default=argparse.SUPPRESS)
+        elif "action" not in kwargs:  # one value: a second, other one is refused (repeatable options append)
+            kwargs["action"] = GivenOnce
         flags = [flag, *meta["flags"]]
         flags.sort(key=lambda f: (not f.startswith("--"), f != flag))  # the option's own name first
         groups[meta["group"]].add_argument(*flags, **kwargs)
         if field.name == "seq_len":
-            groups["inputs"].add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+            groups["inputs"].add_argument("--config", metavar="FILE", help=CONFIG_HELP, action=GivenOnce)
     return p
 
 

@@ -64,11 +64,11 @@ def write_analysis(
     ``--dry-run``, print only (the folder was written, without its lock and checks; an
     existing one was refused as "changed at the moment the result was to replace it")."""
     from cleanai_core.io import atomic_write_text
+    from cleanai_core.job.config import recorded_config
     from cleanai_core.out_folder import staged_folder
     from cleanai_core.report import render_sensitivity_svg, report_json, sensitivity_markdown
 
-    resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    resolved["_sources"] = cfg.get("_sources") or {}
+    resolved = recorded_config(cfg)
     write = not cfg.get("dry_run")
     if write:
         with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -41,9 +42,11 @@ __all__ = [
     "MAX_IMAGE_SIZE",
     "MAX_LATENCY_REPEATS",
     "PruneConfig",
+    "check_config_paths",
     "check_unread",
     "option_fields",
     "pruner_options",
+    "recorded_config",
     "resolve_config",
 ]
 
@@ -343,10 +346,22 @@ _READ_ONLY_WITH = (
      "feeds the covariances of reconstruction, which {off} turns off: drop one of them"),
     ("stats_budget_mib", lambda c: c.get("reconstruction") and c.get("bias_compensation"),
      "is the memory for the covariances of reconstruction, which {off} turns off: drop one of them"),
+    # files whose tensors or text are read as they are: --image-size 16 with a .pt ran without a word (--seq-len
+    # with token ids in a .pt stays quiet: shared argument lists of text runs carry it for every kind of data)
+    ("image_size", lambda c: not _data_files_only(c, (".pt", ".pth", ".npz", ".txt", ".jsonl")),
+     "sizes the images of an image folder (or a data function that takes it), and the data is read from tensor "
+     "or text files as it is: leave {flag} out"),
     ("round_mode", lambda c: c.get("round_to") is not None or default_round_to(c.get("device")) is not None,
      "says how --round-to rounds, and no rounding is on (no --round-to, and none is the default on --device "
      "{device}): add --round-to N, or leave {flag} out"),
 )  # fmt: skip
+
+
+def _data_files_only(cfg: Mapping[str, Any], suffixes: tuple[str, ...]) -> bool:
+    """Whether ``--data`` and ``--train-data`` (where given) are files with one of ``suffixes``."""
+    sources = [cfg.get("data"), cfg.get("train_data")]
+    given = [s for s in sources if isinstance(s, str) and s]
+    return bool(given) and all(os.path.isfile(s) and os.path.splitext(s)[1].lower() in suffixes for s in given)
 
 
 def _asks(value: Any, key: str, where: str, baseline: Mapping[str, Any]) -> bool:
@@ -599,3 +614,48 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None, objects: tu
         raise UserError("ignore must be a list of layer patterns.")
     checked_device(cfg["device"], "--device")
     return cfg
+
+
+# the options that may name a file or folder (model and data also take specs such as timm:NAME)
+_PATH_OPTIONS = ("model", "weights", "data", "train_data", "out", "config")
+
+
+def check_config_paths(cfg: Mapping[str, Any]) -> None:
+    """A :class:`UserError` for a relative path a config file gave (``weights = "w.pt"``)
+    that is not in the current folder, naming the folder it was read from: a config of a run
+    started elsewhere said only ``--data 'd.pt': no such file or folder``."""
+    sources = cfg.get("_sources") or {}
+    for key in _PATH_OPTIONS[:4]:
+        value = cfg.get(key)
+        if sources.get(key) == "config file" and _missing_relative_path(value):
+            raise UserError(
+                f"--{key.replace('_', '-')} {value!r} (from config file {cfg.get('config')!r}) does not exist in the "
+                f"current folder {os.getcwd()!r}: a relative path in a config file is read from the folder cleanai "
+                "runs in. Run cleanai from the folder the config was written for, or write the absolute path into it."
+            )
+
+
+def _missing_relative_path(value: Any) -> bool:
+    """Whether ``value`` is a relative file path (a suffix or a folder in it; no spec such as
+    ``timm:NAME`` or ``package.module:function``) that does not exist."""
+    if not isinstance(value, str) or not value or ":" in value or os.path.isabs(os.path.expanduser(value)):
+        return False
+    return bool(Path(value).suffix or "/" in value or os.sep in value) and not os.path.lexists(value)
+
+
+def recorded_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The options as ``config.json`` records them (``--config`` reads them back): the
+    resolved ones and where each came from (``_sources``), with a relative path an option
+    names made absolute (also the folder of ``hf:FOLDER``). Relative paths are read from the
+    current folder, so ``cleanai prune --config run/config.json`` of a run started elsewhere
+    said ``--data 'd.pt': no such file or folder``."""
+    recorded = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    for key in _PATH_OPTIONS:
+        value = recorded.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        head, rest = ("hf:", value[3:]) if value.startswith("hf:") else ("", value)
+        if rest and not os.path.isabs(rest) and (key == "out" or os.path.exists(rest)):
+            recorded[key] = head + os.path.abspath(rest)
+    recorded["_sources"] = cfg.get("_sources") or {}
+    return recorded

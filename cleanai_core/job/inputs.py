@@ -88,7 +88,9 @@ def spec_options(cfg: dict[str, Any], key: str) -> dict[str, Any]:
         source = f"{ENV_PREFIX}{key.upper()} in the environment"
     elif from_config:
         source = f"{key} in config file {cfg.get('config')!r}"
-    return {"trust_code": bool(cfg.get("trust_code")) or not from_config, "spec_source": source}
+    # "flag": the option the loaders' messages name (a --train-data file was called --data)
+    flag = f"--{key.replace('_', '-')}"
+    return {"trust_code": bool(cfg.get("trust_code")) or not from_config, "spec_source": source, "flag": flag}
 
 
 def _model_options(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -122,8 +124,10 @@ def load_inputs(cfg: dict[str, Any], model: Any = None, dataset: Any = None) -> 
     ``cfg`` unless given (``run_job(config, model=m)``: the model given, the data from
     ``--data``; both were read from ``cfg``, so the user's trained model was replaced by
     one built from the spec without a word, and a data set given alone was never read)."""
+    from cleanai_core.job.config import check_config_paths
     from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
 
+    check_config_paths(cfg)
     pm = get_plugin_manager()
     data = cfg["data"]
     if dataset is None and str(data).startswith("embedded:") and not Path(data).exists():

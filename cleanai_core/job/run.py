@@ -18,7 +18,7 @@ import torch
 from cleanai_core import distributed
 from cleanai_core.errors import PruningError, UserError, is_out_of_memory, model_fault
 from cleanai_core.heap import heap_growing
-from cleanai_core.job.config import PruneConfig, check_unread, pruner_options, resolve_config
+from cleanai_core.job.config import PruneConfig, check_unread, pruner_options, recorded_config, resolve_config
 from cleanai_core.job.inputs import (
     checked_collate,
     checked_dataset,
@@ -268,7 +268,7 @@ def _execute(
             f"{_input_dtype_hint(example, model)}Check that the data matches what the model expects (channels, "
             "image size, --num-classes)."
         ) from exc
-    _check_output(output, cfg)
+    _check_output(output, cfg, model)
     check_model_reads(cfg, model, output)
     # --image-size 8192 --batch-size 32 was killed for memory without a word
     distributed.collectively(  # one rank short of memory stops every rank (none waits in a collective)
@@ -393,8 +393,7 @@ def _execute(
         arch_options = dict(cfg.get("_arch_options") or {})
         history = cfg["_prior_history"].then(history)
     # the options, then where each came from; --config reads it back and skips the "_" keys
-    resolved = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    resolved["_sources"] = cfg.get("_sources") or {}
+    resolved = recorded_config(cfg)
     with staged_folder(out, check=at_commit[0], expected=at_commit[1]) as tmp:
         spec = str(Path(cfg["model"]).resolve()) if Path(cfg["model"]).is_file() else cfg["model"]
         spec = cfg.get("_model_spec") or spec
@@ -434,14 +433,33 @@ def _execute(
     return report
 
 
-def _check_output(output: Any, cfg: dict[str, Any]) -> None:
+def _check_output(output: Any, cfg: dict[str, Any], model: torch.nn.Module | None = None) -> None:
     """A :class:`UserError` where the model's output on the first sample holds no tensor
     (``None``, a number, text): the command line has no ``output_transform``, which the
     trace's message advised (``cleanai prune: failed: ... pass output_transform=lambda
-    out: ...``, exit 1)."""
+    out: ...``, exit 1). Also where it holds NaN, or no finite value at all: the job pruned
+    it and wrote the result, exit 0, the verification passing anything where the original's
+    output is not finite."""
     from torch.utils._pytree import tree_flatten
 
-    if any(isinstance(t, torch.Tensor) for t in tree_flatten(output)[0]):
+    tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+    floats = [t for t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel()]
+    nan = sum(int(torch.isnan(t).sum()) for t in floats)
+    total = sum(t.numel() for t in floats)
+    if nan or (floats and not any(bool(torch.isfinite(t).any()) for t in floats)):
+        from cleanai_core.options import check_finite
+
+        if model is not None:
+            check_finite(model)  # NaN or inf weights are named by their tensor
+        what = f"NaN in {nan}" if nan else "inf in all"
+        raise UserError(
+            f"--model {cfg.get('model')!r} gives {what} of its {total} output values on the first sample of --data, "
+            "before anything is pruned: the scores, the check of the pruned model against it and the accuracy "
+            "would mean nothing. The sample and the weights are finite, so the forward computes them (a division "
+            "by zero, a log or square root of a negative number, an overflow in half precision): fix the model or "
+            "its weights, then run again; nothing was written."
+        )
+    if tensors:
         return
     raise UserError(
         f"--model {cfg.get('model')!r} returned {type(output).__name__} on an input from --data, not tensors: CleanAI "

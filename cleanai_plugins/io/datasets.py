@@ -27,7 +27,7 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.extras import import_extra
 from cleanai_core.runtime import cast_within_range, label_indices, not_class_labels
-from cleanai_core.special_files import check_not_packed, special_kind
+from cleanai_core.special_files import check_not_packed, cleanai_folder_kind, not_torch_save_error, special_kind
 from cleanai_plugins.io.hf import is_hf_model
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
@@ -323,14 +323,17 @@ def class_labels(y: Any, source: str) -> torch.Tensor:
     return idx
 
 
-def _load_pt(path: Path) -> Dataset:
-    check_not_packed(path, "--data")
+def _load_pt(path: Path, flag: str = "--data") -> Dataset:
+    check_not_packed(path, flag)
     try:
         with torch.serialization.safe_globals([TensorDataset]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         if path.stat().st_size == 0:
-            raise UserError(f"--data {str(path)!r} is empty (0 bytes); write the data again.") from None
+            raise UserError(f"{flag} {str(path)!r} is empty (0 bytes); write the data again.") from None
+        other = not_torch_save_error(path, flag, "Save plain tensors: torch.save((x, y), path).")
+        if other is not None:  # said "UnpicklingError: Weights only load failed. In PyTorch 2.6, we changed ..."
+            raise other from None
         raise UserError(
             f"cannot read {str(path)!r} safely ({type(exc).__name__}: {str(exc)[:200]}); it may be truncated or "
             "damaged. Save plain tensors: "
@@ -339,11 +342,47 @@ def _load_pt(path: Path) -> Dataset:
     return _from_object(obj, str(path))
 
 
+#: the names of the inputs and of the labels in a dict or an .npz, in the order they are looked for
+INPUT_KEYS = ("x", "inputs", "data", "images")
+LABEL_KEYS = ("y", "labels", "targets", "label", "target")
+
+
+def inputs_and_labels(named: dict[str, Any], source: str, also: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """The inputs and the labels (or ``None``) of a dict or an ``.npz``, by any of the names
+    :data:`INPUT_KEYS` / :data:`LABEL_KEYS`. Each name went with one other (``x`` with ``y``,
+    ``inputs`` with ``labels``), so ``{'x': x, 'labels': y}`` ran as data without labels
+    ("Accuracy not measured") and a third tensor (sample weights, a mask) was dropped, without
+    a word; two names of one kind, or a tensor of neither, are refused. Entries that are not
+    tensors (class names, notes) and the names in ``also`` are left alone."""
+    xs = [k for k in INPUT_KEYS if k in named]
+    ys = [k for k in LABEL_KEYS if k in named]
+    if len(xs) > 1 or len(ys) > 1:
+        both = xs if len(xs) > 1 else ys
+        raise UserError(
+            f"{source!r} holds both {both[0]!r} and {both[1]!r}; give one inputs entry (one of {list(INPUT_KEYS)}) "
+            f"and at most one labels entry (one of {list(LABEL_KEYS)})."
+        )
+    other = [str(k) for k, v in named.items() if k not in (*xs, *ys, *also) and isinstance(v, torch.Tensor)]
+    if other:
+        found = f"inputs {xs[0]!r}" + (f" and labels {ys[0]!r}" if ys else "")
+        raise UserError(
+            f"{source!r} holds the tensor(s) {other[:5]} besides the {found}; CleanAI reads inputs and labels "
+            f"only (labels named one of {list(LABEL_KEYS)}): save those two alone, e.g. torch.save({{'x': x, "
+            "'y': y}, path)."
+        )
+    return named[xs[0]], named[ys[0]] if ys else None
+
+
 def _from_object(obj: Any, source: str) -> Dataset:
     """The data set a ``.pt`` file (or a data function) holds: a ``TensorDataset``, a
     tensor, ``(x, y)`` or ``{'x': x, 'y': y}``."""
     if isinstance(obj, TensorDataset):
         tensors = obj.tensors
+        if len(tensors) > 2:  # the third and later were dropped without a word; a tuple of 3 is refused
+            raise UserError(
+                f"{source!r} holds a TensorDataset of {len(tensors)} tensors; expected (x, y): inputs and labels only "
+                "(e.g. TensorDataset(x, y))."
+            )
         return _from_tensors(tensors[0], tensors[1] if len(tensors) > 1 else None, source)
     if isinstance(obj, torch.Tensor):
         return _from_tensors(obj, None, source)
@@ -360,9 +399,8 @@ def _from_object(obj: Any, source: str) -> Dataset:
             "labels only (e.g. torch.save((x, y), path))."
         )
     if isinstance(obj, dict):
-        for xk, yk in (("x", "y"), ("inputs", "labels"), ("data", "targets"), ("images", "labels")):
-            if xk in obj:
-                return _from_tensors(obj[xk], obj.get(yk), source)
+        if any(k in obj for k in INPUT_KEYS):
+            return _from_tensors(*inputs_and_labels(obj, source), source)
         if (
             obj
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
@@ -561,6 +599,13 @@ def _load_image_folder(path: Path, options: dict[str, Any]) -> Dataset:
         "pip install torchvision",
         "Or save the images as tensors: torch.save((x, y), 'data.pt').",
     ).ImageFolder
+    kind = cleanai_folder_kind(path)
+    if kind is not None:  # "image folder ... has no class sub-folders"
+        flag = options.get("flag") or "--data"
+        raise UserError(
+            f"{flag} {str(path)!r} is {kind[0]}, not data ({kind[1]}). Give an image folder with one sub-folder per "
+            "class, or the data as (x, y) tensors: torch.save((x, y), path)."
+        )
     if not any(p.is_dir() for p in path.iterdir()):
         raise UserError(
             f"image folder {str(path)!r} has no class sub-folders. Put images in one sub-folder per class "
@@ -627,12 +672,12 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".pt", ".pth"):
-            return _load_pt(path)
+            return _load_pt(path, options.get("flag") or "--data")
         if suffix == ".npz":
             arrays = read_npz(path)
             if "x" not in arrays:
                 raise UserError(f"{spec!r} has arrays {sorted(arrays)}; it needs 'x' (inputs) and optionally 'y'.")
-            return _from_tensors(arrays["x"], arrays.get("y"), spec, _x_max(arrays, spec))
+            return _from_tensors(*inputs_and_labels(arrays, spec, ("x_max",)), spec, _x_max(arrays, spec))
         raise UserError(f"data file {spec!r}: {suffix or 'no extension'} is not supported; give {DATA_FORMS}.")
     if _FACTORY_RE.match(spec):
         from cleanai_core.job.inputs import is_pair
@@ -642,7 +687,7 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
             from cleanai_plugins.io.text import function_data
 
             ds = function_data(ds, options["model"], spec)
-        if isinstance(ds, dict) and any(k in ds for k in ("x", "inputs", "data", "images")) or is_pair(ds):
+        if isinstance(ds, dict) and any(k in ds for k in INPUT_KEYS) or is_pair(ds):
             # (x, y) tensors were read as a data set of two items: "the model failed on an input (shape (1, 16, ...))"
             return _from_object(ds, spec)
         if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):

@@ -23,7 +23,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -32,7 +32,12 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import SpecError, UserError, model_fault
 from cleanai_core.extras import import_extra, module_name_problem, search_path_hint
 from cleanai_core.saved_folder import beyond_dtype, is_extra_state, nan_tensor, state_dict_problems, tensors_of
-from cleanai_core.special_files import check_not_packed, check_not_special
+from cleanai_core.special_files import (
+    check_not_packed,
+    check_not_special,
+    cleanai_folder_kind,
+    not_torch_save_error,
+)
 
 log = logging.getLogger("cleanai")
 
@@ -147,10 +152,35 @@ def load_saved_folder(path: Path, options: dict[str, Any]) -> nn.Module:
     if stored is not None:  # a bfloat16 MoE folder's routers stay float32 (it was pruned in bfloat16)
         options["stored_dtype"], options["stored_float32"] = stored, kept_float32
     spec, arch_options = read_architecture(path / "architecture.json", trust_code=trust_code)
-    options.update(resolved_spec=spec, arch_options=arch_options, prior_history=read_history(path / "history.json"))
+    history = read_history(path / "history.json")
+    options.update(resolved_spec=spec, arch_options=arch_options, prior_history=history)
     if options.get("weights"):
-        _apply_weights(model, options["weights"], str(path))
+        try:
+            _apply_weights(model, options["weights"], str(path))
+        except UserError as exc:
+            note = _unpruned_weights_note(options["weights"], history, spec)
+            if note is None:
+                raise
+            raise UserError(f"{exc} {note}") from None
     return model
+
+
+def _unpruned_weights_note(weights: str, history: Any, spec: str) -> str | None:
+    """A sentence where ``weights``, given with a pruned model's folder, have the shapes the
+    folder's history records before its first step: the unpruned model's (they did "not fit
+    'o'", with advice about the architecture and --num-classes)."""
+    shapes = (history.meta.get("shapes") or [None])[0]
+    try:
+        state = load_state_dict_file(weights)
+    except UserError:
+        return None
+    if not shapes or not all(k in state and list(state[k].shape) == list(v) for k, v in shapes.items()):
+        return None
+    return (
+        f"They are the unpruned model's weights (the shapes history.json records before the first prune): to prune "
+        f"them, give --model {spec} --weights {weights}; to prune the folder's model further, leave --weights out "
+        "(or give its weights fine-tuned since)."
+    )
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -174,24 +204,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights only load failed" not in str(exc).lower():
-            raise UserError(f"cannot read weights from {str(path)!r}: it is damaged ({str(exc)[:200]}).") from exc
-        raise UserError(
-            f"{str(path)!r} holds Python objects (a pickled model or checkpoint), not a plain state_dict; reading "
-            "it would run code from the file. Give the model itself as --model with --trust-model if you trust the "
-            "file, or save the weights with torch.save(model.state_dict(), path)."
-        ) from None
     except Exception as exc:
-        if path.stat().st_size == 0:  # said "(EOFError: )"
-            raise UserError(
-                f"weights file {str(path)!r} is empty (0 bytes); save them again with "
-                "torch.save(model.state_dict(), path)."
-            ) from None
-        raise UserError(
-            f"cannot read weights from {str(path)!r} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}); it "
-            "may be truncated or damaged. Save them with torch.save(model.state_dict(), path)."
-        ) from exc
+        # JSON, text, an image, an .npz: "holds Python objects (a pickled model) ... --trust-model"
+        fix = "Save the weights with torch.save(model.state_dict(), path)."
+        other = not_torch_save_error(path, "weights file", fix)
+        if other is not None:
+            raise other from None
+        _unreadable_weights(path, exc)
     for key in ("state_dict", "model_state_dict", "model", "state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -207,6 +226,26 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if prefix is None:
             return obj
         obj = {k[len(prefix) :]: v for k, v in obj.items()}
+
+
+def _unreadable_weights(path: Path, exc: Exception) -> NoReturn:
+    """The :class:`UserError` for a weights file ``torch.load`` could not read safely."""
+    if isinstance(exc, pickle.UnpicklingError):
+        if "weights only load failed" not in str(exc).lower():
+            raise UserError(f"cannot read weights from {str(path)!r}: it is damaged ({str(exc)[:200]}).") from exc
+        raise UserError(
+            f"{str(path)!r} holds Python objects (a pickled model or checkpoint), not a plain state_dict; reading "
+            "it would run code from the file. Give the model itself as --model with --trust-model if you trust the "
+            "file, or save the weights with torch.save(model.state_dict(), path)."
+        ) from None
+    if path.stat().st_size == 0:  # said "(EOFError: )"
+        raise UserError(
+            f"weights file {str(path)!r} is empty (0 bytes); save them again with torch.save(model.state_dict(), path)."
+        ) from None
+    raise UserError(
+        f"cannot read weights from {str(path)!r} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}); it "
+        "may be truncated or damaged. Save them with torch.save(model.state_dict(), path)."
+    ) from exc
 
 
 def _fitting_parts(
@@ -267,7 +306,7 @@ def _apply_weights(model: nn.Module, weights: str, spec: str) -> None:
             f"{spec!r} computes in a narrower dtype than the weights were saved in: build it in the weights' dtype, or "
             "give weights trained in its own."
         )
-    nan = nan_tensor(state)
+    nan = nan_tensor(state, dict(model.named_parameters()))
     if nan:  # blamed on the data ("non-finite activations ... check the data"), or pruned without a word
         raise UserError(
             f"the weights in {weights!r} are not finite: {nan}. The training run that saved them diverged or the "
@@ -300,6 +339,9 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
             "give the architecture as timm:NAME, torchvision:NAME or package.module:factory and the weights "
             "with --weights FILE (a state_dict)."
         )
+    other = not_torch_save_error(path, "--model", f"Give the model as {MODEL_FORMS}.")
+    if other is not None:
+        raise other
     with open(path, "rb") as fh:
         head = fh.read(2)
     if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
@@ -418,6 +460,9 @@ def build_model(spec: str, options: dict[str, Any]) -> nn.Module | None:
         if is_saved_folder(path):
             return load_saved_folder(path, options)
         if path.is_dir():
+            kind = cleanai_folder_kind(path)
+            if kind is not None:  # an analysis, or a pruned model's folder missing a file: "is a folder"
+                raise UserError(f"--model {spec!r} is {kind[0]}: {kind[1]}. Give the model as {MODEL_FORMS}.")
             raise UserError(
                 f"--model {spec!r} is a folder; give a model file, a spec ({MODEL_FORMS}) or a folder written by "
                 "`cleanai prune`."
