@@ -192,13 +192,16 @@ def slice_optimizer(
     new_params: dict[str, nn.Parameter],
     kept: dict[str, list[torch.Tensor | None]],
     every_name: dict[str, nn.Parameter] | None = None,
+    before: dict[str, tuple[torch.Size, torch.Tensor | None]] | None = None,
 ) -> None:
     """Point ``optimizer`` at the new parameters, slicing each one's state and ``.grad``
     by ``kept``. Parameters new in ``new_params`` (compensation biases) join the group of
     their module's weight with fresh state. ``every_name``: the model's parameters under
     every name (``named_parameters(remove_duplicate=False)``), where the module's weight is
     found: a tied output layer's weight has only the embedding's name in ``new_params``,
-    and the bias compensation gave that layer was left out of the optimizer, never trained."""
+    and the bias compensation gave that layer was left out of the optimizer, never trained.
+    ``before``: each parameter's shape and gradient before the step (:func:`before_step`),
+    where in-place pruning kept the parameter object and gave it the pruned shape."""
     name_of = {id(p): n for n, p in old_params.items()}
     placed: set[str] = set()
     for group in optimizer.param_groups:
@@ -210,13 +213,14 @@ def slice_optimizer(
                 continue
             q = new_params[name]
             placed.add(name)
-            dims = kept.get(name, [None] * p.dim())
+            shape, grad = before[name] if before and name in before else (p.shape, p.grad)
+            dims = kept.get(name, [None] * len(shape))
             state = optimizer.state.pop(p, None)
             if state:
-                optimizer.state[q] = {k: _slice_like(v, p.shape, dims, f"optimizer state {k!r} of {name}")
+                optimizer.state[q] = {k: _slice_like(v, shape, dims, f"optimizer state {k!r} of {name}")
                                       for k, v in state.items()}  # fmt: skip
-            if p.grad is not None and q is not p:
-                q.grad = _slice_like(p.grad, p.shape, dims, f"the gradient of {name}").clone()
+            if grad is not None and (q is not p or q.grad is None):
+                q.grad = _slice_like(grad, shape, dims, f"the gradient of {name}").clone()
             fresh.append(q)
         group["params"] = fresh
     for name, q in new_params.items():
@@ -235,6 +239,12 @@ def slice_optimizer(
                     leaf = name.rpartition(".")[2]
                     group["param_names"].append(f"{owner}.{leaf}" if owner else leaf)
                 break
+
+
+def before_step(params: dict[str, nn.Parameter]) -> dict[str, tuple[torch.Size, torch.Tensor | None]]:
+    """Each parameter's shape and gradient, taken before a step slices the parameters in
+    place (the objects stay; :func:`slice_optimizer` slices state and gradients from these)."""
+    return {n: (p.shape, p.grad) for n, p in params.items()}
 
 
 # -- the training-loop API ---------------------------------------------------------------------------
@@ -280,18 +290,29 @@ def _check_follower(net: nn.Module, follower: nn.Module, i: int) -> None:
         )
 
 
-def _warn_unoptimized(held: set[int], old: dict[str, nn.Parameter], new: dict[str, nn.Parameter]) -> None:
-    """A warning naming the trainable parameters a step replaced that none of the given
+def _warn_unoptimized(
+    held: set[int],
+    old: dict[str, nn.Parameter],
+    new: dict[str, nn.Parameter],
+    before: dict[str, tuple[torch.Size, torch.Tensor | None]],
+) -> None:
+    """A warning naming the trainable parameters a step sliced that none of the given
     optimizers held (``held``: their parameters' ids before the step): an optimizer not given
-    to :class:`GradualPruner` (a second one, for the head) kept stepping the old tensors, and
-    that part of the model never trained again, without a word."""
-    missed = [n for n, p in old.items() if p.requires_grad and id(p) not in held and new.get(n) is not p]
+    to :class:`GradualPruner` (a second one, for the head) kept its per-parameter state
+    (momentum) at the old shapes, unsliced, without a word (before parameters kept their
+    objects, it stepped tensors the model no longer used)."""
+    missed = [
+        n
+        for n, p in old.items()
+        if p.requires_grad and id(p) not in held and (new.get(n) is not p or tuple(p.shape) != tuple(before[n][0]))
+    ]
     if missed:
         warnings.warn(
-            f"this step replaced the trainable parameter(s) {missed[:5]}, which no optimizer given to GradualPruner "
-            "holds: an optimizer of yours that holds them now steps tensors the model no longer uses. Give every "
-            "optimizer: GradualPruner(model, x, [optimizer, head_optimizer], ...), or set requires_grad=False on "
-            "parameters you do not train",
+            f"this step replaced the trainable parameter(s) {missed[:5]} with sliced values, which no optimizer given to "
+            "GradualPruner holds: an optimizer of yours that holds them keeps their state (momentum) at the old "
+            "shapes. Give "
+            "every optimizer: GradualPruner(model, x, [optimizer, head_optimizer], ...), or set requires_grad=False "
+            "on parameters you do not train",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -495,6 +516,7 @@ class GradualPruner:
                         b.copy_(held[name])
             raise
         old_params = dict(self.net.named_parameters())
+        before = before_step(old_params)
         tagged = position_tagged_copy(self.net)  # the step's edits replay on it: the kept indices
         with warnings.catch_warnings():
             # a step the earlier ones already brought to its count removes nothing (as by FLOPs, silently):
@@ -510,8 +532,8 @@ class GradualPruner:
         held = {id(p) for o in self._optimizers for g in o.param_groups for p in g["params"]}
         new_params = dict(self.net.named_parameters())
         for opt in self._optimizers:
-            slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net))
-        _warn_unoptimized(held, old_params, new_params)
+            slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net), before)
+        _warn_unoptimized(held, old_params, new_params, before)
         with torch.no_grad():
             for f in self.followers:
                 pruner.history.replay(f)
@@ -610,13 +632,14 @@ class GradualPruner:
             with torch.inference_mode(False):
                 for history in histories:
                     old_params = dict(self.net.named_parameters())
+                    before = before_step(old_params)
                     tagged = position_tagged_copy(self.net)
                     history.replay(self.net)
                     kept = kept_indices(tagged, [e for step in history.steps for e in step])
                     del tagged
                     new_params = dict(self.net.named_parameters())
                     for opt in self._optimizers:
-                        slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net))
+                        slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net), before)
             if shapes() != want:
                 raise UserError(
                     "the checkpoint's pruning steps do not bring this model to the checkpoint's shapes: build the "

@@ -470,12 +470,20 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
     each module of ``target`` takes the state of its namesake in ``source``, keeping its
     own hook tables, so the user's hook handles stay valid. Ctrl-C and SIGTERM wait for the
     end: one that came mid-way left the user's model half pruned (a conv sliced, its
-    BatchNorm not), a model that no longer ran."""
+    BatchNorm not), a model that no longer ran.
+
+    Every parameter stays the object the user holds (:func:`_kept_parameters`): its values
+    and shape become the pruned ones, so the optimizer built over ``model.parameters()``,
+    the hooks registered on a tensor and the names bound to it keep reaching the model (new
+    ``Parameter`` objects left the user's optimizer stepping tensors the model no longer
+    used: training went on and the model never changed)."""
     mine = dict(target.named_modules())
     # the objects whose methods the kept hook tables call (timm's FeatureHooks, which the
     # forward then reads the features from) stay too: the copy's got none of those calls
     owners = {id(_owner(fn)) for m in mine.values() for t in _CALL_HOOKS for fn in getattr(m, t, {}).values()}
     owners.discard(id(None))
+    held: dict[int, nn.Parameter] = {}  # id of a source parameter -> the user's parameter object taking it
+    taken: set[int] = set()  # the user's parameter objects already given a source parameter
     with signals_deferred():
         for name, m in source.named_modules():
             t = mine.get(name)
@@ -483,9 +491,44 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
                 continue
             if type(t) is not type(m):  # a plugin may swap a pruned module's class
                 t.__class__ = type(m)
+            m.__dict__["_parameters"] = _kept_parameters(t.__dict__.get("_parameters", {}), m._parameters, held, taken)
             for key, value in m.__dict__.items():
                 if key != "_modules" and key not in HOOK_ATTRIBUTES and id(t.__dict__.get(key)) not in owners:
                     t.__dict__[key] = value
+
+
+def _kept_parameters(
+    mine: dict[str, Any], theirs: dict[str, Any], held: dict[int, nn.Parameter], taken: set[int]
+) -> dict[str, Any]:
+    """``theirs`` (a module's parameter table in the pruned copy) with each parameter's
+    values moved into the user's parameter object of that name, where there is one of the
+    same class (``held`` / ``taken``: the pairs made so far, so a tied tensor stays one
+    object). A gradient of the old shape is dropped (a backward would fail to accumulate
+    into it); the new ``requires_grad`` is the copy's. A parameter new in the copy (a bias
+    compensation created) stays the copy's object."""
+    out = {}
+    for key, q in theirs.items():
+        p = mine.get(key)
+        if q is None or id(q) in held:
+            out[key] = held.get(id(q)) if q is not None else None
+            continue
+        if (
+            isinstance(p, nn.Parameter)
+            and type(p) is type(q)
+            and id(p) not in taken
+            and not p.is_inference()
+            and p.device == q.device
+            and p.dtype == q.dtype
+        ):
+            if p.grad is not None and p.grad.shape != q.shape:
+                p.grad = None
+            p.data = q.data
+            p.requires_grad_(q.requires_grad)
+            q = p
+        held[id(theirs[key])] = q
+        taken.add(id(q))
+        out[key] = q
+    return out
 
 
 def _saved_floats(model: nn.Module, keep: Iterable[str] = ()) -> list[tuple[dict[str, Any], str, torch.Tensor]]:

@@ -1,0 +1,73 @@
+"""Contracts of the public Python API as a demanding user exercises them (session 24, api16):
+what in-place pruning leaves for the user's optimizer and tensors, ..."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from cleanai_core import PruningHistory, StructuredPruner
+
+
+def _cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+def _x(n: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def test_in_place_pruning_keeps_the_parameter_objects_the_users_optimizer_and_hooks_hold():
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = list(model.parameters())
+    seen = []
+    model[3].weight.register_hook(lambda g: seen.append(tuple(g.shape)))
+    pruner = StructuredPruner(model, _x(), pruning_ratio=0.5, inplace=True)
+    pruner.collect_activations([_x(4, 1), _x(4, 2)], progress=False)
+    assert _quiet(pruner.prune) is model
+    # the same 10 objects, now at the pruned shapes (they were new Parameters: the optimizer stepped orphans)
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert [tuple(p.shape) for p in params][:4] == [(4, 3, 3, 3), (4,), (4,), (4,)]
+    assert tuple(model[3].weight.shape) == (4, 4, 3, 3) and tuple(model[8].weight.shape) == (4, 4)
+    before = model[8].weight.detach().clone()
+    loss = nn.functional.cross_entropy(model(_x(4, 3)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    opt.step()
+    assert not torch.equal(before, model[8].weight)  # the user's optimizer trains the pruned model
+    assert seen == [(4, 4, 3, 3)]  # the tensor hook the user registered still fires, at the new shape
+
+
+def test_a_history_replayed_in_place_keeps_the_parameter_objects_and_drops_stale_gradients():
+    model = _cnn()
+    pruner = StructuredPruner(model, _x(), "magnitude", pruning_ratio=0.5)
+    pruned = _quiet(pruner.prune)
+    fresh = _cnn()
+    fresh(_x()).sum().backward()  # gradients of the unpruned shapes
+    params = dict(fresh.named_parameters())
+    assert pruner.history.replay(fresh) is fresh
+    assert all(params[n] is p for n, p in fresh.named_parameters())
+    assert fresh[0].weight.grad is None  # sliced: the old-shape gradient would not accumulate
+    assert fresh[8].bias.grad is not None and tuple(fresh[8].bias.shape) == (4,)  # unchanged: kept
+    fresh.load_state_dict(pruned.state_dict())
+    fresh.eval()
+    assert torch.equal(fresh(_x(4, 5)), pruned.eval()(_x(4, 5)))
