@@ -29,7 +29,7 @@ from cleanai_core.metrics import count_flops, count_params
 from cleanai_core.model_state import layout_change, layout_of, reads_preserved, transplant, user_hooks
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
-from cleanai_core.pruning_report import pruner_report
+from cleanai_core.pruning_report import describe_importance, pruner_report
 from cleanai_core.runtime import copy_modes, device_of, plain_inputs, without_autocast
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
 from cleanai_core.slicing import SliceEdit
@@ -511,6 +511,22 @@ class StructuredPruner:
         now = {k: getattr(self, k) for k in _CHECKED}
         for key, value in _checked_options(now, self.layer_ratios, False, device_of(self.model)).items():
             setattr(self, key, value)
+        # the plan is kept for the options it was made with: pruner.pruning_ratio = 0.25 (or another
+        # criterion, round_to, target, ...) after a plan() or prune() gave the old plan again, without a word
+        made_with = self._options_key()
+        if getattr(self, "_plan_options", None) != made_with:
+            self._plan, self._plan_options = None, made_with
+
+    def _options_key(self) -> tuple:
+        """The options a plan depends on, as values to compare: numbers, switches and names as
+        they are; a criterion, function or normaliser by identity and, for a criterion, its
+        plain settings (``importance.weight_ratio = 0.9`` set in place)."""
+        key: list[Any] = [tuple(sorted((self.layer_ratios or {}).items())), id(self._normalizer)]
+        for k in _CHECKED:
+            v = getattr(self, k)
+            plain = v is None or isinstance(v, (bool, int, float, str))
+            key.append(v if plain else (id(v), describe_importance(v) if k == "importance" else None))
+        return tuple(key)
 
     def plan(self) -> PruningPlan:
         """The dry run: which units would go. Changes nothing."""

@@ -71,3 +71,26 @@ def test_a_history_replayed_in_place_keeps_the_parameter_objects_and_drops_stale
     fresh.load_state_dict(pruned.state_dict())
     fresh.eval()
     assert torch.equal(fresh(_x(4, 5)), pruned.eval()(_x(4, 5)))
+
+
+def test_options_set_after_a_plan_make_the_next_plan_and_prune_with_them():
+    from cleanai_core import WeightActivationImportance
+
+    importance = WeightActivationImportance()
+    pruner = StructuredPruner(_cnn(), _x(), importance, pruning_ratio=0.5)
+    pruner.collect_activations([_x(4, 1), _x(4, 2)], progress=False)
+    assert _quiet(pruner.prune)[0].weight.shape[0] == 4
+    pruner.pruning_ratio = 0.25  # the cached plan of 0.5 was returned again: 296 parameters, not 550
+    assert _quiet(pruner.prune)[0].weight.shape[0] == 6
+    assert pruner.report()["params_after"] == 550
+    first = pruner.plan().pruned_units().clone()
+    importance.weight_ratio, importance.activation_ratio = 1.0, 0.0  # the criterion changed in place
+    by_weights = pruner.plan().pruned_units()
+    assert not torch.equal(first, by_weights)
+    fresh = StructuredPruner(_cnn(), _x(), WeightActivationImportance(1.0, 0.0), pruning_ratio=0.25)
+    fresh.collect_activations([_x(4, 1), _x(4, 2)], progress=False)
+    assert torch.equal(by_weights, fresh.plan().pruned_units())
+    pruner.global_pruning = True
+    assert int(pruner.plan().pruned_units().sum()) == 4  # 0.25 of the 16 units, ranked together
+    plan = pruner.plan()
+    assert pruner.plan() is plan  # unchanged options: the plan is kept
