@@ -94,3 +94,40 @@ def test_options_set_after_a_plan_make_the_next_plan_and_prune_with_them():
     assert int(pruner.plan().pruned_units().sum()) == 4  # 0.25 of the 16 units, ranked together
     plan = pruner.plan()
     assert pruner.plan() is plan  # unchanged options: the plan is kept
+
+
+class _TwoInputs(nn.Module):
+    """Two images in, as a stereo or optical-flow model takes them: ``forward(left, right)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.left, self.right = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.left(left) + self.right(right)))
+
+
+def test_tuple_batches_of_a_model_of_several_positional_inputs_are_its_inputs_then_its_label():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    left, right, y = _x(12, 1), _x(12, 2), torch.arange(12) % 4
+    pairs = [((left[i : i + 4], right[i : i + 4]), y[i : i + 4]) for i in range(0, 12, 4)]
+
+    def pruned(batches, importance="taylor"):
+        pruner = StructuredPruner(_TwoInputs(), (_x(2), _x(2, 3)), importance, pruning_ratio=0.5)
+        pruner.collect_activations(batches, progress=False)
+        return _quiet(pruner.prune).state_dict()
+
+    want = pruned(pairs)  # the documented form: ((x1, x2), label)
+    # (x1, x2, label), as TensorDataset(x1, x2, y) yields it: the model got x1 alone ("missing 1 required
+    # positional argument: 'right'")
+    got = pruned(DataLoader(TensorDataset(left, right, y), batch_size=4))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert tuple(got["left.weight"].shape) == (4, 3, 3, 3)
+    # (x1, x2) shaped like example_inputs, no label: read as the inputs, as the example is
+    unlabelled = pruned([(a, b) for (a, b), _ in pairs], "weight_activation")
+    plain = pruned([((a, b), None) for (a, b), _ in pairs], "weight_activation")
+    assert all(torch.equal(unlabelled[k], plain[k]) for k in plain)
