@@ -308,11 +308,10 @@ def _warn_unoptimized(
     ]
     if missed:
         warnings.warn(
-            f"this step replaced the trainable parameter(s) {missed[:5]} with sliced values, which no optimizer given to "
-            "GradualPruner holds: an optimizer of yours that holds them keeps their state (momentum) at the old "
-            "shapes. Give "
-            "every optimizer: GradualPruner(model, x, [optimizer, head_optimizer], ...), or set requires_grad=False "
-            "on parameters you do not train",
+            f"this step replaced the trainable parameter(s) {missed[:5]} with sliced values, which no optimizer "
+            "given to GradualPruner holds: an optimizer of yours that holds them keeps their state (momentum) at the "
+            "old shapes. Give every optimizer: GradualPruner(model, x, [optimizer, head_optimizer], ...), or set "
+            "requires_grad=False on parameters you do not train",
             RuntimeWarning,
             stacklevel=4,
         )

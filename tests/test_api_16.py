@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import nn
 
-from cleanai_core import PruningHistory, StructuredPruner
+from cleanai_core import StructuredPruner
 
 
 def _cnn() -> nn.Sequential:
