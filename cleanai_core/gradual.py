@@ -525,6 +525,10 @@ class GradualPruner:
             # (`cleanai prune --auto`) is not the schedule's: the later steps aim from where this one lands, and the
             # last one is judged against the schedule below
             warnings.filterwarnings("ignore", message=r"target_flops=\S+: the pruned model keeps")
+            # likewise where the step's own target is out of reach: "target_flops=0.219757 cannot be reached: ...
+            # keeps 1.00 of the original's flops" named a share of the step's model as the original's, and a target
+            # the user never gave; the last step is judged against the schedule
+            warnings.filterwarnings("ignore", message=r"target_flops=\S+ cannot be reached")
             pruner.prune()
         kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
         del tagged
@@ -554,6 +558,15 @@ class GradualPruner:
                 "closer; more steps, or a smaller round_to, land closer",
                 RuntimeWarning,
                 stacklevel=3,  # the caller of step()
+            )
+        elif share - keep > TARGET_SLACK:
+            warnings.warn(
+                f"GradualPruner's last step left {share:.2f} of the original's FLOPs where the schedule ends at "
+                f"{keep:.2f} (final={self.schedule.final}): nothing more can go (every group is down to "
+                "min_channels, and the other layers are frozen or in no prunable group: `cleanai explain` says why); "
+                f"a final of at most {1.0 - share:.2f} is what this model reaches",
+                RuntimeWarning,
+                stacklevel=3,
             )
 
     def _aim(self, pruner: Any) -> None:

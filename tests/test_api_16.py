@@ -131,3 +131,23 @@ def test_tuple_batches_of_a_model_of_several_positional_inputs_are_its_inputs_th
     unlabelled = pruned([(a, b) for (a, b), _ in pairs], "weight_activation")
     plain = pruned([((a, b), None) for (a, b), _ in pairs], "weight_activation")
     assert all(torch.equal(unlabelled[k], plain[k]) for k in plain)
+
+
+def test_a_schedule_beyond_what_the_model_can_lose_is_named_once_in_the_originals_terms():
+    from cleanai_core import GradualPruner, PruningSchedule
+
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gp = GradualPruner(model, _x(), opt, PruningSchedule(final=0.99, steps=3), min_channels=4)
+    said = []
+    for _ in range(3):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gp.step([_x(8, 1), _x(8, 2)])
+        said.append([str(w.message) for w in caught])
+    assert round(gp.flops_share(), 4) == 0.3183  # every group at 4 of 8 channels after the first step
+    # the steps said "target_flops=0.146614 cannot be reached: ... keeps 1.00 of the original's flops": a target
+    # the user never gave, and a share of the step's model called the original's
+    assert said[:2] == [[], []] and len(said[2]) == 1
+    assert "left 0.32 of the original's FLOPs where the schedule ends at 0.01" in said[2][0]
+    assert "a final of at most 0.68" in said[2][0]
