@@ -151,3 +151,19 @@ def test_a_schedule_beyond_what_the_model_can_lose_is_named_once_in_the_original
     assert said[:2] == [[], []] and len(said[2]) == 1
     assert "left 0.32 of the original's FLOPs where the schedule ends at 0.01" in said[2][0]
     assert "a final of at most 0.68" in said[2][0]
+
+
+def test_a_model_cast_after_the_pruner_was_built_is_named_as_changed_not_blamed_on_the_example():
+    import pytest
+
+    from cleanai_core.errors import UserError
+
+    model = _cnn()
+    pruner = StructuredPruner(model, _x(), pruning_ratio=0.5)
+    pruner.collect_activations([_x(4, 1)], progress=False)
+    model.double()  # was: "the model failed on example_inputs ...; give them as the model takes them (dtype float64"
+    with pytest.raises(UserError, match=r"changed after the pruner was built: the parameters of '0' \(Conv2d\) were "
+                       r"float32 and are now float64"):  # fmt: skip
+        pruner.prune()
+    model.float()
+    assert tuple(_quiet(pruner.prune)[0].weight.shape) == (4, 3, 3, 3)  # as built again: it prunes
