@@ -167,3 +167,31 @@ def test_a_model_cast_after_the_pruner_was_built_is_named_as_changed_not_blamed_
         pruner.prune()
     model.float()
     assert tuple(_quiet(pruner.prune)[0].weight.shape) == (4, 3, 3, 3)  # as built again: it prunes
+
+
+def test_replay_load_and_in_place_pruning_under_inference_mode_leave_a_model_that_trains(tmp_path):
+    from cleanai_core import load_pruned
+    from cleanai_core.io import save_pruned
+
+    def trains(model: nn.Module) -> bool:
+        model.train()
+        before = model[8].weight.detach().clone()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        nn.functional.cross_entropy(model(_x(4, 7)), torch.tensor([0, 1, 2, 3])).backward()
+        opt.step()
+        return not torch.equal(before, model[8].weight)
+
+    pruner = StructuredPruner(_cnn(), _x(), "magnitude", pruning_ratio=0.5)
+    pruned = _quiet(pruner.prune)
+    save_pruned(tmp_path / "o", pruned, pruner.history, "tests.test_api_16:_cnn", rebuild_check=False)
+    fresh = _cnn()
+    with torch.inference_mode():
+        pruner.history.replay(fresh)  # its parameters became inference tensors
+        loaded = load_pruned(tmp_path / "o", trust_code=True)  # built of inference tensors
+        built_inside = _cnn()
+    assert not any(p.is_inference() for m in (fresh, loaded) for p in m.parameters())
+    assert trains(fresh) and trains(loaded)  # "Inference tensors cannot be saved for backward"
+    # a model built under inference_mode, pruned in place: "Setting requires_grad=True on inference tensor outside
+    # InferenceMode is not allowed" from the FLOP count
+    _quiet(StructuredPruner(built_inside, _x(), "magnitude", pruning_ratio=0.5, inplace=True).prune)
+    assert tuple(built_inside[0].weight.shape) == (4, 3, 3, 3) and trains(built_inside)
