@@ -185,7 +185,11 @@ class StructuredPruner:
         spread evenly over the data that hold at least this many samples (default 256;
         ``0``: every batch). Its cost stops growing with the calibration set, which still
         feeds every statistic of scoring and compensation.
-    :param inplace: slice ``model`` itself (rolled back if anything fails).
+    :param inplace: slice ``model`` itself (rolled back if anything fails). Its parameters stay
+        the objects your optimizer and tensor hooks hold, with the pruned values and shapes;
+        per-parameter optimizer state (momentum) of a sliced one keeps the old shape: clear
+        it (``optimizer.state.clear()``) or prune inside training with :class:`GradualPruner`,
+        which slices it.
     :param forward_fn: ``forward_fn(model, inputs)`` calls the model (default: by input type).
     :param output_transform: maps the model's output to what verification compares.
     :param normalizer: how scores are normalised per group for global ranking (``"mean"``).
