@@ -943,17 +943,13 @@ def state_with_versions(model: nn.Module, state: dict[str, torch.Tensor]) -> Ord
     return out
 
 
-def layout_of(model: nn.Module) -> dict[str, tuple[str, tuple[tuple[str, tuple[int, ...]], ...], tuple[Any, ...]]]:
+def layout_of(model: nn.Module) -> dict[str, tuple[str, tuple[tuple[str, torch.Size, torch.dtype], ...]]]:
     """Per module name, its class, its own parameters' shapes and their dtypes: what a graph
     built on ``model`` describes (buffers left out: a model may fill caches of them as it
     runs). A model cast after the pruner was built (``model.double()``) failed at
     ``prune()`` with advice to give ``example_inputs`` in float64, which were right when given."""
     return {
-        name: (
-            type(m).__name__,
-            tuple((k, tuple(p.shape)) for k, p in m._parameters.items() if p is not None),
-            tuple(p.dtype for p in m._parameters.values() if p is not None),
-        )
+        name: (type(m).__name__, tuple((k, p.shape, p.dtype) for k, p in m._parameters.items() if p is not None))
         for name, m in model.named_modules()
     }
 
@@ -973,8 +969,9 @@ def layout_change(before: dict[str, Any], model: nn.Module) -> str | None:
             return f"the layer {shown} ({was[0]}) was removed"
         if was[0] != is_[0]:
             return f"the layer {shown} was {was[0]} and is now {is_[0]}"
-        if was[1] == is_[1]:
-            dtypes = lambda d: ", ".join(sorted({str(t).replace("torch.", "") for t in d}))  # noqa: E731
-            return f"the parameters of {shown} ({is_[0]}) were {dtypes(was[2])} and are now {dtypes(is_[2])}"
-        return f"the parameters of {shown} ({is_[0]}) were {dict(was[1])} and are now {dict(is_[1])}"
+        shapes = lambda p: {k: tuple(size) for k, size, _ in p}  # noqa: E731
+        if shapes(was[1]) == shapes(is_[1]):
+            dtypes = lambda p: ", ".join(sorted({str(t).replace("torch.", "") for _, _, t in p}))  # noqa: E731
+            return f"the parameters of {shown} ({is_[0]}) were {dtypes(was[1])} and are now {dtypes(is_[1])}"
+        return f"the parameters of {shown} ({is_[0]}) were {shapes(was[1])} and are now {shapes(is_[1])}"
     return None
