@@ -230,14 +230,18 @@ def slice_optimizer(
         for group in optimizer.param_groups:
             at = next((i for i, r in enumerate(group["params"]) if r is sibling), None) if sibling is not None else None
             if at is not None:
-                group["params"].append(q)
+                # right after its weight, where the module's parameters() puts it: appended at the group's end, the
+                # optimizer's state_dict() numbered the tensors in another order than an optimizer built over the
+                # pruned model (a rebuilt model's, load_pruned's), and loading it there gave Adam's moments of one
+                # tensor to another ("output with shape [5] doesn't match the broadcast shape [4, 5]")
+                group["params"].insert(at + 1, q)
                 if isinstance(group.get("param_names"), list) and len(group["param_names"]) == len(group["params"]) - 1:
                     # an optimizer built from named_parameters(): the names stay aligned with the tensors, in the
                     # user's spelling of the weight's name (the bias went unnamed, and every name after the
                     # appended tensor's place in optimizer.state_dict() was one short)
                     owner = str(group["param_names"][at]).rpartition(".")[0]
                     leaf = name.rpartition(".")[2]
-                    group["param_names"].append(f"{owner}.{leaf}" if owner else leaf)
+                    group["param_names"].insert(at + 1, f"{owner}.{leaf}" if owner else leaf)
                 break
 
 

@@ -195,3 +195,36 @@ def test_replay_load_and_in_place_pruning_under_inference_mode_leave_a_model_tha
     # InferenceMode is not allowed" from the FLOP count
     _quiet(StructuredPruner(built_inside, _x(), "magnitude", pruning_ratio=0.5, inplace=True).prune)
     assert tuple(built_inside[0].weight.shape) == (4, 3, 3, 3) and trains(built_inside)
+
+
+def test_a_bias_a_gradual_step_creates_joins_the_optimizer_after_its_weight_so_its_state_dict_reloads():
+    from cleanai_core import GradualPruner, PruningHistory, PruningSchedule
+
+    def biasless() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4, bias=False),
+        )  # fmt: skip
+
+    model = biasless()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    gp = GradualPruner(model, _x(), opt, PruningSchedule(final=0.5, steps=2))
+    for _ in range(2):
+        model(_x()).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        model, opt = gp.step([_x(16, 1), _x(16, 2)])
+    model(_x()).sum().backward()
+    opt.step()
+    names = {id(p): n for n, p in model.named_parameters()}
+    # compensation gave both later layers a bias: in the model's order (it was appended: 0, 2, 6 weights, 2, 6 biases)
+    assert [names[id(p)] for p in opt.param_groups[0]["params"]] == [n for n, _ in model.named_parameters()]
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "2.weight", "2.bias", "6.weight", "6.bias"]
+    rebuilt = PruningHistory.from_json(gp.history.to_json()).replay(biasless())
+    rebuilt.load_state_dict(model.state_dict())
+    fresh = torch.optim.Adam(rebuilt.parameters(), 1e-3)
+    fresh.load_state_dict(opt.state_dict())  # was: Adam's moments of one tensor given to another
+    assert all(fresh.state[p]["exp_avg"].shape == p.shape for p in rebuilt.parameters())
+    rebuilt(_x()).sum().backward()
+    fresh.step()  # "output with shape [5] doesn't match the broadcast shape [4, 5]"
