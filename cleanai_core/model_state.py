@@ -82,6 +82,7 @@ __all__ = [
     "transplant",
     "user_hooks",
     "user_hooks_off",
+    "warn_user_hooks",
     "writes_guarded",
 ]
 
@@ -894,6 +895,20 @@ def drop_user_hooks(copy: nn.Module, hooks: list[tuple[str, str, int]]) -> None:
         getattr(m, table).pop(key, None)
         for flags in _HOOK_FLAGS:
             getattr(m, flags, {}).pop(key, None)
+
+
+def warn_user_hooks(hooks: list[tuple[str, str, int]], made: str, verb: str, stacklevel: int) -> None:
+    """Say that the copy (the ``made`` model: "pruned", "recovered") carries none of the
+    user's ``hooks`` (:func:`user_hooks` of the original, where they stay)."""
+    if hooks:
+        where = sorted({name or "<model>" for name, _, _ in hooks})
+        warnings.warn(
+            f"{len(hooks)} forward/backward hook(s) on {', '.join(where[:5])}{' ...' if len(where) > 5 else ''} "
+            f"stay on the original model; the {made} copy has none of them: register them again on the {made} "
+            f"model (or {verb} with inplace=True, which keeps them)",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
 
 
 @contextmanager

@@ -26,7 +26,14 @@ from cleanai_core.history import PruningHistory
 from cleanai_core.isomorphic import Signatures, scopes_of, signatures
 from cleanai_core.masking import check_exact, exact_tolerance, exact_units, masked_outputs
 from cleanai_core.metrics import count_flops, count_params
-from cleanai_core.model_state import layout_change, layout_of, reads_preserved, transplant, user_hooks
+from cleanai_core.model_state import (
+    layout_change,
+    layout_of,
+    reads_preserved,
+    transplant,
+    user_hooks,
+    warn_user_hooks,
+)
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
 from cleanai_core.pruning_report import describe_importance, pruner_report
@@ -802,7 +809,7 @@ class StructuredPruner:
                 self.flops_before()
             self._pruned_plans = []
             if not self.inplace:
-                _warn_user_hooks(user_hooks(self.model))
+                warn_user_hooks(user_hooks(self.model), "pruned", "prune", stacklevel=3)
             if self._other_path is None:  # no calibration batch ran them: verification cannot try that path
                 _warn_untraced(untraced_layers(self.graph))
             try:
@@ -862,19 +869,6 @@ def _warn_untraced(layers: Mapping[str, nn.Module]) -> None:
             "forward takes them (another task's head, another branch). Give example inputs or a forward_fn that "
             "run them, calibration batches that do (prune() then checks that path), or ignore the layers that "
             "feed them; a layer the forward never uses loses nothing",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-def _warn_user_hooks(hooks: list[tuple[str, str, int]]) -> None:
-    """Say that the pruned copy does not carry the user's hooks (they stay on the original)."""
-    if hooks:
-        where = sorted({name or "<model>" for name, _, _ in hooks})
-        warnings.warn(
-            f"{len(hooks)} forward/backward hook(s) on {', '.join(where[:5])}{' ...' if len(where) > 5 else ''} "
-            "stay on the original model; the pruned copy has none of them: register them again on the pruned "
-            "model (or prune with inplace=True, which keeps them)",
             UserWarning,
             stacklevel=3,
         )

@@ -228,3 +228,27 @@ def test_a_bias_a_gradual_step_creates_joins_the_optimizer_after_its_weight_so_i
     assert all(fresh.state[p]["exp_avg"].shape == p.shape for p in rebuilt.parameters())
     rebuilt(_x()).sum().backward()
     fresh.step()  # "output with shape [5] doesn't match the broadcast shape [4, 5]"
+
+
+def test_the_recovered_copy_carries_none_of_the_users_hooks_and_says_so():
+    from torch.utils.data import TensorDataset
+
+    from cleanai_core import recover
+
+    teacher = _cnn().eval()
+    student = _quiet(StructuredPruner(teacher, _x(), "magnitude", pruning_ratio=0.5).prune)
+    seen: list[tuple[int, ...]] = []
+    handle = student[0].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    data = TensorDataset(_x(32, 1), torch.arange(32) % 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recovered, _ = recover(student, teacher, data, val_data=data, epochs=1, batch_size=8, progress=False)
+    said = [w for w in caught if "hook" in str(w.message)]
+    assert len(said) == 1 and "the recovered copy has none of them" in str(said[0].message)
+    assert said[0].filename == __file__  # the user's line
+    assert seen == []  # the copy's hook fired into the user's list 5 times per epoch, and stays on the result
+    assert not recovered[0]._forward_hooks
+    student(_x(2))
+    assert seen == [(2, 4, 8, 8)]  # the user's own model keeps its hook, and the handle still removes it
+    handle.remove()
+    assert not student[0]._forward_hooks
