@@ -521,8 +521,16 @@ def _kept_parameters(
             and p.device == q.device
             and p.dtype == q.dtype
         ):
-            if p.grad is not None and p.grad.shape != q.shape:
-                p.grad = None
+            if p.shape != q.shape:
+                if p.grad is not None:
+                    p.grad = None
+                if p.is_floating_point() or p.is_complex():
+                    # a graph still alive (an output kept from before, the last loss) holds the tensor's gradient
+                    # accumulator, made for the old shape, and the next backward would reuse it: "invalid gradient
+                    # ... got [4, 4] but expected shape compatible with [4, 8]". Setting .data drops the cached
+                    # accumulator only where the dtype changes, so it passes through another dtype first
+                    other = torch.float32 if p.dtype == torch.float64 else torch.float64
+                    p.data = torch.empty(0, dtype=other, device=p.device)
             p.data = q.data
             p.requires_grad_(q.requires_grad)
             q = p

@@ -40,6 +40,9 @@ def test_in_place_pruning_keeps_the_parameter_objects_the_users_optimizer_and_ho
     model = _cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     params = list(model.parameters())
+    kept_alive = model(_x()).sum()  # a graph from before holds each parameter's gradient accumulator
+    kept_alive.backward()
+    opt.zero_grad()
     seen = []
     model[3].weight.register_hook(lambda g: seen.append(tuple(g.shape)))
     pruner = StructuredPruner(model, _x(), pruning_ratio=0.5, inplace=True)
@@ -51,7 +54,7 @@ def test_in_place_pruning_keeps_the_parameter_objects_the_users_optimizer_and_ho
     assert tuple(model[3].weight.shape) == (4, 4, 3, 3) and tuple(model[8].weight.shape) == (4, 4)
     before = model[8].weight.detach().clone()
     loss = nn.functional.cross_entropy(model(_x(4, 3)), torch.tensor([0, 1, 2, 3]))
-    loss.backward()
+    loss.backward()  # the old-shape accumulator: "invalid gradient ... expected shape compatible with [4, 8]"
     opt.step()
     assert not torch.equal(before, model[8].weight)  # the user's optimizer trains the pruned model
     assert seen == [(4, 4, 3, 3)]  # the tensor hook the user registered still fires, at the new shape
