@@ -6,24 +6,14 @@ from __future__ import annotations
 import warnings
 
 import torch
+from conftest import small_convnet
 from torch import nn
 
 from cleanai_core import StructuredPruner
 
 
 def _cnn() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    )
+    return small_convnet(8, 8, None, 4)  # conv-BN-ReLU twice, pooled, Linear(8, 4)
 
 
 def _x(n: int = 4, seed: int = 0) -> torch.Tensor:
