@@ -192,13 +192,16 @@ def slice_optimizer(
     new_params: dict[str, nn.Parameter],
     kept: dict[str, list[torch.Tensor | None]],
     every_name: dict[str, nn.Parameter] | None = None,
+    before: dict[str, tuple[torch.Size, torch.Tensor | None]] | None = None,
 ) -> None:
     """Point ``optimizer`` at the new parameters, slicing each one's state and ``.grad``
     by ``kept``. Parameters new in ``new_params`` (compensation biases) join the group of
     their module's weight with fresh state. ``every_name``: the model's parameters under
     every name (``named_parameters(remove_duplicate=False)``), where the module's weight is
     found: a tied output layer's weight has only the embedding's name in ``new_params``,
-    and the bias compensation gave that layer was left out of the optimizer, never trained."""
+    and the bias compensation gave that layer was left out of the optimizer, never trained.
+    ``before``: each parameter's shape and gradient before the step (:func:`before_step`),
+    where in-place pruning kept the parameter object and gave it the pruned shape."""
     name_of = {id(p): n for n, p in old_params.items()}
     placed: set[str] = set()
     for group in optimizer.param_groups:
@@ -210,13 +213,14 @@ def slice_optimizer(
                 continue
             q = new_params[name]
             placed.add(name)
-            dims = kept.get(name, [None] * p.dim())
+            shape, grad = before[name] if before and name in before else (p.shape, p.grad)
+            dims = kept.get(name, [None] * len(shape))
             state = optimizer.state.pop(p, None)
             if state:
-                optimizer.state[q] = {k: _slice_like(v, p.shape, dims, f"optimizer state {k!r} of {name}")
+                optimizer.state[q] = {k: _slice_like(v, shape, dims, f"optimizer state {k!r} of {name}")
                                       for k, v in state.items()}  # fmt: skip
-            if p.grad is not None and q is not p:
-                q.grad = _slice_like(p.grad, p.shape, dims, f"the gradient of {name}").clone()
+            if grad is not None and (q is not p or q.grad is None):
+                q.grad = _slice_like(grad, shape, dims, f"the gradient of {name}").clone()
             fresh.append(q)
         group["params"] = fresh
     for name, q in new_params.items():
@@ -226,15 +230,25 @@ def slice_optimizer(
         for group in optimizer.param_groups:
             at = next((i for i, r in enumerate(group["params"]) if r is sibling), None) if sibling is not None else None
             if at is not None:
-                group["params"].append(q)
+                # right after its weight, where the module's parameters() puts it: appended at the group's end, the
+                # optimizer's state_dict() numbered the tensors in another order than an optimizer built over the
+                # pruned model (a rebuilt model's, load_pruned's), and loading it there gave Adam's moments of one
+                # tensor to another ("output with shape [5] doesn't match the broadcast shape [4, 5]")
+                group["params"].insert(at + 1, q)
                 if isinstance(group.get("param_names"), list) and len(group["param_names"]) == len(group["params"]) - 1:
                     # an optimizer built from named_parameters(): the names stay aligned with the tensors, in the
                     # user's spelling of the weight's name (the bias went unnamed, and every name after the
                     # appended tensor's place in optimizer.state_dict() was one short)
                     owner = str(group["param_names"][at]).rpartition(".")[0]
                     leaf = name.rpartition(".")[2]
-                    group["param_names"].append(f"{owner}.{leaf}" if owner else leaf)
+                    group["param_names"].insert(at + 1, f"{owner}.{leaf}" if owner else leaf)
                 break
+
+
+def before_step(params: dict[str, nn.Parameter]) -> dict[str, tuple[torch.Size, torch.Tensor | None]]:
+    """Each parameter's shape and gradient, taken before a step slices the parameters in
+    place (the objects stay; :func:`slice_optimizer` slices state and gradients from these)."""
+    return {n: (p.shape, p.grad) for n, p in params.items()}
 
 
 # -- the training-loop API ---------------------------------------------------------------------------
@@ -280,18 +294,28 @@ def _check_follower(net: nn.Module, follower: nn.Module, i: int) -> None:
         )
 
 
-def _warn_unoptimized(held: set[int], old: dict[str, nn.Parameter], new: dict[str, nn.Parameter]) -> None:
-    """A warning naming the trainable parameters a step replaced that none of the given
+def _warn_unoptimized(
+    held: set[int],
+    old: dict[str, nn.Parameter],
+    new: dict[str, nn.Parameter],
+    before: dict[str, tuple[torch.Size, torch.Tensor | None]],
+) -> None:
+    """A warning naming the trainable parameters a step sliced that none of the given
     optimizers held (``held``: their parameters' ids before the step): an optimizer not given
-    to :class:`GradualPruner` (a second one, for the head) kept stepping the old tensors, and
-    that part of the model never trained again, without a word."""
-    missed = [n for n, p in old.items() if p.requires_grad and id(p) not in held and new.get(n) is not p]
+    to :class:`GradualPruner` (a second one, for the head) kept its per-parameter state
+    (momentum) at the old shapes, unsliced, without a word (before parameters kept their
+    objects, it stepped tensors the model no longer used)."""
+    missed = [
+        n
+        for n, p in old.items()
+        if p.requires_grad and id(p) not in held and (new.get(n) is not p or tuple(p.shape) != tuple(before[n][0]))
+    ]
     if missed:
         warnings.warn(
-            f"this step replaced the trainable parameter(s) {missed[:5]}, which no optimizer given to GradualPruner "
-            "holds: an optimizer of yours that holds them now steps tensors the model no longer uses. Give every "
-            "optimizer: GradualPruner(model, x, [optimizer, head_optimizer], ...), or set requires_grad=False on "
-            "parameters you do not train",
+            f"this step replaced the trainable parameter(s) {missed[:5]} with sliced values, which no optimizer "
+            "given to GradualPruner holds: an optimizer of yours that holds them keeps their state (momentum) at the "
+            "old shapes. Give every optimizer: GradualPruner(model, x, [optimizer, head_optimizer], ...), or set "
+            "requires_grad=False on parameters you do not train",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -495,6 +519,7 @@ class GradualPruner:
                         b.copy_(held[name])
             raise
         old_params = dict(self.net.named_parameters())
+        before = before_step(old_params)
         tagged = position_tagged_copy(self.net)  # the step's edits replay on it: the kept indices
         with warnings.catch_warnings():
             # a step the earlier ones already brought to its count removes nothing (as by FLOPs, silently):
@@ -504,14 +529,18 @@ class GradualPruner:
             # (`cleanai prune --auto`) is not the schedule's: the later steps aim from where this one lands, and the
             # last one is judged against the schedule below
             warnings.filterwarnings("ignore", message=r"target_flops=\S+: the pruned model keeps")
+            # likewise where the step's own target is out of reach: "target_flops=0.219757 cannot be reached: ...
+            # keeps 1.00 of the original's flops" named a share of the step's model as the original's, and a target
+            # the user never gave; the last step is judged against the schedule
+            warnings.filterwarnings("ignore", message=r"target_flops=\S+ cannot be reached")
             pruner.prune()
         kept = kept_indices(tagged, [e for step in pruner.history.steps for e in step])
         del tagged
         held = {id(p) for o in self._optimizers for g in o.param_groups for p in g["params"]}
         new_params = dict(self.net.named_parameters())
         for opt in self._optimizers:
-            slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net))
-        _warn_unoptimized(held, old_params, new_params)
+            slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net), before)
+        _warn_unoptimized(held, old_params, new_params, before)
         with torch.no_grad():
             for f in self.followers:
                 pruner.history.replay(f)
@@ -533,6 +562,15 @@ class GradualPruner:
                 "closer; more steps, or a smaller round_to, land closer",
                 RuntimeWarning,
                 stacklevel=3,  # the caller of step()
+            )
+        elif share - keep > TARGET_SLACK:
+            warnings.warn(
+                f"GradualPruner's last step left {share:.2f} of the original's FLOPs where the schedule ends at "
+                f"{keep:.2f} (final={self.schedule.final}): nothing more can go (every group is down to "
+                "min_channels, and the other layers are frozen or in no prunable group: `cleanai explain` says why); "
+                f"a final of at most {1.0 - share:.2f} is what this model reaches",
+                RuntimeWarning,
+                stacklevel=3,
             )
 
     def _aim(self, pruner: Any) -> None:
@@ -610,13 +648,14 @@ class GradualPruner:
             with torch.inference_mode(False):
                 for history in histories:
                     old_params = dict(self.net.named_parameters())
+                    before = before_step(old_params)
                     tagged = position_tagged_copy(self.net)
                     history.replay(self.net)
                     kept = kept_indices(tagged, [e for step in history.steps for e in step])
                     del tagged
                     new_params = dict(self.net.named_parameters())
                     for opt in self._optimizers:
-                        slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net))
+                        slice_optimizer(opt, old_params, new_params, kept, _every_name(self.net), before)
             if shapes() != want:
                 raise UserError(
                     "the checkpoint's pruning steps do not bring this model to the checkpoint's shapes: build the "

@@ -84,6 +84,8 @@ class PruningHistory:
             if isinstance(getattr(m, "bias", None), torch.Tensor) and o is not None and o.bias is None:
                 added.append(name)
 
+    # under the caller's inference_mode, the model's parameters became inference tensors: it could never train
+    @torch.inference_mode(False)
     def replay(self, model: nn.Module, pm: Any = None) -> nn.Module:
         """Apply every step to ``model`` in place and return it. Biases that bias
         compensation created (``meta["added_biases"]``) are created too (as zeros), so the

@@ -659,6 +659,8 @@ def _carry_over(src: Path, dst: Path, skip: tuple[str, ...]) -> None:
             link(str(p), str(dst / p.name))
 
 
+# under the caller's inference_mode the rebuilt model was made of inference tensors: it could never train
+@torch.inference_mode(False)
 def load_pruned(
     out_dir: str | os.PathLike,
     map_location: str | torch.device = "cpu",

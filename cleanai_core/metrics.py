@@ -221,8 +221,10 @@ def _params_without_grad(model: nn.Module) -> Iterator[None]:
     them, and a view of a parameter taken under ``no_grad`` (DeBERTa's relative position
     embeddings, ``weight.unsqueeze(0)``, handed to ``pos_proj``) requires grad with no
     gradient function: the tracker raised ``AssertionError: Expected gradient function
-    to be set``. Nothing here needs gradients."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    to be set``. Nothing here needs gradients. Inference tensors (a model built under
+    ``torch.inference_mode()``) are left alone: their flag cannot be set back outside
+    inference mode."""
+    params = [p for p in model.parameters() if p.requires_grad and not p.is_inference()]
     try:
         for p in params:
             p.requires_grad_(False)

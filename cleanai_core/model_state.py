@@ -82,6 +82,7 @@ __all__ = [
     "transplant",
     "user_hooks",
     "user_hooks_off",
+    "warn_user_hooks",
     "writes_guarded",
 ]
 
@@ -470,12 +471,20 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
     each module of ``target`` takes the state of its namesake in ``source``, keeping its
     own hook tables, so the user's hook handles stay valid. Ctrl-C and SIGTERM wait for the
     end: one that came mid-way left the user's model half pruned (a conv sliced, its
-    BatchNorm not), a model that no longer ran."""
+    BatchNorm not), a model that no longer ran.
+
+    Every parameter stays the object the user holds (:func:`_kept_parameters`): its values
+    and shape become the pruned ones, so the optimizer built over ``model.parameters()``,
+    the hooks registered on a tensor and the names bound to it keep reaching the model (new
+    ``Parameter`` objects left the user's optimizer stepping tensors the model no longer
+    used: training went on and the model never changed)."""
     mine = dict(target.named_modules())
     # the objects whose methods the kept hook tables call (timm's FeatureHooks, which the
     # forward then reads the features from) stay too: the copy's got none of those calls
     owners = {id(_owner(fn)) for m in mine.values() for t in _CALL_HOOKS for fn in getattr(m, t, {}).values()}
     owners.discard(id(None))
+    held: dict[int, nn.Parameter] = {}  # id of a source parameter -> the user's parameter object taking it
+    taken: set[int] = set()  # the user's parameter objects already given a source parameter
     with signals_deferred():
         for name, m in source.named_modules():
             t = mine.get(name)
@@ -483,9 +492,52 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
                 continue
             if type(t) is not type(m):  # a plugin may swap a pruned module's class
                 t.__class__ = type(m)
+            m.__dict__["_parameters"] = _kept_parameters(t.__dict__.get("_parameters", {}), m._parameters, held, taken)
             for key, value in m.__dict__.items():
                 if key != "_modules" and key not in HOOK_ATTRIBUTES and id(t.__dict__.get(key)) not in owners:
                     t.__dict__[key] = value
+
+
+def _kept_parameters(
+    mine: dict[str, Any], theirs: dict[str, Any], held: dict[int, nn.Parameter], taken: set[int]
+) -> dict[str, Any]:
+    """``theirs`` (a module's parameter table in the pruned copy) with each parameter's
+    values moved into the user's parameter object of that name, where there is one of the
+    same class (``held`` / ``taken``: the pairs made so far, so a tied tensor stays one
+    object). A gradient of the old shape is dropped (a backward would fail to accumulate
+    into it); the new ``requires_grad`` is the copy's. A parameter new in the copy (a bias
+    compensation created) stays the copy's object."""
+    out = {}
+    for key, q in theirs.items():
+        p = mine.get(key)
+        if q is None or id(q) in held:
+            out[key] = held.get(id(q)) if q is not None else None
+            continue
+        if (
+            isinstance(p, nn.Parameter)
+            and type(p) is type(q)
+            and id(p) not in taken
+            and not p.is_inference()
+            and p.device == q.device
+            and p.dtype == q.dtype
+        ):
+            if p.shape != q.shape:
+                if p.grad is not None:
+                    p.grad = None
+                if p.is_floating_point() or p.is_complex():
+                    # a graph still alive (an output kept from before, the last loss) holds the tensor's gradient
+                    # accumulator, made for the old shape, and the next backward would reuse it: "invalid gradient
+                    # ... got [4, 4] but expected shape compatible with [4, 8]". Setting .data drops the cached
+                    # accumulator only where the dtype changes, so it passes through another dtype first
+                    other = torch.float32 if p.dtype == torch.float64 else torch.float64
+                    p.data = torch.empty(0, dtype=other, device=p.device)
+            p.data = q.data
+            p.requires_grad_(q.requires_grad)
+            q = p
+        held[id(theirs[key])] = q
+        taken.add(id(q))
+        out[key] = q
+    return out
 
 
 def _saved_floats(model: nn.Module, keep: Iterable[str] = ()) -> list[tuple[dict[str, Any], str, torch.Tensor]]:
@@ -853,6 +905,20 @@ def drop_user_hooks(copy: nn.Module, hooks: list[tuple[str, str, int]]) -> None:
             getattr(m, flags, {}).pop(key, None)
 
 
+def warn_user_hooks(hooks: list[tuple[str, str, int]], made: str, verb: str, stacklevel: int) -> None:
+    """Say that the copy (the ``made`` model: "pruned", "recovered") carries none of the
+    user's ``hooks`` (:func:`user_hooks` of the original, where they stay)."""
+    if hooks:
+        where = sorted({name or "<model>" for name, _, _ in hooks})
+        warnings.warn(
+            f"{len(hooks)} forward/backward hook(s) on {', '.join(where[:5])}{' ...' if len(where) > 5 else ''} "
+            f"stay on the original model; the {made} copy has none of them: register them again on the {made} "
+            f"model (or {verb} with inplace=True, which keeps them)",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
 @contextmanager
 def user_hooks_off(model: nn.Module) -> Iterator[None]:
     """Run the block with the user's forward and backward hooks on ``model`` (those of
@@ -900,11 +966,13 @@ def state_with_versions(model: nn.Module, state: dict[str, torch.Tensor]) -> Ord
     return out
 
 
-def layout_of(model: nn.Module) -> dict[str, tuple[str, tuple[tuple[str, tuple[int, ...]], ...]]]:
-    """Per module name, its class and its own parameters' shapes: what a graph built on
-    ``model`` describes (buffers left out: a model may fill caches of them as it runs)."""
+def layout_of(model: nn.Module) -> dict[str, tuple[str, tuple[tuple[str, torch.Size, torch.dtype], ...]]]:
+    """Per module name, its class, its own parameters' shapes and their dtypes: what a graph
+    built on ``model`` describes (buffers left out: a model may fill caches of them as it
+    runs). A model cast after the pruner was built (``model.double()``) failed at
+    ``prune()`` with advice to give ``example_inputs`` in float64, which were right when given."""
     return {
-        name: (type(m).__name__, tuple((k, tuple(p.shape)) for k, p in m._parameters.items() if p is not None))
+        name: (type(m).__name__, tuple((k, p.shape, p.dtype) for k, p in m._parameters.items() if p is not None))
         for name, m in model.named_modules()
     }
 
@@ -924,5 +992,9 @@ def layout_change(before: dict[str, Any], model: nn.Module) -> str | None:
             return f"the layer {shown} ({was[0]}) was removed"
         if was[0] != is_[0]:
             return f"the layer {shown} was {was[0]} and is now {is_[0]}"
-        return f"the parameters of {shown} ({is_[0]}) were {dict(was[1])} and are now {dict(is_[1])}"
+        shapes = lambda p: {k: tuple(size) for k, size, _ in p}  # noqa: E731
+        if shapes(was[1]) == shapes(is_[1]):
+            dtypes = lambda p: ", ".join(sorted({str(t).replace("torch.", "") for _, _, t in p}))  # noqa: E731
+            return f"the parameters of {shown} ({is_[0]}) were {dtypes(was[1])} and are now {dtypes(is_[1])}"
+        return f"the parameters of {shown} ({is_[0]}) were {shapes(was[1])} and are now {shapes(is_[1])}"
     return None

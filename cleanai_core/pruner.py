@@ -26,10 +26,17 @@ from cleanai_core.history import PruningHistory
 from cleanai_core.isomorphic import Signatures, scopes_of, signatures
 from cleanai_core.masking import check_exact, exact_tolerance, exact_units, masked_outputs
 from cleanai_core.metrics import count_flops, count_params
-from cleanai_core.model_state import layout_change, layout_of, reads_preserved, transplant, user_hooks
+from cleanai_core.model_state import (
+    layout_change,
+    layout_of,
+    reads_preserved,
+    transplant,
+    user_hooks,
+    warn_user_hooks,
+)
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
-from cleanai_core.pruning_report import pruner_report
+from cleanai_core.pruning_report import describe_importance, pruner_report
 from cleanai_core.runtime import copy_modes, device_of, plain_inputs, without_autocast
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
 from cleanai_core.slicing import SliceEdit
@@ -185,7 +192,11 @@ class StructuredPruner:
         spread evenly over the data that hold at least this many samples (default 256;
         ``0``: every batch). Its cost stops growing with the calibration set, which still
         feeds every statistic of scoring and compensation.
-    :param inplace: slice ``model`` itself (rolled back if anything fails).
+    :param inplace: slice ``model`` itself (rolled back if anything fails). Its parameters stay
+        the objects your optimizer and tensor hooks hold, with the pruned values and shapes;
+        per-parameter optimizer state (momentum) of a sliced one keeps the old shape: clear
+        it (``optimizer.state.clear()``) or prune inside training with :class:`GradualPruner`,
+        which slices it.
     :param forward_fn: ``forward_fn(model, inputs)`` calls the model (default: by input type).
     :param output_transform: maps the model's output to what verification compares.
     :param normalizer: how scores are normalised per group for global ranking (``"mean"``).
@@ -511,6 +522,22 @@ class StructuredPruner:
         now = {k: getattr(self, k) for k in _CHECKED}
         for key, value in _checked_options(now, self.layer_ratios, False, device_of(self.model)).items():
             setattr(self, key, value)
+        # the plan is kept for the options it was made with: pruner.pruning_ratio = 0.25 (or another
+        # criterion, round_to, target, ...) after a plan() or prune() gave the old plan again, without a word
+        made_with = self._options_key()
+        if getattr(self, "_plan_options", None) != made_with:
+            self._plan, self._plan_options = None, made_with
+
+    def _options_key(self) -> tuple:
+        """The options a plan depends on, as values to compare: numbers, switches and names as
+        they are; a criterion, function or normaliser by identity and, for a criterion, its
+        plain settings (``importance.weight_ratio = 0.9`` set in place)."""
+        key: list[Any] = [tuple(sorted((self.layer_ratios or {}).items())), id(self._normalizer)]
+        for k in _CHECKED:
+            v = getattr(self, k)
+            plain = v is None or isinstance(v, (bool, int, float, str))
+            key.append(v if plain else (id(v), describe_importance(v) if k == "importance" else None))
+        return tuple(key)
 
     def plan(self) -> PruningPlan:
         """The dry run: which units would go. Changes nothing."""
@@ -782,7 +809,7 @@ class StructuredPruner:
                 self.flops_before()
             self._pruned_plans = []
             if not self.inplace:
-                _warn_user_hooks(user_hooks(self.model))
+                warn_user_hooks(user_hooks(self.model), "pruned", "prune", stacklevel=3)
             if self._other_path is None:  # no calibration batch ran them: verification cannot try that path
                 _warn_untraced(untraced_layers(self.graph))
             try:
@@ -842,19 +869,6 @@ def _warn_untraced(layers: Mapping[str, nn.Module]) -> None:
             "forward takes them (another task's head, another branch). Give example inputs or a forward_fn that "
             "run them, calibration batches that do (prune() then checks that path), or ignore the layers that "
             "feed them; a layer the forward never uses loses nothing",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-def _warn_user_hooks(hooks: list[tuple[str, str, int]]) -> None:
-    """Say that the pruned copy does not carry the user's hooks (they stay on the original)."""
-    if hooks:
-        where = sorted({name or "<model>" for name, _, _ in hooks})
-        warnings.warn(
-            f"{len(hooks)} forward/backward hook(s) on {', '.join(where[:5])}{' ...' if len(where) > 5 else ''} "
-            "stay on the original model; the pruned copy has none of them: register them again on the pruned "
-            "model (or prune with inplace=True, which keeps them)",
             UserWarning,
             stacklevel=3,
         )

@@ -55,7 +55,15 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from cleanai_core.calibration import move_to, split_batch
 from cleanai_core.errors import UserError, model_fault
 from cleanai_core.metrics import call_model, ctc_errors, eval_mode, perplexity
-from cleanai_core.model_state import copy_model, set_mode, state_copy, state_with_versions
+from cleanai_core.model_state import (
+    copy_model,
+    drop_user_hooks,
+    set_mode,
+    state_copy,
+    state_with_versions,
+    user_hooks,
+    warn_user_hooks,
+)
 from cleanai_core.options import check_callables, check_modules, check_not_meta, check_switches, plain_number
 from cleanai_core.runtime import (
     checked_device,
@@ -716,7 +724,8 @@ def recover(
     float32 teacher); training runs with gradients on also when called under
     ``torch.no_grad()`` or ``torch.inference_mode()``.
 
-    :param pruned: the student; copied unless ``inplace=True``. Its modes are restored.
+    :param pruned: the student; copied unless ``inplace=True`` (the copy carries none of your
+        forward or backward hooks, as ``prune()``'s: a warning names them). Its modes are restored.
         In train mode it keeps every module's own mode (BatchNorm you put in eval mode
         stays frozen); in eval mode (as pruning returns it) it trains whole, except norms
         whose parameters all have ``requires_grad=False``: their running statistics stay.
@@ -805,6 +814,10 @@ def recover(
     if teacher is not None:  # after the arguments' checks: a refused call says nothing else
         teacher = _teacher_apart(pruned, teacher, inplace)
     student = pruned if inplace else copy_model(pruned)
+    if not inplace:  # the copy's hooks fired into the user's objects, and the user's handles could not remove them
+        hooks = user_hooks(pruned)
+        drop_user_hooks(student, hooks)
+        warn_user_hooks(hooks, "recovered", "recover", stacklevel=6)  # past recover() and its three wrappers
     student_modes = [(m, m.training) for m in student.modules()]
     training = _train_modes(student)
     student.to(device)

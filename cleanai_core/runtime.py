@@ -7,6 +7,8 @@ output are (``output_transform``, else ``.logits``), and module modes.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -625,7 +627,13 @@ def split_batch(batch: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
             raise UserError("the data loader yielded an empty batch")
         if all(isinstance(b, str) for b in batch):  # a list of texts, not an (x, y) pair
             raise text_error(batch, "the data loader's batch")
-        inputs, target = batch[0], (batch[1] if len(batch) > 1 else None)
+        n = required_positionals(model)
+        if n > 1 and len(batch) in (n, n + 1) and all(isinstance(b, torch.Tensor) for b in batch):
+            # a model of n positional inputs: (x1, ..., xn) or (x1, ..., xn, label), as the example inputs and a
+            # TensorDataset(x1, x2, y) give them (read as (x1, x2): the model got x1 alone and failed)
+            inputs, target = tuple(batch[:n]), (batch[n] if len(batch) > n else None)
+        else:
+            inputs, target = batch[0], (batch[1] if len(batch) > 1 else None)
     elif isinstance(batch, dict):
         target = None
         inputs = {}
@@ -644,6 +652,32 @@ def split_batch(batch: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
     if error is not None:
         raise error
     return decoder_inputs_from_labels(model, inputs, target), target
+
+
+def required_positionals(model: nn.Module | None) -> int:
+    """How many positional arguments ``model``'s ``forward`` requires (0 where it takes
+    ``*args``, or for no model): a tuple batch of that many tensors is the inputs, one more
+    the inputs and a label (:func:`split_batch`)."""
+    forward = getattr(model, "forward", None)
+    if forward is None:
+        return 0
+    bound = getattr(forward, "__func__", None)  # a method: its first parameter is the module
+    try:
+        return _required_positionals(bound or forward, bound is not None)
+    except TypeError:  # an unhashable callable
+        return 0
+
+
+@functools.lru_cache(maxsize=256)
+def _required_positionals(fn: Callable, method: bool) -> int:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C function without a signature
+        return 0
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 0
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return sum(p.default is p.empty for p in positional[int(method) :])
 
 
 def decoder_inputs_from_labels(model: nn.Module | None, inputs: Any, target: Any) -> Any:

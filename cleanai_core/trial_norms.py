@@ -83,7 +83,7 @@ class TrialNorms:
         samples -= min(samples, samples_before(sum(data.sizes)))
         batches, n = [], 0
         for batch in data.replay() if samples > 0 else ():
-            x = split_batch(batch)[0]
+            x = split_batch(batch, model)[0]
             size = samples_in(x)
             if n + size > samples:  # as many samples as the trials run on, no more
                 x = tree_map(lambda t: t[: samples - n] if _batched(t, size) else t, x)

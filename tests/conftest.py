@@ -59,10 +59,11 @@ def with_example(example_dist: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     set_plugin_manager(None)
 
 
-def small_convnet(c1: int, c2: int, hidden: int, classes: int, stride: int = 1) -> nn.Module:
-    """conv-BN-ReLU twice, pooled, then a two-layer MLP head (seeded)."""
+def small_convnet(c1: int, c2: int, hidden: int | None, classes: int, stride: int = 1) -> nn.Module:
+    """conv-BN-ReLU twice, pooled, then a two-layer MLP head (seeded); ``hidden=None``: one
+    linear layer as the head."""
     torch.manual_seed(0)
-    return nn.Sequential(
+    body = [
         nn.Conv2d(3, c1, 3, padding=1),
         nn.BatchNorm2d(c1),
         nn.ReLU(),
@@ -71,10 +72,9 @@ def small_convnet(c1: int, c2: int, hidden: int, classes: int, stride: int = 1) 
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(c2, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, classes),
-    )
+    ]  # made before the head: the seeded weights in this order
+    head = [nn.Linear(c2, hidden), nn.ReLU(), nn.Linear(hidden, classes)] if hidden else [nn.Linear(c2, classes)]
+    return nn.Sequential(*body, *head)
 
 
 def tiny_llama(hidden: int, intermediate: int, vocab: int, layers: int = 2) -> nn.Module:

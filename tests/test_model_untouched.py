@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import small_convnet
 from torch import nn
 
 from cleanai_core import StructuredPruner
@@ -15,18 +16,7 @@ torch.ao.quantization = pytest.importorskip("torch.ao.quantization")
 
 
 def _net() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 4),
-    )
+    return small_convnet(8, 8, None, 4)
 
 
 def _x(n: int = 4) -> torch.Tensor:

@@ -226,16 +226,21 @@ class CrossDecoder(nn.Module):
 
 
 def test_a_tuple_batch_of_several_inputs_is_answered_with_how_to_give_them():
-    """``[(features, tokens)]`` is read as ``(input, label)``: the model missed ``t`` and the
+    """``[(features, tokens)]`` was read as ``(input, label)``: the model missed ``t`` and the
     error said only "give calibration batches shaped like example_inputs", which they were
-    (the hint named the layout only for two tensors of one shape)."""
+    (the hint named the layout only for two tensors of one shape). Since session 24 a tuple
+    of as many tensors as the forward's required positional inputs is those inputs
+    (``runtime.split_batch``); a batch that still misses one gets the hint."""
     from cleanai_core.errors import UserError
 
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(4, 7, 6, generator=g), torch.randint(0, 10, (4, 5), generator=g)
     pruner = StructuredPruner(_seeded(CrossDecoder), (x[:2], t[:2]), "weight_activation", pruning_ratio=0.5)
     with pytest.raises(UserError, match=r"missing 1 required positional argument: 't'.*\(\(x1, x2\), label\)"):
-        pruner.collect_activations([(x, t)])
+        pruner.collect_activations([(x, t, t[:, 0], t[:, 1])])  # four tensors: not (x, t[, label])
+    pruner.collect_activations([(x, t)])
+    pairs = pruner.prune()
     pruner.collect_activations([((x, t), None)])
     small = pruner.prune()
     assert count_params(small) < 3786 and small(x, t).shape == (4, 5, 10)
+    assert torch.equal(pairs(x, t), small(x, t))
