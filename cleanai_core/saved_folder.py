@@ -302,14 +302,14 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
 def read_state(path: Path, model: nn.Module, map_location: Any = "cpu", state: dict | None = None) -> dict:
     """``model.pt`` read with ``weights_only=True`` (or ``state``, read from it before) and
     checked against ``model``'s ``state_dict``: the same keys, shapes and kinds of dtype."""
-    from cleanai_core.special_files import check_not_packed
+    from cleanai_core.special_files import check_not_packed, unreadable
 
     if state is None:
         check_not_packed(path, "the saved folder's file")
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:
-            raise _bad(path, f"cannot be read as plain tensors ({type(exc).__name__}: {str(exc)[:200]})") from None
+        except Exception as exc:  # said "cannot be read as plain tensors (EOFError: )" for an empty file
+            raise _bad(path, f"the file {unreadable(path, exc)}") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and (isinstance(v, torch.Tensor) or is_extra_state(k)) for k, v in state.items()
     ):

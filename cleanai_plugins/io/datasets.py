@@ -27,7 +27,7 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.extras import import_extra
 from cleanai_core.runtime import cast_within_range, label_indices, not_class_labels
-from cleanai_core.special_files import check_not_packed, special_kind
+from cleanai_core.special_files import check_not_packed, special_kind, unreadable
 from cleanai_plugins.io.hf import is_hf_model
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
@@ -328,14 +328,11 @@ def _load_pt(path: Path) -> Dataset:
     try:
         with torch.serialization.safe_globals([TensorDataset]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if path.stat().st_size == 0:
-            raise UserError(f"--data {str(path)!r} is empty (0 bytes); write the data again.") from None
+    except Exception as exc:  # an empty file said "(EOFError: )"
         raise UserError(
-            f"cannot read {str(path)!r} safely ({type(exc).__name__}: {str(exc)[:200]}); it may be truncated or "
-            "damaged. Save plain tensors: "
+            f"--data {str(path)!r} {unreadable(path, exc)}; write the data again as plain tensors: "
             "torch.save((x, y), path) or torch.save({'x': x, 'y': y}, path)."
-        ) from exc
+        ) from None
     return _from_object(obj, str(path))
 
 

@@ -32,7 +32,7 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import SpecError, UserError, model_fault
 from cleanai_core.extras import import_extra, module_name_problem, search_path_hint
 from cleanai_core.saved_folder import beyond_dtype, is_extra_state, nan_tensor, state_dict_problems, tensors_of
-from cleanai_core.special_files import check_not_packed, check_not_special
+from cleanai_core.special_files import check_not_packed, check_not_special, unreadable
 
 log = logging.getLogger("cleanai")
 
@@ -182,16 +182,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "it would run code from the file. Give the model itself as --model with --trust-model if you trust the "
             "file, or save the weights with torch.save(model.state_dict(), path)."
         ) from None
-    except Exception as exc:
-        if path.stat().st_size == 0:  # said "(EOFError: )"
-            raise UserError(
-                f"weights file {str(path)!r} is empty (0 bytes); save them again with "
-                "torch.save(model.state_dict(), path)."
-            ) from None
+    except Exception as exc:  # an empty file said "(EOFError: )"
         raise UserError(
-            f"cannot read weights from {str(path)!r} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}); it "
-            "may be truncated or damaged. Save them with torch.save(model.state_dict(), path)."
-        ) from exc
+            f"weights file {str(path)!r} {unreadable(path, exc)}; save them again with "
+            "torch.save(model.state_dict(), path)."
+        ) from None
     for key in ("state_dict", "model_state_dict", "model", "state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -301,8 +296,10 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
             "with --weights FILE (a state_dict)."
         )
     with open(path, "rb") as fh:
-        head = fh.read(2)
-    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        head = fh.read(4)
+    if not zipfile.is_zipfile(path) and not head.startswith((b"\x80", b"PK\x03\x04")):
+        if not head:  # said "neither a zip archive nor a pickle; it may be truncated or of another format"
+            raise UserError(f"{str(path)!r} is empty (0 bytes); save the model again. Give the model as {MODEL_FORMS}.")
         raise UserError(
             f"{str(path)!r} is not a file written by torch.save (neither a zip archive nor a pickle); it may be "
             f"truncated or of another format. Give the model as {MODEL_FORMS}."
@@ -313,8 +310,7 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
         obj = None  # holds Python objects (a pickled module): needs --trust-model
     except Exception as exc:  # not even a pickle torch can walk: truncated, or a zip of something else
         raise UserError(
-            f"cannot read {str(path)!r} as a file written by torch.save ({type(exc).__name__}: {str(exc)[:200]}); "
-            f"it may be truncated or of another format. Give the model as {MODEL_FORMS}."
+            f"{str(path)!r} {unreadable(path, exc)}; save the model again. Give the model as {MODEL_FORMS}."
         ) from None
     else:
         if isinstance(obj, dict):
