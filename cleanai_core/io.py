@@ -34,6 +34,7 @@ from cleanai_core.model_state import set_mode, state_with_versions
 from cleanai_core.out_folder import (
     INSIDE,
     TrackedWriter,
+    check_name,
     current_umask,
     holds_the_working_folder,
     resolved,
@@ -187,6 +188,7 @@ def save_pruned(
     from cleanai_core.saved_folder import nan_tensor
 
     out = _folder_arg(out_dir, "save_pruned")
+    check_name(out, "save_pruned's folder")  # ' ' and '-' wrote folders of those names
     check_switches(save_pickle=save_pickle)  # "no" pickled the model
     if not isinstance(model, nn.Module):
         raise UserError(f"save_pruned needs the pruned torch.nn.Module, got {type(model).__name__}")

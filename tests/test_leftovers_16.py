@@ -16,6 +16,7 @@ ARGS = ["--ratio", "0.25", "--quiet", "--latency-repeats", "1", "--threads", "1"
 
 CNN = """
 import torch
+from torch import nn
 
 
 def build():
@@ -69,3 +70,44 @@ def test_an_empty_or_cut_short_saved_model_file_is_named_with_its_size(cnn_job, 
     err = capsys.readouterr().err
     assert ("'m.pt' is empty (0 bytes); save the model again" if cut == "empty" else f"'m.pt' {want[9:]}") in err
     assert not os.path.exists("b")
+
+
+# -- 2. --out names no one means -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("out", "words"),
+    [
+        (" ", "the folder name ' ' is blanks only"),
+        ("\u3000", r"the folder name '\u3000' is blanks only"),  # an ideographic space, escaped on the terminal
+        ("-", "would write a folder named '-': the result is a folder of files, not a stream to standard output"),
+        ("sub/-", "would write a folder named '-'"),
+        ("pruned ", "has blanks at its end, so it looks like 'pruned' but is another folder"),
+        (" new/pruned", "the folder name ' new' has blanks at its start"),
+        ("x/ /y", "the folder name ' ' is blanks only"),
+        ("a\tb", r"holds the control character '\t'"),
+    ],
+)
+def test_an_out_folder_name_of_blanks_a_dash_or_control_characters_is_refused(cnn_job, capsys, out, words):
+    """``--out ' '`` and ``--out -`` wrote folders named ``' '`` and ``'-'`` (exit 0), hard
+    to see and to remove from a shell; so did a name with a stray blank at an end."""
+    from cleanai_core.cli import main
+    from cleanai_core.io import save_pruned
+
+    before = sorted(os.listdir("."))
+    assert main([*cnn_job, "--trust-code", "--out", out]) == 2
+    assert words in capsys.readouterr().err
+    assert sorted(os.listdir(".")) == before  # nothing written, no parent made
+    with pytest.raises(UserError, match="save_pruned's folder"):
+        save_pruned(out, torch.nn.Linear(2, 2), None, "x:y")  # refused before its other arguments are read
+    assert sorted(os.listdir(".")) == before
+
+
+def test_an_existing_folder_with_an_odd_name_is_the_users_own_and_is_written_into(cnn_job):
+    """Only the folders the run would create are checked: a parent that exists already is
+    the user's (``'old '``); the result is written below it."""
+    from cleanai_core.cli import main
+
+    os.mkdir("old ")
+    assert main([*cnn_job, "--trust-code", "--out", "old /pruned"]) == 0
+    assert sorted(os.listdir("old /pruned"))[:3] == ["architecture.json", "config.json", "history.json"]
