@@ -111,3 +111,63 @@ def test_an_existing_folder_with_an_odd_name_is_the_users_own_and_is_written_int
     os.mkdir("old ")
     assert main([*cnn_job, "--trust-code", "--out", "old /pruned"]) == 0
     assert sorted(os.listdir("old /pruned"))[:3] == ["architecture.json", "config.json", "history.json"]
+
+
+# -- 3. tensor_split into sections: the pieces move with the width -----------------------------------
+
+
+class Sections(torch.nn.Module):
+    """A conv's channels split into ``n`` sections by ``how``, each read by its own conv."""
+
+    def __init__(self, width: int, n: int, how: str) -> None:
+        super().__init__()
+        q, r = divmod(width, n)
+        self.a, self.n, self.how = torch.nn.Conv2d(3, width, 3, padding=1), n, how
+        self.outs = torch.nn.ModuleList(torch.nn.Conv2d(s, 4, 1) for s in [q + 1] * r + [q] * (n - r))
+
+    def forward(self, x):
+        y = self.a(x)
+        parts = {
+            "tensor_split": lambda: torch.tensor_split(y, self.n, dim=1),
+            "method": lambda: y.tensor_split(self.n, 1),
+            "keyword": lambda: torch.tensor_split(y, sections=self.n, dim=-3),
+            "hsplit": lambda: torch.hsplit(y, self.n),
+            "indices": lambda: torch.tensor_split(y, [5], dim=1),  # fixed bounds: channels 0-4 stay
+        }[self.how]()
+        return sum(o(p) for o, p in zip(self.outs, parts, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("width", "n", "how", "after"),
+    [
+        (8, 2, "tensor_split", 136),  # 4 + 4 channels -> 2 + 2
+        (9, 3, "method", 204),  # 3 + 3 + 3 -> 2 + 2 + 2 (one unit of 3 channels of 3 goes)
+        (8, 2, "keyword", 136),
+        (8, 4, "hsplit", 144),  # 2 x 4 -> 1 x 4
+        (8, 3, "tensor_split", None),  # 3 + 3 + 2: sections of unequal sizes cannot shrink alike: kept
+        (10, 2, "indices", 264),  # [0:5] fixed, [5:10] free: 2 of channels 5-9 go, 0-4 stay
+    ],
+)
+def test_a_split_into_sections_shrinks_its_pieces_alike_and_matches_the_masking_oracle(width, n, how, after):
+    """``torch.tensor_split(y, 2, dim=1)`` traced as two slices with constant bounds, the
+    record of ``y[:, 0:4], y[:, 4:8]``: the first range froze, the second was free, and the
+    pruned model's ``tensor_split`` moved its bounds (verification kept the group whole;
+    ``check_pruner`` named it broken). A split into a number of sections is now recorded as
+    the split it is: its pieces shrink alike, index by index."""
+    from cleanai_core import StructuredPruner
+    from cleanai_core.metrics import count_params
+    from cleanai_core.testing import check_pruner
+
+    torch.manual_seed(0)
+    model, x = Sections(width, n, how).eval(), torch.randn(2, 3, 6, 6)
+    report = check_pruner(model, x)
+    assert report.kept_whole == () and report.output_shapes_equal and report.max_abs_diff < 1e-5
+    if after is None:  # was: channels 6-7 free, and the pruned model's sections moved (3 + 2 + 2)
+        assert report.params_after == report.params_before == 268
+        with pytest.raises(UserError, match="split_with_sizes.default in model splits channels into unequal parts"):
+            StructuredPruner(model, x, importance="magnitude", pruning_ratio=0.5)
+        return
+    pruned = StructuredPruner(model, x, importance="magnitude", pruning_ratio=0.5).prune()
+    assert count_params(pruned) == after
+    with torch.no_grad():
+        assert pruned(x).shape == (2, 4, 6, 6)

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from cleanai_core.model_state import preserved, set_mode
@@ -141,7 +142,83 @@ class Recording:
         return self.events if self.train_from is None else self.events[: self.train_from]
 
 
+#: ``{function: dim}`` of the splits into a number of sections (``dim`` ``None``: an
+#: argument); ``hsplit`` / ``vsplit`` / ``dsplit`` split dim 1 / 0 / 2 (dim 0 for ``hsplit``
+#: of a vector)
+_SECTIONED: dict[Any, int | None] = {
+    torch.tensor_split: None,
+    torch.Tensor.tensor_split: None,
+    torch.hsplit: 1,
+    torch.Tensor.hsplit: 1,
+    torch.vsplit: 0,
+    torch.Tensor.vsplit: 0,
+    torch.dsplit: 2,
+    torch.Tensor.dsplit: 2,
+}
+
+
+class _SectionSplits(TorchFunctionMode):
+    """``torch.tensor_split(x, n, dim)`` (and ``hsplit`` / ``vsplit`` / ``dsplit`` of ``n``
+    sections) recorded as ``x.split(sizes, dim)``, with the same pieces. Below autograd
+    these calls are slices with constant bounds (``x[:, 0:4]``, ``x[:, 4:8]``), the same
+    record as ``x[:, :4], x[:, 4:8]``, which read fixed channels: the first range stayed
+    whole and the second was pruned, while ``tensor_split`` of the pruned width moves its
+    bounds (the pieces must shrink alike, as ``chunk``'s do). A split into given indices
+    (``tensor_split(x, [5], 1)``) is a fixed range and is left to the slices."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SECTIONED:
+            sized = _section_sizes(func, args, kwargs)
+            if sized is not None:
+                x, sizes, dim = sized
+                return torch.split(x, sizes, dim)
+        return func(*args, **kwargs)
+
+
+def _section_sizes(func: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, list[int], int] | None:
+    """``(tensor, piece sizes, dim)`` of a split into a number of sections, else ``None``."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    rest = list(args[1:])
+    sections = (
+        rest.pop(0)
+        if rest
+        else next(
+            (kwargs[k] for k in ("sections", "indices_or_sections", "tensor_indices_or_sections") if k in kwargs), None
+        )
+    )
+    if isinstance(sections, torch.Tensor) and sections.ndim == 0 and not sections.is_floating_point():
+        sections = int(sections)
+    if not isinstance(x, torch.Tensor) or type(sections) is not int or sections < 1:
+        return None
+    fixed = _SECTIONED[func]
+    if fixed is None:
+        dim = rest[0] if rest else kwargs.get("dim", 0)
+    else:
+        dim = 0 if fixed == 1 and x.ndim == 1 else fixed
+    if type(dim) is not int or not -x.ndim <= dim < x.ndim:
+        return None
+    dim %= x.ndim
+    q, r = divmod(x.shape[dim], sections)
+    return x, [q + 1] * r + [q] * (sections - r), dim
+
+
 class _Recorder(ShapeOnlyMode):
+    def __enter__(self) -> _Recorder:
+        self._sections = _SectionSplits()
+        self._sections.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._sections.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._sections.__exit__(*exc)
+
     def __init__(self, tensor_names: dict[int, str]) -> None:
         super().__init__()
         self.tensor_names = tensor_names
