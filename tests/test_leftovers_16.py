@@ -171,3 +171,104 @@ def test_a_split_into_sections_shrinks_its_pieces_alike_and_matches_the_masking_
     assert count_params(pruned) == after
     with torch.no_grad():
         assert pruned(x).shape == (2, 4, 6, 6)
+
+
+# -- 4. a trace failure the user caused is a UserError; one of the trace itself is not ------------
+
+ODD_MODELS = """
+import torch
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+
+class NoTensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        self.c(x)
+        return "done"
+
+
+class TraceShy(nn.Module):
+    # runs plainly; fails under a dispatch mode (an op the recorder cannot run, as it stands for)
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        if _get_current_dispatch_mode() is not None:
+            raise RuntimeError("this op cannot run under a dispatch mode")
+        return self.c(x)
+
+
+def no_tensor():
+    return NoTensor()
+
+
+def trace_shy():
+    return TraceShy()
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+"""
+
+
+@pytest.fixture
+def odd_models(tmp_path, monkeypatch):
+    (tmp_path / "odd16.py").write_text(ODD_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import importlib
+
+    return importlib.import_module("odd16")
+
+
+def test_trace_failures_the_user_caused_are_user_errors_and_the_traces_own_are_not(odd_models):
+    """``TraceError`` was a ``RuntimeError`` whichever side was at fault: the wrong input
+    shape, a forward returning no tensor, and a forward the recorder could not run all came
+    out of the command line as "failed" (exit 1), and the last was told to "check that
+    example_inputs match". The user's are now :class:`TraceInputError` (a ``UserError``
+    and still a ``TraceError``) with a ``kind``; the trace's own stay ``TraceError``."""
+    from cleanai_core import DependencyGraph
+    from cleanai_core.errors import TraceError, TraceInputError
+
+    x = torch.randn(1, 3, 8, 8)
+    cases = [
+        (odd_models.build(), torch.randn(1, 5, 8, 8), "inputs", "It fails the same way run plainly"),
+        (odd_models.no_tensor(), x, "output", "holds no tensors"),
+    ]
+    for model, inputs, kind, words in cases:
+        with pytest.raises(TraceInputError) as info:
+            DependencyGraph(model, inputs)
+        assert isinstance(info.value, UserError) and isinstance(info.value, TraceError)
+        assert info.value.kind == kind and words in str(info.value)
+    assert info.value.returned == "str"
+    with pytest.raises(TraceError) as info:
+        DependencyGraph(odd_models.trace_shy(), x)
+    assert not isinstance(info.value, UserError)
+    assert "It runs on the same inputs without CleanAI's hooks, so the failure comes from tracing it" in str(info.value)
+    assert "Check that example_inputs match" not in str(info.value)
+
+
+def test_explain_names_a_model_without_tensor_outputs_and_a_trace_fault_as_they_are(odd_models, capsys):
+    """``cleanai explain`` turned every ``TraceError`` into "Tried --input-shape 1,3,224,224;
+    pass the right one" (exit 2): a forward returning a string was told to pass
+    ``output_transform`` (a Python argument) and another input shape, a model the recorder
+    could not run was blamed on its input shape."""
+    from cleanai_core.cli import main
+
+    assert main(["explain", "--model", "odd16:no_tensor", "--input-shape", "1,3,8,8"]) == 2
+    err = capsys.readouterr().err
+    assert "--model 'odd16:no_tensor' returned str on the example input, which holds no tensors" in err
+    assert "output_transform" not in err and "Tried --input-shape" not in err
+    assert main(["explain", "--model", "odd16:trace_shy", "--input-shape", "1,3,8,8"]) == 1
+    err = capsys.readouterr().err
+    assert "cleanai explain: failed: the model failed to run on the example inputs while tracing" in err
+    assert "the failure comes from tracing it" in err and "pass the right one" not in err
+    assert main(["explain", "--model", "odd16:build", "--input-shape", "1,5,8,8"]) == 2
+    assert "It fails the same way run plainly" in capsys.readouterr().err
+    assert main(["explain", "--model", "odd16:build", "--input-shape", "1,3,8,8"]) == 0
