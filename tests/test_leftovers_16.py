@@ -272,3 +272,36 @@ def test_explain_names_a_model_without_tensor_outputs_and_a_trace_fault_as_they_
     assert main(["explain", "--model", "odd16:build", "--input-shape", "1,5,8,8"]) == 2
     assert "It fails the same way run plainly" in capsys.readouterr().err
     assert main(["explain", "--model", "odd16:build", "--input-shape", "1,3,8,8"]) == 0
+
+
+# -- 5. cleanai demo reads the CLEANAI_* variables as the other commands do ---------------------------
+
+
+def test_the_demo_reads_cleanai_variables_below_its_command_line(tmp_path, monkeypatch, capsys):
+    """``CLEANAI_RATIO=0.2 cleanai demo`` pruned 0.5, and ``CLEANAI_OUT`` / ``CLEANAI_QUIET``
+    were ignored without a word, where ``cleanai prune`` and ``cleanai sensitivity`` read
+    them. The demo now resolves its options as prune does (variables < command line), with
+    its own defaults below both; the variables naming a model or data set are not its own
+    and it says so."""
+    import json
+
+    from cleanai_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLEANAI_RATIO", "0.2")
+    monkeypatch.setenv("CLEANAI_OUT", "from-env")
+    monkeypatch.setenv("CLEANAI_MODEL", "timm:resnet18")
+    monkeypatch.setenv("CLEANAI_IMPORTANCE", "magnitude")
+    assert main(["demo", "--epochs", "1", "-q"]) == 0
+    assert "note: cleanai demo uses its embedded model and data; CLEANAI_MODEL not read here" in capsys.readouterr().err
+    assert not os.path.exists("cleanai-demo-out")
+    config = json.loads(open("from-env/config.json").read())
+    assert (config["ratio"], config["importance"]) == (0.2, "magnitude")
+    assert config["model"] == "cleanai_plugins.io.demo:DigitsCNN"
+    report = json.loads(open("from-env/report.json").read())
+    assert (report["pruning_ratio"], report["units_before"], report["units_after"]) == (0.2, 160, 130)
+    assert main(["demo", "--epochs", "1", "-q", "--ratio", "0.5", "--out", "given"]) == 0  # the command line wins
+    assert json.loads(open("given/report.json").read())["units_after"] == 80
+    monkeypatch.setenv("CLEANAI_RATIO", "2")
+    assert main(["demo", "--epochs", "1", "-q"]) == 2
+    assert "--ratio=2.0 is out of range: it must be in (0.0, 1.0)" in capsys.readouterr().err
