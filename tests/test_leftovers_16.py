@@ -305,3 +305,58 @@ def test_the_demo_reads_cleanai_variables_below_its_command_line(tmp_path, monke
     monkeypatch.setenv("CLEANAI_RATIO", "2")
     assert main(["demo", "--epochs", "1", "-q"]) == 2
     assert "--ratio=2.0 is out of range: it must be in (0.0, 1.0)" in capsys.readouterr().err
+
+
+# -- 6. one sample too large for the memory is refused before it runs --------------------------------
+
+
+def test_a_first_sample_beyond_the_free_memory_is_refused_before_it_runs(cnn_job, monkeypatch, capsys):
+    """The batch check needs the first sample's forward, so one sample too large for the
+    machine (an 8192 x 8192 image through a wide stem) was ended by the out-of-memory killer
+    in that forward, without a word. Its peak is now estimated first on the meta device
+    (16 channels x 8 x 8 float32 in and out of the BatchNorm: 8,192 bytes, as measured)."""
+    import cleanai_core.job.memory as memory
+    import cleanai_core.job.run as run
+    from cleanai_core.cli import main
+
+    def never(*a, **k):
+        raise AssertionError("the real first forward ran")
+
+    monkeypatch.setattr(memory, "free_memory", lambda device: 8191)
+    monkeypatch.setattr(run, "sample_peak", never)
+    assert main([*cnn_job, "--trust-code", "--image-size", "8", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "one sample of shape [1, 3, 8, 8] needs at least 8.2 kB" in err and "estimated without running it" in err
+    assert "more than the 8.2 kB of memory free on cpu" in err and "Give a smaller --image-size (now 8)" in err
+    assert not os.path.exists("o")
+
+
+def test_the_meta_estimate_equals_the_measured_peak_and_leaves_the_model_as_it_was():
+    """The estimate is the measured peak (ResNet-style blocks, an attention) where the
+    forward runs on meta tensors, ``None`` where it reads values; a forward that caches its
+    input keeps its own tensor, not a meta one."""
+    from cleanai_core.job.memory import meta_sample_peak, sample_peak
+
+    class Caching(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.last = torch.nn.Conv2d(3, 16, 3, padding=1), None
+            self.attn = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x):
+            self.last = x
+            h = self.c(x).flatten(2).transpose(1, 2)
+            return self.attn(h, h, h)[0]
+
+    class ReadsValues(Caching):
+        def forward(self, x):
+            return self.c(x) * float(x.abs().max().item())
+
+    model, x = Caching().eval(), torch.randn(1, 3, 8, 8)
+    with torch.no_grad(), sample_peak() as peak:
+        model(x)
+    model.last = "mine"
+    # the attention: its input (one tensor, 4,096 bytes), output (4,096) and averaged weights (64 x 64: 16,384)
+    assert meta_sample_peak(model, x) == peak() == 24_576
+    assert model.last == "mine" and model.c.weight.device.type == "cpu"
+    assert meta_sample_peak(ReadsValues().eval(), x) is None
