@@ -195,7 +195,9 @@ def _check_targets(path: Path, model: nn.Module, step: list[SliceEdit], where: s
             if e.module not in names:
                 raise _bad(
                     path,
-                    f"{where} names module {e.module!r}, which the architecture in architecture.json does not have",
+                    f"{where} names module {e.module!r}, which the architecture in architecture.json does not have "
+                    "(a model changed after it was built, its layers fused or replaced, is saved with a factory "
+                    "that builds it so: save_pruned refuses the others)",
                 )
             continue
         try:

@@ -360,3 +360,58 @@ def test_the_meta_estimate_equals_the_measured_peak_and_leaves_the_model_as_it_w
     assert meta_sample_peak(model, x) == peak() == 24_576
     assert model.last == "mine" and model.c.weight.device.type == "cpu"
     assert meta_sample_peak(ReadsValues().eval(), x) is None
+
+
+# -- 7. a model pruned after fusing -------------------------------------------------------------------
+
+FUSED = """
+import torch
+import cnn16
+
+
+def build(groups=(("0", "1", "2"),)):
+    return torch.ao.quantization.fuse_modules(cnn16.build().eval(), [list(g) for g in groups])
+
+
+def conv_bn():
+    return build((("0", "1"),))
+"""
+
+
+@pytest.mark.parametrize(
+    ("groups", "factory", "changed"),
+    [
+        ((("0", "1", "2"),), "build", "'0' is ConvReLU2d where it builds Conv2d, '1' is Identity where it builds "
+         "BatchNorm2d, '2' is Identity where it builds ReLU"),
+        ((("0", "1"),), "conv_bn", "'1' is Identity where it builds BatchNorm2d"),
+    ],
+)  # fmt: skip
+def test_a_model_pruned_after_fusing_is_saved_with_a_factory_that_fuses_and_refused_with_the_spec_before(
+    cnn_job, groups, factory, changed
+):
+    """``save_pruned`` of a model fused after it was built (``fuse_modules``: conv + bn (+ relu))
+    with the unfused spec wrote a folder that ``load_pruned`` then called "damaged, tampered
+    with or not written by this CleanAI" (``step 0 names module '0.0'``), or said "a new
+    head?" when only the BatchNorm had gone. It now names the fused layers and the factory
+    that loads; with that factory the folder loads to the same outputs."""
+    from cleanai_core import StructuredPruner
+    from cleanai_core.io import load_pruned, save_pruned
+    from cleanai_core.metrics import count_params
+
+    open("fused16.py", "w").write(FUSED)
+    import cnn16
+
+    model = torch.ao.quantization.fuse_modules(cnn16.build().eval(), [list(g) for g in groups])
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    pruner = StructuredPruner(model, x, importance="magnitude", pruning_ratio=0.5)
+    pruned = pruner.prune()
+    with pytest.raises(UserError) as info:
+        save_pruned("a", pruned, pruner.history, "cnn16:build")
+    assert f"the model was changed after 'cnn16:build' built it ({changed}): layers fused" in str(info.value)
+    assert "package.module:factory that builds the model as it was pruned" in str(info.value)
+    assert not os.path.exists("a")
+    save_pruned("a", pruned, pruner.history, f"fused16:{factory}")
+    again = load_pruned("a", trust_code=True)
+    assert count_params(again) == count_params(pruned) == 844
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x))
