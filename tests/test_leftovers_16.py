@@ -72,6 +72,25 @@ def test_an_empty_or_cut_short_saved_model_file_is_named_with_its_size(cnn_job, 
     assert not os.path.exists("b")
 
 
+def test_an_empty_weights_file_in_a_hugging_face_folder_is_named(tmp_path, monkeypatch, capsys):
+    """The same for ``--model hf:FOLDER`` whose ``model.safetensors`` is empty: it said
+    "SafetensorError: Error while deserializing header: header too small ... may be
+    truncated or damaged, or not fit its config.json (sizes)"."""
+    pytest.importorskip("transformers")
+    from test_outputs_12 import _tiny_llama
+
+    from cleanai_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _tiny_llama().save_pretrained("m")
+    open("m/model.safetensors", "wb").close()
+    torch.save(torch.randint(0, 61, (8, 12), generator=torch.Generator().manual_seed(0)), "ids.pt")
+    assert main(["prune", "--model", "hf:m", "--data", "ids.pt", *ARGS, "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "--model 'hf:m': the weights file 'm/model.safetensors' is empty (0 bytes); save the model again" in err
+    assert "SafetensorError" not in err and not os.path.exists("o")
+
+
 # -- 2. --out names no one means -------------------------------------------------------------------
 
 
