@@ -142,9 +142,10 @@ def check_name(out: Any, what: str = "--out") -> None:
     """A :class:`UserError` where a folder name of ``out`` that the write would create (a
     part that does not exist yet, and the last part always) is no name a person means:
     blanks only (``--out ' '``), blanks at its start or end (``'pruned '``), a control
-    character, or the last part ``-`` (read as standard output by many tools; this writes a
-    folder of files). Such folders were written, named ``' '`` or ``'-'``, and hard to find
-    or to remove from a shell."""
+    character, the last part ``-`` (read as standard output by many tools; this writes a
+    folder of files), or a first part ``~`` / ``~user`` that the shell did not expand (a
+    folder named ``~`` made in the working folder). Such folders were written, named ``' '``
+    or ``'-'``, and hard to find or to remove from a shell."""
     text = os.fspath(out) if isinstance(out, (str, os.PathLike)) else None
     if not isinstance(text, str) or not text:
         return
@@ -170,6 +171,12 @@ def check_name(out: Any, what: str = "--out") -> None:
                 f"like {part.strip()!r} but is another folder (a quoting mistake?)"
             )
             fix = f"Give {str(folder.with_name(part.strip()) / path.relative_to(folder))!r} if that is what you meant."
+        elif part.startswith("~") and folder.parent == Path(".") and os.path.expanduser(part) != part:
+            problem = (
+                f"the folder {part!r} would be made here, in {os.getcwd()!r}, not your home: '~' was not expanded "
+                "(a quoted path, --out=~/..., or a config file)"
+            )
+            fix = f"Give {os.path.expanduser(text)!r} if that is what you meant."
         else:
             continue
         raise UserError(f"{what} {text!r}: {problem}; nothing was written. {fix}")

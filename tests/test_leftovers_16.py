@@ -105,17 +105,22 @@ def test_an_empty_weights_file_in_a_hugging_face_folder_is_named(tmp_path, monke
         (" new/pruned", "the folder name ' new' has blanks at its start"),
         ("x/ /y", "the folder name ' ' is blanks only"),
         ("a\tb", r"holds the control character '\t'"),
+        ("~/pruned", "the folder '~' would be made here, in "),  # a quoted or config-file path: no ./~ made
     ],
 )
 def test_an_out_folder_name_of_blanks_a_dash_or_control_characters_is_refused(cnn_job, capsys, out, words):
     """``--out ' '`` and ``--out -`` wrote folders named ``' '`` and ``'-'`` (exit 0), hard
-    to see and to remove from a shell; so did a name with a stray blank at an end."""
+    to see and to remove from a shell; so did a name with a stray blank at an end, and
+    ``'~/pruned'`` (not expanded by the shell) made a folder named ``~`` here."""
     from cleanai_core.cli import main
     from cleanai_core.io import save_pruned
 
     before = sorted(os.listdir("."))
     assert main([*cnn_job, "--trust-code", "--out", out]) == 2
-    assert words in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert words in err
+    if out.startswith("~"):
+        assert f"Give {os.path.expanduser(out)!r} if that is what you meant" in err
     assert sorted(os.listdir(".")) == before  # nothing written, no parent made
     with pytest.raises(UserError, match="save_pruned's folder"):
         save_pruned(out, torch.nn.Linear(2, 2), None, "x:y")  # refused before its other arguments are read
