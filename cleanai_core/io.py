@@ -419,16 +419,21 @@ def _changed_after_build(spec: str, options: dict[str, Any], model: nn.Module, h
         built = dict(fresh.named_modules())
     except Exception:  # noqa: BLE001 - best effort, as the rest of the check
         return None
-    changed: list[str] = []
-    for name, module in model.named_modules():
-        other = built.get(name)
-        if other is None or type(other) is type(module) or any(name.startswith(c + ".") for c in changed):
+    own = dict(model.named_modules())
+    changed: list[str] = []  # a class other than the spec's (fused into, or Identity), or gone (a deleted .bn)
+    for name, other in built.items():
+        if not name or any(name.startswith(c + ".") for c in changed):
             continue
-        changed.append(name)
+        module = own.get(name)
+        gone = module is None and any(True for _ in other.parameters())
+        if gone or (module is not None and type(module) is not type(other)):
+            changed.append(name)
     if not changed:
         return None
     shown_ = ", ".join(
-        f"{n!r} is {type(dict(model.named_modules())[n]).__name__} where it builds {type(built[n]).__name__}"
+        f"{n!r} is {type(own[n]).__name__} where it builds {type(built[n]).__name__}"
+        if n in own
+        else f"{n!r} ({type(built[n]).__name__}) is gone"
         for n in changed[:4]
     ) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
     return (

@@ -399,6 +399,29 @@ def build(groups=(("0", "1", "2"),)):
 
 def conv_bn():
     return build((("0", "1"),))
+
+
+class Block(torch.nn.Module):  # a BatchNorm deleted once folded in (YOLO-style fuse())
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return self.fc((self.bn(x) if hasattr(self, "bn") else x).mean((2, 3)))
+
+
+def block():
+    torch.manual_seed(0)
+    return Block().eval()
+
+
+def block_fused():
+    m = block()
+    m.conv = torch.nn.utils.fusion.fuse_conv_bn_eval(m.conv, m.bn)
+    del m.bn
+    return m
 """
 
 
@@ -439,3 +462,22 @@ def test_a_model_pruned_after_fusing_is_saved_with_a_factory_that_fuses_and_refu
     assert count_params(again) == count_params(pruned) == 844
     with torch.no_grad():
         assert torch.equal(again(x), pruned(x))
+
+
+def test_a_model_whose_batchnorm_was_deleted_after_folding_names_it_gone(cnn_job):
+    """A BatchNorm folded into its conv and deleted (``del m.bn``): "'bn' (BatchNorm2d) is
+    gone"; the factory that folds it the same way loads."""
+    from cleanai_core import StructuredPruner
+    from cleanai_core.io import load_pruned, save_pruned
+
+    open("fused16.py", "w").write(FUSED)
+    import fused16
+
+    model, x = fused16.block_fused(), torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    pruner = StructuredPruner(model, x, importance="magnitude", pruning_ratio=0.5)
+    pruned = pruner.prune()
+    with pytest.raises(UserError, match=r"changed after 'fused16:block' built it \('bn' \(BatchNorm2d\) is gone\)"):
+        save_pruned("a", pruned, pruner.history, "fused16:block")
+    save_pruned("a", pruned, pruner.history, "fused16:block_fused")
+    with torch.no_grad():
+        assert torch.equal(load_pruned("a", trust_code=True)(x), pruned(x))
