@@ -9,6 +9,7 @@ __all__ = [
     "PruningError",
     "SpecError",
     "TraceError",
+    "TraceInputError",
     "UserError",
     "is_out_of_memory",
     "model_fault",
@@ -33,7 +34,25 @@ class SpecError(UserError):
 
 
 class TraceError(CleanAIError, RuntimeError):
-    """The model could not be traced; the message names the module or op."""
+    """The model could not be traced; the message names the module or op. Raised as such
+    where CleanAI's trace is at fault (a mapper or layer pruner that failed on an op, a
+    forward that runs plainly but not under the recorder); the CLI exits with 1."""
+
+
+class TraceInputError(TraceError, UserError):
+    """The model could not be traced because of what it was given or returns: it fails on
+    the example inputs run plainly too (``kind="inputs"``), its output holds no tensor
+    (``kind="output"``), or a part of it runs a compiled implementation the trace cannot
+    enter (``kind="implementation"``). The message names the fix. A :class:`UserError` (the
+    CLI exits with 2; ``cleanai explain`` tries other inputs only for ``"inputs"``) and a
+    :class:`TraceError` (``except TraceError`` still catches it). Before session 24 these
+    were plain ``TraceError`` s: a ``RuntimeError``, exit 1, "failed"."""
+
+    def __init__(self, message: str, kind: str = "inputs", returned: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        #: for ``kind="output"``: the type the model (or ``output_transform``) returned
+        self.returned = returned
 
 
 class PruningError(CleanAIError, RuntimeError):

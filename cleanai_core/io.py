@@ -34,6 +34,7 @@ from cleanai_core.model_state import set_mode, state_with_versions
 from cleanai_core.out_folder import (
     INSIDE,
     TrackedWriter,
+    check_name,
     current_umask,
     holds_the_working_folder,
     resolved,
@@ -187,6 +188,7 @@ def save_pruned(
     from cleanai_core.saved_folder import nan_tensor
 
     out = _folder_arg(out_dir, "save_pruned")
+    check_name(out, "save_pruned's folder")  # ' ' and '-' wrote folders of those names
     check_switches(save_pickle=save_pickle)  # "no" pickled the model
     if not isinstance(model, nn.Module):
         raise UserError(f"save_pruned needs the pruned torch.nn.Module, got {type(model).__name__}")
@@ -364,6 +366,8 @@ def _rebuild_problem(
         lost = [] if problems else _added_attributes(fresh, model, added if added is not None else {})
     except SpecError as exc:  # a factory spec naming nothing to call: the folder was written, and never loaded
         return f"load_pruned could not load the folder: {str(exc).rstrip('.')}"
+    except UserError:  # the history does not replay on what the spec builds: written, then called damaged
+        return _changed_after_build(spec, opts, model, history)
     except Exception:  # noqa: BLE001 - the check is best effort; load_pruned reports its own failures
         return None
     if lost:
@@ -379,6 +383,9 @@ def _rebuild_problem(
         )
     if not problems:
         return None
+    changed = _changed_after_build(spec, opts, model, history)  # a BatchNorm fused away: Identity in its place
+    if changed is not None:
+        return changed
     hint = (
         "a parametrization (weight_norm, spectral_norm) was added after the model was built: remove it before "
         "saving (torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')) or add it in the factory"
@@ -391,6 +398,49 @@ def _rebuild_problem(
     return (
         f"load_pruned could not load the folder: the model {spec!r} rebuilds with the history replayed does not fit "
         f"this one ({'; '.join(problems)}); {hint}"
+    )
+
+
+def _changed_after_build(spec: str, options: dict[str, Any], model: nn.Module, history: Any) -> str | None:
+    """Why ``history`` does not replay on what ``spec`` builds where ``model`` is not what
+    it builds: the layers whose class differs (``conv + bn + relu`` fused by
+    ``torch.ao.quantization.fuse_modules``: a ``ConvReLU2d`` where it builds a ``Conv2d``,
+    ``Identity`` where it builds the ``BatchNorm2d``), ``None`` where none does (the
+    history itself is at fault). Such a folder was written, and ``load_pruned`` called it
+    "damaged, tampered with or not written by this CleanAI"."""
+    import warnings
+
+    from cleanai_core.plugins import get_plugin_manager, load_model
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = history.described(load_model(get_plugin_manager(), spec, options))
+        built = dict(fresh.named_modules())
+    except Exception:  # noqa: BLE001 - best effort, as the rest of the check
+        return None
+    own = dict(model.named_modules())
+    changed: list[str] = []  # a class other than the spec's (fused into, or Identity), or gone (a deleted .bn)
+    for name, other in built.items():
+        if not name or any(name.startswith(c + ".") for c in changed):
+            continue
+        module = own.get(name)
+        gone = module is None and any(True for _ in other.parameters())
+        if gone or (module is not None and type(module) is not type(other)):
+            changed.append(name)
+    if not changed:
+        return None
+    shown_ = ", ".join(
+        f"{n!r} is {type(own[n]).__name__} where it builds {type(built[n]).__name__}"
+        if n in own
+        else f"{n!r} ({type(built[n]).__name__}) is gone"
+        for n in changed[:4]
+    ) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    return (
+        f"load_pruned could not load the folder: the model was changed after {spec!r} built it ({shown_}): layers "
+        "fused (torch.ao.quantization.fuse_modules, a conv with its BatchNorm folded in) or replaced, which "
+        f"load_pruned cannot rebuild from {spec!r}. Give a package.module:factory that builds the model as it was "
+        "pruned (build it, then fuse it the same way), or prune before fusing"
     )
 
 

@@ -36,6 +36,7 @@ from cleanai_core.errors import UserError
 __all__ = [
     "Snapshot",
     "TrackedWriter",
+    "check_name",
     "commit_folder",
     "current_umask",
     "folder_lock",
@@ -135,6 +136,50 @@ def sibling_prefix(name: str, folder: Path) -> str:
     while len(os.fsencode(start)) > keep:  # surrogate-escaped bytes of a name not in UTF-8
         start = start[:-1]
     return f".{start}~{digest}."
+
+
+def check_name(out: Any, what: str = "--out") -> None:
+    """A :class:`UserError` where a folder name of ``out`` that the write would create (a
+    part that does not exist yet, and the last part always) is no name a person means:
+    blanks only (``--out ' '``), blanks at its start or end (``'pruned '``), a control
+    character, the last part ``-`` (read as standard output by many tools; this writes a
+    folder of files), or a first part ``~`` / ``~user`` that the shell did not expand (a
+    folder named ``~`` made in the working folder). Such folders were written, named ``' '``
+    or ``'-'``, and hard to find or to remove from a shell."""
+    text = os.fspath(out) if isinstance(out, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text:
+        return
+    fix = "Give a folder name of visible characters" + (" (e.g. --out pruned)." if what == "--out" else ".")
+    path = Path(text)
+    if path.name == "-":
+        raise UserError(
+            f"{what} {text!r} would write a folder named '-': the result is a folder of files, not a stream to "
+            f"standard output. {fix}"
+        )
+    for folder in (path, *path.parents):
+        part = folder.name
+        if not part or part in (".", "..") or (folder is not path and folder.exists()):
+            continue  # a folder that is there already is the user's own
+        control = next((c for c in part if ord(c) < 32 or ord(c) == 127), None)
+        if not part.strip():
+            problem = f"the folder name {part!r} is blanks only, which a listing shows as nothing"
+        elif control is not None:
+            problem = f"the folder name {part!r} holds the control character {control!r}, which terminals do not show"
+        elif part != part.strip():
+            problem = (
+                f"the folder name {part!r} has blanks at its {'start' if part[0].isspace() else 'end'}, so it looks "
+                f"like {part.strip()!r} but is another folder (a quoting mistake?)"
+            )
+            fix = f"Give {str(folder.with_name(part.strip()) / path.relative_to(folder))!r} if that is what you meant."
+        elif part.startswith("~") and folder.parent == Path(".") and os.path.expanduser(part) != part:
+            problem = (
+                f"the folder {part!r} would be made here, in {os.getcwd()!r}, not your home: '~' was not expanded "
+                "(a quoted path, --out=~/..., or a config file)"
+            )
+            fix = f"Give {os.path.expanduser(text)!r} if that is what you meant."
+        else:
+            continue
+        raise UserError(f"{what} {text!r}: {problem}; nothing was written. {fix}")
 
 
 def target_of(out: Path) -> Path:

@@ -196,7 +196,9 @@ def _check_targets(path: Path, model: nn.Module, step: list[SliceEdit], where: s
             if e.module not in names:
                 raise _bad(
                     path,
-                    f"{where} names module {e.module!r}, which the architecture in architecture.json does not have",
+                    f"{where} names module {e.module!r}, which the architecture in architecture.json does not have "
+                    "(a model changed after it was built, its layers fused or replaced, is saved with a factory "
+                    "that builds it so: save_pruned refuses the others)",
                 )
             continue
         try:
@@ -303,7 +305,7 @@ def replay_history(history: PruningHistory, model: nn.Module, path: Path, pm: An
 def read_state(path: Path, model: nn.Module, map_location: Any = "cpu", state: dict | None = None) -> dict:
     """``model.pt`` read with ``weights_only=True`` (or ``state``, read from it before) and
     checked against ``model``'s ``state_dict``: the same keys, shapes and kinds of dtype."""
-    from cleanai_core.special_files import check_not_packed, not_torch_save
+    from cleanai_core.special_files import check_not_packed, not_torch_save, unreadable
 
     if state is None:
         check_not_packed(path, "the saved folder's file")
@@ -313,7 +315,8 @@ def read_state(path: Path, model: nn.Module, map_location: Any = "cpu", state: d
             kind = not_torch_save(path)  # said "UnpicklingError: Weights only load failed. In PyTorch 2.6, ..."
             if kind is not None:
                 raise _bad(path, f"not a file written by torch.save but {kind}") from None
-            raise _bad(path, f"cannot be read as plain tensors ({type(exc).__name__}: {str(exc)[:200]})") from None
+            # said "cannot be read as plain tensors (EOFError: )" for an empty file
+            raise _bad(path, f"the file {unreadable(path, exc)}") from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and (isinstance(v, torch.Tensor) or is_extra_state(k)) for k, v in state.items()
     ):

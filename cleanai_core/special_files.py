@@ -32,6 +32,7 @@ __all__ = [
     "not_torch_save",
     "not_torch_save_error",
     "special_kind",
+    "unreadable",
 ]
 
 LOOP = "a loop of symbolic links"
@@ -71,6 +72,29 @@ def check_not_special(path: Any, what: str) -> None:
             f"{what} {str(path)!r} is {kind}, not a regular file: reading it would wait for a writer or never end. "
             "Save the content to a file on disk and give that file."
         )
+
+
+def unreadable(path: Any, exc: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path`` (it raised ``exc``), as the end of a
+    sentence that names the file: "is empty (0 bytes)", "is a torch.save archive of N
+    bytes without the directory a complete one ends with: it may be truncated ...", else
+    ``exc`` itself. An empty file said "(EOFError: )", and one cut off in a copy said
+    torch's zip reader's "failed finding central directory. This is an internal miniz
+    error ..." (cut mid-sentence at 200 characters); neither named the problem."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except (OSError, ValueError):
+        size, head = -1, b""
+    if size == 0:
+        return "is empty (0 bytes)"
+    stopped = "it may be truncated or damaged (a copy, download or save that stopped early leaves such a file)"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # torch.save's zip without its closing directory
+        return f"is a torch.save archive of {size:,} bytes without the directory a complete one ends with: {stopped}"
+    if isinstance(exc, EOFError) or "ran out of input" in str(exc).lower():  # a legacy pickle that ends early
+        return f"ends at byte {size:,}, in the middle of its data: {stopped}"
+    return f"cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it may be truncated or damaged"
 
 
 # how far a torch.save archive may unpack beyond its own size before it is refused: torch.save

@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     tried = ",".join(map(str, shape))
     # the example in the model's floating dtype: a float16 model failed on float32 noise
     dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
-    from cleanai_core.errors import TraceError
+    from cleanai_core.errors import TraceInputError
 
     ignored = sorted(ignored_modules(model, ()))
     signal = None if args.input_shape or recorded else signal_example(model, dtype)
@@ -234,7 +234,15 @@ def run(args: argparse.Namespace) -> int:
             graph = DependencyGraph(model, inputs, ignored_layers=ignored)
             graph.apply_default_freezes()
             break
-        except TraceError as exc:
+        except TraceInputError as exc:  # the user's; a failure of the trace itself is CleanAI's (exit 1)
+            if exc.kind == "output":  # said "pass output_transform=...", a Python argument, and "Tried --input-shape"
+                raise UserError(
+                    f"--model {args.model!r} returned {exc.returned} on the example input, which holds no tensors: "
+                    "explain follows the channels to the model's output. Make its forward return the output "
+                    "tensor(s) (e.g. a factory that wraps the model in a module whose forward returns the logits)."
+                ) from None
+            if exc.kind != "inputs":  # an implementation the trace cannot enter: its message names the switch
+                raise
             if i == len(tries) - 1:
                 raise UserError(f"{str(exc).rstrip('.')}. Tried --input-shape {tried}; pass the right one.") from exc
     print(graph.explain(max_groups=args.max_groups))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from cleanai_core.errors import TraceError, UserError, printable, shown, shown_name
+from cleanai_core.errors import TraceError, TraceInputError, UserError, printable, shown, shown_name
 from cleanai_core.graph.context import SliceSpec, TraceContext
 from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
@@ -190,36 +190,43 @@ class DependencyGraph:
             raise
         except Exception as exc:
             through = " (through forward_fn)" if forward_fn is not None else ""
-            alone = (
-                " It fails the same way run plainly, without CleanAI's hooks: the inputs or the model itself "
-                "(or the configuration it was built from) are at fault, not the trace."
-                + dtype_advice(model, example_inputs, exc=exc)
-                if _fails_untraced(model, example_inputs, forward_fn)
-                else ""
-            )
             also = " and that forward_fn calls the model as it should" if forward_fn is not None else ""
             text = _exception_text(exc)
             if "HigherOrderOperator" in text or "non-infra torch dispatch mode" in text:
-                raise TraceError(
+                raise TraceInputError(
                     f"the model failed to run while tracing: {text}. A part of it runs a higher-order operator "
                     "or torch.compile (transformers' attn_implementation='flex_attention' does), which cannot run "
                     "under the dispatch mode CleanAI traces with: prune it with an eager implementation of that "
                     "part (for transformers: model.set_attn_implementation('sdpa') or 'eager'; the pruned model "
-                    "can be switched back)."
+                    "can be switched back).",
+                    kind="implementation",
                 ) from exc
+            if _fails_untraced(model, example_inputs, forward_fn):  # the user's: a UserError (CLI exit 2)
+                raise TraceInputError(
+                    f"the model failed to run on the example inputs{through} while tracing: {text}. It fails the "
+                    "same way run plainly, without CleanAI's hooks: the inputs or the model itself (or the "
+                    "configuration it was built from) are at fault, not the trace."
+                    f"{dtype_advice(model, example_inputs, exc=exc)} Check that example_inputs match what the "
+                    "model's forward expects (a tensor, a tuple of positional inputs, or a dict of keyword inputs)"
+                    f"{also}.",
+                    kind="inputs",
+                ) from exc
+            # CleanAI's: the same inputs run without the recorder (said "check that example_inputs match")
             raise TraceError(
-                f"the model failed to run on the example inputs{through} while tracing: {text}."
-                f"{alone} Check that example_inputs match what the model's forward expects "
-                f"(a tensor, a tuple of positional inputs, or a dict of keyword inputs){also}."
+                f"the model failed to run on the example inputs{through} while tracing: {text}. It runs on the "
+                "same inputs without CleanAI's hooks, so the failure comes from tracing it (an operation the "
+                "recorder or a plugin cannot follow), not from the inputs: report it with the model's code."
             ) from exc
         self.output_shapes = [r.shape for r in tree_flatten(self.recording.output)[0] if hasattr(r, "shape")]
         if not self.output_shapes:
             kind = type(self.recording.output).__name__
-            raise TraceError(
+            raise TraceInputError(
                 f"output_transform returned {kind}, which holds no tensors; return the output tensor(s) to keep"
                 if output_transform is not None
                 else f"the model's output ({kind}) holds no tensors, so CleanAI cannot check that pruning keeps it; "
-                "pass output_transform=lambda out: <the output tensor(s)>"
+                "pass output_transform=lambda out: <the output tensor(s)>",
+                kind="output",
+                returned=kind,
             )
         self.ctx = self._propagate()
         self._build_groups()
@@ -338,7 +345,11 @@ class DependencyGraph:
                     else f"op {event.op} in {event.scope or 'model'} "
                     f"(mapper {type(self.mapper_for(event.op)).__name__})"
                 )
-                raise TraceError(f"tracing failed at {who}: {type(exc).__name__}: {exc}") from exc
+                raise TraceError(
+                    f"tracing failed at {who}: {type(exc).__name__}: {exc}. The model ran; the plugin that maps "
+                    "this step failed on it, a fault of CleanAI or of that plugin, not of the model or its inputs: "
+                    "report it with the model's code (`cleanai plugins` lists the plugins)"
+                ) from exc
             ctx.end(event)
         ctx.event = None
         ctx.unbinds.settle(ctx)

@@ -26,19 +26,29 @@ from torch.utils._pytree import tree_flatten
 
 from cleanai_core.errors import UserError
 
-__all__ = ["check_batches_fit", "free_memory", "out_of_memory_error", "sample_peak"]
+__all__ = [
+    "check_batches_fit",
+    "check_sample_fits",
+    "free_memory",
+    "meta_sample_peak",
+    "out_of_memory_error",
+    "sample_peak",
+]
 
 GB = 1e9
 
 
-def _bytes(value: Any) -> int:
+def _bytes(value: Any, meta: bool = False) -> int:
     """The bytes of the tensors in ``value``, each counted once (an in-place ReLU returns
-    its input), by their own size (a sample is a view of the whole data set's tensor)."""
+    its input), by their own size (a sample is a view of the whole data set's tensor).
+    ``meta``: count the tensors on the meta device (told apart by their storage), else the
+    others."""
     leaves, _ = tree_flatten(value)
     seen: set[tuple[int, int]] = set()
     for t in leaves:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.layout == torch.strided:
-            seen.add((t.data_ptr(), t.numel() * t.element_size()))
+        if isinstance(t, torch.Tensor) and (t.device.type == "meta") == meta and t.layout == torch.strided:
+            where = t.untyped_storage()._cdata if meta else t.data_ptr()
+            seen.add((where, t.numel() * t.element_size()))
     return sum(size for _, size in seen)
 
 
@@ -50,20 +60,62 @@ def _size(n: float) -> str:
 
 
 @contextmanager
-def sample_peak() -> Iterator[Callable[[], int]]:
+def sample_peak(meta: bool = False) -> Iterator[Callable[[], int]]:
     """Within the block, every module's forward is watched; the function yielded gives the
     largest number of bytes a module's inputs and outputs held together (the *sample
-    peak* of the glossary)."""
+    peak* of the glossary); ``meta``: of tensors on the meta device."""
     peak = [0]
 
     def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-        peak[0] = max(peak[0], _bytes((args, output)))
+        peak[0] = max(peak[0], _bytes((args, output), meta))
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
         yield lambda: peak[0]
     finally:
         handle.remove()
+
+
+def meta_sample_peak(model: torch.nn.Module, example: Any) -> int | None:
+    """The sample peak of ``example`` estimated without arithmetic or memory: the model's
+    forward runs on the meta device, its parameters and buffers swapped for meta tensors of
+    their shapes (``torch.func.functional_call``: nothing is copied), its modes, buffers
+    and attributes put back afterwards (a forward that caches a tensor keeps its own).
+    ``None`` where the forward cannot run on meta tensors (it reads values: ``.item()``,
+    ``nonzero``, NumPy). Run before the first real sample: one sample too large for the
+    machine (an 8192 x 8192 image through a wide stem) was killed by the out-of-memory
+    killer in that first forward, before any check could speak."""
+    import warnings
+
+    from torch.func import functional_call
+    from torch.utils._pytree import tree_map
+
+    from cleanai_core.model_state import preserved
+
+    try:
+        state = {n: torch.empty_like(t, device="meta") for n, t in model.named_parameters()}
+        state.update({n: torch.empty_like(t, device="meta") for n, t in model.named_buffers()})
+        inputs = tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, example)
+        args, kwargs = ((), inputs) if isinstance(inputs, dict) else ((inputs,), {})
+        with preserved(model), warnings.catch_warnings(), torch.no_grad(), sample_peak(meta=True) as peak:
+            warnings.simplefilter("ignore")  # the model's own warnings show in the real run
+            functional_call(model, state, args, kwargs)
+            return peak()
+    except Exception:  # noqa: BLE001 - any forward that needs values: no estimate, the real run measures
+        return None
+
+
+def check_sample_fits(cfg: dict[str, Any], per_sample: int | None, shape: Any, device: torch.device) -> None:
+    """Refuse a first sample whose estimated peak (:func:`meta_sample_peak`) is beyond the
+    free memory of ``device``: running it would end the process without a message."""
+    free = free_memory(device)
+    if free is None or not per_sample or per_sample <= free:
+        return
+    raise UserError(
+        f"one sample of shape {shape} needs at least {_size(per_sample)} (the largest layer's inputs and outputs at "
+        f"once, estimated without running it), more than the {_size(free)} of memory free on {device}; the run "
+        f"would be killed for memory. {_fix(cfg, 0)}. Nothing was written."
+    )
 
 
 def free_memory(device: torch.device) -> int | None:

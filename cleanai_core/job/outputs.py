@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanai_core.errors import UserError
-from cleanai_core.out_folder import holds_the_working_folder, resolved
+from cleanai_core.out_folder import check_name, holds_the_working_folder, resolved
 
 __all__ = ["check_out_apart", "check_out_dir", "guard_out", "marker_text", "resolved_spec_path"]
 
@@ -47,6 +47,7 @@ def _spec_sources(spec: str | None) -> list[str]:
 def check_out_dir(out: Path, overwrite: bool, inputs: list[str | None], own_marker: str | None = None) -> None:
     """Refuse an existing non-empty folder unless ``overwrite``; never one holding inputs
     (files, folders, or the source of a ``package.module:factory`` spec)."""
+    check_name(out)  # --out ' ' and --out - wrote folders of those names
     resolved(out)  # a loop of links is named (pathlib's RuntimeError from the checks below)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} is a file; give a folder path.")

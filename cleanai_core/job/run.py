@@ -29,7 +29,13 @@ from cleanai_core.job.inputs import (
     split_dataset,
     to_device,
 )
-from cleanai_core.job.memory import check_batches_fit, out_of_memory_error, sample_peak
+from cleanai_core.job.memory import (
+    check_batches_fit,
+    check_sample_fits,
+    meta_sample_peak,
+    out_of_memory_error,
+    sample_peak,
+)
 from cleanai_core.job.outputs import check_out_apart, check_out_dir, guard_out, marker_text, resolved_spec_path
 from cleanai_core.job.recovery import check_train_data
 from cleanai_core.model_state import copy_model, preserved, round_through, set_mode, stored_in
@@ -256,6 +262,10 @@ def _execute(
         # said "example_inputs contain NaN or inf values", an argument the command line has not
         raise UserError(f"--data {cfg['data']!r} contains NaN or inf values (in the first calibration sample); clean "
                         "the data and run again.")  # fmt: skip
+    estimate = meta_sample_peak(model, example)  # one sample beyond the free memory was killed without a word
+    distributed.collectively(
+        lambda: check_sample_fits(cfg, estimate, input_shape(example), device), "checking the first sample's memory"
+    )
     try:
         with torch.no_grad(), sample_peak() as peak:  # what one sample needs, for the batches' check below
             output = model(example) if not isinstance(example, dict) else model(**example)

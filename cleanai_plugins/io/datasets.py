@@ -27,7 +27,13 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.extras import import_extra
 from cleanai_core.runtime import cast_within_range, label_indices, not_class_labels
-from cleanai_core.special_files import check_not_packed, cleanai_folder_kind, not_torch_save_error, special_kind
+from cleanai_core.special_files import (
+    check_not_packed,
+    cleanai_folder_kind,
+    not_torch_save_error,
+    special_kind,
+    unreadable,
+)
 from cleanai_plugins.io.hf import is_hf_model
 from cleanai_plugins.io.models import _FACTORY_RE, call_spec
 
@@ -328,17 +334,14 @@ def _load_pt(path: Path, flag: str = "--data") -> Dataset:
     try:
         with torch.serialization.safe_globals([TensorDataset]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if path.stat().st_size == 0:
-            raise UserError(f"{flag} {str(path)!r} is empty (0 bytes); write the data again.") from None
+    except Exception as exc:  # an empty file said "(EOFError: )"
         other = not_torch_save_error(path, flag, "Save plain tensors: torch.save((x, y), path).")
         if other is not None:  # said "UnpicklingError: Weights only load failed. In PyTorch 2.6, we changed ..."
             raise other from None
         raise UserError(
-            f"cannot read {str(path)!r} safely ({type(exc).__name__}: {str(exc)[:200]}); it may be truncated or "
-            "damaged. Save plain tensors: "
+            f"{flag} {str(path)!r} {unreadable(path, exc)}; write the data again as plain tensors: "
             "torch.save((x, y), path) or torch.save({'x': x, 'y': y}, path)."
-        ) from exc
+        ) from None
     return _from_object(obj, str(path))
 
 

@@ -35,13 +35,50 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Run the whole job on an embedded default: the UCI handwritten digits (CC BY 4.0) and a small "
         "CNN trained on them in seconds. Writes the same outputs as `cleanai prune`.",
     )
-    p.add_argument("--out", "-o", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})")
-    p.add_argument("--ratio", "-r", type=float, default=0.5, metavar="R", help="pruning ratio (default 0.5)")
+    # None: not given, so CLEANAI_OUT, CLEANAI_RATIO, ... (or the file CLEANAI_CONFIG names) apply, then the defaults
+    p.add_argument("--out", "-o", default=None, metavar="DIR", help=f"output folder (default ./{DEFAULT_OUT})")
+    p.add_argument("--ratio", "-r", type=float, default=None, metavar="R", help=f"pruning ratio (default {RATIO})")
     p.add_argument("--epochs", type=int, default=8, metavar="N", help="training epochs (default 8)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-demo --out folder")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info logs")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-demo --out folder")
+    p.add_argument("--quiet", "-q", action="store_true", default=None, help="no progress bars or info logs")
     return p
+
+
+#: the demo's pruning ratio where neither the command line nor the environment gives an amount
+RATIO = 0.5
+#: options the demo fixes itself: its embedded model and data (a CLEANAI_MODEL set for
+#: ``cleanai prune`` is not read here, and the demo says so)
+_OWN = ("model", "data", "weights", "num_classes", "train_data")
+
+
+def demo_config(args: argparse.Namespace, model_spec: str, data: str) -> dict[str, Any]:
+    """The demo's job options, resolved as ``cleanai prune`` resolves its own: defaults <
+    ``--preset`` < the file ``CLEANAI_CONFIG`` names < ``CLEANAI_<OPTION>`` variables <
+    the command line, with the demo's defaults for the ratio (:data:`RATIO`) and
+    ``--out`` where nothing else sets them. Before session 24 the demo read the command
+    line only: ``CLEANAI_RATIO=0.2 cleanai demo`` pruned 0.5, ``CLEANAI_OUT`` and
+    ``CLEANAI_QUIET`` were ignored without a word."""
+    import os
+
+    from cleanai_core.config_sources import ENV_PREFIX
+    from cleanai_core.job.config import resolve_config
+
+    given: dict[str, Any] = {k: v for k, v in vars(args).items() if k in ("out", "ratio", "seed", "quiet")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.overwrite:
+        given["overwrite"] = True
+    ignored = [f"{ENV_PREFIX}{k.upper()}" for k in _OWN if os.environ.get(f"{ENV_PREFIX}{k.upper()}", "").strip()]
+    if ignored:
+        names = ", ".join(ignored)
+        print(f"note: cleanai demo uses its embedded model and data; {names} not read here.", file=sys.stderr)
+    environ = {k: v for k, v in os.environ.items() if k.removeprefix(ENV_PREFIX).lower() not in _OWN}
+    if "out" not in given and not environ.get(f"{ENV_PREFIX}OUT", "").strip():
+        given["out"] = DEFAULT_OUT
+    cfg = resolve_config({**given, "model": model_spec, "data": data}, environ=environ)
+    if cfg["_sources"].get("ratio") == "default" and cfg.get("ratio") is not None:
+        cfg["ratio"], cfg["_sources"]["ratio"] = RATIO, "default (cleanai demo)"
+    return cfg
 
 
 #: the most training epochs ``cleanai demo`` takes (each is a pass over 1,000 digits)
@@ -51,44 +88,32 @@ MAX_EPOCHS = 1000
 def run(args: argparse.Namespace) -> int:
     from torch.utils.data import TensorDataset
 
-    from cleanai_core.job import DEFAULTS, execute
+    from cleanai_core.job import execute
     from cleanai_core.job.outputs import check_out_dir
     from cleanai_plugins.io.demo import DATA_PATH, MODEL_SPEC, digits_tensors, train_digits_cnn
 
-    if not 0.0 < args.ratio < 1.0:
-        raise UserError(f"--ratio={args.ratio} must be strictly between 0 and 1.")
     if not 1 <= args.epochs <= MAX_EPOCHS:  # --epochs 10**11 trained until killed
         raise UserError(f"--epochs={args.epochs} must be from 1 to {MAX_EPOCHS} (the default, 8, trains the demo).")
-    if not -(2**63) <= args.seed < 2**64:  # "Overflow when unpacking long long" (exit 1)
-        raise UserError(f"--seed={args.seed} is out of range: it must be in [-2**63, 2**64) (what torch takes).")
-    out = Path(args.out)
+    cfg = demo_config(args, MODEL_SPEC, f"embedded:{DATA_PATH.name}")  # checks --ratio, --seed as prune does
+    out = Path(cfg["out"])
     earlier = out.is_dir() and (out / MARKER).is_file()
-    check_out_dir(out, args.overwrite, [], own_marker=MARKER)  # refuses files the earlier demo did not write
+    check_out_dir(out, bool(cfg.get("overwrite")), [], own_marker=MARKER)  # refuses files no earlier demo wrote
     if earlier:
         print(f"note: replacing the previous demo output in {out}/", file=sys.stderr)
-    logging.getLogger("cleanai").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    quiet, seed = bool(cfg.get("quiet")), int(cfg["seed"])
+    logging.getLogger("cleanai").setLevel(logging.WARNING if quiet else logging.INFO)
 
     # a model this small runs fastest on one thread (and is not slowed by a busy machine)
     torch.set_num_threads(1)
     x, y = digits_tensors()
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     train, test = perm[:TRAIN_SAMPLES], perm[TRAIN_SAMPLES:]
     log.info("training DigitsCNN on %d of the %d UCI digits (%s)...", len(train), len(x), DATA_PATH.name)
     t0 = time.time()
-    model = train_digits_cnn(x[train], y[train], epochs=args.epochs, seed=args.seed)
+    model = train_digits_cnn(x[train], y[train], epochs=args.epochs, seed=seed)
     log.info("trained in %.1f s; pruning with the other %d images as test data", time.time() - t0, len(test))
 
-    cfg = dict(DEFAULTS)
-    cfg.update(
-        model=MODEL_SPEC,
-        data=f"embedded:{DATA_PATH.name}",
-        out=str(out),
-        ratio=args.ratio,
-        seed=args.seed,
-        quiet=args.quiet,
-        overwrite=True,
-        _own_marker=MARKER,
-    )
+    cfg.update(overwrite=True, _own_marker=MARKER)  # --out was checked above, before the training
     execute(cfg, model=model, dataset=TensorDataset(x[test], y[test]))
     print(f"load it back with: from cleanai_core.io import load_pruned; model = load_pruned({str(out)!r})")
     return 0

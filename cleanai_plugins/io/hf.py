@@ -140,6 +140,14 @@ def load_hf_model(spec: str, trust_remote_code: bool = False) -> nn.Module:
     except Exception as exc:  # a damaged weights file: safetensors' SafetensorError; sizes unlike config.json's:
         if not model_fault(exc):  # RuntimeError (both were tracebacks, exit 1)
             raise
+        folder = path if path.exists() else _cached_folder(src)
+        files = sorted(folder.glob("*")) if folder is not None else []
+        empty = [f for f in files if f.suffix in (".safetensors", ".bin") and _size(f) == 0]
+        if empty:  # said "SafetensorError: Error while deserializing header: header too small"
+            raise UserError(
+                f"--model {spec!r}: the weights file {str(empty[0])!r} is empty (0 bytes); save the model again "
+                "with save_pretrained."
+            ) from None
         raise UserError(
             f"--model {spec!r}: transformers could not load the weights with {cls.__name__} "
             f"({type(exc).__name__}: {str(exc)[:300]}). The weights files in {where!r} may be truncated or damaged, "
@@ -262,6 +270,13 @@ def _cached_folder(src: str) -> Path | None:
     except (OSError, ValueError):
         return None
     return Path(found).parent if found else None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def _check_weight_files(folder: Path | None, spec: str) -> None:

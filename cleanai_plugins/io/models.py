@@ -37,6 +37,7 @@ from cleanai_core.special_files import (
     check_not_special,
     cleanai_folder_kind,
     not_torch_save_error,
+    unreadable,
 )
 
 log = logging.getLogger("cleanai")
@@ -238,14 +239,10 @@ def _unreadable_weights(path: Path, exc: Exception) -> NoReturn:
             "it would run code from the file. Give the model itself as --model with --trust-model if you trust the "
             "file, or save the weights with torch.save(model.state_dict(), path)."
         ) from None
-    if path.stat().st_size == 0:  # said "(EOFError: )"
-        raise UserError(
-            f"weights file {str(path)!r} is empty (0 bytes); save them again with torch.save(model.state_dict(), path)."
-        ) from None
-    raise UserError(
-        f"cannot read weights from {str(path)!r} as a state_dict ({type(exc).__name__}: {str(exc)[:200]}); it "
-        "may be truncated or damaged. Save them with torch.save(model.state_dict(), path)."
-    ) from exc
+    raise UserError(  # an empty file said "(EOFError: )"
+        f"weights file {str(path)!r} {unreadable(path, exc)}; save them again with "
+        "torch.save(model.state_dict(), path)."
+    ) from None
 
 
 def _fitting_parts(
@@ -343,8 +340,10 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
     if other is not None:
         raise other
     with open(path, "rb") as fh:
-        head = fh.read(2)
-    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        head = fh.read(4)
+    if not zipfile.is_zipfile(path) and not head.startswith((b"\x80", b"PK\x03\x04")):
+        if not head:  # said "neither a zip archive nor a pickle; it may be truncated or of another format"
+            raise UserError(f"{str(path)!r} is empty (0 bytes); save the model again. Give the model as {MODEL_FORMS}.")
         raise UserError(
             f"{str(path)!r} is not a file written by torch.save (neither a zip archive nor a pickle); it may be "
             f"truncated or of another format. Give the model as {MODEL_FORMS}."
@@ -355,8 +354,7 @@ def _load_model_file(path: Path, options: dict[str, Any]) -> nn.Module:
         obj = None  # holds Python objects (a pickled module): needs --trust-model
     except Exception as exc:  # not even a pickle torch can walk: truncated, or a zip of something else
         raise UserError(
-            f"cannot read {str(path)!r} as a file written by torch.save ({type(exc).__name__}: {str(exc)[:200]}); "
-            f"it may be truncated or of another format. Give the model as {MODEL_FORMS}."
+            f"{str(path)!r} {unreadable(path, exc)}; save the model again. Give the model as {MODEL_FORMS}."
         ) from None
     else:
         if isinstance(obj, dict):
