@@ -114,7 +114,8 @@ def test_torch_save_files_that_are_damaged_keep_their_own_messages(ws, capsys):
     for name in ("cut.pt", "cutpickle.pt"):
         assert main(["prune", "--model", DEMO, "--data", "d.pt", "--weights", name, "--out", "o"]) == 2
         err = capsys.readouterr().err
-        assert f"cannot read weights from {name!r} as a state_dict" in err and "not a file written" not in err
+        # leftovers16 names how the file ends (an archive without its directory, a pickle cut mid-way)
+        assert f"weights file {name!r}" in err and "truncated or damaged" in err and "not a file written" not in err
 
 
 # -- inf in a weight (not a bias) ------------------------------------------------------------------------
