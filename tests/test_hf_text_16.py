@@ -81,3 +81,45 @@ def test_prefixed_encoder_and_decoder_halves_write_their_own_keys(version, tmp_p
     with torch.no_grad():
         cached = again.generate(inputs["input_ids"], **gen)
         assert torch.equal(cached, again.generate(inputs["input_ids"], **gen, use_cache=False))
+
+
+def ernie_vl(layers: int = 3):
+    """A tiny ERNIE-4.5-VL-MoE (a dense first layer, then MoE layers with text experts,
+    vision experts and a shared expert; ``moe_intermediate_size`` = [text, vision])."""
+    text = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, moe_intermediate_size=[32, 16],
+                moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]})  # fmt: skip
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=4)
+    config = transformers.Ernie4_5_VLMoeConfig(
+        text_config=text, vision_config=vision, image_token_id=V - 1, video_token_id=V - 2, image_start_token_id=V - 3,
+        image_end_token_id=V - 4, video_start_token_id=V - 5, video_end_token_id=V - 6)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.Ernie4_5_VLMoeForConditionalGeneration(config).eval()
+
+
+def test_a_list_key_holding_one_width_per_kind_of_expert_is_written_per_kind(tmp_path):
+    """ERNIE-4.5-VL-MoE's ``moe_intermediate_size`` is [text experts, vision experts], not
+    one width per layer. The fix-up wrote a list key only when it had one value per
+    layer: with two MoE layers (4 expert widths for a 2-entry list) nothing was written,
+    the rebuild check blamed the MLP width and the default kept every expert (250,608 ->
+    243,312 parameters at 0.4: the dense MLP only). Widths that repeat the list in every
+    layer are now written per kind: the text experts prune (32 -> 20, and the shared
+    expert with them); the vision experts, which text tokens never reach, keep 16."""
+    model = ernie_vl(3)
+    inputs = (ids(1, 8),)
+    assert check_pruner(model, inputs, ratio=0.5).max_abs_diff < 1e-5
+    small = calibrated(model, {"input_ids": inputs[0]}, 0.4)
+    text = small.config.text_config
+    assert text.moe_intermediate_size == [20, 16] and text.intermediate_size == 58
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    moe = [layer.mlp for layer in small.model.language_model.layers[1:]]
+    assert [tuple(m.text_moe.experts.gate_up_proj.shape) for m in moe] == [(4, 40, 64)] * 2
+    assert [m.shared_experts.gate_proj.out_features for m in moe] == [20, 20]
+    assert (params(model), params(small)) == (250_608, 220_272)
+    again = reloaded(small, tmp_path)
+    with torch.no_grad():
+        assert outputs_diff(small(*inputs), again(*inputs)) == 0
+    gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(again.generate(inputs[0], **gen), again.generate(inputs[0], **gen, use_cache=False))

@@ -115,8 +115,16 @@ def _set(config, key: str, values: list[int], record: dict) -> None:
         return
     current = getattr(config, key)
     if isinstance(current, (list, tuple)):  # one value per layer (Gemma3n's ``intermediate_size``): each its own
-        if len(current) == len(values) and not is_staged(config):  # (a per-stage list, Swin's ``num_heads``,
-            setattr(config, key, type(current)(values))  # is written by :mod:`.staged`)
+        n = len(current)  # (a per-stage list, Swin's ``num_heads``, is written by :mod:`.staged`)
+        if n == len(values) and not is_staged(config):
+            setattr(config, key, type(current)(values))
+        elif n and len(values) % n == 0 and not is_staged(config):
+            # one value per kind of module, each layer holding one of each in that order (Ernie-4.5-VL's
+            # ``moe_intermediate_size``: [text experts, vision experts] in every MoE layer)
+            per_kind = [values[i::n] for i in range(n)]
+            if any(len(set(v)) > 1 for v in per_kind):
+                record[key] = values
+            setattr(config, key, type(current)(v[0] for v in per_kind))
         return
     if len(set(values)) > 1:
         record[key] = values
