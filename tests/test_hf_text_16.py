@@ -83,13 +83,14 @@ def test_prefixed_encoder_and_decoder_halves_write_their_own_keys(version, tmp_p
         assert torch.equal(cached, again.generate(inputs["input_ids"], **gen, use_cache=False))
 
 
-def ernie_vl(layers: int = 3):
+def ernie_vl(layers: int = 3, **kw):
     """A tiny ERNIE-4.5-VL-MoE (a dense first layer, then MoE layers with text experts,
     vision experts and a shared expert; ``moe_intermediate_size`` = [text, vision])."""
     text = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, moe_intermediate_size=[32, 16],
                 moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]})  # fmt: skip
+    text.update(kw)
     vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=4)
     config = transformers.Ernie4_5_VLMoeConfig(
         text_config=text, vision_config=vision, image_token_id=V - 1, video_token_id=V - 2, image_start_token_id=V - 3,
@@ -123,3 +124,26 @@ def test_a_list_key_holding_one_width_per_kind_of_expert_is_written_per_kind(tmp
     gen = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(again.generate(inputs[0], **gen), again.generate(inputs[0], **gen, use_cache=False))
+
+
+def test_shared_experts_beside_several_kinds_of_routed_experts_prune_with_the_first(tmp_path):
+    """ERNIE-4.5-VL-MoE's shared experts (``mlp.shared_experts``, ``moe_intermediate_size[0]
+    x moe_num_shared_experts`` wide) sit beside the blocks of routed experts
+    (``mlp.text_moe.experts``, ``mlp.vision_moe.experts``), not beside the experts. The tie
+    that keeps them at the experts' share looked beside the experts only: with 2 shared
+    experts (64 wide) the text experts pruned 32 -> 20 and the shared ones stayed 64,
+    which the config rebuilds as 40, so the default's ``hf/`` could not reload
+    (``from_pretrained: false``, a size mismatch in ``shared_experts``). The block's parent
+    is now searched too; the first kind of routed experts claims the shared MLP."""
+    model = ernie_vl(2, moe_intermediate_size=[32, 32], moe_num_shared_experts=2, mlp_layer_types=["sparse"] * 2)
+    inputs = (ids(1, 8),)
+    small = calibrated(model, {"input_ids": inputs[0]}, 0.4)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert small.config.text_config.moe_intermediate_size == [20, 32]
+    moe = [layer.mlp for layer in small.model.language_model.layers]
+    assert [m.shared_experts.gate_proj.out_features for m in moe] == [40, 40]  # 2 x 20 (was 64)
+    assert [tuple(m.text_moe.experts.gate_up_proj.shape) for m in moe] == [(4, 40, 64)] * 2
+    assert (params(model), params(small)) == (256_624, 228_976)
+    again = reloaded(small, tmp_path)
+    with torch.no_grad():
+        assert outputs_diff(small(*inputs), again(*inputs)) == 0
