@@ -88,8 +88,8 @@ def ernie_vl(layers: int = 3, **kw):
     vision experts and a shared expert; ``moe_intermediate_size`` = [text, vision])."""
     text = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, moe_intermediate_size=[32, 16],
-                moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]})  # fmt: skip
+                moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, rope_parameters={
+                    "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]})  # fmt: skip
     text.update(kw)
     vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=4)
     config = transformers.Ernie4_5_VLMoeConfig(
