@@ -147,3 +147,23 @@ def test_shared_experts_beside_several_kinds_of_routed_experts_prune_with_the_fi
     again = reloaded(small, tmp_path)
     with torch.no_grad():
         assert outputs_diff(small(*inputs), again(*inputs)) == 0
+
+
+def test_a_width_sized_from_a_sibling_blocks_key_keeps_that_block_when_nothing_nearer_cut(monkeypatch):
+    """The default's rebuild check blames a mismatched tensor that no group cut on the
+    groups cutting beside it (its holder's parent), then on those cutting it in other
+    layers; where neither cut anything it blamed nothing, and the prune went on with a
+    config that rebuilds another model: ERNIE-4.5-VL's shared experts (kept, 64 wide,
+    rebuilt as ``2 x moe_intermediate_size[0]``) beside text experts pruned 32 -> 20 in
+    the sibling block ``mlp.text_moe``. With the shared-experts tie switched off (a layout
+    it does not know), the check now looks one level up (``mlp``) and keeps the experts
+    whose key sizes the shared MLP: ``from_pretrained`` rebuilds what the default left."""
+    import cleanai_plugins.zoo.transformers as hf
+
+    monkeypatch.setattr(hf, "shared_expert_ties", lambda model: None)
+    model = ernie_vl(2, moe_intermediate_size=[32, 32], moe_num_shared_experts=2, mlp_layer_types=["sparse"] * 2)
+    small = calibrated(model, {"input_ids": ids(1, 8)}, 0.4)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}  # was false: 2 x 20 != 64
+    moe = [layer.mlp for layer in small.model.language_model.layers]
+    assert [tuple(m.text_moe.experts.gate_up_proj.shape) for m in moe] == [(4, 64, 64)] * 2
+    assert small.config.text_config.moe_intermediate_size == [32, 32]

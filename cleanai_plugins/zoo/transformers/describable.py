@@ -123,19 +123,27 @@ def _touching(graph, groups: list, bad: dict[str, set[int]]) -> dict[int, str]:
         ran = holder in graph.nodes and holder not in untraced
         state = "ran but no group cut it" if ran else _UNRUN
         why = f"{holder} {state} and keeps its width, which its config key gives this one too"
-        for gid in [] if near else _same_role_cutters(groups, holder):
+        role = [] if near else _same_role_cutters(groups, holder)
+        for gid in role:
             hit.setdefault(gid, why)
+        if not near and not role:  # sized from a sibling block's width (shared experts beside ``mlp.text_moe``)
+            for gid in _nearest_cutters(groups, key, up=2):
+                hit.setdefault(gid, key)
     return hit
 
 
-def _nearest_cutters(groups: list, key: str) -> list[int]:
+def _nearest_cutters(groups: list, key: str, up: int = 1) -> list[int]:
     """The groups that cut tensors beside ``key``'s holder (inside the holder's parent):
     a tensor no group cut whose rebuilt shape changed is sized from a count the config
     fix-up wrote for its neighbours (Phi's and Persimmon's ``q_layernorm`` of
     ``hidden_size / num_attention_heads``: the heads went in the attention around it).
-    No further (and not the whole model, for a tensor of a top-level module): a mismatch
-    that no pruning nearby explains blames nothing."""
-    scope = key.rpartition(".")[0].rpartition(".")[0]
+    ``up=2``: inside the parent's parent, where nothing beside it and nothing in its role
+    cut (ERNIE-4.5-VL's ``mlp.shared_experts.gate_proj``, sized from the experts' width in
+    ``mlp.text_moe``). No further (and not the whole model, for a tensor of a top-level
+    module): a mismatch that no pruning nearby explains blames nothing."""
+    scope = key.rpartition(".")[0]
+    for _ in range(up):
+        scope = scope.rpartition(".")[0]
     if not scope:
         return []
     return [g.id for g in groups if any(s.module.startswith(f"{scope}.") for s in g.slices)]
