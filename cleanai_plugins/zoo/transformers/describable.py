@@ -46,6 +46,8 @@ KEPT = (
     "disable it to prune this too, then reload with load_pruned)"
 )
 _ROUNDS = 4
+#: a module inside one numbered layer, below the layer itself (``model.layers.0.mlp``)
+_LAYER_BLOCK = re.compile(r"\.\d+\.[^.]")
 _UNRUN = "did not run on the example inputs"
 
 
@@ -139,12 +141,13 @@ def _nearest_cutters(groups: list, key: str, up: int = 1) -> list[int]:
     ``hidden_size / num_attention_heads``: the heads went in the attention around it).
     ``up=2``: inside the parent's parent, where nothing beside it and nothing in its role
     cut (ERNIE-4.5-VL's ``mlp.shared_experts.gate_proj``, sized from the experts' width in
-    ``mlp.text_moe``). No further (and not the whole model, for a tensor of a top-level
-    module): a mismatch that no pruning nearby explains blames nothing."""
+    ``mlp.text_moe``), and only within a block of one layer (``layers.0.mlp``; not the layer
+    itself, nor a model's embeddings). No further (and not the whole model, for a tensor of
+    a top-level module): a mismatch that no pruning nearby explains blames nothing."""
     scope = key.rpartition(".")[0]
     for _ in range(up):
         scope = scope.rpartition(".")[0]
-    if not scope:
+    if not scope or (up > 1 and not _LAYER_BLOCK.search(scope)):
         return []
     return [g.id for g in groups if any(s.module.startswith(f"{scope}.") for s in g.slices)]
 
