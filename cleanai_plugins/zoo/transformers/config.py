@@ -95,10 +95,19 @@ def config_owner(names: dict[str, nn.Module], name: str) -> tuple[str, object] |
         name = name.rpartition(".")[0]
 
 
-def _side(name: str) -> str:
-    """``encoder_`` / ``decoder_`` for the halves of an encoder-decoder model."""
-    parts = name.split(".")
-    return "decoder_" if "decoder" in parts else "encoder_" if "encoder" in parts else ""
+def _side(name: str, config) -> str:
+    """``encoder_`` / ``decoder_`` for the halves of an encoder-decoder model, from the
+    nearest half in ``name``: ``encoder`` / ``decoder``, or a prefixed one that reads the same
+    keys (SeamlessM4T's ``text_encoder`` / ``text_decoder``). A prefixed half whose config
+    has keys of its own (SeamlessM4T's ``speech_encoder_*``) gets its own prefix: no key
+    this fix-up writes, so the rebuild check keeps what it cannot say."""
+    for part in reversed(name.split(".")):
+        if part in ("encoder", "decoder"):
+            return f"{part}_"
+        stem, _, half = part.rpartition("_")
+        if stem and half in ("encoder", "decoder"):
+            return f"{part}_" if any(k.startswith(f"{part}_") for k in vars(config)) else f"{half}_"
+    return ""
 
 
 def _set(config, key: str, values: list[int], record: dict) -> None:
@@ -106,8 +115,16 @@ def _set(config, key: str, values: list[int], record: dict) -> None:
         return
     current = getattr(config, key)
     if isinstance(current, (list, tuple)):  # one value per layer (Gemma3n's ``intermediate_size``): each its own
-        if len(current) == len(values) and not is_staged(config):  # (a per-stage list, Swin's ``num_heads``,
-            setattr(config, key, type(current)(values))  # is written by :mod:`.staged`)
+        n = len(current)  # (a per-stage list, Swin's ``num_heads``, is written by :mod:`.staged`)
+        if n == len(values) and not is_staged(config):
+            setattr(config, key, type(current)(values))
+        elif n and len(values) % n == 0 and not is_staged(config):
+            # one value per kind of module, each layer holding one of each in that order (Ernie-4.5-VL's
+            # ``moe_intermediate_size``: [text experts, vision experts] in every MoE layer)
+            per_kind = [values[i::n] for i in range(n)]
+            if any(len(set(v)) > 1 for v in per_kind):
+                record[key] = values
+            setattr(config, key, type(current)(v[0] for v in per_kind))
         return
     if len(set(values)) > 1:
         record[key] = values
@@ -132,7 +149,7 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
             continue
         entry = found.setdefault(id(owner[1]), _entry(owner[1]))
         values, at, layer = entry["values"], entry["at"], layer_index(name, module)
-        side = _side(name) if hasattr(owner[1], "encoder_ffn_dim") else ""
+        side = _side(name, owner[1]) if hasattr(owner[1], "encoder_ffn_dim") else ""
         if isinstance(module, nn.LayerNorm) or (type(module).__name__.endswith("RMSNorm")):
             w = getattr(module, "weight", None)
             if w is not None and w.ndim == 1:
@@ -274,7 +291,7 @@ def _scales_of(ref: nn.Module) -> dict[str, tuple[Fraction, Fraction | None]]:
         if counts is None:
             continue
         config, (heads, kv, _) = owner[1], counts
-        side = _side(name) if hasattr(config, "encoder_ffn_dim") else ""
+        side = _side(name, config) if hasattr(config, "encoder_ffn_dim") else ""
         h_key = f"{side}attention_heads" if side else "num_attention_heads"
         h_cfg, kv_cfg = getattr(config, h_key, None), getattr(config, "num_key_value_heads", None)
         if not isinstance(h_cfg, int) or h_cfg <= 0:

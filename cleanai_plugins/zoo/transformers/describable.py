@@ -46,6 +46,8 @@ KEPT = (
     "disable it to prune this too, then reload with load_pruned)"
 )
 _ROUNDS = 4
+#: a module inside one numbered layer, below the layer itself (``model.layers.0.mlp``)
+_LAYER_BLOCK = re.compile(r"\.\d+\.[^.]")
 _UNRUN = "did not run on the example inputs"
 
 
@@ -123,20 +125,29 @@ def _touching(graph, groups: list, bad: dict[str, set[int]]) -> dict[int, str]:
         ran = holder in graph.nodes and holder not in untraced
         state = "ran but no group cut it" if ran else _UNRUN
         why = f"{holder} {state} and keeps its width, which its config key gives this one too"
-        for gid in [] if near else _same_role_cutters(groups, holder):
+        role = [] if near else _same_role_cutters(groups, holder)
+        for gid in role:
             hit.setdefault(gid, why)
+        if not near and not role:  # sized from a sibling block's width (shared experts beside ``mlp.text_moe``)
+            for gid in _nearest_cutters(groups, key, up=2):
+                hit.setdefault(gid, key)
     return hit
 
 
-def _nearest_cutters(groups: list, key: str) -> list[int]:
+def _nearest_cutters(groups: list, key: str, up: int = 1) -> list[int]:
     """The groups that cut tensors beside ``key``'s holder (inside the holder's parent):
     a tensor no group cut whose rebuilt shape changed is sized from a count the config
     fix-up wrote for its neighbours (Phi's and Persimmon's ``q_layernorm`` of
     ``hidden_size / num_attention_heads``: the heads went in the attention around it).
-    No further (and not the whole model, for a tensor of a top-level module): a mismatch
-    that no pruning nearby explains blames nothing."""
-    scope = key.rpartition(".")[0].rpartition(".")[0]
-    if not scope:
+    ``up=2``: inside the parent's parent, where nothing beside it and nothing in its role
+    cut (ERNIE-4.5-VL's ``mlp.shared_experts.gate_proj``, sized from the experts' width in
+    ``mlp.text_moe``), and only within a block of one layer (``layers.0.mlp``; not the layer
+    itself, nor a model's embeddings). No further (and not the whole model, for a tensor of
+    a top-level module): a mismatch that no pruning nearby explains blames nothing."""
+    scope = key.rpartition(".")[0]
+    for _ in range(up):
+        scope = scope.rpartition(".")[0]
+    if not scope or (up > 1 and not _LAYER_BLOCK.search(scope)):
         return []
     return [g.id for g in groups if any(s.module.startswith(f"{scope}.") for s in g.slices)]
 

@@ -42,6 +42,7 @@ def shared_expert_ties(model: nn.Module) -> dict[str, set] | None:
     them, where the config has no width key of the shared experts' own."""
     names = dict(model.named_modules())
     ties: set = set()
+    routed: set[str] = set()  # the blocks whose shared MLPs are tied already (to their first routed experts)
     for name, block in names.items():
         experts = getattr(block, "experts", None)
         if not isinstance(experts, nn.Module) or not is_experts(experts):
@@ -51,9 +52,25 @@ def shared_expert_ties(model: nn.Module) -> dict[str, set] | None:
             continue
         width, hidden = expert_width(experts), expert_hidden(experts)
         key = f"{name}.experts" if name else "experts"  # the experts' own same_count key (their name)
-        for child_name, child in block.named_children():
-            if "shared" not in child_name or child is experts:
+        for holder in _holders(names, name):
+            if holder in routed:
                 continue
-            for proj in _first_projections(child, hidden, width) or ():
-                ties.add((proj, "out", key))
+            routed.add(holder)
+            for child_name, child in names[holder].named_children():
+                if "shared" not in child_name or child is experts:
+                    continue
+                for proj in _first_projections(child, hidden, width) or ():
+                    ties.add((proj, "out", key))
     return {SAME_SHARE: ties} if ties else None
+
+
+def _holders(names: dict[str, nn.Module], name: str) -> list[str]:
+    """Where the shared MLPs of the routed experts of block ``name`` live: beside them in
+    the block, or beside the block in a parent holding several kinds of routed experts
+    (ERNIE-4.5-VL's ``mlp.text_moe.experts`` and ``mlp.vision_moe.experts`` beside
+    ``mlp.shared_experts``, as wide as ``moe_intermediate_size[0]`` times their number: the
+    first kind, registered first, claims it)."""
+    parent = name.rpartition(".")[0] if "." in name else ""
+    if name and parent in names and not isinstance(getattr(names[parent], "experts", None), nn.Module):
+        return [name, parent]
+    return [name]
