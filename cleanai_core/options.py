@@ -41,10 +41,11 @@ __all__ = [
     "check_targets",
     "ignored_modules",
     "layer_ratios",
+    "layer_scopes",
     "match_modules",
 ]
 
-ModuleSpec = nn.Module | str | type
+ModuleSpec = nn.Module | str | type | tuple
 
 
 def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, Any]:
@@ -56,6 +57,12 @@ def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, An
     out: dict[str, Any] = {}
     for spec in specs:
         hits: list[str]
+        if isinstance(spec, tuple):  # a scope of layers (``layer_pruning_ratios={(m.layer1, m.layer2): 0.4}``)
+            if not spec:
+                raise UserError("an empty tuple of layers names no layer; give the modules, names, globs or types")
+            for name in match_modules(model, spec):
+                out.setdefault(name, spec)
+            continue
         if isinstance(spec, nn.Module):
             hits = [ids[id(spec)]] if id(spec) in ids else []
         elif isinstance(spec, type):
@@ -189,6 +196,22 @@ def layer_ratios(model: nn.Module, ratios: Mapping[ModuleSpec, float]) -> dict[s
         check_ratio(f"layer_pruning_ratios[{spec!r}]", r, allow_zero=True)
         for name in match_modules(model, [spec]):
             out.setdefault(name, float(r))
+    return out
+
+
+def layer_scopes(model: nn.Module, ratios: Mapping[Any, float]) -> dict[str, int]:
+    """``{module name: scope}`` for the layers a tuple key of ``layer_pruning_ratios`` names
+    (``{(m.layer1, m.layer2): 0.4}``, Torch-Pruning's ``pruning_ratio_dict`` scopes): under
+    global ranking their groups rank together and lose the tuple's ratio of their units in
+    all; the scope is the key's position. A layer an earlier entry matched keeps that entry,
+    as in :func:`layer_ratios`."""
+    out: dict[str, int] = {}
+    seen: set[str] = set()
+    for k, spec in enumerate(ratios):
+        for name in match_modules(model, [spec]):
+            if name not in seen and isinstance(spec, tuple):
+                out[name] = k
+            seen.add(name)
     return out
 
 

@@ -33,7 +33,7 @@ from cleanai_core.pruning_report import pruner_report
 from cleanai_core.runtime import copy_modes, device_of, plain_inputs, without_autocast
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
 from cleanai_core.slicing import SliceEdit
-from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
+from cleanai_core.steps import group_ratios, layer_scope_ratios, prune_in_steps, step_caps
 from cleanai_core.targets import (
     TrialMemory,
     flops_measure,
@@ -145,7 +145,10 @@ class StructuredPruner:
         (0.3 keeps 0.67 of a MobileNet-V3's parameters, per group 0.58). For a share of the
         parameters give ``target_params``. The report says which (``ranking``,
         ``units_before``, ``units_after``).
-    :param layer_pruning_ratios: ``{module | name | glob | type: ratio}``.
+    :param layer_pruning_ratios: ``{module | name | glob | type: ratio}``; a key may be a
+        tuple of them (``{(model.layer1, model.layer2): 0.4}``, Torch-Pruning's scopes): each
+        layer gets the ratio, and under ``global_pruning`` their units rank together and lose
+        the ratio in all.
     :param ignored_layers: modules, names, globs or types whose output channels are kept
         (plus the classifier heads the ``cleanai_default_ignores`` hook names).
     :param global_pruning: rank units of all groups together (scores normalised per group).
@@ -418,6 +421,12 @@ class StructuredPruner:
         ranked = self.global_pruning if ranked is None else ranked
         caps = step_caps(groups, self._widths, self.max_layer_ratio) if ranked and self._widths else None
         scopes = self.isomorphic_scopes(groups) if ranked and self.isomorphic else None
+        if ranked and self.layer_scopes:  # a tuple of layers given one ratio: its groups rank together
+            tuple_scopes, tuple_ratios = layer_scope_ratios(self, groups, ratios)
+            if tuple_scopes:
+                ratios = {gid: r for gid, r in ratios.items() if gid not in tuple_scopes}
+                scopes = {**(scopes or {}), **tuple_scopes}
+                set_ratios = {**(set_ratios or {}), **tuple_ratios}
         return make_plan(
             groups,
             scores,
@@ -456,6 +465,7 @@ class StructuredPruner:
         if getattr(self, "graph", None) is not None:  # the constructor checks once the graph is built
             self._check_ratios_reach(table or {})
         self.layer_ratios, self._plan = named, None
+        self.layer_scopes = options.layer_scopes(self.model, table or {})
 
     def _check_ratios_reach(self, table: Mapping[ModuleSpec, float]) -> None:
         """A :class:`UserError` for a layer ratio above 0 whose layers carry the channels of

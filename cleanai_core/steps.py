@@ -27,7 +27,7 @@ units that hold its share of the channels.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
@@ -40,8 +40,10 @@ __all__ = [
     "Targets",
     "final_counts",
     "group_ratios",
+    "layer_scope_ratios",
     "original_widths",
     "prune_in_steps",
+    "ratio_layer",
     "set_step_ratios",
     "slice_keys",
     "step_caps",
@@ -173,6 +175,43 @@ def set_step_ratios(
     return {k: step_ratio(ratio, original[k], current[k], step, steps) for k in original}
 
 
+def ratio_layer(group: Group, layer_ratios: Mapping[str, Any]) -> str | None:
+    """The layer named in ``layer_ratios`` whose ratio is ``group``'s: one that produces
+    the group's channels, else a custom layer named for itself whose outputs carry them
+    (its tensors are bare)."""
+    found = next((s.module for s in group.slices if s.kind != "in" and s.module in layer_ratios), None)
+    if found is None:
+        found = next((n for n in group.layers if named_alone(n, layer_ratios)), None)
+    return found
+
+
+def layer_scope_ratios(
+    pruner: Any, groups: list[Group], ratios: dict[int, float]
+) -> tuple[dict[int, Hashable], dict[Hashable, float]]:
+    """Under global ranking, the groups of ``ratios`` whose layer ratio comes from a tuple
+    key of ``layer_pruning_ratios`` (``pruner.layer_scopes``): per group id its scope, and
+    per scope the share of its current units to remove now (the tuple's ratio; with
+    iterative steps, this step's share of it, :func:`set_step_ratios`)."""
+    scopes: dict[int, Hashable] = {}
+    wanted: dict[Hashable, float] = {}
+    for g in groups:
+        layer = ratio_layer(g, pruner.layer_ratios) if g.id in ratios else None
+        if layer is not None and layer in pruner.layer_scopes:
+            scopes[g.id] = ("layer_pruning_ratios", pruner.layer_scopes[layer])
+            wanted[scopes[g.id]] = pruner.layer_ratios[layer]
+    if not scopes:
+        return {}, {}
+    step, steps = pruner._step
+    if steps <= 1 or not pruner._widths:
+        return scopes, wanted
+    members = [g for g in groups if g.id in scopes]
+    out: dict[Hashable, float] = {}
+    for scope, r in wanted.items():
+        these = [g for g in members if scopes[g.id] == scope]
+        out.update(set_step_ratios(these, scopes, pruner._widths, r, step, steps))
+    return scopes, out
+
+
 def group_ratios(
     groups: list[Group],
     layer_ratios: dict[str, float],
@@ -191,10 +230,8 @@ def group_ratios(
     step), how far along to the ``targets`` it ends."""
 
     def named(g: Group) -> float | None:
-        found = next((layer_ratios[s.module] for s in g.slices if s.kind != "in" and s.module in layer_ratios), None)
-        if found is None:  # a custom layer named for itself whose outputs carry the group (its tensors are bare)
-            found = next((layer_ratios[n] for n in g.layers if named_alone(n, layer_ratios)), None)
-        return found
+        layer = ratio_layer(g, layer_ratios)
+        return None if layer is None else layer_ratios[layer]
 
     if (steps > 1 or share is not None) and targets:
         ratios = step_group_ratios(groups, targets, step, steps, graph, share)

@@ -1,0 +1,159 @@
+"""A fifteenth set of the scenarios users bring from Torch-Pruning, written for CleanAI's API
+(see ``test_peer_scenarios.py`` to ``_14``): the peer's ``pruning_ratio_dict`` with a tuple
+of modules as a key, a *scope* whose layers share one ratio and, under global pruning, are
+ranked together.
+
+Each test asserts widths, parameter counts and, where slicing must equal zeroing, the
+masking oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_peer_scenarios_6 import _seeded
+from torch import nn
+
+from cleanai_core import PruningHistory, StructuredPruner
+from cleanai_core.errors import UserError
+from cleanai_core.metrics import count_params
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
+
+
+# -- layer_pruning_ratios with a tuple of layers: one scope ---------------------------------------
+
+
+class Blocks(nn.Module):
+    """A stem and three blocks of 16 channels each; ``b1``'s channels 4..15 are nearly dead
+    (their weights a thousandth of the others'), ``b2``'s are all alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b2 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b3 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+        with torch.no_grad():
+            self.b1[0].weight[4:] *= 1e-3
+            self.b1[0].bias[4:] *= 1e-3
+            self.b1[1].weight[4:] *= 1e-3
+            self.b1[1].bias[4:] *= 1e-3
+            self.b2[0].weight[:, 4:] *= 1e-3
+
+    def forward(self, x):
+        return self.head(self.b3(self.b2(self.b1(self.stem(x)))).mean((2, 3)))
+
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _widths(model: Blocks) -> list[int]:
+    return [model.stem.out_channels, model.b1[0].out_channels, model.b2[0].out_channels, model.b3[0].out_channels]
+
+
+def test_a_tuple_of_layers_gives_each_its_ratio_under_uniform_pruning():
+    """``layer_pruning_ratios={(m.b1, m.b2): 0.5}`` was refused ("cannot match layers with
+    (Sequential(...": give a module, a name, a glob or a type); it now names both blocks,
+    each losing half its channels as a ratio for each alone does."""
+    model = _seeded(Blocks)
+    small = StructuredPruner(
+        model, X, "magnitude", pruning_ratio=0.0, layer_pruning_ratios={(model.b1, model.b2): 0.5}
+    ).prune()
+    assert _widths(small) == [16, 8, 8, 16]
+    same = StructuredPruner(
+        model, X, "magnitude", pruning_ratio=0.0, layer_pruning_ratios={model.b1: 0.5, model.b2: 0.5}
+    ).prune()
+    assert small.state_dict().keys() == same.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), same.state_dict().values(), strict=True))
+    assert count_params(model) == 448 + 2 * (2320 + 32) + 2320 + 68
+    assert count_params(small) == 448 + (16 * 8 * 9 + 8 + 16) + (8 * 8 * 9 + 8 + 16) + (8 * 16 * 9 + 16) + 68
+
+
+def test_a_tuple_of_layers_is_one_ranking_scope_under_global_pruning():
+    """Under global pruning the peer's tuple is a scope: its layers' units rank together and
+    lose the ratio in all. ``b1``'s twelve weak channels go first (at most
+    ``max_layer_ratio`` of it), the rest from ``b2``; the layers outside keep their width,
+    and the whole still loses 16 of the scope's 32 units."""
+    model = _seeded(Blocks)
+    pruner = StructuredPruner(
+        model,
+        X,
+        "magnitude",
+        pruning_ratio=0.0,
+        global_pruning=True,
+        layer_pruning_ratios={(model.b1, model.b2): 0.5},
+    )
+    small = pruner.prune()
+    assert _widths(small) == [16, 4, 12, 16]
+    assert sorted(torch.nonzero(~torch.isin(torch.arange(16), _kept(pruner, "b1.0"))).squeeze(1).tolist()) == list(
+        range(4, 16)
+    )
+    assert small(X).shape == (2, 4)
+    # the same ratio per layer (no tuple) is uniform inside each layer, also under global pruning
+    apart = StructuredPruner(
+        model,
+        X,
+        "magnitude",
+        pruning_ratio=0.0,
+        global_pruning=True,
+        layer_pruning_ratios={model.b1: 0.5, model.b2: 0.5},
+    ).prune()
+    assert _widths(apart) == [16, 8, 8, 16]
+    fresh = _seeded(Blocks)
+    PruningHistory.from_json(pruner.history.to_json()).replay(fresh)
+    fresh.load_state_dict(small.state_dict())
+    assert torch.equal(fresh(X), small(X))
+
+
+def _kept(pruner: StructuredPruner, module: str) -> torch.Tensor:
+    """The original indices the plan keeps of ``module``'s output channels."""
+    units = pruner.plan().pruned_units()
+    keep = pruner.graph.keep_indices(units)
+    return keep[(module, "out")]
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_a_tuple_scope_reaches_its_ratio_over_iterative_steps(steps):
+    """With ``iterative_steps`` the scope's share is spread over the steps: after the last
+    one it has lost the tuple's ratio of its original units, the weak channels first."""
+    model = _seeded(Blocks)
+    small = StructuredPruner(
+        model,
+        X,
+        "magnitude",
+        pruning_ratio=0.0,
+        global_pruning=True,
+        iterative_steps=steps,
+        layer_pruning_ratios={(model.b1, model.b2): 0.5},
+    ).prune()
+    widths = _widths(small)
+    assert widths[0] == 16 and widths[3] == 16
+    assert widths[1] + widths[2] == 16 and widths[1] < 8
+
+
+def test_a_tuple_scope_beside_isomorphic_sets_and_the_global_ratio():
+    """A tuple scope leaves the other groups to the global ratio (here with isomorphic
+    sets): ``b3`` and the stem lose a quarter, ranked on their own, while the scope loses
+    half of its units."""
+    model = _seeded(Blocks)
+    small = StructuredPruner(
+        model,
+        X,
+        "magnitude",
+        pruning_ratio=0.25,
+        global_pruning=True,
+        isomorphic=True,
+        layer_pruning_ratios={(model.b1, "b2"): 0.5},
+    ).prune()
+    widths = _widths(small)
+    assert widths[1] + widths[2] == 16 and widths[1] == 4
+    assert widths[0] == 12 and widths[3] == 12
+
+
+def test_an_empty_tuple_or_a_tuple_naming_nothing_is_refused():
+    model = _seeded(Blocks)
+    with pytest.raises(UserError, match="empty tuple of layers"):
+        StructuredPruner(model, X, "magnitude", layer_pruning_ratios={(): 0.5})
+    with pytest.raises(UserError, match="'b9' matches no layer"):
+        StructuredPruner(model, X, "magnitude", layer_pruning_ratios={("b1", "b9"): 0.5})
