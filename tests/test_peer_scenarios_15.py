@@ -8,6 +8,7 @@ masking oracle."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 from test_peer_scenarios_6 import _seeded
@@ -157,3 +158,39 @@ def test_an_empty_tuple_or_a_tuple_naming_nothing_is_refused():
         StructuredPruner(model, X, "magnitude", layer_pruning_ratios={(): 0.5})
     with pytest.raises(UserError, match="'b9' matches no layer"):
         StructuredPruner(model, X, "magnitude", layer_pruning_ratios={("b1", "b9"): 0.5})
+
+
+# -- a checkpoint holding the history, read with torch.load's defaults ------------------------------
+
+
+def test_a_checkpoint_holding_the_history_loads_with_torch_loads_defaults(tmp_path):
+    """The peer's ``test_load``: ``torch.save({"model": state_dict, "pruning": history})``
+    after iterative pruning, then a fresh model, the history replayed and the weights
+    loaded. With the history object in the checkpoint, ``torch.load`` (``weights_only=True``
+    by default) raised ``UnpicklingError: Weights only load failed ... Unsupported global:
+    ... SliceEdit``; the history now pickles as its checked JSON form."""
+    model = _seeded(Blocks)
+    pruner = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5, iterative_steps=3)
+    small = pruner.prune()
+    torch.save({"model": small.state_dict(), "pruning": pruner.history}, tmp_path / "pruned.pth")
+    saved = torch.load(tmp_path / "pruned.pth")
+    assert isinstance(saved["pruning"], PruningHistory) and len(saved["pruning"]) == 3
+    fresh = _seeded(Blocks)
+    saved["pruning"].replay(fresh)
+    fresh.load_state_dict(saved["model"])
+    assert _widths(fresh) == _widths(small) == [8, 8, 8, 8]
+    assert torch.equal(fresh(X), small(X))
+
+
+def test_a_tampered_history_in_a_checkpoint_is_refused_when_read(tmp_path):
+    """What the checkpoint holds is data, checked as ``PruningHistory.load`` checks a file:
+    an edit of another form is a :class:`UserError` naming it, not a history that fails
+    later inside a replay."""
+    model = _seeded(Blocks)
+    pruner = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5)
+    pruner.prune()
+    first = pruner.history.steps[0][0]
+    bad = PruningHistory([[attrs.evolve(first, keep=torch.tensor([[0, 1]]))]])  # two dims: no edit's form
+    torch.save({"pruning": bad}, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="step 0 edit 0"):
+        torch.load(tmp_path / "bad.pth")
