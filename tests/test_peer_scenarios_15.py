@@ -194,3 +194,54 @@ def test_a_tampered_history_in_a_checkpoint_is_refused_when_read(tmp_path):
     torch.save({"pruning": bad}, tmp_path / "bad.pth")
     with pytest.raises(UserError, match="step 0 edit 0"):
         torch.load(tmp_path / "bad.pth")
+
+
+# -- Hessian scores through reentrant activation checkpointing -------------------------------------
+
+
+class Checkpointed(nn.Module):
+    """A block run through ``torch.utils.checkpoint`` (reentrant, as older research code and
+    Hugging Face's gradient checkpointing call it) or plainly."""
+
+    def __init__(self, reentrant: bool | None) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.a = nn.Conv2d(3, 8, 1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.reentrant is None:
+            y = self.block(y)
+        else:
+            y = torch.utils.checkpoint.checkpoint(self.block, y, use_reentrant=self.reentrant)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_hessian_scores_through_checkpointed_blocks_equal_the_plain_forwards(reentrant):
+    """``"hessian"`` takes each sample's own gradient; it did so with ``torch.autograd.grad``,
+    which a reentrant checkpoint refuses: ``RuntimeError: When use_reentrant=True,
+    torch.utils.checkpoint is incompatible with .grad() ...`` out of ``prune()``. Each
+    sample's gradient now comes from a plain backward; the scores equal those of the same
+    model run without checkpointing, and so do the pruned weights."""
+    batches = [
+        (torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(s)), torch.tensor([0, 1, 2, 3]))
+        for s in (1, 2)
+    ]
+    results = []
+    for mode in (reentrant, None):
+        model = _seeded(lambda mode=mode: Checkpointed(mode))
+        pruner = StructuredPruner(model, batches[0][0][:1], "hessian", pruning_ratio=0.5)
+        pruner.collect_activations(batches, num_batches=2)
+        scores = pruner.score()
+        small = pruner.prune()
+        results.append((scores, small))
+    (scores, small), (plain_scores, plain) = results
+    assert scores.keys() == plain_scores.keys() and len(scores) == 2
+    for gid in scores:
+        torch.testing.assert_close(scores[gid], plain_scores[gid], rtol=1e-5, atol=1e-12)
+    assert small.block[0].out_channels == plain.block[0].out_channels == 4 and small.a.out_channels == 4
+    for (name, a), (_, b) in zip(small.state_dict().items(), plain.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
