@@ -43,6 +43,7 @@ __all__ = [
     "layer_scope_ratios",
     "original_widths",
     "prune_in_steps",
+    "ranked_units",
     "ratio_layer",
     "set_step_ratios",
     "slice_keys",
@@ -191,7 +192,8 @@ def layer_scope_ratios(
     """Under global ranking, the groups of ``ratios`` whose layer ratio comes from a tuple
     key of ``layer_pruning_ratios`` (``pruner.layer_scopes``): per group id its scope, and
     per scope the share of its current units to remove now (the tuple's ratio; with
-    iterative steps, this step's share of it, :func:`set_step_ratios`)."""
+    iterative steps or a :class:`~cleanai_core.gradual.GradualPruner` step, what is left of
+    this step's share of it, :func:`set_step_ratios`)."""
     scopes: dict[int, Hashable] = {}
     wanted: dict[Hashable, float] = {}
     for g in groups:
@@ -202,14 +204,23 @@ def layer_scope_ratios(
     if not scopes:
         return {}, {}
     step, steps = pruner._step
-    if steps <= 1 or not pruner._widths:
+    share = pruner._share  # a GradualPruner step: how far along to the final ratio it ends
+    if not pruner._widths or (steps <= 1 and share is None):
         return scopes, wanted
+    if share is not None:
+        step, steps = 0, 1
     members = [g for g in groups if g.id in scopes]
     out: dict[Hashable, float] = {}
     for scope, r in wanted.items():
         these = [g for g in members if scopes[g.id] == scope]
-        out.update(set_step_ratios(these, scopes, pruner._widths, r, step, steps))
+        out.update(set_step_ratios(these, scopes, pruner._widths, r * (1.0 if share is None else share), step, steps))
     return scopes, out
+
+
+def ranked_units(groups: list[Group], layer_ratios: Mapping[str, Any] | None) -> int:
+    """The units of the groups that global ranking shares out (those without a layer ratio
+    of their own, or a tuple scope's): what a step's global ratio is a share of."""
+    return sum(g.size for g in groups if not layer_ratios or ratio_layer(g, layer_ratios) is None)
 
 
 def group_ratios(
@@ -302,7 +313,9 @@ def prune_in_steps(pruner: Any) -> nn.Module:
         p._widths = original_widths(graph.groups(prunable_only=True))
     if steps > 1 and p.target_flops is None:  # every step aims at a count from the original widths
         p._targets = final_counts(p.make_plan(p.pruning_ratio, p.score()), graph)
-        units = sum(g.size for g in graph.groups(prunable_only=True))
+        # under global ranking the groups with a layer ratio reach theirs on their own: the
+        # others' share counted their units, and they lost less than pruning_ratio over the steps
+        units = ranked_units(graph.groups(prunable_only=True), p.layer_ratios)
     elif steps > 1:  # the FLOPs search chooses the others; a layer ratio applied per step compounded (16 -> 1)
         p._targets = uniform_targets(p, graph, 0.0, every=False)
     for step in range(steps):
@@ -316,7 +329,7 @@ def prune_in_steps(pruner: Any) -> nn.Module:
             share = count_flops(current, p.example_inputs, p.forward_fn) / p.flops_before()
             plan = p.plan_for(graph, current, cal, p.target_flops ** ((step + 1) / steps) / share)
         else:
-            now = sum(g.size for g in graph.groups(prunable_only=True))
+            now = ranked_units(graph.groups(prunable_only=True), p.layer_ratios)
             ratio = step_ratio(p.pruning_ratio, units, now, step, steps)
             plan = p.make_plan(ratio, p.score(graph, current, cal), graph, set_ratios=_set_ratios(p, graph, step))
         if step == 0:

@@ -14,7 +14,7 @@ import torch
 from test_peer_scenarios_6 import _seeded
 from torch import nn
 
-from cleanai_core import PruningHistory, StructuredPruner
+from cleanai_core import GradualPruner, PruningHistory, PruningSchedule, StructuredPruner
 from cleanai_core.errors import UserError
 from cleanai_core.metrics import count_params
 
@@ -245,3 +245,56 @@ def test_hessian_scores_through_checkpointed_blocks_equal_the_plain_forwards(ree
     assert small.block[0].out_channels == plain.block[0].out_channels == 4 and small.a.out_channels == 4
     for (name, a), (_, b) in zip(small.state_dict().items(), plain.state_dict().items(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+# -- global ranking beside layer ratios, in steps --------------------------------------------------
+
+
+@pytest.mark.parametrize("scoped", [False, True], ids=["per_layer", "tuple"])
+def test_global_ranking_beside_layer_ratios_removes_the_same_share_in_steps_as_in_one(scoped):
+    """The peer's ``global_pruning=True`` with a ``pruning_ratio_dict`` and
+    ``iterative_steps``: the layers without a ratio of their own (the stem and ``b3``) share
+    ``pruning_ratio`` among themselves. In one step they lost 8 of their 32 units; in four
+    steps only 3 (14 and 15 channels kept), since each step's share of the ranked units
+    counted the units the layers with a ratio had lost. They now lose 8 either way."""
+    model = _seeded(Blocks)
+    ratios = {(model.b1, model.b2): 0.5} if scoped else {model.b1: 0.5, model.b2: 0.5}
+    kept = []
+    for steps in (1, 4):
+        small = StructuredPruner(
+            model,
+            X,
+            "magnitude",
+            pruning_ratio=0.25,
+            global_pruning=True,
+            iterative_steps=steps,
+            layer_pruning_ratios=ratios,
+        ).prune()
+        kept.append(_widths(small))
+    assert kept[0] == kept[1]
+    assert kept[0][0] + kept[0][3] == 32 - 8
+    assert kept[0][1:3] == ([4, 12] if scoped else [8, 8])
+
+
+def test_a_gradual_schedule_with_global_ranking_and_a_tuple_scope_reaches_both_ratios():
+    """A :class:`GradualPruner` (by ratio, global ranking) with a tuple scope: after the
+    schedule the scope has lost its 0.5 of its units (the weak channels of ``b1`` first) and
+    the other layers their 0.25 of theirs (before: 4 of 32, the scope's progress counted as
+    theirs)."""
+    model = _seeded(Blocks)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    gradual = GradualPruner(
+        model,
+        X,
+        optimizer,
+        PruningSchedule(final=0.25, steps=4),
+        by="ratio",
+        importance="magnitude",
+        global_pruning=True,
+        layer_pruning_ratios={(model.b1, model.b2): 0.5},
+    )
+    for _ in range(4):
+        gradual.step([X])
+    widths = _widths(model)
+    assert widths[1:3] == [4, 12]
+    assert widths[0] + widths[3] == 32 - 8
