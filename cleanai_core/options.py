@@ -43,6 +43,7 @@ __all__ = [
     "layer_ratios",
     "layer_scopes",
     "match_modules",
+    "spec_label",
 ]
 
 ModuleSpec = nn.Module | str | type | tuple
@@ -113,6 +114,20 @@ def _shown_spec(spec: Any, model: nn.Module) -> str:
     return shown(spec)
 
 
+def spec_label(spec: Any, model: nn.Module) -> str:
+    """A layer spec as a message names it: a module of ``model`` by its name, a tuple of
+    specs member by member, a type by its class name, text as itself (``repr`` printed a
+    module, or a tuple of blocks, layer by layer)."""
+    if isinstance(spec, tuple):
+        return "(" + ", ".join(spec_label(s, model) for s in spec) + ("," if len(spec) == 1 else "") + ")"
+    if isinstance(spec, nn.Module):
+        name = next((n for n, m in model.named_modules() if m is spec), None)
+        return f"model.{name}" if name else ("model" if name == "" else shown(spec))
+    if isinstance(spec, type):
+        return spec.__name__
+    return repr(spec) if isinstance(spec, str) else shown(spec)
+
+
 def _lookalike_hint(spec: Any, named: list[tuple[str, nn.Module]]) -> str:
     """For a module that is not in the model but whose twin is (a layer of the model before
     ``copy.deepcopy``, or of the unpruned model): which name to give. For a name that is a
@@ -170,9 +185,9 @@ def check_ignored_ratios(model: nn.Module, ignored: list[Any], ratios: Mapping[A
     for spec, r in ratios.items():
         if plain_number(r) and set(match_modules(model, [spec])) <= kept:
             raise UserError(
-                f"layer {spec!r} is ignored (ignored_layers, --ignore) and given ratio {plain_number(r)} "
-                "(layer_pruning_ratios, --layer-ratio): an ignored layer keeps its output channels, so the ratio "
-                "would do nothing; drop one of them"
+                f"layer {spec_label(spec, model)} is ignored (ignored_layers, --ignore) and given ratio "
+                f"{plain_number(r)} (layer_pruning_ratios, --layer-ratio): an ignored layer keeps its output "
+                "channels, so the ratio would do nothing; drop one of them"
             )
 
 
@@ -193,7 +208,7 @@ def layer_ratios(model: nn.Module, ratios: Mapping[ModuleSpec, float]) -> dict[s
     out: dict[str, float] = {}
     for spec, r in ratios.items():
         r = plain_number(r)
-        check_ratio(f"layer_pruning_ratios[{spec!r}]", r, allow_zero=True)
+        check_ratio(f"layer_pruning_ratios[{spec_label(spec, model)}]", r, allow_zero=True)
         for name in match_modules(model, [spec]):
             out.setdefault(name, float(r))
     return out

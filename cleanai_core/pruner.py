@@ -496,8 +496,9 @@ class StructuredPruner:
                 else ""
             )
             raise UserError(
-                f"layer_pruning_ratios[{spec!r}]={options.plain_number(r)} (--layer-ratio): the output channels of "
-                f"{first!r}{why} cannot be pruned, so the ratio would do nothing{instead}, or drop it"
+                f"layer_pruning_ratios[{options.spec_label(spec, self.model)}]={options.plain_number(r)} "
+                f"(--layer-ratio): the output channels of {first!r}{why} cannot be pruned, so the ratio would do "
+                f"nothing{instead}, or drop it"
             )
 
     def _check_unchanged(self) -> None:

@@ -160,6 +160,23 @@ def test_an_empty_tuple_or_a_tuple_naming_nothing_is_refused():
         StructuredPruner(model, X, "magnitude", layer_pruning_ratios={("b1", "b9"): 0.5})
 
 
+def test_a_tuple_key_is_named_by_its_layers_names_in_errors():
+    """A ratio error names a tuple of modules by the modules' names: the module's ``repr``
+    printed every layer of both blocks into the message (the same for one module key)."""
+    model = _seeded(Blocks)
+    with pytest.raises(UserError) as bad:
+        StructuredPruner(model, X, "magnitude", layer_pruning_ratios={(model.b1, model.b2): 1.5})
+    assert str(bad.value).startswith("layer_pruning_ratios[(model.b1, model.b2)]=1.5 must be a number")
+    with pytest.raises(UserError) as ignored:
+        StructuredPruner(
+            model, X, "magnitude", layer_pruning_ratios={(model.b1, nn.Linear): 0.5}, ignored_layers=[model.b1, "head"]
+        )
+    assert str(ignored.value).startswith("layer (model.b1, Linear) is ignored (ignored_layers, --ignore)")
+    with pytest.raises(UserError) as head:
+        StructuredPruner(model, X, "magnitude", layer_pruning_ratios={model.head: 0.5})
+    assert str(head.value).startswith("layer_pruning_ratios[model.head]=0.5 (--layer-ratio): the output channels of")
+
+
 # -- a checkpoint holding the history, read with torch.load's defaults ------------------------------
 
 
