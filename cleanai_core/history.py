@@ -181,6 +181,10 @@ class PruningHistory:
         return self.to_json()
 
     def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict) and "format" not in state and "steps" in state:
+            # pickled before 2026-12-02 as its fields (only a full unpickler reads those: the edits' class)
+            self.steps, self.meta = state["steps"], state.get("meta", {})
+            return
         checked = PruningHistory.from_json(state)
         self.steps, self.meta = checked.steps, checked.meta
 

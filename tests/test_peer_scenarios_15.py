@@ -213,6 +213,21 @@ def test_a_tampered_history_in_a_checkpoint_is_refused_when_read(tmp_path):
         torch.load(tmp_path / "bad.pth")
 
 
+def test_a_history_pickled_as_its_fields_before_still_unpickles():
+    """A history pickled by the earlier CleanAI (its fields, the edits as objects: what
+    ``pickle.dumps`` of a pruner or a whole-model checkpoint holding it wrote) still loads
+    through a full unpickler."""
+    model = _seeded(Blocks)
+    pruner = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    old = PruningHistory.__new__(PruningHistory)
+    old.__setstate__({"steps": pruner.history.steps, "meta": pruner.history.meta})
+    fresh = _seeded(Blocks)
+    old.replay(fresh)
+    fresh.load_state_dict(small.state_dict())
+    assert torch.equal(fresh(X), small(X))
+
+
 # -- Hessian scores through reentrant activation checkpointing -------------------------------------
 
 
