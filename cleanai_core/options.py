@@ -221,6 +221,8 @@ def layer_scopes(model: nn.Module, ratios: Mapping[Any, float]) -> dict[str, int
     all; the scope is the key's position. A layer an earlier entry matched keeps that entry,
     as in :func:`layer_ratios`."""
     out: dict[str, int] = {}
+    if not any(isinstance(spec, tuple) for spec in ratios):  # no scope: no second walk over the layers
+        return out
     seen: set[str] = set()
     for k, spec in enumerate(ratios):
         for name in match_modules(model, [spec]):
