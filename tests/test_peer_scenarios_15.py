@@ -330,3 +330,42 @@ def test_a_gradual_schedule_with_global_ranking_and_a_tuple_scope_reaches_both_r
     widths = _widths(model)
     assert widths[1:3] == [4, 12]
     assert widths[0] + widths[3] == 32 - 8
+
+
+# -- a history of a layer a plugin sliced, replayed without the plugin ------------------------------
+
+
+def test_a_history_replayed_without_the_plugin_that_sliced_a_custom_layer_names_the_plugin(tmp_path):
+    """The peer's customised layer, pruned through a plugin (``test_peer_scenarios_3``),
+    then its history replayed, or its saved folder loaded, where the plugin is not
+    registered: "this history does not fit the model ... (KeyError: no plugin claims module
+    'customized_layer' ...). Replay it on a fresh, unpruned model", which it was, and
+    ``load_pruned`` called the folder "damaged, tampered with or not written by this
+    CleanAI". Both now say that the plugin that sliced the layer is missing; with it the
+    replay gives the pruned model's outputs."""
+    from test_peer_scenarios_3 import SquareNet, SquarePlugin
+
+    from cleanai_core.io import load_pruned, save_pruned
+    from cleanai_core.testing import temporary_plugin
+
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(1))
+    with temporary_plugin(SquarePlugin(), name="square"):
+        model = _seeded(SquareNet)
+        pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+        small = pruner.prune()
+        save_pruned(tmp_path / "out", small, pruner.history, "test_peer_scenarios_3:SquareNet")
+    fresh = _seeded(SquareNet)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(
+        UserError, match=r"module 'customized_layer' \(CustomizedLayer\) has slices to cut \('dim'\), but"
+    ):
+        pruner.history.replay(fresh)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    with pytest.raises(UserError, match="no registered plugin claims a CustomizedLayer now"):
+        load_pruned(tmp_path / "out", trust_code=True)
+    with temporary_plugin(SquarePlugin(), name="square"):
+        pruner.history.replay(fresh)
+        fresh.load_state_dict(small.state_dict())
+        assert torch.equal(fresh(x), small(x))
+        again = load_pruned(tmp_path / "out", trust_code=True)
+        assert torch.equal(again(x), small(x))
