@@ -6,6 +6,7 @@ from __future__ import annotations
 import decimal
 import fnmatch
 import fractions
+import itertools
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -40,10 +41,12 @@ __all__ = [
     "check_ratio",
     "check_targets",
     "ignored_modules",
+    "ignored_tensor",
     "layer_ratios",
     "layer_scopes",
     "match_modules",
     "spec_label",
+    "split_ignored",
 ]
 
 ModuleSpec = nn.Module | str | type | tuple
@@ -174,6 +177,32 @@ def _without_wrapper_prefix(spec: str, model: nn.Module) -> str:
     return spec
 
 
+def ignored_tensor(model: nn.Module, spec: Any) -> str | None:
+    """The qualified name of the model's parameter or buffer ``spec`` names in
+    ``ignored_layers`` (the tensor itself, e.g. ``model.pos_embed``, or its name where no
+    module has that name), else ``None``: Torch-Pruning users keep a bare tensor's channels
+    (a ViT's ``pos_embed`` / ``cls_token``) by ignoring it."""
+    tensors = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers())
+    if isinstance(spec, torch.Tensor):
+        return next((n for n, t in tensors if t is spec), None)
+    if isinstance(spec, str) and spec not in dict(model.named_modules()):
+        return next((n for n, _ in tensors if n == _without_wrapper_prefix(spec, model)), None)
+    return None
+
+
+def split_ignored(model: nn.Module, specs: Iterable[Any]) -> tuple[list[Any], set[str]]:
+    """``ignored_layers`` as the layer specs and the names of the tensors it names
+    (:func:`ignored_tensor`)."""
+    layers, tensors = [], set()
+    for spec in specs:
+        name = ignored_tensor(model, spec)
+        if name is None:
+            layers.append(spec)
+        else:
+            tensors.add(name)
+    return layers, tensors
+
+
 def check_ignored_ratios(model: nn.Module, ignored: list[Any], ratios: Mapping[Any, Any]) -> None:
     """A :class:`UserError` for a layer given both in ``ignored_layers`` and a ratio above 0
     in ``layer_pruning_ratios`` (every layer the ratio's pattern matches is ignored): the
@@ -181,7 +210,7 @@ def check_ignored_ratios(model: nn.Module, ignored: list[Any], ratios: Mapping[A
     stays valid."""
     if not ignored or not ratios:
         return
-    kept = set(match_modules(model, ignored))
+    kept = set(match_modules(model, split_ignored(model, ignored)[0]))
     for spec, r in ratios.items():
         if plain_number(r) and set(match_modules(model, [spec])) <= kept:
             raise UserError(
@@ -193,10 +222,12 @@ def check_ignored_ratios(model: nn.Module, ignored: list[Any], ratios: Mapping[A
 
 def ignored_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> set[str]:
     """Names of the modules whose output channels are kept: those ``specs`` match, and
-    the classifier heads the ``cleanai_default_ignores`` hook names."""
+    the classifier heads the ``cleanai_default_ignores`` hook names; and the names of the
+    bare tensors ``specs`` names (:func:`ignored_tensor`), whose channels are kept too."""
     from cleanai_core.plugins import get_plugin_manager
 
-    out = set(match_modules(model, specs))
+    layers, tensors = split_ignored(model, specs)
+    out = set(match_modules(model, layers)) | tensors  # a tensor by its name: the graph keeps its channels
     for res in get_plugin_manager().hook.cleanai_default_ignores(model=model):
         out.update(match_modules(model, list(res or ())))
     return out

@@ -150,7 +150,8 @@ class StructuredPruner:
         layer gets the ratio, and under ``global_pruning`` their units rank together and lose
         the ratio in all.
     :param ignored_layers: modules, names, globs or types whose output channels are kept
-        (plus the classifier heads the ``cleanai_default_ignores`` hook names).
+        (plus the classifier heads the ``cleanai_default_ignores`` hook names); a bare tensor
+        of the model (``model.pos_embed`` or ``"pos_embed"``) keeps the channels it carries.
     :param global_pruning: rank units of all groups together (scores normalised per group).
     :param isomorphic: with ``global_pruning``: rank units only among groups of the same
         structure (:mod:`cleanai_core.isomorphic`: same module types, slices and shapes apart

@@ -369,3 +369,54 @@ def test_a_history_replayed_without_the_plugin_that_sliced_a_custom_layer_names_
         assert torch.equal(fresh(x), small(x))
         again = load_pruned(tmp_path / "out", trust_code=True)
         assert torch.equal(again(x), small(x))
+
+
+# -- ignoring a bare tensor ----------------------------------------------------------------------
+
+
+class TokenNet(nn.Module):
+    """A ViT in miniature: patch embedding, a class token and a position embedding as bare
+    parameters, an MLP block on the stream, a norm and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 16) * 0.02)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], 1) + self.pos_embed
+        t = t + self.fc2(torch.relu(self.fc1(t)))
+        return self.head(self.norm(t)[:, 0])
+
+
+@pytest.mark.parametrize("spec", ["tensor", "name", "cls_token"])
+def test_ignoring_a_bare_tensor_keeps_its_channels(spec):
+    """Torch-Pruning users keep a ViT's embedding width by leaving its ``pos_embed`` /
+    ``cls_token`` out: ``ignored_layers=[model.pos_embed]`` was refused ("cannot match layers
+    with the parameter 'pos_embed' (a tensor, not a layer; ...)"). A bare tensor of the
+    model, given as itself or by its name, now keeps its channels, with every channel
+    coupled to them (here the stream), as ignoring ``patch`` does; the MLP still prunes."""
+    model = _seeded(TokenNet)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ignored = {"tensor": [model.pos_embed], "name": ["pos_embed"], "cls_token": ["cls_token"]}[spec]
+    small = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=ignored).prune()
+    assert tuple(small.pos_embed.shape) == (1, 5, 16) and small.patch.out_channels == 16
+    assert small.fc1.out_features == 16 and small(x).shape == (2, 3)
+    same = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5, ignored_layers=["patch"]).prune()
+    for (name, a), (_, b) in zip(small.state_dict().items(), same.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    free = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune()
+    assert tuple(free.pos_embed.shape) == (1, 5, 8)
+
+
+def test_ignoring_a_tensor_a_layer_holds_names_the_layer_to_ignore():
+    model = _seeded(TokenNet)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(
+        UserError, match=r"the tensor 'fc1.weight', which layer 'fc1' holds and slices: .* ignore 'fc1'"
+    ):
+        StructuredPruner(model, x, "magnitude", ignored_layers=[model.fc1.weight])
