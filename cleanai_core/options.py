@@ -182,20 +182,48 @@ def ignored_tensor(model: nn.Module, spec: Any) -> str | None:
     ``ignored_layers`` (the tensor itself, e.g. ``model.pos_embed``, or its name where no
     module has that name), else ``None``: Torch-Pruning users keep a bare tensor's channels
     (a ViT's ``pos_embed`` / ``cls_token``) by ignoring it."""
-    tensors = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers())
-    if isinstance(spec, torch.Tensor):
-        return next((n for n, t in tensors if t is spec), None)
-    if isinstance(spec, str) and spec not in dict(model.named_modules()):
-        return next((n for n, _ in tensors if n == _without_wrapper_prefix(spec, model)), None)
-    return None
+    return _TensorNames(model).of(spec)
+
+
+class _TensorNames:
+    """The model's tensor and module names, read once for many specs (an ignored container
+    arrives expanded into every layer inside it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._by_id: dict[int, str] | None = None
+        self._names: set[str] | None = None
+        self._modules: set[str] | None = None
+
+    def of(self, spec: Any) -> str | None:
+        if isinstance(spec, torch.Tensor):
+            if self._by_id is None:
+                self._by_id = {}
+                for n, t in itertools.chain(
+                    self.model.named_parameters(remove_duplicate=False), self.model.named_buffers()
+                ):
+                    self._by_id.setdefault(id(t), n)
+            return self._by_id.get(id(spec))
+        if not isinstance(spec, str):
+            return None
+        if self._modules is None:
+            self._modules = {n for n, _ in self.model.named_modules()}
+        if spec in self._modules:
+            return None
+        if self._names is None:
+            named = itertools.chain(self.model.named_parameters(remove_duplicate=False), self.model.named_buffers())
+            self._names = {n for n, _ in named}
+        name = _without_wrapper_prefix(spec, self.model)
+        return name if name in self._names else None
 
 
 def split_ignored(model: nn.Module, specs: Iterable[Any]) -> tuple[list[Any], set[str]]:
     """``ignored_layers`` as the layer specs and the names of the tensors it names
     (:func:`ignored_tensor`)."""
     layers, tensors = [], set()
+    names = _TensorNames(model)
     for spec in specs:
-        name = ignored_tensor(model, spec)
+        name = names.of(spec)
         if name is None:
             layers.append(spec)
         else:
