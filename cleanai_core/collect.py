@@ -475,13 +475,19 @@ def accumulate_gradients(
                     per = per.reshape(per.shape[0], -1).sum(1) / counted
                 else:
                     per = per.reshape(1)
+            # each sample's gradients by a plain backward into .grad, not torch.autograd.grad: a
+            # forward through torch.utils.checkpoint(..., use_reentrant=True) (Hugging Face's
+            # gradient checkpointing) refuses .grad() ("incompatible with .grad()")
             for i, loss in enumerate(per):
-                grads = torch.autograd.grad(
-                    loss, [p for _, p in named], retain_graph=cached or i < len(per) - 1, allow_unused=True
-                )
-                for (name, _), g in zip(named, grads, strict=True):
-                    if g is not None:
-                        sums[name] = sums[name] + g.detach() ** 2 if name in sums else g.detach() ** 2
+                for _, p in named:
+                    p.grad = None
+                loss.backward(retain_graph=cached or i < len(per) - 1)
+                for name, p in named:
+                    if p.grad is not None:
+                        g = p.grad.detach()
+                        sums[name] = sums[name] + g**2 if name in sums else g**2
+            for _, p in named:
+                p.grad = None
         raw = logits = out = per = None  # this batch's graph goes before the next forward (kept by `cached`)
         seen = True
     if not seen and not distributed.is_distributed():

@@ -583,7 +583,7 @@ class GradualPruner:
         compounded: ``final=0.5`` in 4 steps kept 10 of 16 channels (7 of 10 with a cubic
         schedule), ``round_to=4`` never got below 12, and a layer ratio of 0.5 was taken
         at every step (16 channels -> 1)."""
-        from cleanai_core.steps import original_widths, step_ratio, uniform_targets
+        from cleanai_core.steps import original_widths, ranked_units, step_ratio, uniform_targets
 
         groups = pruner.graph.groups(prunable_only=True)
         if self._targets is None:
@@ -593,12 +593,12 @@ class GradualPruner:
             ratio = self.schedule.final if self.by == "ratio" else 0.0
             self._targets = uniform_targets(pruner, pruner.graph, ratio, every)
             self._widths = original_widths(groups)
-            self._units = sum(g.size for g in groups)
+            self._units = ranked_units(groups, pruner.layer_ratios)
         removed = self.schedule.removed_after(self.steps_done + 1)
         pruner._targets, pruner._widths = self._targets, self._widths
         pruner._share = removed / self.schedule.final
         if self.by == "ratio" and pruner.global_pruning and self._units:
-            pruner.pruning_ratio = step_ratio(removed, self._units, sum(g.size for g in groups), 0, 1)
+            pruner.pruning_ratio = step_ratio(removed, self._units, ranked_units(groups, pruner.layer_ratios), 0, 1)
 
     # -- checkpoints -------------------------------------------------------------------------------
 

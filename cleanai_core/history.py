@@ -175,6 +175,21 @@ class PruningHistory:
     def __len__(self) -> int:
         return len(self.steps)
 
+    # pickled as its JSON form (lists, numbers and text), checked again when read: a checkpoint
+    # holding the history, Torch-Pruning's ``torch.save({"model": sd, "pruning": history}, f)``,
+    # loads with ``torch.load``'s default ``weights_only=True`` (the class is on torch's safe list,
+    # below); it was an UnpicklingError ("Unsupported global: ... SliceEdit")
+    def __getstate__(self) -> dict[str, Any]:
+        return self.to_json()
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict) and "format" not in state and "steps" in state:
+            # pickled before 2026-12-02 as its fields (only a full unpickler reads those: the edits' class)
+            self.steps, self.meta = state["steps"], state.get("meta", {})
+            return
+        checked = PruningHistory.from_json(state)
+        self.steps, self.meta = checked.steps, checked.meta
+
     def then(self, later: PruningHistory) -> PruningHistory:
         """One history of this one's steps followed by ``later``'s: the history of a
         model pruned twice (``later`` recorded by a second pruner on this one's output),
@@ -208,6 +223,9 @@ class PruningHistory:
         recorded = self.meta.get(key)
         found = recorded[step] if isinstance(recorded, list) and step < len(recorded) else None
         return found if isinstance(found, dict) else None
+
+
+torch.serialization.add_safe_globals([PruningHistory])
 
 
 def shapes_sliced(model: nn.Module, edits: list[SliceEdit]) -> dict[str, list[int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import decimal
 import fnmatch
 import fractions
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping
@@ -40,11 +41,15 @@ __all__ = [
     "check_ratio",
     "check_targets",
     "ignored_modules",
+    "ignored_tensor",
     "layer_ratios",
+    "layer_scopes",
     "match_modules",
+    "spec_label",
+    "split_ignored",
 ]
 
-ModuleSpec = nn.Module | str | type
+ModuleSpec = nn.Module | str | type | tuple
 
 
 def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, Any]:
@@ -56,6 +61,12 @@ def match_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> dict[str, An
     out: dict[str, Any] = {}
     for spec in specs:
         hits: list[str]
+        if isinstance(spec, tuple):  # a scope of layers (``layer_pruning_ratios={(m.layer1, m.layer2): 0.4}``)
+            if not spec:
+                raise UserError("an empty tuple of layers names no layer; give the modules, names, globs or types")
+            for name in match_modules(model, spec):
+                out.setdefault(name, spec)
+            continue
         if isinstance(spec, nn.Module):
             hits = [ids[id(spec)]] if id(spec) in ids else []
         elif isinstance(spec, type):
@@ -106,6 +117,20 @@ def _shown_spec(spec: Any, model: nn.Module) -> str:
     return shown(spec)
 
 
+def spec_label(spec: Any, model: nn.Module) -> str:
+    """A layer spec as a message names it: a module of ``model`` by its name, a tuple of
+    specs member by member, a type by its class name, text as itself (``repr`` printed a
+    module, or a tuple of blocks, layer by layer)."""
+    if isinstance(spec, tuple):
+        return "(" + ", ".join(spec_label(s, model) for s in spec) + ("," if len(spec) == 1 else "") + ")"
+    if isinstance(spec, nn.Module):
+        name = next((n for n, m in model.named_modules() if m is spec), None)
+        return f"model.{name}" if name else ("model" if name == "" else shown(spec))
+    if isinstance(spec, type):
+        return spec.__name__
+    return repr(spec) if isinstance(spec, str) else shown(spec)
+
+
 def _lookalike_hint(spec: Any, named: list[tuple[str, nn.Module]]) -> str:
     """For a module that is not in the model but whose twin is (a layer of the model before
     ``copy.deepcopy``, or of the unpruned model): which name to give. For a name that is a
@@ -152,6 +177,60 @@ def _without_wrapper_prefix(spec: str, model: nn.Module) -> str:
     return spec
 
 
+def ignored_tensor(model: nn.Module, spec: Any) -> str | None:
+    """The qualified name of the model's parameter or buffer ``spec`` names in
+    ``ignored_layers`` (the tensor itself, e.g. ``model.pos_embed``, or its name where no
+    module has that name), else ``None``: Torch-Pruning users keep a bare tensor's channels
+    (a ViT's ``pos_embed`` / ``cls_token``) by ignoring it."""
+    return _TensorNames(model).of(spec)
+
+
+class _TensorNames:
+    """The model's tensor and module names, read once for many specs (an ignored container
+    arrives expanded into every layer inside it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._by_id: dict[int, str] | None = None
+        self._names: set[str] | None = None
+        self._modules: set[str] | None = None
+
+    def of(self, spec: Any) -> str | None:
+        if isinstance(spec, torch.Tensor):
+            if self._by_id is None:
+                self._by_id = {}
+                for n, t in itertools.chain(
+                    self.model.named_parameters(remove_duplicate=False), self.model.named_buffers()
+                ):
+                    self._by_id.setdefault(id(t), n)
+            return self._by_id.get(id(spec))
+        if not isinstance(spec, str):
+            return None
+        if self._modules is None:
+            self._modules = {n for n, _ in self.model.named_modules()}
+        if spec in self._modules:
+            return None
+        if self._names is None:
+            named = itertools.chain(self.model.named_parameters(remove_duplicate=False), self.model.named_buffers())
+            self._names = {n for n, _ in named}
+        name = _without_wrapper_prefix(spec, self.model)
+        return name if name in self._names else None
+
+
+def split_ignored(model: nn.Module, specs: Iterable[Any]) -> tuple[list[Any], set[str]]:
+    """``ignored_layers`` as the layer specs and the names of the tensors it names
+    (:func:`ignored_tensor`)."""
+    layers, tensors = [], set()
+    names = _TensorNames(model)
+    for spec in specs:
+        name = names.of(spec)
+        if name is None:
+            layers.append(spec)
+        else:
+            tensors.add(name)
+    return layers, tensors
+
+
 def check_ignored_ratios(model: nn.Module, ignored: list[Any], ratios: Mapping[Any, Any]) -> None:
     """A :class:`UserError` for a layer given both in ``ignored_layers`` and a ratio above 0
     in ``layer_pruning_ratios`` (every layer the ratio's pattern matches is ignored): the
@@ -159,22 +238,24 @@ def check_ignored_ratios(model: nn.Module, ignored: list[Any], ratios: Mapping[A
     stays valid."""
     if not ignored or not ratios:
         return
-    kept = set(match_modules(model, ignored))
+    kept = set(match_modules(model, split_ignored(model, ignored)[0]))
     for spec, r in ratios.items():
         if plain_number(r) and set(match_modules(model, [spec])) <= kept:
             raise UserError(
-                f"layer {spec!r} is ignored (ignored_layers, --ignore) and given ratio {plain_number(r)} "
-                "(layer_pruning_ratios, --layer-ratio): an ignored layer keeps its output channels, so the ratio "
-                "would do nothing; drop one of them"
+                f"layer {spec_label(spec, model)} is ignored (ignored_layers, --ignore) and given ratio "
+                f"{plain_number(r)} (layer_pruning_ratios, --layer-ratio): an ignored layer keeps its output "
+                "channels, so the ratio would do nothing; drop one of them"
             )
 
 
 def ignored_modules(model: nn.Module, specs: Iterable[ModuleSpec]) -> set[str]:
     """Names of the modules whose output channels are kept: those ``specs`` match, and
-    the classifier heads the ``cleanai_default_ignores`` hook names."""
+    the classifier heads the ``cleanai_default_ignores`` hook names; and the names of the
+    bare tensors ``specs`` names (:func:`ignored_tensor`), whose channels are kept too."""
     from cleanai_core.plugins import get_plugin_manager
 
-    out = set(match_modules(model, specs))
+    layers, tensors = split_ignored(model, specs)
+    out = set(match_modules(model, layers)) | tensors  # a tensor by its name: the graph keeps its channels
     for res in get_plugin_manager().hook.cleanai_default_ignores(model=model):
         out.update(match_modules(model, list(res or ())))
     return out
@@ -186,9 +267,27 @@ def layer_ratios(model: nn.Module, ratios: Mapping[ModuleSpec, float]) -> dict[s
     out: dict[str, float] = {}
     for spec, r in ratios.items():
         r = plain_number(r)
-        check_ratio(f"layer_pruning_ratios[{spec!r}]", r, allow_zero=True)
+        check_ratio(f"layer_pruning_ratios[{spec_label(spec, model)}]", r, allow_zero=True)
         for name in match_modules(model, [spec]):
             out.setdefault(name, float(r))
+    return out
+
+
+def layer_scopes(model: nn.Module, ratios: Mapping[Any, float]) -> dict[str, int]:
+    """``{module name: scope}`` for the layers a tuple key of ``layer_pruning_ratios`` names
+    (``{(m.layer1, m.layer2): 0.4}``, Torch-Pruning's ``pruning_ratio_dict`` scopes): under
+    global ranking their groups rank together and lose the tuple's ratio of their units in
+    all; the scope is the key's position. A layer an earlier entry matched keeps that entry,
+    as in :func:`layer_ratios`."""
+    out: dict[str, int] = {}
+    if not any(isinstance(spec, tuple) for spec in ratios):  # no scope: no second walk over the layers
+        return out
+    seen: set[str] = set()
+    for k, spec in enumerate(ratios):
+        for name in match_modules(model, [spec]):
+            if name not in seen and isinstance(spec, tuple):
+                out[name] = k
+            seen.add(name)
     return out
 
 

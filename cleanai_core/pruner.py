@@ -40,7 +40,7 @@ from cleanai_core.pruning_report import describe_importance, pruner_report
 from cleanai_core.runtime import copy_modes, device_of, plain_inputs, without_autocast
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
 from cleanai_core.slicing import SliceEdit
-from cleanai_core.steps import group_ratios, prune_in_steps, step_caps
+from cleanai_core.steps import group_ratios, layer_scope_ratios, prune_in_steps, step_caps
 from cleanai_core.targets import (
     TrialMemory,
     flops_measure,
@@ -152,9 +152,13 @@ class StructuredPruner:
         (0.3 keeps 0.67 of a MobileNet-V3's parameters, per group 0.58). For a share of the
         parameters give ``target_params``. The report says which (``ranking``,
         ``units_before``, ``units_after``).
-    :param layer_pruning_ratios: ``{module | name | glob | type: ratio}``.
+    :param layer_pruning_ratios: ``{module | name | glob | type: ratio}``; a key may be a
+        tuple of them (``{(model.layer1, model.layer2): 0.4}``, Torch-Pruning's scopes): each
+        layer gets the ratio, and under ``global_pruning`` their units rank together and lose
+        the ratio in all.
     :param ignored_layers: modules, names, globs or types whose output channels are kept
-        (plus the classifier heads the ``cleanai_default_ignores`` hook names).
+        (plus the classifier heads the ``cleanai_default_ignores`` hook names); a bare tensor
+        of the model (``model.pos_embed`` or ``"pos_embed"``) keeps the channels it carries.
     :param global_pruning: rank units of all groups together (scores normalised per group).
     :param isomorphic: with ``global_pruning``: rank units only among groups of the same
         structure (:mod:`cleanai_core.isomorphic`: same module types, slices and shapes apart
@@ -429,6 +433,12 @@ class StructuredPruner:
         ranked = self.global_pruning if ranked is None else ranked
         caps = step_caps(groups, self._widths, self.max_layer_ratio) if ranked and self._widths else None
         scopes = self.isomorphic_scopes(groups) if ranked and self.isomorphic else None
+        if ranked and self.layer_scopes:  # a tuple of layers given one ratio: its groups rank together
+            tuple_scopes, tuple_ratios = layer_scope_ratios(self, groups, ratios)
+            if tuple_scopes:
+                ratios = {gid: r for gid, r in ratios.items() if gid not in tuple_scopes}
+                scopes = {**(scopes or {}), **tuple_scopes}
+                set_ratios = {**(set_ratios or {}), **tuple_ratios}
         return make_plan(
             groups,
             scores,
@@ -467,6 +477,7 @@ class StructuredPruner:
         if getattr(self, "graph", None) is not None:  # the constructor checks once the graph is built
             self._check_ratios_reach(table or {})
         self.layer_ratios, self._plan = named, None
+        self.layer_scopes = options.layer_scopes(self.model, table or {})
 
     def _check_ratios_reach(self, table: Mapping[ModuleSpec, float]) -> None:
         """A :class:`UserError` for a layer ratio above 0 whose layers carry the channels of
@@ -497,8 +508,9 @@ class StructuredPruner:
                 else ""
             )
             raise UserError(
-                f"layer_pruning_ratios[{spec!r}]={options.plain_number(r)} (--layer-ratio): the output channels of "
-                f"{first!r}{why} cannot be pruned, so the ratio would do nothing{instead}, or drop it"
+                f"layer_pruning_ratios[{options.spec_label(spec, self.model)}]={options.plain_number(r)} "
+                f"(--layer-ratio): the output channels of {first!r}{why} cannot be pruned, so the ratio would do "
+                f"nothing{instead}, or drop it"
             )
 
     def _check_unchanged(self) -> None:

@@ -12,6 +12,7 @@ import attrs
 import torch
 from torch import nn
 
+from cleanai_core.errors import UserError
 from cleanai_core.graph.context import is_index_slice, tensor_name
 from cleanai_core.graph.dependency import resolve_modules
 from cleanai_core.graph.findings import ModelFindings, prepare_model
@@ -152,11 +153,23 @@ def _slice(
             bare.append(e)
         else:
             per_module[e.module][e.slice] = e.keep
+    for name, keep in per_module.items():  # all checked before any is cut
+        if pruners.get(name) is None:
+            held = dict(model.named_modules()).get(name)
+            if held is None:  # a history of another architecture: its caller says it does not fit
+                raise KeyError(f"no plugin claims module {name!r} in this model; cannot slice it")
+            # the layer is there but nothing slices it now: a history recorded while a plugin (or a
+            # temporary_plugin) claimed it, replayed without it, was "does not fit ... replay it on a
+            # fresh, unpruned model", which it was
+            raise UserError(
+                f"module {name!r} ({type(held).__name__}) has slices to cut ({', '.join(map(repr, keep))}), but no "
+                f"registered plugin claims a {type(held).__name__} now: the plugin whose cleanai_layer_pruner sliced "
+                "it when these edits were made is not registered. Register it (install it, or wrap the call in "
+                "cleanai_core.testing.temporary_plugin) and try again; nothing was sliced"
+            )
     changed = []
     for name, keep in per_module.items():
-        pruner = pruners.get(name)
-        if pruner is None:
-            raise KeyError(f"no plugin claims module {name!r} in this model; cannot slice it")
+        pruner = pruners[name]
         pruner.prune(model.get_submodule(name), keep)
         changed.append(name)
     for e in bare:

@@ -27,7 +27,7 @@ units that hold its share of the channels.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
@@ -40,8 +40,11 @@ __all__ = [
     "Targets",
     "final_counts",
     "group_ratios",
+    "layer_scope_ratios",
     "original_widths",
     "prune_in_steps",
+    "ranked_units",
+    "ratio_layer",
     "set_step_ratios",
     "slice_keys",
     "step_caps",
@@ -173,6 +176,53 @@ def set_step_ratios(
     return {k: step_ratio(ratio, original[k], current[k], step, steps) for k in original}
 
 
+def ratio_layer(group: Group, layer_ratios: Mapping[str, Any]) -> str | None:
+    """The layer named in ``layer_ratios`` whose ratio is ``group``'s: one that produces
+    the group's channels, else a custom layer named for itself whose outputs carry them
+    (its tensors are bare)."""
+    found = next((s.module for s in group.slices if s.kind != "in" and s.module in layer_ratios), None)
+    if found is None:
+        found = next((n for n in group.layers if named_alone(n, layer_ratios)), None)
+    return found
+
+
+def layer_scope_ratios(
+    pruner: Any, groups: list[Group], ratios: dict[int, float]
+) -> tuple[dict[int, Hashable], dict[Hashable, float]]:
+    """Under global ranking, the groups of ``ratios`` whose layer ratio comes from a tuple
+    key of ``layer_pruning_ratios`` (``pruner.layer_scopes``): per group id its scope, and
+    per scope the share of its current units to remove now (the tuple's ratio; with
+    iterative steps or a :class:`~cleanai_core.gradual.GradualPruner` step, what is left of
+    this step's share of it, :func:`set_step_ratios`)."""
+    scopes: dict[int, Hashable] = {}
+    wanted: dict[Hashable, float] = {}
+    for g in groups:
+        layer = ratio_layer(g, pruner.layer_ratios) if g.id in ratios else None
+        if layer is not None and layer in pruner.layer_scopes:
+            scopes[g.id] = ("layer_pruning_ratios", pruner.layer_scopes[layer])
+            wanted[scopes[g.id]] = pruner.layer_ratios[layer]
+    if not scopes:
+        return {}, {}
+    step, steps = pruner._step
+    share = pruner._share  # a GradualPruner step: how far along to the final ratio it ends
+    if not pruner._widths or (steps <= 1 and share is None):
+        return scopes, wanted
+    if share is not None:
+        step, steps = 0, 1
+    members = [g for g in groups if g.id in scopes]
+    out: dict[Hashable, float] = {}
+    for scope, r in wanted.items():
+        these = [g for g in members if scopes[g.id] == scope]
+        out.update(set_step_ratios(these, scopes, pruner._widths, r * (1.0 if share is None else share), step, steps))
+    return scopes, out
+
+
+def ranked_units(groups: list[Group], layer_ratios: Mapping[str, Any] | None) -> int:
+    """The units of the groups that global ranking shares out (those without a layer ratio
+    of their own, or a tuple scope's): what a step's global ratio is a share of."""
+    return sum(g.size for g in groups if not layer_ratios or ratio_layer(g, layer_ratios) is None)
+
+
 def group_ratios(
     groups: list[Group],
     layer_ratios: dict[str, float],
@@ -191,10 +241,8 @@ def group_ratios(
     step), how far along to the ``targets`` it ends."""
 
     def named(g: Group) -> float | None:
-        found = next((layer_ratios[s.module] for s in g.slices if s.kind != "in" and s.module in layer_ratios), None)
-        if found is None:  # a custom layer named for itself whose outputs carry the group (its tensors are bare)
-            found = next((layer_ratios[n] for n in g.layers if named_alone(n, layer_ratios)), None)
-        return found
+        layer = ratio_layer(g, layer_ratios)
+        return None if layer is None else layer_ratios[layer]
 
     if (steps > 1 or share is not None) and targets:
         ratios = step_group_ratios(groups, targets, step, steps, graph, share)
@@ -265,7 +313,9 @@ def prune_in_steps(pruner: Any) -> nn.Module:
         p._widths = original_widths(graph.groups(prunable_only=True))
     if steps > 1 and p.target_flops is None:  # every step aims at a count from the original widths
         p._targets = final_counts(p.make_plan(p.pruning_ratio, p.score()), graph)
-        units = sum(g.size for g in graph.groups(prunable_only=True))
+        # under global ranking the groups with a layer ratio reach theirs on their own: the
+        # others' share counted their units, and they lost less than pruning_ratio over the steps
+        units = ranked_units(graph.groups(prunable_only=True), p.layer_ratios)
     elif steps > 1:  # the FLOPs search chooses the others; a layer ratio applied per step compounded (16 -> 1)
         p._targets = uniform_targets(p, graph, 0.0, every=False)
     for step in range(steps):
@@ -279,7 +329,7 @@ def prune_in_steps(pruner: Any) -> nn.Module:
             share = count_flops(current, p.example_inputs, p.forward_fn) / p.flops_before()
             plan = p.plan_for(graph, current, cal, p.target_flops ** ((step + 1) / steps) / share)
         else:
-            now = sum(g.size for g in graph.groups(prunable_only=True))
+            now = ranked_units(graph.groups(prunable_only=True), p.layer_ratios)
             ratio = step_ratio(p.pruning_ratio, units, now, step, steps)
             plan = p.make_plan(ratio, p.score(graph, current, cal), graph, set_ratios=_set_ratios(p, graph, step))
         if step == 0:

@@ -454,19 +454,18 @@ class Positions(nn.Module):
         return self.o(torch.relu(self.e(x) + self.pos))
 
 
-def test_ignoring_a_bare_tensor_says_how_to_keep_its_channels():
+def test_ignoring_a_bare_tensor_keeps_its_channels():
     """The peer ignores modules only; given ``model.pos`` the error pointed to an
-    ``unwrapped_parameters`` option CleanAI does not have, and ``"pos"`` got no hint."""
-    from cleanai_core.errors import UserError
-
+    ``unwrapped_parameters`` option CleanAI does not have, and ``"pos"`` got no hint. Since
+    session 24 (``test_peer_scenarios_15``) a bare tensor may be ignored: its channels stay,
+    as ignoring the layer that makes them keeps them."""
     model = _seeded(Positions)
-    for spec in (model.pos, "pos"):
-        with pytest.raises(UserError) as caught:
-            StructuredPruner(model, T6, "magnitude", ignored_layers=[spec])
-        text = str(caught.value)
-        assert "unwrapped_parameters" not in text and "not a layer" in text and "ignore" in text
     assert _group_of(DependencyGraph(model, T6), "", "pos").prunable == 16  # found by itself
-    assert not DependencyGraph(model, T6, ignored_layers=[model.e]).groups(prunable_only=True)  # the way named
+    assert not DependencyGraph(model, T6, ignored_layers=[model.e]).groups(prunable_only=True)
+    for spec in (model.pos, "pos"):
+        graph = DependencyGraph(model, T6, ignored_layers=[spec])
+        assert not graph.groups(prunable_only=True)
+        assert "ignored tensor pos" in _group_of(graph, "", "pos").reasons
 
 
 # -- the default criterion on a model without a layer input to measure ------------------------

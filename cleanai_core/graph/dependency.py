@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from cleanai_core.errors import TraceError, TraceInputError, UserError, printable, shown, shown_name
-from cleanai_core.graph.context import SliceSpec, TraceContext
+from cleanai_core.graph.context import SliceSpec, TraceContext, tensor_name
 from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups, named_alone, unique
@@ -239,11 +239,12 @@ class DependencyGraph:
         name the model lacked, a glob (``"layer4.*"``) and a lone name (``"fc"``, read as the
         layers ``f`` and ``c``) were kept as text that matched nothing: the channels the user
         meant to keep were pruned without a word."""
-        from cleanai_core.options import as_specs, match_modules
+        from cleanai_core.options import as_specs, match_modules, split_ignored
 
         names = set(self.module_names.values())
         out: set[str] = set()
-        for spec in as_specs(ignored_layers, "ignored_layers"):
+        layers, self.ignored_tensors = split_ignored(self.model, as_specs(ignored_layers, "ignored_layers"))
+        for spec in layers:
             found = spec if isinstance(spec, str) and spec in names else None
             if isinstance(spec, nn.Module):
                 found = self.module_names.get(id(spec))
@@ -363,6 +364,9 @@ class DependencyGraph:
         for spec in ctx.slices.values():
             if spec.module in self.ignored and spec.kind != "in":
                 ctx.freeze(spec.atoms, f"ignored layer {spec.module}")
+            elif not spec.module and tensor_name(spec.name) in self.ignored_tensors:
+                ctx.freeze(spec.atoms, f"ignored tensor {tensor_name(spec.name)}")
+        self._check_ignored_tensors(ctx)
         for name, refs in self.recording.module_outputs.items():
             # a custom layer inside an ignored container stays free (YOLOv7's ``ImplicitA``
             # before an ignored ``Detect`` meets the channels on its input side, which prune)
@@ -370,6 +374,20 @@ class DependencyGraph:
                 for ref in refs:
                     ctx.freeze_tensor(ref, f"ignored layer {name}")
         self._tie_shares(ctx)
+
+    def _check_ignored_tensors(self, ctx: TraceContext) -> None:
+        """A :class:`UserError` for an ignored tensor that a claimed layer holds (``fc.weight``):
+        its channels are that layer's slices, which only ignoring the layer keeps. A bare tensor
+        that carries no channels (a scalar, one left unused) has nothing to keep."""
+        bare = {tensor_name(s.name) for s in ctx.slices.values() if not s.module}
+        for name in sorted(self.ignored_tensors - bare):
+            parts = name.split(".")[:-1]
+            owner = next((o for k in range(len(parts), 0, -1) if (o := ".".join(parts[:k])) in self.nodes), None)
+            if owner is not None:
+                raise UserError(
+                    f"ignored_layers names the tensor {name!r}, which layer {owner!r} holds and slices: its channels "
+                    f"are that layer's; ignore {owner!r} to keep them"
+                )
 
     def _tie_shares(self, ctx: TraceContext) -> None:
         """Slices the ``SAME_SHARE`` finding names take its key (``SliceSpec.same_share``)."""
