@@ -1,4 +1,4 @@
-"""Attentions whose output reshape names the input width (EVA, PVT-v2, latent pooling, CoaT, DiffAttention), freed.
+"""Attentions whose output reshape names the input width (EVA, PVT-v2, latent pooling, CoaT, Diff, Twins), freed.
 
 Glossary:
 
@@ -18,7 +18,10 @@ Glossary:
   window groups of 2, 3 and 3) went whole and the stream kept 5 of 8 head-sized blocks
   (coat_lite_tiny kept 0.345 at a ratio of 0.5). Differential attention (``DiffAttention``:
   vit_dlittle, vit_dwee) ends the same way; its heads stay whole (``pairs_sub_heads``), so
-  the stream pruned by whole heads (5 of 64: 3 kept, vit_dlittle kept 0.32).
+  the stream pruned by whole heads (5 of 64: 3 kept, vit_dlittle kept 0.32). Twins'
+  ``GlobalSubSampleAttn`` (PCPVT, SVT) and ``LocallyGroupedAttn`` (SVT) view their heads with
+  ``C // num_heads`` and reshape the spatial reduction and the output to ``C``: the one-head
+  first stage of twins_pcpvt_small did not prune at all (0.315 kept), the others by heads.
 
 The scan leaves these classes out of the width-bound ones, so their heads prune on their own
 and the stream on its own; after slicing the class becomes a variant whose ``forward`` reads
@@ -138,6 +141,48 @@ def _coat_forward(self, x, size):
     return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
 
+def _twins_global_forward(self, x, size):
+    """timm's Twins ``GlobalSubSampleAttn.forward`` with the widths read from the layers
+    (``C // num_heads`` for the heads, ``reshape(B, C, -1)`` after the spatial reduction)."""
+    B, N, C = x.shape
+    q = self.q(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+    if self.sr is not None:
+        x = x.permute(0, 2, 1).reshape(B, C, *size)
+        x = self.norm(self.sr(x).flatten(2).permute(0, 2, 1))
+    kv = self.kv(x).reshape(B, x.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    k, v = kv.unbind(0)
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+    else:
+        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
+def _twins_local_forward(self, x, size):
+    """timm's Twins ``LocallyGroupedAttn.forward`` (padding form) with the head size and the
+    output width read from ``qkv``."""
+    B, N, C = x.shape
+    H, W = size
+    x = x.view(B, H, W, C)
+    pad_r = (self.ws - W % self.ws) % self.ws
+    pad_b = (self.ws - H % self.ws) % self.ws
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, Hp, Wp, _ = x.shape
+    _h, _w = Hp // self.ws, Wp // self.ws
+    x = x.reshape(B, _h, self.ws, _w, self.ws, C).transpose(2, 3)
+    qkv = self.qkv(x).reshape(B, _h * _w, self.ws * self.ws, 3, self.num_heads, -1).permute(3, 0, 1, 4, 2, 5)
+    q, k, v = qkv.unbind(0)
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+    else:
+        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    x = x.transpose(2, 3).reshape(B, _h, _w, self.ws, self.ws, -1)
+    x = x.transpose(2, 3).reshape(B, _h * self.ws, _w * self.ws, -1)
+    if pad_r > 0 or pad_b > 0:
+        x = x[:, :H, :W, :].contiguous()
+    return self.proj_drop(self.proj(x.reshape(B, N, -1)))
+
+
 def _diff_forward(self, x, attn_mask=None, is_causal: bool = False):
     """timm's ``DiffAttention.forward`` with the output width read from the heads."""
     B, N, _ = x.shape
@@ -171,6 +216,8 @@ _BASES = (
     ("timm.layers.attention_pool", "AttentionPoolLatent", _latent_pool_forward, "PrunedAttentionPoolLatent"),
     ("timm.models.coat", "FactorAttnConvRelPosEnc", _coat_forward, "PrunedFactorAttnConvRelPosEnc"),
     ("timm.layers.diff_attention", "DiffAttention", _diff_forward, "PrunedDiffAttention"),
+    ("timm.models.twins", "GlobalSubSampleAttn", _twins_global_forward, "PrunedGlobalSubSampleAttn"),
+    ("timm.models.twins", "LocallyGroupedAttn", _twins_local_forward, "PrunedLocallyGroupedAttn"),
 )
 _VARIANTS = [pruned_variant(module, name, forward, __name__, pruned) for module, name, forward, pruned in _BASES]
 #: the pruned classes by name (a pickled model loads, also before timm is imported)

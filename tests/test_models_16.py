@@ -1,0 +1,68 @@
+"""Session 24 model coverage (models16): timm and torchvision samples built as a user builds
+them (train mode as created, the default classifier, batch-1 example, calibration on
+``torch.rand`` images), the masking oracle, the data-free and activation-aware default paths,
+save / reload; one focused check per cause fixed (tiny models, default suite; real models
+under ``@pytest.mark.corpus``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_models_6 import groups_with, n_params, redrawn
+from test_models_7 import replayed
+
+from cleanai_core import DependencyGraph, StructuredPruner
+from cleanai_core.testing import check_pruner
+
+# -- Twins: attentions that view their heads with ``C // num_heads`` and reshape to ``C`` -------------
+
+#: a PCPVT (global sub-sampled attention only) and an SVT (locally grouped + global), 2 stages
+TWINS = {
+    "pcpvt": {"embed_dims": (16, 32), "num_heads": (1, 2), "mlp_ratios": (2, 2), "depths": (1, 1), "sr_ratios": (2, 1)},
+    "svt": {
+        "embed_dims": (16, 32),
+        "num_heads": (2, 2),
+        "mlp_ratios": (2, 2),
+        "depths": (2, 2),
+        "sr_ratios": (2, 1),
+        "wss": (2, 2),
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [("pcpvt", (15443, 4675)), ("svt", (26211, 7219))],  # pcpvt was 15443 -> 7283, svt the same
+    ids=["pcpvt", "svt"],
+)
+def test_twins_attention_frees_the_stream_from_its_heads(tmp_path, kind, params):
+    timm = pytest.importorskip("timm")
+    from cleanai_core import load_pruned
+    from cleanai_core.io import save_pruned
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32, "patch_size": 4, **TWINS[kind]}
+    model = redrawn(timm.create_model("twins_pcpvt_small", num_classes=3, **kwargs)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = DependencyGraph(model, x)
+    # the first stage's stream: (16, 0) for PCPVT's one head, (2, 2) head-sized blocks for SVT
+    assert [(g.size, g.prunable) for g in groups_with(graph, "patch_embeds.0.proj", "out")] == [(16, 16)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert (n_params(model), n_params(small)) == params
+    attn = small.blocks[0][0].attn
+    assert type(attn).__name__ in ("PrunedGlobalSubSampleAttn", "PrunedLocallyGroupedAttn")
+    assert small.patch_embeds[0].proj.out_channels == 8
+    with torch.no_grad():
+        assert float((small(x) - model(x)).abs().max()) > 1e-3  # the comparisons below have teeth
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    save_pruned(
+        tmp_path / "o", small, pruner.history, "timm:twins_pcpvt_small", {"num_classes": 3, "model_kwargs": kwargs}
+    )
+    back = load_pruned(tmp_path / "o", trust_code=True)
+    torch.save(small, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))
