@@ -66,3 +66,44 @@ def test_twins_attention_frees_the_stream_from_its_heads(tmp_path, kind, params)
     again = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))
+
+
+# -- relative-position ViTs: whole heads, and an output reshaped to the input width -------------------
+
+RELPOS = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 6, "mlp_ratio": 2}
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("vit_relpos_small_patch16_224", (49647, 28993)), ("vit_srelpos_small_patch16_224", (50793, 29700))],
+    ids=["relpos", "shared_relpos"],
+)  # were 49647 -> 33829 and 50793 -> 34536: the stream lost one head-sized block of 8
+def test_relative_position_attention_frees_the_stream_from_its_whole_heads(tmp_path, name, params):
+    timm = pytest.importorskip("timm")
+    from cleanai_core import load_pruned
+    from cleanai_core.io import save_pruned
+
+    torch.manual_seed(0)
+    model = redrawn(timm.create_model(name, num_classes=3, **RELPOS)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = DependencyGraph(model, x)
+    # was [(6, 6)]: the stream was six head-sized units
+    assert [(g.size, g.prunable) for g in groups_with(graph, "patch_embed.proj", "out")] == [(48, 48)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.3)
+    small = pruner.prune()
+    attn = small.blocks[0].attn
+    assert (n_params(model), n_params(small)) == params
+    assert (type(attn).__name__, attn.num_heads, small.patch_embed.proj.out_channels) == (
+        "PrunedRelPosAttention",
+        5,
+        34,
+    )
+    with torch.no_grad():
+        assert float((small(x) - model(x)).abs().max()) > 1e-3
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    save_pruned(tmp_path / "o", small, pruner.history, f"timm:{name}", {"num_classes": 3, "model_kwargs": RELPOS})
+    back = load_pruned(tmp_path / "o", trust_code=True)
+    with torch.no_grad():
+        assert torch.equal(back(x), small(x))
