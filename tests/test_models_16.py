@@ -107,3 +107,38 @@ def test_relative_position_attention_frees_the_stream_from_its_whole_heads(tmp_p
     back = load_pruned(tmp_path / "o", trust_code=True)
     with torch.no_grad():
         assert torch.equal(back(x), small(x))
+
+
+# -- NesT and DaViT: width-bound attentions whose heads go whole ----------------------------------------
+
+NEST = {"img_size": 32, "patch_size": 4, "embed_dims": (24, 48, 96), "num_heads": (3,) * 3, "depths": (1,) * 3}
+DAVIT = {"embed_dims": (12, 24, 48, 96), "num_heads": (3,) * 4, "depths": (1,) * 4}
+NEST_DAVIT = {"nest": ("Nest", "patch_embed.proj", NEST, 32), "davit": ("DaVit", "stem.conv", DAVIT, 64)}
+
+
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [("nest", (203955, 113434)), ("davit", (332451, 189636))],  # were 203955 -> 174859, 332451 -> 273559
+    ids=["nest", "davit"],
+)
+def test_nest_and_davit_attention_free_the_stream_from_their_whole_heads(tmp_path, kind, params):
+    timm = pytest.importorskip("timm")
+    name, first, kwargs, side = NEST_DAVIT[kind]
+    torch.manual_seed(0)
+    model = redrawn(getattr(timm.models, name)(num_classes=3, **kwargs)).eval()
+    x = torch.randn(2, 3, side, side)
+    graph = DependencyGraph(model, x)
+    width = kwargs["embed_dims"][0]
+    # was [(3, 3)]: three head-sized units, none of which a ratio of 0.3 takes
+    assert [(g.size, g.prunable) for g in groups_with(graph, first, "out")] == [(width, width)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.3)
+    small = pruner.prune()
+    assert (n_params(model), n_params(small)) == params
+    with torch.no_grad():
+        assert float((small(x) - model(x)).abs().max()) > 1e-3
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    torch.save(small, tmp_path / "m.pt")
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), small(x))

@@ -25,6 +25,9 @@ Glossary:
   ``RelPosAttention`` (``vit_relpos_*``, ``vit_srelpos_*``: whole heads, SDPA's default scale
   and a bias per head) pruned its stream by heads too: at a ratio of 0.3, one head of six
   went, and vit_srelpos_small kept 0.62 of its parameters (0.5 where the ratio meets a head).
+  NesT's ``Attention`` and DaViT's ``WindowAttention`` / ``ChannelAttention`` (its heads
+  whole: a softmax over each head's channels) the same: nest_tiny's and davit_tiny's first
+  stream was three units of 32.
 
 The scan leaves these classes out of the width-bound ones, so their heads prune on their own
 and the stream on its own; after slicing the class becomes a variant whose ``forward`` reads
@@ -165,6 +168,40 @@ def _relpos_forward(self, x, shared_rel_pos=None):
     return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
 
+def _nest_forward(self, x):
+    """timm's NesT ``Attention.forward`` (blocks of tokens) with the head size and the output
+    width read from ``qkv``."""
+    B, T, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B, T, N, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5).unbind(0)
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+    else:
+        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    return self.proj_drop(self.proj(x.permute(0, 2, 3, 4, 1).reshape(B, T, N, -1)))
+
+
+def _davit_window_forward(self, x):
+    """timm's DaViT ``WindowAttention.forward`` with the head size and the output width read
+    from ``qkv``."""
+    B_, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v)
+    else:
+        x = self.softmax((q * self.scale) @ k.transpose(-2, -1)) @ v
+    return self.proj(x.transpose(1, 2).reshape(B_, N, -1))
+
+
+def _davit_channel_forward(self, x):
+    """timm's DaViT ``ChannelAttention.forward`` (attention over each head's channels) with
+    the head size and the output width read from ``qkv``."""
+    B, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = ((k * self.scale).transpose(-1, -2) @ v).softmax(dim=-1)
+    x = (attn @ q.transpose(-1, -2)).transpose(-1, -2)
+    return self.proj(x.transpose(1, 2).reshape(B, N, -1))
+
+
 def _twins_global_forward(self, x, size):
     """timm's Twins ``GlobalSubSampleAttn.forward`` with the widths read from the layers
     (``C // num_heads`` for the heads, ``reshape(B, C, -1)`` after the spatial reduction)."""
@@ -241,6 +278,9 @@ _BASES = (
     ("timm.models.coat", "FactorAttnConvRelPosEnc", _coat_forward, "PrunedFactorAttnConvRelPosEnc"),
     ("timm.layers.diff_attention", "DiffAttention", _diff_forward, "PrunedDiffAttention"),
     ("timm.models.vision_transformer_relpos", "RelPosAttention", _relpos_forward, "PrunedRelPosAttention"),
+    ("timm.models.nest", "Attention", _nest_forward, "PrunedNestAttention"),
+    ("timm.models.davit", "WindowAttention", _davit_window_forward, "PrunedDavitWindowAttention"),
+    ("timm.models.davit", "ChannelAttention", _davit_channel_forward, "PrunedDavitChannelAttention"),
     ("timm.models.twins", "GlobalSubSampleAttn", _twins_global_forward, "PrunedGlobalSubSampleAttn"),
     ("timm.models.twins", "LocallyGroupedAttn", _twins_local_forward, "PrunedLocallyGroupedAttn"),
 )
