@@ -142,3 +142,31 @@ def test_nest_and_davit_attention_free_the_stream_from_their_whole_heads(tmp_pat
     torch.save(small, tmp_path / "m.pt")
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), small(x))
+
+
+# -- CaiT: talking heads (heads mixed, kept whole) and class attention, both reshaped to the width ---
+
+CAIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4, "depth_token_only": 1}
+
+
+def test_cait_talking_heads_and_class_attention_free_the_stream(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = redrawn(timm.models.Cait(num_classes=3, mlp_ratio=2, **CAIT)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = DependencyGraph(model, x)
+    # was [(4, 4)]: the stream was the four (mixed) heads
+    assert [(g.size, g.prunable) for g in groups_with(graph, "patch_embed.proj", "out")] == [(48, 48)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.3)
+    small = pruner.prune()
+    assert (n_params(model), n_params(small)) == (76883, 41888)  # was 76883 -> 44314 (stream 36 of 48)
+    kinds = (type(small.blocks[0].attn).__name__, type(small.blocks_token_only[0].attn).__name__)
+    assert kinds == ("PrunedTalkingHeadAttn", "PrunedClassAttn") and small.patch_embed.proj.out_channels == 34
+    with torch.no_grad():
+        assert float((small(x) - model(x)).abs().max()) > 1e-3
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    torch.save(small, tmp_path / "m.pt")
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), small(x))

@@ -27,7 +27,9 @@ Glossary:
   went, and vit_srelpos_small kept 0.62 of its parameters (0.5 where the ratio meets a head).
   NesT's ``Attention`` and DaViT's ``WindowAttention`` / ``ChannelAttention`` (its heads
   whole: a softmax over each head's channels) the same: nest_tiny's and davit_tiny's first
-  stream was three units of 32.
+  stream was three units of 32. CaiT's ``TalkingHeadAttn`` (heads mixed by ``proj_l`` /
+  ``proj_w``: kept whole) and ``ClassAttn`` (also XCiT's) the same: cait_xxs24's stream was
+  its four heads (0.542 kept at a ratio of 0.3, 0.508 freed; xcit_nano_12_p16 0.543 -> 0.51).
 
 The scan leaves these classes out of the width-bound ones, so their heads prune on their own
 and the stream on its own; after slicing the class becomes a variant whose ``forward`` reads
@@ -202,6 +204,31 @@ def _davit_channel_forward(self, x):
     return self.proj(x.transpose(1, 2).reshape(B, N, -1))
 
 
+def _class_attn_forward(self, x):
+    """timm's ``ClassAttn.forward`` (CaiT's and XCiT's class-attention blocks) with the head
+    size and the output width read from the projections."""
+    B, N, _ = x.shape
+    q = self.q(x[:, 0]).unsqueeze(1).reshape(B, 1, self.num_heads, -1).permute(0, 2, 1, 3)
+    k = self.k(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+    v = self.v(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+    if self.fused_attn:
+        x_cls = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+    else:
+        x_cls = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    return self.proj_drop(self.proj(x_cls.transpose(1, 2).reshape(B, 1, -1)))
+
+
+def _talking_heads_forward(self, x):
+    """timm's CaiT ``TalkingHeadAttn.forward`` with the head size and the output width read
+    from ``qkv``."""
+    B, N, _ = x.shape
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+    attn = self.proj_l((q @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    attn = self.attn_drop(self.proj_w(attn.softmax(dim=-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+    return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1)))
+
+
 def _twins_global_forward(self, x, size):
     """timm's Twins ``GlobalSubSampleAttn.forward`` with the widths read from the layers
     (``C // num_heads`` for the heads, ``reshape(B, C, -1)`` after the spatial reduction)."""
@@ -281,6 +308,8 @@ _BASES = (
     ("timm.models.nest", "Attention", _nest_forward, "PrunedNestAttention"),
     ("timm.models.davit", "WindowAttention", _davit_window_forward, "PrunedDavitWindowAttention"),
     ("timm.models.davit", "ChannelAttention", _davit_channel_forward, "PrunedDavitChannelAttention"),
+    ("timm.models.cait", "ClassAttn", _class_attn_forward, "PrunedClassAttn"),
+    ("timm.models.cait", "TalkingHeadAttn", _talking_heads_forward, "PrunedTalkingHeadAttn"),
     ("timm.models.twins", "GlobalSubSampleAttn", _twins_global_forward, "PrunedGlobalSubSampleAttn"),
     ("timm.models.twins", "LocallyGroupedAttn", _twins_local_forward, "PrunedLocallyGroupedAttn"),
 )
