@@ -14,6 +14,27 @@ from test_models_7 import replayed
 from cleanai_core import DependencyGraph, StructuredPruner
 from cleanai_core.testing import check_pruner
 
+
+def _freed_stream(model, x, first: str, width: int, ratio: float):
+    """The stream out of ``first`` is ``width`` free units, the masking oracle holds, and
+    ``magnitude`` at ``ratio`` prunes; returns ``(pruner, pruned model)``."""
+    graph = DependencyGraph(model, x)
+    assert [(g.size, g.prunable) for g in groups_with(graph, first, "out")] == [(width, width)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=ratio)
+    return pruner, pruner.prune()
+
+
+def _replays_and_pickles(model, small, pruner, x, tmp_path) -> None:
+    with torch.no_grad():
+        assert float((small(x) - model(x)).abs().max()) > 1e-3  # the comparisons below have teeth
+        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    torch.save(small, tmp_path / "m.pt")
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), small(x))
+
+
 # -- Twins: attentions that view their heads with ``C // num_heads`` and reshape to ``C`` -------------
 
 #: a PCPVT (global sub-sampled attention only) and an SVT (locally grouped + global), 2 stages
@@ -44,28 +65,18 @@ def test_twins_attention_frees_the_stream_from_its_heads(tmp_path, kind, params)
     kwargs = {"img_size": 32, "patch_size": 4, **TWINS[kind]}
     model = redrawn(timm.create_model("twins_pcpvt_small", num_classes=3, **kwargs)).eval()
     x = torch.randn(2, 3, 32, 32)
-    graph = DependencyGraph(model, x)
-    # the first stage's stream: (16, 0) for PCPVT's one head, (2, 2) head-sized blocks for SVT
-    assert [(g.size, g.prunable) for g in groups_with(graph, "patch_embeds.0.proj", "out")] == [(16, 16)]
-    report = check_pruner(model, x, ratio=0.5)
-    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
-    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
-    small = pruner.prune()
+    # the first stage's stream was (16, 0) for PCPVT's one head, (2, 2) head-sized blocks for SVT
+    pruner, small = _freed_stream(model, x, "patch_embeds.0.proj", 16, 0.5)
     assert (n_params(model), n_params(small)) == params
     attn = small.blocks[0][0].attn
     assert type(attn).__name__ in ("PrunedGlobalSubSampleAttn", "PrunedLocallyGroupedAttn")
     assert small.patch_embeds[0].proj.out_channels == 8
-    with torch.no_grad():
-        assert float((small(x) - model(x)).abs().max()) > 1e-3  # the comparisons below have teeth
-        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    _replays_and_pickles(model, small, pruner, x, tmp_path)
     save_pruned(
         tmp_path / "o", small, pruner.history, "timm:twins_pcpvt_small", {"num_classes": 3, "model_kwargs": kwargs}
     )
-    back = load_pruned(tmp_path / "o", trust_code=True)
-    torch.save(small, tmp_path / "m.pt")
-    again = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():
-        assert torch.equal(back(x), small(x)) and torch.equal(again(x), small(x))
+        assert torch.equal(load_pruned(tmp_path / "o", trust_code=True)(x), small(x))
 
 
 # -- relative-position ViTs: whole heads, and an output reshaped to the input width -------------------
@@ -86,13 +97,7 @@ def test_relative_position_attention_frees_the_stream_from_its_whole_heads(tmp_p
     torch.manual_seed(0)
     model = redrawn(timm.create_model(name, num_classes=3, **RELPOS)).eval()
     x = torch.randn(2, 3, 32, 32)
-    graph = DependencyGraph(model, x)
-    # was [(6, 6)]: the stream was six head-sized units
-    assert [(g.size, g.prunable) for g in groups_with(graph, "patch_embed.proj", "out")] == [(48, 48)]
-    report = check_pruner(model, x, ratio=0.5)
-    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
-    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.3)
-    small = pruner.prune()
+    pruner, small = _freed_stream(model, x, "patch_embed.proj", 48, 0.3)  # was six head-sized units
     attn = small.blocks[0].attn
     assert (n_params(model), n_params(small)) == params
     assert (type(attn).__name__, attn.num_heads, small.patch_embed.proj.out_channels) == (
@@ -100,9 +105,7 @@ def test_relative_position_attention_frees_the_stream_from_its_whole_heads(tmp_p
         5,
         34,
     )
-    with torch.no_grad():
-        assert float((small(x) - model(x)).abs().max()) > 1e-3
-        assert torch.equal(replayed(model, pruner.history)(x), small(x))
+    _replays_and_pickles(model, small, pruner, x, tmp_path)
     save_pruned(tmp_path / "o", small, pruner.history, f"timm:{name}", {"num_classes": 3, "model_kwargs": RELPOS})
     back = load_pruned(tmp_path / "o", trust_code=True)
     with torch.no_grad():
@@ -127,21 +130,10 @@ def test_nest_and_davit_attention_free_the_stream_from_their_whole_heads(tmp_pat
     torch.manual_seed(0)
     model = redrawn(getattr(timm.models, name)(num_classes=3, **kwargs)).eval()
     x = torch.randn(2, 3, side, side)
-    graph = DependencyGraph(model, x)
-    width = kwargs["embed_dims"][0]
     # was [(3, 3)]: three head-sized units, none of which a ratio of 0.3 takes
-    assert [(g.size, g.prunable) for g in groups_with(graph, first, "out")] == [(width, width)]
-    report = check_pruner(model, x, ratio=0.5)
-    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
-    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.3)
-    small = pruner.prune()
+    pruner, small = _freed_stream(model, x, first, kwargs["embed_dims"][0], 0.3)
     assert (n_params(model), n_params(small)) == params
-    with torch.no_grad():
-        assert float((small(x) - model(x)).abs().max()) > 1e-3
-        assert torch.equal(replayed(model, pruner.history)(x), small(x))
-    torch.save(small, tmp_path / "m.pt")
-    with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), small(x))
+    _replays_and_pickles(model, small, pruner, x, tmp_path)
 
 
 # -- CaiT: talking heads (heads mixed, kept whole) and class attention, both reshaped to the width ---
@@ -154,19 +146,8 @@ def test_cait_talking_heads_and_class_attention_free_the_stream(tmp_path):
     torch.manual_seed(0)
     model = redrawn(timm.models.Cait(num_classes=3, mlp_ratio=2, **CAIT)).eval()
     x = torch.randn(2, 3, 32, 32)
-    graph = DependencyGraph(model, x)
-    # was [(4, 4)]: the stream was the four (mixed) heads
-    assert [(g.size, g.prunable) for g in groups_with(graph, "patch_embed.proj", "out")] == [(48, 48)]
-    report = check_pruner(model, x, ratio=0.5)
-    assert report.output_shapes_equal and report.max_abs_diff < 1e-5 and report.kept_whole == ()
-    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.3)
-    small = pruner.prune()
+    pruner, small = _freed_stream(model, x, "patch_embed.proj", 48, 0.3)  # was the four (mixed) heads
     assert (n_params(model), n_params(small)) == (76883, 41888)  # was 76883 -> 44314 (stream 36 of 48)
     kinds = (type(small.blocks[0].attn).__name__, type(small.blocks_token_only[0].attn).__name__)
     assert kinds == ("PrunedTalkingHeadAttn", "PrunedClassAttn") and small.patch_embed.proj.out_channels == 34
-    with torch.no_grad():
-        assert float((small(x) - model(x)).abs().max()) > 1e-3
-        assert torch.equal(replayed(model, pruner.history)(x), small(x))
-    torch.save(small, tmp_path / "m.pt")
-    with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), small(x))
+    _replays_and_pickles(model, small, pruner, x, tmp_path)

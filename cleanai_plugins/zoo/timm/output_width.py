@@ -95,6 +95,14 @@ def _eva_forward(self, x, rope=None, attn_mask=None, is_causal: bool = False):
     return self.proj_drop(self.proj(x))
 
 
+def _attend(self, q, k, v):
+    """``softmax(q k^T * scale) v`` as timm's attentions run it: SDPA where ``fused_attn``, else
+    the math path with the stored ``scale`` and ``attn_drop``."""
+    if self.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+    return self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+
+
 def _pvt_forward(self, x, feat_size):
     """timm's PVT-v2 ``Attention.forward`` with the widths read from the layers."""
     B, N, C = x.shape
@@ -107,10 +115,7 @@ def _pvt_forward(self, x, feat_size):
         if self.pool is not None:
             x = self.act(x)
     k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    if self.fused_attn:
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-    else:
-        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    x = _attend(self, q, k, v)
     return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
 
@@ -175,10 +180,7 @@ def _nest_forward(self, x):
     width read from ``qkv``."""
     B, T, N, _ = x.shape
     q, k, v = self.qkv(x).reshape(B, T, N, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5).unbind(0)
-    if self.fused_attn:
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-    else:
-        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    x = _attend(self, q, k, v)
     return self.proj_drop(self.proj(x.permute(0, 2, 3, 4, 1).reshape(B, T, N, -1)))
 
 
@@ -211,11 +213,7 @@ def _class_attn_forward(self, x):
     q = self.q(x[:, 0]).unsqueeze(1).reshape(B, 1, self.num_heads, -1).permute(0, 2, 1, 3)
     k = self.k(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
     v = self.v(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
-    if self.fused_attn:
-        x_cls = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-    else:
-        x_cls = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
-    return self.proj_drop(self.proj(x_cls.transpose(1, 2).reshape(B, 1, -1)))
+    return self.proj_drop(self.proj(_attend(self, q, k, v).transpose(1, 2).reshape(B, 1, -1)))
 
 
 def _talking_heads_forward(self, x):
@@ -239,10 +237,7 @@ def _twins_global_forward(self, x, size):
         x = self.norm(self.sr(x).flatten(2).permute(0, 2, 1))
     kv = self.kv(x).reshape(B, x.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
     k, v = kv.unbind(0)
-    if self.fused_attn:
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-    else:
-        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    x = _attend(self, q, k, v)
     return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
 
@@ -260,10 +255,7 @@ def _twins_local_forward(self, x, size):
     x = x.reshape(B, _h, self.ws, _w, self.ws, C).transpose(2, 3)
     qkv = self.qkv(x).reshape(B, _h * _w, self.ws * self.ws, 3, self.num_heads, -1).permute(3, 0, 1, 4, 2, 5)
     q, k, v = qkv.unbind(0)
-    if self.fused_attn:
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-    else:
-        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    x = _attend(self, q, k, v)
     x = x.transpose(2, 3).reshape(B, _h, _w, self.ws, self.ws, -1)
     x = x.transpose(2, 3).reshape(B, _h * self.ws, _w * self.ws, -1)
     if pad_r > 0 or pad_b > 0:
