@@ -1,4 +1,4 @@
-"""Attentions whose output reshape names the input width (EVA, PVT-v2, latent pooling, CoaT, DiffAttention), freed.
+"""Attentions whose output reshape names the input width (EVA, PVT-v2, CoaT, Diff, Twins, ...), freed.
 
 Glossary:
 
@@ -18,7 +18,18 @@ Glossary:
   window groups of 2, 3 and 3) went whole and the stream kept 5 of 8 head-sized blocks
   (coat_lite_tiny kept 0.345 at a ratio of 0.5). Differential attention (``DiffAttention``:
   vit_dlittle, vit_dwee) ends the same way; its heads stay whole (``pairs_sub_heads``), so
-  the stream pruned by whole heads (5 of 64: 3 kept, vit_dlittle kept 0.32).
+  the stream pruned by whole heads (5 of 64: 3 kept, vit_dlittle kept 0.32). Twins'
+  ``GlobalSubSampleAttn`` (PCPVT, SVT) and ``LocallyGroupedAttn`` (SVT) view their heads with
+  ``C // num_heads`` and reshape the spatial reduction and the output to ``C``: the one-head
+  first stage of twins_pcpvt_small did not prune at all (0.315 kept), the others by heads.
+  ``RelPosAttention`` (``vit_relpos_*``, ``vit_srelpos_*``: whole heads, SDPA's default scale
+  and a bias per head) pruned its stream by heads too: at a ratio of 0.3, one head of six
+  went, and vit_srelpos_small kept 0.62 of its parameters (0.5 where the ratio meets a head).
+  NesT's ``Attention`` and DaViT's ``WindowAttention`` / ``ChannelAttention`` (its heads
+  whole: a softmax over each head's channels) the same: nest_tiny's and davit_tiny's first
+  stream was three units of 32. CaiT's ``TalkingHeadAttn`` (heads mixed by ``proj_l`` /
+  ``proj_w``: kept whole) and ``ClassAttn`` (also XCiT's) the same: cait_xxs24's stream was
+  its four heads (0.542 kept at a ratio of 0.3, 0.508 freed; xcit_nano_12_p16 0.543 -> 0.51).
 
 The scan leaves these classes out of the width-bound ones, so their heads prune on their own
 and the stream on its own; after slicing the class becomes a variant whose ``forward`` reads
@@ -84,6 +95,14 @@ def _eva_forward(self, x, rope=None, attn_mask=None, is_causal: bool = False):
     return self.proj_drop(self.proj(x))
 
 
+def _attend(self, q, k, v):
+    """``softmax(q k^T * scale) v`` as timm's attentions run it: SDPA where ``fused_attn``, else
+    the math path with the stored ``scale`` and ``attn_drop``."""
+    if self.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+    return self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+
+
 def _pvt_forward(self, x, feat_size):
     """timm's PVT-v2 ``Attention.forward`` with the widths read from the layers."""
     B, N, C = x.shape
@@ -96,10 +115,7 @@ def _pvt_forward(self, x, feat_size):
         if self.pool is not None:
             x = self.act(x)
     k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    if self.fused_attn:
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-    else:
-        x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    x = _attend(self, q, k, v)
     return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
 
@@ -138,6 +154,115 @@ def _coat_forward(self, x, size):
     return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
 
+def _relpos_forward(self, x, shared_rel_pos=None):
+    """timm's ``RelPosAttention.forward`` (``vit_relpos_*``, ``vit_srelpos_*``) with the output
+    width read from the heads."""
+    B, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = self.q_norm(q), self.k_norm(k)
+    if self.fused_attn:
+        bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0
+        )
+    else:
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.rel_pos is not None:
+            attn = self.rel_pos(attn, shared_rel_pos=shared_rel_pos)
+        elif shared_rel_pos is not None:
+            attn = attn + shared_rel_pos
+        x = self.attn_drop(attn.softmax(dim=-1)) @ v
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
+def _nest_forward(self, x):
+    """timm's NesT ``Attention.forward`` (blocks of tokens) with the head size and the output
+    width read from ``qkv``."""
+    B, T, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B, T, N, 3, self.num_heads, -1).permute(3, 0, 4, 1, 2, 5).unbind(0)
+    x = _attend(self, q, k, v)
+    return self.proj_drop(self.proj(x.permute(0, 2, 3, 4, 1).reshape(B, T, N, -1)))
+
+
+def _davit_window_forward(self, x):
+    """timm's DaViT ``WindowAttention.forward`` with the head size and the output width read
+    from ``qkv``."""
+    B_, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    if self.fused_attn:
+        x = F.scaled_dot_product_attention(q, k, v)
+    else:
+        x = self.softmax((q * self.scale) @ k.transpose(-2, -1)) @ v
+    return self.proj(x.transpose(1, 2).reshape(B_, N, -1))
+
+
+def _davit_channel_forward(self, x):
+    """timm's DaViT ``ChannelAttention.forward`` (attention over each head's channels) with
+    the head size and the output width read from ``qkv``."""
+    B, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = ((k * self.scale).transpose(-1, -2) @ v).softmax(dim=-1)
+    x = (attn @ q.transpose(-1, -2)).transpose(-1, -2)
+    return self.proj(x.transpose(1, 2).reshape(B, N, -1))
+
+
+def _class_attn_forward(self, x):
+    """timm's ``ClassAttn.forward`` (CaiT's and XCiT's class-attention blocks) with the head
+    size and the output width read from the projections."""
+    B, N, _ = x.shape
+    q = self.q(x[:, 0]).unsqueeze(1).reshape(B, 1, self.num_heads, -1).permute(0, 2, 1, 3)
+    k = self.k(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+    v = self.v(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+    return self.proj_drop(self.proj(_attend(self, q, k, v).transpose(1, 2).reshape(B, 1, -1)))
+
+
+def _talking_heads_forward(self, x):
+    """timm's CaiT ``TalkingHeadAttn.forward`` with the head size and the output width read
+    from ``qkv``."""
+    B, N, _ = x.shape
+    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]
+    attn = self.proj_l((q @ k.transpose(-2, -1)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    attn = self.attn_drop(self.proj_w(attn.softmax(dim=-1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+    return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1)))
+
+
+def _twins_global_forward(self, x, size):
+    """timm's Twins ``GlobalSubSampleAttn.forward`` with the widths read from the layers
+    (``C // num_heads`` for the heads, ``reshape(B, C, -1)`` after the spatial reduction)."""
+    B, N, C = x.shape
+    q = self.q(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
+    if self.sr is not None:
+        x = x.permute(0, 2, 1).reshape(B, C, *size)
+        x = self.norm(self.sr(x).flatten(2).permute(0, 2, 1))
+    kv = self.kv(x).reshape(B, x.shape[1], 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    k, v = kv.unbind(0)
+    x = _attend(self, q, k, v)
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
+def _twins_local_forward(self, x, size):
+    """timm's Twins ``LocallyGroupedAttn.forward`` (padding form) with the head size and the
+    output width read from ``qkv``."""
+    B, N, C = x.shape
+    H, W = size
+    x = x.view(B, H, W, C)
+    pad_r = (self.ws - W % self.ws) % self.ws
+    pad_b = (self.ws - H % self.ws) % self.ws
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    _, Hp, Wp, _ = x.shape
+    _h, _w = Hp // self.ws, Wp // self.ws
+    x = x.reshape(B, _h, self.ws, _w, self.ws, C).transpose(2, 3)
+    qkv = self.qkv(x).reshape(B, _h * _w, self.ws * self.ws, 3, self.num_heads, -1).permute(3, 0, 1, 4, 2, 5)
+    q, k, v = qkv.unbind(0)
+    x = _attend(self, q, k, v)
+    x = x.transpose(2, 3).reshape(B, _h, _w, self.ws, self.ws, -1)
+    x = x.transpose(2, 3).reshape(B, _h * self.ws, _w * self.ws, -1)
+    if pad_r > 0 or pad_b > 0:
+        x = x[:, :H, :W, :].contiguous()
+    return self.proj_drop(self.proj(x.reshape(B, N, -1)))
+
+
 def _diff_forward(self, x, attn_mask=None, is_causal: bool = False):
     """timm's ``DiffAttention.forward`` with the output width read from the heads."""
     B, N, _ = x.shape
@@ -171,6 +296,14 @@ _BASES = (
     ("timm.layers.attention_pool", "AttentionPoolLatent", _latent_pool_forward, "PrunedAttentionPoolLatent"),
     ("timm.models.coat", "FactorAttnConvRelPosEnc", _coat_forward, "PrunedFactorAttnConvRelPosEnc"),
     ("timm.layers.diff_attention", "DiffAttention", _diff_forward, "PrunedDiffAttention"),
+    ("timm.models.vision_transformer_relpos", "RelPosAttention", _relpos_forward, "PrunedRelPosAttention"),
+    ("timm.models.nest", "Attention", _nest_forward, "PrunedNestAttention"),
+    ("timm.models.davit", "WindowAttention", _davit_window_forward, "PrunedDavitWindowAttention"),
+    ("timm.models.davit", "ChannelAttention", _davit_channel_forward, "PrunedDavitChannelAttention"),
+    ("timm.models.cait", "ClassAttn", _class_attn_forward, "PrunedClassAttn"),
+    ("timm.models.cait", "TalkingHeadAttn", _talking_heads_forward, "PrunedTalkingHeadAttn"),
+    ("timm.models.twins", "GlobalSubSampleAttn", _twins_global_forward, "PrunedGlobalSubSampleAttn"),
+    ("timm.models.twins", "LocallyGroupedAttn", _twins_local_forward, "PrunedLocallyGroupedAttn"),
 )
 _VARIANTS = [pruned_variant(module, name, forward, __name__, pruned) for module, name, forward, pruned in _BASES]
 #: the pruned classes by name (a pickled model loads, also before timm is imported)
