@@ -250,8 +250,11 @@ def squared_weight(weight: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor,
     Scoring asks for a layer's input and output energies separately; both come from one
     pass over the weight, cached until the weight changes (only the two vectors are kept)."""
     hit = _SQUARED.get(weight)
-    # an inference tensor (a model built under torch.inference_mode) has no version counter
-    version = None if weight.is_inference() else weight._version
+    # an inference tensor (a model built under torch.inference_mode) has no version counter; the
+    # memory and shape too: an in-place prune keeps the Parameter object and gives it new data
+    # (``p.data = ...``), which leaves the version as it was, and the next step scored the
+    # energies of the weight before the prune (a GradualPruner step ranked stale channels)
+    version = None if weight.is_inference() else (weight._version, weight.data_ptr(), tuple(weight.shape))
     if hit is not None and version is not None and hit[0] == (version, groups):
         return hit[1]
     w = weight.detach()

@@ -182,3 +182,21 @@ def test_a_pruned_model_out_of_memory_is_no_pruning_failure():
     model[2].rank = 0  # memory enough: both run
     assert len(analyse_sensitivity(pruner, data, ratios=(0.5,), progress=False).curves) == 2
     assert pruner.prune()[0].out_channels == 5
+
+
+def test_the_weight_energies_follow_new_data_given_to_the_same_parameter():
+    """An in-place prune keeps the user's Parameter objects and gives them the pruned data
+    (``p.data = ...``, api16), which leaves the version counter as it was; the energies
+    scoring caches per weight were returned for the weight before the prune, so a
+    ``GradualPruner`` step ranked the channels of the previous step's weights (the merged
+    tree kept 2 + 14 of a tuple scope's channels where one prune keeps 4 + 12)."""
+    from cleanai_core.interfaces import squared_weight
+
+    p = torch.nn.Parameter(torch.arange(12.0).reshape(4, 3))
+    rows, _ = squared_weight(p)
+    assert rows.tolist() == [5.0, 50.0, 149.0, 302.0]
+    version = p._version
+    p.data = p.data[[0, 2]].clone()
+    assert p._version == version  # what made the cache stale
+    rows, cols = squared_weight(p)
+    assert rows.tolist() == [5.0, 149.0] and cols.tolist() == [36.0, 50.0, 68.0]
