@@ -1,0 +1,85 @@
+"""Review of session 24's changes (review16): where two branches' rules met, and where the
+new code went wrong on inputs next to the ones its authors tested."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import small_convnet
+from torch import nn
+
+from cleanai_core import StructuredPruner
+from cleanai_core.errors import UserError
+from cleanai_core.runtime import positional_inputs, split_batch
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.out = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x1, x2):
+        return self.out(torch.relu(self.a(x1) + self.b(x2)))
+
+
+def test_a_failing_batch_read_as_a_models_two_inputs_is_not_said_to_be_read_as_input_and_label():
+    model = _TwoInputs().eval()
+    pruner = StructuredPruner(model, (torch.randn(1, 4), torch.randn(1, 4)), pruning_ratio=0.5)
+    wrong = (torch.randn(3, 5), torch.randn(3, 5))  # both inputs the wrong width: the model got both
+    assert positional_inputs(wrong, model) == 2
+    assert split_batch(wrong, model)[1] is None
+    with pytest.raises(UserError) as err:
+        pruner.collect_activations([wrong], progress=False)
+    assert "(3x5 and 4x8)" in str(err.value)
+    assert "read as (input, label)" not in str(err.value)
+
+
+def test_the_input_and_label_hint_stays_where_a_one_input_model_got_a_pair_of_like_tensors():
+    model = small_convnet(8, 8, None, 4).eval()
+    pruner = StructuredPruner(model, torch.randn(1, 3, 8, 8), pruning_ratio=0.5)
+    assert positional_inputs((torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)), model) == 0
+    with pytest.raises(UserError, match=r"read as \(input, label\)"):
+        pruner.collect_activations([(torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8))], progress=False)
+
+
+def _convnet_pruner() -> tuple[nn.Module, StructuredPruner]:
+    model = small_convnet(8, 8, None, 4).eval()
+    return model, StructuredPruner(model, torch.randn(2, 3, 8, 8), "magnitude", pruning_ratio=0.25)
+
+
+@pytest.mark.parametrize(
+    ("table", "pruned"),
+    [
+        (lambda m: {m[0]: 0.5, m[3]: 0.5}, 8),  # modules as keys, as the constructor takes them
+        (lambda m: {"0": 0.5, m[3]: 0.25}, 6),  # a name and a module
+        (lambda m: {"*": 0.75}, 12),  # a glob
+        (lambda m: {nn.Conv2d: 0.5}, 8),  # a type
+    ],
+)
+def test_layer_ratios_assigned_after_construction_are_resolved_as_the_constructor_resolves_them(table, pruned):
+    model, pruner = _convnet_pruner()
+    assert _quiet(pruner.plan).n_pruned == 4  # 0.25 of two groups of 8
+    pruner.layer_ratios = table(model)  # sorted() of module keys raised TypeError from the plan's options key
+    assert _quiet(pruner.plan).n_pruned == pruned
+    assert all(isinstance(k, str) for k in pruner.layer_ratios)
+    assert _quiet(pruner.prune)[0].out_channels == 8 - {8: 4, 6: 4, 12: 6}[pruned]
+
+
+def test_layer_ratios_changed_in_place_plan_again_and_a_bad_one_is_refused_as_in_the_constructor():
+    model, pruner = _convnet_pruner()
+    pruner.layer_pruning_ratios = {"0": 0.5}
+    assert _quiet(pruner.plan).n_pruned == 4 + 2
+    pruner.layer_ratios[model[3]] = 0.5  # in place, a module key
+    assert _quiet(pruner.plan).n_pruned == 4 + 4
+    pruner.layer_ratios["3"] = 1.5
+    with pytest.raises(UserError, match="1.5"):
+        pruner.plan()
