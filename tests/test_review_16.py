@@ -83,3 +83,27 @@ def test_layer_ratios_changed_in_place_plan_again_and_a_bad_one_is_refused_as_in
     pruner.layer_ratios["3"] = 1.5
     with pytest.raises(UserError, match="1.5"):
         pruner.plan()
+
+
+def test_consent_to_a_folders_tokenizer_code_is_not_carried_into_a_later_run_without_trust_code(tmp_path, capsys):
+    """``--trust-code`` for one run recorded the folder as consented for the rest of the
+    process: a later run of the same folder without the flag (a notebook, a script calling
+    ``main`` twice, ``load_pruned`` after a trusted prune) built the folder's tokenizer code."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from test_hf_text_15 import folder
+    from test_lead_24 import tokenizer_with_code
+
+    from cleanai_core.cli import main
+
+    src = folder(tmp_path)
+    tokenizer_with_code(src, "Lead24Tokenizer")
+    (tmp_path / "t.txt").write_text("the cat sat on a mat and the dog ran to the park with a ball.\n" * 20)
+    argv = ["prune", "--model", f"hf:{src}", "--data", str(tmp_path / "t.txt"), "--seq-len", "16", "--threads", "1",
+            "--latency-repeats", "1", "--quiet"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "trusted"), "--trust-code"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "untrusted")]) == 2
+    err = capsys.readouterr().err
+    assert "tokenization_lead24.Lead24Tokenizer" in err and "--trust-code" in err
+    assert not (tmp_path / "untrusted").exists()
