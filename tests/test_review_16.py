@@ -107,3 +107,43 @@ def test_consent_to_a_folders_tokenizer_code_is_not_carried_into_a_later_run_wit
     err = capsys.readouterr().err
     assert "tokenization_lead24.Lead24Tokenizer" in err and "--trust-code" in err
     assert not (tmp_path / "untrusted").exists()
+
+
+class _MaskedAttention(nn.Module):
+    """Attention whose causal mask is a frozen parameter of 0 and -inf, as older code keeps it."""
+
+    def __init__(self, n: int = 6, d: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 32), nn.Linear(32, d)
+        self.mask = nn.Parameter(torch.full((n, n), float("-inf")).triu(1), requires_grad=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        x = x + self.proj((q @ k.transpose(-1, -2) / 4 + self.mask).softmax(-1) @ v)
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_parameter_that_is_an_additive_mask_of_minus_inf_is_no_damaged_weight():
+    model = _MaskedAttention().eval()
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    assert bool(torch.isfinite(model(x)).all())
+    pruned = _quiet(StructuredPruner(model, x, "magnitude", pruning_ratio=0.5).prune)  # refused: "15 inf value(s)"
+    assert (pruned.fc1.out_features, pruned.fc2.in_features) == (16, 16)
+    assert int(torch.isinf(pruned.mask).sum()) == 15
+
+
+@pytest.mark.parametrize("damage", ["one", "all", "nan_in_mask"])
+def test_inf_in_a_weight_is_still_refused_whatever_else_it_holds(damage):
+    model = _MaskedAttention().eval()
+    with torch.no_grad():
+        if damage == "one":  # a finite weight with one inf
+            model.fc1.weight[0, 0] = float("inf")
+        elif damage == "all":  # no finite value at all: no mask
+            model.fc1.weight.fill_(float("-inf"))
+        else:  # a mask that also holds NaN
+            model.mask[0, 0] = float("nan")
+    name = "mask" if damage == "nan_in_mask" else "fc1.weight"
+    with pytest.raises(UserError, match=rf"tensor '{name}' holds \d+ (inf|NaN)"):
+        StructuredPruner(model, torch.randn(2, 6, 16), "magnitude", pruning_ratio=0.5)
