@@ -147,3 +147,28 @@ def test_inf_in_a_weight_is_still_refused_whatever_else_it_holds(damage):
     name = "mask" if damage == "nan_in_mask" else "fc1.weight"
     with pytest.raises(UserError, match=rf"tensor '{name}' holds \d+ (inf|NaN)"):
         StructuredPruner(model, torch.randn(2, 6, 16), "magnitude", pruning_ratio=0.5)
+
+
+def test_an_image_folder_beside_a_training_runs_history_json_is_data_and_a_cleanai_one_is_named(tmp_path):
+    """faults16 named a folder holding ``history.json`` or ``architecture.json`` as a pruned
+    model's folder missing files, by the names alone: an image data set whose root keeps a
+    Keras run's ``history.json`` (loss and accuracy per epoch) was refused as ``--data``."""
+    pytest.importorskip("torchvision")
+    image = pytest.importorskip("PIL.Image")
+    import json
+
+    from cleanai_core.special_files import cleanai_folder_kind
+    from cleanai_plugins.io.datasets import _load_image_folder
+
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "history.json").write_text(json.dumps({"loss": [1.0, 0.5], "accuracy": [0.5, 0.8]}))
+    assert cleanai_folder_kind(tmp_path) is None
+    assert len(_load_image_folder(tmp_path, {"image_size": 8})) == 6
+    (tmp_path / "history.json").write_text(json.dumps({"format": "cleanai-history/1", "steps": []}))
+    kind = cleanai_folder_kind(tmp_path)
+    assert kind is not None and "lacks architecture.json and model.pt" in kind[0]
+    with pytest.raises(UserError, match="lacks architecture.json and model.pt"):
+        _load_image_folder(tmp_path, {"image_size": 8})
