@@ -54,6 +54,8 @@ from cleanai_core.runtime import (
     inputs_for,
     logits_of,
     may_run_channels_last,
+    plain_inputs,
+    positional_inputs,
     reads_as_regression,
     regression_targets,
     run_batch,
@@ -347,16 +349,18 @@ def model_failure(index: int, inputs: Any, batch: Any = None, model: nn.Module |
             "the batch as the first dimension (a DataLoader over the dataset, not the dataset itself)."
             + (dtype_advice(model, inputs, "Its inputs", exc) if model is not None else "")
             + unused_key_hint(exc, inputs)
-            + _pair_hint(batch, exc)
+            + _pair_hint(batch, exc, model)
         ) from exc
 
 
-def _pair_hint(batch: Any, exc: BaseException | None = None) -> str:
+def _pair_hint(batch: Any, exc: BaseException | None = None, model: nn.Module | None = None) -> str:
     """A sentence when the batch was a tuple of tensors shaped alike (two images, as an
     optical-flow model takes), or any tuple of tensors where the model's ``forward`` then
     missed a positional argument (a decoder's source features and target tokens): it was
-    read as ``(input, label)``, so the model got only the first."""
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+    read as ``(input, label)``, so the model got only the first. None where the batch was
+    read as the ``model``'s several inputs (:func:`~cleanai_core.runtime.positional_inputs`):
+    the model got them all, and the hint blamed a reading that did not happen."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or positional_inputs(plain_inputs(batch), model):
         return ""
     if not all(isinstance(t, torch.Tensor) for t in batch) or batch[0].ndim < 2:
         return ""

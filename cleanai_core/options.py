@@ -631,10 +631,12 @@ def check_not_meta(model: nn.Module, name: str = "model", var: str | None = None
         )
 
 
-def non_finite(named: Any, allow_inf: bool | Callable[[str], bool] = False) -> tuple[str, int, int] | None:
+def non_finite(
+    named: Any, allow_inf: bool | Callable[[str, torch.Tensor], bool] = False
+) -> tuple[str, int, int] | None:
     """The first floating tensor of ``named`` (name, tensor pairs) holding NaN (or inf, unless
-    ``allow_inf``: a flag, or a test of the name), as ``(name, how many, of how many)``;
-    ``None`` when all are finite."""
+    ``allow_inf``: a flag, or a test of the name and the tensor), as ``(name, how many, of how
+    many)``; ``None`` when all are finite."""
     for name, t in named:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.is_meta or t.numel() == 0:
             continue
@@ -642,21 +644,30 @@ def non_finite(named: Any, allow_inf: bool | Callable[[str], bool] = False) -> t
         # for the (usual) finite tensor; a sum that only overflowed is checked in full
         if bool(torch.isfinite(t.detach().sum(dtype=torch.float32))):
             continue
-        bad = torch.isnan(t) if (allow_inf(name) if callable(allow_inf) else allow_inf) else ~torch.isfinite(t)
+        bad = torch.isnan(t) if (allow_inf(name, t) if callable(allow_inf) else allow_inf) else ~torch.isfinite(t)
         if bool(bad.any()):
             return name, int(bad.sum()), t.numel()
     return None
 
 
-def inf_refused(name: str) -> bool:
-    """Whether a parameter named ``name`` may not hold inf: any but a bias. A weight (or a
+def inf_refused(name: str, tensor: torch.Tensor | None = None) -> bool:
+    """Whether a parameter named ``name`` (holding ``tensor``) may not hold inf: any but a bias
+    and an additive mask (every finite value 0: ``nn.Parameter(torch.full((n, n), -inf).triu(1),
+    requires_grad=False)``, which older attention code keeps as a parameter; such a working
+    model was refused as "holds 15 inf value(s) ... Load finite weights"). A weight (or a
     scale, an embedding, a token) of inf makes what it multiplies inf and, times a 0, NaN: an
     inf in ``features.0.weight`` was "non-finite activations ... check the data", and in
     ``fc.weight`` "weight_ratio=0.5 and activation_ratio=0.5 (--alpha/--beta) ... go beyond
     what float64 holds: give numbers of the same ratio near 1". A bias only adds: its output
     is inf, which the verification knows to be non-finite. Buffers may hold inf
     (quantization observers start at +-inf, attention masks)."""
-    return not name.rpartition(".")[2].endswith("bias")
+    if name.rpartition(".")[2].endswith("bias"):
+        return False
+    if tensor is None or not tensor.is_floating_point():
+        return True
+    finite = tensor.detach()[torch.isfinite(tensor.detach())]
+    mask = 0 < finite.numel() < tensor.numel() and bool((finite == 0).all()) and not bool(torch.isnan(tensor).any())
+    return not mask
 
 
 def check_finite(model: nn.Module, name: str = "model") -> None:
@@ -664,13 +675,13 @@ def check_finite(model: nn.Module, name: str = "model") -> None:
     parameters other than biases hold inf (:func:`inf_refused`): magnitude criteria ranked
     the NaN channels as they came and pruned without a word; activation criteria blamed the
     data."""
-    found = non_finite(model.named_parameters(), allow_inf=lambda n: not inf_refused(n))
+    found = non_finite(model.named_parameters(), allow_inf=lambda n, t: not inf_refused(n, t))
     found = found or non_finite(model.named_buffers(), allow_inf=True)
     if found is not None:
         tensor, count, total = found
         t = {**dict(model.named_buffers()), **dict(model.named_parameters())}[tensor]
         what = {(True, False): "NaN", (False, True): "inf"}.get(
-            (bool(torch.isnan(t).any()), bool(torch.isinf(t).any()) and inf_refused(tensor)), "NaN or inf"
+            (bool(torch.isnan(t).any()), bool(torch.isinf(t).any()) and inf_refused(tensor, t)), "NaN or inf"
         )
         raise UserError(
             f"the {name}'s tensor {tensor!r} holds {count} {what} value(s) (of {total}): its scores and outputs would "

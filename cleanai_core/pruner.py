@@ -478,6 +478,7 @@ class StructuredPruner:
             self._check_ratios_reach(table or {})
         self.layer_ratios, self._plan = named, None
         self.layer_scopes = options.layer_scopes(self.model, table or {})
+        self._ratios_set = (named, dict(named or {}))  # what :meth:`_check_attributes` compares against
 
     def _check_ratios_reach(self, table: Mapping[ModuleSpec, float]) -> None:
         """A :class:`UserError` for a layer ratio above 0 whose layers carry the channels of
@@ -531,6 +532,11 @@ class StructuredPruner:
         56,554 parameters were pruned to 53 without a word, ``"0.5"`` and NaN raised
         ``TypeError`` / ``ValueError`` from planning, ``global_pruning = "no"`` ranked
         globally, and ``importance = "magnitude"`` raised ``'str' object is not callable``."""
+        given, (made, snapshot) = self.layer_ratios, getattr(self, "_ratios_set", (None, {}))
+        if given is not None and (given is not made or dict(given) != snapshot):
+            # pruner.layer_ratios = {model.fc: 0.5} (or the table changed in place): resolved to layer names and
+            # checked as the constructor does; module keys raised TypeError from the plan's options key
+            self.set_layer_ratios(given)
         now = {k: getattr(self, k) for k in _CHECKED}
         for key, value in _checked_options(now, self.layer_ratios, False, device_of(self.model)).items():
             setattr(self, key, value)

@@ -28,6 +28,7 @@ __all__ = [
     "may_run_channels_last",
     "output_leaves_of",
     "plain_inputs",
+    "positional_inputs",
     "private_rng",
     "without_autocast",
     "runs_the_same",
@@ -627,10 +628,8 @@ def split_batch(batch: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
             raise UserError("the data loader yielded an empty batch")
         if all(isinstance(b, str) for b in batch):  # a list of texts, not an (x, y) pair
             raise text_error(batch, "the data loader's batch")
-        n = required_positionals(model)
-        if n > 1 and len(batch) in (n, n + 1) and all(isinstance(b, torch.Tensor) for b in batch):
-            # a model of n positional inputs: (x1, ..., xn) or (x1, ..., xn, label), as the example inputs and a
-            # TensorDataset(x1, x2, y) give them (read as (x1, x2): the model got x1 alone and failed)
+        n = positional_inputs(batch, model)
+        if n:
             inputs, target = tuple(batch[:n]), (batch[n] if len(batch) > n else None)
         else:
             inputs, target = batch[0], (batch[1] if len(batch) > 1 else None)
@@ -652,6 +651,19 @@ def split_batch(batch: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
     if error is not None:
         raise error
     return decoder_inputs_from_labels(model, inputs, target), target
+
+
+def positional_inputs(batch: Any, model: nn.Module | None) -> int:
+    """How many leading tensors of a tuple ``batch`` are ``model``'s positional inputs: ``n``
+    where its ``forward`` requires ``n > 1`` of them (:func:`required_positionals`) and the
+    batch is ``n`` or ``n + 1`` tensors, ``(x1, ..., xn)`` or ``(x1, ..., xn, label)``, as
+    the example inputs and a ``TensorDataset(x1, x2, y)`` give them (read as ``(x1, x2)``,
+    the model got ``x1`` alone and failed); else 0: the batch is ``(input, label)``. One
+    rule for :func:`split_batch` and the messages about how a batch was read."""
+    if not isinstance(batch, (tuple, list)) or not all(isinstance(b, torch.Tensor) for b in batch):
+        return 0
+    n = required_positionals(model)
+    return n if n > 1 and len(batch) in (n, n + 1) else 0
 
 
 def required_positionals(model: nn.Module | None) -> int:

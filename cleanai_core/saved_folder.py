@@ -352,7 +352,7 @@ def nan_tensor(state: dict[str, torch.Tensor], parameters: Any = ()) -> str | No
 
     names = set(parameters)
     dense = {k: v for k, v in tensors_of(state).items() if v.layout == torch.strided}
-    found = non_finite(dense.items(), allow_inf=lambda k: k not in names or not inf_refused(k))
+    found = non_finite(dense.items(), allow_inf=lambda k, t: k not in names or not inf_refused(k, t))
     if found is None:
         return None
     what = "NaN" if bool(torch.isnan(dense[found[0]]).any()) else "inf"

@@ -228,6 +228,17 @@ def not_torch_save_error(path: Any, what: str, fix: str) -> UserError | None:
 _SAVED_FILES = ("architecture.json", "history.json", "model.pt")
 
 
+def _ours(path: str) -> bool:
+    """Whether the JSON file at ``path`` is one a CleanAI run writes (:func:`cleanai_json_kind`)."""
+    try:
+        if os.path.getsize(path) > 64 * 2**20:
+            return False
+        with open(path, encoding="utf-8-sig") as fh:
+            return cleanai_json_kind(json.load(fh)) is not None
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
 def cleanai_folder_kind(path: Any) -> tuple[str, str] | None:
     """Which folder of a CleanAI run ``path`` is and what to do, in words, else ``None``: a
     pruned model (``cleanai prune`` / ``save_pruned``), one missing some of its three files,
@@ -247,7 +258,8 @@ def cleanai_folder_kind(path: Any) -> tuple[str, str] | None:
         if all(os.path.isfile(os.path.join(folder, n)) for n in ("sensitivity.svg", "report.json")):
             what = "a folder cleanai sensitivity wrote, an analysis that holds no model"
             return what, "its config.json names the model and data it measured"
-        if "architecture.json" in present or "history.json" in present:
+        ours = [n for n in ("architecture.json", "history.json") if n in present and _ours(os.path.join(folder, n))]
+        if ours:  # a Keras training run's history.json beside the class folders of an image data set is data
             missing = " and ".join(n for n in _SAVED_FILES if n not in present)
             what = f"a folder cleanai prune or save_pruned wrote that lacks {missing}"
             return what, "a copy that missed files, or a damaged folder: save the pruned model again or copy all of it"

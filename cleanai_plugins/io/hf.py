@@ -199,8 +199,9 @@ def _remote_code_refusal(spec: str, folder: Path | None) -> str:
     )
 
 
-#: folders whose own code the user consented to in this process (``--trust-code`` or
-#: ``load_pruned(..., trust_code=True)`` when the model was loaded from them), resolved
+#: folders whose own code the user consented to (``--trust-code`` or
+#: ``load_pruned(..., trust_code=True)`` when the model was loaded from them), resolved; the
+#: latest load of a folder decides (a load without consent takes it back)
 _CONSENTED: set[str] = set()
 
 
@@ -439,8 +440,10 @@ def cleanai_load_model(spec, options):
     if consent and options.get("meta_probe") and _names_code(spec):
         return None  # load_pruned's shape check: the folder's code runs once, in the real build
     model = load_hf_model(spec, trust_remote_code=bool(consent))
-    if consent and getattr(model.config, "name_or_path", ""):  # its tokenizer's code too (auto_map)
-        _CONSENTED.add(_folder_key(model.config.name_or_path))
+    if getattr(model.config, "name_or_path", ""):  # its tokenizer's code too (auto_map)
+        # each load's own answer: a consent given once (--trust-code in an earlier run of this process) was kept
+        # for every later load of the folder, which then built its tokenizer code without the flag
+        (_CONSENTED.add if consent else _CONSENTED.discard)(_folder_key(model.config.name_or_path))
     stored = source_dtype(model)
     if stored is not None:  # computed in float32; the pruned weights are written back in this dtype
         options["stored_dtype"] = stored
