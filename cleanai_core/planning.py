@@ -38,7 +38,32 @@ class GroupPlan:
 
     @property
     def n_pruned(self) -> int:
-        return int(self.pruned.sum())
+        return int(self.mask().sum())
+
+    def mask(self) -> torch.Tensor:
+        """``pruned`` as a bool tensor of one entry per unit, or a :class:`UserError` naming
+        the group and the form: ``pruned`` is editable (the user guide), and one set to unit
+        indices, a mask of another length or ``None`` raised ``IndexError: index 100 is out of
+        bounds`` (or ``AttributeError``) from inside the plan, or removed the wrong units; a
+        list of booleans of the right length is taken."""
+        p, size = self.pruned, self.group.size
+        if isinstance(p, torch.Tensor) and p.dtype == torch.bool and tuple(p.shape) == (size,):
+            return p
+        try:
+            t = torch.as_tensor(p) if p is not None and not isinstance(p, (str, bytes)) else None
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is not None and t.dtype == torch.bool and tuple(t.shape) == (size,) and not t.is_meta:
+            return t.cpu()
+        got = f"a {str(t.dtype).replace('torch.', '')} tensor of shape {tuple(t.shape)}" if t is not None else shown(p)
+        hint = ""
+        if t is not None and not t.is_floating_point() and t.dtype != torch.bool and t.dim() <= 1:
+            hint = f" (unit indices: gp.pruned = torch.zeros({size}, dtype=torch.bool); gp.pruned[indices] = True)"
+        raise UserError(
+            f"the plan's group {self.group.id} ({', '.join(shown_name(m) for m in self.group.modules()[:3])}): "
+            f"pruned must be a boolean mask with one entry per unit, shape ({size},) (True removes the unit); got "
+            f"{got}{hint}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The group as the report lists it. ``ratio`` is the share of its units removed,
@@ -66,6 +91,7 @@ class PruningPlan:
     def pruned_units(self) -> torch.Tensor:
         mask = torch.zeros(self.n_atoms, dtype=torch.bool)
         for gp in self.groups:
+            gp.pruned = gp.mask()  # an edited one checked, a list of booleans made the tensor the others read
             mask[gp.group.units[gp.pruned]] = True
         return mask
 

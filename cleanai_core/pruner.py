@@ -109,6 +109,8 @@ def _checked_options(
     options.check_callables(forward_fn=o["forward_fn"], output_transform=o["output_transform"])
     importance = options.as_importance(o["importance"])
     o["importance"] = get_importance(importance) if isinstance(importance, str) else importance
+    if importance is None:  # the default, also set after construction (pruner.importance = None raised TypeError)
+        o["importance"] = WeightActivationImportance()
     if o["round_to"] == "auto":  # the device's default
         o["round_to"] = default_round_to(device)
     zero_ok = bool(layer_ratios) or bool(o["prune_dead_only"])  # pruning_ratio=0: only those decide
@@ -260,7 +262,7 @@ class StructuredPruner:
         # module, to compile or wrap again
         self._given, model = model, options.pruned_module(model)
         self.model, self.example_inputs = model, example_inputs
-        self.importance = importance if importance is not None else WeightActivationImportance()
+        self.importance = importance  # None: the default, made by _checked_options
         self.pruning_ratio = float(pruning_ratio)
         self.global_pruning, self.max_layer_ratio = global_pruning, max_layer_ratio
         self.isomorphic = isomorphic

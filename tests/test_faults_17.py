@@ -1,0 +1,106 @@
+"""Session 24, faults17: fault and bad-input cases through the public Python API
+(docs/reliability.md, "Session 24: faults17")."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+
+from cleanai_core import StructuredPruner, WeightActivationImportance, recover
+from cleanai_core.errors import UserError
+from cleanai_core.sensitivity import analyse_sensitivity
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+class _Encoding(collections.UserDict):  # what a tokenizer returns (transformers' BatchEncoding is a UserDict)
+    pass
+
+
+@pytest.mark.parametrize("kind", ["dict", "userdict", "splits"])
+def test_a_dict_given_as_the_data_is_named_as_one_batch_not_as_text_to_tokenize(kind: str) -> None:
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    data = {
+        "dict": {"input": x, "labels": y},
+        "userdict": _Encoding({"input_ids": x, "attention_mask": y}),
+        "splits": {"train": [(x, y)], "test": [(x, y)]},
+    }[kind]
+    first = "'train'" if kind == "splits" else ("'input_ids'" if kind == "userdict" else "'input'")
+    calls = [
+        lambda: StructuredPruner(_mlp(), x).collect_activations(data, progress=False),
+        lambda: analyse_sensitivity(StructuredPruner(_mlp(), x, importance="magnitude"), data, progress=False),
+        lambda: recover(_mlp(), _mlp(), data, epochs=1, progress=False),
+        lambda: recover(_mlp(), _mlp(), [(x, y)], val_data=data, epochs=1, progress=False),
+    ]
+    for call in calls:
+        with pytest.raises(UserError) as info:
+            call()
+        msg = str(info.value)
+        assert f"(keys {first}" in msg and "iterating it gives its keys, not batches" in msg, msg
+        assert "give a list of batches ([batch])" in msg and "Tokenize" not in msg
+
+
+def test_an_edited_plan_whose_pruned_is_not_a_mask_of_its_units_is_refused_by_group() -> None:
+    def pruner() -> StructuredPruner:
+        p = StructuredPruner(_net(), X, importance="magnitude", pruning_ratio=0.5)
+        p.plan()
+        return p
+
+    for bad, got in [
+        (torch.tensor([100]), "got a int64 tensor of shape (1,) (unit indices: gp.pruned = torch.zeros(8"),
+        (torch.tensor([0, 3]), "got a int64 tensor of shape (2,) (unit indices"),
+        (torch.ones(3, dtype=torch.bool), "got a bool tensor of shape (3,)"),
+        (torch.ones(8), "got a float32 tensor of shape (8,)"),
+        (None, "got None"),
+    ]:
+        p = pruner()
+        gp = next(g for g in p.plan().groups if g.group.size == 8)
+        gp.pruned = bad
+        with pytest.raises(UserError) as info:
+            p.prune()
+        msg = str(info.value)
+        assert f"the plan's group {gp.group.id} (" in msg and "shape (8,) (True removes the unit)" in msg, msg
+        assert got in msg, msg
+        assert p.pruned_model is None
+    # a list of booleans of the right length is the mask it spells: units 0 and 3 of that group go
+    p = pruner()
+    first = next(g for g in p.plan().groups if "0" in g.group.modules())
+    for g in p.plan().groups:
+        g.pruned = [i in (0, 3) for i in range(g.group.size)] if g is first else [False] * g.group.size
+    m = p.prune()
+    assert m[0].weight.shape == (6, 3, 3, 3) and m[3].weight.shape == (8, 6, 3, 3)
+    assert torch.equal(m[0].weight, _net()[0].weight[[1, 2, 4, 5, 6, 7]])
+    assert p.plan().n_pruned == 2
+
+
+def test_importance_set_to_none_after_construction_is_the_default_criterion() -> None:
+    p = StructuredPruner(_net(), X, importance="magnitude", pruning_ratio=0.5)
+    p.collect_activations([X], progress=False)
+    p.importance = None
+    m = p.prune()
+    assert isinstance(p.importance, WeightActivationImportance)
+    ref = StructuredPruner(_net(), X, pruning_ratio=0.5)
+    ref.collect_activations([X], progress=False)
+    assert _params(m) == _params(ref.prune())
+    assert torch.equal(m[0].weight, ref.pruned_model[0].weight)
