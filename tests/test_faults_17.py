@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cleanai_core import StructuredPruner, WeightActivationImportance, recover
+from cleanai_core.allocation import allocate_ratios
 from cleanai_core.errors import UserError
 from cleanai_core.sensitivity import analyse_sensitivity
 
@@ -104,3 +105,55 @@ def test_importance_set_to_none_after_construction_is_the_default_criterion() ->
     ref.collect_activations([X], progress=False)
     assert _params(m) == _params(ref.prune())
     assert torch.equal(m[0].weight, ref.pruned_model[0].weight)
+
+
+def test_a_pruner_that_pruned_in_place_refuses_to_score_build_or_analyse_the_model_it_no_longer_describes() -> None:
+    m = _net()
+    p = StructuredPruner(m, X, pruning_ratio=0.5, inplace=True)
+    p.collect_activations([X], progress=False)
+    applied = p.plan()
+    p.prune()
+    assert m[0].weight.shape == (4, 3, 3, 3)
+    for who, call in [
+        ("score", p.score),
+        ("build", lambda: p.build(applied.pruned_units())),
+        ("plan_for", p.plan_for),
+        ("collect_activations", lambda: p.collect_activations([X], progress=False)),
+        ("analyse_sensitivity", lambda: analyse_sensitivity(p, [X], progress=False)),
+        ("allocate_ratios", lambda: allocate_ratios(p, None, target_flops=0.5)),
+        ("prune", p.prune),
+    ]:
+        with pytest.raises(UserError, match=f"^{who}: this pruner already pruned the model in place; to prune furth"):
+            call()
+    assert p.plan() is applied and applied.n_pruned == 8  # the plan it applied stays readable
+    assert m[0].weight.shape == (4, 3, 3, 3) and m[3].weight.shape == (4, 4, 3, 3)
+    again = StructuredPruner(m, X, pruning_ratio=0.5)  # the way on: a new pruner on the pruned model
+    again.collect_activations([X], progress=False)
+    assert again.prune()[0].weight.shape == (2, 3, 3, 3)
+
+
+def test_allocate_ratios_names_a_step_iterations_or_latency_measure_it_cannot_use() -> None:
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    p = StructuredPruner(_net(), x, pruning_ratio=0.5)
+    p.collect_activations([(x, y)], progress=False)
+    result = analyse_sensitivity(p, [(x, y)], progress=False)
+    for kwargs, message in [
+        ({"step": 0}, "allocate_ratios: step=0 must be a number above 0 and at most 1"),
+        ({"step": -0.1}, "allocate_ratios: step=-0.1 must be a number above 0"),
+        ({"step": "0.05"}, "allocate_ratios: step='0.05' must be a number"),
+        ({"iterations": "3"}, "allocate_ratios: iterations='3' must be an integer >= 0"),
+        ({"iterations": -1}, "allocate_ratios: iterations=-1 must be an integer >= 0"),
+    ]:
+        with pytest.raises(UserError, match=f"^{message}"):
+            allocate_ratios(p, result, target_flops=0.5, **kwargs)
+    with pytest.raises(UserError, match="^allocate_ratios needs the StructuredPruner whose groups it tries"):
+        allocate_ratios("pruner", result, target_flops=0.5)
+    with pytest.raises(UserError, match="^latency_measure=5 is not a function"):
+        allocate_ratios(p, result, target_latency=0.5, latency_measure=5)
+    for got, shown_as in [("fast", "'fast'"), (None, "None"), (0.0, "0.0"), (float("nan"), "nan"), (-1.0, "-1.0")]:
+        with pytest.raises(UserError, match=f"^latency_measure\\(model\\) returned {shown_as}: it must return the"):
+            allocate_ratios(p, result, target_latency=0.5, latency_measure=lambda m, v=got: v)
+    # a NumPy-like 0-d tensor number is a number: the allocation meets the target by parameters as latency
+    alloc = allocate_ratios(p, result, target_latency=0.5, latency_measure=lambda m: torch.tensor(float(_params(m))))
+    assert isinstance(alloc.cost, float) and alloc.cost <= 0.5
+    assert alloc == allocate_ratios(p, result, target_latency=0.5, latency_measure=lambda m: float(_params(m)))
