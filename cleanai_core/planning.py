@@ -372,6 +372,26 @@ def _checked_plan_inputs(groups: list[Group], scores: Any, ratio: Any) -> float:
     return float(value)
 
 
+def _check_order_kept(g: Group, s: torch.Tensor, norm: Any) -> None:
+    """A :class:`UserError` where global ranking's per-group normaliser reorders (or flattens)
+    ``g``'s scores, ``s``: scores below 0 from a criterion of the user's were ranked by
+    ``score / mean`` (a negative mean: every unit 0, pruned by index) or by their squares
+    (``lamp``: -5 kept before 1), without a word. Looked at only where a score is below 0."""
+    if not bool((s < 0).any()):
+        return
+    order = torch.argsort(s, stable=True)
+    n = torch.as_tensor(norm(s), dtype=torch.float64)[order]
+    flat = bool((n[1:] == n[:-1]).all()) and bool((s[order][1:] > s[order][:-1]).any())
+    if flat or bool((n[1:] < n[:-1]).any()):
+        raise UserError(
+            f"group {g.id} ({', '.join(shown_name(m) for m in g.modules()[:3])}) has scores below 0 "
+            f"(lowest {float(s.min()):.4g}), and global ranking's per-group normaliser does not keep their order "
+            "('mean', 'max' and 'sum' divide by a total that needs scores >= 0, 'lamp' squares them): return scores "
+            ">= 0 from the importance (e.g. scores - scores.min()), or choose normalizer='standardization' or "
+            "'gaussian'"
+        )
+
+
 def make_plan(
     groups: list[Group],
     scores: dict[int, torch.Tensor],
@@ -423,6 +443,8 @@ def make_plan(
         n = limit_units(g, n, round_to, min_units, None, round_nearest)
         plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), group_ratios[g.id]))
     norm = normalizer or (lambda s: s / s.mean() if float(s.mean()) > 0 else s)
+    for g in free:
+        _check_order_kept(g, scores[g.id], norm)
     caps = {
         g.id: limit_units(g, (caps or {}).get(g.id, int(math.floor(max_layer_ratio * g.size))), None, min_units)
         for g in free

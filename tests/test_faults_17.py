@@ -157,3 +157,38 @@ def test_allocate_ratios_names_a_step_iterations_or_latency_measure_it_cannot_us
     alloc = allocate_ratios(p, result, target_latency=0.5, latency_measure=lambda m: torch.tensor(float(_params(m))))
     assert isinstance(alloc.cost, float) and alloc.cost <= 0.5
     assert alloc == allocate_ratios(p, result, target_latency=0.5, latency_measure=lambda m: float(_params(m)))
+
+
+def _two_convs() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 4),
+    ).eval()  # fmt: skip
+
+
+def _below_zero(group, ctx):  # higher keeps: unit i scores i - size, so units 0, 1, ... go first
+    return torch.arange(group.size, dtype=torch.float64) - group.size
+
+
+@pytest.mark.parametrize("normalizer", ["mean", "max", "sum", "lamp"])
+def test_scores_below_zero_that_global_rankings_normaliser_would_reorder_are_refused(normalizer: str) -> None:
+    p = StructuredPruner(_two_convs(), X, importance=_below_zero, pruning_ratio=0.5, global_pruning=True,
+                         normalizer=normalizer)  # fmt: skip
+    with pytest.raises(UserError) as info:
+        p.prune()
+    msg = str(info.value)
+    assert msg.startswith("group 1 (0, 2) has scores below 0 (lowest -8), and global ranking's per-group normaliser")
+    assert "return scores >= 0 from the importance (e.g. scores - scores.min())" in msg
+    assert p.pruned_model is None
+
+
+@pytest.mark.parametrize("normalizer", ["gaussian", "standardization", "none"])
+def test_scores_below_zero_rank_as_they_order_under_a_normaliser_that_keeps_the_order(normalizer: str) -> None:
+    p = StructuredPruner(_two_convs(), X, importance=_below_zero, pruning_ratio=0.5, global_pruning=True,
+                         normalizer=normalizer)  # fmt: skip
+    assert [gp.pruned.nonzero().flatten().tolist() for gp in p.plan().groups] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    shifted = StructuredPruner(_two_convs(), X, importance=lambda g, c: _below_zero(g, c) + g.size,
+                               pruning_ratio=0.5, global_pruning=True)  # fmt: skip
+    assert [gp.pruned.nonzero().flatten().tolist() for gp in shifted.plan().groups] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    assert _params(p.prune()) == _params(shifted.prune()) == 4 * 27 + 4 + 4 * 4 * 9 + 4 + 4 * 4 + 4
