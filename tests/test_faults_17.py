@@ -192,3 +192,28 @@ def test_scores_below_zero_rank_as_they_order_under_a_normaliser_that_keeps_the_
                                pruning_ratio=0.5, global_pruning=True)  # fmt: skip
     assert [gp.pruned.nonzero().flatten().tolist() for gp in shifted.plan().groups] == [[0, 1, 2, 3], [0, 1, 2, 3]]
     assert _params(p.prune()) == _params(shifted.prune()) == 4 * 27 + 4 + 4 * 4 * 9 + 4 + 4 * 4 + 4
+
+
+def test_nan_scores_from_a_criterion_of_the_users_are_refused_not_pruned_first() -> None:
+    def some_nan(group, ctx):
+        s = torch.arange(group.size, dtype=torch.float64)
+        s[2] = float("nan")
+        return s
+
+    class Scores:  # an object no plugin registers
+        def __call__(self, group, ctx):
+            return torch.full((group.size,), float("nan"))
+
+    for importance, name, count in [(some_nan, "some_nan", 1), (Scores(), "Scores", 8)]:
+        m = _net()
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        p = StructuredPruner(m, X, importance=importance, pruning_ratio=0.5)
+        with pytest.raises(UserError) as info:
+            p.prune()
+        assert str(info.value).startswith(f"importance {name!r} returned {count} NaN score(s) for group 1 (0, 1, 3) ")
+        assert "NaN cannot be ranked; return finite scores (inf keeps a unit)" in str(info.value)
+        assert p.pruned_model is None and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    # inf is a score: the unit it marks is kept, the lowest finite ones go
+    keep_two = lambda g, c: torch.tensor([float("inf"), 0, 1, 2, 3, 4, 5, float("inf")])  # noqa: E731
+    plan = StructuredPruner(_net(), X, importance=keep_two, pruning_ratio=0.5).plan()
+    assert [gp.pruned.nonzero().flatten().tolist() for gp in plan.groups] == [[1, 2, 3, 4], [1, 2, 3, 4]]
