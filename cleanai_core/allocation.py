@@ -95,6 +95,7 @@ def allocate_ratios(
     from cleanai_core.options import plain_number
     from cleanai_core.sensitivity import SensitivityResult
 
+    step, iterations = _check_arguments(pruner, step, iterations, latency_measure)
     if not isinstance(result, SensitivityResult):  # None raised "AttributeError: ... has no attribute 'curves'"
         raise UserError(f"allocate_ratios needs the SensitivityResult of analyse_sensitivity(pruner, ...), got "
                         f"{shown(result)}")  # fmt: skip
@@ -144,7 +145,7 @@ def allocate_ratios(
     elif kind == "params":
         measure, base_size = params_measure, result.base_params
     else:
-        measure = latency_measure or (lambda m: measure_latency(m, ex, forward_fn=fwd))
+        measure = _checked_latency(latency_measure or (lambda m: measure_latency(m, ex, forward_fn=fwd)))
         base_size = measure(model)
     measured: dict[tuple, float] = {}  # the searches revisit choices: measure each once
     stats = pruner.stats if pruner.bias_compensation else None  # the biases compensation adds count as parameters
@@ -196,6 +197,45 @@ def allocate_ratios(
     layer_ratios = {**stuck, **{by_group[gid]: r for gid, r in sorted(best.items())}}
     _warn_beyond_curves(kind, target, cost({gid: pts[-1][0] for gid, pts in grids.items()}), grids)
     return Allocation(layer_ratios, method, kind, cost(best), kl, chosen)
+
+
+def _check_arguments(pruner: Any, step: Any, iterations: Any, latency_measure: Any) -> tuple[float, int]:
+    """:func:`allocate_ratios`' arguments, each named where it is out of form: a pruner that is
+    no pruner raised ``AttributeError: 'str' object has no attribute 'graph'``, ``step=0``
+    ``ZeroDivisionError``, a negative ``step`` ``IndexError``, ``iterations="3"`` and a
+    ``latency_measure`` that is no function ``TypeError``."""
+    from cleanai_core.errors import shown
+    from cleanai_core.options import check_callables, plain_number
+    from cleanai_core.sensitivity import check_pruner
+
+    check_pruner(pruner, "allocate_ratios")
+    step, iterations = plain_number(step), plain_number(iterations)
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < step <= 1.0:
+        raise UserError(f"allocate_ratios: step={shown(step)} must be a number above 0 and at most 1 (e.g. 0.05)")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise UserError(f"allocate_ratios: iterations={shown(iterations)} must be an integer >= 0 (e.g. 30)")
+    check_callables(latency_measure=latency_measure)
+    return float(step), iterations
+
+
+def _checked_latency(measure: Callable[[nn.Module], Any]) -> Callable[[nn.Module], float]:
+    """``measure`` whose every answer is checked: a positive finite number (a NumPy or 0-d
+    tensor number taken). Text or ``None`` raised ``TypeError`` from a division, 0
+    ``ZeroDivisionError``; NaN, a negative number or a tensor made the allocation's costs NaN,
+    1.0 or a tensor without a word."""
+    from cleanai_core.errors import shown
+    from cleanai_core.options import plain_number
+
+    def checked(model: nn.Module) -> float:
+        got = plain_number(measure(model))
+        if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isfinite(got) or got <= 0:
+            raise UserError(
+                f"latency_measure(model) returned {shown(got)}: it must return the model's latency as a positive, "
+                "finite number (e.g. milliseconds per forward pass)"
+            )
+        return float(got)
+
+    return checked
 
 
 def _warn_beyond_curves(kind: str, target: float, kept: float, grids: dict[int, list]) -> None:

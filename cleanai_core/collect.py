@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -323,7 +323,23 @@ def check_iterable(loader: Any, what: str = "the calibration data") -> Any:
             f"{what} is a {type(loader).__name__}, which cannot be iterated; give a DataLoader or "
             "a list of batches (tensors, (input, label) pairs or dicts)"
         )
+    refuse_mapping(loader, what)
     return loader
+
+
+def refuse_mapping(data: Any, what: str) -> None:
+    """A :class:`UserError` where ``data`` is a dict (or another mapping): iterating it gives
+    its keys, so one tokenized batch (a ``BatchEncoding``) or a dict of splits given as the
+    data was called with the key ``'input_ids'`` and refused as text to tokenize, and
+    ``recover`` raised ``KeyError: 0`` from the DataLoader it built over a ``BatchEncoding``."""
+    if not isinstance(data, Mapping):
+        return
+    keys = ", ".join(repr(k) for k in list(data)[:4]) + (", ..." if len(data) > 4 else "")
+    raise UserError(
+        f"{what} is a {type(data).__name__} (keys {keys or 'none'}): iterating it gives its keys, not batches. A "
+        "dict of tensors is one batch: give a list of batches ([batch]) or a DataLoader; a dict of splits (a "
+        "DatasetDict): give one split, e.g. data['test']"
+    )
 
 
 def _shapes(inputs: Any) -> str:

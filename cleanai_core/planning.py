@@ -38,7 +38,32 @@ class GroupPlan:
 
     @property
     def n_pruned(self) -> int:
-        return int(self.pruned.sum())
+        return int(self.mask().sum())
+
+    def mask(self) -> torch.Tensor:
+        """``pruned`` as a bool tensor of one entry per unit, or a :class:`UserError` naming
+        the group and the form: ``pruned`` is editable (the user guide), and one set to unit
+        indices, a mask of another length or ``None`` raised ``IndexError: index 100 is out of
+        bounds`` (or ``AttributeError``) from inside the plan, or removed the wrong units; a
+        list of booleans of the right length is taken."""
+        p, size = self.pruned, self.group.size
+        if isinstance(p, torch.Tensor) and p.dtype == torch.bool and tuple(p.shape) == (size,):
+            return p
+        try:
+            t = torch.as_tensor(p) if p is not None and not isinstance(p, (str, bytes)) else None
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is not None and t.dtype == torch.bool and tuple(t.shape) == (size,) and not t.is_meta:
+            return t.cpu()
+        got = f"a {str(t.dtype).replace('torch.', '')} tensor of shape {tuple(t.shape)}" if t is not None else shown(p)
+        hint = ""
+        if t is not None and not t.is_floating_point() and t.dtype != torch.bool and t.dim() <= 1:
+            hint = f" (unit indices: gp.pruned = torch.zeros({size}, dtype=torch.bool); gp.pruned[indices] = True)"
+        raise UserError(
+            f"the plan's group {self.group.id} ({', '.join(shown_name(m) for m in self.group.modules()[:3])}): "
+            f"pruned must be a boolean mask with one entry per unit, shape ({size},) (True removes the unit); got "
+            f"{got}{hint}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The group as the report lists it. ``ratio`` is the share of its units removed,
@@ -66,6 +91,7 @@ class PruningPlan:
     def pruned_units(self) -> torch.Tensor:
         mask = torch.zeros(self.n_atoms, dtype=torch.bool)
         for gp in self.groups:
+            gp.pruned = gp.mask()  # an edited one checked, a list of booleans made the tensor the others read
             mask[gp.group.units[gp.pruned]] = True
         return mask
 
@@ -346,6 +372,26 @@ def _checked_plan_inputs(groups: list[Group], scores: Any, ratio: Any) -> float:
     return float(value)
 
 
+def _check_order_kept(g: Group, s: torch.Tensor, norm: Any) -> None:
+    """A :class:`UserError` where global ranking's per-group normaliser reorders (or flattens)
+    ``g``'s scores, ``s``: scores below 0 from a criterion of the user's were ranked by
+    ``score / mean`` (a negative mean: every unit 0, pruned by index) or by their squares
+    (``lamp``: -5 kept before 1), without a word. Looked at only where a score is below 0."""
+    if not bool((s < 0).any()):
+        return
+    order = torch.argsort(s, stable=True)
+    n = torch.as_tensor(norm(s), dtype=torch.float64)[order]
+    flat = bool((n[1:] == n[:-1]).all()) and bool((s[order][1:] > s[order][:-1]).any())
+    if flat or bool((n[1:] < n[:-1]).any()):
+        raise UserError(
+            f"group {g.id} ({', '.join(shown_name(m) for m in g.modules()[:3])}) has scores below 0 "
+            f"(lowest {float(s.min()):.4g}), and global ranking's per-group normaliser does not keep their order "
+            "('mean', 'max' and 'sum' divide by a total that needs scores >= 0, 'lamp' squares them): return scores "
+            ">= 0 from the importance (e.g. scores - scores.min()), or choose normalizer='standardization' or "
+            "'gaussian'"
+        )
+
+
 def make_plan(
     groups: list[Group],
     scores: dict[int, torch.Tensor],
@@ -397,6 +443,8 @@ def make_plan(
         n = limit_units(g, n, round_to, min_units, None, round_nearest)
         plans.append(GroupPlan(g, scores[g.id], _lowest(scores[g.id], g.frozen, n), group_ratios[g.id]))
     norm = normalizer or (lambda s: s / s.mean() if float(s.mean()) > 0 else s)
+    for g in free:
+        _check_order_kept(g, scores[g.id], norm)
     caps = {
         g.id: limit_units(g, (caps or {}).get(g.id, int(math.floor(max_layer_ratio * g.size))), None, min_units)
         for g in free

@@ -109,6 +109,8 @@ def _checked_options(
     options.check_callables(forward_fn=o["forward_fn"], output_transform=o["output_transform"])
     importance = options.as_importance(o["importance"])
     o["importance"] = get_importance(importance) if isinstance(importance, str) else importance
+    if importance is None:  # the default, also set after construction (pruner.importance = None raised TypeError)
+        o["importance"] = WeightActivationImportance()
     if o["round_to"] == "auto":  # the device's default
         o["round_to"] = default_round_to(device)
     zero_ok = bool(layer_ratios) or bool(o["prune_dead_only"])  # pruning_ratio=0: only those decide
@@ -264,7 +266,7 @@ class StructuredPruner:
         # module, to compile or wrap again
         self._given, model = model, options.pruned_module(model)
         self.model, self.example_inputs = model, example_inputs
-        self.importance = importance if importance is not None else WeightActivationImportance()
+        self.importance = importance  # None: the default, made by _checked_options
         self.pruning_ratio = float(pruning_ratio)
         self.global_pruning, self.max_layer_ratio = global_pruning, max_layer_ratio
         self.isomorphic = isomorphic
@@ -384,6 +386,7 @@ class StructuredPruner:
         batches, and the statistics are summed over ranks."""
         num_batches = options.plain_number(num_batches)
         options.check_switches(progress=progress)  # "no" showed the bar
+        self._check_not_pruned_in_place("collect_activations")
         self._check_unchanged()
         with _autograd_on(self.model):
             setup = CalibrationSetup.of(self)
@@ -400,6 +403,8 @@ class StructuredPruner:
     # -- scoring and planning ----------------------------------------------------------
     def score(self, graph: Any = None, model: Any = None, calibration: Any = None) -> dict[int, torch.Tensor]:
         """Every prunable group's unit scores (the original model's unless given)."""
+        if graph is None and model is None:
+            self._check_not_pruned_in_place("score")
         graph = self.graph if graph is None else graph
         model = self.model if model is None else model
         _check_graph_of(graph, model, "score")
@@ -526,6 +531,18 @@ class StructuredPruner:
                 "as it was; build a new StructuredPruner once the model is as it will be pruned"
             )
 
+    def _check_not_pruned_in_place(self, who: str) -> None:
+        """A :class:`UserError` once this pruner has pruned its model in place: its graph, statistics and
+        plan describe the model as it was, so ``build`` raised ``IndexError: index out of range in self``
+        from a layer pruner, ``analyse_sensitivity`` ``RuntimeError: INDICES element is out of DATA
+        bounds``, and ``score`` / ``collect_activations`` read the pruned model through the old graph."""
+        if self.inplace and self.pruned_model is not None:
+            raise UserError(
+                f"{who}: this pruner already pruned the model in place; to prune further, build a new "
+                "StructuredPruner on the pruned model (and collect activations again): this one's graph, statistics "
+                "and plan describe the model as it was"
+            )
+
     def _check_attributes(self) -> None:
         """The options as the attributes hold them now, by the constructor's checks: an
         attribute set after construction (``pruner.pruning_ratio = 1.5``) went unchecked, so
@@ -562,7 +579,8 @@ class StructuredPruner:
         self._check_attributes()
         self._check_unchanged()
         with _autograd_on(self.model):
-            if self._plan is None:
+            if self._plan is None:  # the plan of an in-place prune stays readable, a new one cannot be made
+                self._check_not_pruned_in_place("plan")
                 dead = self.prune_dead_only
                 self._plan = (
                     dead_plan(self.graph, self.stats, self.score) if dead else self.plan_for(self.graph, self.model)
@@ -607,6 +625,8 @@ class StructuredPruner:
     def plan_for(self, graph: Any = None, model: Any = None, cal: Any = None, target: Any = None) -> PruningPlan:
         """The plan for ``model``: at the pruning ratio, or at the ratio meeting ``target``
         (default ``target_flops`` or ``target_params``); scores computed once."""
+        if graph is None and model is None:
+            self._check_not_pruned_in_place("plan_for")
         graph = self.graph if graph is None else graph
         model = self.model if model is None else model
         target = options.plain_number(target)
@@ -662,6 +682,8 @@ class StructuredPruner:
         ``exact``: verification also compares the slicing alone with the masking oracle
         (:func:`~cleanai_core.masking.check_exact`: the masked original runs, and with compensation
         the slicing alone is built and runs too)."""
+        if source is None:
+            self._check_not_pruned_in_place("build")
         source = self.model if source is None else source
         graph = self.graph if graph is None else graph
         graph.check_removal(pruned)  # a hand-made mask: before anything is sliced
@@ -808,11 +830,7 @@ class StructuredPruner:
         self._check_attributes()
         self._check_unchanged()
         with _autograd_on():
-            if self.inplace and self.pruned_model is not None:  # the graph and statistics describe the unpruned model
-                raise UserError(
-                    "this pruner already pruned the model in place; to prune further, build a new StructuredPruner on "
-                    "the pruned model (and collect activations again)"
-                )
+            self._check_not_pruned_in_place("prune")
             several = self.iterative_steps > 1 and not self.gradients
             if several and held_gradients(self.model, self.importance, self.graph):
                 raise UserError(

@@ -381,6 +381,10 @@ def split_train_data(
     """``(train loader, held-out loader, train samples, held-out samples)``. A data set
     or a DataLoader over a map-style data set is split (seeded) when no ``val_data`` is
     given; a DataLoader keeps its batch size and collate function."""
+    from cleanai_core.collect import refuse_mapping
+
+    refuse_mapping(train_data, "train_data")
+    refuse_mapping(val_data, "val_data")
     if val_data is not None:
         return _loader(train_data, batch_size, True, seed), _loader(val_data, batch_size, False, seed, "val_data"), \
             _size(train_data), _size(val_data)  # fmt: skip

@@ -372,7 +372,17 @@ def score_groups(importance: Any, graph: DependencyGraph, ctx: ScoringContext) -
         )
     out = {}
     for g in groups:
-        out[g.id] = torch.nan_to_num(_unit_scores(importance, importance(g, ctx), g), nan=0.0)
+        s = _unit_scores(importance, importance(g, ctx), g)
+        if bool(s.isnan().any()) and type(importance) not in _collect("cleanai_importances").values():
+            # a criterion of the user's (a function, an object no plugin registers): its NaN were read as 0,
+            # so those units went first, and a group of NaN lost units by index, without a word
+            name = getattr(importance, "__name__", None) or type(importance).__name__
+            raise UserError(
+                f"importance {name!r} returned {int(s.isnan().sum())} NaN score(s) for group {g.id} "
+                f"({', '.join(g.modules()[:4])}) of {g.size} units: NaN cannot be ranked; return finite scores "
+                "(inf keeps a unit)"
+            )
+        out[g.id] = torch.nan_to_num(s, nan=0.0)
     return out
 
 

@@ -263,6 +263,20 @@ def _check_the_original_runs(exc: PruningError, ev: _Evaluator, model: nn.Module
         ) from again
 
 
+def check_pruner(pruner: Any, who: str) -> None:
+    """A :class:`UserError` unless ``pruner`` is a pruner whose groups can be tried: a
+    :class:`~cleanai_core.pruner.StructuredPruner` (or what has its ``model``, ``graph`` and
+    ``score``) that has not pruned its model in place."""
+    from cleanai_core.errors import shown
+
+    if not all(hasattr(pruner, a) for a in ("model", "graph", "score")):
+        raise UserError(
+            f"{who} needs the StructuredPruner whose groups it tries (after collect_activations), got {shown(pruner)}"
+        )
+    if hasattr(pruner, "_check_not_pruned_in_place"):
+        pruner._check_not_pruned_in_place(who)
+
+
 def _check_arguments(
     pruner: Any, data: Any, num_batches: Any, ratios: Any, bn_passes: Any, bn_samples: Any, progress: Any, fast: Any
 ) -> None:
@@ -274,11 +288,7 @@ def _check_arguments(
     from cleanai_core.collect import check_iterable, check_num_batches
     from cleanai_core.errors import shown
 
-    if not all(hasattr(pruner, a) for a in ("model", "graph", "score")):
-        raise UserError(
-            f"analyse_sensitivity needs the StructuredPruner whose groups it tries (after collect_activations), "
-            f"got {shown(pruner)}"
-        )
+    check_pruner(pruner, "analyse_sensitivity")
     check_iterable(data, "the sensitivity data")
     check_num_batches(num_batches)
     check_switches(progress=progress, fast=fast)  # fast="no" ran the fast path
