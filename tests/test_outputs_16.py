@@ -39,3 +39,32 @@ def test_quiet_prune_of_a_transformers_model_shows_no_progress_bar_and_puts_the_
     assert "Loading weights" not in err and "Writing model shards" not in err and "it/s" not in err
     assert tf_logging.is_progress_bar_enabled()  # transformers' own setting is back
     assert (tmp_path / "a" / "hf" / "config.json").is_file()
+
+
+# -- the report's scores are the criterion's documented formula --------------------------------------
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_the_reports_magnitude_scores_are_the_documented_sum_of_powers_per_slice(p):
+    from torch import nn
+
+    from cleanai_core import StructuredPruner
+    from cleanai_plugins.importance.criteria import MagnitudeImportance
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    w1, w2 = m[0].weight.detach().clone(), m[2].weight.detach().clone()
+    pruner = StructuredPruner(m, torch.randn(2, 8), importance=MagnitudeImportance(p=p), pruning_ratio=0.25)
+    pruner.prune()
+    layer = pruner.report()["layers"][0]
+    gone = layer["pruned_indices"]
+    kept = [i for i in range(16) if i not in gone]
+    scores = torch.empty(16, dtype=torch.float64)
+    scores[gone] = torch.tensor(layer["importance_scores"]["pruned"], dtype=torch.float64)
+    scores[kept] = torch.tensor(layer["importance_scores"]["kept"], dtype=torch.float64)
+    # per slice, the sum of |w|^p of the unit's weights (the producer's rows, the consumer's columns; a bias is
+    # no weight here), over its mean; the mean over the two slices
+    rows, cols = w1.abs().pow(p).sum(1).double(), w2.abs().pow(p).sum(0).double()
+    want = (rows / rows.mean() + cols / cols.mean()) / 2
+    assert torch.allclose(scores, want, rtol=1e-5)
+    assert sorted(gone) == sorted(torch.argsort(want)[:4].tolist())
