@@ -68,3 +68,33 @@ def test_the_reports_magnitude_scores_are_the_documented_sum_of_powers_per_slice
     want = (rows / rows.mean() + cols / cols.mean()) / 2
     assert torch.allclose(scores, want, rtol=1e-5)
     assert sorted(gone) == sorted(torch.argsort(want)[:4].tolist())
+
+
+@pytest.mark.parametrize("compensation", [True, False])
+def test_the_reports_default_scores_are_the_documented_weight_activation_product(compensation):
+    """``s_u = (w_u / mean w)^0.5 * (a_u / mean a)^0.5``: ``w`` the consumer's squared column norm, ``a``
+    the activation's variance (compensation folds the mean) or its second moment, over two batches."""
+    from torch import nn
+
+    from cleanai_core import StructuredPruner
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        act = torch.relu(m[0](x)).double()
+    w = m[2].weight.detach().double().pow(2).sum(0)
+    a = act.var(0, unbiased=False) if compensation else act.pow(2).mean(0)
+    want = (w / w.mean()).sqrt() * (a / a.mean()).sqrt()
+    pruner = StructuredPruner(m, x[:1], pruning_ratio=0.25, bias_compensation=compensation)
+    pruner.collect_activations([x[:32], x[32:]], progress=False)
+    pruner.prune()
+    layer = pruner.report()["layers"][0]
+    gone = layer["pruned_indices"]
+    scores = torch.empty(16, dtype=torch.float64)
+    scores[gone] = torch.tensor(layer["importance_scores"]["pruned"], dtype=torch.float64)
+    scores[[i for i in range(16) if i not in gone]] = torch.tensor(
+        layer["importance_scores"]["kept"], dtype=torch.float64
+    )
+    assert torch.allclose(scores, want, rtol=1e-5)
+    assert sorted(gone) == sorted(torch.argsort(want)[:4].tolist())
