@@ -98,3 +98,38 @@ def test_the_reports_default_scores_are_the_documented_weight_activation_product
     )
     assert torch.allclose(scores, want, rtol=1e-5)
     assert sorted(gone) == sorted(torch.argsort(want)[:4].tolist())
+
+
+# -- groups that nothing could prune are named, with why --------------------------------------------
+
+
+def test_the_report_names_the_groups_kept_whole_with_why_a_berts_heads_too(tmp_path):
+    pytest.importorskip("transformers")
+    import transformers
+
+    from cleanai_core import StructuredPruner
+    from cleanai_core.report import render_markdown
+
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(0))
+    pruner = StructuredPruner(model, {"input_ids": ids[:1]}, pruning_ratio=0.5)
+    pruner.collect_activations([{"input_ids": ids}], progress=False)
+    pruned = pruner.prune()
+    report = pruner.report()
+    # the heads stayed (4 of 4), and the report's groups and skipped groups said nothing about them
+    assert pruned.bert.encoder.layer[0].attention.self.query.out_features == 32
+    assert all("attention.self.query" not in " ".join(g["modules"]) for g in report["groups"])
+    assert report["skipped_groups"] == []
+    heads = [g for g in report["kept_groups"] if any(w.startswith("heads:") for w in g["why"])]
+    assert len(heads) == 1 and heads[0]["units"] == 4 and "from_pretrained" in heads[0]["why"][0]
+    assert "bert.encoder.layer.0.attention.self.query" in heads[0]["modules"]
+    # every unit of the graph is in exactly one listed group: pruned groups' or kept ones'
+    listed = sum(g["units"] for g in report["groups"]) + sum(g["units"] for g in report["kept_groups"])
+    assert listed == sum(g.size for g in pruner.graph.groups())
+    md = render_markdown(report)
+    assert "## Groups kept whole" in md and f"- group {heads[0]['group']} (4 units: " in md
