@@ -12,7 +12,7 @@ import torch
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.planning import PruningPlan
 
-__all__ = ["describe_importance", "indices_in_original", "input_shape", "layer_records", "pruner_report"]
+__all__ = ["describe_importance", "indices_in_original", "input_shape", "kept_groups", "layer_records", "pruner_report"]
 
 
 def layer_records(
@@ -198,10 +198,24 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         "units_before": sum(g["units"] for g in groups),
         "units_after": sum(g["units"] - g["pruned"] for g in groups),
         "skipped_groups": list(pruner.skipped_groups),
+        # groups no unit of which could go, with why: a BERT's attention heads (kept for from_pretrained) were
+        # in neither "groups" nor "skipped_groups", and the report said nothing of them
+        "kept_groups": kept_groups(pruner.graph),
         "groups": groups,
         "layers": _step_records(pruner),
         "dead_units": [f.to_json() for f in find_dead_units(pruner.graph, pruner.stats)] if pruner.stats else None,
     }
+
+
+def kept_groups(graph: DependencyGraph) -> list[dict[str, Any]]:
+    """Every group of ``graph`` that nothing could prune (every unit frozen), with its
+    modules, its units and why (an ignored layer, the model's output, a width the
+    Hugging Face config cannot describe: the freezing plugin's reason)."""
+    return [
+        {"group": g.id, "modules": g.modules(), "units": int(g.size), "why": list(dict.fromkeys(g.reasons))}
+        for g in graph.groups()
+        if g.prunable == 0
+    ]
 
 
 #: the report's ``gradients`` where a gradient criterion scored with the gradients found on the parameters

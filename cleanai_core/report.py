@@ -269,6 +269,7 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
         )
     lines.append("")
     lines += _skipped_lines(report.get("skipped_groups"))
+    lines += _kept_lines(report.get("kept_groups"))
     lines += _dead_unit_lines(report.get("dead_units"))
     lines += _sensitivity_lines(report.get("sensitivity"), report.get("allocation"))
     for title, body in extra_sections:
@@ -327,6 +328,19 @@ def _skipped_lines(skipped: list[str] | None) -> list[str]:
         "",
     ]
     return lines + [f"- {message.replace(chr(10), ' ')}" for message in skipped] + [""]
+
+
+def _kept_lines(kept: list[dict[str, Any]] | None) -> list[str]:
+    """The groups no unit of which could go, with the reasons (in ``report.json`` only, a BERT's
+    attention heads, kept so that ``from_pretrained`` rebuilds the model, showed nowhere)."""
+    if not kept:
+        return []
+    lines = ["## Groups kept whole", "", "No unit of these groups could be pruned:", ""]
+    for g in kept:
+        names = ", ".join(_code(m) for m in g["modules"][:4]) + (", ..." if len(g["modules"]) > 4 else "")
+        why = "; ".join(w.replace(chr(10), " ") for w in g["why"]) or "no reason recorded"
+        lines.append(f"- group {g['group']} ({g['units']} units: {names}): {why}")
+    return lines + [""]
 
 
 def _dead_unit_lines(findings: list[dict[str, Any]] | None) -> list[str]:

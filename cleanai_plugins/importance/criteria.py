@@ -20,9 +20,12 @@ __all__ = [
 
 
 class MagnitudeImportance:
-    """Group weight magnitude: the Lp norm of every weight that touches the unit
-    (producer filters, consumer columns, norm affines), each slice normalised by its
-    mean, folded by ``reducer`` (default ``"mean"``). Data-free. ``p=2`` (default) or ``p=1``."""
+    """Group weight magnitude: per slice that touches the unit (producer filters,
+    consumer columns, norm affines), the sum of ``|w| ** p`` over the unit's weights
+    (``p=2``, the default: the squared L2 norm; ``p=1``: the L1 norm, as Torch-Pruning's
+    ``GroupMagnitudeImportance``), divided by the slice's mean over the group's units, then
+    folded over the slices by ``reducer`` (default ``"mean"``). Data-free. It said "the Lp
+    norm", which for ``p=2`` ranks otherwise once the slices are averaged."""
 
     needs_activations = False
     needs_gradients = False

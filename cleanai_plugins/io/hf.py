@@ -25,6 +25,7 @@ This module also gives the job, for these models:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -52,6 +53,23 @@ RELOAD_RTOL = 1e-4
 
 def _transformers():
     return import_extra("transformers", "an hf:PATH model", "pip install 'cleanai[hf]' (or pip install transformers)")
+
+
+@contextlib.contextmanager
+def _bars_as_cleanai_logs() -> Any:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off while
+    the ``cleanai`` logger is set above INFO (``cleanai prune --quiet``), as it was
+    before; ``--quiet`` promises no progress bars, and these two came through on stderr.
+    A library caller who leaves the logger alone keeps transformers' own setting."""
+    tf_logging = _transformers().utils.logging
+    hide = log.level > logging.INFO and tf_logging.is_progress_bar_enabled()
+    if hide:
+        tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            tf_logging.enable_progress_bar()
 
 
 def is_hf_model(model: Any) -> bool:
@@ -439,7 +457,8 @@ def cleanai_load_model(spec, options):
     consent = options.get("trust_folder_code", options.get("trust_code"))  # the command line's --trust-code
     if consent and options.get("meta_probe") and _names_code(spec):
         return None  # load_pruned's shape check: the folder's code runs once, in the real build
-    model = load_hf_model(spec, trust_remote_code=bool(consent))
+    with _bars_as_cleanai_logs():
+        model = load_hf_model(spec, trust_remote_code=bool(consent))
     if getattr(model.config, "name_or_path", ""):  # its tokenizer's code too (auto_map)
         # each load's own answer: a consent given once (--trust-code in an earlier run of this process) was kept
         # for every later load of the folder, which then built its tokenizer code without the flag
@@ -853,7 +872,8 @@ def cleanai_save_outputs(model, folder, options):
         why = "no example input to check the reload on; give save_pruned(..., example_inputs=one_batch)"
         log.warning("hf/ not written: %s", why)
         return {"hf_folder": None, "hf_reload": f"not checked: {why}", "hf_reload_path": "load_pruned"}
-    result = save_and_verify(model, Path(folder) / "hf", example)
+    with _bars_as_cleanai_logs():
+        result = save_and_verify(model, Path(folder) / "hf", example)
     if not result.get("hf_folder"):  # no hf/ (which holds it): keep the tokenizer beside model.pt
         tokenizer = load_tokenizer(model, required=False)
         if tokenizer is not None:
