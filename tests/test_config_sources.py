@@ -288,7 +288,11 @@ def test_specs_from_the_environment_need_trust_code():
     assert cfg["_from_config"] == ["data", "model"] and cfg["_sources"]["model"] == "environment"
     from cleanai_core.job.inputs import spec_options as _spec_options
 
-    assert _spec_options(cfg, "model") == {"trust_code": False, "spec_source": "CLEANAI_MODEL in the environment"}
+    assert _spec_options(cfg, "model") == {
+        "trust_code": False,
+        "spec_source": "CLEANAI_MODEL in the environment",
+        "flag": "--model",  # the option the loaders' messages name (faults16)
+    }
     cfg = resolve(["--out", "o", "--trust-code"], {"CLEANAI_MODEL": "evil:model", "CLEANAI_DATA": "d.pt"})
     assert _spec_options(cfg, "model")["trust_code"] is True
 
