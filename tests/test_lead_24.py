@@ -35,6 +35,17 @@ def tokenizer_with_code(where: Path, tokenizer_class: str) -> None:
     (where / "tokenization_lead24.py").write_text(TOKENIZER_CODE.format(sentinel=str(where / "RAN")))
 
 
+def tokenizer_job(tmp_path: Path, tokenizer_class: str) -> tuple[Path, list[str]]:
+    """A tiny Llama folder whose tokenizer names code of its own, and the ``cleanai prune``
+    arguments of a text job on it."""
+    src = folder(tmp_path)
+    tokenizer_with_code(src, tokenizer_class)
+    (tmp_path / "t.txt").write_text("the cat sat on a mat and the dog ran to the park with a ball.\n" * 20)
+    argv = ["prune", "--model", f"hf:{src}", "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"),
+            "--seq-len", "16", "--threads", "1", "--latency-repeats", "1", "--quiet"]  # fmt: skip
+    return src, argv
+
+
 def test_a_tokenizer_with_code_of_its_own_runs_only_with_trust_code(tmp_path, capsys):
     """A built-in model class (Llama) whose tokenizer is code the folder ships: without
     ``--trust-code`` the job said the tokenizer "cannot be read ... a file may be truncated
@@ -42,11 +53,7 @@ def test_a_tokenizer_with_code_of_its_own_runs_only_with_trust_code(tmp_path, ca
     the consent was read from the model's class alone. Now the refusal names the code and
     the flag, nothing runs and nothing is written; with the flag the code runs, prunes, and
     ``hf/`` keeps it."""
-    src = folder(tmp_path)
-    tokenizer_with_code(src, "Lead24Tokenizer")
-    (tmp_path / "t.txt").write_text("the cat sat on a mat and the dog ran to the park with a ball.\n" * 20)
-    argv = ["prune", "--model", f"hf:{src}", "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"),
-            "--seq-len", "16", "--threads", "1", "--latency-repeats", "1", "--quiet"]  # fmt: skip
+    src, argv = tokenizer_job(tmp_path, "Lead24Tokenizer")
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "tokenization_lead24.Lead24Tokenizer" in err and "--trust-code" in err and "damaged" not in err
@@ -62,11 +69,7 @@ def test_a_tokenizer_with_code_of_its_own_runs_only_with_trust_code(tmp_path, ca
 def test_a_built_in_tokenizer_class_beside_code_of_its_own_runs_no_code(tmp_path, capsys):
     """``tokenizer_class`` names a class transformers defines while ``auto_map`` names the
     folder's code: the built-in class is used, without consent and without running it."""
-    src = folder(tmp_path)
-    tokenizer_with_code(src, "PreTrainedTokenizerFast")
-    (tmp_path / "t.txt").write_text("the cat sat on a mat and the dog ran to the park with a ball.\n" * 20)
-    argv = ["prune", "--model", f"hf:{src}", "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"),
-            "--seq-len", "16", "--threads", "1", "--latency-repeats", "1", "--quiet"]  # fmt: skip
+    src, argv = tokenizer_job(tmp_path, "PreTrainedTokenizerFast")
     assert main(argv) == 0
     assert not (src / "RAN").exists()
 
