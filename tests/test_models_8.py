@@ -256,18 +256,22 @@ class TwoImages(nn.Module):
         return self.out(torch.relu(self.a(img1) + self.b(img2)))
 
 
-def test_a_pair_of_images_read_as_input_and_label_is_refused_with_the_fix():
-    from cleanai_core.errors import UserError
-
+def test_a_pair_of_images_of_a_two_input_model_is_read_as_its_inputs():
+    """Session 8 refused ``[pair]`` (read as input and label) with the fix ``((x1, x2), label)``;
+    since session 24 (api16) a tuple of as many tensors as the forward requires is its inputs,
+    and calibrates as ``(pair, None)`` does."""
     torch.manual_seed(0)
     model = TwoImages().eval()
     pair = (torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
-    pruner = StructuredPruner(model, pair, pruning_ratio=0.5)
-    with pytest.raises(UserError, match=r"read as \(input, label\).*\(\(x1, x2\), label\)"):
-        pruner.collect_activations([pair])
-    pruner.collect_activations([(pair, None)])  # the pair as the inputs: calibrates
-    small = pruner.prune()
-    assert (small.a.out_channels, small.b.out_channels, small.out.in_channels) == (4, 4, 4)
+    smalls = []
+    for batches in ([pair], [(pair, None)]):
+        pruner = StructuredPruner(model, pair, pruning_ratio=0.5)
+        pruner.collect_activations(batches)
+        smalls.append(pruner.prune())
+    for small in smalls:
+        assert (small.a.out_channels, small.b.out_channels, small.out.in_channels) == (4, 4, 4)
+    first, second = (s.state_dict() for s in smalls)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 # -- a depthwise F.conv2d with one filter per channel in a buffer (timm BlurPool2d) -------------
