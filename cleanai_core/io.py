@@ -426,7 +426,9 @@ def _changed_after_build(spec: str, options: dict[str, Any], model: nn.Module, h
             continue
         module = own.get(name)
         gone = module is None and any(True for _ in other.parameters())
-        if gone or (module is not None and _unparametrized(module) is not type(other)):
+        # a subclass is no change: the pruned variants plugins swap in (``PrunedInvertedResidual``), a
+        # parametrized layer (``ParametrizedConv2d``, which keeps its own message); a fused one is another class
+        if gone or (module is not None and not isinstance(module, type(other))):
             changed.append(name)
     if not changed:
         return None
@@ -442,15 +444,6 @@ def _changed_after_build(spec: str, options: dict[str, Any], model: nn.Module, h
         f"load_pruned cannot rebuild from {spec!r}. Give a package.module:factory that builds the model as it was "
         "pruned (build it, then fuse it the same way), or prune before fusing"
     )
-
-
-def _unparametrized(module: nn.Module) -> type:
-    """``module``'s class without a parametrization's (``weight_norm`` makes a ``Conv2d`` a
-    ``ParametrizedConv2d``, a subclass torch makes on the fly): such a layer is no fused or
-    replaced one, and its own message says to remove the parametrization."""
-    from torch.nn.utils import parametrize
-
-    return type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
 
 
 def _meta_rebuild(spec: str, options: dict[str, Any], history: Any, pm: Any = None) -> nn.Module | str | None:
