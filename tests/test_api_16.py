@@ -176,7 +176,8 @@ def test_replay_load_and_in_place_pruning_under_inference_mode_leave_a_model_tha
 
     pruner = StructuredPruner(_cnn(), _x(), "magnitude", pruning_ratio=0.5)
     pruned = _quiet(pruner.prune)
-    save_pruned(tmp_path / "o", pruned, pruner.history, "tests.test_api_16:_cnn", rebuild_check=False)
+    # tests/ is on sys.path (as for "from test_cli import FAST"); the repository root is not, in CI
+    save_pruned(tmp_path / "o", pruned, pruner.history, "test_api_16:_cnn", rebuild_check=False)
     fresh = _cnn()
     with torch.inference_mode():
         pruner.history.replay(fresh)  # its parameters became inference tensors
