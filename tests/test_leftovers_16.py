@@ -14,18 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserW
 
 ARGS = ["--ratio", "0.25", "--quiet", "--latency-repeats", "1", "--threads", "1"]
 
-CNN = """
-import torch
-from torch import nn
-
-
-def build():
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
-    )
-"""
+from test_leftovers_14 import CNN  # noqa: E402 - the same small conv-BN factory, as a source file
 
 
 @pytest.fixture
