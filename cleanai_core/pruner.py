@@ -33,6 +33,7 @@ from cleanai_core.model_state import (
     transplant,
     user_hooks,
     warn_user_hooks,
+    writes_nothing,
 )
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
@@ -797,13 +798,19 @@ class StructuredPruner:
         outputs on the example inputs, and the slicing alone against
         the masking oracle on the exact groups' units of ``pruned`` (``alone``: ``model`` is
         the slicing alone, nothing compensated). The masked original's outputs serve both:
-        where they settle the first check, the original does not run."""
-        outputs = run_outputs(model, self.example_inputs, self.forward_fn, self.output_transform)
+        where they settle the first check, the original does not run.
+
+        Where ``source`` is not yet known to write nothing in forward, the masked original
+        runs first: its guarded call proves that for ``model`` too, a copy of it
+        (:func:`~cleanai_core.model_state.writes_nothing`), which then runs unguarded."""
         units = exact_units(graph, pruned)
+        masked = lambda: masked_outputs(graph, units, self.example_inputs, self.forward_fn, self.output_transform)  # noqa: E731
+        early = masked() if bool(units.any()) and not writes_nothing(source) else None
+        outputs = run_outputs(model, self.example_inputs, self.forward_fn, self.output_transform)
         if not bool(units.any()):
             self._verify(model, outputs=outputs)
             return
-        expected = masked_outputs(graph, units, self.example_inputs, self.forward_fn, self.output_transform)
+        expected = early if early is not None else masked()
         self._verify(model, outputs=outputs, like=expected)
         args = (graph, units, self.example_inputs, self.forward_fn, self.output_transform, expected)
         if alone and torch.equal(units, pruned):

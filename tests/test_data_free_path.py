@@ -148,9 +148,10 @@ def test_the_data_free_path_runs_the_original_twice_in_all():
     assert calls == [True]  # the trace
     pruned = pruner.prune()
     calls[1:] = [c == id(model) for c in calls[1:]]
-    # the pruned model (a copy), then the masked original: the original itself with zeroing
-    # hooks; no forward of the original for reference (it was one more)
-    assert calls == [True, False, True]
+    # the masked original (the original itself with zeroing hooks: first, since its guarded call
+    # proves the copy writes nothing too), then the pruned model (a copy); no forward of the
+    # original for reference (it was one more)
+    assert calls == [True, True, False]
     assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == [1, 0, 0, 0, 0]
     assert pruned.conv1.out_channels == 8 and pruned.conv2.out_channels == 8
 
