@@ -12,7 +12,12 @@ For each model, every repeat runs back to back over the same calibration batches
   masked original model on the example input, and the slicing alone where compensation
   ran), *BN correction* (passes of the pruned model over the batches),
   and *other* (the rest: counts, bookkeeping);
-- *data-free*: graph + ``prune()`` with ``importance="magnitude", bias_compensation=False``;
+- *data-free*: graph + ``prune()`` with ``importance="magnitude", bias_compensation=False``
+  (:func:`data_free_costs`), three ways: on the same model every repeat (the column kept since
+  session 5), on a fresh copy every repeat (*first prune*: what one ``prune()`` of a model
+  costs; a model's first verification runs under the write guard and its weights are not in
+  the caches), and on a fresh copy in place without verification (*peer's work*:
+  ``inplace=True, verify=False``, what the peer does; the goal is not judged on this one);
 - *floors* of collection: the same collection with its statistics replaced by no work at
   all (*hooks only*: what the hooks, the layout check and the bookkeeping cost) and by one
   plain ``sum`` per channel of every hooked tensor (*one read*: exact per-channel
@@ -28,6 +33,7 @@ on a shared machine CPU time is the steadier measure of what a stage costs.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import os
@@ -40,7 +46,7 @@ import torch
 
 from cleanai_core import StructuredPruner
 
-__all__ = ["STAGE_MODELS", "STAGES", "render_stages", "stage_costs"]
+__all__ = ["STAGE_MODELS", "STAGES", "data_free_costs", "render_stages", "stage_costs"]
 
 #: the seven benchmark models as timm builds them (the issue's goals are on the first four):
 #: key -> (timm name, input size)
@@ -55,6 +61,8 @@ STAGE_MODELS = {
 }
 #: the peer's (Torch-Pruning 1.6.1) graph + prune seconds for the same criterion on this machine
 PEER_TOTAL = {"resnet50": 0.57, "efficientnet_b0": 0.22}
+#: the data-free timings of :func:`data_free_costs`
+DATA_FREE = ("data_free", "data_free_first", "peer_work")
 #: stages of prune(), in the order they run
 STAGES = ("scoring", "planning", "compensation", "slicing", "verification", "bn_correction")
 #: stage -> where its time is taken: ``("pruner", method)`` of the instance or ``(module, function)``
@@ -180,6 +188,23 @@ def _build(name: str) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False).eval()
 
 
+def data_free_costs(model: torch.nn.Module, x1: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Wall and CPU seconds of one data-free ``prune()`` (graph included) of ``model``
+    (``data_free``), of a fresh copy of it (``data_free_first``) and of a fresh copy pruned in
+    place without verification (``peer_work``); the copies are made outside the clock."""
+    out = {}
+    for key, fresh, options in (
+        ("data_free", False, {}),
+        ("data_free_first", True, {}),
+        ("peer_work", True, {"inplace": True, "verify": False}),
+    ):
+        target = copy.deepcopy(model) if fresh else model
+        clock = _Clock()
+        StructuredPruner(target, x1, "magnitude", pruning_ratio=0.5, bias_compensation=False, **options).prune()
+        out[key] = clock.read()
+    return out
+
+
 def stage_costs(key: str, repeats: int = 3, calib_batches: int = 4, batch: int = 8, floors: bool = True) -> dict:
     """Median per-stage seconds (wall and CPU) and the issue's ratios for one model
     (``floors``: also collection's two floors, see the module doc)."""
@@ -217,9 +242,7 @@ def stage_costs(key: str, repeats: int = 3, calib_batches: int = 4, batch: int =
                 run[stage] = tuple(acc[stage])
         known = [run[s] for s in STAGES if s in run]
         run["other"] = tuple(p - sum(k[i] for k in known) for i, p in enumerate(run["prune"]))
-        clock = _Clock()
-        StructuredPruner(model, x1, "magnitude", pruning_ratio=0.5, bias_compensation=False).prune()
-        run["data_free"] = clock.read()
+        run.update(data_free_costs(model, x1))
         for mode in ("hooks", "read") if floors else ():
             floor = StructuredPruner(model, x1, pruning_ratio=0.5)
             clock = _Clock()
@@ -230,7 +253,7 @@ def stage_costs(key: str, repeats: int = 3, calib_batches: int = 4, batch: int =
         runs.append(run)
     row: dict = {"model": key, "load": os.getloadavg()[0]}
     for i, kind in enumerate(("wall", "cpu")):
-        for stage in ("plain", "graph", "collection", "prune", *STAGES, "other", "data_free"):
+        for stage in ("plain", "graph", "collection", "prune", *STAGES, "other", *DATA_FREE):
             vals = [r[stage][i] for r in runs if stage in r]
             row[f"{stage}_{kind}"] = statistics.median(vals) if vals else None
         # ratios per repeat (back to back), then the median: drift between repeats cancels
@@ -273,17 +296,19 @@ def render_stages(rows: list[dict], calib_batches: int, batch: int) -> list[str]
         "",
         "Ratios to plain inference over the same batches (medians of per-repeat ratios; goal: collection "
         "<= 1.15x, collection + prune() <= 1.5x), and the data-free path (magnitude, no compensation: graph + "
-        "prune(), wall seconds) against the peer (goal <= 0.5x):",
+        "prune(), wall seconds) against the peer (goal <= 0.5x). *first prune*: the same on a fresh copy of the "
+        "model (what one prune() costs); *peer's work*: a fresh copy pruned in place without verification, what the "
+        "peer does (not the goal's measure: the product verifies and copies by default):",
         "",
         "| model | collection (wall) | collection (CPU) | + prune() (wall) | + prune() (CPU) | data-free s "
-        "| peer s | data-free / peer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| first prune s | peer's work s | peer s | data-free / peer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['collect_x_wall']:.2f}x | {r['collect_x_cpu']:.2f}x | {r['total_x_wall']:.2f}x "
-            f"| {r['total_x_cpu']:.2f}x | {r['data_free_wall']:.3f} | {_cell(r['peer_s'])} "
-            f"| {_cell(r['data_free_x_peer'])} |"
+            f"| {r['total_x_cpu']:.2f}x | {r['data_free_wall']:.3f} | {_cell(r.get('data_free_first_wall'), '{:.3f}')} "
+            f"| {_cell(r.get('peer_work_wall'), '{:.3f}')} | {_cell(r['peer_s'])} | {_cell(r['data_free_x_peer'])} |"
         )
     if any(r.get("floor_read_x_wall") is not None for r in rows):
         lines += [
@@ -304,9 +329,21 @@ def render_stages(rows: list[dict], calib_batches: int, batch: int) -> list[str]
     return lines
 
 
-if __name__ == "__main__":  # `stages.py MODEL [REPEATS [THREADS]]`: one row as JSON, to compare checkouts
+if __name__ == "__main__":
+    # `stages.py MODEL [REPEATS [THREADS]]`: one row as JSON, to compare checkouts;
+    # `stages.py --data-free MODEL [REPEATS [THREADS]]`: the data-free timings alone, medians (CPU s)
     import json
     import sys
 
-    torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 2)
-    print(json.dumps(stage_costs(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)))
+    args = sys.argv[1:]
+    only_data_free = args[:1] == ["--data-free"]
+    args = args[1:] if only_data_free else args
+    torch.set_num_threads(int(args[2]) if len(args) > 2 else 2)
+    repeats = int(args[1]) if len(args) > 1 else 3
+    if only_data_free:
+        name, size = STAGE_MODELS[args[0]]
+        model, x = _build(name), torch.randn(1, 3, size, size)
+        runs = [data_free_costs(model, x) for _ in range(repeats)]
+        print(json.dumps({k: statistics.median(r[k][1] for r in runs) for k in DATA_FREE}))
+    else:
+        print(json.dumps(stage_costs(args[0], repeats)))
