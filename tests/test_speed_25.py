@@ -162,3 +162,38 @@ def test_the_benchmark_times_the_peers_work_on_a_copy_and_leaves_the_model_as_it
     assert all(len(v) == 2 and v[0] >= 0 and v[1] >= 0 for v in got.values())
     assert test_faults_8._changed(model, before) == []
     assert model.c1.out_channels == 8 and model.fc.in_features == 8
+
+
+def test_the_trace_checks_the_guards_writes_in_its_recorder_and_still_protects_a_writing_model(monkeypatch):
+    """The trace's write guard runs inside the recorder (no second Python mode on every op);
+    a model that writes its weights in forward is left as it was, and is not remembered as
+    clean; one that writes nothing is not remembered either (the trace proves nothing)."""
+    from cleanai_core import DependencyGraph
+
+    as_mode, checked = [], []
+    real_dispatch, real_check = ms._WriteGuard.__torch_dispatch__, ms._WriteGuard.check
+
+    def dispatch(self, func, types, args=(), kwargs=None):
+        as_mode.append(func)
+        return real_dispatch(self, func, types, args, kwargs)
+
+    def check(self, func, args, kwargs):
+        checked.append(func)
+        return real_check(self, func, args, kwargs)
+
+    monkeypatch.setattr(ms._WriteGuard, "__torch_dispatch__", dispatch)
+    monkeypatch.setattr(ms._WriteGuard, "check", check)
+    writes = test_faults_8.WritesItself().eval()
+    before = test_faults_8._state(writes)
+    DependencyGraph(writes, X)
+    assert as_mode == [] and len(checked) > 10  # every op of the forward, checked by the recorder
+    assert test_faults_8._changed(writes, before) == [] and float(writes.calls) == 0.0
+    assert not writes_nothing(writes)
+    plain = test_faults_8.Plain().eval()
+    DependencyGraph(plain, X)
+    assert not writes_nothing(plain)
+    # outside a trace the guard is a dispatch mode of its own, as before
+    checked.clear()
+    with preserved(plain), torch.no_grad():
+        call_model(plain, X)
+    assert len(as_mode) == len(checked) > 0 and writes_nothing(plain)

@@ -244,6 +244,9 @@ class _Recorder(ShapeOnlyMode):
         self.depth = 0
         self.scope: list[str] = [""]
         self.read: set[int] = set()  # ids of the model's own tensors an op read outside claimed modules
+        # write guards (:mod:`~cleanai_core.model_state`) of the calls traced: checked per op here
+        # rather than as a second Python dispatch mode
+        self.write_guards: list[Any] = []
 
     def ref(self, t: torch.Tensor, new: bool = False) -> TRef:
         ident = id(t)
@@ -287,6 +290,8 @@ class _Recorder(ShapeOnlyMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        for guard in self.write_guards:  # the write guard of the traced call, hosted here
+            guard.check(func, args, kwargs)
         if self.depth:
             return self.run(func, args, kwargs)
         rargs, rkwargs = map_tensors(self.ref, args), map_tensors(self.ref, kwargs)
