@@ -164,9 +164,28 @@ EXTRA_FLOP_FORMULAS = {
 }
 
 
+class _TotalOnly:
+    """In place of the FLOP counter's module tracker, whose global module hooks keep the
+    per-module breakdown that nothing here reads: every count goes to the total. The
+    tracker was 5.5 of the 35 ms of a count of EfficientNet-B0 at one thread (and of an
+    in-place data-free ``prune()``, which counts the original's FLOPs before changing it)."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _TotalOnly:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 def flop_counter() -> FlopCounterMode:
-    """PyTorch's FLOP counter with :data:`EXTRA_FLOP_FORMULAS`."""
-    return FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+    """PyTorch's FLOP counter with :data:`EXTRA_FLOP_FORMULAS`, counting the total only
+    (``get_total_flops``; no per-module breakdown)."""
+    counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+    if hasattr(counter, "mod_tracker"):
+        counter.mod_tracker = _TotalOnly()
+    return counter
 
 
 def count_flops(model: nn.Module, inputs: Any, forward_fn: Callable | None = None) -> int:

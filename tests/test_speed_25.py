@@ -197,3 +197,37 @@ def test_the_trace_checks_the_guards_writes_in_its_recorder_and_still_protects_a
     with preserved(plain), torch.no_grad():
         call_model(plain, X)
     assert len(as_mode) == len(checked) > 0 and writes_nothing(plain)
+
+
+class _Attends(nn.Module):
+    """Convolutions, a linear layer, attention through ``scaled_dot_product_attention`` and a
+    matrix-vector product: ops with formulas of torch's counter, of ours, and decomposed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, groups=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.qkv = nn.Linear(8, 24)
+        self.q = nn.Parameter(torch.randn(8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.dw(torch.relu(self.conv(x))).flatten(2).transpose(1, 2)  # (B, 64, 8)
+        q, k, v = self.qkv(t).chunk(3, -1)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        pooled = torch.softmax(a @ self.q, -1)  # a matrix times a vector
+        return self.head((a * pooled.unsqueeze(-1)).sum(1))
+
+
+@pytest.mark.parametrize("build", [test_faults_8.Plain, _Attends, Chain], ids=["cnn", "attention", "chain"])
+def test_flops_counted_without_the_module_tracker_equal_torchs_counter(build):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cleanai_core.metrics import EXTRA_FLOP_FORMULAS, _count_into, count_flops
+
+    model = build().eval()
+    stock = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)  # with its module tracker
+    _count_into(stock, model, X, None)
+    want = int(stock.get_total_flops())
+    assert want > 0 and count_flops(model, X) == want
