@@ -588,8 +588,12 @@ def check_options(
     """The numeric options of planning and reconstruction, by type and range: text, ``None``,
     ``True`` or a fraction where a count belongs raised a ``TypeError`` deep in planning or
     was silently read as a number."""
-    if not _is_number(max_layer_ratio) or not 0.0 < max_layer_ratio < 1.0:
-        raise UserError(f"max_layer_ratio={max_layer_ratio!r} must be a number between 0 and 1")
+    # 1.0 (Torch-Pruning's default max_pruning_ratio) caps nothing: min_channels still stay in every group
+    if not _is_number(max_layer_ratio) or not 0.0 < max_layer_ratio <= 1.0:
+        raise UserError(
+            f"max_layer_ratio={max_layer_ratio!r} must be a number between 0 and 1 (above 0; 1 caps nothing, "
+            "min_channels still stay)"
+        )
     if round_to is not None and (not _is_count(round_to) or round_to < 1):
         raise UserError(f"round_to={round_to!r} must be a positive integer (or None: no rounding)")
     if not _is_count(min_channels) or min_channels < 1:

@@ -167,7 +167,9 @@ class StructuredPruner:
         from the pruned width, e.g. all attention-heads groups of a ViT, all its MLP groups),
         each such set losing ``pruning_ratio`` of its units. Without ``global_pruning`` it is
         a :class:`UserError` (uniform pruning already ranks every group alone).
-    :param max_layer_ratio: with global pruning, the most any group may lose.
+    :param max_layer_ratio: with global pruning, the most any group may lose, above 0 and
+        at most 1 (1, Torch-Pruning's default ``max_pruning_ratio``, caps nothing: every group
+        still keeps ``min_channels``).
     :param round_to: kept channel counts rounded up to a multiple (e.g. 8); ``"auto"``: what
         pays on the model's device (:mod:`cleanai_core.device_defaults`: none on CPU, 8 on CUDA).
         A group whose units span several channels (a grouped convolution's) and that no
@@ -205,7 +207,9 @@ class StructuredPruner:
         which slices it.
     :param forward_fn: ``forward_fn(model, inputs)`` calls the model (default: by input type).
     :param output_transform: maps the model's output to what verification compares.
-    :param normalizer: how scores are normalised per group for global ranking (``"mean"``).
+    :param normalizer: how scores are normalised per group for global ranking: a name
+        (``"mean"``, the default; ``None`` or ``"none"``: not at all) or a function from one
+        group's scores (a float64 tensor) to as many normalised scores.
     :param verify: check that every pruned model runs, with the original's output shapes and
         finite outputs, and that slicing alone matches the masking oracle on the example inputs
         (groups that normalise across channels aside); groups that fail are found, skipped and
@@ -238,7 +242,7 @@ class StructuredPruner:
         inplace: bool = False,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         output_transform: Callable[[Any], Any] | None = None,
-        normalizer: str = "mean",
+        normalizer: str | Callable[[torch.Tensor], torch.Tensor] | None = "mean",
         verify: bool = True,
         stats_budget_bytes: int = COVARIANCE_BUDGET_BYTES,
         prune_dead_only: bool = False,
@@ -343,7 +347,12 @@ class StructuredPruner:
         return self._normalizer
 
     @normalizer.setter
-    def normalizer(self, name: str) -> None:
+    def normalizer(self, name: str | Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        if name is None:  # Torch-Pruning's normalizer=None: scores ranked as they are
+            name = "none"
+        if callable(name):  # Torch-Pruning's normalizer=fn: one group's scores in, as many out
+            self._normalizer = scoring.user_normalizer(name)
+            return
         if not isinstance(name, str):  # a list raised "unhashable type" from the look-up
             raise UserError(f"normalizer={shown(name)} must be the name of a normaliser, e.g. 'mean'")
         self._normalizer = scoring.get_normalizer(name)
