@@ -606,6 +606,43 @@ def check_options(
         raise UserError(f"bn_samples={bn_samples!r} must be an integer: 0 (every calibration sample) or positive")
 
 
+def schedule_shares(schedule: Any, ratio: float, steps: int, targeted: bool) -> list[float] | None:
+    """``iterative_schedule`` (Torch-Pruning's ``iterative_pruning_ratio_scheduler``: a
+    function ``(pruning_ratio, steps)`` returning ``steps + 1`` ratios, the removed share
+    before the first step and after each; or those ratios themselves) checked and read as
+    the share of the way to ``ratio`` that each step ends at (``None``: equal steps)."""
+    if schedule is None:
+        return None
+    if targeted:
+        raise UserError(
+            "iterative_schedule shares out pruning_ratio over the steps; with target_flops each step ends at "
+            "target_flops ** (step / steps) of the original FLOPs: drop one of the two"
+        )
+    if steps < 2:
+        raise UserError(f"iterative_schedule needs iterative_steps of 2 or more (got {steps}): one step is no schedule")
+    if ratio <= 0:
+        raise UserError("iterative_schedule shares out pruning_ratio, which is 0 here: give pruning_ratio above 0")
+    label = getattr(schedule, "__qualname__", None) or type(schedule).__name__
+    if callable(schedule):
+        try:
+            schedule = schedule(ratio, steps)
+        except Exception as e:
+            raise UserError(f"iterative_schedule {label}({ratio}, {steps}) failed: {type(e).__name__}: {e}") from e
+    try:
+        values = [plain_number(v) for v in schedule]
+    except TypeError:
+        values = None
+    want = f"{steps + 1} ratios (before the first step, then after each of the {steps}), rising from 0 to {ratio}"
+    if values is None or len(values) != steps + 1 or not all(_is_number(v) for v in values):
+        raise UserError(f"iterative_schedule must give {want}; got {shown(schedule)}")
+    values = [float(v) for v in values]
+    if not all(0.0 <= v < 1.0 for v in values) or any(b < a for a, b in itertools.pairwise(values)):
+        raise UserError(f"iterative_schedule must give {want}, each in [0, 1), none below the one before; got {values}")
+    if abs(values[-1] - ratio) > 1e-6:
+        raise UserError(f"iterative_schedule must end at pruning_ratio={ratio}; got {values}")
+    return [v / ratio for v in values[1:]]
+
+
 def check_ranking(global_pruning: Any, isomorphic: Any) -> None:
     """``isomorphic`` refines global ranking, so it needs ``global_pruning``."""
     if not isinstance(isomorphic, bool):

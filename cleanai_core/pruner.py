@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -186,6 +186,12 @@ class StructuredPruner:
     :param target_params: instead of ``pruning_ratio``, keep this share of the parameters
         (searched like ``target_flops``; not with ``iterative_steps``).
     :param iterative_steps: prune in this many steps, re-collecting statistics in between.
+    :param iterative_schedule: with ``iterative_steps``, how much is gone after each step
+        (default: equal steps): Torch-Pruning's ``iterative_pruning_ratio_scheduler``, a
+        function ``(pruning_ratio, steps)`` returning ``steps + 1`` ratios rising from 0 to
+        ``pruning_ratio`` (the removed share before the first step and after each), or those
+        ratios. Layer ratios follow the same curve; not with ``target_flops`` /
+        ``target_params``.
     :param bias_compensation: fold removed channels' mean into consumers' bias.
     :param reconstruction: also fold removed channels into the kept ones by least squares
         (``x_removed ~ shift + coef @ x_kept``) from each consumer's channel covariance,
@@ -235,6 +241,7 @@ class StructuredPruner:
         target_flops: float | None = None,
         target_params: float | None = None,
         iterative_steps: int = 1,
+        iterative_schedule: Callable[[float, int], Sequence[float]] | Sequence[float] | None = None,
         bias_compensation: bool = True,
         reconstruction: bool = True,
         covariance_rows: int = COVARIANCE_ROWS,
@@ -278,6 +285,9 @@ class StructuredPruner:
         self.round_to, self.round_mode, self.min_channels = round_to, round_mode, min_channels
         self.target_flops, self.target_params = target_flops, target_params
         self.iterative_steps = iterative_steps
+        # per step, the share of the way to the final counts it ends at (None: equal steps)
+        targeted = target_flops is not None or target_params is not None
+        self._schedule = options.schedule_shares(iterative_schedule, self.pruning_ratio, iterative_steps, targeted)
         # while prune() runs iteratively: (step, steps), and each group's original and final unit counts
         self._step, self._targets = (0, 1), {}
         self._widths: dict[tuple[str, str], int] = {}  # while prune() runs iteratively: original group widths
@@ -862,7 +872,7 @@ class StructuredPruner:
                     current = prune_in_steps(self)
             finally:
                 # also when a step fails: a later plan() must not see a stale step
-                self._step, self._targets, self._widths = (0, 1), {}, {}
+                self._step, self._targets, self._widths, self._share = (0, 1), {}, {}, None
             copy_modes(self.model, current)
             if self.inplace:
                 transplant(self.model, current)

@@ -260,8 +260,10 @@ def _set_ratios(pruner: Any, graph: Any, step: int) -> dict[Hashable, float] | N
     if not (p.isomorphic and p.global_pruning):
         return None
     groups = graph.groups(prunable_only=True)
-    fixed = group_ratios(groups, p.layer_ratios, step, p.iterative_steps, p._targets, True, graph)
+    fixed = group_ratios(groups, p.layer_ratios, step, p.iterative_steps, p._targets, True, graph, p._share)
     free = [g for g in groups if g.id not in fixed]
+    if p._share is not None:  # iterative_schedule: the step ends at its share of the way
+        return set_step_ratios(free, p.isomorphic_scopes(free), p._widths, p.pruning_ratio * p._share, 0, 1)
     return set_step_ratios(free, p.isomorphic_scopes(free), p._widths, p.pruning_ratio, step, p.iterative_steps)
 
 
@@ -318,8 +320,11 @@ def prune_in_steps(pruner: Any) -> nn.Module:
         units = ranked_units(graph.groups(prunable_only=True), p.layer_ratios)
     elif steps > 1:  # the FLOPs search chooses the others; a layer ratio applied per step compounded (16 -> 1)
         p._targets = uniform_targets(p, graph, 0.0, every=False)
+    shares = p._schedule  # iterative_schedule: where each step ends on the way (None: equal steps)
     for step in range(steps):
         p._step = (step, steps)
+        if shares is not None:
+            p._share = shares[step]
         if step > 0:
             graph = p._build_graph(current)
             cal = recalibrate(current, graph.slices, p.calibration.data, CalibrationSetup.of(p))
@@ -330,7 +335,10 @@ def prune_in_steps(pruner: Any) -> nn.Module:
             plan = p.plan_for(graph, current, cal, p.target_flops ** ((step + 1) / steps) / share)
         else:
             now = ranked_units(graph.groups(prunable_only=True), p.layer_ratios)
-            ratio = step_ratio(p.pruning_ratio, units, now, step, steps)
+            if shares is None:
+                ratio = step_ratio(p.pruning_ratio, units, now, step, steps)
+            else:  # the step ends at its share of the way, as a GradualPruner step does
+                ratio = step_ratio(p.pruning_ratio * shares[step], units, now, 0, 1)
             plan = p.make_plan(ratio, p.score(graph, current, cal), graph, set_ratios=_set_ratios(p, graph, step))
         if step == 0:
             p._plan = plan

@@ -199,3 +199,96 @@ def test_a_normaliser_function_leaves_slicing_exact():
     # (i + 1) / 136 against (i + 1) / 2080: the 40 lowest are 1/136, 2/136 and 1/2080 .. 38/2080
     assert (small.conv1.out_channels, small.conv2.out_channels) == (16 - 2, 64 - 38)
     assert count_params(small) == _params(14, 26)
+
+
+# -- iterative_schedule: Torch-Pruning's iterative_pruning_ratio_scheduler -----------------------
+
+
+def _linear(ratio: float, steps: int) -> list[float]:
+    return [ratio * i / steps for i in range(steps + 1)]
+
+
+def _kept_per_step(pruner: StructuredPruner) -> list[tuple[int, int]]:
+    """(conv1, conv2) output channels after each step, read from the history."""
+    out = []
+    for edits in pruner.history.steps:
+        kept = {e.module: len(e.keep) for e in edits if e.slice == "out"}
+        out.append((kept["conv1"], kept["conv2"]))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("options", "linear", "front_loaded"),
+    [
+        ({}, [(13, 53), (11, 43), (8, 32)], [(12, 48), (10, 38), (8, 32)]),
+        ({"global_pruning": True}, None, "20 then 32 of 80 units gone"),
+        ({"layer_pruning_ratios": {"conv2": 0.75}}, [(13, 48), (11, 32), (8, 16)], [(12, 40), (10, 26), (8, 16)]),
+    ],
+)
+def test_an_iterative_schedule_sets_how_much_each_step_removes(options, linear, front_loaded):
+    """The peer's ``iterative_pruning_ratio_scheduler`` had no equivalent: ``iterative_steps``
+    removed equal shares. ``iterative_schedule`` takes the scheduler (or its ``steps + 1``
+    ratios): each step ends at its share of the way to the final counts, layer ratios on
+    the same curve. Its linear scheduler gives the default steps; ``[0, 0.25, 0.4, 0.5]``
+    leaves 12 of 16 and 48 of 64 channels after the first step (a layer ratio of 0.75: 64
+    -> 40, half of the way to 16), and every schedule ends at the same widths."""
+    model = _seeded(TransposeModel)
+
+    def run(schedule):
+        pruner = StructuredPruner(
+            model, X, "magnitude", pruning_ratio=0.5, iterative_steps=3, iterative_schedule=schedule, **options
+        )
+        pruner.pruned = pruner.prune()
+        return pruner
+
+    default, by_linear, early = run(None), run(_linear), run([0.0, 0.25, 0.4, 0.5])
+    assert _kept_per_step(by_linear) == _kept_per_step(default)
+    if linear is not None:
+        assert _kept_per_step(default) == linear
+        assert _kept_per_step(early) == front_loaded
+    else:  # global ranking: 0.25 and 0.4 of the 80 units gone after the first two steps
+        assert [k1 + k2 for k1, k2 in _kept_per_step(early)] == [80 - 20, 80 - 32, 80 - 40]
+    finals = [_kept_per_step(p)[-1] for p in (default, by_linear, early)]
+    assert all(sum(f) == sum(finals[0]) for f in finals)
+    if not options.get("global_pruning"):  # global ranking may share the last units out otherwise
+        assert finals[0] == finals[1] == finals[2]
+    assert count_params(early.pruned) == _params(*_kept_per_step(early)[-1])
+
+
+def test_a_scheduled_run_equals_the_masked_original_of_its_whole_plan():
+    """After a scheduled run ``plan()`` is what all steps removed on the original graph, and
+    the returned model equals the original with those units zeroed (no compensation, no
+    BatchNorm recalibration)."""
+    pruner = StructuredPruner(
+        _seeded(TransposeModel),
+        X,
+        "magnitude",
+        pruning_ratio=0.5,
+        iterative_steps=3,
+        iterative_schedule=[0.0, 0.3, 0.45, 0.5],
+        bias_compensation=False,
+        reconstruction=False,
+        recalibrate_bn=False,
+    )
+    small = pruner.prune()
+    units = pruner.plan().pruned_units()
+    assert int(units.sum()) == 8 + 32
+    (expected,) = masked_forward(pruner.graph, units, X)
+    assert float((small(X) - expected).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"iterative_schedule": [0.0, 0.5]}, r"must give 4 ratios .* rising from 0 to 0.5; got \[0.0, 0.5\]"),
+        ({"iterative_schedule": [0.0, 0.3, 0.2, 0.5]}, r"none below the one before; got \[0.0, 0.3, 0.2, 0.5\]"),
+        ({"iterative_schedule": [0.0, 0.1, 0.2, 0.4]}, r"must end at pruning_ratio=0.5; got"),
+        ({"iterative_schedule": lambda r, n: 1 / 0}, r"schedule .*<lambda>\(0.5, 3\) failed: ZeroDivisionError"),
+        ({"iterative_schedule": _linear, "iterative_steps": 1}, r"needs iterative_steps of 2 or more \(got 1\)"),
+        ({"iterative_schedule": _linear, "target_flops": 0.5}, r"with target_flops each step ends at"),
+    ],
+)
+def test_a_schedule_that_does_not_fit_is_refused_with_what_it_must_give(kwargs, words):
+    options = {"pruning_ratio": 0.5, "iterative_steps": 3, **kwargs}
+    with pytest.raises(UserError, match=words):
+        StructuredPruner(_seeded(TransposeModel), X, "magnitude", **options)
