@@ -305,12 +305,18 @@ def prune_in_steps(pruner: Any) -> nn.Module:
     from cleanai_core import distributed
     from cleanai_core.collect import CalibrationSetup, correct_batchnorm_after, recalibrate
     from cleanai_core.compensation import absorb_new_biases
-    from cleanai_core.errors import PruningError, model_fault
+    from cleanai_core.errors import PruningError, UserError, model_fault
     from cleanai_core.metrics import count_flops
     from cleanai_core.verify import build_skipping_breakers
 
     p = pruner
     current, graph, cal, steps = p.model, p.graph, p.calibration, p.iterative_steps
+    shares = p._schedule  # iterative_schedule: where each step ends on the way (None: equal steps)
+    if shares is not None and len(shares) != steps:
+        raise UserError(
+            f"iterative_schedule was given for {len(shares)} steps, but iterative_steps is now {steps}: "
+            "build a new StructuredPruner with both"
+        )
     if steps > 1:
         p._widths = original_widths(graph.groups(prunable_only=True))
     if steps > 1 and p.target_flops is None:  # every step aims at a count from the original widths
@@ -320,7 +326,6 @@ def prune_in_steps(pruner: Any) -> nn.Module:
         units = ranked_units(graph.groups(prunable_only=True), p.layer_ratios)
     elif steps > 1:  # the FLOPs search chooses the others; a layer ratio applied per step compounded (16 -> 1)
         p._targets = uniform_targets(p, graph, 0.0, every=False)
-    shares = p._schedule  # iterative_schedule: where each step ends on the way (None: equal steps)
     for step in range(steps):
         p._step = (step, steps)
         if shares is not None:

@@ -292,3 +292,13 @@ def test_a_schedule_that_does_not_fit_is_refused_with_what_it_must_give(kwargs, 
     options = {"pruning_ratio": 0.5, "iterative_steps": 3, **kwargs}
     with pytest.raises(UserError, match=words):
         StructuredPruner(_seeded(TransposeModel), X, "magnitude", **options)
+
+
+def test_changing_the_step_count_after_a_schedule_is_refused_before_any_work():
+    pruner = StructuredPruner(
+        _seeded(TransposeModel), X, "magnitude", pruning_ratio=0.5, iterative_steps=3, iterative_schedule=_linear
+    )
+    pruner.iterative_steps = 2
+    with pytest.raises(UserError, match="was given for 3 steps, but iterative_steps is now 2: build a new"):
+        pruner.prune()
+    assert pruner.history.steps == []
