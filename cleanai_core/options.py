@@ -6,6 +6,7 @@ from __future__ import annotations
 import decimal
 import fnmatch
 import fractions
+import inspect
 import itertools
 import math
 import numbers
@@ -357,7 +358,28 @@ def as_importance(importance: Any) -> Any:
             f"importance={importance!r} is not a criterion: give a registered name (e.g. 'magnitude') or an "
             "object called as importance(group, ctx)"
         )
+    if not _takes_two_arguments(importance):
+        # Torch-Pruning's criteria are called as imp(group): a raw "TypeError: __call__() takes 2 positional
+        # arguments but 3 were given" came out of scoring
+        name = getattr(importance, "__qualname__", None) or type(importance).__name__
+        raise UserError(
+            f"importance {name} cannot be called as importance(group, ctx), the way CleanAI scores a group "
+            "(cleanai_core.interfaces.Importance: group.size units, ctx a ScoringContext with the model, "
+            "statistics and gradients; return one score per unit, higher keeps it). A Torch-Pruning criterion "
+            "written as __call__(self, group) takes a ctx argument too"
+        )
     return importance
+
+
+def _takes_two_arguments(fn: Any) -> bool:
+    """Whether ``fn(group, ctx)`` binds (``True`` where the signature cannot be read)."""
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:  # a builtin without a readable signature
+        return True
+    return True
 
 
 def check_model(model: Any, who: str = "StructuredPruner") -> None:

@@ -302,3 +302,33 @@ def test_changing_the_step_count_after_a_schedule_is_refused_before_any_work():
     with pytest.raises(UserError, match="was given for 3 steps, but iterative_steps is now 2: build a new"):
         pruner.prune()
     assert pruner.history.steps == []
+
+
+# -- a criterion written for Torch-Pruning: __call__(self, group) ----------------------------------
+
+
+class OneArgument:
+    """A criterion in Torch-Pruning's form, called with the group alone."""
+
+    def __call__(self, group):
+        return torch.ones(len(group))
+
+
+class GroupAndContext:
+    """The same, in CleanAI's form: one score per unit of ``group``, here its index."""
+
+    def __call__(self, group, ctx):
+        return torch.arange(group.size, dtype=torch.float64)
+
+
+def test_a_criterion_called_with_the_group_alone_is_refused_with_cleanais_signature():
+    """A criterion written as ``__call__(self, group)`` raised a raw ``TypeError: __call__()
+    takes 2 positional arguments but 3 were given`` from inside scoring; it is now refused
+    when the pruner is built, with the signature CleanAI calls. The same criterion taking
+    ``ctx`` too prunes: the lowest indices go first."""
+    model = _seeded(TransposeModel)
+    with pytest.raises(UserError, match=r"importance OneArgument cannot be called as importance\(group, ctx\)"):
+        StructuredPruner(model, X, OneArgument())
+    small = StructuredPruner(model, X, GroupAndContext(), pruning_ratio=0.5).prune()
+    assert (small.conv1.out_channels, small.conv2.out_channels) == (8, 32)
+    assert torch.equal(small.conv1.weight, model.conv1.weight[8:])
