@@ -413,7 +413,7 @@ class GradualPruner:
         options.check_example_inputs(example_inputs)
         if by not in ("flops", "ratio"):
             raise UserError(f"by={by!r}: choose 'flops' or 'ratio'")
-        for key in ("inplace", "pruning_ratio", "target_flops", "iterative_steps"):
+        for key in ("inplace", "pruning_ratio", "target_flops", "iterative_steps", "iterative_schedule"):
             if key in pruner_options:
                 raise UserError(f"GradualPruner sets {key} itself from the schedule; remove it from the options")
         self.model, self.example_inputs, self.optimizer = model, example_inputs, optimizer

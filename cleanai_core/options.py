@@ -6,6 +6,7 @@ from __future__ import annotations
 import decimal
 import fnmatch
 import fractions
+import inspect
 import itertools
 import math
 import numbers
@@ -357,7 +358,28 @@ def as_importance(importance: Any) -> Any:
             f"importance={importance!r} is not a criterion: give a registered name (e.g. 'magnitude') or an "
             "object called as importance(group, ctx)"
         )
+    if not _takes_two_arguments(importance):
+        # Torch-Pruning's criteria are called as imp(group): a raw "TypeError: __call__() takes 2 positional
+        # arguments but 3 were given" came out of scoring
+        name = getattr(importance, "__qualname__", None) or type(importance).__name__
+        raise UserError(
+            f"importance {name} cannot be called as importance(group, ctx), the way CleanAI scores a group "
+            "(cleanai_core.interfaces.Importance: group.size units, ctx a ScoringContext with the model, "
+            "statistics and gradients; return one score per unit, higher keeps it). A Torch-Pruning criterion "
+            "written as __call__(self, group) takes a ctx argument too"
+        )
     return importance
+
+
+def _takes_two_arguments(fn: Any) -> bool:
+    """Whether ``fn(group, ctx)`` binds (``True`` where the signature cannot be read)."""
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:  # a builtin without a readable signature
+        return True
+    return True
 
 
 def check_model(model: Any, who: str = "StructuredPruner") -> None:
@@ -588,8 +610,12 @@ def check_options(
     """The numeric options of planning and reconstruction, by type and range: text, ``None``,
     ``True`` or a fraction where a count belongs raised a ``TypeError`` deep in planning or
     was silently read as a number."""
-    if not _is_number(max_layer_ratio) or not 0.0 < max_layer_ratio < 1.0:
-        raise UserError(f"max_layer_ratio={max_layer_ratio!r} must be a number between 0 and 1")
+    # 1.0 (Torch-Pruning's default max_pruning_ratio) caps nothing: min_channels still stay in every group
+    if not _is_number(max_layer_ratio) or not 0.0 < max_layer_ratio <= 1.0:
+        raise UserError(
+            f"max_layer_ratio={max_layer_ratio!r} must be a number between 0 and 1 (above 0; 1 caps nothing, "
+            "min_channels still stay)"
+        )
     if round_to is not None and (not _is_count(round_to) or round_to < 1):
         raise UserError(f"round_to={round_to!r} must be a positive integer (or None: no rounding)")
     if not _is_count(min_channels) or min_channels < 1:
@@ -600,6 +626,43 @@ def check_options(
         raise UserError(f"stats_budget_bytes={stats_budget_bytes!r} must be a whole number of bytes, 0 or more")
     if not _is_count(bn_samples) or bn_samples < 0:
         raise UserError(f"bn_samples={bn_samples!r} must be an integer: 0 (every calibration sample) or positive")
+
+
+def schedule_shares(schedule: Any, ratio: float, steps: int, targeted: bool) -> list[float] | None:
+    """``iterative_schedule`` (Torch-Pruning's ``iterative_pruning_ratio_scheduler``: a
+    function ``(pruning_ratio, steps)`` returning ``steps + 1`` ratios, the removed share
+    before the first step and after each; or those ratios themselves) checked and read as
+    the share of the way to ``ratio`` that each step ends at (``None``: equal steps)."""
+    if schedule is None:
+        return None
+    if targeted:
+        raise UserError(
+            "iterative_schedule shares out pruning_ratio over the steps; with target_flops each step ends at "
+            "target_flops ** (step / steps) of the original FLOPs: drop one of the two"
+        )
+    if steps < 2:
+        raise UserError(f"iterative_schedule needs iterative_steps of 2 or more (got {steps}): one step is no schedule")
+    if ratio <= 0:
+        raise UserError("iterative_schedule shares out pruning_ratio, which is 0 here: give pruning_ratio above 0")
+    label = getattr(schedule, "__qualname__", None) or type(schedule).__name__
+    if callable(schedule):
+        try:
+            schedule = schedule(ratio, steps)
+        except Exception as e:
+            raise UserError(f"iterative_schedule {label}({ratio}, {steps}) failed: {type(e).__name__}: {e}") from e
+    try:
+        values = [plain_number(v) for v in schedule]
+    except TypeError:
+        values = None
+    want = f"{steps + 1} ratios (before the first step, then after each of the {steps}), rising from 0 to {ratio}"
+    if values is None or len(values) != steps + 1 or not all(_is_number(v) for v in values):
+        raise UserError(f"iterative_schedule must give {want}; got {shown(schedule)}")
+    values = [float(v) for v in values]
+    if not all(0.0 <= v < 1.0 for v in values) or any(b < a for a, b in itertools.pairwise(values)):
+        raise UserError(f"iterative_schedule must give {want}, each in [0, 1), none below the one before; got {values}")
+    if abs(values[-1] - ratio) > 1e-6:
+        raise UserError(f"iterative_schedule must end at pruning_ratio={ratio}; got {values}")
+    return [v / ratio for v in values[1:]]
 
 
 def check_ranking(global_pruning: Any, isomorphic: Any) -> None:

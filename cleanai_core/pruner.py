@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -168,7 +168,9 @@ class StructuredPruner:
         from the pruned width, e.g. all attention-heads groups of a ViT, all its MLP groups),
         each such set losing ``pruning_ratio`` of its units. Without ``global_pruning`` it is
         a :class:`UserError` (uniform pruning already ranks every group alone).
-    :param max_layer_ratio: with global pruning, the most any group may lose.
+    :param max_layer_ratio: with global pruning, the most any group may lose, above 0 and
+        at most 1 (1, Torch-Pruning's default ``max_pruning_ratio``, caps nothing: every group
+        still keeps ``min_channels``).
     :param round_to: kept channel counts rounded up to a multiple (e.g. 8); ``"auto"``: what
         pays on the model's device (:mod:`cleanai_core.device_defaults`: none on CPU, 8 on CUDA).
         A group whose units span several channels (a grouped convolution's) and that no
@@ -185,6 +187,12 @@ class StructuredPruner:
     :param target_params: instead of ``pruning_ratio``, keep this share of the parameters
         (searched like ``target_flops``; not with ``iterative_steps``).
     :param iterative_steps: prune in this many steps, re-collecting statistics in between.
+    :param iterative_schedule: with ``iterative_steps``, how much is gone after each step
+        (default: equal steps): Torch-Pruning's ``iterative_pruning_ratio_scheduler``, a
+        function ``(pruning_ratio, steps)`` returning ``steps + 1`` ratios rising from 0 to
+        ``pruning_ratio`` (the removed share before the first step and after each), or those
+        ratios. Layer ratios follow the same curve; not with ``target_flops`` /
+        ``target_params``.
     :param bias_compensation: fold removed channels' mean into consumers' bias.
     :param reconstruction: also fold removed channels into the kept ones by least squares
         (``x_removed ~ shift + coef @ x_kept``) from each consumer's channel covariance,
@@ -206,7 +214,9 @@ class StructuredPruner:
         which slices it.
     :param forward_fn: ``forward_fn(model, inputs)`` calls the model (default: by input type).
     :param output_transform: maps the model's output to what verification compares.
-    :param normalizer: how scores are normalised per group for global ranking (``"mean"``).
+    :param normalizer: how scores are normalised per group for global ranking: a name
+        (``"mean"``, the default; ``None`` or ``"none"``: not at all) or a function from one
+        group's scores (a float64 tensor) to as many normalised scores.
     :param verify: check that every pruned model runs, with the original's output shapes and
         finite outputs, and that slicing alone matches the masking oracle on the example inputs
         (groups that normalise across channels aside); groups that fail are found, skipped and
@@ -232,6 +242,7 @@ class StructuredPruner:
         target_flops: float | None = None,
         target_params: float | None = None,
         iterative_steps: int = 1,
+        iterative_schedule: Callable[[float, int], Sequence[float]] | Sequence[float] | None = None,
         bias_compensation: bool = True,
         reconstruction: bool = True,
         covariance_rows: int = COVARIANCE_ROWS,
@@ -239,7 +250,7 @@ class StructuredPruner:
         inplace: bool = False,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         output_transform: Callable[[Any], Any] | None = None,
-        normalizer: str = "mean",
+        normalizer: str | Callable[[torch.Tensor], torch.Tensor] | None = "mean",
         verify: bool = True,
         stats_budget_bytes: int = COVARIANCE_BUDGET_BYTES,
         prune_dead_only: bool = False,
@@ -275,6 +286,9 @@ class StructuredPruner:
         self.round_to, self.round_mode, self.min_channels = round_to, round_mode, min_channels
         self.target_flops, self.target_params = target_flops, target_params
         self.iterative_steps = iterative_steps
+        # per step, the share of the way to the final counts it ends at (None: equal steps)
+        targeted = target_flops is not None or target_params is not None
+        self._schedule = options.schedule_shares(iterative_schedule, self.pruning_ratio, iterative_steps, targeted)
         # while prune() runs iteratively: (step, steps), and each group's original and final unit counts
         self._step, self._targets = (0, 1), {}
         self._widths: dict[tuple[str, str], int] = {}  # while prune() runs iteratively: original group widths
@@ -344,7 +358,12 @@ class StructuredPruner:
         return self._normalizer
 
     @normalizer.setter
-    def normalizer(self, name: str) -> None:
+    def normalizer(self, name: str | Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        if name is None:  # Torch-Pruning's normalizer=None: scores ranked as they are
+            name = "none"
+        if callable(name):  # Torch-Pruning's normalizer=fn: one group's scores in, as many out
+            self._normalizer = scoring.user_normalizer(name)
+            return
         if not isinstance(name, str):  # a list raised "unhashable type" from the look-up
             raise UserError(f"normalizer={shown(name)} must be the name of a normaliser, e.g. 'mean'")
         self._normalizer = scoring.get_normalizer(name)
@@ -860,7 +879,7 @@ class StructuredPruner:
                     current = prune_in_steps(self)
             finally:
                 # also when a step fails: a later plan() must not see a stale step
-                self._step, self._targets, self._widths = (0, 1), {}, {}
+                self._step, self._targets, self._widths, self._share = (0, 1), {}, {}, None
             copy_modes(self.model, current)
             if self.inplace:
                 transplant(self.model, current)

@@ -347,11 +347,48 @@ def get_reducer(name: str) -> Any:
     return table[name]
 
 
+#: other spellings of normaliser names: Torch-Pruning's ``"standarization"``
+_NORMALIZER_SPELLINGS = {"standarization": "standardization"}
+
+
 def get_normalizer(name: str) -> Any:
+    """A normaliser by registered name (``"none"`` for none; Torch-Pruning's spelling
+    ``"standarization"`` reads as ``"standardization"``)."""
     table = _collect("cleanai_normalizers")
+    if name not in table and _NORMALIZER_SPELLINGS.get(name) in table:
+        name = _NORMALIZER_SPELLINGS[name]
     if name not in table:
         raise UserError(f"unknown normaliser {name!r}; choose one of: {', '.join(sorted(table))}")
     return table[name]
+
+
+def user_normalizer(fn: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (the user's per-group normaliser, as Torch-Pruning takes one) made safe for
+    global ranking: its result is read as a float64 tensor of the scores' shape, and
+    anything else, or an exception, is a :class:`UserError` naming the function."""
+    label = getattr(fn, "__qualname__", None) or type(fn).__name__
+
+    def normalize(scores: torch.Tensor) -> torch.Tensor:
+        try:
+            out = torch.as_tensor(fn(scores), dtype=torch.float64)
+        except Exception as e:
+            raise UserError(
+                f"normalizer {label} failed on a group's scores (a float64 tensor of shape "
+                f"{tuple(scores.shape)}): {type(e).__name__}: {e}"
+            ) from e
+        if out.shape != scores.shape:
+            raise UserError(
+                f"normalizer {label} must return one finite number per score: got shape {tuple(out.shape)} "
+                f"for scores of shape {tuple(scores.shape)}"
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise UserError(
+                f"normalizer {label} must return one finite number per score: got NaN or inf for "
+                f"{int((~torch.isfinite(out)).sum())} of {out.numel()} scores"
+            )
+        return out
+
+    return normalize
 
 
 def score_groups(importance: Any, graph: DependencyGraph, ctx: ScoringContext) -> dict[int, torch.Tensor]:

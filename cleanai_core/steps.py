@@ -260,8 +260,10 @@ def _set_ratios(pruner: Any, graph: Any, step: int) -> dict[Hashable, float] | N
     if not (p.isomorphic and p.global_pruning):
         return None
     groups = graph.groups(prunable_only=True)
-    fixed = group_ratios(groups, p.layer_ratios, step, p.iterative_steps, p._targets, True, graph)
+    fixed = group_ratios(groups, p.layer_ratios, step, p.iterative_steps, p._targets, True, graph, p._share)
     free = [g for g in groups if g.id not in fixed]
+    if p._share is not None:  # iterative_schedule: the step ends at its share of the way
+        return set_step_ratios(free, p.isomorphic_scopes(free), p._widths, p.pruning_ratio * p._share, 0, 1)
     return set_step_ratios(free, p.isomorphic_scopes(free), p._widths, p.pruning_ratio, step, p.iterative_steps)
 
 
@@ -303,12 +305,18 @@ def prune_in_steps(pruner: Any) -> nn.Module:
     from cleanai_core import distributed
     from cleanai_core.collect import CalibrationSetup, correct_batchnorm_after, recalibrate
     from cleanai_core.compensation import absorb_new_biases
-    from cleanai_core.errors import PruningError, model_fault
+    from cleanai_core.errors import PruningError, UserError, model_fault
     from cleanai_core.metrics import count_flops
     from cleanai_core.verify import build_skipping_breakers
 
     p = pruner
     current, graph, cal, steps = p.model, p.graph, p.calibration, p.iterative_steps
+    shares = p._schedule  # iterative_schedule: where each step ends on the way (None: equal steps)
+    if shares is not None and len(shares) != steps:
+        raise UserError(
+            f"iterative_schedule was given for {len(shares)} steps, but iterative_steps is now {steps}: "
+            "build a new StructuredPruner with both"
+        )
     if steps > 1:
         p._widths = original_widths(graph.groups(prunable_only=True))
     if steps > 1 and p.target_flops is None:  # every step aims at a count from the original widths
@@ -320,6 +328,8 @@ def prune_in_steps(pruner: Any) -> nn.Module:
         p._targets = uniform_targets(p, graph, 0.0, every=False)
     for step in range(steps):
         p._step = (step, steps)
+        if shares is not None:
+            p._share = shares[step]
         if step > 0:
             graph = p._build_graph(current)
             cal = recalibrate(current, graph.slices, p.calibration.data, CalibrationSetup.of(p))
@@ -330,7 +340,10 @@ def prune_in_steps(pruner: Any) -> nn.Module:
             plan = p.plan_for(graph, current, cal, p.target_flops ** ((step + 1) / steps) / share)
         else:
             now = ranked_units(graph.groups(prunable_only=True), p.layer_ratios)
-            ratio = step_ratio(p.pruning_ratio, units, now, step, steps)
+            if shares is None:
+                ratio = step_ratio(p.pruning_ratio, units, now, step, steps)
+            else:  # the step ends at its share of the way, as a GradualPruner step does
+                ratio = step_ratio(p.pruning_ratio * shares[step], units, now, 0, 1)
             plan = p.make_plan(ratio, p.score(graph, current, cal), graph, set_ratios=_set_ratios(p, graph, step))
         if step == 0:
             p._plan = plan

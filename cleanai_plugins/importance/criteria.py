@@ -3,6 +3,8 @@ taylor, hessian, random, lamp."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from cleanai_core import hookimpl
@@ -23,21 +25,24 @@ class MagnitudeImportance:
     """Group weight magnitude: per slice that touches the unit (producer filters,
     consumer columns, norm affines), the sum of ``|w| ** p`` over the unit's weights
     (``p=2``, the default: the squared L2 norm; ``p=1``: the L1 norm, as Torch-Pruning's
-    ``GroupMagnitudeImportance``), divided by the slice's mean over the group's units, then
-    folded over the slices by ``reducer`` (default ``"mean"``). Data-free. It said "the Lp
-    norm", which for ``p=2`` ranks otherwise once the slices are averaged."""
+    ``GroupMagnitudeImportance``; any other ``p > 0`` as its ``MagnitudeImportance(p=...)``
+    takes it), divided by the slice's mean over the group's units, then folded over the
+    slices by ``reducer`` (default ``"mean"``). Data-free. It said "the Lp norm", which for
+    ``p=2`` ranks otherwise once the slices are averaged."""
 
     needs_activations = False
     needs_gradients = False
 
-    def __init__(self, p: int = 2, reducer: str = "mean") -> None:
-        if p not in (1, 2):
-            raise UserError(f"magnitude p={p}: use 1 or 2")
+    def __init__(self, p: float = 2, reducer: str = "mean") -> None:
+        # 1 and 2 only, before 2026-12-02: Torch-Pruning's users also pass p=3, 4 or 0.5
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p < math.inf:
+            raise UserError(f"magnitude p={p!r}: give a positive finite number (1: L1, 2: squared L2, the default)")
         self.p = p
         self.reducer, self.reduce = reducer, get_reducer(reducer)
 
     def __call__(self, group, ctx: ScoringContext) -> torch.Tensor:
-        model = ctx.model if self.p == 2 else ctx.transformed("l1", _sqrt_abs)
+        # energy() sums squares, so the weights are read as |w|^(p/2): their squares sum to sum |w|^p
+        model = ctx.model if self.p == 2 else ctx.transformed(f"l{self.p:g}", self._root)
         terms = []
         for spec in group.slices:
             e = ctx.energy(spec, model)
@@ -46,6 +51,9 @@ class MagnitudeImportance:
         if not terms:
             return torch.ones(group.size, dtype=torch.float64)
         return self.reduce(torch.stack(terms))
+
+    def _root(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        return w.abs().sqrt() if self.p == 1 else w.abs() ** (self.p / 2)
 
 
 class BNScaleImportance:
@@ -147,10 +155,6 @@ class LAMPImportance(MagnitudeImportance):
         from cleanai_plugins.reducers import lamp
 
         return lamp(s)
-
-
-def _sqrt_abs(name, p):
-    return p.abs().sqrt()
 
 
 @hookimpl(trylast=True)
