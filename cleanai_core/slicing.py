@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cleanai_core.errors import UserError
-from cleanai_core.graph.context import is_index_slice, tensor_name
+from cleanai_core.graph.context import is_count_slice, is_index_slice, tensor_name
 from cleanai_core.graph.dependency import resolve_modules
 from cleanai_core.graph.findings import ModelFindings, prepare_model
 from cleanai_core.interfaces import keep_positions, replace_param
@@ -176,6 +176,8 @@ def _slice(
         owner, attr = get_submodule_and_attr(model, e.slice)
         if is_index_slice(e.slice):  # an index buffer: its values follow the kept channels
             keep_positions(owner, attr, e.keep)
+        elif is_count_slice(e.slice):  # a stored count: the number of channels kept
+            setattr(owner, attr, int(e.keep.numel()))
         else:
             replace_param(owner, attr, int(e.dim), e.keep)
         changed.append(e.slice)

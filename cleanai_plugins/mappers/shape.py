@@ -644,23 +644,53 @@ def split(call, ctx):
             ctx.set_label(o, lab.dim, lab.atoms, lab.origin, cross)
         return
     sizes = [o.shape[dim] for o in outs]
+    vouched = src.key in ctx.unequal_splits or _free_ranges(ctx) or _permutable(ctx)  # its fix-up splits
+    counts = _stored_counts(ctx, sizes) if not vouched and "tensor_split" not in str(call.op) else None
     if len(set(sizes)) != 1 or _permutable(ctx):
-        if src.key in ctx.unequal_splits or _free_ranges(ctx) or _permutable(ctx):
-            start = 0
-            for o, s in zip(outs, sizes, strict=True):
-                ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)
-                start += s
+        if counts is None and not vouched:
+            ctx.freeze(lab.atoms, f"{ctx.where()} splits channels into unequal parts")
             return
-        ctx.freeze(lab.atoms, f"{ctx.where()} splits channels into unequal parts")
+        start = 0
+        for o, s in zip(outs, sizes, strict=True):
+            ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)
+            if counts is not None:  # ``split((self.a, self.b))``: each part its count (a size, one count)
+                ctx.counted(counts[s], lab.atoms[start : start + s])
+            start += s
         return
     if sizes[0] == 1 and len(sizes) > 1:  # ``x.split(1, 1)``, ``x.chunk(C, 1)``: one channel a part
         ctx.unbind_pieces(outs, lab.atoms)  # free where the parts are stacked back after the same work
         return
     ctx.tie(lab.atoms, (len(sizes), sizes[0]), 1)
+    if counts is not None:  # ``split((self.c, self.c))``, ``split(self.c)``: the parts shrink alike
+        ctx.counted(counts[sizes[0]], lab.atoms[: sizes[0]])
     start = 0
     for o, s in zip(outs, sizes, strict=True):  # keeps the origin: attention can still ask for whole heads
         ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)
         start += s
+
+
+def _stored_counts(ctx, sizes: list[int]) -> dict[int, str] | None:
+    """The int attribute of the module whose ``forward`` runs the current split that holds
+    each of its parts' sizes (YOLOv8's ``C2f``: ``split((self.c, self.c), 1)``), by size;
+    ``None`` unless every size is held by exactly one attribute and distinct sizes by
+    distinct ones (a size of 1, two attributes with the same value, or a size equal to the
+    number of parts, which may be the count of sections the code asked for, say nothing
+    about which number the code read). The attributes become ``"count"`` slices
+    (:meth:`~cleanai_core.graph.context.TraceContext.counted`) that pruning sets to the
+    kept parts' sizes. Before 2026-12-02 such a split froze its parts (unequal sizes) or
+    broke the pruned model (equal sizes: verification kept the group whole), though a
+    ``chunk(2, 1)`` of the same channels pruned; a ``chunk`` whose module holds the size
+    gets the count too, which it then no longer needs."""
+    module = ctx.scope_module()
+    if module is None or len(sizes) < 2 or min(sizes) <= 1 or len(sizes) in sizes:
+        return None
+    found: dict[int, str] = {}
+    for size in dict.fromkeys(sizes):
+        names = [k for k, v in vars(module).items() if type(v) is int and v == size and not k.startswith("_")]
+        if len(names) != 1:
+            return None
+        found[size] = names[0]
+    return found if len(set(found.values())) == len(found) else None
 
 
 @table.register("glu")
