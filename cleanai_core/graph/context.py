@@ -53,15 +53,16 @@ INDEX_MARK = "@"
 
 #: a plain int attribute of a module that holds a number of channels its ``forward`` reads
 #: (YOLOv8's ``C2f``: ``self.cv1(x).split((self.c, self.c), 1)``) is a slice named
-#: ``"<module>.<attribute>="`` of kind ``"count"``: its atoms are the channels the number
-#: counts, and pruning sets the attribute to the number kept; no tensor is cut or zeroed
+#: ``"<module>.<attribute>=<n>"`` (``n``: the how-manieth op that reads it) of kind
+#: ``"count"``: its atoms are the channels the number counts, and pruning sets the
+#: attribute to the number kept; no tensor is cut or zeroed
 COUNT_MARK = "="
 
 
 def tensor_name(slice_name: str) -> str:
     """The qualified tensor name of a bare tensor's slice (``"proj#0"`` -> ``"proj"``,
-    ``"perm@"`` -> ``"perm"``; an attribute's for a count, ``"m.c="`` -> ``"m.c"``)."""
-    return slice_name.partition(CROSS_MARK)[0].removesuffix(INDEX_MARK).removesuffix(COUNT_MARK)
+    ``"perm@"`` -> ``"perm"``; an attribute's for a count, ``"m.c=0"`` -> ``"m.c"``)."""
+    return slice_name.partition(CROSS_MARK)[0].removesuffix(INDEX_MARK).partition(COUNT_MARK)[0]
 
 
 def is_index_slice(slice_name: str) -> bool:
@@ -71,7 +72,7 @@ def is_index_slice(slice_name: str) -> bool:
 
 def is_count_slice(slice_name: str) -> bool:
     """Whether a bare slice is a module's stored channel count (see :data:`COUNT_MARK`)."""
-    return slice_name.endswith(COUNT_MARK)
+    return COUNT_MARK in slice_name
 
 
 #: ops that lay out an index tensor's values without changing them (see :meth:`TraceContext.index_source`)
@@ -434,9 +435,17 @@ class TraceContext:
     def counted(self, attr: str, atoms: torch.Tensor) -> None:
         """The int attribute ``attr`` of the module whose ``forward`` runs the current op
         counts ``atoms`` (a split's part sized ``self.c``): a ``"count"`` slice
-        (:data:`COUNT_MARK`), so pruning sets it to the number of those channels kept."""
+        (:data:`COUNT_MARK`), so pruning sets it to the number of those channels kept. Every
+        op that reads it gets a slice of its own, tied to the others by ``same_count``: the
+        channels each counts keep as many, not the same indices (the non-local block's
+        ``view(b, self.inter_channels, -1)`` of ``g``'s and of ``theta``'s outputs)."""
         scope = getattr(self.event, "scope", None) or ""
-        self.bind("", f"{scope}.{attr}{COUNT_MARK}" if scope else f"{attr}{COUNT_MARK}", atoms, "count", dim=0)
+        key = f"{scope}.{attr}" if scope else attr
+        same = [s for s in self.slices.values() if s.kind == "count" and s.same_count == key]
+        if any(s.atoms.numel() == atoms.numel() and torch.equal(s.atoms, atoms) for s in same):
+            return
+        name = f"{key}{COUNT_MARK}{len(same)}"
+        self.slices[("", name)] = SliceSpec("", name, "count", atoms, dim=0, same_count=key)
 
     def picked(self, index: Any, lab: Label) -> torch.Tensor | None:
         """The atoms that ``index`` picks along ``lab``'s dimension (``x[:, self.perm]``,
