@@ -454,6 +454,59 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
 
+# -- a non-local block; a GhostNet-style channel range ----------------------------------------------
+
+
+class NonLocalBlock(nn.Module):
+    """Wang et al.'s embedded-Gaussian non-local block as its popular PyTorch ports write it."""
+
+    def __init__(self, in_channels, inter_channels=None):
+        super().__init__()
+        self.in_channels = in_channels
+        self.inter_channels = inter_channels or in_channels // 2
+        self.g = nn.Conv2d(in_channels, self.inter_channels, 1)
+        self.theta = nn.Conv2d(in_channels, self.inter_channels, 1)
+        self.phi = nn.Conv2d(in_channels, self.inter_channels, 1)
+        self.W = nn.Sequential(nn.Conv2d(self.inter_channels, in_channels, 1), nn.BatchNorm2d(in_channels))
+
+    def forward(self, x):
+        b = x.size(0)
+        g_x = self.g(x).view(b, self.inter_channels, -1).permute(0, 2, 1)
+        theta_x = self.theta(x).view(b, self.inter_channels, -1).permute(0, 2, 1)
+        phi_x = self.phi(x).view(b, self.inter_channels, -1)
+        f = F.softmax(torch.matmul(theta_x, phi_x), dim=-1)
+        y = torch.matmul(f, g_x).permute(0, 2, 1).contiguous()
+        y = y.view(b, self.inter_channels, *x.size()[2:])
+        return x + self.W(y)
+
+
+class NonLocalNet(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.nl = NonLocalBlock(32)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.fc(self.nl(self.stem(x)).mean((2, 3)))
+
+
+class RangeNet(nn.Module):
+    """GhostNet's module as its ports write it: ``cat([x1, cheap(x1)], 1)[:, : self.oup]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.oup = 24
+        self.primary = nn.Conv2d(3, 16, 1)
+        self.cheap = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.head = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        a = self.primary(x)
+        out = torch.cat([a, self.cheap(a)], 1)
+        return self.head(out[:, : self.oup])
+
+
 def tiny_caformer(num_classes: int = 3):
     """A CAFormer (timm's MetaFormer: two separable-conv stages, two attention stages with
     heads of 32), one block a stage; timm's ``caformer_s18`` takes no ``depths`` / ``dims``."""
@@ -747,6 +800,14 @@ def gpt_math():
     return GPT(flash=False)
 
 
+def non_local():
+    return NonLocalNet()
+
+
+def ghost_range():
+    return RangeNet()
+
+
 #: factory -> (example batch maker, parameters before, kept by ``magnitude`` at 0.5, kept by the
 #: default path at 0.5 with two calibration batches of 4)
 USER_MODELS = {
@@ -763,6 +824,8 @@ USER_MODELS = {
     "mixer": (lambda b: _images(b, 32), 25_674, 8_762, 8_762),
     "ops_net": (lambda b: _images(b, 16), 3_708, 1_604, 1_604),
     "gpt": (lambda b: _tokens(b, 16, 64), 28_032, 19_712, 19_712),
+    "non_local": (lambda b: _images(b, 8), 3_482, 1_234, 1_234),
+    "ghost_range": (lambda b: _images(b, 8), 324, 160, 160),
     "gpt_math": (lambda b: _tokens(b, 16, 64), 28_032, 19_712, 19_712),
 }
 
@@ -810,3 +873,50 @@ def test_timm_caformer_prunes_its_attention_streams_unit_by_unit():
     assert {b.token_mixer.num_heads for b in small.stages[3].blocks} == {12}  # of 16 (0.3 of 16: 4 whole heads gone)
     report = check_pruner(model, x, ratio=0.5)
     assert report.kept_whole == () and report.output_shapes_equal and report.max_abs_diff < 1e-5
+
+
+# -- 6. views and channel ranges sized by stored numbers ------------------------------------------------
+
+
+def test_a_view_that_names_a_stored_width_follows_the_pruning(tmp_path):
+    """Wang et al.'s non-local block views ``g``'s, ``theta``'s and ``phi``'s outputs with
+    ``view(b, self.inter_channels, -1)`` and back with ``view(b, self.inter_channels, h, w)``:
+    both inner groups were kept whole by verification (``shape '[2, 16, 8, 8]' is invalid``;
+    1,770 of 3,482 parameters kept at 0.5). ``inter_channels`` is now a count of each group,
+    the two tied to keep as many channels (1,234 kept)."""
+    torch.manual_seed(0)
+    model = _redrawn(NonLocalNet())
+    x = _images(2, 8)
+    graph = DependencyGraph(model, x)
+    for layer in ("nl.g", "nl.theta"):
+        assert [(g.size, g.prunable) for g in groups_with(graph, layer, "out")] == [(16, 16)]
+    counts = sorted(s.name for s in graph.slices if s.kind == "count")
+    assert counts == ["nl.inter_channels=0", "nl.inter_channels=1", "nl.inter_channels=2"]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.kept_whole == () and report.output_shapes_equal and report.max_abs_diff < 1e-5
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert (n_params(model), n_params(small)) == (3482, 1234) and len(pruner.skipped_groups) == 0
+    nl = small.nl
+    assert nl.inter_channels == nl.g.out_channels == nl.theta.out_channels == nl.W[0].in_channels == 8
+    assert model.nl.inter_channels == 16
+    _reloads(tmp_path, small, pruner, "test_models_17:non_local", x)
+
+
+def test_a_channel_range_bounded_by_a_stored_number_follows_the_pruning(tmp_path):
+    """GhostNet's ``cat([x1, cheap(x1)], 1)[:, : self.oup]``: the channels below ``oup`` were
+    frozen ("takes a fixed range of channels": nothing in the model could be pruned). ``oup``
+    is now a count of the channels below it: it becomes the number of them kept."""
+    torch.manual_seed(0)
+    model = _redrawn(RangeNet())
+    x = _images(2, 8)
+    graph = DependencyGraph(model, x)
+    assert [(g.size, g.prunable) for g in groups_with(graph, "primary", "out")] == [(16, 16)]
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.kept_whole == () and report.output_shapes_equal and report.max_abs_diff < 1e-6
+    pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    rows = [i for i in range(16) if any(torch.equal(model.primary.weight[i], w) for w in small.primary.weight)]
+    assert len(rows) == 8 and small.oup == small.head.in_channels == 8 + sum(i < 8 for i in rows)  # 8 + those of 0-7
+    assert model.oup == 24
+    _reloads(tmp_path, small, pruner, "test_models_17:ghost_range", x)
