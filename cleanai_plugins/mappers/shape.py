@@ -723,7 +723,6 @@ def _stored_counts(ctx, sizes: list[int]) -> dict[int, str] | None:
         return None
     if _free_ranges(ctx) or _permutable(ctx) or module in ctx.findings.get(REWRITTEN_COUNTS, ()):
         return None  # a plugin's fix-up rewrites its numbers (SHViT's ``pdim`` sizes two channel sets)
-        return None
     found: dict[int, str] = {}
     for size in dict.fromkeys(sizes):
         names = [k for k, v in vars(module).items() if type(v) is int and v == size and not k.startswith("_")]

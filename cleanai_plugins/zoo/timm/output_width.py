@@ -31,7 +31,7 @@ Glossary:
   ``proj_w``: kept whole) and ``ClassAttn`` (also XCiT's) the same: cait_xxs24's stream was
   its four heads (0.542 kept at a ratio of 0.3, 0.508 freed; xcit_nano_12_p16 0.543 -> 0.51).
   MetaFormer's ``Attention`` (CAFormer's last two stages, heads of 32) the same: a stage of
-  64 channels was two units (a tiny CAFormer kept 0.37 at a ratio of 0.5, 0.26 freed).
+  64 channels was two units (a tiny CAFormer kept 0.37 at a ratio of 0.5, 0.30 freed).
 
 The scan leaves these classes out of the width-bound ones, so their heads prune on their own
 and the stream on its own; after slicing the class becomes a variant whose ``forward`` reads
