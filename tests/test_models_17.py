@@ -636,6 +636,17 @@ def test_a_split_into_sizes_its_module_stores_follows_the_pruning(tmp_path, how,
         assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(x), small(x))
     _reloads(tmp_path, small, pruner, f"test_models_17:stored_split_{how}", x)
     assert all(getattr(model, k) in (6, 8, 10) for k in attrs)  # the user's model keeps its numbers
+    # pruned again (the trace reads the new numbers), and in two steps: the counts follow each cut
+    again = StructuredPruner(small, x, "magnitude", pruning_ratio=0.5).prune()
+    stepped = StructuredPruner(model, x, "magnitude", pruning_ratio=0.75, iterative_steps=2)
+    twice = stepped.prune()
+    for m in (again, twice):
+        widths = [getattr(m, k) for k in attrs]
+        assert m.cv1.out_channels == sum(widths) * (2 if how != "unequal" else 1) and max(widths) < max(attrs.values())
+        with torch.no_grad():
+            m(x)
+    with torch.no_grad():
+        assert torch.equal(replayed(model, stepped.history)(x), twice(x))
 
 
 class TwoStoredNumbers(StoredSplit):
