@@ -236,7 +236,9 @@ def shapes_sliced(model: nn.Module, edits: list[SliceEdit]) -> dict[str, list[in
     for e in edits:
         if e.module == "":
             owner, attr = get_submodule_and_attr(model, e.slice)
-            out[e.slice] = list(getattr(owner, attr).shape)
+            t = getattr(owner, attr)
+            if isinstance(t, torch.Tensor):  # not a stored count
+                out[e.slice] = list(t.shape)
             continue
         module = modules.get(e.module)
         for n, p in (module if module is not None else model.get_submodule(e.module)).named_parameters():

@@ -59,7 +59,8 @@ def masked_outputs(
     to skip the default hooks), the masked model is a copy that shares ``graph.model``'s
     parameters except the ones it zeroes, which are its own."""
     slices = pruned_slices(graph, pruned)
-    slices = [(spec, idx) for spec, idx in slices if spec.kind != "index"]  # an index moves channels, zeroes none
+    # an index moves channels, a count counts them: neither zeroes any
+    slices = [(spec, idx) for spec, idx in slices if spec.kind not in ("index", "count")]
     outside = outside_zeros(graph, pruned)
     if outside or any(spec.module == "" or getattr(spec.pruner, "mask", None) is not None for spec, _ in slices):
         return model_outputs(_masked_copy(graph, slices, outside), inputs, forward_fn, output_transform)
@@ -125,7 +126,7 @@ def _masked_copy(
     for name, dim, idx in outside:
         _zero_tensor(model, name, dim, idx)
     for spec, idx in slices:
-        if spec.kind == "index":  # an index buffer moves channels: the zeroed ones move with it
+        if spec.kind in ("index", "count"):  # an index buffer moves channels (the zeroed ones with it)
             continue
         if spec.module == "":
             _zero_tensor(model, spec.name, spec.dim, idx)

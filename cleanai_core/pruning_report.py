@@ -30,7 +30,7 @@ def layer_records(
         unit_score[gp.group.units] = gp.scores.to(torch.float64)
     pruned = plan.pruned_units()
     for spec in graph.slices:
-        if spec.kind in ("in", "index"):  # an index buffer is no layer: its channels are its source's
+        if spec.kind in ("in", "index", "count"):  # an index buffer or a count is no layer: its source's channels
             continue
         units = graph.root[spec.atoms]
         gone = pruned[units]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from cleanai_core.errors import UserError
-from cleanai_core.graph.context import is_index_slice
+from cleanai_core.graph.context import is_count_slice, is_index_slice
 from cleanai_core.history import FORMAT as HISTORY_FORMAT
 from cleanai_core.history import PruningHistory, add_recorded_biases, result_mismatch, shape_mismatch, shapes_of
 from cleanai_core.options import non_finite
@@ -206,6 +206,10 @@ def _check_targets(path: Path, model: nn.Module, step: list[SliceEdit], where: s
         except AttributeError:
             owner, attr = None, ""
         t = getattr(owner, attr, None) if owner is not None else None
+        if is_count_slice(e.slice):  # a module's stored count of channels: an int, nothing to cut
+            if type(t) is not int or int(e.keep.numel()) > t:
+                raise _bad(path, f"{where} names count {e.slice!r}, which is no int attribute of at least that size")
+            continue
         if not isinstance(t, torch.Tensor):
             raise _bad(
                 path, f"{where} names tensor {e.slice!r}, which the architecture in architecture.json does not have"

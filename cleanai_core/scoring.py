@@ -112,7 +112,7 @@ class ScoringContext:
         key = (spec.module, spec.name)
         if model is self.model and key in self._energy:
             return self._energy[key]
-        if spec.kind == "index":  # positions, not weights
+        if spec.kind in ("index", "count"):  # positions or a number, not weights
             e = None
         elif spec.module == "":
             t = _get_tensor(model, spec.name).detach()

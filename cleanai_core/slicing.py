@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cleanai_core.errors import UserError
-from cleanai_core.graph.context import is_index_slice, tensor_name
+from cleanai_core.graph.context import is_count_slice, is_index_slice, tensor_name
 from cleanai_core.graph.dependency import resolve_modules
 from cleanai_core.graph.findings import ModelFindings, prepare_model
 from cleanai_core.interfaces import keep_positions, replace_param
@@ -173,6 +173,8 @@ def _slice(
         pruner.prune(model.get_submodule(name), keep)
         changed.append(name)
     for e in bare:
+        if is_count_slice(e.slice):  # a stored count: set after the fix-ups (run_after_prune)
+            continue
         owner, attr = get_submodule_and_attr(model, e.slice)
         if is_index_slice(e.slice):  # an index buffer: its values follow the kept channels
             keep_positions(owner, attr, e.keep)
@@ -188,9 +190,18 @@ def run_after_prune(model: nn.Module, edits: list[SliceEdit], pm, findings: Mode
     the one :func:`slice_tensors` used; a scan of the sliced model would describe the
     wrong widths."""
     edits_by_key = {(e.module, e.slice): e.keep for e in edits}
+    counts = [(e, *get_submodule_and_attr(model, e.slice)) for e in edits if not e.module and is_count_slice(e.slice)]
+    stored = [getattr(owner, attr) for _, owner, attr in counts]
     with torch.no_grad():
         for name, module in model.named_modules():
             pm.hook.cleanai_after_prune(module=module, name=name, edits=edits_by_key, findings=findings)
+    # a stored count (``self.c`` of ``split((self.c, self.c), 1)``) becomes the channels kept,
+    # unless a fix-up set it (timm's ``num_heads`` from the kept heads): it read the number
+    # as it was, and knows the module
+    fixed = [getattr(owner, attr) != was for (_, owner, attr), was in zip(counts, stored, strict=True)]
+    for (e, owner, attr), done in zip(counts, fixed, strict=True):
+        if not done:
+            setattr(owner, attr, int(e.keep.numel()))
 
 
 def edits_for(graph, pruned: torch.Tensor) -> list[SliceEdit]:

@@ -21,18 +21,19 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserW
 
 
 class StoredSplit(nn.Module):
-    """YOLOv8's ``C2f`` written with ``split((self.c, self.c), 1)``: sizes the module stores,
-    so pruning ``cv1``'s outputs breaks the model, which only running it shows. Every FLOP
-    is in a convolution, so FLOPs are computed from the layers' sizes, without running."""
+    """YOLOv8's ``C2f`` written with literal split sizes, ``split((8, 8), 1)``, so pruning
+    ``cv1``'s outputs breaks the model, which only running it shows (sizes the module
+    stores, ``split((self.c, self.c), 1)``, follow the pruning since session 25: see
+    ``test_models_17.py``). Every FLOP is in a convolution, so FLOPs are computed from the
+    layers' sizes, without running."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.c = 8
         self.cv1, self.m = nn.Conv2d(3, 16, 1), nn.Conv2d(8, 8, 3, padding=1)
         self.cv2, self.head = nn.Conv2d(24, 16, 1), nn.Conv2d(16, 4, 1)
 
     def forward(self, x):
-        a, b = self.cv1(x).split((self.c, self.c), 1)
+        a, b = self.cv1(x).split((8, 8), 1)
         return self.head(self.cv2(torch.cat([a, b, self.m(b)], 1)))
 
 

@@ -193,6 +193,19 @@ class Halves(nn.Module):
         return self.b(y.narrow(1, 0, self.n)) + self.c(y[:, self.n :])
 
 
+class LiteralHalves(Halves):
+    """``Halves`` with literal bounds: nothing in the module says where they come from (a
+    module that also held 4 in an attribute would have it taken for the bound)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        del self.n
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y.narrow(1, 0, 4)) + self.c(y[:, 4:])
+
+
 class HalvesFixup:
     """A plugin that vouches for ``Halves``' slices and rewrites ``n`` after slicing."""
 
@@ -211,8 +224,11 @@ def test_allow_channel_ranges_needs_the_module_to_vouch():
     torch.manual_seed(0)
     model, x = Halves().eval(), torch.randn(2, 3, 4, 4)
     # unvouched, constant bounds pin the channels before ``n`` (which ``y[:, n:]`` and the
-    # narrow read by position); those after it may still go (they froze too before 2026-12-01)
-    assert [(g.size, g.prunable) for g in groups_with(DependencyGraph(model, x), "a", "out")] == [(4, 0), (6, 6)]
+    # narrow read by position); those after it may still go (they froze too before 2026-12-01).
+    # Bounds in an attribute (``self.n``) follow the pruning without a plugin since session 25
+    # (a ``count`` slice: tests/test_models_17.py), so the literal spelling shows the pin
+    literal = LiteralHalves().eval()
+    assert [(g.size, g.prunable) for g in groups_with(DependencyGraph(literal, x), "a", "out")] == [(4, 0), (6, 6)]
     with temporary_plugin(HalvesFixup(), name="halves"):
         graph = DependencyGraph(model, x)
         assert [(g.size, g.prunable) for g in groups_with(graph, "a", "out")] == [(4, 4), (6, 6)]

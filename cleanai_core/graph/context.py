@@ -28,7 +28,17 @@ from cleanai_core.graph.statistics import Statistics
 from cleanai_core.graph.trace import TRef
 from cleanai_core.graph.unbound import Unbinds
 
-__all__ = ["CROSS_MARK", "INDEX_MARK", "Label", "SliceSpec", "TraceContext", "is_index_slice", "tensor_name"]
+__all__ = [
+    "COUNT_MARK",
+    "CROSS_MARK",
+    "INDEX_MARK",
+    "Label",
+    "SliceSpec",
+    "TraceContext",
+    "is_count_slice",
+    "is_index_slice",
+    "tensor_name",
+]
 
 #: a bare 2-D tensor used as a matrix (``x @ self.proj``) shrinks along both dimensions:
 #: its second slice is named ``"<tensor>#<dim>"`` (the first one keeps the tensor's name)
@@ -41,16 +51,28 @@ CROSS_MARK = "#"
 #: cutting a dimension of it
 INDEX_MARK = "@"
 
+#: a plain int attribute of a module that holds a number of channels its ``forward`` reads
+#: (YOLOv8's ``C2f``: ``self.cv1(x).split((self.c, self.c), 1)``) is a slice named
+#: ``"<module>.<attribute>=<n>"`` (``n``: the how-manieth op that reads it) of kind
+#: ``"count"``: its atoms are the channels the number counts, and pruning sets the
+#: attribute to the number kept; no tensor is cut or zeroed
+COUNT_MARK = "="
+
 
 def tensor_name(slice_name: str) -> str:
     """The qualified tensor name of a bare tensor's slice (``"proj#0"`` -> ``"proj"``,
-    ``"perm@"`` -> ``"perm"``)."""
-    return slice_name.partition(CROSS_MARK)[0].removesuffix(INDEX_MARK)
+    ``"perm@"`` -> ``"perm"``; an attribute's for a count, ``"m.c=0"`` -> ``"m.c"``)."""
+    return slice_name.partition(CROSS_MARK)[0].removesuffix(INDEX_MARK).partition(COUNT_MARK)[0]
 
 
 def is_index_slice(slice_name: str) -> bool:
     """Whether a bare tensor's slice is an index tensor's (see :data:`INDEX_MARK`)."""
     return slice_name.endswith(INDEX_MARK)
+
+
+def is_count_slice(slice_name: str) -> bool:
+    """Whether a bare slice is a module's stored channel count (see :data:`COUNT_MARK`)."""
+    return COUNT_MARK in slice_name
 
 
 #: ops that lay out an index tensor's values without changing them (see :meth:`TraceContext.index_source`)
@@ -86,7 +108,8 @@ class SliceSpec:
     ``kind``: ``"out"`` (a producer's channels), ``"in"`` (a consumer's input
     channels; ``arg``/``dim`` say where the consumer reads them, for calibration),
     ``"param"`` (a tensor that follows channels: norm affine, bare parameters) or
-    ``"index"`` (a bare integer tensor of channel positions, :data:`INDEX_MARK`).
+    ``"index"`` (a bare integer tensor of channel positions, :data:`INDEX_MARK`) or
+    ``"count"`` (a module's int attribute that counts channels, :data:`COUNT_MARK`).
     ``multiple``: the slice's kept channels must be a multiple of it (a kernel's
     alignment: transformers' grouped expert matmul needs rows of 16 bytes); the plan
     rounds the kept count up. ``same_count``: slices that name the same key keep the same
@@ -408,6 +431,21 @@ class TraceContext:
         else:
             self.freeze(old.atoms, f"{module} called with {atoms.numel()} and {old.atoms.numel()} channels")
             self.freeze(atoms, f"{module} called with {atoms.numel()} and {old.atoms.numel()} channels")
+
+    def counted(self, attr: str, atoms: torch.Tensor) -> None:
+        """The int attribute ``attr`` of the module whose ``forward`` runs the current op
+        counts ``atoms`` (a split's part sized ``self.c``): a ``"count"`` slice
+        (:data:`COUNT_MARK`), so pruning sets it to the number of those channels kept. Every
+        op that reads it gets a slice of its own, tied to the others by ``same_count``: the
+        channels each counts keep as many, not the same indices (the non-local block's
+        ``view(b, self.inter_channels, -1)`` of ``g``'s and of ``theta``'s outputs)."""
+        scope = getattr(self.event, "scope", None) or ""
+        key = f"{scope}.{attr}" if scope else attr
+        same = [s for s in self.slices.values() if s.kind == "count" and s.same_count == key]
+        if any(s.atoms.numel() == atoms.numel() and torch.equal(s.atoms, atoms) for s in same):
+            return
+        name = f"{key}{COUNT_MARK}{len(same)}"
+        self.slices[("", name)] = SliceSpec("", name, "count", atoms, dim=0, same_count=key)
 
     def picked(self, index: Any, lab: Label) -> torch.Tensor | None:
         """The atoms that ``index`` picks along ``lab``'s dimension (``x[:, self.perm]``,

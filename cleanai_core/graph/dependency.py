@@ -470,7 +470,7 @@ class DependencyGraph:
             return
         other = torch.zeros(ctx.n_atoms, dtype=torch.bool)  # roots that a layer output or a parameter reaches
         for s in ctx.slices.values():
-            if s.kind != "in" and not (s.kind == "param" and not s.module and s.name in buffers):
+            if s.kind not in ("in", "count") and not (s.kind == "param" and not s.module and s.name in buffers):
                 other[self.root[s.atoms]] = True
         for s in bare:
             if not bool(other[self.root[s.atoms]].any()):

@@ -339,6 +339,8 @@ def reshape_label(ctx, src: TRef, out: TRef, sizes: list | None = None) -> None:
         offset = offset + torch.arange(so[k]).reshape(shape) * strides[k]
     grid = lab.atoms[(offset // inner) % c]
     if len(dims) == 1:
+        if sizes is not None and sizes[dims[0]] == c == so[dims[0]]:  # ``view(b, self.c, -1)``: no -1 there
+            _count_stored(ctx, c, grid.reshape(-1))
         single = c == so[-1] and len(so) > src.ndim  # a size-1 dim put in, not (B, 1 token, C) merged
         if ctx.keeps_whole_heads() and single and dims[0] == len(so) - 1 and so[-2] == 1 < so[-1]:
             # (..., 1, head_dim): a single head (multi-query attention's key and value)
@@ -576,6 +578,9 @@ def slice_(call, ctx):
         if idx is not None and len(idx) == out.shape[dim] and _free_ranges(ctx):
             ctx.set_label(out, dim, lab.atoms[idx.start : idx.stop : idx.step], lab.origin)
             return
+        if idx is not None and len(idx) == out.shape[dim] and not ctx.is_bare(lab) and _counted_bounds(call, ctx, lab):
+            ctx.set_label(out, dim, lab.atoms[idx.start : idx.stop], lab.origin)
+            return
         keep = _fixed_span(call, src.shape[dim]) if idx is not None and len(idx) == out.shape[dim] else None
         # a bare tensor's constant range is mostly positions cut to the input's length (a
         # causal mask ``bias[:, :, :T, :T]``, a position table ``pos[:, :T]``): the bounds
@@ -590,6 +595,27 @@ def slice_(call, ctx):
         ctx.set_label(out, dim, lab.atoms[idx.start : idx.stop], lab.origin)
         return
     ctx.set_label(out, lab.dim, lab.atoms, lab.origin)
+
+
+def _counted_bounds(call, ctx, lab) -> bool:
+    """``x[:, : self.oup]``, ``x[:, self.a : self.b]`` (GhostNet's module, a hand-written
+    gate): the bounds of a ``slice`` with step 1 that its module holds, each in one
+    attribute, become ``count`` slices of the channels below them, so they follow the
+    pruning (a bound ``n`` becomes the number of channels kept below ``n``); True where
+    they did. Before 2026-12-02 the channels up to the bound were frozen."""
+    if "narrow" in str(call.op):
+        return False
+    size = lab.atoms.numel()
+    start, end, step = arg(call, 2, "start"), arg(call, 3, "end"), arg(call, 4, "step", 1)
+    bounds = [b for b in (start, end) if isinstance(b, int) and 0 < b < size]
+    if step != 1 or not bounds or any(b is not None and (not isinstance(b, int) or b < 0) for b in (start, end)):
+        return False
+    counts = _stored_counts(ctx, bounds)
+    if counts is None:
+        return False
+    for b in bounds:
+        ctx.counted(counts[b], lab.atoms[:b])
+    return True
 
 
 def _slice_positions(call, size: int) -> range | None:
@@ -644,23 +670,66 @@ def split(call, ctx):
             ctx.set_label(o, lab.dim, lab.atoms, lab.origin, cross)
         return
     sizes = [o.shape[dim] for o in outs]
+    vouched = src.key in ctx.unequal_splits or _free_ranges(ctx) or _permutable(ctx)  # its fix-up splits
+    counts = _stored_counts(ctx, sizes) if not vouched and "tensor_split" not in str(call.op) else None
     if len(set(sizes)) != 1 or _permutable(ctx):
-        if src.key in ctx.unequal_splits or _free_ranges(ctx) or _permutable(ctx):
-            start = 0
-            for o, s in zip(outs, sizes, strict=True):
-                ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)
-                start += s
+        if counts is None and not vouched:
+            ctx.freeze(lab.atoms, f"{ctx.where()} splits channels into unequal parts")
             return
-        ctx.freeze(lab.atoms, f"{ctx.where()} splits channels into unequal parts")
+        start = 0
+        for o, s in zip(outs, sizes, strict=True):
+            ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)
+            if counts is not None:  # ``split((self.a, self.b))``: each part its count (a size, one count)
+                ctx.counted(counts[s], lab.atoms[start : start + s])
+            start += s
         return
     if sizes[0] == 1 and len(sizes) > 1:  # ``x.split(1, 1)``, ``x.chunk(C, 1)``: one channel a part
         ctx.unbind_pieces(outs, lab.atoms)  # free where the parts are stacked back after the same work
         return
     ctx.tie(lab.atoms, (len(sizes), sizes[0]), 1)
+    if counts is not None:  # ``split((self.c, self.c))``, ``split(self.c)``: the parts shrink alike
+        ctx.counted(counts[sizes[0]], lab.atoms[: sizes[0]])
     start = 0
     for o, s in zip(outs, sizes, strict=True):  # keeps the origin: attention can still ask for whole heads
         ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)
         start += s
+
+
+def _count_stored(ctx, width: int, atoms) -> None:
+    """A view that names the channels' width (``view(b, self.inter_channels, -1)``: Wang et
+    al.'s non-local block) where its module holds it in one attribute: that attribute
+    becomes a ``count`` slice of the channels, so it follows them. Before 2026-12-02 the
+    view kept its number and the pruned model failed to run (``shape '[2, 16, 8, 8]' is
+    invalid``): verification kept the groups whole."""
+    counts = _stored_counts(ctx, [width])
+    if counts is not None:
+        ctx.counted(counts[width], atoms)
+
+
+def _stored_counts(ctx, sizes: list[int]) -> dict[int, str] | None:
+    """The int attribute of the module whose ``forward`` runs the current op that holds each
+    of the channel counts ``sizes`` (a split's parts: YOLOv8's ``C2f``, ``split((self.c,
+    self.c), 1)``), by size; ``None`` unless every size is held by exactly one attribute and
+    distinct sizes by distinct ones (a size of 1, two attributes with the same value, or a
+    size equal to the number of parts, which may be the count of sections the code asked
+    for, say nothing about which number the code read). The attributes become ``"count"``
+    slices (:meth:`~cleanai_core.graph.context.TraceContext.counted`) that pruning sets to
+    the kept channels. Before 2026-12-02 such a split froze its parts (unequal sizes) or
+    broke the pruned model (equal sizes: verification kept the group whole), though a
+    ``chunk(2, 1)`` of the same channels pruned; a ``chunk`` whose module holds the size
+    gets the count too, which it then no longer needs."""
+    module = ctx.scope_module()
+    if module is None or min(sizes) <= 1 or (len(sizes) > 1 and len(sizes) in sizes):
+        return None
+    if _free_ranges(ctx) or _permutable(ctx) or module in ctx.findings.get(REWRITTEN_COUNTS, ()):
+        return None  # a plugin's fix-up rewrites its numbers (SHViT's ``pdim`` sizes two channel sets)
+    found: dict[int, str] = {}
+    for size in dict.fromkeys(sizes):
+        names = [k for k, v in vars(module).items() if type(v) is int and v == size and not k.startswith("_")]
+        if len(names) != 1:
+            return None
+        found[size] = names[0]
+    return found if len(set(found.values())) == len(found) else None
 
 
 @table.register("glu")

@@ -136,7 +136,7 @@ def fix_attention(module: nn.Module, name: str, edits, scan: TimmScan) -> None:
     width = getattr(module, heads_attr) * getattr(module, dim_attr)
     # torchvision MViT's ``output_dim``: ``reshape(B, -1, self.output_dim)`` after the heads
     # (kept, every head-size group broke the pruned model and was skipped: mvit_v2_s kept 0.33)
-    for attr in ("attn_dim", "all_head_dim", "inner_dim", "attn_dim_total", "dim_out", "output_dim"):
+    for attr in ("attn_dim", "all_head_dim", "inner_dim", "attn_dim_total", "dim_out", "output_dim", "attention_dim"):
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, width)
 

@@ -30,6 +30,8 @@ Glossary:
   stream was three units of 32. CaiT's ``TalkingHeadAttn`` (heads mixed by ``proj_l`` /
   ``proj_w``: kept whole) and ``ClassAttn`` (also XCiT's) the same: cait_xxs24's stream was
   its four heads (0.542 kept at a ratio of 0.3, 0.508 freed; xcit_nano_12_p16 0.543 -> 0.51).
+  MetaFormer's ``Attention`` (CAFormer's last two stages, heads of 32) the same: a stage of
+  64 channels was two units (a tiny CAFormer kept 0.37 at a ratio of 0.5, 0.30 freed).
 
 The scan leaves these classes out of the width-bound ones, so their heads prune on their own
 and the stream on its own; after slicing the class becomes a variant whose ``forward`` reads
@@ -175,6 +177,14 @@ def _relpos_forward(self, x, shared_rel_pos=None):
     return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
 
+def _metaformer_forward(self, x):
+    """timm's MetaFormer ``Attention.forward`` (CAFormer's attention stages) with the output
+    width read from the heads."""
+    B, N, _ = x.shape
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return self.proj_drop(self.proj(_attend(self, q, k, v).transpose(1, 2).reshape(B, N, -1)))
+
+
 def _nest_forward(self, x):
     """timm's NesT ``Attention.forward`` (blocks of tokens) with the head size and the output
     width read from ``qkv``."""
@@ -298,6 +308,7 @@ _BASES = (
     ("timm.layers.diff_attention", "DiffAttention", _diff_forward, "PrunedDiffAttention"),
     ("timm.models.vision_transformer_relpos", "RelPosAttention", _relpos_forward, "PrunedRelPosAttention"),
     ("timm.models.nest", "Attention", _nest_forward, "PrunedNestAttention"),
+    ("timm.models.metaformer", "Attention", _metaformer_forward, "PrunedMetaFormerAttention"),
     ("timm.models.davit", "WindowAttention", _davit_window_forward, "PrunedDavitWindowAttention"),
     ("timm.models.davit", "ChannelAttention", _davit_channel_forward, "PrunedDavitChannelAttention"),
     ("timm.models.cait", "ClassAttn", _class_attn_forward, "PrunedClassAttn"),
