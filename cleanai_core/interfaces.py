@@ -26,6 +26,7 @@ of one ATen operation to its outputs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -46,6 +47,7 @@ __all__ = [
     "IndexMapper",
     "LayerPruner",
     "Reducer",
+    "add_at",
     "add_to_bias",
     "at_rows",
     "keep_positions",
@@ -364,6 +366,23 @@ def add_to_bias(module: nn.Module, delta: torch.Tensor) -> None:
         trainable = weight.requires_grad if isinstance(weight, torch.Tensor) else True
         module.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=trainable)
     module.bias.data += delta
+
+
+def add_at(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor) -> None:
+    """``weight[rows][:, cols] += delta`` in place (``rows`` and ``cols`` without repeats,
+    ``delta`` shaped ``(len(rows), len(cols), *weight.shape[2:])``): a reconstruction's
+    update of the rows that :meth:`LayerPruner.removed_weights` gave. Where the weight is a
+    contiguous matrix (a linear layer's, a 1x1 convolution's) the rows are gathered, added
+    to and written back (one addition per entry, as ``index_put_(accumulate=True)`` makes
+    it, whose serial kernel was 2-3x slower: 768 x 3072 at half the rows and columns 2.8 ->
+    1.1 ms at one thread); otherwise by ``index_put_``."""
+    if not weight.is_contiguous() or math.prod(weight.shape[2:]) != 1:
+        weight.index_put_((rows[:, None], cols[None, :]), delta, accumulate=True)
+        return
+    matrix = weight.view(weight.shape[0], weight.shape[1])
+    part = matrix.index_select(0, rows)
+    part.index_add_(1, cols, delta.reshape(len(rows), len(cols)))
+    matrix.index_copy_(0, rows, part)
 
 
 def at_rows(values: torch.Tensor, rows: torch.Tensor | None, size: int) -> torch.Tensor:

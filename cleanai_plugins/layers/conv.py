@@ -9,6 +9,7 @@ from cleanai_core import hookimpl
 from cleanai_core.graph.context import Label
 from cleanai_core.interfaces import (
     LayerPruner,
+    add_at,
     add_to_bias,
     at_rows,
     replace_param,
@@ -196,7 +197,7 @@ class ConvPruner(LayerPruner):
         if rows is None:
             w.index_add_(1, kept, delta)
         else:
-            w.index_put_((rows[:, None], kept[None, :]), delta, accumulate=True)
+            add_at(w, rows, kept, delta)
         add_to_bias(module, at_rows(bias.to(w.dtype).reshape(n, -1).sum(1), rows, w.shape[0]))
 
 

@@ -17,6 +17,7 @@ from cleanai_core import hookimpl
 from cleanai_core.graph.context import Label
 from cleanai_core.interfaces import (
     LayerPruner,
+    add_at,
     add_to_bias,
     at_rows,
     replace_param,
@@ -158,7 +159,7 @@ class LinearPruner(LayerPruner):
         if rows is None:
             w.index_add_(1, kept, delta.to(w.dtype))
         else:
-            w.index_put_((rows[:, None], kept[None, :]), delta.to(w.dtype), accumulate=True)
+            add_at(w, rows, kept, delta.to(w.dtype))
         if self._may_add_bias(module):
             add_to_bias(module, at_rows(bias.to(w.dtype), rows, w.shape[0]))
 

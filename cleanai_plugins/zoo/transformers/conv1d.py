@@ -3,7 +3,7 @@ stored transposed, ``(in, out)``, computing ``addmm(bias, x, weight)``."""
 
 from __future__ import annotations
 
-from cleanai_core.interfaces import LayerPruner, add_to_bias, at_rows, slice_params, squared_weight
+from cleanai_core.interfaces import LayerPruner, add_at, add_to_bias, at_rows, slice_params, squared_weight
 
 __all__ = ["Conv1DPruner"]
 
@@ -59,5 +59,5 @@ class Conv1DPruner(LayerPruner):
         if rows is None:
             w.index_add_(0, kept, delta.to(w.dtype).T)
         else:
-            w.index_put_((kept[:, None], rows[None, :]), delta.to(w.dtype).T, accumulate=True)
+            add_at(w, kept, rows, delta.to(w.dtype).T)
         add_to_bias(module, at_rows(bias.to(w.dtype), rows, w.shape[1]))
