@@ -49,6 +49,7 @@ from cleanai_plugins.zoo.transformers.config import fix_config
 from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
 from cleanai_plugins.zoo.transformers.experts import ExpertsPruner, is_experts
 from cleanai_plugins.zoo.transformers.fills import FILLS, HeadsFill
+from cleanai_plugins.zoo.transformers.flat_experts import FlatExpertsPruner, is_flat_experts
 from cleanai_plugins.zoo.transformers.parallel_experts import ParallelExpertsPruner, is_parallel_experts
 from cleanai_plugins.zoo.transformers.quant_linear import QuantLinearPruner, is_quant_linear
 from cleanai_plugins.zoo.transformers.rebuilt import REBUILT, FrozenLinearPruner, rebuilt_projections
@@ -186,6 +187,8 @@ def cleanai_layer_pruner(module, findings=None):
         return ExpertsPruner()
     if is_parallel_experts(module):
         return ParallelExpertsPruner()
+    if is_flat_experts(module):
+        return FlatExpertsPruner()
     if is_quant_linear(module):
         return QuantLinearPruner()
     if routed_experts(module) is not None:
