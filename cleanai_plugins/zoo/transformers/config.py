@@ -192,7 +192,7 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
             values["experts"].append(width)
         shared = _SHARED_UP.search(name)
         mlp = name.rpartition(".")[0]  # one width per MLP: its gate and up projections say the same
-        if (_MLP_UP.search(name) or shared) and mlp not in entry["mlps"]:
+        if (_MLP_UP.search(name) or shared) and mlp not in entry["mlps"] and not _in_norm(names, mlp):
             width = proj_width(module)
             if width is not None:
                 if name.endswith((*_MLP_STACKED, "shared_mlp.input_linear")):
@@ -255,6 +255,12 @@ def _write(entry: dict) -> dict:
         elif mlp and not is_staged(config):  # (Swin's per-stage ratio is written by :mod:`.staged`)
             _set_mlp_ratio(config, mlp, record)
     return record
+
+
+def _in_norm(names: dict[str, nn.Module], mlp: str) -> bool:
+    """An MLP inside a norm (AXK2's gated norms: ``input_layernorm.mlp.fc1``, ``gated_norm_rank``
+    wide), not the layer's MLP: its width is no MLP key's."""
+    return type(names.get(mlp.rpartition(".")[0])).__name__.endswith("Norm")
 
 
 def _mlp_key(config) -> tuple[object, str | None]:
