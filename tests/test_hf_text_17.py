@@ -154,6 +154,26 @@ def test_dense_layers_with_a_key_of_their_own_beside_the_experts(tmp_path):
     assert same_generation(again, x)
 
 
+@pytest.mark.parametrize("dense", [96, None])
+def test_dense_first_layers_of_their_own_width_or_of_the_mlp_key(dense, tmp_path):
+    """Cohere2-MoE's dense first layers read ``prefix_dense_intermediate_size``, or, where
+    it is None, ``intermediate_size`` as the experts do (then both widths go there). With a
+    key of their own the two widths went to ``intermediate_size`` (``[96, 32]``) and the
+    default pruned nothing (74,432 parameters at 0.4)."""
+    model = tiny("Cohere2MoeConfig", "Cohere2MoeForCausalLM", intermediate_size=32, num_key_value_heads=2, head_dim=16,
+                 num_experts=4, num_experts_per_tok=2, sliding_window=4, mlp_layer_types=["dense", "sparse"],
+                 prefix_dense_intermediate_size=dense)  # fmt: skip
+    x = ids(1, 8)
+    small = calibrated(model, {"input_ids": x}, 0.4)
+    cfg = small.config
+    assert cfg.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert (cfg.prefix_dense_intermediate_size, cfg.intermediate_size) == ((58, 20) if dense else (None, 20))
+    assert (params(model), params(small)) == ((74_432, 57_920) if dense else (62_144, 50_624))
+    again = reloaded(small, tmp_path)
+    with torch.no_grad():
+        assert outputs_diff(small(x), again(x)) == 0
+
+
 def test_reformer_feed_forward_size_is_written(tmp_path):
     """Reformer's MLP (``feed_forward.dense.dense``, ``feed_forward_size``) had no MLP key:
     the default pruned it with the others anyway and only ``load_pruned`` could reload.

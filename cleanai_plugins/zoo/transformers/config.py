@@ -71,7 +71,7 @@ _MLP_UP = re.compile(
 #: MLP projections whose output stacks two halves (gate and up) of the MLP width
 _MLP_STACKED = ("gate_up_proj", ".Wi", "mlp.input_linear")
 #: the dense layers' own MLP key beside experts that take the MLP key: Llama 4's, MiniMax-M3's,
-#: Cohere2-MoE's (its dense first layers)
+#: Cohere2-MoE's (its dense first layers; where the key is None they read the MLP key, as the experts do)
 _DENSE_KEYS = ("intermediate_size_mlp", "dense_intermediate_size", "prefix_dense_intermediate_size")
 #: a shared expert beside the routed ones: its own config key (Qwen2-MoE's
 #: ``shared_expert_intermediate_size``; GraniteMoeShared's ``shared_intermediate_size``, its
@@ -242,7 +242,7 @@ def _write(entry: dict) -> dict:
         experts, mlp = values.get("experts", []), values.get("mlp", [])
         if hasattr(config, "moe_intermediate_size"):  # the experts' own key (Qwen3-MoE, DeepSeek)
             _set(config, "moe_intermediate_size", experts, record)
-        elif (dense := next((k for k in _DENSE_KEYS if hasattr(config, k)), None)) is not None:
+        elif (dense := next((k for k in _DENSE_KEYS if getattr(config, k, None) is not None), None)) is not None:
             _set(config, dense, mlp, record)  # the dense layers' own key (experts: the MLP key)
             mlp = experts
         else:  # the experts are the MLP (Mixtral)
