@@ -199,3 +199,28 @@ def test_an_mlp_inside_a_norm_is_not_the_layers_mlp():
     assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
     assert small.config.intermediate_size == 58 and small.config.moe_intermediate_size == 20
     assert small.model.layers[0].input_layernorm.mlp.fc1.out_features == 16  # gated_norm_rank: no key, kept
+
+
+def test_an_attention_whose_head_size_attribute_is_all_heads_width_prunes_heads(tmp_path):
+    """LXMERT's attention names the width of all heads ``head_size`` (one head's is
+    ``attention_head_size``) and reshapes its output to it: the fix-up left it at 64, so
+    every head prune failed to run (``shape '[1, 8, 64]' is invalid for input of size
+    256``) and the oracle kept 6 attention groups whole. Now rewritten with the heads. (The
+    default keeps the heads: its config derives the head size.)"""
+    config = transformers.LxmertConfig(
+        vocab_size=V, hidden_size=64, num_attention_heads=4, intermediate_size=96, max_position_embeddings=64,
+        pad_token_id=0, l_layers=2, x_layers=1, r_layers=1, visual_feat_dim=16, visual_pos_dim=4, num_qa_labels=5,
+        num_object_labels=5, num_attr_labels=5)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LxmertForQuestionAnswering(config).eval()
+    gen = torch.Generator().manual_seed(3)
+    inputs = {"input_ids": ids(1, 8), "visual_feats": torch.randn(1, 3, 16, generator=gen),
+              "visual_pos": torch.rand(1, 3, 4, generator=gen)}  # fmt: skip
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    small = calibrated(model, inputs, 0.4)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    assert (params(model), params(small)) == (189_285, 164_775)
+    again = reloaded(small, tmp_path)
+    with torch.no_grad():
+        assert outputs_diff(small(**inputs), again(**inputs)) < 1e-6
