@@ -534,3 +534,26 @@ def test_sweep_oracle_default_prune_reload_and_generate(name, tmp_path):
                     again.generate(**padded)
             else:
                 assert torch.equal(again.generate(**padded), again.generate(**padded, use_cache=False))
+
+
+@pytest.mark.parametrize("head", ["LiltForTokenClassification", "LiltForQuestionAnswering"])
+def test_a_width_the_config_derives_from_the_mlp_key_keeps_its_share(head, tmp_path):
+    """LiLT's layout MLP is ``intermediate_size // channel_shrink_ratio`` wide (24 of the MLP's
+    96), no key of its own. The default kept it and pruned the MLP (96 -> 58), so the config
+    rebuilt a layout MLP of ``58 // 4 = 14`` beside the kept 24: ``from_pretrained: false``.
+    Widths that grow with the MLP key (probed on a meta rebuild with the key doubled) are now
+    tied to their layer's MLP by the same share: 60 and 15 at 0.4, one key for both."""
+    model = tiny("LiltConfig", head, hidden_size=48, intermediate_size=96, channel_shrink_ratio=4,
+                 max_2d_position_embeddings=1024)  # fmt: skip
+    inputs = {"input_ids": ids(1, 8), "bbox": bbox()}
+    report = check_pruner(model, inputs, ratio=0.5)
+    assert report.max_abs_diff < 1e-5 and report.kept_whole == ()
+    small = calibrated(model, inputs, 0.4)
+    assert small.config.cleanai_pruning == {"uniform": True, "from_pretrained": True}
+    layers = small.lilt.encoder.layer
+    widths = [(x.intermediate.dense.out_features, x.layout_intermediate.dense.out_features) for x in layers]
+    assert widths == [(60, 15)] * 2
+    assert small.config.intermediate_size == 60
+    again = reloaded(small, tmp_path)
+    with torch.no_grad():
+        assert outputs_diff(small(**inputs), again(**inputs)) == 0

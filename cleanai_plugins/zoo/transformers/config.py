@@ -52,10 +52,19 @@ from cleanai_plugins.zoo.transformers.per_layer import (
 from cleanai_plugins.zoo.transformers.reload_path import ALIBI, HEADS, MLP, reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
-__all__ = ["SHARED_KEYS", "config_owner", "fix_config", "rebuild_mismatches", "rebuilt_shapes"]
+__all__ = [
+    "MLP_UP",
+    "SHARED_KEYS",
+    "config_owner",
+    "fix_config",
+    "mlp_key",
+    "rebuild_mismatches",
+    "rebuilt",
+    "rebuilt_shapes",
+]
 
 # the first projection of an MLP (its output width is the MLP width), and its stacked parts
-_MLP_UP = re.compile(
+MLP_UP = re.compile(
     r"(^|\.)((mlp|mlps\.\d+|feed_forward)\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in|gate_up_proj|w1)|intermediate\.dense|"
     r"ffn\.lin1|DenseReluDense\.wi(_0)?|fc1|ffn|mlp\.Wi|ffn\.linear_1|ff\.layer_1|mlp\.wi|experts\.expert_\d+\.wi|mixer\.up_proj|"
     r"ffn\.0|intermediate\.conv1d|mlp\.input_linear|ffn\.w_in\.w_0|feed_forward\.intermediate|feed_forward\.key|mlp_block\.gate_proj|"
@@ -192,7 +201,7 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
             values["experts"].append(width)
         shared = _SHARED_UP.search(name)
         mlp = name.rpartition(".")[0]  # one width per MLP: its gate and up projections say the same
-        if (_MLP_UP.search(name) or shared) and mlp not in entry["mlps"] and not _in_norm(names, mlp):
+        if (MLP_UP.search(name) or shared) and mlp not in entry["mlps"] and not _in_norm(names, mlp):
             width = proj_width(module)
             if width is not None:
                 if name.endswith((*_MLP_STACKED, "shared_mlp.input_linear")):
@@ -249,7 +258,7 @@ def _write(entry: dict) -> dict:
             mlp = mlp + experts
         for key in SHARED_KEYS:
             _set(config, key, values.get("shared_expert", []), record)
-        holder, key = _mlp_key(config)
+        holder, key = mlp_key(config)
         if key is not None and not (mlp == values.get("mlp", []) and layered(key, "mlp")):
             _set(holder, key, mlp, record)
         elif mlp and not is_staged(config):  # (Swin's per-stage ratio is written by :mod:`.staged`)
@@ -263,7 +272,7 @@ def _in_norm(names: dict[str, nn.Module], mlp: str) -> bool:
     return type(names.get(mlp.rpartition(".")[0])).__name__.endswith("Norm")
 
 
-def _mlp_key(config) -> tuple[object, str | None]:
+def mlp_key(config) -> tuple[object, str | None]:
     """The config (or its ``ffn_config`` sub-config: DBRX's ``ffn_hidden_size``) holding the
     MLP width's key, and the key: the first of :data:`_MLP_KEYS` it has."""
     for holder in (config, getattr(config, "ffn_config", None)):
@@ -297,7 +306,7 @@ def _count_scales(model: nn.Module) -> dict[str, tuple[Fraction, Fraction | None
     ``num_attention_heads`` / ``num_key_value_heads`` (``encoder_`` / ``decoder_``
     variants): 1 where a layer reads the key as it is, 2 for MiMo-V2's sliding-window
     key/value heads. Empty when the model cannot be rebuilt."""
-    ref = _rebuilt(model)
+    ref = rebuilt(model)
     if isinstance(ref, str):
         return {}
     with global_reads(_configs(ref)):
@@ -452,7 +461,7 @@ def _unscale_mlp_key(model: nn.Module, before: list[tuple[object, dict]], mismat
             continue
         now = dict(vars(config))
         vars(config).update(old)  # the unpruned config, for one rebuild
-        ref = _rebuilt(model)
+        ref = rebuilt(model)
         vars(config).update(now)
         if isinstance(ref, str):
             continue
@@ -582,7 +591,7 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
     num_attention_heads`` (BERT, GPT-2, ...) cannot express fewer heads. When every shape
     agrees, the scales the rebuilt model computes differently (:func:`_scale_mismatches`),
     in words (with shapes wrong, a scale derived from them would only repeat the reason)."""
-    ref = _rebuilt(model)
+    ref = rebuilt(model)
     if isinstance(ref, str):
         return [f"<rebuild failed: {ref}>"]
     shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
@@ -593,17 +602,19 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
 def rebuilt_shapes(model: nn.Module) -> dict[str, tuple[int, ...]] | str:
     """``{state_dict key: shape}`` of the model rebuilt from ``model.config`` on the meta
     device, or the exception its ``__init__`` raised there (its name and message)."""
-    ref = _rebuilt(model)
+    ref = rebuilt(model)
     return ref if isinstance(ref, str) else {k: tuple(v.shape) for k, v in ref.state_dict().items()}
 
 
-def _rebuilt(model: nn.Module) -> nn.Module | str:
+def rebuilt(model: nn.Module, edit=None) -> nn.Module | str:
     """The model rebuilt from ``model.config`` on the meta device, or the exception its
     ``__init__`` (or the config's own validation, which ``save_pretrained`` runs: Llama's
     ``hidden_size % num_attention_heads == 0`` even with ``head_dim`` given) raised there
-    (its name and message)."""
+    (its name and message). ``edit``: called with the copied config first."""
     try:
         config = copy.deepcopy(model.config)
+        if edit is not None:
+            edit(config)
         without_global_reads(config)  # the rebuilt model reads its per-layer keys as from_pretrained will
         validate = getattr(config, "validate", None)
         if callable(validate):
