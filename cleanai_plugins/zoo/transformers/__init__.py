@@ -28,6 +28,7 @@ transformers is optional: without it this plugin claims nothing.
 from __future__ import annotations
 
 from cleanai_core import hookimpl
+from cleanai_core.graph.findings import SAME_SHARE
 from cleanai_plugins.layers.linear import no_new_bias
 from cleanai_plugins.layers.norm import LayerNormPruner, RMSNormPruner
 from cleanai_plugins.mappers.gqa import GQA_QUERY_HEADS
@@ -47,8 +48,10 @@ from cleanai_plugins.zoo.transformers.attention import (
 from cleanai_plugins.zoo.transformers.bias import undeclarable
 from cleanai_plugins.zoo.transformers.config import fix_config
 from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
+from cleanai_plugins.zoo.transformers.derived import derived_mlp_ties
 from cleanai_plugins.zoo.transformers.experts import ExpertsPruner, is_experts
 from cleanai_plugins.zoo.transformers.fills import FILLS, HeadsFill
+from cleanai_plugins.zoo.transformers.flat_experts import FlatExpertsPruner, is_flat_experts
 from cleanai_plugins.zoo.transformers.parallel_experts import ParallelExpertsPruner, is_parallel_experts
 from cleanai_plugins.zoo.transformers.quant_linear import QuantLinearPruner, is_quant_linear
 from cleanai_plugins.zoo.transformers.rebuilt import REBUILT, FrozenLinearPruner, rebuilt_projections
@@ -124,7 +127,8 @@ def cleanai_whole_heads(model):
 def cleanai_prepare_model(model):
     """The q, k, v ranges of a fused ``qkv_proj`` are taken by fixed bounds: the
     attention fix-ups rewrite them after slicing. Layers whose bias no config switch
-    can declare get none from compensation."""
+    can declare get none from compensation. Widths the config derives from others keep
+    their share (shared experts, :mod:`.derived`)."""
     pretrained = pretrained_model_class()
     if pretrained is None:
         return None
@@ -136,8 +140,10 @@ def cleanai_prepare_model(model):
     alibi = [m for m in modules if is_alibi_attention(m)]
     tied = {q for q in map(input_width_query, modules) if q is not None}
     rebuilt = {p for m in modules for p in rebuilt_projections(m)}
+    ties = (shared_expert_ties(model), derived_mlp_ties(model))
+    same = set().union(*((t or {}).get(SAME_SHARE, set()) for t in ties))
     found = {
-        **(shared_expert_ties(model) or {}),
+        **({SAME_SHARE: same} if same else {}),
         **(allow_channel_ranges(*fused) if fused else {}),
         **(no_new_bias(*bare) if bare else {}),
         **(slices_head_inputs(*alibi) if alibi else {}),
@@ -186,6 +192,8 @@ def cleanai_layer_pruner(module, findings=None):
         return ExpertsPruner()
     if is_parallel_experts(module):
         return ParallelExpertsPruner()
+    if is_flat_experts(module):
+        return FlatExpertsPruner()
     if is_quant_linear(module):
         return QuantLinearPruner()
     if routed_experts(module) is not None:

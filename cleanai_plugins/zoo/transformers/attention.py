@@ -279,6 +279,7 @@ def fix_attention(module: nn.Module, kv_kept: bool = False, shared_kv: int | Non
         return
     heads, kv, hd = counts
     heads_attr = _int_attr(module, HEADS_ATTRS)
+    width = getattr(module, heads_attr) * hd if heads_attr is not None else None  # all heads' width, unpruned
     if heads_attr is not None:
         old = getattr(module, heads_attr)
         for name in HEADS_ATTRS:
@@ -292,3 +293,5 @@ def fix_attention(module: nn.Module, kv_kept: bool = False, shared_kv: int | Non
     for name in (*WIDTH_ATTRS, "embed_dim"):
         if isinstance(getattr(module, name, None), int):
             setattr(module, name, heads * hd)
+    if width != hd and getattr(module, "head_size", None) == width:  # all heads' width (LXMERT), not one head's
+        module.head_size = heads * hd

@@ -41,6 +41,7 @@ from torch import nn
 from cleanai_plugins.zoo.transformers.attention import INPUT_PROJS, head_counts, is_attention, proj_in_width, proj_width
 from cleanai_plugins.zoo.transformers.bias import declare_biases
 from cleanai_plugins.zoo.transformers.experts import expert_width
+from cleanai_plugins.zoo.transformers.flat_experts import flat_expert_width
 from cleanai_plugins.zoo.transformers.per_layer import (
     global_reads,
     layer_index,
@@ -51,22 +52,36 @@ from cleanai_plugins.zoo.transformers.per_layer import (
 from cleanai_plugins.zoo.transformers.reload_path import ALIBI, HEADS, MLP, reasons
 from cleanai_plugins.zoo.transformers.staged import is_staged, write_stages
 
-__all__ = ["SHARED_KEYS", "config_owner", "fix_config", "rebuild_mismatches", "rebuilt_shapes"]
+__all__ = [
+    "MLP_UP",
+    "SHARED_KEYS",
+    "config_owner",
+    "fix_config",
+    "mlp_key",
+    "rebuild_mismatches",
+    "rebuilt",
+    "rebuilt_shapes",
+]
 
 # the first projection of an MLP (its output width is the MLP width), and its stacked parts
-_MLP_UP = re.compile(
-    r"(^|\.)((mlp|feed_forward)\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in|gate_up_proj|w1)|intermediate\.dense|"
+MLP_UP = re.compile(
+    r"(^|\.)((mlp|mlps\.\d+|feed_forward)\.(gate_proj|up_proj|c_fc|dense_h_to_4h|fc1|fc_in|gate_up_proj|w1)|intermediate\.dense|"
     r"ffn\.lin1|DenseReluDense\.wi(_0)?|fc1|ffn|mlp\.Wi|ffn\.linear_1|ff\.layer_1|mlp\.wi|experts\.expert_\d+\.wi|mixer\.up_proj|"
-    r"ffn\.0|intermediate\.conv1d|mlp\.input_linear|ffn\.w_in\.w_0|feed_forward\.intermediate|feed_forward\.key|mlp_block\.gate_proj)$"
+    r"ffn\.0|intermediate\.conv1d|mlp\.input_linear|ffn\.w_in\.w_0|feed_forward\.intermediate|feed_forward\.key|mlp_block\.gate_proj|"
+    r"feed_forward\.dense\.dense)$"
 )  # up_proj alone: an MLP without a gate (Nemotron); ffn.linear_1: Funnel; ff.layer_1: XLNet;
 #  feed_forward: the hybrid Mamba models (Bamba, Jamba, Zamba); mlp.wi, experts.expert_<i>.wi: SwitchTransformers;
 #  mixer.up_proj: Nemotron-H's MLP layers; feed_forward.w1 (w1, w3, w2): LFM2, LFM3; ffn.0: an nn.Sequential MLP (CTRL);
 #  intermediate.conv1d: SqueezeBERT's grouped pointwise convolutions; mlp.input_linear: JetMoE's experts;
 #  ffn.w_in.w_0 (w_0 gate, w_1 up, then w_out): CPM-Ant, width dim_ff; feed_forward.intermediate: ProphetNet;
 #  feed_forward.key (key, then value; receptance gates the output): RWKV's channel mixing, width intermediate_size
-#  mlp_block.gate_proj: RecurrentGemma, width intermediate_size // 2 (:func:`_unscale_mlp_key`)
+#  mlp_block.gate_proj: RecurrentGemma, width intermediate_size // 2 (:func:`_unscale_mlp_key`);
+#  mlps.<i>: LongCat-Flash's two MLPs per layer; feed_forward.dense.dense: Reformer (``feed_forward_size``)
 #: MLP projections whose output stacks two halves (gate and up) of the MLP width
 _MLP_STACKED = ("gate_up_proj", ".Wi", "mlp.input_linear")
+#: the dense layers' own MLP key beside experts that take the MLP key: Llama 4's, MiniMax-M3's,
+#: Cohere2-MoE's (its dense first layers; where the key is None they read the MLP key, as the experts do)
+_DENSE_KEYS = ("intermediate_size_mlp", "dense_intermediate_size", "prefix_dense_intermediate_size")
 #: a shared expert beside the routed ones: its own config key (Qwen2-MoE's
 #: ``shared_expert_intermediate_size``; GraniteMoeShared's ``shared_intermediate_size``, its
 #: ``input_linear`` stacking gate and up; Nemotron-H's ``moe_shared_expert_intermediate_size``; Laguna's
@@ -76,7 +91,7 @@ _SHARED_UP = re.compile(
 )
 #: the MLP width's key, the first the config has (``decoder_ffn_dim``: a decoder-only config, TrOCR's)
 _MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner", "dff",
-             "dim_ff", "decoder_ffn_dim")  # fmt: skip
+             "dim_ff", "decoder_ffn_dim", "feed_forward_size")  # fmt: skip
 
 
 #: config keys that give shared experts a width of their own (Qwen2-MoE's, GraniteMoeShared's, Nemotron-H's)
@@ -181,12 +196,12 @@ def _collect(model: nn.Module, scales: dict[str, tuple[Fraction, Fraction | None
             if rank is not None:
                 values["q_lora_rank"].append(rank)
                 at["q_lora_rank"].append(layer)
-        width = expert_width(module)
-        if width is not None:  # Mixtral's, Qwen3-MoE's, GPT-OSS's 3-D expert MLPs
+        width = expert_width(module) or flat_expert_width(module)
+        if width is not None:  # Mixtral's, Qwen3-MoE's, GPT-OSS's 3-D expert MLPs, DBRX's flat ones
             values["experts"].append(width)
         shared = _SHARED_UP.search(name)
         mlp = name.rpartition(".")[0]  # one width per MLP: its gate and up projections say the same
-        if (_MLP_UP.search(name) or shared) and mlp not in entry["mlps"]:
+        if (MLP_UP.search(name) or shared) and mlp not in entry["mlps"] and not _in_norm(names, mlp):
             width = proj_width(module)
             if width is not None:
                 if name.endswith((*_MLP_STACKED, "shared_mlp.input_linear")):
@@ -236,19 +251,35 @@ def _write(entry: dict) -> dict:
         experts, mlp = values.get("experts", []), values.get("mlp", [])
         if hasattr(config, "moe_intermediate_size"):  # the experts' own key (Qwen3-MoE, DeepSeek)
             _set(config, "moe_intermediate_size", experts, record)
-        elif hasattr(config, "intermediate_size_mlp"):  # the dense layers' own key (Llama 4; experts: the MLP key)
-            _set(config, "intermediate_size_mlp", mlp, record)
+        elif (dense := next((k for k in _DENSE_KEYS if getattr(config, k, None) is not None), None)) is not None:
+            _set(config, dense, mlp, record)  # the dense layers' own key (experts: the MLP key)
             mlp = experts
         else:  # the experts are the MLP (Mixtral)
             mlp = mlp + experts
         for key in SHARED_KEYS:
             _set(config, key, values.get("shared_expert", []), record)
-        key = next((k for k in _MLP_KEYS if hasattr(config, k)), None)
+        holder, key = mlp_key(config)
         if key is not None and not (mlp == values.get("mlp", []) and layered(key, "mlp")):
-            _set(config, key, mlp, record)
+            _set(holder, key, mlp, record)
         elif mlp and not is_staged(config):  # (Swin's per-stage ratio is written by :mod:`.staged`)
             _set_mlp_ratio(config, mlp, record)
     return record
+
+
+def _in_norm(names: dict[str, nn.Module], mlp: str) -> bool:
+    """An MLP inside a norm (AXK2's gated norms: ``input_layernorm.mlp.fc1``, ``gated_norm_rank``
+    wide), not the layer's MLP: its width is no MLP key's."""
+    return type(names.get(mlp.rpartition(".")[0])).__name__.endswith("Norm")
+
+
+def mlp_key(config) -> tuple[object, str | None]:
+    """The config (or its ``ffn_config`` sub-config: DBRX's ``ffn_hidden_size``) holding the
+    MLP width's key, and the key: the first of :data:`_MLP_KEYS` it has."""
+    for holder in (config, getattr(config, "ffn_config", None)):
+        key = next((k for k in _MLP_KEYS if holder is not None and hasattr(holder, k)), None)
+        if key is not None:
+            return holder, key
+    return config, None
 
 
 def _counts_of(entry: dict, key: str) -> list[int]:
@@ -275,7 +306,7 @@ def _count_scales(model: nn.Module) -> dict[str, tuple[Fraction, Fraction | None
     ``num_attention_heads`` / ``num_key_value_heads`` (``encoder_`` / ``decoder_``
     variants): 1 where a layer reads the key as it is, 2 for MiMo-V2's sliding-window
     key/value heads. Empty when the model cannot be rebuilt."""
-    ref = _rebuilt(model)
+    ref = rebuilt(model)
     if isinstance(ref, str):
         return {}
     with global_reads(_configs(ref)):
@@ -430,7 +461,7 @@ def _unscale_mlp_key(model: nn.Module, before: list[tuple[object, dict]], mismat
             continue
         now = dict(vars(config))
         vars(config).update(old)  # the unpruned config, for one rebuild
-        ref = _rebuilt(model)
+        ref = rebuilt(model)
         vars(config).update(now)
         if isinstance(ref, str):
             continue
@@ -560,7 +591,7 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
     num_attention_heads`` (BERT, GPT-2, ...) cannot express fewer heads. When every shape
     agrees, the scales the rebuilt model computes differently (:func:`_scale_mismatches`),
     in words (with shapes wrong, a scale derived from them would only repeat the reason)."""
-    ref = _rebuilt(model)
+    ref = rebuilt(model)
     if isinstance(ref, str):
         return [f"<rebuild failed: {ref}>"]
     shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
@@ -571,17 +602,19 @@ def rebuild_mismatches(model: nn.Module) -> list[str]:
 def rebuilt_shapes(model: nn.Module) -> dict[str, tuple[int, ...]] | str:
     """``{state_dict key: shape}`` of the model rebuilt from ``model.config`` on the meta
     device, or the exception its ``__init__`` raised there (its name and message)."""
-    ref = _rebuilt(model)
+    ref = rebuilt(model)
     return ref if isinstance(ref, str) else {k: tuple(v.shape) for k, v in ref.state_dict().items()}
 
 
-def _rebuilt(model: nn.Module) -> nn.Module | str:
+def rebuilt(model: nn.Module, edit=None) -> nn.Module | str:
     """The model rebuilt from ``model.config`` on the meta device, or the exception its
     ``__init__`` (or the config's own validation, which ``save_pretrained`` runs: Llama's
     ``hidden_size % num_attention_heads == 0`` even with ``head_dim`` given) raised there
-    (its name and message)."""
+    (its name and message). ``edit``: called with the copied config first."""
     try:
         config = copy.deepcopy(model.config)
+        if edit is not None:
+            edit(config)
         without_global_reads(config)  # the rebuilt model reads its per-layer keys as from_pretrained will
         validate = getattr(config, "validate", None)
         if callable(validate):

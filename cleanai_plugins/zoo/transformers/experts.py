@@ -28,7 +28,7 @@ from torch import nn
 
 from cleanai_core.interfaces import LayerPruner
 
-__all__ = ["ExpertsPruner", "expert_hidden", "expert_width", "is_experts"]
+__all__ = ["ExpertsPruner", "expert_hidden", "expert_width", "is_experts", "kept_units"]
 
 
 def _up(module: nn.Module) -> tuple[str, int]:
@@ -114,6 +114,18 @@ def _row_multiple(module: nn.Module) -> int:
     return max(1, 16 // size)
 
 
+def kept_units(module: nn.Module, keep: dict, experts: int, inter: int, layout: str) -> list[torch.Tensor]:
+    """Each expert's kept units (all where ``keep`` has none for it); one count for all, as
+    tensors holding every expert need (``layout`` names them in the error)."""
+    kept = [keep.get(f"inter.{e}", torch.arange(inter)) for e in range(experts)]
+    if len({k.numel() for k in kept}) > 1:
+        raise ValueError(
+            f"{type(module).__name__}: experts would keep {[k.numel() for k in kept]} units; the {layout} expert "
+            "tensors need one count for all (use the uniform plan: global_pruning=False)"
+        )
+    return kept
+
+
 class ExpertsPruner(LayerPruner):
     name = "transformers_experts"
 
@@ -142,12 +154,7 @@ class ExpertsPruner(LayerPruner):
             down = down.index_select(1 + t, keep["hidden_out"])
             if down_bias is not None:
                 _set(module, "down_proj_bias", down_bias.data[:, keep["hidden_out"]])
-        kept = [keep.get(f"inter.{e}", torch.arange(inter)) for e in range(experts)]
-        if len({k.numel() for k in kept}) > 1:
-            raise ValueError(
-                f"{type(module).__name__}: experts would keep {[k.numel() for k in kept]} units; the 3-D expert "
-                "tensors need one count for all (use the uniform plan: global_pruning=False)"
-            )
+        kept = kept_units(module, keep, experts, inter, "3-D")
         if any(f"inter.{e}" in keep for e in range(experts)):
             pairs = [_pairs(module, k, inter) for k in kept]
             ups = {name: torch.stack([w[e].index_select(t, p) for e, p in enumerate(pairs)]) for name, w in ups.items()}
