@@ -328,7 +328,46 @@ def get_importance(name: str, **options: Any) -> Any:
     table = _collect("cleanai_importances")
     if not isinstance(name, str) or name not in table:
         raise UserError(f"unknown importance {name!r}; choose one of: {', '.join(sorted(table))}")
-    return table[name](**options)
+    return _made(name, table[name], options)
+
+
+def _made(name: str, factory: Any, options: dict[str, Any]) -> Any:
+    """``factory(**options)``, where an option the criterion does not have, or a value its
+    constructor cannot take, is a :class:`UserError` naming the criterion, the option and
+    the options it has. ``get_importance("magnitude", nope=1)`` raised ``TypeError:
+    MagnitudeImportance.__init__() got an unexpected keyword argument``, and
+    ``get_importance("random", seed="a")`` torch's ``RuntimeError: manual_seed expected a
+    long``. A criterion's own ``UserError`` (``magnitude p=3: use 1 or 2``) passes as it is."""
+    import inspect
+
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin or C factory: nothing to read
+        signature = None
+    takes = [] if signature is None else [
+        (k, p.default) for k, p in signature.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]  # fmt: skip
+    has = ", ".join(f"{k}={d!r}" if d is not inspect.Parameter.empty else k for k, d in takes) or "none"
+    if signature is not None:
+        try:
+            signature.bind(**options)
+        except TypeError:
+            unknown = sorted(set(options) - {k for k, _ in takes})
+            raise UserError(
+                f"importance {name!r} has no option {', '.join(repr(k) for k in unknown) or 'of that form'}; "
+                f"its options (with their defaults): {has}"
+            ) from None
+    try:
+        return factory(**options)
+    except UserError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise UserError(
+            f"importance {name!r} cannot take {given} ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"give values of the kinds of its defaults: {has}"
+        ) from exc
 
 
 def importance_name(importance: Any) -> str:
@@ -342,7 +381,7 @@ def get_reducer(name: str) -> Any:
     """A reducer by registered name: folds stacked per-term scores ``(n_terms, n_units)``
     into ``(n_units,)``; criteria take it as their ``reducer`` option."""
     table = _collect("cleanai_reducers")
-    if name not in table:
+    if not isinstance(name, str) or name not in table:  # reducer=["mean"]: TypeError: unhashable type
         raise UserError(f"unknown reducer {name!r}; choose one of: {', '.join(sorted(table))}")
     return table[name]
 
