@@ -95,3 +95,64 @@ def test_write_report_of_something_that_is_no_report_writes_nothing(tmp_path, re
     said = f"write_report needs the report as a dict (pruner.report() after prune()), got {type(report).__name__}"
     assert said in str(info.value), str(info.value)
     assert sorted(os.listdir(tmp_path)) == ["report.md"] and (tmp_path / "report.md").read_text() == "mine"
+
+
+# -- cleanai explain: code that comes with the model's folder runs only with --trust-code ----------------
+
+
+def test_explain_runs_an_hf_folders_own_code_only_with_trust_code(tmp_path, capsys, monkeypatch):
+    """``cleanai explain --model hf:DIR``, where ``DIR/config.json`` names code of its own (``auto_map``),
+    imported and ran ``DIR/modeling_*.py`` with no flag (exit 0): explain typed its spec's consent as
+    ``trust_code`` and the ``hf:`` loader reads that where no ``trust_folder_code`` is given. ``cleanai prune``
+    refuses the same folder without ``--trust-code``, which explain did not have."""
+    pytest.importorskip("transformers")
+    from test_hf_text_14 import MODEL_CODE, remote_code_folder
+
+    from cleanai_core.cli import main
+
+    marker = tmp_path / "ran.txt"
+    remote_code_folder(tmp_path / "m", code=MODEL_CODE + f"\nimport pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    assert main(["explain", "--model", f"hf:{tmp_path / 'm'}"]) == 2
+    err = capsys.readouterr().err
+    assert "names Python code that comes with it (auto_map: " in err and "pass --trust-code" in err, err
+    assert not marker.exists()  # was created: the folder's code ran
+    assert main(["explain", "--model", f"hf:{tmp_path / 'm'}", "--trust-code"]) == 0
+    assert marker.exists() and "group 1: " in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir() if p.name in before} == before
+
+
+def test_explain_of_a_saved_folder_with_a_factory_spec_runs_it_with_trust_code(tmp_path, capsys):
+    """A folder ``save_pruned`` wrote with a ``package.module:factory`` spec: explain said "If you trust it,
+    pass ... (command line: --trust-code)", and then refused ``--trust-code`` as an unrecognised argument."""
+    from cleanai_core.cli import main
+    from cleanai_core.io import save_pruned
+
+    pruner = StructuredPruner(_net(), X, importance="magnitude", pruning_ratio=0.5)
+    save_pruned(tmp_path / "o", pruner.prune(), pruner.history, "test_faults_17:_net", example_input_shape=[1, 3, 8, 8])
+    assert main(["explain", "--model", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "model factory 'test_faults_17:_net'" in err and "(command line: --trust-code)" in err, err
+    assert main(["explain", "--model", str(tmp_path / "o"), "--trust-code"]) == 0
+    out = capsys.readouterr().out
+    assert "group 1: 4 units (4 prunable)" in out and "group 2: 4 units (4 prunable)" in out, out  # the pruned 8 -> 4
+
+
+def test_save_pruned_refuses_on_off_and_report_arguments_out_of_form_and_writes_nothing(tmp_path) -> None:
+    """``rebuild_check="no"`` read as true (the check ran); ``report="x"`` was dropped without a word."""
+    from cleanai_core.io import save_pruned
+
+    pruner = StructuredPruner(_net(), X, importance="magnitude", pruning_ratio=0.5)
+    pruned = pruner.prune()
+    for kwargs, says in [
+        ({"rebuild_check": "no"}, "rebuild_check='no' must be True or False"),
+        ({"report": "x"}, "save_pruned: report='x' must be a dict, which receives what the output plugins say"),
+        ({"report": [("hf_folder", None)]}, "must be a dict"),
+    ]:
+        with pytest.raises(UserError) as info:
+            save_pruned(tmp_path / "o", pruned, pruner.history, "test_faults_17:_net", **kwargs)
+        assert says in str(info.value), str(info.value)
+        assert not (tmp_path / "o").exists()
+    report: dict = {}
+    save_pruned(tmp_path / "o", pruned, pruner.history, "test_faults_17:_net", report=report, rebuild_check=False)
+    assert sorted(os.listdir(tmp_path / "o")) == ["architecture.json", "history.json", "model.pt"]
