@@ -312,6 +312,11 @@ def _collect(hook_name: str) -> dict[str, Any]:
     hook = getattr(pm.hook, hook_name)
     for impl in hook.get_hookimpls():
         res = impl.function()
+        if res is not None and not isinstance(res, Mapping):  # a list: "'list' object has no attribute 'items'"
+            raise UserError(
+                f"the plugin {impl.plugin_name!r} returns {shown(res)} from {hook_name}, which must return a dict of "
+                "names to what they register (or None)"
+            )
         for name, fn in (res or {}).items():
             if name in out and out[name] is not fn:
                 raise UserError(f"two plugins register {hook_name[8:-1]} {name!r} (one is {impl.plugin_name})")
@@ -340,6 +345,11 @@ def _made(name: str, factory: Any, options: dict[str, Any]) -> Any:
     long``. A criterion's own ``UserError`` (``magnitude p=3: use 1 or 2``) passes as it is."""
     import inspect
 
+    if not callable(factory):  # {"mine": 5}: "'int' object is not callable"
+        raise UserError(
+            f"importance {name!r} is registered as {shown(factory)}, which is not a class or function that makes the "
+            "criterion: the plugin registering it (cleanai_importances) must map the name to one"
+        )
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):  # a builtin or C factory: nothing to read
@@ -363,6 +373,8 @@ def _made(name: str, factory: Any, options: dict[str, Any]) -> Any:
     except UserError:
         raise
     except (TypeError, ValueError, RuntimeError) as exc:
+        if not options:  # the criterion fails with its defaults: its plugin's error, as it is
+            raise
         given = ", ".join(f"{k}={v!r}" for k, v in options.items())
         raise UserError(
             f"importance {name!r} cannot take {given} ({type(exc).__name__}: {str(exc)[:200]}); "

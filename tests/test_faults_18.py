@@ -156,3 +156,32 @@ def test_save_pruned_refuses_on_off_and_report_arguments_out_of_form_and_writes_
     report: dict = {}
     save_pruned(tmp_path / "o", pruned, pruner.history, "test_faults_17:_net", report=report, rebuild_check=False)
     assert sorted(os.listdir(tmp_path / "o")) == ["architecture.json", "history.json", "model.pt"]
+
+
+def test_a_plugin_registering_criteria_in_another_form_is_named() -> None:
+    """A plugin whose ``cleanai_importances`` returns a list, or maps a name to what cannot be called: an
+    ``AttributeError: 'list' object has no attribute 'items'`` from the registry at every prune (with any
+    criterion), and ``TypeError: 'int' object is not callable`` for the name it registered."""
+    from cleanai_core import hookimpl
+    from cleanai_core.plugins import temporary_plugin
+
+    class Listed:
+        @hookimpl
+        def cleanai_importances(self):
+            return ["magnitude"]
+
+    class NotCallable:
+        @hookimpl
+        def cleanai_importances(self):
+            return {"mine": 5}
+
+    with temporary_plugin(Listed(), name="listed"), pytest.raises(UserError) as info:
+        StructuredPruner(_net(), X, importance="magnitude").prune()
+    assert "the plugin 'listed' returns ['magnitude'] from cleanai_importances, which must return a dict" in str(
+        info.value
+    )
+    with temporary_plugin(NotCallable(), name="five"):
+        with pytest.raises(UserError) as info:
+            get_importance("mine")
+        assert "importance 'mine' is registered as 5, which is not a class or function" in str(info.value)
+        assert _params(StructuredPruner(_net(), X, importance="magnitude", pruning_ratio=0.5).prune()) == 288
