@@ -185,3 +185,26 @@ def test_a_plugin_registering_criteria_in_another_form_is_named() -> None:
             get_importance("mine")
         assert "importance 'mine' is registered as 5, which is not a class or function" in str(info.value)
         assert _params(StructuredPruner(_net(), X, importance="magnitude", pruning_ratio=0.5).prune()) == 288
+
+
+@pytest.mark.parametrize("given", ["path", "dict"])
+def test_run_job_names_a_path_or_a_dict_given_as_the_dataset(tmp_path, given) -> None:
+    """``run_job(cfg, model=m, dataset="d.pt")``: "data items must be tensors or (input, label) pairs; got str"
+    (a letter of the path); ``dataset={'x': x, 'y': y}``: "reading item 1 failed (KeyError: 1)"."""
+    from cleanai_core.job.run import run_job
+
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    torch.save({"x": x, "y": y}, tmp_path / "d.pt")
+    cfg = {"model": "test_faults_17:_net", "out": str(tmp_path / "o"), "quiet": True, "latency_repeats": 1}
+    dataset = str(tmp_path / "d.pt") if given == "path" else {"x": x, "y": y}
+    with pytest.raises(UserError) as info:
+        run_job(cfg, model=_net(), dataset=dataset)
+    msg = str(info.value)
+    if given == "path":
+        assert f"is the path {str(tmp_path / 'd.pt')!r}, not a data set: give a file or folder as the option" in msg
+    else:
+        assert "is a dict (keys 'x', 'y'), not a data set: it is read by sample index" in msg, msg
+        assert "(e.g. (d['x'], d['y']))" in msg
+    assert not (tmp_path / "o").exists()
+    report = run_job(cfg, model=_net(), dataset={i: (x[i], y[i]) for i in range(8)})  # keyed by index: a data set
+    assert report["params_before"] == 860 and report["params_after"] < 860
