@@ -686,6 +686,16 @@ class StructuredPruner:
             self._check_not_pruned_in_place("build")
         source = self.model if source is None else source
         graph = self.graph if graph is None else graph
+        # as score() checks them: source="m" raised AttributeError from slicing.py, a model of another
+        # architecture "KeyError: no plugin claims module '0'", stats=[...] AttributeError from compensation.py,
+        # and verify="no" verified (a truthy string)
+        _check_graph_of(graph, source, "build")
+        options.check_switches(share=share, exact=exact, **({} if verify is None else {"verify": verify}))
+        if stats is not None and not isinstance(stats, Mapping):
+            raise UserError(
+                f"build: stats={shown(stats)} must be the calibration statistics by layer (pruner.stats, a dict), "
+                "or None for the pruner's own"
+            )
         graph.check_removal(pruned)  # a hand-made mask: before anything is sliced
         stats = (self.stats if stats is None else stats) if self.bias_compensation else {}
         model, edits = compensated_copy(source, graph, pruned, stats, self.reconstruction, share)

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from test_faults_17 import X, _net, _params  # the conv-BN net of 860 parameters and its input
+from torch import nn
 
 from cleanai_core import DependencyGraph, StructuredPruner
 from cleanai_core.errors import UserError
@@ -208,3 +209,25 @@ def test_run_job_names_a_path_or_a_dict_given_as_the_dataset(tmp_path, given) ->
     assert not (tmp_path / "o").exists()
     report = run_job(cfg, model=_net(), dataset={i: (x[i], y[i]) for i in range(8)})  # keyed by index: a data set
     assert report["params_before"] == 860 and report["params_after"] < 860
+
+
+def test_build_names_a_source_graph_statistics_or_switch_out_of_form() -> None:
+    """``pruner.build(mask, source=...)`` (public, ``docs/api.md``) took its other arguments unchecked:
+    ``source="m"``: ``AttributeError`` from ``slicing.py``; a model of another architecture: ``KeyError: "no
+    plugin claims module '0'"``; ``graph="g"``: ``AttributeError``; ``stats=[1]``: ``AttributeError`` from
+    ``compensation.py``; ``verify="no"``: verified (a truthy string)."""
+    pruner = StructuredPruner(_net(), X, importance="magnitude", pruning_ratio=0.5)
+    mask = pruner.plan().pruned_units()
+    for kwargs, says in [
+        ({"source": "m"}, "build: the model given is 'm', not the one the graph was built on"),
+        ({"source": nn.Linear(2, 2)}, "build: the model given is the module Linear(in_features=2, out_features=2"),
+        ({"graph": "g"}, "build: graph='g' must be a DependencyGraph (default: the pruner's)"),
+        ({"stats": [1]}, "build: stats=[1] must be the calibration statistics by layer (pruner.stats, a dict)"),
+        ({"verify": "no"}, "verify='no' must be True or False"),
+        ({"share": "yes"}, "share='yes' must be True or False"),
+    ]:
+        with pytest.raises(UserError) as info:
+            pruner.build(mask, **kwargs)
+        assert says in str(info.value), str(info.value)
+    small, edits = pruner.build(mask, source=pruner.model, graph=pruner.graph, verify=False)
+    assert _params(small) == 288 and _params(pruner.model) == 860 and edits
