@@ -430,6 +430,10 @@ class StructuredPruner:
         ranking, instead of ``global_pruning``; ``set_ratios``: with ``isomorphic``, per
         isomorphic set, instead of ``ratio``."""
         graph = self.graph if graph is None else graph
+        if not isinstance(graph, DependencyGraph):  # graph="g": AttributeError: 'str' object has no attribute 'groups'
+            raise UserError(f"make_plan: graph={shown(graph)} must be a DependencyGraph (default: the pruner's)")
+        if ranked is not None:
+            options.check_switches(ranked=ranked)  # "no" ranked globally
         groups = graph.groups(prunable_only=True)
         if ratios is None:
             ratios = group_ratios(

@@ -231,3 +231,25 @@ def test_build_names_a_source_graph_statistics_or_switch_out_of_form() -> None:
         assert says in str(info.value), str(info.value)
     small, edits = pruner.build(mask, source=pruner.model, graph=pruner.graph, verify=False)
     assert _params(small) == 288 and _params(pruner.model) == 860 and edits
+
+
+def test_make_plan_names_a_graph_group_ratio_or_switch_out_of_form() -> None:
+    """``make_plan``'s documented ``graph``, ``ratios``, ``ranked`` and ``set_ratios`` went unchecked (only
+    ``ratio`` and ``scores`` were, session 23b): ``graph="g"``: ``AttributeError``; ``ratios=[0.5]``:
+    ``AttributeError: 'list' object has no attribute 'get'``; ``ratios={1: 2.0}``: a plan pruning what the group
+    allows; ``ranked="no"``: ranked globally."""
+    pruner = StructuredPruner(_net(), X, importance="magnitude", pruning_ratio=0.5)
+    scores = pruner.score()
+    for kwargs, says in [
+        ({"graph": "g"}, "make_plan: graph='g' must be a DependencyGraph (default: the pruner's)"),
+        ({"ratios": [0.5]}, "make_plan: ratios=[0.5] must be a dict of ratios by group id, or None"),
+        ({"ratios": {1: 2.0}}, "make_plan: ratios[1]=2.0 must be a number from 0 (keeps the group whole) up to"),
+        ({"ratios": {1: float("nan")}}, "make_plan: ratios[1]=nan must be a number"),
+        ({"ranked": "no"}, "ranked='no' must be True or False"),
+        ({"set_ratios": [1]}, "make_plan: set_ratios=[1] must be a dict of ratios by isomorphic set, or None"),
+    ]:
+        with pytest.raises(UserError) as info:
+            pruner.make_plan(0.5, scores, **kwargs)
+        assert says in str(info.value), str(info.value)
+    plan = pruner.make_plan(0.5, scores, ratios={1: 0.25, 2: 0.0})  # group 1 loses 2 of 8, group 2 none
+    assert [int(gp.pruned.sum()) for gp in plan.groups] == [2, 0]
