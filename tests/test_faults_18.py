@@ -253,3 +253,30 @@ def test_make_plan_names_a_graph_group_ratio_or_switch_out_of_form() -> None:
         assert says in str(info.value), str(info.value)
     plan = pruner.make_plan(0.5, scores, ratios={1: 0.25, 2: 0.0})  # group 1 loses 2 of 8, group 2 none
     assert [int(gp.pruned.sum()) for gp in plan.groups] == [2, 0]
+
+
+def test_the_commands_own_warnings_read_as_notes_without_a_source_line(tmp_path) -> None:
+    """A warning of CleanAI's own on the command line came as Python prints one:
+    ``/.../cleanai_core/job/run.py:319: RuntimeWarning: target_flops=0.999: ...`` and then the line of
+    CleanAI's source, ``removed = pruner.plan().n_pruned``. It reads ``cleanai prune: warning: ...``, as the
+    command's other warnings; the run is as before (exit 0, the folder written)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))
+    torch.save({"x": x, "y": y}, tmp_path / "d.pt")
+    torch.save(_net().state_dict(), tmp_path / "w.pt")
+    tests, root = Path(__file__).parent, Path(__file__).parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(tests)]), OMP_NUM_THREADS="1")
+    argv = ["prune", "--model", "test_faults_17:_net", "--weights", "w.pt", "--data", "d.pt"]
+    argv += ["--target-flops", "0.999", "--out", "o", "--quiet", "--latency-repeats", "1"]
+    run = subprocess.run(
+        [sys.executable, "-m", "cleanai_core.cli", *argv], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "cleanai prune: warning: target_flops=0.999: the pruned model keeps 0.80 of the original's flops" in (
+        run.stderr
+    )
+    assert "RuntimeWarning" not in run.stderr and "cleanai_core" not in run.stderr and "pruner.plan()" not in run.stderr
+    assert (tmp_path / "o" / "model.pt").is_file()
