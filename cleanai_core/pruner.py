@@ -615,6 +615,15 @@ class StructuredPruner:
         # 0.2 for one conv of 64 channels at round_to=16 (12 units, rounded back to 64) was
         # blamed on "the ratio leaves less than one unit to remove"
         asked = [gp for gp in groups if gp.ratio > 0] or groups
+        if groups and all(gp.ratio == 0 for gp in groups) and self.layer_ratios:
+            # layer_pruning_ratios={"*": 0} (--layer-ratio '*=0') was blamed on the ratio: "raise the ratio"
+            named = [k for k in self.layer_pruning_ratios if k]  # '' is the root, which a glob '*' matches
+            return (
+                f"the plan removes no unit: layer_pruning_ratios give every prunable group a ratio of 0, which keeps "
+                f"it whole (layers {', '.join(repr(k) for k in named[:4])}{', ...' if len(named) > 4 else ''}); "
+                "give the layers to prune a ratio above 0, or leave them out of layer_pruning_ratios to prune them "
+                "at pruning_ratio"
+            )
         sizes = [gp.group.size for gp in asked]
         room = any(math.floor(gp.ratio * gp.group.size + 1e-9) >= 1 for gp in asked)
         widths = f"groups of {min(sizes)}..{max(sizes)} units" if min(sizes) != max(sizes) else f"{sizes[0]} units"

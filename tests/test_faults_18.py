@@ -280,3 +280,19 @@ def test_the_commands_own_warnings_read_as_notes_without_a_source_line(tmp_path)
     )
     assert "RuntimeWarning" not in run.stderr and "cleanai_core" not in run.stderr and "pruner.plan()" not in run.stderr
     assert (tmp_path / "o" / "model.pt").is_file()
+
+
+def test_layer_ratios_of_0_for_every_group_are_named_not_blamed_on_the_ratio() -> None:
+    """``layer_pruning_ratios={"0": 0, "3": 0}`` (``--layer-ratio '*=0'``) keeps every prunable group whole on
+    purpose; the warning (the command line's error) said "the ratio leaves less than one unit to remove in every
+    group (8 units); raise the ratio", with the ratio at 0.3 of 8 units."""
+    with pytest.warns(RuntimeWarning) as record:
+        small = StructuredPruner(_net(), X, importance="magnitude", layer_pruning_ratios={"0": 0, "3": 0}).prune()
+    said = [str(w.message) for w in record if "the plan removes no unit" in str(w.message)]
+    assert said and said[0].startswith(
+        "the plan removes no unit: layer_pruning_ratios give every prunable group a ratio of 0, which keeps it whole "
+        "(layers '0', '3'); give the layers to prune a ratio above 0"
+    ), said
+    assert _params(small) == 860
+    with pytest.warns(RuntimeWarning, match="the plan removes no unit: the ratio leaves less than one unit"):
+        StructuredPruner(_net(), X, importance="magnitude", pruning_ratio=0.05).prune()  # still the ratio's
