@@ -296,3 +296,13 @@ def test_layer_ratios_of_0_for_every_group_are_named_not_blamed_on_the_ratio() -
     assert _params(small) == 860
     with pytest.warns(RuntimeWarning, match="the plan removes no unit: the ratio leaves less than one unit"):
         StructuredPruner(_net(), X, importance="magnitude", pruning_ratio=0.05).prune()  # still the ratio's
+
+
+def test_a_warning_before_the_command_names_the_command_not_an_options_value() -> None:
+    """``cleanai --disable-plugin nope plugins``: the command was taken as the first word not starting with
+    ``-``, the option's value, so the warning read ``cleanai nope: warning: cleanai: the blocked plugin ...``."""
+    from cleanai_core.cli import _command_of
+
+    assert _command_of(["--disable-plugin", "nope", "plugins"]) == "plugins"
+    assert _command_of(["--plugin", "a.b", "--disable-plugin=x", "prune", "--model", "m"]) == "prune"
+    assert _command_of(["--version"]) == ""

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["--version"]:  # fast path: no subcommand (and no torch) import
         print(f"cleanai {__version__}")
         return 0
-    command = next((a for a in args_list if not a.startswith("-")), "")
+    command = _command_of(args_list)
     _printable_stdout()
     try:
         with _sigterm_raises(), _warnings_escaped(command):
@@ -141,6 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         detail = str(exc) or "nothing was written"
         print(f"cleanai{' ' + command if command else ''}: {what}; {detail}.", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
+
+
+def _command_of(args: list[str]) -> str:
+    """The command named in ``args``, past the options before it and their values: ``cleanai
+    --disable-plugin NAME prune`` was called ``cleanai NAME`` in its warnings and its interrupt."""
+    takes_value = {"--disable-plugin", "--plugin"}
+    it = iter(args)
+    for a in it:
+        if a in takes_value:
+            next(it, None)
+        elif not a.startswith("-"):
+            return a
+    return ""
 
 
 def _main(argv: list[str] | None, heap: bool = False) -> int:
@@ -278,8 +291,9 @@ def _warnings_escaped(command: str = "") -> Iterator[None]:
     shown = warnings.formatwarning
 
     def formatted(message: Any, category: Any, filename: str, *args: Any, **kwargs: Any) -> str:
-        if _cleanai_file(filename):
-            return f"cleanai{' ' + command if command else ''}: warning: {_terminal(message)}\n"
+        if _cleanai_file(filename):  # a message of its own that says "cleanai: ..." is not said twice
+            text = str(message).removeprefix("cleanai: ")
+            return f"cleanai{' ' + command if command else ''}: warning: {_terminal(text)}\n"
         return shown(_terminal(message), category, filename, *args, **kwargs)
 
     warnings.formatwarning = formatted
