@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,12 @@ def save_pruned(
 
     out = _folder_arg(out_dir, "save_pruned")
     check_name(out, "save_pruned's folder")  # ' ' and '-' wrote folders of those names
-    check_switches(save_pickle=save_pickle)  # "no" pickled the model
+    check_switches(save_pickle=save_pickle, rebuild_check=rebuild_check)  # "no" pickled the model / checked
+    if report is not None and not isinstance(report, MutableMapping):  # report="x" was dropped without a word
+        raise UserError(
+            f"save_pruned: report={shown(report)} must be a dict, which receives what the output plugins say about "
+            "their files (report = {}; save_pruned(..., report=report)), or None"
+        )
     if not isinstance(model, nn.Module):
         raise UserError(f"save_pruned needs the pruned torch.nn.Module, got {type(model).__name__}")
     if not isinstance(history, PruningHistory):  # "nope" was written as history.json, a folder nothing could load

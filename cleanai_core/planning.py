@@ -344,7 +344,9 @@ def _rank(
             taken += 1
 
 
-def _checked_plan_inputs(groups: list[Group], scores: Any, ratio: Any) -> float:
+def _checked_plan_inputs(
+    groups: list[Group], scores: Any, ratio: Any, group_ratios: Any = None, scope_ratios: Any = None
+) -> float:
     """``ratio`` as a float, after a :class:`UserError` for a ratio or scores that cannot make
     a plan (``StructuredPruner.make_plan`` is public): ``ratio="0.5"`` raised ``TypeError: can
     only concatenate str``, NaN ``cannot convert float NaN to integer``, ``scores=None`` "'NoneType'
@@ -369,6 +371,19 @@ def _checked_plan_inputs(groups: list[Group], scores: Any, ratio: Any) -> float:
                 "units: give one score per unit of every prunable group of the graph, as pruner.score() returns "
                 "them (scores of another model or graph do not fit)"
             )
+    # ratios={1: 2.0} pruned what the group allows, ratios=[0.5] raised "'list' object has no attribute 'get'"
+    for name, table, keys in (("ratios", group_ratios, "group id"), ("set_ratios", scope_ratios, "isomorphic set")):
+        if table is None:
+            continue
+        if not isinstance(table, Mapping):
+            raise UserError(f"make_plan: {name}={shown(table)} must be a dict of ratios by {keys}, or None")
+        for key, r in table.items():
+            v = plain_number(r)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise UserError(
+                    f"make_plan: {name}[{key!r}]={shown(r)} must be a number from 0 (keeps the group whole) up to "
+                    "(not including) 1"
+                )
     return float(value)
 
 
@@ -425,7 +440,7 @@ def make_plan(
     rank in one scope together. Groups whose slices must keep the same count, or the
     same share (:func:`equalize_ties`), keep the most any of them asks.
     """
-    ratio = _checked_plan_inputs(groups, scores, ratio)
+    ratio = _checked_plan_inputs(groups, scores, ratio, group_ratios, scope_ratios)
     group_ratios = group_ratios or {}
     plans = []
     if not global_pruning:

@@ -450,6 +450,10 @@ class StructuredPruner:
         ranking, instead of ``global_pruning``; ``set_ratios``: with ``isomorphic``, per
         isomorphic set, instead of ``ratio``."""
         graph = self.graph if graph is None else graph
+        if not isinstance(graph, DependencyGraph):  # graph="g": AttributeError: 'str' object has no attribute 'groups'
+            raise UserError(f"make_plan: graph={shown(graph)} must be a DependencyGraph (default: the pruner's)")
+        if ranked is not None:
+            options.check_switches(ranked=ranked)  # "no" ranked globally
         groups = graph.groups(prunable_only=True)
         if ratios is None:
             ratios = group_ratios(
@@ -631,6 +635,15 @@ class StructuredPruner:
         # 0.2 for one conv of 64 channels at round_to=16 (12 units, rounded back to 64) was
         # blamed on "the ratio leaves less than one unit to remove"
         asked = [gp for gp in groups if gp.ratio > 0] or groups
+        if groups and all(gp.ratio == 0 for gp in groups) and self.layer_ratios:
+            # layer_pruning_ratios={"*": 0} (--layer-ratio '*=0') was blamed on the ratio: "raise the ratio"
+            named = [k for k in self.layer_pruning_ratios if k]  # '' is the root, which a glob '*' matches
+            return (
+                f"the plan removes no unit: layer_pruning_ratios give every prunable group a ratio of 0, which keeps "
+                f"it whole (layers {', '.join(repr(k) for k in named[:4])}{', ...' if len(named) > 4 else ''}); "
+                "give the layers to prune a ratio above 0, or leave them out of layer_pruning_ratios to prune them "
+                "at pruning_ratio"
+            )
         sizes = [gp.group.size for gp in asked]
         room = any(math.floor(gp.ratio * gp.group.size + 1e-9) >= 1 for gp in asked)
         widths = f"groups of {min(sizes)}..{max(sizes)} units" if min(sizes) != max(sizes) else f"{sizes[0]} units"
@@ -706,6 +719,16 @@ class StructuredPruner:
             self._check_not_pruned_in_place("build")
         source = self.model if source is None else source
         graph = self.graph if graph is None else graph
+        # as score() checks them: source="m" raised AttributeError from slicing.py, a model of another
+        # architecture "KeyError: no plugin claims module '0'", stats=[...] AttributeError from compensation.py,
+        # and verify="no" verified (a truthy string)
+        _check_graph_of(graph, source, "build")
+        options.check_switches(share=share, exact=exact, **({} if verify is None else {"verify": verify}))
+        if stats is not None and not isinstance(stats, Mapping):
+            raise UserError(
+                f"build: stats={shown(stats)} must be the calibration statistics by layer (pruner.stats, a dict), "
+                "or None for the pruner's own"
+            )
         graph.check_removal(pruned)  # a hand-made mask: before anything is sliced
         stats = (self.stats if stats is None else stats) if self.bias_compensation else {}
         model, edits = compensated_copy(source, graph, pruned, stats, self.reconstruction, share)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 from xml.sax.saxutils import escape
 
+from cleanai_core.errors import UserError
 from cleanai_core.io import atomic_write_files
 
 __all__ = [
@@ -565,6 +567,11 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str
     hook. Returns the report with a ``"plot"`` entry naming the plot file."""
     from cleanai_core.plugins import get_plugin_manager
 
+    if not isinstance(report, Mapping):  # write_report(out, None): "TypeError: 'NoneType' object is not iterable"
+        raise UserError(
+            f"write_report needs the report as a dict (pruner.report() after prune()), got {type(report).__name__}; "
+            "nothing was written"
+        )
     report = dict(report)
     files: dict[str, bytes] = {}
     png = _render_png(report)

@@ -312,6 +312,11 @@ def _collect(hook_name: str) -> dict[str, Any]:
     hook = getattr(pm.hook, hook_name)
     for impl in hook.get_hookimpls():
         res = impl.function()
+        if res is not None and not isinstance(res, Mapping):  # a list: "'list' object has no attribute 'items'"
+            raise UserError(
+                f"the plugin {impl.plugin_name!r} returns {shown(res)} from {hook_name}, which must return a dict of "
+                "names to what they register (or None)"
+            )
         for name, fn in (res or {}).items():
             if name in out and out[name] is not fn:
                 raise UserError(f"two plugins register {hook_name[8:-1]} {name!r} (one is {impl.plugin_name})")
@@ -328,7 +333,53 @@ def get_importance(name: str, **options: Any) -> Any:
     table = _collect("cleanai_importances")
     if not isinstance(name, str) or name not in table:
         raise UserError(f"unknown importance {name!r}; choose one of: {', '.join(sorted(table))}")
-    return table[name](**options)
+    return _made(name, table[name], options)
+
+
+def _made(name: str, factory: Any, options: dict[str, Any]) -> Any:
+    """``factory(**options)``, where an option the criterion does not have, or a value its
+    constructor cannot take, is a :class:`UserError` naming the criterion, the option and
+    the options it has. ``get_importance("magnitude", nope=1)`` raised ``TypeError:
+    MagnitudeImportance.__init__() got an unexpected keyword argument``, and
+    ``get_importance("random", seed="a")`` torch's ``RuntimeError: manual_seed expected a
+    long``. A criterion's own ``UserError`` (``magnitude p=3: use 1 or 2``) passes as it is."""
+    import inspect
+
+    if not callable(factory):  # {"mine": 5}: "'int' object is not callable"
+        raise UserError(
+            f"importance {name!r} is registered as {shown(factory)}, which is not a class or function that makes the "
+            "criterion: the plugin registering it (cleanai_importances) must map the name to one"
+        )
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin or C factory: nothing to read
+        signature = None
+    takes = [] if signature is None else [
+        (k, p.default) for k, p in signature.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]  # fmt: skip
+    has = ", ".join(f"{k}={d!r}" if d is not inspect.Parameter.empty else k for k, d in takes) or "none"
+    if signature is not None:
+        try:
+            signature.bind(**options)
+        except TypeError:
+            unknown = sorted(set(options) - {k for k, _ in takes})
+            raise UserError(
+                f"importance {name!r} has no option {', '.join(repr(k) for k in unknown) or 'of that form'}; "
+                f"its options (with their defaults): {has}"
+            ) from None
+    try:
+        return factory(**options)
+    except UserError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if not options:  # the criterion fails with its defaults: its plugin's error, as it is
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise UserError(
+            f"importance {name!r} cannot take {given} ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"give values of the kinds of its defaults: {has}"
+        ) from exc
 
 
 def importance_name(importance: Any) -> str:
@@ -342,7 +393,7 @@ def get_reducer(name: str) -> Any:
     """A reducer by registered name: folds stacked per-term scores ``(n_terms, n_units)``
     into ``(n_units,)``; criteria take it as their ``reducer`` option."""
     table = _collect("cleanai_reducers")
-    if name not in table:
+    if not isinstance(name, str) or name not in table:  # reducer=["mean"]: TypeError: unhashable type
         raise UserError(f"unknown reducer {name!r}; choose one of: {', '.join(sorted(table))}")
     return table[name]
 

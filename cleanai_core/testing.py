@@ -106,6 +106,33 @@ class OracleReport:
     kept_whole: tuple[str, ...] = ()
 
 
+def _checked_arguments(ratio: Any, seed: Any, graph_kwargs: dict[str, Any]) -> tuple[float, int]:
+    """``check_pruner``'s ratio (strictly between 0 and 1: at 0 nothing is sliced and the check
+    passes whatever the plugin does; 2 or -1 pruned as much as the groups allow, or nothing),
+    its seed (an integer), and keyword arguments ``DependencyGraph`` takes. ``ratio="0.5"`` and
+    NaN failed in ``planning.py`` (``TypeError`` / ``ValueError``), ``seed="a"`` in
+    ``manual_seed``, a misspelt keyword with ``TypeError: DependencyGraph.__init__() got an
+    unexpected keyword argument``."""
+    import inspect
+
+    from cleanai_core.errors import UserError
+    from cleanai_core.options import check_ratio, plain_number
+
+    ratio, seed = plain_number(ratio), plain_number(seed)
+    check_ratio("check_pruner: ratio", ratio)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"check_pruner: seed={seed!r} must be an integer (it seeds the random choice of units)")
+    takes = [k for k in inspect.signature(DependencyGraph.__init__).parameters if k not in ("self", "model")]
+    unknown = sorted(set(graph_kwargs) - set(takes) - {"example_inputs"})
+    if unknown or "example_inputs" in graph_kwargs:
+        raise UserError(
+            f"check_pruner got the keyword argument(s) {', '.join(repr(k) for k in unknown or ['example_inputs'])}, "
+            f"which it does not take: besides ratio and seed it passes DependencyGraph's options on "
+            f"({', '.join(k for k in takes if k != 'example_inputs')}); the inputs are its second argument"
+        )
+    return ratio, seed
+
+
 def check_pruner(
     model: nn.Module,
     inputs: Any,
@@ -129,6 +156,7 @@ def check_pruner(
     (``max_abs_diff``): nothing is kept whole for it. Assert ``kept_whole == ()`` where
     the model reads no width at run time: a plugin whose slicing breaks the model shows
     up there."""
+    ratio, seed = _checked_arguments(ratio, seed, graph_kwargs)
     graph = DependencyGraph(model, inputs, forward_fn=forward_fn, **graph_kwargs)
     pruned = random_units(graph, ratio, torch.Generator().manual_seed(seed), exclude_normalized=True)
     transform = graph_kwargs.get("output_transform")

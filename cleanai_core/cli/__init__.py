@@ -131,16 +131,29 @@ def main(argv: list[str] | None = None) -> int:
     if args_list[:1] == ["--version"]:  # fast path: no subcommand (and no torch) import
         print(f"cleanai {__version__}")
         return 0
-    command = next((a for a in args_list if not a.startswith("-")), "")
+    command = _command_of(args_list)
     _printable_stdout()
     try:
-        with _sigterm_raises(), _warnings_escaped():
+        with _sigterm_raises(), _warnings_escaped(command):
             return _main(argv, heap=argv is None)
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         detail = str(exc) or "nothing was written"
         print(f"cleanai{' ' + command if command else ''}: {what}; {detail}.", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
+
+
+def _command_of(args: list[str]) -> str:
+    """The command named in ``args``, past the options before it and their values: ``cleanai
+    --disable-plugin NAME prune`` was called ``cleanai NAME`` in its warnings and its interrupt."""
+    takes_value = {"--disable-plugin", "--plugin"}
+    it = iter(args)
+    for a in it:
+        if a in takes_value:
+            next(it, None)
+        elif not a.startswith("-"):
+            return a
+    return ""
 
 
 def _main(argv: list[str] | None, heap: bool = False) -> int:
@@ -240,15 +253,20 @@ def _user_code_frame(exc: BaseException) -> str | None:
     if tb is None:
         return None
     file = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    libs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    if _cleanai_file(file) or any(file.startswith(d + os.sep) for d in libs):
+        return None
+    return f"{file}:{tb.tb_lineno}"
+
+
+def _cleanai_file(file: str) -> bool:
+    """Whether ``file`` is a module of CleanAI's own (``cleanai_core``, ``cleanai_plugins``)."""
     # the folder that holds cleanai_core (this file is cleanai_core/cli/__init__.py): two levels up was
     # cleanai_core itself, so in a source checkout or an editable install CleanAI's own errors were
     # blamed on "code outside CleanAI", one line without their traceback
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    ours = [os.path.join(root, "cleanai_core"), os.path.join(root, "cleanai_plugins")]
-    libs = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    if any(file.startswith(d + os.sep) for d in (*ours, *libs)):
-        return None
-    return f"{file}:{tb.tb_lineno}"
+    file = os.path.abspath(file)
+    return any(file.startswith(os.path.join(root, d) + os.sep) for d in ("cleanai_core", "cleanai_plugins"))
 
 
 def _terminal(message: Any) -> str:
@@ -261,14 +279,22 @@ def _terminal(message: Any) -> str:
 
 
 @contextlib.contextmanager
-def _warnings_escaped() -> Iterator[None]:
-    """Warnings printed during the command pass :func:`_terminal` (put back afterwards)."""
+def _warnings_escaped(command: str = "") -> Iterator[None]:
+    """Warnings printed during the command pass :func:`_terminal` (put back afterwards).
+    CleanAI's own read as its other notes, ``cleanai prune: warning: ...``: they came as
+    Python prints a warning, with the path of CleanAI's module, the line number and the
+    line of its source (``/.../cleanai_core/job/run.py:319: RuntimeWarning: target_flops=0.999
+    ...`` and then ``removed = pruner.plan().n_pruned``), which says nothing to a user of the
+    command. Warnings of other code (the model's, torch's) keep where they come from."""
     import warnings
 
     shown = warnings.formatwarning
 
-    def formatted(message: Any, *args: Any, **kwargs: Any) -> str:
-        return shown(_terminal(message), *args, **kwargs)
+    def formatted(message: Any, category: Any, filename: str, *args: Any, **kwargs: Any) -> str:
+        if _cleanai_file(filename):  # a message of its own that says "cleanai: ..." is not said twice
+            text = str(message).removeprefix("cleanai: ")
+            return f"cleanai{' ' + command if command else ''}: warning: {_terminal(text)}\n"
+        return shown(_terminal(message), category, filename, *args, **kwargs)
 
     warnings.formatwarning = formatted
     try:

@@ -33,6 +33,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, metavar="N", help="classes of the model's head")
     p.add_argument("--trust-model", action="store_true", help="allow loading a pickled model file (runs its code)")
     p.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow code that comes with the model's folder: the package.module:factory a folder written by cleanai "
+        "prune names in its architecture.json, or an hf: folder's own modeling code (auto_map in config.json)",
+    )
+    p.add_argument(
         "--input-shape",
         default=None,
         metavar="N,C,H,W",
@@ -195,6 +201,10 @@ def run(args: argparse.Namespace) -> int:
         "pretrained": False,
         "warn_random_weights": False,
         "trust_code": True,  # typed on the command line
+        # code the folder a spec names ships (a saved folder's factory, an hf: folder's auto_map) runs only with the
+        # flag, as for cleanai prune: without this key the hf: loader read the spec's consent as the folder's, and
+        # `cleanai explain --model hf:DIR` imported DIR's modeling code unasked
+        "trust_folder_code": args.trust_code,
         "spec_source": "--model",
     }
     check_not_special(args.model, "--model")  # a loop of links said "not a model this tool can load"

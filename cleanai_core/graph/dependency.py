@@ -20,7 +20,13 @@ from cleanai_core.graph.groups import Group, components, make_groups, named_alon
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.model_state import reads_preserved
-from cleanai_core.options import check_callables, check_example_inputs, check_modules, check_switches
+from cleanai_core.options import (
+    check_callables,
+    check_example_inputs,
+    check_modules,
+    check_not_meta,
+    check_switches,
+)
 from cleanai_core.plugins import get_plugin_manager
 from cleanai_core.runtime import call_model, dtype_advice, plain_inputs
 
@@ -154,6 +160,9 @@ class DependencyGraph:
         if not isinstance(model, nn.Module):  # an AttributeError from deep in the trace before
             raise UserError(f"DependencyGraph needs a torch.nn.Module, got {type(model).__name__}")
         check_modules(model)  # a scripted or lazy layer, a weight a pre-hook recomputes: named, before the trace
+        # a model on the meta device: "the model failed to run on the example inputs while tracing: aten::equal ...
+        # Meta tensors", where StructuredPruner names the device and the fix
+        check_not_meta(model)
         example_inputs = plain_inputs(example_inputs)  # a tokenizer's BatchEncoding: a dict
         # as StructuredPruner checks them: forward_fn=5, example_inputs None, text or a NumPy array were
         # "the model failed to run on the example inputs ... the inputs or the model itself are at fault"

@@ -194,6 +194,20 @@ def checked_dataset(dataset: Any, model: Any, source: str) -> CheckedDataset:
 
     if isinstance(dataset, DataLoader):
         dataset = dataset.dataset
+    if isinstance(dataset, (str, bytes, os.PathLike)):  # "data items must be tensors ...; got str" (its letters)
+        raise UserError(
+            f"--data {source!r} is the path {os.fsdecode(dataset)!r}, not a data set: give a file or folder as the "
+            "option 'data' (run_job({..., 'data': path})), and as dataset= a torch Dataset, (x, y) tensors or a list "
+            "of (input, label) samples."
+        )
+    # {'x': x, 'y': y}: "reading item 1 failed (KeyError: 1)"; a dict keyed by sample index is a data set
+    if isinstance(dataset, collections.abc.Mapping) and set(dataset) != set(range(len(dataset))):
+        keys = ", ".join(repr(k) for k in list(dataset)[:4]) + (", ..." if len(dataset) > 4 else "")
+        raise UserError(
+            f"--data {source!r} is a {type(dataset).__name__} (keys {keys or 'none'}), not a data set: it is read by "
+            "sample index (0, 1, ...), which a dict does not have. Give the inputs and labels as (x, y) tensors "
+            "(e.g. (d['x'], d['y'])), TensorDataset(x, y), or one split of a dict of splits."
+        )
     if is_pair(dataset):
         dataset = TensorDataset(*dataset)
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):

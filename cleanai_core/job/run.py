@@ -318,7 +318,7 @@ def _execute(
         warnings.filterwarnings("ignore", message="the plan removes no unit")
         removed = pruner.plan().n_pruned
     if not cfg.get("prune_dead_only") and removed == 0:  # a copy of the input would be written as the result
-        raise UserError(f"{pruner.why_nothing_pruned()} (--round-to, --ratio); nothing was written.")
+        raise UserError(f"{pruner.why_nothing_pruned()} (--round-to, --ratio, --layer-ratio); nothing was written.")
     before_acc = _evaluate(pm, model, eval_loader, device)
     repeats = int(cfg.get("latency_repeats") or 20)
     stored = cfg.get("_stored_dtype")  # the dtype the folder is written in (bfloat16), narrower than the computing one
