@@ -1,0 +1,177 @@
+"""Session 25 review (review17) of the count slices, the write guard's new order and the
+new options (iterative_schedule, normalizer functions, max_layer_ratio=1.0): the cases
+probed, with the numbers they give."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cleanai_core import StructuredPruner, load_pruned
+from cleanai_core.io import save_pruned
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+class CountedSplit(nn.Module):
+    """C2f's pattern: ``cv1``'s channels split by ``self.c``; ``how="scale"`` also multiplies
+    the output by ``self.c``, ``how="shared"`` splits a second conv's channels by it too."""
+
+    def __init__(self, how: str = "plain") -> None:
+        super().__init__()
+        self.how, self.c = how, 8
+        self.cv1 = nn.Conv2d(3, 16, 1)
+        self.m = nn.Conv2d(8, 8, 3, padding=1)
+        self.cv2 = nn.Conv2d(24, 4, 1)
+        if how == "shared":
+            self.cv3 = nn.Conv2d(3, 16, 1)
+            self.cv4 = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        a, b = self.cv1(x).split((self.c, self.c), 1)
+        y = self.cv2(torch.cat([a, b, self.m(F.relu(b))], 1))
+        if self.how == "scale":
+            return y * self.c
+        if self.how == "shared":
+            p, q = self.cv3(x).split((self.c, self.c), 1)
+            return y + self.cv4(torch.cat([q, p], 1))
+        return y
+
+
+def shared_split():
+    torch.manual_seed(0)
+    return CountedSplit("shared")
+
+
+def test_a_count_that_also_scales_the_output_keeps_its_group_whole():
+    """``self.c`` sizes the split and scales the output: the count slice would rescale the
+    model, so verification skips that group, the number stays 8 and the output is the
+    original's (the other group still prunes)."""
+    torch.manual_seed(0)
+    model = CountedSplit("scale").eval()
+    with pytest.warns(RuntimeWarning, match="skipped group"):
+        pruner = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5)
+        small = pruner.prune()
+    assert len(pruner.skipped_groups) == 1 and "c=0" in pruner.skipped_groups[0]
+    assert (small.c, small.cv1.out_channels, small.m.out_channels, model.c) == (8, 16, 4, 8)
+    with torch.no_grad():
+        assert small(X).shape == (2, 4, 8, 8)
+
+
+def test_one_count_shared_by_two_splits_keeps_both_at_one_width(tmp_path):
+    """One ``self.c`` sizes two producers' splits: asked to keep 0.75 and 0.25 of them, both
+    keep the larger count (6 of 8 a part), and the saved folder reloads bit-identically."""
+    model = shared_split().eval()
+    pruner = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5, layer_pruning_ratios={"cv1": 0.25, "cv3": 0.75})
+    small = pruner.prune()
+    assert pruner.skipped_groups == []
+    assert (small.c, small.cv1.out_channels, small.cv3.out_channels, small.m.out_channels, model.c) == (6, 12, 12, 4, 8)
+    save_pruned(tmp_path / "o", small, pruner.history, "test_review_17:shared_split")
+    back = load_pruned(tmp_path / "o", trust_code=True).eval()
+    assert back.c == 6
+    with torch.no_grad():
+        assert torch.equal(back(X), small(X))
+
+
+class WritesInForward(nn.Module):
+    """A buffer counted up in every forward, and another only on batches of more than 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        if x.shape[0] > 2:
+            self.seen.add_(x.shape[0])
+        return self.fc(self.c2(F.relu(self.c1(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_the_calibration_of_a_later_step_leaves_the_pruned_model_s_buffers_as_they_were(steps):
+    """Before: pruned in two steps, the model came back with the writes of the second step's
+    calibration passes (``seen`` 12, ``calls`` 3: three batches of 4); in one step with none.
+    The user's model is untouched either way."""
+    torch.manual_seed(0)
+    model = WritesInForward().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)) for _ in range(3)]
+    pruner = StructuredPruner(model, X, "weight_activation", pruning_ratio=0.5, iterative_steps=steps)
+    pruner.collect_activations(data)
+    small = pruner.prune()
+    assert (small.c1.out_channels, small.c2.out_channels) == (8, 4)
+    assert (float(small.calls), float(small.seen)) == (0.0, 0.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class ClampsItsWeights(nn.Module):
+    """An in-place clamp of a view of a parameter in every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.c1.weight[:, 0].clamp_(-0.05, 0.05)
+        return self.c2(F.relu(self.c1(x)))
+
+
+@pytest.mark.parametrize("options", [{}, {"iterative_steps": 2}, {"global_pruning": True}])
+@pytest.mark.parametrize("train", [False, True])
+def test_a_model_that_writes_its_own_parameters_is_unchanged_by_prune(options, train):
+    torch.manual_seed(0)
+    model = ClampsItsWeights().train(train)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert float(before["c1.weight"][:, 0].abs().max()) > 0.05  # the clamp would change it
+    small = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5, **options).prune()
+    assert small.c1.out_channels == 8 and model.training is train
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class ThreeConvs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.c3 = nn.Conv2d(32, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c3(F.relu(self.c2(F.relu(self.c1(x)))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("options", "widths"),
+    [
+        ({"iterative_steps": 3, "iterative_schedule": [0, 0, 0, 0.5]}, (8, 16, 8)),
+        ({"iterative_steps": 2, "iterative_schedule": torch.tensor([0.0, 0.25, 0.5])}, (8, 16, 8)),
+        ({"iterative_steps": 2, "iterative_schedule": [0, 0.1, 0.5], "layer_pruning_ratios": {"c2": 0.75}}, (8, 8, 8)),
+        (
+            {
+                "iterative_steps": 2,
+                "iterative_schedule": [0, 0.1, 0.5],
+                "layer_pruning_ratios": {"c2": 0.75},
+                "global_pruning": True,
+            },
+            (10, 8, 6),
+        ),
+        ({"global_pruning": True, "max_layer_ratio": 1.0, "pruning_ratio": 0.95}, (1, 1, 2)),
+        ({"global_pruning": True, "max_layer_ratio": 1.0, "pruning_ratio": 0.95, "iterative_steps": 2}, (1, 1, 2)),
+    ],
+)
+def test_schedules_and_uncapped_layers_end_at_the_widths_asked(options, widths):
+    """A schedule ends where equal steps end (a layer ratio too, under global ranking the
+    other groups share 0.5 of their units); max_layer_ratio=1.0 leaves one channel."""
+    torch.manual_seed(0)
+    options = dict(options)
+    ratio = options.pop("pruning_ratio", 0.5)
+    small = StructuredPruner(ThreeConvs().eval(), X, "magnitude", pruning_ratio=ratio, **options).prune()
+    assert (small.c1.out_channels, small.c2.out_channels, small.c3.out_channels) == widths
