@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanai_core import StructuredPruner, load_pruned
+from cleanai_core.errors import UserError
 from cleanai_core.io import save_pruned
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -175,3 +176,38 @@ def test_schedules_and_uncapped_layers_end_at_the_widths_asked(options, widths):
     ratio = options.pop("pruning_ratio", 0.5)
     small = StructuredPruner(ThreeConvs().eval(), X, "magnitude", pruning_ratio=ratio, **options).prune()
     assert (small.c1.out_channels, small.c2.out_channels, small.c3.out_channels) == widths
+
+
+def test_dead_units_of_one_of_two_splits_sized_by_one_count_stay():
+    """``cv3``'s 8 dead channels (4 a part) share ``self.c`` with ``cv1``'s live ones: removing
+    them would shrink ``cv1``'s parts too, so pruning the dead units only keeps all 16 and the
+    output is exactly the original's."""
+    torch.manual_seed(0)
+    model = CountedSplit("shared").eval()
+    with torch.no_grad():
+        for i in (0, 1, 2, 3, 8, 9, 10, 11):
+            model.cv3.weight[i].zero_()
+            model.cv3.bias[i] = 0.0
+        want = model(X)
+    data = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)) for _ in range(3)]
+    pruner = StructuredPruner(model, X, "weight_activation", prune_dead_only=True)
+    pruner.collect_activations(data)
+    small = pruner.prune()
+    assert (small.c, small.cv1.out_channels, small.cv3.out_channels) == (8, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(small(X), want)
+
+
+def test_a_normalizer_returning_a_list_ranks_as_no_normalizer():
+    """A function's result is read as float64 scores: the identity as a list ranks as
+    ``normalizer=None``; one score too few is refused by name."""
+    widths = []
+    for norm in (None, lambda s: s.tolist()):
+        torch.manual_seed(0)
+        small = StructuredPruner(
+            ThreeConvs().eval(), X, "magnitude", pruning_ratio=0.5, global_pruning=True, normalizer=norm
+        ).prune()
+        widths.append((small.c1.out_channels, small.c2.out_channels, small.c3.out_channels))
+    assert widths[0] == widths[1] and sum(widths[0]) == 32
+    with pytest.raises(UserError, match="normalizer .*lambda.* got shape \\(1,\\)"):
+        StructuredPruner(ThreeConvs(), X, "magnitude", global_pruning=True, normalizer=lambda s: s[:1]).prune()
