@@ -211,3 +211,56 @@ def test_a_normalizer_returning_a_list_ranks_as_no_normalizer():
     assert widths[0] == widths[1] and sum(widths[0]) == 32
     with pytest.raises(UserError, match="normalizer .*lambda.* got shape \\(1,\\)"):
         StructuredPruner(ThreeConvs(), X, "magnitude", global_pruning=True, normalizer=lambda s: s[:1]).prune()
+
+
+class _Gain(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.g = nn.Parameter(torch.linspace(0.5, 1.5, channels).reshape(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x * self.g
+
+
+class KeyedBlocks(nn.Module):
+    """A bare parameter under an ``nn.ModuleDict`` key holding ``=`` (torch allows any key
+    without a dot): its slice ``blocks.k=3.g`` is a tensor's, not a stored count's."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.ModuleDict({key: _Gain(16)})
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.blocks[self.key](self.c1(x))))
+
+
+@pytest.mark.parametrize("key", ["k3", "k=3"])
+def test_a_module_name_holding_the_count_mark_prunes_like_any_other(key):
+    """Before: the ``=`` made ``blocks.k=3.g`` a count slice: prune() failed with
+    "'ModuleDict' object has no attribute 'k'"."""
+    torch.manual_seed(0)
+    model = KeyedBlocks(key).eval()
+    pruner = StructuredPruner(model, X, "magnitude", pruning_ratio=0.5)
+    small = pruner.prune()
+    assert pruner.skipped_groups == []
+    assert (small.c1.out_channels, tuple(small.blocks[key].g.shape), small.c2.in_channels) == (8, (1, 8, 1, 1), 8)
+    kept = pruner.history.steps[0]
+    assert [e.keep.numel() for e in kept if e.slice == f"blocks.{key}.g"] == [8]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_example_inputs_of_another_dtype_are_named_whichever_runs_first(dtype):
+    """The masked original now runs before the pruned model where the model is not known to
+    write nothing: its own RuntimeError came out raw ("expected scalar type ... but found
+    Float") instead of the error that names the example inputs."""
+    torch.manual_seed(0)
+    # convolutions without bias: the trace (on the meta device) passes the dtype clash
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, bias=False), nn.ReLU(), nn.Conv2d(16, 8, 3, bias=False)).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = StructuredPruner(model, X.to(dtype), "magnitude", pruning_ratio=0.5)
+    with pytest.raises(UserError, match=r"the model failed on example_inputs \(RuntimeError: "):
+        pruner.prune()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
