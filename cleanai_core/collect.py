@@ -415,13 +415,17 @@ def recalibrate(
         model, slices, covariance=setup.covariance, covariance_budget=setup.budget, covariance_rows=setup.rows
     )
     set_mode(model, False)
-    with collector.hooks(), recording(model, out.moments), sampling(model, out.samples), torch.no_grad():
-        for batch in data.replay():
-            run_batch(model, data.layout(split_batch(batch, model)[0]), setup.forward_fn)
-            out.end_batch()
-    out.stats = collector.stats
-    if setup.gradients:
-        out.gradients = _gradients(model, data, setup)
+    # the step's model is what the next step slices: what its forward writes (a running
+    # buffer, a counter) is put back, as for the original's calibration; before 2026-12-02
+    # a model pruned in two steps kept the writes of the second step's calibration passes
+    with preserved(model):
+        with collector.hooks(), recording(model, out.moments), sampling(model, out.samples), torch.no_grad():
+            for batch in data.replay():
+                run_batch(model, data.layout(split_batch(batch, model)[0]), setup.forward_fn)
+                out.end_batch()
+        out.stats = collector.stats
+        if setup.gradients:
+            out.gradients = _gradients(model, data, setup)
     return out
 
 

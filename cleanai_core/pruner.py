@@ -847,7 +847,14 @@ class StructuredPruner:
         (:func:`~cleanai_core.model_state.writes_nothing`), which then runs unguarded."""
         units = exact_units(graph, pruned)
         masked = lambda: masked_outputs(graph, units, self.example_inputs, self.forward_fn, self.output_transform)  # noqa: E731
-        early = masked() if bool(units.any()) and not writes_nothing(source) else None
+        early = None
+        if bool(units.any()) and not writes_nothing(source):
+            try:
+                early = masked()
+            except Exception:  # noqa: BLE001 - the run below fails the same way first, as before the order changed
+                # (float16 example inputs to a float32 model: the original's RuntimeError came out raw, not
+                # "the model failed on example_inputs"); where the pruned model runs, masked() reruns and raises
+                early = None
         outputs = run_outputs(model, self.example_inputs, self.forward_fn, self.output_transform)
         if not bool(units.any()):
             self._verify(model, outputs=outputs)

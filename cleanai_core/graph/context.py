@@ -17,6 +17,7 @@ unit survived.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from typing import Any
 
@@ -62,7 +63,8 @@ COUNT_MARK = "="
 def tensor_name(slice_name: str) -> str:
     """The qualified tensor name of a bare tensor's slice (``"proj#0"`` -> ``"proj"``,
     ``"perm@"`` -> ``"perm"``; an attribute's for a count, ``"m.c=0"`` -> ``"m.c"``)."""
-    return slice_name.partition(CROSS_MARK)[0].removesuffix(INDEX_MARK).partition(COUNT_MARK)[0]
+    name = slice_name.partition(CROSS_MARK)[0].removesuffix(INDEX_MARK)
+    return name.rpartition(COUNT_MARK)[0] if is_count_slice(name) else name
 
 
 def is_index_slice(slice_name: str) -> bool:
@@ -71,8 +73,15 @@ def is_index_slice(slice_name: str) -> bool:
 
 
 def is_count_slice(slice_name: str) -> bool:
-    """Whether a bare slice is a module's stored channel count (see :data:`COUNT_MARK`)."""
-    return COUNT_MARK in slice_name
+    """Whether a bare slice is a module's stored channel count (see :data:`COUNT_MARK`):
+    its last part is ``<attribute>=<n>``. A module name may hold the mark too (an
+    ``nn.ModuleDict`` key ``"s=1"``: its tensor ``blocks.s=1.g`` is no count; read as one,
+    prune() failed with "'ModuleDict' object has no attribute 's'")."""
+    return _COUNT_PART.fullmatch(slice_name.rpartition(".")[2]) is not None
+
+
+#: the last part of a count slice's name (:data:`COUNT_MARK`): an attribute, the mark, a number
+_COUNT_PART = re.compile(rf"[A-Za-z_]\w*{re.escape(COUNT_MARK)}\d+")
 
 
 #: ops that lay out an index tensor's values without changing them (see :meth:`TraceContext.index_source`)
