@@ -196,6 +196,8 @@ def headline_text(report: dict[str, Any]) -> str:
     rows = _headline_rows(report)
     width = max(len(r[0]) for r in rows)
     text = "\n".join(f"{name:<{width}}  {b:>10} -> {a:<10} {c}".rstrip() for name, b, a, c in rows)
+    if report.get("attention_heads"):
+        text += "\n" + heads_summary(report["attention_heads"])
     if report.get("recovery"):
         from cleanai_core.recovery_report import recovery_summary
 
@@ -296,6 +298,7 @@ def _head_lines(attention: list[dict[str, Any]] | None, folder: bool = False) ->
         "| removed key/value heads |",
         "|---|---:|---:|---:|---|---|",
     ]
+    lines[2] = f"{heads_summary(attention)}. {lines[2]}"
     for a in attention:
         q, kv = a["query_heads"], a.get("kv_heads")
         size = (
@@ -309,6 +312,20 @@ def _head_lines(attention: list[dict[str, Any]] | None, folder: bool = False) ->
             f"| {_heads_removed(q)} | {_heads_removed(kv) if kv else '-'} |"
         )
     return lines + [""]
+
+
+def heads_summary(attention: list[dict[str, Any]]) -> str:
+    """One line: the query and key/value heads of all attention modules, before -> after."""
+    total = lambda kind, when: sum((a[kind] or {}).get(when, 0) for a in attention)  # noqa: E731
+    kv = (
+        f", {total('kv_heads', 'before')} -> {total('kv_heads', 'after')} key/value"
+        if any(a["kv_heads"] for a in attention)
+        else ""
+    )
+    return (
+        f"Attention heads: {total('query_heads', 'before')} -> {total('query_heads', 'after')} query{kv} "
+        f"({len(attention)} attention module{'s' if len(attention) != 1 else ''})"
+    )
 
 
 def _heads_removed(part: dict[str, Any]) -> str:

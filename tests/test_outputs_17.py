@@ -316,3 +316,59 @@ def test_a_bloom_pruned_in_place_keeps_the_alibi_rows_of_its_kept_heads():
     assert model.transformer.h[0].self_attention.num_heads == copied.transformer.h[0].self_attention.num_heads == 2
     with torch.no_grad():  # it failed: "The expanded size of the tensor (2) must match the existing size (4)"
         assert torch.equal(model(x).logits, copied(x).logits)
+
+
+# -- the command line: a text model's report, and an interrupted run ---------------------------------
+
+
+def _llama_folder(tmp_path):
+    _llama(8, 2, layers=2).save_pretrained(tmp_path / "model")
+    torch.save({"input_ids": torch.randint(0, 61, (16, 12), generator=torch.Generator().manual_seed(0))}, "ids.pt")
+    return ["prune", "--model", "hf:model", "--data", "ids.pt", "--ratio", "0.5", "--latency-repeats", "2"]
+
+
+def test_the_command_lines_report_of_a_gqa_llama_has_heads_latency_perplexity_and_the_saved_models_size(
+    tmp_path, monkeypatch
+):
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    from cleanai_core import load_pruned
+    from cleanai_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*_llama_folder(tmp_path), "--threads", "1", "--quiet", "--out", "out"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf")
+    for model in (hf, load_pruned(tmp_path / "out")):
+        assert sum(p.numel() for p in model.parameters()) == report["params_after"] < report["params_before"]
+    assert report["flops_after"] == _independent_flops(hf, torch.zeros(1, 12, dtype=torch.long))
+    assert report["latency_before_ms"] > 0 and report["latency_after_ms"] > 0
+    assert report["perplexity_before"] > 1 and report["perplexity_after"] > 1
+    heads = [(a["query_heads"]["after"], a["kv_heads"]["after"]) for a in report["attention_heads"]]
+    assert heads == [(hf.config.num_attention_heads, hf.config.num_key_value_heads)] * 2 == [(4, 1)] * 2
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| `model.layers.1.self_attn` | 8 -> 4 | 2 -> 1 | 8 |" in md and "Perplexity (held-out)" in md
+    assert "Attention heads: 16 -> 8 query, 4 -> 2 key/value (2 attention modules)." in md
+
+
+def test_a_run_interrupted_while_writing_its_report_leaves_no_half_folder(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import cleanai_core.report as report_module
+    from cleanai_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = [*_llama_folder(tmp_path), "--threads", "1", "--quiet"]
+    assert main([*args, "--out", "kept"]) == 0
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "kept").rglob("*") if p.is_file()}
+    entries = sorted(p.name for p in tmp_path.iterdir())
+
+    def interrupted(*a, **k):  # Ctrl-C after the model, the history and the Hugging Face folder were written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "render_markdown", interrupted)
+    for out in ("kept", "fresh"):
+        assert main([*args, "--overwrite", "--out", out]) == 130  # the shell's code for Ctrl-C
+    # the earlier result is whole and as it was, the new one was never made, nothing staged is left
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "kept").rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == entries
