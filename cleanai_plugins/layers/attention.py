@@ -237,8 +237,8 @@ def head_layout(module: nn.Module, name: str) -> HeadLayout | None:
         heads = heads_in_rows(module.embed_dim, module.head_dim)
         return HeadLayout(name, HeadSlice(name, "out", heads), HeadSlice(name, "out", heads))
     n = next((getattr(module, a) for a in ("num_heads", "heads") if type(getattr(module, a, None)) is int), None)
-    if not n or n < 1:
-        return None
+    if not n or n < 1 or any(type(getattr(module, a, None)) is int for a in ("key_dim", "val_dim")):
+        return None  # per-head parts of unequal sizes (LeViT, TinyViT, EfficientFormer): not this layout
     hd = next((getattr(module, a) for a in ("head_dim", "dim_head") if type(getattr(module, a, None)) is int), None)
     for child, parts in _QUERY_CHILDREN:
         found = _out_linear(module, name, child)
