@@ -172,6 +172,21 @@ def cleanai_whole_heads(model: nn.Module) -> list[nn.Module] | None:
     """
 
 
+@hookspec
+def cleanai_attention_heads(model: nn.Module) -> list[Any] | None:
+    """Where the attention heads of ``model`` lie, for the report: one
+    :class:`~cleanai_core.heads.HeadLayout` per attention module you know, naming the
+    ``(module, slice)`` whose channels carry its query heads and the one that carries its
+    key/value heads, with the head of each channel (``-1`` for channels of another part,
+    :func:`~cleanai_core.heads.heads_in_rows` builds the common forms). Asked once per graph,
+    on the model before it is sliced; the report counts the heads before and after and lists
+    the ones that went (``report.json``'s ``attention_heads``). Nothing is pruned differently.
+
+    :returns: a list of layouts (results of all plugins are joined; the first layout of a
+        module wins). Added in version 0.2.
+    """
+
+
 # ---------------------------------------------------------------------------
 # After slicing
 # ---------------------------------------------------------------------------

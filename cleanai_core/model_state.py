@@ -534,6 +534,23 @@ def transplant(target: nn.Module, source: nn.Module) -> None:
             for key, value in m.__dict__.items():
                 if key != "_modules" and key not in HOOK_ATTRIBUTES and id(t.__dict__.get(key)) not in owners:
                     t.__dict__[key] = value
+            _add_model_hooks(t, m)
+
+
+def _add_model_hooks(target: nn.Module, source: nn.Module) -> None:
+    """The hooks a fix-up installed on ``source`` as part of how the pruned model computes
+    (:data:`MODEL_HOOK`: a Bloom's ALiBi rows of the kept heads) added to ``target``'s own
+    tables, with their flags. Keeping only ``target``'s tables dropped them: a Bloom pruned in
+    place, or a fresh one a history was replayed on, failed at its first call ("The expanded
+    size of the tensor (2) must match the existing size (4)")."""
+    for table in ("_forward_pre_hooks", "_forward_hooks"):
+        mine = getattr(target, table)
+        for key, fn in getattr(source, table).items():
+            if getattr(fn, MODEL_HOOK, False) and not any(h is fn for h in mine.values()):
+                mine[key] = fn
+                for flags in _HOOK_FLAGS:
+                    if table.removesuffix("s") in flags and key in getattr(source, flags):
+                        getattr(target, flags)[key] = getattr(source, flags)[key]
 
 
 def _kept_parameters(

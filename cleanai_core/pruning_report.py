@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from cleanai_core.graph.dependency import DependencyGraph
+from cleanai_core.heads import head_records
 from cleanai_core.planning import PruningPlan
 
 __all__ = ["describe_importance", "indices_in_original", "input_shape", "kept_groups", "layer_records", "pruner_report"]
@@ -173,6 +174,7 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
     if "flops_after" not in before:
         before["flops_after"] = count_flops(pruner.pruned_model, pruner.example_inputs, pruner.forward_fn)
     groups = _group_records(pruner)
+    layers = _step_records(pruner)
     return {
         "params_before": before.get("params"),
         "params_after": count_params(pruner.pruned_model),
@@ -202,7 +204,11 @@ def pruner_report(pruner: Any) -> dict[str, Any]:
         # in neither "groups" nor "skipped_groups", and the report said nothing of them
         "kept_groups": kept_groups(pruner.graph),
         "groups": groups,
-        "layers": _step_records(pruner),
+        "layers": layers,
+        # query and key/value heads per attention module: "q_proj 2 -> 1 units" was all a GQA Llama's said
+        "attention_heads": head_records(getattr(pruner._pruned_plans[0][0], "head_layouts", []), layers)
+        if pruner._pruned_plans
+        else [],
         "dead_units": [f.to_json() for f in find_dead_units(pruner.graph, pruner.stats)] if pruner.stats else None,
     }
 

@@ -198,6 +198,8 @@ def headline_text(report: dict[str, Any]) -> str:
     rows = _headline_rows(report)
     width = max(len(r[0]) for r in rows)
     text = "\n".join(f"{name:<{width}}  {b:>10} -> {a:<10} {c}".rstrip() for name, b, a, c in rows)
+    if report.get("attention_heads"):
+        text += "\n" + heads_summary(report["attention_heads"])
     if report.get("recovery"):
         from cleanai_core.recovery_report import recovery_summary
 
@@ -270,6 +272,7 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
             f"| {_removed(layer)} | {_kept_range(layer)} |"
         )
     lines.append("")
+    lines += _head_lines(report.get("attention_heads"), bool(report.get("pruned_before_steps")))
     lines += _skipped_lines(report.get("skipped_groups"))
     lines += _kept_lines(report.get("kept_groups"))
     lines += _dead_unit_lines(report.get("dead_units"))
@@ -277,6 +280,62 @@ def render_markdown(report: dict[str, Any], extra_sections: list[tuple[str, str]
     for title, body in extra_sections:
         lines += [f"## {title}", "", body.rstrip(), ""]
     return "\n".join(lines)
+
+
+def _head_lines(attention: list[dict[str, Any]] | None, folder: bool = False) -> list[str]:
+    """The attention heads: query and key/value heads before -> after per attention module,
+    the head size, and the heads removed with their scores (``report.json``'s
+    ``attention_heads``). A GQA Llama's rows read "q_proj 2 -> 1 units" and nothing said heads."""
+    if not attention:
+        return []
+    which = "the folder's model" if folder else "the model before pruning"
+    lines = [
+        "## Attention heads",
+        "",
+        f"Query and key/value heads per attention module; removed heads by their index in {which}, with their "
+        "score (the score of the unit they went with: the head, or its key/value group where whole groups go, "
+        f"which its query heads share; at most {MAX_LISTED} listed).",
+        "",
+        "| attention | query heads | key/value heads | head size | removed query heads: index (score) "
+        "| removed key/value heads |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    lines[2] = f"{heads_summary(attention)}. {lines[2]}"
+    for a in attention:
+        q, kv = a["query_heads"], a.get("kv_heads")
+        size = (
+            f"{q['head_dim_before']}"
+            if q["head_dim_after"] == q["head_dim_before"]
+            else (f"{q['head_dim_before']} -> {q['head_dim_after'] if q['head_dim_after'] is not None else 'mixed'}")
+        )
+        kv_cell = f"{kv['before']} -> {kv['after']}" if kv else "n/a"
+        lines.append(
+            f"| {_code(a['module'])} | {q['before']} -> {q['after']} | {kv_cell} | {size} "
+            f"| {_heads_removed(q)} | {_heads_removed(kv) if kv else '-'} |"
+        )
+    return lines + [""]
+
+
+def heads_summary(attention: list[dict[str, Any]]) -> str:
+    """One line: the query and key/value heads of all attention modules, before -> after."""
+    total = lambda kind, when: sum((a[kind] or {}).get(when, 0) for a in attention)  # noqa: E731
+    kv = (
+        f", {total('kv_heads', 'before')} -> {total('kv_heads', 'after')} key/value"
+        if any(a["kv_heads"] for a in attention)
+        else ""
+    )
+    return (
+        f"Attention heads: {total('query_heads', 'before')} -> {total('query_heads', 'after')} query{kv} "
+        f"({len(attention)} attention module{'s' if len(attention) != 1 else ''})"
+    )
+
+
+def _heads_removed(part: dict[str, Any]) -> str:
+    idx, scores = part.get("pruned") or [], part.get("pruned_scores") or []
+    if not idx:
+        return "-"
+    cells = [f"{h} ({s:.3g})" if s is not None else str(h) for h, s in zip(idx[:MAX_LISTED], scores, strict=False)]
+    return ", ".join(cells) + (f", ... +{len(idx) - MAX_LISTED}" if len(idx) > MAX_LISTED else "")
 
 
 def _units(layer: dict[str, Any]) -> str:

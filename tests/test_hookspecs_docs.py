@@ -32,7 +32,7 @@ PM = make_plugin_manager(load_entrypoints=False, builtins=())
 
 
 def test_there_are_hooks_to_check():
-    assert len(spec_names()) == 19
+    assert len(spec_names()) == 20
     assert "cleanai_layer_pruner" in DOCUMENTED
 
 

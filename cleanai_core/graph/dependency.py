@@ -18,6 +18,7 @@ from cleanai_core.graph.cut import cut_dims
 from cleanai_core.graph.findings import SAME_SHARE, ModelFindings, prepare_model
 from cleanai_core.graph.groups import Group, components, make_groups, named_alone, unique
 from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
+from cleanai_core.heads import head_layouts
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.model_state import reads_preserved
 from cleanai_core.options import (
@@ -184,6 +185,8 @@ class DependencyGraph:
         ignored_layers: Iterable[nn.Module | str],
     ) -> None:
         self.findings = prepare_model(model, self.pm)
+        # where the attention heads lie, read before any slicing (the report counts them)
+        self.head_layouts = head_layouts(model, self.pm)
         self.nodes = resolve_modules(model, self.pm, self.findings)
         self.module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
         self._named = dict(model.named_modules())

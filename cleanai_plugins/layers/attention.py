@@ -35,9 +35,10 @@ import torch
 from torch import nn
 
 from cleanai_core import hookimpl
+from cleanai_core.heads import HeadLayout, HeadSlice, heads_in_rows
 from cleanai_core.interfaces import LayerPruner, replace_param, settings_mismatch, shape_of, slice_tensor
 
-__all__ = ["MultiheadAttentionPruner"]
+__all__ = ["MultiheadAttentionPruner", "head_layout"]
 
 
 def _arg(call, i: int, name: str):
@@ -211,3 +212,70 @@ def cleanai_after_prune(module, name, edits, findings):
         attn = next((m for m in module.modules() if isinstance(m, nn.MultiheadAttention)), None)
         if attn is not None:
             module.d_model = attn.embed_dim
+
+
+# child -> how many (q, k, v) parts its output stacks, ``(parts, heads, head_dim)`` (timm's ``qkv``)
+_QUERY_CHILDREN = (("qkv", 3), ("q", 1), ("q_proj", 1), ("query", 1), ("to_q", 1), ("qkv_proj", 3), ("qk", 2))
+_KEY_CHILDREN = (("k", 1), ("k_proj", 1), ("key", 1), ("to_k", 1), ("kv", 2), ("to_kv", 2))
+
+
+def _out_linear(module: nn.Module, name: str, child: str) -> tuple[str, int] | None:
+    """``(qualified name, output width)`` of a child linear projection (or of the ``linear`` it wraps)."""
+    proj = getattr(module, child, None)
+    at = f"{name}.{child}" if name else child
+    if not isinstance(proj, nn.Linear) and isinstance(getattr(proj, "linear", None), nn.Linear):
+        proj, at = proj.linear, f"{at}.linear"
+    return (at, proj.out_features) if isinstance(proj, nn.Linear) else None
+
+
+def head_layout(module: nn.Module, name: str) -> HeadLayout | None:
+    """The head layout of an attention block that keeps its head count in ``num_heads`` (or
+    ``heads``) beside a linear query projection (timm's and torchvision's ``qkv`` blocks,
+    ``(3, heads, head_dim)`` rows; ``head_first``: ``(heads, 3, head_dim)``), or of an
+    ``nn.MultiheadAttention`` (its ``"out"`` slice: E channels, ``(heads, head_dim)``)."""
+    if isinstance(module, nn.MultiheadAttention):
+        heads = heads_in_rows(module.embed_dim, module.head_dim)
+        return HeadLayout(name, HeadSlice(name, "out", heads), HeadSlice(name, "out", heads))
+    n = next((getattr(module, a) for a in ("num_heads", "heads") if type(getattr(module, a, None)) is int), None)
+    if not n or n < 1 or any(type(getattr(module, a, None)) is int for a in ("key_dim", "val_dim")):
+        return None  # per-head parts of unequal sizes (LeViT, TinyViT, EfficientFormer): not this layout
+    hd = next((getattr(module, a) for a in ("head_dim", "dim_head") if type(getattr(module, a, None)) is int), None)
+    for child, parts in _QUERY_CHILDREN:
+        found = _out_linear(module, name, child)
+        if found is None:
+            continue
+        at, width = found
+        hd = hd or width // (parts * n)
+        if hd < 1 or width != parts * n * hd:
+            return None  # a query and a gate per head, sub-heads, unequal parts: not a layout read here
+        if getattr(module, "head_first", False) is True:
+            query = HeadSlice(at, "out", heads_in_rows(width, hd, 0, n, parts * hd))
+            kv = HeadSlice(at, "out", heads_in_rows(width, hd, hd, n, parts * hd)) if parts > 1 else None
+        else:
+            query = HeadSlice(at, "out", heads_in_rows(width, hd, 0, n))
+            kv = HeadSlice(at, "out", heads_in_rows(width, hd, n * hd, n)) if parts > 1 else None
+        if kv is None:
+            kv = next((_key_heads(module, name, c, p, hd) for c, p in _KEY_CHILDREN if hasattr(module, c)), None)
+        return HeadLayout(name, query, kv)
+    return None
+
+
+def _key_heads(module: nn.Module, name: str, child: str, parts: int, hd: int) -> HeadSlice | None:
+    found = _out_linear(module, name, child)
+    if found is None or found[1] % (parts * hd):
+        return None
+    return HeadSlice(found[0], "out", heads_in_rows(found[1], hd, 0, found[1] // (parts * hd)))
+
+
+@hookimpl(trylast=True)
+def cleanai_attention_heads(model):
+    """Heads of ``nn.MultiheadAttention`` and of ``num_heads`` + ``qkv`` blocks outside
+    transformers (whose attention modules its zoo plugin describes)."""
+    found = []
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith("transformers."):
+            continue
+        layout = head_layout(module, name)
+        if layout is not None:
+            found.append(layout)
+    return found or None

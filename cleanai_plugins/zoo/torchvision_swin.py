@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from cleanai_core import hookimpl
+from cleanai_core.heads import HeadLayout, HeadSlice
 from cleanai_core.interfaces import LayerPruner, add_to_bias, replace_param, squared_weight
 from cleanai_plugins.zoo import loaded, named_classes, once_loaded
 
@@ -284,3 +285,16 @@ def cleanai_layer_pruner(module):
     if type(module) in _pruned_class():
         return ShiftedWindowAttentionPruner()
     return None
+
+
+@hookimpl
+def cleanai_attention_heads(model):
+    """A claimed window attention's heads are the channels of its ``"heads"`` slice, one each
+    (its ``qkv`` and ``proj`` are no layers of the report)."""
+    claimed = _pruned_class()
+    found = []
+    for name, m in model.named_modules():
+        if type(m) in claimed and m.num_heads > 1:
+            heads = HeadSlice(name, "heads", torch.arange(m.num_heads), m.qkv.out_features // (3 * m.num_heads))
+            found.append(HeadLayout(name, heads, heads))
+    return found or None

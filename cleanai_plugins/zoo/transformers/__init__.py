@@ -42,6 +42,7 @@ from cleanai_plugins.zoo.transformers.attention import (
     fix_attentions,
     has_fused_mqa,
     has_fused_qkv,
+    head_layout,
     input_width_query,
     is_attention,
 )
@@ -114,6 +115,15 @@ def outermost(root, cls) -> list:
         if isinstance(module, cls) and not any(name.startswith(f"{n}.") or n == "" for n, _ in found):
             found.append((name, module))
     return found
+
+
+@hookimpl
+def cleanai_attention_heads(model):
+    """The query and key/value heads of every transformers attention module, for the report."""
+    if pretrained_model_class() is None:
+        return None
+    found = (head_layout(m, name) for name, m in model.named_modules() if is_attention(m))
+    return [layout for layout in found if layout is not None] or None
 
 
 @hookimpl(trylast=True)

@@ -16,8 +16,10 @@ import inspect
 import re
 from collections.abc import Container
 
+import torch
 from torch import nn
 
+from cleanai_core.heads import HeadLayout, HeadSlice, heads_in_rows
 from cleanai_plugins.zoo.transformers.quant_linear import is_quant_linear
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "has_fused_mqa",
     "has_fused_qkv",
     "head_counts",
+    "head_layout",
     "is_attention",
     "proj_in_width",
     "proj_width",
@@ -295,3 +298,65 @@ def fix_attention(module: nn.Module, kv_kept: bool = False, shared_kv: int | Non
             setattr(module, name, heads * hd)
     if width != hd and getattr(module, "head_size", None) == width:  # all heads' width (LXMERT), not one head's
         module.head_size = heads * hd
+
+
+def _child_out(module: nn.Module, name: str, child: str) -> tuple[str, int] | None:
+    w = proj_width(getattr(module, child, None))
+    return None if w is None else (f"{name}.{child}" if name else child, w)
+
+
+def head_layout(module: nn.Module, name: str) -> HeadLayout | None:
+    """Where the query and key/value heads of a transformers attention module lie in its
+    projections' output channels (the forms :func:`head_counts` reads), ``None`` where the
+    counts cannot be read."""
+    counts = head_counts(module)
+    if counts is None:
+        return None
+    heads, kv, hd = counts
+
+    def rows(at: str, width: int, start: int, count: int, stride: int = 0) -> HeadSlice:
+        return HeadSlice(at, "out", heads_in_rows(width, hd, start, count, stride))
+
+    for child in ("qkv_proj", "query_key_value", "c_attn"):
+        fused = _child_out(module, name, child)
+        if fused is None or (child == "c_attn" and getattr(module, "is_cross_attention", False)):
+            continue
+        at, w = fused
+        if has_fused_qkv(module) or has_fused_mqa(module):  # [q heads, k heads, v heads]
+            return HeadLayout(name, rows(at, w, 0, heads), rows(at, w, heads * hd, kv or 1))
+        if child == "query_key_value" and getattr(module, "new_decoder_architecture", None) is True and kv:
+            group = heads // kv  # Falcon-40B: (kv groups, group + 2, head_dim)
+            q = torch.full((w,), -1, dtype=torch.int64)
+            k = torch.full((w,), -1, dtype=torch.int64)
+            for g in range(kv):
+                base = g * (group + 2) * hd
+                k[base + group * hd : base + (group + 1) * hd] = g
+                for j in range(group):
+                    q[base + j * hd : base + (j + 1) * hd] = g * group + j
+            return HeadLayout(name, HeadSlice(at, "out", q), HeadSlice(at, "out", k))
+        if child == "query_key_value" and _per_head_fused(module):  # (heads, 3, head_dim)
+            return HeadLayout(name, rows(at, w, 0, heads, 3 * hd), rows(at, w, hd, heads, 3 * hd))
+    for child, stacks in QUERY_PROJS:
+        found = _child_out(module, name, child)
+        if found is None:
+            continue
+        at, w = found
+        if child == "c_attn" and getattr(module, "is_cross_attention", False):
+            query = _child_out(module, name, "q_attn")
+            if query is None:
+                return None
+            return HeadLayout(name, rows(*query, 0, heads), rows(at, w, 0, heads))  # c_attn: keys, values
+        if stacks == 1:  # a query and a gate per head (Qwen3-Next): one head is its 2 x head_dim rows
+            block = w // heads if w in (heads * hd, 2 * heads * hd) else 0
+            if not block:
+                return None
+            query = HeadSlice(at, "out", heads_in_rows(w, block, 0, heads), hd if block != hd else None)
+            key = next((_child_out(module, name, c) for c in KEY_PROJS if hasattr(module, c)), None)
+            kv_part = rows(*key, 0, key[1] // hd) if key is not None and key[1] % hd == 0 else None
+            return HeadLayout(name, query, kv_part)
+        if w != 3 * heads * hd:
+            return None
+        if child == "in_proj":  # DeBERTa: (heads, 3 * head_dim)
+            return HeadLayout(name, rows(at, w, 0, heads, 3 * hd), rows(at, w, hd, heads, 3 * hd))
+        return HeadLayout(name, rows(at, w, 0, heads), rows(at, w, heads * hd, heads))  # (3, heads, head_dim)
+    return None
