@@ -209,3 +209,140 @@ def test_a_pt_dict_of_the_forwards_inputs_feeds_a_two_image_model(tmp_path, caps
     capsys.readouterr()
     assert main([*argv[:4], str(tmp_path / "bad.pt"), "--quiet", "--out", str(tmp_path / "b")]) == 2
     assert "forward inputs (image1, image2)" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+# -- the sample (seed 20261225), as the sweep ran it: corpus ---------------------------------------------
+
+
+def vit_dinov2_96():
+    """``cleanai prune --model test_models_18:vit_dinov2_96``: a ViT built for 96 px, as a user's
+    factory builds a model whose size is fixed at creation."""
+    import timm
+
+    return timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=10, img_size=96)
+
+
+def coatnet_96():
+    import timm
+
+    return timm.create_model("coatnet_0_rw_224", pretrained=False, num_classes=10, img_size=96)
+
+
+#: name, img_size kwarg (a factory above builds it for the CLI), API options, API kept at most,
+#: CLI arguments, a PNG folder (else a .pt), CLI kept at most (the sweep's figures + 0.02)
+SAMPLE = [
+    (
+        "spnasnet_100",
+        False,
+        {"pruning_ratio": 0.3, "iterative_steps": 3},
+        0.53,
+        ["--ratio", "0.3", "--round-to", "8"],
+        False,
+        0.54,
+    ),
+    (
+        "legacy_seresnet34",
+        False,
+        {"pruning_ratio": 0.3, "ignore_first": True},
+        0.52,
+        ["--ratio", "0.2", "--round-to", "8", "--global-pruning"],
+        True,
+        0.82,
+    ),
+    ("mobilenet_edgetpu_v2_m", False, {"pruning_ratio": 0.7}, 0.12, ["--target-params", "0.5"], False, 0.52),
+    ("hgnetv2_b1", False, {"pruning_ratio": 0.2, "global_pruning": True}, 0.66, ["--target-flops", "0.6"], False, 0.60),
+    (
+        "repghostnet_111",
+        False,
+        {"pruning_ratio": 0.3, "round_to": 8},
+        0.54,
+        ["--ratio", "0.3", "--ignore", "conv_stem"],
+        False,
+        0.52,
+    ),
+    (
+        "iformer_m_distilled",
+        False,
+        {"pruning_ratio": 0.2, "iterative_steps": 2, "global_pruning": True},
+        0.61,
+        ["--ratio", "0.7"],
+        True,
+        0.12,
+    ),
+    ("vit_small_patch14_dinov2", "vit_dinov2_96", {"target_params": 0.5}, 0.52, ["--ratio", "0.3"], False, 0.55),
+    (
+        "coatnet_0_rw_224",
+        "coatnet_96",
+        {"pruning_ratio": 0.2, "global_pruning": True},
+        0.85,
+        ["--target-flops", "0.6"],
+        False,
+        0.62,
+    ),
+]
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize(
+    ("name", "factory", "api", "api_most", "cli", "pngs", "cli_most"), SAMPLE, ids=[s[0] for s in SAMPLE]
+)
+def test_timm_sample_prunes_through_the_api_and_the_command_line(
+    tmp_path, name, factory, api, api_most, cli, pngs, cli_most
+):
+    kwargs = {"img_size": 96} if factory else {}
+    model, x = _timm(name, 96, kwargs)
+    options = {"num_classes": 10, **({"model_kwargs": kwargs} if kwargs else {})}
+    before, after = api_case(model, x, f"timm:{name}", options, api, tmp_path, trust=bool(kwargs))
+    assert after / before < api_most
+    spec = f"test_models_18:{factory}" if factory else f"timm:{name}"
+    extra = [] if factory else ["--num-classes", "10"]
+    before, after = cli_case(spec, x, [*cli, *extra, "--threads", "1"], tmp_path, pngs=pngs, trust=bool(factory))
+    assert after / before < cli_most
+
+
+#: torchvision builder, input shape, API options, API kept at most, CLI arguments, CLI kept at most
+TV_SAMPLE = [
+    ("efficientnet_b3", (3, 96, 96), {"pruning_ratio": 0.7}, 0.12, ["--target-params", "0.5"], 0.52),
+    (
+        "squeezenet1_0",
+        (3, 96, 96),
+        {"pruning_ratio": 0.3, "iterative_steps": 3},
+        0.53,
+        ["--ratio", "0.3", "--round-to", "8"],
+        0.6,
+    ),
+    ("r3d_18", (3, 4, 64, 64), {"target_params": 0.5}, 0.52, ["--ratio", "0.3"], 0.52),
+    ("raft_small", (3, 128, 128), {"target_flops": 0.6}, 0.7, ["--ratio", "0.3", "--global-pruning"], 0.8),
+]
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize(
+    ("name", "shape", "api", "api_most", "cli", "cli_most"), TV_SAMPLE, ids=[s[0] for s in TV_SAMPLE]
+)
+def test_torchvision_sample_prunes_through_the_api_and_the_command_line(
+    tmp_path, name, shape, api, api_most, cli, cli_most
+):
+    """Classification, video and optical flow (RAFT: two images, fed from a ``.pt`` dict of
+    ``image1`` / ``image2``, which the command line read as nothing before this session)."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    two = name.startswith("raft")
+    kw = {} if two else {"num_classes": 10}
+    model = tv.models.get_model(name, weights=None, **kw)
+    x = (torch.rand(1, *shape), torch.rand(1, *shape)) if two else torch.rand(1, *shape)
+    before, after = api_case(model, x, f"torchvision:{name}", kw, api, tmp_path)
+    assert after / before < api_most
+    if two:
+        from cleanai_core.cli import main
+
+        torch.save({"image1": torch.rand(6, *shape), "image2": torch.rand(6, *shape)}, tmp_path / "pairs.pt")
+        argv = ["prune", "--model", f"torchvision:{name}", "--data", str(tmp_path / "pairs.pt")]
+        assert main([*argv, "--out", str(tmp_path / "cli"), "--quiet", "--threads", "1", *cli]) == 0
+        small = load_pruned(tmp_path / "cli").eval()
+        assert n_params(small) / before < cli_most
+        assert _run(small, x)[-1].shape == (1, 2, *shape[1:])
+        return
+    extra = ["--num-classes", "10", "--threads", "1"]
+    before, after = cli_case(f"torchvision:{name}", x, [*cli, *extra], tmp_path)
+    assert after / before < cli_most
