@@ -329,7 +329,7 @@ def class_labels(y: Any, source: str) -> torch.Tensor:
     return idx
 
 
-def _load_pt(path: Path, flag: str = "--data") -> Dataset:
+def _load_pt(path: Path, flag: str = "--data", model: Any = None) -> Dataset:
     check_not_packed(path, flag)
     try:
         with torch.serialization.safe_globals([TensorDataset]):
@@ -342,7 +342,7 @@ def _load_pt(path: Path, flag: str = "--data") -> Dataset:
             f"{flag} {str(path)!r} {unreadable(path, exc)}; write the data again as plain tensors: "
             "torch.save((x, y), path) or torch.save({'x': x, 'y': y}, path)."
         ) from None
-    return _from_object(obj, str(path))
+    return _from_object(obj, str(path), model)
 
 
 #: the names of the inputs and of the labels in a dict or an .npz, in the order they are looked for
@@ -376,9 +376,47 @@ def inputs_and_labels(named: dict[str, Any], source: str, also: tuple[str, ...] 
     return named[xs[0]], named[ys[0]] if ys else None
 
 
-def _from_object(obj: Any, source: str) -> Dataset:
+def _forward_names(model: Any) -> str:
+    """The names ``model.forward`` takes (comma-separated), or ``""`` where it has no signature."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (AttributeError, TypeError, ValueError):
+        return ""
+    return ", ".join(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
+def _keyword_inputs(obj: dict, model: Any, source: str) -> Dataset | None:
+    """A dict of ``model``'s own forward inputs by name, one row per item (RAFT's ``image1`` and
+    ``image2``), and optionally labels (one of :data:`LABEL_KEYS`): a data set of dict items,
+    which the job passes as keywords. A model that takes two images was refused ("expected
+    keys 'x' and 'y'"), and ``(x1, x2)`` was read as inputs and labels. ``None`` where a key
+    is neither an input of the forward nor labels (the caller's message explains)."""
+    from cleanai_plugins.io.text import TextItems
+
+    takes = _forward_names(model)
+    takes = takes.split(", ") if takes else []
+    if not obj or not all(isinstance(k, str) and (k in takes or k in LABEL_KEYS) for k in obj):
+        return None
+    if not any(k in takes for k in obj) or sum(k in LABEL_KEYS for k in obj) > 1:
+        return None
+    rows = {k: len(v) if isinstance(v, torch.Tensor) and v.dim() else None for k, v in obj.items()}
+    if None in rows.values() or len(set(rows.values())) != 1 or not next(iter(rows.values())):
+        raise UserError(
+            f"{source!r} holds {rows}: every value must be a tensor with one row per item, the same number of rows "
+            "for each (N, ...)."
+        )
+    tensors = {k: _as_inputs(_plain(v, k, source), source=source) for k, v in obj.items() if k in takes}
+    for k in (k for k in obj if k in LABEL_KEYS):
+        tensors["labels"] = class_labels(_plain(obj[k], k, source), source)
+    return TextItems(tensors)
+
+
+def _from_object(obj: Any, source: str, model: Any = None) -> Dataset:
     """The data set a ``.pt`` file (or a data function) holds: a ``TensorDataset``, a
-    tensor, ``(x, y)`` or ``{'x': x, 'y': y}``."""
+    tensor, ``(x, y)``, ``{'x': x, 'y': y}`` or a dict of the forward's own inputs
+    (:func:`_keyword_inputs`)."""
     if isinstance(obj, TensorDataset):
         tensors = obj.tensors
         if len(tensors) > 2:  # the third and later were dropped without a word; a tuple of 3 is refused
@@ -413,8 +451,15 @@ def _from_object(obj: Any, source: str) -> Dataset:
                 f"{source!r} holds a model's state_dict (weights), not data; pass it as --weights and give the "
                 "data as (x, y) tensors: torch.save((x, y), path)."
             )
+        named = _keyword_inputs(obj, model, source) if model is not None else None
+        if named is not None:
+            return named
         keys = sorted(map(str, obj))[:10]
-        raise UserError(f"{source!r} holds a dict with keys {keys}; expected keys 'x' and 'y'.")
+        takes = _forward_names(model)
+        raise UserError(
+            f"{source!r} holds a dict with keys {keys}; expected keys 'x' and 'y', or the names of the model's "
+            f"forward inputs{f' ({takes})' if takes else ''} and optionally 'y' (a model that takes several inputs)."
+        )
     raise UserError(f"{source!r} holds a {type(obj).__name__}; expected {DATA_FORMS}.")
 
 
@@ -675,7 +720,7 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".pt", ".pth"):
-            return _load_pt(path, options.get("flag") or "--data")
+            return _load_pt(path, options.get("flag") or "--data", options.get("model"))
         if suffix == ".npz":
             arrays = read_npz(path)
             if "x" not in arrays:
@@ -692,7 +737,7 @@ def load_dataset(spec: str, options: dict[str, Any]) -> Dataset | None:
             ds = function_data(ds, options["model"], spec)
         if isinstance(ds, dict) and any(k in ds for k in INPUT_KEYS) or is_pair(ds):
             # (x, y) tensors were read as a data set of two items: "the model failed on an input (shape (1, 16, ...))"
-            return _from_object(ds, spec)
+            return _from_object(ds, spec, options.get("model"))
         if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
             raise UserError(  # said no more: an IterableDataset or a generator needs to be made indexable
                 f"{spec} returned a {type(ds).__name__}, not a map-style torch Dataset: the data is split into "

@@ -10,7 +10,14 @@ from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
 from cleanai_core.model_state import set_mode
 from cleanai_core.recovery import IGNORE_INDEX
-from cleanai_core.runtime import class_logits, find_logits, reads_as_regression, regression_targets
+from cleanai_core.runtime import (
+    class_logits,
+    find_logits,
+    move_to,
+    reads_as_regression,
+    regression_targets,
+    split_batch,
+)
 from cleanai_plugins.io.datasets import label_indices, not_class_labels
 
 log = logging.getLogger("cleanai")
@@ -36,17 +43,23 @@ def cleanai_evaluate(model, loader, device):
     quiet = not log.isEnabledFor(logging.INFO)
     with torch.no_grad():
         for batch in tqdm(loader, desc="evaluating", unit="batch", disable=quiet, leave=False):
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            if isinstance(batch, dict):  # the forward's inputs by name and labels (a model taking two images)
+                x, target = split_batch(batch)
+                if target is None:
+                    return {"accuracy_note": "the data has no labels"}
+            elif not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 return {"accuracy_note": "the data has no labels"}
-            x, target = batch[0], batch[1]
+            else:
+                x, target = batch[0], batch[1]
             if not isinstance(target, torch.Tensor):
                 return {"accuracy_note": f"the labels are a {type(target).__name__}, not a tensor of class indices"}
             y = label_indices(target) if target.dim() >= 1 else None
             if y is None and not target.is_floating_point():
                 return {"accuracy_note": not_class_labels(target)}
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            named = x if isinstance(x, dict) else {"": x}
+            if any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in named.values()):
                 raise UserError("the evaluation data contains NaN or inf values; clean the data and run again")
-            logits = find_logits(model(x.to(device)))
+            logits = find_logits(model(**move_to(x, device)) if isinstance(x, dict) else model(x.to(device)))
             # whole-number targets of a one-output model (ratings, counts) are a regression's too
             fractional = target.is_floating_point() and (y is None or regression or reads_as_regression(logits, target))
             if fractional:  # a regression where the targets are shaped like the outputs
