@@ -835,7 +835,7 @@ USER_MODELS = {
     "mixer": (lambda b: _images(b, 32), 25_674, 8_762, 8_762),
     "ops_net": (lambda b: _images(b, 16), 3_708, 1_604, 1_604),
     "gpt": (lambda b: _tokens(b, 16, 64), 28_032, 19_712, 19_712),
-    "non_local": (lambda b: _images(b, 8), 3_482, 1_234, 1_234),
+    "non_local": (lambda b: _images(b, 8), 3_482, 1_770, 1_770),  # inner groups whole by verification
     "ghost_range": (lambda b: _images(b, 8), 324, 160, 160),
     "gpt_math": (lambda b: _tokens(b, 16, 64), 28_032, 19_712, 19_712),
 }
@@ -889,29 +889,24 @@ def test_timm_caformer_prunes_its_attention_streams_unit_by_unit():
 # -- 6. views and channel ranges sized by stored numbers ------------------------------------------------
 
 
-def test_a_view_that_names_a_stored_width_follows_the_pruning(tmp_path):
+def test_a_view_that_names_a_stored_width_is_left_to_verification():
     """Wang et al.'s non-local block views ``g``'s, ``theta``'s and ``phi``'s outputs with
-    ``view(b, self.inter_channels, -1)`` and back with ``view(b, self.inter_channels, h, w)``:
-    both inner groups were kept whole by verification (``shape '[2, 16, 8, 8]' is invalid``;
-    1,770 of 3,482 parameters kept at 0.5). ``inter_channels`` is now a count of each group,
-    the two tied to keep as many channels (1,234 kept)."""
+    ``view(b, self.inter_channels, -1)``. A view's size that equals a stored number is not
+    made a count (the lead's merge, session 25): in attention the number of heads equals the
+    head width often enough (BEiT written by hand, tiny transformers configs: 4 heads of 4)
+    that such a count set ``num_heads`` from the head width. The inner groups stay whole by
+    verification, which names them, and the rest prunes exactly (3,482 -> 1,770)."""
     torch.manual_seed(0)
     model = _redrawn(NonLocalNet())
     x = _images(2, 8)
     graph = DependencyGraph(model, x)
-    for layer in ("nl.g", "nl.theta"):
-        assert [(g.size, g.prunable) for g in groups_with(graph, layer, "out")] == [(16, 16)]
-    counts = sorted(s.name for s in graph.slices if s.kind == "count")
-    assert counts == ["nl.inter_channels=0", "nl.inter_channels=1", "nl.inter_channels=2"]
-    report = check_pruner(model, x, ratio=0.5)
-    assert report.kept_whole == () and report.output_shapes_equal and report.max_abs_diff < 1e-5
+    assert not [s.name for s in graph.slices if s.kind == "count"]
     pruner = StructuredPruner(model, x, "magnitude", pruning_ratio=0.5)
     small = pruner.prune()
-    assert (n_params(model), n_params(small)) == (3482, 1234) and len(pruner.skipped_groups) == 0
-    nl = small.nl
-    assert nl.inter_channels == nl.g.out_channels == nl.theta.out_channels == nl.W[0].in_channels == 8
-    assert model.nl.inter_channels == 16
-    _reloads(tmp_path, small, pruner, "test_models_17:non_local", x)
+    assert (n_params(model), n_params(small)) == (3482, 1770) and len(pruner.skipped_groups) > 0
+    assert small.nl.inter_channels == small.nl.g.out_channels == small.nl.theta.out_channels == 16
+    report = check_pruner(model, x, ratio=0.5)
+    assert report.output_shapes_equal and report.max_abs_diff < 1e-5
 
 
 def test_a_channel_range_bounded_by_a_stored_number_follows_the_pruning(tmp_path):

@@ -339,8 +339,6 @@ def reshape_label(ctx, src: TRef, out: TRef, sizes: list | None = None) -> None:
         offset = offset + torch.arange(so[k]).reshape(shape) * strides[k]
     grid = lab.atoms[(offset // inner) % c]
     if len(dims) == 1:
-        if sizes is not None and sizes[dims[0]] == c == so[dims[0]]:  # ``view(b, self.c, -1)``: no -1 there
-            _count_stored(ctx, c, grid.reshape(-1))
         single = c == so[-1] and len(so) > src.ndim  # a size-1 dim put in, not (B, 1 token, C) merged
         if ctx.keeps_whole_heads() and single and dims[0] == len(so) - 1 and so[-2] == 1 < so[-1]:
             # (..., 1, head_dim): a single head (multi-query attention's key and value)
@@ -693,17 +691,6 @@ def split(call, ctx):
     for o, s in zip(outs, sizes, strict=True):  # keeps the origin: attention can still ask for whole heads
         ctx.set_label(o, dim, lab.atoms[start : start + s], lab.origin)
         start += s
-
-
-def _count_stored(ctx, width: int, atoms) -> None:
-    """A view that names the channels' width (``view(b, self.inter_channels, -1)``: Wang et
-    al.'s non-local block) where its module holds it in one attribute: that attribute
-    becomes a ``count`` slice of the channels, so it follows them. Before 2026-12-02 the
-    view kept its number and the pruned model failed to run (``shape '[2, 16, 8, 8]' is
-    invalid``): verification kept the groups whole."""
-    counts = _stored_counts(ctx, [width])
-    if counts is not None:
-        ctx.counted(counts[width], atoms)
 
 
 def _stored_counts(ctx, sizes: list[int]) -> dict[int, str] | None:
