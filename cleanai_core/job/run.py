@@ -319,6 +319,13 @@ def _execute(
         removed = pruner.plan().n_pruned
     if not cfg.get("prune_dead_only") and removed == 0:  # a copy of the input would be written as the result
         raise UserError(f"{pruner.why_nothing_pruned()} (--round-to, --ratio, --layer-ratio); nothing was written.")
+    if cfg.get("prune_dead_only") and removed == 0:  # a valid finding, not an error: said, then written as asked
+        warnings.warn(
+            "--prune-dead-only: no unit is dead (never activates) on --data, so the model written is the input, "
+            "unpruned; to make it smaller, prune by score (--ratio, --target-params or --target-flops)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     before_acc = _evaluate(pm, model, eval_loader, device)
     repeats = int(cfg.get("latency_repeats") or 20)
     stored = cfg.get("_stored_dtype")  # the dtype the folder is written in (bfloat16), narrower than the computing one
