@@ -446,8 +446,10 @@ class TraceContext:
         counts ``atoms`` (a split's part sized ``self.c``): a ``"count"`` slice
         (:data:`COUNT_MARK`), so pruning sets it to the number of those channels kept. Every
         op that reads it gets a slice of its own, tied to the others by ``same_count``: the
-        channels each counts keep as many, not the same indices (the non-local block's
-        ``view(b, self.inter_channels, -1)`` of ``g``'s and of ``theta``'s outputs)."""
+        channels each counts keep as many, not the same indices (two splits of different
+        tensors that both read ``self.c``). A view's
+        size equal to a stored number is no count: a head count equal to the head width made
+        one of the head width."""
         scope = getattr(self.event, "scope", None) or ""
         key = f"{scope}.{attr}" if scope else attr
         same = [s for s in self.slices.values() if s.kind == "count" and s.same_count == key]
