@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from cleanai_core import hookimpl
 from cleanai_core.graph.findings import SAME_SHARE
-from cleanai_plugins.layers.linear import no_new_bias
+from cleanai_plugins.layers.linear import NO_NEW_BIAS, no_new_bias
 from cleanai_plugins.layers.norm import LayerNormPruner, RMSNormPruner
 from cleanai_plugins.mappers.gqa import GQA_QUERY_HEADS
 from cleanai_plugins.mappers.matmul import slices_head_inputs
@@ -49,7 +49,7 @@ from cleanai_plugins.zoo.transformers.attention import (
 from cleanai_plugins.zoo.transformers.bias import undeclarable
 from cleanai_plugins.zoo.transformers.config import fix_config
 from cleanai_plugins.zoo.transformers.conv1d import Conv1DPruner
-from cleanai_plugins.zoo.transformers.derived import derived_mlp_ties
+from cleanai_plugins.zoo.transformers.derived import MLP_STEPS, SteppedLinearPruner, derived_mlp_ties
 from cleanai_plugins.zoo.transformers.experts import ExpertsPruner, is_experts
 from cleanai_plugins.zoo.transformers.fills import FILLS, HeadsFill
 from cleanai_plugins.zoo.transformers.flat_experts import FlatExpertsPruner, is_flat_experts
@@ -152,6 +152,7 @@ def cleanai_prepare_model(model):
     rebuilt = {p for m in modules for p in rebuilt_projections(m)}
     ties = (shared_expert_ties(model), derived_mlp_ties(model))
     same = set().union(*((t or {}).get(SAME_SHARE, set()) for t in ties))
+    steps = (ties[1] or {}).get(MLP_STEPS)
     found = {
         **({SAME_SHARE: same} if same else {}),
         **(allow_channel_ranges(*fused) if fused else {}),
@@ -159,6 +160,7 @@ def cleanai_prepare_model(model):
         **(slices_head_inputs(*alibi) if alibi else {}),
         **({INPUT_WIDTH_QUERIES: tied} if tied else {}),
         **({REBUILT_PROJECTIONS: rebuilt} if rebuilt else {}),
+        **({MLP_STEPS: steps} if steps else {}),
     }
     return found or None
 
@@ -191,6 +193,8 @@ def cleanai_layer_pruner(module, findings=None):
         return TiedLinearPruner(1)
     if module in (findings or {}).get(REBUILT_PROJECTIONS, ()):
         return FrozenLinearPruner(REBUILT)
+    if module in (findings or {}).get(MLP_STEPS, {}):
+        return SteppedLinearPruner(findings[MLP_STEPS][module], module not in findings.get(NO_NEW_BIAS, ()))
     conv1d = _conv1d_class()
     if conv1d is not None and isinstance(module, conv1d):
         return Conv1DPruner()

@@ -305,13 +305,52 @@ def _child_out(module: nn.Module, name: str, child: str) -> tuple[str, int] | No
     return None if w is None else (f"{name}.{child}" if name else child, w)
 
 
+#: (query, key/value) projections whose rows are ``(heads, rows of one head)``, for attention modules whose head
+#: counts :func:`head_counts` cannot read (its fix-ups leave their heads whole): latent attention's
+#: ``q_b_proj`` (or ``q_proj``) beside ``kv_b_proj`` (DeepSeek-V2/V3, MiniCPM3: a head's keys and values in one
+#: block), CTRL's ``Wq`` / ``Wk``, Funnel's ``q_head`` / ``k_head``
+ROWS_PER_HEAD = (("q_b_proj", "kv_b_proj"), ("q_proj", "kv_b_proj"), ("Wq", "Wk"), ("q_head", "k_head"))
+
+
+def _rows_per_head(module: nn.Module, name: str) -> HeadLayout | None:
+    """The heads of an attention module of :data:`ROWS_PER_HEAD`: its heads attribute
+    (``num_heads``, ``n_head``; its config's where it keeps none, as Funnel's) splits each projection's
+    rows into that many equal blocks."""
+    mp = getattr(module, "mp_num", None)
+    fused = _child_out(module, name, "qkv_proj")
+    if isinstance(mp, int) and fused is not None:  # CodeGen: rows (mp_num, [q, v, k] of heads / mp_num heads each)
+        return _model_parallel_blocks(module, name, mp, *fused)
+    holder = next((h for h in (module, getattr(module, "config", None)) if _int_attr(h, HEADS_ATTRS)), None)
+    heads = getattr(holder, _int_attr(holder, HEADS_ATTRS)) if holder is not None else 0
+    for q, k in ROWS_PER_HEAD:
+        query, key = _child_out(module, name, q), _child_out(module, name, k)
+        if heads > 0 and query is not None and key is not None and query[1] % heads == key[1] % heads == 0:
+            parts = [HeadSlice(at, "out", heads_in_rows(w, w // heads)) for at, w in (query, key)]
+            return HeadLayout(name, *parts)
+    return None
+
+
+def _model_parallel_blocks(module: nn.Module, name: str, mp: int, at: str, width: int) -> HeadLayout | None:
+    """CodeGen's ``qkv_proj``: ``mp`` blocks, each the queries, values and keys of ``heads / mp``
+    heads in turn (its ``mp_num`` and ``head_dim``)."""
+    heads, hd = getattr(module, "num_attention_heads", None), getattr(module, "head_dim", None)
+    if not isinstance(heads, int) or not isinstance(hd, int) or heads % mp or width != 3 * heads * hd:
+        return None
+    local = heads // mp * hd  # rows of one part of a block
+    q, k = (torch.full((width,), -1, dtype=torch.int64) for _ in range(2))
+    for h in range(heads):
+        row = h // (heads // mp) * 3 * local + h % (heads // mp) * hd
+        q[row : row + hd], k[row + 2 * local : row + 2 * local + hd] = h, h
+    return HeadLayout(name, HeadSlice(at, "out", q), HeadSlice(at, "out", k))
+
+
 def head_layout(module: nn.Module, name: str) -> HeadLayout | None:
     """Where the query and key/value heads of a transformers attention module lie in its
     projections' output channels (the forms :func:`head_counts` reads), ``None`` where the
     counts cannot be read."""
     counts = head_counts(module)
     if counts is None:
-        return None
+        return _rows_per_head(module, name)
     heads, kv, hd = counts
 
     def rows(at: str, width: int, start: int, count: int, stride: int = 0) -> HeadSlice:

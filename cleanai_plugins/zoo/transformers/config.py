@@ -91,7 +91,7 @@ _SHARED_UP = re.compile(
 )
 #: the MLP width's key, the first the config has (``decoder_ffn_dim``: a decoder-only config, TrOCR's)
 _MLP_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim", "ffn_hidden_size", "d_inner", "dff",
-             "dim_ff", "decoder_ffn_dim", "feed_forward_size")  # fmt: skip
+             "dim_ff", "decoder_ffn_dim", "feed_forward_size", "intermediate_multiple_size")  # fmt: skip
 
 
 #: config keys that give shared experts a width of their own (Qwen2-MoE's, GraniteMoeShared's, Nemotron-H's)
