@@ -43,15 +43,19 @@ def _run(model, inputs):
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
-@pytest.mark.parametrize("family", ["minicpm3", "deepseek-v2", "deepseek-v3", "ctrl", "funnel", "codegen"])
+@pytest.mark.parametrize("family", ["minicpm3", "deepseek-v2", "deepseek-v3", "ctrl", "funnel", "codegen", "moshi"])
 def test_head_layouts_name_the_rows_that_feed_each_head(family):
     """Latent attention (``q_b_proj`` / ``q_proj`` beside ``kv_b_proj``), CTRL (``Wq`` /
     ``Wk``), Funnel (``q_head`` / ``k_head``, its head count in the config only) and
-    CodeGen (``qkv_proj`` in ``mp_num`` blocks of [q, v, k]) had no head layout: the
+    CodeGen (``qkv_proj`` in ``mp_num`` blocks of [q, v, k]) and Moshi (``q_proj`` wrapping
+    its ``linear``) had no head layout: the
     report's ``attention_heads`` was empty. Each layout is checked against the model: zeroing
     the rows it gives to head ``h`` changes exactly head ``h``'s columns of the output
     projection's input, for the query and the key/value parts."""
-    model, inputs, _ = hf_families.build(family)
+    if family == "moshi":
+        model, inputs = SWEEP["moshi"][0](), {"input_ids": ids(1, 8)}
+    else:
+        model, inputs, _ = hf_families.build(family)
     inputs = inputs[0] if isinstance(inputs, tuple) else inputs
     name, attn = next((n, m) for n, m in model.named_modules() if is_attention(m) and head_layout(m, n))
     layout = head_layout(attn, name)

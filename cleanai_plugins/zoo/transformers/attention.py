@@ -301,15 +301,22 @@ def fix_attention(module: nn.Module, kv_kept: bool = False, shared_kv: int | Non
 
 
 def _child_out(module: nn.Module, name: str, child: str) -> tuple[str, int] | None:
-    w = proj_width(getattr(module, child, None))
+    """``(module name, output width)`` of the projection ``child``, or of the ``linear`` it
+    wraps (Moshi's ``MoshiLinear``)."""
+    sub = getattr(module, child, None)
+    w = proj_width(sub)
+    if w is None and proj_width(getattr(sub, "linear", None)) is not None:
+        child, w = f"{child}.linear", proj_width(sub.linear)
     return None if w is None else (f"{name}.{child}" if name else child, w)
 
 
 #: (query, key/value) projections whose rows are ``(heads, rows of one head)``, for attention modules whose head
 #: counts :func:`head_counts` cannot read (its fix-ups leave their heads whole): latent attention's
 #: ``q_b_proj`` (or ``q_proj``) beside ``kv_b_proj`` (DeepSeek-V2/V3, MiniCPM3: a head's keys and values in one
-#: block), CTRL's ``Wq`` / ``Wk``, Funnel's ``q_head`` / ``k_head``
-ROWS_PER_HEAD = (("q_b_proj", "kv_b_proj"), ("q_proj", "kv_b_proj"), ("Wq", "Wk"), ("q_head", "k_head"))
+#: block, as many as the query heads), CTRL's ``Wq`` / ``Wk``, Funnel's ``q_head`` / ``k_head``, wrapped
+#: ``q_proj`` / ``k_proj`` (Moshi's); but for latent attention, a key/value head is as wide as a query head
+ROWS_PER_HEAD = (("q_b_proj", "kv_b_proj"), ("q_proj", "kv_b_proj"), ("Wq", "Wk"), ("q_head", "k_head"),
+                 ("q_proj", "k_proj"))  # fmt: skip
 
 
 def _rows_per_head(module: nn.Module, name: str) -> HeadLayout | None:
@@ -324,8 +331,12 @@ def _rows_per_head(module: nn.Module, name: str) -> HeadLayout | None:
     heads = getattr(holder, _int_attr(holder, HEADS_ATTRS)) if holder is not None else 0
     for q, k in ROWS_PER_HEAD:
         query, key = _child_out(module, name, q), _child_out(module, name, k)
-        if heads > 0 and query is not None and key is not None and query[1] % heads == key[1] % heads == 0:
-            parts = [HeadSlice(at, "out", heads_in_rows(w, w // heads)) for at, w in (query, key)]
+        wrapped = k != "k_proj" or proj_width(getattr(module, q, None)) is None  # a plain q_proj: head_counts' own
+        if heads <= 0 or query is None or key is None or query[1] % heads or not wrapped:
+            continue
+        kv = heads if k == "kv_b_proj" else key[1] // (query[1] // heads)
+        if kv > 0 and key[1] % kv == 0:
+            parts = [HeadSlice(at, "out", heads_in_rows(w, w // n)) for (at, w), n in ((query, heads), (key, kv))]
             return HeadLayout(name, *parts)
     return None
 
