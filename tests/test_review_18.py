@@ -174,3 +174,45 @@ def test_a_masked_lm_report_says_its_perplexity_is_of_the_masked_tokens() -> Non
     report |= {"perplexity_before": result["perplexity"], "perplexity_after": result["perplexity"]}
     assert "the masked tokens" not in render_markdown(report)
     assert MASKED_LM_NOTE in render_markdown({**report, "metric_note": MASKED_LM_NOTE})
+
+
+# -- --prune-dead-only where the dead units cannot go ---------------------------------------------------
+
+_DEAD_NET = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():  # channels 0-3 of the first conv never activate
+        m[0].weight[:4] = 0
+        m[0].bias[:4] = -1.0
+    return m
+"""
+
+
+def test_prune_dead_only_names_dead_units_it_cannot_remove(tmp_path, monkeypatch):
+    """4 of the first conv's 8 channels never activate, and ``--ignore 0`` keeps that conv whole: the run
+    said "--prune-dead-only: no unit is dead (never activates) on --data"; without --ignore they go."""
+    from cleanai_core.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "deadnet.py").write_text(_DEAD_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    torch.save((torch.randn(24, 3, 8, 8), torch.randint(0, 4, (24,))), "d.pt")
+    args = ["prune", "--model", "deadnet:build", "--data", "d.pt", "-q", "--prune-dead-only", "--latency-repeats", "1"]
+    with pytest.warns(RuntimeWarning) as seen:
+        assert main([*args, "--out", "o", "--ignore", "0"]) == 0
+    said = " ".join(str(w.message) for w in seen)
+    assert "--prune-dead-only: 4 unit(s) never activate on --data (4 of the 8 input channels of '2')" in said
+    assert "none can be removed: they are in groups kept whole (ignored layers" in said
+    assert "no unit is dead" not in said
+    assert main([*args, "--out", "o2"]) == 0  # not ignored: the 4 dead channels go
+    import json
+
+    report = json.loads((tmp_path / "o2" / "report.json").read_text())
+    assert report["params_before"] - report["params_after"] == 4 * (27 + 1) + 4 * 9 * 8

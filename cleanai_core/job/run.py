@@ -336,9 +336,11 @@ def _execute(
     if not cfg.get("prune_dead_only") and removed == 0:  # a copy of the input would be written as the result
         raise UserError(f"{pruner.why_nothing_pruned()} (--round-to, --ratio, --layer-ratio); nothing was written.")
     if cfg.get("prune_dead_only") and removed == 0:  # a valid finding, not an error: said, then written as asked
+        # why: no dead unit, or dead ones that cannot go (an --ignore'd layer's: "no unit is dead" misled)
+        why = pruner.why_nothing_pruned().removeprefix("the plan removes no unit: ")
         warnings.warn(
-            "--prune-dead-only: no unit is dead (never activates) on --data, so the model written is the input, "
-            "unpruned; to make it smaller, prune by score (--ratio, --target-params or --target-flops)",
+            f"--prune-dead-only: {why.replace('the calibration data', '--data')}, so the model written is the "
+            "input, unpruned; to make it smaller, prune by score (--ratio, --target-params or --target-flops)",
             RuntimeWarning,
             stacklevel=2,
         )
