@@ -69,9 +69,9 @@ def heads_in_rows(width: int, head_dim: int, start: int = 0, count: int | None =
 
 def head_layouts(model: nn.Module, pm: Any = None) -> list[HeadLayout]:
     """The head layouts the plugins find in ``model`` (the first answer per module wins)."""
-    from cleanai_core.plugins import get_plugin_manager
+    from cleanai_core.plugins import plugin_manager
 
-    pm = pm or get_plugin_manager()
+    pm = plugin_manager(pm, "head_layouts")
     seen: dict[str, HeadLayout] = {}
     for answer in pm.hook.cleanai_attention_heads(model=model):
         for layout in answer or []:

@@ -301,7 +301,9 @@ def cleanai_load_dataset(spec: str, options: dict[str, Any]) -> Any | None:
 def cleanai_evaluate(model: nn.Module, loader: Any, device: torch.device) -> dict[str, float] | None:
     """Evaluate a model on labelled data; return metrics such as ``{"accuracy": 0.93}``,
     ``{"accuracy_note": "why accuracy does not apply"}`` (shown to the user and kept in
-    ``report.json``), or ``None`` when not yours. Stops at first non-None result."""
+    ``report.json``), ``"metric_note"`` saying what the numbers measure (a masked LM's: its
+    masked tokens; a note under the report's headline), or ``None`` when not yours. Stops at
+    first non-None result."""
 
 
 @hookspec

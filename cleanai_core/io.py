@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -238,11 +239,7 @@ def save_pruned(
         warnings.warn(f"save_pruned: {problem}; the folder is written all the same", RuntimeWarning, stacklevel=2)
     elif problem:  # written, then refused by load_pruned as "damaged or tampered with"
         raise UserError(f"save_pruned: {problem}. Nothing was written.")
-    if example_input_shape is not None and (
-        not isinstance(example_input_shape, (list, tuple))
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in example_input_shape)
-    ):
-        raise UserError(f"example_input_shape={example_input_shape!r} must be a list of sizes (e.g. [1, 3, 224, 224])")
+    _check_input_shape(model, example_input_shape)
     foreign = _foreign_own_files(out)
     if foreign:  # a project folder's own model.pt (the unpruned weights) was replaced without a word
         raise UserError(
@@ -282,6 +279,50 @@ def save_pruned(
         if before:
             _carry_over(target, tmp, skip=(*OWN_FILES, *written, *_earlier_outputs(target)))
     return out
+
+
+def _check_input_shape(model: nn.Module, shape: Any) -> None:
+    """A :class:`UserError` where ``example_input_shape`` is out of form, or where the
+    pruned ``model`` does not run on it. ``load_pruned`` runs the rebuilt model once on
+    zeros of that shape (batch of one, the model's floating dtype) to give lazy layers their
+    shapes and to check the saved settings, and ``cleanai explain FOLDER`` traces it: a
+    shape the model cannot take was written without a word (only its form was checked), and
+    a size of 0 was written and then ignored at load. Zeros of integer dtype are tried
+    where floating ones fail (token ids). Shapes of more than 2**24 values are checked for
+    form only, as ``load_pruned`` does not run them either."""
+    from cleanai_core.model_state import preserved
+    from cleanai_core.runtime import device_of
+
+    if shape is None:
+        return
+    if (
+        not isinstance(shape, (list, tuple))
+        or not 1 <= len(shape) <= 8
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        raise UserError(
+            f"example_input_shape={shape!r} must be a list of 1 to 8 positive sizes, the shape of one input "
+            "(e.g. [1, 3, 224, 224])"
+        )
+    probe_shape = (1, *shape[1:])  # what load_pruned runs: a batch of one
+    if math.prod(probe_shape) > 2**24:
+        return
+    device = device_of(model) or torch.device("cpu")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    failures = []
+    for kind in (dtype, torch.long):
+        try:
+            with torch.no_grad(), preserved(model):  # in eval mode; modes, buffers and attributes put back
+                model(torch.zeros(probe_shape, dtype=kind, device=device))
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure of the forward is the answer
+            failures.append(f"{str(kind).removeprefix('torch.')}: {type(exc).__name__}: {str(exc)[:160]}")
+    raise UserError(
+        f"save_pruned: example_input_shape={list(shape)} does not run the pruned model: zeros of shape "
+        f"{list(probe_shape)} (a batch of one, as load_pruned runs it to give lazy layers their shapes and check "
+        f"the saved settings) failed ({'; '.join(failures)}). Give the shape of one input as the model takes it "
+        "(e.g. [1, 3, 224, 224]), or leave example_input_shape out. Nothing was written."
+    )
 
 
 def _save_outputs(model: nn.Module, folder: Path, example: Any, spec: str, report: dict[str, Any] | None) -> list[str]:
@@ -459,10 +500,10 @@ def _meta_rebuild(spec: str, options: dict[str, Any], history: Any, pm: Any = No
     forward; ``None`` where the loader gives no module. Failures raise, as the loader's."""
     import warnings
 
-    from cleanai_core.plugins import get_plugin_manager, load_model
+    from cleanai_core.plugins import load_model, plugin_manager
     from cleanai_core.saved_folder import lazy_module, replay_history
 
-    pm = pm or get_plugin_manager()
+    pm = plugin_manager(pm, "_meta_rebuild")
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fresh = load_model(pm, spec, options)

@@ -30,6 +30,7 @@ __all__ = [
     "PluginFailure",
     "PluginInfo",
     "get_plugin_manager",
+    "plugin_manager",
     "list_plugins",
     "make_plugin_manager",
     "process_plugin_manager_restored",
@@ -198,10 +199,26 @@ def get_plugin_manager() -> CleanAIPluginManager:
     return _PM
 
 
+def plugin_manager(pm: Any, who: str) -> pluggy.PluginManager:
+    """``pm`` as the plugin manager ``who`` (a function or class taking ``pm=``) uses: the
+    process-wide one (:func:`get_plugin_manager`) where ``pm`` is ``None``. Anything but a
+    ``pluggy.PluginManager`` is a :class:`TypeError` naming the type wanted:
+    ``DependencyGraph(model, x, pm="x")`` raised ``AttributeError: 'str' object has no
+    attribute 'hook'`` from deep in the trace, and a falsy ``pm=0`` was silently replaced."""
+    if pm is None:
+        return get_plugin_manager()
+    if not isinstance(pm, pluggy.PluginManager):
+        raise TypeError(
+            f"{who}: pm={pm!r} (a {type(pm).__name__}) must be a pluggy.PluginManager, e.g. "
+            "cleanai_core.plugins.make_plugin_manager() or get_plugin_manager(); or None for the process-wide one"
+        )
+    return pm
+
+
 def input_forms(kind: str, pm: Any = None) -> str:
     """What the installed loaders accept as ``kind`` (``"model"`` or ``"data"``), joined
     from the ``cleanai_input_forms`` hook, for messages."""
-    pm = pm or get_plugin_manager()
+    pm = plugin_manager(pm, "input_forms")
     forms = [f[kind] for f in pm.hook.cleanai_input_forms() if f and f.get(kind)]
     return "; or ".join(forms) if forms else f"a {kind} spec an installed loader plugin reads"
 
@@ -234,7 +251,7 @@ def temporary_plugin(plugin: Any, name: str | None = None, pm: pluggy.PluginMana
         with temporary_plugin(MyPlugin(), name="mine"):
             graph = DependencyGraph(model, x)
     """
-    pm = pm or get_plugin_manager()
+    pm = plugin_manager(pm, "temporary_plugin")
     registered = pm.register(plugin, name=name)
     try:
         pm.check_pending()
@@ -245,7 +262,7 @@ def temporary_plugin(plugin: Any, name: str | None = None, pm: pluggy.PluginMana
 
 def list_plugins(pm: CleanAIPluginManager | None = None) -> list[PluginInfo]:
     """Every registered plugin with where it came from and the hooks it implements."""
-    pm = pm or get_plugin_manager()
+    pm = plugin_manager(pm, "list_plugins")
     out = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:

@@ -631,6 +631,8 @@ class StructuredPruner:
         """Why a plan removes no unit although groups can shrink: the rounding, the minimum
         width or a ratio too small for the widths (the run used to succeed silently)."""
         groups = self.plan().groups
+        if self.prune_dead_only:
+            return _why_no_dead_unit_pruned(self.graph, self.stats)
         # the groups given a ratio above 0 (a ratio of 0 keeps a layer whole on purpose): a
         # 0.2 for one conv of 64 channels at round_to=16 (12 units, rounded back to 64) was
         # blamed on "the ratio leaves less than one unit to remove"
@@ -923,6 +925,24 @@ class StructuredPruner:
         Call after :meth:`prune`."""
         with reads_preserved(self.model):
             return pruner_report(self)
+
+
+def _why_no_dead_unit_pruned(graph: DependencyGraph, stats: Mapping[Any, Any]) -> str:
+    """Why ``prune_dead_only`` removes nothing: no unit is dead on the calibration data, or the
+    dead ones lie where they cannot go. ``cleanai prune --prune-dead-only`` said "no unit is
+    dead" also where 4 of a conv's 8 channels never activated and ``--ignore`` kept the conv."""
+    from cleanai_core.dead_units import find_dead_units
+
+    found = [f for f in find_dead_units(graph, stats) if f.dead]
+    if not found:
+        return "the plan removes no unit: no unit is dead (never activates) on the calibration data"
+    where = ", ".join(f"{len(f.dead)} of the {f.channels} input channels of {f.layer!r}" for f in found[:4])
+    return (
+        f"the plan removes no unit: {sum(len(f.dead) for f in found)} unit(s) never activate on the calibration "
+        f"data ({where}{', ...' if len(found) > 4 else ''}), but none can be removed: they are in groups kept whole "
+        "(ignored layers, channels that reach the model's output or another frozen group: `cleanai explain` "
+        "names them), another reader of them sees them live, or min_channels keeps them"
+    )
 
 
 def _check_graph_of(graph: Any, model: Any, who: str) -> None:

@@ -124,6 +124,7 @@ _NOTES = (
     ("scored_samples", "{} of them scored the channels"),
     ("evaluation_samples", "{} held-out evaluation samples"),
     ("accuracy_note", "accuracy not measured: {}"),
+    ("metric_note", "{}"),  # what the evaluator's numbers measure (a masked LM's: the masked tokens)
 )
 
 

@@ -607,9 +607,9 @@ def read_probe(path: Path, model: nn.Module, device: Any) -> torch.Tensor | None
 
 
 def _check_settings(path: Path, model: nn.Module, names: Any, pm: Any) -> None:
-    from cleanai_core.plugins import get_plugin_manager
+    from cleanai_core.plugins import plugin_manager
 
-    pm = pm or get_plugin_manager()
+    pm = plugin_manager(pm, "_check_settings")
     modules = dict(model.named_modules())
     for name in names:
         m = modules[name]

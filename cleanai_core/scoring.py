@@ -459,9 +459,12 @@ def score_groups(importance: Any, graph: DependencyGraph, ctx: ScoringContext) -
             f"pruner.collect_activations(loader) first{held}, or choose a data-free importance such as 'magnitude'"
         )
     out = {}
+    nan_groups: list[tuple[Group, int]] = []  # a registered criterion's groups with NaN scores, and how many
     for g in groups:
         s = _unit_scores(importance, importance(g, ctx), g)
-        if bool(s.isnan().any()) and type(importance) not in _collect("cleanai_importances").values():
+        if bool(s.isnan().any()) and type(importance) in _collect("cleanai_importances").values():
+            nan_groups.append((g, int(s.isnan().sum())))
+        elif bool(s.isnan().any()):
             # a criterion of the user's (a function, an object no plugin registers): its NaN were read as 0,
             # so those units went first, and a group of NaN lost units by index, without a word
             name = getattr(importance, "__name__", None) or type(importance).__name__
@@ -471,7 +474,30 @@ def score_groups(importance: Any, graph: DependencyGraph, ctx: ScoringContext) -
                 "(inf keeps a unit)"
             )
         out[g.id] = torch.nan_to_num(s, nan=0.0)
+    if nan_groups:
+        _warn_nan_scores(importance_name(importance), nan_groups)
     return out
+
+
+def _warn_nan_scores(name: str, nan_groups: list[tuple[Group, int]]) -> None:
+    """One warning for a registered criterion's NaN scores, naming it and the layers: they
+    are read as 0, the lowest score (those units go first), as before 2026-12-03, when they
+    were read so without a word. A registered criterion (a built-in, a plugin's) gives NaN
+    from non-finite statistics (activations that overflow float16, a NaN in the data), not
+    by design, so the run goes on; a criterion of the user's own is refused instead."""
+    import warnings
+
+    units = sum(n for _, n in nan_groups)
+    layers = list(dict.fromkeys(m for g, _ in nan_groups for m in g.modules()))
+    shown_layers = ", ".join(repr(m) for m in layers[:4]) + (", ..." if len(layers) > 4 else "")
+    warnings.warn(
+        f"importance {name!r} gave NaN scores for {units} unit(s) in {len(nan_groups)} group(s) (layers "
+        f"{shown_layers}): they are read as 0, the lowest score, so those units are pruned first. NaN scores come "
+        "from non-finite statistics or gradients (a NaN in the calibration data, activations that overflow "
+        "float16); check the data, or collect in float32",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _unit_scores(importance: Any, scores: Any, g: Group) -> torch.Tensor:

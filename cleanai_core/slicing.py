@@ -18,7 +18,7 @@ from cleanai_core.graph.dependency import resolve_modules
 from cleanai_core.graph.findings import ModelFindings, prepare_model
 from cleanai_core.interfaces import keep_positions, replace_param
 from cleanai_core.model_state import copy_model, copy_tensor, drop_user_hooks, user_hooks
-from cleanai_core.plugins import get_plugin_manager
+from cleanai_core.plugins import plugin_manager
 
 __all__ = [
     "ModelFindings",
@@ -68,7 +68,7 @@ def apply_edits(model: nn.Module, edits: Iterable[SliceEdit], pm=None) -> list[s
     ``cleanai_after_prune`` hook runs on every module with the findings of that scan.
     """
     edits = list(edits)
-    pm = pm or get_plugin_manager()
+    pm = plugin_manager(pm, "apply_edits")
     findings = prepare_model(model, pm)
     changed = slice_tensors(model, edits, pm, findings)
     run_after_prune(model, edits, pm, findings)

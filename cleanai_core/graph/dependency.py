@@ -28,7 +28,7 @@ from cleanai_core.options import (
     check_not_meta,
     check_switches,
 )
-from cleanai_core.plugins import get_plugin_manager
+from cleanai_core.plugins import plugin_manager
 from cleanai_core.runtime import call_model, dtype_advice, plain_inputs
 
 __all__ = ["DependencyGraph", "Node", "prunable_graph", "resolve_modules"]
@@ -102,7 +102,7 @@ def resolve_modules(model: nn.Module, pm=None, findings: ModelFindings | None = 
 
     ``findings``: the model's :class:`ModelFindings`, handed to every claim; when not
     given, ``model`` is scanned here (:func:`prepare_model`)."""
-    pm = pm or get_plugin_manager()
+    pm = plugin_manager(pm, "resolve_modules")
     if findings is None:
         findings = prepare_model(model, pm)
     leaf_specs: list[Any] = []
@@ -170,7 +170,7 @@ class DependencyGraph:
         check_callables(forward_fn=forward_fn, output_transform=output_transform)
         check_example_inputs(example_inputs)
         self.model = model
-        self.pm = pm or get_plugin_manager()
+        self.pm = plugin_manager(pm, "DependencyGraph")
         # in eval mode, its state put back: a spectral_norm weight read in training mode by a
         # plugin's scan rewrites its power-iteration vectors
         with reads_preserved(model):
@@ -712,6 +712,11 @@ def _coarse_choices(ctx: TraceContext, coarse: set[str], fine: dict[str, int]) -
     return changed
 
 
+#: how the "nothing in this model can be pruned" error says to let some outputs shrink, in
+#: Python; ``cleanai prune``, which has no ``output_transform``, says its own way instead
+OUTPUT_TRANSFORM_HINT = "pass output_transform=lambda out: <only the outputs to keep> if the others may shrink."
+
+
 def prunable_graph(
     model: nn.Module,
     example_inputs: Any,
@@ -750,7 +755,8 @@ def prunable_graph(
             )
             + (
                 "Channels that reach the model's output are kept so that its output shapes stay the same; "
-                "pass output_transform=lambda out: <only the outputs to keep> if the others may shrink. "
+                + OUTPUT_TRANSFORM_HINT
+                + " "
                 if outputs
                 else ""
             )

@@ -185,6 +185,15 @@ def execute(
             raise
 
 
+#: the command line's way to let a model's outputs shrink (it has no ``output_transform``)
+CLI_OUTPUT_HINT = (
+    "the command line has no output_transform: to let the others shrink, give --model a package.module:factory "
+    "(a function of your own module, importable from the current folder) that returns the model wrapped in a "
+    "module whose forward returns only the outputs to keep, or prune from Python with "
+    "StructuredPruner(..., output_transform=lambda out: <only the outputs to keep>)."
+)
+
+
 def _execute(
     cfg: dict[str, Any],
     model: Any,
@@ -196,6 +205,7 @@ def _execute(
     from torch.utils.data import DataLoader
 
     from cleanai_core import io as cio
+    from cleanai_core.graph.dependency import OUTPUT_TRANSFORM_HINT
     from cleanai_core.out_folder import staged_folder
     from cleanai_core.plugins import get_plugin_manager
     from cleanai_core.pruner import StructuredPruner
@@ -291,7 +301,13 @@ def _execute(
     if cfg.get("beta") is not None:
         importance_opts["activation_ratio"] = float(cfg["beta"])
     importance = get_importance(cfg["importance"], **importance_opts)
-    pruner = StructuredPruner(model, example, importance=importance, **pruner_options(cfg))
+    try:
+        pruner = StructuredPruner(model, example, importance=importance, **pruner_options(cfg))
+    except UserError as exc:
+        if OUTPUT_TRANSFORM_HINT not in str(exc):
+            raise
+        # the command line has no output_transform: its own way to let outputs shrink
+        raise UserError(str(exc).replace(OUTPUT_TRANSFORM_HINT, CLI_OUTPUT_HINT)) from exc
     pruner.collect_activations(
         calib_loader, num_batches=num_batches, progress=not quiet, sequential=bool(cfg.get("sequential"))
     )
@@ -320,9 +336,11 @@ def _execute(
     if not cfg.get("prune_dead_only") and removed == 0:  # a copy of the input would be written as the result
         raise UserError(f"{pruner.why_nothing_pruned()} (--round-to, --ratio, --layer-ratio); nothing was written.")
     if cfg.get("prune_dead_only") and removed == 0:  # a valid finding, not an error: said, then written as asked
+        # why: no dead unit, or dead ones that cannot go (an --ignore'd layer's: "no unit is dead" misled)
+        why = pruner.why_nothing_pruned().removeprefix("the plan removes no unit: ")
         warnings.warn(
-            "--prune-dead-only: no unit is dead (never activates) on --data, so the model written is the input, "
-            "unpruned; to make it smaller, prune by score (--ratio, --target-params or --target-flops)",
+            f"--prune-dead-only: {why.replace('the calibration data', '--data')}, so the model written is the "
+            "input, unpruned; to make it smaller, prune by score (--ratio, --target-params or --target-flops)",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -377,6 +395,8 @@ def _execute(
         "accuracy_before": before_acc.get("accuracy") if before_acc else None,
         "accuracy_after": after_acc.get("accuracy") if after_acc else None,
         "accuracy_note": _accuracy_note(accuracy_note, before_acc, after_acc),
+        # what the accuracy and perplexity measure where the evaluator says (a masked LM's: its masked tokens)
+        "metric_note": next((r["metric_note"] for r in (before_acc, after_acc) if r and r.get("metric_note")), None),
         "perplexity_before": before_acc.get("perplexity") if before_acc else None,
         "perplexity_after": after_acc.get("perplexity") if after_acc else None,
         **{f"mse_{k}": r["mse"] for k, r in (("before", before_acc), ("after", after_acc)) if r and "mse" in r},

@@ -587,6 +587,16 @@ def _no_logits_note(model: Any) -> str:
     )
 
 
+#: what a masked LM's accuracy and perplexity are (the report said "Perplexity (held-out)"
+#: with no word of which tokens, where a causal LM's says so)
+MASKED_LM_NOTE = (
+    "a masked language model: accuracy and perplexity are those of the masked tokens (the labels not -100; "
+    "the text data masks 15% of each document's tokens, a fixed draw), each predicted at its own position with "
+    "the rest of the text visible: not comparable with a causal LM's next-token perplexity, and not a "
+    "pseudo-perplexity (every token masked in turn, one forward per token)"
+)
+
+
 @hookimpl(trylast=True)
 def cleanai_evaluate(model, loader, device):
     """Perplexity for causal LMs; accuracy for sequence, token and multiple-choice
@@ -662,6 +672,7 @@ def cleanai_evaluate(model, loader, device):
             "perplexity": perplexity(nll, tokens),
             "loss": nll / tokens,
             "tokens": tokens,
+            "metric_note": MASKED_LM_NOTE,
             **own,
         }
     if tokens and kind == "token":  # the tags' accuracy; a tagger's "perplexity" would mislead
