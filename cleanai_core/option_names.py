@@ -6,6 +6,9 @@ Glossary:
   ``max_pruning_ratio``, ``pruning_ratio_dict``, ...) that users bring to CleanAI. Each is
   answered with CleanAI's way to say the same thing, not read as a second spelling.
 - *unknown name*: any other keyword; answered with the closest valid names.
+- *peer method*: a method of Torch-Pruning's pruner or graph (``pruner.step()``,
+  ``DG.get_pruning_group(...)``) looked up on CleanAI's: the ``AttributeError`` says
+  CleanAI's way.
 
 Without this, ``StructuredPruner(model, x, ch_sparsity=0.5)`` failed with Python's bare
 ``TypeError: ... got an unexpected keyword argument 'ch_sparsity'``."""
@@ -18,7 +21,7 @@ from typing import Any
 
 from cleanai_core.errors import UserError
 
-__all__ = ["PEER_NAMES", "check_option_names", "keywords"]
+__all__ = ["PEER_METHODS", "PEER_NAMES", "check_option_names", "keywords", "missing_attribute"]
 
 _LAYERS = "ignored_layers=[...] (modules, names, globs or types)"
 _HEADS = (
@@ -55,6 +58,50 @@ PEER_NAMES: Mapping[str, str] = {
     "head_pruning_ratio": _HEADS,
     "group_reduction": "the criterion's reducer=, e.g. get_importance('magnitude', reducer='sum')",
 }
+
+
+_NO_REGULARISER = (
+    "none: CleanAI has no sparse-training regulariser; prune in your training loop with GradualPruner, or add "
+    "lam * sum(bn.weight.abs().sum()) over the BatchNorms to your loss and rank with importance='bn_scale'"
+)
+
+# (class, Torch-Pruning's method) -> how CleanAI does it
+PEER_METHODS: Mapping[tuple[str, str], str] = {
+    ("StructuredPruner", "step"): (
+        "prune() (iterative_steps=N runs all the steps in one call); for step(interactive=True): plan = "
+        "pruner.plan(), edit each plan.groups[i].pruned, then pruner.build(plan.pruned_units())"
+    ),
+    ("StructuredPruner", "regularize"): _NO_REGULARISER,
+    ("StructuredPruner", "update_regularizer"): _NO_REGULARISER,
+    ("StructuredPruner", "update_regularizor"): _NO_REGULARISER,
+    ("StructuredPruner", "estimate_importance"): "score() (each group's unit scores, by group id)",
+    ("StructuredPruner", "pruning_history"): "pruner.history (a PruningHistory: to_json(), replay(fresh_model))",
+    ("StructuredPruner", "load_pruning_history"): "PruningHistory.from_json(text).replay(fresh_model)",
+    ("StructuredPruner", "DG"): "pruner.graph (the DependencyGraph)",
+    ("DependencyGraph", "get_pruning_group"): (
+        "removal(layer, idxs) (a third argument 'in' / 'channels' / 'hidden' names another slice): a mask "
+        "over the units for pruner.build(mask)"
+    ),
+    ("DependencyGraph", "get_all_groups"): "groups() (prunable_only=True: those that may shrink)",
+    ("DependencyGraph", "check_pruning_group"): (
+        "nothing: pruner.build(mask) refuses a mask that empties a layer or cuts frozen units, before slicing"
+    ),
+    ("DependencyGraph", "build_dependency"): "DependencyGraph(model, example_inputs), which traces when built",
+}
+
+
+def missing_attribute(obj: Any, name: str) -> Any:
+    """For ``obj.__getattr__``: raise the ``AttributeError`` for the missing attribute
+    ``name``, Python's message with CleanAI's way where ``name`` is one of Torch-Pruning's
+    methods. A property whose getter raised ``AttributeError`` (Python then calls
+    ``__getattr__``) is run again, so its own error is the one seen."""
+    prop = getattr(type(obj), name, None)
+    if isinstance(prop, property) and prop.fget is not None:
+        return prop.fget(obj)
+    owner = type(obj).__name__
+    way = next((PEER_METHODS[c.__name__, name] for c in type(obj).__mro__ if (c.__name__, name) in PEER_METHODS), None)
+    tail = f": {name} is Torch-Pruning's; CleanAI's way: {way}" if way else ""
+    raise AttributeError(f"{owner!r} object has no attribute {name!r}{tail}", name=name, obj=obj)
 
 
 def check_option_names(given: Iterable[str], known: Iterable[str], who: str) -> None:

@@ -35,7 +35,7 @@ from cleanai_core.model_state import (
     warn_user_hooks,
     writes_nothing,
 )
-from cleanai_core.option_names import check_option_names, keywords
+from cleanai_core.option_names import check_option_names, keywords, missing_attribute
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
 from cleanai_core.pruning_report import describe_importance, pruner_report
@@ -226,6 +226,10 @@ class StructuredPruner:
     :param prune_dead_only: remove exactly the units that never activate on the calibration
         data (:mod:`cleanai_core.dead_units`); the outputs on that data do not change.
     """
+
+    def __getattr__(self, name: str) -> Any:
+        # reached only for a missing attribute: Torch-Pruning's method names get CleanAI's way
+        return missing_attribute(self, name)
 
     def __init__(
         self,

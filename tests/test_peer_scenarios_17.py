@@ -1,7 +1,8 @@
 """A seventeenth set of the scenarios users bring from Torch-Pruning, written for CleanAI's
 API (see ``test_peer_scenarios.py`` to ``_16``): the peer's keyword names given to
 CleanAI's pruners (``ch_sparsity``, ``max_pruning_ratio``, ``pruning_ratio_dict``,
-``num_heads``, ...), which failed with Python's bare ``TypeError``; its ``FPGMImportance``
+``num_heads``, ...) and its method names (``pruner.step()``, ``DG.get_pruning_group``),
+which failed with Python's bare ``TypeError`` / ``AttributeError``; its ``FPGMImportance``
 (filters near the geometric median go first), which had no CleanAI criterion; and the
 peer's index-list scenarios for recurrent, transposed, grouped and depthwise layers, its
 two-input three-output network and its single-layer pruning functions.
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_peer_scenarios_6 import _seeded
-from test_peer_scenarios_16 import X, TransposeModel, _params
+from test_peer_scenarios_16 import TransposeModel, X, _params
 from torch import nn
 
 from cleanai_core import GradualPruner, PruningSchedule, StructuredPruner
@@ -74,6 +75,34 @@ def test_a_misspelt_or_unknown_option_is_answered_with_the_closest_valid_names()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(UserError, match=r"GradualPruner .*'max_pruning_ratio' is Torch-Pruning's.*max_layer_ratio="):
         GradualPruner(model, torch.randn(2, 6), opt, PruningSchedule(final=0.5, steps=2), max_pruning_ratio=0.8)
+
+
+@pytest.mark.parametrize(
+    "owner, method, cleanai",
+    [
+        ("pruner", "step", r"prune\(\) \(iterative_steps=N.*pruner.build\(plan.pruned_units\(\)\)"),
+        ("pruner", "regularize", "no sparse-training regulariser.*GradualPruner.*bn_scale"),
+        ("pruner", "update_regularizor", "no sparse-training regulariser"),
+        ("pruner", "pruning_history", "pruner.history"),
+        ("graph", "get_pruning_group", r"removal\(layer, idxs\)"),
+        ("graph", "get_all_groups", r"groups\(\)"),
+        ("graph", "check_pruning_group", "build\\(mask\\) refuses"),
+    ],
+)
+def test_torch_prunings_methods_are_answered_with_cleanais_way(owner, method, cleanai):
+    """``pruner.step()`` / ``DG.get_pruning_group(...)`` raised Python's bare ``AttributeError``;
+    the error now says CleanAI's way. It stays an ``AttributeError`` (``hasattr`` is false),
+    and other missing names keep Python's message."""
+    pruner = StructuredPruner(_mlp(), torch.randn(2, 6), "magnitude")
+    obj = pruner if owner == "pruner" else pruner.graph
+    cls = type(obj).__name__
+    with pytest.raises(
+        AttributeError, match=rf"'{cls}' object has no attribute '{method}': .*CleanAI's way: .*{cleanai}"
+    ):
+        getattr(obj, method)
+    assert not hasattr(obj, method)
+    with pytest.raises(AttributeError, match=rf"^'{cls}' object has no attribute 'zzz'$"):
+        obj.zzz  # noqa: B018
 
 
 def test_following_the_answer_gives_the_peers_result():
