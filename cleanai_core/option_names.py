@@ -21,7 +21,7 @@ from typing import Any
 
 from cleanai_core.errors import UserError
 
-__all__ = ["PEER_METHODS", "PEER_NAMES", "check_option_names", "keywords", "missing_attribute"]
+__all__ = ["PEER_IMPORTANCES", "PEER_METHODS", "PEER_NAMES", "check_option_names", "keywords", "missing_attribute"]
 
 _LAYERS = "ignored_layers=[...] (modules, names, globs or types)"
 _HEADS = (
@@ -87,6 +87,26 @@ PEER_METHODS: Mapping[tuple[str, str], str] = {
         "nothing: pruner.build(mask) refuses a mask that empties a layer or cuts frozen units, before slicing"
     ),
     ("DependencyGraph", "build_dependency"): "DependencyGraph(model, example_inputs), which traces when built",
+}
+
+
+# Torch-Pruning's importance classes (and the names its users shorten them to) -> CleanAI's criterion
+PEER_IMPORTANCES: Mapping[str, str] = {
+    "MagnitudeImportance": "'magnitude' (p= as its p)",
+    "GroupMagnitudeImportance": "'magnitude' (p= as its p)",
+    "GroupNormImportance": "'magnitude' (p=2: the squared group norm)",
+    "l1": "'magnitude' with p=1",
+    "l2": "'magnitude' (p=2, the default)",
+    "BNScaleImportance": "'bn_scale'",
+    "LAMPImportance": "'lamp'",
+    "TaylorImportance": "'taylor' (labelled calibration batches, or your own loss.backward() first)",
+    "GroupTaylorImportance": "'taylor' (labelled calibration batches, or your own loss.backward() first)",
+    "HessianImportance": "'hessian' (labelled calibration batches)",
+    "GroupHessianImportance": "'hessian' (labelled calibration batches)",
+    "OBDImportance": "'hessian' (labelled calibration batches)",
+    "OBDCImportance": "none; 'hessian' is OBD with the empirical Fisher's diagonal",
+    "RandomImportance": "'random'",
+    "FPGMImportance": "'fpgm'",
 }
 
 

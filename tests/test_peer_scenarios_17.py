@@ -105,6 +105,28 @@ def test_torch_prunings_methods_are_answered_with_cleanais_way(owner, method, cl
         obj.zzz  # noqa: B018
 
 
+@pytest.mark.parametrize(
+    "name, cleanai",
+    [
+        ("GroupNormImportance", "'magnitude' \\(p=2"),
+        ("MagnitudeImportance", "'magnitude' \\(p= as its p\\)"),
+        ("l1", "'magnitude' with p=1"),
+        ("TaylorImportance", "'taylor'"),
+        ("OBDCImportance", "none; 'hessian' is OBD"),
+        ("FPGMImportance", "'fpgm'"),
+    ],
+)
+def test_torch_prunings_importance_names_are_answered_with_cleanais_criterion(name, cleanai):
+    """``importance="GroupNormImportance"`` (or ``"l1"``) was "unknown importance" with the list;
+    now the error names CleanAI's criterion too. Another unknown name keeps the plain message."""
+    with pytest.raises(
+        UserError, match=rf"unknown importance '{name}' \(Torch-Pruning's name; CleanAI's criterion: {cleanai}"
+    ):
+        StructuredPruner(_mlp(), torch.randn(2, 6), name)
+    with pytest.raises(UserError, match=r"unknown importance 'nope'; choose one of: bn_scale, fpgm, hessian"):
+        get_importance("nope")
+
+
 def test_following_the_answer_gives_the_peers_result():
     """The peer's ``ch_sparsity=0.5, max_pruning_ratio=1.0`` on its ``TransposeModel``, in
     CleanAI's names: 16 + 64 channels halve to 8 + 32, in one step and in five."""

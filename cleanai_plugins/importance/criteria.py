@@ -184,7 +184,8 @@ class FPGMImportance:
         for spec in group.slices:
             rows = _filters(ctx, spec)
             if rows is not None and rows.shape[0] > 1:
-                d = torch.cdist(rows[None], rows[None], p=float(self.p))[0].sum(1)
+                # in blocks of rows: a 11008-filter MLP projection would hold a 1 GB distance matrix at once
+                d = torch.cat([torch.cdist(b, rows, p=float(self.p)).sum(1) for b in rows.split(1024)])
                 terms.append(mean_normalized(ctx.per_unit(group, spec, d)))
         if not terms:
             return self.fallback(group, ctx)
@@ -196,7 +197,7 @@ def _filters(ctx: ScoringContext, spec) -> torch.Tensor | None:
     the output of a ``Linear`` or of a non-transposed convolution; else ``None``."""
     if spec.kind != "out" or not spec.module:
         return None
-    node = ctx.graph.nodes.get(spec.module)
+    node = ctx.graph.nodes.get(spec.module) if ctx.model is ctx.graph.model else None
     module = node.module if node is not None else ctx.model.get_submodule(spec.module)
     if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
         return None
