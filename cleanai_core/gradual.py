@@ -50,6 +50,7 @@ from cleanai_core.errors import UserError, model_fault, shown
 from cleanai_core.interfaces import slice_tensor
 from cleanai_core.metrics import count_flops
 from cleanai_core.model_state import copy_model
+from cleanai_core.option_names import check_option_names, keywords
 from cleanai_core.runtime import run_batch, without_autocast
 from cleanai_core.slicing import SliceEdit, apply_edits
 
@@ -383,7 +384,6 @@ class GradualPruner:
         followers: Any = (),
         **pruner_options: Any,
     ) -> None:
-        import inspect
 
         from cleanai_core.pruner import StructuredPruner
 
@@ -403,10 +403,9 @@ class GradualPruner:
                 "the optimizer holds none of the model's parameters; build it over this model "
                 "(e.g. torch.optim.SGD(model.parameters(), lr=...)) before GradualPruner"
             )
-        known = set(inspect.signature(StructuredPruner.__init__).parameters) - {"self", "model", "example_inputs"}
-        unknown = sorted(set(pruner_options) - known)
-        if unknown:  # found only at the first step, after the training set-up, before
-            raise UserError(f"unknown pruner option(s) {unknown}; valid: {', '.join(sorted(known))}")
+        # found only at the first step, after the training set-up, before; Torch-Pruning's names get CleanAI's
+        known = keywords(StructuredPruner.__init__, ("self", "model", "example_inputs"))
+        check_option_names(pruner_options, known, "GradualPruner (an option of the pruner it builds)")
         if not isinstance(schedule, PruningSchedule):
             raise UserError(f"schedule must be a PruningSchedule, got {type(schedule).__name__}")
         options.check_switches(refresh_bn=refresh_bn)  # "no" read as true

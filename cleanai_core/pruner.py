@@ -35,6 +35,7 @@ from cleanai_core.model_state import (
     warn_user_hooks,
     writes_nothing,
 )
+from cleanai_core.option_names import check_option_names, keywords, missing_attribute
 from cleanai_core.options import ModuleSpec, match_modules
 from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
 from cleanai_core.pruning_report import describe_importance, pruner_report
@@ -94,6 +95,7 @@ _NUMBERS = (
 _SWITCHES = (
     "global_pruning", "bias_compensation", "reconstruction", "recalibrate_bn", "inplace", "verify", "prune_dead_only",
 )  # fmt: skip
+_POSITIONAL = ("self", "model", "example_inputs")  # not options: not offered as a near name
 _CHECKED = (*_NUMBERS, *_SWITCHES, "isomorphic", "round_mode", "forward_fn", "output_transform", "importance")
 
 
@@ -225,6 +227,10 @@ class StructuredPruner:
         data (:mod:`cleanai_core.dead_units`); the outputs on that data do not change.
     """
 
+    def __getattr__(self, name: str) -> Any:
+        # reached only for a missing attribute: Torch-Pruning's method names get CleanAI's way
+        return missing_attribute(self, name)
+
     def __init__(
         self,
         model: nn.Module,
@@ -255,7 +261,11 @@ class StructuredPruner:
         stats_budget_bytes: int = COVARIANCE_BUDGET_BYTES,
         prune_dead_only: bool = False,
         bn_samples: int = BN_SAMPLES,
+        **other_options: Any,
     ) -> None:
+        # a keyword it does not take (Torch-Pruning's ch_sparsity, max_pruning_ratio, ...) is answered in CleanAI's
+        # terms; it was Python's bare "got an unexpected keyword argument"
+        check_option_names(other_options, keywords(StructuredPruner.__init__, _POSITIONAL), "StructuredPruner")
         options.check_model(model)
         ignored_layers = options.as_specs(ignored_layers, "ignored_layers")
         layer_pruning_ratios = options.as_ratio_table(layer_pruning_ratios)

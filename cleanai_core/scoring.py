@@ -26,6 +26,7 @@ from cleanai_core.graph.context import SliceSpec
 from cleanai_core.graph.dependency import DependencyGraph
 from cleanai_core.graph.groups import Group
 from cleanai_core.model_state import copy_model
+from cleanai_core.option_names import PEER_IMPORTANCES
 from cleanai_core.plugins import get_plugin_manager
 from cleanai_core.slicing import get_submodule_and_attr
 
@@ -332,7 +333,9 @@ def get_importance(name: str, **options: Any) -> Any:
     """An importance criterion by registered name, e.g. ``get_importance("magnitude", p=1)``."""
     table = _collect("cleanai_importances")
     if not isinstance(name, str) or name not in table:
-        raise UserError(f"unknown importance {name!r}; choose one of: {', '.join(sorted(table))}")
+        peer = PEER_IMPORTANCES.get(name) if isinstance(name, str) else None
+        hint = f" (Torch-Pruning's name; CleanAI's criterion: {peer})" if peer else ""
+        raise UserError(f"unknown importance {name!r}{hint}; choose one of: {', '.join(sorted(table))}")
     return _made(name, table[name], options)
 
 

@@ -16,7 +16,7 @@ from cleanai_core.plugins import temporary_plugin
 from cleanai_core.scoring import get_importance, list_importances
 
 DEAD = 2
-BUILTIN = {"weight_activation", "magnitude", "bn_scale", "taylor", "hessian", "random", "lamp"}
+BUILTIN = {"weight_activation", "magnitude", "bn_scale", "taylor", "hessian", "random", "lamp", "fpgm"}
 
 
 def mlp() -> nn.Sequential:

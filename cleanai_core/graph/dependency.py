@@ -21,6 +21,7 @@ from cleanai_core.graph.trace import ModuleCall, OpCall, Recording, TRef, record
 from cleanai_core.heads import head_layouts
 from cleanai_core.interfaces import LayerPruner
 from cleanai_core.model_state import reads_preserved
+from cleanai_core.option_names import missing_attribute
 from cleanai_core.options import (
     check_callables,
     check_example_inputs,
@@ -148,6 +149,10 @@ class DependencyGraph:
     :param output_transform: maps the output to its tensors (e.g. ``lambda o: o.logits``).
     :param ignored_layers: modules (or names) whose output channels are kept.
     """
+
+    def __getattr__(self, name: str) -> Any:
+        # reached only for a missing attribute: Torch-Pruning's method names get CleanAI's way
+        return missing_attribute(self, name)
 
     def __init__(
         self,

@@ -1,11 +1,12 @@
 """Built-in importance criteria: weight_activation (default), magnitude, bn_scale,
-taylor, hessian, random, lamp."""
+taylor, hessian, random, lamp, fpgm."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import nn
 
 from cleanai_core import hookimpl
 from cleanai_core.errors import UserError
@@ -13,6 +14,7 @@ from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get
 
 __all__ = [
     "BNScaleImportance",
+    "FPGMImportance",
     "HessianImportance",
     "LAMPImportance",
     "MagnitudeImportance",
@@ -157,6 +159,56 @@ class LAMPImportance(MagnitudeImportance):
         return lamp(s)
 
 
+class FPGMImportance:
+    """Filter pruning via the geometric median (He et al., CVPR 2019; Torch-Pruning's
+    ``FPGMImportance``): a filter close to all the others is the one the rest can stand
+    in for. Per producer slice whose units are a layer's filters (the output rows of a
+    ``Linear`` or of a non-transposed convolution), each filter scores the sum of its
+    ``p``-norm distances to the layer's other filters, divided by the slice's mean over
+    the group's units; the slices are folded by ``reducer`` (default ``"mean"``). A group
+    that no such layer produces (a norm or a bare tensor alone) is scored by
+    :class:`MagnitudeImportance`. Data-free."""
+
+    needs_activations = False
+    needs_gradients = False
+
+    def __init__(self, p: float = 2, reducer: str = "mean") -> None:
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p < math.inf:
+            raise UserError(f"fpgm p={p!r}: give a positive finite number (the order of the distance; 2, the default)")
+        self.p = p
+        self.reducer, self.reduce = reducer, get_reducer(reducer)
+        self.fallback = MagnitudeImportance(reducer=reducer)
+
+    def __call__(self, group, ctx: ScoringContext) -> torch.Tensor:
+        terms = []
+        for spec in group.slices:
+            rows = _filters(ctx, spec)
+            if rows is not None and rows.shape[0] > 1:
+                # in blocks of rows: a 11008-filter MLP projection would hold a 1 GB distance matrix at once
+                d = torch.cat([torch.cdist(b, rows, p=float(self.p)).sum(1) for b in rows.split(1024)])
+                terms.append(mean_normalized(ctx.per_unit(group, spec, d)))
+        if not terms:
+            return self.fallback(group, ctx)
+        return self.reduce(torch.stack(terms))
+
+
+def _filters(ctx: ScoringContext, spec) -> torch.Tensor | None:
+    """The filters of ``spec``'s layer as rows ``(out, in * k)``, float64, where the slice is
+    the output of a ``Linear`` or of a non-transposed convolution; else ``None``."""
+    if spec.kind != "out" or not spec.module:
+        return None
+    node = ctx.graph.nodes.get(spec.module) if ctx.model is ctx.graph.model else None
+    module = node.module if node is not None else ctx.model.get_submodule(spec.module)
+    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+        return None
+    if not isinstance(module, nn.Linear | nn.modules.conv._ConvNd):
+        return None
+    w = module.weight.detach()
+    if w.shape[0] != spec.atoms.numel() or w.is_complex():
+        return None
+    return w.reshape(w.shape[0], -1).to(torch.float64).cpu()
+
+
 @hookimpl(trylast=True)
 def cleanai_importances():
     return {
@@ -167,4 +219,5 @@ def cleanai_importances():
         "hessian": HessianImportance,
         "random": RandomImportance,
         "lamp": LAMPImportance,
+        "fpgm": FPGMImportance,
     }
