@@ -273,12 +273,22 @@ if _FlopCounterMode is not None:
         same queries passed back, higher-order ops, decompositions and counts) whose ops run as
         under :class:`~cleanai_core.shapes.ShapeOnlyMode`: one Python dispatch per op where the
         two modes stacked made two, and a decomposition tried only for ops that have one (torch
-        tries it for every op outside its formulas, entering the mode again each time)."""
+        tries it for every op outside its formulas, entering the mode again each time). The
+        write guard of a model's first count (:mod:`~cleanai_core.model_state`) is checked per
+        op here too, as the trace's recorder hosts it, not as a third mode."""
+
+        def __init__(self, counter: FlopCounterMode) -> None:
+            super().__init__(counter)
+            self.write_guards: list[Any] = []  # hosted by :func:`~cleanai_core.model_state.writes_guarded`
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in _QUERIES or isinstance(func, torch._ops.HigherOrderOperator):
+            if isinstance(func, torch._ops.HigherOrderOperator):
                 return super().__torch_dispatch__(func, types, args, kwargs)
             kwargs = kwargs if kwargs else {}
+            for guard in self.write_guards:
+                guard.check(func, args, kwargs)
+            if func in _QUERIES:
+                return super().__torch_dispatch__(func, types, args, kwargs)
             counter = self.counter
             if func not in counter.flop_registry and func is not _PRIM_DEVICE and _decomposes(func):
                 with self:

@@ -96,3 +96,30 @@ def test_layer_counts_read_mid_count_are_the_same():
         "2": (nn.Conv2d, 2 * 36, 32),
         "4": (nn.Linear, 2, 1440),
     }
+
+
+class _Writes(nn.Module):
+    """A forward that writes its own weight in place (a running scale kept in a parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.depths: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.depths.append(len(_get_current_dispatch_mode_stack()))
+        with torch.no_grad():
+            self.lin.weight.mul_(2.0)
+        return self.lin(x)
+
+
+def test_a_first_count_hosts_the_write_guard_and_the_weights_are_put_back():
+    from cleanai_core.model_state import preserved
+
+    torch.manual_seed(0)
+    model = _Writes().eval()
+    before = model.lin.weight.detach().clone()
+    with preserved(model):
+        assert count_flops(model, torch.randn(2, 4)) == 2 * 2 * 4 * 3
+    assert model.depths == [1]  # the guard checked inside the counting mode, not a mode of its own
+    assert torch.equal(model.lin.weight, before)  # the write was saved and put back
