@@ -14,10 +14,16 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+try:  # the mode torch's FLOP counter dispatches through (private; :func:`_counting` does without it)
+    from torch.utils.flop_counter import _FlopCounterMode
+except ImportError:  # pragma: no cover - another torch
+    _FlopCounterMode = None
+
 from cleanai_core.errors import UserError, shown
 from cleanai_core.model_state import preserved
 from cleanai_core.options import check_callables, input_tensors, plain_number
 from cleanai_core.runtime import call_model, copied_inputs
+from cleanai_core.shapes import ShapeOnlyMode
 
 __all__ = [
     "FlopsOfCopies",
@@ -204,11 +210,93 @@ def _count_into(counter: FlopCounterMode, model: nn.Module, inputs: Any, forward
     """One shape-only forward pass of ``model`` under ``counter`` (see :func:`count_flops`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from cleanai_core.shapes import ShapeOnlyMode
-
-    with eval_mode(model), _params_without_grad(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH), ShapeOnlyMode():
-        with _unfused_kernels(), counter:
+    with eval_mode(model), _params_without_grad(model), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with _unfused_kernels(), _counting(counter):
             call_model(model, inputs, forward_fn)
+
+
+@contextmanager
+def _counting(counter: FlopCounterMode) -> Iterator[None]:
+    """``counter`` counting while the block runs shape-only, as ``with ShapeOnlyMode(),
+    counter:`` did, in one dispatch mode (:class:`_ShapeOnlyCounter`); ``counter`` holds the
+    same totals afterwards (``get_total_flops``)."""
+    if _FlopCounterMode is None or not hasattr(counter, "_count_flops"):
+        with ShapeOnlyMode(), counter:  # a torch whose counter is built otherwise: the two modes
+            yield
+        return
+    counter.flop_counts.clear()
+    with counter.mod_tracker, _ShapeOnlyCounter(counter):
+        yield
+
+
+def _ops(names: str) -> frozenset:
+    """The ATen / prim overloads named ``ns.op.overload`` that this torch has."""
+    out = []
+    for name in names.split():
+        ns, op, overload = name.split(".")
+        got = getattr(getattr(getattr(torch.ops, ns), op, None), overload, None)
+        if got is not None:
+            out.append(got)
+    return frozenset(out)
+
+
+#: the queries torch's counting mode passes back to the tensor (``NotImplemented``)
+_QUERIES = _ops(
+    "aten.sym_is_contiguous.default aten.is_contiguous.default aten.is_contiguous.memory_format "
+    "aten.is_strides_like_format.default aten.is_non_overlapping_and_dense.default aten.size.default "
+    "aten.sym_size.default aten.stride.default aten.sym_stride.default aten.storage_offset.default "
+    "aten.sym_storage_offset.default aten.numel.default aten.sym_numel.default aten.dim.default "
+    "prim.layout.default"
+)
+
+_PRIM_DEVICE = torch.ops.prim.device.default
+
+#: per ATen overload: whether it has a CompositeImplicitAutograd kernel (in Python or
+#: registered), which torch's counting mode would run it through; fixed by its registration
+_DECOMPOSES: dict[Any, bool] = {}
+
+
+def _decomposes(func: Any) -> bool:
+    got = _DECOMPOSES.get(func)
+    if got is None:
+        key = torch._C.DispatchKey.CompositeImplicitAutograd
+        got = _DECOMPOSES[func] = key in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(
+            func.name(), key
+        )
+    return got
+
+
+if _FlopCounterMode is not None:
+
+    class _ShapeOnlyCounter(_FlopCounterMode):
+        """PyTorch's FLOP counting mode (``torch.utils.flop_counter._FlopCounterMode``: the
+        same queries passed back, higher-order ops, decompositions and counts) whose ops run as
+        under :class:`~cleanai_core.shapes.ShapeOnlyMode`: one Python dispatch per op where the
+        two modes stacked made two, and a decomposition tried only for ops that have one (torch
+        tries it for every op outside its formulas, entering the mode again each time). The
+        write guard of a model's first count (:mod:`~cleanai_core.model_state`) is checked per
+        op here too, as the trace's recorder hosts it, not as a third mode."""
+
+        def __init__(self, counter: FlopCounterMode) -> None:
+            super().__init__(counter)
+            self.write_guards: list[Any] = []  # hosted by :func:`~cleanai_core.model_state.writes_guarded`
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if isinstance(func, torch._ops.HigherOrderOperator):
+                return super().__torch_dispatch__(func, types, args, kwargs)
+            kwargs = kwargs if kwargs else {}
+            for guard in self.write_guards:
+                guard.check(func, args, kwargs)
+            if func in _QUERIES:
+                return super().__torch_dispatch__(func, types, args, kwargs)
+            counter = self.counter
+            if func not in counter.flop_registry and func is not _PRIM_DEVICE and _decomposes(func):
+                with self:
+                    r = func.decompose(*args, **kwargs)
+                    if r is not NotImplemented:
+                        return r
+            out = ShapeOnlyMode.run(func, args, kwargs)
+            return counter._count_flops(func._overloadpacket, out, args, kwargs)
 
 
 @contextmanager
