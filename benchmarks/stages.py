@@ -137,7 +137,7 @@ def _timed_stages(pruner: StructuredPruner, acc: dict[str, list[float]]) -> Iter
 def _floor_moments(mode: str):
     """Stand-ins for the per-channel moments ``(count, mean, M2)`` of a hooked tensor."""
 
-    def moments(x: torch.Tensor, dim: int):
+    def moments(x: torch.Tensor, dim: int, grouped: bool = False):
         x = x.detach()
         c = x.shape[dim]
         if mode == "hooks":
