@@ -471,6 +471,10 @@ class GradualPruner:
         return ``(model, optimizer)`` — the same objects (the optimizer as given: one or a
         list), sliced. After the last step it
         changes nothing."""
+        from cleanai_core.collect import check_num_batches
+
+        num_batches = options.plain_number(num_batches)
+        check_num_batches(num_batches)  # "2" raised TypeError from the loop; -1 and 0 said "the data is empty"
         if self.done:
             return self.model, self.optimizer
         check_iterable(data)  # None or a number: TypeError: 'NoneType' object is not iterable
