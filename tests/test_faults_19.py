@@ -161,3 +161,36 @@ def test_recovery_without_train_data_on_too_few_calibration_samples_names_the_op
     assert main([*args, "--recover-epochs", "1", "--train-data", "d.pt"]) == 0
     recovery = json.loads((ws / "o" / "report.json").read_text())["recovery"]
     assert (recovery["epochs"], recovery["train_samples"], recovery["held_out_samples"]) == (1, 22, 2)
+
+
+# -- PruningHistory.load of a file that is not there ----------------------------------------------------------
+
+
+def test_loading_a_history_file_that_is_not_there_asks_for_a_file_not_a_folder(tmp_path):
+    """It said "does not exist; give a folder written by `cleanai prune` or save_pruned()": load takes a file."""
+    from cleanai_core import PruningHistory
+
+    with pytest.raises(UserError, match="history file '.*nope.json' does not exist; give the file PruningHistory.save"):
+        PruningHistory.load(tmp_path / "nope.json")
+    torch.manual_seed(0)
+    p = StructuredPruner(DigitsCNN().eval(), torch.rand(2, 1, 8, 8), importance="magnitude", pruning_ratio=0.25)
+    p.prune()
+    p.history.save(tmp_path / "h.json")
+    assert PruningHistory.load(tmp_path / "h.json").replay(DigitsCNN()).features[0].out_channels == 24
+
+
+# -- sensitivity at ratios that remove no unit ---------------------------------------------------------------
+
+
+def test_sensitivity_at_ratios_that_remove_no_unit_is_refused_not_reported_as_insensitive(ws, capsys):
+    """``--sensitivity-ratios 0.01`` on groups of 32..64 units: every trial was the unchanged model, and the
+    report ranked every group "KL 0" (insensitive), exit 0."""
+    args = ["sensitivity", "--model", DEMO, "--weights", "w.pt", "--data", "d.pt", "--quiet", "--out", "s"]
+    assert main([*args, "--sensitivity-ratios", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "ratios=[0.01]: no ratio removes a unit from any group (groups of 32..64 units" in err, err
+    assert not (ws / "s").exists()
+    assert main([*args, "--sensitivity-ratios", "0.01,0.5"]) == 0  # 0.5 removes units: the 0.01 points stay 0
+    groups = json.loads((ws / "s" / "report.json").read_text())["sensitivity"]["groups"]
+    assert sorted(g["size"] for g in groups) == [32, 64, 64] and all(g["params_saved"][1] == 0 for g in groups)
+    assert all(g["params_saved"][-1] > 0 for g in groups)
