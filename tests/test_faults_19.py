@@ -194,3 +194,36 @@ def test_sensitivity_at_ratios_that_remove_no_unit_is_refused_not_reported_as_in
     groups = json.loads((ws / "s" / "report.json").read_text())["sensitivity"]["groups"]
     assert sorted(g["size"] for g in groups) == [32, 64, 64] and all(g["params_saved"][1] == 0 for g in groups)
     assert all(g["params_saved"][-1] > 0 for g in groups)
+
+
+# -- recovery whose held-out samples hold NaN ---------------------------------------------------------------
+
+
+def _pruned_digits():
+    torch.manual_seed(0)
+    m = DigitsCNN().eval()
+    x = torch.rand(24, 1, 8, 8)
+    p = StructuredPruner(m, x[:2], pruning_ratio=0.5)
+    p.collect_activations([x], progress=False)
+    return m, p.prune(), x, torch.randint(0, 10, (24,))
+
+
+def test_recovery_with_nan_in_the_held_out_samples_is_refused_not_returned_unchanged():
+    """One NaN sample in the 10% held out: the held-out loss was NaN from the start, every epoch lost the tie to
+    it, and recover() returned the pruned model unchanged, ``diverged=False``, without a warning (exit 0 on the
+    command line, whose check reads only the first sample)."""
+    from cleanai_core import recover
+
+    m, pruned, x, y = _pruned_digits()
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    bad = x.clone()
+    bad[5] = float("nan")  # sample 5 falls in the held-out 10% at seed 0
+    data = torch.utils.data.TensorDataset(bad, y)
+    with pytest.raises(UserError, match="held-out data .* holds NaN or inf values in its batch 0"):
+        recover(pruned, m, data, epochs=2, progress=False)
+    with pytest.raises(UserError, match="holds NaN or inf values in its batch 0"):
+        recover(pruned, m, torch.utils.data.TensorDataset(x, y), val_data=[(bad[4:8], y[4:8])], epochs=1, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in pruned.state_dict().items())
+    out, result = recover(pruned, m, torch.utils.data.TensorDataset(x, y), epochs=2, progress=False)
+    assert result.held_out_samples == 2 and len(result.held_out_loss) == 2
+    assert all(torch.isfinite(torch.tensor(v)) for v in (result.initial_loss, *result.held_out_loss))
