@@ -86,6 +86,9 @@ class PruningSchedule:
 
     def removed_after(self, step: int) -> float:
         """The cumulative share removed after ``step`` (0 = none yet: ``start``)."""
+        step = options.plain_number(step)
+        if isinstance(step, bool) or not isinstance(step, int):  # "a": TypeError from min(); NaN: a share of NaN
+            raise UserError(f"removed_after: step={step!r} must be a whole number of steps (0 .. {self.steps})")
         t = min(max(step, 0), self.steps) / self.steps
         if self.kind == "linear":
             return self.start + (self.final - self.start) * t

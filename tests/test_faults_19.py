@@ -227,3 +227,15 @@ def test_recovery_with_nan_in_the_held_out_samples_is_refused_not_returned_uncha
     out, result = recover(pruned, m, torch.utils.data.TensorDataset(x, y), epochs=2, progress=False)
     assert result.held_out_samples == 2 and len(result.held_out_loss) == 2
     assert all(torch.isfinite(torch.tensor(v)) for v in (result.initial_loss, *result.held_out_loss))
+
+
+def test_a_schedules_share_after_a_step_that_is_no_whole_number_is_named():
+    """``removed_after("a")``: ``TypeError: '>' not supported between instances of 'int' and 'str'``;
+    ``removed_after(nan)``: a share of NaN."""
+    import numpy as np
+
+    s = PruningSchedule(0.5, steps=4, kind="linear")
+    for bad in ("a", float("nan"), 1.5, None, True):
+        with pytest.raises(UserError, match=r"removed_after: step=.* must be a whole number of steps \(0 .. 4\)"):
+            s.removed_after(bad)
+    assert [s.removed_after(k) for k in (-1, 0, 2, np.int64(4), 9)] == [0.0, 0.0, 0.25, 0.5, 0.5]
