@@ -222,7 +222,7 @@ def test_recovery_with_nan_in_the_held_out_samples_is_refused_not_returned_uncha
     with pytest.raises(UserError, match="held-out data .* holds NaN or inf values in its batch 0"):
         recover(pruned, m, data, epochs=2, progress=False)
     with pytest.raises(UserError, match="holds NaN or inf values in its batch 0"):
-        recover(pruned, m, torch.utils.data.TensorDataset(x, y), val_data=[(bad[4:8], y[4:8])], epochs=1, progress=False)
+        recover(pruned, m, data, val_data=[(bad[4:8], y[4:8])], epochs=1, progress=False)
     assert all(torch.equal(before[k], v) for k, v in pruned.state_dict().items())
     out, result = recover(pruned, m, torch.utils.data.TensorDataset(x, y), epochs=2, progress=False)
     assert result.held_out_samples == 2 and len(result.held_out_loss) == 2
