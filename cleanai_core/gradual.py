@@ -87,6 +87,9 @@ class PruningSchedule:
 
     def removed_after(self, step: int) -> float:
         """The cumulative share removed after ``step`` (0 = none yet: ``start``)."""
+        step = options.plain_number(step)
+        if isinstance(step, bool) or not isinstance(step, int):  # "a": TypeError from min(); NaN: a share of NaN
+            raise UserError(f"removed_after: step={step!r} must be a whole number of steps (0 .. {self.steps})")
         t = min(max(step, 0), self.steps) / self.steps
         if self.kind == "linear":
             return self.start + (self.final - self.start) * t
@@ -470,6 +473,10 @@ class GradualPruner:
         return ``(model, optimizer)`` — the same objects (the optimizer as given: one or a
         list), sliced. After the last step it
         changes nothing."""
+        from cleanai_core.collect import check_num_batches
+
+        num_batches = options.plain_number(num_batches)
+        check_num_batches(num_batches)  # "2" raised TypeError from the loop; -1 and 0 said "the data is empty"
         if self.done:
             return self.model, self.optimizer
         check_iterable(data)  # None or a number: TypeError: 'NoneType' object is not iterable

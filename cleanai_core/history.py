@@ -170,6 +170,11 @@ class PruningHistory:
         if path.is_dir():
             raise UserError(f"history file {str(path)!r} is a folder; give the history.json inside it")
         check_not_special(path, "history file")
+        if not path.exists():  # said "does not exist; give a folder written by `cleanai prune`": a file goes here
+            raise UserError(
+                f"history file {str(path)!r} does not exist; give the file PruningHistory.save() wrote or the "
+                "history.json of a folder `cleanai prune` / save_pruned() wrote."
+            )
         return read_history(path)
 
     def __len__(self) -> int:

@@ -492,6 +492,22 @@ def _size(data: Any) -> int:
 # -- evaluation --------------------------------------------------------------------------------------
 
 
+def _check_held_out_finite(held_loader: Any, model: nn.Module) -> None:
+    """A :class:`UserError` naming the held-out batch whose inputs hold NaN or inf. Its loss
+    was NaN from the start, which no epoch's could beat (a tie of the metric goes to the lower
+    loss): the run trained, then returned the pruned model unchanged without a word (the
+    command line checks only ``--train-data``'s first sample)."""
+    for i, batch in enumerate(held_loader):
+        leaves, _ = tree_flatten(split_batch(batch, model)[0])
+        if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+               for t in leaves):  # fmt: skip
+            raise UserError(
+                f"the held-out data (val_data, or the share of train_data held out for early stopping) holds NaN or "
+                f"inf values in its batch {i}, so its loss is NaN and no epoch can be chosen by it (the pruned model "
+                "would come back unchanged); clean the data and run again"
+            )
+
+
 def evaluate_held_out(
     model: nn.Module,
     loader: Any,
@@ -859,6 +875,8 @@ def recover(
     metric, initial, initial_loss = held_out_metric_and_loss(
         student, held_loader, device, task, teacher, forward_fn, loss_options
     )
+    if isinstance(initial_loss, float) and math.isnan(initial_loss):
+        _check_held_out_finite(held_loader, student)
     higher = metric not in LOWER_IS_BETTER
     best, best_epoch, best_loss = initial, 0, initial_loss
     best_state = state_copy(student)

@@ -122,6 +122,11 @@ def read_architecture(path: Path, trust_code: bool = False) -> tuple[str, dict[s
     problem = arch_option_problem(options)
     if problem:
         raise _bad(path, problem)
+    shape = arch.get("example_input_shape")
+    # save_pruned writes None or a list of sizes; another value was read as none recorded, which skipped the run of
+    # the rebuilt model on it that refuses edited settings (a stride of 0), and `cleanai explain` traced 1,3,224,224
+    if shape is not None and (not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape)):
+        raise _bad(path, f"'example_input_shape' is {shape!r}, expected a list of sizes (e.g. [1, 3, 8, 8]) or null")
     kwargs = options.get("model_kwargs")
     if kwargs and not trust_code:
         raise UserError(

@@ -355,6 +355,14 @@ def analyse_sensitivity(
     if norms is not None:
         norms.cache = None
     groups = pruner.graph.groups(prunable_only=True)
+    if groups and not any(saved for g in groups for saved in curves[g.id].params_saved):
+        # every curve read "KL 0" (the model unchanged), which ranked every group as insensitive
+        sizes = sorted(g.size for g in groups)
+        raise UserError(
+            f"ratios={ratios}: no ratio removes a unit from any group (groups of {sizes[0]}..{sizes[-1]} units, "
+            f"round_to={pruner.round_to}, min_channels={pruner.min_channels}), so every trial is the unchanged "
+            "model and measures nothing; give larger ratios, e.g. 0.25,0.5,0.75 (--sensitivity-ratios)"
+        )
     return SensitivityResult(
         [curves[g.id] for g in groups],
         ratios,

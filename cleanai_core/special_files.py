@@ -20,11 +20,13 @@ import json
 import os
 import stat
 import zipfile
+from collections.abc import Mapping
 from typing import Any
 
 from cleanai_core.errors import UserError
 
 __all__ = [
+    "check_given_paths",
     "check_not_packed",
     "check_not_special",
     "cleanai_folder_kind",
@@ -56,6 +58,27 @@ def special_kind(path: Any) -> str | None:
     except ValueError:  # a NUL in the name
         return None
     return next((kind for test, kind in _KINDS if test(mode)), None)
+
+
+#: the options naming a file or folder (a spec, for --model); '' given for one of them is no path
+PATH_OPTIONS = ("model", "weights", "data", "train_data", "out", "config")
+
+
+def check_given_paths(given: Any, keys: tuple[str, ...] = PATH_OPTIONS) -> None:
+    """A :class:`UserError` where an option of ``keys`` was given as the empty string
+    (``--weights "$W"`` with ``W`` unset): ``--weights ''`` and ``--config ''`` were read as
+    not given (a model of random weights pruned, exit 0), ``--train-data ''`` recovered on the
+    scoring data, and ``cleanai explain --model ''`` said "'' is a folder" (the current one)."""
+    items = given if isinstance(given, Mapping) else vars(given)  # an argparse namespace
+    for key in keys:
+        value = items.get(key)
+        if isinstance(value, (str, bytes)) and not value:
+            flag = f"--{key.replace('_', '-')}"
+            raise UserError(
+                f"{flag} is empty (''), which names no file or folder; nothing was read or written. Give the "
+                f"path (an unset shell variable, as in {flag} \"$VAR\", gives '')"
+                + ("." if key in ("model", "data", "out") else f", or leave {flag} out.")
+            )
 
 
 def check_not_special(path: Any, what: str) -> None:

@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     from cleanai_core.job.inputs import check_real
     from cleanai_core.options import ignored_modules
     from cleanai_core.plugins import get_plugin_manager, input_forms, load_model
-    from cleanai_core.special_files import check_not_special
+    from cleanai_core.special_files import check_given_paths, check_not_special
 
     options = {
         "weights": args.weights,
@@ -207,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         "trust_folder_code": args.trust_code,
         "spec_source": "--model",
     }
+    check_given_paths(args, ("model", "weights"))  # --model '' said "'' is a folder" (the current one)
     check_not_special(args.model, "--model")  # a loop of links said "not a model this tool can load"
     check_file_spec(args.model, "--model", "a model factory")
     model = load_model(get_plugin_manager(), args.model, options)

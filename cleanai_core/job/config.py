@@ -34,6 +34,7 @@ from cleanai_core.device_defaults import default_round_to
 from cleanai_core.errors import UserError
 from cleanai_core.options import plain_number
 from cleanai_core.runtime import checked_device
+from cleanai_core.special_files import check_given_paths
 
 __all__ = [
     "API_NAMES",
@@ -500,6 +501,7 @@ def resolve_config(args: Any, environ: dict[str, str] | None = None, objects: tu
         given = _options_dict(args)
     for k in ("command", "_run", "disable_plugin"):
         given.pop(k, None)
+    check_given_paths(given)  # --weights '' was read as not given: a model of random weights pruned
     environ = os.environ if environ is None else environ
     config_file, from_file = _read_config(given.pop("config", None), environ)
     from_env = env_options(environ, DEFAULTS)

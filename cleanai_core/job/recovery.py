@@ -23,6 +23,12 @@ log = logging.getLogger("cleanai")
 def _training_data(cfg: dict[str, Any], pm: Any, model: nn.Module, calib: Any) -> tuple[Any, str]:
     spec = cfg.get("train_data")
     if not spec:
+        if len(calib) < 2:  # said "train_data has 1 sample(s)": an argument of recover() the user never gave
+            raise UserError(
+                f"--recover-epochs without --train-data trains on the calibration samples of --data "
+                f"({cfg.get('data')!r}), and {len(calib)} is too few to hold one out for early stopping; give "
+                "--train-data (the training split), more samples in --data, or a larger --calib-fraction."
+            )
         return calib, (
             f"no --train-data: trained on the {len(calib)} calibration samples of --data (10% of them held out for "
             "early stopping), never on the held-out evaluation samples"
