@@ -40,6 +40,7 @@ from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
 from cleanai_core.pruning_report import describe_importance, pruner_report
 from cleanai_core.runtime import copy_modes, device_of, plain_inputs, without_autocast
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
+from cleanai_core.shapes import map_tensors
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, layer_scope_ratios, prune_in_steps, step_caps
 from cleanai_core.targets import (
@@ -312,6 +313,7 @@ class StructuredPruner:
         self._before: dict[str, Any] = {}
         self._reference: Reference | None = None  # the original's outputs, for verification
         self._repeatable: bool | None = None  # whether two runs of the original on example_inputs agree
+        self._unsteady: frozenset[int] | None = None  # outputs that jump where the example inputs barely move
         # a calibration batch that ran layers the trace of example_inputs did not (control flow that
         # depends on the data), and the original's outputs on it: the pruned model is checked on it too
         self._other_path: tuple[tuple, dict] | None = None
@@ -863,10 +865,44 @@ class StructuredPruner:
         self._verify(model, outputs=outputs, like=expected)
         args = (graph, units, self.example_inputs, self.forward_fn, self.output_transform, expected)
         if alone and torch.equal(units, pruned):
-            check_exact(model, outputs, *args)
+            got = outputs
         else:
             sliced, _ = compensated_copy(source, graph, units, {}, False, share=True)
-            check_exact(sliced, None, *args)
+            got = run_outputs(sliced, self.example_inputs, self.forward_fn, self.output_transform)
+        try:
+            check_exact(None, got, *args)
+        except PruningError:
+            if not self._unsteady_outputs():
+                raise
+            check_exact(None, got, *args, unsteady=self._unsteady_outputs())
+
+    def _unsteady_outputs(self) -> frozenset[int]:
+        """The positions of the original's outputs that jump (by more than the masking oracle's
+        tolerance) where the example inputs move by 1e-4 of themselves: outputs sorted or
+        selected by value (a detector's boxes after top-k and NMS, where a near tie goes the
+        other way). Slicing moves values by rounding errors too, so such outputs cannot be held
+        to the oracle element by element (ssd300_vgg16 at some seeds: every group skipped, nothing
+        pruned); their shapes still are. Measured once, only after an exact comparison failed."""
+        if self._unsteady is None:
+            first = model_outputs(self.model, self.example_inputs, self.forward_fn, self.output_transform)
+            gen = torch.Generator().manual_seed(0)
+
+            def nudge(t: torch.Tensor) -> torch.Tensor:
+                if not t.is_floating_point():
+                    return t
+                noise = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.device, t.dtype)
+                return t * (1 + 1e-4 * noise)
+
+            moved = model_outputs(
+                self.model, map_tensors(nudge, self.example_inputs), self.forward_fn, self.output_transform
+            )
+            tol = exact_tolerance([t for t in first if bool(torch.isfinite(t).all())])
+            self._unsteady = frozenset(
+                i
+                for i, (a, b) in enumerate(zip(first, moved, strict=False))
+                if a.is_floating_point() and (a.shape != b.shape or not _within(a, b, tol))
+            )
+        return self._unsteady
 
     def _skip(self, msg: str) -> None:
         self.skipped_groups.append(msg)
