@@ -27,10 +27,11 @@ from torch import nn
 
 from cleanai_core.errors import PruningError
 from cleanai_core.model_state import copy_model, copy_tensor, drop_user_hooks, user_hooks, user_hooks_off
+from cleanai_core.shapes import map_tensors
 from cleanai_core.slicing import get_submodule_and_attr
 from cleanai_core.verify import model_outputs, run_outputs
 
-__all__ = ["check_exact", "exact_tolerance", "exact_units", "masked_model", "masked_outputs"]
+__all__ = ["check_exact", "exact_tolerance", "exact_units", "masked_model", "masked_outputs", "unsteady_outputs"]
 
 
 def exact_units(graph: Any, pruned: torch.Tensor) -> torch.Tensor:
@@ -263,6 +264,42 @@ def exact_tolerance(expected: list[torch.Tensor]) -> float:
     scale = max((float(t.detach().abs().max()) for t in floats), default=1.0)
     rel = 3e-2 if any(t.element_size() < 4 for t in floats) else 1e-3
     return rel * max(1.0, scale)
+
+
+def within(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """Whether ``a`` and ``b`` (same shape) differ by at most ``tol`` where they differ at all
+    (equal infinities and NaN beside NaN agree; integer outputs must be equal)."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    same = (a == b) | (a.isnan() & b.isnan())
+    return bool(same.all()) or float((a.float() - b.float()).abs()[~same].max()) <= tol
+
+
+def unsteady_outputs(
+    model: nn.Module, inputs: Any, forward_fn: Callable | None = None, output_transform: Callable | None = None
+) -> frozenset[int]:
+    """The positions of ``model``'s outputs on ``inputs`` that jump (by more than
+    :func:`exact_tolerance`, or to another shape) where the floating-point inputs move by 1e-4
+    of themselves: outputs sorted or selected by value (a detector's boxes after top-k and NMS,
+    where a near tie of scores goes the other way). Slicing moves values by rounding errors
+    too, so such outputs cannot be held to the masking oracle element by element; their
+    shapes still are. Costs two forwards of ``model``."""
+    first = model_outputs(model, inputs, forward_fn, output_transform)
+    gen = torch.Generator().manual_seed(0)
+
+    def nudge(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        return t * (1 + 1e-4 * torch.randn(t.shape, generator=gen).to(t.device, t.dtype))
+
+    moved = model_outputs(model, map_tensors(nudge, inputs), forward_fn, output_transform)
+    tol = exact_tolerance([t for t in first if bool(torch.isfinite(t).all())])
+
+    return frozenset(
+        i
+        for i, (a, b) in enumerate(zip(first, moved, strict=False))
+        if a.is_floating_point() and (a.shape != b.shape or not within(a, b, tol))
+    )
 
 
 def check_exact(

@@ -24,7 +24,7 @@ from cleanai_core.graph.dependency import DependencyGraph, prunable_graph
 from cleanai_core.graph.groups import Group
 from cleanai_core.history import PruningHistory
 from cleanai_core.isomorphic import Signatures, scopes_of, signatures
-from cleanai_core.masking import check_exact, exact_tolerance, exact_units, masked_outputs
+from cleanai_core.masking import check_exact, exact_tolerance, exact_units, masked_outputs, unsteady_outputs, within
 from cleanai_core.metrics import count_flops, count_params
 from cleanai_core.model_state import (
     layout_change,
@@ -40,7 +40,6 @@ from cleanai_core.planning import PruningPlan, make_plan, unroundable_note
 from cleanai_core.pruning_report import describe_importance, pruner_report
 from cleanai_core.runtime import copy_modes, device_of, plain_inputs, without_autocast
 from cleanai_core.scoring import ScoringContext, WeightActivationImportance, get_importance, score_groups
-from cleanai_core.shapes import map_tensors
 from cleanai_core.slicing import SliceEdit
 from cleanai_core.steps import group_ratios, layer_scope_ratios, prune_in_steps, step_caps
 from cleanai_core.targets import (
@@ -820,7 +819,7 @@ class StructuredPruner:
             # by the masking oracle's own tolerance: where the original misses it, no pruned model meets it
             tol = exact_tolerance([t for t in first if bool(torch.isfinite(t).all())])
             self._repeatable = len(first) == len(second) and all(
-                a.shape == b.shape and _within(a, b, tol) for a, b in zip(first, second, strict=True)
+                a.shape == b.shape and within(a, b, tol) for a, b in zip(first, second, strict=True)
             )
         if not self._repeatable:
             raise UserError(
@@ -877,31 +876,11 @@ class StructuredPruner:
             check_exact(None, got, *args, unsteady=self._unsteady_outputs())
 
     def _unsteady_outputs(self) -> frozenset[int]:
-        """The positions of the original's outputs that jump (by more than the masking oracle's
-        tolerance) where the example inputs move by 1e-4 of themselves: outputs sorted or
-        selected by value (a detector's boxes after top-k and NMS, where a near tie goes the
-        other way). Slicing moves values by rounding errors too, so such outputs cannot be held
-        to the oracle element by element (ssd300_vgg16 at some seeds: every group skipped, nothing
-        pruned); their shapes still are. Measured once, only after an exact comparison failed."""
+        """:func:`~cleanai_core.masking.unsteady_outputs` of the original on the example inputs
+        (ssd300_vgg16 at some seeds: a near tie of scores reordered the boxes, every group was
+        skipped and nothing pruned). Measured once, only after an exact comparison failed."""
         if self._unsteady is None:
-            first = model_outputs(self.model, self.example_inputs, self.forward_fn, self.output_transform)
-            gen = torch.Generator().manual_seed(0)
-
-            def nudge(t: torch.Tensor) -> torch.Tensor:
-                if not t.is_floating_point():
-                    return t
-                noise = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.device, t.dtype)
-                return t * (1 + 1e-4 * noise)
-
-            moved = model_outputs(
-                self.model, map_tensors(nudge, self.example_inputs), self.forward_fn, self.output_transform
-            )
-            tol = exact_tolerance([t for t in first if bool(torch.isfinite(t).all())])
-            self._unsteady = frozenset(
-                i
-                for i, (a, b) in enumerate(zip(first, moved, strict=False))
-                if a.is_floating_point() and (a.shape != b.shape or not _within(a, b, tol))
-            )
+            self._unsteady = unsteady_outputs(self.model, self.example_inputs, self.forward_fn, self.output_transform)
         return self._unsteady
 
     def _skip(self, msg: str) -> None:
@@ -973,15 +952,6 @@ def _check_graph_of(graph: Any, model: Any, who: str) -> None:
             f"({shown(graph.model)}): give both of one model, e.g. DependencyGraph(model, example_inputs) with that "
             "model, or neither (the pruner's own)"
         )
-
-
-def _within(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
-    """Whether ``a`` and ``b`` (same shape) differ by at most ``tol`` where they differ at all
-    (equal infinities and NaN beside NaN agree; integer outputs must be equal)."""
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    same = (a == b) | (a.isnan() & b.isnan())
-    return bool(same.all()) or float((a.float() - b.float()).abs()[~same].max()) <= tol
 
 
 def _warn_untraced(layers: Mapping[str, nn.Module]) -> None:
