@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import test_faults_16
 import torch
 
 from cleanai_core import GradualPruner, PruningSchedule, StructuredPruner
@@ -15,17 +16,8 @@ from cleanai_core.cli import main
 from cleanai_core.errors import UserError
 from cleanai_plugins.io.demo import DigitsCNN
 
-DEMO = "cleanai_plugins.io.demo:DigitsCNN"
-
-
-@pytest.fixture
-def ws(tmp_path, monkeypatch):
-    """A fresh current folder holding the demo's weights ``w.pt`` and data ``d.pt`` (24 samples)."""
-    monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
-    torch.save(DigitsCNN().state_dict(), "w.pt")
-    torch.save((torch.rand(24, 1, 8, 8), torch.randint(0, 10, (24,))), "d.pt")
-    return tmp_path
+DEMO = test_faults_16.DEMO
+ws = test_faults_16.ws  # the fixture: the demo's weights and 24 samples in a fresh current folder
 
 
 def _bytes(folder: Path) -> dict[str, bytes]:

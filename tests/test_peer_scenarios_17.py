@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_peer_scenarios import TwoInThreeOut  # the peer's FullyConnectedNet (its issue #21)
 from test_peer_scenarios_6 import _seeded
 from test_peer_scenarios_16 import TransposeModel, X, _params
 from torch import nn
@@ -289,18 +290,6 @@ def test_a_recurrent_layer_has_no_out_slice_and_the_error_names_its_slices():
     pruner = StructuredPruner(model, torch.randn(5, 2, 6), "magnitude")
     with pytest.raises(UserError, match=r"module 'lstm' has no slice 'out' \(its slices: 'hidden', 'in'\)"):
         pruner.graph.removal(model.lstm, [0])
-
-
-class TwoInThreeOut(nn.Module):
-    """The peer's ``FullyConnectedNet`` (its issue #21): two inputs, three outputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(128, 32), nn.Linear(64, 32), nn.Linear(64, 100)
-
-    def forward(self, x1, x2):
-        x1, x2 = F.relu(self.fc1(x1)), F.relu(self.fc2(x2))
-        return x1, x2, F.relu(self.fc3(torch.cat([x1, x2], dim=1)))
 
 
 def test_two_inputs_by_name_and_three_outputs_prune_once_the_outputs_may_shrink():
