@@ -20,7 +20,7 @@ from torch import nn
 
 from cleanai_core import StructuredPruner
 from cleanai_core.errors import PruningError
-from cleanai_core.masking import check_exact
+from cleanai_core.masking import check_exact, unsteady_outputs
 
 # -- outputs ordered by value: the exact comparison leaves them out (fast) ------------------------------
 
@@ -166,7 +166,10 @@ def test_the_oracle_leaves_out_a_detectors_boxes_sorted_by_near_tied_scores():
     """fasterrcnn_mobilenet_v3_large_fpn with random weights at 128 px: its 100 scores are all
     about 0.1, the boxes come in their order, and a random half sliced reordered them: the oracle
     differed by 30.7 (tolerance 0.128). The boxes (output 0) jump where the inputs move by 1e-4;
-    the oracle leaves them out and says so; the scores and the shapes still match."""
+    the oracle leaves them out and says so; the scores and the shapes still match. Whether the
+    tie breaks the other way at all depends on the rounding of the run (threads: it did under
+    pytest-xdist, not in one process at the merge), so either nothing is left out or exactly
+    the boxes are, and the rest always matches."""
     tv = pytest.importorskip("torchvision")
     from cleanai_core.testing import check_pruner
 
@@ -176,4 +179,18 @@ def test_the_oracle_leaves_out_a_detectors_boxes_sorted_by_near_tied_scores():
     ).eval()
     report = check_pruner(model, torch.rand(1, 3, 128, 128), ratio=0.5)
     assert report.output_shapes_equal and report.kept_whole == ()
-    assert report.unsteady_outputs == (0,) and report.max_abs_diff < 1e-3
+    assert report.unsteady_outputs in ((), (0,)) and report.max_abs_diff < 1e-3
+
+
+def test_smooth_outputs_are_never_taken_for_unsteady_so_a_slicing_error_in_them_stays_seen():
+    """The check that leaves sorted outputs out must not leave out a smooth one: a deep plain
+    net's logits and a ResNet-18's move far less than the oracle's tolerance under the nudge,
+    so a real slicing error in them still fails verification."""
+    import torchvision
+
+    torch.manual_seed(0)
+    layers = [m for _ in range(8) for m in (nn.Linear(32, 32), nn.Tanh())]
+    deep = nn.Sequential(nn.Linear(16, 32), *layers, nn.Linear(32, 10)).eval()
+    assert unsteady_outputs(deep, (torch.randn(4, 16),)) == frozenset()
+    resnet = torchvision.models.resnet18(num_classes=10).eval()
+    assert unsteady_outputs(resnet, (torch.randn(2, 3, 32, 32),)) == frozenset()
